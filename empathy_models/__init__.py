@@ -1,0 +1,147 @@
+"""
+empathy-models: async LLM calls that stay dependable and cheap in production.
+
+One executor (``await executor.run(prompt, context)``) picks a model per workflow stage
+from recorded telemetry, guards every provider with a circuit breaker that can be shared
+by every worker, retries and falls back with intent, and records every call with its
+tokens and cost.  Every name exported here is public and stable; anything else is
+private.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import attrs
+
+from .abc import (
+    AsyncResource as AsyncResource,
+    CircuitStateStore as CircuitStateStore,
+    Completion as Completion,
+    CompletionRequest as CompletionRequest,
+    Message as Message,
+    Provider as Provider,
+    TelemetryBackend as TelemetryBackend,
+    TransactionalStateStore as TransactionalStateStore,
+)
+from .backends import (
+    MemoryStateStore as MemoryStateStore,
+    MemoryTelemetryBackend as MemoryTelemetryBackend,
+    NullStateStore as NullStateStore,
+    NullTelemetryBackend as NullTelemetryBackend,
+    state_store_from_url as state_store_from_url,
+    telemetry_from_url as telemetry_from_url,
+)
+from .circuit import BreakerPolicy as BreakerPolicy
+from .exceptions import (
+    AllRoutesFailedError as AllRoutesFailedError,
+    AuthenticationError as AuthenticationError,
+    BackendClosedError as BackendClosedError,
+    BackendError as BackendError,
+    CircuitOpenError as CircuitOpenError,
+    ConfigurationError as ConfigurationError,
+    ContentPolicyError as ContentPolicyError,
+    ContextWindowExceededError as ContextWindowExceededError,
+    EmpathyModelsError as EmpathyModelsError,
+    InvalidRequestError as InvalidRequestError,
+    InvalidResponseError as InvalidResponseError,
+    ModelNotFoundError as ModelNotFoundError,
+    NoModelMeetsConstraintsError as NoModelMeetsConstraintsError,
+    OverloadedError as OverloadedError,
+    ProviderConnectionError as ProviderConnectionError,
+    ProviderError as ProviderError,
+    ProviderTimeoutError as ProviderTimeoutError,
+    RateLimitedError as RateLimitedError,
+    RecordValidationError as RecordValidationError,
+    SchemaVersionError as SchemaVersionError,
+    ServerError as ServerError,
+    StateStoreError as StateStoreError,
+    TelemetryError as TelemetryError,
+)
+from .records import (
+    Admission as Admission,
+    CandidateEvaluation as CandidateEvaluation,
+    CircuitBreakerState as CircuitBreakerState,
+    CircuitState as CircuitState,
+    ConstraintStatus as ConstraintStatus,
+    LLMCallRecord as LLMCallRecord,
+    ModelPerformance as ModelPerformance,
+    ModelTier as ModelTier,
+    Outcome as Outcome,
+    OutcomeReport as OutcomeReport,
+    RoutingDecision as RoutingDecision,
+    Ticket as Ticket,
+    wilson_interval as wilson_interval,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Admission",
+    "AllRoutesFailedError",
+    "AsyncResource",
+    "AuthenticationError",
+    "BackendClosedError",
+    "BackendError",
+    "BreakerPolicy",
+    "CandidateEvaluation",
+    "CircuitBreakerState",
+    "CircuitOpenError",
+    "CircuitState",
+    "CircuitStateStore",
+    "Completion",
+    "CompletionRequest",
+    "ConfigurationError",
+    "ConstraintStatus",
+    "ContentPolicyError",
+    "ContextWindowExceededError",
+    "EmpathyModelsError",
+    "InvalidRequestError",
+    "InvalidResponseError",
+    "LLMCallRecord",
+    "MemoryStateStore",
+    "MemoryTelemetryBackend",
+    "Message",
+    "ModelNotFoundError",
+    "ModelPerformance",
+    "ModelTier",
+    "NoModelMeetsConstraintsError",
+    "NullStateStore",
+    "NullTelemetryBackend",
+    "Outcome",
+    "OutcomeReport",
+    "OverloadedError",
+    "Provider",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderTimeoutError",
+    "RateLimitedError",
+    "RecordValidationError",
+    "RoutingDecision",
+    "SchemaVersionError",
+    "ServerError",
+    "StateStoreError",
+    "TelemetryBackend",
+    "TelemetryError",
+    "Ticket",
+    "TransactionalStateStore",
+    "state_store_from_url",
+    "telemetry_from_url",
+    "wilson_interval",
+]
+
+
+def _publish() -> None:
+    # Present public objects as ``empathy_models.X`` in reprs, tracebacks and docs.
+    namespace = globals()
+    for name in __all__:
+        obj = namespace[name]
+        if getattr(obj, "__module__", "").startswith("empathy_models."):
+            if attrs.has(obj):
+                # resolve string annotations while the defining module is still known
+                attrs.resolve_types(obj)
+            with contextlib.suppress(AttributeError, TypeError):
+                obj.__module__ = __name__
+
+
+_publish()

@@ -1,0 +1,85 @@
+"""Pure helpers for aggregating call records (shared by in-process backends)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from .exceptions import RecordValidationError
+from .records import LLMCallRecord, ModelPerformance, Outcome
+
+__all__ = ["aggregate_records", "check_window", "nearest_rank"]
+
+
+def nearest_rank(sorted_values: Sequence[float], p: float) -> float | None:
+    """The nearest-rank percentile: the ceil(p*n)-th smallest value (1-based)."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    rank = max(1, math.ceil(p * n))
+    return sorted_values[min(rank, n) - 1]
+
+
+def check_window(since: datetime | None, until: datetime | None) -> None:
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and (value.tzinfo is None or value.utcoffset() is None):
+            raise RecordValidationError(
+                f"{name} must be a timezone-aware datetime, got naive {value.isoformat()}",
+                path=name,
+            )
+
+
+def matches(
+    record: LLMCallRecord,
+    *,
+    workflow: str | None,
+    stage: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    model: str | None = None,
+) -> bool:
+    return (
+        (workflow is None or record.workflow == workflow)
+        and (stage is None or record.stage == stage)
+        and (model is None or record.model == model)
+        and (since is None or record.timestamp >= since)
+        and (until is None or record.timestamp < until)
+    )
+
+
+def aggregate_records(
+    records: Iterable[LLMCallRecord], *, per_stage: bool = True
+) -> list[ModelPerformance]:
+    """Group sample records per (workflow, stage, model) and summarize each group."""
+    groups: dict[tuple[str, str, str], list[LLMCallRecord]] = {}
+    for r in records:
+        if not r.outcome.is_sample:
+            continue
+        key = (r.workflow or "", (r.stage or "") if per_stage else "", r.model)
+        groups.setdefault(key, []).append(r)
+    out: list[ModelPerformance] = []
+    for (workflow, stage, model), rows in sorted(groups.items()):
+        ok = [r for r in rows if r.outcome is Outcome.SUCCESS]
+        latencies = sorted(r.latency_ms for r in ok)
+        last = max(rows, key=lambda r: r.timestamp)
+        out.append(
+            ModelPerformance(
+                model=model,
+                provider=last.provider,
+                workflow=workflow or None,
+                stage=(stage or None) if per_stage else None,
+                tier=last.tier,
+                sample_size=len(rows),
+                successes=len(ok),
+                latency_p50_ms=nearest_rank(latencies, 0.50),
+                latency_p95_ms=nearest_rank(latencies, 0.95),
+                avg_latency_ms=(sum(latencies) / len(latencies)) if latencies else None,
+                avg_cost_usd=sum(r.cost_usd for r in rows) / len(rows),
+                avg_input_tokens=(sum(r.input_tokens for r in ok) / len(ok)) if ok else 0.0,
+                avg_output_tokens=(sum(r.output_tokens for r in ok) / len(ok)) if ok else 0.0,
+                first_seen=min(r.timestamp for r in rows),
+                last_seen=last.timestamp,
+            )
+        )
+    return out

@@ -1,0 +1,403 @@
+"""
+What implementers subclass: telemetry backends, circuit-state stores and providers.
+
+Users rarely touch these classes directly; they pass an instance (or a URL that
+`empathy_models.backends` turns into one) to the executor, router or breaker.  Each
+class is an async resource: ``async with backend:`` opens it if needed and closes it
+on exit, and ``aclose()`` is idempotent.  Using a closed backend raises
+`BackendClosedError`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
+
+import attrs
+from attrs import field, frozen
+
+from . import circuit
+from .exceptions import BackendClosedError, ConfigurationError, RecordValidationError
+from .records import (
+    Admission,
+    CircuitBreakerState,
+    CircuitState,
+    LLMCallRecord,
+    ModelPerformance,
+    OutcomeReport,
+)
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from .circuit import BreakerPolicy
+
+__all__ = [
+    "AsyncResource",
+    "CircuitStateStore",
+    "Completion",
+    "CompletionRequest",
+    "Message",
+    "Provider",
+    "TelemetryBackend",
+    "TransactionalStateStore",
+]
+
+T = TypeVar("T")
+
+
+class AsyncResource(abc.ABC):
+    """
+    Base of every backend: ``async with`` support and an idempotent ``aclose()``.
+
+    Subclasses implement `_aclose` (called at most once) and may override `_aopen`
+    (called by ``__aenter__``, and lazily by backends that connect on first use).
+    """
+
+    _closed: bool = False
+
+    @property
+    def closed(self) -> bool:
+        """True once `aclose` has been called."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendClosedError(f"{self!r} was used after aclose()", target=repr(self))
+
+    async def _aopen(self) -> None:
+        """Acquire connections or files; default: nothing to do."""
+
+    async def _aclose(self) -> None:
+        """Release everything; called once."""
+
+    async def aclose(self) -> None:
+        """Flush what must be flushed and release resources.  Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            await self._aclose()
+        finally:
+            self._closed = True
+
+    async def __aenter__(self) -> Self:
+        self._check_open()
+        await self._aopen()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+class TelemetryBackend(AsyncResource):
+    """
+    Where `LLMCallRecord`s go, and where the router's statistics come from.
+
+    Contract (checked by `empathy_models.testing.contracts`):
+
+    * `record_many` stores every record it is given, exactly once, or raises
+      `TelemetryError` having stored none of them in the failing batch.
+    * `aggregate` groups sample records (see `Outcome.is_sample`) per (workflow, stage,
+      model), or per (workflow, model) with ``per_stage=False``; latency percentiles are
+      nearest-rank over successful calls; averages over all samples except tokens,
+      which are over successes.
+    * `recent` returns the newest records first, ordered by timestamp.
+    * Filters given as ``None`` match everything.  ``since`` is inclusive, ``until``
+      exclusive; both must be aware datetimes.
+    """
+
+    async def record(self, record: LLMCallRecord) -> None:
+        """Store one record (may be buffered; see `flush`)."""
+        await self.record_many((record,))
+
+    @abc.abstractmethod
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        """Store several records (may be buffered; see `flush`)."""
+
+    @abc.abstractmethod
+    async def aggregate(
+        self,
+        *,
+        workflow: str | None = None,
+        stage: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        per_stage: bool = True,
+    ) -> list[ModelPerformance]:
+        """Per-model performance for the matching records, sorted by (workflow, stage, model)."""
+
+    @abc.abstractmethod
+    async def recent(
+        self,
+        *,
+        limit: int = 100,
+        workflow: str | None = None,
+        stage: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+    ) -> list[LLMCallRecord]:
+        """The ``limit`` newest matching records, newest first."""
+
+    @abc.abstractmethod
+    async def purge(self, *, before: datetime) -> int:
+        """Delete records older than ``before``; return how many were deleted."""
+
+    async def flush(self) -> None:
+        """Make every record accepted so far durable and visible to readers."""
+
+    @property
+    def persistent(self) -> bool:
+        """True when records survive the process (false for memory and null)."""
+        return False
+
+
+# --------------------------------------------------------------------------- circuit state
+
+
+class CircuitStateStore(AsyncResource):
+    """
+    Holds circuit-breaker state; every operation is atomic on the store's side.
+
+    The caller never reads, decides and writes back: `admit` performs the lazy
+    OPEN -> HALF_OPEN step and grants probe leases, `record` applies outcomes for a
+    ticket, `force` and `reset` are transitions.  Each returns the resulting state.
+    Stores that hold state for several processes set ``shared = True`` and take time
+    from the store's side or from the UTC wall clock, never from a monotonic clock.
+    """
+
+    shared: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        """Admit or reject one call for ``key`` (see `empathy_models.circuit.admit`)."""
+
+    @abc.abstractmethod
+    async def record(
+        self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
+    ) -> CircuitBreakerState:
+        """Apply ``reports`` to ``key`` in order, atomically; stale tickets are dropped."""
+
+    @abc.abstractmethod
+    async def force(
+        self,
+        key: str,
+        state: CircuitState,
+        *,
+        until: datetime | None = None,
+        reason: str | None = None,
+    ) -> CircuitBreakerState:
+        """Force ``key`` into FORCED_OPEN (until ``until`` or a reset), DISABLED or CLOSED."""
+
+    @abc.abstractmethod
+    async def snapshot(self, key: str) -> CircuitBreakerState:
+        """The current state of ``key``; a key never seen reads as CLOSED, generation 0."""
+
+    @abc.abstractmethod
+    async def snapshot_all(self) -> list[CircuitBreakerState]:
+        """The state of every key the store holds, sorted by key."""
+
+    @abc.abstractmethod
+    async def reset(self, key: str | None = None) -> None:
+        """Forget ``key`` (or every key): it reads as CLOSED and older tickets stop counting."""
+
+
+class TransactionalStateStore(CircuitStateStore):
+    """
+    A store that can run a function on one key's state atomically.
+
+    Subclasses implement `_transact`, `_load`, `_load_all` and `_clear`; the pure
+    machine in `empathy_models.circuit` does the rest.  Memory, SQLite and PostgreSQL
+    stores are built this way.
+    """
+
+    @abc.abstractmethod
+    async def _transact(
+        self,
+        key: str,
+        fn: Callable[[CircuitBreakerState | None, float], tuple[CircuitBreakerState | None, T]],
+    ) -> T:
+        """
+        Atomically: load ``key`` (``None`` if absent), call ``fn(state, now)`` with the
+        store's notion of now (UTC epoch seconds), save the returned state if it is not
+        ``None`` and not the very object passed in, and return the second element.
+        """
+
+    @abc.abstractmethod
+    async def _load(self, key: str) -> CircuitBreakerState | None:
+        """Read one key's state without locking."""
+
+    @abc.abstractmethod
+    async def _load_all(self) -> list[CircuitBreakerState]:
+        """Read every state without locking."""
+
+    @abc.abstractmethod
+    async def _clear(self, key: str | None) -> None:
+        """Delete one key (or all) outright; used by tests and by `reset` overrides."""
+
+    async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        self._check_open()
+
+        def step(
+            state: CircuitBreakerState | None, now: float
+        ) -> tuple[CircuitBreakerState | None, Admission]:
+            new, admission = circuit.admit(state, policy, now, key=key)
+            return (None if new is state else new), admission
+
+        return await self._transact(key, step)
+
+    async def record(
+        self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
+    ) -> CircuitBreakerState:
+        self._check_open()
+        for report in reports:
+            if report.ticket.key != key:
+                raise ConfigurationError(
+                    f"a ticket for {report.ticket.key!r} was reported against {key!r}"
+                )
+
+        def step(
+            state: CircuitBreakerState | None, now: float
+        ) -> tuple[CircuitBreakerState | None, CircuitBreakerState]:
+            current = state if state is not None else circuit.initial_state(key, now)
+            new = circuit.apply_outcomes(current, policy, list(reports), now)
+            return (None if new is state else new), new
+
+        return await self._transact(key, step)
+
+    async def force(
+        self,
+        key: str,
+        state: CircuitState,
+        *,
+        until: datetime | None = None,
+        reason: str | None = None,
+    ) -> CircuitBreakerState:
+        self._check_open()
+        if until is not None and (until.tzinfo is None or until.utcoffset() is None):
+            raise RecordValidationError("until must be a timezone-aware datetime", path="until")
+        until_ts = None if until is None else until.timestamp()
+
+        def step(
+            current: CircuitBreakerState | None, now: float
+        ) -> tuple[CircuitBreakerState, CircuitBreakerState]:
+            new = circuit.force(current, state, now, key=key, until=until_ts, reason=reason)
+            return new, new
+
+        return await self._transact(key, step)
+
+    async def snapshot(self, key: str) -> CircuitBreakerState:
+        self._check_open()
+        state = await self._load(key)
+        return state if state is not None else circuit.initial_state(key)
+
+    async def snapshot_all(self) -> list[CircuitBreakerState]:
+        self._check_open()
+        return sorted(await self._load_all(), key=lambda s: s.key)
+
+    async def reset(self, key: str | None = None) -> None:
+        self._check_open()
+        if key is None:
+            for state in await self._load_all():
+                await self.reset(state.key)
+            return
+
+        def step(
+            current: CircuitBreakerState | None, now: float
+        ) -> tuple[CircuitBreakerState, None]:
+            return circuit.reset(current, now, key=key), None
+
+        await self._transact(key, step)
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def _non_empty(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise RecordValidationError(
+            f"{attribute.name} must be a non-empty string", path=attribute.name
+        )
+
+
+@frozen(kw_only=True)
+class Message:
+    """One chat message: ``role`` is ``"user"`` or ``"assistant"``."""
+
+    role: str = field(validator=attrs.validators.in_(("user", "assistant")))
+    content: str
+
+
+def _messages(value: Sequence[Message] | str) -> tuple[Message, ...]:
+    if isinstance(value, str):
+        return (Message(role="user", content=value),)
+    return tuple(value)
+
+
+@frozen(kw_only=True)
+class CompletionRequest:
+    """What the executor asks a provider for; a plain string becomes one user message."""
+
+    model: str = field(validator=_non_empty)
+    messages: tuple[Message, ...] = field(converter=_messages)
+    system: str | None = None
+    max_tokens: int = 1024
+    temperature: float | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if not self.messages:
+            raise RecordValidationError("messages must not be empty", path="messages")
+        if (
+            isinstance(self.max_tokens, bool)
+            or not isinstance(self.max_tokens, int)
+            or self.max_tokens < 1
+        ):
+            raise RecordValidationError(
+                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", path="max_tokens"
+            )
+
+
+@frozen(kw_only=True)
+class Completion:
+    """A provider's answer with the usage it reported."""
+
+    content: str
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    stop_reason: str | None = None
+    request_id: str | None = None
+    ttft_ms: float | None = None
+
+
+class Provider(abc.ABC):
+    """
+    One model API (Anthropic Messages, OpenAI Chat Completions, or an in-process fake).
+
+    ``name`` is the provider's label in records and breaker keys.  The executor calls
+    `bind` with its shared ``aiohttp.ClientSession`` on enter and `unbind` on exit; a
+    provider used on its own manages a session of its own.  `complete` raises only
+    `ProviderError` subclasses (and `asyncio.CancelledError`, untouched).
+    """
+
+    name: str
+
+    async def bind(self, session: aiohttp.ClientSession) -> None:
+        """Use ``session`` for every request until `unbind`; default: nothing."""
+
+    async def unbind(self) -> None:
+        """Stop using the bound session (the executor closes it); default: nothing."""
+
+    @abc.abstractmethod
+    async def complete(self, request: CompletionRequest) -> Completion:
+        """Send one request and return the completion, or raise a `ProviderError`."""

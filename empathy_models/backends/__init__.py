@@ -1,0 +1,159 @@
+"""
+Built-in backends and the URL factories.
+
+A backend can be given as an object or as a URL:
+
+============================  ============================================  =======================
+URL                           backend                                       package
+============================  ============================================  =======================
+``memory://``                 `MemoryTelemetryBackend` / `MemoryStateStore`  empathy-models
+``null://``                   `NullTelemetryBackend` / `NullStateStore`      empathy-models
+``sqlite:///relative.db``     SQLite file (``sqlite:////abs/path.db``)      empathy-models
+``redis://host:6379/0``       Redis circuit state                           empathy-models-redis
+``postgresql://user@host/db`` PostgreSQL telemetry and circuit state        empathy-models-postgres
+============================  ============================================  =======================
+
+Other schemes are looked up among the entry points of the group
+``empathy_models.backends``.  An unknown scheme, or a known one whose package is not
+installed, raises `ConfigurationError` naming the schemes available or the package to
+install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ..abc import CircuitStateStore, TelemetryBackend
+from ..exceptions import ConfigurationError
+from ._plugin import BackendPlugin
+from .memory import MemoryStateStore, MemoryTelemetryBackend
+from .null import NullStateStore, NullTelemetryBackend
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "BackendPlugin",
+    "MemoryStateStore",
+    "MemoryTelemetryBackend",
+    "NullStateStore",
+    "NullTelemetryBackend",
+    "available_schemes",
+    "redact_url",
+    "state_store_from_url",
+    "telemetry_from_url",
+]
+
+ENTRY_POINT_GROUP = "empathy_models.backends"
+
+_BUILTIN: dict[str, str] = {
+    "memory": "empathy_models.backends.memory",
+    "null": "empathy_models.backends.null",
+    "sqlite": "empathy_models.backends.sqlite",
+}
+
+_KNOWN_PLUGINS: dict[str, str] = {
+    "redis": "empathy-models-redis",
+    "rediss": "empathy-models-redis",
+    "postgresql": "empathy-models-postgres",
+    "postgres": "empathy-models-postgres",
+}
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***`` (safe to log or show)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _entry_point_plugins() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_schemes() -> list[str]:
+    """Every scheme that resolves here: built-ins plus installed plugins."""
+    return sorted(set(_BUILTIN) | set(_entry_point_plugins()))
+
+
+def _plugin_for(url: str) -> BackendPlugin:
+    if not isinstance(url, str):
+        raise ConfigurationError(f"expected a backend object or a URL string, got {url!r}")
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if not scheme:
+        raise ConfigurationError(
+            f"{redact_url(url)!r} is not a backend URL; expected scheme://..., "
+            f"known schemes: {', '.join(available_schemes())}"
+        )
+    if scheme in _BUILTIN:
+        module = importlib.import_module(_BUILTIN[scheme])
+        plugin = module.PLUGIN
+    else:
+        eps = _entry_point_plugins()
+        if scheme not in eps:
+            if scheme in _KNOWN_PLUGINS:
+                raise ConfigurationError(
+                    f"the {scheme}:// backend needs the package {_KNOWN_PLUGINS[scheme]!r}: "
+                    f"pip install {_KNOWN_PLUGINS[scheme]}"
+                )
+            raise ConfigurationError(
+                f"unknown backend scheme {scheme!r} in {redact_url(url)!r}; known schemes: "
+                f"{', '.join(available_schemes())} (plugins: "
+                f"{', '.join(f'{s} -> {p}' for s, p in sorted(_KNOWN_PLUGINS.items()))})"
+            )
+        plugin = eps[scheme].load()
+    if not isinstance(plugin, BackendPlugin):
+        raise ConfigurationError(
+            f"the plugin for {scheme!r} is {type(plugin).__name__}, not a BackendPlugin"
+        )
+    return plugin
+
+
+def telemetry_from_url(url: str | TelemetryBackend, **options: Any) -> TelemetryBackend:
+    """
+    Return a telemetry backend for ``url``; a `TelemetryBackend` passes through unchanged.
+
+    ``options`` go to the backend's constructor.  Raises `ConfigurationError` for an
+    unknown scheme, a missing plugin, or an engine without telemetry support.
+    """
+    if isinstance(url, TelemetryBackend):
+        return url
+    plugin = _plugin_for(url)
+    if plugin.telemetry is None:
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: the {plugin.package} backend holds no telemetry; "
+            "use sqlite://, postgresql:// or memory:// for telemetry"
+        )
+    backend = plugin.telemetry(url, **options)
+    if not isinstance(backend, TelemetryBackend):
+        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {backend!r}")
+    return backend
+
+
+def state_store_from_url(url: str | CircuitStateStore, **options: Any) -> CircuitStateStore:
+    """
+    Return a circuit-state store for ``url``; a `CircuitStateStore` passes through.
+
+    ``options`` go to the store's constructor.  Raises `ConfigurationError` for an
+    unknown scheme, a missing plugin, or an engine without circuit-state support.
+    """
+    if isinstance(url, CircuitStateStore):
+        return url
+    plugin = _plugin_for(url)
+    if plugin.state_store is None:
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: the {plugin.package} backend holds no circuit state"
+        )
+    store = plugin.state_store(url, **options)
+    if not isinstance(store, CircuitStateStore):
+        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {store!r}")
+    return store

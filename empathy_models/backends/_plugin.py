@@ -1,0 +1,32 @@
+"""The shape of a backend plugin, as published through entry points."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from attrs import frozen
+
+__all__ = ["BackendPlugin"]
+
+
+@frozen(kw_only=True)
+class BackendPlugin:
+    """
+    What a plugin exposes under the ``empathy_models.backends`` entry-point group.
+
+    The entry point's name is a URL scheme and its value a `BackendPlugin`:
+
+    .. code-block:: toml
+
+        [project.entry-points."empathy_models.backends"]
+        redis = "empathy_models_redis:PLUGIN"
+
+    ``telemetry`` and ``state_store`` are factories called as ``factory(url, **options)``;
+    either may be ``None`` when the engine does not provide that kind of backend.
+    """
+
+    schemes: tuple[str, ...]
+    package: str
+    telemetry: Callable[..., Any] | None = None
+    state_store: Callable[..., Any] | None = None

@@ -1,0 +1,165 @@
+"""
+In-process backends: fast, exact, and gone when the process exits.
+
+`MemoryTelemetryBackend` keeps at most ``capacity`` records (default 100,000); when full
+it drops the oldest, counts them in `evicted`, and warns once.  `MemoryStateStore`
+keeps breaker state in a dict; every operation runs without an ``await`` between read
+and write, so it is atomic within the event loop without a lock.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import TypeVar
+
+from .._stats import aggregate_records, check_window, matches
+from ..abc import TelemetryBackend, TransactionalStateStore
+from ..exceptions import ConfigurationError, RecordValidationError
+from ..records import CircuitBreakerState, LLMCallRecord, ModelPerformance
+from ._plugin import BackendPlugin
+
+__all__ = ["MemoryStateStore", "MemoryTelemetryBackend"]
+
+T = TypeVar("T")
+
+
+class MemoryTelemetryBackend(TelemetryBackend):
+    """Records in a bounded in-memory ring; exact aggregation by scanning."""
+
+    def __init__(self, *, capacity: int = 100_000) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ConfigurationError(f"capacity must be an integer >= 1, got {capacity!r}")
+        self.capacity = capacity
+        self.evicted = 0
+        self._records: deque[LLMCallRecord] = deque()
+
+    def __repr__(self) -> str:
+        return f"MemoryTelemetryBackend(records={len(self._records)}, capacity={self.capacity})"
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        self._check_open()
+        batch = list(records)
+        for r in batch:
+            if not isinstance(r, LLMCallRecord):
+                raise RecordValidationError(f"expected an LLMCallRecord, got {type(r).__name__}")
+        self._records.extend(batch)
+        overflow = len(self._records) - self.capacity
+        if overflow > 0:
+            if self.evicted == 0:
+                warnings.warn(
+                    f"MemoryTelemetryBackend is full ({self.capacity} records); the oldest "
+                    "records are being dropped. Use a SQLite or PostgreSQL backend to keep them.",
+                    ResourceWarning,
+                    stacklevel=2,
+                )
+            for _ in range(overflow):
+                self._records.popleft()
+            self.evicted += overflow
+
+    async def aggregate(
+        self,
+        *,
+        workflow: str | None = None,
+        stage: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        per_stage: bool = True,
+    ) -> list[ModelPerformance]:
+        self._check_open()
+        check_window(since, until)
+        rows = (
+            r
+            for r in self._records
+            if matches(r, workflow=workflow, stage=stage, since=since, until=until)
+        )
+        return aggregate_records(rows, per_stage=per_stage)
+
+    async def recent(
+        self,
+        *,
+        limit: int = 100,
+        workflow: str | None = None,
+        stage: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+    ) -> list[LLMCallRecord]:
+        self._check_open()
+        check_window(since, None)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(f"limit must be an integer >= 0, got {limit!r}")
+        rows = [
+            (r.timestamp, i, r)
+            for i, r in enumerate(self._records)
+            if matches(r, workflow=workflow, stage=stage, since=since, until=None, model=model)
+        ]
+        rows.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        return [r for _, _, r in rows[:limit]]
+
+    async def purge(self, *, before: datetime) -> int:
+        self._check_open()
+        check_window(before, None)
+        kept = deque(r for r in self._records if r.timestamp >= before)
+        removed = len(self._records) - len(kept)
+        self._records = kept
+        return removed
+
+
+class MemoryStateStore(TransactionalStateStore):
+    """
+    Breaker state for one process.
+
+    ``clock`` returns UTC epoch seconds (default `time.time`); tests inject a fake one.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._states: dict[str, CircuitBreakerState] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryStateStore(keys={len(self._states)})"
+
+    async def _transact(
+        self,
+        key: str,
+        fn: Callable[[CircuitBreakerState | None, float], tuple[CircuitBreakerState | None, T]],
+    ) -> T:
+        current = self._states.get(key)
+        new, result = fn(current, self._clock())
+        if new is not None and new is not current:
+            self._states[key] = new
+        return result
+
+    async def _load(self, key: str) -> CircuitBreakerState | None:
+        return self._states.get(key)
+
+    async def _load_all(self) -> list[CircuitBreakerState]:
+        return list(self._states.values())
+
+    async def _clear(self, key: str | None) -> None:
+        if key is None:
+            self._states.clear()
+        else:
+            self._states.pop(key, None)
+
+
+def _telemetry(url: str) -> TelemetryBackend:
+    return MemoryTelemetryBackend()
+
+
+def _store(url: str) -> MemoryStateStore:
+    return MemoryStateStore()
+
+
+PLUGIN = BackendPlugin(
+    schemes=("memory",),
+    package="empathy-models",
+    telemetry=_telemetry,
+    state_store=_store,
+)

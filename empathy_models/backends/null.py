@@ -1,0 +1,125 @@
+"""
+Backends that keep nothing: for services that want no telemetry and no breaker state.
+
+`NullTelemetryBackend` accepts records and forgets them (aggregations are empty).
+`NullStateStore` admits every call and never trips: a breaker over it is a pass-through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from .. import circuit
+from .._stats import check_window
+from ..abc import CircuitStateStore, TelemetryBackend
+from ..circuit import BreakerPolicy
+from ..exceptions import RecordValidationError
+from ..records import (
+    Admission,
+    CircuitBreakerState,
+    CircuitState,
+    LLMCallRecord,
+    ModelPerformance,
+    OutcomeReport,
+    Ticket,
+)
+from ._plugin import BackendPlugin
+
+__all__ = ["NullStateStore", "NullTelemetryBackend"]
+
+
+class NullTelemetryBackend(TelemetryBackend):
+    """Accepts records and keeps none; `accepted` counts them."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+
+    def __repr__(self) -> str:
+        return f"NullTelemetryBackend(accepted={self.accepted})"
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        self._check_open()
+        for r in records:
+            if not isinstance(r, LLMCallRecord):
+                raise RecordValidationError(f"expected an LLMCallRecord, got {type(r).__name__}")
+        self.accepted += len(records)
+
+    async def aggregate(
+        self,
+        *,
+        workflow: str | None = None,
+        stage: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        per_stage: bool = True,
+    ) -> list[ModelPerformance]:
+        self._check_open()
+        check_window(since, until)
+        return []
+
+    async def recent(
+        self,
+        *,
+        limit: int = 100,
+        workflow: str | None = None,
+        stage: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+    ) -> list[LLMCallRecord]:
+        self._check_open()
+        check_window(since, None)
+        return []
+
+    async def purge(self, *, before: datetime) -> int:
+        self._check_open()
+        check_window(before, None)
+        return 0
+
+
+class NullStateStore(CircuitStateStore):
+    """Admits everything, remembers nothing: every key reads as CLOSED."""
+
+    def __repr__(self) -> str:
+        return "NullStateStore()"
+
+    async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        self._check_open()
+        state = circuit.initial_state(key)
+        return Admission(admitted=True, state=state, ticket=Ticket(key=key, generation=0))
+
+    async def record(
+        self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
+    ) -> CircuitBreakerState:
+        self._check_open()
+        return circuit.initial_state(key)
+
+    async def force(
+        self,
+        key: str,
+        state: CircuitState,
+        *,
+        until: datetime | None = None,
+        reason: str | None = None,
+    ) -> CircuitBreakerState:
+        self._check_open()
+        return circuit.initial_state(key)
+
+    async def snapshot(self, key: str) -> CircuitBreakerState:
+        self._check_open()
+        return circuit.initial_state(key)
+
+    async def snapshot_all(self) -> list[CircuitBreakerState]:
+        self._check_open()
+        return []
+
+    async def reset(self, key: str | None = None) -> None:
+        self._check_open()
+
+
+PLUGIN = BackendPlugin(
+    schemes=("null",),
+    package="empathy-models",
+    telemetry=lambda url: NullTelemetryBackend(),
+    state_store=lambda url: NullStateStore(),
+)

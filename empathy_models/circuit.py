@@ -1,0 +1,495 @@
+"""
+The circuit breaker as a pure state machine: no I/O, no clock, no randomness.
+
+Every function takes the current `CircuitBreakerState` (or ``None`` for a key never
+seen), a `BreakerPolicy` and the time ``now`` in UTC epoch seconds, and returns the new
+state.  Stores apply these functions inside one atomic operation (a lock, a ``BEGIN
+IMMEDIATE`` transaction, a row lock); the Redis plugin carries a Lua port that the
+shared contract suite holds to the same behaviour.
+
+Semantics (see DESIGN.md §3 and peers.md §5.1):
+
+* CLOSED counts outcomes in a sliding window of ``window_buckets`` buckets covering
+  ``window_seconds``, and the streak of consecutive failures.  It trips to OPEN when
+  the streak reaches ``consecutive_failures`` or when the window holds at least
+  ``minimum_calls`` calls and the failure rate is at least ``failure_rate_threshold``.
+* OPEN rejects until ``open_until``.  The open time is ``recovery_seconds`` times the
+  (decayed) number of recent trips, linear or exponential, capped at
+  ``max_recovery_seconds``, and never shorter than a 429's Retry-After.  Re-opening an
+  open circuit only ever extends ``open_until``.
+* The first admission at or after ``open_until`` moves to HALF_OPEN (lazily: no timers)
+  and takes a probe lease.  At most ``half_open_probes`` leases are out at once; a
+  lease not reported within ``probe_lease_seconds`` expires and returns its slot.  A
+  probe's failure re-opens the circuit; ``half_open_probes`` successes close it.
+* ``fatal`` outcomes (401/403/404) force the circuit open (FORCED_OPEN) for
+  ``fatal_open_seconds`` with the reason.  A manual `force` with ``until=None``
+  holds until `reset`.  DISABLED admits everything and never trips.
+* ``ignored``, ``cancelled`` and ``rejected`` outcomes count as neither success nor
+  failure; in HALF_OPEN they return the probe lease.
+* Every transition increases ``generation`` by one.  An outcome whose ticket carries
+  another generation is dropped; so is a probe outcome whose lease already expired.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable
+from typing import Literal
+
+import attrs
+from attrs import field, frozen
+
+from .exceptions import ConfigurationError
+from .records import (
+    Admission,
+    CircuitBreakerState,
+    CircuitState,
+    Outcome,
+    OutcomeReport,
+    Ticket,
+)
+
+__all__ = [
+    "BreakerPolicy",
+    "admit",
+    "apply_outcome",
+    "apply_outcomes",
+    "force",
+    "initial_state",
+    "reset",
+]
+
+
+def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"BreakerPolicy.{attribute.name} must be > 0, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigurationError(f"BreakerPolicy.{attribute.name} must be finite, got {value!r}")
+
+
+def _positive_int(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"BreakerPolicy.{attribute.name} must be an integer >= 1, got {value!r}"
+        )
+
+
+def _rate(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+        raise ConfigurationError(f"BreakerPolicy.{attribute.name} must be in (0, 1], got {value!r}")
+
+
+def _non_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigurationError(f"BreakerPolicy.{attribute.name} must be >= 0, got {value!r}")
+
+
+@frozen(kw_only=True)
+class BreakerPolicy:
+    """
+    When a circuit trips, how long it stays open, and how it recovers.
+
+    Defaults follow the original where it had one (5 consecutive failures, 60 s
+    recovery, 1 half-open probe) and peers.md §5.1 elsewhere.
+    """
+
+    consecutive_failures: int = field(default=5, validator=_positive_int)
+    """Trip after this many failures in a row."""
+    failure_rate_threshold: float = field(default=0.5, validator=_rate)
+    """Trip when the window's failure rate reaches this, given ``minimum_calls``."""
+    minimum_calls: int = field(default=10, validator=_positive_int)
+    """The failure-rate rule needs at least this many calls in the window."""
+    window_seconds: float = field(default=60.0, validator=_positive)
+    window_buckets: int = field(default=6, validator=_positive_int)
+    recovery_seconds: float = field(default=60.0, validator=_positive)
+    """Open time after the first trip."""
+    max_recovery_seconds: float = field(default=600.0, validator=_positive)
+    """Cap on the open time however often the circuit trips."""
+    backoff: Literal["linear", "exponential"] = "linear"
+    healthy_decay_seconds: float = field(default=300.0, validator=_positive)
+    """Each such span spent closed forgets one earlier trip."""
+    half_open_probes: int = field(default=1, validator=_positive_int)
+    probe_lease_seconds: float = field(default=30.0, validator=_positive)
+    """An unreported probe frees its slot after this long."""
+    fatal_open_seconds: float = field(default=300.0, validator=_positive)
+    """How long a 401/403/404 holds the circuit in FORCED_OPEN."""
+    min_retry_after_open: float = field(default=1.0, validator=_non_negative)
+    """A 429 whose Retry-After is at least this opens the circuit for that long at once."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.backoff not in ("linear", "exponential"):
+            raise ConfigurationError(
+                f"BreakerPolicy.backoff must be 'linear' or 'exponential', got {self.backoff!r}"
+            )
+        if self.max_recovery_seconds < self.recovery_seconds:
+            raise ConfigurationError(
+                "BreakerPolicy.max_recovery_seconds "
+                f"({self.max_recovery_seconds}) must be >= recovery_seconds "
+                f"({self.recovery_seconds})"
+            )
+
+    @property
+    def bucket_seconds(self) -> float:
+        return self.window_seconds / self.window_buckets
+
+    def open_seconds(self, trips: int) -> float:
+        """Open time after the ``trips``-th recent trip (1-based), capped."""
+        k = max(1, trips)
+        if self.backoff == "exponential":
+            raw = self.recovery_seconds * (2.0 ** min(k - 1, 62))
+        else:
+            raw = self.recovery_seconds * k
+        return min(raw, self.max_recovery_seconds)
+
+
+def initial_state(key: str, now: float | None = None) -> CircuitBreakerState:
+    """The state of a key never seen: CLOSED, generation 0."""
+    return CircuitBreakerState(key=key, updated_at_ts=now)
+
+
+def _bucket(policy: BreakerPolicy, now: float) -> int:
+    return math.floor(now / policy.bucket_seconds)
+
+
+def _live_window(
+    state: CircuitBreakerState, policy: BreakerPolicy, now: float
+) -> tuple[tuple[int, int, int], ...]:
+    oldest = _bucket(policy, now) - policy.window_buckets + 1
+    return tuple(b for b in state.window if b[0] >= oldest)
+
+
+def _add_to_window(
+    window: tuple[tuple[int, int, int], ...], bucket: int, failed: bool
+) -> tuple[tuple[int, int, int], ...]:
+    if window and window[-1][0] == bucket:
+        b, calls, failures = window[-1]
+        return (*window[:-1], (b, calls + 1, failures + int(failed)))
+    return (*window, (bucket, 1, int(failed)))
+
+
+def _decayed_trips(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> int:
+    if state.open_count == 0 or state.closed_at_ts is None:
+        return state.open_count
+    healthy = max(0.0, now - state.closed_at_ts)
+    return max(0, state.open_count - math.floor(healthy / policy.healthy_decay_seconds))
+
+
+def _open(
+    state: CircuitBreakerState,
+    policy: BreakerPolicy,
+    now: float,
+    *,
+    retry_after: float | None,
+    error: str | None,
+    reason: str,
+) -> CircuitBreakerState:
+    trips = _decayed_trips(state, policy, now) + 1
+    until = now + policy.open_seconds(trips)
+    if retry_after is not None:
+        until = max(until, now + retry_after)
+    return attrs.evolve(
+        state,
+        state=CircuitState.OPEN,
+        generation=state.generation + 1,
+        open_count=trips,
+        opened_at_ts=now,
+        closed_at_ts=None,
+        open_until_ts=until,
+        leases=(),
+        probe_successes=0,
+        last_error=error if error is not None else state.last_error,
+        reason=reason,
+        updated_at_ts=now,
+    )
+
+
+def _close(state: CircuitBreakerState, now: float) -> CircuitBreakerState:
+    return attrs.evolve(
+        state,
+        state=CircuitState.CLOSED,
+        generation=state.generation + 1,
+        consecutive_failures=0,
+        window=(),
+        opened_at_ts=None,
+        open_until_ts=None,
+        closed_at_ts=now,
+        leases=(),
+        probe_successes=0,
+        reason=None,
+        updated_at_ts=now,
+    )
+
+
+def _force_open(
+    state: CircuitBreakerState, now: float, until: float | None, reason: str, error: str | None
+) -> CircuitBreakerState:
+    if state.state is CircuitState.FORCED_OPEN and state.open_until_ts is not None:
+        # never shorten: a second fatal error can only extend the forced period
+        until = None if until is None else max(until, state.open_until_ts)
+    return attrs.evolve(
+        state,
+        state=CircuitState.FORCED_OPEN,
+        generation=state.generation + 1,
+        opened_at_ts=now,
+        open_until_ts=until,
+        leases=(),
+        probe_successes=0,
+        last_error=error if error is not None else state.last_error,
+        reason=reason,
+        updated_at_ts=now,
+    )
+
+
+def _to_half_open(state: CircuitBreakerState, now: float) -> CircuitBreakerState:
+    return attrs.evolve(
+        state,
+        state=CircuitState.HALF_OPEN,
+        generation=state.generation + 1,
+        leases=(),
+        probe_successes=0,
+        updated_at_ts=now,
+    )
+
+
+def admit(
+    state: CircuitBreakerState | None,
+    policy: BreakerPolicy,
+    now: float,
+    *,
+    key: str | None = None,
+    new_lease_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+) -> tuple[CircuitBreakerState, Admission]:
+    """
+    Decide whether one call may go ahead; return the new state and the admission.
+
+    CLOSED and DISABLED admit with a ticket of the current generation.  OPEN and
+    FORCED_OPEN reject with ``retry_after`` until ``open_until`` (FORCED_OPEN without
+    an end rejects with ``retry_after=None``); the first call at or after it moves the
+    circuit to HALF_OPEN.  HALF_OPEN first drops expired leases, then grants a lease if
+    fewer than ``half_open_probes`` are out, else rejects until the earliest lease
+    expires.
+    """
+    if state is None:
+        if key is None:
+            raise ValueError("admit() needs a state or a key")
+        state = initial_state(key, now)
+    s = state.state
+    if s is CircuitState.CLOSED or s is CircuitState.DISABLED:
+        return state, Admission(
+            admitted=True,
+            state=state,
+            ticket=Ticket(key=state.key, generation=state.generation),
+        )
+    if s is CircuitState.OPEN or s is CircuitState.FORCED_OPEN:
+        until = state.open_until_ts
+        if until is None or now < until:
+            retry = None if until is None else until - now
+            return state, Admission(admitted=False, state=state, retry_after=retry)
+        state = _to_half_open(state, now)
+    # HALF_OPEN
+    live = tuple(lease for lease in state.leases if lease[1] > now)
+    if len(live) < policy.half_open_probes:
+        lease_id = new_lease_id()
+        expires = now + policy.probe_lease_seconds
+        state = attrs.evolve(state, leases=(*live, (lease_id, expires)), updated_at_ts=now)
+        return state, Admission(
+            admitted=True,
+            state=state,
+            ticket=Ticket(
+                key=state.key,
+                generation=state.generation,
+                lease_id=lease_id,
+                lease_expires_ts=expires,
+            ),
+        )
+    if live != state.leases:
+        state = attrs.evolve(state, leases=live, updated_at_ts=now)
+    retry = min(lease[1] for lease in live) - now
+    return state, Admission(admitted=False, state=state, retry_after=retry)
+
+
+def apply_outcome(
+    state: CircuitBreakerState | None,
+    policy: BreakerPolicy,
+    report: OutcomeReport,
+    now: float,
+) -> CircuitBreakerState:
+    """
+    Apply one outcome reported for ``report.ticket``; return the new state.
+
+    A ticket of another generation changes nothing.  See the module docstring for
+    what each outcome class does in each state.
+    """
+    ticket = report.ticket
+    if state is None:
+        state = initial_state(ticket.key, now)
+    if ticket.generation != state.generation:
+        return state
+    outcome = report.outcome
+    s = state.state
+
+    if s is CircuitState.DISABLED:
+        return state
+
+    if s is CircuitState.HALF_OPEN:
+        lease = next((le for le in state.leases if le[0] == ticket.lease_id), None)
+        if lease is None or lease[1] <= now:
+            # not a probe of this half-open period, or its lease expired: too late to count
+            return state
+        remaining = tuple(le for le in state.leases if le[0] != ticket.lease_id)
+        if outcome is Outcome.SUCCESS:
+            successes = state.probe_successes + 1
+            if successes >= policy.half_open_probes:
+                return _close(state, now)
+            return attrs.evolve(
+                state, leases=remaining, probe_successes=successes, updated_at_ts=now
+            )
+        if outcome is Outcome.FATAL:
+            return _force_open(
+                state,
+                now,
+                now + policy.fatal_open_seconds,
+                report.error or "fatal error",
+                report.error,
+            )
+        if outcome.is_failure:
+            state = attrs.evolve(state, last_failure_ts=now)
+            return _open(
+                state,
+                policy,
+                now,
+                retry_after=report.retry_after,
+                error=report.error,
+                reason="half-open probe failed",
+            )
+        # ignored / cancelled / rejected: return the lease, learn nothing
+        return attrs.evolve(state, leases=remaining, updated_at_ts=now)
+
+    if s is not CircuitState.CLOSED:
+        # OPEN / FORCED_OPEN issue no tickets of their own generation; nothing to count
+        return state
+
+    if outcome is Outcome.SUCCESS:
+        window = _add_to_window(_live_window(state, policy, now), _bucket(policy, now), False)
+        return attrs.evolve(state, consecutive_failures=0, window=window, updated_at_ts=now)
+    if outcome is Outcome.FATAL:
+        return _force_open(
+            state,
+            now,
+            now + policy.fatal_open_seconds,
+            report.error or "fatal error",
+            report.error,
+        )
+    if not outcome.is_failure:
+        return state
+
+    window = _add_to_window(_live_window(state, policy, now), _bucket(policy, now), True)
+    streak = state.consecutive_failures + 1
+    state = attrs.evolve(
+        state,
+        consecutive_failures=streak,
+        window=window,
+        last_failure_ts=now,
+        last_error=report.error if report.error is not None else state.last_error,
+        updated_at_ts=now,
+    )
+    retry_after = report.retry_after
+    if (
+        outcome is Outcome.RATE_LIMITED
+        and retry_after is not None
+        and retry_after >= policy.min_retry_after_open
+    ):
+        return _open(
+            state,
+            policy,
+            now,
+            retry_after=retry_after,
+            error=report.error,
+            reason=f"rate limited (Retry-After {retry_after:g}s)",
+        )
+    if streak >= policy.consecutive_failures:
+        return _open(
+            state,
+            policy,
+            now,
+            retry_after=retry_after,
+            error=report.error,
+            reason=f"{streak} consecutive failures",
+        )
+    calls = sum(b[1] for b in window)
+    failures = sum(b[2] for b in window)
+    if calls >= policy.minimum_calls and failures / calls >= policy.failure_rate_threshold:
+        return _open(
+            state,
+            policy,
+            now,
+            retry_after=retry_after,
+            error=report.error,
+            reason=f"failure rate {failures}/{calls} over {policy.window_seconds:g}s",
+        )
+    return state
+
+
+def apply_outcomes(
+    state: CircuitBreakerState | None,
+    policy: BreakerPolicy,
+    reports: tuple[OutcomeReport, ...] | list[OutcomeReport],
+    now: float,
+) -> CircuitBreakerState:
+    """Apply several outcomes in order, as one step (used for written-behind successes)."""
+    if state is None:
+        if not reports:
+            raise ValueError("apply_outcomes() needs a state or at least one report")
+        state = initial_state(reports[0].ticket.key, now)
+    for report in reports:
+        state = apply_outcome(state, policy, report, now)
+    return state
+
+
+def force(
+    state: CircuitBreakerState | None,
+    target: CircuitState,
+    now: float,
+    *,
+    key: str | None = None,
+    until: float | None = None,
+    reason: str | None = None,
+) -> CircuitBreakerState:
+    """
+    Put the circuit in ``target`` by hand: FORCED_OPEN (until ``until`` or a reset),
+    DISABLED (admit everything, never trip), or CLOSED (fresh counts).  Always a
+    transition: the generation increases, so outstanding tickets stop counting.
+    """
+    if state is None:
+        if key is None:
+            raise ValueError("force() needs a state or a key")
+        state = initial_state(key, now)
+    if target is CircuitState.FORCED_OPEN:
+        return _force_open(state, now, until, reason or "forced open", None)
+    if target is CircuitState.CLOSED:
+        return attrs.evolve(_close(state, now), reason=reason)
+    if target is CircuitState.DISABLED:
+        return attrs.evolve(
+            state,
+            state=CircuitState.DISABLED,
+            generation=state.generation + 1,
+            leases=(),
+            probe_successes=0,
+            opened_at_ts=None,
+            open_until_ts=None,
+            reason=reason or "disabled",
+            updated_at_ts=now,
+        )
+    raise ConfigurationError(
+        f"cannot force a circuit to {target.value!r}; use forced_open, disabled or closed"
+    )
+
+
+def reset(state: CircuitBreakerState | None, now: float, *, key: str) -> CircuitBreakerState:
+    """
+    Return the key to a fresh CLOSED state, forgetting trips, and bump the generation so
+    tickets issued before the reset no longer count.
+    """
+    generation = 0 if state is None else state.generation + 1
+    return CircuitBreakerState(key=key, generation=generation, closed_at_ts=now, updated_at_ts=now)

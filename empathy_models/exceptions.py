@@ -1,0 +1,286 @@
+"""
+The error tree of empathy-models.
+
+Every error raised on purpose by this package derives from `EmpathyModelsError`, and
+each subclass also derives from the builtin a caller would naturally catch where one
+fits (a provider timeout is a `TimeoutError`, a refused connection a `ConnectionError`,
+bad input a `ValueError`)::
+
+    EmpathyModelsError
+    ├── ConfigurationError (ValueError)          bad settings, unknown URL scheme, missing plugin
+    ├── RecordValidationError (ValueError)       a record or dict that breaks an invariant
+    ├── ProviderError                            anything a model provider answered or failed to
+    │   ├── ProviderTimeoutError (TimeoutError)  no answer before the deadline
+    │   ├── ProviderConnectionError (ConnectionError)
+    │   ├── RateLimitedError                     429, with retry_after
+    │   ├── AuthenticationError (PermissionError) 401 / 403
+    │   ├── ModelNotFoundError (LookupError)     404 / unknown model
+    │   ├── InvalidRequestError (ValueError)     400
+    │   │   ├── ContextWindowExceededError       the prompt does not fit
+    │   │   └── ContentPolicyError               refused by the provider's policy
+    │   ├── ServerError                          5xx
+    │   │   └── OverloadedError                  529 / "overloaded_error"
+    │   └── InvalidResponseError                 malformed JSON, missing fields, truncated body
+    ├── CircuitOpenError                         the breaker said no (key, state, retry_after)
+    ├── NoModelMeetsConstraintsError (LookupError) with the reasons per model
+    ├── AllRoutesFailedError (ExceptionGroup)    every candidate failed; one error per attempt
+    └── BackendError                             a telemetry or state-store backend failed
+        ├── TelemetryError
+        ├── StateStoreError
+        ├── BackendClosedError                   used after aclose()
+        └── SchemaVersionError                   a database written by a newer version
+
+Errors are mapped from native exceptions at one boundary per layer and raised with
+``from exc``, so the original cause is always in the traceback.  No error message or
+attribute holds an API key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .records import CircuitState
+
+__all__ = [
+    "AllRoutesFailedError",
+    "AuthenticationError",
+    "BackendClosedError",
+    "BackendError",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "ContentPolicyError",
+    "ContextWindowExceededError",
+    "EmpathyModelsError",
+    "InvalidRequestError",
+    "InvalidResponseError",
+    "ModelNotFoundError",
+    "NoModelMeetsConstraintsError",
+    "OverloadedError",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderTimeoutError",
+    "RateLimitedError",
+    "RecordValidationError",
+    "SchemaVersionError",
+    "ServerError",
+    "StateStoreError",
+    "TelemetryError",
+]
+
+
+class EmpathyModelsError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ConfigurationError(EmpathyModelsError, ValueError):
+    """A setting, URL or argument that cannot work; the message says which and why."""
+
+
+class RecordValidationError(EmpathyModelsError, ValueError):
+    """
+    A record or serialized dict breaks an invariant.
+
+    ``path`` names the field (``"latency_ms"``, ``"candidates[2].sample_size"``).
+    """
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ProviderError(EmpathyModelsError):
+    """
+    A model provider failed the call.
+
+    Carries the ``provider`` name, the ``model`` asked for, the HTTP ``status`` when
+    there was one, and ``retry_after`` in seconds when the provider said when to come
+    back.  The message never contains request headers or keys.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.provider = provider
+        self.model = model
+        self.status = status
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_provider_error,
+            (type(self), str(self), self.provider, self.model, self.status, self.retry_after),
+        )
+
+
+def _rebuild_provider_error(
+    cls: type[ProviderError],
+    message: str,
+    provider: str | None,
+    model: str | None,
+    status: int | None,
+    retry_after: float | None,
+) -> ProviderError:
+    return cls(message, provider=provider, model=model, status=status, retry_after=retry_after)
+
+
+class ProviderTimeoutError(ProviderError, TimeoutError):
+    """No complete answer before the deadline."""
+
+
+class ProviderConnectionError(ProviderError, ConnectionError):
+    """The connection could not be made or broke before an answer."""
+
+
+class RateLimitedError(ProviderError):
+    """HTTP 429; ``retry_after`` holds the provider's hint in seconds, if it gave one."""
+
+
+class AuthenticationError(ProviderError, PermissionError):
+    """HTTP 401 or 403: the key is missing, wrong or not allowed to use the model."""
+
+
+class ModelNotFoundError(ProviderError, LookupError):
+    """HTTP 404 or an unknown model id."""
+
+
+class InvalidRequestError(ProviderError, ValueError):
+    """HTTP 400: the request itself is wrong; retrying it unchanged cannot help."""
+
+
+class ContextWindowExceededError(InvalidRequestError):
+    """The prompt and ``max_tokens`` do not fit the model's context window."""
+
+
+class ContentPolicyError(InvalidRequestError):
+    """The provider refused the content under its usage policy."""
+
+
+class ServerError(ProviderError):
+    """HTTP 5xx from the provider."""
+
+
+class OverloadedError(ServerError):
+    """HTTP 529 or an ``overloaded_error`` body: the provider sheds load."""
+
+
+class InvalidResponseError(ProviderError):
+    """The answer could not be understood: malformed JSON, missing fields, truncated body."""
+
+
+class CircuitOpenError(EmpathyModelsError):
+    """
+    The circuit breaker for ``key`` rejected the call without reaching the provider.
+
+    ``state`` is the breaker state that rejected it, ``retry_after`` the seconds until
+    the breaker may admit a call again (``None`` when only a reset will), and
+    ``last_error`` a short description of the failure that opened it.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        state: CircuitState,
+        retry_after: float | None,
+        last_error: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        wait = "until reset" if retry_after is None else f"retry after {retry_after:.3f}s"
+        detail = f"; {reason}" if reason else ""
+        last = f"; last error: {last_error}" if last_error else ""
+        super().__init__(f"circuit {key!r} is {state.value} ({wait}){detail}{last}")
+        self.key = key
+        self.state = state
+        self.retry_after = retry_after
+        self.last_error = last_error
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_circuit_open,
+            (self.key, self.state, self.retry_after, self.last_error, self.reason),
+        )
+
+
+def _rebuild_circuit_open(
+    key: str,
+    state: CircuitState,
+    retry_after: float | None,
+    last_error: str | None,
+    reason: str | None,
+) -> CircuitOpenError:
+    return CircuitOpenError(
+        key, state=state, retry_after=retry_after, last_error=last_error, reason=reason
+    )
+
+
+class NoModelMeetsConstraintsError(EmpathyModelsError, LookupError):
+    """
+    No candidate model satisfies the routing constraints and the policy is to raise.
+
+    ``reasons`` maps every candidate model id to the reasons it was not chosen.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reasons: Mapping[str, Sequence[str]],
+        workflow: str | None = None,
+        stage: str | None = None,
+    ) -> None:
+        lines = [message]
+        lines.extend(f"  {model}: {'; '.join(why)}" for model, why in reasons.items())
+        super().__init__("\n".join(lines))
+        self.reasons = {model: tuple(why) for model, why in reasons.items()}
+        self.workflow = workflow
+        self.stage = stage
+
+
+class AllRoutesFailedError(ExceptionGroup[Exception], EmpathyModelsError):
+    """
+    Every candidate route failed; ``exceptions`` holds one error per attempt, in order.
+
+    Being an `ExceptionGroup`, it can be handled with ``except*`` by the class of the
+    individual failures (``except* RateLimitedError:``).
+    """
+
+    def derive(self, excs: Sequence[Exception]) -> AllRoutesFailedError:  # type: ignore[override]
+        return AllRoutesFailedError(self.message, excs)
+
+
+class BackendError(EmpathyModelsError):
+    """
+    A telemetry or state-store backend failed.
+
+    ``target`` names the file, URL (without credentials) or object concerned.
+    """
+
+    def __init__(self, message: str, *, target: str | None = None) -> None:
+        super().__init__(message)
+        self.target = target
+
+
+class TelemetryError(BackendError):
+    """A telemetry backend could not store or read records."""
+
+
+class StateStoreError(BackendError):
+    """A circuit-state store could not apply or read a state."""
+
+
+class BackendClosedError(BackendError):
+    """The backend was used after ``aclose()``."""
+
+
+class SchemaVersionError(BackendError):
+    """The database was written by a newer version of the schema than this code knows."""

@@ -1,0 +1,676 @@
+"""
+Immutable records: what a call was, how a model performs, what a breaker is doing,
+and why the router chose a model.
+
+Every record is an attrs ``@frozen`` slotted class with keyword-only fields.  Invariants
+are checked at construction and violations raise `RecordValidationError` naming the
+field and the value.  Datetimes must be timezone-aware and are normalized to UTC; a
+naive datetime is rejected rather than guessed.  Serialization lives in
+`empathy_models.serialization`; the ``to_dict`` / ``from_dict`` methods here are thin
+wrappers around it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Self, TypeAlias, TypeVar
+
+import attrs
+from attrs import field, frozen
+
+from .exceptions import RecordValidationError
+
+__all__ = [
+    "Admission",
+    "CandidateEvaluation",
+    "CircuitBreakerState",
+    "CircuitState",
+    "ConstraintStatus",
+    "LLMCallRecord",
+    "ModelPerformance",
+    "ModelTier",
+    "Outcome",
+    "OutcomeReport",
+    "RoutingDecision",
+    "Ticket",
+    "utc_now",
+    "wilson_interval",
+]
+
+JSONScalar: TypeAlias = str | int | float | bool | None
+
+
+def utc_now() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class ModelTier(enum.StrEnum):
+    """Capability and price band of a model."""
+
+    CHEAP = "cheap"
+    CAPABLE = "capable"
+    PREMIUM = "premium"
+
+
+class Outcome(enum.StrEnum):
+    """
+    The class of one attempt's result; it decides what the breaker and router learn.
+
+    ========================  =================================  ===================
+    class                     examples                           counts as
+    ========================  =================================  ===================
+    ``success``               2xx                                success
+    ``failure``               timeout, connection error, 5xx     failure
+    ``rate_limited``          429                                failure (+ Retry-After)
+    ``fatal``                 401, 403, 404 model not found      failure; breaker forced open
+    ``ignored``               400, context window, policy        neither
+    ``cancelled``             the caller cancelled               neither
+    ``rejected``              the circuit breaker said no        neither
+    ========================  =================================  ===================
+    """
+
+    SUCCESS = "success"
+    FAILURE = "failure"
+    RATE_LIMITED = "rate_limited"
+    FATAL = "fatal"
+    IGNORED = "ignored"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+
+    @property
+    def is_sample(self) -> bool:
+        """True when the outcome says something about the model's health."""
+        return self in _SAMPLE_OUTCOMES
+
+    @property
+    def is_failure(self) -> bool:
+        """True for ``failure``, ``rate_limited`` and ``fatal``."""
+        return self in _FAILURE_OUTCOMES
+
+
+_SAMPLE_OUTCOMES = frozenset(
+    {Outcome.SUCCESS, Outcome.FAILURE, Outcome.RATE_LIMITED, Outcome.FATAL}
+)
+_FAILURE_OUTCOMES = frozenset({Outcome.FAILURE, Outcome.RATE_LIMITED, Outcome.FATAL})
+
+
+class CircuitState(enum.StrEnum):
+    """State of one circuit breaker key."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+    FORCED_OPEN = "forced_open"
+    DISABLED = "disabled"
+
+
+class ConstraintStatus(enum.StrEnum):
+    """How a candidate stands against a routing constraint (peers.md §5.2)."""
+
+    ELIGIBLE = "eligible"
+    UNPROVEN = "unproven"
+    REJECTED = "rejected"
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def _fail(attribute: attrs.Attribute[Any], value: object, why: str) -> RecordValidationError:
+    return RecordValidationError(f"{attribute.name} {why}, got {value!r}", path=attribute.name)
+
+
+def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(attribute, value, "must be a number")
+    if not math.isfinite(value) or value < 0:
+        raise _fail(attribute, value, "must be a finite number >= 0")
+
+
+def _non_negative_int(_: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(attribute, value, "must be an integer")
+    if value < 0:
+        raise _fail(attribute, value, "must be >= 0")
+
+
+def _positive_int(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(attribute, value, "must be an integer >= 1")
+
+
+def _unit_interval(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise _fail(attribute, value, "must be a number between 0 and 1")
+
+
+def _non_empty_str(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(attribute, value, "must be a non-empty string")
+
+
+def _optional_str(_: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and not isinstance(value, str):
+        raise _fail(attribute, value, "must be a string or None")
+
+
+def _utc_field(_: object, attribute: attrs.Attribute[Any], value: datetime | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, datetime):
+        raise _fail(attribute, value, "must be a datetime")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise RecordValidationError(
+            f"{attribute.name} is a naive datetime ({value.isoformat()}); "
+            "pass a timezone-aware datetime such as datetime.now(UTC)",
+            path=attribute.name,
+        )
+
+
+def _to_utc(value: datetime) -> datetime:
+    if isinstance(value, datetime) and value.tzinfo is not None and value.utcoffset() is not None:
+        return value.astimezone(UTC)
+    return value
+
+
+def _to_utc_opt(value: datetime | None) -> datetime | None:
+    return None if value is None else _to_utc(value)
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def _convert_enum(enum_type: type[E], name: str, value: object) -> E:
+    if isinstance(value, enum_type):
+        return value
+    if isinstance(value, str):
+        try:
+            return enum_type(value.lower())
+        except ValueError:
+            pass
+    allowed = ", ".join(m.value for m in enum_type)
+    raise RecordValidationError(
+        f"{name} {value!r} is not a valid {enum_type.__name__} (expected one of: {allowed})",
+        path=name,
+    )
+
+
+def _outcome(value: object) -> Outcome:
+    return _convert_enum(Outcome, "outcome", value)
+
+
+def _tier(value: object) -> ModelTier | None:
+    return None if value is None else _convert_enum(ModelTier, "tier", value)
+
+
+def _circuit_state(value: object) -> CircuitState:
+    return _convert_enum(CircuitState, "state", value)
+
+
+def _circuit_state_opt(value: object) -> CircuitState | None:
+    return None if value is None else _convert_enum(CircuitState, "circuit_state", value)
+
+
+def _instance_of(kind: type) -> Any:
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, kind):
+            raise _fail(attribute, value, f"must be a {kind.__name__}")
+
+    return check
+
+
+def _optional_instance_of(kind: type) -> Any:
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is not None and not isinstance(value, kind):
+            raise _fail(attribute, value, f"must be a {kind.__name__} or None")
+
+    return check
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if value is None:
+        return MappingProxyType({})
+    if isinstance(value, MappingProxyType):
+        return value
+    if not isinstance(value, Mapping):
+        raise RecordValidationError(f"metadata must be a mapping, got {value!r}", path="metadata")
+    return MappingProxyType(dict(value))
+
+
+def _str_tuple(value: object) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise RecordValidationError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """
+    Return the Wilson score interval ``(lower, upper)`` for ``successes`` out of ``n``.
+
+    With ``n == 0`` nothing is known and the interval is ``(0.0, 1.0)``.  For 9/10 at
+    z=1.96 the interval is about (0.596, 0.982), so a model with 9 of 10 successes is not
+    confidently above 0.9.
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    if successes < 0 or successes > n:
+        raise ValueError(f"successes must be between 0 and n={n}, got {successes}")
+    p = successes / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = p + z2 / (2.0 * n)
+    margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
+    lower = max(0.0, (centre - margin) / denom)
+    upper = min(1.0, (centre + margin) / denom)
+    return (lower, upper)
+
+
+# --------------------------------------------------------------------------- call records
+
+
+@frozen(kw_only=True)
+class LLMCallRecord:
+    """
+    One attempt at calling a model, successful or not.
+
+    Every attempt the executor makes produces one record: retries and fallbacks each
+    get their own, tied together by ``request_id`` and ordered by ``attempt``.  The
+    record holds tokens, cost and the price-table version that priced it, latency, the
+    outcome class, and the routing and breaker context.  Prompt and response text are
+    only present when the caller opted in; they are hidden from ``repr``.
+    """
+
+    provider: str = field(validator=_non_empty_str)
+    model: str = field(validator=_non_empty_str)
+    outcome: Outcome = field(converter=_outcome, validator=_instance_of(Outcome))
+    call_id: str = field(factory=lambda: uuid.uuid4().hex, validator=_non_empty_str)
+    request_id: str | None = field(default=None, validator=_optional_str)
+    timestamp: datetime = field(factory=utc_now, converter=_to_utc, validator=_utc_field)
+    workflow: str | None = field(default=None, validator=_optional_str)
+    stage: str | None = field(default=None, validator=_optional_str)
+    task_type: str = field(default="unknown", validator=_non_empty_str)
+    tier: ModelTier | None = field(
+        default=None,
+        converter=_tier,
+        validator=_optional_instance_of(ModelTier),
+    )
+    input_tokens: int = field(default=0, validator=_non_negative_int)
+    output_tokens: int = field(default=0, validator=_non_negative_int)
+    cost_usd: float = field(default=0.0, validator=_non_negative)
+    actual_cost_usd: float | None = field(default=None, validator=_non_negative)
+    price_version: str | None = field(default=None, validator=_optional_str)
+    latency_ms: float = field(default=0.0, validator=_non_negative)
+    ttft_ms: float | None = field(default=None, validator=_non_negative)
+    error_type: str | None = field(default=None, validator=_optional_str)
+    error_message: str | None = field(default=None, validator=_optional_str)
+    status_code: int | None = field(default=None, validator=_non_negative_int)
+    attempt: int = field(default=1, validator=_positive_int)
+    fallback_used: bool = field(default=False, validator=_instance_of(bool))
+    fallback_chain: tuple[str, ...] = field(default=(), converter=_str_tuple)
+    original_provider: str | None = field(default=None, validator=_optional_str)
+    original_model: str | None = field(default=None, validator=_optional_str)
+    exploration: bool = field(default=False, validator=_instance_of(bool))
+    breaker_generation: int | None = field(default=None, validator=_non_negative_int)
+    circuit_state: CircuitState | None = field(
+        default=None,
+        converter=_circuit_state_opt,
+        validator=_optional_instance_of(CircuitState),
+    )
+    user_id: str | None = field(default=None, validator=_optional_str)
+    session_id: str | None = field(default=None, validator=_optional_str)
+    metadata: Mapping[str, JSONScalar] = field(factory=dict, converter=_frozen_mapping)
+    prompt_text: str | None = field(default=None, validator=_optional_str, repr=False)
+    response_text: str | None = field(default=None, validator=_optional_str, repr=False)
+
+    @property
+    def success(self) -> bool:
+        """True when the outcome is ``success`` (the original's ``success`` field)."""
+        return self.outcome is Outcome.SUCCESS
+
+    @property
+    def retry_count(self) -> int:
+        """How many attempts came before this one for the same route (``attempt - 1``)."""
+        return self.attempt - 1
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a versioned, JSON-ready dict (see `empathy_models.serialization`)."""
+        from .serialization import to_dict
+
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Build a record from `to_dict` output; unknown keys are ignored."""
+        from .serialization import from_dict
+
+        return from_dict(data, cls)
+
+
+@frozen(kw_only=True)
+class ModelPerformance:
+    """
+    Aggregated behaviour of one model for a (workflow, stage) over a time window.
+
+    Only *sample* outcomes count (``success``, ``failure``, ``rate_limited``, ``fatal``);
+    ignored, cancelled and rejected attempts do not.  Latency percentiles are computed
+    over successful calls with the nearest-rank method; costs over every sample.
+    """
+
+    model: str = field(validator=_non_empty_str)
+    provider: str | None = field(default=None, validator=_optional_str)
+    workflow: str | None = field(default=None, validator=_optional_str)
+    stage: str | None = field(default=None, validator=_optional_str)
+    tier: ModelTier | None = field(
+        default=None,
+        converter=_tier,
+        validator=_optional_instance_of(ModelTier),
+    )
+    sample_size: int = field(default=0, validator=_non_negative_int)
+    successes: int = field(default=0, validator=_non_negative_int)
+    latency_p50_ms: float | None = field(default=None, validator=_non_negative)
+    latency_p95_ms: float | None = field(default=None, validator=_non_negative)
+    avg_latency_ms: float | None = field(default=None, validator=_non_negative)
+    avg_cost_usd: float = field(default=0.0, validator=_non_negative)
+    avg_input_tokens: float = field(default=0.0, validator=_non_negative)
+    avg_output_tokens: float = field(default=0.0, validator=_non_negative)
+    first_seen: datetime | None = field(default=None, converter=_to_utc_opt, validator=_utc_field)
+    last_seen: datetime | None = field(default=None, converter=_to_utc_opt, validator=_utc_field)
+
+    def __attrs_post_init__(self) -> None:
+        if self.successes > self.sample_size:
+            raise RecordValidationError(
+                f"successes ({self.successes}) cannot exceed sample_size ({self.sample_size})",
+                path="successes",
+            )
+
+    @property
+    def failures(self) -> int:
+        return self.sample_size - self.successes
+
+    @property
+    def success_rate(self) -> float:
+        """Observed success rate; 0.0 when there are no samples."""
+        return self.successes / self.sample_size if self.sample_size else 0.0
+
+    @property
+    def success_rate_bounds(self) -> tuple[float, float]:
+        """95% Wilson score interval of the success rate."""
+        return wilson_interval(self.successes, self.sample_size)
+
+    @property
+    def success_rate_lower(self) -> float:
+        return self.success_rate_bounds[0]
+
+    @property
+    def success_rate_upper(self) -> float:
+        return self.success_rate_bounds[1]
+
+    @property
+    def quality_score(self) -> float:
+        """
+        A single comparable figure: the Wilson lower bound in percent, less the average
+        cost in cents.  Unlike the original (``success_rate*100 - cost*10``), a small
+        sample cannot look perfect, and one cent of cost weighs one point of success.
+        """
+        return self.success_rate_lower * 100.0 - self.avg_cost_usd * 100.0
+
+    def to_dict(self) -> dict[str, Any]:
+        from .serialization import to_dict
+
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        from .serialization import from_dict
+
+        return from_dict(data, cls)
+
+
+# --------------------------------------------------------------------------- circuit state
+
+
+def _lease_tuple(value: object) -> tuple[tuple[str, float], ...]:
+    if not isinstance(value, list | tuple):
+        raise RecordValidationError(f"leases must be a list, got {value!r}", path="leases")
+    out: list[tuple[str, float]] = []
+    for item in value:
+        if not isinstance(item, list | tuple) or len(item) != 2:
+            raise RecordValidationError(
+                f"each lease must be [lease_id, expires_at], got {item!r}", path="leases"
+            )
+        out.append((str(item[0]), float(item[1])))
+    return tuple(out)
+
+
+def _window_tuple(value: object) -> tuple[tuple[int, int, int], ...]:
+    if not isinstance(value, list | tuple):
+        raise RecordValidationError(f"window must be a list, got {value!r}", path="window")
+    out: list[tuple[int, int, int]] = []
+    for item in value:
+        if not isinstance(item, list | tuple) or len(item) != 3:
+            raise RecordValidationError(
+                f"each window bucket must be [bucket, calls, failures], got {item!r}",
+                path="window",
+            )
+        out.append((int(item[0]), int(item[1]), int(item[2])))
+    return tuple(out)
+
+
+def _ts_to_datetime(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+
+
+@frozen(kw_only=True)
+class CircuitBreakerState:
+    """
+    A snapshot of one breaker key, as a store holds it.
+
+    Times are UTC wall-clock seconds since the epoch (``*_ts`` fields) so that
+    processes and machines sharing a store agree on them; the datetime properties
+    (`opened_at`, `open_until`, `last_failure`) present them as aware UTC datetimes.
+    ``generation`` increases by one on every state transition; an outcome reported
+    against an older generation is dropped.
+
+    The original's fields are kept as properties: `failure_count` (consecutive
+    failures), `is_open` (true for OPEN, FORCED_OPEN and HALF_OPEN: a half-open
+    circuit still rejects all but its probes) and `opened_at`.
+    """
+
+    key: str = field(validator=_non_empty_str)
+    state: CircuitState = field(
+        default=CircuitState.CLOSED,
+        converter=_circuit_state,
+        validator=_instance_of(CircuitState),
+    )
+    generation: int = field(default=0, validator=_non_negative_int)
+    consecutive_failures: int = field(default=0, validator=_non_negative_int)
+    window: tuple[tuple[int, int, int], ...] = field(default=(), converter=_window_tuple)
+    open_count: int = field(default=0, validator=_non_negative_int)
+    opened_at_ts: float | None = field(default=None, validator=_non_negative)
+    open_until_ts: float | None = field(default=None, validator=_non_negative)
+    closed_at_ts: float | None = field(default=None, validator=_non_negative)
+    last_failure_ts: float | None = field(default=None, validator=_non_negative)
+    leases: tuple[tuple[str, float], ...] = field(default=(), converter=_lease_tuple)
+    probe_successes: int = field(default=0, validator=_non_negative_int)
+    last_error: str | None = field(default=None, validator=_optional_str)
+    reason: str | None = field(default=None, validator=_optional_str)
+    updated_at_ts: float | None = field(default=None, validator=_non_negative)
+
+    @property
+    def failure_count(self) -> int:
+        """Consecutive failures since the last success (the original's field)."""
+        return self.consecutive_failures
+
+    @property
+    def is_open(self) -> bool:
+        """True unless the circuit is CLOSED or DISABLED (HALF_OPEN admits probes only)."""
+        return self.state in (CircuitState.OPEN, CircuitState.FORCED_OPEN, CircuitState.HALF_OPEN)
+
+    @property
+    def opened_at(self) -> datetime | None:
+        """When the circuit last opened, as an aware UTC datetime."""
+        return _ts_to_datetime(self.opened_at_ts)
+
+    @property
+    def open_until(self) -> datetime | None:
+        """When an OPEN or FORCED_OPEN circuit may next admit a probe."""
+        return _ts_to_datetime(self.open_until_ts)
+
+    @property
+    def last_failure(self) -> datetime | None:
+        return _ts_to_datetime(self.last_failure_ts)
+
+    @property
+    def probes_in_flight(self) -> int:
+        """Half-open probe leases granted and not yet reported or expired."""
+        return len(self.leases)
+
+    @property
+    def window_calls(self) -> int:
+        return sum(b[1] for b in self.window)
+
+    @property
+    def window_failures(self) -> int:
+        return sum(b[2] for b in self.window)
+
+    def to_dict(self) -> dict[str, Any]:
+        from .serialization import to_dict
+
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        from .serialization import from_dict
+
+        return from_dict(data, cls)
+
+
+@frozen(kw_only=True)
+class Ticket:
+    """
+    Proof of admission, handed back when reporting the outcome.
+
+    ``generation`` is the breaker generation at admission; ``lease_id`` is set for a
+    half-open probe.  A ticket from an older generation is ignored by the store.
+    """
+
+    key: str
+    generation: int
+    lease_id: str | None = None
+    lease_expires_ts: float | None = None
+
+
+@frozen(kw_only=True)
+class Admission:
+    """What a store answers to ``admit``: a ticket, or a rejection with ``retry_after``."""
+
+    admitted: bool
+    state: CircuitBreakerState
+    ticket: Ticket | None = None
+    retry_after: float | None = None
+
+
+@frozen(kw_only=True)
+class OutcomeReport:
+    """
+    One outcome to apply to a breaker key.
+
+    ``retry_after`` carries a 429's hint in seconds; ``error`` a short description of
+    the failure (error class and status, never a key or a prompt).
+    """
+
+    ticket: Ticket
+    outcome: Outcome = field(converter=_outcome)
+    retry_after: float | None = field(default=None, validator=_non_negative)
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- routing
+
+
+@frozen(kw_only=True)
+class CandidateEvaluation:
+    """
+    How one candidate model stood in a routing decision.
+
+    ``constraints`` maps each constraint given (``"max_cost"``, ``"max_latency_ms"``,
+    ``"min_success_rate"``) to its `ConstraintStatus`; ``reasons`` explains every
+    status that is not ELIGIBLE, and any exclusion (an open circuit, for example).
+    """
+
+    model: str
+    provider: str | None = None
+    tier: ModelTier | None = field(default=None, converter=_tier)
+    sample_size: int = field(default=0, validator=_non_negative_int)
+    success_rate: float | None = field(default=None, validator=_unit_interval)
+    success_rate_lower: float = field(default=0.0, validator=_unit_interval)
+    success_rate_upper: float = field(default=1.0, validator=_unit_interval)
+    latency_p50_ms: float | None = field(default=None, validator=_non_negative)
+    latency_p95_ms: float | None = field(default=None, validator=_non_negative)
+    expected_cost_usd: float | None = field(default=None, validator=_non_negative)
+    constraints: Mapping[str, ConstraintStatus] = field(factory=dict, converter=_frozen_mapping)
+    excluded: bool = False
+    reasons: tuple[str, ...] = field(default=(), converter=_str_tuple)
+
+    @property
+    def status(self) -> ConstraintStatus:
+        """REJECTED if excluded or any constraint rejects; else UNPROVEN if any is unproven."""
+        if self.excluded or ConstraintStatus.REJECTED in self.constraints.values():
+            return ConstraintStatus.REJECTED
+        if ConstraintStatus.UNPROVEN in self.constraints.values():
+            return ConstraintStatus.UNPROVEN
+        return ConstraintStatus.ELIGIBLE
+
+
+@frozen(kw_only=True)
+class RoutingDecision:
+    """
+    The router's answer: which model, whether it meets every constraint, and why.
+
+    ``policy_applied`` is ``None`` when an eligible candidate was chosen, otherwise the
+    no-match policy that acted (``"relax"`` or ``"pinned"``); ``relaxed`` lists the
+    constraints dropped, in the order they were dropped.  ``exploration`` is true when
+    an unproven model was picked to learn about it.
+    """
+
+    model: str = field(validator=_non_empty_str)
+    provider: str | None = None
+    tier: ModelTier | None = field(default=None, converter=_tier)
+    workflow: str | None = None
+    stage: str | None = None
+    constraints_met: bool = True
+    reason: str = ""
+    candidates: tuple[CandidateEvaluation, ...] = ()
+    exploration: bool = False
+    relaxed: tuple[str, ...] = field(default=(), converter=_str_tuple)
+    policy_applied: str | None = None
+    decided_at: datetime = field(factory=utc_now, converter=_to_utc, validator=_utc_field)
+
+    def to_dict(self) -> dict[str, Any]:
+        from .serialization import to_dict
+
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        from .serialization import from_dict
+
+        return from_dict(data, cls)

@@ -1,0 +1,189 @@
+"""
+The one place records become dicts and back.
+
+`to_dict` returns a JSON-ready dict with a schema version under ``"v"``: datetimes as
+ISO-8601 strings in UTC, enums as their values, tuples as lists.  `from_dict` accepts
+what `to_dict` produced by this or an older version, ignores keys it does not know (so
+records written by a newer version still load), and reports a bad value as a
+`RecordValidationError` whose ``path`` names the field.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Final, TypeVar
+
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from .exceptions import RecordValidationError
+from .records import CircuitState, ConstraintStatus, JSONScalar, ModelTier, Outcome
+
+__all__ = ["SCHEMA_VERSION", "converter", "from_dict", "parse_datetime", "to_dict"]
+
+SCHEMA_VERSION: Final = 1
+"""Version written under ``"v"`` by `to_dict`."""
+
+T = TypeVar("T")
+
+converter = cattrs.Converter(forbid_extra_keys=False, detailed_validation=True)
+"""The package's cattrs converter; plugins may use it for their own records."""
+
+
+def parse_datetime(value: object) -> datetime:
+    """
+    Parse an ISO-8601 string (a trailing ``Z`` means UTC) or pass a datetime through.
+
+    The result keeps its offset; records reject naive values, so a string without an
+    offset fails there with a message naming the field.
+    """
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, UTC)
+    if not isinstance(value, str):
+        raise ValueError(f"expected an ISO-8601 string, got {value!r}")
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    return datetime.fromisoformat(text)
+
+
+def _unstructure_datetime(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat() if value.tzinfo else value.isoformat()
+
+
+converter.register_structure_hook(datetime, lambda v, _: parse_datetime(v))
+converter.register_unstructure_hook(datetime, _unstructure_datetime)
+converter.register_unstructure_hook(MappingProxyType, lambda v: dict(v))
+
+
+def _unstructure_enum(value: enum.Enum) -> Any:
+    return value.value
+
+
+for _enum in (Outcome, CircuitState, ModelTier, ConstraintStatus):
+    # Registered per class: a StrEnum would otherwise match the ``str`` pass-through.
+    converter.register_unstructure_hook(_enum, _unstructure_enum)
+
+
+def _is_tuple_type(t: object) -> bool:
+    return t is tuple or getattr(t, "__origin__", None) is tuple
+
+
+converter.register_unstructure_hook_func(
+    _is_tuple_type, lambda v: [converter.unstructure(x) for x in v]
+)
+
+
+def _structure_int(value: object, _: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _structure_float(value: object, _: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {value!r}")
+    return float(value)
+
+
+def _structure_str(value: object, _: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _structure_bool(value: object, _: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+converter.register_structure_hook(int, _structure_int)
+converter.register_structure_hook(float, _structure_float)
+converter.register_structure_hook(str, _structure_str)
+converter.register_structure_hook(bool, _structure_bool)
+
+
+def _structure_json_mapping(value: object, _: object) -> Mapping[str, JSONScalar]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a mapping, got {value!r}")
+    out: dict[str, JSONScalar] = {}
+    for k, v in value.items():
+        if not isinstance(v, str | int | float | bool) and v is not None:
+            raise ValueError(f"metadata[{k!r}] must be a JSON scalar, got {v!r}")
+        out[str(k)] = v
+    return out
+
+
+_JSON_MAPPING = Mapping[str, JSONScalar]
+converter.register_structure_hook_func(lambda t: t == _JSON_MAPPING, _structure_json_mapping)
+
+
+def to_dict(record: object) -> dict[str, Any]:
+    """Return ``record`` as a JSON-ready dict with ``"v": SCHEMA_VERSION`` first."""
+    body = converter.unstructure(record)
+    if not isinstance(body, dict):
+        raise TypeError(f"{type(record).__name__} is not a record")
+    return {"v": SCHEMA_VERSION, **body}
+
+
+def _first_path(exc: BaseException, prefix: str = "") -> tuple[str, str]:
+    """Walk a cattrs validation group to the first leaf error; return (path, message)."""
+    if isinstance(exc, ClassValidationError | IterableValidationError):
+        for sub in exc.exceptions:
+            note = next(
+                (n for n in getattr(sub, "__notes__", []) if n.startswith("Structuring")), ""
+            )
+            name = ""
+            if "@ attribute" in note:
+                name = note.rsplit("@ attribute", 1)[1].strip()
+            elif "@ index" in note:
+                name = f"[{note.rsplit('@ index', 1)[1].strip()}]"
+            joined = f"{prefix}{name}" if name.startswith("[") or not prefix else f"{prefix}.{name}"
+            return _first_path(sub, joined)
+    if isinstance(exc, RecordValidationError):
+        inner = exc.path or ""
+        path = f"{prefix}.{inner}" if prefix and inner else (prefix or inner)
+        return path, str(exc)
+    if isinstance(exc, KeyError):
+        return prefix, f"missing required field {prefix!r}"
+    return prefix, f"{type(exc).__name__}: {exc}"
+
+
+def from_dict(data: Mapping[str, Any], cls: type[T]) -> T:
+    """
+    Build a ``cls`` record from a dict produced by `to_dict`.
+
+    Unknown keys are ignored.  A missing required field, a value of the wrong type or
+    one that breaks an invariant raises `RecordValidationError` naming the field path.
+    A ``"v"`` newer than `SCHEMA_VERSION` is accepted when its fields still parse.
+    """
+    if not isinstance(data, Mapping):
+        raise RecordValidationError(
+            f"cannot build {cls.__name__} from {type(data).__name__}: expected a mapping"
+        )
+    version = data.get("v", SCHEMA_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RecordValidationError(
+            f"{cls.__name__}: schema version 'v' must be a positive integer, got {version!r}",
+            path="v",
+        )
+    body = {k: v for k, v in data.items() if k != "v"}
+    try:
+        return converter.structure(body, cls)
+    except RecordValidationError as exc:
+        raise RecordValidationError(f"{cls.__name__}: {exc}", path=exc.path) from exc
+    except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:
+        path, message = _first_path(exc)
+        raise RecordValidationError(
+            f"{cls.__name__}: invalid field {path!r}: {message}", path=path or None
+        ) from exc
+    except (TypeError, ValueError) as exc:
+        raise RecordValidationError(f"{cls.__name__}: {exc}") from exc
