@@ -1,0 +1,5 @@
+"""
+Test helpers that ship with the package: the contract suites for backends
+(`empathy_models.testing.contracts`), `FakeLLMServer` (real HTTP on 127.0.0.1 in both
+wire formats), in-process fakes and a fake clock.
+"""
