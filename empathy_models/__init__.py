@@ -73,6 +73,12 @@ from .records import (
     Ticket as Ticket,
     wilson_interval as wilson_interval,
 )
+from .registry import ModelInfo as ModelInfo, ModelRegistry as ModelRegistry
+from .tasks import (
+    TaskType as TaskType,
+    get_tier_for_task as get_tier_for_task,
+    normalize_task_type as normalize_task_type,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -102,8 +108,10 @@ __all__ = [
     "MemoryStateStore",
     "MemoryTelemetryBackend",
     "Message",
+    "ModelInfo",
     "ModelNotFoundError",
     "ModelPerformance",
+    "ModelRegistry",
     "ModelTier",
     "NoModelMeetsConstraintsError",
     "NullStateStore",
@@ -121,10 +129,13 @@ __all__ = [
     "SchemaVersionError",
     "ServerError",
     "StateStoreError",
+    "TaskType",
     "TelemetryBackend",
     "TelemetryError",
     "Ticket",
     "TransactionalStateStore",
+    "get_tier_for_task",
+    "normalize_task_type",
     "state_store_from_url",
     "telemetry_from_url",
     "wilson_interval",

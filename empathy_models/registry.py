@@ -1,0 +1,402 @@
+"""
+Models, their tiers and their prices: the data every cost figure comes from.
+
+A `ModelRegistry` is an immutable table of `ModelInfo` entries plus the version of the
+price table they were taken from (``price_version``, written into every
+`LLMCallRecord` so old costs stay explainable after prices change).  The default
+table ships as data (``empathy_models/data/models.json``) and can be replaced or
+extended from a TOML or JSON file::
+
+    registry = ModelRegistry.default()
+    registry.get("claude-haiku-4-5").cost(1_200, 300)      # USD
+    registry.for_tier("cheap", provider="openai")           # cheapest first
+
+    # prices.toml
+    price_version = "2026-06-internal"
+    extends = "default"                                      # optional: start from the default
+    [[models]]
+    id = "my-vllm-model"
+    provider = "openai"
+    tier = "cheap"
+    input_price_per_mtok = 0.0
+    output_price_per_mtok = 0.0
+    context_window = 32768
+    max_output_tokens = 4096
+
+Lookups by id are case-insensitive.  Every object here is immutable and safe to share
+between tasks and threads; the helpers that "change" a registry return a new one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tomllib
+from collections.abc import Iterable, Iterator, Mapping
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Self
+
+import attrs
+from attrs import field, frozen
+
+from .exceptions import ConfigurationError, ModelNotFoundError, RecordValidationError
+from .records import ModelTier
+
+__all__ = ["ModelInfo", "ModelRegistry"]
+
+_MODEL_FIELDS = (
+    "id",
+    "provider",
+    "tier",
+    "input_price_per_mtok",
+    "output_price_per_mtok",
+    "context_window",
+    "max_output_tokens",
+)
+_TOP_LEVEL_KEYS = frozenset({"price_version", "models", "source", "extends"})
+
+
+def _fail(attribute: attrs.Attribute[Any], value: object, why: str) -> RecordValidationError:
+    return RecordValidationError(f"{attribute.name} {why}, got {value!r}", path=attribute.name)
+
+
+def _non_empty_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(attribute, value, "must be a non-empty string")
+
+
+def _price(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(attribute, value, "must be a number (USD per million tokens)")
+    if not math.isfinite(value) or value < 0:
+        raise _fail(attribute, value, "must be a finite number >= 0")
+
+
+def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(attribute, value, "must be an integer >= 1")
+
+
+def _to_float(value: object) -> object:
+    # ints are accepted for prices and stored as floats; anything else is left for the
+    # validator to reject with a message naming the field
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _to_tier(value: object) -> ModelTier:
+    if isinstance(value, ModelTier):
+        return value
+    if isinstance(value, str):
+        try:
+            return ModelTier(value.strip().lower())
+        except ValueError:
+            pass
+    allowed = ", ".join(t.value for t in ModelTier)
+    raise RecordValidationError(
+        f"tier must be one of {allowed}, got {value!r}",
+        path="tier",
+    )
+
+
+def _check_tokens(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+@frozen(kw_only=True)
+class ModelInfo:
+    """
+    One model: who serves it, its tier, its list prices and its limits.
+
+    Prices are USD per million tokens (``input_price_per_mtok``,
+    ``output_price_per_mtok``); ``context_window`` and ``max_output_tokens`` are token
+    counts.  Construction raises `RecordValidationError` naming the field and value
+    when an id or provider is empty, a price is negative or not finite, or a window is
+    not a positive integer.
+    """
+
+    id: str = field(validator=_non_empty_str)
+    provider: str = field(validator=_non_empty_str)
+    tier: ModelTier = field(converter=_to_tier)
+    input_price_per_mtok: float = field(converter=_to_float, validator=_price)
+    output_price_per_mtok: float = field(converter=_to_float, validator=_price)
+    context_window: int = field(validator=_positive_int)
+    max_output_tokens: int = field(validator=_positive_int)
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        """
+        The list-price cost in USD of a call that used these tokens.
+
+        Raises `ValueError` when a token count is negative or not an integer.
+        """
+        _check_tokens("input_tokens", input_tokens)
+        _check_tokens("output_tokens", output_tokens)
+        return (
+            input_tokens * self.input_price_per_mtok + output_tokens * self.output_price_per_mtok
+        ) / 1_000_000
+
+    @property
+    def price_per_mtok(self) -> float:
+        """Input plus output price per million tokens: the key the registry sorts by."""
+        return self.input_price_per_mtok + self.output_price_per_mtok
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry as it appears in a registry file."""
+        return {
+            "id": self.id,
+            "provider": self.provider,
+            "tier": self.tier.value,
+            "input_price_per_mtok": self.input_price_per_mtok,
+            "output_price_per_mtok": self.output_price_per_mtok,
+            "context_window": self.context_window,
+            "max_output_tokens": self.max_output_tokens,
+        }
+
+
+def _sort_key(model: ModelInfo) -> tuple[float, str]:
+    return (model.price_per_mtok, model.id)
+
+
+def _models_tuple(value: Iterable[ModelInfo]) -> tuple[ModelInfo, ...]:
+    return tuple(value)
+
+
+@frozen(kw_only=True)
+class ModelRegistry:
+    """
+    An immutable table of models and the version of the prices it holds.
+
+    Construction raises `ConfigurationError` when an entry is not a `ModelInfo` or two
+    entries share an id (ids compare case-insensitively).  Lookups are O(1) and
+    `for_tier` answers from lists sorted once at construction.
+    """
+
+    models: tuple[ModelInfo, ...] = field(converter=_models_tuple)
+    price_version: str = field(validator=_non_empty_str)
+    _by_id: Mapping[str, ModelInfo] = field(init=False, repr=False, eq=False)
+    _by_tier: Mapping[ModelTier, tuple[ModelInfo, ...]] = field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        by_id: dict[str, ModelInfo] = {}
+        first_index: dict[str, int] = {}
+        for index, model in enumerate(self.models):
+            if not isinstance(model, ModelInfo):
+                raise ConfigurationError(
+                    f"models[{index}] must be a ModelInfo, got {type(model).__name__}"
+                )
+            key = model.id.lower()
+            if key in by_id:
+                raise ConfigurationError(
+                    f"duplicate model id {model.id!r} "
+                    f"(models[{first_index[key]}] and models[{index}])"
+                )
+            by_id[key] = model
+            first_index[key] = index
+        by_tier = {
+            tier: tuple(sorted((m for m in self.models if m.tier is tier), key=_sort_key))
+            for tier in ModelTier
+        }
+        object.__setattr__(self, "_by_id", MappingProxyType(by_id))
+        object.__setattr__(self, "_by_tier", MappingProxyType(by_tier))
+
+    # ------------------------------------------------------------------ lookups
+
+    def get(self, model_id: str) -> ModelInfo:
+        """
+        The model with this id (case-insensitive).
+
+        Raises `ModelNotFoundError` (with ``model`` set) for an unknown id.
+        """
+        model = self._by_id.get(model_id.lower()) if isinstance(model_id, str) else None
+        if model is None:
+            known = ", ".join(sorted(m.id for m in self.models)) or "none"
+            raise ModelNotFoundError(
+                f"model {model_id!r} is not in the registry "
+                f"(price table {self.price_version}); known models: {known}",
+                model=model_id if isinstance(model_id, str) else repr(model_id),
+            )
+        return model
+
+    def __contains__(self, model_id: object) -> bool:
+        return isinstance(model_id, str) and model_id.lower() in self._by_id
+
+    def __iter__(self) -> Iterator[ModelInfo]:
+        return iter(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def for_tier(self, tier: ModelTier | str, *, provider: str | None = None) -> list[ModelInfo]:
+        """
+        The models of ``tier`` (optionally of one ``provider``), cheapest first.
+
+        Sorted by (input + output price per million tokens, id).  ``tier`` may be a
+        `ModelTier` or its value in any case; an unknown tier raises
+        `ConfigurationError`.  Returns a new list (empty when nothing matches).
+        """
+        try:
+            key = _to_tier(tier)
+        except RecordValidationError as exc:
+            raise ConfigurationError(str(exc)) from exc
+        models = self._by_tier[key]
+        if provider is None:
+            return list(models)
+        return [m for m in models if m.provider == provider]
+
+    def providers(self) -> list[str]:
+        """Every provider named by a model, sorted."""
+        return sorted({m.provider for m in self.models})
+
+    def cost(self, model_id: str, input_tokens: int, output_tokens: int) -> float:
+        """
+        USD cost of a call to ``model_id`` with these token counts, at this table's prices.
+
+        Raises `ModelNotFoundError` for an unknown id and `ValueError` for bad counts.
+        """
+        return self.get(model_id).cost(input_tokens, output_tokens)
+
+    # ------------------------------------------------------------------ derived registries
+
+    def with_models(self, *models: ModelInfo, price_version: str | None = None) -> Self:
+        """
+        A registry with ``models`` added; an entry whose id (case-insensitive) already
+        exists replaces it in place.  ``price_version`` replaces the version when given.
+        """
+        replacements = {m.id.lower(): m for m in models}
+        kept = [replacements.pop(m.id.lower(), m) for m in self.models]
+        kept.extend(m for m in models if m.id.lower() in replacements)
+        return attrs.evolve(
+            self,
+            models=tuple(kept),
+            price_version=self.price_version if price_version is None else price_version,
+        )
+
+    def without_models(self, *model_ids: str) -> Self:
+        """A registry without these ids; raises `ModelNotFoundError` for an unknown one."""
+        drop = {self.get(model_id).id for model_id in model_ids}
+        return attrs.evolve(self, models=tuple(m for m in self.models if m.id not in drop))
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``models`` and/or ``price_version`` replaced (validated again)."""
+        return attrs.evolve(self, **changes)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def default(cls) -> ModelRegistry:
+        """
+        The table shipped with this version: current Anthropic and OpenAI models at
+        their published standard prices (see ``price_version`` and the ``source`` note in
+        ``empathy_models/data/models.json``).  Loaded once; the same object is returned.
+        """
+        return _default_registry()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "<dict>") -> ModelRegistry:
+        """
+        Build a registry from ``{"price_version": ..., "models": [{...}, ...]}``.
+
+        With ``"extends": "default"`` the models are laid over the default table (same
+        id replaces, new ids are added).  Raises `ConfigurationError` whose message
+        starts with ``source`` and names the offending field
+        (``models[2].input_price_per_mtok``) for a missing, unknown or invalid field.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigurationError(
+                f"{source}: expected a table with 'price_version' and 'models', "
+                f"got {type(data).__name__}"
+            )
+        unknown = sorted(set(data) - _TOP_LEVEL_KEYS)
+        if unknown:
+            raise ConfigurationError(
+                f"{source}: unknown top-level key(s) {', '.join(map(repr, unknown))} "
+                f"(expected: {', '.join(sorted(_TOP_LEVEL_KEYS))})"
+            )
+        extends = data.get("extends")
+        if extends not in (None, "default"):
+            raise ConfigurationError(
+                f'{source}: extends must be "default" or absent, got {extends!r}'
+            )
+        version = data.get("price_version")
+        if not isinstance(version, str) or not version.strip():
+            raise ConfigurationError(
+                f"{source}: price_version must be a non-empty string, got {version!r}"
+            )
+        raw_models = data.get("models", [] if extends else None)
+        if not isinstance(raw_models, list | tuple):
+            raise ConfigurationError(
+                f"{source}: models must be a list of tables, got {type(raw_models).__name__}"
+            )
+        models = [
+            _model_from_dict(entry, f"{source}: models[{i}]") for i, entry in enumerate(raw_models)
+        ]
+        try:
+            if extends == "default":
+                return _default_registry().with_models(*models, price_version=version)
+            return cls(models=models, price_version=version)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{source}: {exc}") from exc
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> ModelRegistry:
+        """
+        Read a registry from a ``.toml`` or ``.json`` file (shape as in `from_dict`).
+
+        Raises `ConfigurationError` naming the path when the file is missing, cannot be
+        parsed, has another suffix, or holds an invalid entry (naming the field).
+        """
+        file = Path(path)
+        suffix = file.suffix.lower()
+        if suffix not in (".toml", ".json"):
+            raise ConfigurationError(
+                f"{file}: registry files must end in .toml or .json, not {suffix or '(none)'!r}"
+            )
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"{file}: cannot read the registry file ({exc.strerror})"
+            ) from exc
+        try:
+            data = tomllib.loads(raw.decode("utf-8")) if suffix == ".toml" else json.loads(raw)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"{file}: not valid {suffix[1:].upper()}: {exc}") from exc
+        return cls.from_dict(data, source=str(file))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The registry in the file shape `from_dict` reads."""
+        return {
+            "price_version": self.price_version,
+            "models": [m.to_dict() for m in self.models],
+        }
+
+
+def _model_from_dict(entry: object, where: str) -> ModelInfo:
+    if not isinstance(entry, Mapping):
+        raise ConfigurationError(f"{where}: expected a table, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - set(_MODEL_FIELDS))
+    if unknown:
+        raise ConfigurationError(
+            f"{where}: unknown field(s) {', '.join(map(repr, unknown))} "
+            f"(expected: {', '.join(_MODEL_FIELDS)})"
+        )
+    missing = [name for name in _MODEL_FIELDS if name not in entry]
+    if missing:
+        raise ConfigurationError(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
+    try:
+        return ModelInfo(**{name: entry[name] for name in _MODEL_FIELDS})
+    except RecordValidationError as exc:
+        raise ConfigurationError(f"{where}.{exc.path}: {exc}") from exc
+
+
+@functools.cache
+def _default_registry() -> ModelRegistry:
+    text = resources.files("empathy_models").joinpath("data", "models.json").read_text("utf-8")
+    return ModelRegistry.from_dict(json.loads(text), source="empathy_models/data/models.json")
