@@ -9,7 +9,7 @@ from datetime import datetime
 from .exceptions import RecordValidationError
 from .records import LLMCallRecord, ModelPerformance, Outcome
 
-__all__ = ["aggregate_records", "check_window", "nearest_rank"]
+__all__ = ["aggregate_records", "check_aware", "check_window", "matches", "nearest_rank"]
 
 
 def nearest_rank(sorted_values: Sequence[float], p: float) -> float | None:
@@ -21,13 +21,23 @@ def nearest_rank(sorted_values: Sequence[float], p: float) -> float | None:
     return sorted_values[min(rank, n) - 1]
 
 
+def check_aware(name: str, value: datetime | None) -> None:
+    """Raise `RecordValidationError` naming ``name`` unless ``value`` is None or aware."""
+    if value is None:
+        return
+    if not isinstance(value, datetime):
+        raise RecordValidationError(f"{name} must be a datetime, got {value!r}", path=name)
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise RecordValidationError(
+            f"{name} must be a timezone-aware datetime, got naive {value.isoformat()}",
+            path=name,
+        )
+
+
 def check_window(since: datetime | None, until: datetime | None) -> None:
-    for name, value in (("since", since), ("until", until)):
-        if value is not None and (value.tzinfo is None or value.utcoffset() is None):
-            raise RecordValidationError(
-                f"{name} must be a timezone-aware datetime, got naive {value.isoformat()}",
-                path=name,
-            )
+    """Check the ``since`` / ``until`` arguments of a query (see `check_aware`)."""
+    check_aware("since", since)
+    check_aware("until", until)
 
 
 def matches(

@@ -109,9 +109,11 @@ class TelemetryBackend(AsyncResource):
     * `record_many` stores every record it is given, exactly once, or raises
       `TelemetryError` having stored none of them in the failing batch.
     * `aggregate` groups sample records (see `Outcome.is_sample`) per (workflow, stage,
-      model), or per (workflow, model) with ``per_stage=False``; latency percentiles are
-      nearest-rank over successful calls; averages over all samples except tokens,
-      which are over successes.
+      model), or per (workflow, model) with ``per_stage=False``.  Latency (p50, p95
+      nearest-rank, and the average) and average tokens are over successful calls;
+      ``avg_cost_usd`` is over all samples.  ``first_seen`` / ``last_seen`` span the
+      group's samples.  Records with ``workflow`` or ``stage`` ``None`` form their own
+      groups; where such groups sort is up to the backend.
     * `recent` returns the newest records first, ordered by timestamp.
     * Filters given as ``None`` match everything.  ``since`` is inclusive, ``until``
       exclusive; both must be aware datetimes.

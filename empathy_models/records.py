@@ -248,8 +248,22 @@ def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
 
 
+def _constraint_map(value: Mapping[str, Any] | None) -> Mapping[str, ConstraintStatus]:
+    frozen_map = _frozen_mapping(value)
+    return MappingProxyType(
+        {
+            str(name): _convert_enum(ConstraintStatus, f"constraints[{name!r}]", status)
+            for name, status in frozen_map.items()
+        }
+    )
+
+
 def _str_tuple(value: object) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, list | tuple):
+    if (
+        isinstance(value, str)
+        or not isinstance(value, list | tuple)
+        or not all(isinstance(item, str) for item in value)
+    ):
         raise RecordValidationError(f"expected a list of strings, got {value!r}")
     return tuple(value)
 
@@ -626,7 +640,7 @@ class CandidateEvaluation:
     latency_p50_ms: float | None = field(default=None, validator=_non_negative)
     latency_p95_ms: float | None = field(default=None, validator=_non_negative)
     expected_cost_usd: float | None = field(default=None, validator=_non_negative)
-    constraints: Mapping[str, ConstraintStatus] = field(factory=dict, converter=_frozen_mapping)
+    constraints: Mapping[str, ConstraintStatus] = field(factory=dict, converter=_constraint_map)
     excluded: bool = False
     reasons: tuple[str, ...] = field(default=(), converter=_str_tuple)
 

@@ -11,12 +11,13 @@ records written by a newer version still load), and reports a bad value as a
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final, TypeVar
 
 import cattrs
+from cattrs.cols import homogenous_tuple_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from .exceptions import RecordValidationError
@@ -65,9 +66,23 @@ def _unstructure_enum(value: enum.Enum) -> Any:
     return value.value
 
 
+def _structure_enum(value: object, cl: type[enum.Enum]) -> enum.Enum:
+    if isinstance(value, cl):
+        return value
+    if isinstance(value, str):
+        try:
+            return cl(value.lower())
+        except ValueError:
+            pass
+    allowed = ", ".join(str(m.value) for m in cl)
+    raise ValueError(f"{value!r} is not a valid {cl.__name__} (expected one of: {allowed})")
+
+
 for _enum in (Outcome, CircuitState, ModelTier, ConstraintStatus):
-    # Registered per class: a StrEnum would otherwise match the ``str`` pass-through.
+    # Registered per class: a StrEnum would otherwise match the ``str`` hooks, and an
+    # unknown value would pass through as a plain string.
     converter.register_unstructure_hook(_enum, _unstructure_enum)
+    converter.register_structure_hook(_enum, _structure_enum)
 
 
 def _is_tuple_type(t: object) -> bool:
@@ -77,6 +92,27 @@ def _is_tuple_type(t: object) -> bool:
 converter.register_unstructure_hook_func(
     _is_tuple_type, lambda v: [converter.unstructure(x) for x in v]
 )
+
+
+def _is_homogeneous_tuple(t: object) -> bool:
+    args: tuple[object, ...] = tuple(getattr(t, "__args__", ()))
+    return _is_tuple_type(t) and len(args) == 2 and args[-1] is Ellipsis
+
+
+def _homogeneous_tuple_hook(t: Any) -> Callable[[object, object], tuple[Any, ...]]:
+    # cattrs would turn the string "ab" into ("a", "b"): a list field given a string (or
+    # a mapping) is a corrupt dict, and must be reported rather than split.
+    inner = homogenous_tuple_structure_factory(t, converter)
+
+    def structure(value: object, cl: object) -> tuple[Any, ...]:
+        if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+            raise ValueError(f"expected a list, got {value!r}")
+        return tuple(inner(value, cl))
+
+    return structure
+
+
+converter.register_structure_hook_factory(_is_homogeneous_tuple, _homogeneous_tuple_hook)
 
 
 def _structure_int(value: object, _: object) -> int:
@@ -146,7 +182,12 @@ def _first_path(exc: BaseException, prefix: str = "") -> tuple[str, str]:
                 name = note.rsplit("@ attribute", 1)[1].strip()
             elif "@ index" in note:
                 name = f"[{note.rsplit('@ index', 1)[1].strip()}]"
-            joined = f"{prefix}{name}" if name.startswith("[") or not prefix else f"{prefix}.{name}"
+            if not name:
+                joined = prefix
+            elif name.startswith("[") or not prefix:
+                joined = f"{prefix}{name}"
+            else:
+                joined = f"{prefix}.{name}"
             return _first_path(sub, joined)
     if isinstance(exc, RecordValidationError):
         inner = exc.path or ""

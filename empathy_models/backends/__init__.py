@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
@@ -61,19 +61,57 @@ _KNOWN_PLUGINS: dict[str, str] = {
 }
 
 
+_SECRET_PARAMS = frozenset(
+    {"password", "passwd", "pwd", "secret", "token", "access_token", "api_key", "apikey", "key"}
+)
+
+
 def redact_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***`` (safe to log or show)."""
+    """
+    Return ``url`` safe to log or show: a password in the authority part and the value
+    of secret-looking query parameters (``password=``, ``token=``, ``api_key=``...) are
+    replaced by ``***``.  A string without ``scheme://`` that holds an ``@`` has
+    everything before the last ``@`` masked, since it may be ``user:password``.
+    """
+    if "://" not in url:
+        return f"***@{url.rsplit('@', 1)[1]}" if "@" in url else url
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparseable url>"
-    if parts.password is None:
+    changed = password is not None
+    if password is not None:
+        userinfo, hostport = parts.netloc.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        parts = parts._replace(netloc=f"{user}:***@{hostport}")
+    if parts.query:
+        query = "&".join(
+            f"{name}=***"
+            if (name := pair.split("=", 1)[0]).lower() in _SECRET_PARAMS and "=" in pair
+            else pair
+            for pair in parts.query.split("&")
+        )
+        changed = changed or query != parts.query
+        parts = parts._replace(query=query)
+    if not changed:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    # not urlunsplit: it drops an empty authority ("sqlite:///x" -> "sqlite:/x")
+    query = f"?{parts.query}" if parts.query else ""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{query}{fragment}"
+
+
+def _build(factory: Any, url: str, kind: str, options: dict[str, Any]) -> Any:
+    try:
+        return factory(url, **options)
+    except TypeError as exc:
+        if not options:
+            raise
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: the {kind} factory does not accept the options "
+            f"{sorted(options)}: {exc}"
+        ) from exc
 
 
 def _entry_point_plugins() -> dict[str, Any]:
@@ -133,7 +171,7 @@ def telemetry_from_url(url: str | TelemetryBackend, **options: Any) -> Telemetry
             f"{redact_url(url)!r}: the {plugin.package} backend holds no telemetry; "
             "use sqlite://, postgresql:// or memory:// for telemetry"
         )
-    backend = plugin.telemetry(url, **options)
+    backend = _build(plugin.telemetry, url, "telemetry", options)
     if not isinstance(backend, TelemetryBackend):
         raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {backend!r}")
     return backend
@@ -153,7 +191,7 @@ def state_store_from_url(url: str | CircuitStateStore, **options: Any) -> Circui
         raise ConfigurationError(
             f"{redact_url(url)!r}: the {plugin.package} backend holds no circuit state"
         )
-    store = plugin.state_store(url, **options)
+    store = _build(plugin.state_store, url, "state store", options)
     if not isinstance(store, CircuitStateStore):
         raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {store!r}")
     return store

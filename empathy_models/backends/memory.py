@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
-from .._stats import aggregate_records, check_window, matches
+from .._stats import aggregate_records, check_aware, check_window, matches
 from ..abc import TelemetryBackend, TransactionalStateStore
 from ..exceptions import ConfigurationError, RecordValidationError
 from ..records import CircuitBreakerState, LLMCallRecord, ModelPerformance
@@ -104,7 +104,7 @@ class MemoryTelemetryBackend(TelemetryBackend):
 
     async def purge(self, *, before: datetime) -> int:
         self._check_open()
-        check_window(before, None)
+        check_aware("before", before)
         kept = deque(r for r in self._records if r.timestamp >= before)
         removed = len(self._records) - len(kept)
         self._records = kept
@@ -149,12 +149,12 @@ class MemoryStateStore(TransactionalStateStore):
             self._states.pop(key, None)
 
 
-def _telemetry(url: str) -> TelemetryBackend:
-    return MemoryTelemetryBackend()
+def _telemetry(url: str, *, capacity: int = 100_000) -> TelemetryBackend:
+    return MemoryTelemetryBackend(capacity=capacity)
 
 
-def _store(url: str) -> MemoryStateStore:
-    return MemoryStateStore()
+def _store(url: str, *, clock: Callable[[], float] = time.time) -> MemoryStateStore:
+    return MemoryStateStore(clock=clock)
 
 
 PLUGIN = BackendPlugin(

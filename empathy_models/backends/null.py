@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from .. import circuit
-from .._stats import check_window
+from .._stats import check_aware, check_window
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..circuit import BreakerPolicy
 from ..exceptions import RecordValidationError
@@ -73,7 +73,7 @@ class NullTelemetryBackend(TelemetryBackend):
 
     async def purge(self, *, before: datetime) -> int:
         self._check_open()
-        check_window(before, None)
+        check_aware("before", before)
         return 0
 
 
@@ -103,6 +103,7 @@ class NullStateStore(CircuitStateStore):
         reason: str | None = None,
     ) -> CircuitBreakerState:
         self._check_open()
+        check_aware("until", until)
         return circuit.initial_state(key)
 
     async def snapshot(self, key: str) -> CircuitBreakerState:
