@@ -643,6 +643,12 @@ class CandidateEvaluation:
     constraints: Mapping[str, ConstraintStatus] = field(factory=dict, converter=_constraint_map)
     excluded: bool = False
     reasons: tuple[str, ...] = field(default=(), converter=_str_tuple)
+    #: decayed weight of the evidence the bounds were computed from (<= sample_size)
+    effective_sample_size: float | None = field(default=None, validator=_non_negative)
+    #: 95% upper confidence bound of the p95 latency (what ``max_latency_ms`` is held to)
+    latency_p95_upper_ms: float | None = field(default=None, validator=_non_negative)
+    #: how ``expected_cost_usd`` was obtained: "estimate", "worst_case" or "observed"
+    cost_basis: str | None = None
 
     @property
     def status(self) -> ConstraintStatus:
@@ -677,6 +683,13 @@ class RoutingDecision:
     relaxed: tuple[str, ...] = field(default=(), converter=_str_tuple)
     policy_applied: str | None = None
     decided_at: datetime = field(factory=utc_now, converter=_to_utc, validator=_utc_field)
+    #: the chosen model's expected cost for this call (see CandidateEvaluation.cost_basis)
+    expected_cost_usd: float | None = field(default=None, validator=_non_negative)
+    #: the constraints the decision was judged against (None: not constrained)
+    max_cost: float | None = None
+    max_latency_ms: float | None = None
+    min_success_rate: float | None = None
+    strict_cost: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         from .serialization import to_dict

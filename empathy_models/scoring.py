@@ -1,0 +1,635 @@
+"""
+Pure routing arithmetic: decayed per-arm statistics, constraint evaluation, selection.
+
+Nothing here does I/O, logs, awaits or reads a clock: every function takes the time
+and the random source it needs, so the same inputs always give the same answer.
+`empathy_models.router.AdaptiveModelRouter` owns the state and calls these.
+
+**Arms.** An arm is one model serving one (workflow, stage).  Its evidence is an
+`ArmAccumulator` of *decayed* sums: with a half-life ``H`` an observation made ``dt``
+seconds ago weighs ``2 ** (-dt / H)``, so a provider that regresses is noticed after a
+bounded number of fresh calls whatever its history, and an arm nobody calls slowly
+becomes unproven again and earns exploration traffic (which is how a recovered model
+comes back).  ``half_life=None`` keeps every observation at full weight.
+
+**Constraints** (peers.md §5.2), each ELIGIBLE (confidently met), REJECTED (confidently
+violated) or UNPROVEN:
+
+* ``min_success_rate`` against the 95% Wilson interval of the decayed counts:
+  lower bound >= min -> ELIGIBLE, upper bound < min -> REJECTED, otherwise (and with no
+  samples) UNPROVEN.  9 successes out of 10 is *not* eligible for 0.9.
+* ``max_latency_ms`` bounds the p95 latency of successful calls, from a log-normal fit
+  of the decayed log-latencies: the 95% upper confidence bound of p95 <= max ->
+  ELIGIBLE; p50 > max, or the lower confidence bound of p95 > max -> REJECTED; fewer
+  than ``latency_min_samples`` measured calls, or a bound that straddles max -> UNPROVEN.
+* ``max_cost`` against the expected cost of *this* call:
+  ``input_tokens * input_price + E[output_tokens] * output_price`` where
+  ``E[output_tokens]`` is the arm's decayed mean; with no observation yet (or in strict
+  mode) the worst case ``max_tokens * output_price`` is used.  Estimate <= max ->
+  ELIGIBLE, > max -> REJECTED, no estimate possible -> UNPROVEN.
+
+**Selection** (`choose`).  Among arms ELIGIBLE on every constraint the objective is
+``"cheapest"`` by default: the constraints say what quality is needed, and the cheapest
+model that confidently meets them wins.  Arms whose expected cost is within
+``cost_tie_tolerance`` of the cheapest are a near-tie, broken by a Thompson draw of the
+success rate (Beta(prior_alpha + s, prior_beta + f)) less a small latency penalty.  The
+``"most_reliable"`` objective instead maximizes the Thompson draw, with cost and latency
+as small penalties.  With probability ``explore_rate`` (and always when nothing is
+eligible) an *explorable* arm is picked instead: not excluded, nothing REJECTED, and
+cost ELIGIBLE whenever a ``max_cost`` is given (the budget is a hard limit even for
+exploration).  Among explorable arms the one with the least evidence goes first (then
+the cheapest), so new models earn their confidence bounds quickly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Final, Literal
+
+from attrs import define, frozen
+
+from .records import ConstraintStatus, ModelPerformance
+
+__all__ = [
+    "COST",
+    "LATENCY",
+    "SUCCESS",
+    "ArmAccumulator",
+    "ArmSummary",
+    "Evaluation",
+    "Objective",
+    "Pick",
+    "choose",
+    "evaluate",
+    "expected_cost",
+    "merge",
+    "summarize",
+    "wilson_bounds",
+]
+
+SUCCESS: Final = "min_success_rate"
+LATENCY: Final = "max_latency_ms"
+COST: Final = "max_cost"
+
+Objective = Literal["cheapest", "most_reliable"]
+
+_P95_Z: Final = 1.6448536269514722  # standard normal quantile of 0.95
+_LN2: Final = math.log(2.0)
+_MIN_LATENCY_MS: Final = 1e-3  # log() floor: a 0 ms latency is measured as 1 microsecond
+
+
+def wilson_bounds(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """
+    Wilson score interval for a possibly fractional (decayed) count; ``(0, 1)`` at n = 0.
+
+    Same formula as `empathy_models.records.wilson_interval`, for float counts.
+    """
+    if n <= 0.0:
+        return (0.0, 1.0)
+    p = min(1.0, max(0.0, successes / n))
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = p + z2 / (2.0 * n)
+    margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
+    return (max(0.0, (centre - margin) / denom), min(1.0, (centre + margin) / denom))
+
+
+def _factor(dt: float, half_life: float | None) -> float:
+    if half_life is None or dt <= 0.0:
+        return 1.0
+    return math.exp(-_LN2 * dt / half_life)
+
+
+# --------------------------------------------------------------------------- accumulators
+
+
+@define(slots=True)
+class ArmAccumulator:
+    """
+    Decayed sufficient statistics of one arm, referenced to time ``t`` (epoch seconds).
+
+    ``count`` is the undecayed number of sample outcomes; every other sum is decayed.
+    Success and failure weights count sample outcomes; latency (as log-milliseconds) and
+    tokens are over successes, cost over every sample.  Mutated in place by `add`,
+    `decay_to` and `merge`; not thread-safe.
+    """
+
+    t: float
+    count: int = 0
+    s: float = 0.0
+    f: float = 0.0
+    lat_w: float = 0.0
+    lat_m1: float = 0.0
+    lat_m2: float = 0.0
+    tok_w: float = 0.0
+    in_sum: float = 0.0
+    out_sum: float = 0.0
+    cost_sum: float = 0.0
+
+    def decay_to(self, now: float, half_life: float | None) -> None:
+        """Move the reference time forward to ``now``, scaling every decayed sum."""
+        if now <= self.t:
+            return
+        k = _factor(now - self.t, half_life)
+        self.t = now
+        if k != 1.0:
+            self.s *= k
+            self.f *= k
+            self.lat_w *= k
+            self.lat_m1 *= k
+            self.lat_m2 *= k
+            self.tok_w *= k
+            self.in_sum *= k
+            self.out_sum *= k
+            self.cost_sum *= k
+
+    def add(
+        self,
+        *,
+        at: float,
+        success: bool,
+        latency_ms: float,
+        input_tokens: int,
+        output_tokens: int,
+        cost_usd: float,
+        half_life: float | None,
+    ) -> None:
+        """
+        Add one sample outcome observed at ``at``, in O(1).
+
+        An observation newer than ``t`` moves the reference time forward; an older one
+        (a late report) enters with the weight it would have now.
+        """
+        if at > self.t:
+            self.decay_to(at, half_life)
+            w = 1.0
+        else:
+            w = _factor(self.t - at, half_life)
+        self.count += 1
+        self.cost_sum += w * cost_usd
+        if not success:
+            self.f += w
+            return
+        self.s += w
+        x = math.log(max(latency_ms, _MIN_LATENCY_MS))
+        self.lat_w += w
+        self.lat_m1 += w * x
+        self.lat_m2 += w * x * x
+        self.tok_w += w
+        self.in_sum += w * input_tokens
+        self.out_sum += w * output_tokens
+
+    @classmethod
+    def from_performance(
+        cls, perf: ModelPerformance, *, now: float, half_life: float | None
+    ) -> ArmAccumulator:
+        """
+        Evidence equivalent to an aggregate from a telemetry backend, as seen at ``now``.
+
+        The aggregate's calls are taken as spread evenly between its ``first_seen`` and
+        ``last_seen``, so with a half-life they weigh what the individual calls would
+        have weighed.  Latency is fitted as log-normal from the aggregate's p50 and p95.
+        """
+        n = perf.sample_size
+        acc = cls(t=now, count=n)
+        if n == 0:
+            return acc
+        w = _lump_weight(perf, now=now, half_life=half_life)
+        acc.s = perf.successes * w
+        acc.f = (n - perf.successes) * w
+        acc.cost_sum = perf.avg_cost_usd * n * w
+        if perf.successes:
+            acc.tok_w = perf.successes * w
+            acc.in_sum = perf.avg_input_tokens * acc.tok_w
+            acc.out_sum = perf.avg_output_tokens * acc.tok_w
+            p50 = perf.latency_p50_ms
+            if p50 is not None:
+                mu = math.log(max(p50, _MIN_LATENCY_MS))
+                p95 = perf.latency_p95_ms if perf.latency_p95_ms is not None else p50
+                sigma = max(0.0, math.log(max(p95, _MIN_LATENCY_MS)) - mu) / _P95_Z
+                acc.lat_w = acc.tok_w
+                acc.lat_m1 = acc.lat_w * mu
+                acc.lat_m2 = acc.lat_w * (sigma * sigma + mu * mu)
+        return acc
+
+
+def _lump_weight(perf: ModelPerformance, *, now: float, half_life: float | None) -> float:
+    if half_life is None:
+        return 1.0
+    last = perf.last_seen.timestamp() if perf.last_seen is not None else now
+    first = perf.first_seen.timestamp() if perf.first_seen is not None else last
+    last = min(last, now)
+    first = min(first, last)
+    span = last - first
+    if span <= 0.0:
+        return _factor(now - last, half_life)
+    # mean of 2**(-(now - t)/H) for t uniform on [first, last]
+    recent = _factor(now - last, half_life)
+    oldest = _factor(now - first, half_life)
+    return (half_life / (_LN2 * span)) * (recent - oldest)
+
+
+def merge(into: ArmAccumulator, other: ArmAccumulator, half_life: float | None) -> None:
+    """Add ``other``'s evidence to ``into`` (both brought to the later reference time)."""
+    now = max(into.t, other.t)
+    into.decay_to(now, half_life)
+    k = _factor(now - other.t, half_life)
+    into.count += other.count
+    into.s += k * other.s
+    into.f += k * other.f
+    into.lat_w += k * other.lat_w
+    into.lat_m1 += k * other.lat_m1
+    into.lat_m2 += k * other.lat_m2
+    into.tok_w += k * other.tok_w
+    into.in_sum += k * other.in_sum
+    into.out_sum += k * other.out_sum
+    into.cost_sum += k * other.cost_sum
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+@frozen(slots=True)
+class ArmSummary:
+    """
+    What a decision needs to know about one arm, precomputed from its accumulators.
+
+    ``sample_size`` is the undecayed count; ``effective_n`` the decayed weight the
+    bounds are computed from.  Latency figures are ``None`` until two successful calls
+    were measured; token and cost means are ``None`` without observations.
+    """
+
+    computed_at: float
+    sample_size: int = 0
+    effective_n: float = 0.0
+    successes: float = 0.0
+    success_rate: float | None = None
+    lower: float = 0.0
+    upper: float = 1.0
+    latency_n: float = 0.0
+    p50: float | None = None
+    p95: float | None = None
+    p95_lower: float | None = None
+    p95_upper: float | None = None
+    mean_input_tokens: float | None = None
+    mean_output_tokens: float | None = None
+    mean_cost: float | None = None
+
+
+def summarize(
+    parts: Sequence[ArmAccumulator], *, now: float, half_life: float | None, z: float = 1.96
+) -> ArmSummary:
+    """Combine ``parts`` (e.g. a seeded base and live updates) as seen at ``now``."""
+    count = 0
+    s = f = lat_w = lat_m1 = lat_m2 = tok_w = in_sum = out_sum = cost_sum = 0.0
+    for acc in parts:
+        k = _factor(now - acc.t, half_life)
+        count += acc.count
+        s += k * acc.s
+        f += k * acc.f
+        lat_w += k * acc.lat_w
+        lat_m1 += k * acc.lat_m1
+        lat_m2 += k * acc.lat_m2
+        tok_w += k * acc.tok_w
+        in_sum += k * acc.in_sum
+        out_sum += k * acc.out_sum
+        cost_sum += k * acc.cost_sum
+    n = s + f
+    lower, upper = wilson_bounds(s, n, z)
+    p50 = p95 = p95_lo = p95_hi = None
+    if lat_w > 0.0:
+        mu = lat_m1 / lat_w
+        p50 = math.exp(mu)
+        if lat_w >= 2.0:
+            var = max(0.0, lat_m2 / lat_w - mu * mu) * lat_w / (lat_w - 1.0)
+            sigma = math.sqrt(var)
+            q = mu + _P95_Z * sigma
+            se = sigma * math.sqrt(1.0 / lat_w + _P95_Z * _P95_Z / (2.0 * (lat_w - 1.0)))
+            p95 = math.exp(q)
+            p95_lo = math.exp(q - z * se)
+            p95_hi = math.exp(q + z * se)
+    tiny = 1e-12
+    return ArmSummary(
+        computed_at=now,
+        sample_size=count,
+        effective_n=n,
+        successes=s,
+        success_rate=(s / n) if n > tiny else None,
+        lower=lower,
+        upper=upper,
+        latency_n=lat_w,
+        p50=p50,
+        p95=p95,
+        p95_lower=p95_lo,
+        p95_upper=p95_hi,
+        mean_input_tokens=(in_sum / tok_w) if tok_w > tiny else None,
+        mean_output_tokens=(out_sum / tok_w) if tok_w > tiny else None,
+        mean_cost=(cost_sum / n) if n > tiny else None,
+    )
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def expected_cost(
+    summary: ArmSummary,
+    *,
+    input_price: float,
+    output_price: float,
+    input_tokens: int | None,
+    max_tokens: int | None,
+    strict: bool,
+) -> tuple[float | None, str | None]:
+    """
+    The expected USD cost of one call on this arm, and how it was obtained.
+
+    Prices are USD per token.  Returns ``(cost, basis)`` with basis ``"worst_case"``
+    (``max_tokens`` output tokens: strict mode, or no observation yet), ``"estimate"``
+    (the arm's mean output tokens) or ``"observed"`` (the arm's mean realized cost, when
+    ``input_tokens`` is unknown); ``(None, None)`` when nothing supports an estimate.
+    In strict mode only a worst case counts.
+    """
+    if strict:
+        if input_tokens is None or max_tokens is None:
+            return (None, None)
+        return (input_tokens * input_price + max_tokens * output_price, "worst_case")
+    in_tok = input_tokens if input_tokens is not None else summary.mean_input_tokens
+    if in_tok is not None:
+        if summary.mean_output_tokens is not None:
+            return (in_tok * input_price + summary.mean_output_tokens * output_price, "estimate")
+        if max_tokens is not None:
+            return (in_tok * input_price + max_tokens * output_price, "worst_case")
+    if summary.mean_cost is not None:
+        return (summary.mean_cost, "observed")
+    return (None, None)
+
+
+@frozen(slots=True)
+class Evaluation:
+    """One arm judged against the constraints of one decision (pure data)."""
+
+    model: str
+    summary: ArmSummary
+    constraints: Mapping[str, ConstraintStatus]
+    reasons: tuple[str, ...]
+    cost: float | None
+    cost_basis: str | None
+    excluded: bool = False
+
+    def status(self, active: Sequence[str] | None = None) -> ConstraintStatus:
+        """REJECTED if excluded or any active constraint rejects; else UNPROVEN if any is."""
+        if self.excluded:
+            return ConstraintStatus.REJECTED
+        statuses = (
+            self.constraints.values()
+            if active is None
+            else [self.constraints[c] for c in active if c in self.constraints]
+        )
+        worst = ConstraintStatus.ELIGIBLE
+        for st in statuses:
+            if st is ConstraintStatus.REJECTED:
+                return st
+            if st is ConstraintStatus.UNPROVEN:
+                worst = st
+        return worst
+
+    def explorable(self, active: Sequence[str]) -> bool:
+        """Unproven on some active constraint, rejected on none, and within the budget."""
+        if self.status(active) is not ConstraintStatus.UNPROVEN:
+            return False
+        return COST not in active or self.constraints.get(COST) is ConstraintStatus.ELIGIBLE
+
+
+def _fmt_ms(v: float) -> str:
+    return f"{v:.0f} ms" if v >= 10 else f"{v:.2f} ms"
+
+
+def evaluate(
+    model: str,
+    summary: ArmSummary,
+    *,
+    input_price: float,
+    output_price: float,
+    input_tokens: int | None = None,
+    max_tokens: int | None = None,
+    max_cost: float | None = None,
+    max_latency_ms: float | None = None,
+    min_success_rate: float | None = None,
+    strict_cost: bool = False,
+    latency_min_samples: float = 5.0,
+    excluded_reason: str | None = None,
+) -> Evaluation:
+    """
+    Judge one arm against the given constraints (see the module docstring).
+
+    Constraints given as ``None`` are absent from the result.  ``excluded_reason``
+    (an open circuit, a model missing from the registry) excludes the arm whatever its
+    statistics.  Runs in O(1).
+    """
+    statuses: dict[str, ConstraintStatus] = {}
+    reasons: list[str] = []
+    if excluded_reason is not None:
+        reasons.append(excluded_reason)
+    cost, basis = expected_cost(
+        summary,
+        input_price=input_price,
+        output_price=output_price,
+        input_tokens=input_tokens,
+        max_tokens=max_tokens,
+        strict=strict_cost,
+    )
+    if min_success_rate is not None:
+        n = summary.effective_n
+        if summary.lower >= min_success_rate:
+            statuses[SUCCESS] = ConstraintStatus.ELIGIBLE
+        elif n <= 0.0:
+            statuses[SUCCESS] = ConstraintStatus.UNPROVEN
+            reasons.append("success rate: no samples yet")
+        else:
+            band = (
+                f"{summary.successes:.1f}/{n:.1f} successes, 95% interval "
+                f"{summary.lower:.3f}-{summary.upper:.3f}"
+            )
+            if summary.upper < min_success_rate:
+                statuses[SUCCESS] = ConstraintStatus.REJECTED
+                reasons.append(f"success rate below {min_success_rate:g} ({band})")
+            else:
+                statuses[SUCCESS] = ConstraintStatus.UNPROVEN
+                reasons.append(f"success rate not yet proven >= {min_success_rate:g} ({band})")
+    if max_latency_ms is not None:
+        lat_n = summary.latency_n
+        p50 = summary.p50
+        if p50 is not None and lat_n >= latency_min_samples and p50 > max_latency_ms:
+            statuses[LATENCY] = ConstraintStatus.REJECTED
+            reasons.append(f"latency p50 {_fmt_ms(p50)} > max {_fmt_ms(max_latency_ms)}")
+        elif (
+            summary.p95_lower is not None
+            and lat_n >= latency_min_samples
+            and summary.p95_lower > max_latency_ms
+        ):
+            statuses[LATENCY] = ConstraintStatus.REJECTED
+            reasons.append(
+                f"latency p95 >= {_fmt_ms(summary.p95_lower)} (95% lower bound) "
+                f"> max {_fmt_ms(max_latency_ms)}"
+            )
+        elif (
+            summary.p95_upper is not None
+            and lat_n >= latency_min_samples
+            and summary.p95_upper <= max_latency_ms
+        ):
+            statuses[LATENCY] = ConstraintStatus.ELIGIBLE
+        else:
+            statuses[LATENCY] = ConstraintStatus.UNPROVEN
+            if lat_n < latency_min_samples:
+                reasons.append(
+                    f"latency: {lat_n:.1f} measured successful calls, need {latency_min_samples:g}"
+                )
+            else:
+                reasons.append(
+                    f"latency p95 upper bound {_fmt_ms(summary.p95_upper or 0.0)} "
+                    f"not yet proven <= max {_fmt_ms(max_latency_ms)}"
+                )
+    if max_cost is not None:
+        if cost is None:
+            statuses[COST] = ConstraintStatus.UNPROVEN
+            reasons.append(
+                "cost: no estimate (strict mode needs input_tokens and max_tokens)"
+                if strict_cost
+                else "cost: no estimate (no observations, and input_tokens/max_tokens not given)"
+            )
+        elif cost <= max_cost:
+            statuses[COST] = ConstraintStatus.ELIGIBLE
+        else:
+            statuses[COST] = ConstraintStatus.REJECTED
+            reasons.append(f"expected cost ${cost:.6f} ({basis}) > max ${max_cost:.6f}")
+    return Evaluation(
+        model=model,
+        summary=summary,
+        constraints=statuses,
+        reasons=tuple(reasons),
+        cost=cost,
+        cost_basis=basis,
+        excluded=excluded_reason is not None,
+    )
+
+
+# --------------------------------------------------------------------------- selection
+
+
+@frozen(slots=True)
+class Pick:
+    """The result of `choose`: which evaluation, whether it was exploration, and why."""
+
+    evaluation: Evaluation
+    exploration: bool
+    why: str
+
+
+def _thompson(e: Evaluation, rng: random.Random, alpha: float, beta: float) -> float:
+    s = e.summary.successes
+    f = max(0.0, e.summary.effective_n - s)
+    return rng.betavariate(alpha + s, beta + f)
+
+
+def choose(
+    evaluations: Sequence[Evaluation],
+    active: Sequence[str],
+    rng: random.Random,
+    *,
+    objective: Objective = "cheapest",
+    explore_rate: float = 0.05,
+    cost_tie_tolerance: float = 0.05,
+    prior_alpha: float = 1.0,
+    prior_beta: float = 1.0,
+    latency_weight: float = 0.01,
+    cost_weight: float = 0.01,
+) -> Pick | None:
+    """
+    Pick an arm among ``evaluations`` judged on the ``active`` constraints, or ``None``.
+
+    Returns ``None`` when no arm is eligible and none is explorable.  Draws from ``rng``
+    only when a choice depends on chance (an exploration coin when both eligible and
+    explorable arms exist, and one Thompson draw per near-tied eligible arm), so a
+    seeded ``rng`` replays the same decisions.
+    """
+    eligible: list[Evaluation] = []
+    explorable: list[Evaluation] = []
+    for e in evaluations:
+        st = e.status(active)
+        if st is ConstraintStatus.ELIGIBLE:
+            eligible.append(e)
+        elif st is ConstraintStatus.UNPROVEN and e.explorable(active):
+            explorable.append(e)
+    if explorable and (not eligible or (explore_rate > 0.0 and rng.random() < explore_rate)):
+        target = min(
+            explorable,
+            key=lambda e: (
+                round(e.summary.effective_n, 6),
+                math.inf if e.cost is None else e.cost,
+                e.model,
+            ),
+        )
+        why = (
+            "exploration share: measuring an unproven model"
+            if eligible
+            else "no model is proven to meet the constraints yet: exploring the least-measured"
+        )
+        return Pick(evaluation=target, exploration=True, why=why)
+    if not eligible:
+        return None
+    if len(eligible) == 1:
+        return Pick(evaluation=eligible[0], exploration=False, why="the only eligible model")
+    if objective == "cheapest":
+        cheapest = min(math.inf if e.cost is None else e.cost for e in eligible)
+        if math.isinf(cheapest):
+            group = eligible
+        else:
+            limit = cheapest * (1.0 + cost_tie_tolerance) + 1e-15
+            group = [e for e in eligible if e.cost is not None and e.cost <= limit]
+        if len(group) == 1:
+            return Pick(
+                evaluation=group[0],
+                exploration=False,
+                why=f"cheapest of {len(eligible)} models that meet the constraints",
+            )
+        best = _best_by_draw(group, rng, prior_alpha, prior_beta, latency_weight, 0.0)
+        return Pick(
+            evaluation=best,
+            exploration=False,
+            why=(
+                f"cheapest of {len(eligible)} eligible models (near-tie of {len(group)} "
+                "on cost broken by a Thompson draw on success rate)"
+            ),
+        )
+    best = _best_by_draw(eligible, rng, prior_alpha, prior_beta, latency_weight, cost_weight)
+    return Pick(
+        evaluation=best,
+        exploration=False,
+        why=f"most reliable (Thompson draw) of {len(eligible)} eligible models",
+    )
+
+
+def _best_by_draw(
+    group: Sequence[Evaluation],
+    rng: random.Random,
+    alpha: float,
+    beta: float,
+    latency_weight: float,
+    cost_weight: float,
+) -> Evaluation:
+    max_p50 = max((e.summary.p50 or 0.0) for e in group) or 1.0
+    max_cost = max((e.cost or 0.0) for e in group) or 1.0
+    best: Evaluation | None = None
+    best_u = -math.inf
+    for e in group:
+        u = (
+            _thompson(e, rng, alpha, beta)
+            - latency_weight * ((e.summary.p50 or max_p50) / max_p50)
+            - cost_weight * ((e.cost if e.cost is not None else max_cost) / max_cost)
+        )
+        if u > best_u:
+            best, best_u = e, u
+    assert best is not None
+    return best
