@@ -1,0 +1,48 @@
+"""
+empathy-models-redis: circuit-breaker state shared through Redis.
+
+Installing this package makes ``redis://`` and ``rediss://`` URLs work wherever
+empathy-models takes a circuit-state store::
+
+    from empathy_models import CircuitBreaker
+
+    breaker = CircuitBreaker(store="redis://127.0.0.1:6379/0")
+
+Every breaker operation is one Lua script, atomic on the server and timed by the
+server's clock (see `RedisCircuitStateStore`).  Redis holds no telemetry: point
+``telemetry=`` at ``postgresql://`` (empathy-models-postgres) or ``sqlite://``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from empathy_models.backends import BackendPlugin
+
+from ._store import (
+    DEFAULT_KEY_TTL as DEFAULT_KEY_TTL,
+    DEFAULT_PREFIX as DEFAULT_PREFIX,
+    RedisCircuitStateStore as RedisCircuitStateStore,
+    breaker_script as breaker_script,
+)
+
+__all__ = [
+    "DEFAULT_KEY_TTL",
+    "DEFAULT_PREFIX",
+    "PLUGIN",
+    "RedisCircuitStateStore",
+    "breaker_script",
+]
+
+
+def _state_store(url: str, **options: Any) -> RedisCircuitStateStore:
+    return RedisCircuitStateStore(url, **options)
+
+
+PLUGIN = BackendPlugin(
+    schemes=("redis", "rediss"),
+    package="empathy-models-redis",
+    telemetry=None,
+    state_store=_state_store,
+)
+"""The entry point published under ``empathy_models.backends`` for redis:// and rediss://."""

@@ -1,0 +1,386 @@
+"""The Redis circuit-state store: one Lua script per operation, time from Redis."""
+
+from __future__ import annotations
+
+import functools
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from importlib.resources import files
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from empathy_models.abc import CircuitStateStore
+from empathy_models.backends import redact_url
+from empathy_models.circuit import BreakerPolicy
+from empathy_models.exceptions import (
+    ConfigurationError,
+    RecordValidationError,
+    StateStoreError,
+)
+from empathy_models.records import (
+    Admission,
+    CircuitBreakerState,
+    CircuitState,
+    OutcomeReport,
+    Ticket,
+)
+
+__all__ = ["DEFAULT_KEY_TTL", "DEFAULT_PREFIX", "RedisCircuitStateStore", "breaker_script"]
+
+DEFAULT_PREFIX: Final = "empathy:cb:"
+"""Prefix of every Redis key the store writes (one hash per breaker key)."""
+
+DEFAULT_KEY_TTL: Final = 7 * 24 * 3600.0
+"""Seconds an untouched breaker key lives (plus any open period still to run)."""
+
+_FORCE_TARGETS: Final = frozenset(
+    {CircuitState.FORCED_OPEN, CircuitState.DISABLED, CircuitState.CLOSED}
+)
+_GLOB_SPECIAL: Final = frozenset("*?[]\\")
+_URL_OPTIONS: Final = frozenset({"prefix", "key_ttl"})
+
+
+def breaker_script() -> str:
+    """The Lua source of the breaker (a port of `empathy_models.circuit`)."""
+    return files(__package__).joinpath("breaker.lua").read_text(encoding="utf-8")
+
+
+def _num(value: float | int) -> str:
+    """A number as text that Lua's ``tonumber`` reads back to the same double."""
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
+def _opt_text(value: str | None) -> str:
+    return "" if value is None else "=" + value
+
+
+@functools.lru_cache(maxsize=64)
+def _policy_args(policy: BreakerPolicy) -> list[str]:
+    return [
+        _num(policy.consecutive_failures),
+        _num(policy.failure_rate_threshold),
+        _num(policy.minimum_calls),
+        _num(policy.window_seconds),
+        _num(policy.window_buckets),
+        _num(policy.recovery_seconds),
+        _num(policy.max_recovery_seconds),
+        policy.backoff,
+        _num(policy.healthy_decay_seconds),
+        _num(policy.half_open_probes),
+        _num(policy.probe_lease_seconds),
+        _num(policy.fatal_open_seconds),
+        _num(policy.min_retry_after_open),
+    ]
+
+
+_DEFAULT_POLICY_ARGS: Final = _policy_args(BreakerPolicy())
+"""Policy arguments for operations whose result does not depend on the policy."""
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return str(value)
+
+
+def _opt_float(value: str | None) -> float | None:
+    return None if value is None or value == "" else float(value)
+
+
+def _state_from_fields(key: str, fields: Mapping[str, str]) -> CircuitBreakerState:
+    """Build a state from the hash the Lua script writes (every value a string)."""
+
+    def opt_str(name: str) -> str | None:
+        raw = fields.get(name)
+        return None if raw is None or raw == "" else raw[1:]
+
+    window_text = fields.get("window", "")
+    window = [
+        tuple(int(float(x)) for x in part.split(":")) for part in window_text.split(";") if part
+    ]
+    lease_text = fields.get("leases", "")
+    leases = []
+    for part in lease_text.split(";"):
+        if part:
+            lease_id, _, expires = part.rpartition(":")
+            leases.append((lease_id, float(expires)))
+    return CircuitBreakerState(
+        key=fields.get("key", key),
+        state=fields.get("state", "closed"),
+        generation=int(float(fields.get("generation", "0"))),
+        consecutive_failures=int(float(fields.get("consecutive_failures", "0"))),
+        window=window,
+        open_count=int(float(fields.get("open_count", "0"))),
+        opened_at_ts=_opt_float(fields.get("opened_at_ts")),
+        open_until_ts=_opt_float(fields.get("open_until_ts")),
+        closed_at_ts=_opt_float(fields.get("closed_at_ts")),
+        last_failure_ts=_opt_float(fields.get("last_failure_ts")),
+        leases=leases,
+        probe_successes=int(float(fields.get("probe_successes", "0"))),
+        last_error=opt_str("last_error"),
+        reason=opt_str("reason"),
+        updated_at_ts=_opt_float(fields.get("updated_at_ts")),
+    )
+
+
+def _pairs(flat: Sequence[object]) -> dict[str, str]:
+    items = [_text(x) for x in flat]
+    return dict(zip(items[0::2], items[1::2], strict=True))
+
+
+class RedisCircuitStateStore(CircuitStateStore):
+    """
+    Circuit-breaker state shared by every process that points at the same Redis.
+
+    Every mutation (`admit`, `record`, `force`, `reset`) is one Lua script run with
+    ``EVALSHA`` (the script is cached by the server): it reads the key's hash, takes
+    ``now`` from the server's ``TIME``, applies the same state machine as
+    `empathy_models.circuit` (a Lua port held to it by a differential test), and
+    writes the result back, all atomically, so concurrent processes never lose an
+    update and never disagree about time.  Generations are checked in the script:
+    outcomes for an older generation are dropped.
+
+    Each breaker key is one hash at ``prefix + key``.  Every write sets its TTL to
+    ``key_ttl`` seconds plus whatever remains of an open period, so keys of breakers
+    nobody uses any more expire on their own; a FORCED_OPEN without an end never
+    expires.  A key that expired reads as a fresh CLOSED breaker.
+
+    ``connection`` is a ``redis://`` / ``rediss://`` URL (a client is created and
+    owned by the store; options such as ``socket_timeout`` may be given as
+    ``client_options`` or in the URL's query; ``prefix`` and ``key_ttl`` may be given
+    in the query too) or an existing ``redis.asyncio.Redis`` client, which the store
+    uses but does not close.  Redis errors are raised as `StateStoreError` naming the
+    URL without its password.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        connection: str | aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        key_ttl: float = DEFAULT_KEY_TTL,
+        **client_options: Any,
+    ) -> None:
+        if isinstance(connection, str):
+            url, url_options = _split_url(connection)
+            prefix = str(url_options.get("prefix", prefix))
+            try:
+                key_ttl = float(url_options.get("key_ttl", key_ttl))
+            except ValueError as exc:
+                raise ConfigurationError(
+                    f"key_ttl in the Redis URL must be a number of seconds: {exc}"
+                ) from exc
+            self._target = redact_url(url)
+            options: dict[str, Any] = {
+                "socket_connect_timeout": 2.0,
+                "socket_timeout": 2.0,
+                "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+                "health_check_interval": 30,
+            }
+            options.update(client_options)
+            try:
+                self._client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+            except (ValueError, TypeError) as exc:
+                raise ConfigurationError(
+                    f"cannot use {self._target!r} as a Redis URL: {exc}"
+                ) from exc
+            self._owns_client = True
+        elif isinstance(connection, aioredis.Redis):
+            if client_options:
+                raise ConfigurationError(
+                    "client_options apply only when the store is given a URL, not a client"
+                )
+            self._client = connection
+            self._owns_client = False
+            kwargs = connection.connection_pool.connection_kwargs
+            self._target = f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        else:
+            raise ConfigurationError(
+                f"RedisCircuitStateStore needs a redis:// URL or a redis.asyncio.Redis, "
+                f"got {type(connection).__name__}"
+            )
+        if not isinstance(prefix, str) or not prefix:
+            raise ConfigurationError(f"prefix must be a non-empty string, got {prefix!r}")
+        if isinstance(key_ttl, bool) or not math.isfinite(key_ttl) or key_ttl < 1:
+            raise ConfigurationError(f"key_ttl must be a number of seconds >= 1, got {key_ttl!r}")
+        self.prefix = prefix
+        self.key_ttl = float(key_ttl)
+        self._script = self._client.register_script(breaker_script())
+        self.last_server_time: float | None = None
+        """Redis ``TIME`` (epoch seconds) seen by the last script run; for diagnostics."""
+
+    def __repr__(self) -> str:
+        return f"RedisCircuitStateStore({self._target!r}, prefix={self.prefix!r})"
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _redis_key(self, key: str) -> str:
+        if not isinstance(key, str) or not key:
+            raise ConfigurationError(f"a breaker key must be a non-empty string, got {key!r}")
+        return self.prefix + key
+
+    def _error(self, what: str, exc: BaseException) -> StateStoreError:
+        return StateStoreError(
+            f"Redis state store {self._target}: {what} failed: {type(exc).__name__}: {exc}",
+            target=self._target,
+        )
+
+    async def _run(
+        self, op: str, key: str, policy_args: list[str], extra: Sequence[str]
+    ) -> tuple[float, list[str], CircuitBreakerState]:
+        self._check_open()
+        args = [op, key, _num(self.key_ttl), *policy_args, *extra]
+        try:
+            raw = await self._script(keys=[self._redis_key(key)], args=args)
+        except RedisError as exc:
+            raise self._error(f"{op} {key!r}", exc) from exc
+        except OSError as exc:
+            raise self._error(f"{op} {key!r}", exc) from exc
+        reply = [_text(x) for x in raw]
+        header, fields = reply[:5], _pairs(reply[5:])
+        try:
+            state = _state_from_fields(key, fields)
+        except (ValueError, RecordValidationError) as exc:
+            raise StateStoreError(
+                f"Redis state store {self._target}: unreadable state for {key!r}: {exc}",
+                target=self._target,
+            ) from exc
+        now = float(header[0])
+        self.last_server_time = now
+        return now, header, state
+
+    async def _aclose(self) -> None:
+        if self._owns_client:
+            try:
+                await self._client.aclose()
+            except (RedisError, OSError) as exc:
+                raise self._error("close", exc) from exc
+
+    # ------------------------------------------------------------------ operations
+
+    async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        """
+        One atomic admission (lazy OPEN -> HALF_OPEN, probe leases) with Redis's time.
+
+        Raises `StateStoreError` when Redis cannot be reached or fails.
+        """
+        lease_id = uuid.uuid4().hex
+        _, header, state = await self._run("admit", key, self._policy(policy), [lease_id])
+        admitted = header[1] == "1"
+        if not admitted:
+            return Admission(admitted=False, state=state, retry_after=_opt_float(header[2]))
+        granted = header[3] or None
+        return Admission(
+            admitted=True,
+            state=state,
+            ticket=Ticket(
+                key=state.key,
+                generation=state.generation,
+                lease_id=granted,
+                lease_expires_ts=_opt_float(header[4]),
+            ),
+        )
+
+    async def record(
+        self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
+    ) -> CircuitBreakerState:
+        """Apply ``reports`` in order in one script; stale tickets are dropped."""
+        extra: list[str] = []
+        for report in reports:
+            ticket = report.ticket
+            if ticket.key != key:
+                raise ConfigurationError(
+                    f"a ticket for {ticket.key!r} was reported against {key!r}"
+                )
+            extra += [
+                str(int(ticket.generation)),
+                _opt_text(ticket.lease_id),
+                report.outcome.value,
+                "" if report.retry_after is None else _num(float(report.retry_after)),
+                _opt_text(report.error),
+            ]
+        _, _, state = await self._run("record", key, self._policy(policy), extra)
+        return state
+
+    async def force(
+        self,
+        key: str,
+        state: CircuitState,
+        *,
+        until: datetime | None = None,
+        reason: str | None = None,
+    ) -> CircuitBreakerState:
+        """Force ``key`` to FORCED_OPEN (until ``until`` or a reset), DISABLED or CLOSED."""
+        target = CircuitState(state)
+        if target not in _FORCE_TARGETS:
+            raise ConfigurationError(
+                f"cannot force a circuit to {target.value!r}; use forced_open, disabled or closed"
+            )
+        if until is not None and (until.tzinfo is None or until.utcoffset() is None):
+            raise RecordValidationError("until must be a timezone-aware datetime", path="until")
+        extra = [
+            target.value,
+            "" if until is None else _num(until.timestamp()),
+            _opt_text(reason),
+        ]
+        _, _, new = await self._run("force", key, _DEFAULT_POLICY_ARGS, extra)
+        return new
+
+    async def reset(self, key: str | None = None) -> None:
+        """Return ``key`` (or every key under the prefix) to a fresh CLOSED state."""
+        if key is None:
+            for state in await self.snapshot_all():
+                await self.reset(state.key)
+            return
+        await self._run("reset", key, _DEFAULT_POLICY_ARGS, [])
+
+    async def snapshot(self, key: str) -> CircuitBreakerState:
+        """The state of ``key`` (one ``HGETALL``); an unknown key reads as CLOSED."""
+        self._check_open()
+        try:
+            raw = await self._client.hgetall(self._redis_key(key))  # type: ignore[misc]
+        except (RedisError, OSError) as exc:
+            raise self._error(f"snapshot {key!r}", exc) from exc
+        if not raw:
+            return CircuitBreakerState(key=key)
+        return _state_from_fields(key, {_text(k): _text(v) for k, v in raw.items()})
+
+    async def snapshot_all(self) -> list[CircuitBreakerState]:
+        """Every key under the prefix (``SCAN`` then ``HGETALL`` each), sorted by key."""
+        self._check_open()
+        pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix) + "*"
+        out: list[CircuitBreakerState] = []
+        try:
+            async for redis_key in self._client.scan_iter(match=pattern, count=500):
+                raw = await self._client.hgetall(redis_key)  # type: ignore[misc]
+                if raw:
+                    name = _text(redis_key)[len(self.prefix) :]
+                    out.append(
+                        _state_from_fields(name, {_text(k): _text(v) for k, v in raw.items()})
+                    )
+        except (RedisError, OSError) as exc:
+            raise self._error("snapshot_all", exc) from exc
+        return sorted(out, key=lambda s: s.key)
+
+    def _policy(self, policy: BreakerPolicy) -> list[str]:
+        if not isinstance(policy, BreakerPolicy):
+            raise ConfigurationError(f"expected a BreakerPolicy, got {type(policy).__name__}")
+        return _policy_args(policy)
+
+
+def _split_url(url: str) -> tuple[str, dict[str, str]]:
+    """Take the store's own options (``prefix``, ``key_ttl``) out of the URL's query."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {k: v for k, v in query if k in _URL_OPTIONS}
+    rest = [(k, v) for k, v in query if k not in _URL_OPTIONS]
+    return urlunsplit(parts._replace(query=urlencode(rest))), ours

@@ -1,0 +1,564 @@
+-- empathy-models circuit breaker: a Lua port of empathy_models/circuit.py.
+--
+-- One script, one key, one atomic step.  KEYS[1] is the Redis hash holding one
+-- breaker key's state.  ARGV:
+--   1 op ("admit" | "record" | "force" | "reset")   2 breaker key   3 key TTL (s)
+--   4..16 the BreakerPolicy (see POLICY below)      17.. op arguments
+-- Time is the server's TIME.  The reply is
+--   {now, admitted, retry_after, lease_id, lease_expires, field1, value1, ...}
+-- with every value a string ("" for none): numbers are written with %.17g so that a
+-- double survives the trip to Python exactly.
+--
+-- Semantics mirror circuit.py line by line; the differential test in
+-- backends/redis/tests holds the two to the same results.
+
+local OP = ARGV[1]
+local KEY = ARGV[2]
+local KEY_TTL = tonumber(ARGV[3])
+
+local P = {
+  consecutive_failures = tonumber(ARGV[4]),
+  failure_rate_threshold = tonumber(ARGV[5]),
+  minimum_calls = tonumber(ARGV[6]),
+  window_seconds = tonumber(ARGV[7]),
+  window_buckets = tonumber(ARGV[8]),
+  recovery_seconds = tonumber(ARGV[9]),
+  max_recovery_seconds = tonumber(ARGV[10]),
+  backoff = ARGV[11],
+  healthy_decay_seconds = tonumber(ARGV[12]),
+  half_open_probes = tonumber(ARGV[13]),
+  probe_lease_seconds = tonumber(ARGV[14]),
+  fatal_open_seconds = tonumber(ARGV[15]),
+  min_retry_after_open = tonumber(ARGV[16]),
+}
+P.bucket_seconds = P.window_seconds / P.window_buckets
+
+local t = redis.call("TIME")
+local NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
+
+-- ------------------------------------------------------------------ encoding
+
+local function fmt(x)
+  return string.format("%.17g", x)
+end
+
+-- "" -> nil, "=text" -> "text"
+local function opt_str(s)
+  if s == nil or s == "" then
+    return nil
+  end
+  return string.sub(s, 2)
+end
+
+local function opt_num(s)
+  if s == nil or s == "" then
+    return nil
+  end
+  return tonumber(s)
+end
+
+-- Python's ``value or default`` for an optional string
+local function py_or(value, default)
+  if value == nil or value == "" then
+    return default
+  end
+  return value
+end
+
+local function copy(st)
+  local out = {}
+  for k, v in pairs(st) do
+    out[k] = v
+  end
+  return out
+end
+
+local function initial_state(now)
+  return {
+    key = KEY,
+    state = "closed",
+    generation = 0,
+    consecutive_failures = 0,
+    window = {},
+    open_count = 0,
+    leases = {},
+    probe_successes = 0,
+    updated_at_ts = now,
+  }
+end
+
+local function load()
+  local flat = redis.call("HGETALL", KEYS[1])
+  if #flat == 0 then
+    return nil
+  end
+  local h = {}
+  for i = 1, #flat, 2 do
+    h[flat[i]] = flat[i + 1]
+  end
+  local st = {
+    key = KEY,
+    state = h.state,
+    generation = tonumber(h.generation),
+    consecutive_failures = tonumber(h.consecutive_failures),
+    window = {},
+    open_count = tonumber(h.open_count),
+    opened_at_ts = opt_num(h.opened_at_ts),
+    open_until_ts = opt_num(h.open_until_ts),
+    closed_at_ts = opt_num(h.closed_at_ts),
+    last_failure_ts = opt_num(h.last_failure_ts),
+    leases = {},
+    probe_successes = tonumber(h.probe_successes),
+    last_error = opt_str(h.last_error),
+    reason = opt_str(h.reason),
+    updated_at_ts = opt_num(h.updated_at_ts),
+  }
+  if h.window and h.window ~= "" then
+    for b, c, f in string.gmatch(h.window, "([^:;]+):([^:;]+):([^:;]+)") do
+      st.window[#st.window + 1] = { tonumber(b), tonumber(c), tonumber(f) }
+    end
+  end
+  if h.leases and h.leases ~= "" then
+    for id, exp in string.gmatch(h.leases, "([^:;]+):([^:;]+)") do
+      st.leases[#st.leases + 1] = { id, tonumber(exp) }
+    end
+  end
+  return st
+end
+
+local function encode(st)
+  local out = {
+    "key", st.key,
+    "state", st.state,
+    "generation", fmt(st.generation),
+    "consecutive_failures", fmt(st.consecutive_failures),
+    "open_count", fmt(st.open_count),
+    "probe_successes", fmt(st.probe_successes),
+  }
+  local parts = {}
+  for i, b in ipairs(st.window) do
+    parts[i] = fmt(b[1]) .. ":" .. fmt(b[2]) .. ":" .. fmt(b[3])
+  end
+  out[#out + 1] = "window"
+  out[#out + 1] = table.concat(parts, ";")
+  parts = {}
+  for i, l in ipairs(st.leases) do
+    parts[i] = l[1] .. ":" .. fmt(l[2])
+  end
+  out[#out + 1] = "leases"
+  out[#out + 1] = table.concat(parts, ";")
+  for _, name in ipairs({ "opened_at_ts", "open_until_ts", "closed_at_ts", "last_failure_ts",
+                          "updated_at_ts" }) do
+    if st[name] ~= nil then
+      out[#out + 1] = name
+      out[#out + 1] = fmt(st[name])
+    end
+  end
+  for _, name in ipairs({ "last_error", "reason" }) do
+    if st[name] ~= nil then
+      out[#out + 1] = name
+      out[#out + 1] = "=" .. st[name]
+    end
+  end
+  return out
+end
+
+local function save(st, now)
+  local flat = encode(st)
+  redis.call("DEL", KEYS[1])
+  redis.call("HSET", KEYS[1], unpack(flat))
+  if st.state == "forced_open" and st.open_until_ts == nil then
+    -- held until a reset: never let it expire on its own
+    redis.call("PERSIST", KEYS[1])
+  else
+    local ttl = KEY_TTL
+    if st.open_until_ts ~= nil and st.open_until_ts > now then
+      ttl = ttl + (st.open_until_ts - now)
+    end
+    redis.call("PEXPIRE", KEYS[1], math.ceil(ttl * 1000))
+  end
+  return flat
+end
+
+-- ------------------------------------------------------------------ the machine
+
+local function open_seconds(trips)
+  local k = math.max(1, trips)
+  local raw
+  if P.backoff == "exponential" then
+    raw = P.recovery_seconds * (2.0 ^ math.min(k - 1, 62))
+  else
+    raw = P.recovery_seconds * k
+  end
+  return math.min(raw, P.max_recovery_seconds)
+end
+
+local function bucket(now)
+  return math.floor(now / P.bucket_seconds)
+end
+
+local function live_window(st, now)
+  local oldest = bucket(now) - P.window_buckets + 1
+  local out = {}
+  for _, b in ipairs(st.window) do
+    if b[1] >= oldest then
+      out[#out + 1] = { b[1], b[2], b[3] }
+    end
+  end
+  return out
+end
+
+local function add_to_window(window, b, failed)
+  local f = 0
+  if failed then
+    f = 1
+  end
+  local last = window[#window]
+  if last ~= nil and last[1] == b then
+    window[#window] = { b, last[2] + 1, last[3] + f }
+  else
+    window[#window + 1] = { b, 1, f }
+  end
+  return window
+end
+
+local function decayed_trips(st, now)
+  if st.open_count == 0 or st.closed_at_ts == nil then
+    return st.open_count
+  end
+  local healthy = math.max(0.0, now - st.closed_at_ts)
+  return math.max(0, st.open_count - math.floor(healthy / P.healthy_decay_seconds))
+end
+
+local function do_open(st, now, retry_after, err, reason)
+  local trips = decayed_trips(st, now) + 1
+  local untl = now + open_seconds(trips)
+  if retry_after ~= nil then
+    untl = math.max(untl, now + retry_after)
+  end
+  local n = copy(st)
+  n.state = "open"
+  n.generation = st.generation + 1
+  n.open_count = trips
+  n.opened_at_ts = now
+  n.closed_at_ts = nil
+  n.open_until_ts = untl
+  n.leases = {}
+  n.probe_successes = 0
+  if err ~= nil then
+    n.last_error = err
+  end
+  n.reason = reason
+  n.updated_at_ts = now
+  return n
+end
+
+local function do_close(st, now)
+  local n = copy(st)
+  n.state = "closed"
+  n.generation = st.generation + 1
+  n.consecutive_failures = 0
+  n.window = {}
+  n.opened_at_ts = nil
+  n.open_until_ts = nil
+  n.closed_at_ts = now
+  n.leases = {}
+  n.probe_successes = 0
+  n.reason = nil
+  n.updated_at_ts = now
+  return n
+end
+
+local function do_force_open(st, now, untl, reason, err)
+  if st.state == "forced_open" and st.open_until_ts ~= nil then
+    -- never shorten: a second fatal error can only extend the forced period
+    if untl ~= nil then
+      untl = math.max(untl, st.open_until_ts)
+    end
+  end
+  local n = copy(st)
+  n.state = "forced_open"
+  n.generation = st.generation + 1
+  n.opened_at_ts = now
+  n.open_until_ts = untl
+  n.leases = {}
+  n.probe_successes = 0
+  if err ~= nil then
+    n.last_error = err
+  end
+  n.reason = reason
+  n.updated_at_ts = now
+  return n
+end
+
+local function to_half_open(st, now)
+  local n = copy(st)
+  n.state = "half_open"
+  n.generation = st.generation + 1
+  n.leases = {}
+  n.probe_successes = 0
+  n.updated_at_ts = now
+  return n
+end
+
+-- returns new_state, changed, admitted, retry_after, lease_id, lease_expires
+local function admit(st, now, new_lease_id)
+  local s = st.state
+  if s == "closed" or s == "disabled" then
+    return st, false, true, nil, nil, nil
+  end
+  local changed = false
+  if s == "open" or s == "forced_open" then
+    local untl = st.open_until_ts
+    if untl == nil or now < untl then
+      local retry = nil
+      if untl ~= nil then
+        retry = untl - now
+      end
+      return st, false, false, retry, nil, nil
+    end
+    st = to_half_open(st, now)
+    changed = true
+  end
+  -- HALF_OPEN
+  local live = {}
+  for _, l in ipairs(st.leases) do
+    if l[2] > now then
+      live[#live + 1] = l
+    end
+  end
+  if #live < P.half_open_probes then
+    local expires = now + P.probe_lease_seconds
+    local n = copy(st)
+    live[#live + 1] = { new_lease_id, expires }
+    n.leases = live
+    n.updated_at_ts = now
+    return n, true, true, nil, new_lease_id, expires
+  end
+  if #live ~= #st.leases then
+    st = copy(st)
+    st.leases = live
+    st.updated_at_ts = now
+    changed = true
+  end
+  local earliest = live[1][2]
+  for _, l in ipairs(live) do
+    earliest = math.min(earliest, l[2])
+  end
+  return st, changed, false, earliest - now, nil, nil
+end
+
+local function is_failure(outcome)
+  return outcome == "failure" or outcome == "rate_limited" or outcome == "fatal"
+end
+
+-- returns new_state, changed
+local function apply_outcome(st, r, now)
+  if r.generation ~= st.generation then
+    return st, false
+  end
+  local outcome = r.outcome
+  local s = st.state
+
+  if s == "disabled" then
+    return st, false
+  end
+
+  if s == "half_open" then
+    local lease = nil
+    local remaining = {}
+    for _, l in ipairs(st.leases) do
+      if r.lease_id ~= nil and l[1] == r.lease_id then
+        if lease == nil then
+          lease = l
+        end
+      else
+        remaining[#remaining + 1] = l
+      end
+    end
+    if lease == nil or lease[2] <= now then
+      -- not a probe of this half-open period, or its lease expired: too late to count
+      return st, false
+    end
+    if outcome == "success" then
+      local successes = st.probe_successes + 1
+      if successes >= P.half_open_probes then
+        return do_close(st, now), true
+      end
+      local n = copy(st)
+      n.leases = remaining
+      n.probe_successes = successes
+      n.updated_at_ts = now
+      return n, true
+    end
+    if outcome == "fatal" then
+      return do_force_open(st, now, now + P.fatal_open_seconds, py_or(r.error, "fatal error"),
+        r.error), true
+    end
+    if is_failure(outcome) then
+      local n = copy(st)
+      n.last_failure_ts = now
+      return do_open(n, now, r.retry_after, r.error, "half-open probe failed"), true
+    end
+    -- ignored / cancelled / rejected: return the lease, learn nothing
+    local n = copy(st)
+    n.leases = remaining
+    n.updated_at_ts = now
+    return n, true
+  end
+
+  if s ~= "closed" then
+    -- OPEN / FORCED_OPEN issue no tickets of their own generation; nothing to count
+    return st, false
+  end
+
+  if outcome == "success" then
+    local n = copy(st)
+    n.window = add_to_window(live_window(st, now), bucket(now), false)
+    n.consecutive_failures = 0
+    n.updated_at_ts = now
+    return n, true
+  end
+  if outcome == "fatal" then
+    return do_force_open(st, now, now + P.fatal_open_seconds, py_or(r.error, "fatal error"),
+      r.error), true
+  end
+  if not is_failure(outcome) then
+    return st, false
+  end
+
+  local window = add_to_window(live_window(st, now), bucket(now), true)
+  local streak = st.consecutive_failures + 1
+  local n = copy(st)
+  n.consecutive_failures = streak
+  n.window = window
+  n.last_failure_ts = now
+  if r.error ~= nil then
+    n.last_error = r.error
+  end
+  n.updated_at_ts = now
+  st = n
+  local retry_after = r.retry_after
+  if outcome == "rate_limited" and retry_after ~= nil and retry_after >= P.min_retry_after_open then
+    return do_open(st, now, retry_after, r.error,
+      string.format("rate limited (Retry-After %gs)", retry_after)), true
+  end
+  if streak >= P.consecutive_failures then
+    return do_open(st, now, retry_after, r.error,
+      string.format("%d consecutive failures", streak)), true
+  end
+  local calls = 0
+  local failures = 0
+  for _, b in ipairs(window) do
+    calls = calls + b[2]
+    failures = failures + b[3]
+  end
+  if calls >= P.minimum_calls and failures / calls >= P.failure_rate_threshold then
+    return do_open(st, now, retry_after, r.error,
+      string.format("failure rate %d/%d over %gs", failures, calls, P.window_seconds)), true
+  end
+  return st, true
+end
+
+local function force(st, target, now, untl, reason)
+  if target == "forced_open" then
+    return do_force_open(st, now, untl, py_or(reason, "forced open"), nil)
+  end
+  if target == "closed" then
+    local n = do_close(st, now)
+    n.reason = reason
+    return n
+  end
+  -- disabled (the caller validated the target)
+  local n = copy(st)
+  n.state = "disabled"
+  n.generation = st.generation + 1
+  n.leases = {}
+  n.probe_successes = 0
+  n.opened_at_ts = nil
+  n.open_until_ts = nil
+  n.reason = py_or(reason, "disabled")
+  n.updated_at_ts = now
+  return n
+end
+
+local function reset(st, now)
+  local generation = 0
+  if st ~= nil then
+    generation = st.generation + 1
+  end
+  local n = initial_state(now)
+  n.generation = generation
+  n.closed_at_ts = now
+  return n
+end
+
+-- ------------------------------------------------------------------ dispatch
+
+local current = load()
+local state = current
+local changed = false
+local admitted, retry_after, lease_id, lease_expires = nil, nil, nil, nil
+
+if OP == "admit" then
+  if state == nil then
+    state = initial_state(NOW)
+  end
+  state, changed, admitted, retry_after, lease_id, lease_expires = admit(state, NOW, ARGV[17])
+elseif OP == "record" then
+  if state == nil then
+    state = initial_state(NOW)
+  end
+  local i = 17
+  while i + 4 <= #ARGV do
+    local r = {
+      generation = tonumber(ARGV[i]),
+      lease_id = opt_str(ARGV[i + 1]),
+      outcome = ARGV[i + 2],
+      retry_after = opt_num(ARGV[i + 3]),
+      error = opt_str(ARGV[i + 4]),
+    }
+    local c
+    state, c = apply_outcome(state, r, NOW)
+    changed = changed or c
+    i = i + 5
+  end
+elseif OP == "force" then
+  if state == nil then
+    state = initial_state(NOW)
+  end
+  state = force(state, ARGV[17], NOW, opt_num(ARGV[18]), opt_str(ARGV[19]))
+  changed = true
+elseif OP == "reset" then
+  state = reset(state, NOW)
+  changed = true
+else
+  return redis.error_reply("unknown breaker operation " .. tostring(OP))
+end
+
+local flat
+if changed or current == nil then
+  flat = save(state, NOW)
+else
+  flat = encode(state)
+end
+
+local function s(x)
+  if x == nil then
+    return ""
+  end
+  if type(x) == "number" then
+    return fmt(x)
+  end
+  return x
+end
+
+local admitted_s = ""
+if admitted ~= nil then
+  admitted_s = admitted and "1" or "0"
+end
+local reply = { fmt(NOW), admitted_s, s(retry_after), s(lease_id), s(lease_expires) }
+for _, v in ipairs(flat) do
+  reply[#reply + 1] = v
+end
+return reply
