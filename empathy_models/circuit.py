@@ -160,12 +160,21 @@ def _live_window(
 
 
 def _add_to_window(
-    window: tuple[tuple[int, int, int], ...], bucket: int, failed: bool
+    window: tuple[tuple[int, int, int], ...], bucket: int, failed: bool, count: int = 1
 ) -> tuple[tuple[int, int, int], ...]:
+    failures = count if failed else 0
     if window and window[-1][0] == bucket:
-        b, calls, failures = window[-1]
-        return (*window[:-1], (b, calls + 1, failures + int(failed)))
-    return (*window, (bucket, 1, int(failed)))
+        b, calls, failed_before = window[-1]
+        return (*window[:-1], (b, calls + count, failed_before + failures))
+    return (*window, (bucket, count, failures))
+
+
+def _closed_successes(
+    state: CircuitBreakerState, policy: BreakerPolicy, count: int, now: float
+) -> CircuitBreakerState:
+    """``count`` successes of the current generation in CLOSED, as one step."""
+    window = _add_to_window(_live_window(state, policy, now), _bucket(policy, now), False, count)
+    return attrs.evolve(state, consecutive_failures=0, window=window, updated_at_ts=now)
 
 
 def _decayed_trips(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> int:
@@ -371,8 +380,7 @@ def apply_outcome(
         return state
 
     if outcome is Outcome.SUCCESS:
-        window = _add_to_window(_live_window(state, policy, now), _bucket(policy, now), False)
-        return attrs.evolve(state, consecutive_failures=0, window=window, updated_at_ts=now)
+        return _closed_successes(state, policy, 1, now)
     if outcome is Outcome.FATAL:
         return _force_open(
             state,
@@ -437,13 +445,38 @@ def apply_outcomes(
     reports: tuple[OutcomeReport, ...] | list[OutcomeReport],
     now: float,
 ) -> CircuitBreakerState:
-    """Apply several outcomes in order, as one step (used for written-behind successes)."""
+    """
+    Apply several outcomes in order, as one step (used for written-behind successes).
+
+    The result is exactly that of calling `apply_outcome` for each report in turn; a
+    run of CLOSED successes for the current generation is applied in one step, so a
+    batch of a thousand written-behind successes costs one state update, not a thousand.
+    """
     if state is None:
         if not reports:
             raise ValueError("apply_outcomes() needs a state or at least one report")
         state = initial_state(reports[0].ticket.key, now)
-    for report in reports:
+    i, n = 0, len(reports)
+    while i < n:
+        report = reports[i]
+        ticket = report.ticket
+        if (
+            report.outcome is Outcome.SUCCESS
+            and state.state is CircuitState.CLOSED
+            and ticket.generation == state.generation
+        ):
+            j = i + 1
+            while (
+                j < n
+                and reports[j].outcome is Outcome.SUCCESS
+                and reports[j].ticket.generation == state.generation
+            ):
+                j += 1
+            state = _closed_successes(state, policy, j - i, now)
+            i = j
+            continue
         state = apply_outcome(state, policy, report, now)
+        i += 1
     return state
 
 

@@ -1,0 +1,803 @@
+"""
+`CircuitBreaker`: the async, keyed circuit breaker over any `CircuitStateStore`.
+
+The semantics live in the pure machine `empathy_models.circuit` (see its docstring and
+peers.md §5.1); this module adds what needs I/O and time: admission through a store,
+outcome classification, a short-lived local view that keeps the per-call cost near the
+in-memory one, write-behind of successes, listeners, and a degraded mode that keeps
+calls going when a shared store is unreachable.
+
+Use it as a context manager around the call, or wrap a coroutine function::
+
+    async with CircuitBreaker(store="sqlite:///state.db") as breaker:
+        async with breaker.guard("anthropic"):
+            reply = await client.messages.create(...)
+        reply = await breaker.call("anthropic", fetch, prompt)
+
+**The local view and its staleness bound.**  For every key the breaker keeps the last
+state a store returned and when it got it.  While that view is younger than
+``local_view_ttl`` seconds (default 1.0):
+
+* a CLOSED (or DISABLED) view admits locally, without a store round trip, with a ticket
+  of the viewed generation;
+* an OPEN or FORCED_OPEN view rejects locally until its ``open_until``;
+* successes of CLOSED tickets are written behind: counted in memory and sent to the
+  store in one batch on the next store interaction for that key, every
+  ``flush_interval`` seconds (by the breaker's background task when it is used as
+  ``async with``, otherwise by the next call), and on `aclose`.
+
+Everything else goes to the store inline: failures, rate limits, fatal errors (flushing
+the written-behind successes of the key first, so this process's order is kept), every
+HALF_OPEN admission and probe outcome (leases are granted by the store), and the first
+call after the view expired.  Each store answer refreshes the view.  Hence: **a trip,
+reset or force made by another process is seen here within ``local_view_ttl``
+seconds**; a failure or a probe counts fleet-wide at once; a success reaches the store
+within ``flush_interval``.  ``local_view_ttl=0`` asks the store on every admission and
+writes every outcome inline (the exact, slow mode).
+
+**Degraded mode.**  When the store raises `BackendError` (other than
+`BackendClosedError`) or `OSError` (which covers `ConnectionError` and `TimeoutError`),
+the breaker switches to a per-process `MemoryStateStore` seeded with the last states it
+saw, logs one warning and emits one ``store_degraded`` event per outage; calls go on
+under the same policy.  At most every ``store_retry_interval`` seconds the next store
+interaction tries the store again; when it answers, ``store_recovered`` is emitted and
+the store's state is adopted (an OPEN set by others meanwhile included; local trips
+made during the outage are not pushed to the store).  A call never fails because the
+store is down.
+
+**Concurrency.**  One breaker may be used by any number of tasks of one event loop;
+nothing is held across the guarded call (unlike pybreaker's per-call lock).  State that
+must be atomic lives in the store.  Listeners run in the task whose call caused the
+event, after the store operation; async listeners are awaited there, so keep them
+short.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, NoReturn, ParamSpec, TypeAlias, TypeVar
+
+import anyio
+import anyio.abc
+from attrs import frozen
+
+from .abc import AsyncResource, CircuitStateStore, TransactionalStateStore
+from .backends import state_store_from_url
+from .backends.memory import MemoryStateStore
+from .circuit import BreakerPolicy
+from .exceptions import (
+    BackendClosedError,
+    BackendError,
+    CircuitOpenError,
+    ConfigurationError,
+)
+from .outcomes import OutcomeClassifier, classify_error, retry_after_of
+from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
+
+__all__ = [
+    "BreakerEvent",
+    "BreakerEventKind",
+    "BreakerListener",
+    "CircuitBreaker",
+]
+
+logger = logging.getLogger("empathy_models.breaker")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_CLOSED = CircuitState.CLOSED
+_DISABLED = CircuitState.DISABLED
+_OPEN = CircuitState.OPEN
+_FORCED_OPEN = CircuitState.FORCED_OPEN
+_HALF_OPEN = CircuitState.HALF_OPEN
+_SUCCESS = Outcome.SUCCESS
+
+_MAX_PENDING = 1000
+"""Written-behind successes of one key are flushed at the latest when this many wait."""
+
+_REPORT_SHIELD_SECONDS = 10.0
+"""How long returning a probe lease may take while the caller is being cancelled."""
+
+
+class BreakerEventKind(enum.StrEnum):
+    """What a `BreakerEvent` reports."""
+
+    STATE_CHANGED = "state_changed"
+    """This process saw the key's state change (a trip, a recovery, a reset, a force)."""
+    CALL_REJECTED = "call_rejected"
+    """A call was rejected (only with ``rejection_events=True``)."""
+    STORE_DEGRADED = "store_degraded"
+    """The store failed; the breaker runs on its per-process fallback."""
+    STORE_RECOVERED = "store_recovered"
+    """The store answers again; its state is adopted."""
+
+
+@frozen(kw_only=True)
+class BreakerEvent:
+    """
+    One thing that happened to a breaker, as passed to listeners.
+
+    ``key`` is the circuit concerned (for store events, the key whose operation noticed
+    the outage or the recovery).  ``old_state`` / ``new_state`` are set for
+    ``state_changed`` (``old_state`` is the state this process last saw, CLOSED for a
+    key it never saw) and ``new_state`` for ``call_rejected``; ``generation`` and
+    ``open_until`` describe the new state; ``reason`` says why (the machine's reason,
+    such as ``"5 consecutive failures"``); ``error`` describes the store error of a
+    ``store_degraded`` event (class and message, no credentials).
+    """
+
+    kind: BreakerEventKind
+    key: str | None = None
+    old_state: CircuitState | None = None
+    new_state: CircuitState | None = None
+    reason: str | None = None
+    generation: int | None = None
+    open_until: datetime | None = None
+    error: str | None = None
+    at: datetime
+
+
+BreakerListener: TypeAlias = Callable[[BreakerEvent], Awaitable[None] | None]
+"""A listener: a function or coroutine function taking one `BreakerEvent`."""
+
+_View: TypeAlias = tuple[CircuitBreakerState, float, Ticket | None]
+"""(state, fetched_at by the breaker's clock, the ticket a CLOSED/DISABLED view hands out)."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return described if len(described) <= 300 else described[:297] + "..."
+
+
+def _ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def _view_ticket(state: CircuitBreakerState) -> Ticket | None:
+    if state.state is _CLOSED or state.state is _DISABLED:
+        return Ticket(key=state.key, generation=state.generation)
+    return None
+
+
+class _Guard:
+    """The async context manager returned by `CircuitBreaker.guard`."""
+
+    __slots__ = ("_breaker", "_key", "ticket")
+
+    def __init__(self, breaker: CircuitBreaker, key: str) -> None:
+        self._breaker = breaker
+        self._key = key
+        self.ticket: Ticket | None = None
+
+    async def __aenter__(self) -> Ticket:
+        self.ticket = ticket = await self._breaker.admit(self._key)
+        return ticket
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        ticket = self.ticket
+        if ticket is None:  # pragma: no cover - __aenter__ raised, so no __aexit__
+            return
+        self.ticket = None
+        breaker = self._breaker
+        if exc is None:
+            await breaker.report(ticket, _SUCCESS)
+            return
+        outcome = breaker.classify(exc)
+        if outcome is Outcome.CANCELLED:
+            # learn nothing; a probe gets its lease back even while we are being cancelled
+            if ticket.lease_id is not None:
+                with anyio.move_on_after(_REPORT_SHIELD_SECONDS, shield=True):
+                    await breaker.report(ticket, outcome)
+            return
+        await breaker.report(ticket, outcome, retry_after=retry_after_of(exc), error=_describe(exc))
+
+
+class CircuitBreaker(AsyncResource):
+    """
+    A circuit breaker per key ("anthropic", or "anthropic:claude-x" with ``per_model``).
+
+    ``store`` is a `CircuitStateStore`, a URL for one (``"sqlite:///state.db"``), or
+    ``None`` for a fresh `MemoryStateStore` on ``clock``.  A store given as a URL or
+    ``None`` belongs to the breaker and is closed by `aclose`; a store object given by
+    the caller is left open.  ``clock`` returns UTC epoch seconds (default
+    `time.time`); it times the local view, the write-behind and the store retries, and
+    is the default memory store's clock.  ``local_view_ttl`` is the staleness bound
+    described in the module docstring (0 = always ask the store).  ``classify`` is a
+    predicate consulted before `classify_error`; return an `Outcome` to override the
+    default class of an exception, or ``None``.  ``listeners`` receive `BreakerEvent`s.
+
+    Raises `ConfigurationError` for a negative or non-finite duration, an unknown URL
+    scheme or a missing plugin.
+    """
+
+    def __init__(
+        self,
+        store: CircuitStateStore | str | None = None,
+        policy: BreakerPolicy | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        local_view_ttl: float = 1.0,
+        flush_interval: float = 0.5,
+        store_retry_interval: float = 5.0,
+        classify: OutcomeClassifier | None = None,
+        listeners: Iterable[BreakerListener] = (),
+        per_model: bool = False,
+        rejection_events: bool = False,
+    ) -> None:
+        for name, value in (
+            ("local_view_ttl", local_view_ttl),
+            ("flush_interval", flush_interval),
+            ("store_retry_interval", store_retry_interval),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ConfigurationError(
+                    f"CircuitBreaker.{name} must be a finite number >= 0, got {value!r}"
+                )
+        if flush_interval == 0:
+            raise ConfigurationError("CircuitBreaker.flush_interval must be > 0, got 0")
+        if policy is None:
+            policy = BreakerPolicy()
+        elif not isinstance(policy, BreakerPolicy):
+            raise ConfigurationError(
+                f"CircuitBreaker.policy must be a BreakerPolicy, got {policy!r}"
+            )
+        if store is None:
+            self._store: CircuitStateStore = MemoryStateStore(clock=clock)
+            self._owns_store = True
+        elif isinstance(store, str):
+            self._store = state_store_from_url(store)
+            self._owns_store = True
+        elif isinstance(store, CircuitStateStore):
+            self._store = store
+            self._owns_store = False
+        else:
+            raise ConfigurationError(
+                f"CircuitBreaker.store must be a CircuitStateStore, a URL or None, got {store!r}"
+            )
+        self.policy = policy
+        self.per_model = bool(per_model)
+        self._clock = clock
+        self._ttl = float(local_view_ttl)
+        self._flush_interval = float(flush_interval)
+        self._retry_interval = float(store_retry_interval)
+        self._classify = classify
+        self._listeners: list[BreakerListener] = list(listeners)
+        self._rejection_events = bool(rejection_events)
+        self._views: dict[str, _View] = {}
+        # written-behind successes per key: [generation, count, first at]
+        self._pending: dict[str, list[Any]] = {}
+        self._fallback: MemoryStateStore | None = None
+        self._retry_at = 0.0
+        self._task_group: anyio.abc.TaskGroup | None = None
+
+    def __repr__(self) -> str:
+        mode = " degraded" if self._fallback is not None else ""
+        return f"CircuitBreaker(store={type(self._store).__name__}, keys={len(self._views)}{mode})"
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def store(self) -> CircuitStateStore:
+        """The store this breaker was built with (not the fallback)."""
+        return self._store
+
+    @property
+    def degraded(self) -> bool:
+        """True while the store is unreachable and the per-process fallback is in use."""
+        return self._fallback is not None
+
+    @property
+    def local_view_ttl(self) -> float:
+        """Seconds a store answer is trusted locally: the staleness bound across processes."""
+        return self._ttl
+
+    def key_for(self, provider: str, model: str | None = None) -> str:
+        """
+        The breaker key for a call: ``provider``, or ``"provider:model"`` when the
+        breaker was built with ``per_model=True`` and a model is given.
+
+        Raises `ConfigurationError` for an empty provider.
+        """
+        if not isinstance(provider, str) or not provider:
+            raise ConfigurationError(f"provider must be a non-empty string, got {provider!r}")
+        if self.per_model and model:
+            return f"{provider}:{model}"
+        return provider
+
+    def add_listener(self, listener: BreakerListener) -> None:
+        """Call ``listener`` (sync or async) with every future `BreakerEvent`."""
+        if not callable(listener):
+            raise ConfigurationError(f"a listener must be callable, got {listener!r}")
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: BreakerListener) -> None:
+        """Stop calling ``listener``; unknown listeners are ignored."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def classify(self, exc: BaseException) -> Outcome:
+        """
+        The outcome class of a call that raised ``exc``: the ``classify`` predicate
+        first, then `classify_error`.  Interrupts that are not exceptions
+        (`KeyboardInterrupt`, `SystemExit`, `GeneratorExit`) count as cancelled.
+        """
+        if isinstance(exc, Exception):
+            return classify_error(exc, self._classify)
+        outcome = classify_error(exc, self._classify)
+        return Outcome.CANCELLED if outcome is Outcome.FAILURE else outcome
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _aopen(self) -> None:
+        if self._owns_store:
+            await self._store.__aenter__()
+        if self._store.shared and self._ttl > 0 and self._task_group is None:
+            task_group = anyio.create_task_group()
+            await task_group.__aenter__()
+            self._task_group = task_group
+            task_group.start_soon(self._flush_loop)
+
+    async def _aclose(self) -> None:
+        """Stop the flusher, flush every written-behind success, close an owned store."""
+        task_group, self._task_group = self._task_group, None
+        try:
+            if task_group is not None:
+                task_group.cancel_scope.cancel()
+                await task_group.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True):
+                await self._flush_all()
+        finally:
+            if self._owns_store:
+                await self._store.aclose()
+            if self._fallback is not None:
+                await self._fallback.aclose()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await anyio.sleep(self._flush_interval)
+            try:
+                await self._flush_due()
+            except Exception:  # never let the flusher take the breaker down
+                logger.exception("circuit breaker: flushing written-behind successes failed")
+
+    # ------------------------------------------------------------------ admission
+
+    def guard(self, key: str) -> _Guard:
+        """
+        ``async with breaker.guard(key):`` admits one call for ``key``, runs the block,
+        classifies how it ended and reports it.
+
+        Raises `CircuitOpenError` on entry when the circuit rejects the call.  The
+        block's own exceptions propagate unchanged; a cancelled block (asyncio or anyio
+        cancel scope) is recorded as nothing, and a half-open probe gets its lease back.
+        The context value is the `Ticket`.
+        """
+        return _Guard(self, key)
+
+    async def call(
+        self, key: str, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """
+        ``await fn(*args, **kwargs)`` under `guard` for ``key``; return its result.
+
+        Raises `CircuitOpenError` when rejected, and whatever ``fn`` raises.
+        """
+        async with _Guard(self, key):
+            return await fn(*args, **kwargs)
+
+    async def admit(self, key: str) -> Ticket:
+        """
+        Admit one call for ``key`` and return its ticket (for `report`).
+
+        Served from the local view while it is fresh (see the module docstring),
+        otherwise by the store, which performs the lazy OPEN -> HALF_OPEN step and
+        grants probe leases.  Raises `CircuitOpenError` (with the state, ``retry_after``,
+        reason and last error) when the call must not go ahead, and
+        `BackendClosedError` after `aclose`.
+        """
+        if self._closed:
+            self._check_open()
+        view = self._views.get(key)
+        if view is not None:
+            now = self._clock()
+            if 0.0 <= now - view[1] < self._ttl:
+                ticket = view[2]
+                if ticket is not None:
+                    return ticket
+                state = view[0]
+                if state.state is _OPEN or state.state is _FORCED_OPEN:
+                    until = state.open_until_ts
+                    if until is None or now < until:
+                        await self._reject(
+                            state, None if until is None else until - now, notify=True
+                        )
+        return await self._admit_from_store(key)
+
+    async def _admit_from_store(self, key: str) -> Ticket:
+        if key in self._pending:
+            # the flush answers with the store's state: a CLOSED one admits like `admit` would
+            state = await self._flush_key(key)
+            if state is not None:
+                ticket = _view_ticket(state)
+                if ticket is not None:
+                    return ticket
+        policy = self.policy
+        admission = await self._store_op(key, lambda store: store.admit(key, policy))
+        await self._observe(admission.state)
+        if admission.admitted and admission.ticket is not None:
+            return admission.ticket
+        await self._reject(admission.state, admission.retry_after, notify=True)
+
+    async def _reject(
+        self, state: CircuitBreakerState, retry_after: float | None, *, notify: bool
+    ) -> NoReturn:
+        if notify and self._rejection_events and self._listeners:
+            await self._emit(
+                BreakerEvent(
+                    kind=BreakerEventKind.CALL_REJECTED,
+                    key=state.key,
+                    new_state=state.state,
+                    reason=state.reason,
+                    generation=state.generation,
+                    open_until=_ts(state.open_until_ts),
+                    at=self._now_dt(),
+                )
+            )
+        raise CircuitOpenError(
+            state.key,
+            state=state.state,
+            retry_after=retry_after,
+            last_error=state.last_error,
+            reason=state.reason,
+        )
+
+    # ------------------------------------------------------------------ outcomes
+
+    async def report(
+        self,
+        ticket: Ticket,
+        outcome: Outcome,
+        *,
+        retry_after: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """
+        Report how the call admitted with ``ticket`` ended.
+
+        ``retry_after`` is a 429's hint in seconds; ``error`` a short description of the
+        failure (class and status; never a key or a prompt).  Successes of CLOSED
+        tickets are written behind; every other outcome that can change the state goes
+        to the store at once.  Outcomes that teach nothing (ignored, cancelled,
+        rejected) of non-probe tickets cost no I/O; for a probe they return its lease.
+        Outcomes of an older generation are dropped, and so are outcomes reported after
+        `aclose` (with a debug log).  Never raises because the store is down (see
+        degraded mode).
+        """
+        if self._closed:
+            logger.debug("circuit breaker closed; dropping the %s outcome", outcome.value)
+            return
+        key = ticket.key
+        view = self._views.get(key)
+        if view is not None and outcome is _SUCCESS and self._ttl > 0:
+            state = view[0]
+            if state.generation == ticket.generation and ticket.lease_id is None:
+                if state.state is _CLOSED:
+                    pending = self._pending.get(key)
+                    if pending is None or pending[0] != ticket.generation:
+                        # successes of an older generation would be dropped by the store
+                        self._pending[key] = [ticket.generation, 1, self._clock()]
+                        return
+                    pending[1] += 1
+                    if pending[1] >= _MAX_PENDING or (
+                        self._clock() - pending[2] >= self._flush_interval
+                    ):
+                        await self._flush_key(key)
+                    return
+                if state.state is _DISABLED:
+                    return
+        await self._report_inline(ticket, outcome, retry_after, error, view)
+
+    async def _report_inline(
+        self,
+        ticket: Ticket,
+        outcome: Outcome,
+        retry_after: float | None,
+        error: str | None,
+        view: _View | None,
+    ) -> None:
+        key = ticket.key
+        if ticket.lease_id is None and not outcome.is_sample:
+            return  # the machine learns nothing from it outside a probe
+        if view is not None and self._ttl > 0:
+            fresh = 0.0 <= self._clock() - view[1] < self._ttl
+            if fresh and ticket.generation < view[0].generation:
+                return  # the store's generation is at least the view's: it would drop it
+            if view[0].state is _DISABLED and view[0].generation == ticket.generation:
+                return
+        report = OutcomeReport(ticket=ticket, outcome=outcome, retry_after=retry_after, error=error)
+        reports = [*self._take_pending(key), report]
+        policy = self.policy
+        state = await self._store_op(key, lambda store: store.record(key, policy, reports))
+        await self._observe(state)
+
+    def _take_pending(self, key: str) -> list[OutcomeReport]:
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            return []
+        generation, count = pending[0], pending[1]
+        report = OutcomeReport(ticket=Ticket(key=key, generation=generation), outcome=_SUCCESS)
+        return [report] * count
+
+    async def _flush_key(self, key: str) -> CircuitBreakerState | None:
+        reports = self._take_pending(key)
+        if not reports:
+            return None
+        policy = self.policy
+        state = await self._store_op(key, lambda store: store.record(key, policy, reports))
+        await self._observe(state)
+        return state
+
+    async def _flush_due(self) -> None:
+        now = self._clock()
+        for key, pending in list(self._pending.items()):
+            if not 0.0 <= now - pending[2] < self._flush_interval:
+                await self._flush_key(key)
+
+    async def _flush_all(self) -> None:
+        for key in list(self._pending):
+            await self._flush_key(key)
+
+    async def flush(self) -> None:
+        """Send every written-behind success to the store now."""
+        self._check_open()
+        await self._flush_all()
+
+    # ------------------------------------------------------------------ inspection and control
+
+    def available_hint(self, key: str) -> bool:
+        """
+        Whether ``key`` would likely admit a call, from the local view only (no I/O).
+
+        True for a key never seen, CLOSED or DISABLED; for OPEN and FORCED_OPEN, true
+        once ``open_until`` has passed (the next call may probe); for HALF_OPEN, true
+        while the view shows a free probe slot.  The view may be up to
+        ``local_view_ttl`` old (older for keys not used lately); use `is_available` for
+        the store's answer.
+        """
+        view = self._views.get(key)
+        if view is None:
+            return True
+        state = view[0]
+        s = state.state
+        if s is _CLOSED or s is _DISABLED:
+            return True
+        now = self._clock()
+        if s is _HALF_OPEN:
+            live = sum(1 for lease in state.leases if lease[1] > now)
+            return live < self.policy.half_open_probes
+        until = state.open_until_ts
+        return until is not None and now >= until
+
+    async def get_status(self, key: str) -> CircuitBreakerState:
+        """
+        The store's current state of ``key`` (after flushing its written-behind
+        successes); a key never seen reads as CLOSED, generation 0.
+
+        The returned `CircuitBreakerState` also offers the original's fields as
+        properties: ``failure_count`` (consecutive failures), ``is_open`` (OPEN,
+        FORCED_OPEN or HALF_OPEN) and ``opened_at`` (aware UTC datetime).
+        """
+        self._check_open()
+        await self._flush_key(key)
+        state = await self._store_op(key, lambda store: store.snapshot(key))
+        await self._observe(state)
+        return state
+
+    async def is_available(self, key: str) -> bool:
+        """
+        Whether a call for ``key`` would be admitted now, by the store's state: CLOSED
+        and DISABLED yes; HALF_OPEN if a probe slot is free; OPEN and FORCED_OPEN once
+        ``open_until`` has passed.  Takes no lease and changes nothing.
+        """
+        state = await self.get_status(key)
+        s = state.state
+        if s is _CLOSED or s is _DISABLED:
+            return True
+        now = self._clock()
+        if s is _HALF_OPEN:
+            live = sum(1 for lease in state.leases if lease[1] > now)
+            return live < self.policy.half_open_probes
+        until = state.open_until_ts
+        return until is not None and now >= until
+
+    async def snapshot(self) -> list[CircuitBreakerState]:
+        """Every key's state in the store (after flushing), sorted by key."""
+        self._check_open()
+        await self._flush_all()
+        return await self._store_op(None, lambda store: store.snapshot_all())
+
+    async def reset(self, key: str | None = None) -> None:
+        """
+        Return ``key`` (or every key) to a fresh CLOSED state, forgetting trips; tickets
+        issued before stop counting.  Written-behind successes of the key are dropped.
+        """
+        self._check_open()
+        if key is None:
+            self._pending.clear()
+        else:
+            self._pending.pop(key, None)
+        await self._store_op(key, lambda store: store.reset(key))
+        if key is None:
+            keys = list(self._views)
+            for state in await self._store_op(None, lambda store: store.snapshot_all()):
+                await self._observe(state, reason="reset")
+                if state.key in keys:
+                    keys.remove(state.key)
+            for stale in keys:  # keys the store no longer lists read as fresh CLOSED
+                await self._observe(
+                    CircuitBreakerState(key=stale, closed_at_ts=self._clock()), reason="reset"
+                )
+        else:
+            state = await self._store_op(key, lambda store: store.snapshot(key))
+            await self._observe(state, reason="reset")
+
+    async def force_open(
+        self, key: str, until: datetime | None = None, reason: str = "forced open by operator"
+    ) -> CircuitBreakerState:
+        """
+        Reject every call for ``key`` until ``until`` (an aware datetime; ``None``: until
+        `reset`).  Forcing an already forced-open key never shortens it.  Returns the
+        new state.  Raises `RecordValidationError` for a naive ``until``.
+        """
+        self._check_open()
+        state = await self._store_op(
+            key, lambda store: store.force(key, _FORCED_OPEN, until=until, reason=reason)
+        )
+        await self._observe(state)
+        return state
+
+    async def disable(self, key: str, reason: str = "disabled by operator") -> CircuitBreakerState:
+        """Let every call for ``key`` through and never trip, until `reset`; returns the state."""
+        self._check_open()
+        self._pending.pop(key, None)
+        state = await self._store_op(key, lambda store: store.force(key, _DISABLED, reason=reason))
+        await self._observe(state)
+        return state
+
+    # ------------------------------------------------------------------ views and events
+
+    def _now_dt(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    async def _observe(self, state: CircuitBreakerState, reason: str | None = None) -> None:
+        key = state.key
+        old = self._views.get(key)
+        self._views[key] = (state, self._clock(), _view_ticket(state))
+        old_state = _CLOSED if old is None else old[0].state
+        if old_state is not state.state and self._listeners:
+            await self._emit(
+                BreakerEvent(
+                    kind=BreakerEventKind.STATE_CHANGED,
+                    key=key,
+                    old_state=old_state,
+                    new_state=state.state,
+                    reason=reason or state.reason,
+                    generation=state.generation,
+                    open_until=_ts(state.open_until_ts),
+                    at=self._now_dt(),
+                )
+            )
+
+    async def _emit(self, event: BreakerEvent) -> None:
+        for listener in tuple(self._listeners):
+            try:
+                result = listener(event)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception(
+                    "circuit breaker listener %r failed on %s for %r",
+                    listener,
+                    event.kind.value,
+                    event.key,
+                )
+
+    # ------------------------------------------------------------------ degraded mode
+
+    async def _store_op(
+        self, key: str | None, op: Callable[[CircuitStateStore], Awaitable[T]]
+    ) -> T:
+        fallback = self._fallback
+        if fallback is not None:
+            now = self._clock()
+            if now < self._retry_at:
+                return await op(fallback)
+            try:
+                result = await op(self._store)
+            except BackendClosedError:
+                raise
+            except (BackendError, OSError) as exc:
+                self._retry_at = now + self._retry_interval
+                logger.debug("circuit store still unavailable: %s", _describe(exc))
+                return await op(fallback)
+            await self._recover(key)
+            return result
+        try:
+            return await op(self._store)
+        except BackendClosedError:
+            raise
+        except (BackendError, OSError) as exc:
+            fallback = await self._degrade(key, exc)
+            return await op(fallback)
+
+    async def _degrade(self, key: str | None, exc: BaseException) -> MemoryStateStore:
+        fallback = MemoryStateStore(clock=self._clock)
+        # start from what this process last knew, so an open circuit stays open
+        for state, _, _ in self._views.values():
+            await _seed(fallback, state)
+        self._fallback = fallback
+        self._retry_at = self._clock() + self._retry_interval
+        self._mark_views_stale()
+        description = _describe(exc)
+        logger.warning(
+            "circuit state store %s failed (%s); using a per-process breaker until it recovers",
+            type(self._store).__name__,
+            description,
+        )
+        if self._listeners:
+            await self._emit(
+                BreakerEvent(
+                    kind=BreakerEventKind.STORE_DEGRADED,
+                    key=key,
+                    error=description,
+                    at=self._now_dt(),
+                )
+            )
+        return fallback
+
+    async def _recover(self, key: str | None) -> None:
+        fallback, self._fallback = self._fallback, None
+        self._mark_views_stale()
+        if fallback is not None:
+            await fallback.aclose()
+        logger.warning(
+            "circuit state store %s recovered; adopting its state", type(self._store).__name__
+        )
+        if self._listeners:
+            await self._emit(
+                BreakerEvent(kind=BreakerEventKind.STORE_RECOVERED, key=key, at=self._now_dt())
+            )
+
+    def _mark_views_stale(self) -> None:
+        # keep the states (for events and hints) but make the next admission ask the store
+        self._views = {
+            key: (state, -math.inf, ticket) for key, (state, _, ticket) in self._views.items()
+        }
+
+
+async def _seed(store: TransactionalStateStore, state: CircuitBreakerState) -> None:
+    def put(
+        current: CircuitBreakerState | None, now: float
+    ) -> tuple[CircuitBreakerState | None, None]:
+        return state, None
+
+    await store._transact(state.key, put)
