@@ -51,6 +51,14 @@ from .backends import (
     telemetry_from_url as telemetry_from_url,
 )
 from .circuit import BreakerPolicy as BreakerPolicy
+from .executor import (
+    AttemptSummary as AttemptSummary,
+    EmpathyLLMExecutor as EmpathyLLMExecutor,
+    ExecutionContext as ExecutionContext,
+    FallbackPolicy as FallbackPolicy,
+    LLMResponse as LLMResponse,
+    TelemetryDisabledWarning as TelemetryDisabledWarning,
+)
 from .exceptions import (
     AllRoutesFailedError as AllRoutesFailedError,
     AuthenticationError as AuthenticationError,
@@ -92,6 +100,7 @@ from .records import (
     wilson_interval as wilson_interval,
 )
 from .registry import ModelInfo as ModelInfo, ModelRegistry as ModelRegistry
+from .retry import RetryPolicy as RetryPolicy
 from .tasks import (
     TaskType as TaskType,
     get_tier_for_task as get_tier_for_task,
@@ -105,6 +114,7 @@ __all__ = [
     "Admission",
     "AllRoutesFailedError",
     "AsyncResource",
+    "AttemptSummary",
     "AuthCostEstimate",
     "AuthFileError",
     "AuthMode",
@@ -124,10 +134,14 @@ __all__ = [
     "ConstraintStatus",
     "ContentPolicyError",
     "ContextWindowExceededError",
+    "EmpathyLLMExecutor",
     "EmpathyModelsError",
+    "ExecutionContext",
+    "FallbackPolicy",
     "InvalidRequestError",
     "InvalidResponseError",
     "LLMCallRecord",
+    "LLMResponse",
     "LinesOfCodeReport",
     "MemoryStateStore",
     "MemoryTelemetryBackend",
@@ -149,6 +163,7 @@ __all__ = [
     "ProviderTimeoutError",
     "RateLimitedError",
     "RecordValidationError",
+    "RetryPolicy",
     "RoutingDecision",
     "SchemaVersionError",
     "ServerError",
@@ -157,6 +172,7 @@ __all__ = [
     "SubscriptionTier",
     "TaskType",
     "TelemetryBackend",
+    "TelemetryDisabledWarning",
     "TelemetryError",
     "Ticket",
     "TransactionalStateStore",

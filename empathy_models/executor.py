@@ -1,0 +1,1216 @@
+"""
+The executor: one call in, one answer out, with routing, breaking, retries, fallback
+and a record of every attempt.
+
+::
+
+    async with EmpathyLLMExecutor(
+        providers=[AnthropicProvider(), OpenAIProvider()],
+        telemetry_store="sqlite:///calls.db",
+        router=router,
+        breaker=breaker,
+    ) as executor:
+        response = await executor.run(
+            "Summarize ...", ExecutionContext(workflow="docs", stage="outline")
+        )
+
+What `EmpathyLLMExecutor.run` does, in order:
+
+1. **Tier.** ``context.tier`` if given, else the tier of ``context.task_type``
+   (`empathy_models.tasks.get_tier_for_task`; unknown tasks -> capable).
+2. **Candidates.** The registry's models of that tier whose provider is configured,
+   cheapest first.  None at all raises `ConfigurationError` (no silent change of tier).
+3. **First route.** A pinned ``context.model``; else the router's pick (when a router is
+   given; models whose breaker is known to be open are passed as ``unavailable``); else
+   the cheapest candidate whose breaker is not known to be open.
+4. **Fallback order** (always towards *more* capable, never cheaper): the remaining
+   candidates of the same tier, cheapest first, then, with ``FallbackPolicy.escalate``,
+   the models of each higher tier (cheap -> capable -> premium).  A model is never
+   tried twice in one run, and at most ``FallbackPolicy.max_routes`` models are called.
+5. **Per route.** The breaker admits (a `CircuitOpenError` moves to the next route
+   without calling the provider); the provider is called under the per-attempt
+   ``context.timeout`` and the overall ``context.deadline``; retryable failures
+   (`RetryPolicy.is_retryable`) are retried on the same route after the policy's delay,
+   honouring ``Retry-After``.
+6. **Decisions on failure.**
+
+   ======================================  ==============================================
+   error                                   what happens
+   ======================================  ==============================================
+   timeout, connection, 5xx, 429           retried on the route, then the next route
+   429 whose Retry-After exceeds the cap   next route at once (no sleeping)
+   401, 403, 404                           next route at once (no retry)
+   malformed response, unknown error       next route at once (no retry)
+   breaker open                            next route, provider not called
+   400, content policy                     raised at once: a bad request stays bad
+   context window exceeded                 next route with a larger context window,
+                                           if ``FallbackPolicy.larger_context_on_overflow``
+                                           and one remains; else raised at once
+   overall deadline passed                 `AllRoutesFailedError` at once
+   every route failed                      `AllRoutesFailedError` with every error
+   ======================================  ==============================================
+
+7. **Feedback.** Every attempt, including breaker rejections and cancellations, produces
+   one `LLMCallRecord` (shared ``request_id``, ``attempt`` numbered 1.. across the whole
+   run), which goes to the breaker (for admitted attempts), to the router's
+   ``record_outcome`` and to the telemetry backend.  Feedback never fails the request:
+   errors are logged on ``empathy_models.executor`` and counted.
+
+The context is never mutated; the executor keeps no per-request state on itself, so
+any number of `run` calls may proceed concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+import warnings
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from contextlib import AsyncExitStack
+from types import MappingProxyType, TracebackType
+from typing import Any, Protocol, Self
+
+import aiohttp
+import anyio
+import attrs
+from attrs import field, frozen
+
+from .abc import Completion, CompletionRequest, Message, Provider, TelemetryBackend
+from .backends import telemetry_from_url
+from .backends.null import NullTelemetryBackend
+from .breaker import CircuitBreaker
+from .exceptions import (
+    AllRoutesFailedError,
+    CircuitOpenError,
+    ConfigurationError,
+    ContextWindowExceededError,
+    ProviderTimeoutError,
+)
+from .outcomes import classify_error, retry_after_of
+from .records import (
+    CircuitState,
+    LLMCallRecord,
+    ModelTier,
+    Outcome,
+    RoutingDecision,
+    Ticket,
+)
+from .registry import ModelInfo, ModelRegistry
+from .retry import RetryPolicy
+from .tasks import get_tier_for_task, normalize_task_type
+
+__all__ = [
+    "AttemptSummary",
+    "EmpathyLLMExecutor",
+    "ExecutionContext",
+    "FallbackPolicy",
+    "LLMResponse",
+    "TelemetryDisabledWarning",
+]
+
+logger = logging.getLogger("empathy_models.executor")
+
+_TIER_ORDER: tuple[ModelTier, ...] = (ModelTier.CHEAP, ModelTier.CAPABLE, ModelTier.PREMIUM)
+_ERROR_MESSAGE_LIMIT = 300
+
+JSONScalar = str | int | float | bool | None
+Sleep = Callable[[float], Awaitable[object]]
+Clock = Callable[[], float]
+
+
+class TelemetryDisabledWarning(UserWarning):
+    """
+    The executor was built without a telemetry store: calls work, records are not kept.
+
+    Emitted once per executor, at construction.  Pass ``telemetry_store=`` (a backend or
+    a URL such as ``"sqlite:///calls.db"``), or ``NullTelemetryBackend()`` to opt out
+    explicitly and silence it.
+    """
+
+
+# --------------------------------------------------------------------------- collaborators
+
+
+class _Router(Protocol):
+    """**Protocol:** what the executor calls on a router (`AdaptiveModelRouter`)."""
+
+    def get_best_model(
+        self,
+        workflow: str,
+        stage: str,
+        *,
+        candidates: Sequence[str] | None = ...,
+        input_tokens: int | None = ...,
+        max_tokens: int | None = ...,
+        max_cost: float | None = ...,
+        max_latency_ms: float | None = ...,
+        min_success_rate: float | None = ...,
+        unavailable: Collection[str] = ...,
+    ) -> RoutingDecision: ...
+
+    def record_outcome(self, record: LLMCallRecord) -> None: ...
+
+
+class _Breaker(Protocol):
+    """**Protocol:** what the executor calls on a circuit breaker (`CircuitBreaker`)."""
+
+    def key_for(self, provider: str, model: str | None = ...) -> str: ...
+
+    async def admit(self, key: str) -> Ticket: ...
+
+    async def report(
+        self,
+        ticket: Ticket,
+        outcome: Outcome,
+        *,
+        retry_after: float | None = ...,
+        error: str | None = ...,
+    ) -> Any: ...
+
+    def available_hint(self, key: str) -> bool: ...
+
+
+# --------------------------------------------------------------------------- validators
+
+
+def _bad(owner: str, attribute: attrs.Attribute[Any], value: object, why: str) -> Exception:
+    return ConfigurationError(f"{owner}.{attribute.name} {why}, got {value!r}")
+
+
+def _ctx_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad("ExecutionContext", attribute, value, "must be a non-empty string")
+
+
+def _ctx_opt_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, str):
+        raise _bad("ExecutionContext", attribute, value, "must be a string or None")
+
+
+def _ctx_positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad("ExecutionContext", attribute, value, "must be a number or None")
+    if not math.isfinite(value) or value <= 0:
+        raise _bad("ExecutionContext", attribute, value, "must be a finite number > 0")
+
+
+def _ctx_non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad("ExecutionContext", attribute, value, "must be a number or None")
+    if not math.isfinite(value) or value < 0:
+        raise _bad("ExecutionContext", attribute, value, "must be a finite number >= 0")
+
+
+def _ctx_rate(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise _bad("ExecutionContext", attribute, value, "must be a number between 0 and 1")
+
+
+def _ctx_max_tokens(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad("ExecutionContext", attribute, value, "must be an integer >= 1")
+
+
+def _ctx_bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise _bad("ExecutionContext", attribute, value, "must be True or False")
+
+
+def _to_tier_opt(value: object) -> ModelTier | None:
+    if value is None or isinstance(value, ModelTier):
+        return value
+    if isinstance(value, str):
+        try:
+            return ModelTier(value.strip().lower())
+        except ValueError:
+            pass
+    allowed = ", ".join(t.value for t in ModelTier)
+    raise ConfigurationError(f"ExecutionContext.tier must be one of {allowed}, got {value!r}")
+
+
+def _copy_metadata(value: Mapping[str, Any] | None) -> Mapping[str, JSONScalar]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"ExecutionContext.metadata must be a mapping, got {value!r}")
+    copied: dict[str, JSONScalar] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ConfigurationError(f"ExecutionContext.metadata keys must be strings, got {key!r}")
+        if item is not None and not isinstance(item, str | int | float | bool):
+            raise ConfigurationError(
+                f"ExecutionContext.metadata[{key!r}] must be a str, int, float, bool or None, "
+                f"got {type(item).__name__}"
+            )
+        copied[key] = item
+    return MappingProxyType(copied)
+
+
+# --------------------------------------------------------------------------- values
+
+
+@frozen(kw_only=True)
+class ExecutionContext:
+    """
+    Who is calling and under which limits; immutable and safe to reuse across calls.
+
+    Args:
+        workflow, stage: where the call belongs; the router learns per (workflow, stage).
+        task_type: picks the tier when ``tier`` is not given (normalized:
+            ``"FIX_BUG"``, ``"fix-bug"`` and ``"fix bug"`` are the same task).
+        tier: overrides the task's tier.
+        model: pins the first route to this registry model id (bypassing the router);
+            fallback then proceeds as usual.  Cannot be combined with constraints.
+        max_cost, max_latency_ms, min_success_rate: routing constraints, evaluated by the
+            executor's router (a run with constraints and no router raises
+            `ConfigurationError`).
+        max_tokens, temperature, system: passed to the provider.
+        timeout: seconds allowed for one attempt (waiting for a provider slot
+            included); ``None`` leaves only the provider's own timeout.  Default 120.
+        deadline: seconds allowed for the whole run (every attempt and every retry wait);
+            ``None`` for no overall limit.
+        metadata: JSON scalars copied into every record; the mapping is copied, so later
+            changes to the caller's dict do not leak in.
+        user_id, session_id: copied into every record.
+        record_text: keep prompt and response text in the records (off by default).
+
+    Invalid values raise `ConfigurationError` naming the field and the value.
+    """
+
+    workflow: str = field(default="default", validator=_ctx_str)
+    stage: str = field(default="default", validator=_ctx_str)
+    task_type: str = field(default="unknown", validator=_ctx_str)
+    tier: ModelTier | None = field(default=None, converter=_to_tier_opt)
+    model: str | None = field(default=None, validator=_ctx_opt_str)
+    max_cost: float | None = field(default=None, validator=_ctx_non_negative)
+    max_latency_ms: float | None = field(default=None, validator=_ctx_positive)
+    min_success_rate: float | None = field(default=None, validator=_ctx_rate)
+    max_tokens: int = field(default=1024, validator=_ctx_max_tokens)
+    temperature: float | None = field(default=None, validator=_ctx_non_negative)
+    system: str | None = field(default=None, validator=_ctx_opt_str)
+    timeout: float | None = field(default=120.0, validator=_ctx_positive)
+    deadline: float | None = field(default=None, validator=_ctx_positive)
+    metadata: Mapping[str, JSONScalar] = field(factory=dict, converter=_copy_metadata)
+    user_id: str | None = field(default=None, validator=_ctx_opt_str)
+    session_id: str | None = field(default=None, validator=_ctx_opt_str)
+    record_text: bool = field(default=False, validator=_ctx_bool)
+
+    def __attrs_post_init__(self) -> None:
+        if self.model is not None and self.has_constraints:
+            raise ConfigurationError(
+                f"ExecutionContext.model={self.model!r} pins the model and bypasses routing, "
+                "so max_cost / max_latency_ms / min_success_rate cannot be honoured; "
+                "drop either the pin or the constraints"
+            )
+
+    @property
+    def has_constraints(self) -> bool:
+        """True when any routing constraint is set."""
+        return (
+            self.max_cost is not None
+            or self.max_latency_ms is not None
+            or self.min_success_rate is not None
+        )
+
+
+def _positive_int(owner: str) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _bad(owner, attribute, value, "must be an integer >= 1")
+
+    return check
+
+
+def _fb_bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise _bad("FallbackPolicy", attribute, value, "must be True or False")
+
+
+@frozen(kw_only=True)
+class FallbackPolicy:
+    """
+    Where to go when a route fails: always towards more capability, never cheaper.
+
+    Args:
+        max_routes: the most distinct models called in one run (routes rejected by an
+            open breaker, which cost nothing, do not count).  ``1`` disables fallback.
+        escalate: after the candidates of the run's tier, try the models of the higher
+            tiers (cheap -> capable -> premium), cheapest first within each.
+        larger_context_on_overflow: on `ContextWindowExceededError`, skip to the next
+            route whose context window is larger; without one (or when false) the
+            error is raised at once.
+    """
+
+    max_routes: int = field(default=3, validator=_positive_int("FallbackPolicy"))
+    escalate: bool = field(default=True, validator=_fb_bool)
+    larger_context_on_overflow: bool = field(default=True, validator=_fb_bool)
+
+    @classmethod
+    def none(cls) -> FallbackPolicy:
+        """One route only: the first choice, retried per the `RetryPolicy`, no fallback."""
+        return cls(max_routes=1, escalate=False, larger_context_on_overflow=False)
+
+
+@frozen(kw_only=True)
+class AttemptSummary:
+    """
+    One attempt of a run, as the response reports it.
+
+    ``attempt`` matches the ``attempt`` of its `LLMCallRecord` (and ``call_id`` its
+    ``call_id``); ``delay_s`` is how long the executor waited after this attempt before
+    retrying the same route (``None`` when it did not retry it).
+    """
+
+    attempt: int
+    call_id: str
+    provider: str
+    model: str
+    outcome: Outcome
+    latency_ms: float
+    error_type: str | None = None
+    status_code: int | None = None
+    retry_after: float | None = None
+    delay_s: float | None = None
+
+
+@frozen(kw_only=True)
+class LLMResponse:
+    """
+    The answer of a run and how it was obtained.
+
+    ``model``/``provider``/``tier`` are those of the registry model that answered
+    (``response_model`` is the id the provider reported, which may be a dated alias).
+    Tokens and ``cost_usd`` are the successful call's, priced with the registry
+    entry of the model called (``price_version`` says which table).  ``latency_ms`` is
+    the whole run, retries and waits included.  ``fallback_chain`` lists every model
+    tried, in order, the answering one last; ``fallback_used`` is true when that is not
+    the first.
+    """
+
+    content: str
+    model: str
+    provider: str
+    tier: ModelTier
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    latency_ms: float
+    attempts: tuple[AttemptSummary, ...]
+    fallback_chain: tuple[str, ...]
+    fallback_used: bool
+    routing_decision: RoutingDecision | None
+    request_id: str
+    response_model: str
+    price_version: str
+    stop_reason: str | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def retry_count(self) -> int:
+        """Attempts made before the one that answered, on every route."""
+        return len(self.attempts) - 1
+
+
+_DEFAULT_CONTEXT = ExecutionContext()
+
+
+def _to_messages(prompt: str | Sequence[Message]) -> tuple[Message, ...]:
+    if isinstance(prompt, str):
+        return (Message(role="user", content=prompt),)
+    messages = tuple(prompt)
+    if not messages:
+        raise ConfigurationError("prompt must be a string or a non-empty sequence of Message")
+    for item in messages:
+        if not isinstance(item, Message):
+            raise ConfigurationError(
+                f"prompt messages must be Message objects, got {type(item).__name__}"
+            )
+    return messages
+
+
+def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
+    # about four characters per token; the router only needs the order of magnitude
+    chars = sum(len(m.content) for m in messages) + (len(system) if system else 0)
+    return max(1, chars // 4)
+
+
+def _prompt_text(messages: Sequence[Message], system: str | None) -> str:
+    parts = [f"system: {system}"] if system else []
+    parts.extend(f"{m.role}: {m.content}" for m in messages)
+    return "\n".join(parts)
+
+
+def _status_of(exc: BaseException) -> int | None:
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and not isinstance(status, bool) and status >= 0:
+        return status
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    status = _status_of(exc)
+    return f"{type(exc).__name__}" + ("" if status is None else f" ({status})")
+
+
+# --------------------------------------------------------------------------- per-run state
+
+
+class _Run:
+    """Everything one `run` call accumulates; never shared between calls."""
+
+    __slots__ = (
+        "attempts",
+        "chain",
+        "context",
+        "decision",
+        "errors",
+        "messages",
+        "original",
+        "prompt_text",
+        "request_id",
+        "task_type",
+    )
+
+    def __init__(
+        self,
+        context: ExecutionContext,
+        messages: tuple[Message, ...],
+        original: ModelInfo,
+        decision: RoutingDecision | None,
+    ) -> None:
+        self.context = context
+        self.messages = messages
+        self.original = original
+        self.decision = decision
+        self.request_id = uuid.uuid4().hex
+        self.attempts: list[AttemptSummary] = []
+        self.errors: list[Exception] = []
+        self.chain: list[str] = []
+        self.task_type = normalize_task_type(context.task_type) or "unknown"
+        self.prompt_text = _prompt_text(messages, context.system) if context.record_text else None
+
+
+class _DeadlineExceeded(Exception):
+    """Internal: the overall deadline passed; carries the error to add to the group."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# --------------------------------------------------------------------------- the executor
+
+
+class EmpathyLLMExecutor:
+    """
+    Routes, guards, retries, falls back and records LLM calls.
+
+    Args:
+        providers: the providers to use, as a sequence (keyed by each ``provider.name``)
+            or a mapping from the provider name used in the registry to the provider.
+        registry: models, tiers and prices (default `ModelRegistry.default`).  Every
+            configured provider must have at least one model in it.
+        telemetry_store: a `TelemetryBackend`, or a URL (``"sqlite:///calls.db"``) the
+            executor opens on enter and closes on exit.  ``None`` keeps no records and
+            emits one `TelemetryDisabledWarning`.
+        router: an `AdaptiveModelRouter` (or anything with its ``get_best_model`` and
+            ``record_outcome``); without one the cheapest candidate goes first.
+        breaker: a `CircuitBreaker` (or anything with ``key_for``, ``admit``, ``report``
+            and ``available_hint``), or a state-store URL (``"sqlite:///state.db"``,
+            ``"redis://..."``) for a `CircuitBreaker` the executor owns; without one
+            every call is admitted.
+        retry: retries of one route (default `RetryPolicy()`: 3 attempts, 1 s, x2, 30 s
+            cap, jitter).
+        fallback: where to go when a route fails (default `FallbackPolicy()`).
+        concurrency_per_provider: the most calls in flight per provider (an int for
+            all, or a mapping by provider name; default 64).  Further calls wait for a
+            slot.
+        session: an ``aiohttp.ClientSession`` to borrow (not closed by the executor);
+            by default one is created on enter and closed on exit.
+        sleep: the coroutine used to wait between retries (tests inject a recorder).
+        clock: monotonic seconds, for latencies and the deadline.
+
+    Objects passed in (backend, router, breaker, session) are borrowed: the executor
+    neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
+    What it builds from a URL it owns and closes.  Use it as ``async with``; `run`
+    raises `RuntimeError` outside that block.
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[Provider] | Mapping[str, Provider],
+        *,
+        registry: ModelRegistry | None = None,
+        telemetry_store: TelemetryBackend | str | None = None,
+        router: _Router | None = None,
+        breaker: _Breaker | str | None = None,
+        retry: RetryPolicy | None = None,
+        fallback: FallbackPolicy | None = None,
+        concurrency_per_provider: int | Mapping[str, int] = 64,
+        session: aiohttp.ClientSession | None = None,
+        sleep: Sleep = anyio.sleep,
+        clock: Clock = time.perf_counter,
+    ) -> None:
+        self._registry = ModelRegistry.default() if registry is None else registry
+        if not isinstance(self._registry, ModelRegistry):
+            raise ConfigurationError(f"registry must be a ModelRegistry, got {registry!r}")
+        self._providers = self._index_providers(providers)
+        self._retry = RetryPolicy() if retry is None else retry
+        if not isinstance(self._retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        self._fallback = FallbackPolicy() if fallback is None else fallback
+        if not isinstance(self._fallback, FallbackPolicy):
+            raise ConfigurationError(f"fallback must be a FallbackPolicy, got {fallback!r}")
+        self._limits = self._index_limits(concurrency_per_provider)
+        self._semaphores: dict[str, asyncio.Semaphore] = {}
+        self._router = router
+        self._owns_breaker = isinstance(breaker, str)
+        self._breaker: _Breaker | None = (
+            CircuitBreaker(store=breaker) if isinstance(breaker, str) else breaker
+        )
+        self._session = session
+        self._sleep = sleep
+        self._clock = clock
+        self._owns_telemetry = isinstance(telemetry_store, str)
+        self._telemetry: TelemetryBackend | None = (
+            None if telemetry_store is None else telemetry_from_url(telemetry_store)
+        )
+        self._candidates: dict[ModelTier, tuple[ModelInfo, ...]] = {
+            tier: tuple(m for m in self._registry.for_tier(tier) if m.provider in self._providers)
+            for tier in _TIER_ORDER
+        }
+        self._keys: dict[tuple[str, str], str] = {}
+        self._stack: AsyncExitStack | None = None
+        self._state = "new"
+        self.telemetry_errors = 0
+        """Telemetry writes that failed (logged, never raised into a request)."""
+        self.feedback_errors = 0
+        """Router or breaker feedback calls that failed (logged, never raised)."""
+        if self._telemetry is None:
+            warnings.warn(
+                "EmpathyLLMExecutor has no telemetry_store: calls work, but no LLMCallRecord "
+                "is kept, so nothing survives the process for routing or cost reports. Pass "
+                "telemetry_store='sqlite:///calls.db' (or NullTelemetryBackend() to opt out).",
+                TelemetryDisabledWarning,
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ configuration
+
+    def _index_providers(
+        self, providers: Sequence[Provider] | Mapping[str, Provider]
+    ) -> dict[str, Provider]:
+        pairs: list[tuple[object, object]]
+        if isinstance(providers, Mapping):
+            pairs = list(providers.items())
+        elif isinstance(providers, Sequence):
+            pairs = [(getattr(p, "name", None), p) for p in providers]
+        else:
+            raise ConfigurationError(
+                f"providers must be a sequence of Provider or a mapping, got {providers!r}"
+            )
+        if not pairs:
+            raise ConfigurationError("providers must not be empty")
+        out: dict[str, Provider] = {}
+        known = set(self._registry.providers())
+        for name, provider in pairs:
+            if not isinstance(provider, Provider):
+                raise ConfigurationError(f"providers[{name!r}] is not a Provider: {provider!r}")
+            if not isinstance(name, str) or not name:
+                raise ConfigurationError(f"provider {provider!r} has no name")
+            if name in out:
+                raise ConfigurationError(f"two providers are named {name!r}")
+            if name not in known:
+                raise ConfigurationError(
+                    f"provider {name!r} has no models in the registry (price table "
+                    f"{self._registry.price_version}; providers there: {', '.join(sorted(known))})"
+                )
+            out[name] = provider
+        return out
+
+    def _index_limits(self, limits: int | Mapping[str, int]) -> dict[str, int]:
+        def check(name: str, value: object) -> int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(
+                    f"concurrency_per_provider[{name!r}] must be an integer >= 1, got {value!r}"
+                )
+            return value
+
+        if isinstance(limits, Mapping):
+            unknown = sorted(set(limits) - set(self._providers))
+            if unknown:
+                raise ConfigurationError(
+                    f"concurrency_per_provider names unknown providers: {', '.join(unknown)}"
+                )
+            return {name: check(name, limits.get(name, 64)) for name in self._providers}
+        value = check("*", limits)
+        return dict.fromkeys(self._providers, value)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def telemetry_enabled(self) -> bool:
+        """True when records are kept (a backend other than the null one was given)."""
+        return self._telemetry is not None and not isinstance(self._telemetry, NullTelemetryBackend)
+
+    @property
+    def telemetry_store(self) -> TelemetryBackend | None:
+        return self._telemetry
+
+    @property
+    def registry(self) -> ModelRegistry:
+        return self._registry
+
+    @property
+    def providers(self) -> Mapping[str, Provider]:
+        return MappingProxyType(self._providers)
+
+    def __repr__(self) -> str:
+        return (
+            f"EmpathyLLMExecutor(providers={sorted(self._providers)}, state={self._state}, "
+            f"telemetry={self._telemetry!r})"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Self:
+        if self._state != "new":
+            raise RuntimeError(f"EmpathyLLMExecutor cannot be entered twice (it is {self._state})")
+        stack = AsyncExitStack()
+        try:
+            if self._telemetry is not None:
+                if self._owns_telemetry:
+                    await stack.enter_async_context(self._telemetry)
+                else:
+                    stack.push_async_callback(self._flush_borrowed)
+            if self._owns_breaker:
+                assert isinstance(self._breaker, CircuitBreaker)
+                await stack.enter_async_context(self._breaker)
+            session = self._session
+            if session is None:
+                connector = aiohttp.TCPConnector(limit=sum(self._limits.values()))
+                session = aiohttp.ClientSession(connector=connector)
+                stack.push_async_callback(session.close)
+            for provider in self._providers.values():
+                await provider.bind(session)
+                stack.push_async_callback(provider.unbind)
+            self._semaphores = {
+                name: asyncio.Semaphore(limit) for name, limit in self._limits.items()
+            }
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        self._state = "open"
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Unbind providers, close the session and owned backends.  Safe to call twice."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _flush_borrowed(self) -> None:
+        assert self._telemetry is not None
+        try:
+            await self._telemetry.flush()
+        except Exception:
+            self.telemetry_errors += 1
+            logger.exception("flushing the telemetry backend on exit failed")
+
+    # ------------------------------------------------------------------ planning
+
+    def _breaker_key(self, info: ModelInfo) -> str:
+        assert self._breaker is not None
+        pair = (info.provider, info.id)
+        key = self._keys.get(pair)
+        if key is None:
+            key = self._keys[pair] = self._breaker.key_for(info.provider, info.id)
+        return key
+
+    def _known_open(self, models: Sequence[ModelInfo]) -> set[str]:
+        if self._breaker is None:
+            return set()
+        out: set[str] = set()
+        for m in models:
+            try:
+                if not self._breaker.available_hint(self._breaker_key(m)):
+                    out.add(m.id)
+            except Exception:
+                self.feedback_errors += 1
+                logger.exception("breaker.available_hint failed for %s", m.id)
+        return out
+
+    def _plan(
+        self, context: ExecutionContext, messages: tuple[Message, ...]
+    ) -> tuple[list[ModelInfo], RoutingDecision | None]:
+        pinned: ModelInfo | None = None
+        if context.model is not None:
+            pinned = self._registry.get(context.model)
+            if pinned.provider not in self._providers:
+                raise ConfigurationError(
+                    f"ExecutionContext.model={context.model!r} is served by "
+                    f"{pinned.provider!r}, which is not configured "
+                    f"(configured: {', '.join(sorted(self._providers))})"
+                )
+        if context.tier is not None:
+            tier = context.tier
+        elif pinned is not None:
+            tier = pinned.tier
+        else:
+            tier = get_tier_for_task(context.task_type)
+        same_tier = self._candidates[tier]
+        if not same_tier and pinned is None:
+            raise ConfigurationError(
+                f"no {tier.value} model in the registry (price table "
+                f"{self._registry.price_version}) is served by the configured providers "
+                f"({', '.join(sorted(self._providers))})"
+            )
+        higher: list[ModelInfo] = []
+        if self._fallback.escalate:
+            for t in _TIER_ORDER[_TIER_ORDER.index(tier) + 1 :]:
+                higher.extend(self._candidates[t])
+        open_ids = self._known_open([*same_tier, *higher])
+
+        def ordered(models: Sequence[ModelInfo]) -> list[ModelInfo]:
+            # cheapest first (the registry's order), known-open circuits last
+            return sorted(models, key=lambda m: m.id in open_ids)
+
+        decision: RoutingDecision | None = None
+        first: ModelInfo | None = pinned
+        if first is None and self._router is not None:
+            decision = self._router.get_best_model(
+                context.workflow,
+                context.stage,
+                candidates=[m.id for m in same_tier],
+                input_tokens=_estimate_tokens(messages, context.system),
+                max_tokens=context.max_tokens,
+                max_cost=context.max_cost,
+                max_latency_ms=context.max_latency_ms,
+                min_success_rate=context.min_success_rate,
+                unavailable=frozenset(m.id for m in same_tier if m.id in open_ids),
+            )
+            first = self._registry.get(decision.model)
+            if first.provider not in self._providers:
+                raise ConfigurationError(
+                    f"the router chose {first.id!r}, served by {first.provider!r}, which is "
+                    "not configured"
+                )
+        elif first is None and context.has_constraints:
+            raise ConfigurationError(
+                "ExecutionContext has routing constraints (max_cost / max_latency_ms / "
+                "min_success_rate) but the executor has no router to evaluate them; pass "
+                "router=AdaptiveModelRouter(...)"
+            )
+        routes = ordered(same_tier)
+        if first is not None:
+            routes = [first, *(m for m in routes if m.id != first.id)]
+        seen = {m.id for m in routes}
+        routes.extend(m for m in ordered(higher) if m.id not in seen)
+        return routes, decision
+
+    # ------------------------------------------------------------------ feedback
+
+    async def _feedback(
+        self,
+        record: LLMCallRecord,
+        ticket: Ticket | None,
+        retry_after: float | None,
+        error: str | None,
+    ) -> None:
+        if ticket is not None and self._breaker is not None:
+            try:
+                await self._breaker.report(
+                    ticket, record.outcome, retry_after=retry_after, error=error
+                )
+            except Exception:
+                self.feedback_errors += 1
+                logger.exception("breaker.report failed for %s", ticket.key)
+        if self._router is not None:
+            try:
+                self._router.record_outcome(record)
+            except Exception:
+                self.feedback_errors += 1
+                logger.exception("router.record_outcome failed for %s", record.model)
+        if self._telemetry is not None:
+            try:
+                await self._telemetry.record(record)
+            except Exception:
+                self.telemetry_errors += 1
+                logger.exception(
+                    "telemetry write failed (record %s of request %s dropped)",
+                    record.call_id,
+                    record.request_id,
+                )
+
+    def _record(
+        self,
+        run: _Run,
+        info: ModelInfo,
+        outcome: Outcome,
+        *,
+        attempt: int,
+        latency_ms: float,
+        ticket: Ticket | None,
+        exc: BaseException | None = None,
+        completion: Completion | None = None,
+        circuit_state: CircuitState | None = None,
+    ) -> LLMCallRecord:
+        ctx = run.context
+        input_tokens = completion.input_tokens if completion is not None else 0
+        output_tokens = completion.output_tokens if completion is not None else 0
+        cost = info.cost(input_tokens, output_tokens) if completion is not None else 0.0
+        message = None
+        if exc is not None:
+            text = str(exc)
+            message = text[:_ERROR_MESSAGE_LIMIT] if text else None
+        if circuit_state is None and ticket is not None and ticket.lease_id is not None:
+            circuit_state = CircuitState.HALF_OPEN
+        decision = run.decision
+        return LLMCallRecord(
+            provider=info.provider,
+            model=info.id,
+            outcome=outcome,
+            request_id=run.request_id,
+            workflow=ctx.workflow,
+            stage=ctx.stage,
+            task_type=run.task_type,
+            tier=info.tier,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost,
+            price_version=self._registry.price_version,
+            latency_ms=max(0.0, latency_ms),
+            ttft_ms=completion.ttft_ms if completion is not None else None,
+            error_type=None if exc is None else type(exc).__name__,
+            error_message=message,
+            status_code=None if exc is None else _status_of(exc),
+            attempt=attempt,
+            fallback_used=info.id != run.original.id,
+            fallback_chain=tuple(run.chain),
+            original_provider=run.original.provider,
+            original_model=run.original.id,
+            exploration=bool(
+                decision is not None and decision.exploration and decision.model == info.id
+            ),
+            breaker_generation=None if ticket is None else ticket.generation,
+            circuit_state=circuit_state,
+            user_id=ctx.user_id,
+            session_id=ctx.session_id,
+            metadata=ctx.metadata,
+            prompt_text=run.prompt_text,
+            response_text=(
+                completion.content if completion is not None and ctx.record_text else None
+            ),
+        )
+
+    # ------------------------------------------------------------------ the call
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(
+                "EmpathyLLMExecutor is not open; use 'async with EmpathyLLMExecutor(...) as "
+                f"executor:' (it is {self._state})"
+            )
+
+    async def run(
+        self, prompt: str | Sequence[Message], context: ExecutionContext | None = None
+    ) -> LLMResponse:
+        """
+        Answer ``prompt`` with the best available model; see the module docs for the flow.
+
+        Returns an `LLMResponse`.  Raises `AllRoutesFailedError` (an `ExceptionGroup`
+        holding every attempt's error, in order) when no route answered or the deadline
+        passed; the provider's `InvalidRequestError` (400, content policy, or a context
+        window no remaining route can hold) at once; `ConfigurationError` when no model
+        can serve the context; `NoModelMeetsConstraintsError` when the router's policy
+        says so; `RuntimeError` outside ``async with``.  Cancellation is recorded
+        (outcome ``cancelled``, breaker lease returned) and re-raised untouched.
+        Safe to call concurrently from many tasks.
+        """
+        self._check_open()
+        ctx = _DEFAULT_CONTEXT if context is None else context
+        if not isinstance(ctx, ExecutionContext):
+            raise ConfigurationError(f"context must be an ExecutionContext, got {ctx!r}")
+        messages = _to_messages(prompt)
+        start = self._clock()
+        deadline_at = None if ctx.deadline is None else start + ctx.deadline
+        routes, decision = self._plan(ctx, messages)
+        run = _Run(ctx, messages, routes[0], decision)
+        called_routes = 0
+        min_context = 0
+        try:
+            for info in routes:
+                if called_routes >= self._fallback.max_routes:
+                    break
+                if info.context_window <= min_context:
+                    continue
+                run.chain.append(info.id)
+                called, completion, overflow = await self._route(run, info, deadline_at)
+                called_routes += called
+                if completion is not None:
+                    return self._response(run, info, completion, start)
+                if overflow:
+                    min_context = info.context_window
+                    if not any(
+                        m.context_window > min_context for m in routes[routes.index(info) + 1 :]
+                    ):
+                        raise run.errors[-1]
+        except _DeadlineExceeded as exc:
+            run.errors.append(exc.error)
+            raise AllRoutesFailedError(
+                f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
+                f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}",
+                run.errors,
+            ) from None
+        if not run.errors:  # pragma: no cover - every route adds an error or answers
+            raise ConfigurationError("no route could be tried")
+        last = run.errors[-1]
+        raise AllRoutesFailedError(
+            f"all routes failed for {ctx.workflow}/{ctx.stage}: tried "
+            f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); "
+            f"last error: {_describe(last)}: {str(last)[:_ERROR_MESSAGE_LIMIT]}",
+            run.errors,
+        )
+
+    def _response(
+        self, run: _Run, info: ModelInfo, completion: Completion, start: float
+    ) -> LLMResponse:
+        return LLMResponse(
+            content=completion.content,
+            model=info.id,
+            provider=info.provider,
+            tier=info.tier,
+            input_tokens=completion.input_tokens,
+            output_tokens=completion.output_tokens,
+            cost_usd=info.cost(completion.input_tokens, completion.output_tokens),
+            latency_ms=max(0.0, (self._clock() - start) * 1000.0),
+            attempts=tuple(run.attempts),
+            fallback_chain=tuple(run.chain),
+            fallback_used=info.id != run.original.id,
+            routing_decision=run.decision,
+            request_id=run.request_id,
+            response_model=completion.model,
+            price_version=self._registry.price_version,
+            stop_reason=completion.stop_reason,
+        )
+
+    def _deadline_error(self, run: _Run, info: ModelInfo, why: str) -> _DeadlineExceeded:
+        return _DeadlineExceeded(
+            ProviderTimeoutError(
+                f"deadline of {run.context.deadline}s exceeded {why}",
+                provider=info.provider,
+                model=info.id,
+            )
+        )
+
+    async def _route(
+        self, run: _Run, info: ModelInfo, deadline_at: float | None
+    ) -> tuple[bool, Completion | None, bool]:
+        """
+        Try one route with retries.  Returns (provider called, completion, overflowed).
+
+        Raises `_DeadlineExceeded` when the deadline passes, the provider's
+        `InvalidRequestError` when the request is bad, and cancellation untouched.
+        """
+        provider = self._providers[info.provider]
+        semaphore = self._semaphores[info.provider]
+        request = CompletionRequest(
+            model=info.id,
+            messages=run.messages,
+            system=run.context.system,
+            max_tokens=run.context.max_tokens,
+            temperature=run.context.temperature,
+        )
+        key = None if self._breaker is None else self._breaker_key(info)
+        per_attempt = run.context.timeout
+        clock = self._clock
+        called = False
+        for route_attempt in range(1, self._retry.max_attempts + 1):
+            # ---- a provider slot, within the deadline only
+            if deadline_at is None:
+                await semaphore.acquire()
+            else:
+                remaining = deadline_at - clock()
+                if remaining <= 0:
+                    raise self._deadline_error(run, info, f"before calling {info.id}")
+                try:
+                    async with asyncio.timeout(remaining):
+                        await semaphore.acquire()
+                except TimeoutError:
+                    raise self._deadline_error(
+                        run, info, f"waiting for a {info.provider} slot"
+                    ) from None
+            try:
+                attempt = len(run.attempts) + 1
+                # ---- admission
+                ticket: Ticket | None = None
+                if key is not None:
+                    assert self._breaker is not None
+                    try:
+                        ticket = await self._breaker.admit(key)
+                    except CircuitOpenError as exc:
+                        record = self._record(
+                            run,
+                            info,
+                            Outcome.REJECTED,
+                            attempt=attempt,
+                            latency_ms=0.0,
+                            ticket=None,
+                            exc=exc,
+                            circuit_state=exc.state,
+                        )
+                        run.errors.append(exc)
+                        run.attempts.append(self._summary(record, exc))
+                        await self._feedback(record, None, None, None)
+                        return called, None, False
+                # ---- the call, under min(per-attempt timeout, time left)
+                budget = per_attempt
+                by_deadline = False
+                if deadline_at is not None:
+                    remaining = deadline_at - clock()
+                    if budget is None or remaining < budget:
+                        budget, by_deadline = remaining, True
+                called = True
+                t0 = clock()
+                timer: asyncio.Timeout | None = None
+                try:
+                    if budget is None:
+                        completion = await provider.complete(request)
+                    else:
+                        timer = asyncio.timeout(max(budget, 0.0))
+                        async with timer:
+                            completion = await provider.complete(request)
+                except Exception as raised:
+                    latency_ms = (clock() - t0) * 1000.0
+                    error: Exception = raised
+                    if timer is not None and timer.expired() and isinstance(raised, TimeoutError):
+                        limit = "the run's deadline" if by_deadline else "the per-attempt timeout"
+                        error = ProviderTimeoutError(
+                            f"{info.provider}/{info.id} gave no answer within {budget:.3f}s "
+                            f"({limit})",
+                            provider=info.provider,
+                            model=info.id,
+                        )
+                        error.__cause__ = raised
+                        error.__suppress_context__ = True
+                    outcome = classify_error(error)
+                    record = self._record(
+                        run,
+                        info,
+                        outcome,
+                        attempt=attempt,
+                        latency_ms=latency_ms,
+                        ticket=ticket,
+                        exc=error,
+                    )
+                    retry_after = retry_after_of(error)
+                    run.errors.append(error)
+                    await self._feedback(record, ticket, retry_after, _describe(error))
+                except BaseException as raised:
+                    # cancellation (or KeyboardInterrupt): record it, return the lease,
+                    # re-raise untouched
+                    latency_ms = (clock() - t0) * 1000.0
+                    record = self._record(
+                        run,
+                        info,
+                        Outcome.CANCELLED,
+                        attempt=attempt,
+                        latency_ms=latency_ms,
+                        ticket=ticket,
+                        exc=raised,
+                    )
+                    run.attempts.append(self._summary(record, raised))
+                    with anyio.CancelScope(shield=True):
+                        await self._feedback(record, ticket, None, "cancelled")
+                    raise
+                else:
+                    latency_ms = (clock() - t0) * 1000.0
+                    record = self._record(
+                        run,
+                        info,
+                        Outcome.SUCCESS,
+                        attempt=attempt,
+                        latency_ms=latency_ms,
+                        ticket=ticket,
+                        completion=completion,
+                    )
+                    run.attempts.append(self._summary(record, None))
+                    await self._feedback(record, ticket, None, None)
+                    return called, completion, False
+            finally:
+                semaphore.release()
+
+            # ---- decide after a failure (outside the provider slot)
+            if by_deadline and timer is not None and timer.expired():
+                run.attempts.append(self._summary(record, error))
+                raise _DeadlineExceeded(error) from None
+            if outcome is Outcome.IGNORED:
+                run.attempts.append(self._summary(record, error))
+                if (
+                    isinstance(error, ContextWindowExceededError)
+                    and self._fallback.larger_context_on_overflow
+                ):
+                    return called, None, True
+                raise error
+            if not self._retry.should_retry(error, route_attempt):
+                run.attempts.append(self._summary(record, error))
+                return called, None, False
+            delay = self._retry.compute_delay(route_attempt, retry_after)
+            if delay is None:
+                logger.info(
+                    "%s asked to retry after %.1fs, more than the policy allows (%.1fs); "
+                    "falling back",
+                    info.id,
+                    retry_after,
+                    self._retry.retry_after_limit,
+                )
+                run.attempts.append(self._summary(record, error))
+                return called, None, False
+            if deadline_at is not None and clock() + delay >= deadline_at:
+                # the wait would outlast the run: let the next route use the time left
+                run.attempts.append(self._summary(record, error))
+                return called, None, False
+            run.attempts.append(self._summary(record, error, delay))
+            await self._sleep(delay)
+        return called, None, False
+
+    @staticmethod
+    def _summary(
+        record: LLMCallRecord, exc: BaseException | None, delay: float | None = None
+    ) -> AttemptSummary:
+        return AttemptSummary(
+            attempt=record.attempt,
+            call_id=record.call_id,
+            provider=record.provider,
+            model=record.model,
+            outcome=record.outcome,
+            latency_ms=record.latency_ms,
+            error_type=record.error_type,
+            status_code=record.status_code,
+            retry_after=None if exc is None else retry_after_of(exc),
+            delay_s=delay,
+        )

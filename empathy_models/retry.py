@@ -1,0 +1,276 @@
+"""
+How often to try one route again, and how long to wait in between.
+
+`RetryPolicy` is a pure value: it computes delays and answers "is this error worth
+another try?", and never sleeps itself.  The executor does the sleeping, through an
+injectable ``sleep`` function, so tests never wait.
+
+Names say what they count: ``max_attempts`` is the number of calls made to one route,
+the first one included.  ``max_attempts=1`` means one call and no retry; ``0`` is
+rejected (the original's ``max_retries=0`` silently made no call at all).
+
+Delays, with the defaults (``base_delay=1.0``, ``multiplier=2.0``, ``max_delay=30.0``)
+and ``jitter=False``, are 1 s after the first failed attempt, 2 s after the second,
+4 s, 8 s, ... capped at 30 s.  With jitter (the default) each delay is drawn uniformly
+from ``[d/2, d]`` (``jitter_mode="equal"``) or ``[0, d]`` (``"full"``) with the policy's
+``random.Random`` (pass a seeded one for reproducible delays).
+
+A ``Retry-After`` hint from the provider (a 429, or a 503 that sends one) is honoured:
+the wait is at least the hint.  When the hint is longer than ``max_retry_after``
+(default: ``max_delay``) the policy answers ``None`` ("do not wait here"), and the
+executor falls back to the next route instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any, Literal
+
+import attrs
+from attrs import field, frozen
+
+from .exceptions import (
+    ConfigurationError,
+    ProviderConnectionError,
+    ProviderTimeoutError,
+    RateLimitedError,
+    ServerError,
+)
+from .outcomes import classify_error
+from .records import Outcome
+
+__all__ = ["DEFAULT_RETRY_ON", "RetryPolicy"]
+
+RetryOn = type[BaseException] | Outcome
+
+DEFAULT_RETRY_ON: tuple[RetryOn, ...] = (
+    ProviderTimeoutError,
+    ProviderConnectionError,
+    ServerError,
+    RateLimitedError,
+)
+"""
+What is retried by default: timeouts, connection errors, 5xx (overload included) and 429.
+
+Never retried by default: 400 / context window / content policy (the same request
+fails the same way), 401 / 403 / 404 (the route is wrong, the executor falls back),
+malformed responses and errors outside the provider error tree.
+"""
+
+
+def _seconds(value: object) -> object:
+    # durations accept float | timedelta; anything else is left to the validator
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _seconds_opt(value: object) -> object:
+    return None if value is None else _seconds(value)
+
+
+def _bad(attribute: attrs.Attribute[Any], value: object, why: str) -> ConfigurationError:
+    return ConfigurationError(f"RetryPolicy.{attribute.name} {why}, got {value!r}")
+
+
+def _non_negative_seconds(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None and attribute.name == "max_retry_after":
+        return
+    if isinstance(value, bool) or not isinstance(value, float):
+        raise _bad(attribute, value, "must be a number of seconds (float or timedelta)")
+    if not math.isfinite(value) or value < 0:
+        raise _bad(attribute, value, "must be a finite number of seconds >= 0")
+
+
+def _attempts(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad(
+            attribute,
+            value,
+            "must be an integer >= 1 (it counts calls, the first included; "
+            "use RetryPolicy.none() for a single call)",
+        )
+
+
+def _multiplier(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(attribute, value, "must be a number")
+    if not math.isfinite(value) or value < 1.0:
+        raise _bad(attribute, value, "must be a finite number >= 1.0")
+
+
+def _jitter_mode(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in ("equal", "full"):
+        raise _bad(attribute, value, "must be 'equal' or 'full'")
+
+
+def _bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise _bad(attribute, value, "must be True or False")
+
+
+def _retry_on(value: Iterable[object]) -> tuple[RetryOn, ...]:
+    if isinstance(value, type | Outcome | str):
+        value = (value,)
+    items: list[RetryOn] = []
+    for item in value:
+        if isinstance(item, Outcome):
+            items.append(item)
+        elif isinstance(item, str):
+            try:
+                items.append(Outcome(item))
+            except ValueError:
+                raise ConfigurationError(
+                    f"RetryPolicy.retry_on: {item!r} is not an Outcome "
+                    f"(expected one of {', '.join(o.value for o in Outcome)})"
+                ) from None
+        elif isinstance(item, type) and issubclass(item, BaseException):
+            items.append(item)
+        else:
+            raise ConfigurationError(
+                f"RetryPolicy.retry_on entries must be exception classes or Outcome values, "
+                f"got {item!r}"
+            )
+    return tuple(items)
+
+
+@frozen(kw_only=True)
+class RetryPolicy:
+    """
+    Retries of one route: how many calls, which errors, and how long to wait.
+
+    Args:
+        max_attempts: calls made to one route, the first included (``>= 1``).
+        base_delay: the wait after the first failed attempt, in seconds (or a
+            `~datetime.timedelta`).
+        multiplier: growth of the wait per further attempt (``>= 1``).
+        max_delay: cap of the computed backoff, in seconds.
+        jitter: randomize each wait (default true) to spread retries of many clients.
+        jitter_mode: ``"equal"`` draws from ``[d/2, d]``, ``"full"`` from ``[0, d]``.
+        retry_on: exception classes (matched with ``isinstance``) and `Outcome` classes
+            (matched through `empathy_models.outcomes.classify_error`) that are worth
+            another try.  `Outcome.IGNORED` and `Outcome.CANCELLED` are never retried,
+            whatever is listed.
+        max_retry_after: the longest ``Retry-After`` the policy will wait for, in
+            seconds; ``None`` means ``max_delay``.  Longer hints make `compute_delay`
+            answer ``None``: give up on this route rather than sleep.
+        rng: the random source of the jitter; pass ``random.Random(seed)`` for
+            reproducible delays.  It does not take part in equality.
+
+    Every field is validated; a bad value raises `ConfigurationError` naming the field
+    and the value.  The policy never sleeps and holds no per-call state, so one
+    instance is safe to share between tasks (the jitter draws share ``rng``).
+    """
+
+    max_attempts: int = field(default=3, validator=_attempts)
+    base_delay: float = field(default=1.0, converter=_seconds, validator=_non_negative_seconds)
+    multiplier: float = field(default=2.0, converter=_seconds, validator=_multiplier)
+    max_delay: float = field(default=30.0, converter=_seconds, validator=_non_negative_seconds)
+    jitter: bool = field(default=True, validator=_bool)
+    jitter_mode: Literal["equal", "full"] = field(default="equal", validator=_jitter_mode)
+    retry_on: tuple[RetryOn, ...] = field(default=DEFAULT_RETRY_ON, converter=_retry_on)
+    max_retry_after: float | None = field(
+        default=None, converter=_seconds_opt, validator=_non_negative_seconds
+    )
+    rng: random.Random = field(factory=random.Random, eq=False, repr=False)
+
+    @classmethod
+    def none(cls) -> RetryPolicy:
+        """A policy that makes exactly one call per route and never waits."""
+        return cls(max_attempts=1, base_delay=0.0, max_delay=0.0, jitter=False)
+
+    @property
+    def retry_after_limit(self) -> float:
+        """The longest ``Retry-After`` honoured (seconds): ``max_retry_after`` or ``max_delay``."""
+        return self.max_delay if self.max_retry_after is None else self.max_retry_after
+
+    def backoff(self, attempt: int) -> float:
+        """
+        The un-jittered wait after failed attempt number ``attempt`` (1-based), in seconds.
+
+        ``base_delay * multiplier ** (attempt - 1)``, capped at ``max_delay``.  Raises
+        `ConfigurationError` for ``attempt < 1``.
+        """
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+            raise ConfigurationError(f"attempt must be an integer >= 1, got {attempt!r}")
+        if self.base_delay == 0.0:
+            return 0.0
+        # compare in log space so huge attempt numbers cannot overflow a float
+        exponent = attempt - 1
+        if self.multiplier > 1.0 and exponent * math.log(self.multiplier) > math.log(
+            max(self.max_delay, 1e-300) / self.base_delay
+        ):
+            return self.max_delay
+        return min(self.base_delay * self.multiplier**exponent, self.max_delay)
+
+    def compute_delay(
+        self,
+        attempt: int,
+        retry_after: float | None = None,
+        *,
+        rng: random.Random | None = None,
+    ) -> float | None:
+        """
+        How long to wait after failed attempt ``attempt`` (1-based) before the next one.
+
+        The backoff (see `backoff`) is jittered when ``jitter`` is true, using ``rng``
+        (default: the policy's).  With a ``retry_after`` hint the wait is
+        ``max(jittered backoff, retry_after)``; when the hint exceeds
+        `retry_after_limit` the answer is ``None``: the provider wants more time than
+        this policy allows, so the caller should not wait on this route.  Pure and
+        deterministic when ``jitter`` is false.
+        """
+        delay = self.backoff(attempt)
+        if self.jitter and delay > 0.0:
+            source = self.rng if rng is None else rng
+            low = delay / 2.0 if self.jitter_mode == "equal" else 0.0
+            delay = source.uniform(low, delay)
+        if retry_after is not None:
+            if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
+                raise ConfigurationError(f"retry_after must be seconds, got {retry_after!r}")
+            if retry_after > self.retry_after_limit:
+                return None
+            delay = max(delay, float(retry_after))
+        return delay
+
+    def delays(self, *, rng: random.Random | None = None) -> tuple[float, ...]:
+        """
+        The waits between the attempts of one route, without any ``Retry-After``.
+
+        ``max_attempts - 1`` values: with the defaults and ``jitter=False``,
+        ``(1.0, 2.0)``.
+        """
+        out: list[float] = []
+        for attempt in range(1, self.max_attempts):
+            delay = self.compute_delay(attempt, rng=rng)
+            assert delay is not None  # no retry_after given
+            out.append(delay)
+        return tuple(out)
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        """
+        True when ``exc`` is worth another call to the same route.
+
+        Matches ``retry_on`` by exception class, then by outcome class.  Requests the
+        provider rejected as invalid (`Outcome.IGNORED`: 400, context window, content
+        policy) and cancellations are never retryable.
+        """
+        outcome = classify_error(exc)
+        if outcome in (Outcome.IGNORED, Outcome.CANCELLED):
+            return False
+        for item in self.retry_on:
+            if isinstance(item, Outcome):
+                if item is outcome:
+                    return True
+            elif isinstance(exc, item):
+                return True
+        return False
+
+    def should_retry(self, exc: BaseException, attempt: int) -> bool:
+        """True when ``attempt`` (1-based) is not the last allowed and ``exc`` is retryable."""
+        return attempt < self.max_attempts and self.is_retryable(exc)
