@@ -1,0 +1,1108 @@
+"""
+`AdaptiveModelRouter`: picks a model per (workflow, stage) from recorded outcomes.
+
+The router keeps, in memory, decayed statistics per arm (one model serving one
+workflow stage).  They are seeded from the telemetry backend's aggregates when the
+router starts (``async with router:``, one ``aggregate`` call for every arm), refreshed
+on an interval so that processes sharing a store learn from each other, and updated in
+O(1) by `AdaptiveModelRouter.record_outcome`, which the executor calls for every
+attempt.  A decision (`AdaptiveModelRouter.get_best_model`) reads only those in-memory
+summaries: it costs O(number of candidates) and never touches the backend or history.
+
+How a decision is made is described in `empathy_models.scoring`: each constraint is
+ELIGIBLE, REJECTED or UNPROVEN for each candidate (Wilson bounds for the success rate,
+a log-normal bound for p95 latency, an expected or worst-case cost); among candidates
+that confidently meet every constraint the cheapest wins; unproven candidates within
+the cost limit get a small exploration share.  When nothing qualifies, the caller's
+``on_no_match`` policy acts and the decision says so; nothing falls back silently.
+
+**Seeded and live evidence are never counted twice.**  A refresh at time ``T`` asks the
+backend for the window ending at ``T`` (``until=T``) and *replaces* each arm's seeded
+base with the answer; live updates are kept only for records timestamped at or after
+``T``.  A record timestamped before the last refresh that is reported afterwards is not
+added (the backend holds it, or will, and the next refresh brings it in).  Give the
+router the same telemetry backend the executor records to, and a ``clock`` on the same
+time base as the records' timestamps (UTC epoch seconds; `time.time` by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, ClassVar, Final, Self
+
+import attrs
+from attrs import define, field, frozen
+
+from .abc import TelemetryBackend
+from .exceptions import ConfigurationError, NoModelMeetsConstraintsError
+from .records import (
+    CandidateEvaluation,
+    ConstraintStatus,
+    LLMCallRecord,
+    ModelPerformance,
+    ModelTier,
+    RoutingDecision,
+)
+from .registry import ModelRegistry
+from .scoring import (
+    COST,
+    LATENCY,
+    SUCCESS,
+    ArmAccumulator,
+    ArmSummary,
+    Evaluation,
+    Objective,
+    Pick,
+    choose,
+    evaluate,
+    summarize,
+    wilson_bounds,
+)
+
+__all__ = ["AdaptiveModelRouter", "RoutingPolicy", "TierRecommendation"]
+
+logger = logging.getLogger("empathy_models.router")
+
+_CONSTRAINTS: Final = (SUCCESS, LATENCY, COST)
+_TIER_ORDER: Final = (ModelTier.CHEAP, ModelTier.CAPABLE, ModelTier.PREMIUM)
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def _check_unit(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ConfigurationError(f"{attribute.name} must be a number in [0, 1], got {value!r}")
+
+
+def _check_unit_opt(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _check_unit(_, attribute, value)
+
+
+def _check_positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{attribute.name} must be a finite number > 0, got {value!r}")
+
+
+def _check_positive_opt(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _check_positive(_, attribute, value)
+
+
+def _check_non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigurationError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_objective(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in ("cheapest", "most_reliable"):
+        raise ConfigurationError(
+            f"{attribute.name} must be 'cheapest' or 'most_reliable', got {value!r}"
+        )
+
+
+def _check_relax_order(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if (
+        not isinstance(value, tuple)
+        or len(set(value)) != len(value)
+        or any(c not in _CONSTRAINTS for c in value)
+    ):
+        raise ConfigurationError(
+            f"{attribute.name} must be distinct names among {', '.join(_CONSTRAINTS)}, "
+            f"got {value!r}"
+        )
+
+
+def _to_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@frozen(kw_only=True)
+class RoutingPolicy:
+    """
+    How the router weighs evidence and what it does when nothing qualifies.
+
+    * ``explore_rate``: share of decisions (0..1, default 0.05) given to an unproven
+      candidate that fits the cost limit, when some candidate is already eligible.
+    * ``half_life_s``: seconds after which an observation weighs half (default one hour;
+      ``None`` keeps all evidence at full weight).  Shorter reacts faster to regressions
+      and lets rejected models earn a new trial sooner.
+    * ``window_days``: how much history the seeding and refresh read (default 7).
+    * ``default_min_success_rate``: the success-rate floor used when a decision gives
+      none (default 0.8, the original's default); ``None`` for no floor.
+    * ``objective``: ``"cheapest"`` (default) or ``"most_reliable"`` among eligible
+      candidates (see `empathy_models.scoring`).
+    * ``relax_order``: the order ``on_no_match="relax"`` drops constraints in (default
+      latency, then success rate, then cost last because it is a budget).
+    * ``cost_tie_tolerance``: relative cost difference treated as a tie (default 5%).
+    * ``latency_min_samples``: measured successful calls needed before the latency
+      constraint can be judged (default 5).
+    * ``z``: the normal quantile of the confidence bounds (default 1.96, i.e. 95%).
+    * ``prior_alpha`` / ``prior_beta``: Beta prior of the Thompson draws (they never
+      count toward the eligibility gate).
+    * ``seed_recent_limit``: newest records read at start to fill the recent-outcome
+      windows `AdaptiveModelRouter.recommend_tier_upgrade` uses.
+
+    Invalid values raise `ConfigurationError` naming the field.
+    """
+
+    explore_rate: float = field(default=0.05, validator=_check_unit)
+    half_life_s: float | None = field(default=3600.0, validator=_check_positive_opt)
+    window_days: float = field(default=7.0, validator=_check_positive)
+    default_min_success_rate: float | None = field(default=0.8, validator=_check_unit_opt)
+    objective: Objective = field(default="cheapest", validator=_check_objective)
+    relax_order: tuple[str, ...] = field(
+        default=(LATENCY, SUCCESS, COST), converter=_to_tuple, validator=_check_relax_order
+    )
+    cost_tie_tolerance: float = field(default=0.05, validator=_check_non_negative)
+    latency_min_samples: int = field(default=5, validator=_check_positive)
+    z: float = field(default=1.96, validator=_check_positive)
+    prior_alpha: float = field(default=1.0, validator=_check_positive)
+    prior_beta: float = field(default=1.0, validator=_check_positive)
+    seed_recent_limit: int = field(default=1000, validator=_check_non_negative)
+
+
+@frozen(kw_only=True)
+class TierRecommendation:
+    """
+    Whether a workflow stage should move to a more capable tier, and why.
+
+    ``failure_rate`` is over the ``window`` most recent sample outcomes of the stage
+    (every model that served it; ``failures`` of them failed, ``by_model`` splits them
+    per model as ``(failures, calls)``).  ``current_tiers`` are the tiers that served
+    those calls; ``suggested_tier`` is the next tier above the highest of them (``None``
+    when already at the top or when no upgrade is advised).  Unpacks like the original's
+    ``(should_upgrade, reason)`` tuple.
+    """
+
+    workflow: str
+    stage: str | None
+    should_upgrade: bool
+    reason: str
+    failure_rate: float | None
+    failures: int
+    window: int
+    current_tiers: tuple[ModelTier, ...] = ()
+    suggested_tier: ModelTier | None = None
+    by_model: Mapping[str, tuple[int, int]] = field(factory=dict)
+
+    def __iter__(self) -> Iterator[object]:
+        return iter((self.should_upgrade, self.reason))
+
+
+# --------------------------------------------------------------------------- internals
+
+
+@define(slots=True)
+class _Arm:
+    base: ArmAccumulator | None
+    live: ArmAccumulator
+    next_live: ArmAccumulator | None = None
+    summary: ArmSummary | None = None
+    dirty: bool = True
+
+
+@frozen(slots=True)
+class _ModelFacts:
+    provider: str
+    tier: ModelTier
+    input_price: float  # USD per token
+    output_price: float
+    max_output_tokens: int
+
+
+_NOT_IN_REGISTRY: Final = "not in the model registry"
+_CIRCUIT_OPEN: Final = "circuit open"
+
+
+def _key(workflow: str | None, stage: str | None) -> tuple[str, str]:
+    return (workflow or "", stage or "")
+
+
+def _opt_number(name: str, value: object, *, positive: bool = False) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ConfigurationError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return float(value)
+
+
+def _positive_number(name: str, value: object) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _opt_int(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- router
+
+
+class AdaptiveModelRouter:
+    """
+    Chooses the model for each call from in-memory, decayed per-arm statistics.
+
+    ``telemetry_store`` is a `TelemetryBackend` or a URL (``"sqlite:///calls.db"``); a
+    URL's backend is owned and closed by the router.  Without one (or with the null
+    backend) the router learns only from `record_outcome`, and `get_routing_stats` says
+    so.  ``refresh_interval`` (seconds, default 60; ``None`` disables) is how often the
+    started router re-reads the backend's aggregates.  ``rng`` or ``seed`` makes every
+    random choice reproducible; ``clock`` returns UTC epoch seconds.
+
+    Lifecycle: ``async with router:`` seeds the statistics (one ``aggregate`` call and
+    one ``recent`` call) and starts the periodic refresh, a task owned by the router and
+    cancelled and awaited by `aclose`.  A backend error while seeding or refreshing is
+    logged and counted in `refresh_errors`; it never fails a decision.
+
+    Concurrency: the synchronous methods (`record_outcome`, `get_best_model`,
+    `recommend_tier_upgrade`) must be called from the event loop's thread; they never
+    await, so each is atomic with respect to other tasks.  The router is not thread-safe.
+    """
+
+    MIN_SAMPLE_SIZE: ClassVar[int] = 10
+    """Fewest recent calls before `recommend_tier_upgrade` judges a stage."""
+    FAILURE_RATE_THRESHOLD: ClassVar[float] = 0.2
+    """A recent failure rate strictly above this advises an upgrade."""
+    RECENT_WINDOW_SIZE: ClassVar[int] = 20
+    """How many recent calls per stage `recommend_tier_upgrade` looks at."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        telemetry_store: TelemetryBackend | str | None = None,
+        *,
+        policy: RoutingPolicy | None = None,
+        refresh_interval: float | None = 60.0,
+        rng: random.Random | None = None,
+        seed: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(registry, ModelRegistry):
+            raise ConfigurationError(
+                f"registry must be a ModelRegistry, got {type(registry).__name__}"
+            )
+        if rng is not None and seed is not None:
+            raise ConfigurationError("pass rng or seed, not both")
+        if refresh_interval is not None:
+            _positive_number("refresh_interval", refresh_interval)
+        self.registry = registry
+        self.policy = policy if policy is not None else RoutingPolicy()
+        if not isinstance(self.policy, RoutingPolicy):
+            raise ConfigurationError(f"policy must be a RoutingPolicy, got {policy!r}")
+        self.refresh_interval = refresh_interval
+        self._rng = rng if rng is not None else random.Random(seed)
+        self._clock = clock
+        self._owns_store = False
+        store: TelemetryBackend | None
+        if isinstance(telemetry_store, str):
+            from .backends import telemetry_from_url
+
+            store = telemetry_from_url(telemetry_store)
+            self._owns_store = True
+        elif telemetry_store is None or isinstance(telemetry_store, TelemetryBackend):
+            store = telemetry_store
+        else:
+            raise ConfigurationError(
+                "telemetry_store must be a TelemetryBackend, a URL string or None, "
+                f"got {type(telemetry_store).__name__}"
+            )
+        from .backends.null import NullTelemetryBackend
+
+        self._null_store = isinstance(store, NullTelemetryBackend)
+        self._store_obj = store
+        self._store: TelemetryBackend | None = None if self._null_store else store
+        self._arms: dict[tuple[str, str, str], _Arm] = {}
+        self._rings: dict[tuple[str, str | None], deque[tuple[str, ModelTier | None, bool]]] = {}
+        self._facts: dict[str, _ModelFacts | None] = {}
+        self._cutoff: float | None = None
+        self._pending_cutoff: float | None = None
+        self._ring_cutoff: float | None = None
+        self._refresh_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+        self._closed = False
+        self._warned_not_started = False
+        self._empty = summarize((), now=0.0, half_life=None, z=self.policy.z)
+        self.refresh_errors = 0
+        """How many seeding or refresh reads of the backend failed."""
+        self.last_refresh: float | None = None
+        """Epoch seconds of the last successful refresh (``None``: never)."""
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaptiveModelRouter(arms={len(self._arms)}, store={self._store_obj!r}, "
+            f"started={self._started})"
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """
+        Seed from the backend and start the periodic refresh; idempotent.
+
+        Raises `ConfigurationError` after `aclose`.  Backend errors are logged, not raised.
+        """
+        if self._closed:
+            raise ConfigurationError("AdaptiveModelRouter was used after aclose()")
+        if self._started:
+            return
+        self._started = True
+        if self._owns_store and self._store_obj is not None:
+            await self._store_obj.__aenter__()
+        if self._store is None:
+            logger.info(
+                "router started without a telemetry store: routing uses only outcomes "
+                "reported to this process"
+            )
+            return
+        await self.refresh()
+        await self._seed_rings()
+        if self.refresh_interval is not None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._refresh_loop(self.refresh_interval), name="empathy-models-router-refresh"
+            )
+
+    async def aclose(self) -> None:
+        """Stop the refresh task (cancelled and awaited) and close an owned store."""
+        if self._closed:
+            return
+        self._closed = True
+        task, self._task = self._task, None
+        try:
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise
+        finally:
+            if self._owns_store and self._store_obj is not None:
+                await self._store_obj.aclose()
+
+    async def _refresh_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.refresh()
+
+    async def refresh(self) -> bool:
+        """
+        Replace the seeded evidence with the backend's current aggregates.
+
+        One ``aggregate`` call covers every (workflow, stage, model).  Live updates for
+        records timestamped at or after the refresh are kept; older ones are now in the
+        seeded base (see the module docstring).  Returns ``True`` on success; on a
+        backend error logs a warning, counts it in `refresh_errors`, keeps the previous
+        evidence and returns ``False``.  Concurrent calls are serialized.
+        """
+        store = self._store
+        if store is None:
+            return False
+        async with self._refresh_lock:
+            cutoff = self._clock()
+            half_life = self.policy.half_life_s
+            self._pending_cutoff = cutoff
+            for arm in self._arms.values():
+                arm.next_live = ArmAccumulator(t=cutoff)
+            try:
+                perfs = await store.aggregate(
+                    since=datetime.fromtimestamp(cutoff - self.policy.window_days * 86400.0, UTC),
+                    until=datetime.fromtimestamp(cutoff, UTC),
+                )
+            except Exception as exc:
+                self.refresh_errors += 1
+                logger.warning(
+                    "router refresh from %r failed (%s: %s); keeping the previous statistics",
+                    store,
+                    type(exc).__name__,
+                    exc,
+                )
+                for arm in self._arms.values():
+                    arm.next_live = None
+                return False
+            finally:
+                self._pending_cutoff = None
+            bases: dict[tuple[str, str, str], ArmAccumulator] = {}
+            for perf in perfs:
+                key = (perf.workflow or "", perf.stage or "", perf.model)
+                bases[key] = ArmAccumulator.from_performance(perf, now=cutoff, half_life=half_life)
+            for key, arm in self._arms.items():
+                arm.base = bases.pop(key, None)
+                arm.live = arm.next_live if arm.next_live is not None else ArmAccumulator(t=cutoff)
+                arm.next_live = None
+                arm.dirty = True
+            for key, base in bases.items():
+                self._arms[key] = _Arm(base=base, live=ArmAccumulator(t=cutoff))
+            self._cutoff = cutoff
+            self.last_refresh = cutoff
+            logger.debug("router refreshed %d arms from %r", len(perfs), store)
+            return True
+
+    async def _seed_rings(self) -> None:
+        store = self._store
+        limit = self.policy.seed_recent_limit
+        if store is None or limit == 0:
+            return
+        now = self._clock()
+        try:
+            records = await store.recent(
+                limit=limit,
+                since=datetime.fromtimestamp(now - self.policy.window_days * 86400.0, UTC),
+            )
+        except Exception as exc:
+            self.refresh_errors += 1
+            logger.warning(
+                "router could not read recent calls from %r (%s: %s)",
+                store,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        for record in sorted(records, key=lambda r: r.timestamp):
+            if record.outcome.is_sample:
+                self._ring_append(record)
+        self._ring_cutoff = now
+
+    # ------------------------------------------------------------------ learning
+
+    def record_outcome(self, record: LLMCallRecord) -> None:
+        """
+        Learn from one attempt, in O(1) and without I/O.
+
+        Only sample outcomes count (success, failure, rate_limited, fatal); ignored,
+        cancelled and rejected attempts are dropped.  A record timestamped before the
+        last refresh is not added to the statistics (the backend already holds it).
+        """
+        if not record.outcome.is_sample:
+            return
+        ts = record.timestamp.timestamp()
+        if self._ring_cutoff is None or ts >= self._ring_cutoff:
+            self._ring_append(record)
+        if self._cutoff is not None and ts < self._cutoff:
+            return
+        key = (record.workflow or "", record.stage or "", record.model)
+        arm = self._arms.get(key)
+        if arm is None:
+            arm = self._arms[key] = _Arm(base=None, live=ArmAccumulator(t=ts))
+        success = record.success
+        half_life = self.policy.half_life_s
+        arm.live.add(
+            at=ts,
+            success=success,
+            latency_ms=record.latency_ms,
+            input_tokens=record.input_tokens,
+            output_tokens=record.output_tokens,
+            cost_usd=record.cost_usd,
+            half_life=half_life,
+        )
+        pending = self._pending_cutoff
+        if pending is not None and ts >= pending:
+            if arm.next_live is None:
+                arm.next_live = ArmAccumulator(t=pending)
+            arm.next_live.add(
+                at=ts,
+                success=success,
+                latency_ms=record.latency_ms,
+                input_tokens=record.input_tokens,
+                output_tokens=record.output_tokens,
+                cost_usd=record.cost_usd,
+                half_life=half_life,
+            )
+        arm.dirty = True
+
+    def _ring_append(self, record: LLMCallRecord) -> None:
+        tier = record.tier
+        if tier is None:
+            facts = self._model_facts(record.model)
+            tier = facts.tier if facts is not None else None
+        item = (record.model, tier, record.outcome.is_failure)
+        size = self.RECENT_WINDOW_SIZE
+        for key in ((record.workflow or "", record.stage or ""), (record.workflow or "", None)):
+            ring = self._rings.get(key)
+            if ring is None:
+                ring = self._rings[key] = deque(maxlen=size)
+            ring.append(item)
+
+    # ------------------------------------------------------------------ deciding
+
+    def _model_facts(self, model: str) -> _ModelFacts | None:
+        try:
+            return self._facts[model]
+        except KeyError:
+            pass
+        facts: _ModelFacts | None = None
+        if model in self.registry:
+            info = self.registry.get(model)
+            facts = _ModelFacts(
+                provider=info.provider,
+                tier=info.tier,
+                input_price=info.input_price_per_mtok / 1e6,
+                output_price=info.output_price_per_mtok / 1e6,
+                max_output_tokens=info.max_output_tokens,
+            )
+        self._facts[model] = facts
+        return facts
+
+    def _summary(self, arm: _Arm | None, now: float) -> ArmSummary:
+        if arm is None:
+            return self._empty
+        half_life = self.policy.half_life_s
+        cached = arm.summary
+        if (
+            cached is None
+            or arm.dirty
+            # decayed bounds move with time: recompute once the weights moved ~0.3%
+            or (half_life is not None and abs(now - cached.computed_at) > half_life / 256.0)
+        ):
+            parts = (arm.live,) if arm.base is None else (arm.base, arm.live)
+            cached = arm.summary = summarize(parts, now=now, half_life=half_life, z=self.policy.z)
+            arm.dirty = False
+        return cached
+
+    def _default_candidates(self) -> list[str]:
+        return [m.id for m in self.registry]
+
+    def get_best_model(
+        self,
+        workflow: str,
+        stage: str | None,
+        *,
+        candidates: Sequence[str] | None = None,
+        input_tokens: int | None = None,
+        max_tokens: int | None = None,
+        max_cost: float | None = None,
+        max_latency_ms: float | None = None,
+        min_success_rate: float | None = None,
+        on_no_match: str = "raise",
+        unavailable: Collection[str] = (),
+        strict_cost: bool = False,
+    ) -> RoutingDecision:
+        """
+        Choose a model for one call of ``workflow``/``stage``; never does I/O.
+
+        ``candidates`` are model ids (default: every model in the registry), in any
+        order; ``unavailable`` ids (an open circuit) are excluded with the reason
+        ``"circuit open"``, ids missing from the registry with ``"not in the model
+        registry"``.  ``min_success_rate`` defaults to the policy's
+        ``default_min_success_rate``.  ``input_tokens`` and ``max_tokens`` feed the
+        expected cost; ``strict_cost=True`` holds ``max_cost`` against the worst case
+        (``max_tokens`` output tokens, defaulting to the model's maximum) and needs
+        ``input_tokens``.
+
+        Returns a `RoutingDecision` listing every candidate with its evidence.
+        ``constraints_met`` is true only when the chosen model is ELIGIBLE on every
+        constraint given, so a decision that claims it never has an expected cost above
+        ``max_cost``.  An exploration pick (an unproven model, within ``max_cost``) has
+        ``exploration=True`` and ``constraints_met=False``.
+
+        When no candidate is eligible or explorable, ``on_no_match`` acts:
+        ``"raise"`` raises `NoModelMeetsConstraintsError` with every candidate's
+        reasons; ``"relax"`` drops constraints in the policy's ``relax_order`` until a
+        candidate qualifies and lists them in ``relaxed``; any other string is a pinned
+        model id, returned with ``policy_applied="pinned"`` unless its circuit is open.
+        With every candidate unavailable, even ``"relax"`` raises.  Invalid arguments
+        raise `ConfigurationError`.  Cost: O(len(candidates)).
+        """
+        if not isinstance(workflow, str):
+            raise ConfigurationError(f"workflow must be a string, got {workflow!r}")
+        max_cost = _opt_number("max_cost", max_cost)
+        max_latency_ms = _opt_number("max_latency_ms", max_latency_ms, positive=True)
+        if min_success_rate is None:
+            min_success_rate = self.policy.default_min_success_rate
+        elif (
+            isinstance(min_success_rate, bool)
+            or not isinstance(min_success_rate, int | float)
+            or not 0.0 <= min_success_rate <= 1.0
+        ):
+            raise ConfigurationError(
+                f"min_success_rate must be a number in [0, 1], got {min_success_rate!r}"
+            )
+        input_tokens = _opt_int("input_tokens", input_tokens)
+        max_tokens = _opt_int("max_tokens", max_tokens)
+        if not isinstance(on_no_match, str) or not on_no_match:
+            raise ConfigurationError(
+                f"on_no_match must be 'raise', 'relax' or a model id, got {on_no_match!r}"
+            )
+        if strict_cost and max_cost is not None and input_tokens is None:
+            raise ConfigurationError("strict_cost=True with max_cost needs input_tokens")
+        if self._store is not None and not self._started and not self._warned_not_started:
+            self._warned_not_started = True
+            logger.warning(
+                "AdaptiveModelRouter has a telemetry store but was not started "
+                "(use `async with router:`): decisions use only outcomes reported to this "
+                "process"
+            )
+
+        names = self._default_candidates() if candidates is None else list(candidates)
+        if isinstance(candidates, str):
+            raise ConfigurationError("candidates must be a sequence of model ids, not a string")
+        if not names:
+            raise ConfigurationError(f"no candidate models for {workflow}/{stage}")
+        pinned: str | None = None if on_no_match in ("raise", "relax") else on_no_match
+        if pinned is not None and pinned not in names and self._model_facts(pinned) is None:
+            raise ConfigurationError(
+                f"on_no_match pins {pinned!r}, which is neither a candidate nor in the registry"
+            )
+
+        now = self._clock()
+        wf, st = _key(workflow, stage)
+        arms = self._arms
+        unavailable_set = (
+            unavailable if isinstance(unavailable, set | frozenset) else set(unavailable)
+        )
+        evals: list[Evaluation] = []
+        seen: set[str] = set()
+        for model in names:
+            if model in seen:
+                continue
+            seen.add(model)
+            evals.append(
+                self._evaluate(
+                    model,
+                    arms.get((wf, st, model)),
+                    now,
+                    unavailable_set,
+                    input_tokens=input_tokens,
+                    max_tokens=max_tokens,
+                    max_cost=max_cost,
+                    max_latency_ms=max_latency_ms,
+                    min_success_rate=min_success_rate,
+                    strict_cost=strict_cost,
+                )
+            )
+
+        given = [
+            c
+            for c, v in ((SUCCESS, min_success_rate), (LATENCY, max_latency_ms), (COST, max_cost))
+            if v is not None
+        ]
+        policy = self.policy
+        pick = self._choose(evals, given)
+        relaxed: list[str] = []
+        applied: str | None = None
+        if pick is None:
+            if on_no_match == "relax":
+                active = list(given)
+                for name in policy.relax_order:
+                    if name not in active:
+                        continue
+                    active.remove(name)
+                    relaxed.append(name)
+                    pick = self._choose(evals, active)
+                    if pick is not None:
+                        break
+                applied = "relax"
+            elif pinned is not None:
+                target = next((e for e in evals if e.model == pinned), None)
+                if target is None:
+                    target = self._evaluate(
+                        pinned,
+                        arms.get((wf, st, pinned)),
+                        now,
+                        unavailable_set,
+                        input_tokens=input_tokens,
+                        max_tokens=max_tokens,
+                        max_cost=max_cost,
+                        max_latency_ms=max_latency_ms,
+                        min_success_rate=min_success_rate,
+                        strict_cost=strict_cost,
+                    )
+                    evals.append(target)
+                if pinned in unavailable_set:
+                    self._raise_no_match(
+                        workflow,
+                        stage,
+                        evals,
+                        f"pinned model {pinned!r} is unavailable (circuit open)",
+                    )
+                pick = Pick(
+                    evaluation=target,
+                    exploration=False,
+                    why=f"pinned by on_no_match={pinned!r}",
+                )
+                applied = "pinned"
+            if pick is None:
+                self._raise_no_match(workflow, stage, evals, "no candidate meets the constraints")
+        assert pick is not None
+        chosen = pick.evaluation
+        constraints_met = chosen.status(given) is ConstraintStatus.ELIGIBLE
+        if relaxed or applied == "pinned":
+            unmet = [c for c in given if chosen.constraints.get(c) is not ConstraintStatus.ELIGIBLE]
+            detail = f"; unmet: {', '.join(unmet)}" if unmet else ""
+            if applied == "relax":
+                reason = (
+                    f"no candidate met every constraint; relaxed {', '.join(relaxed)}: "
+                    f"{pick.why}{detail}"
+                )
+            else:
+                reason = f"no candidate met every constraint; {pick.why}{detail}"
+        else:
+            reason = pick.why
+        facts = self._model_facts(chosen.model)
+        decision = RoutingDecision(
+            model=chosen.model,
+            provider=facts.provider if facts is not None else None,
+            tier=facts.tier if facts is not None else None,
+            workflow=workflow,
+            stage=stage,
+            constraints_met=constraints_met,
+            reason=reason,
+            candidates=tuple(self._candidate(e) for e in evals),
+            exploration=pick.exploration,
+            relaxed=tuple(relaxed),
+            policy_applied=applied,
+            decided_at=datetime.fromtimestamp(now, UTC),
+            expected_cost_usd=chosen.cost,
+            max_cost=max_cost,
+            max_latency_ms=max_latency_ms,
+            min_success_rate=min_success_rate,
+            strict_cost=strict_cost,
+        )
+        if applied is not None:
+            logger.warning(
+                "routing %s/%s -> %s (%s; constraints_met=%s)",
+                workflow,
+                stage,
+                chosen.model,
+                reason,
+                constraints_met,
+            )
+        elif logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "routing %s/%s -> %s (%s; exploration=%s; constraints_met=%s; "
+                "expected cost %s; %d candidates)",
+                workflow,
+                stage,
+                chosen.model,
+                reason,
+                pick.exploration,
+                constraints_met,
+                chosen.cost,
+                len(evals),
+            )
+        return decision
+
+    def _choose(self, evals: Sequence[Evaluation], active: Sequence[str]) -> Pick | None:
+        p = self.policy
+        return choose(
+            evals,
+            active,
+            self._rng,
+            objective=p.objective,
+            explore_rate=p.explore_rate,
+            cost_tie_tolerance=p.cost_tie_tolerance,
+            prior_alpha=p.prior_alpha,
+            prior_beta=p.prior_beta,
+        )
+
+    def _evaluate(
+        self,
+        model: str,
+        arm: _Arm | None,
+        now: float,
+        unavailable: Collection[str],
+        *,
+        input_tokens: int | None,
+        max_tokens: int | None,
+        max_cost: float | None,
+        max_latency_ms: float | None,
+        min_success_rate: float | None,
+        strict_cost: bool,
+    ) -> Evaluation:
+        facts = self._model_facts(model)
+        excluded: str | None = None
+        if model in unavailable:
+            excluded = _CIRCUIT_OPEN
+        elif facts is None:
+            excluded = _NOT_IN_REGISTRY
+        worst_out = max_tokens
+        if strict_cost and worst_out is None and facts is not None:
+            worst_out = facts.max_output_tokens
+        return evaluate(
+            model,
+            self._summary(arm, now),
+            input_price=facts.input_price if facts is not None else 0.0,
+            output_price=facts.output_price if facts is not None else 0.0,
+            input_tokens=input_tokens,
+            max_tokens=worst_out,
+            max_cost=max_cost,
+            max_latency_ms=max_latency_ms,
+            min_success_rate=min_success_rate,
+            strict_cost=strict_cost,
+            latency_min_samples=float(self.policy.latency_min_samples),
+            excluded_reason=excluded,
+        )
+
+    def _candidate(self, e: Evaluation) -> CandidateEvaluation:
+        s = e.summary
+        facts = self._facts.get(e.model)
+        return CandidateEvaluation(
+            model=e.model,
+            provider=facts.provider if facts is not None else None,
+            tier=facts.tier if facts is not None else None,
+            sample_size=s.sample_size,
+            success_rate=s.success_rate,
+            success_rate_lower=s.lower,
+            success_rate_upper=s.upper,
+            latency_p50_ms=s.p50,
+            latency_p95_ms=s.p95,
+            expected_cost_usd=e.cost,
+            constraints=e.constraints,
+            excluded=e.excluded,
+            reasons=e.reasons,
+            effective_sample_size=s.effective_n,
+            latency_p95_upper_ms=s.p95_upper,
+            cost_basis=e.cost_basis,
+        )
+
+    def _raise_no_match(
+        self, workflow: str, stage: str | None, evals: Sequence[Evaluation], message: str
+    ) -> None:
+        reasons = {e.model: (e.reasons or ("not eligible",)) for e in evals}
+        logger.warning(
+            "routing %s/%s: %s; %s",
+            workflow,
+            stage,
+            message,
+            "; ".join(f"{m}: {', '.join(r)}" for m, r in reasons.items()),
+        )
+        raise NoModelMeetsConstraintsError(
+            f"{message} for {workflow}/{stage}", reasons=reasons, workflow=workflow, stage=stage
+        )
+
+    # ------------------------------------------------------------------ reports
+
+    def recommend_tier_upgrade(self, workflow: str, stage: str | None) -> TierRecommendation:
+        """
+        Advise moving ``workflow``/``stage`` (``None``: every stage) up a tier.
+
+        Looks at the last `RECENT_WINDOW_SIZE` (20) sample outcomes this router has seen
+        (seeded from the backend at start, then live).  With fewer than
+        `MIN_SAMPLE_SIZE` (10) it declines for lack of data; a failure rate strictly
+        above `FAILURE_RATE_THRESHOLD` (20%) advises the next tier above the highest one
+        that served the calls.  Pure read of memory; never modifies routing.
+        """
+        ring_key: tuple[str, str | None] = (workflow or "", stage)
+        ring = self._rings.get(ring_key)
+        items = list(ring) if ring is not None else []
+        n = len(items)
+        failures = sum(1 for _, _, failed in items if failed)
+        by_model: dict[str, tuple[int, int]] = {}
+        tiers: set[ModelTier] = set()
+        for model, tier, failed in items:
+            f, c = by_model.get(model, (0, 0))
+            by_model[model] = (f + int(failed), c + 1)
+            if tier is not None:
+                tiers.add(tier)
+        current = tuple(t for t in _TIER_ORDER if t in tiers)
+        where = f"{workflow}/{stage if stage is not None else '*'}"
+        if n < self.MIN_SAMPLE_SIZE:
+            return TierRecommendation(
+                workflow=workflow,
+                stage=stage,
+                should_upgrade=False,
+                reason=f"Insufficient data for {where} ({n} calls, need {self.MIN_SAMPLE_SIZE})",
+                failure_rate=(failures / n) if n else None,
+                failures=failures,
+                window=n,
+                current_tiers=current,
+                by_model=by_model,
+            )
+        rate = failures / n
+        if rate <= self.FAILURE_RATE_THRESHOLD:
+            return TierRecommendation(
+                workflow=workflow,
+                stage=stage,
+                should_upgrade=False,
+                reason=f"Performance acceptable for {where}: {rate:.1%} failure rate "
+                f"({failures}/{n} recent calls)",
+                failure_rate=rate,
+                failures=failures,
+                window=n,
+                current_tiers=current,
+                by_model=by_model,
+            )
+        top = current[-1] if current else None
+        suggested = (
+            _TIER_ORDER[_TIER_ORDER.index(top) + 1]
+            if top is not None and top is not _TIER_ORDER[-1]
+            else None
+        )
+        worst = max(by_model.items(), key=lambda kv: (kv[1][0] / kv[1][1], kv[1][0]))[0]
+        if top is None:
+            tail = "; the tiers of the models are unknown"
+        elif suggested is None:
+            tail = f"; already at the top tier ({top.value}): check the provider or the prompt"
+        else:
+            tail = f"; move from {top.value} to {suggested.value}"
+        return TierRecommendation(
+            workflow=workflow,
+            stage=stage,
+            should_upgrade=suggested is not None,
+            reason=(
+                f"High failure rate for {where}: {rate:.1%} ({failures}/{n} failed in recent "
+                f"calls; worst model {worst}){tail}"
+            ),
+            failure_rate=rate,
+            failures=failures,
+            window=n,
+            current_tiers=current,
+            suggested_tier=suggested,
+            by_model=by_model,
+        )
+
+    async def get_routing_stats(
+        self, workflow: str, stage: str | None = None, days: float = 7
+    ) -> dict[str, Any]:
+        """
+        Per-model statistics of ``workflow`` (one ``stage``, or ``"all"``) from the backend.
+
+        Always the same shape: ``workflow``, ``stage``, ``days_analyzed``,
+        ``models_used`` (sorted), ``performance_by_model`` (per model: ``calls``,
+        ``successes``, ``success_rate`` with ``success_rate_lower``/``_upper`` (95%
+        Wilson), ``avg_cost``, ``avg_latency_ms``, ``p50``, ``p95``, ``tier``,
+        ``sample_size_warning``), call-weighted ``total_calls``, ``avg_cost``,
+        ``avg_success_rate``, and ``telemetry`` (``"ok"``, or ``"none"`` without a
+        store or when the store has never received a record) with a ``message`` saying
+        what is missing (``None`` when nothing is).  Raises what the backend raises.
+        """
+        _positive_number("days", days)
+        out: dict[str, Any] = {
+            "workflow": workflow,
+            "stage": stage if stage is not None else "all",
+            "days_analyzed": days,
+            "models_used": [],
+            "performance_by_model": {},
+            "total_calls": 0,
+            "avg_cost": 0.0,
+            "avg_success_rate": 0.0,
+            "telemetry": "ok",
+            "message": None,
+        }
+        store = self._store
+        if store is None:
+            out["telemetry"] = "none"
+            out["message"] = (
+                "the null telemetry backend keeps no records: no statistics to report"
+                if self._null_store
+                else "no telemetry store configured: no statistics to report"
+            )
+            return out
+        since = datetime.fromtimestamp(self._clock(), UTC) - timedelta(days=days)
+        perfs = await store.aggregate(
+            workflow=workflow, stage=stage, since=since, per_stage=stage is not None
+        )
+        perfs = [p for p in perfs if p.workflow == workflow]
+        if not perfs:
+            ever = await store.recent(limit=1)
+            if not ever:
+                out["telemetry"] = "none"
+                out["message"] = "no telemetry has ever been recorded in this store"
+            else:
+                out["message"] = (
+                    f"no calls recorded for {workflow}/{out['stage']} in the last {days:g} days"
+                )
+            return out
+        merged = _merge_perfs(perfs)
+        total = sum(p.sample_size for p in merged.values())
+        successes = sum(p.successes for p in merged.values())
+        cost = sum(p.avg_cost_usd * p.sample_size for p in merged.values())
+        per_model: dict[str, Any] = {}
+        for model in sorted(merged):
+            p = merged[model]
+            lo, hi = wilson_bounds(p.successes, p.sample_size, self.policy.z)
+            warning: str | None = None
+            if p.sample_size < self.MIN_SAMPLE_SIZE or hi - lo > 0.2:
+                warning = (
+                    f"only {p.sample_size} calls: the success rate is known only to within "
+                    f"{lo:.2f}-{hi:.2f} (95%)"
+                )
+            per_model[model] = {
+                "calls": p.sample_size,
+                "successes": p.successes,
+                "success_rate": p.success_rate,
+                "success_rate_lower": lo,
+                "success_rate_upper": hi,
+                "avg_cost": p.avg_cost_usd,
+                "avg_latency_ms": p.avg_latency_ms,
+                "p50": p.latency_p50_ms,
+                "p95": p.latency_p95_ms,
+                "tier": p.tier.value if p.tier is not None else None,
+                "sample_size_warning": warning,
+            }
+        out["models_used"] = sorted(merged)
+        out["performance_by_model"] = per_model
+        out["total_calls"] = total
+        out["avg_cost"] = cost / total if total else 0.0
+        out["avg_success_rate"] = successes / total if total else 0.0
+        return out
+
+
+def _merge_perfs(perfs: Sequence[ModelPerformance]) -> dict[str, ModelPerformance]:
+    by_model: dict[str, list[ModelPerformance]] = {}
+    for p in perfs:
+        by_model.setdefault(p.model, []).append(p)
+    out: dict[str, ModelPerformance] = {}
+    for model, rows in by_model.items():
+        if len(rows) == 1:
+            out[model] = rows[0]
+            continue
+        n = sum(r.sample_size for r in rows)
+        s = sum(r.successes for r in rows)
+        lat = [(r.avg_latency_ms, r.successes) for r in rows if r.avg_latency_ms is not None]
+        lat_w = sum(w for _, w in lat)
+        out[model] = attrs.evolve(
+            rows[-1],
+            sample_size=n,
+            successes=s,
+            avg_cost_usd=sum(r.avg_cost_usd * r.sample_size for r in rows) / n if n else 0.0,
+            avg_latency_ms=(sum(v * w for v, w in lat) / lat_w) if lat_w else None,
+            latency_p50_ms=max((r.latency_p50_ms for r in rows if r.latency_p50_ms), default=None),
+            latency_p95_ms=max((r.latency_p95_ms for r in rows if r.latency_p95_ms), default=None),
+        )
+    return out
