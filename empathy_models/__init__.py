@@ -101,6 +101,11 @@ from .records import (
 )
 from .registry import ModelInfo as ModelInfo, ModelRegistry as ModelRegistry
 from .retry import RetryPolicy as RetryPolicy
+from .router import (
+    AdaptiveModelRouter as AdaptiveModelRouter,
+    RoutingPolicy as RoutingPolicy,
+    TierRecommendation as TierRecommendation,
+)
 from .tasks import (
     TaskType as TaskType,
     get_tier_for_task as get_tier_for_task,
@@ -111,6 +116,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AUTH_STRATEGY_FILE",
+    "AdaptiveModelRouter",
     "Admission",
     "AllRoutesFailedError",
     "AsyncResource",
@@ -165,6 +171,7 @@ __all__ = [
     "RecordValidationError",
     "RetryPolicy",
     "RoutingDecision",
+    "RoutingPolicy",
     "SchemaVersionError",
     "ServerError",
     "SourceFileError",
@@ -175,6 +182,7 @@ __all__ = [
     "TelemetryDisabledWarning",
     "TelemetryError",
     "Ticket",
+    "TierRecommendation",
     "TransactionalStateStore",
     "acount_lines_of_code",
     "auth_strategy_file",
