@@ -1,0 +1,1141 @@
+"""
+SQLite backends: telemetry and shared circuit state in one file, safe across processes.
+
+``sqlite:///relative.db``, ``sqlite:////abs/path.db`` and ``sqlite://:memory:`` (also
+``sqlite:///:memory:``) resolve to `SQLiteTelemetryBackend` and `SQLiteStateStore`.
+Both may use the same file (separate tables), and every worker process on a host may
+open it at once.  Options may be given as keyword arguments or in the query string:
+``sqlite:///calls.db?busy_timeout=10&batch=false``.
+
+How it is built:
+
+* One connection per backend, driven by one dedicated (daemon) thread; every operation
+  is one job on that thread, so a transaction never spans an ``await`` and a cancelled
+  caller cannot leave it half done (a job that has started runs to its end; one still
+  queued when its caller is cancelled is skipped).
+* The file is created with mode 0600 before SQLite opens it (SQLite gives the ``-wal``
+  and ``-shm`` files the same mode).  WAL journal, ``synchronous=NORMAL`` (a committed
+  transaction survives a crash of the process, not necessarily a power cut), a busy
+  timeout, and the schema created on first use and migrated by ``PRAGMA
+  user_version``; a file written by a newer schema raises `SchemaVersionError` and is
+  left untouched.
+* Every write is one ``BEGIN IMMEDIATE`` transaction.  "database is locked" never
+  reaches the caller: SQLite waits ``busy_timeout`` seconds, then the operation is
+  retried with jittered backoff until ``lock_timeout`` seconds have passed, after which
+  a `TelemetryError` / `StateStoreError` says the file stayed locked.
+* A path in a missing directory, a directory, a file that is not a database, or a
+  read-only file raises a `TelemetryError` / `StateStoreError` naming the path.
+
+Telemetry is batched by default: `SQLiteTelemetryBackend` queues records and writes
+them with ``executemany`` in one transaction per batch (see
+`empathy_models.backends.batching` for the policy); ``batch=False`` writes each
+``record_many`` call as one transaction before returning.
+
+Circuit state: `SQLiteStateStore` runs each store operation as one ``BEGIN IMMEDIATE``
+transaction that reads the key's row, applies the pure machine of
+`empathy_models.circuit` with the UTC wall clock read *after* the lock is taken, and
+writes the row back with a generation check.  Several processes sharing one file see
+one breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import queue
+import random
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any, Final, TypeAlias, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .._stats import check_window
+from ..abc import TelemetryBackend, TransactionalStateStore
+from ..exceptions import (
+    BackendError,
+    ConfigurationError,
+    SchemaVersionError,
+    StateStoreError,
+    TelemetryError,
+)
+from ..records import CircuitBreakerState, LLMCallRecord, ModelPerformance
+from ..serialization import from_dict, to_dict
+from ._plugin import BackendPlugin
+from .batching import (
+    DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUE,
+    OnFull,
+    _Batcher,
+    _check_records,
+)
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SQLiteCircuitStateStore",
+    "SQLiteStateStore",
+    "SQLiteTelemetryBackend",
+    "parse_sqlite_url",
+]
+
+logger = logging.getLogger("empathy_models.backends.sqlite")
+
+T = TypeVar("T")
+
+MEMORY: Final = ":memory:"
+
+# --------------------------------------------------------------------------- schema
+
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    # version 1
+    (
+        """
+        CREATE TABLE llm_calls (
+            id INTEGER PRIMARY KEY,
+            call_id TEXT NOT NULL,
+            request_id TEXT,
+            ts_us INTEGER NOT NULL,
+            workflow TEXT,
+            stage TEXT,
+            task_type TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            model TEXT NOT NULL,
+            tier TEXT,
+            outcome TEXT NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            cost_usd REAL NOT NULL,
+            actual_cost_usd REAL,
+            price_version TEXT,
+            latency_ms REAL NOT NULL,
+            ttft_ms REAL,
+            error_type TEXT,
+            error_message TEXT,
+            status_code INTEGER,
+            attempt INTEGER NOT NULL,
+            fallback_used INTEGER NOT NULL,
+            fallback_chain TEXT NOT NULL,
+            original_provider TEXT,
+            original_model TEXT,
+            exploration INTEGER NOT NULL,
+            breaker_generation INTEGER,
+            circuit_state TEXT,
+            user_id TEXT,
+            session_id TEXT,
+            metadata TEXT NOT NULL,
+            prompt_text TEXT,
+            response_text TEXT
+        )
+        """,
+        # covers the router's aggregate for (workflow, stage, since) without a table lookup
+        """
+        CREATE INDEX ix_llm_calls_route ON llm_calls (
+            workflow, stage, ts_us, model, outcome, latency_ms, cost_usd,
+            input_tokens, output_tokens, provider, tier
+        )
+        """,
+        # recent() without filters, and purge()
+        "CREATE INDEX ix_llm_calls_ts ON llm_calls (ts_us)",
+        """
+        CREATE TABLE circuit_state (
+            key TEXT PRIMARY KEY,
+            generation INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            data TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        ) WITHOUT ROWID
+        """,
+    ),
+)
+
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+"""The ``PRAGMA user_version`` this code writes; a file with a higher one is refused."""
+
+_CALL_COLUMNS: Final = (
+    "call_id",
+    "request_id",
+    "ts_us",
+    "workflow",
+    "stage",
+    "task_type",
+    "provider",
+    "model",
+    "tier",
+    "outcome",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "actual_cost_usd",
+    "price_version",
+    "latency_ms",
+    "ttft_ms",
+    "error_type",
+    "error_message",
+    "status_code",
+    "attempt",
+    "fallback_used",
+    "fallback_chain",
+    "original_provider",
+    "original_model",
+    "exploration",
+    "breaker_generation",
+    "circuit_state",
+    "user_id",
+    "session_id",
+    "metadata",
+    "prompt_text",
+    "response_text",
+)
+_INSERT_CALL: Final = (
+    f"INSERT INTO llm_calls ({', '.join(_CALL_COLUMNS)}) "
+    f"VALUES ({', '.join('?' for _ in _CALL_COLUMNS)})"
+)
+_SELECT_CALLS: Final = f"SELECT {', '.join(_CALL_COLUMNS)} FROM llm_calls"
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US: Final = timedelta(microseconds=1)
+
+
+def _to_us(value: datetime) -> int:
+    """Microseconds since the epoch, exactly (datetimes carry microseconds)."""
+    return (value - _EPOCH) // _ONE_US
+
+
+def _from_us(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _to_row(r: LLMCallRecord) -> tuple[Any, ...]:
+    return (
+        r.call_id,
+        r.request_id,
+        _to_us(r.timestamp),
+        r.workflow,
+        r.stage,
+        r.task_type,
+        r.provider,
+        r.model,
+        None if r.tier is None else r.tier.value,
+        r.outcome.value,
+        r.input_tokens,
+        r.output_tokens,
+        r.cost_usd,
+        r.actual_cost_usd,
+        r.price_version,
+        r.latency_ms,
+        r.ttft_ms,
+        r.error_type,
+        r.error_message,
+        r.status_code,
+        r.attempt,
+        int(r.fallback_used),
+        _json(list(r.fallback_chain)),
+        r.original_provider,
+        r.original_model,
+        int(r.exploration),
+        r.breaker_generation,
+        None if r.circuit_state is None else r.circuit_state.value,
+        r.user_id,
+        r.session_id,
+        _json(dict(r.metadata)),
+        r.prompt_text,
+        r.response_text,
+    )
+
+
+def _from_row(row: Sequence[Any]) -> LLMCallRecord:
+    return LLMCallRecord(
+        call_id=row[0],
+        request_id=row[1],
+        timestamp=_from_us(row[2]),
+        workflow=row[3],
+        stage=row[4],
+        task_type=row[5],
+        provider=row[6],
+        model=row[7],
+        tier=row[8],
+        outcome=row[9],
+        input_tokens=row[10],
+        output_tokens=row[11],
+        cost_usd=row[12],
+        actual_cost_usd=row[13],
+        price_version=row[14],
+        latency_ms=row[15],
+        ttft_ms=row[16],
+        error_type=row[17],
+        error_message=row[18],
+        status_code=row[19],
+        attempt=row[20],
+        fallback_used=bool(row[21]),
+        fallback_chain=tuple(json.loads(row[22])),
+        original_provider=row[23],
+        original_model=row[24],
+        exploration=bool(row[25]),
+        breaker_generation=row[26],
+        circuit_state=row[27],
+        user_id=row[28],
+        session_id=row[29],
+        metadata=json.loads(row[30]),
+        prompt_text=row[31],
+        response_text=row[32],
+    )
+
+
+def _rank(param: str) -> str:
+    """SQL for the nearest rank ``min(n, max(1, ceil(p * n)))`` with ``p`` bound as a double."""
+    x = f"({param} * n)"
+    ceil = f"(CAST({x} AS INTEGER) + ({x} > CAST({x} AS INTEGER)))"
+    return f"min(n, max(1, {ceil}))"
+
+
+def _aggregate_sql(where: str, per_stage: bool) -> str:
+    """
+    One query for `SQLiteTelemetryBackend.aggregate`.
+
+    It reproduces `empathy_models._stats.aggregate_records` exactly: nearest-rank
+    percentiles by row number, the latency sum accumulated in ascending order and the
+    cost sum in insertion order (the orders the reference sums in), provider and tier
+    of the newest record (first inserted among equal timestamps).
+    """
+    stage = "ifnull(stage, '')" if per_stage else "''"
+    return f"""
+WITH base AS (
+    SELECT id, ifnull(workflow, '') AS wf, {stage} AS st, model, provider, tier, ts_us,
+           outcome = 'success' AS ok, latency_ms, cost_usd, input_tokens, output_tokens
+    FROM llm_calls
+    WHERE outcome IN ('success', 'failure', 'rate_limited', 'fatal'){where}
+),
+per_row AS (
+    SELECT wf, st, model, provider, tier, ts_us, ok, input_tokens, output_tokens,
+           SUM(cost_usd) OVER (PARTITION BY wf, st, model ORDER BY id
+                               ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS cost_sum,
+           ROW_NUMBER() OVER (PARTITION BY wf, st, model ORDER BY id DESC) AS from_end,
+           ROW_NUMBER() OVER (PARTITION BY wf, st, model ORDER BY ts_us DESC, id ASC) AS newest
+    FROM base
+),
+groups AS (
+    SELECT wf, st, model, COUNT(*) AS n, SUM(ok) AS successes,
+           MAX(CASE WHEN from_end = 1 THEN cost_sum END) AS cost_sum,
+           SUM(CASE WHEN ok THEN input_tokens ELSE 0 END) AS in_sum,
+           SUM(CASE WHEN ok THEN output_tokens ELSE 0 END) AS out_sum,
+           MIN(ts_us) AS first_us, MAX(ts_us) AS last_us,
+           MAX(CASE WHEN newest = 1 THEN provider END) AS provider,
+           MAX(CASE WHEN newest = 1 THEN tier END) AS tier
+    FROM per_row
+    GROUP BY wf, st, model
+),
+lat AS (
+    SELECT wf, st, model, latency_ms,
+           ROW_NUMBER() OVER w AS rn,
+           COUNT(*) OVER (PARTITION BY wf, st, model) AS n,
+           SUM(latency_ms) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS lat_sum
+    FROM base
+    WHERE ok
+    WINDOW w AS (PARTITION BY wf, st, model ORDER BY latency_ms)
+),
+pct AS (
+    SELECT wf, st, model,
+           MAX(CASE WHEN rn = {_rank(":p50")} THEN latency_ms END) AS p50,
+           MAX(CASE WHEN rn = {_rank(":p95")} THEN latency_ms END) AS p95,
+           MAX(CASE WHEN rn = n THEN lat_sum END) AS lat_sum
+    FROM lat
+    GROUP BY wf, st, model
+)
+SELECT g.wf, g.st, g.model, g.provider, g.tier, g.n, g.successes, p.p50, p.p95, p.lat_sum,
+       g.cost_sum, g.in_sum, g.out_sum, g.first_us, g.last_us
+FROM groups AS g
+LEFT JOIN pct AS p ON p.wf = g.wf AND p.st = g.st AND p.model = g.model
+ORDER BY g.wf, g.st, g.model
+"""
+
+
+# --------------------------------------------------------------------------- the connection
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+class _Busy(Exception):
+    """The database stayed locked for longer than ``lock_timeout``."""
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:  # the transaction may already be gone
+            logger.debug("rollback failed", exc_info=True)
+
+
+_STOP: Final = object()
+
+_Job: TypeAlias = tuple["asyncio.Future[Any] | None", Callable[[], Any], bool]
+"""(future to settle, function to run on the thread, skip if the future is cancelled)"""
+
+
+class _Database:
+    """
+    One SQLite connection driven by one daemon thread.
+
+    `run` queues ``job(conn)`` on the thread and awaits its result; jobs run one at a
+    time in submission order.  The connection is opened (file created 0600, PRAGMAs,
+    migrations) by the first job.  Native errors are mapped to ``error`` (a
+    `BackendError` subclass) naming the path; other exceptions pass through.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        error: type[BackendError],
+        busy_timeout: float,
+        lock_timeout: float,
+    ) -> None:
+        self.path = path
+        self.error = error
+        self.busy_timeout = busy_timeout
+        self.lock_timeout = lock_timeout
+        self.busy_retries = 0
+        self._conn: sqlite3.Connection | None = None
+        self._jobs: queue.SimpleQueue[
+            tuple[asyncio.Future[Any] | None, Callable[[], Any], bool]
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    # ------------------------------------------------------------------ thread side
+
+    def _serve(self) -> None:
+        while True:
+            future, fn, skippable = self._jobs.get()
+            if skippable and future is not None and future.cancelled():
+                continue  # the caller gave up before the job started: skip it
+            try:
+                result = fn()
+            except BaseException as exc:
+                if future is not None:
+                    self._deliver(future, None, exc)
+                continue
+            if future is not None:
+                self._deliver(future, result, None)
+            if result is _STOP:
+                return
+
+    @staticmethod
+    def _deliver(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+        def settle() -> None:
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        # RuntimeError: the event loop is closed; nobody is waiting any more
+        with contextlib.suppress(RuntimeError):
+            future.get_loop().call_soon_threadsafe(settle)
+
+    def _fail(self, message: str, exc: BaseException | None = None) -> BackendError:
+        err = self.error(f"SQLite database {self.path}: {message}", target=self.path)
+        if exc is not None:
+            err.__cause__ = exc
+        return err
+
+    def _map(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, BackendError):
+            return exc
+        if isinstance(exc, _Busy):
+            return self._fail(
+                f"stayed locked by other writers for more than {self.lock_timeout:g} s "
+                "(raise lock_timeout or busy_timeout)",
+                exc.__cause__,
+            )
+        if isinstance(exc, sqlite3.Error):
+            text = str(exc)
+            low = text.lower()
+            if "not a database" in low or "malformed" in low or "corrupt" in low:
+                return self._fail(f"the file is not a SQLite database or is corrupt ({text})", exc)
+            if "readonly" in low or "read-only" in low:
+                return self._fail(f"the database is read-only ({text})", exc)
+            if "unable to open" in low:
+                return self._fail(f"cannot open the file ({text})", exc)
+            return self._fail(f"{type(exc).__name__}: {text}", exc)
+        if isinstance(exc, OverflowError):
+            return self._fail(f"a value does not fit in SQLite ({exc})", exc)
+        if isinstance(exc, OSError):
+            return self._fail(f"{exc.strerror or exc}", exc)
+        return exc
+
+    def retrying(self, fn: Callable[[], T]) -> T:
+        """Call ``fn`` (on the thread), retrying with backoff while the file is busy."""
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.002
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                if self._conn is not None:
+                    _rollback(self._conn)
+                if time.monotonic() >= deadline:
+                    raise _Busy() from exc
+                self.busy_retries += 1
+                time.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2.0, 0.25)
+
+    def transaction(self, conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction, retrying while busy."""
+
+        def attempt() -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+            return result
+
+        return self.retrying(attempt)
+
+    def _prepare_file(self) -> None:
+        path = self.path
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except FileNotFoundError as exc:
+            raise self._fail(
+                f"the directory {os.path.dirname(path) or '.'} does not exist", exc
+            ) from exc
+        except IsADirectoryError as exc:
+            raise self._fail("the path is a directory, not a database file", exc) from exc
+        except PermissionError as exc:
+            raise self._fail(
+                "permission denied: the file or its directory is read-only for this user", exc
+            ) from exc
+        except OSError as exc:
+            raise self._fail(f"cannot create or open the file ({exc.strerror})", exc) from exc
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise self._fail("the path is not a regular file")
+        if st.st_mode & 0o222 == 0:
+            # root can write anyway; honour the file's read-only mode all the same
+            raise self._fail(f"the file is read-only (mode {stat.S_IMODE(st.st_mode):04o})")
+
+    def _open(self) -> sqlite3.Connection:
+        if self.path != MEMORY:
+            self._prepare_file()
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            self._conn = conn
+            self.retrying(partial(self._setup, conn))
+        except BaseException:
+            self._conn = None
+            conn.close()
+            raise
+        return conn
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"SQLite database {self.path} has schema version {version}, newer than the "
+                f"{SCHEMA_VERSION} this version of empathy-models understands; upgrade "
+                "empathy-models (the file was left untouched)",
+                target=self.path,
+            )
+        if self.path != MEMORY:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        if version < SCHEMA_VERSION:
+            self.transaction(conn, self._migrate)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        # re-read under the write lock: another process may have migrated meanwhile
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"SQLite database {self.path} has schema version {version}, newer than "
+                f"{SCHEMA_VERSION}",
+                target=self.path,
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target - 1]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target:d}")
+
+    def _call(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            conn = self._conn if self._conn is not None else self._open()
+            return job(conn)
+        except Exception as exc:
+            mapped = self._map(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    def _close(self) -> object:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                logger.warning("closing %s failed", self.path, exc_info=True)
+        return _STOP
+
+    # ------------------------------------------------------------------ loop side
+
+    async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``job(conn)`` on the connection's thread and return its result."""
+        if self._stopped:
+            raise self._fail("the connection is closed")
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._serve,
+                name=f"empathy-models sqlite {os.path.basename(self.path)}",
+                daemon=True,
+            )
+            self._thread.start()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((future, partial(self._call, job), True))
+        return await future
+
+    async def close(self) -> None:
+        """Finish queued jobs, close the connection and stop the thread."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._thread is None:
+            return
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        # queued synchronously and never skipped: even if this await is cancelled, the
+        # thread finishes the jobs before it, closes the connection and stops
+        self._jobs.put((future, self._close, False))
+        await future
+
+
+def _check_seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    if value < 0:
+        raise ConfigurationError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _normalize_path(path: str | os.PathLike[str]) -> str:
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise ConfigurationError(f"path must be a non-empty file path or ':memory:', got {path!r}")
+    if path == MEMORY:
+        return MEMORY
+    return os.path.abspath(path)
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+class SQLiteTelemetryBackend(TelemetryBackend):
+    """
+    `LLMCallRecord`s in a SQLite file (or ``":memory:"``), shared by every process.
+
+    Every field of a record is stored (metadata and the fallback chain as JSON, the
+    timestamp as integer microseconds since the epoch, UTC), and `recent` gives back
+    records equal to those written.  `aggregate` runs in SQL over an index covering
+    ``(workflow, stage, timestamp, model, outcome, latency, cost, tokens, provider,
+    tier)`` and matches the in-memory reference exactly (nearest-rank percentiles).
+
+    With ``batch=True`` (the default) ``record`` and ``record_many`` only queue; a
+    background task writes batches of up to ``max_batch`` records, one transaction
+    each, on size, every ``flush_interval`` seconds, on `flush`, before every read and
+    on `aclose` (see `empathy_models.backends.batching`; `dropped`, `failed` and
+    `pending` count what happened).  With ``batch=False``, ``record_many`` returns once
+    its records are committed, or raises `TelemetryError` having stored none of them.
+
+    ``busy_timeout`` is how long SQLite waits for another writer; ``lock_timeout`` how
+    long an operation keeps retrying in total before `TelemetryError`.  Safe to use
+    from several tasks at once; operations run one at a time on the backend's thread.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        batch: bool = True,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        on_full: OnFull = "wait",
+        busy_timeout: float = 5.0,
+        lock_timeout: float = 30.0,
+    ) -> None:
+        if not isinstance(batch, bool):
+            raise ConfigurationError(f"batch must be True or False, got {batch!r}")
+        self._path = _normalize_path(path)
+        self._db = _Database(
+            self._path,
+            error=TelemetryError,
+            busy_timeout=_check_seconds("busy_timeout", busy_timeout),
+            lock_timeout=_check_seconds("lock_timeout", lock_timeout),
+        )
+        self._batcher: _Batcher | None = None
+        if batch:
+            self._batcher = _Batcher(
+                self._write,
+                owner=f"SQLiteTelemetryBackend({self._path!r})",
+                max_batch=max_batch,
+                flush_interval=flush_interval,
+                max_queue=max_queue,
+                on_full=on_full,
+            )
+
+    def __repr__(self) -> str:
+        return f"SQLiteTelemetryBackend({self._path!r}, batch={self._batcher is not None})"
+
+    @property
+    def path(self) -> str:
+        """The absolute path of the database file, or ``":memory:"``."""
+        return self._path
+
+    @property
+    def persistent(self) -> bool:
+        """True for a file; a ``:memory:`` database is gone when the backend closes."""
+        return self._path != MEMORY
+
+    @property
+    def dropped(self) -> int:
+        """Records discarded because the queue was full (``on_full="drop"`` only)."""
+        return 0 if self._batcher is None else self._batcher.dropped
+
+    @property
+    def failed(self) -> int:
+        """Records of queued batches that could not be written (logged as they fail)."""
+        return 0 if self._batcher is None else self._batcher.failed
+
+    @property
+    def pending(self) -> int:
+        """Records queued and not yet handed to SQLite."""
+        return 0 if self._batcher is None else len(self._batcher.queue)
+
+    @property
+    def busy_retries(self) -> int:
+        """How often an operation found the file locked and retried."""
+        return self._db.busy_retries
+
+    async def _aopen(self) -> None:
+        await self._db.run(lambda conn: None)
+        if self._batcher is not None:
+            self._batcher.start()
+
+    # ------------------------------------------------------------------ writes
+
+    async def _write(self, records: list[LLMCallRecord]) -> None:
+        if not records:
+            return
+
+        def job(conn: sqlite3.Connection) -> None:
+            rows = [_to_row(r) for r in records]
+            self._db.transaction(conn, lambda c: c.executemany(_INSERT_CALL, rows))
+
+        await self._db.run(job)
+
+    async def record(self, record: LLMCallRecord) -> None:
+        """Store one record (queued when batching)."""
+        if self._closed:
+            self._check_open()
+        if self._batcher is not None:
+            await self._batcher.submit(record)
+        else:
+            await self._write(_check_records((record,)))
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        """Store several records (queued when batching; else one transaction)."""
+        self._check_open()
+        if self._batcher is not None:
+            await self._batcher.submit_many(records)
+        else:
+            await self._write(_check_records(records))
+
+    async def flush(self) -> None:
+        """Commit every record accepted so far; it is then visible to every process."""
+        self._check_open()
+        if self._batcher is not None:
+            await self._batcher.flush()
+
+    # ------------------------------------------------------------------ reads
+
+    @staticmethod
+    def _filters(
+        *,
+        workflow: str | None,
+        stage: str | None,
+        model: str | None = None,
+        since: datetime | None,
+        until: datetime | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        clauses: list[str] = []
+        params: dict[str, Any] = {}
+        for name, value in (("workflow", workflow), ("stage", stage), ("model", model)):
+            if value is not None:
+                clauses.append(f"{name} = :{name}")
+                params[name] = value
+        if since is not None:
+            clauses.append("ts_us >= :since")
+            params["since"] = _to_us(since)
+        if until is not None:
+            clauses.append("ts_us < :until")
+            params["until"] = _to_us(until)
+        return "".join(f" AND {c}" for c in clauses), params
+
+    async def aggregate(
+        self,
+        *,
+        workflow: str | None = None,
+        stage: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        per_stage: bool = True,
+    ) -> list[ModelPerformance]:
+        """Per-model performance computed in SQL (flushes queued records first)."""
+        self._check_open()
+        check_window(since, until)
+        await self.flush()
+        where, params = self._filters(workflow=workflow, stage=stage, since=since, until=until)
+        params.update(p50=0.50, p95=0.95)
+        sql = _aggregate_sql(where, per_stage)
+
+        def job(conn: sqlite3.Connection) -> list[Any]:
+            return self._db.retrying(lambda: conn.execute(sql, params).fetchall())
+
+        rows = await self._db.run(job)
+        out: list[ModelPerformance] = []
+        for row in rows:
+            (wf, st, model, provider, tier, n, ok, p50, p95, lat_sum) = row[:10]
+            (cost_sum, in_sum, out_sum, first_us, last_us) = row[10:]
+            out.append(
+                ModelPerformance(
+                    model=model,
+                    provider=provider,
+                    workflow=wf or None,
+                    stage=(st or None) if per_stage else None,
+                    tier=tier,
+                    sample_size=n,
+                    successes=ok,
+                    latency_p50_ms=p50,
+                    latency_p95_ms=p95,
+                    avg_latency_ms=(lat_sum / ok) if ok else None,
+                    avg_cost_usd=cost_sum / n,
+                    avg_input_tokens=(in_sum / ok) if ok else 0.0,
+                    avg_output_tokens=(out_sum / ok) if ok else 0.0,
+                    first_seen=_from_us(first_us),
+                    last_seen=_from_us(last_us),
+                )
+            )
+        out.sort(key=lambda m: (m.workflow or "", m.stage or "", m.model))
+        return out
+
+    async def recent(
+        self,
+        *,
+        limit: int = 100,
+        workflow: str | None = None,
+        stage: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+    ) -> list[LLMCallRecord]:
+        """The ``limit`` newest matching records, newest first (flushes first)."""
+        self._check_open()
+        check_window(since, None)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(f"limit must be an integer >= 0, got {limit!r}")
+        await self.flush()
+        if limit == 0:
+            return []
+        where, params = self._filters(workflow=workflow, stage=stage, model=model, since=since)
+        params["limit"] = limit
+        sql = f"{_SELECT_CALLS} WHERE 1{where} ORDER BY ts_us DESC, id DESC LIMIT :limit"
+
+        def job(conn: sqlite3.Connection) -> list[LLMCallRecord]:
+            rows = self._db.retrying(lambda: conn.execute(sql, params).fetchall())
+            return [_from_row(row) for row in rows]
+
+        return await self._db.run(job)
+
+    async def purge(self, *, before: datetime) -> int:
+        """Delete records older than ``before`` in one transaction; return how many."""
+        self._check_open()
+        check_window(before, None)
+        await self.flush()
+        cutoff = _to_us(before)
+
+        def job(conn: sqlite3.Connection) -> int:
+            return self._db.transaction(
+                conn,
+                lambda c: c.execute("DELETE FROM llm_calls WHERE ts_us < ?", (cutoff,)).rowcount,
+            )
+
+        return await self._db.run(job)
+
+    async def _aclose(self) -> None:
+        try:
+            if self._batcher is not None:
+                await self._batcher.aclose()
+        finally:
+            await self._db.close()
+
+
+# --------------------------------------------------------------------------- circuit state
+
+
+class SQLiteStateStore(TransactionalStateStore):
+    """
+    Circuit-breaker state in a SQLite file, shared by every process that opens it.
+
+    Each store operation (`admit`, `record`, `force`, `reset`) is one ``BEGIN
+    IMMEDIATE`` transaction: the key's row is read, the pure machine of
+    `empathy_models.circuit` runs with ``clock()`` (UTC epoch seconds, read after the
+    write lock is held, so time never runs backwards between two operations on one
+    host), and the row is written back only if its generation is still the one read.
+    States are stored as the versioned JSON of `empathy_models.serialization`.
+
+    ``clock`` defaults to `time.time`; tests inject a fake one.  Raises
+    `StateStoreError` (naming the path) when the file cannot be used.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 5.0,
+        lock_timeout: float = 30.0,
+    ) -> None:
+        if not callable(clock):
+            raise ConfigurationError(f"clock must be callable, got {clock!r}")
+        self._path = _normalize_path(path)
+        self._clock = clock
+        self._db = _Database(
+            self._path,
+            error=StateStoreError,
+            busy_timeout=_check_seconds("busy_timeout", busy_timeout),
+            lock_timeout=_check_seconds("lock_timeout", lock_timeout),
+        )
+
+    def __repr__(self) -> str:
+        return f"SQLiteStateStore({self._path!r})"
+
+    @property
+    def path(self) -> str:
+        """The absolute path of the database file, or ``":memory:"``."""
+        return self._path
+
+    @property
+    def busy_retries(self) -> int:
+        """How often an operation found the file locked and retried."""
+        return self._db.busy_retries
+
+    async def _aopen(self) -> None:
+        await self._db.run(lambda conn: None)
+
+    @staticmethod
+    def _decode(data: str) -> CircuitBreakerState:
+        return from_dict(json.loads(data), CircuitBreakerState)
+
+    async def _transact(
+        self,
+        key: str,
+        fn: Callable[[CircuitBreakerState | None, float], tuple[CircuitBreakerState | None, T]],
+    ) -> T:
+        db = self._db
+        clock = self._clock
+
+        def body(conn: sqlite3.Connection) -> T:
+            row = conn.execute(
+                "SELECT data, generation FROM circuit_state WHERE key = ?", (key,)
+            ).fetchone()
+            current = None if row is None else self._decode(row[0])
+            new, result = fn(current, clock())
+            if new is not None and new is not current:
+                data = _json(to_dict(new))
+                now = new.updated_at_ts if new.updated_at_ts is not None else time.time()
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO circuit_state (key, generation, state, data, updated_at) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (key, new.generation, new.state.value, data, now),
+                    )
+                else:
+                    cur = conn.execute(
+                        "UPDATE circuit_state SET generation = ?, state = ?, data = ?, "
+                        "updated_at = ? WHERE key = ? AND generation = ?",
+                        (new.generation, new.state.value, data, now, key, row[1]),
+                    )
+                    if cur.rowcount != 1:  # cannot happen under the write lock
+                        raise StateStoreError(
+                            f"SQLite database {db.path}: the state of {key!r} changed "
+                            "during a transaction",
+                            target=db.path,
+                        )
+            return result
+
+        return await db.run(partial(db.transaction, body=body))
+
+    async def _load(self, key: str) -> CircuitBreakerState | None:
+        def job(conn: sqlite3.Connection) -> CircuitBreakerState | None:
+            row = self._db.retrying(
+                lambda: conn.execute(
+                    "SELECT data FROM circuit_state WHERE key = ?", (key,)
+                ).fetchone()
+            )
+            return None if row is None else self._decode(row[0])
+
+        return await self._db.run(job)
+
+    async def _load_all(self) -> list[CircuitBreakerState]:
+        def job(conn: sqlite3.Connection) -> list[CircuitBreakerState]:
+            rows = self._db.retrying(
+                lambda: conn.execute("SELECT data FROM circuit_state ORDER BY key").fetchall()
+            )
+            return [self._decode(row[0]) for row in rows]
+
+        return await self._db.run(job)
+
+    async def _clear(self, key: str | None) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            if key is None:
+                conn.execute("DELETE FROM circuit_state")
+            else:
+                conn.execute("DELETE FROM circuit_state WHERE key = ?", (key,))
+
+        await self._db.run(partial(self._db.transaction, body=body))
+
+    async def _aclose(self) -> None:
+        await self._db.close()
+
+
+SQLiteCircuitStateStore = SQLiteStateStore
+"""Alias of `SQLiteStateStore` (the name used in the design issue)."""
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    low = value.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"sqlite URL option {name}={value!r} must be true or false")
+
+
+def _parse_number(kind: Callable[[str], Any]) -> Callable[[str, str], Any]:
+    def parse(name: str, value: str) -> Any:
+        try:
+            return kind(value)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"sqlite URL option {name}={value!r} must be a {kind.__name__}"
+            ) from exc
+
+    return parse
+
+
+_COMMON_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
+    "busy_timeout": _parse_number(float),
+    "lock_timeout": _parse_number(float),
+}
+_TELEMETRY_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
+    **_COMMON_OPTIONS,
+    "batch": _parse_bool,
+    "max_batch": _parse_number(int),
+    "flush_interval": _parse_number(float),
+    "max_queue": _parse_number(int),
+    "on_full": lambda name, value: value,
+}
+
+
+def parse_sqlite_url(
+    url: str, allowed: Mapping[str, Callable[[str, str], Any]] = _TELEMETRY_OPTIONS
+) -> tuple[str, dict[str, Any]]:
+    """
+    Split a ``sqlite://`` URL into a path and keyword options.
+
+    ``sqlite:///rel.db`` -> ``rel.db`` (relative to the working directory),
+    ``sqlite:////abs/x.db`` -> ``/abs/x.db``, ``sqlite://:memory:`` and
+    ``sqlite:///:memory:`` -> ``:memory:``.  Raises `ConfigurationError` for another
+    scheme, a host part, an empty path or an unknown option.
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite":
+        raise ConfigurationError(f"not a sqlite:// URL: {url!r}")
+    if parts.netloc == MEMORY and parts.path in ("", "/"):
+        path = MEMORY
+    elif parts.netloc:
+        raise ConfigurationError(
+            f"sqlite URL {url!r} has a host part {parts.netloc!r}; use sqlite:///relative.db, "
+            "sqlite:////absolute/path.db or sqlite://:memory:"
+        )
+    else:
+        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        if not path:
+            raise ConfigurationError(
+                f"sqlite URL {url!r} names no file; use sqlite:///relative.db, "
+                "sqlite:////absolute/path.db or sqlite://:memory:"
+            )
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in allowed:
+            raise ConfigurationError(
+                f"unknown sqlite URL option {name!r}; known: {', '.join(sorted(allowed))}"
+            )
+        options[name] = allowed[name](name, value)
+    return path, options
+
+
+def _telemetry(url: str, **options: Any) -> SQLiteTelemetryBackend:
+    path, query = parse_sqlite_url(url, _TELEMETRY_OPTIONS)
+    return SQLiteTelemetryBackend(path, **{**query, **options})
+
+
+def _store(url: str, **options: Any) -> SQLiteStateStore:
+    path, query = parse_sqlite_url(url, _COMMON_OPTIONS)
+    return SQLiteStateStore(path, **{**query, **options})
+
+
+PLUGIN = BackendPlugin(
+    schemes=("sqlite",),
+    package="empathy-models",
+    telemetry=_telemetry,
+    state_store=_store,
+)
