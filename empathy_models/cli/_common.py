@@ -1,0 +1,304 @@
+"""Shared plumbing of the CLI: options, database resolution, tables, JSON, progress, errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Protocol, TypeAlias, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+
+from empathy_models import empathy_home
+
+__all__ = [
+    "CliError",
+    "Progress",
+    "Register",
+    "SubParsers",
+    "add_common",
+    "db_url",
+    "emit_json",
+    "fmt_ms",
+    "fmt_pct",
+    "fmt_usd",
+    "print_pairs",
+    "print_table",
+    "run_async",
+    "stdin_is_terminal",
+]
+
+T = TypeVar("T")
+
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+class Register(Protocol):
+    """What a command module exposes: ``register(subparsers)`` adds its parser."""
+
+    def __call__(self, subparsers: SubParsers) -> None: ...
+
+
+class CliError(Exception):
+    """An error to show as ``empathy-models: error: <message>`` with exit ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --------------------------------------------------------------------------- options
+
+
+def default_db_path() -> Path:
+    """``$EMPATHY_HOME/empathy.db`` (resolved now)."""
+    return empathy_home() / "empathy.db"
+
+
+def add_common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
+    """Add ``--db`` (every command) and ``--json`` (where scripts want it)."""
+    parser.add_argument(
+        "--db",
+        metavar="URL_OR_PATH",
+        default=None,
+        help="SQLite file or backend URL (default: $EMPATHY_HOME/empathy.db, "
+        "i.e. ~/.empathy/empathy.db)",
+    )
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _sqlite_path(url: str) -> str | None:
+    """The file path of a ``sqlite://`` URL, None for ``:memory:``."""
+    rest = url[len("sqlite://") :]
+    if rest.startswith("/"):
+        rest = rest[1:]
+    rest = rest.split("?", 1)[0]
+    if rest in ("", ":memory:"):
+        return None
+    return rest
+
+
+def db_url(value: str | None, *, must_exist: bool = True) -> str:
+    """
+    The backend URL for ``--db``: a URL passes through, a path becomes ``sqlite:///<abs>``.
+
+    With ``must_exist`` a SQLite file that does not exist raises `CliError` (so a
+    read command never creates an empty database behind the user's back).
+    """
+    raw = value if value is not None else str(default_db_path())
+    if "://" in raw:
+        url = raw
+        scheme = urlsplit(raw).scheme.lower()
+        path = _sqlite_path(raw) if scheme == "sqlite" else None
+    else:
+        path = str(Path(raw).expanduser().absolute())
+        url = "sqlite:///" + path
+    if must_exist and path is not None:
+        file = Path(path)
+        if file.is_dir():
+            raise CliError(f"database {file} is a directory, not a SQLite file")
+        if not file.exists():
+            hint = f"pass --db PATH, or create one with `empathy-models demo --db {file}`"
+            raise CliError(f"database not found: {file} ({hint})")
+    return url
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def print_table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[object]],
+    *,
+    title: str | None = None,
+    file: IO[str] | None = None,
+) -> None:
+    """
+    Print ``rows`` under ``headers`` in aligned columns; numbers are right-aligned.
+
+    ``None`` prints as ``-``.  An empty table prints the headers and ``(no rows)``.
+    """
+    out = file if file is not None else sys.stdout
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, text in enumerate(row):
+            widths[i] = max(widths[i], len(text))
+    numeric = [
+        bool(rows)
+        and all(
+            isinstance(row[i], int | float) or row[i] is None or _looks_numeric(cells[r][i])
+            for r, row in enumerate(rows)
+        )
+        for i in range(len(headers))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(widths[i]) if numeric[i] else v.ljust(widths[i]) for i, v in enumerate(values)
+        ]
+        return "  ".join(parts).rstrip()
+
+    if title:
+        print(title, file=out)
+    print(line(headers), file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for row in cells:
+        print(line(row), file=out)
+    if not cells:
+        print("(no rows)", file=out)
+
+
+def print_pairs(
+    rows: Sequence[tuple[str, object]], *, title: str | None = None, file: IO[str] | None = None
+) -> None:
+    """Print ``label  value`` lines with the labels aligned."""
+    out = file if file is not None else sys.stdout
+    if title:
+        print(title, file=out)
+    width = max((len(label) for label, _ in rows), default=0)
+    for label, value in rows:
+        print(f"  {label.ljust(width)}  {_cell(value)}".rstrip(), file=out)
+
+
+def _looks_numeric(text: str) -> bool:
+    stripped = text.strip().lstrip("$").rstrip("%").replace(",", "")
+    for suffix in (" ms", "ms"):
+        stripped = stripped.removesuffix(suffix)
+    try:
+        float(stripped)
+    except ValueError:
+        return text == "-"
+    return True
+
+
+def _json_default(value: object) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        return to_dict()
+    if hasattr(value, "value"):
+        return value.value
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+def emit_json(data: object, *, file: IO[str] | None = None) -> None:
+    """Print ``data`` as indented JSON (datetimes as ISO strings, records via ``to_dict``)."""
+    out = file if file is not None else sys.stdout
+    json.dump(data, out, indent=2, default=_json_default)
+    out.write("\n")
+
+
+def fmt_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def fmt_usd(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value and abs(value) < 0.01:
+        return f"${value:.6f}"
+    return f"${value:,.4f}"
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """
+    A one-line progress bar on stderr, drawn only when stderr is a terminal.
+
+    ``with Progress(total, "calls") as bar: bar.advance(1)``; redraws at most ten
+    times a second and clears the line on exit.
+    """
+
+    def __init__(self, total: int, label: str, *, stream: IO[str] | None = None) -> None:
+        self.total = max(0, total)
+        self.label = label
+        self.done = 0
+        self._stream = stream if stream is not None else sys.stderr
+        self._enabled = _isatty(self._stream) and self.total > 0
+        self._last_draw = 0.0
+
+    def __enter__(self) -> Progress:
+        self._draw(force=True)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._enabled:
+            self._stream.write("\r\x1b[2K")
+            self._stream.flush()
+
+    def advance(self, n: int = 1) -> None:
+        self.done = min(self.total, self.done + n)
+        self._draw(force=self.done == self.total)
+
+    def _draw(self, *, force: bool = False) -> None:
+        if not self._enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_draw < 0.1:
+            return
+        self._last_draw = now
+        width = 30
+        fraction = self.done / self.total if self.total else 1.0
+        filled = math.floor(width * fraction)
+        bar = "#" * filled + "." * (width - filled)
+        self._stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total}")
+        self._stream.flush()
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def stdin_is_terminal() -> bool:
+    """True when a person can answer a prompt (stdin is a TTY)."""
+    return _isatty(sys.stdin)
+
+
+# --------------------------------------------------------------------------- async
+
+
+def run_async(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn()`` on a fresh asyncio event loop and return its result."""
+
+    async def body() -> T:
+        return await fn()
+
+    return anyio.run(body, backend="asyncio")

@@ -1,0 +1,161 @@
+"""``empathy-models breaker``: show, reset and force open circuit-breaker keys."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from empathy_models import CircuitBreakerState, CircuitState, state_store_from_url
+
+from ._common import CliError, SubParsers, add_common, db_url, emit_json, print_table, run_async
+
+__all__ = ["cmd_breaker_open", "cmd_breaker_reset", "cmd_breaker_status", "register"]
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def register(subparsers: SubParsers) -> None:
+    """Add the ``breaker`` command group."""
+    group = subparsers.add_parser(
+        "breaker",
+        help="circuit breakers in the shared state store: status, reset, open",
+        description="Circuit-breaker state as every worker sharing the database sees it.",
+    )
+    sub = group.add_subparsers(dest="breaker_command", metavar="SUBCOMMAND", required=True)
+
+    status = sub.add_parser("status", help="state of every key (or one)")
+    add_common(status)
+    status.add_argument("key", nargs="?", help="one key (provider or provider:model)")
+    status.set_defaults(func=cmd_breaker_status)
+
+    reset = sub.add_parser("reset", help="close a key (or --all) and forget its failures")
+    add_common(reset)
+    target = reset.add_mutually_exclusive_group(required=True)
+    target.add_argument("key", nargs="?", help="the key to reset")
+    target.add_argument("--all", action="store_true", help="reset every key")
+    reset.set_defaults(func=cmd_breaker_reset)
+
+    force = sub.add_parser("open", help="force a key open (until reset, or for --for seconds)")
+    add_common(force)
+    force.add_argument("key", help="the key to open")
+    force.add_argument("--for", dest="seconds", type=_seconds, default=None, metavar="SECONDS")
+    force.add_argument("--reason", default="forced open from the CLI", help="shown in status")
+    force.set_defaults(func=cmd_breaker_open)
+
+
+def _when(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def state_row(s: CircuitBreakerState) -> dict[str, Any]:
+    """A `CircuitBreakerState` as the JSON the CLI prints."""
+    return {
+        "key": s.key,
+        "state": s.state.value,
+        "consecutive_failures": s.consecutive_failures,
+        "window_calls": s.window_calls,
+        "window_failures": s.window_failures,
+        "open_count": s.open_count,
+        "generation": s.generation,
+        "opened_at": s.opened_at.isoformat() if s.opened_at else None,
+        "open_until": s.open_until.isoformat() if s.open_until else None,
+        "probes_in_flight": s.probes_in_flight,
+        "last_error": s.last_error,
+        "reason": s.reason,
+    }
+
+
+def _print_states(states: list[CircuitBreakerState]) -> None:
+    print_table(
+        ["key", "state", "failures", "window", "trips", "opened at", "open until", "last error"],
+        [
+            (
+                s.key,
+                s.state.value,
+                s.consecutive_failures,
+                f"{s.window_failures}/{s.window_calls}",
+                s.open_count,
+                _when(s.opened_at_ts),
+                _when(s.open_until_ts),
+                s.reason or s.last_error,
+            )
+            for s in states
+        ],
+    )
+
+
+def cmd_breaker_status(args: argparse.Namespace) -> int:
+    """Print every key the store holds, or one key (a key never seen reads as closed)."""
+    url = db_url(args.db)
+
+    async def body() -> list[CircuitBreakerState]:
+        async with state_store_from_url(url) as store:
+            if args.key:
+                return [await store.snapshot(args.key)]
+            return await store.snapshot_all()
+
+    states = run_async(body)
+    if args.json:
+        emit_json({"breakers": [state_row(s) for s in states]})
+    else:
+        _print_states(states)
+    return 0
+
+
+def cmd_breaker_reset(args: argparse.Namespace) -> int:
+    """Reset one key or every key: it reads as closed and older tickets stop counting."""
+    url = db_url(args.db)
+
+    async def body() -> list[CircuitBreakerState]:
+        async with state_store_from_url(url) as store:
+            if args.all:
+                await store.reset(None)
+                return await store.snapshot_all()
+            await store.reset(args.key)
+            return [await store.snapshot(args.key)]
+
+    states = run_async(body)
+    if args.json:
+        emit_json(
+            {"reset": "all" if args.all else args.key, "breakers": [state_row(s) for s in states]}
+        )
+    else:
+        print(f"Reset {'every key' if args.all else args.key}")
+        _print_states(states)
+    return 0
+
+
+def cmd_breaker_open(args: argparse.Namespace) -> int:
+    """Force a key open: every worker sharing the store rejects it until the time or a reset."""
+    url = db_url(args.db)
+    until = None if args.seconds is None else datetime.now(UTC) + timedelta(seconds=args.seconds)
+    if not args.key.strip():
+        raise CliError("the key must not be empty", code=2)
+
+    async def body() -> CircuitBreakerState:
+        async with state_store_from_url(url) as store:
+            return await store.force(
+                args.key, CircuitState.FORCED_OPEN, until=until, reason=args.reason
+            )
+
+    state = run_async(body)
+    if args.json:
+        emit_json(state_row(state))
+    else:
+        print(
+            f"Forced {args.key} open"
+            + (f" until {_when(state.open_until_ts)} UTC" if until else " until reset")
+        )
+        _print_states([state])
+    return 0

@@ -1,0 +1,358 @@
+"""``empathy-models routing``: routing statistics, the best model now, tier-upgrade advice."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from empathy_models import (
+    AdaptiveModelRouter,
+    ModelRegistry,
+    ModelTier,
+    RoutingDecision,
+    RoutingPolicy,
+    TelemetryBackend,
+    telemetry_from_url,
+)
+
+from ._common import (
+    CliError,
+    SubParsers,
+    add_common,
+    db_url,
+    emit_json,
+    fmt_ms,
+    fmt_pct,
+    fmt_usd,
+    print_pairs,
+    print_table,
+    run_async,
+)
+
+__all__ = ["cmd_routing_best", "cmd_routing_stats", "cmd_routing_upgrades", "register"]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def register(subparsers: SubParsers) -> None:
+    """Add the ``routing`` command group."""
+    group = subparsers.add_parser(
+        "routing",
+        help="adaptive routing from recorded telemetry: stats, best model, tier upgrades",
+        description="What the adaptive router sees in the telemetry database.",
+    )
+    sub = group.add_subparsers(dest="routing_command", metavar="SUBCOMMAND", required=True)
+
+    def leaf(name: str, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+        add_common(p)
+        p.add_argument(
+            "--registry",
+            type=Path,
+            default=None,
+            help="models and prices from a TOML or JSON file (default: the built-in table)",
+        )
+        p.add_argument("--days", type=_positive_float, default=7.0, help="window (default 7)")
+        return p
+
+    stats = leaf("stats", "per-model calls, success rate with 95%% bounds, latency and cost")
+    stats.add_argument("workflow", nargs="?", help="one workflow (default: every workflow)")
+    stats.add_argument("--stage", help="one stage (default: all stages together)")
+    stats.set_defaults(func=cmd_routing_stats)
+
+    best = leaf("best", "the model the router would pick now for a workflow stage, and why")
+    best.add_argument("workflow")
+    best.add_argument("stage")
+    best.add_argument("--max-cost", type=_non_negative_float, help="USD per call")
+    best.add_argument("--max-latency-ms", type=_positive_float, help="p95 latency bound")
+    best.add_argument("--min-success-rate", type=_rate, help="0..1 (default 0.8)")
+    best.add_argument("--input-tokens", type=_tokens, help="prompt size, for the expected cost")
+    best.add_argument("--max-tokens", type=_tokens, help="output cap, for the expected cost")
+    choose = best.add_mutually_exclusive_group()
+    choose.add_argument(
+        "--tier",
+        choices=[t.value for t in ModelTier],
+        help="candidates: the registry's models of this tier",
+    )
+    choose.add_argument(
+        "--candidates",
+        metavar="MODEL[,MODEL...]",
+        help="candidate model ids (default: the models that served this stage)",
+    )
+    best.add_argument(
+        "--on-no-match",
+        default="raise",
+        metavar="raise|relax|MODEL",
+        help="when nothing qualifies: fail (default), relax constraints, or pin a model",
+    )
+    best.set_defaults(func=cmd_routing_best)
+
+    upgrades = leaf("upgrades", "stages whose recent failure rate advises a more capable tier")
+    upgrades.add_argument("workflow", nargs="?", help="one workflow (default: every workflow)")
+    upgrades.add_argument("--stage", help="one stage")
+    upgrades.set_defaults(func=cmd_routing_upgrades)
+
+
+def _registry(args: argparse.Namespace) -> ModelRegistry:
+    if args.registry is None:
+        return ModelRegistry.default()
+    return ModelRegistry.from_file(args.registry)
+
+
+async def _stages(
+    backend: TelemetryBackend, days: float, workflow: str | None, stage: str | None
+) -> list[tuple[str, str | None, list[str]]]:
+    """(workflow, stage, models) seen in the window, sorted."""
+    since = datetime.now(UTC) - timedelta(days=days)
+    perfs = await backend.aggregate(workflow=workflow, stage=stage, since=since)
+    found: dict[tuple[str, str | None], list[str]] = {}
+    for p in perfs:
+        found.setdefault((p.workflow or "", p.stage), []).append(p.model)
+    return [
+        (w, s, sorted(set(m)))
+        for (w, s), m in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+    ]
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def cmd_routing_stats(args: argparse.Namespace) -> int:
+    """`AdaptiveModelRouter.get_routing_stats` for one workflow or every workflow."""
+    url = db_url(args.db)
+    registry = _registry(args)
+
+    async def body() -> list[dict[str, Any]]:
+        async with telemetry_from_url(url) as backend:
+            router = AdaptiveModelRouter(registry, backend, refresh_interval=None)
+            if args.workflow is not None:
+                workflows = [args.workflow]
+            else:
+                workflows = sorted({w for w, _, _ in await _stages(backend, args.days, None, None)})
+            return [
+                await router.get_routing_stats(w, stage=args.stage, days=args.days)
+                for w in workflows
+            ]
+
+    results = run_async(body)
+    if args.json:
+        emit_json({"workflows": results})
+        return 0
+    if not results:
+        print(f"No calls recorded in the last {args.days:g} day(s).")
+        return 0
+    for i, stats in enumerate(results):
+        if i:
+            print()
+        title = (
+            f"{stats['workflow']} / stage {stats['stage']}: {stats['total_calls']} calls in "
+            f"{stats['days_analyzed']:g} day(s), success {fmt_pct(stats['avg_success_rate'])}, "
+            f"avg cost {fmt_usd(stats['avg_cost'])}"
+        )
+        rows = []
+        warnings: list[str] = []
+        for model, m in stats["performance_by_model"].items():
+            rows.append(
+                (
+                    model,
+                    m["tier"],
+                    m["calls"],
+                    fmt_pct(m["success_rate"]),
+                    f"{fmt_pct(m['success_rate_lower'])}-{fmt_pct(m['success_rate_upper'])}",
+                    fmt_ms(m["p50"]),
+                    fmt_ms(m["p95"]),
+                    fmt_usd(m["avg_cost"]),
+                )
+            )
+            if m["sample_size_warning"]:
+                warnings.append(f"{model}: {m['sample_size_warning']}")
+        print_table(
+            ["model", "tier", "calls", "success", "95% bounds", "p50 ms", "p95 ms", "avg cost"],
+            rows,
+            title=title,
+        )
+        if stats["message"]:
+            print(f"note: {stats['message']}")
+        for warning in warnings:
+            print(f"warning: {warning}")
+    return 0
+
+
+# --------------------------------------------------------------------------- best
+
+
+def decision_dict(decision: RoutingDecision) -> dict[str, Any]:
+    """A `RoutingDecision` as the JSON the CLI prints."""
+    return decision.to_dict()
+
+
+def cmd_routing_best(args: argparse.Namespace) -> int:
+    """Seed a router from the database and ask it for ``workflow``/``stage`` (no exploration)."""
+    url = db_url(args.db)
+    registry = _registry(args)
+    if args.tier is not None:
+        candidates: list[str] | None = [m.id for m in registry.for_tier(args.tier)]
+    elif args.candidates is not None:
+        candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+        if not candidates:
+            raise CliError("--candidates needs at least one model id", code=2)
+    else:
+        candidates = None
+    policy = RoutingPolicy(explore_rate=0.0, window_days=args.days)
+
+    async def body() -> RoutingDecision:
+        async with telemetry_from_url(url) as backend:
+            chosen = candidates
+            if chosen is None:
+                seen = await _stages(backend, args.days, args.workflow, args.stage)
+                chosen = sorted({m for _, _, models in seen for m in models})
+                if not chosen:
+                    raise CliError(
+                        f"no calls recorded for {args.workflow}/{args.stage} in the last "
+                        f"{args.days:g} day(s); pass --tier or --candidates to choose among "
+                        "models without history"
+                    )
+            async with AdaptiveModelRouter(
+                registry, backend, policy=policy, refresh_interval=None, seed=0
+            ) as router:
+                return router.get_best_model(
+                    args.workflow,
+                    args.stage,
+                    candidates=chosen,
+                    input_tokens=args.input_tokens,
+                    max_tokens=args.max_tokens,
+                    max_cost=args.max_cost,
+                    max_latency_ms=args.max_latency_ms,
+                    min_success_rate=args.min_success_rate,
+                    on_no_match=args.on_no_match,
+                )
+
+    decision = run_async(body)
+    if args.json:
+        emit_json(decision_dict(decision))
+        return 0
+    print_pairs(
+        [
+            ("model", decision.model),
+            ("constraints met", "yes" if decision.constraints_met else "no"),
+            ("reason", decision.reason),
+            ("policy applied", decision.policy_applied or "-"),
+            ("relaxed", ", ".join(decision.relaxed) or "-"),
+        ],
+        title=f"Best model for {args.workflow}/{args.stage}",
+    )
+    print()
+    print_table(
+        ["candidate", "status", "calls", "success", "95% bounds", "p95 ms", "exp. cost", "notes"],
+        [
+            (
+                c.model,
+                c.status.value,
+                c.sample_size,
+                fmt_pct(c.success_rate),
+                f"{fmt_pct(c.success_rate_lower)}-{fmt_pct(c.success_rate_upper)}",
+                fmt_ms(c.latency_p95_ms),
+                fmt_usd(c.expected_cost_usd),
+                "; ".join(c.reasons) or None,
+            )
+            for c in decision.candidates
+        ],
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- upgrades
+
+
+def cmd_routing_upgrades(args: argparse.Namespace) -> int:
+    """`AdaptiveModelRouter.recommend_tier_upgrade` for every stage seen in the window."""
+    url = db_url(args.db)
+    registry = _registry(args)
+    policy = RoutingPolicy(window_days=args.days)
+
+    async def body() -> list[dict[str, Any]]:
+        async with telemetry_from_url(url) as backend:
+            seen = await _stages(backend, args.days, args.workflow, args.stage)
+            async with AdaptiveModelRouter(
+                registry, backend, policy=policy, refresh_interval=None
+            ) as router:
+                out = []
+                for workflow, stage, _ in seen:
+                    rec = router.recommend_tier_upgrade(workflow, stage)
+                    out.append(
+                        {
+                            "workflow": workflow,
+                            "stage": stage,
+                            "should_upgrade": rec.should_upgrade,
+                            "suggested_tier": rec.suggested_tier.value
+                            if rec.suggested_tier is not None
+                            else None,
+                            "current_tiers": [t.value for t in rec.current_tiers],
+                            "failure_rate": rec.failure_rate,
+                            "failures": rec.failures,
+                            "window": rec.window,
+                            "reason": rec.reason,
+                        }
+                    )
+                return out
+
+    rows = run_async(body)
+    if args.json:
+        emit_json({"stages": rows})
+        return 0
+    if not rows:
+        print(f"No calls recorded in the last {args.days:g} day(s).")
+        return 0
+    print_table(
+        ["workflow", "stage", "recent", "failure", "upgrade", "to", "reason"],
+        [
+            (
+                r["workflow"],
+                r["stage"],
+                r["window"],
+                fmt_pct(r["failure_rate"]),
+                "yes" if r["should_upgrade"] else "no",
+                r["suggested_tier"],
+                r["reason"],
+            )
+            for r in rows
+        ],
+    )
+    return 0

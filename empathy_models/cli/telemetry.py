@@ -1,0 +1,197 @@
+"""``empathy-models telemetry``: per-model summary and export of recorded calls."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+from empathy_models import LLMCallRecord, ModelPerformance, telemetry_from_url
+
+from ._common import (
+    CliError,
+    Progress,
+    SubParsers,
+    add_common,
+    db_url,
+    emit_json,
+    fmt_ms,
+    fmt_pct,
+    fmt_usd,
+    print_table,
+    run_async,
+)
+
+__all__ = ["cmd_telemetry_export", "cmd_telemetry_summary", "register"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def register(subparsers: SubParsers) -> None:
+    """Add the ``telemetry`` command group."""
+    group = subparsers.add_parser(
+        "telemetry",
+        help="recorded calls: per-model summary, export as CSV or JSON lines",
+        description="Read the call records in the telemetry database.",
+    )
+    sub = group.add_subparsers(dest="telemetry_command", metavar="SUBCOMMAND", required=True)
+
+    summary = sub.add_parser(
+        "summary", help="per workflow/stage/model: calls, success, latency, cost"
+    )
+    add_common(summary)
+    summary.add_argument("--workflow", help="only this workflow")
+    summary.add_argument("--stage", help="only this stage")
+    summary.add_argument("--days", type=_positive_int, default=7, help="window in days (default 7)")
+    summary.set_defaults(func=cmd_telemetry_summary)
+
+    export = sub.add_parser("export", help="write call records as CSV or JSON lines")
+    add_common(export, json_flag=False)
+    export.add_argument("--format", choices=("csv", "jsonl"), required=True, help="output format")
+    export.add_argument("--output", "-o", type=Path, default=None, help="file (default: stdout)")
+    export.add_argument("--workflow", help="only this workflow")
+    export.add_argument("--stage", help="only this stage")
+    export.add_argument("--days", type=_positive_int, default=None, help="only the last N days")
+    export.add_argument(
+        "--limit", type=_positive_int, default=1_000_000, help="at most N newest records"
+    )
+    export.set_defaults(func=cmd_telemetry_export)
+
+
+def _since(days: int | None) -> datetime | None:
+    return None if days is None else datetime.now(UTC) - timedelta(days=days)
+
+
+def performance_row(p: ModelPerformance) -> dict[str, Any]:
+    """A `ModelPerformance` as the JSON the CLI prints."""
+    low, high = p.success_rate_bounds
+    return {
+        "workflow": p.workflow,
+        "stage": p.stage,
+        "model": p.model,
+        "provider": p.provider,
+        "tier": p.tier.value if p.tier is not None else None,
+        "calls": p.sample_size,
+        "successes": p.successes,
+        "success_rate": p.success_rate,
+        "success_rate_lower": low,
+        "success_rate_upper": high,
+        "latency_p50_ms": p.latency_p50_ms,
+        "latency_p95_ms": p.latency_p95_ms,
+        "avg_cost_usd": p.avg_cost_usd,
+        "total_cost_usd": p.avg_cost_usd * p.sample_size,
+    }
+
+
+def cmd_telemetry_summary(args: argparse.Namespace) -> int:
+    """Aggregate the window per (workflow, stage, model) and print it."""
+    url = db_url(args.db)
+
+    async def body() -> list[ModelPerformance]:
+        async with telemetry_from_url(url) as backend:
+            return await backend.aggregate(
+                workflow=args.workflow, stage=args.stage, since=_since(args.days)
+            )
+
+    perf = run_async(body)
+    rows = [performance_row(p) for p in perf]
+    if args.json:
+        emit_json({"days": args.days, "models": rows})
+        return 0
+    table = [
+        (
+            r["workflow"],
+            r["stage"],
+            r["model"],
+            r["calls"],
+            fmt_pct(r["success_rate"]),
+            f"{fmt_pct(r['success_rate_lower'])}-{fmt_pct(r['success_rate_upper'])}",
+            fmt_ms(r["latency_p50_ms"]),
+            fmt_ms(r["latency_p95_ms"]),
+            fmt_usd(r["total_cost_usd"]),
+        )
+        for r in rows
+    ]
+    print_table(
+        [
+            "workflow",
+            "stage",
+            "model",
+            "calls",
+            "success",
+            "95% bounds",
+            "p50 ms",
+            "p95 ms",
+            "cost",
+        ],
+        table,
+        title=f"Calls in the last {args.days} day(s)",
+    )
+    if rows:
+        calls = sum(r["calls"] for r in rows)
+        cost = sum(r["total_cost_usd"] for r in rows)
+        print(f"total: {calls} calls, {fmt_usd(cost)}")
+    return 0
+
+
+def _csv_value(value: object) -> object:
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    if value is None:
+        return ""
+    return value
+
+
+def _write(records: list[LLMCallRecord], fmt: str, out: IO[str]) -> None:
+    with Progress(len(records), "export") as bar:
+        if fmt == "jsonl":
+            for record in records:
+                out.write(json.dumps(record.to_dict(), separators=(",", ":")) + "\n")
+                bar.advance()
+            return
+        header = list(LLMCallRecord(provider="-", model="-", outcome="success").to_dict())
+        writer = csv.DictWriter(out, fieldnames=header, extrasaction="ignore")
+        writer.writeheader()
+        for record in records:
+            writer.writerow({k: _csv_value(v) for k, v in record.to_dict().items()})
+            bar.advance()
+
+
+def cmd_telemetry_export(args: argparse.Namespace) -> int:
+    """Write the matching records, oldest first, as CSV (with a header) or JSON lines."""
+    url = db_url(args.db)
+
+    async def body() -> list[LLMCallRecord]:
+        async with telemetry_from_url(url) as backend:
+            return await backend.recent(
+                limit=args.limit,
+                workflow=args.workflow,
+                stage=args.stage,
+                since=_since(args.days),
+            )
+
+    records = list(reversed(run_async(body)))
+    if args.output is None:
+        _write(records, args.format, sys.stdout)
+        return 0
+    try:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w", encoding="utf-8", newline="") as out:
+            _write(records, args.format, out)
+    except OSError as exc:
+        raise CliError(f"cannot write {args.output}: {exc.strerror}") from exc
+    print(f"Wrote {len(records)} record(s) to {args.output}", file=sys.stderr)
+    return 0
