@@ -517,6 +517,8 @@ class AdaptiveModelRouter:
         Only sample outcomes count (success, failure, rate_limited, fatal); ignored,
         cancelled and rejected attempts are dropped.  A record timestamped before the
         last refresh is not added to the statistics (the backend already holds it).
+        The observation's weight ages from the router's ``clock`` at the time of the
+        report.
         """
         if not record.outcome.is_sample:
             return
@@ -528,11 +530,13 @@ class AdaptiveModelRouter:
         key = (record.workflow or "", record.stage or "", record.model)
         arm = self._arms.get(key)
         if arm is None:
-            arm = self._arms[key] = _Arm(base=None, live=ArmAccumulator(t=ts))
+            arm = self._arms[key] = _Arm(base=None, live=ArmAccumulator(t=self._clock()))
         success = record.success
         half_life = self.policy.half_life_s
+        # weights age on the router's clock from the moment the outcome is reported
+        now = self._clock()
         arm.live.add(
-            at=ts,
+            at=now,
             success=success,
             latency_ms=record.latency_ms,
             input_tokens=record.input_tokens,
@@ -545,7 +549,7 @@ class AdaptiveModelRouter:
             if arm.next_live is None:
                 arm.next_live = ArmAccumulator(t=pending)
             arm.next_live.add(
-                at=ts,
+                at=now,
                 success=success,
                 latency_ms=record.latency_ms,
                 input_tokens=record.input_tokens,
