@@ -503,9 +503,9 @@ class _Run:
 
 
 class _DeadlineExceeded(Exception):
-    """Internal: the overall deadline passed; carries the error to add to the group."""
+    """Internal: the overall deadline passed; ``error`` is still to be added to the group."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: Exception | None) -> None:
         super().__init__(str(error))
         self.error = error
 
@@ -980,7 +980,8 @@ class EmpathyLLMExecutor:
                     ):
                         raise run.errors[-1]
         except _DeadlineExceeded as exc:
-            run.errors.append(exc.error)
+            if exc.error is not None:
+                run.errors.append(exc.error)
             raise AllRoutesFailedError(
                 f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
                 f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}",
@@ -1167,7 +1168,7 @@ class EmpathyLLMExecutor:
             # ---- decide after a failure (outside the provider slot)
             if by_deadline and timer is not None and timer.expired():
                 run.attempts.append(self._summary(record, error))
-                raise _DeadlineExceeded(error) from None
+                raise _DeadlineExceeded(None) from None  # the error is in run.errors
             if outcome is Outcome.IGNORED:
                 run.attempts.append(self._summary(record, error))
                 if (
