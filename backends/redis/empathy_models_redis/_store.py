@@ -347,7 +347,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         """The state of ``key`` (one ``HGETALL``); an unknown key reads as CLOSED."""
         self._check_open()
         try:
-            raw = await self._client.hgetall(self._redis_key(key))  # type: ignore[misc]
+            raw = await self._client.hgetall(self._redis_key(key))
         except (RedisError, OSError) as exc:
             raise self._error(f"snapshot {key!r}", exc) from exc
         if not raw:
@@ -361,7 +361,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         out: list[CircuitBreakerState] = []
         try:
             async for redis_key in self._client.scan_iter(match=pattern, count=500):
-                raw = await self._client.hgetall(redis_key)  # type: ignore[misc]
+                raw = await self._client.hgetall(redis_key)
                 if raw:
                     name = _text(redis_key)[len(self.prefix) :]
                     out.append(

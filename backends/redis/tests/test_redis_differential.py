@@ -13,6 +13,7 @@ large ones (so that nothing expires).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -22,6 +23,7 @@ from empathy_models import circuit
 from empathy_models.backends import state_store_from_url
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.records import (
+    Admission,
     CircuitBreakerState,
     CircuitState,
     Outcome,
@@ -66,6 +68,16 @@ def random_report(rng: random.Random, ticket: Ticket) -> OutcomeReport:
     )
 
 
+def _granted_lease(admission: Admission) -> Callable[[], str]:
+    """The lease id Redis granted, for the Python machine to grant the same."""
+    granted = admission.ticket.lease_id if admission.ticket is not None else None
+
+    def new_lease_id() -> str:
+        return granted or "not-granted-by-redis"
+
+    return new_lease_id
+
+
 def _expected_snapshot(state: CircuitBreakerState | None, key: str) -> CircuitBreakerState:
     return state if state is not None else circuit.initial_state(key)
 
@@ -83,9 +95,8 @@ async def run_sequence(store: RedisCircuitStateStore, seed: int, steps: int) -> 
             adm = await store.admit(key, policy)
             now = store.last_server_time
             assert now is not None
-            granted = adm.ticket.lease_id if adm.ticket is not None else None
             new, expected = circuit.admit(
-                model, policy, now, key=key, new_lease_id=lambda g=granted: g or "not-granted"
+                model, policy, now, key=key, new_lease_id=_granted_lease(adm)
             )
             assert adm == expected, f"seed {seed}: admit differs"
             model = new
@@ -168,9 +179,8 @@ async def test_repeated_trips_grow_the_open_period_identically(
             adm = await store.admit("grow", policy)
             now = store.last_server_time
             assert now is not None
-            granted = adm.ticket.lease_id if adm.ticket else None
             model, expected = circuit.admit(
-                model, policy, now, key="grow", new_lease_id=lambda g=granted: g or "-"
+                model, policy, now, key="grow", new_lease_id=_granted_lease(adm)
             )
             assert adm == expected
             if adm.ticket is None:

@@ -1,0 +1,107 @@
+"""
+Fixtures shared by the plugins' tests (backends/redis/tests, backends/postgres/tests).
+
+They run against real services named by the environment and skip, saying why, when
+it does not name them:
+
+* ``EMPATHY_TEST_REDIS_URL``, e.g. ``redis://127.0.0.1:6379/15`` (a scratch database:
+  each test writes under its own key prefix and deletes it afterwards);
+* ``EMPATHY_TEST_POSTGRES_DSN``, e.g. ``postgresql://postgres@127.0.0.1:5432/test``
+  (each test works in its own schema, dropped afterwards).
+
+One conftest for both plugins (rather than one per ``tests/``) so that mypy can check
+every test module in one run without two modules both named ``tests.conftest``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import quote
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+REDIS_URL_ENV = "EMPATHY_TEST_REDIS_URL"
+POSTGRES_DSN_ENV = "EMPATHY_TEST_POSTGRES_DSN"
+
+
+def _with_query(url: str, **params: str) -> str:
+    sep = "&" if "?" in url else "?"
+    return url + sep + "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
+
+
+# --------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The test Redis URL, or skip the test with the reason."""
+    url = os.environ.get(REDIS_URL_ENV)
+    if not url:
+        pytest.skip(
+            f"{REDIS_URL_ENV} is not set; set it to a scratch Redis database, "
+            "e.g. redis://127.0.0.1:6379/15, to run the Redis plugin tests"
+        )
+    return url
+
+
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix unique to this test; its keys are deleted afterwards."""
+    prefix = f"empathy-test:{uuid.uuid4().hex}:"
+    yield prefix
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def redis_store_url(redis_url: str, redis_prefix: str) -> str:
+    """A redis:// URL whose store writes only under this test's prefix."""
+    return _with_query(redis_url, prefix=redis_prefix)
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture
+def postgres_dsn() -> str:
+    """The test DSN, or skip the test with the reason."""
+    dsn = os.environ.get(POSTGRES_DSN_ENV)
+    if not dsn:
+        pytest.skip(
+            f"{POSTGRES_DSN_ENV} is not set; set it to a scratch database, e.g. "
+            "postgresql://postgres@127.0.0.1:5432/test, to run the PostgreSQL plugin tests"
+        )
+    return dsn
+
+
+@pytest.fixture
+async def postgres_schema(postgres_dsn: str) -> AsyncIterator[str]:
+    """A schema unique to this test; dropped with everything in it afterwards."""
+    schema = f"empathy_test_{uuid.uuid4().hex[:16]}"
+    yield schema
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_dsn: str, postgres_schema: str) -> str:
+    """A postgresql:// URL whose backends write only in this test's schema."""
+    return _with_query(postgres_dsn, schema=postgres_schema)
+
+
+@pytest.fixture
+def with_query() -> Callable[..., str]:
+    """``with_query(url, name=value, ...)``: add query parameters to a URL."""
+    return _with_query

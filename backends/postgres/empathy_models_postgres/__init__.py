@@ -1,0 +1,55 @@
+"""
+empathy-models-postgres: telemetry and circuit-breaker state in PostgreSQL.
+
+Installing this package makes ``postgresql://`` and ``postgres://`` URLs work wherever
+empathy-models takes a telemetry backend or a circuit-state store::
+
+    from empathy_models.backends import state_store_from_url, telemetry_from_url
+
+    telemetry = telemetry_from_url("postgresql://app@db.internal/llm")
+    store = state_store_from_url("postgresql://app@db.internal/llm?schema=empathy")
+
+See `PostgresTelemetryBackend` and `PostgresCircuitStateStore`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from empathy_models.backends import BackendPlugin
+
+from ._common import DEFAULT_TABLE_PREFIX as DEFAULT_TABLE_PREFIX
+from ._state import (
+    STATE_SCHEMA_VERSION as STATE_SCHEMA_VERSION,
+    PostgresCircuitStateStore as PostgresCircuitStateStore,
+)
+from ._telemetry import (
+    TELEMETRY_SCHEMA_VERSION as TELEMETRY_SCHEMA_VERSION,
+    PostgresTelemetryBackend as PostgresTelemetryBackend,
+)
+
+__all__ = [
+    "DEFAULT_TABLE_PREFIX",
+    "PLUGIN",
+    "PostgresCircuitStateStore",
+    "PostgresTelemetryBackend",
+    "STATE_SCHEMA_VERSION",
+    "TELEMETRY_SCHEMA_VERSION",
+]
+
+
+def _telemetry(url: str, **options: Any) -> PostgresTelemetryBackend:
+    return PostgresTelemetryBackend(url, **options)
+
+
+def _state_store(url: str, **options: Any) -> PostgresCircuitStateStore:
+    return PostgresCircuitStateStore(url, **options)
+
+
+PLUGIN = BackendPlugin(
+    schemes=("postgresql", "postgres"),
+    package="empathy-models-postgres",
+    telemetry=_telemetry,
+    state_store=_state_store,
+)
+"""The entry point published under ``empathy_models.backends`` for postgresql://."""

@@ -1,0 +1,207 @@
+"""Shared plumbing: DSN options, the connection pool, error mapping, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from empathy_models.backends import redact_url
+from empathy_models.exceptions import (
+    BackendError,
+    ConfigurationError,
+    SchemaVersionError,
+)
+
+__all__ = [
+    "DEFAULT_TABLE_PREFIX",
+    "Database",
+    "Migration",
+    "build_migrations",
+    "quote_ident",
+    "split_dsn",
+]
+
+DEFAULT_TABLE_PREFIX: Final = "empathy_"
+"""Prefix of every table the plugin creates."""
+
+_IDENT: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_URL_OPTIONS: Final = frozenset({"schema", "table_prefix"})
+
+_DRIVER_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+Migration = Sequence[str]
+"""The SQL statements that take a component from one version to the next."""
+
+
+def quote_ident(name: str) -> str:
+    """Quote a SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
+    """Take the plugin's own options (``schema``, ``table_prefix``) out of the DSN query."""
+    if not isinstance(dsn, str) or "://" not in dsn:
+        shown = redact_url(dsn) if isinstance(dsn, str) else repr(dsn)
+        raise ConfigurationError(f"expected a postgresql:// DSN, got {shown}")
+    parts = urlsplit(dsn)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {k: v for k, v in query if k in _URL_OPTIONS}
+    rest = [(k, v) for k, v in query if k not in _URL_OPTIONS]
+    return urlunsplit(parts._replace(query=urlencode(rest))), ours
+
+
+class Database:
+    """
+    One lazily created asyncpg pool, the tables' qualified names, and migrations.
+
+    The pool is created on first use inside the running event loop; `close` closes it.
+    Errors from the driver are raised as ``error_type`` with the DSN redacted.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None,
+        table_prefix: str,
+        error_type: type[BackendError],
+        component: str,
+        pool_options: dict[str, Any],
+    ) -> None:
+        url, options = split_dsn(dsn)
+        schema = options.get("schema", schema)
+        table_prefix = options.get("table_prefix", table_prefix)
+        if schema is not None and not _IDENT.match(schema):
+            raise ConfigurationError(
+                f"schema must be a plain SQL identifier (letters, digits, _), got {schema!r}"
+            )
+        if not _IDENT.match(table_prefix):
+            raise ConfigurationError(
+                "table_prefix must be a plain SQL identifier (letters, digits, _), "
+                f"got {table_prefix!r}"
+            )
+        self.dsn = url
+        self.target = redact_url(url)
+        self.schema = schema
+        self.table_prefix = table_prefix
+        self.error_type = error_type
+        self.component = component
+        self.pool_options: dict[str, Any] = {
+            "min_size": 1,
+            "max_size": 10,
+            "command_timeout": 30.0,
+            "timeout": 10.0,
+        }
+        self.pool_options.update(pool_options)
+        self._pool: asyncpg.Pool | None = None
+        self._lock: asyncio.Lock | None = None
+
+    def table(self, name: str) -> str:
+        """The quoted, schema-qualified name of table ``prefix + name``."""
+        quoted = quote_ident(self.table_prefix + name)
+        return quoted if self.schema is None else f"{quote_ident(self.schema)}.{quoted}"
+
+    def error(self, what: str, exc: BaseException) -> BackendError:
+        message = str(exc).replace(self.dsn, self.target)
+        return self.error_type(
+            f"PostgreSQL {self.component} {self.target}: {what} failed: "
+            f"{type(exc).__name__}: {message}",
+            target=self.target,
+        )
+
+    @asynccontextmanager
+    async def errors(self, what: str) -> AsyncIterator[None]:
+        """Map driver errors raised inside the block to the backend's error type."""
+        try:
+            yield
+        except _DRIVER_ERRORS as exc:
+            raise self.error(what, exc) from exc
+
+    async def pool(self, migrations: Sequence[Migration]) -> asyncpg.Pool:
+        """The pool, created (and the schema migrated) on first use."""
+        if self._pool is not None:
+            return self._pool
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._pool is None:
+                async with self.errors("connect"):
+                    pool = await asyncpg.create_pool(self.dsn, **self.pool_options)
+                try:
+                    await self._migrate(pool, migrations)
+                except BaseException:
+                    await pool.close()
+                    raise
+                self._pool = pool
+        return self._pool
+
+    async def _migrate(self, pool: asyncpg.Pool, migrations: Sequence[Migration]) -> None:
+        version_table = self.table("schema_version")
+        latest = len(migrations)
+        async with self.errors("migrate"), pool.acquire() as conn, conn.transaction():
+            # one migrator at a time for this schema and prefix, across processes
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))",
+                f"empathy_models:{self.schema}:{self.table_prefix}",
+            )
+            if self.schema is not None:
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(self.schema)}")
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {version_table} ("
+                "component text PRIMARY KEY, version integer NOT NULL)"
+            )
+            current = await conn.fetchval(
+                f"SELECT version FROM {version_table} WHERE component = $1", self.component
+            )
+            current = 0 if current is None else int(current)
+            if current > latest:
+                raise SchemaVersionError(
+                    f"PostgreSQL {self.component} {self.target}: the tables "
+                    f"(prefix {self.table_prefix!r}, schema {self.schema or 'search_path'}) "
+                    f"are at schema version {current}, newer than this code's {latest}; "
+                    "upgrade empathy-models-postgres",
+                    target=self.target,
+                )
+            for version in range(current + 1, latest + 1):
+                for statement in migrations[version - 1]:
+                    await conn.execute(statement)
+            if current < latest:
+                await conn.execute(
+                    f"INSERT INTO {version_table} (component, version) VALUES ($1, $2) "
+                    "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
+                    self.component,
+                    latest,
+                )
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            async with self.errors("close"):
+                await pool.close()
+
+
+def build_migrations(db: Database, templates: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Fill ``{table:name}``-style placeholders: ``{t_calls}`` -> the qualified table."""
+    names: dict[str, str] = {}
+
+    def fill(sql: str) -> str:
+        out = sql
+        for token in re.findall(r"\{t_([a-z_]+)\}", sql):
+            names[token] = db.table(token)
+            out = out.replace("{t_" + token + "}", names[token])
+        for token in re.findall(r"\{i_([a-z_]+)\}", sql):
+            out = out.replace("{i_" + token + "}", quote_ident(db.table_prefix + token))
+        return out
+
+    return [[fill(s) for s in step] for step in templates]

@@ -1,0 +1,162 @@
+"""Circuit-breaker state in PostgreSQL: one locked row per key, database time."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+from empathy_models.abc import TransactionalStateStore
+from empathy_models.exceptions import RecordValidationError, StateStoreError
+from empathy_models.records import CircuitBreakerState
+from empathy_models.serialization import from_dict, to_dict
+
+from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
+
+__all__ = ["STATE_SCHEMA_VERSION", "PostgresCircuitStateStore"]
+
+T = TypeVar("T")
+
+_MIGRATIONS: Final = (
+    (
+        "CREATE TABLE IF NOT EXISTS {t_circuit_state} ("
+        " key text PRIMARY KEY,"
+        " state jsonb,"
+        " updated_at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    ),
+)
+
+STATE_SCHEMA_VERSION: Final = len(_MIGRATIONS)
+"""The schema version of the circuit-state table this code writes."""
+
+
+class PostgresCircuitStateStore(TransactionalStateStore):
+    """
+    Circuit-breaker state shared by every process that uses the same database.
+
+    One row per breaker key in ``<table_prefix>circuit_state`` (``schema`` and
+    ``table_prefix`` as for `PostgresTelemetryBackend`, also accepted in the DSN's
+    query string).  Every mutation is one transaction: the row is inserted if absent,
+    locked with ``SELECT ... FOR UPDATE``, the pure machine of
+    `empathy_models.circuit` is applied with ``now`` read from the database's
+    ``clock_timestamp()`` after the lock is held, and the new state is written back.
+    Concurrent processes therefore serialize per key and agree on time.  Driver
+    errors are raised as `StateStoreError` with the password removed from the DSN.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        **pool_options: Any,
+    ) -> None:
+        self._db = Database(
+            dsn,
+            schema=schema,
+            table_prefix=table_prefix,
+            error_type=StateStoreError,
+            component="circuit_state",
+            pool_options=pool_options,
+        )
+        self._table = self._db.table("circuit_state")
+        self._migrations = build_migrations(self._db, _MIGRATIONS)
+
+    def __repr__(self) -> str:
+        return (
+            f"PostgresCircuitStateStore({self._db.target!r}, schema={self._db.schema!r}, "
+            f"table_prefix={self._db.table_prefix!r})"
+        )
+
+    async def _aopen(self) -> None:
+        await self._db.pool(self._migrations)
+
+    async def _aclose(self) -> None:
+        await self._db.close()
+
+    def _decode(self, raw: str | None) -> CircuitBreakerState | None:
+        if raw is None:
+            return None
+        try:
+            return from_dict(json.loads(raw), CircuitBreakerState)
+        except (ValueError, RecordValidationError) as exc:
+            raise StateStoreError(
+                f"PostgreSQL circuit_state {self._db.target}: unreadable state: {exc}",
+                target=self._db.target,
+            ) from exc
+
+    async def _transact(
+        self,
+        key: str,
+        fn: Callable[[CircuitBreakerState | None, float], tuple[CircuitBreakerState | None, T]],
+    ) -> T:
+        pool = await self._db.pool(self._migrations)
+        async with (
+            self._db.errors(f"update {key!r}"),
+            pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            await conn.execute(
+                f"INSERT INTO {self._table} (key, state) VALUES ($1, NULL) "
+                "ON CONFLICT (key) DO NOTHING",
+                key,
+            )
+            # the clock is read after the row lock is granted (outer query)
+            row = await conn.fetchrow(
+                "SELECT locked.state::text AS state, "
+                "extract(epoch FROM clock_timestamp())::float8 AS now "
+                f"FROM (SELECT state FROM {self._table} WHERE key = $1 FOR UPDATE) AS locked",
+                key,
+            )
+            if row is None:  # pragma: no cover - the insert above guarantees a row
+                raise StateStoreError(
+                    f"PostgreSQL circuit_state {self._db.target}: row for {key!r} vanished",
+                    target=self._db.target,
+                )
+            current = self._decode(row["state"])
+            new, result = fn(current, float(row["now"]))
+            if new is not None and new is not current:
+                await conn.execute(
+                    f"UPDATE {self._table} SET state = $2::jsonb, "
+                    "updated_at = clock_timestamp() WHERE key = $1",
+                    key,
+                    json.dumps(to_dict(new), separators=(",", ":")),
+                )
+        return result
+
+    async def _load(self, key: str) -> CircuitBreakerState | None:
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors(f"read {key!r}"):
+            raw = await pool.fetchval(f"SELECT state::text FROM {self._table} WHERE key = $1", key)
+        return self._decode(raw)
+
+    async def _load_all(self) -> list[CircuitBreakerState]:
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("read all"):
+            rows = await pool.fetch(
+                f"SELECT state::text AS state FROM {self._table} WHERE state IS NOT NULL"
+            )
+        out = [self._decode(row["state"]) for row in rows]
+        return [s for s in out if s is not None]
+
+    async def _clear(self, key: str | None) -> None:
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("clear"):
+            if key is None:
+                await pool.execute(f"DELETE FROM {self._table}")
+            else:
+                await pool.execute(f"DELETE FROM {self._table} WHERE key = $1", key)
+
+    async def drop_tables(self) -> None:
+        """Drop this store's table (for tests and decommissioning); irreversible."""
+        self._check_open()
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("drop"), pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"DROP TABLE IF EXISTS {self._table}")
+            await conn.execute(
+                f"DELETE FROM {self._db.table('schema_version')} WHERE component = $1",
+                self._db.component,
+            )

@@ -1,0 +1,313 @@
+"""Telemetry in PostgreSQL: COPY-batched writes, SQL aggregation on a covering index."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Final
+
+from empathy_models._stats import check_window
+from empathy_models.abc import TelemetryBackend
+from empathy_models.exceptions import (
+    ConfigurationError,
+    RecordValidationError,
+    TelemetryError,
+)
+from empathy_models.records import LLMCallRecord, ModelPerformance, Outcome
+from empathy_models.serialization import from_dict, to_dict
+
+from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
+
+__all__ = ["PostgresTelemetryBackend", "TELEMETRY_SCHEMA_VERSION"]
+
+_MIGRATIONS: Final = (
+    (
+        "CREATE TABLE IF NOT EXISTS {t_calls} ("
+        " seq bigserial PRIMARY KEY,"
+        " call_id text NOT NULL,"
+        " ts timestamptz NOT NULL,"
+        " workflow text,"
+        " stage text,"
+        " provider text NOT NULL,"
+        " model text NOT NULL,"
+        " tier text,"
+        " outcome text NOT NULL,"
+        " latency_ms double precision NOT NULL,"
+        " cost_usd double precision NOT NULL,"
+        " input_tokens bigint NOT NULL,"
+        " output_tokens bigint NOT NULL,"
+        " record jsonb NOT NULL)",
+        # the router's aggregation reads only this index (filters, then the columns it sums)
+        "CREATE INDEX IF NOT EXISTS {i_calls_aggregate} ON {t_calls}"
+        " (workflow, stage, ts) INCLUDE"
+        " (model, outcome, latency_ms, cost_usd, input_tokens, output_tokens, provider, tier,"
+        " seq)",
+        "CREATE INDEX IF NOT EXISTS {i_calls_ts} ON {t_calls} (ts, seq)",
+    ),
+)
+
+TELEMETRY_SCHEMA_VERSION: Final = len(_MIGRATIONS)
+"""The schema version of the telemetry tables this code writes."""
+
+_COLUMNS: Final = (
+    "call_id",
+    "ts",
+    "workflow",
+    "stage",
+    "provider",
+    "model",
+    "tier",
+    "outcome",
+    "latency_ms",
+    "cost_usd",
+    "input_tokens",
+    "output_tokens",
+    "record",
+)
+
+_SAMPLES: Final = [o.value for o in Outcome if o.is_sample]
+
+
+def _row(record: LLMCallRecord) -> tuple[Any, ...]:
+    return (
+        record.call_id,
+        record.timestamp,
+        record.workflow,
+        record.stage,
+        record.provider,
+        record.model,
+        None if record.tier is None else record.tier.value,
+        record.outcome.value,
+        float(record.latency_ms),
+        float(record.cost_usd),
+        record.input_tokens,
+        record.output_tokens,
+        json.dumps(to_dict(record), separators=(",", ":")),
+    )
+
+
+class PostgresTelemetryBackend(TelemetryBackend):
+    """
+    Call records in a PostgreSQL table, shared by every process and host.
+
+    ``dsn`` is a ``postgresql://`` (or ``postgres://``) URL as asyncpg takes it.  The
+    tables are ``<table_prefix>calls`` and ``<table_prefix>schema_version`` in
+    ``schema`` (created if missing; default: the connection's ``search_path``);
+    ``schema`` and ``table_prefix`` may also be given in the DSN's query string.  The
+    first operation creates the connection pool (``pool_options`` go to
+    ``asyncpg.create_pool``: ``min_size``, ``max_size``, ``command_timeout``...) and
+    migrates the tables under an advisory lock, so several processes may start at
+    once; tables written by a newer version raise `SchemaVersionError`.
+
+    `record_many` writes its records with ``COPY`` in one transaction, ``batch_size``
+    rows per ``COPY``: all of them or none.  `aggregate` runs one SQL query over the
+    covering index (``percentile_disc`` over successes is the nearest-rank percentile
+    of the in-memory backends).  `purge` deletes by time, for retention.  Driver
+    errors are raised as `TelemetryError` with the password removed from the DSN.
+    Safe to share between tasks: each operation takes its own pooled connection.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        batch_size: int = 5_000,
+        **pool_options: Any,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self._db = Database(
+            dsn,
+            schema=schema,
+            table_prefix=table_prefix,
+            error_type=TelemetryError,
+            component="telemetry",
+            pool_options=pool_options,
+        )
+        self.batch_size = batch_size
+        self._calls = self._db.table("calls")
+        self._migrations = build_migrations(self._db, _MIGRATIONS)
+
+    def __repr__(self) -> str:
+        return (
+            f"PostgresTelemetryBackend({self._db.target!r}, schema={self._db.schema!r}, "
+            f"table_prefix={self._db.table_prefix!r})"
+        )
+
+    @property
+    def persistent(self) -> bool:
+        return True
+
+    async def _aopen(self) -> None:
+        await self._db.pool(self._migrations)
+
+    async def _aclose(self) -> None:
+        await self._db.close()
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        """Store every record in one transaction (``COPY``), or none of them."""
+        self._check_open()
+        rows = []
+        for r in records:
+            if not isinstance(r, LLMCallRecord):
+                raise RecordValidationError(f"expected an LLMCallRecord, got {type(r).__name__}")
+            rows.append(_row(r))
+        if not rows:
+            return
+        pool = await self._db.pool(self._migrations)
+        table = self._db.table_prefix + "calls"
+        async with (
+            self._db.errors(f"writing {len(rows)} records"),
+            pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            for start in range(0, len(rows), self.batch_size):
+                await conn.copy_records_to_table(
+                    table,
+                    records=rows[start : start + self.batch_size],
+                    columns=_COLUMNS,
+                    schema_name=self._db.schema,
+                )
+
+    def _where(
+        self,
+        *,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None = None,
+        model: str | None = None,
+        samples_only: bool = False,
+    ) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        args: list[Any] = []
+        for column, value in (("workflow", workflow), ("stage", stage), ("model", model)):
+            if value is not None:
+                args.append(value)
+                clauses.append(f"{column} = ${len(args)}")
+        if since is not None:
+            args.append(since)
+            clauses.append(f"ts >= ${len(args)}")
+        if until is not None:
+            args.append(until)
+            clauses.append(f"ts < ${len(args)}")
+        if samples_only:
+            args.append(_SAMPLES)
+            clauses.append(f"outcome = ANY(${len(args)}::text[])")
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    async def aggregate(
+        self,
+        *,
+        workflow: str | None = None,
+        stage: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        per_stage: bool = True,
+    ) -> list[ModelPerformance]:
+        """
+        Per-model performance from one SQL query: sample outcomes only, nearest-rank
+        p50/p95 over successes (``percentile_disc``), sorted by (workflow, stage, model).
+        """
+        self._check_open()
+        check_window(since, until)
+        where, args = self._where(
+            workflow=workflow, stage=stage, since=since, until=until, samples_only=True
+        )
+        stage_expr = "coalesce(stage, '')" if per_stage else "''"
+        order_stage = f', {stage_expr} COLLATE "C"' if per_stage else ""
+        ok = "FILTER (WHERE outcome = 'success')"
+        query = (
+            "SELECT coalesce(workflow, '') AS wf, "
+            f"{stage_expr} AS st, model, "
+            "count(*) AS n, "
+            f"count(*) {ok} AS ok, "
+            f"percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms) {ok} AS p50, "
+            f"percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms) {ok} AS p95, "
+            f"avg(latency_ms ORDER BY latency_ms) {ok} AS avg_latency, "
+            "avg(cost_usd ORDER BY seq) AS avg_cost, "
+            f"avg(input_tokens::float8) {ok} AS avg_in, "
+            f"avg(output_tokens::float8) {ok} AS avg_out, "
+            "min(ts) AS first_seen, max(ts) AS last_seen, "
+            "(array_agg(provider ORDER BY ts DESC, seq ASC))[1] AS provider, "
+            "(array_agg(tier ORDER BY ts DESC, seq ASC))[1] AS tier "
+            f"FROM {self._calls}{where} "
+            "GROUP BY 1, 2, 3 "
+            f'ORDER BY coalesce(workflow, \'\') COLLATE "C"{order_stage}, model COLLATE "C"'
+        )
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("aggregate"):
+            rows = await pool.fetch(query, *args)
+        return [
+            ModelPerformance(
+                model=row["model"],
+                provider=row["provider"],
+                workflow=row["wf"] or None,
+                stage=(row["st"] or None) if per_stage else None,
+                tier=row["tier"],
+                sample_size=int(row["n"]),
+                successes=int(row["ok"]),
+                latency_p50_ms=row["p50"],
+                latency_p95_ms=row["p95"],
+                avg_latency_ms=row["avg_latency"],
+                avg_cost_usd=float(row["avg_cost"]),
+                avg_input_tokens=float(row["avg_in"] or 0.0),
+                avg_output_tokens=float(row["avg_out"] or 0.0),
+                first_seen=row["first_seen"],
+                last_seen=row["last_seen"],
+            )
+            for row in rows
+        ]
+
+    async def recent(
+        self,
+        *,
+        limit: int = 100,
+        workflow: str | None = None,
+        stage: str | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+    ) -> list[LLMCallRecord]:
+        """The ``limit`` newest matching records, newest first (ties: last written first)."""
+        self._check_open()
+        check_window(since, None)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(f"limit must be an integer >= 0, got {limit!r}")
+        where, args = self._where(workflow=workflow, stage=stage, since=since, model=model)
+        args.append(limit)
+        query = (
+            f"SELECT record FROM {self._calls}{where} ORDER BY ts DESC, seq DESC LIMIT ${len(args)}"
+        )
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("recent"):
+            rows = await pool.fetch(query, *args)
+        try:
+            return [from_dict(json.loads(row["record"]), LLMCallRecord) for row in rows]
+        except (ValueError, RecordValidationError) as exc:
+            raise TelemetryError(
+                f"PostgreSQL telemetry {self._db.target}: unreadable record: {exc}",
+                target=self._db.target,
+            ) from exc
+
+    async def purge(self, *, before: datetime) -> int:
+        """Delete the records older than ``before``; return how many were deleted."""
+        self._check_open()
+        check_window(before, None)
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("purge"):
+            status = await pool.execute(f"DELETE FROM {self._calls} WHERE ts < $1", before)
+        return int(str(status).rsplit(" ", 1)[-1])
+
+    async def drop_tables(self) -> None:
+        """Drop this backend's tables (for tests and decommissioning); irreversible."""
+        self._check_open()
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("drop"), pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"DROP TABLE IF EXISTS {self._calls}")
+            await conn.execute(
+                f"DELETE FROM {self._db.table('schema_version')} WHERE component = $1",
+                self._db.component,
+            )

@@ -1,0 +1,180 @@
+"""PostgresTelemetryBackend against a real PostgreSQL (EMPATHY_TEST_POSTGRES_DSN)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+from empathy_models_postgres import TELEMETRY_SCHEMA_VERSION, PostgresTelemetryBackend
+
+from empathy_models.backends import MemoryTelemetryBackend, telemetry_from_url
+from empathy_models.exceptions import SchemaVersionError, TelemetryError
+from empathy_models.records import LLMCallRecord, ModelPerformance, ModelTier, Outcome
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def random_records(seed: int, n: int) -> list[LLMCallRecord]:
+    rng = random.Random(seed)
+    return [
+        LLMCallRecord(
+            provider=rng.choice(["anthropic", "openai"]),
+            model=rng.choice(["m-small", "m-large", "Z-model", "ä-model"]),
+            outcome=rng.choice(list(Outcome)),
+            timestamp=T0 + timedelta(seconds=rng.randint(0, 3600), microseconds=i),
+            workflow=rng.choice([None, "docs", "code"]),
+            stage=rng.choice([None, "outline", "draft"]),
+            tier=rng.choice([None, *ModelTier]),
+            input_tokens=rng.randint(0, 5000),
+            output_tokens=rng.randint(0, 2000),
+            cost_usd=rng.choice([0.0, rng.uniform(0, 0.2)]),
+            latency_ms=rng.choice([rng.uniform(5, 5000), float(rng.randint(1, 40))]),
+            metadata={"i": i, "note": rng.choice(["x", None, 1.5, True])},
+        )
+        for i in range(n)
+    ]
+
+
+def assert_same_performance(got: list[ModelPerformance], want: list[ModelPerformance]) -> None:
+    assert [(p.workflow, p.stage, p.model) for p in got] == [
+        (p.workflow, p.stage, p.model) for p in want
+    ]
+    for g, w in zip(got, want, strict=True):
+        assert (g.sample_size, g.successes) == (w.sample_size, w.successes)
+        # nearest-rank percentiles pick an observed value: exactly equal
+        assert (g.latency_p50_ms, g.latency_p95_ms) == (w.latency_p50_ms, w.latency_p95_ms)
+        assert (g.first_seen, g.last_seen, g.provider, g.tier) == (
+            w.first_seen,
+            w.last_seen,
+            w.provider,
+            w.tier,
+        )
+        for name in ("avg_latency_ms", "avg_cost_usd", "avg_input_tokens", "avg_output_tokens"):
+            gv, wv = getattr(g, name), getattr(w, name)
+            assert (gv is None) == (wv is None), name
+            if gv is not None:
+                assert gv == pytest.approx(wv, rel=1e-12, abs=1e-12), name
+
+
+async def test_url_factory_gives_a_persistent_backend(postgres_url: str) -> None:
+    backend = telemetry_from_url(postgres_url)
+    assert isinstance(backend, PostgresTelemetryBackend)
+    assert backend.persistent
+    async with backend:
+        assert await backend.recent() == []
+
+
+async def test_records_round_trip_and_recent_is_newest_first(postgres_url: str) -> None:
+    records = random_records(1, 300)
+    async with PostgresTelemetryBackend(postgres_url, batch_size=64) as backend:
+        await backend.record_many(records)
+        await backend.record(records[0])  # written twice: stored twice
+        got = await backend.recent(limit=1000)
+        assert len(got) == 301
+        want = sorted(
+            [(r.timestamp, i, r) for i, r in enumerate([*records, records[0]])],
+            key=lambda t: (t[0], t[1]),
+            reverse=True,
+        )
+        assert got == [r for _, _, r in want]
+        only = await backend.recent(limit=5, workflow="docs", stage="draft", model="m-small")
+        assert all((r.workflow, r.stage, r.model) == ("docs", "draft", "m-small") for r in only)
+        since = T0 + timedelta(minutes=30)
+        assert all(r.timestamp >= since for r in await backend.recent(since=since))
+
+
+@pytest.mark.parametrize("per_stage", [True, False])
+async def test_aggregate_matches_the_in_memory_semantics(
+    postgres_url: str, per_stage: bool
+) -> None:
+    records = random_records(2, 800)
+    memory = MemoryTelemetryBackend()
+    await memory.record_many(records)
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        await backend.record_many(records)
+        for workflow, stage, since, until in [
+            (None, None, None, None),
+            ("docs", None, None, None),
+            ("code", "outline", None, None),
+            (None, None, T0 + timedelta(minutes=10), T0 + timedelta(minutes=40)),
+        ]:
+            got = await backend.aggregate(
+                workflow=workflow, stage=stage, since=since, until=until, per_stage=per_stage
+            )
+            want = await memory.aggregate(
+                workflow=workflow, stage=stage, since=since, until=until, per_stage=per_stage
+            )
+            assert got, "the query must match something"
+            assert_same_performance(got, want)
+
+
+async def test_a_failing_batch_stores_nothing(postgres_url: str) -> None:
+    good = random_records(3, 10)
+    # PostgreSQL text cannot hold NUL: this record makes the COPY fail
+    bad = LLMCallRecord(provider="p", model="m\x00", outcome="success", timestamp=T0)
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        with pytest.raises(TelemetryError) as info:
+            await backend.record_many([*good, bad])
+        assert "writing 11 records" in str(info.value)
+        assert await backend.recent() == []
+        await backend.record_many(good)
+        assert len(await backend.recent()) == 10
+
+
+async def test_purge_deletes_only_older_records(postgres_url: str) -> None:
+    records = random_records(4, 200)
+    cutoff = T0 + timedelta(minutes=20)
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        await backend.record_many(records)
+        deleted = await backend.purge(before=cutoff)
+        assert deleted == sum(r.timestamp < cutoff for r in records)
+        kept = await backend.recent(limit=1000)
+        assert len(kept) == 200 - deleted
+        assert all(r.timestamp >= cutoff for r in kept)
+        assert await backend.purge(before=cutoff) == 0
+
+
+async def test_tables_from_a_newer_version_are_refused(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        await backend.record_many(random_records(5, 3))
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(
+            f'UPDATE "{postgres_schema}".empathy_schema_version SET version = $1 '
+            "WHERE component = 'telemetry'",
+            TELEMETRY_SCHEMA_VERSION + 1,
+        )
+    finally:
+        await conn.close()
+    backend = PostgresTelemetryBackend(postgres_url)
+    with pytest.raises(SchemaVersionError, match="newer than this code"):
+        await backend.recent()
+    await backend.aclose()
+
+
+async def test_table_prefixes_keep_backends_apart(
+    postgres_url: str, with_query: Callable[..., str]
+) -> None:
+    a = PostgresTelemetryBackend(with_query(postgres_url, table_prefix="a_"))
+    b = PostgresTelemetryBackend(postgres_url, table_prefix="b_")
+    async with a, b:
+        await a.record_many(random_records(6, 4))
+        assert len(await a.recent()) == 4
+        assert await b.recent() == []
+
+
+async def test_errors_name_the_server_without_the_password(postgres_dsn: str) -> None:
+    # nothing listens on port 1: the connection is refused
+    backend = PostgresTelemetryBackend("postgresql://app:s3cret-pw@127.0.0.1:1/test", timeout=2.0)
+    with pytest.raises(TelemetryError) as info:
+        await backend.record_many(random_records(7, 1))
+    text = f"{info.value} {info.value.target} {backend!r}"
+    assert "s3cret-pw" not in text
+    assert "127.0.0.1:1" in text
+    await backend.aclose()
+    assert "s3cret-pw" not in repr(backend)
