@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from empathy_models._stats import check_window
+from empathy_models._stats import check_aware, check_window
 from empathy_models.abc import TelemetryBackend
 from empathy_models.exceptions import (
     ConfigurationError,
@@ -295,7 +295,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
     async def purge(self, *, before: datetime) -> int:
         """Delete the records older than ``before``; return how many were deleted."""
         self._check_open()
-        check_window(before, None)
+        check_aware("before", before)
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("purge"):
             status = await pool.execute(f"DELETE FROM {self._calls} WHERE ts < $1", before)

@@ -152,11 +152,14 @@ class RedisCircuitStateStore(CircuitStateStore):
     nobody uses any more expire on their own; a FORCED_OPEN without an end never
     expires.  A key that expired reads as a fresh CLOSED breaker.
 
-    ``connection`` is a ``redis://`` / ``rediss://`` URL (a client is created and
-    owned by the store; options such as ``socket_timeout`` may be given as
-    ``client_options`` or in the URL's query; ``prefix`` and ``key_ttl`` may be given
-    in the query too) or an existing ``redis.asyncio.Redis`` client, which the store
-    uses but does not close.  Redis errors are raised as `StateStoreError` naming the
+    ``connection`` is a ``redis://`` / ``rediss://`` URL or an existing
+    ``redis.asyncio.Redis`` client, which the store uses but does not close.  From a
+    URL the store builds and owns a client over a blocking pool of at most
+    ``max_connections`` (64) connections, waiting up to ``timeout`` (5 s) for one;
+    socket timeouts of 2 s and a single quick retry keep a dead server from stalling
+    callers (the breaker then runs degraded).  Any of these, and other redis-py
+    options, may be given as ``client_options`` or in the URL's query; the store's
+    own ``prefix`` and ``key_ttl`` may be given in the query too.  Redis errors are raised as `StateStoreError` naming the
     URL without its password.
     """
 
@@ -185,10 +188,15 @@ class RedisCircuitStateStore(CircuitStateStore):
                 "socket_timeout": 2.0,
                 "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
                 "health_check_interval": 30,
+                "max_connections": 64,
+                "timeout": 5.0,
             }
             options.update(client_options)
             try:
-                self._client: aioredis.Redis = aioredis.Redis.from_url(url, **options)
+                # a blocking pool: a burst of concurrent calls waits for a connection
+                # (up to ``timeout`` seconds) instead of failing with "Too many connections"
+                pool = aioredis.BlockingConnectionPool.from_url(url, **options)
+                self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(
                     f"cannot use {self._target!r} as a Redis URL: {exc}"
