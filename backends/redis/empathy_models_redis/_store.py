@@ -159,8 +159,8 @@ class RedisCircuitStateStore(CircuitStateStore):
     socket timeouts of 2 s and a single quick retry keep a dead server from stalling
     callers (the breaker then runs degraded).  Any of these, and other redis-py
     options, may be given as ``client_options`` or in the URL's query; the store's
-    own ``prefix`` and ``key_ttl`` may be given in the query too.  Redis errors are raised as `StateStoreError` naming the
-    URL without its password.
+    own ``prefix`` and ``key_ttl`` may be given in the query too.  Redis errors are
+    raised as `StateStoreError` naming the URL without its password.
     """
 
     shared = True
