@@ -1,0 +1,594 @@
+"""AuthStrategy, its file, and count_lines_of_code, through the public API."""
+
+from __future__ import annotations
+
+import json
+import operator
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import empathy_models
+from empathy_models import (
+    AuthFileError,
+    AuthMode,
+    AuthStrategy,
+    ModelRegistry,
+    RecordValidationError,
+    SourceFileError,
+    SubscriptionTier,
+    auth_strategy_file,
+    count_lines_of_code,
+    get_module_size_category,
+    list_auth_strategy_backups,
+    reset_auth_strategy,
+    restore_auth_strategy,
+)
+
+ORIGINAL_KEYS = [
+    "subscription_tier",
+    "default_mode",
+    "small_module_threshold",
+    "medium_module_threshold",
+    "loc_to_tokens_multiplier",
+    "setup_completed",
+    "prefer_subscription",
+    "cost_optimization",
+    "metadata",
+]
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("EMPATHY_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+# --------------------------------------------------------------------------- enums and defaults
+
+
+def test_enum_values_are_the_originals() -> None:
+    assert [t.value for t in SubscriptionTier] == ["free", "pro", "max", "enterprise", "api_only"]
+    assert [m.value for m in AuthMode] == ["subscription", "api", "auto"]
+    # str subclasses: a member equals its value string, as in the original
+    assert operator.eq(SubscriptionTier.PRO, "pro")
+    assert operator.eq(AuthMode.AUTO, "auto")
+
+
+def test_defaults_are_the_originals() -> None:
+    s = AuthStrategy()
+    assert s.subscription_tier is SubscriptionTier.PRO
+    assert s.default_mode is AuthMode.AUTO
+    assert (s.small_module_threshold, s.medium_module_threshold) == (500, 2000)
+    assert s.loc_to_tokens_multiplier == 4.0
+    assert s.setup_completed and s.prefer_subscription and s.cost_optimization
+    assert dict(s.metadata) == {}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("changes", "path"),
+    [
+        ({"small_module_threshold": 0}, "small_module_threshold"),
+        ({"small_module_threshold": -5}, "small_module_threshold"),
+        ({"medium_module_threshold": "2000"}, "medium_module_threshold"),
+        ({"small_module_threshold": True}, "small_module_threshold"),
+        ({"small_module_threshold": 2000}, "small_module_threshold"),
+        ({"small_module_threshold": 2500}, "small_module_threshold"),
+        ({"loc_to_tokens_multiplier": 0}, "loc_to_tokens_multiplier"),
+        ({"loc_to_tokens_multiplier": -1.5}, "loc_to_tokens_multiplier"),
+        ({"loc_to_tokens_multiplier": float("nan")}, "loc_to_tokens_multiplier"),
+        ({"loc_to_tokens_multiplier": "4"}, "loc_to_tokens_multiplier"),
+        ({"subscription_tier": "gold"}, "subscription_tier"),
+        ({"default_mode": 3}, "default_mode"),
+        ({"prefer_subscription": "yes"}, "prefer_subscription"),
+        ({"setup_completed": 1}, "setup_completed"),
+        ({"metadata": ["a"]}, "metadata"),
+        ({"metadata": {"x": object()}}, "metadata"),
+    ],
+)
+def test_invalid_values_raise_naming_the_field(changes: dict[str, object], path: str) -> None:
+    with pytest.raises(RecordValidationError) as info:
+        AuthStrategy(**changes)  # type: ignore[arg-type]
+    assert info.value.path == path
+    assert path in str(info.value)
+
+
+def test_enum_strings_any_case_and_int_multiplier_are_accepted() -> None:
+    s = AuthStrategy(subscription_tier="MAX", default_mode="Api", loc_to_tokens_multiplier=3)
+    assert s.subscription_tier is SubscriptionTier.MAX
+    assert s.default_mode is AuthMode.API
+    assert s.loc_to_tokens_multiplier == 3.0
+
+
+def test_replace_revalidates() -> None:
+    s = AuthStrategy()
+    assert s.replace(small_module_threshold=100).small_module_threshold == 100
+    with pytest.raises(RecordValidationError):
+        s.replace(medium_module_threshold=400)
+
+
+def test_metadata_is_copied_and_immutable() -> None:
+    source = {"team": "docs", "nested": {"a": 1}}
+    s = AuthStrategy(metadata=source)
+    source["team"] = "changed"
+    assert s.metadata["team"] == "docs"
+    with pytest.raises(TypeError):
+        s.metadata["team"] = "x"  # type: ignore[index]
+
+
+# --------------------------------------------------------------------------- serialization
+
+
+def test_to_dict_has_the_original_keys_in_order_plus_version() -> None:
+    data = AuthStrategy().to_dict()
+    assert data["v"] == 1
+    assert [k for k in data if k != "v"] == ORIGINAL_KEYS
+    assert data["subscription_tier"] == "pro" and type(data["subscription_tier"]) is str
+    json.dumps(data)
+
+
+def test_round_trip_keeps_every_field() -> None:
+    s = AuthStrategy(
+        subscription_tier=SubscriptionTier.ENTERPRISE,
+        default_mode=AuthMode.SUBSCRIPTION,
+        small_module_threshold=123,
+        medium_module_threshold=4567,
+        loc_to_tokens_multiplier=2.5,
+        setup_completed=False,
+        prefer_subscription=False,
+        cost_optimization=False,
+        metadata={"owner": "team-a", "limits": [1, 2]},
+    )
+    assert AuthStrategy.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_from_dict_ignores_unknown_keys_and_defaults_missing_ones() -> None:
+    s = AuthStrategy.from_dict({"v": 7, "small_module_threshold": 300, "future_field": [1]})
+    assert s.small_module_threshold == 300
+    assert s.medium_module_threshold == 2000
+    # the original's file has no "v"
+    original = {
+        "subscription_tier": "max",
+        "default_mode": "auto",
+        "small_module_threshold": 500,
+        "medium_module_threshold": 2000,
+        "loc_to_tokens_multiplier": 4.0,
+        "setup_completed": True,
+        "prefer_subscription": True,
+        "cost_optimization": True,
+        "metadata": {},
+    }
+    assert AuthStrategy.from_dict(original).subscription_tier is SubscriptionTier.MAX
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        ({"medium_module_threshold": "big"}, "medium_module_threshold"),
+        ({"loc_to_tokens_multiplier": None}, "loc_to_tokens_multiplier"),
+        ({"subscription_tier": "platinum"}, "subscription_tier"),
+        ({"v": "one"}, "v"),
+        ({"v": 0}, "v"),
+    ],
+)
+def test_from_dict_is_strict_on_bad_values(data: dict[str, object], path: str) -> None:
+    with pytest.raises(RecordValidationError) as info:
+        AuthStrategy.from_dict(data)
+    assert info.value.path == path
+
+
+def test_from_dict_rejects_a_non_mapping() -> None:
+    with pytest.raises(RecordValidationError):
+        AuthStrategy.from_dict([1, 2])  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+@pytest.mark.parametrize(
+    ("tier", "prefer", "lines", "expected"),
+    [
+        # PRO and API_ONLY: API at every size
+        ("pro", True, 10, AuthMode.API),
+        ("pro", True, 5000, AuthMode.API),
+        ("api_only", True, 10, AuthMode.API),
+        # FREE, MAX, ENTERPRISE: by size, strict boundaries
+        ("free", True, 499, AuthMode.SUBSCRIPTION),
+        ("max", True, 0, AuthMode.SUBSCRIPTION),
+        ("max", True, 499, AuthMode.SUBSCRIPTION),
+        ("max", True, 500, AuthMode.SUBSCRIPTION),
+        ("max", False, 499, AuthMode.SUBSCRIPTION),
+        ("max", False, 500, AuthMode.API),
+        ("enterprise", True, 1999, AuthMode.SUBSCRIPTION),
+        ("enterprise", True, 2000, AuthMode.API),
+        ("free", False, 1999, AuthMode.API),
+        ("free", True, 2000, AuthMode.API),
+    ],
+)
+def test_decision_table(tier: str, prefer: bool, lines: int, expected: AuthMode) -> None:
+    s = AuthStrategy(subscription_tier=tier, prefer_subscription=prefer)
+    assert s.get_recommended_mode(lines) is expected
+    assert s.explain_recommended_mode(lines)
+
+
+def test_a_pinned_mode_wins_over_size_and_tier() -> None:
+    s = AuthStrategy(subscription_tier="max", default_mode="api")
+    assert s.get_recommended_mode(1) is AuthMode.API
+    s = AuthStrategy(subscription_tier="pro", default_mode="subscription")
+    assert s.get_recommended_mode(100_000) is AuthMode.SUBSCRIPTION
+    assert "pinned" in s.explain_recommended_mode(5)
+
+
+def test_custom_thresholds_move_the_boundaries() -> None:
+    s = AuthStrategy(
+        subscription_tier="max",
+        small_module_threshold=100,
+        medium_module_threshold=200,
+        prefer_subscription=False,
+    )
+    assert s.get_recommended_mode(99) is AuthMode.SUBSCRIPTION
+    assert s.get_recommended_mode(100) is AuthMode.API
+    assert [get_module_size_category(n, s) for n in (99, 100, 199, 200)] == [
+        "small",
+        "medium",
+        "medium",
+        "large",
+    ]
+
+
+def test_size_category_defaults_and_agrees_with_the_strategy() -> None:
+    assert [get_module_size_category(n) for n in (0, 499, 500, 1999, 2000)] == [
+        "small",
+        "small",
+        "medium",
+        "medium",
+        "large",
+    ]
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "10", True])
+def test_bad_line_counts_are_rejected(bad: object) -> None:
+    with pytest.raises(ValueError):
+        AuthStrategy().get_recommended_mode(bad)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def test_estimate_tokens_truncates() -> None:
+    assert AuthStrategy().estimate_tokens(1000) == 4000
+    assert AuthStrategy(loc_to_tokens_multiplier=1.5).estimate_tokens(3) == 4
+
+
+def test_auto_is_resolved_before_pricing() -> None:
+    small_max = AuthStrategy(subscription_tier="max")
+    est = small_max.estimate_cost(100, AuthMode.AUTO)
+    assert est.mode is AuthMode.SUBSCRIPTION  # the original priced AUTO as API
+    assert est.monetary_cost == 0.0
+    assert est.quota_cost is not None and "400" in est.quota_cost
+    assert small_max.estimate_cost(100, "auto") == est
+    assert small_max.estimate_cost(100) == est
+    assert small_max.estimate_cost(5000, "auto").mode is AuthMode.API
+
+
+def test_api_cost_comes_from_the_registry_and_scales_with_size() -> None:
+    registry = ModelRegistry.default()
+    s = AuthStrategy()
+    small = s.estimate_cost(100, AuthMode.API)
+    large = s.estimate_cost(1000, AuthMode.API)
+    assert small.mode is AuthMode.API and small.quota_cost is None
+    assert large.monetary_cost == pytest.approx(10 * small.monetary_cost, rel=0.02)
+    # every stage is priced with the registry's ModelInfo.cost for its tokens
+    expected = sum(
+        registry.get(stage.model).cost(stage.input_tokens, stage.output_tokens)
+        for stage in large.stages
+    )
+    assert large.monetary_cost == pytest.approx(expected)
+    assert large.price_version == registry.price_version
+    assert {registry.get(stage.model).provider for stage in large.stages} == {"anthropic"}
+    assert large.to_dict()["mode"] == "api"
+    assert list(large.to_dict())[:5] == [
+        "mode",
+        "monetary_cost",
+        "quota_cost",
+        "tokens_used",
+        "fits_in_context",
+    ]
+
+
+def test_cost_follows_a_changed_price_table() -> None:
+    base = ModelRegistry.default()
+    pricier = base.with_models(
+        *[
+            m.__class__(
+                **{
+                    **m.to_dict(),
+                    "input_price_per_mtok": m.input_price_per_mtok * 2,
+                    "output_price_per_mtok": m.output_price_per_mtok * 2,
+                }
+            )
+            for m in base
+            if m.provider == "anthropic"
+        ],
+        price_version="doubled",
+    )
+    s = AuthStrategy()
+    normal = s.estimate_cost(1000, "api", registry=base)
+    doubled = s.estimate_cost(1000, "api", registry=pricier)
+    assert doubled.monetary_cost == pytest.approx(2 * normal.monetary_cost)
+    assert doubled.price_version == "doubled"
+
+
+def test_fits_in_context_uses_the_mode_window() -> None:
+    s = AuthStrategy(default_mode="subscription")
+    assert s.estimate_cost(49_999).fits_in_context  # 199,996 tokens
+    assert not s.estimate_cost(50_000).fits_in_context
+    assert AuthStrategy().estimate_cost(50_000, "api").fits_in_context
+
+
+def test_unknown_mode_is_a_configuration_error() -> None:
+    with pytest.raises(empathy_models.ConfigurationError):
+        AuthStrategy().estimate_cost(10, "hybrid")
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def test_auth_strategy_file_honours_empathy_home_at_call_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMPATHY_HOME", str(tmp_path / "a"))
+    assert auth_strategy_file() == tmp_path / "a" / "auth_strategy.json"
+    monkeypatch.setenv("EMPATHY_HOME", str(tmp_path / "b"))
+    assert auth_strategy_file() == tmp_path / "b" / "auth_strategy.json"
+    monkeypatch.delenv("EMPATHY_HOME")
+    assert auth_strategy_file() == Path.home() / ".empathy" / "auth_strategy.json"
+
+
+def test_save_then_load_through_empathy_home(home: Path) -> None:
+    s = AuthStrategy(subscription_tier="max", small_module_threshold=250)
+    written = s.save()
+    assert written == home / "auth_strategy.json"
+    assert AuthStrategy.load() == s
+    assert json.loads(written.read_text())["v"] == 1
+
+
+def test_save_is_private_and_leaves_no_temp_files(home: Path) -> None:
+    AuthStrategy().save()
+    file = home / "auth_strategy.json"
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    AuthStrategy(small_module_threshold=1).save()
+    assert sorted(p.name for p in home.iterdir()) == ["auth_strategy.json"]
+
+
+def test_save_replaces_atomically_keeping_other_readers_consistent(home: Path) -> None:
+    file = AuthStrategy().save()
+    before = os.stat(file).st_ino
+    with open(file, "rb") as reader:  # a reader holding the old file keeps a whole old file
+        AuthStrategy(small_module_threshold=42).save()
+        old = json.loads(reader.read())
+    assert old["small_module_threshold"] == 500
+    assert os.stat(file).st_ino != before  # replaced, not rewritten in place
+    assert AuthStrategy.load().small_module_threshold == 42
+
+
+def test_load_without_a_file_gives_defaults_and_load_existing_none(home: Path) -> None:
+    assert AuthStrategy.load() == AuthStrategy()
+    assert AuthStrategy.load_existing() is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"[1, 2]", b'{"small_module_threshold": -3}', b"\xff\xfe\x00"],
+)
+def test_a_corrupt_file_is_an_error_naming_the_path(home: Path, content: bytes) -> None:
+    home.mkdir(parents=True)
+    file = home / "auth_strategy.json"
+    file.write_bytes(content)
+    with pytest.raises(AuthFileError) as info:
+        AuthStrategy.load()
+    assert str(file) in str(info.value)
+    assert info.value.path == file
+    # and a later save does not overwrite it with defaults
+    with pytest.raises(AuthFileError):
+        AuthStrategy().save()
+    assert file.read_bytes() == content
+
+
+def test_the_error_never_quotes_the_file(home: Path) -> None:
+    home.mkdir(parents=True)
+    (home / "auth_strategy.json").write_text('{"metadata": "sk-secret-123"')
+    with pytest.raises(AuthFileError) as info:
+        AuthStrategy.load()
+    assert "sk-secret" not in str(info.value)
+
+
+def test_explicit_paths_are_honoured(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "custom.json"
+    AuthStrategy(small_module_threshold=7).save(target)
+    assert AuthStrategy.load(target).small_module_threshold == 7
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+async def test_async_variants(home: Path) -> None:
+    s = AuthStrategy(subscription_tier="free")
+    await s.asave()
+    assert await AuthStrategy.aload() == s
+
+
+# --------------------------------------------------------------------------- reset / restore
+
+
+def test_reset_backs_up_and_restore_brings_back_every_field(home: Path) -> None:
+    custom = AuthStrategy(
+        subscription_tier="enterprise",
+        small_module_threshold=111,
+        medium_module_threshold=999,
+        loc_to_tokens_multiplier=3.25,
+        prefer_subscription=False,
+        metadata={"k": "v"},
+    )
+    file = custom.save()
+    backup = reset_auth_strategy()
+    assert backup is not None and backup.parent == file.parent
+    assert not file.exists()
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert AuthStrategy.load(backup) == custom
+    assert list_auth_strategy_backups() == [backup]
+    source, previous = restore_auth_strategy()
+    assert (source, previous) == (backup, None)
+    assert AuthStrategy.load() == custom
+
+
+def test_reset_without_a_file_does_nothing(home: Path) -> None:
+    assert reset_auth_strategy() is None
+
+
+def test_restore_picks_the_newest_backup_and_keeps_the_current_file(home: Path) -> None:
+    AuthStrategy(small_module_threshold=1).save()
+    first = reset_auth_strategy()
+    AuthStrategy(small_module_threshold=2).save()
+    second = reset_auth_strategy()
+    assert list_auth_strategy_backups() == [second, first]
+    AuthStrategy(small_module_threshold=3).save()
+    source, previous = restore_auth_strategy()
+    assert source == second
+    assert AuthStrategy.load().small_module_threshold == 2
+    assert previous is not None and AuthStrategy.load(previous).small_module_threshold == 3
+
+
+def test_restore_without_backup_is_an_error(home: Path) -> None:
+    with pytest.raises(AuthFileError, match="no backup"):
+        restore_auth_strategy()
+
+
+def test_a_corrupt_file_can_be_reset_and_is_backed_up_verbatim(home: Path) -> None:
+    home.mkdir(parents=True)
+    (home / "auth_strategy.json").write_bytes(b"{oops")
+    backup = reset_auth_strategy()
+    assert backup is not None and backup.read_bytes() == b"{oops"
+    with pytest.raises(AuthFileError):
+        restore_auth_strategy()  # the newest backup is not a valid strategy
+    assert not (home / "auth_strategy.json").exists()
+
+
+# --------------------------------------------------------------------------- lines of code
+
+
+def test_counts_code_comments_and_blanks(tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text("# comment\ncode = 1\n\ndef f():\n    pass\n")
+    r = count_lines_of_code(f)
+    assert (r.total_lines, r.code_lines, r.comment_lines, r.blank_lines) == (5, 3, 1, 1)
+    assert r.effective_lines == 3
+    assert not r.looks_generated and not r.looks_like_data and r.warnings == ()
+    assert count_lines_of_code(str(f)) == r
+
+
+def test_empty_file_is_zero(tmp_path: Path) -> None:
+    f = tmp_path / "empty.py"
+    f.write_text("")
+    assert count_lines_of_code(f).code_lines == 0
+
+
+def test_c_like_comments(tmp_path: Path) -> None:
+    f = tmp_path / "m.ts"
+    f.write_text("// a\n/* b\n * c\n */\nconst x = 1;\n# not a comment in ts\n")
+    r = count_lines_of_code(f)
+    assert (r.code_lines, r.comment_lines) == (2, 4)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "# Code generated by protoc-gen-go. DO NOT EDIT.",
+        "# -*- coding: utf-8 -*-\n# Generated by the protocol buffer compiler.  DO NOT EDIT!",
+        "// @generated by tool",
+        '"""This file is autogenerated; edits will be lost."""',
+    ],
+)
+def test_generated_files_are_flagged(tmp_path: Path, header: str) -> None:
+    f = tmp_path / "gen.py"
+    f.write_text(header + "\n" + "x = call()\n" * 3000)
+    r = count_lines_of_code(f)
+    assert r.looks_generated
+    assert r.generated_reason is not None and "line" in r.generated_reason
+    assert any("generated" in w for w in r.warnings)
+    assert r.code_lines >= 3000
+
+
+def test_a_marker_deep_in_the_file_is_not_a_header(tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text("x = 1\n" * 100 + "# DO NOT EDIT below\n")
+    assert not count_lines_of_code(f).looks_generated
+
+
+def test_literal_tables_are_flagged_as_data(tmp_path: Path) -> None:
+    f = tmp_path / "table.py"
+    rows = "".join(
+        f'    ({i}, "name-{i}", 0x{i:04x}, {i * 1.5}, True, None),\n' for i in range(500)
+    )
+    f.write_text("TABLE = [\n" + rows + "]\n\ndef lookup(i):\n    return TABLE[i]\n")
+    r = count_lines_of_code(f)
+    assert r.looks_like_data
+    assert r.data_reason is not None and "literal" in r.data_reason
+    assert r.literal_lines >= 500
+
+
+def test_ordinary_code_is_not_data(tmp_path: Path) -> None:
+    f = tmp_path / "code.py"
+    f.write_text("".join(f"def f{i}(a, b):\n    return a + b * {i}\n" for i in range(200)))
+    r = count_lines_of_code(f)
+    assert not r.looks_like_data
+
+
+def test_very_long_lines_count_as_line_equivalents(tmp_path: Path) -> None:
+    f = tmp_path / "min.js"
+    f.write_text("var a=" + "1," * 30_000 + "0;\n")
+    r = count_lines_of_code(f)
+    assert r.code_lines == 1
+    assert r.looks_like_data and r.data_reason is not None
+    assert r.effective_lines > 400  # not "a one-line, small module"
+    strategy = AuthStrategy(subscription_tier="max")
+    assert strategy.size_category(r.effective_lines) != "small"
+
+
+def test_missing_directory_and_binary_paths_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(SourceFileError, match="no such file"):
+        count_lines_of_code(tmp_path / "nope.py")
+    with pytest.raises(SourceFileError, match="directory"):
+        count_lines_of_code(tmp_path)
+    binary = tmp_path / "blob.py"
+    binary.write_bytes(b"\x00\x01\x02binary")
+    with pytest.raises(SourceFileError, match="binary") as info:
+        count_lines_of_code(binary)
+    assert info.value.path == binary
+    assert isinstance(info.value, OSError)
+
+
+def test_a_fifo_is_refused_rather_than_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.py"
+    os.mkfifo(fifo)
+    with pytest.raises(SourceFileError, match="not a regular file"):
+        count_lines_of_code(fifo)
+
+
+def test_undecodable_text_is_counted_and_flagged_never_zero(tmp_path: Path) -> None:
+    f = tmp_path / "latin1.py"
+    f.write_bytes("name = 'café'\nother = 'naïve'\n".encode("latin-1"))
+    r = count_lines_of_code(f)
+    assert r.code_lines == 2
+    assert r.decode_errors == 2
+    assert any("UTF-8" in w for w in r.warnings)
+
+
+async def test_async_count(tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text("a = 1\n")
+    assert (await empathy_models.acount_lines_of_code(f)).code_lines == 1
