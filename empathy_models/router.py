@@ -33,7 +33,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, ClassVar, Final, Self
@@ -279,7 +279,8 @@ class AdaptiveModelRouter:
     backend) the router learns only from `record_outcome`, and `get_routing_stats` says
     so.  ``refresh_interval`` (seconds, default 60; ``None`` disables) is how often the
     started router re-reads the backend's aggregates.  ``rng`` or ``seed`` makes every
-    random choice reproducible; ``clock`` returns UTC epoch seconds.
+    random choice reproducible; ``clock`` returns UTC epoch seconds, and ``sleep``
+    waits between refreshes (tests pass `FakeClock.sleep` so no real time passes).
 
     Lifecycle: ``async with router:`` seeds the statistics (one ``aggregate`` call and
     one ``recent`` call) and starts the periodic refresh, a task owned by the router and
@@ -308,6 +309,7 @@ class AdaptiveModelRouter:
         rng: random.Random | None = None,
         seed: int | None = None,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if not isinstance(registry, ModelRegistry):
             raise ConfigurationError(
@@ -324,6 +326,7 @@ class AdaptiveModelRouter:
         self.refresh_interval = refresh_interval
         self._rng = rng if rng is not None else random.Random(seed)
         self._clock = clock
+        self._sleep = sleep
         self._owns_store = False
         store: TelemetryBackend | None
         if isinstance(telemetry_store, str):
@@ -427,7 +430,7 @@ class AdaptiveModelRouter:
 
     async def _refresh_loop(self, interval: float) -> None:
         while True:
-            await asyncio.sleep(interval)
+            await self._sleep(interval)
             await self.refresh()
 
     async def refresh(self) -> bool:

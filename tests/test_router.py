@@ -1,0 +1,706 @@
+"""AdaptiveModelRouter through its public API: decisions, no-match policies, seeding, reports."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import pytest
+
+from empathy_models import (
+    AdaptiveModelRouter,
+    ConfigurationError,
+    ConstraintStatus,
+    LLMCallRecord,
+    MemoryTelemetryBackend,
+    ModelInfo,
+    ModelRegistry,
+    ModelTier,
+    NoModelMeetsConstraintsError,
+    NullTelemetryBackend,
+    Outcome,
+    RoutingDecision,
+    RoutingPolicy,
+    TelemetryError,
+    TierRecommendation,
+)
+from empathy_models.records import ModelPerformance
+from empathy_models.testing.clock import FakeClock
+
+WF, ST = "docs", "outline"
+
+
+def info(model: str, tier: str, in_price: float, out_price: float) -> ModelInfo:
+    return ModelInfo(
+        id=model,
+        provider="openai",
+        tier=tier,
+        input_price_per_mtok=in_price,
+        output_price_per_mtok=out_price,
+        context_window=128_000,
+        max_output_tokens=8192,
+    )
+
+
+REGISTRY = ModelRegistry(
+    models=(
+        info("nano", "cheap", 0.1, 0.4),
+        info("mini", "cheap", 0.4, 1.6),
+        info("small", "cheap", 1.0, 5.0),
+        info("mid", "capable", 3.0, 15.0),
+        info("big", "premium", 15.0, 75.0),
+    ),
+    price_version="test-1",
+)
+CHEAP = ["nano", "mini", "small"]
+
+
+def rec(
+    clock: FakeClock,
+    model: str,
+    ok: bool = True,
+    *,
+    outcome: Outcome | None = None,
+    workflow: str = WF,
+    stage: str = ST,
+    latency_ms: float = 100.0,
+    output_tokens: int = 200,
+    tier: ModelTier | None = None,
+) -> LLMCallRecord:
+    return LLMCallRecord(
+        provider="openai",
+        model=model,
+        outcome=outcome or (Outcome.SUCCESS if ok else Outcome.FAILURE),
+        timestamp=datetime.fromtimestamp(clock(), UTC),
+        workflow=workflow,
+        stage=stage,
+        tier=tier,
+        input_tokens=1000,
+        output_tokens=output_tokens,
+        cost_usd=0.001,
+        latency_ms=latency_ms,
+    )
+
+
+def feed(
+    router: AdaptiveModelRouter,
+    clock: FakeClock,
+    model: str,
+    successes: int,
+    failures: int = 0,
+    **kw: object,
+) -> None:
+    for i in range(successes + failures):
+        clock.advance(1.0)
+        router.record_outcome(rec(clock, model, i < successes, **kw))  # type: ignore[arg-type]
+
+
+def make(clock: FakeClock, **kw: object) -> AdaptiveModelRouter:
+    kw.setdefault("seed", 1)
+    return AdaptiveModelRouter(REGISTRY, clock=clock, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def by_model(decision: RoutingDecision) -> dict[str, object]:
+    return {c.model: c for c in decision.candidates}
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+def test_cold_start_explores_and_says_constraints_are_not_met(clock: FakeClock) -> None:
+    router = make(clock)
+    d = router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=500, max_tokens=100)
+    assert d.exploration is True
+    assert d.constraints_met is False
+    assert d.model in CHEAP
+    assert d.min_success_rate == 0.8  # the policy's default floor is applied and reported
+    for c in d.candidates:
+        assert c.sample_size == 0
+        assert c.constraints == {"min_success_rate": ConstraintStatus.UNPROVEN}
+
+
+def test_cheapest_model_that_meets_the_constraints_is_chosen(clock: FakeClock) -> None:
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
+    feed(router, clock, "nano", 60, 40)  # 60%: rejected for 0.9
+    feed(router, clock, "mini", 200, 1)
+    feed(router, clock, "small", 200)
+    d = router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=500, min_success_rate=0.9)
+    assert d.model == "mini"
+    assert d.constraints_met is True and d.exploration is False and d.policy_applied is None
+    cands = by_model(d)
+    nano = cands["nano"]
+    assert nano.status is ConstraintStatus.REJECTED  # type: ignore[attr-defined]
+    assert nano.sample_size == 100  # type: ignore[attr-defined]
+    assert nano.success_rate_upper < 0.9  # type: ignore[attr-defined]
+    assert any("below 0.9" in r for r in nano.reasons)  # type: ignore[attr-defined]
+    assert d.expected_cost_usd == pytest.approx(500 * 0.4e-6 + 200 * 1.6e-6)
+
+
+def test_decision_lists_every_candidate_with_its_evidence(clock: FakeClock) -> None:
+    router = make(clock)
+    feed(router, clock, "mini", 50, latency_ms=120.0)
+    d = router.get_best_model(
+        WF, ST, candidates=CHEAP, input_tokens=100, max_latency_ms=500, max_cost=0.01
+    )
+    mini = by_model(d)["mini"]
+    assert mini.sample_size == 50  # type: ignore[attr-defined]
+    assert mini.success_rate == 1.0  # type: ignore[attr-defined]
+    assert mini.latency_p50_ms == pytest.approx(120.0)  # type: ignore[attr-defined]
+    assert mini.latency_p95_ms == pytest.approx(120.0)  # type: ignore[attr-defined]
+    assert mini.expected_cost_usd == pytest.approx(100 * 0.4e-6 + 200 * 1.6e-6)  # type: ignore[attr-defined]
+    assert mini.cost_basis == "estimate"  # type: ignore[attr-defined]
+    assert set(mini.constraints) == {"min_success_rate", "max_latency_ms", "max_cost"}  # type: ignore[attr-defined]
+    again = RoutingDecision.from_dict(d.to_dict())
+    assert again == d
+
+
+def test_open_circuits_are_excluded(clock: FakeClock) -> None:
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
+    feed(router, clock, "nano", 100)
+    feed(router, clock, "mini", 100)
+    d = router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=10, unavailable={"nano"})
+    assert d.model == "mini"
+    nano = by_model(d)["nano"]
+    assert nano.excluded and nano.reasons[0] == "circuit open"  # type: ignore[attr-defined]
+
+
+def test_models_missing_from_the_registry_are_excluded(clock: FakeClock) -> None:
+    router = make(clock)
+    feed(router, clock, "mini", 100)
+    d = router.get_best_model(WF, ST, candidates=["ghost", "mini"], input_tokens=10)
+    assert d.model == "mini"
+    assert by_model(d)["ghost"].reasons[0] == "not in the model registry"  # type: ignore[attr-defined]
+
+
+def test_outcomes_that_say_nothing_about_health_are_not_counted(clock: FakeClock) -> None:
+    router = make(clock)
+    for outcome in (Outcome.IGNORED, Outcome.CANCELLED, Outcome.REJECTED):
+        router.record_outcome(rec(clock, "mini", outcome=outcome))
+    router.record_outcome(rec(clock, "mini", outcome=Outcome.RATE_LIMITED))
+    d = router.get_best_model(WF, ST, candidates=["mini"], input_tokens=10, on_no_match="relax")
+    mini = by_model(d)["mini"]
+    assert mini.sample_size == 1  # type: ignore[attr-defined]
+    assert mini.success_rate == 0.0  # type: ignore[attr-defined]
+
+
+def test_statistics_are_per_workflow_stage(clock: FakeClock) -> None:
+    router = make(clock)
+    feed(router, clock, "mini", 30, stage="other")
+    d = router.get_best_model(WF, ST, candidates=["mini"], input_tokens=10)
+    assert by_model(d)["mini"].sample_size == 0  # type: ignore[attr-defined]
+
+
+def test_same_seed_same_decisions(clock: FakeClock) -> None:
+    def run(seed: int) -> list[tuple[str, bool]]:
+        c = FakeClock()
+        router = make(c, seed=seed, policy=RoutingPolicy(explore_rate=0.3))
+        feed(router, c, "nano", 100)
+        feed(router, c, "mini", 100)
+        out = []
+        for _ in range(200):
+            d = router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=10, max_tokens=10)
+            out.append((d.model, d.exploration))
+            c.advance(1.0)
+            router.record_outcome(rec(c, d.model, True))
+        return out
+
+    first = run(42)
+    assert first == run(42)
+    assert {m for m, explored in first if explored} == {"small"}
+    assert any(explored for _, explored in first)
+
+
+def test_invalid_arguments_raise_configuration_error(clock: FakeClock) -> None:
+    router = make(clock)
+    bad: list[dict[str, object]] = [
+        {"max_cost": -1.0},
+        {"max_latency_ms": 0},
+        {"min_success_rate": 1.5},
+        {"input_tokens": -3},
+        {"candidates": []},
+        {"candidates": "mini"},
+        {"on_no_match": "not-a-model"},
+        {"strict_cost": True, "max_cost": 0.1},  # strict without input_tokens
+    ]
+    for kwargs in bad:
+        kwargs.setdefault("candidates", CHEAP)
+        with pytest.raises(ConfigurationError):
+            router.get_best_model(WF, ST, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="explore_rate"):
+        RoutingPolicy(explore_rate=2.0)
+    with pytest.raises(ConfigurationError, match="relax_order"):
+        RoutingPolicy(relax_order=("max_cost", "nope"))
+    with pytest.raises(ConfigurationError, match="rng or seed"):
+        AdaptiveModelRouter(REGISTRY, seed=1, rng=__import__("random").Random(1))
+
+
+# --------------------------------------------------------------------------- no match
+
+
+@pytest.fixture
+def all_rejected(clock: FakeClock) -> AdaptiveModelRouter:
+    """Every cheap model is confidently below 0.9; 'small' is also slow."""
+    router = make(clock)
+    feed(router, clock, "nano", 50, 50, latency_ms=100.0)
+    feed(router, clock, "mini", 70, 30, latency_ms=100.0)
+    feed(router, clock, "small", 80, 20, latency_ms=900.0)
+    return router
+
+
+def test_no_match_raise_lists_every_model_and_its_reasons(
+    all_rejected: AdaptiveModelRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.WARNING, "empathy_models.router"),
+        pytest.raises(NoModelMeetsConstraintsError) as info_,
+    ):
+        all_rejected.get_best_model(
+            WF, ST, candidates=CHEAP, input_tokens=10, min_success_rate=0.9, max_latency_ms=500
+        )
+    err = info_.value
+    assert set(err.reasons) == set(CHEAP)
+    assert all(err.reasons[m] for m in CHEAP)
+    assert any("latency p50" in r for r in err.reasons["small"])
+    assert (err.workflow, err.stage) == (WF, ST)
+    assert "no candidate meets the constraints" in caplog.text
+
+
+def test_no_match_relax_drops_constraints_in_the_declared_order(
+    all_rejected: AdaptiveModelRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, "empathy_models.router"):
+        d = all_rejected.get_best_model(
+            WF,
+            ST,
+            candidates=CHEAP,
+            input_tokens=10,
+            min_success_rate=0.9,
+            max_latency_ms=500,
+            on_no_match="relax",
+        )
+    # latency goes first (nothing yet), then the success rate: the cheapest is chosen
+    assert d.relaxed == ("max_latency_ms", "min_success_rate")
+    assert d.policy_applied == "relax"
+    assert d.constraints_met is False
+    assert d.model == "nano"
+    assert "relaxed max_latency_ms, min_success_rate" in d.reason
+    assert "relax" in caplog.text
+
+
+def test_relax_order_is_configurable(clock: FakeClock) -> None:
+    router = make(clock, policy=RoutingPolicy(relax_order=("min_success_rate", "max_latency_ms")))
+    feed(router, clock, "nano", 50, 50, latency_ms=100.0)
+    feed(router, clock, "mini", 100, latency_ms=900.0)
+    d = router.get_best_model(
+        WF,
+        ST,
+        candidates=["nano", "mini"],
+        input_tokens=10,
+        min_success_rate=0.9,
+        max_latency_ms=500,
+        on_no_match="relax",
+    )
+    assert d.relaxed == ("min_success_rate",)
+    assert d.model == "nano"  # meets latency once success is dropped
+
+
+def test_no_match_pinned_model_reports_honestly(all_rejected: AdaptiveModelRouter) -> None:
+    d = all_rejected.get_best_model(
+        WF, ST, candidates=CHEAP, input_tokens=10, min_success_rate=0.9, on_no_match="big"
+    )
+    assert d.model == "big"
+    assert d.policy_applied == "pinned"
+    assert d.constraints_met is False  # 'big' has no evidence: not proven
+    assert "big" in by_model(d)
+    assert "unmet: min_success_rate" in d.reason
+
+
+def test_pinned_model_behind_an_open_circuit_raises(all_rejected: AdaptiveModelRouter) -> None:
+    with pytest.raises(NoModelMeetsConstraintsError, match="circuit open"):
+        all_rejected.get_best_model(
+            WF,
+            ST,
+            candidates=CHEAP,
+            input_tokens=10,
+            min_success_rate=0.9,
+            on_no_match="mini",
+            unavailable={"mini"},
+        )
+
+
+def test_every_circuit_open_raises_even_when_relaxing(clock: FakeClock) -> None:
+    router = make(clock)
+    with pytest.raises(NoModelMeetsConstraintsError) as info_:
+        router.get_best_model(
+            WF, ST, candidates=CHEAP, input_tokens=10, on_no_match="relax", unavailable=CHEAP
+        )
+    assert all(info_.value.reasons[m][0] == "circuit open" for m in CHEAP)
+
+
+def test_exploration_never_breaks_the_cost_limit(clock: FakeClock) -> None:
+    router = make(clock)
+    # no evidence anywhere; only nano's worst case fits the budget
+    limit = (1000 * 0.1e-6 + 100 * 0.4e-6) * (1 + 1e-9)
+    for _ in range(50):
+        d = router.get_best_model(
+            WF, ST, candidates=CHEAP, input_tokens=1000, max_tokens=100, max_cost=limit
+        )
+        assert d.model == "nano" and d.exploration
+        assert d.expected_cost_usd is not None and d.expected_cost_usd <= limit
+
+
+def test_strict_cost_judges_the_worst_case(clock: FakeClock) -> None:
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
+    feed(router, clock, "nano", 100, output_tokens=10)
+    feed(router, clock, "mini", 100, output_tokens=10)
+    budget = 1000 * 0.4e-6 + 10 * 1.6e-6 + 1e-9  # mini's *expected* cost fits
+    kw: dict[str, object] = {
+        "candidates": ["mini"],
+        "input_tokens": 1000,
+        "max_tokens": 4000,
+        "max_cost": budget,
+    }
+    assert router.get_best_model(WF, ST, **kw).constraints_met  # type: ignore[arg-type]
+    with pytest.raises(NoModelMeetsConstraintsError, match="worst_case"):
+        router.get_best_model(WF, ST, strict_cost=True, **kw)  # type: ignore[arg-type]
+    d = router.get_best_model(
+        WF,
+        ST,
+        candidates=CHEAP,
+        input_tokens=1000,
+        max_tokens=4000,
+        max_cost=0.01,
+        strict_cost=True,
+    )
+    assert d.constraints_met and d.strict_cost
+    assert d.expected_cost_usd == pytest.approx(1000 * 0.1e-6 + 4000 * 0.4e-6)
+    assert by_model(d)["nano"].cost_basis == "worst_case"  # type: ignore[attr-defined]
+
+
+def test_normal_decisions_are_logged_at_debug(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = make(clock)
+    with caplog.at_level(logging.DEBUG, "empathy_models.router"):
+        d = router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=1, max_tokens=1)
+    assert f"-> {d.model}" in caplog.text and "exploration=True" in caplog.text
+
+
+def test_a_degraded_model_loses_eligibility(clock: FakeClock) -> None:
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0, half_life_s=300.0))
+    feed(router, clock, "nano", 400)
+    feed(router, clock, "mini", 400)
+    d = router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=10, min_success_rate=0.95)
+    assert d.model == "nano"
+    moved_after = None
+    for i in range(200):
+        clock.advance(1.0)
+        router.record_outcome(rec(clock, "nano", i % 2 == 0))  # now fails half the time
+        d = router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=10, min_success_rate=0.95)
+        if d.model != "nano":
+            moved_after = i + 1
+            break
+    assert moved_after is not None and moved_after <= 40
+    assert d.model == "mini"
+
+
+# --------------------------------------------------------------------------- seeding
+
+
+class CountingBackend(MemoryTelemetryBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aggregate_calls = 0
+        self.fail = False
+
+    async def aggregate(
+        self,
+        *,
+        workflow: str | None = None,
+        stage: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        per_stage: bool = True,
+    ) -> list[ModelPerformance]:
+        self.aggregate_calls += 1
+        if self.fail:
+            raise TelemetryError("backend down")
+        return await super().aggregate(
+            workflow=workflow, stage=stage, since=since, until=until, per_stage=per_stage
+        )
+
+
+async def store_records(store: MemoryTelemetryBackend, records: Sequence[LLMCallRecord]) -> None:
+    await store.record_many(records)
+
+
+async def test_start_seeds_from_one_aggregate_call(clock: FakeClock) -> None:
+    store = CountingBackend()
+    recs = []
+    for i in range(120):
+        clock.advance(1.0)
+        recs.append(rec(clock, "mini", i % 40 != 0, latency_ms=200.0))
+        recs.append(rec(clock, "nano", i % 2 == 0, stage="other"))
+    await store.record_many(recs)
+    clock.advance(1.0)
+    async with make(clock, telemetry_store=store, refresh_interval=None) as router:
+        assert store.aggregate_calls == 1
+        d = router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=10, max_tokens=10)
+        assert store.aggregate_calls == 1  # decisions never read the backend
+        mini = by_model(d)["mini"]
+        assert mini.sample_size == 120  # type: ignore[attr-defined]
+        assert mini.success_rate == pytest.approx(117 / 120)  # type: ignore[attr-defined]
+        assert mini.latency_p50_ms == pytest.approx(200.0)  # type: ignore[attr-defined]
+        assert by_model(d)["nano"].sample_size == 0  # type: ignore[attr-defined]  # other stage
+
+
+async def test_refresh_does_not_double_count_live_outcomes(clock: FakeClock) -> None:
+    store = MemoryTelemetryBackend()
+    async with make(clock, telemetry_store=store, refresh_interval=None) as router:
+        for i in range(30):  # what an executor does: record, and tell the router
+            clock.advance(1.0)
+            r = rec(clock, "mini", i != 0)
+            await store.record(r)
+            router.record_outcome(r)
+
+        def mini_n() -> int:
+            d = router.get_best_model(WF, ST, candidates=["mini"], input_tokens=1, max_tokens=1)
+            return by_model(d)["mini"].sample_size  # type: ignore[attr-defined, no-any-return]
+
+        assert mini_n() == 30
+        clock.advance(1.0)
+        assert await router.refresh() is True
+        assert mini_n() == 30
+        # a late report of a call from before the refresh is already in the store
+        late = LLMCallRecord(
+            provider="openai",
+            model="mini",
+            outcome=Outcome.FAILURE,
+            timestamp=datetime.fromtimestamp(clock() - 5.0, UTC),
+            workflow=WF,
+            stage=ST,
+        )
+        await store.record(late)
+        router.record_outcome(late)
+        assert mini_n() == 30
+        clock.advance(1.0)
+        await router.refresh()
+        assert mini_n() == 31
+
+
+async def test_processes_sharing_a_store_learn_from_each_other(clock: FakeClock) -> None:
+    store = MemoryTelemetryBackend()
+    policy = RoutingPolicy(explore_rate=0.0)
+    async with (
+        make(clock, telemetry_store=store, refresh_interval=None, policy=policy) as a,
+        make(clock, telemetry_store=store, refresh_interval=None, policy=policy) as b,
+    ):
+        for i in range(200):
+            clock.advance(1.0)
+            r = rec(clock, "nano", i % 2 == 0)  # a learns nano is bad
+            await store.record(r)
+            a.record_outcome(r)
+            r = rec(clock, "mini", True)
+            await store.record(r)
+            a.record_outcome(r)
+        kw: dict[str, object] = {"candidates": CHEAP, "input_tokens": 10, "max_tokens": 10}
+        assert a.get_best_model(WF, ST, **kw).model == "mini"  # type: ignore[arg-type]
+        assert b.get_best_model(WF, ST, **kw).exploration  # type: ignore[arg-type]
+        await b.refresh()
+        d = b.get_best_model(WF, ST, **kw)  # type: ignore[arg-type]
+        assert d.model == "mini" and not d.exploration
+
+
+async def test_refresh_errors_are_logged_and_counted(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = CountingBackend()
+    async with make(clock, telemetry_store=store, refresh_interval=None) as router:
+        feed(router, clock, "mini", 100)
+        store.fail = True
+        with caplog.at_level(logging.WARNING, "empathy_models.router"):
+            assert await router.refresh() is False
+        assert router.refresh_errors == 1
+        assert "backend down" in caplog.text
+        d = router.get_best_model(WF, ST, candidates=["mini"], input_tokens=1, max_tokens=1)
+        assert by_model(d)["mini"].sample_size == 100  # type: ignore[attr-defined]
+
+
+async def test_periodic_refresh_task_is_owned_and_cancelled(clock: FakeClock) -> None:
+    store = CountingBackend()
+    router = make(clock, telemetry_store=store, refresh_interval=60.0, sleep=clock.sleep)
+    start = clock()
+    async with router:
+        for _ in range(50):  # let the refresh task take a few turns
+            await asyncio.sleep(0)
+        assert store.aggregate_calls >= 3
+        assert router.last_refresh is not None and router.last_refresh >= start + 120.0
+    calls = store.aggregate_calls
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert store.aggregate_calls == calls  # nothing runs after aclose
+    await router.aclose()  # idempotent
+    with pytest.raises(ConfigurationError, match="after aclose"):
+        await router.start()
+
+
+async def test_router_owns_a_store_built_from_a_url(clock: FakeClock) -> None:
+    async with make(clock, telemetry_store="memory://") as router:
+        stats = await router.get_routing_stats(WF)
+        assert stats["telemetry"] == "none"
+
+
+def test_unstarted_router_with_a_store_warns_once(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = make(clock, telemetry_store=MemoryTelemetryBackend())
+    with caplog.at_level(logging.WARNING, "empathy_models.router"):
+        router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=1, max_tokens=1)
+        router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=1, max_tokens=1)
+    assert caplog.text.count("was not started") == 1
+
+
+# --------------------------------------------------------------------------- stats
+
+
+STATS_KEYS = {
+    "workflow",
+    "stage",
+    "days_analyzed",
+    "models_used",
+    "performance_by_model",
+    "total_calls",
+    "avg_cost",
+    "avg_success_rate",
+    "telemetry",
+    "message",
+}
+
+
+async def test_stats_without_a_store_say_so(clock: FakeClock) -> None:
+    stats = await make(clock).get_routing_stats(WF)
+    assert set(stats) == STATS_KEYS
+    assert stats["telemetry"] == "none" and "no telemetry store" in stats["message"]
+    assert stats["stage"] == "all" and stats["models_used"] == [] and stats["total_calls"] == 0
+    null = await make(clock, telemetry_store=NullTelemetryBackend()).get_routing_stats(WF)
+    assert null["telemetry"] == "none" and "null" in null["message"]
+
+
+async def test_stats_when_nothing_was_ever_recorded(clock: FakeClock) -> None:
+    async with make(clock, telemetry_store=MemoryTelemetryBackend()) as router:
+        stats = await router.get_routing_stats(WF, ST, days=3)
+    assert set(stats) == STATS_KEYS
+    assert stats["telemetry"] == "none"
+    assert "no telemetry has ever been recorded" in stats["message"]
+    assert (stats["stage"], stats["days_analyzed"]) == (ST, 3)
+
+
+async def test_stats_report_per_model_with_bounds_and_warnings(clock: FakeClock) -> None:
+    store = MemoryTelemetryBackend()
+    recs = []
+    for i in range(100):
+        clock.advance(1.0)
+        recs.append(rec(clock, "mini", i % 10 != 0, latency_ms=100.0 + i))
+    for _ in range(5):
+        clock.advance(1.0)
+        recs.append(rec(clock, "nano", True, stage="other"))
+    recs.append(rec(clock, "big", True, workflow="elsewhere"))
+    await store.record_many(recs)
+    async with make(clock, telemetry_store=store, refresh_interval=None) as router:
+        everything = await router.get_routing_stats(WF)
+        one = await router.get_routing_stats(WF, ST)
+        empty = await router.get_routing_stats("unknown-workflow")
+    assert set(everything) == STATS_KEYS
+    assert everything["telemetry"] == "ok" and everything["message"] is None
+    assert everything["models_used"] == ["mini", "nano"]
+    assert everything["total_calls"] == 105
+    assert everything["avg_success_rate"] == pytest.approx(95 / 105)
+    mini = everything["performance_by_model"]["mini"]
+    assert mini["calls"] == 100 and mini["success_rate"] == pytest.approx(0.9)
+    assert mini["success_rate_lower"] == pytest.approx(0.826, abs=1e-3)
+    assert mini["success_rate_upper"] == pytest.approx(0.945, abs=1e-3)
+    assert mini["sample_size_warning"] is None
+    assert mini["p50"] is not None and mini["p95"] is not None and mini["p95"] > mini["p50"]
+    nano = everything["performance_by_model"]["nano"]
+    assert nano["sample_size_warning"] is not None and "only 5 calls" in nano["sample_size_warning"]
+    assert one["models_used"] == ["mini"] and one["stage"] == ST
+    assert set(empty) == STATS_KEYS
+    assert empty["telemetry"] == "ok" and "no calls recorded" in empty["message"]
+
+
+# --------------------------------------------------------------------------- tier advice
+
+
+def test_tier_upgrade_needs_ten_calls(clock: FakeClock) -> None:
+    router = make(clock)
+    feed(router, clock, "nano", 0, 9)
+    advice = router.recommend_tier_upgrade(WF, ST)
+    assert isinstance(advice, TierRecommendation)
+    assert not advice.should_upgrade and "Insufficient data" in advice.reason
+    assert advice.window == 9
+
+
+@pytest.mark.parametrize(
+    ("failures", "calls", "upgrade"),
+    [(4, 20, False), (5, 20, True), (3, 12, True), (2, 10, False), (3, 10, True)],
+)
+def test_tier_upgrade_threshold_is_strictly_above_twenty_percent(
+    clock: FakeClock, failures: int, calls: int, upgrade: bool
+) -> None:
+    router = make(clock)
+    feed(router, clock, "nano", calls - failures, failures)
+    advice = router.recommend_tier_upgrade(WF, ST)
+    assert advice.should_upgrade is upgrade
+    assert advice.failure_rate == pytest.approx(failures / calls)
+    should, reason = advice  # unpacks like the original tuple
+    assert should is upgrade and reason == advice.reason
+    if upgrade:
+        assert advice.current_tiers == (ModelTier.CHEAP,)
+        assert advice.suggested_tier is ModelTier.CAPABLE
+        assert "move from cheap to capable" in advice.reason
+
+
+def test_tier_upgrade_looks_at_the_most_recent_twenty(clock: FakeClock) -> None:
+    router = make(clock)
+    feed(router, clock, "nano", 0, 15)  # old failures
+    feed(router, clock, "nano", 20)  # recent successes
+    advice = router.recommend_tier_upgrade(WF, ST)
+    assert advice.window == 20 and advice.failures == 0 and not advice.should_upgrade
+
+
+def test_tier_upgrade_names_the_worst_model_and_the_top_tier(clock: FakeClock) -> None:
+    router = make(clock)
+    feed(router, clock, "big", 5, 15)
+    advice = router.recommend_tier_upgrade(WF, ST)
+    assert advice.failure_rate == pytest.approx(0.75)
+    assert advice.should_upgrade is False and advice.suggested_tier is None
+    assert "already at the top tier" in advice.reason
+    mixed = make(clock)
+    feed(mixed, clock, "nano", 2, 8)
+    feed(mixed, clock, "mid", 10)
+    advice = mixed.recommend_tier_upgrade(WF, ST)
+    assert advice.by_model == {"nano": (8, 10), "mid": (0, 10)}
+    assert advice.current_tiers == (ModelTier.CHEAP, ModelTier.CAPABLE)
+    assert advice.suggested_tier is ModelTier.PREMIUM and "worst model nano" in advice.reason
+    every_stage = mixed.recommend_tier_upgrade(WF, None)
+    assert every_stage.window == 20
+
+
+async def test_tier_upgrade_ring_is_seeded_from_the_store(clock: FakeClock) -> None:
+    store = MemoryTelemetryBackend()
+    recs = []
+    for i in range(20):
+        clock.advance(1.0)
+        recs.append(rec(clock, "nano", i % 2 == 0))
+    await store.record_many(recs)
+    clock.advance(1.0)
+    async with make(clock, telemetry_store=store, refresh_interval=None) as router:
+        advice = router.recommend_tier_upgrade(WF, ST)
+    assert advice.window == 20 and advice.failures == 10 and advice.should_upgrade
