@@ -50,6 +50,11 @@ from .backends import (
     state_store_from_url as state_store_from_url,
     telemetry_from_url as telemetry_from_url,
 )
+from .breaker import (
+    BreakerEvent as BreakerEvent,
+    BreakerEventKind as BreakerEventKind,
+    CircuitBreaker as CircuitBreaker,
+)
 from .circuit import BreakerPolicy as BreakerPolicy
 from .executor import (
     AttemptSummary as AttemptSummary,
@@ -128,8 +133,11 @@ __all__ = [
     "AuthenticationError",
     "BackendClosedError",
     "BackendError",
+    "BreakerEvent",
+    "BreakerEventKind",
     "BreakerPolicy",
     "CandidateEvaluation",
+    "CircuitBreaker",
     "CircuitBreakerState",
     "CircuitOpenError",
     "CircuitState",

@@ -1,0 +1,534 @@
+"""`CircuitBreaker` through its public API, on the memory store with a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from empathy_models import (
+    AuthenticationError,
+    BackendClosedError,
+    BreakerEvent,
+    BreakerEventKind,
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    ConfigurationError,
+    ContextWindowExceededError,
+    InvalidRequestError,
+    MemoryStateStore,
+    Outcome,
+    RateLimitedError,
+    ServerError,
+)
+from empathy_models.testing.clock import FakeClock
+
+KEY = "anthropic"
+POLICY = BreakerPolicy(consecutive_failures=3, minimum_calls=100, recovery_seconds=60.0)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make(
+    clock: FakeClock, policy: BreakerPolicy = POLICY, **kwargs: object
+) -> tuple[CircuitBreaker, MemoryStateStore]:
+    store = MemoryStateStore(clock=clock)
+    return CircuitBreaker(store, policy, clock=clock, **kwargs), store  # type: ignore[arg-type]
+
+
+async def fail(breaker: CircuitBreaker, exc: BaseException | None = None, key: str = KEY) -> None:
+    with pytest.raises(type(exc) if exc is not None else ServerError):
+        async with breaker.guard(key):
+            raise exc if exc is not None else ServerError("boom", status=503)
+
+
+async def succeed(breaker: CircuitBreaker, key: str = KEY) -> None:
+    async with breaker.guard(key):
+        pass
+
+
+# --------------------------------------------------------------------------- trips and recovery
+
+
+async def test_trips_at_the_threshold_and_rejects_with_details(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        await fail(breaker)
+        await fail(breaker)
+        assert (await breaker.get_status(KEY)).state is CircuitState.CLOSED
+        await fail(breaker)
+        with pytest.raises(CircuitOpenError) as info:
+            async with breaker.guard(KEY):
+                raise AssertionError("the guarded block must not run")  # pragma: no cover
+        err = info.value
+        assert err.key == KEY
+        assert err.state is CircuitState.OPEN
+        assert err.retry_after == pytest.approx(60.0)
+        assert err.last_error == "ServerError: boom"
+        assert err.reason == "3 consecutive failures"
+        status = await breaker.get_status(KEY)
+        assert status.is_open and status.failure_count == 3
+        assert status.opened_at == clock.as_datetime()
+
+
+async def test_successes_reset_the_streak_even_when_written_behind(clock: FakeClock) -> None:
+    breaker, store = make(clock)
+    async with breaker:
+        await fail(breaker)
+        await fail(breaker)
+        for _ in range(5):
+            await succeed(breaker)
+        await fail(breaker)
+        await fail(breaker)
+        status = await breaker.get_status(KEY)
+        assert status.state is CircuitState.CLOSED
+        assert status.failure_count == 2
+        assert status.window_calls == 9
+        assert (await store.snapshot(KEY)).window_calls == 9
+
+
+async def test_half_open_admits_one_probe_and_its_success_closes(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        for _ in range(3):
+            await fail(breaker)
+        clock.advance(60)
+        probe = await breaker.admit(KEY)
+        assert probe.lease_id is not None
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.admit(KEY)
+        assert info.value.state is CircuitState.HALF_OPEN
+        assert info.value.retry_after == pytest.approx(POLICY.probe_lease_seconds)
+        await breaker.report(probe, Outcome.SUCCESS)
+        status = await breaker.get_status(KEY)
+        assert status.state is CircuitState.CLOSED and status.failure_count == 0
+        await succeed(breaker)
+
+
+async def test_probe_failure_reopens_for_longer(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        for _ in range(3):
+            await fail(breaker)
+        clock.advance(60)
+        await fail(breaker)
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.admit(KEY)
+        assert info.value.retry_after == pytest.approx(120.0)
+
+
+async def test_call_passes_arguments_and_returns_the_result(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+
+    async def add(a: int, b: int, *, times: int = 1) -> int:
+        return (a + b) * times
+
+    async with breaker:
+        assert await breaker.call(KEY, add, 2, 3, times=2) == 10
+        with pytest.raises(ServerError):
+            await breaker.call(KEY, _raise_server_error)
+        assert (await breaker.get_status(KEY)).failure_count == 1
+
+
+async def _raise_server_error() -> None:
+    raise ServerError("down", status=500)
+
+
+# --------------------------------------------------------------------------- outcome classes
+
+
+async def test_invalid_requests_count_as_neither(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        await fail(breaker)
+        for _ in range(10):
+            await fail(breaker, InvalidRequestError("bad", status=400))
+            await fail(breaker, ContextWindowExceededError("too long", status=400))
+        status = await breaker.get_status(KEY)
+        assert status.state is CircuitState.CLOSED
+        assert status.failure_count == 1
+        assert status.window_calls == 1
+
+
+async def test_authentication_error_forces_open_with_the_reason(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        await fail(breaker, AuthenticationError("bad key", status=401))
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.admit(KEY)
+        assert info.value.state is CircuitState.FORCED_OPEN
+        assert info.value.reason == "AuthenticationError: bad key"
+        assert info.value.retry_after == pytest.approx(POLICY.fatal_open_seconds)
+
+
+async def test_rate_limit_opens_for_its_retry_after(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        await fail(breaker, RateLimitedError("slow down", status=429, retry_after=300.0))
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.admit(KEY)
+        assert info.value.state is CircuitState.OPEN
+        assert info.value.retry_after == pytest.approx(300.0)
+
+
+async def test_user_predicate_overrides_the_default_class(clock: FakeClock) -> None:
+    def classify(exc: BaseException) -> Outcome | None:
+        if isinstance(exc, KeyError):
+            return Outcome.IGNORED
+        if isinstance(exc, InvalidRequestError):
+            return Outcome.FAILURE
+        return None
+
+    breaker, _ = make(clock, classify=classify)
+    async with breaker:
+        for _ in range(5):
+            await fail(breaker, KeyError("expected miss"))
+        assert (await breaker.get_status(KEY)).failure_count == 0
+        await fail(breaker, ValueError("unknown errors are failures"))
+        assert (await breaker.get_status(KEY)).failure_count == 1
+        await fail(breaker, InvalidRequestError("counted by the predicate", status=400))
+        assert (await breaker.get_status(KEY)).failure_count == 2
+
+
+async def test_low_level_admit_and_report_drop_stale_tickets(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        early = await breaker.admit(KEY)
+        for _ in range(3):
+            ticket = await breaker.admit(KEY)
+            await breaker.report(ticket, Outcome.FAILURE, error="503")
+        status = await breaker.get_status(KEY)
+        assert status.state is CircuitState.OPEN
+        await breaker.report(early, Outcome.RATE_LIMITED, retry_after=10_000.0)
+        after = await breaker.get_status(KEY)
+        assert after.open_until == status.open_until
+        assert after.generation == status.generation
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+async def _trip_and_wait(breaker: CircuitBreaker, clock: FakeClock) -> None:
+    for _ in range(3):
+        await fail(breaker)
+    clock.advance(60)
+
+
+async def test_cancel_scope_returns_the_probe_lease_and_records_nothing(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        await _trip_and_wait(breaker, clock)
+        ran = False
+        with anyio.CancelScope() as scope:
+            async with breaker.guard(KEY) as ticket:
+                assert ticket.lease_id is not None
+                ran = True
+                scope.cancel()
+                await anyio.sleep(3600)
+        assert ran and scope.cancelled_caught
+        status = await breaker.get_status(KEY)
+        assert status.state is CircuitState.HALF_OPEN
+        assert status.probes_in_flight == 0
+        assert status.probe_successes == 0
+        # the slot is free at once: another probe is admitted and closes the circuit
+        await succeed(breaker)
+        assert (await breaker.get_status(KEY)).state is CircuitState.CLOSED
+
+
+async def test_move_on_after_in_closed_records_no_failure(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        await fail(breaker)
+        await fail(breaker)
+        for _ in range(5):
+            with anyio.move_on_after(0):
+                async with breaker.guard(KEY):
+                    await anyio.sleep(3600)
+        status = await breaker.get_status(KEY)
+        assert status.state is CircuitState.CLOSED
+        assert status.failure_count == 2
+        assert status.window_calls == 2
+
+
+async def test_cancelled_task_propagates_and_counts_nothing(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    started = asyncio.Event()
+
+    async def guarded() -> None:
+        async with breaker.guard(KEY):
+            started.set()
+            await asyncio.sleep(3600)
+
+    async with breaker:
+        await _trip_and_wait(breaker, clock)
+        task = asyncio.create_task(guarded())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        status = await breaker.get_status(KEY)
+        assert status.state is CircuitState.HALF_OPEN
+        assert status.probes_in_flight == 0
+
+
+# --------------------------------------------------------------------------- listeners
+
+
+async def test_sync_async_and_failing_listeners(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen_sync: list[BreakerEvent] = []
+    seen_async: list[BreakerEvent] = []
+
+    def broken(event: BreakerEvent) -> None:
+        raise RuntimeError("listener bug")
+
+    async def async_listener(event: BreakerEvent) -> None:
+        await anyio.lowlevel.checkpoint()
+        seen_async.append(event)
+
+    breaker, _ = make(clock, listeners=[broken, seen_sync.append])
+    breaker.add_listener(async_listener)
+    tripped_at = clock.as_datetime()
+    with caplog.at_level(logging.ERROR, logger="empathy_models.breaker"):
+        async with breaker:
+            await _trip_and_wait(breaker, clock)
+            await succeed(breaker)
+    transitions = [(e.old_state, e.new_state) for e in seen_sync]
+    assert transitions == [
+        (CircuitState.CLOSED, CircuitState.OPEN),
+        (CircuitState.OPEN, CircuitState.HALF_OPEN),
+        (CircuitState.HALF_OPEN, CircuitState.CLOSED),
+    ]
+    assert seen_async == seen_sync
+    trip = seen_sync[0]
+    assert trip.kind is BreakerEventKind.STATE_CHANGED
+    assert trip.key == KEY
+    assert trip.reason == "3 consecutive failures"
+    assert trip.generation == 1
+    assert trip.open_until == tripped_at + timedelta(seconds=60)
+    assert trip.at == tripped_at
+    assert len([r for r in caplog.records if "listener" in r.getMessage()]) == 3
+    assert "listener bug" in caplog.text
+
+
+async def test_rejection_events_are_opt_in(clock: FakeClock) -> None:
+    events: list[BreakerEvent] = []
+    breaker, _ = make(clock, listeners=[events.append], rejection_events=True)
+    quiet, _ = make(clock, listeners=[events.append])
+    async with breaker, quiet:
+        await breaker.force_open(KEY, reason="maintenance")
+        with pytest.raises(CircuitOpenError):
+            await breaker.admit(KEY)
+        await quiet.force_open(KEY)
+        with pytest.raises(CircuitOpenError):
+            await quiet.admit(KEY)
+    kinds = [e.kind for e in events]
+    assert kinds.count(BreakerEventKind.CALL_REJECTED) == 1
+    rejected = next(e for e in events if e.kind is BreakerEventKind.CALL_REJECTED)
+    assert rejected.new_state is CircuitState.FORCED_OPEN
+    assert rejected.reason == "maintenance"
+
+
+# --------------------------------------------------------------------------- inspection and control
+
+
+async def test_available_hint_follows_the_local_view(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        assert breaker.available_hint(KEY)
+        assert breaker.available_hint("never-seen")
+        for _ in range(3):
+            await fail(breaker)
+        assert not breaker.available_hint(KEY)
+        clock.advance(59)
+        assert not breaker.available_hint(KEY)
+        clock.advance(1)
+        assert breaker.available_hint(KEY)
+        probe = await breaker.admit(KEY)
+        assert not breaker.available_hint(KEY)  # the only probe slot is taken
+        await breaker.report(probe, Outcome.SUCCESS)
+        assert breaker.available_hint(KEY)
+
+
+async def test_is_available_snapshot_and_reset(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        await succeed(breaker, "openai")
+        for _ in range(3):
+            await fail(breaker)
+        assert not await breaker.is_available(KEY)
+        assert await breaker.is_available("openai")
+        assert await breaker.is_available("never-seen")
+        keys = [(s.key, s.state) for s in await breaker.snapshot()]
+        assert keys == [(KEY, CircuitState.OPEN), ("openai", CircuitState.CLOSED)]
+        await breaker.reset(KEY)
+        status = await breaker.get_status(KEY)
+        assert status.state is CircuitState.CLOSED and status.open_count == 0
+        await succeed(breaker)
+        for _ in range(3):
+            await fail(breaker)
+        for _ in range(3):
+            await fail(breaker, key="openai")
+        await breaker.reset()
+        assert all(s.state is CircuitState.CLOSED for s in await breaker.snapshot())
+        assert breaker.available_hint(KEY) and breaker.available_hint("openai")
+
+
+async def test_force_open_until_then_probe(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        state = await breaker.force_open(KEY, until=clock.as_datetime() + timedelta(seconds=30))
+        assert state.state is CircuitState.FORCED_OPEN
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.admit(KEY)
+        assert info.value.retry_after == pytest.approx(30.0)
+        clock.advance(30)
+        await succeed(breaker)
+        assert (await breaker.get_status(KEY)).state is CircuitState.CLOSED
+
+
+async def test_force_open_without_end_holds_until_reset(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        await breaker.force_open(KEY, reason="provider incident")
+        clock.advance(10**6)
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.admit(KEY)
+        assert info.value.retry_after is None
+        assert info.value.reason == "provider incident"
+        await breaker.reset(KEY)
+        await succeed(breaker)
+
+
+async def test_disable_admits_everything(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        await breaker.disable(KEY)
+        for _ in range(10):
+            await fail(breaker)
+        await fail(breaker, AuthenticationError("denied", status=403))
+        assert (await breaker.get_status(KEY)).state is CircuitState.DISABLED
+        await succeed(breaker)
+
+
+def test_key_for() -> None:
+    assert CircuitBreaker().key_for("anthropic", "claude-x") == "anthropic"
+    per_model = CircuitBreaker(per_model=True)
+    assert per_model.key_for("anthropic", "claude-x") == "anthropic:claude-x"
+    assert per_model.key_for("anthropic") == "anthropic"
+    with pytest.raises(ConfigurationError, match="provider"):
+        per_model.key_for("")
+
+
+# --------------------------------------------------------------------------- local view
+
+
+async def test_another_breaker_on_the_store_sees_a_trip_within_the_view_ttl(
+    clock: FakeClock,
+) -> None:
+    store = MemoryStateStore(clock=clock)
+    a = CircuitBreaker(store, POLICY, clock=clock, local_view_ttl=1.0)
+    b = CircuitBreaker(store, POLICY, clock=clock, local_view_ttl=1.0)
+    exact = CircuitBreaker(store, POLICY, clock=clock, local_view_ttl=0)
+    async with a, b, exact:
+        await succeed(b)
+        await succeed(exact)
+        for _ in range(3):
+            await fail(a)
+        clock.advance(0.5)
+        await succeed(b)  # b's view is younger than its ttl: still admits locally
+        with pytest.raises(CircuitOpenError):
+            await exact.admit(KEY)  # ttl 0 always asks the store
+        clock.advance(0.5)
+        with pytest.raises(CircuitOpenError):
+            await b.admit(KEY)  # the view expired: b asked the store and saw the trip
+        # exact's success and a's failures counted; b's written-behind successes belonged
+        # to the closed generation and were dropped
+        status = await store.snapshot(KEY)
+        assert status.state is CircuitState.OPEN and status.window_calls == 4
+
+
+async def test_written_behind_successes_reach_the_store_on_interval_and_close(
+    clock: FakeClock,
+) -> None:
+    store = MemoryStateStore(clock=clock)
+    breaker = CircuitBreaker(store, POLICY, clock=clock, flush_interval=0.5)
+    async with breaker:
+        await succeed(breaker)
+        for _ in range(3):
+            await succeed(breaker)
+        assert (await store.snapshot(KEY)).window_calls == 0
+        clock.advance(0.5)
+        await succeed(breaker)
+        assert (await store.snapshot(KEY)).window_calls == 5
+        await succeed(breaker)
+        await succeed(breaker)
+    # aclose flushed the rest; the store was ours, so it is still open
+    assert (await store.snapshot(KEY)).window_calls == 7
+
+
+async def test_closed_breaker_refuses_admission(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    await breaker.aclose()
+    with pytest.raises(BackendClosedError):
+        await breaker.admit(KEY)
+
+
+def test_constructor_validation() -> None:
+    with pytest.raises(ConfigurationError, match="local_view_ttl must be a finite number >= 0"):
+        CircuitBreaker(local_view_ttl=-1)
+    with pytest.raises(ConfigurationError, match="flush_interval"):
+        CircuitBreaker(flush_interval=0)
+    with pytest.raises(ConfigurationError, match="store must be"):
+        CircuitBreaker(store=42)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="policy must be a BreakerPolicy"):
+        CircuitBreaker(policy={"consecutive_failures": 1})  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="scheme"):
+        CircuitBreaker(store="nosuch://x")
+
+
+async def test_store_from_url_is_owned_and_closed() -> None:
+    breaker = CircuitBreaker("memory://")
+    async with breaker:
+        await succeed(breaker)
+        assert (await breaker.get_status(KEY)).window_calls == 1
+    assert breaker.store.closed
+
+
+class YieldingStore(MemoryStateStore):
+    """A memory store whose every operation yields to the event loop, like a real I/O store."""
+
+    shared = True
+
+    async def _transact(self, key, fn):  # type: ignore[no-untyped-def]
+        await anyio.lowlevel.checkpoint()
+        return await super()._transact(key, fn)
+
+
+@pytest.mark.parametrize("ttl", [0.0, 1.0])
+async def test_lease_is_returned_even_when_the_store_awaits_during_cancellation(
+    clock: FakeClock, ttl: float
+) -> None:
+    store = YieldingStore(clock=clock)
+    breaker = CircuitBreaker(store, POLICY, clock=clock, local_view_ttl=ttl)
+    async with breaker:
+        await _trip_and_wait(breaker, clock)
+        with anyio.CancelScope() as scope:
+            async with breaker.guard(KEY) as ticket:
+                assert ticket.lease_id is not None
+                scope.cancel()
+                await anyio.sleep(3600)
+        assert scope.cancelled_caught
+        status = await store.snapshot(KEY)
+        assert status.state is CircuitState.HALF_OPEN
+        assert status.probes_in_flight == 0
