@@ -21,8 +21,9 @@ What `EmpathyLLMExecutor.run` does, in order:
 2. **Candidates.** The registry's models of that tier whose provider is configured,
    cheapest first.  None at all raises `ConfigurationError` (no silent change of tier).
 3. **First route.** A pinned ``context.model``; else the router's pick (when a router is
-   given; models whose breaker is known to be open are passed as ``unavailable``); else
-   the cheapest candidate whose breaker is not known to be open.
+   given; models whose breaker is known to be open are passed as ``unavailable``; when
+   every candidate of the tier is known to be open the router is not asked and the
+   breakers decide); else the cheapest candidate whose breaker is not known to be open.
 4. **Fallback order** (always towards *more* capable, never cheaper): the remaining
    candidates of the same tier, cheapest first, then, with ``FallbackPolicy.escalate``,
    the models of each higher tier (cheap -> capable -> premium).  A model is never
@@ -148,6 +149,7 @@ class _Router(Protocol):
         max_cost: float | None = ...,
         max_latency_ms: float | None = ...,
         min_success_rate: float | None = ...,
+        on_no_match: str = ...,
         unavailable: Collection[str] = ...,
     ) -> RoutingDecision: ...
 
@@ -272,7 +274,10 @@ class ExecutionContext:
             fallback then proceeds as usual.  Cannot be combined with constraints.
         max_cost, max_latency_ms, min_success_rate: routing constraints, evaluated by the
             executor's router (a run with constraints and no router raises
-            `ConfigurationError`).
+            `ConfigurationError`).  They govern the first pick; fallback routes follow
+            the `FallbackPolicy` (``FallbackPolicy.none()`` for strictness).
+        on_no_match: passed to the router when set (``"raise"``, ``"relax"`` or a model
+            id); ``None`` keeps the router's default.
         max_tokens, temperature, system: passed to the provider.
         timeout: seconds allowed for one attempt (waiting for a provider slot
             included); ``None`` leaves only the provider's own timeout.  Default 120.
@@ -294,6 +299,7 @@ class ExecutionContext:
     max_cost: float | None = field(default=None, validator=_ctx_non_negative)
     max_latency_ms: float | None = field(default=None, validator=_ctx_positive)
     min_success_rate: float | None = field(default=None, validator=_ctx_rate)
+    on_no_match: str | None = field(default=None, validator=_ctx_opt_str)
     max_tokens: int = field(default=1024, validator=_ctx_max_tokens)
     temperature: float | None = field(default=None, validator=_ctx_non_negative)
     system: str | None = field(default=None, validator=_ctx_opt_str)
@@ -801,7 +807,11 @@ class EmpathyLLMExecutor:
 
         decision: RoutingDecision | None = None
         first: ModelInfo | None = pinned
-        if first is None and self._router is not None:
+        all_open = all(m.id in open_ids for m in same_tier)
+        if first is None and self._router is not None and not all_open:
+            options: dict[str, Any] = {}
+            if context.on_no_match is not None:
+                options["on_no_match"] = context.on_no_match
             decision = self._router.get_best_model(
                 context.workflow,
                 context.stage,
@@ -812,6 +822,7 @@ class EmpathyLLMExecutor:
                 max_latency_ms=context.max_latency_ms,
                 min_success_rate=context.min_success_rate,
                 unavailable=frozenset(m.id for m in same_tier if m.id in open_ids),
+                **options,
             )
             first = self._registry.get(decision.model)
             if first.provider not in self._providers:
@@ -819,7 +830,7 @@ class EmpathyLLMExecutor:
                     f"the router chose {first.id!r}, served by {first.provider!r}, which is "
                     "not configured"
                 )
-        elif first is None and context.has_constraints:
+        elif first is None and self._router is None and context.has_constraints:
             raise ConfigurationError(
                 "ExecutionContext has routing constraints (max_cost / max_latency_ms / "
                 "min_success_rate) but the executor has no router to evaluate them; pass "

@@ -191,6 +191,7 @@ class RecordingRouter:
         max_cost: float | None = None,
         max_latency_ms: float | None = None,
         min_success_rate: float | None = None,
+        on_no_match: str = "raise",
         unavailable: Collection[str] = (),
     ) -> RoutingDecision:
         self.queries.append(
@@ -203,6 +204,7 @@ class RecordingRouter:
                 "max_cost": max_cost,
                 "max_latency_ms": max_latency_ms,
                 "min_success_rate": min_success_rate,
+                "on_no_match": on_no_match,
                 "unavailable": set(unavailable),
             }
         )
@@ -807,6 +809,45 @@ async def test_router_is_told_which_models_are_known_open(
         ) as executor:
             await executor.run("x", CHEAP)
     assert router.queries[0]["unavailable"] == {"cheap-a"}
+
+
+async def test_on_no_match_is_passed_only_when_set(
+    alpha: ScriptedProvider,
+    beta: ScriptedProvider,
+    telemetry: MemoryTelemetryBackend,
+    sleep: SleepRecorder,
+) -> None:
+    router = RecordingRouter("cheap-a")
+    async with make([alpha, beta], telemetry, sleep, router=router) as executor:
+        await executor.run("x", CHEAP)
+        await executor.run("x", attrs.evolve(CHEAP, on_no_match="relax"))
+    assert [q["on_no_match"] for q in router.queries] == ["raise", "relax"]
+
+
+async def test_router_is_not_asked_when_every_candidate_is_known_open(
+    alpha: ScriptedProvider,
+    beta: ScriptedProvider,
+    telemetry: MemoryTelemetryBackend,
+    sleep: SleepRecorder,
+) -> None:
+    """The breakers decide: both cheap models are rejected, the next tier answers."""
+    router = RecordingRouter("cheap-a")
+    async with CircuitBreaker(per_model=True) as breaker:
+        await breaker.force_open(breaker.key_for("alpha", "cheap-a"))
+        await breaker.force_open(breaker.key_for("beta", "cheap-b"))
+        async with make(
+            [alpha, beta], telemetry, sleep, router=router, breaker=breaker
+        ) as executor:
+            response = await executor.run("x", CHEAP)
+    assert router.queries == []
+    assert response.routing_decision is None
+    assert response.model == "capable-a"
+    assert [a.outcome for a in response.attempts] == [
+        Outcome.REJECTED,
+        Outcome.REJECTED,
+        Outcome.SUCCESS,
+    ]
+    assert [r.outcome for r in router.records] == [a.outcome for a in response.attempts]
 
 
 async def test_router_fallback_continues_with_the_remaining_candidates(
