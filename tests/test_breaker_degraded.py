@@ -1,0 +1,248 @@
+"""
+Degraded mode: when the shared store fails, calls go on with a per-process breaker of
+the same policy, one ``store_degraded`` event and one warning per outage; on recovery
+the store's state (an OPEN set meanwhile included) is adopted.
+
+The store here is a real `CircuitStateStore` (a memory store behind a switch) that
+raises like an unreachable database would; the breaker under test is not mocked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+
+import pytest
+
+from empathy_models import (
+    BreakerEvent,
+    BreakerEventKind,
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    CircuitStateStore,
+    MemoryStateStore,
+    ServerError,
+    StateStoreError,
+)
+from empathy_models.records import Admission, CircuitBreakerState, OutcomeReport
+from empathy_models.testing.clock import FakeClock
+
+KEY = "anthropic"
+POLICY = BreakerPolicy(consecutive_failures=3, minimum_calls=100, recovery_seconds=60.0)
+
+
+class SwitchableStore(CircuitStateStore):
+    """A shared store that answers from memory while up and raises ``error`` while down."""
+
+    shared = True
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.inner = MemoryStateStore(clock=clock)
+        self.error: BaseException | None = None
+        self.attempts = 0
+
+    def _gate(self) -> None:
+        self.attempts += 1
+        if self.error is not None:
+            raise self.error
+
+    async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        self._gate()
+        return await self.inner.admit(key, policy)
+
+    async def record(
+        self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
+    ) -> CircuitBreakerState:
+        self._gate()
+        return await self.inner.record(key, policy, reports)
+
+    async def force(
+        self,
+        key: str,
+        state: CircuitState,
+        *,
+        until: datetime | None = None,
+        reason: str | None = None,
+    ) -> CircuitBreakerState:
+        self._gate()
+        return await self.inner.force(key, state, until=until, reason=reason)
+
+    async def snapshot(self, key: str) -> CircuitBreakerState:
+        self._gate()
+        return await self.inner.snapshot(key)
+
+    async def snapshot_all(self) -> list[CircuitBreakerState]:
+        self._gate()
+        return await self.inner.snapshot_all()
+
+    async def reset(self, key: str | None = None) -> None:
+        self._gate()
+        await self.inner.reset(key)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def is_degraded(breaker: CircuitBreaker) -> bool:
+    return breaker.degraded
+
+
+async def succeed(breaker: CircuitBreaker) -> None:
+    async with breaker.guard(KEY):
+        pass
+
+
+async def fail(breaker: CircuitBreaker) -> None:
+    with pytest.raises(ServerError):
+        async with breaker.guard(KEY):
+            raise ServerError("boom", status=503)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        StateStoreError("database is locked", target="state.db"),
+        ConnectionRefusedError(111, "Connection refused"),
+        TimeoutError("store timed out"),
+        OSError(13, "Permission denied"),
+    ],
+    ids=["StateStoreError", "ConnectionError", "TimeoutError", "OSError"],
+)
+async def test_calls_go_on_with_one_event_and_one_warning_per_outage(
+    clock: FakeClock, error: BaseException, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SwitchableStore(clock)
+    store.error = error
+    events: list[BreakerEvent] = []
+    breaker = CircuitBreaker(store, POLICY, clock=clock, listeners=[events.append])
+    with caplog.at_level(logging.WARNING, logger="empathy_models.breaker"):
+        async with breaker:
+            for _ in range(20):
+                await succeed(breaker)
+                clock.advance(0.3)
+            assert breaker.degraded
+            # the fallback applies the same policy: three failures trip it
+            for _ in range(3):
+                await fail(breaker)
+            with pytest.raises(CircuitOpenError):
+                await succeed(breaker)
+    degraded = [e for e in events if e.kind is BreakerEventKind.STORE_DEGRADED]
+    assert len(degraded) == 1
+    assert degraded[0].key == KEY
+    assert degraded[0].error is not None and type(error).__name__ in degraded[0].error
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "per-process breaker" in warnings[0].getMessage()
+    assert [(e.old_state, e.new_state) for e in events if e.new_state is not None] == [
+        (CircuitState.CLOSED, CircuitState.OPEN)
+    ]
+
+
+async def test_the_store_is_retried_at_most_every_retry_interval(clock: FakeClock) -> None:
+    store = SwitchableStore(clock)
+    store.error = StateStoreError("down")
+    breaker = CircuitBreaker(store, POLICY, clock=clock, local_view_ttl=0, store_retry_interval=5.0)
+    async with breaker:
+        for _ in range(100):
+            await succeed(breaker)  # ttl 0: two store operations per call
+            clock.advance(0.25)
+        # 25 s of calls: the first attempt, then one retry per 5 s (at 5, 10, 15 and 20 s)
+        assert store.attempts == 5
+        assert breaker.degraded
+
+
+async def test_recovery_adopts_an_open_set_meanwhile(clock: FakeClock) -> None:
+    store = SwitchableStore(clock)
+    events: list[BreakerEvent] = []
+    breaker = CircuitBreaker(
+        store, POLICY, clock=clock, store_retry_interval=5.0, listeners=[events.append]
+    )
+    async with breaker:
+        await succeed(breaker)
+        store.error = ConnectionResetError(104, "Connection reset by peer")
+        clock.advance(1.0)
+        await succeed(breaker)  # the view expired: the store is asked, fails, fallback answers
+        assert breaker.degraded
+        # meanwhile another process trips the circuit in the store
+        await store.inner.force(KEY, CircuitState.FORCED_OPEN, reason="tripped elsewhere")
+        store.error = None
+        clock.advance(1.0)
+        await succeed(breaker)  # still within the retry interval: the fallback admits
+        clock.advance(5.0)
+        with pytest.raises(CircuitOpenError) as info:
+            await succeed(breaker)
+        assert info.value.reason == "tripped elsewhere"
+        assert not is_degraded(breaker)
+        assert not breaker.available_hint(KEY)
+    kinds = [e.kind for e in events]
+    assert kinds.count(BreakerEventKind.STORE_DEGRADED) == 1
+    assert kinds.count(BreakerEventKind.STORE_RECOVERED) == 1
+    assert kinds.index(BreakerEventKind.STORE_DEGRADED) < kinds.index(
+        BreakerEventKind.STORE_RECOVERED
+    )
+    changed = [e for e in events if e.kind is BreakerEventKind.STATE_CHANGED]
+    assert [(e.old_state, e.new_state) for e in changed] == [
+        (CircuitState.CLOSED, CircuitState.FORCED_OPEN)
+    ]
+
+
+async def test_an_open_circuit_stays_open_when_the_store_goes_down(clock: FakeClock) -> None:
+    store = SwitchableStore(clock)
+    breaker = CircuitBreaker(store, POLICY, clock=clock)
+    async with breaker:
+        for _ in range(3):
+            await fail(breaker)
+        store.error = StateStoreError("down")
+        clock.advance(30)  # the view is stale; the store fails; the fallback knows it is open
+        with pytest.raises(CircuitOpenError) as info:
+            await succeed(breaker)
+        assert info.value.state is CircuitState.OPEN
+        assert info.value.retry_after == pytest.approx(30.0)
+        assert breaker.degraded
+        clock.advance(30)  # the recovery time passes while degraded: the fallback probes
+        await succeed(breaker)
+        assert (await breaker.get_status(KEY)).state is CircuitState.CLOSED
+
+
+async def test_a_failure_reported_while_the_store_is_down_never_raises_a_store_error(
+    clock: FakeClock,
+) -> None:
+    store = SwitchableStore(clock)
+    breaker = CircuitBreaker(store, POLICY, clock=clock, local_view_ttl=0)
+    async with breaker:
+        with pytest.raises(ServerError):
+            async with breaker.guard(KEY):
+                store.error = StateStoreError("went away mid-call")
+                raise ServerError("boom", status=502)
+        assert breaker.degraded
+        status = await breaker.get_status(KEY)  # from the fallback
+        assert status.failure_count == 1
+
+
+async def test_written_behind_successes_survive_an_outage_at_close(clock: FakeClock) -> None:
+    store = SwitchableStore(clock)
+    breaker = CircuitBreaker(store, POLICY, clock=clock)
+    async with breaker:
+        for _ in range(5):
+            await succeed(breaker)
+        store.error = StateStoreError("down at shutdown")
+    # aclose flushed into the fallback instead of raising
+    assert breaker.closed
+    assert (await store.inner.snapshot(KEY)).window_calls == 0
+
+
+async def test_control_calls_work_while_degraded(clock: FakeClock) -> None:
+    store = SwitchableStore(clock)
+    store.error = StateStoreError("down")
+    breaker = CircuitBreaker(store, POLICY, clock=clock)
+    async with breaker:
+        await breaker.force_open(KEY, reason="ops")
+        assert not await breaker.is_available(KEY)
+        assert [s.key for s in await breaker.snapshot()] == [KEY]
+        await breaker.reset(KEY)
+        assert await breaker.is_available(KEY)
+        assert breaker.degraded
