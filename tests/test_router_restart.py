@@ -1,0 +1,148 @@
+"""Restart: a new router over the same SQLite file picks what the old one picked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from empathy_models import (
+    AdaptiveModelRouter,
+    LLMCallRecord,
+    ModelInfo,
+    ModelRegistry,
+    Outcome,
+    RoutingDecision,
+    RoutingPolicy,
+    telemetry_from_url,
+)
+from empathy_models.testing.clock import FakeClock
+
+pytest.importorskip("empathy_models.backends.sqlite", reason="the SQLite backend has not landed")
+
+WF, ST = "billing", "summarize"
+MODELS = [("nano", 0.1), ("mini", 0.4), ("small", 1.0)]
+# (model, successes, failures, latency) as observed before the restart
+HISTORY = [("nano", 120, 80, 150.0), ("mini", 300, 2, 400.0), ("small", 150, 0, 350.0)]
+ASK: dict[str, object] = {
+    "candidates": [m for m, _ in MODELS],
+    "input_tokens": 800,
+    "max_tokens": 300,
+    "min_success_rate": 0.95,
+    "max_latency_ms": 2000.0,
+}
+
+
+def registry() -> ModelRegistry:
+    return ModelRegistry(
+        models=tuple(
+            ModelInfo(
+                id=m,
+                provider="openai",
+                tier="cheap",
+                input_price_per_mtok=p,
+                output_price_per_mtok=4 * p,
+                context_window=64_000,
+                max_output_tokens=4096,
+            )
+            for m, p in MODELS
+        ),
+        price_version="restart-test",
+    )
+
+
+def summary(d: RoutingDecision) -> dict[str, object]:
+    return {
+        "model": d.model,
+        "constraints_met": d.constraints_met,
+        "exploration": d.exploration,
+        "sizes": {c.model: c.sample_size for c in d.candidates},
+        "statuses": {c.model: c.status.value for c in d.candidates},
+    }
+
+
+async def run_before_restart(url: str, clock: FakeClock) -> dict[str, object]:
+    policy = RoutingPolicy(explore_rate=0.0)
+    async with (
+        telemetry_from_url(url) as store,
+        AdaptiveModelRouter(
+            registry(), store, policy=policy, seed=1, clock=clock, refresh_interval=None
+        ) as router,
+    ):
+        # what the executor does with every attempt: record it and tell the router
+        rows = [(m, i < s, lat) for m, s, f, lat in HISTORY for i in range(s + f)]
+        for model, ok, latency in rows:
+            clock.advance(2.0)
+            record = LLMCallRecord(
+                provider="openai",
+                model=model,
+                outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
+                timestamp=datetime.fromtimestamp(clock(), UTC),
+                workflow=WF,
+                stage=ST,
+                input_tokens=800,
+                output_tokens=120,
+                cost_usd=0.0005,
+                latency_ms=latency,
+            )
+            await store.record(record)
+            router.record_outcome(record)
+        await store.flush()
+        return summary(router.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+
+
+async def test_a_new_router_over_the_same_sqlite_store_picks_the_same_model(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    clock = FakeClock()
+    before = await run_before_restart(url, clock)
+    assert before["model"] == "mini" and before["constraints_met"] is True
+
+    clock.advance(30.0)  # the restart takes a while
+    async with AdaptiveModelRouter(
+        registry(),
+        url,  # a fresh backend, owned by the new router
+        policy=RoutingPolicy(explore_rate=0.0),
+        seed=2,
+        clock=clock,
+        refresh_interval=None,
+    ) as fresh:
+        after = summary(fresh.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+    assert after == before
+
+
+@pytest.mark.multiprocess
+async def test_a_new_process_over_the_same_sqlite_store_picks_the_same_model(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    clock = FakeClock()
+    before = await run_before_restart(url, clock)
+    script = textwrap.dedent(
+        f"""
+        import asyncio, json, sys
+        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+        from empathy_models import AdaptiveModelRouter, RoutingPolicy
+        from tests.test_router_restart import ASK, WF, ST, registry, summary
+
+        async def main():
+            now = {clock() + 60.0!r}
+            async with AdaptiveModelRouter(
+                registry(), {url!r}, policy=RoutingPolicy(explore_rate=0.0),
+                seed=3, clock=lambda: now, refresh_interval=None,
+            ) as router:
+                print(json.dumps(summary(router.get_best_model(WF, ST, **ASK))))
+
+        asyncio.run(main())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert json.loads(out.stdout) == before
