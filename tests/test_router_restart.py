@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import pytest
 
 from empathy_models import (
@@ -142,7 +142,6 @@ async def test_a_new_process_over_the_same_sqlite_store_picks_the_same_model(
         asyncio.run(main())
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert json.loads(out.stdout) == before
+    with anyio.fail_after(60):
+        out = await anyio.run_process([sys.executable, "-c", script])
+    assert json.loads(out.stdout.decode()) == before
