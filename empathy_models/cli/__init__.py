@@ -28,7 +28,7 @@ COMMANDS: tuple[str, ...] = (
     "routing",
     "breaker",
     "telemetry",
-    # "demo" is registered once the breaker and fake server are exported
+    "demo",
 )
 """Modules of ``empathy_models.cli`` whose ``register(subparsers)`` adds a command group."""
 

@@ -1,0 +1,649 @@
+"""
+``empathy-models demo``: the whole SDK at work against a local fake, no API key needed.
+
+A `FakeLLMServer` on 127.0.0.1 serves seven real model ids in both wire formats
+(Anthropic Messages and OpenAI Chat Completions), each with its own latency and
+failure rate.  A few thousand calls from three workflow stages go through
+`EmpathyLLMExecutor` with an `AdaptiveModelRouter`, a `CircuitBreaker` and SQLite
+telemetry.  A third of the way in, every OpenAI-format model goes down (503) and comes
+back later.  The summary shows, per workflow and stage, which models the router chose
+with their success rates and Wilson bounds, p50/p95 latencies, the cost against an
+always-premium baseline priced from the registry for the same tokens, and every
+breaker transition the listener saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from attrs import define, field, frozen
+
+from empathy_models import (
+    AdaptiveModelRouter,
+    AllRoutesFailedError,
+    AnthropicProvider,
+    BreakerEvent,
+    BreakerPolicy,
+    CircuitBreaker,
+    EmpathyLLMExecutor,
+    EmpathyModelsError,
+    ExecutionContext,
+    LLMResponse,
+    ModelInfo,
+    ModelPerformance,
+    ModelRegistry,
+    ModelTier,
+    OpenAIProvider,
+    RetryPolicy,
+    RoutingPolicy,
+    state_store_from_url,
+    telemetry_from_url,
+)
+from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
+
+from ._common import (
+    CliError,
+    Progress,
+    SubParsers,
+    add_common,
+    emit_json,
+    fmt_ms,
+    fmt_pct,
+    fmt_usd,
+    print_table,
+    run_async,
+)
+
+__all__ = ["DemoResult", "cmd_demo", "register", "run_demo"]
+
+_API_KEY = "demo-key-not-a-secret"
+
+
+@frozen(kw_only=True)
+class _Model:
+    id: str
+    median_ms: float
+    failure_rate: float
+    output_tokens: tuple[int, int]
+
+
+# Real ids and list prices from the default registry; behaviour is the fake's.
+_MODELS: tuple[_Model, ...] = (
+    _Model(id="gpt-4o-mini", median_ms=6, failure_rate=0.12, output_tokens=(80, 220)),
+    _Model(id="gpt-4.1-mini", median_ms=9, failure_rate=0.01, output_tokens=(80, 220)),
+    _Model(id="claude-haiku-4-5", median_ms=10, failure_rate=0.02, output_tokens=(80, 220)),
+    _Model(id="gpt-4.1", median_ms=16, failure_rate=0.06, output_tokens=(300, 700)),
+    _Model(id="claude-sonnet-4-5", median_ms=20, failure_rate=0.01, output_tokens=(300, 700)),
+    _Model(id="gpt-5", median_ms=28, failure_rate=0.01, output_tokens=(300, 700)),
+    _Model(id="claude-opus-4-5", median_ms=32, failure_rate=0.005, output_tokens=(300, 700)),
+)
+
+
+@frozen(kw_only=True)
+class _Stage:
+    workflow: str
+    stage: str
+    task_type: str
+    weight: float
+    prompt_chars: int
+    min_success_rate: float
+    max_latency_ms: float | None = None
+
+
+_STAGES: tuple[_Stage, ...] = (
+    _Stage(
+        workflow="support",
+        stage="triage",
+        task_type="classify",
+        weight=0.45,
+        prompt_chars=1_200,
+        min_success_rate=0.95,
+        max_latency_ms=250.0,
+    ),
+    _Stage(
+        workflow="docs",
+        stage="outline",
+        task_type="summarize",
+        weight=0.30,
+        prompt_chars=4_000,
+        min_success_rate=0.90,
+    ),
+    _Stage(
+        workflow="docs",
+        stage="write",
+        task_type="document_code",
+        weight=0.25,
+        prompt_chars=6_000,
+        min_success_rate=0.97,
+    ),
+)
+
+_OUTAGE_PROVIDER = "openai"
+
+_HALF_LIFE_S = 2.0
+"""The router's evidence half-life, scaled down with the demo's compressed time (the
+default is an hour): an outage of a second or two is forgiven within seconds."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def register(subparsers: SubParsers) -> None:
+    """Add the ``demo`` command."""
+    demo = subparsers.add_parser(
+        "demo",
+        help="run thousands of routed, guarded, recorded calls against a local fake (no API key)",
+        description=(
+            "Start a local fake LLM server (Anthropic and OpenAI wire formats), run calls "
+            "through the executor, router, circuit breaker and SQLite telemetry, switch "
+            "the OpenAI models into an outage midway and back, and summarize. By default "
+            "the database is temporary; pass --db to keep it for the other commands."
+        ),
+    )
+    add_common(demo)
+    demo.add_argument(
+        "--calls", type=_positive_int, default=3000, help="requests to run (default 3000)"
+    )
+    demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    demo.add_argument(
+        "--concurrency", type=_positive_int, default=24, help="requests in flight (default 24)"
+    )
+    demo.set_defaults(func=cmd_demo)
+
+
+# --------------------------------------------------------------------------- result
+
+
+@define(kw_only=True)
+class _StageTally:
+    requests: int = 0
+    answered: int = 0
+    failed: int = 0
+    fallbacks: int = 0
+    cost: float = 0.0
+    baseline: float = 0.0
+    latencies: list[float] = field(factory=list)
+    models: dict[str, int] = field(factory=dict)
+
+
+@frozen(kw_only=True)
+class DemoResult:
+    """Everything the demo measured; `to_dict` is what ``--json`` prints."""
+
+    calls: int
+    seed: int
+    db: str
+    wall_seconds: float
+    baseline_model: str
+    outage: dict[str, Any]
+    stages: list[dict[str, Any]]
+    models: list[dict[str, Any]]
+    transitions: list[dict[str, Any]]
+    breakers: list[dict[str, Any]]
+    totals: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "seed": self.seed,
+            "db": self.db,
+            "wall_seconds": self.wall_seconds,
+            "baseline_model": self.baseline_model,
+            "outage": self.outage,
+            "stages": self.stages,
+            "models": self.models,
+            "breaker_transitions": self.transitions,
+            "breakers": self.breakers,
+            "totals": self.totals,
+        }
+
+
+def _nearest_rank(values: Sequence[float], p: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered), max(1, math.ceil(p * len(ordered)))) - 1]
+
+
+def _demo_registry() -> ModelRegistry:
+    base = ModelRegistry.default()
+    models: list[ModelInfo] = [base.get(m.id) for m in _MODELS]
+    return base.replace(models=tuple(models))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+async def run_demo(
+    *,
+    calls: int,
+    seed: int,
+    db_url: str,
+    concurrency: int = 24,
+    progress: Progress | None = None,
+) -> DemoResult:
+    """
+    Run the demo against a fresh `FakeLLMServer` and return what it measured.
+
+    ``db_url`` is the SQLite database (telemetry and breaker state) to write.  The
+    OpenAI-format models are down (503) from call ``calls * 0.35`` to ``calls * 0.65``.
+    """
+    rng = random.Random(seed)
+    registry = _demo_registry()
+    # the baseline: every call on its provider's most expensive premium model
+    baseline = {
+        provider: max(
+            (m for m in registry.for_tier(ModelTier.PREMIUM) if m.provider == provider),
+            key=lambda m: m.price_per_mtok,
+        )
+        for provider in registry.providers()
+    }
+    behaviors = {
+        m.id: ModelBehavior(
+            latency=Latency.lognormal(m.median_ms, 0.35),
+            failure_rate=m.failure_rate,
+            failures=(500, 503, 529),
+            output_tokens=m.output_tokens,
+        )
+        for m in _MODELS
+    }
+    outage_start = max(1, int(calls * 0.35))
+    outage_end = max(outage_start + 1, int(calls * 0.65))
+    transitions: list[dict[str, Any]] = []
+    started = time.perf_counter()
+
+    def on_event(event: BreakerEvent) -> None:
+        if event.new_state is None or event.old_state is None:
+            return
+        if event.kind.value != "state_changed":
+            return
+        transitions.append(
+            {
+                "at_s": round(time.perf_counter() - started, 3),
+                "key": event.key,
+                "from": event.old_state.value,
+                "to": event.new_state.value,
+                "reason": event.reason,
+            }
+        )
+
+    policy = BreakerPolicy(
+        consecutive_failures=5,
+        failure_rate_threshold=0.5,
+        minimum_calls=20,
+        window_seconds=5.0,
+        recovery_seconds=0.25,
+        max_recovery_seconds=1.0,
+        probe_lease_seconds=5.0,
+    )
+    retry = RetryPolicy(
+        max_attempts=2, base_delay=0.005, max_delay=0.05, rng=random.Random(seed + 1)
+    )
+    tallies: dict[tuple[str, str], _StageTally] = {
+        (s.workflow, s.stage): _StageTally() for s in _STAGES
+    }
+    weights = [s.weight for s in _STAGES]
+    plan = [rng.choices(_STAGES, weights)[0] for _ in range(calls)]
+    prompts = {
+        s.stage: ("Please handle this request carefully. " * (s.prompt_chars // 38 + 1))[
+            : s.prompt_chars
+        ]
+        for s in _STAGES
+    }
+    run_start = datetime.now(UTC)
+    next_index = 0
+    outage_log: dict[str, Any] = {
+        "provider": _OUTAGE_PROVIDER,
+        "from_call": outage_start,
+        "to_call": outage_end,
+    }
+
+    async with (
+        AsyncExitStack() as stack,
+        FakeLLMServer(behaviors, api_key=_API_KEY, seed=seed) as server,
+        telemetry_from_url(db_url) as telemetry,
+        CircuitBreaker(
+            store=state_store_from_url(db_url), policy=policy, listeners=[on_event]
+        ) as breaker,
+    ):
+        router = AdaptiveModelRouter(
+            registry=registry,
+            telemetry_store=telemetry,
+            policy=RoutingPolicy(half_life_s=_HALF_LIFE_S),
+            refresh_interval=None,
+            seed=seed,
+        )
+        await stack.enter_async_context(router)
+        providers = [
+            AnthropicProvider(api_key=_API_KEY, base_url=server.anthropic_base_url),
+            OpenAIProvider(api_key=_API_KEY, base_url=server.openai_base_url),
+        ]
+        async with EmpathyLLMExecutor(
+            providers=providers,
+            registry=registry,
+            telemetry_store=telemetry,
+            router=router,
+            breaker=breaker,
+            retry=retry,
+        ) as executor:
+
+            async def worker() -> None:
+                nonlocal next_index
+                while next_index < calls:
+                    index = next_index
+                    next_index += 1
+                    if index == outage_start:
+                        server.set_outage(_OUTAGE_PROVIDER, True, action=503)
+                        outage_log["started_at_s"] = round(time.perf_counter() - started, 3)
+                    elif index == outage_end:
+                        server.set_outage(_OUTAGE_PROVIDER, False)
+                        outage_log["ended_at_s"] = round(time.perf_counter() - started, 3)
+                    stage = plan[index]
+                    tally = tallies[(stage.workflow, stage.stage)]
+                    tally.requests += 1
+                    context = ExecutionContext(
+                        workflow=stage.workflow,
+                        stage=stage.stage,
+                        task_type=stage.task_type,
+                        min_success_rate=stage.min_success_rate,
+                        max_latency_ms=stage.max_latency_ms,
+                        max_tokens=1024,
+                        timeout=5.0,
+                    )
+                    t0 = time.perf_counter()
+                    try:
+                        response: LLMResponse = await executor.run(prompts[stage.stage], context)
+                    except (AllRoutesFailedError, EmpathyModelsError):
+                        tally.failed += 1
+                    else:
+                        tally.answered += 1
+                        tally.latencies.append((time.perf_counter() - t0) * 1000.0)
+                        tally.cost += response.cost_usd
+                        tally.baseline += baseline[response.provider].cost(
+                            response.input_tokens, response.output_tokens
+                        )
+                        tally.models[response.model] = tally.models.get(response.model, 0) + 1
+                        if response.fallback_used:
+                            tally.fallbacks += 1
+                    if progress is not None:
+                        progress.advance()
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(concurrency, calls)):
+                    tg.start_soon(worker)
+            if outage_end >= calls and server.outages:
+                server.set_outage(_OUTAGE_PROVIDER, False)
+        await telemetry.flush()
+        performance = await telemetry.aggregate(since=run_start)
+        await breaker.flush()
+        states = await breaker.snapshot()
+        wall = time.perf_counter() - started
+
+    return _result(
+        calls=calls,
+        seed=seed,
+        db_url=db_url,
+        wall=wall,
+        baseline_model=", ".join(f"{m.id} for {p} calls" for p, m in sorted(baseline.items())),
+        outage=outage_log,
+        tallies=tallies,
+        performance=performance,
+        transitions=transitions,
+        states=[
+            {
+                "key": s.key,
+                "state": s.state.value,
+                "trips": s.open_count,
+                "consecutive_failures": s.consecutive_failures,
+            }
+            for s in states
+        ],
+    )
+
+
+def _result(
+    *,
+    calls: int,
+    seed: int,
+    db_url: str,
+    wall: float,
+    baseline_model: str,
+    outage: dict[str, Any],
+    tallies: dict[tuple[str, str], _StageTally],
+    performance: list[ModelPerformance],
+    transitions: list[dict[str, Any]],
+    states: list[dict[str, Any]],
+) -> DemoResult:
+    stages = []
+    for (workflow, stage), t in tallies.items():
+        saving = (1.0 - t.cost / t.baseline) if t.baseline else None
+        stages.append(
+            {
+                "workflow": workflow,
+                "stage": stage,
+                "requests": t.requests,
+                "answered": t.answered,
+                "failed": t.failed,
+                "fallbacks": t.fallbacks,
+                "p50_ms": _nearest_rank(t.latencies, 0.50),
+                "p95_ms": _nearest_rank(t.latencies, 0.95),
+                "cost_usd": t.cost,
+                "premium_baseline_usd": t.baseline,
+                "saving": saving,
+                "answered_by": dict(sorted(t.models.items(), key=lambda kv: -kv[1])),
+            }
+        )
+    models = []
+    for p in performance:
+        low, high = p.success_rate_bounds
+        answered = tallies.get((p.workflow or "", p.stage or ""))
+        share = (
+            answered.models.get(p.model, 0) / answered.answered
+            if answered is not None and answered.answered
+            else None
+        )
+        models.append(
+            {
+                "workflow": p.workflow,
+                "stage": p.stage,
+                "model": p.model,
+                "provider": p.provider,
+                "attempts": p.sample_size,
+                "share_of_answers": share,
+                "success_rate": p.success_rate,
+                "success_rate_lower": low,
+                "success_rate_upper": high,
+                "p50_ms": p.latency_p50_ms,
+                "p95_ms": p.latency_p95_ms,
+                "cost_usd": p.avg_cost_usd * p.sample_size,
+            }
+        )
+    total_cost = sum(t.cost for t in tallies.values())
+    total_baseline = sum(t.baseline for t in tallies.values())
+    totals = {
+        "requests": sum(t.requests for t in tallies.values()),
+        "answered": sum(t.answered for t in tallies.values()),
+        "failed": sum(t.failed for t in tallies.values()),
+        "attempts_recorded": sum(p.sample_size for p in performance),
+        "cost_usd": total_cost,
+        "premium_baseline_usd": total_baseline,
+        "saving": (1.0 - total_cost / total_baseline) if total_baseline else None,
+        "breaker_transitions": len(transitions),
+    }
+    return DemoResult(
+        calls=calls,
+        seed=seed,
+        db=db_url,
+        wall_seconds=round(wall, 3),
+        baseline_model=baseline_model,
+        outage=outage,
+        stages=stages,
+        models=models,
+        transitions=transitions,
+        breakers=states,
+        totals=totals,
+    )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _print(result: DemoResult, *, kept_db: Path | None) -> None:
+    o = result.outage
+    print(
+        f"empathy-models demo: {result.calls} requests, {len(_STAGES)} workflow stages, "
+        f"{len(_MODELS)} models on 2 providers (anthropic + openai wire formats), "
+        f"seed {result.seed}"
+    )
+    print(
+        f"outage: every {o['provider']} model answered 503 from request {o['from_call']} "
+        f"to request {o['to_call']}"
+        + (
+            f" ({o['started_at_s']:.2f}s -> {o['ended_at_s']:.2f}s)"
+            if "started_at_s" in o and "ended_at_s" in o
+            else ""
+        )
+    )
+    print()
+    print_table(
+        [
+            "workflow",
+            "stage",
+            "model",
+            "attempts",
+            "answers",
+            "success",
+            "95% bounds",
+            "p50 ms",
+            "p95 ms",
+            "cost",
+        ],
+        [
+            (
+                m["workflow"],
+                m["stage"],
+                m["model"],
+                m["attempts"],
+                fmt_pct(m["share_of_answers"]),
+                fmt_pct(m["success_rate"]),
+                f"{fmt_pct(m['success_rate_lower'])}-{fmt_pct(m['success_rate_upper'])}",
+                fmt_ms(m["p50_ms"]),
+                fmt_ms(m["p95_ms"]),
+                fmt_usd(m["cost_usd"]),
+            )
+            for m in result.models
+        ],
+        title="Models chosen per workflow/stage (from SQLite telemetry; attempts include failures)",
+    )
+    print()
+    print_table(
+        [
+            "workflow",
+            "stage",
+            "requests",
+            "answered",
+            "failed",
+            "fallbacks",
+            "p50 ms",
+            "p95 ms",
+            "cost",
+            "all-premium",
+            "saved",
+        ],
+        [
+            (
+                s["workflow"],
+                s["stage"],
+                s["requests"],
+                s["answered"],
+                s["failed"],
+                s["fallbacks"],
+                fmt_ms(s["p50_ms"]),
+                fmt_ms(s["p95_ms"]),
+                fmt_usd(s["cost_usd"]),
+                fmt_usd(s["premium_baseline_usd"]),
+                fmt_pct(s["saving"]),
+            )
+            for s in result.stages
+        ],
+        title="Requests end to end; cost vs always premium "
+        f"({result.baseline_model}; same tokens, registry prices)",
+    )
+    print()
+    print("Breaker transitions (listener events)")
+    if not result.transitions:
+        print("  (none)")
+    for t in result.transitions:
+        reason = f"  ({t['reason']})" if t["reason"] else ""
+        print(f"  +{t['at_s']:7.3f}s  {t['key']:<10} {t['from']:>9} -> {t['to']:<9}{reason}")
+    t = result.totals
+    print()
+    print(
+        f"Total: {t['requests']} requests, {t['answered']} answered, {t['failed']} failed, "
+        f"{t['attempts_recorded']} attempts recorded; cost {fmt_usd(t['cost_usd'])} vs "
+        f"{fmt_usd(t['premium_baseline_usd'])} always-premium ({fmt_pct(t['saving'])} saved); "
+        f"{result.wall_seconds:.1f} s"
+    )
+    if kept_db is not None:
+        print()
+        print(f"Telemetry and breaker state kept in {kept_db}; explore it with:")
+        for command in (
+            "telemetry summary",
+            "routing stats support",
+            "breaker status",
+        ):
+            print(f"  empathy-models {command} --db {kept_db}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the demo and print (or ``--json``) its summary."""
+    with tempfile.TemporaryDirectory(prefix="empathy-demo-") as tmp:
+        if args.db is None:
+            path = Path(tmp) / "demo.db"
+            kept = None
+            url = "sqlite:///" + str(path)
+        elif "://" in args.db:
+            url = args.db
+            kept = None
+        else:
+            path = Path(args.db).expanduser().absolute()
+            if path.is_dir():
+                raise CliError(f"--db {path} is a directory, not a SQLite file")
+            if not path.parent.is_dir():
+                raise CliError(f"--db {path}: the directory {path.parent} does not exist")
+            url = "sqlite:///" + str(path)
+            kept = path
+        with Progress(args.calls, "demo") as bar:
+            result = run_async(
+                lambda: run_demo(
+                    calls=args.calls,
+                    seed=args.seed,
+                    db_url=url,
+                    concurrency=args.concurrency,
+                    progress=bar,
+                )
+            )
+    if args.json:
+        emit_json(result.to_dict())
+    else:
+        _print(result, kept_db=kept)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,440 @@
+"""
+The ``empathy-models`` CLI through its real entry point (``python -m empathy_models``)
+in a subprocess, with ``EMPATHY_HOME`` pointing at a temporary directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+
+from empathy_models import (
+    AuthStrategy,
+    CircuitState,
+    LLMCallRecord,
+    ModelTier,
+    Outcome,
+    state_store_from_url,
+    telemetry_from_url,
+)
+
+
+def cli(
+    home: Path, *args: str, stdin: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m empathy_models *args`` with EMPATHY_HOME=home, stdin not a terminal."""
+    env = {**os.environ, "EMPATHY_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-m", "empathy_models", *args],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=90,
+        check=False,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+# --------------------------------------------------------------------------- a populated database
+
+_RECORDS = 30 + 20 + 25
+
+
+def _records() -> list[LLMCallRecord]:
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    out: list[LLMCallRecord] = []
+
+    def add(workflow: str, stage: str, model: str, provider: str, n: int, failures: int) -> None:
+        for i in range(n):
+            failed = i < failures
+            out.append(
+                LLMCallRecord(
+                    provider=provider,
+                    model=model,
+                    outcome=Outcome.FAILURE if failed else Outcome.SUCCESS,
+                    workflow=workflow,
+                    stage=stage,
+                    tier=ModelTier.CHEAP,
+                    input_tokens=0 if failed else 400,
+                    output_tokens=0 if failed else 100,
+                    cost_usd=0.0 if failed else 0.0009,
+                    latency_ms=20.0 + i,
+                    timestamp=now + timedelta(seconds=len(out)),
+                    status_code=500 if failed else 200,
+                )
+            )
+
+    add("docs", "write", "claude-haiku-4-5", "anthropic", 30, 3)
+    add("docs", "write", "gpt-4o-mini", "openai", 20, 0)
+    add("support", "triage", "claude-haiku-4-5", "anthropic", 25, 10)
+    return out
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file with 75 call records and one forced-open breaker key."""
+    path = tmp_path_factory.mktemp("db") / "calls.db"
+    url = "sqlite:///" + str(path)
+
+    async def fill() -> None:
+        async with telemetry_from_url(url) as telemetry:
+            await telemetry.record_many(_records())
+            await telemetry.flush()
+        async with state_store_from_url(url) as store:
+            await store.force("openai", CircuitState.FORCED_OPEN, reason="maintenance window")
+
+    anyio.run(fill)
+    return path
+
+
+# --------------------------------------------------------------------------- usage
+
+
+def test_help_lists_every_command(home: Path) -> None:
+    out = ok(cli(home, "--help"))
+    for command in ("auth", "routing", "breaker", "telemetry", "demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    ("group", "subcommands"),
+    [
+        ("auth", ("setup", "status", "reset", "restore", "recommend")),
+        ("routing", ("stats", "best", "upgrades")),
+        ("breaker", ("status", "reset", "open")),
+        ("telemetry", ("summary", "export")),
+        ("demo", ("--calls", "--seed", "--db", "--json")),
+    ],
+)
+def test_each_group_has_help(home: Path, group: str, subcommands: tuple[str, ...]) -> None:
+    out = ok(cli(home, group, "--help"))
+    for sub in subcommands:
+        assert sub in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (),
+        ("bogus",),
+        ("auth", "bogus"),
+        ("auth", "setup", "--tier", "gold"),
+        ("routing", "stats", "--days", "-1"),
+        ("routing", "best", "docs", "write", "--min-success-rate", "1.5"),
+        ("breaker", "reset"),
+        ("telemetry", "export", "--format", "xml"),
+        ("demo", "--calls", "0"),
+    ],
+)
+def test_bad_arguments_are_usage_errors(home: Path, args: tuple[str, ...]) -> None:
+    result = cli(home, *args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "usage:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- bad databases
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("routing", "stats"),
+        ("breaker", "status"),
+        ("telemetry", "summary"),
+        ("telemetry", "export", "--format", "csv"),
+    ],
+)
+def test_a_missing_database_is_a_clear_error(home: Path, args: tuple[str, ...]) -> None:
+    result = cli(home, *args)
+    assert result.returncode == 1
+    assert "database not found" in result.stderr
+    assert str(home / "empathy.db") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (home / "empathy.db").exists()  # a read never creates the file
+
+
+@pytest.mark.parametrize("args", [("telemetry", "summary"), ("breaker", "status")])
+def test_a_corrupt_database_is_a_clear_error(tmp_path: Path, args: tuple[str, ...]) -> None:
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(os.urandom(4096))
+    before = bad.read_bytes()
+    result = cli(tmp_path / "home", *args, "--db", str(bad))
+    assert result.returncode == 1
+    assert "error:" in result.stderr and str(bad) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert bad.read_bytes() == before
+
+
+def test_a_directory_as_database_is_a_clear_error(tmp_path: Path) -> None:
+    result = cli(tmp_path / "home", "telemetry", "summary", "--db", str(tmp_path))
+    assert result.returncode == 1
+    assert "directory" in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- auth
+
+
+def test_status_before_setup_says_defaults(home: Path) -> None:
+    out = ok(cli(home, "auth", "status"))
+    assert "not created yet" in out and "(default)" in out
+    data = json.loads(ok(cli(home, "auth", "status", "--json")))
+    assert data["configured"] is False
+    assert data["config_file"] == str(home / "auth_strategy.json")
+    assert data["small_module_threshold"] == 500
+
+
+def test_setup_writes_a_private_file_and_keeps_custom_fields(home: Path) -> None:
+    ok(cli(home, "auth", "setup", "--small", "300", "--multiplier", "3.5"))
+    file = home / "auth_strategy.json"
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    AuthStrategy.load(file).replace(metadata={"team": "docs"}).save(file)
+    ok(cli(home, "auth", "setup", "--tier", "max"))
+    s = AuthStrategy.load(file)
+    assert s.subscription_tier.value == "max"
+    assert s.small_module_threshold == 300  # kept (the original rebuilt from defaults)
+    assert s.loc_to_tokens_multiplier == 3.5
+    assert dict(s.metadata) == {"team": "docs"}
+    data = json.loads(ok(cli(home, "auth", "status", "--json")))
+    assert data["configured"] is True and data["subscription_tier"] == "max"
+    small = data["recommendations"][0]
+    assert (small["category"], small["mode"]) == ("small", "subscription")
+
+
+def test_setup_rejects_an_invalid_combination_without_touching_the_file(home: Path) -> None:
+    ok(cli(home, "auth", "setup", "--small", "300"))
+    file = home / "auth_strategy.json"
+    before = file.read_bytes()
+    result = cli(home, "auth", "setup", "--small", "5000")
+    assert result.returncode == 2
+    assert "small_module_threshold" in result.stderr
+    assert file.read_bytes() == before
+
+
+def test_reset_without_yes_and_without_a_terminal_refuses(home: Path) -> None:
+    ok(cli(home, "auth", "setup", "--small", "123", "--medium", "4567"))
+    file = home / "auth_strategy.json"
+    before = file.read_bytes()
+    result = cli(home, "auth", "reset")
+    assert result.returncode != 0
+    assert "--yes" in result.stderr
+    assert file.read_bytes() == before
+    assert sorted(p.name for p in home.iterdir()) == ["auth_strategy.json"]  # no backup either
+
+
+def test_reset_yes_backs_up_and_restore_brings_back_every_field(home: Path) -> None:
+    file = home / "auth_strategy.json"
+    custom = AuthStrategy(
+        subscription_tier="enterprise",
+        default_mode="subscription",
+        small_module_threshold=111,
+        medium_module_threshold=999,
+        loc_to_tokens_multiplier=2.75,
+        setup_completed=True,
+        prefer_subscription=False,
+        cost_optimization=False,
+        metadata={"owner": "platform", "budget": 12.5},
+    )
+    custom.save(file)
+    out = ok(cli(home, "auth", "reset", "--yes"))
+    assert not file.exists()
+    backup_line = next(line for line in out.splitlines() if line.startswith("Backup: "))
+    backup = Path(backup_line.removeprefix("Backup: "))
+    assert backup.exists() and backup.parent == home
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    ok(cli(home, "auth", "restore"))
+    assert AuthStrategy.load(file) == custom
+
+
+def test_reset_with_nothing_to_reset_is_fine(home: Path) -> None:
+    assert "Nothing to reset" in ok(cli(home, "auth", "reset", "--yes"))
+
+
+def test_restore_without_backup_is_a_clear_error(home: Path) -> None:
+    result = cli(home, "auth", "restore")
+    assert result.returncode == 1
+    assert "no backup" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_corrupt_strategy_file_is_reported_not_replaced(home: Path) -> None:
+    home.mkdir(parents=True)
+    file = home / "auth_strategy.json"
+    file.write_text("{broken")
+    for args in (("auth", "status"), ("auth", "setup", "--tier", "max")):
+        result = cli(home, *args)
+        assert result.returncode == 1
+        assert str(file) in result.stderr and "Traceback" not in result.stderr
+    assert file.read_text() == "{broken"
+
+
+def test_file_option_targets_another_strategy_file(home: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.json"
+    ok(cli(home, "auth", "setup", "--small", "42", "--file", str(other)))
+    assert AuthStrategy.load(other).small_module_threshold == 42
+    assert not (home / "auth_strategy.json").exists()
+
+
+def test_recommend_explains_size_mode_and_cost(home: Path, tmp_path: Path) -> None:
+    ok(cli(home, "auth", "setup", "--tier", "max", "--small", "50"))
+    source = tmp_path / "mod.py"
+    source.write_text("".join(f"def f{i}():\n    return {i}\n" for i in range(100)))
+    out = ok(cli(home, "auth", "recommend", str(source)))
+    assert "medium" in out and "subscription" in out
+    data = json.loads(ok(cli(home, "auth", "recommend", str(source), "--json")))
+    assert data["lines"]["code_lines"] == 200
+    assert data["size_category"] == "medium"
+    assert data["recommended_mode"] == "subscription"
+    assert data["estimate"]["mode"] == "subscription"
+    assert data["estimate"]["api_cost"] > 0
+
+
+def test_recommend_warns_about_generated_files(home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "gen_pb2.py"
+    source.write_text(
+        "# Generated by the protocol buffer compiler.  DO NOT EDIT!\n" + "x = 1\n" * 10
+    )
+    out = ok(cli(home, "auth", "recommend", str(source)))
+    assert "warning: looks generated" in out
+
+
+def test_recommend_a_missing_file_is_a_clear_error(home: Path, tmp_path: Path) -> None:
+    result = cli(home, "auth", "recommend", str(tmp_path / "nope.py"))
+    assert result.returncode == 1
+    assert "no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+def test_telemetry_summary_table_and_json(home: Path, db: Path) -> None:
+    out = ok(cli(home, "telemetry", "summary", "--db", str(db)))
+    assert "claude-haiku-4-5" in out and "gpt-4o-mini" in out
+    assert f"total: {_RECORDS} calls" in out
+    data = json.loads(ok(cli(home, "telemetry", "summary", "--db", str(db), "--json")))
+    rows = {(r["workflow"], r["stage"], r["model"]): r for r in data["models"]}
+    haiku = rows[("docs", "write", "claude-haiku-4-5")]
+    assert (haiku["calls"], haiku["successes"]) == (30, 27)
+    assert haiku["success_rate_lower"] < 0.9 < haiku["success_rate_upper"]
+    only = json.loads(
+        ok(cli(home, "telemetry", "summary", "--db", str(db), "--json", "--workflow", "support"))
+    )
+    assert {r["workflow"] for r in only["models"]} == {"support"}
+
+
+def test_telemetry_export_csv_and_jsonl(home: Path, db: Path, tmp_path: Path) -> None:
+    out = ok(cli(home, "telemetry", "export", "--format", "csv", "--db", f"sqlite:///{db}"))
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == _RECORDS
+    assert {"provider", "model", "outcome", "cost_usd", "latency_ms"} <= set(rows[0])
+    assert rows[0]["timestamp"] <= rows[-1]["timestamp"]  # oldest first
+    target = tmp_path / "calls.jsonl"
+    ok(cli(home, "telemetry", "export", "--format", "jsonl", "--db", str(db), "-o", str(target)))
+    lines = target.read_text().splitlines()
+    assert len(lines) == _RECORDS
+    assert LLMCallRecord.from_dict(json.loads(lines[0])).workflow in {"docs", "support"}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def test_routing_stats(home: Path, db: Path) -> None:
+    out = ok(cli(home, "routing", "stats", "--db", str(db)))
+    assert "docs" in out and "support" in out and "95% bounds" in out
+    data = json.loads(ok(cli(home, "routing", "stats", "docs", "--db", str(db), "--json")))
+    (stats,) = data["workflows"]
+    assert stats["total_calls"] == 50
+    assert stats["models_used"] == ["claude-haiku-4-5", "gpt-4o-mini"]
+    assert stats["performance_by_model"]["gpt-4o-mini"]["success_rate"] == 1.0
+
+
+def test_routing_best_explains_the_choice(home: Path, db: Path) -> None:
+    data = json.loads(
+        ok(
+            cli(
+                home,
+                "routing",
+                "best",
+                "docs",
+                "write",
+                "--min-success-rate",
+                "0.8",
+                "--db",
+                str(db),
+                "--json",
+            )
+        )
+    )
+    assert data["model"] == "gpt-4o-mini"  # 20/20 and cheaper than haiku
+    assert {c["model"] for c in data["candidates"]} == {"claude-haiku-4-5", "gpt-4o-mini"}
+    out = ok(cli(home, "routing", "best", "docs", "write", "--db", str(db)))
+    assert "gpt-4o-mini" in out and "candidate" in out
+
+
+def test_routing_best_with_nothing_qualifying_fails_with_reasons(home: Path, db: Path) -> None:
+    result = cli(
+        home,
+        "routing",
+        "best",
+        "support",
+        "triage",
+        "--min-success-rate",
+        "0.99",
+        "--db",
+        str(db),
+    )
+    assert result.returncode == 1
+    assert "claude-haiku-4-5" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_routing_upgrades_flags_the_failing_stage(home: Path, db: Path) -> None:
+    data = json.loads(ok(cli(home, "routing", "upgrades", "--db", str(db), "--json")))
+    by_stage = {(r["workflow"], r["stage"]): r for r in data["stages"]}
+    assert by_stage[("support", "triage")]["should_upgrade"] is True
+    assert by_stage[("support", "triage")]["suggested_tier"] == "capable"
+    assert by_stage[("docs", "write")]["should_upgrade"] is False
+    assert "support" in ok(cli(home, "routing", "upgrades", "--db", str(db)))
+
+
+# --------------------------------------------------------------------------- breaker
+
+
+def test_breaker_status_open_and_reset(home: Path, db: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(db.read_bytes())
+    data = json.loads(ok(cli(home, "breaker", "status", "--db", str(copy), "--json")))
+    states = {b["key"]: b for b in data["breakers"]}
+    assert states["openai"]["state"] == "forced_open"
+    assert states["openai"]["reason"] == "maintenance window"
+    out = ok(cli(home, "breaker", "open", "anthropic", "--for", "60", "--db", str(copy)))
+    assert "anthropic" in out and "forced_open" in out
+    ok(cli(home, "breaker", "reset", "openai", "--db", str(copy)))
+    table = ok(cli(home, "breaker", "status", "--db", str(copy)))
+    lines = {line.split()[0]: line for line in table.splitlines()[2:] if line.strip()}
+    assert "forced_open" in lines["anthropic"]
+    assert "closed" in lines["openai"]
+    ok(cli(home, "breaker", "reset", "--all", "--db", str(copy)))
+    after = json.loads(ok(cli(home, "breaker", "status", "--db", str(copy), "--json")))
+    assert {b["state"] for b in after["breakers"]} <= {"closed"}
