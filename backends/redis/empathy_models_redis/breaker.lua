@@ -208,18 +208,27 @@ local function live_window(st, now)
   return out
 end
 
-local function add_to_window(window, b, failed)
+local function add_to_window(window, b, failed, count)
   local f = 0
   if failed then
-    f = 1
+    f = count
   end
   local last = window[#window]
   if last ~= nil and last[1] == b then
-    window[#window] = { b, last[2] + 1, last[3] + f }
+    window[#window] = { b, last[2] + count, last[3] + f }
   else
-    window[#window + 1] = { b, 1, f }
+    window[#window + 1] = { b, count, f }
   end
   return window
+end
+
+-- ``count`` successes of the current generation in CLOSED, as one step
+local function closed_successes(st, count, now)
+  local n = copy(st)
+  n.window = add_to_window(live_window(st, now), bucket(now), false, count)
+  n.consecutive_failures = 0
+  n.updated_at_ts = now
+  return n
 end
 
 local function decayed_trips(st, now)
@@ -413,11 +422,7 @@ local function apply_outcome(st, r, now)
   end
 
   if outcome == "success" then
-    local n = copy(st)
-    n.window = add_to_window(live_window(st, now), bucket(now), false)
-    n.consecutive_failures = 0
-    n.updated_at_ts = now
-    return n, true
+    return closed_successes(st, 1, now), true
   end
   if outcome == "fatal" then
     return do_force_open(st, now, now + P.fatal_open_seconds, py_or(r.error, "fatal error"),
@@ -427,7 +432,7 @@ local function apply_outcome(st, r, now)
     return st, false
   end
 
-  local window = add_to_window(live_window(st, now), bucket(now), true)
+  local window = add_to_window(live_window(st, now), bucket(now), true, 1)
   local streak = st.consecutive_failures + 1
   local n = copy(st)
   n.consecutive_failures = streak
@@ -509,19 +514,34 @@ elseif OP == "record" then
   if state == nil then
     state = initial_state(NOW)
   end
-  local i = 17
-  while i + 4 <= #ARGV do
-    local r = {
+  local reports = {}
+  for i = 17, #ARGV - 4, 5 do
+    reports[#reports + 1] = {
       generation = tonumber(ARGV[i]),
       lease_id = opt_str(ARGV[i + 1]),
       outcome = ARGV[i + 2],
       retry_after = opt_num(ARGV[i + 3]),
       error = opt_str(ARGV[i + 4]),
     }
-    local c
-    state, c = apply_outcome(state, r, NOW)
-    changed = changed or c
-    i = i + 5
+  end
+  local i, n = 1, #reports
+  while i <= n do
+    local r = reports[i]
+    if r.outcome == "success" and state.state == "closed" and r.generation == state.generation then
+      -- a run of CLOSED successes (written behind by the breaker) in one step
+      local j = i + 1
+      while j <= n and reports[j].outcome == "success" and reports[j].generation == state.generation do
+        j = j + 1
+      end
+      state = closed_successes(state, j - i, NOW)
+      changed = true
+      i = j
+    else
+      local c
+      state, c = apply_outcome(state, r, NOW)
+      changed = changed or c
+      i = i + 1
+    end
   end
 elseif OP == "force" then
   if state == nil then

@@ -109,6 +109,11 @@ async def run_sequence(store: RedisCircuitStateStore, seed: int, steps: int) -> 
                 random_report(rng, rng.choice(tickets[-4:] if rng.random() < 0.8 else tickets))
                 for _ in range(rng.choice([1, 1, 1, 2, 3]))
             ]
+            if rng.random() < 0.15:
+                # a written-behind run of successes, as the breaker flushes them
+                ticket = tickets[-1]
+                run = [OutcomeReport(ticket=ticket, outcome=Outcome.SUCCESS)] * rng.randint(2, 60)
+                batch = [*run, *batch, *run] if rng.random() < 0.5 else [*batch, *run]
             got = await store.record(key, policy, batch)
             now = store.last_server_time
             assert now is not None
