@@ -58,7 +58,7 @@ from functools import partial
 from typing import Any, Final, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .._stats import check_window
+from .._stats import check_aware, check_window
 from ..abc import TelemetryBackend, TransactionalStateStore
 from ..exceptions import (
     BackendError,
@@ -892,7 +892,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
     async def purge(self, *, before: datetime) -> int:
         """Delete records older than ``before`` in one transaction; return how many."""
         self._check_open()
-        check_window(before, None)
+        check_aware("before", before)
         await self.flush()
         cutoff = _to_us(before)
 
@@ -925,6 +925,7 @@ class SQLiteStateStore(TransactionalStateStore):
     write lock is held, so time never runs backwards between two operations on one
     host), and the row is written back only if its generation is still the one read.
     States are stored as the versioned JSON of `empathy_models.serialization`.
+    ``shared`` is true for a file and false for ``":memory:"`` (a private database).
 
     ``clock`` defaults to `time.time`; tests inject a fake one.  Raises
     `StateStoreError` (naming the path) when the file cannot be used.
@@ -943,6 +944,9 @@ class SQLiteStateStore(TransactionalStateStore):
         if not callable(clock):
             raise ConfigurationError(f"clock must be callable, got {clock!r}")
         self._path = _normalize_path(path)
+        if self._path == MEMORY:
+            # each :memory: store is a private database: nothing is shared with another
+            self.shared = False  # type: ignore[misc]
         self._clock = clock
         self._db = _Database(
             self._path,

@@ -1,0 +1,237 @@
+"""BatchingTelemetryBackend: write-behind over any backend, bounded, never losing on close."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import pytest_asyncio
+
+from empathy_models import (
+    BackendClosedError,
+    ConfigurationError,
+    LLMCallRecord,
+    MemoryTelemetryBackend,
+    RecordValidationError,
+    TelemetryBackend,
+    TelemetryError,
+)
+from empathy_models.backends.batching import BatchingTelemetryBackend
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+from empathy_models.testing.contracts import TelemetryBackendContract
+
+BASE = datetime(2026, 2, 1, tzinfo=UTC)
+
+
+def _records(n: int, prefix: str = "r") -> list[LLMCallRecord]:
+    return [
+        LLMCallRecord(
+            provider="p",
+            model="m",
+            outcome="success",
+            call_id=f"{prefix}{i}",
+            timestamp=BASE + timedelta(seconds=i),
+            latency_ms=float(i),
+        )
+        for i in range(n)
+    ]
+
+
+class GatedBackend(MemoryTelemetryBackend):
+    """A memory backend whose writes wait for a gate and can be made to fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = anyio.Event()
+        self.gate.set()
+        self.entered = anyio.Event()
+        self.wrote = anyio.Event()
+        self.batches: list[int] = []
+        self.fail_next = 0
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        if self.fail_next:
+            self.fail_next -= 1
+            raise TelemetryError("disk on fire", target="gated")
+        self.batches.append(len(records))
+        await super().record_many(records)
+        self.wrote.set()
+
+    def close_gate(self) -> None:
+        self.gate = anyio.Event()
+        self.entered = anyio.Event()
+
+
+# --------------------------------------------------------------------------- contract
+
+
+class TestBatchingOverMemory(TelemetryBackendContract):
+    """The wrapper owes the same contract as the backend it wraps."""
+
+    @pytest.fixture
+    def telemetry_url(self) -> str:
+        return "memory://"
+
+    @pytest_asyncio.fixture(loop_scope="function")
+    async def telemetry(
+        self, telemetry_url: str, telemetry_options: dict[str, Any]
+    ) -> AsyncIterator[TelemetryBackend]:
+        async with BatchingTelemetryBackend(telemetry_url, max_batch=7, max_queue=50) as b:
+            yield b
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+async def test_record_returns_while_the_backend_is_blocked() -> None:
+    inner = GatedBackend()
+    inner.close_gate()
+    async with BatchingTelemetryBackend(inner, max_batch=100, max_queue=10_000) as batching:
+        for r in _records(1000):
+            await batching.record(r)  # would hang here if record() waited on the backend
+        await inner.entered.wait()
+        assert len(inner) == 0 and batching.pending > 0
+        inner.gate.set()
+        await batching.flush()
+        assert len(inner) == 1000 and batching.pending == 0
+        assert max(inner.batches) <= 100
+        assert [r.call_id for r in await batching.recent(limit=3)] == ["r999", "r998", "r997"]
+
+
+async def test_a_full_queue_makes_the_caller_wait_and_loses_nothing() -> None:
+    inner = GatedBackend()
+    inner.close_gate()
+    done = anyio.Event()
+    async with BatchingTelemetryBackend(inner, max_batch=5, max_queue=10) as batching:
+
+        async def producer() -> None:
+            for r in _records(40):
+                await batching.record(r)
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(producer)
+            await inner.entered.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert not done.is_set(), "the producer must wait while the queue is full"
+            assert batching.pending == 10 and batching.dropped == 0
+            inner.gate.set()
+        await batching.flush()
+        assert len(inner) == 40 and batching.dropped == 0
+        assert [r.call_id for r in await inner.recent(limit=40)][::-1] == [
+            f"r{i}" for i in range(40)
+        ]
+
+
+async def test_the_drop_policy_counts_and_warns_once() -> None:
+    inner = GatedBackend()
+    inner.close_gate()
+    batching = BatchingTelemetryBackend(inner, max_queue=10, on_full="drop")
+    with pytest.warns(RuntimeWarning, match="queue is full") as caught:
+        for r in _records(25):
+            await batching.record(r)  # no await suspends here: the flusher has not run
+    assert len(caught) == 1
+    assert (batching.dropped, batching.pending) == (15, 10)
+    inner.gate.set()
+    await batching.flush()
+    assert [r.call_id for r in await batching.recent()][::-1] == [f"r{i}" for i in range(10)]
+    await batching.aclose()
+
+
+async def test_a_failing_write_is_logged_and_counted_never_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inner = GatedBackend()
+    inner.fail_next = 1
+    async with BatchingTelemetryBackend(inner, max_batch=3) as batching:
+        with caplog.at_level(logging.WARNING, logger="empathy_models.telemetry"):
+            await batching.record_many(_records(3, "lost"))
+            await batching.flush()
+        await batching.record_many(_records(4, "kept"))
+        await batching.flush()
+        assert (batching.failed, batching.written) == (3, 4)
+        assert sorted(r.call_id for r in await batching.recent()) == [f"kept{i}" for i in range(4)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("3 telemetry records could not be written" in m for m in messages), messages
+    assert not any("disk on fire" in m and "lost0" in m for m in messages)
+
+
+async def test_batches_go_out_on_the_interval_without_a_flush() -> None:
+    inner = GatedBackend()
+    async with BatchingTelemetryBackend(inner, max_batch=1000, flush_interval=0.01) as batching:
+        await batching.record(_records(1)[0])
+        with anyio.fail_after(10):
+            await inner.wrote.wait()  # the interval, not a flush or a full batch, sends it
+        assert inner.batches == [1]
+
+
+async def test_a_clean_close_writes_everything_queued(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    inner = SQLiteTelemetryBackend(db, batch=False)
+    batching = BatchingTelemetryBackend(inner, max_batch=50, max_queue=200, flush_interval=60)
+    for r in _records(3000):
+        await batching.record(r)
+    await batching.aclose()
+    assert inner.closed and batching.closed
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("SELECT COUNT(DISTINCT call_id) FROM llm_calls").fetchone() == (3000,)
+    finally:
+        conn.close()
+    with pytest.raises(BackendClosedError):
+        await batching.record(_records(1)[0])
+    await batching.aclose()
+
+
+async def test_close_while_writes_are_pending_waits_for_them() -> None:
+    inner = GatedBackend()
+    inner.close_gate()
+    batching = BatchingTelemetryBackend(inner, max_batch=10)
+    await batching.record_many(_records(35))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batching.aclose)
+        await inner.entered.wait()
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(BackendClosedError):
+            await batching.record(_records(1)[0])  # closing: no new records
+        inner.gate.set()
+    assert inner.batches == [10, 10, 10, 5] and inner.closed
+
+
+async def test_bad_input_is_rejected_before_anything_is_queued() -> None:
+    async with BatchingTelemetryBackend(MemoryTelemetryBackend()) as batching:
+        with pytest.raises(RecordValidationError):
+            await batching.record_many([*_records(2), "nope"])  # type: ignore[list-item]
+        with pytest.raises(RecordValidationError):
+            await batching.record("nope")  # type: ignore[arg-type]
+        assert batching.pending == 0 and await batching.recent() == []
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_batch": 0}, "max_batch must be an integer >= 1, got 0"),
+        ({"max_queue": True}, "max_queue must be an integer >= 1, got True"),
+        ({"flush_interval": 0}, "flush_interval must be a finite number > 0, got 0"),
+        ({"on_full": "panic"}, "on_full must be 'wait' or 'drop', got 'panic'"),
+    ],
+)
+def test_settings_are_validated(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        BatchingTelemetryBackend(MemoryTelemetryBackend(), **options)
+    with pytest.raises(ConfigurationError, match="TelemetryBackend or a URL"):
+        BatchingTelemetryBackend(42)  # type: ignore[arg-type]
+
+
+def test_wrapping_keeps_what_the_inner_backend_claims(tmp_path: Path) -> None:
+    assert not BatchingTelemetryBackend("memory://").persistent
+    wrapped = BatchingTelemetryBackend(f"sqlite:///{tmp_path}/x.db?batch=false")
+    assert wrapped.persistent and isinstance(wrapped.inner, SQLiteTelemetryBackend)

@@ -1,0 +1,286 @@
+"""
+Several OS processes sharing one SQLite file: one breaker, every record exactly once,
+and a database that survives a writer killed with SIGKILL.
+
+The children are ``tests/_workers/sqlite_worker.py`` started with `subprocess`; they
+talk JSON lines over their pipes.  Breaker children take the store's clock from each
+command, so nothing here waits for time to pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import selectors
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = Path(__file__).parent / "_workers" / "sqlite_worker.py"
+PROCESSES = 4
+T0 = 1_800_000_000.0  # the breaker children's clock, UTC epoch seconds
+
+
+class Child:
+    """One worker process with a line-oriented JSON conversation and a deadline per read."""
+
+    def __init__(self, *args: str) -> None:
+        self.name = " ".join(args)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+        )
+        self._buffer = b""
+
+    def send(self, payload: dict[str, Any] | str) -> None:
+        assert self.proc.stdin is not None
+        line = payload if isinstance(payload, str) else json.dumps(payload)
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def read(self, timeout: float = 60.0) -> dict[str, Any]:
+        """The next JSON line; fails with the child's stderr if it dies or stays silent."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    self.fail(f"no answer within {timeout} s")
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    self.fail("exited early")
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        return self.proc.stderr.read().decode(errors="replace")
+
+    def fail(self, why: str) -> None:
+        pytest.fail(f"worker {self.name}: {why}\n{self.stderr()}")
+
+    def finish(self) -> str:
+        """Wait for a clean exit; return stderr (failing the test on a non-zero exit)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.fail("did not exit")
+        err = self.stderr()
+        if self.proc.returncode != 0:
+            pytest.fail(f"worker {self.name} exited with {self.proc.returncode}:\n{err}")
+        return err
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@contextmanager
+def children(*argv: list[str]) -> Iterator[list[Child]]:
+    started: list[Child] = []
+    try:
+        started.extend(Child(*args) for args in argv)
+        for child in started:
+            assert child.read() == {"ready": True}
+        yield started
+    finally:
+        for child in started:
+            child.close()
+
+
+def broadcast(workers: list[Child], command: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send ``command`` to every worker at once, then collect every answer."""
+    for w in workers:
+        w.send(command)
+    return [w.read() for w in workers]
+
+
+def breakers(db: Path) -> Any:
+    return children(*[["breaker", str(db)] for _ in range(PROCESSES)])
+
+
+# --------------------------------------------------------------------------- breaker
+
+
+def test_failures_from_four_processes_are_counted_exactly(tmp_path: Path) -> None:
+    db = tmp_path / "shared.db"
+    policy = {"consecutive_failures": 100_000, "minimum_calls": 100_000}
+    per_process = 150
+    with breakers(db) as workers:
+        answers = broadcast(
+            workers, {"op": "fail", "key": "prov", "n": per_process, "now": T0, "policy": policy}
+        )
+        assert [a["admitted"] for a in answers] == [per_process] * PROCESSES
+        snaps = broadcast(workers, {"op": "snapshot", "key": "prov", "now": T0})
+        for w in workers:
+            w.send({"op": "quit"})
+            w.finish()
+    total = per_process * PROCESSES
+    for snap in snaps:
+        state = snap["state"]
+        assert state["state"] == "closed"
+        assert state["consecutive_failures"] == total, "lost updates between processes"
+        assert sum(bucket[2] for bucket in state["window"]) == total
+
+
+def test_a_trip_in_one_process_is_open_in_every_other(tmp_path: Path) -> None:
+    db = tmp_path / "shared.db"
+    policy = {"consecutive_failures": 5, "recovery_seconds": 60.0}
+    with breakers(db) as workers:
+        first, others = workers[0], workers[1:]
+        first.send({"op": "fail", "key": "prov", "n": 5, "now": T0, "policy": policy})
+        assert first.read() == {"admitted": 5, "rejected_states": []}
+        command = {"op": "admit", "key": "prov", "n": 3, "now": T0 + 1, "policy": policy}
+        for answer in broadcast(others, command):
+            assert answer == {"leases": [], "rejected_states": ["open"] * 3}
+        snaps = broadcast(others, {"op": "snapshot", "key": "prov", "now": T0 + 1})
+        assert {s["state"]["state"] for s in snaps} == {"open"}
+        assert {s["state"]["generation"] for s in snaps} == {1}
+
+        # concurrently: every process fails until the shared breaker trips, then is refused
+        concurrent = {"consecutive_failures": 40, "minimum_calls": 100_000}
+        answers = broadcast(
+            workers, {"op": "fail", "key": "other", "n": 60, "now": T0, "policy": concurrent}
+        )
+        assert sum(a["admitted"] for a in answers) >= 40
+        assert all(a["rejected_states"] and set(a["rejected_states"]) == {"open"} for a in answers)
+        (snap,) = broadcast(workers[:1], {"op": "snapshot", "key": "other", "now": T0})
+        assert (snap["state"]["state"], snap["state"]["consecutive_failures"]) == ("open", 40)
+        for w in workers:
+            w.send({"op": "quit"})
+            w.finish()
+
+
+def test_half_open_grants_exactly_the_permitted_probes_across_processes(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "shared.db"
+    policy = {
+        "consecutive_failures": 3,
+        "recovery_seconds": 60.0,
+        "half_open_probes": 3,
+        "probe_lease_seconds": 30.0,
+    }
+    with breakers(db) as workers:
+        workers[0].send({"op": "fail", "key": "prov", "n": 3, "now": T0, "policy": policy})
+        assert workers[0].read()["admitted"] == 3
+        for now in (T0 + 61.0, T0 + 61.0 + 31.0):  # then again once those leases expired
+            answers = broadcast(
+                workers, {"op": "admit", "key": "prov", "n": 25, "now": now, "policy": policy}
+            )
+            leases = [lease for a in answers for lease in a["leases"]]
+            assert len(leases) == 3, f"{len(leases)} probe leases granted across processes"
+            assert None not in leases and len(set(leases)) == 3
+            rejected = [s for a in answers for s in a["rejected_states"]]
+            assert len(rejected) == 25 * PROCESSES - 3 and set(rejected) == {"half_open"}
+        for w in workers:
+            w.send({"op": "quit"})
+            w.finish()
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+def test_four_processes_write_40000_records_exactly_once(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    count = 10_000
+    with children(
+        *[["telemetry", str(db), str(i), str(count)] for i in range(PROCESSES)]
+    ) as writers:
+        for w in writers:
+            w.send("go")
+        results = [w.read(timeout=90) for w in writers]
+        errors = [w.finish() for w in writers]
+    for result, err in zip(results, errors, strict=True):
+        assert result["done"] == count
+        assert (result["failed"], result["dropped"]) == (0, 0)
+        assert "locked" not in err.lower() and "Traceback" not in err, err
+
+    conn = sqlite3.connect(db)
+    try:
+        total, distinct = conn.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT call_id) FROM llm_calls"
+        ).fetchone()
+        ids = {row[0] for row in conn.execute("SELECT call_id FROM llm_calls")}
+    finally:
+        conn.close()
+    assert (total, distinct) == (count * PROCESSES, count * PROCESSES)
+    assert ids == {f"w{p}-{i}" for p in range(PROCESSES) for i in range(count)}
+
+    async def read_back() -> int:
+        async with SQLiteTelemetryBackend(db) as backend:
+            return sum(p.sample_size for p in await backend.aggregate(workflow="mp"))
+
+    assert asyncio.run(read_back()) == count * PROCESSES
+
+
+def test_a_writer_killed_mid_stream_leaves_every_committed_batch(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    batch_size = 50
+    child = Child("crash", str(db), str(batch_size))
+    committed: list[int] = []
+    try:
+        while len(committed) < 40:
+            committed.append(child.read()["committed"])
+        os.kill(child.proc.pid, signal.SIGKILL)
+        child.proc.wait(10)
+        # whatever the child printed before dying was committed as well
+        assert child.proc.stdout is not None
+        tail = child._buffer + child.proc.stdout.read()
+        committed += [json.loads(line)["committed"] for line in tail.splitlines() if line]
+    finally:
+        child.close()
+    assert child.proc.returncode == -signal.SIGKILL
+    assert committed == list(range(len(committed)))
+
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        rows = conn.execute(
+            "SELECT substr(call_id, 2, instr(call_id, '-') - 2) AS batch, COUNT(*) "
+            "FROM llm_calls GROUP BY batch"
+        ).fetchall()
+    finally:
+        conn.close()
+    per_batch = {int(batch): n for batch, n in rows}
+    for batch in committed:
+        assert per_batch.get(batch) == batch_size, f"committed batch {batch} is incomplete"
+    # a batch is all or nothing; at most the one in flight at the kill was not reported
+    assert set(per_batch.values()) == {batch_size}
+    assert set(per_batch) - set(committed) <= {len(committed)}
+
+    async def reopen() -> int:
+        async with SQLiteTelemetryBackend(db) as backend:
+            await backend.record_many([])
+            return len(await backend.recent(limit=1_000_000))
+
+    assert asyncio.run(reopen()) == sum(per_batch.values())

@@ -1,0 +1,194 @@
+"""SQLiteStateStore: the contract suite (file and :memory:) plus SQLite specifics."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from empathy_models import (
+    BreakerPolicy,
+    CircuitBreakerState,
+    CircuitState,
+    Outcome,
+    OutcomeReport,
+    SchemaVersionError,
+    StateStoreError,
+)
+from empathy_models.backends import state_store_from_url
+from empathy_models.backends.sqlite import SQLiteStateStore
+from empathy_models.testing.clock import FakeClock
+from empathy_models.testing.contracts import AdvanceClock, CircuitStateStoreContract
+
+
+class TestSQLiteFileStateStore(CircuitStateStoreContract):
+    @pytest.fixture
+    def state_store_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path}/state.db"
+
+    @pytest.fixture
+    def state_store_options(self, fake_clock: FakeClock) -> dict[str, Any]:
+        return {"clock": fake_clock}
+
+    @pytest.fixture
+    def advance_clock(self, fake_clock: FakeClock) -> AdvanceClock:
+        return fake_clock.sleep
+
+
+class TestSQLiteMemoryStateStore(CircuitStateStoreContract):
+    @pytest.fixture
+    def state_store_url(self) -> str:
+        return "sqlite://:memory:"
+
+    @pytest.fixture
+    def state_store_options(self, fake_clock: FakeClock) -> dict[str, Any]:
+        return {"clock": fake_clock}
+
+    @pytest.fixture
+    def advance_clock(self, fake_clock: FakeClock) -> AdvanceClock:
+        return fake_clock.sleep
+
+
+# --------------------------------------------------------------------------- specifics
+
+POLICY = BreakerPolicy(consecutive_failures=3, minimum_calls=1_000)
+
+
+async def _fail(store: SQLiteStateStore, key: str, n: int) -> CircuitBreakerState:
+    state = await store.snapshot(key)
+    for _ in range(n):
+        admission = await store.admit(key, POLICY)
+        assert admission.admitted and admission.ticket is not None
+        report = OutcomeReport(ticket=admission.ticket, outcome=Outcome.FAILURE)
+        state = await store.record(key, POLICY, [report])
+    return state
+
+
+async def test_state_is_stored_as_versioned_json_with_its_generation(
+    tmp_path: Path, fake_clock: FakeClock
+) -> None:
+    db = tmp_path / "state.db"
+    async with SQLiteStateStore(db, clock=fake_clock) as store:
+        opened = await _fail(store, "prov", 3)
+        assert opened.state is CircuitState.OPEN and opened.updated_at_ts == fake_clock.now
+    conn = sqlite3.connect(db)
+    try:
+        key, generation, state, data, updated = conn.execute(
+            "SELECT key, generation, state, data, updated_at FROM circuit_state"
+        ).fetchone()
+    finally:
+        conn.close()
+    assert (key, generation, state, updated) == ("prov", 1, "open", fake_clock.now)
+    assert CircuitBreakerState.from_dict(json.loads(data)) == opened
+    assert json.loads(data)["v"] >= 1
+    # and it is still there for the next process
+    async with state_store_from_url(f"sqlite:///{db}", clock=fake_clock) as again:
+        assert await again.snapshot("prov") == opened
+        assert not (await again.admit("prov", POLICY)).admitted
+
+
+async def test_two_connections_in_one_process_count_exactly(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    policy = BreakerPolicy(consecutive_failures=10_000, minimum_calls=10_000)
+    async with SQLiteStateStore(db) as a, SQLiteStateStore(db, busy_timeout=0.0) as b:
+
+        async def fail(store: SQLiteStateStore) -> None:
+            for _ in range(40):
+                admission = await store.admit("k", policy)
+                assert admission.ticket is not None
+                await store.record(
+                    "k", policy, [OutcomeReport(ticket=admission.ticket, outcome="failure")]
+                )
+
+        async with anyio.create_task_group() as tg:
+            for store in (a, b, a, b):
+                tg.start_soon(fail, store)
+        assert (await a.snapshot("k")).failure_count == 160
+        assert (await b.snapshot("k")).failure_count == 160
+
+
+async def test_memory_stores_are_private(fake_clock: FakeClock) -> None:
+    async with (
+        state_store_from_url("sqlite://:memory:", clock=fake_clock) as one,
+        state_store_from_url("sqlite:///:memory:", clock=fake_clock) as two,
+    ):
+        assert not one.shared and not two.shared
+        await one.force("k", CircuitState.FORCED_OPEN)
+        assert (await two.snapshot("k")).state is CircuitState.CLOSED
+    file_store = SQLiteStateStore("x.db")
+    assert file_store.shared
+    await file_store.aclose()
+
+
+async def test_a_cancelled_caller_leaves_no_half_done_transaction(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    async with SQLiteStateStore(db) as store:
+        await _fail(store, "k", 1)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await store.admit("k", POLICY)  # cancelled before its job starts
+        for _ in range(20):
+            with anyio.move_on_after(0):
+                await _fail(store, "k", 1)
+        state = await _fail(store, "k", 1)
+        assert (state.state, state.failure_count, state.generation) == (CircuitState.CLOSED, 2, 0)
+        assert (await store.force("k", CircuitState.CLOSED)).state is CircuitState.CLOSED
+
+
+@pytest.mark.parametrize("case", ["missing directory", "directory", "corrupt", "read-only"])
+async def test_unusable_paths_raise_a_state_store_error_naming_the_path(
+    tmp_path: Path, case: str
+) -> None:
+    path = tmp_path / "state.db"
+    if case == "missing directory":
+        path = tmp_path / "missing" / "state.db"
+    elif case == "directory":
+        path.mkdir()
+    elif case == "corrupt":
+        path.write_bytes(random.Random(11).randbytes(4096))
+    else:
+        async with SQLiteStateStore(path) as store:
+            await store.force("k", CircuitState.FORCED_OPEN)
+        path.chmod(0o400)
+    store = SQLiteStateStore(path)
+    try:
+        with anyio.fail_after(20):
+            with pytest.raises(StateStoreError) as info:
+                await store.admit("k", POLICY)
+            with pytest.raises(StateStoreError):
+                await store.snapshot("k")
+    finally:
+        await store.aclose()
+        if case == "read-only":
+            path.chmod(0o600)
+    assert str(path) in str(info.value) and info.value.target == str(path)
+    expected = {
+        "missing directory": "does not exist",
+        "directory": "directory",
+        "corrupt": "not a SQLite database",
+        "read-only": "read-only",
+    }[case]
+    assert expected in str(info.value)
+
+
+async def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    store = SQLiteStateStore(db)
+    with pytest.raises(SchemaVersionError, match="schema version 99") as info:
+        await store.snapshot_all()
+    await store.aclose()
+    assert info.value.target == str(db) and str(db) in str(info.value)
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 99
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
+    finally:
+        conn.close()

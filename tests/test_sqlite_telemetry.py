@@ -1,0 +1,385 @@
+"""SQLiteTelemetryBackend: the contract suite (file, unbatched file, :memory:) plus specifics."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import sqlite3
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+from empathy_models import (
+    BackendError,
+    ConfigurationError,
+    LLMCallRecord,
+    Outcome,
+    RecordValidationError,
+    SchemaVersionError,
+    TelemetryError,
+)
+from empathy_models._stats import aggregate_records, matches
+from empathy_models.backends import telemetry_from_url
+from empathy_models.backends.sqlite import SCHEMA_VERSION, SQLiteTelemetryBackend
+from empathy_models.testing.contracts import TelemetryBackendContract
+
+
+class TestSQLiteFileTelemetry(TelemetryBackendContract):
+    @pytest.fixture
+    def telemetry_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path}/calls.db"
+
+
+class TestSQLiteFileTelemetryUnbatched(TelemetryBackendContract):
+    @pytest.fixture
+    def telemetry_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path}/calls.db?batch=false"
+
+
+class TestSQLiteMemoryTelemetry(TelemetryBackendContract):
+    @pytest.fixture
+    def telemetry_url(self) -> str:
+        return "sqlite://:memory:"
+
+
+# --------------------------------------------------------------------------- specifics
+
+BASE = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def _records(n: int, *, seed: int = 1) -> list[LLMCallRecord]:
+    """Varied records: every outcome, ties in time and latency, None and '' groups."""
+    rng = random.Random(seed)
+    out: list[LLMCallRecord] = []
+    for i in range(n):
+        ts = (
+            rng.choice(out).timestamp
+            if out and rng.random() < 0.1
+            else BASE + timedelta(seconds=rng.randrange(86_400), microseconds=rng.randrange(10**6))
+        )
+        out.append(
+            LLMCallRecord(
+                provider=rng.choice(["p1", "p2"]),
+                model=rng.choice(["m1", "m2", "m3"]),
+                outcome=rng.choice(list(Outcome)),
+                call_id=f"c{i:05d}",
+                timestamp=ts,
+                workflow=rng.choice([None, "", "wf"]),
+                stage=rng.choice([None, "s1", "s2"]),
+                tier=rng.choice([None, "cheap", "premium"]),
+                latency_ms=rng.choice([5.0, 10.0, rng.uniform(0, 3000)]),
+                cost_usd=rng.uniform(0, 0.02),
+                input_tokens=rng.randrange(5000),
+                output_tokens=rng.randrange(800),
+            )
+        )
+    return out
+
+
+def _modes(directory: Path, prefix: str) -> dict[str, int]:
+    return {
+        p.name: stat.S_IMODE(p.stat().st_mode)
+        for p in directory.iterdir()
+        if p.name.startswith(prefix)
+    }
+
+
+def _rows(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        count: int = conn.execute("SELECT COUNT(*) FROM llm_calls").fetchone()[0]
+        return count
+    finally:
+        conn.close()
+
+
+async def test_aggregate_equals_the_in_memory_reference_bit_for_bit(tmp_path: Path) -> None:
+    records = _records(1500)
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as sqlite_backend:
+        await sqlite_backend.record_many(records)
+        since = BASE + timedelta(hours=3)
+        until = BASE + timedelta(hours=20)
+        for per_stage in (True, False):
+            queries: list[dict[str, Any]] = [
+                {},
+                {"workflow": "wf"},
+                {"workflow": ""},
+                {"stage": "s1"},
+            ]
+            windows: list[dict[str, Any]] = [{}, {"since": since, "until": until}]
+            for query in queries:
+                for window in windows:
+                    got = await sqlite_backend.aggregate(per_stage=per_stage, **query, **window)
+                    rows = [
+                        r
+                        for r in records
+                        if matches(
+                            r,
+                            workflow=query.get("workflow"),
+                            stage=query.get("stage"),
+                            since=window.get("since"),
+                            until=window.get("until"),
+                        )
+                    ]
+                    assert got == aggregate_records(rows, per_stage=per_stage), (
+                        per_stage,
+                        query,
+                        window,
+                    )
+
+
+async def test_the_router_query_reads_only_the_covering_index(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db) as backend:
+        await backend.record_many(_records(50))
+        await backend.flush()
+    from empathy_models.backends.sqlite import _aggregate_sql  # the query as the backend runs it
+
+    sql = _aggregate_sql(" AND workflow = :workflow AND stage = :stage AND ts_us >= :since", True)
+    conn = sqlite3.connect(db)
+    try:
+        plan = conn.execute(
+            f"EXPLAIN QUERY PLAN {sql}",
+            {"workflow": "wf", "stage": "s1", "since": 0, "p50": 0.5, "p95": 0.95},
+        ).fetchall()
+    finally:
+        conn.close()
+    details = [row[-1] for row in plan]
+    assert any("COVERING INDEX ix_llm_calls_route" in d for d in details), details
+    assert not any(d.startswith("SCAN llm_calls") for d in details), details
+
+
+async def test_records_are_queued_and_written_on_flush(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    backend = telemetry_from_url(f"sqlite:///{db}?flush_interval=3600&max_batch=100000")
+    assert isinstance(backend, SQLiteTelemetryBackend)
+    async with backend:
+        for r in _records(300):
+            await backend.record(r)
+        assert backend.pending == 300
+        assert _rows(db) == 0, "record() must not wait for the disk"
+        await backend.flush()
+        assert (backend.pending, _rows(db)) == (0, 300)
+
+
+async def test_a_full_batch_is_written_without_a_flush(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db, max_batch=10, flush_interval=3600) as backend:
+        for r in _records(25):
+            await backend.record(r)
+        # a full batch wakes the flusher at once (the interval is an hour); it then
+        # drains everything queued, in batches of at most max_batch
+        with anyio.fail_after(10):
+            while _rows(db) < 25:  # noqa: ASYNC110 - the rows are in another connection
+                await anyio.sleep(0.01)
+        assert backend.pending == 0
+
+
+async def test_a_clean_close_loses_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    backend = SQLiteTelemetryBackend(db, max_batch=64, max_queue=256)
+    records = _records(5000, seed=3)
+    for r in records:
+        await backend.record(r)
+    await backend.aclose()
+    assert _rows(db) == 5000
+    async with SQLiteTelemetryBackend(db) as reopened:
+        got = await reopened.recent(limit=10_000)
+    assert sorted(r.call_id for r in got) == sorted(r.call_id for r in records)
+
+
+async def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = telemetry_from_url("sqlite:///relative.db")
+    absolute = telemetry_from_url(f"sqlite:///{tmp_path}/sub/../absolute.db")
+    memory = telemetry_from_url("sqlite://:memory:")
+    memory3 = telemetry_from_url("sqlite:///:memory:")
+    assert isinstance(relative, SQLiteTelemetryBackend)
+    assert isinstance(absolute, SQLiteTelemetryBackend)
+    assert isinstance(memory, SQLiteTelemetryBackend)
+    assert isinstance(memory3, SQLiteTelemetryBackend)
+    assert relative.path == str(tmp_path / "relative.db")
+    assert absolute.path == str(tmp_path / "absolute.db")
+    assert memory.path == memory3.path == ":memory:"
+    assert relative.persistent and not memory.persistent
+    for backend in (relative, absolute, memory, memory3):
+        async with backend:
+            await backend.record(_records(1)[0])
+            assert len(await backend.recent()) == 1
+    assert (tmp_path / "relative.db").is_file() and (tmp_path / "absolute.db").is_file()
+    unbatched = telemetry_from_url("sqlite://:memory:?batch=false&busy_timeout=1.5")
+    assert repr(unbatched) == "SQLiteTelemetryBackend(':memory:', batch=False)"
+    await unbatched.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://", "names no file"),
+        ("sqlite:///", "names no file"),
+        ("sqlite://host/x.db", "host part"),
+        ("sqlite:///x.db?colour=blue", "unknown sqlite URL option 'colour'"),
+        ("sqlite:///x.db?batch=maybe", "batch='maybe' must be true or false"),
+        ("sqlite:///x.db?max_batch=lots", "max_batch='lots' must be a int"),
+        ("sqlite:///x.db?on_full=explode", "on_full must be 'wait' or 'drop'"),
+        ("sqlite:///x.db?busy_timeout=-1", "busy_timeout must be"),
+    ],
+)
+def test_bad_urls_are_configuration_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        telemetry_from_url(url)
+
+
+async def test_files_are_created_private(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    old = os.umask(0)
+    try:
+        async with SQLiteTelemetryBackend(db, batch=False) as backend:
+            await backend.record(_records(1)[0])
+            modes = _modes(tmp_path, "calls.db")
+    finally:
+        os.umask(old)
+    assert set(modes) == {"calls.db", "calls.db-wal", "calls.db-shm"}
+    assert modes == dict.fromkeys(modes, 0o600)
+
+
+async def test_schema_is_versioned_and_a_newer_file_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db) as backend:
+        await backend.record(_records(1)[0])
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    finally:
+        conn.close()
+    newer = SQLiteTelemetryBackend(db)
+    with pytest.raises(SchemaVersionError) as info:
+        await newer.record_many([])  # nothing to write: no open either
+        await newer.recent()
+    await newer.aclose()
+    assert str(db) in str(info.value) and info.value.target == str(db)
+    assert isinstance(info.value, BackendError)
+    assert _rows(db) == 1, "the newer file must be left as it was"
+
+
+async def _raises_naming_the_path(backend: SQLiteTelemetryBackend, path: Path) -> str:
+    try:
+        with anyio.fail_after(20):
+            with pytest.raises(TelemetryError) as info:
+                async with backend:
+                    pass
+            with pytest.raises(TelemetryError):
+                await backend.recent()
+    finally:
+        await backend.aclose()
+    assert str(path) in str(info.value) and info.value.target == str(path)
+    assert isinstance(info.value.__cause__, OSError | sqlite3.Error | type(None))
+    return str(info.value)
+
+
+async def test_a_path_in_a_missing_directory(tmp_path: Path) -> None:
+    path = tmp_path / "no" / "such" / "calls.db"
+    message = await _raises_naming_the_path(SQLiteTelemetryBackend(path), path)
+    assert "does not exist" in message
+    assert not (tmp_path / "no").exists()
+
+
+async def test_a_directory_instead_of_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "calls.db"
+    path.mkdir()
+    message = await _raises_naming_the_path(SQLiteTelemetryBackend(path), path)
+    assert "directory" in message
+
+
+async def test_a_corrupt_file(tmp_path: Path) -> None:
+    path = tmp_path / "calls.db"
+    path.write_bytes(random.Random(5).randbytes(8192))
+    message = await _raises_naming_the_path(SQLiteTelemetryBackend(path), path)
+    assert "not a SQLite database" in message
+
+
+async def test_a_read_only_file(tmp_path: Path) -> None:
+    path = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(path) as backend:
+        await backend.record(_records(1)[0])
+    path.chmod(0o400)
+    try:
+        message = await _raises_naming_the_path(SQLiteTelemetryBackend(path), path)
+    finally:
+        path.chmod(0o600)
+    assert "read-only" in message
+    assert _rows(path) == 1
+
+
+async def test_a_locked_file_is_waited_for_and_never_reported_as_locked(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    backend = SQLiteTelemetryBackend(db, batch=False, busy_timeout=0.01)
+    await backend.record(_records(1)[0])  # created and migrated
+    blocker = sqlite3.connect(db, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(backend.record_many, _records(10, seed=9))
+            with anyio.fail_after(20):
+                while backend.busy_retries == 0:  # noqa: ASYNC110 - a counter, no event
+                    await anyio.sleep(0.005)
+            blocker.execute("COMMIT")
+    finally:
+        blocker.close()
+        await backend.aclose()
+    assert _rows(db) == 11
+
+
+async def test_a_lock_held_too_long_is_a_telemetry_error(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    backend = SQLiteTelemetryBackend(db, batch=False, busy_timeout=0.01, lock_timeout=0.2)
+    await backend.record(_records(1)[0])
+    blocker = sqlite3.connect(db, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(TelemetryError, match="stayed locked") as info:
+            await backend.record_many(_records(3))
+        assert info.value.target == str(db)
+        blocker.execute("ROLLBACK")
+        await backend.record_many(_records(3))  # and it works again once released
+    finally:
+        blocker.close()
+        await backend.aclose()
+    assert _rows(db) == 4
+
+
+async def test_a_failed_batch_stores_none_of_it(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    records = _records(5)
+    too_big = attrs.evolve(records[3], input_tokens=2**70)  # does not fit an SQLite integer
+    async with SQLiteTelemetryBackend(db, batch=False) as backend:
+        with pytest.raises(TelemetryError, match="does not fit"):
+            await backend.record_many([*records[:3], too_big, records[4]])
+        assert await backend.recent() == []
+        with pytest.raises(RecordValidationError):
+            await backend.record_many([records[0], "not a record"])  # type: ignore[list-item]
+        assert await backend.recent() == []
+
+
+async def test_failed_batches_are_counted_and_never_raise_into_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = _records(4)
+    bad = attrs.evolve(records[0], call_id="bad", input_tokens=2**70)
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db", max_batch=1) as backend:
+        await backend.record(bad)
+        await backend.record_many(records[1:])
+        await backend.flush()
+        assert (backend.failed, backend.dropped) == (1, 0)
+        assert sorted(r.call_id for r in await backend.recent()) == sorted(
+            r.call_id for r in records[1:]
+        )
+    assert any("could not be written" in r.getMessage() for r in caplog.records)
