@@ -1,0 +1,228 @@
+"""
+Three OS processes guard one key through `CircuitBreaker` on one shared store.
+
+Failures from all of them trip it at exactly the threshold; every process then rejects
+within the staleness bound (``local_view_ttl``); after the recovery time exactly one
+probe is admitted across the three, and its success closes the circuit for everyone.
+
+With SQLite the children's clock (breaker and store) is set by each command, so nothing
+waits for time to pass.  Stores that keep time on their server (Redis, PostgreSQL) run
+the same script on the real clock with short durations, when their URL is set in
+``EMPATHY_TEST_REDIS_URL`` / ``EMPATHY_TEST_POSTGRES_DSN``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from empathy_models import CircuitBreakerState, CircuitState, state_store_from_url
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = Path(__file__).parent / "_workers" / "breaker_worker.py"
+T0 = 1_800_000_000.0
+THRESHOLD = 5
+
+
+class Worker:
+    """One child process speaking JSON lines, with a deadline on every read."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+        )
+        self._buffer = b""
+
+    def send(self, payload: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(payload).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def read(self, timeout: float = 60.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    self.fail(f"no answer within {timeout} s")
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    self.fail("exited early")
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def ask(self, payload: dict[str, Any]) -> dict[str, Any]:
+        self.send(payload)
+        return self.read()
+
+    def fail(self, why: str) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        assert self.proc.stderr is not None
+        err = self.proc.stderr.read().decode(errors="replace")
+        pytest.fail(f"breaker worker: {why}\n{err}")
+
+    def quit(self) -> None:
+        self.send({"op": "quit"})
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.fail("did not exit")
+        if self.proc.returncode != 0:
+            self.fail(f"exited with {self.proc.returncode}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@contextmanager
+def workers(count: int, config: dict[str, Any]) -> Iterator[list[Worker]]:
+    started: list[Worker] = []
+    try:
+        for _ in range(count):
+            started.append(Worker(config))  # noqa: PERF401 - one by one, so a failed start still closes the rest
+        for worker in started:
+            assert worker.read() == {"ready": True}
+        yield started
+    finally:
+        for worker in started:
+            worker.close()
+
+
+class Clock:
+    """Fake time sent with every command, or the real clock for server-time stores."""
+
+    def __init__(self, fake: bool) -> None:
+        self.fake = fake
+        self.now = T0
+
+    def advance(self, seconds: float) -> None:
+        if self.fake:
+            self.now += seconds
+        else:
+            time.sleep(seconds)  # the store's server keeps the time: it must really pass
+
+
+def snapshot(url: str, key: str, clock: Clock) -> CircuitBreakerState:
+    async def read() -> CircuitBreakerState:
+        options: dict[str, Any] = {"clock": lambda: clock.now} if clock.fake else {}
+        async with state_store_from_url(url, **options) as store:
+            return await store.snapshot(key)
+
+    return anyio.run(read)
+
+
+def _stores() -> list[Any]:
+    redis = os.environ.get("EMPATHY_TEST_REDIS_URL")
+    postgres = os.environ.get("EMPATHY_TEST_POSTGRES_DSN")
+    return [
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param(
+            redis,
+            id="redis",
+            marks=pytest.mark.skipif(not redis, reason="EMPATHY_TEST_REDIS_URL is not set"),
+        ),
+        pytest.param(
+            postgres,
+            id="postgres",
+            marks=pytest.mark.skipif(not postgres, reason="EMPATHY_TEST_POSTGRES_DSN is not set"),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("url", _stores())
+def test_three_processes_share_one_breaker(url: str, tmp_path: Path) -> None:
+    fake = url == "sqlite"
+    if fake:
+        url = f"sqlite:///{tmp_path / 'state.db'}"
+    # fake time: any durations; real time: short ones, so the test stays a few seconds
+    ttl, recovery = (1.0, 10.0) if fake else (0.2, 1.0)
+    key = f"provider-{uuid.uuid4().hex[:8]}"
+    clock = Clock(fake)
+    config = {
+        "url": url,
+        "ttl": ttl,
+        "fake_time": fake,
+        "policy": {
+            "consecutive_failures": THRESHOLD,
+            "minimum_calls": 1000,
+            "recovery_seconds": recovery,
+            "max_recovery_seconds": recovery * 10,
+            "half_open_probes": 1,
+            "probe_lease_seconds": 60.0,
+        },
+    }
+    with workers(3, config) as procs:
+        # failures from all three processes, in turn, trip the key at exactly the threshold
+        for i in range(THRESHOLD):
+            answer = procs[i % 3].ask({"op": "fail", "key": key, "now": clock.now})
+            assert answer == {"admitted": True, "state": None}
+            state = snapshot(url, key, clock)
+            if i + 1 < THRESHOLD:
+                assert state.state is CircuitState.CLOSED, state
+                assert state.consecutive_failures == i + 1
+            else:
+                assert state.state is CircuitState.OPEN, state
+                assert state.consecutive_failures == THRESHOLD
+                assert state.generation == 1
+
+        # within the staleness bound every process has seen the trip
+        clock.advance(ttl)
+        for proc in procs:
+            answer = proc.ask({"op": "try", "key": key, "now": clock.now})
+            assert answer == {"admitted": False, "state": "open"}
+
+        # after the recovery time, all three race for the probe: exactly one gets it
+        clock.advance(recovery)
+        for proc in procs:
+            proc.send({"op": "hold", "key": key, "now": clock.now})
+        answers = [proc.read() for proc in procs]
+        holders = [i for i, answer in enumerate(answers) if answer["admitted"]]
+        assert len(holders) == 1, answers
+        assert answers[holders[0]]["lease"]
+        others = [proc for i, proc in enumerate(procs) if i not in holders]
+        for answer in (answers[i] for i in range(3) if i not in holders):
+            assert answer["state"] == "half_open"
+        for proc in others:  # while the probe is out, nobody else gets through
+            answer = proc.ask({"op": "try", "key": key, "now": clock.now})
+            assert answer == {"admitted": False, "state": "half_open"}
+        assert snapshot(url, key, clock).probes_in_flight == 1
+
+        # the probe's success closes the circuit for every process
+        assert procs[holders[0]].ask({"op": "release", "outcome": "success", "now": clock.now})
+        assert snapshot(url, key, clock).state is CircuitState.CLOSED
+        for proc in procs:
+            answer = proc.ask({"op": "try", "key": key, "now": clock.now})
+            assert answer == {"admitted": True, "state": None}
+        for proc in procs:
+            proc.quit()
+    final = snapshot(url, key, clock)
+    assert final.state is CircuitState.CLOSED
+    assert final.window_calls == 3  # the three closing successes, flushed on exit
