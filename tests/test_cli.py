@@ -438,3 +438,42 @@ def test_breaker_status_open_and_reset(home: Path, db: Path, tmp_path: Path) -> 
     ok(cli(home, "breaker", "reset", "--all", "--db", str(copy)))
     after = json.loads(ok(cli(home, "breaker", "status", "--db", str(copy), "--json")))
     assert {b["state"] for b in after["breakers"]} <= {"closed"}
+
+
+def _cli_on_a_terminal(home: Path, answer: str, *args: str) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as stdin and type ``answer``."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "EMPATHY_HOME": str(home)}
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "empathy_models", *args],
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        os.write(master, answer.encode() + b"\n")
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize(("answer", "removed"), [("n", False), ("", False), ("y", True)])
+def test_reset_on_a_terminal_asks_first(home: Path, answer: str, removed: bool) -> None:
+    file = AuthStrategy(small_module_threshold=77).save(home / "auth_strategy.json")
+    before = file.read_bytes()
+    code, out = _cli_on_a_terminal(home, answer, "auth", "reset")
+    assert "[y/N]" in out
+    if removed:
+        assert code == 0 and not file.exists()
+        (backup,) = home.glob("auth_strategy.json.*.bak")
+        assert AuthStrategy.load(backup).small_module_threshold == 77
+    else:
+        assert code == 1 and "cancelled" in out
+        assert file.read_bytes() == before
+        assert list(home.glob("*.bak")) == []

@@ -275,13 +275,18 @@ async def run_demo(
             return
         if event.kind.value != "state_changed":
             return
+        reason = event.reason
+        if event.new_state.value == "half_open":
+            reason = "open time elapsed: probing"
+        elif event.new_state.value == "closed" and event.old_state.value == "half_open":
+            reason = "probe succeeded"
         transitions.append(
             {
                 "at_s": round(time.perf_counter() - started, 3),
                 "key": event.key,
                 "from": event.old_state.value,
                 "to": event.new_state.value,
-                "reason": event.reason,
+                "reason": reason,
             }
         )
 
@@ -290,8 +295,8 @@ async def run_demo(
         failure_rate_threshold=0.5,
         minimum_calls=20,
         window_seconds=5.0,
-        recovery_seconds=0.25,
-        max_recovery_seconds=1.0,
+        recovery_seconds=0.1,
+        max_recovery_seconds=0.8,
         probe_lease_seconds=5.0,
     )
     retry = RetryPolicy(
@@ -506,7 +511,7 @@ def _result(
 # --------------------------------------------------------------------------- output
 
 
-def _print(result: DemoResult, *, kept_db: Path | None) -> None:
+def _print(result: DemoResult, *, kept_db: Path | None, temporary: bool) -> None:
     o = result.outage
     print(
         f"empathy-models demo: {result.calls} requests, {len(_STAGES)} workflow stages, "
@@ -602,6 +607,9 @@ def _print(result: DemoResult, *, kept_db: Path | None) -> None:
         f"{fmt_usd(t['premium_baseline_usd'])} always-premium ({fmt_pct(t['saving'])} saved); "
         f"{result.wall_seconds:.1f} s"
     )
+    if temporary:
+        print()
+        print("The database was temporary; pass --db PATH to keep it and explore it afterwards.")
     if kept_db is not None:
         print()
         print(f"Telemetry and breaker state kept in {kept_db}; explore it with:")
@@ -644,6 +652,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result.to_dict())
     else:
-        _print(result, kept_db=kept)
+        _print(result, kept_db=kept, temporary=args.db is None)
     sys.stdout.flush()
     return 0
