@@ -198,10 +198,9 @@ class _Guard:
             return
         outcome = breaker.classify(exc)
         if outcome is Outcome.CANCELLED:
-            # learn nothing; a probe gets its lease back even while we are being cancelled
+            # learn nothing; a probe gets its lease back (report shields itself)
             if ticket.lease_id is not None:
-                with anyio.move_on_after(_REPORT_SHIELD_SECONDS, shield=True):
-                    await breaker.report(ticket, outcome)
+                await breaker.report(ticket, outcome)
             return
         await breaker.report(ticket, outcome, retry_after=retry_after_of(exc), error=_describe(exc))
 
@@ -488,7 +487,10 @@ class CircuitBreaker(AsyncResource):
         tickets are written behind; every other outcome that can change the state goes
         to the store at once.  Outcomes that teach nothing (ignored, cancelled,
         rejected) of non-probe tickets cost no I/O; for a probe they return its lease.
-        Outcomes of an older generation are dropped, and so are outcomes reported after
+        The store operation is shielded from cancellation (for at most 10 s), so a
+        failure still counts and a probe lease still comes back when the reporting task
+        is being cancelled.  Outcomes of an older generation are dropped, and so are
+        outcomes reported after
         `aclose` (with a debug log).  Never raises because the store is down (see
         degraded mode).
         """
@@ -536,8 +538,11 @@ class CircuitBreaker(AsyncResource):
         report = OutcomeReport(ticket=ticket, outcome=outcome, retry_after=retry_after, error=error)
         reports = [*self._take_pending(key), report]
         policy = self.policy
-        state = await self._store_op(key, lambda store: store.record(key, policy, reports))
-        await self._observe(state)
+        # shielded: a failure must count and a probe lease must come back even when the
+        # caller is being cancelled (bounded, so a hung store cannot hold the caller)
+        with anyio.move_on_after(_REPORT_SHIELD_SECONDS, shield=True):
+            state = await self._store_op(key, lambda store: store.record(key, policy, reports))
+            await self._observe(state)
 
     def _take_pending(self, key: str) -> list[OutcomeReport]:
         pending = self._pending.pop(key, None)

@@ -532,3 +532,14 @@ async def test_lease_is_returned_even_when_the_store_awaits_during_cancellation(
         status = await store.snapshot(KEY)
         assert status.state is CircuitState.HALF_OPEN
         assert status.probes_in_flight == 0
+
+
+async def test_a_failure_counts_even_when_its_task_is_being_cancelled(clock: FakeClock) -> None:
+    store = YieldingStore(clock=clock)
+    breaker = CircuitBreaker(store, POLICY, clock=clock)
+    async with breaker:
+        with anyio.CancelScope() as scope, pytest.raises(ServerError):
+            async with breaker.guard(KEY):
+                scope.cancel()
+                raise ServerError("boom", status=500)
+        assert (await store.snapshot(KEY)).failure_count == 1
