@@ -477,3 +477,14 @@ def test_reset_on_a_terminal_asks_first(home: Path, answer: str, removed: bool) 
         assert code == 1 and "cancelled" in out
         assert file.read_bytes() == before
         assert list(home.glob("*.bak")) == []
+
+
+def test_setup_on_a_terminal_asks_and_keeps_custom_fields(home: Path) -> None:
+    file = AuthStrategy(small_module_threshold=321).save(home / "auth_strategy.json")
+    code, out = _cli_on_a_terminal(home, "gold\n3\n", "auth", "setup")
+    assert code == 0, out
+    assert "please answer one of" in out  # "gold" was refused, then "3" (max) taken
+    s = AuthStrategy.load(file)
+    assert s.subscription_tier.value == "max"
+    assert s.default_mode.value == "auto"  # empty answer keeps the current value
+    assert s.small_module_threshold == 321

@@ -1,0 +1,119 @@
+"""``empathy-models demo`` through the real entry point, with a small number of calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EMPATHY_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, "-m", "empathy_models", *args],
+        input="",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=110,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
+    """One demo run of 400 requests kept in a database, summarized as JSON."""
+    home = tmp_path_factory.mktemp("home")
+    db = home / "demo.db"
+    result = cli(home, "demo", "--calls", "400", "--seed", "3", "--db", str(db), "--json")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return home, db, json.loads(result.stdout)
+
+
+def test_every_request_is_accounted_for(run: tuple[Path, Path, dict[str, Any]]) -> None:
+    _, _, data = run
+    totals = data["totals"]
+    assert totals["requests"] == 400
+    assert totals["answered"] + totals["failed"] == 400
+    assert sum(s["requests"] for s in data["stages"]) == 400
+    assert {(s["workflow"], s["stage"]) for s in data["stages"]} == {
+        ("support", "triage"),
+        ("docs", "outline"),
+        ("docs", "write"),
+    }
+    # one record per attempt: at least one per answered request
+    assert totals["attempts_recorded"] >= totals["answered"]
+    assert totals["answered"] > 300
+
+
+def test_models_are_reported_with_bounds_and_latency(
+    run: tuple[Path, Path, dict[str, Any]],
+) -> None:
+    _, _, data = run
+    assert data["models"]
+    providers = {m["provider"] for m in data["models"]}
+    assert providers == {"anthropic", "openai"}
+    for m in data["models"]:
+        assert m["success_rate_lower"] <= m["success_rate"] <= m["success_rate_upper"]
+        assert m["attempts"] > 0
+        if m["success_rate"] > 0:
+            assert m["p50_ms"] is not None and m["p50_ms"] <= m["p95_ms"]
+    for s in data["stages"]:
+        if s["answered"]:
+            assert s["p50_ms"] <= s["p95_ms"]
+            assert sum(s["answered_by"].values()) == s["answered"]
+
+
+def test_routing_beats_the_always_premium_baseline(run: tuple[Path, Path, dict[str, Any]]) -> None:
+    _, _, data = run
+    totals = data["totals"]
+    assert 0 < totals["cost_usd"] < totals["premium_baseline_usd"]
+    assert totals["saving"] == pytest.approx(
+        1 - totals["cost_usd"] / totals["premium_baseline_usd"]
+    )
+    assert "claude-opus-4-5" in data["baseline_model"]
+
+
+def test_the_outage_trips_the_openai_breaker(run: tuple[Path, Path, dict[str, Any]]) -> None:
+    _, _, data = run
+    assert data["outage"]["provider"] == "openai"
+    assert data["outage"]["from_call"] < data["outage"]["to_call"]
+    opened = [t for t in data["breaker_transitions"] if t["key"] == "openai" and t["to"] == "open"]
+    assert opened, data["breaker_transitions"]
+    assert opened[0]["from"] == "closed"
+
+
+def test_the_database_is_kept_for_the_other_commands(
+    run: tuple[Path, Path, dict[str, Any]],
+) -> None:
+    home, db, data = run
+    summary = cli(home, "telemetry", "summary", "--db", str(db), "--json")
+    assert summary.returncode == 0, summary.stderr
+    calls = sum(m["calls"] for m in json.loads(summary.stdout)["models"])
+    assert calls == data["totals"]["attempts_recorded"]
+    breakers = cli(home, "breaker", "status", "--db", str(db), "--json")
+    assert breakers.returncode == 0, breakers.stderr
+    assert "openai" in {b["key"] for b in json.loads(breakers.stdout)["breakers"]}
+
+
+def test_the_text_summary_has_every_section(tmp_path: Path) -> None:
+    result = cli(tmp_path, "demo", "--calls", "150")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for section in (
+        "Models chosen per workflow/stage",
+        "95% bounds",
+        "p95 ms",
+        "Requests end to end",
+        "always premium",
+        "Breaker transitions",
+        "Total: 150 requests",
+    ):
+        assert section in out, section
+    assert list(tmp_path.iterdir()) == []  # the default database was temporary
