@@ -218,6 +218,13 @@ class CircuitBreaker(AsyncResource):
     described in the module docstring (0 = always ask the store).  ``classify`` is a
     predicate consulted before `classify_error`; return an `Outcome` to override the
     default class of an exception, or ``None``.  ``listeners`` receive `BreakerEvent`s.
+    ``flush_interval`` bounds how long a written-behind success waits; ``sleep`` is how
+    the background flusher waits between flushes (tests inject their own).
+    ``store_retry_interval`` is how often a failed store is tried again.  ``per_model``
+    makes `key_for` include the model; ``rejection_events`` emits ``call_rejected``.
+
+    A shared store gets a background flusher while the breaker is entered with ``async
+    with``; enter and leave it in the same task (it holds an anyio task group).
 
     Raises `ConfigurationError` for a negative or non-finite duration, an unknown URL
     scheme or a missing plugin.
@@ -236,6 +243,7 @@ class CircuitBreaker(AsyncResource):
         listeners: Iterable[BreakerListener] = (),
         per_model: bool = False,
         rejection_events: bool = False,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
         for name, value in (
             ("local_view_ttl", local_view_ttl),
@@ -281,6 +289,7 @@ class CircuitBreaker(AsyncResource):
         self._classify = classify
         self._listeners: list[BreakerListener] = list(listeners)
         self._rejection_events = bool(rejection_events)
+        self._sleep = sleep
         self._views: dict[str, _View] = {}
         # written-behind successes per key: [generation, count, first at]
         self._pending: dict[str, list[Any]] = {}
@@ -372,9 +381,9 @@ class CircuitBreaker(AsyncResource):
 
     async def _flush_loop(self) -> None:
         while True:
-            await anyio.sleep(self._flush_interval)
+            await self._sleep(self._flush_interval)
             try:
-                await self._flush_due()
+                await self._flush_all()
             except Exception:  # never let the flusher take the breaker down
                 logger.exception("circuit breaker: flushing written-behind successes failed")
 
@@ -560,12 +569,6 @@ class CircuitBreaker(AsyncResource):
         state = await self._store_op(key, lambda store: store.record(key, policy, reports))
         await self._observe(state)
         return state
-
-    async def _flush_due(self) -> None:
-        now = self._clock()
-        for key, pending in list(self._pending.items()):
-            if not 0.0 <= now - pending[2] < self._flush_interval:
-                await self._flush_key(key)
 
     async def _flush_all(self) -> None:
         for key in list(self._pending):

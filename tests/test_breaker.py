@@ -543,3 +543,35 @@ async def test_a_failure_counts_even_when_its_task_is_being_cancelled(clock: Fak
                 scope.cancel()
                 raise ServerError("boom", status=500)
         assert (await store.snapshot(KEY)).failure_count == 1
+
+
+class Ticker:
+    """A ``sleep`` for the breaker's background flusher that returns when the test ticks."""
+
+    def __init__(self) -> None:
+        self._go = anyio.Event()
+
+    async def sleep(self, seconds: float) -> None:
+        await self._go.wait()
+        self._go = anyio.Event()
+
+    def tick(self) -> None:
+        self._go.set()
+
+
+async def test_background_flusher_sends_written_behind_successes(clock: FakeClock) -> None:
+    store = YieldingStore(clock=clock)
+    ticker = Ticker()
+    breaker = CircuitBreaker(store, POLICY, clock=clock, sleep=ticker.sleep)
+    async with breaker:
+        for _ in range(4):
+            await succeed(breaker)
+        await anyio.wait_all_tasks_blocked()
+        assert (await store.snapshot(KEY)).window_calls == 0
+        ticker.tick()
+        await anyio.wait_all_tasks_blocked()
+        assert (await store.snapshot(KEY)).window_calls == 4
+        await succeed(breaker)
+        ticker.tick()
+        await anyio.wait_all_tasks_blocked()
+        assert (await store.snapshot(KEY)).window_calls == 5
