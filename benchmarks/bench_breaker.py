@@ -1,0 +1,213 @@
+"""
+Breaker overhead on a guarded no-op coroutine, CLOSED path.
+
+Overhead = (time of a guarded ``await noop()``) - (time of a bare ``await noop()``),
+both measured in this run.  Ours: memory, SQLite (shared, local view) and Redis
+(shared, local view) stores.  Peers, when installed: pybreaker (memory and its Redis
+storage), aiobreaker, purgatory, circuitbreaker.
+
+Run: ``python -m benchmarks.bench_breaker [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import BenchResult, async_timeit, peer_version, summarize, write_result
+from empathy_models import CircuitBreaker
+
+REDIS_URL = os.environ.get("EMPATHY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+
+
+async def noop() -> None:
+    return None
+
+
+def _noop_sync() -> None:
+    return None
+
+
+async def _redis_reachable() -> bool:
+    try:
+        import redis.asyncio as aioredis
+    except ImportError:
+        return False
+    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5)
+    try:
+        await client.ping()
+        return True
+    except Exception:
+        return False
+    finally:
+        await client.aclose()
+
+
+async def run(quick: bool = False) -> BenchResult:
+    repeats, inner = (5, 2_000) if quick else (15, 20_000)
+    result = BenchResult(
+        name="breaker",
+        title="Breaker overhead per guarded call, CLOSED path (µs)",
+        columns=["median µs", "p99 µs", "overhead µs", "vs fastest peer"],
+    )
+    cases: dict[str, Callable[[], Awaitable[object]]] = {}
+    stack = contextlib.AsyncExitStack()
+    tmp = Path(tempfile.mkdtemp(prefix="empathy-bench-"))
+
+    cases["baseline: await noop()"] = noop
+
+    ours_memory = await stack.enter_async_context(CircuitBreaker())
+
+    async def ours_mem() -> None:
+        async with ours_memory.guard("provider"):
+            await noop()
+
+    cases["empathy-models, memory store"] = ours_mem
+
+    ours_sqlite = await stack.enter_async_context(CircuitBreaker(f"sqlite:///{tmp / 'state.db'}"))
+
+    async def ours_sql() -> None:
+        async with ours_sqlite.guard("provider"):
+            await noop()
+
+    cases["empathy-models, SQLite store (shared)"] = ours_sql
+
+    if await _redis_reachable() and peer_version("empathy-models-redis"):
+        ours_redis = await stack.enter_async_context(CircuitBreaker(REDIS_URL))
+        await ours_redis.reset()
+
+        async def ours_red() -> None:
+            async with ours_redis.guard("provider"):
+                await noop()
+
+        cases["empathy-models, Redis store (shared)"] = ours_red
+    else:
+        result.skipped["empathy-models Redis store"] = "Redis or empathy-models-redis unavailable"
+
+    peers: dict[str, str] = {}
+    if peer_version("pybreaker"):
+        import pybreaker
+
+        pyb = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60)
+
+        async def pyb_case() -> None:
+            pyb.call(_noop_sync)
+            await noop()
+
+        cases["pybreaker (memory)"] = pyb_case
+        peers["pybreaker (memory)"] = "memory"
+        if await _redis_reachable():
+            import redis as sync_redis
+
+            client = sync_redis.Redis.from_url(REDIS_URL)
+            storage = pybreaker.CircuitRedisStorage(
+                pybreaker.STATE_CLOSED, client, namespace="empathy-bench"
+            )
+            pyb_redis = pybreaker.CircuitBreaker(
+                fail_max=5, reset_timeout=60, state_storage=storage
+            )
+
+            async def pyb_redis_case() -> None:
+                pyb_redis.call(_noop_sync)
+                await noop()
+
+            cases["pybreaker (Redis storage)"] = pyb_redis_case
+    else:
+        result.skipped["pybreaker"] = "not installed (see benchmarks/requirements-peers.txt)"
+
+    if peer_version("aiobreaker"):
+        import aiobreaker
+
+        aiob = aiobreaker.CircuitBreaker(fail_max=5)
+
+        async def aiob_case() -> None:
+            await aiob.call_async(noop)
+
+        cases["aiobreaker"] = aiob_case
+        peers["aiobreaker"] = "memory"
+    else:
+        result.skipped["aiobreaker"] = "not installed"
+
+    if peer_version("purgatory"):
+        from purgatory import AsyncCircuitBreakerFactory
+
+        factory = AsyncCircuitBreakerFactory(default_threshold=5, default_ttl=60)
+
+        async def purg_case() -> None:
+            async with await factory.get_breaker("provider"):
+                await noop()
+
+        cases["purgatory"] = purg_case
+        peers["purgatory"] = "memory"
+    else:
+        result.skipped["purgatory"] = "not installed"
+
+    if peer_version("circuitbreaker"):
+        import circuitbreaker
+
+        async def plain() -> None:
+            return None
+
+        decorate: Any = circuitbreaker.circuit(failure_threshold=5, recovery_timeout=60)
+        cases["circuitbreaker"] = decorate(plain)
+        peers["circuitbreaker"] = "memory"
+    else:
+        result.skipped["circuitbreaker"] = "not installed"
+
+    medians: dict[str, dict[str, float]] = {}
+    try:
+        for fn in cases.values():
+            await async_timeit(fn, repeats=1, inner=min(inner, 500))  # warm up
+        # interleave repeats so drift affects every case alike
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(repeats):
+            for name, fn in cases.items():
+                samples[name].extend(await async_timeit(fn, repeats=1, inner=inner))
+        medians = {name: summarize(s) for name, s in samples.items()}
+    finally:
+        await stack.aclose()
+
+    base = medians["baseline: await noop()"]["median"]
+    peer_overheads = [medians[p]["median"] - base for p in peers if p in medians]
+    fastest_peer = min(peer_overheads) if peer_overheads else None
+    for name, stats in medians.items():
+        overhead = stats["median"] - base
+        ratio: Any = None
+        if fastest_peer and name != "baseline: await noop()" and overhead > 0:
+            ratio = f"{overhead / fastest_peer:.2f}x"
+        result.add(
+            name,
+            **{
+                "median µs": stats["median"],
+                "p99 µs": stats["p99"],
+                "overhead µs": overhead,
+                "vs fastest peer": ratio,
+            },
+        )
+    result.data = {"medians": medians, "repeats": repeats, "inner": inner}
+    result.notes.append(
+        "pybreaker wraps a sync no-op (its async path needs Tornado); its overhead is its "
+        "bookkeeping around one call, comparable to the others."
+    )
+    result.notes.append(
+        "Shared stores: admission is served from a local view (staleness <= 1 s) and successes "
+        "are written behind, so the amortized per-call cost includes the batched store writes."
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    write_result(asyncio.run(run(quick=args.quick)))
+
+
+if __name__ == "__main__":
+    main()
