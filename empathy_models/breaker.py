@@ -37,6 +37,7 @@ writes every outcome inline (the exact, slow mode).
 
 **Degraded mode.**  When the store raises `BackendError` (other than
 `BackendClosedError`) or `OSError` (which covers `ConnectionError` and `TimeoutError`),
+or does not answer within ``store_timeout`` seconds (default 5),
 the breaker switches to a per-process `MemoryStateStore` seeded with the last states it
 saw, logs one warning and emits one ``store_degraded`` event per outage; calls go on
 under the same policy.  At most every ``store_retry_interval`` seconds the next store
@@ -220,7 +221,9 @@ class CircuitBreaker(AsyncResource):
     default class of an exception, or ``None``.  ``listeners`` receive `BreakerEvent`s.
     ``flush_interval`` bounds how long a written-behind success waits; ``sleep`` is how
     the background flusher waits between flushes (tests inject their own).
-    ``store_retry_interval`` is how often a failed store is tried again.  ``per_model``
+    ``store_retry_interval`` is how often a failed store is tried again, and
+    ``store_timeout`` how long one store operation may take before it counts as a store
+    failure (``None``: no limit; a hung store would then hang the calls).  ``per_model``
     makes `key_for` include the model; ``rejection_events`` emits ``call_rejected``.
 
     A shared store gets a background flusher while the breaker is entered with ``async
@@ -239,6 +242,7 @@ class CircuitBreaker(AsyncResource):
         local_view_ttl: float = 1.0,
         flush_interval: float = 0.5,
         store_retry_interval: float = 5.0,
+        store_timeout: float | None = 5.0,
         classify: OutcomeClassifier | None = None,
         listeners: Iterable[BreakerListener] = (),
         per_model: bool = False,
@@ -261,6 +265,15 @@ class CircuitBreaker(AsyncResource):
                 )
         if flush_interval == 0:
             raise ConfigurationError("CircuitBreaker.flush_interval must be > 0, got 0")
+        if store_timeout is not None and (
+            isinstance(store_timeout, bool)
+            or not isinstance(store_timeout, int | float)
+            or not math.isfinite(store_timeout)
+            or store_timeout <= 0
+        ):
+            raise ConfigurationError(
+                f"CircuitBreaker.store_timeout must be > 0 or None, got {store_timeout!r}"
+            )
         if policy is None:
             policy = BreakerPolicy()
         elif not isinstance(policy, BreakerPolicy):
@@ -290,6 +303,7 @@ class CircuitBreaker(AsyncResource):
         self._listeners: list[BreakerListener] = list(listeners)
         self._rejection_events = bool(rejection_events)
         self._sleep = sleep
+        self._store_timeout = None if store_timeout is None else float(store_timeout)
         self._views: dict[str, _View] = {}
         # written-behind successes per key: [generation, count, first at]
         self._pending: dict[str, list[Any]] = {}
@@ -739,28 +753,39 @@ class CircuitBreaker(AsyncResource):
             now = self._clock()
             if now < self._retry_at:
                 return await op(fallback)
+            # one attempt per interval, however many tasks are calling
+            self._retry_at = now + self._retry_interval
             try:
-                result = await op(self._store)
+                result = await self._on_store(op)
             except BackendClosedError:
                 raise
             except (BackendError, OSError) as exc:
-                self._retry_at = now + self._retry_interval
                 logger.debug("circuit store still unavailable: %s", _describe(exc))
                 return await op(fallback)
-            await self._recover(key)
+            if self._fallback is fallback:
+                await self._recover(key)
             return result
         try:
-            return await op(self._store)
+            return await self._on_store(op)
         except BackendClosedError:
             raise
         except (BackendError, OSError) as exc:
-            fallback = await self._degrade(key, exc)
+            fallback = self._fallback  # another task may have switched already
+            if fallback is None:
+                fallback = await self._degrade(key, exc)
             return await op(fallback)
+
+    async def _on_store(self, op: Callable[[CircuitStateStore], Awaitable[T]]) -> T:
+        if self._store_timeout is None:
+            return await op(self._store)
+        with anyio.fail_after(self._store_timeout):
+            return await op(self._store)
 
     async def _degrade(self, key: str | None, exc: BaseException) -> MemoryStateStore:
         fallback = MemoryStateStore(clock=self._clock)
-        # start from what this process last knew, so an open circuit stays open
-        for state, _, _ in self._views.values():
+        # start from what this process last knew, so an open circuit stays open (the
+        # memory store never suspends, so no other task sees a half-seeded fallback)
+        for state, _, _ in list(self._views.values()):
             await _seed(fallback, state)
         self._fallback = fallback
         self._retry_at = self._clock() + self._retry_interval

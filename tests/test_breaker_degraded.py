@@ -13,6 +13,8 @@ import logging
 from collections.abc import Sequence
 from datetime import datetime
 
+import anyio
+import anyio.lowlevel
 import pytest
 
 from empathy_models import (
@@ -42,21 +44,25 @@ class SwitchableStore(CircuitStateStore):
     def __init__(self, clock: FakeClock) -> None:
         self.inner = MemoryStateStore(clock=clock)
         self.error: BaseException | None = None
+        self.hang = False
         self.attempts = 0
 
-    def _gate(self) -> None:
+    async def _gate(self) -> None:
         self.attempts += 1
+        await anyio.lowlevel.checkpoint()  # a real store suspends on I/O
+        if self.hang:
+            await anyio.sleep_forever()
         if self.error is not None:
             raise self.error
 
     async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
-        self._gate()
+        await self._gate()
         return await self.inner.admit(key, policy)
 
     async def record(
         self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
     ) -> CircuitBreakerState:
-        self._gate()
+        await self._gate()
         return await self.inner.record(key, policy, reports)
 
     async def force(
@@ -67,19 +73,19 @@ class SwitchableStore(CircuitStateStore):
         until: datetime | None = None,
         reason: str | None = None,
     ) -> CircuitBreakerState:
-        self._gate()
+        await self._gate()
         return await self.inner.force(key, state, until=until, reason=reason)
 
     async def snapshot(self, key: str) -> CircuitBreakerState:
-        self._gate()
+        await self._gate()
         return await self.inner.snapshot(key)
 
     async def snapshot_all(self) -> list[CircuitBreakerState]:
-        self._gate()
+        await self._gate()
         return await self.inner.snapshot_all()
 
     async def reset(self, key: str | None = None) -> None:
-        self._gate()
+        await self._gate()
         await self.inner.reset(key)
 
 
@@ -246,3 +252,32 @@ async def test_control_calls_work_while_degraded(clock: FakeClock) -> None:
         await breaker.reset(KEY)
         assert await breaker.is_available(KEY)
         assert breaker.degraded
+
+
+async def test_a_hung_store_counts_as_down_after_store_timeout(clock: FakeClock) -> None:
+    store = SwitchableStore(clock)
+    store.hang = True
+    events: list[BreakerEvent] = []
+    breaker = CircuitBreaker(
+        store, POLICY, clock=clock, store_timeout=0.05, listeners=[events.append]
+    )
+    async with breaker:
+        await succeed(breaker)
+        assert breaker.degraded
+    assert [e.kind for e in events] == [BreakerEventKind.STORE_DEGRADED]
+    assert events[0].error is not None and events[0].error.startswith("TimeoutError")
+
+
+async def test_concurrent_calls_degrade_once(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SwitchableStore(clock)
+    store.error = StateStoreError("down")
+    events: list[BreakerEvent] = []
+    breaker = CircuitBreaker(store, POLICY, clock=clock, listeners=[events.append])
+    with caplog.at_level(logging.WARNING, logger="empathy_models.breaker"):
+        async with breaker, anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(succeed, breaker, name=f"call {i}")
+    assert [e.kind for e in events] == [BreakerEventKind.STORE_DEGRADED]
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
