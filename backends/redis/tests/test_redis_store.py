@@ -1,0 +1,121 @@
+"""RedisCircuitStateStore specifics: keys, TTLs, server time, options, errors."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis.asyncio as aioredis
+from empathy_models_redis import DEFAULT_KEY_TTL, RedisCircuitStateStore
+
+from empathy_models.backends import state_store_from_url, telemetry_from_url
+from empathy_models.circuit import BreakerPolicy
+from empathy_models.exceptions import ConfigurationError, StateStoreError
+from empathy_models.records import CircuitState, Outcome, OutcomeReport
+
+POLICY = BreakerPolicy(consecutive_failures=2, recovery_seconds=600.0)
+
+
+async def _server_time(client: aioredis.Redis) -> float:
+    seconds, micros = await client.time()
+    return seconds + micros / 1_000_000
+
+
+async def test_both_schemes_resolve_and_redis_holds_no_telemetry(redis_store_url: str) -> None:
+    store = state_store_from_url(redis_store_url)
+    assert isinstance(store, RedisCircuitStateStore)
+    assert store.shared
+    await store.aclose()
+    secure = state_store_from_url("rediss://127.0.0.1:6380/0")
+    assert isinstance(secure, RedisCircuitStateStore)
+    await secure.aclose()
+    with pytest.raises(ConfigurationError, match="holds no telemetry"):
+        telemetry_from_url(redis_store_url)
+
+
+async def test_time_comes_from_the_redis_server(redis_url: str, redis_store_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    async with RedisCircuitStateStore(redis_store_url) as store:
+        before = await _server_time(client)
+        admission = await store.admit("timed", POLICY)
+        after = await _server_time(client)
+    await client.aclose()
+    assert admission.state.updated_at_ts is not None
+    assert before <= admission.state.updated_at_ts <= after
+    assert store.last_server_time == admission.state.updated_at_ts
+
+
+async def test_one_hash_per_key_under_the_prefix_with_a_ttl(
+    redis_url: str, redis_prefix: str
+) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    async with RedisCircuitStateStore(redis_url, prefix=redis_prefix, key_ttl=1000) as store:
+        admission = await store.admit("a", POLICY)
+        assert admission.ticket is not None
+        assert sorted(await client.keys(redis_prefix + "*")) == [redis_prefix + "a"]
+        assert await client.type(redis_prefix + "a") == "hash"
+        assert 990 <= await client.ttl(redis_prefix + "a") <= 1000
+
+        # an open circuit lives at least its open period beyond the TTL
+        fail = OutcomeReport(ticket=admission.ticket, outcome=Outcome.FAILURE, error="503")
+        opened = await store.record("a", POLICY, [fail, fail])
+        assert opened.state is CircuitState.OPEN
+        assert 1590 <= await client.ttl(redis_prefix + "a") <= 1600
+
+        # held open until a reset: never expires on its own
+        await store.force("a", CircuitState.FORCED_OPEN, reason="ops")
+        assert await client.ttl(redis_prefix + "a") == -1
+        await store.reset("a")
+        assert 990 <= await client.ttl(redis_prefix + "a") <= 1000
+    await client.aclose()
+
+
+async def test_url_options_prefix_and_key_ttl(redis_url: str, redis_prefix: str) -> None:
+    url = f"{redis_url}?prefix={redis_prefix}&key_ttl=77"
+    store = state_store_from_url(url)
+    assert isinstance(store, RedisCircuitStateStore)
+    assert (store.prefix, store.key_ttl) == (redis_prefix, 77.0)
+    await store.aclose()
+    default = RedisCircuitStateStore(redis_url)
+    assert default.key_ttl == DEFAULT_KEY_TTL
+    await default.aclose()
+    with pytest.raises(ConfigurationError, match="key_ttl"):
+        RedisCircuitStateStore(redis_url, key_ttl=0)
+    with pytest.raises(ConfigurationError, match="prefix"):
+        RedisCircuitStateStore(redis_url, prefix="")
+
+
+async def test_prefixes_keep_stores_apart(redis_url: str, redis_prefix: str) -> None:
+    async with (
+        RedisCircuitStateStore(redis_url, prefix=redis_prefix + "one:") as one,
+        RedisCircuitStateStore(redis_url, prefix=redis_prefix + "two:") as two,
+    ):
+        await one.force("k", CircuitState.FORCED_OPEN)
+        assert (await two.snapshot("k")).state is CircuitState.CLOSED
+        assert [s.key for s in await one.snapshot_all()] == ["k"]
+        assert await two.snapshot_all() == []
+
+
+async def test_a_client_given_by_the_caller_is_used_and_left_open(
+    redis_url: str, redis_prefix: str
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    store = RedisCircuitStateStore(client, prefix=redis_prefix)
+    async with store:
+        until = datetime.now(UTC) + timedelta(hours=1)
+        forced = await store.force("k", CircuitState.FORCED_OPEN, until=until)
+        assert forced.open_until_ts == until.timestamp()
+    assert await client.ping()
+    await client.aclose()
+
+
+async def test_errors_are_state_store_errors_without_the_password() -> None:
+    # nothing listens on port 1
+    store = RedisCircuitStateStore("redis://:s3cret-pw@127.0.0.1:1/0")
+    with pytest.raises(StateStoreError) as info:
+        await store.admit("k", POLICY)
+    assert isinstance(info.value.__cause__, Exception)
+    text = f"{info.value} {info.value.target} {store!r}"
+    assert "s3cret-pw" not in text
+    assert "127.0.0.1:1" in text
+    await store.aclose()
