@@ -89,6 +89,10 @@ from .exceptions import (
     StateStoreError as StateStoreError,
     TelemetryError as TelemetryError,
 )
+from .providers import (
+    AnthropicProvider as AnthropicProvider,
+    OpenAIProvider as OpenAIProvider,
+)
 from .records import (
     Admission as Admission,
     CandidateEvaluation as CandidateEvaluation,
@@ -124,6 +128,7 @@ __all__ = [
     "AdaptiveModelRouter",
     "Admission",
     "AllRoutesFailedError",
+    "AnthropicProvider",
     "AsyncResource",
     "AttemptSummary",
     "AuthCostEstimate",
@@ -168,6 +173,7 @@ __all__ = [
     "NoModelMeetsConstraintsError",
     "NullStateStore",
     "NullTelemetryBackend",
+    "OpenAIProvider",
     "Outcome",
     "OutcomeReport",
     "OverloadedError",

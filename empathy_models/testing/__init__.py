@@ -3,3 +3,19 @@ Test helpers that ship with the package: the contract suites for backends
 (`empathy_models.testing.contracts`), `FakeLLMServer` (real HTTP on 127.0.0.1 in both
 wire formats), in-process fakes and a fake clock.
 """
+
+from .fake_server import (
+    FakeLLMServer as FakeLLMServer,
+    Latency as Latency,
+    ModelBehavior as ModelBehavior,
+    RecordedRequest as RecordedRequest,
+)
+from .fakes import FakeProvider as FakeProvider
+
+__all__ = [
+    "FakeLLMServer",
+    "FakeProvider",
+    "Latency",
+    "ModelBehavior",
+    "RecordedRequest",
+]

@@ -1,0 +1,475 @@
+"""
+Shared aiohttp plumbing for the HTTP providers, and the one place where wire failures
+become errors of the tree.
+
+`HTTPProvider` owns the session handling (borrowed through `bind`, or its own under
+``async with``), the per-request timeout and the POST.  Everything that can go wrong
+on the wire is turned into a `ProviderError` subclass here, and only here:
+
+=========================================  ======================================
+what happened                              raised
+=========================================  ======================================
+400 (body says context length)             `ContextWindowExceededError`
+400 (body says content policy)             `ContentPolicyError`
+400, 413, 422 and other 4xx                `InvalidRequestError`
+401, 403                                   `AuthenticationError`
+404                                        `ModelNotFoundError`
+408                                        `ProviderTimeoutError`
+429                                        `RateLimitedError` (``retry_after`` set)
+529, or an ``overloaded_error`` body       `OverloadedError`
+500-599                                    `ServerError`
+aiohttp / asyncio timeout                  `ProviderTimeoutError`
+refused, reset, DNS, disconnected          `ProviderConnectionError`
+truncated body, malformed JSON, missing    `InvalidResponseError`
+fields, unexpected status
+``asyncio.CancelledError``                 re-raised untouched
+=========================================  ======================================
+
+Every error carries ``provider``, ``model``, ``status`` (when there was a response) and
+``retry_after`` in seconds (from ``retry-after-ms``, or ``Retry-After`` as seconds or
+an HTTP date).  Messages quote the provider's own error text with any API key removed;
+the chained cause is an aiohttp or JSON exception that holds no request headers.
+"""
+
+from __future__ import annotations
+
+import abc
+import email.utils
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC
+from types import TracebackType
+from typing import Any, Final, NoReturn, Self
+
+import aiohttp
+
+from ..abc import Completion, CompletionRequest, Provider
+from ..exceptions import (
+    AuthenticationError,
+    ConfigurationError,
+    ContentPolicyError,
+    ContextWindowExceededError,
+    InvalidRequestError,
+    InvalidResponseError,
+    ModelNotFoundError,
+    OverloadedError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeoutError,
+    RateLimitedError,
+    ServerError,
+)
+
+__all__ = [
+    "HTTPProvider",
+    "error_from_response",
+    "error_from_transport",
+    "parse_retry_after",
+]
+
+DEFAULT_TIMEOUT: Final = 60.0
+_MAX_MESSAGE: Final = 300
+_KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
+_CONTEXT_MARKERS: Final = (
+    "context_length_exceeded",
+    "maximum context length",
+    "prompt is too long",
+    "exceed context limit",
+    "context window",
+)
+_POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
+_POLICY_MARKERS: Final = ("content filtering policy", "usage policy", "content policy")
+
+
+class _Secret:
+    """Holds an API key; its repr and str never show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+
+def _scrub(text: str, secret: _Secret | None) -> str:
+    if secret is not None and secret.reveal():
+        text = text.replace(secret.reveal(), "***")
+    text = _KEY_PATTERN.sub("sk-***", text)
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+# --------------------------------------------------------------------------- the mapping
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """
+    Seconds to wait according to ``retry-after-ms`` or ``Retry-After`` (delta seconds or
+    an HTTP date, relative to ``now``, epoch seconds), or None when absent or unreadable.
+    """
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        current = time.time() if now is None else now
+        return max(0.0, when.timestamp() - current)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _error_details(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(type, code, message) from either API's error body; Nones when it is not one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None, None, None
+    if not isinstance(data, Mapping):
+        return None, None, None
+    error = data.get("error")
+    if isinstance(error, str):
+        return None, None, error
+    if not isinstance(error, Mapping):
+        message = data.get("message") if isinstance(data.get("message"), str) else None
+        return None, None, message
+    kind = error.get("type")
+    code = error.get("code")
+    message = error.get("message")
+    return (
+        kind if isinstance(kind, str) else None,
+        code if isinstance(code, str) else None,
+        message if isinstance(message, str) else None,
+    )
+
+
+def error_from_response(
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    provider: str,
+    model: str,
+    secret: _Secret | None = None,
+) -> ProviderError:
+    """The error for a non-2xx response (see the module table)."""
+    kind, code, message = _error_details(body)
+    if message is None:
+        snippet = body[:120].decode("utf-8", "replace").strip()
+        message = f"non-JSON body: {snippet!r}" if snippet else "empty body"
+    label = " ".join(p for p in (kind, f"({code})" if code else None) if p)
+    text = _scrub(f"{provider} HTTP {status}{' ' + label if label else ''}: {message}", secret)
+    text += f" [model {model}]"
+    retry_after = parse_retry_after(headers)
+    lowered = f"{code or ''} {message}".lower()
+    cls: type[ProviderError]
+    if status == 529 or kind == "overloaded_error":
+        cls = OverloadedError
+    elif status == 429:
+        cls = RateLimitedError
+    elif status in (401, 403):
+        cls = AuthenticationError
+    elif status == 404:
+        cls = ModelNotFoundError
+    elif status == 408:
+        cls = ProviderTimeoutError
+    elif 400 <= status < 500:
+        if any(marker in lowered for marker in _CONTEXT_MARKERS):
+            cls = ContextWindowExceededError
+        elif code in _POLICY_CODES or any(marker in lowered for marker in _POLICY_MARKERS):
+            cls = ContentPolicyError
+        else:
+            cls = InvalidRequestError
+    elif 500 <= status < 600:
+        cls = ServerError
+    else:
+        cls = InvalidResponseError
+    return cls(text, provider=provider, model=model, status=status, retry_after=retry_after)
+
+
+def error_from_transport(exc: BaseException, *, provider: str, model: str) -> ProviderError:
+    """
+    The error for an exception raised while sending or reading (never for
+    `asyncio.CancelledError`, which callers must let through).
+    """
+    detail = _scrub(str(exc) or type(exc).__name__, None)
+    where = f"[model {model}]"
+    if isinstance(exc, TimeoutError):  # asyncio.TimeoutError and aiohttp's timeout errors
+        return ProviderTimeoutError(
+            f"{provider}: no answer before the timeout ({type(exc).__name__}) {where}",
+            provider=provider,
+            model=model,
+        )
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return InvalidResponseError(
+            f"{provider}: the response body was cut short: {detail} {where}",
+            provider=provider,
+            model=model,
+        )
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return InvalidResponseError(
+            f"{provider}: unreadable response ({type(exc).__name__}: {exc.message}) {where}",
+            provider=provider,
+            model=model,
+            status=exc.status or None,
+        )
+    return ProviderConnectionError(
+        f"{provider}: connection failed ({type(exc).__name__}: {detail}) {where}",
+        provider=provider,
+        model=model,
+    )
+
+
+# --------------------------------------------------------------------------- response fields
+
+
+class ResponseReader:
+    """
+    Typed access to a decoded JSON response; any missing or mistyped field raises
+    `InvalidResponseError` naming its path (never ``KeyError``).
+    """
+
+    __slots__ = ("_model", "_provider", "_status")
+
+    def __init__(self, *, provider: str, model: str, status: int) -> None:
+        self._provider = provider
+        self._model = model
+        self._status = status
+
+    def error(self, why: str) -> InvalidResponseError:
+        """The `InvalidResponseError` for ``why``."""
+        return InvalidResponseError(
+            f"{self._provider}: invalid response: {why} [model {self._model}]",
+            provider=self._provider,
+            model=self._model,
+            status=self._status,
+        )
+
+    def fail(self, why: str) -> NoReturn:
+        """Raise `error` for ``why``."""
+        raise self.error(why)
+
+    def decode(self, body: bytes) -> dict[str, Any]:
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            snippet = body[:60].decode("utf-8", "replace")
+            raise InvalidResponseError(
+                f"{self._provider}: the response is not valid JSON ({exc}; starts {snippet!r}) "
+                f"[model {self._model}]",
+                provider=self._provider,
+                model=self._model,
+                status=self._status,
+            ) from exc
+        if not isinstance(data, dict):
+            self.fail(f"expected a JSON object, got {type(data).__name__}")
+        return data
+
+    def get(self, data: Mapping[str, Any], key: str, kind: type[Any], path: str) -> Any:
+        value = data.get(key)
+        if value is None or not isinstance(value, kind) or isinstance(value, bool):
+            shown = "missing" if value is None else f"a {type(value).__name__}"
+            self.fail(f"{path}.{key} must be {kind.__name__}, got {shown}")
+        return value
+
+    def optional_str(self, data: Mapping[str, Any], key: str) -> str | None:
+        value = data.get(key)
+        return value if isinstance(value, str) else None
+
+    def tokens(self, data: Mapping[str, Any], key: str, path: str) -> int:
+        value = self.get(data, key, int, path)
+        if value < 0:
+            self.fail(f"{path}.{key} must be >= 0, got {value}")
+        return int(value)
+
+
+# --------------------------------------------------------------------------- the base class
+
+
+def _to_timeout(value: float | aiohttp.ClientTimeout | None) -> aiohttp.ClientTimeout:
+    if isinstance(value, aiohttp.ClientTimeout):
+        return value
+    if value is None:
+        return aiohttp.ClientTimeout(total=None)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"timeout must be a number of seconds > 0, got {value!r}")
+    return aiohttp.ClientTimeout(total=float(value))
+
+
+class HTTPProvider(Provider):
+    """
+    A provider that POSTs JSON to ``base_url`` with aiohttp.
+
+    Subclasses set ``env_var`` and implement `_endpoint`, `_headers`, `_payload` and
+    `_parse`.  The key comes from ``api_key`` or the environment variable, is held in a
+    wrapper that never prints, and is never logged or put in a repr or an error.  A
+    missing key raises `AuthenticationError` from `complete` before any request.
+
+    Sessions: `bind` lends one (the executor's); ``async with provider:`` creates and
+    closes one of its own.  `complete` is safe to call concurrently; its cost is the
+    request itself.
+    """
+
+    env_var: str = ""
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None,
+        base_url: str,
+        name: str,
+        timeout: float | aiohttp.ClientTimeout | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"name must be a non-empty string, got {name!r}")
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"base_url must be an http(s) URL, got {base_url!r}")
+        key = api_key if api_key is not None else os.environ.get(self.env_var)
+        self._secret: _Secret | None = _Secret(key) if key else None
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self._timeout = _to_timeout(timeout)
+        self._url = self.base_url + self._endpoint()
+        self._bound: aiohttp.ClientSession | None = None
+        self._own: aiohttp.ClientSession | None = None
+        self._headers_cache: dict[str, str] | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, base_url={self.base_url!r})"
+
+    @property
+    def has_api_key(self) -> bool:
+        """True when a key was given or found in the environment."""
+        return self._secret is not None
+
+    # ------------------------------------------------------------------ sessions
+
+    async def bind(self, session: aiohttp.ClientSession) -> None:
+        """Send every request through ``session`` until `unbind` (the owner closes it)."""
+        self._bound = session
+
+    async def unbind(self) -> None:
+        """Stop using the bound session."""
+        self._bound = None
+
+    async def __aenter__(self) -> Self:
+        if self._own is None or self._own.closed:
+            self._own = aiohttp.ClientSession(timeout=self._timeout)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session this provider created (a bound one is left alone)."""
+        own, self._own = self._own, None
+        if own is not None:
+            await own.close()
+
+    def _session(self) -> aiohttp.ClientSession:
+        session = self._bound if self._bound is not None else self._own
+        if session is None or session.closed:
+            raise ConfigurationError(
+                f"{self!r} has no open HTTP session: use `async with provider:` or pass it "
+                "to an EmpathyLLMExecutor"
+            )
+        return session
+
+    # ------------------------------------------------------------------ the call
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        """
+        POST ``request`` and return the `Completion`.
+
+        Raises a `ProviderError` subclass for every failure (see the module table) and
+        `ConfigurationError` when no session is open; cancellation propagates untouched.
+        """
+        model = request.model
+        if self._secret is None:
+            raise AuthenticationError(
+                f"{self.name}: no API key; pass api_key= or set {self.env_var} [model {model}]",
+                provider=self.name,
+                model=model,
+            )
+        session = self._session()
+        headers = self._headers_cache
+        if headers is None:
+            headers = self._headers_cache = self._headers(self._secret.reveal())
+        payload = json.dumps(self._payload(request), separators=(",", ":")).encode()
+        try:
+            async with session.post(
+                self._url, data=payload, headers=headers, timeout=self._timeout
+            ) as response:
+                status = response.status
+                body = await response.read()
+                response_headers = response.headers
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise error_from_transport(exc, provider=self.name, model=model) from exc
+        if not 200 <= status < 300:
+            raise error_from_response(
+                status,
+                body,
+                response_headers,
+                provider=self.name,
+                model=model,
+                secret=self._secret,
+            )
+        reader = ResponseReader(provider=self.name, model=model, status=status)
+        data = reader.decode(body)
+        try:
+            return self._parse(reader, data, request, response_headers)
+        except InvalidResponseError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise reader.error(f"{type(exc).__name__}: {exc}") from exc
+
+    @abc.abstractmethod
+    def _endpoint(self) -> str:
+        """The path appended to ``base_url``."""
+
+    @abc.abstractmethod
+    def _headers(self, api_key: str) -> dict[str, str]:
+        """Request headers, built once per provider."""
+
+    @abc.abstractmethod
+    def _payload(self, request: CompletionRequest) -> dict[str, Any]:
+        """The JSON body for ``request``."""
+
+    @abc.abstractmethod
+    def _parse(
+        self,
+        reader: ResponseReader,
+        data: dict[str, Any],
+        request: CompletionRequest,
+        headers: Mapping[str, str],
+    ) -> Completion:
+        """Build the `Completion` from a 2xx body, failing through ``reader``."""

@@ -1,0 +1,95 @@
+"""`AnthropicProvider`: the Anthropic Messages API (``POST /v1/messages``) over aiohttp."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import aiohttp
+
+from ..abc import Completion, CompletionRequest
+from ._http import DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
+
+__all__ = ["ANTHROPIC_VERSION", "AnthropicProvider"]
+
+ANTHROPIC_VERSION: Final = "2023-06-01"
+"""The ``anthropic-version`` header sent by default."""
+
+
+class AnthropicProvider(HTTPProvider):
+    """
+    Calls Claude models through the Messages API.
+
+    ``api_key`` defaults to the ``ANTHROPIC_API_KEY`` environment variable (read at
+    construction); without either, `complete` raises `AuthenticationError` naming the
+    variable, before any request.  ``base_url`` may point at any server speaking the
+    Messages API (a proxy, `FakeLLMServer.anthropic_base_url`); a trailing ``/v1`` is
+    accepted.  ``timeout`` is the per-request total in seconds (or an
+    ``aiohttp.ClientTimeout``), applied on bound sessions too.
+
+    The completion's ``content`` is the concatenated text blocks; tokens are the
+    response's ``usage.input_tokens`` / ``usage.output_tokens`` (cache reads and writes
+    are not included); ``request_id`` is the ``request-id`` header.  The ``model`` of the
+    `Completion` is the id that was asked for, so it matches the registry.
+    """
+
+    env_var = "ANTHROPIC_API_KEY"
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str = "https://api.anthropic.com",
+        name: str = "anthropic",
+        timeout: float | aiohttp.ClientTimeout | None = DEFAULT_TIMEOUT,
+        anthropic_version: str = ANTHROPIC_VERSION,
+    ) -> None:
+        self._version = anthropic_version
+        super().__init__(api_key=api_key, base_url=base_url, name=name, timeout=timeout)
+
+    def _endpoint(self) -> str:
+        return "/messages" if self.base_url.endswith("/v1") else "/v1/messages"
+
+    def _headers(self, api_key: str) -> dict[str, str]:
+        return {
+            "x-api-key": api_key,
+            "anthropic-version": self._version,
+            "content-type": "application/json",
+            "accept": "application/json",
+        }
+
+    def _payload(self, request: CompletionRequest) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+        }
+        if request.system is not None:
+            payload["system"] = request.system
+        if request.temperature is not None:
+            payload["temperature"] = request.temperature
+        return payload
+
+    def _parse(
+        self,
+        reader: ResponseReader,
+        data: dict[str, Any],
+        request: CompletionRequest,
+        headers: Mapping[str, str],
+    ) -> Completion:
+        blocks = reader.get(data, "content", list, "response")
+        parts: list[str] = []
+        for index, block in enumerate(blocks):
+            if not isinstance(block, Mapping):
+                reader.fail(f"response.content[{index}] must be an object")
+            if block.get("type") == "text":
+                parts.append(reader.get(block, "text", str, f"response.content[{index}]"))
+        usage = reader.get(data, "usage", dict, "response")
+        return Completion(
+            content="".join(parts),
+            model=request.model,
+            input_tokens=reader.tokens(usage, "input_tokens", "response.usage"),
+            output_tokens=reader.tokens(usage, "output_tokens", "response.usage"),
+            stop_reason=reader.optional_str(data, "stop_reason"),
+            request_id=headers.get("request-id") or reader.optional_str(data, "id"),
+        )

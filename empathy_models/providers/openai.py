@@ -1,0 +1,119 @@
+"""`OpenAIProvider`: OpenAI Chat Completions (``POST {base_url}/chat/completions``) over aiohttp."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from ..abc import Completion, CompletionRequest
+from ..exceptions import ConfigurationError
+from ._http import DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
+
+__all__ = ["OpenAIProvider"]
+
+
+class OpenAIProvider(HTTPProvider):
+    """
+    Calls any server speaking OpenAI Chat Completions: OpenAI itself, vLLM, Ollama,
+    OpenRouter, a LiteLLM proxy (set ``base_url``, e.g. ``"http://localhost:11434/v1"``,
+    and ``name`` so records and breaker keys tell them apart).
+
+    ``api_key`` defaults to the ``OPENAI_API_KEY`` environment variable (read at
+    construction); without either, `complete` raises `AuthenticationError` naming the
+    variable, before any request (servers that need no key accept any placeholder).
+    ``max_tokens_field`` is the body field that carries the request's ``max_tokens``:
+    by default ``"max_completion_tokens"`` for api.openai.com (its reasoning models
+    reject ``max_tokens``) and ``"max_tokens"`` for every other server.  ``organization``
+    is sent as the ``OpenAI-Organization`` header when given.
+
+    The completion's ``content`` is the first choice's message content (``""`` when the
+    model refused; ``stop_reason`` is then ``"refusal"``); tokens are
+    ``usage.prompt_tokens`` / ``usage.completion_tokens``; ``request_id`` is the
+    ``x-request-id`` header.  The ``model`` of the `Completion` is the id asked for.
+    """
+
+    env_var = "OPENAI_API_KEY"
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str = "https://api.openai.com/v1",
+        name: str = "openai",
+        timeout: float | aiohttp.ClientTimeout | None = DEFAULT_TIMEOUT,
+        organization: str | None = None,
+        max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None,
+    ) -> None:
+        if max_tokens_field not in (None, "max_tokens", "max_completion_tokens"):
+            raise ConfigurationError(
+                "max_tokens_field must be 'max_tokens' or 'max_completion_tokens', "
+                f"got {max_tokens_field!r}"
+            )
+        self._organization = organization
+        super().__init__(api_key=api_key, base_url=base_url, name=name, timeout=timeout)
+        if max_tokens_field is None:
+            official = urlsplit(self.base_url).hostname == "api.openai.com"
+            max_tokens_field = "max_completion_tokens" if official else "max_tokens"
+        self.max_tokens_field = max_tokens_field
+
+    def _endpoint(self) -> str:
+        return "/chat/completions"
+
+    def _headers(self, api_key: str) -> dict[str, str]:
+        headers = {
+            "Authorization": f"Bearer {api_key}",
+            "content-type": "application/json",
+            "accept": "application/json",
+        }
+        if self._organization:
+            headers["OpenAI-Organization"] = self._organization
+        return headers
+
+    def _payload(self, request: CompletionRequest) -> dict[str, Any]:
+        messages: list[dict[str, str]] = []
+        if request.system is not None:
+            messages.append({"role": "system", "content": request.system})
+        messages.extend({"role": m.role, "content": m.content} for m in request.messages)
+        payload: dict[str, Any] = {
+            "model": request.model,
+            "messages": messages,
+            self.max_tokens_field: request.max_tokens,
+        }
+        if request.temperature is not None:
+            payload["temperature"] = request.temperature
+        return payload
+
+    def _parse(
+        self,
+        reader: ResponseReader,
+        data: dict[str, Any],
+        request: CompletionRequest,
+        headers: Mapping[str, str],
+    ) -> Completion:
+        choices = reader.get(data, "choices", list, "response")
+        if not choices:
+            reader.fail("response.choices is empty")
+        choice = choices[0]
+        if not isinstance(choice, Mapping):
+            reader.fail("response.choices[0] must be an object")
+        message = reader.get(choice, "message", dict, "response.choices[0]")
+        content = message.get("content")
+        stop_reason = reader.optional_str(choice, "finish_reason")
+        if content is None:
+            if not isinstance(message.get("refusal"), str):
+                reader.fail("response.choices[0].message.content is missing")
+            content, stop_reason = "", "refusal"
+        elif not isinstance(content, str):
+            reader.fail("response.choices[0].message.content must be a string")
+        usage = reader.get(data, "usage", dict, "response")
+        return Completion(
+            content=content,
+            model=request.model,
+            input_tokens=reader.tokens(usage, "prompt_tokens", "response.usage"),
+            output_tokens=reader.tokens(usage, "completion_tokens", "response.usage"),
+            stop_reason=stop_reason,
+            request_id=headers.get("x-request-id") or reader.optional_str(data, "id"),
+        )

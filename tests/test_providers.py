@@ -1,0 +1,455 @@
+"""
+The HTTP providers against `FakeLLMServer` over real HTTP on 127.0.0.1, in both wire
+formats: every wire outcome maps to its documented error class with provider, model,
+status and retry_after set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from empathy_models import (
+    AnthropicProvider,
+    AuthenticationError,
+    CompletionRequest,
+    ConfigurationError,
+    ContentPolicyError,
+    ContextWindowExceededError,
+    InvalidRequestError,
+    InvalidResponseError,
+    Message,
+    ModelNotFoundError,
+    OpenAIProvider,
+    OverloadedError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeoutError,
+    RateLimitedError,
+    ServerError,
+)
+from empathy_models.providers._http import HTTPProvider, error_from_response, parse_retry_after
+from empathy_models.testing import FakeLLMServer, ModelBehavior
+
+KEY = "test-key-0123456789"
+MODEL = "model-a"
+FORMATS = ["anthropic", "openai"]
+
+
+def make_provider(
+    wire: str, server: FakeLLMServer, *, key: str | None = KEY, **kwargs: Any
+) -> HTTPProvider:
+    if wire == "anthropic":
+        return AnthropicProvider(api_key=key, base_url=server.anthropic_base_url, **kwargs)
+    return OpenAIProvider(api_key=key, base_url=server.openai_base_url, **kwargs)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    behaviors = {
+        MODEL: ModelBehavior(output_tokens=7, content="hello there", retry_after=7),
+        "fractional": ModelBehavior(retry_after=2.5),
+        "small": ModelBehavior(context_window=50),
+    }
+    async with FakeLLMServer(behaviors, api_key=KEY, default=None) as fake:
+        yield fake
+
+
+@pytest.fixture(params=FORMATS)
+async def provider(
+    request: pytest.FixtureRequest, server: FakeLLMServer
+) -> AsyncIterator[HTTPProvider]:
+    async with make_provider(request.param, server) as p:
+        yield p
+
+
+def req(
+    model: str = MODEL, text: str = "Summarize this please.", **kwargs: Any
+) -> CompletionRequest:
+    return CompletionRequest(model=model, messages=text, **kwargs)
+
+
+async def failure(provider: HTTPProvider, request: CompletionRequest) -> ProviderError:
+    with pytest.raises(ProviderError) as info:
+        await provider.complete(request)
+    return info.value
+
+
+def assert_error(
+    exc: ProviderError,
+    cls: type[ProviderError],
+    provider: HTTPProvider,
+    *,
+    status: int | None,
+    model: str = MODEL,
+    retry_after: float | None = None,
+) -> None:
+    assert type(exc) is cls, (type(exc), exc)
+    assert exc.provider == provider.name
+    assert exc.model == model
+    assert exc.status == status
+    assert exc.retry_after == retry_after
+    assert KEY not in str(exc)
+    assert not isinstance(exc, KeyError)
+    assert exc.__cause__ is None or KEY not in repr(exc.__cause__)
+
+
+# ------------------------------------------------------------------ success
+
+
+async def test_success_in_both_formats(provider: HTTPProvider, server: FakeLLMServer) -> None:
+    text = "Summarize this please."
+    completion = await provider.complete(
+        CompletionRequest(
+            model=MODEL,
+            messages=[Message(role="user", content=text)],
+            system="Be brief.",
+            max_tokens=100,
+            temperature=0.2,
+        )
+    )
+    assert completion.content == "hello there"
+    assert completion.model == MODEL
+    assert completion.input_tokens == len("Be brief." + text) // 4 + 1
+    assert completion.output_tokens == 7
+    assert completion.request_id
+    assert completion.stop_reason in ("end_turn", "stop")
+    seen = server.last_request(MODEL)
+    assert seen is not None
+    assert seen.api == provider.name
+    assert seen.body["temperature"] == 0.2
+    if isinstance(provider, AnthropicProvider):
+        assert seen.body["system"] == "Be brief."
+        assert seen.body["max_tokens"] == 100
+        assert seen.body["messages"] == [{"role": "user", "content": text}]
+        assert seen.headers["anthropic-version"] == "2023-06-01"
+    else:
+        assert seen.body["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": text},
+        ]
+        assert seen.body["max_tokens"] == 100  # not api.openai.com: the portable field
+    assert all(KEY not in value for value in seen.headers.values())
+
+
+async def test_max_tokens_cap_is_reported_as_the_stop_reason(provider: HTTPProvider) -> None:
+    completion = await provider.complete(req(max_tokens=3))
+    assert completion.output_tokens == 3
+    assert completion.stop_reason in ("max_tokens", "length")
+
+
+async def test_two_hundred_concurrent_calls_over_a_borrowed_session(
+    server: FakeLLMServer,
+) -> None:
+    anthropic = make_provider("anthropic", server)
+    openai = make_provider("openai", server)
+    async with aiohttp.ClientSession() as session:
+        await anthropic.bind(session)
+        await openai.bind(session)
+        results = await asyncio.gather(*(p.complete(req()) for p in [anthropic, openai] * 100))
+        await anthropic.unbind()
+        await openai.unbind()
+        assert not session.closed  # the owner closes a borrowed session, not the provider
+    assert len(results) == 200
+    assert server.requests(MODEL) == 200
+    with pytest.raises(ConfigurationError, match="no open HTTP session"):
+        await anthropic.complete(req())
+
+
+async def test_own_session_is_closed_on_exit(server: FakeLLMServer) -> None:
+    provider = make_provider("openai", server)
+    with pytest.raises(ConfigurationError, match="async with provider"):
+        await provider.complete(req())
+    async with provider:
+        assert (await provider.complete(req())).content == "hello there"
+    with pytest.raises(ConfigurationError):
+        await provider.complete(req())
+
+
+# ------------------------------------------------------------------ HTTP errors
+
+
+async def test_400_invalid_request(provider: HTTPProvider, server: FakeLLMServer) -> None:
+    server.script(MODEL, [400])
+    assert_error(await failure(provider, req()), InvalidRequestError, provider, status=400)
+
+
+async def test_400_context_window_from_the_script(
+    provider: HTTPProvider, server: FakeLLMServer
+) -> None:
+    server.script(MODEL, ["context_length"])
+    exc = await failure(provider, req())
+    assert_error(exc, ContextWindowExceededError, provider, status=400)
+    assert isinstance(exc, InvalidRequestError)
+
+
+async def test_400_context_window_from_a_long_prompt(provider: HTTPProvider) -> None:
+    exc = await failure(provider, req("small", "word " * 100, max_tokens=10))
+    assert_error(exc, ContextWindowExceededError, provider, status=400, model="small")
+
+
+async def test_400_content_policy(provider: HTTPProvider, server: FakeLLMServer) -> None:
+    server.script(MODEL, ["content_policy"])
+    assert_error(await failure(provider, req()), ContentPolicyError, provider, status=400)
+
+
+async def test_401_wrong_key(server: FakeLLMServer, wire: str) -> None:
+    async with make_provider(wire, server, key="wrong-key-abcdef") as provider:
+        exc = await failure(provider, req())
+    assert_error(exc, AuthenticationError, provider, status=401)
+    assert "wrong-key-abcdef" not in str(exc)
+    assert isinstance(exc, PermissionError)
+
+
+async def test_403_is_an_authentication_error(
+    provider: HTTPProvider, server: FakeLLMServer
+) -> None:
+    server.script(MODEL, [403])
+    assert_error(await failure(provider, req()), AuthenticationError, provider, status=403)
+
+
+async def test_404_unknown_model(provider: HTTPProvider, server: FakeLLMServer) -> None:
+    exc = await failure(provider, req("no-such-model"))
+    assert_error(exc, ModelNotFoundError, provider, status=404, model="no-such-model")
+    assert server.requests("no-such-model") == 0
+
+
+async def test_429_with_retry_after(provider: HTTPProvider, server: FakeLLMServer) -> None:
+    server.script(MODEL, [429])
+    exc = await failure(provider, req())
+    assert_error(exc, RateLimitedError, provider, status=429, retry_after=7.0)
+
+
+async def test_429_fractional_retry_after(provider: HTTPProvider, server: FakeLLMServer) -> None:
+    server.script("fractional", [429])
+    exc = await failure(provider, req("fractional"))
+    # Anthropic sends whole seconds in Retry-After; OpenAI also sends retry-after-ms
+    expected = 3.0 if isinstance(provider, AnthropicProvider) else 2.5
+    assert_error(
+        exc, RateLimitedError, provider, status=429, model="fractional", retry_after=expected
+    )
+
+
+async def test_500_server_error(provider: HTTPProvider, server: FakeLLMServer) -> None:
+    server.script(MODEL, [500])
+    assert_error(await failure(provider, req()), ServerError, provider, status=500)
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+async def test_other_5xx_are_server_errors(
+    provider: HTTPProvider, server: FakeLLMServer, status: int
+) -> None:
+    server.script(MODEL, [status])
+    exc = await failure(provider, req())
+    retry = 7.0 if status == 503 else None
+    assert_error(exc, ServerError, provider, status=status, retry_after=retry)
+    if status != 503:
+        assert "non-JSON body" in str(exc)  # the gateway's HTML page, not InvalidResponseError
+
+
+async def test_529_overloaded(provider: HTTPProvider, server: FakeLLMServer) -> None:
+    server.script(MODEL, [529])
+    exc = await failure(provider, req())
+    assert_error(exc, OverloadedError, provider, status=529, retry_after=7.0)
+    assert isinstance(exc, ServerError)
+
+
+# ------------------------------------------------------------------ transport failures
+
+
+async def test_timeout_on_a_hanging_server(server: FakeLLMServer, wire: str) -> None:
+    server.script(MODEL, ["hang"])
+    async with make_provider(wire, server, timeout=0.2) as provider:
+        exc = await failure(provider, req())
+    assert_error(exc, ProviderTimeoutError, provider, status=None)
+    assert isinstance(exc, TimeoutError)
+
+
+async def test_connection_refused(server: FakeLLMServer, wire: str) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # nothing listens on the port any more
+    if wire == "anthropic":
+        provider: HTTPProvider = AnthropicProvider(api_key=KEY, base_url=f"http://127.0.0.1:{port}")
+    else:
+        provider = OpenAIProvider(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1")
+    async with provider:
+        exc = await failure(provider, req())
+    assert_error(exc, ProviderConnectionError, provider, status=None)
+    assert isinstance(exc, ConnectionError)
+
+
+async def test_connection_reset(provider: HTTPProvider, server: FakeLLMServer) -> None:
+    server.script(MODEL, ["reset"])
+    assert_error(await failure(provider, req()), ProviderConnectionError, provider, status=None)
+
+
+@pytest.mark.parametrize("action", ["malformed", "incomplete"])
+async def test_bad_bodies_are_invalid_responses(
+    provider: HTTPProvider, server: FakeLLMServer, action: str
+) -> None:
+    server.script(MODEL, [action])
+    exc = await failure(provider, req())
+    assert_error(exc, InvalidResponseError, provider, status=200)
+    if action == "incomplete":
+        assert "response." in str(exc)  # names the missing field
+
+
+async def test_truncated_body_is_an_invalid_response(
+    provider: HTTPProvider, server: FakeLLMServer
+) -> None:
+    server.script(MODEL, ["truncated"])
+    exc = await failure(provider, req())
+    assert_error(exc, InvalidResponseError, provider, status=None)
+    assert "cut short" in str(exc)
+
+
+async def test_cancellation_passes_through_untouched(
+    provider: HTTPProvider, server: FakeLLMServer
+) -> None:
+    server.script(MODEL, ["hang"])
+    task = asyncio.create_task(provider.complete(req()))
+    await server.wait_for_requests(1, MODEL)  # the request is in the server
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # the provider still works afterwards
+    assert (await provider.complete(req())).content == "hello there"
+
+
+# ------------------------------------------------------------------ keys and configuration
+
+
+@pytest.mark.parametrize(
+    ("factory", "env_var"),
+    [(AnthropicProvider, "ANTHROPIC_API_KEY"), (OpenAIProvider, "OPENAI_API_KEY")],
+)
+async def test_missing_key_fails_before_any_request(
+    server: FakeLLMServer,
+    monkeypatch: pytest.MonkeyPatch,
+    factory: Callable[..., HTTPProvider],
+    env_var: str,
+) -> None:
+    monkeypatch.delenv(env_var, raising=False)
+    provider = factory(base_url=server.url)
+    assert not provider.has_api_key
+    async with provider:
+        exc = await failure(provider, req())
+    assert type(exc) is AuthenticationError
+    assert env_var in str(exc)
+    assert server.requests() == 0
+
+
+@pytest.mark.parametrize("wire", FORMATS)
+async def test_key_from_the_environment(
+    server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch, wire: str
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    async with make_provider(wire, server, key=None) as provider:
+        assert provider.has_api_key
+        assert (await provider.complete(req())).output_tokens == 7
+
+
+def test_repr_shows_name_and_url_but_never_the_key() -> None:
+    anthropic = AnthropicProvider(api_key="sk-ant-secret-value")
+    openai = OpenAIProvider(api_key="sk-secret-value", name="vllm", base_url="http://gpu:8000/v1/")
+    assert repr(anthropic) == (
+        "AnthropicProvider(name='anthropic', base_url='https://api.anthropic.com')"
+    )
+    assert repr(openai) == "OpenAIProvider(name='vllm', base_url='http://gpu:8000/v1')"
+    for provider, key in ((anthropic, "sk-ant-secret-value"), (openai, "sk-secret-value")):
+        assert key not in repr(provider)
+        assert key not in str(vars(provider))
+
+
+def test_openai_max_tokens_field_depends_on_the_server() -> None:
+    assert OpenAIProvider(api_key="k").max_tokens_field == "max_completion_tokens"
+    assert OpenAIProvider(api_key="k", base_url="http://localhost:11434/v1").max_tokens_field == (
+        "max_tokens"
+    )
+    forced = OpenAIProvider(
+        api_key="k", max_tokens_field="max_completion_tokens", base_url="http://localhost:8000/v1"
+    )
+    assert forced.max_tokens_field == "max_completion_tokens"
+
+
+async def test_anthropic_base_url_may_end_in_v1(server: FakeLLMServer) -> None:
+    async with AnthropicProvider(api_key=KEY, base_url=server.url + "/v1/") as provider:
+        assert (await provider.complete(req())).content == "hello there"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"base_url": "ftp://x"}, {"name": ""}, {"timeout": 0}, {"timeout": -1.0}],
+)
+def test_bad_configuration(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        AnthropicProvider(api_key="k", **kwargs)
+
+
+# ------------------------------------------------------------------ the mapping itself
+
+
+def test_overloaded_body_on_another_status_is_overloaded() -> None:
+    body = b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'
+    exc = error_from_response(500, body, {}, provider="anthropic", model="m")
+    assert type(exc) is OverloadedError
+    assert exc.status == 500
+
+
+def test_keys_echoed_by_the_server_are_scrubbed() -> None:
+    body = (
+        b'{"error":{"message":"Incorrect API key provided: sk-proj-abcdefgh1234. '
+        b'Also my-literal-key.","type":"invalid_request_error","code":"invalid_api_key"}}'
+    )
+    from empathy_models.providers._http import _Secret
+
+    exc = error_from_response(
+        401, body, {}, provider="openai", model="m", secret=_Secret("my-literal-key")
+    )
+    assert "sk-proj-abcdefgh1234" not in str(exc)
+    assert "my-literal-key" not in str(exc)
+    assert "invalid_api_key" in str(exc)
+
+
+def test_retry_after_forms() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after({"retry-after": "12"}) == 12.0
+    assert parse_retry_after({"retry-after": "0.5"}) == 0.5
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    date = "Tue, 14 Nov 2023 22:13:50 GMT"  # now + 30 s
+    assert parse_retry_after({"retry-after": date}, now=now) == pytest.approx(30.0)
+    assert parse_retry_after({"retry-after": date}, now=now + 100) == 0.0
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({"retry-after": "-3"}) is None
+    assert parse_retry_after({}) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (400, InvalidRequestError),
+        (408, ProviderTimeoutError),
+        (409, InvalidRequestError),
+        (413, InvalidRequestError),
+        (422, InvalidRequestError),
+        (302, InvalidResponseError),
+        (599, ServerError),
+    ],
+)
+def test_status_table(status: int, cls: type[ProviderError]) -> None:
+    exc = error_from_response(status, b"", {}, provider="p", model="m")
+    assert type(exc) is cls
+    assert exc.status == status
+
+
+@pytest.fixture(params=FORMATS)
+def wire(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
