@@ -1,0 +1,408 @@
+"""
+EmpathyLLMExecutor over real HTTP: `FakeLLMServer` on 127.0.0.1 speaking both wire
+formats, the real `AnthropicProvider` / `OpenAIProvider`, the real breaker, router and
+memory telemetry.  Retry waits go through an injected sleep, so nothing here waits for
+time to pass except the one deadline test (a 0.2 s budget against a hanging server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import attrs
+import pytest
+
+from empathy_models import (
+    AllRoutesFailedError,
+    BreakerPolicy,
+    ContextWindowExceededError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    FallbackPolicy,
+    InvalidRequestError,
+    LLMCallRecord,
+    MemoryTelemetryBackend,
+    ModelInfo,
+    ModelRegistry,
+    ModelTier,
+    Outcome,
+    ProviderTimeoutError,
+    RetryPolicy,
+    ServerError,
+    TelemetryDisabledWarning,
+)
+from empathy_models.breaker import CircuitBreaker
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.router import AdaptiveModelRouter
+from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
+
+KEY = "test-key-0123"
+
+REGISTRY = ModelRegistry(
+    models=[
+        ModelInfo(
+            id="claude-fake-haiku",
+            provider="anthropic",
+            tier="cheap",
+            input_price_per_mtok=0.8,
+            output_price_per_mtok=4.0,
+            context_window=200_000,
+            max_output_tokens=8192,
+        ),
+        ModelInfo(
+            id="gpt-fake-mini",
+            provider="openai",
+            tier="cheap",
+            input_price_per_mtok=1.0,
+            output_price_per_mtok=5.0,
+            context_window=128_000,
+            max_output_tokens=16384,
+        ),
+        ModelInfo(
+            id="claude-fake-sonnet",
+            provider="anthropic",
+            tier="capable",
+            input_price_per_mtok=3.0,
+            output_price_per_mtok=15.0,
+            context_window=200_000,
+            max_output_tokens=8192,
+        ),
+        ModelInfo(
+            id="gpt-fake-4o",
+            provider="openai",
+            tier="capable",
+            input_price_per_mtok=2.5,
+            output_price_per_mtok=10.0,
+            context_window=128_000,
+            max_output_tokens=16384,
+        ),
+    ],
+    price_version="http-test-1",
+)
+
+CHEAP = ExecutionContext(workflow="support", stage="triage", tier="cheap")
+
+
+class RecordingSleep:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    async with FakeLLMServer(api_key=KEY, seed=7) as fake:
+        yield fake
+
+
+@pytest.fixture
+def telemetry() -> MemoryTelemetryBackend:
+    return MemoryTelemetryBackend()
+
+
+@pytest.fixture
+def sleep() -> RecordingSleep:
+    return RecordingSleep()
+
+
+def providers(server: FakeLLMServer) -> list[Any]:
+    return [
+        AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+        OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+    ]
+
+
+def make(
+    server: FakeLLMServer,
+    telemetry: MemoryTelemetryBackend | None,
+    sleep: RecordingSleep,
+    **options: Any,
+) -> EmpathyLLMExecutor:
+    options.setdefault("retry", RetryPolicy(jitter=False))
+    return EmpathyLLMExecutor(
+        providers(server), registry=REGISTRY, telemetry_store=telemetry, sleep=sleep, **options
+    )
+
+
+async def records_of(telemetry: MemoryTelemetryBackend) -> list[LLMCallRecord]:
+    return sorted(await telemetry.recent(limit=100_000), key=lambda r: (r.timestamp, r.attempt))
+
+
+async def until(predicate: Any, *, limit: int = 100_000) -> None:
+    """Yield to the event loop until ``predicate()`` holds (no wall-clock waiting)."""
+    for _ in range(limit):
+        if predicate():
+            return
+        await anyio.lowlevel.checkpoint()
+    raise AssertionError("condition never became true")
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+async def test_primary_provider_outage_falls_back_to_the_next_candidate(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """Anthropic is down (503): the answer comes from OpenAI; both are in the chain."""
+    server.set_outage("anthropic", action=503)
+    async with make(server, telemetry, sleep) as executor:
+        response = await executor.run("Where is my parcel?", CHEAP)
+    assert response.provider == "openai"
+    assert response.model == "gpt-fake-mini"
+    assert response.fallback_chain == ("claude-fake-haiku", "gpt-fake-mini")
+    assert response.fallback_used is True
+    assert response.input_tokens > 0 and response.output_tokens > 0
+    assert response.cost_usd == pytest.approx(
+        REGISTRY.cost("gpt-fake-mini", response.input_tokens, response.output_tokens)
+    )
+    records = await records_of(telemetry)
+    failures = [r for r in records if not r.success]
+    successes = [r for r in records if r.success]
+    assert len(failures) == 3 and len(successes) == 1
+    assert {(r.model, r.status_code, r.outcome) for r in failures} == {
+        ("claude-fake-haiku", 503, Outcome.FAILURE)
+    }
+    assert successes[0].model == "gpt-fake-mini" and successes[0].fallback_used
+    assert len(records) == len(response.attempts)
+    assert sleep.delays == [1.0, 2.0]
+    assert server.requests("claude-fake-haiku") == 3
+    assert server.requests("gpt-fake-mini") == 1
+
+
+async def test_open_breaker_sends_later_runs_straight_to_the_next_provider(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    server.set_outage("anthropic", action=529)
+    policy = BreakerPolicy(consecutive_failures=3)
+    async with (
+        CircuitBreaker(policy=policy) as breaker,
+        make(server, telemetry, sleep, breaker=breaker) as executor,
+    ):
+        first = await executor.run("hello", CHEAP)
+        second = await executor.run("hello", CHEAP)
+    assert first.fallback_chain == ("claude-fake-haiku", "gpt-fake-mini")
+    assert second.fallback_chain == ("gpt-fake-mini",)
+    assert len(second.attempts) == 1
+    assert server.requests("claude-fake-haiku") == 3  # none after the trip
+
+
+async def test_real_router_learns_from_every_attempt_and_routes_away(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    Pinned runs make claude-fake-haiku fail 12 times (and fall back to gpt-fake-mini);
+    the router, fed every record by the executor, then routes around haiku on its own.
+    """
+    server.set_outage("claude-fake-haiku", action=500)
+    router = AdaptiveModelRouter(REGISTRY, telemetry, seed=3)
+    async with router, make(server, telemetry, sleep, router=router) as executor:
+        for _ in range(4):
+            pinned = await executor.run("hello", attrs.evolve(CHEAP, model="claude-fake-haiku"))
+            assert pinned.fallback_chain == ("claude-fake-haiku", "gpt-fake-mini")
+        decision = router.get_best_model(
+            "support", "triage", candidates=["claude-fake-haiku", "gpt-fake-mini"]
+        )
+        routed = await executor.run("hello", CHEAP)
+    evidence = {c.model: c for c in decision.candidates}
+    assert evidence["claude-fake-haiku"].sample_size == 12
+    assert evidence["claude-fake-haiku"].success_rate == 0.0
+    assert evidence["gpt-fake-mini"].sample_size == 4
+    assert routed.routing_decision is not None
+    assert routed.routing_decision.model == "gpt-fake-mini"
+    assert routed.fallback_chain == ("gpt-fake-mini",)
+    assert server.requests("claude-fake-haiku") == 12
+
+
+# --------------------------------------------------------------------------- retry and errors
+
+
+async def test_retry_after_from_the_wire_is_honoured(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    server.set_behavior("claude-fake-haiku", ModelBehavior(retry_after=4))
+    server.script("claude-fake-haiku", [429, 529, "ok"])
+    async with make(server, telemetry, sleep) as executor:
+        response = await executor.run("hello", CHEAP)
+    assert response.model == "claude-fake-haiku"
+    assert sleep.delays == [4.0, 4.0]
+    records = await records_of(telemetry)
+    assert [(r.outcome, r.status_code) for r in records] == [
+        (Outcome.RATE_LIMITED, 429),
+        (Outcome.FAILURE, 529),
+        (Outcome.SUCCESS, None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("action", "falls_back", "sleeps"),
+    [
+        (401, True, 0),
+        (404, True, 0),
+        ("malformed", True, 0),
+        ("incomplete", True, 0),
+        ("truncated", True, 0),
+        (500, False, 1),
+        (502, False, 1),
+        ("reset", False, 1),
+    ],
+)
+async def test_each_wire_failure_gets_its_decision(
+    server: FakeLLMServer,
+    telemetry: MemoryTelemetryBackend,
+    sleep: RecordingSleep,
+    action: int | str,
+    falls_back: bool,
+    sleeps: int,
+) -> None:
+    """Fatal and malformed answers fall back at once; transient ones are retried."""
+    server.script("claude-fake-haiku", [action])
+    async with make(server, telemetry, sleep) as executor:
+        response = await executor.run("hello", CHEAP)
+    assert response.model == ("gpt-fake-mini" if falls_back else "claude-fake-haiku")
+    assert len(sleep.delays) == sleeps
+    assert len(await records_of(telemetry)) == 2
+
+
+async def test_bad_request_is_raised_without_fallback(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    server.script("claude-fake-haiku", [400])
+    async with make(server, telemetry, sleep) as executor:
+        with pytest.raises(InvalidRequestError) as info:
+            await executor.run("hello", CHEAP)
+    assert info.value.status == 400
+    assert server.requests("gpt-fake-mini") == 0
+    [record] = await records_of(telemetry)
+    assert record.outcome is Outcome.IGNORED
+
+
+async def test_context_overflow_moves_only_to_a_larger_window(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """claude-fake-haiku (200k) overflows; every other model's window is not larger."""
+    server.script("claude-fake-haiku", ["context_length"])
+    async with make(server, telemetry, sleep) as executor:
+        with pytest.raises(ContextWindowExceededError):
+            await executor.run("hello", CHEAP)
+    assert server.requests() == 1
+
+
+async def test_all_routes_failed_over_http_has_every_attempt(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    server.set_outage("*", action=500)
+    async with make(server, telemetry, sleep, fallback=FallbackPolicy(max_routes=3)) as executor:
+        with pytest.raises(AllRoutesFailedError) as info:
+            await executor.run("hello", CHEAP)
+    errors = info.value.exceptions
+    assert len(errors) == 9  # 3 routes x 3 attempts
+    assert all(isinstance(e, ServerError) and e.status == 500 for e in errors)
+    assert [getattr(e, "model", None) for e in errors] == (
+        ["claude-fake-haiku"] * 3 + ["gpt-fake-mini"] * 3 + ["gpt-fake-4o"] * 3
+    )
+    records = await records_of(telemetry)
+    assert len(records) == 9 == server.requests()
+    assert len({r.request_id for r in records}) == 1
+
+
+# --------------------------------------------------------------------------- deadline, cancellation
+
+
+async def test_deadline_against_a_hanging_server(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    server.script("claude-fake-haiku", ["hang"])
+    async with make(server, telemetry, sleep) as executor:
+        with pytest.raises(AllRoutesFailedError) as info:
+            await executor.run("hello", attrs.evolve(CHEAP, deadline=0.2))
+    [error] = info.value.exceptions
+    assert isinstance(error, ProviderTimeoutError)
+    assert server.requests("gpt-fake-mini") == 0
+    [record] = await records_of(telemetry)
+    assert record.error_type == "ProviderTimeoutError"
+
+
+async def test_cancel_mid_request_leaves_no_task_and_records_cancelled(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    server.script("claude-fake-haiku", ["hang"])
+    async with make(server, telemetry, sleep) as executor:
+        before = asyncio.all_tasks()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(executor.run, "hello", CHEAP)
+            with anyio.fail_after(10):  # a guard, not a wait: the request comes at once
+                await server.wait_for_requests(1, "claude-fake-haiku")
+            tg.cancel_scope.cancel()
+        # the server side sees the client go away and ends its handler
+        await until(lambda: asyncio.all_tasks() <= before)
+        assert asyncio.all_tasks() <= before
+        # the executor still works afterwards
+        response = await executor.run("hello", CHEAP)
+    assert response.model == "claude-fake-haiku"
+    cancelled, success = await records_of(telemetry)
+    assert cancelled.outcome is Outcome.CANCELLED
+    assert cancelled.model == "claude-fake-haiku"
+    assert success.outcome is Outcome.SUCCESS
+
+
+# --------------------------------------------------------------------------- load
+
+
+async def test_200_concurrent_runs_complete_with_one_record_per_attempt(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    for model in ("claude-fake-haiku", "gpt-fake-mini"):
+        server.set_behavior(
+            model,
+            ModelBehavior(
+                latency=Latency.uniform(0.0, 3.0),
+                failure_rate=0.15,
+                failures=(500, 429, 529, "reset"),
+                retry_after=0,
+                output_tokens=(5, 40),
+            ),
+        )
+    results: list[Any] = []
+    async with (
+        CircuitBreaker(policy=BreakerPolicy(consecutive_failures=50)) as breaker,
+        make(server, telemetry, sleep, breaker=breaker, concurrency_per_provider=32) as executor,
+    ):
+
+        async def one(i: int) -> None:
+            ctx = attrs.evolve(CHEAP, metadata={"i": i})
+            results.append(await executor.run(f"question {i}", ctx))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(one, i)
+    assert len(results) == 200
+    attempts = sum(len(r.attempts) for r in results)
+    records = await records_of(telemetry)
+    assert len(records) == attempts
+    assert len({r.request_id for r in records}) == 200
+    assert server.requests() == attempts  # no breaker rejections with this policy
+    assert attempts > 200  # some failures were retried or fell back
+    assert sum(r.success for r in records) == 200
+    assert {r.request_id for r in records if r.success} == {r.request_id for r in results}
+
+
+async def test_no_telemetry_over_http_warns_exactly_once(
+    server: FakeLLMServer, sleep: RecordingSleep
+) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        executor = make(server, None, sleep)
+        async with executor:
+            for _ in range(5):
+                response = await executor.run("hello", CHEAP)
+    assert [w.category for w in caught] == [TelemetryDisabledWarning]
+    assert executor.telemetry_enabled is False
+    assert response.tier is ModelTier.CHEAP
