@@ -50,6 +50,11 @@ from .backends import (
     state_store_from_url as state_store_from_url,
     telemetry_from_url as telemetry_from_url,
 )
+from .backends.batching import BatchingTelemetryBackend as BatchingTelemetryBackend
+from .backends.sqlite import (
+    SQLiteStateStore as SQLiteStateStore,
+    SQLiteTelemetryBackend as SQLiteTelemetryBackend,
+)
 from .breaker import (
     BreakerEvent as BreakerEvent,
     BreakerEventKind as BreakerEventKind,
@@ -138,6 +143,7 @@ __all__ = [
     "AuthenticationError",
     "BackendClosedError",
     "BackendError",
+    "BatchingTelemetryBackend",
     "BreakerEvent",
     "BreakerEventKind",
     "BreakerPolicy",
@@ -186,6 +192,8 @@ __all__ = [
     "RetryPolicy",
     "RoutingDecision",
     "RoutingPolicy",
+    "SQLiteStateStore",
+    "SQLiteTelemetryBackend",
     "SchemaVersionError",
     "ServerError",
     "SourceFileError",
