@@ -207,15 +207,15 @@ _ONE_US: Final = timedelta(microseconds=1)
 
 def _to_us(value: datetime) -> int:
     """Microseconds since the epoch, exactly (datetimes carry microseconds)."""
-    return (value - _EPOCH) // _ONE_US
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def _from_us(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
 
 
-def _json(value: object) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+_json: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _to_row(r: LLMCallRecord) -> tuple[Any, ...]:
@@ -242,7 +242,7 @@ def _to_row(r: LLMCallRecord) -> tuple[Any, ...]:
         r.status_code,
         r.attempt,
         int(r.fallback_used),
-        _json(list(r.fallback_chain)),
+        _json(r.fallback_chain) if r.fallback_chain else "[]",
         r.original_provider,
         r.original_model,
         int(r.exploration),
@@ -250,7 +250,7 @@ def _to_row(r: LLMCallRecord) -> tuple[Any, ...]:
         None if r.circuit_state is None else r.circuit_state.value,
         r.user_id,
         r.session_id,
-        _json(dict(r.metadata)),
+        _json(dict(r.metadata)) if r.metadata else "{}",
         r.prompt_text,
         r.response_text,
     )
@@ -1100,7 +1100,10 @@ def parse_sqlite_url(
     ``sqlite:///:memory:`` -> ``:memory:``.  Raises `ConfigurationError` for another
     scheme, a host part, an empty path or an unknown option.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"not a valid sqlite:// URL: {url!r} ({exc})") from exc
     if parts.scheme.lower() != "sqlite":
         raise ConfigurationError(f"not a sqlite:// URL: {url!r}")
     if parts.netloc == MEMORY and parts.path in ("", "/"):
