@@ -66,8 +66,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
-import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AsyncExitStack
@@ -495,16 +495,17 @@ class _Run:
         messages: tuple[Message, ...],
         original: ModelInfo,
         decision: RoutingDecision | None,
+        task_type: str,
     ) -> None:
         self.context = context
         self.messages = messages
         self.original = original
         self.decision = decision
-        self.request_id = uuid.uuid4().hex
+        self.request_id = os.urandom(16).hex()
         self.attempts: list[AttemptSummary] = []
         self.errors: list[Exception] = []
         self.chain: list[str] = []
-        self.task_type = normalize_task_type(context.task_type) or "unknown"
+        self.task_type = task_type
         self.prompt_text = _prompt_text(messages, context.system) if context.record_text else None
 
 
@@ -598,6 +599,7 @@ class EmpathyLLMExecutor:
             for tier in _TIER_ORDER
         }
         self._keys: dict[tuple[str, str], str] = {}
+        self._tasks: dict[str, tuple[str, ModelTier]] = {}
         self._stack: AsyncExitStack | None = None
         self._state = "new"
         self.telemetry_errors = 0
@@ -749,6 +751,16 @@ class EmpathyLLMExecutor:
 
     # ------------------------------------------------------------------ planning
 
+    def _task(self, task_type: str) -> tuple[str, ModelTier]:
+        # (normalized name, tier), memoized: task names are few and reused
+        known = self._tasks.get(task_type)
+        if known is None:
+            if len(self._tasks) > 1024:
+                self._tasks.clear()
+            known = (normalize_task_type(task_type) or "unknown", get_tier_for_task(task_type))
+            self._tasks[task_type] = known
+        return known
+
     def _breaker_key(self, info: ModelInfo) -> str:
         assert self._breaker is not None
         pair = (info.provider, info.id)
@@ -787,7 +799,7 @@ class EmpathyLLMExecutor:
         elif pinned is not None:
             tier = pinned.tier
         else:
-            tier = get_tier_for_task(context.task_type)
+            tier = self._task(context.task_type)[1]
         same_tier = self._candidates[tier]
         if not same_tier and pinned is None:
             raise ConfigurationError(
@@ -803,6 +815,8 @@ class EmpathyLLMExecutor:
 
         def ordered(models: Sequence[ModelInfo]) -> list[ModelInfo]:
             # cheapest first (the registry's order), known-open circuits last
+            if not open_ids:
+                return list(models)
             return sorted(models, key=lambda m: m.id in open_ids)
 
         decision: RoutingDecision | None = None
@@ -902,6 +916,7 @@ class EmpathyLLMExecutor:
             circuit_state = CircuitState.HALF_OPEN
         decision = run.decision
         return LLMCallRecord(
+            call_id=os.urandom(16).hex(),
             provider=info.provider,
             model=info.id,
             outcome=outcome,
@@ -970,7 +985,7 @@ class EmpathyLLMExecutor:
         start = self._clock()
         deadline_at = None if ctx.deadline is None else start + ctx.deadline
         routes, decision = self._plan(ctx, messages)
-        run = _Run(ctx, messages, routes[0], decision)
+        run = _Run(ctx, messages, routes[0], decision, self._task(ctx.task_type)[0])
         called_routes = 0
         min_context = 0
         try:
