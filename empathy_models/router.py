@@ -143,9 +143,16 @@ class RoutingPolicy:
 
     * ``explore_rate``: share of decisions (0..1, default 0.05) given to an unproven
       candidate that fits the cost limit, when some candidate is already eligible.
-    * ``half_life_s``: seconds after which an observation weighs half (default one hour;
-      ``None`` keeps all evidence at full weight).  Shorter reacts faster to regressions
-      and lets rejected models earn a new trial sooner.
+    * ``half_life_calls``: an arm's evidence halves every this many of its own calls
+      (default 500, so an arm never holds much more than ~720 calls' weight).  This is
+      what bounds how many calls a regressed model keeps its traffic: a model at 99%
+      that starts failing one call in two loses a 0.95 gate after ~50 of its calls.
+      ``None``: all calls weigh alike, and a long history hides a regression.
+    * ``half_life_s``: seconds after which an observation weighs half (default one day;
+      ``None``: never).  Lets evidence about idle models fade, so a rejected model gets
+      a new trial eventually.  Keep it long: with a short one, models that get only
+      exploration traffic can never accumulate enough evidence to be proven (see
+      `empathy_models.scoring`).
     * ``window_days``: how much history the seeding and refresh read (default 7).
     * ``default_min_success_rate``: the success-rate floor used when a decision gives
       none (default 0.8, the original's default); ``None`` for no floor.
@@ -156,7 +163,14 @@ class RoutingPolicy:
     * ``cost_tie_tolerance``: relative cost difference treated as a tie (default 5%).
     * ``latency_min_samples``: measured successful calls needed before the latency
       constraint can be judged (default 5).
+    * ``reject_min_samples``: effective calls needed before a success rate can be
+      REJECTED (default 10), so one unlucky first call does not write a model off.
+    * ``inconclusive_n``: effective calls after which an arm that is still unproven
+      (its true rate sits right at the limit) stops being preferred when nothing is
+      eligible (default 400).
     * ``z``: the normal quantile of the confidence bounds (default 1.96, i.e. 95%).
+    * ``reject_z``: the quantile a success rate must clear to be REJECTED (default 3.0):
+      stricter than ``z`` because a rejected model gets no traffic at all.
     * ``prior_alpha`` / ``prior_beta``: Beta prior of the Thompson draws (they never
       count toward the eligibility gate).
     * ``seed_recent_limit``: newest records read at start to fill the recent-outcome
@@ -166,7 +180,8 @@ class RoutingPolicy:
     """
 
     explore_rate: float = field(default=0.05, validator=_check_unit)
-    half_life_s: float | None = field(default=3600.0, validator=_check_positive_opt)
+    half_life_calls: float | None = field(default=500.0, validator=_check_positive_opt)
+    half_life_s: float | None = field(default=86400.0, validator=_check_positive_opt)
     window_days: float = field(default=7.0, validator=_check_positive)
     default_min_success_rate: float | None = field(default=0.8, validator=_check_unit_opt)
     objective: Objective = field(default="cheapest", validator=_check_objective)
@@ -175,6 +190,9 @@ class RoutingPolicy:
     )
     cost_tie_tolerance: float = field(default=0.05, validator=_check_non_negative)
     latency_min_samples: int = field(default=5, validator=_check_positive)
+    inconclusive_n: float = field(default=400.0, validator=_check_positive)
+    reject_min_samples: float = field(default=10.0, validator=_check_positive)
+    reject_z: float = field(default=3.0, validator=_check_positive)
     z: float = field(default=1.96, validator=_check_positive)
     prior_alpha: float = field(default=1.0, validator=_check_positive)
     prior_beta: float = field(default=1.0, validator=_check_positive)
@@ -536,6 +554,7 @@ class AdaptiveModelRouter:
             arm = self._arms[key] = _Arm(base=None, live=ArmAccumulator(t=self._clock()))
         success = record.success
         half_life = self.policy.half_life_s
+        count_half_life = self.policy.half_life_calls
         # weights age on the router's clock from the moment the outcome is reported
         now = self._clock()
         arm.live.add(
@@ -546,6 +565,7 @@ class AdaptiveModelRouter:
             output_tokens=record.output_tokens,
             cost_usd=record.cost_usd,
             half_life=half_life,
+            count_half_life=count_half_life,
         )
         pending = self._pending_cutoff
         if pending is not None and ts >= pending:
@@ -559,6 +579,7 @@ class AdaptiveModelRouter:
                 output_tokens=record.output_tokens,
                 cost_usd=record.cost_usd,
                 half_life=half_life,
+                count_half_life=count_half_life,
             )
         arm.dirty = True
 
@@ -607,7 +628,14 @@ class AdaptiveModelRouter:
             or (half_life is not None and abs(now - cached.computed_at) > half_life / 256.0)
         ):
             parts = (arm.live,) if arm.base is None else (arm.base, arm.live)
-            cached = arm.summary = summarize(parts, now=now, half_life=half_life, z=self.policy.z)
+            cached = arm.summary = summarize(
+                parts,
+                now=now,
+                half_life=half_life,
+                z=self.policy.z,
+                count_half_life=self.policy.half_life_calls,
+                reject_z=self.policy.reject_z,
+            )
             arm.dirty = False
         return cached
 
@@ -845,6 +873,7 @@ class AdaptiveModelRouter:
             cost_tie_tolerance=p.cost_tie_tolerance,
             prior_alpha=p.prior_alpha,
             prior_beta=p.prior_beta,
+            inconclusive_n=p.inconclusive_n,
         )
 
     def _evaluate(
@@ -882,6 +911,7 @@ class AdaptiveModelRouter:
             min_success_rate=min_success_rate,
             strict_cost=strict_cost,
             latency_min_samples=float(self.policy.latency_min_samples),
+            reject_min_samples=self.policy.reject_min_samples,
             excluded_reason=excluded,
         )
 

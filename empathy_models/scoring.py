@@ -6,18 +6,33 @@ and the random source it needs, so the same inputs always give the same answer.
 `empathy_models.router.AdaptiveModelRouter` owns the state and calls these.
 
 **Arms.** An arm is one model serving one (workflow, stage).  Its evidence is an
-`ArmAccumulator` of *decayed* sums: with a half-life ``H`` an observation made ``dt``
-seconds ago weighs ``2 ** (-dt / H)``, so a provider that regresses is noticed after a
-bounded number of fresh calls whatever its history, and an arm nobody calls slowly
-becomes unproven again and earns exploration traffic (which is how a recovered model
-comes back).  ``half_life=None`` keeps every observation at full weight.
+`ArmAccumulator` of *decayed* sums, with two independent half-lives:
+
+* ``count_half_life`` (calls): every new observation of the arm multiplies the weight
+  of its older ones by ``2 ** (-1 / N)``.  The evidence of an arm is therefore capped
+  near ``N / ln 2`` calls, and a provider that regresses is noticed after a bounded
+  number of its *own* calls, whatever its history.  An arm that is not called keeps
+  its evidence, so a model that only receives exploration traffic can still build up
+  enough evidence to be proven (a time-only half-life starves such arms: at 1% of one
+  call per second and a one-hour half-life an arm never holds more than ~52 calls'
+  weight, short of the 73 straight successes a 0.95 gate needs).
+* ``half_life`` (seconds): an observation ``dt`` seconds old weighs ``2 ** (-dt / H)``.
+  Meant to be long (hours to days): evidence about an idle arm fades, so a rejected
+  model eventually becomes unproven again and earns a new trial.
+
+``None`` disables either.
 
 **Constraints** (peers.md §5.2), each ELIGIBLE (confidently met), REJECTED (confidently
 violated) or UNPROVEN:
 
-* ``min_success_rate`` against the 95% Wilson interval of the decayed counts:
-  lower bound >= min -> ELIGIBLE, upper bound < min -> REJECTED, otherwise (and with no
-  samples) UNPROVEN.  9 successes out of 10 is *not* eligible for 0.9.
+* ``min_success_rate`` against the Wilson interval of the decayed counts: the 95%
+  lower bound >= min -> ELIGIBLE; an upper bound < min at the stricter rejection
+  confidence (``reject_z``, default 3.0, ~99.87% one-sided) with at least
+  ``reject_min_samples`` (default 10) effective calls -> REJECTED; otherwise (and with
+  no samples) UNPROVEN.  9 successes out of 10 is *not* eligible for 0.9.  Rejection
+  is asymmetric on purpose: a rejected model gets no traffic until its evidence fades,
+  while an unproven one keeps its exploration share, so a 99% model with two unlucky
+  failures in its first eleven calls (95% upper bound 0.949) is not written off.
 * ``max_latency_ms`` bounds the p95 latency of successful calls, from a log-normal fit
   of the decayed log-latencies: the 95% upper confidence bound of p95 <= max ->
   ELIGIBLE; p50 > max, or the lower confidence bound of p95 > max -> REJECTED; fewer
@@ -37,8 +52,15 @@ success rate (Beta(prior_alpha + s, prior_beta + f)) less a small latency penalt
 as small penalties.  With probability ``explore_rate`` (and always when nothing is
 eligible) an *explorable* arm is picked instead: not excluded, nothing REJECTED, and
 cost ELIGIBLE whenever a ``max_cost`` is given (the budget is a hard limit even for
-exploration).  Among explorable arms the one with the least evidence goes first (then
-the cheapest), so new models earn their confidence bounds quickly.
+exploration).  Which explorable arm:
+
+* when nothing is eligible, the cheapest one, so that under the ``"cheapest"``
+  objective the first model proven is the cheapest that can be; arms that stayed
+  unproven after ``inconclusive_n`` effective calls (a true rate right at the limit)
+  go last, so one of them cannot hold every call;
+* for the exploration share, the least-measured arm among those that could displace
+  the current pick (cheaper than it, under ``"cheapest"``), else among the other
+  explorable arms (conclusive ones first), which keeps fallbacks measured.
 """
 
 from __future__ import annotations
@@ -96,6 +118,12 @@ def wilson_bounds(successes: float, n: float, z: float = 1.96) -> tuple[float, f
     return (max(0.0, (centre - margin) / denom), min(1.0, (centre + margin) / denom))
 
 
+def _count_factor(calls: int, count_half_life: float | None) -> float:
+    if count_half_life is None or calls <= 0:
+        return 1.0
+    return math.exp(-_LN2 * calls / count_half_life)
+
+
 def _factor(dt: float, half_life: float | None) -> float:
     if half_life is None or dt <= 0.0:
         return 1.0
@@ -135,15 +163,18 @@ class ArmAccumulator:
         k = _factor(now - self.t, half_life)
         self.t = now
         if k != 1.0:
-            self.s *= k
-            self.f *= k
-            self.lat_w *= k
-            self.lat_m1 *= k
-            self.lat_m2 *= k
-            self.tok_w *= k
-            self.in_sum *= k
-            self.out_sum *= k
-            self.cost_sum *= k
+            self._scale(k)
+
+    def _scale(self, k: float) -> None:
+        self.s *= k
+        self.f *= k
+        self.lat_w *= k
+        self.lat_m1 *= k
+        self.lat_m2 *= k
+        self.tok_w *= k
+        self.in_sum *= k
+        self.out_sum *= k
+        self.cost_sum *= k
 
     def add(
         self,
@@ -155,18 +186,22 @@ class ArmAccumulator:
         output_tokens: int,
         cost_usd: float,
         half_life: float | None,
+        count_half_life: float | None = None,
     ) -> None:
         """
         Add one sample outcome observed at ``at``, in O(1).
 
         An observation newer than ``t`` moves the reference time forward; an older one
-        (a late report) enters with the weight it would have now.
+        (a late report) enters with the weight it would have now.  With a
+        ``count_half_life`` the weight of everything already held shrinks first.
         """
         if at > self.t:
             self.decay_to(at, half_life)
             w = 1.0
         else:
             w = _factor(self.t - at, half_life)
+        if count_half_life is not None:
+            self._scale(_count_factor(1, count_half_life))
         self.count += 1
         self.cost_sum += w * cost_usd
         if not success:
@@ -183,20 +218,29 @@ class ArmAccumulator:
 
     @classmethod
     def from_performance(
-        cls, perf: ModelPerformance, *, now: float, half_life: float | None
+        cls,
+        perf: ModelPerformance,
+        *,
+        now: float,
+        half_life: float | None,
+        count_half_life: float | None = None,
     ) -> ArmAccumulator:
         """
         Evidence equivalent to an aggregate from a telemetry backend, as seen at ``now``.
 
         The aggregate's calls are taken as spread evenly between its ``first_seen`` and
-        ``last_seen``, so with a half-life they weigh what the individual calls would
-        have weighed.  Latency is fitted as log-normal from the aggregate's p50 and p95.
+        ``last_seen`` and observed one after another, so both half-lives weigh them as
+        they would have weighed the individual calls.  Latency is fitted as log-normal
+        from the aggregate's p50 and p95.
         """
         n = perf.sample_size
         acc = cls(t=now, count=n)
         if n == 0:
             return acc
         w = _lump_weight(perf, now=now, half_life=half_life)
+        if count_half_life is not None:
+            g = _count_factor(1, count_half_life)
+            w *= (1.0 - g**n) / ((1.0 - g) * n)
         acc.s = perf.successes * w
         acc.f = (n - perf.successes) * w
         acc.cost_sum = perf.avg_cost_usd * n * w
@@ -232,7 +276,11 @@ def _lump_weight(perf: ModelPerformance, *, now: float, half_life: float | None)
 
 
 def merge(into: ArmAccumulator, other: ArmAccumulator, half_life: float | None) -> None:
-    """Add ``other``'s evidence to ``into`` (both brought to the later reference time)."""
+    """
+    Add ``other``'s evidence to ``into`` (both brought to the later reference time).
+
+    Only the time half-life applies; the two are treated as concurrent observations.
+    """
     now = max(into.t, other.t)
     into.decay_to(now, half_life)
     k = _factor(now - other.t, half_life)
@@ -268,6 +316,7 @@ class ArmSummary:
     success_rate: float | None = None
     lower: float = 0.0
     upper: float = 1.0
+    reject_upper: float = 1.0
     latency_n: float = 0.0
     p50: float | None = None
     p95: float | None = None
@@ -279,13 +328,25 @@ class ArmSummary:
 
 
 def summarize(
-    parts: Sequence[ArmAccumulator], *, now: float, half_life: float | None, z: float = 1.96
+    parts: Sequence[ArmAccumulator],
+    *,
+    now: float,
+    half_life: float | None,
+    z: float = 1.96,
+    count_half_life: float | None = None,
+    reject_z: float = 3.0,
 ) -> ArmSummary:
-    """Combine ``parts`` (e.g. a seeded base and live updates) as seen at ``now``."""
+    """
+    Combine ``parts``, oldest first (e.g. a seeded base, then live updates), at ``now``.
+
+    With a ``count_half_life`` each part is discounted by the calls of the parts after it.
+    """
     count = 0
     s = f = lat_w = lat_m1 = lat_m2 = tok_w = in_sum = out_sum = cost_sum = 0.0
+    later = sum(acc.count for acc in parts)
     for acc in parts:
-        k = _factor(now - acc.t, half_life)
+        later -= acc.count
+        k = _factor(now - acc.t, half_life) * _count_factor(later, count_half_life)
         count += acc.count
         s += k * acc.s
         f += k * acc.f
@@ -298,6 +359,7 @@ def summarize(
         cost_sum += k * acc.cost_sum
     n = s + f
     lower, upper = wilson_bounds(s, n, z)
+    reject_upper = wilson_bounds(s, n, reject_z)[1] if reject_z != z else upper
     p50 = p95 = p95_lo = p95_hi = None
     if lat_w > 0.0:
         mu = lat_m1 / lat_w
@@ -319,6 +381,7 @@ def summarize(
         success_rate=(s / n) if n > tiny else None,
         lower=lower,
         upper=upper,
+        reject_upper=reject_upper,
         latency_n=lat_w,
         p50=p50,
         p95=p95,
@@ -419,6 +482,7 @@ def evaluate(
     min_success_rate: float | None = None,
     strict_cost: bool = False,
     latency_min_samples: float = 5.0,
+    reject_min_samples: float = 10.0,
     excluded_reason: str | None = None,
 ) -> Evaluation:
     """
@@ -452,9 +516,12 @@ def evaluate(
                 f"{summary.successes:.1f}/{n:.1f} successes, 95% interval "
                 f"{summary.lower:.3f}-{summary.upper:.3f}"
             )
-            if summary.upper < min_success_rate:
+            if summary.reject_upper < min_success_rate and n >= reject_min_samples:
                 statuses[SUCCESS] = ConstraintStatus.REJECTED
-                reasons.append(f"success rate below {min_success_rate:g} ({band})")
+                reasons.append(
+                    f"success rate below {min_success_rate:g} ({band}; upper bound "
+                    f"{summary.reject_upper:.3f} at the rejection confidence)"
+                )
             else:
                 statuses[SUCCESS] = ConstraintStatus.UNPROVEN
                 reasons.append(f"success rate not yet proven >= {min_success_rate:g} ({band})")
@@ -545,13 +612,14 @@ def choose(
     prior_beta: float = 1.0,
     latency_weight: float = 0.01,
     cost_weight: float = 0.01,
+    inconclusive_n: float = 400.0,
 ) -> Pick | None:
     """
     Pick an arm among ``evaluations`` judged on the ``active`` constraints, or ``None``.
 
     Returns ``None`` when no arm is eligible and none is explorable.  Draws from ``rng``
-    only when a choice depends on chance (an exploration coin when both eligible and
-    explorable arms exist, and one Thompson draw per near-tied eligible arm), so a
+    only when a choice depends on chance (one Thompson draw per near-tied eligible arm,
+    then an exploration coin when both eligible and explorable arms exist), so a
     seeded ``rng`` replays the same decisions.
     """
     eligible: list[Evaluation] = []
@@ -562,29 +630,80 @@ def choose(
             eligible.append(e)
         elif st is ConstraintStatus.UNPROVEN and e.explorable(active):
             explorable.append(e)
-    if explorable and (not eligible or (explore_rate > 0.0 and rng.random() < explore_rate)):
-        target = min(
-            explorable,
-            key=lambda e: (
-                round(e.summary.effective_n, 6),
-                math.inf if e.cost is None else e.cost,
-                e.model,
-            ),
+    exploit = (
+        _exploit(
+            eligible,
+            rng,
+            objective=objective,
+            cost_tie_tolerance=cost_tie_tolerance,
+            prior_alpha=prior_alpha,
+            prior_beta=prior_beta,
+            latency_weight=latency_weight,
+            cost_weight=cost_weight,
         )
-        why = (
-            "exploration share: measuring an unproven model"
-            if eligible
-            else "no model is proven to meet the constraints yet: exploring the least-measured"
-        )
-        return Pick(evaluation=target, exploration=True, why=why)
-    if not eligible:
-        return None
+        if eligible
+        else None
+    )
+    if explorable:
+        if exploit is None:
+            target = min(
+                explorable,
+                key=lambda e: (
+                    e.summary.effective_n >= inconclusive_n,
+                    _cost_key(e),
+                    e.summary.effective_n,
+                    e.model,
+                ),
+            )
+            return Pick(
+                evaluation=target,
+                exploration=True,
+                why="no model is proven to meet the constraints yet: exploring the cheapest "
+                "unproven one",
+            )
+        if explore_rate > 0.0 and rng.random() < explore_rate:
+            current = exploit.evaluation.cost
+            pool: Sequence[Evaluation] = explorable
+            if objective == "cheapest" and current is not None:
+                # only a cheaper model can displace the pick: measure those first, even
+                # one that has been unproven for long (it may be noise near the limit)
+                pool = [e for e in explorable if e.cost is not None and e.cost < current]
+            if not pool:
+                pool = [
+                    e for e in explorable if e.summary.effective_n < inconclusive_n
+                ] or explorable
+            target = min(
+                pool, key=lambda e: (round(e.summary.effective_n, 6), _cost_key(e), e.model)
+            )
+            return Pick(
+                evaluation=target,
+                exploration=True,
+                why="exploration share: measuring an unproven model",
+            )
+    return exploit
+
+
+def _cost_key(e: Evaluation) -> float:
+    return math.inf if e.cost is None else e.cost
+
+
+def _exploit(
+    eligible: Sequence[Evaluation],
+    rng: random.Random,
+    *,
+    objective: Objective,
+    cost_tie_tolerance: float,
+    prior_alpha: float,
+    prior_beta: float,
+    latency_weight: float,
+    cost_weight: float,
+) -> Pick:
     if len(eligible) == 1:
         return Pick(evaluation=eligible[0], exploration=False, why="the only eligible model")
     if objective == "cheapest":
-        cheapest = min(math.inf if e.cost is None else e.cost for e in eligible)
+        cheapest = min(_cost_key(e) for e in eligible)
         if math.isinf(cheapest):
-            group = eligible
+            group = list(eligible)
         else:
             limit = cheapest * (1.0 + cost_tie_tolerance) + 1e-15
             group = [e for e in eligible if e.cost is not None and e.cost <= limit]

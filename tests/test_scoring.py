@@ -113,9 +113,23 @@ def test_a_new_model_needs_the_stated_run_of_successes(needed: int, minimum: flo
 
 
 def test_confidently_below_the_minimum_is_rejected() -> None:
-    # 45/50: the upper bound is 0.957
-    assert judge(summary_of(arm(45, 5)), min_success_rate=0.96)[0] == {SUCCESS: R}
-    assert judge(summary_of(arm(45, 5)), min_success_rate=0.95)[0] == {SUCCESS: U}
+    # 80/100: the upper bound at the rejection confidence (z=3) is 0.893
+    s = summary_of(arm(80, 20))
+    assert s.reject_upper == pytest.approx(wilson_bounds(80, 100, 3.0)[1])
+    assert s.reject_upper == pytest.approx(0.893, abs=1e-3)
+    assert judge(s, min_success_rate=0.95)[0] == {SUCCESS: R}
+    assert judge(s, min_success_rate=0.85)[0] == {SUCCESS: U}
+
+
+def test_rejection_needs_stronger_evidence_than_eligibility() -> None:
+    # a 99% model with two unlucky failures in its first eleven calls: the 95% upper
+    # bound (0.949) is below 0.95, but it is not written off
+    s = summary_of(arm(9, 2))
+    assert s.upper < 0.95
+    assert judge(s, min_success_rate=0.95)[0] == {SUCCESS: U}
+    # and nothing is rejected on fewer than ten calls, however bad
+    assert judge(summary_of(arm(0, 9)), min_success_rate=0.5)[0] == {SUCCESS: U}
+    assert judge(summary_of(arm(0, 10)), min_success_rate=0.5)[0] == {SUCCESS: R}
 
 
 # --------------------------------------------------------------------------- latency
