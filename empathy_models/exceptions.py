@@ -241,9 +241,25 @@ class NoModelMeetsConstraintsError(EmpathyModelsError, LookupError):
         lines = [message]
         lines.extend(f"  {model}: {'; '.join(why)}" for model, why in reasons.items())
         super().__init__("\n".join(lines))
+        self._summary = message
         self.reasons = {model: tuple(why) for model, why in reasons.items()}
         self.workflow = workflow
         self.stage = stage
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_no_model,
+            (self._summary, self.reasons, self.workflow, self.stage),
+        )
+
+
+def _rebuild_no_model(
+    message: str,
+    reasons: Mapping[str, Sequence[str]],
+    workflow: str | None,
+    stage: str | None,
+) -> NoModelMeetsConstraintsError:
+    return NoModelMeetsConstraintsError(message, reasons=reasons, workflow=workflow, stage=stage)
 
 
 class AllRoutesFailedError(ExceptionGroup[Exception], EmpathyModelsError):

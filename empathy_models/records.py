@@ -196,7 +196,8 @@ def _convert_enum(enum_type: type[E], name: str, value: object) -> E:
         return value
     if isinstance(value, str):
         try:
-            return enum_type(value.lower())
+            # case-insensitive; "half-open" (the original's spelling) reads as "half_open"
+            return enum_type(value.strip().lower().replace("-", "_"))
         except ValueError:
             pass
     allowed = ", ".join(m.value for m in enum_type)

@@ -71,7 +71,7 @@ def _structure_enum(value: object, cl: type[enum.Enum]) -> enum.Enum:
         return value
     if isinstance(value, str):
         try:
-            return cl(value.lower())
+            return cl(value.strip().lower().replace("-", "_"))
         except ValueError:
             pass
     allowed = ", ".join(str(m.value) for m in cl)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from empathy_models.testing.clock import FakeClock
+from empathy_models import (
+    BreakerPolicy,
+    CircuitState,
+    ConfigurationError,
+    MemoryStateStore,
+    OutcomeReport,
+)
+from empathy_models.testing.clock import DEFAULT_START, FakeClock
 from empathy_models.testing.contracts import (
     AdvanceClock,
     CircuitStateStoreContract,
@@ -50,3 +59,53 @@ class TestNullStateStore(CircuitStateStoreContract):
     @pytest.fixture
     def state_store_url(self) -> str:
         return "null://"
+
+
+# --------------------------------------------------------------------------- FakeClock
+
+
+def test_fake_clock_moves_only_when_told() -> None:
+    clock = FakeClock()
+    assert clock() == DEFAULT_START == clock.now
+    assert clock.as_datetime() == datetime(2026, 1, 1, tzinfo=UTC)
+    assert clock.advance(1.5) == DEFAULT_START + 1.5
+    assert clock() == DEFAULT_START + 1.5
+    clock.set(100.0)
+    assert clock() == 100.0, "set() may move the clock backward"
+    assert repr(clock) == "FakeClock(100.0)"
+
+
+@pytest.mark.parametrize("bad", [-0.001, math.nan, math.inf, "1", True])
+def test_fake_clock_rejects_bad_steps(bad: object) -> None:
+    clock = FakeClock(10.0)
+    with pytest.raises(ConfigurationError):
+        clock.advance(bad)  # type: ignore[arg-type]
+    assert clock() == 10.0
+    with pytest.raises(ConfigurationError):
+        FakeClock(math.nan)
+
+
+async def test_fake_clock_sleep_advances_instead_of_waiting(fake_clock: FakeClock) -> None:
+    start = fake_clock()
+    await fake_clock.sleep(3600)
+    assert fake_clock() == start + 3600
+
+
+async def test_fake_clock_drives_the_memory_store_exactly(fake_clock: FakeClock) -> None:
+    policy = BreakerPolicy(consecutive_failures=1, recovery_seconds=30.0)
+    async with MemoryStateStore(clock=fake_clock) as store:
+        admission = await store.admit("k", policy)
+        assert admission.ticket is not None
+        opened = await store.record(
+            "k", policy, [OutcomeReport(ticket=admission.ticket, outcome="failure")]
+        )
+        assert opened.opened_at_ts == fake_clock()
+        assert (await store.admit("k", policy)).retry_after == 30.0
+        fake_clock.advance(29.5)
+        still_open = await store.admit("k", policy)
+        assert not still_open.admitted and still_open.retry_after == 0.5
+        fake_clock.advance(0.5)
+        probe = await store.admit("k", policy)
+        assert probe.admitted and probe.state.state is CircuitState.HALF_OPEN
+        assert probe.ticket is not None
+        assert probe.ticket.lease_expires_ts == fake_clock() + policy.probe_lease_seconds

@@ -126,7 +126,10 @@ def available_schemes() -> list[str]:
 def _plugin_for(url: str) -> BackendPlugin:
     if not isinstance(url, str):
         raise ConfigurationError(f"expected a backend object or a URL string, got {url!r}")
-    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    try:
+        scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    except ValueError as exc:
+        raise ConfigurationError(f"{redact_url(url)!r} is not a valid URL: {exc}") from exc
     if not scheme:
         raise ConfigurationError(
             f"{redact_url(url)!r} is not a backend URL; expected scheme://..., "
@@ -148,7 +151,13 @@ def _plugin_for(url: str) -> BackendPlugin:
                 f"{', '.join(available_schemes())} (plugins: "
                 f"{', '.join(f'{s} -> {p}' for s, p in sorted(_KNOWN_PLUGINS.items()))})"
             )
-        plugin = eps[scheme].load()
+        try:
+            plugin = eps[scheme].load()
+        except Exception as exc:
+            raise ConfigurationError(
+                f"the plugin for {scheme}:// ({eps[scheme].value}) could not be loaded: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     if not isinstance(plugin, BackendPlugin):
         raise ConfigurationError(
             f"the plugin for {scheme!r} is {type(plugin).__name__}, not a BackendPlugin"

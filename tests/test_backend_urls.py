@@ -1,0 +1,236 @@
+"""The URL factories: built-in schemes, entry-point plugins, clear errors, no secrets."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from empathy_models import (
+    CircuitState,
+    ConfigurationError,
+    MemoryStateStore,
+    MemoryTelemetryBackend,
+    NullStateStore,
+    NullTelemetryBackend,
+    backends as backends_module,
+    state_store_from_url,
+    telemetry_from_url,
+)
+from empathy_models.backends import available_schemes, redact_url
+from empathy_models.testing.clock import FakeClock
+
+SECRET = "hunter2-s3cret"
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def test_memory_urls_build_fresh_memory_backends() -> None:
+    first, second = telemetry_from_url("memory://"), telemetry_from_url("memory://")
+    assert isinstance(first, MemoryTelemetryBackend) and first is not second
+    assert isinstance(state_store_from_url("memory://"), MemoryStateStore)
+    assert isinstance(telemetry_from_url("MEMORY://"), MemoryTelemetryBackend)
+
+
+def test_null_urls_build_null_backends() -> None:
+    assert isinstance(telemetry_from_url("null://"), NullTelemetryBackend)
+    assert isinstance(state_store_from_url("null://"), NullStateStore)
+
+
+async def test_options_reach_the_constructor(fake_clock: FakeClock) -> None:
+    telemetry = telemetry_from_url("memory://", capacity=7)
+    assert isinstance(telemetry, MemoryTelemetryBackend) and telemetry.capacity == 7
+    async with state_store_from_url("memory://", clock=fake_clock) as store:
+        state = await store.force("k", CircuitState.FORCED_OPEN)
+    assert state.updated_at_ts == fake_clock.now
+
+
+def test_unknown_options_are_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match=r"does not accept the options \['colour'\]"):
+        telemetry_from_url("memory://", colour="blue")
+    with pytest.raises(ConfigurationError, match=r"\['clock'\]"):
+        state_store_from_url("null://", clock=FakeClock())
+
+
+def test_objects_pass_through_unchanged() -> None:
+    telemetry = MemoryTelemetryBackend()
+    store = MemoryStateStore()
+    assert telemetry_from_url(telemetry) is telemetry
+    assert state_store_from_url(store) is store
+
+
+def test_the_wrong_kind_of_object_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="expected a backend object or a URL string"):
+        telemetry_from_url(MemoryStateStore())  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="expected a backend object or a URL string"):
+        state_store_from_url(42)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- bad URLs
+
+
+def test_an_unknown_scheme_lists_the_known_ones() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        telemetry_from_url("mongodb://db.example/calls")
+    message = str(info.value)
+    assert "unknown backend scheme 'mongodb'" in message
+    for scheme in ("memory", "null", "sqlite"):
+        assert scheme in message
+    assert "redis -> empathy-models-redis" in message
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("url", ["calls.db", "", "memory", "/var/lib/calls.db"])
+def test_a_string_without_a_scheme_is_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"is not a backend URL; expected scheme://"):
+        state_store_from_url(url)
+
+
+def test_an_unparseable_url_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="not a valid URL"):
+        telemetry_from_url("redis://[::1")
+
+
+@pytest.mark.parametrize(
+    ("url", "package"),
+    [
+        ("redis://127.0.0.1:6379/0", "empathy-models-redis"),
+        ("rediss://cache.example:6380/0", "empathy-models-redis"),
+        ("postgresql://app@db.example/calls", "empathy-models-postgres"),
+        ("postgres://app@db.example/calls", "empathy-models-postgres"),
+    ],
+)
+def test_a_known_plugin_that_is_not_installed_names_its_package(
+    url: str, package: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The plugins may be installed in this environment; simulate an installation without
+    # them by letting entry-point discovery find nothing.
+    monkeypatch.setattr(backends_module, "_entry_point_plugins", dict)
+    with pytest.raises(ConfigurationError) as info:
+        state_store_from_url(url)
+    assert f"needs the package {package!r}" in str(info.value)
+    assert f"pip install {package}" in str(info.value)
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"mongodb://admin:{SECRET}@db.example:27017/calls",
+        f"mongodb://db.example/calls?sslmode=require&password={SECRET}",
+        f"mongodb://db.example/calls?api_key={SECRET}",
+        f"admin:{SECRET}@db.example/calls",
+    ],
+)
+def test_credentials_never_appear_in_error_messages(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        telemetry_from_url(url)
+    assert SECRET not in str(info.value)
+    assert "***" in str(info.value)
+
+
+def test_credentials_stay_out_of_option_errors() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        telemetry_from_url(f"null://user:{SECRET}@host/x", unexpected=1)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (f"redis://:{SECRET}@cache:6379/0", "redis://:***@cache:6379/0"),
+        (f"redis://user:{SECRET}@[::1]:6379/0", "redis://user:***@[::1]:6379/0"),
+        (
+            f"postgresql://app:{SECRET}@db/calls?sslmode=require&password={SECRET}#x",
+            "postgresql://app:***@db/calls?sslmode=require&password=***#x",
+        ),
+        (f"sqlite:///calls.db?token={SECRET}", "sqlite:///calls.db?token=***"),
+        ("sqlite:///calls.db", "sqlite:///calls.db"),
+        ("null://", "null://"),
+        ("redis://cache:6379/0?db=1", "redis://cache:6379/0?db=1"),
+        (f"user:{SECRET}@host", "***@host"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+# --------------------------------------------------------------------------- plugins
+
+PLUGIN_MODULE = "empathy_contract_fake_plugin"
+
+
+@pytest.fixture
+def fake_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A real installed distribution (a dist-info on sys.path) publishing entry points."""
+    (tmp_path / f"{PLUGIN_MODULE}.py").write_text(
+        textwrap.dedent(
+            """
+            from empathy_models.backends import BackendPlugin, MemoryTelemetryBackend
+
+            def telemetry(url, **options):
+                return MemoryTelemetryBackend(**options)
+
+            def not_a_backend(url, **options):
+                return "not a backend"
+
+            PLUGIN = BackendPlugin(
+                schemes=("fakemem",), package="empathy-fake", telemetry=telemetry
+            )
+            BAD = BackendPlugin(
+                schemes=("fakebad",),
+                package="empathy-fake",
+                telemetry=not_a_backend,
+                state_store=not_a_backend,
+            )
+            NOT_A_PLUGIN = object()
+            """
+        )
+    )
+    dist_info = tmp_path / "empathy_fake_plugin-0.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: empathy-fake-plugin\nVersion: 0.1\n"
+    )
+    (dist_info / "entry_points.txt").write_text(
+        "[empathy_models.backends]\n"
+        f"fakemem = {PLUGIN_MODULE}:PLUGIN\n"
+        f"fakebad = {PLUGIN_MODULE}:BAD\n"
+        f"fakeobj = {PLUGIN_MODULE}:NOT_A_PLUGIN\n"
+        "fakebroken = empathy_module_that_does_not_exist:PLUGIN\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop(PLUGIN_MODULE, None)
+
+
+@pytest.mark.usefixtures("fake_plugins")
+def test_a_plugin_is_found_through_its_entry_point() -> None:
+    assert {"fakemem", "fakebad", "fakeobj"} <= set(available_schemes())
+    backend = telemetry_from_url("fakemem://anything", capacity=3)
+    assert isinstance(backend, MemoryTelemetryBackend) and backend.capacity == 3
+
+
+@pytest.mark.usefixtures("fake_plugins")
+def test_a_plugin_without_that_kind_of_backend_says_so() -> None:
+    with pytest.raises(ConfigurationError, match="empathy-fake backend holds no circuit state"):
+        state_store_from_url("fakemem://anything")
+
+
+@pytest.mark.usefixtures("fake_plugins")
+def test_a_misbehaving_plugin_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="returned 'not a backend'"):
+        telemetry_from_url("fakebad://x")
+    with pytest.raises(ConfigurationError, match="returned 'not a backend'"):
+        state_store_from_url("fakebad://x")
+    with pytest.raises(ConfigurationError, match="is object, not a BackendPlugin"):
+        telemetry_from_url("fakeobj://x")
+    with pytest.raises(ConfigurationError, match=r"fakebroken:// .* could not be loaded") as info:
+        telemetry_from_url("fakebroken://x")
+    assert isinstance(info.value.__cause__, ImportError)
