@@ -513,9 +513,8 @@ class CircuitBreaker(AsyncResource):
         The store operation is shielded from cancellation (for at most 10 s), so a
         failure still counts and a probe lease still comes back when the reporting task
         is being cancelled.  Outcomes of an older generation are dropped, and so are
-        outcomes reported after
-        `aclose` (with a debug log).  Never raises because the store is down (see
-        degraded mode).
+        outcomes reported after `aclose` (with a debug log).  Never raises because the
+        store is down (see degraded mode).
         """
         if self._closed:
             logger.debug("circuit breaker closed; dropping the %s outcome", outcome.value)
