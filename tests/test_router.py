@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from empathy_models import (
     AdaptiveModelRouter,
@@ -706,3 +707,48 @@ async def test_tier_upgrade_ring_is_seeded_from_the_store(clock: FakeClock) -> N
     async with make(clock, telemetry_store=store, refresh_interval=None) as router:
         advice = router.recommend_tier_upgrade(WF, ST)
     assert advice.window == 20 and advice.failures == 10 and advice.should_upgrade
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    history=st.lists(
+        st.tuples(st.sampled_from(CHEAP), st.booleans(), st.integers(1, 3000)),
+        max_size=150,
+    ),
+    input_tokens=st.integers(0, 50_000),
+    max_tokens=st.integers(1, 8000),
+    max_cost=st.floats(0.0, 0.05),
+    strict=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_a_decision_that_claims_constraints_met_never_exceeds_max_cost(
+    history: list[tuple[str, bool, int]],
+    input_tokens: int,
+    max_tokens: int,
+    max_cost: float,
+    strict: bool,
+    seed: int,
+) -> None:
+    clock = FakeClock()
+    router = make(clock, seed=seed, policy=RoutingPolicy(explore_rate=0.2))
+    for model, ok, out in history:
+        clock.advance(1.0)
+        router.record_outcome(rec(clock, model, ok, output_tokens=out))
+    try:
+        d = router.get_best_model(
+            WF,
+            ST,
+            candidates=CHEAP,
+            input_tokens=input_tokens,
+            max_tokens=max_tokens,
+            max_cost=max_cost,
+            min_success_rate=0.5,
+            strict_cost=strict,
+        )
+    except NoModelMeetsConstraintsError:
+        return
+    # every pick (exploration included) stays within the budget as estimated
+    assert d.expected_cost_usd is not None and d.expected_cost_usd <= max_cost
+    if d.constraints_met and strict:
+        worst = REGISTRY.get(d.model).cost(input_tokens, max_tokens)
+        assert worst <= max_cost * (1 + 1e-9)
