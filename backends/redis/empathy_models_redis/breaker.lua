@@ -12,6 +12,11 @@
 -- Semantics mirror circuit.py line by line; the differential test in
 -- backends/redis/tests holds the two to the same results.
 
+-- Redis < 5 needs effects replication switched on to write after TIME (a no-op later)
+if redis.replicate_commands then
+  redis.replicate_commands()
+end
+
 local OP = ARGV[1]
 local KEY = ARGV[2]
 local KEY_TTL = tonumber(ARGV[3])
