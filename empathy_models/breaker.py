@@ -304,6 +304,8 @@ class CircuitBreaker(AsyncResource):
         self._rejection_events = bool(rejection_events)
         self._sleep = sleep
         self._store_timeout = None if store_timeout is None else float(store_timeout)
+        # cancel scopes (timeouts, shields) cost microseconds: only stores doing I/O need them
+        self._scoped = type(self._store) is not MemoryStateStore
         self._views: dict[str, _View] = {}
         # written-behind successes per key: [generation, count, first at]
         self._pending: dict[str, list[Any]] = {}
@@ -560,6 +562,10 @@ class CircuitBreaker(AsyncResource):
         report = OutcomeReport(ticket=ticket, outcome=outcome, retry_after=retry_after, error=error)
         reports = [*self._take_pending(key), report]
         policy = self.policy
+        if not self._scoped:  # a memory store never suspends: nothing to shield
+            state = await self._store_op(key, lambda store: store.record(key, policy, reports))
+            await self._observe(state)
+            return
         # shielded: a failure must count and a probe lease must come back even when the
         # caller is being cancelled (bounded, so a hung store cannot hold the caller)
         with anyio.move_on_after(_REPORT_SHIELD_SECONDS, shield=True):
@@ -775,7 +781,7 @@ class CircuitBreaker(AsyncResource):
             return await op(fallback)
 
     async def _on_store(self, op: Callable[[CircuitStateStore], Awaitable[T]]) -> T:
-        if self._store_timeout is None:
+        if self._store_timeout is None or not self._scoped:
             return await op(self._store)
         with anyio.fail_after(self._store_timeout):
             return await op(self._store)
