@@ -62,8 +62,8 @@ def _opt_text(value: str | None) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _policy_args(policy: BreakerPolicy) -> list[str]:
-    return [
+def _policy_args(policy: BreakerPolicy) -> tuple[str, ...]:
+    return (
         _num(policy.consecutive_failures),
         _num(policy.failure_rate_threshold),
         _num(policy.minimum_calls),
@@ -77,7 +77,7 @@ def _policy_args(policy: BreakerPolicy) -> list[str]:
         _num(policy.probe_lease_seconds),
         _num(policy.fatal_open_seconds),
         _num(policy.min_retry_after_open),
-    ]
+    )
 
 
 _DEFAULT_POLICY_ARGS: Final = _policy_args(BreakerPolicy())
@@ -243,28 +243,29 @@ class RedisCircuitStateStore(CircuitStateStore):
         )
 
     async def _run(
-        self, op: str, key: str, policy_args: list[str], extra: Sequence[str]
+        self, op: str, key: str, policy_args: Sequence[str], extra: Sequence[str]
     ) -> tuple[float, list[str], CircuitBreakerState]:
         self._check_open()
         args = [op, key, _num(self.key_ttl), *policy_args, *extra]
         try:
             raw = await self._script(keys=[self._redis_key(key)], args=args)
-        except RedisError as exc:
-            raise self._error(f"{op} {key!r}", exc) from exc
-        except OSError as exc:
+        except (RedisError, OSError) as exc:
             raise self._error(f"{op} {key!r}", exc) from exc
         reply = [_text(x) for x in raw]
-        header, fields = reply[:5], _pairs(reply[5:])
+        header = reply[:5]
+        state = self._parse(key, _pairs(reply[5:]))
+        now = float(header[0])
+        self.last_server_time = now
+        return now, header, state
+
+    def _parse(self, key: str, fields: Mapping[str, str]) -> CircuitBreakerState:
         try:
-            state = _state_from_fields(key, fields)
+            return _state_from_fields(key, fields)
         except (ValueError, RecordValidationError) as exc:
             raise StateStoreError(
                 f"Redis state store {self._target}: unreadable state for {key!r}: {exc}",
                 target=self._target,
             ) from exc
-        now = float(header[0])
-        self.last_server_time = now
-        return now, header, state
 
     async def _aclose(self) -> None:
         if self._owns_client:
@@ -360,7 +361,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             raise self._error(f"snapshot {key!r}", exc) from exc
         if not raw:
             return CircuitBreakerState(key=key)
-        return _state_from_fields(key, {_text(k): _text(v) for k, v in raw.items()})
+        return self._parse(key, {_text(k): _text(v) for k, v in raw.items()})
 
     async def snapshot_all(self) -> list[CircuitBreakerState]:
         """Every key under the prefix (``SCAN`` then ``HGETALL`` each), sorted by key."""
@@ -372,14 +373,12 @@ class RedisCircuitStateStore(CircuitStateStore):
                 raw = await self._client.hgetall(redis_key)
                 if raw:
                     name = _text(redis_key)[len(self.prefix) :]
-                    out.append(
-                        _state_from_fields(name, {_text(k): _text(v) for k, v in raw.items()})
-                    )
+                    out.append(self._parse(name, {_text(k): _text(v) for k, v in raw.items()}))
         except (RedisError, OSError) as exc:
             raise self._error("snapshot_all", exc) from exc
         return sorted(out, key=lambda s: s.key)
 
-    def _policy(self, policy: BreakerPolicy) -> list[str]:
+    def _policy(self, policy: BreakerPolicy) -> tuple[str, ...]:
         if not isinstance(policy, BreakerPolicy):
             raise ConfigurationError(f"expected a BreakerPolicy, got {type(policy).__name__}")
         return _policy_args(policy)

@@ -119,3 +119,14 @@ async def test_errors_are_state_store_errors_without_the_password() -> None:
     assert "s3cret-pw" not in text
     assert "127.0.0.1:1" in text
     await store.aclose()
+
+
+async def test_an_unreadable_hash_is_a_state_store_error(redis_url: str, redis_prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    await client.hset(redis_prefix + "bad", mapping={"state": "closed", "generation": "x"})
+    async with RedisCircuitStateStore(redis_url, prefix=redis_prefix) as store:
+        with pytest.raises(StateStoreError, match="unreadable state for 'bad'"):
+            await store.snapshot("bad")
+        with pytest.raises(StateStoreError, match="unreadable state"):
+            await store.snapshot_all()
+    await client.aclose()
