@@ -367,7 +367,7 @@ def cmd_auth_recommend(args: argparse.Namespace) -> int:
         ),
         ("fits in context", "yes" if estimate.fits_in_context else "no"),
     ]
-    print_pairs(rows)
+    print_pairs(rows, title=f"Recommendation for {args.path}")
     for warning in report.warnings:
         print(f"warning: {warning}")
     return 0
