@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import selectors
 import signal
 import sqlite3
@@ -243,14 +244,21 @@ def test_four_processes_write_40000_records_exactly_once(tmp_path: Path) -> None
     assert asyncio.run(read_back()) == count * PROCESSES
 
 
-def test_a_writer_killed_mid_stream_leaves_every_committed_batch(tmp_path: Path) -> None:
-    db = tmp_path / "calls.db"
-    batch_size = 50
-    child = Child("crash", str(db), str(batch_size))
+def _kill_mid_batch(db: Path, label: str, batch_size: int, rng: random.Random) -> list[int]:
+    """
+    Start a crash writer, let it commit some batches, then SIGKILL it at a random moment
+    inside a batch interval (most of which is spent inside the write transaction).
+    Returns the batch ids it reported as committed.
+    """
+    child = Child("crash", str(db), str(batch_size), label)
     committed: list[int] = []
     try:
-        while len(committed) < 40:
+        seen: list[float] = []
+        while len(committed) < 6:
             committed.append(child.read()["committed"])
+            seen.append(time.monotonic())
+        interval = (seen[-1] - seen[2]) / (len(seen) - 3)
+        time.sleep(rng.uniform(0.1, 0.9) * interval)  # choose the kill moment, not a wait
         os.kill(child.proc.pid, signal.SIGKILL)
         child.proc.wait(10)
         # whatever the child printed before dying was committed as well
@@ -261,26 +269,38 @@ def test_a_writer_killed_mid_stream_leaves_every_committed_batch(tmp_path: Path)
         child.close()
     assert child.proc.returncode == -signal.SIGKILL
     assert committed == list(range(len(committed)))
+    return committed
+
+
+def test_writers_killed_mid_stream_leave_every_committed_batch(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    batch_size = 400
+    rng = random.Random()
+    reported = {label: _kill_mid_batch(db, label, batch_size, rng) for label in ("a", "b")}
 
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        rows = conn.execute(
-            "SELECT substr(call_id, 2, instr(call_id, '-') - 2) AS batch, COUNT(*) "
-            "FROM llm_calls GROUP BY batch"
-        ).fetchall()
+        ids = [row[0] for row in conn.execute("SELECT call_id FROM llm_calls")]
     finally:
         conn.close()
-    per_batch = {int(batch): n for batch, n in rows}
-    for batch in committed:
-        assert per_batch.get(batch) == batch_size, f"committed batch {batch} is incomplete"
-    # a batch is all or nothing; at most the one in flight at the kill was not reported
-    assert set(per_batch.values()) == {batch_size}
-    assert set(per_batch) - set(committed) <= {len(committed)}
+    assert len(ids) == len(set(ids))
+    per_batch: dict[tuple[str, int], int] = {}
+    for call_id in ids:
+        label, batch, _ = call_id.split(":")
+        per_batch[label, int(batch)] = per_batch.get((label, int(batch)), 0) + 1
+    for label, committed in reported.items():
+        for batch in committed:
+            assert per_batch.get((label, batch)) == batch_size, f"batch {label}:{batch} lost"
+        # at most the batch in flight at the kill is there unreported
+        present = {b for (lab, b) in per_batch if lab == label}
+        assert present - set(committed) <= {len(committed)}
+    partial = {key: n for key, n in per_batch.items() if n != batch_size}
+    assert not partial, f"batches stored in part: {partial}"
 
     async def reopen() -> int:
         async with SQLiteTelemetryBackend(db) as backend:
             await backend.record_many([])
             return len(await backend.recent(limit=1_000_000))
 
-    assert asyncio.run(reopen()) == sum(per_batch.values())
+    assert asyncio.run(reopen()) == len(ids)

@@ -415,9 +415,7 @@ class _Database:
         self.lock_timeout = lock_timeout
         self.busy_retries = 0
         self._conn: sqlite3.Connection | None = None
-        self._jobs: queue.SimpleQueue[
-            tuple[asyncio.Future[Any] | None, Callable[[], Any], bool]
-        ] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped = False
 
@@ -643,9 +641,12 @@ class _Database:
 
 
 def _check_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    if value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ConfigurationError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return float(value)
 

@@ -24,10 +24,10 @@ stdout and exits non-zero with a traceback on stderr if anything escapes.
     ``w{WORKER_ID}-{i}`` through ``telemetry_from_url`` one `record` at a time, closes
     the backend and prints its counters.
 
-``crash DB_PATH BATCH_SIZE``
-    Writes batches of BATCH_SIZE records forever with an unbatched backend (each
-    ``record_many`` is one transaction) and prints ``{"committed": i}`` after batch i
-    is committed.  The test kills it with SIGKILL.
+``crash DB_PATH BATCH_SIZE LABEL``
+    Writes batches of BATCH_SIZE records (call ids ``LABEL:batch:j``) forever with an
+    unbatched backend (each ``record_many`` is one transaction) and prints
+    ``{"committed": i}`` after batch i is committed.  The test kills it with SIGKILL.
 """
 
 from __future__ import annotations
@@ -134,13 +134,13 @@ async def telemetry(path: str, worker: int, count: int) -> None:
     emit({"done": count, **counters})
 
 
-async def crash(path: str, batch_size: int) -> None:
+async def crash(path: str, batch_size: int, label: str) -> None:
     backend = SQLiteTelemetryBackend(path, batch=False)
     async with backend:
         batch_id = 0
         while True:
             await backend.record_many(
-                [make_record(f"b{batch_id}-{j}", j) for j in range(batch_size)]
+                [make_record(f"{label}:{batch_id}:{j}", j) for j in range(batch_size)]
             )
             emit({"committed": batch_id})
             batch_id += 1
@@ -153,7 +153,7 @@ def main(argv: list[str]) -> None:
     elif mode == "telemetry":
         asyncio.run(telemetry(path, int(rest[0]), int(rest[1])))
     elif mode == "crash":
-        asyncio.run(crash(path, int(rest[0])))
+        asyncio.run(crash(path, int(rest[0]), rest[1]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 
