@@ -22,7 +22,8 @@ returns the backend's URL; the contract builds the backend with `telemetry_from_
         def state_store_url(self, tmp_path):
             return f"mydb:///{tmp_path}/state.db"
 
-Requirements: pytest, pytest-asyncio and anyio (the ``test`` extra of empathy-models).
+Requirements: pytest, pytest-asyncio and anyio (the ``test`` extra of empathy-models);
+the tests carry the ``asyncio`` mark, so they run with ``asyncio_mode`` strict or auto.
 The URL must name an *empty* backend for every test (a fresh file, a flushed database):
 the contracts count everything they read.  Extra constructor options go in the
 ``telemetry_options`` / ``state_store_options`` fixtures (for example an injected clock).
