@@ -123,6 +123,7 @@ from .router import (
 from .tasks import (
     TaskType as TaskType,
     get_tier_for_task as get_tier_for_task,
+    is_known_task as is_known_task,
     normalize_task_type as normalize_task_type,
 )
 
@@ -212,6 +213,7 @@ __all__ = [
     "empathy_home",
     "get_module_size_category",
     "get_tier_for_task",
+    "is_known_task",
     "list_auth_strategy_backups",
     "normalize_task_type",
     "reset_auth_strategy",

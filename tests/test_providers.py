@@ -33,7 +33,12 @@ from empathy_models import (
     RateLimitedError,
     ServerError,
 )
-from empathy_models.providers._http import HTTPProvider, error_from_response, parse_retry_after
+from empathy_models.providers._http import (
+    HTTPProvider,
+    error_from_response,
+    error_from_transport,
+    parse_retry_after,
+)
 from empathy_models.testing import FakeLLMServer, ModelBehavior
 
 KEY = "test-key-0123456789"
@@ -262,9 +267,16 @@ async def test_529_overloaded(provider: HTTPProvider, server: FakeLLMServer) -> 
 # ------------------------------------------------------------------ transport failures
 
 
-async def test_timeout_on_a_hanging_server(server: FakeLLMServer, wire: str) -> None:
+@pytest.mark.parametrize(
+    "client_timeout", [0.2, aiohttp.ClientTimeout(sock_read=0.2)], ids=["total", "sock_read"]
+)
+async def test_timeout_on_a_hanging_server(
+    server: FakeLLMServer, wire: str, client_timeout: float | aiohttp.ClientTimeout
+) -> None:
+    # aiohttp raises asyncio.TimeoutError for the total and ServerTimeoutError (also a
+    # ClientConnectionError) for sock_read: both are timeouts, not connection errors
     server.script(MODEL, ["hang"])
-    async with make_provider(wire, server, timeout=0.2) as provider:
+    async with make_provider(wire, server, timeout=client_timeout) as provider:
         exc = await failure(provider, req())
     assert_error(exc, ProviderTimeoutError, provider, status=None)
     assert isinstance(exc, TimeoutError)
@@ -453,3 +465,20 @@ def test_status_table(status: int, cls: type[ProviderError]) -> None:
 @pytest.fixture(params=FORMATS)
 def wire(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+@pytest.mark.parametrize(
+    ("exc", "cls"),
+    [
+        (aiohttp.ServerTimeoutError("read"), ProviderTimeoutError),
+        (aiohttp.ConnectionTimeoutError("connect"), ProviderTimeoutError),
+        (TimeoutError(), ProviderTimeoutError),
+        (aiohttp.ServerDisconnectedError(), ProviderConnectionError),
+        (ConnectionResetError(104, "reset"), ProviderConnectionError),
+        (aiohttp.ClientPayloadError("cut"), InvalidResponseError),
+    ],
+)
+def test_transport_table(exc: BaseException, cls: type[ProviderError]) -> None:
+    mapped = error_from_transport(exc, provider="p", model="m")
+    assert type(mapped) is cls
+    assert (mapped.provider, mapped.model, mapped.status) == ("p", "m", None)

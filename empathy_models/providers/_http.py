@@ -65,7 +65,9 @@ from ..exceptions import (
 )
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
     "HTTPProvider",
+    "ResponseReader",
     "error_from_response",
     "error_from_transport",
     "parse_retry_after",
