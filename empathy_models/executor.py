@@ -280,7 +280,9 @@ class ExecutionContext:
             id); ``None`` keeps the router's default.
         max_tokens, temperature, system: passed to the provider.
         timeout: seconds allowed for one attempt (waiting for a provider slot
-            included); ``None`` leaves only the provider's own timeout.  Default 120.
+            included); ``None`` leaves only the provider's own timeout.  Default 60, the
+            HTTP providers' own default; the provider's timeout still applies, so raise
+            both for longer generations.
         deadline: seconds allowed for the whole run (every attempt and every retry wait);
             ``None`` for no overall limit.
         metadata: JSON scalars copied into every record; the mapping is copied, so later
@@ -303,7 +305,7 @@ class ExecutionContext:
     max_tokens: int = field(default=1024, validator=_ctx_max_tokens)
     temperature: float | None = field(default=None, validator=_ctx_non_negative)
     system: str | None = field(default=None, validator=_ctx_opt_str)
-    timeout: float | None = field(default=120.0, validator=_ctx_positive)
+    timeout: float | None = field(default=60.0, validator=_ctx_positive)
     deadline: float | None = field(default=None, validator=_ctx_positive)
     metadata: Mapping[str, JSONScalar] = field(factory=dict, converter=_copy_metadata)
     user_id: str | None = field(default=None, validator=_ctx_opt_str)
