@@ -7,7 +7,7 @@ import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
 
@@ -57,8 +57,12 @@ def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
     parts = urlsplit(dsn)
     query = parse_qsl(parts.query, keep_blank_values=True)
     ours = {k: v for k, v in query if k in _URL_OPTIONS}
-    rest = [(k, v) for k, v in query if k not in _URL_OPTIONS]
-    return urlunsplit(parts._replace(query=urlencode(rest))), ours
+    if not ours:
+        return dsn, ours
+    rest = urlencode([(k, v) for k, v in query if k not in _URL_OPTIONS])
+    # not urlunsplit: it turns an empty host ("postgresql:///db") into "postgresql:/db"
+    tail = (f"?{rest}" if rest else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{tail}", ours
 
 
 class Database:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import asyncpg
 import pytest
 from empathy_models_postgres import STATE_SCHEMA_VERSION, PostgresCircuitStateStore
@@ -84,3 +86,23 @@ async def test_errors_are_state_store_errors_without_the_password() -> None:
     assert "s3cret-pw" not in text
     assert "127.0.0.1:1" in text
     await store.aclose()
+
+
+async def test_a_unix_socket_dsn_with_plugin_options_still_connects(
+    postgres_schema: str, postgres_dsn: str
+) -> None:
+    """``postgresql:///db?host=/run/...`` keeps its empty host once the options are removed."""
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        socket_dir = await conn.fetchval("SHOW unix_socket_directories")
+        user = await conn.fetchval("SELECT current_user")
+        database = await conn.fetchval("SELECT current_database()")
+    finally:
+        await conn.close()
+    directory = str(socket_dir).split(",")[0].strip()
+    if not directory or not os.path.exists(os.path.join(directory, ".s.PGSQL.5432")):
+        pytest.skip(f"the test server's Unix socket is not reachable here ({directory!r})")
+    url = f"postgresql:///{database}?host={directory}&user={user}&schema={postgres_schema}"
+    async with PostgresCircuitStateStore(url) as store:
+        admission = await store.admit("via-socket", POLICY)
+    assert admission.admitted

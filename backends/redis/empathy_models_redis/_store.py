@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from importlib.resources import files
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -389,5 +389,8 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     ours = {k: v for k, v in query if k in _URL_OPTIONS}
-    rest = [(k, v) for k, v in query if k not in _URL_OPTIONS]
-    return urlunsplit(parts._replace(query=urlencode(rest))), ours
+    if not ours:
+        return url, ours
+    rest = urlencode([(k, v) for k, v in query if k not in _URL_OPTIONS])
+    tail = (f"?{rest}" if rest else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{tail}", ours
