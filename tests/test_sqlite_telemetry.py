@@ -383,3 +383,12 @@ async def test_failed_batches_are_counted_and_never_raise_into_record(
             r.call_id for r in records[1:]
         )
     assert any("could not be written" in r.getMessage() for r in caplog.records)
+
+
+async def test_metadata_that_is_not_json_is_stored_as_text(tmp_path: Path) -> None:
+    odd = attrs.evolve(_records(1)[0], metadata={"when": BASE, "ok": 1, "big": 2**70})
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
+        await backend.record(odd)
+        (got,) = await backend.recent()
+        assert backend.failed == 0
+    assert dict(got.metadata) == {"when": str(BASE), "ok": 1, "big": 2**70}

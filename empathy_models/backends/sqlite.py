@@ -216,6 +216,11 @@ def _from_us(value: int) -> datetime:
 
 
 _json: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# metadata should hold JSON scalars; anything else is stored as its str() rather than
+# failing the whole batch it travels in
+_json_metadata: Final = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, default=str
+).encode
 
 
 def _to_row(r: LLMCallRecord) -> tuple[Any, ...]:
@@ -250,7 +255,7 @@ def _to_row(r: LLMCallRecord) -> tuple[Any, ...]:
         None if r.circuit_state is None else r.circuit_state.value,
         r.user_id,
         r.session_id,
-        _json(dict(r.metadata)) if r.metadata else "{}",
+        _json_metadata(dict(r.metadata)) if r.metadata else "{}",
         r.prompt_text,
         r.response_text,
     )
