@@ -279,10 +279,10 @@ class ExecutionContext:
         on_no_match: passed to the router when set (``"raise"``, ``"relax"`` or a model
             id); ``None`` keeps the router's default.
         max_tokens, temperature, system: passed to the provider.
-        timeout: seconds allowed for one attempt (waiting for a provider slot
-            included); ``None`` leaves only the provider's own timeout.  Default 60, the
-            HTTP providers' own default; the provider's timeout still applies, so raise
-            both for longer generations.
+        timeout: seconds allowed for one provider call (waiting for a provider slot
+            counts against ``deadline`` only); ``None`` leaves only the provider's own
+            timeout.  Default 60, the HTTP providers' own default; the provider's
+            timeout still applies, so raise both for longer generations.
         deadline: seconds allowed for the whole run (every attempt and every retry wait);
             ``None`` for no overall limit.
         metadata: JSON scalars copied into every record; the mapping is copied, so later
