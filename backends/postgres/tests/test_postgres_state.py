@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
+import anyio
 import asyncpg
 import pytest
 from empathy_models_postgres import STATE_SCHEMA_VERSION, PostgresCircuitStateStore
@@ -95,14 +94,18 @@ async def test_a_unix_socket_dsn_with_plugin_options_still_connects(
     conn = await asyncpg.connect(postgres_dsn)
     try:
         socket_dir = await conn.fetchval("SHOW unix_socket_directories")
+        port = await conn.fetchval("SHOW port")
         user = await conn.fetchval("SELECT current_user")
         database = await conn.fetchval("SELECT current_database()")
     finally:
         await conn.close()
     directory = str(socket_dir).split(",")[0].strip()
-    if not directory or not os.path.exists(os.path.join(directory, ".s.PGSQL.5432")):
+    if not directory or not await anyio.Path(directory, f".s.PGSQL.{port}").exists():
         pytest.skip(f"the test server's Unix socket is not reachable here ({directory!r})")
-    url = f"postgresql:///{database}?host={directory}&user={user}&schema={postgres_schema}"
+    url = (
+        f"postgresql:///{database}?host={directory}&port={port}&user={user}"
+        f"&schema={postgres_schema}"
+    )
     async with PostgresCircuitStateStore(url) as store:
         admission = await store.admit("via-socket", POLICY)
     assert admission.admitted
