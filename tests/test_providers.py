@@ -37,6 +37,7 @@ from empathy_models.providers._http import (
     HTTPProvider,
     error_from_response,
     error_from_transport,
+    parse_ratelimit_reset,
     parse_retry_after,
 )
 from empathy_models.testing import FakeLLMServer, ModelBehavior
@@ -482,3 +483,37 @@ def test_transport_table(exc: BaseException, cls: type[ProviderError]) -> None:
     mapped = error_from_transport(exc, provider="p", model="m")
     assert type(mapped) is cls
     assert (mapped.provider, mapped.model, mapped.status) == ("p", "m", None)
+
+
+def test_ratelimit_reset_headers() -> None:
+    now = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+    anthropic = {
+        "anthropic-ratelimit-requests-remaining": "0",
+        "anthropic-ratelimit-requests-reset": "2023-11-14T22:13:32Z",
+        "anthropic-ratelimit-tokens-remaining": "5000",
+        "anthropic-ratelimit-tokens-reset": "2023-11-14T22:20:00Z",
+    }
+    assert parse_ratelimit_reset(anthropic, now=now) == pytest.approx(12.0)
+    openai = {
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": "1m30.5s",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "250ms",
+    }
+    assert parse_ratelimit_reset(openai, now=now) == pytest.approx(90.5)
+    assert parse_ratelimit_reset({"x-ratelimit-remaining-requests": "3"}) is None
+    assert (
+        parse_ratelimit_reset(
+            {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "soon"}
+        )
+        is None
+    )
+    # used for a 429 only when Retry-After is absent
+    body = b'{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}'
+    limited = error_from_response(429, body, openai, provider="openai", model="m")
+    assert limited.retry_after == pytest.approx(90.5)
+    hinted = error_from_response(
+        429, body, openai | {"retry-after": "2"}, provider="openai", model="m"
+    )
+    assert hinted.retry_after == 2.0
+    assert error_from_response(500, body, openai, provider="openai", model="m").retry_after is None

@@ -27,8 +27,9 @@ fields, unexpected status
 
 Every error carries ``provider``, ``model``, ``status`` (when there was a response) and
 ``retry_after`` in seconds (from ``retry-after-ms``, or ``Retry-After`` as seconds or
-an HTTP date).  Messages quote the provider's own error text with any API key removed;
-the chained cause is an aiohttp or JSON exception that holds no request headers.
+an HTTP date; for a 429 without them, from the providers' rate-limit reset headers).
+Messages quote the provider's own error text with any API key removed; the chained
+cause is an aiohttp or JSON exception that holds no request headers.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from datetime import UTC
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final, NoReturn, Self
 
@@ -70,6 +71,7 @@ __all__ = [
     "ResponseReader",
     "error_from_response",
     "error_from_transport",
+    "parse_ratelimit_reset",
     "parse_retry_after",
 ]
 
@@ -145,6 +147,54 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def _parse_duration(text: str) -> float | None:
+    """OpenAI's reset durations: ``"20ms"``, ``"1s"``, ``"6m0s"``, ``"1h2m3.5s"``."""
+    text = text.strip()
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def _parse_instant(text: str, now: float) -> float | None:
+    """Anthropic's reset instants (RFC 3339) as seconds from ``now``."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+def parse_ratelimit_reset(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """
+    Seconds until an exhausted rate limit resets, from the providers' own headers:
+    Anthropic's ``anthropic-ratelimit-<kind>-remaining`` / ``-reset`` (RFC 3339) and
+    OpenAI's ``x-ratelimit-remaining-<kind>`` / ``x-ratelimit-reset-<kind>`` (``"6m0s"``).
+    Only limits whose remaining count is 0 are considered; the longest wait wins.  None
+    when no exhausted limit says when it resets.
+    """
+    current = time.time() if now is None else now
+    waits: list[float] = []
+    for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
+        if headers.get(f"anthropic-ratelimit-{kind}-remaining", "").strip() == "0":
+            reset = headers.get(f"anthropic-ratelimit-{kind}-reset")
+            wait = None if reset is None else _parse_instant(reset, current)
+            if wait is not None:
+                waits.append(wait)
+        if headers.get(f"x-ratelimit-remaining-{kind}", "").strip() == "0":
+            reset = headers.get(f"x-ratelimit-reset-{kind}")
+            wait = None if reset is None else _parse_duration(reset)
+            if wait is not None:
+                waits.append(wait)
+    return max(waits) if waits else None
+
+
 def _error_details(body: bytes) -> tuple[str | None, str | None, str | None]:
     """(type, code, message) from either API's error body; Nones when it is not one."""
     try:
@@ -187,6 +237,8 @@ def error_from_response(
     text = _scrub(f"{provider} HTTP {status}{' ' + label if label else ''}: {message}", secret)
     text += f" [model {model}]"
     retry_after = parse_retry_after(headers)
+    if retry_after is None and status == 429:
+        retry_after = parse_ratelimit_reset(headers)
     lowered = f"{code or ''} {message}".lower()
     cls: type[ProviderError]
     if status == 529 or kind == "overloaded_error":
