@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from pathlib import Path
@@ -305,3 +306,24 @@ def test_from_dict_rejects_non_mappings() -> None:
 def test_registry_names_are_public() -> None:
     assert empathy_models.ModelRegistry is ModelRegistry
     assert "ModelInfo" in empathy_models.__all__
+
+
+@pytest.mark.parametrize(
+    "module_name",
+    [
+        "empathy_models.registry",
+        "empathy_models.tasks",
+        "empathy_models.providers",
+        "empathy_models.providers.anthropic",
+        "empathy_models.providers.openai",
+        "empathy_models.providers._http",
+        "empathy_models.testing",
+        "empathy_models.testing.fake_server",
+        "empathy_models.testing.fakes",
+    ],
+)
+def test_module_all_is_sorted_and_defined(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    assert list(module.__all__) == sorted(set(module.__all__))
+    for name in module.__all__:
+        assert hasattr(module, name), f"{module_name}.{name}"

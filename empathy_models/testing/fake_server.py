@@ -64,8 +64,8 @@ from attrs import field, frozen
 from ..exceptions import ConfigurationError, RecordValidationError
 
 __all__ = [
-    "FAULT_ACTIONS",
     "Action",
+    "FAULT_ACTIONS",
     "FakeLLMServer",
     "Latency",
     "ModelBehavior",
