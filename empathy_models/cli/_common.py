@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -12,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Protocol, TypeAlias, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 
@@ -32,6 +33,7 @@ __all__ = [
     "print_pairs",
     "print_table",
     "run_async",
+    "sqlite_url",
     "stdin_is_terminal",
 ]
 
@@ -76,14 +78,20 @@ def add_common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> No
 
 
 def _sqlite_path(url: str) -> str | None:
-    """The file path of a ``sqlite://`` URL, None for ``:memory:``."""
-    rest = url[len("sqlite://") :]
-    if rest.startswith("/"):
-        rest = rest[1:]
-    rest = rest.split("?", 1)[0]
-    if rest in ("", ":memory:"):
+    """The file path of a ``sqlite://`` URL, None for ``:memory:`` (or unparseable)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
         return None
-    return rest
+    if parts.netloc:
+        return None
+    path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    return None if path in ("", ":memory:") else path
+
+
+def sqlite_url(path: Path) -> str:
+    """``sqlite:///`` + the absolute, percent-quoted path (``?`` and ``#`` survive)."""
+    return "sqlite:///" + quote(str(path.expanduser().absolute()))
 
 
 def db_url(value: str | None, *, must_exist: bool = True) -> str:
@@ -100,13 +108,16 @@ def db_url(value: str | None, *, must_exist: bool = True) -> str:
         path = _sqlite_path(raw) if scheme == "sqlite" else None
     else:
         path = str(Path(raw).expanduser().absolute())
-        url = "sqlite:///" + path
+        url = sqlite_url(Path(path))
     if must_exist and path is not None:
         file = Path(path)
         if file.is_dir():
             raise CliError(f"database {file} is a directory, not a SQLite file")
         if not file.exists():
-            hint = f"pass --db PATH, or create one with `empathy-models demo --db {file}`"
+            hint = (
+                "pass --db PATH, or create one with "
+                f"`empathy-models demo --db {shlex.quote(str(file))}`"
+            )
             raise CliError(f"database not found: {file} ({hint})")
     return url
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import shlex
 import sys
 import tempfile
 import time
@@ -63,6 +64,7 @@ from ._common import (
     fmt_usd,
     print_table,
     run_async,
+    sqlite_url,
 )
 
 __all__ = ["DemoResult", "cmd_demo", "register", "run_demo"]
@@ -618,7 +620,7 @@ def _print(result: DemoResult, *, kept_db: Path | None, temporary: bool) -> None
             "routing stats support",
             "breaker status",
         ):
-            print(f"  empathy-models {command} --db {kept_db}")
+            print(f"  empathy-models {command} --db {shlex.quote(str(kept_db))}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -627,7 +629,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.db is None:
             path = Path(tmp) / "demo.db"
             kept = None
-            url = "sqlite:///" + str(path)
+            url = sqlite_url(path)
         elif "://" in args.db:
             url = args.db
             kept = None
@@ -637,7 +639,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 raise CliError(f"--db {path} is a directory, not a SQLite file")
             if not path.parent.is_dir():
                 raise CliError(f"--db {path}: the directory {path.parent} does not exist")
-            url = "sqlite:///" + str(path)
+            url = sqlite_url(path)
             kept = path
         with Progress(args.calls, "demo") as bar:
             result = run_async(
