@@ -777,6 +777,10 @@ class AdaptiveModelRouter:
         for model in names:
             if model in seen:
                 continue
+            if not isinstance(model, str) or not model:
+                raise ConfigurationError(
+                    f"candidate model ids must be non-empty strings, got {model!r}"
+                )
             seen.add(model)
             evals.append(
                 self._evaluate(

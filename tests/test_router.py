@@ -227,6 +227,7 @@ def test_invalid_arguments_raise_configuration_error(clock: FakeClock) -> None:
         {"input_tokens": -3},
         {"candidates": []},
         {"candidates": "mini"},
+        {"candidates": ["mini", ""]},
         {"on_no_match": "not-a-model"},
         {"strict_cost": True, "max_cost": 0.1},  # strict without input_tokens
     ]
