@@ -173,8 +173,9 @@ class RoutingPolicy:
       stricter than ``z`` because a rejected model gets no traffic at all.
     * ``prior_alpha`` / ``prior_beta``: Beta prior of the Thompson draws (they never
       count toward the eligibility gate).
-    * ``seed_recent_limit``: newest records read at start to fill the recent-outcome
-      windows `AdaptiveModelRouter.recommend_tier_upgrade` uses.
+    * ``seed_stage_limit``: how many workflow stages get their recent-outcome window
+      (used by `AdaptiveModelRouter.recommend_tier_upgrade`) filled from the backend at
+      start, one small ``recent`` query each (default 1000; 0 disables).
 
     Invalid values raise `ConfigurationError` naming the field.
     """
@@ -196,7 +197,7 @@ class RoutingPolicy:
     z: float = field(default=1.96, validator=_check_positive)
     prior_alpha: float = field(default=1.0, validator=_check_positive)
     prior_beta: float = field(default=1.0, validator=_check_positive)
-    seed_recent_limit: int = field(default=1000, validator=_check_non_negative)
+    seed_stage_limit: int = field(default=1000, validator=_check_non_negative)
 
 
 @frozen(kw_only=True)
@@ -547,28 +548,41 @@ class AdaptiveModelRouter:
             return True
 
     async def _seed_rings(self) -> None:
+        # One ``recent`` call per workflow stage seen in the seeding aggregate (and one per
+        # workflow for ``stage=None``), so a low-traffic stage is not starved by a busy
+        # one as with the original's global 10,000-entry fetch.  At start only.
         store = self._store
-        limit = self.policy.seed_recent_limit
+        limit = self.policy.seed_stage_limit
         if store is None or limit == 0:
             return
         now = self._clock()
-        try:
-            records = await store.recent(
-                limit=limit,
-                since=datetime.fromtimestamp(now - self.policy.window_days * 86400.0, UTC),
-            )
-        except Exception as exc:
-            self.refresh_errors += 1
-            logger.warning(
-                "router could not read recent calls from %r (%s: %s)",
-                store,
-                type(exc).__name__,
-                exc,
-            )
-            return
-        for record in sorted(records, key=lambda r: r.timestamp):
-            if record.outcome.is_sample:
-                self._ring_append(record)
+        since = datetime.fromtimestamp(now - self.policy.window_days * 86400.0, UTC)
+        stages = sorted({(wf, st) for wf, st, _ in self._arms if wf and st})[:limit]
+        targets: list[tuple[str, str | None]] = [*stages, *sorted({(wf, None) for wf, _ in stages})]
+        size = self.RECENT_WINDOW_SIZE
+        for workflow, stage in targets:
+            try:
+                records = await store.recent(
+                    limit=size, workflow=workflow, stage=stage, since=since
+                )
+            except Exception as exc:
+                self.refresh_errors += 1
+                logger.warning(
+                    "router could not read recent calls from %r (%s: %s)",
+                    store,
+                    type(exc).__name__,
+                    exc,
+                )
+                return
+            items = [
+                self._ring_item(r)
+                for r in sorted(records, key=lambda r: r.timestamp)
+                if r.outcome.is_sample
+            ]
+            # seeded outcomes are older than anything already reported live
+            ring = deque(items, maxlen=size)
+            ring.extend(self._ring(workflow, stage))
+            self._rings[(workflow, stage)] = ring
         self._ring_cutoff = now
 
     # ------------------------------------------------------------------ learning
@@ -625,18 +639,24 @@ class AdaptiveModelRouter:
             )
         arm.dirty = True
 
-    def _ring_append(self, record: LLMCallRecord) -> None:
+    def _ring(self, workflow: str, stage: str | None) -> deque[tuple[str, ModelTier | None, bool]]:
+        ring = self._rings.get((workflow, stage))
+        if ring is None:
+            ring = self._rings[(workflow, stage)] = deque(maxlen=self.RECENT_WINDOW_SIZE)
+        return ring
+
+    def _ring_item(self, record: LLMCallRecord) -> tuple[str, ModelTier | None, bool]:
         tier = record.tier
         if tier is None:
             facts = self._model_facts(record.model)
             tier = facts.tier if facts is not None else None
-        item = (record.model, tier, record.outcome.is_failure)
-        size = self.RECENT_WINDOW_SIZE
-        for key in ((record.workflow or "", record.stage or ""), (record.workflow or "", None)):
-            ring = self._rings.get(key)
-            if ring is None:
-                ring = self._rings[key] = deque(maxlen=size)
-            ring.append(item)
+        return (record.model, tier, record.outcome.is_failure)
+
+    def _ring_append(self, record: LLMCallRecord) -> None:
+        item = self._ring_item(record)
+        workflow = record.workflow or ""
+        self._ring(workflow, record.stage or "").append(item)
+        self._ring(workflow, None).append(item)
 
     # ------------------------------------------------------------------ deciding
 

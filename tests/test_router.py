@@ -753,3 +753,29 @@ def test_a_decision_that_claims_constraints_met_never_exceeds_max_cost(
     if d.constraints_met and strict:
         worst = REGISTRY.get(d.model).cost(input_tokens, max_tokens)
         assert worst <= max_cost * (1 + 1e-9)
+
+
+async def test_a_quiet_stage_is_seeded_even_next_to_a_busy_one(clock: FakeClock) -> None:
+    # the original fetched the newest 10,000 entries of every workflow at once, so a
+    # busy stage could push a quiet one out of the window entirely
+    store = MemoryTelemetryBackend()
+    quiet = []
+    for i in range(12):
+        clock.advance(1.0)
+        quiet.append(rec(clock, "nano", i % 2 == 0, stage="quiet"))
+    await store.record_many(quiet)
+    busy = []
+    for _ in range(3000):
+        clock.advance(0.01)
+        busy.append(rec(clock, "mini", True, stage="busy"))
+    await store.record_many(busy)
+    clock.advance(1.0)
+    async with make(clock, telemetry_store=store, refresh_interval=None) as router:
+        advice = router.recommend_tier_upgrade(WF, "quiet")
+        everything = router.recommend_tier_upgrade(WF, None)
+        clock.advance(1.0)
+        router.record_outcome(rec(clock, "nano", False, stage="quiet"))  # a live report
+        after = router.recommend_tier_upgrade(WF, "quiet")
+    assert (advice.window, advice.failures, advice.should_upgrade) == (12, 6, True)
+    assert everything.window == 20 and everything.failures == 0  # the newest 20: busy
+    assert (after.window, after.failures) == (13, 7)
