@@ -343,9 +343,10 @@ class AdaptiveModelRouter:
     random choice reproducible; ``clock`` returns UTC epoch seconds, and ``sleep``
     waits between refreshes (tests pass `FakeClock.sleep` so no real time passes).
 
-    Lifecycle: ``async with router:`` seeds the statistics (one ``aggregate`` call and
-    one ``recent`` call) and starts the periodic refresh, a task owned by the router and
-    cancelled and awaited by `aclose`.  A backend error while seeding or refreshing is
+    Lifecycle: ``async with router:`` seeds the statistics (one ``aggregate`` call for
+    every arm, then one small ``recent`` call per workflow stage for the windows of
+    `recommend_tier_upgrade`) and starts the periodic refresh, a task owned by the
+    router and cancelled and awaited by `aclose`.  A backend error while seeding or refreshing is
     logged and counted in `refresh_errors`; it never fails a decision.
 
     Concurrency: the synchronous methods (`record_outcome`, `get_best_model`,
@@ -492,17 +493,22 @@ class AdaptiveModelRouter:
     async def _refresh_loop(self, interval: float) -> None:
         while True:
             await self._sleep(interval)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # refresh handles backend errors; this keeps the loop alive
+                self.refresh_errors += 1
+                logger.exception("router refresh failed unexpectedly")
 
     async def refresh(self) -> bool:
         """
         Replace the seeded evidence with the backend's current aggregates.
 
-        One ``aggregate`` call covers every (workflow, stage, model).  Live updates for
-        records timestamped at or after the refresh are kept; older ones are now in the
-        seeded base (see the module docstring).  Returns ``True`` on success; on a
-        backend error logs a warning, counts it in `refresh_errors`, keeps the previous
-        evidence and returns ``False``.  Concurrent calls are serialized.
+        The backend is flushed (so records this process handed to a batching backend
+        are visible), then one ``aggregate`` call covers every (workflow, stage, model).
+        Live updates for records timestamped at or after the refresh are kept; older
+        ones are now in the seeded base (see the module docstring).  Returns ``True`` on
+        success; on a backend error logs a warning, counts it in `refresh_errors`, keeps
+        the previous evidence and returns ``False``.  Concurrent calls are serialized.
         """
         store = self._store
         if store is None:
@@ -514,6 +520,8 @@ class AdaptiveModelRouter:
             for arm in self._arms.values():
                 arm.next_live = ArmAccumulator(t=cutoff)
             try:
+                # records this process handed to a batching backend become visible first
+                await store.flush()
                 perfs = await store.aggregate(
                     since=datetime.fromtimestamp(cutoff - self.policy.window_days * 86400.0, UTC),
                     until=datetime.fromtimestamp(cutoff, UTC),
