@@ -921,15 +921,20 @@ class SQLiteTelemetryBackend(TelemetryBackend):
 # --------------------------------------------------------------------------- circuit state
 
 
+_SELECT_STATE: Final = "SELECT data, generation FROM circuit_state WHERE key = ?"
+
+
 class SQLiteStateStore(TransactionalStateStore):
     """
     Circuit-breaker state in a SQLite file, shared by every process that opens it.
 
-    Each store operation (`admit`, `record`, `force`, `reset`) is one ``BEGIN
-    IMMEDIATE`` transaction: the key's row is read, the pure machine of
+    Each store operation (`admit`, `record`, `force`, `reset`) that changes the state is
+    one ``BEGIN IMMEDIATE`` transaction: the key's row is read, the pure machine of
     `empathy_models.circuit` runs with ``clock()`` (UTC epoch seconds, read after the
     write lock is held, so time never runs backwards between two operations on one
     host), and the row is written back only if its generation is still the one read.
+    An operation that changes nothing (admitting while CLOSED, rejecting while OPEN)
+    is answered from a plain read and takes no lock, so it never waits for writers.
     States are stored as the versioned JSON of `empathy_models.serialization`.
     ``shared`` is true for a file and false for ``":memory:"`` (a private database).
 
@@ -990,9 +995,7 @@ class SQLiteStateStore(TransactionalStateStore):
         clock = self._clock
 
         def body(conn: sqlite3.Connection) -> T:
-            row = conn.execute(
-                "SELECT data, generation FROM circuit_state WHERE key = ?", (key,)
-            ).fetchone()
+            row = conn.execute(_SELECT_STATE, (key,)).fetchone()
             current = None if row is None else self._decode(row[0])
             new, result = fn(current, clock())
             if new is not None and new is not current:
@@ -1018,7 +1021,20 @@ class SQLiteStateStore(TransactionalStateStore):
                         )
             return result
 
-        return await db.run(partial(db.transaction, body=body))
+        def job(conn: sqlite3.Connection) -> T:
+            # Optimistic first pass without the write lock (a WAL read never waits for
+            # writers): when the machine changes nothing (an admit while CLOSED, or a
+            # rejection while OPEN) the answer is consistent with the state as read, so
+            # it is returned as is.  Otherwise the step runs again from a fresh read
+            # inside BEGIN IMMEDIATE, which is what makes it atomic.
+            row = db.retrying(lambda: conn.execute(_SELECT_STATE, (key,)).fetchone())
+            current = None if row is None else self._decode(row[0])
+            new, result = fn(current, clock())
+            if new is None or new is current:
+                return result
+            return db.transaction(conn, body)
+
+        return await db.run(job)
 
     async def _load(self, key: str) -> CircuitBreakerState | None:
         def job(conn: sqlite3.Connection) -> CircuitBreakerState | None:
