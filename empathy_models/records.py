@@ -289,8 +289,9 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     denom = 1.0 + z2 / n
     centre = p + z2 / (2.0 * n)
     margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
-    lower = max(0.0, (centre - margin) / denom)
-    upper = min(1.0, (centre + margin) / denom)
+    # clamp: rounding must never put the observed rate outside its own interval
+    lower = min(p, max(0.0, (centre - margin) / denom))
+    upper = max(p, min(1.0, (centre + margin) / denom))
     return (lower, upper)
 
 
@@ -358,7 +359,11 @@ class LLMCallRecord:
 
     @property
     def retry_count(self) -> int:
-        """How many attempts came before this one for the same route (``attempt - 1``)."""
+        """How many attempts of the same request came before this one (``attempt - 1``).
+
+        ``attempt`` counts 1..N across the whole request, fallback routes included, so
+        a request's records sort by it; ``fallback_chain`` tells the routes apart.
+        """
         return self.attempt - 1
 
     @property
