@@ -192,3 +192,25 @@ async def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> N
         assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
     finally:
         conn.close()
+
+
+async def test_reads_never_wait_for_a_writer_and_writes_report_a_held_lock(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "state.db"
+    async with SQLiteStateStore(db, busy_timeout=0.0, lock_timeout=0.0) as store:
+        await _fail(store, "k", 1)
+        blocker = sqlite3.connect(db, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # another process is writing
+            admission = await store.admit("k", POLICY)  # CLOSED: changes nothing, no lock
+            assert admission.admitted and admission.ticket is not None
+            assert (await store.snapshot("k")).failure_count == 1
+            report = OutcomeReport(ticket=admission.ticket, outcome=Outcome.FAILURE)
+            with pytest.raises(StateStoreError, match="stayed locked") as info:
+                await store.record("k", POLICY, [report])
+            assert info.value.target == str(db)
+            blocker.execute("ROLLBACK")
+            assert (await store.record("k", POLICY, [report])).failure_count == 2
+        finally:
+            blocker.close()
