@@ -61,14 +61,6 @@ from .breaker import (
     CircuitBreaker as CircuitBreaker,
 )
 from .circuit import BreakerPolicy as BreakerPolicy
-from .executor import (
-    AttemptSummary as AttemptSummary,
-    EmpathyLLMExecutor as EmpathyLLMExecutor,
-    ExecutionContext as ExecutionContext,
-    FallbackPolicy as FallbackPolicy,
-    LLMResponse as LLMResponse,
-    TelemetryDisabledWarning as TelemetryDisabledWarning,
-)
 from .exceptions import (
     AllRoutesFailedError as AllRoutesFailedError,
     AuthenticationError as AuthenticationError,
@@ -93,6 +85,14 @@ from .exceptions import (
     ServerError as ServerError,
     StateStoreError as StateStoreError,
     TelemetryError as TelemetryError,
+)
+from .executor import (
+    AttemptSummary as AttemptSummary,
+    EmpathyLLMExecutor as EmpathyLLMExecutor,
+    ExecutionContext as ExecutionContext,
+    FallbackPolicy as FallbackPolicy,
+    LLMResponse as LLMResponse,
+    TelemetryDisabledWarning as TelemetryDisabledWarning,
 )
 from .providers import (
     AnthropicProvider as AnthropicProvider,
