@@ -45,8 +45,9 @@ DEGRADE_AT = 1500
 #: its traffic within this many calls: from then on it gets at most 10% of the calls
 #: (the exploration share; at most 6% over 60 seeds of the router-only run) and never
 #: more than 20 calls in any 100 (at most 14 over those seeds), and the next-cheapest
-#: compliant model gets at least 85% (at least 93.7% over those seeds).  Losing the
-#: exploitation itself takes ~25-60 of its calls (evidence halves every 500 calls).
+#: compliant model gets at least 85% (at least 93.7% over those seeds).  It stops being
+#: the router's pick after ~25-65 calls (its evidence halves every 500 of its calls);
+#: while its bound settles near the limit it can win a few calls back now and then.
 DEGRADE_BOUND = 150
 #: calls before convergence is judged: the cold start explores the cheapest unproven
 #: models first, and a model needs ~75-95 straight successes for a 0.95 lower bound
