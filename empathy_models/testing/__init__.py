@@ -4,6 +4,7 @@ Test helpers that ship with the package: the contract suites for backends
 wire formats), in-process fakes and a fake clock.
 """
 
+from .clock import DEFAULT_START as DEFAULT_START, FakeClock as FakeClock
 from .fake_server import (
     FakeLLMServer as FakeLLMServer,
     Latency as Latency,
@@ -13,6 +14,8 @@ from .fake_server import (
 from .fakes import FakeProvider as FakeProvider
 
 __all__ = [
+    "DEFAULT_START",
+    "FakeClock",
     "FakeLLMServer",
     "FakeProvider",
     "Latency",

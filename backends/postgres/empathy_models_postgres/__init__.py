@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from empathy_models import BatchingTelemetryBackend, TelemetryBackend
 from empathy_models.backends import BackendPlugin
 
 from ._common import DEFAULT_TABLE_PREFIX as DEFAULT_TABLE_PREFIX
@@ -38,8 +39,15 @@ __all__ = [
 ]
 
 
-def _telemetry(url: str, **options: Any) -> PostgresTelemetryBackend:
-    return PostgresTelemetryBackend(url, **options)
+def _telemetry(url: str, *, batch: bool = True, **options: Any) -> TelemetryBackend:
+    """
+    ``telemetry_from_url("postgresql://...")``: write-behind batched by default, so the
+    call path never waits on the database (``batch=False`` for direct writes).
+    """
+    backend = PostgresTelemetryBackend(url, **options)
+    if not batch:
+        return backend
+    return BatchingTelemetryBackend(backend)
 
 
 def _state_store(url: str, **options: Any) -> PostgresCircuitStateStore:

@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 from empathy_models_postgres import TELEMETRY_SCHEMA_VERSION, PostgresTelemetryBackend
 
+from empathy_models import BatchingTelemetryBackend
 from empathy_models.backends import MemoryTelemetryBackend, telemetry_from_url
 from empathy_models.exceptions import SchemaVersionError, TelemetryError
 from empathy_models.records import LLMCallRecord, ModelPerformance, ModelTier, Outcome
@@ -59,10 +60,18 @@ def assert_same_performance(got: list[ModelPerformance], want: list[ModelPerform
                 assert gv == pytest.approx(wv, rel=1e-12, abs=1e-12), name
 
 
-async def test_url_factory_gives_a_persistent_backend(postgres_url: str) -> None:
+async def test_url_factory_gives_a_persistent_batched_backend(postgres_url: str) -> None:
     backend = telemetry_from_url(postgres_url)
-    assert isinstance(backend, PostgresTelemetryBackend)
+    assert isinstance(backend, BatchingTelemetryBackend)
+    assert isinstance(backend.inner, PostgresTelemetryBackend)
     assert backend.persistent
+    async with backend:
+        assert await backend.recent() == []
+
+
+async def test_url_factory_can_write_directly(postgres_url: str) -> None:
+    backend = telemetry_from_url(postgres_url, batch=False)
+    assert isinstance(backend, PostgresTelemetryBackend)
     async with backend:
         assert await backend.recent() == []
 
