@@ -115,7 +115,10 @@ def wilson_bounds(successes: float, n: float, z: float = 1.96) -> tuple[float, f
     denom = 1.0 + z2 / n
     centre = p + z2 / (2.0 * n)
     margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
-    return (max(0.0, (centre - margin) / denom), min(1.0, (centre + margin) / denom))
+    # clamp: rounding must never put the observed rate outside its own interval
+    lower = min(p, max(0.0, (centre - margin) / denom))
+    upper = max(p, min(1.0, (centre + margin) / denom))
+    return (lower, upper)
 
 
 def _count_factor(calls: int, count_half_life: float | None) -> float:
