@@ -149,3 +149,56 @@ async def test_a_new_process_over_the_same_sqlite_store_picks_the_same_model(
     with anyio.fail_after(60):
         out = await anyio.run_process([sys.executable, "-c", script])
     assert json.loads(out.stdout.decode()) == before
+
+
+@pytest.mark.multiprocess
+async def test_a_running_router_learns_from_another_process_on_refresh(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    clock = FakeClock()
+    async with AdaptiveModelRouter(
+        registry(),
+        url,
+        policy=RoutingPolicy(explore_rate=0.0),
+        seed=4,
+        clock=clock,
+        refresh_interval=None,
+    ) as router:
+        first = router.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]
+        assert first.exploration  # nothing known yet
+        # another worker process records its calls into the same file
+        start = clock()
+        script = textwrap.dedent(
+            f"""
+            import asyncio, sys
+            from datetime import UTC, datetime
+            sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+            from empathy_models import LLMCallRecord, Outcome, telemetry_from_url
+            from tests.test_router_restart import HISTORY, WF, ST
+
+            async def main():
+                t = {start!r}
+                async with telemetry_from_url({url!r}) as store:
+                    for model, s, f, latency in HISTORY:
+                        for i in range(s + f):
+                            t += 1.0
+                            await store.record(LLMCallRecord(
+                                provider="openai", model=model,
+                                outcome=Outcome.SUCCESS if i < s else Outcome.FAILURE,
+                                timestamp=datetime.fromtimestamp(t, UTC),
+                                workflow=WF, stage=ST, input_tokens=800,
+                                output_tokens=120, latency_ms=latency))
+                    await store.flush()
+                print(t)
+
+            asyncio.run(main())
+            """
+        )
+        with anyio.fail_after(60):
+            out = await anyio.run_process([sys.executable, "-c", script])
+        clock.set(float(out.stdout.decode()) + 1.0)
+        assert router.get_best_model(WF, ST, **ASK).exploration  # type: ignore[arg-type]
+        assert await router.refresh()
+        learned = router.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]
+    assert learned.model == "mini" and learned.constraints_met and not learned.exploration
+    sizes = {c.model: c.sample_size for c in learned.candidates}
+    assert sizes == {m: s + f for m, s, f, _ in HISTORY}
