@@ -159,7 +159,8 @@ class RoutingPolicy:
     * ``objective``: ``"cheapest"`` (default) or ``"most_reliable"`` among eligible
       candidates (see `empathy_models.scoring`).
     * ``relax_order``: the order ``on_no_match="relax"`` drops constraints in (default
-      latency, then success rate, then cost last because it is a budget).
+      latency, then success rate, then cost last because it is a budget); a constraint
+      left out of it is never relaxed.
     * ``cost_tie_tolerance``: relative cost difference treated as a tie (default 5%).
     * ``latency_min_samples``: measured successful calls needed before the latency
       constraint can be judged (default 5).
