@@ -98,6 +98,8 @@ from .records import (
     Outcome,
     RoutingDecision,
     Ticket,
+    _trusted_call_record,
+    utc_now,
 )
 from .registry import ModelInfo, ModelRegistry
 from .retry import RetryPolicy
@@ -458,6 +460,13 @@ def _prompt_text(messages: Sequence[Message], system: str | None) -> str:
     parts = [f"system: {system}"] if system else []
     parts.extend(f"{m.role}: {m.content}" for m in messages)
     return "\n".join(parts)
+
+
+def _plain_non_negative(value: object) -> bool:
+    # what LLMCallRecord accepts for a float field: a finite int or float >= 0, not a bool
+    if type(value) is float or type(value) is int:
+        return 0 <= value < math.inf
+    return False
 
 
 def _status_of(exc: BaseException) -> int | None:
@@ -917,12 +926,31 @@ class EmpathyLLMExecutor:
         if circuit_state is None and ticket is not None and ticket.lease_id is not None:
             circuit_state = CircuitState.HALF_OPEN
         decision = run.decision
-        return LLMCallRecord(
-            call_id=os.urandom(16).hex(),
+        ttft_ms = completion.ttft_ms if completion is not None else None
+        response_text = completion.content if completion is not None and ctx.record_text else None
+        generation = None if ticket is None else ticket.generation
+        latency_ms = max(0.0, latency_ms)
+        # Every value below is validated already (context, registry, clock arithmetic)
+        # except those a provider or a breaker hands back; when those are plainly valid
+        # too, skip the record's validators (a third of the in-process call cost).
+        # Anything unusual (including a rejection's state) takes the validated path, so
+        # it fails exactly as before.
+        make: Callable[..., LLMCallRecord] = (
+            _trusted_call_record
+            if latency_ms < math.inf
+            and (ttft_ms is None or _plain_non_negative(ttft_ms))
+            and (response_text is None or type(response_text) is str)
+            and (generation is None or (type(generation) is int and generation >= 0))
+            and (circuit_state is None or circuit_state is CircuitState.HALF_OPEN)
+            else LLMCallRecord
+        )
+        return make(
             provider=info.provider,
             model=info.id,
             outcome=outcome,
+            call_id=os.urandom(16).hex(),
             request_id=run.request_id,
+            timestamp=utc_now(),
             workflow=ctx.workflow,
             stage=ctx.stage,
             task_type=run.task_type,
@@ -930,9 +958,10 @@ class EmpathyLLMExecutor:
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cost_usd=cost,
+            actual_cost_usd=None,
             price_version=self._registry.price_version,
-            latency_ms=max(0.0, latency_ms),
-            ttft_ms=completion.ttft_ms if completion is not None else None,
+            latency_ms=latency_ms,
+            ttft_ms=ttft_ms,
             error_type=None if exc is None else type(exc).__name__,
             error_message=message,
             status_code=None if exc is None else _status_of(exc),
@@ -944,15 +973,13 @@ class EmpathyLLMExecutor:
             exploration=bool(
                 decision is not None and decision.exploration and decision.model == info.id
             ),
-            breaker_generation=None if ticket is None else ticket.generation,
+            breaker_generation=generation,
             circuit_state=circuit_state,
             user_id=ctx.user_id,
             session_id=ctx.session_id,
             metadata=ctx.metadata,
             prompt_text=run.prompt_text,
-            response_text=(
-                completion.content if completion is not None and ctx.record_text else None
-            ),
+            response_text=response_text,
         )
 
     # ------------------------------------------------------------------ the call

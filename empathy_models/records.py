@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import math
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Self, TypeAlias, TypeVar
@@ -189,6 +189,7 @@ def _to_utc_opt(value: datetime | None) -> datetime | None:
 
 
 E = TypeVar("E", bound=enum.StrEnum)
+_R = TypeVar("_R", bound=attrs.AttrsInstance)
 
 
 def _convert_enum(enum_type: type[E], name: str, value: object) -> E:
@@ -382,6 +383,34 @@ class LLMCallRecord:
         from .serialization import from_dict
 
         return from_dict(data, cls)
+
+
+def _trusted_constructor(cls: type[_R]) -> Callable[..., _R]:
+    """
+    Internal: a constructor for ``cls`` that runs no converter, validator or default.
+
+    It takes every field as a required keyword argument (so a field added to ``cls``
+    and not passed is a `TypeError`, never a silent default) and stores each value
+    as given through the class's slots.  Only for values the caller has already
+    validated and converted exactly as the public constructor would (UTC-aware
+    datetimes, enum members, tuples, read-only mappings): the executor builds every
+    `LLMCallRecord` this way on the call path.  A test compares it field by field
+    with the validated constructor.
+    """
+    names = [a.name for a in attrs.fields(cls)]
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    for name in names:
+        namespace[f"_set_{name}"] = cls.__dict__[name].__set__
+    lines = [f"def trusted(*, {', '.join(names)}):", "    self = _new(_cls)"]
+    lines.extend(f"    _set_{name}(self, {name})" for name in names)
+    lines.append("    return self")
+    exec(compile("\n".join(lines), f"<trusted constructor of {cls.__name__}>", "exec"), namespace)
+    trusted: Callable[..., _R] = namespace["trusted"]
+    return trusted
+
+
+_trusted_call_record = _trusted_constructor(LLMCallRecord)
+"""Internal: `LLMCallRecord` without validation, for the executor's own records."""
 
 
 @frozen(kw_only=True)

@@ -1,0 +1,312 @@
+"""
+The executor's fast paths keep public behaviour: records it builds without running the
+validators are exactly what the validated constructor builds from the same values, and
+values the validated constructor would reject still never reach a record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from datetime import UTC, datetime, timedelta, timezone
+from types import MappingProxyType
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+
+from empathy_models import (
+    AllRoutesFailedError,
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitState,
+    Completion,
+    CompletionRequest,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    FallbackPolicy,
+    LLMCallRecord,
+    MemoryTelemetryBackend,
+    ModelInfo,
+    ModelRegistry,
+    ModelTier,
+    Outcome,
+    Provider,
+    RecordValidationError,
+    RetryPolicy,
+    ServerError,
+)
+from empathy_models.records import _trusted_call_record
+from empathy_models.serialization import from_dict, to_dict
+from empathy_models.testing.clock import FakeClock
+
+FIELDS = [a.name for a in attrs.fields(LLMCallRecord)]
+
+FULL: dict[str, Any] = {
+    "provider": "openai",
+    "model": "gpt-4.1-nano",
+    "outcome": Outcome.FAILURE,
+    "call_id": "c" * 32,
+    "request_id": "r" * 32,
+    "timestamp": datetime(2026, 11, 25, 20, 0, 1, 123456, tzinfo=UTC),
+    "workflow": "docs",
+    "stage": "outline",
+    "task_type": "summarize",
+    "tier": ModelTier.CAPABLE,
+    "input_tokens": 1200,
+    "output_tokens": 300,
+    "cost_usd": 0.0042,
+    "actual_cost_usd": 0.004,
+    "price_version": "2026-11",
+    "latency_ms": 812.5,
+    "ttft_ms": 95.0,
+    "error_type": "ServerError",
+    "error_message": "openai HTTP 503: overloaded",
+    "status_code": 503,
+    "attempt": 3,
+    "fallback_used": True,
+    "fallback_chain": ("gpt-4.1-nano", "gpt-4o-mini"),
+    "original_provider": "openai",
+    "original_model": "gpt-4.1-nano",
+    "exploration": True,
+    "breaker_generation": 7,
+    "circuit_state": CircuitState.HALF_OPEN,
+    "user_id": "u-1",
+    "session_id": "s-1",
+    "metadata": MappingProxyType({"team": "docs", "n": 3, "ok": True, "none": None}),
+    "prompt_text": "user: hello",
+    "response_text": "hi",
+}
+
+SPARSE: dict[str, Any] = {
+    **dict.fromkeys(FIELDS),
+    "provider": "anthropic",
+    "model": "claude-haiku-4-5",
+    "outcome": Outcome.SUCCESS,
+    "call_id": "0" * 32,
+    "timestamp": datetime(2026, 1, 1, tzinfo=UTC),
+    "task_type": "unknown",
+    "input_tokens": 0,
+    "output_tokens": 0,
+    "cost_usd": 0.0,
+    "latency_ms": 0.0,
+    "attempt": 1,
+    "fallback_used": False,
+    "fallback_chain": (),
+    "exploration": False,
+    "metadata": MappingProxyType({}),
+}
+
+
+def assert_same_record(fast: LLMCallRecord, checked: LLMCallRecord) -> None:
+    for name in FIELDS:
+        a, b = getattr(fast, name), getattr(checked, name)
+        assert a == b, name
+        assert type(a) is type(b), name
+    assert fast == checked
+    assert repr(fast) == repr(checked)
+    assert to_dict(fast) == to_dict(checked)
+
+
+def revalidated(record: LLMCallRecord) -> LLMCallRecord:
+    return LLMCallRecord(**{name: getattr(record, name) for name in FIELDS})
+
+
+# --------------------------------------------------------------------------- the constructor
+
+
+@pytest.mark.parametrize("values", [FULL, SPARSE], ids=["full", "sparse"])
+def test_trusted_constructor_builds_what_the_validated_one_builds(values: dict[str, Any]) -> None:
+    assert set(values) == set(FIELDS)
+    fast = _trusted_call_record(**values)
+    assert type(fast) is LLMCallRecord
+    assert_same_record(fast, LLMCallRecord(**values))
+    assert from_dict(to_dict(fast), LLMCallRecord) == fast
+
+
+def test_trusted_constructor_requires_every_field_and_keeps_records_frozen() -> None:
+    partial = {k: v for k, v in FULL.items() if k != "metadata"}
+    with pytest.raises(TypeError, match="metadata"):
+        _trusted_call_record(**partial)
+    fast = _trusted_call_record(**FULL)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        fast.model = "other"  # type: ignore[misc]
+
+
+def test_public_construction_still_validates_and_converts() -> None:
+    with pytest.raises(RecordValidationError, match="latency_ms"):
+        LLMCallRecord(**{**FULL, "latency_ms": -1.0})
+    east = timezone(timedelta(hours=2))
+    converted = LLMCallRecord(
+        **{**FULL, "outcome": "success", "tier": "cheap", "fallback_chain": ["a"]},
+    )
+    assert converted.outcome is Outcome.SUCCESS
+    assert converted.tier is ModelTier.CHEAP
+    assert converted.fallback_chain == ("a",)
+    shifted = LLMCallRecord(**{**FULL, "timestamp": datetime(2026, 1, 1, 2, tzinfo=east)})
+    assert shifted.timestamp == datetime(2026, 1, 1, tzinfo=UTC)
+    assert shifted.timestamp.tzinfo is UTC
+
+
+# --------------------------------------------------------------------------- the executor's records
+
+
+def _model(model_id: str, provider: str, tier: str) -> ModelInfo:
+    return ModelInfo(
+        id=model_id,
+        provider=provider,
+        tier=tier,
+        input_price_per_mtok=1.0,
+        output_price_per_mtok=2.0,
+        context_window=100_000,
+        max_output_tokens=4096,
+    )
+
+
+REGISTRY = ModelRegistry(
+    models=[_model("cheap-a", "alpha", "cheap"), _model("capable-b", "beta", "capable")],
+    price_version="fastpath-test",
+)
+
+
+class Scripted(Provider):
+    """Answers per a queue of actions: an exception, ``"hang"``, or a `Completion`."""
+
+    def __init__(self, name: str = "alpha") -> None:
+        self.name = name
+        self.queue: list[BaseException | Completion | str] = []
+        self.started = asyncio.Event()
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        action = self.queue.pop(0) if self.queue else "ok"
+        if isinstance(action, BaseException):
+            raise action
+        if isinstance(action, Completion):
+            return action
+        if action == "hang":
+            self.started.set()
+            await asyncio.Event().wait()
+        return Completion(
+            content=f"answer from {request.model}",
+            model=request.model,
+            input_tokens=40,
+            output_tokens=12,
+            ttft_ms=3.5,
+        )
+
+
+async def test_every_record_the_executor_writes_equals_its_validated_copy() -> None:
+    """Success, retry, fallback, rejection, half-open probe and cancellation records."""
+    clock = FakeClock()
+    provider = Scripted()
+    telemetry = MemoryTelemetryBackend()
+    ctx = ExecutionContext(
+        workflow="docs",
+        stage="outline",
+        tier="cheap",
+        metadata={"team": "docs", "n": 2},
+        user_id="u-9",
+        session_id="s-9",
+        record_text=True,
+        system="be brief",
+    )
+    policy = BreakerPolicy(consecutive_failures=2, recovery_seconds=10)
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    async with (
+        CircuitBreaker(policy=policy, clock=clock, local_view_ttl=0) as breaker,
+        EmpathyLLMExecutor(
+            [provider, Scripted("beta")],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            breaker=breaker,
+            retry=RetryPolicy(max_attempts=2, jitter=False),
+            sleep=no_sleep,
+            clock=clock,
+        ) as executor,
+    ):
+        # a retry and a plain success
+        provider.queue = [ServerError("boom", status=500)]
+        first = await executor.run("hello", ctx)
+        assert first.content == "answer from cheap-a"
+        # two failures trip alpha's breaker; the run falls back to capable-b
+        provider.queue = [ServerError("a", status=502), ServerError("b", status=503)]
+        assert (await executor.run("again", ctx)).model == "capable-b"
+        # alpha is open: cheap-a is rejected without a call (it goes last), capable-b answers
+        assert (await executor.run("third", ExecutionContext(model="cheap-a"))).model == "capable-b"
+        # past the recovery time: a half-open probe, then a cancelled probe
+        clock.advance(60)
+        assert (await executor.run("probe", ctx)).model == "cheap-a"
+        provider.queue = ["hang"]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(executor.run, "cancel me", ExecutionContext(model="cheap-a"))
+            await provider.started.wait()
+            tg.cancel_scope.cancel()
+
+    records = await telemetry.recent(limit=100)
+    outcomes = {r.outcome for r in records}
+    assert {Outcome.SUCCESS, Outcome.FAILURE, Outcome.REJECTED, Outcome.CANCELLED} <= outcomes
+    assert any(r.circuit_state is CircuitState.HALF_OPEN for r in records)
+    assert any(r.fallback_used for r in records)
+    assert len(records) >= 9
+    for record in records:
+        assert_same_record(record, revalidated(record))
+        assert record.timestamp.tzinfo is UTC
+        assert isinstance(record.metadata, MappingProxyType)
+        assert from_dict(to_dict(record), LLMCallRecord) == record
+    success = next(
+        r for r in records if r.outcome is Outcome.SUCCESS and r.request_id == first.request_id
+    )
+    assert success.response_text == "answer from cheap-a"
+    assert success.prompt_text == "system: be brief\nuser: hello"
+    assert success.ttft_ms == 3.5
+    assert dict(success.metadata) == {"team": "docs", "n": 2}
+
+
+@pytest.mark.parametrize(
+    ("completion", "field"),
+    [
+        (Completion(content="x", model="m", ttft_ms=-1.0), "ttft_ms"),
+        (Completion(content="x", model="m", ttft_ms=math.nan), "ttft_ms"),
+        (Completion(content="x", model="m", ttft_ms=True), "ttft_ms"),
+        (Completion(content=b"x", model="m"), "response_text"),  # type: ignore[arg-type]
+    ],
+    ids=["negative-ttft", "nan-ttft", "bool-ttft", "bytes-content"],
+)
+async def test_a_provider_value_the_record_rejects_never_reaches_a_record(
+    completion: Completion, field: str
+) -> None:
+    provider = Scripted()
+    provider.queue = [completion]
+    telemetry = MemoryTelemetryBackend()
+    async with EmpathyLLMExecutor(
+        [provider],
+        registry=REGISTRY,
+        telemetry_store=telemetry,
+        fallback=FallbackPolicy.none(),
+    ) as executor:
+        with pytest.raises(RecordValidationError, match=field):
+            await executor.run("x", ExecutionContext(tier="cheap", record_text=True))
+    assert await telemetry.recent(limit=10) == []
+
+
+async def test_all_routes_failed_records_are_validated_copies_too() -> None:
+    provider = Scripted()
+    provider.queue = [ServerError("down", status=500)]
+    telemetry = MemoryTelemetryBackend()
+    async with EmpathyLLMExecutor(
+        [provider],
+        registry=REGISTRY,
+        telemetry_store=telemetry,
+        retry=RetryPolicy.none(),
+        fallback=FallbackPolicy.none(),
+    ) as executor:
+        with pytest.raises(AllRoutesFailedError):
+            await executor.run("x", ExecutionContext(tier="cheap"))
+    (record,) = await telemetry.recent(limit=10)
+    assert record.outcome is Outcome.FAILURE
+    assert record.status_code == 500
+    assert_same_record(record, revalidated(record))
