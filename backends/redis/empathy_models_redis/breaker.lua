@@ -4,6 +4,7 @@
 -- breaker key's state.  ARGV:
 --   1 op ("admit" | "record" | "force" | "reset")   2 breaker key   3 key TTL (s)
 --   4..16 the BreakerPolicy (see POLICY below)      17.. op arguments
+-- (record: six per report, the last a repeat count, see the dispatch below)
 -- Time is the server's TIME.  The reply is
 --   {now, admitted, retry_after, lease_id, lease_expires, field1, value1, ...}
 -- with every value a string ("" for none): numbers are written with %.17g so that a
@@ -519,14 +520,17 @@ elseif OP == "record" then
   if state == nil then
     state = initial_state(NOW)
   end
+  -- each report is (generation, lease, outcome, retry_after, error, count): ``count``
+  -- identical reports in a row, as the store sends a written-behind batch of successes
   local reports = {}
-  for i = 17, #ARGV - 4, 5 do
+  for i = 17, #ARGV - 5, 6 do
     reports[#reports + 1] = {
       generation = tonumber(ARGV[i]),
       lease_id = opt_str(ARGV[i + 1]),
       outcome = ARGV[i + 2],
       retry_after = opt_num(ARGV[i + 3]),
       error = opt_str(ARGV[i + 4]),
+      count = tonumber(ARGV[i + 5]),
     }
   end
   local i, n = 1, #reports
@@ -534,18 +538,25 @@ elseif OP == "record" then
     local r = reports[i]
     if r.outcome == "success" and state.state == "closed" and r.generation == state.generation then
       -- a run of CLOSED successes (written behind by the breaker) in one step
+      local count = r.count
       local j = i + 1
       while j <= n and reports[j].outcome == "success" and reports[j].generation == state.generation do
+        count = count + reports[j].count
         j = j + 1
       end
-      state = closed_successes(state, j - i, NOW)
+      state = closed_successes(state, count, NOW)
       changed = true
       i = j
     else
+      -- one of r.count identical reports; the rest are looked at again, in order
       local c
       state, c = apply_outcome(state, r, NOW)
       changed = changed or c
-      i = i + 1
+      if r.count > 1 then
+        r.count = r.count - 1
+      else
+        i = i + 1
+      end
     end
   end
 elseif OP == "force" then
