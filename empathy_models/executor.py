@@ -72,7 +72,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import MappingProxyType, TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, NamedTuple, Protocol, Self
 
 import aiohttp
 import anyio
@@ -481,6 +481,38 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}" + ("" if status is None else f" ({status})")
 
 
+_NO_IDS: frozenset[str] = frozenset()
+
+
+class _TierPlan(NamedTuple):
+    """Per-tier routing facts, fixed for an executor's life."""
+
+    same_tier: tuple[ModelInfo, ...]
+    higher: tuple[ModelInfo, ...]
+    hint_keys: tuple[tuple[str, str], ...] | None  # (model id, breaker key) per route
+
+
+def _order_routes(
+    same_tier: Sequence[ModelInfo],
+    higher: Sequence[ModelInfo],
+    first: ModelInfo | None,
+    open_ids: Collection[str],
+) -> list[ModelInfo]:
+    """``first``, then the tier cheapest first, then the higher tiers; known-open last."""
+
+    def ordered(models: Sequence[ModelInfo]) -> list[ModelInfo]:
+        if not open_ids:
+            return list(models)
+        return sorted(models, key=lambda m: m.id in open_ids)
+
+    routes = ordered(same_tier)
+    if first is not None:
+        routes = [first, *(m for m in routes if m.id != first.id)]
+    seen = {m.id for m in routes}
+    routes.extend(m for m in ordered(higher) if m.id not in seen)
+    return routes
+
+
 # --------------------------------------------------------------------------- per-run state
 
 
@@ -610,6 +642,11 @@ class EmpathyLLMExecutor:
             for tier in _TIER_ORDER
         }
         self._keys: dict[tuple[str, str], str] = {}
+        self._tier_plans: dict[ModelTier, _TierPlan] = {}
+        self._default_routes: dict[tuple[ModelTier, str | None], tuple[ModelInfo, ...]] = {}
+        self._models_by_id: dict[str, ModelInfo] = {
+            m.id: m for tier in _TIER_ORDER for m in self._candidates[tier]
+        }
         self._tasks: dict[str, tuple[str, ModelTier]] = {}
         self._stack: AsyncExitStack | None = None
         self._state = "new"
@@ -793,8 +830,49 @@ class EmpathyLLMExecutor:
                 logger.exception("breaker.available_hint failed for %s", m.id)
         return out
 
+    def _tier_plan(self, tier: ModelTier) -> _TierPlan:
+        """The per-tier facts `_plan` needs on every call, computed once."""
+        plan = self._tier_plans.get(tier)
+        if plan is None:
+            same_tier = self._candidates[tier]
+            higher: list[ModelInfo] = []
+            if self._fallback.escalate:
+                for t in _TIER_ORDER[_TIER_ORDER.index(tier) + 1 :]:
+                    higher.extend(self._candidates[t])
+            hint_keys: tuple[tuple[str, str], ...] | None = None
+            if self._breaker is not None:
+                try:
+                    hint_keys = tuple((m.id, self._breaker_key(m)) for m in (*same_tier, *higher))
+                except Exception:
+                    hint_keys = None  # `_known_open` reports the failure on every call
+            plan = _TierPlan(same_tier, tuple(higher), hint_keys)
+            self._tier_plans[tier] = plan
+        return plan
+
+    def _open_ids(self, plan: _TierPlan) -> Collection[str]:
+        """Ids of the tier's routes whose breaker is known to be open (often none)."""
+        if self._breaker is None:
+            return _NO_IDS
+        keys = plan.hint_keys
+        if keys is None:
+            return self._known_open([*plan.same_tier, *plan.higher])
+        hint = self._breaker.available_hint
+        out: set[str] | None = None
+        for model_id, key in keys:
+            try:
+                available = hint(key)
+            except Exception:
+                self.feedback_errors += 1
+                logger.exception("breaker.available_hint failed for %s", model_id)
+                continue
+            if not available:
+                if out is None:
+                    out = set()
+                out.add(model_id)
+        return _NO_IDS if out is None else out
+
     def _plan(
-        self, context: ExecutionContext, messages: tuple[Message, ...]
+        self, context: ExecutionContext, messages: tuple[Message, ...], task_tier: ModelTier
     ) -> tuple[list[ModelInfo], RoutingDecision | None]:
         pinned: ModelInfo | None = None
         if context.model is not None:
@@ -810,29 +888,20 @@ class EmpathyLLMExecutor:
         elif pinned is not None:
             tier = pinned.tier
         else:
-            tier = self._task(context.task_type)[1]
-        same_tier = self._candidates[tier]
+            tier = task_tier
+        plan = self._tier_plan(tier)
+        same_tier = plan.same_tier
         if not same_tier and pinned is None:
             raise ConfigurationError(
                 f"no {tier.value} model in the registry (price table "
                 f"{self._registry.price_version}) is served by the configured providers "
                 f"({', '.join(sorted(self._providers))})"
             )
-        higher: list[ModelInfo] = []
-        if self._fallback.escalate:
-            for t in _TIER_ORDER[_TIER_ORDER.index(tier) + 1 :]:
-                higher.extend(self._candidates[t])
-        open_ids = self._known_open([*same_tier, *higher])
-
-        def ordered(models: Sequence[ModelInfo]) -> list[ModelInfo]:
-            # cheapest first (the registry's order), known-open circuits last
-            if not open_ids:
-                return list(models)
-            return sorted(models, key=lambda m: m.id in open_ids)
+        open_ids = self._open_ids(plan)
 
         decision: RoutingDecision | None = None
         first: ModelInfo | None = pinned
-        all_open = all(m.id in open_ids for m in same_tier)
+        all_open = all(m.id in open_ids for m in same_tier) if open_ids else not same_tier
         if first is None and self._router is not None and not all_open:
             options: dict[str, Any] = {}
             if context.on_no_match is not None:
@@ -846,10 +915,12 @@ class EmpathyLLMExecutor:
                 max_cost=context.max_cost,
                 max_latency_ms=context.max_latency_ms,
                 min_success_rate=context.min_success_rate,
-                unavailable=frozenset(m.id for m in same_tier if m.id in open_ids),
+                unavailable=(
+                    frozenset(m.id for m in same_tier if m.id in open_ids) if open_ids else _NO_IDS
+                ),
                 **options,
             )
-            first = self._registry.get(decision.model)
+            first = self._models_by_id.get(decision.model) or self._registry.get(decision.model)
             if first.provider not in self._providers:
                 raise ConfigurationError(
                     f"the router chose {first.id!r}, served by {first.provider!r}, which is "
@@ -861,12 +932,16 @@ class EmpathyLLMExecutor:
                 "min_success_rate) but the executor has no router to evaluate them; pass "
                 "router=AdaptiveModelRouter(...)"
             )
-        routes = ordered(same_tier)
-        if first is not None:
-            routes = [first, *(m for m in routes if m.id != first.id)]
-        seen = {m.id for m in routes}
-        routes.extend(m for m in ordered(higher) if m.id not in seen)
-        return routes, decision
+        if not open_ids:
+            # the common case: the registry's order, computed once per (tier, first route)
+            cache_key = (tier, None if first is None else first.id)
+            cached = self._default_routes.get(cache_key)
+            if cached is None:
+                cached = self._default_routes[cache_key] = tuple(
+                    _order_routes(same_tier, plan.higher, first, _NO_IDS)
+                )
+            return list(cached), decision
+        return _order_routes(same_tier, plan.higher, first, open_ids), decision
 
     # ------------------------------------------------------------------ feedback
 
@@ -1013,8 +1088,9 @@ class EmpathyLLMExecutor:
         messages = _to_messages(prompt)
         start = self._clock()
         deadline_at = None if ctx.deadline is None else start + ctx.deadline
-        routes, decision = self._plan(ctx, messages)
-        run = _Run(ctx, messages, routes[0], decision, self._task(ctx.task_type)[0])
+        task_type, task_tier = self._task(ctx.task_type)
+        routes, decision = self._plan(ctx, messages, task_tier)
+        run = _Run(ctx, messages, routes[0], decision, task_type)
         called_routes = 0
         min_context = 0
         try:

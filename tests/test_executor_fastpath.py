@@ -36,6 +36,7 @@ from empathy_models import (
     RecordValidationError,
     RetryPolicy,
     ServerError,
+    Ticket,
 )
 from empathy_models.records import _trusted_call_record
 from empathy_models.serialization import from_dict, to_dict
@@ -310,3 +311,59 @@ async def test_all_routes_failed_records_are_validated_copies_too() -> None:
     assert record.outcome is Outcome.FAILURE
     assert record.status_code == 500
     assert_same_record(record, revalidated(record))
+
+
+# --------------------------------------------------------------------------- planning
+
+
+class HintBreaker:
+    """A breaker double: admits everything; ``available_hint`` answers from ``open`` or raises."""
+
+    def __init__(self) -> None:
+        self.open: set[str] = set()
+        self.broken: set[str] = set()
+        self.generation = 0
+
+    def key_for(self, provider: str, model: str | None = None) -> str:
+        return provider
+
+    async def admit(self, key: str) -> Ticket:
+        return Ticket(key=key, generation=self.generation)
+
+    async def report(self, ticket: Ticket, outcome: Outcome, **_: Any) -> None:
+        return None
+
+    def available_hint(self, key: str) -> bool:
+        if key in self.broken:
+            raise RuntimeError(f"hint for {key} failed")
+        return key not in self.open
+
+
+async def test_route_order_follows_the_breaker_hints_on_every_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Known-open routes go last on the call that sees them open, not on a cached plan."""
+    breaker = HintBreaker()
+    ctx = ExecutionContext(tier="cheap")
+    registry = ModelRegistry(
+        models=[_model("cheap-a", "alpha", "cheap"), _model("cheap-b", "beta", "cheap")],
+        price_version="fastpath-test",
+    )
+    async with EmpathyLLMExecutor(
+        [Scripted("alpha"), Scripted("beta")],
+        registry=registry,
+        telemetry_store=MemoryTelemetryBackend(),
+        breaker=breaker,
+    ) as executor:
+        first = await executor.run("x", ctx)
+        assert first.fallback_chain == ("cheap-a",)
+        breaker.open.add("alpha")
+        second = await executor.run("x", ctx)
+        assert second.fallback_chain == ("cheap-b",)  # cheap-a known open: tried last
+        breaker.open.clear()
+        assert (await executor.run("x", ctx)).fallback_chain == ("cheap-a",)
+        breaker.broken.add("beta")
+        with caplog.at_level("ERROR", logger="empathy_models.executor"):
+            assert (await executor.run("x", ctx)).fallback_chain == ("cheap-a",)
+        assert executor.feedback_errors == 1
+        assert "available_hint failed for cheap-b" in caplog.text
