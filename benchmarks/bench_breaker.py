@@ -6,7 +6,7 @@ is the same harness coroutine doing a bare ``await noop()``.  Overhead = row - b
 both measured in this run, so the harness's own coroutine is charged to nobody (a
 decorator such as circuitbreaker's or our ``protect`` is awaited from the harness
 coroutine too).  Ours: ``guard`` on the memory, SQLite (shared, local view) and Redis
-(shared, local view) stores.  Peers,
+(shared, local view) stores, and the ``protect`` decorator on the memory store.  Peers,
 when installed: pybreaker (memory and its Redis storage), aiobreaker, purgatory,
 circuitbreaker.  A reference row, ``floor: async with on an empty class``, is the cost of
 the ``async with`` protocol itself (a fresh object with async ``__aenter__`` /
@@ -101,6 +101,13 @@ async def run(quick: bool = False) -> BenchResult:
 
     cases["empathy-models, memory store"] = ours_mem
 
+    ours_decorated = await stack.enter_async_context(CircuitBreaker())
+    protected_noop = ours_decorated.protect("provider")(noop)
+
+    async def ours_protect() -> None:
+        await protected_noop()
+
+    cases["empathy-models, memory store, protect() decorator"] = ours_protect
 
     ours_sqlite = await stack.enter_async_context(CircuitBreaker(f"sqlite:///{tmp / 'state.db'}"))
 

@@ -14,6 +14,9 @@ Use it as a context manager around the call, or wrap a coroutine function::
             reply = await client.messages.create(...)
         reply = await breaker.call("anthropic", fetch, prompt)
 
+        @breaker.protect("anthropic")  # the cheapest form: no object per call
+        async def ask(prompt: str) -> str: ...
+
 **The local view and its staleness bound.**  For every key the breaker keeps the last
 state a store returned and when it got it.  While that view is younger than
 ``local_view_ttl`` seconds (default 1.0):
@@ -24,7 +27,9 @@ state a store returned and when it got it.  While that view is younger than
 * successes of CLOSED tickets are written behind: counted in memory and sent to the
   store in one batch on the next store interaction for that key, every
   ``flush_interval`` seconds (by the breaker's background task when it is used as
-  ``async with``, otherwise by the next call), and on `aclose`.
+  ``async with``, otherwise by the next call), and on `aclose`.  (`guard` and
+  `protect` check that interval against the call's admission time, their one clock
+  read; `report` reads the clock when called.)
 
 Everything else goes to the store inline: failures, rate limits, fatal errors (flushing
 the written-behind successes of the key first, so this process's order is kept), every
@@ -56,11 +61,12 @@ short.
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, NoReturn, ParamSpec, TypeAlias, TypeVar
@@ -149,8 +155,8 @@ class BreakerEvent:
 BreakerListener: TypeAlias = Callable[[BreakerEvent], Awaitable[None] | None]
 """A listener: a function or coroutine function taking one `BreakerEvent`."""
 
-_View: TypeAlias = tuple[CircuitBreakerState, float, Ticket | None]
-"""(state, fetched_at by the breaker's clock, the ticket a CLOSED/DISABLED view hands out)."""
+
+_new = object.__new__
 
 
 def _describe(exc: BaseException) -> str:
@@ -169,18 +175,68 @@ def _view_ticket(state: CircuitBreakerState) -> Ticket | None:
     return None
 
 
-class _Guard:
-    """The async context manager returned by `CircuitBreaker.guard`."""
+class _View:
+    """
+    The last state a store returned for one key, as the hot path needs it.
 
-    __slots__ = ("_breaker", "_key", "ticket")
+    ``at`` is when it was fetched (by the breaker's clock) and ``until`` when it stops
+    being fresh (``at + local_view_ttl``; ``-inf`` once marked stale).  ``ticket`` is the
+    ticket a CLOSED or DISABLED view hands out.  ``pending`` is the written-behind
+    success counter of this CLOSED view's generation (``[generation, count, flush due]``,
+    the very list in ``CircuitBreaker._pending``) while this view is the key's current
+    one; it is unset when the view is replaced or the counter is flushed, so a guard
+    that admitted from this view counts a success with one increment and anything
+    else takes the general path.
+    """
+
+    __slots__ = ("at", "pending", "state", "ticket", "until")
+
+    def __init__(
+        self,
+        state: CircuitBreakerState,
+        at: float,
+        until: float,
+        pending: list[Any] | None,
+    ) -> None:
+        self.state = state
+        self.at = at
+        self.until = until
+        self.ticket = _view_ticket(state)
+        self.pending = pending
+
+
+class _Guard:
+    """
+    The async context manager returned by `CircuitBreaker.guard`.
+
+    The CLOSED path is inlined: entry is a dict lookup of the key's view and one clock
+    read; a success is one increment of the view's written-behind counter.  Everything
+    else (rejections, store admissions, probes, failures, the first success of a batch)
+    goes through `CircuitBreaker.admit` / `CircuitBreaker.report`.
+    """
+
+    __slots__ = ("_breaker", "_key", "_now", "_view", "ticket")
+    _view: _View | None
+    _now: float
+    ticket: Ticket
 
     def __init__(self, breaker: CircuitBreaker, key: str) -> None:
         self._breaker = breaker
         self._key = key
-        self.ticket: Ticket | None = None
 
     async def __aenter__(self) -> Ticket:
-        self.ticket = ticket = await self._breaker.admit(self._key)
+        breaker = self._breaker
+        view = breaker._views.get(self._key)
+        if view is not None:
+            now = breaker._clock()
+            if view.at <= now < view.until:
+                ticket = view.ticket
+                if ticket is not None:
+                    self._view = view
+                    self._now = now
+                    return ticket
+        self._view = None
+        self.ticket = ticket = await breaker.admit(self._key)
         return ticket
 
     async def __aexit__(
@@ -189,21 +245,25 @@ class _Guard:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        ticket = self.ticket
-        if ticket is None:  # pragma: no cover - __aenter__ raised, so no __aexit__
-            return
-        self.ticket = None
-        breaker = self._breaker
+        # (no __aexit__ without a successful __aenter__, so _view is set)
+        view = self._view
+        if view is None:
+            ticket = self.ticket
+        else:
+            if exc is None:
+                pending = view.pending
+                if pending is not None:
+                    # report()'s write-behind, inlined; the flush deadline is checked
+                    # against the admission time (the one clock read of this call)
+                    count = pending[1] = pending[1] + 1
+                    if count >= _MAX_PENDING or self._now >= pending[2]:
+                        await self._breaker._flush_key(self._key)
+                    return
+            ticket = view.ticket  # type: ignore[assignment]  # fast-path views hand one out
         if exc is None:
-            await breaker.report(ticket, _SUCCESS)
-            return
-        outcome = breaker.classify(exc)
-        if outcome is Outcome.CANCELLED:
-            # learn nothing; a probe gets its lease back (report shields itself)
-            if ticket.lease_id is not None:
-                await breaker.report(ticket, outcome)
-            return
-        await breaker.report(ticket, outcome, retry_after=retry_after_of(exc), error=_describe(exc))
+            await self._breaker.report(ticket, _SUCCESS)
+        else:
+            await self._breaker._report_error(ticket, exc)
 
 
 class CircuitBreaker(AsyncResource):
@@ -307,7 +367,7 @@ class CircuitBreaker(AsyncResource):
         # cancel scopes (timeouts, shields) cost microseconds: only stores doing I/O need them
         self._scoped = type(self._store) is not MemoryStateStore
         self._views: dict[str, _View] = {}
-        # written-behind successes per key: [generation, count, first at]
+        # written-behind successes per key: [generation, count, flush due (first + interval)]
         self._pending: dict[str, list[Any]] = {}
         self._fallback: MemoryStateStore | None = None
         self._retry_at = 0.0
@@ -394,6 +454,11 @@ class CircuitBreaker(AsyncResource):
                 await self._store.aclose()
             if self._fallback is not None:
                 await self._fallback.aclose()
+            # from here on every admission and report takes the general path, which
+            # refuses admissions and drops outcomes once closed
+            for view in self._views.values():
+                view.pending = None
+            self._mark_views_stale()
 
     async def _flush_loop(self) -> None:
         while True:
@@ -415,7 +480,10 @@ class CircuitBreaker(AsyncResource):
         cancel scope) is recorded as nothing, and a half-open probe gets its lease back.
         The context value is the `Ticket`.
         """
-        return _Guard(self, key)
+        guard = _new(_Guard)  # no __init__ call: this is on every guarded call's path
+        guard._breaker = self
+        guard._key = key
+        return guard
 
     async def call(
         self, key: str, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
@@ -427,6 +495,54 @@ class CircuitBreaker(AsyncResource):
         """
         async with _Guard(self, key):
             return await fn(*args, **kwargs)
+
+    def protect(
+        self, key: str
+    ) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Coroutine[Any, Any, T]]]:
+        """
+        A decorator: the decorated coroutine function runs under `guard` for ``key``.
+
+        ``@breaker.protect("anthropic")`` on ``async def ask(prompt)`` makes every
+        ``await ask(prompt)`` admit, run, classify and report exactly like ``async with
+        breaker.guard("anthropic"): await original(prompt)``, with the same exceptions
+        (`CircuitOpenError` when rejected, the function's own exceptions unchanged).
+        It is the cheapest way to guard a call: the CLOSED path costs one dict lookup,
+        one clock read and one increment, without a context-manager object per call.
+        """
+        if not isinstance(key, str) or not key:
+            raise ConfigurationError(f"a breaker key must be a non-empty string, got {key!r}")
+        views = self._views
+        clock = self._clock
+
+        def decorate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+            @functools.wraps(fn)
+            async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+                view = views.get(key)
+                if view is not None:
+                    now = clock()
+                    if view.at <= now < view.until:
+                        ticket = view.ticket
+                        if ticket is not None:
+                            try:
+                                result = await fn(*args, **kwargs)
+                            except BaseException as exc:
+                                await self._report_error(ticket, exc)
+                                raise
+                            pending = view.pending
+                            if pending is not None:
+                                # as in _Guard.__aexit__
+                                count = pending[1] = pending[1] + 1
+                                if count >= _MAX_PENDING or now >= pending[2]:
+                                    await self._flush_key(key)
+                                return result
+                            await self.report(ticket, _SUCCESS)
+                            return result
+                async with _Guard(self, key):
+                    return await fn(*args, **kwargs)
+
+            return guarded
+
+        return decorate
 
     async def admit(self, key: str) -> Ticket:
         """
@@ -443,11 +559,11 @@ class CircuitBreaker(AsyncResource):
         view = self._views.get(key)
         if view is not None:
             now = self._clock()
-            if 0.0 <= now - view[1] < self._ttl:
-                ticket = view[2]
+            if view.at <= now < view.until:
+                ticket = view.ticket
                 if ticket is not None:
                     return ticket
-                state = view[0]
+                state = view.state
                 if state.state is _OPEN or state.state is _FORCED_OPEN:
                     until = state.open_until_ts
                     if until is None or now < until:
@@ -496,6 +612,16 @@ class CircuitBreaker(AsyncResource):
 
     # ------------------------------------------------------------------ outcomes
 
+    async def _report_error(self, ticket: Ticket, exc: BaseException) -> None:
+        """Report the end of a guarded call that raised ``exc`` (by `classify`)."""
+        outcome = self.classify(exc)
+        if outcome is Outcome.CANCELLED:
+            # learn nothing; a probe gets its lease back (report shields itself)
+            if ticket.lease_id is not None:
+                await self.report(ticket, outcome)
+            return
+        await self.report(ticket, outcome, retry_after=retry_after_of(exc), error=_describe(exc))
+
     async def report(
         self,
         ticket: Ticket,
@@ -524,18 +650,26 @@ class CircuitBreaker(AsyncResource):
         key = ticket.key
         view = self._views.get(key)
         if view is not None and outcome is _SUCCESS and self._ttl > 0:
-            state = view[0]
+            pending = view.pending  # set only while the view is CLOSED and counting
+            if pending is not None and pending[0] == ticket.generation and ticket.lease_id is None:
+                count = pending[1] = pending[1] + 1
+                if count >= _MAX_PENDING or self._clock() >= pending[2]:
+                    await self._flush_key(key)
+                return
+            state = view.state
             if state.generation == ticket.generation and ticket.lease_id is None:
                 if state.state is _CLOSED:
                     pending = self._pending.get(key)
                     if pending is None or pending[0] != ticket.generation:
                         # successes of an older generation would be dropped by the store
-                        self._pending[key] = [ticket.generation, 1, self._clock()]
+                        self._pending[key] = view.pending = [
+                            ticket.generation,
+                            1,
+                            self._clock() + self._flush_interval,
+                        ]
                         return
                     pending[1] += 1
-                    if pending[1] >= _MAX_PENDING or (
-                        self._clock() - pending[2] >= self._flush_interval
-                    ):
+                    if pending[1] >= _MAX_PENDING or (self._clock() >= pending[2]):
                         await self._flush_key(key)
                     return
                 if state.state is _DISABLED:
@@ -554,10 +688,10 @@ class CircuitBreaker(AsyncResource):
         if ticket.lease_id is None and not outcome.is_sample:
             return  # the machine learns nothing from it outside a probe
         if view is not None and self._ttl > 0:
-            fresh = 0.0 <= self._clock() - view[1] < self._ttl
-            if fresh and ticket.generation < view[0].generation:
+            fresh = view.at <= self._clock() < view.until
+            if fresh and ticket.generation < view.state.generation:
                 return  # the store's generation is at least the view's: it would drop it
-            if view[0].state is _DISABLED and view[0].generation == ticket.generation:
+            if view.state.state is _DISABLED and view.state.generation == ticket.generation:
                 return
         report = OutcomeReport(ticket=ticket, outcome=outcome, retry_after=retry_after, error=error)
         reports = [*self._take_pending(key), report]
@@ -572,8 +706,16 @@ class CircuitBreaker(AsyncResource):
             state = await self._store_op(key, lambda store: store.record(key, policy, reports))
             await self._observe(state)
 
-    def _take_pending(self, key: str) -> list[OutcomeReport]:
+    def _drop_pending(self, key: str) -> list[Any] | None:
         pending = self._pending.pop(key, None)
+        if pending is not None:
+            view = self._views.get(key)
+            if view is not None and view.pending is pending:
+                view.pending = None  # the next success starts a new batch
+        return pending
+
+    def _take_pending(self, key: str) -> list[OutcomeReport]:
+        pending = self._drop_pending(key)
         if pending is None:
             return []
         generation, count = pending[0], pending[1]
@@ -613,7 +755,7 @@ class CircuitBreaker(AsyncResource):
         view = self._views.get(key)
         if view is None:
             return True
-        state = view[0]
+        state = view.state
         s = state.state
         if s is _CLOSED or s is _DISABLED:
             return True
@@ -669,9 +811,10 @@ class CircuitBreaker(AsyncResource):
         """
         self._check_open()
         if key is None:
-            self._pending.clear()
+            for pending_key in list(self._pending):
+                self._drop_pending(pending_key)
         else:
-            self._pending.pop(key, None)
+            self._drop_pending(key)
         await self._store_op(key, lambda store: store.reset(key))
         if key is None:
             keys = list(self._views)
@@ -705,7 +848,7 @@ class CircuitBreaker(AsyncResource):
     async def disable(self, key: str, reason: str = "disabled by operator") -> CircuitBreakerState:
         """Let every call for ``key`` through and never trip, until `reset`; returns the state."""
         self._check_open()
-        self._pending.pop(key, None)
+        self._drop_pending(key)
         state = await self._store_op(key, lambda store: store.force(key, _DISABLED, reason=reason))
         await self._observe(state)
         return state
@@ -718,8 +861,16 @@ class CircuitBreaker(AsyncResource):
     async def _observe(self, state: CircuitBreakerState, reason: str | None = None) -> None:
         key = state.key
         old = self._views.get(key)
-        self._views[key] = (state, self._clock(), _view_ticket(state))
-        old_state = _CLOSED if old is None else old[0].state
+        now = self._clock()
+        pending = None
+        if state.state is _CLOSED:
+            pending = self._pending.get(key)
+            if pending is not None and pending[0] != state.generation:
+                pending = None
+        if old is not None:
+            old.pending = None  # guards admitted from the old view take the general path
+        self._views[key] = _View(state, now, now + self._ttl, pending)
+        old_state = _CLOSED if old is None else old.state.state
         if old_state is not state.state and self._listeners:
             await self._emit(
                 BreakerEvent(
@@ -790,8 +941,8 @@ class CircuitBreaker(AsyncResource):
         fallback = MemoryStateStore(clock=self._clock)
         # start from what this process last knew, so an open circuit stays open (the
         # memory store never suspends, so no other task sees a half-seeded fallback)
-        for state, _, _ in list(self._views.values()):
-            await _seed(fallback, state)
+        for view in list(self._views.values()):
+            await _seed(fallback, view.state)
         self._fallback = fallback
         self._retry_at = self._clock() + self._retry_interval
         self._mark_views_stale()
@@ -827,9 +978,8 @@ class CircuitBreaker(AsyncResource):
 
     def _mark_views_stale(self) -> None:
         # keep the states (for events and hints) but make the next admission ask the store
-        self._views = {
-            key: (state, -math.inf, ticket) for key, (state, _, ticket) in self._views.items()
-        }
+        for view in self._views.values():
+            view.at = view.until = -math.inf
 
 
 async def _seed(store: TransactionalStateStore, state: CircuitBreakerState) -> None:

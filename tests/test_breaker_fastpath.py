@@ -1,0 +1,218 @@
+"""
+`CircuitBreaker.protect` and the CLOSED fast path of `guard`, through the public API.
+
+The fast path serves admissions from the local view and counts successes with one
+increment; these tests pin that it behaves exactly like the general path: counts reach
+the store, failures trip, a success of a call admitted before the state changed is not
+counted in the new state, cancellation counts nothing, and a closed breaker refuses.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from empathy_models import (
+    BackendClosedError,
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    ConfigurationError,
+    InvalidRequestError,
+    MemoryStateStore,
+    ServerError,
+)
+from empathy_models.testing.clock import FakeClock
+
+KEY = "anthropic"
+POLICY = BreakerPolicy(consecutive_failures=3, minimum_calls=100, recovery_seconds=60.0)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make(clock: FakeClock, flush_interval: float = 0.5) -> tuple[CircuitBreaker, MemoryStateStore]:
+    store = MemoryStateStore(clock=clock)
+    return CircuitBreaker(store, POLICY, clock=clock, flush_interval=flush_interval), store
+
+
+async def test_protect_returns_results_and_counts_successes(clock: FakeClock) -> None:
+    breaker, store = make(clock)
+    calls: list[tuple[str, int]] = []
+
+    @breaker.protect(KEY)
+    async def ask(prompt: str, *, n: int = 1) -> str:
+        """Ask."""
+        calls.append((prompt, n))
+        return prompt.upper() * n
+
+    async with breaker:
+        assert ask.__name__ == "ask" and ask.__doc__ == "Ask."
+        assert await ask("hi") == "HI"
+        for i in range(4):
+            assert await ask("x", n=i) == "X" * i
+        assert calls == [("hi", 1), ("x", 0), ("x", 1), ("x", 2), ("x", 3)]
+        # written behind: the store sees them on flush
+        assert (await store.snapshot(KEY)).window_calls == 0
+        status = await breaker.get_status(KEY)
+        assert status.window_calls == 5 and status.state is CircuitState.CLOSED
+
+
+async def test_protect_trips_rejects_and_recovers_like_guard(clock: FakeClock) -> None:
+    breaker, store = make(clock)
+    ran = 0
+
+    @breaker.protect(KEY)
+    async def call(fail: bool) -> None:
+        nonlocal ran
+        ran += 1
+        if fail:
+            raise ServerError("boom", status=503)
+
+    async with breaker:
+        await call(False)
+        for _ in range(3):
+            with pytest.raises(ServerError):
+                await call(True)
+        with pytest.raises(CircuitOpenError) as info:
+            await call(False)
+        assert ran == 4  # the rejected call never ran
+        assert info.value.reason == "3 consecutive failures"
+        assert info.value.last_error == "ServerError: boom"
+        # after the open period the next call is the probe; its success closes the circuit
+        clock.advance(60)
+        await call(False)
+        assert (await store.snapshot(KEY)).state is CircuitState.CLOSED
+
+
+async def test_protect_ignored_errors_propagate_and_count_nothing(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+
+    @breaker.protect(KEY)
+    async def call() -> None:
+        raise InvalidRequestError("bad request", status=400)
+
+    async with breaker:
+        await breaker.get_status(KEY)  # a fresh CLOSED view: the fast path is taken
+        for _ in range(5):
+            with pytest.raises(InvalidRequestError):
+                await call()
+        status = await breaker.get_status(KEY)
+        assert status.state is CircuitState.CLOSED
+        assert status.window_calls == 0 and status.failure_count == 0
+
+
+async def test_protect_cancellation_counts_nothing(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+
+    @breaker.protect(KEY)
+    async def slow() -> None:
+        await anyio.sleep(3600)
+
+    async with breaker:
+        await breaker.get_status(KEY)
+        for _ in range(5):
+            with anyio.move_on_after(0):
+                await slow()
+        status = await breaker.get_status(KEY)
+        assert status.window_calls == 0 and status.failure_count == 0
+
+
+async def test_protect_and_guard_refuse_after_aclose(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+
+    @breaker.protect(KEY)
+    async def call() -> int:
+        return 1
+
+    async with breaker:
+        assert await call() == 1  # the view is fresh and CLOSED when the breaker closes
+    with pytest.raises(BackendClosedError):
+        await call()
+    with pytest.raises(BackendClosedError):
+        async with breaker.guard(KEY):
+            pass  # pragma: no cover
+
+
+def test_protect_rejects_an_empty_key() -> None:
+    with pytest.raises(ConfigurationError, match="non-empty string"):
+        CircuitBreaker().protect("")
+
+
+@pytest.mark.parametrize("style", ["guard", "protect"])
+async def test_success_of_a_call_admitted_before_a_trip_is_not_counted_after(
+    clock: FakeClock, style: str
+) -> None:
+    breaker, store = make(clock)
+    admitted = anyio.Event()
+    tripped = anyio.Event()
+
+    async def body() -> None:
+        admitted.set()
+        await tripped.wait()
+
+    @breaker.protect(KEY)
+    async def protected() -> None:
+        await body()
+
+    async def slow_success() -> None:
+        if style == "guard":
+            async with breaker.guard(KEY) as ticket:
+                assert ticket.generation == 0
+                await body()
+        else:
+            await protected()
+
+    async with breaker:
+        await breaker.get_status(KEY)  # fresh CLOSED view, generation 0
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(slow_success)
+            await admitted.wait()
+            for _ in range(3):
+                with pytest.raises(ServerError):
+                    async with breaker.guard(KEY):
+                        raise ServerError("boom", status=503)
+            opened = await store.snapshot(KEY)
+            assert opened.state is CircuitState.OPEN and opened.generation == 1
+            tripped.set()
+        # the success belonged to generation 0: it changes nothing in the open circuit
+        assert await store.snapshot(KEY) == opened
+        assert await breaker.get_status(KEY) == opened
+
+
+async def test_batch_cap_flushes_written_behind_successes(clock: FakeClock) -> None:
+    breaker, store = make(clock)
+
+    @breaker.protect(KEY)
+    async def call() -> None:
+        return None
+
+    async with breaker:
+        for _ in range(1000):
+            async with breaker.guard(KEY):
+                pass
+        # the 1,000th waiting success flushed the batch, without any time passing
+        assert (await store.snapshot(KEY)).window_calls == 1000
+        for _ in range(1000):
+            await call()
+        assert (await store.snapshot(KEY)).window_calls == 2000
+
+
+async def test_flush_interval_is_checked_on_the_fast_path(clock: FakeClock) -> None:
+    breaker, store = make(clock, flush_interval=0.5)
+
+    @breaker.protect(KEY)
+    async def call() -> None:
+        return None
+
+    async with breaker:
+        await call()  # first success: starts the batch
+        await call()
+        await call()
+        assert (await store.snapshot(KEY)).window_calls == 0
+        clock.advance(0.5)
+        await call()  # admitted at the deadline: flushes the batch, itself included
+        assert (await store.snapshot(KEY)).window_calls == 4
