@@ -262,7 +262,11 @@ class TransactionalStateStore(CircuitStateStore):
         self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
     ) -> CircuitBreakerState:
         self._check_open()
+        previous = None
         for report in reports:
+            if report is previous:  # a written-behind batch repeats one report object
+                continue
+            previous = report
             if report.ticket.key != key:
                 raise ConfigurationError(
                     f"a ticket for {report.ticket.key!r} was reported against {key!r}"

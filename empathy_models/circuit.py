@@ -466,6 +466,8 @@ def apply_outcomes(
             and ticket.generation == state.generation
         ):
             j = i + 1
+            while j < n and reports[j] is report:  # the breaker repeats one report object
+                j += 1
             while (
                 j < n
                 and reports[j].outcome is Outcome.SUCCESS
