@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Self, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar
 
 import attrs
 from attrs import field, frozen
@@ -725,6 +725,27 @@ class RoutingDecision:
     max_latency_ms: float | None = None
     min_success_rate: float | None = None
     strict_cost: bool = False
+    # The router may leave ``candidates`` unset and put here a function that builds it;
+    # the first read of ``candidates`` calls it once and stores the tuple (see
+    # ``__getattr__``), so equality, hashing, repr and to_dict see the same value.
+    _candidates_thunk: Callable[[], tuple[CandidateEvaluation, ...]] | None = field(
+        default=None, init=False, eq=False, hash=False, repr=False
+    )
+
+    if not TYPE_CHECKING:
+
+        def __getattr__(self, name: str) -> Any:
+            # only reached when a slot is unset: materialize lazily built candidates
+            if name == "candidates":
+                thunk = object.__getattribute__(self, "_candidates_thunk")
+                if thunk is not None:
+                    value = thunk()
+                    object.__setattr__(self, "candidates", value)
+                    object.__setattr__(self, "_candidates_thunk", None)
+                    return value
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}", name=name, obj=self
+            )
 
     def to_dict(self) -> dict[str, Any]:
         from .serialization import to_dict

@@ -63,6 +63,8 @@ from .scoring import (
     Pick,
     choose,
     evaluate,
+    expected_cost,
+    select,
     summarize,
     wilson_bounds,
 )
@@ -296,8 +298,6 @@ _Setter = Callable[[Any, Any], None]
 def _field_defaults(cls: type) -> tuple[tuple[_Setter, str, Any, bool], ...]:
     out = []
     for f in attrs.fields(cls):
-        if not f.init:
-            raise TypeError(f"{cls.__name__}.{f.name} is not an init field")
         is_factory = isinstance(f.default, attrs.Factory)  # type: ignore[arg-type]
         out.append((cls.__dict__[f.name].__set__, f.name, f.default, is_factory))
     return tuple(out)
@@ -327,6 +327,79 @@ def _trusted(
 
 _CANDIDATE_FIELDS: Final = _field_defaults(CandidateEvaluation)
 _DECISION_FIELDS: Final = _field_defaults(RoutingDecision)
+
+_DECISION_SETTERS: Final = {name: setter for setter, name, _, _ in _DECISION_FIELDS}
+if set(_DECISION_SETTERS) != {
+    "model",
+    "provider",
+    "tier",
+    "workflow",
+    "stage",
+    "constraints_met",
+    "reason",
+    "candidates",
+    "exploration",
+    "relaxed",
+    "policy_applied",
+    "decided_at",
+    "expected_cost_usd",
+    "max_cost",
+    "max_latency_ms",
+    "min_success_rate",
+    "strict_cost",
+    "_candidates_thunk",
+}:  # pragma: no cover - guards _fast_decision against a field added to RoutingDecision
+    raise TypeError("RoutingDecision's fields changed: update router._fast_decision")
+_set_model: Final = _DECISION_SETTERS["model"]
+_set_provider: Final = _DECISION_SETTERS["provider"]
+_set_tier: Final = _DECISION_SETTERS["tier"]
+_set_workflow: Final = _DECISION_SETTERS["workflow"]
+_set_stage: Final = _DECISION_SETTERS["stage"]
+_set_constraints_met: Final = _DECISION_SETTERS["constraints_met"]
+_set_reason: Final = _DECISION_SETTERS["reason"]
+_set_exploration: Final = _DECISION_SETTERS["exploration"]
+_set_relaxed: Final = _DECISION_SETTERS["relaxed"]
+_set_policy_applied: Final = _DECISION_SETTERS["policy_applied"]
+_set_decided_at: Final = _DECISION_SETTERS["decided_at"]
+_set_expected_cost: Final = _DECISION_SETTERS["expected_cost_usd"]
+_set_max_cost: Final = _DECISION_SETTERS["max_cost"]
+_set_max_latency: Final = _DECISION_SETTERS["max_latency_ms"]
+_set_min_success: Final = _DECISION_SETTERS["min_success_rate"]
+_set_strict_cost: Final = _DECISION_SETTERS["strict_cost"]
+_set_thunk: Final = _DECISION_SETTERS["_candidates_thunk"]
+_new: Final = object.__new__
+
+_STATUS_CODE: Final = {
+    ConstraintStatus.ELIGIBLE: 0,
+    ConstraintStatus.UNPROVEN: 1,
+    ConstraintStatus.REJECTED: 2,
+}
+_MAX_CONTEXTS: Final = 1024
+
+
+@define(slots=True, eq=False)
+class _Context:
+    """
+    Cached per-candidate verdicts of one (workflow, stage, candidate list).
+
+    Slot ``i`` holds what the decision needs of candidate ``i`` for the summary it was
+    computed from (``sums[i]``) and the constraint settings ``limits``: the worst status
+    of its success-rate and latency constraints (0 eligible, 1 unproven, 2 rejected or
+    not in the registry) and its cost as ``input_tokens * slopes[i] + consts[i]``
+    (``slopes[i]`` None: the cost is ``consts[i]``, None when there is no estimate).
+    A slot whose arm's summary changed is recomputed with `evaluate` and
+    `expected_cost`, so the cache is only a memo of those two functions.
+    """
+
+    epoch: int
+    models: tuple[str, ...]
+    arms: list[_Arm | None]
+    facts: list[_ModelFacts | None]
+    limits: tuple[Any, ...] | None = None
+    sums: list[ArmSummary | None] = attrs.Factory(list)
+    codes: list[int] = attrs.Factory(list)
+    slopes: list[float | None] = attrs.Factory(list)
+    consts: list[float | None] = attrs.Factory(list)
 
 
 # --------------------------------------------------------------------------- router
@@ -410,6 +483,9 @@ class AdaptiveModelRouter:
         self._store_obj = store
         self._store: TelemetryBackend | None = None if self._null_store else store
         self._arms: dict[tuple[str, str, str], _Arm] = {}
+        self._arms_epoch = 0  # bumped whenever an arm is added to _arms
+        self._contexts: dict[tuple[str, str, tuple[str, ...]], _Context] = {}
+        self._fast = True  # False: every decision takes the reference path (tests)
         self._rings: dict[tuple[str, str | None], deque[tuple[str, ModelTier | None, bool]]] = {}
         self._facts: dict[str, _ModelFacts | None] = {}
         self._cutoff: float | None = None
@@ -551,6 +627,8 @@ class AdaptiveModelRouter:
                 arm.dirty = True
             for key, base in bases.items():
                 self._arms[key] = _Arm(base=base, live=ArmAccumulator(t=cutoff))
+            if bases:
+                self._arms_epoch += 1
             self._cutoff = cutoff
             self.last_refresh = cutoff
             logger.debug("router refreshed %d arms from %r", len(perfs), store)
@@ -617,6 +695,7 @@ class AdaptiveModelRouter:
         arm = self._arms.get(key)
         if arm is None:
             arm = self._arms[key] = _Arm(base=None, live=ArmAccumulator(t=self._clock()))
+            self._arms_epoch += 1
         success = record.success
         half_life = self.policy.half_life_s
         count_half_life = self.policy.half_life_calls
@@ -796,11 +875,61 @@ class AdaptiveModelRouter:
             )
 
         now = self._clock()
-        wf, st = _key(workflow, stage)
-        arms = self._arms
         unavailable_set = (
             unavailable if isinstance(unavailable, set | frozenset) else set(unavailable)
         )
+        if self._fast:
+            decision = self._decide_fast(
+                workflow,
+                stage,
+                names,
+                now,
+                unavailable_set,
+                input_tokens=input_tokens,
+                max_tokens=max_tokens,
+                max_cost=max_cost,
+                max_latency_ms=max_latency_ms,
+                min_success_rate=min_success_rate,
+                strict_cost=strict_cost,
+            )
+            if decision is not None:
+                return decision
+        return self._decide(
+            workflow,
+            stage,
+            names,
+            now,
+            unavailable_set,
+            pinned=pinned,
+            on_no_match=on_no_match,
+            input_tokens=input_tokens,
+            max_tokens=max_tokens,
+            max_cost=max_cost,
+            max_latency_ms=max_latency_ms,
+            min_success_rate=min_success_rate,
+            strict_cost=strict_cost,
+        )
+
+    def _decide(
+        self,
+        workflow: str,
+        stage: str | None,
+        names: Sequence[str],
+        now: float,
+        unavailable_set: Collection[str],
+        *,
+        pinned: str | None,
+        on_no_match: str,
+        input_tokens: int | None,
+        max_tokens: int | None,
+        max_cost: float | None,
+        max_latency_ms: float | None,
+        min_success_rate: float | None,
+        strict_cost: bool,
+    ) -> RoutingDecision:
+        # The reference path: every candidate evaluated afresh, every no-match policy.
+        wf, st = _key(workflow, stage)
+        arms = self._arms
         evals: list[Evaluation] = []
         seen: set[str] = set()
         for model in names:
@@ -939,6 +1068,264 @@ class AdaptiveModelRouter:
             )
         return decision
 
+    # ------------------------------------------------------------------ fast path
+
+    def _context(self, workflow: str, stage: str | None, names: Sequence[str]) -> _Context | None:
+        """The cached context of these candidates, or None when their ids are invalid."""
+        wf, st = _key(workflow, stage)
+        try:
+            key = (wf, st, tuple(names))
+            ctx = self._contexts.get(key)
+        except TypeError:  # an unhashable id: the reference path reports it
+            return None
+        epoch = self._arms_epoch
+        if ctx is not None:
+            if ctx.epoch != epoch:  # an arm was added since: look the arms up again
+                arms = self._arms
+                ctx.arms = [arms.get((wf, st, m)) for m in ctx.models]
+                ctx.epoch = epoch
+            return ctx
+        models: list[str] = []
+        seen: set[str] = set()
+        for model in names:
+            if model in seen:
+                continue
+            if not isinstance(model, str) or not model:
+                return None
+            seen.add(model)
+            models.append(model)
+        arms = self._arms
+        ctx = _Context(
+            epoch=epoch,
+            models=tuple(models),
+            arms=[arms.get((wf, st, m)) for m in models],
+            facts=[self._model_facts(m) for m in models],
+        )
+        if len(self._contexts) >= _MAX_CONTEXTS:
+            self._contexts.clear()
+        self._contexts[key] = ctx
+        return ctx
+
+    def _fill(
+        self,
+        ctx: _Context,
+        i: int,
+        summary: ArmSummary,
+        policy: RoutingPolicy,
+        *,
+        input_tokens: int | None,
+        max_tokens: int | None,
+        max_latency_ms: float | None,
+        min_success_rate: float | None,
+        strict_cost: bool,
+    ) -> None:
+        # Memoize `evaluate` (success rate, latency, registry) and `expected_cost` for
+        # slot i.  Which cost branch applies depends only on whether input_tokens is
+        # given, not on its value, and the estimate is input_tokens * price + a term
+        # that does not depend on it: evaluated at 0 tokens, that term is exact.
+        model = ctx.models[i]
+        e = self._evaluate_summary(
+            model,
+            summary,
+            policy,
+            (),
+            input_tokens=input_tokens,
+            max_tokens=max_tokens,
+            max_cost=None,
+            max_latency_ms=max_latency_ms,
+            min_success_rate=min_success_rate,
+            strict_cost=strict_cost,
+        )
+        facts = ctx.facts[i]
+        input_price = facts.input_price if facts is not None else 0.0
+        worst_out = max_tokens
+        if strict_cost and worst_out is None and facts is not None:
+            worst_out = facts.max_output_tokens
+        const, basis = expected_cost(
+            summary,
+            input_price=input_price,
+            output_price=facts.output_price if facts is not None else 0.0,
+            input_tokens=None if input_tokens is None else 0,
+            max_tokens=worst_out,
+            strict=strict_cost,
+        )
+        ctx.sums[i] = summary
+        ctx.codes[i] = _STATUS_CODE[e.status()]
+        ctx.consts[i] = const
+        ctx.slopes[i] = (
+            input_price
+            if input_tokens is not None and basis in ("estimate", "worst_case")
+            else None
+        )
+
+    def _decide_fast(
+        self,
+        workflow: str,
+        stage: str | None,
+        names: Sequence[str],
+        now: float,
+        unavailable_set: Collection[str],
+        *,
+        input_tokens: int | None,
+        max_tokens: int | None,
+        max_cost: float | None,
+        max_latency_ms: float | None,
+        min_success_rate: float | None,
+        strict_cost: bool,
+    ) -> RoutingDecision | None:
+        """
+        The decision, from cached per-candidate verdicts; None: take the reference path.
+
+        Returns None when the candidate ids are invalid or nothing is eligible or
+        explorable (the no-match policies live on the reference path); in that case
+        nothing was drawn from the random source.  Otherwise the same pick, with the
+        same draws, as the reference path, because both classify candidates the same
+        way and call `select`.  The decision's ``candidates`` are built on first read,
+        by the reference path's `evaluate`, from the summaries this decision used.
+        """
+        ctx = self._context(workflow, stage, names)
+        if ctx is None:
+            return None
+        policy = self.policy
+        limits = (
+            policy,
+            min_success_rate,
+            max_latency_ms,
+            strict_cost,
+            max_tokens,
+            input_tokens is None,
+        )
+        n = len(ctx.models)
+        if ctx.limits != limits:
+            ctx.limits = limits
+            ctx.sums = [None] * n
+            ctx.codes = [0] * n
+            ctx.slopes = [None] * n
+            ctx.consts = [None] * n
+        half_life = policy.half_life_s
+        drift = half_life / 256.0 if half_life is not None else math.inf
+        empty = self._empty
+        cached = ctx.sums
+        codes = ctx.codes
+        slopes = ctx.slopes
+        consts = ctx.consts
+        models = ctx.models
+        blocked = unavailable_set if unavailable_set else None
+        sums: list[ArmSummary] = []
+        costs: list[float | None] = []
+        eligible: list[int] = []
+        explorable: list[int] = []
+        for i, arm in enumerate(ctx.arms):
+            if arm is None:
+                s = empty
+            else:
+                s = arm.summary  # type: ignore[assignment]
+                if s is None or arm.dirty or abs(now - s.computed_at) > drift:
+                    s = self._summary(arm, now)
+            if s is not cached[i]:
+                self._fill(
+                    ctx,
+                    i,
+                    s,
+                    policy,
+                    input_tokens=input_tokens,
+                    max_tokens=max_tokens,
+                    max_latency_ms=max_latency_ms,
+                    min_success_rate=min_success_rate,
+                    strict_cost=strict_cost,
+                )
+            sums.append(s)
+            cost = consts[i]
+            slope = slopes[i]
+            if slope is not None:
+                cost = input_tokens * slope + cost  # type: ignore[operator]
+            costs.append(cost)
+            code = codes[i]
+            if blocked is not None and models[i] in blocked:
+                code = 2
+            # with max_cost, an unproven cost is not explorable and one over it rejects
+            if code < 2 and (max_cost is None or (cost is not None and cost <= max_cost)):
+                (explorable if code else eligible).append(i)
+        picked = select(
+            eligible,
+            explorable,
+            costs,
+            sums,
+            models,
+            self._rng,
+            objective=policy.objective,
+            explore_rate=policy.explore_rate,
+            cost_tie_tolerance=policy.cost_tie_tolerance,
+            prior_alpha=policy.prior_alpha,
+            prior_beta=policy.prior_beta,
+            inconclusive_n=policy.inconclusive_n,
+        )
+        if picked is None:
+            return None
+        index, exploration, why = picked
+        model = models[index]
+        facts = ctx.facts[index]
+        decision: RoutingDecision = _new(RoutingDecision)
+        _set_model(decision, model)
+        _set_provider(decision, facts.provider if facts is not None else None)
+        _set_tier(decision, facts.tier if facts is not None else None)
+        _set_workflow(decision, workflow)
+        _set_stage(decision, stage)
+        # an exploitation pick is eligible on every constraint, an exploration one is not
+        _set_constraints_met(decision, not exploration)
+        _set_reason(decision, why)
+        _set_exploration(decision, exploration)
+        _set_relaxed(decision, ())
+        _set_policy_applied(decision, None)
+        _set_decided_at(decision, datetime.fromtimestamp(now, UTC))
+        _set_expected_cost(decision, costs[index])
+        _set_max_cost(decision, max_cost)
+        _set_max_latency(decision, max_latency_ms)
+        _set_min_success(decision, min_success_rate)
+        _set_strict_cost(decision, strict_cost)
+        blocked_now = (
+            frozenset()
+            if blocked is None
+            else blocked
+            if isinstance(blocked, frozenset)
+            else frozenset(blocked)
+        )
+
+        def candidates() -> tuple[CandidateEvaluation, ...]:
+            return tuple(
+                self._candidate(
+                    self._evaluate_summary(
+                        m,
+                        summary,
+                        policy,
+                        blocked_now,
+                        input_tokens=input_tokens,
+                        max_tokens=max_tokens,
+                        max_cost=max_cost,
+                        max_latency_ms=max_latency_ms,
+                        min_success_rate=min_success_rate,
+                        strict_cost=strict_cost,
+                    )
+                )
+                for m, summary in zip(models, sums, strict=True)
+            )
+
+        _set_thunk(decision, candidates)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "routing %s/%s -> %s (%s; exploration=%s; constraints_met=%s; "
+                "expected cost %s; %d candidates)",
+                workflow,
+                stage,
+                model,
+                why,
+                exploration,
+                not exploration,
+                costs[index],
+                n,
+            )
+        return decision
+
     def _choose(self, evals: Sequence[Evaluation], active: Sequence[str]) -> Pick | None:
         p = self.policy
         return choose(
@@ -967,6 +1354,33 @@ class AdaptiveModelRouter:
         min_success_rate: float | None,
         strict_cost: bool,
     ) -> Evaluation:
+        return self._evaluate_summary(
+            model,
+            self._summary(arm, now),
+            self.policy,
+            unavailable,
+            input_tokens=input_tokens,
+            max_tokens=max_tokens,
+            max_cost=max_cost,
+            max_latency_ms=max_latency_ms,
+            min_success_rate=min_success_rate,
+            strict_cost=strict_cost,
+        )
+
+    def _evaluate_summary(
+        self,
+        model: str,
+        summary: ArmSummary,
+        policy: RoutingPolicy,
+        unavailable: Collection[str],
+        *,
+        input_tokens: int | None,
+        max_tokens: int | None,
+        max_cost: float | None,
+        max_latency_ms: float | None,
+        min_success_rate: float | None,
+        strict_cost: bool,
+    ) -> Evaluation:
         facts = self._model_facts(model)
         excluded: str | None = None
         if model in unavailable:
@@ -978,7 +1392,7 @@ class AdaptiveModelRouter:
             worst_out = facts.max_output_tokens
         return evaluate(
             model,
-            self._summary(arm, now),
+            summary,
             input_price=facts.input_price if facts is not None else 0.0,
             output_price=facts.output_price if facts is not None else 0.0,
             input_tokens=input_tokens,
@@ -987,8 +1401,8 @@ class AdaptiveModelRouter:
             max_latency_ms=max_latency_ms,
             min_success_rate=min_success_rate,
             strict_cost=strict_cost,
-            latency_min_samples=float(self.policy.latency_min_samples),
-            reject_min_samples=self.policy.reject_min_samples,
+            latency_min_samples=float(policy.latency_min_samples),
+            reject_min_samples=policy.reject_min_samples,
             excluded_reason=excluded,
         )
 

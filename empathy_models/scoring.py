@@ -87,6 +87,7 @@ __all__ = [
     "evaluate",
     "expected_cost",
     "merge",
+    "select",
     "summarize",
     "wilson_bounds",
 ]
@@ -625,17 +626,66 @@ def choose(
     then an exploration coin when both eligible and explorable arms exist), so a
     seeded ``rng`` replays the same decisions.
     """
-    eligible: list[Evaluation] = []
-    explorable: list[Evaluation] = []
-    for e in evaluations:
+    eligible: list[int] = []
+    explorable: list[int] = []
+    for i, e in enumerate(evaluations):
         st = e.status(active)
         if st is ConstraintStatus.ELIGIBLE:
-            eligible.append(e)
+            eligible.append(i)
         elif st is ConstraintStatus.UNPROVEN and e.explorable(active):
-            explorable.append(e)
+            explorable.append(i)
+    picked = select(
+        eligible,
+        explorable,
+        [e.cost for e in evaluations],
+        [e.summary for e in evaluations],
+        [e.model for e in evaluations],
+        rng,
+        objective=objective,
+        explore_rate=explore_rate,
+        cost_tie_tolerance=cost_tie_tolerance,
+        prior_alpha=prior_alpha,
+        prior_beta=prior_beta,
+        latency_weight=latency_weight,
+        cost_weight=cost_weight,
+        inconclusive_n=inconclusive_n,
+    )
+    if picked is None:
+        return None
+    index, exploration, why = picked
+    return Pick(evaluation=evaluations[index], exploration=exploration, why=why)
+
+
+def select(
+    eligible: Sequence[int],
+    explorable: Sequence[int],
+    costs: Sequence[float | None],
+    summaries: Sequence[ArmSummary],
+    models: Sequence[str],
+    rng: random.Random,
+    *,
+    objective: Objective = "cheapest",
+    explore_rate: float = 0.05,
+    cost_tie_tolerance: float = 0.05,
+    prior_alpha: float = 1.0,
+    prior_beta: float = 1.0,
+    latency_weight: float = 0.01,
+    cost_weight: float = 0.01,
+    inconclusive_n: float = 400.0,
+) -> tuple[int, bool, str] | None:
+    """
+    `choose` on pre-classified arms: the selection rules, over parallel sequences.
+
+    ``eligible`` and ``explorable`` are indices (in candidate order) into ``costs``,
+    ``summaries`` and ``models``.  Returns ``(index, exploration, why)``, or ``None``
+    when both are empty (without drawing from ``rng``).  `choose` classifies
+    `Evaluation` objects and calls this, so both make the same pick with the same draws.
+    """
     exploit = (
         _exploit(
             eligible,
+            costs,
+            summaries,
             rng,
             objective=objective,
             cost_tie_tolerance=cost_tie_tolerance,
@@ -651,47 +701,46 @@ def choose(
         if exploit is None:
             target = min(
                 explorable,
-                key=lambda e: (
-                    e.summary.effective_n >= inconclusive_n,
-                    _cost_key(e),
-                    e.summary.effective_n,
-                    e.model,
+                key=lambda i: (
+                    summaries[i].effective_n >= inconclusive_n,
+                    _cost_key(costs[i]),
+                    summaries[i].effective_n,
+                    models[i],
                 ),
             )
-            return Pick(
-                evaluation=target,
-                exploration=True,
-                why="no model is proven to meet the constraints yet: exploring the cheapest "
+            return (
+                target,
+                True,
+                "no model is proven to meet the constraints yet: exploring the cheapest "
                 "unproven one",
             )
         if explore_rate > 0.0 and rng.random() < explore_rate:
-            current = exploit.evaluation.cost
-            pool: Sequence[Evaluation] = explorable
+            current = costs[exploit[0]]
+            pool: Sequence[int] = explorable
             if objective == "cheapest" and current is not None:
                 # only a cheaper model can displace the pick: measure those first, even
                 # one that has been unproven for long (it may be noise near the limit)
-                pool = [e for e in explorable if e.cost is not None and e.cost < current]
+                pool = [i for i in explorable if (c := costs[i]) is not None and c < current]
             if not pool:
                 pool = [
-                    e for e in explorable if e.summary.effective_n < inconclusive_n
+                    i for i in explorable if summaries[i].effective_n < inconclusive_n
                 ] or explorable
             target = min(
-                pool, key=lambda e: (round(e.summary.effective_n, 6), _cost_key(e), e.model)
+                pool,
+                key=lambda i: (round(summaries[i].effective_n, 6), _cost_key(costs[i]), models[i]),
             )
-            return Pick(
-                evaluation=target,
-                exploration=True,
-                why="exploration share: measuring an unproven model",
-            )
+            return (target, True, "exploration share: measuring an unproven model")
     return exploit
 
 
-def _cost_key(e: Evaluation) -> float:
-    return math.inf if e.cost is None else e.cost
+def _cost_key(cost: float | None) -> float:
+    return math.inf if cost is None else cost
 
 
 def _exploit(
-    eligible: Sequence[Evaluation],
+    eligible: Sequence[int],
+    costs: Sequence[float | None],
+    summaries: Sequence[ArmSummary],
     rng: random.Random,
     *,
     objective: Objective,
@@ -700,58 +749,62 @@ def _exploit(
     prior_beta: float,
     latency_weight: float,
     cost_weight: float,
-) -> Pick:
+) -> tuple[int, bool, str]:
     if len(eligible) == 1:
-        return Pick(evaluation=eligible[0], exploration=False, why="the only eligible model")
+        return (eligible[0], False, "the only eligible model")
     if objective == "cheapest":
-        cheapest = min(_cost_key(e) for e in eligible)
+        cheapest = min([math.inf if (c := costs[i]) is None else c for i in eligible])
         if math.isinf(cheapest):
             group = list(eligible)
         else:
             limit = cheapest * (1.0 + cost_tie_tolerance) + 1e-15
-            group = [e for e in eligible if e.cost is not None and e.cost <= limit]
+            group = [i for i in eligible if (c := costs[i]) is not None and c <= limit]
         if len(group) == 1:
-            return Pick(
-                evaluation=group[0],
-                exploration=False,
-                why=f"cheapest of {len(eligible)} models that meet the constraints",
+            return (
+                group[0],
+                False,
+                f"cheapest of {len(eligible)} models that meet the constraints",
             )
-        best = _best_by_draw(group, rng, prior_alpha, prior_beta, latency_weight, 0.0)
-        return Pick(
-            evaluation=best,
-            exploration=False,
-            why=(
-                f"cheapest of {len(eligible)} eligible models (near-tie of {len(group)} "
-                "on cost broken by a Thompson draw on success rate)"
-            ),
+        best = _best_by_draw(
+            group, costs, summaries, rng, prior_alpha, prior_beta, latency_weight, 0.0
         )
-    best = _best_by_draw(eligible, rng, prior_alpha, prior_beta, latency_weight, cost_weight)
-    return Pick(
-        evaluation=best,
-        exploration=False,
-        why=f"most reliable (Thompson draw) of {len(eligible)} eligible models",
+        return (
+            best,
+            False,
+            f"cheapest of {len(eligible)} eligible models (near-tie of {len(group)} "
+            "on cost broken by a Thompson draw on success rate)",
+        )
+    best = _best_by_draw(
+        eligible, costs, summaries, rng, prior_alpha, prior_beta, latency_weight, cost_weight
     )
+    return (best, False, f"most reliable (Thompson draw) of {len(eligible)} eligible models")
 
 
 def _best_by_draw(
-    group: Sequence[Evaluation],
+    group: Sequence[int],
+    costs: Sequence[float | None],
+    summaries: Sequence[ArmSummary],
     rng: random.Random,
     alpha: float,
     beta: float,
     latency_weight: float,
     cost_weight: float,
-) -> Evaluation:
-    max_p50 = max((e.summary.p50 or 0.0) for e in group) or 1.0
-    max_cost = max((e.cost or 0.0) for e in group) or 1.0
-    best: Evaluation | None = None
+) -> int:
+    max_p50 = max((summaries[i].p50 or 0.0) for i in group) or 1.0
+    max_cost = max((costs[i] or 0.0) for i in group) or 1.0
+    best = -1
     best_u = -math.inf
-    for e in group:
+    for i in group:
+        s = summaries[i]
+        cost = costs[i]
+        successes = s.successes
+        failures = max(0.0, s.effective_n - successes)
         u = (
-            _thompson(e, rng, alpha, beta)
-            - latency_weight * ((e.summary.p50 or max_p50) / max_p50)
-            - cost_weight * ((e.cost if e.cost is not None else max_cost) / max_cost)
+            rng.betavariate(alpha + successes, beta + failures)
+            - latency_weight * ((s.p50 or max_p50) / max_p50)
+            - cost_weight * ((cost if cost is not None else max_cost) / max_cost)
         )
         if u > best_u:
-            best, best_u = e, u
-    assert best is not None
+            best, best_u = i, u
+    assert best >= 0
     return best
