@@ -91,6 +91,7 @@ from .exceptions import (
     ProviderTimeoutError,
 )
 from .outcomes import classify_error, retry_after_of
+from .providers._http import AttemptTimeout, HTTPProvider
 from .records import (
     CircuitState,
     LLMCallRecord,
@@ -642,6 +643,16 @@ class EmpathyLLMExecutor:
             for tier in _TIER_ORDER
         }
         self._keys: dict[tuple[str, str], str] = {}
+        self._within: dict[str, Callable[[CompletionRequest, float], Awaitable[Completion]] | None]
+        self._within = {
+            # only where `complete` is HTTPProvider's own: a subclass's override is honoured
+            name: (
+                p.complete_within
+                if isinstance(p, HTTPProvider) and type(p).complete is HTTPProvider.complete
+                else None
+            )
+            for name, p in self._providers.items()
+        }
         self._tier_plans: dict[ModelTier, _TierPlan] = {}
         self._default_routes: dict[tuple[ModelTier, str | None], tuple[ModelInfo, ...]] = {}
         self._models_by_id: dict[str, ModelInfo] = {
@@ -1169,6 +1180,7 @@ class EmpathyLLMExecutor:
         `InvalidRequestError` when the request is bad, and cancellation untouched.
         """
         provider = self._providers[info.provider]
+        within = self._within[info.provider]
         semaphore = self._semaphores[info.provider]
         request = CompletionRequest(
             model=info.id,
@@ -1229,9 +1241,14 @@ class EmpathyLLMExecutor:
                 called = True
                 t0 = clock()
                 timer: asyncio.Timeout | None = None
+                expired = False
                 try:
                     if budget is None:
                         completion = await provider.complete(request)
+                    elif within is not None and budget > 0:
+                        # an HTTP provider bounds the request with the budget on the
+                        # request's own timer: one timer per call instead of two
+                        completion = await within(request, budget)
                     else:
                         timer = asyncio.timeout(max(budget, 0.0))
                         async with timer:
@@ -1239,7 +1256,10 @@ class EmpathyLLMExecutor:
                 except Exception as raised:
                     latency_ms = (clock() - t0) * 1000.0
                     error: Exception = raised
-                    if timer is not None and timer.expired() and isinstance(raised, TimeoutError):
+                    expired = (
+                        timer.expired() if timer is not None else isinstance(raised, AttemptTimeout)
+                    )
+                    if expired and isinstance(raised, TimeoutError):
                         limit = "the run's deadline" if by_deadline else "the per-attempt timeout"
                         error = ProviderTimeoutError(
                             f"{info.provider}/{info.id} gave no answer within {budget:.3f}s "
@@ -1297,7 +1317,7 @@ class EmpathyLLMExecutor:
                 semaphore.release()
 
             # ---- decide after a failure (outside the provider slot)
-            if by_deadline and timer is not None and timer.expired():
+            if by_deadline and expired:
                 run.attempts.append(self._summary(record, error))
                 raise _DeadlineExceeded(None) from None  # the error is in run.errors
             if outcome is Outcome.IGNORED:

@@ -31,15 +31,19 @@ from empathy_models import (
     ModelInfo,
     ModelRegistry,
     ModelTier,
+    OpenAIProvider,
     Outcome,
     Provider,
+    ProviderTimeoutError,
     RecordValidationError,
     RetryPolicy,
     ServerError,
     Ticket,
 )
+from empathy_models.providers._http import AttemptTimeout
 from empathy_models.records import _trusted_call_record
 from empathy_models.serialization import from_dict, to_dict
+from empathy_models.testing import FakeLLMServer
 from empathy_models.testing.clock import FakeClock
 
 FIELDS = [a.name for a in attrs.fields(LLMCallRecord)]
@@ -367,3 +371,101 @@ async def test_route_order_follows_the_breaker_hints_on_every_call(
             assert (await executor.run("x", ctx)).fallback_chain == ("cheap-a",)
         assert executor.feedback_errors == 1
         assert "available_hint failed for cheap-b" in caplog.text
+
+
+# ------------------------------------------------------------------ one timer per HTTP call
+
+HTTP_REGISTRY = ModelRegistry(
+    models=[
+        ModelInfo(
+            id="gpt-fake-mini",
+            provider="openai",
+            tier="cheap",
+            input_price_per_mtok=1.0,
+            output_price_per_mtok=5.0,
+            context_window=128_000,
+            max_output_tokens=16384,
+        )
+    ],
+    price_version="fastpath-http",
+)
+
+
+class CountingOpenAI(OpenAIProvider):
+    """A subclass that overrides `complete`: the executor must call the override."""
+
+    calls = 0
+
+    async def complete(self, request: CompletionRequest) -> Completion:
+        type(self).calls += 1
+        return await super().complete(request)
+
+
+async def test_per_attempt_timeout_over_http_is_the_executors_timeout() -> None:
+    async with FakeLLMServer() as server:
+        server.script("gpt-fake-mini", ["hang"])
+        telemetry = MemoryTelemetryBackend()
+        provider = OpenAIProvider(api_key="sk-test", base_url=server.openai_base_url)
+        async with EmpathyLLMExecutor(
+            [provider],
+            registry=HTTP_REGISTRY,
+            telemetry_store=telemetry,
+            retry=RetryPolicy.none(),
+            fallback=FallbackPolicy.none(),
+        ) as executor:
+            with pytest.raises(AllRoutesFailedError) as info:
+                await executor.run("x", ExecutionContext(tier="cheap", timeout=0.05))
+    [error] = info.value.exceptions
+    assert isinstance(error, ProviderTimeoutError)
+    assert "within 0.050s (the per-attempt timeout)" in str(error)
+    assert isinstance(error.__cause__, TimeoutError)
+    [record] = await telemetry.recent(limit=10)
+    assert (record.outcome, record.error_type) == (Outcome.FAILURE, "ProviderTimeoutError")
+    assert "per-attempt timeout" in (record.error_message or "")
+
+
+async def test_a_provider_timeout_shorter_than_the_budget_is_the_providers_own() -> None:
+    async with FakeLLMServer() as server:
+        server.script("gpt-fake-mini", ["hang"])
+        provider = OpenAIProvider(api_key="sk-test", base_url=server.openai_base_url, timeout=0.05)
+        async with EmpathyLLMExecutor(
+            [provider],
+            registry=HTTP_REGISTRY,
+            telemetry_store=MemoryTelemetryBackend(),
+            retry=RetryPolicy.none(),
+            fallback=FallbackPolicy.none(),
+        ) as executor:
+            with pytest.raises(AllRoutesFailedError) as info:
+                await executor.run("x", ExecutionContext(tier="cheap", timeout=30))
+    [error] = info.value.exceptions
+    assert isinstance(error, ProviderTimeoutError)
+    assert "no answer before the timeout" in str(error)
+    assert "per-attempt" not in str(error)
+
+
+async def test_complete_within_raises_attempt_timeout_only_for_its_own_budget() -> None:
+    async with FakeLLMServer() as server:
+        server.script("gpt-fake-mini", ["hang", "hang"])
+        request = CompletionRequest(model="gpt-fake-mini", messages="x", max_tokens=8)
+        async with OpenAIProvider(
+            api_key="sk-test", base_url=server.openai_base_url, timeout=0.05
+        ) as provider:
+            with pytest.raises(AttemptTimeout) as budget_ran_out:
+                await provider.complete_within(request, 0.02)
+            with pytest.raises(ProviderTimeoutError) as own_ran_out:
+                await provider.complete_within(request, 10.0)
+            answer = await provider.complete_within(request, 10.0)
+    assert isinstance(budget_ran_out.value.__cause__, TimeoutError)
+    assert not isinstance(own_ran_out.value, AttemptTimeout)
+    assert answer.model == "gpt-fake-mini"
+
+
+async def test_an_overridden_complete_is_called_by_the_executor() -> None:
+    async with FakeLLMServer() as server:
+        provider = CountingOpenAI(api_key="sk-test", base_url=server.openai_base_url)
+        async with EmpathyLLMExecutor(
+            [provider], registry=HTTP_REGISTRY, telemetry_store=MemoryTelemetryBackend()
+        ) as executor:
+            response = await executor.run("x", ExecutionContext(tier="cheap"))
+    assert response.model == "gpt-fake-mini"
+    assert CountingOpenAI.calls == 1

@@ -35,6 +35,7 @@ cause is an aiohttp or JSON exception that holds no request headers.
 from __future__ import annotations
 
 import abc
+import asyncio
 import email.utils
 import json
 import math
@@ -67,6 +68,7 @@ from ..exceptions import (
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "AttemptTimeout",
     "HTTPProvider",
     "ResponseReader",
     "error_from_response",
@@ -77,6 +79,7 @@ __all__ = [
 
 DEFAULT_TIMEOUT: Final = 60.0
 _MAX_MESSAGE: Final = 300
+_TIMER_SLACK: Final = 0.001  # the loop may run a timer up to its clock resolution early
 _KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
 _CONTEXT_MARKERS: Final = (
     "context_length_exceeded",
@@ -361,6 +364,15 @@ class ResponseReader:
         return int(value)
 
 
+class AttemptTimeout(TimeoutError):
+    """
+    Internal: the time budget passed to `HTTPProvider.complete_within` ran out.
+
+    The executor turns it into its own `ProviderTimeoutError` (naming the per-attempt
+    timeout or the run's deadline); the cause is the aiohttp timeout error.
+    """
+
+
 # --------------------------------------------------------------------------- the base class
 
 
@@ -411,6 +423,7 @@ class HTTPProvider(Provider):
         self._bound: aiohttp.ClientSession | None = None
         self._own: aiohttp.ClientSession | None = None
         self._headers_cache: dict[str, str] | None = None
+        self._exact_cache: tuple[float, aiohttp.ClientTimeout] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, base_url={self.base_url!r})"
@@ -467,6 +480,47 @@ class HTTPProvider(Provider):
         Raises a `ProviderError` subclass for every failure (see the module table) and
         `ConfigurationError` when no session is open; cancellation propagates untouched.
         """
+        return await self._send(request, self._timeout, None)
+
+    async def complete_within(self, request: CompletionRequest, budget: float) -> Completion:
+        """
+        `complete`, with the whole request also bounded by ``budget`` seconds (> 0).
+
+        The budget and the provider's own timeout share aiohttp's one per-request timer
+        (no second timer), and the budget is kept exactly (aiohttp rounds long timeouts
+        up to a whole second; a budget is not rounded).  When the budget is not longer
+        than the provider's own total timeout and runs out, raises `AttemptTimeout` from
+        the aiohttp error; otherwise exactly what `complete` raises.  The executor calls
+        this for the per-attempt timeout and the run's deadline.
+        """
+        own = self._timeout
+        if own.total is not None and own.total < budget:
+            return await self._send(request, own, None)  # the provider's own timeout comes first
+        return await self._send(
+            request, self._exact_timeout(budget), asyncio.get_running_loop().time() + budget
+        )
+
+    def _exact_timeout(self, total: float) -> aiohttp.ClientTimeout:
+        cached = self._exact_cache
+        if cached is not None and cached[0] == total:
+            return cached[1]
+        own = self._timeout
+        timeout = aiohttp.ClientTimeout(
+            total=total,
+            connect=own.connect,
+            sock_read=own.sock_read,
+            sock_connect=own.sock_connect,
+            ceil_threshold=math.inf,
+        )
+        self._exact_cache = (total, timeout)
+        return timeout
+
+    async def _send(
+        self,
+        request: CompletionRequest,
+        client_timeout: aiohttp.ClientTimeout,
+        budget_ends: float | None,
+    ) -> Completion:
         model = request.model
         if self._secret is None:
             raise AuthenticationError(
@@ -481,12 +535,20 @@ class HTTPProvider(Provider):
         payload = json.dumps(self._payload(request), separators=(",", ":")).encode()
         try:
             async with session.post(
-                self._url, data=payload, headers=headers, timeout=self._timeout
+                self._url, data=payload, headers=headers, timeout=client_timeout
             ) as response:
                 status = response.status
                 body = await response.read()
                 response_headers = response.headers
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if (
+                budget_ends is not None
+                and isinstance(exc, TimeoutError)
+                and asyncio.get_running_loop().time() >= budget_ends - _TIMER_SLACK
+            ):
+                raise AttemptTimeout(
+                    f"{self.name}: the time budget ran out [model {model}]"
+                ) from exc
             raise error_from_transport(exc, provider=self.name, model=model) from exc
         if not 200 <= status < 300:
             raise error_from_response(
