@@ -64,6 +64,7 @@ from .scoring import (
     choose,
     evaluate,
     expected_cost,
+    judge,
     select,
     summarize,
     wilson_bounds,
@@ -1119,24 +1120,26 @@ class AdaptiveModelRouter:
         min_success_rate: float | None,
         strict_cost: bool,
     ) -> None:
-        # Memoize `evaluate` (success rate, latency, registry) and `expected_cost` for
-        # slot i.  Which cost branch applies depends only on whether input_tokens is
-        # given, not on its value, and the estimate is input_tokens * price + a term
-        # that does not depend on it: evaluated at 0 tokens, that term is exact.
-        model = ctx.models[i]
-        e = self._evaluate_summary(
-            model,
-            summary,
-            policy,
-            (),
-            input_tokens=input_tokens,
-            max_tokens=max_tokens,
-            max_cost=None,
-            max_latency_ms=max_latency_ms,
-            min_success_rate=min_success_rate,
-            strict_cost=strict_cost,
-        )
+        # Memoize `judge` (success rate, latency: what `evaluate` decides them with),
+        # the registry exclusion and `expected_cost` for slot i.  Which cost branch
+        # applies depends only on whether input_tokens is given, not on its value, and
+        # the estimate is input_tokens * price + a term that does not depend on it:
+        # evaluated at 0 tokens, that term is exact.
         facts = ctx.facts[i]
+        if facts is None:
+            code = 2  # not in the registry: excluded
+        else:
+            success, latency = judge(
+                summary,
+                min_success_rate=min_success_rate,
+                max_latency_ms=max_latency_ms,
+                latency_min_samples=float(policy.latency_min_samples),
+                reject_min_samples=policy.reject_min_samples,
+            )
+            code = max(
+                _STATUS_CODE[success] if success is not None else 0,
+                _STATUS_CODE[latency] if latency is not None else 0,
+            )
         input_price = facts.input_price if facts is not None else 0.0
         worst_out = max_tokens
         if strict_cost and worst_out is None and facts is not None:
@@ -1150,7 +1153,7 @@ class AdaptiveModelRouter:
             strict=strict_cost,
         )
         ctx.sums[i] = summary
-        ctx.codes[i] = _STATUS_CODE[e.status()]
+        ctx.codes[i] = code
         ctx.consts[i] = const
         ctx.slopes[i] = (
             input_price
