@@ -100,6 +100,7 @@ from .records import (
     RoutingDecision,
     Ticket,
     _trusted_call_record,
+    _trusted_constructor,
     utc_now,
 )
 from .registry import ModelInfo, ModelRegistry
@@ -436,6 +437,11 @@ class LLMResponse:
 
 _DEFAULT_CONTEXT = ExecutionContext()
 
+# LLMResponse and AttemptSummary have no validators or converters: the executor builds
+# them through the slots directly (same objects, about half the construction cost).
+_new_response = _trusted_constructor(LLMResponse)
+_new_summary = _trusted_constructor(AttemptSummary)
+
 
 def _to_messages(prompt: str | Sequence[Message]) -> tuple[Message, ...]:
     if isinstance(prompt, str):
@@ -522,6 +528,7 @@ class _Run:
 
     __slots__ = (
         "attempts",
+        "attempts_cost",
         "chain",
         "context",
         "decision",
@@ -547,6 +554,7 @@ class _Run:
         self.decision = decision
         self.request_id = os.urandom(16).hex()
         self.attempts: list[AttemptSummary] = []
+        self.attempts_cost = 0.0  # the answering attempt's cost, as its record has it
         self.errors: list[Exception] = []
         self.chain: list[str] = []
         self.task_type = task_type
@@ -1114,7 +1122,7 @@ class EmpathyLLMExecutor:
                 called, completion, overflow = await self._route(run, info, deadline_at)
                 called_routes += called
                 if completion is not None:
-                    return self._response(run, info, completion, start)
+                    return self._response(run, info, completion, start, run.attempts_cost)
                 if overflow:
                     min_context = info.context_window
                     if not any(
@@ -1140,16 +1148,16 @@ class EmpathyLLMExecutor:
         )
 
     def _response(
-        self, run: _Run, info: ModelInfo, completion: Completion, start: float
+        self, run: _Run, info: ModelInfo, completion: Completion, start: float, cost: float
     ) -> LLMResponse:
-        return LLMResponse(
+        return _new_response(
             content=completion.content,
             model=info.id,
             provider=info.provider,
             tier=info.tier,
             input_tokens=completion.input_tokens,
             output_tokens=completion.output_tokens,
-            cost_usd=info.cost(completion.input_tokens, completion.output_tokens),
+            cost_usd=cost,
             latency_ms=max(0.0, (self._clock() - start) * 1000.0),
             attempts=tuple(run.attempts),
             fallback_chain=tuple(run.chain),
@@ -1311,6 +1319,7 @@ class EmpathyLLMExecutor:
                         completion=completion,
                     )
                     run.attempts.append(self._summary(record, None))
+                    run.attempts_cost = record.cost_usd
                     await self._feedback(record, ticket, None, None)
                     return called, completion, False
             finally:
@@ -1354,7 +1363,7 @@ class EmpathyLLMExecutor:
     def _summary(
         record: LLMCallRecord, exc: BaseException | None, delay: float | None = None
     ) -> AttemptSummary:
-        return AttemptSummary(
+        return _new_summary(
             attempt=record.attempt,
             call_id=record.call_id,
             provider=record.provider,

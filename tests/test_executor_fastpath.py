@@ -13,11 +13,13 @@ from types import MappingProxyType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import attrs
 import pytest
 
 from empathy_models import (
     AllRoutesFailedError,
+    AttemptSummary,
     BreakerPolicy,
     CircuitBreaker,
     CircuitState,
@@ -27,6 +29,7 @@ from empathy_models import (
     ExecutionContext,
     FallbackPolicy,
     LLMCallRecord,
+    LLMResponse,
     MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
@@ -469,3 +472,35 @@ async def test_an_overridden_complete_is_called_by_the_executor() -> None:
             response = await executor.run("x", ExecutionContext(tier="cheap"))
     assert response.model == "gpt-fake-mini"
     assert CountingOpenAI.calls == 1
+
+
+# ------------------------------------------------------------------ responses and summaries
+
+
+@pytest.mark.parametrize("cls", [LLMResponse, AttemptSummary])
+def test_response_classes_built_through_their_slots_have_no_validators(cls: type) -> None:
+    """The executor skips their __init__; that is only the same object while this holds."""
+    for attribute in attrs.fields(cls):
+        assert attribute.validator is None, attribute.name
+        assert attribute.converter is None, attribute.name
+    assert not hasattr(cls, "__attrs_post_init__")
+
+
+async def test_responses_equal_their_publicly_constructed_copies() -> None:
+    provider = Scripted()
+    provider.queue = [ServerError("boom", status=500)]
+    async with EmpathyLLMExecutor(
+        [provider],
+        registry=REGISTRY,
+        telemetry_store=MemoryTelemetryBackend(),
+        retry=RetryPolicy(max_attempts=2, jitter=False),
+        sleep=lambda _: anyio.lowlevel.checkpoint(),
+    ) as executor:
+        response = await executor.run("x", ExecutionContext(tier="cheap"))
+    assert len(response.attempts) == 2
+    assert response.cost_usd == REGISTRY.cost("cheap-a", 40, 12) > 0
+    for item in (response, *response.attempts):
+        cls = type(item)
+        copy = cls(**{a.name: getattr(item, a.name) for a in attrs.fields(cls)})
+        assert copy == item
+        assert repr(copy) == repr(item)
