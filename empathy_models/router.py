@@ -383,24 +383,35 @@ class _Context:
     """
     Cached per-candidate verdicts of one (workflow, stage, candidate list).
 
-    Slot ``i`` holds what the decision needs of candidate ``i`` for the summary it was
-    computed from (``sums[i]``) and the constraint settings ``limits``: the worst status
-    of its success-rate and latency constraints (0 eligible, 1 unproven, 2 rejected or
-    not in the registry) and its cost as ``input_tokens * slopes[i] + consts[i]``
-    (``slopes[i]`` None: the cost is ``consts[i]``, None when there is no estimate).
-    A slot whose arm's summary changed is recomputed with `evaluate` and
-    `expected_cost`, so the cache is only a memo of those two functions.
+    Slot ``i`` holds, for the summary ``sums[i]`` of candidate ``i``'s arm and the
+    constraint settings ``limits``, ``slots[i] = (slope, const, code)``: its cost for
+    this call is ``input_tokens * slope + const`` (``slope`` None: ``const``, itself
+    None when there is no estimate) and ``code`` is the worst status of its
+    success-rate and latency constraints (0 eligible, 1 unproven, 2 rejected or not in
+    the registry).  Slots are recomputed with `judge` and `expected_cost` when their
+    arm's summary changes, so the cache is only a memo of those functions.
+
+    Which arms may have changed comes from the router's change log (``log_pos``: how
+    far this context has read it); every ``sums[i].computed_at`` lies in ``[lo, hi]``,
+    so while ``now`` stays within the summaries' time tolerance of both no summary can
+    have aged out without the log saying so.
     """
 
-    epoch: int
+    arms_epoch: int
     models: tuple[str, ...]
     arms: list[_Arm | None]
     facts: list[_ModelFacts | None]
+    index: dict[int, list[int]]  # id(arm) -> slots that arm backs
     limits: tuple[Any, ...] | None = None
-    sums: list[ArmSummary | None] = attrs.Factory(list)
-    codes: list[int] = attrs.Factory(list)
-    slopes: list[float | None] = attrs.Factory(list)
-    consts: list[float | None] = attrs.Factory(list)
+    sums: list[ArmSummary] = attrs.Factory(list)
+    slots: list[tuple[float | None, float | None, int]] = attrs.Factory(list)
+    log_epoch: int = -1
+    log_pos: int = 0
+    lo: float = math.inf
+    hi: float = -math.inf
+
+
+_LOG_LIMIT: Final = 4096
 
 
 # --------------------------------------------------------------------------- router
@@ -485,6 +496,9 @@ class AdaptiveModelRouter:
         self._store: TelemetryBackend | None = None if self._null_store else store
         self._arms: dict[tuple[str, str, str], _Arm] = {}
         self._arms_epoch = 0  # bumped whenever an arm is added to _arms
+        # arms whose summary went stale or was replaced, in order (see _Context)
+        self._log: list[_Arm] = []
+        self._log_epoch = 0  # bumped when the log is cleared: every context rescans
         self._contexts: dict[tuple[str, str, tuple[str, ...]], _Context] = {}
         self._fast = True  # False: every decision takes the reference path (tests)
         self._rings: dict[tuple[str, str | None], deque[tuple[str, ModelTier | None, bool]]] = {}
@@ -630,6 +644,8 @@ class AdaptiveModelRouter:
                 self._arms[key] = _Arm(base=base, live=ArmAccumulator(t=cutoff))
             if bases:
                 self._arms_epoch += 1
+            self._log.clear()
+            self._log_epoch += 1
             self._cutoff = cutoff
             self.last_refresh = cutoff
             logger.debug("router refreshed %d arms from %r", len(perfs), store)
@@ -726,7 +742,16 @@ class AdaptiveModelRouter:
                 half_life=half_life,
                 count_half_life=count_half_life,
             )
-        arm.dirty = True
+        if not arm.dirty:  # a dirty arm is in the log already, after every reader's position
+            arm.dirty = True
+            self._note_change(arm)
+
+    def _note_change(self, arm: _Arm) -> None:
+        log = self._log
+        log.append(arm)
+        if len(log) > _LOG_LIMIT:
+            log.clear()
+            self._log_epoch += 1
 
     def _ring(self, workflow: str, stage: str | None) -> deque[tuple[str, ModelTier | None, bool]]:
         ring = self._rings.get((workflow, stage))
@@ -788,6 +813,7 @@ class AdaptiveModelRouter:
                 reject_z=self.policy.reject_z,
             )
             arm.dirty = False
+            self._note_change(arm)
         return cached
 
     def _default_candidates(self) -> list[str]:
@@ -1081,10 +1107,8 @@ class AdaptiveModelRouter:
             return None
         epoch = self._arms_epoch
         if ctx is not None:
-            if ctx.epoch != epoch:  # an arm was added since: look the arms up again
-                arms = self._arms
-                ctx.arms = [arms.get((wf, st, m)) for m in ctx.models]
-                ctx.epoch = epoch
+            if ctx.arms_epoch != epoch:  # an arm was added since: look the arms up again
+                self._bind_arms(ctx, wf, st)
             return ctx
         models: list[str] = []
         seen: set[str] = set()
@@ -1095,17 +1119,62 @@ class AdaptiveModelRouter:
                 return None
             seen.add(model)
             models.append(model)
-        arms = self._arms
         ctx = _Context(
-            epoch=epoch,
+            arms_epoch=epoch,
             models=tuple(models),
-            arms=[arms.get((wf, st, m)) for m in models],
+            arms=[],
             facts=[self._model_facts(m) for m in models],
+            index={},
         )
+        self._bind_arms(ctx, wf, st)
         if len(self._contexts) >= _MAX_CONTEXTS:
             self._contexts.clear()
         self._contexts[key] = ctx
         return ctx
+
+    def _bind_arms(self, ctx: _Context, wf: str, st: str) -> None:
+        arms = self._arms
+        ctx.arms = [arms.get((wf, st, m)) for m in ctx.models]
+        ctx.index = {}
+        for i, arm in enumerate(ctx.arms):
+            if arm is not None:
+                ctx.index.setdefault(id(arm), []).append(i)
+        ctx.arms_epoch = self._arms_epoch
+        ctx.log_epoch = -1  # rescan every slot
+
+    def _rescan(
+        self,
+        ctx: _Context,
+        limits: tuple[Any, ...],
+        now: float,
+        input_tokens: int | None,
+        max_tokens: int | None,
+        strict_cost: bool,
+    ) -> None:
+        # Check every slot (new limits, a refresh, a cleared log, or summaries that may
+        # have aged past their time tolerance), recomputing those whose summary changed.
+        policy = self.policy
+        n = len(ctx.models)
+        if ctx.limits != limits:
+            ctx.limits = limits
+            ctx.sums = [self._empty] * n
+            ctx.slots = [(None, None, 0)] * n
+            stale = True
+        else:
+            stale = False
+        ctx.log_epoch = self._log_epoch
+        ctx.log_pos = len(self._log)
+        lo, hi = math.inf, -math.inf
+        for i, arm in enumerate(ctx.arms):
+            s = self._summary(arm, now)
+            if stale or s is not ctx.sums[i]:
+                self._fill(ctx, i, s, policy, input_tokens, max_tokens, strict_cost)
+            if arm is not None:
+                lo = min(lo, s.computed_at)
+                hi = max(hi, s.computed_at)
+        # _summary may have logged arms it recomputed: this context has seen them
+        ctx.log_pos = len(self._log)
+        ctx.lo, ctx.hi = lo, hi
 
     def _fill(
         self,
@@ -1113,11 +1182,8 @@ class AdaptiveModelRouter:
         i: int,
         summary: ArmSummary,
         policy: RoutingPolicy,
-        *,
         input_tokens: int | None,
         max_tokens: int | None,
-        max_latency_ms: float | None,
-        min_success_rate: float | None,
         strict_cost: bool,
     ) -> None:
         # Memoize `judge` (success rate, latency: what `evaluate` decides them with),
@@ -1125,6 +1191,8 @@ class AdaptiveModelRouter:
         # applies depends only on whether input_tokens is given, not on its value, and
         # the estimate is input_tokens * price + a term that does not depend on it:
         # evaluated at 0 tokens, that term is exact.
+        assert ctx.limits is not None
+        _, min_success_rate, max_latency_ms = ctx.limits[:3]
         facts = ctx.facts[i]
         if facts is None:
             code = 2  # not in the registry: excluded
@@ -1153,13 +1221,12 @@ class AdaptiveModelRouter:
             strict=strict_cost,
         )
         ctx.sums[i] = summary
-        ctx.codes[i] = code
-        ctx.consts[i] = const
-        ctx.slopes[i] = (
+        slope = (
             input_price
             if input_tokens is not None and basis in ("estimate", "worst_case")
             else None
         )
+        ctx.slots[i] = (slope, const, code)
 
     def _decide_fast(
         self,
@@ -1198,54 +1265,43 @@ class AdaptiveModelRouter:
             max_tokens,
             input_tokens is None,
         )
-        n = len(ctx.models)
-        if ctx.limits != limits:
-            ctx.limits = limits
-            ctx.sums = [None] * n
-            ctx.codes = [0] * n
-            ctx.slopes = [None] * n
-            ctx.consts = [None] * n
         half_life = policy.half_life_s
         drift = half_life / 256.0 if half_life is not None else math.inf
-        empty = self._empty
-        cached = ctx.sums
-        codes = ctx.codes
-        slopes = ctx.slopes
-        consts = ctx.consts
+        log = self._log
+        if (
+            ctx.limits != limits
+            or ctx.log_epoch != self._log_epoch
+            or now - ctx.lo > drift
+            or ctx.hi - now > drift
+        ):
+            self._rescan(ctx, limits, now, input_tokens, max_tokens, strict_cost)
+        elif ctx.log_pos != len(log):
+            backing = ctx.index
+            cached = ctx.sums
+            for arm in log[ctx.log_pos :]:
+                for i in backing.get(id(arm), ()):
+                    s = self._summary(arm, now)
+                    if s is not cached[i]:
+                        self._fill(ctx, i, s, policy, input_tokens, max_tokens, strict_cost)
+                        t = s.computed_at
+                        if t < ctx.lo:
+                            ctx.lo = t
+                        if t > ctx.hi:
+                            ctx.hi = t
+            ctx.log_pos = len(log)
         models = ctx.models
-        blocked = unavailable_set if unavailable_set else None
-        sums: list[ArmSummary] = []
+        n = len(models)
+        sums = ctx.sums[:]  # this decision's summaries (the lazy candidates read them)
         costs: list[float | None] = []
         eligible: list[int] = []
         explorable: list[int] = []
-        for i, arm in enumerate(ctx.arms):
-            if arm is None:
-                s = empty
-            else:
-                s = arm.summary  # type: ignore[assignment]
-                if s is None or arm.dirty or abs(now - s.computed_at) > drift:
-                    s = self._summary(arm, now)
-            if s is not cached[i]:
-                self._fill(
-                    ctx,
-                    i,
-                    s,
-                    policy,
-                    input_tokens=input_tokens,
-                    max_tokens=max_tokens,
-                    max_latency_ms=max_latency_ms,
-                    min_success_rate=min_success_rate,
-                    strict_cost=strict_cost,
-                )
-            sums.append(s)
-            cost = consts[i]
-            slope = slopes[i]
+        blocked = unavailable_set if unavailable_set else None
+        for i, (slope, cost, code) in enumerate(ctx.slots):
             if slope is not None:
                 cost = input_tokens * slope + cost  # type: ignore[operator]
             costs.append(cost)
-            code = codes[i]
             if blocked is not None and models[i] in blocked:
-                code = 2
+                continue  # circuit open: excluded
             # with max_cost, an unproven cost is not explorable and one over it rejects
             if code < 2 and (max_cost is None or (cost is not None and cost <= max_cost)):
                 (explorable if code else eligible).append(i)
