@@ -165,9 +165,14 @@ async def bench_http(repeats: int, total: int) -> dict[str, Any]:
                     await _batch(bare, 100, concurrency)
                     await _batch(ours, 100, concurrency)
                     times: dict[str, list[float]] = {"bare": [], "ours": []}
-                    for _ in range(repeats):
-                        times["bare"].append(await _batch(bare, n, concurrency) / n * 1e6)
-                        times["ours"].append(await _batch(ours, n, concurrency) / n * 1e6)
+                    sides = {"bare": bare, "ours": ours}
+                    for repeat in range(repeats):
+                        # alternate which side goes first, so drift (GC state, telemetry
+                        # growing, other load) does not always land on the same side
+                        order = ("bare", "ours") if repeat % 2 == 0 else ("ours", "bare")
+                        for side in order:
+                            seconds = await _batch(sides[side], n, concurrency)
+                            times[side].append(seconds / n * 1e6)
                     out[f"bare aiohttp POST, concurrency {concurrency}"] = summarize(times["bare"])
                     out[f"empathy-models run() over HTTP, concurrency {concurrency}"] = summarize(
                         times["ours"]
@@ -216,7 +221,9 @@ async def run(quick: bool = False) -> BenchResult:
     )
     result.notes.append(
         "HTTP figures are wall time divided by calls (repeats' median); the server is "
-        "FakeLLMServer in the same process, so both sides share the one event loop."
+        "FakeLLMServer in the same process, so both sides share the one event loop. "
+        "Both sides use one aiohttp session (connector limit 100) and send the same "
+        "messages and max_tokens; which side runs first alternates between repeats."
     )
     result.data = {"in_process": in_proc, "litellm": peers, "http": http}
     return result
