@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import Any, ClassVar, Final, Self, TypeVar
 
@@ -376,6 +377,8 @@ _STATUS_CODE: Final = {
     ConstraintStatus.REJECTED: 2,
 }
 _MAX_CONTEXTS: Final = 1024
+_NO_MODELS: Final[frozenset[str]] = frozenset()
+_INF: Final = math.inf
 
 
 @define(slots=True, eq=False)
@@ -816,8 +819,8 @@ class AdaptiveModelRouter:
             self._note_change(arm)
         return cached
 
-    def _default_candidates(self) -> list[str]:
-        return [m.id for m in self.registry]
+    def _default_candidates(self) -> tuple[str, ...]:
+        return tuple(m.id for m in self.registry)
 
     def get_best_model(
         self,
@@ -862,10 +865,17 @@ class AdaptiveModelRouter:
         """
         if not isinstance(workflow, str):
             raise ConfigurationError(f"workflow must be a string, got {workflow!r}")
-        max_cost = _opt_number("max_cost", max_cost)
-        max_latency_ms = _opt_number("max_latency_ms", max_latency_ms, positive=True)
+        # exact float types in range skip the full checks (which also convert ints)
+        if max_cost is not None and (type(max_cost) is not float or not 0.0 <= max_cost < _INF):
+            max_cost = _opt_number("max_cost", max_cost)
+        if max_latency_ms is not None and (
+            type(max_latency_ms) is not float or not 0.0 < max_latency_ms < _INF
+        ):
+            max_latency_ms = _opt_number("max_latency_ms", max_latency_ms, positive=True)
         if min_success_rate is None:
             min_success_rate = self.policy.default_min_success_rate
+        elif type(min_success_rate) is float and 0.0 <= min_success_rate <= 1.0:
+            pass
         elif (
             isinstance(min_success_rate, bool)
             or not isinstance(min_success_rate, int | float)
@@ -874,8 +884,10 @@ class AdaptiveModelRouter:
             raise ConfigurationError(
                 f"min_success_rate must be a number in [0, 1], got {min_success_rate!r}"
             )
-        input_tokens = _opt_int("input_tokens", input_tokens)
-        max_tokens = _opt_int("max_tokens", max_tokens)
+        if input_tokens is not None and (type(input_tokens) is not int or input_tokens < 0):
+            input_tokens = _opt_int("input_tokens", input_tokens)
+        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 0):
+            max_tokens = _opt_int("max_tokens", max_tokens)
         if not isinstance(on_no_match, str) or not on_no_match:
             raise ConfigurationError(
                 f"on_no_match must be 'raise', 'relax' or a model id, got {on_no_match!r}"
@@ -890,7 +902,7 @@ class AdaptiveModelRouter:
                 "process"
             )
 
-        names = self._default_candidates() if candidates is None else list(candidates)
+        names = self._default_candidates() if candidates is None else tuple(candidates)
         if isinstance(candidates, str):
             raise ConfigurationError("candidates must be a sequence of model ids, not a string")
         if not names:
@@ -902,9 +914,11 @@ class AdaptiveModelRouter:
             )
 
         now = self._clock()
-        unavailable_set = (
-            unavailable if isinstance(unavailable, set | frozenset) else set(unavailable)
-        )
+        unavailable_set: Collection[str]
+        if isinstance(unavailable, set | frozenset):
+            unavailable_set = unavailable
+        else:
+            unavailable_set = set(unavailable) if unavailable else _NO_MODELS
         if self._fast:
             decision = self._decide_fast(
                 workflow,
@@ -1342,34 +1356,29 @@ class AdaptiveModelRouter:
         _set_max_latency(decision, max_latency_ms)
         _set_min_success(decision, min_success_rate)
         _set_strict_cost(decision, strict_cost)
-        blocked_now = (
-            frozenset()
+        blocked_now: frozenset[str] = (
+            _NO_MODELS
             if blocked is None
             else blocked
             if isinstance(blocked, frozenset)
             else frozenset(blocked)
         )
-
-        def candidates() -> tuple[CandidateEvaluation, ...]:
-            return tuple(
-                self._candidate(
-                    self._evaluate_summary(
-                        m,
-                        summary,
-                        policy,
-                        blocked_now,
-                        input_tokens=input_tokens,
-                        max_tokens=max_tokens,
-                        max_cost=max_cost,
-                        max_latency_ms=max_latency_ms,
-                        min_success_rate=min_success_rate,
-                        strict_cost=strict_cost,
-                    )
-                )
-                for m, summary in zip(models, sums, strict=True)
-            )
-
-        _set_thunk(decision, candidates)
+        _set_thunk(
+            decision,
+            partial(
+                self._materialize,
+                models,
+                sums,
+                policy,
+                blocked_now,
+                input_tokens,
+                max_tokens,
+                max_cost,
+                max_latency_ms,
+                min_success_rate,
+                strict_cost,
+            ),
+        )
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "routing %s/%s -> %s (%s; exploration=%s; constraints_met=%s; "
@@ -1384,6 +1393,38 @@ class AdaptiveModelRouter:
                 n,
             )
         return decision
+
+    def _materialize(
+        self,
+        models: Sequence[str],
+        sums: Sequence[ArmSummary],
+        policy: RoutingPolicy,
+        blocked: frozenset[str],
+        input_tokens: int | None,
+        max_tokens: int | None,
+        max_cost: float | None,
+        max_latency_ms: float | None,
+        min_success_rate: float | None,
+        strict_cost: bool,
+    ) -> tuple[CandidateEvaluation, ...]:
+        # a fast decision's candidates, evaluated as the reference path evaluates them
+        return tuple(
+            self._candidate(
+                self._evaluate_summary(
+                    model,
+                    summary,
+                    policy,
+                    blocked,
+                    input_tokens=input_tokens,
+                    max_tokens=max_tokens,
+                    max_cost=max_cost,
+                    max_latency_ms=max_latency_ms,
+                    min_success_rate=min_success_rate,
+                    strict_cost=strict_cost,
+                )
+            )
+            for model, summary in zip(models, sums, strict=True)
+        )
 
     def _choose(self, evals: Sequence[Evaluation], active: Sequence[str]) -> Pick | None:
         p = self.policy

@@ -112,14 +112,22 @@ def wilson_bounds(successes: float, n: float, z: float = 1.96) -> tuple[float, f
     """
     if n <= 0.0:
         return (0.0, 1.0)
-    p = min(1.0, max(0.0, successes / n))
+    # min/max spelled as comparisons (same results, NaN included): this runs twice for
+    # every summary the router computes
+    p = successes / n
+    p = p if p > 0.0 else 0.0
+    p = p if p < 1.0 else 1.0
     z2 = z * z
     denom = 1.0 + z2 / n
     centre = p + z2 / (2.0 * n)
     margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
     # clamp: rounding must never put the observed rate outside its own interval
-    lower = min(p, max(0.0, (centre - margin) / denom))
-    upper = max(p, min(1.0, (centre + margin) / denom))
+    lower = (centre - margin) / denom
+    lower = lower if lower > 0.0 else 0.0
+    lower = lower if lower < p else p
+    upper = (centre + margin) / denom
+    upper = upper if upper < 1.0 else 1.0
+    upper = upper if upper > p else p
     return (lower, upper)
 
 
@@ -348,10 +356,16 @@ def summarize(
     """
     count = 0
     s = f = lat_w = lat_m1 = lat_m2 = tok_w = in_sum = out_sum = cost_sum = 0.0
-    later = sum(acc.count for acc in parts)
+    later = 0
+    for acc in parts:
+        later += acc.count
     for acc in parts:
         later -= acc.count
-        k = _factor(now - acc.t, half_life) * _count_factor(later, count_half_life)
+        # _factor(now - acc.t, half_life) * _count_factor(later, count_half_life), inlined
+        dt = now - acc.t
+        k = 1.0 if half_life is None or dt <= 0.0 else math.exp(-_LN2 * dt / half_life)
+        if count_half_life is not None and later > 0:
+            k *= math.exp(-_LN2 * later / count_half_life)
         count += acc.count
         s += k * acc.s
         f += k * acc.f
