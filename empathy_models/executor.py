@@ -655,7 +655,7 @@ class EmpathyLLMExecutor:
         self._within = {
             # only where `complete` is HTTPProvider's own: a subclass's override is honoured
             name: (
-                p.complete_within
+                p._complete_within
                 if isinstance(p, HTTPProvider) and type(p).complete is HTTPProvider.complete
                 else None
             )

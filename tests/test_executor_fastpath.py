@@ -454,10 +454,10 @@ async def test_complete_within_raises_attempt_timeout_only_for_its_own_budget() 
             api_key="sk-test", base_url=server.openai_base_url, timeout=0.05
         ) as provider:
             with pytest.raises(AttemptTimeout) as budget_ran_out:
-                await provider.complete_within(request, 0.02)
+                await provider._complete_within(request, 0.02)
             with pytest.raises(ProviderTimeoutError) as own_ran_out:
-                await provider.complete_within(request, 10.0)
-            answer = await provider.complete_within(request, 10.0)
+                await provider._complete_within(request, 10.0)
+            answer = await provider._complete_within(request, 10.0)
     assert isinstance(budget_ran_out.value.__cause__, TimeoutError)
     assert not isinstance(own_ran_out.value, AttemptTimeout)
     assert answer.model == "gpt-fake-mini"

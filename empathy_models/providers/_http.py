@@ -369,7 +369,7 @@ class ResponseReader:
 
 class AttemptTimeout(TimeoutError):
     """
-    Internal: the time budget passed to `HTTPProvider.complete_within` ran out.
+    Internal: the time budget passed to `HTTPProvider._complete_within` ran out.
 
     The executor turns it into its own `ProviderTimeoutError` (naming the per-attempt
     timeout or the run's deadline); the cause is the aiohttp timeout error.
@@ -485,7 +485,7 @@ class HTTPProvider(Provider):
         """
         return await self._send(request, self._timeout, None)
 
-    async def complete_within(self, request: CompletionRequest, budget: float) -> Completion:
+    async def _complete_within(self, request: CompletionRequest, budget: float) -> Completion:
         """
         `complete`, with the whole request also bounded by ``budget`` seconds (> 0).
 
