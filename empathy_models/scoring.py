@@ -67,12 +67,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
-from typing import Final, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, Literal, TypeVar
 
+import attrs
 from attrs import define, frozen
 
-from .records import ConstraintStatus, ModelPerformance, _trusted_constructor
+from .records import ConstraintStatus, ModelPerformance
 
 __all__ = [
     "COST",
@@ -98,6 +99,7 @@ LATENCY: Final = "max_latency_ms"
 COST: Final = "max_cost"
 
 Objective = Literal["cheapest", "most_reliable"]
+_A = TypeVar("_A", bound=attrs.AttrsInstance)
 
 _P95_Z: Final = 1.6448536269514722  # standard normal quantile of 0.95
 _LN2: Final = math.log(2.0)
@@ -393,28 +395,45 @@ def summarize(
             p95_hi = math.exp(q + z * se)
     tiny = 1e-12
     return _new_summary(
-        computed_at=now,
-        sample_size=count,
-        effective_n=n,
-        successes=s,
-        success_rate=(s / n) if n > tiny else None,
-        lower=lower,
-        upper=upper,
-        reject_upper=reject_upper,
-        latency_n=lat_w,
-        p50=p50,
-        p95=p95,
-        p95_lower=p95_lo,
-        p95_upper=p95_hi,
-        mean_input_tokens=(in_sum / tok_w) if tok_w > tiny else None,
-        mean_output_tokens=(out_sum / tok_w) if tok_w > tiny else None,
-        mean_cost=(cost_sum / n) if n > tiny else None,
+        now,
+        count,
+        n,
+        s,
+        (s / n) if n > tiny else None,
+        lower,
+        upper,
+        reject_upper,
+        lat_w,
+        p50,
+        p95,
+        p95_lo,
+        p95_hi,
+        (in_sum / tok_w) if tok_w > tiny else None,
+        (out_sum / tok_w) if tok_w > tiny else None,
+        (cost_sum / n) if n > tiny else None,
     )
+
+
+def _positional_constructor(cls: type[_A]) -> Callable[..., _A]:
+    # Like records._trusted_constructor, with the fields as positional parameters in
+    # declaration order and the slot setters bound as defaults (fast locals).
+    names = [a.name for a in attrs.fields(cls)]
+    setters = ", ".join(f"_s_{n}=_cls.__dict__[{n!r}].__set__" for n in names)
+    lines = [f"def build({', '.join(names)}, *, _new=object.__new__, _cls=_cls, {setters}):"]
+    lines.append("    self = _new(_cls)")
+    lines.extend(f"    _s_{n}(self, {n})" for n in names)
+    lines.append("    return self")
+    namespace: dict[str, object] = {"_cls": cls}
+    exec(
+        compile("\n".join(lines), f"<positional constructor of {cls.__name__}>", "exec"), namespace
+    )
+    build: Callable[..., _A] = namespace["build"]  # type: ignore[assignment]
+    return build
 
 
 # every value summarize passes is a float, int or None of the field's type: it skips
 # attrs' frozen __init__ (~3 us for 16 fields), which summarize would pay per arm change
-_new_summary = _trusted_constructor(ArmSummary)
+_new_summary = _positional_constructor(ArmSummary)
 
 
 # --------------------------------------------------------------------------- evaluation

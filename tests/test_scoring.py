@@ -7,6 +7,7 @@ import random
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -464,3 +465,43 @@ def test_merge_equals_feeding_everything_to_one_accumulator() -> None:
     assert got.sample_size == want.sample_size == 60
     assert got.effective_n == pytest.approx(want.effective_n)
     assert got.successes == pytest.approx(want.successes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),
+            st.floats(0.0, 10_000.0),
+            st.integers(0, 5_000),
+            st.floats(0.0, 1.0),
+        ),
+        max_size=30,
+    ),
+    st.sampled_from([None, 600.0, 86_400.0]),
+    st.sampled_from([None, 20.0, 500.0]),
+)
+def test_summarize_builds_the_summary_the_public_constructor_builds(
+    calls: list[tuple[bool, float, int, float]],
+    half_life: float | None,
+    count_half_life: float | None,
+) -> None:
+    # summarize skips attrs' __init__ for speed; the object must be indistinguishable
+    acc = ArmAccumulator(t=1_000.0)
+    for i, (ok, latency, tokens, cost) in enumerate(calls):
+        acc.add(
+            at=1_000.0 + i,
+            success=ok,
+            latency_ms=latency,
+            input_tokens=tokens,
+            output_tokens=tokens // 2,
+            cost_usd=cost,
+            half_life=half_life,
+            count_half_life=count_half_life,
+        )
+    got = summarize((acc,), now=1_100.0, half_life=half_life, count_half_life=count_half_life)
+    assert type(got) is ArmSummary
+    rebuilt = ArmSummary(**attrs.asdict(got))
+    assert got == rebuilt and repr(got) == repr(rebuilt) and hash(got) == hash(rebuilt)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        got.p50 = 1.0  # type: ignore[misc]
