@@ -50,6 +50,7 @@ from .records import (
     LLMCallRecord,
     ModelPerformance,
     ModelTier,
+    Outcome,
     RoutingDecision,
 )
 from .registry import ModelRegistry
@@ -62,6 +63,7 @@ from .scoring import (
     Evaluation,
     Objective,
     Pick,
+    _add_outcome,
     choose,
     evaluate,
     expected_cost,
@@ -253,6 +255,8 @@ class _ModelFacts:
     output_price: float
     max_output_tokens: int
 
+
+_Ring = deque[tuple[str, ModelTier | None, bool]]
 
 _NOT_IN_REGISTRY: Final = "not in the model registry"
 _CIRCUIT_OPEN: Final = "circuit open"
@@ -505,6 +509,8 @@ class AdaptiveModelRouter:
         self._contexts: dict[tuple[str, str, tuple[str, ...]], _Context] = {}
         self._fast = True  # False: every decision takes the reference path (tests)
         self._rings: dict[tuple[str, str | None], deque[tuple[str, ModelTier | None, bool]]] = {}
+        # (workflow, stage) -> (its ring, its workflow's ring); cleared when rings are replaced
+        self._ring_pairs: dict[tuple[str, str], tuple[_Ring, _Ring]] = {}
         self._facts: dict[str, _ModelFacts | None] = {}
         self._cutoff: float | None = None
         self._pending_cutoff: float | None = None
@@ -690,6 +696,7 @@ class AdaptiveModelRouter:
             ring = deque(items, maxlen=size)
             ring.extend(self._ring(workflow, stage))
             self._rings[(workflow, stage)] = ring
+            self._ring_pairs.clear()
         self._ring_cutoff = now
 
     # ------------------------------------------------------------------ learning
@@ -704,32 +711,50 @@ class AdaptiveModelRouter:
         The observation's weight ages from the router's ``clock`` at the time of the
         report.
         """
-        if not record.outcome.is_sample:
+        outcome = record.outcome
+        if not outcome.is_sample:
             return
         ts = record.timestamp.timestamp()
+        workflow = record.workflow or ""
+        stage = record.stage or ""
+        model = record.model
         if self._ring_cutoff is None or ts >= self._ring_cutoff:
-            self._ring_append(record)
+            tier = record.tier
+            if tier is None:
+                facts = self._model_facts(model)
+                tier = facts.tier if facts is not None else None
+            item = (model, tier, outcome.is_failure)
+            rings = self._ring_pairs.get((workflow, stage))
+            if rings is None:
+                rings = self._ring_pairs[(workflow, stage)] = (
+                    self._ring(workflow, stage),
+                    self._ring(workflow, None),
+                )
+            rings[0].append(item)
+            rings[1].append(item)
         if self._cutoff is not None and ts < self._cutoff:
             return
-        key = (record.workflow or "", record.stage or "", record.model)
+        key = (workflow, stage, model)
         arm = self._arms.get(key)
         if arm is None:
             arm = self._arms[key] = _Arm(base=None, live=ArmAccumulator(t=self._clock()))
             self._arms_epoch += 1
-        success = record.success
-        half_life = self.policy.half_life_s
-        count_half_life = self.policy.half_life_calls
+        success = outcome is Outcome.SUCCESS
+        policy = self.policy
+        half_life = policy.half_life_s
+        count_half_life = policy.half_life_calls
         # weights age on the router's clock from the moment the outcome is reported
         now = self._clock()
-        arm.live.add(
-            at=now,
-            success=success,
-            latency_ms=record.latency_ms,
-            input_tokens=record.input_tokens,
-            output_tokens=record.output_tokens,
-            cost_usd=record.cost_usd,
-            half_life=half_life,
-            count_half_life=count_half_life,
+        _add_outcome(
+            arm.live,
+            now,
+            success,
+            record.latency_ms,
+            record.input_tokens,
+            record.output_tokens,
+            record.cost_usd,
+            half_life,
+            count_half_life,
         )
         pending = self._pending_cutoff
         if pending is not None and ts >= pending:
@@ -768,12 +793,6 @@ class AdaptiveModelRouter:
             facts = self._model_facts(record.model)
             tier = facts.tier if facts is not None else None
         return (record.model, tier, record.outcome.is_failure)
-
-    def _ring_append(self, record: LLMCallRecord) -> None:
-        item = self._ring_item(record)
-        workflow = record.workflow or ""
-        self._ring(workflow, record.stage or "").append(item)
-        self._ring(workflow, None).append(item)
 
     # ------------------------------------------------------------------ deciding
 

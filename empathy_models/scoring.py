@@ -191,6 +191,17 @@ class ArmAccumulator:
         self.out_sum *= k
         self.cost_sum *= k
 
+    def _scale_twice(self, k: float, c: float) -> None:
+        self.s = self.s * k * c
+        self.f = self.f * k * c
+        self.lat_w = self.lat_w * k * c
+        self.lat_m1 = self.lat_m1 * k * c
+        self.lat_m2 = self.lat_m2 * k * c
+        self.tok_w = self.tok_w * k * c
+        self.in_sum = self.in_sum * k * c
+        self.out_sum = self.out_sum * k * c
+        self.cost_sum = self.cost_sum * k * c
+
     def add(
         self,
         *,
@@ -210,26 +221,17 @@ class ArmAccumulator:
         (a late report) enters with the weight it would have now.  With a
         ``count_half_life`` the weight of everything already held shrinks first.
         """
-        if at > self.t:
-            self.decay_to(at, half_life)
-            w = 1.0
-        else:
-            w = _factor(self.t - at, half_life)
-        if count_half_life is not None:
-            self._scale(_count_factor(1, count_half_life))
-        self.count += 1
-        self.cost_sum += w * cost_usd
-        if not success:
-            self.f += w
-            return
-        self.s += w
-        x = math.log(max(latency_ms, _MIN_LATENCY_MS))
-        self.lat_w += w
-        self.lat_m1 += w * x
-        self.lat_m2 += w * x * x
-        self.tok_w += w
-        self.in_sum += w * input_tokens
-        self.out_sum += w * output_tokens
+        _add_outcome(
+            self,
+            at,
+            success,
+            latency_ms,
+            input_tokens,
+            output_tokens,
+            cost_usd,
+            half_life,
+            count_half_life,
+        )
 
     @classmethod
     def from_performance(
@@ -272,6 +274,51 @@ class ArmAccumulator:
                 acc.lat_m1 = acc.lat_w * mu
                 acc.lat_m2 = acc.lat_w * (sigma * sigma + mu * mu)
         return acc
+
+
+def _add_outcome(
+    acc: ArmAccumulator,
+    at: float,
+    success: bool,
+    latency_ms: float,
+    input_tokens: int,
+    output_tokens: int,
+    cost_usd: float,
+    half_life: float | None,
+    count_half_life: float | None,
+) -> None:
+    # ArmAccumulator.add with positional arguments (the router calls it per outcome).
+    # The time decay (decay_to) and the count decay are applied in one pass as
+    # x * k * c, which is (x * k) * c: the same floats as scaling twice.
+    k = 1.0
+    t = acc.t
+    if at > t:
+        acc.t = at
+        k = _factor(at - t, half_life)
+        w = 1.0
+    else:
+        w = _factor(t - at, half_life)
+    if count_half_life is not None:
+        c = _count_factor(1, count_half_life)
+        if k != 1.0:
+            acc._scale_twice(k, c)
+        else:
+            acc._scale(c)
+    elif k != 1.0:
+        acc._scale(k)
+    acc.count += 1
+    acc.cost_sum += w * cost_usd
+    if not success:
+        acc.f += w
+        return
+    acc.s += w
+    x = math.log(max(latency_ms, _MIN_LATENCY_MS))
+    acc.lat_w += w
+    acc.lat_m1 += w * x
+    acc.lat_m2 += w * x * x
+    acc.tok_w += w
+    acc.in_sum += w * input_tokens
+    acc.out_sum += w * output_tokens
 
 
 def _lump_weight(perf: ModelPerformance, *, now: float, half_life: float | None) -> float:
