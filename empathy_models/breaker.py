@@ -464,7 +464,10 @@ class CircuitBreaker(AsyncResource):
         while True:
             await self._sleep(self._flush_interval)
             try:
-                await self._flush_all()
+                # shielded: a batch already taken from memory must reach the store even
+                # when aclose cancels the flusher meanwhile (bounded, like report's shield)
+                with anyio.move_on_after(_REPORT_SHIELD_SECONDS, shield=True):
+                    await self._flush_all()
             except Exception:  # never let the flusher take the breaker down
                 logger.exception("circuit breaker: flushing written-behind successes failed")
 

@@ -9,18 +9,23 @@ counted in the new state, cancellation counts nothing, and a closed breaker refu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import anyio
 import pytest
+from anyio import wait_all_tasks_blocked
 
 from empathy_models import (
     BackendClosedError,
     BreakerPolicy,
     CircuitBreaker,
+    CircuitBreakerState,
     CircuitOpenError,
     CircuitState,
     ConfigurationError,
     InvalidRequestError,
     MemoryStateStore,
+    OutcomeReport,
     ServerError,
 )
 from empathy_models.testing.clock import FakeClock
@@ -216,3 +221,54 @@ async def test_flush_interval_is_checked_on_the_fast_path(clock: FakeClock) -> N
         clock.advance(0.5)
         await call()  # admitted at the deadline: flushes the batch, itself included
         assert (await store.snapshot(KEY)).window_calls == 4
+
+
+# ------------------------------------------------------------------------ write-behind durability
+
+
+class _GatedStore(MemoryStateStore):
+    """A shared store whose `record` can be held open, like a slow network store."""
+
+    shared = True
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.hold = False
+        self.entered = anyio.Event()
+        self.gate = anyio.Event()
+
+    async def record(
+        self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
+    ) -> CircuitBreakerState:
+        if self.hold:
+            self.entered.set()
+            await self.gate.wait()
+        return await super().record(key, policy, reports)
+
+
+async def test_closing_while_the_flusher_writes_keeps_its_batch(clock: FakeClock) -> None:
+    store = _GatedStore(clock)
+    send, receive = anyio.create_memory_object_stream[None](1)
+
+    async def sleep(_: float) -> None:
+        await receive.receive()  # the flusher wakes when the test says so
+
+    breaker = CircuitBreaker(store, POLICY, clock=clock, sleep=sleep)
+    async with send, receive, anyio.create_task_group() as tg:
+        await breaker.__aenter__()
+        for _ in range(3):
+            async with breaker.guard(KEY):
+                pass
+        store.hold = True
+        await send.send(None)
+        await store.entered.wait()  # the flusher took the batch and is writing it
+
+        async def release_when_closing() -> None:
+            await wait_all_tasks_blocked()  # aclose is waiting for the flusher
+            store.gate.set()
+
+        tg.start_soon(release_when_closing)
+        await breaker.aclose()
+    # the batch the flusher had taken was written, not dropped by the cancellation
+    assert (await store.snapshot(KEY)).window_calls == 3
+    await store.aclose()
