@@ -112,8 +112,8 @@ async def bench_litellm(repeats: int, inner: int) -> tuple[dict[str, Any], str |
     }, None
 
 
-async def _batch(fn: Any, total: int, concurrency: int) -> float:
-    """Run ``total`` calls with ``concurrency`` in flight; return seconds."""
+async def _batch(fn: Any, total: int, concurrency: int) -> tuple[float, float]:
+    """Run ``total`` calls with ``concurrency`` in flight; return (wall, CPU) seconds."""
     sem = asyncio.Semaphore(concurrency)
 
     async def one() -> None:
@@ -121,8 +121,9 @@ async def _batch(fn: Any, total: int, concurrency: int) -> float:
             await fn()
 
     t0 = time.perf_counter()
+    c0 = time.process_time()
     await asyncio.gather(*(one() for _ in range(total)))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 async def bench_http(repeats: int, total: int) -> dict[str, Any]:
@@ -165,17 +166,25 @@ async def bench_http(repeats: int, total: int) -> dict[str, Any]:
                     await _batch(bare, 100, concurrency)
                     await _batch(ours, 100, concurrency)
                     times: dict[str, list[float]] = {"bare": [], "ours": []}
+                    cpu: dict[str, list[float]] = {"bare": [], "ours": []}
                     sides = {"bare": bare, "ours": ours}
                     for repeat in range(repeats):
                         # alternate which side goes first, so drift (GC state, telemetry
                         # growing, other load) does not always land on the same side
                         order = ("bare", "ours") if repeat % 2 == 0 else ("ours", "bare")
                         for side in order:
-                            seconds = await _batch(sides[side], n, concurrency)
+                            seconds, cpu_seconds = await _batch(sides[side], n, concurrency)
                             times[side].append(seconds / n * 1e6)
+                            cpu[side].append(cpu_seconds / n * 1e6)
                     out[f"bare aiohttp POST, concurrency {concurrency}"] = summarize(times["bare"])
                     out[f"empathy-models run() over HTTP, concurrency {concurrency}"] = summarize(
                         times["ours"]
+                    )
+                    out[f"CPU: bare aiohttp POST, concurrency {concurrency}"] = summarize(
+                        cpu["bare"]
+                    )
+                    out[f"CPU: empathy-models run() over HTTP, concurrency {concurrency}"] = (
+                        summarize(cpu["ours"])
                     )
     return out
 
@@ -224,6 +233,19 @@ async def run(quick: bool = False) -> BenchResult:
         "FakeLLMServer in the same process, so both sides share the one event loop. "
         "Both sides use one aiohttp session (connector limit 100) and send the same "
         "messages and max_tokens; which side runs first alternates between repeats."
+    )
+    cpu_parts = []
+    for concurrency in (1, 64):
+        bare_cpu = http[f"CPU: bare aiohttp POST, concurrency {concurrency}"]["median"]
+        ours_cpu = http[f"CPU: empathy-models run() over HTTP, concurrency {concurrency}"]["median"]
+        cpu_parts.append(
+            f"concurrency {concurrency}: {ours_cpu:.0f} vs {bare_cpu:.0f} µs "
+            f"({ours_cpu / bare_cpu:.2f}x)"
+        )
+    result.notes.append(
+        "CPU time per call over HTTP (process time; client and server both run in this "
+        "process, so this is all the work, and it moves less than wall time when other "
+        "processes share the machine): " + "; ".join(cpu_parts) + "."
     )
     result.data = {"in_process": in_proc, "litellm": peers, "http": http}
     return result
