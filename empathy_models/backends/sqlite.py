@@ -9,10 +9,23 @@ open it at once.  Options may be given as keyword arguments or in the query stri
 
 How it is built:
 
-* One connection per backend, driven by one dedicated (daemon) thread; every operation
-  is one job on that thread, so a transaction never spans an ``await`` and a cancelled
-  caller cannot leave it half done (a job that has started runs to its end; one still
-  queued when its caller is cancelled is skipped).
+* One `aiosqlite` connection per backend, opened by the first operation (no thread
+  exists before that) and closed by ``aclose()``.  Its worker thread is not a daemon:
+  **close every backend you use** (``async with`` does), or the interpreter waits for
+  that thread at exit.  aiosqlite runs each statement as one job, in order, on that
+  thread; an `asyncio.Lock` is held from an operation's first statement to its last, so
+  the operations of one backend never interleave on the connection.
+* Transactions and cancellation: each attempt of a transaction (``BEGIN IMMEDIATE``,
+  its statements, ``COMMIT``) runs inside ``anyio.CancelScope(shield=True)``, so anyio
+  cancellation (cancel scopes, ``fail_after``, task groups) waits for it to end, which
+  takes at most ``busy_timeout`` waiting for the write lock plus a few statements, and
+  is delivered after.  asyncio-native cancellation (``Task.cancel``,
+  ``asyncio.timeout``) is not stopped by anyio shields: it interrupts the ``await`` of
+  a statement that still runs on the thread, and a rollback is queued right behind it
+  before the lock is released.  Either way the transaction ends, committed whole or not
+  at all, before the next operation's first statement, and the connection is never
+  left inside an open transaction.  A cancelled read leaves nothing behind.  Waiting
+  for the lock and the backoff between busy retries are cancellable at once.
 * The file is created with mode 0600 before SQLite opens it (SQLite gives the ``-wal``
   and ``-shm`` files the same mode).  WAL journal, ``synchronous=NORMAL`` (a committed
   transaction survives a crash of the process, not necessarily a power cut), a busy
@@ -41,22 +54,23 @@ one breaker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
 import os
-import queue
 import random
 import sqlite3
 import stat
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, Final, TypeAlias, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+import aiosqlite
+import anyio
+import anyio.to_thread
 
 from .._stats import check_aware, check_window
 from ..abc import TelemetryBackend, TransactionalStateStore
@@ -382,28 +396,43 @@ class _Busy(Exception):
     """The database stayed locked for longer than ``lock_timeout``."""
 
 
-def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:  # the transaction may already be gone
-            logger.debug("rollback failed", exc_info=True)
+async def _fetchone(
+    conn: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()
+) -> sqlite3.Row | None:
+    """The first row of a query's result, or None (one hop to the connection's thread)."""
+    return next(iter(await conn.execute_fetchall(sql, params)), None)
 
 
-_STOP: Final = object()
+async def _nothing(conn: aiosqlite.Connection) -> None:
+    """An operation that only opens the connection."""
 
-_Job: TypeAlias = tuple["asyncio.Future[Any] | None", Callable[[], Any], bool]
-"""(future to settle, function to run on the thread, skip if the future is cancelled)"""
+
+async def _rollback(conn: aiosqlite.Connection) -> None:
+    """
+    Queue a rollback behind every statement already sent on ``conn`` and await it.
+
+    ``Connection.rollback`` does nothing outside a transaction, so this is safe after
+    any failure.  The rollback is queued before the first suspension: if this await
+    is itself cancelled, the rollback still runs on the connection's thread before
+    any statement sent later.
+    """
+    try:
+        await conn.rollback()
+    except (sqlite3.Error, ValueError):  # the transaction or the connection is gone
+        logger.debug("rollback failed", exc_info=True)
 
 
 class _Database:
     """
-    One SQLite connection driven by one daemon thread.
+    One aiosqlite connection, opened on first use, and the rules for using it.
 
-    `run` queues ``job(conn)`` on the thread and awaits its result; jobs run one at a
-    time in submission order.  The connection is opened (file created 0600, PRAGMAs,
-    migrations) by the first job.  Native errors are mapped to ``error`` (a
+    `run` holds an `asyncio.Lock` from an operation's first statement to its last, so
+    the operations of one backend never interleave on the connection.  The connection
+    is opened (file created 0600, PRAGMAs, migrations) by the first operation; no
+    thread exists before that.  Native errors are mapped to ``error`` (a
     `BackendError` subclass) naming the path; other exceptions pass through.
+
+    Cancellation: see `_attempt`.  A transaction is never left open on the connection.
     """
 
     def __init__(
@@ -419,42 +448,12 @@ class _Database:
         self.busy_timeout = busy_timeout
         self.lock_timeout = lock_timeout
         self.busy_retries = 0
-        self._conn: sqlite3.Connection | None = None
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._stopped = False
+        self._conn: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._stopped = False  # close() was called: no new operations
+        self._finished = False  # close() is done (or gave up): no connection again
 
-    # ------------------------------------------------------------------ thread side
-
-    def _serve(self) -> None:
-        while True:
-            future, fn, skippable = self._jobs.get()
-            if skippable and future is not None and future.cancelled():
-                continue  # the caller gave up before the job started: skip it
-            try:
-                result = fn()
-            except BaseException as exc:
-                if future is not None:
-                    self._deliver(future, None, exc)
-                continue
-            if future is not None:
-                self._deliver(future, result, None)
-            if result is _STOP:
-                return
-
-    @staticmethod
-    def _deliver(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-        def settle() -> None:
-            if future.done():
-                return
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-
-        # RuntimeError: the event loop is closed; nobody is waiting any more
-        with contextlib.suppress(RuntimeError):
-            future.get_loop().call_soon_threadsafe(settle)
+    # ------------------------------------------------------------------ errors
 
     def _fail(self, message: str, exc: BaseException | None = None) -> BackendError:
         err = self.error(f"SQLite database {self.path}: {message}", target=self.path)
@@ -485,40 +484,67 @@ class _Database:
             return self._fail(f"a value does not fit in SQLite ({exc})", exc)
         if isinstance(exc, OSError):
             return self._fail(f"{exc.strerror or exc}", exc)
+        if isinstance(exc, ValueError) and self._stopped:
+            # aiosqlite's "Connection closed": aclose() stopped the connection meanwhile
+            return self._fail("the connection is closed", exc)
         return exc
 
-    def retrying(self, fn: Callable[[], T]) -> T:
-        """Call ``fn`` (on the thread), retrying with backoff while the file is busy."""
+    # ------------------------------------------------------------------ building blocks
+
+    async def retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Await ``attempt()``, retrying with jittered backoff while the file is busy."""
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.002
         while True:
             try:
-                return fn()
+                return await attempt()
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc):
                     raise
-                if self._conn is not None:
-                    _rollback(self._conn)
                 if time.monotonic() >= deadline:
                     raise _Busy() from exc
                 self.busy_retries += 1
-                time.sleep(delay * random.uniform(0.5, 1.5))
+                # outside any shield: a caller may be cancelled between attempts
+                await anyio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2.0, 0.25)
 
-    def transaction(self, conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
+    async def transaction(
+        self,
+        conn: aiosqlite.Connection,
+        body: Callable[[aiosqlite.Connection], Awaitable[T]],
+    ) -> T:
         """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction, retrying while busy."""
+        return await self.retrying(partial(self._attempt, conn, body))
 
-        def attempt() -> T:
-            conn.execute("BEGIN IMMEDIATE")
+    @staticmethod
+    async def _attempt(
+        conn: aiosqlite.Connection,
+        body: Callable[[aiosqlite.Connection], Awaitable[T]],
+    ) -> T:
+        """
+        ``BEGIN IMMEDIATE``; ``body``; ``COMMIT``, or a rollback on any exception.
+
+        Shielded from anyio cancellation (cancel scopes, ``fail_after``, task groups):
+        a cancelled caller waits for the attempt to end (at most ``busy_timeout``
+        waiting for the write lock, plus a few statements) and is cancelled after.
+        asyncio-native cancellation (``Task.cancel``, ``asyncio.timeout``) goes through
+        anyio shields; it then lands in the ``except`` below with the interrupted
+        statement still queued on the connection's thread.  `_rollback` is queued
+        behind it, before the lock is released, so the transaction ends (committed if
+        COMMIT had been sent, else rolled back) before the next operation's first
+        statement runs.
+        """
+        with anyio.CancelScope(shield=True):
             try:
-                result = body(conn)
-                conn.execute("COMMIT")
+                await conn.execute("BEGIN IMMEDIATE")
+                result = await body(conn)
+                await conn.execute("COMMIT")
             except BaseException:
-                _rollback(conn)
+                await _rollback(conn)
                 raise
-            return result
+        return result
 
-        return self.retrying(attempt)
+    # ------------------------------------------------------------------ opening
 
     def _prepare_file(self) -> None:
         path = self.path
@@ -546,26 +572,27 @@ class _Database:
             # root can write anyway; honour the file's read-only mode all the same
             raise self._fail(f"the file is read-only (mode {stat.S_IMODE(st.st_mode):04o})")
 
-    def _open(self) -> sqlite3.Connection:
+    async def _open(self) -> aiosqlite.Connection:
         if self.path != MEMORY:
-            self._prepare_file()
-        conn = sqlite3.connect(
-            self.path,
-            timeout=self.busy_timeout,
-            isolation_level=None,
-            check_same_thread=False,
-        )
+            # on a worker thread: the event loop never waits on the file system
+            await anyio.to_thread.run_sync(self._prepare_file)
+        conn = aiosqlite.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         try:
-            self._conn = conn
-            self.retrying(partial(self._setup, conn))
+            # Not shielded: a cancelled open is simply discarded.  The migration is a
+            # shielded transaction of its own; PRAGMAs are idempotent.
+            await conn  # starts the connection's thread (stopped again if this fails)
+            await self.retrying(partial(self._setup, conn))
+            if self._finished:  # close() gave up waiting for this open
+                raise self._fail("the connection is closed")
         except BaseException:
-            self._conn = None
-            conn.close()
+            await self._discard(conn)
             raise
+        self._conn = conn
         return conn
 
-    def _setup(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    async def _setup(self, conn: aiosqlite.Connection) -> None:
+        row = await _fetchone(conn, "PRAGMA user_version")
+        version = 0 if row is None else int(row[0])
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"SQLite database {self.path} has schema version {version}, newer than the "
@@ -574,16 +601,17 @@ class _Database:
                 target=self.path,
             )
         if self.path != MEMORY:
-            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-            if str(mode).lower() != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            row = await _fetchone(conn, "PRAGMA journal_mode")
+            if row is None or str(row[0]).lower() != "wal":
+                await conn.execute_fetchall("PRAGMA journal_mode=WAL")
+            await conn.execute("PRAGMA synchronous=NORMAL")
         if version < SCHEMA_VERSION:
-            self.transaction(conn, self._migrate)
+            await self.transaction(conn, self._migrate)
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
         # re-read under the write lock: another process may have migrated meanwhile
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        row = await _fetchone(conn, "PRAGMA user_version")
+        version = 0 if row is None else int(row[0])
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"SQLite database {self.path} has schema version {version}, newer than "
@@ -592,57 +620,65 @@ class _Database:
             )
         for target in range(version + 1, SCHEMA_VERSION + 1):
             for statement in _MIGRATIONS[target - 1]:
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {target:d}")
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {target:d}")
 
-    def _call(self, job: Callable[[sqlite3.Connection], T]) -> T:
+    @staticmethod
+    async def _discard(conn: aiosqlite.Connection) -> None:
+        """Close ``conn`` and stop its thread, even when the caller is being cancelled."""
+        with anyio.CancelScope(shield=True):
+            try:
+                await conn.close()  # a no-op if it never opened (it stopped itself)
+            except sqlite3.Error:
+                logger.warning("closing a SQLite connection failed", exc_info=True)
+
+    # ------------------------------------------------------------------ public
+
+    async def run(self, op: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        """
+        Await ``op(conn)`` holding the connection's lock (opening it first if needed).
+
+        Operations wait for one another in arrival order; an operation begun before
+        `close` still runs, one begun after raises ``error`` ("the connection is
+        closed").  Native errors are mapped to ``error``.
+        """
+        if self._stopped:
+            raise self._fail("the connection is closed")
         try:
-            conn = self._conn if self._conn is not None else self._open()
-            return job(conn)
+            async with self._lock:
+                conn = self._conn
+                if conn is None:
+                    if self._finished:
+                        raise self._fail("the connection is closed")
+                    conn = await self._open()
+                return await op(conn)
         except Exception as exc:
             mapped = self._map(exc)
             if mapped is exc:
                 raise
             raise mapped from exc
 
-    def _close(self) -> object:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except sqlite3.Error:
-                logger.warning("closing %s failed", self.path, exc_info=True)
-        return _STOP
-
-    # ------------------------------------------------------------------ loop side
-
-    async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``job(conn)`` on the connection's thread and return its result."""
-        if self._stopped:
-            raise self._fail("the connection is closed")
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._serve,
-                name=f"empathy-models sqlite {os.path.basename(self.path)}",
-                daemon=True,
-            )
-            self._thread.start()
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put((future, partial(self._call, job), True))
-        return await future
-
     async def close(self) -> None:
-        """Finish queued jobs, close the connection and stop the thread."""
+        """Let the operation in progress finish, close the connection, stop its thread."""
         if self._stopped:
             return
         self._stopped = True
-        if self._thread is None:
-            return
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        # queued synchronously and never skipped: even if this await is cancelled, the
-        # thread finishes the jobs before it, closes the connection and stops
-        self._jobs.put((future, self._close, False))
-        await future
+        try:
+            with anyio.CancelScope(shield=True):
+                async with self._lock:
+                    self._finished = True
+                    conn, self._conn = self._conn, None
+                    if conn is not None:
+                        await self._discard(conn)
+        finally:
+            # cancelled (asyncio-natively) while waiting for the lock: stop the thread
+            # anyway.  stop() queues the close behind the statements already sent;
+            # SQLite rolls back a transaction still open, later statements fail as
+            # "the connection is closed".
+            self._finished = True
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.stop()
 
 
 def _check_seconds(name: str, value: object) -> float:
@@ -688,7 +724,8 @@ class SQLiteTelemetryBackend(TelemetryBackend):
 
     ``busy_timeout`` is how long SQLite waits for another writer; ``lock_timeout`` how
     long an operation keeps retrying in total before `TelemetryError`.  Safe to use
-    from several tasks at once; operations run one at a time on the backend's thread.
+    from several tasks of one event loop at once; operations run one at a time on the
+    backend's connection (see the module docstring for cancellation).
     """
 
     def __init__(
@@ -757,7 +794,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         return self._db.busy_retries
 
     async def _aopen(self) -> None:
-        await self._db.run(lambda conn: None)
+        await self._db.run(_nothing)
         if self._batcher is not None:
             self._batcher.start()
 
@@ -767,11 +804,11 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         if not records:
             return
 
-        def job(conn: sqlite3.Connection) -> None:
-            rows = [_to_row(r) for r in records]
-            self._db.transaction(conn, lambda c: c.executemany(_INSERT_CALL, rows))
+        async def body(conn: aiosqlite.Connection) -> None:
+            # the rows are built lazily, on the connection's thread, inside executemany
+            await conn.executemany(_INSERT_CALL, map(_to_row, records))
 
-        await self._db.run(job)
+        await self._db.run(partial(self._db.transaction, body=body))
 
     async def record(self, record: LLMCallRecord) -> None:
         """Store one record (queued when batching)."""
@@ -838,8 +875,8 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         params.update(p50=0.50, p95=0.95)
         sql = _aggregate_sql(where, per_stage)
 
-        def job(conn: sqlite3.Connection) -> list[Any]:
-            return self._db.retrying(lambda: conn.execute(sql, params).fetchall())
+        async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
+            return await self._db.retrying(partial(conn.execute_fetchall, sql, params))
 
         rows = await self._db.run(job)
         out: list[ModelPerformance] = []
@@ -889,11 +926,10 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         params["limit"] = limit
         sql = f"{_SELECT_CALLS} WHERE 1{where} ORDER BY ts_us DESC, id DESC LIMIT :limit"
 
-        def job(conn: sqlite3.Connection) -> list[LLMCallRecord]:
-            rows = self._db.retrying(lambda: conn.execute(sql, params).fetchall())
-            return [_from_row(row) for row in rows]
+        async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
+            return await self._db.retrying(partial(conn.execute_fetchall, sql, params))
 
-        return await self._db.run(job)
+        return [_from_row(row) for row in await self._db.run(job)]
 
     async def purge(self, *, before: datetime) -> int:
         """Delete records older than ``before`` in one transaction; return how many."""
@@ -902,13 +938,11 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         await self.flush()
         cutoff = _to_us(before)
 
-        def job(conn: sqlite3.Connection) -> int:
-            return self._db.transaction(
-                conn,
-                lambda c: c.execute("DELETE FROM llm_calls WHERE ts_us < ?", (cutoff,)).rowcount,
-            )
+        async def body(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute("DELETE FROM llm_calls WHERE ts_us < ?", (cutoff,))
+            return cursor.rowcount
 
-        return await self._db.run(job)
+        return await self._db.run(partial(self._db.transaction, body=body))
 
     async def _aclose(self) -> None:
         try:
@@ -980,7 +1014,7 @@ class SQLiteStateStore(TransactionalStateStore):
         return self._db.busy_retries
 
     async def _aopen(self) -> None:
-        await self._db.run(lambda conn: None)
+        await self._db.run(_nothing)
 
     @staticmethod
     def _decode(data: str) -> CircuitBreakerState:
@@ -994,26 +1028,26 @@ class SQLiteStateStore(TransactionalStateStore):
         db = self._db
         clock = self._clock
 
-        def body(conn: sqlite3.Connection) -> T:
-            row = conn.execute(_SELECT_STATE, (key,)).fetchone()
+        async def body(conn: aiosqlite.Connection) -> T:
+            row = await _fetchone(conn, _SELECT_STATE, (key,))
             current = None if row is None else self._decode(row[0])
-            new, result = fn(current, clock())
+            new, result = fn(current, clock())  # now: read with the write lock held
             if new is not None and new is not current:
                 data = _json(to_dict(new))
                 now = new.updated_at_ts if new.updated_at_ts is not None else time.time()
                 if row is None:
-                    conn.execute(
+                    await conn.execute(
                         "INSERT INTO circuit_state (key, generation, state, data, updated_at) "
                         "VALUES (?, ?, ?, ?, ?)",
                         (key, new.generation, new.state.value, data, now),
                     )
                 else:
-                    cur = conn.execute(
+                    cursor = await conn.execute(
                         "UPDATE circuit_state SET generation = ?, state = ?, data = ?, "
                         "updated_at = ? WHERE key = ? AND generation = ?",
                         (new.generation, new.state.value, data, now, key, row[1]),
                     )
-                    if cur.rowcount != 1:  # cannot happen under the write lock
+                    if cursor.rowcount != 1:  # cannot happen under the write lock
                         raise StateStoreError(
                             f"SQLite database {db.path}: the state of {key!r} changed "
                             "during a transaction",
@@ -1021,47 +1055,44 @@ class SQLiteStateStore(TransactionalStateStore):
                         )
             return result
 
-        def job(conn: sqlite3.Connection) -> T:
+        async def job(conn: aiosqlite.Connection) -> T:
             # Optimistic first pass without the write lock (a WAL read never waits for
             # writers): when the machine changes nothing (an admit while CLOSED, or a
             # rejection while OPEN) the answer is consistent with the state as read, so
             # it is returned as is.  Otherwise the step runs again from a fresh read
             # inside BEGIN IMMEDIATE, which is what makes it atomic.
-            row = db.retrying(lambda: conn.execute(_SELECT_STATE, (key,)).fetchone())
+            row = await db.retrying(partial(_fetchone, conn, _SELECT_STATE, (key,)))
             current = None if row is None else self._decode(row[0])
             new, result = fn(current, clock())
             if new is None or new is current:
                 return result
-            return db.transaction(conn, body)
+            return await db.transaction(conn, body)
 
         return await db.run(job)
 
     async def _load(self, key: str) -> CircuitBreakerState | None:
-        def job(conn: sqlite3.Connection) -> CircuitBreakerState | None:
-            row = self._db.retrying(
-                lambda: conn.execute(
-                    "SELECT data FROM circuit_state WHERE key = ?", (key,)
-                ).fetchone()
+        async def job(conn: aiosqlite.Connection) -> sqlite3.Row | None:
+            return await self._db.retrying(
+                partial(_fetchone, conn, "SELECT data FROM circuit_state WHERE key = ?", (key,))
             )
-            return None if row is None else self._decode(row[0])
 
-        return await self._db.run(job)
+        row = await self._db.run(job)
+        return None if row is None else self._decode(row[0])
 
     async def _load_all(self) -> list[CircuitBreakerState]:
-        def job(conn: sqlite3.Connection) -> list[CircuitBreakerState]:
-            rows = self._db.retrying(
-                lambda: conn.execute("SELECT data FROM circuit_state ORDER BY key").fetchall()
+        async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
+            return await self._db.retrying(
+                partial(conn.execute_fetchall, "SELECT data FROM circuit_state ORDER BY key")
             )
-            return [self._decode(row[0]) for row in rows]
 
-        return await self._db.run(job)
+        return [self._decode(row[0]) for row in await self._db.run(job)]
 
     async def _clear(self, key: str | None) -> None:
-        def body(conn: sqlite3.Connection) -> None:
+        async def body(conn: aiosqlite.Connection) -> None:
             if key is None:
-                conn.execute("DELETE FROM circuit_state")
+                await conn.execute("DELETE FROM circuit_state")
             else:
-                conn.execute("DELETE FROM circuit_state WHERE key = ?", (key,))
+                await conn.execute("DELETE FROM circuit_state WHERE key = ?", (key,))
 
         await self._db.run(partial(self._db.transaction, body=body))
 

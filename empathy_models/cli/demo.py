@@ -327,9 +327,9 @@ async def run_demo(
         AsyncExitStack() as stack,
         FakeLLMServer(behaviors, api_key=_API_KEY, seed=seed) as server,
         telemetry_from_url(db_url) as telemetry,
-        CircuitBreaker(
-            store=state_store_from_url(db_url), policy=policy, listeners=[on_event]
-        ) as breaker,
+        # entered here so that it is closed (after the breaker) however the demo ends
+        state_store_from_url(db_url) as store,
+        CircuitBreaker(store=store, policy=policy, listeners=[on_event]) as breaker,
     ):
         router = AdaptiveModelRouter(
             registry=registry,
