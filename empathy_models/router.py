@@ -64,6 +64,7 @@ from .scoring import (
     Objective,
     Pick,
     _add_outcome,
+    _positional_constructor,
     choose,
     evaluate,
     expected_cost,
@@ -334,8 +335,7 @@ def _trusted(
 _CANDIDATE_FIELDS: Final = _field_defaults(CandidateEvaluation)
 _DECISION_FIELDS: Final = _field_defaults(RoutingDecision)
 
-_DECISION_SETTERS: Final = {name: setter for setter, name, _, _ in _DECISION_FIELDS}
-if set(_DECISION_SETTERS) != {
+if tuple(f.name for f in attrs.fields(RoutingDecision)) != (
     "model",
     "provider",
     "tier",
@@ -354,26 +354,11 @@ if set(_DECISION_SETTERS) != {
     "min_success_rate",
     "strict_cost",
     "_candidates_thunk",
-}:  # pragma: no cover - guards _fast_decision against a field added to RoutingDecision
-    raise TypeError("RoutingDecision's fields changed: update router._fast_decision")
-_set_model: Final = _DECISION_SETTERS["model"]
-_set_provider: Final = _DECISION_SETTERS["provider"]
-_set_tier: Final = _DECISION_SETTERS["tier"]
-_set_workflow: Final = _DECISION_SETTERS["workflow"]
-_set_stage: Final = _DECISION_SETTERS["stage"]
-_set_constraints_met: Final = _DECISION_SETTERS["constraints_met"]
-_set_reason: Final = _DECISION_SETTERS["reason"]
-_set_exploration: Final = _DECISION_SETTERS["exploration"]
-_set_relaxed: Final = _DECISION_SETTERS["relaxed"]
-_set_policy_applied: Final = _DECISION_SETTERS["policy_applied"]
-_set_decided_at: Final = _DECISION_SETTERS["decided_at"]
-_set_expected_cost: Final = _DECISION_SETTERS["expected_cost_usd"]
-_set_max_cost: Final = _DECISION_SETTERS["max_cost"]
-_set_max_latency: Final = _DECISION_SETTERS["max_latency_ms"]
-_set_min_success: Final = _DECISION_SETTERS["min_success_rate"]
-_set_strict_cost: Final = _DECISION_SETTERS["strict_cost"]
-_set_thunk: Final = _DECISION_SETTERS["_candidates_thunk"]
-_new: Final = object.__new__
+):  # pragma: no cover - guards _fast_decision's argument order against field changes
+    raise TypeError("RoutingDecision's fields changed: update router._decide_fast")
+# every field but candidates, positionally in the order above (candidates is left unset
+# and built on first read through _candidates_thunk)
+_fast_decision: Final = _positional_constructor(RoutingDecision, skip=("candidates",))
 
 _STATUS_CODE: Final = {
     ConstraintStatus.ELIGIBLE: 0,
@@ -1329,6 +1314,7 @@ class AdaptiveModelRouter:
         eligible: list[int] = []
         explorable: list[int] = []
         blocked = unavailable_set if unavailable_set else None
+        cheapest = _INF  # the lowest cost among the eligible (inf: missing), for select
         for i, (slope, cost, code) in enumerate(ctx.slots):
             if slope is not None:
                 cost = input_tokens * slope + cost  # type: ignore[operator]
@@ -1337,7 +1323,12 @@ class AdaptiveModelRouter:
                 continue  # circuit open: excluded
             # with max_cost, an unproven cost is not explorable and one over it rejects
             if code < 2 and (max_cost is None or (cost is not None and cost <= max_cost)):
-                (explorable if code else eligible).append(i)
+                if code:
+                    explorable.append(i)
+                else:
+                    eligible.append(i)
+                    if cost is not None and cost < cheapest:
+                        cheapest = cost
         picked = select(
             eligible,
             explorable,
@@ -1351,30 +1342,13 @@ class AdaptiveModelRouter:
             prior_alpha=policy.prior_alpha,
             prior_beta=policy.prior_beta,
             inconclusive_n=policy.inconclusive_n,
+            cheapest=cheapest,
         )
         if picked is None:
             return None
         index, exploration, why = picked
         model = models[index]
         facts = ctx.facts[index]
-        decision: RoutingDecision = _new(RoutingDecision)
-        _set_model(decision, model)
-        _set_provider(decision, facts.provider if facts is not None else None)
-        _set_tier(decision, facts.tier if facts is not None else None)
-        _set_workflow(decision, workflow)
-        _set_stage(decision, stage)
-        # an exploitation pick is eligible on every constraint, an exploration one is not
-        _set_constraints_met(decision, not exploration)
-        _set_reason(decision, why)
-        _set_exploration(decision, exploration)
-        _set_relaxed(decision, ())
-        _set_policy_applied(decision, None)
-        _set_decided_at(decision, datetime.fromtimestamp(now, UTC))
-        _set_expected_cost(decision, costs[index])
-        _set_max_cost(decision, max_cost)
-        _set_max_latency(decision, max_latency_ms)
-        _set_min_success(decision, min_success_rate)
-        _set_strict_cost(decision, strict_cost)
         blocked_now: frozenset[str] = (
             _NO_MODELS
             if blocked is None
@@ -1382,8 +1356,23 @@ class AdaptiveModelRouter:
             if isinstance(blocked, frozenset)
             else frozenset(blocked)
         )
-        _set_thunk(
-            decision,
+        decision = _fast_decision(
+            model,
+            facts.provider if facts is not None else None,
+            facts.tier if facts is not None else None,
+            workflow,
+            stage,
+            not exploration,  # an exploitation pick is eligible on every constraint
+            why,
+            exploration,
+            (),
+            None,
+            datetime.fromtimestamp(now, UTC),
+            costs[index],
+            max_cost,
+            max_latency_ms,
+            min_success_rate,
+            strict_cost,
             partial(
                 self._materialize,
                 models,

@@ -461,10 +461,12 @@ def summarize(
     )
 
 
-def _positional_constructor(cls: type[_A]) -> Callable[..., _A]:
+def _positional_constructor(cls: type[_A], skip: tuple[str, ...] = ()) -> Callable[..., _A]:
     # Like records._trusted_constructor, with the fields as positional parameters in
-    # declaration order and the slot setters bound as defaults (fast locals).
-    names = [a.name for a in attrs.fields(cls)]
+    # declaration order and the slot setters bound as defaults (fast locals).  Fields
+    # in ``skip`` are left unset (reading one raises AttributeError, or reaches the
+    # class's __getattr__).
+    names = [a.name for a in attrs.fields(cls) if a.name not in skip]
     setters = ", ".join(f"_s_{n}=_cls.__dict__[{n!r}].__set__" for n in names)
     lines = [f"def build({', '.join(names)}, *, _new=object.__new__, _cls=_cls, {setters}):"]
     lines.append("    self = _new(_cls)")
@@ -793,6 +795,7 @@ def select(
     latency_weight: float = 0.01,
     cost_weight: float = 0.01,
     inconclusive_n: float = 400.0,
+    cheapest: float | None = None,
 ) -> tuple[int, bool, str] | None:
     """
     `choose` on pre-classified arms: the selection rules, over parallel sequences.
@@ -801,6 +804,8 @@ def select(
     ``summaries`` and ``models``.  Returns ``(index, exploration, why)``, or ``None``
     when both are empty (without drawing from ``rng``).  `choose` classifies
     `Evaluation` objects and calls this, so both make the same pick with the same draws.
+    ``cheapest``, when given, must be the lowest cost among ``eligible`` (``inf`` for
+    a missing cost): a caller that classified the arms already knows it.
     """
     exploit = (
         _exploit(
@@ -808,12 +813,13 @@ def select(
             costs,
             summaries,
             rng,
-            objective=objective,
-            cost_tie_tolerance=cost_tie_tolerance,
-            prior_alpha=prior_alpha,
-            prior_beta=prior_beta,
-            latency_weight=latency_weight,
-            cost_weight=cost_weight,
+            objective,
+            cost_tie_tolerance,
+            prior_alpha,
+            prior_beta,
+            latency_weight,
+            cost_weight,
+            cheapest,
         )
         if eligible
         else None
@@ -863,18 +869,19 @@ def _exploit(
     costs: Sequence[float | None],
     summaries: Sequence[ArmSummary],
     rng: random.Random,
-    *,
     objective: Objective,
     cost_tie_tolerance: float,
     prior_alpha: float,
     prior_beta: float,
     latency_weight: float,
     cost_weight: float,
+    cheapest: float | None,
 ) -> tuple[int, bool, str]:
     if len(eligible) == 1:
         return (eligible[0], False, "the only eligible model")
     if objective == "cheapest":
-        cheapest = min([math.inf if (c := costs[i]) is None else c for i in eligible])
+        if cheapest is None:
+            cheapest = min([math.inf if (c := costs[i]) is None else c for i in eligible])
         if math.isinf(cheapest):
             group = list(eligible)
         else:
