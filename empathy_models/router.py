@@ -64,12 +64,13 @@ from .scoring import (
     Objective,
     Pick,
     _add_outcome,
+    _expected_cost,
+    _judge,
     _positional_constructor,
+    _select,
+    _summarize,
     choose,
     evaluate,
-    expected_cost,
-    judge,
-    select,
     summarize,
     wilson_bounds,
 )
@@ -811,13 +812,9 @@ class AdaptiveModelRouter:
             or (half_life is not None and abs(now - cached.computed_at) > half_life / 256.0)
         ):
             parts = (arm.live,) if arm.base is None else (arm.base, arm.live)
-            cached = arm.summary = summarize(
-                parts,
-                now=now,
-                half_life=half_life,
-                z=self.policy.z,
-                count_half_life=self.policy.half_life_calls,
-                reject_z=self.policy.reject_z,
+            policy = self.policy
+            cached = arm.summary = _summarize(
+                parts, now, half_life, policy.z, policy.half_life_calls, policy.reject_z
             )
             arm.dirty = False
             self._note_change(arm)
@@ -930,12 +927,12 @@ class AdaptiveModelRouter:
                 names,
                 now,
                 unavailable_set,
-                input_tokens=input_tokens,
-                max_tokens=max_tokens,
-                max_cost=max_cost,
-                max_latency_ms=max_latency_ms,
-                min_success_rate=min_success_rate,
-                strict_cost=strict_cost,
+                input_tokens,
+                max_tokens,
+                max_cost,
+                max_latency_ms,
+                min_success_rate,
+                strict_cost,
             )
             if decision is not None:
                 return decision
@@ -1215,12 +1212,12 @@ class AdaptiveModelRouter:
         if facts is None:
             code = 2  # not in the registry: excluded
         else:
-            success, latency = judge(
+            success, latency = _judge(
                 summary,
-                min_success_rate=min_success_rate,
-                max_latency_ms=max_latency_ms,
-                latency_min_samples=float(policy.latency_min_samples),
-                reject_min_samples=policy.reject_min_samples,
+                min_success_rate,
+                max_latency_ms,
+                float(policy.latency_min_samples),
+                policy.reject_min_samples,
             )
             code = max(
                 _STATUS_CODE[success] if success is not None else 0,
@@ -1230,13 +1227,13 @@ class AdaptiveModelRouter:
         worst_out = max_tokens
         if strict_cost and worst_out is None and facts is not None:
             worst_out = facts.max_output_tokens
-        const, basis = expected_cost(
+        const, basis = _expected_cost(
             summary,
-            input_price=input_price,
-            output_price=facts.output_price if facts is not None else 0.0,
-            input_tokens=None if input_tokens is None else 0,
-            max_tokens=worst_out,
-            strict=strict_cost,
+            input_price,
+            facts.output_price if facts is not None else 0.0,
+            None if input_tokens is None else 0,
+            worst_out,
+            strict_cost,
         )
         ctx.sums[i] = summary
         slope = (
@@ -1253,7 +1250,6 @@ class AdaptiveModelRouter:
         names: Sequence[str],
         now: float,
         unavailable_set: Collection[str],
-        *,
         input_tokens: int | None,
         max_tokens: int | None,
         max_cost: float | None,
@@ -1329,20 +1325,22 @@ class AdaptiveModelRouter:
                     eligible.append(i)
                     if cost is not None and cost < cheapest:
                         cheapest = cost
-        picked = select(
+        picked = _select(
             eligible,
             explorable,
             costs,
             sums,
             models,
             self._rng,
-            objective=policy.objective,
-            explore_rate=policy.explore_rate,
-            cost_tie_tolerance=policy.cost_tie_tolerance,
-            prior_alpha=policy.prior_alpha,
-            prior_beta=policy.prior_beta,
-            inconclusive_n=policy.inconclusive_n,
-            cheapest=cheapest,
+            policy.objective,
+            policy.explore_rate,
+            policy.cost_tie_tolerance,
+            policy.prior_alpha,
+            policy.prior_beta,
+            0.01,  # latency_weight: choose's default, as the reference path uses
+            0.01,  # cost_weight: likewise
+            policy.inconclusive_n,
+            cheapest,
         )
         if picked is None:
             return None

@@ -403,6 +403,18 @@ def summarize(
 
     With a ``count_half_life`` each part is discounted by the calls of the parts after it.
     """
+    return _summarize(parts, now, half_life, z, count_half_life, reject_z)
+
+
+def _summarize(
+    parts: Sequence[ArmAccumulator],
+    now: float,
+    half_life: float | None,
+    z: float,
+    count_half_life: float | None,
+    reject_z: float,
+) -> ArmSummary:
+    # summarize with positional arguments (the router calls it per changed arm)
     count = 0
     s = f = lat_w = lat_m1 = lat_m2 = tok_w = in_sum = out_sum = cost_sum = 0.0
     later = 0
@@ -506,6 +518,17 @@ def expected_cost(
     ``input_tokens`` is unknown); ``(None, None)`` when nothing supports an estimate.
     In strict mode only a worst case counts.
     """
+    return _expected_cost(summary, input_price, output_price, input_tokens, max_tokens, strict)
+
+
+def _expected_cost(
+    summary: ArmSummary,
+    input_price: float,
+    output_price: float,
+    input_tokens: int | None,
+    max_tokens: int | None,
+    strict: bool,
+) -> tuple[float | None, str | None]:
     if strict:
         if input_tokens is None or max_tokens is None:
             return (None, None)
@@ -575,6 +598,18 @@ def judge(
     The rules of the module docstring; `evaluate` takes its statuses from here and
     adds the reasons.  Runs in O(1) and builds nothing.
     """
+    return _judge(
+        summary, min_success_rate, max_latency_ms, latency_min_samples, reject_min_samples
+    )
+
+
+def _judge(
+    summary: ArmSummary,
+    min_success_rate: float | None,
+    max_latency_ms: float | None,
+    latency_min_samples: float,
+    reject_min_samples: float,
+) -> tuple[ConstraintStatus | None, ConstraintStatus | None]:
     success: ConstraintStatus | None = None
     if min_success_rate is not None:
         if summary.lower >= min_success_rate:
@@ -807,6 +842,43 @@ def select(
     ``cheapest``, when given, must be the lowest cost among ``eligible`` (``inf`` for
     a missing cost): a caller that classified the arms already knows it.
     """
+    return _select(
+        eligible,
+        explorable,
+        costs,
+        summaries,
+        models,
+        rng,
+        objective,
+        explore_rate,
+        cost_tie_tolerance,
+        prior_alpha,
+        prior_beta,
+        latency_weight,
+        cost_weight,
+        inconclusive_n,
+        cheapest,
+    )
+
+
+def _select(
+    eligible: Sequence[int],
+    explorable: Sequence[int],
+    costs: Sequence[float | None],
+    summaries: Sequence[ArmSummary],
+    models: Sequence[str],
+    rng: random.Random,
+    objective: Objective,
+    explore_rate: float,
+    cost_tie_tolerance: float,
+    prior_alpha: float,
+    prior_beta: float,
+    latency_weight: float,
+    cost_weight: float,
+    inconclusive_n: float,
+    cheapest: float | None,
+) -> tuple[int, bool, str] | None:
+    # select with positional arguments (the router calls it per decision)
     exploit = (
         _exploit(
             eligible,
