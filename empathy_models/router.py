@@ -8,6 +8,10 @@ on an interval so that processes sharing a store learn from each other, and upda
 O(1) by `AdaptiveModelRouter.record_outcome`, which the executor calls for every
 attempt.  A decision (`AdaptiveModelRouter.get_best_model`) reads only those in-memory
 summaries: it costs O(number of candidates) and never touches the backend or history.
+Per candidate list, each candidate's verdict (success-rate and latency status, cost
+terms) is kept between decisions and recomputed only for arms whose evidence changed,
+and a decision's ``candidates`` are built when first read; both give exactly what
+evaluating every candidate afresh gives (tests/test_router_fastpath.py holds them to it).
 
 How a decision is made is described in `empathy_models.scoring`: each constraint is
 ELIGIBLE, REJECTED or UNPROVEN for each candidate (Wilson bounds for the success rate,
@@ -405,6 +409,105 @@ class _Context:
 
 
 _LOG_LIMIT: Final = 4096
+
+
+def _evaluate_with(
+    model: str,
+    facts: _ModelFacts | None,
+    summary: ArmSummary,
+    policy: RoutingPolicy,
+    unavailable: Collection[str],
+    input_tokens: int | None,
+    max_tokens: int | None,
+    max_cost: float | None,
+    max_latency_ms: float | None,
+    min_success_rate: float | None,
+    strict_cost: bool,
+) -> Evaluation:
+    # One candidate judged for one decision: what both decision paths report.
+    excluded: str | None = None
+    if model in unavailable:
+        excluded = _CIRCUIT_OPEN
+    elif facts is None:
+        excluded = _NOT_IN_REGISTRY
+    worst_out = max_tokens
+    if strict_cost and worst_out is None and facts is not None:
+        worst_out = facts.max_output_tokens
+    return evaluate(
+        model,
+        summary,
+        input_price=facts.input_price if facts is not None else 0.0,
+        output_price=facts.output_price if facts is not None else 0.0,
+        input_tokens=input_tokens,
+        max_tokens=worst_out,
+        max_cost=max_cost,
+        max_latency_ms=max_latency_ms,
+        min_success_rate=min_success_rate,
+        strict_cost=strict_cost,
+        latency_min_samples=float(policy.latency_min_samples),
+        reject_min_samples=policy.reject_min_samples,
+        excluded_reason=excluded,
+    )
+
+
+def _candidate_of(e: Evaluation, facts: _ModelFacts | None) -> CandidateEvaluation:
+    s = e.summary
+    return _trusted(
+        CandidateEvaluation,
+        _CANDIDATE_FIELDS,
+        model=e.model,
+        provider=facts.provider if facts is not None else None,
+        tier=facts.tier if facts is not None else None,
+        sample_size=s.sample_size,
+        success_rate=s.success_rate,
+        success_rate_lower=s.lower,
+        success_rate_upper=s.upper,
+        latency_p50_ms=s.p50,
+        latency_p95_ms=s.p95,
+        expected_cost_usd=e.cost,
+        constraints=MappingProxyType(e.constraints),
+        excluded=e.excluded,
+        reasons=e.reasons,
+        effective_sample_size=s.effective_n,
+        latency_p95_upper_ms=s.p95_upper,
+        cost_basis=e.cost_basis,
+    )
+
+
+def _materialize(
+    models: Sequence[str],
+    facts: Sequence[_ModelFacts | None],
+    sums: Sequence[ArmSummary],
+    policy: RoutingPolicy,
+    blocked: frozenset[str],
+    input_tokens: int | None,
+    max_tokens: int | None,
+    max_cost: float | None,
+    max_latency_ms: float | None,
+    min_success_rate: float | None,
+    strict_cost: bool,
+) -> tuple[CandidateEvaluation, ...]:
+    # A fast decision's candidates, evaluated as the reference path evaluates them.  It
+    # holds no reference to the router, so a kept decision does not keep the router.
+    return tuple(
+        _candidate_of(
+            _evaluate_with(
+                model,
+                f,
+                summary,
+                policy,
+                blocked,
+                input_tokens,
+                max_tokens,
+                max_cost,
+                max_latency_ms,
+                min_success_rate,
+                strict_cost,
+            ),
+            f,
+        )
+        for model, f, summary in zip(models, facts, sums, strict=True)
+    )
 
 
 # --------------------------------------------------------------------------- router
@@ -1372,8 +1475,9 @@ class AdaptiveModelRouter:
             min_success_rate,
             strict_cost,
             partial(
-                self._materialize,
+                _materialize,
                 models,
+                ctx.facts,
                 sums,
                 policy,
                 blocked_now,
@@ -1399,38 +1503,6 @@ class AdaptiveModelRouter:
                 n,
             )
         return decision
-
-    def _materialize(
-        self,
-        models: Sequence[str],
-        sums: Sequence[ArmSummary],
-        policy: RoutingPolicy,
-        blocked: frozenset[str],
-        input_tokens: int | None,
-        max_tokens: int | None,
-        max_cost: float | None,
-        max_latency_ms: float | None,
-        min_success_rate: float | None,
-        strict_cost: bool,
-    ) -> tuple[CandidateEvaluation, ...]:
-        # a fast decision's candidates, evaluated as the reference path evaluates them
-        return tuple(
-            self._candidate(
-                self._evaluate_summary(
-                    model,
-                    summary,
-                    policy,
-                    blocked,
-                    input_tokens=input_tokens,
-                    max_tokens=max_tokens,
-                    max_cost=max_cost,
-                    max_latency_ms=max_latency_ms,
-                    min_success_rate=min_success_rate,
-                    strict_cost=strict_cost,
-                )
-            )
-            for model, summary in zip(models, sums, strict=True)
-        )
 
     def _choose(self, evals: Sequence[Evaluation], active: Sequence[str]) -> Pick | None:
         p = self.policy
@@ -1487,54 +1559,22 @@ class AdaptiveModelRouter:
         min_success_rate: float | None,
         strict_cost: bool,
     ) -> Evaluation:
-        facts = self._model_facts(model)
-        excluded: str | None = None
-        if model in unavailable:
-            excluded = _CIRCUIT_OPEN
-        elif facts is None:
-            excluded = _NOT_IN_REGISTRY
-        worst_out = max_tokens
-        if strict_cost and worst_out is None and facts is not None:
-            worst_out = facts.max_output_tokens
-        return evaluate(
+        return _evaluate_with(
             model,
+            self._model_facts(model),
             summary,
-            input_price=facts.input_price if facts is not None else 0.0,
-            output_price=facts.output_price if facts is not None else 0.0,
-            input_tokens=input_tokens,
-            max_tokens=worst_out,
-            max_cost=max_cost,
-            max_latency_ms=max_latency_ms,
-            min_success_rate=min_success_rate,
-            strict_cost=strict_cost,
-            latency_min_samples=float(policy.latency_min_samples),
-            reject_min_samples=policy.reject_min_samples,
-            excluded_reason=excluded,
+            policy,
+            unavailable,
+            input_tokens,
+            max_tokens,
+            max_cost,
+            max_latency_ms,
+            min_success_rate,
+            strict_cost,
         )
 
     def _candidate(self, e: Evaluation) -> CandidateEvaluation:
-        s = e.summary
-        facts = self._facts.get(e.model)
-        return _trusted(
-            CandidateEvaluation,
-            _CANDIDATE_FIELDS,
-            model=e.model,
-            provider=facts.provider if facts is not None else None,
-            tier=facts.tier if facts is not None else None,
-            sample_size=s.sample_size,
-            success_rate=s.success_rate,
-            success_rate_lower=s.lower,
-            success_rate_upper=s.upper,
-            latency_p50_ms=s.p50,
-            latency_p95_ms=s.p95,
-            expected_cost_usd=e.cost,
-            constraints=MappingProxyType(e.constraints),
-            excluded=e.excluded,
-            reasons=e.reasons,
-            effective_sample_size=s.effective_n,
-            latency_p95_upper_ms=s.p95_upper,
-            cost_basis=e.cost_basis,
-        )
+        return _candidate_of(e, self._facts.get(e.model))
 
     def _raise_no_match(
         self, workflow: str, stage: str | None, evals: Sequence[Evaluation], message: str

@@ -9,7 +9,9 @@ draws, the same candidates, and no stale verdict after an arm changes.
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 from datetime import UTC, datetime
 from typing import Any
 
@@ -214,3 +216,19 @@ def test_a_lazily_built_decision_behaves_like_a_constructed_one() -> None:
         lazy.candidates = ()  # type: ignore[misc]  # still frozen
     with pytest.raises(AttributeError, match="no_such_field"):
         lazy.no_such_field  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_an_unread_decision_does_not_keep_its_router_alive() -> None:
+    rng = random.Random(9)
+    registry = _registry(3, rng)
+    clock = FakeClock()
+    router, _ = _fed_router(
+        registry, [_record(clock, rng, f"m{i % 3}", "a") for i in range(90)], clock()
+    )
+    decision = router.get_best_model(WF, "a", input_tokens=100, min_success_rate=0.5)
+    expected = router.get_best_model(WF, "a", input_tokens=100, min_success_rate=0.5)
+    alive = weakref.ref(router)
+    del router
+    gc.collect()
+    assert alive() is None
+    assert decision.candidates == expected.candidates and len(decision.candidates) == 3
