@@ -67,8 +67,8 @@ from ..exceptions import (
 )
 
 __all__ = [
-    "DEFAULT_TIMEOUT",
     "AttemptTimeout",
+    "DEFAULT_TIMEOUT",
     "HTTPProvider",
     "ResponseReader",
     "error_from_response",
