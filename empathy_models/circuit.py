@@ -242,6 +242,8 @@ def _force_open(
         generation=state.generation + 1,
         opened_at_ts=now,
         open_until_ts=until,
+        # time spent forced open is not healthy time: trips decay only while CLOSED
+        closed_at_ts=None,
         leases=(),
         probe_successes=0,
         last_error=error if error is not None else state.last_error,
@@ -356,7 +358,7 @@ def apply_outcome(
             )
         if outcome is Outcome.FATAL:
             return _force_open(
-                state,
+                attrs.evolve(state, last_failure_ts=now),
                 now,
                 now + policy.fatal_open_seconds,
                 report.error or "fatal error",
@@ -383,7 +385,7 @@ def apply_outcome(
         return _closed_successes(state, policy, 1, now)
     if outcome is Outcome.FATAL:
         return _force_open(
-            state,
+            attrs.evolve(state, last_failure_ts=now),
             now,
             now + policy.fatal_open_seconds,
             report.error or "fatal error",

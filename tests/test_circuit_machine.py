@@ -752,3 +752,44 @@ class BreakerMachine(RuleBasedStateMachine):
 
 BreakerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 test_breaker_machine_invariants = BreakerMachine.TestCase
+
+
+def test_a_fatal_outcome_marks_the_failure_time() -> None:
+    r = Run(policy=BreakerPolicy())
+    r.now += 5
+    assert r.admit()
+    r.report(-1, Outcome.FATAL, error="AuthenticationError 401")
+    assert r.s.state is FORCED_OPEN
+    assert r.s.last_failure_ts == T0 + 5
+    assert r.s.last_error == "AuthenticationError 401"
+
+
+def test_time_forced_open_does_not_decay_earlier_trips() -> None:
+    # one trip, recovered; then a fatal error forces the circuit open for far longer than
+    # healthy_decay_seconds. That forced period is not healthy time: when the probe after
+    # it fails, the earlier trip still counts and the open time is the second step.
+    policy = BreakerPolicy(
+        consecutive_failures=1,
+        recovery_seconds=10,
+        max_recovery_seconds=1000,
+        healthy_decay_seconds=100,
+        fatal_open_seconds=500,
+    )
+    r = Run(policy=policy)
+    assert r.admit()
+    r.report(-1, Outcome.FAILURE)
+    assert (r.s.state, r.s.open_count) == (OPEN, 1)
+    r.now += 10
+    assert r.admit()
+    r.report(-1, Outcome.SUCCESS)
+    assert r.s.state is CLOSED
+    assert r.admit()
+    r.report(-1, Outcome.FATAL)
+    assert r.s.state is FORCED_OPEN
+    r.now += 500
+    assert r.admit()  # the forced period ended: a probe
+    assert r.s.state is HALF_OPEN
+    r.report(-1, Outcome.FAILURE)
+    assert r.s.state is OPEN
+    assert r.s.open_count == 2
+    assert r.s.open_until_ts == pytest.approx(r.now + 20)

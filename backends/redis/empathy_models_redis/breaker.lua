@@ -296,6 +296,8 @@ local function do_force_open(st, now, untl, reason, err)
   n.generation = st.generation + 1
   n.opened_at_ts = now
   n.open_until_ts = untl
+  -- time spent forced open is not healthy time: trips decay only while CLOSED
+  n.closed_at_ts = nil
   n.leases = {}
   n.probe_successes = 0
   if err ~= nil then
@@ -407,8 +409,10 @@ local function apply_outcome(st, r, now)
       return n, true
     end
     if outcome == "fatal" then
-      return do_force_open(st, now, now + P.fatal_open_seconds, py_or(r.error, "fatal error"),
-        r.error), true
+      local failed = copy(st)
+      failed.last_failure_ts = now
+      return do_force_open(failed, now, now + P.fatal_open_seconds,
+        py_or(r.error, "fatal error"), r.error), true
     end
     if is_failure(outcome) then
       local n = copy(st)
@@ -431,8 +435,10 @@ local function apply_outcome(st, r, now)
     return closed_successes(st, 1, now), true
   end
   if outcome == "fatal" then
-    return do_force_open(st, now, now + P.fatal_open_seconds, py_or(r.error, "fatal error"),
-      r.error), true
+    local failed = copy(st)
+    failed.last_failure_ts = now
+    return do_force_open(failed, now, now + P.fatal_open_seconds,
+      py_or(r.error, "fatal error"), r.error), true
   end
   if not is_failure(outcome) then
     return st, false
