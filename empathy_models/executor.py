@@ -105,7 +105,7 @@ from .records import (
 )
 from .registry import ModelInfo, ModelRegistry
 from .retry import RetryPolicy
-from .tasks import get_tier_for_task, normalize_task_type
+from .tasks import get_tier_for_task, is_known_task, normalize_task_type
 
 __all__ = [
     "AttemptSummary",
@@ -826,6 +826,15 @@ class EmpathyLLMExecutor:
                 self._tasks.clear()
             known = (normalize_task_type(task_type) or "unknown", get_tier_for_task(task_type))
             self._tasks[task_type] = known
+            if known[0] != "unknown" and not is_known_task(task_type):
+                # visible, once per name: an unknown task silently costing a capable model
+                # was one of the original's weak points
+                logger.warning(
+                    "unknown task type %r: using the %s tier (see empathy_models.TaskType, "
+                    "or pass ExecutionContext(tier=...))",
+                    task_type,
+                    known[1].value,
+                )
         return known
 
     def _breaker_key(self, info: ModelInfo) -> str:

@@ -336,6 +336,25 @@ async def test_task_type_decides_the_tier(
     assert record.task_type == task.lower().replace("-", "_").replace(" ", "_")
 
 
+async def test_an_unknown_task_type_is_logged_once_per_name(
+    alpha: ScriptedProvider,
+    telemetry: MemoryTelemetryBackend,
+    sleep: SleepRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="empathy_models.executor")
+    async with make([alpha], telemetry, sleep) as executor:
+        for _ in range(3):
+            await executor.run("x", ExecutionContext(task_type="something new"))
+        await executor.run("x", ExecutionContext(task_type="summarize"))
+        await executor.run("x", ExecutionContext())  # the default "unknown" is not news
+    warned = [r.getMessage() for r in caplog.records if "unknown task type" in r.getMessage()]
+    assert warned == [
+        "unknown task type 'something new': using the capable tier "
+        "(see empathy_models.TaskType, or pass ExecutionContext(tier=...))"
+    ]
+
+
 async def test_tier_override_beats_the_task(
     alpha: ScriptedProvider, telemetry: MemoryTelemetryBackend, sleep: SleepRecorder
 ) -> None:
