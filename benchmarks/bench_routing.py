@@ -285,7 +285,7 @@ def _plot(ours: dict[str, Any], peers: dict[str, Any], histories: tuple[int, ...
     except ImportError:
         return
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     for h in histories:
         ax.plot(
             CANDIDATES,
@@ -308,7 +308,7 @@ def _plot(ours: dict[str, Any], peers: dict[str, Any], histories: tuple[int, ...
     ax.set_xlabel("candidates")
     ax.set_ylabel("median decision time (µs)")
     ax.set_title("Routing decision latency vs candidates")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(RESULTS_DIR / "routing_latency.png", dpi=110)
     plt.close(fig)
