@@ -40,7 +40,9 @@ What `EmpathyLLMExecutor.run` does, in order:
    ======================================  ==============================================
    timeout, connection, 5xx, 429           retried on the route, then the next route
    429 whose Retry-After exceeds the cap   next route at once (no sleeping)
-   401, 403, 404                           next route at once (no retry)
+   401, 402, 403, 404                      next route at once (no retry)
+   no API key configured (local)           next route at once; recorded, never reported
+                                           to the breaker (it is not the provider's fault)
    malformed response, unknown error       next route at once (no retry)
    breaker open                            next route, provider not called
    400, content policy                     raised at once: a bad request stays bad
@@ -661,6 +663,14 @@ class EmpathyLLMExecutor:
             )
             for name, p in self._providers.items()
         }
+        # providers that will fail locally, before any request (no API key): their error
+        # is this process's configuration, not the provider's health, so it is recorded
+        # but never reported to a breaker that other workers may share
+        self._keyless = frozenset(
+            name
+            for name, p in self._providers.items()
+            if isinstance(p, HTTPProvider) and not p.has_api_key
+        )
         self._tier_plans: dict[ModelTier, _TierPlan] = {}
         self._default_routes: dict[tuple[ModelTier, str | None], tuple[ModelInfo, ...]] = {}
         self._models_by_id: dict[str, ModelInfo] = {
@@ -1206,7 +1216,11 @@ class EmpathyLLMExecutor:
             max_tokens=run.context.max_tokens,
             temperature=run.context.temperature,
         )
-        key = None if self._breaker is None else self._breaker_key(info)
+        key = (
+            None
+            if self._breaker is None or info.provider in self._keyless
+            else self._breaker_key(info)
+        )
         per_attempt = run.context.timeout
         clock = self._clock
         called = False

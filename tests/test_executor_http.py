@@ -20,6 +20,7 @@ import pytest
 from empathy_models import (
     AllRoutesFailedError,
     BreakerPolicy,
+    CircuitState,
     ContextWindowExceededError,
     EmpathyLLMExecutor,
     ExecutionContext,
@@ -406,3 +407,52 @@ async def test_no_telemetry_over_http_warns_exactly_once(
     assert [w.category for w in caught] == [TelemetryDisabledWarning]
     assert executor.telemetry_enabled is False
     assert response.tier is ModelTier.CHEAP
+
+
+# --------------------------------------------------------------------------- review fixes
+
+
+async def test_a_missing_api_key_does_not_force_the_shared_breaker_open(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    One worker without ANTHROPIC_API_KEY is a local misconfiguration: it falls back and
+    is recorded, but must not report a fatal outcome to a breaker every worker shares
+    (that would force the provider open for the whole fleet).
+    """
+    keyless = [
+        AnthropicProvider(api_key="", base_url=server.anthropic_base_url),
+        OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+    ]
+    async with (
+        CircuitBreaker() as breaker,
+        EmpathyLLMExecutor(
+            keyless,
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            breaker=breaker,
+            retry=RetryPolicy(jitter=False),
+            sleep=sleep,
+        ) as executor,
+    ):
+        response = await executor.run("hello", CHEAP)
+        status = await breaker.get_status(breaker.key_for("anthropic", "claude-fake-haiku"))
+    assert response.model == "gpt-fake-mini"
+    assert server.requests("claude-fake-haiku") == 0
+    assert status.state is CircuitState.CLOSED
+    first, second = await records_of(telemetry)
+    assert (first.model, first.error_type) == ("claude-fake-haiku", "AuthenticationError")
+    assert second.success
+
+
+async def test_402_payment_required_falls_back_instead_of_raising(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """An account out of credit is not a bad request: the next provider answers."""
+    server.script("claude-fake-haiku", [402])
+    async with make(server, telemetry, sleep) as executor:
+        response = await executor.run("hello", CHEAP)
+    assert response.model == "gpt-fake-mini"
+    assert sleep.delays == []
+    failed = (await records_of(telemetry))[0]
+    assert (failed.status_code, failed.outcome) == (402, Outcome.FATAL)

@@ -517,3 +517,11 @@ def test_ratelimit_reset_headers() -> None:
     )
     assert hinted.retry_after == 2.0
     assert error_from_response(500, body, openai, provider="openai", model="m").retry_after is None
+
+
+async def test_402_payment_required_is_an_account_error(
+    provider: HTTPProvider, server: FakeLLMServer
+) -> None:
+    """Out of credit (402, Anthropic's billing_error) is the account, not the request."""
+    server.script(MODEL, [402])
+    assert_error(await failure(provider, req()), AuthenticationError, provider, status=402)

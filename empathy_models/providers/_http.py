@@ -12,7 +12,7 @@ what happened                              raised
 400 (body says context length)             `ContextWindowExceededError`
 400 (body says content policy)             `ContentPolicyError`
 400, 413, 422 and other 4xx                `InvalidRequestError`
-401, 403                                   `AuthenticationError`
+401, 403, 402 (billing: out of credit)     `AuthenticationError`
 404                                        `ModelNotFoundError`
 408                                        `ProviderTimeoutError`
 429                                        `RateLimitedError` (``retry_after`` set)
@@ -251,7 +251,7 @@ def error_from_response(
         cls = OverloadedError
     elif status == 429:
         cls = RateLimitedError
-    elif status in (401, 403):
+    elif status in (401, 402, 403):  # 402: the account cannot pay, not a bad request
         cls = AuthenticationError
     elif status == 404:
         cls = ModelNotFoundError
