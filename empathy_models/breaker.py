@@ -822,16 +822,18 @@ class CircuitBreaker(AsyncResource):
         if key is None:
             keys = list(self._views)
             for state in await self._store_op(None, lambda store: store.snapshot_all()):
-                await self._observe(state, reason="reset")
+                await self._observe(state, reason="reset", newer_only=False)
                 if state.key in keys:
                     keys.remove(state.key)
             for stale in keys:  # keys the store no longer lists read as fresh CLOSED
                 await self._observe(
-                    CircuitBreakerState(key=stale, closed_at_ts=self._clock()), reason="reset"
+                    CircuitBreakerState(key=stale, closed_at_ts=self._clock()),
+                    reason="reset",
+                    newer_only=False,
                 )
         else:
             state = await self._store_op(key, lambda store: store.snapshot(key))
-            await self._observe(state, reason="reset")
+            await self._observe(state, reason="reset", newer_only=False)
 
     async def force_open(
         self, key: str, until: datetime | None = None, reason: str = "forced open by operator"
@@ -861,10 +863,21 @@ class CircuitBreaker(AsyncResource):
     def _now_dt(self) -> datetime:
         return datetime.fromtimestamp(self._clock(), UTC)
 
-    async def _observe(self, state: CircuitBreakerState, reason: str | None = None) -> None:
+    async def _observe(
+        self, state: CircuitBreakerState, reason: str | None = None, *, newer_only: bool = True
+    ) -> None:
         key = state.key
         old = self._views.get(key)
         now = self._clock()
+        if (
+            newer_only
+            and old is not None
+            and state.generation < old.state.generation
+            and old.at <= now < old.until
+        ):
+            # an answer sent before the one this fresh view came from (concurrent calls
+            # on a network store): adopting it would bring back a state already left
+            return
         pending = None
         if state.state is _CLOSED:
             pending = self._pending.get(key)

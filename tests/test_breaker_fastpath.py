@@ -16,7 +16,9 @@ import pytest
 from anyio import wait_all_tasks_blocked
 
 from empathy_models import (
+    Admission,
     BackendClosedError,
+    BreakerEvent,
     BreakerPolicy,
     CircuitBreaker,
     CircuitBreakerState,
@@ -271,4 +273,53 @@ async def test_closing_while_the_flusher_writes_keeps_its_batch(clock: FakeClock
         await breaker.aclose()
     # the batch the flusher had taken was written, not dropped by the cancellation
     assert (await store.snapshot(KEY)).window_calls == 3
+    await store.aclose()
+
+
+# ------------------------------------------------------------------------ answers out of order
+
+
+class _LateAdmitStore(MemoryStateStore):
+    """A store whose next `admit` answer is computed at once but delivered late."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.hold = False
+        self.entered = anyio.Event()
+        self.gate = anyio.Event()
+
+    async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        admission = await super().admit(key, policy)
+        if self.hold:
+            self.hold = False
+            self.entered.set()
+            await self.gate.wait()  # the reply is on the wire while other calls go on
+        return admission
+
+
+async def test_a_late_store_answer_does_not_replace_a_newer_view(clock: FakeClock) -> None:
+    # Two calls in flight on a network store: the first admission's reply (CLOSED,
+    # generation 0) arrives after another call's failure tripped the circuit (OPEN,
+    # generation 1).  The older reply must not bring the CLOSED view back: the fast
+    # path would admit calls for a circuit this very process knows is open.
+    store = _LateAdmitStore(clock)
+    policy = BreakerPolicy(consecutive_failures=1, minimum_calls=100, recovery_seconds=60.0)
+    events: list[BreakerEvent] = []
+    breaker = CircuitBreaker(store, policy, clock=clock, listeners=[events.append])
+    async with anyio.create_task_group() as tg:
+        store.hold = True
+        tg.start_soon(breaker.admit, KEY)
+        await store.entered.wait()
+        with pytest.raises(ServerError):
+            async with breaker.guard(KEY):
+                raise ServerError("boom", status=503)
+        assert (await store.snapshot(KEY)).state is CircuitState.OPEN
+        store.gate.set()
+    with pytest.raises(CircuitOpenError):
+        async with breaker.guard(KEY):
+            raise AssertionError("admitted while this process saw the circuit open")
+    assert [(e.old_state, e.new_state) for e in events] == [
+        (CircuitState.CLOSED, CircuitState.OPEN)
+    ]
+    await breaker.aclose()
     await store.aclose()
