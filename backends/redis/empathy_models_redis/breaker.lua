@@ -173,8 +173,9 @@ local function save(st, now)
   local flat = encode(st)
   redis.call("DEL", KEYS[1])
   redis.call("HSET", KEYS[1], unpack(flat))
-  if st.state == "forced_open" and st.open_until_ts == nil then
-    -- held until a reset: never let it expire on its own
+  if (st.state == "forced_open" and st.open_until_ts == nil) or st.state == "disabled" then
+    -- held until a reset: never let it expire on its own (a DISABLED key's admissions
+    -- and outcomes write nothing, so a TTL would end it however busy the key is)
     redis.call("PERSIST", KEYS[1])
   else
     local ttl = KEY_TTL

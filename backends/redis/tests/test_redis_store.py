@@ -130,3 +130,21 @@ async def test_an_unreadable_hash_is_a_state_store_error(redis_url: str, redis_p
         with pytest.raises(StateStoreError, match="unreadable state"):
             await store.snapshot_all()
     await client.aclose()
+
+
+async def test_a_disabled_key_is_held_until_a_reset(redis_url: str, redis_prefix: str) -> None:
+    # disable() promises "until reset"; admissions and outcomes of a DISABLED key write
+    # nothing, so a TTL would silently re-enable the breaker (at generation 0) however
+    # busy the key is
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    async with RedisCircuitStateStore(redis_url, prefix=redis_prefix, key_ttl=1000) as store:
+        await store.force("d", CircuitState.DISABLED, reason="ops")
+        assert await client.ttl(redis_prefix + "d") == -1
+        admission = await store.admit("d", POLICY)
+        assert admission.ticket is not None
+        fail = OutcomeReport(ticket=admission.ticket, outcome=Outcome.FAILURE, error="503")
+        assert (await store.record("d", POLICY, [fail, fail])).state is CircuitState.DISABLED
+        assert await client.ttl(redis_prefix + "d") == -1
+        await store.reset("d")
+        assert 990 <= await client.ttl(redis_prefix + "d") <= 1000
+    await client.aclose()
