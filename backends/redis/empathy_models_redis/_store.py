@@ -150,7 +150,8 @@ class RedisCircuitStateStore(CircuitStateStore):
     Each breaker key is one hash at ``prefix + key``.  Every write sets its TTL to
     ``key_ttl`` seconds plus whatever remains of an open period, so keys of breakers
     nobody uses any more expire on their own; a FORCED_OPEN without an end never
-    expires, nor does a DISABLED key (both hold until a reset).  A key that expired reads as a fresh CLOSED breaker.
+    expires, nor does a DISABLED key (both hold until a reset).  A key that expired
+    reads as a fresh CLOSED breaker.
 
     ``connection`` is a ``redis://`` / ``rediss://`` URL or an existing
     ``redis.asyncio.Redis`` client, which the store uses but does not close.  From a
