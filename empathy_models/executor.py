@@ -1260,7 +1260,8 @@ class EmpathyLLMExecutor:
                         )
                         run.errors.append(exc)
                         run.attempts.append(self._summary(record, exc))
-                        await self._feedback(record, None, None, None)
+                        with anyio.CancelScope(shield=True):  # the record survives a cancel
+                            await self._feedback(record, None, None, None)
                         return called, None, False
                 # ---- the call, under min(per-attempt timeout, time left)
                 budget = per_attempt
@@ -1312,7 +1313,10 @@ class EmpathyLLMExecutor:
                     )
                     retry_after = retry_after_of(error)
                     run.errors.append(error)
-                    await self._feedback(record, ticket, retry_after, _describe(error))
+                    # a cancel arriving now must not lose the record or the breaker's
+                    # report (a half-open lease); it is delivered right after
+                    with anyio.CancelScope(shield=True):
+                        await self._feedback(record, ticket, retry_after, _describe(error))
                 except BaseException as raised:
                     # cancellation (or KeyboardInterrupt): record it, return the lease,
                     # re-raise untouched
@@ -1343,7 +1347,13 @@ class EmpathyLLMExecutor:
                     )
                     run.attempts.append(self._summary(record, None))
                     run.attempts_cost = record.cost_usd
-                    await self._feedback(record, ticket, None, None)
+                    if ticket is not None and ticket.lease_id is not None:
+                        # a half-open probe's success must reach the breaker (the shield
+                        # costs a few microseconds, so the closed-circuit path skips it)
+                        with anyio.CancelScope(shield=True):
+                            await self._feedback(record, ticket, None, None)
+                    else:
+                        await self._feedback(record, ticket, None, None)
                     return called, completion, False
             finally:
                 semaphore.release()

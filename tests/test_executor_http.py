@@ -456,3 +456,42 @@ async def test_402_payment_required_falls_back_instead_of_raising(
     assert sleep.delays == []
     failed = (await records_of(telemetry))[0]
     assert (failed.status_code, failed.outcome) == (402, Outcome.FATAL)
+
+
+class SlowFailureWrites(MemoryTelemetryBackend):
+    """Holds every failure record until ``release`` is set (a backend under pressure)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocked = anyio.Event()
+        self.release = anyio.Event()
+
+    async def record(self, record: LLMCallRecord) -> None:
+        if not record.success:
+            self.blocked.set()
+            await self.release.wait()
+        await super().record(record)
+
+
+async def test_cancelling_while_a_failed_attempt_is_being_recorded_keeps_its_record(
+    server: FakeLLMServer, sleep: RecordingSleep
+) -> None:
+    """
+    The failed attempt's feedback (breaker report, record) finishes even when the run is
+    cancelled in the middle of it; the cancellation then propagates.
+    """
+    server.script("claude-fake-haiku", [503])
+    telemetry = SlowFailureWrites()
+    async with make(server, telemetry, sleep) as executor, anyio.create_task_group() as tg:
+        tg.start_soon(executor.run, "hello", CHEAP)
+        with anyio.fail_after(10):  # a guard, not a wait
+            await telemetry.blocked.wait()
+        tg.cancel_scope.cancel()
+        telemetry.release.set()
+    [record] = await records_of(telemetry)
+    assert (record.model, record.status_code, record.outcome) == (
+        "claude-fake-haiku",
+        503,
+        Outcome.FAILURE,
+    )
+    assert server.requests("gpt-fake-mini") == 0
