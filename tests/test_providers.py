@@ -525,3 +525,34 @@ async def test_402_payment_required_is_an_account_error(
     """Out of credit (402, Anthropic's billing_error) is the account, not the request."""
     server.script(MODEL, [402])
     assert_error(await failure(provider, req()), AuthenticationError, provider, status=402)
+
+
+async def test_an_unparsable_response_leaves_no_key_in_the_chained_cause(wire: str) -> None:
+    """
+    A gateway answering broken HTTP makes aiohttp raise an error that carries the
+    request (and its headers, the key among them); the cause we chain must not.
+    """
+
+    async def broken_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    secret = "sk-live-0123456789abcdef"
+    gateway = await asyncio.start_server(broken_http, "127.0.0.1", 0)
+    try:
+        port = gateway.sockets[0].getsockname()[1]
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key=secret, base_url=f"http://127.0.0.1:{port}/v1") as provider:
+            exc = await failure(provider, req())
+    finally:
+        gateway.close()
+        await gateway.wait_closed()
+    assert isinstance(exc, InvalidResponseError)
+    assert isinstance(exc.__cause__, aiohttp.ClientResponseError)
+    chain = [exc, exc.__cause__]
+    for item in chain:
+        assert secret not in repr(item) and secret not in str(item)
+        assert secret not in repr(getattr(item, "args", ()))
+    assert secret not in repr(exc.__cause__.request_info)

@@ -48,6 +48,7 @@ from types import TracebackType
 from typing import Any, Final, NoReturn, Self
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..abc import Completion, CompletionRequest, Provider
 from ..exceptions import (
@@ -304,6 +305,21 @@ def error_from_transport(exc: BaseException, *, provider: str, model: str) -> Pr
     )
 
 
+def _without_request(exc: BaseException) -> BaseException:
+    """
+    ``exc`` with the request headers (which hold the API key) dropped, so it can be the
+    chained cause: aiohttp's response errors carry the request and its redirect history.
+    """
+    if isinstance(exc, aiohttp.ClientResponseError):
+        info = exc.request_info
+        exc.request_info = aiohttp.RequestInfo(
+            info.url, info.method, CIMultiDictProxy(CIMultiDict()), info.real_url
+        )
+        exc.history = ()
+        exc.args = (exc.request_info, exc.history)
+    return exc
+
+
 # --------------------------------------------------------------------------- response fields
 
 
@@ -552,7 +568,9 @@ class HTTPProvider(Provider):
                 raise AttemptTimeout(
                     f"{self.name}: the time budget ran out [model {model}]"
                 ) from exc
-            raise error_from_transport(exc, provider=self.name, model=model) from exc
+            raise error_from_transport(exc, provider=self.name, model=model) from _without_request(
+                exc
+            )
         if not 200 <= status < 300:
             raise error_from_response(
                 status,
