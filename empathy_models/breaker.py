@@ -840,8 +840,9 @@ class CircuitBreaker(AsyncResource):
     ) -> CircuitBreakerState:
         """
         Reject every call for ``key`` until ``until`` (an aware datetime; ``None``: until
-        `reset`).  Forcing an already forced-open key never shortens it.  Returns the
-        new state.  Raises `RecordValidationError` for a naive ``until``.
+        `reset`).  Forcing an already forced-open key never moves its end earlier; an
+        ``until`` given for a key held until `reset` sets that end.  Returns the new
+        state.  Raises `RecordValidationError` for a naive ``until``.
         """
         self._check_open()
         state = await self._store_op(
