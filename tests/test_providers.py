@@ -556,3 +556,16 @@ async def test_an_unparsable_response_leaves_no_key_in_the_chained_cause(wire: s
         assert secret not in repr(item) and secret not in str(item)
         assert secret not in repr(getattr(item, "args", ()))
     assert secret not in repr(exc.__cause__.request_info)
+
+
+def test_a_key_cut_by_the_body_snippet_is_not_half_shown() -> None:
+    """A plain-text error echoing the key across the snippet's cut must not show a part."""
+    from empathy_models.providers._http import _Secret
+
+    key = "gw-key-ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    body = ("Unauthorized. " + "." * 80 + f" rejected key {key}").encode()
+    exc = error_from_response(401, body, {}, provider="gateway", model="m", secret=_Secret(key))
+    text = str(exc)
+    assert "non-JSON body" in text
+    for start in range(len(key) - 7):
+        assert key[start : start + 8] not in text, text

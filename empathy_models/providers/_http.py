@@ -238,7 +238,9 @@ def error_from_response(
     """The error for a non-2xx response (see the module table)."""
     kind, code, message = _error_details(body)
     if message is None:
-        snippet = body[:120].decode("utf-8", "replace").strip()
+        # scrub before cutting: a key that straddles the cut would escape the scrub
+        reach = 120 + (len(secret.reveal()) if secret is not None else 0) + 200
+        snippet = _scrub(body[:reach].decode("utf-8", "replace"), secret)[:120].strip()
         message = f"non-JSON body: {snippet!r}" if snippet else "empty body"
     label = " ".join(p for p in (kind, f"({code})" if code else None) if p)
     text = _scrub(f"{provider} HTTP {status}{' ' + label if label else ''}: {message}", secret)
