@@ -166,7 +166,13 @@ def _describe(exc: BaseException) -> str:
 
 
 def _ts(value: float | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
+    if value is None:
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (OverflowError, OSError, ValueError):
+        # beyond year 9999 (an absurd Retry-After): the latest instant a datetime holds
+        return datetime.max.replace(tzinfo=UTC)
 
 
 def _view_ticket(state: CircuitBreakerState) -> Ticket | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import anyio.lowlevel
@@ -575,3 +575,20 @@ async def test_background_flusher_sends_written_behind_successes(clock: FakeCloc
         ticker.tick()
         await anyio.wait_all_tasks_blocked()
         assert (await store.snapshot(KEY)).window_calls == 5
+
+
+async def test_an_absurd_retry_after_neither_replaces_the_error_nor_loses_the_event(
+    clock: FakeClock,
+) -> None:
+    # a Retry-After beyond year 9999 (a buggy or hostile server) opens the circuit for
+    # that long; describing it to listeners must not raise into the guarded call
+    events: list[BreakerEvent] = []
+    breaker, _ = make(clock, listeners=[events.append])
+    async with breaker:
+        await fail(breaker, RateLimitedError("slow down", status=429, retry_after=1e12))
+        [event] = events
+        assert event.new_state is CircuitState.OPEN
+        assert event.open_until == datetime.max.replace(tzinfo=UTC)
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.admit(KEY)
+        assert info.value.retry_after == pytest.approx(1e12)
