@@ -1709,7 +1709,11 @@ class AdaptiveModelRouter:
                 else "no telemetry store configured: no statistics to report"
             )
             return out
-        since = datetime.fromtimestamp(self._clock(), UTC) - timedelta(days=days)
+        since: datetime | None
+        try:
+            since = datetime.fromtimestamp(self._clock(), UTC) - timedelta(days=days)
+        except OverflowError:
+            since = None  # a window reaching before year 1 covers all of history
         perfs = await store.aggregate(
             workflow=workflow, stage=stage, since=since, per_stage=stage is not None
         )

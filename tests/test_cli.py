@@ -146,6 +146,15 @@ def test_each_group_has_help(home: Path, group: str, subcommands: tuple[str, ...
         ("breaker", "reset"),
         ("telemetry", "export", "--format", "xml"),
         ("demo", "--calls", "0"),
+        # windows and durations too large for a datetime: usage errors, not tracebacks
+        ("routing", "stats", "--days", "1e9"),
+        ("routing", "stats", "--days", "inf"),
+        ("routing", "best", "docs", "write", "--days", "1e9"),
+        ("routing", "upgrades", "--days", "inf"),
+        ("telemetry", "summary", "--days", "100000000"),
+        ("telemetry", "export", "--format", "csv", "--days", "100000000"),
+        ("breaker", "open", "openai", "--for", "1e12"),
+        ("breaker", "open", "openai", "--for", "inf"),
     ],
 )
 def test_bad_arguments_are_usage_errors(home: Path, args: tuple[str, ...]) -> None:
@@ -368,6 +377,15 @@ def test_routing_stats(home: Path, db: Path) -> None:
     assert stats["total_calls"] == 50
     assert stats["models_used"] == ["claude-haiku-4-5", "gpt-4o-mini"]
     assert stats["performance_by_model"]["gpt-4o-mini"]["success_rate"] == 1.0
+
+
+def test_routing_stats_of_a_stage_without_calls_claims_no_success_rate(
+    home: Path, db: Path
+) -> None:
+    out = ok(cli(home, "routing", "stats", "docs", "--stage", "nosuch", "--db", str(db)))
+    assert "0 calls" in out and "no calls recorded for docs/nosuch" in out
+    assert "0.0%" not in out  # no calls: no success rate, not a 0% one
+    assert "success -" in out
 
 
 def test_routing_best_explains_the_choice(home: Path, db: Path) -> None:

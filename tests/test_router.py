@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -24,6 +25,7 @@ from empathy_models import (
     Outcome,
     RoutingDecision,
     RoutingPolicy,
+    SQLiteTelemetryBackend,
     TelemetryError,
     TierRecommendation,
 )
@@ -779,3 +781,17 @@ async def test_a_quiet_stage_is_seeded_even_next_to_a_busy_one(clock: FakeClock)
     assert (advice.window, advice.failures, advice.should_upgrade) == (12, 6, True)
     assert everything.window == 20 and everything.failures == 0  # the newest 20: busy
     assert (after.window, after.failures) == (13, 7)
+
+
+async def test_stats_over_a_window_longer_than_a_datetime_can_hold(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    # days=1e9 is a finite, positive window: it covers all of history rather than
+    # failing with an OverflowError from the datetime arithmetic
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as store:
+        await store.record_many([rec(clock, "mini", True), rec(clock, "mini", False)])
+        async with make(clock, telemetry_store=store, refresh_interval=None) as router:
+            stats = await router.get_routing_stats(WF, days=1e9)
+    assert set(stats) == STATS_KEYS
+    assert stats["telemetry"] == "ok" and stats["total_calls"] == 2
+    assert stats["performance_by_model"]["mini"]["successes"] == 1

@@ -13,6 +13,9 @@ from ._common import CliError, SubParsers, add_common, db_url, emit_json, print_
 __all__ = ["cmd_breaker_open", "cmd_breaker_reset", "cmd_breaker_status", "register"]
 
 
+_MAX_SECONDS = 100 * 365 * 86_400  # a longer period is beyond what a datetime can hold
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -20,6 +23,11 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if value > _MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {_MAX_SECONDS} (100 years; omit --for to open until reset), "
+            f"got {text}"
+        )
     return value
 
 

@@ -44,6 +44,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+_MAX_DAYS = 36_500  # 100 years; a longer window is beyond what a datetime can hold
+
+
+def _days(text: str) -> float:
+    value = _positive_float(text)
+    if value > _MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"must be at most {_MAX_DAYS} (100 years), got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -89,7 +99,7 @@ def register(subparsers: SubParsers) -> None:
             default=None,
             help="models and prices from a TOML or JSON file (default: the built-in table)",
         )
-        p.add_argument("--days", type=_positive_float, default=7.0, help="window (default 7)")
+        p.add_argument("--days", type=_days, default=7.0, help="window (default 7)")
         return p
 
     stats = leaf("stats", "per-model calls, success rate with 95%% bounds, latency and cost")
@@ -181,10 +191,12 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
     for i, stats in enumerate(results):
         if i:
             print()
+        called = stats["total_calls"] > 0  # no calls: no success rate or cost to show
         title = (
             f"{stats['workflow']} / stage {stats['stage']}: {stats['total_calls']} calls in "
-            f"{stats['days_analyzed']:g} day(s), success {fmt_pct(stats['avg_success_rate'])}, "
-            f"avg cost {fmt_usd(stats['avg_cost'])}"
+            f"{stats['days_analyzed']:g} day(s), "
+            f"success {fmt_pct(stats['avg_success_rate'] if called else None)}, "
+            f"avg cost {fmt_usd(stats['avg_cost'] if called else None)}"
         )
         rows = []
         warnings: list[str] = []

@@ -40,6 +40,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+_MAX_DAYS = 36_500  # 100 years; a longer window is beyond what a datetime can hold
+
+
+def _days(text: str) -> int:
+    value = _positive_int(text)
+    if value > _MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"must be at most {_MAX_DAYS} (100 years), got {value}")
+    return value
+
+
 def register(subparsers: SubParsers) -> None:
     """Add the ``telemetry`` command group."""
     group = subparsers.add_parser(
@@ -55,7 +65,7 @@ def register(subparsers: SubParsers) -> None:
     add_common(summary)
     summary.add_argument("--workflow", help="only this workflow")
     summary.add_argument("--stage", help="only this stage")
-    summary.add_argument("--days", type=_positive_int, default=7, help="window in days (default 7)")
+    summary.add_argument("--days", type=_days, default=7, help="window in days (default 7)")
     summary.set_defaults(func=cmd_telemetry_summary)
 
     export = sub.add_parser("export", help="write call records as CSV or JSON lines")
@@ -64,7 +74,7 @@ def register(subparsers: SubParsers) -> None:
     export.add_argument("--output", "-o", type=Path, default=None, help="file (default: stdout)")
     export.add_argument("--workflow", help="only this workflow")
     export.add_argument("--stage", help="only this stage")
-    export.add_argument("--days", type=_positive_int, default=None, help="only the last N days")
+    export.add_argument("--days", type=_days, default=None, help="only the last N days")
     export.add_argument(
         "--limit", type=_positive_int, default=1_000_000, help="at most N newest records"
     )
