@@ -569,3 +569,26 @@ def test_a_key_cut_by_the_body_snippet_is_not_half_shown() -> None:
     assert "non-JSON body" in text
     for start in range(len(key) - 7):
         assert key[start : start + 8] not in text, text
+
+
+def test_openai_insufficient_quota_429_is_an_account_error_not_a_rate_limit() -> None:
+    """
+    OpenAI answers 429 ``insufficient_quota`` when the account has no credit: waiting and
+    retrying cannot help, so it is not a `RateLimitedError` (a true rate limit still is).
+    """
+    body = (
+        b'{"error":{"message":"You exceeded your current quota, please check your plan and '
+        b'billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}'
+    )
+    exc = error_from_response(429, body, {}, provider="openai", model="m")
+    assert type(exc) is AuthenticationError
+    assert exc.status == 429
+    limited = error_from_response(
+        429,
+        b'{"error":{"message":"Rate limit reached","type":"requests",'
+        b'"code":"rate_limit_exceeded"}}',
+        {"retry-after": "2"},
+        provider="openai",
+        model="m",
+    )
+    assert type(limited) is RateLimitedError and limited.retry_after == 2.0

@@ -16,6 +16,7 @@ what happened                              raised
 404                                        `ModelNotFoundError`
 408                                        `ProviderTimeoutError`
 429                                        `RateLimitedError` (``retry_after`` set)
+429 ``insufficient_quota`` (no credit)     `AuthenticationError`
 529, or an ``overloaded_error`` body       `OverloadedError`
 500-599                                    `ServerError`
 aiohttp / asyncio timeout                  `ProviderTimeoutError`
@@ -252,6 +253,8 @@ def error_from_response(
     cls: type[ProviderError]
     if status == 529 or kind == "overloaded_error":
         cls = OverloadedError
+    elif status == 429 and "insufficient_quota" in (kind, code):
+        cls = AuthenticationError  # OpenAI's "no credit left": waiting will not help
     elif status == 429:
         cls = RateLimitedError
     elif status in (401, 402, 403):  # 402: the account cannot pay, not a bad request
