@@ -911,7 +911,10 @@ def _select(
                 target,
                 True,
                 "no model is proven to meet the constraints yet: exploring the cheapest "
-                "unproven one",
+                "unproven one"
+                if costs[target] is not None
+                else "no model is proven to meet the constraints yet: exploring an unproven "
+                "one (no cost estimate to rank them by: give input_tokens and max_tokens)",
             )
         if explore_rate > 0.0 and rng.random() < explore_rate:
             current = costs[exploit[0]]

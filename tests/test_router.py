@@ -795,3 +795,19 @@ async def test_stats_over_a_window_longer_than_a_datetime_can_hold(
     assert set(stats) == STATS_KEYS
     assert stats["telemetry"] == "ok" and stats["total_calls"] == 2
     assert stats["performance_by_model"]["mini"]["successes"] == 1
+
+
+def test_exploring_without_any_cost_estimate_does_not_claim_the_cheapest() -> None:
+    # No history and no token counts: no candidate has an expected cost, so the
+    # exploration pick is not "the cheapest" (here it is not: nano costs far less)
+    registry = ModelRegistry.default()
+    router = AdaptiveModelRouter(registry, seed=0)
+    names = ["gpt-4.1-nano", "claude-haiku-4-5"]
+    decision = router.get_best_model(WF, ST, candidates=names)
+    assert decision.exploration and not decision.constraints_met
+    assert all(c.expected_cost_usd is None for c in decision.candidates)
+    assert "cheapest" not in decision.reason, decision.reason
+    assert "no cost estimate" in decision.reason
+    # with token counts the costs are known, and the cheapest unproven one is explored
+    decision = router.get_best_model(WF, ST, candidates=names, input_tokens=100, max_tokens=100)
+    assert decision.model == "gpt-4.1-nano" and "cheapest" in decision.reason
