@@ -159,9 +159,19 @@ BreakerListener: TypeAlias = Callable[[BreakerEvent], Awaitable[None] | None]
 _new = object.__new__
 
 
+def _encodable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates) escaped, for any store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    described = _encodable(described)
     return described if len(described) <= 300 else described[:297] + "..."
 
 
@@ -702,6 +712,8 @@ class CircuitBreaker(AsyncResource):
                 return  # the store's generation is at least the view's: it would drop it
             if view.state.state is _DISABLED and view.state.generation == ticket.generation:
                 return
+        if error is not None:
+            error = _encodable(error)
         report = OutcomeReport(ticket=ticket, outcome=outcome, retry_after=retry_after, error=error)
         reports = [*self._take_pending(key), report]
         policy = self.policy

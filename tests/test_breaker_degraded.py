@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 
 import anyio
 import anyio.lowlevel
@@ -26,7 +27,9 @@ from empathy_models import (
     CircuitState,
     CircuitStateStore,
     MemoryStateStore,
+    Outcome,
     ServerError,
+    SQLiteStateStore,
     StateStoreError,
 )
 from empathy_models.records import Admission, CircuitBreakerState, OutcomeReport
@@ -281,3 +284,25 @@ async def test_concurrent_calls_degrade_once(
                 tg.start_soon(succeed, breaker, name=f"call {i}")
     assert [e.kind for e in events] == [BreakerEventKind.STORE_DEGRADED]
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+async def test_an_error_text_no_store_can_encode_still_counts(tmp_path: Path) -> None:
+    # an exception message with a lone surrogate (text decoded with surrogateescape):
+    # the store cannot encode it as UTF-8; the failure must still count, the caller's
+    # exception must come through unchanged, and the store is not "down"
+    events: list[BreakerEvent] = []
+    store = SQLiteStateStore(tmp_path / "state.db")
+    policy = BreakerPolicy(consecutive_failures=1)
+    async with store, CircuitBreaker(store, policy, listeners=[events.append]) as breaker:
+        with pytest.raises(ServerError):
+            async with breaker.guard("k"):
+                raise ServerError("bad byte \udcff in body", status=503)
+        state = await breaker.get_status("k")
+        assert state.state is CircuitState.OPEN
+        assert state.last_error == "ServerError: bad byte \\udcff in body"
+        await breaker.reset("k")
+        ticket = await breaker.admit("k")
+        await breaker.report(ticket, Outcome.FAILURE, error="\udcff")  # the public form
+        assert (await breaker.get_status("k")).last_error == "\\udcff"
+        assert not breaker.degraded
+    assert BreakerEventKind.STORE_DEGRADED not in {e.kind for e in events}
