@@ -748,9 +748,17 @@ class CircuitBreaker(AsyncResource):
         if not reports:
             return None
         policy = self.policy
-        state = await self._store_op(key, lambda store: store.record(key, policy, reports))
-        await self._observe(state)
-        return state
+        if not self._scoped:  # a memory store never suspends: nothing to shield
+            state = await self._store_op(key, lambda store: store.record(key, policy, reports))
+            await self._observe(state)
+            return state
+        # shielded: the batch is no longer in memory, so it must reach the store even when
+        # the calling task is being cancelled (bounded, like report's shield)
+        flushed = None
+        with anyio.move_on_after(_REPORT_SHIELD_SECONDS, shield=True):
+            flushed = await self._store_op(key, lambda store: store.record(key, policy, reports))
+            await self._observe(flushed)
+        return flushed
 
     async def _flush_all(self) -> None:
         for key in list(self._pending):

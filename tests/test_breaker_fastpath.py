@@ -323,3 +323,32 @@ async def test_a_late_store_answer_does_not_replace_a_newer_view(clock: FakeCloc
     ]
     await breaker.aclose()
     await store.aclose()
+
+
+async def test_a_flush_on_the_call_path_survives_the_callers_cancellation(
+    clock: FakeClock,
+) -> None:
+    # the call whose success makes the batch due sends it; when that task is cancelled
+    # meanwhile, the batch it took from memory must still reach the store (as the
+    # background flusher and report's failures are shielded)
+    store = _GatedStore(clock)
+    breaker = CircuitBreaker(store, POLICY, clock=clock)
+    for _ in range(3):
+        async with breaker.guard(KEY):
+            pass
+    clock.advance(0.6)  # the view is still fresh, the batch is due
+
+    async def one_more() -> None:
+        async with breaker.guard(KEY):
+            pass
+
+    store.hold = True
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one_more)
+        await store.entered.wait()  # the batch of 4 is being written
+        tg.cancel_scope.cancel()
+        store.gate.set()
+    store.hold = False
+    assert (await store.snapshot(KEY)).window_calls == 4
+    await breaker.aclose()
+    await store.aclose()
