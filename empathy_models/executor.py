@@ -40,7 +40,10 @@ What `EmpathyLLMExecutor.run` does, in order:
    ======================================  ==============================================
    timeout, connection, 5xx, 429           retried on the route, then the next route
    429 whose Retry-After exceeds the cap   next route at once (no sleeping)
-   401, 402, 403, 404                      next route at once (no retry)
+   401, 402, 403, 404                      next route at once (no retry); a 404 names
+                                           one model, so it is reported to a breaker
+                                           key shared by the provider's models as
+                                           ignored, not fatal
    no API key configured (local)           next route at once; recorded, never reported
                                            to the breaker (it is not the provider's fault)
    malformed response, unknown error       next route at once (no retry)
@@ -90,6 +93,7 @@ from .exceptions import (
     CircuitOpenError,
     ConfigurationError,
     ContextWindowExceededError,
+    ModelNotFoundError,
     ProviderTimeoutError,
 )
 from .outcomes import classify_error, retry_after_of
@@ -855,6 +859,15 @@ class EmpathyLLMExecutor:
             key = self._keys[pair] = self._breaker.key_for(info.provider, info.id)
         return key
 
+    def _provider_key(self, provider: str) -> str:
+        """The breaker key of ``provider`` as a whole (no model)."""
+        assert self._breaker is not None
+        pair = (provider, "")
+        key = self._keys.get(pair)
+        if key is None:
+            key = self._keys[pair] = self._breaker.key_for(provider)
+        return key
+
     def _known_open(self, models: Sequence[ModelInfo]) -> set[str]:
         if self._breaker is None:
             return set()
@@ -989,11 +1002,15 @@ class EmpathyLLMExecutor:
         ticket: Ticket | None,
         retry_after: float | None,
         error: str | None,
+        breaker_outcome: Outcome | None = None,
     ) -> None:
         if ticket is not None and self._breaker is not None:
             try:
                 await self._breaker.report(
-                    ticket, record.outcome, retry_after=retry_after, error=error
+                    ticket,
+                    record.outcome if breaker_outcome is None else breaker_outcome,
+                    retry_after=retry_after,
+                    error=error,
                 )
             except Exception:
                 self.feedback_errors += 1
@@ -1313,10 +1330,21 @@ class EmpathyLLMExecutor:
                     )
                     retry_after = retry_after_of(error)
                     run.errors.append(error)
+                    breaker_outcome = None
+                    if (
+                        isinstance(error, ModelNotFoundError)
+                        and key is not None
+                        and key == self._provider_key(info.provider)
+                    ):
+                        # a 404 names one model: it must not force a key shared by
+                        # every model of the provider open (the record still says fatal)
+                        breaker_outcome = Outcome.IGNORED
                     # a cancel arriving now must not lose the record or the breaker's
                     # report (a half-open lease); it is delivered right after
                     with anyio.CancelScope(shield=True):
-                        await self._feedback(record, ticket, retry_after, _describe(error))
+                        await self._feedback(
+                            record, ticket, retry_after, _describe(error), breaker_outcome
+                        )
                 except BaseException as raised:
                     # cancellation (or KeyboardInterrupt): record it, return the lease,
                     # re-raise untouched

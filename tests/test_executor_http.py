@@ -495,3 +495,39 @@ async def test_cancelling_while_a_failed_attempt_is_being_recorded_keeps_its_rec
         Outcome.FAILURE,
     )
     assert server.requests("gpt-fake-mini") == 0
+
+
+async def test_one_retired_model_does_not_force_its_whole_provider_open(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    A 404 names one model (retired, or a typo in the registry).  With the default
+    provider-wide breaker key it must not shut every other model of that provider out.
+    """
+    server.script("claude-fake-haiku", [404])
+    async with (
+        CircuitBreaker() as breaker,
+        make(server, telemetry, sleep, breaker=breaker) as executor,
+    ):
+        cheap = await executor.run("hello", CHEAP)
+        sonnet = attrs.evolve(CHEAP, tier=None, model="claude-fake-sonnet")
+        capable = await executor.run("hello", sonnet)
+        status = await breaker.get_status(breaker.key_for("anthropic"))
+    assert cheap.model == "gpt-fake-mini"
+    assert capable.model == "claude-fake-sonnet"
+    assert status.state is CircuitState.CLOSED
+    not_found = (await records_of(telemetry))[0]
+    assert (not_found.status_code, not_found.outcome) == (404, Outcome.FATAL)
+
+
+async def test_a_404_still_forces_open_a_per_model_key(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    server.script("claude-fake-haiku", [404])
+    async with (
+        CircuitBreaker(per_model=True) as breaker,
+        make(server, telemetry, sleep, breaker=breaker) as executor,
+    ):
+        await executor.run("hello", CHEAP)
+        status = await breaker.get_status(breaker.key_for("anthropic", "claude-fake-haiku"))
+    assert status.state is CircuitState.FORCED_OPEN
