@@ -182,7 +182,9 @@ local function save(st, now)
     if st.open_until_ts ~= nil and st.open_until_ts > now then
       ttl = ttl + (st.open_until_ts - now)
     end
-    redis.call("PEXPIRE", KEYS[1], math.ceil(ttl * 1000))
+    -- capped at 2^53 - 1 ms (285,000 years): a larger number would be sent as "1e+18"
+    -- and refused as not an integer (an absurd Retry-After would fail the script)
+    redis.call("PEXPIRE", KEYS[1], math.min(math.ceil(ttl * 1000), 9007199254740991))
   end
   return flat
 end

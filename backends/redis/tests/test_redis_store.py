@@ -148,3 +148,22 @@ async def test_a_disabled_key_is_held_until_a_reset(redis_url: str, redis_prefix
         await store.reset("d")
         assert 990 <= await client.ttl(redis_prefix + "d") <= 1000
     await client.aclose()
+
+
+async def test_an_absurd_retry_after_is_stored_not_refused(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # a 429 whose Retry-After is 30 million years: Redis must not refuse the expiry
+    # (PEXPIRE takes an integer of ms), and the key lives for ages
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    async with RedisCircuitStateStore(redis_url, prefix=redis_prefix) as store:
+        admission = await store.admit("r", POLICY)
+        assert admission.ticket is not None
+        limited = OutcomeReport(
+            ticket=admission.ticket, outcome=Outcome.RATE_LIMITED, retry_after=1e15
+        )
+        state = await store.record("r", POLICY, [limited])
+        assert state.state is CircuitState.OPEN
+        assert state.open_until_ts is not None and state.open_until_ts > 1e15
+        assert await client.ttl(redis_prefix + "r") > 10**12
+    await client.aclose()
