@@ -592,3 +592,47 @@ def test_openai_insufficient_quota_429_is_an_account_error_not_a_rate_limit() ->
         model="m",
     )
     assert type(limited) is RateLimitedError and limited.retry_after == 2.0
+
+
+async def test_a_redirect_is_not_followed_so_the_key_never_reaches_another_host(
+    wire: str,
+) -> None:
+    """
+    An API POST is never redirected legitimately; following a 307 to another origin
+    would hand it the key (aiohttp drops ``Authorization`` there, not ``x-api-key``).
+    """
+    from aiohttp import web
+
+    seen: list[dict[str, str]] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.json_response({"error": {"message": "gotcha"}}, status=400)
+
+    async def redirecting(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"http://localhost:{other_port}{request.path}")
+
+    apps = []
+    ports = []
+    for handler in (elsewhere, redirecting):
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        apps.append(runner)
+        ports.append(runner.addresses[0][1])
+    other_port, port = ports
+    secret = "sk-live-redirect-0123456789"
+    try:
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key=secret, base_url=f"http://127.0.0.1:{port}/v1") as provider:
+            exc = await failure(provider, req())
+    finally:
+        for runner in apps:
+            await runner.cleanup()
+    assert seen == []
+    assert isinstance(exc, InvalidResponseError)
+    assert exc.status == 307
+    assert secret not in str(exc)

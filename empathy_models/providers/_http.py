@@ -22,7 +22,8 @@ what happened                              raised
 aiohttp / asyncio timeout                  `ProviderTimeoutError`
 refused, reset, DNS, disconnected          `ProviderConnectionError`
 truncated body, malformed JSON, missing    `InvalidResponseError`
-fields, unexpected status
+fields, unexpected status (a 3xx: redirects
+are never followed, they would carry the key)
 ``asyncio.CancelledError``                 re-raised untouched
 =========================================  ======================================
 
@@ -558,8 +559,14 @@ class HTTPProvider(Provider):
             headers = self._headers_cache = self._headers(self._secret.reveal())
         payload = _ENCODER.encode(self._payload(request)).encode()
         try:
+            # never follow a redirect: it would carry the key (x-api-key survives a
+            # cross-origin hop) to wherever it points; a 3xx is an unexpected status
             async with session.post(
-                self._url, data=payload, headers=headers, timeout=client_timeout
+                self._url,
+                data=payload,
+                headers=headers,
+                timeout=client_timeout,
+                allow_redirects=False,
             ) as response:
                 status = response.status
                 body = await response.read()
