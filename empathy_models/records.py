@@ -250,6 +250,23 @@ def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
 
 
+def _json_scalars(_: object, attribute: attrs.Attribute[Any], value: Mapping[Any, Any]) -> None:
+    # only what to_dict/from_dict and every backend give back unchanged
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise _fail(attribute, dict(value), f"keys must be strings ({key!r} is not)")
+        if item is None or isinstance(item, str | int):  # bool is an int
+            continue
+        if isinstance(item, float) and math.isfinite(item):
+            continue
+        raise _fail(
+            attribute,
+            dict(value),
+            f"values must be JSON scalars: str, int, finite float, bool or None "
+            f"({key!r} holds {item!r})",
+        )
+
+
 def _constraint_map(value: Mapping[str, Any] | None) -> Mapping[str, ConstraintStatus]:
     frozen_map = _frozen_mapping(value)
     return MappingProxyType(
@@ -349,7 +366,9 @@ class LLMCallRecord:
     )
     user_id: str | None = field(default=None, validator=_optional_str)
     session_id: str | None = field(default=None, validator=_optional_str)
-    metadata: Mapping[str, JSONScalar] = field(factory=dict, converter=_frozen_mapping)
+    metadata: Mapping[str, JSONScalar] = field(
+        factory=dict, converter=_frozen_mapping, validator=_json_scalars
+    )
     prompt_text: str | None = field(default=None, validator=_optional_str, repr=False)
     response_text: str | None = field(default=None, validator=_optional_str, repr=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -346,3 +347,24 @@ def test_routing_decision_validates() -> None:
     with pytest.raises(RecordValidationError) as bounds:
         CandidateEvaluation(model="m", success_rate=1.5)
     assert bounds.value.path == "success_rate"
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"when": datetime(2026, 1, 1, tzinfo=UTC)},  # to_dict/SQLite turn it into a string
+        {"ids": [1, 2]},  # to_dict writes it, from_dict refuses it
+        {1: "x"},  # the key comes back as "1"
+        {"ratio": float("nan")},  # not JSON: PostgreSQL's jsonb refuses it
+        {"ratio": float("inf")},
+    ],
+    ids=["datetime", "list", "int-key", "nan", "inf"],
+)
+def test_metadata_that_would_not_round_trip_is_rejected(metadata: dict[object, object]) -> None:
+    with pytest.raises(RecordValidationError, match="metadata"):
+        call(metadata=metadata)
+
+
+def test_json_scalar_metadata_round_trips() -> None:
+    rec = call(metadata={"s": "x", "i": 2**70, "f": 2.5, "b": False, "n": None})
+    assert LLMCallRecord.from_dict(json.loads(json.dumps(rec.to_dict(), allow_nan=False))) == rec

@@ -385,10 +385,15 @@ async def test_failed_batches_are_counted_and_never_raise_into_record(
     assert any("could not be written" in r.getMessage() for r in caplog.records)
 
 
-async def test_metadata_that_is_not_json_is_stored_as_text(tmp_path: Path) -> None:
-    odd = attrs.evolve(_records(1)[0], metadata={"when": BASE, "ok": 1, "big": 2**70})
+async def test_metadata_round_trips_and_what_would_not_is_refused_up_front(
+    tmp_path: Path,
+) -> None:
+    odd = attrs.evolve(_records(1)[0], metadata={"ok": 1, "big": 2**70, "f": 0.5, "n": None})
     async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
         await backend.record(odd)
         (got,) = await backend.recent()
         assert backend.failed == 0
-    assert dict(got.metadata) == {"when": str(BASE), "ok": 1, "big": 2**70}
+    assert got == odd
+    # a datetime would come back as its str(): the record refuses it instead
+    with pytest.raises(RecordValidationError, match="metadata"):
+        attrs.evolve(odd, metadata={"when": BASE})
