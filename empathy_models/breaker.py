@@ -42,14 +42,14 @@ writes every outcome inline (the exact, slow mode).
 
 **Degraded mode.**  When the store raises `BackendError` (other than
 `BackendClosedError`) or `OSError` (which covers `ConnectionError` and `TimeoutError`),
-or does not answer within ``store_timeout`` seconds (default 5),
-the breaker switches to a per-process `MemoryStateStore` seeded with the last states it
-saw, logs one warning and emits one ``store_degraded`` event per outage; calls go on
-under the same policy.  At most every ``store_retry_interval`` seconds the next store
-interaction tries the store again; when it answers, ``store_recovered`` is emitted and
-the store's state is adopted (an OPEN set by others meanwhile included; local trips
-made during the outage are not pushed to the store).  A call never fails because the
-store is down.
+or does not answer within ``store_timeout`` seconds (default 5), and when a store the
+breaker owns cannot be opened on entry, the breaker switches to a per-process
+`MemoryStateStore` seeded with the last states it saw, logs one warning and emits one
+``store_degraded`` event per outage; calls go on under the same policy.  At most every
+``store_retry_interval`` seconds the next store interaction tries the store again; when
+it answers, ``store_recovered`` is emitted and the store's state is adopted (an OPEN set
+by others meanwhile included; local trips made during the outage are not pushed to the
+store).  A call never fails because the store is down.
 
 **Concurrency.**  One breaker may be used by any number of tasks of one event loop;
 nothing is held across the guarded call (unlike pybreaker's per-call lock).  State that
@@ -449,7 +449,15 @@ class CircuitBreaker(AsyncResource):
 
     async def _aopen(self) -> None:
         if self._owns_store:
-            await self._store.__aenter__()
+            try:
+                await self._on_store(lambda store: store.__aenter__())
+            except BackendClosedError:
+                raise
+            except (BackendError, OSError) as exc:
+                # a store that connects on entry is down: start degraded, as a store that
+                # connects on first use would (the next operations retry it)
+                if self._fallback is None:
+                    await self._degrade(None, exc)
         if self._store.shared and self._ttl > 0 and self._task_group is None:
             task_group = anyio.create_task_group()
             await task_group.__aenter__()

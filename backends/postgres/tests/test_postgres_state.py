@@ -109,3 +109,18 @@ async def test_a_unix_socket_dsn_with_plugin_options_still_connects(
     async with PostgresCircuitStateStore(url) as store:
         admission = await store.admit("via-socket", POLICY)
     assert admission.admitted
+
+
+async def test_a_breaker_starts_degraded_when_its_database_is_down() -> None:
+    # "a call never fails because the store is down" holds at start-up too: entering a
+    # breaker that owns a PostgreSQL store (connected on entry) must not raise, as with
+    # a Redis store (connected on first use)
+    from empathy_models import BreakerEvent, BreakerEventKind, CircuitBreaker
+
+    events: list[BreakerEvent] = []
+    url = "postgresql://postgres@127.0.0.1:1/test?timeout=2"
+    async with CircuitBreaker(store=url, listeners=[events.append]) as breaker:
+        assert breaker.degraded
+        async with breaker.guard("k"):
+            pass
+    assert [e.kind for e in events] == [BreakerEventKind.STORE_DEGRADED]
