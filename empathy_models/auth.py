@@ -654,16 +654,27 @@ class AuthStrategy:
         moved over the target with ``os.replace``, so readers see the old or the new
         file, never a torn one.  The file is 0600; a missing parent directory is
         created 0700.  An existing file that does not parse is not overwritten:
-        `AuthFileError` names it (back it up or remove it first).  Concurrent saves are
-        last-writer-wins.  Blocking: use `asave` from async code.
+        `AuthFileError` names it (back it up or remove it first).  Keys of the existing
+        file that this version does not know (written by a newer release) are kept, and
+        so is its ``"v"`` when newer.  Concurrent saves are last-writer-wins.  Blocking:
+        use `asave` from async code.
         """
         file = Path(path) if path is not None else auth_strategy_file()
+        data = self.to_dict()
         if file.exists() or file.is_symlink():
             try:
                 type(self).load_existing(file)
             except AuthFileError as exc:
                 raise AuthFileError(f"refusing to overwrite {exc}", path=file) from exc
-        payload = json.dumps(self.to_dict(), indent=2) + "\n"
+            existing = _read_json(file)
+            if isinstance(existing, Mapping):
+                newer = existing.get("v")
+                if isinstance(newer, int) and not isinstance(newer, bool) and newer > data["v"]:
+                    data["v"] = newer
+                for key, value in existing.items():
+                    if key != "v" and key not in data:
+                        data[key] = value
+        payload = json.dumps(data, indent=2) + "\n"
         _atomic_write(file, payload.encode("utf-8"))
         return file
 

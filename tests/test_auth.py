@@ -592,3 +592,22 @@ async def test_async_count(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
     f.write_text("a = 1\n")
     assert (await empathy_models.acount_lines_of_code(f)).code_lines == 1
+
+
+def test_saving_over_a_newer_file_keeps_the_settings_this_version_does_not_know(
+    tmp_path: Path,
+) -> None:
+    # A newer release wrote a field this one does not know; updating one known field
+    # (what `auth setup --mode api` does) must not drop it nor downgrade "v".
+    file = tmp_path / "auth_strategy.json"
+    file.write_text(
+        json.dumps(
+            {"v": 2, "subscription_tier": "max", "budget_alerts": {"monthly": 50}, "future": 1}
+        )
+    )
+    AuthStrategy.load(file).replace(default_mode=AuthMode.API).save(file)
+    data = json.loads(file.read_text())
+    assert data["budget_alerts"] == {"monthly": 50} and data["future"] == 1
+    assert data["v"] == 2 and list(data)[0] == "v"
+    assert data["default_mode"] == "api" and data["subscription_tier"] == "max"
+    assert AuthStrategy.load(file).default_mode is AuthMode.API
