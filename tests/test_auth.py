@@ -608,6 +608,6 @@ def test_saving_over_a_newer_file_keeps_the_settings_this_version_does_not_know(
     AuthStrategy.load(file).replace(default_mode=AuthMode.API).save(file)
     data = json.loads(file.read_text())
     assert data["budget_alerts"] == {"monthly": 50} and data["future"] == 1
-    assert data["v"] == 2 and list(data)[0] == "v"
+    assert data["v"] == 2 and next(iter(data)) == "v"
     assert data["default_mode"] == "api" and data["subscription_tier"] == "max"
     assert AuthStrategy.load(file).default_mode is AuthMode.API
