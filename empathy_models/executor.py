@@ -60,7 +60,10 @@ What `EmpathyLLMExecutor.run` does, in order:
    one `LLMCallRecord` (shared ``request_id``, ``attempt`` numbered 1.. across the whole
    run), which goes to the breaker (for admitted attempts), to the router's
    ``record_outcome`` and to the telemetry backend.  Feedback never fails the request:
-   errors are logged on ``empathy_models.executor`` and counted.
+   errors are logged on ``empathy_models.executor`` and counted (``telemetry_errors``,
+   ``feedback_errors``).  A write-behind backend (the SQLite default batches) accepts a
+   record at once and reports its own later write failures on the
+   ``empathy_models.telemetry`` logger and in its ``failed`` counter instead.
 
 The context is never mutated; the executor keeps no per-request state on itself, so
 any number of `run` calls may proceed concurrently.
