@@ -272,6 +272,17 @@ def _key(workflow: str | None, stage: str | None) -> tuple[str, str]:
     return (workflow or "", stage or "")
 
 
+_EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
+
+
+def _window_start(now: float, days: float) -> datetime:
+    """``now`` (epoch seconds) less ``days``; the earliest datetime when that is before it."""
+    try:
+        return datetime.fromtimestamp(now - days * 86400.0, UTC)
+    except (OverflowError, ValueError, OSError):
+        return _EARLIEST
+
+
 def _opt_number(name: str, value: object, *, positive: bool = False) -> float | None:
     if value is None:
         return None
@@ -713,7 +724,7 @@ class AdaptiveModelRouter:
                 # records this process handed to a batching backend become visible first
                 await store.flush()
                 perfs = await store.aggregate(
-                    since=datetime.fromtimestamp(cutoff - self.policy.window_days * 86400.0, UTC),
+                    since=_window_start(cutoff, self.policy.window_days),
                     until=datetime.fromtimestamp(cutoff, UTC),
                 )
             except Exception as exc:
@@ -758,7 +769,7 @@ class AdaptiveModelRouter:
         if store is None or limit == 0:
             return
         now = self._clock()
-        since = datetime.fromtimestamp(now - self.policy.window_days * 86400.0, UTC)
+        since = _window_start(now, self.policy.window_days)
         stages = sorted({(wf, st) for wf, st, _ in self._arms if wf and st})[:limit]
         targets: list[tuple[str, str | None]] = [*stages, *sorted({(wf, None) for wf, _ in stages})]
         size = self.RECENT_WINDOW_SIZE

@@ -811,3 +811,25 @@ def test_exploring_without_any_cost_estimate_does_not_claim_the_cheapest() -> No
     # with token counts the costs are known, and the cheapest unproven one is explored
     decision = router.get_best_model(WF, ST, candidates=names, input_tokens=100, max_tokens=100)
     assert decision.model == "gpt-4.1-nano" and "cheapest" in decision.reason
+
+
+async def test_a_window_longer_than_a_datetime_can_hold_seeds_from_all_history(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    # window_days=1e6 passes RoutingPolicy's checks; starting the router must not fail
+    # with "year out of range", nor must a refresh fail and leave the router blind
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as store:
+        await store.record_many([rec(clock, "mini", True) for _ in range(12)])
+        clock.advance(60.0)
+        router = make(
+            clock,
+            telemetry_store=store,
+            refresh_interval=None,
+            policy=RoutingPolicy(window_days=1e6),
+        )
+        async with router:
+            assert router.refresh_errors == 0
+            assert await router.refresh()
+            decision = router.get_best_model(WF, ST, candidates=["mini"])
+            assert by_model(decision)["mini"].sample_size == 12  # type: ignore[attr-defined]
+            assert router.recommend_tier_upgrade(WF, ST).window == 12
