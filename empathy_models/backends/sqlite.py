@@ -828,7 +828,12 @@ class SQLiteTelemetryBackend(TelemetryBackend):
             await self._write(_check_records(records))
 
     async def flush(self) -> None:
-        """Commit every record accepted so far; it is then visible to every process."""
+        """
+        Write every record accepted so far; each committed batch is visible to every process.
+
+        A batch that cannot be written is logged and counted in `failed` (its records
+        are not stored); flush does not raise for it.
+        """
         self._check_open()
         if self._batcher is not None:
             await self._batcher.flush()
