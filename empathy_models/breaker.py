@@ -968,7 +968,12 @@ class CircuitBreaker(AsyncResource):
                 raise
             except (BackendError, OSError) as exc:
                 logger.debug("circuit store still unavailable: %s", _describe(exc))
-                return await op(fallback)
+                # another task may have recovered (closing this fallback) meanwhile: then
+                # this failure is a new outage
+                current = self._fallback
+                if current is None:
+                    current = await self._degrade(key, exc)
+                return await op(current)
             if self._fallback is fallback:
                 await self._recover(key)
             return result

@@ -306,3 +306,55 @@ async def test_an_error_text_no_store_can_encode_still_counts(tmp_path: Path) ->
         assert (await breaker.get_status("k")).last_error == "\\udcff"
         assert not breaker.degraded
     assert BreakerEventKind.STORE_DEGRADED not in {e.kind for e in events}
+
+
+class _SlowRetryStore(SwitchableStore):
+    """Down; the next snapshot waits for ``release`` and then fails."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.slow = False
+        self.entered = anyio.Event()
+        self.release = anyio.Event()
+
+    async def snapshot(self, key: str) -> CircuitBreakerState:
+        if self.slow:
+            self.slow = False
+            self.entered.set()
+            await self.release.wait()
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return await super().snapshot(key)
+
+
+async def test_a_retry_failing_after_another_task_recovered_does_not_raise(
+    clock: FakeClock,
+) -> None:
+    # task A retries the store and hangs; a retry interval later task B retries, the
+    # store answers and the fallback is closed; then A's attempt fails.  A must go on
+    # (degraded again), not use the fallback B closed and raise BackendClosedError
+    store = _SlowRetryStore(clock)
+    events: list[BreakerEvent] = []
+    breaker = CircuitBreaker(
+        store, POLICY, clock=clock, store_retry_interval=5.0, listeners=[events.append]
+    )
+    async with breaker:
+        store.error = StateStoreError("down")
+        await fail(breaker)
+        assert breaker.degraded
+        clock.advance(5.0)
+        store.error = None
+        store.slow = True
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(breaker.get_status, KEY)  # A: the retry that hangs, then fails
+            await store.entered.wait()
+            clock.advance(5.0)
+            await breaker.get_status(KEY)  # B: the next retry, which succeeds
+            assert not breaker.degraded
+            store.release.set()
+        assert breaker.degraded  # A's failure is a new outage
+    kinds = [e.kind for e in events if e.kind is not BreakerEventKind.STATE_CHANGED]
+    assert kinds == [
+        BreakerEventKind.STORE_DEGRADED,
+        BreakerEventKind.STORE_RECOVERED,
+        BreakerEventKind.STORE_DEGRADED,
+    ]
