@@ -13,7 +13,7 @@ bad input a `ValueError`)::
     │   ├── ProviderTimeoutError (TimeoutError)  no answer before the deadline
     │   ├── ProviderConnectionError (ConnectionError)
     │   ├── RateLimitedError                     429, with retry_after
-    │   ├── AuthenticationError (PermissionError) 401 / 403
+    │   ├── AuthenticationError (PermissionError) 401 / 402 / 403, quota exhausted
     │   ├── ModelNotFoundError (LookupError)     404 / unknown model
     │   ├── InvalidRequestError (ValueError)     400
     │   │   ├── ContextWindowExceededError       the prompt does not fit
