@@ -620,6 +620,7 @@ class AdaptiveModelRouter:
         self._started = False
         self._closed = False
         self._warned_not_started = False
+        self._unproven_logged: set[tuple[str, str | None]] = set()
         self._empty = summarize((), now=0.0, half_life=None, z=self.policy.z)
         self.refresh_errors = 0
         """How many seeding or refresh reads of the backend failed."""
@@ -968,7 +969,9 @@ class AdaptiveModelRouter:
         ``constraints_met`` is true only when the chosen model is ELIGIBLE on every
         constraint given, so a decision that claims it never has an expected cost above
         ``max_cost``.  An exploration pick (an unproven model, within ``max_cost``) has
-        ``exploration=True`` and ``constraints_met=False``.
+        ``exploration=True`` and ``constraints_met=False``; when it is made because no
+        candidate is eligible, it is logged as a warning the first time per stage (then
+        at DEBUG).
 
         When no candidate is eligible or explorable, ``on_no_match`` acts:
         ``"raise"`` raises `NoModelMeetsConstraintsError` with every candidate's
@@ -1200,6 +1203,12 @@ class AdaptiveModelRouter:
             min_success_rate=min_success_rate,
             strict_cost=strict_cost,
         )
+        if (
+            applied is None
+            and pick.exploration
+            and not any(e.status(given) is ConstraintStatus.ELIGIBLE for e in evals)
+        ):
+            self._log_unproven(workflow, stage, chosen.model, reason)
         if applied is not None:
             logger.warning(
                 "routing %s/%s -> %s (%s; constraints_met=%s)",
@@ -1460,6 +1469,8 @@ class AdaptiveModelRouter:
             return None
         index, exploration, why = picked
         model = models[index]
+        if exploration and not eligible:
+            self._log_unproven(workflow, stage, model, why)
         facts = ctx.facts[index]
         blocked_now: frozenset[str] = (
             _NO_MODELS
@@ -1514,6 +1525,25 @@ class AdaptiveModelRouter:
                 n,
             )
         return decision
+
+    def _log_unproven(self, workflow: str, stage: str | None, model: str, why: str) -> None:
+        # No candidate is eligible, so an unproven one was returned rather than the
+        # on_no_match policy acting: a warning the first time per stage, then DEBUG.
+        key = (workflow, stage)
+        if key in self._unproven_logged:
+            logger.debug("routing %s/%s -> %s (%s; constraints_met=False)", *key, model, why)
+            return
+        if len(self._unproven_logged) >= _MAX_CONTEXTS:
+            self._unproven_logged.clear()
+        self._unproven_logged.add(key)
+        logger.warning(
+            "routing %s/%s -> %s (%s; constraints_met=False, exploration=True; later "
+            "decisions like this for this stage are logged at DEBUG)",
+            workflow,
+            stage,
+            model,
+            why,
+        )
 
     def _choose(self, evals: Sequence[Evaluation], active: Sequence[str]) -> Pick | None:
         p = self.policy

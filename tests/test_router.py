@@ -833,3 +833,20 @@ async def test_a_window_longer_than_a_datetime_can_hold_seeds_from_all_history(
             decision = router.get_best_model(WF, ST, candidates=["mini"])
             assert by_model(decision)["mini"].sample_size == 12  # type: ignore[attr-defined]
             assert router.recommend_tier_upgrade(WF, ST).window == 12
+
+
+def test_exploring_because_nothing_is_proven_is_logged_once_per_stage(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing meets min_success_rate and on_no_match="raise", yet a model comes back
+    # (an unproven one, to learn about it): the decision says so, and so does the log.
+    router = make(clock)
+    with caplog.at_level(logging.WARNING, "empathy_models.router"):
+        for _ in range(3):
+            d = router.get_best_model(WF, ST, candidates=CHEAP, input_tokens=500, max_tokens=9)
+            assert d.exploration and not d.constraints_met
+        router.get_best_model(WF, "other", candidates=CHEAP, input_tokens=500, max_tokens=9)
+    lines = [r.getMessage() for r in caplog.records if "no model is proven" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert f"{WF}/{ST}" in lines[0] and f"{WF}/other" in lines[1]
+    assert "constraints_met=False" in lines[0]
