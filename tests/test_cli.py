@@ -458,6 +458,22 @@ def test_breaker_status_open_and_reset(home: Path, db: Path, tmp_path: Path) -> 
     assert {b["state"] for b in after["breakers"]} <= {"closed"}
 
 
+def test_breaker_reset_of_a_key_the_store_does_not_hold_says_so(
+    home: Path, db: Path, tmp_path: Path
+) -> None:
+    # a typo ("opnai") must not print "Reset opnai" while openai stays forced open
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(db.read_bytes())
+    result = cli(home, "breaker", "reset", "opnai", "--db", str(copy))
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "no breaker state for 'opnai'" in result.stderr and "openai" in result.stderr
+    assert "Reset" not in result.stdout
+    data = json.loads(ok(cli(home, "breaker", "status", "--db", str(copy), "--json")))
+    states = {b["key"]: b["state"] for b in data["breakers"]}
+    assert "opnai" not in states and states["openai"] == "forced_open"
+
+
 def _cli_on_a_terminal(home: Path, answer: str, *args: str) -> tuple[int, str]:
     """Run the CLI with a pseudo-terminal as stdin and type ``answer``."""
     import pty

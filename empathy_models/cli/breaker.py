@@ -130,6 +130,12 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
             if args.all:
                 await store.reset(None)
                 return await store.snapshot_all()
+            known = sorted(s.key for s in await store.snapshot_all())
+            if args.key not in known:
+                raise CliError(
+                    f"no breaker state for {args.key!r} in this store; nothing was reset "
+                    f"(keys held: {', '.join(known) if known else 'none'})"
+                )
             await store.reset(args.key)
             return [await store.snapshot(args.key)]
 
