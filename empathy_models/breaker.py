@@ -647,7 +647,10 @@ class CircuitBreaker(AsyncResource):
             if ticket.lease_id is not None:
                 await self.report(ticket, outcome)
             return
-        await self.report(ticket, outcome, retry_after=retry_after_of(exc), error=_describe(exc))
+        retry_after = retry_after_of(exc)
+        if retry_after is not None and not math.isfinite(retry_after):
+            retry_after = None  # an exception's "never" is no usable hint (nor a valid report)
+        await self.report(ticket, outcome, retry_after=retry_after, error=_describe(exc))
 
     async def report(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -592,3 +593,20 @@ async def test_an_absurd_retry_after_neither_replaces_the_error_nor_loses_the_ev
         with pytest.raises(CircuitOpenError) as info:
             await breaker.admit(KEY)
         assert info.value.retry_after == pytest.approx(1e12)
+
+
+async def test_an_infinite_retry_after_on_an_exception_does_not_replace_it(
+    clock: FakeClock,
+) -> None:
+    # any exception's ``retry_after`` attribute is read; a non-finite one (a custom
+    # provider's "never") must not turn into a RecordValidationError in the caller
+    class GiveUp(ServerError):
+        pass
+
+    breaker, _ = make(clock)
+    async with breaker:
+        for _ in range(POLICY.consecutive_failures):
+            error = GiveUp("gone", status=503)
+            error.retry_after = math.inf
+            await fail(breaker, error)
+        assert (await breaker.get_status(KEY)).state is CircuitState.OPEN
