@@ -183,7 +183,10 @@ async def test_a_clean_close_writes_everything_queued(tmp_path: Path) -> None:
     assert inner.closed and batching.closed
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("SELECT COUNT(DISTINCT call_id) FROM llm_calls").fetchone() == (3000,)
+        # every record once: none lost (distinct) and none written twice (all rows)
+        assert conn.execute(
+            "SELECT COUNT(DISTINCT call_id), COUNT(*) FROM llm_calls"
+        ).fetchone() == (3000, 3000)
     finally:
         conn.close()
     with pytest.raises(BackendClosedError):
