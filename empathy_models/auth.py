@@ -222,8 +222,15 @@ def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> 
 
 def _to_float(value: object) -> object:
     if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # beyond any float: the validator names the field
+            return math.inf
     return value
+
+
+_MAX_TOKENS_PER_LINE: Final = 10_000.0
+"""The largest ``loc_to_tokens_multiplier`` accepted (a line of code is never more)."""
 
 
 def _positive_finite(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -231,6 +238,8 @@ def _positive_finite(_: object, attribute: attrs.Attribute[Any], value: object) 
         raise _fail(attribute, value, "must be a number")
     if not math.isfinite(value) or value <= 0:
         raise _fail(attribute, value, "must be a finite number > 0")
+    if value > _MAX_TOKENS_PER_LINE:
+        raise _fail(attribute, value, f"must be at most {_MAX_TOKENS_PER_LINE:g} tokens per line")
 
 
 def _bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:

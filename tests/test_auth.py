@@ -611,3 +611,22 @@ def test_saving_over_a_newer_file_keeps_the_settings_this_version_does_not_know(
     assert data["v"] == 2 and next(iter(data)) == "v"
     assert data["default_mode"] == "api" and data["subscription_tier"] == "max"
     assert AuthStrategy.load(file).default_mode is AuthMode.API
+
+
+@pytest.mark.parametrize("multiplier", [1e308, 10**400, 1e7], ids=["1e308", "10**400", "1e7"])
+def test_a_multiplier_no_line_of_code_can_have_is_rejected_naming_the_field(
+    multiplier: float, tmp_path: Path
+) -> None:
+    # 1e308 tokens per line passed validation and made estimate_tokens() raise
+    # OverflowError; 10**400 in the file made load() raise OverflowError
+    with pytest.raises(RecordValidationError, match="loc_to_tokens_multiplier"):
+        AuthStrategy(loc_to_tokens_multiplier=multiplier)
+    file = tmp_path / "auth_strategy.json"
+    file.write_text(f'{{"v": 1, "loc_to_tokens_multiplier": {multiplier!r}}}')
+    with pytest.raises(AuthFileError, match="loc_to_tokens_multiplier"):
+        AuthStrategy.load(file)
+
+
+def test_the_largest_multiplier_accepted_still_estimates() -> None:
+    strategy = AuthStrategy(loc_to_tokens_multiplier=10_000)
+    assert strategy.estimate_tokens(10**6) == 10**10
