@@ -110,8 +110,12 @@ class BreakerPolicy:
     healthy_decay_seconds: float = field(default=300.0, validator=_positive)
     """Each such span spent closed forgets one earlier trip."""
     half_open_probes: int = field(default=1, validator=_positive_int)
-    probe_lease_seconds: float = field(default=30.0, validator=_positive)
-    """An unreported probe frees its slot after this long."""
+    probe_lease_seconds: float = field(default=120.0, validator=_positive)
+    """
+    An unreported probe frees its slot after this long.  Keep it above the longest
+    request the breaker guards (the executor's default per-attempt timeout is 60 s): a
+    probe that answers after its lease expired is not counted.
+    """
     fatal_open_seconds: float = field(default=300.0, validator=_positive)
     """How long a 401/403/404 holds the circuit in FORCED_OPEN."""
     min_retry_after_open: float = field(default=1.0, validator=_non_negative)
