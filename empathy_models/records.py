@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, TypeVar
 
 import attrs
 from attrs import field, frozen
@@ -134,6 +134,9 @@ def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float | Non
         raise _fail(attribute, value, "must be a finite number >= 0")
 
 
+_INT_LIMIT: Final = 2**63  # SQLite INTEGER and PostgreSQL BIGINT hold less than this
+
+
 def _non_negative_int(_: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
     if value is None:
         return
@@ -141,11 +144,13 @@ def _non_negative_int(_: object, attribute: attrs.Attribute[Any], value: int | N
         raise _fail(attribute, value, "must be an integer")
     if value < 0:
         raise _fail(attribute, value, "must be >= 0")
+    if value >= _INT_LIMIT:
+        raise _fail(attribute, value, "must be < 2**63")
 
 
 def _positive_int(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(attribute, value, "must be an integer >= 1")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < _INT_LIMIT:
+        raise _fail(attribute, value, "must be an integer >= 1 and < 2**63")
 
 
 def _unit_interval(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:

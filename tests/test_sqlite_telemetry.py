@@ -356,13 +356,28 @@ async def test_a_lock_held_too_long_is_a_telemetry_error(tmp_path: Path) -> None
     assert _rows(db) == 4
 
 
+def _refuse(db: Path, call_id: str) -> None:
+    """Make the file refuse to insert ``call_id`` (a trigger, as another writer could add)."""
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute(
+            f"CREATE TRIGGER refuse BEFORE INSERT ON llm_calls WHEN NEW.call_id = '{call_id}' "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
 async def test_a_failed_batch_stores_none_of_it(tmp_path: Path) -> None:
     db = tmp_path / "calls.db"
     records = _records(5)
-    too_big = attrs.evolve(records[3], input_tokens=2**70)  # does not fit an SQLite integer
+    poison = attrs.evolve(records[3], call_id="poison")
     async with SQLiteTelemetryBackend(db, batch=False) as backend:
-        with pytest.raises(TelemetryError, match="does not fit"):
-            await backend.record_many([*records[:3], too_big, records[4]])
+        await backend.recent()  # the file exists and has its schema
+        _refuse(db, "poison")
+        with pytest.raises(TelemetryError):
+            await backend.record_many([*records[:3], poison, records[4]])
         assert await backend.recent() == []
         with pytest.raises(RecordValidationError):
             await backend.record_many([records[0], "not a record"])  # type: ignore[list-item]
@@ -373,8 +388,11 @@ async def test_failed_batches_are_counted_and_never_raise_into_record(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     records = _records(4)
-    bad = attrs.evolve(records[0], call_id="bad", input_tokens=2**70)
-    async with SQLiteTelemetryBackend(tmp_path / "calls.db", max_batch=1) as backend:
+    bad = attrs.evolve(records[0], call_id="bad")
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db, max_batch=1) as backend:
+        await backend.recent()  # the file exists and has its schema
+        _refuse(db, "bad")
         await backend.record(bad)
         await backend.record_many(records[1:])
         await backend.flush()
@@ -397,3 +415,18 @@ async def test_metadata_round_trips_and_what_would_not_is_refused_up_front(
     # a datetime would come back as its str(): the record refuses it instead
     with pytest.raises(RecordValidationError, match="metadata"):
         attrs.evolve(odd, metadata={"when": BASE})
+
+
+async def test_integers_are_held_to_what_sqlite_stores(tmp_path: Path) -> None:
+    # An int beyond SQLite's 64 bits failed its whole batch (every good record in it
+    # lost); the record now refuses it, and the largest one stored round-trips.
+    with pytest.raises(RecordValidationError, match="input_tokens"):
+        attrs.evolve(_records(1)[0], input_tokens=2**63)
+    with pytest.raises(RecordValidationError, match="attempt"):
+        attrs.evolve(_records(1)[0], attempt=2**64)
+    big = attrs.evolve(_records(1)[0], input_tokens=2**63 - 1, breaker_generation=2**63 - 1)
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
+        await backend.record(big)
+        (got,) = await backend.recent()
+        assert backend.failed == 0
+    assert got == big
