@@ -383,7 +383,7 @@ class AuthStrategy:
     ``default_mode``            `AuthMode`             AUTO
     ``small_module_threshold``  int (lines, >= 1)      500
     ``medium_module_threshold`` int (lines, > small)   2000
-    ``loc_to_tokens_multiplier`` float (> 0)           4.0
+    ``loc_to_tokens_multiplier`` float (0 < x <= 1e4)  4.0
     ``setup_completed``         bool                   True
     ``prefer_subscription``     bool                   True
     ``cost_optimization``       bool                   True (stored; no logic reads it)
