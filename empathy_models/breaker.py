@@ -78,7 +78,7 @@ from attrs import frozen
 from .abc import AsyncResource, CircuitStateStore, TransactionalStateStore
 from .backends import state_store_from_url
 from .backends.memory import MemoryStateStore
-from .circuit import BreakerPolicy
+from .circuit import BreakerPolicy, extends_open
 from .exceptions import (
     BackendClosedError,
     BackendError,
@@ -719,7 +719,11 @@ class CircuitBreaker(AsyncResource):
             return  # the machine learns nothing from it outside a probe
         if view is not None and self._ttl > 0:
             fresh = view.at <= self._clock() < view.until
-            if fresh and ticket.generation < view.state.generation:
+            if (
+                fresh
+                and ticket.generation < view.state.generation
+                and not extends_open(view.state, outcome, retry_after, self._clock())
+            ):
                 return  # the store's generation is at least the view's: it would drop it
             if view.state.state is _DISABLED and view.state.generation == ticket.generation:
                 return

@@ -55,6 +55,7 @@ __all__ = [
     "admit",
     "apply_outcome",
     "apply_outcomes",
+    "extends_open",
     "force",
     "initial_state",
     "reset",
@@ -324,6 +325,22 @@ def admit(
     return state, Admission(admitted=False, state=state, retry_after=retry)
 
 
+def extends_open(
+    state: CircuitBreakerState, outcome: Outcome, retry_after: float | None, now: float
+) -> bool:
+    """
+    True when a rate-limit outcome would hold an already open circuit longer: the
+    circuit is OPEN or FORCED_OPEN with an end, and ``now + retry_after`` is later.
+    """
+    return (
+        outcome is Outcome.RATE_LIMITED
+        and retry_after is not None
+        and (state.state is CircuitState.OPEN or state.state is CircuitState.FORCED_OPEN)
+        and state.open_until_ts is not None
+        and now + retry_after > state.open_until_ts
+    )
+
+
 def apply_outcome(
     state: CircuitBreakerState | None,
     policy: BreakerPolicy,
@@ -333,13 +350,21 @@ def apply_outcome(
     """
     Apply one outcome reported for ``report.ticket``; return the new state.
 
-    A ticket of another generation changes nothing.  See the module docstring for
-    what each outcome class does in each state.
+    A ticket of another generation changes nothing, with one exception: a 429 from
+    before the circuit opened still says how long the provider wants callers away, so
+    an OPEN (or time-limited FORCED_OPEN) circuit is held until at least
+    ``now + retry_after`` (never shortened; no transition, the generation stays).  See
+    the module docstring for what each outcome class does in each state.
     """
     ticket = report.ticket
     if state is None:
         state = initial_state(ticket.key, now)
     if ticket.generation != state.generation:
+        if ticket.generation < state.generation and extends_open(
+            state, report.outcome, report.retry_after, now
+        ):
+            assert report.retry_after is not None
+            return attrs.evolve(state, open_until_ts=now + report.retry_after, updated_at_ts=now)
         return state
     outcome = report.outcome
     s = state.state

@@ -209,10 +209,11 @@ async def test_low_level_admit_and_report_drop_stale_tickets(clock: FakeClock) -
             await breaker.report(ticket, Outcome.FAILURE, error="503")
         status = await breaker.get_status(KEY)
         assert status.state is CircuitState.OPEN
-        await breaker.report(early, Outcome.RATE_LIMITED, retry_after=10_000.0)
+        # a failure of the generation before the trip counts for nothing
+        # (a late 429 is the one exception: see the Retry-After test below)
+        await breaker.report(early, Outcome.FAILURE, error="late 503")
         after = await breaker.get_status(KEY)
-        assert after.open_until == status.open_until
-        assert after.generation == status.generation
+        assert after == status
 
 
 # --------------------------------------------------------------------------- cancellation
@@ -610,3 +611,25 @@ async def test_an_infinite_retry_after_on_an_exception_does_not_replace_it(
             error.retry_after = math.inf
             await fail(breaker, error)
         assert (await breaker.get_status(KEY)).state is CircuitState.OPEN
+
+
+async def test_a_429_answered_after_the_trip_still_holds_the_circuit_open(
+    clock: FakeClock,
+) -> None:
+    breaker, _ = make(clock, BreakerPolicy(consecutive_failures=1, recovery_seconds=60.0))
+    async with breaker:
+        slow = await breaker.admit(KEY)  # in flight while another call trips the circuit
+        await fail(breaker)
+        tripped = await breaker.get_status(KEY)
+        assert tripped.state is CircuitState.OPEN
+        assert tripped.open_until_ts == clock() + 60.0
+        clock.advance(5)
+        await breaker.report(slow, Outcome.RATE_LIMITED, retry_after=600.0)
+        held = await breaker.get_status(KEY)
+        assert held.state is CircuitState.OPEN
+        assert held.generation == tripped.generation
+        assert held.open_until_ts == clock() + 600.0
+        clock.advance(590)
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.admit(KEY)
+        assert info.value.retry_after == pytest.approx(10.0)

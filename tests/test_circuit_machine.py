@@ -792,4 +792,45 @@ def test_time_forced_open_does_not_decay_earlier_trips() -> None:
     r.report(-1, Outcome.FAILURE)
     assert r.s.state is OPEN
     assert r.s.open_count == 2
-    assert r.s.open_until_ts == pytest.approx(r.now + 20)
+    assert r.s.open_until_ts - r.now == pytest.approx(20.0)
+
+
+def test_a_late_429_holds_an_open_circuit_for_its_retry_after() -> None:
+    # two calls in flight: one trips the circuit (open 60 s), the other then gets a 429
+    # asking for 600 s. Its ticket is of the old generation, yet the provider's word
+    # stands: the circuit stays open at least that long, without a transition.
+    r = Run(policy=BreakerPolicy(consecutive_failures=1, recovery_seconds=60))
+    assert r.admit() and r.admit()
+    r.report(0, Outcome.FAILURE)
+    assert r.s.state is OPEN
+    generation = r.s.generation
+    assert r.s.open_until_ts == T0 + 60
+    r.now += 5
+    r.report(1, Outcome.RATE_LIMITED, retry_after=600)
+    assert r.s.state is OPEN
+    assert r.s.generation == generation
+    assert r.s.open_until_ts == T0 + 605
+    # never shortened: a later, shorter hint changes nothing
+    r.report(1, Outcome.RATE_LIMITED, retry_after=10)
+    assert r.s.open_until_ts == T0 + 605
+    # other late outcomes still change nothing
+    r.report(1, Outcome.FAILURE)
+    assert r.s.open_until_ts == T0 + 605
+    r.now = T0 + 604
+    assert not r.admit()
+    r.now = T0 + 605
+    assert r.admit()
+    assert r.s.state is HALF_OPEN
+
+
+def test_a_late_429_does_not_reopen_a_closed_circuit() -> None:
+    r = Run(policy=BreakerPolicy(consecutive_failures=1, recovery_seconds=10))
+    assert r.admit() and r.admit()
+    r.report(0, Outcome.FAILURE)
+    r.now += 10
+    assert r.admit()
+    r.report(-1, Outcome.SUCCESS)
+    assert r.s.state is CLOSED
+    before = r.s
+    r.report(1, Outcome.RATE_LIMITED, retry_after=600)
+    assert r.s == before

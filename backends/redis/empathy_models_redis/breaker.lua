@@ -375,6 +375,16 @@ end
 -- returns new_state, changed
 local function apply_outcome(st, r, now)
   if r.generation ~= st.generation then
+    -- a 429 from before the circuit opened still holds an open circuit at least that
+    -- long (never shortened; no transition) -- circuit.py apply_outcome / extends_open
+    if r.generation < st.generation and r.outcome == "rate_limited" and r.retry_after ~= nil
+      and (st.state == "open" or st.state == "forced_open") and st.open_until_ts ~= nil
+      and now + r.retry_after > st.open_until_ts then
+      local n = copy(st)
+      n.open_until_ts = now + r.retry_after
+      n.updated_at_ts = now
+      return n, true
+    end
     return st, false
   end
   local outcome = r.outcome

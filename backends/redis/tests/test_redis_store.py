@@ -167,3 +167,32 @@ async def test_an_absurd_retry_after_is_stored_not_refused(
         assert state.open_until_ts is not None and state.open_until_ts > 1e15
         assert await client.ttl(redis_prefix + "r") > 10**12
     await client.aclose()
+
+
+async def test_a_late_429_holds_the_open_circuit_for_its_retry_after(
+    redis_store_url: str,
+) -> None:
+    policy = BreakerPolicy(consecutive_failures=1, recovery_seconds=60.0)
+    async with RedisCircuitStateStore(redis_store_url) as store:
+        first = await store.admit("late429", policy)
+        second = await store.admit("late429", policy)
+        assert first.ticket is not None and second.ticket is not None
+        tripped = await store.record(
+            "late429", policy, [OutcomeReport(ticket=first.ticket, outcome=Outcome.FAILURE)]
+        )
+        assert tripped.state is CircuitState.OPEN
+        held = await store.record(
+            "late429",
+            policy,
+            [OutcomeReport(ticket=second.ticket, outcome=Outcome.RATE_LIMITED, retry_after=600.0)],
+        )
+        assert held.state is CircuitState.OPEN
+        assert held.generation == tripped.generation
+        assert held.updated_at_ts is not None and held.open_until_ts is not None
+        assert held.open_until_ts - held.updated_at_ts == pytest.approx(600.0, abs=1e-3)
+        shorter = await store.record(
+            "late429",
+            policy,
+            [OutcomeReport(ticket=second.ticket, outcome=Outcome.RATE_LIMITED, retry_after=1.0)],
+        )
+        assert shorter.open_until_ts == held.open_until_ts
