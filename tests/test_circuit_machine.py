@@ -792,6 +792,7 @@ def test_time_forced_open_does_not_decay_earlier_trips() -> None:
     r.report(-1, Outcome.FAILURE)
     assert r.s.state is OPEN
     assert r.s.open_count == 2
+    assert r.s.open_until_ts is not None
     assert r.s.open_until_ts - r.now == pytest.approx(20.0)
 
 
