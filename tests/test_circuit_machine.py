@@ -755,9 +755,12 @@ class BreakerMachine(RuleBasedStateMachine):
     def open_has_an_end_or_is_forced(self) -> None:
         if self.state is not None and self.state.state is OPEN:
             until, opened = self.state.open_until_ts, self.state.opened_at_ts
-            assert until is not None and opened is not None
-            # capped backoff, or the longest Retry-After drawn (100 s)
-            assert until - opened <= max(self.policy.max_recovery_seconds, 100.0) + 1e-9
+            updated = self.state.updated_at_ts
+            assert until is not None and opened is not None and updated is not None
+            # capped backoff, or the longest Retry-After drawn (100 s) counted from the
+            # opening or from a late 429 that extended the open period since
+            cap = max(self.policy.max_recovery_seconds, 100.0)
+            assert until <= max(opened + cap, updated + 100.0) + 1e-9
 
 
 BreakerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
