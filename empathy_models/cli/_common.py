@@ -24,7 +24,9 @@ __all__ = [
     "Progress",
     "Register",
     "SubParsers",
+    "MAX_DAYS",
     "add_common",
+    "number_arg",
     "db_url",
     "emit_json",
     "fmt_ms",
@@ -40,6 +42,41 @@ __all__ = [
 T = TypeVar("T")
 
 SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+MAX_DAYS = 36_500
+"""The longest time window a command takes (100 years; a datetime cannot hold much more)."""
+
+
+def number_arg(
+    kind: type[int] | type[float],
+    *,
+    minimum: float,
+    strict: bool = False,
+    maximum: float | None = None,
+    what: str = "a number",
+    too_big: str = "",
+) -> Callable[[str], Any]:
+    """
+    An argparse ``type=`` that parses ``kind`` and checks its range, so a bad value is a
+    usage error (exit 2) naming the value, never a traceback.  ``strict`` makes the
+    minimum exclusive; ``maximum`` is inclusive (``too_big`` adds a hint to its message).
+    """
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if strict and not value > minimum:
+            raise argparse.ArgumentTypeError(f"must be > {minimum:g}, got {text}")
+        if not strict and not value >= minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum:g}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}{too_big}, got {text}")
+        return value
+
+    return parse
 
 
 class Register(Protocol):

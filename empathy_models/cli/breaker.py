@@ -8,27 +8,29 @@ from typing import Any
 
 from empathy_models import CircuitBreakerState, CircuitState, state_store_from_url
 
-from ._common import CliError, SubParsers, add_common, db_url, emit_json, print_table, run_async
+from ._common import (
+    MAX_DAYS,
+    CliError,
+    SubParsers,
+    add_common,
+    db_url,
+    emit_json,
+    number_arg,
+    print_table,
+    run_async,
+)
 
 __all__ = ["cmd_breaker_open", "cmd_breaker_reset", "cmd_breaker_status", "register"]
 
 
-_MAX_SECONDS = 100 * 365 * 86_400  # a longer period is beyond what a datetime can hold
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    if value > _MAX_SECONDS:
-        raise argparse.ArgumentTypeError(
-            f"must be at most {_MAX_SECONDS} (100 years; omit --for to open until reset), "
-            f"got {text}"
-        )
-    return value
+_seconds = number_arg(
+    float,
+    minimum=0,
+    strict=True,
+    maximum=MAX_DAYS * 86_400,
+    what="seconds",
+    too_big=" (100 years; omit --for to open until reset)",
+)
 
 
 def register(subparsers: SubParsers) -> None:

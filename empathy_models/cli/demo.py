@@ -62,6 +62,7 @@ from ._common import (
     fmt_ms,
     fmt_pct,
     fmt_usd,
+    number_arg,
     print_table,
     run_async,
     sqlite_url,
@@ -138,14 +139,7 @@ _HALF_LIFE_S = 2.0
 default is an hour): an outage of a second or two is forgiven within seconds."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+_positive_int = number_arg(int, minimum=1, what="a whole number")
 
 
 def register(subparsers: SubParsers) -> None:

@@ -18,6 +18,7 @@ from empathy_models import (
 )
 
 from ._common import (
+    MAX_DAYS,
     CliError,
     SubParsers,
     add_common,
@@ -26,6 +27,7 @@ from ._common import (
     fmt_ms,
     fmt_pct,
     fmt_usd,
+    number_arg,
     print_pairs,
     print_table,
     run_async,
@@ -34,51 +36,11 @@ from ._common import (
 __all__ = ["cmd_routing_best", "cmd_routing_stats", "cmd_routing_upgrades", "register"]
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-_MAX_DAYS = 36_500  # 100 years; a longer window is beyond what a datetime can hold
-
-
-def _days(text: str) -> float:
-    value = _positive_float(text)
-    if value > _MAX_DAYS:
-        raise argparse.ArgumentTypeError(f"must be at most {_MAX_DAYS} (100 years), got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _rate(text: str) -> float:
-    value = _non_negative_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def _tokens(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+_positive_float = number_arg(float, minimum=0, strict=True)
+_days = number_arg(float, minimum=0, strict=True, maximum=MAX_DAYS, too_big=" (100 years)")
+_non_negative_float = number_arg(float, minimum=0)
+_rate = number_arg(float, minimum=0, maximum=1)
+_tokens = number_arg(int, minimum=0, what="a whole number")
 
 
 def register(subparsers: SubParsers) -> None:

@@ -14,6 +14,7 @@ from typing import IO, Any
 from empathy_models import LLMCallRecord, ModelPerformance, telemetry_from_url
 
 from ._common import (
+    MAX_DAYS,
     CliError,
     Progress,
     SubParsers,
@@ -23,6 +24,7 @@ from ._common import (
     fmt_ms,
     fmt_pct,
     fmt_usd,
+    number_arg,
     print_table,
     run_async,
 )
@@ -30,24 +32,8 @@ from ._common import (
 __all__ = ["cmd_telemetry_export", "cmd_telemetry_summary", "register"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-_MAX_DAYS = 36_500  # 100 years; a longer window is beyond what a datetime can hold
-
-
-def _days(text: str) -> int:
-    value = _positive_int(text)
-    if value > _MAX_DAYS:
-        raise argparse.ArgumentTypeError(f"must be at most {_MAX_DAYS} (100 years), got {value}")
-    return value
+_positive_int = number_arg(int, minimum=1, what="a whole number")
+_days = number_arg(int, minimum=1, maximum=MAX_DAYS, what="a whole number", too_big=" (100 years)")
 
 
 def register(subparsers: SubParsers) -> None:
