@@ -90,39 +90,36 @@ _TIER_ORDER: Final = (ModelTier.CHEAP, ModelTier.CAPABLE, ModelTier.PREMIUM)
 # --------------------------------------------------------------------------- policy
 
 
-def _check_unit(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise ConfigurationError(f"{attribute.name} must be a number in [0, 1], got {value!r}")
+def _number(
+    low: float, *, strict: bool, high: float | None = None, optional: bool = False
+) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    """An attrs validator: a finite real number above ``low`` (and at most ``high``)."""
+    bound = f"> {low:g}" if strict else f">= {low:g}"
+    if high is not None:
+        bound += f" and <= {high:g}"
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is None and optional:
+            return
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or (value <= low if strict else value < low)
+            or (high is not None and value > high)
+        ):
+            raise ConfigurationError(
+                f"{attribute.name} must be a finite number {bound}, got {value!r}"
+            )
+
+    return check
 
 
-def _check_unit_opt(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None:
-        _check_unit(_, attribute, value)
-
-
-def _check_positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(f"{attribute.name} must be a finite number > 0, got {value!r}")
-
-
-def _check_positive_opt(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None:
-        _check_positive(_, attribute, value)
-
-
-def _check_non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigurationError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
+_check_unit = _number(0.0, strict=False, high=1.0)
+_check_unit_opt = _number(0.0, strict=False, high=1.0, optional=True)
+_check_positive = _number(0.0, strict=True)
+_check_positive_opt = _number(0.0, strict=True, optional=True)
+_check_non_negative = _number(0.0, strict=False)
 
 
 def _check_objective(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
