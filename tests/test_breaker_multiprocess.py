@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +26,7 @@ import anyio
 import pytest
 
 from empathy_models import CircuitBreakerState, CircuitState, state_store_from_url
+from tests._workers import Child
 
 pytestmark = pytest.mark.multiprocess
 
@@ -37,77 +35,12 @@ T0 = 1_800_000_000.0
 THRESHOLD = 5
 
 
-class Worker:
-    """One child process speaking JSON lines, with a deadline on every read."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), json.dumps(config)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            bufsize=0,
-        )
-        self._buffer = b""
-
-    def send(self, payload: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(payload).encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def read(self, timeout: float = 60.0) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            while b"\n" not in self._buffer:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    self.fail(f"no answer within {timeout} s")
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk:
-                    self.fail("exited early")
-                self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def ask(self, payload: dict[str, Any]) -> dict[str, Any]:
-        self.send(payload)
-        return self.read()
-
-    def fail(self, why: str) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        assert self.proc.stderr is not None
-        err = self.proc.stderr.read().decode(errors="replace")
-        pytest.fail(f"breaker worker: {why}\n{err}")
-
-    def quit(self) -> None:
-        self.send({"op": "quit"})
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.fail("did not exit")
-        if self.proc.returncode != 0:
-            self.fail(f"exited with {self.proc.returncode}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
 @contextmanager
-def workers(count: int, config: dict[str, Any]) -> Iterator[list[Worker]]:
-    started: list[Worker] = []
+def workers(count: int, config: dict[str, Any]) -> Iterator[list[Child]]:
+    started: list[Child] = []
     try:
         for _ in range(count):
-            started.append(Worker(config))  # noqa: PERF401 - one by one, so a failed start still closes the rest
+            started.append(Child(WORKER, json.dumps(config)))  # noqa: PERF401 - one by one, so a failed start still closes the rest
         for worker in started:
             assert worker.read() == {"ready": True}
         yield started
@@ -269,7 +202,7 @@ def _check_three_processes(url: str, fake: bool) -> None:
             answer = proc.ask({"op": "try", "key": key, "now": clock.now})
             assert answer == {"admitted": True, "state": None}
         for proc in procs:
-            proc.quit()
+            proc.finish({"op": "quit"})
     final = snapshot(url, key, clock)
     assert final.state is CircuitState.CLOSED
     assert final.window_calls == 3  # the three closing successes, flushed on exit

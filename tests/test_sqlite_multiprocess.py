@@ -13,11 +13,8 @@ import asyncio
 import json
 import os
 import random
-import selectors
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +24,7 @@ from typing import Any
 import pytest
 
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+from tests._workers import Child
 
 pytestmark = pytest.mark.multiprocess
 
@@ -35,81 +33,15 @@ PROCESSES = 4
 T0 = 1_800_000_000.0  # the breaker children's clock, UTC epoch seconds
 
 
-class Child:
-    """One worker process with a line-oriented JSON conversation and a deadline per read."""
-
-    def __init__(self, *args: str) -> None:
-        self.name = " ".join(args)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            bufsize=0,
-        )
-        self._buffer = b""
-
-    def send(self, payload: dict[str, Any] | str) -> None:
-        assert self.proc.stdin is not None
-        line = payload if isinstance(payload, str) else json.dumps(payload)
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def read(self, timeout: float = 60.0) -> dict[str, Any]:
-        """The next JSON line; fails with the child's stderr if it dies or stays silent."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            while b"\n" not in self._buffer:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    self.fail(f"no answer within {timeout} s")
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk:
-                    self.fail("exited early")
-                self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def stderr(self) -> str:
-        assert self.proc.stderr is not None
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        return self.proc.stderr.read().decode(errors="replace")
-
-    def fail(self, why: str) -> None:
-        pytest.fail(f"worker {self.name}: {why}\n{self.stderr()}")
-
-    def finish(self) -> str:
-        """Wait for a clean exit; return stderr (failing the test on a non-zero exit)."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.fail("did not exit")
-        err = self.stderr()
-        if self.proc.returncode != 0:
-            pytest.fail(f"worker {self.name} exited with {self.proc.returncode}:\n{err}")
-        return err
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+def _child(*args: str) -> Child:
+    return Child(WORKER, *args)
 
 
 @contextmanager
 def children(*argv: list[str]) -> Iterator[list[Child]]:
     started: list[Child] = []
     try:
-        started.extend(Child(*args) for args in argv)
+        started.extend(_child(*args) for args in argv)
         for child in started:
             assert child.read() == {"ready": True}
         yield started
@@ -250,7 +182,7 @@ def _kill_mid_batch(db: Path, label: str, batch_size: int, rng: random.Random) -
     inside a batch interval (most of which is spent inside the write transaction).
     Returns the batch ids it reported as committed.
     """
-    child = Child("crash", str(db), str(batch_size), label)
+    child = _child("crash", str(db), str(batch_size), label)
     committed: list[int] = []
     try:
         seen: list[float] = []
