@@ -20,6 +20,7 @@ import attrs
 from attrs import field, frozen
 
 from . import circuit
+from .evidence import EvidenceBatch
 from .exceptions import BackendClosedError, ConfigurationError, RecordValidationError
 from .records import (
     Admission,
@@ -150,6 +151,23 @@ class TelemetryBackend(AsyncResource):
         since: datetime | None = None,
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first."""
+
+    async def evidence(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_version: int = 0,
+    ) -> EvidenceBatch:
+        """
+        The evidence buckets (see `empathy_models.evidence`) changed after ``after_version``.
+
+        Buckets whose ``bucket_start`` lies in [``since``, ``until``) and whose version is
+        greater than ``after_version``; the batch's ``version`` is the value to pass next
+        time so that every later change is returned once and none is missed, even with
+        concurrent writers.  Backends that keep no rollups raise `NotImplementedError`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} keeps no evidence rollups")
 
     @abc.abstractmethod
     async def purge(self, *, before: datetime) -> int:

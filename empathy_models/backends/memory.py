@@ -16,8 +16,18 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
+import attrs
+
 from .._stats import aggregate_records, check_aware, check_window, matches
 from ..abc import TelemetryBackend, TransactionalStateStore
+from ..evidence import (
+    BUCKET_SECONDS,
+    EvidenceBatch,
+    EvidenceBucket,
+    merge_buckets,
+    rollup,
+    sorted_buckets,
+)
 from ..exceptions import ConfigurationError, RecordValidationError
 from ..records import CircuitBreakerState, LLMCallRecord, ModelPerformance
 from ._plugin import BackendPlugin
@@ -36,6 +46,9 @@ class MemoryTelemetryBackend(TelemetryBackend):
         self.capacity = capacity
         self.evicted = 0
         self._records: deque[LLMCallRecord] = deque()
+        # evidence rollups survive eviction: they are small and the router needs them
+        self._buckets: dict[tuple[str | None, str | None, str, datetime], EvidenceBucket] = {}
+        self._version = 0
 
     def __repr__(self) -> str:
         return f"MemoryTelemetryBackend(records={len(self._records)}, capacity={self.capacity})"
@@ -50,6 +63,18 @@ class MemoryTelemetryBackend(TelemetryBackend):
             if not isinstance(r, LLMCallRecord):
                 raise RecordValidationError(f"expected an LLMCallRecord, got {type(r).__name__}")
         self._records.extend(batch)
+        partials = rollup(batch)
+        if partials:
+            self._version += 1
+            version = self._version
+            buckets = self._buckets
+            for p in partials:
+                old = buckets.get(p.key)
+                buckets[p.key] = (
+                    attrs.evolve(p, version=version)
+                    if old is None
+                    else merge_buckets(old, p, version=version)
+                )
         overflow = len(self._records) - self.capacity
         if overflow > 0:
             if self.evicted == 0:
@@ -102,9 +127,31 @@ class MemoryTelemetryBackend(TelemetryBackend):
         rows.sort(key=lambda t: (t[0], t[1]), reverse=True)
         return [r for _, _, r in rows[:limit]]
 
+    async def evidence(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_version: int = 0,
+    ) -> EvidenceBatch:
+        self._check_open()
+        check_window(since, until)
+        rows = [
+            b
+            for b in self._buckets.values()
+            if b.version > after_version
+            and (since is None or b.bucket_start >= since)
+            and (until is None or b.bucket_start < until)
+        ]
+        return EvidenceBatch(buckets=sorted_buckets(rows), version=self._version)
+
     async def purge(self, *, before: datetime) -> int:
         self._check_open()
         check_aware("before", before)
+        cutoff = before.timestamp() - BUCKET_SECONDS
+        self._buckets = {
+            k: b for k, b in self._buckets.items() if b.bucket_start.timestamp() > cutoff
+        }
         kept = deque(r for r in self._records if r.timestamp >= before)
         removed = len(self._records) - len(kept)
         self._records = kept

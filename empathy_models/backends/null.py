@@ -14,6 +14,7 @@ from .. import circuit
 from .._stats import check_aware, check_window
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..circuit import BreakerPolicy
+from ..evidence import EvidenceBatch
 from ..exceptions import RecordValidationError
 from ..records import (
     Admission,
@@ -70,6 +71,17 @@ class NullTelemetryBackend(TelemetryBackend):
         self._check_open()
         check_window(since, None)
         return []
+
+    async def evidence(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_version: int = 0,
+    ) -> EvidenceBatch:
+        self._check_open()
+        check_window(since, until)
+        return EvidenceBatch(buckets=(), version=0)
 
     async def purge(self, *, before: datetime) -> int:
         self._check_open()

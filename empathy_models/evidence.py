@@ -1,0 +1,207 @@
+"""
+Evidence rollups: what telemetry backends maintain as they write, and the router reads.
+
+A rollup is one `EvidenceBucket` per (workflow, stage, model, minute): additive sums of
+the sample outcomes (see `Outcome.is_sample`) whose timestamp falls in that minute.
+Every field is a count or a sum, so partial buckets from different writers, processes
+or batches merge by addition, and the same records always give the same buckets,
+whatever order they arrived in.  The router rebuilds its evidence from buckets, so the
+same evidence gives the same verdict live, after a refresh or after a restart.
+
+Backends keep the rollups in the same transaction as the records they summarize, and
+stamp every bucket they change with a new ``version`` (a number that only grows within
+one store).  ``TelemetryBackend.evidence(since=..., after_version=v)`` returns every
+bucket changed after ``v``, so a reader that passes back the batch's ``version`` sees
+each change once, and the cost of a refresh depends on what is new, not on the history.
+
+Latency and time to first token are kept as sums of natural logs of milliseconds
+(floored at 1 microsecond) and of their squares: a log-normal sketch that is additive.
+Tokens are summed over successful calls; cost over every sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Final
+
+from attrs import field, frozen
+
+from .records import LLMCallRecord
+
+__all__ = [
+    "BUCKET_SECONDS",
+    "EvidenceBatch",
+    "EvidenceBucket",
+    "bucket_start_of",
+    "log_ms",
+    "merge_buckets",
+    "rollup",
+    "sorted_buckets",
+]
+
+BUCKET_SECONDS: Final = 60
+"""Width of one evidence bucket, in seconds (buckets start at multiples of it since the epoch)."""
+
+_MIN_MS: Final = 1e-3
+
+
+def log_ms(value: float) -> float:
+    """``ln`` of a duration in milliseconds, floored at one microsecond."""
+    return math.log(max(value, _MIN_MS))
+
+
+def bucket_start_of(ts: datetime) -> datetime:
+    """Start of the bucket holding ``ts`` (an aware datetime), as an aware UTC datetime."""
+    epoch = ts.timestamp()
+    start = math.floor(epoch / BUCKET_SECONDS) * BUCKET_SECONDS
+    return datetime.fromtimestamp(start, UTC)
+
+
+@frozen(kw_only=True, slots=True)
+class EvidenceBucket:
+    """
+    Additive summary of one arm's sample outcomes in one minute.
+
+    ``workflow`` / ``stage`` ``None`` are their own arms, as in `ModelPerformance`.
+    ``version`` is the store's stamp of the last change to this bucket (0 for a partial
+    bucket computed from records in memory, not yet stored).
+    """
+
+    workflow: str | None
+    stage: str | None
+    model: str
+    bucket_start: datetime
+    samples: int = 0
+    successes: int = 0
+    latency_n: int = 0
+    latency_log_sum: float = 0.0
+    latency_log_sq_sum: float = 0.0
+    ttft_n: int = 0
+    ttft_log_sum: float = 0.0
+    ttft_log_sq_sum: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    version: int = 0
+
+    @property
+    def key(self) -> tuple[str | None, str | None, str, datetime]:
+        """(workflow, stage, model, bucket_start): what identifies the bucket."""
+        return (self.workflow, self.stage, self.model, self.bucket_start)
+
+    @property
+    def failures(self) -> int:
+        return self.samples - self.successes
+
+
+def _bucket_tuple(value: Iterable[EvidenceBucket]) -> tuple[EvidenceBucket, ...]:
+    return tuple(value)
+
+
+@frozen(kw_only=True, slots=True)
+class EvidenceBatch:
+    """
+    Buckets changed after the reader's last version, and the version to pass next time.
+
+    ``buckets`` are sorted by (bucket_start, workflow, stage, model) with ``None`` first.
+    """
+
+    buckets: tuple[EvidenceBucket, ...] = field(converter=_bucket_tuple)
+    version: int
+
+
+def _sort_key(b: EvidenceBucket) -> tuple[datetime, bool, str, bool, str, str]:
+    return (
+        b.bucket_start,
+        b.workflow is not None,
+        b.workflow or "",
+        b.stage is not None,
+        b.stage or "",
+        b.model,
+    )
+
+
+def sorted_buckets(buckets: Iterable[EvidenceBucket]) -> list[EvidenceBucket]:
+    """``buckets`` in the order of `EvidenceBatch.buckets`."""
+    return sorted(buckets, key=_sort_key)
+
+
+def rollup(records: Iterable[LLMCallRecord]) -> list[EvidenceBucket]:
+    """
+    Partial buckets (``version`` 0) for ``records``; records that are not samples are skipped.
+
+    Sorted like `EvidenceBatch.buckets`.  Backends add these to their stored buckets in
+    the transaction that stores the records.
+    """
+    acc: dict[tuple[str | None, str | None, str, int], list[float]] = {}
+    for r in records:
+        if not r.outcome.is_sample:
+            continue
+        start = math.floor(r.timestamp.timestamp() / BUCKET_SECONDS) * BUCKET_SECONDS
+        k = (r.workflow, r.stage, r.model, start)
+        a = acc.get(k)
+        if a is None:
+            a = acc[k] = [0.0] * 11
+        a[0] += 1
+        a[10] += r.cost_usd
+        if r.outcome.is_failure:
+            continue
+        a[1] += 1
+        lat = log_ms(r.latency_ms)
+        a[2] += 1
+        a[3] += lat
+        a[4] += lat * lat
+        if r.ttft_ms is not None:
+            t = log_ms(r.ttft_ms)
+            a[5] += 1
+            a[6] += t
+            a[7] += t * t
+        a[8] += r.input_tokens
+        a[9] += r.output_tokens
+    out = [
+        EvidenceBucket(
+            workflow=wf,
+            stage=st,
+            model=model,
+            bucket_start=datetime.fromtimestamp(start, UTC),
+            samples=int(a[0]),
+            successes=int(a[1]),
+            latency_n=int(a[2]),
+            latency_log_sum=a[3],
+            latency_log_sq_sum=a[4],
+            ttft_n=int(a[5]),
+            ttft_log_sum=a[6],
+            ttft_log_sq_sum=a[7],
+            input_tokens=int(a[8]),
+            output_tokens=int(a[9]),
+            cost_usd=a[10],
+        )
+        for (wf, st, model, start), a in acc.items()
+    ]
+    return sorted_buckets(out)
+
+
+def merge_buckets(a: EvidenceBucket, b: EvidenceBucket, *, version: int = 0) -> EvidenceBucket:
+    """The sum of two buckets of the same key, stamped ``version``."""
+    if a.key != b.key:
+        raise ValueError(f"cannot merge buckets of different keys: {a.key} and {b.key}")
+    return EvidenceBucket(
+        workflow=a.workflow,
+        stage=a.stage,
+        model=a.model,
+        bucket_start=a.bucket_start,
+        samples=a.samples + b.samples,
+        successes=a.successes + b.successes,
+        latency_n=a.latency_n + b.latency_n,
+        latency_log_sum=a.latency_log_sum + b.latency_log_sum,
+        latency_log_sq_sum=a.latency_log_sq_sum + b.latency_log_sq_sum,
+        ttft_n=a.ttft_n + b.ttft_n,
+        ttft_log_sum=a.ttft_log_sum + b.ttft_log_sum,
+        ttft_log_sq_sum=a.ttft_log_sq_sum + b.ttft_log_sq_sum,
+        input_tokens=a.input_tokens + b.input_tokens,
+        output_tokens=a.output_tokens + b.output_tokens,
+        cost_usd=a.cost_usd + b.cost_usd,
+        version=version,
+    )
