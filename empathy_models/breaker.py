@@ -80,10 +80,12 @@ from .backends import state_store_from_url
 from .backends.memory import MemoryStateStore
 from .circuit import BreakerPolicy, extends_open
 from .exceptions import (
+    AuthenticationError,
     BackendClosedError,
     BackendError,
     CircuitOpenError,
     ConfigurationError,
+    ProviderConnectionError,
 )
 from .outcomes import OutcomeClassifier, classify_error, retry_after_of
 from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
@@ -93,6 +95,7 @@ __all__ = [
     "BreakerEventKind",
     "BreakerListener",
     "CircuitBreaker",
+    "provider_outcome",
 ]
 
 logger = logging.getLogger("empathy_models.breaker")
@@ -112,6 +115,28 @@ _MAX_PENDING = 1000
 
 _REPORT_SHIELD_SECONDS = 10.0
 """How long returning a probe lease may take while the caller is being cancelled."""
+
+
+def provider_outcome(outcome: Outcome, exc: BaseException | None) -> Outcome:
+    """
+    What an attempt that ended with ``outcome`` (raising ``exc``, or ``None`` on success)
+    tells the breaker key of its *provider* when breaker keys are per model.
+
+    Only what is provider-wide counts there: a success is a success (it ends a streak and
+    closes a half-open provider key); an account error (401, 402, 403, OpenAI's
+    ``insufficient_quota``: `AuthenticationError`) is fatal; a connection-level failure
+    (refused, reset, DNS: `ProviderConnectionError`) is a failure; a cancellation stays
+    a cancellation (a probe gets its lease back).  Everything else that names one model
+    (a 5xx, a timeout, a 429, a 404, a bad answer) is ``ignored`` by the provider key and
+    counts only on the model's own key.
+    """
+    if outcome is Outcome.SUCCESS or outcome is Outcome.CANCELLED:
+        return outcome
+    if isinstance(exc, AuthenticationError):
+        return Outcome.FATAL
+    if isinstance(exc, ProviderConnectionError):
+        return Outcome.FAILURE
+    return Outcome.IGNORED
 
 
 class BreakerEventKind(enum.StrEnum):
@@ -284,7 +309,8 @@ class _Guard:
 
 class CircuitBreaker(AsyncResource):
     """
-    A circuit breaker per key ("anthropic", or "anthropic:claude-x" with ``per_model``).
+    A circuit breaker per key: by default one per model (``"anthropic:claude-x"``, see
+    `key_for`), so one model's outage never refuses calls to the provider's other models.
 
     ``store`` is a `CircuitStateStore`, a URL for one (``"sqlite:///state.db"``), or
     ``None`` for a fresh `MemoryStateStore` on ``clock``.  A store given as a URL or
@@ -299,8 +325,23 @@ class CircuitBreaker(AsyncResource):
     the background flusher waits between flushes (tests inject their own).
     ``store_retry_interval`` is how often a failed store is tried again, and
     ``store_timeout`` how long one store operation may take before it counts as a store
-    failure (``None``: no limit; a hung store would then hang the calls).  ``per_model``
-    makes `key_for` include the model; ``rejection_events`` emits ``call_rejected``.
+    failure (``None``: no limit; a hung store would then hang the calls).
+    ``rejection_events`` emits ``call_rejected``.
+
+    **Keys per model, trips per provider.**  With ``per_model=True`` (the default)
+    `key_for` returns ``"provider:model"``; ``per_model=False`` keys every call by the
+    provider alone (one outage then shuts out all of its models).  The provider's own key
+    (``key_for(provider)``) stays for what is provider-wide: the executor admits a call
+    through both keys and reports to the provider key only what `provider_outcome` says
+    concerns the whole provider (account errors force it open, connection failures count
+    as failures).  And when ``provider_open_models`` (default 3) distinct models of one
+    provider are OPEN at once in this breaker's view, the provider key is forced open for
+    ``policy.recovery_seconds`` (then probed like any other key).  ``None`` turns that rule
+    off.
+
+    State changes are logged on ``empathy_models.breaker`` with the key, the reason and
+    the generation: a WARNING when a key opens or is forced open, INFO when it goes
+    half-open, closes or is disabled.
 
     A shared store gets a background flusher while the breaker is entered with ``async
     with``; enter and leave it in the same task (it holds an anyio task group).
@@ -321,7 +362,8 @@ class CircuitBreaker(AsyncResource):
         store_timeout: float | None = 5.0,
         classify: OutcomeClassifier | None = None,
         listeners: Iterable[BreakerListener] = (),
-        per_model: bool = False,
+        per_model: bool = True,
+        provider_open_models: int | None = 3,
         rejection_events: bool = False,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
@@ -350,6 +392,15 @@ class CircuitBreaker(AsyncResource):
             raise ConfigurationError(
                 f"CircuitBreaker.store_timeout must be > 0 or None, got {store_timeout!r}"
             )
+        if provider_open_models is not None and (
+            isinstance(provider_open_models, bool)
+            or not isinstance(provider_open_models, int)
+            or provider_open_models < 1
+        ):
+            raise ConfigurationError(
+                "CircuitBreaker.provider_open_models must be an integer >= 1 or None, "
+                f"got {provider_open_models!r}"
+            )
         if policy is None:
             policy = BreakerPolicy()
         elif not isinstance(policy, BreakerPolicy):
@@ -371,6 +422,9 @@ class CircuitBreaker(AsyncResource):
             )
         self.policy = policy
         self.per_model = bool(per_model)
+        self.provider_open_models = provider_open_models
+        # model key -> its provider's key, for the keys `key_for` handed out per model
+        self._provider_of: dict[str, str] = {}
         self._clock = clock
         self._ttl = float(local_view_ttl)
         self._flush_interval = float(flush_interval)
@@ -412,15 +466,18 @@ class CircuitBreaker(AsyncResource):
 
     def key_for(self, provider: str, model: str | None = None) -> str:
         """
-        The breaker key for a call: ``provider``, or ``"provider:model"`` when the
-        breaker was built with ``per_model=True`` and a model is given.
+        The breaker key for a call: ``"provider:model"`` when a model is given and the
+        breaker is per model (the default), else ``provider`` (the provider-wide key).
 
         Raises `ConfigurationError` for an empty provider.
         """
         if not isinstance(provider, str) or not provider:
             raise ConfigurationError(f"provider must be a non-empty string, got {provider!r}")
         if self.per_model and model:
-            return f"{provider}:{model}"
+            key = f"{provider}:{model}"
+            if key not in self._provider_of:
+                self._provider_of[key] = provider
+            return key
         return provider
 
     def add_listener(self, listener: BreakerListener) -> None:
@@ -929,7 +986,10 @@ class CircuitBreaker(AsyncResource):
             old.pending = None  # guards admitted from the old view take the general path
         self._views[key] = _View(state, now, now + self._ttl, pending)
         old_state = _CLOSED if old is None else old.state.state
-        if old_state is not state.state and self._listeners:
+        if old_state is state.state:
+            return
+        _log_transition(state, old_state, reason or state.reason)
+        if self._listeners:
             await self._emit(
                 BreakerEvent(
                     kind=BreakerEventKind.STATE_CHANGED,
@@ -942,6 +1002,44 @@ class CircuitBreaker(AsyncResource):
                     at=self._now_dt(),
                 )
             )
+        if state.state is _OPEN and self.provider_open_models is not None:
+            provider = self._provider_of.get(key)
+            if provider is not None:
+                await self._maybe_open_provider(provider, now)
+
+    async def _maybe_open_provider(self, provider: str, now: float) -> None:
+        """
+        Force ``provider``'s key open when at least ``provider_open_models`` of its
+        models are OPEN (tripped by failures, not forced) in this breaker's views.
+        """
+        assert self.provider_open_models is not None
+        open_models = sorted(
+            key
+            for key, owner in self._provider_of.items()
+            if owner == provider
+            and (view := self._views.get(key)) is not None
+            and view.state.state is _OPEN
+            and (view.state.open_until_ts is None or view.state.open_until_ts > now)
+        )
+        if len(open_models) < self.provider_open_models:
+            return
+        current = self._views.get(provider)
+        if current is not None and current.at <= now < current.until:
+            s = current.state
+            if (s.state is _OPEN or s.state is _FORCED_OPEN) and (
+                s.open_until_ts is None or s.open_until_ts > now
+            ):
+                return  # already open, as far as a fresh view tells
+            if s.state is _DISABLED:
+                return  # an operator said: never trip this key
+        until = _ts(now + self.policy.recovery_seconds)
+        shown = ", ".join(key.removeprefix(f"{provider}:") for key in open_models)
+        reason = f"{len(open_models)} models of {provider} open ({shown})"
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        state = await self._store_op(
+            provider, lambda store: store.force(provider, _FORCED_OPEN, until=until, reason=reason)
+        )
+        await self._observe(state)
 
     async def _emit(self, event: BreakerEvent) -> None:
         for listener in tuple(self._listeners):
@@ -1043,6 +1141,39 @@ class CircuitBreaker(AsyncResource):
         # keep the states (for events and hints) but make the next admission ask the store
         for view in self._views.values():
             view.at = view.until = -math.inf
+
+
+def _log_transition(state: CircuitBreakerState, old: CircuitState, reason: str | None) -> None:
+    """One log line per state change this process sees (WARNING when a key opens)."""
+    new = state.state
+    level = logging.WARNING if new is _OPEN or new is _FORCED_OPEN else logging.INFO
+    if not logger.isEnabledFor(level):
+        return
+    if new is _OPEN or new is _FORCED_OPEN:
+        until = _ts(state.open_until_ts)
+        held = "until reset" if until is None else f"until {until.isoformat(timespec='seconds')}"
+        logger.log(
+            level,
+            "circuit %r %s (was %s, generation %d, %s): %s",
+            state.key,
+            "opened" if new is _OPEN else "forced open",
+            old.value,
+            state.generation,
+            held,
+            reason or "no reason given",
+        )
+    else:
+        logger.log(
+            level,
+            "circuit %r %s (was %s, generation %d)%s",
+            state.key,
+            {"half_open": "half-open", "closed": "closed", "disabled": "disabled"}.get(
+                new.value, new.value
+            ),
+            old.value,
+            state.generation,
+            f": {reason}" if reason else "",
+        )
 
 
 async def _seed(store: TransactionalStateStore, state: CircuitBreakerState) -> None:

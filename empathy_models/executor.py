@@ -28,8 +28,11 @@ What `EmpathyLLMExecutor.run` does, in order:
    candidates of the same tier, cheapest first, then, with ``FallbackPolicy.escalate``,
    the models of each higher tier (cheap -> capable -> premium).  A model is never
    tried twice in one run, and at most ``FallbackPolicy.max_routes`` models are called.
-5. **Per route.** The breaker admits (a `CircuitOpenError` moves to the next route
-   without calling the provider); the provider is called under the per-attempt
+5. **Per route.** The breaker admits through the model's key and, when keys are per
+   model (the default), the provider's key too (a `CircuitOpenError` from either moves
+   to the next route without calling the provider; the provider key hears only
+   provider-wide outcomes, see `empathy_models.breaker.provider_outcome`); the provider
+   is called under the per-attempt
    ``context.timeout`` and the overall ``context.deadline``; retryable failures
    (`RetryPolicy.is_retryable`) are retried on the same route after the policy's delay,
    honouring ``Retry-After``.
@@ -90,7 +93,7 @@ from attrs import field, frozen
 from .abc import Completion, CompletionRequest, Message, Provider, TelemetryBackend
 from .backends import telemetry_from_url
 from .backends.null import NullTelemetryBackend
-from .breaker import CircuitBreaker
+from .breaker import CircuitBreaker, provider_outcome
 from .exceptions import (
     AllRoutesFailedError,
     CircuitOpenError,
@@ -793,7 +796,8 @@ class EmpathyLLMExecutor:
             session = self._session
             if session is None:
                 connector = aiohttp.TCPConnector(limit=sum(self._limits.values()))
-                session = aiohttp.ClientSession(connector=connector)
+                # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and .netrc), as curl does
+                session = aiohttp.ClientSession(connector=connector, trust_env=True)
                 stack.push_async_callback(session.close)
             for provider in self._providers.values():
                 await provider.bind(session)
@@ -871,13 +875,24 @@ class EmpathyLLMExecutor:
             key = self._keys[pair] = self._breaker.key_for(provider)
         return key
 
+    def _scope_key(self, info: ModelInfo) -> str | None:
+        """
+        The provider-wide key also guarding ``info``'s calls, when the breaker keys calls
+        per model (None when the model's key already is the provider's).
+        """
+        provider_key = self._provider_key(info.provider)
+        return None if provider_key == self._breaker_key(info) else provider_key
+
     def _known_open(self, models: Sequence[ModelInfo]) -> set[str]:
         if self._breaker is None:
             return set()
         out: set[str] = set()
         for m in models:
             try:
-                if not self._breaker.available_hint(self._breaker_key(m)):
+                scope = self._scope_key(m)
+                if not self._breaker.available_hint(self._breaker_key(m)) or (
+                    scope is not None and not self._breaker.available_hint(scope)
+                ):
                     out.add(m.id)
             except Exception:
                 self.feedback_errors += 1
@@ -896,7 +911,13 @@ class EmpathyLLMExecutor:
             hint_keys: tuple[tuple[str, str], ...] | None = None
             if self._breaker is not None:
                 try:
-                    hint_keys = tuple((m.id, self._breaker_key(m)) for m in (*same_tier, *higher))
+                    pairs: list[tuple[str, str]] = []
+                    for m in (*same_tier, *higher):
+                        pairs.append((m.id, self._breaker_key(m)))
+                        scope = self._scope_key(m)
+                        if scope is not None:
+                            pairs.append((m.id, scope))
+                    hint_keys = tuple(pairs)
                 except Exception:
                     hint_keys = None  # `_known_open` reports the failure on every call
             plan = _TierPlan(same_tier, tuple(higher), hint_keys)
@@ -1006,6 +1027,7 @@ class EmpathyLLMExecutor:
         retry_after: float | None,
         error: str | None,
         breaker_outcome: Outcome | None = None,
+        scope: tuple[Ticket, Outcome] | None = None,
     ) -> None:
         if ticket is not None and self._breaker is not None:
             try:
@@ -1018,6 +1040,13 @@ class EmpathyLLMExecutor:
             except Exception:
                 self.feedback_errors += 1
                 logger.exception("breaker.report failed for %s", ticket.key)
+        if scope is not None and self._breaker is not None:
+            # the provider-wide key hears only what concerns the whole provider
+            try:
+                await self._breaker.report(scope[0], scope[1], error=error)
+            except Exception:
+                self.feedback_errors += 1
+                logger.exception("breaker.report failed for %s", scope[0].key)
         if self._router is not None:
             try:
                 self._router.record_outcome(record)
@@ -1241,6 +1270,7 @@ class EmpathyLLMExecutor:
             if self._breaker is None or info.provider in self._keyless
             else self._breaker_key(info)
         )
+        scope_key = None if key is None else self._scope_key(info)
         per_attempt = run.context.timeout
         clock = self._clock
         called = False
@@ -1263,11 +1293,22 @@ class EmpathyLLMExecutor:
                 attempt = len(run.attempts) + 1
                 # ---- admission
                 ticket: Ticket | None = None
+                scope_ticket: Ticket | None = None
                 if key is not None:
                     assert self._breaker is not None
                     try:
+                        if scope_key is not None:
+                            scope_ticket = await self._breaker.admit(scope_key)
                         ticket = await self._breaker.admit(key)
                     except CircuitOpenError as exc:
+                        if scope_ticket is not None and scope_ticket.lease_id is not None:
+                            # the provider's probe slot comes back: this call never ran
+                            with anyio.CancelScope(shield=True):
+                                try:
+                                    await self._breaker.report(scope_ticket, Outcome.REJECTED)
+                                except Exception:
+                                    self.feedback_errors += 1
+                                    logger.exception("breaker.report failed for %s", scope_key)
                         record = self._record(
                             run,
                             info,
@@ -1346,7 +1387,14 @@ class EmpathyLLMExecutor:
                     # report (a half-open lease); it is delivered right after
                     with anyio.CancelScope(shield=True):
                         await self._feedback(
-                            record, ticket, retry_after, _describe(error), breaker_outcome
+                            record,
+                            ticket,
+                            retry_after,
+                            _describe(error),
+                            breaker_outcome,
+                            None
+                            if scope_ticket is None
+                            else (scope_ticket, provider_outcome(outcome, error)),
                         )
                 except BaseException as raised:
                     # cancellation (or KeyboardInterrupt): record it, return the lease,
@@ -1363,7 +1411,14 @@ class EmpathyLLMExecutor:
                     )
                     run.attempts.append(self._summary(record, raised))
                     with anyio.CancelScope(shield=True):
-                        await self._feedback(record, ticket, None, "cancelled")
+                        await self._feedback(
+                            record,
+                            ticket,
+                            None,
+                            "cancelled",
+                            None,
+                            None if scope_ticket is None else (scope_ticket, Outcome.CANCELLED),
+                        )
                     raise
                 else:
                     latency_ms = (clock() - t0) * 1000.0
@@ -1378,13 +1433,16 @@ class EmpathyLLMExecutor:
                     )
                     run.attempts.append(self._summary(record, None))
                     run.attempts_cost = record.cost_usd
-                    if ticket is not None and ticket.lease_id is not None:
+                    scope = None if scope_ticket is None else (scope_ticket, Outcome.SUCCESS)
+                    if (ticket is not None and ticket.lease_id is not None) or (
+                        scope_ticket is not None and scope_ticket.lease_id is not None
+                    ):
                         # a half-open probe's success must reach the breaker (the shield
                         # costs a few microseconds, so the closed-circuit path skips it)
                         with anyio.CancelScope(shield=True):
-                            await self._feedback(record, ticket, None, None)
+                            await self._feedback(record, ticket, None, None, None, scope)
                     else:
-                        await self._feedback(record, ticket, None, None)
+                        await self._feedback(record, ticket, None, None, None, scope)
                     return called, completion, False
             finally:
                 semaphore.release()

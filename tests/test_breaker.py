@@ -424,8 +424,8 @@ async def test_disable_admits_everything(clock: FakeClock) -> None:
 
 
 def test_key_for() -> None:
-    assert CircuitBreaker().key_for("anthropic", "claude-x") == "anthropic"
-    per_model = CircuitBreaker(per_model=True)
+    assert CircuitBreaker(per_model=False).key_for("anthropic", "claude-x") == "anthropic"
+    per_model = CircuitBreaker()  # per model by default
     assert per_model.key_for("anthropic", "claude-x") == "anthropic:claude-x"
     assert per_model.key_for("anthropic") == "anthropic"
     with pytest.raises(ConfigurationError, match="provider"):

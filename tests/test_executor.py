@@ -771,7 +771,7 @@ async def test_breaker_is_told_every_outcome(
     alpha.script("cheap-a", *(ServerError("boom", status=500) for _ in range(3)))
     beta.script("cheap-b", AuthenticationError("bad key", status=401))
     policy = BreakerPolicy(consecutive_failures=10)
-    async with CircuitBreaker(policy=policy, local_view_ttl=0) as breaker:
+    async with CircuitBreaker(policy=policy, local_view_ttl=0, per_model=False) as breaker:
         async with make([alpha, beta], telemetry, sleep, breaker=breaker) as executor:
             response = await executor.run("x", CHEAP)
         alpha_state = await breaker.get_status("alpha")
@@ -1001,6 +1001,7 @@ async def test_cancellation_records_cancelled_returns_the_probe_lease_and_leaves
     clock = FakeClock()
     policy = BreakerPolicy(consecutive_failures=1, recovery_seconds=10)
     async with CircuitBreaker(policy=policy, clock=clock, local_view_ttl=0) as breaker:
+        key = breaker.key_for("alpha", "cheap-a")
         alpha.script("cheap-a", ServerError("boom", status=500), "hang")
         ctx = attrs.evolve(CHEAP, model="cheap-a")
         async with make(
@@ -1013,20 +1014,20 @@ async def test_cancellation_records_cancelled_returns_the_probe_lease_and_leaves
         ) as executor:
             with pytest.raises(AllRoutesFailedError):
                 await executor.run("x", ctx)
-            assert (await breaker.get_status("alpha")).state is CircuitState.OPEN
+            assert (await breaker.get_status(key)).state is CircuitState.OPEN
             clock.advance(60)  # past the recovery time: the next call is a probe
 
             before = asyncio.all_tasks()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(executor.run, "x", ctx)
                 await alpha.started.wait()
-                assert (await breaker.get_status("alpha")).probes_in_flight == 1
+                assert (await breaker.get_status(key)).probes_in_flight == 1
                 tg.cancel_scope.cancel()
             assert asyncio.all_tasks() == before
-            status = await breaker.get_status("alpha")
+            status = await breaker.get_status(key)
             assert status.state is CircuitState.HALF_OPEN
             assert status.probes_in_flight == 0  # lease returned, not left to expire
-            assert await breaker.is_available("alpha")
+            assert await breaker.is_available(key)
     _, cancelled = await records_of(telemetry)
     assert cancelled.outcome is Outcome.CANCELLED
     assert cancelled.model == "cheap-a"

@@ -501,12 +501,12 @@ async def test_one_retired_model_does_not_force_its_whole_provider_open(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
 ) -> None:
     """
-    A 404 names one model (retired, or a typo in the registry).  With the default
-    provider-wide breaker key it must not shut every other model of that provider out.
+    A 404 names one model (retired, or a typo in the registry).  With a provider-wide
+    breaker key it must not shut every other model of that provider out.
     """
     server.script("claude-fake-haiku", [404])
     async with (
-        CircuitBreaker() as breaker,
+        CircuitBreaker(per_model=False) as breaker,
         make(server, telemetry, sleep, breaker=breaker) as executor,
     ):
         cheap = await executor.run("hello", CHEAP)

@@ -48,6 +48,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final, NoReturn, Self
+from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -78,6 +79,7 @@ __all__ = [
     "error_from_transport",
     "parse_ratelimit_reset",
     "parse_retry_after",
+    "user_agent",
 ]
 
 DEFAULT_TIMEOUT: Final = 60.0
@@ -401,6 +403,14 @@ class AttemptTimeout(TimeoutError):
 # --------------------------------------------------------------------------- the base class
 
 
+def _host(url: str) -> str | None:
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    return None if host is None else host.lower()
+
+
 def _to_timeout(value: float | aiohttp.ClientTimeout | None) -> aiohttp.ClientTimeout:
     if isinstance(value, aiohttp.ClientTimeout):
         return value
@@ -411,36 +421,123 @@ def _to_timeout(value: float | aiohttp.ClientTimeout | None) -> aiohttp.ClientTi
     return aiohttp.ClientTimeout(total=float(value))
 
 
+_AUTH_HEADERS: Final = frozenset({"authorization", "api-key", "x-api-key"})
+"""Custom headers that carry the credential themselves (Azure's ``api-key``, a gateway's)."""
+_SECRET_WORDS: Final = ("auth", "key", "token", "secret", "password", "cookie", "signature")
+
+
+def _looks_secret(header: str) -> bool:
+    """Whether a header's value must be treated as a credential (never shown)."""
+    lowered = header.lower()
+    return any(word in lowered for word in _SECRET_WORDS)
+
+
+def user_agent() -> str:
+    """The ``User-Agent`` every request carries: ``empathy-models/<version>``."""
+    from .. import __version__  # the package is fully imported by the time this runs
+
+    return f"empathy-models/{__version__}"
+
+
+def _custom_headers(headers: Mapping[str, str] | None) -> tuple[tuple[str, str | _Secret], ...]:
+    if headers is None:
+        return ()
+    if not isinstance(headers, Mapping):
+        raise ConfigurationError(f"headers must be a mapping of strings, got {headers!r}")
+    out: list[tuple[str, str | _Secret]] = []
+    for name, value in headers.items():
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in ":\r\n"):
+            raise ConfigurationError(f"header names must be non-empty strings, got {name!r}")
+        secret = _looks_secret(name)
+        if not isinstance(value, str) or "\r" in value or "\n" in value:
+            shown = "<secret>" if secret else repr(value)
+            raise ConfigurationError(
+                f"header {name!r} must have a one-line string value, got {shown}"
+            )
+        out.append((name.strip(), _Secret(value) if secret else value))
+    return tuple(out)
+
+
 class HTTPProvider(Provider):
     """
     A provider that POSTs JSON to ``base_url`` with aiohttp.
 
-    Subclasses set ``env_var`` and implement `_endpoint`, `_headers`, `_payload` and
-    `_parse`.  The key comes from ``api_key`` or the environment variable, is held in a
-    wrapper that never prints, and is never logged or put in a repr or an error.  A
-    missing key raises `AuthenticationError` from `complete` before any request.
+    Subclasses set ``env_var``, ``base_url_env_var`` and ``default_base_url`` and
+    implement `_endpoint`, `_headers`, `_payload` and `_parse`.
+
+    **Base URL and key, as the official SDKs read them.**  ``base_url=None`` means the
+    ``base_url_env_var`` environment variable (``OPENAI_BASE_URL``,
+    ``ANTHROPIC_BASE_URL``) when set, else the official endpoint.  ``api_key`` given is
+    always used.  Without it the ``env_var`` key (``OPENAI_API_KEY``, ...) is read only
+    when it cannot leak to someone else: when the base URL is the official host or came
+    from the environment next to the key (``api_key_from_env=None``, the default);
+    ``api_key_from_env=True`` reads it for any base URL, ``False`` never.  So
+    ``OpenAIProvider(name="ollama", base_url="http://localhost:11434/v1")`` never sends
+    ``OPENAI_API_KEY``.  The key is held in a wrapper that never prints and is never
+    logged or put in a repr or an error.  A missing key raises `AuthenticationError`
+    from `complete` before any request.
+
+    **Headers.**  Every request carries ``User-Agent: empathy-models/<version>``.
+    ``headers`` are added to every request and win over the defaults (names compare
+    case-insensitively).  A custom ``Authorization``, ``api-key`` or ``x-api-key`` header
+    is the credential itself (Azure OpenAI's ``api-key``, a gateway's token): no
+    ``api_key`` is needed then and the provider's own auth header is not sent.  Values of
+    headers whose names look secret (``key``, ``token``, ``auth``, ``secret`` ...) are
+    kept like the key: never in a repr, an error or a log.
 
     Sessions: `bind` lends one (the executor's); ``async with provider:`` creates and
-    closes one of its own.  `complete` is safe to call concurrently; its cost is the
-    request itself.
+    closes one of its own, which honours ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
+    (``trust_env``) like the executor's.  `complete` is safe to call concurrently; its
+    cost is the request itself.
     """
 
     env_var: str = ""
+    base_url_env_var: str = ""
+    default_base_url: str = ""
 
     def __init__(
         self,
         *,
         api_key: str | None,
-        base_url: str,
+        base_url: str | None,
         name: str,
         timeout: float | aiohttp.ClientTimeout | None = DEFAULT_TIMEOUT,
+        headers: Mapping[str, str] | None = None,
+        api_key_from_env: bool | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty string, got {name!r}")
+        if api_key_from_env not in (None, True, False):
+            raise ConfigurationError(
+                f"api_key_from_env must be True, False or None, got {api_key_from_env!r}"
+            )
+        from_env = False
+        if base_url is None:
+            configured = os.environ.get(self.base_url_env_var, "").strip()
+            from_env = bool(configured) and bool(self.base_url_env_var)
+            base_url = configured if from_env else self.default_base_url
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"base_url must be an http(s) URL, got {base_url!r}")
-        key = api_key if api_key is not None else os.environ.get(self.env_var)
+            where = f" (from {self.base_url_env_var})" if from_env else ""
+            raise ConfigurationError(f"base_url must be an http(s) URL, got {base_url!r}{where}")
+        official = _host(base_url) == _host(self.default_base_url)
+        env_allowed = (
+            api_key_from_env
+            if api_key_from_env is not None
+            else official or from_env
+        )
+        key = api_key
+        self._env_key_withheld = False
+        if key is None:
+            if env_allowed:
+                key = os.environ.get(self.env_var)
+            else:
+                self._env_key_withheld = bool(os.environ.get(self.env_var))
         self._secret: _Secret | None = _Secret(key) if key else None
+        self._extra_headers = _custom_headers(headers)
+        auth = [v for n, v in self._extra_headers if n.lower() in _AUTH_HEADERS]
+        self._header_secret: _Secret | None = next(
+            (v for v in auth if isinstance(v, _Secret) and v.reveal()), None
+        )
         self.name = name
         self.base_url = base_url.rstrip("/")
         self._timeout = _to_timeout(timeout)
@@ -455,8 +552,29 @@ class HTTPProvider(Provider):
 
     @property
     def has_api_key(self) -> bool:
-        """True when a key was given or found in the environment."""
-        return self._secret is not None
+        """True when a key was given, found in the environment, or set as a header."""
+        return self._secret is not None or self._header_secret is not None
+
+    @property
+    def header_names(self) -> tuple[str, ...]:
+        """The names of the custom ``headers`` (their values are not shown)."""
+        return tuple(name for name, _ in self._extra_headers)
+
+    def _request_headers(self) -> dict[str, str]:
+        """Every request's headers: User-Agent, the API's own, then the custom ones."""
+        own = self._headers(None if self._secret is None else self._secret.reveal())
+        custom = {
+            name: value.reveal() if isinstance(value, _Secret) else value
+            for name, value in self._extra_headers
+        }
+        replaced = {name.lower() for name in custom}
+        headers = {
+            name: value
+            for name, value in {"User-Agent": user_agent(), **own}.items()
+            if name.lower() not in replaced
+        }
+        headers.update(custom)
+        return headers
 
     # ------------------------------------------------------------------ sessions
 
@@ -470,7 +588,7 @@ class HTTPProvider(Provider):
 
     async def __aenter__(self) -> Self:
         if self._own is None or self._own.closed:
-            self._own = aiohttp.ClientSession(timeout=self._timeout)
+            self._own = aiohttp.ClientSession(timeout=self._timeout, trust_env=True)
         return self
 
     async def __aexit__(
@@ -547,16 +665,23 @@ class HTTPProvider(Provider):
         budget_ends: float | None,
     ) -> Completion:
         model = request.model
-        if self._secret is None:
+        if self._secret is None and self._header_secret is None:
+            if self._env_key_withheld:
+                hint = (
+                    f"{self.env_var} is set but only sent to the official endpoint, not to "
+                    f"{self.base_url}; pass api_key=, or api_key_from_env=True to send it there"
+                )
+            else:
+                hint = f"pass api_key= or set {self.env_var}"
             raise AuthenticationError(
-                f"{self.name}: no API key; pass api_key= or set {self.env_var} [model {model}]",
+                f"{self.name}: no API key; {hint} [model {model}]",
                 provider=self.name,
                 model=model,
             )
         session = self._session()
         headers = self._headers_cache
         if headers is None:
-            headers = self._headers_cache = self._headers(self._secret.reveal())
+            headers = self._headers_cache = self._request_headers()
         payload = _ENCODER.encode(self._payload(request)).encode()
         try:
             # never follow a redirect: it would carry the key (x-api-key survives a
@@ -590,7 +715,7 @@ class HTTPProvider(Provider):
                 response_headers,
                 provider=self.name,
                 model=model,
-                secret=self._secret,
+                secret=self._secret if self._secret is not None else self._header_secret,
             )
         reader = ResponseReader(provider=self.name, model=model, status=status)
         data = reader.decode(body)
@@ -606,8 +731,8 @@ class HTTPProvider(Provider):
         """The path appended to ``base_url``."""
 
     @abc.abstractmethod
-    def _headers(self, api_key: str) -> dict[str, str]:
-        """Request headers, built once per provider."""
+    def _headers(self, api_key: str | None) -> dict[str, str]:
+        """The API's own request headers (no auth header when ``api_key`` is None)."""
 
     @abc.abstractmethod
     def _payload(self, request: CompletionRequest) -> dict[str, Any]:

@@ -20,11 +20,14 @@ class AnthropicProvider(HTTPProvider):
     """
     Calls Claude models through the Messages API.
 
-    ``api_key`` defaults to the ``ANTHROPIC_API_KEY`` environment variable (read at
-    construction); without either, `complete` raises `AuthenticationError` naming the
-    variable, before any request.  ``base_url`` may point at any server speaking the
-    Messages API (a proxy, `FakeLLMServer.anthropic_base_url`); a trailing ``/v1`` is
-    accepted.  ``timeout`` is the per-request total in seconds (or an
+    ``base_url`` defaults to ``ANTHROPIC_BASE_URL`` when set, else
+    ``https://api.anthropic.com``; it may point at any server speaking the Messages API
+    (a proxy, `FakeLLMServer.anthropic_base_url`); a trailing ``/v1`` is accepted.
+    ``api_key`` defaults to ``ANTHROPIC_API_KEY`` (read at construction) only for
+    api.anthropic.com or a base URL from ``ANTHROPIC_BASE_URL`` (``api_key_from_env=True``
+    reads it for any base URL); without a key, `complete` raises `AuthenticationError`
+    saying what to set, before any request.  ``headers`` are sent with every request
+    (see `HTTPProvider`).  ``timeout`` is the per-request total in seconds (or an
     ``aiohttp.ClientTimeout``), applied on bound sessions too.
 
     The completion's ``content`` is the concatenated text blocks; tokens are the
@@ -34,29 +37,42 @@ class AnthropicProvider(HTTPProvider):
     """
 
     env_var = "ANTHROPIC_API_KEY"
+    base_url_env_var = "ANTHROPIC_BASE_URL"
+    default_base_url = "https://api.anthropic.com"
 
     def __init__(
         self,
         api_key: str | None = None,
         *,
-        base_url: str = "https://api.anthropic.com",
+        base_url: str | None = None,
         name: str = "anthropic",
         timeout: float | aiohttp.ClientTimeout | None = DEFAULT_TIMEOUT,
         anthropic_version: str = ANTHROPIC_VERSION,
+        headers: Mapping[str, str] | None = None,
+        api_key_from_env: bool | None = None,
     ) -> None:
         self._version = anthropic_version
-        super().__init__(api_key=api_key, base_url=base_url, name=name, timeout=timeout)
+        super().__init__(
+            api_key=api_key,
+            base_url=base_url,
+            name=name,
+            timeout=timeout,
+            headers=headers,
+            api_key_from_env=api_key_from_env,
+        )
 
     def _endpoint(self) -> str:
         return "/messages" if self.base_url.endswith("/v1") else "/v1/messages"
 
-    def _headers(self, api_key: str) -> dict[str, str]:
-        return {
-            "x-api-key": api_key,
+    def _headers(self, api_key: str | None) -> dict[str, str]:
+        headers = {
             "anthropic-version": self._version,
             "content-type": "application/json",
             "accept": "application/json",
         }
+        if api_key is not None:
+            headers["x-api-key"] = api_key
+        return headers
 
     def _payload(self, request: CompletionRequest) -> dict[str, Any]:
         payload: dict[str, Any] = {

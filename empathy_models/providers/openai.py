@@ -21,9 +21,16 @@ class OpenAIProvider(HTTPProvider):
     OpenRouter, a LiteLLM proxy (set ``base_url``, e.g. ``"http://localhost:11434/v1"``,
     and ``name`` so records and breaker keys tell them apart).
 
-    ``api_key`` defaults to the ``OPENAI_API_KEY`` environment variable (read at
-    construction); without either, `complete` raises `AuthenticationError` naming the
-    variable, before any request (servers that need no key accept any placeholder).
+    ``base_url`` defaults to ``OPENAI_BASE_URL`` when set, else
+    ``https://api.openai.com/v1``.  ``api_key`` defaults to ``OPENAI_API_KEY`` (read at
+    construction) only for api.openai.com or a base URL from ``OPENAI_BASE_URL``: an
+    explicit third-party ``base_url`` needs its own ``api_key`` (or
+    ``api_key_from_env=True``), so a real OpenAI key never reaches another server by
+    accident.  Without a key, `complete` raises `AuthenticationError` saying what to
+    set, before any request (servers that need no key accept any placeholder, e.g.
+    ``api_key="ollama"``).  ``headers`` are sent with every request (see
+    `HTTPProvider`): for Azure OpenAI pass ``headers={"api-key": ...}`` and no
+    ``api_key``.
     ``max_tokens_field`` is the body field that carries the request's ``max_tokens``:
     by default ``"max_completion_tokens"`` for api.openai.com (its reasoning models
     reject ``max_tokens``) and ``"max_tokens"`` for every other server.  ``organization``
@@ -36,16 +43,20 @@ class OpenAIProvider(HTTPProvider):
     """
 
     env_var = "OPENAI_API_KEY"
+    base_url_env_var = "OPENAI_BASE_URL"
+    default_base_url = "https://api.openai.com/v1"
 
     def __init__(
         self,
         api_key: str | None = None,
         *,
-        base_url: str = "https://api.openai.com/v1",
+        base_url: str | None = None,
         name: str = "openai",
         timeout: float | aiohttp.ClientTimeout | None = DEFAULT_TIMEOUT,
         organization: str | None = None,
         max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None,
+        headers: Mapping[str, str] | None = None,
+        api_key_from_env: bool | None = None,
     ) -> None:
         if max_tokens_field not in (None, "max_tokens", "max_completion_tokens"):
             raise ConfigurationError(
@@ -53,7 +64,14 @@ class OpenAIProvider(HTTPProvider):
                 f"got {max_tokens_field!r}"
             )
         self._organization = organization
-        super().__init__(api_key=api_key, base_url=base_url, name=name, timeout=timeout)
+        super().__init__(
+            api_key=api_key,
+            base_url=base_url,
+            name=name,
+            timeout=timeout,
+            headers=headers,
+            api_key_from_env=api_key_from_env,
+        )
         if max_tokens_field is None:
             official = urlsplit(self.base_url).hostname == "api.openai.com"
             max_tokens_field = "max_completion_tokens" if official else "max_tokens"
@@ -62,12 +80,10 @@ class OpenAIProvider(HTTPProvider):
     def _endpoint(self) -> str:
         return "/chat/completions"
 
-    def _headers(self, api_key: str) -> dict[str, str]:
-        headers = {
-            "Authorization": f"Bearer {api_key}",
-            "content-type": "application/json",
-            "accept": "application/json",
-        }
+    def _headers(self, api_key: str | None) -> dict[str, str]:
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if api_key is not None:
+            headers["Authorization"] = f"Bearer {api_key}"
         if self._organization:
             headers["OpenAI-Organization"] = self._organization
         return headers
