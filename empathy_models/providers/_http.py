@@ -20,7 +20,8 @@ what happened                              raised
 529, or an ``overloaded_error`` body       `OverloadedError`
 500-599                                    `ServerError`
 aiohttp / asyncio timeout                  `ProviderTimeoutError`
-refused, reset, DNS, disconnected          `ProviderConnectionError`
+refused, reset, DNS, disconnected, a       `ProviderConnectionError`
+proxy refusing the tunnel
 truncated body, malformed JSON, missing    `InvalidResponseError`
 fields, unexpected status (a 3xx: redirects
 are never followed, they would carry the key)
@@ -293,6 +294,14 @@ def error_from_transport(exc: BaseException, *, provider: str, model: str) -> Pr
             provider=provider,
             model=model,
         )
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        # the proxy (HTTPS_PROXY / HTTP_PROXY) refused the tunnel or wants credentials
+        return ProviderConnectionError(
+            f"{provider}: the HTTP proxy refused the connection ({exc.status} {exc.message}) "
+            f"{where}",
+            provider=provider,
+            model=model,
+        )
     if isinstance(exc, aiohttp.ClientPayloadError):
         return InvalidResponseError(
             f"{provider}: the response body was cut short: {detail} {where}",
@@ -520,11 +529,7 @@ class HTTPProvider(Provider):
             where = f" (from {self.base_url_env_var})" if from_env else ""
             raise ConfigurationError(f"base_url must be an http(s) URL, got {base_url!r}{where}")
         official = _host(base_url) == _host(self.default_base_url)
-        env_allowed = (
-            api_key_from_env
-            if api_key_from_env is not None
-            else official or from_env
-        )
+        env_allowed = api_key_from_env if api_key_from_env is not None else official or from_env
         key = api_key
         self._env_key_withheld = False
         if key is None:

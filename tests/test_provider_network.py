@@ -1,0 +1,342 @@
+"""
+Providers on corporate networks, over real HTTP on 127.0.0.1: proxies from the
+environment (a tiny aiohttp proxy in the test), ``OPENAI_BASE_URL`` /
+``ANTHROPIC_BASE_URL``, the environment key sent only where it belongs, the
+``User-Agent`` and custom headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from empathy_models import (
+    AnthropicProvider,
+    AuthenticationError,
+    CompletionRequest,
+    ConfigurationError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    MemoryTelemetryBackend,
+    ModelInfo,
+    ModelRegistry,
+    OpenAIProvider,
+    ProviderConnectionError,
+    __version__,
+)
+from empathy_models.testing import FakeLLMServer
+
+KEY = "gateway-key-0123"
+ENV_KEY = "sk-real-openai-key-from-the-environment"
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+def req(model: str = "m") -> CompletionRequest:
+    return CompletionRequest(model=model, messages="hello")
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No proxy, base URL or key from the machine running the tests leaks in."""
+    for name in (*PROXY_VARS, "OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+
+
+class Proxy:
+    """
+    A forwarding HTTP proxy on 127.0.0.1: it records every request (method, target,
+    headers) and forwards plain-HTTP ones; CONNECT tunnels are refused with 403.
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        self.url = ""
+        self._runner: web.ServerRunner | None = None
+
+    async def __aenter__(self) -> Proxy:
+        runner = web.ServerRunner(web.Server(self._handle), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self._runner = runner
+        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.seen.append((request.method, request.raw_path, dict(request.headers)))
+        if request.method == "CONNECT":
+            return web.Response(status=403, text="no tunnels")
+        hop = {"host", "proxy-connection", "content-length", "connection"}
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in hop}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(
+                request.method, request.raw_path, data=await request.read(), headers=headers
+            ) as upstream,
+        ):
+            body = await upstream.read()
+            return web.Response(
+                status=upstream.status,
+                body=body,
+                content_type=upstream.content_type,
+            )
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[Proxy]:
+    async with Proxy() as p:
+        yield p
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    async with FakeLLMServer(api_key=KEY) as fake:
+        yield fake
+
+
+# --------------------------------------------------------------------------- proxies
+
+
+async def test_http_proxy_carries_the_executor_requests(
+    server: FakeLLMServer, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)  # NO_PROXY is unset: 127.0.0.1 is proxied
+    registry = ModelRegistry(
+        models=[
+            ModelInfo(
+                id="m",
+                provider="openai",
+                tier="cheap",
+                input_price_per_mtok=1.0,
+                output_price_per_mtok=1.0,
+                context_window=10_000,
+                max_output_tokens=1000,
+            )
+        ],
+        price_version="proxy-test",
+    )
+    async with EmpathyLLMExecutor(
+        [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+        registry=registry,
+        telemetry_store=MemoryTelemetryBackend(),
+    ) as executor:
+        response = await executor.run("hello", ExecutionContext(tier="cheap"))
+    assert response.content == "Reply from m."
+    assert [(m, target) for m, target, _ in proxy.seen] == [
+        ("POST", server.openai_base_url + "/chat/completions")
+    ]
+    assert server.requests("m") == 1
+
+
+async def test_a_provider_session_of_its_own_uses_the_proxy_too(
+    server: FakeLLMServer, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    async with AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url) as provider:
+        await provider.complete(req())
+    assert [m for m, _, _ in proxy.seen] == ["POST"]
+
+
+async def test_https_proxy_is_asked_for_a_tunnel_to_the_official_host(
+    proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTPS endpoints go through HTTPS_PROXY with CONNECT (this proxy refuses it)."""
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+    async with OpenAIProvider(api_key=KEY) as provider:
+        with pytest.raises(ProviderConnectionError, match="proxy refused"):
+            await provider.complete(req())
+    assert [(m, target) for m, target, _ in proxy.seen] == [("CONNECT", "api.openai.com:443")]
+    # the tunnel request carries no credential: the key would only travel inside TLS
+    assert not any(name.lower() == "authorization" for name in proxy.seen[0][2])
+
+
+async def test_no_proxy_bypasses_the_proxy(
+    server: FakeLLMServer, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with OpenAIProvider(api_key=KEY, base_url=server.openai_base_url) as provider:
+        await provider.complete(req())
+    assert proxy.seen == []
+    assert server.requests("m") == 1
+
+
+# --------------------------------------------------------------------------- base URLs and keys
+
+
+async def test_openai_base_url_is_read_from_the_environment(
+    server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", server.openai_base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # configured together, as the SDK reads them
+    async with OpenAIProvider() as provider:
+        assert provider.base_url == server.openai_base_url
+        assert (await provider.complete(req())).content == "Reply from m."
+    assert server.requests("m") == 1
+
+
+async def test_anthropic_base_url_is_read_from_the_environment(
+    server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.anthropic_base_url)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    async with AnthropicProvider() as provider:
+        assert (await provider.complete(req())).content == "Reply from m."
+
+
+def test_the_official_endpoint_is_the_default() -> None:
+    assert OpenAIProvider(api_key="k").base_url == "https://api.openai.com/v1"
+    assert AnthropicProvider(api_key="k").base_url == "https://api.anthropic.com"
+
+
+def test_a_bad_base_url_from_the_environment_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "localhost:8000")
+    with pytest.raises(ConfigurationError, match="OPENAI_BASE_URL"):
+        OpenAIProvider(api_key="k")
+
+
+async def test_a_custom_base_url_never_sends_the_openai_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``OpenAIProvider(name="ollama", base_url=...)`` without api_key sends no env key."""
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    async with FakeLLMServer(api_key=ENV_KEY) as ollama:
+        provider = OpenAIProvider(name="ollama", base_url=ollama.openai_base_url)
+        assert not provider.has_api_key
+        async with provider:
+            with pytest.raises(AuthenticationError, match="api_key_from_env=True") as info:
+                await provider.complete(req())
+        assert ENV_KEY not in str(info.value)
+        assert ollama.requests() == 0  # nothing reached the server, key or no key
+
+
+async def test_a_custom_base_url_sends_its_own_key_not_the_environment_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server accepts only its own key: a request with OPENAI_API_KEY would get 401."""
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    async with FakeLLMServer(api_key="ollama") as ollama:
+        async with OpenAIProvider(
+            "ollama", name="ollama", base_url=ollama.openai_base_url
+        ) as provider:
+            await provider.complete(req())
+        async with OpenAIProvider(
+            name="ollama", base_url=ollama.openai_base_url, api_key_from_env=True
+        ) as asked:
+            with pytest.raises(AuthenticationError, match="401"):
+                await asked.complete(req())  # sent, as asked: the server refuses it
+
+
+async def test_a_keyless_custom_provider_in_the_executor_is_never_called(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    async with FakeLLMServer() as local:  # it would accept any key
+        registry = ModelRegistry(
+            models=[
+                ModelInfo(
+                    id="llama",
+                    provider="ollama",
+                    tier="cheap",
+                    input_price_per_mtok=0.0,
+                    output_price_per_mtok=0.0,
+                    context_window=8192,
+                    max_output_tokens=1024,
+                )
+            ],
+            price_version="ollama-test",
+        )
+        ollama = OpenAIProvider(name="ollama", base_url=local.openai_base_url)
+        async with EmpathyLLMExecutor(
+            [ollama], registry=registry, telemetry_store=MemoryTelemetryBackend()
+        ) as executor:
+            with pytest.raises(Exception, match="no API key"):
+                await executor.run("hello", ExecutionContext(tier="cheap"))
+        assert local.requests() == 0
+
+
+def test_api_key_from_env_false_never_reads_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    assert OpenAIProvider().has_api_key
+    assert not OpenAIProvider(api_key_from_env=False).has_api_key
+
+
+# --------------------------------------------------------------------------- headers
+
+
+async def test_requests_carry_a_user_agent(server: FakeLLMServer) -> None:
+    for provider in (
+        OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+        AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+    ):
+        async with provider:
+            await provider.complete(req())
+        recorded = server.last_request("m")
+        assert recorded is not None
+        assert recorded.headers["User-Agent"] == f"empathy-models/{__version__}"
+
+
+async def test_custom_headers_are_sent_and_win_over_the_defaults(server: FakeLLMServer) -> None:
+    headers = {"X-Gateway-Team": "search", "user-agent": "my-app/2.0"}
+    async with OpenAIProvider(
+        api_key=KEY, base_url=server.openai_base_url, headers=headers
+    ) as provider:
+        await provider.complete(req())
+    recorded = server.last_request("m")
+    assert recorded is not None
+    assert recorded.headers["X-Gateway-Team"] == "search"
+    assert recorded.headers["User-Agent"] == "my-app/2.0"  # one User-Agent, the caller's
+    assert provider.header_names == ("X-Gateway-Team", "user-agent")
+
+
+async def test_an_api_key_header_is_the_credential(
+    server: FakeLLMServer, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Azure style: ``headers={"api-key": ...}`` and no api_key; no Authorization is sent."""
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)  # the proxy sees every header on the wire
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    provider = OpenAIProvider(
+        name="azure", base_url=server.openai_base_url, headers={"api-key": "azure-secret-1"}
+    )
+    assert provider.has_api_key
+    async with provider:
+        with pytest.raises(AuthenticationError):  # FakeLLMServer wants Bearer auth
+            await provider.complete(req())
+    [(_, _, sent)] = proxy.seen
+    lowered = {k.lower(): v for k, v in sent.items()}
+    assert lowered["api-key"] == "azure-secret-1"
+    assert "authorization" not in lowered
+
+
+def test_secret_looking_header_values_stay_out_of_reprs_and_errors() -> None:
+    provider = OpenAIProvider(
+        name="gw",
+        base_url="http://gateway.internal/v1",
+        headers={"X-Gateway-Token": "tok-very-secret", "X-Team": "search"},
+        api_key="k",
+    )
+    assert "tok-very-secret" not in repr(provider)
+    assert "tok-very-secret" not in str(vars(provider))
+    with pytest.raises(ConfigurationError) as info:
+        OpenAIProvider(api_key="k", headers={"X-Api-Key": "bad\nvalue-secret"})
+    assert "value-secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("headers", [{"": "x"}, {"a:b": "x"}, {"X": 3}])
+def test_malformed_headers_are_refused(headers: Any) -> None:
+    with pytest.raises(ConfigurationError, match="header"):
+        OpenAIProvider(api_key="k", headers=headers)
