@@ -144,8 +144,11 @@ async def test_calls_go_on_with_one_event_and_one_warning_per_outage(
     assert len(degraded) == 1
     assert degraded[0].key == KEY
     assert degraded[0].error is not None and type(error).__name__ in degraded[0].error
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "per-process breaker" in warnings[0].getMessage()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    store_warnings = [text for text in warnings if "circuit state store" in text]
+    assert len(store_warnings) == 1 and "per-process breaker" in store_warnings[0]
+    [trip] = [text for text in warnings if text not in store_warnings]  # the trip itself
+    assert f"circuit {KEY!r} opened" in trip and "3 consecutive failures" in trip
     assert [(e.old_state, e.new_state) for e in events if e.new_state is not None] == [
         (CircuitState.CLOSED, CircuitState.OPEN)
     ]
