@@ -81,7 +81,7 @@ import os
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import MappingProxyType, TracebackType
 from typing import Any, NamedTuple, Protocol, Self
 
@@ -469,6 +469,18 @@ def _to_messages(prompt: str | Sequence[Message]) -> tuple[Message, ...]:
     return messages
 
 
+def _ensure_sqlite_parent(url: str) -> None:
+    """Create the directory of a SQLite file URL (``$EMPATHY_HOME`` on first use)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite" or parts.netloc:
+        return
+    raw = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    if raw and raw != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(raw)) or ".", mode=0o700, exist_ok=True)
+
+
 def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
     # about four characters per token; the router only needs the order of magnitude
     chars = sum(len(m.content) for m in messages) + (len(system) if system else 0)
@@ -687,6 +699,8 @@ class EmpathyLLMExecutor:
             m.id: m for tier in _TIER_ORDER for m in self._candidates[tier]
         }
         self._tasks: dict[str, tuple[str, ModelTier]] = {}
+        # resources built by `from_config` for this executor: entered first, closed last
+        self._owned: tuple[AbstractAsyncContextManager[Any], ...] = ()
         self._stack: AsyncExitStack | None = None
         self._state = "new"
         self.telemetry_errors = 0
@@ -701,6 +715,50 @@ class EmpathyLLMExecutor:
                 TelemetryDisabledWarning,
                 stacklevel=2,
             )
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        router: bool = True,
+        **options: Any,
+    ) -> EmpathyLLMExecutor:
+        """
+        An executor built from ``empathy.toml`` (see `empathy_models.config`): its
+        providers, registry, telemetry database and breaker state store, and (with
+        ``router=True``) an `AdaptiveModelRouter` reading the same telemetry.
+
+        ``path`` names the file; by default it is found like the CLI finds it
+        (``EMPATHY_CONFIG``, ``./empathy.toml``, ``$EMPATHY_HOME/empathy.toml``; none:
+        the defaults, telemetry and breaker state in ``$EMPATHY_HOME/empathy.db``).
+        ``options`` go to the constructor (``retry=``, ``fallback=``, ...) and win over
+        the file.  The executor owns what it builds: the backend, the router and the
+        breaker are opened on enter and closed on exit.  Raises `ConfigurationError`
+        for an invalid file.
+        """
+        from .config import EmpathyConfig
+        from .router import AdaptiveModelRouter
+
+        config = EmpathyConfig.load(path)
+        registry = options.pop("registry", None) or config.registry()
+        providers = options.pop("providers", None) or config.build_providers()
+        telemetry = options.pop("telemetry_store", None)
+        owned: list[AbstractAsyncContextManager[Any]] = []
+        if telemetry is None:
+            _ensure_sqlite_parent(config.telemetry_url)
+            telemetry = telemetry_from_url(config.telemetry_url)
+            owned.append(telemetry)
+        if router and "router" not in options:
+            built = AdaptiveModelRouter(registry, telemetry)
+            options["router"] = built
+            owned.append(built)
+        if "breaker" not in options:
+            _ensure_sqlite_parent(config.state_url)
+            options["breaker"] = config.state_url
+        executor = cls(providers, registry=registry, telemetry_store=telemetry, **options)
+        executor._owned = tuple(owned)
+        return executor
 
     # ------------------------------------------------------------------ configuration
 
@@ -785,6 +843,8 @@ class EmpathyLLMExecutor:
             raise RuntimeError(f"EmpathyLLMExecutor cannot be entered twice (it is {self._state})")
         stack = AsyncExitStack()
         try:
+            for resource in self._owned:
+                await stack.enter_async_context(resource)
             if self._telemetry is not None:
                 if self._owns_telemetry:
                     await stack.enter_async_context(self._telemetry)

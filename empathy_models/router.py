@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import time
 from collections import deque
@@ -525,6 +526,7 @@ class AdaptiveModelRouter:
     """
     Chooses the model for each call from in-memory, decayed per-arm statistics.
 
+    ``registry`` defaults to `ModelRegistry.default`, as the executor's does.
     ``telemetry_store`` is a `TelemetryBackend` or a URL (``"sqlite:///calls.db"``); a
     URL's backend is owned and closed by the router.  Without one (or with the null
     backend) the router learns only from `record_outcome`, and `get_routing_stats` says
@@ -553,7 +555,7 @@ class AdaptiveModelRouter:
 
     def __init__(
         self,
-        registry: ModelRegistry,
+        registry: ModelRegistry | None = None,
         telemetry_store: TelemetryBackend | str | None = None,
         *,
         policy: RoutingPolicy | None = None,
@@ -563,6 +565,7 @@ class AdaptiveModelRouter:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        registry = ModelRegistry.default() if registry is None else registry
         if not isinstance(registry, ModelRegistry):
             raise ConfigurationError(
                 f"registry must be a ModelRegistry, got {type(registry).__name__}"
@@ -623,6 +626,18 @@ class AdaptiveModelRouter:
         """How many seeding or refresh reads of the backend failed."""
         self.last_refresh: float | None = None
         """Epoch seconds of the last successful refresh (``None``: never)."""
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, **options: Any) -> Self:
+        """
+        A router over ``empathy.toml``'s registry and telemetry database (found as
+        `empathy_models.config.find_config_file` says; see `EmpathyLLMExecutor.from_config`).
+        The router owns the backend it opens; ``options`` go to the constructor.
+        """
+        from .config import EmpathyConfig
+
+        config = EmpathyConfig.load(path)
+        return cls(config.registry(), config.telemetry_url, **options)
 
     def __repr__(self) -> str:
         return (

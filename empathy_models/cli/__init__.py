@@ -3,7 +3,8 @@ The ``empathy-models`` command line (also ``python -m empathy_models``).
 
 Command groups live in modules of this package, each exposing
 ``register(subparsers)``; adding a group is one line in `COMMANDS`.  Every command
-takes ``--db`` (default ``$EMPATHY_HOME/empathy.db``).  Exit codes: 0 success, 1 an
+takes ``--db`` (default: the database named in ``empathy.toml``, else
+``$EMPATHY_HOME/empathy.db``; see ``empathy-models config show``).  Exit codes: 0 success, 1 an
 error the command reports (missing or corrupt database, a refused reset), 2 a usage
 error, 130 interrupted.  The CLI uses only the public API of ``empathy_models``.
 """
@@ -29,6 +30,7 @@ COMMANDS: tuple[str, ...] = (
     "breaker",
     "telemetry",
     "demo",
+    "config",
 )
 """Modules of ``empathy_models.cli`` whose ``register(subparsers)`` adds a command group."""
 

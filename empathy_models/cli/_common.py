@@ -26,6 +26,8 @@ __all__ = [
     "SubParsers",
     "MAX_DAYS",
     "add_common",
+    "configured_registry_file",
+    "configured_url",
     "number_arg",
     "db_url",
     "emit_json",
@@ -107,8 +109,8 @@ def add_common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> No
         "--db",
         metavar="URL_OR_PATH",
         default=None,
-        help="SQLite file or backend URL (default: $EMPATHY_HOME/empathy.db, "
-        "i.e. ~/.empathy/empathy.db)",
+        help="SQLite file or backend URL (default: the one named in empathy.toml, else "
+        "$EMPATHY_HOME/empathy.db; see `empathy-models config show`)",
     )
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -131,14 +133,34 @@ def sqlite_url(path: Path) -> str:
     return "sqlite:///" + quote(str(path.expanduser().absolute()))
 
 
-def db_url(value: str | None, *, must_exist: bool = True) -> str:
+def configured_url(kind: str = "telemetry") -> str:
     """
-    The backend URL for ``--db``: a URL passes through, a path becomes ``sqlite:///<abs>``.
+    The ``telemetry`` (or ``state``) URL of the configuration (``empathy.toml``, found
+    as the SDK finds it; the default ``$EMPATHY_HOME/empathy.db`` without one).
+    """
+    from empathy_models.config import EmpathyConfig
+
+    config = EmpathyConfig.load()
+    return config.state_url if kind == "state" else config.telemetry_url
+
+
+def configured_registry_file() -> Path | None:
+    """The registry file named by the configuration (None: the built-in table)."""
+    from empathy_models.config import EmpathyConfig
+
+    return EmpathyConfig.load().registry_file
+
+
+def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry") -> str:
+    """
+    The backend URL for ``--db``: a URL passes through, a path becomes ``sqlite:///<abs>``;
+    without ``--db``, the configuration's ``telemetry`` (or, with ``kind="state"``,
+    ``state``) URL.
 
     With ``must_exist`` a SQLite file that does not exist raises `CliError` (so a
     read command never creates an empty database behind the user's back).
     """
-    raw = value if value is not None else str(default_db_path())
+    raw = value if value is not None else configured_url(kind)
     if "://" in raw:
         url = raw
         scheme = urlsplit(raw).scheme.lower()

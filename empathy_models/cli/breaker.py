@@ -107,7 +107,7 @@ def _print_states(states: list[CircuitBreakerState]) -> None:
 
 def cmd_breaker_status(args: argparse.Namespace) -> int:
     """Print every key the store holds, or one key (a key never seen reads as closed)."""
-    url = db_url(args.db)
+    url = db_url(args.db, kind="state")
 
     async def body() -> list[CircuitBreakerState]:
         async with state_store_from_url(url) as store:
@@ -125,7 +125,7 @@ def cmd_breaker_status(args: argparse.Namespace) -> int:
 
 def cmd_breaker_reset(args: argparse.Namespace) -> int:
     """Reset one key or every key: it reads as closed and older tickets stop counting."""
-    url = db_url(args.db)
+    url = db_url(args.db, kind="state")
 
     async def body() -> list[CircuitBreakerState]:
         async with state_store_from_url(url) as store:
@@ -154,7 +154,7 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
 
 def cmd_breaker_open(args: argparse.Namespace) -> int:
     """Force a key open: every worker sharing the store rejects it until the time or a reset."""
-    url = db_url(args.db)
+    url = db_url(args.db, kind="state")
     until = None if args.seconds is None else datetime.now(UTC) + timedelta(seconds=args.seconds)
     if not args.key.strip():
         raise CliError("the key must not be empty", code=2)

@@ -22,6 +22,7 @@ from ._common import (
     CliError,
     SubParsers,
     add_common,
+    configured_registry_file,
     db_url,
     emit_json,
     fmt_ms,
@@ -59,7 +60,8 @@ def register(subparsers: SubParsers) -> None:
             "--registry",
             type=Path,
             default=None,
-            help="models and prices from a TOML or JSON file (default: the built-in table)",
+            help="models and prices from a TOML or JSON file (default: the one named in "
+            "empathy.toml, else the built-in table)",
         )
         p.add_argument("--days", type=_days, default=7.0, help="window (default 7)")
         return p
@@ -103,9 +105,10 @@ def register(subparsers: SubParsers) -> None:
 
 
 def _registry(args: argparse.Namespace) -> ModelRegistry:
-    if args.registry is None:
+    path = args.registry if args.registry is not None else configured_registry_file()
+    if path is None:
         return ModelRegistry.default()
-    return ModelRegistry.from_file(args.registry)
+    return ModelRegistry.from_file(path)
 
 
 async def _stages(

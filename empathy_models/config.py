@@ -1,0 +1,366 @@
+"""
+One configuration for the SDK and the CLI: ``empathy.toml``.
+
+The file is found by `find_config_file`: the path in ``EMPATHY_CONFIG`` (which must
+exist), else ``./empathy.toml`` in the working directory, else
+``$EMPATHY_HOME/empathy.toml``.  Without one, the defaults apply.  Every key is
+optional::
+
+    # empathy.toml
+    telemetry = "sqlite:///calls.db"    # telemetry URL, or a path to a SQLite file
+    state = "sqlite:///calls.db"        # circuit-breaker state URL (default: = telemetry)
+    registry = "models.toml"            # models and prices (default: the built-in table)
+
+    [providers.openai]                  # default: openai and anthropic, keys from the env
+    [providers.anthropic]
+
+    [providers.ollama]
+    type = "openai"                     # the wire format: "openai" or "anthropic"
+    base_url = "http://localhost:11434/v1"
+    api_key = "ollama"                  # a placeholder; real keys belong in the env:
+    # api_key_env = "OLLAMA_KEY"        # the name of the variable holding the key
+    headers = { "X-Team" = "search" }
+    timeout = 120
+
+Relative paths (``calls.db``, ``sqlite:///calls.db``, ``models.toml``) are relative to
+the directory of the file that names them, so a file in ``$EMPATHY_HOME`` keeps its
+databases there whatever the working directory.  The default telemetry database is
+``$EMPATHY_HOME/empathy.db``, the CLI's default, so the SDK and the CLI read and write
+the same file out of the box.
+
+`EmpathyConfig.load` reads it; `EmpathyLLMExecutor.from_config`,
+`AdaptiveModelRouter.from_config` and every CLI command without ``--db`` /
+``--registry`` use it; ``empathy-models config show`` prints each resolved value and
+where it came from.  Secrets (API keys, secret-looking header values, URL passwords)
+are never printed or put in a repr.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, unquote, urlsplit
+
+from attrs import field, frozen
+
+from .auth import empathy_home
+from .backends import redact_url
+from .exceptions import ConfigurationError
+from .providers._http import HTTPProvider, _looks_secret
+from .registry import ModelRegistry
+
+__all__ = [
+    "CONFIG_FILE_NAME",
+    "EmpathyConfig",
+    "ProviderConfig",
+    "find_config_file",
+]
+
+CONFIG_FILE_NAME = "empathy.toml"
+"""The name looked for in the working directory and in ``$EMPATHY_HOME``."""
+
+_TOP_KEYS = frozenset({"telemetry", "state", "registry", "providers"})
+_PROVIDER_KEYS = frozenset(
+    {"type", "base_url", "api_key", "api_key_env", "api_key_from_env", "headers", "timeout"}
+)
+_KINDS = ("openai", "anthropic")
+
+
+def find_config_file(cwd: Path | None = None) -> tuple[Path | None, str]:
+    """
+    The configuration file to read and why: ``(path, "EMPATHY_CONFIG")``,
+    ``(path, "working directory")``, ``(path, "EMPATHY_HOME")`` or ``(None, "none")``.
+
+    Raises `ConfigurationError` when ``EMPATHY_CONFIG`` names a file that does not exist.
+    """
+    named = os.environ.get("EMPATHY_CONFIG", "").strip()
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(f"EMPATHY_CONFIG={named!r}: no such file")
+        return path.absolute(), "EMPATHY_CONFIG"
+    here = (cwd if cwd is not None else Path.cwd()) / CONFIG_FILE_NAME
+    if here.is_file():
+        return here.absolute(), "working directory"
+    home = empathy_home() / CONFIG_FILE_NAME
+    if home.is_file():
+        return home.absolute(), "EMPATHY_HOME"
+    return None, "none"
+
+
+def _resolve_url(value: str, base: Path, where: str) -> str:
+    """A URL, with a relative SQLite path made absolute against ``base``; a path -> URL."""
+    if "://" not in value:
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = base / path
+        return "sqlite:///" + quote(str(path))
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:
+        raise ConfigurationError(f"{where}: not a URL: {exc}") from None
+    if parts.scheme.lower() != "sqlite" or parts.netloc:
+        return value
+    raw = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    if raw in ("", ":memory:") or Path(raw).expanduser().is_absolute():
+        return value
+    query = f"?{parts.query}" if parts.query else ""
+    return "sqlite:///" + quote(str(base / Path(raw).expanduser())) + query
+
+
+@frozen(kw_only=True)
+class ProviderConfig:
+    """
+    One ``[providers.<name>]`` table: which wire format, where, and how it is keyed.
+
+    ``api_key`` (a literal, for placeholders) and secret-looking ``headers`` values are
+    kept out of the repr; ``api_key_env`` names the environment variable holding the
+    key.  `build` makes the provider.
+    """
+
+    name: str
+    kind: Literal["openai", "anthropic"]
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    api_key_env: str | None = None
+    api_key_from_env: bool | None = None
+    headers: Mapping[str, str] = field(factory=dict, repr=False)
+    timeout: float | None = None
+
+    def build(self) -> HTTPProvider:
+        """The provider this table describes (keys read from the environment now)."""
+        from .providers import AnthropicProvider, OpenAIProvider
+
+        key = self.api_key
+        if key is None and self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env) or None
+        options: dict[str, Any] = {
+            "name": self.name,
+            "base_url": self.base_url,
+            "headers": dict(self.headers) or None,
+            "api_key_from_env": self.api_key_from_env,
+        }
+        if self.timeout is not None:
+            options["timeout"] = self.timeout
+        if self.kind == "anthropic":
+            return AnthropicProvider(key, **options)
+        return OpenAIProvider(key, **options)
+
+    def describe(self) -> str:
+        """A one-line, secret-free description for ``config show``."""
+        parts: list[str] = [self.kind]
+        env_url, env_key = (
+            ("OPENAI_BASE_URL", "OPENAI_API_KEY")
+            if self.kind == "openai"
+            else ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY")
+        )
+        if self.base_url is not None:
+            parts.append(f"base_url={redact_url(self.base_url)}")
+        elif os.environ.get(env_url, "").strip():
+            parts.append(f"base_url={redact_url(os.environ[env_url].strip())} (${env_url})")
+        if self.api_key is not None:
+            parts.append("api_key=<set in file>")
+        elif self.api_key_env is not None:
+            state = "set" if os.environ.get(self.api_key_env) else "not set"
+            parts.append(f"key from ${self.api_key_env} ({state})")
+        elif self.base_url is None or self.api_key_from_env:
+            state = "set" if os.environ.get(env_key) else "not set"
+            parts.append(f"key from ${env_key} ({state})")
+        if self.headers:
+            shown = ", ".join(
+                f"{k}=<secret>" if _looks_secret(k) else f"{k}={v}" for k, v in self.headers.items()
+            )
+            parts.append(f"headers: {shown}")
+        if self.timeout is not None:
+            parts.append(f"timeout={self.timeout:g}s")
+        return ", ".join(parts)
+
+
+def _provider(name: str, table: object, where: str) -> ProviderConfig:
+    if not isinstance(table, Mapping):
+        raise ConfigurationError(f"{where}: [providers.{name}] must be a table")
+    unknown = sorted(set(table) - _PROVIDER_KEYS)
+    if unknown:
+        raise ConfigurationError(
+            f"{where}: [providers.{name}] has unknown key(s) {', '.join(unknown)} "
+            f"(known: {', '.join(sorted(_PROVIDER_KEYS))})"
+        )
+    kind = table.get("type", name if name in _KINDS else None)
+    if kind not in _KINDS:
+        raise ConfigurationError(
+            f'{where}: [providers.{name}] needs type = "openai" or "anthropic", got {kind!r}'
+        )
+    for key in ("base_url", "api_key", "api_key_env"):
+        value = table.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            shown = "<secret>" if key == "api_key" else repr(value)
+            raise ConfigurationError(
+                f"{where}: [providers.{name}] {key} must be a non-empty string, got {shown}"
+            )
+    from_env = table.get("api_key_from_env")
+    if from_env is not None and not isinstance(from_env, bool):
+        raise ConfigurationError(
+            f"{where}: [providers.{name}] api_key_from_env must be true or false"
+        )
+    headers = table.get("headers", {})
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ConfigurationError(f"{where}: [providers.{name}] headers must be a table of strings")
+    timeout = table.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        raise ConfigurationError(
+            f"{where}: [providers.{name}] timeout must be a number of seconds > 0, got {timeout!r}"
+        )
+    return ProviderConfig(
+        name=name,
+        kind=kind,
+        base_url=table.get("base_url"),
+        api_key=table.get("api_key"),
+        api_key_env=table.get("api_key_env"),
+        api_key_from_env=from_env,
+        headers=dict(headers),
+        timeout=None if timeout is None else float(timeout),
+    )
+
+
+_DEFAULT_PROVIDERS = (
+    ProviderConfig(name="openai", kind="openai"),
+    ProviderConfig(name="anthropic", kind="anthropic"),
+)
+
+
+@frozen(kw_only=True)
+class EmpathyConfig:
+    """
+    The resolved configuration: what to use and where each value came from.
+
+    ``telemetry_url`` and ``state_url`` are backend URLs (relative SQLite paths already
+    resolved); ``registry_file`` is None for the built-in table; ``sources`` maps
+    ``"telemetry"``, ``"state"``, ``"registry"`` and ``"providers"`` to a description
+    of their origin (the file, or ``"default"``).
+    """
+
+    path: Path | None
+    found_by: str
+    telemetry_url: str
+    state_url: str
+    registry_file: Path | None
+    providers: tuple[ProviderConfig, ...]
+    sources: Mapping[str, str]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> EmpathyConfig:
+        """
+        Read ``path``, or the file `find_config_file` finds, or nothing (the defaults).
+
+        Raises `ConfigurationError` naming the file for a missing file, invalid TOML, an
+        unknown key or a value of the wrong type.
+        """
+        file: Path | None
+        if path is not None:
+            file = Path(path).expanduser().absolute()
+            found_by = "argument"
+            if not file.is_file():
+                raise ConfigurationError(f"{file}: no such configuration file")
+        else:
+            file, found_by = find_config_file()
+        data: Mapping[str, Any] = {}
+        if file is not None:
+            try:
+                data = tomllib.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigurationError(f"{file}: cannot read: {exc}") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigurationError(f"{file}: invalid TOML: {exc}") from None
+            unknown = sorted(set(data) - _TOP_KEYS)
+            if unknown:
+                raise ConfigurationError(
+                    f"{file}: unknown key(s) {', '.join(unknown)} "
+                    f"(known: {', '.join(sorted(_TOP_KEYS))})"
+                )
+        where = str(file)
+        base = file.parent if file is not None else Path.cwd()
+        sources: dict[str, str] = {}
+
+        def text(key: str) -> str | None:
+            value = data.get(key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigurationError(f"{where}: {key} must be a non-empty string")
+            return value
+
+        telemetry = text("telemetry")
+        if telemetry is not None:
+            telemetry_url = _resolve_url(telemetry, base, f"{where}: telemetry")
+            sources["telemetry"] = where
+        else:
+            telemetry_url = "sqlite:///" + quote(str((empathy_home() / "empathy.db").absolute()))
+            sources["telemetry"] = "default ($EMPATHY_HOME/empathy.db)"
+        state = text("state")
+        if state is not None:
+            state_url = _resolve_url(state, base, f"{where}: state")
+            sources["state"] = where
+        else:
+            state_url = telemetry_url
+            sources["state"] = "default (the telemetry database)"
+        registry = text("registry")
+        registry_file: Path | None = None
+        if registry is not None:
+            registry_file = Path(registry).expanduser()
+            if not registry_file.is_absolute():
+                registry_file = base / registry_file
+            sources["registry"] = where
+        else:
+            sources["registry"] = "default (the built-in table)"
+        tables = data.get("providers")
+        providers: tuple[ProviderConfig, ...]
+        if tables is None:
+            providers = _DEFAULT_PROVIDERS
+            sources["providers"] = "default (openai and anthropic, keys from the environment)"
+        else:
+            if not isinstance(tables, Mapping) or not tables:
+                raise ConfigurationError(f"{where}: [providers] must hold at least one table")
+            providers = tuple(_provider(name, table, where) for name, table in tables.items())
+            sources["providers"] = where
+        return cls(
+            path=file,
+            found_by=found_by,
+            telemetry_url=telemetry_url,
+            state_url=state_url,
+            registry_file=registry_file,
+            providers=providers,
+            sources=sources,
+        )
+
+    def registry(self) -> ModelRegistry:
+        """The registry file's models, or `ModelRegistry.default`."""
+        if self.registry_file is None:
+            return ModelRegistry.default()
+        return ModelRegistry.from_file(self.registry_file)
+
+    def build_providers(self) -> list[HTTPProvider]:
+        """One provider per ``[providers.*]`` table (keys read from the environment now)."""
+        return [p.build() for p in self.providers]
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """``(setting, value, source)`` rows for ``config show``; no secret is shown."""
+        file = str(self.path) if self.path is not None else "(none found)"
+        rows = [
+            ("config file", file, self.found_by),
+            ("telemetry", redact_url(self.telemetry_url), self.sources["telemetry"]),
+            ("state", redact_url(self.state_url), self.sources["state"]),
+            (
+                "registry",
+                str(self.registry_file) if self.registry_file is not None else "built-in",
+                self.sources["registry"],
+            ),
+        ]
+        rows.extend(
+            (f"provider {p.name}", p.describe(), self.sources["providers"]) for p in self.providers
+        )
+        return rows

@@ -1,0 +1,248 @@
+"""
+``empathy.toml``: one configuration for the SDK and the CLI.  The executor built with
+`EmpathyLLMExecutor.from_config` calls `FakeLLMServer` over real HTTP and writes a real
+SQLite file; the CLI runs as a subprocess through the real entry point in the same
+directory, with no flags, and must read the same database and registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from empathy_models import (
+    AdaptiveModelRouter,
+    ConfigurationError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    OpenAIProvider,
+)
+from empathy_models.config import EmpathyConfig, find_config_file
+from empathy_models.testing import FakeLLMServer
+
+KEY = "local-key-0123"
+
+MODELS = """
+price_version = "config-test-1"
+
+[[models]]
+id = "house-small"
+provider = "house"
+tier = "cheap"
+input_price_per_mtok = 0.5
+output_price_per_mtok = 1.0
+context_window = 32768
+max_output_tokens = 4096
+
+[[models]]
+id = "house-large"
+provider = "house"
+tier = "capable"
+input_price_per_mtok = 2.0
+output_price_per_mtok = 4.0
+context_window = 32768
+max_output_tokens = 4096
+"""
+
+
+def cli(cwd: Path, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "EMPATHY_CONFIG"}
+    env["EMPATHY_HOME"] = str(home)
+    return subprocess.run(
+        [sys.executable, "-m", "empathy_models", *args],
+        input="",
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=90,
+        check=False,
+    )
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    async with FakeLLMServer(api_key=KEY) as fake:
+        yield fake
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project directory as the working directory, with an empty EMPATHY_HOME."""
+    work = tmp_path / "project"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("EMPATHY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("EMPATHY_CONFIG", raising=False)
+    return work
+
+
+def write_config(directory: Path, server: FakeLLMServer) -> None:
+    (directory / "models.toml").write_text(MODELS)
+    (directory / "empathy.toml").write_text(
+        f"""
+telemetry = "calls.db"
+registry = "models.toml"
+
+[providers.house]
+type = "openai"
+base_url = "{server.openai_base_url}"
+api_key = "{KEY}"
+headers = {{ "X-Team" = "search", "X-Gateway-Token" = "tok-do-not-print" }}
+"""
+    )
+
+
+async def test_the_cli_reads_what_from_config_wrote(
+    project: Path, server: FakeLLMServer, tmp_path: Path
+) -> None:
+    write_config(project, server)
+    async with EmpathyLLMExecutor.from_config() as executor:
+        for _ in range(3):
+            response = await executor.run(
+                "hello", ExecutionContext(workflow="support", stage="triage", tier="cheap")
+            )
+    assert response.model == "house-small"
+    assert (project / "calls.db").is_file()
+    assert server.requests("house-small") == 3
+
+    stats = cli(project, tmp_path / "home", "routing", "stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    [support] = json.loads(stats.stdout)["workflows"]
+    assert support["workflow"] == "support"
+    assert support["performance_by_model"]["house-small"]["calls"] == 3
+
+    # the registry too: only the file's models are cheap candidates
+    best = cli(project, tmp_path / "home", "routing", "best", "support", "triage", "--json")
+    assert best.returncode == 0, best.stderr
+    assert json.loads(best.stdout)["model"] == "house-small"
+    capable = cli(
+        project, tmp_path / "home", "routing", "best", "support", "triage", "--tier", "capable"
+    )
+    assert capable.returncode == 0, capable.stderr
+    assert "house-large" in capable.stdout
+
+    # the breaker state is in the same database, keyed per model
+    breakers = cli(project, tmp_path / "home", "breaker", "status", "--json")
+    assert breakers.returncode == 0, breakers.stderr
+    keys = {b["key"] for b in json.loads(breakers.stdout)["breakers"]}
+    assert "house:house-small" in keys
+
+
+async def test_config_show_names_every_source_and_no_secret(
+    project: Path, server: FakeLLMServer, tmp_path: Path
+) -> None:
+    write_config(project, server)
+    result = cli(project, tmp_path / "home", "config", "show")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert str(project / "empathy.toml") in out
+    assert "working directory" in out
+    assert str(project / "calls.db") in out
+    assert str(project / "models.toml") in out
+    assert "X-Team=search" in out
+    assert KEY not in out and "tok-do-not-print" not in out
+    data = json.loads(cli(project, tmp_path / "home", "config", "show", "--json").stdout)
+    sources = {row["setting"]: row["source"] for row in data["settings"]}
+    assert sources["state"] == "default (the telemetry database)"
+    assert sources["telemetry"] == str(project / "empathy.toml")
+
+
+def test_the_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    work = tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("EMPATHY_HOME", str(home))
+    monkeypatch.delenv("EMPATHY_CONFIG", raising=False)
+    assert find_config_file() == (None, "none")
+    defaults = EmpathyConfig.load()
+    assert defaults.telemetry_url.endswith("/home/empathy.db")
+    assert defaults.state_url == defaults.telemetry_url
+    assert [p.name for p in defaults.providers] == ["openai", "anthropic"]
+
+    (home / "empathy.toml").write_text('telemetry = "home.db"\n')
+    assert find_config_file() == (home / "empathy.toml", "EMPATHY_HOME")
+    # relative to the file, not to the working directory
+    assert EmpathyConfig.load().telemetry_url == f"sqlite:///{home / 'home.db'}"
+
+    (work / "empathy.toml").write_text('telemetry = "sqlite:///work.db"\nstate = "memory://"\n')
+    assert find_config_file() == (work / "empathy.toml", "working directory")
+    loaded = EmpathyConfig.load()
+    assert loaded.telemetry_url == f"sqlite:///{work / 'work.db'}"
+    assert loaded.state_url == "memory://"
+
+    named = tmp_path / "elsewhere.toml"
+    named.write_text('telemetry = "postgresql://app:hunter2@db/empathy"\n')
+    monkeypatch.setenv("EMPATHY_CONFIG", str(named))
+    assert find_config_file() == (named, "EMPATHY_CONFIG")
+    rows = EmpathyConfig.load().describe()
+    assert "hunter2" not in repr(rows)
+
+    monkeypatch.setenv("EMPATHY_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigurationError, match=r"EMPATHY_CONFIG=.*missing\.toml"):
+        find_config_file()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('telemetri = "x.db"\n', "unknown key"),
+        ("telemetry = 3\n", "telemetry must be a non-empty string"),
+        ("[providers.mine]\nbase_url = 'http://x'\n", 'needs type = "openai"'),
+        ("[providers.openai]\ntimeout = -1\n", "timeout must be"),
+        ("[providers.openai]\nsecret = 'x'\n", "unknown key"),
+        ("telemetry = \n", "invalid TOML"),
+    ],
+)
+def test_invalid_files_name_the_file_and_the_problem(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = tmp_path / "empathy.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigurationError, match=message) as info:
+        EmpathyConfig.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_providers_are_built_as_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TEAM_GATEWAY_KEY", "gw-secret")
+    path = tmp_path / "empathy.toml"
+    path.write_text(
+        """
+[providers.gateway]
+type = "openai"
+base_url = "http://gateway.internal/v1"
+api_key_env = "TEAM_GATEWAY_KEY"
+timeout = 120
+"""
+    )
+    [provider] = EmpathyConfig.load(path).build_providers()
+    assert isinstance(provider, OpenAIProvider)
+    assert (provider.name, provider.base_url, provider.has_api_key) == (
+        "gateway",
+        "http://gateway.internal/v1",
+        True,
+    )
+    assert "gw-secret" not in repr(EmpathyConfig.load(path))
+
+
+def test_the_router_reads_the_same_configuration(project: Path) -> None:
+    (project / "models.toml").write_text(MODELS)
+    (project / "empathy.toml").write_text('registry = "models.toml"\n')
+    router = AdaptiveModelRouter.from_config()
+    assert {m.id for m in router.registry.models} == {"house-small", "house-large"}
+
+
+def test_the_router_defaults_a_registry_like_the_executor() -> None:
+    router = AdaptiveModelRouter()
+    assert len(router.registry) > 0
