@@ -788,7 +788,13 @@ class EmpathyLLMExecutor:
             if name not in known:
                 raise ConfigurationError(
                     f"provider {name!r} has no models in the registry (price table "
-                    f"{self._registry.price_version}; providers there: {', '.join(sorted(known))})"
+                    f"{self._registry.price_version}; providers there: {', '.join(sorted(known))}"
+                    "): a provider's name must be the registry's `provider` of its models; "
+                    f"name it after one of those (e.g. {type(provider).__name__}(name="
+                    f"{min(known)!r})) or pass registry= with models of {name!r}"
+                    if known
+                    else f"provider {name!r} has no models in the registry (price table "
+                    f"{self._registry.price_version}, which is empty)"
                 )
             out[name] = provider
         return out

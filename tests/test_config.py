@@ -212,9 +212,7 @@ def test_invalid_files_name_the_file_and_the_problem(
     assert str(path) in str(info.value)
 
 
-def test_providers_are_built_as_configured(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_providers_are_built_as_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TEAM_GATEWAY_KEY", "gw-secret")
     path = tmp_path / "empathy.toml"
     path.write_text(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -194,19 +196,47 @@ def _cell(value: object) -> str:
     return str(value)
 
 
+_MIN_COLUMN = 8
+"""A text column is never narrowed below this many characters to fit the terminal."""
+
+
+def _fit(widths: list[int], numeric: Sequence[bool], limit: int) -> list[int]:
+    """Narrow the widest text columns until the row fits ``limit`` characters."""
+    fitted = list(widths)
+    total = sum(fitted) + 2 * (len(fitted) - 1)
+    while total > limit:
+        candidates = [i for i, w in enumerate(fitted) if not numeric[i] and w > _MIN_COLUMN]
+        if not candidates:
+            break
+        widest = max(candidates, key=lambda i: fitted[i])
+        fitted[widest] -= 1
+        total -= 1
+    return fitted
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+
+
 def print_table(
     headers: Sequence[str],
     rows: Sequence[Sequence[object]],
     *,
     title: str | None = None,
     file: IO[str] | None = None,
+    width: int | None = None,
 ) -> None:
     """
     Print ``rows`` under ``headers`` in aligned columns; numbers are right-aligned.
 
     ``None`` prints as ``-``.  An empty table prints the headers and ``(no rows)``.
+    Rows fit ``width`` characters (default: the terminal's width when printing to a
+    terminal, unlimited otherwise, so pipes and files get every character): the widest
+    text columns are narrowed and their long cells end in ``…``; numbers are never cut.
     """
     out = file if file is not None else sys.stdout
+    if width is None and _isatty(out):
+        width = shutil.get_terminal_size().columns
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
@@ -220,6 +250,10 @@ def print_table(
         )
         for i in range(len(headers))
     ]
+    if width is not None:
+        widths = _fit(widths, numeric, width)
+        cells = [[_clip(text, widths[i]) for i, text in enumerate(row)] for row in cells]
+        headers = [_clip(h, widths[i]) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
         parts = [
@@ -316,8 +350,16 @@ class Progress:
         self._stream = stream if stream is not None else sys.stderr
         self._enabled = _isatty(self._stream) and self.total > 0
         self._last_draw = 0.0
+        self._drawn = False
+        self._handlers: list[logging.Handler] = []
 
     def __enter__(self) -> Progress:
+        if self._enabled:
+            # a log line written to the bar's stream first clears the bar, so the two
+            # never share a line; the bar is drawn again on the next advance
+            self._handlers = [h for h in _log_handlers() if _writes_to(h, self._stream)]
+            for handler in self._handlers:
+                handler.addFilter(self._log_filter)
         self._draw(force=True)
         return self
 
@@ -327,13 +369,24 @@ class Progress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        for handler in self._handlers:
+            handler.removeFilter(self._log_filter)
+        self._handlers = []
         if self._enabled:
             self._stream.write("\r\x1b[2K")
             self._stream.flush()
 
+    def _log_filter(self, record: logging.LogRecord) -> bool:
+        if self._drawn:
+            self._stream.write("\r\x1b[2K")
+            self._stream.flush()
+            self._drawn = False
+            self._last_draw = 0.0  # redraw on the next advance
+        return True
+
     def advance(self, n: int = 1) -> None:
         self.done = min(self.total, self.done + n)
-        self._draw(force=self.done == self.total)
+        self._draw(force=self.done == self.total or not self._drawn)
 
     def _draw(self, *, force: bool = False) -> None:
         if not self._enabled:
@@ -348,6 +401,23 @@ class Progress:
         bar = "#" * filled + "." * (width - filled)
         self._stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total}")
         self._stream.flush()
+        self._drawn = True
+
+
+def _log_handlers() -> list[logging.Handler]:
+    """Every handler a log record may reach: all loggers' and the last-resort one."""
+    found: list[logging.Handler] = list(logging.getLogger().handlers)
+    for item in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(item, logging.Logger):
+            found.extend(item.handlers)
+    if logging.lastResort is not None:
+        found.append(logging.lastResort)
+    unique: dict[int, logging.Handler] = {id(h): h for h in found}
+    return list(unique.values())
+
+
+def _writes_to(handler: logging.Handler, stream: IO[str]) -> bool:
+    return isinstance(handler, logging.StreamHandler) and handler.stream is stream
 
 
 def _isatty(stream: IO[str]) -> bool:

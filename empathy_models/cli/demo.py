@@ -51,6 +51,7 @@ from empathy_models import (
     state_store_from_url,
     telemetry_from_url,
 )
+from empathy_models.backends import redact_url
 from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
 
 from ._common import (
@@ -66,6 +67,7 @@ from ._common import (
     print_table,
     run_async,
     sqlite_url,
+    stdin_is_terminal,
 )
 
 __all__ = ["DemoResult", "cmd_demo", "register", "run_demo"]
@@ -149,9 +151,10 @@ def register(subparsers: SubParsers) -> None:
         help="run thousands of routed, guarded, recorded calls against a local fake (no API key)",
         description=(
             "Start a local fake LLM server (Anthropic and OpenAI wire formats), run calls "
-            "through the executor, router, circuit breaker and SQLite telemetry, switch "
-            "the OpenAI models into an outage midway and back, and summarize. By default "
-            "the database is temporary; pass --db to keep it for the other commands."
+            "through the executor, router, circuit breaker and telemetry, switch the "
+            "OpenAI models into an outage midway and back, and summarize. By default the "
+            "database is a temporary SQLite file; pass --db to keep it for the other "
+            "commands (an existing or non-SQLite database needs --yes or a confirmation)."
         ),
     )
     add_common(demo)
@@ -159,6 +162,11 @@ def register(subparsers: SubParsers) -> None:
         "--calls", type=_positive_int, default=3000, help="requests to run (default 3000)"
     )
     demo.add_argument("--seed", type=int, default=7, help="random seed (default 7)")
+    demo.add_argument(
+        "--yes",
+        action="store_true",
+        help="write the fake traffic into an existing or non-SQLite --db without asking",
+    )
     demo.add_argument(
         "--concurrency", type=_positive_int, default=24, help="requests in flight (default 24)"
     )
@@ -507,7 +515,36 @@ def _result(
 # --------------------------------------------------------------------------- output
 
 
-def _print(result: DemoResult, *, kept_db: Path | None, temporary: bool) -> None:
+def backend_label(url: str) -> str:
+    """The engine a backend URL names, for headers: ``SQLite``, ``PostgreSQL``, ..."""
+    scheme = url.partition("://")[0].lower()
+    return {
+        "sqlite": "SQLite",
+        "postgres": "PostgreSQL",
+        "postgresql": "PostgreSQL",
+        "memory": "in-memory",
+        "redis": "Redis",
+        "rediss": "Redis",
+    }.get(scheme, scheme or "unknown")
+
+
+def _confirm_writing(target: str, why: str, *, assume_yes: bool) -> None:
+    """Ask before writing fake traffic into a database that may hold real records."""
+    if assume_yes:
+        return
+    if not stdin_is_terminal():
+        raise CliError(
+            f"--db {target} {why}: the demo would add fake calls to it; pass --yes to do so, "
+            "or choose a new file"
+        )
+    answer = input(f"--db {target} {why}. Write fake demo calls into it? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise CliError("demo cancelled; nothing was written")
+
+
+def _print(
+    result: DemoResult, *, kept_db: Path | None, temporary: bool, backend: str = "SQLite"
+) -> None:
     o = result.outage
     print(
         f"empathy-models demo: {result.calls} requests, {len(_STAGES)} workflow stages, "
@@ -552,7 +589,8 @@ def _print(result: DemoResult, *, kept_db: Path | None, temporary: bool) -> None
             )
             for m in result.models
         ],
-        title="Models chosen per workflow/stage (from SQLite telemetry; attempts include failures)",
+        title=f"Models chosen per workflow/stage (from {backend} telemetry; attempts include "
+        "failures)",
     )
     print()
     print_table(
@@ -627,12 +665,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         elif "://" in args.db:
             url = args.db
             kept = None
+            if backend_label(url) != "in-memory":
+                _confirm_writing(
+                    redact_url(url),
+                    f"is a {backend_label(url)} database",
+                    assume_yes=args.yes,
+                )
         else:
             path = Path(args.db).expanduser().absolute()
             if path.is_dir():
                 raise CliError(f"--db {path} is a directory, not a SQLite file")
             if not path.parent.is_dir():
                 raise CliError(f"--db {path}: the directory {path.parent} does not exist")
+            if path.exists() and path.stat().st_size > 0:
+                _confirm_writing(str(path), "already exists", assume_yes=args.yes)
             url = sqlite_url(path)
             kept = path
         with Progress(args.calls, "demo") as bar:
@@ -648,6 +694,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result.to_dict())
     else:
-        _print(result, kept_db=kept, temporary=args.db is None)
+        _print(result, kept_db=kept, temporary=args.db is None, backend=backend_label(url))
     sys.stdout.flush()
     return 0

@@ -1,0 +1,157 @@
+"""
+Smaller defaults of the CLI and the package: the demo asks before writing into a
+database that may hold real records and names the real backend; tables fit the
+terminal; the progress bar and log lines never share a line; the plugin extras;
+a clear error for a provider whose name matches no registry model.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import subprocess
+import sys
+import tomllib
+import uuid
+from pathlib import Path
+
+import pytest
+
+from empathy_models import ConfigurationError, EmpathyLLMExecutor, NullTelemetryBackend
+from empathy_models.cli._common import Progress, print_table
+from empathy_models.testing import FakeProvider
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EMPATHY_HOME": str(home)}
+    env.pop("EMPATHY_CONFIG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "empathy_models", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=110,
+        check=False,
+    )
+
+
+# --------------------------------------------------------------------------- demo --db
+
+
+def test_demo_refuses_to_write_into_an_existing_database_without_yes(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    first = cli(tmp_path, "demo", "--calls", "20", "--db", str(db))
+    assert first.returncode == 0, first.stderr  # a new file: no question asked
+    size = db.stat().st_size
+
+    again = cli(tmp_path, "demo", "--calls", "20", "--db", str(db))
+    assert again.returncode == 1
+    assert "already exists" in again.stderr and "--yes" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert db.stat().st_size == size
+
+    forced = cli(tmp_path, "demo", "--calls", "20", "--db", str(db), "--yes")
+    assert forced.returncode == 0, forced.stderr
+    assert "from SQLite telemetry" in forced.stdout
+
+
+def test_demo_refuses_a_postgresql_url_without_yes(tmp_path: Path) -> None:
+    result = cli(
+        tmp_path, "demo", "--calls", "20", "--db", "postgresql://app:hunter2@127.0.0.1:1/none"
+    )
+    assert result.returncode == 1
+    assert "PostgreSQL database" in result.stderr and "--yes" in result.stderr
+    assert "hunter2" not in result.stderr
+
+
+@pytest.mark.skipif(
+    not os.environ.get("EMPATHY_TEST_POSTGRES_DSN"), reason="EMPATHY_TEST_POSTGRES_DSN not set"
+)
+def test_demo_header_names_postgresql(tmp_path: Path) -> None:
+    import asyncpg
+
+    dsn = os.environ["EMPATHY_TEST_POSTGRES_DSN"]
+    schema = f"demo_{uuid.uuid4().hex[:12]}"
+    sep = "&" if "?" in dsn else "?"
+    try:
+        result = cli(
+            tmp_path, "demo", "--calls", "20", "--yes", "--db", f"{dsn}{sep}schema={schema}"
+        )
+        assert result.returncode == 0, result.stderr
+        assert "from PostgreSQL telemetry" in result.stdout
+        assert "SQLite" not in result.stdout
+    finally:
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+        import asyncio
+
+        asyncio.run(drop())
+
+
+# --------------------------------------------------------------------------- output
+
+
+def test_tables_fit_the_width_without_cutting_numbers() -> None:
+    out = io.StringIO()
+    rows = [("claude-" + "x" * 60, "a" * 50, 123456.5), ("short", "b", 7.0)]
+    print_table(["model", "note", "cost"], rows, file=out, width=60)
+    lines = out.getvalue().splitlines()
+    assert all(len(line) <= 60 for line in lines), lines
+    assert "123456.5" in out.getvalue() or "1.235e+05" in out.getvalue()
+    assert "…" in lines[2]
+    unlimited = io.StringIO()
+    print_table(["model", "note", "cost"], rows, file=unlimited)
+    assert "x" * 60 in unlimited.getvalue()  # a file or a pipe gets every character
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_lines_never_share_a_line_with_the_progress_bar() -> None:
+    stream = Terminal()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("tests.progress")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        with Progress(10, "demo", stream=stream) as bar:
+            bar.advance(3)
+            log.warning("circuit opened")
+            bar.advance(1)
+    finally:
+        log.removeHandler(handler)
+    text = stream.getvalue()
+    assert "\r\x1b[2Kcircuit opened\n" in text  # the bar was cleared before the line
+    assert "\rdemo [" in text.split("circuit opened\n", 1)[1]  # and drawn again after
+    assert not handler.filters  # nothing left behind
+
+
+# --------------------------------------------------------------------------- packaging
+
+
+def test_the_plugins_are_extras() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for engine in ("redis", "postgres"):
+        plugin = tomllib.loads((ROOT / "backends" / engine / "pyproject.toml").read_text())
+        assert extras[engine] == [plugin["project"]["name"]]
+
+
+def test_a_provider_named_after_no_registry_model_says_how_to_fix_it() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        EmpathyLLMExecutor([FakeProvider()], telemetry_store=NullTelemetryBackend())
+    message = str(info.value)
+    assert "'fake' has no models in the registry" in message
+    assert "FakeProvider(name=" in message and "registry=" in message
