@@ -7,6 +7,7 @@ a clear error for a provider whose name matches no registry model.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
@@ -68,34 +69,67 @@ def test_demo_refuses_a_postgresql_url_without_yes(tmp_path: Path) -> None:
     assert "hunter2" not in result.stderr
 
 
-@pytest.mark.skipif(
+needs_postgres = pytest.mark.skipif(
     not os.environ.get("EMPATHY_TEST_POSTGRES_DSN"), reason="EMPATHY_TEST_POSTGRES_DSN not set"
 )
-def test_demo_header_names_postgresql(tmp_path: Path) -> None:
+
+
+def _schema_exists(dsn: str, schema: str, *, drop: bool = False) -> bool:
     import asyncpg
 
+    async def check() -> bool:
+        conn = await asyncpg.connect(dsn)
+        try:
+            found = await conn.fetchval(
+                "SELECT count(*) FROM information_schema.schemata WHERE schema_name = $1", schema
+            )
+            if drop:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            return bool(found)
+        finally:
+            await conn.close()
+
+    return asyncio.run(check())
+
+
+@needs_postgres
+def test_demo_header_names_postgresql_and_reports_read_it(tmp_path: Path) -> None:
     dsn = os.environ["EMPATHY_TEST_POSTGRES_DSN"]
     schema = f"demo_{uuid.uuid4().hex[:12]}"
-    sep = "&" if "?" in dsn else "?"
+    url = f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
     try:
-        result = cli(
-            tmp_path, "demo", "--calls", "20", "--yes", "--db", f"{dsn}{sep}schema={schema}"
-        )
+        result = cli(tmp_path, "demo", "--calls", "20", "--yes", "--db", url)
         assert result.returncode == 0, result.stderr
         assert "from PostgreSQL telemetry" in result.stdout
         assert "SQLite" not in result.stdout
+        for command in (("telemetry", "summary"), ("routing", "stats"), ("breaker", "status")):
+            report = cli(tmp_path, *command, "--db", url)
+            assert report.returncode == 0, (command, report.stderr)
     finally:
+        _schema_exists(dsn, schema, drop=True)
 
-        async def drop() -> None:
-            conn = await asyncpg.connect(dsn)
-            try:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            finally:
-                await conn.close()
 
-        import asyncio
-
-        asyncio.run(drop())
+@needs_postgres
+def test_read_only_commands_never_create_a_misspelt_schema(tmp_path: Path) -> None:
+    dsn = os.environ["EMPATHY_TEST_POSTGRES_DSN"]
+    schema = f"mispelt_{uuid.uuid4().hex[:12]}"
+    url = f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
+    try:
+        for command in (
+            ("telemetry", "summary"),
+            ("telemetry", "export", "--format", "csv"),
+            ("routing", "stats"),
+            ("routing", "upgrades"),
+            ("breaker", "status"),
+        ):
+            result = cli(tmp_path, *command, "--db", url)
+            assert result.returncode == 1, (command, result.stdout, result.stderr)
+            assert "no empathy-models tables" in result.stderr, (command, result.stderr)
+            assert schema in result.stderr
+            assert "Traceback" not in result.stderr
+        assert not _schema_exists(dsn, schema)
+    finally:
+        _schema_exists(dsn, schema, drop=True)
 
 
 # --------------------------------------------------------------------------- output

@@ -38,6 +38,7 @@ __all__ = [
     "fmt_usd",
     "print_pairs",
     "print_table",
+    "read_only",
     "run_async",
     "sqlite_url",
     "stdin_is_terminal",
@@ -151,6 +152,16 @@ def configured_registry_file() -> Path | None:
     from empathy_models.config import EmpathyConfig
 
     return EmpathyConfig.load().registry_file
+
+
+def read_only(url: str) -> dict[str, Any]:
+    """
+    Backend options for a command that only reads ``url``: PostgreSQL is told not to
+    create its schema and tables (a misspelt ``?schema=`` is an error, not a new
+    schema); SQLite read commands already require the file to exist (see `db_url`).
+    """
+    scheme = url.partition("://")[0].lower()
+    return {"create": False} if scheme in ("postgres", "postgresql") else {}
 
 
 def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry") -> str:

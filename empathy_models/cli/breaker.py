@@ -17,6 +17,7 @@ from ._common import (
     emit_json,
     number_arg,
     print_table,
+    read_only,
     run_async,
 )
 
@@ -110,7 +111,7 @@ def cmd_breaker_status(args: argparse.Namespace) -> int:
     url = db_url(args.db, kind="state")
 
     async def body() -> list[CircuitBreakerState]:
-        async with state_store_from_url(url) as store:
+        async with state_store_from_url(url, **read_only(url)) as store:
             if args.key:
                 return [await store.snapshot(args.key)]
             return await store.snapshot_all()
@@ -128,7 +129,7 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
     url = db_url(args.db, kind="state")
 
     async def body() -> list[CircuitBreakerState]:
-        async with state_store_from_url(url) as store:
+        async with state_store_from_url(url, **read_only(url)) as store:
             if args.all:
                 await store.reset(None)
                 return await store.snapshot_all()

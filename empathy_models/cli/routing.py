@@ -31,6 +31,7 @@ from ._common import (
     number_arg,
     print_pairs,
     print_table,
+    read_only,
     run_async,
 )
 
@@ -135,7 +136,7 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
     registry = _registry(args)
 
     async def body() -> list[dict[str, Any]]:
-        async with telemetry_from_url(url) as backend:
+        async with telemetry_from_url(url, **read_only(url)) as backend:
             router = AdaptiveModelRouter(registry, backend, refresh_interval=None)
             if args.workflow is not None:
                 workflows = [args.workflow]
@@ -215,7 +216,7 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
     policy = RoutingPolicy(explore_rate=0.0, window_days=args.days)
 
     async def body() -> RoutingDecision:
-        async with telemetry_from_url(url) as backend:
+        async with telemetry_from_url(url, **read_only(url)) as backend:
             chosen = candidates
             if chosen is None:
                 seen = await _stages(backend, args.days, args.workflow, args.stage)
@@ -285,7 +286,7 @@ def cmd_routing_upgrades(args: argparse.Namespace) -> int:
     policy = RoutingPolicy(window_days=args.days)
 
     async def body() -> list[dict[str, Any]]:
-        async with telemetry_from_url(url) as backend:
+        async with telemetry_from_url(url, **read_only(url)) as backend:
             seen = await _stages(backend, args.days, args.workflow, args.stage)
             async with AdaptiveModelRouter(
                 registry, backend, policy=policy, refresh_interval=None

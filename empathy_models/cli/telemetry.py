@@ -26,6 +26,7 @@ from ._common import (
     fmt_usd,
     number_arg,
     print_table,
+    read_only,
     run_async,
 )
 
@@ -97,7 +98,7 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
     url = db_url(args.db)
 
     async def body() -> list[ModelPerformance]:
-        async with telemetry_from_url(url) as backend:
+        async with telemetry_from_url(url, **read_only(url)) as backend:
             return await backend.aggregate(
                 workflow=args.workflow, stage=args.stage, since=_since(args.days)
             )
@@ -171,7 +172,7 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
     url = db_url(args.db)
 
     async def body() -> list[LLMCallRecord]:
-        async with telemetry_from_url(url) as backend:
+        async with telemetry_from_url(url, **read_only(url)) as backend:
             return await backend.recent(
                 limit=args.limit,
                 workflow=args.workflow,

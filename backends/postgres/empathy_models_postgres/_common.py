@@ -82,6 +82,7 @@ class Database:
         error_type: type[BackendError],
         component: str,
         pool_options: dict[str, Any],
+        create: bool = True,
     ) -> None:
         url, options = split_dsn(dsn)
         schema = options.get("schema", schema)
@@ -101,6 +102,7 @@ class Database:
         self.table_prefix = table_prefix
         self.error_type = error_type
         self.component = component
+        self.create = bool(create)
         self.pool_options: dict[str, Any] = {
             "min_size": 1,
             "max_size": 10,
@@ -153,6 +155,9 @@ class Database:
     async def _migrate(self, pool: asyncpg.Pool, migrations: Sequence[Migration]) -> None:
         version_table = self.table("schema_version")
         latest = len(migrations)
+        if not self.create:
+            await self._check_tables(pool, version_table, latest)
+            return
         async with self.errors("migrate"), pool.acquire() as conn, conn.transaction():
             # one migrator at a time for this schema and prefix, across processes
             await conn.execute(
@@ -187,6 +192,38 @@ class Database:
                     self.component,
                     latest,
                 )
+
+    async def _check_tables(self, pool: asyncpg.Pool, version_table: str, latest: int) -> None:
+        """Without ``create``: refuse, rather than create, missing or outdated tables."""
+        where = f"(prefix {self.table_prefix!r}, schema {self.schema or 'search_path'})"
+        async with self.errors("check the tables"), pool.acquire() as conn:
+            exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", version_table)
+            current = None
+            if exists:
+                current = await conn.fetchval(
+                    f"SELECT version FROM {version_table} WHERE component = $1", self.component
+                )
+        if current is None:
+            raise self.error_type(
+                f"PostgreSQL {self.component} {self.target}: no empathy-models tables {where}: "
+                "nothing was recorded there (is the schema name right?); they are not "
+                "created for a read-only use",
+                target=self.target,
+            )
+        if int(current) > latest:
+            raise SchemaVersionError(
+                f"PostgreSQL {self.component} {self.target}: the tables {where} are at schema "
+                f"version {current}, newer than this code's {latest}; upgrade "
+                "empathy-models-postgres",
+                target=self.target,
+            )
+        if int(current) < latest:
+            raise self.error_type(
+                f"PostgreSQL {self.component} {self.target}: the tables {where} are at schema "
+                f"version {current}, older than this code's {latest}; open them once for "
+                "writing (e.g. run the application) to migrate them",
+                target=self.target,
+            )
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

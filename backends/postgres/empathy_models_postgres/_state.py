@@ -34,10 +34,10 @@ class PostgresCircuitStateStore(TransactionalStateStore):
     """
     Circuit-breaker state shared by every process that uses the same database.
 
-    One row per breaker key in ``<table_prefix>circuit_state`` (``schema`` and
-    ``table_prefix`` as for `PostgresTelemetryBackend`, also accepted in the DSN's
-    query string).  Every mutation is one transaction: the row is inserted if absent,
-    locked with ``SELECT ... FOR UPDATE``, the pure machine of
+    One row per breaker key in ``<table_prefix>circuit_state`` (``schema``,
+    ``table_prefix`` and ``create`` as for `PostgresTelemetryBackend`; the first two
+    also in the DSN's query string).  Every mutation is one transaction: the row is
+    inserted if absent, locked with ``SELECT ... FOR UPDATE``, the pure machine of
     `empathy_models.circuit` is applied with ``now`` read from the database's
     ``clock_timestamp()`` after the lock is held, and the new state is written back.
     Concurrent processes therefore serialize per key and agree on time.  Driver
@@ -52,6 +52,7 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         *,
         schema: str | None = None,
         table_prefix: str = DEFAULT_TABLE_PREFIX,
+        create: bool = True,
         **pool_options: Any,
     ) -> None:
         self._db = Database(
@@ -61,6 +62,7 @@ class PostgresCircuitStateStore(TransactionalStateStore):
             error_type=StateStoreError,
             component="circuit_state",
             pool_options=pool_options,
+            create=create,
         )
         self._table = self._db.table("circuit_state")
         self._migrations = build_migrations(self._db, _MIGRATIONS)

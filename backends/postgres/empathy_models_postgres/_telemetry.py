@@ -98,7 +98,10 @@ class PostgresTelemetryBackend(TelemetryBackend):
     first operation creates the connection pool (``pool_options`` go to
     ``asyncpg.create_pool``: ``min_size``, ``max_size``, ``command_timeout``...) and
     migrates the tables under an advisory lock, so several processes may start at
-    once; tables written by a newer version raise `SchemaVersionError`.
+    once; tables written by a newer version raise `SchemaVersionError`.  With
+    ``create=False`` (read-only use, such as the CLI's reports) nothing is created or
+    migrated: missing or outdated tables raise `TelemetryError` instead, so a misspelt
+    schema is reported rather than created.
 
     `record_many` writes its records with ``COPY`` in one transaction, ``batch_size``
     rows per ``COPY``: all of them or none.  `aggregate` runs one SQL query over the
@@ -115,6 +118,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         schema: str | None = None,
         table_prefix: str = DEFAULT_TABLE_PREFIX,
         batch_size: int = 5_000,
+        create: bool = True,
         **pool_options: Any,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -126,6 +130,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
             error_type=TelemetryError,
             component="telemetry",
             pool_options=pool_options,
+            create=create,
         )
         self.batch_size = batch_size
         self._calls = self._db.table("calls")
