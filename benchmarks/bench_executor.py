@@ -17,6 +17,7 @@ import asyncio
 import os
 import time
 import warnings
+from contextlib import AsyncExitStack
 from typing import Any
 
 import aiohttp
@@ -36,29 +37,42 @@ from empathy_models.testing.fakes import FakeProvider
 CTX = ExecutionContext(workflow="bench", stage="answer", task_type="summarize", max_tokens=64)
 
 
+PROVIDER_KEYS = "empathy-models run(), in-process, provider-wide breaker keys"
+
+
 async def bench_in_process(repeats: int, inner: int) -> dict[str, Any]:
     registry = ModelRegistry.default()
-    provider = FakeProvider(name="openai")
-    router = AdaptiveModelRouter(registry, seed=1, refresh_interval=None)
     out: dict[str, Any] = {}
-    async with (
-        CircuitBreaker() as breaker,
-        EmpathyLLMExecutor(
-            [provider],
-            registry=registry,
-            telemetry_store="memory://",
-            router=router,
-            breaker=breaker,
-        ) as executor,
-    ):
+    # the default (a breaker key per model, admitted with its provider's key too) against
+    # provider-wide keys only (per_model=False, one admission per call); their repeats
+    # alternate, so both see the same machine load
+    names = {True: "empathy-models run(), in-process provider", False: PROVIDER_KEYS}
+    samples: dict[bool, list[float]] = {True: [], False: []}
+    async with AsyncExitStack() as stack:
+        runs: dict[bool, Any] = {}
+        for per_model in (True, False):
+            router = AdaptiveModelRouter(registry, seed=1, refresh_interval=None)
+            breaker = await stack.enter_async_context(CircuitBreaker(per_model=per_model))
+            executor = await stack.enter_async_context(
+                EmpathyLLMExecutor(
+                    [FakeProvider(name="openai")],
+                    registry=registry,
+                    telemetry_store="memory://",
+                    router=router,
+                    breaker=breaker,
+                )
+            )
 
-        async def ours() -> object:
-            return await executor.run("Summarize the release notes.", CTX)
+            async def ours(executor: EmpathyLLMExecutor = executor) -> object:
+                return await executor.run("Summarize the release notes.", CTX)
 
-        await async_timeit(ours, repeats=1, inner=200)
-        out["empathy-models run(), in-process provider"] = summarize(
-            await async_timeit(ours, repeats=repeats, inner=inner)
-        )
+            await async_timeit(ours, repeats=1, inner=200)
+            runs[per_model] = ours
+        for index in range(repeats):
+            for per_model in (True, False) if index % 2 == 0 else (False, True):
+                samples[per_model] += await async_timeit(runs[per_model], repeats=1, inner=inner)
+    for per_model, name in names.items():
+        out[name] = summarize(samples[per_model])
 
     bare_provider = FakeProvider(name="openai")
     from empathy_models import CompletionRequest
@@ -205,6 +219,8 @@ async def run(quick: bool = False) -> BenchResult:
         ratio = None
         if name.startswith("LiteLLM"):
             ratio = f"{stats['median'] / ours_med:.0f}x slower than ours"
+        elif name == PROVIDER_KEYS:
+            ratio = f"per-model default: {ours_med / stats['median']:.2f}x of this"
         result.add(name, **{"median µs": stats["median"], "p99 µs": stats["p99"], "ratio": ratio})
     if skipped:
         result.skipped["litellm"] = skipped
