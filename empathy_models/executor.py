@@ -741,8 +741,12 @@ class EmpathyLLMExecutor:
         from .router import AdaptiveModelRouter
 
         config = EmpathyConfig.load(path)
-        registry = options.pop("registry", None) or config.registry()
-        providers = options.pop("providers", None) or config.build_providers()
+        registry = options.pop("registry", None)
+        if registry is None:
+            registry = config.registry()
+        providers = options.pop("providers", None)
+        if providers is None:
+            providers = config.build_providers()
         telemetry = options.pop("telemetry_store", None)
         owned: list[AbstractAsyncContextManager[Any]] = []
         if telemetry is None:
@@ -862,7 +866,8 @@ class EmpathyLLMExecutor:
             session = self._session
             if session is None:
                 connector = aiohttp.TCPConnector(limit=sum(self._limits.values()))
-                # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and .netrc), as curl does
+                # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment (aiohttp
+                # also reads ~/.netrc, for hosts listed there and requests without auth)
                 session = aiohttp.ClientSession(connector=connector, trust_env=True)
                 stack.push_async_callback(session.close)
             for provider in self._providers.values():

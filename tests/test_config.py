@@ -244,3 +244,23 @@ def test_the_router_reads_the_same_configuration(project: Path) -> None:
 def test_the_router_defaults_a_registry_like_the_executor() -> None:
     router = AdaptiveModelRouter()
     assert len(router.registry) > 0
+
+
+async def test_routing_stats_right_after_calls_see_them(tmp_path: Path) -> None:
+    """The executor's writes are still queued: the shared backend's reads flush first."""
+    from empathy_models import telemetry_from_url
+    from empathy_models.testing import FakeProvider
+
+    backend = telemetry_from_url(f"sqlite:///{tmp_path / 'calls.db'}")
+    async with backend:
+        router = AdaptiveModelRouter(telemetry_store=backend)
+        async with (
+            router,
+            EmpathyLLMExecutor(
+                [FakeProvider(name="openai")], telemetry_store=backend, router=router
+            ) as executor,
+        ):
+            await executor.run("hello", ExecutionContext(workflow="w", stage="s", tier="cheap"))
+            stats = await router.get_routing_stats("w")
+    assert stats["telemetry"] == "ok"
+    assert stats["total_calls"] == 1
