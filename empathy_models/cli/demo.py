@@ -630,9 +630,13 @@ def _print(
     print("Breaker transitions (listener events)")
     if not result.transitions:
         print("  (none)")
+    key_width = max((len(t["key"]) for t in result.transitions), default=10)
     for t in result.transitions:
         reason = f"  ({t['reason']})" if t["reason"] else ""
-        print(f"  +{t['at_s']:7.3f}s  {t['key']:<10} {t['from']:>9} -> {t['to']:<9}{reason}")
+        print(
+            f"  +{t['at_s']:7.3f}s  {t['key']:<{key_width}} {t['from']:>11} -> "
+            f"{t['to']:<11}{reason}"
+        )
     t = result.totals
     print()
     print(
