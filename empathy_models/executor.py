@@ -32,10 +32,9 @@ What `EmpathyLLMExecutor.run` does, in order:
    model (the default), the provider's key too (a `CircuitOpenError` from either moves
    to the next route without calling the provider; the provider key hears only
    provider-wide outcomes, see `empathy_models.breaker.provider_outcome`); the provider
-   is called under the per-attempt
-   ``context.timeout`` and the overall ``context.deadline``; retryable failures
-   (`RetryPolicy.is_retryable`) are retried on the same route after the policy's delay,
-   honouring ``Retry-After``.
+   is called under the per-attempt ``context.timeout`` and the overall
+   ``context.deadline``; retryable failures (`RetryPolicy.is_retryable`) are retried on
+   the same route after the policy's delay, honouring ``Retry-After``.
 6. **Decisions on failure.**
 
    ======================================  ==============================================
