@@ -21,6 +21,7 @@ from empathy_models import (
     CircuitBreakerState,
     CircuitOpenError,
     CircuitState,
+    ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
     MemoryStateStore,
@@ -287,3 +288,9 @@ async def test_state_changes_are_logged_with_key_reason_and_generation(
     assert "'openai:gpt-a' closed" in closed and "generation 3" in closed
     assert "'openai:gpt-a' forced open" in forced and "maintenance window" in forced
     assert "generation 4" in forced and "until reset" in forced
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "3"])
+def test_provider_open_models_must_be_a_positive_integer(value: object) -> None:
+    with pytest.raises(ConfigurationError, match="provider_open_models"):
+        CircuitBreaker(provider_open_models=value)  # type: ignore[arg-type]
