@@ -56,6 +56,7 @@ __all__ = [
     "CONFIG_FILE_NAME",
     "EmpathyConfig",
     "ProviderConfig",
+    "ensure_sqlite_parent",
     "find_config_file",
 ]
 
@@ -91,6 +92,25 @@ def find_config_file(cwd: Path | None = None) -> tuple[Path | None, str]:
     return None, "none"
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///path`` URL as written (maybe relative), else None."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.scheme.lower() != "sqlite" or parts.netloc:
+        return None
+    raw = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    return None if raw in ("", ":memory:") else Path(raw).expanduser()
+
+
+def ensure_sqlite_parent(url: str) -> None:
+    """Create the directory of a SQLite file URL (``$EMPATHY_HOME`` on first use), 0700."""
+    file = _sqlite_file(url)
+    if file is not None:
+        file.absolute().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 def _resolve_url(value: str, base: Path, where: str) -> str:
     """A URL, with a relative SQLite path made absolute against ``base``; a path -> URL."""
     if "://" not in value:
@@ -99,16 +119,13 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
             path = base / path
         return "sqlite:///" + quote(str(path))
     try:
-        parts = urlsplit(value)
+        query = urlsplit(value).query
     except ValueError as exc:
         raise ConfigurationError(f"{where}: not a URL: {exc}") from None
-    if parts.scheme.lower() != "sqlite" or parts.netloc:
+    file = _sqlite_file(value)
+    if file is None or file.is_absolute():
         return value
-    raw = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    if raw in ("", ":memory:") or Path(raw).expanduser().is_absolute():
-        return value
-    query = f"?{parts.query}" if parts.query else ""
-    return "sqlite:///" + quote(str(base / Path(raw).expanduser())) + query
+    return "sqlite:///" + quote(str(base / file)) + (f"?{query}" if query else "")
 
 
 @frozen(kw_only=True)

@@ -468,18 +468,6 @@ def _to_messages(prompt: str | Sequence[Message]) -> tuple[Message, ...]:
     return messages
 
 
-def _ensure_sqlite_parent(url: str) -> None:
-    """Create the directory of a SQLite file URL (``$EMPATHY_HOME`` on first use)."""
-    from urllib.parse import unquote, urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme.lower() != "sqlite" or parts.netloc:
-        return
-    raw = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    if raw and raw != ":memory:":
-        os.makedirs(os.path.dirname(os.path.abspath(raw)) or ".", mode=0o700, exist_ok=True)
-
-
 def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
     # about four characters per token; the router only needs the order of magnitude
     chars = sum(len(m.content) for m in messages) + (len(system) if system else 0)
@@ -736,7 +724,7 @@ class EmpathyLLMExecutor:
         breaker are opened on enter and closed on exit.  Raises `ConfigurationError`
         for an invalid file.
         """
-        from .config import EmpathyConfig
+        from .config import EmpathyConfig, ensure_sqlite_parent
         from .router import AdaptiveModelRouter
 
         config = EmpathyConfig.load(path)
@@ -749,7 +737,7 @@ class EmpathyLLMExecutor:
         telemetry = options.pop("telemetry_store", None)
         owned: list[AbstractAsyncContextManager[Any]] = []
         if telemetry is None:
-            _ensure_sqlite_parent(config.telemetry_url)
+            ensure_sqlite_parent(config.telemetry_url)
             telemetry = telemetry_from_url(config.telemetry_url)
             owned.append(telemetry)
         if router and "router" not in options:
@@ -757,7 +745,7 @@ class EmpathyLLMExecutor:
             options["router"] = built
             owned.append(built)
         if "breaker" not in options:
-            _ensure_sqlite_parent(config.state_url)
+            ensure_sqlite_parent(config.state_url)
             options["breaker"] = config.state_url
         executor = cls(providers, registry=registry, telemetry_store=telemetry, **options)
         executor._owned = tuple(owned)

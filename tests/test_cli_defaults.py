@@ -11,10 +11,9 @@ import asyncio
 import io
 import logging
 import os
-import subprocess
-import sys
 import tomllib
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,22 +21,9 @@ import pytest
 from empathy_models import ConfigurationError, EmpathyLLMExecutor, NullTelemetryBackend
 from empathy_models.cli._common import Progress, print_table
 from empathy_models.testing import FakeProvider
+from tests._cli import run_cli as cli
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EMPATHY_HOME": str(home)}
-    env.pop("EMPATHY_CONFIG", None)
-    return subprocess.run(
-        [sys.executable, "-m", "empathy_models", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=110,
-        check=False,
-    )
 
 
 # --------------------------------------------------------------------------- demo --db
@@ -92,44 +78,47 @@ def _schema_exists(dsn: str, schema: str, *, drop: bool = False) -> bool:
     return asyncio.run(check())
 
 
-@needs_postgres
-def test_demo_header_names_postgresql_and_reports_read_it(tmp_path: Path) -> None:
+@pytest.fixture
+def pg_schema() -> Iterator[tuple[str, str, str]]:
+    """(dsn, a fresh schema name, the dsn with ?schema=); the schema is dropped after."""
     dsn = os.environ["EMPATHY_TEST_POSTGRES_DSN"]
-    schema = f"demo_{uuid.uuid4().hex[:12]}"
-    url = f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
-    try:
-        result = cli(tmp_path, "demo", "--calls", "20", "--yes", "--db", url)
-        assert result.returncode == 0, result.stderr
-        assert "from PostgreSQL telemetry" in result.stdout
-        assert "SQLite" not in result.stdout
-        for command in (("telemetry", "summary"), ("routing", "stats"), ("breaker", "status")):
-            report = cli(tmp_path, *command, "--db", url)
-            assert report.returncode == 0, (command, report.stderr)
-    finally:
-        _schema_exists(dsn, schema, drop=True)
+    schema = f"cli_{uuid.uuid4().hex[:12]}"
+    yield dsn, schema, f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
+    _schema_exists(dsn, schema, drop=True)
 
 
 @needs_postgres
-def test_read_only_commands_never_create_a_misspelt_schema(tmp_path: Path) -> None:
-    dsn = os.environ["EMPATHY_TEST_POSTGRES_DSN"]
-    schema = f"mispelt_{uuid.uuid4().hex[:12]}"
-    url = f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
-    try:
-        for command in (
-            ("telemetry", "summary"),
-            ("telemetry", "export", "--format", "csv"),
-            ("routing", "stats"),
-            ("routing", "upgrades"),
-            ("breaker", "status"),
-        ):
-            result = cli(tmp_path, *command, "--db", url)
-            assert result.returncode == 1, (command, result.stdout, result.stderr)
-            assert "no empathy-models tables" in result.stderr, (command, result.stderr)
-            assert schema in result.stderr
-            assert "Traceback" not in result.stderr
-        assert not _schema_exists(dsn, schema)
-    finally:
-        _schema_exists(dsn, schema, drop=True)
+def test_demo_header_names_postgresql_and_reports_read_it(
+    tmp_path: Path, pg_schema: tuple[str, str, str]
+) -> None:
+    _, _, url = pg_schema
+    result = cli(tmp_path, "demo", "--calls", "20", "--yes", "--db", url)
+    assert result.returncode == 0, result.stderr
+    assert "from PostgreSQL telemetry" in result.stdout
+    assert "SQLite" not in result.stdout
+    for command in (("telemetry", "summary"), ("routing", "stats"), ("breaker", "status")):
+        report = cli(tmp_path, *command, "--db", url)
+        assert report.returncode == 0, (command, report.stderr)
+
+
+@needs_postgres
+def test_read_only_commands_never_create_a_misspelt_schema(
+    tmp_path: Path, pg_schema: tuple[str, str, str]
+) -> None:
+    dsn, schema, url = pg_schema
+    for command in (
+        ("telemetry", "summary"),
+        ("telemetry", "export", "--format", "csv"),
+        ("routing", "stats"),
+        ("routing", "upgrades"),
+        ("breaker", "status"),
+    ):
+        result = cli(tmp_path, *command, "--db", url)
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        assert "no empathy-models tables" in result.stderr, (command, result.stderr)
+        assert schema in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not _schema_exists(dsn, schema)
 
 
 # --------------------------------------------------------------------------- output

@@ -8,9 +8,7 @@ directory, with no flags, and must read the same database and registry.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from empathy_models import (
 )
 from empathy_models.config import EmpathyConfig, find_config_file
 from empathy_models.testing import FakeLLMServer
+from tests._cli import run_cli
 
 KEY = "local-key-0123"
 
@@ -52,18 +51,7 @@ max_output_tokens = 4096
 
 
 def cli(cwd: Path, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "EMPATHY_CONFIG"}
-    env["EMPATHY_HOME"] = str(home)
-    return subprocess.run(
-        [sys.executable, "-m", "empathy_models", *args],
-        input="",
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=90,
-        check=False,
-    )
+    return run_cli(home, *args, cwd=cwd)
 
 
 @pytest.fixture
@@ -264,3 +252,23 @@ async def test_routing_stats_right_after_calls_see_them(tmp_path: Path) -> None:
             stats = await router.get_routing_stats("w")
     assert stats["telemetry"] == "ok"
     assert stats["total_calls"] == 1
+
+
+async def test_without_a_file_the_executor_writes_where_the_cli_reads(
+    project: Path, server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """No empathy.toml: telemetry goes to $EMPATHY_HOME/empathy.db, created on first use."""
+    (project / "models.toml").write_text(MODELS)
+    from empathy_models import ModelRegistry
+
+    async with EmpathyLLMExecutor.from_config(
+        providers=[OpenAIProvider(KEY, name="house", base_url=server.openai_base_url)],
+        registry=ModelRegistry.from_file(project / "models.toml"),
+    ) as executor:
+        await executor.run("hello", ExecutionContext(workflow="w", stage="s", tier="cheap"))
+    home = tmp_path / "home"
+    assert (home / "empathy.db").is_file()
+    assert (home.stat().st_mode & 0o777) == 0o700
+    summary = cli(project, home, "telemetry", "summary", "--json")
+    assert summary.returncode == 0, summary.stderr
+    assert sum(m["calls"] for m in json.loads(summary.stdout)["models"]) == 1
