@@ -39,6 +39,20 @@ def req(model: str = "m") -> CompletionRequest:
     return CompletionRequest(model=model, messages="hello")
 
 
+def one_model(model_id: str, provider: str) -> ModelRegistry:
+    """A registry of one cheap model of ``provider``."""
+    info = ModelInfo(
+        id=model_id,
+        provider=provider,
+        tier="cheap",
+        input_price_per_mtok=1.0,
+        output_price_per_mtok=1.0,
+        context_window=10_000,
+        max_output_tokens=1000,
+    )
+    return ModelRegistry(models=[info], price_version="network-test")
+
+
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """No proxy, base URL or key from the machine running the tests leaks in."""
@@ -111,23 +125,9 @@ async def test_http_proxy_carries_the_executor_requests(
     server: FakeLLMServer, proxy: Proxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HTTP_PROXY", proxy.url)  # NO_PROXY is unset: 127.0.0.1 is proxied
-    registry = ModelRegistry(
-        models=[
-            ModelInfo(
-                id="m",
-                provider="openai",
-                tier="cheap",
-                input_price_per_mtok=1.0,
-                output_price_per_mtok=1.0,
-                context_window=10_000,
-                max_output_tokens=1000,
-            )
-        ],
-        price_version="proxy-test",
-    )
     async with EmpathyLLMExecutor(
         [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
-        registry=registry,
+        registry=one_model("m", "openai"),
         telemetry_store=MemoryTelemetryBackend(),
     ) as executor:
         response = await executor.run("hello", ExecutionContext(tier="cheap"))
@@ -244,23 +244,11 @@ async def test_a_keyless_custom_provider_in_the_executor_is_never_called(
 ) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
     async with FakeLLMServer() as local:  # it would accept any key
-        registry = ModelRegistry(
-            models=[
-                ModelInfo(
-                    id="llama",
-                    provider="ollama",
-                    tier="cheap",
-                    input_price_per_mtok=0.0,
-                    output_price_per_mtok=0.0,
-                    context_window=8192,
-                    max_output_tokens=1024,
-                )
-            ],
-            price_version="ollama-test",
-        )
         ollama = OpenAIProvider(name="ollama", base_url=local.openai_base_url)
         async with EmpathyLLMExecutor(
-            [ollama], registry=registry, telemetry_store=MemoryTelemetryBackend()
+            [ollama],
+            registry=one_model("llama", "ollama"),
+            telemetry_store=MemoryTelemetryBackend(),
         ) as executor:
             with pytest.raises(Exception, match="no API key"):
                 await executor.run("hello", ExecutionContext(tier="cheap"))
