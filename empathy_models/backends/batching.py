@@ -39,6 +39,7 @@ from typing import Final, Literal
 import anyio
 
 from ..abc import TelemetryBackend
+from ..evidence import EvidenceBatch
 from ..exceptions import BackendClosedError, ConfigurationError, RecordValidationError
 from ..records import LLMCallRecord, ModelPerformance
 
@@ -401,6 +402,16 @@ class BatchingTelemetryBackend(TelemetryBackend):
         return await self._inner.recent(
             limit=limit, workflow=workflow, stage=stage, model=model, since=since
         )
+
+    async def evidence(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_version: int = 0,
+    ) -> EvidenceBatch:
+        await self.flush()
+        return await self._inner.evidence(since=since, until=until, after_version=after_version)
 
     async def purge(self, *, before: datetime) -> int:
         await self.flush()

@@ -74,6 +74,7 @@ import anyio.to_thread
 
 from .._stats import check_aware, check_window
 from ..abc import TelemetryBackend, TransactionalStateStore
+from ..evidence import BUCKET_SECONDS, EvidenceBatch, EvidenceBucket, log_ms, rollup
 from ..exceptions import (
     BackendError,
     ConfigurationError,
@@ -108,6 +109,27 @@ T = TypeVar("T")
 MEMORY: Final = ":memory:"
 
 # --------------------------------------------------------------------------- schema
+
+_EVIDENCE_KEY: Final = "bucket_s, ifnull(workflow, x''), ifnull(stage, x''), model"
+_EVIDENCE_COLUMNS: Final = (
+    "bucket_s",
+    "workflow",
+    "stage",
+    "model",
+    "samples",
+    "successes",
+    "latency_n",
+    "latency_log_sum",
+    "latency_log_sq_sum",
+    "ttft_n",
+    "ttft_log_sum",
+    "ttft_log_sq_sum",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+)
+_LOG_MS: Final = "empathy_log_ms"
+"""SQL name of `empathy_models.evidence.log_ms`, registered on every connection."""
 
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # version 1
@@ -169,6 +191,63 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         ) WITHOUT ROWID
         """,
     ),
+    # version 2: evidence rollups (see `empathy_models.evidence`), built from the calls
+    (
+        """
+        CREATE TABLE evidence_buckets (
+            id INTEGER PRIMARY KEY,
+            bucket_s INTEGER NOT NULL,
+            workflow TEXT,
+            stage TEXT,
+            model TEXT NOT NULL,
+            samples INTEGER NOT NULL,
+            successes INTEGER NOT NULL,
+            latency_n INTEGER NOT NULL,
+            latency_log_sum REAL NOT NULL,
+            latency_log_sq_sum REAL NOT NULL,
+            ttft_n INTEGER NOT NULL,
+            ttft_log_sum REAL NOT NULL,
+            ttft_log_sq_sum REAL NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            cost_usd REAL NOT NULL,
+            version INTEGER NOT NULL
+        )
+        """,
+        # one row per key; a NULL workflow or stage is its own key (x'' is a BLOB, which
+        # never equals a TEXT value).  Also the range index of since / until and purge.
+        f"CREATE UNIQUE INDEX ux_evidence_key ON evidence_buckets ({_EVIDENCE_KEY})",
+        # evidence(after_version=v) is a range scan on version
+        "CREATE INDEX ix_evidence_version ON evidence_buckets (version)",
+        """
+        CREATE TABLE evidence_version (
+            id INTEGER PRIMARY KEY CHECK (id = 0),
+            version INTEGER NOT NULL
+        )
+        """,
+        "INSERT INTO evidence_version (id, version) VALUES (0, 1)",
+        f"""
+        INSERT INTO evidence_buckets ({", ".join(_EVIDENCE_COLUMNS)}, version)
+        SELECT b, workflow, stage, model, count(*), sum(ok), sum(ok),
+               total(CASE WHEN ok THEN lat END), total(CASE WHEN ok THEN lat * lat END),
+               sum(ok AND tt IS NOT NULL),
+               total(CASE WHEN ok THEN tt END), total(CASE WHEN ok THEN tt * tt END),
+               sum(CASE WHEN ok THEN input_tokens ELSE 0 END),
+               sum(CASE WHEN ok THEN output_tokens ELSE 0 END),
+               total(cost_usd), 1
+        FROM (
+            SELECT (ts_us - ((ts_us % {BUCKET_SECONDS * 1_000_000}) + {BUCKET_SECONDS * 1_000_000})
+                    % {BUCKET_SECONDS * 1_000_000}) / 1000000 AS b,
+                   workflow, stage, model, outcome = 'success' AS ok,
+                   {_LOG_MS}(latency_ms) AS lat,
+                   CASE WHEN ttft_ms IS NOT NULL THEN {_LOG_MS}(ttft_ms) END AS tt,
+                   input_tokens, output_tokens, cost_usd
+            FROM llm_calls
+            WHERE outcome IN ('success', 'failure', 'rate_limited', 'fatal')
+        )
+        GROUP BY b, workflow, stage, model
+        """,
+    ),
 )
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -214,6 +293,18 @@ _INSERT_CALL: Final = (
     f"VALUES ({', '.join('?' for _ in _CALL_COLUMNS)})"
 )
 _SELECT_CALLS: Final = f"SELECT {', '.join(_CALL_COLUMNS)} FROM llm_calls"
+
+# the counter is bumped once per write transaction that changes buckets; SQLite runs one
+# writer at a time, so versions follow commit order across every process
+_BUMP_EVIDENCE_VERSION: Final = "UPDATE evidence_version SET version = version + 1"
+_UPSERT_EVIDENCE: Final = (
+    f"INSERT INTO evidence_buckets ({', '.join(_EVIDENCE_COLUMNS)}, version) "
+    f"VALUES ({', '.join('?' for _ in _EVIDENCE_COLUMNS)}, "
+    "(SELECT version FROM evidence_version)) "
+    f"ON CONFLICT ({_EVIDENCE_KEY}) DO UPDATE SET "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in _EVIDENCE_COLUMNS[4:])
+    + ", version = excluded.version"
+)
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US: Final = timedelta(microseconds=1)
@@ -379,6 +470,125 @@ FROM groups AS g
 LEFT JOIN pct AS p ON p.wf = g.wf AND p.st = g.st AND p.model = g.model
 ORDER BY g.wf, g.st, g.model
 """
+
+
+# --------------------------------------------------------------------------- evidence
+
+_US_PER_S: Final = 1_000_000
+_INT64_MAX: Final = 2**63 - 1
+
+
+def _sqlite_int(value: int) -> int | float:
+    """``value``, or as a float beyond SQLite's 64-bit integers (a sum must never fail a batch)."""
+    return value if -_INT64_MAX <= value <= _INT64_MAX else float(value)
+
+
+def _evidence_rows(records: Iterable[LLMCallRecord]) -> list[tuple[Any, ...]]:
+    """The rollup of ``records`` as parameter rows of `_UPSERT_EVIDENCE`, in key order."""
+    return [
+        (
+            int(b.bucket_start.timestamp()),
+            b.workflow,
+            b.stage,
+            b.model,
+            b.samples,
+            b.successes,
+            b.latency_n,
+            b.latency_log_sum,
+            b.latency_log_sq_sum,
+            b.ttft_n,
+            b.ttft_log_sum,
+            b.ttft_log_sq_sum,
+            _sqlite_int(b.input_tokens),
+            _sqlite_int(b.output_tokens),
+            b.cost_usd,
+        )
+        for b in rollup(records)
+    ]
+
+
+async def _add_evidence(conn: aiosqlite.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Add partial buckets to the stored ones, stamped with a new version (in a transaction)."""
+    if rows:
+        await conn.execute(_BUMP_EVIDENCE_VERSION)
+        await conn.executemany(_UPSERT_EVIDENCE, rows)
+
+
+async def _purge_evidence(conn: aiosqlite.Connection, before_us: int) -> None:
+    """Delete the buckets that end at or before ``before_us`` (in a transaction)."""
+    last_start = before_us // _US_PER_S - BUCKET_SECONDS
+    await conn.execute("DELETE FROM evidence_buckets WHERE bucket_s <= ?", (last_start,))
+
+
+def _check_version(after_version: object) -> None:
+    if isinstance(after_version, bool) or not isinstance(after_version, int) or after_version < 0:
+        raise ConfigurationError(
+            f"after_version must be an integer >= 0 (a version from an earlier "
+            f"EvidenceBatch), got {after_version!r}"
+        )
+
+
+def _ceil_s(value: datetime) -> int:
+    """The first whole second at or after ``value``, in seconds since the epoch."""
+    return -(-_to_us(value) // _US_PER_S)
+
+
+def _evidence_query(
+    since: datetime | None, until: datetime | None, after_version: int
+) -> tuple[str, dict[str, Any]]:
+    clauses = ["version > :after"]
+    params: dict[str, Any] = {"after": after_version}
+    if since is not None:
+        clauses.append("bucket_s >= :since")
+        params["since"] = _ceil_s(since)
+    if until is not None:
+        clauses.append("bucket_s < :until")
+        params["until"] = _ceil_s(until)
+    columns = ", ".join(_EVIDENCE_COLUMNS)
+    nulls = ", ".join("NULL" for _ in _EVIDENCE_COLUMNS)
+    # the version row first (part 0), then the buckets in the order of EvidenceBatch
+    # (SQLite sorts NULL first and compares text by code point, as Python does)
+    sql = (
+        f"SELECT 0 AS part, {nulls}, version FROM evidence_version "
+        f"UNION ALL SELECT 1 AS part, {columns}, version FROM evidence_buckets "
+        f"WHERE {' AND '.join(clauses)} "
+        "ORDER BY part, bucket_s, workflow, stage, model"
+    )
+    return sql, params
+
+
+def _evidence_batch(rows: Iterable[Sequence[Any]]) -> EvidenceBatch:
+    it = iter(rows)
+    head = next(it)
+    starts: dict[int, datetime] = {}
+    buckets = []
+    for row in it:
+        start = row[1]
+        when = starts.get(start)
+        if when is None:
+            when = starts[start] = datetime.fromtimestamp(start, UTC)
+        buckets.append(
+            EvidenceBucket(
+                bucket_start=when,
+                workflow=row[2],
+                stage=row[3],
+                model=row[4],
+                samples=row[5],
+                successes=row[6],
+                latency_n=row[7],
+                latency_log_sum=row[8],
+                latency_log_sq_sum=row[9],
+                ttft_n=row[10],
+                ttft_log_sum=row[11],
+                ttft_log_sq_sum=row[12],
+                # sums past 2**63 - 1 are stored as REAL (SQLite's arithmetic does the same)
+                input_tokens=int(row[13]),
+                output_tokens=int(row[14]),
+                cost_usd=row[15],
+                version=row[16],
+            )
+        )
+    return EvidenceBatch(buckets=buckets, version=head[16])
 
 
 # --------------------------------------------------------------------------- the connection
@@ -606,6 +816,8 @@ class _Database:
                 await conn.execute_fetchall("PRAGMA journal_mode=WAL")
             await conn.execute("PRAGMA synchronous=NORMAL")
         if version < SCHEMA_VERSION:
+            # the migration to version 2 builds the evidence rollups in SQL with log_ms
+            await conn.create_function(_LOG_MS, 1, log_ms, deterministic=True)
             await self.transaction(conn, self._migrate)
 
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
@@ -803,10 +1015,12 @@ class SQLiteTelemetryBackend(TelemetryBackend):
     async def _write(self, records: list[LLMCallRecord]) -> None:
         if not records:
             return
+        evidence = _evidence_rows(records)
 
         async def body(conn: aiosqlite.Connection) -> None:
             # the rows are built lazily, on the connection's thread, inside executemany
             await conn.executemany(_INSERT_CALL, map(_to_row, records))
+            await _add_evidence(conn, evidence)
 
         await self._db.run(partial(self._db.transaction, body=body))
 
@@ -936,8 +1150,35 @@ class SQLiteTelemetryBackend(TelemetryBackend):
 
         return [_from_row(row) for row in await self._db.run(job)]
 
+    async def evidence(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_version: int = 0,
+    ) -> EvidenceBatch:
+        """
+        Evidence buckets changed after ``after_version`` (flushes queued records first).
+
+        One statement reads the buckets and the store's version from the same snapshot,
+        over the index on version (incremental reads) or on bucket start (windows).
+        """
+        self._check_open()
+        check_window(since, until)
+        _check_version(after_version)
+        await self.flush()
+        sql, params = _evidence_query(since, until, after_version)
+
+        async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
+            return await self._db.retrying(partial(conn.execute_fetchall, sql, params))
+
+        return _evidence_batch(await self._db.run(job))
+
     async def purge(self, *, before: datetime) -> int:
-        """Delete records older than ``before`` in one transaction; return how many."""
+        """
+        Delete records older than ``before`` and the evidence buckets that end at or
+        before it, in one transaction; return how many records were deleted.
+        """
         self._check_open()
         check_aware("before", before)
         await self.flush()
@@ -945,7 +1186,9 @@ class SQLiteTelemetryBackend(TelemetryBackend):
 
         async def body(conn: aiosqlite.Connection) -> int:
             cursor = await conn.execute("DELETE FROM llm_calls WHERE ts_us < ?", (cutoff,))
-            return cursor.rowcount
+            deleted = cursor.rowcount
+            await _purge_evidence(conn, cutoff)
+            return deleted
 
         return await self._db.run(partial(self._db.transaction, body=body))
 
