@@ -28,6 +28,7 @@ from typing import Final
 
 from attrs import field, frozen
 
+from .exceptions import ConfigurationError
 from .records import LLMCallRecord
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "EvidenceBatch",
     "EvidenceBucket",
     "bucket_start_of",
+    "check_after_version",
     "log_ms",
     "merge_buckets",
     "rollup",
@@ -50,6 +52,19 @@ _MIN_MS: Final = 1e-3
 def log_ms(value: float) -> float:
     """``ln`` of a duration in milliseconds, floored at one microsecond."""
     return math.log(max(value, _MIN_MS))
+
+
+def check_after_version(after_version: object) -> int:
+    """
+    ``after_version`` if it is an integer >= 0 (what `TelemetryBackend.evidence` takes);
+    otherwise raise `ConfigurationError` naming it.
+    """
+    if isinstance(after_version, bool) or not isinstance(after_version, int) or after_version < 0:
+        raise ConfigurationError(
+            "after_version must be an integer >= 0 (0, or the version of an earlier "
+            f"EvidenceBatch), got {after_version!r}"
+        )
+    return after_version
 
 
 def bucket_start_of(ts: datetime) -> datetime:

@@ -24,6 +24,7 @@ from ..evidence import (
     BUCKET_SECONDS,
     EvidenceBatch,
     EvidenceBucket,
+    check_after_version,
     merge_buckets,
     rollup,
     sorted_buckets,
@@ -136,6 +137,7 @@ class MemoryTelemetryBackend(TelemetryBackend):
     ) -> EvidenceBatch:
         self._check_open()
         check_window(since, until)
+        check_after_version(after_version)
         rows = [
             b
             for b in self._buckets.values()

@@ -14,7 +14,7 @@ from .. import circuit
 from .._stats import check_aware, check_window
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..circuit import BreakerPolicy
-from ..evidence import EvidenceBatch
+from ..evidence import EvidenceBatch, check_after_version
 from ..exceptions import RecordValidationError
 from ..records import (
     Admission,
@@ -81,6 +81,7 @@ class NullTelemetryBackend(TelemetryBackend):
     ) -> EvidenceBatch:
         self._check_open()
         check_window(since, until)
+        check_after_version(after_version)
         return EvidenceBatch(buckets=(), version=0)
 
     async def purge(self, *, before: datetime) -> int:

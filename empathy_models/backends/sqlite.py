@@ -74,7 +74,14 @@ import anyio.to_thread
 
 from .._stats import check_aware, check_window
 from ..abc import TelemetryBackend, TransactionalStateStore
-from ..evidence import BUCKET_SECONDS, EvidenceBatch, EvidenceBucket, log_ms, rollup
+from ..evidence import (
+    BUCKET_SECONDS,
+    EvidenceBatch,
+    EvidenceBucket,
+    check_after_version,
+    log_ms,
+    rollup,
+)
 from ..exceptions import (
     BackendError,
     ConfigurationError,
@@ -518,14 +525,6 @@ async def _purge_evidence(conn: aiosqlite.Connection, before_us: int) -> None:
     """Delete the buckets that end at or before ``before_us`` (in a transaction)."""
     last_start = before_us // _US_PER_S - BUCKET_SECONDS
     await conn.execute("DELETE FROM evidence_buckets WHERE bucket_s <= ?", (last_start,))
-
-
-def _check_version(after_version: object) -> None:
-    if isinstance(after_version, bool) or not isinstance(after_version, int) or after_version < 0:
-        raise ConfigurationError(
-            f"after_version must be an integer >= 0 (a version from an earlier "
-            f"EvidenceBatch), got {after_version!r}"
-        )
 
 
 def _ceil_s(value: datetime) -> int:
@@ -1165,7 +1164,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         """
         self._check_open()
         check_window(since, until)
-        _check_version(after_version)
+        check_after_version(after_version)
         await self.flush()
         sql, params = _evidence_query(since, until, after_version)
 

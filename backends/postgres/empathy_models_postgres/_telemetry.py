@@ -1,14 +1,35 @@
-"""Telemetry in PostgreSQL: COPY-batched writes, SQL aggregation on a covering index."""
+"""
+Telemetry in PostgreSQL: COPY-batched writes, SQL aggregation on a covering index, and
+evidence rollups kept in the writing transaction.
+
+Evidence versions follow commit order.  Each write transaction that changes buckets
+takes the next number from a one-row counter table (``UPDATE ... RETURNING``) after its
+``COPY``, stamps its buckets with it and commits; the counter row stays locked until
+that commit, so the transaction holding version n is visible before any other can even
+take n + 1.  A reader that sees the counter at v (in the same statement, hence the same
+snapshot, as the buckets) therefore sees every transaction numbered <= v and none
+numbered above: passing v back returns each later change once and misses none, however
+many processes commit concurrently.  (A plain sequence would not do: a transaction
+holding 9 may commit after one holding 10 was read.)  The price is that writers queue
+on the counter row from their bucket upsert to their commit, a few statements.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from empathy_models._stats import check_aware, check_window
 from empathy_models.abc import TelemetryBackend
+from empathy_models.evidence import (
+    BUCKET_SECONDS,
+    EvidenceBatch,
+    EvidenceBucket,
+    check_after_version,
+    rollup,
+)
 from empathy_models.exceptions import (
     ConfigurationError,
     RecordValidationError,
@@ -20,6 +41,13 @@ from empathy_models.serialization import from_dict, to_dict
 from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
 
 __all__ = ["PostgresTelemetryBackend", "TELEMETRY_SCHEMA_VERSION"]
+
+_KEY: Final = (
+    "bucket_start, (workflow IS NULL), coalesce(workflow, ''), "
+    "(stage IS NULL), coalesce(stage, ''), model"
+)
+_MIN_MS: Final = "1e-3"  # empathy_models.evidence.log_ms floors durations at 1 microsecond
+_SAMPLE_LIST: Final = ", ".join(f"'{o.value}'" for o in Outcome if o.is_sample)
 
 _MIGRATIONS: Final = (
     (
@@ -44,6 +72,58 @@ _MIGRATIONS: Final = (
         " (model, outcome, latency_ms, cost_usd, input_tokens, output_tokens, provider, tier,"
         " seq)",
         "CREATE INDEX IF NOT EXISTS {i_calls_ts} ON {t_calls} (ts, seq)",
+    ),
+    # version 2: evidence rollups (see empathy_models.evidence), built from the calls
+    (
+        "CREATE TABLE IF NOT EXISTS {t_evidence} ("
+        " bucket_start timestamptz NOT NULL,"
+        " workflow text,"
+        " stage text,"
+        " model text NOT NULL,"
+        " samples bigint NOT NULL,"
+        " successes bigint NOT NULL,"
+        " latency_n bigint NOT NULL,"
+        " latency_log_sum double precision NOT NULL,"
+        " latency_log_sq_sum double precision NOT NULL,"
+        " ttft_n bigint NOT NULL,"
+        " ttft_log_sum double precision NOT NULL,"
+        " ttft_log_sq_sum double precision NOT NULL,"
+        # token sums as doubles: exact to 2**53, and a sum never overflows (fails a batch)
+        " input_tokens double precision NOT NULL,"
+        " output_tokens double precision NOT NULL,"
+        " cost_usd double precision NOT NULL,"
+        " version bigint NOT NULL)",
+        # one row per key (a NULL workflow or stage is its own key, on any PostgreSQL
+        # version); also the range index of since / until and purge
+        f"CREATE UNIQUE INDEX IF NOT EXISTS {{i_evidence_key}} ON {{t_evidence}} ({_KEY})",
+        # evidence(after_version=v) is a range scan on version
+        "CREATE INDEX IF NOT EXISTS {i_evidence_by_version} ON {t_evidence} (version)",
+        "CREATE TABLE IF NOT EXISTS {t_evidence_version} ("
+        " id integer PRIMARY KEY CHECK (id = 0), version bigint NOT NULL)",
+        "INSERT INTO {t_evidence_version} (id, version) VALUES (0, 1) ON CONFLICT DO NOTHING",
+        "INSERT INTO {t_evidence} ("
+        " bucket_start, workflow, stage, model, samples, successes, latency_n,"
+        " latency_log_sum, latency_log_sq_sum, ttft_n, ttft_log_sum, ttft_log_sq_sum,"
+        " input_tokens, output_tokens, cost_usd, version) "
+        "SELECT to_timestamp(floor(extract(epoch FROM ts) / "
+        f"{BUCKET_SECONDS}) * {BUCKET_SECONDS}),"
+        " workflow, stage, model, count(*), count(*) FILTER (WHERE ok),"
+        " count(*) FILTER (WHERE ok),"
+        " coalesce(sum(lat) FILTER (WHERE ok), 0), coalesce(sum(lat * lat) FILTER (WHERE ok), 0),"
+        " count(tt) FILTER (WHERE ok),"
+        " coalesce(sum(tt) FILTER (WHERE ok), 0), coalesce(sum(tt * tt) FILTER (WHERE ok), 0),"
+        " coalesce(sum(input_tokens) FILTER (WHERE ok), 0),"
+        " coalesce(sum(output_tokens) FILTER (WHERE ok), 0),"
+        " sum(cost_usd), 1 "
+        "FROM (SELECT ts, workflow, stage, model, outcome = 'success' AS ok,"
+        f" ln(greatest(latency_ms, {_MIN_MS})) AS lat,"
+        # greatest() skips NULLs: a missing time to first token must stay NULL
+        " CASE WHEN record->>'ttft_ms' IS NOT NULL THEN"
+        f" ln(greatest((record->>'ttft_ms')::double precision, {_MIN_MS})) END AS tt,"
+        " input_tokens, output_tokens, cost_usd"
+        " FROM {t_calls}"
+        f" WHERE outcome IN ({_SAMPLE_LIST})) AS calls "
+        "GROUP BY 1, 2, 3, 4",
     ),
 )
 
@@ -84,6 +164,85 @@ def _row(record: LLMCallRecord) -> tuple[Any, ...]:
         record.input_tokens,
         record.output_tokens,
         json.dumps(to_dict(record), separators=(",", ":")),
+    )
+
+
+_EVIDENCE_COLUMNS: Final = (
+    "bucket_start",
+    "workflow",
+    "stage",
+    "model",
+    "samples",
+    "successes",
+    "latency_n",
+    "latency_log_sum",
+    "latency_log_sq_sum",
+    "ttft_n",
+    "ttft_log_sum",
+    "ttft_log_sq_sum",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+)
+_EVIDENCE_TYPES: Final = (
+    "timestamptz",
+    "text",
+    "text",
+    "text",
+    "bigint",
+    "bigint",
+    "bigint",
+    "float8",
+    "float8",
+    "bigint",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+    "float8",
+)
+
+
+def _evidence_columns(rows: list[LLMCallRecord]) -> list[list[Any]]:
+    """The rollup of ``rows`` as one list per column (for ``unnest``), in key order."""
+    buckets = rollup(rows)
+    return [
+        [b.bucket_start for b in buckets],
+        [b.workflow for b in buckets],
+        [b.stage for b in buckets],
+        [b.model for b in buckets],
+        [b.samples for b in buckets],
+        [b.successes for b in buckets],
+        [b.latency_n for b in buckets],
+        [b.latency_log_sum for b in buckets],
+        [b.latency_log_sq_sum for b in buckets],
+        [b.ttft_n for b in buckets],
+        [b.ttft_log_sum for b in buckets],
+        [b.ttft_log_sq_sum for b in buckets],
+        [float(b.input_tokens) for b in buckets],
+        [float(b.output_tokens) for b in buckets],
+        [b.cost_usd for b in buckets],
+    ]
+
+
+def _evidence_bucket(row: Any) -> EvidenceBucket:
+    return EvidenceBucket(
+        bucket_start=row["bucket_start"],
+        workflow=row["workflow"],
+        stage=row["stage"],
+        model=row["model"],
+        samples=row["samples"],
+        successes=row["successes"],
+        latency_n=row["latency_n"],
+        latency_log_sum=row["latency_log_sum"],
+        latency_log_sq_sum=row["latency_log_sq_sum"],
+        ttft_n=row["ttft_n"],
+        ttft_log_sum=row["ttft_log_sum"],
+        ttft_log_sq_sum=row["ttft_log_sq_sum"],
+        input_tokens=int(row["input_tokens"]),
+        output_tokens=int(row["output_tokens"]),
+        cost_usd=row["cost_usd"],
+        version=row["version"],
     )
 
 
@@ -134,6 +293,21 @@ class PostgresTelemetryBackend(TelemetryBackend):
         )
         self.batch_size = batch_size
         self._calls = self._db.table("calls")
+        self._evidence = self._db.table("evidence")
+        self._evidence_version = self._db.table("evidence_version")
+        self._bump_version = (
+            f"UPDATE {self._evidence_version} SET version = version + 1 WHERE id = 0 "
+            "RETURNING version"
+        )
+        columns = ", ".join(_EVIDENCE_COLUMNS)
+        self._upsert_evidence = (
+            f"INSERT INTO {self._evidence} ({columns}, version) "
+            f"SELECT {columns}, ${len(_EVIDENCE_COLUMNS) + 1}::bigint FROM unnest("
+            + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_EVIDENCE_TYPES))
+            + f") AS b ({columns}) ON CONFLICT ({_KEY}) DO UPDATE SET "
+            + ", ".join(f"{c} = {self._evidence}.{c} + excluded.{c}" for c in _EVIDENCE_COLUMNS[4:])
+            + ", version = excluded.version"
+        )
         self._migrations = build_migrations(self._db, _MIGRATIONS)
 
     def __repr__(self) -> str:
@@ -153,7 +327,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         await self._db.close()
 
     async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
-        """Store every record in one transaction (``COPY``), or none of them."""
+        """Store every record and its evidence in one transaction (``COPY``), or none of them."""
         self._check_open()
         rows = []
         for r in records:
@@ -162,6 +336,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
             rows.append(_row(r))
         if not rows:
             return
+        evidence = _evidence_columns(list(records))
         pool = await self._db.pool(self._migrations)
         table = self._db.table_prefix + "calls"
         async with (
@@ -176,6 +351,17 @@ class PostgresTelemetryBackend(TelemetryBackend):
                     columns=_COLUMNS,
                     schema_name=self._db.schema,
                 )
+            await self._add_evidence(conn, evidence)
+
+    async def _add_evidence(self, conn: Any, columns: list[list[Any]]) -> None:
+        """
+        Add partial buckets to the stored ones, stamped with the next version (inside the
+        writing transaction, last, so that the counter row is locked only until commit).
+        """
+        if not columns[0]:
+            return
+        version = await conn.fetchval(self._bump_version)
+        await conn.execute(self._upsert_evidence, *columns, version)
 
     def _where(
         self,
@@ -297,13 +483,58 @@ class PostgresTelemetryBackend(TelemetryBackend):
                 target=self._db.target,
             ) from exc
 
+    async def evidence(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_version: int = 0,
+    ) -> EvidenceBatch:
+        """
+        Evidence buckets changed after ``after_version`` (see the module docstring for why
+        none is missed under concurrent writers): one statement, one snapshot, read over
+        the index on version (incremental reads) or on bucket start (windows).
+        """
+        self._check_open()
+        check_window(since, until)
+        args: list[Any] = [check_after_version(after_version)]
+        clauses = ["version > $1"]
+        if since is not None:
+            args.append(since)
+            clauses.append(f"bucket_start >= ${len(args)}")
+        if until is not None:
+            args.append(until)
+            clauses.append(f"bucket_start < ${len(args)}")
+        columns = ", ".join(f"b.{c}" for c in _EVIDENCE_COLUMNS)
+        # the counter and the buckets from one snapshot; text in code point order, NULL
+        # first: the order of EvidenceBatch.buckets
+        query = (
+            f"SELECT v.version AS store_version, {columns}, b.version "
+            f"FROM {self._evidence_version} AS v LEFT JOIN LATERAL ("
+            f"SELECT * FROM {self._evidence} WHERE {' AND '.join(clauses)}) AS b ON true "
+            'ORDER BY b.bucket_start, b.workflow COLLATE "C" NULLS FIRST, '
+            'b.stage COLLATE "C" NULLS FIRST, b.model COLLATE "C"'
+        )
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("evidence"):
+            rows = await pool.fetch(query, *args)
+        return EvidenceBatch(
+            buckets=[_evidence_bucket(row) for row in rows if row["model"] is not None],
+            version=int(rows[0]["store_version"]),
+        )
+
     async def purge(self, *, before: datetime) -> int:
-        """Delete the records older than ``before``; return how many were deleted."""
+        """
+        Delete the records older than ``before`` and the evidence buckets that end at or
+        before it, in one transaction; return how many records were deleted.
+        """
         self._check_open()
         check_aware("before", before)
         pool = await self._db.pool(self._migrations)
-        async with self._db.errors("purge"):
-            status = await pool.execute(f"DELETE FROM {self._calls} WHERE ts < $1", before)
+        last_start = before - timedelta(seconds=BUCKET_SECONDS)
+        async with self._db.errors("purge"), pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(f"DELETE FROM {self._calls} WHERE ts < $1", before)
+            await conn.execute(f"DELETE FROM {self._evidence} WHERE bucket_start <= $1", last_start)
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def drop_tables(self) -> None:
@@ -312,6 +543,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("drop"), pool.acquire() as conn, conn.transaction():
             await conn.execute(f"DROP TABLE IF EXISTS {self._calls}")
+            await conn.execute(f"DROP TABLE IF EXISTS {self._evidence}")
+            await conn.execute(f"DROP TABLE IF EXISTS {self._evidence_version}")
             await conn.execute(
                 f"DELETE FROM {self._db.table('schema_version')} WHERE component = $1",
                 self._db.component,
