@@ -27,7 +27,8 @@ from empathy_models import (
 from empathy_models._stats import aggregate_records, matches
 from empathy_models.backends import telemetry_from_url
 from empathy_models.backends.sqlite import SCHEMA_VERSION, SQLiteTelemetryBackend
-from empathy_models.testing.contracts import TelemetryBackendContract
+from empathy_models.evidence import rollup
+from empathy_models.testing.contracts import TelemetryBackendContract, assert_same_buckets
 
 
 class TestSQLiteFileTelemetry(TelemetryBackendContract):
@@ -268,6 +269,56 @@ async def test_schema_is_versioned_and_a_newer_file_is_refused(tmp_path: Path) -
     assert str(db) in str(info.value) and info.value.target == str(db)
     assert isinstance(info.value, BackendError)
     assert _rows(db) == 1, "the newer file must be left as it was"
+
+
+async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Path) -> None:
+    from empathy_models.backends.sqlite import _INSERT_CALL, _MIGRATIONS, _to_row
+
+    db = tmp_path / "v1.db"
+    records = _records(800)
+    conn = sqlite3.connect(db)
+    try:
+        for statement in _MIGRATIONS[0]:  # a file as version 1 wrote it
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.executemany(_INSERT_CALL, map(_to_row, records))
+        conn.commit()
+    finally:
+        conn.close()
+    async with SQLiteTelemetryBackend(db) as backend:
+        migrated = await backend.evidence()
+        assert_same_buckets(migrated.buckets, rollup(records), "evidence after migration")
+        more = _records(50, seed=2)
+        await backend.record_many(more)
+        newer = await backend.evidence(after_version=migrated.version)
+        assert {b.key for b in newer.buckets} == {b.key for b in rollup(more)}
+        assert_same_buckets(
+            (await backend.evidence()).buckets, rollup(records + more), "after new writes"
+        )
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    finally:
+        conn.close()
+
+
+async def test_incremental_evidence_reads_the_version_index(tmp_path: Path) -> None:
+    from empathy_models.backends.sqlite import _evidence_query
+
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db) as backend:
+        await backend.record_many(_records(50))
+    conn = sqlite3.connect(db)
+    try:
+        sql, params = _evidence_query(None, None, 7)
+        plan = [row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+        assert any("USING INDEX ix_evidence_version (version>?)" in d for d in plan), plan
+        # a window (router start) is a range scan too, on one index or the other
+        sql, params = _evidence_query(BASE, BASE + timedelta(hours=1), 0)
+        plan = [row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+        assert any(d.startswith("SEARCH evidence_buckets USING INDEX") for d in plan), plan
+    finally:
+        conn.close()
 
 
 async def _raises_naming_the_path(backend: SQLiteTelemetryBackend, path: Path) -> str:

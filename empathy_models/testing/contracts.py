@@ -90,7 +90,12 @@ from ..records import (
     Ticket,
 )
 
-__all__ = ["AdvanceClock", "CircuitStateStoreContract", "TelemetryBackendContract"]
+__all__ = [
+    "AdvanceClock",
+    "CircuitStateStoreContract",
+    "TelemetryBackendContract",
+    "assert_same_buckets",
+]
 
 AdvanceClock = Callable[[float], Awaitable[None]]
 """``await advance(seconds)``: let the store's clock move forward by at least ``seconds``."""
@@ -353,10 +358,16 @@ _BUCKET_SUMS: Final = (
 BucketKey = tuple[str | None, str | None, str, datetime]
 
 
-def _assert_buckets(
+def assert_same_buckets(
     got: Sequence[EvidenceBucket], want: Iterable[EvidenceBucket], what: str
 ) -> None:
-    """Same keys in the same order, counts exactly equal, float sums within 1e-9."""
+    """
+    Assert that ``got`` (as `TelemetryBackend.evidence` returned them) are ``want`` (for
+    example `empathy_models.evidence.rollup` of the records stored): the same keys in the
+    order of `EvidenceBatch.buckets`, counts exactly equal, float sums within a relative
+    1e-9 (backends may add in another order), bucket starts in UTC.  ``what`` names the
+    read in the failure message.
+    """
     expected = sorted_buckets(want)
     assert [b.key for b in got] == [b.key for b in expected], (
         f"{what}: bucket keys differ or are out of order; missing "
@@ -746,7 +757,7 @@ class TelemetryBackendContract:
         await telemetry.record_many(records[230:])
         await telemetry.flush()
         batch = await telemetry.evidence()
-        _assert_buckets(batch.buckets, rollup(records), "evidence()")
+        assert_same_buckets(batch.buckets, rollup(records), "evidence()")
         assert batch.version > empty.version
         assert all(0 < b.version <= batch.version for b in batch.buckets)
         again = await telemetry.evidence(after_version=batch.version)
@@ -804,7 +815,7 @@ class TelemetryBackendContract:
             await telemetry.flush()
         buckets = (await telemetry.evidence()).buckets
         assert len(buckets) == len(arms), [b.key for b in buckets]
-        _assert_buckets(buckets, rollup(records), "NULL and '' workflows and stages")
+        assert_same_buckets(buckets, rollup(records), "NULL and '' workflows and stages")
         counts = {(b.workflow, b.stage): b.samples for b in buckets}
         assert counts == {arm: 3 * (i + 1) for i, arm in enumerate(arms)}
 
@@ -842,7 +853,7 @@ class TelemetryBackendContract:
                 if (since is None or r.timestamp.replace(second=0) >= since)
                 and (until is None or r.timestamp.replace(second=0) < until)
             ]
-            _assert_buckets(got, rollup(in_window), f"evidence(since={since}, until={until})")
+            assert_same_buckets(got, rollup(in_window), f"evidence(since={since}, until={until})")
 
     async def test_incremental_evidence_returns_each_change_once_and_misses_none(
         self, telemetry: TelemetryBackend
@@ -867,7 +878,7 @@ class TelemetryBackendContract:
                 f"round {round_}: evidence(after_version={before}) must return exactly the "
                 "buckets that the round's records changed"
             )
-            _assert_buckets(reader.buckets(), rollup(stored), f"after round {round_}")
+            assert_same_buckets(reader.buckets(), rollup(stored), f"after round {round_}")
         assert (await reader.poll()).buckets == ()
 
     async def test_incremental_evidence_with_two_writers_and_a_polling_reader(
@@ -912,8 +923,8 @@ class TelemetryBackendContract:
                 await second.aclose()
         await reader.poll()
         assert reader.reads >= 2
-        _assert_buckets(reader.buckets(), rollup(written), "incremental reads")
-        _assert_buckets((await telemetry.evidence()).buckets, rollup(written), "a full read")
+        assert_same_buckets(reader.buckets(), rollup(written), "incremental reads")
+        assert_same_buckets((await telemetry.evidence()).buckets, rollup(written), "a full read")
 
     async def test_purge_drops_the_buckets_that_ended_by_the_cutoff(
         self, telemetry: TelemetryBackend

@@ -12,8 +12,10 @@ from empathy_models_postgres import TELEMETRY_SCHEMA_VERSION, PostgresTelemetryB
 
 from empathy_models import BatchingTelemetryBackend
 from empathy_models.backends import MemoryTelemetryBackend, telemetry_from_url
+from empathy_models.evidence import rollup
 from empathy_models.exceptions import SchemaVersionError, TelemetryError
 from empathy_models.records import LLMCallRecord, ModelPerformance, ModelTier, Outcome
+from empathy_models.testing.contracts import assert_same_buckets
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -144,6 +146,52 @@ async def test_purge_deletes_only_older_records(postgres_url: str) -> None:
         assert len(kept) == 200 - deleted
         assert all(r.timestamp >= cutoff for r in kept)
         assert await backend.purge(before=cutoff) == 0
+
+
+async def test_version_1_tables_gain_evidence_built_from_their_calls(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    records = random_records(5, 600)
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        await backend.record_many(records)
+    # take the tables back to what version 1 created: the calls table only
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(
+            f'DROP TABLE "{postgres_schema}".empathy_evidence, '
+            f'"{postgres_schema}".empathy_evidence_version; '
+            f'UPDATE "{postgres_schema}".empathy_schema_version SET version = 1'
+        )
+    finally:
+        await conn.close()
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        migrated = await backend.evidence()
+        assert_same_buckets(migrated.buckets, rollup(records), "evidence after migration")
+        more = random_records(6, 40)
+        await backend.record_many(more)
+        newer = await backend.evidence(after_version=migrated.version)
+        assert {b.key for b in newer.buckets} == {b.key for b in rollup(more)}
+    assert TELEMETRY_SCHEMA_VERSION == 2
+
+
+async def test_incremental_evidence_reads_the_version_index(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        for seed in range(20):
+            await backend.record_many(random_records(seed, 200))
+        await backend.record_many(random_records(99, 5))  # a refresh's worth of news
+        last = (await backend.evidence()).version
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(f'ANALYZE "{postgres_schema}".empathy_evidence')
+        plan = await conn.fetchval(
+            f'EXPLAIN SELECT * FROM "{postgres_schema}".empathy_evidence WHERE version > $1',
+            last - 1,
+        )
+    finally:
+        await conn.close()
+    assert "empathy_evidence_by_version" in plan, plan
 
 
 async def test_tables_from_a_newer_version_are_refused(
