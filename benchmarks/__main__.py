@@ -15,7 +15,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from benchmarks import bench_breaker, bench_executor, bench_routing, bench_telemetry
+from benchmarks import (
+    bench_breaker,
+    bench_executor,
+    bench_router_start,
+    bench_routing,
+    bench_telemetry,
+)
 from benchmarks._common import RESULTS_DIR, BenchResult, machine_info, write_result
 
 SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
@@ -23,6 +29,7 @@ SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "breaker": bench_breaker.run,
     "telemetry": bench_telemetry.run,
     "executor": bench_executor.run,
+    "router_start": bench_router_start.run,
 }
 
 

@@ -226,23 +226,24 @@ def _evidence_columns(rows: list[LLMCallRecord]) -> list[list[Any]]:
 
 
 def _evidence_bucket(row: Any) -> EvidenceBucket:
+    """A bucket from a row of ``_EVIDENCE_COLUMNS`` then ``version`` (by position: faster)."""
     return EvidenceBucket(
-        bucket_start=row["bucket_start"],
-        workflow=row["workflow"],
-        stage=row["stage"],
-        model=row["model"],
-        samples=row["samples"],
-        successes=row["successes"],
-        latency_n=row["latency_n"],
-        latency_log_sum=row["latency_log_sum"],
-        latency_log_sq_sum=row["latency_log_sq_sum"],
-        ttft_n=row["ttft_n"],
-        ttft_log_sum=row["ttft_log_sum"],
-        ttft_log_sq_sum=row["ttft_log_sq_sum"],
-        input_tokens=int(row["input_tokens"]),
-        output_tokens=int(row["output_tokens"]),
-        cost_usd=row["cost_usd"],
-        version=row["version"],
+        bucket_start=row[0],
+        workflow=row[1],
+        stage=row[2],
+        model=row[3],
+        samples=row[4],
+        successes=row[5],
+        latency_n=row[6],
+        latency_log_sum=row[7],
+        latency_log_sq_sum=row[8],
+        ttft_n=row[9],
+        ttft_log_sum=row[10],
+        ttft_log_sq_sum=row[11],
+        input_tokens=int(row[12]),
+        output_tokens=int(row[13]),
+        cost_usd=row[14],
+        version=row[15],
     )
 
 
@@ -505,23 +506,26 @@ class PostgresTelemetryBackend(TelemetryBackend):
         if until is not None:
             args.append(until)
             clauses.append(f"bucket_start < ${len(args)}")
-        columns = ", ".join(f"b.{c}" for c in _EVIDENCE_COLUMNS)
-        # the counter and the buckets from one snapshot; text in code point order, NULL
-        # first: the order of EvidenceBatch.buckets
+        # text in code point order, NULL first: the order of EvidenceBatch.buckets
         query = (
-            f"SELECT v.version AS store_version, {columns}, b.version "
-            f"FROM {self._evidence_version} AS v LEFT JOIN LATERAL ("
-            f"SELECT * FROM {self._evidence} WHERE {' AND '.join(clauses)}) AS b ON true "
-            'ORDER BY b.bucket_start, b.workflow COLLATE "C" NULLS FIRST, '
-            'b.stage COLLATE "C" NULLS FIRST, b.model COLLATE "C"'
+            f"SELECT {', '.join(_EVIDENCE_COLUMNS)}, version FROM {self._evidence} "
+            f"WHERE {' AND '.join(clauses)} "
+            'ORDER BY bucket_start, workflow COLLATE "C" NULLS FIRST, '
+            'stage COLLATE "C" NULLS FIRST, model COLLATE "C"'
         )
         pool = await self._db.pool(self._migrations)
-        async with self._db.errors("evidence"):
-            rows = await pool.fetch(query, *args)
-        return EvidenceBatch(
-            buckets=[_evidence_bucket(row) for row in rows if row["model"] is not None],
-            version=int(rows[0]["store_version"]),
-        )
+        async with (
+            self._db.errors("evidence"),
+            pool.acquire() as conn,
+            # one snapshot for the counter and the buckets
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            # compiling the scan of a whole window costs more than running it, and its
+            # sort (70k buckets at 1M calls over a week) should not spill to disk
+            await conn.execute("SET LOCAL jit = off; SET LOCAL work_mem = '64MB'")
+            version = await conn.fetchval(f"SELECT version FROM {self._evidence_version}")
+            rows = await conn.fetch(query, *args)
+        return EvidenceBatch(buckets=[_evidence_bucket(row) for row in rows], version=int(version))
 
     async def purge(self, *, before: datetime) -> int:
         """

@@ -1,0 +1,316 @@
+"""
+What router start-up and refresh cost against a store that already holds history
+(issue #12: ``start()`` over 1M stored calls <= 1 s, a refresh after 10k new calls
+<= 50 ms of CPU).
+
+For each backend (SQLite file, PostgreSQL when reachable) and each history size
+(1k / 100k / 1M calls; ``--quick``: 1k / 20k), 7 models over 7 days of timestamps are
+stored for real through the backend's own write path (``record_many`` of an unbatched
+backend, 10,000 records per transaction: the calls and their evidence rollups are
+written together, as in production).  Then:
+
+* **start**: a freshly opened backend reads every evidence bucket of the 7-day window
+  (`start_cost`, what a router reads at start-up);
+* **refresh**: 10,000 new calls are written, then ``evidence(after_version=...)`` reads
+  what changed (`refresh_cost`, what a periodic refresh reads);
+* for comparison, the current ``AdaptiveModelRouter.start()``, which re-aggregates the
+  whole window with ``aggregate()`` (fewer repeats at 1M: it takes seconds each).
+
+Wall time and CPU time of this process (`time.process_time`: the client side, including
+SQLite's work on the connection thread; PostgreSQL's server CPU is not in it) are
+medians of ``REPEATS`` runs.  `start_cost` and `refresh_cost` time ``evidence()``
+directly; once the router learns from ``evidence()`` they are the two functions to
+switch to timing ``router.start()`` / ``router.refresh()``.
+
+Run: ``python -m benchmarks.bench_router_start [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import BenchResult, write_result
+from benchmarks.bench_routing import make_registry
+from benchmarks.bench_telemetry import POSTGRES_DSN, _postgres_reachable
+from empathy_models import (
+    AdaptiveModelRouter,
+    LLMCallRecord,
+    Outcome,
+    SQLiteTelemetryBackend,
+    TelemetryBackend,
+)
+
+MODELS = 7
+WINDOW = timedelta(days=7)
+NEW_CALLS = 10_000
+CHUNK = 10_000
+REPEATS = 5
+START_GOAL_S = 1.0
+REFRESH_GOAL_CPU_S = 0.050
+
+Factory = Callable[[], TelemetryBackend]
+
+
+# --------------------------------------------------------------------------- the data
+
+
+def make_calls(n: int, start: datetime, end: datetime, *, seed: int) -> Iterator[LLMCallRecord]:
+    """``n`` calls spread evenly over [start, end), 7 models, 95% successes."""
+    rng = random.Random(seed)
+    step = (end - start) / n
+    ids = [m.id for m in make_registry(MODELS).models]
+    for i in range(n):
+        ok = rng.random() < 0.95
+        yield LLMCallRecord(
+            provider="anthropic" if i % 2 else "openai",
+            model=ids[i % MODELS],
+            outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
+            timestamp=start + step * i,
+            workflow="bench",
+            stage="answer",
+            latency_ms=rng.lognormvariate(6.0, 0.5),
+            ttft_ms=rng.lognormvariate(4.0, 0.5) if ok else None,
+            input_tokens=rng.randrange(200, 2_000),
+            output_tokens=rng.randrange(50, 800) if ok else 0,
+            cost_usd=rng.uniform(0.0001, 0.01),
+        )
+
+
+async def store_calls(backend: TelemetryBackend, calls: Iterator[LLMCallRecord]) -> None:
+    """Write ``calls`` through ``record_many``, ``CHUNK`` records per transaction."""
+    chunk: list[LLMCallRecord] = []
+    for call in calls:
+        chunk.append(call)
+        if len(chunk) == CHUNK:
+            await backend.record_many(chunk)
+            chunk = []
+    if chunk:
+        await backend.record_many(chunk)
+    await backend.flush()
+
+
+# --------------------------------------------------------------------------- what is timed
+
+
+async def start_cost(backend: TelemetryBackend, *, now: datetime) -> tuple[int, int]:
+    """
+    What router start-up reads: every evidence bucket of the window.  Returns the number
+    of buckets and the batch's version.  (Switch to ``router.start()`` here once the
+    router learns from ``evidence()``.)
+    """
+    batch = await backend.evidence(since=now - WINDOW)
+    return len(batch.buckets), batch.version
+
+
+async def refresh_cost(
+    backend: TelemetryBackend, *, now: datetime, after_version: int
+) -> tuple[int, int]:
+    """
+    What a periodic refresh reads: the buckets changed after the last version.  Returns
+    their number and the version to pass next time.  (Switch to ``router.refresh()`` here
+    once the router learns from ``evidence()``.)
+    """
+    batch = await backend.evidence(since=now - WINDOW, after_version=after_version)
+    return len(batch.buckets), batch.version
+
+
+async def legacy_router_start(backend: TelemetryBackend) -> None:
+    """The current ``AdaptiveModelRouter.start()``: one ``aggregate()`` over the window."""
+    router = AdaptiveModelRouter(make_registry(MODELS), backend, refresh_interval=None)
+    await router.start()
+    await router.aclose()
+
+
+async def timed(fn: Callable[[], Awaitable[Any]]) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds of this process, result) of one await."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    result = await fn()
+    return time.perf_counter() - w0, time.process_time() - c0, result
+
+
+# --------------------------------------------------------------------------- one store
+
+
+async def measure(
+    make: Factory, size: int, *, repeats: int, legacy_repeats: int, seed: int
+) -> dict[str, Any]:
+    """Fill a fresh store with ``size`` calls, then time start and refresh reads."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    history_end = now - timedelta(hours=1)
+    out: dict[str, Any] = {"stored": size}
+    async with make() as writer:
+        t0 = time.perf_counter()
+        await store_calls(writer, make_calls(size, now - WINDOW, history_end, seed=seed))
+        out["fill_s"] = time.perf_counter() - t0
+
+        starts: list[tuple[float, float]] = []
+        for _ in range(repeats):
+            async with make() as fresh:
+                await fresh.flush()  # opened (connection, schema check) before the clock starts
+                wall, cpu, (buckets, _) = await timed(partial(start_cost, fresh, now=now))
+            starts.append((wall, cpu))
+        out["start_buckets"] = buckets
+        out["start_wall_s"] = statistics.median(w for w, _ in starts)
+        out["start_cpu_s"] = statistics.median(c for _, c in starts)
+
+        refreshes: list[tuple[float, float]] = []
+        changed = 0
+        async with make() as reader:
+            _, version = await start_cost(reader, now=now)
+            for i in range(repeats):
+                # 10k calls arriving at ~20 calls/s: the last 500 s before the refresh
+                t_end = history_end + timedelta(seconds=600 * (i + 1))
+                new = make_calls(
+                    NEW_CALLS, t_end - timedelta(seconds=500), t_end, seed=seed + i + 1
+                )
+                await store_calls(writer, new)
+                wall, cpu, (changed, version) = await timed(
+                    partial(refresh_cost, reader, now=now, after_version=version)
+                )
+                refreshes.append((wall, cpu))
+        out["refresh_buckets"] = changed
+        out["refresh_wall_s"] = statistics.median(w for w, _ in refreshes)
+        out["refresh_cpu_s"] = statistics.median(c for _, c in refreshes)
+
+        legacy: list[float] = []
+        for _ in range(legacy_repeats):
+            async with make() as fresh:
+                await fresh.flush()
+                wall, _, _ = await timed(partial(legacy_router_start, fresh))
+            legacy.append(wall)
+        out["legacy_start_s"] = statistics.median(legacy) if legacy else None
+        out["legacy_repeats"] = legacy_repeats
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+async def run(quick: bool = False) -> BenchResult:
+    sizes = (1_000, 20_000) if quick else (1_000, 100_000, 1_000_000)
+    result = BenchResult(
+        name="router_start",
+        title=(
+            "Router start-up and refresh against stored history "
+            f"({MODELS} models over 7 days; evidence rollups)"
+        ),
+        columns=[
+            "buckets read",
+            "start wall ms",
+            "start CPU ms",
+            "refresh wall ms",
+            "refresh CPU ms",
+            "router.start() today s",
+            "goals",
+        ],
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="empathy-bench-start-"))
+    backends: dict[str, Callable[[int], Factory]] = {
+        "SQLite": lambda n: lambda: SQLiteTelemetryBackend(tmp / f"calls-{n}.db", batch=False),
+    }
+    schemas: list[str] = []
+    if await _postgres_reachable():
+        from empathy_models_postgres import PostgresTelemetryBackend
+
+        def pg(n: int) -> Factory:
+            schema = f"bench_start_{uuid.uuid4().hex[:10]}_{n}"
+            schemas.append(schema)
+            return lambda: PostgresTelemetryBackend(POSTGRES_DSN, schema=schema)
+
+        backends["PostgreSQL"] = pg
+    else:
+        result.skipped["PostgreSQL"] = "not reachable or empathy-models-postgres not installed"
+
+    data: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for name, factory in backends.items():
+            for size in sizes:
+                legacy_repeats = 1 if (quick or size >= 1_000_000) else 3
+                t0 = time.perf_counter()
+                m = await measure(
+                    factory(size),
+                    size,
+                    repeats=REPEATS,
+                    legacy_repeats=legacy_repeats,
+                    seed=size,
+                )
+                data.setdefault(name, []).append(m)
+                goals = []
+                if size >= 1_000_000:
+                    goals.append(_verdict("start", m["start_wall_s"] <= START_GOAL_S))
+                goals.append(_verdict("refresh", m["refresh_cpu_s"] <= REFRESH_GOAL_CPU_S))
+                result.add(
+                    f"{name}, {size:,} calls stored",
+                    **{
+                        "buckets read": m["start_buckets"],
+                        "start wall ms": m["start_wall_s"] * 1000,
+                        "start CPU ms": m["start_cpu_s"] * 1000,
+                        "refresh wall ms": m["refresh_wall_s"] * 1000,
+                        "refresh CPU ms": m["refresh_cpu_s"] * 1000,
+                        "router.start() today s": m["legacy_start_s"],
+                        "goals": ", ".join(goals),
+                    },
+                )
+                print(
+                    f"  {name} {size:,}: filled in {m['fill_s']:.1f} s, "
+                    f"measured in {time.perf_counter() - t0 - m['fill_s']:.1f} s",
+                    flush=True,
+                )
+    finally:
+        await _drop_schemas(schemas)
+        shutil.rmtree(tmp, ignore_errors=True)
+    result.data = {"runs": data, "repeats": REPEATS, "new_calls": NEW_CALLS}
+    result.notes += [
+        f"History stored for real through each backend's write path (record_many of an "
+        f"unbatched backend, {CHUNK:,} calls per transaction, rollups maintained in the same "
+        "transaction).",
+        f"start = a freshly opened backend reads every bucket of the 7-day window; refresh = "
+        f"evidence(after_version=...) after {NEW_CALLS:,} new calls; medians of {REPEATS} runs. "
+        "CPU is this process's (time.process_time), PostgreSQL's server CPU excluded.",
+        f"Goals (issue #12): start <= {START_GOAL_S:g} s at 1M calls; refresh <= "
+        f"{REFRESH_GOAL_CPU_S * 1000:g} ms CPU. router.start() today = the current "
+        "AdaptiveModelRouter.start() (aggregate over the window), median of 3 runs "
+        "(1 at 1M calls and in --quick).",
+    ]
+    return result
+
+
+def _verdict(what: str, met: bool) -> str:
+    return f"{what} {'ok' if met else 'MISSED'}"
+
+
+async def _drop_schemas(schemas: list[str]) -> None:
+    if not schemas:
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        for schema in schemas:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    write_result(asyncio.run(run(args.quick)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
