@@ -44,6 +44,15 @@ them with ``executemany`` in one transaction per batch (see
 `empathy_models.backends.batching` for the policy); ``batch=False`` writes each
 ``record_many`` call as one transaction before returning.
 
+Evidence rollups (see `empathy_models.evidence`): the transaction that inserts a batch
+also adds the batch's `rollup` to ``evidence_buckets`` (one row per workflow, stage,
+model and minute; ``INSERT ... ON CONFLICT DO UPDATE SET x = x + excluded.x``) and
+stamps the rows it changes with the next value of the one-row ``evidence_version``
+counter.  SQLite runs one writer at a time across every process, so versions follow
+commit order, and `SQLiteTelemetryBackend.evidence` reads the counter and the buckets in
+one statement (one snapshot): passing its version back returns each later change once.
+Schema version 2 added the tables and built them from the calls already stored.
+
 Circuit state: `SQLiteStateStore` runs each store operation as one ``BEGIN IMMEDIATE``
 transaction that reads the key's row, applies the pure machine of
 `empathy_models.circuit` with the UTC wall clock read *after* the lock is taken, and
