@@ -145,7 +145,7 @@ _EVIDENCE_COLUMNS: Final = (
     "cost_usd",
 )
 _LOG_MS: Final = "empathy_log_ms"
-"""SQL name of `empathy_models.evidence.log_ms`, registered on every connection."""
+"""SQL name of `empathy_models.evidence.log_ms`, registered on a connection that migrates."""
 
 _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     # version 1

@@ -493,8 +493,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
     ) -> EvidenceBatch:
         """
         Evidence buckets changed after ``after_version`` (see the module docstring for why
-        none is missed under concurrent writers): one statement, one snapshot, read over
-        the index on version (incremental reads) or on bucket start (windows).
+        none is missed under concurrent writers): the counter and the buckets are read in
+        one repeatable-read snapshot, over the index on version (incremental reads) or
+        on bucket start (windows).
         """
         self._check_open()
         check_window(since, until)
