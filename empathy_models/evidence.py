@@ -33,6 +33,7 @@ from .records import LLMCallRecord
 
 __all__ = [
     "BUCKET_SECONDS",
+    "SUM_FIELDS",
     "EvidenceBatch",
     "EvidenceBucket",
     "bucket_start_of",
@@ -45,6 +46,21 @@ __all__ = [
 
 BUCKET_SECONDS: Final = 60
 """Width of one evidence bucket, in seconds (buckets start at multiples of it since the epoch)."""
+
+SUM_FIELDS: Final = (
+    "samples",
+    "successes",
+    "latency_n",
+    "latency_log_sum",
+    "latency_log_sq_sum",
+    "ttft_n",
+    "ttft_log_sum",
+    "ttft_log_sq_sum",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+)
+"""The additive fields of `EvidenceBucket`, in declaration order (what stores sum up)."""
 
 _MIN_MS: Final = 1e-3
 

@@ -85,6 +85,7 @@ from .._stats import check_aware, check_window
 from ..abc import TelemetryBackend, TransactionalStateStore
 from ..evidence import (
     BUCKET_SECONDS,
+    SUM_FIELDS,
     EvidenceBatch,
     EvidenceBucket,
     check_after_version,
@@ -127,23 +128,7 @@ MEMORY: Final = ":memory:"
 # --------------------------------------------------------------------------- schema
 
 _EVIDENCE_KEY: Final = "bucket_s, ifnull(workflow, x''), ifnull(stage, x''), model"
-_EVIDENCE_COLUMNS: Final = (
-    "bucket_s",
-    "workflow",
-    "stage",
-    "model",
-    "samples",
-    "successes",
-    "latency_n",
-    "latency_log_sum",
-    "latency_log_sq_sum",
-    "ttft_n",
-    "ttft_log_sum",
-    "ttft_log_sq_sum",
-    "input_tokens",
-    "output_tokens",
-    "cost_usd",
-)
+_EVIDENCE_COLUMNS: Final = ("bucket_s", "workflow", "stage", "model", *SUM_FIELDS)
 _LOG_MS: Final = "empathy_log_ms"
 """SQL name of `empathy_models.evidence.log_ms`, registered on a connection that migrates."""
 

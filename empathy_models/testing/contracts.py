@@ -451,6 +451,20 @@ def _evidence_records(rng: random.Random, base: datetime, n: int, tag: str) -> l
     ]
 
 
+async def _store_per_minute(
+    telemetry: TelemetryBackend, start: datetime, *, minutes: int, seconds: Sequence[int]
+) -> list[LLMCallRecord]:
+    """Store one record at each of ``seconds`` past each of ``minutes`` minutes after ``start``."""
+    records = [
+        _record(start + timedelta(minutes=m, seconds=s), model=f"m{m % 2}", call_id=f"pm{m}-{s}")
+        for m in range(minutes)
+        for s in seconds
+    ]
+    await telemetry.record_many(records)
+    await telemetry.flush()
+    return records
+
+
 # --------------------------------------------------------------------------- telemetry
 
 
@@ -824,13 +838,7 @@ class TelemetryBackendContract:
     ) -> None:
         self._needs_evidence()
         start = _base_time().replace(second=0)
-        records = [
-            _record(start + timedelta(minutes=m, seconds=s), model=f"m{m % 2}")
-            for m in range(6)
-            for s in (0, 59)
-        ]
-        await telemetry.record_many(records)
-        await telemetry.flush()
+        records = await _store_per_minute(telemetry, start, minutes=6, seconds=(0, 59))
         assert len((await telemetry.evidence()).buckets) == 6
         minute = timedelta(minutes=1)
         windows: list[tuple[datetime | None, datetime | None]] = [
@@ -931,13 +939,7 @@ class TelemetryBackendContract:
     ) -> None:
         self._needs_evidence()
         start = _base_time().replace(second=0)
-        records = [
-            _record(start + timedelta(minutes=m, seconds=s), call_id=f"pe{m}-{s}")
-            for m in range(4)
-            for s in (10, 50)
-        ]
-        await telemetry.record_many(records)
-        await telemetry.flush()
+        await _store_per_minute(telemetry, start, minutes=4, seconds=(10, 50))
         # minute 0 ends at 1:00, before the cutoff; minute 1 straddles it and is kept whole
         assert await telemetry.purge(before=start + timedelta(minutes=1, seconds=30)) == 3
         got = (await telemetry.evidence()).buckets

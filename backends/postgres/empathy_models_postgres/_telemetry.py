@@ -25,6 +25,7 @@ from empathy_models._stats import check_aware, check_window
 from empathy_models.abc import TelemetryBackend
 from empathy_models.evidence import (
     BUCKET_SECONDS,
+    SUM_FIELDS,
     EvidenceBatch,
     EvidenceBucket,
     check_after_version,
@@ -167,23 +168,7 @@ def _row(record: LLMCallRecord) -> tuple[Any, ...]:
     )
 
 
-_EVIDENCE_COLUMNS: Final = (
-    "bucket_start",
-    "workflow",
-    "stage",
-    "model",
-    "samples",
-    "successes",
-    "latency_n",
-    "latency_log_sum",
-    "latency_log_sq_sum",
-    "ttft_n",
-    "ttft_log_sum",
-    "ttft_log_sq_sum",
-    "input_tokens",
-    "output_tokens",
-    "cost_usd",
-)
+_EVIDENCE_COLUMNS: Final = ("bucket_start", "workflow", "stage", "model", *SUM_FIELDS)
 _EVIDENCE_TYPES: Final = (
     "timestamptz",
     "text",
