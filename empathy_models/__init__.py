@@ -118,8 +118,10 @@ from .retry import RetryPolicy as RetryPolicy
 from .router import (
     AdaptiveModelRouter as AdaptiveModelRouter,
     RoutingPolicy as RoutingPolicy,
+    RoutingStats as RoutingStats,
     TierRecommendation as TierRecommendation,
 )
+from .routing.reports import ModelStats as ModelStats
 from .tasks import (
     TaskType as TaskType,
     get_tier_for_task as get_tier_for_task,
@@ -176,6 +178,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelPerformance",
     "ModelRegistry",
+    "ModelStats",
     "ModelTier",
     "NoModelMeetsConstraintsError",
     "NullStateStore",
@@ -193,6 +196,7 @@ __all__ = [
     "RetryPolicy",
     "RoutingDecision",
     "RoutingPolicy",
+    "RoutingStats",
     "SQLiteStateStore",
     "SQLiteTelemetryBackend",
     "SchemaVersionError",

@@ -706,8 +706,15 @@ class CandidateEvaluation:
     effective_sample_size: float | None = field(default=None, validator=_non_negative)
     #: 95% upper confidence bound of the p95 latency (what ``max_latency_ms`` is held to)
     latency_p95_upper_ms: float | None = field(default=None, validator=_non_negative)
-    #: how ``expected_cost_usd`` was obtained: "estimate", "worst_case" or "observed"
+    #: how ``expected_cost_usd`` was obtained: "estimate" (the model's own mean output
+    #: tokens), "prior" (the stage's mean, for a model not yet measured), "worst_case"
+    #: or "observed"
     cost_basis: str | None = None
+    #: a change the router detected in this model's success rate, which restarted its
+    #: evidence (e.g. "degraded (success rate 0.990 -> 0.812)"); None when none did
+    change: str | None = None
+    #: when the evidence the bounds are computed from starts (None: the whole window)
+    evidence_since: datetime | None = field(default=None, converter=_to_utc_opt)
 
     @property
     def status(self) -> ConstraintStatus:
@@ -727,7 +734,9 @@ class RoutingDecision:
     ``policy_applied`` is ``None`` when an eligible candidate was chosen, otherwise the
     no-match policy that acted (``"relax"`` or ``"pinned"``); ``relaxed`` lists the
     constraints dropped, in the order they were dropped.  ``exploration`` is true when
-    an unproven model was picked to learn about it.
+    an unproven model was picked to learn about it.  ``change`` is set when the
+    decision acted on a detected change: the chosen model, or one that would otherwise
+    have been preferred, changed its success rate (the reason says so too).
     """
 
     model: str = field(validator=_non_empty_str)
@@ -749,6 +758,7 @@ class RoutingDecision:
     max_latency_ms: float | None = None
     min_success_rate: float | None = None
     strict_cost: bool = False
+    change: str | None = None
     # The router may leave ``candidates`` unset and put here a function that builds it;
     # the first read of ``candidates`` calls it once and stores the tuple (see
     # ``__getattr__``), so equality, hashing, repr and to_dict see the same value.

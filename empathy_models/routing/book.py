@@ -1,0 +1,509 @@
+"""
+The evidence book: per-arm evidence kept as minute buckets, split into regimes by a
+sequential change test.
+
+An arm is one model serving one (workflow, stage).  Its evidence is a sequence of
+buckets (`empathy_models.evidence`: additive sums per minute).  Each refresh takes the
+telemetry store's version of every bucket that changed (authoritative: every process's
+records); between refreshes the outcomes this process reports are added to their
+buckets with the same arithmetic (`Arm.add`), and the next refresh puts the store's
+version back in their place (it holds those records by then).  So nothing is counted
+twice, and the same records give the same buckets whichever way they arrived.
+
+**Regimes.**  A stationary arm accumulates evidence without a cap.  Two one-sided
+Bernoulli CUSUM statistics run over the buckets of the current regime, on the failure
+indicator against the regime's own failure rate (estimated from the buckets before the
+one being tested, with a Jeffreys prior): one for a degradation, one for an
+improvement.  When one crosses `ChangeTest.threshold`, a change is detected: a new
+regime starts at the bucket where that statistic last left zero, and only then is the
+older evidence set aside.  The regimes left behind are kept as summaries; when a new
+regime is consistent with an earlier one (a two-proportion test), that regime's
+evidence is restored into it, so a model that recovers to its old rate regains its old
+standing quickly.
+
+The statistics are evaluated bucket by bucket (the open bucket again after each live
+outcome), and a changed bucket re-runs the test from that bucket on, so the regimes,
+like the sums, depend only on the buckets: live, after a refresh and after a restart
+the same records give the same verdict.  Re-running costs O(buckets after the change);
+per-bucket CUSUM state is kept to make that possible.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable
+from typing import Final
+
+from attrs import define, field, frozen
+
+from .stats import (
+    COST_SUM,
+    IN_SUM,
+    LAT_LOG,
+    LAT_N,
+    LAT_SQ,
+    OUT_SUM,
+    SAMPLES,
+    SUCCESSES,
+    WIDTH,
+    add_outcome,
+    latency_bounds,
+    wilson_bounds,
+)
+
+__all__ = ["Arm", "ArmSummary", "ChangeTest", "Regime", "StagePrior", "bucket_of"]
+
+BUCKET: Final = 60
+_NEVER: Final = -(2**62)
+
+
+def bucket_of(ts: float) -> int:
+    """Start (epoch seconds) of the minute bucket holding ``ts``."""
+    return math.floor(ts / BUCKET) * BUCKET
+
+
+def _zeros() -> list[float]:
+    return [0.0] * WIDTH
+
+
+def _add(into: list[float], v: list[float], sign: float = 1.0) -> None:
+    for k in range(WIDTH):
+        into[k] += sign * v[k]
+
+
+@frozen(kw_only=True)
+class ChangeTest:
+    """
+    Settings of the per-arm change test (see the module docstring).
+
+    ``threshold``: the CUSUM level that signals a change (log-likelihood ratio units).
+    ``min_samples``: calls a regime needs before it is tested.  ``degrade_ratio`` /
+    ``degrade_step``: the alternative failure rate of the degradation test is
+    ``max(q * degrade_ratio, q + degrade_step)``; the improvement test's is
+    ``q / improve_ratio``, or the failure rate of an earlier, better regime when there
+    is one (recovering to it is what the test looks for).
+    """
+
+    threshold: float = 5.0
+    min_samples: float = 20.0
+    degrade_ratio: float = 3.0
+    degrade_step: float = 0.03
+    improve_ratio: float = 4.0
+    restore_z: float = 2.0
+    restore_threshold: float = 2.0
+
+
+@define(slots=True, eq=False)
+class Regime:
+    """
+    A stretch of an arm's history with one success rate.
+
+    ``start`` is its first bucket, ``detected`` the bucket in which the change that
+    began it was detected (``None`` for an arm's first regime), ``kind`` is
+    ``"degraded"`` or ``"improved"`` (``"initial"`` for the first).  ``base`` holds the
+    evidence restored from an earlier regime (``restored`` is that regime's start);
+    ``closed`` the regime's total once a later one superseded it.
+    """
+
+    start: int
+    detected: int | None
+    kind: str
+    before_rate: float | None = None
+    base: list[float] | None = None
+    restored: int | None = None
+    closed: list[float] | None = None
+
+
+@frozen(slots=True)
+class ArmSummary:
+    """
+    What a decision needs to know about one arm's current regime.
+
+    ``samples`` / ``successes`` are the regime's evidence (restored evidence included);
+    ``window_samples`` every sample in the window.  ``lower`` / ``upper`` are the Wilson
+    bounds at the policy's ``z``, ``reject_upper`` at its ``reject_z``, ``keep_lower``
+    at its ``keep_z`` (what an eligible arm must stay above).  Latency figures are of
+    successful calls; token means over successes, cost over every sample.  ``since``
+    is the regime's start (``None`` for an arm's first regime) and ``change`` a phrase
+    describing the change that began it.
+    """
+
+    samples: float = 0.0
+    successes: float = 0.0
+    window_samples: int = 0
+    success_rate: float | None = None
+    lower: float = 0.0
+    upper: float = 1.0
+    reject_upper: float = 1.0
+    keep_lower: float = 0.0
+    latency_n: float = 0.0
+    p50: float | None = None
+    p95: float | None = None
+    p95_lower: float | None = None
+    p95_upper: float | None = None
+    mean_input_tokens: float | None = None
+    mean_output_tokens: float | None = None
+    mean_cost: float | None = None
+    since: int | None = None
+    change: str | None = None
+
+
+EMPTY_SUMMARY: Final = ArmSummary()
+
+
+@define(slots=True, eq=False)
+class StagePrior:
+    """Output tokens observed over every arm of one (workflow, stage): untried arms' prior."""
+
+    successes: float = 0.0
+    output_tokens: float = 0.0
+    version: int = 0
+
+    def mean(self) -> float | None:
+        return self.output_tokens / self.successes if self.successes > 0 else None
+
+
+def _summarize(
+    v: list[float], window_samples: int, regime: Regime, z: float, reject_z: float, keep_z: float
+) -> ArmSummary:
+    n = v[SAMPLES]
+    s = v[SUCCESSES]
+    lower, upper = wilson_bounds(s, n, z)
+    reject_upper = wilson_bounds(s, n, reject_z)[1]
+    keep_lower = wilson_bounds(s, n, keep_z)[0]
+    p50, p95, p95_lo, p95_hi = latency_bounds(v[LAT_N], v[LAT_LOG], v[LAT_SQ], z)
+    change: str | None = None
+    if regime.detected is not None:
+        change = regime.kind
+        if regime.before_rate is not None and n > 0:
+            change += f" (success rate {regime.before_rate:.3f} -> {s / n:.3f}"
+            change += ", earlier evidence restored)" if regime.restored is not None else ")"
+    return ArmSummary(
+        samples=n,
+        successes=s,
+        window_samples=window_samples,
+        success_rate=(s / n) if n > 0 else None,
+        lower=lower,
+        upper=upper,
+        reject_upper=reject_upper,
+        keep_lower=keep_lower,
+        latency_n=v[LAT_N],
+        p50=p50,
+        p95=p95,
+        p95_lower=p95_lo,
+        p95_upper=p95_hi,
+        mean_input_tokens=(v[IN_SUM] / s) if s > 0 else None,
+        mean_output_tokens=(v[OUT_SUM] / s) if s > 0 else None,
+        mean_cost=(v[COST_SUM] / n) if n > 0 else None,
+        since=regime.start if regime.detected is not None else None,
+        change=change,
+    )
+
+
+@define(slots=True, eq=False)
+class Arm:
+    """
+    One arm's buckets, regimes and change-test state; mutated only by the router.
+
+    ``version`` grows with every change of the arm's evidence, so a cached verdict is
+    current while the version it was computed from is.
+    """
+
+    test: ChangeTest
+    starts: list[int] = field(factory=list)  # effective buckets, sorted
+    data: dict[int, list[float]] = field(factory=dict)  # sums by bucket start
+    # the store's version of the buckets this process added to since the last refresh
+    saved: dict[int, list[float] | None] = field(factory=dict)
+    # change-test state after each effective bucket (parallel to starts)
+    cum_n: array[float] = field(factory=lambda: array("d"))
+    cum_f: array[float] = field(factory=lambda: array("d"))
+    up: array[float] = field(factory=lambda: array("d"))
+    dn: array[float] = field(factory=lambda: array("d"))
+    up_from: array[int] = field(factory=lambda: array("q"))
+    dn_from: array[int] = field(factory=lambda: array("q"))
+    regimes: list[Regime] = field(factory=lambda: [Regime(start=_NEVER, detected=None, kind="initial")])
+    cur: list[float] = field(factory=_zeros)  # current regime's sums
+    window_n: int = 0
+    streak: int = 0  # live successes in a row (paces re-probes)
+    version: int = 0
+    summary: ArmSummary | None = None
+    summary_version: int = -1
+
+    # ------------------------------------------------------------------ reading
+
+    def summarize(self, z: float, reject_z: float, keep_z: float) -> ArmSummary:
+        """The current regime's summary (cached until the evidence changes)."""
+        if self.summary_version != self.version or self.summary is None:
+            self.summary = _summarize(
+                self.cur, self.window_n, self.regimes[-1], z, reject_z, keep_z
+            )
+            self.summary_version = self.version
+        return self.summary
+
+    @property
+    def regime(self) -> Regime:
+        return self.regimes[-1]
+
+    # ------------------------------------------------------------------ live outcomes
+
+    def add(
+        self,
+        ts: float,
+        success: bool,
+        latency_ms: float,
+        input_tokens: int,
+        output_tokens: int,
+        cost_usd: float,
+    ) -> None:
+        """Fold one outcome this process reported into its bucket, in O(1) amortized."""
+        t = bucket_of(ts)
+        v = self.data.get(t)
+        if t not in self.saved:
+            self.saved[t] = None if v is None else list(v)
+        if v is None:
+            v = _zeros()
+            self._insert(t, v)
+        if t >= self.regimes[-1].start:
+            add_outcome(self.cur, success, latency_ms, input_tokens, output_tokens, cost_usd)
+        add_outcome(v, success, latency_ms, input_tokens, output_tokens, cost_usd)
+        self.window_n += 1
+        self.streak = self.streak + 1 if success else 0
+        self.version += 1
+        self._rerun(self._pos(t))
+
+    # ------------------------------------------------------------------ store buckets
+
+    def apply(self, buckets: Iterable[tuple[int, list[float]]]) -> None:
+        """
+        Take the store's changed buckets; buckets this process added to since the last
+        refresh go back to the store's version (which holds those records once stored).
+        """
+        changed: dict[int, list[float] | None] = dict(buckets)
+        for t, v in self.saved.items():
+            changed.setdefault(t, v)
+        self.saved.clear()
+        if not changed:
+            return
+        first: int | None = None
+        for t in sorted(changed):
+            if self._replace(t, changed[t]) and (first is None or t < first):
+                first = t
+        if first is not None:
+            self.version += 1
+            self._rerun(self._pos(first))
+
+    def expire(self, before: int) -> None:
+        """Drop buckets that start before ``before`` (the window's start)."""
+        k = bisect_left(self.starts, before)
+        if k == 0:
+            return
+        regimes = self.regimes
+        for t in self.starts[:k]:
+            v = self.data.pop(t)
+            self.saved.pop(t, None)
+            self.window_n -= int(v[SAMPLES])
+            current = regimes[-1]
+            if t >= current.start:
+                _add(self.cur, v, -1.0)
+            elif current.base is not None and current.restored is not None and t >= current.restored:
+                _add(current.base, v, -1.0)
+                _add(self.cur, v, -1.0)
+        del self.starts[:k]
+        for arr in (self.cum_n, self.cum_f, self.up, self.dn):
+            del arr[:k]
+        for arr2 in (self.up_from, self.dn_from):
+            del arr2[:k]
+        # regimes entirely before the window are forgotten
+        while len(regimes) > 1 and regimes[1].start <= before:
+            regimes.pop(0)
+        self.version += 1
+
+    # ------------------------------------------------------------------ internals
+
+    def _pos(self, t: int) -> int:
+        return bisect_left(self.starts, t)
+
+    def _insert(self, t: int, v: list[float]) -> None:
+        starts = self.starts
+        if not starts or t > starts[-1]:
+            i = len(starts)
+            starts.append(t)
+        else:
+            i = bisect_left(starts, t)
+            starts.insert(i, t)
+        self.data[t] = v
+        for arr in (self.cum_n, self.cum_f, self.up, self.dn):
+            arr.insert(i, 0.0)
+        for arr2 in (self.up_from, self.dn_from):
+            arr2.insert(i, 0)
+
+    def _replace(self, t: int, v: list[float] | None) -> bool:
+        old = self.data.get(t)
+        if old is None and v is None:
+            return False
+        current = self.regimes[-1]
+        if old is not None:
+            self.window_n -= int(old[SAMPLES])
+            if t >= current.start:
+                _add(self.cur, old, -1.0)
+        if v is None:
+            i = self._pos(t)
+            del self.starts[i]
+            del self.data[t]
+            for arr in (self.cum_n, self.cum_f, self.up, self.dn):
+                del arr[i]
+            for arr2 in (self.up_from, self.dn_from):
+                del arr2[i]
+            return True
+        if old is None:
+            self._insert(t, v)
+        else:
+            self.data[t] = v
+        self.window_n += int(v[SAMPLES])
+        if t >= current.start:
+            _add(self.cur, v)
+        return True
+
+    def _segment(self, start: int) -> list[float]:
+        out = _zeros()
+        data = self.data
+        for t in self.starts[self._pos(start) :]:
+            _add(out, data[t])
+        return out
+
+    def _rerun(self, i: int) -> None:
+        """Re-run the change test from position ``i`` to the end."""
+        starts = self.starts
+        if i >= len(starts):
+            return
+        regimes = self.regimes
+        t_i = starts[i]
+        j = i
+        # regimes detected at or after the changed bucket are decided again
+        while len(regimes) > 1 and (regimes[-1].detected or _NEVER) >= t_i:
+            dropped = regimes.pop()
+            prev = regimes[-1]
+            assert prev.closed is not None
+            self.cur = prev.closed
+            prev.closed = None
+            _add(self.cur, self._segment(dropped.start))
+            j = min(j, self._pos(dropped.start))
+        test = self.test
+        h = test.threshold
+        data = self.data
+        cum_n, cum_f, up_a, dn_a = self.cum_n, self.cum_f, self.up, self.dn
+        up_from, dn_from = self.up_from, self.dn_from
+        while j < len(starts):
+            t = starts[j]
+            regime = regimes[-1]
+            if j == 0 or starts[j - 1] < regime.start:
+                base = regime.base
+                n0 = base[SAMPLES] if base is not None else 0.0
+                f0 = (base[SAMPLES] - base[SUCCESSES]) if base is not None else 0.0
+                u0 = d0 = 0.0
+                uf = df = t
+            else:
+                n0, f0 = cum_n[j - 1], cum_f[j - 1]
+                u0, d0 = up_a[j - 1], dn_a[j - 1]
+                uf = up_from[j - 1] if u0 > 0.0 else t
+                df = dn_from[j - 1] if d0 > 0.0 else t
+            v = data[t]
+            n = v[SAMPLES]
+            f = n - v[SUCCESSES]
+            u = d = 0.0
+            alarm: tuple[int, str] | None = None
+            if n0 >= test.min_samples and n > 0:
+                q = (f0 + 0.5) / (n0 + 1.0)
+                q_up = min(0.5, max(q * test.degrade_ratio, q + test.degrade_step))
+                q_dn, h_dn = self._improve_target(q)
+                if q_up > q:
+                    u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
+                if q_dn < q:
+                    d = d0 + f * math.log(q_dn / q) + (n - f) * math.log((1.0 - q_dn) / (1.0 - q))
+                u = u if u > 0.0 else 0.0
+                d = d if d > 0.0 else 0.0
+                if u > h:
+                    if uf > regime.start or regime.base is not None:
+                        alarm = (uf, "degraded")
+                    else:
+                        u = 0.0  # the whole regime: nothing earlier to set aside
+                elif d > h_dn:
+                    if df > regime.start or regime.base is not None:
+                        alarm = (df, "improved")
+                    else:
+                        d = 0.0
+            cum_n[j] = n0 + n
+            cum_f[j] = f0 + f
+            up_a[j] = u
+            dn_a[j] = d
+            up_from[j] = uf
+            dn_from[j] = df
+            if alarm is None:
+                j += 1
+                continue
+            start, kind = alarm
+            segment = self._segment(start)
+            if start <= regime.start:
+                # a restored regime that did not hold: it is replaced, not closed
+                regimes.pop()
+                before = regime.base
+                before_rate = (
+                    before[SUCCESSES] / before[SAMPLES] if before and before[SAMPLES] else None
+                )
+            else:
+                closed = self.cur
+                _add(closed, segment, -1.0)
+                regime.closed = closed
+                before_rate = closed[SUCCESSES] / closed[SAMPLES] if closed[SAMPLES] else None
+            new = Regime(start=start, detected=t, kind=kind, before_rate=before_rate)
+            self._restore(new, segment)
+            if new.base is not None:
+                _add(segment, new.base)
+            self.cur = segment
+            regimes.append(new)
+            j = self._pos(start)
+
+    def _improve_target(self, q: float) -> tuple[float, float]:
+        # The failure rate an improvement is tested against, and the threshold: going
+        # back to an earlier, clearly better regime's rate needs less evidence (that
+        # regime's evidence is then restored, and the degradation test undoes a wrong
+        # restore); otherwise a fixed ratio below the current rate.
+        test = self.test
+        target = q / test.improve_ratio
+        threshold = test.threshold
+        for r in self.regimes[:-1]:
+            c = r.closed
+            if c is not None and c[SAMPLES] >= test.min_samples:
+                qr = (c[SAMPLES] - c[SUCCESSES] + 0.5) / (c[SAMPLES] + 1.0)
+                if qr < q / 1.5:
+                    threshold = test.restore_threshold
+                    target = qr
+        return target, threshold
+
+    def _restore(self, new: Regime, segment: list[float]) -> None:
+        # the most recent earlier regime (before the one just left) whose rate is
+        # consistent with the new segment's, on the side of the change
+        n1 = segment[SAMPLES]
+        if n1 <= 0:
+            return
+        p1 = segment[SUCCESSES] / n1
+        z = self.test.restore_z
+        before = new.before_rate
+        for r in reversed(self.regimes[:-1]):
+            c = r.closed
+            if c is None or c[SAMPLES] < self.test.min_samples:
+                continue
+            n2 = c[SAMPLES]
+            p2 = c[SUCCESSES] / n2
+            if before is not None and (
+                (new.kind == "improved" and p2 <= before) or (new.kind == "degraded" and p2 >= before)
+            ):
+                continue
+            pooled = (segment[SUCCESSES] + c[SUCCESSES]) / (n1 + n2)
+            se = math.sqrt(max(pooled * (1.0 - pooled), 1e-9) * (1.0 / n1 + 1.0 / n2))
+            if abs(p1 - p2) <= z * se:
+                new.base = list(c)
+                new.restored = r.start
+                return

@@ -1,0 +1,507 @@
+"""
+Verdicts and selection: how one decision judges its candidates and picks one.
+
+**Verdicts** (peers.md §5.2), per constraint ELIGIBLE (confidently met), REJECTED
+(confidently violated) or UNPROVEN, from the current regime of each arm
+(`empathy_models.routing.book`):
+
+* ``min_success_rate`` against the Wilson interval: lower bound (``z``) >= min ->
+  ELIGIBLE, and an ELIGIBLE arm stays so while its lower bound at ``keep_z`` does
+  (hysteresis); upper bound at ``reject_z`` < min with at least ``reject_min_samples``
+  calls -> REJECTED; otherwise UNPROVEN.  9 successes out of 10 is not eligible for 0.9.
+* ``max_latency_ms`` bounds the p95 latency of successful calls (log-normal fit): its
+  upper confidence bound <= max -> ELIGIBLE; p50 > max or the lower bound of p95 > max
+  -> REJECTED; fewer than ``latency_min_samples`` measured calls or a bound that
+  straddles max -> UNPROVEN.
+* ``max_cost`` against the expected cost of *this* call: ``input_tokens * input_price +
+  E[output_tokens] * output_price``, ``E[output_tokens]`` being the arm's mean, or for
+  an arm not yet measured the stage's mean (basis ``"prior"``), or ``max_tokens`` when
+  nothing is known (``"worst_case"``); strict mode always uses the worst case.
+  Estimate <= max -> ELIGIBLE, > max -> REJECTED, no estimate -> UNPROVEN.
+
+A `Verdict` holds everything but the call's cost, which is ``input_tokens * slope +
+const``; verdicts are cached per (workflow, stage, candidates, constraints) and
+recomputed only for arms whose evidence changed, so a decision costs O(candidates)
+with a small constant.
+
+**Selection.**  Among candidates ELIGIBLE on every constraint the cheapest wins (or
+the most reliable, by objective); a near-tie on cost is broken by a Thompson draw on
+the success rate.  Exploration is paid from a budget (see `RoutingPolicy`): only a
+candidate that could beat the pick is explored, the cheapest-priced one first.  While
+nothing is eligible, the cheapest candidate that a Thompson draw finds compliant is
+explored.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Collection, Sequence
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Final
+
+import attrs
+from attrs import define, field, frozen
+
+from ..records import CandidateEvaluation, ConstraintStatus, ModelTier
+from .book import EMPTY_SUMMARY, Arm, ArmSummary
+from .policy import COST, LATENCY, SUCCESS, Constraints, RoutingPolicy
+
+__all__ = ["Context", "ModelFacts", "Verdict", "build_candidates", "judge", "select"]
+
+ELIGIBLE: Final = ConstraintStatus.ELIGIBLE
+UNPROVEN: Final = ConstraintStatus.UNPROVEN
+REJECTED: Final = ConstraintStatus.REJECTED
+_CODE: Final = {ELIGIBLE: 0, UNPROVEN: 1, REJECTED: 2}
+NOT_IN_REGISTRY: Final = "not in the model registry"
+CIRCUIT_OPEN: Final = "circuit open"
+
+
+@frozen(slots=True)
+class ModelFacts:
+    """What the router needs from the registry about one model (prices per token)."""
+
+    provider: str
+    tier: ModelTier
+    input_price: float
+    output_price: float
+    max_output_tokens: int
+
+
+def _fmt_ms(v: float) -> str:
+    return f"{v:.0f} ms" if v >= 10 else f"{v:.2f} ms"
+
+
+@frozen(slots=True)
+class Verdict:
+    """
+    One candidate judged against one `Constraints`, all but the call's cost.
+
+    ``code`` is the worst of the success-rate and latency statuses (0 eligible, 1
+    unproven, 2 rejected; 3 not in the registry).  The cost of a call is ``input_tokens
+    * slope + const`` when the call gives ``input_tokens`` (``slope`` None: no
+    estimate), else ``const_no_input``.
+    """
+
+    model: str
+    facts: ModelFacts | None
+    summary: ArmSummary
+    success: ConstraintStatus | None
+    latency: ConstraintStatus | None
+    code: int
+    slope: float | None
+    const: float
+    basis: str | None
+    const_no_input: float | None
+    basis_no_input: str | None
+    reasons: tuple[str, ...]
+
+
+def judge(
+    model: str,
+    facts: ModelFacts | None,
+    summary: ArmSummary,
+    cons: Constraints,
+    policy: RoutingPolicy,
+    *,
+    was_eligible: bool = False,
+    prior_output_tokens: float | None = None,
+) -> Verdict:
+    """
+    Judge ``model`` (its current-regime ``summary``) against ``cons``; O(1).
+
+    ``was_eligible``: the success rate was ELIGIBLE at this arm's previous verdict (the
+    hysteresis of the module docstring).  ``prior_output_tokens``: the stage's mean,
+    used to cost an arm with no successful call of its own.
+    """
+    reasons: list[str] = []
+    if facts is None:
+        reasons.append(NOT_IN_REGISTRY)
+    success: ConstraintStatus | None = None
+    min_sr = cons.min_success_rate
+    n = summary.samples
+    if min_sr is not None:
+        if summary.lower >= min_sr or (was_eligible and summary.keep_lower >= min_sr):
+            success = ELIGIBLE
+        elif n >= policy.reject_min_samples and summary.reject_upper < min_sr:
+            success = REJECTED
+        else:
+            success = UNPROVEN
+        if success is not ELIGIBLE:
+            if n <= 0:
+                reasons.append("success rate: no samples yet")
+            else:
+                band = (
+                    f"{summary.successes:.0f}/{n:.0f} successes, 95% interval "
+                    f"{summary.lower:.3f}-{summary.upper:.3f}"
+                )
+                if success is REJECTED:
+                    reasons.append(
+                        f"success rate below {min_sr:g} ({band}; upper bound "
+                        f"{summary.reject_upper:.3f} at the rejection confidence)"
+                    )
+                else:
+                    reasons.append(f"success rate not yet proven >= {min_sr:g} ({band})")
+    latency: ConstraintStatus | None = None
+    max_lat = cons.max_latency_ms
+    if max_lat is not None:
+        lat_n = summary.latency_n
+        need = float(policy.latency_min_samples)
+        if lat_n < need:
+            latency = UNPROVEN
+            reasons.append(f"latency: {lat_n:.0f} measured successful calls, need {need:g}")
+        elif summary.p50 is not None and summary.p50 > max_lat:
+            latency = REJECTED
+            reasons.append(f"latency p50 {_fmt_ms(summary.p50)} > max {_fmt_ms(max_lat)}")
+        elif summary.p95_lower is not None and summary.p95_lower > max_lat:
+            latency = REJECTED
+            reasons.append(
+                f"latency p95 >= {_fmt_ms(summary.p95_lower)} (95% lower bound) "
+                f"> max {_fmt_ms(max_lat)}"
+            )
+        elif summary.p95_upper is not None and summary.p95_upper <= max_lat:
+            latency = ELIGIBLE
+        else:
+            latency = UNPROVEN
+            reasons.append(
+                f"latency p95 upper bound {_fmt_ms(summary.p95_upper or 0.0)} "
+                f"not yet proven <= max {_fmt_ms(max_lat)}"
+            )
+    if summary.change is not None and reasons:
+        reasons.append(f"evidence restarted: {summary.change}")
+    code = 3 if facts is None else max(
+        _CODE[success] if success is not None else 0, _CODE[latency] if latency is not None else 0
+    )
+    slope, const, basis, const_ni, basis_ni = _cost_terms(
+        facts, summary, cons, prior_output_tokens or policy.prior_output_tokens
+    )
+    return Verdict(
+        model=model,
+        facts=facts,
+        summary=summary,
+        success=success,
+        latency=latency,
+        code=code,
+        slope=slope,
+        const=const,
+        basis=basis,
+        const_no_input=const_ni,
+        basis_no_input=basis_ni,
+        reasons=tuple(reasons),
+    )
+
+
+def _cost_terms(
+    facts: ModelFacts | None, summary: ArmSummary, cons: Constraints, prior: float | None
+) -> tuple[float | None, float, str | None, float | None, str | None]:
+    in_price = facts.input_price if facts is not None else 0.0
+    out_price = facts.output_price if facts is not None else 0.0
+    if cons.strict_cost:
+        worst = cons.max_tokens
+        if worst is None and facts is not None:
+            worst = facts.max_output_tokens
+        if worst is None:
+            return (None, 0.0, None, None, None)
+        return (in_price, worst * out_price, "worst_case", None, None)
+    out: float | None = summary.mean_output_tokens
+    basis: str | None = "estimate"
+    if out is None and prior is not None:
+        out, basis = prior, "prior"
+    if out is None and cons.max_tokens is not None:
+        out, basis = float(cons.max_tokens), "worst_case"
+    slope: float | None = in_price if out is not None else None
+    const = out * out_price if out is not None else 0.0
+    const_ni: float | None = None
+    basis_ni: str | None = None
+    if out is not None and summary.mean_input_tokens is not None:
+        const_ni, basis_ni = summary.mean_input_tokens * in_price + const, basis
+    elif summary.mean_cost is not None:
+        const_ni, basis_ni = summary.mean_cost, "observed"
+    return (slope, const, basis if out is not None else None, const_ni, basis_ni)
+
+
+def cost_of(v: Verdict, input_tokens: int | None) -> float | None:
+    """The expected cost of one call on ``v``'s model (``None``: no estimate)."""
+    if input_tokens is None:
+        return v.const_no_input
+    slope = v.slope
+    return None if slope is None else input_tokens * slope + v.const
+
+
+# --------------------------------------------------------------------------- context
+
+
+@define(slots=True, eq=False)
+class Context:
+    """
+    Cached verdicts of one (workflow, stage, candidate list, constraints), and the
+    exploration budget of decisions made with them.
+
+    ``arm_versions[i]`` is the version of ``arms[i]`` that ``verdicts[i]`` was computed
+    from; ``prior_version`` the stage prior's, for verdicts costed on it.
+    """
+
+    cons: Constraints
+    models: tuple[str, ...]
+    facts: list[ModelFacts | None]
+    arms: list[Arm | None]
+    arms_epoch: int
+    verdicts: list[Verdict] = field(factory=list)
+    arm_versions: list[int] = field(factory=list)
+    prior_version: int = -1
+    on_prior: bool = False
+    changed: tuple[int, ...] = ()
+    tokens: float = 0.0
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def _exploit(
+    eligible: Sequence[int],
+    costs: Sequence[float | None],
+    verdicts: Sequence[Verdict],
+    rng: random.Random,
+    policy: RoutingPolicy,
+) -> tuple[int, str]:
+    if len(eligible) == 1:
+        return (eligible[0], "the only eligible model")
+    if policy.objective == "cheapest":
+        cheapest = min([math.inf if (c := costs[i]) is None else c for i in eligible])
+        if math.isinf(cheapest):
+            group = list(eligible)
+        else:
+            limit = cheapest * (1.0 + policy.cost_tie_tolerance) + 1e-15
+            group = [i for i in eligible if (c := costs[i]) is not None and c <= limit]
+        if len(group) == 1:
+            return (group[0], f"cheapest of {len(eligible)} models that meet the constraints")
+        best = _best_by_draw(group, costs, verdicts, rng, policy, 0.0)
+        return (
+            best,
+            f"cheapest of {len(eligible)} eligible models (near-tie of {len(group)} on cost "
+            "broken by a Thompson draw on success rate)",
+        )
+    best = _best_by_draw(eligible, costs, verdicts, rng, policy, 0.01)
+    return (best, f"most reliable (Thompson draw) of {len(eligible)} eligible models")
+
+
+def _best_by_draw(
+    group: Sequence[int],
+    costs: Sequence[float | None],
+    verdicts: Sequence[Verdict],
+    rng: random.Random,
+    policy: RoutingPolicy,
+    cost_weight: float,
+) -> int:
+    max_p50 = max((verdicts[i].summary.p50 or 0.0) for i in group) or 1.0
+    max_cost = max((costs[i] or 0.0) for i in group) or 1.0
+    best = -1
+    best_u = -math.inf
+    for i in group:
+        s = verdicts[i].summary
+        cost = costs[i]
+        u = (
+            rng.betavariate(
+                policy.prior_alpha + s.successes, policy.prior_beta + s.samples - s.successes
+            )
+            - 0.01 * ((s.p50 or max_p50) / max_p50)
+            - cost_weight * ((cost if cost is not None else max_cost) / max_cost)
+        )
+        if u > best_u:
+            best, best_u = i, u
+    return best
+
+
+def _plausible(v: Verdict, cons: Constraints, rng: random.Random, policy: RoutingPolicy) -> bool:
+    # a Thompson draw: could this unproven candidate meet the constraints?
+    s = v.summary
+    if v.success is UNPROVEN and cons.min_success_rate is not None:
+        draw = rng.betavariate(
+            policy.prior_alpha + s.successes, policy.prior_beta + s.samples - s.successes
+        )
+        if draw < cons.min_success_rate:
+            return False
+    max_lat = cons.max_latency_ms
+    if v.latency is UNPROVEN and max_lat is not None and s.p95 is not None:
+        hi = s.p95_upper if s.p95_upper is not None else s.p95
+        sd = max(math.log(hi / s.p95) / policy.z, 1e-9)
+        if math.exp(rng.gauss(math.log(s.p95), sd)) > max_lat:
+            return False
+    return True
+
+
+def _price(v: Verdict, arm: Arm | None, policy: RoutingPolicy) -> float:
+    # tokens one exploration of this candidate costs: growing with its evidence, or
+    # the re-probe price (halved per success in a row) for a rejected or degraded arm
+    streak = arm.streak if arm is not None else 0
+    if v.code == 2 or (v.summary.change is not None and v.summary.change.startswith("degraded")):
+        return max(1.0, policy.reprobe_price * 0.5**streak)
+    return 1.0 + v.summary.samples / policy.explore_half
+
+
+def select(
+    ctx: Context,
+    costs: Sequence[float | None],
+    eligible: Sequence[int],
+    explorable: Sequence[int],
+    probeable: Sequence[int],
+    rng: random.Random,
+    policy: RoutingPolicy,
+    *,
+    budget: bool = True,
+) -> tuple[int, bool, str] | None:
+    """
+    ``(index, exploration, why)`` for one decision, or ``None`` when nothing can be picked.
+
+    ``eligible``: candidates ELIGIBLE on every constraint; ``explorable``: UNPROVEN
+    ones within the cost limit; ``probeable``: REJECTED ones within it (only re-probed
+    from the budget).  ``budget=False`` (a relaxed or pinned decision) never explores
+    once something is eligible.
+    """
+    verdicts = ctx.verdicts
+    if eligible:
+        index, why = _exploit(eligible, costs, verdicts, rng, policy)
+        rate = policy.explore_rate
+        if not budget or rate <= 0.0 or not (explorable or probeable):
+            return (index, False, why)
+        tokens = ctx.tokens + rate
+        ctx.tokens = tokens = tokens if tokens < policy.explore_burst else policy.explore_burst
+        if tokens < 1.0:
+            return (index, False, why)
+        current = costs[index]
+        cheapest = policy.objective == "cheapest"
+        best = -1
+        best_price = math.inf
+        arms = ctx.arms
+        for pool in (explorable, probeable):
+            for i in pool:
+                if cheapest and (current is None or (c := costs[i]) is None or c >= current):
+                    continue
+                price = _price(verdicts[i], arms[i], policy)
+                if price < best_price:
+                    best, best_price = i, price
+        if best < 0 or tokens < best_price:
+            return (index, False, why)
+        ctx.tokens = tokens - best_price
+        v = verdicts[best]
+        what = (
+            "re-probing a rejected or degraded model that would be cheaper"
+            if v.code == 2 or (v.summary.change or "").startswith("degraded")
+            else "measuring an unproven model that could beat the pick"
+        )
+        return (best, True, f"exploration budget: {what}")
+    if not explorable:
+        return None
+    order = sorted(explorable, key=lambda i: (costs[i] is None, costs[i] or 0.0, ctx.models[i]))
+    cons = ctx.cons
+    for i in order:
+        if _plausible(verdicts[i], cons, rng, policy):
+            return (
+                i,
+                True,
+                "no model is proven to meet the constraints yet: exploring the cheapest one "
+                "a draw from its evidence finds compliant",
+            )
+    target = order[0]
+    return (
+        target,
+        True,
+        "no model is proven to meet the constraints yet: exploring the cheapest unproven one"
+        if costs[target] is not None
+        else "no model is proven to meet the constraints yet: exploring an unproven one "
+        "(no cost estimate to rank them by: give input_tokens and max_tokens)",
+    )
+
+
+# --------------------------------------------------------------------------- explanation
+
+
+def _candidate_builder() -> Callable[..., CandidateEvaluation]:
+    # A frozen slotted record built without its __init__: every value passed is of the
+    # field's converted type and within its bounds (Wilson bounds clipped to [0, 1],
+    # counts and latencies >= 0, mappings frozen, datetimes aware UTC).
+    names = [a.name for a in attrs.fields(CandidateEvaluation)]
+    setters = {n: CandidateEvaluation.__dict__[n].__set__ for n in names}
+    defaults = {
+        a.name: (a.default.factory() if isinstance(a.default, attrs.Factory) else a.default)  # type: ignore[arg-type]
+        for a in attrs.fields(CandidateEvaluation)
+    }
+
+    def build(**values: Any) -> CandidateEvaluation:
+        obj = object.__new__(CandidateEvaluation)
+        for n in names:
+            setters[n](obj, values[n] if n in values else defaults[n])
+        return obj
+
+    return build
+
+
+_new_candidate: Final = _candidate_builder()
+
+
+def build_candidates(
+    verdicts: Sequence[Verdict],
+    costs: Sequence[float | None],
+    cons: Constraints,
+    input_tokens: int | None,
+    unavailable: Collection[str],
+) -> tuple[CandidateEvaluation, ...]:
+    """Every candidate of a decision, as the decision saw it (built when first read)."""
+    out = []
+    max_cost = cons.max_cost
+    for v, cost in zip(verdicts, costs, strict=True):
+        s = v.summary
+        statuses: dict[str, ConstraintStatus] = {}
+        if v.success is not None:
+            statuses[SUCCESS] = v.success
+        if v.latency is not None:
+            statuses[LATENCY] = v.latency
+        reasons = list(v.reasons)
+        basis = v.basis if input_tokens is not None else v.basis_no_input
+        if max_cost is not None:
+            if cost is None:
+                statuses[COST] = UNPROVEN
+                reasons.append(
+                    "cost: no estimate (strict mode needs input_tokens and max_tokens)"
+                    if cons.strict_cost
+                    else "cost: no estimate (no observations, and input_tokens/max_tokens "
+                    "not given)"
+                )
+            elif cost <= max_cost:
+                statuses[COST] = ELIGIBLE
+            else:
+                statuses[COST] = REJECTED
+                reasons.append(f"expected cost ${cost:.6f} ({basis}) > max ${max_cost:.6f}")
+        excluded = v.facts is None or v.model in unavailable
+        if v.model in unavailable:
+            reasons.insert(0, CIRCUIT_OPEN)
+        facts = v.facts
+        out.append(
+            _new_candidate(
+                model=v.model,
+                provider=facts.provider if facts is not None else None,
+                tier=facts.tier if facts is not None else None,
+                sample_size=s.window_samples,
+                success_rate=s.success_rate,
+                success_rate_lower=s.lower,
+                success_rate_upper=s.upper,
+                latency_p50_ms=s.p50,
+                latency_p95_ms=s.p95,
+                expected_cost_usd=cost,
+                constraints=MappingProxyType(statuses),
+                excluded=excluded,
+                reasons=tuple(reasons),
+                effective_sample_size=s.samples,
+                latency_p95_upper_ms=s.p95_upper,
+                cost_basis=basis if cost is not None else None,
+                change=s.change,
+                evidence_since=(
+                    datetime.fromtimestamp(s.since, UTC) if s.since is not None else None
+                ),
+            )
+        )
+    return tuple(out)
+
+
+__all__ += ["CIRCUIT_OPEN", "EMPTY_SUMMARY", "NOT_IN_REGISTRY", "cost_of"]

@@ -1,0 +1,198 @@
+"""`RoutingPolicy` (how the router weighs evidence and explores) and `Constraints`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Final, Literal
+
+import attrs
+from attrs import field, frozen
+
+from ..exceptions import ConfigurationError
+from .book import ChangeTest
+
+__all__ = ["COST", "LATENCY", "SUCCESS", "Constraints", "Objective", "RoutingPolicy"]
+
+SUCCESS: Final = "min_success_rate"
+LATENCY: Final = "max_latency_ms"
+COST: Final = "max_cost"
+CONSTRAINT_NAMES: Final = (SUCCESS, LATENCY, COST)
+
+Objective = Literal["cheapest", "most_reliable"]
+
+
+def _number(
+    low: float, *, strict: bool, high: float | None = None, optional: bool = False
+) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    """An attrs validator: a finite real number above ``low`` (and at most ``high``)."""
+    bound = f"> {low:g}" if strict else f">= {low:g}"
+    if high is not None:
+        bound += f" and <= {high:g}"
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is None and optional:
+            return
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or (value <= low if strict else value < low)
+            or (high is not None and value > high)
+        ):
+            raise ConfigurationError(
+                f"{attribute.name} must be a finite number {bound}, got {value!r}"
+            )
+
+    return check
+
+
+_check_unit = _number(0.0, strict=False, high=1.0)
+_check_unit_opt = _number(0.0, strict=False, high=1.0, optional=True)
+_check_positive = _number(0.0, strict=True)
+_check_positive_opt = _number(0.0, strict=True, optional=True)
+_check_non_negative = _number(0.0, strict=False)
+_check_at_least_one = _number(1.0, strict=False)
+
+
+def _check_objective(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in ("cheapest", "most_reliable"):
+        raise ConfigurationError(
+            f"{attribute.name} must be 'cheapest' or 'most_reliable', got {value!r}"
+        )
+
+
+def _check_relax_order(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if (
+        not isinstance(value, tuple)
+        or len(set(value)) != len(value)
+        or any(c not in CONSTRAINT_NAMES for c in value)
+    ):
+        raise ConfigurationError(
+            f"{attribute.name} must be distinct names among {', '.join(CONSTRAINT_NAMES)}, "
+            f"got {value!r}"
+        )
+
+
+def _to_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@frozen(kw_only=True)
+class RoutingPolicy:
+    """
+    How the router weighs evidence, explores, and what it does when nothing qualifies.
+
+    Evidence and verdicts:
+
+    * ``window_days``: how much history the router reads and keeps (default 7).  Within
+      it a stationary model's evidence is never discounted; a change the router
+      detects (``change_threshold``) sets older evidence aside.
+    * ``change_threshold``: the level (log-likelihood ratio) at which the per-model
+      change test signals a change in success rate (default 5.0: a model dropping from
+      0.99 to 0.80 is noticed after ~20 of its calls; a stationary one raises a false
+      alarm about once in several thousand calls, and recovers from it).
+    * ``z``: the normal quantile of the confidence bounds (default 1.96, i.e. 95%);
+      ``reject_z`` the stricter one a success rate must clear to be REJECTED (default
+      3.0); ``keep_z`` the looser one an ELIGIBLE model's lower bound must stay above
+      to remain eligible (default 1.0: hysteresis, so a model near the limit does not
+      flap).
+    * ``reject_min_samples``: calls needed before a success rate can be REJECTED
+      (default 10).  ``latency_min_samples``: measured successful calls needed before
+      the latency constraint can be judged (default 5).
+    * ``prior_output_tokens``: output tokens assumed for a model not yet measured in a
+      stage where no model has been measured either (default ``None``: the call's
+      ``max_tokens``, the worst case).  Once any model has served the stage, untried
+      models are costed on the stage's mean output tokens.
+    * ``default_min_success_rate``: the floor used when a decision gives none (default
+      0.8); ``None`` for no floor.
+
+    Choosing and exploring:
+
+    * ``objective``: ``"cheapest"`` (default) or ``"most_reliable"`` among eligible
+      candidates.  ``cost_tie_tolerance``: relative cost difference treated as a tie
+      (default 5%), broken by a Thompson draw on the success rate.
+    * ``explore_rate``: exploration budget, as a share of decisions (default 0.005).
+      Once a candidate is proven, only candidates that could beat it (cheaper under
+      ``"cheapest"``) are explored, each exploration paid from a budget that accrues
+      this much per decision (up to ``explore_burst`` decisions' worth), so the share
+      of exploration never exceeds it for long.  A candidate's price grows with its
+      evidence (``explore_half``: calls after which exploring it costs twice as much),
+      so its share shrinks; a rejected or degraded candidate is re-probed at
+      ``reprobe_price``, halved after each success in a row, so a recovery is found.
+      ``0`` disables exploration once something is proven.  While nothing is proven,
+      every decision explores: among the candidates that could still meet the
+      constraints, the cheapest one that a random draw from its evidence finds
+      compliant (Thompson sampling), so cheap near-misses do not take every call.
+    * ``relax_order``: the order ``on_no_match="relax"`` drops constraints in (default
+      latency, then success rate, then cost last because it is a budget).
+    * ``prior_alpha`` / ``prior_beta``: Beta prior of the Thompson draws (never counted
+      toward a verdict).
+    * ``seed_stage_limit``: how many workflow stages get their recent-outcome window
+      (for `AdaptiveModelRouter.recommend_tier_upgrade`) filled at start (default 1000).
+
+    Invalid values raise `ConfigurationError` naming the field.
+    """
+
+    window_days: float = field(default=7.0, validator=_check_positive)
+    change_threshold: float = field(default=5.0, validator=_check_positive)
+    z: float = field(default=1.96, validator=_check_positive)
+    reject_z: float = field(default=3.0, validator=_check_positive)
+    keep_z: float = field(default=1.0, validator=_check_positive)
+    reject_min_samples: float = field(default=10.0, validator=_check_positive)
+    latency_min_samples: int = field(default=5, validator=_check_positive)
+    prior_output_tokens: float | None = field(default=None, validator=_check_positive_opt)
+    default_min_success_rate: float | None = field(default=0.8, validator=_check_unit_opt)
+    objective: Objective = field(default="cheapest", validator=_check_objective)
+    cost_tie_tolerance: float = field(default=0.05, validator=_check_non_negative)
+    explore_rate: float = field(default=0.005, validator=_check_unit)
+    explore_burst: float = field(default=10.0, validator=_check_at_least_one)
+    explore_half: float = field(default=50.0, validator=_check_positive)
+    reprobe_price: float = field(default=8.0, validator=_check_at_least_one)
+    relax_order: tuple[str, ...] = field(
+        default=(LATENCY, SUCCESS, COST), converter=_to_tuple, validator=_check_relax_order
+    )
+    prior_alpha: float = field(default=1.0, validator=_check_positive)
+    prior_beta: float = field(default=1.0, validator=_check_positive)
+    seed_stage_limit: int = field(default=1000, validator=_check_non_negative)
+
+    @property
+    def change_test(self) -> ChangeTest:
+        """The per-model change test these settings describe."""
+        return ChangeTest(threshold=self.change_threshold)
+
+
+@frozen
+class Constraints:
+    """
+    What one decision asks of a model: the limits given (``None``: not constrained) and
+    how cost is judged (``strict_cost``: against the worst case of ``max_tokens``).
+    """
+
+    min_success_rate: float | None = None
+    max_latency_ms: float | None = None
+    max_cost: float | None = None
+    strict_cost: bool = False
+    max_tokens: int | None = None
+
+    @property
+    def given(self) -> tuple[str, ...]:
+        """Names of the constraints that are set, in (success, latency, cost) order."""
+        return tuple(
+            name
+            for name, value in (
+                (SUCCESS, self.min_success_rate),
+                (LATENCY, self.max_latency_ms),
+                (COST, self.max_cost),
+            )
+            if value is not None
+        )
+
+    def without(self, name: str) -> Constraints:
+        """These constraints with ``name`` dropped."""
+        return attrs.evolve(
+            self,
+            min_success_rate=None if name == SUCCESS else self.min_success_rate,
+            max_latency_ms=None if name == LATENCY else self.max_latency_ms,
+            max_cost=None if name == COST else self.max_cost,
+        )

@@ -1,0 +1,128 @@
+"""
+Pure statistics of the router: Wilson bounds, log-normal latency bounds, and the
+sum vector every arm's evidence is kept in.
+
+Nothing here does I/O, reads a clock or draws a random number.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+from ..evidence import EvidenceBucket, log_ms
+
+__all__ = [
+    "COST_SUM",
+    "IN_SUM",
+    "LAT_LOG",
+    "LAT_N",
+    "LAT_SQ",
+    "OUT_SUM",
+    "SAMPLES",
+    "SUCCESSES",
+    "WIDTH",
+    "add_outcome",
+    "bucket_sums",
+    "latency_bounds",
+    "wilson_bounds",
+]
+
+# A sum vector: the additive fields of an `EvidenceBucket`, as a list of floats in this
+# order.  Tokens are summed over successful calls, cost over every sample, latency as
+# natural logs of milliseconds over successful calls (see `empathy_models.evidence`).
+SAMPLES: Final = 0
+SUCCESSES: Final = 1
+LAT_N: Final = 2
+LAT_LOG: Final = 3
+LAT_SQ: Final = 4
+IN_SUM: Final = 5
+OUT_SUM: Final = 6
+COST_SUM: Final = 7
+WIDTH: Final = 8
+
+P95_Z: Final = 1.6448536269514722  # standard normal quantile of 0.95
+
+
+def bucket_sums(b: EvidenceBucket) -> list[float]:
+    """The sum vector of a stored bucket."""
+    return [
+        float(b.samples),
+        float(b.successes),
+        float(b.latency_n),
+        b.latency_log_sum,
+        b.latency_log_sq_sum,
+        float(b.input_tokens),
+        float(b.output_tokens),
+        b.cost_usd,
+    ]
+
+
+def add_outcome(
+    v: list[float],
+    success: bool,
+    latency_ms: float,
+    input_tokens: int,
+    output_tokens: int,
+    cost_usd: float,
+) -> None:
+    """Add one sample outcome to ``v`` with `empathy_models.evidence.rollup`'s arithmetic."""
+    v[SAMPLES] += 1
+    v[COST_SUM] += cost_usd
+    if not success:
+        return
+    v[SUCCESSES] += 1
+    lat = log_ms(latency_ms)
+    v[LAT_N] += 1
+    v[LAT_LOG] += lat
+    v[LAT_SQ] += lat * lat
+    v[IN_SUM] += input_tokens
+    v[OUT_SUM] += output_tokens
+
+
+def wilson_bounds(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """
+    Wilson score interval of ``successes`` out of ``n``; ``(0, 1)`` at n = 0.
+
+    Same formula as `empathy_models.records.wilson_interval`; the observed rate always
+    lies within the returned bounds.
+    """
+    if n <= 0.0:
+        return (0.0, 1.0)
+    p = successes / n
+    p = p if p > 0.0 else 0.0
+    p = p if p < 1.0 else 1.0
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = p + z2 / (2.0 * n)
+    margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
+    lower = (centre - margin) / denom
+    lower = lower if lower > 0.0 else 0.0
+    lower = lower if lower < p else p
+    upper = (centre + margin) / denom
+    upper = upper if upper < 1.0 else 1.0
+    upper = upper if upper > p else p
+    return (lower, upper)
+
+
+def latency_bounds(
+    n: float, log_sum: float, log_sq_sum: float, z: float
+) -> tuple[float | None, float | None, float | None, float | None]:
+    """
+    ``(p50, p95, p95_lower, p95_upper)`` in ms of a log-normal fit to ``n`` latencies.
+
+    The p95 bounds are the ``z`` confidence bounds of the fitted 95th percentile
+    (normal approximation of the quantile's standard error).  ``None`` where there is
+    not enough data: no p50 without a sample, no p95 with fewer than two.
+    """
+    if n <= 0.0:
+        return (None, None, None, None)
+    mu = log_sum / n
+    p50 = math.exp(mu)
+    if n < 2.0:
+        return (p50, None, None, None)
+    var = max(0.0, log_sq_sum / n - mu * mu) * n / (n - 1.0)
+    sigma = math.sqrt(var)
+    q = mu + P95_Z * sigma
+    se = sigma * math.sqrt(1.0 / n + P95_Z * P95_Z / (2.0 * (n - 1.0)))
+    return (p50, math.exp(q), math.exp(q - z * se), math.exp(q + z * se))
