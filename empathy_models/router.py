@@ -75,6 +75,7 @@ _NO_MODELS: Final[frozenset[str]] = frozenset()
 _INF: Final = math.inf
 _EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
 _RECENT_FALLBACK_LIMIT: Final = 10_000_000
+_CHANGE_NOTE_S: Final = 3600.0  # how long a pick says it regained its place by a change
 
 _ArmKey = tuple[str | None, str | None, str]
 
@@ -580,13 +581,16 @@ class AdaptiveModelRouter:
         changed = False
         for i, arm in enumerate(ctx.arms):
             version = arm.version if arm is not None else -1
-            if version != versions[i] or (stale_prior and ctx.verdicts[i].basis == "prior"):
+            if version != versions[i] or (
+                stale_prior and ctx.verdicts[i].summary.mean_output_tokens is None
+            ):
                 ctx.verdicts[i] = self._judge(ctx, i, prior)
                 versions[i] = version
                 changed = True
         if changed or stale_prior:
             ctx.prior_version = pv
-            ctx.on_prior = any(v.basis == "prior" for v in ctx.verdicts)
+            # verdicts of arms without output tokens of their own are costed on the prior
+            ctx.on_prior = any(v.summary.mean_output_tokens is None for v in ctx.verdicts)
             ctx.changed = tuple(i for i, v in enumerate(ctx.verdicts) if v.summary.change)
         return ctx
 
@@ -787,14 +791,25 @@ class AdaptiveModelRouter:
         v = ctx.verdicts[index]
         change: str | None = None
         if ctx.changed:
+            # a change this decision acted on: a model that would be cheaper lost its
+            # standing to one, or the pick regained it through one within the hour
             pick_cost = costs[index]
             cheapest = self.policy.objective == "cheapest"
             for i in ctx.changed:
+                other = ctx.verdicts[i]
                 c = costs[i]
-                if i == index or (
-                    cheapest and c is not None and pick_cost is not None and c < pick_cost
+                since = other.summary.since
+                if (
+                    i == index
+                    and since is not None
+                    and now - since <= _CHANGE_NOTE_S
+                    or i != index
+                    and other.code != 0
+                    and cheapest
+                    and c is not None
+                    and pick_cost is not None
+                    and c < pick_cost
                 ):
-                    other = ctx.verdicts[i]
                     change = f"{other.model} {other.summary.change}"
                     why = f"{why}; acting on a detected change: {change}"
                     break

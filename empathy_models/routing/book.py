@@ -92,7 +92,7 @@ class ChangeTest:
     degrade_step: float = 0.03
     improve_ratio: float = 4.0
     restore_z: float = 2.0
-    restore_threshold: float = 2.0
+    restore_threshold: float = 1.5
 
 
 @define(slots=True, eq=False)

@@ -253,6 +253,8 @@ class Context:
     on_prior: bool = False
     changed: tuple[int, ...] = ()
     tokens: float = 0.0
+    decisions: int = 0
+    waits: dict[int, int] = field(factory=dict)
 
 
 # --------------------------------------------------------------------------- selection
@@ -331,13 +333,8 @@ def _plausible(v: Verdict, cons: Constraints, rng: random.Random, policy: Routin
     return True
 
 
-def _price(v: Verdict, arm: Arm | None, policy: RoutingPolicy) -> float:
-    # tokens one exploration of this candidate costs: growing with its evidence, or
-    # the re-probe price (halved per success in a row) for a rejected or degraded arm
-    streak = arm.streak if arm is not None else 0
-    if v.code == 2 or (v.summary.change is not None and v.summary.change.startswith("degraded")):
-        return max(1.0, policy.reprobe_price * 0.5**streak)
-    return 1.0 + v.summary.samples / policy.explore_half
+def _degraded(v: Verdict) -> bool:
+    return v.code == 2 or (v.summary.change or "").startswith("degraded")
 
 
 def select(
@@ -365,32 +362,60 @@ def select(
         rate = policy.explore_rate
         if not budget or rate <= 0.0 or not (explorable or probeable):
             return (index, False, why)
+        ctx.decisions += 1
+        current = costs[index]
+        cheapest = policy.objective == "cheapest"
+        arms = ctx.arms
+        # re-probes of rejected or degraded candidates that would be cheaper: each
+        # waits reprobe_interval decisions, halved per success in a row of its own
+        waits = ctx.waits
+        for i in probeable if not explorable else (*explorable, *probeable):
+            v = verdicts[i]
+            if not _degraded(v) or (
+                cheapest and (current is None or (c := costs[i]) is None or c >= current)
+            ):
+                continue
+            since = waits.get(i)
+            if since is None:
+                waits[i] = ctx.decisions
+                continue
+            arm = arms[i]
+            if v.latency is REJECTED or not (v.summary.change or "").startswith("degraded"):
+                # never proven, or too slow: successes in a row say nothing of a recovery
+                wait = 4.0 * policy.reprobe_interval
+            else:
+                streak = arm.streak if arm is not None else 0
+                wait = max(policy.reprobe_min, policy.reprobe_interval / 2.0**streak)
+            if ctx.decisions - since >= wait:
+                waits[i] = ctx.decisions
+                return (
+                    i,
+                    True,
+                    "re-probe: measuring a rejected or degraded model that would be cheaper",
+                )
         tokens = ctx.tokens + rate
         ctx.tokens = tokens = tokens if tokens < policy.explore_burst else policy.explore_burst
         if tokens < 1.0:
             return (index, False, why)
-        current = costs[index]
-        cheapest = policy.objective == "cheapest"
         best = -1
         best_price = math.inf
-        arms = ctx.arms
-        for pool in (explorable, probeable):
-            for i in pool:
-                if cheapest and (current is None or (c := costs[i]) is None or c >= current):
-                    continue
-                price = _price(verdicts[i], arms[i], policy)
-                if price < best_price:
-                    best, best_price = i, price
+        for i in explorable:
+            v = verdicts[i]
+            if _degraded(v) or (
+                cheapest and (current is None or (c := costs[i]) is None or c >= current)
+            ):
+                continue
+            price = 1.0 + v.summary.samples / policy.explore_half
+            if price < best_price:
+                best, best_price = i, price
         if best < 0 or tokens < best_price:
             return (index, False, why)
         ctx.tokens = tokens - best_price
-        v = verdicts[best]
-        what = (
-            "re-probing a rejected or degraded model that would be cheaper"
-            if v.code == 2 or (v.summary.change or "").startswith("degraded")
-            else "measuring an unproven model that could beat the pick"
+        return (
+            best,
+            True,
+            "exploration budget: measuring an unproven model that could beat the pick",
         )
-        return (best, True, f"exploration budget: {what}")
     if not explorable:
         return None
     order = sorted(explorable, key=lambda i: (costs[i] is None, costs[i] or 0.0, ctx.models[i]))

@@ -118,8 +118,11 @@ class RoutingPolicy:
       this much per decision (up to ``explore_burst`` decisions' worth), so the share
       of exploration never exceeds it for long.  A candidate's price grows with its
       evidence (``explore_half``: calls after which exploring it costs twice as much),
-      so its share shrinks; a rejected or degraded candidate is re-probed at
-      ``reprobe_price``, halved after each success in a row, so a recovery is found.
+      so its share shrinks.  A rejected or degraded candidate that would be cheaper is
+      re-probed once every ``reprobe_interval`` decisions (default 250), the wait
+      halved after each success of it in a row (down to ``reprobe_min``), so a
+      recovery is found within a few hundred decisions while a model that keeps
+      failing costs ~1% of them.
       ``0`` disables exploration once something is proven.  While nothing is proven,
       every decision explores: among the candidates that could still meet the
       constraints, the cheapest one that a random draw from its evidence finds
@@ -148,7 +151,8 @@ class RoutingPolicy:
     explore_rate: float = field(default=0.005, validator=_check_unit)
     explore_burst: float = field(default=10.0, validator=_check_at_least_one)
     explore_half: float = field(default=50.0, validator=_check_positive)
-    reprobe_price: float = field(default=8.0, validator=_check_at_least_one)
+    reprobe_interval: float = field(default=200.0, validator=_check_at_least_one)
+    reprobe_min: float = field(default=4.0, validator=_check_at_least_one)
     relax_order: tuple[str, ...] = field(
         default=(LATENCY, SUCCESS, COST), converter=_to_tuple, validator=_check_relax_order
     )
