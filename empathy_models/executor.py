@@ -76,6 +76,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from datetime import UTC, datetime
 import os
 import time
 import warnings
@@ -112,7 +113,6 @@ from .records import (
     Ticket,
     _trusted_call_record,
     _trusted_constructor,
-    utc_now,
 )
 from .registry import ModelInfo, ModelRegistry
 from .retry import RetryPolicy
@@ -611,6 +611,9 @@ class EmpathyLLMExecutor:
             by default one is created on enter and closed on exit.
         sleep: the coroutine used to wait between retries (tests inject a recorder).
         clock: monotonic seconds, for latencies and the deadline.
+        wall_clock: UTC epoch seconds, for the records' timestamps (default
+            `time.time`); give it the router's clock when that is not the real time,
+            since the router buckets evidence by record timestamp.
 
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
     neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
@@ -632,6 +635,7 @@ class EmpathyLLMExecutor:
         session: aiohttp.ClientSession | None = None,
         sleep: Sleep = anyio.sleep,
         clock: Clock = time.perf_counter,
+        wall_clock: Clock = time.time,
     ) -> None:
         self._registry = ModelRegistry.default() if registry is None else registry
         if not isinstance(self._registry, ModelRegistry):
@@ -653,6 +657,7 @@ class EmpathyLLMExecutor:
         self._session = session
         self._sleep = sleep
         self._clock = clock
+        self._wall_clock = wall_clock
         self._owns_telemetry = isinstance(telemetry_store, str)
         self._telemetry: TelemetryBackend | None = (
             None if telemetry_store is None else telemetry_from_url(telemetry_store)
@@ -1170,7 +1175,7 @@ class EmpathyLLMExecutor:
             outcome=outcome,
             call_id=os.urandom(16).hex(),
             request_id=run.request_id,
-            timestamp=utc_now(),
+            timestamp=datetime.fromtimestamp(self._wall_clock(), UTC),
             workflow=ctx.workflow,
             stage=ctx.stage,
             task_type=run.task_type,

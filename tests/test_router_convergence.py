@@ -165,6 +165,7 @@ async def test_router_converges_to_the_cheapest_compliant_model_and_reacts_to_de
             fallback=FallbackPolicy.none(),
             telemetry_store=MemoryTelemetryBackend(),
             clock=clock,
+            wall_clock=clock,
         ) as executor:
             for i in range(CALLS):
                 if i == DEGRADE_AT:

@@ -136,11 +136,6 @@ _STAGES: tuple[_Stage, ...] = (
 
 _OUTAGE_PROVIDER = "openai"
 
-_HALF_LIFE_S = 2.0
-"""The router's evidence half-life, scaled down with the demo's compressed time (the
-default is an hour): an outage of a second or two is forgiven within seconds."""
-
-
 _positive_int = number_arg(int, minimum=1, what="a whole number")
 
 
@@ -336,7 +331,7 @@ async def run_demo(
         router = AdaptiveModelRouter(
             registry=registry,
             telemetry_store=telemetry,
-            policy=RoutingPolicy(half_life_s=_HALF_LIFE_S),
+            policy=RoutingPolicy(),
             refresh_interval=None,
             seed=seed,
         )

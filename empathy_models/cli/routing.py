@@ -143,7 +143,7 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
             else:
                 workflows = sorted({w for w, _, _ in await _stages(backend, args.days, None, None)})
             return [
-                await router.get_routing_stats(w, stage=args.stage, days=args.days)
+                (await router.get_routing_stats(w, stage=args.stage, days=args.days)).to_dict()
                 for w in workflows
             ]
 

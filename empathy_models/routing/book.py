@@ -83,7 +83,8 @@ class ChangeTest:
     ``degrade_step``: the alternative failure rate of the degradation test is
     ``max(q * degrade_ratio, q + degrade_step)``; the improvement test's is
     ``q / improve_ratio``, or the failure rate of an earlier, better regime when there
-    is one (recovering to it is what the test looks for).
+    is one (recovering to it is what the test looks for).  ``q`` is floored at
+    ``min_rate``, so a run of perfect calls does not make two failures look like a change.
     """
 
     threshold: float = 5.0
@@ -91,8 +92,9 @@ class ChangeTest:
     degrade_ratio: float = 3.0
     degrade_step: float = 0.03
     improve_ratio: float = 4.0
+    min_rate: float = 0.01
     restore_z: float = 2.0
-    restore_threshold: float = 1.5
+    restore_threshold: float = 2.0
 
 
 @define(slots=True, eq=False)
@@ -416,6 +418,7 @@ class Arm:
             alarm: tuple[int, str] | None = None
             if n0 >= test.min_samples and n > 0:
                 q = (f0 + 0.5) / (n0 + 1.0)
+                q = q if q > test.min_rate else test.min_rate
                 q_up = min(0.5, max(q * test.degrade_ratio, q + test.degrade_step))
                 q_dn, h_dn = self._improve_target(q)
                 if q_up > q:

@@ -426,7 +426,11 @@ def select(
                 i,
                 True,
                 "no model is proven to meet the constraints yet: exploring the cheapest one "
-                "a draw from its evidence finds compliant",
+                "a draw from its evidence finds compliant"
+                if costs[i] is not None
+                else "no model is proven to meet the constraints yet: exploring one a draw "
+                "from its evidence finds compliant (no cost estimate to rank them by: give "
+                "input_tokens and max_tokens)",
             )
     target = order[0]
     return (
