@@ -209,9 +209,7 @@ def violation_share(run: Run, degrade: tuple[int, int] | None = None) -> float:
         if not p:
             continue
         m = truth[p]
-        if violates(m) or (
-            p == "oracle" and degrade is not None and degrade[0] <= i < degrade[1]
-        ):
+        if violates(m) or (p == "oracle" and degrade is not None and degrade[0] <= i < degrade[1]):
             bad += 1
     return bad / max(1, len(run.picks) - WARM_UP)
 
@@ -249,8 +247,10 @@ async def main_async(seeds: int) -> dict[str, Any]:
         cost.append(run.cost / run.oracle_cost)
         viol.append(violation_share(run))
         expl.append(sum(run.explored[WARM_UP:]) / (len(run.picks) - WARM_UP))
-    print(f"stationary: cost/oracle {summary(cost)}; violations after warm-up {summary(viol)}; "
-          f"exploration after warm-up {summary(expl)}")
+    print(
+        f"stationary: cost/oracle {summary(cost)}; violations after warm-up {summary(viol)}; "
+        f"exploration after warm-up {summary(expl)}"
+    )
     out["stationary"] = {"cost": cost, "violations": viol, "exploration": expl}
     degrade = (2000, 3000)
     leave, regain, viol2, cost2 = [], [], [], []
@@ -261,11 +261,15 @@ async def main_async(seeds: int) -> dict[str, Any]:
         regain.append(r if r is not None else 99999)
         viol2.append(violation_share(run, degrade))
         cost2.append(run.cost / run.oracle_cost)
-        print(f"  seed {seed}: leave {leave[-1]}, regain {regain[-1]}, "
-              f"violations {viol2[-1]:.4f}, cost {cost2[-1]:.3f}")
-    print(f"degrade+recover with 7 days of history: calls to leave {summary(leave)}; "
-          f"requests to regain 90% {summary(regain)}; violations {summary(viol2)}; "
-          f"cost/oracle {summary(cost2)}")
+        print(
+            f"  seed {seed}: leave {leave[-1]}, regain {regain[-1]}, "
+            f"violations {viol2[-1]:.4f}, cost {cost2[-1]:.3f}"
+        )
+    print(
+        f"degrade+recover with 7 days of history: calls to leave {summary(leave)}; "
+        f"requests to regain 90% {summary(regain)}; violations {summary(viol2)}; "
+        f"cost/oracle {summary(cost2)}"
+    )
     out["degrade"] = {"leave": leave, "regain": regain, "violations": viol2}
     return out
 

@@ -76,12 +76,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from datetime import UTC, datetime
 import os
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
 from typing import Any, NamedTuple, Protocol, Self
 

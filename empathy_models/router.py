@@ -355,7 +355,7 @@ class AdaptiveModelRouter:
             by_arm: dict[_ArmKey, list[tuple[int, list[float]]]] = {}
             for (bwf, bst, bmodel), t, sums in buckets:
                 by_arm.setdefault((bwf or None, bst or None, bmodel), []).append((t, sums))
-            for key, rows in by_arm.items():
+            for key in by_arm:
                 if key not in self._arms:
                     self._arms[key] = Arm(test=self._test)
                     self._arms_epoch += 1
@@ -799,11 +799,8 @@ class AdaptiveModelRouter:
                 other = ctx.verdicts[i]
                 c = costs[i]
                 since = other.summary.since
-                if (
-                    i == index
-                    and since is not None
-                    and now - since <= _CHANGE_NOTE_S
-                    or i != index
+                if (i == index and since is not None and now - since <= _CHANGE_NOTE_S) or (
+                    i != index
                     and other.code != 0
                     and cheapest
                     and c is not None

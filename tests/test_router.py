@@ -592,7 +592,9 @@ async def test_stats_without_a_store_say_so(clock: FakeClock) -> None:
     assert set(stats) == STATS_KEYS
     assert stats["telemetry"] == "none" and "no telemetry store" in stats["message"]
     assert stats["stage"] == "all" and stats["models_used"] == [] and stats["total_calls"] == 0
-    null = (await make(clock, telemetry_store=NullTelemetryBackend()).get_routing_stats(WF)).to_dict()
+    null = (
+        await make(clock, telemetry_store=NullTelemetryBackend()).get_routing_stats(WF)
+    ).to_dict()
     assert null["telemetry"] == "none" and "null" in null["message"]
 
 

@@ -116,9 +116,9 @@ async def test_a_new_router_over_the_same_sqlite_store_picks_the_same_model(
         after = summary(fresh.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
         stats = await fresh.get_routing_stats(WF, ST)
     assert after == before
-    assert stats["telemetry"] == "ok" and stats["models_used"] == ["mini", "nano", "small"]
-    assert stats["total_calls"] == sum(s + f for _, s, f, _ in HISTORY)
-    assert stats["performance_by_model"]["mini"]["success_rate"] == pytest.approx(300 / 302)
+    assert stats.telemetry == "ok" and stats.models_used == ("mini", "nano", "small")
+    assert stats.total_calls == sum(s + f for _, s, f, _ in HISTORY)
+    assert stats.performance_by_model["mini"].success_rate == pytest.approx(300 / 302)
 
 
 @pytest.mark.multiprocess

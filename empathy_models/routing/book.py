@@ -225,7 +225,9 @@ class Arm:
     dn: array[float] = field(factory=lambda: array("d"))
     up_from: array[int] = field(factory=lambda: array("q"))
     dn_from: array[int] = field(factory=lambda: array("q"))
-    regimes: list[Regime] = field(factory=lambda: [Regime(start=_NEVER, detected=None, kind="initial")])
+    regimes: list[Regime] = field(
+        factory=lambda: [Regime(start=_NEVER, detected=None, kind="initial")]
+    )
     cur: list[float] = field(factory=_zeros)  # current regime's sums
     window_n: int = 0
     streak: int = 0  # live successes in a row (paces re-probes)
@@ -309,7 +311,9 @@ class Arm:
             current = regimes[-1]
             if t >= current.start:
                 _add(self.cur, v, -1.0)
-            elif current.base is not None and current.restored is not None and t >= current.restored:
+            elif (
+                current.base is not None and current.restored is not None and t >= current.restored
+            ):
                 _add(current.base, v, -1.0)
                 _add(self.cur, v, -1.0)
         del self.starts[:k]
@@ -501,7 +505,8 @@ class Arm:
             n2 = c[SAMPLES]
             p2 = c[SUCCESSES] / n2
             if before is not None and (
-                (new.kind == "improved" and p2 <= before) or (new.kind == "degraded" and p2 >= before)
+                (new.kind == "improved" and p2 <= before)
+                or (new.kind == "degraded" and p2 >= before)
             ):
                 continue
             pooled = (segment[SUCCESSES] + c[SUCCESSES]) / (n1 + n2)

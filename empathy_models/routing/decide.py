@@ -170,8 +170,13 @@ def judge(
             )
     if summary.change is not None and reasons:
         reasons.append(f"evidence restarted: {summary.change}")
-    code = 3 if facts is None else max(
-        _CODE[success] if success is not None else 0, _CODE[latency] if latency is not None else 0
+    code = (
+        3
+        if facts is None
+        else max(
+            _CODE[success] if success is not None else 0,
+            _CODE[latency] if latency is not None else 0,
+        )
     )
     slope, const, basis, const_ni, basis_ni = _cost_terms(
         facts, summary, cons, prior_output_tokens or policy.prior_output_tokens
@@ -452,10 +457,10 @@ def _candidate_builder() -> Callable[..., CandidateEvaluation]:
     # counts and latencies >= 0, mappings frozen, datetimes aware UTC).
     names = [a.name for a in attrs.fields(CandidateEvaluation)]
     setters = {n: CandidateEvaluation.__dict__[n].__set__ for n in names}
-    defaults = {
-        a.name: (a.default.factory() if isinstance(a.default, attrs.Factory) else a.default)  # type: ignore[arg-type]
-        for a in attrs.fields(CandidateEvaluation)
-    }
+    defaults: dict[str, Any] = {}
+    for a in attrs.fields(CandidateEvaluation):
+        default: Any = a.default
+        defaults[a.name] = default.factory() if isinstance(default, attrs.Factory) else default  # type: ignore[arg-type]
 
     def build(**values: Any) -> CandidateEvaluation:
         obj = object.__new__(CandidateEvaluation)
