@@ -573,25 +573,34 @@ class AdaptiveModelRouter:
             ctx.arms_epoch = self._arms_epoch
             if not ctx.verdicts:
                 ctx.verdicts = [self._judge(ctx, i, None) for i in range(len(ctx.models))]
+                ctx.caches = [{} for _ in ctx.models]
                 ctx.arm_versions = [-1] * len(ctx.models)
+                ctx.on_prior = True
+                ctx.changed = tuple(
+                    j for j, v in enumerate(ctx.verdicts) if v.summary.change is not None
+                )
         prior = self._priors.get((workflow, stage))
         pv = prior.version if prior is not None else -1
         versions = ctx.arm_versions
         stale_prior = pv != ctx.prior_version and ctx.on_prior
-        changed = False
+        verdicts = ctx.verdicts
         for i, arm in enumerate(ctx.arms):
             version = arm.version if arm is not None else -1
             if version != versions[i] or (
-                stale_prior and ctx.verdicts[i].summary.mean_output_tokens is None
+                stale_prior and verdicts[i].summary.mean_output_tokens is None
             ):
-                ctx.verdicts[i] = self._judge(ctx, i, prior)
+                old = verdicts[i]
+                new = verdicts[i] = self._judge(ctx, i, prior)
+                ctx.caches[i] = {}
                 versions[i] = version
-                changed = True
-        if changed or stale_prior:
-            ctx.prior_version = pv
-            # verdicts of arms without output tokens of their own are costed on the prior
-            ctx.on_prior = any(v.summary.mean_output_tokens is None for v in ctx.verdicts)
-            ctx.changed = tuple(i for i, v in enumerate(ctx.verdicts) if v.summary.change)
+                if (new.summary.change is None) != (old.summary.change is None):
+                    ctx.changed = tuple(j for j, v in enumerate(verdicts) if v.summary.change)
+                if (new.summary.mean_output_tokens is None) != (
+                    old.summary.mean_output_tokens is None
+                ):
+                    # verdicts of arms without output tokens of their own use the prior
+                    ctx.on_prior = any(v.summary.mean_output_tokens is None for v in verdicts)
+        ctx.prior_version = pv
         return ctx
 
     def _judge(self, ctx: Context, i: int, prior: StagePrior | None) -> Verdict:
@@ -838,6 +847,7 @@ class AdaptiveModelRouter:
                 view.cons,
                 input_tokens,
                 blocked,
+                list(view.caches),
             ),
         )
         if logger.isEnabledFor(logging.DEBUG):

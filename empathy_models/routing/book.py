@@ -50,6 +50,7 @@ from .stats import (
     WIDTH,
     add_outcome,
     latency_bounds,
+    positional_constructor,
     wilson_bounds,
 )
 
@@ -153,6 +154,7 @@ class ArmSummary:
 
 
 EMPTY_SUMMARY: Final = ArmSummary()
+_new_summary: Final = positional_constructor(ArmSummary)
 
 
 @define(slots=True, eq=False)
@@ -182,25 +184,25 @@ def _summarize(
         if regime.before_rate is not None and n > 0:
             change += f" (success rate {regime.before_rate:.3f} -> {s / n:.3f}"
             change += ", earlier evidence restored)" if regime.restored is not None else ")"
-    return ArmSummary(
-        samples=n,
-        successes=s,
-        window_samples=window_samples,
-        success_rate=(s / n) if n > 0 else None,
-        lower=lower,
-        upper=upper,
-        reject_upper=reject_upper,
-        keep_lower=keep_lower,
-        latency_n=v[LAT_N],
-        p50=p50,
-        p95=p95,
-        p95_lower=p95_lo,
-        p95_upper=p95_hi,
-        mean_input_tokens=(v[IN_SUM] / s) if s > 0 else None,
-        mean_output_tokens=(v[OUT_SUM] / s) if s > 0 else None,
-        mean_cost=(v[COST_SUM] / n) if n > 0 else None,
-        since=regime.start if regime.detected is not None else None,
-        change=change,
+    return _new_summary(
+        n,
+        s,
+        window_samples,
+        (s / n) if n > 0 else None,
+        lower,
+        upper,
+        reject_upper,
+        keep_lower,
+        v[LAT_N],
+        p50,
+        p95,
+        p95_lo,
+        p95_hi,
+        (v[IN_SUM] / s) if s > 0 else None,
+        (v[OUT_SUM] / s) if s > 0 else None,
+        (v[COST_SUM] / n) if n > 0 else None,
+        regime.start if regime.detected is not None else None,
+        change,
     )
 
 

@@ -47,6 +47,7 @@ from attrs import define, field, frozen
 from ..records import CandidateEvaluation, ConstraintStatus, ModelTier
 from .book import EMPTY_SUMMARY, Arm, ArmSummary
 from .policy import COST, LATENCY, SUCCESS, Constraints, RoutingPolicy
+from .stats import positional_constructor
 
 __all__ = ["Context", "ModelFacts", "Verdict", "build_candidates", "judge", "select"]
 
@@ -96,6 +97,7 @@ class Verdict:
     const_no_input: float | None
     basis_no_input: str | None
     reasons: tuple[str, ...]
+    degraded: bool  # rejected, or its evidence restarted with a detected degradation
 
 
 def judge(
@@ -181,20 +183,24 @@ def judge(
     slope, const, basis, const_ni, basis_ni = _cost_terms(
         facts, summary, cons, prior_output_tokens or policy.prior_output_tokens
     )
-    return Verdict(
-        model=model,
-        facts=facts,
-        summary=summary,
-        success=success,
-        latency=latency,
-        code=code,
-        slope=slope,
-        const=const,
-        basis=basis,
-        const_no_input=const_ni,
-        basis_no_input=basis_ni,
-        reasons=tuple(reasons),
+    return _new_verdict(
+        model,
+        facts,
+        summary,
+        success,
+        latency,
+        code,
+        slope,
+        const,
+        basis,
+        const_ni,
+        basis_ni,
+        tuple(reasons),
+        code == 2 or (summary.change or "").startswith("degraded"),
     )
+
+
+_new_verdict: Final = positional_constructor(Verdict)
 
 
 def _cost_terms(
@@ -253,6 +259,7 @@ class Context:
     arms: list[Arm | None]
     arms_epoch: int
     verdicts: list[Verdict] = field(factory=list)
+    caches: list[dict[Any, CandidateEvaluation]] = field(factory=list)
     arm_versions: list[int] = field(factory=list)
     prior_version: int = -1
     on_prior: bool = False
@@ -338,10 +345,6 @@ def _plausible(v: Verdict, cons: Constraints, rng: random.Random, policy: Routin
     return True
 
 
-def _degraded(v: Verdict) -> bool:
-    return v.code == 2 or (v.summary.change or "").startswith("degraded")
-
-
 def select(
     ctx: Context,
     costs: Sequence[float | None],
@@ -376,7 +379,7 @@ def select(
         waits = ctx.waits
         for i in probeable if not explorable else (*explorable, *probeable):
             v = verdicts[i]
-            if not _degraded(v) or (
+            if not v.degraded or (
                 cheapest and (current is None or (c := costs[i]) is None or c >= current)
             ):
                 continue
@@ -406,7 +409,7 @@ def select(
         best_price = math.inf
         for i in explorable:
             v = verdicts[i]
-            if _degraded(v) or (
+            if v.degraded or (
                 cheapest and (current is None or (c := costs[i]) is None or c >= current)
             ):
                 continue
@@ -451,27 +454,79 @@ def select(
 # --------------------------------------------------------------------------- explanation
 
 
-def _candidate_builder() -> Callable[..., CandidateEvaluation]:
-    # A frozen slotted record built without its __init__: every value passed is of the
-    # field's converted type and within its bounds (Wilson bounds clipped to [0, 1],
-    # counts and latencies >= 0, mappings frozen, datetimes aware UTC).
-    names = [a.name for a in attrs.fields(CandidateEvaluation)]
-    setters = {n: CandidateEvaluation.__dict__[n].__set__ for n in names}
-    defaults: dict[str, Any] = {}
-    for a in attrs.fields(CandidateEvaluation):
-        default: Any = a.default
-        defaults[a.name] = default.factory() if isinstance(default, attrs.Factory) else default  # type: ignore[arg-type]
+_new_candidate: Final = positional_constructor(CandidateEvaluation)
+if tuple(a.name for a in attrs.fields(CandidateEvaluation)) != (
+    "model",
+    "provider",
+    "tier",
+    "sample_size",
+    "success_rate",
+    "success_rate_lower",
+    "success_rate_upper",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "expected_cost_usd",
+    "constraints",
+    "excluded",
+    "reasons",
+    "effective_sample_size",
+    "latency_p95_upper_ms",
+    "cost_basis",
+    "change",
+    "evidence_since",
+):  # pragma: no cover - guards _candidate's argument order against field changes
+    raise TypeError("CandidateEvaluation's fields changed: update routing.decide._candidate")
+_NO_STATUS: Final = MappingProxyType({})
 
-    def build(**values: Any) -> CandidateEvaluation:
-        obj = object.__new__(CandidateEvaluation)
-        for n in names:
-            setters[n](obj, values[n] if n in values else defaults[n])
-        return obj
 
-    return build
-
-
-_new_candidate: Final = _candidate_builder()
+def _candidate(
+    v: Verdict, cost: float | None, cons: Constraints, with_input: bool, blocked: bool
+) -> CandidateEvaluation:
+    s = v.summary
+    statuses: dict[str, ConstraintStatus] = {}
+    if v.success is not None:
+        statuses[SUCCESS] = v.success
+    if v.latency is not None:
+        statuses[LATENCY] = v.latency
+    reasons = list(v.reasons)
+    basis = v.basis if with_input else v.basis_no_input
+    max_cost = cons.max_cost
+    if max_cost is not None:
+        if cost is None:
+            statuses[COST] = UNPROVEN
+            reasons.append(
+                "cost: no estimate (strict mode needs input_tokens and max_tokens)"
+                if cons.strict_cost
+                else "cost: no estimate (no observations, and input_tokens/max_tokens not given)"
+            )
+        elif cost <= max_cost:
+            statuses[COST] = ELIGIBLE
+        else:
+            statuses[COST] = REJECTED
+            reasons.append(f"expected cost ${cost:.6f} ({basis}) > max ${max_cost:.6f}")
+    if blocked:
+        reasons.insert(0, CIRCUIT_OPEN)
+    facts = v.facts
+    return _new_candidate(
+        v.model,
+        facts.provider if facts is not None else None,
+        facts.tier if facts is not None else None,
+        s.window_samples,
+        s.success_rate,
+        s.lower,
+        s.upper,
+        s.p50,
+        s.p95,
+        cost,
+        MappingProxyType(statuses) if statuses else _NO_STATUS,
+        facts is None or blocked,
+        tuple(reasons),
+        s.samples,
+        s.p95_upper,
+        basis if cost is not None else None,
+        s.change,
+        datetime.fromtimestamp(s.since, UTC) if s.since is not None else None,
+    )
 
 
 def build_candidates(
@@ -480,61 +535,29 @@ def build_candidates(
     cons: Constraints,
     input_tokens: int | None,
     unavailable: Collection[str],
+    caches: Sequence[dict[Any, CandidateEvaluation]] | None = None,
 ) -> tuple[CandidateEvaluation, ...]:
-    """Every candidate of a decision, as the decision saw it (built when first read)."""
+    """
+    Every candidate of a decision, as the decision saw it (built when first read).
+
+    ``caches[i]`` (optional) holds candidates already built from ``verdicts[i]``, by
+    (cost, blocked, input_tokens given): a candidate is a function of those.
+    """
     out = []
-    max_cost = cons.max_cost
-    for v, cost in zip(verdicts, costs, strict=True):
-        s = v.summary
-        statuses: dict[str, ConstraintStatus] = {}
-        if v.success is not None:
-            statuses[SUCCESS] = v.success
-        if v.latency is not None:
-            statuses[LATENCY] = v.latency
-        reasons = list(v.reasons)
-        basis = v.basis if input_tokens is not None else v.basis_no_input
-        if max_cost is not None:
-            if cost is None:
-                statuses[COST] = UNPROVEN
-                reasons.append(
-                    "cost: no estimate (strict mode needs input_tokens and max_tokens)"
-                    if cons.strict_cost
-                    else "cost: no estimate (no observations, and input_tokens/max_tokens "
-                    "not given)"
-                )
-            elif cost <= max_cost:
-                statuses[COST] = ELIGIBLE
-            else:
-                statuses[COST] = REJECTED
-                reasons.append(f"expected cost ${cost:.6f} ({basis}) > max ${max_cost:.6f}")
-        excluded = v.facts is None or v.model in unavailable
-        if v.model in unavailable:
-            reasons.insert(0, CIRCUIT_OPEN)
-        facts = v.facts
-        out.append(
-            _new_candidate(
-                model=v.model,
-                provider=facts.provider if facts is not None else None,
-                tier=facts.tier if facts is not None else None,
-                sample_size=s.window_samples,
-                success_rate=s.success_rate,
-                success_rate_lower=s.lower,
-                success_rate_upper=s.upper,
-                latency_p50_ms=s.p50,
-                latency_p95_ms=s.p95,
-                expected_cost_usd=cost,
-                constraints=MappingProxyType(statuses),
-                excluded=excluded,
-                reasons=tuple(reasons),
-                effective_sample_size=s.samples,
-                latency_p95_upper_ms=s.p95_upper,
-                cost_basis=basis if cost is not None else None,
-                change=s.change,
-                evidence_since=(
-                    datetime.fromtimestamp(s.since, UTC) if s.since is not None else None
-                ),
-            )
-        )
+    with_input = input_tokens is not None
+    for i, (v, cost) in enumerate(zip(verdicts, costs, strict=True)):
+        blocked = v.model in unavailable
+        if caches is None:
+            out.append(_candidate(v, cost, cons, with_input, blocked))
+            continue
+        cache = caches[i]
+        key = (cost, blocked, with_input)
+        c = cache.get(key)
+        if c is None:
+            if len(cache) >= 16:
+                cache.clear()
+            c = cache[key] = _candidate(v, cost, cons, with_input, blocked)
+        out.append(c)
     return tuple(out)
 
 
