@@ -374,10 +374,12 @@ class Arm:
             _add(self.cur, v)
         return True
 
-    def _segment(self, start: int) -> list[float]:
+    def _segment(self, start: int, through: int | None = None) -> list[float]:
+        # sums of the buckets from ``start`` (to ``through``, else to the end)
         out = _zeros()
         data = self.data
-        for t in self.starts[self._pos(start) :]:
+        stop = None if through is None else self._pos(through) + 1
+        for t in self.starts[self._pos(start) : stop]:
             _add(out, data[t])
         return out
 
@@ -455,9 +457,10 @@ class Arm:
             start, kind = alarm
             segment = self._segment(start)
             if start <= regime.start:
-                # a restored regime that did not hold: it is replaced, not closed
-                regimes.pop()
+                # a restored regime that did not hold: superseded from its own start, so
+                # all it holds before that start is the evidence it restored
                 before = regime.base
+                regime.closed = list(before) if before is not None else _zeros()
                 before_rate = (
                     before[SUCCESSES] / before[SAMPLES] if before and before[SAMPLES] else None
                 )
@@ -467,7 +470,9 @@ class Arm:
                 regime.closed = closed
                 before_rate = closed[SUCCESSES] / closed[SAMPLES] if closed[SAMPLES] else None
             new = Regime(start=start, detected=t, kind=kind, before_rate=before_rate)
-            self._restore(new, segment)
+            # judged on the buckets up to this one only, so that the decision does not
+            # depend on how many later buckets had arrived when it was made
+            self._restore(new, self._segment(start, t))
             if new.base is not None:
                 _add(segment, new.base)
             self.cur = segment

@@ -1,0 +1,342 @@
+"""
+The router's evidence and promise: buckets, the change test, verdicts that do not
+depend on how the evidence arrived, exploration with a budget, explanations.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+
+import pytest
+
+from empathy_models import (
+    AdaptiveModelRouter,
+    LLMCallRecord,
+    MemoryTelemetryBackend,
+    ModelInfo,
+    ModelRegistry,
+    ModelStats,
+    Outcome,
+    RoutingDecision,
+    RoutingPolicy,
+    RoutingStats,
+    wilson_interval,
+)
+from empathy_models.evidence import rollup
+from empathy_models.routing.book import Arm, ChangeTest
+from empathy_models.routing.stats import bucket_sums, wilson_bounds
+from empathy_models.testing.clock import FakeClock
+
+WF, ST = "docs", "outline"
+# (id, input price per Mtok): output price is four times it
+MODELS = [("nano", 0.1), ("mini", 0.4), ("small", 1.0), ("mid", 3.0)]
+ASK: dict[str, object] = {
+    "candidates": [m for m, _ in MODELS],
+    "input_tokens": 500,
+    "max_tokens": 400,
+    "min_success_rate": 0.95,
+}
+
+
+def registry() -> ModelRegistry:
+    return ModelRegistry(
+        models=tuple(
+            ModelInfo(
+                id=m,
+                provider="openai",
+                tier="cheap",
+                input_price_per_mtok=p,
+                output_price_per_mtok=4 * p,
+                context_window=64_000,
+                max_output_tokens=4096,
+            )
+            for m, p in MODELS
+        ),
+        price_version="evidence-test",
+    )
+
+
+def rec(ts: float, model: str, ok: bool, *, output_tokens: int = 100) -> LLMCallRecord:
+    return LLMCallRecord(
+        provider="openai",
+        model=model,
+        outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
+        timestamp=datetime.fromtimestamp(ts, UTC),
+        workflow=WF,
+        stage=ST,
+        input_tokens=500,
+        output_tokens=output_tokens if ok else 0,
+        cost_usd=0.0001,
+        latency_ms=100.0 + (ts % 7),
+    )
+
+
+def outcomes(rate: float, n: int, rng: random.Random) -> list[bool]:
+    return [rng.random() < rate for _ in range(n)]
+
+
+def feed_arm(arm: Arm, start: float, oks: list[bool], step: float = 1.0) -> float:
+    t = start
+    for ok in oks:
+        arm.add(t, ok, 100.0, 500, 100 if ok else 0, 0.0001)
+        t += step
+    return t
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize(
+    ("s", "n", "lo", "hi"),
+    [
+        (1, 1, 0.207, 1.000),
+        (9, 10, 0.596, 0.982),
+        (45, 50, 0.786, 0.957),
+        (99, 100, 0.946, 0.998),
+        (950, 1000, 0.935, 0.962),
+    ],
+)
+def test_wilson_bounds_match_the_worked_table(s: int, n: int, lo: float, hi: float) -> None:
+    got = wilson_bounds(s, n)
+    assert got == pytest.approx((lo, hi), abs=1e-3)
+    assert got == pytest.approx(wilson_interval(s, n))
+
+
+# --------------------------------------------------------------------------- the book
+
+
+def test_live_outcomes_and_stored_buckets_give_the_same_regimes_and_summary() -> None:
+    rng = random.Random(3)
+    oks = outcomes(0.99, 1500, rng) + outcomes(0.8, 200, rng) + outcomes(0.99, 600, rng)
+    records = [rec(1_000_000.0 + i, "nano", ok) for i, ok in enumerate(oks)]
+    live = Arm(test=ChangeTest())
+    for r in records:
+        ts = r.timestamp.timestamp()
+        ok = r.outcome is Outcome.SUCCESS
+        live.add(ts, ok, r.latency_ms, r.input_tokens, r.output_tokens, r.cost_usd)
+    stored = Arm(test=ChangeTest())
+    stored.apply((int(b.bucket_start.timestamp()), bucket_sums(b)) for b in rollup(records))
+    assert [(r.start, r.kind) for r in live.regimes] == [(r.start, r.kind) for r in stored.regimes]
+    assert len(live.regimes) >= 2  # the drop was detected
+    a = live.summarize(1.96, 3.0, 1.0)
+    b = stored.summarize(1.96, 3.0, 1.0)
+    assert (a.samples, a.successes, a.window_samples) == (b.samples, b.successes, b.window_samples)
+    assert a.lower == pytest.approx(b.lower) and a.p95 == pytest.approx(b.p95)
+
+
+def test_a_stationary_arm_accumulates_evidence_without_a_cap() -> None:
+    rng = random.Random(1)
+    arm = Arm(test=ChangeTest())
+    feed_arm(arm, 0.0, outcomes(0.93, 6000, rng))
+    s = arm.summarize(1.96, 3.0, 1.0)
+    # with a half-life this arm could never be decided against 0.95; here it is
+    assert s.samples >= 3000
+    assert s.reject_upper < 0.95
+
+
+def test_a_drop_from_99_to_80_percent_is_detected_within_50_calls() -> None:
+    for seed in range(5):
+        rng = random.Random(seed)
+        arm = Arm(test=ChangeTest())
+        t = feed_arm(arm, 0.0, outcomes(0.99, 3000, rng))
+        before = len(arm.regimes)
+        calls = 0
+        while len(arm.regimes) == before or arm.regimes[-1].kind != "degraded":
+            t = feed_arm(arm, t, [rng.random() < 0.8])
+            calls += 1
+            assert calls <= 50, f"seed {seed}: not detected after 50 calls"
+        summary = arm.summarize(1.96, 3.0, 1.0)
+        assert summary.change is not None and summary.change.startswith("degraded")
+        assert summary.samples < 400  # the old evidence (3,000 calls) is set aside
+
+
+def test_a_recovery_to_the_old_rate_restores_the_old_evidence() -> None:
+    rng = random.Random(2)
+    arm = Arm(test=ChangeTest())
+    t = feed_arm(arm, 0.0, outcomes(0.99, 3000, rng))
+    t = feed_arm(arm, t, outcomes(0.8, 100, rng))
+    assert arm.regimes[-1].kind == "degraded"
+    feed_arm(arm, t, [True] * 40)
+    summary = arm.summarize(1.96, 3.0, 1.0)
+    assert arm.regimes[-1].kind == "improved" and arm.regimes[-1].restored is not None
+    assert summary.samples > 2000 and summary.lower >= 0.95
+
+
+# --------------------------------------------------------------------------- the router
+
+
+async def fill(
+    store: MemoryTelemetryBackend,
+    clock: FakeClock,
+    router: AdaptiveModelRouter | None,
+    plan: list[tuple[str, float, int]],
+    rng: random.Random,
+) -> None:
+    for model, rate, n in plan:
+        for _ in range(n):
+            clock.advance(1.0)
+            r = rec(clock(), model, rng.random() < rate)
+            await store.record(r)
+            if router is not None:
+                router.record_outcome(r)
+
+
+def view(d: RoutingDecision) -> dict[str, object]:
+    return {
+        "model": d.model,
+        "exploration": d.exploration,
+        "candidates": [
+            (c.model, c.status.value, c.sample_size, round(c.effective_sample_size or 0, 6))
+            for c in d.candidates
+        ],
+    }
+
+
+async def test_live_refreshed_and_restarted_routers_reach_the_same_verdicts() -> None:
+    clock = FakeClock()
+    store = MemoryTelemetryBackend()
+    policy = RoutingPolicy(explore_rate=0.0)
+    rng = random.Random(5)
+    plan = [("nano", 0.99, 1500), ("nano", 0.7, 150), ("mini", 0.995, 600), ("small", 0.9, 200)]
+    async with AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=1, clock=clock, refresh_interval=None
+    ) as live:
+        await fill(store, clock, live, plan, rng)
+        clock.advance(5.0)
+        first = view(live.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+        assert await live.refresh()
+        refreshed = view(live.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+    async with AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=2, clock=clock, refresh_interval=None
+    ) as fresh:
+        restarted = view(fresh.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+    assert first == refreshed == restarted
+    assert first["model"] == "mini" and not first["exploration"]
+
+
+async def test_two_routers_on_one_store_agree_after_one_refresh() -> None:
+    clock = FakeClock()
+    store = MemoryTelemetryBackend()
+    policy = RoutingPolicy(explore_rate=0.0)
+    rng = random.Random(8)
+    a = AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=1, clock=clock, refresh_interval=None
+    )
+    b = AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=2, clock=clock, refresh_interval=None
+    )
+    async with a, b:
+        half = [("nano", 0.6, 300), ("mini", 0.995, 400)]
+        await fill(store, clock, a, half, rng)  # a serves these calls
+        await fill(store, clock, b, [("small", 0.99, 300)], rng)  # b serves these
+        assert view(a.get_best_model(WF, ST, **ASK)) != view(b.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+        await a.refresh()
+        await b.refresh()
+        assert view(a.get_best_model(WF, ST, **ASK)) == view(b.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+
+
+async def test_a_refresh_reads_only_what_changed() -> None:
+    clock = FakeClock()
+    store = MemoryTelemetryBackend()
+    rng = random.Random(9)
+    await fill(store, clock, None, [("mini", 0.99, 2000)], rng)
+    async with AdaptiveModelRouter(registry(), store, clock=clock, refresh_interval=None) as router:
+        arm = next(iter(router._arms.values()))
+        version = arm.version
+        clock.advance(60.0)
+        assert await router.refresh()
+        assert arm.version == version  # nothing new: nothing re-applied
+        batch = await store.evidence(after_version=router._version)
+        assert batch.buckets == ()
+
+
+def test_a_degraded_model_loses_its_traffic_and_the_decision_says_why() -> None:
+    clock = FakeClock()
+    router = AdaptiveModelRouter(
+        registry(), clock=clock, seed=3, policy=RoutingPolicy(explore_rate=0.0)
+    )
+    rng = random.Random(4)
+    for model, rate, n in [("nano", 0.995, 2000), ("mini", 0.995, 400)]:
+        for _ in range(n):
+            clock.advance(1.0)
+            router.record_outcome(rec(clock(), model, rng.random() < rate))
+    assert router.get_best_model(WF, ST, **ASK).model == "nano"  # type: ignore[arg-type]
+    served = 0
+    decision = None
+    while True:
+        decision = router.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]
+        if decision.model != "nano":
+            break
+        served += 1
+        clock.advance(1.0)
+        router.record_outcome(rec(clock(), "nano", rng.random() < 0.8))
+    assert served <= 50
+    assert decision.model == "mini" and decision.change is not None
+    assert "acting on a detected change" in decision.reason and "nano" in decision.change
+    nano = {c.model: c for c in decision.candidates}["nano"]
+    assert nano.change is not None and nano.evidence_since is not None
+
+
+def test_exploration_after_warm_up_stays_within_its_budget() -> None:
+    clock = FakeClock()
+    router = AdaptiveModelRouter(registry(), clock=clock, seed=5)
+    rng = random.Random(6)
+    truth = {"nano": 0.93, "mini": 0.99, "small": 0.99, "mid": 0.999}
+    explored = 0
+    for i in range(6000):
+        d = router.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]
+        if i >= 1000:
+            explored += d.exploration
+        clock.advance(1.0)
+        router.record_outcome(rec(clock(), d.model, rng.random() < truth[d.model]))
+    assert explored / 5000 < 0.01
+    assert router.get_best_model(WF, ST, **ASK).model == "mini"  # type: ignore[arg-type]
+
+
+def test_untried_models_are_costed_on_the_stage_not_the_worst_case() -> None:
+    clock = FakeClock()
+    router = AdaptiveModelRouter(registry(), clock=clock, seed=1)
+    for _ in range(50):
+        clock.advance(1.0)
+        router.record_outcome(rec(clock(), "nano", True, output_tokens=100))
+    # small's worst case (500 in + 400 out) is $0.0021; its expected cost fits $0.001
+    ask = {**ASK, "max_cost": 0.001}
+    d = router.get_best_model(WF, ST, **ask)  # type: ignore[arg-type]
+    small = {c.model: c for c in d.candidates}["small"]
+    assert small.cost_basis == "prior" and small.expected_cost_usd == pytest.approx(0.0009)
+    assert small.constraints["max_cost"].value == "eligible"
+    strict = router.get_best_model(WF, ST, strict_cost=True, **ask)  # type: ignore[arg-type]
+    small = {c.model: c for c in strict.candidates}["small"]
+    assert small.cost_basis == "worst_case" and small.constraints["max_cost"].value == "rejected"
+
+
+def test_an_eligible_model_near_the_limit_does_not_flap() -> None:
+    clock = FakeClock()
+    router = AdaptiveModelRouter(
+        registry(), clock=clock, seed=1, policy=RoutingPolicy(explore_rate=0.0)
+    )
+    for i in range(300):
+        clock.advance(1.0)
+        router.record_outcome(rec(clock(), "mini", True))
+    ask = {**ASK, "candidates": ["mini"], "min_success_rate": 0.975}
+    assert router.get_best_model(WF, ST, **ask).constraints_met  # type: ignore[arg-type]
+    # a few failures pull the 95% lower bound under 0.975, but not the hysteresis bound
+    for _ in range(3):
+        clock.advance(1.0)
+        router.record_outcome(rec(clock(), "mini", False))
+    d = router.get_best_model(WF, ST, **ask)  # type: ignore[arg-type]
+    mini = d.candidates[0]
+    assert mini.success_rate_lower < 0.975 and d.constraints_met
+
+
+async def test_routing_stats_are_a_typed_record() -> None:
+    clock = FakeClock()
+    store = MemoryTelemetryBackend()
+    await fill(store, clock, None, [("mini", 1.0, 20)], random.Random(0))
+    async with AdaptiveModelRouter(registry(), store, clock=clock, refresh_interval=None) as r:
+        stats = await r.get_routing_stats(WF, ST)
+    assert isinstance(stats, RoutingStats) and stats.total_calls == 20
+    mini = stats.performance_by_model["mini"]
+    assert isinstance(mini, ModelStats) and mini.calls == 20 and mini.success_rate == 1.0
+    assert stats.to_dict()["performance_by_model"]["mini"]["calls"] == 20
