@@ -316,7 +316,7 @@ def test_an_eligible_model_near_the_limit_does_not_flap() -> None:
     router = AdaptiveModelRouter(
         registry(), clock=clock, seed=1, policy=RoutingPolicy(explore_rate=0.0)
     )
-    for i in range(300):
+    for _ in range(300):
         clock.advance(1.0)
         router.record_outcome(rec(clock(), "mini", True))
     ask = {**ASK, "candidates": ["mini"], "min_success_rate": 0.975}
