@@ -247,6 +247,10 @@ async def main_async(seeds: int) -> dict[str, Any]:
         cost.append(run.cost / run.oracle_cost)
         viol.append(violation_share(run))
         expl.append(sum(run.explored[WARM_UP:]) / (len(run.picks) - WARM_UP))
+        print(
+            f"  seed {seed}: cost {cost[-1]:.3f}, violations {viol[-1]:.4f}, "
+            f"exploration {expl[-1]:.4f}"
+        )
     print(
         f"stationary: cost/oracle {summary(cost)}; violations after warm-up {summary(viol)}; "
         f"exploration after warm-up {summary(expl)}"

@@ -47,7 +47,7 @@ from attrs import define, field, frozen
 from ..records import CandidateEvaluation, ConstraintStatus, ModelTier
 from .book import EMPTY_SUMMARY, Arm, ArmSummary
 from .policy import COST, LATENCY, SUCCESS, Constraints, RoutingPolicy
-from .stats import positional_constructor
+from .stats import positional_constructor, wilson_bounds
 
 __all__ = ["Context", "ModelFacts", "Verdict", "build_candidates", "judge", "select"]
 
@@ -401,6 +401,33 @@ def select(
                     True,
                     "re-probe: measuring a rejected or degraded model that would be cheaper",
                 )
+        # warm-up: a cheaper challenger with little evidence that a draw finds
+        # compliant is explored freely, so it is proven (or ruled out) early; this
+        # spends at most warmup_calls calls per challenger
+        if explorable and rng.random() < policy.warmup_share:
+            young = [
+                i
+                for i in explorable
+                if not verdicts[i].degraded
+                and verdicts[i].summary.samples < policy.warmup_calls
+                and (
+                    not cheapest
+                    or (current is not None and (c := costs[i]) is not None and c < current)
+                )
+            ]
+            young.sort(key=lambda i: (costs[i] or 0.0, ctx.models[i]))
+            min_sr = ctx.cons.min_success_rate
+            for i in young:
+                s = verdicts[i].summary
+                if min_sr is not None and wilson_bounds(s.successes, s.samples, 1.0)[1] < min_sr:
+                    continue  # more likely than not below the limit already
+                if _plausible(verdicts[i], ctx.cons, rng, policy):
+                    return (
+                        i,
+                        True,
+                        "warm-up: measuring a cheaper model a draw from its evidence finds "
+                        "compliant",
+                    )
         tokens = ctx.tokens + rate
         ctx.tokens = tokens = tokens if tokens < policy.explore_burst else policy.explore_burst
         if tokens < 1.0:

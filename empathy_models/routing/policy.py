@@ -123,7 +123,10 @@ class RoutingPolicy:
       halved after each success of it in a row (down to ``reprobe_min``), so a
       recovery is found within a few hundred decisions while a model that keeps
       failing costs ~1% of them.
-      ``0`` disables exploration once something is proven.  While nothing is proven,
+      ``0`` disables exploration once something is proven.  Before that budget
+      applies, a cheaper candidate with fewer than ``warmup_calls`` (default 200) calls
+      of evidence that a draw from its evidence finds compliant gets ``warmup_share``
+      (default half) of the decisions, so it is proven or ruled out early.  While nothing is proven,
       every decision explores: among the candidates that could still meet the
       constraints, the cheapest one that a random draw from its evidence finds
       compliant (Thompson sampling), so cheap near-misses do not take every call.
@@ -150,6 +153,8 @@ class RoutingPolicy:
     cost_tie_tolerance: float = field(default=0.05, validator=_check_non_negative)
     explore_rate: float = field(default=0.005, validator=_check_unit)
     explore_burst: float = field(default=10.0, validator=_check_at_least_one)
+    warmup_calls: float = field(default=200.0, validator=_check_non_negative)
+    warmup_share: float = field(default=0.5, validator=_check_unit)
     explore_half: float = field(default=50.0, validator=_check_positive)
     reprobe_interval: float = field(default=200.0, validator=_check_at_least_one)
     reprobe_min: float = field(default=4.0, validator=_check_at_least_one)
