@@ -250,8 +250,8 @@ async def test_routing_stats_right_after_calls_see_them(tmp_path: Path) -> None:
         ):
             await executor.run("hello", ExecutionContext(workflow="w", stage="s", tier="cheap"))
             stats = await router.get_routing_stats("w")
-    assert stats["telemetry"] == "ok"
-    assert stats["total_calls"] == 1
+    assert stats.telemetry == "ok"
+    assert stats.total_calls == 1
 
 
 async def test_without_a_file_the_executor_writes_where_the_cli_reads(

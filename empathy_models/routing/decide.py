@@ -503,7 +503,7 @@ if tuple(a.name for a in attrs.fields(CandidateEvaluation)) != (
     "evidence_since",
 ):  # pragma: no cover - guards _candidate's argument order against field changes
     raise TypeError("CandidateEvaluation's fields changed: update routing.decide._candidate")
-_NO_STATUS: Final = MappingProxyType({})
+_NO_STATUS: Final[MappingProxyType[str, ConstraintStatus]] = MappingProxyType({})
 
 
 def _candidate(
