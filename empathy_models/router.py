@@ -33,7 +33,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import TracebackType
@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Final, Self
 import attrs
 
 from .abc import TelemetryBackend
-from .evidence import rollup
+from .evidence import EvidenceBucket, rollup
 from .exceptions import ConfigurationError, NoModelMeetsConstraintsError
 from .records import LLMCallRecord, ModelTier, Outcome, RoutingDecision
 from .registry import ModelRegistry
@@ -342,7 +342,7 @@ class AdaptiveModelRouter:
             since = _window_start(cutoff, self.policy.window_days)
             try:
                 await store.flush()
-                buckets, version = await self._read(store, since)
+                by_arm, version = await self._read(store, since)
             except Exception as exc:
                 self.refresh_errors += 1
                 logger.warning(
@@ -352,9 +352,6 @@ class AdaptiveModelRouter:
                     exc,
                 )
                 return False
-            by_arm: dict[_ArmKey, list[tuple[int, list[float]]]] = {}
-            for (bwf, bst, bmodel), t, sums in buckets:
-                by_arm.setdefault((bwf or None, bst or None, bmodel), []).append((t, sums))
             for key in by_arm:
                 if key not in self._arms:
                     self._arms[key] = Arm(test=self._test)
@@ -377,13 +374,17 @@ class AdaptiveModelRouter:
             self._version = version
             self._cutoff = cutoff
             self.last_refresh = cutoff
-            logger.debug("router refreshed %d buckets from %r", len(buckets), store)
+            logger.debug(
+                "router refreshed %d buckets from %r", sum(map(len, by_arm.values())), store
+            )
             return True
 
     async def _read(
         self, store: TelemetryBackend, since: datetime
-    ) -> tuple[list[tuple[_ArmKey, int, list[float]]], int]:
-        # the changed buckets as (arm, bucket start, sums), and the version to ask after
+    ) -> tuple[dict[_ArmKey, list[tuple[int, list[float]]]], int]:
+        # the changed buckets per arm as (bucket start, sums), and the version to ask after
+        buckets: Iterable[EvidenceBucket]
+        version = 0
         if self._rollups:
             try:
                 batch = await store.evidence(since=since, after_version=self._version)
@@ -395,25 +396,17 @@ class AdaptiveModelRouter:
                     store,
                 )
             else:
-                return (
-                    [
-                        (
-                            (b.workflow, b.stage, b.model),
-                            int(b.bucket_start.timestamp()),
-                            bucket_sums(b),
-                        )
-                        for b in batch.buckets
-                    ],
-                    batch.version,
-                )
-        records = await store.recent(limit=_RECENT_FALLBACK_LIMIT, since=since)
-        return (
-            [
-                ((b.workflow, b.stage, b.model), int(b.bucket_start.timestamp()), bucket_sums(b))
-                for b in rollup(records)
-            ],
-            0,
-        )
+                buckets, version = batch.buckets, batch.version
+        if not self._rollups:
+            buckets = rollup(await store.recent(limit=_RECENT_FALLBACK_LIMIT, since=since))
+        by_arm: dict[_ArmKey, list[tuple[int, list[float]]]] = {}
+        for b in buckets:
+            key = (b.workflow or None, b.stage or None, b.model)
+            rows = by_arm.get(key)
+            if rows is None:
+                rows = by_arm[key] = []
+            rows.append((int(b.bucket_start.timestamp()), bucket_sums(b)))
+        return by_arm, version
 
     async def _seed_rings(self) -> None:
         # One ``recent`` call per workflow stage with evidence (and one per workflow for

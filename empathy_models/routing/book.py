@@ -292,6 +292,9 @@ class Arm:
         self.saved.clear()
         if not changed:
             return
+        if not self.starts:
+            self._load(changed)
+            return
         first: int | None = None
         for t in sorted(changed):
             if self._replace(t, changed[t]) and (first is None or t < first):
@@ -299,6 +302,29 @@ class Arm:
         if first is not None:
             self.version += 1
             self._rerun(self._pos(first))
+
+    def _load(self, buckets: dict[int, list[float] | None]) -> None:
+        # an empty arm's first buckets (start-up): built in one pass, tested once
+        rows = sorted((t, v) for t, v in buckets.items() if v is not None)
+        if not rows:
+            return
+        n = len(rows)
+        self.starts = [t for t, _ in rows]
+        self.data = dict(rows)
+        cur = _zeros()
+        window_n = 0
+        for _, v in rows:
+            for k in range(WIDTH):
+                cur[k] += v[k]
+            window_n += int(v[SAMPLES])
+        self.cur = cur
+        self.window_n = window_n
+        zeros = bytes(8 * n)
+        self.cum_n, self.cum_f = array("d", zeros), array("d", zeros)
+        self.up, self.dn = array("d", zeros), array("d", zeros)
+        self.up_from, self.dn_from = array("q", zeros), array("q", zeros)
+        self.version += 1
+        self._rerun(0)
 
     def expire(self, before: int) -> None:
         """Drop buckets that start before ``before`` (the window's start)."""
@@ -402,6 +428,8 @@ class Arm:
             j = min(j, self._pos(dropped.start))
         test = self.test
         h = test.threshold
+        rates: list[float] = []
+        rates_of: Regime | None = None
         data = self.data
         cum_n, cum_f, up_a, dn_a = self.cum_n, self.cum_f, self.up, self.dn
         up_from, dn_from = self.up_from, self.dn_from
@@ -428,7 +456,9 @@ class Arm:
                 q = (f0 + 0.5) / (n0 + 1.0)
                 q = q if q > test.min_rate else test.min_rate
                 q_up = min(0.5, max(q * test.degrade_ratio, q + test.degrade_step))
-                q_dn, h_dn = self._improve_target(q)
+                if rates_of is not regime:
+                    rates, rates_of = self._earlier_rates(), regime
+                q_dn, h_dn = self._improve_target(q, rates)
                 if q_up > q:
                     u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
                 if q_dn < q:
@@ -479,22 +509,30 @@ class Arm:
             regimes.append(new)
             j = self._pos(start)
 
-    def _improve_target(self, q: float) -> tuple[float, float]:
+    def _improve_target(self, q: float, rates: list[float]) -> tuple[float, float]:
         # The failure rate an improvement is tested against, and the threshold: going
-        # back to an earlier, clearly better regime's rate needs less evidence (that
-        # regime's evidence is then restored, and the degradation test undoes a wrong
-        # restore); otherwise a fixed ratio below the current rate.
+        # back to an earlier, clearly better regime's rate (``rates``: those of the
+        # earlier regimes, oldest first) needs less evidence (that regime's evidence is
+        # then restored, and the degradation test undoes a wrong restore); otherwise a
+        # fixed ratio below the current rate.
         test = self.test
         target = q / test.improve_ratio
         threshold = test.threshold
+        limit = q / 1.5
+        for qr in rates:
+            if qr < limit:
+                threshold = test.restore_threshold
+                target = qr
+        return target, threshold
+
+    def _earlier_rates(self) -> list[float]:
+        # failure rates (Jeffreys) of the closed regimes with enough evidence
+        out = []
         for r in self.regimes[:-1]:
             c = r.closed
-            if c is not None and c[SAMPLES] >= test.min_samples:
-                qr = (c[SAMPLES] - c[SUCCESSES] + 0.5) / (c[SAMPLES] + 1.0)
-                if qr < q / 1.5:
-                    threshold = test.restore_threshold
-                    target = qr
-        return target, threshold
+            if c is not None and c[SAMPLES] >= self.test.min_samples:
+                out.append((c[SAMPLES] - c[SUCCESSES] + 0.5) / (c[SAMPLES] + 1.0))
+        return out
 
     def _restore(self, new: Regime, segment: list[float]) -> None:
         # the most recent earlier regime (before the one just left) whose rate is

@@ -51,15 +51,15 @@ P95_Z: Final = 1.6448536269514722  # standard normal quantile of 0.95
 
 
 def bucket_sums(b: EvidenceBucket) -> list[float]:
-    """The sum vector of a stored bucket."""
+    """The sum vector of a stored bucket (counts stay ints: no new objects but the list)."""
     return [
-        float(b.samples),
-        float(b.successes),
-        float(b.latency_n),
+        b.samples,
+        b.successes,
+        b.latency_n,
         b.latency_log_sum,
         b.latency_log_sq_sum,
-        float(b.input_tokens),
-        float(b.output_tokens),
+        b.input_tokens,
+        b.output_tokens,
         b.cost_usd,
     ]
 
