@@ -117,6 +117,10 @@ def _opt_int(name: str, value: object) -> int | None:
     return value
 
 
+def _limits(c: Constraints) -> tuple[float | None, float | None, float | None, bool, int | None]:
+    return (c.min_success_rate, c.max_latency_ms, c.max_cost, c.strict_cost, c.max_tokens)
+
+
 _DECISION_FIELDS: Final = tuple(
     (RoutingDecision.__dict__[a.name].__set__, a.name)
     for a in attrs.fields(RoutingDecision)
@@ -535,11 +539,18 @@ class AdaptiveModelRouter:
         return facts
 
     def _context(
-        self, workflow: str | None, stage: str | None, names: tuple[str, ...], cons: Constraints
+        self,
+        workflow: str | None,
+        stage: str | None,
+        names: tuple[str, ...],
+        limits: tuple[float | None, float | None, float | None, bool, int | None],
     ) -> Context:
-        key = (workflow, stage, names, cons)
+        # ``limits``: the fields of the decision's `Constraints`, as a plain tuple (a
+        # cheaper key than the record, which is built only with a new context)
+        key = (workflow, stage, names, limits)
         ctx = self._contexts.get(key)
         if ctx is None:
+            cons = Constraints(*limits)
             models: list[str] = []
             seen: set[str] = set()
             for model in names:
@@ -750,10 +761,10 @@ class AdaptiveModelRouter:
             blocked = unavailable
         else:
             blocked = frozenset(unavailable)
-        cons = Constraints(min_success_rate, max_latency_ms, max_cost, strict_cost, max_tokens)
+        limits = (min_success_rate, max_latency_ms, max_cost, strict_cost, max_tokens)
         wf = workflow or None
         try:
-            ctx = self._context(wf, stage or None, names, cons)
+            ctx = self._context(wf, stage or None, names, limits)
         except TypeError:  # an unhashable candidate id
             raise ConfigurationError(
                 f"candidate model ids must be non-empty strings, got {names!r}"
@@ -882,7 +893,7 @@ class AdaptiveModelRouter:
                     continue
                 active = active.without(name)
                 relaxed.append(name)
-                loose = self._context(wf, st, names, active)
+                loose = self._context(wf, st, names, _limits(active))
                 lcosts, el, ex, pr = self._classify(loose, input_tokens, blocked)
                 picked = select(loose, lcosts, el, ex, pr, self._rng, self.policy, budget=False)
                 if picked is None:
@@ -931,7 +942,7 @@ class AdaptiveModelRouter:
         elif pinned is not None:
             view = ctx
             if pinned not in ctx.models:
-                view = self._context(wf, st, (*ctx.models, pinned), cons)
+                view = self._context(wf, st, (*ctx.models, pinned), _limits(cons))
                 costs = self._classify(view, input_tokens, blocked)[0]
             index = view.models.index(pinned)
             if pinned in blocked:
