@@ -39,6 +39,14 @@ REDIS_URL_ENV = "EMPATHY_TEST_REDIS_URL"
 POSTGRES_DSN_ENV = "EMPATHY_TEST_POSTGRES_DSN"
 
 
+@pytest.fixture(autouse=True)
+def empathy_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own ``$EMPATHY_HOME`` (telemetry spools)."""
+    home = tmp_path / "empathy-home"
+    monkeypatch.setenv("EMPATHY_HOME", str(home))
+    return home
+
+
 def _with_query(url: str, **params: str) -> str:
     sep = "&" if "?" in url else "?"
     return url + sep + "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())

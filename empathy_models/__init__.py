@@ -85,6 +85,7 @@ from .exceptions import (
     ServerError as ServerError,
     StateStoreError as StateStoreError,
     TelemetryError as TelemetryError,
+    TelemetryRejectedError as TelemetryRejectedError,
 )
 from .executor import (
     AttemptSummary as AttemptSummary,
@@ -208,6 +209,7 @@ __all__ = [
     "TelemetryBackend",
     "TelemetryDisabledWarning",
     "TelemetryError",
+    "TelemetryRejectedError",
     "Ticket",
     "TierRecommendation",
     "TransactionalStateStore",

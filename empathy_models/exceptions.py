@@ -26,6 +26,7 @@ bad input a `ValueError`)::
     ├── AllRoutesFailedError (ExceptionGroup)    every candidate failed; one error per attempt
     └── BackendError                             a telemetry or state-store backend failed
         ├── TelemetryError
+        │   └── TelemetryRejectedError (ValueError) records refused for a value they hold
         ├── StateStoreError
         ├── BackendClosedError                   used after aclose()
         └── SchemaVersionError                   a database written by a newer version
@@ -67,6 +68,7 @@ __all__ = [
     "ServerError",
     "StateStoreError",
     "TelemetryError",
+    "TelemetryRejectedError",
 ]
 
 
@@ -288,6 +290,15 @@ class BackendError(EmpathyModelsError):
 
 class TelemetryError(BackendError):
     """A telemetry backend could not store or read records."""
+
+
+class TelemetryRejectedError(TelemetryError, ValueError):
+    """
+    The store refused records for what they hold (a value it cannot store).
+
+    Retrying the same records cannot help; the batching engine stores the others and
+    retries the refused one with its values escaped or clamped.
+    """
 
 
 class StateStoreError(BackendError):

@@ -197,14 +197,30 @@ def _bad(owner: str, attribute: attrs.Attribute[Any], value: object, why: str) -
     return ConfigurationError(f"{owner}.{attribute.name} {why}, got {value!r}")
 
 
+def _text_flaw(value: str) -> str | None:
+    """Why ``value`` cannot be stored as text (a NUL, a lone surrogate), or None."""
+    if "\x00" in value:
+        return "must not contain a NUL character"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must be valid text (it holds a lone surrogate)"
+    return None
+
+
 def _ctx_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str) or not value.strip():
         raise _bad("ExecutionContext", attribute, value, "must be a non-empty string")
+    if (flaw := _text_flaw(value)) is not None:
+        raise _bad("ExecutionContext", attribute, value, flaw)
 
 
 def _ctx_opt_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None and not isinstance(value, str):
         raise _bad("ExecutionContext", attribute, value, "must be a string or None")
+    if value is not None and (flaw := _text_flaw(value)) is not None:
+        raise _bad("ExecutionContext", attribute, value, flaw)
 
 
 def _ctx_positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -268,6 +284,11 @@ def _copy_metadata(value: Mapping[str, Any] | None) -> Mapping[str, JSONScalar]:
                 f"ExecutionContext.metadata[{key!r}] must be a str, int, float, bool or None, "
                 f"got {type(item).__name__}"
             )
+        flaw = _text_flaw(key) or (_text_flaw(item) if isinstance(item, str) else None)
+        if isinstance(item, float) and not math.isfinite(item):
+            flaw = "must be a finite number"
+        if flaw is not None:
+            raise ConfigurationError(f"ExecutionContext.metadata[{key!r}] {flaw}, got {item!r}")
         copied[key] = item
     return MappingProxyType(copied)
 

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from empathy_models.testing.clock import FakeClock
+
+
+@pytest.fixture(autouse=True)
+def empathy_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own ``$EMPATHY_HOME`` (telemetry spools, auth files)."""
+    home = tmp_path / "empathy-home"
+    monkeypatch.setenv("EMPATHY_HOME", str(home))
+    return home
 
 
 @pytest.fixture

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 import pytest_asyncio
 
@@ -21,7 +23,9 @@ from empathy_models import (
     RecordValidationError,
     TelemetryBackend,
     TelemetryError,
+    TelemetryRejectedError,
 )
+from empathy_models.backends._spool import Spool
 from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.testing.contracts import TelemetryBackendContract
@@ -110,7 +114,9 @@ async def test_a_full_queue_makes_the_caller_wait_and_loses_nothing() -> None:
     inner = GatedBackend()
     inner.close_gate()
     done = anyio.Event()
-    async with BatchingTelemetryBackend(inner, max_batch=5, max_queue=10) as batching:
+    async with BatchingTelemetryBackend(
+        inner, max_batch=5, max_queue=10, on_full="wait"
+    ) as batching:
 
         async def producer() -> None:
             for r in _records(40):
@@ -146,22 +152,25 @@ async def test_the_drop_policy_counts_and_warns_once() -> None:
     await batching.aclose()
 
 
-async def test_a_failing_write_is_logged_and_counted_never_raised(
+async def test_a_failing_write_is_kept_retried_and_logged_once_never_raised(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     inner = GatedBackend()
-    inner.fail_next = 1
+    inner.fail_next = 3
     async with BatchingTelemetryBackend(inner, max_batch=3) as batching:
         with caplog.at_level(logging.WARNING, logger="empathy_models.telemetry"):
-            await batching.record_many(_records(3, "lost"))
-            await batching.flush()
-        await batching.record_many(_records(4, "kept"))
-        await batching.flush()
-        assert (batching.failed, batching.written) == (3, 4)
-        assert sorted(r.call_id for r in await batching.recent()) == [f"kept{i}" for i in range(4)]
+            await batching.record_many(_records(3, "kept"))
+            await batching.flush()  # one attempt, failed: the records stay queued
+            assert batching.pending == 3 and batching.written == 0
+            await batching.record_many(_records(4, "more"))
+            with anyio.fail_after(10):
+                while batching.written < 7:
+                    await batching.flush()
+        assert (batching.failed, batching.written) == (0, 7)
+        assert len(await batching.recent()) == 7
     messages = [r.getMessage() for r in caplog.records]
-    assert any("3 telemetry records could not be written" in m for m in messages), messages
-    assert not any("disk on fire" in m and "lost0" in m for m in messages)
+    assert sum("store is unavailable (TelemetryError: disk on fire)" in m for m in messages) == 1
+    assert sum("store is back" in m for m in messages) == 1
 
 
 async def test_batches_go_out_on_the_interval_without_a_flush() -> None:
@@ -224,7 +233,7 @@ async def test_bad_input_is_rejected_before_anything_is_queued() -> None:
         ({"max_batch": 0}, "max_batch must be an integer >= 1, got 0"),
         ({"max_queue": True}, "max_queue must be an integer >= 1, got True"),
         ({"flush_interval": 0}, "flush_interval must be a finite number > 0, got 0"),
-        ({"on_full": "panic"}, "on_full must be 'wait' or 'drop', got 'panic'"),
+        ({"on_full": "panic"}, "on_full must be 'spill', 'wait' or 'drop', got 'panic'"),
     ],
 )
 def test_settings_are_validated(options: dict[str, Any], message: str) -> None:
@@ -238,3 +247,56 @@ def test_wrapping_keeps_what_the_inner_backend_claims(tmp_path: Path) -> None:
     assert not BatchingTelemetryBackend("memory://").persistent
     wrapped = BatchingTelemetryBackend(f"sqlite:///{tmp_path}/x.db?batch=false")
     assert wrapped.persistent and isinstance(wrapped.inner, SQLiteTelemetryBackend)
+
+
+class RefusingBackend(MemoryTelemetryBackend):
+    """A memory backend that refuses any batch holding a record whose call_id starts 'bad'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        self.writes += 1
+        if any(r.call_id.startswith("bad") for r in records):
+            raise TelemetryRejectedError("refused: a bad value", target="refusing")
+        await super().record_many(records)
+
+
+async def test_a_refused_batch_stores_every_other_record_and_gives_up_only_the_bad_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inner = RefusingBackend()
+    records = _records(200)
+    records[100] = attrs.evolve(records[100], call_id="bad100")
+    async with BatchingTelemetryBackend(inner, max_batch=500) as batching:
+        with caplog.at_level(logging.WARNING, logger="empathy_models.telemetry"):
+            await batching.record_many(records)
+            await batching.flush()
+        assert (batching.written, batching.failed) == (199, 1)
+    assert len(inner) == 199
+    assert inner.writes <= 2 * 9 + 2  # halved down to the bad record, not one by one
+    assert any(
+        "bad100 was refused by the store and given up" in r.getMessage() for r in caplog.records
+    )
+
+
+async def test_spooled_records_replay_once_even_when_replayed_twice(
+    tmp_path: Path, empathy_home: Path
+) -> None:
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db) as backend:
+        await backend.recent()
+    spool = Spool(f"sqlite:{db}")
+    spool.write(_records(50))
+    directory = spool.directory
+    assert directory.is_relative_to(empathy_home)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    (path,) = spool.files()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    copy = path.with_name("copy-" + path.name)
+    copy.write_bytes(path.read_bytes())  # the same records twice, as after a crash
+    async with SQLiteTelemetryBackend(db) as backend:
+        await backend.flush()  # opening replays the spool
+        assert len(await backend.recent(limit=1000)) == 50
+    assert spool.files() == []

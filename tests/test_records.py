@@ -368,3 +368,15 @@ def test_metadata_that_would_not_round_trip_is_rejected(metadata: dict[object, o
 def test_json_scalar_metadata_round_trips() -> None:
     rec = call(metadata={"s": "x", "i": 2**70, "f": 2.5, "b": False, "n": None})
     assert LLMCallRecord.from_dict(json.loads(json.dumps(rec.to_dict(), allow_nan=False))) == rec
+
+
+def test_every_text_field_of_a_record_is_made_storable() -> None:
+    """`storable` escapes every ``str`` field: the list it checks names them all."""
+    from empathy_models.backends._storable import _TEXT_FIELDS
+
+    text = {
+        a.name
+        for a in attrs.fields(LLMCallRecord)
+        if a.type in (str, str | None, "str", "str | None")
+    }
+    assert set(_TEXT_FIELDS) == text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -23,6 +24,7 @@ from empathy_models import (
     RecordValidationError,
     SchemaVersionError,
     TelemetryError,
+    TelemetryRejectedError,
 )
 from empathy_models._stats import aggregate_records, matches
 from empathy_models.backends import telemetry_from_url
@@ -54,7 +56,7 @@ class TestSQLiteMemoryTelemetry(TelemetryBackendContract):
 BASE = datetime(2026, 3, 1, tzinfo=UTC)
 
 
-def _records(n: int, *, seed: int = 1) -> list[LLMCallRecord]:
+def _records(n: int, *, seed: int = 1, prefix: str = "c") -> list[LLMCallRecord]:
     """Varied records: every outcome, ties in time and latency, None and '' groups."""
     rng = random.Random(seed)
     out: list[LLMCallRecord] = []
@@ -69,7 +71,7 @@ def _records(n: int, *, seed: int = 1) -> list[LLMCallRecord]:
                 provider=rng.choice(["p1", "p2"]),
                 model=rng.choice(["m1", "m2", "m3"]),
                 outcome=rng.choice(list(Outcome)),
-                call_id=f"c{i:05d}",
+                call_id=f"{prefix}{i:05d}",
                 timestamp=ts,
                 workflow=rng.choice([None, "", "wf"]),
                 stage=rng.choice([None, "s1", "s2"]),
@@ -228,7 +230,7 @@ async def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         ("sqlite:///x.db?colour=blue", "unknown sqlite URL option 'colour'"),
         ("sqlite:///x.db?batch=maybe", "batch='maybe' must be true or false"),
         ("sqlite:///x.db?max_batch=lots", "max_batch='lots' must be a int"),
-        ("sqlite:///x.db?on_full=explode", "on_full must be 'wait' or 'drop'"),
+        ("sqlite:///x.db?on_full=explode", "on_full must be 'spill', 'wait' or 'drop'"),
         ("sqlite:///x.db?busy_timeout=-1", "busy_timeout must be"),
     ],
 )
@@ -378,7 +380,7 @@ async def test_a_locked_file_is_waited_for_and_never_reported_as_locked(tmp_path
     try:
         blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
         async with anyio.create_task_group() as tg:
-            tg.start_soon(backend.record_many, _records(10, seed=9))
+            tg.start_soon(backend.record_many, _records(10, seed=9, prefix="d"))
             with anyio.fail_after(20):
                 while backend.busy_retries == 0:  # noqa: ASYNC110 - a counter, no event
                     await anyio.sleep(0.005)
@@ -400,7 +402,7 @@ async def test_a_lock_held_too_long_is_a_telemetry_error(tmp_path: Path) -> None
             await backend.record_many(_records(3))
         assert info.value.target == str(db)
         blocker.execute("ROLLBACK")
-        await backend.record_many(_records(3))  # and it works again once released
+        await backend.record_many(_records(3, prefix="d"))  # and it works again once released
     finally:
         blocker.close()
         await backend.aclose()
@@ -451,7 +453,7 @@ async def test_failed_batches_are_counted_and_never_raise_into_record(
         assert sorted(r.call_id for r in await backend.recent()) == sorted(
             r.call_id for r in records[1:]
         )
-    assert any("could not be written" in r.getMessage() for r in caplog.records)
+    assert any("refused by the store and given up" in r.getMessage() for r in caplog.records)
 
 
 async def test_metadata_round_trips_and_what_would_not_is_refused_up_front(
@@ -481,3 +483,39 @@ async def test_integers_are_held_to_what_sqlite_stores(tmp_path: Path) -> None:
         (got,) = await backend.recent()
         assert backend.failed == 0
     assert got == big
+
+
+async def test_a_nan_is_never_stored_where_it_could_not_be_read_back(tmp_path: Path) -> None:
+    """A record built without validation (as the executor builds its own) with NaN metadata."""
+    from empathy_models.records import _trusted_call_record
+
+    good = _records(3)
+    fields = {a.name: getattr(good[0], a.name) for a in attrs.fields(LLMCallRecord)}
+    odd = _trusted_call_record(**{**fields, "call_id": "odd", "metadata": {"x": math.nan}})
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
+        await backend.record_many([good[1], odd, good[2]])
+        got = {r.call_id: r for r in await backend.recent()}  # readable: no NaN stored
+        assert backend.failed == 0
+    assert set(got) == {"odd", good[1].call_id, good[2].call_id}
+    assert dict(got["odd"].metadata) == {"x": None, "empathy_models.sanitized": "metadata"}
+    with pytest.raises(TelemetryRejectedError, match="cannot be stored"):
+        async with SQLiteTelemetryBackend(tmp_path / "direct.db", batch=False) as direct:
+            await direct.record(odd)
+
+
+async def test_inserting_calls_reports_exactly_the_records_it_inserted(tmp_path: Path) -> None:
+    """What rollups count: a replayed record (same call_id) is neither stored nor returned."""
+    from empathy_models.backends.sqlite import _insert_calls_now
+
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db) as backend:
+        await backend.recent()  # the file exists with its schema
+    records = _records(10)
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        assert _insert_calls_now(conn, records[:6]) == records[:6]
+        again = [records[2], records[7], records[7], records[5], records[9]]
+        assert _insert_calls_now(conn, again) == [records[7], records[9]]
+        assert conn.execute("SELECT count(*) FROM llm_calls").fetchone()[0] == 8
+    finally:
+        conn.close()

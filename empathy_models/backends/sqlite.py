@@ -10,11 +10,13 @@ open it at once.  Options may be given as keyword arguments or in the query stri
 How it is built:
 
 * One `aiosqlite` connection per backend, opened by the first operation (no thread
-  exists before that) and closed by ``aclose()``.  Its worker thread is not a daemon:
-  **close every backend you use** (``async with`` does), or the interpreter waits for
-  that thread at exit.  aiosqlite runs each statement as one job, in order, on that
-  thread; an `asyncio.Lock` is held from an operation's first statement to its last, so
-  the operations of one backend never interleave on the connection.
+  exists before that) and closed by ``aclose()``.  Its worker thread is a daemon, so a
+  backend never closed does not keep the interpreter from exiting (its queued records
+  are written by the exit hook of `empathy_models.backends.batching`); close every
+  backend you use all the same (``async with`` does).  aiosqlite runs each statement
+  as one job, in order, on that thread; an `asyncio.Lock` is held from an operation's
+  first statement to its last, so the operations of one backend never interleave on
+  the connection.
 * Transactions and cancellation: each attempt of a transaction (``BEGIN IMMEDIATE``,
   its statements, ``COMMIT``) runs inside ``anyio.CancelScope(shield=True)``, so anyio
   cancellation (cancel scopes, ``fail_after``, task groups) waits for it to end, which
@@ -63,19 +65,22 @@ one breaker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
 import random
+import secrets
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import aiosqlite
 import anyio
@@ -102,7 +107,10 @@ from ..exceptions import (
 from ..records import CircuitBreakerState, LLMCallRecord, ModelPerformance
 from ..serialization import from_dict, to_dict
 from ._plugin import BackendPlugin
+from ._spool import Spool
+from ._storable import refusals, storable
 from .batching import (
+    DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
@@ -249,6 +257,12 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         GROUP BY b, workflow, stage, model
         """,
     ),
+    # version 3: one row per call_id, so a record written twice (a replay of the spool
+    # after a crash) is stored once; copies already stored twice keep their first row
+    (
+        "DELETE FROM llm_calls WHERE id NOT IN (SELECT min(id) FROM llm_calls GROUP BY call_id)",
+        "CREATE UNIQUE INDEX ux_llm_calls_call_id ON llm_calls (call_id)",
+    ),
 )
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -291,7 +305,8 @@ _CALL_COLUMNS: Final = (
 )
 _INSERT_CALL: Final = (
     f"INSERT INTO llm_calls ({', '.join(_CALL_COLUMNS)}) "
-    f"VALUES ({', '.join('?' for _ in _CALL_COLUMNS)})"
+    f"VALUES ({', '.join('?' for _ in _CALL_COLUMNS)}) "
+    "ON CONFLICT (call_id) DO NOTHING"
 )
 _SELECT_CALLS: Final = f"SELECT {', '.join(_CALL_COLUMNS)} FROM llm_calls"
 
@@ -305,6 +320,17 @@ _UPSERT_EVIDENCE: Final = (
     f"ON CONFLICT ({_EVIDENCE_KEY}) DO UPDATE SET "
     + ", ".join(f"{c} = {c} + excluded.{c}" for c in _EVIDENCE_COLUMNS[4:])
     + ", version = excluded.version"
+)
+
+# what a write raises when a record holds a value SQLite cannot take (an integer past
+# 64 bits, text with a lone surrogate, a NaN in the metadata): the records are refused,
+# the file is fine
+_REFUSED: Final = (
+    OverflowError,
+    ValueError,
+    TypeError,
+    sqlite3.DataError,
+    sqlite3.IntegrityError,  # a constraint or a trigger refusing the row
 )
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -323,9 +349,10 @@ def _from_us(value: int) -> datetime:
 
 _json: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 # metadata should hold JSON scalars; anything else is stored as its str() rather than
-# failing the whole batch it travels in
+# failing the whole batch it travels in.  NaN and infinities are refused (ValueError):
+# a record holding one could not be read back.
 _json_metadata: Final = json.JSONEncoder(
-    separators=(",", ":"), ensure_ascii=False, default=str
+    separators=(",", ":"), ensure_ascii=False, default=str, allow_nan=False
 ).encode
 
 
@@ -403,6 +430,55 @@ def _from_row(row: Sequence[Any]) -> LLMCallRecord:
         prompt_text=row[31],
         response_text=row[32],
     )
+
+
+_MAX_ID: Final = "SELECT ifnull(max(id), 0) FROM llm_calls"
+_IDS_AFTER: Final = "SELECT call_id FROM llm_calls WHERE id > ?"
+
+
+def _first_of(records: Sequence[LLMCallRecord], call_ids: set[str]) -> list[LLMCallRecord]:
+    """The records whose call_id is in ``call_ids``, the first of each (in order)."""
+    out = []
+    for r in records:
+        if r.call_id in call_ids:
+            call_ids.discard(r.call_id)
+            out.append(r)
+    return out
+
+
+async def _insert_calls(
+    conn: aiosqlite.Connection, records: Sequence[LLMCallRecord]
+) -> list[LLMCallRecord]:
+    """
+    Insert ``records`` inside the caller's transaction, skipping every ``call_id`` already
+    stored; return the records actually inserted (what anything derived from the calls,
+    such as rollups, must count, so that a replay counts nothing twice).
+
+    New rows get ids above the largest one before the insert, so when fewer rows than
+    records went in, those ids name the inserted ones.  `_insert_calls_now` is the same
+    for a plain `sqlite3` connection (exit paths); keep the two in step.
+    """
+    (before,) = await _fetchone(conn, _MAX_ID) or (0,)
+    changes = conn.total_changes
+    # the rows are built lazily, on the connection's thread, inside executemany
+    await conn.executemany(_INSERT_CALL, map(_to_row, records))
+    if conn.total_changes - changes == len(records):
+        return list(records)
+    rows = await conn.execute_fetchall(_IDS_AFTER, (before,))
+    return _first_of(records, {row[0] for row in rows})
+
+
+def _insert_calls_now(
+    conn: sqlite3.Connection, records: Sequence[LLMCallRecord]
+) -> list[LLMCallRecord]:
+    """`_insert_calls` on a plain `sqlite3` connection (no event loop: exit paths)."""
+    (before,) = conn.execute(_MAX_ID).fetchone() or (0,)
+    changes = conn.total_changes
+    conn.executemany(_INSERT_CALL, map(_to_row, records))
+    if conn.total_changes - changes == len(records):
+        return list(records)
+    rows = conn.execute(_IDS_AFTER, (before,)).fetchall()
+    return _first_of(records, {row[0] for row in rows})
 
 
 def _rank(param: str) -> str:
@@ -513,6 +589,13 @@ async def _add_evidence(conn: aiosqlite.Connection, rows: Sequence[tuple[Any, ..
     if rows:
         await conn.execute(_BUMP_EVIDENCE_VERSION)
         await conn.executemany(_UPSERT_EVIDENCE, rows)
+
+
+def _add_evidence_now(conn: sqlite3.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """`_add_evidence` on a plain `sqlite3` connection (no event loop: exit paths)."""
+    if rows:
+        conn.execute(_BUMP_EVIDENCE_VERSION)
+        conn.executemany(_UPSERT_EVIDENCE, rows)
 
 
 async def _purge_evidence(conn: aiosqlite.Connection, before_us: int) -> None:
@@ -651,6 +734,8 @@ class _Database:
         self.busy_timeout = busy_timeout
         self.lock_timeout = lock_timeout
         self.busy_retries = 0
+        self.recreated = 0  # times the file was found deleted or replaced and recreated
+        self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
         self._conn: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._stopped = False  # close() was called: no new operations
@@ -780,6 +865,10 @@ class _Database:
             # on a worker thread: the event loop never waits on the file system
             await anyio.to_thread.run_sync(self._prepare_file)
         conn = aiosqlite.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        thread = getattr(conn, "_thread", None)
+        if isinstance(thread, threading.Thread) and not thread.is_alive():
+            # a backend never closed must not keep the interpreter from exiting
+            thread.daemon = True
         try:
             # Not shielded: a cancelled open is simply discarded.  The migration is a
             # shielded transaction of its own; PRAGMAs are idempotent.
@@ -787,11 +876,113 @@ class _Database:
             await self.retrying(partial(self._setup, conn))
             if self._finished:  # close() gave up waiting for this open
                 raise self._fail("the connection is closed")
+            if self.path != MEMORY:
+                self._ident = await anyio.to_thread.run_sync(self._identity)
         except BaseException:
             await self._discard(conn)
             raise
         self._conn = conn
         return conn
+
+    def _identity(self) -> tuple[int, int] | None:
+        """(device, inode) of the file at ``path`` now, or None when there is none."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _remove_orphans(self) -> None:
+        """Delete a ``-wal`` / ``-shm`` left by a deleted database (never pair them anew)."""
+        if not os.path.exists(self.path):
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
+
+    async def _reopen_if_replaced(self, conn: aiosqlite.Connection) -> aiosqlite.Connection:
+        """
+        The connection to use for a write: ``conn``, or a new one when the file at
+        ``path`` was deleted or replaced since it was opened.
+
+        What the old file held is still readable through ``conn``: it is copied out
+        first (``VACUUM INTO`` a 0600 file next to it), the file is recreated (or the
+        replacing file used), and the copy's calls and circuit states are merged in
+        (rows already there win), so nothing is lost.
+        """
+        if self.path == MEMORY or self._ident is None:
+            return conn
+        now = await anyio.to_thread.run_sync(self._identity)
+        if now == self._ident:
+            return conn
+        self.recreated += 1
+        rescue = await self._rescue(conn)
+        self._conn = None
+        await self._discard(conn)
+        await anyio.to_thread.run_sync(self._remove_orphans)
+        conn = await self._open()
+        merged = 0 if rescue is None else await self._merge(conn, rescue)
+        logger.warning(
+            "SQLite database %s was %s while open; %s it with the %d calls the old file held%s",
+            self.path,
+            "deleted" if now is None else "replaced by another file",
+            "recreated" if now is None else "switched to",
+            merged,
+            "" if rescue is not None else " (the old file could not be copied: they are lost)",
+        )
+        return conn
+
+    async def _rescue(self, conn: aiosqlite.Connection) -> str | None:
+        """Copy the (deleted) database ``conn`` still holds open; the copy's path or None."""
+        rescue = f"{self.path}.rescued-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            # VACUUM INTO fills an empty file and keeps its mode: create it 0600 first
+            os.close(os.open(rescue, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            await conn.execute("VACUUM INTO ?", (rescue,))
+        except (OSError, sqlite3.Error):
+            logger.warning(
+                "copying the deleted SQLite database %s failed", self.path, exc_info=True
+            )
+            with contextlib.suppress(OSError):
+                os.unlink(rescue)
+            return None
+        return rescue
+
+    async def _merge(self, conn: aiosqlite.Connection, rescue: str) -> int:
+        """Merge the rescued copy into the file ``conn`` has open; the calls added."""
+        columns = ", ".join(_CALL_COLUMNS)
+
+        async def body(c: aiosqlite.Connection) -> int:
+            (before,) = await _fetchone(c, _MAX_ID) or (0,)
+            cursor = await c.execute(
+                f"INSERT INTO llm_calls ({columns}) SELECT {columns} FROM rescued.llm_calls "
+                "WHERE true ON CONFLICT (call_id) DO NOTHING"
+            )
+            added = cursor.rowcount
+            # the merged calls count in the rollups like any call written here
+            merged = await c.execute_fetchall(f"{_SELECT_CALLS} WHERE id > ?", (before,))
+            await _add_evidence(c, _evidence_rows(_from_row(row) for row in merged))
+            await c.execute(
+                "INSERT OR IGNORE INTO circuit_state SELECT * FROM rescued.circuit_state"
+            )
+            return added
+
+        try:
+            await conn.execute("ATTACH DATABASE ? AS rescued", (rescue,))
+            try:
+                added = await self.transaction(conn, body)
+            finally:
+                await conn.execute("DETACH DATABASE rescued")
+        except sqlite3.Error:
+            logger.warning(
+                "merging the copy of the deleted SQLite database %s failed; the copy is kept at %s",
+                self.path,
+                rescue,
+                exc_info=True,
+            )
+            return 0
+        with contextlib.suppress(OSError):
+            os.unlink(rescue)
+        return added
 
     async def _setup(self, conn: aiosqlite.Connection) -> None:
         row = await _fetchone(conn, "PRAGMA user_version")
@@ -839,13 +1030,17 @@ class _Database:
 
     # ------------------------------------------------------------------ public
 
-    async def run(self, op: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+    async def run(
+        self, op: Callable[[aiosqlite.Connection], Awaitable[T]], *, check_file: bool = False
+    ) -> T:
         """
         Await ``op(conn)`` holding the connection's lock (opening it first if needed).
 
         Operations wait for one another in arrival order; an operation begun before
         `close` still runs, one begun after raises ``error`` ("the connection is
-        closed").  Native errors are mapped to ``error``.
+        closed").  Native errors are mapped to ``error``.  With ``check_file``, a file
+        deleted or replaced since it was opened is detected (by inode), logged, and
+        recreated (or the new file used) before ``op`` runs.
         """
         if self._stopped:
             raise self._fail("the connection is closed")
@@ -856,6 +1051,8 @@ class _Database:
                     if self._finished:
                         raise self._fail("the connection is closed")
                     conn = await self._open()
+                elif check_file:
+                    conn = await self._reopen_if_replaced(conn)
                 return await op(conn)
         except Exception as exc:
             mapped = self._map(exc)
@@ -927,6 +1124,16 @@ class SQLiteTelemetryBackend(TelemetryBackend):
     `pending` count what happened).  With ``batch=False``, ``record_many`` returns once
     its records are committed, or raises `TelemetryError` having stored none of them.
 
+    Nothing is lost to a bad record or a bad moment: writes are idempotent by
+    ``call_id``; a batch the file refuses for one record's content stores the others
+    and that record made safe (`TelemetryRejectedError` without batching); a failing
+    file (disk full, locked past ``lock_timeout``) keeps the records and retries them,
+    spooling past ``max_queue`` (``spool=False`` to disable); a file deleted while open
+    is recreated on the next write; ``close_timeout`` bounds `aclose`; and unless
+    ``exit_flush=False`` records still queued at interpreter exit or on SIGTERM are
+    written synchronously (see `empathy_models.backends.batching`).  A value SQLite
+    would store but could not give back (a NaN in the metadata) is refused.
+
     ``busy_timeout`` is how long SQLite waits for another writer; ``lock_timeout`` how
     long an operation keeps retrying in total before `TelemetryError`.  Safe to use
     from several tasks of one event loop at once; operations run one at a time on the
@@ -941,9 +1148,12 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         max_batch: int = DEFAULT_MAX_BATCH,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         max_queue: int = DEFAULT_MAX_QUEUE,
-        on_full: OnFull = "wait",
+        on_full: OnFull = "spill",
         busy_timeout: float = 5.0,
         lock_timeout: float = 30.0,
+        spool: bool = True,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+        exit_flush: bool = True,
     ) -> None:
         if not isinstance(batch, bool):
             raise ConfigurationError(f"batch must be True or False, got {batch!r}")
@@ -955,7 +1165,10 @@ class SQLiteTelemetryBackend(TelemetryBackend):
             lock_timeout=_check_seconds("lock_timeout", lock_timeout),
         )
         self._batcher: _Batcher | None = None
+        if not isinstance(spool, bool):
+            raise ConfigurationError(f"spool must be True or False, got {spool!r}")
         if batch:
+            on_disk = self._path != MEMORY
             self._batcher = _Batcher(
                 self._write,
                 owner=f"SQLiteTelemetryBackend({self._path!r})",
@@ -963,6 +1176,10 @@ class SQLiteTelemetryBackend(TelemetryBackend):
                 flush_interval=flush_interval,
                 max_queue=max_queue,
                 on_full=on_full,
+                spool=Spool(f"sqlite:{self._path}") if spool and on_disk else None,
+                sync_write=self._write_now if on_disk else None,
+                close_timeout=close_timeout,
+                exit_flush=exit_flush,
             )
 
     def __repr__(self) -> str:
@@ -985,13 +1202,23 @@ class SQLiteTelemetryBackend(TelemetryBackend):
 
     @property
     def failed(self) -> int:
-        """Records of queued batches that could not be written (logged as they fail)."""
+        """Records given up (refused even made safe, or unspoolable), each logged."""
         return 0 if self._batcher is None else self._batcher.failed
 
     @property
+    def spooled(self) -> int:
+        """Records written to the local spool so far (replayed into the file later)."""
+        return 0 if self._batcher is None else self._batcher.spooled
+
+    @property
+    def recreated(self) -> int:
+        """How often the file was found deleted or replaced while open, and recreated."""
+        return self._db.recreated
+
+    @property
     def pending(self) -> int:
-        """Records queued and not yet handed to SQLite."""
-        return 0 if self._batcher is None else len(self._batcher.queue)
+        """Records in memory, neither handed to SQLite nor spooled yet."""
+        return 0 if self._batcher is None else self._batcher.pending
 
     @property
     def busy_retries(self) -> int:
@@ -1008,14 +1235,41 @@ class SQLiteTelemetryBackend(TelemetryBackend):
     async def _write(self, records: list[LLMCallRecord]) -> None:
         if not records:
             return
-        evidence = _evidence_rows(records)
 
         async def body(conn: aiosqlite.Connection) -> None:
-            # the rows are built lazily, on the connection's thread, inside executemany
-            await conn.executemany(_INSERT_CALL, map(_to_row, records))
-            await _add_evidence(conn, evidence)
+            inserted = await _insert_calls(conn, records)
+            await _add_evidence(conn, _evidence_rows(inserted))
 
-        await self._db.run(partial(self._db.transaction, body=body))
+        with refusals(_REFUSED, self._path, f"SQLite database {self._path}"):
+            await self._db.run(partial(self._db.transaction, body=body), check_file=True)
+
+    def _write_now(self, records: list[LLMCallRecord]) -> None:
+        """
+        Store ``records`` synchronously in one transaction (exit paths: no event loop).
+
+        Values are made safe first (`storable`); waits at most 2 s for the write lock.
+        The file must exist at the current schema version (it is never created here).
+        """
+        conn = sqlite3.connect(
+            f"file:{quote(self._path)}?mode=rw",
+            uri=True,
+            timeout=min(self._db.busy_timeout, 2.0),
+            isolation_level=None,
+        )
+        try:
+            row = conn.execute("PRAGMA user_version").fetchone()
+            if row is None or int(row[0]) != SCHEMA_VERSION:
+                raise self._db._fail("the file is not at this version's schema")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                inserted = _insert_calls_now(conn, [storable(r)[0] for r in records])
+                _add_evidence_now(conn, _evidence_rows(inserted))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.rollback()
+                raise
+        finally:
+            conn.close()
 
     async def record(self, record: LLMCallRecord) -> None:
         """Store one record (queued when batching)."""
@@ -1038,8 +1292,10 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         """
         Write every record accepted so far; each committed batch is visible to every process.
 
-        A batch that cannot be written is logged and counted in `failed` (its records
-        are not stored); flush does not raise for it.
+        Flush does not raise for a write that fails: when the file cannot take records
+        (disk full, locked past ``lock_timeout``), it returns after one attempt and the
+        records stay queued (then spooled) for the next; a record the file refuses for
+        its content is stored made safe, or given up and counted in `failed`.
         """
         self._check_open()
         if self._batcher is not None:
@@ -1380,6 +1636,9 @@ _TELEMETRY_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
     "flush_interval": _parse_number(float),
     "max_queue": _parse_number(int),
     "on_full": lambda name, value: value,
+    "spool": _parse_bool,
+    "close_timeout": _parse_number(float),
+    "exit_flush": _parse_bool,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -39,6 +40,43 @@ _DRIVER_ERRORS: Final = (
     OSError,
     TimeoutError,
 )
+
+logger = logging.getLogger("empathy_models.backends.postgres")
+
+CLOSE_TIMEOUT: Final = 5.0
+"""Seconds `Database.close` waits for the pool to close cleanly before terminating it."""
+
+
+class _OneWarningPerOutage(logging.Filter):
+    """
+    asyncpg's pool logs a full traceback each time it fails to restore its minimum of
+    connections (every few seconds during an outage).  This filter lets the first of
+    them through as one line and drops the rest until an operation succeeds again.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outage = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Failed to restore the pool connection floor"):
+            return True
+        if self.outage:
+            return False
+        self.outage = True
+        exc = record.exc_info[1] if record.exc_info else None
+        record.msg = (
+            "asyncpg cannot restore its pool's connections (%s); it keeps retrying, "
+            "quietly until the database answers again"
+        )
+        record.args = ("unknown error" if exc is None else f"{type(exc).__name__}: {exc}",)
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+_POOL_LOG_FILTER: Final = _OneWarningPerOutage()
+logging.getLogger("asyncpg.pool").addFilter(_POOL_LOG_FILTER)
 
 Migration = Sequence[str]
 """The SQL statements that take a component from one version to the next."""
@@ -133,6 +171,7 @@ class Database:
             yield
         except _DRIVER_ERRORS as exc:
             raise self.error(what, exc) from exc
+        _POOL_LOG_FILTER.outage = False  # the database answered: warn again next outage
 
     async def pool(self, migrations: Sequence[Migration]) -> asyncpg.Pool:
         """The pool, created (and the schema migrated) on first use."""
@@ -226,10 +265,23 @@ class Database:
             )
 
     async def close(self) -> None:
+        """Close the pool; past `CLOSE_TIMEOUT` seconds (an unreachable server), terminate it."""
         pool, self._pool = self._pool, None
-        if pool is not None:
+        if pool is None:
+            return
+        try:
             async with self.errors("close"):
-                await pool.close()
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
+        except self.error_type as exc:
+            if not isinstance(exc.__cause__, TimeoutError):
+                raise
+            logger.warning(
+                "PostgreSQL %s %s: the pool did not close within %g s; terminating it",
+                self.component,
+                self.target,
+                CLOSE_TIMEOUT,
+            )
+            pool.terminate()
 
 
 def build_migrations(db: Database, templates: Sequence[Sequence[str]]) -> list[list[str]]:

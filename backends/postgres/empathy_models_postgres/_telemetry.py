@@ -1,10 +1,10 @@
 """
-Telemetry in PostgreSQL: COPY-batched writes, SQL aggregation on a covering index, and
+Telemetry in PostgreSQL: idempotent batched writes, SQL aggregation on a covering index, and
 evidence rollups kept in the writing transaction.
 
 Evidence versions follow commit order.  Each write transaction that changes buckets
 takes the next number from a one-row counter table (``UPDATE ... RETURNING``) after its
-``COPY``, stamps its buckets with it and commits; the counter row stays locked until
+insert, stamps its buckets with it and commits; the counter row stays locked until
 that commit, so the transaction holding version n is visible before any other can even
 take n + 1.  A reader that sees the counter at v (in the same statement, hence the same
 snapshot, as the buckets) therefore sees every transaction numbered <= v and none
@@ -21,8 +21,11 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
+import asyncpg
+
 from empathy_models._stats import check_aware, check_window
 from empathy_models.abc import TelemetryBackend
+from empathy_models.backends._storable import refusals
 from empathy_models.evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
@@ -126,6 +129,13 @@ _MIGRATIONS: Final = (
         f" WHERE outcome IN ({_SAMPLE_LIST})) AS calls "
         "GROUP BY 1, 2, 3, 4",
     ),
+    # version 3: one row per call_id, so a record written twice (a replay of the spool
+    # after a crash) is stored once; copies already stored twice keep their first row
+    (
+        "DELETE FROM {t_calls} AS a USING {t_calls} AS b"
+        " WHERE a.call_id = b.call_id AND a.seq > b.seq",
+        "CREATE UNIQUE INDEX IF NOT EXISTS {i_calls_call_id} ON {t_calls} (call_id)",
+    ),
 )
 
 TELEMETRY_SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -149,6 +159,34 @@ _COLUMNS: Final = (
 
 _SAMPLES: Final = [o.value for o in Outcome if o.is_sample]
 
+_ARRAY_TYPES: Final = (
+    "text",
+    "timestamptz",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "float8",
+    "float8",
+    "int8",
+    "int8",
+    "text",
+)
+
+# what building or sending a row raises when a record holds a value PostgreSQL cannot
+# take (NUL or a lone surrogate in text, an integer past 64 bits, NaN in JSON): the
+# records are refused, the database is fine
+_REFUSED: Final = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    UnicodeError,
+    OverflowError,
+    ValueError,
+    TypeError,
+)
+
 
 def _row(record: LLMCallRecord) -> tuple[Any, ...]:
     return (
@@ -164,7 +202,7 @@ def _row(record: LLMCallRecord) -> tuple[Any, ...]:
         float(record.cost_usd),
         record.input_tokens,
         record.output_tokens,
-        json.dumps(to_dict(record), separators=(",", ":")),
+        json.dumps(to_dict(record), separators=(",", ":"), allow_nan=False),
     )
 
 
@@ -248,12 +286,16 @@ class PostgresTelemetryBackend(TelemetryBackend):
     migrated: missing or outdated tables raise `TelemetryError` instead, so a misspelt
     schema is reported rather than created.
 
-    `record_many` writes its records with ``COPY`` in one transaction, ``batch_size``
-    rows per ``COPY``: all of them or none.  `aggregate` runs one SQL query over the
-    covering index (``percentile_disc`` over successes is the nearest-rank percentile
-    of the in-memory backends).  `purge` deletes by time, for retention.  Driver
-    errors are raised as `TelemetryError` with the password removed from the DSN.
-    Safe to share between tasks: each operation takes its own pooled connection.
+    `record_many` writes its records in one transaction, ``batch_size`` rows per
+    statement: all of them or none.  A record whose ``call_id`` is already stored is
+    skipped (writes are idempotent, so a replayed spool stores nothing twice).  A
+    record holding a value PostgreSQL refuses (NUL or a lone surrogate in text, an
+    integer past 64 bits, NaN in the metadata) raises `TelemetryRejectedError`.
+    `aggregate` runs one SQL query over the covering index (``percentile_disc`` over
+    successes is the nearest-rank percentile of the in-memory backends).  `purge`
+    deletes by time, for retention.  Driver errors are raised as `TelemetryError`
+    with the password removed from the DSN.  Safe to share between tasks: each
+    operation takes its own pooled connection.
     """
 
     def __init__(
@@ -295,11 +337,27 @@ class PostgresTelemetryBackend(TelemetryBackend):
             + ", version = excluded.version"
         )
         self._migrations = build_migrations(self._db, _MIGRATIONS)
+        params = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_ARRAY_TYPES, 1))
+        names = ", ".join(f"c{i}" for i in range(len(_COLUMNS)))
+        values = ", ".join(f"c{i}" for i in range(len(_COLUMNS) - 1))
+        self._insert = (
+            f"INSERT INTO {self._calls} ({', '.join(_COLUMNS)}) "
+            f"SELECT {values}, c{len(_COLUMNS) - 1}::jsonb "
+            f"FROM unnest({params}) AS u({names}) "
+            "ON CONFLICT (call_id) DO NOTHING RETURNING call_id"
+        )
 
     def __repr__(self) -> str:
         return (
             f"PostgresTelemetryBackend({self._db.target!r}, schema={self._db.schema!r}, "
             f"table_prefix={self._db.table_prefix!r})"
+        )
+
+    @property
+    def spool_target(self) -> str:
+        """Names these tables (without credentials) for the batching engine's spool."""
+        return (
+            f"postgresql:{self._db.target}:schema={self._db.schema}:prefix={self._db.table_prefix}"
         )
 
     @property
@@ -313,31 +371,49 @@ class PostgresTelemetryBackend(TelemetryBackend):
         await self._db.close()
 
     async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
-        """Store every record and its evidence in one transaction (``COPY``), or none of them."""
+        """Store every record and its evidence in one transaction, or none of them."""
         self._check_open()
         rows = []
-        for r in records:
-            if not isinstance(r, LLMCallRecord):
-                raise RecordValidationError(f"expected an LLMCallRecord, got {type(r).__name__}")
-            rows.append(_row(r))
+        where = f"PostgreSQL telemetry {self._db.target}"
+        with refusals(_REFUSED, self._db.target, where):
+            for r in records:
+                if not isinstance(r, LLMCallRecord):
+                    raise RecordValidationError(
+                        f"expected an LLMCallRecord, got {type(r).__name__}"
+                    )
+                rows.append(_row(r))
         if not rows:
             return
-        evidence = _evidence_columns(list(records))
         pool = await self._db.pool(self._migrations)
-        table = self._db.table_prefix + "calls"
-        async with (
-            self._db.errors(f"writing {len(rows)} records"),
-            pool.acquire() as conn,
-            conn.transaction(),
-        ):
-            for start in range(0, len(rows), self.batch_size):
-                await conn.copy_records_to_table(
-                    table,
-                    records=rows[start : start + self.batch_size],
-                    columns=_COLUMNS,
-                    schema_name=self._db.schema,
-                )
-            await self._add_evidence(conn, evidence)
+        with refusals(_REFUSED, self._db.target, where):
+            async with (
+                self._db.errors(f"writing {len(rows)} records"),
+                pool.acquire() as conn,
+                conn.transaction(),
+            ):
+                inserted = await self._insert_calls(conn, list(records), rows)
+                await self._add_evidence(conn, _evidence_columns(inserted))
+
+    async def _insert_calls(
+        self, conn: Any, records: list[LLMCallRecord], rows: list[tuple[Any, ...]]
+    ) -> list[LLMCallRecord]:
+        """
+        Insert ``rows`` (those of ``records``) inside the caller's transaction, skipping
+        every ``call_id`` already stored; return the records actually inserted (what
+        anything derived from the calls, such as rollups, must count, so that a replay
+        counts nothing twice).
+        """
+        inserted: set[str] = set()
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
+            columns = (list(col) for col in zip(*chunk, strict=True))
+            inserted.update(row[0] for row in await conn.fetch(self._insert, *columns))
+        out = []
+        for r in records:
+            if r.call_id in inserted:
+                inserted.discard(r.call_id)
+                out.append(r)
+        return out
 
     async def _add_evidence(self, conn: Any, columns: list[list[Any]]) -> None:
         """

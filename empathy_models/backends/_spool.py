@@ -1,0 +1,160 @@
+"""
+The local spool: records a telemetry store could not take yet, kept on disk.
+
+Each store has its own directory, ``$EMPATHY_HOME/spool/<digest of the store>``
+(mode 0700), so records are only ever replayed into the store they were meant for.
+Every spill is one new file of JSON lines (the versioned dicts of
+`empathy_models.serialization`), written to a temporary name, flushed to disk and
+renamed, so a file is either complete or absent; files are mode 0600.  Replaying
+claims a file by renaming it (two processes never replay the same file at once),
+writes its records and deletes it.  Replay is idempotent: the stores ignore a record
+whose ``call_id`` they already hold, so a file replayed twice after a crash stores
+nothing twice.  Everything here is synchronous; the batching engine runs it on a
+worker thread, or directly at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Final
+
+from ..exceptions import RecordValidationError
+from ..records import LLMCallRecord
+from ..serialization import from_dict, to_dict
+from ._storable import storable
+
+__all__ = ["Spool"]
+
+logger = logging.getLogger("empathy_models.telemetry")
+
+_SUFFIX: Final = ".jsonl"
+_CLAIMED: Final = ".claimed-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a claim of ours still on disk was abandoned by an interrupted replay
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class Spool:
+    """
+    The spool directory of one store, named by ``target`` (a description without secrets).
+
+    The directory is resolved from ``$EMPATHY_HOME`` when first used.
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._digest = hashlib.sha256(target.encode("utf-8", "backslashreplace")).hexdigest()[:24]
+        self._directory: Path | None = None
+
+    def __repr__(self) -> str:
+        return f"Spool({self.target!r})"
+
+    @property
+    def directory(self) -> Path:
+        """``$EMPATHY_HOME/spool/<digest>``, resolved on first use."""
+        if self._directory is None:
+            from ..auth import empathy_home
+
+            self._directory = empathy_home() / "spool" / self._digest
+        return self._directory
+
+    def write(self, records: Iterable[LLMCallRecord]) -> int:
+        """Write ``records`` to a new spool file; return how many were written."""
+        lines = []
+        for record in records:
+            safe, _ = storable(record)  # what is spooled must read back
+            lines.append(json.dumps(to_dict(safe), separators=(",", ":")))
+        if not lines:
+            return 0
+        directory = self.directory
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = directory / f".{name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write("\n".join(lines))
+                out.write("\n")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, directory / f"{name}{_SUFFIX}")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return len(lines)
+
+    def files(self) -> list[Path]:
+        """Spool files waiting for replay (oldest first), abandoned claims included."""
+        directory = self.directory
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in sorted(names):
+            if name.endswith(_SUFFIX):
+                out.append(directory / name)
+            elif _CLAIMED in name:
+                pid = name.rsplit(_CLAIMED, 1)[1]
+                if pid.isdigit() and not _alive(int(pid)):
+                    out.append(directory / name)
+        return out
+
+    def claim(self, path: Path) -> Path | None:
+        """Rename ``path`` to a claim of this process; None when another process took it."""
+        base = path.name.split(_CLAIMED, 1)[0]
+        claimed = path.with_name(f"{base}{_CLAIMED}{os.getpid()}")
+        try:
+            os.rename(path, claimed)
+        except FileNotFoundError:
+            return None
+        return claimed
+
+    def release(self, claimed: Path) -> None:
+        """Give a claimed file back (its replay failed; it is replayed later)."""
+        base = claimed.name.split(_CLAIMED, 1)[0]
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(claimed, claimed.with_name(base))
+
+    def read(self, claimed: Path) -> tuple[list[LLMCallRecord], int]:
+        """The records of a claimed file and how many of its lines were unreadable."""
+        records: list[LLMCallRecord] = []
+        bad = 0
+        with open(claimed, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    records.append(from_dict(json.loads(line), LLMCallRecord))
+                except (ValueError, RecordValidationError):
+                    bad += 1
+        if bad:
+            logger.warning(
+                "telemetry spool %s: %d unreadable records skipped in %s",
+                self.target,
+                bad,
+                claimed.name,
+            )
+        return records, bad
+
+    @staticmethod
+    def remove(claimed: Path) -> None:
+        """Delete a file whose records are all stored."""
+        claimed.unlink(missing_ok=True)

@@ -1,0 +1,147 @@
+"""
+Make one `LLMCallRecord` storable by every telemetry store, flagging what changed.
+
+Stores refuse a few values a record can hold: text with a lone surrogate (not
+encodable as UTF-8), a NUL character (PostgreSQL text and jsonb), an integer past
+64 bits (SQLite INTEGER, PostgreSQL bigint) and a NaN or infinite float in the
+metadata (JSON has no such numbers).  `storable` returns a copy with those values
+made safe (text escaped with backslashes, integers clamped, non-finite metadata
+floats replaced by ``None``) and the names of the fields it changed, which it also
+writes into the copy's metadata under `SANITIZED_KEY`.  The write path calls it only
+for a record a store has refused, so ordinary records are stored exactly as given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any, Final
+
+import attrs
+
+from ..exceptions import EmpathyModelsError, TelemetryError, TelemetryRejectedError
+from ..records import LLMCallRecord
+
+__all__ = ["INT64_MAX", "SANITIZED_KEY", "refusals", "storable"]
+
+INT64_MAX: Final = 2**63 - 1
+"""The largest integer SQLite and PostgreSQL (bigint) store."""
+
+SANITIZED_KEY: Final = "empathy_models.sanitized"
+"""Metadata key naming the fields `storable` changed (comma-separated)."""
+
+_TEXT_FIELDS: Final = (
+    "provider",
+    "model",
+    "call_id",
+    "request_id",
+    "workflow",
+    "stage",
+    "task_type",
+    "price_version",
+    "error_type",
+    "error_message",
+    "original_provider",
+    "original_model",
+    "user_id",
+    "session_id",
+    "prompt_text",
+    "response_text",
+)
+_INT_FIELDS: Final = (
+    "input_tokens",
+    "output_tokens",
+    "status_code",
+    "attempt",
+    "breaker_generation",
+)
+_FLOAT_FIELDS: Final = ("cost_usd", "actual_cost_usd", "latency_ms", "ttft_ms")
+
+
+def safe_text(value: str) -> str:
+    """``value`` with lone surrogates and NUL written as backslash escapes."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if "\x00" in value:
+        value = value.replace("\x00", "\\x00")
+    return value
+
+
+def _safe_scalar(value: Any) -> Any:
+    if isinstance(value, str):
+        return safe_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(-INT64_MAX - 1, min(INT64_MAX, value))
+    return value
+
+
+def storable(record: LLMCallRecord) -> tuple[LLMCallRecord, tuple[str, ...]]:
+    """
+    ``record`` with every value a store would refuse made safe, and the fields changed.
+
+    Returns ``(record, ())`` unchanged when nothing needed fixing.  Raises
+    `RecordValidationError` when the record breaks an invariant that no escaping or
+    clamping can repair.
+    """
+    changes: dict[str, Any] = {}
+    for name in _TEXT_FIELDS:
+        value = getattr(record, name)
+        if isinstance(value, str):
+            fixed = safe_text(value)
+            if fixed != value:
+                changes[name] = fixed
+    for name in _INT_FIELDS:
+        value = getattr(record, name)
+        if isinstance(value, int) and value > INT64_MAX:
+            changes[name] = INT64_MAX
+    for name in _FLOAT_FIELDS:
+        value = getattr(record, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            changes[name] = None if name in ("actual_cost_usd", "ttft_ms") else sys.float_info.max
+    chain = tuple(safe_text(item) for item in record.fallback_chain)
+    if chain != record.fallback_chain:
+        changes["fallback_chain"] = chain
+    metadata = {safe_text(k): _safe_scalar(v) for k, v in record.metadata.items()}
+    if metadata != dict(record.metadata):
+        changes["metadata"] = metadata
+    if not changes:
+        return record, ()
+    fields = tuple(sorted(changes))
+    metadata = dict(changes.get("metadata", record.metadata))
+    metadata[SANITIZED_KEY] = ",".join(fields)
+    changes["metadata"] = metadata
+    return attrs.evolve(record, **changes), fields
+
+
+@contextlib.contextmanager
+def refusals(kinds: tuple[type[BaseException], ...], target: str, where: str) -> Iterator[None]:
+    """
+    Raise `TelemetryRejectedError` for an exception of ``kinds`` (or a `TelemetryError`
+    caused by one) leaving the block: the store refused the records for a value they
+    hold, it did not fail.  ``where`` starts the message (``"SQLite database x.db"``).
+    """
+    try:
+        yield
+    except TelemetryError as exc:
+        cause = exc.__cause__
+        if isinstance(exc, TelemetryRejectedError) or not isinstance(cause, kinds):
+            raise
+        raise _rejected(cause, target, where) from cause
+    except kinds as exc:
+        if isinstance(exc, EmpathyModelsError):
+            raise
+        raise _rejected(exc, target, where) from exc
+
+
+def _rejected(exc: BaseException, target: str, where: str) -> TelemetryRejectedError:
+    return TelemetryRejectedError(
+        f"{where}: a record holds a value that cannot be stored ({type(exc).__name__}: {exc})",
+        target=target,
+    )

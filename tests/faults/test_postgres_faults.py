@@ -1,0 +1,112 @@
+"""
+PostgreSQL behind a `TcpProxy`: refused for seconds (issue #14 item 2), partitioned
+(item 7), and the asyncpg pool's log during an outage (item 18).  Every record
+accepted is in the table at the end, no ``record()`` call waits on the database, and
+`aclose` during a partition returns in bounded time, spooling what it could not write.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import anyio
+import asyncpg
+import pytest
+from empathy_models_postgres import PostgresTelemetryBackend
+
+from empathy_models import BatchingTelemetryBackend
+
+from ._load import Producer
+from ._proxy import TcpProxy
+from .conftest import through
+
+OUTAGE_SECONDS = 6.0  # as in the issue
+STORE_TIMEOUT = 1.0  # asyncpg connect and command timeouts in these tests
+
+
+async def _count(dsn: str, schema: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(f'SELECT count(*) FROM "{schema}".empathy_calls'))
+    finally:
+        await conn.close()
+
+
+def _backend(url: str, close_timeout: float = 5.0) -> BatchingTelemetryBackend:
+    inner = PostgresTelemetryBackend(url, timeout=STORE_TIMEOUT, command_timeout=STORE_TIMEOUT)
+    return BatchingTelemetryBackend(
+        inner, max_queue=2_000, flush_interval=0.05, close_timeout=close_timeout
+    )
+
+
+async def _settle(backend: BatchingTelemetryBackend, produced: int, limit: float = 60.0) -> None:
+    with anyio.fail_after(limit):
+        while backend.written < produced or backend.pending:
+            await backend.flush()
+            await anyio.sleep(0.05)
+
+
+async def test_refused_for_seconds_loses_nothing_and_warns_once_per_outage(
+    postgres_dsn: str,
+    postgres_schema: str,
+    proxy: TcpProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = through(postgres_dsn, proxy, postgres_schema)
+    caplog.set_level(logging.WARNING)
+    async with _backend(url) as backend:
+        await backend.recent()  # connected and migrated
+        load = Producer(backend, "refused")
+        await load.run(1.0)
+        await proxy.refuse()
+        await load.run(OUTAGE_SECONDS)
+        during = load.produced
+        await proxy.restore()
+        await load.run(1.0)
+        await _settle(backend, load.produced)
+        assert backend.failed == 0 and backend.dropped == 0
+        assert backend.spooled > 0, "the outage outgrew the memory budget: some were spooled"
+    stored = await _count(postgres_dsn, postgres_schema)
+    print(
+        f"\nPostgreSQL refused {OUTAGE_SECONDS:g} s: {load.produced} records accepted "
+        f"({during} by the end of the outage), {stored} stored, "
+        f"{load.produced - stored} lost; longest record() {load.worst * 1e3:.2f} ms"
+    )
+    assert stored == load.produced
+    assert load.worst < STORE_TIMEOUT
+    ours = [r.getMessage() for r in caplog.records if r.name == "empathy_models.telemetry"]
+    assert sum("store is unavailable" in m for m in ours) == 1, ours
+    assert sum("store is back" in m for m in ours) == 1, ours
+    pool = [r for r in caplog.records if r.name == "asyncpg.pool"]
+    assert len(pool) <= 1 and all(r.exc_info is None for r in pool), [r.getMessage() for r in pool]
+
+
+async def test_a_partition_never_stalls_a_call_and_close_is_bounded(
+    postgres_dsn: str, postgres_schema: str, proxy: TcpProxy
+) -> None:
+    url = through(postgres_dsn, proxy, postgres_schema)
+    close_timeout = 1.0
+    backend = _backend(url, close_timeout=close_timeout)
+    async with backend:
+        await backend.recent()
+        load = Producer(backend, "partition")
+        await load.run(0.5)
+        proxy.partition()
+        await load.run(2.5)
+        start = time.monotonic()
+    closing = time.monotonic() - start  # aclose() during the partition
+    await proxy.restore()
+    async with _backend(url) as again:  # the next process (or run) replays the spool
+        await _settle(again, 0)
+    stored = await _count(postgres_dsn, postgres_schema)
+    print(
+        f"\nPostgreSQL partitioned: {load.produced} records accepted, {stored} stored; "
+        f"longest record() {load.worst * 1e3:.2f} ms; aclose() in the partition "
+        f"{closing:.2f} s (close_timeout={close_timeout:g} s), {backend.spooled} spooled"
+    )
+    assert load.worst < STORE_TIMEOUT
+    # close_timeout for the flusher, 1 s to cancel it, 5 s at most to close the pool
+    assert closing < close_timeout + 1.0 + 5.0 + 1.0
+    assert backend.spooled > 0
+    assert stored == load.produced

@@ -1,0 +1,61 @@
+"""
+SQLite under faults: the disk full for seconds (issue #14 item 2, in a process of its
+own: ``RLIMIT_FSIZE``), the file deleted while in use (item 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+
+from .._workers import Child
+from ._load import WORKER, record, sqlite_rows
+from ._worker import DISK_FULL_SECONDS
+
+
+def test_a_full_disk_for_seconds_loses_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    child = Child(WORKER, "diskfull", "sqlite", str(db), "3000")
+    try:
+        report = child.read(timeout=120)
+        child.finish()
+    finally:
+        child.close()
+    stored = sqlite_rows(db)
+    print(
+        f"\nSQLite disk full {DISK_FULL_SECONDS:g} s: {report['produced']} records accepted, "
+        f"{stored} stored, {report['spooled']} went through the spool; "
+        f"longest record() {report['worst_ms']} ms"
+    )
+    assert (report["failed"], report["dropped"]) == (0, 0)
+    assert report["spooled"] > 0, "the writes failed long enough to outgrow the memory budget"
+    assert stored == report["produced"]
+
+
+async def test_a_deleted_file_is_recreated_with_everything_it_held(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db) as backend:
+        await backend.record_many([record("before", i) for i in range(1000)])
+        await backend.flush()
+        os.unlink(db)  # what `rm calls.db` does while the program runs
+        with caplog.at_level(logging.WARNING):
+            await backend.record_many([record("after", i) for i in range(1000)])
+            await backend.flush()
+        assert backend.recreated == 1 and backend.failed == 0
+        assert len(await backend.recent(limit=5000)) == 2000
+    stored = sqlite_rows(db)
+    print(f"\nSQLite file deleted while open: 2000 written (1000 before), {stored} stored")
+    assert db.exists() and (db.stat().st_mode & 0o777) == 0o600
+    assert stored == 2000
+    assert not [n for n in os.listdir(tmp_path) if ".rescued-" in n], "the copy is removed"
+    assert any(
+        "was deleted while open; recreated it with the 1000 calls" in r.getMessage()
+        for r in caplog.records
+    )
