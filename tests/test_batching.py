@@ -28,7 +28,8 @@ from empathy_models import (
 from empathy_models.backends._spool import Spool
 from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
-from empathy_models.testing.contracts import TelemetryBackendContract
+from empathy_models.evidence import rollup
+from empathy_models.testing.contracts import TelemetryBackendContract, assert_same_buckets
 
 BASE = datetime(2026, 2, 1, tzinfo=UTC)
 
@@ -288,7 +289,8 @@ async def test_spooled_records_replay_once_even_when_replayed_twice(
     async with SQLiteTelemetryBackend(db) as backend:
         await backend.recent()
     spool = Spool(f"sqlite:{db}")
-    spool.write(_records(50))
+    records = _records(50)
+    spool.write(records)
     directory = spool.directory
     assert directory.is_relative_to(empathy_home)
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
@@ -299,4 +301,6 @@ async def test_spooled_records_replay_once_even_when_replayed_twice(
     async with SQLiteTelemetryBackend(db) as backend:
         await backend.flush()  # opening replays the spool
         assert len(await backend.recent(limit=1000)) == 50
+        # and the rollups count each record once
+        assert_same_buckets((await backend.evidence()).buckets, rollup(records), "replayed")
     assert spool.files() == []

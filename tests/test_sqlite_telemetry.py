@@ -283,14 +283,16 @@ async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Pa
         for statement in _MIGRATIONS[0]:  # a file as version 1 wrote it
             conn.execute(statement)
         conn.execute("PRAGMA user_version = 1")
-        conn.executemany(_INSERT_CALL, map(_to_row, records))
+        # version 1 had no unique call_id to conflict on
+        plain_insert = _INSERT_CALL.removesuffix(" ON CONFLICT (call_id) DO NOTHING")
+        conn.executemany(plain_insert, map(_to_row, records))
         conn.commit()
     finally:
         conn.close()
     async with SQLiteTelemetryBackend(db) as backend:
         migrated = await backend.evidence()
         assert_same_buckets(migrated.buckets, rollup(records), "evidence after migration")
-        more = _records(50, seed=2)
+        more = _records(50, seed=2, prefix="d")
         await backend.record_many(more)
         newer = await backend.evidence(after_version=migrated.version)
         assert {b.key for b in newer.buckets} == {b.key for b in rollup(more)}
@@ -299,7 +301,7 @@ async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Pa
         )
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     finally:
         conn.close()
 

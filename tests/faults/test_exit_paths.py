@@ -17,9 +17,11 @@ from empathy_models_postgres import PostgresTelemetryBackend
 
 from empathy_models import BatchingTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+from empathy_models.evidence import rollup
+from empathy_models.testing.contracts import assert_same_buckets
 
 from .._workers import Child
-from ._load import WORKER, sqlite_rows
+from ._load import WORKER, record, sqlite_rows
 
 
 def _sigterm(child: Child) -> float:
@@ -43,6 +45,19 @@ def test_sigterm_writes_every_queued_sqlite_record(tmp_path: Path) -> None:
     assert child.proc.returncode == 128 + signal.SIGTERM
     assert stored == 3000
     assert took < 10
+
+
+async def test_records_written_at_sigterm_are_rolled_up_once(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    child = Child(WORKER, "sigterm", "sqlite", str(db), "500")
+    try:
+        assert child.read() == {"ready": 500}
+        _sigterm(child)
+    finally:
+        child.close()
+    async with SQLiteTelemetryBackend(db) as again:
+        buckets = (await again.evidence()).buckets
+    assert_same_buckets(buckets, rollup([record("sigterm", i) for i in range(500)]), "exit")
 
 
 async def test_sigterm_spools_postgres_records_for_the_next_run(

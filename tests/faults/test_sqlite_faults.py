@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+from empathy_models.evidence import rollup
+from empathy_models.testing.contracts import assert_same_buckets
 
 from .._workers import Child
 from ._load import WORKER, record, sqlite_rows
@@ -50,6 +52,9 @@ async def test_a_deleted_file_is_recreated_with_everything_it_held(
             await backend.flush()
         assert backend.recreated == 1 and backend.failed == 0
         assert len(await backend.recent(limit=5000)) == 2000
+        written = [record("before", i) for i in range(1000)]
+        written += [record("after", i) for i in range(1000)]
+        assert_same_buckets((await backend.evidence()).buckets, rollup(written), "rescued")
     stored = sqlite_rows(db)
     print(f"\nSQLite file deleted while open: 2000 written (1000 before), {stored} stored")
     assert db.exists() and (db.stat().st_mode & 0o777) == 0o600

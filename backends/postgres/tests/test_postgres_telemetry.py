@@ -171,7 +171,7 @@ async def test_version_1_tables_gain_evidence_built_from_their_calls(
         await backend.record_many(more)
         newer = await backend.evidence(after_version=migrated.version)
         assert {b.key for b in newer.buckets} == {b.key for b in rollup(more)}
-    assert TELEMETRY_SCHEMA_VERSION == 2
+    assert TELEMETRY_SCHEMA_VERSION == 3
 
 
 async def test_incremental_evidence_reads_the_version_index(
