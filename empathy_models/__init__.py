@@ -73,6 +73,7 @@ from .exceptions import (
     EmpathyModelsError as EmpathyModelsError,
     InvalidRequestError as InvalidRequestError,
     InvalidResponseError as InvalidResponseError,
+    MissingAPIKeyError as MissingAPIKeyError,
     ModelNotFoundError as ModelNotFoundError,
     NoModelMeetsConstraintsError as NoModelMeetsConstraintsError,
     OverloadedError as OverloadedError,
@@ -92,6 +93,7 @@ from .executor import (
     ExecutionContext as ExecutionContext,
     FallbackPolicy as FallbackPolicy,
     LLMResponse as LLMResponse,
+    MissingAPIKeyWarning as MissingAPIKeyWarning,
     TelemetryDisabledWarning as TelemetryDisabledWarning,
 )
 from .providers import (
@@ -174,6 +176,8 @@ __all__ = [
     "MemoryStateStore",
     "MemoryTelemetryBackend",
     "Message",
+    "MissingAPIKeyError",
+    "MissingAPIKeyWarning",
     "ModelInfo",
     "ModelNotFoundError",
     "ModelPerformance",

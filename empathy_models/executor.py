@@ -105,6 +105,7 @@ from .exceptions import (
 from .outcomes import classify_error, retry_after_of
 from .providers._http import AttemptTimeout, HTTPProvider
 from .records import (
+    CandidateEvaluation,
     CircuitState,
     LLMCallRecord,
     ModelTier,
@@ -124,6 +125,7 @@ __all__ = [
     "ExecutionContext",
     "FallbackPolicy",
     "LLMResponse",
+    "MissingAPIKeyWarning",
     "TelemetryDisabledWarning",
 ]
 
@@ -135,6 +137,21 @@ _ERROR_MESSAGE_LIMIT = 300
 JSONScalar = str | int | float | bool | None
 Sleep = Callable[[float], Awaitable[object]]
 Clock = Callable[[], float]
+
+
+class MissingAPIKeyWarning(UserWarning):
+    """
+    A configured provider has no API key, so its models are not routed to.
+
+    Emitted once per executor, at construction, naming each such provider and the
+    environment variable it reads.  Its models still appear in every routing decision,
+    excluded with the reason.  Pass ``api_key=`` or set the variable, or leave the
+    provider out of ``providers`` to silence it.
+    """
+
+
+def _env_var(provider: Provider) -> str:
+    return getattr(provider, "env_var", "") or "its API key variable"
 
 
 class TelemetryDisabledWarning(UserWarning):
@@ -441,9 +458,24 @@ class LLMResponse:
         return self.input_tokens + self.output_tokens
 
     @property
+    def attempt_count(self) -> int:
+        """Every attempt of the run, the answering one included (retries and fallbacks)."""
+        return len(self.attempts)
+
+    @property
     def retry_count(self) -> int:
-        """Attempts made before the one that answered, on every route."""
-        return len(self.attempts) - 1
+        """
+        Retries: attempts that repeated a model already tried in this run.
+
+        A move to another model is a fallback (`fallback_count`), not a retry: with
+        ``RetryPolicy.none()`` this is always 0.  ``attempt_count`` counts both.
+        """
+        return len(self.attempts) - len({a.model for a in self.attempts})
+
+    @property
+    def fallback_count(self) -> int:
+        """Models moved on to after the first route (``len(fallback_chain) - 1``)."""
+        return max(0, len(self.fallback_chain) - 1)
 
 
 _DEFAULT_CONTEXT = ExecutionContext()
@@ -508,6 +540,7 @@ class _TierPlan(NamedTuple):
     same_tier: tuple[ModelInfo, ...]
     higher: tuple[ModelInfo, ...]
     hint_keys: tuple[tuple[str, str], ...] | None  # (model id, breaker key) per route
+    keyless: tuple[CandidateEvaluation, ...]  # the tier's models without a key, excluded
 
 
 def _order_routes(
@@ -529,6 +562,17 @@ def _order_routes(
     seen = {m.id for m in routes}
     routes.extend(m for m in ordered(higher) if m.id not in seen)
     return routes
+
+
+def _annotated(
+    decision: RoutingDecision, keyless: tuple[CandidateEvaluation, ...], note: str | None
+) -> RoutingDecision:
+    """``decision`` with the keyless models listed as excluded and the tier change stated."""
+    return attrs.evolve(
+        decision,
+        candidates=(*decision.candidates, *keyless),
+        reason=decision.reason if note is None else f"{decision.reason}; {note}",
+    )
 
 
 # --------------------------------------------------------------------------- per-run state
@@ -662,8 +706,25 @@ class EmpathyLLMExecutor:
         self._telemetry: TelemetryBackend | None = (
             None if telemetry_store is None else telemetry_from_url(telemetry_store)
         )
+        # providers that will fail locally, before any request (no API key): they are not
+        # routed to (one warning now, a stated reason in every routing decision); a model
+        # pinned with ``ExecutionContext.model`` is still tried, and its attempt is
+        # recorded as ``not_sent``, which neither the router nor the breaker counts
+        self._keyless = frozenset(
+            name
+            for name, p in self._providers.items()
+            if isinstance(p, HTTPProvider) and not p.has_api_key
+        )
         self._candidates: dict[ModelTier, tuple[ModelInfo, ...]] = {
-            tier: tuple(m for m in self._registry.for_tier(tier) if m.provider in self._providers)
+            tier: tuple(
+                m
+                for m in self._registry.for_tier(tier)
+                if m.provider in self._providers and m.provider not in self._keyless
+            )
+            for tier in _TIER_ORDER
+        }
+        self._keyless_models: dict[ModelTier, tuple[ModelInfo, ...]] = {
+            tier: tuple(m for m in self._registry.for_tier(tier) if m.provider in self._keyless)
             for tier in _TIER_ORDER
         }
         self._keys: dict[tuple[str, str], str] = {}
@@ -677,14 +738,6 @@ class EmpathyLLMExecutor:
             )
             for name, p in self._providers.items()
         }
-        # providers that will fail locally, before any request (no API key): their error
-        # is this process's configuration, not the provider's health, so it is recorded
-        # but never reported to a breaker that other workers may share
-        self._keyless = frozenset(
-            name
-            for name, p in self._providers.items()
-            if isinstance(p, HTTPProvider) and not p.has_api_key
-        )
         self._tier_plans: dict[ModelTier, _TierPlan] = {}
         self._default_routes: dict[tuple[ModelTier, str | None], tuple[ModelInfo, ...]] = {}
         self._models_by_id: dict[str, ModelInfo] = {
@@ -699,6 +752,20 @@ class EmpathyLLMExecutor:
         """Telemetry writes that failed (logged, never raised into a request)."""
         self.feedback_errors = 0
         """Router or breaker feedback calls that failed (logged, never raised)."""
+        self._tier_notes: dict[ModelTier, tuple[ModelTier, str]] = {}
+        if self._keyless:
+            message = (
+                "no API key for "
+                + ", ".join(
+                    f"{name} (set {_env_var(self._providers[name])} or pass api_key=)"
+                    for name in sorted(self._keyless)
+                )
+                + ": "
+                + ("its" if len(self._keyless) == 1 else "their")
+                + " models are not routed to"
+            )
+            logger.warning("%s", message)
+            warnings.warn(message, MissingAPIKeyWarning, stacklevel=2)
         if self._telemetry is None:
             warnings.warn(
                 "EmpathyLLMExecutor has no telemetry_store: calls work, but no LLMCallRecord "
@@ -983,9 +1050,78 @@ class EmpathyLLMExecutor:
                     hint_keys = tuple(pairs)
                 except Exception:
                     hint_keys = None  # `_known_open` reports the failure on every call
-            plan = _TierPlan(same_tier, tuple(higher), hint_keys)
+            keyless = tuple(
+                CandidateEvaluation(
+                    model=m.id,
+                    provider=m.provider,
+                    tier=m.tier,
+                    excluded=True,
+                    reasons=(
+                        f"no API key for {m.provider} (set "
+                        f"{_env_var(self._providers[m.provider])} or pass api_key=)",
+                    ),
+                )
+                for m in self._keyless_models[tier]
+            )
+            plan = _TierPlan(same_tier, tuple(higher), hint_keys, keyless)
             self._tier_plans[tier] = plan
         return plan
+
+    def _substitute_tier(self, tier: ModelTier, task_type: str) -> tuple[ModelTier, str]:
+        """
+        The tier to use when the task's ``tier`` has no routable model, and why.
+
+        More capable tiers first (capable -> premium), then the nearest less capable
+        one; `ConfigurationError` when no tier has a model.  Logged once per tier.
+        """
+        known = self._tier_notes.get(tier)
+        if known is not None:
+            return known
+        index = _TIER_ORDER.index(tier)
+        order = [*_TIER_ORDER[index + 1 :], *reversed(_TIER_ORDER[:index])]
+        for other in order:
+            if self._candidates[other]:
+                note = (
+                    f"task {task_type!r} asks for the {tier.value} tier, which has no model "
+                    f"{self._served_by()}; using the {other.value} tier instead "
+                    "(pass ExecutionContext(tier=...), task_type=... or model=... to choose)"
+                )
+                logger.warning("%s", note)
+                self._tier_notes[tier] = (other, note)
+                return other, note
+        raise ConfigurationError(self._no_model_message(tier, explicit=False))
+
+    def _served_by(self) -> str:
+        keyed = sorted(set(self._providers) - self._keyless)
+        return (
+            f"served by a configured provider with an API key ({', '.join(keyed)})"
+            if keyed
+            else "served by a configured provider with an API key (none has one)"
+        )
+
+    def _no_model_message(self, tier: ModelTier, *, explicit: bool) -> str:
+        parts = [
+            f"no {tier.value} model in the registry (price table "
+            f"{self._registry.price_version}) is {self._served_by()}"
+        ]
+        if self._keyless:
+            parts.append(
+                "no API key for "
+                + ", ".join(
+                    f"{name} (set {_env_var(self._providers[name])})"
+                    for name in sorted(self._keyless)
+                )
+            )
+        usable = [t for t in _TIER_ORDER if self._candidates[t]]
+        if usable:
+            example = self._candidates[usable[0]][0].id
+            parts.append(
+                f"pass ExecutionContext(tier=...) with one of {', '.join(t.value for t in usable)}, "
+                f"a task_type= of such a tier, or model=... (for example model={example!r})"
+            )
+        elif not explicit:
+            parts.append("no tier has one")
+        return "; ".join(parts)
 
     def _open_ids(self, plan: _TierPlan) -> Collection[str]:
         """Ids of the tier's routes whose breaker is known to be open (often none)."""
@@ -1028,13 +1164,14 @@ class EmpathyLLMExecutor:
         else:
             tier = task_tier
         plan = self._tier_plan(tier)
+        substituted: str | None = None
+        if not plan.same_tier and pinned is None:
+            if context.tier is not None:
+                raise ConfigurationError(self._no_model_message(tier, explicit=True))
+            # the tier came from the task: another tier serves rather than every run failing
+            tier, substituted = self._substitute_tier(tier, context.task_type)
+            plan = self._tier_plan(tier)
         same_tier = plan.same_tier
-        if not same_tier and pinned is None:
-            raise ConfigurationError(
-                f"no {tier.value} model in the registry (price table "
-                f"{self._registry.price_version}) is served by the configured providers "
-                f"({', '.join(sorted(self._providers))})"
-            )
         open_ids = self._open_ids(plan)
 
         decision: RoutingDecision | None = None
@@ -1058,6 +1195,8 @@ class EmpathyLLMExecutor:
                 ),
                 **options,
             )
+            if plan.keyless or substituted is not None:
+                decision = _annotated(decision, plan.keyless, substituted)
             first = self._models_by_id.get(decision.model) or self._registry.get(decision.model)
             if first.provider not in self._providers:
                 raise ConfigurationError(

@@ -72,7 +72,14 @@ class Outcome(enum.StrEnum):
     ``ignored``               400, context window, policy        neither
     ``cancelled``             the caller cancelled               neither
     ``rejected``              the circuit breaker said no        neither
+    ``not_sent``              failed on our side before sending  neither
+                              (no API key, local configuration)
     ========================  =================================  ===================
+
+    Only the first four are *samples* (`is_sample`): the router's statistics and the
+    breaker learn from them alone.  ``not_sent`` exists so that a worker's own
+    misconfiguration is recorded without lowering a model's success rate for every
+    worker that routes on the same telemetry.
     """
 
     SUCCESS = "success"
@@ -82,6 +89,7 @@ class Outcome(enum.StrEnum):
     IGNORED = "ignored"
     CANCELLED = "cancelled"
     REJECTED = "rejected"
+    NOT_SENT = "not_sent"
 
     @property
     def is_sample(self) -> bool:
