@@ -11,6 +11,7 @@ private.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import attrs
 
@@ -230,6 +231,12 @@ __all__ = [
     "telemetry_from_url",
     "wilson_interval",
 ]
+
+
+# A library leaves logging to the application: without a handler of its own, records
+# of the ``empathy_models.*`` loggers reach only what the application configured (the
+# CLI's ``-v`` / ``--log-level``, ``logging.basicConfig``, ...).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def _publish() -> None:

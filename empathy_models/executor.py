@@ -18,8 +18,14 @@ What `EmpathyLLMExecutor.run` does, in order:
 
 1. **Tier.** ``context.tier`` if given, else the tier of ``context.task_type``
    (`empathy_models.tasks.get_tier_for_task`; unknown tasks -> capable).
-2. **Candidates.** The registry's models of that tier whose provider is configured,
-   cheapest first.  None at all raises `ConfigurationError` (no silent change of tier).
+2. **Candidates.** The registry's models of that tier whose provider is configured
+   and has an API key, cheapest first.  Providers without a key are not routed to:
+   the executor warns once when built (`MissingAPIKeyWarning`), and every routing
+   decision lists their models as excluded with that reason.  When the task's tier
+   has no candidate, the next more capable tier that has one is used (then the
+   nearest less capable one), stated in the decision's reason and logged once; an
+   explicit ``context.tier`` without candidates raises `ConfigurationError`, which
+   says which ``tier=``, ``task_type=`` or ``model=`` would work.
 3. **First route.** A pinned ``context.model``; else the router's pick (when a router is
    given; models whose breaker is known to be open are passed as ``unavailable``; when
    every candidate of the tier is known to be open the router is not asked and the
@@ -46,8 +52,9 @@ What `EmpathyLLMExecutor.run` does, in order:
                                            one model, so it is reported to a breaker
                                            key shared by the provider's models as
                                            ignored, not fatal
-   no API key configured (local)           next route at once; recorded, never reported
-                                           to the breaker (it is not the provider's fault)
+   no API key configured (local; only a    next route at once; recorded as
+   pinned model gets here)                 ``not_sent``, which neither the router nor
+                                           the breaker counts (not the provider's fault)
    malformed response, unknown error       next route at once (no retry)
    breaker open                            next route, provider not called
    400, content policy                     raised at once: a bad request stays bad
@@ -90,7 +97,14 @@ import anyio
 import attrs
 from attrs import field, frozen
 
-from .abc import Completion, CompletionRequest, Message, Provider, TelemetryBackend
+from .abc import (
+    Completion,
+    CompletionRequest,
+    Message,
+    Provider,
+    TelemetryBackend,
+    split_system,
+)
 from .backends import telemetry_from_url
 from .backends.null import NullTelemetryBackend
 from .breaker import CircuitBreaker, provider_outcome
@@ -101,6 +115,7 @@ from .exceptions import (
     ContextWindowExceededError,
     ModelNotFoundError,
     ProviderTimeoutError,
+    RecordValidationError,
 )
 from .outcomes import classify_error, retry_after_of
 from .providers._http import AttemptTimeout, HTTPProvider
@@ -121,6 +136,7 @@ from .tasks import get_tier_for_task, is_known_task, normalize_task_type
 
 __all__ = [
     "AttemptSummary",
+    "Prompt",
     "EmpathyLLMExecutor",
     "ExecutionContext",
     "FallbackPolicy",
@@ -486,18 +502,30 @@ _new_response = _trusted_constructor(LLMResponse)
 _new_summary = _trusted_constructor(AttemptSummary)
 
 
-def _to_messages(prompt: str | Sequence[Message]) -> tuple[Message, ...]:
+Prompt = str | Sequence[Message | Mapping[str, Any]]
+"""A string (one user message), or `Message` objects and OpenAI-style message dicts."""
+
+
+def _to_messages(prompt: Prompt, system: str | None) -> tuple[tuple[Message, ...], str | None]:
+    """The messages to send and the system prompt (system messages folded into it)."""
     if isinstance(prompt, str):
-        return (Message(role="user", content=prompt),)
-    messages = tuple(prompt)
+        return (Message(role="user", content=prompt),), system
+    if isinstance(prompt, Mapping) or not isinstance(prompt, Sequence):
+        raise ConfigurationError(
+            "prompt must be a string or a non-empty list of messages (Message objects or "
+            f"{{'role': ..., 'content': ...}} dicts), got {type(prompt).__name__}"
+        )
+    try:
+        messages = tuple(Message.of(item, index=i) for i, item in enumerate(prompt))
+    except RecordValidationError as exc:
+        raise ConfigurationError(f"prompt {exc}") from None
+    messages, system = split_system(messages, system)
     if not messages:
-        raise ConfigurationError("prompt must be a string or a non-empty sequence of Message")
-    for item in messages:
-        if not isinstance(item, Message):
-            raise ConfigurationError(
-                f"prompt messages must be Message objects, got {type(item).__name__}"
-            )
-    return messages
+        raise ConfigurationError(
+            "prompt must hold at least one user or assistant message"
+            + (" (system messages become the system prompt)" if prompt else "")
+        )
+    return messages, system
 
 
 def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
@@ -592,6 +620,7 @@ class _Run:
         "original",
         "prompt_text",
         "request_id",
+        "system",
         "task_type",
     )
 
@@ -602,6 +631,7 @@ class _Run:
         original: ModelInfo,
         decision: RoutingDecision | None,
         task_type: str,
+        system: str | None,
     ) -> None:
         self.context = context
         self.messages = messages
@@ -613,7 +643,8 @@ class _Run:
         self.errors: list[Exception] = []
         self.chain: list[str] = []
         self.task_type = task_type
-        self.prompt_text = _prompt_text(messages, context.system) if context.record_text else None
+        self.system = system
+        self.prompt_text = _prompt_text(messages, system) if context.record_text else None
 
 
 class _DeadlineExceeded(Exception):
@@ -1116,7 +1147,8 @@ class EmpathyLLMExecutor:
         if usable:
             example = self._candidates[usable[0]][0].id
             parts.append(
-                f"pass ExecutionContext(tier=...) with one of {', '.join(t.value for t in usable)}, "
+                "pass ExecutionContext(tier=...) with one of "
+                f"{', '.join(t.value for t in usable)}, "
                 f"a task_type= of such a tier, or model=... (for example model={example!r})"
             )
         elif not explicit:
@@ -1146,7 +1178,11 @@ class EmpathyLLMExecutor:
         return _NO_IDS if out is None else out
 
     def _plan(
-        self, context: ExecutionContext, messages: tuple[Message, ...], task_tier: ModelTier
+        self,
+        context: ExecutionContext,
+        messages: tuple[Message, ...],
+        system: str | None,
+        task_tier: ModelTier,
     ) -> tuple[list[ModelInfo], RoutingDecision | None]:
         pinned: ModelInfo | None = None
         if context.model is not None:
@@ -1185,7 +1221,7 @@ class EmpathyLLMExecutor:
                 context.workflow,
                 context.stage,
                 candidates=[m.id for m in same_tier],
-                input_tokens=_estimate_tokens(messages, context.system),
+                input_tokens=_estimate_tokens(messages, system),
                 max_tokens=context.max_tokens,
                 max_cost=context.max_cost,
                 max_latency_ms=context.max_latency_ms,
@@ -1355,11 +1391,14 @@ class EmpathyLLMExecutor:
                 f"executor:' (it is {self._state})"
             )
 
-    async def run(
-        self, prompt: str | Sequence[Message], context: ExecutionContext | None = None
-    ) -> LLMResponse:
+    async def run(self, prompt: Prompt, context: ExecutionContext | None = None) -> LLMResponse:
         """
         Answer ``prompt`` with the best available model; see the module docs for the flow.
+
+        ``prompt`` is a string (one user message) or a list of `Message` objects and
+        OpenAI-style ``{"role": ..., "content": ...}`` dicts; ``"system"`` messages
+        become the system prompt (after ``context.system``).  A malformed message
+        raises `ConfigurationError` naming its position.
 
         Returns an `LLMResponse`.  Raises `AllRoutesFailedError` (an `ExceptionGroup`
         holding every attempt's error, in order) when no route answered or the deadline
@@ -1374,12 +1413,12 @@ class EmpathyLLMExecutor:
         ctx = _DEFAULT_CONTEXT if context is None else context
         if not isinstance(ctx, ExecutionContext):
             raise ConfigurationError(f"context must be an ExecutionContext, got {ctx!r}")
-        messages = _to_messages(prompt)
+        messages, system = _to_messages(prompt, ctx.system)
         start = self._clock()
         deadline_at = None if ctx.deadline is None else start + ctx.deadline
         task_type, task_tier = self._task(ctx.task_type)
-        routes, decision = self._plan(ctx, messages, task_tier)
-        run = _Run(ctx, messages, routes[0], decision, task_type)
+        routes, decision = self._plan(ctx, messages, system, task_tier)
+        run = _Run(ctx, messages, routes[0], decision, task_type, system)
         called_routes = 0
         min_context = 0
         try:
@@ -1388,6 +1427,14 @@ class EmpathyLLMExecutor:
                     break
                 if info.context_window <= min_context:
                     continue
+                if run.chain:
+                    logger.info(
+                        "%s/%s falling back from %s to %s",
+                        ctx.workflow,
+                        ctx.stage,
+                        run.chain[-1],
+                        info.id,
+                    )
                 run.chain.append(info.id)
                 called, completion, overflow = await self._route(run, info, deadline_at)
                 called_routes += called
@@ -1463,7 +1510,7 @@ class EmpathyLLMExecutor:
         request = CompletionRequest(
             model=info.id,
             messages=run.messages,
-            system=run.context.system,
+            system=run.system,
             max_tokens=run.context.max_tokens,
             temperature=run.context.temperature,
         )
@@ -1523,6 +1570,14 @@ class EmpathyLLMExecutor:
                         )
                         run.errors.append(exc)
                         run.attempts.append(self._summary(record, exc))
+                        logger.info(
+                            "%s/%s: circuit %s is %s, %s not called",
+                            run.context.workflow,
+                            run.context.stage,
+                            key,
+                            exc.state.value if exc.state is not None else "open",
+                            info.id,
+                        )
                         with anyio.CancelScope(shield=True):  # the record survives a cancel
                             await self._feedback(record, None, None, None)
                         return called, None, False
@@ -1650,6 +1705,17 @@ class EmpathyLLMExecutor:
                 semaphore.release()
 
             # ---- decide after a failure (outside the provider slot)
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "%s/%s attempt %d on %s failed: %s (%s): %s",
+                    run.context.workflow,
+                    run.context.stage,
+                    attempt,
+                    info.id,
+                    _describe(error),
+                    outcome.value,
+                    str(error)[:_ERROR_MESSAGE_LIMIT],
+                )
             if by_deadline and expired:
                 run.attempts.append(self._summary(record, error))
                 raise _DeadlineExceeded(None) from None  # the error is in run.errors
@@ -1680,6 +1746,15 @@ class EmpathyLLMExecutor:
                 run.attempts.append(self._summary(record, error))
                 return called, None, False
             run.attempts.append(self._summary(record, error, delay))
+            logger.info(
+                "%s/%s retrying %s in %.2fs (attempt %d of %d on this route)",
+                run.context.workflow,
+                run.context.stage,
+                info.id,
+                delay,
+                route_attempt + 1,
+                self._retry.max_attempts,
+            )
             await self._sleep(delay)
         return called, None, False
 

@@ -125,9 +125,11 @@ def keyless_executor(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecuto
 def test_one_warning_at_start_up_names_the_provider_and_its_variable(
     server: FakeLLMServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="empathy_models.executor"):
-        with pytest.warns(MissingAPIKeyWarning) as caught:
-            EmpathyLLMExecutor(one_key(server), registry=REGISTRY, telemetry_store="null://")
+    with (
+        caplog.at_level(logging.WARNING, logger="empathy_models.executor"),
+        pytest.warns(MissingAPIKeyWarning) as caught,
+    ):
+        EmpathyLLMExecutor(one_key(server), registry=REGISTRY, telemetry_store="null://")
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "anthropic" in message and "ANTHROPIC_API_KEY" in message
