@@ -693,7 +693,10 @@ class EmpathyLLMExecutor:
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
     neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
     What it builds from a URL it owns and closes.  Use it as ``async with``; `run`
-    raises `RuntimeError` outside that block.
+    raises `RuntimeError` outside that block.  An executor garbage-collected while
+    still open emits a `ResourceWarning`: close it (``async with`` or `aclose`), since
+    an open SQLite backend's worker thread keeps the interpreter from exiting.
+    Synchronous code uses `empathy_models.sync.SyncExecutor`, which closes itself.
     """
 
     def __init__(
@@ -989,6 +992,20 @@ class EmpathyLLMExecutor:
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.aclose()
+
+    def __del__(self) -> None:
+        # an executor left open holds an HTTP session and, for URLs it was given, backends
+        # whose worker threads can keep the interpreter from exiting: say so, like an
+        # unclosed file (shown with `python -X dev` or `-W default`, errors under pytest)
+        if getattr(self, "_state", None) == "open":
+            warnings.warn(
+                f"unclosed {self!r}: use 'async with EmpathyLLMExecutor(...) as executor:' "
+                "or 'await executor.aclose()' (or empathy_models.sync.SyncExecutor in "
+                "synchronous code)",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
 
     async def _flush_borrowed(self) -> None:
         assert self._telemetry is not None
