@@ -3,8 +3,9 @@ The ``empathy-models`` command line (also ``python -m empathy_models``).
 
 Command groups live in modules of this package, each exposing
 ``register(subparsers)``; adding a group is one line in `COMMANDS`.  Every command
-takes ``--db`` (default: the database named in ``empathy.toml``, else
-``$EMPATHY_HOME/empathy.db``; see ``empathy-models config show``).  Exit codes: 0 success, 1 an
+that reads a database takes ``--db`` (default: the database named in ``empathy.toml``,
+else ``$EMPATHY_HOME/empathy.db``; see ``empathy-models config show``); ``-v`` /
+``--log-level`` (before the command) show the library's logs on stderr.  Exit codes: 0 success, 1 an
 error the command reports (missing or corrupt database, a refused reset), 2 a usage
 error, 130 interrupted.  The CLI uses only the public API of ``empathy_models``.
 """
@@ -13,14 +14,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
-from empathy_models import EmpathyModelsError, __version__
+from empathy_models import EmpathyModelsError, NoModelMeetsConstraintsError, __version__
 
-from ._common import CliError, Register
+from ._common import CliError, Register, emit_json
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -35,6 +37,9 @@ COMMANDS: tuple[str, ...] = (
 """Modules of ``empathy_models.cli`` whose ``register(subparsers)`` adds a command group."""
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every group in `COMMANDS` registered."""
     parser = argparse.ArgumentParser(
@@ -43,12 +48,51 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `empathy-models demo` (no API key needed).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="show the library's logs on stderr (-v: info, -vv: debug)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        default=None,
+        help="show the library's logs from this level on (overrides -v)",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"{__name__}.{name}")
         register = cast(Register, module.register)
         register(subparsers)
+    parser.set_defaults(func=None, help_parser=parser)
     return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Send the ``empathy_models`` loggers to stderr when -v or --log-level asks for it."""
+    level: int | None = None
+    if args.log_level is not None:
+        level = getattr(logging, args.log_level.upper())
+    elif args.verbose:
+        level = logging.INFO if args.verbose == 1 else logging.DEBUG
+    if level is None:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package = logging.getLogger("empathy_models")
+    package.addHandler(handler)
+    package.setLevel(level)
+
+
+def _error_json(exc: BaseException, code: int) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc), "exit_code": code}
+    if isinstance(exc, NoModelMeetsConstraintsError):
+        error["workflow"] = exc.workflow
+        error["stage"] = exc.stage
+        error["reasons"] = {model: list(why) for model, why in exc.reasons.items()}
+    return {"error": error}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,21 +100,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit code.
 
     Errors of this package print ``empathy-models: error: <message>`` on stderr (no
-    traceback) and return 1; usage errors return 2 with the usage line.
+    traceback) and return 1; usage errors return 2 with the usage line.  With
+    ``--json``, an error is also printed on stdout as ``{"error": {"type", "message",
+    "exit_code", ...}}`` (a routing no-match adds ``workflow``, ``stage`` and the
+    ``reasons`` of every candidate).  A command group without a subcommand, or no
+    command at all, prints its help.
     """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if args.func is None:
+        args.help_parser.print_help()
+        return 0
+    _configure_logging(args)
     try:
         return int(args.func(args))
-    except CliError as exc:
+    except (CliError, EmpathyModelsError) as exc:
+        code = exc.code if isinstance(exc, CliError) else 1
         print(f"empathy-models: error: {exc}", file=sys.stderr)
-        return exc.code
-    except EmpathyModelsError as exc:
-        print(f"empathy-models: error: {exc}", file=sys.stderr)
-        return 1
+        if getattr(args, "json", False):
+            emit_json(_error_json(exc, code))
+        return code
     except KeyboardInterrupt:
         print("empathy-models: interrupted", file=sys.stderr)
         return 130
