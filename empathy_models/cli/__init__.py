@@ -5,19 +5,21 @@ Command groups live in modules of this package, each exposing
 ``register(subparsers)``; adding a group is one line in `COMMANDS`.  Every command
 that reads a database takes ``--db`` (default: the database named in ``empathy.toml``,
 else ``$EMPATHY_HOME/empathy.db``; see ``empathy-models config show``); ``-v`` /
-``--log-level`` (before the command) show the library's logs on stderr.  Exit codes: 0 success, 1 an
-error the command reports (missing or corrupt database, a refused reset), 2 a usage
-error, 130 interrupted.  The CLI uses only the public API of ``empathy_models``.
+``--log-level`` (before the command) show the library's logs on stderr.  Exit codes:
+0 success, 1 an error the command reports (missing or corrupt database, a refused
+reset), 2 a usage error, 130 interrupted.  The CLI uses only the public API of
+``empathy_models``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, cast
 
 from empathy_models import EmpathyModelsError, NoModelMeetsConstraintsError, __version__
@@ -70,20 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
-    """Send the ``empathy_models`` loggers to stderr when -v or --log-level asks for it."""
+@contextlib.contextmanager
+def _library_logs(args: argparse.Namespace) -> Iterator[None]:
+    """
+    While a command runs, send the ``empathy_models`` loggers to stderr when -v or
+    --log-level asks for it; the handler and level are removed afterwards.
+    """
     level: int | None = None
     if args.log_level is not None:
         level = getattr(logging, args.log_level.upper())
     elif args.verbose:
         level = logging.INFO if args.verbose == 1 else logging.DEBUG
     if level is None:
+        yield
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     package = logging.getLogger("empathy_models")
+    previous = package.level
     package.addHandler(handler)
     package.setLevel(level)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous)
 
 
 def _error_json(exc: BaseException, code: int) -> dict[str, Any]:
@@ -114,9 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.func is None:
         args.help_parser.print_help()
         return 0
-    _configure_logging(args)
     try:
-        return int(args.func(args))
+        with _library_logs(args):
+            return int(args.func(args))
     except (CliError, EmpathyModelsError) as exc:
         code = exc.code if isinstance(exc, CliError) else 1
         print(f"empathy-models: error: {exc}", file=sys.stderr)
