@@ -119,7 +119,7 @@ class CircuitState(enum.StrEnum):
 
 
 class ConstraintStatus(enum.StrEnum):
-    """How a candidate stands against a routing constraint (peers.md §5.2)."""
+    """How a candidate stands against a routing constraint (see `empathy_models.scoring`)."""
 
     ELIGIBLE = "eligible"
     UNPROVEN = "unproven"
@@ -451,7 +451,7 @@ class ModelPerformance:
     Aggregated behaviour of one model for a (workflow, stage) over a time window.
 
     Only *sample* outcomes count (``success``, ``failure``, ``rate_limited``, ``fatal``);
-    ignored, cancelled and rejected attempts do not.  Latency percentiles are computed
+    ignored, cancelled, rejected and not-sent attempts do not.  Latency percentiles are computed
     over successful calls with the nearest-rank method; costs over every sample.
     """
 
