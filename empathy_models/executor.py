@@ -997,7 +997,11 @@ class EmpathyLLMExecutor:
         # an executor left open holds an HTTP session and, for URLs it was given, backends
         # whose worker threads can keep the interpreter from exiting: say so, like an
         # unclosed file (shown with `python -X dev` or `-W default`, errors under pytest)
-        if getattr(self, "_state", None) == "open":
+        if getattr(self, "_state", None) != "open":
+            return
+        # a plain try (not contextlib.suppress): at interpreter shutdown module globals
+        # may already be torn down, and a __del__ must not raise
+        try:  # noqa: SIM105
             warnings.warn(
                 f"unclosed {self!r}: use 'async with EmpathyLLMExecutor(...) as executor:' "
                 "or 'await executor.aclose()' (or empathy_models.sync.SyncExecutor in "
@@ -1006,6 +1010,8 @@ class EmpathyLLMExecutor:
                 stacklevel=1,
                 source=self,
             )
+        except Exception:  # pragma: no cover - interpreter shutdown: modules torn down
+            pass
 
     async def _flush_borrowed(self) -> None:
         assert self._telemetry is not None

@@ -23,12 +23,19 @@ import asyncio
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 from .abc import Provider, TelemetryBackend
-from .executor import EmpathyLLMExecutor, ExecutionContext, LLMResponse, Prompt
+from .executor import (
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    LLMResponse,
+    Prompt,
+    _Breaker,
+    _Router,
+)
 
 __all__ = ["SyncExecutor"]
 
@@ -111,8 +118,8 @@ class SyncExecutor:
         providers: Sequence[Provider] | Mapping[str, Provider],
         *,
         telemetry_store: TelemetryBackend | str | None = None,
-        router: Any = None,
-        breaker: Any = None,
+        router: _Router | None = None,
+        breaker: _Breaker | str | None = None,
         **options: Any,
     ) -> None:
         self._worker = _LoopThread("empathy-models-sync")
@@ -124,10 +131,12 @@ class SyncExecutor:
             stack = AsyncExitStack()
             try:
                 for resource in (router, breaker):
-                    if resource is not None and not isinstance(resource, str):
-                        enter = getattr(resource, "__aenter__", None)
-                        if enter is not None:
-                            await stack.enter_async_context(resource)
+                    # objects that are async context managers (AdaptiveModelRouter,
+                    # CircuitBreaker) are opened here and closed with the executor
+                    if hasattr(resource, "__aenter__") and hasattr(resource, "__aexit__"):
+                        await stack.enter_async_context(
+                            cast(AbstractAsyncContextManager[object], resource)
+                        )
                 executor = EmpathyLLMExecutor(
                     providers,
                     telemetry_store=telemetry_store,

@@ -48,7 +48,10 @@ def _record(model: str, provider: str, outcome: Outcome, i: int) -> LLMCallRecor
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
-    """30 haiku calls (3 failed), one gpt-4o-mini call, 4 rejections; a forced-open key."""
+    """
+    30 haiku calls (3 failed), one gpt-4o-mini call, 4 rejections and 2 attempts not
+    sent (no key); a forced-open key.
+    """
     path = tmp_path / "calls.db"
     url = f"sqlite:///{path}"
     records = [
@@ -57,6 +60,7 @@ def db(tmp_path: Path) -> Path:
     ]
     records.append(_record("gpt-4o-mini", "openai", Outcome.SUCCESS, 31))
     records.extend(_record("gpt-4o-mini", "openai", Outcome.REJECTED, 40 + i) for i in range(4))
+    records.extend(_record("gpt-4o-mini", "openai", Outcome.NOT_SENT, 50 + i) for i in range(2))
 
     async def fill() -> None:
         async with telemetry_from_url(url) as telemetry:
@@ -146,6 +150,19 @@ def test_json_errors_are_json_objects_on_stdout(
     assert "database not found" in err
 
 
+def test_json_usage_errors_are_json_objects_too(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "routing", "stats", "--days", "-1", "--json")
+    assert code == 2
+    assert json.loads(out)["error"] == {
+        "type": "UsageError",
+        "message": "argument --days: must be > 0, got -1",
+        "exit_code": 2,
+    }
+    assert "usage: empathy-models routing stats" in err
+    code, out, err = run(capsys, "routing", "stats", "--days", "-1")
+    assert code == 2 and out == "" and "must be > 0" in err
+
+
 def test_routing_best_no_match_json_has_every_reason_and_prints_it_once(
     capsys: pytest.CaptureFixture[str], db: Path
 ) -> None:
@@ -216,12 +233,15 @@ def test_telemetry_summary_says_rejections_are_left_out(
 ) -> None:
     code, out, _ = run(capsys, "telemetry", "summary", "--db", str(db))
     assert code == 0
-    assert "total: 31 calls" in out  # 4 rejections are not counted ...
-    assert "breaker rejections" in out and "left out" in out  # ... and the table says so
+    assert "total: 31 calls" in out  # 4 rejections and 2 not sent are not counted ...
+    assert "breaker rejections" in out and "not-sent" in out  # ... and the table says so
     code, out, _ = run(capsys, "telemetry", "summary", "--db", str(db), "--json")
     data = json.loads(out)
     assert sum(m["calls"] for m in data["models"]) == 31
     assert "rejections" in data["counted"]
+    code, out, _ = run(capsys, "telemetry", "export", "--format", "jsonl", "--db", str(db))
+    outcomes = [json.loads(line)["outcome"] for line in out.splitlines()]
+    assert len(outcomes) == 37 and outcomes.count("not_sent") == 2  # export has every one
 
 
 def test_verbose_shows_the_librarys_logs_only_when_asked(

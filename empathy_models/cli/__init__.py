@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from empathy_models import EmpathyModelsError, NoModelMeetsConstraintsError, __version__
 
@@ -42,9 +42,24 @@ COMMANDS: tuple[str, ...] = (
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+class _UsageError(Exception):
+    """A usage error argparse reported, with the parser that reported it."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose usage errors reach `main` (for ``--json``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every group in `COMMANDS` registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="empathy-models",
         description="Inspect and exercise empathy-models: routing, breakers, telemetry, auth.",
         epilog="Start with `empathy-models demo` (no API key needed).",
@@ -120,10 +135,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     command at all, prints its help.
     """
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        args = parser.parse_args(words)
+    except SystemExit as exc:  # argparse: --help, --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except _UsageError as exc:
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
+        if "--json" in words:
+            emit_json({"error": {"type": "UsageError", "message": str(exc), "exit_code": 2}})
+        return 2
     if args.func is None:
         args.help_parser.print_help()
         return 0
