@@ -59,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every group in `COMMANDS` registered."""
-    parser = _Parser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="empathy-models",
         description="Inspect and exercise empathy-models: routing, breakers, telemetry, auth.",
         epilog="Start with `empathy-models demo` (no API key needed).",
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="show the library's logs from this level on (overrides -v)",
     )
+    # every parser below is a _Parser too (argparse builds subparsers of the parent's class)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"{__name__}.{name}")
