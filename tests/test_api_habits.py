@@ -10,7 +10,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio.lowlevel
 import pytest
 
 import empathy_models
@@ -21,43 +20,16 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     Message,
-    ModelInfo,
-    ModelRegistry,
     OpenAIProvider,
     RecordValidationError,
     RetryPolicy,
 )
 from empathy_models.testing import FakeLLMServer
 
-KEY = "test-key-0123"
-REGISTRY = ModelRegistry(
-    models=[
-        ModelInfo(
-            id=model_id,
-            provider=provider,
-            tier="cheap",
-            input_price_per_mtok=price,
-            output_price_per_mtok=price * 5,
-            context_window=128_000,
-            max_output_tokens=8192,
-        )
-        for model_id, provider, price in (
-            ("claude-fake-haiku", "anthropic", 0.8),
-            ("gpt-fake-mini", "openai", 1.0),
-        )
-    ],
-    price_version="habits-1",
-)
+from ._fakes import CHEAP_ONLY, KEY, NoSleep
+
+REGISTRY = CHEAP_ONLY
 CHEAP = ExecutionContext(workflow="docs", stage="draft", tier="cheap")
-
-
-class NoSleep:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
-        await anyio.lowlevel.checkpoint()
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import anyio.lowlevel
 import pytest
 
 from empathy_models import (
@@ -29,7 +28,6 @@ from empathy_models import (
     FallbackPolicy,
     MissingAPIKeyError,
     MissingAPIKeyWarning,
-    ModelInfo,
     ModelRegistry,
     ModelTier,
     OpenAIProvider,
@@ -40,43 +38,10 @@ from empathy_models import (
 )
 from empathy_models.testing import FakeLLMServer
 
-KEY = "test-key-0123"
+from ._fakes import CHEAP_ONLY, KEY, TWO_TIERS, NoSleep, fake_model
 
-
-def _model(model_id: str, provider: str, tier: str, price: float) -> ModelInfo:
-    return ModelInfo(
-        id=model_id,
-        provider=provider,
-        tier=tier,
-        input_price_per_mtok=price,
-        output_price_per_mtok=price * 5,
-        context_window=128_000,
-        max_output_tokens=8192,
-    )
-
-
-REGISTRY = ModelRegistry(
-    models=[
-        _model("claude-fake-haiku", "anthropic", "cheap", 0.8),
-        _model("gpt-fake-mini", "openai", "cheap", 1.0),
-        _model("claude-fake-sonnet", "anthropic", "capable", 3.0),
-        _model("gpt-fake-4o", "openai", "capable", 2.5),
-    ],
-    price_version="keyless-test-1",
-)
-CHEAP_ONLY = ModelRegistry(
-    models=[
-        _model("claude-fake-haiku", "anthropic", "cheap", 0.8),
-        _model("gpt-fake-mini", "openai", "cheap", 1.0),
-    ],
-    price_version="cheap-only-1",
-)
+REGISTRY = TWO_TIERS
 CHEAP = ExecutionContext(workflow="support", stage="triage", tier="cheap")
-
-
-class NoSleep:
-    async def __call__(self, delay: float) -> None:
-        await anyio.lowlevel.checkpoint()
 
 
 @pytest.fixture
@@ -287,8 +252,8 @@ async def test_default_context_with_only_cheap_models_uses_the_cheap_tier_and_sa
 async def test_a_missing_tier_moves_towards_more_capability_first(server: FakeLLMServer) -> None:
     registry = ModelRegistry(
         models=[
-            _model("claude-fake-haiku", "anthropic", "cheap", 0.8),
-            _model("gpt-fake-5", "openai", "premium", 10.0),
+            fake_model("claude-fake-haiku", "anthropic", "cheap", 0.8),
+            fake_model("gpt-fake-5", "openai", "premium", 10.0),
         ],
         price_version="gap-1",
     )

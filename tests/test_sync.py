@@ -26,8 +26,6 @@ from empathy_models import (
     ExecutionContext,
     LLMCallRecord,
     LLMResponse,
-    ModelInfo,
-    ModelRegistry,
     OpenAIProvider,
     Outcome,
     SQLiteTelemetryBackend,
@@ -35,32 +33,10 @@ from empathy_models import (
 from empathy_models.sync import SyncExecutor
 from empathy_models.testing import FakeLLMServer
 
+from ._fakes import CHEAP_ONLY, KEY
 from ._threaded_server import threaded_fake_server
 
-KEY = "test-key-0123"
-REGISTRY = ModelRegistry(
-    models=[
-        ModelInfo(
-            id="claude-fake-haiku",
-            provider="anthropic",
-            tier="cheap",
-            input_price_per_mtok=0.8,
-            output_price_per_mtok=4.0,
-            context_window=200_000,
-            max_output_tokens=8192,
-        ),
-        ModelInfo(
-            id="gpt-fake-mini",
-            provider="openai",
-            tier="cheap",
-            input_price_per_mtok=1.0,
-            output_price_per_mtok=5.0,
-            context_window=128_000,
-            max_output_tokens=16384,
-        ),
-    ],
-    price_version="sync-1",
-)
+REGISTRY = CHEAP_ONLY
 CHEAP = ExecutionContext(workflow="script", stage="ask", tier="cheap")
 
 
