@@ -136,12 +136,12 @@ from .tasks import get_tier_for_task, is_known_task, normalize_task_type
 
 __all__ = [
     "AttemptSummary",
-    "Prompt",
     "EmpathyLLMExecutor",
     "ExecutionContext",
     "FallbackPolicy",
     "LLMResponse",
     "MissingAPIKeyWarning",
+    "Prompt",
     "TelemetryDisabledWarning",
 ]
 
