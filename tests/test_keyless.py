@@ -197,8 +197,8 @@ async def test_a_keyless_attempt_leaves_every_models_statistics_unchanged(
     async with AdaptiveModelRouter(REGISTRY, url, refresh_interval=None) as reader:
         before = await reader.get_routing_stats("support")
         seen_before = stats(reader.get_best_model("support", "triage", candidates=candidates))
-    assert before["performance_by_model"]["claude-fake-haiku"]["successes"] == 2
-    assert before["performance_by_model"]["claude-fake-sonnet"]["calls"] == 4
+    assert before.performance_by_model["claude-fake-haiku"].successes == 2
+    assert before.performance_by_model["claude-fake-sonnet"].calls == 4
 
     async with (
         AdaptiveModelRouter(REGISTRY, url, refresh_interval=None) as router_b,
@@ -220,7 +220,7 @@ async def test_a_keyless_attempt_leaves_every_models_statistics_unchanged(
     async with AdaptiveModelRouter(REGISTRY, url, refresh_interval=None) as reader:
         after = await reader.get_routing_stats("support")
         seen_after = stats(reader.get_best_model("support", "triage", candidates=candidates))
-    assert after["performance_by_model"] == before["performance_by_model"]
+    assert after.performance_by_model == before.performance_by_model
     assert seen_after == seen_before
     assert live_after == live_before
     async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:

@@ -70,7 +70,7 @@ def test_one_executor_serves_every_call_and_closes_with_the_block(
         stats = llm.call(router.get_routing_stats, "script")
     assert all(isinstance(a, LLMResponse) and a.content for a in answers)
     assert llm.closed
-    assert stats["total_calls"] == sum(len(a.attempts) for a in answers)
+    assert stats.total_calls == sum(len(a.attempts) for a in answers)
     with pytest.raises(RuntimeError, match="closed"):
         llm.run("again", CHEAP)
     llm.close()  # idempotent
