@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import attrs
 import pytest
 
 from empathy_models import (
+    AdaptiveModelRouter,
     EmpathyLLMExecutor,
     LLMCallRecord,
     MissingAPIKeyWarning,
@@ -75,7 +78,11 @@ MARKERS = {
     "testing": "async def test_my_summarizer_survives_two_503s",
     "backend_urls": 'store = state_store_from_url("redis://',
     "contracts": "class TestMyTelemetry(TelemetryBackendContract)",
+    "evidence": "await telemetry.evidence(since=week_ago)",
+    "from_config": "EmpathyLLMExecutor.from_config()",
 }
+# fragments run inside a test that provides their names (and an event loop): no mypy
+FRAGMENTS = ("evidence", "from_config")
 INSTALL_COMMANDS = ("python3 -m venv", ".venv/bin/pip install")
 
 
@@ -89,8 +96,9 @@ def test_every_readme_block_is_run_by_a_test() -> None:
     matched = {name: [b for b in python if marker in b.code] for name, marker in MARKERS.items()}
     assert {name: len(found) for name, found in matched.items()} == dict.fromkeys(MARKERS, 1)
     assert len(python) == len(MARKERS)
-    others = [b for b in _blocks() if b.lang != "python"]
+    others = [b for b in _blocks() if b.lang not in ("python", "toml")]
     assert {b.lang for b in others} == {"bash"}
+    assert [b.section for b in _blocks() if b.lang == "toml"] == ["Configuration: `empathy.toml`"]
     cli_blocks = [b for b in others if b.section == "The command line"]
     assert len(cli_blocks) == 1
     for b in others:
@@ -183,7 +191,8 @@ async def test_quick_start_with_only_one_providers_key_answers_every_time(
 @pytest.mark.slow
 def test_the_python_blocks_pass_mypy_strict(tmp_path: Path) -> None:
     for name in MARKERS:
-        (tmp_path / f"readme_{name}.py").write_text(block(name), encoding="utf-8")
+        if name not in FRAGMENTS:
+            (tmp_path / f"readme_{name}.py").write_text(block(name), encoding="utf-8")
     args = [sys.executable, "-m", "mypy", "--strict", "--python-version", "3.11"]
     args += ["--cache-dir", str(ROOT / ".mypy_cache"), "--no-error-summary"]
     if importlib.util.find_spec("pandas") is None:
@@ -359,3 +368,69 @@ def test_the_command_line_block_runs_as_written(
             (tmp_path / target).write_text(out, encoding="utf-8")
     header = (tmp_path / "calls.csv").read_text(encoding="utf-8").splitlines()[0]
     assert "provider,model,outcome" in header
+
+
+async def _run_fragment(code: str, namespace: dict[str, Any]) -> None:
+    """Run a block with top-level ``await`` in ``namespace``."""
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    pending = eval(compile(code, str(README), "exec", flags=flags), namespace)
+    if pending is not None:
+        await pending
+
+
+async def test_evidence_block(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    async with telemetry_from_url(url) as telemetry:
+        await telemetry.record_many(
+            [LLMCallRecord(provider="openai", model="gpt-4o-mini", outcome="success")] * 3
+        )
+        namespace: dict[str, Any] = {
+            "telemetry": telemetry,
+            "week_ago": datetime.now(UTC) - timedelta(days=7),
+        }
+        await _run_fragment(block("evidence"), namespace)
+        await telemetry.record(
+            LLMCallRecord(provider="openai", model="gpt-4o-mini", outcome="failure")
+        )
+        later = await telemetry.evidence(after_version=namespace["batch"].version)
+    assert sum(b.samples for b in namespace["batch"].buckets) == 3
+    assert namespace["later"].buckets == ()  # nothing changed between the two reads
+    assert sum(b.samples for b in later.buckets) == 4  # a changed bucket comes back whole
+
+
+async def test_configuration_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's empathy.toml, with the fake server's URLs, read by from_config()."""
+    (toml,) = [b.code for b in _blocks() if b.lang == "toml"]
+    async with FakeLLMServer() as server:
+        toml = toml.replace("http://localhost:11434/v1", server.openai_base_url)
+        redis_url = os.environ.get("EMPATHY_TEST_REDIS_URL")
+        if redis_url:
+            toml = toml.replace("redis://cache:6379/0", redis_url)
+        else:
+            toml = toml.replace('"redis://cache:6379/0"', '"calls.db"')
+        registry = ModelRegistry.default()
+        models = [m.to_dict() for m in registry if m.provider == "openai"]
+        models.append({**models[0], "id": "llama3.1:8b", "provider": "ollama"})
+        (tmp_path / "models.json").write_text(
+            json.dumps({"price_version": "readme-1", "models": models}), encoding="utf-8"
+        )
+        toml = toml.replace('"models.toml"', '"models.json"')
+        (tmp_path / "empathy.toml").write_text(toml, encoding="utf-8")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("EMPATHY_CONFIG", raising=False)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        monkeypatch.setenv("OPENAI_BASE_URL", server.openai_base_url)
+        namespace: dict[str, Any] = {
+            "EmpathyLLMExecutor": EmpathyLLMExecutor,
+            "AdaptiveModelRouter": AdaptiveModelRouter,
+        }
+        await _run_fragment(block("from_config"), namespace)
+        assert namespace["response"].content
+        assert server.requests() == 1
+        last = server.last_request(namespace["response"].model)
+        assert last is not None
+        if namespace["response"].provider == "ollama":
+            assert last.headers.get("X-Team") == "search"
+    assert (tmp_path / "calls.db").exists()
