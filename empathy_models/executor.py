@@ -166,8 +166,13 @@ class MissingAPIKeyWarning(UserWarning):
     """
 
 
-def _env_var(provider: Provider) -> str:
-    return getattr(provider, "env_var", "") or "its API key variable"
+def _key_hint(provider: Provider) -> str:
+    """What to do about a provider without a key (its variable may be set but withheld)."""
+    env_var = getattr(provider, "env_var", "") or "its API key variable"
+    if getattr(provider, "_env_key_withheld", False):
+        # the variable is set, but sent only to the official endpoint, not to this one
+        return f"{env_var} is only sent to the official endpoint; pass api_key="
+    return f"set {env_var} or pass api_key="
 
 
 class TelemetryDisabledWarning(UserWarning):
@@ -791,8 +796,7 @@ class EmpathyLLMExecutor:
             message = (
                 "no API key for "
                 + ", ".join(
-                    f"{name} (set {_env_var(self._providers[name])} or pass api_key=)"
-                    for name in sorted(self._keyless)
+                    f"{name} ({_key_hint(self._providers[name])})" for name in sorted(self._keyless)
                 )
                 + ": "
                 + ("its" if len(self._keyless) == 1 else "their")
@@ -1111,8 +1115,7 @@ class EmpathyLLMExecutor:
                     tier=m.tier,
                     excluded=True,
                     reasons=(
-                        f"no API key for {m.provider} (set "
-                        f"{_env_var(self._providers[m.provider])} or pass api_key=)",
+                        f"no API key for {m.provider} ({_key_hint(self._providers[m.provider])})",
                     ),
                 )
                 for m in self._keyless_models[tier]
@@ -1162,8 +1165,7 @@ class EmpathyLLMExecutor:
             parts.append(
                 "no API key for "
                 + ", ".join(
-                    f"{name} (set {_env_var(self._providers[name])})"
-                    for name in sorted(self._keyless)
+                    f"{name} ({_key_hint(self._providers[name])})" for name in sorted(self._keyless)
                 )
             )
         usable = [t for t in _TIER_ORDER if self._candidates[t]]
