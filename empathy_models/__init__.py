@@ -11,6 +11,7 @@ private.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import attrs
 
@@ -73,6 +74,7 @@ from .exceptions import (
     EmpathyModelsError as EmpathyModelsError,
     InvalidRequestError as InvalidRequestError,
     InvalidResponseError as InvalidResponseError,
+    MissingAPIKeyError as MissingAPIKeyError,
     ModelNotFoundError as ModelNotFoundError,
     NoModelMeetsConstraintsError as NoModelMeetsConstraintsError,
     OverloadedError as OverloadedError,
@@ -93,6 +95,7 @@ from .executor import (
     ExecutionContext as ExecutionContext,
     FallbackPolicy as FallbackPolicy,
     LLMResponse as LLMResponse,
+    MissingAPIKeyWarning as MissingAPIKeyWarning,
     TelemetryDisabledWarning as TelemetryDisabledWarning,
 )
 from .providers import (
@@ -175,6 +178,8 @@ __all__ = [
     "MemoryStateStore",
     "MemoryTelemetryBackend",
     "Message",
+    "MissingAPIKeyError",
+    "MissingAPIKeyWarning",
     "ModelInfo",
     "ModelNotFoundError",
     "ModelPerformance",
@@ -228,6 +233,12 @@ __all__ = [
     "telemetry_from_url",
     "wilson_interval",
 ]
+
+
+# A library leaves logging to the application: without a handler of its own, records
+# of the ``empathy_models.*`` loggers reach only what the application configured (the
+# CLI's ``-v`` / ``--log-level``, ``logging.basicConfig``, ...).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def _publish() -> None:

@@ -11,10 +11,10 @@ on exit, and ``aclose()`` is idempotent.  Using a closed backend raises
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeVar
 
 import attrs
 from attrs import field, frozen
@@ -354,12 +354,94 @@ def _non_empty(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
         )
 
 
+Role = Literal["system", "user", "assistant"]
+"""The roles a `Message` may have (tool roles and content blocks are not supported yet)."""
+
+_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+_MESSAGE_KEYS = frozenset({"role", "content"})
+
+
+def _role(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in _ROLES:
+        raise RecordValidationError(
+            f"Message.role must be one of {', '.join(map(repr, _ROLES))}, got {value!r}",
+            path="role",
+        )
+
+
+def _content(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str):
+        raise RecordValidationError(
+            f"Message.content must be a string (content blocks are not supported yet), "
+            f"got {type(value).__name__}",
+            path="content",
+        )
+
+
 @frozen(kw_only=True)
 class Message:
-    """One chat message: ``role`` is ``"user"`` or ``"assistant"``."""
+    """
+    One chat message: ``role`` is ``"system"``, ``"user"`` or ``"assistant"``.
 
-    role: str = field(validator=attrs.validators.in_(("user", "assistant")))
-    content: str
+    A ``"system"`` message is not sent as a message: `CompletionRequest` (and so
+    `EmpathyLLMExecutor.run`) moves its content into the system prompt, after
+    ``system=`` / ``ExecutionContext.system`` when both are given.  A bad role or a
+    content that is not a string raises `RecordValidationError` naming the field.
+    `Message.of` also takes OpenAI-style ``{"role": ..., "content": ...}`` dicts.
+    """
+
+    role: Role = field(validator=_role)
+    content: str = field(validator=_content)
+
+    @classmethod
+    def of(cls, item: object, *, index: int | None = None) -> Message:
+        """
+        ``item`` as a `Message`: a `Message` is returned as is; a mapping needs exactly
+        the keys ``role`` and ``content`` (OpenAI's chat format).  Anything else raises
+        `RecordValidationError`; ``index`` (the position in a prompt) is put in its path.
+        """
+        if isinstance(item, Message):
+            return item
+        where = "message" if index is None else f"messages[{index}]"
+        if not isinstance(item, Mapping):
+            raise RecordValidationError(
+                f"{where} must be a Message or a {{'role': ..., 'content': ...}} dict, "
+                f"got {type(item).__name__}",
+                path=where,
+            )
+        unknown = sorted(map(str, set(item) - _MESSAGE_KEYS))
+        missing = sorted(_MESSAGE_KEYS - set(item))
+        if unknown or missing:
+            problems = []
+            if missing:
+                problems.append(f"missing {', '.join(missing)}")
+            if unknown:
+                problems.append(f"unsupported {', '.join(unknown)}")
+            raise RecordValidationError(
+                f"{where} must have exactly the keys 'role' and 'content' ({'; '.join(problems)})",
+                path=where,
+            )
+        try:
+            return cls(role=item["role"], content=item["content"])
+        except RecordValidationError as exc:
+            raise RecordValidationError(
+                f"{where}: {exc}", path=f"{where}.{exc.path or ''}".rstrip(".")
+            ) from None
+
+
+def split_system(
+    messages: Sequence[Message], system: str | None
+) -> tuple[tuple[Message, ...], str | None]:
+    """
+    ``messages`` without their system messages, and the system prompt: ``system``
+    followed by the content of each system message, in order, separated by blank lines.
+    """
+    if not any(m.role == "system" for m in messages):
+        return tuple(messages), system
+    parts = [] if system is None else [system]
+    parts.extend(m.content for m in messages if m.role == "system")
+    rest = tuple(m for m in messages if m.role != "system")
+    return rest, "\n\n".join(parts)
 
 
 def _messages(value: Sequence[Message] | str) -> tuple[Message, ...]:
@@ -370,7 +452,12 @@ def _messages(value: Sequence[Message] | str) -> tuple[Message, ...]:
 
 @frozen(kw_only=True)
 class CompletionRequest:
-    """What the executor asks a provider for; a plain string becomes one user message."""
+    """
+    What the executor asks a provider for; a plain string becomes one user message.
+
+    System messages in ``messages`` are moved into ``system`` (see `split_system`), so
+    a provider only ever sees user and assistant messages.
+    """
 
     model: str = field(validator=_non_empty)
     messages: tuple[Message, ...] = field(converter=_messages)
@@ -379,8 +466,15 @@ class CompletionRequest:
     temperature: float | None = None
 
     def __attrs_post_init__(self) -> None:
+        messages, system = split_system(self.messages, self.system)
+        if len(messages) != len(self.messages):
+            # system messages become the system prompt (no provider gets a system role)
+            object.__setattr__(self, "messages", messages)
+            object.__setattr__(self, "system", system)
         if not self.messages:
-            raise RecordValidationError("messages must not be empty", path="messages")
+            raise RecordValidationError(
+                "messages must hold at least one user or assistant message", path="messages"
+            )
         if (
             isinstance(self.max_tokens, bool)
             or not isinstance(self.max_tokens, int)

@@ -1,8 +1,8 @@
 """
 `CircuitBreaker`: the async, keyed circuit breaker over any `CircuitStateStore`.
 
-The semantics live in the pure machine `empathy_models.circuit` (see its docstring and
-peers.md §5.1); this module adds what needs I/O and time: admission through a store,
+The semantics live in the pure machine `empathy_models.circuit` (see its docstring);
+this module adds what needs I/O and time: admission through a store,
 outcome classification, a short-lived local view that keeps the per-call cost near the
 in-memory one, write-behind of successes, listeners, and a degraded mode that keeps
 calls going when a shared store is unreachable.

@@ -7,7 +7,9 @@ state.  Stores apply these functions inside one atomic operation (a lock, a ``BE
 IMMEDIATE`` transaction, a row lock); the Redis plugin carries a Lua port that the
 shared contract suite holds to the same behaviour.
 
-Semantics (see DESIGN.md §3 and peers.md §5.1):
+Semantics (the state machine of resilience4j and Envoy's outlier ejection, with the
+races that Polly, gobreaker and interlock fix closed; the README's "Retries and
+fallback" table says what each error does to a call):
 
 * CLOSED counts outcomes in a sliding window of ``window_buckets`` buckets covering
   ``window_seconds``, and the streak of consecutive failures.  It trips to OPEN when
@@ -24,8 +26,8 @@ Semantics (see DESIGN.md §3 and peers.md §5.1):
 * ``fatal`` outcomes (401/403/404) force the circuit open (FORCED_OPEN) for
   ``fatal_open_seconds`` with the reason.  A manual `force` with ``until=None``
   holds until `reset`.  DISABLED admits everything and never trips.
-* ``ignored``, ``cancelled`` and ``rejected`` outcomes count as neither success nor
-  failure; in HALF_OPEN they return the probe lease.
+* ``ignored``, ``cancelled``, ``rejected`` and ``not_sent`` outcomes count as neither
+  success nor failure; in HALF_OPEN they return the probe lease.
 * Every transition increases ``generation`` by one.  An outcome whose ticket carries
   another generation is dropped; so is a probe outcome whose lease already expired.
 """
@@ -92,7 +94,9 @@ class BreakerPolicy:
     When a circuit trips, how long it stays open, and how it recovers.
 
     Defaults follow the original where it had one (5 consecutive failures, 60 s
-    recovery, 1 half-open probe) and peers.md §5.1 elsewhere.
+    recovery, 1 half-open probe) and resilience4j / Envoy elsewhere (a 60 s window
+    of 6 buckets, at least 10 calls and a 50% failure rate to trip on rate, open time
+    growing with repeated trips up to a cap); see each field below.
     """
 
     consecutive_failures: int = field(default=5, validator=_positive_int)
@@ -403,7 +407,7 @@ def apply_outcome(
                 error=report.error,
                 reason="half-open probe failed",
             )
-        # ignored / cancelled / rejected: return the lease, learn nothing
+        # ignored / cancelled / rejected / not_sent: return the lease, learn nothing
         return attrs.evolve(state, leases=remaining, updated_at_ts=now)
 
     if s is not CircuitState.CLOSED:

@@ -14,6 +14,7 @@ bad input a `ValueError`)::
     │   ├── ProviderConnectionError (ConnectionError)
     │   ├── RateLimitedError                     429, with retry_after
     │   ├── AuthenticationError (PermissionError) 401 / 402 / 403, quota exhausted
+    │   │   └── MissingAPIKeyError (also a ConfigurationError) no key configured: never sent
     │   ├── ModelNotFoundError (LookupError)     404 / unknown model
     │   ├── InvalidRequestError (ValueError)     400
     │   │   ├── ContextWindowExceededError       the prompt does not fit
@@ -56,6 +57,7 @@ __all__ = [
     "EmpathyModelsError",
     "InvalidRequestError",
     "InvalidResponseError",
+    "MissingAPIKeyError",
     "ModelNotFoundError",
     "NoModelMeetsConstraintsError",
     "OverloadedError",
@@ -148,6 +150,16 @@ class RateLimitedError(ProviderError):
 
 class AuthenticationError(ProviderError, PermissionError):
     """HTTP 401 or 403: the key is missing, wrong or not allowed to use the model."""
+
+
+class MissingAPIKeyError(AuthenticationError, ConfigurationError):
+    """
+    No API key is configured for the provider, so the request was never sent.
+
+    A local misconfiguration, not the provider's answer: it is recorded with outcome
+    ``not_sent``, which neither the router nor the breaker counts.  Catch it as an
+    `AuthenticationError` or as a `ConfigurationError`.
+    """
 
 
 class ModelNotFoundError(ProviderError, LookupError):

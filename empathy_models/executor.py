@@ -18,8 +18,14 @@ What `EmpathyLLMExecutor.run` does, in order:
 
 1. **Tier.** ``context.tier`` if given, else the tier of ``context.task_type``
    (`empathy_models.tasks.get_tier_for_task`; unknown tasks -> capable).
-2. **Candidates.** The registry's models of that tier whose provider is configured,
-   cheapest first.  None at all raises `ConfigurationError` (no silent change of tier).
+2. **Candidates.** The registry's models of that tier whose provider is configured
+   and has an API key, cheapest first.  Providers without a key are not routed to:
+   the executor warns once when built (`MissingAPIKeyWarning`), and every routing
+   decision lists their models as excluded with that reason.  When the task's tier
+   has no candidate, the next more capable tier that has one is used (then the
+   nearest less capable one), stated in the decision's reason and logged once; an
+   explicit ``context.tier`` without candidates raises `ConfigurationError`, which
+   says which ``tier=``, ``task_type=`` or ``model=`` would work.
 3. **First route.** A pinned ``context.model``; else the router's pick (when a router is
    given; models whose breaker is known to be open are passed as ``unavailable``; when
    every candidate of the tier is known to be open the router is not asked and the
@@ -46,8 +52,9 @@ What `EmpathyLLMExecutor.run` does, in order:
                                            one model, so it is reported to a breaker
                                            key shared by the provider's models as
                                            ignored, not fatal
-   no API key configured (local)           next route at once; recorded, never reported
-                                           to the breaker (it is not the provider's fault)
+   no API key configured (local; only a    next route at once; recorded as
+   pinned model gets here)                 ``not_sent``, which neither the router nor
+                                           the breaker counts (not the provider's fault)
    malformed response, unknown error       next route at once (no retry)
    breaker open                            next route, provider not called
    400, content policy                     raised at once: a bad request stays bad
@@ -90,7 +97,14 @@ import anyio
 import attrs
 from attrs import field, frozen
 
-from .abc import Completion, CompletionRequest, Message, Provider, TelemetryBackend
+from .abc import (
+    Completion,
+    CompletionRequest,
+    Message,
+    Provider,
+    TelemetryBackend,
+    split_system,
+)
 from .backends import telemetry_from_url
 from .backends.null import NullTelemetryBackend
 from .breaker import CircuitBreaker, provider_outcome
@@ -101,10 +115,12 @@ from .exceptions import (
     ContextWindowExceededError,
     ModelNotFoundError,
     ProviderTimeoutError,
+    RecordValidationError,
 )
 from .outcomes import classify_error, retry_after_of
 from .providers._http import AttemptTimeout, HTTPProvider
 from .records import (
+    CandidateEvaluation,
     CircuitState,
     LLMCallRecord,
     ModelTier,
@@ -124,6 +140,8 @@ __all__ = [
     "ExecutionContext",
     "FallbackPolicy",
     "LLMResponse",
+    "MissingAPIKeyWarning",
+    "Prompt",
     "TelemetryDisabledWarning",
 ]
 
@@ -135,6 +153,26 @@ _ERROR_MESSAGE_LIMIT = 300
 JSONScalar = str | int | float | bool | None
 Sleep = Callable[[float], Awaitable[object]]
 Clock = Callable[[], float]
+
+
+class MissingAPIKeyWarning(UserWarning):
+    """
+    A configured provider has no API key, so its models are not routed to.
+
+    Emitted once per executor, at construction, naming each such provider and the
+    environment variable it reads.  Its models still appear in every routing decision,
+    excluded with the reason.  Pass ``api_key=`` or set the variable, or leave the
+    provider out of ``providers`` to silence it.
+    """
+
+
+def _key_hint(provider: Provider) -> str:
+    """What to do about a provider without a key (its variable may be set but withheld)."""
+    env_var = getattr(provider, "env_var", "") or "its API key variable"
+    if getattr(provider, "_env_key_withheld", False):
+        # the variable is set, but sent only to the official endpoint, not to this one
+        return f"{env_var} is only sent to the official endpoint; pass api_key="
+    return f"set {env_var} or pass api_key="
 
 
 class TelemetryDisabledWarning(UserWarning):
@@ -462,9 +500,24 @@ class LLMResponse:
         return self.input_tokens + self.output_tokens
 
     @property
+    def attempt_count(self) -> int:
+        """Every attempt of the run, the answering one included (retries and fallbacks)."""
+        return len(self.attempts)
+
+    @property
     def retry_count(self) -> int:
-        """Attempts made before the one that answered, on every route."""
-        return len(self.attempts) - 1
+        """
+        Retries: attempts that repeated a model already tried in this run.
+
+        A move to another model is a fallback (`fallback_count`), not a retry: with
+        ``RetryPolicy.none()`` this is always 0.  ``attempt_count`` counts both.
+        """
+        return len(self.attempts) - len({a.model for a in self.attempts})
+
+    @property
+    def fallback_count(self) -> int:
+        """Models moved on to after the first route (``len(fallback_chain) - 1``)."""
+        return max(0, len(self.fallback_chain) - 1)
 
 
 _DEFAULT_CONTEXT = ExecutionContext()
@@ -475,18 +528,30 @@ _new_response = _trusted_constructor(LLMResponse)
 _new_summary = _trusted_constructor(AttemptSummary)
 
 
-def _to_messages(prompt: str | Sequence[Message]) -> tuple[Message, ...]:
+Prompt = str | Sequence[Message | Mapping[str, Any]]
+"""A string (one user message), or `Message` objects and OpenAI-style message dicts."""
+
+
+def _to_messages(prompt: Prompt, system: str | None) -> tuple[tuple[Message, ...], str | None]:
+    """The messages to send and the system prompt (system messages folded into it)."""
     if isinstance(prompt, str):
-        return (Message(role="user", content=prompt),)
-    messages = tuple(prompt)
+        return (Message(role="user", content=prompt),), system
+    if isinstance(prompt, Mapping) or not isinstance(prompt, Sequence):
+        raise ConfigurationError(
+            "prompt must be a string or a non-empty list of messages (Message objects or "
+            f"{{'role': ..., 'content': ...}} dicts), got {type(prompt).__name__}"
+        )
+    try:
+        messages = tuple(Message.of(item, index=i) for i, item in enumerate(prompt))
+    except RecordValidationError as exc:
+        raise ConfigurationError(f"prompt {exc}") from None
+    messages, system = split_system(messages, system)
     if not messages:
-        raise ConfigurationError("prompt must be a string or a non-empty sequence of Message")
-    for item in messages:
-        if not isinstance(item, Message):
-            raise ConfigurationError(
-                f"prompt messages must be Message objects, got {type(item).__name__}"
-            )
-    return messages
+        raise ConfigurationError(
+            "prompt must hold at least one user or assistant message"
+            + (" (system messages become the system prompt)" if prompt else "")
+        )
+    return messages, system
 
 
 def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
@@ -529,6 +594,7 @@ class _TierPlan(NamedTuple):
     same_tier: tuple[ModelInfo, ...]
     higher: tuple[ModelInfo, ...]
     hint_keys: tuple[tuple[str, str], ...] | None  # (model id, breaker key) per route
+    keyless: tuple[CandidateEvaluation, ...]  # the tier's models without a key, excluded
 
 
 def _order_routes(
@@ -552,6 +618,17 @@ def _order_routes(
     return routes
 
 
+def _annotated(
+    decision: RoutingDecision, keyless: tuple[CandidateEvaluation, ...], note: str | None
+) -> RoutingDecision:
+    """``decision`` with the keyless models listed as excluded and the tier change stated."""
+    return attrs.evolve(
+        decision,
+        candidates=(*decision.candidates, *keyless),
+        reason=decision.reason if note is None else f"{decision.reason}; {note}",
+    )
+
+
 # --------------------------------------------------------------------------- per-run state
 
 
@@ -569,6 +646,7 @@ class _Run:
         "original",
         "prompt_text",
         "request_id",
+        "system",
         "task_type",
     )
 
@@ -579,6 +657,7 @@ class _Run:
         original: ModelInfo,
         decision: RoutingDecision | None,
         task_type: str,
+        system: str | None,
     ) -> None:
         self.context = context
         self.messages = messages
@@ -590,7 +669,8 @@ class _Run:
         self.errors: list[Exception] = []
         self.chain: list[str] = []
         self.task_type = task_type
-        self.prompt_text = _prompt_text(messages, context.system) if context.record_text else None
+        self.system = system
+        self.prompt_text = _prompt_text(messages, system) if context.record_text else None
 
 
 class _DeadlineExceeded(Exception):
@@ -639,7 +719,10 @@ class EmpathyLLMExecutor:
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
     neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
     What it builds from a URL it owns and closes.  Use it as ``async with``; `run`
-    raises `RuntimeError` outside that block.
+    raises `RuntimeError` outside that block.  An executor garbage-collected while
+    still open emits a `ResourceWarning`: close it (``async with`` or `aclose`), since
+    an open SQLite backend's worker thread keeps the interpreter from exiting.
+    Synchronous code uses `empathy_models.sync.SyncExecutor`, which closes itself.
     """
 
     def __init__(
@@ -683,8 +766,25 @@ class EmpathyLLMExecutor:
         self._telemetry: TelemetryBackend | None = (
             None if telemetry_store is None else telemetry_from_url(telemetry_store)
         )
+        # providers that will fail locally, before any request (no API key): they are not
+        # routed to (one warning now, a stated reason in every routing decision); a model
+        # pinned with ``ExecutionContext.model`` is still tried, and its attempt is
+        # recorded as ``not_sent``, which neither the router nor the breaker counts
+        self._keyless = frozenset(
+            name
+            for name, p in self._providers.items()
+            if isinstance(p, HTTPProvider) and not p.has_api_key
+        )
         self._candidates: dict[ModelTier, tuple[ModelInfo, ...]] = {
-            tier: tuple(m for m in self._registry.for_tier(tier) if m.provider in self._providers)
+            tier: tuple(
+                m
+                for m in self._registry.for_tier(tier)
+                if m.provider in self._providers and m.provider not in self._keyless
+            )
+            for tier in _TIER_ORDER
+        }
+        self._keyless_models: dict[ModelTier, tuple[ModelInfo, ...]] = {
+            tier: tuple(m for m in self._registry.for_tier(tier) if m.provider in self._keyless)
             for tier in _TIER_ORDER
         }
         self._keys: dict[tuple[str, str], str] = {}
@@ -698,14 +798,6 @@ class EmpathyLLMExecutor:
             )
             for name, p in self._providers.items()
         }
-        # providers that will fail locally, before any request (no API key): their error
-        # is this process's configuration, not the provider's health, so it is recorded
-        # but never reported to a breaker that other workers may share
-        self._keyless = frozenset(
-            name
-            for name, p in self._providers.items()
-            if isinstance(p, HTTPProvider) and not p.has_api_key
-        )
         self._tier_plans: dict[ModelTier, _TierPlan] = {}
         self._default_routes: dict[tuple[ModelTier, str | None], tuple[ModelInfo, ...]] = {}
         self._models_by_id: dict[str, ModelInfo] = {
@@ -720,6 +812,19 @@ class EmpathyLLMExecutor:
         """Telemetry writes that failed (logged, never raised into a request)."""
         self.feedback_errors = 0
         """Router or breaker feedback calls that failed (logged, never raised)."""
+        self._tier_notes: dict[ModelTier, tuple[ModelTier, str]] = {}
+        if self._keyless:
+            message = (
+                "no API key for "
+                + ", ".join(
+                    f"{name} ({_key_hint(self._providers[name])})" for name in sorted(self._keyless)
+                )
+                + ": "
+                + ("its" if len(self._keyless) == 1 else "their")
+                + " models are not routed to"
+            )
+            logger.warning("%s", message)
+            warnings.warn(message, MissingAPIKeyWarning, stacklevel=2)
         if self._telemetry is None:
             warnings.warn(
                 "EmpathyLLMExecutor has no telemetry_store: calls work, but no LLMCallRecord "
@@ -913,6 +1018,26 @@ class EmpathyLLMExecutor:
         if stack is not None:
             await stack.aclose()
 
+    def __del__(self) -> None:
+        # an executor left open holds an HTTP session and, for URLs it was given, backends
+        # whose worker threads can keep the interpreter from exiting: say so, like an
+        # unclosed file (shown with `python -X dev` or `-W default`, errors under pytest)
+        if getattr(self, "_state", None) != "open":
+            return
+        # a plain try (not contextlib.suppress): at interpreter shutdown module globals
+        # may already be torn down, and a __del__ must not raise
+        try:  # noqa: SIM105
+            warnings.warn(
+                f"unclosed {self!r}: use 'async with EmpathyLLMExecutor(...) as executor:' "
+                "or 'await executor.aclose()' (or empathy_models.sync.SyncExecutor in "
+                "synchronous code)",
+                ResourceWarning,
+                stacklevel=1,
+                source=self,
+            )
+        except Exception:  # pragma: no cover - interpreter shutdown: modules torn down
+            pass
+
     async def _flush_borrowed(self) -> None:
         assert self._telemetry is not None
         try:
@@ -1004,9 +1129,77 @@ class EmpathyLLMExecutor:
                     hint_keys = tuple(pairs)
                 except Exception:
                     hint_keys = None  # `_known_open` reports the failure on every call
-            plan = _TierPlan(same_tier, tuple(higher), hint_keys)
+            keyless = tuple(
+                CandidateEvaluation(
+                    model=m.id,
+                    provider=m.provider,
+                    tier=m.tier,
+                    excluded=True,
+                    reasons=(
+                        f"no API key for {m.provider} ({_key_hint(self._providers[m.provider])})",
+                    ),
+                )
+                for m in self._keyless_models[tier]
+            )
+            plan = _TierPlan(same_tier, tuple(higher), hint_keys, keyless)
             self._tier_plans[tier] = plan
         return plan
+
+    def _substitute_tier(self, tier: ModelTier, task_type: str) -> tuple[ModelTier, str]:
+        """
+        The tier to use when the task's ``tier`` has no routable model, and why.
+
+        More capable tiers first (capable -> premium), then the nearest less capable
+        one; `ConfigurationError` when no tier has a model.  Logged once per tier.
+        """
+        known = self._tier_notes.get(tier)
+        if known is not None:
+            return known
+        index = _TIER_ORDER.index(tier)
+        order = [*_TIER_ORDER[index + 1 :], *reversed(_TIER_ORDER[:index])]
+        for other in order:
+            if self._candidates[other]:
+                note = (
+                    f"task {task_type!r} asks for the {tier.value} tier, which has no model "
+                    f"{self._served_by()}; using the {other.value} tier instead "
+                    "(pass ExecutionContext(tier=...), task_type=... or model=... to choose)"
+                )
+                logger.warning("%s", note)
+                self._tier_notes[tier] = (other, note)
+                return other, note
+        raise ConfigurationError(self._no_model_message(tier, explicit=False))
+
+    def _served_by(self) -> str:
+        keyed = sorted(set(self._providers) - self._keyless)
+        return (
+            f"served by a configured provider with an API key ({', '.join(keyed)})"
+            if keyed
+            else "served by a configured provider with an API key (none has one)"
+        )
+
+    def _no_model_message(self, tier: ModelTier, *, explicit: bool) -> str:
+        parts = [
+            f"no {tier.value} model in the registry (price table "
+            f"{self._registry.price_version}) is {self._served_by()}"
+        ]
+        if self._keyless:
+            parts.append(
+                "no API key for "
+                + ", ".join(
+                    f"{name} ({_key_hint(self._providers[name])})" for name in sorted(self._keyless)
+                )
+            )
+        usable = [t for t in _TIER_ORDER if self._candidates[t]]
+        if usable:
+            example = self._candidates[usable[0]][0].id
+            parts.append(
+                "pass ExecutionContext(tier=...) with one of "
+                f"{', '.join(t.value for t in usable)}, "
+                f"a task_type= of such a tier, or model=... (for example model={example!r})"
+            )
+        elif not explicit:
+            parts.append("no tier has one")
+        return "; ".join(parts)
 
     def _open_ids(self, plan: _TierPlan) -> Collection[str]:
         """Ids of the tier's routes whose breaker is known to be open (often none)."""
@@ -1031,7 +1224,11 @@ class EmpathyLLMExecutor:
         return _NO_IDS if out is None else out
 
     def _plan(
-        self, context: ExecutionContext, messages: tuple[Message, ...], task_tier: ModelTier
+        self,
+        context: ExecutionContext,
+        messages: tuple[Message, ...],
+        system: str | None,
+        task_tier: ModelTier,
     ) -> tuple[list[ModelInfo], RoutingDecision | None]:
         pinned: ModelInfo | None = None
         if context.model is not None:
@@ -1049,13 +1246,14 @@ class EmpathyLLMExecutor:
         else:
             tier = task_tier
         plan = self._tier_plan(tier)
+        substituted: str | None = None
+        if not plan.same_tier and pinned is None:
+            if context.tier is not None:
+                raise ConfigurationError(self._no_model_message(tier, explicit=True))
+            # the tier came from the task: another tier serves rather than every run failing
+            tier, substituted = self._substitute_tier(tier, context.task_type)
+            plan = self._tier_plan(tier)
         same_tier = plan.same_tier
-        if not same_tier and pinned is None:
-            raise ConfigurationError(
-                f"no {tier.value} model in the registry (price table "
-                f"{self._registry.price_version}) is served by the configured providers "
-                f"({', '.join(sorted(self._providers))})"
-            )
         open_ids = self._open_ids(plan)
 
         decision: RoutingDecision | None = None
@@ -1069,7 +1267,7 @@ class EmpathyLLMExecutor:
                 context.workflow,
                 context.stage,
                 candidates=[m.id for m in same_tier],
-                input_tokens=_estimate_tokens(messages, context.system),
+                input_tokens=_estimate_tokens(messages, system),
                 max_tokens=context.max_tokens,
                 max_cost=context.max_cost,
                 max_latency_ms=context.max_latency_ms,
@@ -1079,6 +1277,8 @@ class EmpathyLLMExecutor:
                 ),
                 **options,
             )
+            if plan.keyless or substituted is not None:
+                decision = _annotated(decision, plan.keyless, substituted)
             first = self._models_by_id.get(decision.model) or self._registry.get(decision.model)
             if first.provider not in self._providers:
                 raise ConfigurationError(
@@ -1237,11 +1437,14 @@ class EmpathyLLMExecutor:
                 f"executor:' (it is {self._state})"
             )
 
-    async def run(
-        self, prompt: str | Sequence[Message], context: ExecutionContext | None = None
-    ) -> LLMResponse:
+    async def run(self, prompt: Prompt, context: ExecutionContext | None = None) -> LLMResponse:
         """
         Answer ``prompt`` with the best available model; see the module docs for the flow.
+
+        ``prompt`` is a string (one user message) or a list of `Message` objects and
+        OpenAI-style ``{"role": ..., "content": ...}`` dicts; ``"system"`` messages
+        become the system prompt (after ``context.system``).  A malformed message
+        raises `ConfigurationError` naming its position.
 
         Returns an `LLMResponse`.  Raises `AllRoutesFailedError` (an `ExceptionGroup`
         holding every attempt's error, in order) when no route answered or the deadline
@@ -1256,12 +1459,12 @@ class EmpathyLLMExecutor:
         ctx = _DEFAULT_CONTEXT if context is None else context
         if not isinstance(ctx, ExecutionContext):
             raise ConfigurationError(f"context must be an ExecutionContext, got {ctx!r}")
-        messages = _to_messages(prompt)
+        messages, system = _to_messages(prompt, ctx.system)
         start = self._clock()
         deadline_at = None if ctx.deadline is None else start + ctx.deadline
         task_type, task_tier = self._task(ctx.task_type)
-        routes, decision = self._plan(ctx, messages, task_tier)
-        run = _Run(ctx, messages, routes[0], decision, task_type)
+        routes, decision = self._plan(ctx, messages, system, task_tier)
+        run = _Run(ctx, messages, routes[0], decision, task_type, system)
         called_routes = 0
         min_context = 0
         try:
@@ -1270,6 +1473,14 @@ class EmpathyLLMExecutor:
                     break
                 if info.context_window <= min_context:
                     continue
+                if run.chain:
+                    logger.info(
+                        "%s/%s falling back from %s to %s",
+                        ctx.workflow,
+                        ctx.stage,
+                        run.chain[-1],
+                        info.id,
+                    )
                 run.chain.append(info.id)
                 called, completion, overflow = await self._route(run, info, deadline_at)
                 called_routes += called
@@ -1345,7 +1556,7 @@ class EmpathyLLMExecutor:
         request = CompletionRequest(
             model=info.id,
             messages=run.messages,
-            system=run.context.system,
+            system=run.system,
             max_tokens=run.context.max_tokens,
             temperature=run.context.temperature,
         )
@@ -1405,6 +1616,14 @@ class EmpathyLLMExecutor:
                         )
                         run.errors.append(exc)
                         run.attempts.append(self._summary(record, exc))
+                        logger.info(
+                            "%s/%s: circuit %s is %s, %s not called",
+                            run.context.workflow,
+                            run.context.stage,
+                            key,
+                            exc.state.value if exc.state is not None else "open",
+                            info.id,
+                        )
                         with anyio.CancelScope(shield=True):  # the record survives a cancel
                             await self._feedback(record, None, None, None)
                         return called, None, False
@@ -1532,6 +1751,17 @@ class EmpathyLLMExecutor:
                 semaphore.release()
 
             # ---- decide after a failure (outside the provider slot)
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "%s/%s attempt %d on %s failed: %s (%s): %s",
+                    run.context.workflow,
+                    run.context.stage,
+                    attempt,
+                    info.id,
+                    _describe(error),
+                    outcome.value,
+                    str(error)[:_ERROR_MESSAGE_LIMIT],
+                )
             if by_deadline and expired:
                 run.attempts.append(self._summary(record, error))
                 raise _DeadlineExceeded(None) from None  # the error is in run.errors
@@ -1562,6 +1792,15 @@ class EmpathyLLMExecutor:
                 run.attempts.append(self._summary(record, error))
                 return called, None, False
             run.attempts.append(self._summary(record, error, delay))
+            logger.info(
+                "%s/%s retrying %s in %.2fs (attempt %d of %d on this route)",
+                run.context.workflow,
+                run.context.stage,
+                info.id,
+                delay,
+                route_attempt + 1,
+                self._retry.max_attempts,
+            )
             await self._sleep(delay)
         return called, None, False
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from .exceptions import (
     AuthenticationError,
     CircuitOpenError,
+    ConfigurationError,
     InvalidRequestError,
     ModelNotFoundError,
     RateLimitedError,
@@ -28,7 +29,9 @@ def classify_error(exc: BaseException, override: OutcomeClassifier | None = None
     Return the outcome class of a call that raised ``exc``.
 
     ``override`` is consulted first; when it returns ``None`` the defaults apply:
-    cancellation -> ``cancelled``; `CircuitOpenError` -> ``rejected``; 429 ->
+    cancellation -> ``cancelled``; `CircuitOpenError` -> ``rejected``; a
+    `ConfigurationError` (such as `MissingAPIKeyError`: the request was never sent) ->
+    ``not_sent``; 429 ->
     ``rate_limited``; 401/403/404 -> ``fatal``; 400, context window and content policy
     -> ``ignored``; timeouts, connection errors, 5xx, overload, invalid responses and
     anything else -> ``failure``.
@@ -41,6 +44,8 @@ def classify_error(exc: BaseException, override: OutcomeClassifier | None = None
         return Outcome.CANCELLED
     if isinstance(exc, CircuitOpenError):
         return Outcome.REJECTED
+    if isinstance(exc, ConfigurationError):
+        return Outcome.NOT_SENT
     if isinstance(exc, RateLimitedError):
         return Outcome.RATE_LIMITED
     if isinstance(exc, AuthenticationError | ModelNotFoundError):

@@ -72,7 +72,14 @@ class Outcome(enum.StrEnum):
     ``ignored``               400, context window, policy        neither
     ``cancelled``             the caller cancelled               neither
     ``rejected``              the circuit breaker said no        neither
+    ``not_sent``              failed on our side before sending  neither
+                              (no API key, local configuration)
     ========================  =================================  ===================
+
+    Only the first four are *samples* (`is_sample`): the router's statistics and the
+    breaker learn from them alone.  ``not_sent`` exists so that a worker's own
+    misconfiguration is recorded without lowering a model's success rate for every
+    worker that routes on the same telemetry.
     """
 
     SUCCESS = "success"
@@ -82,6 +89,7 @@ class Outcome(enum.StrEnum):
     IGNORED = "ignored"
     CANCELLED = "cancelled"
     REJECTED = "rejected"
+    NOT_SENT = "not_sent"
 
     @property
     def is_sample(self) -> bool:
@@ -111,7 +119,7 @@ class CircuitState(enum.StrEnum):
 
 
 class ConstraintStatus(enum.StrEnum):
-    """How a candidate stands against a routing constraint (peers.md §5.2)."""
+    """How a candidate stands against a routing constraint (see `empathy_models.scoring`)."""
 
     ELIGIBLE = "eligible"
     UNPROVEN = "unproven"
@@ -443,7 +451,7 @@ class ModelPerformance:
     Aggregated behaviour of one model for a (workflow, stage) over a time window.
 
     Only *sample* outcomes count (``success``, ``failure``, ``rate_limited``, ``fatal``);
-    ignored, cancelled and rejected attempts do not.  Latency percentiles are computed
+    ignored, cancelled, rejected and not-sent attempts do not.  Latency percentiles are computed
     over successful calls with the nearest-rank method; costs over every sample.
     """
 

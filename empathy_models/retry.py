@@ -258,10 +258,11 @@ class RetryPolicy:
 
         Matches ``retry_on`` by exception class, then by outcome class.  Requests the
         provider rejected as invalid (`Outcome.IGNORED`: 400, context window, content
-        policy) and cancellations are never retryable.
+        policy), cancellations and attempts that failed before sending
+        (`Outcome.NOT_SENT`: no API key, configuration) are never retryable.
         """
         outcome = classify_error(exc)
-        if outcome in (Outcome.IGNORED, Outcome.CANCELLED):
+        if outcome in (Outcome.IGNORED, Outcome.CANCELLED, Outcome.NOT_SENT):
             return False
         for item in self.retry_on:
             if isinstance(item, Outcome):

@@ -114,6 +114,12 @@ def test_a_known_plugin_that_is_not_installed_names_its_package(
         state_store_from_url(url)
     assert f"needs the package {package!r}" in str(info.value)
     assert f"pip install {package}" in str(info.value)
+    # until the plugins are on PyPI, the message also says how to install from the source
+    directory = package.removeprefix("empathy-models-")
+    assert f"pip install ./backends/{directory}" in str(info.value)
+    assert (
+        Path(__file__).resolve().parent.parent / "backends" / directory / "pyproject.toml"
+    ).exists()
 
 
 # --------------------------------------------------------------------------- secrets

@@ -137,7 +137,6 @@ def test_each_group_has_help(home: Path, group: str, subcommands: tuple[str, ...
 @pytest.mark.parametrize(
     "args",
     [
-        (),
         ("bogus",),
         ("auth", "bogus"),
         ("auth", "setup", "--tier", "gold"),

@@ -28,6 +28,7 @@ from empathy_models import (
     InvalidRequestError,
     LLMCallRecord,
     MemoryTelemetryBackend,
+    MissingAPIKeyWarning,
     ModelInfo,
     ModelRegistry,
     ModelTier,
@@ -416,33 +417,40 @@ async def test_a_missing_api_key_does_not_force_the_shared_breaker_open(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
 ) -> None:
     """
-    One worker without ANTHROPIC_API_KEY is a local misconfiguration: it falls back and
-    is recorded, but must not report a fatal outcome to a breaker every worker shares
-    (that would force the provider open for the whole fleet).
+    One worker without ANTHROPIC_API_KEY is a local misconfiguration: a model pinned to
+    that provider is recorded as not sent and falls back, and nothing reaches a breaker
+    every worker shares (a fatal report would force the provider open for the fleet).
     """
     keyless = [
         AnthropicProvider(api_key="", base_url=server.anthropic_base_url),
         OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
     ]
-    async with (
-        CircuitBreaker() as breaker,
-        EmpathyLLMExecutor(
+    with pytest.warns(MissingAPIKeyWarning):
+        executor = EmpathyLLMExecutor(
             keyless,
             registry=REGISTRY,
             telemetry_store=telemetry,
-            breaker=breaker,
+            breaker=CircuitBreaker(),
             retry=RetryPolicy(jitter=False),
             sleep=sleep,
-        ) as executor,
-    ):
-        response = await executor.run("hello", CHEAP)
+        )
+    breaker = executor._breaker
+    assert isinstance(breaker, CircuitBreaker)
+    async with breaker, executor:
+        pinned = attrs.evolve(CHEAP, model="claude-fake-haiku", tier=None)
+        response = await executor.run("hello", pinned)
         status = await breaker.get_status(breaker.key_for("anthropic", "claude-fake-haiku"))
     assert response.model == "gpt-fake-mini"
     assert server.requests("claude-fake-haiku") == 0
     assert status.state is CircuitState.CLOSED
     first, second = await records_of(telemetry)
-    assert (first.model, first.error_type) == ("claude-fake-haiku", "AuthenticationError")
+    assert (first.model, first.error_type, first.outcome) == (
+        "claude-fake-haiku",
+        "MissingAPIKeyError",
+        Outcome.NOT_SENT,
+    )
     assert second.success
+    assert sleep.delays == []  # a missing key is never retried
 
 
 async def test_402_payment_required_falls_back_instead_of_raising(

@@ -22,6 +22,7 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     MemoryTelemetryBackend,
+    MissingAPIKeyWarning,
     ModelInfo,
     ModelRegistry,
     OpenAIProvider,
@@ -245,12 +246,14 @@ async def test_a_keyless_custom_provider_in_the_executor_is_never_called(
     monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
     async with FakeLLMServer() as local:  # it would accept any key
         ollama = OpenAIProvider(name="ollama", base_url=local.openai_base_url)
-        async with EmpathyLLMExecutor(
-            [ollama],
-            registry=one_model("llama", "ollama"),
-            telemetry_store=MemoryTelemetryBackend(),
-        ) as executor:
-            with pytest.raises(Exception, match="no API key"):
+        with pytest.warns(MissingAPIKeyWarning, match="only sent to the official endpoint"):
+            executor = EmpathyLLMExecutor(
+                [ollama],
+                registry=one_model("llama", "ollama"),
+                telemetry_store=MemoryTelemetryBackend(),
+            )
+        async with executor:
+            with pytest.raises(ConfigurationError, match="no API key"):
                 await executor.run("hello", ExecutionContext(tier="cheap"))
         assert local.requests() == 0
 

@@ -24,8 +24,10 @@ from empathy_models import (
     InvalidRequestError,
     InvalidResponseError,
     Message,
+    MissingAPIKeyError,
     ModelNotFoundError,
     OpenAIProvider,
+    Outcome,
     OverloadedError,
     ProviderConnectionError,
     ProviderError,
@@ -33,6 +35,7 @@ from empathy_models import (
     RateLimitedError,
     ServerError,
 )
+from empathy_models.outcomes import classify_error
 from empathy_models.providers._http import (
     HTTPProvider,
     error_from_response,
@@ -354,7 +357,9 @@ async def test_missing_key_fails_before_any_request(
     assert not provider.has_api_key
     async with provider:
         exc = await failure(provider, req())
-    assert type(exc) is AuthenticationError
+    assert type(exc) is MissingAPIKeyError
+    assert isinstance(exc, AuthenticationError) and isinstance(exc, ConfigurationError)
+    assert classify_error(exc) is Outcome.NOT_SENT
     assert env_var in str(exc)
     assert server.requests() == 0
 

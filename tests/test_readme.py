@@ -1,24 +1,109 @@
-"""The README's quick start runs as written, against FakeLLMServer instead of the real APIs."""
+"""
+Every code block of README.md runs here, extracted from the file itself so that the
+text cannot drift: the Python blocks against `FakeLLMServer` (and the real SQLite,
+Redis and PostgreSQL where a block uses them), the command-line block through the
+CLI's entry point.  Only the install commands at the top are not run (they are what
+runs this suite).  The Python blocks also pass ``mypy --strict``.
+"""
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
+import json
+import os
 import re
+import shlex
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
+import attrs
 import pytest
 
+from empathy_models import (
+    AdaptiveModelRouter,
+    EmpathyLLMExecutor,
+    LLMCallRecord,
+    MissingAPIKeyWarning,
+    ModelRegistry,
+    ModelTier,
+    Outcome,
+    telemetry_from_url,
+)
+from empathy_models.cli import main as cli_main
+from empathy_models.providers import AnthropicProvider
 from empathy_models.testing import FakeLLMServer
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+from ._threaded_server import threaded_fake_server
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 
-def _quick_start() -> str:
+@attrs.frozen
+class Block:
+    lang: str
+    code: str
+    section: str
+
+
+def _blocks() -> list[Block]:
     text = README.read_text(encoding="utf-8")
-    section = text.split("## Quick start", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match is not None, "the README lost its quick start block"
-    return match.group(1)
+    out = []
+    for match in _FENCE.finditer(text):
+        headings = re.findall(r"^## (.+)$", text[: match.start()], re.M)
+        out.append(Block(match.group(1), match.group(2), headings[-1] if headings else ""))
+    return out
+
+
+# Each Python block is found by a marker only it contains; the coverage test below fails
+# when a block is added without a test (or a marker stops matching).
+MARKERS = {
+    "without_key": 'telemetry_store="memory://"',
+    "quick_start": 'on_no_match="relax"',
+    "sync": "from empathy_models.sync import SyncExecutor",
+    "messages": "async def translate(",
+    "ollama": "http://localhost:11434/v1",
+    "shared_breaker": 'STATE = "sqlite:///state.db"',
+    "postgres": 'DSN = "postgresql://',
+    "pandas": "import pandas as pd",
+    "testing": "async def test_my_summarizer_survives_two_503s",
+    "backend_urls": 'store = state_store_from_url("redis://',
+    "contracts": "class TestMyTelemetry(TelemetryBackendContract)",
+    "evidence": "await telemetry.evidence(since=week_ago)",
+    "from_config": "EmpathyLLMExecutor.from_config()",
+}
+# fragments run inside a test that provides their names (and an event loop): no mypy
+FRAGMENTS = ("evidence", "from_config")
+INSTALL_COMMANDS = ("python3 -m venv", ".venv/bin/pip install")
+
+
+def block(name: str) -> str:
+    (found,) = [b.code for b in _blocks() if b.lang == "python" and MARKERS[name] in b.code]
+    return found
+
+
+def test_every_readme_block_is_run_by_a_test() -> None:
+    python = [b for b in _blocks() if b.lang == "python"]
+    matched = {name: [b for b in python if marker in b.code] for name, marker in MARKERS.items()}
+    assert {name: len(found) for name, found in matched.items()} == dict.fromkeys(MARKERS, 1)
+    assert len(python) == len(MARKERS)
+    others = [b for b in _blocks() if b.lang not in ("python", "toml")]
+    assert {b.lang for b in others} == {"bash"}
+    assert [b.section for b in _blocks() if b.lang == "toml"] == ["Configuration: `empathy.toml`"]
+    cli_blocks = [b for b in others if b.section == "The command line"]
+    assert len(cli_blocks) == 1
+    for b in others:
+        if b is not cli_blocks[0]:  # the install commands that run this very suite
+            assert b.code.startswith(INSTALL_COMMANDS), b.code
 
 
 def test_the_readme_starts_with_the_two_commands() -> None:
@@ -27,30 +112,325 @@ def test_the_readme_starts_with_the_two_commands() -> None:
     assert "python -m pytest" in head
 
 
+async def _run_main(code: str, namespace: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Execute a block whose last line is ``asyncio.run(main())``, awaiting main()."""
+    assert code.rstrip().endswith("asyncio.run(main())")
+    ns: dict[str, Any] = {} if namespace is None else namespace
+    exec(compile(code.replace("asyncio.run(main())", ""), str(README), "exec"), ns)
+    await ns["main"]()
+    return ns
+
+
+@pytest.fixture
+def keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No provider key in the environment: each block gets what its test gives it."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+# --------------------------------------------------------------------------- the start
+
+
+async def test_try_it_without_a_key(keys: None, capsys: pytest.CaptureFixture[str]) -> None:
+    await _run_main(block("without_key"))
+    model, _, content = capsys.readouterr().out.strip().partition(" ")
+    assert ModelRegistry.default().get(model).provider == "openai"
+    assert content
+
+
+def _quick_start(server: FakeLLMServer, db: Path, *, anthropic_key: bool, openai_key: bool) -> str:
+    def provider(name: str, base_url: str, key: bool) -> str:
+        return f'{name}({"api_key=" + repr("sk-test") + ", " if key else ""}base_url="{base_url}")'
+
+    return (
+        block("quick_start")
+        .replace(
+            "AnthropicProvider()",
+            provider("AnthropicProvider", server.anthropic_base_url, anthropic_key),
+        )
+        .replace("OpenAIProvider()", provider("OpenAIProvider", server.openai_base_url, openai_key))
+        .replace("sqlite:///calls.db", f"sqlite:///{db}")
+    )
+
+
 async def test_quick_start_runs_against_fake_llm_server(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    keys: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = _quick_start()
-    assert "asyncio.run(main())" in code
     db = tmp_path / "calls.db"
     async with FakeLLMServer() as server:
-        code = (
-            code.replace("asyncio.run(main())", "")
-            .replace(
-                "AnthropicProvider()",
-                f'AnthropicProvider(api_key="sk-test", base_url="{server.anthropic_base_url}")',
-            )
-            .replace(
-                "OpenAIProvider()",
-                f'OpenAIProvider(api_key="sk-test", base_url="{server.openai_base_url}")',
-            )
-            .replace("sqlite:///calls.db", f"sqlite:///{db}")
-        )
-        namespace: dict[str, Any] = {}
-        exec(compile(code, str(README), "exec"), namespace)
-        await namespace["main"]()
+        await _run_main(_quick_start(server, db, anthropic_key=True, openai_key=True))
         assert server.requests() >= 1
     out = capsys.readouterr().out.splitlines()
     assert len(out) >= 2
     assert "$" in out[-1]
     assert db.exists()
+
+
+@pytest.mark.parametrize("keyed", ["anthropic", "openai"])
+async def test_quick_start_with_only_one_providers_key_answers_every_time(
+    keys: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], keyed: str
+) -> None:
+    """The other provider is configured without a key: never routed to, warned once."""
+    db = tmp_path / "calls.db"
+    async with FakeLLMServer() as server:
+        code = _quick_start(
+            server, db, anthropic_key=keyed == "anthropic", openai_key=keyed == "openai"
+        )
+        for _ in range(8):
+            with pytest.warns(MissingAPIKeyWarning) as caught:
+                await _run_main(code)
+            assert len(caught) == 1
+        counts = server.request_counts()
+    answered = [line.split()[0] for line in capsys.readouterr().out.splitlines() if "$" in line]
+    assert len(answered) == 8
+    prefix = "claude-" if keyed == "anthropic" else "gpt-"
+    assert all(model.startswith(prefix) for model in answered)
+    assert counts and all(model.startswith(prefix) for model in counts)
+
+
+@pytest.mark.slow
+def test_the_python_blocks_pass_mypy_strict(tmp_path: Path) -> None:
+    for name in MARKERS:
+        if name not in FRAGMENTS:
+            (tmp_path / f"readme_{name}.py").write_text(block(name), encoding="utf-8")
+    args = [sys.executable, "-m", "mypy", "--strict", "--python-version", "3.11"]
+    args += ["--cache-dir", str(ROOT / ".mypy_cache"), "--no-error-summary"]
+    if importlib.util.find_spec("pandas") is None:
+        (tmp_path / "readme_pandas.py").unlink()  # checked where pandas is installed
+    else:
+        # pandas ships no type information of its own (pandas-stubs is separate)
+        args += ["--disable-error-code", "import-untyped"]
+    done = subprocess.run(
+        [*args, str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_sync_recipe(keys: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with threaded_fake_server() as server:
+        code = block("sync").replace(
+            "AnthropicProvider()",
+            f'AnthropicProvider(api_key="sk-test", base_url="{server.anthropic_base_url}")',
+        )
+        code = code.replace("sqlite:///calls.db", f"sqlite:///{tmp_path / 'calls.db'}")
+        exec(compile(code, str(README), "exec"), {})
+        assert server.requests() == 2
+    assert len(capsys.readouterr().out.strip().splitlines()) >= 2
+
+
+async def test_messages_recipe(keys: None) -> None:
+    namespace: dict[str, Any] = {}
+    exec(compile(block("messages"), str(README), "exec"), namespace)
+    async with (
+        FakeLLMServer() as server,
+        EmpathyLLMExecutor(
+            [AnthropicProvider(api_key="sk-test", base_url=server.anthropic_base_url)],
+            telemetry_store="null://",
+        ) as executor,
+    ):
+        answer = await namespace["translate"](executor, "Good morning")
+        sent = server.last_request("claude-haiku-4-5")
+    assert answer
+    assert sent is not None
+    assert sent.body["system"] == "Translate into French."
+    assert sent.body["messages"] == [{"role": "user", "content": "Good morning"}]
+
+
+async def test_own_openai_compatible_server_recipe(
+    keys: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with FakeLLMServer() as server:
+        code = (
+            block("ollama")
+            .replace("http://localhost:11434/v1", server.openai_base_url)
+            .replace("sqlite:///calls.db", f"sqlite:///{tmp_path / 'calls.db'}")
+        )
+        namespace = await _run_main(code)
+        assert server.requests("llama3.1:8b") == 1
+    assert capsys.readouterr().out.startswith("llama3.1:8b ")
+    assert namespace["registry"].get("qwen2.5:32b").tier is ModelTier.CAPABLE
+
+
+async def test_shared_breaker_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = block("shared_breaker").replace("sqlite:///state.db", f"sqlite:///{tmp_path / 's.db'}")
+    await _run_main(code)
+    assert capsys.readouterr().out.strip() == "forced_open provider maintenance"
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    dsn = os.environ.get("EMPATHY_TEST_POSTGRES_DSN")
+    if not dsn:
+        pytest.skip("EMPATHY_TEST_POSTGRES_DSN is not set")
+    schema = f"readme_{uuid.uuid4().hex[:12]}"
+    yield f"{dsn}?schema={schema}"
+
+    async def drop() -> None:
+        asyncpg: Any = importlib.import_module("asyncpg")
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    anyio.run(drop)
+
+
+def test_postgres_recipe(keys: None, postgres_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    async def body() -> list[LLMCallRecord]:
+        async with FakeLLMServer() as server:
+            code = re.sub(r'DSN = "[^"]*"', f"DSN = {postgres_url!r}", block("postgres"))
+            code = code.replace(
+                "AnthropicProvider()",
+                f'AnthropicProvider(api_key="sk-test", base_url="{server.anthropic_base_url}")',
+            )
+            await _run_main(code)
+        async with telemetry_from_url(postgres_url) as telemetry:
+            return await telemetry.recent(limit=10)
+
+    records = anyio.run(body)
+    assert [r.outcome for r in records] == [Outcome.SUCCESS]
+    assert capsys.readouterr().out.startswith("claude-")
+
+
+async def test_pandas_recipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("pandas", reason="pandas is optional; the recipe runs where installed")
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    async with telemetry_from_url(url) as telemetry:
+        await telemetry.record_many(
+            [
+                LLMCallRecord(provider="openai", model="gpt-4o-mini", outcome="success", cost_usd=c)
+                for c in (0.25, 0.5)
+            ]
+        )
+    code = block("pandas").replace("sqlite:///calls.db", url)
+    assert code.rstrip().endswith('print(frame.groupby("model")["cost_usd"].sum())')
+    code = code.replace("frame = asyncio.run(calls_frame())", "frame = await calls_frame()")
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    pending = eval(compile(code, str(README), "exec", flags=flags), {})
+    assert pending is not None
+    await pending
+    out = capsys.readouterr().out
+    assert "gpt-4o-mini" in out and "0.75" in out
+
+
+async def test_testing_recipe(keys: None) -> None:
+    namespace: dict[str, Any] = {}
+    exec(compile(block("testing"), str(README), "exec"), namespace)
+    await namespace["test_my_summarizer_survives_two_503s"]()
+
+
+def test_backend_url_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(compile(block("backend_urls"), str(README), "exec"), namespace)
+    assert type(namespace["telemetry"]).__name__ == "SQLiteTelemetryBackend"
+    assert type(namespace["store"]).__name__ == "RedisCircuitStateStore"
+
+
+def test_contract_suite_block() -> None:
+    from empathy_models.testing.contracts import TelemetryBackendContract
+
+    namespace: dict[str, Any] = {}
+    exec(compile(block("contracts"), str(README), "exec"), namespace)
+    assert issubclass(namespace["TestMyTelemetry"], TelemetryBackendContract)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.slow
+def test_the_command_line_block_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (code,) = [b.code for b in _blocks() if b.section == "The command line"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EMPATHY_HOME", str(tmp_path / "home"))
+    (tmp_path / "src" / "app").mkdir(parents=True)
+    (tmp_path / "src" / "app" / "models.py").write_text("x = 1\n" * 300, encoding="utf-8")
+    for line in code.splitlines():
+        command = line.split("#", 1)[0].strip()
+        if not command:
+            continue
+        words = shlex.split(command)
+        assert words[0] == "empathy-models", line
+        target = None
+        if ">" in words:
+            words, target = words[: words.index(">")], words[words.index(">") + 1]
+        code_ = cli_main(words[1:])
+        out, err = capsys.readouterr()
+        assert code_ == 0, (line, out, err)
+        assert out.strip(), line
+        if target is not None:
+            (tmp_path / target).write_text(out, encoding="utf-8")
+    header = (tmp_path / "calls.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert "provider,model,outcome" in header
+
+
+async def _run_fragment(code: str, namespace: dict[str, Any]) -> None:
+    """Run a block with top-level ``await`` in ``namespace``."""
+    flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+    pending = eval(compile(code, str(README), "exec", flags=flags), namespace)
+    if pending is not None:
+        await pending
+
+
+async def test_evidence_block(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    async with telemetry_from_url(url) as telemetry:
+        await telemetry.record_many(
+            [LLMCallRecord(provider="openai", model="gpt-4o-mini", outcome="success")] * 3
+        )
+        namespace: dict[str, Any] = {
+            "telemetry": telemetry,
+            "week_ago": datetime.now(UTC) - timedelta(days=7),
+        }
+        await _run_fragment(block("evidence"), namespace)
+        await telemetry.record(
+            LLMCallRecord(provider="openai", model="gpt-4o-mini", outcome="failure")
+        )
+        later = await telemetry.evidence(after_version=namespace["batch"].version)
+    assert sum(b.samples for b in namespace["batch"].buckets) == 3
+    assert namespace["later"].buckets == ()  # nothing changed between the two reads
+    assert sum(b.samples for b in later.buckets) == 4  # a changed bucket comes back whole
+
+
+async def test_configuration_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's empathy.toml, with the fake server's URLs, read by from_config()."""
+    (toml,) = [b.code for b in _blocks() if b.lang == "toml"]
+    async with FakeLLMServer() as server:
+        toml = toml.replace("http://localhost:11434/v1", server.openai_base_url)
+        redis_url = os.environ.get("EMPATHY_TEST_REDIS_URL")
+        if redis_url:
+            toml = toml.replace("redis://cache:6379/0", redis_url)
+        else:
+            toml = toml.replace('"redis://cache:6379/0"', '"calls.db"')
+        registry = ModelRegistry.default()
+        models = [m.to_dict() for m in registry if m.provider == "openai"]
+        models.append({**models[0], "id": "llama3.1:8b", "provider": "ollama"})
+        (tmp_path / "models.json").write_text(
+            json.dumps({"price_version": "readme-1", "models": models}), encoding="utf-8"
+        )
+        toml = toml.replace('"models.toml"', '"models.json"')
+        (tmp_path / "empathy.toml").write_text(toml, encoding="utf-8")
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("EMPATHY_CONFIG", raising=False)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        monkeypatch.setenv("OPENAI_BASE_URL", server.openai_base_url)
+        namespace: dict[str, Any] = {
+            "EmpathyLLMExecutor": EmpathyLLMExecutor,
+            "AdaptiveModelRouter": AdaptiveModelRouter,
+        }
+        await _run_fragment(block("from_config"), namespace)
+        assert namespace["response"].content
+        assert server.requests() == 1
+        last = server.last_request(namespace["response"].model)
+        assert last is not None
+        if namespace["response"].provider == "ollama":
+            assert last.headers.get("X-Team") == "search"
+    assert (tmp_path / "calls.db").exists()

@@ -159,6 +159,7 @@ def test_derived_properties() -> None:
         (Outcome.RATE_LIMITED, True, True),
         (Outcome.FATAL, True, True),
         (Outcome.IGNORED, False, False),
+        (Outcome.NOT_SENT, False, False),
         (Outcome.CANCELLED, False, False),
         (Outcome.REJECTED, False, False),
     ],
@@ -168,7 +169,7 @@ def test_outcome_classes(outcome: Outcome, sample: bool, failure: bool) -> None:
 
 
 def test_the_original_field_set_is_representable() -> None:
-    # research/reference.md §2.11.1: the original LLMCallRecord, as its to_dict() wrote it
+    # the original project's LLMCallRecord, as its to_dict() wrote it
     original = {
         "call_id": "c-1",
         "timestamp": "2026-03-01T12:00:00+00:00",

@@ -142,9 +142,12 @@ def _plugin_for(url: str) -> BackendPlugin:
         eps = _entry_point_plugins()
         if scheme not in eps:
             if scheme in _KNOWN_PLUGINS:
+                package = _KNOWN_PLUGINS[scheme]
                 raise ConfigurationError(
-                    f"the {scheme}:// backend needs the package {_KNOWN_PLUGINS[scheme]!r}: "
-                    f"pip install {_KNOWN_PLUGINS[scheme]}"
+                    f"the {scheme}:// backend needs the package {package!r}: "
+                    f"pip install {package} (before it is published on PyPI, install it "
+                    "from a checkout of the empathy-models source: pip install "
+                    f"./backends/{package.removeprefix('empathy-models-')})"
                 )
             raise ConfigurationError(
                 f"unknown backend scheme {scheme!r} in {redact_url(url)!r}; known schemes: "

@@ -3,24 +3,28 @@ The ``empathy-models`` command line (also ``python -m empathy_models``).
 
 Command groups live in modules of this package, each exposing
 ``register(subparsers)``; adding a group is one line in `COMMANDS`.  Every command
-takes ``--db`` (default: the database named in ``empathy.toml``, else
-``$EMPATHY_HOME/empathy.db``; see ``empathy-models config show``).  Exit codes: 0 success, 1 an
-error the command reports (missing or corrupt database, a refused reset), 2 a usage
-error, 130 interrupted.  The CLI uses only the public API of ``empathy_models``.
+that reads a database takes ``--db`` (default: the database named in ``empathy.toml``,
+else ``$EMPATHY_HOME/empathy.db``; see ``empathy-models config show``); ``-v`` /
+``--log-level`` (before the command) show the library's logs on stderr.  Exit codes:
+0 success, 1 an error the command reports (missing or corrupt database, a refused
+reset), 2 a usage error, 130 interrupted.  The CLI uses only the public API of
+``empathy_models``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn, cast
 
-from empathy_models import EmpathyModelsError, __version__
+from empathy_models import EmpathyModelsError, NoModelMeetsConstraintsError, __version__
 
-from ._common import CliError, Register
+from ._common import CliError, Register, emit_json
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -35,20 +39,89 @@ COMMANDS: tuple[str, ...] = (
 """Modules of ``empathy_models.cli`` whose ``register(subparsers)`` adds a command group."""
 
 
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _UsageError(Exception):
+    """A usage error argparse reported, with the parser that reported it."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose usage errors reach `main` (for ``--json``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every group in `COMMANDS` registered."""
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="empathy-models",
         description="Inspect and exercise empathy-models: routing, breakers, telemetry, auth.",
         epilog="Start with `empathy-models demo` (no API key needed).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="show the library's logs on stderr (-v: info, -vv: debug)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        default=None,
+        help="show the library's logs from this level on (overrides -v)",
+    )
+    # every parser below is a _Parser too (argparse builds subparsers of the parent's class)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"{__name__}.{name}")
         register = cast(Register, module.register)
         register(subparsers)
+    parser.set_defaults(func=None, help_parser=parser)
     return parser
+
+
+@contextlib.contextmanager
+def _library_logs(args: argparse.Namespace) -> Iterator[None]:
+    """
+    While a command runs, send the ``empathy_models`` loggers to stderr when -v or
+    --log-level asks for it; the handler and level are removed afterwards.
+    """
+    level: int | None = None
+    if args.log_level is not None:
+        level = getattr(logging, args.log_level.upper())
+    elif args.verbose:
+        level = logging.INFO if args.verbose == 1 else logging.DEBUG
+    if level is None:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package = logging.getLogger("empathy_models")
+    previous = package.level
+    package.addHandler(handler)
+    package.setLevel(level)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(previous)
+
+
+def _error_json(exc: BaseException, code: int) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc), "exit_code": code}
+    if isinstance(exc, NoModelMeetsConstraintsError):
+        error["workflow"] = exc.workflow
+        error["stage"] = exc.stage
+        error["reasons"] = {model: list(why) for model, why in exc.reasons.items()}
+    return {"error": error}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,21 +129,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit code.
 
     Errors of this package print ``empathy-models: error: <message>`` on stderr (no
-    traceback) and return 1; usage errors return 2 with the usage line.
+    traceback) and return 1; usage errors return 2 with the usage line.  With
+    ``--json``, an error is also printed on stdout as ``{"error": {"type", "message",
+    "exit_code", ...}}`` (a routing no-match adds ``workflow``, ``stage`` and the
+    ``reasons`` of every candidate).  A command group without a subcommand, or no
+    command at all, prints its help.
     """
     parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        args = parser.parse_args(words)
+    except SystemExit as exc:  # argparse: --help, --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except _UsageError as exc:
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
+        if "--json" in words:
+            emit_json({"error": {"type": "UsageError", "message": str(exc), "exit_code": 2}})
+        return 2
+    if args.func is None:
+        args.help_parser.print_help()
+        return 0
     try:
-        return int(args.func(args))
-    except CliError as exc:
+        with _library_logs(args):
+            return int(args.func(args))
+    except (CliError, EmpathyModelsError) as exc:
+        code = exc.code if isinstance(exc, CliError) else 1
         print(f"empathy-models: error: {exc}", file=sys.stderr)
-        return exc.code
-    except EmpathyModelsError as exc:
-        print(f"empathy-models: error: {exc}", file=sys.stderr)
-        return 1
+        if getattr(args, "json", False):
+            emit_json(_error_json(exc, code))
+        return code
     except KeyboardInterrupt:
         print("empathy-models: interrupted", file=sys.stderr)
         return 130

@@ -106,15 +106,26 @@ def default_db_path() -> Path:
     return empathy_home() / "empathy.db"
 
 
-def add_common(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> None:
-    """Add ``--db`` (every command) and ``--json`` (where scripts want it)."""
-    parser.add_argument(
-        "--db",
-        metavar="URL_OR_PATH",
-        default=None,
-        help="SQLite file or backend URL (default: the one named in empathy.toml, else "
-        "$EMPATHY_HOME/empathy.db; see `empathy-models config show`)",
-    )
+def add_common(
+    parser: argparse.ArgumentParser,
+    *,
+    json_flag: bool = True,
+    db: bool = True,
+    db_help: str | None = None,
+) -> None:
+    """
+    Add ``--db`` (commands that read a database; ``db_help`` replaces its help) and
+    ``--json`` (where scripts want it).
+    """
+    if db:
+        parser.add_argument(
+            "--db",
+            metavar="URL_OR_PATH",
+            default=None,
+            help=db_help
+            or "SQLite file or backend URL (default: the one named in empathy.toml, else "
+            "$EMPATHY_HOME/empathy.db; see `empathy-models config show`)",
+        )
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 

@@ -55,11 +55,12 @@ def register(subparsers: SubParsers) -> None:
         help="subscription-or-API strategy: setup, status, reset, restore, recommend",
         description="Manage the saved auth strategy ($EMPATHY_HOME/auth_strategy.json).",
     )
-    sub = auth.add_subparsers(dest="auth_command", metavar="SUBCOMMAND", required=True)
+    sub = auth.add_subparsers(dest="auth_command", metavar="SUBCOMMAND")
+    auth.set_defaults(func=None, help_parser=auth)
 
     def leaf(name: str, help_text: str, *, json_flag: bool = True) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
-        add_common(p, json_flag=json_flag)
+        add_common(p, json_flag=json_flag, db=False)
         p.add_argument(
             "--file",
             type=Path,
@@ -76,10 +77,17 @@ def register(subparsers: SubParsers) -> None:
     setup.add_argument("--multiplier", type=float, help="tokens per line of code")
     prefer = setup.add_mutually_exclusive_group()
     prefer.add_argument(
-        "--prefer-subscription", dest="prefer_subscription", action="store_true", default=None
+        "--prefer-subscription",
+        dest="prefer_subscription",
+        action="store_true",
+        default=None,
+        help="prefer the subscription when both fit",
     )
     prefer.add_argument(
-        "--no-prefer-subscription", dest="prefer_subscription", action="store_false"
+        "--no-prefer-subscription",
+        dest="prefer_subscription",
+        action="store_false",
+        help="prefer the API when both fit",
     )
     setup.set_defaults(func=cmd_auth_setup)
 

@@ -41,24 +41,47 @@ def register(subparsers: SubParsers) -> None:
         help="circuit breakers in the shared state store: status, reset, open",
         description="Circuit-breaker state as every worker sharing the database sees it.",
     )
-    sub = group.add_subparsers(dest="breaker_command", metavar="SUBCOMMAND", required=True)
+    sub = group.add_subparsers(dest="breaker_command", metavar="SUBCOMMAND")
+    group.set_defaults(func=None, help_parser=group)
 
-    status = sub.add_parser("status", help="state of every key (or one)")
+    status = sub.add_parser(
+        "status",
+        help="state of every key (or one)",
+        description="Show each breaker key the store holds: state, failures, trips and "
+        "when it opened; an unknown key is an error that lists the keys held.",
+    )
     add_common(status)
     status.add_argument("key", nargs="?", help="one key (provider or provider:model)")
     status.set_defaults(func=cmd_breaker_status)
 
-    reset = sub.add_parser("reset", help="close a key (or --all) and forget its failures")
+    reset = sub.add_parser(
+        "reset",
+        help="close a key (or --all) and forget its failures",
+        description="Close one key (or every key with --all) for every worker sharing the "
+        "store; its failure counts are forgotten and older tickets stop counting.",
+    )
     add_common(reset)
     target = reset.add_mutually_exclusive_group(required=True)
     target.add_argument("key", nargs="?", help="the key to reset")
     target.add_argument("--all", action="store_true", help="reset every key")
     reset.set_defaults(func=cmd_breaker_reset)
 
-    force = sub.add_parser("open", help="force a key open (until reset, or for --for seconds)")
+    force = sub.add_parser(
+        "open",
+        help="force a key open (until reset, or for --for seconds)",
+        description="Force a key open: every worker sharing the store rejects calls for "
+        "it until `breaker reset` or, with --for, until the time is up.",
+    )
     add_common(force)
     force.add_argument("key", help="the key to open")
-    force.add_argument("--for", dest="seconds", type=_seconds, default=None, metavar="SECONDS")
+    force.add_argument(
+        "--for",
+        dest="seconds",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="open for this many seconds (default: until reset)",
+    )
     force.add_argument("--reason", default="forced open from the CLI", help="shown in status")
     force.set_defaults(func=cmd_breaker_open)
 
@@ -107,14 +130,21 @@ def _print_states(states: list[CircuitBreakerState]) -> None:
 
 
 def cmd_breaker_status(args: argparse.Namespace) -> int:
-    """Print every key the store holds, or one key (a key never seen reads as closed)."""
+    """Print every key the store holds, or one key (a key it does not hold is an error)."""
     url = db_url(args.db, kind="state")
 
     async def body() -> list[CircuitBreakerState]:
         async with state_store_from_url(url, **read_only(url)) as store:
-            if args.key:
-                return [await store.snapshot(args.key)]
-            return await store.snapshot_all()
+            held = await store.snapshot_all()
+            if args.key is None:
+                return held
+            known = sorted(s.key for s in held)
+            if args.key not in known:
+                raise CliError(
+                    f"unknown breaker key {args.key!r}: this store holds no state for it "
+                    f"(keys held: {', '.join(known) if known else 'none'})"
+                )
+            return [s for s in held if s.key == args.key]
 
     states = run_async(body)
     if args.json:

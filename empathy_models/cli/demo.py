@@ -152,7 +152,11 @@ def register(subparsers: SubParsers) -> None:
             "commands (an existing or non-SQLite database needs --yes or a confirmation)."
         ),
     )
-    add_common(demo)
+    add_common(
+        demo,
+        db_help="keep the calls in this SQLite file or backend URL, to explore them with "
+        "the other commands (default: a temporary database, removed at the end)",
+    )
     demo.add_argument(
         "--calls", type=_positive_int, default=3000, help="requests to run (default 3000)"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,14 @@ def register(subparsers: SubParsers) -> None:
         help="adaptive routing from recorded telemetry: stats, best model, tier upgrades",
         description="What the adaptive router sees in the telemetry database.",
     )
-    sub = group.add_subparsers(dest="routing_command", metavar="SUBCOMMAND", required=True)
+    sub = group.add_subparsers(dest="routing_command", metavar="SUBCOMMAND")
+    group.set_defaults(func=None, help_parser=group)
 
     def leaf(name: str, help_text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+        # `help` is %-formatted by argparse, a description is printed as written
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text.replace("%%", "%")
+        )
         add_common(p)
         p.add_argument(
             "--registry",
@@ -64,7 +69,7 @@ def register(subparsers: SubParsers) -> None:
             help="models and prices from a TOML or JSON file (default: the one named in "
             "empathy.toml, else the built-in table)",
         )
-        p.add_argument("--days", type=_days, default=7.0, help="window (default 7)")
+        p.add_argument("--days", type=_days, default=7.0, help="window in days (default 7)")
         return p
 
     stats = leaf("stats", "per-model calls, success rate with 95%% bounds, latency and cost")
@@ -73,8 +78,8 @@ def register(subparsers: SubParsers) -> None:
     stats.set_defaults(func=cmd_routing_stats)
 
     best = leaf("best", "the model the router would pick now for a workflow stage, and why")
-    best.add_argument("workflow")
-    best.add_argument("stage")
+    best.add_argument("workflow", help="the workflow to route")
+    best.add_argument("stage", help="its stage")
     best.add_argument("--max-cost", type=_non_negative_float, help="USD per call")
     best.add_argument("--max-latency-ms", type=_positive_float, help="p95 latency bound")
     best.add_argument("--min-success-rate", type=_rate, help="0..1 (default 0.8)")
@@ -180,7 +185,12 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
                 )
             )
             if m["sample_size_warning"]:
-                warnings.append(f"{model}: {m['sample_size_warning']}")
+                calls = m["calls"]
+                warnings.append(
+                    f"{model}: only {calls} call{'' if calls == 1 else 's'}: the success rate "
+                    f"is known only to within {fmt_pct(m['success_rate_lower'])}-"
+                    f"{fmt_pct(m['success_rate_upper'])} (95%)"
+                )
         print_table(
             ["model", "tier", "calls", "success", "95% bounds", "p50 ms", "p95 ms", "avg cost"],
             rows,
@@ -189,7 +199,7 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
         if stats["message"]:
             print(f"note: {stats['message']}")
         for warning in warnings:
-            print(f"warning: {warning}")
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -211,6 +221,14 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
         candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
         if not candidates:
             raise CliError("--candidates needs at least one model id", code=2)
+        known = {m.id for m in registry.models}
+        unknown = [c for c in candidates if c not in known]
+        if unknown:
+            raise CliError(
+                f"unknown model id(s) in --candidates: {', '.join(unknown)} (known: "
+                f"{', '.join(sorted(known))}; pass --registry FILE for your own models)",
+                code=2,
+            )
     else:
         candidates = None
     policy = RoutingPolicy(explore_rate=0.0, window_days=args.days)

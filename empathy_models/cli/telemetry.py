@@ -37,6 +37,13 @@ _positive_int = number_arg(int, minimum=1, what="a whole number")
 _days = number_arg(int, minimum=1, maximum=MAX_DAYS, what="a whole number", too_big=" (100 years)")
 
 
+_COUNTED = (
+    "Calls counts the attempts the router learns from (success, failure, rate_limited, "
+    "fatal); breaker rejections, cancellations, ignored and not-sent attempts are left "
+    "out (`telemetry export` lists every attempt)."
+)
+
+
 def register(subparsers: SubParsers) -> None:
     """Add the ``telemetry`` command group."""
     group = subparsers.add_parser(
@@ -44,10 +51,14 @@ def register(subparsers: SubParsers) -> None:
         help="recorded calls: per-model summary, export as CSV or JSON lines",
         description="Read the call records in the telemetry database.",
     )
-    sub = group.add_subparsers(dest="telemetry_command", metavar="SUBCOMMAND", required=True)
+    sub = group.add_subparsers(dest="telemetry_command", metavar="SUBCOMMAND")
+    group.set_defaults(func=None, help_parser=group)
 
     summary = sub.add_parser(
-        "summary", help="per workflow/stage/model: calls, success, latency, cost"
+        "summary",
+        help="per workflow/stage/model: calls, success, latency, cost",
+        description="Per workflow, stage and model: calls, success rate with 95% bounds, "
+        f"latency and cost. {_COUNTED}",
     )
     add_common(summary)
     summary.add_argument("--workflow", help="only this workflow")
@@ -55,7 +66,12 @@ def register(subparsers: SubParsers) -> None:
     summary.add_argument("--days", type=_days, default=7, help="window in days (default 7)")
     summary.set_defaults(func=cmd_telemetry_summary)
 
-    export = sub.add_parser("export", help="write call records as CSV or JSON lines")
+    export = sub.add_parser(
+        "export",
+        help="write call records as CSV or JSON lines",
+        description="Write every call record (every attempt, whatever its outcome), oldest "
+        "first, as CSV with a header or as JSON lines, to stdout or --output.",
+    )
     add_common(export, json_flag=False)
     export.add_argument("--format", choices=("csv", "jsonl"), required=True, help="output format")
     export.add_argument("--output", "-o", type=Path, default=None, help="file (default: stdout)")
@@ -106,7 +122,7 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
     perf = run_async(body)
     rows = [performance_row(p) for p in perf]
     if args.json:
-        emit_json({"days": args.days, "models": rows})
+        emit_json({"days": args.days, "counted": _COUNTED, "models": rows})
         return 0
     table = [
         (
@@ -140,7 +156,8 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
     if rows:
         calls = sum(r["calls"] for r in rows)
         cost = sum(r["total_cost_usd"] for r in rows)
-        print(f"total: {calls} calls, {fmt_usd(cost)}")
+        print(f"total: {calls} call{'' if calls == 1 else 's'}, {fmt_usd(cost)}")
+    print(f"note: {_COUNTED}")
     return 0
 
 

@@ -62,6 +62,7 @@ from ..exceptions import (
     ContextWindowExceededError,
     InvalidRequestError,
     InvalidResponseError,
+    MissingAPIKeyError,
     ModelNotFoundError,
     OverloadedError,
     ProviderConnectionError,
@@ -483,8 +484,8 @@ class HTTPProvider(Provider):
     ``api_key_from_env=True`` reads it for any base URL, ``False`` never.  So
     ``OpenAIProvider(name="ollama", base_url="http://localhost:11434/v1")`` never sends
     ``OPENAI_API_KEY``.  The key is held in a wrapper that never prints and is never
-    logged or put in a repr or an error.  A missing key raises `AuthenticationError`
-    from `complete` before any request.
+    logged or put in a repr or an error.  A missing key raises `MissingAPIKeyError` (an
+    `AuthenticationError`) from `complete` before any request.
 
     **Headers.**  Every request carries ``User-Agent: empathy-models/<version>``.
     ``headers`` are added to every request and win over the defaults (names compare
@@ -678,7 +679,7 @@ class HTTPProvider(Provider):
                 )
             else:
                 hint = f"pass api_key= or set {self.env_var}"
-            raise AuthenticationError(
+            raise MissingAPIKeyError(
                 f"{self.name}: no API key; {hint} [model {model}]",
                 provider=self.name,
                 model=model,

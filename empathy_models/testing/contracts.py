@@ -305,6 +305,7 @@ def _aggregation_dataset(base: datetime) -> list[LLMCallRecord]:
         Outcome.IGNORED,
         Outcome.CANCELLED,
         Outcome.REJECTED,
+        Outcome.NOT_SENT,
     ]
     records: list[LLMCallRecord] = []
     for i in range(480):
@@ -1178,7 +1179,7 @@ class CircuitStateStoreContract:
     ) -> None:
         self._needs_state()
         await _fail(state_store, "k", _TRIP3, 2)
-        for outcome in (Outcome.IGNORED, Outcome.CANCELLED, Outcome.REJECTED):
+        for outcome in (o for o in Outcome if not o.is_sample):
             ticket = await _admitted(state_store, "k", _TRIP3)
             state = await state_store.record("k", _TRIP3, [_report(ticket, outcome)])
             assert state.state is CircuitState.CLOSED and state.failure_count == 2, outcome

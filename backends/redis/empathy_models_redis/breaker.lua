@@ -432,7 +432,7 @@ local function apply_outcome(st, r, now)
       n.last_failure_ts = now
       return do_open(n, now, r.retry_after, r.error, "half-open probe failed"), true
     end
-    -- ignored / cancelled / rejected: return the lease, learn nothing
+    -- ignored / cancelled / rejected / not_sent: return the lease, learn nothing
     local n = copy(st)
     n.leases = remaining
     n.updated_at_ts = now

@@ -1,0 +1,208 @@
+"""
+A synchronous facade for scripts and notebooks: `SyncExecutor`.
+
+::
+
+    from empathy_models import AnthropicProvider, ExecutionContext
+    from empathy_models.sync import SyncExecutor
+
+    with SyncExecutor([AnthropicProvider()], telemetry_store="sqlite:///calls.db") as llm:
+        answer = llm.run("Summarize ...", ExecutionContext(task_type="summarize"))
+        print(answer.content)
+
+It owns one event loop, run by a background thread, and one `EmpathyLLMExecutor` on
+it, reused by every `SyncExecutor.run` (one HTTP session, one breaker view, one
+router), so a script does not rebuild an executor per call.  Calls may come from any
+thread, concurrently; in a notebook whose own loop is running, `run` works as well
+(it blocks that cell only, not the private loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from types import TracebackType
+from typing import Any, Self, TypeVar, cast
+
+from .abc import Provider, TelemetryBackend
+from .executor import (
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    LLMResponse,
+    Prompt,
+    _Breaker,
+    _Router,
+)
+
+__all__ = ["SyncExecutor"]
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """A private event loop on a daemon thread; never refers back to its owner."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.stack: AsyncExitStack | None = None
+        self.closed = False
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, make: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
+        if threading.get_ident() == self.thread.ident:
+            raise RuntimeError(
+                "SyncExecutor called from its own event loop; inside async code use "
+                "EmpathyLLMExecutor directly"
+            )
+
+        async def body() -> T:
+            return await make()
+
+        future = asyncio.run_coroutine_threadsafe(body(), self.loop)
+        try:
+            return future.result(timeout)
+        except BaseException:
+            # a timeout or Ctrl-C here cancels the call on the loop as well
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        """Close what was entered, stop the loop, join the thread.  Idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        try:
+            stack, self.stack = self.stack, None
+            if stack is not None and self.loop.is_running():
+                asyncio.run_coroutine_threadsafe(stack.aclose(), self.loop).result()
+        finally:
+            if self.loop.is_running():
+                self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+            self.loop.close()
+
+
+class SyncExecutor:
+    """
+    `EmpathyLLMExecutor` for synchronous code, on an event loop of its own.
+
+    Takes the executor's arguments (``providers``, ``registry``, ``telemetry_store``,
+    ``router``, ``breaker``, ``retry``, ``fallback``, ...).  Building it starts a
+    daemon thread running a private event loop and opens the executor there; a
+    ``router`` (`AdaptiveModelRouter`) or ``breaker`` (`CircuitBreaker`) given as an
+    object is opened and closed with it as well, since synchronous code cannot
+    ``async with`` them.  Use it as a context manager or call `close`; an instance
+    still open at interpreter exit is closed then (telemetry queued for writing is
+    flushed), and one that is garbage-collected unclosed is closed too.
+
+    `run` takes the same arguments as `EmpathyLLMExecutor.run`, blocks until the
+    answer, and raises what it raises.  ``timeout`` (seconds) bounds the wait: on
+    expiry (or Ctrl-C) the call is cancelled on the loop, recorded as cancelled, and
+    `TimeoutError` (or `KeyboardInterrupt`) propagates.  `call` runs any other
+    coroutine on the same loop (``llm.call(router.get_routing_stats, "docs")``).
+    Calling `run` or `call` after `close` raises `RuntimeError`.
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[Provider] | Mapping[str, Provider],
+        *,
+        telemetry_store: TelemetryBackend | str | None = None,
+        router: _Router | None = None,
+        breaker: _Breaker | str | None = None,
+        **options: Any,
+    ) -> None:
+        self._worker = _LoopThread("empathy-models-sync")
+        # at exit (or when collected unclosed) the loop thread still closes what it holds
+        self._finalizer = weakref.finalize(self, self._worker.close)
+        self._executor: EmpathyLLMExecutor | None = None
+
+        async def open_all() -> EmpathyLLMExecutor:
+            stack = AsyncExitStack()
+            try:
+                for resource in (router, breaker):
+                    # objects that are async context managers (AdaptiveModelRouter,
+                    # CircuitBreaker) are opened here and closed with the executor
+                    if hasattr(resource, "__aenter__") and hasattr(resource, "__aexit__"):
+                        await stack.enter_async_context(
+                            cast(AbstractAsyncContextManager[object], resource)
+                        )
+                executor = EmpathyLLMExecutor(
+                    providers,
+                    telemetry_store=telemetry_store,
+                    router=router,
+                    breaker=breaker,
+                    **options,
+                )
+                await stack.enter_async_context(executor)
+            except BaseException:
+                await stack.aclose()
+                raise
+            self._worker.stack = stack
+            return executor
+
+        try:
+            self._executor = self._worker.call(open_all)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def executor(self) -> EmpathyLLMExecutor:
+        """The `EmpathyLLMExecutor` running on the private loop (for its properties)."""
+        return self._open()
+
+    @property
+    def closed(self) -> bool:
+        return self._worker.closed
+
+    def _open(self) -> EmpathyLLMExecutor:
+        if self._worker.closed or self._executor is None:
+            raise RuntimeError("SyncExecutor is closed")
+        return self._executor
+
+    def run(
+        self,
+        prompt: Prompt,
+        context: ExecutionContext | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> LLMResponse:
+        """Answer ``prompt`` (see `EmpathyLLMExecutor.run`), blocking until done."""
+        executor = self._open()
+        return self._worker.call(lambda: executor.run(prompt, context), timeout)
+
+    def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` on the private loop and return its result."""
+        self._open()
+        return self._worker.call(lambda: fn(*args, **kwargs))
+
+    def close(self) -> None:
+        """Close the executor (and the router and breaker it opened), then the loop."""
+        self._finalizer()
+
+    def __enter__(self) -> Self:
+        self._open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._worker.closed else "open"
+        return f"SyncExecutor({state}, executor={self._executor!r})"

@@ -1,0 +1,51 @@
+"""Models and a non-waiting sleep shared by the tests that talk to `FakeLLMServer`."""
+
+from __future__ import annotations
+
+import anyio.lowlevel
+
+from empathy_models import ModelInfo, ModelRegistry
+
+KEY = "test-key-0123"
+"""The key the tests' `FakeLLMServer(api_key=KEY)` accepts."""
+
+
+def fake_model(model_id: str, provider: str, tier: str, price: float) -> ModelInfo:
+    """A registry entry for the fake server (output priced at five times the input)."""
+    return ModelInfo(
+        id=model_id,
+        provider=provider,
+        tier=tier,
+        input_price_per_mtok=price,
+        output_price_per_mtok=price * 5,
+        context_window=128_000,
+        max_output_tokens=8192,
+    )
+
+
+CHEAP_PAIR = (
+    fake_model("claude-fake-haiku", "anthropic", "cheap", 0.8),
+    fake_model("gpt-fake-mini", "openai", "cheap", 1.0),
+)
+"""One cheap model per provider, Anthropic's the cheaper."""
+
+TWO_TIERS = ModelRegistry(
+    models=[
+        *CHEAP_PAIR,
+        fake_model("claude-fake-sonnet", "anthropic", "capable", 3.0),
+        fake_model("gpt-fake-4o", "openai", "capable", 2.5),
+    ],
+    price_version="fakes-two-tiers-1",
+)
+CHEAP_ONLY = ModelRegistry(models=list(CHEAP_PAIR), price_version="fakes-cheap-only-1")
+
+
+class NoSleep:
+    """An executor ``sleep`` that records the delays asked for and does not wait."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        await anyio.lowlevel.checkpoint()

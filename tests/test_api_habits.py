@@ -1,0 +1,174 @@
+"""
+Habits a newcomer brings: OpenAI-style message dicts and a system role, counts named
+for what they count, and logs that tell what the executor did.  Real HTTP to
+`FakeLLMServer` through the real providers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import empathy_models
+from empathy_models import (
+    AnthropicProvider,
+    CompletionRequest,
+    ConfigurationError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    Message,
+    OpenAIProvider,
+    RecordValidationError,
+    RetryPolicy,
+)
+from empathy_models.testing import FakeLLMServer
+
+from ._fakes import CHEAP_ONLY, KEY, NoSleep
+
+REGISTRY = CHEAP_ONLY
+CHEAP = ExecutionContext(workflow="docs", stage="draft", tier="cheap")
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    async with FakeLLMServer(api_key=KEY, seed=5) as fake:
+        yield fake
+
+
+def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
+    options.setdefault("retry", RetryPolicy(jitter=False))
+    return EmpathyLLMExecutor(
+        [
+            AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+            OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+        ],
+        registry=REGISTRY,
+        telemetry_store="null://",
+        sleep=options.pop("sleep", NoSleep()),
+        **options,
+    )
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@pytest.mark.parametrize(
+    ("model", "api"), [("claude-fake-haiku", "anthropic"), ("gpt-fake-mini", "openai")]
+)
+async def test_openai_style_dicts_and_a_system_role_reach_each_wire_format(
+    server: FakeLLMServer, model: str, api: str
+) -> None:
+    prompt: list[Message | dict[str, str]] = [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "Hello"},
+        Message(role="assistant", content="Bonjour"),
+        {"role": "user", "content": "How are you?"},
+    ]
+    ctx = ExecutionContext(workflow="docs", stage="draft", model=model, system="Be brief.")
+    async with make(server) as executor:
+        response = await executor.run(prompt, ctx)
+    assert response.model == model
+    sent = server.last_request(model)
+    assert sent is not None and sent.api == api
+    roles = [m["role"] for m in sent.body["messages"]]
+    if api == "anthropic":
+        assert sent.body["system"] == "Be brief.\n\nAnswer in French."
+        assert roles == ["user", "assistant", "user"]
+    else:
+        assert sent.body["messages"][0] == {
+            "role": "system",
+            "content": "Be brief.\n\nAnswer in French.",
+        }
+        assert roles == ["system", "user", "assistant", "user"]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ([{"role": "tool", "content": "x"}], "messages[0]: Message.role must be one of"),
+        ([{"role": "user"}], "messages[0] must have exactly the keys 'role' and 'content'"),
+        (
+            [{"role": "user", "content": "hi", "name": "bob"}],
+            "unsupported name",
+        ),
+        ([{"role": "user", "content": [{"type": "text"}]}], "content blocks are not supported"),
+        ([{"role": "system", "content": "only a system prompt"}], "at least one user"),
+        (["hello"], "messages[0] must be a Message or a"),
+        ([], "at least one user or assistant message"),
+        ({"role": "user", "content": "hi"}, "prompt must be a string or a non-empty list"),
+    ],
+)
+async def test_malformed_messages_raise_configuration_errors_naming_the_problem(
+    server: FakeLLMServer, prompt: Any, expected: str
+) -> None:
+    async with make(server) as executor:
+        with pytest.raises(ConfigurationError) as raised:
+            await executor.run(prompt, CHEAP)
+    assert expected in str(raised.value)
+    assert "Attribute(" not in str(raised.value)
+    assert server.requests() == 0
+
+
+def test_message_role_errors_are_the_librarys_not_attrs() -> None:
+    with pytest.raises(RecordValidationError) as raised:
+        Message(role="tool", content="x")  # type: ignore[arg-type]
+    assert raised.value.path == "role"
+    assert "'system', 'user', 'assistant'" in str(raised.value)
+    assert "Attribute(" not in str(raised.value)
+    assert Message(role="system", content="s").role == "system"
+
+
+def test_a_completion_request_moves_system_messages_into_the_system_prompt() -> None:
+    request = CompletionRequest(
+        model="m",
+        messages=[Message(role="system", content="rules"), Message(role="user", content="q")],
+    )
+    assert request.system == "rules"
+    assert [m.role for m in request.messages] == ["user"]
+
+
+# --------------------------------------------------------------------------- counts
+
+
+async def test_a_fallback_is_not_counted_as_a_retry(server: FakeLLMServer) -> None:
+    server.script("claude-fake-haiku", [503])
+    async with make(server, retry=RetryPolicy.none()) as executor:
+        response = await executor.run("hello", CHEAP)
+    assert response.fallback_chain == ("claude-fake-haiku", "gpt-fake-mini")
+    assert (response.retry_count, response.fallback_count, response.attempt_count) == (0, 1, 2)
+
+
+async def test_retries_and_fallbacks_are_counted_apart(server: FakeLLMServer) -> None:
+    server.script("claude-fake-haiku", [503, 503, 503])
+    server.script("gpt-fake-mini", [503])
+    async with make(server) as executor:
+        response = await executor.run("hello", CHEAP)
+    assert response.model == "gpt-fake-mini"
+    # three attempts on the first route (two retries), two on the second (one retry)
+    assert (response.retry_count, response.fallback_count, response.attempt_count) == (3, 1, 5)
+
+
+# --------------------------------------------------------------------------- logs
+
+
+def test_the_package_root_logger_has_a_null_handler() -> None:
+    root = logging.getLogger(empathy_models.__name__)
+    assert any(isinstance(h, logging.NullHandler) for h in root.handlers)
+
+
+async def test_the_executor_logs_errors_retries_and_fallbacks(
+    server: FakeLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.script("claude-fake-haiku", [503, 503])
+    with caplog.at_level(logging.INFO, logger="empathy_models.executor"):
+        async with make(server, retry=RetryPolicy(max_attempts=2, jitter=False)) as executor:
+            response = await executor.run("hello", CHEAP)
+    assert response.model == "gpt-fake-mini"
+    lines = [r.getMessage() for r in caplog.records if r.name == "empathy_models.executor"]
+    assert any("attempt 1 on claude-fake-haiku failed: ServerError (503)" in m for m in lines)
+    assert any("retrying claude-fake-haiku in 1.00s (attempt 2 of 2" in m for m in lines)
+    assert any("falling back from claude-fake-haiku to gpt-fake-mini" in m for m in lines)
+    assert all(KEY not in m for m in lines)

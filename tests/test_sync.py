@@ -1,0 +1,166 @@
+"""
+`empathy_models.sync.SyncExecutor` from plain synchronous code: one executor reused by
+every call, concurrent callers from threads, a timeout that cancels, and a clean close
+(context manager, `close`, at interpreter exit in a separate process).  Also the
+`ResourceWarning` of an executor left open.
+"""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import anyio
+import pytest
+
+from empathy_models import (
+    AdaptiveModelRouter,
+    AnthropicProvider,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    LLMCallRecord,
+    LLMResponse,
+    OpenAIProvider,
+    Outcome,
+    SQLiteTelemetryBackend,
+)
+from empathy_models.sync import SyncExecutor
+from empathy_models.testing import FakeLLMServer
+
+from ._fakes import CHEAP_ONLY, KEY
+from ._threaded_server import threaded_fake_server
+
+REGISTRY = CHEAP_ONLY
+CHEAP = ExecutionContext(workflow="script", stage="ask", tier="cheap")
+
+
+@pytest.fixture
+def server() -> Iterator[FakeLLMServer]:
+    with threaded_fake_server(api_key=KEY, seed=1) as fake:
+        yield fake
+
+
+def providers(server: FakeLLMServer) -> list[AnthropicProvider | OpenAIProvider]:
+    return [
+        AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+        OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+    ]
+
+
+def test_one_executor_serves_every_call_and_closes_with_the_block(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    router = AdaptiveModelRouter(REGISTRY, url, seed=1)
+    with SyncExecutor(
+        providers(server), registry=REGISTRY, telemetry_store=url, router=router
+    ) as llm:
+        executor = llm.executor
+        answers = [llm.run(f"question {i}", CHEAP) for i in range(5)]
+        assert llm.executor is executor
+        telemetry = llm.executor.telemetry_store
+        assert telemetry is not None
+        llm.call(telemetry.flush)
+        stats = llm.call(router.get_routing_stats, "script")
+    assert all(isinstance(a, LLMResponse) and a.content for a in answers)
+    assert llm.closed
+    assert stats.total_calls == sum(len(a.attempts) for a in answers)
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.run("again", CHEAP)
+    llm.close()  # idempotent
+    # everything was flushed on close: the file holds one record per attempt
+    records = _records(tmp_path / "calls.db")
+    assert len(records) == sum(len(a.attempts) for a in answers)
+
+
+def _records(path: Path) -> list[LLMCallRecord]:
+    async def read() -> list[LLMCallRecord]:
+        async with SQLiteTelemetryBackend(path) as backend:
+            return list(await backend.recent(limit=1000))
+
+    return anyio.run(read)
+
+
+def test_calls_from_many_threads_share_the_executor(server: FakeLLMServer) -> None:
+    results: list[str] = []
+    errors: list[BaseException] = []
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
+
+        def worker(i: int) -> None:
+            try:
+                results.append(llm.run(f"q{i}", CHEAP).content)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert errors == [] and len(results) == 8
+
+
+def test_a_timeout_cancels_the_call_on_the_loop(server: FakeLLMServer, tmp_path: Path) -> None:
+    server.script("claude-fake-haiku", ["hang"])
+    pinned = ExecutionContext(workflow="script", stage="ask", model="claude-fake-haiku")
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store=url) as llm:
+        with pytest.raises(TimeoutError):
+            llm.run("hello", pinned, timeout=0.3)
+        assert llm.run("hello", CHEAP, timeout=30).content  # the loop is still serving
+    outcomes = [r.outcome for r in _records(tmp_path / "calls.db")]
+    assert Outcome.CANCELLED in outcomes
+
+
+def test_an_executor_left_open_warns() -> None:
+    async def leave_open() -> None:
+        async with aiohttp.ClientSession() as session:
+            executor = EmpathyLLMExecutor(
+                [AnthropicProvider(api_key=KEY)],
+                registry=REGISTRY,
+                telemetry_store="null://",
+                session=session,
+            )
+            await executor.__aenter__()
+            with pytest.warns(ResourceWarning, match="unclosed EmpathyLLMExecutor"):
+                del executor
+                gc.collect()
+
+    anyio.run(leave_open)
+
+
+def test_an_unclosed_sync_executor_is_closed_at_interpreter_exit(tmp_path: Path) -> None:
+    """A script that never closes it still exits promptly, its records flushed."""
+    db = tmp_path / "calls.db"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from tests._threaded_server import threaded_fake_server
+        from empathy_models import AnthropicProvider, ExecutionContext
+        from empathy_models.sync import SyncExecutor
+
+        with threaded_fake_server(api_key="k") as server:
+            llm = SyncExecutor(
+                [AnthropicProvider(api_key="k", base_url=server.anthropic_base_url)],
+                telemetry_store="sqlite:///{db}",
+            )
+            print(llm.run("hi", ExecutionContext(tier="cheap")).model)
+        # no close(): the record is still queued; exit must flush it and not hang
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-W", "error::ResourceWarning", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    assert len(_records(db)) == 1
