@@ -382,7 +382,11 @@ async def test_evidence_block(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'calls.db'}"
     async with telemetry_from_url(url) as telemetry:
         await telemetry.record_many(
-            [LLMCallRecord(provider="openai", model="gpt-4o-mini", outcome="success")] * 3
+            # three calls (distinct call ids: a repeated call_id is stored once)
+            [
+                LLMCallRecord(provider="openai", model="gpt-4o-mini", outcome="success")
+                for _ in range(3)
+            ]
         )
         namespace: dict[str, Any] = {
             "telemetry": telemetry,
