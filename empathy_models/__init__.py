@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import typing
 
 import attrs
 
@@ -241,17 +242,40 @@ __all__ = [
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
+def _resolve_annotations(cls: type) -> None:
+    """
+    Replace ``cls``'s own string annotations by the objects they name, evaluated in the
+    module that defines it, so `typing.get_type_hints` (cattrs, pydantic, doc tools)
+    works once ``__module__`` no longer points there.
+    """
+    own = cls.__dict__.get("__annotations__")
+    if not own or not any(isinstance(value, str) for value in own.values()):
+        return
+    resolved = typing.get_type_hints(cls, include_extras=True)
+    for name in own:
+        own[name] = resolved[name]
+
+
 def _publish() -> None:
     # Present public objects as ``empathy_models.X`` in reprs, tracebacks and docs.
     namespace = globals()
-    for name in __all__:
-        obj = namespace[name]
-        if getattr(obj, "__module__", "").startswith("empathy_models."):
-            if attrs.has(obj):
-                # resolve string annotations while the defining module is still known
-                attrs.resolve_types(obj)
-            with contextlib.suppress(AttributeError, TypeError):
-                obj.__module__ = __name__
+    public = [
+        namespace[name]
+        for name in __all__
+        if getattr(namespace[name], "__module__", "").startswith("empathy_models.")
+    ]
+    # first resolve every annotation while each class's defining module is still known
+    # (bases included: get_type_hints reads each base's annotations in its __module__)
+    for obj in public:
+        if isinstance(obj, type):
+            for cls in obj.__mro__:
+                if cls.__module__.startswith("empathy_models"):
+                    _resolve_annotations(cls)
+        if attrs.has(obj):
+            attrs.resolve_types(obj)
+    for obj in public:
+        with contextlib.suppress(AttributeError, TypeError):
+            obj.__module__ = __name__
 
 
 _publish()

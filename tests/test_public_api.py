@@ -63,3 +63,28 @@ def test_import_from_a_fresh_interpreter_shows_the_api() -> None:
     ).stdout
     for name in ("LLMCallRecord", "TelemetryBackend", "CircuitStateStore", "EmpathyModelsError"):
         assert name in out
+
+
+def test_type_hints_resolve_on_every_public_class() -> None:
+    # users' tools (cattrs, pydantic, doc generators) call get_type_hints on our classes,
+    # which reads annotations in the class's __module__ (rewritten to "empathy_models")
+    import typing
+
+    from empathy_models import ExecutionContext, LLMCallRecord
+
+    failures: dict[str, str] = {}
+    checked = 0
+    for name in empathy_models.__all__:
+        obj = getattr(empathy_models, name)
+        if inspect.isclass(obj):
+            checked += 1
+            try:
+                typing.get_type_hints(obj)
+            except Exception as exc:  # the test reports every class that fails
+                failures[name] = f"{type(exc).__name__}: {exc}"
+    assert failures == {}
+    assert checked > 50
+    from datetime import datetime
+
+    assert typing.get_type_hints(LLMCallRecord)["timestamp"] is datetime
+    assert "metadata" in typing.get_type_hints(ExecutionContext)
