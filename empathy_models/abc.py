@@ -14,7 +14,7 @@ import abc
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Self, TypeVar
 
 import attrs
 from attrs import field, frozen
@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+MAX_TOKENS_LIMIT: Final = 1_000_000
+"""The largest ``max_tokens`` a request may ask for (no model writes more)."""
 
 
 class AsyncResource(abc.ABC):
@@ -482,6 +485,11 @@ class CompletionRequest:
         ):
             raise RecordValidationError(
                 f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", path="max_tokens"
+            )
+        if self.max_tokens > MAX_TOKENS_LIMIT:
+            raise RecordValidationError(
+                f"max_tokens must be at most {MAX_TOKENS_LIMIT:,}, got {self.max_tokens!r}",
+                path="max_tokens",
             )
 
 

@@ -98,6 +98,7 @@ import attrs
 from attrs import field, frozen
 
 from .abc import (
+    MAX_TOKENS_LIMIT,
     Completion,
     CompletionRequest,
     Message,
@@ -289,6 +290,8 @@ def _ctx_rate(_: object, attribute: attrs.Attribute[Any], value: object) -> None
 def _ctx_max_tokens(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _bad("ExecutionContext", attribute, value, "must be an integer >= 1")
+    if value > MAX_TOKENS_LIMIT:
+        raise _bad("ExecutionContext", attribute, value, f"must be at most {MAX_TOKENS_LIMIT:,}")
 
 
 def _ctx_bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -535,11 +538,16 @@ Prompt = str | Sequence[Message | Mapping[str, Any]]
 def _to_messages(prompt: Prompt, system: str | None) -> tuple[tuple[Message, ...], str | None]:
     """The messages to send and the system prompt (system messages folded into it)."""
     if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ConfigurationError("prompt is empty: there is nothing to send")
         return (Message(role="user", content=prompt),), system
-    if isinstance(prompt, Mapping) or not isinstance(prompt, Sequence):
+    given: object = prompt  # checked as what it is, not as what it is annotated to be
+    if isinstance(given, Mapping | bytes | bytearray | memoryview) or not isinstance(
+        given, Sequence
+    ):
         raise ConfigurationError(
             "prompt must be a string or a non-empty list of messages (Message objects or "
-            f"{{'role': ..., 'content': ...}} dicts), got {type(prompt).__name__}"
+            f"{{'role': ..., 'content': ...}} dicts), got {type(given).__name__}"
         )
     try:
         messages = tuple(Message.of(item, index=i) for i, item in enumerate(prompt))
@@ -551,6 +559,8 @@ def _to_messages(prompt: Prompt, system: str | None) -> tuple[tuple[Message, ...
             "prompt must hold at least one user or assistant message"
             + (" (system messages become the system prompt)" if prompt else "")
         )
+    if not any(m.content.strip() for m in messages if isinstance(m.content, str)):
+        raise ConfigurationError("prompt is empty: every message's content is blank")
     return messages, system
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
@@ -114,6 +114,18 @@ def _build(factory: Any, url: str, kind: str, options: dict[str, Any]) -> Any:
         ) from exc
 
 
+def _check_query(url: str) -> None:
+    """Refuse a query option given twice (which value was meant is anyone's guess)."""
+    query = url.split("?", 1)[1].split("#", 1)[0] if "?" in url else ""
+    seen: set[str] = set()
+    for name, _ in parse_qsl(query, keep_blank_values=True):
+        if name in seen:
+            raise ConfigurationError(
+                f"{redact_url(url)!r}: the option {name!r} is given more than once; give it once"
+            )
+        seen.add(name)
+
+
 def _entry_point_plugins() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
@@ -134,6 +146,12 @@ def _plugin_for(url: str) -> BackendPlugin:
         raise ConfigurationError(
             f"{redact_url(url)!r} is not a backend URL; expected scheme://..., "
             f"known schemes: {', '.join(available_schemes())}"
+        )
+    _check_query(url)
+    if scheme in ("memory", "null") and url.split("://", 1)[1] not in ("", "/"):
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: a {scheme}:// backend takes no host, path or options; "
+            f"use {scheme}:// (options go to the factory as keyword arguments)"
         )
     if scheme in _BUILTIN:
         module = importlib.import_module(_BUILTIN[scheme])
