@@ -11,6 +11,7 @@ private.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import typing
 
@@ -248,12 +249,11 @@ def _resolve_annotations(cls: type) -> None:
     module that defines it, so `typing.get_type_hints` (cattrs, pydantic, doc tools)
     works once ``__module__`` no longer points there.
     """
-    own = cls.__dict__.get("__annotations__")
-    if not own or not any(isinstance(value, str) for value in own.values()):
+    own = inspect.get_annotations(cls)
+    if not any(isinstance(value, str) for value in own.values()):
         return
     resolved = typing.get_type_hints(cls, include_extras=True)
-    for name in own:
-        own[name] = resolved[name]
+    cls.__annotations__ = {name: resolved[name] for name in own}
 
 
 def _publish() -> None:
