@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from importlib.resources import files
 from typing import Any, Final
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import (
+    URL_QUERY_ARGUMENT_PARSERS,
+    BlockingConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
@@ -183,6 +191,7 @@ class RedisCircuitStateStore(CircuitStateStore):
                 raise ConfigurationError(
                     f"key_ttl in the Redis URL must be a number of seconds: {exc}"
                 ) from exc
+            _check_option_names(client_options, "client", connection)
             self._target = redact_url(url)
             options: dict[str, Any] = {
                 "socket_connect_timeout": 2.0,
@@ -400,10 +409,62 @@ class RedisCircuitStateStore(CircuitStateStore):
         return _policy_args(policy)
 
 
+def _client_option_names() -> frozenset[str]:
+    """Every keyword the redis-py pool and connection classes accept (for typo checks)."""
+    names = set(URL_QUERY_ARGUMENT_PARSERS)
+    for cls in (SSLConnection, UnixDomainSocketConnection, BlockingConnectionPool):
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            for param in inspect.signature(init).parameters.values():
+                if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+                    names.add(param.name)
+    names.discard("self")
+    return frozenset(names)
+
+
+_CLIENT_OPTIONS: Final = _client_option_names()
+
+
+def _check_option_names(names: Iterable[str], where: str, url: str) -> None:
+    known = _CLIENT_OPTIONS | _URL_OPTIONS
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigurationError(
+                f"unknown Redis {where} option {name!r} in {redact_url(url)!r}{hint}; "
+                f"known options: {', '.join(sorted(known))}"
+            )
+
+
+def _check_db(url: str, parts: SplitResult) -> None:
+    """The path of a redis:// URL must be empty or ``/<database number>``."""
+    if parts.scheme.lower() not in ("redis", "rediss"):
+        return
+    db = unquote(parts.path).strip("/")
+    if db and not (db.isascii() and db.isdigit()):
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: the path must be a database number (redis://host:6379/0), "
+            f"got {db!r}"
+        )
+
+
 def _split_url(url: str) -> tuple[str, dict[str, str]]:
-    """Take the store's own options (``prefix``, ``key_ttl``) out of the URL's query."""
-    parts = urlsplit(url)
+    """
+    Take the store's own options (``prefix``, ``key_ttl``) out of the URL's query, after
+    checking every option name and the database number (redis-py would accept a typo
+    and fail on every later call, or silently use database 0).
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ConfigurationError(f"{redact_url(url)!r} is not a valid Redis URL: {exc}") from exc
     query = parse_qsl(parts.query, keep_blank_values=True)
+    _check_option_names((name for name, _ in query), "URL", url)
+    _check_db(url, parts)
     ours = {k: v for k, v in query if k in _URL_OPTIONS}
     if not ours:
         return url, ours

@@ -1,0 +1,52 @@
+"""Redis URLs with a typo or a bad database fail at construction, naming what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+from empathy_models_redis import RedisCircuitStateStore
+
+from empathy_models import CircuitBreaker, ConfigurationError, state_store_from_url
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("socket_timout=1", "'socket_timout' .*did you mean 'socket_timeout'"),
+        ("key_tll=60", "'key_tll' .*did you mean 'key_ttl'"),
+        ("colour=blue", "'colour'"),
+    ],
+)
+def test_an_unknown_url_option_is_refused_at_construction(
+    redis_url: str, query: str, named: str
+) -> None:
+    url = f"{redis_url}?{query}"
+    with pytest.raises(ConfigurationError, match=named) as info:
+        state_store_from_url(url)
+    assert "known options:" in str(info.value) and "socket_timeout" in str(info.value)
+    with pytest.raises(ConfigurationError, match=named):
+        CircuitBreaker(store=url)
+
+
+def test_an_unknown_client_option_is_refused_at_construction(redis_url: str) -> None:
+    with pytest.raises(ConfigurationError, match="client option 'socket_timout'"):
+        RedisCircuitStateStore(redis_url, socket_timout=1)
+
+
+@pytest.mark.parametrize("path", ["/abc", "/1x", "/0/extra", "/-1"])
+def test_a_database_that_is_not_a_number_is_refused(path: str) -> None:
+    with pytest.raises(ConfigurationError, match="must be a database number"):
+        state_store_from_url(f"redis://127.0.0.1:6379{path}")
+
+
+def test_a_port_that_is_not_a_number_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="not a valid Redis URL"):
+        state_store_from_url("redis://127.0.0.1:notaport/0")
+
+
+async def test_valid_options_still_work_end_to_end(redis_store_url: str) -> None:
+    url = redis_store_url + "&socket_timeout=1.5&health_check_interval=10"
+    async with CircuitBreaker(store=url) as breaker:
+        async with breaker.guard("k"):
+            pass
+        assert not breaker.degraded
+        assert (await breaker.get_status("k")).state.value == "closed"
