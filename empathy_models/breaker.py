@@ -705,8 +705,8 @@ class CircuitBreaker(AsyncResource):
                 await self.report(ticket, outcome)
             return
         retry_after = retry_after_of(exc)
-        if retry_after is not None and not math.isfinite(retry_after):
-            retry_after = None  # an exception's "never" is no usable hint (nor a valid report)
+        if retry_after is not None and math.isnan(retry_after):
+            retry_after = None  # no usable hint (an infinite one is capped by report)
         await self.report(ticket, outcome, retry_after=retry_after, error=_describe(exc))
 
     async def report(
@@ -720,7 +720,8 @@ class CircuitBreaker(AsyncResource):
         """
         Report how the call admitted with ``ticket`` ended.
 
-        ``retry_after`` is a 429's hint in seconds; ``error`` a short description of the
+        ``retry_after`` is a 429's hint in seconds, capped at the policy's
+        ``max_retry_after_open`` (the rest is logged); ``error`` a short description of the
         failure (class and status; never a key or a prompt).  Successes of CLOSED
         tickets are written behind; every other outcome that can change the state goes
         to the store at once.  Outcomes that teach nothing (ignored, cancelled,
@@ -735,6 +736,8 @@ class CircuitBreaker(AsyncResource):
             logger.debug("circuit breaker closed; dropping the %s outcome", outcome.value)
             return
         key = ticket.key
+        if retry_after is not None:
+            retry_after = self._capped_retry_after(key, retry_after)
         view = self._views.get(key)
         if view is not None and outcome is _SUCCESS and self._ttl > 0:
             pending = view.pending  # set only while the view is CLOSED and counting
@@ -762,6 +765,26 @@ class CircuitBreaker(AsyncResource):
                 if state.state is _DISABLED:
                     return
         await self._report_inline(ticket, outcome, retry_after, error, view)
+
+    def _capped_retry_after(self, key: str, retry_after: float) -> float | None:
+        """``retry_after`` capped at the policy's ``max_retry_after_open`` (NaN: None)."""
+        if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
+            raise ConfigurationError(
+                f"retry_after must be a number of seconds or None, got {retry_after!r}"
+            )
+        if math.isnan(retry_after) or retry_after < 0:
+            return None
+        cap = self.policy.max_retry_after_open
+        if retry_after > cap:
+            logger.warning(
+                "circuit %r: the provider asked to wait %gs (Retry-After); holding the "
+                "circuit open for at most max_retry_after_open=%gs",
+                key,
+                retry_after,
+                cap,
+            )
+            return cap
+        return retry_after
 
     async def _report_inline(
         self,

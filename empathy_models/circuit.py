@@ -125,6 +125,12 @@ class BreakerPolicy:
     """How long a 401/403/404 holds the circuit in FORCED_OPEN."""
     min_retry_after_open: float = field(default=1.0, validator=_non_negative)
     """A 429 whose Retry-After is at least this opens the circuit for that long at once."""
+    max_retry_after_open: float = field(default=600.0, validator=_positive)
+    """
+    The longest a 429's Retry-After holds a circuit open: `CircuitBreaker` caps longer
+    hints (a day, a date in 2099, ``1e300``) at this many seconds and logs the rest as a
+    hint, so one answer cannot close a provider fleet-wide for long.
+    """
 
     def __attrs_post_init__(self) -> None:
         if self.backoff not in ("linear", "exponential"):

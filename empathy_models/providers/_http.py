@@ -74,6 +74,7 @@ from ..exceptions import (
 
 __all__ = [
     "AttemptTimeout",
+    "DEFAULT_MAX_RESPONSE_BYTES",
     "DEFAULT_TIMEOUT",
     "HTTPProvider",
     "ResponseReader",
@@ -85,6 +86,8 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT: Final = 60.0
+DEFAULT_MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
+"""The largest response body a provider reads (16 MiB; a long answer is well under 1 MiB)."""
 _MAX_MESSAGE: Final = 300
 # one compact encoder for every request: json.dumps(..., separators=...) builds a new
 # JSONEncoder per call (about half the cost of encoding a small body)
@@ -124,6 +127,13 @@ def _scrub(text: str, secret: _Secret | None) -> str:
         text = text.replace(secret.reveal(), "***")
     text = _KEY_PATTERN.sub("sk-***", text)
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def _snippet(body: bytes, length: int, secret: _Secret | None) -> str:
+    """The first ``length`` characters of ``body``, scrubbed of keys (before cutting)."""
+    # scrub before cutting: a key that straddles the cut would escape the scrub
+    reach = length + (len(secret.reveal()) if secret is not None else 0) + 200
+    return _scrub(body[:reach].decode("utf-8", "replace"), secret)[:length].strip()
 
 
 # --------------------------------------------------------------------------- the mapping
@@ -212,7 +222,7 @@ def _error_details(body: bytes) -> tuple[str | None, str | None, str | None]:
     """(type, code, message) from either API's error body; Nones when it is not one."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # Recursion: absurd nesting
         return None, None, None
     if not isinstance(data, Mapping):
         return None, None, None
@@ -244,9 +254,7 @@ def error_from_response(
     """The error for a non-2xx response (see the module table)."""
     kind, code, message = _error_details(body)
     if message is None:
-        # scrub before cutting: a key that straddles the cut would escape the scrub
-        reach = 120 + (len(secret.reveal()) if secret is not None else 0) + 200
-        snippet = _scrub(body[:reach].decode("utf-8", "replace"), secret)[:120].strip()
+        snippet = _snippet(body, 120, secret)
         message = f"non-JSON body: {snippet!r}" if snippet else "empty body"
     label = " ".join(p for p in (kind, f"({code})" if code else None) if p)
     text = _scrub(f"{provider} HTTP {status}{' ' + label if label else ''}: {message}", secret)
@@ -344,18 +352,23 @@ def _without_request(exc: BaseException) -> BaseException:
 class ResponseReader:
     """
     Typed access to a decoded JSON response; any missing or mistyped field raises
-    `InvalidResponseError` naming its path (never ``KeyError``).
+    `InvalidResponseError` naming its path (never ``KeyError``).  Every message is
+    scrubbed of API keys (``secret``, and anything shaped like a key).
     """
 
-    __slots__ = ("_model", "_provider", "_status")
+    __slots__ = ("_model", "_provider", "_secret", "_status")
 
-    def __init__(self, *, provider: str, model: str, status: int) -> None:
+    def __init__(
+        self, *, provider: str, model: str, status: int, secret: _Secret | None = None
+    ) -> None:
         self._provider = provider
         self._model = model
         self._status = status
+        self._secret = secret
 
     def error(self, why: str) -> InvalidResponseError:
-        """The `InvalidResponseError` for ``why``."""
+        """The `InvalidResponseError` for ``why`` (scrubbed)."""
+        why = _scrub(why, self._secret)
         return InvalidResponseError(
             f"{self._provider}: invalid response: {why} [model {self._model}]",
             provider=self._provider,
@@ -368,20 +381,34 @@ class ResponseReader:
         raise self.error(why)
 
     def decode(self, body: bytes) -> dict[str, Any]:
+        """
+        The JSON object in ``body``, or `InvalidResponseError` (also for nesting too deep
+        to parse).  The error quotes at most 60 scrubbed characters and keeps nothing
+        that references the body (no chained `json.JSONDecodeError`, whose ``doc`` is
+        the whole text).
+        """
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            snippet = body[:60].decode("utf-8", "replace")
-            raise InvalidResponseError(
-                f"{self._provider}: the response is not valid JSON ({exc}; starts {snippet!r}) "
-                f"[model {self._model}]",
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            if isinstance(exc, RecursionError):
+                why = "nested too deeply to parse"
+            elif isinstance(exc, json.JSONDecodeError):
+                why = f"{exc.msg}: line {exc.lineno} column {exc.colno} (char {exc.pos})"
+            else:
+                why = f"{type(exc).__name__}"
+            error = InvalidResponseError(
+                f"{self._provider}: the response is not valid JSON ({why}; starts "
+                f"{_snippet(body, 60, self._secret)!r}) [model {self._model}]",
                 provider=self._provider,
                 model=self._model,
                 status=self._status,
-            ) from exc
-        if not isinstance(data, dict):
-            self.fail(f"expected a JSON object, got {type(data).__name__}")
-        return data
+            )
+        else:
+            if not isinstance(data, dict):
+                self.fail(f"expected a JSON object, got {type(data).__name__}")
+            return data
+        body = b""  # this frame is in the error's traceback: let the body go
+        raise error
 
     def get(self, data: Mapping[str, Any], key: str, kind: type[Any], path: str) -> Any:
         value = data.get(key)
@@ -493,7 +520,11 @@ class HTTPProvider(Provider):
     is the credential itself (Azure OpenAI's ``api-key``, a gateway's token): no
     ``api_key`` is needed then and the provider's own auth header is not sent.  Values of
     headers whose names look secret (``key``, ``token``, ``auth``, ``secret`` ...) are
-    kept like the key: never in a repr, an error or a log.
+    kept like the key: never in a repr, an error or a log; every quoted piece of a
+    response body is scrubbed of them, whatever the status.
+
+    **Body size.**  A response body larger than ``max_response_bytes`` (default 16 MiB)
+    is not read further: `InvalidResponseError` says so.
 
     Sessions: `bind` lends one (the executor's); ``async with provider:`` creates and
     closes one of its own, which honours ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
@@ -514,6 +545,7 @@ class HTTPProvider(Provider):
         timeout: float | aiohttp.ClientTimeout | None = DEFAULT_TIMEOUT,
         headers: Mapping[str, str] | None = None,
         api_key_from_env: bool | None = None,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty string, got {name!r}")
@@ -547,6 +579,15 @@ class HTTPProvider(Provider):
         self.name = name
         self.base_url = base_url.rstrip("/")
         self._timeout = _to_timeout(timeout)
+        if (
+            isinstance(max_response_bytes, bool)
+            or not isinstance(max_response_bytes, int)
+            or max_response_bytes < 1
+        ):
+            raise ConfigurationError(
+                f"max_response_bytes must be an integer >= 1, got {max_response_bytes!r}"
+            )
+        self._max_body = max_response_bytes
         self._url = self.base_url + self._endpoint()
         self._bound: aiohttp.ClientSession | None = None
         self._own: aiohttp.ClientSession | None = None
@@ -700,8 +741,12 @@ class HTTPProvider(Provider):
                 allow_redirects=False,
             ) as response:
                 status = response.status
-                body = await response.read()
                 response_headers = response.headers
+                length = response.content_length
+                if length is not None and length <= self._max_body:
+                    body = await response.read()  # aiohttp reads no more than Content-Length
+                else:
+                    body = await self._read_bounded(response, length, model, status)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if (
                 budget_ends is not None
@@ -714,8 +759,9 @@ class HTTPProvider(Provider):
             raise error_from_transport(exc, provider=self.name, model=model) from _without_request(
                 exc
             )
+        del response  # it holds the body too; from here only `body` does
         if not 200 <= status < 300:
-            raise error_from_response(
+            error = error_from_response(
                 status,
                 body,
                 response_headers,
@@ -723,14 +769,57 @@ class HTTPProvider(Provider):
                 model=model,
                 secret=self._secret if self._secret is not None else self._header_secret,
             )
-        reader = ResponseReader(provider=self.name, model=model, status=status)
-        data = reader.decode(body)
+            body = b""  # this frame is in the error's traceback: let the body go
+            raise error
+        reader = ResponseReader(
+            provider=self.name,
+            model=model,
+            status=status,
+            secret=self._secret if self._secret is not None else self._header_secret,
+        )
+        try:
+            data = reader.decode(body)
+        except InvalidResponseError:
+            body = b""  # this frame is in the error's traceback: let the body go
+            raise
         try:
             return self._parse(reader, data, request, response_headers)
         except InvalidResponseError:
+            body, data = b"", {}
             raise
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            body, data = b"", {}
             raise reader.error(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _read_bounded(
+        self, response: aiohttp.ClientResponse, length: int | None, model: str, status: int
+    ) -> bytes:
+        """
+        The body of ``response``, or `InvalidResponseError` as soon as it is known to be
+        larger than ``max_response_bytes`` (from Content-Length, or while reading).
+        """
+        limit = self._max_body
+        if length is None or length <= limit:
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    break
+                chunks.append(chunk)
+            else:
+                return b"".join(chunks)
+            chunks.clear()
+            shown = f"more than {limit:,} bytes"
+        else:
+            shown = f"{length:,} bytes (Content-Length)"
+        raise InvalidResponseError(
+            f"{self.name}: the response body is {shown}, over max_response_bytes="
+            f"{limit:,}; raise max_response_bytes if such answers are expected [model {model}]",
+            provider=self.name,
+            model=model,
+            status=status,
+        )
 
     @abc.abstractmethod
     def _endpoint(self) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Final
 import aiohttp
 
 from ..abc import Completion, CompletionRequest
-from ._http import DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
+from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicProvider"]
 
@@ -47,6 +47,7 @@ class AnthropicProvider(HTTPProvider):
         base_url: str | None = None,
         name: str = "anthropic",
         timeout: float | aiohttp.ClientTimeout | None = DEFAULT_TIMEOUT,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         anthropic_version: str = ANTHROPIC_VERSION,
         headers: Mapping[str, str] | None = None,
         api_key_from_env: bool | None = None,
@@ -59,6 +60,7 @@ class AnthropicProvider(HTTPProvider):
             timeout=timeout,
             headers=headers,
             api_key_from_env=api_key_from_env,
+            max_response_bytes=max_response_bytes,
         )
 
     def _endpoint(self) -> str:

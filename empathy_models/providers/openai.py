@@ -10,7 +10,7 @@ import aiohttp
 
 from ..abc import Completion, CompletionRequest
 from ..exceptions import ConfigurationError
-from ._http import DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
+from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
 
 __all__ = ["OpenAIProvider"]
 
@@ -53,6 +53,7 @@ class OpenAIProvider(HTTPProvider):
         base_url: str | None = None,
         name: str = "openai",
         timeout: float | aiohttp.ClientTimeout | None = DEFAULT_TIMEOUT,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
         organization: str | None = None,
         max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None,
         headers: Mapping[str, str] | None = None,
@@ -71,6 +72,7 @@ class OpenAIProvider(HTTPProvider):
             timeout=timeout,
             headers=headers,
             api_key_from_env=api_key_from_env,
+            max_response_bytes=max_response_bytes,
         )
         if max_tokens_field is None:
             official = urlsplit(self.base_url).hostname == "api.openai.com"

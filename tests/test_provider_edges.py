@@ -1,0 +1,338 @@
+"""
+Hostile answers over real HTTP on 127.0.0.1 (issue #14, items 9, 12, 15 and 16):
+unbounded bodies, a key echoed in a 2xx body, nesting too deep to parse, and a 429
+whose Retry-After would close a provider for a day or forever.
+
+`RawServer` answers every POST with whatever the test scripted (status, headers, body,
+streamed or not), which `FakeLLMServer` cannot be made to send.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import anyio.to_thread
+import attrs
+import pytest
+from aiohttp import web
+
+from empathy_models import (
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    InvalidResponseError,
+    ModelInfo,
+    ModelRegistry,
+    RateLimitedError,
+    RetryPolicy,
+    ServerError,
+    telemetry_from_url,
+)
+from empathy_models.abc import CompletionRequest
+from empathy_models.cli import main as cli_main
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
+
+KEY = "sk-ant-api03-EDGEtestKEY-0123456789abcdefXYZ"
+MODEL = "claude-raw"
+REQUEST = CompletionRequest(model=MODEL, messages="hello")
+
+
+@attrs.define
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = attrs.Factory(dict)
+    body: bytes = b""
+    stream_chunks: int = 0
+    """Stream ``body`` this many times, chunked, without a Content-Length."""
+
+
+class RawServer:
+    """A real aiohttp server on 127.0.0.1 answering every POST with `reply`."""
+
+    def __init__(self) -> None:
+        self.reply = Reply()
+        self.requests = 0
+        self.bytes_sent = 0
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        await request.read()
+        reply = self.reply
+        if not reply.stream_chunks:
+            self.bytes_sent += len(reply.body)
+            return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+        response = web.StreamResponse(status=reply.status, headers=reply.headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            for _ in range(reply.stream_chunks):
+                await response.write(reply.body)
+                self.bytes_sent += len(reply.body)
+        except (ConnectionError, RuntimeError):  # the client hung up: what we test for
+            return response
+        await response.write_eof()
+        return response
+
+    async def __aenter__(self) -> RawServer:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[RawServer]:
+    async with RawServer() as server:
+        yield server
+
+
+def anthropic_ok(text: str = "fine") -> bytes:
+    return json.dumps(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": MODEL,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 3, "output_tokens": 1},
+        }
+    ).encode()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _large_strings_reachable(exc: BaseException, threshold: int) -> list[str]:
+    """
+    Strings / bytes of at least ``threshold`` bytes that ``exc`` keeps alive: through its
+    attributes and args, its cause and context, and the locals of its traceback's frames.
+    """
+    found: list[str] = []
+    seen: set[int] = set()
+    todo: list[tuple[str, Any, int]] = [("exc", exc, 0)]
+    while todo:
+        where, obj, depth = todo.pop()
+        if id(obj) in seen or depth > 6:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, str | bytes | bytearray | memoryview):
+            if sys.getsizeof(obj) >= threshold:
+                found.append(f"{where} ({type(obj).__name__}, {sys.getsizeof(obj):,} bytes)")
+            continue
+        if isinstance(obj, BaseException):
+            todo.append((f"{where}.args", obj.args, depth + 1))
+            todo.extend((f"{where}.{k}", v, depth + 1) for k, v in vars(obj).items())
+            for name in ("__cause__", "__context__"):
+                if getattr(obj, name) is not None:
+                    todo.append((f"{where}.{name}", getattr(obj, name), depth + 1))
+            if obj.__traceback__ is not None:
+                todo.append((f"{where}.tb", obj.__traceback__, depth + 1))
+        elif isinstance(obj, TracebackType):
+            todo.append((where, obj.tb_frame, depth))
+            if obj.tb_next is not None:
+                todo.append((where, obj.tb_next, depth))
+        elif isinstance(obj, FrameType):
+            name = obj.f_code.co_name
+            todo.extend((f"{name}:{k}", v, depth + 1) for k, v in obj.f_locals.items())
+        elif isinstance(obj, list | tuple | set | frozenset):
+            todo.extend((f"{where}[]", v, depth + 1) for v in obj)
+        elif isinstance(obj, dict):
+            todo.extend((f"{where}[{k!r}]", v, depth + 1) for k, v in obj.items())
+        elif hasattr(obj, "__dict__") and type(obj).__module__.startswith(("aiohttp", "json")):
+            todo.extend((f"{where}.{k}", v, depth + 1) for k, v in vars(obj).items())
+            for attr in ("_body", "doc", "object"):
+                if hasattr(obj, attr):
+                    todo.append((f"{where}.{attr}", getattr(obj, attr), depth + 1))
+    return found
+
+
+async def complete(provider: AnthropicProvider, request: CompletionRequest = REQUEST) -> Any:
+    async with provider:
+        return await provider.complete(request)
+
+
+# --------------------------------------------------------------------------- item 12
+
+
+async def test_a_streamed_answer_over_the_limit_stops_reading_early(raw: RawServer) -> None:
+    raw.reply = Reply(body=b"x" * 65_536, stream_chunks=4_800)  # 300 MiB, no Content-Length
+    provider = AnthropicProvider(api_key=KEY, base_url=raw.url, max_response_bytes=1 << 20)
+    with pytest.raises(
+        InvalidResponseError, match=r"more than 1,048,576 bytes.*max_response_bytes"
+    ):
+        await complete(provider)
+    # the client hung up long before the 300 MiB were out (socket buffers hold a few MiB)
+    assert raw.bytes_sent < 64 * 1024 * 1024
+
+
+async def test_a_declared_length_over_the_limit_is_refused_without_reading(
+    raw: RawServer,
+) -> None:
+    raw.reply = Reply(body=b"y" * (3 << 20))
+    provider = AnthropicProvider(api_key=KEY, base_url=raw.url, max_response_bytes=1 << 20)
+    with pytest.raises(InvalidResponseError, match=r"3,145,728 bytes \(Content-Length\)"):
+        await complete(provider)
+
+
+async def test_the_default_limit_is_16_mib_and_normal_answers_pass(raw: RawServer) -> None:
+    raw.reply = Reply(body=anthropic_ok())
+    assert (await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))).content == "fine"
+    raw.reply = Reply(body=b" " * (17 << 20))
+    with pytest.raises(InvalidResponseError, match="max_response_bytes=16,777,216"):
+        await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
+def test_max_response_bytes_is_validated(bad: Any) -> None:
+    with pytest.raises(ValueError, match="max_response_bytes must be an integer >= 1"):
+        OpenAIProvider(api_key=KEY, base_url="http://127.0.0.1:1", max_response_bytes=bad)
+
+
+@pytest.mark.parametrize("status", [200, 500])
+async def test_the_error_keeps_nothing_of_a_large_body_alive(raw: RawServer, status: int) -> None:
+    raw.reply = Reply(status=status, body=b"<html>" + b"z" * (5 << 20))
+    provider = AnthropicProvider(api_key=KEY, base_url=raw.url)
+    with pytest.raises((InvalidResponseError, ServerError)) as info:
+        await complete(provider)
+    gc.collect()
+    assert _large_strings_reachable(info.value, 256 * 1024) == []
+
+
+# --------------------------------------------------------------------------- item 15
+
+
+async def test_a_key_echoed_in_a_2xx_non_json_body_is_scrubbed_everywhere(
+    raw: RawServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw.reply = Reply(body=f"debug: your key is {KEY} ok".encode())
+    with pytest.raises(InvalidResponseError) as info:
+        await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))
+    assert KEY not in str(info.value) and "***" in str(info.value)
+    assert "KEY" not in str(info.value).split("***")[-1][:5]  # nothing of the key after it
+
+    # and through the executor into the record, the SQLite file and `telemetry export`
+    db = tmp_path / "t.db"
+    registry = ModelRegistry(
+        models=[
+            ModelInfo(
+                id=MODEL,
+                provider="anthropic",
+                tier="cheap",
+                input_price_per_mtok=1.0,
+                output_price_per_mtok=1.0,
+                context_window=100_000,
+                max_output_tokens=4096,
+            )
+        ],
+        price_version="raw-1",
+    )
+    telemetry = telemetry_from_url(f"sqlite:///{db}")
+    async with EmpathyLLMExecutor(
+        [AnthropicProvider(api_key=KEY, base_url=raw.url)],
+        registry=registry,
+        telemetry_store=telemetry,
+        retry=RetryPolicy(max_attempts=1),
+    ) as executor:
+        with pytest.raises(Exception):  # noqa: B017,PT011 - the run fails; its record matters
+            await executor.run("hello", ExecutionContext(tier="cheap"))
+    async with telemetry_from_url(f"sqlite:///{db}") as reader:
+        [record] = await reader.recent()
+    assert record.error_message is not None and "not valid JSON" in record.error_message
+    assert KEY not in record.error_message
+    assert KEY.encode() not in db.read_bytes()
+    args = ["telemetry", "export", "--format", "jsonl", "--db", str(db)]
+    assert await anyio.to_thread.run_sync(cli_main, args) == 0
+    exported = capsys.readouterr().out
+    assert "not valid JSON" in exported and KEY not in exported
+
+
+# --------------------------------------------------------------------------- item 16
+
+
+@pytest.mark.parametrize("status", [200, 500, 429])
+async def test_json_nested_too_deeply_is_a_provider_error_not_recursion(
+    raw: RawServer, status: int
+) -> None:
+    depth = 200_000
+    raw.reply = Reply(status=status, body=b"[" * depth + b"]" * depth)
+    with pytest.raises((InvalidResponseError, ServerError, RateLimitedError)) as info:
+        await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))
+    if status == 200:
+        assert isinstance(info.value, InvalidResponseError)
+        assert "nested too deeply" in str(info.value)
+    else:
+        assert info.value.status == status
+
+
+# --------------------------------------------------------------------------- item 9
+
+
+@pytest.mark.parametrize(
+    "retry_after", ["86400", "Thu, 01 Jan 2099 00:00:00 GMT", "1" + "0" * 300, "1e300"]
+)
+async def test_one_429_cannot_open_a_circuit_for_longer_than_the_cap(
+    raw: RawServer, tmp_path: Path, retry_after: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw.reply = Reply(
+        status=429,
+        headers={"retry-after": retry_after, "content-type": "application/json"},
+        body=b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}',
+    )
+    provider = AnthropicProvider(api_key=KEY, base_url=raw.url)
+    store = f"sqlite:///{tmp_path / 'state.db'}"
+    caplog.set_level(logging.WARNING, "empathy_models.breaker")
+    async with provider, CircuitBreaker(store=store) as breaker:
+        cap = breaker.policy.max_retry_after_open
+        assert cap == 600.0
+        before = time.time()
+        with pytest.raises(RateLimitedError) as info:
+            async with breaker.guard("anthropic"):
+                await provider.complete(REQUEST)
+        assert info.value.retry_after is not None and info.value.retry_after > cap
+        state = await breaker.get_status("anthropic")
+        assert state.state is CircuitState.OPEN
+        assert state.open_until_ts is not None
+        assert before + cap - 1 <= state.open_until_ts <= time.time() + cap
+        with pytest.raises(CircuitOpenError) as rejected:
+            await breaker.admit("anthropic")
+        assert rejected.value.retry_after is not None and rejected.value.retry_after <= cap
+    assert any("max_retry_after_open=600s" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_cap_is_configurable(raw: RawServer) -> None:
+    from empathy_models import BreakerPolicy
+
+    raw.reply = Reply(status=429, headers={"retry-after": "86400"}, body=b"{}")
+    provider = AnthropicProvider(api_key=KEY, base_url=raw.url)
+    async with (
+        provider,
+        CircuitBreaker(policy=BreakerPolicy(recovery_seconds=10, max_retry_after_open=30)) as b,
+    ):
+        before = time.time()
+        with pytest.raises(RateLimitedError):
+            async with b.guard("anthropic"):
+                await provider.complete(REQUEST)
+        until = (await b.get_status("anthropic")).open_until_ts
+        assert until is not None and until <= time.time() + 30 and until >= before + 29
