@@ -25,6 +25,7 @@ import pytest
 from aiohttp import web
 
 from empathy_models import (
+    AllRoutesFailedError,
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
@@ -144,9 +145,11 @@ def _large_strings_reachable(exc: BaseException, threshold: int) -> list[str]:
         if isinstance(obj, BaseException):
             todo.append((f"{where}.args", obj.args, depth + 1))
             todo.extend((f"{where}.{k}", v, depth + 1) for k, v in vars(obj).items())
-            for name in ("__cause__", "__context__"):
-                if getattr(obj, name) is not None:
-                    todo.append((f"{where}.{name}", getattr(obj, name), depth + 1))
+            todo.extend(
+                (f"{where}.{name}", getattr(obj, name), depth + 1)
+                for name in ("__cause__", "__context__")
+                if getattr(obj, name) is not None
+            )
             if obj.__traceback__ is not None:
                 todo.append((f"{where}.tb", obj.__traceback__, depth + 1))
         elif isinstance(obj, TracebackType):
@@ -162,9 +165,11 @@ def _large_strings_reachable(exc: BaseException, threshold: int) -> list[str]:
             todo.extend((f"{where}[{k!r}]", v, depth + 1) for k, v in obj.items())
         elif hasattr(obj, "__dict__") and type(obj).__module__.startswith(("aiohttp", "json")):
             todo.extend((f"{where}.{k}", v, depth + 1) for k, v in vars(obj).items())
-            for attr in ("_body", "doc", "object"):
-                if hasattr(obj, attr):
-                    todo.append((f"{where}.{attr}", getattr(obj, attr), depth + 1))
+            todo.extend(
+                (f"{where}.{attr}", getattr(obj, attr), depth + 1)
+                for attr in ("_body", "doc", "object")
+                if hasattr(obj, attr)
+            )
     return found
 
 
@@ -248,14 +253,16 @@ async def test_a_key_echoed_in_a_2xx_non_json_body_is_scrubbed_everywhere(
         ],
         price_version="raw-1",
     )
-    telemetry = telemetry_from_url(f"sqlite:///{db}")
-    async with EmpathyLLMExecutor(
-        [AnthropicProvider(api_key=KEY, base_url=raw.url)],
-        registry=registry,
-        telemetry_store=telemetry,
-        retry=RetryPolicy(max_attempts=1),
-    ) as executor:
-        with pytest.raises(Exception):  # noqa: B017,PT011 - the run fails; its record matters
+    async with (
+        telemetry_from_url(f"sqlite:///{db}") as telemetry,
+        EmpathyLLMExecutor(
+            [AnthropicProvider(api_key=KEY, base_url=raw.url)],
+            registry=registry,
+            telemetry_store=telemetry,
+            retry=RetryPolicy(max_attempts=1),
+        ) as executor,
+    ):
+        with pytest.raises(AllRoutesFailedError):  # the run fails; its record matters
             await executor.run("hello", ExecutionContext(tier="cheap"))
     async with telemetry_from_url(f"sqlite:///{db}") as reader:
         [record] = await reader.recent()

@@ -810,6 +810,7 @@ class HTTPProvider(Provider):
             else:
                 return b"".join(chunks)
             chunks.clear()
+            response.close()  # drop the connection: the rest of the body is never read
             shown = f"more than {limit:,} bytes"
         else:
             shown = f"{length:,} bytes (Content-Length)"
