@@ -60,6 +60,8 @@ short.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import functools
 import inspect
@@ -88,7 +90,14 @@ from .exceptions import (
     ProviderConnectionError,
 )
 from .outcomes import OutcomeClassifier, classify_error, retry_after_of
-from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
+from .records import (
+    Admission,
+    CircuitBreakerState,
+    CircuitState,
+    Outcome,
+    OutcomeReport,
+    Ticket,
+)
 
 __all__ = [
     "BreakerEvent",
@@ -442,6 +451,8 @@ class CircuitBreaker(AsyncResource):
         self._fallback: MemoryStateStore | None = None
         self._retry_at = 0.0
         self._task_group: anyio.abc.TaskGroup | None = None
+        # probe leases being given back for admissions whose caller was cancelled
+        self._releases: set[asyncio.Future[Any]] = set()
 
     def __repr__(self) -> str:
         mode = " degraded" if self._fallback is not None else ""
@@ -525,6 +536,9 @@ class CircuitBreaker(AsyncResource):
         """Stop the flusher, flush every written-behind success, close an owned store."""
         task_group, self._task_group = self._task_group, None
         try:
+            if self._releases:  # leases being given back must reach the store first
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait(set(self._releases), timeout=_REPORT_SHIELD_SECONDS)
             if task_group is not None:
                 task_group.cancel_scope.cancel()
                 await task_group.__aexit__(None, None, None)
@@ -665,11 +679,80 @@ class CircuitBreaker(AsyncResource):
                 if ticket is not None:
                     return ticket
         policy = self.policy
-        admission = await self._store_op(key, lambda store: store.admit(key, policy))
+        if self._scoped:
+            admission = await self._admit_detached(key, policy)
+        else:  # a memory store never suspends: nothing can interrupt it
+            admission = await self._store_op(key, lambda store: store.admit(key, policy))
         await self._observe(admission.state)
         if admission.admitted and admission.ticket is not None:
             return admission.ticket
         await self._reject(admission.state, admission.retry_after, notify=True)
+
+    async def _admit_detached(self, key: str, policy: BreakerPolicy) -> Admission:
+        """
+        The store's admission, such that a cancelled caller can neither leak a probe
+        lease nor lose its cancellation.
+
+        A store admission may grant a half-open probe lease.  If the caller is cancelled
+        while it is in flight, the admission still finishes (see `_settled`) and a
+        lease it granted is given back (reported as cancelled) before the cancellation
+        is raised, instead of blocking the key for ``probe_lease_seconds``.  If the
+        store's client swallowed a cancellation (redis-py's asyncio client does, now
+        and then), ``Task.cancelling()`` still shows it: the lease is given back and
+        `asyncio.CancelledError` raised, so the guarded call does not run.
+        """
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
+        try:
+            admission = await self._settled(key, lambda store: store.admit(key, policy))
+        except asyncio.CancelledError as exc:
+            granted = getattr(exc, "_empathy_result", None)
+            if isinstance(granted, Admission):
+                await self._give_back_lease(granted)
+            raise
+        if task is not None and task.cancelling() > cancelling:
+            await self._give_back_lease(admission)
+            raise asyncio.CancelledError("cancelled during the circuit-breaker admission")
+        return admission
+
+    async def _give_back_lease(self, admission: Admission) -> None:
+        ticket = admission.ticket
+        if ticket is None or ticket.lease_id is None:
+            return
+        report = OutcomeReport(ticket=ticket, outcome=Outcome.CANCELLED)
+        policy = self.policy
+        key = ticket.key
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._settled(key, lambda store: store.record(key, policy, [report]))
+
+    async def _settled(
+        self, key: str | None, op: Callable[[CircuitStateStore], Awaitable[T]]
+    ) -> T:
+        """
+        ``_store_op(key, op)`` carried to its end even when the caller is cancelled
+        (asyncio-natively or by an anyio scope) meanwhile: it runs in a task of its own
+        and the caller waits for it, for at most ``_REPORT_SHIELD_SECONDS``, before the
+        cancellation is raised (with the result, if any, as ``_empathy_result``).
+        """
+        task = asyncio.ensure_future(self._store_op(key, op))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + _REPORT_SHIELD_SECONDS
+            while not task.done() and loop.time() < deadline:
+                try:
+                    await asyncio.wait({task}, timeout=deadline - loop.time())
+                except asyncio.CancelledError:
+                    continue  # delivered again (an anyio scope): keep waiting, raise after
+            if task.done() and not task.cancelled() and task.exception() is None:
+                exc._empathy_result = task.result()  # type: ignore[attr-defined]
+            elif not task.done():
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
+            elif not task.cancelled():
+                task.exception()  # retrieved, so asyncio does not log it as lost
+            raise
 
     async def _reject(
         self, state: CircuitBreakerState, retry_after: float | None, *, notify: bool
@@ -816,11 +899,10 @@ class CircuitBreaker(AsyncResource):
             state = await self._store_op(key, lambda store: store.record(key, policy, reports))
             await self._observe(state)
             return
-        # shielded: a failure must count and a probe lease must come back even when the
+        # settled: a failure must count and a probe lease must come back even when the
         # caller is being cancelled (bounded, so a hung store cannot hold the caller)
-        with anyio.move_on_after(_REPORT_SHIELD_SECONDS, shield=True):
-            state = await self._store_op(key, lambda store: store.record(key, policy, reports))
-            await self._observe(state)
+        state = await self._settled(key, lambda store: store.record(key, policy, reports))
+        await self._observe(state)
 
     def _drop_pending(self, key: str) -> list[Any] | None:
         pending = self._pending.pop(key, None)
@@ -849,10 +931,8 @@ class CircuitBreaker(AsyncResource):
             return state
         # shielded: the batch is no longer in memory, so it must reach the store even when
         # the calling task is being cancelled (bounded, like report's shield)
-        flushed = None
-        with anyio.move_on_after(_REPORT_SHIELD_SECONDS, shield=True):
-            flushed = await self._store_op(key, lambda store: store.record(key, policy, reports))
-            await self._observe(flushed)
+        flushed = await self._settled(key, lambda store: store.record(key, policy, reports))
+        await self._observe(flushed)
         return flushed
 
     async def _flush_all(self) -> None:

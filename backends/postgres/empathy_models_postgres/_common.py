@@ -92,7 +92,13 @@ def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
     if not isinstance(dsn, str) or "://" not in dsn:
         shown = redact_url(dsn) if isinstance(dsn, str) else repr(dsn)
         raise ConfigurationError(f"expected a postgresql:// DSN, got {shown}")
-    parts = urlsplit(dsn)
+    try:
+        parts = urlsplit(dsn)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"{redact_url(dsn)!r} is not a valid PostgreSQL DSN: {exc}"
+        ) from exc
     query = parse_qsl(parts.query, keep_blank_values=True)
     ours = {k: v for k, v in query if k in _URL_OPTIONS}
     if not ours:

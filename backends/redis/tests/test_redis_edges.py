@@ -6,6 +6,7 @@ import pytest
 from empathy_models_redis import RedisCircuitStateStore
 
 from empathy_models import CircuitBreaker, ConfigurationError, state_store_from_url
+from tests._cancel_trials import cancel_during_admission
 
 
 @pytest.mark.parametrize(
@@ -50,3 +51,15 @@ async def test_valid_options_still_work_end_to_end(redis_store_url: str) -> None
             pass
         assert not breaker.degraded
         assert (await breaker.get_status("k")).state.value == "closed"
+
+
+async def test_a_cancel_during_a_half_open_admission_neither_leaks_nor_is_swallowed(
+    redis_store_url: str,
+) -> None:
+    # items 6 and 13: the lease comes back, and a cancellation redis-py swallowed still
+    # stops the guarded call (Task.cancelling() is checked after the admission)
+    async with CircuitBreaker(store=redis_store_url, local_view_ttl=0) as breaker:
+        result = await cancel_during_admission(breaker, "anthropic", trials=200)
+    assert result.cancelled_before_the_body >= 10
+    assert result.leaked == 0
+    assert result.ran_after_cancel == 0

@@ -1,0 +1,88 @@
+"""
+Cancel a guarded call while its half-open admission is in flight, many times, and
+count what went wrong (issue #14 items 6 and 13).  Shared by the SQLite, Redis and
+PostgreSQL tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+
+import attrs
+
+from empathy_models import CircuitBreaker, CircuitOpenError
+
+__all__ = ["CancelTrials", "cancel_during_admission"]
+
+
+@attrs.define
+class CancelTrials:
+    trials: int = 0
+    cancelled_before_the_body: int = 0
+    """Trials whose cancel landed before the guarded body began (the window tested)."""
+    leaked: int = 0
+    """Trials after which a probe lease was still held with nobody probing."""
+    ran_after_cancel: int = 0
+    """Trials whose guarded body began although the task had been cancelled."""
+
+
+def _live_leases(leases: tuple[tuple[str, float], ...]) -> int:
+    now = time.time()
+    return sum(1 for _, expires in leases if expires > now)
+
+
+async def cancel_during_admission(
+    breaker: CircuitBreaker, key: str, *, trials: int = 100, settle_seconds: float = 3.0
+) -> CancelTrials:
+    """
+    For each trial: hold ``key`` open until a moment already past (so the next admission
+    is a half-open probe taking a lease), start a guarded call, cancel it after a
+    varying delay, then check the store within ``settle_seconds`` for a lease left
+    behind.  ``breaker`` must use ``local_view_ttl=0`` so every admission asks the store.
+    """
+    out = CancelTrials()
+    for i in range(trials):
+        await breaker.reset(key)
+        await breaker.force_open(key, until=datetime.now(UTC) - timedelta(seconds=1))
+        cancel_sent = False
+        body_started = False
+
+        async def call() -> None:
+            nonlocal body_started
+            try:
+                async with breaker.guard(key):
+                    body_started = True
+                    if cancel_sent:
+                        out.ran_after_cancel += 1
+                    await asyncio.sleep(0)
+            except CircuitOpenError:
+                pass
+
+        task = asyncio.ensure_future(call())
+        delay = (i % 25) * 0.0002
+        if delay:
+            await asyncio.sleep(delay)
+        else:
+            for _ in range(i % 5):
+                await asyncio.sleep(0)
+        cancel_sent = True
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        out.trials += 1
+        if not body_started:
+            out.cancelled_before_the_body += 1
+        deadline = time.monotonic() + settle_seconds
+        while True:
+            state = await breaker.store.snapshot(key)
+            if _live_leases(state.leases) == 0:
+                break
+            if time.monotonic() >= deadline:
+                out.leaked += 1
+                break
+            await asyncio.sleep(0.01)
+    return out
