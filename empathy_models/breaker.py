@@ -725,9 +725,7 @@ class CircuitBreaker(AsyncResource):
         with contextlib.suppress(asyncio.CancelledError):
             await self._settled(key, lambda store: store.record(key, policy, [report]))
 
-    async def _settled(
-        self, key: str | None, op: Callable[[CircuitStateStore], Awaitable[T]]
-    ) -> T:
+    async def _settled(self, key: str | None, op: Callable[[CircuitStateStore], Awaitable[T]]) -> T:
         """
         ``_store_op(key, op)`` carried to its end even when the caller is cancelled
         (asyncio-natively or by an anyio scope) meanwhile: it runs in a task of its own

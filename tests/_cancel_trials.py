@@ -7,6 +7,7 @@ PostgreSQL tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -46,19 +47,15 @@ async def cancel_during_admission(
     for i in range(trials):
         await breaker.reset(key)
         await breaker.force_open(key, until=datetime.now(UTC) - timedelta(seconds=1))
-        cancel_sent = False
-        body_started = False
+        flags = {"cancel_sent": False, "body_started": False}
 
-        async def call() -> None:
-            nonlocal body_started
-            try:
+        async def call(flags: dict[str, bool] = flags) -> None:
+            with contextlib.suppress(CircuitOpenError):
                 async with breaker.guard(key):
-                    body_started = True
-                    if cancel_sent:
+                    flags["body_started"] = True
+                    if flags["cancel_sent"]:
                         out.ran_after_cancel += 1
                     await asyncio.sleep(0)
-            except CircuitOpenError:
-                pass
 
         task = asyncio.ensure_future(call())
         delay = (i % 25) * 0.0002
@@ -67,14 +64,12 @@ async def cancel_during_admission(
         else:
             for _ in range(i % 5):
                 await asyncio.sleep(0)
-        cancel_sent = True
+        flags["cancel_sent"] = True
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
         out.trials += 1
-        if not body_started:
+        if not flags["body_started"]:
             out.cancelled_before_the_body += 1
         deadline = time.monotonic() + settle_seconds
         while True:
