@@ -717,6 +717,12 @@ def _read_json(file: Path) -> Any:
         raise AuthFileError(f"{file}: cannot read ({exc.strerror})", path=file) from exc
     try:
         return json.loads(raw.decode("utf-8"))
+    except RecursionError as exc:
+        raise AuthFileError(
+            f"{file}: corrupt auth strategy file (JSON nested too deeply); fix it, or move "
+            "it away (`empathy-models auth reset --yes` keeps a backup)",
+            path=file,
+        ) from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = (
             f"line {exc.lineno} column {exc.colno}"

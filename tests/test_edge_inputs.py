@@ -5,13 +5,20 @@ anything is sent or opened (issue #14, items 16 and 18).
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import pytest
 
 from empathy_models import (
+    AuthFileError,
+    AuthStrategy,
     ConfigurationError,
+    LLMCallRecord,
+    TelemetryError,
     EmpathyLLMExecutor,
     ExecutionContext,
     MemoryTelemetryBackend,
@@ -23,6 +30,7 @@ from empathy_models import (
     telemetry_from_url,
 )
 from empathy_models.abc import CompletionRequest
+from empathy_models.cli import main as cli_main
 from empathy_models.providers import AnthropicProvider
 from empathy_models.testing import FakeLLMServer
 
@@ -109,3 +117,47 @@ def test_an_absurd_max_tokens_is_refused_with_the_bound() -> None:
     with pytest.raises(RecordValidationError, match=r"max_tokens must be at most 1,000,000"):
         CompletionRequest(model="m", messages="hi", max_tokens=10**30)
     assert ExecutionContext(max_tokens=1_000_000).max_tokens == 1_000_000
+
+
+# --------------------------------------------------------------------------- files (item 16)
+
+
+def test_a_nul_byte_in_a_sqlite_path_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="NUL character"):
+        telemetry_from_url("sqlite:///%00x.db")
+    with pytest.raises(ConfigurationError, match="NUL character"):
+        state_store_from_url("sqlite:///%00x.db")
+
+
+def test_a_deeply_nested_auth_file_is_one_line_from_auth_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = tmp_path / "auth_strategy.json"
+    file.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AuthFileError, match="nested too deeply"):
+        AuthStrategy.load(file)
+    assert cli_main(["auth", "status", "--file", str(file)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nested too deeply" in err and "Traceback" not in err
+
+
+async def test_a_bad_json_row_in_llm_calls_is_a_telemetry_error_and_one_cli_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "calls.db"
+    async with telemetry_from_url(f"sqlite:///{db}") as backend:
+        await backend.record(
+            LLMCallRecord(call_id="c1", provider="p", model="m", outcome="success")
+        )
+        await backend.record(
+            LLMCallRecord(call_id="c2", provider="p", model="m", outcome="success")
+        )
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE llm_calls SET metadata = '{oops' WHERE call_id = 'c2'")
+    async with telemetry_from_url(f"sqlite:///{db}") as backend:
+        with pytest.raises(TelemetryError, match="call_id 'c2' cannot be read"):
+            await backend.recent()
+    args = ["telemetry", "export", "--format", "jsonl", "--db", str(db)]
+    assert await anyio.to_thread.run_sync(cli_main, args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'c2'" in err and "Traceback" not in err

@@ -1103,6 +1103,8 @@ def _normalize_path(path: str | os.PathLike[str]) -> str:
         raise ConfigurationError(f"path must be a non-empty file path or ':memory:', got {path!r}")
     if path == MEMORY:
         return MEMORY
+    if "\x00" in path:
+        raise ConfigurationError(f"path must not contain a NUL character, got {path!r}")
     return os.path.abspath(path)
 
 
@@ -1399,7 +1401,18 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
             return await self._db.retrying(partial(conn.execute_fetchall, sql, params))
 
-        return [_from_row(row) for row in await self._db.run(job)]
+        return [self._record(row) for row in await self._db.run(job)]
+
+    def _record(self, row: Sequence[Any]) -> LLMCallRecord:
+        """The record of one row, or `TelemetryError` naming the row that cannot be read."""
+        try:
+            return _from_row(row)
+        except (ValueError, TypeError, RecursionError) as exc:  # bad JSON, a broken value
+            raise TelemetryError(
+                f"SQLite database {self._path}: the llm_calls row of call_id {row[0]!r} "
+                f"cannot be read ({type(exc).__name__}: {str(exc)[:200]}); fix or delete it",
+                target=self._path,
+            ) from exc
 
     async def evidence(
         self,
