@@ -88,6 +88,7 @@ from .exceptions import (
     CircuitOpenError,
     ConfigurationError,
     ProviderConnectionError,
+    StateStoreError,
 )
 from .outcomes import OutcomeClassifier, classify_error, retry_after_of
 from .records import (
@@ -450,6 +451,10 @@ class CircuitBreaker(AsyncResource):
         self._pending: dict[str, list[Any]] = {}
         self._fallback: MemoryStateStore | None = None
         self._retry_at = 0.0
+        # keys whose stored state is unreadable -> when to try the store again; they run
+        # on a fallback of their own meanwhile
+        self._unreadable: dict[str, float] = {}
+        self._key_fallback: MemoryStateStore | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         # probe leases being given back for admissions whose caller was cancelled
         self._releases: set[asyncio.Future[Any]] = set()
@@ -549,6 +554,8 @@ class CircuitBreaker(AsyncResource):
                 await self._store.aclose()
             if self._fallback is not None:
                 await self._fallback.aclose()
+            if self._key_fallback is not None:
+                await self._key_fallback.aclose()
             # from here on every admission and report takes the general path, which
             # refuses admissions and drops outcomes once closed
             for view in self._views.values():
@@ -1161,6 +1168,72 @@ class CircuitBreaker(AsyncResource):
     async def _store_op(
         self, key: str | None, op: Callable[[CircuitStateStore], Awaitable[T]]
     ) -> T:
+        if key is not None and key in self._unreadable:
+            return await self._unreadable_op(key, op)
+        try:
+            return await self._shared_op(key, op)
+        except StateStoreError as exc:
+            if key is None or exc.key != key:
+                raise
+            return await self._isolate(key, exc, op)
+
+    async def _unreadable_op(self, key: str, op: Callable[[CircuitStateStore], Awaitable[T]]) -> T:
+        """``op`` for a key whose stored state is unreadable: the key's own fallback,
+        trying the store again at most every ``store_retry_interval`` seconds."""
+        fallback = self._key_fallback
+        assert fallback is not None
+        now = self._clock()
+        if now < self._unreadable[key]:
+            return await op(fallback)
+        self._unreadable[key] = now + self._retry_interval
+        try:
+            result = await self._shared_op(key, op)
+        except StateStoreError as exc:
+            if exc.key != key:
+                raise
+            return await op(fallback)
+        del self._unreadable[key]
+        await fallback._clear(key)
+        logger.warning("circuit %r: its stored state is readable again; using the store", key)
+        if self._listeners:
+            await self._emit(
+                BreakerEvent(kind=BreakerEventKind.STORE_RECOVERED, key=key, at=self._now_dt())
+            )
+        return result
+
+    async def _isolate(
+        self, key: str, exc: StateStoreError, op: Callable[[CircuitStateStore], Awaitable[T]]
+    ) -> T:
+        """The store holds an unreadable state for ``key``: run that key per-process."""
+        fallback = self._key_fallback
+        if fallback is None:
+            fallback = self._key_fallback = MemoryStateStore(clock=self._clock)
+        view = self._views.get(key)
+        if view is not None:
+            await _seed(fallback, view.state)
+            view.at = view.until = -math.inf
+        self._unreadable[key] = self._clock() + self._retry_interval
+        description = _describe(exc)
+        logger.warning(
+            "circuit %r: the state store cannot read its state (%s); this key runs on a "
+            "per-process breaker until the state is repaired",
+            key,
+            description,
+        )
+        if self._listeners:
+            await self._emit(
+                BreakerEvent(
+                    kind=BreakerEventKind.STORE_DEGRADED,
+                    key=key,
+                    error=description,
+                    at=self._now_dt(),
+                )
+            )
+        return await op(fallback)
+
+    async def _shared_op(
+        self, key: str | None, op: Callable[[CircuitStateStore], Awaitable[T]]
+    ) -> T:
         fallback = self._fallback
         if fallback is not None:
             now = self._clock()
@@ -1173,6 +1246,8 @@ class CircuitBreaker(AsyncResource):
             except BackendClosedError:
                 raise
             except (BackendError, OSError) as exc:
+                if key is not None and _unreadable_key(exc) == key:
+                    raise  # this key's state alone: _store_op isolates the key
                 logger.debug("circuit store still unavailable: %s", _describe(exc))
                 # another task may have recovered (closing this fallback) meanwhile: then
                 # this failure is a new outage
@@ -1188,6 +1263,8 @@ class CircuitBreaker(AsyncResource):
         except BackendClosedError:
             raise
         except (BackendError, OSError) as exc:
+            if key is not None and _unreadable_key(exc) == key:
+                raise  # this key's state alone: _store_op isolates the key
             fallback = self._fallback  # another task may have switched already
             if fallback is None:
                 fallback = await self._degrade(key, exc)
@@ -1275,6 +1352,11 @@ def _log_transition(state: CircuitBreakerState, old: CircuitState, reason: str |
             state.generation,
             f": {reason}" if reason else "",
         )
+
+
+def _unreadable_key(exc: BaseException) -> str | None:
+    """The key whose stored state ``exc`` says is unreadable, if that is what it says."""
+    return exc.key if isinstance(exc, StateStoreError) else None
 
 
 async def _seed(store: TransactionalStateStore, state: CircuitBreakerState) -> None:

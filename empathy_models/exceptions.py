@@ -314,7 +314,16 @@ class TelemetryRejectedError(TelemetryError, ValueError):
 
 
 class StateStoreError(BackendError):
-    """A circuit-state store could not apply or read a state."""
+    """
+    A circuit-state store could not apply or read a state.
+
+    ``key`` names the breaker key when the fault is that key's alone (its stored state
+    cannot be read); the breaker then runs that key on a per-process fallback.
+    """
+
+    def __init__(self, message: str, *, target: str | None = None, key: str | None = None) -> None:
+        super().__init__(message, target=target)
+        self.key = key
 
 
 class BackendClosedError(BackendError):

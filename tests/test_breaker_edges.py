@@ -5,9 +5,24 @@ the Redis and PostgreSQL variants live with their plugins' tests.
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
-from empathy_models import BreakerPolicy, CircuitBreaker
+import anyio.to_thread
+import pytest
+
+from empathy_models import (
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    ServerError,
+    StateStoreError,
+    state_store_from_url,
+)
+from empathy_models.breaker import BreakerEvent, BreakerEventKind
+from empathy_models.cli import main as cli_main
+from empathy_models.testing.clock import FakeClock
 from tests._cancel_trials import cancel_during_admission
 
 
@@ -21,3 +36,73 @@ async def test_a_cancel_during_a_half_open_admission_never_leaks_the_probe_lease
     assert result.cancelled_before_the_body >= 10  # the window under test was hit
     assert result.leaked == 0
     assert result.ran_after_cancel == 0
+
+
+# --------------------------------------------------------------------------- item 8
+
+
+def _corrupt(db: Path, key: str) -> None:
+    with sqlite3.connect(db) as conn:
+        changed = conn.execute(
+            "UPDATE circuit_state SET data = '{not json' WHERE key = ?", (key,)
+        ).rowcount
+    assert changed == 1
+
+
+async def test_a_corrupt_circuit_state_row_degrades_that_key_only_and_reset_repairs_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "state.db"
+    url = f"sqlite:///{db}"
+    clock = FakeClock()
+    events: list[BreakerEvent] = []
+    async with CircuitBreaker(store=url, local_view_ttl=0) as setup:
+        await setup.force_open("anthropic", reason="seed a row")
+        await setup.reset("anthropic")
+    _corrupt(db, "anthropic")
+
+    # the store names the key
+    async with state_store_from_url(url) as store:
+        with pytest.raises(
+            StateStoreError, match="circuit state of 'anthropic' is unreadable"
+        ) as info:
+            await store.snapshot("anthropic")
+        assert info.value.key == "anthropic"
+
+    policy = BreakerPolicy(consecutive_failures=2)
+    async with CircuitBreaker(
+        store=url, policy=policy, clock=clock, local_view_ttl=0, listeners=[events.append]
+    ) as breaker:
+        for _ in range(50):  # every call goes ahead, on the key's per-process fallback
+            async with breaker.guard("anthropic"):
+                pass
+        # the key still trips (locally) and other keys still use the shared store
+        for key in ("anthropic", "openai"):
+            for _ in range(2):
+                with pytest.raises(ServerError):
+                    async with breaker.guard(key):
+                        raise ServerError("boom", status=503)
+        with pytest.raises(CircuitOpenError):
+            async with breaker.guard("anthropic"):
+                pass
+        async with state_store_from_url(url) as other:
+            assert (await other.snapshot("openai")).state is CircuitState.OPEN
+        degraded = [e for e in events if e.kind is BreakerEventKind.STORE_DEGRADED]
+        assert [e.key for e in degraded] == ["anthropic"]
+        assert not breaker.degraded  # the store as a whole is fine
+
+        # the CLI: one line naming the key, then `breaker reset KEY` repairs the row
+        args = ["breaker", "status", "--db", str(db)]
+        assert await anyio.to_thread.run_sync(cli_main, args) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "'anthropic'" in err and "Traceback" not in err
+        args = ["breaker", "reset", "anthropic", "--db", str(db)]
+        assert await anyio.to_thread.run_sync(cli_main, args) == 0
+        capsys.readouterr()
+        assert await anyio.to_thread.run_sync(cli_main, ["breaker", "status", "--db", str(db)]) == 0
+
+        # after store_retry_interval the key goes back to the shared store
+        clock.advance(5.0)  # the default store_retry_interval
+        async with breaker.guard("anthropic"):
+            pass
+        assert any(e.kind is BreakerEventKind.STORE_RECOVERED for e in events)

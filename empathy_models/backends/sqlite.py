@@ -1528,9 +1528,39 @@ class SQLiteStateStore(TransactionalStateStore):
     async def _aopen(self) -> None:
         await self._db.run(_nothing)
 
-    @staticmethod
-    def _decode(data: str) -> CircuitBreakerState:
-        return from_dict(json.loads(data), CircuitBreakerState)
+    def _decode(self, key: str, data: object) -> CircuitBreakerState:
+        """The stored state of ``key``, or `StateStoreError` naming the key it belongs to."""
+        try:
+            if not isinstance(data, str):
+                raise TypeError(f"expected JSON text, got {type(data).__name__}")
+            state = from_dict(json.loads(data), CircuitBreakerState)
+            if state.key != key:
+                raise ValueError(f"the row holds the state of {state.key!r}")
+        except (ValueError, TypeError, RecursionError, KeyError) as exc:
+            raise StateStoreError(
+                f"SQLite database {self._path}: the circuit state of {key!r} is unreadable "
+                f"({type(exc).__name__}: {str(exc)[:200]}); repair it with "
+                f"`empathy-models breaker reset {key}`",
+                target=self._path,
+                key=key,
+            ) from exc
+        return state
+
+    async def reset(self, key: str | None = None) -> None:
+        """
+        Return ``key`` (or every key) to a fresh CLOSED state; a row whose state cannot
+        be read is replaced, which is how a corrupt row is repaired.
+        """
+        for _ in range(10_000):  # one pass per unreadable row found on the way
+            try:
+                await super().reset(key)
+                return
+            except StateStoreError as exc:
+                if exc.key is None or (key is not None and exc.key != key):
+                    raise
+                logger.warning("replacing the unreadable circuit state of %r", exc.key)
+                await self._clear(exc.key)
+        raise StateStoreError(f"SQLite database {self._path}: reset did not finish")
 
     async def _transact(
         self,
@@ -1542,7 +1572,7 @@ class SQLiteStateStore(TransactionalStateStore):
 
         async def body(conn: aiosqlite.Connection) -> T:
             row = await _fetchone(conn, _SELECT_STATE, (key,))
-            current = None if row is None else self._decode(row[0])
+            current = None if row is None else self._decode(key, row[0])
             new, result = fn(current, clock())  # now: read with the write lock held
             if new is not None and new is not current:
                 data = _json(to_dict(new))
@@ -1574,7 +1604,7 @@ class SQLiteStateStore(TransactionalStateStore):
             # it is returned as is.  Otherwise the step runs again from a fresh read
             # inside BEGIN IMMEDIATE, which is what makes it atomic.
             row = await db.retrying(partial(_fetchone, conn, _SELECT_STATE, (key,)))
-            current = None if row is None else self._decode(row[0])
+            current = None if row is None else self._decode(key, row[0])
             new, result = fn(current, clock())
             if new is None or new is current:
                 return result
@@ -1589,15 +1619,15 @@ class SQLiteStateStore(TransactionalStateStore):
             )
 
         row = await self._db.run(job)
-        return None if row is None else self._decode(row[0])
+        return None if row is None else self._decode(key, row[0])
 
     async def _load_all(self) -> list[CircuitBreakerState]:
         async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
             return await self._db.retrying(
-                partial(conn.execute_fetchall, "SELECT data FROM circuit_state ORDER BY key")
+                partial(conn.execute_fetchall, "SELECT key, data FROM circuit_state ORDER BY key")
             )
 
-        return [self._decode(row[0]) for row in await self._db.run(job)]
+        return [self._decode(row[0], row[1]) for row in await self._db.run(job)]
 
     async def _clear(self, key: str | None) -> None:
         async def body(conn: aiosqlite.Connection) -> None:

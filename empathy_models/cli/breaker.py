@@ -6,7 +6,12 @@ import argparse
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from empathy_models import CircuitBreakerState, CircuitState, state_store_from_url
+from empathy_models import (
+    CircuitBreakerState,
+    CircuitState,
+    StateStoreError,
+    state_store_from_url,
+)
 
 from ._common import (
     MAX_DAYS,
@@ -163,7 +168,12 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
             if args.all:
                 await store.reset(None)
                 return await store.snapshot_all()
-            known = sorted(s.key for s in await store.snapshot_all())
+            try:
+                known = sorted(s.key for s in await store.snapshot_all())
+            except StateStoreError as exc:
+                if exc.key != args.key:
+                    raise
+                known = [args.key]  # its state is unreadable: the reset repairs it
             if args.key not in known:
                 raise CliError(
                     f"no breaker state for {args.key!r} in this store; nothing was reset "
