@@ -28,6 +28,7 @@ never torn).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import math
@@ -35,7 +36,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -665,10 +666,16 @@ class AuthStrategy:
         created 0700.  An existing file that does not parse is not overwritten:
         `AuthFileError` names it (back it up or remove it first).  Keys of the existing
         file that this version does not know (written by a newer release) are kept, and
-        so is its ``"v"`` when newer.  Concurrent saves are last-writer-wins.  Blocking:
+        so is its ``"v"`` when newer.  Saves, resets and restores of one file take a lock
+        (``<file>.lock``) shared by every process; concurrent saves are last-writer-wins.
+        Blocking:
         use `asave` from async code.
         """
         file = Path(path) if path is not None else auth_strategy_file()
+        with _locked(file):
+            return self._save_locked(file)
+
+    def _save_locked(self, file: Path) -> Path:
         data = self.to_dict()
         if file.exists() or file.is_symlink():
             try:
@@ -810,6 +817,54 @@ def list_auth_strategy_backups(path: str | os.PathLike[str] | None = None) -> li
     return [entry for _, _, entry in found]
 
 
+DEFAULT_KEEP_BACKUPS: Final = 20
+"""How many backups of the auth strategy file `reset_auth_strategy` keeps by default."""
+
+
+@contextlib.contextmanager
+def _locked(file: Path) -> Iterator[None]:
+    """
+    Hold an exclusive lock (``flock``) on the directory of ``file``, shared by every
+    process, so a save, a reset and a restore never interleave.  Where ``fcntl`` does
+    not exist (Windows) the operations run unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    directory = file.parent
+    _ensure_private_dir(directory)
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise AuthFileError(
+            f"{directory}: cannot open the directory to lock it ({exc.strerror})", path=file
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _backup_target(file: Path) -> Path:
+    """A backup name for ``file`` that does not exist yet (called with the lock held)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = file.with_name(f"{file.name}.{stamp}.bak")
+    counter = 0
+    while target.exists() or target.is_symlink():
+        counter += 1
+        target = file.with_name(f"{file.name}.{stamp}-{counter}.bak")
+    return target
+
+
+def _prune_backups(file: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest backups of ``file``."""
+    for old in list_auth_strategy_backups(file)[keep:]:
+        old.unlink(missing_ok=True)
+
+
 def _backup(file: Path) -> Path:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     target = file.with_name(f"{file.name}.{stamp}.bak")
@@ -839,29 +894,42 @@ def _backup(file: Path) -> Path:
     return target
 
 
-def reset_auth_strategy(path: str | os.PathLike[str] | None = None) -> Path | None:
+def reset_auth_strategy(
+    path: str | os.PathLike[str] | None = None, *, keep_backups: int = DEFAULT_KEEP_BACKUPS
+) -> Path | None:
     """
-    Back the auth strategy file up, then remove it; return the backup's path.
+    Move the auth strategy file into a backup; return the backup's path.
 
-    The backup is a byte-for-byte copy (mode 0600) named as in
-    `list_auth_strategy_backups`; the file is only removed once the backup is written
-    and fsynced.  A corrupt file is backed up as it is.  Returns None, touching
-    nothing, when there is no file.  Raises `AuthFileError` if the backup cannot be
-    written (the file is then left in place).  Blocking.
+    The file is renamed (atomically) to a backup named as in
+    `list_auth_strategy_backups`, under the same lock as `AuthStrategy.save`, so a save
+    running at the same time lands either before the reset (and is in the backup) or
+    after it (and is the new file): it is never lost.  A corrupt file is backed up as
+    it is.  Only the ``keep_backups`` newest backups are kept (default 20); older ones
+    are deleted.  Returns None, touching nothing, when there is no file.  Raises
+    `AuthFileError` if the file cannot be moved (it is then left in place).  Blocking.
     """
+    if isinstance(keep_backups, bool) or not isinstance(keep_backups, int) or keep_backups < 1:
+        raise ConfigurationError(f"keep_backups must be an integer >= 1, got {keep_backups!r}")
     file = Path(path) if path is not None else auth_strategy_file()
-    if not file.exists():
+    if not file.exists() and not file.is_symlink():
         return None
     if file.is_dir():
         raise AuthFileError(f"{file}: is a directory, not an auth strategy file", path=file)
-    backup = _backup(file)
-    try:
-        file.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise AuthFileError(f"{file}: cannot remove ({exc.strerror})", path=file) from exc
-    _fsync_dir(file.parent)
+    with _locked(file):
+        if not file.exists() and not file.is_symlink():
+            return None
+        backup = _backup_target(file)
+        try:
+            os.chmod(file, 0o600)
+            os.rename(file, backup)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AuthFileError(
+                f"{file}: cannot move to a backup ({exc.strerror})", path=file
+            ) from exc
+        _fsync_dir(file.parent)
+        _prune_backups(file, keep_backups)
     return backup
 
 
@@ -889,8 +957,9 @@ def restore_auth_strategy(
         source = backups[0]
     if AuthStrategy.load_existing(source) is None:
         raise AuthFileError(f"{source}: backup not found", path=source)
-    previous = _backup(file) if file.exists() else None
-    _atomic_write(file, source.read_bytes())
+    with _locked(file):
+        previous = _backup(file) if file.exists() else None
+        _atomic_write(file, source.read_bytes())
     return source, previous
 
 
