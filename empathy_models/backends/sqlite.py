@@ -40,6 +40,11 @@ How it is built:
   a `TelemetryError` / `StateStoreError` says the file stayed locked.
 * A path in a missing directory, a directory, a file that is not a database, or a
   read-only file raises a `TelemetryError` / `StateStoreError` naming the path.
+* Another application's file (tables that are not ours) is refused before anything is
+  changed, unless ``allow_foreign=True`` (``?allow_foreign=true``) asks to add our
+  tables to it.  ``read_only=True`` (``?read_only=true``) opens an existing
+  empathy-models database read-only: nothing is created, migrated or switched to WAL
+  (the CLI's ``telemetry summary``, ``breaker status`` and ``routing stats`` do this).
 
 Telemetry is batched by default: `SQLiteTelemetryBackend` queues records and writes
 them with ``executemany`` in one transaction per batch (see
@@ -78,6 +83,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -730,7 +736,18 @@ class _Database:
         error: type[BackendError],
         busy_timeout: float,
         lock_timeout: float,
+        read_only: bool = False,
+        allow_foreign: bool = False,
     ) -> None:
+        if not isinstance(read_only, bool) or not isinstance(allow_foreign, bool):
+            raise ConfigurationError(
+                f"read_only and allow_foreign must be True or False, got {read_only!r}, "
+                f"{allow_foreign!r}"
+            )
+        if read_only and path == MEMORY:
+            raise ConfigurationError("read_only needs a database file, not ':memory:'")
+        self.read_only = read_only
+        self.allow_foreign = allow_foreign
         self.path = path
         self.error = error
         self.busy_timeout = busy_timeout
@@ -862,11 +879,20 @@ class _Database:
             # root can write anyway; honour the file's read-only mode all the same
             raise self._fail(f"the file is read-only (mode {stat.S_IMODE(st.st_mode):04o})")
 
+    def _check_readable(self) -> None:
+        if not os.path.isfile(self.path):
+            raise self._fail("no such database file (opened read-only: nothing is created)")
+
     async def _open(self) -> aiosqlite.Connection:
-        if self.path != MEMORY:
-            # on a worker thread: the event loop never waits on the file system
-            await anyio.to_thread.run_sync(self._prepare_file)
-        conn = aiosqlite.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+        if self.read_only:
+            await anyio.to_thread.run_sync(self._check_readable)
+            uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
+            conn = aiosqlite.connect(uri, uri=True, timeout=self.busy_timeout, isolation_level=None)
+        else:
+            if self.path != MEMORY:
+                # on a worker thread: the event loop never waits on the file system
+                await anyio.to_thread.run_sync(self._prepare_file)
+            conn = aiosqlite.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
         thread = getattr(conn, "_thread", None)
         if isinstance(thread, threading.Thread) and not thread.is_alive():
             # a backend never closed must not keep the interpreter from exiting
@@ -987,6 +1013,8 @@ class _Database:
         return added
 
     async def _setup(self, conn: aiosqlite.Connection) -> None:
+        # every check comes before the first change (journal mode, tables): a refused
+        # file is left exactly as it was
         row = await _fetchone(conn, "PRAGMA user_version")
         version = 0 if row is None else int(row[0])
         if version > SCHEMA_VERSION:
@@ -996,6 +1024,28 @@ class _Database:
                 "empathy-models (the file was left untouched)",
                 target=self.path,
             )
+        tables = {
+            str(r[0])
+            for r in await conn.execute_fetchall(
+                "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+            )
+        }
+        ours = version >= 1 and {"llm_calls", "circuit_state"} <= tables
+        if tables and not ours and not self.allow_foreign:
+            shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+            raise self._fail(
+                f"the file belongs to another application (user_version {version}, tables "
+                f"{shown}); it was left untouched.  Point empathy-models at its own file, "
+                "or pass allow_foreign=True (URL: ?allow_foreign=true) to add its tables "
+                "to this one"
+            )
+        if self.read_only:
+            if not ours:
+                raise self._fail(
+                    "not an empathy-models database (opened read-only: nothing is created)"
+                )
+            return
         if self.path != MEMORY:
             row = await _fetchone(conn, "PRAGMA journal_mode")
             if row is None or str(row[0]).lower() != "wal":
@@ -1158,6 +1208,8 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         spool: bool = True,
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         exit_flush: bool = True,
+        read_only: bool = False,
+        allow_foreign: bool = False,
     ) -> None:
         if not isinstance(batch, bool):
             raise ConfigurationError(f"batch must be True or False, got {batch!r}")
@@ -1167,6 +1219,8 @@ class SQLiteTelemetryBackend(TelemetryBackend):
             error=TelemetryError,
             busy_timeout=_check_seconds("busy_timeout", busy_timeout),
             lock_timeout=_check_seconds("lock_timeout", lock_timeout),
+            read_only=read_only,
+            allow_foreign=allow_foreign,
         )
         self._batcher: _Batcher | None = None
         if not isinstance(spool, bool):
@@ -1497,6 +1551,8 @@ class SQLiteStateStore(TransactionalStateStore):
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 5.0,
         lock_timeout: float = 30.0,
+        read_only: bool = False,
+        allow_foreign: bool = False,
     ) -> None:
         if not callable(clock):
             raise ConfigurationError(f"clock must be callable, got {clock!r}")
@@ -1510,6 +1566,8 @@ class SQLiteStateStore(TransactionalStateStore):
             error=StateStoreError,
             busy_timeout=_check_seconds("busy_timeout", busy_timeout),
             lock_timeout=_check_seconds("lock_timeout", lock_timeout),
+            read_only=read_only,
+            allow_foreign=allow_foreign,
         )
 
     def __repr__(self) -> str:
@@ -1673,6 +1731,8 @@ def _parse_number(kind: Callable[[str], Any]) -> Callable[[str, str], Any]:
 _COMMON_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
     "busy_timeout": _parse_number(float),
     "lock_timeout": _parse_number(float),
+    "read_only": _parse_bool,
+    "allow_foreign": _parse_bool,
 }
 _TELEMETRY_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
     **_COMMON_OPTIONS,

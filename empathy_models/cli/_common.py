@@ -165,14 +165,19 @@ def configured_registry_file() -> Path | None:
     return EmpathyConfig.load().registry_file
 
 
-def read_only(url: str) -> dict[str, Any]:
+def read_only(url: str, *, writes: bool = False) -> dict[str, Any]:
     """
     Backend options for a command that only reads ``url``: PostgreSQL is told not to
     create its schema and tables (a misspelt ``?schema=`` is an error, not a new
-    schema); SQLite read commands already require the file to exist (see `db_url`).
+    schema); SQLite opens the file read-only (nothing created, migrated or switched to
+    WAL; read commands also require the file to exist, see `db_url`).  A command that
+    changes an existing store (``breaker reset``) passes ``writes=True``: SQLite is then
+    opened for writing.
     """
     scheme = url.partition("://")[0].lower()
-    return {"create": False} if scheme in ("postgres", "postgresql") else {}
+    if scheme in ("postgres", "postgresql"):
+        return {"create": False}
+    return {"read_only": True} if scheme == "sqlite" and not writes else {}
 
 
 def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry") -> str:

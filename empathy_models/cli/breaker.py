@@ -164,7 +164,7 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
     url = db_url(args.db, kind="state")
 
     async def body() -> list[CircuitBreakerState]:
-        async with state_store_from_url(url, **read_only(url)) as store:
+        async with state_store_from_url(url, **read_only(url, writes=True)) as store:
             if args.all:
                 await store.reset(None)
                 return await store.snapshot_all()
