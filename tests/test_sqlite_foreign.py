@@ -53,11 +53,11 @@ async def test_a_foreign_file_is_refused_and_left_untouched(
     db = _foreign(tmp_path / "app.db", user_version=user_version)
     before = _fingerprint(db)
     backend = telemetry_from_url(f"sqlite:///{db}")
-    with pytest.raises(TelemetryError, match="belongs to another application.*invoices"):
+    with pytest.raises(TelemetryError, match=r"belongs to another application.*invoices"):
         await backend.recent()
     await backend.aclose()
     store = state_store_from_url(f"sqlite:///{db}")
-    with pytest.raises(StateStoreError, match="allow_foreign=True"):
+    with pytest.raises(StateStoreError, match=r"allow_foreign=True"):
         await store.snapshot("k")
     await store.aclose()
     assert _fingerprint(db) == before
