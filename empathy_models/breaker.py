@@ -74,7 +74,6 @@ from types import TracebackType
 from typing import Any, NoReturn, ParamSpec, TypeAlias, TypeVar
 
 import anyio
-import anyio.abc
 from attrs import frozen
 
 from .abc import AsyncResource, CircuitStateStore, TransactionalStateStore
@@ -353,8 +352,8 @@ class CircuitBreaker(AsyncResource):
     the generation: a WARNING when a key opens or is forced open, INFO when it goes
     half-open, closes or is disabled.
 
-    A shared store gets a background flusher while the breaker is entered with ``async
-    with``; enter and leave it in the same task (it holds an anyio task group).
+    A shared store gets a background flusher (a task of the breaker's own) while the
+    breaker is entered with ``async with``; `aclose` stops it and flushes what is left.
 
     Raises `ConfigurationError` for a negative or non-finite duration, an unknown URL
     scheme or a missing plugin.
@@ -455,7 +454,7 @@ class CircuitBreaker(AsyncResource):
         # on a fallback of their own meanwhile
         self._unreadable: dict[str, float] = {}
         self._key_fallback: MemoryStateStore | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._flusher: asyncio.Task[None] | None = None
         # probe leases being given back for admissions whose caller was cancelled
         self._releases: set[asyncio.Future[Any]] = set()
 
@@ -531,22 +530,26 @@ class CircuitBreaker(AsyncResource):
                 # connects on first use would (the next operations retry it)
                 if self._fallback is None:
                     await self._degrade(None, exc)
-        if self._store.shared and self._ttl > 0 and self._task_group is None:
-            task_group = anyio.create_task_group()
-            await task_group.__aenter__()
-            self._task_group = task_group
-            task_group.start_soon(self._flush_loop)
+        if self._store.shared and self._ttl > 0 and self._flusher is None:
+            # a task the breaker owns, not a task group held open across the caller's
+            # code: nothing the caller does inside ``async with`` (task groups, except*,
+            # cancel scopes) can be cancelled or interleaved by the flusher, or cancel it
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush_loop(), name=f"{self!r} flusher"
+            )
 
     async def _aclose(self) -> None:
         """Stop the flusher, flush every written-behind success, close an owned store."""
-        task_group, self._task_group = self._task_group, None
+        flusher, self._flusher = self._flusher, None
         try:
             if self._releases:  # leases being given back must reach the store first
                 with anyio.CancelScope(shield=True):
                     await asyncio.wait(set(self._releases), timeout=_REPORT_SHIELD_SECONDS)
-            if task_group is not None:
-                task_group.cancel_scope.cancel()
-                await task_group.__aexit__(None, None, None)
+            if flusher is not None:
+                flusher.cancel()
+                # wait for it without taking its cancellation for this task's own
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait({flusher})
             with anyio.CancelScope(shield=True):
                 await self._flush_all()
         finally:

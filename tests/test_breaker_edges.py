@@ -5,6 +5,7 @@ the Redis and PostgreSQL variants live with their plugins' tests.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -106,3 +107,36 @@ async def test_a_corrupt_circuit_state_row_degrades_that_key_only_and_reset_repa
         async with breaker.guard("anthropic"):
             pass
         assert any(e.kind is BreakerEventKind.STORE_RECOVERED for e in events)
+
+
+# --------------------------------------------------------------------------- item 11
+
+
+async def test_except_star_inside_a_shared_breaker_leaks_no_cancellation_and_flushes(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+
+    async def child_fails() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("child failed")
+
+    caught = []
+    # flush_interval long: the successes below are still pending at exit
+    async with CircuitBreaker(store=url, flush_interval=3600) as breaker:
+        async with breaker.guard("anthropic"):
+            pass  # the first call fetches a CLOSED view from the store
+        for _ in range(7):
+            async with breaker.guard("anthropic"):
+                pass
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(child_fails())
+                group.create_task(asyncio.sleep(3600))
+        except* ValueError as eg:
+            caught.append(eg)
+        await asyncio.sleep(0)
+    assert len(caught) == 1  # and no CancelledError left the `async with` above
+    async with state_store_from_url(url) as store:
+        state = await store.snapshot("anthropic")
+    assert state.window_calls == 8  # the final flush was not skipped
