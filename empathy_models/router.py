@@ -920,8 +920,8 @@ class AdaptiveModelRouter:
                     lcosts,
                     index,
                     exploration,
-                    f"no candidate met every constraint; relaxed {', '.join(relaxed)}: "
-                    f"{why}{detail}",
+                    f"no candidate met every constraint; relaxed {', '.join(relaxed)} "
+                    f"(judged on the rest): {why}{detail}",
                     input_tokens,
                     blocked,
                     now,

@@ -289,7 +289,7 @@ def _exploit(
             limit = cheapest * (1.0 + policy.cost_tie_tolerance) + 1e-15
             group = [i for i in eligible if (c := costs[i]) is not None and c <= limit]
         if len(group) == 1:
-            return (group[0], f"cheapest of {len(eligible)} models that meet the constraints")
+            return (group[0], f"cheapest of {len(eligible)} eligible models")
         best = _best_by_draw(group, costs, verdicts, rng, policy, 0.0)
         return (
             best,
