@@ -10,7 +10,10 @@ it does not name them:
   (each test works in its own schema, dropped afterwards).
 
 One conftest for both plugins (rather than one per ``tests/``) so that mypy can check
-every test module in one run without two modules both named ``tests.conftest``.
+every test module in one run without two modules both named ``tests.conftest``.  Each
+plugin's sdist ships a copy at its root (with ``_breaker_worker.py`` and
+``sdist-pytest.ini`` as ``pytest.ini``), so the client library of each engine is
+imported inside its own fixtures: a plugin's tests need only that plugin installed.
 """
 
 from __future__ import annotations
@@ -28,9 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from empathy_models.backends import state_store_from_url
 from empathy_models.records import CircuitState
@@ -72,6 +73,8 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     """A key prefix unique to this test; its keys are deleted afterwards."""
     prefix = f"empathy-test:{uuid.uuid4().hex}:"
     yield prefix
+    import redis.asyncio as aioredis
+
     client = aioredis.Redis.from_url(redis_url)
     try:
         keys = [k async for k in client.scan_iter(match=prefix + "*", count=500)]
@@ -107,6 +110,8 @@ async def postgres_schema(postgres_dsn: str) -> AsyncIterator[str]:
     """A schema unique to this test; dropped with everything in it afterwards."""
     schema = f"empathy_test_{uuid.uuid4().hex[:16]}"
     yield schema
+    import asyncpg
+
     conn = await asyncpg.connect(postgres_dsn)
     try:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -141,7 +141,14 @@ class TelemetryBackend(AsyncResource):
         until: datetime | None = None,
         per_stage: bool = True,
     ) -> list[ModelPerformance]:
-        """Per-model performance for the matching records, sorted by (workflow, stage, model)."""
+        """
+        Per-model performance for the matching records, sorted by (workflow, stage, model).
+
+        Every field is exact except the averages (``avg_*``), which are float sums over
+        the group divided by its size: backends sum in their own order (SQLite's
+        ``SUM``, Python's ``sum``, which compensates from 3.12), so two backends agree
+        on them to a relative 1e-9, not bit for bit.
+        """
 
     @abc.abstractmethod
     async def recent(

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from empathy_models import ConfigurationError, EmpathyLLMExecutor, NullTelemetryBackend
 from empathy_models.cli._common import Progress, print_table
@@ -165,11 +166,21 @@ def test_log_lines_never_share_a_line_with_the_progress_bar() -> None:
 
 
 def test_the_plugins_are_extras() -> None:
+    """Each extra names its plugin in a range holding the plugin's version, and back."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     for engine in ("redis", "postgres"):
         plugin = tomllib.loads((ROOT / "backends" / engine / "pyproject.toml").read_text())
-        assert extras[engine] == [plugin["project"]["name"]]
+        (extra,) = (Requirement(r) for r in extras[engine])
+        assert extra.name == plugin["project"]["name"]
+        assert extra.specifier.contains(plugin["project"]["version"], prereleases=True)
+        (core,) = (
+            r
+            for r in map(Requirement, plugin["project"]["dependencies"])
+            if r.name == project["name"]
+        )
+        assert core.specifier.contains(project["version"], prereleases=True)
+        assert not core.specifier.contains("0.2.0"), "the plugin must pin the core's 0.1 range"
 
 
 def test_a_provider_named_after_no_registry_model_says_how_to_fix_it() -> None:

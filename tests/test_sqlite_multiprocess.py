@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import signal
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,21 +174,41 @@ def test_four_processes_write_40000_records_exactly_once(tmp_path: Path) -> None
     assert asyncio.run(read_back()) == count * PROCESSES
 
 
-def _kill_mid_batch(db: Path, label: str, batch_size: int, rng: random.Random) -> list[int]:
+def _wait_for_a_write_transaction(db: Path, child: Child) -> None:
     """
-    Start a crash writer, let it commit some batches, then SIGKILL it at a random moment
-    inside a batch interval (most of which is spent inside the write transaction).
-    Returns the batch ids it reported as committed.
+    Return once the child holds the database's write lock, i.e. is inside a batch's
+    transaction: ``BEGIN IMMEDIATE`` without waiting fails exactly then.  When it
+    succeeds instead (the child is between batches), it is rolled back at once and
+    tried again.
+    """
+    probe = sqlite3.connect(db, timeout=0, isolation_level=None)
+    try:
+        while True:
+            if child.proc.poll() is not None:
+                child.fail("exited before it was killed")
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc):
+                    raise
+                return
+            probe.execute("ROLLBACK")
+    finally:
+        probe.close()
+
+
+def _kill_mid_batch(db: Path, label: str, batch_size: int) -> list[int]:
+    """
+    Start a crash writer, let it commit some batches, then SIGKILL it while it holds
+    the write lock, inside a batch's transaction.  Returns the batch ids it reported
+    as committed.
     """
     child = _child("crash", str(db), str(batch_size), label)
     committed: list[int] = []
     try:
-        seen: list[float] = []
-        while len(committed) < 6:
+        while len(committed) < 3:
             committed.append(child.read()["committed"])
-            seen.append(time.monotonic())
-        interval = (seen[-1] - seen[2]) / (len(seen) - 3)
-        time.sleep(rng.uniform(0.1, 0.9) * interval)  # choose the kill moment, not a wait
+        _wait_for_a_write_transaction(db, child)
         os.kill(child.proc.pid, signal.SIGKILL)
         child.proc.wait(10)
         # whatever the child printed before dying was committed as well
@@ -207,8 +225,7 @@ def _kill_mid_batch(db: Path, label: str, batch_size: int, rng: random.Random) -
 def test_writers_killed_mid_stream_leave_every_committed_batch(tmp_path: Path) -> None:
     db = tmp_path / "calls.db"
     batch_size = 400
-    rng = random.Random()
-    reported = {label: _kill_mid_batch(db, label, batch_size, rng) for label in ("a", "b")}
+    reported = {label: _kill_mid_batch(db, label, batch_size) for label in ("a", "b")}
 
     conn = sqlite3.connect(db)
     try:

@@ -716,6 +716,56 @@ async def _rollback(conn: aiosqlite.Connection) -> None:
         logger.debug("rollback failed", exc_info=True)
 
 
+class _Connector:
+    """
+    Makes the `sqlite3` connection on aiosqlite's thread and keeps hold of it until
+    the open that asked for it is settled.
+
+    aiosqlite drops the connection its thread made when the awaiting open is
+    cancelled, leaving it to the garbage collector unclosed (a file descriptor held
+    until then, and a ``ResourceWarning`` from Python 3.13).  `abandon` closes that
+    connection, or makes the thread close it if it is still connecting.  The
+    connection is made with ``check_same_thread=False`` so that `abandon` may close it
+    from the event loop's thread; aiosqlite itself uses it on its own thread only.
+    """
+
+    def __init__(self, path: str, timeout: float, *, uri: bool = False) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._uri = uri
+        self._lock = threading.Lock()
+        self._made: sqlite3.Connection | None = None
+        self._abandoned = False
+
+    def __call__(self) -> sqlite3.Connection:
+        made = sqlite3.connect(
+            self._path,
+            timeout=self._timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=self._uri,
+        )
+        with self._lock:
+            if self._abandoned:
+                made.close()
+                raise sqlite3.OperationalError("the open was cancelled")
+            self._made = made
+        return made
+
+    def adopted(self) -> None:
+        """The open succeeded: the aiosqlite connection owns and closes the connection."""
+        with self._lock:
+            self._made = None
+
+    def abandon(self) -> None:
+        """The open failed before `adopted`: close the connection, made or still to be."""
+        with self._lock:
+            self._abandoned = True
+            made, self._made = self._made, None
+        if made is not None:
+            made.close()
+
+
 class _Database:
     """
     One aiosqlite connection, opened on first use, and the rules for using it.
@@ -886,13 +936,14 @@ class _Database:
     async def _open(self) -> aiosqlite.Connection:
         if self.read_only:
             await anyio.to_thread.run_sync(self._check_readable)
-            uri = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
-            conn = aiosqlite.connect(uri, uri=True, timeout=self.busy_timeout, isolation_level=None)
+            target = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
+            connector = _Connector(target, self.busy_timeout, uri=True)
         else:
             if self.path != MEMORY:
                 # on a worker thread: the event loop never waits on the file system
                 await anyio.to_thread.run_sync(self._prepare_file)
-            conn = aiosqlite.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
+            connector = _Connector(self.path, self.busy_timeout)
+        conn = aiosqlite.Connection(connector, iter_chunk_size=64)
         thread = getattr(conn, "_thread", None)
         if isinstance(thread, threading.Thread) and not thread.is_alive():
             # a backend never closed must not keep the interpreter from exiting
@@ -900,7 +951,12 @@ class _Database:
         try:
             # Not shielded: a cancelled open is simply discarded.  The migration is a
             # shielded transaction of its own; PRAGMAs are idempotent.
-            await conn  # starts the connection's thread (stopped again if this fails)
+            try:
+                await conn  # starts the connection's thread (stopped again if this fails)
+            except BaseException:
+                connector.abandon()
+                raise
+            connector.adopted()
             await self.retrying(partial(self._setup, conn))
             if self._finished:  # close() gave up waiting for this open
                 raise self._fail("the connection is closed")
