@@ -128,6 +128,18 @@ _DECISION_FIELDS: Final = tuple(
 )
 
 
+def _unmet(v: Verdict, cost: float | None, cons: Constraints) -> list[str]:
+    """The constraints a candidate picked despite them does not confidently meet."""
+    unmet = [
+        name
+        for name, status in (("min_success_rate", v.success), ("max_latency_ms", v.latency))
+        if status is not None and status.value != "eligible"
+    ]
+    if cons.max_cost is not None and (cost is None or cost > cons.max_cost):
+        unmet.append("max_cost")
+    return unmet
+
+
 def _decision(**values: Any) -> RoutingDecision:
     # A RoutingDecision without its __init__ (every value is of its field's converted
     # type and in range), with ``candidates`` left unset: it is built by the thunk on
@@ -899,19 +911,7 @@ class AdaptiveModelRouter:
                 if picked is None:
                     continue
                 index, exploration, why = picked
-                v = ctx.verdicts[index]
-                unmet = [
-                    c
-                    for c, status in (
-                        ("min_success_rate", v.success),
-                        ("max_latency_ms", v.latency),
-                    )
-                    if status is not None and status.value != "eligible"
-                ]
-                if cons.max_cost is not None:
-                    c = costs[index]
-                    if c is None or c > cons.max_cost:
-                        unmet.append("max_cost")
+                unmet = _unmet(ctx.verdicts[index], costs[index], cons)
                 detail = f"; unmet: {', '.join(unmet)}" if unmet else ""
                 decision = self._decide(
                     workflow,
@@ -955,16 +955,7 @@ class AdaptiveModelRouter:
                     blocked,
                     f"pinned model {pinned!r} is unavailable (circuit open)",
                 )
-            v = view.verdicts[index]
-            unmet = [
-                c
-                for c, status in (("min_success_rate", v.success), ("max_latency_ms", v.latency))
-                if status is not None and status.value != "eligible"
-            ]
-            if cons.max_cost is not None:
-                c = costs[index]
-                if c is None or c > cons.max_cost:
-                    unmet.append("max_cost")
+            unmet = _unmet(view.verdicts[index], costs[index], cons)
             detail = f"; unmet: {', '.join(unmet)}" if unmet else ""
             decision = self._decide(
                 workflow,
@@ -978,7 +969,7 @@ class AdaptiveModelRouter:
                 blocked,
                 now,
                 applied="pinned",
-                met=not unmet and v.code == 0,
+                met=not unmet and view.verdicts[index].code == 0,
             )
             logger.warning(
                 "routing %s/%s -> %s (%s; constraints_met=%s)",
