@@ -49,3 +49,22 @@ class NoSleep:
     async def __call__(self, delay: float) -> None:
         self.delays.append(delay)
         await anyio.lowlevel.checkpoint()
+
+
+def priced_registry(models: list[tuple[str, float]], price_version: str) -> ModelRegistry:
+    """One cheap-tier OpenAI model per (id, input price per Mtok); output costs 4x input."""
+    return ModelRegistry(
+        models=tuple(
+            ModelInfo(
+                id=m,
+                provider="openai",
+                tier="cheap",
+                input_price_per_mtok=p,
+                output_price_per_mtok=4 * p,
+                context_window=64_000,
+                max_output_tokens=4096,
+            )
+            for m, p in models
+        ),
+        price_version=price_version,
+    )

@@ -14,7 +14,6 @@ import pytest
 from empathy_models import (
     AdaptiveModelRouter,
     LLMCallRecord,
-    ModelInfo,
     ModelRegistry,
     Outcome,
     RoutingDecision,
@@ -22,6 +21,7 @@ from empathy_models import (
     telemetry_from_url,
 )
 from empathy_models.testing.clock import FakeClock
+from tests._fakes import priced_registry
 
 pytest.importorskip("empathy_models.backends.sqlite", reason="the SQLite backend has not landed")
 
@@ -39,21 +39,7 @@ ASK: dict[str, object] = {
 
 
 def registry() -> ModelRegistry:
-    return ModelRegistry(
-        models=tuple(
-            ModelInfo(
-                id=m,
-                provider="openai",
-                tier="cheap",
-                input_price_per_mtok=p,
-                output_price_per_mtok=4 * p,
-                context_window=64_000,
-                max_output_tokens=4096,
-            )
-            for m, p in MODELS
-        ),
-        price_version="restart-test",
-    )
+    return priced_registry(MODELS, "restart-test")
 
 
 def summary(d: RoutingDecision) -> dict[str, object]:

@@ -14,7 +14,6 @@ from empathy_models import (
     AdaptiveModelRouter,
     LLMCallRecord,
     MemoryTelemetryBackend,
-    ModelInfo,
     ModelRegistry,
     ModelStats,
     Outcome,
@@ -27,6 +26,7 @@ from empathy_models.evidence import rollup
 from empathy_models.routing.book import Arm, ChangeTest
 from empathy_models.routing.stats import bucket_sums, wilson_bounds
 from empathy_models.testing.clock import FakeClock
+from tests._fakes import priced_registry
 
 WF, ST = "docs", "outline"
 # (id, input price per Mtok): output price is four times it
@@ -40,21 +40,7 @@ ASK: dict[str, object] = {
 
 
 def registry() -> ModelRegistry:
-    return ModelRegistry(
-        models=tuple(
-            ModelInfo(
-                id=m,
-                provider="openai",
-                tier="cheap",
-                input_price_per_mtok=p,
-                output_price_per_mtok=4 * p,
-                context_window=64_000,
-                max_output_tokens=4096,
-            )
-            for m, p in MODELS
-        ),
-        price_version="evidence-test",
-    )
+    return priced_registry(MODELS, "evidence-test")
 
 
 def rec(ts: float, model: str, ok: bool, *, output_tokens: int = 100) -> LLMCallRecord:
