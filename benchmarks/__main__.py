@@ -27,6 +27,7 @@ from benchmarks._common import RESULTS_DIR, BenchResult, machine_info, write_res
 
 SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "routing": bench_routing.run,
+    "routing_history": bench_routing.run_history,
     "routing_quality": bench_routing_quality.run,
     "breaker": bench_breaker.run,
     "telemetry": bench_telemetry.run,
