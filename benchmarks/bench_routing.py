@@ -187,9 +187,9 @@ class Generation:
 
 GENERATIONS = (
     Generation(
-        "1.80 (pure Python)", "EMPATHY_BENCH_LITELLM_180", "litellm-1.80", "litellm==1.80.*"
+        "pure-Python generation", "EMPATHY_BENCH_LITELLM_180", "litellm-1.80", "litellm==1.80.*"
     ),
-    Generation("current", "EMPATHY_BENCH_LITELLM_CURRENT", None, None),
+    Generation("current generation", "EMPATHY_BENCH_LITELLM_CURRENT", None, None),
 )
 
 
@@ -522,13 +522,20 @@ async def run_history(quick: bool = False) -> BenchResult:
     top = max(sizes)
     for name in stores:
         stats = figures[f"{name}/{top}"]
-        met_start = stats["start_s"] <= START_GOAL_S
-        met_refresh = stats["refresh_cpu_s"] <= REFRESH_GOAL_CPU_S
+        # PostgreSQL does its work in the server: judge its refresh on wall time
+        refresh_key, refresh_what = (
+            ("refresh_s", "wall") if name == "PostgreSQL" else ("refresh_cpu_s", "CPU")
+        )
+        if top < 1_000_000:
+            verdict_start = verdict_refresh = "not judged below 1M stored calls"
+        else:
+            verdict_start = "met" if stats["start_s"] <= START_GOAL_S else "**missed**"
+            verdict_refresh = "met" if stats[refresh_key] <= REFRESH_GOAL_CPU_S else "**missed**"
         result.notes.append(
             f"{name}: start() over {top:,} stored calls {stats['start_s']:.2f} s (goal <= 1 s "
-            f"over 1M: {'met' if met_start else '**missed**'}); refresh after {new:,} new "
-            f"calls {stats['refresh_cpu_s'] * 1000:.0f} ms CPU (goal <= 50 ms: "
-            f"{'met' if met_refresh else '**missed**'})"
+            f"over 1M: {verdict_start}); refresh after {new:,} new calls "
+            f"{stats[refresh_key] * 1000:.0f} ms {refresh_what} (goal <= 50 ms of CPU: "
+            f"{verdict_refresh})"
         )
     result.notes.append(
         "calls stored for real through the backend's record_many, spread over the 7 days "
@@ -575,7 +582,7 @@ def _plot(ours: dict[str, Any], peers: dict[str, Any], histories: tuple[int, ...
                         CANDIDATES,
                         [results[f"{strategy}/{api}/{n}"]["median"] for n in CANDIDATES],
                         marker="x",
-                        linestyle="--" if label.startswith("1.80") else ":",
+                        linestyle="--" if label.startswith("pure") else ":",
                         linewidth=0.9,
                         label=f"LiteLLM {data['version']} {strategy} ({api})",
                     )
