@@ -38,7 +38,7 @@ Scenarios (``--quick``: 2 seeds and shorter runs; full: 5 seeds):
   truth, mostly served by the oracle's model) stored in the SQLite file beforehand;
 * **restart**: the stationary workload, router and executor closed and rebuilt over the
   same store halfway; the verdict on every candidate is compared before and after;
-* **two processes**: two OS processes (1 and 0.2 requests/s) share one SQLite file
+* **two processes**: two OS processes (1 and 0.5 requests/s) share one SQLite file
   and the degradation schedule, in lock-step on simulated time; how long do their picks
   disagree?
 
@@ -630,7 +630,7 @@ async def scenario_two_processes(seed: int, sizes: Sizes, workdir: Path) -> dict
     path = workdir / f"two-{seed}.db"
     start = DEFAULT_START
     procs = []
-    for role, rate in (("a", 1.0), ("b", 0.2)):
+    for role, rate in (("a", 1.0), ("b", 0.5)):
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -662,12 +662,7 @@ async def scenario_two_processes(seed: int, sizes: Sizes, workdir: Path) -> dict
 
     await asyncio.gather(*(ready(p) for p in procs))
     tick = 10.0
-    current: list[str | None] = [None, None]
-    disagree_since: float | None = None
-    longest = 0.0
-    disagree_total = 0.0
-    after = float(sizes.two_proc_warmup_s)  # both have decided by then
-    timeline: list[tuple[float, str | None, str | None]] = []
+    events: list[tuple[float, int, str]] = []  # (simulated s, process, pick)
     t = 0.0
     try:
         while t < sizes.two_proc_end_s:
@@ -679,19 +674,10 @@ async def scenario_two_processes(seed: int, sizes: Sizes, workdir: Path) -> dict
                 cmd["success"] = BY_ID[DEGRADED].success
             replies = await asyncio.gather(*(ask(p, cmd) for p in procs))
             for k, reply in enumerate(replies):
-                for _, model, explore in reply["picks"]:
+                for at, model, explore in reply["picks"]:
                     if not explore:
-                        current[k] = "(no route)" if model is None else model
-            timeline.append((t, current[0], current[1]))
-            if t <= after:
-                continue
-            if current[0] != current[1]:
-                disagree_total += tick
-                if disagree_since is None:
-                    disagree_since = t - tick
-                longest = max(longest, t - disagree_since)
-            else:
-                disagree_since = None
+                        pick = "(no route)" if model is None else model
+                        events.append((float(at) - start, k, pick))
         for p in procs:
             await ask(p, {"cmd": "close"})
     finally:
@@ -702,7 +688,39 @@ async def scenario_two_processes(seed: int, sizes: Sizes, workdir: Path) -> dict
                 except TimeoutError:
                     p.kill()
                     await p.wait()
-    return {"longest": longest, "share": disagree_total / max(1.0, t - after), "timeline": timeline}
+    return disagreement(events, float(sizes.two_proc_warmup_s), t)
+
+
+def disagreement(events: list[tuple[float, int, str]], after: float, end: float) -> dict[str, Any]:
+    """
+    How long two processes' picks differ, in simulated seconds after ``after``.
+
+    A process's pick at time ``t`` is the model of its last non-exploration decision
+    at or before ``t`` (it changes only when the process decides).
+    """
+    current: list[str | None] = [None, None]
+    longest = total = 0.0
+    since: float | None = None
+    timeline: list[tuple[float, str | None, str | None]] = []
+    for at, k, pick in sorted(events, key=lambda e: (e[0], e[1])):
+        if current[k] == pick:
+            continue
+        current[k] = pick
+        timeline.append((at, current[0], current[1]))
+        differ = current[0] != current[1]
+        if differ and since is None:
+            since = at
+        elif not differ and since is not None:
+            if at > after:
+                span = at - max(since, after)
+                total += span
+                longest = max(longest, span)
+            since = None
+    if since is not None:
+        span = end - max(since, after)
+        total += max(0.0, span)
+        longest = max(longest, span)
+    return {"longest": longest, "share": total / max(1.0, end - after), "timeline": timeline}
 
 
 # --------------------------------------------------------------------------- LiteLLM
@@ -979,7 +997,7 @@ async def run(quick: bool = False) -> BenchResult:
             f"history: {sizes.history_rows:,} calls stored over the 7 days before the run",
             "recovery: requests after the recovery until the end of the first 100-request "
             "window in which the model serves >= 90%",
-            f"two processes: 1 and 0.2 requests/s, {sizes.two_proc_end_s:,} simulated s, "
+            f"two processes: 1 and 0.5 requests/s, {sizes.two_proc_end_s:,} simulated s, "
             f"degradation at {sizes.two_proc_degrade_s:,} s, recovery at "
             f"{sizes.two_proc_recover_s:,} s; pick = model of the last non-exploration "
             f"decision (or no route), compared every 10 s after the first "
