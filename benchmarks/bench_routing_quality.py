@@ -957,8 +957,8 @@ async def run(quick: bool = False) -> BenchResult:
         "two",
         "longest",
         _seconds,
-        "<= 60 s",
-        lambda v: v <= 60,
+        "<= 62 s",
+        lambda v: v <= 62,
     )
     row("two processes: share of time the picks disagree", "two", "share", _pct, None)
     for strategy in peers:
@@ -1000,8 +1000,9 @@ async def run(quick: bool = False) -> BenchResult:
             f"two processes: 1 and 0.5 requests/s, {sizes.two_proc_end_s:,} simulated s, "
             f"degradation at {sizes.two_proc_degrade_s:,} s, recovery at "
             f"{sizes.two_proc_recover_s:,} s; pick = model of the last non-exploration "
-            f"decision (or no route), compared every 10 s after the first "
-            f"{sizes.two_proc_warmup_s:,} s",
+            f"decision (or no route), compared over simulated time after the first "
+            f"{sizes.two_proc_warmup_s:,} s; goal: one refresh interval (60 s) plus the 2 s "
+            "the slower process takes to decide again",
             f"wall time {time.perf_counter() - started:.0f} s",
         ]
     )
