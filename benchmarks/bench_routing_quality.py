@@ -478,10 +478,14 @@ def degradation_metrics(trace: Trace, degrade_at: int, recover_at: int) -> dict[
     }
     regain = math.inf
     window = 100
-    for j in range(recover_at, n - window + 1):
-        if sum(m == DEGRADED for m in trace.models[j : j + window]) >= 0.9 * window:
-            regain = float(j + window - recover_at)
-            break
+    kept = sum(m == DEGRADED for m in trace.models[recover_at - window : recover_at])
+    if kept >= 0.9 * window:
+        regain = math.nan  # it never lost its traffic: nothing to regain
+    else:
+        for j in range(recover_at, n - window + 1):
+            if sum(m == DEGRADED for m in trace.models[j : j + window]) >= 0.9 * window:
+                regain = float(j + window - recover_at)
+                break
     after = range(WARMUP, n)
     return {
         "leave_calls": float(len(detection)),
@@ -845,12 +849,17 @@ async def run(quick: bool = False) -> BenchResult:
         higher_is_worse: bool = True,
         peer_rows: dict[str, list[dict[str, float]]] | None = None,
     ) -> None:
-        values = [m[key] for m in (peer_rows or per)[scenario]]
+        everything = [m[key] for m in (peer_rows or per)[scenario]]
+        values = [v for v in everything if not math.isnan(v)]
+        if not values:  # e.g. a recovery when the model never lost its traffic
+            result.add(label, median="n/a", worst="n/a", goal=goal or "", result="n/a")
+            return
         worst = max(values) if higher_is_worse else min(values)
+        skipped = len(everything) - len(values)
         result.add(
             label,
             median=fmt(statistics.median(values)),
-            worst=fmt(worst),
+            worst=fmt(worst) + (f" ({skipped} seeds n/a)" if skipped else ""),
             goal=goal or "",
             result="" if ok is None else ("met" if ok(worst) else "**missed**"),
         )
@@ -996,7 +1005,8 @@ async def run(quick: bool = False) -> BenchResult:
             "refresh (60 s) over a SQLite file; 1 request per simulated second",
             f"history: {sizes.history_rows:,} calls stored over the 7 days before the run",
             "recovery: requests after the recovery until the end of the first 100-request "
-            "window in which the model serves >= 90%",
+            "window in which the model serves >= 90% (n/a when it kept >= 90% of the "
+            "traffic while degraded)",
             f"two processes: 1 and 0.5 requests/s, {sizes.two_proc_end_s:,} simulated s, "
             f"degradation at {sizes.two_proc_degrade_s:,} s, recovery at "
             f"{sizes.two_proc_recover_s:,} s; pick = model of the last non-exploration "
