@@ -127,9 +127,20 @@ def feed(
     return time.perf_counter() - t0
 
 
-def bench_ours(histories: tuple[int, ...], calls: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    clock = time.perf_counter_ns
+@dataclass
+class OurCase:
+    """One router primed with ``history`` reported outcomes over ``n`` candidates."""
+
+    n: int
+    history: int
+    router: AdaptiveModelRouter
+    ids: list[str]
+    pool: dict[str, list[LLMCallRecord]]
+    feed_s: float
+
+
+def setup_ours(histories: tuple[int, ...]) -> list[OurCase]:
+    cases = []
     for n in CANDIDATES:
         registry = make_registry(n)
         ids = [m.id for m in registry.models]
@@ -137,37 +148,59 @@ def bench_ours(histories: tuple[int, ...], calls: int) -> dict[str, Any]:
         for history in histories:
             router = AdaptiveModelRouter(registry, seed=1, refresh_interval=None)
             fed = feed(router, ids, pool, history)
-            options: dict[str, Any] = {
-                "candidates": ids,
-                "max_tokens": 400,
-                "max_cost": 0.05,
-                "min_success_rate": 0.8,
-                "on_no_match": "relax",
-            }
-            decide = router.get_best_model
-            record = router.record_outcome
-            live: list[float] = []
-            explained: list[float] = []
-            steady: list[float] = []
-            for i in range(calls + 200):  # the first 200 warm up
-                record(pool[ids[i % n]][(i // n) % 16])
-                tokens = PROMPT_TOKENS[i % len(PROMPT_TOKENS)]
-                t0 = clock()
-                decide("bench", "answer", input_tokens=tokens, **options)
-                live.append((clock() - t0) / 1000.0)
-                # the same, reading the explanation (every candidate's evaluation)
-                record(pool[ids[(i + 1) % n]][(i // n) % 16])
-                t0 = clock()
-                decision = decide("bench", "answer", input_tokens=tokens, **options)
-                len(decision.candidates)
-                explained.append((clock() - t0) / 1000.0)
-            for _ in range(calls + 200):
-                t0 = clock()
-                decide("bench", "answer", input_tokens=500, **options)
-                steady.append((clock() - t0) / 1000.0)
-            out[f"{n}/{history}"] = {**summarize(live[200:]), "feed_s": fed}
-            out[f"{n}/{history}/explained"] = summarize(explained[200:])
-            out[f"{n}/{history}/unchanged"] = summarize(steady[200:])
+            cases.append(OurCase(n, history, router, ids, pool, fed))
+    return cases
+
+
+def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]]:
+    """One repeat: ``calls`` timed decisions per case, three ways (see the module doc)."""
+    out: dict[str, dict[str, float]] = {}
+    clock = time.perf_counter_ns
+    options: dict[str, Any] = {
+        "max_tokens": 400,
+        "max_cost": 0.05,
+        "min_success_rate": 0.8,
+        "on_no_match": "relax",
+    }
+    for case in cases:
+        n, ids, pool = case.n, case.ids, case.pool
+        decide = case.router.get_best_model
+        record = case.router.record_outcome
+        live: list[float] = []
+        explained: list[float] = []
+        steady: list[float] = []
+        for i in range(calls + 200):  # the first 200 warm up
+            record(pool[ids[i % n]][(i // n) % 16])
+            tokens = PROMPT_TOKENS[i % len(PROMPT_TOKENS)]
+            t0 = clock()
+            decide("bench", "answer", candidates=ids, input_tokens=tokens, **options)
+            live.append((clock() - t0) / 1000.0)
+            # the same, reading the explanation (every candidate's evaluation)
+            record(pool[ids[(i + 1) % n]][(i // n) % 16])
+            t0 = clock()
+            decision = decide("bench", "answer", candidates=ids, input_tokens=tokens, **options)
+            len(decision.candidates)
+            explained.append((clock() - t0) / 1000.0)
+        for _ in range(calls + 200):
+            t0 = clock()
+            decide("bench", "answer", candidates=ids, input_tokens=500, **options)
+            steady.append((clock() - t0) / 1000.0)
+        out[f"{n}/{case.history}"] = summarize(live[200:])
+        out[f"{n}/{case.history}/explained"] = summarize(explained[200:])
+        out[f"{n}/{case.history}/unchanged"] = summarize(steady[200:])
+    return out
+
+
+def combine(repeats: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Per key: the median over repeats of each repeat's median and p99."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in repeats[0]:
+        medians = [r[key]["median"] for r in repeats if key in r]
+        out[key] = {
+            "median": statistics.median(medians),
+            "p99": statistics.median(r[key]["p99"] for r in repeats if key in r),
+            "repeat_medians": medians,
+        }
     return out
 
 
@@ -237,18 +270,20 @@ def _python_for(gen: Generation, quick: bool) -> tuple[str | None, str]:
     return str(python), ""
 
 
-async def bench_litellm(
-    calls: int, quick: bool
-) -> tuple[dict[str, dict[str, Any]], dict[str, str], dict[str, str]]:
-    """
-    LiteLLM's selection per generation, strategy and API, each in its own process.
+@dataclass
+class PeerProcess:
+    """A running `_litellm_select` worker of one generation."""
 
-    Returns per generation label ``{"version": ..., "results": {...}}``, what was
-    skipped and why, and the (strategy, API) pairs that cannot run.
-    """
-    out: dict[str, dict[str, Any]] = {}
+    label: str
+    proc: asyncio.subprocess.Process
+    version: str
+    python: str
+
+
+async def start_peers(calls: int, quick: bool) -> tuple[list[PeerProcess], dict[str, str]]:
+    """Start one selection worker per available LiteLLM generation; what was skipped, why."""
+    peers: list[PeerProcess] = []
     skipped: dict[str, str] = {}
-    unsupported: dict[str, str] = {}
     args = json.dumps({"candidates": CANDIDATES, "calls": calls, "strategies": STRATEGIES})
     for gen in GENERATIONS:
         python, why = await asyncio.to_thread(_python_for, gen, quick)
@@ -259,19 +294,45 @@ async def bench_litellm(
             python,
             str(SELECT_SCRIPT),
             args,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        stdout, stderr = await proc.communicate()
-        if proc.returncode != 0:
-            tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
-            skipped[f"LiteLLM {gen.label}"] = f"selection run failed: {tail[0][:200]}"
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 300)
+        if not line:
+            _, err = await proc.communicate()
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+            skipped[f"LiteLLM {gen.label}"] = f"selection worker failed: {tail[0][:200]}"
             continue
-        data = json.loads(stdout.decode().strip().splitlines()[-1])
-        out[gen.label] = data
-        for pair, reason in data["unsupported"].items():
-            unsupported[f"LiteLLM {data['version']} {pair}"] = reason
-    return out, skipped, unsupported
+        hello = json.loads(line)
+        peers.append(PeerProcess(gen.label, proc, hello["version"], hello["python"]))
+    return peers, skipped
+
+
+async def peer_repeat(peer: PeerProcess) -> dict[str, Any]:
+    """One repeat of every selection timing in ``peer``'s process."""
+    assert peer.proc.stdin is not None and peer.proc.stdout is not None
+    peer.proc.stdin.write(b"run\n")
+    await peer.proc.stdin.drain()
+    line = await asyncio.wait_for(peer.proc.stdout.readline(), 900)
+    if not line:
+        raise RuntimeError(f"LiteLLM {peer.version} selection worker exited")
+    reply: dict[str, Any] = json.loads(line)
+    return reply
+
+
+async def stop_peers(peers: list[PeerProcess]) -> None:
+    for peer in peers:
+        if peer.proc.stdin is not None:
+            peer.proc.stdin.write(b"quit\n")
+            await peer.proc.stdin.drain()
+            peer.proc.stdin.close()
+        try:
+            await asyncio.wait_for(peer.proc.wait(), 30)
+        except TimeoutError:
+            peer.proc.kill()
+            await peer.proc.wait()
 
 
 GOAL_SPEEDUP = 10.0
@@ -290,9 +351,32 @@ def _fastest(results: dict[str, Any]) -> dict[int, tuple[float, str]]:
 
 async def run(quick: bool = False) -> BenchResult:
     histories = (1_000, 100_000) if quick else (1_000, 100_000, 1_000_000)
-    calls, peer_calls = (3_000, 150) if quick else (20_000, 600)
-    ours = bench_ours(histories, calls)
-    peers, skipped, unsupported = await bench_litellm(peer_calls, quick)
+    repeats = 2 if quick else 5
+    calls, peer_calls = (600, 40) if quick else (4_000, 300)
+    cases = setup_ours(histories)
+    feed_s = {f"{c.n}/{c.history}": c.feed_s for c in cases}
+    workers, skipped = await start_peers(peer_calls, quick)
+    our_repeats: list[dict[str, dict[str, float]]] = []
+    peer_repeats: dict[str, list[dict[str, Any]]] = {w.label: [] for w in workers}
+    try:
+        for _ in range(repeats):  # interleaved: ours, then each generation, in turn
+            our_repeats.append(measure_ours(cases, calls))
+            for worker in workers:
+                peer_repeats[worker.label].append(await peer_repeat(worker))
+    finally:
+        await stop_peers(workers)
+    ours = combine(our_repeats)
+    unsupported: dict[str, str] = {}
+    peers: dict[str, dict[str, Any]] = {}
+    for worker in workers:
+        replies = peer_repeats[worker.label]
+        peers[worker.label] = {
+            "version": worker.version,
+            "python": worker.python,
+            "results": combine([r["results"] for r in replies]),
+        }
+        for pair, reason in replies[-1]["unsupported"].items():
+            unsupported[f"LiteLLM {worker.version} {pair}"] = reason
     result = BenchResult(
         name="routing",
         title="Routing decision latency, p50 / p99 (µs)",
@@ -348,7 +432,8 @@ async def run(quick: bool = False) -> BenchResult:
     result.notes.extend(f"cannot run: {k} {v}" for k, v in sorted(unsupported.items()))
     result.notes.append(
         "empathy-models rows: one outcome recorded (untimed) before each timed decision, "
-        "prompt size varying, as the executor drives the router; 'reading "
+        f"prompt size varying, as the executor drives the router; medians of {repeats} "
+        "interleaved repeats (ours, then each LiteLLM generation, in turn); 'reading "
         "decision.candidates' times the decision and building its explanation together"
     )
     result.notes.append(
@@ -363,8 +448,7 @@ async def run(quick: bool = False) -> BenchResult:
             f"{n} candidates: after {big:,} outcomes vs {small:,}: {ratio:.2f}x decision time"
         )
     per_call = {
-        h: statistics.median([ours[f"{n}/{h}"]["feed_s"] / h * 1e6 for n in CANDIDATES])
-        for h in histories
+        h: statistics.median([feed_s[f"{n}/{h}"] / h * 1e6 for n in CANDIDATES]) for h in histories
     }
     result.notes.append(
         "reporting outcomes through record_outcome: "
@@ -374,7 +458,7 @@ async def run(quick: bool = False) -> BenchResult:
         "history stored in SQLite / PostgreSQL (router start and refresh): see the "
         "routing_history table"
     )
-    result.data = {"ours": ours, "litellm": peers, "speedups": verdicts}
+    result.data = {"ours": ours, "feed_s": feed_s, "litellm": peers, "speedups": verdicts}
     _plot(ours, peers, histories)
     return result
 
