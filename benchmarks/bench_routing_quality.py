@@ -1066,13 +1066,18 @@ def _plot(traces: dict[str, Trace], sizes: Sizes) -> None:
             ys = [sum(m == truth.model for m in trace.models[x - window : x]) / window for x in xs]
             style = "--" if truth.violates() else "-"
             ax.plot(xs, ys, style, label=f"{truth.model} ({truth.role})")
+        ys = [sum(m is None for m in trace.models[x - window : x]) / window for x in xs]
+        if any(ys):
+            ax.plot(xs, ys, ":", color="black", label="no route (request failed)")
         if name != "stationary":
-            for at in (sizes.degrade_at, sizes.recover_at):
-                ax.axvline(at, color="grey", linewidth=0.8)
+            ax.axvspan(sizes.degrade_at, sizes.recover_at, color="grey", alpha=0.15)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("request")
         ax.set_ylabel(f"traffic share (last {window})")
-        ax.set_title(f"Routing quality, {name} scenario (seed 0); dashed: truly violating")
+        ax.set_title(
+            f"Routing quality, {name} scenario (seed 0); dashed: truly violating"
+            + ("; shaded: oracle's model degraded" if name != "stationary" else "")
+        )
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         fig.savefig(RESULTS_DIR / f"routing_quality_{name}.png", dpi=100)
