@@ -628,6 +628,11 @@ async def child_main() -> None:
 
 
 _REPO = str(Path(__file__).resolve().parent.parent)
+CHILD_TIMEOUT_S = 120.0
+
+
+class ChildStuckError(RuntimeError):
+    """A process of the two-process scenario stopped answering."""
 
 
 async def scenario_two_processes(seed: int, sizes: Sizes, workdir: Path) -> dict[str, Any]:
@@ -654,9 +659,15 @@ async def scenario_two_processes(seed: int, sizes: Sizes, workdir: Path) -> dict
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write((json.dumps(cmd) + "\n").encode())
         await proc.stdin.drain()
-        line = await asyncio.wait_for(proc.stdout.readline(), 300)
+        try:  # a tick is a few seconds of work; far longer means the child is stuck
+            line = await asyncio.wait_for(proc.stdout.readline(), CHILD_TIMEOUT_S)
+        except TimeoutError:
+            raise ChildStuckError(
+                f"a process did not finish {cmd.get('until', 0) - start:,.0f} simulated s "
+                f"within {CHILD_TIMEOUT_S:.0f} s of real time"
+            ) from None
         if not line:
-            raise RuntimeError("a two-process child exited early")
+            raise ChildStuckError("a process exited early")
         reply: dict[str, Any] = json.loads(line)
         return reply
 
@@ -688,7 +699,7 @@ async def scenario_two_processes(seed: int, sizes: Sizes, workdir: Path) -> dict
         for p in procs:
             if p.returncode is None:
                 try:
-                    await asyncio.wait_for(p.wait(), 30)
+                    await asyncio.wait_for(p.wait(), 5)
                 except TimeoutError:
                     p.kill()
                     await p.wait()
@@ -798,7 +809,7 @@ def _count(v: float) -> str:
 
 
 def _seconds(v: float) -> str:
-    return f"{v:,.0f} s"
+    return "never" if math.isinf(v) else f"{v:,.0f} s"
 
 
 async def run(quick: bool = False) -> BenchResult:
@@ -825,7 +836,10 @@ async def run(quick: bool = False) -> BenchResult:
             restart = await scenario_restart(seed, sizes, workdir)
             restarts.append(restart)
             per.setdefault("restart", []).append({"same": restart["same"]})
-            two = await scenario_two_processes(seed, sizes, workdir)
+            try:
+                two = await scenario_two_processes(seed, sizes, workdir)
+            except ChildStuckError as exc:
+                two = {"longest": math.inf, "share": math.nan, "timeline": [], "error": str(exc)}
             twos.append(two)
             per.setdefault("two", []).append({"longest": two["longest"], "share": two["share"]})
     peers, skipped = await litellm_quality(sizes.stationary, sizes.seeds)
@@ -1016,6 +1030,9 @@ async def run(quick: bool = False) -> BenchResult:
             f"wall time {time.perf_counter() - started:.0f} s",
         ]
     )
+    for k, two in enumerate(twos):
+        if "error" in two:
+            result.notes.append(f"two processes, seed {k}: {two['error']} (counted as never)")
     for k, r in enumerate(restarts):
         if r["changed"]:
             result.notes.append(f"restart, seed {k}: verdicts changed: {r['changed']}")
