@@ -478,9 +478,11 @@ def degradation_metrics(trace: Trace, degrade_at: int, recover_at: int) -> dict[
     }
     regain = math.inf
     window = 100
+    held = sum(m == DEGRADED for m in trace.models[degrade_at - window : degrade_at])
     kept = sum(m == DEGRADED for m in trace.models[recover_at - window : recover_at])
-    if kept >= 0.9 * window:
-        regain = math.nan  # it never lost its traffic: nothing to regain
+    if held < 0.9 * window or kept >= 0.9 * window:
+        # it did not hold the traffic before degrading, or never lost it: nothing to regain
+        regain = math.nan
     else:
         for j in range(recover_at, n - window + 1):
             if sum(m == DEGRADED for m in trace.models[j : j + window]) >= 0.9 * window:
@@ -1019,8 +1021,8 @@ async def run(quick: bool = False) -> BenchResult:
             "refresh (60 s) over a SQLite file; 1 request per simulated second",
             f"history: {sizes.history_rows:,} calls stored over the 7 days before the run",
             "recovery: requests after the recovery until the end of the first 100-request "
-            "window in which the model serves >= 90% (n/a when it kept >= 90% of the "
-            "traffic while degraded)",
+            "window in which the model serves >= 90% (n/a for a seed where it did not hold "
+            ">= 90% before degrading, or kept >= 90% while degraded)",
             f"two processes: 1 and 0.5 requests/s, {sizes.two_proc_end_s:,} simulated s, "
             f"degradation at {sizes.two_proc_degrade_s:,} s, recovery at "
             f"{sizes.two_proc_recover_s:,} s; pick = model of the last non-exploration "
