@@ -465,7 +465,8 @@ async def run(quick: bool = False) -> BenchResult:
 
 # --------------------------------------------------------------------------- stored history
 
-HISTORY_ARMS = (2, 4)  # workflows x stages; 8 models each
+# (workflows, stages, models): 64 arms, and the issue's 7 models of one stage
+SHAPES = {"64 arms": (2, 4, 8), "7 arms": (1, 1, 7)}
 HISTORY_NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z: the routers' clock in this section
 START_GOAL_S = 1.0
 REFRESH_GOAL_CPU_S = 0.050
@@ -474,12 +475,13 @@ POSTGRES_DSN = os.environ.get(
 )
 
 
-def history_records(count: int, *, seed: int, start: float, end: float) -> list[LLMCallRecord]:
+def history_records(
+    count: int, *, seed: int, start: float, end: float, shape: tuple[int, int, int]
+) -> list[LLMCallRecord]:
     """``count`` calls spread evenly over [start, end), over every (workflow, stage, model)."""
     rng = random.Random(seed)
-    registry = make_registry(8)
-    ids = [m.id for m in registry.models]
-    workflows, stages = HISTORY_ARMS
+    workflows, stages, models = shape
+    ids = [m.id for m in make_registry(models).models]
     step = (end - start) / count
     out = []
     for k in range(count):
@@ -501,7 +503,14 @@ def history_records(count: int, *, seed: int, start: float, end: float) -> list[
     return out
 
 
-async def _fill(backend: TelemetryBackend, count: int, *, start: float, end: float) -> float:
+async def _fill(
+    backend: TelemetryBackend,
+    count: int,
+    *,
+    start: float,
+    end: float,
+    shape: tuple[int, int, int],
+) -> float:
     """Store ``count`` calls in [start, end) through the backend, in chunks; seconds taken."""
     t0 = time.perf_counter()
     chunk = 20_000
@@ -509,21 +518,25 @@ async def _fill(backend: TelemetryBackend, count: int, *, start: float, end: flo
         n = min(chunk, count - k)
         span = (end - start) / count
         await backend.record_many(
-            history_records(n, seed=k, start=start + k * span, end=start + (k + n) * span)
+            history_records(
+                n, seed=k, start=start + k * span, end=start + (k + n) * span, shape=shape
+            )
         )
     await backend.flush()
     return time.perf_counter() - t0
 
 
 async def _time_start_refresh(
-    make: Callable[[], TelemetryBackend], stored: int, new: int
+    make: Callable[[], TelemetryBackend], stored: int, new: int, shape: tuple[int, int, int]
 ) -> dict[str, float]:
     """Fill a fresh store, then time a router's start() and a refresh after ``new`` calls."""
     week = 7 * 86_400.0
     now = [HISTORY_NOW]
-    registry = make_registry(8)
+    registry = make_registry(shape[2])
     async with make() as backend:
-        fill_s = await _fill(backend, stored, start=HISTORY_NOW - week, end=HISTORY_NOW - 1.0)
+        fill_s = await _fill(
+            backend, stored, start=HISTORY_NOW - week, end=HISTORY_NOW - 1.0, shape=shape
+        )
         router = AdaptiveModelRouter(
             registry, backend, refresh_interval=None, seed=1, clock=lambda: now[0]
         )
@@ -531,7 +544,7 @@ async def _time_start_refresh(
         await router.start()
         start_s, start_cpu = time.perf_counter() - t0, time.process_time() - cpu0
         now[0] += 60.0
-        await _fill(backend, new, start=HISTORY_NOW, end=HISTORY_NOW + 59.0)
+        await _fill(backend, new, start=HISTORY_NOW, end=HISTORY_NOW + 59.0, shape=shape)
         cpu0, t0 = time.process_time(), time.perf_counter()
         ok = await router.refresh()
         refresh_s, refresh_cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -568,33 +581,37 @@ async def run_history(quick: bool = False) -> BenchResult:
     sizes = (1_000, 10_000) if quick else (1_000, 100_000, 1_000_000)
     new = 1_000 if quick else 10_000
     tmp = Path(tempfile.mkdtemp(prefix="empathy-bench-rhist-"))
-    stores: dict[str, Callable[[int], TelemetryBackend]] = {
-        "SQLite": lambda size: SQLiteTelemetryBackend(tmp / f"history-{size}.db"),
+    stores: dict[str, Callable[[str], TelemetryBackend]] = {
+        "SQLite": lambda tag: SQLiteTelemetryBackend(tmp / f"history-{tag}.db"),
     }
     result = BenchResult(
         name="routing_history",
         title=(
             "Router start() and refresh() against calls stored in the backend "
-            f"({HISTORY_ARMS[0] * HISTORY_ARMS[1] * 8} arms; refresh after {new:,} new calls)"
+            f"(refresh after {new:,} new calls)"
         ),
         columns=["start() s", "start() CPU s", "refresh() ms", "refresh() CPU ms", "fill s"],
     )
     if await _postgres_reachable():
         schema = f"bench_rhist_{os.getpid()}"
 
-        def postgres(size: int) -> TelemetryBackend:
-            return telemetry_from_url(POSTGRES_DSN, schema=f"{schema}_{size}")
+        def postgres(tag: str) -> TelemetryBackend:
+            return telemetry_from_url(POSTGRES_DSN, schema=f"{schema}_{tag}")
 
         stores["PostgreSQL"] = postgres
     else:
         result.skipped["PostgreSQL"] = "not reachable or empathy-models-postgres not installed"
     figures: dict[str, dict[str, float]] = {}
+    top = max(sizes)
+    cases = [(size, "64 arms") for size in sizes] + [(top, "7 arms")]
     for name, factory in stores.items():
-        for size in sizes:
-            stats = await _time_start_refresh(partial(factory, size), size, new)
-            figures[f"{name}/{size}"] = stats
+        for size, arms in cases:
+            shape = SHAPES[arms]
+            tag = f"{size}_{shape[0] * shape[1] * shape[2]}"
+            stats = await _time_start_refresh(partial(factory, tag), size, new, shape)
+            figures[f"{name}/{size}/{arms}"] = stats
             result.add(
-                f"{name}, {size:,} stored calls",
+                f"{name}, {size:,} stored calls, {arms}",
                 **{
                     "start() s": stats["start_s"],
                     "start() CPU s": stats["start_cpu_s"],
@@ -603,9 +620,8 @@ async def run_history(quick: bool = False) -> BenchResult:
                     "fill s": stats["fill_s"],
                 },
             )
-    top = max(sizes)
-    for name in stores:
-        stats = figures[f"{name}/{top}"]
+    for name, arms in ((n, a) for n in stores for a in SHAPES):
+        stats = figures[f"{name}/{top}/{arms}"]
         # PostgreSQL does its work in the server: judge its refresh on wall time
         refresh_key, refresh_what = (
             ("refresh_s", "wall") if name == "PostgreSQL" else ("refresh_cpu_s", "CPU")
@@ -616,7 +632,8 @@ async def run_history(quick: bool = False) -> BenchResult:
             verdict_start = "met" if stats["start_s"] <= START_GOAL_S else "**missed**"
             verdict_refresh = "met" if stats[refresh_key] <= REFRESH_GOAL_CPU_S else "**missed**"
         result.notes.append(
-            f"{name}: start() over {top:,} stored calls {stats['start_s']:.2f} s (goal <= 1 s "
+            f"{name}, {arms}: start() over {top:,} stored calls {stats['start_s']:.2f} s "
+            f"(goal <= 1 s "
             f"over 1M: {verdict_start}); refresh after {new:,} new calls "
             f"{stats[refresh_key] * 1000:.0f} ms {refresh_what} (goal <= 50 ms of CPU: "
             f"{verdict_refresh})"
