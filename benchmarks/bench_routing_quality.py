@@ -875,7 +875,7 @@ async def run(quick: bool = False) -> BenchResult:
         result.add(
             label,
             median=fmt(statistics.median(values)),
-            worst=fmt(worst) + (f" ({skipped} seeds n/a)" if skipped else ""),
+            worst=fmt(worst) + (f" ({skipped} of {len(everything)} n/a)" if skipped else ""),
             goal=goal or "",
             result="" if ok is None else ("met" if ok(worst) else "**missed**"),
         )
