@@ -563,6 +563,16 @@ async def _time_start_refresh(
     }
 
 
+async def _drop_schema(schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
 async def _postgres_reachable() -> bool:
     if not peer_version("empathy-models-postgres"):
         return False
@@ -596,7 +606,8 @@ async def run_history(quick: bool = False) -> BenchResult:
         schema = f"bench_rhist_{os.getpid()}"
 
         def postgres(tag: str) -> TelemetryBackend:
-            return telemetry_from_url(POSTGRES_DSN, schema=f"{schema}_{tag}")
+            # direct COPY writes: the history is stored, not queued behind a batcher
+            return telemetry_from_url(POSTGRES_DSN, schema=f"{schema}_{tag}", batch=False)
 
         stores["PostgreSQL"] = postgres
     else:
@@ -608,7 +619,11 @@ async def run_history(quick: bool = False) -> BenchResult:
         for size, arms in cases:
             shape = SHAPES[arms]
             tag = f"{size}_{shape[0] * shape[1] * shape[2]}"
-            stats = await _time_start_refresh(partial(factory, tag), size, new, shape)
+            try:
+                stats = await _time_start_refresh(partial(factory, tag), size, new, shape)
+            finally:
+                if name == "PostgreSQL":
+                    await _drop_schema(f"bench_rhist_{os.getpid()}_{tag}")
             figures[f"{name}/{size}/{arms}"] = stats
             result.add(
                 f"{name}, {size:,} stored calls, {arms}",
