@@ -20,12 +20,15 @@ from benchmarks import (
     bench_executor,
     bench_router_start,
     bench_routing,
+    bench_routing_quality,
     bench_telemetry,
 )
 from benchmarks._common import RESULTS_DIR, BenchResult, machine_info, write_result
 
 SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "routing": bench_routing.run,
+    "routing_history": bench_routing.run_history,
+    "routing_quality": bench_routing_quality.run,
     "breaker": bench_breaker.run,
     "telemetry": bench_telemetry.run,
     "executor": bench_executor.run,

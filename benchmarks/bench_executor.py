@@ -94,7 +94,7 @@ async def bench_litellm(repeats: int, inner: int) -> tuple[dict[str, Any], str |
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     warnings.filterwarnings("ignore")
     import litellm
-    from litellm import Router
+    from litellm.router import Router
 
     litellm.telemetry = False
     litellm.suppress_debug_info = True
