@@ -326,3 +326,21 @@ async def test_routing_stats_are_a_typed_record() -> None:
     mini = stats.performance_by_model["mini"]
     assert isinstance(mini, ModelStats) and mini.calls == 20 and mini.success_rate == 1.0
     assert stats.to_dict()["performance_by_model"]["mini"]["calls"] == 20
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", [3, 6, 11])
+def test_the_change_test_ends_on_evidence_that_keeps_changing(seed: int) -> None:
+    # Rates that change every 400 calls, at uneven arrival gaps: the change test once
+    # re-detected a change inside the evidence that had just started one and looped for
+    # ever (regimes piling up by the thousand) on these seeds.
+    rng = random.Random(seed)
+    arm = Arm(test=ChangeTest(threshold=rng.choice([2.0, 3.0, 5.0])))
+    rates = [rng.choice([0.99, 0.8, 0.5, 0.95, 0.3]) for _ in range(6)]
+    t = 0.0
+    for i in range(3000):
+        t += rng.choice([0.5, 5, 30, 61])
+        arm.add(t, rng.random() < rates[(i // 400) % len(rates)], 300.0, 100, 50, 0.001)
+    # the first regime, then at most one change detected per bucket
+    assert len(arm.regimes) <= 1 + len(arm.starts)
+    assert arm.summarize(1.96, 3.0, 1.0).samples > 0

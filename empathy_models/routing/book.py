@@ -428,6 +428,10 @@ class Arm:
             j = min(j, self._pos(dropped.start))
         test = self.test
         h = test.threshold
+        # detection bucket of the last change acted on in this run: a change must be
+        # detected in a later bucket to be acted on, so the re-run from each change's
+        # start always makes progress and ends (no evidence can start a change twice)
+        last_detected = _NEVER
         rates: list[float] = []
         rates_of: Regime | None = None
         data = self.data
@@ -475,6 +479,9 @@ class Arm:
                         alarm = (df, "improved")
                     else:
                         d = 0.0
+            if alarm is not None and t <= last_detected:
+                alarm = None
+                u = d = 0.0
             cum_n[j] = n0 + n
             cum_f[j] = f0 + f
             up_a[j] = u
@@ -485,6 +492,7 @@ class Arm:
                 j += 1
                 continue
             start, kind = alarm
+            last_detected = t
             segment = self._segment(start)
             if start <= regime.start:
                 # a restored regime that did not hold: superseded from its own start, so
