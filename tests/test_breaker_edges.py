@@ -6,6 +6,7 @@ the Redis and PostgreSQL variants live with their plugins' tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 
@@ -43,7 +44,7 @@ async def test_a_cancel_during_a_half_open_admission_never_leaks_the_probe_lease
 
 
 def _corrupt(db: Path, key: str) -> None:
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         changed = conn.execute(
             "UPDATE circuit_state SET data = '{not json' WHERE key = ?", (key,)
         ).rowcount

@@ -5,6 +5,7 @@ anything is sent or opened (issue #14, items 16 and 18).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -152,7 +153,7 @@ async def test_a_bad_json_row_in_llm_calls_is_a_telemetry_error_and_one_cli_line
         await backend.record(
             LLMCallRecord(call_id="c2", provider="p", model="m", outcome="success")
         )
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("UPDATE llm_calls SET metadata = '{oops' WHERE call_id = 'c2'")
     async with telemetry_from_url(f"sqlite:///{db}") as backend:
         with pytest.raises(TelemetryError, match="call_id 'c2' cannot be read"):
