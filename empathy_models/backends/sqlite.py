@@ -1071,7 +1071,20 @@ class _Database:
     async def _setup(self, conn: aiosqlite.Connection) -> None:
         # every check comes before the first change (journal mode, tables): a refused
         # file is left exactly as it was
-        row = await _fetchone(conn, "PRAGMA user_version")
+        # one read transaction: the version and the tables from the same snapshot (another
+        # process may be creating this file's tables right now)
+        await conn.execute("BEGIN")
+        try:
+            row = await _fetchone(conn, "PRAGMA user_version")
+            tables = {
+                str(r[0])
+                for r in await conn.execute_fetchall(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' "
+                    "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
+                )
+            }
+        finally:
+            await _rollback(conn)
         version = 0 if row is None else int(row[0])
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(
@@ -1080,13 +1093,6 @@ class _Database:
                 "empathy-models (the file was left untouched)",
                 target=self.path,
             )
-        tables = {
-            str(r[0])
-            for r in await conn.execute_fetchall(
-                "SELECT name FROM sqlite_master WHERE type = 'table' "
-                "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'"
-            )
-        }
         ours = version >= 1 and {"llm_calls", "circuit_state"} <= tables
         if tables and not ours and not self.allow_foreign:
             shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
