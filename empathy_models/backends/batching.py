@@ -36,8 +36,8 @@ microsecond), whatever state the store is in.
 * Exit paths: unless ``exit_flush=False``, a backend still open at interpreter exit or
   on SIGTERM has its queued records written synchronously (SQLite) or spooled,
   within a bounded time.  The SIGTERM handler is installed only when SIGTERM still
-  has its default action, in the main thread; it flushes, then raises
-  ``SystemExit(143)`` so the program unwinds as on any exit.  A backend garbage
+  has its default action, in the main thread; it flushes, then ends the process with
+  status 143 at once, as the default action would.  A backend garbage
   collected while open emits a ``ResourceWarning`` and is flushed the same way.
   SIGKILL (and a power cut) loses what is in memory: at most ``max_queue`` queued
   records and a batch in flight (``max_batch``), plus, while the store is failing or
@@ -50,10 +50,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import math
+import os
 import random
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -186,8 +189,14 @@ def _at_exit() -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # The handler replaces SIGTERM's default action (end the process at once): flush, then
+    # end the process the same way.  Unwinding a running event loop with SystemExit could
+    # wait for ever on a backend's worker thread.
     _flush_all("SIGTERM")
-    raise SystemExit(128 + signum)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(128 + signum)
 
 
 def _install_exit_hooks() -> None:
