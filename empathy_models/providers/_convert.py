@@ -22,7 +22,8 @@ extra_body            merged into the body                merged into the body
 ====================  ==================================  ===================================
 
 A tool result's images cannot go in an OpenAI ``tool`` message (text only): they follow
-in a user message.  Anthropic tool ids must match ``[A-Za-z0-9_-]+``: other characters
+in a user message; nor has OpenAI an error flag for a result (``is_error`` is not sent
+there).  Anthropic tool ids must match ``[A-Za-z0-9_-]+``: other characters
 of an id from another provider become ``_`` (consistently, so calls and results still
 pair up).
 """
