@@ -7,13 +7,16 @@ option) and then handed to every route's `CompletionRequest`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from ._jsonschema import parse_structured
-from .abc import Completion
+from .abc import Completion, Message
 from .content import (
+    ImageBlock,
     ResponseFormat,
+    ToolCall,
+    ToolResult,
     check_options,
     to_extra_body,
     to_response_format,
@@ -21,8 +24,10 @@ from .content import (
     to_tools,
 )
 from .exceptions import ConfigurationError, RecordValidationError
+from .records import CandidateEvaluation
+from .registry import ModelInfo
 
-__all__ = ["NO_OPTIONS", "run_options", "structured_result"]
+__all__ = ["NO_OPTIONS", "capable", "required_capabilities", "run_options", "structured_result"]
 
 NO_OPTIONS: Final[Mapping[str, Any]] = {}
 
@@ -68,6 +73,59 @@ def run_options(
                 f"extra_body must not set {', '.join(clash)}: the executor sets them per route"
             )
     return options
+
+
+def required_capabilities(
+    messages: Sequence[Message], options: Mapping[str, Any]
+) -> frozenset[str]:
+    """What a model must support to serve this request (see `registry.CAPABILITIES`)."""
+    needs: set[str] = set()
+    if options.get("tools"):
+        needs.add("tools")
+    if options.get("response_format") is not None:
+        needs.add("json_schema")
+    for message in messages:
+        if message.tool_calls or message.role == "tool":
+            needs.add("tools")
+        if isinstance(message.content, tuple):
+            for block in message.content:
+                if isinstance(block, ImageBlock):
+                    needs.add("images")
+                elif isinstance(block, ToolCall | ToolResult):
+                    needs.add("tools")
+                    if (
+                        isinstance(block, ToolResult)
+                        and not isinstance(block.content, str)
+                        and any(isinstance(b, ImageBlock) for b in block.content)
+                    ):
+                        needs.add("images")
+    return frozenset(needs)
+
+
+def capable(
+    models: Sequence[ModelInfo], needs: frozenset[str]
+) -> tuple[tuple[ModelInfo, ...], tuple[CandidateEvaluation, ...]]:
+    """``models`` that serve ``needs``, and the others as excluded candidates with reasons."""
+    fit: list[ModelInfo] = []
+    unfit: list[CandidateEvaluation] = []
+    for model in models:
+        missing = sorted(needs - model.capabilities)
+        if not missing:
+            fit.append(model)
+            continue
+        unfit.append(
+            CandidateEvaluation(
+                model=model.id,
+                provider=model.provider,
+                tier=model.tier,
+                excluded=True,
+                reasons=(
+                    f"cannot serve this request: no {', '.join(missing)} support "
+                    "(registry capabilities)",
+                ),
+            )
+        )
+    return tuple(fit), tuple(unfit)
 
 
 def structured_result(completion: Completion, options: Mapping[str, Any]) -> tuple[Any, str | None]:

@@ -97,7 +97,13 @@ import anyio
 import attrs
 from attrs import field, frozen
 
-from ._request_options import NO_OPTIONS, run_options, structured_result
+from ._request_options import (
+    NO_OPTIONS,
+    capable,
+    required_capabilities,
+    run_options,
+    structured_result,
+)
 from .abc import (
     MAX_TOKENS_LIMIT,
     Completion,
@@ -1252,10 +1258,17 @@ class EmpathyLLMExecutor:
         messages: tuple[Message, ...],
         system: str | None,
         task_tier: ModelTier,
+        needs: frozenset[str] = frozenset(),
     ) -> tuple[list[ModelInfo], RoutingDecision | None]:
         pinned: ModelInfo | None = None
         if context.model is not None:
             pinned = self._registry.get(context.model)
+            if not needs <= pinned.capabilities:
+                raise ConfigurationError(
+                    f"ExecutionContext.model={context.model!r} cannot serve this request: no "
+                    f"{', '.join(sorted(needs - pinned.capabilities))} support (registry "
+                    "capabilities)"
+                )
             if pinned.provider not in self._providers:
                 raise ConfigurationError(
                     f"ExecutionContext.model={context.model!r} is served by "
@@ -1276,6 +1289,8 @@ class EmpathyLLMExecutor:
             # the tier came from the task: another tier serves rather than every run failing
             tier, substituted = self._substitute_tier(tier, context.task_type)
             plan = self._tier_plan(tier)
+        if needs:
+            plan = self._capable_plan(plan, needs, tier)
         same_tier = plan.same_tier
         open_ids = self._open_ids(plan)
 
@@ -1314,7 +1329,7 @@ class EmpathyLLMExecutor:
                 "min_success_rate) but the executor has no router to evaluate them; pass "
                 "router=AdaptiveModelRouter(...)"
             )
-        if not open_ids:
+        if not open_ids and not needs:
             # the common case: the registry's order, computed once per (tier, first route)
             cache_key = (tier, None if first is None else first.id)
             cached = self._default_routes.get(cache_key)
@@ -1324,6 +1339,19 @@ class EmpathyLLMExecutor:
                 )
             return list(cached), decision
         return _order_routes(same_tier, plan.higher, first, open_ids), decision
+
+    def _capable_plan(self, plan: _TierPlan, needs: frozenset[str], tier: ModelTier) -> _TierPlan:
+        """``plan`` without the models that cannot serve ``needs`` (listed as excluded)."""
+        same_tier, unfit = capable(plan.same_tier, needs)
+        higher, _ = capable(plan.higher, needs)
+        if not same_tier and not higher:
+            raise ConfigurationError(
+                f"no configured model of tier {tier.value!r} or above can serve this request "
+                f"(it needs {', '.join(sorted(needs))} support; see ModelInfo.capabilities)"
+            )
+        if not same_tier:  # the tier cannot: the next capable tier serves
+            same_tier, higher = higher, ()
+        return plan._replace(same_tier=same_tier, higher=higher, keyless=plan.keyless + unfit)
 
     # ------------------------------------------------------------------ feedback
 
@@ -1517,7 +1545,8 @@ class EmpathyLLMExecutor:
         start = self._clock()
         deadline_at = None if ctx.deadline is None else start + ctx.deadline
         task_type, task_tier = self._task(ctx.task_type)
-        routes, decision = self._plan(ctx, messages, system, task_tier)
+        needs = required_capabilities(messages, options)
+        routes, decision = self._plan(ctx, messages, system, task_tier, needs)
         run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
         called_routes = 0
         min_context = 0

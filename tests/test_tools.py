@@ -9,10 +9,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import attrs
 import pytest
 from aiohttp import web
 
 from empathy_models import (
+    AdaptiveModelRouter,
     AllRoutesFailedError,
     AnthropicProvider,
     CompletionRequest,
@@ -22,8 +24,10 @@ from empathy_models import (
     ImageBlock,
     InvalidRequestError,
     InvalidResponseError,
+    MemoryTelemetryBackend,
     Message,
     ModelNotFoundError,
+    ModelRegistry,
     OpenAIProvider,
     RecordValidationError,
     ResponseFormat,
@@ -66,12 +70,12 @@ async def server() -> AsyncIterator[FakeLLMServer]:
 
 
 def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
+    options.setdefault("registry", CHEAP_ONLY)
     return EmpathyLLMExecutor(
         [
             AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
             OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
         ],
-        registry=CHEAP_ONLY,
         telemetry_store="null://",
         retry=RetryPolicy.none(),
         sleep=NoSleep(),
@@ -496,3 +500,67 @@ async def test_every_route_failing_on_a_tool_request_keeps_the_errors(
     async with make(server) as executor:
         with pytest.raises(AllRoutesFailedError):
             await executor.run("Hi", ExecutionContext(tier="cheap"), tools=[WEATHER])
+
+
+# --------------------------------------------------------------------------- capabilities
+
+NO_TOOLS = ModelRegistry(
+    models=[
+        attrs.evolve(CHEAP_ONLY.get(CLAUDE), capabilities=["images", "streaming"]),
+        CHEAP_ONLY.get(GPT),
+        attrs.evolve(CHEAP_ONLY.get(GPT), id="gpt-fake-4o", tier="capable", capabilities=["tools"]),
+    ],
+    price_version="fakes-capabilities-1",
+)
+
+
+async def test_models_that_cannot_serve_the_request_are_excluded_with_a_reason(
+    server: FakeLLMServer,
+) -> None:
+    telemetry = MemoryTelemetryBackend()
+    router = AdaptiveModelRouter(NO_TOOLS, telemetry, seed=1)
+    async with router, make(server, registry=NO_TOOLS, router=router) as executor:
+        response = await executor.run("Hi", ExecutionContext(tier="cheap"), tools=[WEATHER])
+        assert response.model == GPT
+        decision = response.routing_decision
+        assert decision is not None and decision.model == GPT
+        excluded = {c.model: c for c in decision.candidates if c.excluded}
+        assert "no tools support" in excluded[CLAUDE].reasons[0]
+        # a request without tools may still go to the cheaper Claude
+        plain = await executor.run("Hi", ExecutionContext(tier="cheap"))
+        assert plain.model == CLAUDE
+        # images: Claude serves them, gpt-fake-mini has every capability
+        image = Message(role="user", content=[ImageBlock.from_base64(PNG, "image/png")])
+        assert (await executor.run([image], ExecutionContext(tier="cheap"))).model == CLAUDE
+    assert server.requests(CLAUDE) == 2
+
+
+async def test_no_capable_model_or_a_pinned_one_that_cannot_is_a_configuration_error(
+    server: FakeLLMServer,
+) -> None:
+    async with make(server, registry=NO_TOOLS) as executor:
+        with pytest.raises(ConfigurationError, match="no tools support"):
+            await executor.run("Hi", pinned(CLAUDE), tools=[WEATHER])
+        with pytest.raises(ConfigurationError, match="needs json_schema"):
+            await executor.run("Hi", ExecutionContext(tier="capable"), response_format=PERSON)
+        # only gpt-fake-mini can: when it fails, no model that cannot is tried
+        server.set_outage(GPT, True)
+        with pytest.raises(AllRoutesFailedError):
+            await executor.run("Hi", ExecutionContext(tier="cheap"), response_format=PERSON)
+    assert server.requests() == 1
+
+
+def test_capabilities_in_a_registry_file() -> None:
+    registry = ModelRegistry.from_dict(
+        {"price_version": "t", "models": [{**CHEAP_ONLY.get(GPT).to_dict(), "capabilities": []}]}
+    )
+    assert registry.get(GPT).capabilities == frozenset()
+    assert registry.get(GPT).to_dict()["capabilities"] == []
+    assert "capabilities" not in CHEAP_ONLY.get(GPT).to_dict()  # all: the default
+    with pytest.raises(ConfigurationError, match="unknown 'telepathy'"):
+        ModelRegistry.from_dict(
+            {
+                "price_version": "t",
+                "models": [{**CHEAP_ONLY.get(GPT).to_dict(), "capabilities": ["telepathy"]}],
+            }
+        )
