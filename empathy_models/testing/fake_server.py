@@ -15,11 +15,18 @@ OpenAI Chat Completions wire formats, with scripted faults per model.
         ...
         assert server.requests("claude-haiku-4-5") == 3
 
-Endpoints: ``POST /v1/messages`` (Anthropic: ``x-api-key`` and ``anthropic-version``
-headers) and ``POST /v1/chat/completions`` (OpenAI: ``Authorization: Bearer``).
+Endpoints: ``POST /v1/messages`` (Anthropic: ``x-api-key`` or ``Authorization: Bearer``,
+and ``anthropic-version``) and ``POST /v1/chat/completions`` (OpenAI: ``Authorization:
+Bearer``).
 Requests are validated as the real APIs do (missing fields -> 400, missing or wrong key
 -> 401, unknown model -> 404 when no default behaviour is set) and errors come back in
-each API's own body shape.  Usage is estimated: input tokens ``len(text) // 4 + 1``,
+each API's own body shape; so are tools, tool choices, images and the pairing of tool
+calls with their results.  Scripts may hold `FakeReply` answers (text, tool calls,
+JSON); a request that forces a tool or asks for a JSON schema gets a value generated
+from the schema.  The official ``openai`` and ``anthropic`` SDKs work against it as
+configured for the real services (``api_key=...``, ``base_url=...``): every response
+carries a request id and rate-limit headers, and unknown routes answer with JSON
+errors.  Usage is estimated: input tokens ``len(text) // 4 + 1``,
 output tokens drawn from the behaviour.
 
 What happens to one request, in order: authentication and validation; model lookup;
