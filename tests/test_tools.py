@@ -564,3 +564,63 @@ def test_capabilities_in_a_registry_file() -> None:
                 "models": [{**CHEAP_ONLY.get(GPT).to_dict(), "capabilities": ["telepathy"]}],
             }
         )
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"tools": [1]}),
+        ("/v1/chat/completions", {"tools": [{"type": "function"}]}),
+        ("/v1/chat/completions", {"tool_choice": "auto"}),
+        ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": [3]}]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "x"}]}]}),
+        ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}),
+        ("/v1/messages", {"tools": [{"name": "f"}]}),
+        ("/v1/messages", {"tools": "f"}),
+        ("/v1/messages", {"tool_choice": {"type": "tool", "name": "nope"}}),
+        ("/v1/messages", {"messages": [{"role": "user", "content": [7]}]}),
+        ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": "tool_use"}]}]}),
+        ("/v1/messages", {"output_config": {"format": {"type": "json_object"}}}),
+    ],
+)
+async def test_the_fake_answers_malformed_tool_requests_with_a_400(
+    server: FakeLLMServer, path: str, body: dict[str, Any]
+) -> None:
+    import aiohttp
+
+    payload: dict[str, Any] = {
+        "model": "m",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "hi"}],
+        **body,
+    }
+    headers = {
+        "x-api-key": KEY,
+        "anthropic-version": "2023-06-01",
+        "authorization": f"Bearer {KEY}",
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(server.url + path, json=payload, headers=headers) as response,
+    ):
+        assert response.status == 400
+        error = (await response.json())["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+    assert server.requests("m") == 0
+
+
+async def test_fake_provider_plays_scripted_tool_calls() -> None:
+    from empathy_models.testing import FakeProvider
+
+    provider = FakeProvider(name="anthropic")
+    provider.script(
+        CLAUDE, [FakeReply(tool_calls=[{"name": "get_weather", "arguments": {"city": "Oslo"}}])]
+    )
+    async with EmpathyLLMExecutor(
+        [provider], registry=CHEAP_ONLY, telemetry_store="null://"
+    ) as executor:
+        response = await executor.run("Weather?", pinned(CLAUDE), tools=[WEATHER])
+    assert response.stop_reason == "tool_use"
+    assert [(c.name, c.arguments) for c in response.tool_calls] == [
+        ("get_weather", {"city": "Oslo"})
+    ]

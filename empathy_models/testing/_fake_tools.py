@@ -429,7 +429,9 @@ def check_openai(body: Mapping[str, Any]) -> tuple[str, str] | None:
         if not isinstance(tools, list):
             return "Invalid type for 'tools': expected an array.", "tools"
         for index, tool in enumerate(tools):
-            function = tool.get("function") if isinstance(tool, Mapping) else None
+            if not isinstance(tool, Mapping):
+                return f"Invalid type for 'tools[{index}]': expected an object.", "tools"
+            function = tool.get("function")
             if tool.get("type") != "function" or not isinstance(function, Mapping):
                 return f"Missing required parameter: 'tools[{index}].function'.", "tools"
             if not isinstance(function.get("name"), str):
@@ -509,7 +511,8 @@ def check_openai(body: Mapping[str, Any]) -> tuple[str, str] | None:
             for n, call in enumerate(calls):
                 function = call.get("function") if isinstance(call, Mapping) else None
                 if (
-                    not isinstance(call.get("id"), str)
+                    not isinstance(function, Mapping)
+                    or not isinstance(call.get("id"), str)
                     or not isinstance(function, Mapping)
                     or not isinstance(function.get("arguments"), str)
                 ):
