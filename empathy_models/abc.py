@@ -502,7 +502,13 @@ class CompletionRequest:
 
 @frozen(kw_only=True)
 class Completion:
-    """A provider's answer with the usage it reported."""
+    """
+    A provider's answer with the usage it reported.
+
+    ``request_id`` identifies the HTTP exchange (the provider's request-id header, for
+    support tickets); ``response_id`` is the completion's own id in the body
+    (``chatcmpl-...``, ``msg_...``) when the API returns one.
+    """
 
     content: str
     model: str
@@ -511,6 +517,7 @@ class Completion:
     stop_reason: str | None = None
     request_id: str | None = None
     ttft_ms: float | None = None
+    response_id: str | None = None
 
 
 class Provider(abc.ABC):

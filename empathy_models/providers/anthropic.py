@@ -110,4 +110,5 @@ class AnthropicProvider(HTTPProvider):
             output_tokens=reader.tokens(usage, "output_tokens", "response.usage"),
             stop_reason=reader.optional_str(data, "stop_reason"),
             request_id=headers.get("request-id") or reader.optional_str(data, "id"),
+            response_id=reader.optional_str(data, "id"),
         )

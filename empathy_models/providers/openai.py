@@ -134,4 +134,5 @@ class OpenAIProvider(HTTPProvider):
             output_tokens=reader.tokens(usage, "completion_tokens", "response.usage"),
             stop_reason=stop_reason,
             request_id=headers.get("x-request-id") or reader.optional_str(data, "id"),
+            response_id=reader.optional_str(data, "id"),
         )
