@@ -298,6 +298,7 @@ class _RunTrace:
         "ended",
         "headers_token",
         "obs",
+        "recording",
         "span",
         "stage",
         "workflow",
@@ -309,6 +310,8 @@ class _RunTrace:
         self.obs = obs
         self.span = span
         self.context = context  # the run span's, the attempts' parent
+        # false for a span sampled out or a no-op tracer's: no attributes or events then
+        self.recording = span.is_recording()
         self.workflow = workflow
         self.stage = stage
         self.capture = obs.capture_content
@@ -514,6 +517,7 @@ class Instrumentation:
         self._common: dict[tuple[str, str], _Attrs] = {}
         self._response_attrs: dict[tuple[str, str, str], tuple[_Attrs, _Attrs, _Attrs]] = {}
         self._cost_attrs: dict[tuple[str, str, str, str], _Attrs] = {}
+        self._pick_attrs: dict[tuple[str, bool, str, str], _Attrs] = {}
         self._textmap: object = None
         self._textmap_is_default = False
         self._get_textmap = propagate.get_global_textmap
@@ -584,48 +588,41 @@ class Instrumentation:
 
         @functools.wraps(method)
         async def traced(prompt: Any, context: Any = None, *args: Any, **kwargs: Any) -> R:
-            return await self._traced(method, prompt, context, args, kwargs)
+            ctx = context if isinstance(context, self._context_type) else self._default_context
+            try:
+                span = self._tracer.start_span(
+                    f"run {ctx.workflow}/{ctx.stage}",
+                    kind=self._internal,
+                    attributes={_WORKFLOW: ctx.workflow, _STAGE: ctx.stage},
+                )
+                run_context = self._in_context(span)
+                state = _RunTrace(self, span, run_context, ctx.workflow, ctx.stage)
+                run_token = _current.set(state)
+                context_token = self._attach(run_context)
+            except Exception:
+                self._failed("starting the run span")
+                return await method(prompt, context, *args, **kwargs)
+            try:
+                response = await method(prompt, context, *args, **kwargs)
+            except BaseException as exc:
+                if state.recording:
+                    self._run_failed(state, exc)
+                raise
+            else:
+                if state.recording:
+                    self._run_succeeded(state, response)
+                return response
+            finally:
+                try:
+                    if state.attempt is not None or state.ended is not None:
+                        self._finish_attempts(state)
+                    self._detach(context_token)
+                    _current.reset(run_token)
+                    span.end()
+                except Exception:
+                    self._failed("ending the run span")
 
         return traced
-
-    async def _traced(
-        self,
-        method: Callable[..., Awaitable[R]],
-        prompt: Any,
-        context: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> R:
-        ctx = context if isinstance(context, self._context_type) else self._default_context
-        try:
-            span = self._tracer.start_span(
-                f"run {ctx.workflow}/{ctx.stage}",
-                kind=self._internal,
-                attributes={_WORKFLOW: ctx.workflow, _STAGE: ctx.stage},
-            )
-            run_context = self._in_context(span)
-            state = _RunTrace(self, span, run_context, ctx.workflow, ctx.stage)
-            run_token = _current.set(state)
-            context_token = self._attach(run_context)
-        except Exception:
-            self._failed("starting the run span")
-            return await method(prompt, context, *args, **kwargs)
-        try:
-            response = await method(prompt, context, *args, **kwargs)
-        except BaseException as exc:
-            self._run_failed(state, exc)
-            raise
-        else:
-            self._run_succeeded(state, response)
-            return response
-        finally:
-            try:
-                self._finish_attempts(state)
-                self._detach(context_token)
-                _current.reset(run_token)
-                span.end()
-            except Exception:
-                self._failed("ending the run span")
 
     def _run_succeeded(self, state: _RunTrace, response: object) -> None:
         if not isinstance(response, self._response_type):
@@ -675,6 +672,11 @@ class Instrumentation:
             return
         try:
             ctx = run.context
+            if not state.recording:
+                decision = run.decision
+                if decision is not None:
+                    self._pick(state, decision.model, decision.exploration)
+                return
             if ctx.record_text:
                 state.capture = True
             attributes: dict[str, AttributeValue] = {
@@ -694,15 +696,7 @@ class Instrumentation:
                     attributes["empathy_models.route.policy"] = decision.policy_applied
                 if decision.change is not None:
                     attributes["empathy_models.route.change"] = decision.change[:_TEXT_LIMIT]
-                self._meters.picks.add(
-                    1,
-                    {
-                        _REQUEST_MODEL: decision.model,
-                        "empathy_models.router.exploration": decision.exploration,
-                        _WORKFLOW: state.workflow,
-                        _STAGE: state.stage,
-                    },
-                )
+                self._pick(state, decision.model, decision.exploration)
             elif ctx.model is not None:
                 attributes["empathy_models.route.reason"] = "pinned by ExecutionContext.model"
             else:
@@ -710,6 +704,20 @@ class Instrumentation:
             state.span.set_attributes(attributes)
         except Exception:
             self._failed("recording the routing decision")
+
+    def _pick(self, state: _RunTrace, model: str, exploration: bool) -> None:
+        key = (model, exploration, state.workflow, state.stage)
+        attributes = self._pick_attrs.get(key)
+        if attributes is None:
+            if len(self._pick_attrs) > 4096:
+                self._pick_attrs.clear()
+            attributes = self._pick_attrs[key] = {
+                _REQUEST_MODEL: model,
+                "empathy_models.router.exploration": exploration,
+                _WORKFLOW: state.workflow,
+                _STAGE: state.stage,
+            }
+        self._meters.picks.add(1, attributes)
 
     def fallback(self, run: _Run, info: ModelInfo) -> None:
         """The run moves from its last model to ``info``."""
@@ -791,7 +799,7 @@ class Instrumentation:
             )
             state.attempt = span
             admitted = [t for t in tickets if t is not None]
-            if admitted:
+            if admitted and state.recording:
                 # one event for the admission, whichever keys it went through
                 probe = any(t.lease_id is not None for t in admitted)
                 span.add_event(
@@ -810,7 +818,8 @@ class Instrumentation:
                         if t.key not in states:
                             states[t.key] = 1 if t.lease_id is not None else 0
             current = self._in_context(span)
-            state.context_token = self._attach(current)
+            if state.recording:  # the current span for HTTP instrumentation below us
+                state.context_token = self._attach(current)
             state.headers_token = outgoing_headers.set(self._trace_headers(span, current))
         except Exception:
             self._failed("starting an attempt span")
@@ -871,22 +880,25 @@ class Instrumentation:
             attributes = state.attempt_attrs
             meters = self._meters
             seconds = record.latency_ms / 1000.0
-            extra: dict[str, AttributeValue] = {"empathy_models.outcome": record.outcome.value}
             if completion is not None:
                 response, input_attrs, output_attrs = self._response_sets(
                     record.provider, record.model, completion.model, attributes
                 )
-                extra[_RESPONSE_MODEL] = completion.model
-                extra["gen_ai.usage.input_tokens"] = record.input_tokens
-                extra["gen_ai.usage.output_tokens"] = record.output_tokens
-                extra["empathy_models.cost_usd"] = record.cost_usd
-                if completion.stop_reason is not None:
-                    extra["gen_ai.response.finish_reasons"] = [completion.stop_reason]
-                if completion.response_id is not None:
-                    extra["gen_ai.response.id"] = completion.response_id
-                if state.capture:
-                    extra["gen_ai.output.messages"] = _output_messages(completion)
-                span.set_attributes(extra)
+                if state.recording:
+                    extra: _Attrs = {
+                        "empathy_models.outcome": record.outcome.value,
+                        _RESPONSE_MODEL: completion.model,
+                        "gen_ai.usage.input_tokens": record.input_tokens,
+                        "gen_ai.usage.output_tokens": record.output_tokens,
+                        "empathy_models.cost_usd": record.cost_usd,
+                    }
+                    if completion.stop_reason is not None:
+                        extra["gen_ai.response.finish_reasons"] = [completion.stop_reason]
+                    if completion.response_id is not None:
+                        extra["gen_ai.response.id"] = completion.response_id
+                    if state.capture:
+                        extra["gen_ai.output.messages"] = _output_messages(completion)
+                    span.set_attributes(extra)
                 span.end()
                 meters.duration.record(seconds, response)
                 meters.tokens.record(record.input_tokens, input_attrs)
@@ -907,7 +919,7 @@ class Instrumentation:
                 meters.cost.add(record.cost_usd, cost_attrs)
                 return
             error_type = record.error_type or type(error).__name__
-            extra[_ERROR_TYPE] = error_type
+            extra = {"empathy_models.outcome": record.outcome.value, _ERROR_TYPE: error_type}
             if record.status_code is not None:
                 extra["http.response.status_code"] = record.status_code
             span.set_attributes(extra)
