@@ -87,6 +87,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -418,8 +419,8 @@ class _Meters:
 
     def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
         out: dict[str, int] = {}
-        for states in list(self.breaker_states.values()):
-            out.update(states)
+        for breaker in list(self.breaker_owner.keys()):  # breakers some executor uses
+            out.update(self.breaker_states.get(breaker, {}))
         return [self._observation(value, {_KEY: key}) for key, value in sorted(out.items())]
 
     def _observe_queue(self, options: CallbackOptions) -> Iterable[Observation]:
@@ -564,7 +565,13 @@ class Instrumentation:
                 remove(self._on_breaker_event)
             try:
                 if meters.breaker_owner.get(breaker) is self:
-                    del meters.breaker_owner[breaker]
+                    # another executor on the same breaker takes over its metrics
+                    heir = next((o for o in meters.live if o._breaker is breaker), None)
+                    if heir is not None:
+                        meters.breaker_owner[breaker] = heir
+                    else:
+                        del meters.breaker_owner[breaker]
+                        meters.breaker_states.pop(breaker, None)
             except TypeError:
                 pass
 
@@ -584,10 +591,18 @@ class Instrumentation:
     # ------------------------------------------------------------------ the run
 
     def wrap(self, method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-        """``method`` (the executor's bound ``run``) inside a run span."""
+        """
+        ``method`` (the executor's bound ``run``) inside a run span.  The wrapper holds
+        the method weakly: stored on the executor, it makes no reference cycle, so an
+        executor left open is still collected (and warned about) at once.
+        """
+        ref = weakref.WeakMethod(method)
 
         @functools.wraps(method)
         async def traced(prompt: Any, context: Any = None, *args: Any, **kwargs: Any) -> R:
+            method = ref()
+            if method is None:  # pragma: no cover - the executor is gone
+                raise RuntimeError("the executor this run belonged to was garbage-collected")
             ctx = context if isinstance(context, self._context_type) else self._default_context
             try:
                 span = self._tracer.start_span(

@@ -7,6 +7,7 @@ breaker, and the OpenTelemetry SDK's in-memory span exporter and metric reader.
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import os
 import subprocess
@@ -19,11 +20,14 @@ from typing import Any
 import anyio.lowlevel
 import attrs
 import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
 from empathy_models import (
@@ -596,3 +600,90 @@ def test_the_environment_switch_uses_the_global_providers() -> None:
     assert len(names) == 2
     assert names[1] == "run default/default"
     assert names[0].startswith("chat ")  # the attempt ends first
+
+
+# --------------------------------------------------------------------------- edges
+
+
+async def test_a_cancelled_call_ends_its_spans_with_cancelled_error(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.script("claude-fake-haiku", ["hang"])
+    async with make(server, otel) as executor:
+        task = asyncio.create_task(executor.run(PROMPT, CTX))
+        await server.wait_for_requests(1, model="claude-fake-haiku")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    attempt = otel.span("chat claude-fake-haiku")
+    assert attempt.attributes is not None
+    assert attempt.attributes["error.type"] == "CancelledError"
+    assert attempt.status.status_code is StatusCode.ERROR
+    run = otel.span("run support/answer")
+    assert run.attributes is not None and run.attributes["error.type"] == "CancelledError"
+
+
+async def test_a_sampled_out_run_still_propagates_its_trace_context_and_counts(
+    server: FakeLLMServer,
+) -> None:
+    sdk = Otel()
+    sdk.tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
+    sdk.tracer_provider.add_span_processor(SimpleSpanProcessor(sdk.exporter))
+    try:
+        async with make(server, sdk) as executor:
+            await executor.run(PROMPT, CTX)
+        assert sdk.spans() == []
+        sent = server.last_request("claude-fake-haiku")
+        assert sent is not None
+        version, trace_id, span_id, flags = sent.headers["traceparent"].split("-")
+        assert version == "00"
+        assert int(flags, 16) & 1 == 0  # valid ids, not sampled
+        assert int(trace_id, 16) and int(span_id, 16)
+        assert sum(p.count for p in sdk.points("gen_ai.client.operation.duration")) == 1
+    finally:
+        sdk.close()
+
+
+class _HeaderPropagator(TextMapPropagator):
+    """A propagator of the application's own (as B3 or Jaeger would be)."""
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+        return context
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+        span = trace.get_current_span(context)
+        carrier["x-app-trace"] = f"{span.get_span_context().span_id:016x}"
+
+    @property
+    def fields(self) -> set[str]:
+        return {"x-app-trace"}
+
+
+async def test_the_configured_propagator_writes_the_headers(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    before = propagate.get_global_textmap()
+    propagate.set_global_textmap(_HeaderPropagator())
+    try:
+        async with make(server, otel) as executor:
+            await executor.run(PROMPT, CTX)
+    finally:
+        propagate.set_global_textmap(before)
+    sent = server.last_request("claude-fake-haiku")
+    assert sent is not None
+    attempt = otel.span("chat claude-fake-haiku")
+    assert attempt.context is not None
+    assert sent.headers["x-app-trace"] == f"{attempt.context.span_id:016x}"
+    assert "traceparent" not in sent.headers
+
+
+async def test_a_breaker_shared_by_two_executors_is_counted_once(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.script("claude-fake-haiku", [503])
+    breaker = CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1))
+    options: dict[str, Any] = {"breaker": breaker, "retry": RetryPolicy.none()}
+    async with breaker, make(server, otel, **options) as one, make(server, otel, **options):
+        await one.run(PROMPT, CTX)
+    transitions = otel.points("empathy_models.breaker.transitions")
+    assert sum(p.value for p in transitions) == 1
