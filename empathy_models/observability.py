@@ -598,7 +598,6 @@ class Instrumentation:
         """
         ref = weakref.WeakMethod(method)
 
-        @functools.wraps(method)
         async def traced(prompt: Any, context: Any = None, *args: Any, **kwargs: Any) -> R:
             method = ref()
             if method is None:  # pragma: no cover - the executor is gone
@@ -637,6 +636,8 @@ class Instrumentation:
                 except Exception:
                     self._failed("ending the run span")
 
+        functools.update_wrapper(traced, method)
+        traced.__dict__.pop("__wrapped__", None)  # a strong reference to the executor
         return traced
 
     def _run_succeeded(self, state: _RunTrace, response: object) -> None:

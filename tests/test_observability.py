@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -687,3 +689,16 @@ async def test_a_breaker_shared_by_two_executors_is_counted_once(
         await one.run(PROMPT, CTX)
     transitions = otel.points("empathy_models.breaker.transitions")
     assert sum(p.value for p in transitions) == 1
+
+
+def test_an_instrumented_executor_is_freed_without_the_cycle_collector(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    gc.disable()
+    try:
+        executor = make(server, otel)
+        ref = weakref.ref(executor)
+        del executor
+        assert ref() is None
+    finally:
+        gc.enable()
