@@ -231,7 +231,11 @@ async def test_opentelemetry_block_prints_spans_and_metrics(
             f'AnthropicProvider(api_key="sk-test", base_url="{server.anthropic_base_url}")',
         )
         code = code.replace("sqlite:///calls.db", f"sqlite:///{tmp_path / 'calls.db'}")
-        await _run_main(code)
+        # the console exporters' default stream is the sys.stdout of when the SDK was
+        # first imported (perhaps under another test's capture): give them this one's
+        for exporter in ("ConsoleSpanExporter()", "ConsoleMetricExporter()"):
+            code = code.replace(exporter, exporter.replace("()", "(out=sys.stdout)"))
+        await _run_main(code, {"sys": sys})
         (model,) = server.request_counts()
         sent = server.last_request(model)
     out = capsys.readouterr().out
