@@ -622,6 +622,10 @@ class Completion:
     """
     A provider's answer with the usage it reported: ``content`` is its text,
     ``tool_calls`` the tools it called.
+
+    ``request_id`` identifies the HTTP exchange (the provider's request-id header, for
+    support tickets); ``response_id`` is the completion's own id in the body
+    (``chatcmpl-...``, ``msg_...``) when the API returns one.
     """
 
     content: str
@@ -632,6 +636,7 @@ class Completion:
     request_id: str | None = None
     ttft_ms: float | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    response_id: str | None = None
 
 
 class Provider(abc.ABC):

@@ -126,6 +126,7 @@ from .exceptions import (
     ProviderTimeoutError,
     RecordValidationError,
 )
+from .observability import instrumentation_for
 from .outcomes import classify_error, retry_after_of
 from .providers._http import AttemptTimeout, HTTPProvider
 from .records import (
@@ -744,6 +745,10 @@ class EmpathyLLMExecutor:
         wall_clock: UTC epoch seconds, for the records' timestamps (default
             `time.time`); give it the router's clock when that is not the real time,
             since the router buckets evidence by record timestamp.
+        tracer_provider, meter_provider, otel: OpenTelemetry traces and metrics (the
+            ``otel`` extra; see `empathy_models.observability`).  Off by default; on
+            with a provider given, with ``otel=True`` (the global providers), or with
+            ``EMPATHY_OTEL=1`` in the environment.
 
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
     neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
@@ -769,6 +774,9 @@ class EmpathyLLMExecutor:
         sleep: Sleep = anyio.sleep,
         clock: Clock = time.perf_counter,
         wall_clock: Clock = time.time,
+        tracer_provider: Any = None,
+        meter_provider: Any = None,
+        otel: bool | None = None,
     ) -> None:
         self._registry = ModelRegistry.default() if registry is None else registry
         if not isinstance(self._registry, ModelRegistry):
@@ -842,6 +850,10 @@ class EmpathyLLMExecutor:
         self.feedback_errors = 0
         """Router or breaker feedback calls that failed (logged, never raised)."""
         self._tier_notes: dict[ModelTier, tuple[ModelTier, str]] = {}
+        # OpenTelemetry (None when off): `run` becomes the instrumentation's wrapper
+        self._obs = instrumentation_for(otel, tracer_provider, meter_provider, self._providers)
+        if self._obs is not None:
+            self.__dict__["run"] = self._obs.wrap(self.run)
         if self._keyless:
             message = (
                 "no API key for "
@@ -1023,6 +1035,9 @@ class EmpathyLLMExecutor:
             self._semaphores = {
                 name: asyncio.Semaphore(limit) for name, limit in self._limits.items()
             }
+            if self._obs is not None:
+                self._obs.bind(self._breaker, self._telemetry)
+                stack.callback(self._obs.unbind)
         except BaseException:
             await stack.aclose()
             raise
@@ -1548,6 +1563,8 @@ class EmpathyLLMExecutor:
         needs = required_capabilities(messages, options)
         routes, decision = self._plan(ctx, messages, system, task_tier, needs)
         run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
+        if self._obs is not None:
+            self._obs.planned(run)
         called_routes = 0
         min_context = 0
         try:
@@ -1564,6 +1581,8 @@ class EmpathyLLMExecutor:
                         run.chain[-1],
                         info.id,
                     )
+                    if self._obs is not None:
+                        self._obs.fallback(run, info)
                 run.chain.append(info.id)
                 called, completion, overflow = await self._route(run, info, deadline_at)
                 called_routes += called
@@ -1714,9 +1733,13 @@ class EmpathyLLMExecutor:
                             exc.state.value if exc.state is not None else "open",
                             info.id,
                         )
+                        if self._obs is not None:
+                            self._obs.rejected(info, key, exc)
                         with anyio.CancelScope(shield=True):  # the record survives a cancel
                             await self._feedback(record, None, None, None)
                         return called, None, False
+                if self._obs is not None:
+                    self._obs.attempt_started(run, info, request, attempt, (scope_ticket, ticket))
                 # ---- the call, under min(per-attempt timeout, time left)
                 budget = per_attempt
                 by_deadline = False
@@ -1789,6 +1812,8 @@ class EmpathyLLMExecutor:
                             if scope_ticket is None
                             else (scope_ticket, provider_outcome(outcome, error)),
                         )
+                    if self._obs is not None:
+                        self._obs.attempt_ended(record, None, error)
                 except BaseException as raised:
                     # cancellation (or KeyboardInterrupt): record it, return the lease,
                     # re-raise untouched
@@ -1812,6 +1837,8 @@ class EmpathyLLMExecutor:
                             None,
                             None if scope_ticket is None else (scope_ticket, Outcome.CANCELLED),
                         )
+                    if self._obs is not None:
+                        self._obs.attempt_ended(record, None, raised)
                     raise
                 else:
                     latency_ms = (clock() - t0) * 1000.0
@@ -1836,6 +1863,8 @@ class EmpathyLLMExecutor:
                             await self._feedback(record, ticket, None, None, None, scope)
                     else:
                         await self._feedback(record, ticket, None, None, None, scope)
+                    if self._obs is not None:
+                        self._obs.attempt_ended(record, completion)
                     return called, completion, False
             finally:
                 semaphore.release()
@@ -1891,6 +1920,8 @@ class EmpathyLLMExecutor:
                 route_attempt + 1,
                 self._retry.max_attempts,
             )
+            if self._obs is not None:
+                self._obs.retry(delay)
             await self._sleep(delay)
         return called, None, False
 

@@ -81,6 +81,7 @@ MARKERS = {
     "contracts": "class TestMyTelemetry(TelemetryBackendContract)",
     "evidence": "await telemetry.evidence(since=week_ago)",
     "from_config": "EmpathyLLMExecutor.from_config()",
+    "otel": "tracer_provider=tracer_provider,",
 }
 # fragments run inside a test that provides their names (and an event loop): no mypy
 FRAGMENTS = ("evidence", "from_config")
@@ -220,6 +221,30 @@ def test_sync_recipe(keys: None, tmp_path: Path, capsys: pytest.CaptureFixture[s
         exec(compile(code, str(README), "exec"), {})
         assert server.requests() == 2
     assert len(capsys.readouterr().out.strip().splitlines()) >= 2
+
+
+async def test_opentelemetry_block_prints_spans_and_metrics(
+    keys: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with FakeLLMServer() as server:
+        code = block("otel").replace(
+            "AnthropicProvider()",
+            f'AnthropicProvider(api_key="sk-test", base_url="{server.anthropic_base_url}")',
+        )
+        code = code.replace("sqlite:///calls.db", f"sqlite:///{tmp_path / 'calls.db'}")
+        # the console exporters' default stream is the sys.stdout of when the SDK was
+        # first imported (perhaps under another test's capture): give them this one's
+        for exporter in ("ConsoleSpanExporter()", "ConsoleMetricExporter()"):
+            code = code.replace(exporter, exporter.replace("()", "(out=sys.stdout)"))
+        await _run_main(code, {"sys": sys})
+        (model,) = server.request_counts()
+        sent = server.last_request(model)
+    out = capsys.readouterr().out
+    assert '"name": "run docs/outline"' in out
+    assert f'"name": "chat {model}"' in out
+    assert "gen_ai.client.operation.duration" in out
+    assert sent is not None and sent.headers["traceparent"].startswith("00-")
+    assert "sk-test" not in out
 
 
 async def test_messages_recipe(keys: None) -> None:

@@ -55,6 +55,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from .._propagation import outgoing_headers
 from ..abc import Completion, CompletionRequest, Provider
 from ..exceptions import (
     AuthenticationError,
@@ -743,6 +744,9 @@ class HTTPProvider(Provider):
         headers = self._headers_cache
         if headers is None:
             headers = self._headers_cache = self._request_headers()
+        trace_headers = outgoing_headers.get()  # the attempt span's traceparent, when traced
+        if trace_headers is not None:
+            headers = {**headers, **trace_headers}
         payload = _ENCODER.encode(self._payload(request)).encode()
         try:
             # never follow a redirect: it would carry the key (x-api-key survives a

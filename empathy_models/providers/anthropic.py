@@ -106,4 +106,5 @@ class AnthropicProvider(HTTPProvider):
             stop_reason=reader.optional_str(data, "stop_reason"),
             request_id=headers.get("request-id") or reader.optional_str(data, "id"),
             tool_calls=anthropic_tool_calls(reader, blocks, "response.content"),
+            response_id=reader.optional_str(data, "id"),
         )

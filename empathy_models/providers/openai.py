@@ -131,4 +131,5 @@ class OpenAIProvider(HTTPProvider):
             stop_reason=stop_reason,
             request_id=headers.get("x-request-id") or reader.optional_str(data, "id"),
             tool_calls=tool_calls,
+            response_id=reader.optional_str(data, "id"),
         )

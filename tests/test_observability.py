@@ -1,0 +1,704 @@
+"""
+OpenTelemetry traces and metrics (`empathy_models.observability`), through the public
+API: a real executor against `FakeLLMServer` on 127.0.0.1, the real HTTP providers and
+breaker, and the OpenTelemetry SDK's in-memory span exporter and metric reader.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio.lowlevel
+import attrs
+import pytest
+from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import SpanKind, StatusCode
+
+from empathy_models import (
+    AllRoutesFailedError,
+    BreakerPolicy,
+    ConfigurationError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    MemoryTelemetryBackend,
+    ModelInfo,
+    ModelRegistry,
+    RetryPolicy,
+)
+from empathy_models.breaker import CircuitBreaker
+from empathy_models.observability import DURATION_BUCKETS, TOKEN_BUCKETS
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.router import AdaptiveModelRouter
+from empathy_models.testing import FakeLLMServer
+
+KEY = "sk-ant-test-key-0123456789"
+
+REGISTRY = ModelRegistry(
+    models=[
+        ModelInfo(
+            id="claude-fake-haiku",
+            provider="anthropic",
+            tier="cheap",
+            input_price_per_mtok=0.8,
+            output_price_per_mtok=4.0,
+            context_window=200_000,
+            max_output_tokens=8192,
+        ),
+        ModelInfo(
+            id="gpt-fake-mini",
+            provider="openai",
+            tier="cheap",
+            input_price_per_mtok=1.0,
+            output_price_per_mtok=5.0,
+            context_window=128_000,
+            max_output_tokens=16384,
+        ),
+    ],
+    price_version="test-1",
+)
+CTX = ExecutionContext(workflow="support", stage="answer", tier="cheap", max_tokens=64)
+PROMPT = "Where is my parcel number 4711?"
+
+
+class RecordingSleep:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        await anyio.lowlevel.checkpoint()
+
+
+class Otel:
+    """An SDK tracer provider and meter provider that keep everything in memory."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+
+    def spans(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+    def span(self, name: str) -> ReadableSpan:
+        found = [s for s in self.spans() if s.name == name]
+        assert len(found) == 1, [s.name for s in self.spans()]
+        return found[0]
+
+    def points(self, metric: str) -> list[Any]:
+        data = self.reader.get_metrics_data()
+        out: list[Any] = []
+        if data is None:
+            return out
+        for resource in data.resource_metrics:
+            for scope in resource.scope_metrics:
+                for m in scope.metrics:
+                    if m.name == metric:
+                        out.extend(m.data.data_points)
+        return out
+
+    def close(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+@pytest.fixture
+def otel() -> Iterator[Otel]:
+    o = Otel()
+    yield o
+    o.close()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    async with FakeLLMServer(api_key=KEY, seed=7) as fake:
+        yield fake
+
+
+def make(server: FakeLLMServer, sdk: Otel | None, **options: Any) -> EmpathyLLMExecutor:
+    options.setdefault("retry", RetryPolicy(max_attempts=2, jitter=False))
+    options.setdefault("telemetry_store", MemoryTelemetryBackend())
+    if sdk is not None:
+        options.setdefault("tracer_provider", sdk.tracer_provider)
+        options.setdefault("meter_provider", sdk.meter_provider)
+    return EmpathyLLMExecutor(
+        [
+            AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+            OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+        ],
+        registry=REGISTRY,
+        **options,
+    )
+
+
+def traceparent_of(span: ReadableSpan) -> str:
+    ctx = span.get_span_context()
+    assert ctx is not None
+    assert ctx.trace_flags.sampled
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+
+
+def every_text(otel: Otel) -> list[str]:
+    """Every string and name OpenTelemetry received: attributes, events, statuses."""
+    out: list[str] = []
+
+    def add(attributes: Any) -> None:
+        for key, value in (attributes or {}).items():
+            out.append(key)
+            values = value if isinstance(value, tuple | list) else (value,)
+            out.extend(str(v) for v in values)
+
+    for span in otel.spans():
+        out.append(span.name)
+        add(span.attributes)
+        out.append(span.status.description or "")
+        for event in span.events:
+            out.append(event.name)
+            add(event.attributes)
+    data = otel.reader.get_metrics_data()
+    assert data is not None
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    add(point.attributes)
+    return out
+
+
+# --------------------------------------------------------------------------- traces
+
+
+async def test_a_run_with_a_retry_and_a_fallback_is_one_run_span_with_attempt_children(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.script("claude-fake-haiku", [503, 503])
+    sleep = RecordingSleep()
+    async with make(server, otel, sleep=sleep) as executor:
+        response = await executor.run(PROMPT, CTX)
+    assert response.model == "gpt-fake-mini"
+    assert sleep.delays == [1.0]
+
+    run = otel.span("run support/answer")
+    assert run.kind is SpanKind.INTERNAL
+    assert run.parent is None
+    attempts = sorted(
+        (s for s in otel.spans() if s.name.startswith("chat ")), key=lambda s: s.start_time or 0
+    )
+    assert [s.name for s in attempts] == [
+        "chat claude-fake-haiku",
+        "chat claude-fake-haiku",
+        "chat gpt-fake-mini",
+    ]
+    run_ctx = run.get_span_context()
+    assert run_ctx is not None
+    for span in attempts:
+        assert span.kind is SpanKind.CLIENT
+        assert span.parent is not None and span.parent.span_id == run_ctx.span_id
+        assert span.parent.trace_id == run_ctx.trace_id
+        assert span.attributes is not None
+        assert span.attributes["gen_ai.operation.name"] == "chat"
+        assert span.attributes["gen_ai.request.max_tokens"] == 64
+        assert span.attributes["server.address"] == "127.0.0.1"
+        assert span.attributes["server.port"] == int(server.url.rsplit(":", 1)[1].strip("/"))
+        assert "gen_ai.request.temperature" not in span.attributes  # not set, not sent
+
+    first, second, answer = attempts
+    for failed in (first, second):
+        assert failed.attributes is not None
+        assert failed.attributes["gen_ai.provider.name"] == "anthropic"
+        assert failed.attributes["error.type"] == "ServerError"
+        assert failed.attributes["http.response.status_code"] == 503
+        assert failed.status.status_code is StatusCode.ERROR
+    # the wait before the retry is an event of the attempt that failed
+    assert [(e.name, dict(e.attributes or {})) for e in first.events] == [
+        ("empathy_models.retry", {"empathy_models.retry.delay_s": 1.0})
+    ]
+    assert [e.name for e in second.events] == []
+
+    assert answer.attributes is not None
+    assert answer.status.status_code is StatusCode.UNSET
+    assert "error.type" not in answer.attributes
+    assert answer.attributes["gen_ai.provider.name"] == "openai"
+    assert answer.attributes["gen_ai.request.model"] == "gpt-fake-mini"
+    assert answer.attributes["gen_ai.response.model"] == response.response_model
+    assert str(answer.attributes["gen_ai.response.id"]).startswith("chatcmpl-")
+    assert answer.attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert answer.attributes["gen_ai.usage.input_tokens"] == response.input_tokens
+    assert answer.attributes["gen_ai.usage.output_tokens"] == response.output_tokens
+
+    assert run.attributes is not None
+    assert run.attributes["empathy_models.workflow"] == "support"
+    assert run.attributes["empathy_models.route.model"] == "claude-fake-haiku"
+    assert run.attributes["empathy_models.model"] == "gpt-fake-mini"
+    assert run.attributes["empathy_models.fallback_chain"] == (
+        "claude-fake-haiku",
+        "gpt-fake-mini",
+    )
+    assert run.attributes["empathy_models.attempts"] == 3
+    assert run.attributes["empathy_models.request_id"] == response.request_id
+    assert run.attributes["empathy_models.cost_usd"] == pytest.approx(response.cost_usd)
+    fallbacks = [e for e in run.events if e.name == "empathy_models.fallback"]
+    assert len(fallbacks) == 1
+    assert dict(fallbacks[0].attributes or {}) == {
+        "empathy_models.fallback.from": "claude-fake-haiku",
+        "empathy_models.fallback.to": "gpt-fake-mini",
+        "error.type": "ServerError",
+    }
+    # the request that answered carried the answering attempt's trace context
+    last = server.last_request("gpt-fake-mini")
+    assert last is not None
+    assert last.headers["traceparent"] == traceparent_of(answer)
+
+
+async def test_the_traceparent_a_request_carries_is_its_attempt_span(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    tracer = otel.tracer_provider.get_tracer("app")
+    async with make(server, otel) as executor:
+        with tracer.start_as_current_span("handle ticket") as parent:
+            await executor.run(PROMPT, CTX)
+    attempt = otel.span("chat claude-fake-haiku")
+    sent = server.last_request("claude-fake-haiku")
+    assert sent is not None
+    assert sent.headers["traceparent"] == traceparent_of(attempt)
+    # the run span joins the caller's trace
+    run = otel.span("run support/answer")
+    assert run.parent is not None
+    assert run.parent.span_id == parent.get_span_context().span_id
+    assert attempt.context is not None and run.context is not None
+    assert attempt.context.trace_id == run.context.trace_id == parent.get_span_context().trace_id
+
+
+async def test_without_instrumentation_no_trace_context_is_sent(server: FakeLLMServer) -> None:
+    async with make(server, None) as executor:
+        await executor.run(PROMPT, CTX)
+    sent = server.last_request("claude-fake-haiku")
+    assert sent is not None
+    assert "traceparent" not in {name.lower() for name in sent.headers}
+
+
+async def test_all_routes_failed_sets_error_status_and_error_type(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.set_outage("anthropic", action=503)
+    server.set_outage("openai", action=500)
+    async with make(server, otel, retry=RetryPolicy.none()) as executor:
+        with pytest.raises(AllRoutesFailedError):
+            await executor.run(PROMPT, CTX)
+    run = otel.span("run support/answer")
+    assert run.status.status_code is StatusCode.ERROR
+    assert run.status.description is not None
+    assert run.status.description.startswith("AllRoutesFailedError: all routes failed")
+    assert run.attributes is not None
+    assert run.attributes["error.type"] == "AllRoutesFailedError"
+    assert run.attributes["empathy_models.errors"] == ("ServerError", "ServerError")
+    for name in ("chat claude-fake-haiku", "chat gpt-fake-mini"):
+        span = otel.span(name)
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.attributes is not None and span.attributes["error.type"] == "ServerError"
+    durations = otel.points("gen_ai.client.operation.duration")
+    assert sorted(
+        (p.attributes["gen_ai.request.model"], p.attributes["error.type"], p.count)
+        for p in durations
+    ) == [("claude-fake-haiku", "ServerError", 1), ("gpt-fake-mini", "ServerError", 1)]
+
+
+async def test_a_breaker_trip_is_an_event_and_moves_the_state_gauge(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.script("claude-fake-haiku", [503])
+    breaker = CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1))
+    async with breaker, make(server, otel, breaker=breaker, retry=RetryPolicy.none()) as ex:
+        await ex.run(PROMPT, CTX)  # haiku fails once: its circuit opens; mini answers
+        gauge = {
+            p.attributes["empathy_models.breaker.key"]: p.value
+            for p in otel.points("empathy_models.breaker.state")
+        }
+        assert gauge["anthropic:claude-fake-haiku"] == 2  # open
+        assert gauge["openai:gpt-fake-mini"] == 0  # closed
+        otel.exporter.clear()
+        # pinned to haiku: its breaker rejects the call, mini answers
+        response = await ex.run(PROMPT, attrs.evolve(CTX, model="claude-fake-haiku"))
+    assert response.model == "gpt-fake-mini"
+    assert server.request_counts().get("claude-fake-haiku") == 1
+
+    transitions = otel.points("empathy_models.breaker.transitions")
+    assert [(dict(p.attributes), p.value) for p in transitions] == [
+        (
+            {
+                "empathy_models.breaker.key": "anthropic:claude-fake-haiku",
+                "empathy_models.breaker.from": "closed",
+                "empathy_models.breaker.to": "open",
+            },
+            1,
+        )
+    ]
+    run = otel.span("run support/answer")
+    rejected = [e for e in run.events if e.name == "empathy_models.breaker.rejected"]
+    assert len(rejected) == 1
+    assert rejected[0].attributes is not None
+    assert rejected[0].attributes["gen_ai.request.model"] == "claude-fake-haiku"
+    assert rejected[0].attributes["empathy_models.breaker.state"] == "open"
+    # a rejected route calls nothing: no attempt span for it
+    assert [s.name for s in otel.spans() if s.name.startswith("chat ")] == ["chat gpt-fake-mini"]
+
+
+async def test_the_trip_is_an_event_of_the_attempt_that_caused_it(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.script("claude-fake-haiku", [503])
+    breaker = CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1))
+    async with breaker, make(server, otel, breaker=breaker, retry=RetryPolicy.none()) as ex:
+        await ex.run(PROMPT, CTX)
+    failed = otel.span("chat claude-fake-haiku")
+    changed = [e for e in failed.events if e.name == "empathy_models.breaker.state_changed"]
+    assert len(changed) == 1
+    assert changed[0].attributes is not None
+    assert changed[0].attributes["empathy_models.breaker.to"] == "open"
+    assert changed[0].attributes["empathy_models.breaker.key"] == "anthropic:claude-fake-haiku"
+    # one admission event: through the provider's key and the model's, both closed
+    admitted = [e for e in failed.events if e.name == "empathy_models.breaker.admitted"]
+    assert len(admitted) == 1
+    assert dict(admitted[0].attributes or {}) == {
+        "empathy_models.breaker.key": ("anthropic", "anthropic:claude-fake-haiku"),
+        "empathy_models.breaker.state": ("closed", "closed"),
+        "empathy_models.breaker.probe": False,
+    }
+
+
+# --------------------------------------------------------------------------- content
+
+
+CONTENT_KEYS = ("gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions")
+
+
+async def test_no_content_is_recorded_unless_opted_in(server: FakeLLMServer, otel: Otel) -> None:
+    ctx = ExecutionContext(workflow="support", stage="answer", tier="cheap", system="Be brief.")
+    async with make(server, otel) as executor:
+        response = await executor.run(PROMPT, ctx)
+    texts = every_text(otel)
+    assert not any(key in texts for key in CONTENT_KEYS)
+    assert not any(PROMPT in t or "Be brief." in t for t in texts)
+    assert not any(response.content in t for t in texts)
+
+
+async def test_record_text_puts_the_messages_on_the_attempt_span(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    ctx = ExecutionContext(
+        workflow="support", stage="answer", tier="cheap", system="Be brief.", record_text=True
+    )
+    async with make(server, otel) as executor:
+        response = await executor.run(PROMPT, ctx)
+    attempt = otel.span("chat claude-fake-haiku")
+    assert attempt.attributes is not None
+    assert json.loads(str(attempt.attributes["gen_ai.input.messages"])) == [
+        {"role": "user", "parts": [{"type": "text", "content": PROMPT}]}
+    ]
+    assert json.loads(str(attempt.attributes["gen_ai.system_instructions"])) == [
+        {"type": "text", "content": "Be brief."}
+    ]
+    assert json.loads(str(attempt.attributes["gen_ai.output.messages"])) == [
+        {
+            "role": "assistant",
+            "parts": [{"type": "text", "content": response.content}],
+            "finish_reason": "end_turn",
+        }
+    ]
+
+
+async def test_the_capture_content_switch_records_content_for_every_run(
+    server: FakeLLMServer, otel: Otel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "true")
+    async with make(server, otel) as executor:
+        await executor.run(PROMPT, CTX)
+    attempt = otel.span("chat claude-fake-haiku")
+    assert attempt.attributes is not None
+    assert PROMPT in str(attempt.attributes["gen_ai.input.messages"])
+
+
+async def test_no_api_key_reaches_opentelemetry(server: FakeLLMServer, otel: Otel) -> None:
+    server.script("claude-fake-haiku", [401])
+    ctx = ExecutionContext(workflow="support", stage="answer", tier="cheap", record_text=True)
+    async with make(server, otel) as executor:
+        await executor.run(PROMPT, ctx)
+    texts = every_text(otel)
+    assert any("AuthenticationError" in t for t in texts)  # the failure is there ...
+    assert not any(KEY in t or KEY[:12] in t for t in texts)  # ... the key is not
+    assert not any(t.lower() in ("authorization", "x-api-key") for t in texts)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+async def test_genai_metrics_follow_the_conventions(
+    server: FakeLLMServer, otel: Otel, tmp_path: Path
+) -> None:
+    telemetry = MemoryTelemetryBackend()
+    router = AdaptiveModelRouter(REGISTRY, telemetry, seed=3, refresh_interval=None)
+    async with router, make(server, otel, telemetry_store=telemetry, router=router) as executor:
+        responses = [await executor.run(PROMPT, CTX) for _ in range(3)]
+
+    durations = otel.points("gen_ai.client.operation.duration")
+    assert sum(p.count for p in durations) == 3
+    for point in durations:
+        assert tuple(point.explicit_bounds) == DURATION_BUCKETS
+        assert point.attributes["gen_ai.operation.name"] == "chat"
+        assert point.attributes["server.address"] == "127.0.0.1"
+        assert "error.type" not in point.attributes
+    tokens = otel.points("gen_ai.client.token.usage")
+    assert tuple(tokens[0].explicit_bounds) == TOKEN_BUCKETS
+    by_type = {
+        kind: sum(p.sum for p in tokens if p.attributes["gen_ai.token.type"] == kind)
+        for kind in ("input", "output")
+    }
+    assert by_type == {
+        "input": sum(r.input_tokens for r in responses),
+        "output": sum(r.output_tokens for r in responses),
+    }
+    cost = otel.points("empathy_models.client.cost")
+    assert sum(p.value for p in cost) == pytest.approx(sum(r.cost_usd for r in responses))
+    picks = otel.points("empathy_models.router.picks")
+    assert sum(p.value for p in picks) == 3
+    explored = sum(
+        p.value for p in picks if p.attributes["empathy_models.router.exploration"] is True
+    )
+    assert explored == sum(
+        1 for r in responses if r.routing_decision is not None and r.routing_decision.exploration
+    )
+
+
+async def test_telemetry_queue_and_record_counters_are_reported(
+    server: FakeLLMServer, otel: Otel, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    async with make(server, otel, telemetry_store=url) as executor:
+        await executor.run(PROMPT, CTX)
+        depth = otel.points("empathy_models.telemetry.queue_depth")
+        assert len(depth) == 1 and depth[0].value >= 0
+        results = {
+            p.attributes["empathy_models.telemetry.result"]
+            for p in otel.points("empathy_models.telemetry.records")
+        }
+        assert {"failed", "spooled", "dropped"} <= results
+
+
+# --------------------------------------------------------------------------- switches
+
+
+async def test_a_failing_tracer_never_fails_a_run(
+    server: FakeLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken:
+        def get_tracer(self, *args: Any, **kwargs: Any) -> Any:
+            return self
+
+        def start_span(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("exporter on fire")
+
+    async with make(server, None, tracer_provider=Broken(), meter_provider=MeterProvider()) as ex:
+        response = await ex.run(PROMPT, CTX)
+    assert response.content
+    assert "OpenTelemetry instrumentation failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"otel": "yes"}, "otel must be True, False or None"),
+        ({"otel": False, "tracer_provider": TracerProvider()}, "otel=False"),
+        ({"tracer_provider": object()}, "tracer_provider must be an OpenTelemetry"),
+        ({"meter_provider": "prometheus"}, "meter_provider must be an OpenTelemetry"),
+    ],
+)
+def test_bad_switches_raise_configuration_error(
+    server: FakeLLMServer, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        make(server, None, **options)
+
+
+def test_a_bad_enable_variable_raises(
+    server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMPATHY_OTEL", "maybe")
+    with pytest.raises(ConfigurationError, match="EMPATHY_OTEL='maybe'"):
+        make(server, None)
+
+
+_SCRIPT = """
+import asyncio, os, sys
+from empathy_models import EmpathyLLMExecutor, ExecutionContext, NullTelemetryBackend
+from empathy_models.testing.fakes import FakeProvider
+
+async def main():
+    async with EmpathyLLMExecutor(
+        [FakeProvider(name="openai")], telemetry_store=NullTelemetryBackend()
+    ) as executor:
+        await executor.run("hi", ExecutionContext(tier="cheap"))
+    print(sorted(m for m in sys.modules if m.startswith("opentelemetry")))
+
+if os.environ.get("SETUP_GLOBAL"):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+asyncio.run(main())
+if os.environ.get("SETUP_GLOBAL"):
+    print([s.name for s in exporter.get_finished_spans()])
+"""
+
+
+def _script(**env: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_SCRIPT)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, **env},
+    )
+    return out.stdout.strip().splitlines()
+
+
+def test_off_by_default_opentelemetry_is_not_even_imported() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "EMPATHY_OTEL"}
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_SCRIPT)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    ).stdout.strip()
+    assert out == "[]"
+
+
+def test_the_environment_switch_uses_the_global_providers() -> None:
+    names = ast.literal_eval(_script(EMPATHY_OTEL="1", SETUP_GLOBAL="1")[-1])
+    assert len(names) == 2
+    assert names[1] == "run default/default"
+    assert names[0].startswith("chat ")  # the attempt ends first
+
+
+# --------------------------------------------------------------------------- edges
+
+
+async def test_a_cancelled_call_ends_its_spans_with_cancelled_error(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.script("claude-fake-haiku", ["hang"])
+    async with make(server, otel) as executor:
+        task = asyncio.create_task(executor.run(PROMPT, CTX))
+        await server.wait_for_requests(1, model="claude-fake-haiku")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    attempt = otel.span("chat claude-fake-haiku")
+    assert attempt.attributes is not None
+    assert attempt.attributes["error.type"] == "CancelledError"
+    assert attempt.status.status_code is StatusCode.ERROR
+    run = otel.span("run support/answer")
+    assert run.attributes is not None and run.attributes["error.type"] == "CancelledError"
+
+
+async def test_a_sampled_out_run_still_propagates_its_trace_context_and_counts(
+    server: FakeLLMServer,
+) -> None:
+    sdk = Otel()
+    sdk.tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
+    sdk.tracer_provider.add_span_processor(SimpleSpanProcessor(sdk.exporter))
+    try:
+        async with make(server, sdk) as executor:
+            await executor.run(PROMPT, CTX)
+        assert sdk.spans() == []
+        sent = server.last_request("claude-fake-haiku")
+        assert sent is not None
+        version, trace_id, span_id, flags = sent.headers["traceparent"].split("-")
+        assert version == "00"
+        assert int(flags, 16) & 1 == 0  # valid ids, not sampled
+        assert int(trace_id, 16) and int(span_id, 16)
+        assert sum(p.count for p in sdk.points("gen_ai.client.operation.duration")) == 1
+    finally:
+        sdk.close()
+
+
+class _HeaderPropagator(TextMapPropagator):
+    """A propagator of the application's own (as B3 or Jaeger would be)."""
+
+    def extract(self, carrier: Any, context: Any = None, getter: Any = None) -> Any:
+        return context
+
+    def inject(self, carrier: Any, context: Any = None, setter: Any = None) -> None:
+        span = trace.get_current_span(context)
+        carrier["x-app-trace"] = f"{span.get_span_context().span_id:016x}"
+
+    @property
+    def fields(self) -> set[str]:
+        return {"x-app-trace"}
+
+
+async def test_the_configured_propagator_writes_the_headers(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    before = propagate.get_global_textmap()
+    propagate.set_global_textmap(_HeaderPropagator())
+    try:
+        async with make(server, otel) as executor:
+            await executor.run(PROMPT, CTX)
+    finally:
+        propagate.set_global_textmap(before)
+    sent = server.last_request("claude-fake-haiku")
+    assert sent is not None
+    attempt = otel.span("chat claude-fake-haiku")
+    assert attempt.context is not None
+    assert sent.headers["x-app-trace"] == f"{attempt.context.span_id:016x}"
+    assert "traceparent" not in sent.headers
+
+
+async def test_a_breaker_shared_by_two_executors_is_counted_once(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.script("claude-fake-haiku", [503])
+    breaker = CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1))
+    options: dict[str, Any] = {"breaker": breaker, "retry": RetryPolicy.none()}
+    async with breaker, make(server, otel, **options) as one, make(server, otel, **options):
+        await one.run(PROMPT, CTX)
+    transitions = otel.points("empathy_models.breaker.transitions")
+    assert sum(p.value for p in transitions) == 1
+
+
+def test_an_instrumented_executor_is_freed_without_the_cycle_collector(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    gc.disable()
+    try:
+        executor = make(server, otel)
+        ref = weakref.ref(executor)
+        del executor
+        assert ref() is None
+    finally:
+        gc.enable()
