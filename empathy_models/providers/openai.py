@@ -11,6 +11,7 @@ import aiohttp
 from ..abc import Completion, CompletionRequest
 from ..exceptions import ConfigurationError
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
+from ._sse import OpenAIStreamDecoder
 
 __all__ = ["OpenAIProvider"]
 
@@ -78,6 +79,8 @@ class OpenAIProvider(HTTPProvider):
             official = urlsplit(self.base_url).hostname == "api.openai.com"
             max_tokens_field = "max_completion_tokens" if official else "max_tokens"
         self.max_tokens_field = max_tokens_field
+
+    _stream_decoder = OpenAIStreamDecoder
 
     def _endpoint(self) -> str:
         return "/chat/completions"

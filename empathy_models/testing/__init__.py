@@ -10,6 +10,7 @@ from .fake_server import (
     Latency as Latency,
     ModelBehavior as ModelBehavior,
     RecordedRequest as RecordedRequest,
+    StreamBehavior as StreamBehavior,
 )
 from .fakes import FakeProvider as FakeProvider
 
@@ -21,4 +22,5 @@ __all__ = [
     "Latency",
     "ModelBehavior",
     "RecordedRequest",
+    "StreamBehavior",
 ]

@@ -15,8 +15,9 @@ OpenAI Chat Completions wire formats, with scripted faults per model.
         ...
         assert server.requests("claude-haiku-4-5") == 3
 
-Endpoints: ``POST /v1/messages`` (Anthropic: ``x-api-key`` and ``anthropic-version``
-headers) and ``POST /v1/chat/completions`` (OpenAI: ``Authorization: Bearer``).
+Endpoints: ``POST /v1/messages`` (Anthropic: ``x-api-key`` or ``Authorization: Bearer``,
+and ``anthropic-version`` headers) and ``POST /v1/chat/completions`` (OpenAI:
+``Authorization: Bearer``).
 Requests are validated as the real APIs do (missing fields -> 400, missing or wrong key
 -> 401, unknown model -> 404 when no default behaviour is set) and errors come back in
 each API's own body shape.  Usage is estimated: input tokens ``len(text) // 4 + 1``,
@@ -62,6 +63,7 @@ from aiohttp import web
 from attrs import field, frozen
 
 from ..exceptions import ConfigurationError, RecordValidationError
+from ._fake_stream import StreamBehavior, serve_stream
 
 __all__ = [
     "Action",
@@ -70,6 +72,7 @@ __all__ = [
     "Latency",
     "ModelBehavior",
     "RecordedRequest",
+    "StreamBehavior",
     "estimate_tokens",
 ]
 
@@ -237,7 +240,8 @@ class ModelBehavior:
     with 429, 503 and 529.  ``output_tokens`` is a count or a uniform ``(low, high)``
     range, capped by the request's max tokens.  ``content`` is the reply text (default:
     a short line naming the model).  ``context_window``, when set, makes prompts that do
-    not fit fail with each API's context-length error.
+    not fit fail with each API's context-length error.  ``stream`` (a `StreamBehavior`)
+    sets the chunk timing and a fault after N chunks for requests with ``"stream": true``.
     """
 
     latency: Latency = field(default=Latency("fixed", 0.0), converter=_to_latency)
@@ -247,6 +251,10 @@ class ModelBehavior:
     output_tokens: tuple[int, int] = field(default=(16, 16), converter=_to_token_range)
     content: str | None = None
     context_window: int | None = field(default=None, validator=_opt_positive_int)
+    stream: StreamBehavior | None = field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.instance_of(StreamBehavior)),
+    )
 
     @classmethod
     def always(cls, action: Action, **changes: Any) -> ModelBehavior:
@@ -264,6 +272,12 @@ class RecordedRequest:
     headers: Mapping[str, str]
 
 
+# a body fault asked of a streamed request becomes the stream's fault, at its start
+_STREAMED_FAULTS: Final = {
+    "malformed": "malformed",
+    "incomplete": "incomplete",
+    "truncated": "reset",
+}
 _SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
 _DEFAULT_BEHAVIOR = ModelBehavior()
 
@@ -587,6 +601,10 @@ class FakeLLMServer(_Controls):
         try:
             key = request.headers.get("x-api-key")
             if not key:
+                # the official SDK may send the key as a bearer token instead
+                scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+                key = bearer.strip() if scheme.lower() == "bearer" else ""
+            if not key:
                 raise _Reject(self._error(_ANTHROPIC, 401, "x-api-key header is required"))
             self._check_key(_ANTHROPIC, key)
             if not request.headers.get("anthropic-version"):
@@ -749,9 +767,25 @@ class FakeLLMServer(_Controls):
             await asyncio.sleep(delay_ms / 1000)
 
         action = self._action(model, api, behavior, rng)
-        if action == "ok":
+        streamed = body.get("stream") is True
+        if action == "ok" or (streamed and action in _STREAMED_FAULTS):
             out, truncated = self._output_tokens(behavior, rng, max_tokens)
             content = behavior.content if behavior.content is not None else f"Reply from {model}."
+            if streamed:  # Server-Sent Events, never a plain JSON body
+                return await serve_stream(
+                    request,
+                    api=api,
+                    model=model,
+                    number=next(self._ids),
+                    body=body,
+                    content=content,
+                    input_tokens=input_tokens,
+                    output_tokens=out,
+                    truncated=truncated,
+                    behavior=behavior.stream,
+                    closing=self._closing,
+                    fault=_STREAMED_FAULTS.get(str(action)),
+                )
             return _json(self._success(api, model, content, input_tokens, out, truncated))
         return await self._fault(api, request, model, behavior, action, input_tokens, max_tokens)
 
