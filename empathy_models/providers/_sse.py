@@ -67,12 +67,22 @@ class SSEDecoder:
     it), as does a line that is not UTF-8.
     """
 
-    __slots__ = ("_buffer", "_data", "_event", "_limit", "_model", "_provider", "_size")
+    __slots__ = (
+        "_buffer",
+        "_data",
+        "_deferred",
+        "_event",
+        "_limit",
+        "_model",
+        "_provider",
+        "_size",
+    )
 
     def __init__(
         self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, provider: str = "", model: str = ""
     ) -> None:
         self._buffer = b""
+        self._deferred: InvalidResponseError | None = None
         self._event: str | None = None
         self._data: list[str] | None = None
         self._size = 0
@@ -94,9 +104,25 @@ class SSEDecoder:
         return bool(self._buffer) or self._data is not None
 
     def feed(self, chunk: bytes) -> list[tuple[str, str]]:
-        """The events completed by ``chunk`` (possibly none), in order."""
-        buffer = self._buffer + chunk if self._buffer else chunk
+        """
+        The events completed by ``chunk`` (possibly none), in order.  A flaw raises
+        `InvalidResponseError`, after the events completed before it (those are
+        returned, and the error is raised by the next call).
+        """
+        deferred = self._deferred
+        if deferred is not None:
+            raise deferred
         events: list[tuple[str, str]] = []
+        try:
+            return self._feed(chunk, events)
+        except InvalidResponseError as exc:
+            if not events:
+                raise
+            self._deferred = exc
+            return events
+
+    def _feed(self, chunk: bytes, events: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        buffer = self._buffer + chunk if self._buffer else chunk
         start = 0
         find = buffer.find
         while (end := find(b"\n", start)) >= 0:
@@ -148,15 +174,17 @@ class StreamDecoder:
     """
     A wire format's streamed answer, decoded as it arrives.
 
-    `feed` returns the non-empty text deltas completed by a piece of the body; the
-    decoder keeps ``input_tokens`` / ``output_tokens`` (None until reported),
-    ``stop_reason``, ``response_id`` and ``finished`` (the format's end marker seen).
+    `feed` returns the non-empty text deltas completed by a piece of the body (a
+    failure after some of them waits in ``error``); the decoder keeps ``input_tokens``
+    / ``output_tokens`` (None until reported), ``stop_reason``, ``response_id`` and
+    ``finished`` (the format's end marker seen).
     """
 
     __slots__ = (
         "_model",
         "_provider",
         "_sse",
+        "error",
         "finished",
         "input_tokens",
         "output_tokens",
@@ -177,6 +205,7 @@ class StreamDecoder:
         self.stop_reason: str | None = None
         self.response_id: str | None = None
         self.finished = False
+        self.error: ProviderError | None = None
 
     @staticmethod
     def prepare(payload: dict[str, Any]) -> dict[str, Any]:
@@ -185,9 +214,20 @@ class StreamDecoder:
         return payload
 
     def feed(self, chunk: bytes) -> list[str]:
+        """
+        The text deltas completed by ``chunk``.  A failure (an ``error`` event, a
+        malformed event) raises at once when no delta came before it in ``chunk``;
+        otherwise those deltas are returned and the failure is kept in ``error``, for the
+        reader to raise once it has delivered them.
+        """
         out: list[str] = []
-        for event, data in self._sse.feed(chunk):
-            self._event(event, data, out)
+        try:
+            for event, data in self._sse.feed(chunk):
+                self._event(event, data, out)
+        except ProviderError as exc:
+            if not out:
+                raise
+            self.error = exc
         return out
 
     def _event(self, event: str, data: str, out: list[str]) -> None:

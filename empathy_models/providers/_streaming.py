@@ -221,6 +221,10 @@ class HTTPCompletionStream(CompletionStream):
                 if self._failed is not None:
                     raise self._failed
                 raise StopAsyncIteration
+            failure = self._decoder.error
+            if failure is not None:  # it came after deltas now delivered
+                self._fail(failure)
+                raise failure
             try:
                 chunk = await self._read()
             except _TRANSPORT_ERRORS as exc:
