@@ -65,7 +65,14 @@ from .records import Outcome, Ticket
 if TYPE_CHECKING:
     import asyncio
 
-    from .executor import EmpathyLLMExecutor, ExecutionContext, LLMResponse, Prompt, _Run
+    from .executor import (
+        AttemptSummary,
+        EmpathyLLMExecutor,
+        ExecutionContext,
+        LLMResponse,
+        Prompt,
+        _Run,
+    )
     from .registry import ModelInfo
 
 __all__ = ["LLMStream", "StreamManager"]
@@ -131,8 +138,9 @@ class LLMStream:
     `get_final_response` returns the `LLMResponse` (reading what is left first).
 
     ``text`` is the text delivered so far; ``model`` / ``provider`` name the model
-    answering; ``response`` is the `LLMResponse` once the stream has finished (None
-    before).  Use it only inside the ``async with`` block that produced it.
+    answering; ``attempts`` lists the attempts so far; ``response`` is the
+    `LLMResponse` once the stream has finished (None before).  Use it only inside the
+    ``async with`` block that produced it.
     """
 
     __slots__ = (
@@ -205,6 +213,16 @@ class LLMStream:
     def provider(self) -> str | None:
         """The provider of the model answering (None before entering)."""
         return None if self._info is None else self._info.provider
+
+    @property
+    def attempts(self) -> tuple[AttemptSummary, ...]:
+        """Every attempt so far, the streaming one included once it has ended."""
+        return tuple(self._run.attempts)
+
+    @property
+    def request_id(self) -> str:
+        """The run's id, shared by all its records."""
+        return self._run.request_id
 
     @property
     def response(self) -> LLMResponse | None:

@@ -111,12 +111,12 @@ def test_error_events_map_like_their_status() -> None:
             b'"message":"Overloaded"}}\n\n'
         )
     assert caught.value.status is None  # the HTTP status was 200
-    decoder = OpenAIStreamDecoder(provider="openai", model="gpt")
     with pytest.raises(ServerError):
-        decoder.feed(b'data: {"error":{"message":"boom","type":"server_error"}}\n\n')
-    decoder = OpenAIStreamDecoder(provider="openai", model="gpt")
+        OpenAIStreamDecoder(provider="openai", model="gpt").feed(
+            b'data: {"error":{"message":"boom","type":"server_error"}}\n\n'
+        )
     with pytest.raises(InvalidResponseError, match="not JSON"):
-        decoder.feed(b"data: {nope\n\n")
+        OpenAIStreamDecoder(provider="openai", model="gpt").feed(b"data: {nope\n\n")
 
 
 def test_a_failure_after_deltas_in_one_piece_waits_until_they_are_read() -> None:
@@ -215,25 +215,22 @@ async def test_the_fakes_anthropic_stream_matches_the_recorded_sample() -> None:
 
 @pytest.mark.parametrize("action", ["ok", "malformed", "incomplete", "truncated"])
 async def test_a_streamed_request_never_gets_a_plain_json_body(action: str) -> None:
-    async with FakeLLMServer({"gpt-4o": ModelBehavior.always(action)}, api_key=KEY) as server:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                server.openai_base_url + "/chat/completions",
-                json={
-                    "model": "gpt-4o",
-                    "messages": [{"role": "user", "content": "hi"}],
-                    "stream": True,
-                },
-                headers={"Authorization": f"Bearer {KEY}"},
-            ) as response,
-        ):
-            assert response.status == 200
-            assert response.content_type == "text/event-stream"
-            try:
-                await response.read()
-            except aiohttp.ClientPayloadError:
-                assert action == "truncated"  # the connection was dropped mid-stream
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with (
+        FakeLLMServer({"gpt-4o": ModelBehavior.always(action)}, api_key=KEY) as server,
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.openai_base_url + "/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as response,
+    ):
+        assert response.status == 200
+        assert response.content_type == "text/event-stream"
+        try:
+            await response.read()
+        except aiohttp.ClientPayloadError:
+            assert action == "truncated"  # the connection was dropped mid-stream
 
 
 # --------------------------------------------------------------------------- the official SDKs
@@ -360,7 +357,7 @@ async def test_an_error_event_mid_stream_raises_after_the_deltas_before_it(
             deltas: list[str] = []
             with pytest.raises(error):
                 async for delta in stream:
-                    deltas.append(delta)
+                    deltas.append(delta)  # noqa: PERF401 - keeps the deltas before the error
             assert not stream.finished
     assert "".join(deltas) == "The quick brown"
 
@@ -369,12 +366,13 @@ async def test_an_error_event_mid_stream_raises_after_the_deltas_before_it(
 async def test_a_broken_stream_raises_a_provider_error(fault: str) -> None:
     behavior = ModelBehavior(content=TEXT, stream=StreamBehavior(fault_after=2, fault=fault))  # type: ignore[arg-type]
     async with FakeLLMServer({"m": behavior}, api_key=KEY) as server:
-        async with AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url) as provider:
+        provider = AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
+        async with provider:
             stream = await provider.stream(request("m"))
             deltas: list[str] = []
             with pytest.raises(ProviderError) as caught:
                 async for delta in stream:
-                    deltas.append(delta)
+                    deltas.append(delta)  # noqa: PERF401 - keeps the deltas before the error
     assert deltas == ["The", " quick"]
     assert type(caught.value).__name__ in {"InvalidResponseError", "ProviderConnectionError"}
 
@@ -382,7 +380,8 @@ async def test_a_broken_stream_raises_a_provider_error(fault: str) -> None:
 async def test_a_stall_raises_the_idle_timeout() -> None:
     behavior = ModelBehavior(content=TEXT, stream=StreamBehavior(fault_after=1, fault="hang"))
     async with FakeLLMServer({"m": behavior}, api_key=KEY) as server:
-        async with OpenAIProvider(api_key=KEY, base_url=server.openai_base_url) as provider:
+        provider = OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
+        async with provider:
             stream = await provider.stream(request("m"), idle_timeout=0.2)
             assert await stream.__anext__() == "The"
             with pytest.raises(ProviderTimeoutError, match="idle timeout"):

@@ -283,13 +283,16 @@ class HTTPCompletionStream(CompletionStream):
 
     def completion(self) -> Completion:
         decoder = self._decoder
+        output = decoder.output_tokens
+        if not decoder.finished:
+            # until the end, a reported count may be a placeholder (Anthropic's
+            # message_start says 1): count at least one token per delta seen
+            output = max(output or 0, self._deltas)
         return Completion(
             content="".join(self._parts),
             model=self._model,
             input_tokens=decoder.input_tokens or 0,
-            output_tokens=(
-                decoder.output_tokens if decoder.output_tokens is not None else self._deltas
-            ),
+            output_tokens=output or 0,
             stop_reason=decoder.stop_reason,
             request_id=self._request_id or decoder.response_id,
         )
