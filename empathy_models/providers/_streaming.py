@@ -68,6 +68,24 @@ def _stream_headers(provider: HTTPProvider) -> dict[str, str]:
 def _client_timeout(
     provider: HTTPProvider, idle: float | None, total: float | None
 ) -> aiohttp.ClientTimeout:
+    if total is None:  # the common case (no deadline): one object per idle timeout
+        cache: dict[float | None, aiohttp.ClientTimeout] | None = getattr(
+            provider, "_sse_timeouts", None
+        )
+        if cache is None:
+            cache = provider._sse_timeouts = {}  # type: ignore[attr-defined]
+        cached = cache.get(idle)
+        if cached is None:
+            if len(cache) > 64:
+                cache.clear()
+            cached = cache[idle] = _new_client_timeout(provider, idle, None)
+        return cached
+    return _new_client_timeout(provider, idle, total)
+
+
+def _new_client_timeout(
+    provider: HTTPProvider, idle: float | None, total: float | None
+) -> aiohttp.ClientTimeout:
     own = provider._timeout
     return aiohttp.ClientTimeout(
         total=total,
