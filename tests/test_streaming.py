@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import os
+import sys
 import warnings
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -33,6 +37,7 @@ from empathy_models import (
     ProviderTimeoutError,
     RetryPolicy,
     ServerError,
+    SQLiteTelemetryBackend,
     StreamInterruptedError,
 )
 from empathy_models.breaker import CircuitBreaker
@@ -151,6 +156,8 @@ async def test_a_stream_yields_the_deltas_then_the_response_with_usage_and_ttft(
     assert record.ttft_ms is not None and 0 < record.ttft_ms <= record.latency_ms
     assert record.output_tokens == 8 and record.cost_usd == response.cost_usd
     assert record.call_id == response.attempts[0].call_id
+    (performance,) = await telemetry.aggregate()
+    assert performance.ttft_p50_ms == performance.ttft_p95_ms == record.ttft_ms
 
 
 async def test_get_final_response_reads_what_is_left(
@@ -457,3 +464,34 @@ async def test_two_hundred_concurrent_streams_leave_one_record_per_attempt(
     assert len(sent) == server.requests("claude-fake-haiku") + server.requests("gpt-fake-mini")
     with warnings.catch_warnings():
         gc.collect()
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+async def test_streamed_ttft_is_aggregated_by_sqlite_and_shown_by_the_cli(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "calls.db"
+    executor = EmpathyLLMExecutor(
+        [AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)],
+        registry=REGISTRY,
+        telemetry_store=f"sqlite:///{db}",
+    )
+    async with executor:
+        for _ in range(5):
+            async with executor.stream("hi", CHEAP) as stream:
+                await stream.get_final_response()
+        await executor.run("hi", CHEAP)  # not streamed: no ttft, not in the percentiles
+    async with SQLiteTelemetryBackend(db) as backend:
+        records = await backend.recent(limit=10)
+        ttfts = sorted(r.ttft_ms for r in records if r.ttft_ms is not None)
+        (performance,) = await backend.aggregate()
+    assert len(ttfts) == 5
+    assert (performance.ttft_p50_ms, performance.ttft_p95_ms) == (ttfts[2], ttfts[4])
+    env = {**os.environ, "EMPATHY_HOME": str(tmp_path / "home")}
+    command = [sys.executable, "-m", "empathy_models", "telemetry", "summary", "--db", str(db)]
+    shown = (await anyio.run_process(command, env=env)).stdout.decode()
+    assert "TTFT p50 ms" in shown and f"{ttfts[2]:.1f}" in shown
+    data = json.loads((await anyio.run_process([*command, "--json"], env=env)).stdout)
+    assert data["models"][0]["ttft_p95_ms"] == ttfts[4]
