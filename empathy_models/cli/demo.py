@@ -5,11 +5,12 @@ A `FakeLLMServer` on 127.0.0.1 serves seven real model ids in both wire formats
 (Anthropic Messages and OpenAI Chat Completions), each with its own latency and
 failure rate.  A few thousand calls from four workflow stages (one streamed through
 ``executor.stream()``) go through `EmpathyLLMExecutor` with an `AdaptiveModelRouter`,
-a `CircuitBreaker` and SQLite telemetry.  A third of the way in, every OpenAI-format model goes down (503) and comes
-back later.  The summary shows, per workflow and stage, which models the router chose
-with their success rates and Wilson bounds, p50/p95 latencies, the cost against an
-always-premium baseline priced from the registry for the same tokens, and every
-breaker transition the listener saw.
+a `CircuitBreaker` and SQLite telemetry.  A third of the way in, every OpenAI-format
+model goes down (503) and comes back later.  The summary shows, per workflow and
+stage, which models the router chose with their success rates and Wilson bounds,
+p50/p95 latencies (and the streamed stage's time to first token), the cost against an
+always-premium baseline priced from the registry for the same tokens, and every breaker
+transition the listener saw.
 """
 
 from __future__ import annotations
