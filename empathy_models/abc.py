@@ -613,15 +613,16 @@ class _CompletedStream(CompletionStream):
     def __init__(self, completion: Completion) -> None:
         self._completion = completion
         self._sent = not completion.content
+        self._closed = False
 
     async def __anext__(self) -> str:
-        if self._sent:
+        if self._sent or self._closed:
             raise StopAsyncIteration
         self._sent = True
         return self._completion.content
 
     async def aclose(self) -> None:
-        self._sent = True
+        self._closed = True
 
     @property
     def finished(self) -> bool:

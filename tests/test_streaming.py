@@ -495,3 +495,18 @@ async def test_streamed_ttft_is_aggregated_by_sqlite_and_shown_by_the_cli(
     assert "TTFT p50 ms" in shown and f"{ttfts[2]:.1f}" in shown
     data = json.loads((await anyio.run_process([*command, "--json"], env=env)).stdout)
     assert data["models"][0]["ttft_p95_ms"] == ttfts[4]
+
+
+async def test_a_provider_that_cannot_stream_gives_its_whole_answer_as_one_delta() -> None:
+    from empathy_models.testing import FakeProvider
+
+    async with (
+        EmpathyLLMExecutor(
+            [FakeProvider(name="openai")], telemetry_store=MemoryTelemetryBackend()
+        ) as executor,
+        executor.stream("hi", ExecutionContext(tier="cheap")) as stream,
+    ):
+        deltas = [delta async for delta in stream]
+        response = await stream.get_final_response()
+    assert len(deltas) == 1 and deltas[0] == response.content != ""
+    assert response.ttft_ms is not None

@@ -14,6 +14,7 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from aiohttp import web
 
 from empathy_models import (
     CompletionRequest,
@@ -386,3 +387,33 @@ async def test_a_stall_raises_the_idle_timeout() -> None:
             assert await stream.__anext__() == "The"
             with pytest.raises(ProviderTimeoutError, match="idle timeout"):
                 await stream.__anext__()
+
+
+async def test_a_key_echoed_in_an_error_event_is_scrubbed() -> None:
+    secret = "tok-0123456789-very-secret"
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        error = {"type": "error", "error": {"type": "api_error", "message": f"bad {secret}"}}
+        await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        provider = AnthropicProvider(api_key=secret, base_url=f"http://{host}:{port}")
+        async with provider:
+            with pytest.raises(ServerError) as caught:
+                stream = await provider.stream(request("m"))
+                await stream.__anext__()
+    finally:
+        await runner.cleanup()
+    assert secret not in str(caught.value)
+    assert "***" in str(caught.value)

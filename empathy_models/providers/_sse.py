@@ -183,6 +183,7 @@ class StreamDecoder:
     __slots__ = (
         "_model",
         "_provider",
+        "_secret",
         "_sse",
         "error",
         "finished",
@@ -195,9 +196,15 @@ class StreamDecoder:
     api: ClassVar[str] = ""
 
     def __init__(
-        self, *, provider: str, model: str, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+        self,
+        *,
+        provider: str,
+        model: str,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        secret: Any = None,
     ) -> None:
         self._sse = SSEDecoder(max_event_bytes=max_event_bytes, provider=provider, model=model)
+        self._secret = secret  # the provider's key wrapper: scrubbed from every message
         self._provider = provider
         self._model = model
         self.input_tokens: int | None = None
@@ -243,8 +250,11 @@ class StreamDecoder:
         return value
 
     def _invalid(self, why: str) -> InvalidResponseError:
+        from ._http import _scrub  # _http imports this module
+
         return InvalidResponseError(
-            f"{self._provider}: invalid event stream: {why} [model {self._model}]",
+            f"{self._provider}: invalid event stream: {_scrub(why, self._secret)} "
+            f"[model {self._model}]",
             provider=self._provider,
             model=self._model,
             status=200,
@@ -265,7 +275,7 @@ class StreamDecoder:
         return type(mapped)(
             _scrub(
                 f"{self._provider}: error event in the stream ({label}): {message or 'no message'}",
-                None,
+                self._secret,
             )
             + f" [model {self._model}]",
             provider=self._provider,

@@ -143,7 +143,8 @@ async def open_http_stream(
             reader = ResponseReader(provider=name, model=model, status=status, secret=secret)
             completion = provider._parse(reader, reader.decode(body), request, response.headers)
             return _WholeBody(completion)
-        decoder = decoder_class(provider=name, model=model)
+        secret = provider._secret if provider._secret is not None else provider._header_secret
+        decoder = decoder_class(provider=name, model=model, secret=secret)
         return HTTPCompletionStream(
             response,
             decoder,
