@@ -138,6 +138,8 @@ from .tasks import get_tier_for_task, is_known_task, normalize_task_type
 if TYPE_CHECKING:
     from .streaming import StreamManager
 
+_open_stream: Callable[..., StreamManager] | None = None  # streaming.py, imported on first use
+
 __all__ = [
     "AttemptSummary",
     "EmpathyLLMExecutor",
@@ -1544,9 +1546,13 @@ class EmpathyLLMExecutor:
         bounds the first byte and each gap between chunks.  Bad input raises
         `ConfigurationError` here, before anything is sent.
         """
-        from .streaming import open_stream
+        global _open_stream
+        opener = _open_stream
+        if opener is None:
+            from .streaming import open_stream
 
-        return open_stream(self, prompt, context)
+            opener = _open_stream = open_stream
+        return opener(self, prompt, context)
 
     def _response(
         self, run: _Run, info: ModelInfo, completion: Completion, start: float, cost: float

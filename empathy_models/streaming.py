@@ -59,20 +59,21 @@ from .exceptions import (
     ProviderTimeoutError,
     StreamInterruptedError,
 )
+from .executor import (
+    _DEFAULT_CONTEXT,
+    ExecutionContext,
+    _DeadlineExceeded,
+    _new_response,
+    _Run,
+    _to_messages,
+)
 from .outcomes import classify_error, retry_after_of
 from .records import Outcome, Ticket
 
 if TYPE_CHECKING:
     import asyncio
 
-    from .executor import (
-        AttemptSummary,
-        EmpathyLLMExecutor,
-        ExecutionContext,
-        LLMResponse,
-        Prompt,
-        _Run,
-    )
+    from .executor import AttemptSummary, EmpathyLLMExecutor, LLMResponse, Prompt
     from .registry import ModelInfo
 
 __all__ = ["LLMStream", "StreamManager"]
@@ -282,8 +283,6 @@ class LLMStream:
 
     async def _open(self) -> None:
         """Try the routes, as `run` does, until one streams its first delta."""
-        from .executor import _DeadlineExceeded
-
         if self._state != "new":
             raise RuntimeError("an LLMStream can be entered only once")
         self._state = "opening"
@@ -349,8 +348,6 @@ class LLMStream:
         Try one route with retries, up to the first delta.  Returns (provider called,
         opened, overflowed); raises as `EmpathyLLMExecutor._route` does.
         """
-        from .executor import _DeadlineExceeded
-
         ex = self._ex
         run = self._run
         deadline_at = self._deadline_at
@@ -621,8 +618,6 @@ class LLMStream:
         if outcome is not Outcome.SUCCESS:
             return None
         run.attempts_cost = record.cost_usd
-        from .executor import _new_response
-
         return _new_response(
             content=completion.content,
             model=info.id,
@@ -711,8 +706,6 @@ def open_stream(
     executor: EmpathyLLMExecutor, prompt: Prompt, context: ExecutionContext | None
 ) -> StreamManager:
     """`EmpathyLLMExecutor.stream`'s body (see there)."""
-    from .executor import _DEFAULT_CONTEXT, ExecutionContext, _Run, _to_messages
-
     executor._check_open()
     ctx = _DEFAULT_CONTEXT if context is None else context
     if not isinstance(ctx, ExecutionContext):
