@@ -130,6 +130,7 @@ from .router import (
     TierRecommendation as TierRecommendation,
 )
 from .routing.reports import ModelStats as ModelStats
+from .streaming import LLMStream as LLMStream
 from .tasks import (
     TaskType as TaskType,
     get_tier_for_task as get_tier_for_task,
@@ -179,6 +180,7 @@ __all__ = [
     "InvalidResponseError",
     "LLMCallRecord",
     "LLMResponse",
+    "LLMStream",
     "LinesOfCodeReport",
     "MemoryStateStore",
     "MemoryTelemetryBackend",
