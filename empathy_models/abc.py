@@ -11,7 +11,7 @@ on exit, and ``aclose()`` is idempotent.  Using a closed backend raises
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Self, TypeVar
@@ -20,6 +20,23 @@ import attrs
 from attrs import field, frozen
 
 from . import circuit
+from .content import (
+    ContentBlock,
+    ImageBlock,
+    ResponseFormat,
+    TextBlock,
+    Tool,
+    ToolCall,
+    ToolResult,
+    check_options,
+    text_of,
+    to_blocks,
+    to_extra_body,
+    to_response_format,
+    to_stop,
+    to_tools,
+    tool_call_of,
+)
 from .evidence import EvidenceBatch
 from .exceptions import BackendClosedError, ConfigurationError, RecordValidationError
 from .records import (
@@ -365,11 +382,18 @@ def _non_empty(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
         )
 
 
-Role = Literal["system", "user", "assistant"]
-"""The roles a `Message` may have (tool roles and content blocks are not supported yet)."""
+Role = Literal["system", "user", "assistant", "tool"]
+"""The roles a `Message` may have (``"tool"``: a tool result, with ``tool_call_id``)."""
 
-_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+_ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
 _MESSAGE_KEYS = frozenset({"role", "content"})
+_OPTIONAL_MESSAGE_KEYS = frozenset({"tool_calls", "tool_call_id"})
+_ALLOWED_BLOCKS: Final[Mapping[str, tuple[type, ...]]] = {
+    "system": (TextBlock,),
+    "user": (TextBlock, ImageBlock, ToolResult),
+    "assistant": (TextBlock, ToolCall),
+    "tool": (TextBlock, ImageBlock),
+}
 
 
 def _role(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -380,36 +404,107 @@ def _role(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
         )
 
 
-def _content(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str):
+def _content(value: object) -> str | tuple[ContentBlock, ...]:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    try:
+        return to_blocks(value, "content")
+    except RecordValidationError as exc:
         raise RecordValidationError(
-            f"Message.content must be a string (content blocks are not supported yet), "
-            f"got {type(value).__name__}",
-            path="content",
+            f"Message.content must be a string or a list of content blocks: {exc}",
+            path=exc.path or "content",
+        ) from None
+
+
+def _tool_calls(value: object) -> tuple[ToolCall, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise RecordValidationError(
+            f"Message.tool_calls must be a list of ToolCall, got {type(value).__name__}",
+            path="tool_calls",
         )
+    return tuple(tool_call_of(item, f"tool_calls[{i}]") for i, item in enumerate(value))
 
 
 @frozen(kw_only=True)
 class Message:
     """
-    One chat message: ``role`` is ``"system"``, ``"user"`` or ``"assistant"``.
+    One chat message: ``role`` is ``"system"``, ``"user"``, ``"assistant"`` or
+    ``"tool"``.
+
+    ``content`` is a string or a sequence of content blocks (`TextBlock`, `ImageBlock`,
+    `ToolCall`, `ToolResult`; dicts in either API's block shape are converted): users
+    send text, images and tool results; assistants text and tool calls; a system
+    message text only.  An assistant message carries the calls it made in
+    ``tool_calls`` (so a response can be sent back whole:
+    ``Message(role="assistant", content=r.content, tool_calls=r.tool_calls)``); a
+    ``"tool"`` message answers one call, named by ``tool_call_id``.
 
     A ``"system"`` message is not sent as a message: `CompletionRequest` (and so
     `EmpathyLLMExecutor.run`) moves its content into the system prompt, after
-    ``system=`` / ``ExecutionContext.system`` when both are given.  A bad role or a
-    content that is not a string raises `RecordValidationError` naming the field.
-    `Message.of` also takes OpenAI-style ``{"role": ..., "content": ...}`` dicts.
+    ``system=`` / ``ExecutionContext.system`` when both are given.  A bad role or
+    content raises `RecordValidationError` naming the field.  `Message.of` also takes
+    OpenAI-style ``{"role": ..., "content": ..., "tool_calls": ..., "tool_call_id":
+    ...}`` dicts.
     """
 
     role: Role = field(validator=_role)
-    content: str = field(validator=_content)
+    content: str | tuple[ContentBlock, ...] = field(default="", converter=_content)
+    tool_calls: tuple[ToolCall, ...] = field(default=(), converter=_tool_calls)
+    tool_call_id: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if isinstance(self.content, tuple):
+            allowed = _ALLOWED_BLOCKS[self.role]
+            for index, block in enumerate(self.content):
+                if not isinstance(block, allowed):
+                    names = ", ".join(kind.__name__ for kind in allowed)
+                    raise RecordValidationError(
+                        f"a {self.role} message may hold {names} blocks, not "
+                        f"{type(block).__name__}",
+                        path=f"content[{index}]",
+                    )
+        if self.tool_calls and self.role != "assistant":
+            raise RecordValidationError(
+                f"only assistant messages carry tool_calls (this one is {self.role!r})",
+                path="tool_calls",
+            )
+        if self.role == "tool":
+            if not isinstance(self.tool_call_id, str) or not self.tool_call_id:
+                raise RecordValidationError(
+                    "a tool message needs tool_call_id: the id of the ToolCall it answers",
+                    path="tool_call_id",
+                )
+        elif self.tool_call_id is not None:
+            raise RecordValidationError(
+                f"only tool messages carry tool_call_id (this one is {self.role!r})",
+                path="tool_call_id",
+            )
+
+    @property
+    def text(self) -> str:
+        """The message's text: the string, or its text blocks (and tool results) joined."""
+        return text_of(self.content)
+
+    @property
+    def calls(self) -> tuple[ToolCall, ...]:
+        """Every tool call of the message: its `ToolCall` blocks, then ``tool_calls``."""
+        if isinstance(self.content, str):
+            return self.tool_calls
+        blocks = tuple(b for b in self.content if isinstance(b, ToolCall))
+        return blocks + tuple(c for c in self.tool_calls if c not in blocks)
 
     @classmethod
     def of(cls, item: object, *, index: int | None = None) -> Message:
         """
-        ``item`` as a `Message`: a `Message` is returned as is; a mapping needs exactly
-        the keys ``role`` and ``content`` (OpenAI's chat format).  Anything else raises
-        `RecordValidationError`; ``index`` (the position in a prompt) is put in its path.
+        ``item`` as a `Message`: a `Message` is returned as is; a mapping needs the keys
+        ``role`` and ``content`` (OpenAI's chat format; ``content`` may be left out of
+        an assistant message with ``tool_calls``) and may have ``tool_calls`` and
+        ``tool_call_id``.  Anything else raises `RecordValidationError`; ``index`` (the
+        position in a prompt) is put in its path.
         """
         if isinstance(item, Message):
             return item
@@ -420,8 +515,9 @@ class Message:
                 f"got {type(item).__name__}",
                 path=where,
             )
-        unknown = sorted(map(str, set(item) - _MESSAGE_KEYS))
-        missing = sorted(_MESSAGE_KEYS - set(item))
+        unknown = sorted(map(str, set(item) - _MESSAGE_KEYS - _OPTIONAL_MESSAGE_KEYS))
+        required = _MESSAGE_KEYS - ({"content"} if item.get("tool_calls") else set())
+        missing = sorted(required - set(item))
         if unknown or missing:
             problems = []
             if missing:
@@ -429,11 +525,17 @@ class Message:
             if unknown:
                 problems.append(f"unsupported {', '.join(unknown)}")
             raise RecordValidationError(
-                f"{where} must have exactly the keys 'role' and 'content' ({'; '.join(problems)})",
+                f"{where} must have the keys 'role' and 'content' (and may have 'tool_calls' "
+                f"and 'tool_call_id'): {'; '.join(problems)}",
                 path=where,
             )
         try:
-            return cls(role=item["role"], content=item["content"])
+            return cls(
+                role=item["role"],
+                content=item.get("content"),
+                tool_calls=item.get("tool_calls"),
+                tool_call_id=item.get("tool_call_id"),
+            )
         except RecordValidationError as exc:
             raise RecordValidationError(
                 f"{where}: {exc}", path=f"{where}.{exc.path or ''}".rstrip(".")
@@ -450,7 +552,7 @@ def split_system(
     if not any(m.role == "system" for m in messages):
         return tuple(messages), system
     parts = [] if system is None else [system]
-    parts.extend(m.content for m in messages if m.role == "system")
+    parts.extend(m.text for m in messages if m.role == "system")
     rest = tuple(m for m in messages if m.role != "system")
     return rest, "\n\n".join(parts)
 
@@ -467,7 +569,11 @@ class CompletionRequest:
     What the executor asks a provider for; a plain string becomes one user message.
 
     System messages in ``messages`` are moved into ``system`` (see `split_system`), so
-    a provider only ever sees user and assistant messages.
+    a provider only ever sees user, assistant and tool messages.  ``tools``,
+    ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or a tool's name),
+    ``response_format`` (a `ResponseFormat` or a JSON Schema dict), ``stop``,
+    ``top_p``, ``seed`` and ``extra_body`` (merged into the provider's JSON body,
+    for what the library does not model) are optional; see `empathy_models.content`.
     """
 
     model: str = field(validator=_non_empty)
@@ -475,8 +581,18 @@ class CompletionRequest:
     system: str | None = None
     max_tokens: int = 1024
     temperature: float | None = None
+    tools: tuple[Tool, ...] = field(default=(), converter=to_tools)
+    tool_choice: str | None = None
+    response_format: ResponseFormat | None = field(default=None, converter=to_response_format)
+    stop: tuple[str, ...] = field(default=(), converter=to_stop)
+    top_p: float | None = None
+    seed: int | None = None
+    extra_body: Mapping[str, Any] | None = field(default=None, converter=to_extra_body)
 
     def __attrs_post_init__(self) -> None:
+        check_options(
+            tools=self.tools, tool_choice=self.tool_choice, top_p=self.top_p, seed=self.seed
+        )
         messages, system = split_system(self.messages, self.system)
         if len(messages) != len(self.messages):
             # system messages become the system prompt (no provider gets a system role)
@@ -484,7 +600,8 @@ class CompletionRequest:
             object.__setattr__(self, "system", system)
         if not self.messages:
             raise RecordValidationError(
-                "messages must hold at least one user or assistant message", path="messages"
+                "messages must hold at least one user, assistant or tool message",
+                path="messages",
             )
         if (
             isinstance(self.max_tokens, bool)
@@ -503,7 +620,10 @@ class CompletionRequest:
 
 @frozen(kw_only=True)
 class Completion:
-    """A provider's answer with the usage it reported."""
+    """
+    A provider's answer with the usage it reported: ``content`` is its text,
+    ``tool_calls`` the tools it called.
+    """
 
     content: str
     model: str
@@ -512,6 +632,7 @@ class Completion:
     stop_reason: str | None = None
     request_id: str | None = None
     ttft_ms: float | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class Provider(abc.ABC):

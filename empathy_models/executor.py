@@ -97,6 +97,13 @@ import anyio
 import attrs
 from attrs import field, frozen
 
+from ._request_options import (
+    NO_OPTIONS,
+    capable,
+    required_capabilities,
+    run_options,
+    structured_result,
+)
 from .abc import (
     MAX_TOKENS_LIMIT,
     Completion,
@@ -109,6 +116,7 @@ from .abc import (
 from .backends import telemetry_from_url
 from .backends.null import NullTelemetryBackend
 from .breaker import CircuitBreaker, provider_outcome
+from .content import ResponseFormat, Tool, ToolCall
 from .exceptions import (
     AllRoutesFailedError,
     CircuitOpenError,
@@ -485,6 +493,11 @@ class LLMResponse:
     tried, in order, the answering one last; ``fallback_used`` is true when that is not
     the first.  ``ttft_ms`` (streamed runs only) is the time from the start of the
     stream to its first delta, retries and fallbacks included.
+
+    ``tool_calls`` are the tools the model called (``stop_reason`` is then the
+    provider's own: ``"tool_use"`` from Anthropic, ``"tool_calls"`` from OpenAI).  With
+    a ``response_format``, ``parsed`` is the answer parsed from JSON when it matches
+    the schema; otherwise it is None and ``parse_error`` says why.
     """
 
     content: str
@@ -503,6 +516,9 @@ class LLMResponse:
     response_model: str
     price_version: str
     stop_reason: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    parsed: Any = None
+    parse_error: str | None = None
     ttft_ms: float | None = None
 
     @property
@@ -566,20 +582,20 @@ def _to_messages(prompt: Prompt, system: str | None) -> tuple[tuple[Message, ...
             "prompt must hold at least one user or assistant message"
             + (" (system messages become the system prompt)" if prompt else "")
         )
-    if not any(m.content.strip() for m in messages if isinstance(m.content, str)):
+    if not any(m.text.strip() or not isinstance(m.content, str) or m.tool_calls for m in messages):
         raise ConfigurationError("prompt is empty: every message's content is blank")
     return messages, system
 
 
 def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
     # about four characters per token; the router only needs the order of magnitude
-    chars = sum(len(m.content) for m in messages) + (len(system) if system else 0)
+    chars = sum(len(m.text) for m in messages) + (len(system) if system else 0)
     return max(1, chars // 4)
 
 
 def _prompt_text(messages: Sequence[Message], system: str | None) -> str:
     parts = [f"system: {system}"] if system else []
-    parts.extend(f"{m.role}: {m.content}" for m in messages)
+    parts.extend(f"{m.role}: {m.text}" for m in messages)
     return "\n".join(parts)
 
 
@@ -660,6 +676,7 @@ class _Run:
         "decision",
         "errors",
         "messages",
+        "options",
         "original",
         "prompt_text",
         "request_id",
@@ -675,7 +692,9 @@ class _Run:
         decision: RoutingDecision | None,
         task_type: str,
         system: str | None,
+        options: Mapping[str, Any] = NO_OPTIONS,
     ) -> None:
+        self.options = options
         self.context = context
         self.messages = messages
         self.original = original
@@ -1246,10 +1265,17 @@ class EmpathyLLMExecutor:
         messages: tuple[Message, ...],
         system: str | None,
         task_tier: ModelTier,
+        needs: frozenset[str] = frozenset(),
     ) -> tuple[list[ModelInfo], RoutingDecision | None]:
         pinned: ModelInfo | None = None
         if context.model is not None:
             pinned = self._registry.get(context.model)
+            if not needs <= pinned.capabilities:
+                raise ConfigurationError(
+                    f"ExecutionContext.model={context.model!r} cannot serve this request: no "
+                    f"{', '.join(sorted(needs - pinned.capabilities))} support (registry "
+                    "capabilities)"
+                )
             if pinned.provider not in self._providers:
                 raise ConfigurationError(
                     f"ExecutionContext.model={context.model!r} is served by "
@@ -1270,6 +1296,8 @@ class EmpathyLLMExecutor:
             # the tier came from the task: another tier serves rather than every run failing
             tier, substituted = self._substitute_tier(tier, context.task_type)
             plan = self._tier_plan(tier)
+        if needs:
+            plan = self._capable_plan(plan, needs, tier)
         same_tier = plan.same_tier
         open_ids = self._open_ids(plan)
 
@@ -1308,7 +1336,7 @@ class EmpathyLLMExecutor:
                 "min_success_rate) but the executor has no router to evaluate them; pass "
                 "router=AdaptiveModelRouter(...)"
             )
-        if not open_ids:
+        if not open_ids and not needs:
             # the common case: the registry's order, computed once per (tier, first route)
             cache_key = (tier, None if first is None else first.id)
             cached = self._default_routes.get(cache_key)
@@ -1318,6 +1346,19 @@ class EmpathyLLMExecutor:
                 )
             return list(cached), decision
         return _order_routes(same_tier, plan.higher, first, open_ids), decision
+
+    def _capable_plan(self, plan: _TierPlan, needs: frozenset[str], tier: ModelTier) -> _TierPlan:
+        """``plan`` without the models that cannot serve ``needs`` (listed as excluded)."""
+        same_tier, unfit = capable(plan.same_tier, needs)
+        higher, _ = capable(plan.higher, needs)
+        if not same_tier and not higher:
+            raise ConfigurationError(
+                f"no configured model of tier {tier.value!r} or above can serve this request "
+                f"(it needs {', '.join(sorted(needs))} support; see ModelInfo.capabilities)"
+            )
+        if not same_tier:  # the tier cannot: the next capable tier serves
+            same_tier, higher = higher, ()
+        return plan._replace(same_tier=same_tier, higher=higher, keyless=plan.keyless + unfit)
 
     # ------------------------------------------------------------------ feedback
 
@@ -1454,14 +1495,36 @@ class EmpathyLLMExecutor:
                 f"executor:' (it is {self._state})"
             )
 
-    async def run(self, prompt: Prompt, context: ExecutionContext | None = None) -> LLMResponse:
+    async def run(
+        self,
+        prompt: Prompt,
+        context: ExecutionContext | None = None,
+        *,
+        tools: Sequence[Tool | Mapping[str, Any]] | None = None,
+        tool_choice: str | None = None,
+        response_format: ResponseFormat | Mapping[str, Any] | None = None,
+        stop: str | Sequence[str] | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> LLMResponse:
         """
         Answer ``prompt`` with the best available model; see the module docs for the flow.
 
         ``prompt`` is a string (one user message) or a list of `Message` objects and
         OpenAI-style ``{"role": ..., "content": ...}`` dicts; ``"system"`` messages
         become the system prompt (after ``context.system``).  A malformed message
-        raises `ConfigurationError` naming its position.
+        raises `ConfigurationError` naming its position.  Messages may carry content
+        blocks, tool calls and tool results (see `Message`).
+
+        ``tools`` (`Tool` objects or either API's tool dicts) and ``tool_choice``
+        (``"auto"``, ``"none"``, ``"required"`` or a tool's name) offer functions to
+        the model; its calls are in `LLMResponse.tool_calls`.  ``response_format`` (a
+        JSON Schema, or a `ResponseFormat`) asks for JSON (see `LLMResponse.parsed`).
+        ``stop``, ``top_p`` and ``seed`` are sent to the provider (Anthropic has no
+        seed: not sent there); ``extra_body`` is merged into every route's JSON body
+        as is, for options the library does not model.  Bad values raise
+        `ConfigurationError` before any call.
 
         Returns an `LLMResponse`.  Raises `AllRoutesFailedError` (an `ExceptionGroup`
         holding every attempt's error, in order) when no route answered or the deadline
@@ -1477,11 +1540,21 @@ class EmpathyLLMExecutor:
         if not isinstance(ctx, ExecutionContext):
             raise ConfigurationError(f"context must be an ExecutionContext, got {ctx!r}")
         messages, system = _to_messages(prompt, ctx.system)
+        options = run_options(
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            stop=stop,
+            top_p=top_p,
+            seed=seed,
+            extra_body=extra_body,
+        )
         start = self._clock()
         deadline_at = None if ctx.deadline is None else start + ctx.deadline
         task_type, task_tier = self._task(ctx.task_type)
-        routes, decision = self._plan(ctx, messages, system, task_tier)
-        run = _Run(ctx, messages, routes[0], decision, task_type, system)
+        needs = required_capabilities(messages, options)
+        routes, decision = self._plan(ctx, messages, system, task_tier, needs)
+        run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
         called_routes = 0
         min_context = 0
         try:
@@ -1557,6 +1630,9 @@ class EmpathyLLMExecutor:
     def _response(
         self, run: _Run, info: ModelInfo, completion: Completion, start: float, cost: float
     ) -> LLMResponse:
+        parsed, parse_error = (
+            (None, None) if not run.options else structured_result(completion, run.options)
+        )
         return _new_response(
             content=completion.content,
             model=info.id,
@@ -1574,6 +1650,9 @@ class EmpathyLLMExecutor:
             response_model=completion.model,
             price_version=self._registry.price_version,
             stop_reason=completion.stop_reason,
+            tool_calls=completion.tool_calls,
+            parsed=parsed,
+            parse_error=parse_error,
             ttft_ms=None,
         )
 
@@ -1604,6 +1683,7 @@ class EmpathyLLMExecutor:
             system=run.system,
             max_tokens=run.context.max_tokens,
             temperature=run.context.temperature,
+            **run.options,
         )
         key = (
             None

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import attrs
 from attrs import field, frozen
@@ -46,7 +46,7 @@ from attrs import field, frozen
 from .exceptions import ConfigurationError, ModelNotFoundError, RecordValidationError
 from .records import ModelTier
 
-__all__ = ["ModelInfo", "ModelRegistry"]
+__all__ = ["CAPABILITIES", "ModelInfo", "ModelRegistry"]
 
 _MODEL_FIELDS = (
     "id",
@@ -58,6 +58,29 @@ _MODEL_FIELDS = (
     "max_output_tokens",
 )
 _TOP_LEVEL_KEYS = frozenset({"price_version", "models", "source", "extends"})
+
+CAPABILITIES: Final = frozenset({"tools", "images", "json_schema", "streaming"})
+"""What a model can be asked for beyond text: tool calling, image input, JSON-schema
+output, streaming.  A registry entry without ``capabilities`` has them all."""
+
+
+def _to_capabilities(value: object) -> frozenset[str]:
+    if value is None:
+        return CAPABILITIES
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise RecordValidationError(
+            f"capabilities must be a list of {', '.join(sorted(CAPABILITIES))}, got {value!r}",
+            path="capabilities",
+        )
+    given = frozenset(value)
+    unknown = sorted(map(repr, given - CAPABILITIES))
+    if unknown:
+        raise RecordValidationError(
+            f"capabilities: unknown {', '.join(unknown)} (known: "
+            f"{', '.join(sorted(CAPABILITIES))})",
+            path="capabilities",
+        )
+    return given
 
 
 def _fail(attribute: attrs.Attribute[Any], value: object, why: str) -> RecordValidationError:
@@ -117,7 +140,10 @@ class ModelInfo:
 
     Prices are USD per million tokens (``input_price_per_mtok``,
     ``output_price_per_mtok``); ``context_window`` and ``max_output_tokens`` are token
-    counts.  Construction raises `RecordValidationError` naming the field and value
+    counts.  ``capabilities`` (default: all of `CAPABILITIES`) says which of tools,
+    images, JSON-schema output and streaming the model serves: the executor leaves out
+    of a run the models that cannot serve its request, saying so in the routing
+    decision.  Construction raises `RecordValidationError` naming the field and value
     when an id or provider is empty, a price is negative or not finite, or a window is
     not a positive integer.
     """
@@ -129,6 +155,7 @@ class ModelInfo:
     output_price_per_mtok: float = field(converter=_to_float, validator=_price)
     context_window: int = field(validator=_positive_int)
     max_output_tokens: int = field(validator=_positive_int)
+    capabilities: frozenset[str] = field(default=None, converter=_to_capabilities)
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         """
@@ -157,6 +184,11 @@ class ModelInfo:
             "output_price_per_mtok": self.output_price_per_mtok,
             "context_window": self.context_window,
             "max_output_tokens": self.max_output_tokens,
+            **(
+                {}
+                if self.capabilities == CAPABILITIES
+                else {"capabilities": sorted(self.capabilities)}
+            ),
         }
 
 
@@ -381,7 +413,7 @@ class ModelRegistry:
 def _model_from_dict(entry: object, where: str) -> ModelInfo:
     if not isinstance(entry, Mapping):
         raise ConfigurationError(f"{where}: expected a table, got {type(entry).__name__}")
-    unknown = sorted(set(entry) - set(_MODEL_FIELDS))
+    unknown = sorted(set(entry) - set(_MODEL_FIELDS) - {"capabilities"})
     if unknown:
         raise ConfigurationError(
             f"{where}: unknown field(s) {', '.join(map(repr, unknown))} "
@@ -391,7 +423,10 @@ def _model_from_dict(entry: object, where: str) -> ModelInfo:
     if missing:
         raise ConfigurationError(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
     try:
-        return ModelInfo(**{name: entry[name] for name in _MODEL_FIELDS})
+        return ModelInfo(
+            **{name: entry[name] for name in _MODEL_FIELDS},
+            capabilities=entry.get("capabilities"),
+        )
     except RecordValidationError as exc:
         raise ConfigurationError(f"{where}.{exc.path}: {exc}") from exc
 

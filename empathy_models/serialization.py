@@ -14,14 +14,25 @@ import enum
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import cattrs
 from cattrs.cols import homogenous_tuple_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from .exceptions import RecordValidationError
-from .records import CircuitState, ConstraintStatus, JSONScalar, ModelTier, Outcome
+from .records import (
+    CandidateEvaluation,
+    CircuitBreakerState,
+    CircuitState,
+    ConstraintStatus,
+    JSONScalar,
+    LLMCallRecord,
+    ModelPerformance,
+    ModelTier,
+    Outcome,
+    RoutingDecision,
+)
 
 __all__ = ["SCHEMA_VERSION", "converter", "from_dict", "parse_datetime", "to_dict"]
 
@@ -162,9 +173,38 @@ _JSON_MAPPING = Mapping[str, JSONScalar]
 converter.register_structure_hook_func(lambda t: t == _JSON_MAPPING, _structure_json_mapping)
 
 
+_RECORD_TYPES: Final = (
+    LLMCallRecord,
+    ModelPerformance,
+    CircuitBreakerState,
+    CandidateEvaluation,
+    RoutingDecision,
+)
+_UNSTRUCTURE: dict[type, Callable[[Any], Any]] = {}
+_STRUCTURE: dict[type, Callable[[Any, Any], Any]] = {}
+
+
+def _prepare_hooks() -> None:
+    # cattrs generates a class's (un)structure function on first use and refuses to
+    # re-enter that generation on the same thread (RecursionError).  The exit hooks
+    # serialize records from a SIGTERM handler, which can interrupt the main thread in
+    # the middle of such a generation, so every record type's functions are generated
+    # here, at import, and registered as the types' hooks: a generated function is only
+    # cached, and cattrs empties that cache whenever it generates a function for a new
+    # mapping type (a plugin's field, say), which would leave a record type (or one
+    # nested in another) to be generated again at an arbitrary later moment.
+    for cls in _RECORD_TYPES:
+        _UNSTRUCTURE[cls] = converter.get_unstructure_hook(cls)
+        _STRUCTURE[cls] = converter.get_structure_hook(cls)
+    for cls in _RECORD_TYPES:
+        converter.register_unstructure_hook(cls, _UNSTRUCTURE[cls])
+        converter.register_structure_hook(cls, _STRUCTURE[cls])
+
+
 def to_dict(record: object) -> dict[str, Any]:
     """Return ``record`` as a JSON-ready dict with ``"v": SCHEMA_VERSION`` first."""
-    body = converter.unstructure(record)
+    hook = _UNSTRUCTURE.get(type(record))
+    body = converter.unstructure(record) if hook is None else hook(record)
     if not isinstance(body, dict):
         raise TypeError(f"{type(record).__name__} is not a record")
     return {"v": SCHEMA_VERSION, **body}
@@ -198,6 +238,9 @@ def _first_path(exc: BaseException, prefix: str = "") -> tuple[str, str]:
     return prefix, f"{type(exc).__name__}: {exc}"
 
 
+_prepare_hooks()
+
+
 def from_dict(data: Mapping[str, Any], cls: type[T]) -> T:
     """
     Build a ``cls`` record from a dict produced by `to_dict`.
@@ -218,7 +261,8 @@ def from_dict(data: Mapping[str, Any], cls: type[T]) -> T:
         )
     body = {k: v for k, v in data.items() if k != "v"}
     try:
-        return converter.structure(body, cls)
+        hook = _STRUCTURE.get(cls)
+        return converter.structure(body, cls) if hook is None else cast(T, hook(body, cls))
     except RecordValidationError as exc:
         raise RecordValidationError(f"{cls.__name__}: {exc}", path=exc.path) from exc
     except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError) as exc:

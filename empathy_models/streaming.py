@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
+from ._request_options import NO_OPTIONS, required_capabilities
 from .abc import Completion, CompletionRequest, CompletionStream
 from .breaker import provider_outcome
 from .exceptions import (
@@ -635,6 +636,9 @@ class LLMStream:
             response_model=completion.model,
             price_version=ex._registry.price_version,
             stop_reason=completion.stop_reason,
+            tool_calls=(),
+            parsed=None,
+            parse_error=None,
             ttft_ms=self._run_ttft,
         )
 
@@ -702,6 +706,18 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__ + (f" ({status})" if shown else "")
 
 
+_STREAMING: Final = frozenset({"streaming"})
+
+
+def _some_model_cannot_stream(executor: EmpathyLLMExecutor) -> bool:
+    """Whether the registry has a model without ``"streaming"`` (then routes need it)."""
+    known: bool | None = executor.__dict__.get("_stream_filter")
+    if known is None:
+        known = any("streaming" not in m.capabilities for m in executor._registry.models)
+        executor.__dict__["_stream_filter"] = known  # the registry is fixed per executor
+    return known
+
+
 def open_stream(
     executor: EmpathyLLMExecutor, prompt: Prompt, context: ExecutionContext | None
 ) -> StreamManager:
@@ -712,6 +728,9 @@ def open_stream(
         raise ConfigurationError(f"context must be an ExecutionContext, got {ctx!r}")
     messages, system = _to_messages(prompt, ctx.system)
     task_type, task_tier = executor._task(ctx.task_type)
-    routes, decision = executor._plan(ctx, messages, system, task_tier)
+    needs = required_capabilities(messages, NO_OPTIONS)
+    if _some_model_cannot_stream(executor):
+        needs |= _STREAMING
+    routes, decision = executor._plan(ctx, messages, system, task_tier, needs)
     run = _Run(ctx, messages, routes[0], decision, task_type, system)
     return StreamManager(LLMStream(executor, run, routes))

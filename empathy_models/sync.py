@@ -177,10 +177,15 @@ class SyncExecutor:
         context: ExecutionContext | None = None,
         *,
         timeout: float | None = None,
+        **options: Any,
     ) -> LLMResponse:
-        """Answer ``prompt`` (see `EmpathyLLMExecutor.run`), blocking until done."""
+        """
+        Answer ``prompt`` (see `EmpathyLLMExecutor.run`), blocking until done; the
+        keyword ``options`` (``tools``, ``tool_choice``, ``response_format``, ``stop``,
+        ``top_p``, ``seed``, ``extra_body``) are passed on.
+        """
         executor = self._open()
-        return self._worker.call(lambda: executor.run(prompt, context), timeout)
+        return self._worker.call(lambda: executor.run(prompt, context, **options), timeout)
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` on the private loop and return its result."""

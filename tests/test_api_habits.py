@@ -88,13 +88,17 @@ async def test_openai_style_dicts_and_a_system_role_reach_each_wire_format(
 @pytest.mark.parametrize(
     ("prompt", "expected"),
     [
-        ([{"role": "tool", "content": "x"}], "messages[0]: Message.role must be one of"),
-        ([{"role": "user"}], "messages[0] must have exactly the keys 'role' and 'content'"),
+        ([{"role": "robot", "content": "x"}], "messages[0]: Message.role must be one of"),
+        ([{"role": "tool", "content": "x"}], "messages[0]: a tool message needs tool_call_id"),
+        ([{"role": "user"}], "messages[0] must have the keys 'role' and 'content'"),
         (
             [{"role": "user", "content": "hi", "name": "bob"}],
             "unsupported name",
         ),
-        ([{"role": "user", "content": [{"type": "text"}]}], "content blocks are not supported"),
+        (
+            [{"role": "user", "content": [{"type": "text"}]}],
+            "content must be a string or a list of content blocks",
+        ),
         ([{"role": "system", "content": "only a system prompt"}], "at least one user"),
         (["hello"], "messages[0] must be a Message or a"),
         ([], "at least one user or assistant message"),
@@ -114,7 +118,7 @@ async def test_malformed_messages_raise_configuration_errors_naming_the_problem(
 
 def test_message_role_errors_are_the_librarys_not_attrs() -> None:
     with pytest.raises(RecordValidationError) as raised:
-        Message(role="tool", content="x")  # type: ignore[arg-type]
+        Message(role="robot", content="x")  # type: ignore[arg-type]
     assert raised.value.path == "role"
     assert "'system', 'user', 'assistant'" in str(raised.value)
     assert "Attribute(" not in str(raised.value)

@@ -1,6 +1,7 @@
 """
-The ``empathy-models`` CLI through its real entry point (``python -m empathy_models``)
-in a subprocess, with ``EMPATHY_HOME`` pointing at a temporary directory.
+The ``empathy-models`` CLI, run in this process (`tests._cli.run_cli`) with
+``EMPATHY_HOME`` pointing at a temporary directory; what needs a terminal runs
+``python -m empathy_models`` in a subprocess.
 """
 
 from __future__ import annotations
@@ -27,23 +28,21 @@ from empathy_models import (
     state_store_from_url,
     telemetry_from_url,
 )
+from tests._cli import run_cli, run_cli_process
 
 
 def cli(
     home: Path, *args: str, stdin: str | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m empathy_models *args`` with EMPATHY_HOME=home, stdin not a terminal."""
-    env = {**os.environ, "EMPATHY_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "empathy_models", *args],
-        input=stdin if stdin is not None else "",
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=90,
-        check=False,
-    )
+    """Run the CLI with EMPATHY_HOME=home, stdin not a terminal (in this process)."""
+    return run_cli(home, *args, stdin=stdin or "", cwd=cwd)
+
+
+def test_the_entry_point_runs_as_a_process(home: Path) -> None:
+    # every other test runs the CLI in this process; this one as users start it
+    result = run_cli_process(home, "demo", "--calls", "20", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["totals"]["requests"] == 20
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

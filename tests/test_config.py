@@ -1,7 +1,7 @@
 """
 ``empathy.toml``: one configuration for the SDK and the CLI.  The executor built with
 `EmpathyLLMExecutor.from_config` calls `FakeLLMServer` over real HTTP and writes a real
-SQLite file; the CLI runs as a subprocess through the real entry point in the same
+SQLite file; the CLI runs (in this process, `tests._cli.run_cli`) in the same
 directory, with no flags, and must read the same database and registry.
 """
 

@@ -1,28 +1,19 @@
-"""``empathy-models demo`` through the real entry point, with a small number of calls."""
+"""``empathy-models demo`` (run in this process), with a small number of calls."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests._cli import run_cli
+
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EMPATHY_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "empathy_models", *args],
-        input="",
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=110,
-        check=False,
-    )
+    return run_cli(home, *args)
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,7 @@ MARKERS = {
     "streaming": "async for delta in stream:",
     "sync": "from empathy_models.sync import SyncExecutor",
     "messages": "async def translate(",
+    "tools": "async def answer_with_tools(",
     "ollama": "http://localhost:11434/v1",
     "shared_breaker": 'STATE = "sqlite:///state.db"',
     "postgres": 'DSN = "postgresql://',
@@ -266,6 +267,34 @@ async def test_messages_recipe(keys: None) -> None:
     assert sent is not None
     assert sent.body["system"] == "Translate into French."
     assert sent.body["messages"] == [{"role": "user", "content": "Good morning"}]
+
+
+async def test_tools_recipe(keys: None) -> None:
+    from empathy_models.testing import FakeReply
+
+    namespace: dict[str, Any] = {}
+    exec(compile(block("tools"), str(README), "exec"), namespace)
+    async with (
+        FakeLLMServer() as server,
+        EmpathyLLMExecutor(
+            [AnthropicProvider(api_key="sk-test", base_url=server.anthropic_base_url)],
+            telemetry_store="null://",
+        ) as executor,
+    ):
+        server.script(
+            "claude-haiku-4-5",
+            [
+                FakeReply(tool_calls=[{"name": "get_weather", "arguments": {"city": "Oslo"}}]),
+                FakeReply(content="3 C in Oslo."),
+            ],
+        )
+        answer = await namespace["answer_with_tools"](executor, "Weather in Oslo?")
+        sent = server.last_request("claude-haiku-4-5")
+    assert answer == "3 C in Oslo."
+    assert sent is not None
+    result = sent.body["messages"][2]["content"][0]
+    assert result["type"] == "tool_result"
+    assert json.loads(result["content"]) == {"city": "Oslo", "celsius": 3}
 
 
 async def test_own_openai_compatible_server_recipe(

@@ -342,3 +342,36 @@ def test_property_unknown_keys_never_change_the_record(
     record: LLMCallRecord, extra: dict[str, Any]
 ) -> None:
     assert LLMCallRecord.from_dict({**extra, **record.to_dict()}) == record
+
+
+def test_records_serialize_without_generating_code_after_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The exit hooks serialize records from a SIGTERM handler, which may interrupt the
+    # main thread while cattrs generates a function; cattrs refuses to re-enter the
+    # generation for the same class (RecursionError), so no record type may need one
+    # after import, even after a plugin's type with a new mapping field (generating its
+    # function empties cattrs' dispatch cache).
+    import attrs
+    import cattrs.converters
+
+    from empathy_models.serialization import converter
+
+    @attrs.frozen
+    class PluginRecord:
+        weights: dict[str, float]
+
+    assert converter.unstructure(PluginRecord({"a": 1.0})) == {"weights": {"a": 1.0}}
+    generated: list[type] = []
+    for name in ("make_dict_unstructure_fn", "make_dict_structure_fn"):
+        real = getattr(cattrs.converters, name)
+
+        def spy(cl: type, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            generated.append(cl)
+            return _real(cl, *args, **kwargs)
+
+        monkeypatch.setattr(cattrs.converters, name, spy)
+    for record in (a_call(metadata={"k": 1}), a_decision()):
+        again = from_dict(through_json(to_dict(record)), type(record))
+        assert again == record
+    assert generated == []

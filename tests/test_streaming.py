@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import anyio
 import anyio.lowlevel
+import attrs
 import pytest
 
 from empathy_models import (
@@ -510,3 +511,29 @@ async def test_a_provider_that_cannot_stream_gives_its_whole_answer_as_one_delta
         response = await stream.get_final_response()
     assert len(deltas) == 1 and deltas[0] == response.content != ""
     assert response.ttft_ms is not None
+
+
+async def test_models_that_cannot_stream_are_left_out_of_a_stream(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    registry = ModelRegistry(
+        models=[
+            attrs.evolve(REGISTRY.get("claude-fake-haiku"), capabilities=("tools",)),
+            REGISTRY.get("gpt-fake-mini"),
+        ],
+        price_version="stream-test-2",
+    )
+    executor = EmpathyLLMExecutor(
+        [
+            AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+            OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+        ],
+        registry=registry,
+        telemetry_store=telemetry,
+    )
+    async with executor:
+        assert (await executor.run("hi", CHEAP)).model == "claude-fake-haiku"
+        async with executor.stream("hi", CHEAP) as stream:
+            response = await stream.get_final_response()
+    assert response.model == "gpt-fake-mini" and not response.fallback_used
+    assert server.requests("claude-fake-haiku") == 1  # only the run() call

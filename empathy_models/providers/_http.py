@@ -13,7 +13,8 @@ what happened                              raised
 400 (body says content policy)             `ContentPolicyError`
 400, 413, 422 and other 4xx                `InvalidRequestError`
 401, 403, 402 (billing: out of credit)     `AuthenticationError`
-404                                        `ModelNotFoundError`
+404, or a 400 naming an unknown model      `ModelNotFoundError`
+("Invalid model name", as from LiteLLM)
 408                                        `ProviderTimeoutError`
 429                                        `RateLimitedError` (``retry_after`` set)
 429 ``insufficient_quota`` (no credit)     `AuthenticationError`
@@ -104,6 +105,14 @@ _CONTEXT_MARKERS: Final = (
 )
 _POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
 _POLICY_MARKERS: Final = ("content filtering policy", "usage policy", "content policy")
+# a 400 that names an unknown model (LiteLLM's proxy: "Invalid model name passed in
+# model=..."; OpenAI-compatible servers: "model ... does not exist" / "model_not_found")
+_UNKNOWN_MODEL_MARKERS: Final = (
+    "invalid model name",
+    "model_not_found",
+    "model not found",
+    "unknown model",
+)
 
 
 class _Secret:
@@ -277,6 +286,11 @@ def error_from_response(
         cls = ModelNotFoundError
     elif status == 408:
         cls = ProviderTimeoutError
+    elif status == 400 and (
+        any(marker in lowered for marker in _UNKNOWN_MODEL_MARKERS)
+        or ("the model" in lowered and "does not exist" in lowered)
+    ):
+        cls = ModelNotFoundError  # treated like a 404: next route, per-model key only
     elif 400 <= status < 500:
         if any(marker in lowered for marker in _CONTEXT_MARKERS):
             cls = ContextWindowExceededError

@@ -8,6 +8,7 @@ from typing import Any, Final
 import aiohttp
 
 from ..abc import Completion, CompletionRequest
+from ._convert import anthropic_body, anthropic_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
 from ._sse import AnthropicStreamDecoder
 
@@ -34,7 +35,10 @@ class AnthropicProvider(HTTPProvider):
     The completion's ``content`` is the concatenated text blocks; tokens are the
     response's ``usage.input_tokens`` / ``usage.output_tokens`` (cache reads and writes
     are not included); ``request_id`` is the ``request-id`` header.  The ``model`` of the
-    `Completion` is the id that was asked for, so it matches the registry.
+    `Completion` is the id that was asked for, so it matches the registry.  Tool calls
+    are the ``tool_use`` blocks; a ``response_format`` is sent as the API's structured
+    outputs parameter ``output_config.format``; ``seed`` has no counterpart and is not
+    sent (see ``empathy_models.providers._convert``).
     """
 
     env_var = "ANTHROPIC_API_KEY"
@@ -80,16 +84,7 @@ class AnthropicProvider(HTTPProvider):
         return headers
 
     def _payload(self, request: CompletionRequest) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "model": request.model,
-            "max_tokens": request.max_tokens,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-        }
-        if request.system is not None:
-            payload["system"] = request.system
-        if request.temperature is not None:
-            payload["temperature"] = request.temperature
-        return payload
+        return anthropic_body(request)
 
     def _parse(
         self,
@@ -113,4 +108,5 @@ class AnthropicProvider(HTTPProvider):
             output_tokens=reader.tokens(usage, "output_tokens", "response.usage"),
             stop_reason=reader.optional_str(data, "stop_reason"),
             request_id=headers.get("request-id") or reader.optional_str(data, "id"),
+            tool_calls=anthropic_tool_calls(reader, blocks, "response.content"),
         )

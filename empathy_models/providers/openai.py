@@ -10,6 +10,7 @@ import aiohttp
 
 from ..abc import Completion, CompletionRequest
 from ..exceptions import ConfigurationError
+from ._convert import openai_body, openai_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
 from ._sse import OpenAIStreamDecoder
 
@@ -41,6 +42,9 @@ class OpenAIProvider(HTTPProvider):
     model refused; ``stop_reason`` is then ``"refusal"``); tokens are
     ``usage.prompt_tokens`` / ``usage.completion_tokens``; ``request_id`` is the
     ``x-request-id`` header.  The ``model`` of the `Completion` is the id asked for.
+    Tool calls are read from ``message.tool_calls`` (``content`` is then ``""`` when
+    the server sent null); tools, images, tool results and ``response_format`` are
+    sent as the API documents them (see ``empathy_models.providers._convert``).
     """
 
     env_var = "OPENAI_API_KEY"
@@ -94,18 +98,7 @@ class OpenAIProvider(HTTPProvider):
         return headers
 
     def _payload(self, request: CompletionRequest) -> dict[str, Any]:
-        messages: list[dict[str, str]] = []
-        if request.system is not None:
-            messages.append({"role": "system", "content": request.system})
-        messages.extend({"role": m.role, "content": m.content} for m in request.messages)
-        payload: dict[str, Any] = {
-            "model": request.model,
-            "messages": messages,
-            self.max_tokens_field: request.max_tokens,
-        }
-        if request.temperature is not None:
-            payload["temperature"] = request.temperature
-        return payload
+        return openai_body(request, self.max_tokens_field)
 
     def _parse(
         self,
@@ -123,7 +116,10 @@ class OpenAIProvider(HTTPProvider):
         message = reader.get(choice, "message", dict, "response.choices[0]")
         content = message.get("content")
         stop_reason = reader.optional_str(choice, "finish_reason")
-        if content is None:
+        tool_calls = openai_tool_calls(reader, message, "response.choices[0].message")
+        if content is None and tool_calls:
+            content = ""
+        elif content is None:
             if not isinstance(message.get("refusal"), str):
                 reader.fail("response.choices[0].message.content is missing")
             content, stop_reason = "", "refusal"
@@ -137,4 +133,5 @@ class OpenAIProvider(HTTPProvider):
             output_tokens=reader.tokens(usage, "completion_tokens", "response.usage"),
             stop_reason=stop_reason,
             request_id=headers.get("x-request-id") or reader.optional_str(data, "id"),
+            tool_calls=tool_calls,
         )

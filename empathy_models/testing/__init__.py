@@ -4,6 +4,7 @@ Test helpers that ship with the package: the contract suites for backends
 wire formats), in-process fakes and a fake clock.
 """
 
+from ._fake_tools import FakeReply as FakeReply
 from .clock import DEFAULT_START as DEFAULT_START, FakeClock as FakeClock
 from .fake_server import (
     FakeLLMServer as FakeLLMServer,
@@ -19,6 +20,7 @@ __all__ = [
     "FakeClock",
     "FakeLLMServer",
     "FakeProvider",
+    "FakeReply",
     "Latency",
     "ModelBehavior",
     "RecordedRequest",

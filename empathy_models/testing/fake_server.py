@@ -16,11 +16,17 @@ OpenAI Chat Completions wire formats, with scripted faults per model.
         assert server.requests("claude-haiku-4-5") == 3
 
 Endpoints: ``POST /v1/messages`` (Anthropic: ``x-api-key`` or ``Authorization: Bearer``,
-and ``anthropic-version`` headers) and ``POST /v1/chat/completions`` (OpenAI:
-``Authorization: Bearer``).
+and ``anthropic-version``) and ``POST /v1/chat/completions`` (OpenAI: ``Authorization:
+Bearer``).
 Requests are validated as the real APIs do (missing fields -> 400, missing or wrong key
 -> 401, unknown model -> 404 when no default behaviour is set) and errors come back in
-each API's own body shape.  Usage is estimated: input tokens ``len(text) // 4 + 1``,
+each API's own body shape; so are tools, tool choices, images and the pairing of tool
+calls with their results.  Scripts may hold `FakeReply` answers (text, tool calls,
+JSON); a request that forces a tool or asks for a JSON schema gets a value generated
+from the schema.  The official ``openai`` and ``anthropic`` SDKs work against it as
+configured for the real services (``api_key=...``, ``base_url=...``): every response
+carries a request id and rate-limit headers, and unknown routes answer with JSON
+errors.  Usage is estimated: input tokens ``len(text) // 4 + 1``,
 output tokens drawn from the behaviour.
 
 What happens to one request, in order: authentication and validation; model lookup;
@@ -54,7 +60,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal, Self, TypeAlias
 
@@ -64,6 +70,7 @@ from attrs import field, frozen
 
 from ..exceptions import ConfigurationError, RecordValidationError
 from ._fake_stream import StreamBehavior, serve_stream
+from ._fake_tools import FakeReply, apply_reply, auto_reply, check_anthropic, check_openai
 
 __all__ = [
     "Action",
@@ -76,8 +83,8 @@ __all__ = [
     "estimate_tokens",
 ]
 
-Action: TypeAlias = int | str
-"""An HTTP status code (400-599) or one of `FAULT_ACTIONS`."""
+Action: TypeAlias = "int | str | FakeReply"
+"""An HTTP status code (400-599), one of `FAULT_ACTIONS`, or a scripted `FakeReply`."""
 
 FAULT_ACTIONS: Final = frozenset(
     {
@@ -113,6 +120,8 @@ def _check_action(value: object, where: str) -> Action:
             f"{where} must be an HTTP error status 400-599, got {value!r}", path=where
         )
     if isinstance(value, str) and value in FAULT_ACTIONS:
+        return value
+    if isinstance(value, FakeReply):
         return value
     allowed = ", ".join(sorted(FAULT_ACTIONS))
     raise RecordValidationError(
@@ -527,7 +536,8 @@ class FakeLLMServer(_Controls):
     async def __aenter__(self) -> Self:
         if self._runner is not None:
             raise ConfigurationError("FakeLLMServer is already running")
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._json_errors])
+        app.on_response_prepare.append(self._stamp)
         app.router.add_post("/v1/messages", self._anthropic)
         app.router.add_post("/v1/chat/completions", self._openai)
         runner = web.AppRunner(
@@ -596,14 +606,65 @@ class FakeLLMServer(_Controls):
 
     # ------------------------------------------------------------------ handlers
 
+    @staticmethod
+    def _api_of(request: web.Request) -> _Api:
+        if (
+            request.path.startswith("/v1/messages")
+            or "anthropic-version" in request.headers
+            or "x-api-key" in request.headers
+        ):
+            return _ANTHROPIC
+        return _OPENAI
+
+    @web.middleware
+    async def _json_errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Unknown routes and methods answer in the API's JSON error shape."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status not in (404, 405):
+                raise
+            api = self._api_of(request)
+            if api == _ANTHROPIC:
+                message = "Not Found" if exc.status == 404 else "Method Not Allowed"
+                return self._error(api, exc.status, message)
+            message = f"Invalid URL ({request.method} {request.path})"
+            return self._error(api, exc.status, message, code="unknown_url")
+
+    async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Every response: a request id and rate-limit headers, as the real APIs send."""
+        headers = response.headers
+        anthropic = self._api_of(request) == _ANTHROPIC
+        id_header = "request-id" if anthropic else "x-request-id"
+        if id_header not in headers:
+            headers[id_header] = f"req_{next(self._ids):024d}"
+        retry = headers.get("retry-after")
+        if response.status == 429 and retry is None:
+            return  # a reset time would read as a retry-after the scenario did not set
+        wait = float(retry) if retry is not None else 60.0
+        if anthropic:
+            reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + wait))
+            for kind, limit in (("requests", 1000), ("tokens", 1_000_000)):
+                left = 0 if response.status == 429 else limit - 1
+                headers[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
+                headers[f"anthropic-ratelimit-{kind}-remaining"] = str(left)
+                headers[f"anthropic-ratelimit-{kind}-reset"] = reset
+        else:
+            for kind, limit in (("requests", 1000), ("tokens", 1_000_000)):
+                left = 0 if response.status == 429 else limit - 1
+                headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+                headers[f"x-ratelimit-remaining-{kind}"] = str(left)
+                headers[f"x-ratelimit-reset-{kind}"] = f"{math.ceil(wait)}s"
+
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
         self._counted(None)
         try:
             key = request.headers.get("x-api-key")
-            if not key:
-                # the official SDK may send the key as a bearer token instead
-                scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
-                key = bearer.strip() if scheme.lower() == "bearer" else ""
+            scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+            if not key and scheme.lower() == "bearer":
+                key = bearer.strip()  # the official SDK sends its api_key this way
             if not key:
                 raise _Reject(self._error(_ANTHROPIC, 401, "x-api-key header is required"))
             self._check_key(_ANTHROPIC, key)
@@ -639,6 +700,8 @@ class FakeLLMServer(_Controls):
                         self._error(_ANTHROPIC, 400, f"messages.{index}.content: Field required")
                     )
                 text += _text_of(message["content"])
+            if problem := check_anthropic(body):
+                raise _Reject(self._error(_ANTHROPIC, 400, problem))
             return await self._serve(_ANTHROPIC, request, model, body, text, max_tokens)
         except _Reject as reject:
             return reject.response
@@ -695,6 +758,8 @@ class FakeLLMServer(_Controls):
                         _OPENAI, 400, "Invalid 'max_tokens': must be >= 1.", param="max_tokens"
                     )
                 )
+            if problem_param := check_openai(body):
+                raise _Reject(self._error(_OPENAI, 400, problem_param[0], param=problem_param[1]))
             return await self._serve(_OPENAI, request, model, body, text, max_tokens)
         except _Reject as reject:
             return reject.response
@@ -768,10 +833,16 @@ class FakeLLMServer(_Controls):
 
         action = self._action(model, api, behavior, rng)
         streamed = body.get("stream") is True
-        if action == "ok" or (streamed and action in _STREAMED_FAULTS):
+        if (
+            action == "ok"
+            or isinstance(action, FakeReply)
+            or (streamed and isinstance(action, str) and action in _STREAMED_FAULTS)
+        ):
             out, truncated = self._output_tokens(behavior, rng, max_tokens)
             content = behavior.content if behavior.content is not None else f"Reply from {model}."
-            if streamed:  # Server-Sent Events, never a plain JSON body
+            if streamed:  # Server-Sent Events, never a plain JSON body (text only)
+                if isinstance(action, FakeReply):
+                    content = action.text(content) or ""
                 return await serve_stream(
                     request,
                     api=api,
@@ -784,9 +855,13 @@ class FakeLLMServer(_Controls):
                     truncated=truncated,
                     behavior=behavior.stream,
                     closing=self._closing,
-                    fault=_STREAMED_FAULTS.get(str(action)),
+                    fault=_STREAMED_FAULTS.get(action) if isinstance(action, str) else None,
                 )
-            return _json(self._success(api, model, content, input_tokens, out, truncated))
+            payload = self._success(api, model, content, input_tokens, out, truncated)
+            reply = action if isinstance(action, FakeReply) else auto_reply(api, body)
+            if reply is not None:
+                apply_reply(api, payload, reply, content)
+            return _json(payload)
         return await self._fault(api, request, model, behavior, action, input_tokens, max_tokens)
 
     def _success(
@@ -927,20 +1002,29 @@ class FakeLLMServer(_Controls):
         retry_after: float | None = None,
     ) -> web.Response:
         text = message or _STATUS_MESSAGES.get(status, "Error.")
+        kind_4xx = "invalid_request_error"  # 413, 422 and other 4xx not in the tables
         headers: dict[str, str] = {}
         n = next(self._ids)
         if retry_after is not None:
             headers["retry-after"] = str(math.ceil(retry_after))
         if api == _ANTHROPIC:
             headers["request-id"] = f"req_{n:024d}"
-            kind = _ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+            kind = _ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else kind_4xx)
             return _json(
-                {"type": "error", "error": {"type": kind, "message": text}}, status, headers
+                {
+                    "type": "error",
+                    "error": {"type": kind, "message": text},
+                    "request_id": headers["request-id"],
+                },
+                status,
+                headers,
             )
         headers["x-request-id"] = f"req_{n:024d}"
         if retry_after is not None:
             headers["retry-after-ms"] = str(round(retry_after * 1000))
-        kind, default_code = _OPENAI_ERRORS.get(status, ("server_error", None))
+        kind, default_code = _OPENAI_ERRORS.get(
+            status, ("server_error" if status >= 500 else kind_4xx, None)
+        )
         return _json(
             {
                 "error": {

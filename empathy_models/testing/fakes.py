@@ -28,6 +28,7 @@ from ..exceptions import (
     ProviderTimeoutError,
 )
 from ..providers._http import error_from_response
+from ._fake_tools import FakeReply, reply_completion
 from .fake_server import (
     _DEFAULT_BEHAVIOR,
     _RETRY_AFTER_STATUSES,
@@ -105,7 +106,7 @@ class FakeProvider(_Controls, Provider):
             )
         self._counted(model)
         self._last[model] = request
-        text = (request.system or "") + "".join(m.content for m in request.messages)
+        text = (request.system or "") + "".join(m.text for m in request.messages)
         input_tokens = estimate_tokens(text)
         window = behavior.context_window
         if window is not None and input_tokens + request.max_tokens > window:
@@ -117,11 +118,14 @@ class FakeProvider(_Controls, Provider):
         if delay_ms > 0:
             await self._sleep(delay_ms / 1000)
         action = self._action(model, self.name, behavior, rng)
-        if action != "ok":
+        if action != "ok" and not isinstance(action, FakeReply):
             await self._fault(model, behavior, action)
         out, truncated = self._output_tokens(behavior, rng, request.max_tokens)
+        content = behavior.content if behavior.content is not None else f"Reply from {model}."
+        if isinstance(action, FakeReply):
+            return reply_completion(action, content, model, input_tokens, out, next(self._ids))
         return Completion(
-            content=behavior.content if behavior.content is not None else f"Reply from {model}.",
+            content=content,
             model=model,
             input_tokens=input_tokens,
             output_tokens=out,

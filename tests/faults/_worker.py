@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import resource
 import signal
 import sqlite3
@@ -130,4 +131,6 @@ async def disk_full(path: str, count: int, seconds: float) -> None:
 
 
 if __name__ == "__main__":
+    # warnings of the exit hooks (a failed flush or spool write) reach the test's report
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))

@@ -38,6 +38,8 @@ async def test_sigterm_writes_every_queued_sqlite_record(tmp_path: Path) -> None
         assert child.read() == {"ready": 3000}
         assert sqlite_rows(db) == 0  # all of them still queued
         took = _sigterm(child)
+        assert child.proc.stderr is not None
+        said = child.proc.stderr.read().decode(errors="replace")
     finally:
         child.close()
     direct = sqlite_rows(db)
@@ -53,7 +55,7 @@ async def test_sigterm_writes_every_queued_sqlite_record(tmp_path: Path) -> None
         f"open, exit in {took:.2f} s"
     )
     assert child.proc.returncode == 128 + signal.SIGTERM
-    assert stored == 3000
+    assert stored == 3000, f"the child's stderr:\n{said}"
     assert took < 10
 
 
@@ -78,6 +80,8 @@ async def test_sigterm_spools_postgres_records_for_the_next_run(
     try:
         assert child.read() == {"ready": 3000}
         took = _sigterm(child)
+        assert child.proc.stderr is not None
+        said = child.proc.stderr.read().decode(errors="replace")
     finally:
         child.close()
     assert child.proc.returncode == 128 + signal.SIGTERM
@@ -90,7 +94,7 @@ async def test_sigterm_spools_postgres_records_for_the_next_run(
     finally:
         await conn.close()
     print(f"\nSIGTERM, PostgreSQL: 3000 queued, {stored} stored after the next open ({took:.2f} s)")
-    assert stored == 3000
+    assert stored == 3000, f"the child's stderr:\n{said}"
 
 
 def test_a_backend_never_closed_is_flushed_warned_about_and_does_not_hang(

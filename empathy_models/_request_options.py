@@ -1,0 +1,138 @@
+"""
+The request options of `EmpathyLLMExecutor.run` beyond the prompt: tools, tool choice,
+structured output, stop sequences, ``top_p``, ``seed`` and the ``extra_body``
+passthrough.  Validated once per run (bad input raises `ConfigurationError` naming the
+option) and then handed to every route's `CompletionRequest`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from ._jsonschema import parse_structured
+from .abc import Completion, Message
+from .content import (
+    ImageBlock,
+    ResponseFormat,
+    ToolCall,
+    ToolResult,
+    check_options,
+    to_extra_body,
+    to_response_format,
+    to_stop,
+    to_tools,
+)
+from .exceptions import ConfigurationError, RecordValidationError
+from .records import CandidateEvaluation
+from .registry import ModelInfo
+
+__all__ = ["NO_OPTIONS", "capable", "required_capabilities", "run_options", "structured_result"]
+
+NO_OPTIONS: Final[Mapping[str, Any]] = {}
+
+
+def run_options(
+    *,
+    tools: object,
+    tool_choice: object,
+    response_format: object,
+    stop: object,
+    top_p: object,
+    seed: object,
+    extra_body: object,
+) -> Mapping[str, Any]:
+    """The `CompletionRequest` keyword arguments for these options (validated)."""
+    if (
+        tools is None
+        and tool_choice is None
+        and response_format is None
+        and stop is None
+        and top_p is None
+        and seed is None
+        and extra_body is None
+    ):
+        return NO_OPTIONS
+    try:
+        options: dict[str, Any] = {
+            "tools": to_tools(tools),
+            "tool_choice": tool_choice,
+            "response_format": to_response_format(response_format),
+            "stop": to_stop(stop),
+            "top_p": top_p,
+            "seed": seed,
+            "extra_body": to_extra_body(extra_body),
+        }
+        check_options(tools=options["tools"], tool_choice=tool_choice, top_p=top_p, seed=seed)
+    except RecordValidationError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if isinstance(extra_body := options["extra_body"], Mapping):
+        clash = sorted({"model", "messages"} & set(extra_body))
+        if clash:
+            raise ConfigurationError(
+                f"extra_body must not set {', '.join(clash)}: the executor sets them per route"
+            )
+    return options
+
+
+def required_capabilities(
+    messages: Sequence[Message], options: Mapping[str, Any]
+) -> frozenset[str]:
+    """What a model must support to serve this request (see `registry.CAPABILITIES`)."""
+    needs: set[str] = set()
+    if options.get("tools"):
+        needs.add("tools")
+    if options.get("response_format") is not None:
+        needs.add("json_schema")
+    for message in messages:
+        if message.tool_calls or message.role == "tool":
+            needs.add("tools")
+        if isinstance(message.content, tuple):
+            for block in message.content:
+                if isinstance(block, ImageBlock):
+                    needs.add("images")
+                elif isinstance(block, ToolCall | ToolResult):
+                    needs.add("tools")
+                    if (
+                        isinstance(block, ToolResult)
+                        and not isinstance(block.content, str)
+                        and any(isinstance(b, ImageBlock) for b in block.content)
+                    ):
+                        needs.add("images")
+    return frozenset(needs)
+
+
+def capable(
+    models: Sequence[ModelInfo], needs: frozenset[str]
+) -> tuple[tuple[ModelInfo, ...], tuple[CandidateEvaluation, ...]]:
+    """``models`` that serve ``needs``, and the others as excluded candidates with reasons."""
+    fit: list[ModelInfo] = []
+    unfit: list[CandidateEvaluation] = []
+    for model in models:
+        missing = sorted(needs - model.capabilities)
+        if not missing:
+            fit.append(model)
+            continue
+        unfit.append(
+            CandidateEvaluation(
+                model=model.id,
+                provider=model.provider,
+                tier=model.tier,
+                excluded=True,
+                reasons=(
+                    f"cannot serve this request: no {', '.join(missing)} support "
+                    "(registry capabilities)",
+                ),
+            )
+        )
+    return tuple(fit), tuple(unfit)
+
+
+def structured_result(completion: Completion, options: Mapping[str, Any]) -> tuple[Any, str | None]:
+    """``(parsed, parse_error)`` for a completion of a run with a ``response_format``."""
+    fmt = options.get("response_format")
+    if not isinstance(fmt, ResponseFormat):
+        return None, None
+    if completion.tool_calls and not completion.content:
+        return None, "the model called a tool instead of answering"
+    return parse_structured(completion.content, fmt.schema)

@@ -1,0 +1,384 @@
+"""
+Provider-neutral requests and responses to and from the two wire formats.
+
+Everything about content blocks, tools, tool results, images, structured output and
+the extra sampling options lives here, so the providers only assemble the body and
+read the usage.  The mapping (as each API documents it):
+
+====================  ==================================  ===================================
+ours                  OpenAI Chat Completions             Anthropic Messages
+====================  ==================================  ===================================
+`TextBlock`           ``{"type": "text", "text"}``        ``{"type": "text", "text"}``
+`ImageBlock` (data)   ``image_url.url``: a ``data:`` URL  ``image``, ``source.type: "base64"``
+`ImageBlock` (url)    ``image_url.url``                   ``image``, ``source.type: "url"``
+assistant tool calls  ``tool_calls[].function``           ``tool_use`` blocks (``input``)
+`ToolResult`, "tool"  ``{"role": "tool", "tool_call_id"}``  ``tool_result`` blocks, first
+`Tool`                ``tools[].function.parameters``     ``tools[].input_schema``
+tool_choice           auto / none / required / a name     ``{"type": auto/none/any/tool}``
+`ResponseFormat`      ``response_format.json_schema``     ``output_config.format``
+stop                  ``stop``                            ``stop_sequences``
+top_p, seed           ``top_p``, ``seed``                 ``top_p`` (no seed: not sent)
+extra_body            merged into the body                merged into the body
+====================  ==================================  ===================================
+
+A tool result's images cannot go in an OpenAI ``tool`` message (text only): they follow
+in a user message; nor has OpenAI an error flag for a result (``is_error`` is not sent
+there).  Anthropic tool ids must match ``[A-Za-z0-9_-]+``: other characters
+of an id from another provider become ``_`` (consistently, so calls and results still
+pair up).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+from ..abc import CompletionRequest, Message
+from ..content import ImageBlock, TextBlock, ToolCall, ToolResult, to_json
+from ..exceptions import InvalidResponseError, RecordValidationError
+from ._http import ResponseReader
+
+__all__ = [
+    "anthropic_body",
+    "anthropic_tool_calls",
+    "openai_body",
+    "openai_tool_calls",
+]
+
+_BAD_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9_-]")
+
+
+# --------------------------------------------------------------------------- OpenAI
+
+
+def _openai_part(block: TextBlock | ImageBlock) -> dict[str, Any]:
+    if isinstance(block, TextBlock):
+        return {"type": "text", "text": block.text}
+    return {"type": "image_url", "image_url": {"url": block.data_url}}
+
+
+def _openai_tool_messages(
+    tool_call_id: str, content: str | Sequence[TextBlock | ImageBlock]
+) -> list[dict[str, Any]]:
+    """One ``tool`` message, and a user message with the result's images if it has any."""
+    if isinstance(content, str):
+        return [{"role": "tool", "tool_call_id": tool_call_id, "content": content}]
+    texts = [{"type": "text", "text": b.text} for b in content if isinstance(b, TextBlock)]
+    images = [_openai_part(b) for b in content if isinstance(b, ImageBlock)]
+    out: list[dict[str, Any]] = [
+        {"role": "tool", "tool_call_id": tool_call_id, "content": texts or ""}
+    ]
+    if images:
+        note = {"type": "text", "text": f"(images returned by tool call {tool_call_id})"}
+        out.append({"role": "user", "content": [note, *images]})
+    return out
+
+
+def _openai_message(message: Message) -> list[dict[str, Any]]:
+    if message.role == "tool":
+        assert message.tool_call_id is not None
+        return _openai_tool_messages(message.tool_call_id, message.content)  # type: ignore[arg-type]
+    if message.role == "assistant":
+        calls = message.calls
+        text = message.text
+        out: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+        if calls:
+            out["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments_json},
+                }
+                for call in calls
+            ]
+        return [out]
+    # user
+    if isinstance(message.content, str):
+        return [{"role": "user", "content": message.content}]
+    messages: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for block in message.content:
+        if isinstance(block, ToolResult):
+            messages.extend(_openai_tool_messages(block.tool_call_id, block.content))
+        elif isinstance(block, TextBlock | ImageBlock):
+            parts.append(_openai_part(block))
+    if parts:
+        messages.append({"role": "user", "content": parts})
+    return messages
+
+
+def openai_body(request: CompletionRequest, max_tokens_field: str) -> dict[str, Any]:
+    """The Chat Completions body for ``request``."""
+    messages: list[dict[str, Any]] = []
+    if request.system is not None:
+        messages.append({"role": "system", "content": request.system})
+    for message in request.messages:
+        messages.extend(_openai_message(message))
+    payload: dict[str, Any] = {
+        "model": request.model,
+        "messages": messages,
+        max_tokens_field: request.max_tokens,
+    }
+    if request.temperature is not None:
+        payload["temperature"] = request.temperature
+    if request.top_p is not None:
+        payload["top_p"] = request.top_p
+    if request.seed is not None:
+        payload["seed"] = request.seed
+    if request.stop:
+        payload["stop"] = list(request.stop)
+    if request.tools:
+        tools = []
+        for tool in request.tools:
+            function: dict[str, Any] = {"name": tool.name}
+            if tool.description is not None:
+                function["description"] = tool.description
+            function["parameters"] = to_json(tool.parameters)
+            if tool.strict:
+                function["strict"] = True
+            tools.append({"type": "function", "function": function})
+        payload["tools"] = tools
+    choice = request.tool_choice
+    if choice is not None:
+        payload["tool_choice"] = (
+            choice
+            if choice in ("auto", "none", "required")
+            else {"type": "function", "function": {"name": choice}}
+        )
+    if request.response_format is not None:
+        fmt = request.response_format
+        payload["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": fmt.name, "schema": to_json(fmt.schema), "strict": fmt.strict},
+        }
+    if request.extra_body:
+        payload.update(to_json(request.extra_body))
+    return payload
+
+
+def _bad_arguments(
+    reader: ResponseReader, path: str, name: str, raw: str, why: str
+) -> InvalidResponseError:
+    error = reader.error(
+        f"{path} of tool call {name!r} is not a JSON object ({why}); the raw text is in the "
+        "error's raw_arguments"
+    )
+    error.raw_arguments = raw  # type: ignore[attr-defined]
+    return error
+
+
+def openai_tool_calls(
+    reader: ResponseReader, message: Mapping[str, Any], path: str
+) -> tuple[ToolCall, ...]:
+    """The ``tool_calls`` of a Chat Completions message, arguments parsed."""
+    raw_calls = message.get("tool_calls")
+    if raw_calls is None:
+        return ()
+    if not isinstance(raw_calls, list):
+        reader.fail(f"{path}.tool_calls must be a list")
+    calls: list[ToolCall] = []
+    for index, item in enumerate(raw_calls):
+        where = f"{path}.tool_calls[{index}]"
+        if not isinstance(item, Mapping):
+            reader.fail(f"{where} must be an object")
+        call_id = reader.get(item, "id", str, where)
+        function = reader.get(item, "function", dict, where)
+        name = reader.get(function, "name", str, f"{where}.function")
+        raw = function.get("arguments", "")
+        if not isinstance(raw, str):
+            reader.fail(f"{where}.function.arguments must be a string")
+        try:
+            arguments = json.loads(raw) if raw.strip() else {}
+        except (ValueError, RecursionError) as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+            raise _bad_arguments(reader, f"{where}.function.arguments", name, raw, why) from None
+        if not isinstance(arguments, dict):
+            raise _bad_arguments(
+                reader,
+                f"{where}.function.arguments",
+                name,
+                raw,
+                f"a JSON {type(arguments).__name__}",
+            )
+        calls.append(_tool_call(reader, call_id, name, arguments, where))
+    return tuple(calls)
+
+
+def _tool_call(
+    reader: ResponseReader, call_id: str, name: str, arguments: dict[str, Any], where: str
+) -> ToolCall:
+    try:
+        return ToolCall(id=call_id, name=name, arguments=arguments)
+    except RecordValidationError as exc:
+        reader.fail(f"{where}: {exc}")
+
+
+# --------------------------------------------------------------------------- Anthropic
+
+
+def _anthropic_id(value: str) -> str:
+    return _BAD_ID_CHARS.sub("_", value)
+
+
+def _anthropic_media(block: TextBlock | ImageBlock) -> dict[str, Any]:
+    if isinstance(block, TextBlock):
+        return {"type": "text", "text": block.text}
+    if block.url is not None:
+        return {"type": "image", "source": {"type": "url", "url": block.url}}
+    return {
+        "type": "image",
+        "source": {"type": "base64", "media_type": block.media_type, "data": block.data},
+    }
+
+
+def _anthropic_result(
+    tool_call_id: str, content: str | Sequence[TextBlock | ImageBlock], is_error: bool
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "tool_result", "tool_use_id": _anthropic_id(tool_call_id)}
+    out["content"] = content if isinstance(content, str) else [_anthropic_media(b) for b in content]
+    if is_error:
+        out["is_error"] = True
+    return out
+
+
+def _anthropic_message(message: Message) -> dict[str, Any]:
+    if message.role == "tool":
+        assert message.tool_call_id is not None
+        content = message.content
+        return {
+            "role": "user",
+            "content": [_anthropic_result(message.tool_call_id, content, False)],  # type: ignore[arg-type]
+        }
+    if message.role == "assistant":
+        calls = message.calls
+        if isinstance(message.content, str) and not calls:
+            return {"role": "assistant", "content": message.content}
+        blocks: list[dict[str, Any]] = []
+        text = message.text
+        if text:
+            blocks.append({"type": "text", "text": text})
+        blocks.extend(
+            {
+                "type": "tool_use",
+                "id": _anthropic_id(call.id),
+                "name": call.name,
+                "input": to_json(call.arguments),
+            }
+            for call in calls
+        )
+        return {"role": "assistant", "content": blocks}
+    if isinstance(message.content, str):
+        return {"role": "user", "content": message.content}
+    # tool results first in the turn, as the Messages API requires
+    results = [
+        _anthropic_result(b.tool_call_id, b.content, b.is_error)
+        for b in message.content
+        if isinstance(b, ToolResult)
+    ]
+    rest = [_anthropic_media(b) for b in message.content if isinstance(b, TextBlock | ImageBlock)]
+    return {"role": "user", "content": results + rest}
+
+
+def _has_results(message: Mapping[str, Any]) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) and any(
+        isinstance(b, Mapping) and b.get("type") == "tool_result" for b in content
+    )
+
+
+def anthropic_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """
+    ``messages`` in the Messages API's shape.  Tool results that follow one another
+    (OpenAI's one ``tool`` message per call) are merged into one user turn, with any
+    user message right after them, so every result answers the assistant turn before.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        converted = _anthropic_message(message)
+        previous = out[-1] if out else None
+        if (
+            previous is not None
+            and previous["role"] == "user"
+            and converted["role"] == "user"
+            and _has_results(previous)
+        ):
+            extra = converted["content"]
+            if isinstance(extra, str):
+                extra = [{"type": "text", "text": extra}] if extra else []
+            results = [b for b in extra if b.get("type") == "tool_result"]
+            rest = [b for b in extra if b.get("type") != "tool_result"]
+            head = [b for b in previous["content"] if b.get("type") == "tool_result"]
+            tail = [b for b in previous["content"] if b.get("type") != "tool_result"]
+            previous["content"] = head + results + tail + rest
+            continue
+        out.append(converted)
+    return out
+
+
+def anthropic_body(request: CompletionRequest) -> dict[str, Any]:
+    """The Messages API body for ``request`` (``seed`` has no counterpart: not sent)."""
+    payload: dict[str, Any] = {
+        "model": request.model,
+        "max_tokens": request.max_tokens,
+        "messages": anthropic_messages(request.messages),
+    }
+    if request.system is not None:
+        payload["system"] = request.system
+    if request.temperature is not None:
+        payload["temperature"] = request.temperature
+    if request.top_p is not None:
+        payload["top_p"] = request.top_p
+    if request.stop:
+        payload["stop_sequences"] = list(request.stop)
+    if request.tools:
+        tools = []
+        for tool in request.tools:
+            spec: dict[str, Any] = {"name": tool.name}
+            if tool.description is not None:
+                spec["description"] = tool.description
+            spec["input_schema"] = to_json(tool.parameters)
+            if tool.strict:
+                spec["strict"] = True
+            tools.append(spec)
+        payload["tools"] = tools
+    choice = request.tool_choice
+    if choice is not None:
+        if choice == "required":
+            payload["tool_choice"] = {"type": "any"}
+        elif choice in ("auto", "none"):
+            payload["tool_choice"] = {"type": choice}
+        else:
+            payload["tool_choice"] = {"type": "tool", "name": choice}
+    if request.response_format is not None:
+        payload["output_config"] = {
+            "format": {"type": "json_schema", "schema": to_json(request.response_format.schema)}
+        }
+    if request.extra_body:
+        payload.update(to_json(request.extra_body))
+    return payload
+
+
+def anthropic_tool_calls(
+    reader: ResponseReader, blocks: Sequence[Any], path: str
+) -> tuple[ToolCall, ...]:
+    """The ``tool_use`` blocks of a Messages API response."""
+    calls: list[ToolCall] = []
+    for index, block in enumerate(blocks):
+        if not isinstance(block, Mapping) or block.get("type") != "tool_use":
+            continue
+        where = f"{path}[{index}]"
+        call_id = reader.get(block, "id", str, where)
+        name = reader.get(block, "name", str, where)
+        arguments = block.get("input")
+        if not isinstance(arguments, dict):
+            raise _bad_arguments(
+                reader,
+                f"{where}.input",
+                name,
+                json.dumps(arguments),
+                f"a JSON {type(arguments).__name__}",
+            )
+        calls.append(_tool_call(reader, call_id, name, arguments, where))
+    return tuple(calls)
