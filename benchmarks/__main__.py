@@ -22,6 +22,7 @@ from benchmarks import (
     bench_router_start,
     bench_routing,
     bench_routing_quality,
+    bench_streaming,
     bench_telemetry,
 )
 from benchmarks._common import RESULTS_DIR, BenchResult, machine_info, write_result
@@ -35,6 +36,7 @@ SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "executor": bench_executor.run,
     "router_start": bench_router_start.run,
     "otel": bench_otel.run,
+    "streaming": bench_streaming.run,
 }
 
 

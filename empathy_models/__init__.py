@@ -22,6 +22,7 @@ from .abc import (
     CircuitStateStore as CircuitStateStore,
     Completion as Completion,
     CompletionRequest as CompletionRequest,
+    CompletionStream as CompletionStream,
     Message as Message,
     Provider as Provider,
     TelemetryBackend as TelemetryBackend,
@@ -97,6 +98,7 @@ from .exceptions import (
     SchemaVersionError as SchemaVersionError,
     ServerError as ServerError,
     StateStoreError as StateStoreError,
+    StreamInterruptedError as StreamInterruptedError,
     TelemetryError as TelemetryError,
     TelemetryRejectedError as TelemetryRejectedError,
 )
@@ -137,6 +139,7 @@ from .router import (
     TierRecommendation as TierRecommendation,
 )
 from .routing.reports import ModelStats as ModelStats
+from .streaming import LLMStream as LLMStream
 from .tasks import (
     TaskType as TaskType,
     get_tier_for_task as get_tier_for_task,
@@ -173,6 +176,7 @@ __all__ = [
     "CircuitStateStore",
     "Completion",
     "CompletionRequest",
+    "CompletionStream",
     "ConfigurationError",
     "ConstraintStatus",
     "ContentBlock",
@@ -187,6 +191,7 @@ __all__ = [
     "InvalidResponseError",
     "LLMCallRecord",
     "LLMResponse",
+    "LLMStream",
     "LinesOfCodeReport",
     "MemoryStateStore",
     "MemoryTelemetryBackend",
@@ -223,6 +228,7 @@ __all__ = [
     "ServerError",
     "SourceFileError",
     "StateStoreError",
+    "StreamInterruptedError",
     "SubscriptionTier",
     "TaskType",
     "TelemetryBackend",

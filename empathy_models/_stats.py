@@ -72,6 +72,7 @@ def aggregate_records(
     for (workflow, stage, model), rows in sorted(groups.items()):
         ok = [r for r in rows if r.outcome is Outcome.SUCCESS]
         latencies = sorted(r.latency_ms for r in ok)
+        ttfts = sorted(r.ttft_ms for r in ok if r.ttft_ms is not None)
         last = max(rows, key=lambda r: r.timestamp)
         out.append(
             ModelPerformance(
@@ -85,6 +86,8 @@ def aggregate_records(
                 latency_p50_ms=nearest_rank(latencies, 0.50),
                 latency_p95_ms=nearest_rank(latencies, 0.95),
                 avg_latency_ms=(sum(latencies) / len(latencies)) if latencies else None,
+                ttft_p50_ms=nearest_rank(ttfts, 0.50),
+                ttft_p95_ms=nearest_rank(ttfts, 0.95),
                 avg_cost_usd=sum(r.cost_usd for r in rows) / len(rows),
                 avg_input_tokens=(sum(r.input_tokens for r in ok) / len(ok)) if ok else 0.0,
                 avg_output_tokens=(sum(r.output_tokens for r in ok) / len(ok)) if ok else 0.0,

@@ -58,6 +58,7 @@ __all__ = [
     "CircuitStateStore",
     "Completion",
     "CompletionRequest",
+    "CompletionStream",
     "Message",
     "Provider",
     "TelemetryBackend",
@@ -660,3 +661,100 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     async def complete(self, request: CompletionRequest) -> Completion:
         """Send one request and return the completion, or raise a `ProviderError`."""
+
+    async def stream(
+        self,
+        request: CompletionRequest,
+        *,
+        idle_timeout: float | None = None,
+        total_timeout: float | None = None,
+    ) -> CompletionStream:
+        """
+        Send one request and return its answer as a `CompletionStream` of text deltas.
+
+        ``idle_timeout`` (seconds) bounds the wait for the first byte and every gap
+        between chunks; ``total_timeout`` the whole stream.  Either running out raises
+        `ProviderTimeoutError`.  Errors before the stream opens are raised here, later
+        ones by the stream's ``__anext__``.
+
+        The default, for providers that cannot stream, calls `complete` (bounded by the
+        smaller timeout) and yields its whole content as one delta.
+        """
+        import asyncio
+
+        from .exceptions import ProviderTimeoutError
+
+        limits = [t for t in (idle_timeout, total_timeout) if t is not None]
+        try:
+            async with asyncio.timeout(min(limits) if limits else None):
+                completion = await self.complete(request)
+        except TimeoutError as exc:
+            if isinstance(exc, ProviderTimeoutError):
+                raise
+            raise ProviderTimeoutError(
+                f"{self.name}: no answer within {min(limits):.3f}s [model {request.model}]",
+                provider=self.name,
+                model=request.model,
+            ) from None
+        return _CompletedStream(completion)
+
+
+class CompletionStream(abc.ABC):
+    """
+    A provider's answer arriving in pieces: ``async for delta in stream`` yields the
+    non-empty text deltas in order, then stops when the answer is complete.
+
+    `__anext__` raises a `ProviderError` when the stream fails (a stall past the idle
+    timeout, an error event, a cut connection); `aclose` (idempotent) ends it early and
+    releases the connection.  `completion` is the answer so far.
+    """
+
+    def __aiter__(self) -> Self:
+        return self
+
+    @abc.abstractmethod
+    async def __anext__(self) -> str:
+        """The next text delta; `StopAsyncIteration` when the answer is complete."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Stop reading and release the connection (a no-op once finished or closed)."""
+
+    @property
+    @abc.abstractmethod
+    def finished(self) -> bool:
+        """True once the whole answer has arrived."""
+
+    @abc.abstractmethod
+    def completion(self) -> Completion:
+        """
+        What has arrived so far: the text, and the usage the provider reported (output
+        tokens count one per delta until it reports them; input tokens 0 until then).
+        """
+
+
+class _CompletedStream(CompletionStream):
+    """A whole `Completion` served as a stream of one delta."""
+
+    def __init__(self, completion: Completion) -> None:
+        self._completion = completion
+        self._sent = not completion.content
+        self._closed = False
+
+    async def __anext__(self) -> str:
+        if self._sent or self._closed:
+            raise StopAsyncIteration
+        self._sent = True
+        return self._completion.content
+
+    async def aclose(self) -> None:
+        self._closed = True
+
+    @property
+    def finished(self) -> bool:
+        return self._sent
+
+    def completion(self) -> Completion:
+        if self._sent:
+            return self._completion
+        return attrs.evolve(self._completion, content="", output_tokens=0)

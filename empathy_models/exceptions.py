@@ -21,7 +21,8 @@ bad input a `ValueError`)::
     │   │   └── ContentPolicyError               refused by the provider's policy
     │   ├── ServerError                          5xx
     │   │   └── OverloadedError                  529 / "overloaded_error"
-    │   └── InvalidResponseError                 malformed JSON, missing fields, truncated body
+    │   ├── InvalidResponseError                 malformed JSON, missing fields, truncated body
+    │   └── StreamInterruptedError               a stream failed after its first delta
     ├── CircuitOpenError                         the breaker said no (key, state, retry_after)
     ├── NoModelMeetsConstraintsError (LookupError) with the reasons per model
     ├── AllRoutesFailedError (ExceptionGroup)    every candidate failed; one error per attempt
@@ -69,6 +70,7 @@ __all__ = [
     "SchemaVersionError",
     "ServerError",
     "StateStoreError",
+    "StreamInterruptedError",
     "TelemetryError",
     "TelemetryRejectedError",
 ]
@@ -188,6 +190,88 @@ class OverloadedError(ServerError):
 
 class InvalidResponseError(ProviderError):
     """The answer could not be understood: malformed JSON, missing fields, truncated body."""
+
+
+class StreamInterruptedError(ProviderError):
+    """
+    A streamed answer failed after its first delta reached the caller.
+
+    Nothing is retried or sent elsewhere then (the caller already holds part of this
+    model's answer).  ``partial_text`` is the text delivered so far; ``input_tokens`` /
+    ``output_tokens`` the usage known so far (output counted one per delta until the
+    provider reports it); ``ttft_ms`` the time to the first delta of the attempt;
+    ``request_id`` the run's id.  The underlying error (a `ProviderTimeoutError` for a
+    stall, a `ServerError` for an error event, ...) is the ``__cause__`` and also
+    ``error``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+        partial_text: str = "",
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        ttft_ms: float | None = None,
+        request_id: str | None = None,
+        error: ProviderError | None = None,
+    ) -> None:
+        super().__init__(
+            message, provider=provider, model=model, status=status, retry_after=retry_after
+        )
+        self.partial_text = partial_text
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.ttft_ms = ttft_ms
+        self.request_id = request_id
+        self.error = error
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_stream_interrupted,
+            (
+                str(self),
+                self.provider,
+                self.model,
+                self.status,
+                self.retry_after,
+                self.partial_text,
+                self.input_tokens,
+                self.output_tokens,
+                self.ttft_ms,
+                self.request_id,
+            ),
+        )
+
+
+def _rebuild_stream_interrupted(
+    message: str,
+    provider: str | None,
+    model: str | None,
+    status: int | None,
+    retry_after: float | None,
+    partial_text: str,
+    input_tokens: int,
+    output_tokens: int,
+    ttft_ms: float | None,
+    request_id: str | None,
+) -> StreamInterruptedError:
+    return StreamInterruptedError(
+        message,
+        provider=provider,
+        model=model,
+        status=status,
+        retry_after=retry_after,
+        partial_text=partial_text,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        ttft_ms=ttft_ms,
+        request_id=request_id,
+    )
 
 
 class CircuitOpenError(EmpathyModelsError):

@@ -90,7 +90,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
-from typing import Any, NamedTuple, Protocol, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self
 
 import aiohttp
 import anyio
@@ -143,6 +143,11 @@ from .records import (
 from .registry import ModelInfo, ModelRegistry
 from .retry import RetryPolicy
 from .tasks import get_tier_for_task, is_known_task, normalize_task_type
+
+if TYPE_CHECKING:
+    from .streaming import StreamManager
+
+_open_stream: Callable[..., StreamManager] | None = None  # streaming.py, imported on first use
 
 __all__ = [
     "AttemptSummary",
@@ -487,7 +492,8 @@ class LLMResponse:
     entry of the model called (``price_version`` says which table).  ``latency_ms`` is
     the whole run, retries and waits included.  ``fallback_chain`` lists every model
     tried, in order, the answering one last; ``fallback_used`` is true when that is not
-    the first.
+    the first.  ``ttft_ms`` (streamed runs only) is the time from the start of the
+    stream to its first delta, retries and fallbacks included.
 
     ``tool_calls`` are the tools the model called (``stop_reason`` is then the
     provider's own: ``"tool_use"`` from Anthropic, ``"tool_calls"`` from OpenAI).  With
@@ -514,6 +520,7 @@ class LLMResponse:
     tool_calls: tuple[ToolCall, ...] = ()
     parsed: Any = None
     parse_error: str | None = None
+    ttft_ms: float | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -1612,6 +1619,33 @@ class EmpathyLLMExecutor:
             run.errors,
         )
 
+    def stream(self, prompt: Prompt, context: ExecutionContext | None = None) -> StreamManager:
+        """
+        Answer ``prompt`` as a stream of text deltas; see `empathy_models.streaming`.
+
+        ::
+
+            async with executor.stream("...", ExecutionContext(workflow="chat")) as stream:
+                async for delta in stream:
+                    print(delta, end="")
+                response = await stream.get_final_response()
+
+        Same routing, breaker, retries, fallback, deadline and records as `run`: failures
+        before the first delta are retried or fall back (``async with`` raises
+        `AllRoutesFailedError` when no route answers); a failure after it raises
+        `StreamInterruptedError` with the partial text; leaving the block early closes
+        the response and records the attempt as ``cancelled``.  ``context.timeout``
+        bounds the first byte and each gap between chunks.  Bad input raises
+        `ConfigurationError` here, before anything is sent.
+        """
+        global _open_stream
+        opener = _open_stream
+        if opener is None:
+            from .streaming import open_stream
+
+            opener = _open_stream = open_stream
+        return opener(self, prompt, context)
+
     def _response(
         self, run: _Run, info: ModelInfo, completion: Completion, start: float, cost: float
     ) -> LLMResponse:
@@ -1638,6 +1672,7 @@ class EmpathyLLMExecutor:
             tool_calls=completion.tool_calls,
             parsed=parsed,
             parse_error=parse_error,
+            ttft_ms=None,
         )
 
     def _deadline_error(self, run: _Run, info: ModelInfo, why: str) -> _DeadlineExceeded:

@@ -452,7 +452,9 @@ class ModelPerformance:
 
     Only *sample* outcomes count (``success``, ``failure``, ``rate_limited``, ``fatal``);
     ignored, cancelled, rejected and not-sent attempts do not.  Latency percentiles are computed
-    over successful calls with the nearest-rank method; costs over every sample.
+    over successful calls with the nearest-rank method; costs over every sample.  The time
+    to first token (``ttft_p50_ms`` / ``ttft_p95_ms``) is over successful streamed calls
+    (those with a ``ttft_ms``); None when there are none.
     """
 
     model: str = field(validator=_non_empty_str)
@@ -469,6 +471,8 @@ class ModelPerformance:
     latency_p50_ms: float | None = field(default=None, validator=_non_negative)
     latency_p95_ms: float | None = field(default=None, validator=_non_negative)
     avg_latency_ms: float | None = field(default=None, validator=_non_negative)
+    ttft_p50_ms: float | None = field(default=None, validator=_non_negative)
+    ttft_p95_ms: float | None = field(default=None, validator=_non_negative)
     avg_cost_usd: float = field(default=0.0, validator=_non_negative)
     avg_input_tokens: float = field(default=0.0, validator=_non_negative)
     avg_output_tokens: float = field(default=0.0, validator=_non_negative)

@@ -37,6 +37,7 @@ def test_every_request_is_accounted_for(run: tuple[Path, Path, dict[str, Any]]) 
         ("support", "triage"),
         ("docs", "outline"),
         ("docs", "write"),
+        ("chat", "reply"),
     }
     # one record per attempt: at least one per answered request
     assert totals["attempts_recorded"] >= totals["answered"]
@@ -61,6 +62,11 @@ def test_models_are_reported_with_bounds_and_latency(
         if s["answered"]:
             assert s["p50_ms"] <= s["p95_ms"]
             assert sum(s["answered_by"].values()) == s["answered"]
+        # the streamed stage reports the time to first token it waited for
+        assert (s["ttft_p50_ms"] is not None) == (s["stage"] == "reply")
+        assert s["streamed"] == (s["stage"] == "reply")
+    streamed = [m for m in data["models"] if m["stage"] == "reply"]
+    assert streamed and any(m["ttft_p50_ms"] is not None for m in streamed)
 
 
 def test_routing_beats_the_always_premium_baseline(run: tuple[Path, Path, dict[str, Any]]) -> None:

@@ -69,6 +69,7 @@ def _blocks() -> list[Block]:
 MARKERS = {
     "without_key": 'telemetry_store="memory://"',
     "quick_start": 'on_no_match="relax"',
+    "streaming": "async for delta in stream:",
     "sync": "from empathy_models.sync import SyncExecutor",
     "messages": "async def translate(",
     "tools": "async def answer_with_tools(",
@@ -206,6 +207,34 @@ def test_the_python_blocks_pass_mypy_strict(tmp_path: Path) -> None:
         [*args, str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, timeout=600
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_streaming_block_prints_the_deltas_then_the_usage(
+    keys: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from empathy_models.testing import ModelBehavior, StreamBehavior
+
+    text = "Lisbon sits on seven hills above the Tagus."
+    behavior = ModelBehavior(content=text, output_tokens=9)
+    async with FakeLLMServer(default=behavior) as server:
+        code = block("streaming").replace(
+            "AnthropicProvider()",
+            f'AnthropicProvider(api_key="sk-test", base_url="{server.anthropic_base_url}")',
+        )
+        code = code.replace("sqlite:///calls.db", f"sqlite:///{tmp_path / 'calls.db'}")
+        await _run_main(code)
+        out = capsys.readouterr().out
+        assert out.startswith(text + "\n")
+        assert ": 9 tokens, $" in out and "first token after" in out
+        # a failure after three deltas: the partial text, then the cut-short line
+        failing = ModelBehavior(content=text, stream=StreamBehavior(fault_after=3))
+        for model in ModelRegistry.default().models:
+            if model.provider == "anthropic":
+                server.set_behavior(model.id, failing)
+        await _run_main(code)
+    out = capsys.readouterr().out
+    assert out.startswith("Lisbon sits on\n[cut short after 14 characters: ")
+    assert "overloaded_error" in out
 
 
 # --------------------------------------------------------------------------- recipes

@@ -326,7 +326,7 @@ async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Pa
         )
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     finally:
         conn.close()
 

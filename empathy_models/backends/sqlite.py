@@ -271,6 +271,17 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "DELETE FROM llm_calls WHERE id NOT IN (SELECT min(id) FROM llm_calls GROUP BY call_id)",
         "CREATE UNIQUE INDEX ux_llm_calls_call_id ON llm_calls (call_id)",
     ),
+    # version 4: the router's aggregate also reads ttft_ms (time-to-first-token
+    # percentiles); the covering index gains it, so the query still reads no table row
+    (
+        "DROP INDEX ix_llm_calls_route",
+        """
+        CREATE INDEX ix_llm_calls_route ON llm_calls (
+            workflow, stage, ts_us, model, outcome, latency_ms, cost_usd,
+            input_tokens, output_tokens, provider, tier, ttft_ms
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -509,7 +520,8 @@ def _aggregate_sql(where: str, per_stage: bool) -> str:
     return f"""
 WITH base AS (
     SELECT id, ifnull(workflow, '') AS wf, {stage} AS st, model, provider, tier, ts_us,
-           outcome = 'success' AS ok, latency_ms, cost_usd, input_tokens, output_tokens
+           outcome = 'success' AS ok, latency_ms, ttft_ms, cost_usd, input_tokens,
+           output_tokens
     FROM llm_calls
     WHERE outcome IN ('success', 'failure', 'rate_limited', 'fatal'){where}
 ),
@@ -548,11 +560,26 @@ pct AS (
            MAX(CASE WHEN rn = n THEN lat_sum END) AS lat_sum
     FROM lat
     GROUP BY wf, st, model
+),
+ttft AS (
+    SELECT wf, st, model, ttft_ms,
+           ROW_NUMBER() OVER (PARTITION BY wf, st, model ORDER BY ttft_ms) AS rn,
+           COUNT(*) OVER (PARTITION BY wf, st, model) AS n
+    FROM base
+    WHERE ok AND ttft_ms IS NOT NULL
+),
+tpct AS (
+    SELECT wf, st, model,
+           MAX(CASE WHEN rn = {_rank(":p50")} THEN ttft_ms END) AS t50,
+           MAX(CASE WHEN rn = {_rank(":p95")} THEN ttft_ms END) AS t95
+    FROM ttft
+    GROUP BY wf, st, model
 )
 SELECT g.wf, g.st, g.model, g.provider, g.tier, g.n, g.successes, p.p50, p.p95, p.lat_sum,
-       g.cost_sum, g.in_sum, g.out_sum, g.first_us, g.last_us
+       g.cost_sum, g.in_sum, g.out_sum, g.first_us, g.last_us, t.t50, t.t95
 FROM groups AS g
 LEFT JOIN pct AS p ON p.wf = g.wf AND p.st = g.st AND p.model = g.model
+LEFT JOIN tpct AS t ON t.wf = g.wf AND t.st = g.st AND t.model = g.model
 ORDER BY g.wf, g.st, g.model
 """
 
@@ -1470,7 +1497,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         out: list[ModelPerformance] = []
         for row in rows:
             (wf, st, model, provider, tier, n, ok, p50, p95, lat_sum) = row[:10]
-            (cost_sum, in_sum, out_sum, first_us, last_us) = row[10:]
+            (cost_sum, in_sum, out_sum, first_us, last_us, t50, t95) = row[10:]
             out.append(
                 ModelPerformance(
                     model=model,
@@ -1483,6 +1510,8 @@ class SQLiteTelemetryBackend(TelemetryBackend):
                     latency_p50_ms=p50,
                     latency_p95_ms=p95,
                     avg_latency_ms=(lat_sum / ok) if ok else None,
+                    ttft_p50_ms=t50,
+                    ttft_p95_ms=t95,
                     avg_cost_usd=cost_sum / n,
                     avg_input_tokens=(in_sum / ok) if ok else 0.0,
                     avg_output_tokens=(out_sum / ok) if ok else 0.0,

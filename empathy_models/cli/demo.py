@@ -3,13 +3,14 @@
 
 A `FakeLLMServer` on 127.0.0.1 serves seven real model ids in both wire formats
 (Anthropic Messages and OpenAI Chat Completions), each with its own latency and
-failure rate.  A few thousand calls from three workflow stages go through
-`EmpathyLLMExecutor` with an `AdaptiveModelRouter`, a `CircuitBreaker` and SQLite
-telemetry.  A third of the way in, every OpenAI-format model goes down (503) and comes
-back later.  The summary shows, per workflow and stage, which models the router chose
-with their success rates and Wilson bounds, p50/p95 latencies, the cost against an
-always-premium baseline priced from the registry for the same tokens, and every
-breaker transition the listener saw.
+failure rate.  A few thousand calls from four workflow stages (one streamed through
+``executor.stream()``) go through `EmpathyLLMExecutor` with an `AdaptiveModelRouter`,
+a `CircuitBreaker` and SQLite telemetry.  A third of the way in, every OpenAI-format
+model goes down (503) and comes back later.  The summary shows, per workflow and
+stage, which models the router chose with their success rates and Wilson bounds,
+p50/p95 latencies (and the streamed stage's time to first token), the cost against an
+always-premium baseline priced from the registry for the same tokens, and every breaker
+transition the listener saw.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class _Stage:
     prompt_chars: int
     min_success_rate: float
     max_latency_ms: float | None = None
+    streamed: bool = False  # through executor.stream(), with its time to first token
 
 
 _STAGES: tuple[_Stage, ...] = (
@@ -131,6 +133,15 @@ _STAGES: tuple[_Stage, ...] = (
         weight=0.25,
         prompt_chars=6_000,
         min_success_rate=0.97,
+    ),
+    _Stage(
+        workflow="chat",
+        stage="reply",
+        task_type="simple_qa",
+        weight=0.20,
+        prompt_chars=800,
+        min_success_rate=0.95,
+        streamed=True,
     ),
 )
 
@@ -184,6 +195,7 @@ class _StageTally:
     cost: float = 0.0
     baseline: float = 0.0
     latencies: list[float] = field(factory=list)
+    ttfts: list[float] = field(factory=list)
     models: dict[str, int] = field(factory=dict)
 
 
@@ -378,7 +390,16 @@ async def run_demo(
                     )
                     t0 = time.perf_counter()
                     try:
-                        response: LLMResponse = await executor.run(prompts[stage.stage], context)
+                        response: LLMResponse
+                        if stage.streamed:
+                            async with executor.stream(prompts[stage.stage], context) as stream:
+                                async for _ in stream:
+                                    pass
+                                response = await stream.get_final_response()
+                            if response.ttft_ms is not None:
+                                tally.ttfts.append(response.ttft_ms)
+                        else:
+                            response = await executor.run(prompts[stage.stage], context)
                     except (AllRoutesFailedError, EmpathyModelsError):
                         tally.failed += 1
                     else:
@@ -441,12 +462,15 @@ def _result(
     states: list[dict[str, Any]],
 ) -> DemoResult:
     stages = []
+    streamed = {(s.workflow, s.stage) for s in _STAGES if s.streamed}
     for (workflow, stage), t in tallies.items():
         saving = (1.0 - t.cost / t.baseline) if t.baseline else None
         stages.append(
             {
                 "workflow": workflow,
                 "stage": stage,
+                "streamed": (workflow, stage) in streamed,
+                "ttft_p50_ms": _nearest_rank(t.ttfts, 0.50),
                 "requests": t.requests,
                 "answered": t.answered,
                 "failed": t.failed,
@@ -481,6 +505,7 @@ def _result(
                 "success_rate_upper": high,
                 "p50_ms": p.latency_p50_ms,
                 "p95_ms": p.latency_p95_ms,
+                "ttft_p50_ms": p.ttft_p50_ms,
                 "cost_usd": p.avg_cost_usd * p.sample_size,
             }
         )
@@ -602,6 +627,7 @@ def _print(
             "fallbacks",
             "p50 ms",
             "p95 ms",
+            "TTFT p50",
             "cost",
             "all-premium",
             "saved",
@@ -609,13 +635,14 @@ def _print(
         [
             (
                 s["workflow"],
-                s["stage"],
+                s["stage"] + (" (streamed)" if s["streamed"] else ""),
                 s["requests"],
                 s["answered"],
                 s["failed"],
                 s["fallbacks"],
                 fmt_ms(s["p50_ms"]),
                 fmt_ms(s["p95_ms"]),
+                fmt_ms(s["ttft_p50_ms"]),
                 fmt_usd(s["cost_usd"]),
                 fmt_usd(s["premium_baseline_usd"]),
                 fmt_pct(s["saving"]),

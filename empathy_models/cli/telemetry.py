@@ -104,6 +104,8 @@ def performance_row(p: ModelPerformance) -> dict[str, Any]:
         "success_rate_upper": high,
         "latency_p50_ms": p.latency_p50_ms,
         "latency_p95_ms": p.latency_p95_ms,
+        "ttft_p50_ms": p.ttft_p50_ms,
+        "ttft_p95_ms": p.ttft_p95_ms,
         "avg_cost_usd": p.avg_cost_usd,
         "total_cost_usd": p.avg_cost_usd * p.sample_size,
     }
@@ -124,6 +126,8 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"days": args.days, "counted": _COUNTED, "models": rows})
         return 0
+    # time-to-first-token columns only when some call in the window was streamed
+    streamed = any(r["ttft_p50_ms"] is not None for r in rows)
     table = [
         (
             r["workflow"],
@@ -134,6 +138,7 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
             f"{fmt_pct(r['success_rate_lower'])}-{fmt_pct(r['success_rate_upper'])}",
             fmt_ms(r["latency_p50_ms"]),
             fmt_ms(r["latency_p95_ms"]),
+            *((fmt_ms(r["ttft_p50_ms"]), fmt_ms(r["ttft_p95_ms"])) if streamed else ()),
             fmt_usd(r["total_cost_usd"]),
         )
         for r in rows
@@ -148,6 +153,7 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
             "95% bounds",
             "p50 ms",
             "p95 ms",
+            *(("TTFT p50 ms", "TTFT p95 ms") if streamed else ()),
             "cost",
         ],
         table,

@@ -56,7 +56,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._propagation import outgoing_headers
-from ..abc import Completion, CompletionRequest, Provider
+from ..abc import Completion, CompletionRequest, CompletionStream, Provider
 from ..exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -73,6 +73,7 @@ from ..exceptions import (
     RateLimitedError,
     ServerError,
 )
+from ._sse import StreamDecoder
 
 __all__ = [
     "AttemptTimeout",
@@ -703,6 +704,40 @@ class HTTPProvider(Provider):
             return await self._send(request, own, None)  # the provider's own timeout comes first
         return await self._send(
             request, self._exact_timeout(budget), asyncio.get_running_loop().time() + budget
+        )
+
+    _stream_decoder: type[StreamDecoder] | None = None
+    """The wire format's SSE decoder (set by each subclass); None: `stream` is not offered."""
+
+    async def stream(
+        self,
+        request: CompletionRequest,
+        *,
+        idle_timeout: float | None = None,
+        total_timeout: float | None = None,
+    ) -> CompletionStream:
+        """
+        POST ``request`` with ``"stream": true`` and return the open `CompletionStream`.
+
+        ``idle_timeout`` bounds the wait for the first byte and each gap between chunks
+        (default: the provider's own total timeout); ``total_timeout`` the whole stream.
+        Errors before the first byte are raised here, mapped as for `complete`; later
+        ones (a stall, an ``error`` event, a cut connection) by the stream's
+        ``__anext__``.  See `empathy_models.providers._streaming`.
+        """
+        decoder = self._stream_decoder
+        if decoder is None:
+            return await super().stream(
+                request, idle_timeout=idle_timeout, total_timeout=total_timeout
+            )
+        from ._streaming import open_http_stream
+
+        return await open_http_stream(
+            self,
+            request,
+            decoder,
+            idle_timeout=self._timeout.total if idle_timeout is None else idle_timeout,
+            total_timeout=total_timeout,
         )
 
     def _exact_timeout(self, total: float) -> aiohttp.ClientTimeout:

@@ -10,6 +10,7 @@ import aiohttp
 from ..abc import Completion, CompletionRequest
 from ._convert import anthropic_body, anthropic_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
+from ._sse import AnthropicStreamDecoder
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicProvider"]
 
@@ -66,6 +67,8 @@ class AnthropicProvider(HTTPProvider):
             api_key_from_env=api_key_from_env,
             max_response_bytes=max_response_bytes,
         )
+
+    _stream_decoder = AnthropicStreamDecoder
 
     def _endpoint(self) -> str:
         return "/messages" if self.base_url.endswith("/v1") else "/v1/messages"

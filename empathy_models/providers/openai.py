@@ -12,6 +12,7 @@ from ..abc import Completion, CompletionRequest
 from ..exceptions import ConfigurationError
 from ._convert import openai_body, openai_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
+from ._sse import OpenAIStreamDecoder
 
 __all__ = ["OpenAIProvider"]
 
@@ -82,6 +83,8 @@ class OpenAIProvider(HTTPProvider):
             official = urlsplit(self.base_url).hostname == "api.openai.com"
             max_tokens_field = "max_completion_tokens" if official else "max_tokens"
         self.max_tokens_field = max_tokens_field
+
+    _stream_decoder = OpenAIStreamDecoder
 
     def _endpoint(self) -> str:
         return "/chat/completions"

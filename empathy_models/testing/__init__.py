@@ -11,6 +11,7 @@ from .fake_server import (
     Latency as Latency,
     ModelBehavior as ModelBehavior,
     RecordedRequest as RecordedRequest,
+    StreamBehavior as StreamBehavior,
 )
 from .fakes import FakeProvider as FakeProvider
 
@@ -23,4 +24,5 @@ __all__ = [
     "Latency",
     "ModelBehavior",
     "RecordedRequest",
+    "StreamBehavior",
 ]

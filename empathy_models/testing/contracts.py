@@ -231,6 +231,7 @@ def _brute_force(
     for key, rows in groups.items():
         ok = [r for r in rows if r.outcome.value == "success"]
         latencies = [r.latency_ms for r in ok]
+        ttfts = [r.ttft_ms for r in ok if r.ttft_ms is not None]
         out[key] = {
             "provider": rows[0].provider,
             "tier": rows[0].tier,
@@ -239,6 +240,8 @@ def _brute_force(
             "latency_p50_ms": _nearest_rank(latencies, 50),
             "latency_p95_ms": _nearest_rank(latencies, 95),
             "avg_latency_ms": math.fsum(latencies) / len(latencies) if latencies else None,
+            "ttft_p50_ms": _nearest_rank(ttfts, 50),
+            "ttft_p95_ms": _nearest_rank(ttfts, 95),
             "avg_cost_usd": math.fsum(r.cost_usd for r in rows) / len(rows),
             "avg_input_tokens": sum(r.input_tokens for r in ok) / len(ok) if ok else 0.0,
             "avg_output_tokens": sum(r.output_tokens for r in ok) / len(ok) if ok else 0.0,

@@ -69,6 +69,7 @@ from aiohttp import web
 from attrs import field, frozen
 
 from ..exceptions import ConfigurationError, RecordValidationError
+from ._fake_stream import StreamBehavior, serve_stream
 from ._fake_tools import FakeReply, apply_reply, auto_reply, check_anthropic, check_openai
 
 __all__ = [
@@ -78,6 +79,7 @@ __all__ = [
     "Latency",
     "ModelBehavior",
     "RecordedRequest",
+    "StreamBehavior",
     "estimate_tokens",
 ]
 
@@ -247,7 +249,8 @@ class ModelBehavior:
     with 429, 503 and 529.  ``output_tokens`` is a count or a uniform ``(low, high)``
     range, capped by the request's max tokens.  ``content`` is the reply text (default:
     a short line naming the model).  ``context_window``, when set, makes prompts that do
-    not fit fail with each API's context-length error.
+    not fit fail with each API's context-length error.  ``stream`` (a `StreamBehavior`)
+    sets the chunk timing and a fault after N chunks for requests with ``"stream": true``.
     """
 
     latency: Latency = field(default=Latency("fixed", 0.0), converter=_to_latency)
@@ -257,6 +260,10 @@ class ModelBehavior:
     output_tokens: tuple[int, int] = field(default=(16, 16), converter=_to_token_range)
     content: str | None = None
     context_window: int | None = field(default=None, validator=_opt_positive_int)
+    stream: StreamBehavior | None = field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.instance_of(StreamBehavior)),
+    )
 
     @classmethod
     def always(cls, action: Action, **changes: Any) -> ModelBehavior:
@@ -274,6 +281,12 @@ class RecordedRequest:
     headers: Mapping[str, str]
 
 
+# a body fault asked of a streamed request becomes the stream's fault, at its start
+_STREAMED_FAULTS: Final = {
+    "malformed": "malformed",
+    "incomplete": "incomplete",
+    "truncated": "reset",
+}
 _SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
 _DEFAULT_BEHAVIOR = ModelBehavior()
 
@@ -819,9 +832,31 @@ class FakeLLMServer(_Controls):
             await asyncio.sleep(delay_ms / 1000)
 
         action = self._action(model, api, behavior, rng)
-        if action == "ok" or isinstance(action, FakeReply):
+        streamed = body.get("stream") is True
+        if (
+            action == "ok"
+            or isinstance(action, FakeReply)
+            or (streamed and isinstance(action, str) and action in _STREAMED_FAULTS)
+        ):
             out, truncated = self._output_tokens(behavior, rng, max_tokens)
             content = behavior.content if behavior.content is not None else f"Reply from {model}."
+            if streamed:  # Server-Sent Events, never a plain JSON body (text only)
+                if isinstance(action, FakeReply):
+                    content = action.text(content) or ""
+                return await serve_stream(
+                    request,
+                    api=api,
+                    model=model,
+                    number=next(self._ids),
+                    body=body,
+                    content=content,
+                    input_tokens=input_tokens,
+                    output_tokens=out,
+                    truncated=truncated,
+                    behavior=behavior.stream,
+                    closing=self._closing,
+                    fault=_STREAMED_FAULTS.get(action) if isinstance(action, str) else None,
+                )
             payload = self._success(api, model, content, input_tokens, out, truncated)
             reply = action if isinstance(action, FakeReply) else auto_reply(api, body)
             if reply is not None:

@@ -463,7 +463,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
     ) -> list[ModelPerformance]:
         """
         Per-model performance from one SQL query: sample outcomes only, nearest-rank
-        p50/p95 over successes (``percentile_disc``), sorted by (workflow, stage, model).
+        p50/p95 of latency and of the time to first token over successes
+        (``percentile_disc``), sorted by (workflow, stage, model).
         """
         self._check_open()
         check_window(since, until)
@@ -473,6 +474,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
         stage_expr = "coalesce(stage, '')" if per_stage else "''"
         order_stage = f', {stage_expr} COLLATE "C"' if per_stage else ""
         ok = "FILTER (WHERE outcome = 'success')"
+        ttft = "(record->>'ttft_ms')::double precision"
+        ok_ttft = f"FILTER (WHERE outcome = 'success' AND {ttft} IS NOT NULL)"
         query = (
             "SELECT coalesce(workflow, '') AS wf, "
             f"{stage_expr} AS st, model, "
@@ -481,6 +484,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
             f"percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms) {ok} AS p50, "
             f"percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms) {ok} AS p95, "
             f"avg(latency_ms ORDER BY latency_ms) {ok} AS avg_latency, "
+            f"percentile_disc(0.5) WITHIN GROUP (ORDER BY {ttft}) {ok_ttft} AS t50, "
+            f"percentile_disc(0.95) WITHIN GROUP (ORDER BY {ttft}) {ok_ttft} AS t95, "
             "avg(cost_usd ORDER BY seq) AS avg_cost, "
             f"avg(input_tokens::float8) {ok} AS avg_in, "
             f"avg(output_tokens::float8) {ok} AS avg_out, "
@@ -506,6 +511,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
                 latency_p50_ms=row["p50"],
                 latency_p95_ms=row["p95"],
                 avg_latency_ms=row["avg_latency"],
+                ttft_p50_ms=row["t50"],
+                ttft_p95_ms=row["t95"],
                 avg_cost_usd=float(row["avg_cost"]),
                 avg_input_tokens=float(row["avg_in"] or 0.0),
                 avg_output_tokens=float(row["avg_out"] or 0.0),

@@ -1,0 +1,302 @@
+"""
+Streaming overhead, against a bare aiohttp SSE reader on the same server.
+
+1. Per chunk, at 64 concurrent streams: ``executor.stream()`` (router + breaker +
+   memory telemetry, the full path) reading every delta, against a bare aiohttp POST
+   with ``"stream": true`` whose body is read line by line, each ``data:`` line decoded
+   with ``json.loads`` and its ``choices[0].delta.content`` taken.  Both read the same
+   `FakeLLMServer` (OpenAI wire format, usage chunk included) through one aiohttp
+   session; wall time and CPU time are divided by the chunks read.  Goal (issue #15):
+   within 10% of the bare reader.
+2. Time to first token, one stream at a time: from the call to the first delta in
+   hand, for both; the difference of the medians is what the executor adds (routing,
+   breaker admission, building the request, decoding).  Goal: under 100 µs.
+
+Run: ``python -m benchmarks.bench_streaming [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+
+from benchmarks._common import BenchResult, summarize, write_result
+from empathy_models import (
+    AdaptiveModelRouter,
+    CircuitBreaker,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    ModelInfo,
+    ModelRegistry,
+    OpenAIProvider,
+)
+from empathy_models.testing import FakeLLMServer, ModelBehavior
+
+MODEL = "gpt-bench-long"
+SHORT_MODEL = "gpt-bench-short"
+# one model per tier, so the router decides (with its one candidate) on every call
+REGISTRY = ModelRegistry(
+    models=[
+        ModelInfo(
+            id=MODEL,
+            provider="openai",
+            tier="capable",
+            input_price_per_mtok=1.0,
+            output_price_per_mtok=4.0,
+            context_window=128_000,
+            max_output_tokens=16_384,
+        ),
+        ModelInfo(
+            id=SHORT_MODEL,
+            provider="openai",
+            tier="cheap",
+            input_price_per_mtok=0.1,
+            output_price_per_mtok=0.4,
+            context_window=128_000,
+            max_output_tokens=16_384,
+        ),
+    ],
+    price_version="bench-streaming",
+)
+CTX = ExecutionContext(workflow="bench", stage="stream", tier="capable", max_tokens=1024)
+SHORT_CTX = ExecutionContext(workflow="bench", stage="ttft", tier="cheap", max_tokens=64)
+PINNED_CTX = ExecutionContext(workflow="bench", stage="ttft", model=SHORT_MODEL, max_tokens=64)
+PROMPT = "Tell me a story."
+CONCURRENCY = 64
+GOAL_RATIO = 1.10
+GOAL_TTFT_US = 100.0
+
+
+def _words(count: int) -> str:
+    return " ".join(f"w{i}" for i in range(count))
+
+
+async def _batch(
+    fn: Callable[[], Awaitable[int]], total: int, concurrency: int
+) -> tuple[float, float, int]:
+    """Run ``total`` streams, ``concurrency`` at once: (wall s, CPU s, chunks read)."""
+    sem = asyncio.Semaphore(concurrency)
+    chunks = 0
+
+    async def one() -> None:
+        nonlocal chunks
+        async with sem:
+            got = await fn()  # (not `chunks += await ...`: that reads chunks before awaiting)
+        chunks += got
+
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    await asyncio.gather(*(one() for _ in range(total)))
+    return time.perf_counter() - t0, time.process_time() - c0, chunks
+
+
+async def bench(quick: bool) -> dict[str, Any]:
+    registry = REGISTRY
+    chunks_per_stream = 100 if quick else 200
+    repeats = 3 if quick else 7
+    streams = 128 if quick else 512
+    ttft_samples = 400 if quick else 2_000
+    out: dict[str, Any] = {"chunks_per_stream": chunks_per_stream, "streams": streams}
+    long = ModelBehavior(content=_words(chunks_per_stream), output_tokens=chunks_per_stream)
+    short = ModelBehavior(content=_words(4), output_tokens=4)
+    async with FakeLLMServer({MODEL: long, SHORT_MODEL: short}, api_key="sk-bench") as server:
+        url = server.openai_base_url + "/chat/completions"
+        headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
+        connector = aiohttp.TCPConnector(limit=100)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def bare_stream(model: str, first: list[float] | None = None) -> int:
+                body = {
+                    "model": model,
+                    "messages": [{"role": "user", "content": PROMPT}],
+                    "max_tokens": 1024,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                t0 = time.perf_counter()
+                count = 0
+                async with session.post(url, json=body, headers=headers) as response:
+                    async for line in response.content:
+                        if not line.startswith(b"data: "):
+                            continue
+                        data = line[6:].strip()
+                        if data == b"[DONE]":
+                            break
+                        chunk = json.loads(data)
+                        choices = chunk.get("choices")
+                        if choices and choices[0]["delta"].get("content"):
+                            count += 1
+                            if first is not None and count == 1:
+                                first.append(time.perf_counter() - t0)
+                return count
+
+            provider = OpenAIProvider(api_key="sk-bench", base_url=server.openai_base_url)
+            router = AdaptiveModelRouter(registry, seed=1, refresh_interval=None)
+            async with (
+                CircuitBreaker() as breaker,
+                EmpathyLLMExecutor(
+                    [provider],
+                    registry=registry,
+                    telemetry_store="memory://",
+                    router=router,
+                    breaker=breaker,
+                    session=session,
+                    concurrency_per_provider=CONCURRENCY,
+                ) as executor,
+            ):
+
+                async def ours_stream(
+                    context: ExecutionContext, first: list[float] | None = None
+                ) -> int:
+                    t0 = time.perf_counter()
+                    count = 0
+                    async with executor.stream(PROMPT, context) as stream:
+                        async for _ in stream:
+                            count += 1
+                            if first is not None and count == 1:
+                                first.append(time.perf_counter() - t0)
+                    return count
+
+                sides: dict[str, Callable[[], Awaitable[int]]] = {
+                    "bare": lambda: bare_stream(MODEL),
+                    "ours": lambda: ours_stream(CTX),
+                }
+                for side in sides.values():  # warm up: connections, caches
+                    await _batch(side, CONCURRENCY, CONCURRENCY)
+                wall: dict[str, list[float]] = {"bare": [], "ours": []}
+                cpu: dict[str, list[float]] = {"bare": [], "ours": []}
+                for repeat in range(repeats):
+                    order = ("bare", "ours") if repeat % 2 == 0 else ("ours", "bare")
+                    for name in order:
+                        seconds, cpu_seconds, chunks = await _batch(
+                            sides[name], streams, CONCURRENCY
+                        )
+                        assert chunks == streams * chunks_per_stream, (name, chunks)
+                        wall[name].append(seconds / chunks * 1e6)
+                        cpu[name].append(cpu_seconds / chunks * 1e6)
+                for name in ("bare", "ours"):
+                    out[f"wall {name}"] = summarize(wall[name])
+                    out[f"cpu {name}"] = summarize(cpu[name])
+
+                # ---- time to first token, one stream at a time, alternating sides
+                ttft_sides: dict[str, Callable[[list[float]], Awaitable[int]]] = {
+                    "bare": lambda into: bare_stream(SHORT_MODEL, into),
+                    "ours": lambda into: ours_stream(SHORT_CTX, into),
+                    "pinned": lambda into: ours_stream(PINNED_CTX, into),
+                }
+                firsts: dict[str, list[float]] = {name: [] for name in ttft_sides}
+                for _ in range(20):
+                    for side_fn in ttft_sides.values():
+                        await side_fn([])
+                names = list(ttft_sides)
+                for i in range(ttft_samples):
+                    shift = i % len(names)  # rotate which side goes first
+                    for name in names[shift:] + names[:shift]:
+                        await ttft_sides[name](firsts[name])
+                for name, samples in firsts.items():
+                    out[f"ttft {name}"] = summarize([s * 1e6 for s in samples])
+    return out
+
+
+async def run(quick: bool = False) -> BenchResult:
+    data = await bench(quick)
+    result = BenchResult(
+        name="streaming",
+        title="Streaming overhead (µs per chunk at 64 concurrent streams; TTFT in µs)",
+        columns=["median µs", "p99 µs", "ratio", "goal"],
+    )
+    bare_wall = data["wall bare"]["median"]
+    ours_wall = data["wall ours"]["median"]
+    ratio = ours_wall / bare_wall
+    result.add(
+        "bare aiohttp SSE reader, per chunk (wall)",
+        **{"median µs": bare_wall, "p99 µs": data["wall bare"]["p99"], "ratio": "1.00x"},
+    )
+    result.add(
+        "empathy-models executor.stream(), per chunk (wall)",
+        **{
+            "median µs": ours_wall,
+            "p99 µs": data["wall ours"]["p99"],
+            "ratio": f"{ratio:.2f}x of bare",
+            "goal": f"<= {GOAL_RATIO:.2f}x: {'met' if ratio <= GOAL_RATIO else 'NOT met'}",
+        },
+    )
+    bare_cpu = data["cpu bare"]["median"]
+    ours_cpu = data["cpu ours"]["median"]
+    result.add(
+        "bare aiohttp SSE reader, per chunk (CPU)",
+        **{"median µs": bare_cpu, "p99 µs": data["cpu bare"]["p99"], "ratio": "1.00x"},
+    )
+    result.add(
+        "empathy-models executor.stream(), per chunk (CPU)",
+        **{
+            "median µs": ours_cpu,
+            "p99 µs": data["cpu ours"]["p99"],
+            "ratio": f"{ours_cpu / bare_cpu:.2f}x of bare",
+        },
+    )
+    bare_ttft = data["ttft bare"]["median"]
+    ours_ttft = data["ttft ours"]["median"]
+    added = ours_ttft - bare_ttft
+    result.add(
+        "TTFT, bare aiohttp SSE reader",
+        **{"median µs": bare_ttft, "p99 µs": data["ttft bare"]["p99"], "ratio": "1.00x"},
+    )
+    result.add(
+        "TTFT, empathy-models executor.stream()",
+        **{
+            "median µs": ours_ttft,
+            "p99 µs": data["ttft ours"]["p99"],
+            "ratio": f"+{added:.1f} µs",
+            "goal": f"added < {GOAL_TTFT_US:.0f} µs: "
+            f"{'met' if added < GOAL_TTFT_US else 'NOT met'}",
+        },
+    )
+    pinned = data["ttft pinned"]["median"]
+    result.add(
+        "TTFT, executor.stream() with a pinned model (no routing decision)",
+        **{
+            "median µs": pinned,
+            "p99 µs": data["ttft pinned"]["p99"],
+            "ratio": f"+{pinned - bare_ttft:.1f} µs",
+        },
+    )
+    result.notes.append(
+        f"{data['streams']} streams of {data['chunks_per_stream']} text chunks per repeat, "
+        f"{CONCURRENCY} at once, through one aiohttp session (connector limit 100) to "
+        "FakeLLMServer in the same process (OpenAI format with the usage chunk); the "
+        "figures are wall or CPU time divided by chunks read (repeats' median), so the "
+        "server's own work is in both sides.  Which side runs first alternates."
+    )
+    result.notes.append(
+        "executor.stream() runs the full path: router decision, breaker admission (model "
+        "and provider keys), the provider slot, SSE decoding, the record to memory "
+        "telemetry and the breaker/router feedback at the end of each stream.  "
+        f"Per-chunk overhead: {ours_wall - bare_wall:+.2f} µs wall, "
+        f"{ours_cpu - bare_cpu:+.2f} µs CPU."
+    )
+    result.notes.append(
+        "TTFT: from the call (``session.post`` / ``executor.stream``) to the first text "
+        "delta in hand, one stream at a time, the sides taking turns; the added time is "
+        "the difference of the medians.  The full path includes the router's decision "
+        "(the same call `run()` makes); the pinned row skips it."
+    )
+    result.data = data
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    write_result(asyncio.run(run(quick=args.quick)))
+
+
+if __name__ == "__main__":
+    main()

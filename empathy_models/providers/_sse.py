@@ -1,0 +1,393 @@
+"""
+Server-Sent Events, read incrementally, and the two streaming wire formats on top.
+
+`SSEDecoder` turns bytes, as they arrive in arbitrary pieces, into ``(event, data)``
+pairs (the ``text/event-stream`` framing: ``event:`` and ``data:`` fields, a blank line
+ends an event, ``:`` starts a comment; ``id:`` and ``retry:`` are ignored).  Its buffer
+is bounded: a line or an event longer than ``max_event_bytes`` raises
+`InvalidResponseError` instead of growing without limit.
+
+`OpenAIStreamDecoder` reads Chat Completions chunks (``data: {...}`` with
+``choices[0].delta.content``, the usage-only chunk that ``stream_options.include_usage``
+adds before ``data: [DONE]``, and an ``{"error": ...}`` object sent mid-stream).
+`AnthropicStreamDecoder` reads the Messages events (``message_start``,
+``content_block_start`` / ``content_block_delta`` / ``content_block_stop``,
+``message_delta``, ``message_stop``, ``ping``, and ``error`` mid-stream).  Both return
+the text deltas of each piece fed to them and keep the usage, stop reason and ids seen
+so far; an ``error`` event raises the `ProviderError` its type maps to (an
+``overloaded_error`` is an `OverloadedError`, as a 529 would be).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar, Final
+
+from ..exceptions import InvalidResponseError, ProviderError
+
+__all__ = [
+    "DEFAULT_MAX_EVENT_BYTES",
+    "AnthropicStreamDecoder",
+    "OpenAIStreamDecoder",
+    "SSEDecoder",
+    "StreamDecoder",
+]
+
+DEFAULT_MAX_EVENT_BYTES: Final = 1024 * 1024
+"""The longest SSE line or event a decoder buffers (1 MiB; a chunk is well under 1 KiB)."""
+
+# the HTTP status each API's error type stands for, so a mid-stream error event maps to
+# the same error class as the status would
+_ERROR_STATUS: Final = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "requests": 429,
+    "tokens": 429,
+    "api_error": 500,
+    "server_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+    "overloaded": 529,
+}
+
+
+class SSEDecoder:
+    """
+    Incremental ``text/event-stream`` parser: `feed` bytes, get complete events.
+
+    Lines end with ``\\n`` or ``\\r\\n``.  An event without ``data`` is dropped (as the
+    standard says); the event name defaults to ``"message"``.  A line or event longer
+    than ``max_event_bytes`` raises `InvalidResponseError` (the buffer never grows past
+    it), as does a line that is not UTF-8.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_data",
+        "_deferred",
+        "_event",
+        "_limit",
+        "_model",
+        "_provider",
+        "_size",
+    )
+
+    def __init__(
+        self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, provider: str = "", model: str = ""
+    ) -> None:
+        self._buffer = b""
+        self._deferred: InvalidResponseError | None = None
+        self._event: str | None = None
+        self._data: list[str] | None = None
+        self._size = 0
+        self._limit = max_event_bytes
+        self._provider = provider
+        self._model = model
+
+    def _error(self, why: str) -> InvalidResponseError:
+        return InvalidResponseError(
+            f"{self._provider}: invalid event stream: {why} [model {self._model}]",
+            provider=self._provider,
+            model=self._model,
+            status=200,
+        )
+
+    @property
+    def pending(self) -> bool:
+        """True when bytes of an unfinished line or event are buffered."""
+        return bool(self._buffer) or self._data is not None
+
+    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
+        """
+        The events completed by ``chunk`` (possibly none), in order.  A flaw raises
+        `InvalidResponseError`, after the events completed before it (those are
+        returned, and the error is raised by the next call).
+        """
+        deferred = self._deferred
+        if deferred is not None:
+            raise deferred
+        events: list[tuple[str, str]] = []
+        try:
+            return self._feed(chunk, events)
+        except InvalidResponseError as exc:
+            if not events:
+                raise
+            self._deferred = exc
+            return events
+
+    def _feed(self, chunk: bytes, events: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        start = 0
+        find = buffer.find
+        while (end := find(b"\n", start)) >= 0:
+            line = buffer[start:end]
+            start = end + 1
+            if line[-1:] == b"\r":
+                line = line[:-1]
+            if not line:
+                data = self._data
+                if data is not None:
+                    events.append((self._event or "message", "\n".join(data)))
+                self._event = self._data = None
+                self._size = 0
+                continue
+            if line[:1] == b":":
+                continue  # a comment (a keep-alive)
+            name, colon, value = line.partition(b":")
+            if colon and value[:1] == b" ":
+                value = value[1:]
+            if name == b"data":
+                self._size += len(value)
+                if self._size > self._limit:
+                    self._buffer = b""
+                    self._data = None
+                    raise self._error(f"an event is longer than {self._limit:,} bytes")
+                try:
+                    text = value.decode()
+                except UnicodeDecodeError:
+                    raise self._error("a line is not UTF-8") from None
+                if self._data is None:
+                    self._data = [text]
+                else:
+                    self._data.append(text)
+            elif name == b"event":
+                try:
+                    self._event = value.decode()
+                except UnicodeDecodeError:
+                    raise self._error("a line is not UTF-8") from None
+            # id:, retry: and unknown fields are ignored
+        rest = buffer[start:] if start else buffer
+        if len(rest) > self._limit:
+            self._buffer = b""
+            raise self._error(f"a line is longer than {self._limit:,} bytes")
+        self._buffer = rest
+        return events
+
+
+class StreamDecoder:
+    """
+    A wire format's streamed answer, decoded as it arrives.
+
+    `feed` returns the non-empty text deltas completed by a piece of the body (a
+    failure after some of them waits in ``error``); the decoder keeps ``input_tokens``
+    / ``output_tokens`` (None until reported), ``stop_reason``, ``response_id`` and
+    ``finished`` (the format's end marker seen).
+    """
+
+    __slots__ = (
+        "_model",
+        "_provider",
+        "_secret",
+        "_sse",
+        "error",
+        "finished",
+        "input_tokens",
+        "output_tokens",
+        "response_id",
+        "stop_reason",
+    )
+
+    api: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        *,
+        provider: str,
+        model: str,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        secret: Any = None,
+    ) -> None:
+        self._sse = SSEDecoder(max_event_bytes=max_event_bytes, provider=provider, model=model)
+        self._secret = secret  # the provider's key wrapper: scrubbed from every message
+        self._provider = provider
+        self._model = model
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
+        self.stop_reason: str | None = None
+        self.response_id: str | None = None
+        self.finished = False
+        self.error: ProviderError | None = None
+
+    @staticmethod
+    def prepare(payload: dict[str, Any]) -> dict[str, Any]:
+        """``payload`` (a non-streamed request body) turned into the streamed request."""
+        payload["stream"] = True
+        return payload
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """
+        The text deltas completed by ``chunk``.  A failure (an ``error`` event, a
+        malformed event) raises at once when no delta came before it in ``chunk``;
+        otherwise those deltas are returned and the failure is kept in ``error``, for the
+        reader to raise once it has delivered them.
+        """
+        out: list[str] = []
+        try:
+            for event, data in self._sse.feed(chunk):
+                self._event(event, data, out)
+        except ProviderError as exc:
+            if not out:
+                raise
+            self.error = exc
+        return out
+
+    def _event(self, event: str, data: str, out: list[str]) -> None:
+        raise NotImplementedError
+
+    def _decode(self, data: str) -> dict[str, Any]:
+        try:
+            value = json.loads(data)
+        except (ValueError, RecursionError):
+            raise self._invalid(f"an event's data is not JSON (starts {data[:40]!r})") from None
+        if not isinstance(value, dict):
+            raise self._invalid(f"an event's data is a {type(value).__name__}, not an object")
+        return value
+
+    def _invalid(self, why: str) -> InvalidResponseError:
+        from ._http import _scrub  # _http imports this module
+
+        return InvalidResponseError(
+            f"{self._provider}: invalid event stream: {_scrub(why, self._secret)} "
+            f"[model {self._model}]",
+            provider=self._provider,
+            model=self._model,
+            status=200,
+        )
+
+    def _stream_error(self, error: object) -> ProviderError:
+        """The error for an ``error`` object sent in the stream."""
+        from ._http import _scrub, error_from_response  # _http imports this module
+
+        kind = error.get("type") if isinstance(error, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
+        status = _ERROR_STATUS.get(str(kind), _ERROR_STATUS.get(str(code), 500))
+        body = json.dumps({"error": error}).encode()
+        mapped = error_from_response(status, body, {}, provider=self._provider, model=self._model)
+        message = error.get("message") if isinstance(error, dict) else None
+        label = " ".join(str(p) for p in (kind, code) if p) or "error"
+        # the HTTP status was 200: the error came inside the stream, so none is set
+        return type(mapped)(
+            _scrub(
+                f"{self._provider}: error event in the stream ({label}): {message or 'no message'}",
+                self._secret,
+            )
+            + f" [model {self._model}]",
+            provider=self._provider,
+            model=self._model,
+        )
+
+    def _tokens(self, usage: dict[str, Any], key: str) -> int | None:
+        value = usage.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self._invalid(f"usage.{key} must be an integer >= 0, got {value!r}")
+        return value
+
+    @property
+    def sse_pending(self) -> bool:
+        """True when a partial SSE line or event is buffered."""
+        return self._sse.pending
+
+
+class OpenAIStreamDecoder(StreamDecoder):
+    """OpenAI Chat Completions chunks (``choices[0].delta.content``; usage before [DONE])."""
+
+    __slots__ = ()
+    api = "openai"
+
+    @staticmethod
+    def prepare(payload: dict[str, Any]) -> dict[str, Any]:
+        payload["stream"] = True
+        payload["stream_options"] = {"include_usage": True}
+        return payload
+
+    def _event(self, event: str, data: str, out: list[str]) -> None:
+        if data == "[DONE]":
+            self.finished = True
+            return
+        chunk = self._decode(data)
+        if "error" in chunk and chunk["error"] is not None:
+            raise self._stream_error(chunk["error"])
+        if self.response_id is None and isinstance(chunk.get("id"), str):
+            self.response_id = chunk["id"]
+        choices = chunk.get("choices")
+        if choices:
+            if not isinstance(choices, list):
+                raise self._invalid("chunk.choices must be a list")
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    raise self._invalid("chunk.choices[] must be objects")
+                if choice.get("index", 0) != 0:
+                    continue  # only the first choice is read, as for a whole response
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    content = delta.get("content")
+                    if content:
+                        if not isinstance(content, str):
+                            raise self._invalid("chunk.choices[0].delta.content must be a string")
+                        out.append(content)
+                    elif delta.get("refusal"):
+                        self.stop_reason = "refusal"
+                reason = choice.get("finish_reason")
+                if isinstance(reason, str) and self.stop_reason != "refusal":
+                    self.stop_reason = reason
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.input_tokens = self._tokens(usage, "prompt_tokens")
+            self.output_tokens = self._tokens(usage, "completion_tokens")
+
+
+class AnthropicStreamDecoder(StreamDecoder):
+    """Anthropic Messages events (``content_block_delta`` text; usage in start and delta)."""
+
+    __slots__ = ()
+    api = "anthropic"
+
+    def _event(self, event: str, data: str, out: list[str]) -> None:
+        if event == "ping":
+            return
+        body = self._decode(data)
+        kind = body.get("type", event)
+        if kind == "content_block_delta":
+            delta = body.get("delta")
+            if isinstance(delta, dict) and delta.get("type") == "text_delta":
+                text = delta.get("text")
+                if not isinstance(text, str):
+                    raise self._invalid("content_block_delta.delta.text must be a string")
+                if text:
+                    out.append(text)
+        elif kind == "message_start":
+            message = body.get("message")
+            if not isinstance(message, dict):
+                raise self._invalid("message_start.message must be an object")
+            if isinstance(message.get("id"), str):
+                self.response_id = message["id"]
+            usage = message.get("usage")
+            if isinstance(usage, dict):
+                self.input_tokens = self._tokens(usage, "input_tokens")
+                self.output_tokens = self._tokens(usage, "output_tokens")
+        elif kind == "message_delta":
+            delta = body.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str):
+                self.stop_reason = delta["stop_reason"]
+            usage = body.get("usage")
+            if isinstance(usage, dict):
+                # message_delta's counts are cumulative
+                output = self._tokens(usage, "output_tokens")
+                if output is not None:
+                    self.output_tokens = output
+                given = self._tokens(usage, "input_tokens")
+                if given is not None:
+                    self.input_tokens = given
+        elif kind == "message_stop":
+            self.finished = True
+        elif kind == "error":
+            raise self._stream_error(body.get("error"))
+        # content_block_start / content_block_stop and new event types carry no text

@@ -1,0 +1,317 @@
+"""
+Streamed requests for the HTTP providers: the POST with ``"stream": true``, the
+timeouts, and the `CompletionStream` that reads the Server-Sent Events as they arrive.
+
+The idle timeout is aiohttp's ``sock_read``: it bounds the wait for the response and
+every gap between received chunks (it pauses while the caller is not reading and the
+transport is paused, so a slow reader is not a stalled server); the total timeout is
+aiohttp's ``total``, which covers the body too.  Both raise `ProviderTimeoutError`.
+Errors are mapped exactly as for a whole response (`error_from_response`,
+`error_from_transport`); an ``error`` event inside the stream maps like the status its
+type stands for.  The connection goes back to the pool when the stream ends, and is
+closed when it is left early or fails.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+import aiohttp
+
+from ..abc import Completion, CompletionRequest, CompletionStream
+from ..exceptions import (
+    InvalidResponseError,
+    MissingAPIKeyError,
+    ProviderError,
+    ProviderTimeoutError,
+)
+from ._http import _ENCODER, ResponseReader, error_from_response, error_from_transport
+from ._sse import StreamDecoder
+
+if TYPE_CHECKING:
+    from ._http import HTTPProvider
+
+__all__ = ["HTTPCompletionStream", "open_http_stream"]
+
+_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
+
+
+def _timeout_error(
+    provider: str, model: str, idle: float | None, total: float | None, exc: BaseException
+) -> ProviderTimeoutError:
+    if isinstance(exc, aiohttp.SocketTimeoutError) and idle is not None:
+        why = f"no data for {idle:.3f}s (idle timeout)"
+    elif total is not None:
+        why = f"the stream took longer than {total:.3f}s (total timeout)"
+    else:
+        why = f"timed out ({type(exc).__name__})"
+    return ProviderTimeoutError(
+        f"{provider}: {why} [model {model}]", provider=provider, model=model
+    )
+
+
+def _stream_headers(provider: HTTPProvider) -> dict[str, str]:
+    cached: dict[str, str] | None = getattr(provider, "_sse_headers", None)
+    if cached is None:
+        cached = {
+            name: value
+            for name, value in provider._request_headers().items()
+            if name.lower() != "accept"
+        }
+        cached["accept"] = "text/event-stream"
+        provider._sse_headers = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def _client_timeout(
+    provider: HTTPProvider, idle: float | None, total: float | None
+) -> aiohttp.ClientTimeout:
+    if total is None:  # the common case (no deadline): one object per idle timeout
+        cache: dict[float | None, aiohttp.ClientTimeout] | None = getattr(
+            provider, "_sse_timeouts", None
+        )
+        if cache is None:
+            cache = provider._sse_timeouts = {}  # type: ignore[attr-defined]
+        cached = cache.get(idle)
+        if cached is None:
+            if len(cache) > 64:
+                cache.clear()
+            cached = cache[idle] = _new_client_timeout(provider, idle, None)
+        return cached
+    return _new_client_timeout(provider, idle, total)
+
+
+def _new_client_timeout(
+    provider: HTTPProvider, idle: float | None, total: float | None
+) -> aiohttp.ClientTimeout:
+    own = provider._timeout
+    return aiohttp.ClientTimeout(
+        total=total,
+        connect=own.connect,
+        sock_connect=own.sock_connect,
+        sock_read=idle,
+        ceil_threshold=math.inf,  # keep short budgets exact (aiohttp rounds long ones up)
+    )
+
+
+async def open_http_stream(
+    provider: HTTPProvider,
+    request: CompletionRequest,
+    decoder_class: type[StreamDecoder],
+    *,
+    idle_timeout: float | None,
+    total_timeout: float | None,
+) -> CompletionStream:
+    """POST ``request`` with ``"stream": true`` and return the open stream."""
+    model = request.model
+    name = provider.name
+    if not provider.has_api_key:
+        env = provider.env_var or "the API key variable"
+        raise MissingAPIKeyError(
+            f"{name}: no API key; pass api_key= or set {env} [model {model}]",
+            provider=name,
+            model=model,
+        )
+    session = provider._session()
+    payload = _ENCODER.encode(decoder_class.prepare(provider._payload(request))).encode()
+    try:
+        response = await session.post(
+            provider._url,
+            data=payload,
+            headers=_stream_headers(provider),
+            timeout=_client_timeout(provider, idle_timeout, total_timeout),
+            allow_redirects=False,  # a redirect would carry the key elsewhere
+        )
+    except TimeoutError as exc:
+        raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise error_from_transport(exc, provider=name, model=model) from None
+    try:
+        status = response.status
+        kind = response.content_type
+        if not 200 <= status < 300 or kind == "application/json":
+            # an error, or a server that ignored "stream": true and sent a whole body
+            body = await provider._read_bounded(response, response.content_length, model, status)
+            response.release()
+            secret = provider._secret if provider._secret is not None else provider._header_secret
+            if not 200 <= status < 300:
+                raise error_from_response(
+                    status, body, response.headers, provider=name, model=model, secret=secret
+                )
+            reader = ResponseReader(provider=name, model=model, status=status, secret=secret)
+            completion = provider._parse(reader, reader.decode(body), request, response.headers)
+            return _WholeBody(completion)
+        secret = provider._secret if provider._secret is not None else provider._header_secret
+        decoder = decoder_class(provider=name, model=model, secret=secret)
+        return HTTPCompletionStream(
+            response,
+            decoder,
+            provider=name,
+            model=model,
+            request_id=response.headers.get("x-request-id") or response.headers.get("request-id"),
+            idle_timeout=idle_timeout,
+            total_timeout=total_timeout,
+        )
+    except TimeoutError as exc:
+        response.close()
+        raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        response.close()
+        raise error_from_transport(exc, provider=name, model=model) from None
+    except BaseException:
+        response.close()
+        raise
+
+
+class _WholeBody(CompletionStream):
+    """A whole JSON answer to a streamed request, served as one delta."""
+
+    def __init__(self, completion: Completion) -> None:
+        self._completion = completion
+        self._done = not completion.content
+
+    async def __anext__(self) -> str:
+        if self._done:
+            raise StopAsyncIteration
+        self._done = True
+        return self._completion.content
+
+    async def aclose(self) -> None:
+        self._done = True
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    def completion(self) -> Completion:
+        return self._completion
+
+
+class HTTPCompletionStream(CompletionStream):
+    """The text deltas of one streamed HTTP answer, read as they arrive."""
+
+    __slots__ = (
+        "_closed",
+        "_decoder",
+        "_deltas",
+        "_failed",
+        "_idle",
+        "_model",
+        "_parts",
+        "_pending",
+        "_provider",
+        "_read",
+        "_request_id",
+        "_response",
+        "_total",
+    )
+
+    def __init__(
+        self,
+        response: aiohttp.ClientResponse,
+        decoder: StreamDecoder,
+        *,
+        provider: str,
+        model: str,
+        request_id: str | None,
+        idle_timeout: float | None,
+        total_timeout: float | None,
+    ) -> None:
+        self._response = response
+        self._read = response.content.readany
+        self._decoder = decoder
+        self._provider = provider
+        self._model = model
+        self._request_id = request_id
+        self._idle = idle_timeout
+        self._total = total_timeout
+        self._pending: deque[str] = deque()
+        self._parts: list[str] = []
+        self._deltas = 0
+        self._closed = False
+        self._failed: ProviderError | None = None
+
+    async def __anext__(self) -> str:
+        pending = self._pending
+        while not pending:
+            if self._closed:
+                if self._failed is not None:
+                    raise self._failed
+                raise StopAsyncIteration
+            failure = self._decoder.error
+            if failure is not None:  # it came after deltas now delivered
+                self._fail(failure)
+                raise failure
+            try:
+                chunk = await self._read()
+            except _TRANSPORT_ERRORS as exc:
+                if isinstance(exc, TimeoutError):
+                    error: ProviderError = _timeout_error(
+                        self._provider, self._model, self._idle, self._total, exc
+                    )
+                else:
+                    error = error_from_transport(exc, provider=self._provider, model=self._model)
+                self._fail(error)
+                raise error from None
+            if not chunk:
+                self._end()
+                continue
+            try:
+                deltas = self._decoder.feed(chunk)
+            except ProviderError as exc:
+                self._fail(exc)
+                raise
+            if deltas:
+                pending.extend(deltas)
+                self._deltas += len(deltas)
+                self._parts.extend(deltas)
+        return pending.popleft()
+
+    def _end(self) -> None:
+        """The body ended: complete when the format's end marker came, else cut short."""
+        self._closed = True
+        if self._decoder.finished:
+            self._response.release()
+            return
+        self._response.close()
+        self._failed = InvalidResponseError(
+            f"{self._provider}: the event stream ended before the answer was complete "
+            f"[model {self._model}]",
+            provider=self._provider,
+            model=self._model,
+            status=200,
+        )
+        raise self._failed
+
+    def _fail(self, error: ProviderError) -> None:
+        self._closed = True
+        self._failed = error
+        self._response.close()  # drop the connection: the rest is never read
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._response.close()
+        self._pending.clear()
+
+    @property
+    def finished(self) -> bool:
+        return self._closed and self._failed is None and self._decoder.finished
+
+    def completion(self) -> Completion:
+        decoder = self._decoder
+        output = decoder.output_tokens
+        if not decoder.finished:
+            # until the end, a reported count may be a placeholder (Anthropic's
+            # message_start says 1): count at least one token per delta seen
+            output = max(output or 0, self._deltas)
+        return Completion(
+            content="".join(self._parts),
+            model=self._model,
+            input_tokens=decoder.input_tokens or 0,
+            output_tokens=output or 0,
+            stop_reason=decoder.stop_reason,
+            request_id=self._request_id or decoder.response_id,
+        )

@@ -1,0 +1,736 @@
+"""
+`EmpathyLLMExecutor.stream`: a streamed answer with the same routing, breaker, retry,
+fallback, deadline and telemetry as `EmpathyLLMExecutor.run`.
+
+::
+
+    async with executor.stream("Tell me a story", ExecutionContext(workflow="chat")) as stream:
+        async for delta in stream:
+            print(delta, end="", flush=True)
+        response = await stream.get_final_response()   # usage, cost, ttft_ms, decision
+
+What happens, in order:
+
+1. **Before the first delta** (inside ``async with``): routes are tried exactly as
+   `run` tries them.  An attempt opens the stream and reads up to its first text delta;
+   a failure before that (an HTTP error, a refused connection, a stall past the
+   per-attempt timeout, an ``error`` event, a malformed event) is retried or falls back
+   as in `run`, so the caller never sees part of an answer from a model that was then
+   abandoned.  When every route fails, ``async with`` raises `AllRoutesFailedError`.
+2. **After the first delta**: the deltas reach the caller as they arrive.  A failure
+   now raises `StreamInterruptedError` (a `ProviderError`) with the partial text and the
+   usage so far; the attempt is recorded as a failure (the breaker and the router hear
+   it) with its ``ttft_ms``.  Nothing is retried or sent to another model.
+3. **Timeouts**: ``context.timeout`` bounds the wait for the first byte and every gap
+   between chunks (an idle timeout, not a limit on a long answer); ``context.deadline``
+   bounds the whole stream, the caller's reading included.
+4. **Leaving early** (``break``, an exception, a cancelled task): the HTTP response is
+   closed (the connection is not reused), the attempt is recorded as ``cancelled`` with
+   the tokens seen, and a half-open breaker probe lease is returned.
+5. **Records**: every attempt gets one `LLMCallRecord`, as in `run`; a streamed
+   attempt's ``ttft_ms`` is the time from sending the request to its first delta.  The
+   response's ``ttft_ms`` is the time from entering ``async with`` to the first delta
+   (retries and fallbacks included): what the caller waited.
+
+The provider slot (``concurrency_per_provider``) is held until the stream ends or is
+left, since the connection is in use until then.  Usage: output tokens count one per
+delta until the provider reports them (OpenAI-format servers report usage only at the
+end; the executor asks for it with ``stream_options.include_usage``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Final
+
+import anyio
+
+from ._request_options import NO_OPTIONS, required_capabilities
+from .abc import Completion, CompletionRequest, CompletionStream
+from .breaker import provider_outcome
+from .exceptions import (
+    AllRoutesFailedError,
+    CircuitOpenError,
+    ConfigurationError,
+    ContextWindowExceededError,
+    ModelNotFoundError,
+    ProviderError,
+    ProviderTimeoutError,
+    StreamInterruptedError,
+)
+from .executor import (
+    _DEFAULT_CONTEXT,
+    ExecutionContext,
+    _DeadlineExceeded,
+    _new_response,
+    _Run,
+    _to_messages,
+)
+from .outcomes import classify_error, retry_after_of
+from .records import Outcome, Ticket
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .executor import AttemptSummary, EmpathyLLMExecutor, LLMResponse, Prompt
+    from .registry import ModelInfo
+
+__all__ = ["LLMStream", "StreamManager"]
+
+logger = logging.getLogger("empathy_models.executor")
+
+_ERROR_MESSAGE_LIMIT: Final = 300
+_SLACK: Final = 0.002  # a timer may fire up to the loop's clock resolution early
+
+
+def _timeout_error(
+    error: Exception, info: ModelInfo, per_attempt: float | None, by_deadline: bool
+) -> Exception:
+    """A stream timeout restated with the limit that ran out."""
+    if not isinstance(error, TimeoutError):
+        return error
+    if by_deadline:
+        why = "the run's deadline passed"
+    elif per_attempt is not None:
+        why = f"no data for {per_attempt:.3f}s (the per-attempt timeout)"
+    else:
+        why = str(error)
+    restated = ProviderTimeoutError(
+        f"{info.provider}/{info.id}: {why} while streaming",
+        provider=info.provider,
+        model=info.id,
+    )
+    restated.__cause__ = error
+    restated.__suppress_context__ = True
+    return restated
+
+
+class StreamManager:
+    """
+    What `EmpathyLLMExecutor.stream` returns: ``async with`` it to get the `LLMStream`.
+
+    Entering routes and opens the stream up to its first delta (raising what `run`
+    would raise when no route answers); leaving closes it (recording a ``cancelled``
+    attempt when it had not finished).
+    """
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: LLMStream) -> None:
+        self._stream = stream
+
+    async def __aenter__(self) -> LLMStream:
+        await self._stream._open()
+        return self._stream
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stream.aclose()
+
+
+class LLMStream:
+    """
+    A streamed answer: ``async for delta in stream`` yields the text deltas (`str`);
+    `get_final_response` returns the `LLMResponse` (reading what is left first).
+
+    ``text`` is the text delivered so far; ``model`` / ``provider`` name the model
+    answering; ``attempts`` lists the attempts so far; ``response`` is the
+    `LLMResponse` once the stream has finished (None before).  Use it only inside the
+    ``async with`` block that produced it.
+    """
+
+    __slots__ = (
+        "_attempt",
+        "_deadline_at",
+        "_error",
+        "_ex",
+        "_first",
+        "_info",
+        "_parts",
+        "_per_attempt",
+        "_response",
+        "_routes",
+        "_run",
+        "_run_ttft",
+        "_scope_ticket",
+        "_semaphore",
+        "_start",
+        "_state",
+        "_stream",
+        "_t0",
+        "_ticket",
+        "_ttft",
+    )
+
+    def __init__(
+        self,
+        executor: EmpathyLLMExecutor,
+        run: _Run,
+        routes: Sequence[ModelInfo],
+    ) -> None:
+        self._ex = executor
+        self._run = run
+        self._routes = routes
+        self._start = 0.0
+        self._deadline_at: float | None = None
+        self._per_attempt = run.context.timeout
+        self._state = "new"  # new -> streaming -> done | failed | cancelled
+        self._parts: list[str] = []
+        self._first: str | None = None
+        self._error: BaseException | None = None
+        self._response: LLMResponse | None = None
+        self._info: ModelInfo | None = None
+        self._stream: CompletionStream | None = None
+        self._ticket: Ticket | None = None
+        self._scope_ticket: Ticket | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._attempt = 0
+        self._t0 = 0.0
+        self._ttft: float | None = None
+        self._run_ttft: float | None = None
+
+    def __repr__(self) -> str:
+        model = None if self._info is None else self._info.id
+        return f"LLMStream(model={model!r}, state={self._state!r}, chars={len(self.text)})"
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def text(self) -> str:
+        """The text delivered to the caller so far."""
+        return "".join(self._parts)
+
+    @property
+    def model(self) -> str | None:
+        """The registry id of the model answering (None before entering)."""
+        return None if self._info is None else self._info.id
+
+    @property
+    def provider(self) -> str | None:
+        """The provider of the model answering (None before entering)."""
+        return None if self._info is None else self._info.provider
+
+    @property
+    def attempts(self) -> tuple[AttemptSummary, ...]:
+        """Every attempt so far, the streaming one included once it has ended."""
+        return tuple(self._run.attempts)
+
+    @property
+    def request_id(self) -> str:
+        """The run's id, shared by all its records."""
+        return self._run.request_id
+
+    @property
+    def response(self) -> LLMResponse | None:
+        """The `LLMResponse` once the stream has finished; None before."""
+        return self._response
+
+    def __aiter__(self) -> LLMStream:
+        return self
+
+    async def __anext__(self) -> str:
+        first = self._first
+        if first is not None:
+            self._first = None
+            self._parts.append(first)
+            return first
+        if self._state != "streaming":
+            if self._state == "new":
+                raise RuntimeError("use the stream inside `async with executor.stream(...)`")
+            if self._error is not None:
+                raise self._error
+            raise StopAsyncIteration
+        stream = self._stream
+        assert stream is not None
+        try:
+            delta = await stream.__anext__()
+        except StopAsyncIteration:
+            await self._finish()
+            raise
+        except Exception as exc:
+            raise await self._interrupted(exc) from exc
+        except BaseException:
+            await self._close("cancelled")
+            raise
+        self._parts.append(delta)
+        return delta
+
+    async def get_final_response(self) -> LLMResponse:
+        """
+        The `LLMResponse` (content, usage, cost, ``ttft_ms``, routing decision), after
+        reading what is left of the stream.  Raises `StreamInterruptedError` when the
+        stream failed, `RuntimeError` when it was closed before it finished.
+        """
+        async for _ in self:
+            pass
+        if self._response is None:
+            if self._error is not None:
+                raise self._error
+            raise RuntimeError("the stream was closed before it finished; no final response")
+        return self._response
+
+    async def aclose(self) -> None:
+        """Stop reading: close the connection and record the attempt as cancelled."""
+        if self._state == "streaming":
+            await self._close("cancelled")
+
+    # ------------------------------------------------------------------ opening
+
+    async def _open(self) -> None:
+        """Try the routes, as `run` does, until one streams its first delta."""
+        if self._state != "new":
+            raise RuntimeError("an LLMStream can be entered only once")
+        self._state = "opening"
+        ex = self._ex
+        self._start = ex._clock()
+        deadline = self._run.context.deadline
+        self._deadline_at = None if deadline is None else self._start + deadline
+        run = self._run
+        ctx = run.context
+        routes = self._routes
+        called_routes = 0
+        min_context = 0
+        try:
+            for info in routes:
+                if called_routes >= ex._fallback.max_routes:
+                    break
+                if info.context_window <= min_context:
+                    continue
+                if run.chain:
+                    logger.info(
+                        "%s/%s falling back from %s to %s",
+                        ctx.workflow,
+                        ctx.stage,
+                        run.chain[-1],
+                        info.id,
+                    )
+                run.chain.append(info.id)
+                called, opened, overflow = await self._route(info)
+                called_routes += called
+                if opened:
+                    return
+                if overflow:
+                    min_context = info.context_window
+                    if not any(
+                        m.context_window > min_context for m in routes[routes.index(info) + 1 :]
+                    ):
+                        raise run.errors[-1]
+        except _DeadlineExceeded as exc:
+            self._state = "failed"
+            if exc.error is not None:
+                run.errors.append(exc.error)
+            raise AllRoutesFailedError(
+                f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
+                f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}",
+                run.errors,
+            ) from None
+        except BaseException:
+            self._state = "failed"
+            raise
+        self._state = "failed"
+        if not run.errors:  # pragma: no cover - every route adds an error or answers
+            raise ConfigurationError("no route could be tried")
+        last = run.errors[-1]
+        raise AllRoutesFailedError(
+            f"all routes failed for {ctx.workflow}/{ctx.stage}: tried "
+            f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); "
+            f"last error: {_describe(last)}: {str(last)[:_ERROR_MESSAGE_LIMIT]}",
+            run.errors,
+        )
+
+    async def _route(self, info: ModelInfo) -> tuple[bool, bool, bool]:
+        """
+        Try one route with retries, up to the first delta.  Returns (provider called,
+        opened, overflowed); raises as `EmpathyLLMExecutor._route` does.
+        """
+        ex = self._ex
+        run = self._run
+        deadline_at = self._deadline_at
+        provider = ex._providers[info.provider]
+        semaphore = ex._semaphores[info.provider]
+        request = CompletionRequest(
+            model=info.id,
+            messages=run.messages,
+            system=run.system,
+            max_tokens=run.context.max_tokens,
+            temperature=run.context.temperature,
+        )
+        breaker = ex._breaker
+        key = None if breaker is None or info.provider in ex._keyless else ex._breaker_key(info)
+        scope_key = None if key is None else ex._scope_key(info)
+        per_attempt = self._per_attempt
+        clock = ex._clock
+        called = False
+        for route_attempt in range(1, ex._retry.max_attempts + 1):
+            # ---- a provider slot, within the deadline only
+            if deadline_at is None:
+                await semaphore.acquire()
+            else:
+                remaining = deadline_at - clock()
+                if remaining <= 0:
+                    raise ex._deadline_error(run, info, f"before calling {info.id}")
+                try:
+                    with anyio.fail_after(remaining):
+                        await semaphore.acquire()
+                except TimeoutError:
+                    raise ex._deadline_error(
+                        run, info, f"waiting for a {info.provider} slot"
+                    ) from None
+            holding = True
+            try:
+                attempt = len(run.attempts) + 1
+                # ---- admission
+                ticket: Ticket | None = None
+                scope_ticket: Ticket | None = None
+                if key is not None:
+                    assert breaker is not None
+                    try:
+                        if scope_key is not None:
+                            scope_ticket = await breaker.admit(scope_key)
+                        ticket = await breaker.admit(key)
+                    except CircuitOpenError as exc:
+                        if scope_ticket is not None and scope_ticket.lease_id is not None:
+                            with anyio.CancelScope(shield=True):
+                                try:
+                                    await breaker.report(scope_ticket, Outcome.REJECTED)
+                                except Exception:
+                                    ex.feedback_errors += 1
+                                    logger.exception("breaker.report failed for %s", scope_key)
+                        record = ex._record(
+                            run,
+                            info,
+                            Outcome.REJECTED,
+                            attempt=attempt,
+                            latency_ms=0.0,
+                            ticket=None,
+                            exc=exc,
+                            circuit_state=exc.state,
+                        )
+                        run.errors.append(exc)
+                        run.attempts.append(ex._summary(record, exc))
+                        with anyio.CancelScope(shield=True):
+                            await ex._feedback(record, None, None, None)
+                        return called, False, False
+                # ---- open the stream and read up to its first delta
+                total = None if deadline_at is None else max(deadline_at - clock(), 0.001)
+                called = True
+                t0 = clock()
+                stream: CompletionStream | None = None
+                try:
+                    stream = await provider.stream(
+                        request, idle_timeout=per_attempt, total_timeout=total
+                    )
+                    try:
+                        first: str | None = await stream.__anext__()
+                    except StopAsyncIteration:
+                        first = None  # an empty answer: complete already
+                except Exception as raised:
+                    if stream is not None:
+                        await stream.aclose()
+                    latency_ms = (clock() - t0) * 1000.0
+                    by_deadline = (
+                        isinstance(raised, TimeoutError)
+                        and deadline_at is not None
+                        and clock() >= deadline_at - _SLACK
+                    )
+                    error = _timeout_error(raised, info, per_attempt, by_deadline)
+                    outcome = classify_error(error)
+                    record = ex._record(
+                        run,
+                        info,
+                        outcome,
+                        attempt=attempt,
+                        latency_ms=latency_ms,
+                        ticket=ticket,
+                        exc=error,
+                    )
+                    retry_after = retry_after_of(error)
+                    run.errors.append(error)
+                    breaker_outcome = None
+                    if (
+                        isinstance(error, ModelNotFoundError)
+                        and key is not None
+                        and key == ex._provider_key(info.provider)
+                    ):
+                        breaker_outcome = Outcome.IGNORED
+                    with anyio.CancelScope(shield=True):
+                        await ex._feedback(
+                            record,
+                            ticket,
+                            retry_after,
+                            _describe(error),
+                            breaker_outcome,
+                            None
+                            if scope_ticket is None
+                            else (scope_ticket, provider_outcome(outcome, error)),
+                        )
+                except BaseException as raised:
+                    latency_ms = (clock() - t0) * 1000.0
+                    with anyio.CancelScope(shield=True):
+                        if stream is not None:
+                            await stream.aclose()
+                        record = ex._record(
+                            run,
+                            info,
+                            Outcome.CANCELLED,
+                            attempt=attempt,
+                            latency_ms=latency_ms,
+                            ticket=ticket,
+                            exc=raised,
+                        )
+                        run.attempts.append(ex._summary(record, raised))
+                        await ex._feedback(
+                            record,
+                            ticket,
+                            None,
+                            "cancelled",
+                            None,
+                            None if scope_ticket is None else (scope_ticket, Outcome.CANCELLED),
+                        )
+                    raise
+                else:
+                    now = clock()
+                    self._info = info
+                    self._stream = stream
+                    self._ticket = ticket
+                    self._scope_ticket = scope_ticket
+                    self._semaphore = semaphore
+                    self._attempt = attempt
+                    self._t0 = t0
+                    self._first = first
+                    if first is not None:
+                        self._ttft = (now - t0) * 1000.0
+                        self._run_ttft = (now - self._start) * 1000.0
+                    holding = False  # the stream holds the slot until it ends
+                    self._state = "streaming"
+                    if first is None:
+                        await self._finish()
+                    return called, True, False
+            finally:
+                if holding:
+                    semaphore.release()
+
+            # ---- decide after a failure (outside the provider slot)
+            if logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "%s/%s streamed attempt %d on %s failed: %s (%s): %s",
+                    run.context.workflow,
+                    run.context.stage,
+                    attempt,
+                    info.id,
+                    _describe(error),
+                    outcome.value,
+                    str(error)[:_ERROR_MESSAGE_LIMIT],
+                )
+            if by_deadline:
+                run.attempts.append(ex._summary(record, error))
+                raise _DeadlineExceeded(None) from None
+            if outcome is Outcome.IGNORED:
+                run.attempts.append(ex._summary(record, error))
+                if (
+                    isinstance(error, ContextWindowExceededError)
+                    and ex._fallback.larger_context_on_overflow
+                ):
+                    return called, False, True
+                raise error
+            if not ex._retry.should_retry(error, route_attempt):
+                run.attempts.append(ex._summary(record, error))
+                return called, False, False
+            delay = ex._retry.compute_delay(route_attempt, retry_after)
+            if delay is None or (deadline_at is not None and clock() + delay >= deadline_at):
+                run.attempts.append(ex._summary(record, error))
+                return called, False, False
+            run.attempts.append(ex._summary(record, error, delay))
+            await ex._sleep(delay)
+        return called, False, False
+
+    # ------------------------------------------------------------------ ending
+
+    def _partial(self) -> Completion:
+        """The attempt's completion so far, with its ttft."""
+        assert self._stream is not None and self._info is not None
+        got = self._stream.completion()
+        return Completion(
+            content=got.content,
+            model=got.model,
+            input_tokens=got.input_tokens,
+            output_tokens=got.output_tokens,
+            stop_reason=got.stop_reason,
+            request_id=got.request_id,
+            ttft_ms=self._ttft,
+        )
+
+    def _release(self) -> None:
+        semaphore, self._semaphore = self._semaphore, None
+        if semaphore is not None:
+            semaphore.release()
+
+    async def _report(
+        self,
+        outcome: Outcome,
+        error: BaseException | None,
+        completion: Completion,
+        *,
+        breaker_outcome: Outcome | None = None,
+        scope_outcome: Outcome | None = None,
+    ) -> LLMResponse | None:
+        """Record the attempt, tell the breaker, router and telemetry, free the slot."""
+        ex = self._ex
+        run = self._run
+        info = self._info
+        assert info is not None
+        latency_ms = (ex._clock() - self._t0) * 1000.0
+        record = ex._record(
+            run,
+            info,
+            outcome,
+            attempt=self._attempt,
+            latency_ms=latency_ms,
+            ticket=self._ticket,
+            exc=error,
+            completion=completion,
+        )
+        run.attempts.append(ex._summary(record, error))
+        scope = (
+            None
+            if self._scope_ticket is None
+            else (self._scope_ticket, scope_outcome if scope_outcome is not None else outcome)
+        )
+        try:
+            with anyio.CancelScope(shield=True):  # the record survives a cancel
+                await ex._feedback(
+                    record,
+                    self._ticket,
+                    None if error is None else retry_after_of(error),
+                    None
+                    if error is None
+                    else ("cancelled" if outcome is Outcome.CANCELLED else _describe(error)),
+                    breaker_outcome,
+                    scope,
+                )
+        finally:
+            self._release()
+        if outcome is not Outcome.SUCCESS:
+            return None
+        run.attempts_cost = record.cost_usd
+        return _new_response(
+            content=completion.content,
+            model=info.id,
+            provider=info.provider,
+            tier=info.tier,
+            input_tokens=completion.input_tokens,
+            output_tokens=completion.output_tokens,
+            cost_usd=record.cost_usd,
+            latency_ms=max(0.0, (ex._clock() - self._start) * 1000.0),
+            attempts=tuple(run.attempts),
+            fallback_chain=tuple(run.chain),
+            fallback_used=info.id != run.original.id,
+            routing_decision=run.decision,
+            request_id=run.request_id,
+            response_model=completion.model,
+            price_version=ex._registry.price_version,
+            stop_reason=completion.stop_reason,
+            tool_calls=(),
+            parsed=None,
+            parse_error=None,
+            ttft_ms=self._run_ttft,
+        )
+
+    async def _finish(self) -> None:
+        self._state = "done"
+        self._response = await self._report(Outcome.SUCCESS, None, self._partial())
+
+    async def _interrupted(self, raised: Exception) -> StreamInterruptedError:
+        """Record a failure after the first delta; the error to raise."""
+        self._state = "failed"
+        info = self._info
+        stream = self._stream
+        assert info is not None and stream is not None
+        await stream.aclose()
+        deadline_at = self._deadline_at
+        by_deadline = (
+            isinstance(raised, TimeoutError)
+            and deadline_at is not None
+            and self._ex._clock() >= deadline_at - _SLACK
+        )
+        error = _timeout_error(raised, info, self._per_attempt, by_deadline)
+        outcome = classify_error(error)
+        completion = self._partial()
+        self._run.errors.append(error)
+        await self._report(
+            outcome,
+            error,
+            completion,
+            scope_outcome=provider_outcome(outcome, error),
+        )
+        interrupted = StreamInterruptedError(
+            f"{info.provider}/{info.id}: the stream failed after "
+            f"{len(self._parts)} delta(s): {_describe(error)}: "
+            f"{str(error)[:_ERROR_MESSAGE_LIMIT]}",
+            provider=info.provider,
+            model=info.id,
+            status=error.status if isinstance(error, ProviderError) else None,
+            retry_after=retry_after_of(error),
+            partial_text=self.text,
+            input_tokens=completion.input_tokens,
+            output_tokens=completion.output_tokens,
+            ttft_ms=self._ttft,
+            request_id=self._run.request_id,
+            error=error if isinstance(error, ProviderError) else None,
+        )
+        interrupted.__cause__ = error
+        self._error = interrupted
+        logger.info("%s/%s: %s", self._run.context.workflow, self._run.context.stage, interrupted)
+        return interrupted
+
+    async def _close(self, why: str) -> None:
+        """The caller stopped reading: close the connection, record ``cancelled``."""
+        self._state = "cancelled"
+        stream = self._stream
+        assert stream is not None
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+            await self._report(Outcome.CANCELLED, None, self._partial())
+        logger.debug("stream of %s closed early (%s)", self.model, why)
+
+
+def _describe(exc: BaseException) -> str:
+    status = getattr(exc, "status", None)
+    shown = isinstance(status, int) and not isinstance(status, bool)
+    return type(exc).__name__ + (f" ({status})" if shown else "")
+
+
+_STREAMING: Final = frozenset({"streaming"})
+
+
+def _some_model_cannot_stream(executor: EmpathyLLMExecutor) -> bool:
+    """Whether the registry has a model without ``"streaming"`` (then routes need it)."""
+    known: bool | None = executor.__dict__.get("_stream_filter")
+    if known is None:
+        known = any("streaming" not in m.capabilities for m in executor._registry.models)
+        executor.__dict__["_stream_filter"] = known  # the registry is fixed per executor
+    return known
+
+
+def open_stream(
+    executor: EmpathyLLMExecutor, prompt: Prompt, context: ExecutionContext | None
+) -> StreamManager:
+    """`EmpathyLLMExecutor.stream`'s body (see there)."""
+    executor._check_open()
+    ctx = _DEFAULT_CONTEXT if context is None else context
+    if not isinstance(ctx, ExecutionContext):
+        raise ConfigurationError(f"context must be an ExecutionContext, got {ctx!r}")
+    messages, system = _to_messages(prompt, ctx.system)
+    task_type, task_tier = executor._task(ctx.task_type)
+    needs = required_capabilities(messages, NO_OPTIONS)
+    if _some_model_cannot_stream(executor):
+        needs |= _STREAMING
+    routes, decision = executor._plan(ctx, messages, system, task_tier, needs)
+    run = _Run(ctx, messages, routes[0], decision, task_type, system)
+    return StreamManager(LLMStream(executor, run, routes))

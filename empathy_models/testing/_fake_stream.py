@@ -1,0 +1,322 @@
+"""
+Streamed answers for `FakeLLMServer`: Server-Sent Events in the OpenAI Chat
+Completions and the Anthropic Messages formats, byte for byte as the real APIs send
+them (``tests/data/*.sse`` hold recorded samples the tests compare against).
+
+OpenAI: a first chunk with ``delta.role``, one chunk per piece of text, a chunk with
+``finish_reason``, then (when the request asked for ``stream_options.include_usage``)
+a usage-only chunk with ``choices: []``, and ``data: [DONE]``.  Anthropic:
+``message_start`` (input tokens), ``content_block_start``, ``ping``, one
+``content_block_delta`` per piece, ``content_block_stop``, ``message_delta`` (stop
+reason and output tokens), ``message_stop``.
+
+`StreamBehavior` (``ModelBehavior(stream=...)``) controls the timing and the faults:
+a delay before the first text chunk, a delay between chunks, the chunk size, and a
+fault after N text chunks (an ``error`` event, a reset connection, a stall, a
+malformed event, or a stream that ends without its end marker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import time
+from collections.abc import Mapping
+from typing import Any, Final, Literal
+
+import attrs
+from aiohttp import web
+from attrs import field, frozen
+
+from ..exceptions import RecordValidationError
+
+__all__ = ["STREAM_FAULTS", "StreamBehavior", "serve_stream", "split_text"]
+
+STREAM_FAULTS: Final = frozenset({"error", "reset", "hang", "malformed", "incomplete"})
+"""What `StreamBehavior.fault` may be."""
+
+_WORDS: Final = re.compile(r"\s*\S+|\s+$")
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def split_text(text: str, chunk_chars: int | None = None) -> list[str]:
+    """
+    ``text`` in the pieces the fake streams: words with their leading space (as the
+    real APIs' token-sized deltas look), or ``chunk_chars`` characters each.
+    """
+    if not text:
+        return []
+    if chunk_chars is not None:
+        return [text[i : i + chunk_chars] for i in range(0, len(text), chunk_chars)]
+    return _WORDS.findall(text) or [text]
+
+
+def _non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise RecordValidationError(
+            f"{attribute.name} must be a number of ms >= 0, got {value!r}", path=attribute.name
+        )
+
+
+def _opt_count(minimum: int) -> Any:
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < minimum
+        ):
+            raise RecordValidationError(
+                f"{attribute.name} must be None or an integer >= {minimum}, got {value!r}",
+                path=attribute.name,
+            )
+
+    return check
+
+
+def _fault(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in STREAM_FAULTS:
+        raise RecordValidationError(
+            f"fault must be one of {', '.join(sorted(STREAM_FAULTS))}, got {value!r}",
+            path="fault",
+        )
+
+
+@frozen(kw_only=True)
+class StreamBehavior:
+    """
+    How a model streams (requests with ``"stream": true``).
+
+    ``first_chunk_ms``: after the response headers and the opening events, the wait
+    before the first text chunk (the model's time to first token).
+    ``chunk_interval_ms``: the wait between text chunks.  ``chunk_chars``: characters
+    per chunk (default: one word per chunk).  ``fault_after``: after this many text
+    chunks, ``fault`` happens instead of the rest: ``"error"`` (an ``error`` event: an
+    ``overloaded_error`` in Anthropic's format, a ``server_error`` object in OpenAI's),
+    ``"reset"`` (the connection is dropped), ``"hang"`` (nothing more is sent until the
+    client gives up or the server stops), ``"malformed"`` (an event whose data is not
+    JSON), ``"incomplete"`` (the body ends without ``message_stop`` / ``[DONE]``).
+    """
+
+    first_chunk_ms: float = field(default=0.0, validator=_non_negative)
+    chunk_interval_ms: float = field(default=0.0, validator=_non_negative)
+    chunk_chars: int | None = field(default=None, validator=_opt_count(1))
+    fault_after: int | None = field(default=None, validator=_opt_count(0))
+    fault: Literal["error", "reset", "hang", "malformed", "incomplete"] = field(
+        default="error", validator=_fault
+    )
+
+
+DEFAULT_STREAM: Final = StreamBehavior()
+
+
+def _data(value: Any, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event is not None else ""
+    return f"{head}data: {_ENCODE(value)}\n\n".encode()
+
+
+def _openai_events(
+    model: str,
+    number: int,
+    pieces: list[str],
+    input_tokens: int,
+    output_tokens: int,
+    truncated: bool,
+    include_usage: bool,
+) -> tuple[bytes, list[bytes], bytes, bytes]:
+    """(opening, one event per piece, closing, the error event) for OpenAI."""
+    created = int(time.time())
+
+    def chunk(choices: list[Any], **extra: Any) -> bytes:
+        return _data(
+            {
+                "id": f"chatcmpl-{number:024d}",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": "fp_fake",
+                "choices": choices,
+                **extra,
+            }
+        )
+
+    def choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[Any]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+
+    opening = chunk(choice({"role": "assistant", "content": "", "refusal": None}))
+    chunks = [chunk(choice({"content": piece})) for piece in pieces]
+    closing = chunk(choice({}, "length" if truncated else "stop"))
+    if include_usage:
+        closing += chunk(
+            [],
+            usage={
+                "prompt_tokens": input_tokens,
+                "completion_tokens": output_tokens,
+                "total_tokens": input_tokens + output_tokens,
+            },
+        )
+    closing += b"data: [DONE]\n\n"
+    error = _data(
+        {
+            "error": {
+                "message": "The server had an error while processing your request. Sorry "
+                "about that!",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
+    )
+    return opening, chunks, closing, error
+
+
+def _anthropic_events(
+    model: str,
+    number: int,
+    pieces: list[str],
+    input_tokens: int,
+    output_tokens: int,
+    truncated: bool,
+) -> tuple[bytes, list[bytes], bytes, bytes]:
+    """(opening, one event per piece, closing, the error event) for Anthropic."""
+    message: dict[str, Any] = {
+        "id": f"msg_{number:024d}",
+        "type": "message",
+        "role": "assistant",
+        "content": [],
+        "model": model,
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+    }
+    opening = (
+        _data({"type": "message_start", "message": message}, "message_start")
+        + _data(
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+            "content_block_start",
+        )
+        + b'event: ping\ndata: {"type": "ping"}\n\n'
+    )
+    chunks = [
+        _data(
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": piece},
+            },
+            "content_block_delta",
+        )
+        for piece in pieces
+    ]
+    closing = (
+        _data({"type": "content_block_stop", "index": 0}, "content_block_stop")
+        + _data(
+            {
+                "type": "message_delta",
+                "delta": {
+                    "stop_reason": "max_tokens" if truncated else "end_turn",
+                    "stop_sequence": None,
+                },
+                "usage": {"output_tokens": output_tokens},
+            },
+            "message_delta",
+        )
+        + _data({"type": "message_stop"}, "message_stop")
+    )
+    error = _data(
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "error"
+    )
+    return opening, chunks, closing, error
+
+
+async def serve_stream(
+    request: web.Request,
+    *,
+    api: str,
+    model: str,
+    number: int,
+    body: Mapping[str, Any],
+    content: str,
+    input_tokens: int,
+    output_tokens: int,
+    truncated: bool,
+    behavior: StreamBehavior | None,
+    closing: asyncio.Event,
+    fault: str | None = None,
+) -> web.StreamResponse:
+    """
+    Answer ``request`` with the events of ``content`` in ``api``'s format.  ``fault``
+    (one of `STREAM_FAULTS`) overrides the behaviour's, right after the opening events.
+    """
+    behavior = DEFAULT_STREAM if behavior is None else behavior
+    pieces = split_text(content, behavior.chunk_chars)
+    if api == "anthropic":
+        opening, chunks, ending, error = _anthropic_events(
+            model, number, pieces, input_tokens, output_tokens, truncated
+        )
+        headers = {"request-id": f"req_{number:024d}"}
+    else:
+        options = body.get("stream_options")
+        include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
+        opening, chunks, ending, error = _openai_events(
+            model, number, pieces, input_tokens, output_tokens, truncated, include_usage
+        )
+        headers = {"x-request-id": f"req_{number:024d}"}
+    fault_after = behavior.fault_after
+    what: str = behavior.fault
+    if fault is not None:
+        fault_after, what = 0, fault
+    response = web.StreamResponse(
+        status=200,
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            **headers,
+        },
+    )
+    await response.prepare(request)
+    await response.write(opening)
+    if behavior.first_chunk_ms:
+        await asyncio.sleep(behavior.first_chunk_ms / 1000)
+    interval = behavior.chunk_interval_ms / 1000
+    for sent, chunk in enumerate(chunks):
+        if sent == fault_after:
+            return await _fail(request, response, what, error, closing)
+        if sent and interval:
+            await asyncio.sleep(interval)
+        await response.write(chunk)
+    if fault_after is not None and fault_after >= len(chunks):
+        return await _fail(request, response, what, error, closing)
+    await response.write(ending)
+    await response.write_eof()
+    return response
+
+
+async def _fail(
+    request: web.Request,
+    response: web.StreamResponse,
+    fault: str,
+    error: bytes,
+    closing: asyncio.Event,
+) -> web.StreamResponse:
+    if fault == "error":
+        await response.write(error)
+    elif fault == "malformed":
+        await response.write(b'data: {"type":"content_block_delta","index":0,"delta":{"ty\n\n')
+    elif fault == "hang":
+        await closing.wait()
+    elif fault == "reset":
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    # "incomplete" (and what follows an error event): the body ends, no end marker
+    await response.write_eof()
+    return response

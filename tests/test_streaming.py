@@ -1,0 +1,539 @@
+"""
+`EmpathyLLMExecutor.stream` over real HTTP: `FakeLLMServer` on 127.0.0.1, the real
+providers, breaker, router and memory telemetry.  Retry waits go through an injected
+sleep; the only waits are the timeout tests' short budgets against a stalled server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import sys
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import anyio.lowlevel
+import attrs
+import pytest
+
+from empathy_models import (
+    AllRoutesFailedError,
+    BreakerPolicy,
+    CircuitState,
+    ConfigurationError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    LLMCallRecord,
+    MemoryTelemetryBackend,
+    ModelInfo,
+    ModelRegistry,
+    Outcome,
+    OverloadedError,
+    ProviderTimeoutError,
+    RetryPolicy,
+    ServerError,
+    SQLiteTelemetryBackend,
+    StreamInterruptedError,
+)
+from empathy_models.breaker import CircuitBreaker
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.router import AdaptiveModelRouter
+from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
+
+pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
+
+KEY = "test-key-0123"
+TEXT = "one two three four five six seven eight"
+PIECES = ["one", " two", " three", " four", " five", " six", " seven", " eight"]
+
+REGISTRY = ModelRegistry(
+    models=[
+        ModelInfo(
+            id="claude-fake-haiku",
+            provider="anthropic",
+            tier="cheap",
+            input_price_per_mtok=0.8,
+            output_price_per_mtok=4.0,
+            context_window=200_000,
+            max_output_tokens=8192,
+        ),
+        ModelInfo(
+            id="gpt-fake-mini",
+            provider="openai",
+            tier="cheap",
+            input_price_per_mtok=1.0,
+            output_price_per_mtok=5.0,
+            context_window=128_000,
+            max_output_tokens=16384,
+        ),
+    ],
+    price_version="stream-test-1",
+)
+
+CHEAP = ExecutionContext(workflow="chat", stage="answer", tier="cheap")
+
+
+class RecordingSleep:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    behavior = ModelBehavior(content=TEXT, output_tokens=(8, 8))
+    async with FakeLLMServer(
+        {"claude-fake-haiku": behavior, "gpt-fake-mini": behavior}, api_key=KEY, seed=7
+    ) as fake:
+        yield fake
+
+
+@pytest.fixture
+def telemetry() -> MemoryTelemetryBackend:
+    return MemoryTelemetryBackend()
+
+
+def make(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, **options: Any
+) -> EmpathyLLMExecutor:
+    options.setdefault("retry", RetryPolicy(jitter=False))
+    options.setdefault("sleep", RecordingSleep())
+    return EmpathyLLMExecutor(
+        [
+            AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+            OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+        ],
+        registry=REGISTRY,
+        telemetry_store=telemetry,
+        **options,
+    )
+
+
+async def records_of(telemetry: MemoryTelemetryBackend) -> list[LLMCallRecord]:
+    return sorted(await telemetry.recent(limit=100_000), key=lambda r: (r.timestamp, r.attempt))
+
+
+def stream_behavior(**options: Any) -> ModelBehavior:
+    return ModelBehavior(content=TEXT, output_tokens=(8, 8), stream=StreamBehavior(**options))
+
+
+# --------------------------------------------------------------------------- the answer
+
+
+async def test_a_stream_yields_the_deltas_then_the_response_with_usage_and_ttft(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    async with (
+        AdaptiveModelRouter(REGISTRY, telemetry, seed=3) as router,
+        make(server, telemetry, router=router) as executor,
+    ):
+        async with executor.stream("Count to eight", CHEAP) as stream:
+            deltas = [delta async for delta in stream]
+            assert stream.text == TEXT
+            response = await stream.get_final_response()
+        assert stream.response is response
+    assert deltas == PIECES
+    assert response.content == TEXT
+    assert response.model == "claude-fake-haiku"
+    assert response.output_tokens == 8 and response.input_tokens > 0
+    assert response.cost_usd == pytest.approx(
+        REGISTRY.cost("claude-fake-haiku", response.input_tokens, 8)
+    )
+    assert response.routing_decision is not None
+    assert response.routing_decision.model == "claude-fake-haiku"
+    assert response.ttft_ms is not None and 0 < response.ttft_ms <= response.latency_ms
+    assert response.stop_reason == "end_turn"
+    (record,) = await records_of(telemetry)
+    assert record.outcome is Outcome.SUCCESS
+    assert record.ttft_ms is not None and 0 < record.ttft_ms <= record.latency_ms
+    assert record.output_tokens == 8 and record.cost_usd == response.cost_usd
+    assert record.call_id == response.attempts[0].call_id
+    (performance,) = await telemetry.aggregate()
+    assert performance.ttft_p50_ms == performance.ttft_p95_ms == record.ttft_ms
+
+
+async def test_get_final_response_reads_what_is_left(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    pinned = ExecutionContext(model="gpt-fake-mini", record_text=True)
+    async with make(server, telemetry) as executor, executor.stream("hi", pinned) as stream:
+        first = await stream.__anext__()
+        response = await stream.get_final_response()
+    assert first == "one"
+    assert response.content == TEXT and response.provider == "openai"
+    assert response.output_tokens == 8  # the usage chunk was asked for and read
+    (record,) = await records_of(telemetry)
+    assert record.response_text == TEXT
+
+
+async def test_bad_input_is_refused_before_anything_is_sent(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    executor = make(server, telemetry)
+    with pytest.raises(RuntimeError, match="not open"):
+        executor.stream("hi")
+    async with executor:
+        with pytest.raises(ConfigurationError, match="empty"):
+            executor.stream("   ")
+        with pytest.raises(ConfigurationError, match="ExecutionContext"):
+            executor.stream("hi", {"tier": "cheap"})  # type: ignore[arg-type]
+    assert server.requests() == 0
+
+
+# --------------------------------------------------------------------------- before the first delta
+
+
+async def test_a_fault_before_the_first_chunk_falls_back_and_gives_one_answer(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    server.set_outage("claude-fake-haiku", action=503)
+    async with make(server, telemetry) as executor, executor.stream("hi", CHEAP) as stream:
+        deltas = [delta async for delta in stream]
+        response = await stream.get_final_response()
+    assert deltas == PIECES  # only the answering model's text, once
+    assert response.model == "gpt-fake-mini" and response.fallback_used
+    assert response.fallback_chain == ("claude-fake-haiku", "gpt-fake-mini")
+    records = await records_of(telemetry)
+    assert [(r.model, r.outcome) for r in records] == [
+        ("claude-fake-haiku", Outcome.FAILURE),
+        ("claude-fake-haiku", Outcome.FAILURE),
+        ("claude-fake-haiku", Outcome.FAILURE),
+        ("gpt-fake-mini", Outcome.SUCCESS),
+    ]
+    assert len(records) == len(response.attempts)
+    assert all(r.ttft_ms is None for r in records[:3])
+
+
+async def test_an_error_event_before_the_first_delta_is_retried(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    server.set_behavior("claude-fake-haiku", stream_behavior(fault_after=0, fault="error"))
+    sleep = RecordingSleep()
+    async with (
+        make(server, telemetry, sleep=sleep) as executor,
+        executor.stream("hi", CHEAP) as stream,
+    ):
+        response = await stream.get_final_response()
+    assert response.model == "gpt-fake-mini"
+    assert sleep.delays == [1.0, 2.0]  # an overloaded error is retried, as in run()
+    records = await records_of(telemetry)
+    assert [r.error_type for r in records[:3]] == ["OverloadedError"] * 3
+
+
+async def test_every_route_failing_raises_all_routes_failed(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    server.set_outage("*", action=500)
+    async with make(server, telemetry, retry=RetryPolicy.none()) as executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            async with executor.stream("hi", CHEAP):
+                pytest.fail("the block must not run")  # pragma: no cover
+    assert all(isinstance(e, ServerError) for e in caught.value.exceptions)
+    assert len(await records_of(telemetry)) == 2
+
+
+async def test_a_stall_before_the_first_chunk_times_out_and_falls_back(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    server.set_behavior("claude-fake-haiku", stream_behavior(first_chunk_ms=60_000))
+    context = ExecutionContext(tier="cheap", timeout=0.2)
+    async with make(server, telemetry, retry=RetryPolicy.none()) as executor:
+        with anyio.fail_after(30):
+            async with executor.stream("hi", context) as stream:
+                response = await stream.get_final_response()
+    assert response.model == "gpt-fake-mini"
+    first = (await records_of(telemetry))[0]
+    assert first.error_type == "ProviderTimeoutError" and first.outcome is Outcome.FAILURE
+    assert first.latency_ms >= 200.0  # not before the per-attempt timeout
+    assert "per-attempt timeout" in (first.error_message or "")
+
+
+# --------------------------------------------------------------------------- after the first delta
+
+
+async def test_a_fault_after_three_chunks_raises_stream_interrupted_with_the_partial_text(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    server.set_behavior("claude-fake-haiku", stream_behavior(fault_after=3))
+    sleep = RecordingSleep()
+    async with make(server, telemetry, sleep=sleep) as executor:
+        deltas: list[str] = []
+        with pytest.raises(StreamInterruptedError) as caught:
+            async with executor.stream("hi", CHEAP) as stream:
+                async for delta in stream:
+                    deltas.append(delta)  # noqa: PERF401 - keeps the deltas before the error
+        with pytest.raises(StreamInterruptedError):
+            await stream.get_final_response()
+    error = caught.value
+    assert deltas == PIECES[:3]
+    assert error.partial_text == "one two three"
+    assert isinstance(error.__cause__, OverloadedError) and error.error is error.__cause__
+    assert error.model == "claude-fake-haiku" and error.output_tokens == 3
+    assert error.input_tokens > 0 and error.ttft_ms is not None
+    assert server.requests("gpt-fake-mini") == 0  # no silent fallback
+    assert sleep.delays == []  # and no retry
+    (record,) = await records_of(telemetry)
+    assert record.outcome is Outcome.FAILURE and record.error_type == "OverloadedError"
+    assert record.ttft_ms == error.ttft_ms
+    assert record.output_tokens == 3 and record.request_id == error.request_id
+
+
+async def test_a_stalled_stream_times_out_on_the_idle_timeout(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    server.set_behavior("claude-fake-haiku", stream_behavior(fault_after=2, fault="hang"))
+    context = ExecutionContext(tier="cheap", timeout=0.2)
+    async with make(server, telemetry) as executor:
+        with anyio.fail_after(30), pytest.raises(StreamInterruptedError) as caught:
+            async with executor.stream("hi", context) as stream:
+                async for _ in stream:
+                    pass
+    assert caught.value.partial_text == "one two"
+    assert isinstance(caught.value.__cause__, ProviderTimeoutError)
+    assert "per-attempt timeout" in str(caught.value)
+    (record,) = await records_of(telemetry)
+    assert record.error_type == "ProviderTimeoutError" and record.outcome is Outcome.FAILURE
+    assert record.latency_ms >= 200.0
+
+
+async def test_the_deadline_bounds_the_whole_stream(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    # every gap (50 ms) is well inside the idle timeout; the whole takes ~350 ms
+    server.set_behavior("claude-fake-haiku", stream_behavior(chunk_interval_ms=50))
+    context = ExecutionContext(tier="cheap", timeout=5, deadline=0.15)
+    async with make(server, telemetry) as executor:
+        with anyio.fail_after(30), pytest.raises(StreamInterruptedError) as caught:
+            async with executor.stream("hi", context) as stream:
+                async for _ in stream:
+                    pass
+    assert "deadline" in str(caught.value)
+    assert 0 < len(caught.value.partial_text) < len(TEXT)
+
+
+# --------------------------------------------------------------------------- leaving early
+
+
+async def test_breaking_out_records_cancelled_and_releases_the_connection(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    server.set_behavior("claude-fake-haiku", stream_behavior(chunk_interval_ms=5))
+    # one connection in the pool: a response left open would block the next call
+    connector = aiohttp.TCPConnector(limit=1)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        make(server, telemetry, session=session) as executor,
+    ):
+        deltas: list[str] = []
+        async with executor.stream("hi", CHEAP) as stream:
+            async for delta in stream:
+                deltas.append(delta)
+                if len(deltas) == 2:
+                    break
+        with pytest.raises(RuntimeError, match="closed before it finished"):
+            await stream.get_final_response()
+        with anyio.fail_after(10):
+            response = await executor.run("hi", CHEAP)
+    assert response.content == TEXT
+    assert deltas == PIECES[:2]
+    cancelled, answered = await records_of(telemetry)
+    assert cancelled.outcome is Outcome.CANCELLED
+    assert cancelled.output_tokens == 2 and cancelled.ttft_ms is not None
+    assert answered.outcome is Outcome.SUCCESS
+    gc.collect()  # an unclosed response or session would warn now (warnings are errors)
+
+
+async def test_a_cancelled_task_records_cancelled_and_reraises(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    server.set_behavior("claude-fake-haiku", stream_behavior(fault_after=2, fault="hang"))
+    got_two = asyncio.Event()
+
+    async def consume(executor: EmpathyLLMExecutor) -> None:
+        async with executor.stream("hi", CHEAP) as stream:
+            count = 0
+            async for _ in stream:
+                count += 1
+                if count == 2:
+                    got_two.set()
+
+    async with make(server, telemetry) as executor:
+        task = asyncio.create_task(consume(executor))
+        with anyio.fail_after(10):
+            await got_two.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    (record,) = await records_of(telemetry)
+    assert record.outcome is Outcome.CANCELLED and record.output_tokens == 2
+
+
+async def test_leaving_early_returns_a_half_open_probe_lease(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, fake_clock: FakeClock
+) -> None:
+    policy = BreakerPolicy(consecutive_failures=1, recovery_seconds=30)
+    pinned = ExecutionContext(model="claude-fake-haiku")
+    async with (
+        CircuitBreaker(policy=policy, clock=fake_clock) as breaker,
+        make(server, telemetry, breaker=breaker, retry=RetryPolicy.none()) as executor,
+    ):
+        server.script("claude-fake-haiku", [500])
+        async with executor.stream("hi", pinned) as stream:
+            await stream.get_final_response()  # the fallback answered; haiku's circuit opened
+        assert stream.model == "gpt-fake-mini"
+        key = breaker.key_for("anthropic", "claude-fake-haiku")
+        assert (await breaker.get_status(key)).state is CircuitState.OPEN
+        fake_clock.advance(31)  # past the recovery time: the next call is the probe
+        async with executor.stream("hi", pinned) as stream:
+            assert stream.model == "claude-fake-haiku"
+            await stream.__anext__()
+        # the probe's lease came back (cancelled): another probe may go at once
+        async with executor.stream("hi", pinned) as stream:
+            assert stream.model == "claude-fake-haiku"
+            await stream.get_final_response()
+        assert (await breaker.get_status(key)).state is CircuitState.CLOSED
+    outcomes = [r.outcome for r in await records_of(telemetry)]
+    assert outcomes == [
+        Outcome.FAILURE,
+        Outcome.SUCCESS,
+        Outcome.CANCELLED,
+        Outcome.SUCCESS,
+    ]
+
+
+# --------------------------------------------------------------------------- load
+
+
+async def test_two_hundred_concurrent_streams_leave_one_record_per_attempt(
+    telemetry: MemoryTelemetryBackend,
+) -> None:
+    behavior = ModelBehavior(
+        content=TEXT,
+        failure_rate=0.2,
+        failures=(500, 529),
+        stream=StreamBehavior(fault_after=4, fault="error"),
+    )
+    flaky = ModelBehavior(content=TEXT, failure_rate=0.1, failures=(503,))
+    async with FakeLLMServer(
+        {"claude-fake-haiku": behavior, "gpt-fake-mini": flaky}, api_key=KEY, seed=11
+    ) as server:
+        attempts = 0
+        outcomes: dict[str, int] = {}
+
+        async def one(executor: EmpathyLLMExecutor, i: int) -> None:
+            nonlocal attempts
+            manager = executor.stream(f"hi {i}", CHEAP)
+            try:
+                async with manager as stream:
+                    async for _ in stream:
+                        if i % 10 == 0:
+                            break  # some callers leave early
+                if i % 10:
+                    response = await stream.get_final_response()
+                    assert len(response.attempts) == len(stream.attempts)
+                    outcomes["ok"] = outcomes.get("ok", 0) + 1
+                else:
+                    outcomes["left"] = outcomes.get("left", 0) + 1
+                attempts += len(stream.attempts)
+            except StreamInterruptedError:
+                outcomes["interrupted"] = outcomes.get("interrupted", 0) + 1
+                attempts += len(stream.attempts)
+            except AllRoutesFailedError as exc:
+                outcomes["failed"] = outcomes.get("failed", 0) + 1
+                attempts += len(exc.exceptions)
+
+        async with make(server, telemetry, concurrency_per_provider=64) as executor:
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as group:
+                    for i in range(200):
+                        group.start_soon(one, executor, i)
+        records = await records_of(telemetry)
+    assert sum(outcomes.values()) == 200
+    assert outcomes.get("interrupted", 0) > 0 and outcomes.get("left", 0) > 0
+    assert len(records) == attempts
+    assert len({r.call_id for r in records}) == len(records)
+    sent = [r for r in records if r.outcome is not Outcome.REJECTED]
+    assert len(sent) == server.requests("claude-fake-haiku") + server.requests("gpt-fake-mini")
+    with warnings.catch_warnings():
+        gc.collect()
+
+
+# --------------------------------------------------------------------------- telemetry
+
+
+async def test_streamed_ttft_is_aggregated_by_sqlite_and_shown_by_the_cli(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "calls.db"
+    executor = EmpathyLLMExecutor(
+        [AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)],
+        registry=REGISTRY,
+        telemetry_store=f"sqlite:///{db}",
+    )
+    async with executor:
+        for _ in range(5):
+            async with executor.stream("hi", CHEAP) as stream:
+                await stream.get_final_response()
+        await executor.run("hi", CHEAP)  # not streamed: no ttft, not in the percentiles
+    async with SQLiteTelemetryBackend(db) as backend:
+        records = await backend.recent(limit=10)
+        ttfts = sorted(r.ttft_ms for r in records if r.ttft_ms is not None)
+        (performance,) = await backend.aggregate()
+    assert len(ttfts) == 5
+    assert (performance.ttft_p50_ms, performance.ttft_p95_ms) == (ttfts[2], ttfts[4])
+    env = {**os.environ, "EMPATHY_HOME": str(tmp_path / "home")}
+    command = [sys.executable, "-m", "empathy_models", "telemetry", "summary", "--db", str(db)]
+    shown = (await anyio.run_process(command, env=env)).stdout.decode()
+    assert "TTFT p50 ms" in shown and f"{ttfts[2]:.1f}" in shown
+    data = json.loads((await anyio.run_process([*command, "--json"], env=env)).stdout)
+    assert data["models"][0]["ttft_p95_ms"] == ttfts[4]
+
+
+async def test_a_provider_that_cannot_stream_gives_its_whole_answer_as_one_delta() -> None:
+    from empathy_models.testing import FakeProvider
+
+    async with (
+        EmpathyLLMExecutor(
+            [FakeProvider(name="openai")], telemetry_store=MemoryTelemetryBackend()
+        ) as executor,
+        executor.stream("hi", ExecutionContext(tier="cheap")) as stream,
+    ):
+        deltas = [delta async for delta in stream]
+        response = await stream.get_final_response()
+    assert len(deltas) == 1 and deltas[0] == response.content != ""
+    assert response.ttft_ms is not None
+
+
+async def test_models_that_cannot_stream_are_left_out_of_a_stream(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    registry = ModelRegistry(
+        models=[
+            attrs.evolve(REGISTRY.get("claude-fake-haiku"), capabilities=("tools",)),
+            REGISTRY.get("gpt-fake-mini"),
+        ],
+        price_version="stream-test-2",
+    )
+    executor = EmpathyLLMExecutor(
+        [
+            AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+            OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+        ],
+        registry=registry,
+        telemetry_store=telemetry,
+    )
+    async with executor:
+        assert (await executor.run("hi", CHEAP)).model == "claude-fake-haiku"
+        async with executor.stream("hi", CHEAP) as stream:
+            response = await stream.get_final_response()
+    assert response.model == "gpt-fake-mini" and not response.fallback_used
+    assert server.requests("claude-fake-haiku") == 1  # only the run() call

@@ -1,0 +1,419 @@
+"""
+Streaming on the wire: the SSE decoder, `FakeLLMServer`'s event streams against recorded
+samples of the real APIs, the official `openai` and `anthropic` SDKs streaming from the
+fake, and the providers' `stream` over real HTTP on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+from aiohttp import web
+
+from empathy_models import (
+    CompletionRequest,
+    InvalidResponseError,
+    Message,
+    OverloadedError,
+    ProviderError,
+    ProviderTimeoutError,
+    ServerError,
+)
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.providers._sse import (
+    AnthropicStreamDecoder,
+    OpenAIStreamDecoder,
+    SSEDecoder,
+)
+from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
+
+KEY = "test-key-0123"
+DATA = Path(__file__).parent / "data"
+TEXT = "The quick brown fox jumps over the lazy dog, twice."
+BEHAVIOR = ModelBehavior(content=TEXT, output_tokens=(5, 60))
+
+
+def request(model: str) -> CompletionRequest:
+    return CompletionRequest(model=model, messages=(Message(role="user", content="Hello!"),))
+
+
+# --------------------------------------------------------------------------- the decoder
+
+
+def test_sse_decoder_gives_the_same_events_whatever_the_chunking() -> None:
+    raw = (DATA / "anthropic_messages_stream.sse").read_bytes().replace(b"\n", b"\r\n")
+    raw = b": keep-alive comment\r\n\r\n" + raw
+    whole = SSEDecoder().feed(raw)
+    assert [name for name, _ in whole][:3] == ["message_start", "content_block_start", "ping"]
+    assert len(whole) == 9
+    for size in (1, 2, 3, 7, 64):
+        decoder = SSEDecoder()
+        events: list[tuple[str, str]] = []
+        for i in range(0, len(raw), size):
+            events.extend(decoder.feed(raw[i : i + size]))
+        assert events == whole, size
+        assert not decoder.pending
+
+
+def test_sse_decoder_joins_multiline_data_and_defaults_the_event_name() -> None:
+    events = SSEDecoder().feed(b"data: a\ndata:b\nid: 7\nretry: 10\n\nevent: x\n\n")
+    assert events == [("message", "a\nb")]  # the data-less "x" event is dropped
+
+
+def test_sse_decoder_bounds_its_buffer() -> None:
+    decoder = SSEDecoder(max_event_bytes=100)
+    with pytest.raises(InvalidResponseError, match="longer than 100 bytes"):
+        decoder.feed(b"data: " + b"x" * 200)  # no newline yet: one line too long
+    decoder = SSEDecoder(max_event_bytes=100)
+    with pytest.raises(InvalidResponseError, match="event is longer"):
+        decoder.feed(b"data: " + b"y" * 60 + b"\ndata: " + b"z" * 60 + b"\n")
+    with pytest.raises(InvalidResponseError, match="UTF-8"):
+        SSEDecoder().feed(b"data: \xff\xfe\n\n")
+
+
+def test_sse_decoder_returns_the_events_before_a_flaw_then_raises() -> None:
+    decoder = SSEDecoder(max_event_bytes=50)
+    events = decoder.feed(b"data: ok\n\ndata: " + b"x" * 80 + b"\n\n")
+    assert events == [("message", "ok")]
+    with pytest.raises(InvalidResponseError):
+        decoder.feed(b"")
+
+
+def test_openai_decoder_reads_a_recorded_stream() -> None:
+    decoder = OpenAIStreamDecoder(provider="openai", model="gpt-4o")
+    deltas = decoder.feed((DATA / "openai_chat_stream.sse").read_bytes())
+    assert deltas == ["I'm", " unable", " to"]
+    assert decoder.finished
+    assert (decoder.input_tokens, decoder.output_tokens) == (14, 47)
+    assert decoder.stop_reason == "stop"
+    assert decoder.response_id == "chatcmpl-9tXjg9DdaOfymTPDrSLfxslQEH0C2"
+
+
+def test_anthropic_decoder_reads_a_recorded_stream() -> None:
+    decoder = AnthropicStreamDecoder(provider="anthropic", model="claude")
+    deltas = decoder.feed((DATA / "anthropic_messages_stream.sse").read_bytes())
+    assert deltas == ["Hello", " there", "!"]
+    assert decoder.finished
+    assert (decoder.input_tokens, decoder.output_tokens) == (11, 6)
+    assert decoder.stop_reason == "end_turn"
+
+
+def test_error_events_map_like_their_status() -> None:
+    decoder = AnthropicStreamDecoder(provider="anthropic", model="claude")
+    with pytest.raises(OverloadedError, match="overloaded_error") as caught:
+        decoder.feed(
+            b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+            b'"message":"Overloaded"}}\n\n'
+        )
+    assert caught.value.status is None  # the HTTP status was 200
+    with pytest.raises(ServerError):
+        OpenAIStreamDecoder(provider="openai", model="gpt").feed(
+            b'data: {"error":{"message":"boom","type":"server_error"}}\n\n'
+        )
+    with pytest.raises(InvalidResponseError, match="not JSON"):
+        OpenAIStreamDecoder(provider="openai", model="gpt").feed(b"data: {nope\n\n")
+
+
+def test_a_failure_after_deltas_in_one_piece_waits_until_they_are_read() -> None:
+    decoder = AnthropicStreamDecoder(provider="anthropic", model="claude")
+    deltas = decoder.feed(
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"Hi"}}\n\n'
+        b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"x"}}\n\n'
+    )
+    assert deltas == ["Hi"]
+    assert isinstance(decoder.error, ServerError)
+
+
+# --------------------------------------------------------------------------- the fake's bytes
+
+
+def _shape(value: Any) -> Any:
+    """Keys (in order) and value types: what a sample and the fake must share."""
+    if isinstance(value, dict):
+        return tuple((key, _shape(item)) for key, item in value.items())
+    if isinstance(value, list):
+        return ("list", tuple(dict.fromkeys(_shape(item) for item in value)))
+    return type(value).__name__
+
+
+def _events(raw: bytes) -> list[tuple[str | None, Any]]:
+    """Split an SSE body strictly: every event ends with a blank line."""
+    text = raw.decode()
+    assert text.endswith("\n\n"), "an event stream ends with a blank line"
+    out: list[tuple[str | None, Any]] = []
+    for block in text[:-2].split("\n\n"):
+        lines = block.split("\n")
+        name = None
+        if lines[0].startswith("event: "):
+            name = lines.pop(0)[len("event: ") :]
+        assert len(lines) == 1 and lines[0].startswith("data: "), block
+        data = lines[0][len("data: ") :]
+        out.append((name, data if data == "[DONE]" else _shape(json.loads(data))))
+    return out
+
+
+def _collapsed(events: list[tuple[str | None, Any]]) -> list[tuple[str | None, Any]]:
+    """Runs of identical events (the text deltas) counted once."""
+    out: list[tuple[str | None, Any]] = []
+    for event in events:
+        if not out or out[-1] != event:
+            out.append(event)
+    return out
+
+
+async def _raw_stream(url: str, headers: dict[str, str], body: dict[str, Any]) -> bytes:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, headers=headers) as response,
+    ):
+        assert response.status == 200
+        assert response.content_type == "text/event-stream"
+        return await response.read()
+
+
+async def test_the_fakes_openai_stream_matches_the_recorded_sample() -> None:
+    async with FakeLLMServer({"gpt-4o": BEHAVIOR}, api_key=KEY) as server:
+        raw = await _raw_stream(
+            server.openai_base_url + "/chat/completions",
+            {"Authorization": f"Bearer {KEY}"},
+            {
+                "model": "gpt-4o",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+    sample = _events((DATA / "openai_chat_stream.sse").read_bytes())
+    fake = _events(raw)
+    assert _collapsed(fake) == _collapsed(sample)
+    assert len(fake) == len(TEXT.split()) + 4  # role, one per word, finish, usage, [DONE]
+
+
+async def test_the_fakes_anthropic_stream_matches_the_recorded_sample() -> None:
+    async with FakeLLMServer({"claude": BEHAVIOR}, api_key=KEY) as server:
+        raw = await _raw_stream(
+            server.anthropic_base_url + "/v1/messages",
+            {"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+            {
+                "model": "claude",
+                "max_tokens": 100,
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": True,
+            },
+        )
+    sample = _events((DATA / "anthropic_messages_stream.sse").read_bytes())
+    fake = _events(raw)
+    assert _collapsed(fake) == _collapsed(sample)
+    assert [name for name, _ in fake].count("content_block_delta") == len(TEXT.split())
+
+
+@pytest.mark.parametrize("action", ["ok", "malformed", "incomplete", "truncated"])
+async def test_a_streamed_request_never_gets_a_plain_json_body(action: str) -> None:
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with (
+        FakeLLMServer({"gpt-4o": ModelBehavior.always(action)}, api_key=KEY) as server,
+        aiohttp.ClientSession() as session,
+        session.post(
+            server.openai_base_url + "/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as response,
+    ):
+        assert response.status == 200
+        assert response.content_type == "text/event-stream"
+        try:
+            await response.read()
+        except aiohttp.ClientPayloadError:
+            assert action == "truncated"  # the connection was dropped mid-stream
+
+
+# --------------------------------------------------------------------------- the official SDKs
+
+
+async def test_the_openai_sdk_streams_the_same_text_and_usage_as_a_whole_answer() -> None:
+    async with (
+        FakeLLMServer({"gpt-4o": BEHAVIOR}, api_key=KEY, seed=3) as whole_server,
+        FakeLLMServer({"gpt-4o": BEHAVIOR}, api_key=KEY, seed=3) as stream_server,
+    ):
+        messages: Any = [{"role": "user", "content": "Tell me about foxes."}]
+        whole_client = openai.AsyncOpenAI(api_key=KEY, base_url=whole_server.openai_base_url)
+        whole = await whole_client.chat.completions.create(model="gpt-4o", messages=messages)
+        client = openai.AsyncOpenAI(api_key=KEY, base_url=stream_server.openai_base_url)
+        stream = await client.chat.completions.create(
+            model="gpt-4o",
+            messages=messages,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        deltas: list[str] = []
+        usage = None
+        finish = None
+        async for chunk in stream:
+            if chunk.choices:
+                if chunk.choices[0].delta.content:
+                    deltas.append(chunk.choices[0].delta.content)
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage is not None:
+                usage = chunk.usage
+        await whole_client.close()
+        await client.close()
+    assert len(deltas) > 1
+    assert "".join(deltas) == whole.choices[0].message.content == TEXT
+    assert usage is not None and whole.usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (
+        whole.usage.prompt_tokens,
+        whole.usage.completion_tokens,
+    )
+    assert finish == whole.choices[0].finish_reason
+
+
+async def test_the_anthropic_sdk_streams_the_same_text_and_usage_as_a_whole_answer() -> None:
+    async with (
+        FakeLLMServer({"claude": BEHAVIOR}, api_key=KEY, seed=3) as whole_server,
+        FakeLLMServer({"claude": BEHAVIOR}, api_key=KEY, seed=3) as stream_server,
+    ):
+        messages: Any = [{"role": "user", "content": "Tell me about foxes."}]
+        whole_client = anthropic.AsyncAnthropic(
+            api_key=KEY, base_url=whole_server.anthropic_base_url
+        )
+        whole = await whole_client.messages.create(
+            model="claude", max_tokens=100, messages=messages
+        )
+        client = anthropic.AsyncAnthropic(api_key=KEY, base_url=stream_server.anthropic_base_url)
+        async with client.messages.stream(
+            model="claude", max_tokens=100, messages=messages
+        ) as stream:
+            deltas = [text async for text in stream.text_stream]
+            final = await stream.get_final_message()
+        await whole_client.close()
+        await client.close()
+    assert len(deltas) > 1
+    whole_text = "".join(b.text for b in whole.content if b.type == "text")
+    assert "".join(deltas) == whole_text == TEXT
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (
+        whole.usage.input_tokens,
+        whole.usage.output_tokens,
+    )
+    assert final.stop_reason == whole.stop_reason
+
+
+# --------------------------------------------------------------------------- the providers
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_a_providers_stream_matches_its_whole_answer(api: str) -> None:
+    async with (
+        FakeLLMServer({"m": BEHAVIOR}, api_key=KEY, seed=5) as whole_server,
+        FakeLLMServer({"m": BEHAVIOR}, api_key=KEY, seed=5) as stream_server,
+    ):
+        if api == "openai":
+            whole_provider: Any = OpenAIProvider(api_key=KEY, base_url=whole_server.openai_base_url)
+            provider: Any = OpenAIProvider(api_key=KEY, base_url=stream_server.openai_base_url)
+        else:
+            whole_provider = AnthropicProvider(
+                api_key=KEY, base_url=whole_server.anthropic_base_url
+            )
+            provider = AnthropicProvider(api_key=KEY, base_url=stream_server.anthropic_base_url)
+        async with whole_provider, provider:
+            whole = await whole_provider.complete(request("m"))
+            stream = await provider.stream(request("m"))
+            deltas = [delta async for delta in stream]
+            streamed = stream.completion()
+            assert stream.finished
+        assert stream_server.last_request("m") is not None
+        body = stream_server.last_request("m").body  # type: ignore[union-attr]
+    assert body["stream"] is True
+    if api == "openai":
+        assert body["stream_options"] == {"include_usage": True}
+    assert "".join(deltas) == streamed.content == whole.content
+    assert (streamed.input_tokens, streamed.output_tokens) == (
+        whole.input_tokens,
+        whole.output_tokens,
+    )
+    assert streamed.stop_reason == whole.stop_reason
+
+
+@pytest.mark.parametrize(
+    ("api", "error"), [("openai", ServerError), ("anthropic", OverloadedError)]
+)
+async def test_an_error_event_mid_stream_raises_after_the_deltas_before_it(
+    api: str, error: type[Exception]
+) -> None:
+    behavior = ModelBehavior(content=TEXT, stream=StreamBehavior(fault_after=3))
+    async with FakeLLMServer({"m": behavior}, api_key=KEY) as server:
+        provider: Any = (
+            OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
+            if api == "openai"
+            else AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
+        )
+        async with provider:
+            stream = await provider.stream(request("m"))
+            deltas: list[str] = []
+            with pytest.raises(error):
+                async for delta in stream:
+                    deltas.append(delta)  # noqa: PERF401 - keeps the deltas before the error
+            assert not stream.finished
+    assert "".join(deltas) == "The quick brown"
+
+
+@pytest.mark.parametrize("fault", ["reset", "malformed", "incomplete"])
+async def test_a_broken_stream_raises_a_provider_error(fault: str) -> None:
+    behavior = ModelBehavior(content=TEXT, stream=StreamBehavior(fault_after=2, fault=fault))  # type: ignore[arg-type]
+    async with FakeLLMServer({"m": behavior}, api_key=KEY) as server:
+        provider = AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
+        async with provider:
+            stream = await provider.stream(request("m"))
+            deltas: list[str] = []
+            with pytest.raises(ProviderError) as caught:
+                async for delta in stream:
+                    deltas.append(delta)  # noqa: PERF401 - keeps the deltas before the error
+    assert deltas == ["The", " quick"]
+    assert type(caught.value).__name__ in {"InvalidResponseError", "ProviderConnectionError"}
+
+
+async def test_a_stall_raises_the_idle_timeout() -> None:
+    behavior = ModelBehavior(content=TEXT, stream=StreamBehavior(fault_after=1, fault="hang"))
+    async with FakeLLMServer({"m": behavior}, api_key=KEY) as server:
+        provider = OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
+        async with provider:
+            stream = await provider.stream(request("m"), idle_timeout=0.2)
+            assert await stream.__anext__() == "The"
+            with pytest.raises(ProviderTimeoutError, match="idle timeout"):
+                await stream.__anext__()
+
+
+async def test_a_key_echoed_in_an_error_event_is_scrubbed() -> None:
+    secret = "tok-0123456789-very-secret"
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        error = {"type": "error", "error": {"type": "api_error", "message": f"bad {secret}"}}
+        await response.write(f"event: error\ndata: {json.dumps(error)}\n\n".encode())
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/messages", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        provider = AnthropicProvider(api_key=secret, base_url=f"http://{host}:{port}")
+        async with provider:
+            with pytest.raises(ServerError) as caught:
+                stream = await provider.stream(request("m"))
+                await stream.__anext__()
+    finally:
+        await runner.cleanup()
+    assert secret not in str(caught.value)
+    assert "***" in str(caught.value)
