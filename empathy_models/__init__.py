@@ -24,6 +24,7 @@ from .abc import (
     CompletionRequest as CompletionRequest,
     Message as Message,
     Provider as Provider,
+    QuotaStore as QuotaStore,
     TelemetryBackend as TelemetryBackend,
     TransactionalStateStore as TransactionalStateStore,
 )
@@ -69,6 +70,7 @@ from .exceptions import (
     AuthenticationError as AuthenticationError,
     BackendClosedError as BackendClosedError,
     BackendError as BackendError,
+    BudgetExceededError as BudgetExceededError,
     CircuitOpenError as CircuitOpenError,
     ConfigurationError as ConfigurationError,
     ContentPolicyError as ContentPolicyError,
@@ -99,6 +101,11 @@ from .executor import (
     LLMResponse as LLMResponse,
     MissingAPIKeyWarning as MissingAPIKeyWarning,
     TelemetryDisabledWarning as TelemetryDisabledWarning,
+)
+from .limits import (
+    Budget as Budget,
+    RateLimit as RateLimit,
+    quota_store_from_url as quota_store_from_url,
 )
 from .providers import (
     AnthropicProvider as AnthropicProvider,
@@ -156,6 +163,8 @@ __all__ = [
     "BreakerEvent",
     "BreakerEventKind",
     "BreakerPolicy",
+    "Budget",
+    "BudgetExceededError",
     "CandidateEvaluation",
     "CircuitBreaker",
     "CircuitBreakerState",
@@ -199,6 +208,8 @@ __all__ = [
     "ProviderConnectionError",
     "ProviderError",
     "ProviderTimeoutError",
+    "QuotaStore",
+    "RateLimit",
     "RateLimitedError",
     "RecordValidationError",
     "RetryPolicy",
@@ -229,6 +240,7 @@ __all__ = [
     "is_known_task",
     "list_auth_strategy_backups",
     "normalize_task_type",
+    "quota_store_from_url",
     "reset_auth_strategy",
     "restore_auth_strategy",
     "state_store_from_url",

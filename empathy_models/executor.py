@@ -103,6 +103,7 @@ from .abc import (
     CompletionRequest,
     Message,
     Provider,
+    QuotaStore,
     TelemetryBackend,
     split_system,
 )
@@ -111,6 +112,7 @@ from .backends.null import NullTelemetryBackend
 from .breaker import CircuitBreaker, provider_outcome
 from .exceptions import (
     AllRoutesFailedError,
+    BudgetExceededError,
     CircuitOpenError,
     ConfigurationError,
     ContextWindowExceededError,
@@ -118,6 +120,8 @@ from .exceptions import (
     ProviderTimeoutError,
     RecordValidationError,
 )
+from .limits.guard import Hold, Limiter, LocalRateLimitError
+from .limits.values import Budget, RateLimit
 from .outcomes import classify_error, retry_after_of
 from .providers._http import AttemptTimeout, HTTPProvider
 from .records import (
@@ -725,6 +729,16 @@ class EmpathyLLMExecutor:
         wall_clock: UTC epoch seconds, for the records' timestamps (default
             `time.time`); give it the router's clock when that is not the real time,
             since the router buckets evidence by record timestamp.
+        budgets: spend limits (`empathy_models.limits.Budget`): each call reserves its
+            estimate (prompt plus ``max_tokens`` at list prices) in every budget that
+            covers it and settles at what it cost; a call a budget cannot cover goes to
+            a cheaper candidate that fits, else `BudgetExceededError`.
+        rate_limits: requests and tokens per minute (`empathy_models.limits.RateLimit`)
+            by provider name or model id; a call waits for its place (at most
+            ``rate_limit_wait`` seconds and the deadline), else the next route is tried.
+        quota_store: where budgets and rate limits are counted: a `QuotaStore` or a URL
+            (``"sqlite:///state.db"``, ``"redis://..."``, ``"postgresql://..."``) shared
+            by every worker; default ``memory://`` (this process only).
 
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
     neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
@@ -750,6 +764,10 @@ class EmpathyLLMExecutor:
         sleep: Sleep = anyio.sleep,
         clock: Clock = time.perf_counter,
         wall_clock: Clock = time.time,
+        budgets: Sequence[Budget] | Budget | None = None,
+        rate_limits: Mapping[str, RateLimit] | None = None,
+        quota_store: QuotaStore | str | None = None,
+        rate_limit_wait: float = 30.0,
     ) -> None:
         self._registry = ModelRegistry.default() if registry is None else registry
         if not isinstance(self._registry, ModelRegistry):
@@ -823,6 +841,16 @@ class EmpathyLLMExecutor:
         self.feedback_errors = 0
         """Router or breaker feedback calls that failed (logged, never raised)."""
         self._tier_notes: dict[ModelTier, tuple[ModelTier, str]] = {}
+        self._limiter: Limiter | None = None
+        if budgets or rate_limits:
+            self._limiter = Limiter(
+                budgets,
+                rate_limits,
+                quota_store,
+                max_wait=rate_limit_wait,
+                sleep=sleep,
+                wall_clock=wall_clock,
+            )
         if self._keyless:
             message = (
                 "no API key for "
@@ -991,6 +1019,9 @@ class EmpathyLLMExecutor:
             if self._owns_breaker:
                 assert isinstance(self._breaker, CircuitBreaker)
                 await stack.enter_async_context(self._breaker)
+            if self._limiter is not None:
+                await self._limiter.open()
+                stack.push_async_callback(self._limiter.aclose)
             session = self._session
             if session is None:
                 connector = aiohttp.TCPConnector(limit=sum(self._limits.values()))
@@ -1265,6 +1296,11 @@ class EmpathyLLMExecutor:
             plan = self._tier_plan(tier)
         same_tier = plan.same_tier
         open_ids = self._open_ids(plan)
+        if self._limiter is not None and self._limiter.rate_limits:
+            # routes whose rate limit is booked beyond the wait allowed: avoided like open ones
+            busy = self._limiter.saturated((*same_tier, *plan.higher))
+            if busy:
+                open_ids = {*open_ids, *busy}
 
         decision: RoutingDecision | None = None
         first: ModelInfo | None = pinned
@@ -1492,7 +1528,17 @@ class EmpathyLLMExecutor:
                         info.id,
                     )
                 run.chain.append(info.id)
-                called, completion, overflow = await self._route(run, info, deadline_at)
+                try:
+                    called, completion, overflow = await self._route(run, info, deadline_at)
+                except BudgetExceededError as refused:
+                    # a budget cannot cover this model: a cheaper one that fits, or raise
+                    run.chain.pop()
+                    if not self._cheaper_route(run, info, refused, routes):
+                        raise
+                    continue
+                except LocalRateLimitError as busy:
+                    run.errors.append(busy)  # no capacity in time: the next route
+                    continue
                 called_routes += called
                 if completion is not None:
                     return self._response(run, info, completion, start, run.attempts_cost)
@@ -1594,7 +1640,17 @@ class EmpathyLLMExecutor:
                     raise self._deadline_error(
                         run, info, f"waiting for a {info.provider} slot"
                     ) from None
+            hold: Hold | None = None
             try:
+                if self._limiter is not None:
+                    # budgets and rate limits: reserve the estimate, wait for a place
+                    hold = await self._limiter.admit(
+                        run.context,
+                        info,
+                        _estimate_tokens(run.messages, run.system),
+                        run.context.max_tokens,
+                        None if deadline_at is None else deadline_at - clock(),
+                    )
                 attempt = len(run.attempts) + 1
                 # ---- admission
                 ticket: Ticket | None = None
@@ -1746,6 +1802,9 @@ class EmpathyLLMExecutor:
                     )
                     run.attempts.append(self._summary(record, None))
                     run.attempts_cost = record.cost_usd
+                    if hold is not None:
+                        hold.cost_usd = record.cost_usd
+                        hold.tokens = record.input_tokens + record.output_tokens
                     scope = None if scope_ticket is None else (scope_ticket, Outcome.SUCCESS)
                     if (ticket is not None and ticket.lease_id is not None) or (
                         scope_ticket is not None and scope_ticket.lease_id is not None
@@ -1759,6 +1818,9 @@ class EmpathyLLMExecutor:
                     return called, completion, False
             finally:
                 semaphore.release()
+                if hold is not None:
+                    assert self._limiter is not None
+                    await self._limiter.settle(hold, failed=not called)
 
             # ---- decide after a failure (outside the provider slot)
             if logger.isEnabledFor(logging.INFO):
@@ -1813,6 +1875,45 @@ class EmpathyLLMExecutor:
             )
             await self._sleep(delay)
         return called, None, False
+
+    def _cheaper_route(
+        self,
+        run: _Run,
+        refused: ModelInfo,
+        error: BudgetExceededError,
+        routes: list[ModelInfo],
+    ) -> bool:
+        """
+        Put the most capable candidate cheaper than ``refused`` whose estimate fits what
+        the budget has left next in ``routes`` (the decision says why); False if none.
+        """
+        assert self._limiter is not None
+        tokens = _estimate_tokens(run.messages, run.system)
+        max_tokens = run.context.max_tokens
+        tried = {*run.chain, refused.id}
+        best: tuple[float, ModelInfo] | None = None
+        for tier in _TIER_ORDER:
+            for m in self._candidates[tier]:
+                if m.id in tried:
+                    continue
+                estimate = self._limiter.estimate(m, tokens, max_tokens)
+                fits = estimate < error.needed_usd and estimate <= error.remaining_usd
+                if fits and (best is None or estimate > best[0]):
+                    best = (estimate, m)
+        if best is None:
+            return False
+        cheaper = best[1]
+        here = routes.index(refused)
+        later = [m for m in routes[here + 1 :] if m is not cheaper]
+        routes[:] = [*routes[: here + 1], cheaper, *later]
+        note = (
+            f"budget {error.budget!r} has ${error.remaining_usd:.6f} left, not the "
+            f"${error.needed_usd:.6f} {refused.id} may cost: {cheaper.id} instead"
+        )
+        logger.info("%s/%s: %s", run.context.workflow, run.context.stage, note)
+        if run.decision is not None:
+            run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
+        return True
 
     @staticmethod
     def _summary(
