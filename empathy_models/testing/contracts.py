@@ -89,10 +89,12 @@ from ..records import (
     OutcomeReport,
     Ticket,
 )
+from .quota_contracts import QuotaStoreContract as QuotaStoreContract
 
 __all__ = [
     "AdvanceClock",
     "CircuitStateStoreContract",
+    "QuotaStoreContract",
     "TelemetryBackendContract",
     "assert_same_buckets",
 ]

@@ -1,0 +1,15 @@
+"""The core QuotaStore contract, run against a real Redis through its URL."""
+
+from __future__ import annotations
+
+import pytest
+
+from empathy_models.testing.contracts import QuotaStoreContract
+
+
+class TestRedisQuotaStore(QuotaStoreContract):
+    """Each test gets its own key prefix in the EMPATHY_TEST_REDIS_URL database."""
+
+    @pytest.fixture
+    def quota_store_url(self, redis_store_url: str) -> str:
+        return redis_store_url

@@ -1,0 +1,27 @@
+"""The QuotaStore contract, run against the built-in stores (memory and SQLite)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from empathy_models.testing.contracts import QuotaStoreContract
+
+
+class TestMemoryQuotaStore(QuotaStoreContract):
+    @pytest.fixture
+    def quota_store_url(self) -> str:
+        return "memory://"
+
+
+class TestSQLiteQuotaStore(QuotaStoreContract):
+    @pytest.fixture
+    def quota_store_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path}/quota.db"
+
+
+class TestSQLiteMemoryQuotaStore(QuotaStoreContract):
+    @pytest.fixture
+    def quota_store_url(self) -> str:
+        return "sqlite://:memory:"
