@@ -15,6 +15,7 @@ between operations (a few milliseconds) but never sleep.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -210,7 +211,7 @@ class QuotaStoreContract:
         # one place every 10 s: the waits, sorted, step by 10 s (less the time passing)
         ordered = sorted(waits)
         assert ordered[0] == 0.0
-        steps = [b - a for a, b in zip(ordered, ordered[1:], strict=False)]
+        steps = [b - a for a, b in itertools.pairwise(ordered)]
         assert all(9.0 < s <= 10.0 + 1e-6 for s in steps), steps
 
     async def test_adjust_gives_capacity_back_and_takes_it(self, quota_store: QuotaStore) -> None:
