@@ -183,9 +183,10 @@ class RateLimit:
     Enforced with GCRA (a token bucket kept as one timestamp) in the quota store: each
     call takes its place in the schedule atomically and waits for its turn, so workers
     never race and never burst past the limit.  ``burst_requests`` is how many requests
-    may go at once after an idle period (default: one second's worth,
-    ``ceil(rpm / 60)``, which keeps the rate smooth); ``burst_tokens`` likewise for
-    tokens (default: the whole minute, ``tpm``, as providers count).  A call counts
+    may go at once after an idle period (default 1: requests are spaced evenly,
+    ``60 / rpm`` seconds apart, which leaves the provider's own bucket the slack that
+    network jitter needs); ``burst_tokens`` likewise for tokens (default: the whole
+    minute, ``tpm``, as providers count, since one call may hold many tokens).  A call counts
     its prompt estimate plus ``max_tokens`` against ``tpm``; the difference from the
     tokens actually used is given back (or taken) when it ends.
     """
@@ -201,9 +202,7 @@ class RateLimit:
 
     @property
     def request_burst(self) -> int:
-        if self.burst_requests is not None:
-            return self.burst_requests
-        return max(1, math.ceil((self.rpm or 60) / 60))
+        return 1 if self.burst_requests is None else self.burst_requests
 
     @property
     def token_burst(self) -> int:
