@@ -18,6 +18,7 @@ from typing import Any
 from benchmarks import (
     bench_breaker,
     bench_executor,
+    bench_limits,
     bench_router_start,
     bench_routing,
     bench_routing_quality,
@@ -33,6 +34,7 @@ SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "telemetry": bench_telemetry.run,
     "executor": bench_executor.run,
     "router_start": bench_router_start.run,
+    "limits": bench_limits.run,
 }
 
 
