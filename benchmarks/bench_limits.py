@@ -125,10 +125,14 @@ async def run(quick: bool = False) -> BenchResult:
             hold.cost_usd, hold.tokens = 0.0003, 120
             await limiter.settle(hold)
 
-        for kind, fn in (("breaker", guarded), ("budget", budgeted), ("rate limit", limited)):
-            name = f"{label}: {kind}"
-            cases[name] = fn
-            groups[name] = label
+        per_store: dict[str, Callable[[], Awaitable[object]]] = {
+            "breaker": guarded,
+            "budget": budgeted,
+            "rate limit": limited,
+        }
+        for kind, fn in per_store.items():
+            cases[f"{label}: {kind}"] = fn
+            groups[f"{label}: {kind}"] = label
 
     medians: dict[str, dict[str, float]] = {}
     try:
@@ -147,10 +151,10 @@ async def run(quick: bool = False) -> BenchResult:
     for name, stats in medians.items():
         overhead = stats["median"] - base
         ratio: Any = None
-        label = groups.get(name)
-        if label is not None and not name.endswith("breaker"):
-            breaker = medians[f"{label}: breaker"]["median"] - base
-            ratio = f"{overhead / breaker:.1f}x" if breaker > 0 else None
+        group = groups.get(name)
+        if group is not None and not name.endswith("breaker"):
+            breaker_cost = medians[f"{group}: breaker"]["median"] - base
+            ratio = f"{overhead / breaker_cost:.1f}x" if breaker_cost > 0 else None
         result.add(
             name,
             **{
