@@ -25,6 +25,7 @@ from .abc import (
     Message as Message,
     Provider as Provider,
     QuotaStore as QuotaStore,
+    ResponseCache as ResponseCache,
     TelemetryBackend as TelemetryBackend,
     TransactionalStateStore as TransactionalStateStore,
 )
@@ -64,6 +65,7 @@ from .breaker import (
     BreakerEventKind as BreakerEventKind,
     CircuitBreaker as CircuitBreaker,
 )
+from .cache import cache_from_url as cache_from_url
 from .circuit import BreakerPolicy as BreakerPolicy
 from .exceptions import (
     AllRoutesFailedError as AllRoutesFailedError,
@@ -212,6 +214,7 @@ __all__ = [
     "RateLimit",
     "RateLimitedError",
     "RecordValidationError",
+    "ResponseCache",
     "RetryPolicy",
     "RoutingDecision",
     "RoutingPolicy",
@@ -233,6 +236,7 @@ __all__ = [
     "TransactionalStateStore",
     "acount_lines_of_code",
     "auth_strategy_file",
+    "cache_from_url",
     "count_lines_of_code",
     "empathy_home",
     "get_module_size_category",

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncResource",
     "QuotaStore",
+    "ResponseCache",
     "CircuitStateStore",
     "Completion",
     "CompletionRequest",
@@ -544,6 +545,40 @@ class TransactionalQuotaStore(QuotaStore):
         await self._transact(
             f"r|{key}", lambda data, now: (adjust_step(data, now, delta=delta), None)
         )
+
+
+# --------------------------------------------------------------------------- response cache
+
+
+class ResponseCache(AsyncResource):
+    """
+    Where the executor keeps answers for `ExecutionContext.cache_ttl`: opaque values
+    under hashed keys, each with a time to live.
+
+    Contract (`empathy_models.testing.contracts.ResponseCacheContract`): `get` returns
+    what `set` stored until its TTL has passed, then ``None``; a value larger than the
+    backend's ``max_value_bytes`` is not stored; backends with ``max_entries`` evict
+    (oldest first) past it.  Keys are hex digests: the executor never puts a prompt in
+    a key.  ``shared`` backends show one process's entries to the others.
+    """
+
+    shared: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes | None:
+        """The value stored under ``key`` and not expired, or None."""
+
+    @abc.abstractmethod
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (replacing any value)."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``; True when it was held."""
+
+    @abc.abstractmethod
+    async def clear(self) -> int:
+        """Remove every entry; how many were held."""
 
 
 # --------------------------------------------------------------------------- providers

@@ -104,12 +104,14 @@ from .abc import (
     Message,
     Provider,
     QuotaStore,
+    ResponseCache,
     TelemetryBackend,
     split_system,
 )
 from .backends import telemetry_from_url
 from .backends.null import NullTelemetryBackend
 from .breaker import CircuitBreaker, provider_outcome
+from .cache import cache_from_url
 from .exceptions import (
     AllRoutesFailedError,
     BudgetExceededError,
@@ -370,6 +372,11 @@ class ExecutionContext:
             changes to the caller's dict do not leak in.
         user_id, session_id: copied into every record.
         record_text: keep prompt and response text in the records (off by default).
+        cache_ttl: answer from the executor's response cache when the same request was
+            answered less than this many seconds ago, and store this answer for that
+            long (see `empathy_models.cache`; needs ``cache=`` on the executor).  Only
+            ``temperature=0`` calls are cached unless ``cache_sampled`` is true.
+        cache_sampled: cache sampled output too (``temperature`` unset or above 0).
 
     Invalid values raise `ConfigurationError` naming the field and the value.
     """
@@ -392,6 +399,8 @@ class ExecutionContext:
     user_id: str | None = field(default=None, validator=_ctx_opt_str)
     session_id: str | None = field(default=None, validator=_ctx_opt_str)
     record_text: bool = field(default=False, validator=_ctx_bool)
+    cache_ttl: float | None = field(default=None, validator=_ctx_positive)
+    cache_sampled: bool = field(default=False, validator=_ctx_bool)
 
     def __attrs_post_init__(self) -> None:
         if self.model is not None and self.has_constraints:
@@ -482,7 +491,8 @@ class LLMResponse:
     entry of the model called (``price_version`` says which table).  ``latency_ms`` is
     the whole run, retries and waits included.  ``fallback_chain`` lists every model
     tried, in order, the answering one last; ``fallback_used`` is true when that is not
-    the first.
+    the first.  ``cached`` is true for an answer served from the response cache
+    (``cost_usd`` 0, no attempts; the tokens are the stored answer's).
     """
 
     content: str
@@ -501,6 +511,7 @@ class LLMResponse:
     response_model: str
     price_version: str
     stop_reason: str | None = None
+    cached: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -739,6 +750,9 @@ class EmpathyLLMExecutor:
         quota_store: where budgets and rate limits are counted: a `QuotaStore` or a URL
             (``"sqlite:///state.db"``, ``"redis://..."``, ``"postgresql://..."``) shared
             by every worker; default ``memory://`` (this process only).
+        cache: a `ResponseCache` or URL (``"memory://"``, ``"sqlite:///cache.db"``,
+            ``"redis://..."``) for calls whose context sets ``cache_ttl``; see
+            `empathy_models.cache`.
 
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
     neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
@@ -768,6 +782,7 @@ class EmpathyLLMExecutor:
         rate_limits: Mapping[str, RateLimit] | None = None,
         quota_store: QuotaStore | str | None = None,
         rate_limit_wait: float = 30.0,
+        cache: ResponseCache | str | None = None,
     ) -> None:
         self._registry = ModelRegistry.default() if registry is None else registry
         if not isinstance(self._registry, ModelRegistry):
@@ -842,6 +857,10 @@ class EmpathyLLMExecutor:
         """Router or breaker feedback calls that failed (logged, never raised)."""
         self._tier_notes: dict[ModelTier, tuple[ModelTier, str]] = {}
         self._limiter: Limiter | None = None
+        self._owns_cache = isinstance(cache, str)
+        self._cache: ResponseCache | None = None if cache is None else cache_from_url(cache)
+        self.cache_errors = 0
+        """Response-cache reads or writes that failed (logged; the call went on)."""
         if budgets or rate_limits:
             self._limiter = Limiter(
                 budgets,
@@ -1022,6 +1041,8 @@ class EmpathyLLMExecutor:
             if self._limiter is not None:
                 await self._limiter.open()
                 stack.push_async_callback(self._limiter.aclose)
+            if self._cache is not None and self._owns_cache:
+                await stack.enter_async_context(self._cache)
             session = self._session
             if session is None:
                 connector = aiohttp.TCPConnector(limit=sum(self._limits.values()))
@@ -1509,6 +1530,15 @@ class EmpathyLLMExecutor:
         start = self._clock()
         deadline_at = None if ctx.deadline is None else start + ctx.deadline
         task_type, task_tier = self._task(ctx.task_type)
+        cache_key: str | None = None
+        if ctx.cache_ttl is not None and self._cache is not None:
+            from ._cached import cache_key_of, lookup
+
+            cache_key = cache_key_of(ctx, task_type, messages, system)
+            if cache_key is not None:
+                hit = await lookup(self, cache_key, ctx, task_type, messages, system, start)
+                if hit is not None:
+                    return hit
         routes, decision = self._plan(ctx, messages, system, task_tier)
         run = _Run(ctx, messages, routes[0], decision, task_type, system)
         called_routes = 0
@@ -1541,7 +1571,12 @@ class EmpathyLLMExecutor:
                     continue
                 called_routes += called
                 if completion is not None:
-                    return self._response(run, info, completion, start, run.attempts_cost)
+                    answer = self._response(run, info, completion, start, run.attempts_cost)
+                    if cache_key is not None:
+                        from ._cached import store
+
+                        await store(self, cache_key, answer, ctx)
+                    return answer
                 if overflow:
                     min_context = info.context_window
                     if not any(
@@ -1586,6 +1621,7 @@ class EmpathyLLMExecutor:
             response_model=completion.model,
             price_version=self._registry.price_version,
             stop_reason=completion.stop_reason,
+            cached=False,
         )
 
     def _deadline_error(self, run: _Run, info: ModelInfo, why: str) -> _DeadlineExceeded:

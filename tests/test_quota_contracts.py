@@ -1,4 +1,4 @@
-"""The QuotaStore contract, run against the built-in stores (memory and SQLite)."""
+"""The QuotaStore and ResponseCache contracts, run against the built-in backends."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from empathy_models.testing.contracts import QuotaStoreContract
+from empathy_models.testing.contracts import QuotaStoreContract, ResponseCacheContract
 
 
 class TestMemoryQuotaStore(QuotaStoreContract):
@@ -25,3 +25,15 @@ class TestSQLiteMemoryQuotaStore(QuotaStoreContract):
     @pytest.fixture
     def quota_store_url(self) -> str:
         return "sqlite://:memory:"
+
+
+class TestMemoryResponseCache(ResponseCacheContract):
+    @pytest.fixture
+    def cache_url(self) -> str:
+        return "memory://"
+
+
+class TestSQLiteResponseCache(ResponseCacheContract):
+    @pytest.fixture
+    def cache_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path}/cache.db"

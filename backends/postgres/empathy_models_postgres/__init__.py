@@ -20,6 +20,10 @@ from typing import Any
 from empathy_models import BatchingTelemetryBackend, TelemetryBackend
 from empathy_models.backends import BackendPlugin
 
+from ._cache import (
+    CACHE_SCHEMA_VERSION as CACHE_SCHEMA_VERSION,
+    PostgresResponseCache as PostgresResponseCache,
+)
 from ._common import DEFAULT_TABLE_PREFIX as DEFAULT_TABLE_PREFIX
 from ._quota import (
     QUOTA_SCHEMA_VERSION as QUOTA_SCHEMA_VERSION,
@@ -35,11 +39,13 @@ from ._telemetry import (
 )
 
 __all__ = [
+    "CACHE_SCHEMA_VERSION",
     "DEFAULT_TABLE_PREFIX",
     "PLUGIN",
     "QUOTA_SCHEMA_VERSION",
     "PostgresCircuitStateStore",
     "PostgresQuotaStore",
+    "PostgresResponseCache",
     "PostgresTelemetryBackend",
     "STATE_SCHEMA_VERSION",
     "TELEMETRY_SCHEMA_VERSION",
@@ -65,11 +71,16 @@ def _quota_store(url: str, **options: Any) -> PostgresQuotaStore:
     return PostgresQuotaStore(url, **options)
 
 
+def _cache(url: str, **options: Any) -> PostgresResponseCache:
+    return PostgresResponseCache(url, **options)
+
+
 PLUGIN = BackendPlugin(
     schemes=("postgresql", "postgres"),
     package="empathy-models-postgres",
     telemetry=_telemetry,
     state_store=_state_store,
     quota_store=_quota_store,
+    cache=_cache,
 )
 """The entry point published under ``empathy_models.backends`` for postgresql://."""

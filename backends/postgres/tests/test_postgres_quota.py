@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from empathy_models.testing.contracts import QuotaStoreContract
+from empathy_models.testing.contracts import QuotaStoreContract, ResponseCacheContract
 
 
 class TestPostgresQuotaStore(QuotaStoreContract):
@@ -12,4 +12,10 @@ class TestPostgresQuotaStore(QuotaStoreContract):
 
     @pytest.fixture
     def quota_store_url(self, postgres_url: str) -> str:
+        return postgres_url
+
+
+class TestPostgresResponseCache(ResponseCacheContract):
+    @pytest.fixture
+    def cache_url(self, postgres_url: str) -> str:
         return postgres_url

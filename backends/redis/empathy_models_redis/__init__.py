@@ -22,6 +22,10 @@ from typing import Any
 
 from empathy_models.backends import BackendPlugin
 
+from ._cache import (
+    DEFAULT_CACHE_PREFIX as DEFAULT_CACHE_PREFIX,
+    RedisResponseCache as RedisResponseCache,
+)
 from ._quota import (
     DEFAULT_QUOTA_PREFIX as DEFAULT_QUOTA_PREFIX,
     RedisQuotaStore as RedisQuotaStore,
@@ -35,12 +39,14 @@ from ._store import (
 )
 
 __all__ = [
+    "DEFAULT_CACHE_PREFIX",
     "DEFAULT_KEY_TTL",
     "DEFAULT_PREFIX",
     "DEFAULT_QUOTA_PREFIX",
     "PLUGIN",
     "RedisCircuitStateStore",
     "RedisQuotaStore",
+    "RedisResponseCache",
     "breaker_script",
     "quota_script",
 ]
@@ -55,11 +61,17 @@ def _quota_store(url: str, **options: Any) -> RedisQuotaStore:
     return RedisQuotaStore(url, **options)
 
 
+def _cache(url: str, **options: Any) -> RedisResponseCache:
+    options.pop("key_ttl", None)
+    return RedisResponseCache(url, **options)
+
+
 PLUGIN = BackendPlugin(
     schemes=("redis", "rediss"),
     package="empathy-models-redis",
     telemetry=None,
     state_store=_state_store,
     quota_store=_quota_store,
+    cache=_cache,
 )
 """The entry point published under ``empathy_models.backends`` for redis:// and rediss://."""

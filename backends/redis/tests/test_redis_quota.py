@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from empathy_models.testing.contracts import QuotaStoreContract
+from empathy_models.testing.contracts import QuotaStoreContract, ResponseCacheContract
 
 
 class TestRedisQuotaStore(QuotaStoreContract):
@@ -12,4 +12,10 @@ class TestRedisQuotaStore(QuotaStoreContract):
 
     @pytest.fixture
     def quota_store_url(self, redis_store_url: str) -> str:
+        return redis_store_url
+
+
+class TestRedisResponseCache(ResponseCacheContract):
+    @pytest.fixture
+    def cache_url(self, redis_store_url: str) -> str:
         return redis_store_url
