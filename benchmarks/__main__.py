@@ -17,6 +17,7 @@ from typing import Any
 
 from benchmarks import (
     bench_breaker,
+    bench_cache,
     bench_executor,
     bench_limits,
     bench_router_start,
@@ -35,6 +36,7 @@ SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "executor": bench_executor.run,
     "router_start": bench_router_start.run,
     "limits": bench_limits.run,
+    "cache": bench_cache.run,
 }
 
 

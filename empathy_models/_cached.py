@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from .abc import Message
 from .cache import request_key
+
+# imported by the executor at its first cached call, when .executor is loaded already
+from .executor import _new_response, _prompt_text
 from .records import LLMCallRecord, ModelTier, Outcome, _trusted_call_record
 
 if TYPE_CHECKING:
@@ -35,20 +38,20 @@ def cache_key_of(
     temperature = ctx.temperature
     if not ctx.cache_sampled and (temperature is None or temperature > 0):
         return None
-    parts = {
-        "v": _VERSION,
-        "model": ctx.model,
-        "workflow": ctx.workflow,
-        "stage": ctx.stage,
-        "task_type": task_type,
-        "tier": None if ctx.tier is None else ctx.tier.value,
-        "max_cost": ctx.max_cost,
-        "max_latency_ms": ctx.max_latency_ms,
-        "min_success_rate": ctx.min_success_rate,
-        "on_no_match": ctx.on_no_match,
-        "max_tokens": ctx.max_tokens,
-        "temperature": temperature,
-    }
+    parts = (
+        _VERSION,
+        ctx.model,
+        ctx.workflow,
+        ctx.stage,
+        task_type,
+        None if ctx.tier is None else ctx.tier.value,
+        ctx.max_cost,
+        ctx.max_latency_ms,
+        ctx.min_success_rate,
+        ctx.on_no_match,
+        ctx.max_tokens,
+        None if temperature is None else float(temperature),
+    )
     return request_key(parts, messages, system)
 
 
@@ -62,8 +65,6 @@ async def lookup(
     start: float,
 ) -> LLMResponse | None:
     """The cached answer for ``key`` as an `LLMResponse` (recorded as a hit), or None."""
-    from .executor import _new_response, _prompt_text
-
     cache = executor._cache
     assert cache is not None
     try:
@@ -74,20 +75,22 @@ async def lookup(
         return None
     if raw is None:
         return None
-    try:
-        data: dict[str, Any] = json.loads(raw)
-        if data.get("v") != _VERSION:
+    entry = _DECODED.get(raw)
+    if entry is None:
+        entry = _decode(raw)
+        if entry is None:
+            executor.cache_errors += 1
+            logger.warning(
+                "response cache entry %s is unreadable; calling a model instead", key[:12]
+            )
             return None
-        tier = ModelTier(data["tier"])
-        content = str(data["content"])
-        model, provider = str(data["model"]), str(data["provider"])
-        input_tokens, output_tokens = int(data["input_tokens"]), int(data["output_tokens"])
-        saved = float(data["cost_usd"])
-    except (ValueError, KeyError, TypeError):
-        executor.cache_errors += 1
-        logger.warning("response cache entry %s is unreadable; calling a model instead", key[:12])
-        return None
-    request_id = os.urandom(16).hex()
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[raw] = entry
+    content, model, provider, tier, input_tokens, output_tokens, saved, extra = entry
+    data = extra
+    ids = os.urandom(32).hex()
+    request_id = ids[:32]
     latency_ms = max(0.0, (executor._clock() - start) * 1000.0)
     response = _new_response(
         content=content,
@@ -111,7 +114,7 @@ async def lookup(
     telemetry = executor._telemetry
     if telemetry is not None:
         record = _hit_record(
-            executor, ctx, task_type, response, saved, messages, system, _prompt_text
+            executor, ctx, task_type, response, saved, messages, system, _prompt_text, ids[32:]
         )
         try:
             await telemetry.record(record)
@@ -130,6 +133,7 @@ def _hit_record(
     messages: Sequence[Message],
     system: str | None,
     prompt_text: Any,
+    call_id: str,
 ) -> LLMCallRecord:
     """The record of a hit: outcome ``cache_hit``, cost 0, the cost saved in metadata."""
     metadata = MappingProxyType({**ctx.metadata, "cache_cost_saved_usd": saved})
@@ -137,7 +141,7 @@ def _hit_record(
         provider=response.provider,
         model=response.model,
         outcome=Outcome.CACHE_HIT,
-        call_id=os.urandom(16).hex(),
+        call_id=call_id,
         request_id=response.request_id,
         timestamp=datetime.fromtimestamp(executor._wall_clock(), UTC),
         workflow=ctx.workflow,
@@ -168,6 +172,31 @@ def _hit_record(
         prompt_text=prompt_text(messages, system) if ctx.record_text else None,
         response_text=response.content if ctx.record_text else None,
     )
+
+
+_Entry = tuple[str, str, str, ModelTier, int, int, float, dict[str, Any]]
+_DECODED: dict[bytes, _Entry] = {}
+"""Entries decoded lately, by their stored bytes (a memory cache hands back the same)."""
+_DECODED_MAX = 1024
+
+
+def _decode(raw: bytes) -> _Entry | None:
+    try:
+        data: dict[str, Any] = json.loads(raw)
+        if data.get("v") != _VERSION:
+            return None
+        return (
+            str(data["content"]),
+            str(data["model"]),
+            str(data["provider"]),
+            ModelTier(data["tier"]),
+            int(data["input_tokens"]),
+            int(data["output_tokens"]),
+            float(data["cost_usd"]),
+            data,
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 async def store(

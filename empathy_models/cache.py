@@ -33,7 +33,6 @@ Backends: `MemoryResponseCache` (one process; ``max_entries`` LRU, default 10,00
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import sqlite3
@@ -66,15 +65,16 @@ def _check_bound(name: str, value: object) -> int:
     return value
 
 
-def request_key(parts: dict[str, Any], messages: Sequence[Message], system: str | None) -> str:
-    """The cache key of a request: a SHA-256 hex digest of its canonical JSON."""
-    payload = {
-        **parts,
-        "system": system,
-        "messages": [[m.role, m.content] for m in messages],
-    }
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+def request_key(parts: Sequence[object], messages: Sequence[Message], system: str | None) -> str:
+    """
+    The cache key of a request: a SHA-256 hex digest of an unambiguous encoding of
+    ``parts`` (strings, numbers, None), the system prompt and the messages (every
+    string length-prefixed, so no two requests encode alike).
+    """
+    out = [repr(p) if not isinstance(p, str) else f"s{len(p)}:{p}" for p in parts]
+    out.append("n" if system is None else f"s{len(system)}:{system}")
+    out.extend(f"{m.role[0]}{len(m.content)}:{m.content}" for m in messages)
+    return hashlib.sha256("\x1f".join(out).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class MemoryResponseCache(ResponseCache):

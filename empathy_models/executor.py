@@ -654,6 +654,19 @@ def _annotated(
     )
 
 
+_CACHED: Any = None
+
+
+def _cached_module() -> Any:
+    """`empathy_models._cached`, imported at the first call that uses the cache."""
+    global _CACHED
+    if _CACHED is None:
+        from . import _cached
+
+        _CACHED = _cached
+    return _CACHED
+
+
 # --------------------------------------------------------------------------- per-run state
 
 
@@ -1532,13 +1545,13 @@ class EmpathyLLMExecutor:
         task_type, task_tier = self._task(ctx.task_type)
         cache_key: str | None = None
         if ctx.cache_ttl is not None and self._cache is not None:
-            from ._cached import cache_key_of, lookup
-
-            cache_key = cache_key_of(ctx, task_type, messages, system)
+            cached = _cached_module()
+            cache_key = cached.cache_key_of(ctx, task_type, messages, system)
             if cache_key is not None:
-                hit = await lookup(self, cache_key, ctx, task_type, messages, system, start)
+                hit = await cached.lookup(self, cache_key, ctx, task_type, messages, system, start)
                 if hit is not None:
-                    return hit
+                    response: LLMResponse = hit
+                    return response
         routes, decision = self._plan(ctx, messages, system, task_tier)
         run = _Run(ctx, messages, routes[0], decision, task_type, system)
         called_routes = 0
@@ -1573,9 +1586,7 @@ class EmpathyLLMExecutor:
                 if completion is not None:
                     answer = self._response(run, info, completion, start, run.attempts_cost)
                     if cache_key is not None:
-                        from ._cached import store
-
-                        await store(self, cache_key, answer, ctx)
+                        await _cached_module().store(self, cache_key, answer, ctx)
                     return answer
                 if overflow:
                     min_context = info.context_window
