@@ -1789,6 +1789,9 @@ class EmpathyLLMExecutor:
                         exc=error,
                     )
                     retry_after = retry_after_of(error)
+                    if hold is not None and outcome is Outcome.RATE_LIMITED:
+                        # the provider's own reset (its rate-limit headers): every worker waits
+                        hold.pushback = retry_after
                     run.errors.append(error)
                     breaker_outcome = None
                     if (

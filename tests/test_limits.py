@@ -311,3 +311,36 @@ async def test_calls_wait_for_their_place_and_unused_tokens_are_given_back(
     # (the sleep above does not wait, so each asks for its place at once)
     assert len(waits) == 2
     assert 0.9 < waits[0] <= 1.0 and 1.9 < waits[1] <= 2.0
+
+
+async def test_a_providers_429_pushes_the_shared_schedule_back(server: FakeLLMServer) -> None:
+    from empathy_models.testing import ModelBehavior
+
+    server.set_behavior("gpt-cheap", ModelBehavior(retry_after=20))
+    server.script("gpt-cheap", [429])
+    store = MemoryQuotaStore()
+    limits = {"openai": RateLimit(rpm=6000)}
+    async with (
+        store,
+        make(server, rate_limits=limits, quota_store=store, rate_limit_wait=1.0) as executor,
+    ):
+        first = await executor.run("hello", ExecutionContext(model="gpt-cheap"))
+        # the 429 said "come back in 20 s": openai's schedule moved 20 s on for everyone
+        grant = await store.acquire("rpm:openai", cost=1.0, interval=0.01, burst=1.0, max_wait=0.0)
+    assert first.model == "claude-other"  # the 429 (no retries) fell back
+    assert not grant.granted and 19.0 < grant.wait <= 20.1
+
+
+async def test_routes_whose_schedule_is_booked_too_far_are_avoided(server: FakeLLMServer) -> None:
+    limits = {"openai": RateLimit(rpm=1)}
+    ctx = ExecutionContext(tier="cheap", max_tokens=10)
+    async with make(server, rate_limits=limits, rate_limit_wait=0.0) as executor:
+        first = await executor.run("hello", ctx)
+        second = await executor.run("hello", ctx)
+        third = await executor.run("hello", ctx)
+    assert first.fallback_chain == ("gpt-cheap",)
+    # the second tried openai's models, found no capacity within the wait, fell back
+    assert second.fallback_chain[-1] == "claude-other" and second.fallback_chain[0] == "gpt-cheap"
+    # by the third, openai is known to be booked for a minute: not tried first
+    assert third.fallback_chain == ("claude-other",)
+    assert server.requests("gpt-cheap") == 1

@@ -83,7 +83,7 @@ def quota_store_from_url(url: str | QuotaStore, **options: Any) -> QuotaStore:
 class Hold:
     """What one admitted call holds: budget reservations and rate-limit places."""
 
-    __slots__ = ("budgets", "cost_usd", "est_tokens", "rates", "tokens")
+    __slots__ = ("budgets", "cost_usd", "est_tokens", "pushback", "rates", "tokens")
 
     def __init__(self) -> None:
         # (store, key, window start, window end, nano-dollars held)
@@ -93,6 +93,9 @@ class Hold:
         self.est_tokens = 0
         self.cost_usd = 0.0  # set by the executor when the call answered
         self.tokens: int | None = None  # likewise: the tokens the call used
+        # seconds the provider said to wait (a 429's Retry-After or rate-limit reset
+        # headers): the schedules are pushed back that far for every worker
+        self.pushback: float | None = None
 
 
 def _check_budgets(budgets: object) -> tuple[Budget, ...]:
@@ -442,7 +445,16 @@ class Limiter:
                         key,
                         held / 1e9,
                     )
+            pushback = hold.pushback
+            if pushback is not None and pushback > 0:
+                logger.info(
+                    "the provider asked to wait %.1f s: pushing back %s",
+                    pushback,
+                    ", ".join(key for _, key, _ in hold.rates),
+                )
             for store, key, interval in hold.rates:
+                if pushback is not None and pushback > 0:
+                    await self._adjust(store, key, pushback)
                 if interval < 0:
                     if failed and not hold.tokens:
                         # never sent (refused or cancelled before the call): free the slot
