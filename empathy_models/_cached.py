@@ -109,7 +109,6 @@ async def lookup(
         response_model=str(data.get("response_model") or model),
         price_version=str(data.get("price_version") or executor.registry.price_version),
         stop_reason=data.get("stop_reason"),
-        cached=True,
     )
     telemetry = executor._telemetry
     if telemetry is not None:

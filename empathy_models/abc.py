@@ -424,6 +424,15 @@ def _window_key(key: str, window_start: float) -> str:
     return f"b|{key}@{window_start!r}"
 
 
+def _is_number(text: str) -> bool:
+    """True for a window start (so ``b|name:alice@x.com@...`` is not ``name:alice``'s)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class TransactionalQuotaStore(QuotaStore):
     """
     A quota store built on one atomic read-modify-write of a JSON value per key.
@@ -510,7 +519,8 @@ class TransactionalQuotaStore(QuotaStore):
 
     async def reset_budget(self, key: str) -> int:
         self._check_open()
-        found = [k for k, _ in await self._scan(f"b|{key}@")]
+        prefix = f"b|{key}@"
+        found = [k for k, _ in await self._scan(prefix) if _is_number(k[len(prefix) :])]
         await self._delete(found)
         return len(found)
 

@@ -511,7 +511,11 @@ class LLMResponse:
     response_model: str
     price_version: str
     stop_reason: str | None = None
-    cached: bool = False
+
+    @property
+    def cached(self) -> bool:
+        """True for an answer served from the response cache (no attempt was made)."""
+        return not self.attempts
 
     @property
     def total_tokens(self) -> int:
@@ -1632,7 +1636,6 @@ class EmpathyLLMExecutor:
             response_model=completion.model,
             price_version=self._registry.price_version,
             stop_reason=completion.stop_reason,
-            cached=False,
         )
 
     def _deadline_error(self, run: _Run, info: ModelInfo, why: str) -> _DeadlineExceeded:

@@ -165,8 +165,9 @@ class QuotaStoreContract:
         await quota_store.reserve("a", window_start=WS, window_end=WE, amount=5, limit=10)
         await quota_store.reserve("a", window_start=WE, window_end=WE + 1, amount=5, limit=10)
         await quota_store.reserve("ab", window_start=WS, window_end=WE, amount=5, limit=10)
+        await quota_store.reserve("a@x.org", window_start=WS, window_end=WE, amount=5, limit=10)
         assert await quota_store.reset_budget("a") == 2
-        assert [u.key for u in await quota_store.usages()] == ["ab"]
+        assert [u.key for u in await quota_store.usages()] == ["a@x.org", "ab"]
         assert (await quota_store.usage("a", window_start=WS, window_end=WE)).held == 0
         assert await quota_store.limit_overrides() == {}
         await quota_store.set_limit("a", 123)

@@ -42,6 +42,14 @@ def quota_script() -> str:
     return files(__package__).joinpath("quota.lua").read_text(encoding="utf-8")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _glob(text: str) -> str:
     return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
 
@@ -171,7 +179,8 @@ class RedisQuotaStore(QuotaStore):
 
     async def reset_budget(self, key: str) -> int:
         self._check_open()
-        found = await self._keys(_glob(f"{self.prefix}b|{key}@") + "*")
+        prefix = f"{self.prefix}b|{key}@"
+        found = [k for k in await self._keys(_glob(prefix) + "*") if _is_number(k[len(prefix) :])]
         if found:
             try:
                 await self._client.delete(*found)
