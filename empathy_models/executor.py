@@ -1025,6 +1025,14 @@ class EmpathyLLMExecutor:
         return self._telemetry
 
     @property
+    def limiter(self) -> Limiter | None:
+        """
+        The budgets and rate limits in force (`empathy_models.limits.Limiter`: its
+        ``store``, ``degraded``, ``degraded_events`` and ``store_errors``), or None.
+        """
+        return self._limiter
+
+    @property
     def registry(self) -> ModelRegistry:
         return self._registry
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from empathy_models import (
@@ -344,3 +345,35 @@ async def test_routes_whose_schedule_is_booked_too_far_are_avoided(server: FakeL
     # by the third, openai is known to be booked for a minute: not tried first
     assert third.fallback_chain == ("claude-other",)
     assert server.requests("gpt-cheap") == 1
+
+
+async def test_the_routing_decision_says_why_a_cheaper_model_answered(
+    server: FakeLLMServer,
+) -> None:
+    from empathy_models.router import AdaptiveModelRouter
+
+    # the capable tier holds only gpt-dear; the budget fits only the cheap gpt-cheap
+    registry = ModelRegistry(
+        models=[
+            _model("gpt-cheap", "openai", 5.0),
+            attrs.evolve(_model("gpt-dear", "openai", 50.0), tier="capable"),
+        ],
+        price_version="limits-test-2",
+    )
+    telemetry = MemoryTelemetryBackend()
+    router = AdaptiveModelRouter(registry, telemetry, seed=1)
+    executor = EmpathyLLMExecutor(
+        [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+        registry=registry,
+        telemetry_store=telemetry,
+        router=router,
+        budgets=[Budget(limit_usd=0.01)],
+    )
+    async with router, executor:
+        response = await executor.run("hello", ExecutionContext(tier="capable", max_tokens=1000))
+        assert executor.limiter is not None and not executor.limiter.degraded
+    assert response.model == "gpt-cheap"
+    assert response.routing_decision is not None
+    assert response.routing_decision.model == "gpt-dear"
+    assert "budget 'global/day'" in response.routing_decision.reason
+    assert "gpt-cheap instead" in response.routing_decision.reason
