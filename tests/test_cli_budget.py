@@ -59,3 +59,24 @@ def test_budget_set_refuses_a_bad_limit(tmp_path: Path) -> None:
     _charge(db, "global/day", 1, 1)
     bad = run_cli(tmp_path, "budget", "set", "global/day", "--limit", "-3", "--db", str(db))
     assert bad.returncode == 2 and "dollars" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_budget_status_reads_a_database_without_budgets_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    from empathy_models import SQLiteStateStore
+
+    db = tmp_path / "state.db"
+
+    async def create() -> None:
+        async with SQLiteStateStore(db) as store:
+            await store.snapshot_all()
+
+    anyio.run(create)
+    before = db.read_bytes()
+    status = run_cli(tmp_path, "budget", "status", "--db", str(db), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout) == {"budgets": [], "overrides": {}}
+    assert db.read_bytes() == before  # opened read-only: no quota table was created
+    missing = run_cli(tmp_path, "budget", "status", "--db", str(tmp_path / "none.db"))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr

@@ -10,7 +10,16 @@ from typing import Any
 
 from empathy_models.limits import NANO, BudgetUsage, quota_store_from_url
 
-from ._common import CliError, SubParsers, add_common, db_url, emit_json, print_table, run_async
+from ._common import (
+    CliError,
+    SubParsers,
+    add_common,
+    db_url,
+    emit_json,
+    print_table,
+    read_only,
+    run_async,
+)
 
 __all__ = ["cmd_budget_reset", "cmd_budget_set", "cmd_budget_status", "register"]
 
@@ -108,7 +117,7 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
     url = _store(args)
 
     async def body() -> tuple[list[BudgetUsage], dict[str, int]]:
-        async with quota_store_from_url(url) as store:
+        async with quota_store_from_url(url, **read_only(url)) as store:
             return await store.usages(), await store.limit_overrides()
 
     usages, overrides = run_async(body)

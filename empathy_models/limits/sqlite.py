@@ -48,8 +48,9 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
     """
     Quotas in a SQLite file (or ``":memory:"``), shared by every process that opens it.
 
-    ``busy_timeout`` and ``lock_timeout`` as for `SQLiteStateStore`; ``clock`` (UTC
-    epoch seconds, read with the write lock held) times the rate limits.  Raises
+    ``busy_timeout``, ``lock_timeout`` and ``read_only`` as for `SQLiteStateStore`
+    (read-only, a file without the quota table reads as empty); ``clock`` (UTC epoch
+    seconds, read with the write lock held) times the rate limits.  Raises
     `StateStoreError` naming the path when the file cannot be used.
     """
 
@@ -62,6 +63,7 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
         clock: Callable[[], float] = time.time,
         busy_timeout: float = 5.0,
         lock_timeout: float = 30.0,
+        read_only: bool = False,
         allow_foreign: bool = False,
     ) -> None:
         if not callable(clock):
@@ -75,9 +77,11 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
             error=StateStoreError,
             busy_timeout=_check_seconds("busy_timeout", busy_timeout),
             lock_timeout=_check_seconds("lock_timeout", lock_timeout),
+            read_only=read_only,
             allow_foreign=allow_foreign,
         )
         self._ready = False
+        self._missing = False  # read-only and the file has no quota table: reads are empty
 
     def __repr__(self) -> str:
         return f"SQLiteQuotaStore({self._path!r})"
@@ -87,6 +91,12 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
         return self._path
 
     async def _prepare(self, conn: aiosqlite.Connection) -> None:
+        if not self._ready and self._db.read_only:
+            row = await _fetchone(
+                conn, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'quota'"
+            )
+            self._missing = row is None
+            self._ready = True
         if not self._ready:
 
             async def create(c: aiosqlite.Connection) -> None:
@@ -140,6 +150,8 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
     async def _load(self, key: str) -> dict[str, Any] | None:
         async def job(conn: aiosqlite.Connection) -> sqlite3.Row | None:
             await self._prepare(conn)
+            if self._missing:
+                return None
             return await self._db.retrying(
                 partial(_fetchone, conn, "SELECT data FROM quota WHERE key = ?", (key,))
             )
@@ -150,6 +162,8 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
     async def _scan(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
         async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
             await self._prepare(conn)
+            if self._missing:
+                return []
             return await self._db.retrying(
                 partial(
                     conn.execute_fetchall,
@@ -179,6 +193,5 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
 
 def quota_store(url: str, **options: Any) -> SQLiteQuotaStore:
     """``sqlite:///path.db`` as a `SQLiteQuotaStore` (options as for the state store)."""
-    allowed = {k: v for k, v in _COMMON_OPTIONS.items() if k != "read_only"}
-    path, query = parse_sqlite_url(url, allowed)
+    path, query = parse_sqlite_url(url, _COMMON_OPTIONS)
     return SQLiteQuotaStore(path, **{**query, **options})
