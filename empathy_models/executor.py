@@ -764,6 +764,8 @@ class EmpathyLLMExecutor:
         rate_limits: requests and tokens per minute (`empathy_models.limits.RateLimit`)
             by provider name or model id; a call waits for its place (at most
             ``rate_limit_wait`` seconds and the deadline), else the next route is tried.
+            A registry model's ``rpm`` / ``tpm`` apply too, unless a limit is given here
+            for that model id.
         quota_store: where budgets and rate limits are counted: a `QuotaStore` or a URL
             (``"sqlite:///state.db"``, ``"redis://..."``, ``"postgresql://..."``) shared
             by every worker; default ``memory://`` (this process only).
@@ -878,7 +880,7 @@ class EmpathyLLMExecutor:
         self._cache: ResponseCache | None = None if cache is None else cache_from_url(cache)
         self.cache_errors = 0
         """Response-cache reads or writes that failed (logged; the call went on)."""
-        if budgets or rate_limits:
+        if budgets or rate_limits or any(m.rpm or m.tpm for m in self._registry):
             self._limiter = Limiter(
                 budgets,
                 rate_limits,
@@ -1342,7 +1344,7 @@ class EmpathyLLMExecutor:
             plan = self._tier_plan(tier)
         same_tier = plan.same_tier
         open_ids = self._open_ids(plan)
-        if self._limiter is not None and self._limiter.rate_limits:
+        if self._limiter is not None:
             # routes whose rate limit is booked beyond the wait allowed: avoided like open ones
             busy = self._limiter.saturated((*same_tier, *plan.higher))
             if busy:

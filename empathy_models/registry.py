@@ -57,6 +57,8 @@ _MODEL_FIELDS = (
     "context_window",
     "max_output_tokens",
 )
+_OPTIONAL_MODEL_FIELDS = ("rpm", "tpm")
+"""Fields a registry entry may leave out: the provider's requests and tokens per minute."""
 _TOP_LEVEL_KEYS = frozenset({"price_version", "models", "source", "extends"})
 
 
@@ -79,6 +81,11 @@ def _price(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
 def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _fail(attribute, value, "must be an integer >= 1")
+
+
+def _opt_positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _positive_int(_, attribute, value)
 
 
 def _to_float(value: object) -> object:
@@ -117,9 +124,12 @@ class ModelInfo:
 
     Prices are USD per million tokens (``input_price_per_mtok``,
     ``output_price_per_mtok``); ``context_window`` and ``max_output_tokens`` are token
-    counts.  Construction raises `RecordValidationError` naming the field and value
-    when an id or provider is empty, a price is negative or not finite, or a window is
-    not a positive integer.
+    counts.  ``rpm`` and ``tpm``, when set, are the provider's requests and tokens per
+    minute for the model: the executor enforces them as an
+    `empathy_models.limits.RateLimit` (one given to the executor for the model wins).
+    Construction raises `RecordValidationError` naming the field and value when an id
+    or provider is empty, a price is negative or not finite, or a window is not a
+    positive integer.
     """
 
     id: str = field(validator=_non_empty_str)
@@ -129,6 +139,8 @@ class ModelInfo:
     output_price_per_mtok: float = field(converter=_to_float, validator=_price)
     context_window: int = field(validator=_positive_int)
     max_output_tokens: int = field(validator=_positive_int)
+    rpm: int | None = field(default=None, validator=_opt_positive_int)
+    tpm: int | None = field(default=None, validator=_opt_positive_int)
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         """
@@ -157,6 +169,7 @@ class ModelInfo:
             "output_price_per_mtok": self.output_price_per_mtok,
             "context_window": self.context_window,
             "max_output_tokens": self.max_output_tokens,
+            **{name: getattr(self, name) for name in _OPTIONAL_MODEL_FIELDS if getattr(self, name)},
         }
 
 
@@ -381,17 +394,19 @@ class ModelRegistry:
 def _model_from_dict(entry: object, where: str) -> ModelInfo:
     if not isinstance(entry, Mapping):
         raise ConfigurationError(f"{where}: expected a table, got {type(entry).__name__}")
-    unknown = sorted(set(entry) - set(_MODEL_FIELDS))
+    unknown = sorted(set(entry) - set(_MODEL_FIELDS) - set(_OPTIONAL_MODEL_FIELDS))
     if unknown:
         raise ConfigurationError(
             f"{where}: unknown field(s) {', '.join(map(repr, unknown))} "
-            f"(expected: {', '.join(_MODEL_FIELDS)})"
+            f"(expected: {', '.join(_MODEL_FIELDS)}; optional: "
+            f"{', '.join(_OPTIONAL_MODEL_FIELDS)})"
         )
     missing = [name for name in _MODEL_FIELDS if name not in entry]
     if missing:
         raise ConfigurationError(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
     try:
-        return ModelInfo(**{name: entry[name] for name in _MODEL_FIELDS})
+        optional = {name: entry[name] for name in _OPTIONAL_MODEL_FIELDS if name in entry}
+        return ModelInfo(**{name: entry[name] for name in _MODEL_FIELDS}, **optional)
     except RecordValidationError as exc:
         raise ConfigurationError(f"{where}.{exc.path}: {exc}") from exc
 

@@ -377,3 +377,44 @@ async def test_the_routing_decision_says_why_a_cheaper_model_answered(
     assert response.routing_decision.model == "gpt-dear"
     assert "budget 'global/day'" in response.routing_decision.reason
     assert "gpt-cheap instead" in response.routing_decision.reason
+
+
+async def test_a_registry_models_rpm_is_enforced_unless_the_executor_overrides_it(
+    server: FakeLLMServer,
+) -> None:
+    registry = ModelRegistry.from_dict(
+        {
+            "price_version": "limits-test-3",
+            "models": [
+                {**_model("gpt-cheap", "openai", 5.0).to_dict(), "rpm": 1, "tpm": 50_000},
+                _model("claude-other", "anthropic", 20.0).to_dict(),
+            ],
+        }
+    )
+    limited = registry.get("gpt-cheap")
+    assert (limited.rpm, limited.tpm) == (1, 50_000)
+    assert ModelRegistry.from_dict(registry.to_dict()) == registry
+    providers = [
+        OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+        AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+    ]
+    pinned = ExecutionContext(model="gpt-cheap", max_tokens=10)
+    async with EmpathyLLMExecutor(
+        providers,
+        registry=registry,
+        telemetry_store=MemoryTelemetryBackend(),
+        rate_limit_wait=0.0,
+    ) as executor:
+        assert (await executor.run("hello", pinned)).model == "gpt-cheap"
+        assert (await executor.run("hello", pinned)).model == "claude-other"  # 1 a minute
+    async with EmpathyLLMExecutor(
+        providers,
+        registry=registry,
+        telemetry_store=MemoryTelemetryBackend(),
+        rate_limits={"gpt-cheap": RateLimit(rpm=6000, burst_requests=10)},
+        rate_limit_wait=0.0,
+    ) as executor:
+        for _ in range(3):  # the executor's own limit for the model wins
+            assert (await executor.run("hello", pinned)).model == "gpt-cheap"
+    with pytest.raises(ConfigurationError, match="rpm"):
+        ModelRegistry.from_dict({"price_version": "x", "models": [{**limited.to_dict(), "rpm": 0}]})

@@ -193,6 +193,7 @@ class Limiter:
         self._overrides_at = -math.inf
         # rate key -> monotonic time its schedule was last seen to be booked until
         self._booked: dict[str, float] = {}
+        self._from_registry: dict[str, RateLimit] = {}
         self.degraded_events = 0
         """Outages of the quota store (one per outage, logged once)."""
         self.store_errors = 0
@@ -308,6 +309,10 @@ class Limiter:
         out = []
         for target in (info.provider, info.id):
             limit = self.rate_limits.get(target)
+            if limit is None and target == info.id and (info.rpm or info.tpm):
+                limit = self._from_registry.get(info.id)
+                if limit is None:  # the registry's limits for the model
+                    limit = self._from_registry[info.id] = RateLimit(rpm=info.rpm, tpm=info.tpm)
             if limit is not None:
                 out.append((target, limit))
         return out
@@ -343,7 +348,7 @@ class Limiter:
         `LocalRateLimitError` having left nothing held.
         """
         covered = self.covers(context, info) if self.budgets else []
-        rates = self._rates_for(info) if self.rate_limits else []
+        rates = self._rates_for(info)
         if not covered and not rates:
             return None
         hold = Hold()
