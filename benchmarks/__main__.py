@@ -17,7 +17,9 @@ from typing import Any
 
 from benchmarks import (
     bench_breaker,
+    bench_cache,
     bench_executor,
+    bench_limits,
     bench_otel,
     bench_router_start,
     bench_routing,
@@ -37,6 +39,8 @@ SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "router_start": bench_router_start.run,
     "otel": bench_otel.run,
     "streaming": bench_streaming.run,
+    "limits": bench_limits.run,
+    "cache": bench_cache.run,
 }
 
 

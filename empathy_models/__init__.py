@@ -25,6 +25,8 @@ from .abc import (
     CompletionStream as CompletionStream,
     Message as Message,
     Provider as Provider,
+    QuotaStore as QuotaStore,
+    ResponseCache as ResponseCache,
     TelemetryBackend as TelemetryBackend,
     TransactionalStateStore as TransactionalStateStore,
 )
@@ -64,6 +66,7 @@ from .breaker import (
     BreakerEventKind as BreakerEventKind,
     CircuitBreaker as CircuitBreaker,
 )
+from .cache import cache_from_url as cache_from_url
 from .circuit import BreakerPolicy as BreakerPolicy
 from .content import (
     ContentBlock as ContentBlock,
@@ -79,6 +82,7 @@ from .exceptions import (
     AuthenticationError as AuthenticationError,
     BackendClosedError as BackendClosedError,
     BackendError as BackendError,
+    BudgetExceededError as BudgetExceededError,
     CircuitOpenError as CircuitOpenError,
     ConfigurationError as ConfigurationError,
     ContentPolicyError as ContentPolicyError,
@@ -110,6 +114,11 @@ from .executor import (
     LLMResponse as LLMResponse,
     MissingAPIKeyWarning as MissingAPIKeyWarning,
     TelemetryDisabledWarning as TelemetryDisabledWarning,
+)
+from .limits import (
+    Budget as Budget,
+    RateLimit as RateLimit,
+    quota_store_from_url as quota_store_from_url,
 )
 from .providers import (
     AnthropicProvider as AnthropicProvider,
@@ -168,6 +177,8 @@ __all__ = [
     "BreakerEvent",
     "BreakerEventKind",
     "BreakerPolicy",
+    "Budget",
+    "BudgetExceededError",
     "CandidateEvaluation",
     "CircuitBreaker",
     "CircuitBreakerState",
@@ -215,8 +226,11 @@ __all__ = [
     "ProviderConnectionError",
     "ProviderError",
     "ProviderTimeoutError",
+    "QuotaStore",
+    "RateLimit",
     "RateLimitedError",
     "RecordValidationError",
+    "ResponseCache",
     "ResponseFormat",
     "RetryPolicy",
     "RoutingDecision",
@@ -244,6 +258,7 @@ __all__ = [
     "TransactionalStateStore",
     "acount_lines_of_code",
     "auth_strategy_file",
+    "cache_from_url",
     "count_lines_of_code",
     "empathy_home",
     "get_module_size_category",
@@ -251,6 +266,7 @@ __all__ = [
     "is_known_task",
     "list_auth_strategy_backups",
     "normalize_task_type",
+    "quota_store_from_url",
     "reset_auth_strategy",
     "restore_auth_strategy",
     "state_store_from_url",

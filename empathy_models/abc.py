@@ -52,9 +52,12 @@ if TYPE_CHECKING:
     import aiohttp
 
     from .circuit import BreakerPolicy
+    from .limits.values import BudgetGrant, BudgetUsage, RateGrant
 
 __all__ = [
     "AsyncResource",
+    "QuotaStore",
+    "ResponseCache",
     "CircuitStateStore",
     "Completion",
     "CompletionRequest",
@@ -62,6 +65,7 @@ __all__ = [
     "Message",
     "Provider",
     "TelemetryBackend",
+    "TransactionalQuotaStore",
     "TransactionalStateStore",
 ]
 
@@ -370,6 +374,239 @@ class TransactionalStateStore(CircuitStateStore):
             return circuit.reset(current, now, key=key), None
 
         await self._transact(key, step)
+
+
+# --------------------------------------------------------------------------- quotas
+
+
+class QuotaStore(AsyncResource):
+    """
+    Spend budgets and rate-limit schedules shared by every worker; each operation atomic.
+
+    Budgets (see `empathy_models.limits.Budget`) are counted per window under
+    ``key`` in integer nano-dollars: `reserve` holds a call's estimate if it fits under
+    the limit, `settle` releases the hold and charges what the call cost.  Rate limits
+    (`empathy_models.limits.RateLimit`) are GCRA schedules: `acquire` takes the next
+    place and says how long to wait for it, `adjust` moves the schedule when a call
+    used fewer (or more) tokens than it reserved.  ``shared`` stores take time for
+    rate limits from the store's side (or the UTC wall clock on one host).  Contract
+    suite: `empathy_models.testing.contracts.QuotaStoreContract`.
+    """
+
+    shared: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    async def reserve(
+        self, key: str, *, window_start: float, window_end: float, amount: int, limit: int
+    ) -> BudgetGrant:
+        """Hold ``amount`` in ``key``'s window if ``spent + held + amount <= limit``."""
+
+    @abc.abstractmethod
+    async def settle(
+        self, key: str, *, window_start: float, window_end: float, held: int, actual: int
+    ) -> BudgetUsage:
+        """Release a hold of ``held`` from ``key``'s window and charge ``actual``."""
+
+    @abc.abstractmethod
+    async def usage(self, key: str, *, window_start: float, window_end: float) -> BudgetUsage:
+        """``key``'s window as stored (an empty one when never charged)."""
+
+    @abc.abstractmethod
+    async def usages(self) -> list[BudgetUsage]:
+        """Every stored window of every budget, sorted by key and window."""
+
+    @abc.abstractmethod
+    async def reset_budget(self, key: str) -> int:
+        """Forget every window of ``key`` (spend starts from zero); how many were held."""
+
+    @abc.abstractmethod
+    async def set_limit(self, key: str, limit: int | None) -> None:
+        """Override ``key``'s limit for every worker (``None``: back to the code's)."""
+
+    @abc.abstractmethod
+    async def limit_overrides(self) -> dict[str, int]:
+        """Every limit set with `set_limit`."""
+
+    @abc.abstractmethod
+    async def acquire(
+        self, key: str, *, cost: float, interval: float, burst: float, max_wait: float
+    ) -> RateGrant:
+        """Take the next place in ``key``'s schedule if it comes within ``max_wait`` s."""
+
+    @abc.abstractmethod
+    async def adjust(self, key: str, *, delta: float) -> None:
+        """Move ``key``'s schedule by ``delta`` seconds (negative gives capacity back)."""
+
+
+def _window_key(key: str, window_start: float) -> str:
+    return f"b|{key}@{window_start!r}"
+
+
+def _is_number(text: str) -> bool:
+    """True for a window start (so ``b|name:alice@x.com@...`` is not ``name:alice``'s)."""
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class TransactionalQuotaStore(QuotaStore):
+    """
+    A quota store built on one atomic read-modify-write of a JSON value per key.
+
+    Subclasses implement `_transact`, `_load`, `_scan` and `_delete`; the pure steps of
+    `empathy_models.limits.meter` do the rest.  Memory, SQLite and PostgreSQL stores
+    are built this way.
+    """
+
+    @abc.abstractmethod
+    async def _transact(
+        self, key: str, fn: Callable[[dict[str, Any] | None, float], tuple[Any, T]]
+    ) -> T:
+        """
+        Atomically: load ``key`` (``None`` if absent), call ``fn(data, now)`` with the
+        store's notion of now (UTC epoch seconds), save the first element it returns
+        unless that is ``None``, and return the second.
+        """
+
+    @abc.abstractmethod
+    async def _load(self, key: str) -> dict[str, Any] | None:
+        """Read one key without locking."""
+
+    @abc.abstractmethod
+    async def _scan(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every (key, value) whose key starts with ``prefix``."""
+
+    @abc.abstractmethod
+    async def _delete(self, keys: Sequence[str]) -> None:
+        """Delete ``keys``."""
+
+    async def reserve(
+        self, key: str, *, window_start: float, window_end: float, amount: int, limit: int
+    ) -> BudgetGrant:
+        self._check_open()
+        from .limits.meter import reserve_step
+
+        return await self._transact(
+            _window_key(key, window_start),
+            lambda data, _now: reserve_step(
+                key,
+                data,
+                window_start=window_start,
+                window_end=window_end,
+                amount=amount,
+                limit=limit,
+            ),
+        )
+
+    async def settle(
+        self, key: str, *, window_start: float, window_end: float, held: int, actual: int
+    ) -> BudgetUsage:
+        self._check_open()
+        from .limits.meter import settle_step
+
+        return await self._transact(
+            _window_key(key, window_start),
+            lambda data, _now: settle_step(
+                key,
+                data,
+                window_start=window_start,
+                window_end=window_end,
+                held=held,
+                actual=actual,
+            ),
+        )
+
+    async def usage(self, key: str, *, window_start: float, window_end: float) -> BudgetUsage:
+        self._check_open()
+        from .limits.meter import usage_of
+
+        data = await self._load(_window_key(key, window_start))
+        return usage_of(key, data, window_start, window_end)
+
+    async def usages(self) -> list[BudgetUsage]:
+        self._check_open()
+        from .limits.meter import usage_of
+
+        out = []
+        for stored, data in await self._scan("b|"):
+            key = stored[2:].rsplit("@", 1)[0]
+            out.append(usage_of(key, data, float(data["window_start"]), float(data["window_end"])))
+        return sorted(out, key=lambda u: (u.key, u.window_start))
+
+    async def reset_budget(self, key: str) -> int:
+        self._check_open()
+        prefix = f"b|{key}@"
+        found = [k for k, _ in await self._scan(prefix) if _is_number(k[len(prefix) :])]
+        await self._delete(found)
+        return len(found)
+
+    async def set_limit(self, key: str, limit: int | None) -> None:
+        self._check_open()
+        if limit is None:
+            await self._delete([f"l|{key}"])
+            return
+        await self._transact(f"l|{key}", lambda _data, _now: ({"limit": int(limit)}, None))
+
+    async def limit_overrides(self) -> dict[str, int]:
+        self._check_open()
+        return {k[2:]: int(v["limit"]) for k, v in await self._scan("l|")}
+
+    async def acquire(
+        self, key: str, *, cost: float, interval: float, burst: float, max_wait: float
+    ) -> RateGrant:
+        self._check_open()
+        from .limits.meter import gcra_step
+
+        return await self._transact(
+            f"r|{key}",
+            lambda data, now: gcra_step(
+                data, now, cost=cost, interval=interval, burst=burst, max_wait=max_wait
+            ),
+        )
+
+    async def adjust(self, key: str, *, delta: float) -> None:
+        self._check_open()
+        from .limits.meter import adjust_step
+
+        await self._transact(
+            f"r|{key}", lambda data, now: (adjust_step(data, now, delta=delta), None)
+        )
+
+
+# --------------------------------------------------------------------------- response cache
+
+
+class ResponseCache(AsyncResource):
+    """
+    Where the executor keeps answers for `ExecutionContext.cache_ttl`: opaque values
+    under hashed keys, each with a time to live.
+
+    Contract (`empathy_models.testing.contracts.ResponseCacheContract`): `get` returns
+    what `set` stored until its TTL has passed, then ``None``; a value larger than the
+    backend's ``max_value_bytes`` is not stored; backends with ``max_entries`` evict
+    (oldest first) past it.  Keys are hex digests: the executor never puts a prompt in
+    a key.  ``shared`` backends show one process's entries to the others.
+    """
+
+    shared: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes | None:
+        """The value stored under ``key`` and not expired, or None."""
+
+    @abc.abstractmethod
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (replacing any value)."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``; True when it was held."""
+
+    @abc.abstractmethod
+    async def clear(self) -> int:
+        """Remove every entry; how many were held."""
 
 
 # --------------------------------------------------------------------------- providers

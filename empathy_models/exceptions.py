@@ -24,6 +24,7 @@ bad input a `ValueError`)::
     │   ├── InvalidResponseError                 malformed JSON, missing fields, truncated body
     │   └── StreamInterruptedError               a stream failed after its first delta
     ├── CircuitOpenError                         the breaker said no (key, state, retry_after)
+    ├── BudgetExceededError                      a spend budget cannot cover the call
     ├── NoModelMeetsConstraintsError (LookupError) with the reasons per model
     ├── AllRoutesFailedError (ExceptionGroup)    every candidate failed; one error per attempt
     └── BackendError                             a telemetry or state-store backend failed
@@ -41,6 +42,7 @@ attribute holds an API key.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ __all__ = [
     "AuthenticationError",
     "BackendClosedError",
     "BackendError",
+    "BudgetExceededError",
     "CircuitOpenError",
     "ConfigurationError",
     "ContentPolicyError",
@@ -318,6 +321,72 @@ def _rebuild_circuit_open(
 ) -> CircuitOpenError:
     return CircuitOpenError(
         key, state=state, retry_after=retry_after, last_error=last_error, reason=reason
+    )
+
+
+class BudgetExceededError(EmpathyModelsError):
+    """
+    A spend budget (`empathy_models.limits.Budget`) cannot cover the call, and no
+    cheaper candidate fits what is left.
+
+    ``budget`` names the budget (with the scope value it was charged to, e.g.
+    ``"workflow=docs"``), ``limit_usd`` its limit, ``remaining_usd`` what is left in the
+    current window, ``needed_usd`` the estimate of the call refused and ``resets_at``
+    (UTC epoch seconds) when the window ends.  No provider was called.
+    """
+
+    def __init__(
+        self,
+        budget: str,
+        *,
+        limit_usd: float,
+        remaining_usd: float,
+        needed_usd: float,
+        resets_at: float,
+        model: str | None = None,
+    ) -> None:
+        when = datetime.fromtimestamp(resets_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        target = f" for {model}" if model else ""
+        super().__init__(
+            f"budget {budget!r} (${limit_usd:,.4f}) cannot cover the call{target}: it needs "
+            f"up to ${needed_usd:,.6f}, ${remaining_usd:,.6f} is left; it resets at {when}"
+        )
+        self.budget = budget
+        self.limit_usd = limit_usd
+        self.remaining_usd = remaining_usd
+        self.needed_usd = needed_usd
+        self.resets_at = resets_at
+        self.model = model
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_budget,
+            (
+                self.budget,
+                self.limit_usd,
+                self.remaining_usd,
+                self.needed_usd,
+                self.resets_at,
+                self.model,
+            ),
+        )
+
+
+def _rebuild_budget(
+    budget: str,
+    limit_usd: float,
+    remaining_usd: float,
+    needed_usd: float,
+    resets_at: float,
+    model: str | None,
+) -> BudgetExceededError:
+    return BudgetExceededError(
+        budget,
+        limit_usd=limit_usd,
+        remaining_usd=remaining_usd,
+        needed_usd=needed_usd,
+        resets_at=resets_at,
+        model=model,
     )
 
 

@@ -110,15 +110,19 @@ from .abc import (
     CompletionRequest,
     Message,
     Provider,
+    QuotaStore,
+    ResponseCache,
     TelemetryBackend,
     split_system,
 )
 from .backends import telemetry_from_url
 from .backends.null import NullTelemetryBackend
 from .breaker import CircuitBreaker, provider_outcome
+from .cache import cache_from_url
 from .content import ResponseFormat, Tool, ToolCall
 from .exceptions import (
     AllRoutesFailedError,
+    BudgetExceededError,
     CircuitOpenError,
     ConfigurationError,
     ContextWindowExceededError,
@@ -126,6 +130,8 @@ from .exceptions import (
     ProviderTimeoutError,
     RecordValidationError,
 )
+from .limits.guard import Hold, Limiter, LocalRateLimitError
+from .limits.values import Budget, RateLimit
 from .observability import instrumentation_for
 from .outcomes import classify_error, retry_after_of
 from .providers._http import AttemptTimeout, HTTPProvider
@@ -380,6 +386,11 @@ class ExecutionContext:
             changes to the caller's dict do not leak in.
         user_id, session_id: copied into every record.
         record_text: keep prompt and response text in the records (off by default).
+        cache_ttl: answer from the executor's response cache when the same request was
+            answered less than this many seconds ago, and store this answer for that
+            long (see `empathy_models.cache`; needs ``cache=`` on the executor).  Only
+            ``temperature=0`` calls are cached unless ``cache_sampled`` is true.
+        cache_sampled: cache sampled output too (``temperature`` unset or above 0).
 
     Invalid values raise `ConfigurationError` naming the field and the value.
     """
@@ -402,6 +413,8 @@ class ExecutionContext:
     user_id: str | None = field(default=None, validator=_ctx_opt_str)
     session_id: str | None = field(default=None, validator=_ctx_opt_str)
     record_text: bool = field(default=False, validator=_ctx_bool)
+    cache_ttl: float | None = field(default=None, validator=_ctx_positive)
+    cache_sampled: bool = field(default=False, validator=_ctx_bool)
 
     def __attrs_post_init__(self) -> None:
         if self.model is not None and self.has_constraints:
@@ -493,7 +506,9 @@ class LLMResponse:
     the whole run, retries and waits included.  ``fallback_chain`` lists every model
     tried, in order, the answering one last; ``fallback_used`` is true when that is not
     the first.  ``ttft_ms`` (streamed runs only) is the time from the start of the
-    stream to its first delta, retries and fallbacks included.
+    stream to its first delta, retries and fallbacks included.  ``cached`` is true for
+    an answer served from the response cache (``cost_usd`` 0, no attempts; the tokens
+    are the stored answer's).
 
     ``tool_calls`` are the tools the model called (``stop_reason`` is then the
     provider's own: ``"tool_use"`` from Anthropic, ``"tool_calls"`` from OpenAI).  With
@@ -521,6 +536,11 @@ class LLMResponse:
     parsed: Any = None
     parse_error: str | None = None
     ttft_ms: float | None = None
+
+    @property
+    def cached(self) -> bool:
+        """True for an answer served from the response cache (no attempt was made)."""
+        return not self.attempts
 
     @property
     def total_tokens(self) -> int:
@@ -663,6 +683,19 @@ def _annotated(
     )
 
 
+_CACHED: Any = None
+
+
+def _cached_module() -> Any:
+    """`empathy_models._cached`, imported at the first call that uses the cache."""
+    global _CACHED
+    if _CACHED is None:
+        from . import _cached
+
+        _CACHED = _cached
+    return _CACHED
+
+
 # --------------------------------------------------------------------------- per-run state
 
 
@@ -756,6 +789,21 @@ class EmpathyLLMExecutor:
             ``otel`` extra; see `empathy_models.observability`).  Off by default; on
             with a provider given, with ``otel=True`` (the global providers), or with
             ``EMPATHY_OTEL=1`` in the environment.
+        budgets: spend limits (`empathy_models.limits.Budget`): each call reserves its
+            estimate (prompt plus ``max_tokens`` at list prices) in every budget that
+            covers it and settles at what it cost; a call a budget cannot cover goes to
+            a cheaper candidate that fits, else `BudgetExceededError`.
+        rate_limits: requests and tokens per minute (`empathy_models.limits.RateLimit`)
+            by provider name or model id; a call waits for its place (at most
+            ``rate_limit_wait`` seconds and the deadline), else the next route is tried.
+            A registry model's ``rpm`` / ``tpm`` apply too, unless a limit is given here
+            for that model id.
+        quota_store: where budgets and rate limits are counted: a `QuotaStore` or a URL
+            (``"sqlite:///state.db"``, ``"redis://..."``, ``"postgresql://..."``) shared
+            by every worker; default ``memory://`` (this process only).
+        cache: a `ResponseCache` or URL (``"memory://"``, ``"sqlite:///cache.db"``,
+            ``"redis://..."``) for calls whose context sets ``cache_ttl``; see
+            `empathy_models.cache`.
 
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
     neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
@@ -784,6 +832,11 @@ class EmpathyLLMExecutor:
         tracer_provider: Any = None,
         meter_provider: Any = None,
         otel: bool | None = None,
+        budgets: Sequence[Budget] | Budget | None = None,
+        rate_limits: Mapping[str, RateLimit] | None = None,
+        quota_store: QuotaStore | str | None = None,
+        rate_limit_wait: float = 30.0,
+        cache: ResponseCache | str | None = None,
     ) -> None:
         self._registry = ModelRegistry.default() if registry is None else registry
         if not isinstance(self._registry, ModelRegistry):
@@ -861,6 +914,20 @@ class EmpathyLLMExecutor:
         self._obs = instrumentation_for(otel, tracer_provider, meter_provider, self._providers)
         if self._obs is not None:
             self.__dict__["run"] = self._obs.wrap(self.run)
+        self._limiter: Limiter | None = None
+        self._owns_cache = isinstance(cache, str)
+        self._cache: ResponseCache | None = None if cache is None else cache_from_url(cache)
+        self.cache_errors = 0
+        """Response-cache reads or writes that failed (logged; the call went on)."""
+        if budgets or rate_limits or any(m.rpm or m.tpm for m in self._registry):
+            self._limiter = Limiter(
+                budgets,
+                rate_limits,
+                quota_store,
+                max_wait=rate_limit_wait,
+                sleep=sleep,
+                wall_clock=wall_clock,
+            )
         if self._keyless:
             message = (
                 "no API key for "
@@ -999,6 +1066,14 @@ class EmpathyLLMExecutor:
         return self._telemetry
 
     @property
+    def limiter(self) -> Limiter | None:
+        """
+        The budgets and rate limits in force (`empathy_models.limits.Limiter`: its
+        ``store``, ``degraded``, ``degraded_events`` and ``store_errors``), or None.
+        """
+        return self._limiter
+
+    @property
     def registry(self) -> ModelRegistry:
         return self._registry
 
@@ -1029,6 +1104,11 @@ class EmpathyLLMExecutor:
             if self._owns_breaker:
                 assert isinstance(self._breaker, CircuitBreaker)
                 await stack.enter_async_context(self._breaker)
+            if self._limiter is not None:
+                await self._limiter.open()
+                stack.push_async_callback(self._limiter.aclose)
+            if self._cache is not None and self._owns_cache:
+                await stack.enter_async_context(self._cache)
             session = self._session
             if session is None:
                 connector = aiohttp.TCPConnector(limit=sum(self._limits.values()))
@@ -1315,6 +1395,11 @@ class EmpathyLLMExecutor:
             plan = self._capable_plan(plan, needs, tier)
         same_tier = plan.same_tier
         open_ids = self._open_ids(plan)
+        if self._limiter is not None:
+            # routes whose rate limit is booked beyond the wait allowed: avoided like open ones
+            busy = self._limiter.saturated((*same_tier, *plan.higher))
+            if busy:
+                open_ids = {*open_ids, *busy}
 
         decision: RoutingDecision | None = None
         first: ModelInfo | None = pinned
@@ -1568,6 +1653,15 @@ class EmpathyLLMExecutor:
         deadline_at = None if ctx.deadline is None else start + ctx.deadline
         task_type, task_tier = self._task(ctx.task_type)
         needs = required_capabilities(messages, options)
+        cache_key: str | None = None
+        if ctx.cache_ttl is not None and self._cache is not None:
+            cached = _cached_module()
+            cache_key = cached.cache_key_of(ctx, task_type, messages, system, options)
+            if cache_key is not None:
+                hit = await cached.lookup(self, cache_key, ctx, task_type, messages, system, start)
+                if hit is not None:
+                    response: LLMResponse = hit
+                    return response
         routes, decision = self._plan(ctx, messages, system, task_tier, needs)
         run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
         if self._obs is not None:
@@ -1591,10 +1685,23 @@ class EmpathyLLMExecutor:
                     if self._obs is not None:
                         self._obs.fallback(run, info)
                 run.chain.append(info.id)
-                called, completion, overflow = await self._route(run, info, deadline_at)
+                try:
+                    called, completion, overflow = await self._route(run, info, deadline_at)
+                except BudgetExceededError as refused:
+                    # a budget cannot cover this model: a cheaper one that fits, or raise
+                    run.chain.pop()
+                    if not self._cheaper_route(run, info, refused, routes):
+                        raise
+                    continue
+                except LocalRateLimitError as busy:
+                    run.errors.append(busy)  # no capacity in time: the next route
+                    continue
                 called_routes += called
                 if completion is not None:
-                    return self._response(run, info, completion, start, run.attempts_cost)
+                    answer = self._response(run, info, completion, start, run.attempts_cost)
+                    if cache_key is not None:
+                        await _cached_module().store(self, cache_key, answer, ctx)
+                    return answer
                 if overflow:
                     min_context = info.context_window
                     if not any(
@@ -1728,7 +1835,17 @@ class EmpathyLLMExecutor:
                     raise self._deadline_error(
                         run, info, f"waiting for a {info.provider} slot"
                     ) from None
+            hold: Hold | None = None
             try:
+                if self._limiter is not None:
+                    # budgets and rate limits: reserve the estimate, wait for a place
+                    hold = await self._limiter.admit(
+                        run.context,
+                        info,
+                        _estimate_tokens(run.messages, run.system),
+                        run.context.max_tokens,
+                        None if deadline_at is None else deadline_at - clock(),
+                    )
                 attempt = len(run.attempts) + 1
                 # ---- admission
                 ticket: Ticket | None = None
@@ -1824,6 +1941,9 @@ class EmpathyLLMExecutor:
                         exc=error,
                     )
                     retry_after = retry_after_of(error)
+                    if hold is not None and outcome is Outcome.RATE_LIMITED:
+                        # the provider's own reset (its rate-limit headers): every worker waits
+                        hold.pushback = retry_after
                     run.errors.append(error)
                     breaker_outcome = None
                     if (
@@ -1888,6 +2008,9 @@ class EmpathyLLMExecutor:
                     )
                     run.attempts.append(self._summary(record, None))
                     run.attempts_cost = record.cost_usd
+                    if hold is not None:
+                        hold.cost_usd = record.cost_usd
+                        hold.tokens = record.input_tokens + record.output_tokens
                     scope = None if scope_ticket is None else (scope_ticket, Outcome.SUCCESS)
                     if (ticket is not None and ticket.lease_id is not None) or (
                         scope_ticket is not None and scope_ticket.lease_id is not None
@@ -1903,6 +2026,9 @@ class EmpathyLLMExecutor:
                     return called, completion, False
             finally:
                 semaphore.release()
+                if hold is not None:
+                    assert self._limiter is not None
+                    await self._limiter.settle(hold, failed=not called)
 
             # ---- decide after a failure (outside the provider slot)
             if logger.isEnabledFor(logging.INFO):
@@ -1959,6 +2085,45 @@ class EmpathyLLMExecutor:
                 self._obs.retry(delay)
             await self._sleep(delay)
         return called, None, False
+
+    def _cheaper_route(
+        self,
+        run: _Run,
+        refused: ModelInfo,
+        error: BudgetExceededError,
+        routes: list[ModelInfo],
+    ) -> bool:
+        """
+        Put the most capable candidate cheaper than ``refused`` whose estimate fits what
+        the budget has left next in ``routes`` (the decision says why); False if none.
+        """
+        assert self._limiter is not None
+        tokens = _estimate_tokens(run.messages, run.system)
+        max_tokens = run.context.max_tokens
+        tried = {*run.chain, refused.id}
+        best: tuple[float, ModelInfo] | None = None
+        for tier in _TIER_ORDER:
+            for m in self._candidates[tier]:
+                if m.id in tried:
+                    continue
+                estimate = self._limiter.estimate(m, tokens, max_tokens)
+                fits = estimate < error.needed_usd and estimate <= error.remaining_usd
+                if fits and (best is None or estimate > best[0]):
+                    best = (estimate, m)
+        if best is None:
+            return False
+        cheaper = best[1]
+        here = routes.index(refused)
+        later = [m for m in routes[here + 1 :] if m is not cheaper]
+        routes[:] = [*routes[: here + 1], cheaper, *later]
+        note = (
+            f"budget {error.budget!r} has ${error.remaining_usd:.6f} left, not the "
+            f"${error.needed_usd:.6f} {refused.id} may cost: {cheaper.id} instead"
+        )
+        logger.info("%s/%s: %s", run.context.workflow, run.context.stage, note)
+        if run.decision is not None:
+            run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
+        return True
 
     @staticmethod
     def _summary(

@@ -74,6 +74,8 @@ class Outcome(enum.StrEnum):
     ``rejected``              the circuit breaker said no        neither
     ``not_sent``              failed on our side before sending  neither
                               (no API key, local configuration)
+    ``cache_hit``             answered from the response cache   neither
+                              (no provider called, cost 0)
     ========================  =================================  ===================
 
     Only the first four are *samples* (`is_sample`): the router's statistics and the
@@ -90,6 +92,7 @@ class Outcome(enum.StrEnum):
     CANCELLED = "cancelled"
     REJECTED = "rejected"
     NOT_SENT = "not_sent"
+    CACHE_HIT = "cache_hit"
 
     @property
     def is_sample(self) -> bool:

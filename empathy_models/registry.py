@@ -57,6 +57,8 @@ _MODEL_FIELDS = (
     "context_window",
     "max_output_tokens",
 )
+_OPTIONAL_MODEL_FIELDS = ("rpm", "tpm")
+"""Fields a registry entry may leave out: the provider's requests and tokens per minute."""
 _TOP_LEVEL_KEYS = frozenset({"price_version", "models", "source", "extends"})
 
 CAPABILITIES: Final = frozenset({"tools", "images", "json_schema", "streaming"})
@@ -104,6 +106,11 @@ def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> 
         raise _fail(attribute, value, "must be an integer >= 1")
 
 
+def _opt_positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _positive_int(_, attribute, value)
+
+
 def _to_float(value: object) -> object:
     # ints are accepted for prices and stored as floats; anything else is left for the
     # validator to reject with a message naming the field
@@ -143,9 +150,12 @@ class ModelInfo:
     counts.  ``capabilities`` (default: all of `CAPABILITIES`) says which of tools,
     images, JSON-schema output and streaming the model serves: the executor leaves out
     of a run the models that cannot serve its request, saying so in the routing
-    decision.  Construction raises `RecordValidationError` naming the field and value
-    when an id or provider is empty, a price is negative or not finite, or a window is
-    not a positive integer.
+    decision.  ``rpm`` and ``tpm``, when set, are the provider's requests and tokens per
+    minute for the model: the executor enforces them as an
+    `empathy_models.limits.RateLimit` (one given to the executor for the model wins).
+    Construction raises `RecordValidationError` naming the field and value when an id
+    or provider is empty, a price is negative or not finite, or a window is not a
+    positive integer.
     """
 
     id: str = field(validator=_non_empty_str)
@@ -156,6 +166,8 @@ class ModelInfo:
     context_window: int = field(validator=_positive_int)
     max_output_tokens: int = field(validator=_positive_int)
     capabilities: frozenset[str] = field(default=None, converter=_to_capabilities)
+    rpm: int | None = field(default=None, validator=_opt_positive_int)
+    tpm: int | None = field(default=None, validator=_opt_positive_int)
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         """
@@ -189,6 +201,7 @@ class ModelInfo:
                 if self.capabilities == CAPABILITIES
                 else {"capabilities": sorted(self.capabilities)}
             ),
+            **{name: getattr(self, name) for name in _OPTIONAL_MODEL_FIELDS if getattr(self, name)},
         }
 
 
@@ -413,19 +426,24 @@ class ModelRegistry:
 def _model_from_dict(entry: object, where: str) -> ModelInfo:
     if not isinstance(entry, Mapping):
         raise ConfigurationError(f"{where}: expected a table, got {type(entry).__name__}")
-    unknown = sorted(set(entry) - set(_MODEL_FIELDS) - {"capabilities"})
+    unknown = sorted(
+        set(entry) - set(_MODEL_FIELDS) - set(_OPTIONAL_MODEL_FIELDS) - {"capabilities"}
+    )
     if unknown:
         raise ConfigurationError(
             f"{where}: unknown field(s) {', '.join(map(repr, unknown))} "
-            f"(expected: {', '.join(_MODEL_FIELDS)})"
+            f"(expected: {', '.join(_MODEL_FIELDS)}; optional: "
+            f"{', '.join(_OPTIONAL_MODEL_FIELDS)})"
         )
     missing = [name for name in _MODEL_FIELDS if name not in entry]
     if missing:
         raise ConfigurationError(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
     try:
+        optional = {name: entry[name] for name in _OPTIONAL_MODEL_FIELDS if name in entry}
         return ModelInfo(
             **{name: entry[name] for name in _MODEL_FIELDS},
             capabilities=entry.get("capabilities"),
+            **optional,
         )
     except RecordValidationError as exc:
         raise ConfigurationError(f"{where}.{exc.path}: {exc}") from exc

@@ -52,6 +52,7 @@ from .abc import Completion, CompletionRequest, CompletionStream
 from .breaker import provider_outcome
 from .exceptions import (
     AllRoutesFailedError,
+    BudgetExceededError,
     CircuitOpenError,
     ConfigurationError,
     ContextWindowExceededError,
@@ -64,10 +65,12 @@ from .executor import (
     _DEFAULT_CONTEXT,
     ExecutionContext,
     _DeadlineExceeded,
+    _estimate_tokens,
     _new_response,
     _Run,
     _to_messages,
 )
+from .limits.guard import Hold, LocalRateLimitError
 from .outcomes import classify_error, retry_after_of
 from .records import Outcome, Ticket
 
@@ -151,6 +154,7 @@ class LLMStream:
         "_error",
         "_ex",
         "_first",
+        "_hold",
         "_info",
         "_parts",
         "_per_attempt",
@@ -190,6 +194,7 @@ class LLMStream:
         self._ticket: Ticket | None = None
         self._scope_ticket: Ticket | None = None
         self._semaphore: asyncio.Semaphore | None = None
+        self._hold: Hold | None = None
         self._attempt = 0
         self._t0 = 0.0
         self._ttft: float | None = None
@@ -293,7 +298,7 @@ class LLMStream:
         self._deadline_at = None if deadline is None else self._start + deadline
         run = self._run
         ctx = run.context
-        routes = self._routes
+        routes = list(self._routes)  # a budget may put a cheaper route next
         called_routes = 0
         min_context = 0
         try:
@@ -311,7 +316,17 @@ class LLMStream:
                         info.id,
                     )
                 run.chain.append(info.id)
-                called, opened, overflow = await self._route(info)
+                try:
+                    called, opened, overflow = await self._route(info)
+                except BudgetExceededError as refused:
+                    # a budget cannot cover this model: a cheaper one that fits, or raise
+                    run.chain.pop()
+                    if not ex._cheaper_route(run, info, refused, routes):
+                        raise
+                    continue
+                except LocalRateLimitError as busy:
+                    run.errors.append(busy)  # no capacity in time: the next route
+                    continue
                 called_routes += called
                 if opened:
                     return
@@ -383,7 +398,17 @@ class LLMStream:
                         run, info, f"waiting for a {info.provider} slot"
                     ) from None
             holding = True
+            hold: Hold | None = None
             try:
+                if ex._limiter is not None:
+                    # budgets and rate limits: reserve the estimate, wait for a place
+                    hold = await ex._limiter.admit(
+                        run.context,
+                        info,
+                        _estimate_tokens(run.messages, run.system),
+                        run.context.max_tokens,
+                        None if deadline_at is None else deadline_at - clock(),
+                    )
                 attempt = len(run.attempts) + 1
                 # ---- admission
                 ticket: Ticket | None = None
@@ -451,6 +476,9 @@ class LLMStream:
                         exc=error,
                     )
                     retry_after = retry_after_of(error)
+                    if hold is not None and outcome is Outcome.RATE_LIMITED:
+                        # the provider's own reset (its rate-limit headers): every worker waits
+                        hold.pushback = retry_after
                     run.errors.append(error)
                     breaker_outcome = None
                     if (
@@ -501,6 +529,7 @@ class LLMStream:
                     self._ticket = ticket
                     self._scope_ticket = scope_ticket
                     self._semaphore = semaphore
+                    self._hold = hold
                     self._attempt = attempt
                     self._t0 = t0
                     self._first = first
@@ -515,6 +544,9 @@ class LLMStream:
             finally:
                 if holding:
                     semaphore.release()
+                    if hold is not None:
+                        assert ex._limiter is not None
+                        await ex._limiter.settle(hold, failed=not called)
 
             # ---- decide after a failure (outside the provider slot)
             if logger.isEnabledFor(logging.INFO):
@@ -616,6 +648,13 @@ class LLMStream:
                 )
         finally:
             self._release()
+            hold, self._hold = self._hold, None
+            if hold is not None:
+                hold.cost_usd = record.cost_usd
+                hold.tokens = record.input_tokens + record.output_tokens
+                assert ex._limiter is not None
+                with anyio.CancelScope(shield=True):
+                    await ex._limiter.settle(hold, failed=False)
         if outcome is not Outcome.SUCCESS:
             return None
         run.attempts_cost = record.cost_usd

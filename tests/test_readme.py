@@ -83,6 +83,7 @@ MARKERS = {
     "evidence": "await telemetry.evidence(since=week_ago)",
     "from_config": "EmpathyLLMExecutor.from_config()",
     "otel": "tracer_provider=tracer_provider,",
+    "limits": 'SHARED = "sqlite:///quota.db"',
 }
 # fragments run inside a test that provides their names (and an event loop): no mypy
 FRAGMENTS = ("evidence", "from_config")
@@ -341,6 +342,19 @@ async def test_shared_breaker_recipe(tmp_path: Path, capsys: pytest.CaptureFixtu
     code = block("shared_breaker").replace("sqlite:///state.db", f"sqlite:///{tmp_path / 's.db'}")
     await _run_main(code)
     assert capsys.readouterr().out.strip() == "forced_open provider maintenance"
+
+
+async def test_budgets_rate_limits_and_cache_recipe(
+    keys: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    async with FakeLLMServer(api_key="test-key") as server:
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        monkeypatch.setenv("OPENAI_BASE_URL", server.openai_base_url)
+        await _run_main(block("limits"))
+        assert server.requests() == 1
+    assert capsys.readouterr().out.strip() == "False True 0.0"
+    assert (tmp_path / "quota.db").exists()
 
 
 @pytest.fixture

@@ -22,11 +22,15 @@ class BackendPlugin:
         [project.entry-points."empathy_models.backends"]
         redis = "empathy_models_redis:PLUGIN"
 
-    ``telemetry`` and ``state_store`` are factories called as ``factory(url, **options)``;
-    either may be ``None`` when the engine does not provide that kind of backend.
+    ``telemetry``, ``state_store``, ``quota_store`` (an `empathy_models.abc.QuotaStore`
+    for budgets and rate limits) and ``cache`` (an `empathy_models.abc.ResponseCache`)
+    are factories called as ``factory(url, **options)``; any may be ``None`` when the
+    engine does not provide that kind of backend.
     """
 
     schemes: tuple[str, ...]
     package: str
     telemetry: Callable[..., Any] | None = None
     state_store: Callable[..., Any] | None = None
+    quota_store: Callable[..., Any] | None = None
+    cache: Callable[..., Any] | None = None

@@ -32,6 +32,7 @@ COMMANDS: tuple[str, ...] = (
     "auth",
     "routing",
     "breaker",
+    "budget",
     "telemetry",
     "demo",
     "config",

@@ -89,10 +89,14 @@ from ..records import (
     OutcomeReport,
     Ticket,
 )
+from .cache_contracts import ResponseCacheContract as ResponseCacheContract
+from .quota_contracts import QuotaStoreContract as QuotaStoreContract
 
 __all__ = [
     "AdvanceClock",
     "CircuitStateStoreContract",
+    "QuotaStoreContract",
+    "ResponseCacheContract",
     "TelemetryBackendContract",
     "assert_same_buckets",
 ]

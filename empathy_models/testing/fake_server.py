@@ -508,6 +508,12 @@ class FakeLLMServer(_Controls):
     inside the block.  The control methods (`set_outage`, `script`, `set_behavior`) take
     effect for the next request; outage targets are model ids, ``"anthropic"``,
     ``"openai"`` or ``"*"``.
+
+    ``rpm`` makes the server enforce a provider's requests-per-minute limit over every
+    model: a token bucket of ``rpm_burst`` requests (default one second's worth,
+    ``ceil(rpm / 60)``) refilled at ``rpm / 60`` per second; a request finding it empty
+    gets 429 with ``Retry-After``.  `rpm_stats` says how many were accepted and refused
+    and over how long.
     """
 
     def __init__(
@@ -518,8 +524,21 @@ class FakeLLMServer(_Controls):
         api_key: str | None = None,
         seed: int = 0,
         host: str = "127.0.0.1",
+        rpm: int | None = None,
+        rpm_burst: int | None = None,
     ) -> None:
         super().__init__(behaviors, default, seed)
+        for name, value in (("rpm", rpm), ("rpm_burst", rpm_burst)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigurationError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        self._rpm = rpm
+        self._rpm_burst = float(rpm_burst or math.ceil((rpm or 60) / 60))
+        self._rpm_tokens = self._rpm_burst
+        self._rpm_at: float | None = None
+        self._rpm_accepted: list[float] = []  # first and last acceptance times
+        self._rpm_counts = [0, 0]  # accepted, refused
         self._api_key = api_key
         self._host = host
         self._last: dict[str, RecordedRequest] = {}
@@ -603,6 +622,40 @@ class FakeLLMServer(_Controls):
         """Zero every counter and forget the last requests."""
         super().reset_counters()
         self._last.clear()
+        self._rpm_accepted.clear()
+        self._rpm_counts = [0, 0]
+
+    def rpm_stats(self) -> dict[str, float]:
+        """
+        With ``rpm`` set: ``accepted`` and ``refused`` (429) requests, and ``span_s``,
+        the seconds from the first accepted request to the last (so the rate they came
+        at is ``(accepted - 1) / span_s``).
+        """
+        span = self._rpm_accepted[-1] - self._rpm_accepted[0] if self._rpm_accepted else 0.0
+        return {
+            "accepted": self._rpm_counts[0],
+            "refused": self._rpm_counts[1],
+            "span_s": span,
+        }
+
+    def _rpm_admit(self) -> float | None:
+        """Take a token from the bucket; None when taken, else the seconds until one is."""
+        assert self._rpm is not None
+        now = time.monotonic()
+        rate = self._rpm / 60.0
+        if self._rpm_at is not None:
+            self._rpm_tokens = min(self._rpm_burst, self._rpm_tokens + (now - self._rpm_at) * rate)
+        self._rpm_at = now
+        if self._rpm_tokens >= 1.0:
+            self._rpm_tokens -= 1.0
+            self._rpm_counts[0] += 1
+            if len(self._rpm_accepted) < 2:
+                self._rpm_accepted.append(now)
+            else:
+                self._rpm_accepted[1] = now
+            return None
+        self._rpm_counts[1] += 1
+        return (1.0 - self._rpm_tokens) / rate
 
     # ------------------------------------------------------------------ handlers
 
@@ -821,6 +874,8 @@ class FakeLLMServer(_Controls):
             body=body,
             headers={k: v for k, v in request.headers.items() if k.lower() not in _SECRET_HEADERS},
         )
+        if self._rpm is not None and (wait := self._rpm_admit()) is not None:
+            return self._error(api, 429, "Rate limit reached for requests.", retry_after=wait)
         input_tokens = estimate_tokens(text)
         window = behavior.context_window
         if window is not None and input_tokens + (max_tokens or 0) > window:

@@ -2,7 +2,8 @@
 empathy-models-postgres: telemetry and circuit-breaker state in PostgreSQL.
 
 Installing this package makes ``postgresql://`` and ``postgres://`` URLs work wherever
-empathy-models takes a telemetry backend or a circuit-state store::
+empathy-models takes a telemetry backend, a circuit-state store or a quota store
+(budgets and rate limits, `PostgresQuotaStore`)::
 
     from empathy_models.backends import state_store_from_url, telemetry_from_url
 
@@ -19,7 +20,15 @@ from typing import Any
 from empathy_models import BatchingTelemetryBackend, TelemetryBackend
 from empathy_models.backends import BackendPlugin
 
+from ._cache import (
+    CACHE_SCHEMA_VERSION as CACHE_SCHEMA_VERSION,
+    PostgresResponseCache as PostgresResponseCache,
+)
 from ._common import DEFAULT_TABLE_PREFIX as DEFAULT_TABLE_PREFIX
+from ._quota import (
+    QUOTA_SCHEMA_VERSION as QUOTA_SCHEMA_VERSION,
+    PostgresQuotaStore as PostgresQuotaStore,
+)
 from ._state import (
     STATE_SCHEMA_VERSION as STATE_SCHEMA_VERSION,
     PostgresCircuitStateStore as PostgresCircuitStateStore,
@@ -30,9 +39,13 @@ from ._telemetry import (
 )
 
 __all__ = [
+    "CACHE_SCHEMA_VERSION",
     "DEFAULT_TABLE_PREFIX",
     "PLUGIN",
+    "QUOTA_SCHEMA_VERSION",
     "PostgresCircuitStateStore",
+    "PostgresQuotaStore",
+    "PostgresResponseCache",
     "PostgresTelemetryBackend",
     "STATE_SCHEMA_VERSION",
     "TELEMETRY_SCHEMA_VERSION",
@@ -54,10 +67,20 @@ def _state_store(url: str, **options: Any) -> PostgresCircuitStateStore:
     return PostgresCircuitStateStore(url, **options)
 
 
+def _quota_store(url: str, **options: Any) -> PostgresQuotaStore:
+    return PostgresQuotaStore(url, **options)
+
+
+def _cache(url: str, **options: Any) -> PostgresResponseCache:
+    return PostgresResponseCache(url, **options)
+
+
 PLUGIN = BackendPlugin(
     schemes=("postgresql", "postgres"),
     package="empathy-models-postgres",
     telemetry=_telemetry,
     state_store=_state_store,
+    quota_store=_quota_store,
+    cache=_cache,
 )
 """The entry point published under ``empathy_models.backends`` for postgresql://."""

@@ -1,0 +1,128 @@
+"""The response cache in PostgreSQL: one row per answer with its expiry."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final
+
+from empathy_models.abc import ResponseCache
+from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES
+from empathy_models.exceptions import ConfigurationError, StateStoreError
+
+from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
+
+__all__ = ["CACHE_SCHEMA_VERSION", "PostgresResponseCache"]
+
+_MIGRATIONS: Final = (
+    (
+        "CREATE TABLE IF NOT EXISTS {t_response_cache} ("
+        " key text PRIMARY KEY,"
+        " value bytea NOT NULL,"
+        " expires_at timestamptz NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS {i_response_cache_expiry} ON {t_response_cache} (expires_at)",
+    ),
+)
+
+CACHE_SCHEMA_VERSION: Final = len(_MIGRATIONS)
+"""The schema version of the response-cache table this code writes."""
+
+
+class PostgresResponseCache(ResponseCache):
+    """
+    Answers shared by every process using the same database, in
+    ``<table_prefix>response_cache`` (``schema``, ``table_prefix`` and ``create`` as for
+    the other PostgreSQL backends).  Expiry is checked against the database's clock;
+    one write in a hundred also deletes expired rows and, past ``max_entries``
+    (default 100,000), the rows closest to expiry.  Errors are `StateStoreError`.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        create: bool = True,
+        max_entries: int = 100_000,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        **pool_options: Any,
+    ) -> None:
+        for name, value in (("max_entries", max_entries), ("max_value_bytes", max_value_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
+        self.max_entries = max_entries
+        self.max_value_bytes = max_value_bytes
+        self._db = Database(
+            dsn,
+            schema=schema,
+            table_prefix=table_prefix,
+            error_type=StateStoreError,
+            component="response_cache",
+            pool_options=pool_options,
+            create=create,
+        )
+        self._table = self._db.table("response_cache")
+        self._migrations = build_migrations(self._db, _MIGRATIONS)
+        self._writes = 0
+
+    def __repr__(self) -> str:
+        return f"PostgresResponseCache({self._db.target!r}, schema={self._db.schema!r})"
+
+    async def _aopen(self) -> None:
+        await self._db.pool(self._migrations)
+
+    async def _aclose(self) -> None:
+        await self._db.close()
+
+    async def get(self, key: str) -> bytes | None:
+        self._check_open()
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("get"):
+            value = await pool.fetchval(
+                f"SELECT value FROM {self._table} "
+                "WHERE key = $1 AND expires_at > clock_timestamp()",
+                key,
+            )
+        return None if value is None else bytes(value)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self._check_open()
+        if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            return
+        pool = await self._db.pool(self._migrations)
+        self._writes += 1
+        async with self._db.errors("set"), pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"INSERT INTO {self._table} (key, value, expires_at) VALUES "
+                "($1, $2, clock_timestamp() + make_interval(secs => $3)) "
+                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, "
+                "expires_at = EXCLUDED.expires_at",
+                key,
+                value,
+                float(ttl),
+            )
+            if self._writes % 100 == 1:
+                await conn.execute(
+                    f"DELETE FROM {self._table} WHERE expires_at <= clock_timestamp()"
+                )
+                await conn.execute(
+                    f"DELETE FROM {self._table} WHERE key IN (SELECT key FROM {self._table} "
+                    "ORDER BY expires_at DESC OFFSET $1)",
+                    self.max_entries,
+                )
+
+    async def delete(self, key: str) -> bool:
+        self._check_open()
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("delete"):
+            status: str = await pool.execute(f"DELETE FROM {self._table} WHERE key = $1", key)
+        return status.endswith(" 1")
+
+    async def clear(self) -> int:
+        self._check_open()
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("clear"):
+            status: str = await pool.execute(f"DELETE FROM {self._table}")
+        return int(status.rsplit(" ", 1)[1])

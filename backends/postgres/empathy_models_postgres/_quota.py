@@ -1,0 +1,152 @@
+"""Budgets and rate limits in PostgreSQL: one locked row per key, database time."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar
+
+from empathy_models.abc import TransactionalQuotaStore
+from empathy_models.exceptions import StateStoreError
+
+from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
+
+__all__ = ["QUOTA_SCHEMA_VERSION", "PostgresQuotaStore"]
+
+T = TypeVar("T")
+
+_MIGRATIONS: Final = (
+    (
+        "CREATE TABLE IF NOT EXISTS {t_quota} ("
+        " key text PRIMARY KEY,"
+        " data jsonb,"
+        " updated_at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    ),
+)
+
+QUOTA_SCHEMA_VERSION: Final = len(_MIGRATIONS)
+"""The schema version of the quota table this code writes."""
+
+
+class PostgresQuotaStore(TransactionalQuotaStore):
+    """
+    Spend budgets and rate-limit schedules shared by every process using the database.
+
+    One row per key in ``<table_prefix>quota`` (``schema``, ``table_prefix`` and
+    ``create`` as for `PostgresCircuitStateStore`).  Every operation is one
+    transaction: the row is inserted if absent, locked with ``SELECT ... FOR UPDATE``,
+    the pure step of `empathy_models.limits.meter` runs with ``now`` from the
+    database's ``clock_timestamp()`` read after the lock is held, and the row is
+    written back; concurrent processes serialize per key and agree on time.  Driver
+    errors are raised as `StateStoreError` with the password removed from the DSN.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        create: bool = True,
+        **pool_options: Any,
+    ) -> None:
+        self._db = Database(
+            dsn,
+            schema=schema,
+            table_prefix=table_prefix,
+            error_type=StateStoreError,
+            component="quota",
+            pool_options=pool_options,
+            create=create,
+        )
+        self._table = self._db.table("quota")
+        self._migrations = build_migrations(self._db, _MIGRATIONS)
+
+    def __repr__(self) -> str:
+        return (
+            f"PostgresQuotaStore({self._db.target!r}, schema={self._db.schema!r}, "
+            f"table_prefix={self._db.table_prefix!r})"
+        )
+
+    async def _aopen(self) -> None:
+        await self._db.pool(self._migrations)
+
+    async def _aclose(self) -> None:
+        await self._db.close()
+
+    def _decode(self, raw: str | None) -> dict[str, Any] | None:
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise StateStoreError(
+                f"PostgreSQL quota {self._db.target}: unreadable row: {exc}",
+                target=self._db.target,
+            ) from exc
+        return data if isinstance(data, dict) else None
+
+    async def _transact(
+        self, key: str, fn: Callable[[dict[str, Any] | None, float], tuple[Any, T]]
+    ) -> T:
+        pool = await self._db.pool(self._migrations)
+        async with (
+            self._db.errors(f"update {key!r}"),
+            pool.acquire() as conn,
+            conn.transaction(),
+        ):
+            await conn.execute(
+                f"INSERT INTO {self._table} (key, data) VALUES ($1, NULL) "
+                "ON CONFLICT (key) DO NOTHING",
+                key,
+            )
+            row = await conn.fetchrow(
+                "SELECT locked.data::text AS data, "
+                "extract(epoch FROM clock_timestamp())::float8 AS now "
+                f"FROM (SELECT data FROM {self._table} WHERE key = $1 FOR UPDATE) AS locked",
+                key,
+            )
+            if row is None:  # pragma: no cover - the insert above guarantees a row
+                raise StateStoreError(
+                    f"PostgreSQL quota {self._db.target}: row for {key!r} vanished",
+                    target=self._db.target,
+                )
+            new, result = fn(self._decode(row["data"]), float(row["now"]))
+            if new is not None:
+                await conn.execute(
+                    f"UPDATE {self._table} SET data = $2::jsonb, "
+                    "updated_at = clock_timestamp() WHERE key = $1",
+                    key,
+                    json.dumps(new, separators=(",", ":")),
+                )
+        return result
+
+    async def _load(self, key: str) -> dict[str, Any] | None:
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors(f"read {key!r}"):
+            raw = await pool.fetchval(f"SELECT data::text FROM {self._table} WHERE key = $1", key)
+        return self._decode(raw)
+
+    async def _scan(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("scan"):
+            rows = await pool.fetch(
+                f"SELECT key, data::text AS data FROM {self._table} "
+                "WHERE left(key, length($1)) = $1 AND data IS NOT NULL ORDER BY key",
+                prefix,
+            )
+        out = []
+        for row in rows:
+            data = self._decode(row["data"])
+            if data is not None:
+                out.append((str(row["key"]), data))
+        return out
+
+    async def _delete(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("delete"):
+            await pool.execute(f"DELETE FROM {self._table} WHERE key = ANY($1::text[])", list(keys))

@@ -1,0 +1,104 @@
+"""The response cache in Redis: one string per answer, expiring with its TTL."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from empathy_models.abc import ResponseCache
+from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES
+from empathy_models.exceptions import ConfigurationError, StateStoreError
+
+from ._store import _GLOB_SPECIAL, RedisCircuitStateStore
+
+__all__ = ["DEFAULT_CACHE_PREFIX", "RedisResponseCache"]
+
+DEFAULT_CACHE_PREFIX: Final = "empathy:cache:"
+"""Prefix of every Redis key the response cache writes."""
+
+
+class RedisResponseCache(ResponseCache):
+    """
+    Answers shared by every process using the same Redis: one string per key under
+    ``prefix`` with Redis's own expiry (``SET ... PX``).  Redis bounds the memory
+    (``maxmemory`` with an eviction policy); values over ``max_value_bytes`` are not
+    stored.  Connection options as for `RedisCircuitStateStore`; Redis errors are
+    raised as `StateStoreError`.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        connection: str | aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_CACHE_PREFIX,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        **client_options: Any,
+    ) -> None:
+        if isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int):
+            raise ConfigurationError(f"max_value_bytes must be an integer, got {max_value_bytes!r}")
+        if max_value_bytes < 1:
+            raise ConfigurationError(f"max_value_bytes must be >= 1, got {max_value_bytes!r}")
+        plumbing = RedisCircuitStateStore(connection, prefix=prefix, **client_options)
+        self._client = plumbing._client
+        self._owns_client = plumbing._owns_client
+        self._target = plumbing._target
+        self.prefix = plumbing.prefix
+        self.max_value_bytes = max_value_bytes
+
+    def __repr__(self) -> str:
+        return f"RedisResponseCache({self._target!r}, prefix={self.prefix!r})"
+
+    def _error(self, what: str, exc: BaseException) -> StateStoreError:
+        return StateStoreError(
+            f"Redis response cache {self._target}: {what} failed: {type(exc).__name__}: {exc}",
+            target=self._target,
+        )
+
+    async def _aclose(self) -> None:
+        if self._owns_client:
+            try:
+                await self._client.aclose()
+            except (RedisError, OSError) as exc:
+                raise self._error("close", exc) from exc
+
+    async def get(self, key: str) -> bytes | None:
+        self._check_open()
+        try:
+            value = await self._client.get(self.prefix + key)
+        except (RedisError, OSError) as exc:
+            raise self._error("get", exc) from exc
+        if value is None:
+            return None
+        return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self._check_open()
+        if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            return
+        try:
+            await self._client.set(self.prefix + key, value, px=max(1, round(ttl * 1000)))
+        except (RedisError, OSError) as exc:
+            raise self._error("set", exc) from exc
+
+    async def delete(self, key: str) -> bool:
+        self._check_open()
+        try:
+            return bool(await self._client.delete(self.prefix + key))
+        except (RedisError, OSError) as exc:
+            raise self._error("delete", exc) from exc
+
+    async def clear(self) -> int:
+        self._check_open()
+        pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix) + "*"
+        try:
+            keys = [k async for k in self._client.scan_iter(match=pattern, count=500)]
+            if keys:
+                await self._client.delete(*keys)
+        except (RedisError, OSError) as exc:
+            raise self._error("clear", exc) from exc
+        return len(keys)

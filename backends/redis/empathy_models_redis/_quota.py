@@ -1,0 +1,226 @@
+"""Budgets and rate limits in Redis: one Lua script per operation, time from Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from importlib.resources import files
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from empathy_models.abc import QuotaStore
+from empathy_models.exceptions import StateStoreError
+from empathy_models.limits import BudgetGrant, BudgetUsage, RateGrant
+
+from ._store import _GLOB_SPECIAL, RedisCircuitStateStore, _num, _text
+
+__all__ = ["DEFAULT_QUOTA_PREFIX", "RedisQuotaStore", "quota_script"]
+
+DEFAULT_QUOTA_PREFIX: Final = "empathy:quota:"
+"""Prefix of every Redis key the quota store writes."""
+
+RETENTION: Final = 7 * 24 * 3600.0
+"""Seconds a budget window stays readable (``budget status``) after it ends."""
+
+_FIELDS: Final = (
+    "limit",
+    "spent",
+    "held",
+    "reserved",
+    "settled",
+    "released",
+    "overrun",
+    "calls",
+    "refused",
+)
+
+
+def quota_script() -> str:
+    """The Lua source of the quota operations (a port of `empathy_models.limits.meter`)."""
+    return files(__package__).joinpath("quota.lua").read_text(encoding="utf-8")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _glob(text: str) -> str:
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
+
+
+class RedisQuotaStore(QuotaStore):
+    """
+    Spend budgets and rate-limit schedules shared by every process using the same Redis.
+
+    `reserve`, `settle`, `acquire` and `adjust` are each one Lua script (``EVALSHA``),
+    atomic on the server; rate limits take ``now`` from the server's ``TIME``, so hosts
+    never disagree about time.  A budget window is a hash at ``prefix + "b|" + key +
+    "@" + window start`` that expires a week after the window ends; a rate-limit
+    schedule is one string that expires a minute after it runs empty.  ``connection``
+    and the client options are as for `RedisCircuitStateStore` (a ``prefix`` in the URL
+    applies to the quota keys).  Redis errors are raised as `StateStoreError`.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        connection: str | aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_QUOTA_PREFIX,
+        **client_options: Any,
+    ) -> None:
+        # the circuit-state store parses and checks the URL and builds the client
+        plumbing = RedisCircuitStateStore(connection, prefix=prefix, **client_options)
+        self._client = plumbing._client
+        self._owns_client = plumbing._owns_client
+        self._target = plumbing._target
+        self.prefix = plumbing.prefix
+        self._script = self._client.register_script(quota_script())
+
+    def __repr__(self) -> str:
+        return f"RedisQuotaStore({self._target!r}, prefix={self.prefix!r})"
+
+    def _error(self, what: str, exc: BaseException) -> StateStoreError:
+        return StateStoreError(
+            f"Redis quota store {self._target}: {what} failed: {type(exc).__name__}: {exc}",
+            target=self._target,
+        )
+
+    def _window(self, key: str, window_start: float) -> str:
+        return f"{self.prefix}b|{key}@{window_start!r}"
+
+    async def _run(self, what: str, redis_key: str, args: Sequence[str]) -> list[str]:
+        self._check_open()
+        try:
+            raw = await self._script(keys=[redis_key], args=list(args))
+        except (RedisError, OSError) as exc:
+            raise self._error(what, exc) from exc
+        return [_text(x) for x in raw]
+
+    @staticmethod
+    def _usage(key: str, fields: Mapping[str, str], ws: float, we: float) -> BudgetUsage:
+        return BudgetUsage(
+            key=key,
+            window_start=float(fields.get("window_start", ws)),
+            window_end=float(fields.get("window_end", we)),
+            **{name: int(float(fields.get(name, "0"))) for name in _FIELDS},
+        )
+
+    def _reply(self, key: str, reply: list[str], ws: float, we: float) -> BudgetGrant:
+        fields = dict(zip(reply[1::2], reply[2::2], strict=True))
+        return BudgetGrant(granted=reply[0] == "1", usage=self._usage(key, fields, ws, we))
+
+    @staticmethod
+    def _ttl(window_end: float) -> str:
+        return _num(max(60.0, window_end - time.time()) + RETENTION)
+
+    async def _aclose(self) -> None:
+        if self._owns_client:
+            try:
+                await self._client.aclose()
+            except (RedisError, OSError) as exc:
+                raise self._error("close", exc) from exc
+
+    # ------------------------------------------------------------------ budgets
+
+    async def reserve(
+        self, key: str, *, window_start: float, window_end: float, amount: int, limit: int
+    ) -> BudgetGrant:
+        args = ["reserve", _num(window_start), _num(window_end), str(int(amount))]
+        args += [str(int(limit)), self._ttl(window_end)]
+        reply = await self._run(f"reserve {key!r}", self._window(key, window_start), args)
+        return self._reply(key, reply, window_start, window_end)
+
+    async def settle(
+        self, key: str, *, window_start: float, window_end: float, held: int, actual: int
+    ) -> BudgetUsage:
+        args = ["settle", _num(window_start), _num(window_end), str(int(held))]
+        args += [str(int(actual)), self._ttl(window_end)]
+        reply = await self._run(f"settle {key!r}", self._window(key, window_start), args)
+        return self._reply(key, reply, window_start, window_end).usage
+
+    async def usage(self, key: str, *, window_start: float, window_end: float) -> BudgetUsage:
+        self._check_open()
+        try:
+            raw = await self._client.hgetall(self._window(key, window_start))
+        except (RedisError, OSError) as exc:
+            raise self._error(f"read {key!r}", exc) from exc
+        fields = {_text(k): _text(v) for k, v in raw.items()}
+        return self._usage(key, fields, window_start, window_end)
+
+    async def _keys(self, pattern: str) -> list[str]:
+        try:
+            return [_text(k) async for k in self._client.scan_iter(match=pattern, count=500)]
+        except (RedisError, OSError) as exc:
+            raise self._error("scan", exc) from exc
+
+    async def usages(self) -> list[BudgetUsage]:
+        self._check_open()
+        out = []
+        start = len(self.prefix) + 2
+        for redis_key in await self._keys(_glob(self.prefix + "b|") + "*"):
+            try:
+                raw = await self._client.hgetall(redis_key)
+            except (RedisError, OSError) as exc:
+                raise self._error("read", exc) from exc
+            if not raw:
+                continue
+            fields = {_text(k): _text(v) for k, v in raw.items()}
+            key = redis_key[start:].rsplit("@", 1)[0]
+            out.append(self._usage(key, fields, 0.0, 0.0))
+        return sorted(out, key=lambda u: (u.key, u.window_start))
+
+    async def reset_budget(self, key: str) -> int:
+        self._check_open()
+        prefix = f"{self.prefix}b|{key}@"
+        found = [k for k in await self._keys(_glob(prefix) + "*") if _is_number(k[len(prefix) :])]
+        if found:
+            try:
+                await self._client.delete(*found)
+            except (RedisError, OSError) as exc:
+                raise self._error(f"reset {key!r}", exc) from exc
+        return len(found)
+
+    async def set_limit(self, key: str, limit: int | None) -> None:
+        self._check_open()
+        try:
+            if limit is None:
+                await self._client.delete(f"{self.prefix}l|{key}")
+            else:
+                await self._client.set(f"{self.prefix}l|{key}", str(int(limit)))
+        except (RedisError, OSError) as exc:
+            raise self._error(f"set the limit of {key!r}", exc) from exc
+
+    async def limit_overrides(self) -> dict[str, int]:
+        self._check_open()
+        found = await self._keys(_glob(self.prefix + "l|") + "*")
+        if not found:
+            return {}
+        try:
+            values = await self._client.mget(found)
+        except (RedisError, OSError) as exc:
+            raise self._error("read the limits", exc) from exc
+        start = len(self.prefix) + 2
+        return {
+            k[start:]: int(_text(v)) for k, v in zip(found, values, strict=True) if v is not None
+        }
+
+    # ------------------------------------------------------------------ rate limits
+
+    async def acquire(
+        self, key: str, *, cost: float, interval: float, burst: float, max_wait: float
+    ) -> RateGrant:
+        args = ["acquire", _num(float(cost)), _num(float(interval))]
+        args += [_num(float(burst)), _num(float(max_wait))]
+        reply = await self._run(f"acquire {key!r}", f"{self.prefix}r|{key}", args)
+        return RateGrant(granted=reply[0] == "1", wait=float(reply[1]))
+
+    async def adjust(self, key: str, *, delta: float) -> None:
+        await self._run(f"adjust {key!r}", f"{self.prefix}r|{key}", ["adjust", _num(float(delta))])

@@ -1,0 +1,107 @@
+-- Budgets and rate limits for empathy-models: one script, one key, one atomic step.
+-- A port of empathy_models/limits/meter.py (money in integer nano-dollars).
+--
+-- reserve: KEYS[1] a budget window hash; ARGV: op, window_start, window_end, amount,
+--          limit, ttl.  Returns {granted, field, value, ...}.
+-- settle:  ARGV: op, window_start, window_end, held, actual, ttl.  Same reply.
+-- acquire: KEYS[1] a GCRA schedule (a string: the theoretical arrival time); ARGV: op,
+--          cost, interval, burst, max_wait.  Returns {granted, wait}; time from TIME.
+-- adjust:  ARGV: op, delta (seconds).  Returns {1, 0}.
+
+local OP = ARGV[1]
+local COUNTERS = {"limit", "spent", "held", "reserved", "settled", "released",
+                  "overrun", "calls", "refused"}
+
+local function now()
+  local t = redis.call("TIME")
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local function int(x)
+  return string.format("%d", x)
+end
+
+local function num(x)
+  return string.format("%.17g", x)
+end
+
+local function load(ws, we)
+  local flat = redis.call("HGETALL", KEYS[1])
+  local st = {}
+  for i = 1, #flat, 2 do
+    st[flat[i]] = flat[i + 1]
+  end
+  local out = {window_start = tonumber(st.window_start or ws),
+               window_end = tonumber(st.window_end or we)}
+  for _, name in ipairs(COUNTERS) do
+    out[name] = tonumber(st[name] or "0")
+  end
+  return out
+end
+
+local function save_and_reply(st, granted, ttl)
+  local flat = {"window_start", num(st.window_start), "window_end", num(st.window_end)}
+  for _, name in ipairs(COUNTERS) do
+    flat[#flat + 1] = name
+    flat[#flat + 1] = int(st[name])
+  end
+  redis.call("HSET", KEYS[1], unpack(flat))
+  redis.call("PEXPIRE", KEYS[1], math.floor(ttl * 1000))
+  local reply = {granted and "1" or "0"}
+  for i = 1, #flat do
+    reply[#reply + 1] = flat[i]
+  end
+  return reply
+end
+
+if OP == "reserve" then
+  local ws, we = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local amount, limit, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  local st = load(ws, we)
+  st.limit = limit
+  local granted = st.spent + st.held + amount <= limit
+  if granted then
+    st.held = st.held + amount
+    st.reserved = st.reserved + amount
+    st.calls = st.calls + 1
+  else
+    st.refused = st.refused + 1
+  end
+  return save_and_reply(st, granted, ttl)
+elseif OP == "settle" then
+  local ws, we = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local held, actual, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  local st = load(ws, we)
+  st.held = math.max(0, st.held - held)
+  st.spent = st.spent + actual
+  st.settled = st.settled + math.min(actual, held)
+  st.released = st.released + math.max(0, held - actual)
+  st.overrun = st.overrun + math.max(0, actual - held)
+  return save_and_reply(st, true, ttl)
+elseif OP == "acquire" then
+  local cost, interval = tonumber(ARGV[2]), tonumber(ARGV[3])
+  local burst, max_wait = tonumber(ARGV[4]), tonumber(ARGV[5])
+  local t = now()
+  local tat = tonumber(redis.call("GET", KEYS[1]) or "0") or 0
+  if tat < t then tat = t end
+  local new_tat = tat + cost * interval
+  local wait = math.max(0, new_tat - burst * interval - t)
+  if wait > max_wait then
+    return {"0", num(wait)}
+  end
+  redis.call("SET", KEYS[1], num(new_tat), "PX", math.floor((new_tat - t + 60) * 1000))
+  return {"1", num(wait)}
+elseif OP == "adjust" then
+  local delta = tonumber(ARGV[2])
+  local t = now()
+  local raw = redis.call("GET", KEYS[1])
+  if raw == false or raw == nil then
+    if delta <= 0 then return {"1", "0"} end
+    raw = num(t)
+  end
+  local tat = tonumber(raw) + delta
+  if delta < 0 and tat < t then tat = t end
+  redis.call("SET", KEYS[1], num(tat), "PX", math.floor((math.max(tat - t, 0) + 60) * 1000))
+  return {"1", "0"}
+end
+return redis.error_reply("unknown op " .. tostring(OP))

@@ -1,0 +1,245 @@
+"""
+The executor's side of the response cache (see `empathy_models.cache`): the key of a
+request, serving a hit, storing an answer.  Imported by `EmpathyLLMExecutor.run` only
+for contexts that set ``cache_ttl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from .abc import Message
+from .cache import request_key
+
+# imported by the executor at its first cached call, when .executor is loaded already
+from .executor import _new_response, _prompt_text
+from .records import LLMCallRecord, ModelTier, Outcome, _trusted_call_record
+
+if TYPE_CHECKING:
+    from .executor import EmpathyLLMExecutor, ExecutionContext, LLMResponse
+
+__all__ = ["cache_key_of", "lookup", "store"]
+
+logger = logging.getLogger("empathy_models.cache")
+
+_VERSION = 1
+
+
+def cache_key_of(
+    ctx: ExecutionContext,
+    task_type: str,
+    messages: Sequence[Message],
+    system: str | None,
+    options: Mapping[str, Any],
+) -> str | None:
+    """
+    The request's cache key, or None when the answer is not to be cached: its output is
+    sampled, or the request is more than text (run options such as tools or a response
+    format, content blocks, tool calls or results), whose answer the cache does not keep
+    whole.
+    """
+    temperature = ctx.temperature
+    if not ctx.cache_sampled and (temperature is None or temperature > 0):
+        return None
+    if options:
+        return None
+    for m in messages:
+        if m.tool_calls or m.tool_call_id is not None or not isinstance(m.content, str):
+            return None
+    parts = (
+        _VERSION,
+        ctx.model,
+        ctx.workflow,
+        ctx.stage,
+        task_type,
+        None if ctx.tier is None else ctx.tier.value,
+        ctx.max_cost,
+        ctx.max_latency_ms,
+        ctx.min_success_rate,
+        ctx.on_no_match,
+        ctx.max_tokens,
+        None if temperature is None else float(temperature),
+    )
+    return request_key(parts, messages, system)
+
+
+async def lookup(
+    executor: EmpathyLLMExecutor,
+    key: str,
+    ctx: ExecutionContext,
+    task_type: str,
+    messages: Sequence[Message],
+    system: str | None,
+    start: float,
+) -> LLMResponse | None:
+    """The cached answer for ``key`` as an `LLMResponse` (recorded as a hit), or None."""
+    cache = executor._cache
+    assert cache is not None
+    try:
+        raw = await cache.get(key)
+    except Exception:
+        executor.cache_errors += 1
+        logger.exception("response cache read failed; calling a model instead")
+        return None
+    if raw is None:
+        return None
+    entry = _DECODED.get(raw)
+    if entry is None:
+        entry = _decode(raw)
+        if entry is None:
+            executor.cache_errors += 1
+            logger.warning(
+                "response cache entry %s is unreadable; calling a model instead", key[:12]
+            )
+            return None
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[raw] = entry
+    content, model, provider, tier, input_tokens, output_tokens, saved, extra = entry
+    data = extra
+    ids = os.urandom(32).hex()
+    request_id = ids[:32]
+    latency_ms = max(0.0, (executor._clock() - start) * 1000.0)
+    response = _new_response(
+        content=content,
+        model=model,
+        provider=provider,
+        tier=tier,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost_usd=0.0,
+        latency_ms=latency_ms,
+        attempts=(),
+        fallback_chain=(model,),
+        fallback_used=False,
+        routing_decision=None,
+        request_id=request_id,
+        response_model=str(data.get("response_model") or model),
+        price_version=str(data.get("price_version") or executor.registry.price_version),
+        stop_reason=data.get("stop_reason"),
+        tool_calls=(),
+        parsed=None,
+        parse_error=None,
+        ttft_ms=None,
+    )
+    telemetry = executor._telemetry
+    if telemetry is not None:
+        record = _hit_record(
+            executor, ctx, task_type, response, saved, messages, system, _prompt_text, ids[32:]
+        )
+        try:
+            await telemetry.record(record)
+        except Exception:
+            executor.telemetry_errors += 1
+            logger.exception("telemetry write of a cache hit failed")
+    return response
+
+
+def _hit_record(
+    executor: EmpathyLLMExecutor,
+    ctx: ExecutionContext,
+    task_type: str,
+    response: LLMResponse,
+    saved: float,
+    messages: Sequence[Message],
+    system: str | None,
+    prompt_text: Any,
+    call_id: str,
+) -> LLMCallRecord:
+    """The record of a hit: outcome ``cache_hit``, cost 0, the cost saved in metadata."""
+    metadata = MappingProxyType({**ctx.metadata, "cache_cost_saved_usd": saved})
+    return _trusted_call_record(
+        provider=response.provider,
+        model=response.model,
+        outcome=Outcome.CACHE_HIT,
+        call_id=call_id,
+        request_id=response.request_id,
+        timestamp=datetime.fromtimestamp(executor._wall_clock(), UTC),
+        workflow=ctx.workflow,
+        stage=ctx.stage,
+        task_type=task_type,
+        tier=response.tier,
+        input_tokens=response.input_tokens,
+        output_tokens=response.output_tokens,
+        cost_usd=0.0,
+        actual_cost_usd=None,
+        price_version=response.price_version,
+        latency_ms=response.latency_ms,
+        ttft_ms=None,
+        error_type=None,
+        error_message=None,
+        status_code=None,
+        attempt=1,
+        fallback_used=False,
+        fallback_chain=(response.model,),
+        original_provider=response.provider,
+        original_model=response.model,
+        exploration=False,
+        breaker_generation=None,
+        circuit_state=None,
+        user_id=ctx.user_id,
+        session_id=ctx.session_id,
+        metadata=metadata,
+        prompt_text=prompt_text(messages, system) if ctx.record_text else None,
+        response_text=response.content if ctx.record_text else None,
+    )
+
+
+_Entry = tuple[str, str, str, ModelTier, int, int, float, dict[str, Any]]
+_DECODED: dict[bytes, _Entry] = {}
+"""Entries decoded lately, by their stored bytes (a memory cache hands back the same)."""
+_DECODED_MAX = 1024
+
+
+def _decode(raw: bytes) -> _Entry | None:
+    try:
+        data: dict[str, Any] = json.loads(raw)
+        if data.get("v") != _VERSION:
+            return None
+        return (
+            str(data["content"]),
+            str(data["model"]),
+            str(data["provider"]),
+            ModelTier(data["tier"]),
+            int(data["input_tokens"]),
+            int(data["output_tokens"]),
+            float(data["cost_usd"]),
+            data,
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def store(
+    executor: EmpathyLLMExecutor, key: str, response: LLMResponse, ctx: ExecutionContext
+) -> None:
+    """Keep ``response`` under ``key`` for ``ctx.cache_ttl`` seconds; failures are logged."""
+    cache = executor._cache
+    assert cache is not None and ctx.cache_ttl is not None
+    payload = {
+        "v": _VERSION,
+        "content": response.content,
+        "model": response.model,
+        "provider": response.provider,
+        "tier": response.tier.value,
+        "input_tokens": response.input_tokens,
+        "output_tokens": response.output_tokens,
+        "cost_usd": response.cost_usd,
+        "response_model": response.response_model,
+        "price_version": response.price_version,
+        "stop_reason": response.stop_reason,
+    }
+    value = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
+    try:
+        await cache.set(key, value, ctx.cache_ttl)
+    except Exception:
+        executor.cache_errors += 1
+        logger.exception("response cache write failed (the answer is returned all the same)")

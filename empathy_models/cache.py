@@ -1,0 +1,308 @@
+"""
+The response cache: answers kept under a hash of the normalized request, opt-in per
+call with ``ExecutionContext(cache_ttl=...)``.
+
+::
+
+    async with EmpathyLLMExecutor(providers, cache="sqlite:///cache.db") as executor:
+        ctx = ExecutionContext(workflow="faq", temperature=0, cache_ttl=3600)
+        first = await executor.run("What is GCRA?", ctx)    # calls a model, stores it
+        again = await executor.run("What is GCRA?", ctx)    # again.cached is True
+
+What is matched: the pinned model or the routing inputs (workflow, stage, task type,
+tier, constraints), the messages and system prompt, ``max_tokens`` and
+``temperature``, exactly.  Sampled output is not cached: only calls with
+``temperature=0`` are, unless ``cache_sampled=True`` asks for it (a provider's default
+temperature samples).  A hit returns the stored answer as an `LLMResponse` with
+``cached=True``, ``cost_usd=0`` and no attempts; it is recorded with outcome
+``cache_hit`` (cost 0, the cost saved in the record's metadata as
+``cache_cost_saved_usd``) and is never reported to the router or the breaker, so it
+never counts as a model's success.
+
+Privacy: keys are SHA-256 digests of the request; prompts are never stored.  Setting
+``cache_ttl`` is the consent to store the *answers* in the cache backend (in a file
+or server shared by every worker using it; SQLite files are created 0600).
+
+Backends: `MemoryResponseCache` (one process; ``max_entries`` LRU, default 10,000),
+`SQLiteResponseCache` (one host), and the ``redis://`` and ``postgresql://`` plugins;
+`cache_from_url` builds one.  Every backend refuses values over ``max_value_bytes``
+(default 1 MiB).  A cache that fails never fails a call: the error is logged on
+``empathy_models.cache`` and the call goes to a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Final
+
+import aiosqlite
+
+from .abc import Message, ResponseCache
+from .exceptions import ConfigurationError, StateStoreError
+
+__all__ = [
+    "DEFAULT_MAX_VALUE_BYTES",
+    "MemoryResponseCache",
+    "SQLiteResponseCache",
+    "cache_from_url",
+    "request_key",
+]
+
+DEFAULT_MAX_VALUE_BYTES: Final = 1 << 20
+"""The largest answer a cache stores (1 MiB of serialized JSON)."""
+
+
+def _check_bound(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def request_key(parts: Sequence[object], messages: Sequence[Message], system: str | None) -> str:
+    """
+    The cache key of a request: a SHA-256 hex digest of an unambiguous encoding of
+    ``parts`` (strings, numbers, None), the system prompt and the messages (every
+    string length-prefixed, so no two requests encode alike).
+    """
+    out = [repr(p) if not isinstance(p, str) else f"s{len(p)}:{p}" for p in parts]
+    out.append("n" if system is None else f"s{len(system)}:{system}")
+    out.extend(f"{m.role[0]}{len(m.content)}:{m.content}" for m in messages)
+    return hashlib.sha256("\x1f".join(out).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class MemoryResponseCache(ResponseCache):
+    """
+    Answers in an in-process LRU: at most ``max_entries`` (oldest used evicted first),
+    each at most ``max_value_bytes``; ``clock`` (monotonic seconds) times the TTLs.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_entries: int = 10_000,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_entries = _check_bound("max_entries", max_entries)
+        self.max_value_bytes = _check_bound("max_value_bytes", max_value_bytes)
+        self._clock = clock
+        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"MemoryResponseCache(entries={len(self._data)}, max_entries={self.max_entries})"
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    async def get(self, key: str) -> bytes | None:
+        self._check_open()
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if item[0] <= self._clock():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return item[1]
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self._check_open()
+        if len(value) > self.max_value_bytes or not ttl > 0:
+            return
+        self._data[key] = (self._clock() + ttl, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    async def delete(self, key: str) -> bool:
+        self._check_open()
+        return self._data.pop(key, None) is not None
+
+    async def clear(self) -> int:
+        self._check_open()
+        count = len(self._data)
+        self._data.clear()
+        return count
+
+
+_CREATE: Final = (
+    "CREATE TABLE IF NOT EXISTS response_cache ("
+    " key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID"
+)
+
+
+class SQLiteResponseCache(ResponseCache):
+    """
+    Answers in a SQLite file shared by every process on a host (a ``response_cache``
+    table, which may share the file with telemetry and state).  A `get` is one read;
+    a `set` one write transaction that also drops expired entries and, past
+    ``max_entries`` (default 100,000), the entries closest to expiry.  Options as for
+    `SQLiteStateStore`; errors are `StateStoreError` naming the path.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_entries: int = 100_000,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        busy_timeout: float = 5.0,
+        lock_timeout: float = 30.0,
+        allow_foreign: bool = False,
+    ) -> None:
+        from .backends.sqlite import MEMORY, _check_seconds, _Database, _normalize_path
+
+        self.max_entries = _check_bound("max_entries", max_entries)
+        self.max_value_bytes = _check_bound("max_value_bytes", max_value_bytes)
+        self._path = _normalize_path(path)
+        if self._path == MEMORY:
+            self.shared = False  # type: ignore[misc]
+        self._db = _Database(
+            self._path,
+            error=StateStoreError,
+            busy_timeout=_check_seconds("busy_timeout", busy_timeout),
+            lock_timeout=_check_seconds("lock_timeout", lock_timeout),
+            allow_foreign=allow_foreign,
+        )
+        self._ready = False
+        self._writes = 0
+
+    def __repr__(self) -> str:
+        return f"SQLiteResponseCache({self._path!r})"
+
+    async def _prepare(self, conn: aiosqlite.Connection) -> None:
+        if not self._ready:
+
+            async def create(c: aiosqlite.Connection) -> None:
+                await c.execute(_CREATE)
+
+            await self._db.transaction(conn, create)
+            self._ready = True
+
+    async def _aopen(self) -> None:
+        await self._db.run(self._prepare)
+
+    async def _aclose(self) -> None:
+        await self._db.close()
+
+    async def get(self, key: str) -> bytes | None:
+        self._check_open()
+        from .backends.sqlite import _fetchone
+
+        async def job(conn: aiosqlite.Connection) -> sqlite3.Row | None:
+            if not self._ready:
+                await self._prepare(conn)
+            return await self._db.retrying(
+                partial(
+                    _fetchone,
+                    conn,
+                    "SELECT value FROM response_cache WHERE key = ? AND expires_at > ?",
+                    (key, time.time()),
+                )
+            )
+
+        row = await self._db.run(job)
+        return None if row is None else bytes(row[0])
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self._check_open()
+        if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            return
+        self._writes += 1
+        sweep = self._writes % 100 == 1
+
+        async def body(conn: aiosqlite.Connection) -> None:
+            now = time.time()
+            await conn.execute(
+                "INSERT INTO response_cache (key, value, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+                "expires_at = excluded.expires_at",
+                (key, value, now + ttl),
+            )
+            if sweep:  # one write in a hundred also bounds the table
+                await conn.execute("DELETE FROM response_cache WHERE expires_at <= ?", (now,))
+                await conn.execute(
+                    "DELETE FROM response_cache WHERE key IN (SELECT key FROM response_cache "
+                    "ORDER BY expires_at DESC LIMIT -1 OFFSET ?)",
+                    (self.max_entries,),
+                )
+
+        async def job(conn: aiosqlite.Connection) -> None:
+            await self._prepare(conn)
+            await self._db.transaction(conn, body)
+
+        await self._db.run(job)
+
+    async def delete(self, key: str) -> bool:
+        self._check_open()
+
+        async def body(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute("DELETE FROM response_cache WHERE key = ?", (key,))
+            return cursor.rowcount
+
+        async def job(conn: aiosqlite.Connection) -> int:
+            await self._prepare(conn)
+            return await self._db.transaction(conn, body)
+
+        return bool(await self._db.run(job))
+
+    async def clear(self) -> int:
+        self._check_open()
+
+        async def body(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute("DELETE FROM response_cache")
+            return cursor.rowcount
+
+        async def job(conn: aiosqlite.Connection) -> int:
+            await self._prepare(conn)
+            return await self._db.transaction(conn, body)
+
+        return int(await self._db.run(job))
+
+
+def cache_from_url(url: str | ResponseCache, **options: Any) -> ResponseCache:
+    """
+    A response cache for ``url``: ``memory://``, ``sqlite:///file.db``, or a plugin's
+    (``redis://``, ``postgresql://``); a `ResponseCache` passes through unchanged.
+    Raises `ConfigurationError` for an unknown scheme or an engine without a cache.
+    """
+    if isinstance(url, ResponseCache):
+        return url
+    from .backends import _build, _plugin_for, redact_url
+
+    scheme = url.split("://", 1)[0].lower() if isinstance(url, str) else ""
+    if scheme == "memory":
+        _plugin_for(url)
+        return MemoryResponseCache(**options)
+    if scheme == "sqlite":
+        from .backends.sqlite import _COMMON_OPTIONS, parse_sqlite_url
+
+        allowed = {k: v for k, v in _COMMON_OPTIONS.items() if k != "read_only"}
+        path, query = parse_sqlite_url(url, allowed)
+        built: ResponseCache = _build(
+            partial(_sqlite, path), url, "response cache", {**query, **options}
+        )
+        return built
+    plugin = _plugin_for(url)
+    if plugin.cache is None:
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: the {plugin.package} backend keeps no response cache; "
+            "use memory://, sqlite://, redis:// or postgresql://"
+        )
+    cache = _build(plugin.cache, url, "response cache", options)
+    if not isinstance(cache, ResponseCache):
+        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {cache!r}")
+    return cache
+
+
+def _sqlite(path: str, _url: str, **options: Any) -> SQLiteResponseCache:
+    return SQLiteResponseCache(path, **options)

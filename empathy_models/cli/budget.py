@@ -1,0 +1,193 @@
+"""``empathy-models budget``: show, set and reset spend budgets in the shared quota store."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from empathy_models.limits import NANO, BudgetUsage, quota_store_from_url
+
+from ._common import (
+    CliError,
+    SubParsers,
+    add_common,
+    db_url,
+    emit_json,
+    print_table,
+    read_only,
+    run_async,
+)
+
+__all__ = ["cmd_budget_reset", "cmd_budget_set", "cmd_budget_status", "register"]
+
+
+def _dollars(text: str) -> float:
+    try:
+        value = float(text.strip().lstrip("$"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of dollars, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or value * NANO > 2**53:
+        raise argparse.ArgumentTypeError(f"expected a number of dollars >= 0, got {text!r}")
+    return value
+
+
+def register(subparsers: SubParsers) -> None:
+    """Add the ``budget`` command group."""
+    group = subparsers.add_parser(
+        "budget",
+        help="spend budgets in the shared quota store: status, set, reset",
+        description="Spend budgets (empathy_models.limits.Budget) as every worker sharing "
+        "the quota store sees them.",
+    )
+    sub = group.add_subparsers(dest="budget_command", metavar="SUBCOMMAND")
+    group.set_defaults(func=None, help_parser=group)
+    db_help = (
+        "quota store: SQLite file or URL (sqlite:///..., redis://..., postgresql://...); "
+        "default: the state database named in empathy.toml"
+    )
+
+    status = sub.add_parser(
+        "status",
+        help="spend of every budget (or one) in its current window",
+        description="Show each budget the store holds: its latest window, limit, spent, "
+        "held by calls in flight, left, and when it resets.",
+    )
+    add_common(status, db_help=db_help)
+    status.add_argument("key", nargs="?", help="one budget, e.g. global/day or user_id=bob/day")
+    status.add_argument("--history", action="store_true", help="every window kept, not the latest")
+    status.set_defaults(func=cmd_budget_status)
+
+    set_ = sub.add_parser(
+        "set",
+        help="override a budget's limit for every worker (or --clear the override)",
+        description="Set the limit of a budget in the store; every worker uses it instead "
+        "of the limit in its code (within five seconds) until --clear.",
+    )
+    add_common(set_, db_help=db_help)
+    set_.add_argument("key", help="the budget, e.g. global/day")
+    what = set_.add_mutually_exclusive_group(required=True)
+    what.add_argument("--limit", type=_dollars, metavar="USD", help="the new limit in dollars")
+    what.add_argument("--clear", action="store_true", help="drop the override")
+    set_.set_defaults(func=cmd_budget_set)
+
+    reset = sub.add_parser(
+        "reset",
+        help="forget a budget's spend (it starts again from zero)",
+        description="Delete every window of a budget: its spend starts again from zero for "
+        "every worker.  Calls in flight still settle into a fresh window.",
+    )
+    add_common(reset, db_help=db_help)
+    reset.add_argument("key", help="the budget, e.g. global/day")
+    reset.set_defaults(func=cmd_budget_reset)
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def usage_row(u: BudgetUsage, override: int | None = None) -> dict[str, Any]:
+    """A `BudgetUsage` as the JSON the CLI prints (dollars)."""
+    limit = override if override is not None else u.limit
+    return {
+        "key": u.key,
+        "window_start": datetime.fromtimestamp(u.window_start, UTC).isoformat(),
+        "resets_at": datetime.fromtimestamp(u.window_end, UTC).isoformat(),
+        "limit_usd": limit / NANO,
+        "limit_overridden": override is not None,
+        "spent_usd": u.spent / NANO,
+        "held_usd": u.held / NANO,
+        "remaining_usd": max(0, limit - u.spent - u.held) / NANO,
+        "reserved_usd": u.reserved / NANO,
+        "settled_usd": u.settled / NANO,
+        "released_usd": u.released / NANO,
+        "calls": u.calls,
+        "refused": u.refused,
+    }
+
+
+def _store(args: argparse.Namespace) -> str:
+    return db_url(args.db, kind="state")
+
+
+def cmd_budget_status(args: argparse.Namespace) -> int:
+    """Print the latest window of every budget (or of one), with any limit override."""
+    url = _store(args)
+
+    async def body() -> tuple[list[BudgetUsage], dict[str, int]]:
+        async with quota_store_from_url(url, **read_only(url)) as store:
+            return await store.usages(), await store.limit_overrides()
+
+    usages, overrides = run_async(body)
+    if args.key is not None:
+        usages = [u for u in usages if u.key == args.key]
+        if not usages and args.key not in overrides:
+            raise CliError(f"no budget {args.key!r} in this store (nothing charged to it yet)")
+    if not args.history:
+        latest: dict[str, BudgetUsage] = {}
+        for u in usages:
+            latest[u.key] = u  # sorted by window: the last is the newest
+        usages = list(latest.values())
+    now = time.time()
+    rows = [usage_row(u, overrides.get(u.key)) for u in usages]
+    if args.json:
+        emit_json({"budgets": rows, "overrides": {k: v / NANO for k, v in overrides.items()}})
+        return 0
+    print_table(
+        ["budget", "limit", "spent", "held", "left", "calls", "refused", "resets (UTC)"],
+        [
+            (
+                r["key"] + (" *" if r["limit_overridden"] else ""),
+                f"${r['limit_usd']:,.4f}",
+                f"${r['spent_usd']:,.4f}",
+                f"${r['held_usd']:,.4f}",
+                f"${r['remaining_usd']:,.4f}",
+                r["calls"],
+                r["refused"],
+                _when(u.window_end) + (" (ended)" if u.window_end <= now else ""),
+            )
+            for r, u in zip(rows, usages, strict=True)
+        ],
+    )
+    if any(r["limit_overridden"] for r in rows):
+        print("* limit set in the store (`empathy-models budget set`)")
+    return 0
+
+
+def cmd_budget_set(args: argparse.Namespace) -> int:
+    """Override a budget's limit in the store, or drop the override."""
+    url = _store(args)
+    limit = None if args.clear else round(args.limit * NANO)
+
+    async def body() -> None:
+        async with quota_store_from_url(url) as store:
+            await store.set_limit(args.key, limit)
+
+    run_async(body)
+    if args.json:
+        emit_json({"key": args.key, "limit_usd": None if limit is None else limit / NANO})
+    elif limit is None:
+        print(f"Cleared the limit override of {args.key}: workers use their own again")
+    else:
+        print(f"Set the limit of {args.key} to ${limit / NANO:,.4f} for every worker")
+    return 0
+
+
+def cmd_budget_reset(args: argparse.Namespace) -> int:
+    """Forget every window of a budget."""
+    url = _store(args)
+
+    async def body() -> int:
+        async with quota_store_from_url(url) as store:
+            return await store.reset_budget(args.key)
+
+    count = run_async(body)
+    if count == 0:
+        raise CliError(f"no budget {args.key!r} in this store; nothing was reset")
+    if args.json:
+        emit_json({"reset": args.key, "windows": count})
+    else:
+        print(f"Reset {args.key}: {count} window(s) forgotten, spend starts from zero")
+    return 0

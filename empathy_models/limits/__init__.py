@@ -1,0 +1,66 @@
+"""
+Spend budgets and rate limits shared by every worker through a quota store.
+
+::
+
+    from empathy_models import EmpathyLLMExecutor
+    from empathy_models.limits import Budget, RateLimit
+
+    async with EmpathyLLMExecutor(
+        providers,
+        budgets=[Budget(limit_usd=50, window="day"),                  # every call
+                 Budget(scope="user_id", limit_usd=2, window="hour")],  # each user
+        rate_limits={"openai": RateLimit(rpm=500, tpm=200_000)},
+        quota_store="redis://127.0.0.1:6379/0",   # or sqlite:///state.db, postgresql://...
+    ) as executor:
+        ...
+
+Before a call the executor reserves its estimate (prompt plus ``max_tokens`` at the
+registry's list prices) atomically in every `Budget` covering it; after the call it
+settles at what the call cost and releases the rest (a failed or cancelled call costs
+nothing, as its record says).  A budget that cannot cover a call sends it to the most
+capable cheaper candidate that fits, else raises `BudgetExceededError` naming the
+budget, what is left and when it resets.  Rate limits (`RateLimit`) are GCRA schedules
+in the same store: each call takes its place atomically and waits for it (within
+``rate_limit_wait`` and the deadline), so workers together stay under the limit
+instead of collecting 429s; the router avoids models whose schedule is booked further
+ahead than that, and a call that cannot wait moves to the next route.
+
+Stores: `MemoryQuotaStore` (one process), `SQLiteQuotaStore` (one host), and the
+``redis://`` and ``postgresql://`` plugins (many hosts); `quota_store_from_url` builds
+one from a URL.  ``empathy-models budget status|set|reset`` inspects and changes them.
+"""
+
+from __future__ import annotations
+
+from ..exceptions import BudgetExceededError
+from .guard import Limiter, LocalRateLimitError, quota_store_from_url
+from .memory import MemoryQuotaStore
+from .sqlite import SQLiteQuotaStore
+from .values import (
+    NANO,
+    SCOPES,
+    Budget,
+    BudgetGrant,
+    BudgetUsage,
+    RateGrant,
+    RateLimit,
+    window_bounds,
+)
+
+__all__ = [
+    "NANO",
+    "SCOPES",
+    "Budget",
+    "BudgetExceededError",
+    "BudgetGrant",
+    "BudgetUsage",
+    "Limiter",
+    "LocalRateLimitError",
+    "MemoryQuotaStore",
+    "RateGrant",
+    "RateLimit",
+    "SQLiteQuotaStore",
+    "quota_store_from_url",
+    "window_bounds",
+]

@@ -1,0 +1,481 @@
+"""
+What the executor calls around each provider call when it has budgets or rate limits:
+`Limiter.admit` before (reserve the estimate in every budget that covers the call, then
+take a place in each rate-limit schedule and wait for it), `Limiter.settle` after
+(charge what the call cost, give back unused tokens).
+
+A quota store that fails does not fail calls: the limiter logs one warning per outage
+on ``empathy_models.limits``, counts it in ``degraded_events``, and for the next
+``retry_interval`` seconds keeps budgets and rate limits in a per-process
+`MemoryQuotaStore` (each process then enforces the full limits on its own), then tries
+the shared store again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..abc import QuotaStore
+from ..exceptions import (
+    BackendClosedError,
+    BackendError,
+    BudgetExceededError,
+    ConfigurationError,
+    RateLimitedError,
+)
+from .memory import MemoryQuotaStore
+from .values import Budget, BudgetGrant, BudgetUsage, RateGrant, RateLimit, to_nano
+
+if TYPE_CHECKING:
+    from ..registry import ModelInfo
+
+__all__ = ["Hold", "Limiter", "LocalRateLimitError", "quota_store_from_url"]
+
+logger = logging.getLogger("empathy_models.limits")
+
+Sleep = Callable[[float], Awaitable[object]]
+
+
+class LocalRateLimitError(RateLimitedError):
+    """
+    A configured `RateLimit` has no capacity within the time the call may wait; the
+    provider was not called.  ``retry_after`` is when the next place comes.  The
+    executor moves to the next route (a cheaper or another provider's model).
+    """
+
+
+def quota_store_from_url(url: str | QuotaStore, **options: Any) -> QuotaStore:
+    """
+    A quota store for ``url``: ``memory://``, ``sqlite:///file.db``, or a plugin's
+    (``redis://``, ``postgresql://``); a `QuotaStore` passes through unchanged.
+    Raises `ConfigurationError` for an unknown scheme or an engine without quotas.
+    """
+    if isinstance(url, QuotaStore):
+        return url
+    from ..backends import _build, _plugin_for, redact_url
+
+    if isinstance(url, str) and url.split("://", 1)[0].lower() == "memory":
+        _plugin_for(url)  # the same checks as every memory:// URL
+        return MemoryQuotaStore(**options)
+    if isinstance(url, str) and url.split("://", 1)[0].lower() == "sqlite":
+        from .sqlite import quota_store
+
+        store = _build(quota_store, url, "quota store", options)
+    else:
+        plugin = _plugin_for(url)
+        if plugin.quota_store is None:
+            raise ConfigurationError(
+                f"{redact_url(url)!r}: the {plugin.package} backend holds no budgets or "
+                "rate limits; use memory://, sqlite://, redis:// or postgresql://"
+            )
+        store = _build(plugin.quota_store, url, "quota store", options)
+    if not isinstance(store, QuotaStore):
+        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {store!r}")
+    return store
+
+
+class Hold:
+    """What one admitted call holds: budget reservations and rate-limit places."""
+
+    __slots__ = ("budgets", "cost_usd", "est_tokens", "pushback", "rates", "tokens")
+
+    def __init__(self) -> None:
+        # (store, key, window start, window end, nano-dollars held)
+        self.budgets: list[tuple[QuotaStore, str, float, float, int]] = []
+        # (store, key, seconds per token) of every tpm schedule taken
+        self.rates: list[tuple[QuotaStore, str, float]] = []
+        self.est_tokens = 0
+        self.cost_usd = 0.0  # set by the executor when the call answered
+        self.tokens: int | None = None  # likewise: the tokens the call used
+        # seconds the provider said to wait (a 429's Retry-After or rate-limit reset
+        # headers): the schedules are pushed back that far for every worker
+        self.pushback: float | None = None
+
+
+def _check_budgets(budgets: object) -> tuple[Budget, ...]:
+    if budgets is None:
+        return ()
+    if isinstance(budgets, Budget):
+        return (budgets,)
+    if isinstance(budgets, str | bytes | Mapping) or not isinstance(budgets, Iterable):
+        raise ConfigurationError(f"budgets must be a list of Budget, got {budgets!r}")
+    out = tuple(budgets)
+    for b in out:
+        if not isinstance(b, Budget):
+            raise ConfigurationError(f"budgets must hold Budget objects, got {b!r}")
+    names: dict[str, Budget] = {}
+    for b in out:
+        label = b.key_for("*") or ""
+        if label in names:
+            raise ConfigurationError(
+                f"two budgets are named {label!r}; give one a name= of its own"
+            )
+        names[label] = b
+    return out
+
+
+def _check_rates(rate_limits: object) -> dict[str, RateLimit]:
+    if rate_limits is None:
+        return {}
+    if not isinstance(rate_limits, Mapping):
+        raise ConfigurationError(
+            f"rate_limits must map provider names or model ids to RateLimit, got {rate_limits!r}"
+        )
+    out: dict[str, RateLimit] = {}
+    for name, limit in rate_limits.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"rate_limits keys must be non-empty strings, got {name!r}")
+        if not isinstance(limit, RateLimit):
+            raise ConfigurationError(f"rate_limits[{name!r}] must be a RateLimit, got {limit!r}")
+        out[name] = limit
+    return out
+
+
+def _scope_value(budget: Budget, context: Any, info: ModelInfo) -> str | None:
+    scope = budget.scope
+    if scope == "global":
+        return None
+    if scope == "provider":
+        return info.provider
+    if scope == "model":
+        return info.id
+    value = getattr(context, scope)
+    return value if isinstance(value, str) else None
+
+
+class Limiter:
+    """
+    Budgets and rate limits for one executor, kept in a `QuotaStore`.
+
+    ``max_wait`` bounds how long a call waits for rate-limit capacity (the run's
+    deadline bounds it too); a call that would wait longer moves to the next route.
+    """
+
+    def __init__(
+        self,
+        budgets: Sequence[Budget] | Budget | None,
+        rate_limits: Mapping[str, RateLimit] | None,
+        store: QuotaStore | str | None,
+        *,
+        max_wait: float = 30.0,
+        retry_interval: float = 5.0,
+        sleep: Sleep = anyio.sleep,
+        wall_clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.budgets = _check_budgets(budgets)
+        self.rate_limits = _check_rates(rate_limits)
+        if (
+            isinstance(max_wait, bool)
+            or not isinstance(max_wait, int | float)
+            or not math.isfinite(max_wait)
+            or max_wait < 0
+        ):
+            raise ConfigurationError(
+                f"rate_limit_wait must be a finite number of seconds >= 0, got {max_wait!r}"
+            )
+        self.max_wait = float(max_wait)
+        self.owns_store = store is None or isinstance(store, str)
+        self.store: QuotaStore = quota_store_from_url("memory://" if store is None else store)
+        self._local = MemoryQuotaStore(clock=wall_clock)
+        self._retry_interval = retry_interval
+        self._sleep = sleep
+        self._wall = wall_clock
+        self._mono = monotonic
+        self._degraded_until: float | None = None
+        self._overrides: dict[str, int] = {}
+        self._overrides_at = -math.inf
+        # rate key -> monotonic time its schedule was last seen to be booked until
+        self._booked: dict[str, float] = {}
+        self._from_registry: dict[str, RateLimit] = {}
+        self.degraded_events = 0
+        """Outages of the quota store (one per outage, logged once)."""
+        self.store_errors = 0
+        """Quota store operations that failed (each served by the local store instead)."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        if self.owns_store:
+            await self.store.__aenter__()
+
+    async def aclose(self) -> None:
+        if self.owns_store:
+            await self.store.aclose()
+
+    # ------------------------------------------------------------------ the store
+
+    @property
+    def degraded(self) -> bool:
+        """True while the limiter runs on per-process limits after a store failure."""
+        return self._degraded_until is not None and self._mono() < self._degraded_until
+
+    def _current(self) -> QuotaStore:
+        if self._degraded_until is None:
+            return self.store
+        if self._mono() < self._degraded_until:
+            return self._local
+        self._degraded_until = None
+        logger.info("trying the quota store %r again", self.store)
+        return self.store
+
+    def _failed(self, exc: BaseException) -> None:
+        self.store_errors += 1
+        if self._degraded_until is None:
+            self.degraded_events += 1
+            logger.warning(
+                "quota store %r failed (%s: %s); budgets and rate limits are kept per "
+                "process for %.0f s",
+                self.store,
+                type(exc).__name__,
+                str(exc)[:200],
+                self._retry_interval,
+            )
+        self._degraded_until = self._mono() + self._retry_interval
+
+    async def _reserve(
+        self, key: str, ws: float, we: float, amount: int, limit: int
+    ) -> tuple[QuotaStore, BudgetGrant]:
+        store = self._current()
+        try:
+            grant = await store.reserve(
+                key, window_start=ws, window_end=we, amount=amount, limit=limit
+            )
+        except BackendClosedError:
+            raise
+        except BackendError as exc:
+            if store is self._local:
+                raise
+            self._failed(exc)
+            store = self._local
+            grant = await store.reserve(
+                key, window_start=ws, window_end=we, amount=amount, limit=limit
+            )
+        return store, grant
+
+    async def _acquire(
+        self, key: str, cost: float, interval: float, burst: float, max_wait: float
+    ) -> tuple[QuotaStore, RateGrant]:
+        store = self._current()
+        try:
+            grant = await store.acquire(
+                key, cost=cost, interval=interval, burst=burst, max_wait=max_wait
+            )
+        except BackendClosedError:
+            raise
+        except BackendError as exc:
+            if store is self._local:
+                raise
+            self._failed(exc)
+            store = self._local
+            grant = await store.acquire(
+                key, cost=cost, interval=interval, burst=burst, max_wait=max_wait
+            )
+        return store, grant
+
+    async def _refresh_overrides(self) -> None:
+        now = self._mono()
+        if now - self._overrides_at < 5.0 or self.degraded:
+            return
+        self._overrides_at = now
+        try:
+            self._overrides = await self.store.limit_overrides()
+        except BackendClosedError:
+            raise
+        except BackendError as exc:
+            self._failed(exc)
+
+    # ------------------------------------------------------------------ planning aids
+
+    def estimate(self, info: ModelInfo, input_tokens: int, max_tokens: int) -> float:
+        """The most a call can cost: the prompt estimate plus ``max_tokens`` of output."""
+        return info.cost(input_tokens, max_tokens)
+
+    def covers(self, context: Any, info: ModelInfo) -> list[tuple[Budget, str]]:
+        out = []
+        for budget in self.budgets:
+            key = budget.key_for(_scope_value(budget, context, info))
+            if key is not None:
+                out.append((budget, key))
+        return out
+
+    def _rates_for(self, info: ModelInfo) -> list[tuple[str, RateLimit]]:
+        out = []
+        for target in (info.provider, info.id):
+            limit = self.rate_limits.get(target)
+            if limit is None and target == info.id and (info.rpm or info.tpm):
+                limit = self._from_registry.get(info.id)
+                if limit is None:  # the registry's limits for the model
+                    limit = self._from_registry[info.id] = RateLimit(rpm=info.rpm, tpm=info.tpm)
+            if limit is not None:
+                out.append((target, limit))
+        return out
+
+    def saturated(self, models: Iterable[ModelInfo]) -> set[str]:
+        """Ids of ``models`` whose rate-limit schedule is booked beyond ``max_wait``."""
+        if not self._booked:
+            return set()
+        now = self._mono()
+        out = set()
+        for m in models:
+            for target in (m.provider, m.id):
+                for kind in ("rpm", "tpm"):
+                    until = self._booked.get(f"{kind}:{target}")
+                    if until is not None and until - now > self.max_wait:
+                        out.add(m.id)
+        return out
+
+    # ------------------------------------------------------------------ admission
+
+    async def admit(
+        self,
+        context: Any,
+        info: ModelInfo,
+        input_tokens: int,
+        max_tokens: int,
+        time_left: float | None,
+    ) -> Hold | None:
+        """
+        Reserve the call's estimate in every budget covering it and take its places
+        in the rate-limit schedules, waiting for them.  Returns the `Hold` to settle,
+        or None when no limit applies.  Raises `BudgetExceededError` or
+        `LocalRateLimitError` having left nothing held.
+        """
+        covered = self.covers(context, info) if self.budgets else []
+        rates = self._rates_for(info)
+        if not covered and not rates:
+            return None
+        hold = Hold()
+        hold.est_tokens = input_tokens + max_tokens
+        try:
+            if covered:
+                await self._admit_budgets(hold, covered, info, input_tokens, max_tokens)
+            if rates:
+                await self._admit_rates(hold, rates, info, time_left)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.settle(hold, failed=True)
+            raise
+        return hold
+
+    async def _admit_budgets(
+        self,
+        hold: Hold,
+        covered: list[tuple[Budget, str]],
+        info: ModelInfo,
+        input_tokens: int,
+        max_tokens: int,
+    ) -> None:
+        await self._refresh_overrides()
+        estimate = self.estimate(info, input_tokens, max_tokens)
+        amount = to_nano(estimate, up=True)
+        now = self._wall()
+        for budget, key in covered:
+            ws, we = budget.window_bounds(now)
+            limit = self._overrides.get(key, to_nano(budget.limit_usd))
+            store, grant = await self._reserve(key, ws, we, amount, limit)
+            if not grant.granted:
+                usage: BudgetUsage = grant.usage
+                raise BudgetExceededError(
+                    key,
+                    limit_usd=usage.limit_usd,
+                    remaining_usd=usage.remaining_usd,
+                    needed_usd=estimate,
+                    resets_at=we,
+                    model=info.id,
+                )
+            hold.budgets.append((store, key, ws, we, amount))
+
+    async def _admit_rates(
+        self,
+        hold: Hold,
+        rates: list[tuple[str, RateLimit]],
+        info: ModelInfo,
+        time_left: float | None,
+    ) -> None:
+        allowed = self.max_wait if time_left is None else max(0.0, min(self.max_wait, time_left))
+        wait = 0.0
+        for target, limit in rates:
+            for kind, per_minute, cost, burst in (
+                ("rpm", limit.rpm, 1.0, limit.request_burst),
+                ("tpm", limit.tpm, float(hold.est_tokens), limit.token_burst),
+            ):
+                if per_minute is None:
+                    continue
+                key = f"{kind}:{target}"
+                interval = 60.0 / per_minute
+                store, grant = await self._acquire(key, cost, interval, float(burst), allowed)
+                self._booked[key] = self._mono() + grant.wait
+                if not grant.granted:
+                    raise LocalRateLimitError(
+                        f"rate limit {key} ({per_minute} per minute) has no capacity within "
+                        f"{allowed:.2f} s (next in {grant.wait:.2f} s); {info.id} not called",
+                        provider=info.provider,
+                        model=info.id,
+                        retry_after=grant.wait,
+                    )
+                if kind == "rpm":
+                    hold.rates.append((store, key, -interval))  # negative: a request slot
+                else:
+                    hold.rates.append((store, key, interval))
+                wait = max(wait, grant.wait)
+        if wait > 0:
+            await self._sleep(wait)
+
+    # ------------------------------------------------------------------ settlement
+
+    async def settle(self, hold: Hold, *, failed: bool = False) -> None:
+        """
+        Charge each budget what the call cost (``hold.cost_usd``; 0 when it failed,
+        as its record says) and give back the tokens it did not use.  Never raises a
+        store's error: a failure is logged and counted.
+        """
+        with anyio.CancelScope(shield=True):
+            actual = to_nano(hold.cost_usd)
+            for store, key, ws, we, held in hold.budgets:
+                try:
+                    await store.settle(
+                        key, window_start=ws, window_end=we, held=held, actual=actual
+                    )
+                except BackendError as exc:
+                    self._failed(exc)
+                    logger.warning(
+                        "settling budget %s failed; its hold of $%.6f stays until the window ends",
+                        key,
+                        held / 1e9,
+                    )
+            pushback = hold.pushback
+            if pushback is not None and pushback > 0:
+                logger.info(
+                    "the provider asked to wait %.1f s: pushing back %s",
+                    pushback,
+                    ", ".join(key for _, key, _ in hold.rates),
+                )
+            for store, key, interval in hold.rates:
+                if pushback is not None and pushback > 0:
+                    await self._adjust(store, key, pushback)
+                if interval < 0:
+                    if failed and not hold.tokens:
+                        # never sent (refused or cancelled before the call): free the slot
+                        await self._adjust(store, key, interval)
+                    continue
+                used = hold.tokens
+                if used is None:
+                    used = 0 if failed else hold.est_tokens
+                delta = (used - hold.est_tokens) * interval
+                if delta != 0:
+                    await self._adjust(store, key, delta)
+            hold.budgets.clear()
+            hold.rates.clear()
+
+    async def _adjust(self, store: QuotaStore, key: str, delta: float) -> None:
+        try:
+            await store.adjust(key, delta=delta)
+        except BackendError as exc:
+            self._failed(exc)

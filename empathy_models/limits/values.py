@@ -1,0 +1,311 @@
+"""
+What a user declares (`Budget`, `RateLimit`) and what a quota store answers
+(`BudgetUsage`, `BudgetGrant`, `RateGrant`).
+
+Money is kept in the stores as integer nano-dollars (1e-9 USD), so that sums are exact
+on every engine (Redis's Lua numbers and JSON included) and ``reserved = settled +
+released`` holds to the last digit.  The values below show dollars.
+"""
+
+from __future__ import annotations
+
+import math
+from calendar import monthrange
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+import attrs
+from attrs import field, frozen
+
+from ..exceptions import ConfigurationError
+
+__all__ = [
+    "NANO",
+    "SCOPES",
+    "Budget",
+    "BudgetGrant",
+    "BudgetUsage",
+    "RateGrant",
+    "RateLimit",
+    "to_nano",
+]
+
+NANO: Final = 1_000_000_000
+"""Nano-dollars per dollar: stores count money in integers of 1e-9 USD."""
+
+Scope = Literal["global", "workflow", "stage", "user_id", "provider", "model"]
+SCOPES: Final[tuple[str, ...]] = ("global", "workflow", "stage", "user_id", "provider", "model")
+_WINDOWS: Final = ("hour", "day", "month")
+
+
+def to_nano(usd: float, *, up: bool = False) -> int:
+    """``usd`` in integer nano-dollars (rounded up with ``up``, else to the nearest)."""
+    scaled = usd * NANO
+    return math.ceil(scaled - 1e-6) if up else round(scaled)
+
+
+def _scope(value: object) -> str:
+    if not isinstance(value, str) or value not in SCOPES:
+        raise ConfigurationError(f"Budget.scope must be one of {', '.join(SCOPES)}, got {value!r}")
+    return value
+
+
+def _window(value: object) -> str | float:
+    if isinstance(value, str):
+        low = value.strip().lower()
+        if low in _WINDOWS:
+            return low
+    elif (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and value >= 1
+    ):
+        return float(value)
+    raise ConfigurationError(
+        f"Budget.window must be 'hour', 'day', 'month' or a number of seconds >= 1, got {value!r}"
+    )
+
+
+def _limit(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or value * NANO > 2**53
+    ):
+        raise ConfigurationError(
+            f"Budget.{attribute.name} must be a finite number of dollars >= 0 (at most "
+            f"{2**53 / NANO:,.0f}), got {value!r}"
+        )
+
+
+def _opt_text(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise ConfigurationError(
+            f"Budget.{attribute.name} must be a non-empty string or None, got {value!r}"
+        )
+
+
+@frozen(kw_only=True)
+class Budget:
+    """
+    A spend limit over a time window, shared by every worker on the same quota store.
+
+    Args:
+        limit_usd: the most the calls it covers may cost in one window (list prices of
+            the registry, as the records have them).
+        scope: what it covers: ``"global"`` (every call), or one of ``"workflow"``,
+            ``"stage"``, ``"user_id"``, ``"provider"``, ``"model"``.
+        value: with a scope other than global, the one workflow (stage, user, ...) it
+            covers; ``None`` gives every value its own budget of ``limit_usd`` (a call
+            whose ``user_id`` is ``None`` is not covered by a per-user budget).
+        window: ``"hour"``, ``"day"`` or ``"month"`` (calendar windows in UTC: a daily
+            budget resets at midnight UTC), or a number of seconds (windows aligned on
+            multiples of it since the epoch).
+        name: how the budget is called in errors, the store and the CLI (default:
+            ``"global/day"``, ``"workflow=docs/day"``; a per-value budget adds the value
+            of each call: ``"user_id=alice/day"``).
+
+    Invalid values raise `ConfigurationError`.
+    """
+
+    limit_usd: float = field(validator=_limit)
+    scope: str = field(default="global", converter=_scope)
+    value: str | None = field(default=None, validator=_opt_text)
+    window: str | float = field(default="day", converter=_window)
+    name: str | None = field(default=None, validator=_opt_text)
+
+    def __attrs_post_init__(self) -> None:
+        if self.scope == "global" and self.value is not None:
+            raise ConfigurationError("a global Budget covers every call: drop value=")
+        if self.name is not None and ("|" in self.name or "@" in self.name):
+            raise ConfigurationError(f"Budget.name must not contain '|' or '@', got {self.name!r}")
+
+    @property
+    def window_label(self) -> str:
+        return self.window if isinstance(self.window, str) else f"{self.window:g}s"
+
+    @property
+    def per_value(self) -> bool:
+        """True when every value of the scope has a budget of its own."""
+        return self.scope != "global" and self.value is None
+
+    def key_for(self, value: str | None) -> str | None:
+        """The store key of the budget a call with scope value ``value`` is charged to."""
+        if self.scope == "global":
+            return self.name or f"global/{self.window_label}"
+        if value is None or (self.value is not None and value != self.value):
+            return None
+        if self.name is not None:
+            return self.name if self.value is not None else f"{self.name}:{value}"
+        return f"{self.scope}={value}/{self.window_label}"
+
+    def window_bounds(self, now: float) -> tuple[float, float]:
+        """(start, end) in UTC epoch seconds of the window holding ``now``."""
+        return window_bounds(self.window, now)
+
+
+def window_bounds(window: str | float, now: float) -> tuple[float, float]:
+    """(start, end) in UTC epoch seconds of the ``window`` holding ``now``."""
+    if isinstance(window, float):
+        start = math.floor(now / window) * window
+        return start, start + window
+    t = datetime.fromtimestamp(now, UTC)
+    if window == "hour":
+        s = t.replace(minute=0, second=0, microsecond=0)
+        return s.timestamp(), s.timestamp() + 3600.0
+    if window == "day":
+        s = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        return s.timestamp(), s.timestamp() + 86400.0
+    s = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    days = monthrange(s.year, s.month)[1]
+    return s.timestamp(), s.timestamp() + days * 86400.0
+
+
+def _opt_count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"RateLimit.{attribute.name} must be an integer >= 1 or None, got {value!r}"
+        )
+
+
+@frozen(kw_only=True)
+class RateLimit:
+    """
+    Requests and tokens per minute for a provider or a model, shared by every worker.
+
+    Enforced with GCRA (a token bucket kept as one timestamp) in the quota store: each
+    call takes its place in the schedule atomically and waits for its turn, so workers
+    never race and never burst past the limit.  ``burst_requests`` is how many requests
+    may go at once after an idle period (default 1: requests are spaced evenly,
+    ``60 / rpm`` seconds apart, which leaves the provider's own bucket the slack that
+    network jitter needs); ``burst_tokens`` likewise for tokens (default: the whole
+    minute, ``tpm``, as providers count, since one call may hold many tokens).  A call counts
+    its prompt estimate plus ``max_tokens`` against ``tpm``; the difference from the
+    tokens actually used is given back (or taken) when it ends.
+    """
+
+    rpm: int | None = field(default=None, validator=_opt_count)
+    tpm: int | None = field(default=None, validator=_opt_count)
+    burst_requests: int | None = field(default=None, validator=_opt_count)
+    burst_tokens: int | None = field(default=None, validator=_opt_count)
+
+    def __attrs_post_init__(self) -> None:
+        if self.rpm is None and self.tpm is None:
+            raise ConfigurationError("RateLimit needs rpm=, tpm= or both")
+
+    @property
+    def request_burst(self) -> int:
+        return 1 if self.burst_requests is None else self.burst_requests
+
+    @property
+    def token_burst(self) -> int:
+        if self.burst_tokens is not None:
+            return self.burst_tokens
+        return self.tpm or 1
+
+
+@frozen(kw_only=True)
+class BudgetUsage:
+    """
+    One window of one budget as the store holds it (amounts in nano-dollars).
+
+    ``held`` is reserved by calls still in flight; ``reserved`` the sum of every
+    reservation granted, ``settled`` the part of them calls turned out to cost,
+    ``released`` the part given back, ``overrun`` what calls cost beyond their
+    reservation: ``reserved == settled + released + held`` and ``spent == settled +
+    overrun`` always.  ``limit`` is the limit the last reservation was checked against.
+    """
+
+    key: str
+    window_start: float
+    window_end: float
+    limit: int = 0
+    spent: int = 0
+    held: int = 0
+    reserved: int = 0
+    settled: int = 0
+    released: int = 0
+    overrun: int = 0
+    calls: int = 0
+    refused: int = 0
+
+    @property
+    def limit_usd(self) -> float:
+        return self.limit / NANO
+
+    @property
+    def spent_usd(self) -> float:
+        return self.spent / NANO
+
+    @property
+    def held_usd(self) -> float:
+        return self.held / NANO
+
+    @property
+    def remaining_usd(self) -> float:
+        return max(0, self.limit - self.spent - self.held) / NANO
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "window_start": self.window_start,
+            "window_end": self.window_end,
+            "limit": self.limit,
+            "spent": self.spent,
+            "held": self.held,
+            "reserved": self.reserved,
+            "settled": self.settled,
+            "released": self.released,
+            "overrun": self.overrun,
+            "calls": self.calls,
+            "refused": self.refused,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BudgetUsage:
+        return cls(
+            key=str(data["key"]),
+            window_start=float(data["window_start"]),
+            window_end=float(data["window_end"]),
+            **{
+                name: int(data.get(name, 0))
+                for name in (
+                    "limit",
+                    "spent",
+                    "held",
+                    "reserved",
+                    "settled",
+                    "released",
+                    "overrun",
+                    "calls",
+                    "refused",
+                )
+            },
+        )
+
+
+@frozen(kw_only=True)
+class BudgetGrant:
+    """The answer to a reservation: ``granted`` and the window as it is now."""
+
+    granted: bool
+    usage: BudgetUsage
+
+
+@frozen(kw_only=True)
+class RateGrant:
+    """
+    The answer to a rate-limit acquisition: ``granted`` (a place in the schedule was
+    taken) and ``wait``, the seconds until that place comes (or, when not granted,
+    until it would have).
+    """
+
+    granted: bool
+    wait: float

@@ -1,0 +1,196 @@
+"""
+The response cache through the executor: hits, what is keyed, sampled output, records,
+and that a cached answer never counts as a model's success for the router.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from empathy_models import (
+    ConfigurationError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    MemoryTelemetryBackend,
+    ModelInfo,
+    ModelRegistry,
+    Outcome,
+    RetryPolicy,
+    StateStoreError,
+)
+from empathy_models.cache import MemoryResponseCache
+from empathy_models.providers import OpenAIProvider
+from empathy_models.router import AdaptiveModelRouter
+from empathy_models.testing import FakeLLMServer, ModelBehavior
+
+KEY = "test-key-0123"
+REGISTRY = ModelRegistry(
+    models=[
+        ModelInfo(
+            id=m,
+            provider="openai",
+            tier="cheap",
+            input_price_per_mtok=1.0,
+            output_price_per_mtok=4.0,
+            context_window=64_000,
+            max_output_tokens=4096,
+        )
+        for m in ("gpt-a", "gpt-b")
+    ],
+    price_version="cache-test-1",
+)
+CTX = ExecutionContext(workflow="faq", stage="answer", temperature=0, cache_ttl=600)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    behavior = ModelBehavior(content="The answer.")
+    async with FakeLLMServer({"gpt-a": behavior, "gpt-b": behavior}, api_key=KEY) as fake:
+        yield fake
+
+
+def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
+    options.setdefault("telemetry_store", MemoryTelemetryBackend())
+    options.setdefault("cache", "memory://")
+    return EmpathyLLMExecutor(
+        [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+        registry=REGISTRY,
+        retry=RetryPolicy.none(),
+        **options,
+    )
+
+
+async def test_a_repeated_request_is_answered_from_the_cache(server: FakeLLMServer) -> None:
+    telemetry = MemoryTelemetryBackend()
+    async with make(server, telemetry_store=telemetry) as executor:
+        first = await executor.run("What is GCRA?", CTX)
+        again = await executor.run("What is GCRA?", CTX)
+        other = await executor.run("What is a token bucket?", CTX)
+    assert server.requests() == 2
+    assert not first.cached and first.cost_usd > 0
+    assert again.cached and again.cost_usd == 0.0 and again.attempts == ()
+    assert (again.content, again.model, again.input_tokens) == (
+        first.content,
+        first.model,
+        first.input_tokens,
+    )
+    assert again.request_id != first.request_id
+    assert not other.cached
+    records = await telemetry.recent(limit=10)
+    hits = [r for r in records if r.outcome is Outcome.CACHE_HIT]
+    assert len(hits) == 1 and len(records) == 3
+    assert hits[0].cost_usd == 0.0
+    assert hits[0].metadata["cache_cost_saved_usd"] == pytest.approx(first.cost_usd)
+    assert hits[0].prompt_text is None  # no record_text: no text kept
+
+
+async def test_what_the_key_covers(server: FakeLLMServer) -> None:
+    async with make(server) as executor:
+        await executor.run("hello", CTX)
+        await executor.run("hello", CTX)  # hit
+        for changed in (
+            ExecutionContext(workflow="faq", stage="other", temperature=0, cache_ttl=600),
+            ExecutionContext(
+                workflow="faq", stage="answer", temperature=0, cache_ttl=600, max_tokens=99
+            ),
+            ExecutionContext(
+                workflow="faq", stage="answer", temperature=0, cache_ttl=600, model="gpt-b"
+            ),
+            ExecutionContext(
+                workflow="faq", stage="answer", temperature=0, cache_ttl=600, system="be brief"
+            ),
+        ):
+            assert not (await executor.run("hello", changed)).cached
+        # a system message and system= are the same request
+        as_message = [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello"},
+        ]
+        same = ExecutionContext(workflow="faq", stage="answer", temperature=0, cache_ttl=600)
+        assert (await executor.run(as_message, same)).cached
+    assert server.requests() == 5
+
+
+async def test_sampled_output_is_not_cached_unless_asked(server: FakeLLMServer) -> None:
+    sampled = ExecutionContext(workflow="faq", cache_ttl=600)  # the provider's temperature
+    warm = ExecutionContext(workflow="faq", cache_ttl=600, temperature=0.7)
+    asked = ExecutionContext(workflow="faq", cache_ttl=600, temperature=0.7, cache_sampled=True)
+    async with make(server) as executor:
+        for ctx in (sampled, sampled, warm, warm):
+            assert not (await executor.run("hello", ctx)).cached
+        await executor.run("hello", asked)
+        assert (await executor.run("hello", asked)).cached
+    assert server.requests() == 5
+
+
+async def test_without_cache_ttl_nothing_is_cached(server: FakeLLMServer) -> None:
+    plain = ExecutionContext(workflow="faq", temperature=0)
+    async with make(server) as executor:
+        await executor.run("hello", plain)
+        assert not (await executor.run("hello", plain)).cached
+    assert server.requests() == 2
+
+
+async def test_a_cached_answer_never_counts_as_a_model_success(server: FakeLLMServer) -> None:
+    telemetry = MemoryTelemetryBackend()
+    router = AdaptiveModelRouter(REGISTRY, telemetry, seed=1)
+    ctx = ExecutionContext(
+        workflow="faq", stage="answer", temperature=0, cache_ttl=600, model="gpt-a"
+    )
+    async with router, make(server, telemetry_store=telemetry, router=router) as executor:
+        await executor.run("hello", ctx)
+        for _ in range(20):
+            assert (await executor.run("hello", ctx)).cached
+        await router.refresh()
+        decision = router.get_best_model("faq", "answer", candidates=["gpt-a", "gpt-b"])
+        stats = await telemetry.aggregate(workflow="faq")
+    evidence = {c.model: c for c in decision.candidates}
+    assert evidence["gpt-a"].sample_size == 1  # the one real call, not the 20 hits
+    assert [(p.model, p.sample_size, p.successes) for p in stats] == [("gpt-a", 1, 1)]
+
+
+async def test_a_failing_cache_never_fails_a_call(
+    server: FakeLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(MemoryResponseCache):
+        async def get(self, key: str) -> bytes | None:
+            raise StateStoreError("cache down")
+
+        async def set(self, key: str, value: bytes, ttl: float) -> None:
+            raise StateStoreError("cache down")
+
+    caplog.set_level(logging.CRITICAL, logger="empathy_models.cache")
+    async with make(server, cache=Broken()) as executor:
+        first = await executor.run("hello", CTX)
+        second = await executor.run("hello", CTX)
+        errors = executor.cache_errors
+    assert not first.cached and not second.cached
+    assert errors == 4  # two reads and two writes failed, each logged
+
+
+async def test_an_sqlite_cache_is_shared_by_executors(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path}/cache.db"
+    async with make(server, cache=url) as one:
+        await one.run("hello", CTX)
+    async with make(server, cache=url) as two:
+        assert (await two.run("hello", CTX)).cached
+    assert server.requests() == 1
+    assert (tmp_path / "cache.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_cache_options_are_checked(server: FakeLLMServer) -> None:
+    with pytest.raises(ConfigurationError):
+        ExecutionContext(cache_ttl=0)
+    with pytest.raises(ConfigurationError):
+        ExecutionContext(cache_sampled="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        make(server, cache="nosuch://x")
+    with pytest.raises(ConfigurationError):
+        MemoryResponseCache(max_entries=0)

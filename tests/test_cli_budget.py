@@ -1,0 +1,82 @@
+"""``empathy-models budget status|set|reset`` against a SQLite quota store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+
+from empathy_models import Budget
+from empathy_models.limits import quota_store_from_url
+from tests._cli import run_cli
+
+
+def _charge(db: Path, key: str, reserve: int, cost: int) -> None:
+    budget = Budget(limit_usd=1.0)
+
+    async def body() -> None:
+        ws, we = budget.window_bounds(1_800_000_000.0)
+        async with quota_store_from_url(f"sqlite:///{db}") as store:
+            await store.reserve(key, window_start=ws, window_end=we, amount=reserve, limit=10**9)
+            await store.settle(key, window_start=ws, window_end=we, held=reserve, actual=cost)
+
+    anyio.run(body)
+
+
+def test_budget_status_set_and_reset(tmp_path: Path) -> None:
+    home, db = tmp_path / "home", tmp_path / "quota.db"
+    _charge(db, "global/day", 500_000_000, 100_000_000)
+    _charge(db, "user_id=bob/day", 20_000_000, 10_000_000)
+    status = run_cli(home, "budget", "status", "--db", str(db), "--json")
+    assert status.returncode == 0, status.stderr
+    rows = {r["key"]: r for r in json.loads(status.stdout)["budgets"]}
+    assert rows["global/day"]["spent_usd"] == 0.1
+    assert rows["global/day"]["remaining_usd"] == 0.9
+    assert rows["global/day"]["resets_at"] == "2027-01-16T00:00:00+00:00"
+    assert rows["user_id=bob/day"]["released_usd"] == 0.01
+
+    assert (
+        run_cli(home, "budget", "set", "global/day", "--limit", "2.5", "--db", str(db)).returncode
+        == 0
+    )
+    table = run_cli(home, "budget", "status", "global/day", "--db", str(db)).stdout
+    assert "global/day *" in table and "$2.5000" in table and "$2.4000" in table
+    assert "user_id=bob" not in table
+
+    reset = run_cli(home, "budget", "reset", "global/day", "--db", str(db))
+    assert reset.returncode == 0 and "1 window" in reset.stdout
+    again = run_cli(home, "budget", "reset", "global/day", "--db", str(db))
+    assert again.returncode == 1 and "nothing was reset" in again.stderr
+    cleared = run_cli(home, "budget", "set", "global/day", "--clear", "--db", str(db))
+    assert cleared.returncode == 0
+    missing = run_cli(home, "budget", "status", "global/day", "--db", str(db))
+    assert missing.returncode == 1 and "no budget 'global/day'" in missing.stderr
+
+
+def test_budget_set_refuses_a_bad_limit(tmp_path: Path) -> None:
+    db = tmp_path / "quota.db"
+    _charge(db, "global/day", 1, 1)
+    bad = run_cli(tmp_path, "budget", "set", "global/day", "--limit", "-3", "--db", str(db))
+    assert bad.returncode == 2 and "dollars" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_budget_status_reads_a_database_without_budgets_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    from empathy_models import SQLiteStateStore
+
+    db = tmp_path / "state.db"
+
+    async def create() -> None:
+        async with SQLiteStateStore(db) as store:
+            await store.snapshot_all()
+
+    anyio.run(create)
+    before = db.read_bytes()
+    status = run_cli(tmp_path, "budget", "status", "--db", str(db), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout) == {"budgets": [], "overrides": {}}
+    assert db.read_bytes() == before  # opened read-only: no quota table was created
+    missing = run_cli(tmp_path, "budget", "status", "--db", str(tmp_path / "none.db"))
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr

@@ -1,0 +1,476 @@
+"""
+Budgets and rate limits through the executor's public API, over real HTTP to a
+`FakeLLMServer`, on the memory and SQLite quota stores.  The four-process acceptance
+tests are in ``test_limits_multiprocess.py``; the store contract in
+``test_quota_contracts.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from empathy_models import (
+    AllRoutesFailedError,
+    Budget,
+    BudgetExceededError,
+    ConfigurationError,
+    EmpathyLLMExecutor,
+    EmpathyModelsError,
+    ExecutionContext,
+    FallbackPolicy,
+    MemoryTelemetryBackend,
+    ModelInfo,
+    ModelRegistry,
+    RateLimit,
+    RateLimitedError,
+    RetryPolicy,
+    StateStoreError,
+)
+from empathy_models.limits import (
+    LocalRateLimitError,
+    MemoryQuotaStore,
+    quota_store_from_url,
+    window_bounds,
+)
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.testing import FakeLLMServer
+
+KEY = "test-key-0123"
+
+
+def _model(model_id: str, provider: str, output_price: float) -> ModelInfo:
+    return ModelInfo(
+        id=model_id,
+        provider=provider,
+        tier="cheap",
+        input_price_per_mtok=1.0,
+        output_price_per_mtok=output_price,
+        context_window=64_000,
+        max_output_tokens=4096,
+    )
+
+
+REGISTRY = ModelRegistry(
+    models=[
+        _model("gpt-cheap", "openai", 5.0),
+        _model("gpt-dear", "openai", 50.0),
+        _model("claude-other", "anthropic", 20.0),
+    ],
+    price_version="limits-test-1",
+)
+CTX = ExecutionContext(workflow="docs", stage="draft", max_tokens=1000)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    async with FakeLLMServer(api_key=KEY) as fake:
+        yield fake
+
+
+def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
+    providers = [
+        OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+        AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+    ]
+    options.setdefault("retry", RetryPolicy.none())
+    options.setdefault("telemetry_store", MemoryTelemetryBackend())
+    return EmpathyLLMExecutor(providers, registry=REGISTRY, **options)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def test_budget_and_rate_limit_values_are_checked() -> None:
+    for bad in (
+        {"limit_usd": -1},
+        {"limit_usd": float("nan")},
+        {"limit_usd": True},
+        {"limit_usd": 1, "scope": "team"},
+        {"limit_usd": 1, "window": "week"},
+        {"limit_usd": 1, "window": 0.5},
+        {"limit_usd": 1, "value": "x"},
+        {"limit_usd": 1, "name": "a|b"},
+        {"limit_usd": 1, "scope": "user_id", "value": ""},
+    ):
+        with pytest.raises(ConfigurationError):
+            Budget(**bad)
+    for bad_rate in ({}, {"rpm": 0}, {"tpm": 1.5}, {"rpm": 10, "burst_requests": 0}):
+        with pytest.raises(ConfigurationError):
+            RateLimit(**bad_rate)
+    assert RateLimit(rpm=600).request_burst == 1
+    assert RateLimit(tpm=90_000).token_burst == 90_000
+
+
+def test_budget_keys_name_the_scope_value_and_window() -> None:
+    assert Budget(limit_usd=1).key_for(None) == "global/day"
+    per_user = Budget(limit_usd=1, scope="user_id", window="hour")
+    assert per_user.key_for("alice") == "user_id=alice/hour"
+    assert per_user.key_for(None) is None  # a call without a user is not covered
+    docs = Budget(limit_usd=1, scope="workflow", value="docs", window=600)
+    assert docs.key_for("docs") == "workflow=docs/600s"
+    assert docs.key_for("other") is None
+    assert Budget(limit_usd=1, scope="model", name="models").key_for("m") == "models:m"
+
+
+def test_windows_are_calendar_windows_in_utc() -> None:
+    # 2026-02-14 15:30:00 UTC
+    now = 1771083000.0
+    assert window_bounds("hour", now) == (1771081200.0, 1771084800.0)
+    assert window_bounds("day", now) == (1771027200.0, 1771113600.0)
+    start, end = window_bounds("month", now)  # February 2026: 28 days
+    assert (start, end - start) == (1769904000.0, 28 * 86400.0)
+    assert window_bounds(600.0, now + 100) == (1771083000.0, 1771083600.0)
+
+
+def test_budget_exceeded_error_is_an_empathy_error_and_pickles() -> None:
+    err = BudgetExceededError(
+        "global/day", limit_usd=1.0, remaining_usd=0.25, needed_usd=0.5, resets_at=0.0
+    )
+    assert isinstance(err, EmpathyModelsError)
+    assert "global/day" in str(err) and "$0.250000 is left" in str(err)
+    assert "1970-01-01 00:00:00 UTC" in str(err)
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.budget, again.remaining_usd, again.resets_at) == ("global/day", 0.25, 0.0)
+
+
+def test_bad_executor_options_raise_configuration_error(server: FakeLLMServer) -> None:
+    with pytest.raises(ConfigurationError, match="budgets"):
+        make(server, budgets="ten dollars")
+    with pytest.raises(ConfigurationError, match="RateLimit"):
+        make(server, rate_limits={"openai": 500})
+    with pytest.raises(ConfigurationError, match="rate_limit_wait"):
+        make(server, rate_limits={"openai": RateLimit(rpm=1)}, rate_limit_wait=-1)
+    with pytest.raises(ConfigurationError, match="named"):
+        make(server, budgets=[Budget(limit_usd=1), Budget(limit_usd=2)])
+    with pytest.raises(ConfigurationError, match="unknown backend scheme"):
+        make(server, budgets=[Budget(limit_usd=1)], quota_store="nosuch://x")
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+async def test_a_spent_budget_refuses_before_calling_and_says_when_it_resets(
+    server: FakeLLMServer,
+) -> None:
+    store = MemoryQuotaStore()
+    # each call may cost $0.005 (reserved), costs $0.000082: about a dozen fit
+    budget = Budget(limit_usd=0.006, scope="workflow", window="hour")
+    async with store, make(server, budgets=[budget], quota_store=store) as executor:
+        answered = 0
+        with pytest.raises(BudgetExceededError) as info:
+            for _ in range(1000):
+                await executor.run("hello", CTX)
+                answered += 1
+        requests = server.requests()
+        (usage,) = await store.usages()
+    err = info.value
+    assert err.budget == "workflow=docs/hour"
+    assert err.limit_usd == pytest.approx(0.006)
+    assert 0 <= err.remaining_usd < err.needed_usd
+    assert err.resets_at == window_bounds("hour", err.resets_at - 1)[1]
+    assert answered > 5
+    assert requests == answered  # the refused call reached no provider
+    assert usage.held == 0 and usage.spent_usd <= 0.006 and usage.refused == 1
+    assert usage.reserved == usage.settled + usage.released
+
+
+async def test_a_budget_too_small_for_the_model_goes_to_a_cheaper_one_that_fits(
+    server: FakeLLMServer,
+) -> None:
+    # gpt-dear may cost $0.05 (1000 output tokens at $50/Mtok), gpt-cheap $0.005
+    async with make(server, budgets=[Budget(limit_usd=0.01)]) as executor:
+        response = await executor.run("hello", ExecutionContext(model="gpt-dear", max_tokens=1000))
+    assert response.model == "gpt-cheap"
+    assert response.fallback_chain == ("gpt-cheap",)  # gpt-dear was never called
+    assert server.requests("gpt-dear") == 0
+
+
+async def test_no_cheaper_candidate_raises_naming_the_budget(server: FakeLLMServer) -> None:
+    async with make(server, budgets=[Budget(limit_usd=0.0001, name="tiny")]) as executor:
+        with pytest.raises(BudgetExceededError, match="'tiny'"):
+            await executor.run("hello", CTX)
+    assert server.requests() == 0
+
+
+async def test_failed_and_cancelled_calls_settle_at_what_they_cost(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    store = quota_store_from_url(f"sqlite:///{tmp_path}/quota.db")
+    server.set_outage("gpt-cheap", action=500)
+    pinned = ExecutionContext(model="gpt-cheap", max_tokens=1000)
+    async with (
+        store,
+        make(
+            server,
+            budgets=[Budget(limit_usd=1.0)],
+            quota_store=store,
+            fallback=FallbackPolicy.none(),
+        ) as executor,
+    ):
+        with pytest.raises(AllRoutesFailedError):
+            await executor.run("hello", pinned)
+        server.set_outage("gpt-cheap", False)
+        server.script("gpt-cheap", ["hang"])
+        task = asyncio.create_task(executor.run("hello", pinned))
+        await server.wait_for_requests(2)
+        (during,) = await store.usages()
+        assert during.held > 0  # the hanging call holds its estimate
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ok = await executor.run("hello", pinned)
+        (usage,) = await store.usages()
+    assert usage.calls == 3 and usage.held == 0
+    assert usage.spent_usd == pytest.approx(ok.cost_usd, abs=1e-9)
+    assert usage.reserved == usage.settled + usage.released
+
+
+async def test_per_user_budgets_are_separate_and_a_limit_set_in_the_store_wins(
+    server: FakeLLMServer,
+) -> None:
+    store = MemoryQuotaStore()
+    budget = Budget(limit_usd=1.0, scope="user_id")
+    async with store, make(server, budgets=[budget], quota_store=store) as executor:
+        await store.set_limit("user_id=bob/day", 0)
+        await executor.run("hello", ExecutionContext(user_id="alice", max_tokens=10))
+        await executor.run("hello", ExecutionContext(max_tokens=10))  # no user: not covered
+        with pytest.raises(BudgetExceededError, match="bob"):
+            await executor.run("hello", ExecutionContext(user_id="bob", max_tokens=10))
+        keys = [(u.key, u.calls) for u in await store.usages()]
+    assert keys == [("user_id=alice/day", 1), ("user_id=bob/day", 0)]
+
+
+async def test_a_failing_quota_store_degrades_to_local_limits(
+    server: FakeLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Down(MemoryQuotaStore):
+        async def _transact(self, key: str, fn: Any) -> Any:
+            raise StateStoreError("store down", target="test")
+
+    caplog.set_level(logging.WARNING, logger="empathy_models.limits")
+    async with make(server, budgets=[Budget(limit_usd=0.006)], quota_store=Down()) as executor:
+        answered = 0
+        with pytest.raises(BudgetExceededError):  # the limit still holds, per process
+            for _ in range(100):
+                await executor.run("hello", CTX)
+                answered += 1
+    assert answered > 0
+    warnings_logged = [r for r in caplog.records if "quota store" in r.getMessage()]
+    assert len(warnings_logged) == 1  # one warning per outage
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+async def test_a_rate_limit_without_capacity_in_time_falls_back(server: FakeLLMServer) -> None:
+    limits = {"openai": RateLimit(rpm=1)}
+    async with make(server, rate_limits=limits, rate_limit_wait=0.0) as executor:
+        first = await executor.run("hello", ExecutionContext(model="gpt-cheap"))
+        second = await executor.run("hello", ExecutionContext(model="gpt-cheap"))
+    assert first.model == "gpt-cheap"
+    assert second.model == "claude-other"  # openai's minute is used up: the next route
+    assert server.requests("gpt-cheap") == 1
+
+
+async def test_every_route_rate_limited_raises_local_rate_limit_errors(
+    server: FakeLLMServer,
+) -> None:
+    limits = {"openai": RateLimit(rpm=1), "anthropic": RateLimit(rpm=1)}
+    async with make(server, rate_limits=limits, rate_limit_wait=0.0) as executor:
+        await executor.run("hello", ExecutionContext(model="gpt-cheap"))
+        await executor.run("hello", ExecutionContext(model="claude-other"))
+        with pytest.raises(AllRoutesFailedError) as info:
+            await executor.run("hello", CTX)
+    assert info.value.exceptions
+    for error in info.value.exceptions:
+        assert isinstance(error, LocalRateLimitError) and isinstance(error, RateLimitedError)
+        assert error.retry_after is not None and 50 < error.retry_after <= 60
+    assert server.requests() == 2
+
+
+async def test_calls_wait_for_their_place_and_unused_tokens_are_given_back(
+    server: FakeLLMServer,
+) -> None:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    limits = {"gpt-cheap": RateLimit(rpm=60, tpm=100_000)}
+    async with make(server, rate_limits=limits, sleep=sleep) as executor:
+        for _ in range(3):
+            await executor.run("hello", ExecutionContext(model="gpt-cheap", max_tokens=1000))
+    # one request a second, spaced evenly: the second and third wait about 1 s and 2 s
+    # (the sleep above does not wait, so each asks for its place at once)
+    assert len(waits) == 2
+    assert 0.9 < waits[0] <= 1.0 and 1.9 < waits[1] <= 2.0
+
+
+async def test_a_providers_429_pushes_the_shared_schedule_back(server: FakeLLMServer) -> None:
+    from empathy_models.testing import ModelBehavior
+
+    server.set_behavior("gpt-cheap", ModelBehavior(retry_after=20))
+    server.script("gpt-cheap", [429])
+    store = MemoryQuotaStore()
+    limits = {"openai": RateLimit(rpm=6000)}
+    async with (
+        store,
+        make(server, rate_limits=limits, quota_store=store, rate_limit_wait=1.0) as executor,
+    ):
+        first = await executor.run("hello", ExecutionContext(model="gpt-cheap"))
+        # the 429 said "come back in 20 s": openai's schedule moved 20 s on for everyone
+        grant = await store.acquire("rpm:openai", cost=1.0, interval=0.01, burst=1.0, max_wait=0.0)
+    assert first.model == "claude-other"  # the 429 (no retries) fell back
+    assert not grant.granted and 19.0 < grant.wait <= 20.1
+
+
+async def test_routes_whose_schedule_is_booked_too_far_are_avoided(server: FakeLLMServer) -> None:
+    limits = {"openai": RateLimit(rpm=1)}
+    ctx = ExecutionContext(tier="cheap", max_tokens=10)
+    async with make(server, rate_limits=limits, rate_limit_wait=0.0) as executor:
+        first = await executor.run("hello", ctx)
+        second = await executor.run("hello", ctx)
+        third = await executor.run("hello", ctx)
+    assert first.fallback_chain == ("gpt-cheap",)
+    # the second tried openai's models, found no capacity within the wait, fell back
+    assert second.fallback_chain[-1] == "claude-other" and second.fallback_chain[0] == "gpt-cheap"
+    # by the third, openai is known to be booked for a minute: not tried first
+    assert third.fallback_chain == ("claude-other",)
+    assert server.requests("gpt-cheap") == 1
+
+
+async def test_the_routing_decision_says_why_a_cheaper_model_answered(
+    server: FakeLLMServer,
+) -> None:
+    from empathy_models.router import AdaptiveModelRouter
+
+    # the capable tier holds only gpt-dear; the budget fits only the cheap gpt-cheap
+    registry = ModelRegistry(
+        models=[
+            _model("gpt-cheap", "openai", 5.0),
+            attrs.evolve(_model("gpt-dear", "openai", 50.0), tier="capable"),
+        ],
+        price_version="limits-test-2",
+    )
+    telemetry = MemoryTelemetryBackend()
+    router = AdaptiveModelRouter(registry, telemetry, seed=1)
+    executor = EmpathyLLMExecutor(
+        [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+        registry=registry,
+        telemetry_store=telemetry,
+        router=router,
+        budgets=[Budget(limit_usd=0.01)],
+    )
+    async with router, executor:
+        response = await executor.run("hello", ExecutionContext(tier="capable", max_tokens=1000))
+        assert executor.limiter is not None and not executor.limiter.degraded
+    assert response.model == "gpt-cheap"
+    assert response.routing_decision is not None
+    assert response.routing_decision.model == "gpt-dear"
+    assert "budget 'global/day'" in response.routing_decision.reason
+    assert "gpt-cheap instead" in response.routing_decision.reason
+
+
+async def test_a_registry_models_rpm_is_enforced_unless_the_executor_overrides_it(
+    server: FakeLLMServer,
+) -> None:
+    registry = ModelRegistry.from_dict(
+        {
+            "price_version": "limits-test-3",
+            "models": [
+                {**_model("gpt-cheap", "openai", 5.0).to_dict(), "rpm": 1, "tpm": 50_000},
+                _model("claude-other", "anthropic", 20.0).to_dict(),
+            ],
+        }
+    )
+    limited = registry.get("gpt-cheap")
+    assert (limited.rpm, limited.tpm) == (1, 50_000)
+    assert ModelRegistry.from_dict(registry.to_dict()) == registry
+    providers = [
+        OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+        AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+    ]
+    pinned = ExecutionContext(model="gpt-cheap", max_tokens=10)
+    async with EmpathyLLMExecutor(
+        providers,
+        registry=registry,
+        telemetry_store=MemoryTelemetryBackend(),
+        rate_limit_wait=0.0,
+    ) as executor:
+        assert (await executor.run("hello", pinned)).model == "gpt-cheap"
+        assert (await executor.run("hello", pinned)).model == "claude-other"  # 1 a minute
+    async with EmpathyLLMExecutor(
+        providers,
+        registry=registry,
+        telemetry_store=MemoryTelemetryBackend(),
+        rate_limits={"gpt-cheap": RateLimit(rpm=6000, burst_requests=10)},
+        rate_limit_wait=0.0,
+    ) as executor:
+        for _ in range(3):  # the executor's own limit for the model wins
+            assert (await executor.run("hello", pinned)).model == "gpt-cheap"
+    with pytest.raises(ConfigurationError, match="rpm"):
+        ModelRegistry.from_dict({"price_version": "x", "models": [{**limited.to_dict(), "rpm": 0}]})
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+async def test_streams_reserve_and_settle_like_runs(server: FakeLLMServer, tmp_path: Path) -> None:
+    store = quota_store_from_url(f"sqlite:///{tmp_path}/quota.db")
+    pinned = ExecutionContext(model="gpt-cheap", max_tokens=1000)
+    telemetry = MemoryTelemetryBackend()
+    async with (
+        store,
+        make(
+            server, budgets=[Budget(limit_usd=1.0)], quota_store=store, telemetry_store=telemetry
+        ) as ex,
+    ):
+        async with ex.stream("hello there", pinned) as stream:
+            async for _ in stream:
+                pass
+        whole = await stream.get_final_response()
+        async with ex.stream("hello again", pinned) as stream:
+            async for _ in stream:
+                break  # the caller stops early: settled at what it cost
+        (usage,) = await store.usages()
+        records = await telemetry.recent()
+    assert whole.cost_usd > 0
+    assert sorted(r.outcome.value for r in records) == ["cancelled", "success"]
+    assert usage.calls == 2 and usage.held == 0
+    assert usage.spent_usd == pytest.approx(sum(r.cost_usd for r in records), abs=1e-9)
+    assert usage.reserved == usage.settled + usage.released
+
+
+async def test_a_stream_a_budget_cannot_cover_raises_before_calling(
+    server: FakeLLMServer,
+) -> None:
+    async with make(server, budgets=[Budget(limit_usd=0.0001, name="tiny")]) as executor:
+        with pytest.raises(BudgetExceededError, match="'tiny'"):
+            async with executor.stream("hello", CTX) as stream:
+                async for _ in stream:
+                    pass
+    assert server.requests() == 0
+
+
+async def test_a_stream_waits_for_its_place_under_a_rate_limit(server: FakeLLMServer) -> None:
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    limits = {"gpt-cheap": RateLimit(rpm=60, tpm=100_000)}
+    pinned = ExecutionContext(model="gpt-cheap", max_tokens=1000)
+    async with make(server, rate_limits=limits, sleep=sleep) as executor:
+        for _ in range(2):
+            async with executor.stream("hello", pinned) as stream:
+                async for _ in stream:
+                    pass
+    assert len(waits) == 1 and 0.9 < waits[0] <= 1.0
