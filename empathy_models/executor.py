@@ -119,6 +119,7 @@ from .exceptions import (
     RecordValidationError,
 )
 from .outcomes import classify_error, retry_after_of
+from .propensity import routing_propensity
 from .providers._http import AttemptTimeout, HTTPProvider
 from .records import (
     CandidateEvaluation,
@@ -1429,6 +1430,9 @@ class EmpathyLLMExecutor:
             exploration=bool(
                 decision is not None and decision.exploration and decision.model == info.id
             ),
+            routing_propensity=routing_propensity(decision, getattr(self._router, "policy", None))
+            if decision is not None and decision.model == info.id
+            else None,
             breaker_generation=generation,
             circuit_state=circuit_state,
             user_id=ctx.user_id,
