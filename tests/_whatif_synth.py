@@ -34,8 +34,8 @@ class Truth:
 TRUTH: tuple[Truth, ...] = (
     Truth("cheap-bad", 0.5, 2.0, 0.85, (100, 300), share=0.15),
     Truth("oracle", 1.0, 4.0, 0.99, (200, 400), share=0.6),
-    Truth("pricey", 3.0, 12.0, 0.995, (200, 400), share=0.15),
-    Truth("premium", 6.0, 24.0, 0.999, (200, 400), share=0.10),
+    Truth("pricey", 1.5, 6.0, 0.995, (200, 400), share=0.15),
+    Truth("premium", 3.0, 12.0, 0.999, (200, 400), share=0.10),
 )
 BY_ID = {t.model: t for t in TRUTH}
 REGISTRY = ModelRegistry(
