@@ -22,6 +22,7 @@ from benchmarks import (
     bench_routing,
     bench_routing_quality,
     bench_telemetry,
+    bench_whatif,
 )
 from benchmarks._common import RESULTS_DIR, BenchResult, machine_info, write_result
 
@@ -33,6 +34,7 @@ SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "telemetry": bench_telemetry.run,
     "executor": bench_executor.run,
     "router_start": bench_router_start.run,
+    "whatif": bench_whatif.run,
 }
 
 

@@ -92,7 +92,7 @@ _MIN_CLUSTERS: Final = 10  # fewer buckets than this: the spread is not trusted 
 _FALLBACK_CV: Final = 0.5  # assumed coefficient of variation of tokens when it is unknown
 _FALLBACK_SIGMA: Final = 0.5  # log-sd of latency when a model has < 2 measured calls
 _RECENT_FALLBACK: Final = 100_000
-_SIM_BUCKETS: Final = 200  # evidence buckets per model the simulated router starts from
+_SIM_BUCKETS: Final = 64  # evidence buckets per model the simulated router starts from
 
 
 # --------------------------------------------------------------------------- values
@@ -451,8 +451,9 @@ async def load_stage_evidence(
 ) -> StageEvidence:
     """
     Read the evidence buckets of ``workflow``/``stage`` over the last ``days`` and fit
-    each model seen (`ModelFit`).  One ``evidence()`` read; a backend that keeps no
-    rollups has its newest records (up to 100,000) rolled up in memory instead.
+    each model seen (`ModelFit`).  The backend is flushed first, then read once
+    (``evidence()``); a backend that keeps no rollups has its newest records (up to
+    100,000) rolled up in memory instead.
     """
     _check_name("workflow", workflow)
     _check_name("stage", stage)
@@ -463,6 +464,7 @@ async def load_stage_evidence(
         raise ConfigurationError("now must be a timezone-aware datetime")
     since = until - timedelta(days=days)
     source = "rollups"
+    await backend.flush()  # what this process handed to a batching backend counts too
     try:
         batch = await backend.evidence(since=since, until=until)
         found: Iterable[EvidenceBucket] = batch.buckets
@@ -1043,7 +1045,7 @@ async def evaluate_policy(
     registry: ModelRegistry | None = None,
     days: float = 7.0,
     now: datetime | None = None,
-    ipw_limit: int = 10_000,
+    ipw_limit: int = 5_000,
     evidence: StageEvidence | None = None,
     **options: Any,
 ) -> WhatIfReport:

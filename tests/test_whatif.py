@@ -17,12 +17,14 @@ import pytest
 from empathy_models import (
     ConfigurationError,
     LLMCallRecord,
+    MemoryTelemetryBackend,
     RoutingDecision,
     RoutingPolicy,
     SQLiteTelemetryBackend,
     telemetry_from_url,
 )
 from empathy_models.cli.demo import _demo_registry, run_demo
+from empathy_models.evidence import EvidenceBatch
 from empathy_models.propensity import routing_propensity
 from empathy_models.whatif import (
     evaluate_policy,
@@ -185,6 +187,24 @@ async def test_invalid_arguments_are_configuration_errors(tmp_path: Path) -> Non
         await simulate_policy(evidence, registry=REGISTRY, min_success_rate=1.5, replicates=2)
 
 
+async def test_a_backend_without_rollups_is_read_through_its_records() -> None:
+    class NoRollups(MemoryTelemetryBackend):
+        async def evidence(self, **_: object) -> EvidenceBatch:
+            raise NotImplementedError
+
+    backend = NoRollups()
+    records = history(6, 1_000)
+    await backend.record_many(records)
+    evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    assert evidence.source == "records"
+    assert evidence.samples == len(records)
+    report = await simulate_policy(
+        evidence, registry=REGISTRY, min_success_rate=0.95, requests=50, replicates=3
+    )
+    assert report.evidence_source == "records"
+    assert report.recorded_calls == len(records)
+
+
 # --------------------------------------------------------------------------- off-policy
 
 
@@ -321,6 +341,7 @@ def synth_db(tmp_path: Path) -> tuple[Path, Path]:
     async def fill() -> None:
         async with SQLiteTelemetryBackend(db) as backend:
             await backend.record_many(records)
+            await backend.flush()
 
     anyio.run(fill)
     registry = tmp_path / "registry.json"

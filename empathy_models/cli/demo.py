@@ -34,10 +34,10 @@ from empathy_models import (
     AdaptiveModelRouter,
     AllRoutesFailedError,
     AnthropicProvider,
-    ConfigurationError,
     BreakerEvent,
     BreakerPolicy,
     CircuitBreaker,
+    ConfigurationError,
     EmpathyLLMExecutor,
     EmpathyModelsError,
     ExecutionContext,
@@ -240,7 +240,20 @@ def _stages_with(constraints: Mapping[tuple[str, str], Mapping[str, float | None
                 f"demo stage constraints are min_success_rate and max_latency_ms, got "
                 f"{', '.join(sorted(unknown))}"
             )
-    return [evolve(s, **constraints.get((s.workflow, s.stage), {})) for s in _STAGES]
+    out = []
+    for s in _STAGES:
+        values = constraints.get((s.workflow, s.stage), {})
+        rate = values.get("min_success_rate", s.min_success_rate)
+        if rate is None:
+            raise ConfigurationError("a demo stage's min_success_rate cannot be None")
+        out.append(
+            evolve(
+                s,
+                min_success_rate=rate,
+                max_latency_ms=values.get("max_latency_ms", s.max_latency_ms),
+            )
+        )
+    return out
 
 
 def _demo_registry() -> ModelRegistry:
