@@ -797,9 +797,19 @@ async def simulate_policy(
         raise ConfigurationError("replicates must be at least 2 (the interval needs a spread)")
     if routing_policy is None:
         routing_policy = RoutingPolicy(window_days=evidence.days)
-    names = list(evidence.models) if candidates is None else list(candidates)
     if isinstance(candidates, str):
         raise ConfigurationError("candidates must be a sequence of model ids, not a string")
+    names = list(evidence.models) if candidates is None else list(dict.fromkeys(candidates))
+    if any(not isinstance(n, str) or not n for n in names):
+        raise ConfigurationError(f"candidate model ids must be non-empty strings, got {names!r}")
+    if min_success_rate is not None and (
+        isinstance(min_success_rate, bool)
+        or not isinstance(min_success_rate, int | float)
+        or not 0.0 <= min_success_rate <= 1.0
+    ):
+        raise ConfigurationError(
+            f"min_success_rate must be a number in [0, 1], got {min_success_rate!r}"
+        )
     if not names:
         raise ConfigurationError(
             f"no calls recorded for {evidence.workflow}/{evidence.stage} since "
