@@ -674,6 +674,8 @@ def _mixture_p95(parts: Sequence[tuple[float, float, float]]) -> float | None:
         return None
     norm = statistics.NormalDist()
 
+    parts = [(w, mu, max(s, 1e-9)) for w, mu, s in parts]
+
     def cdf(x: float) -> float:
         return sum(w * norm.cdf((x - mu) / s) for w, mu, s in parts) / total
 
@@ -688,14 +690,28 @@ def _mixture_p95(parts: Sequence[tuple[float, float, float]]) -> float | None:
     return math.exp((lo + hi) / 2)
 
 
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    pos = q * (len(ordered) - 1)
+    i = math.floor(pos)
+    j = min(i + 1, len(ordered) - 1)
+    return ordered[i] + (ordered[j] - ordered[i]) * (pos - i)
+
+
 def _interval(values: Sequence[float | None], *, upper: float | None = None) -> Interval:
+    """
+    The mean of the replicates and a 95% interval that holds both the normal one (mean
+    +- 1.96 sd) and the replicates' own 2.5-97.5% range: when the router's choice
+    splits the replicates (a model proven in some, not in others) the figures are
+    bimodal, and the interval must reach both modes.
+    """
     xs = [v for v in values if v is not None]
     if not xs:
         return Interval.none()
     mean = statistics.fmean(xs)
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    low = max(0.0, mean - _Z95 * sd)
-    high = mean + _Z95 * sd
+    ordered = sorted(xs)
+    low = max(0.0, min(mean - _Z95 * sd, _quantile(ordered, 0.025)))
+    high = max(mean + _Z95 * sd, _quantile(ordered, 0.975))
     if upper is not None:
         high = min(upper, high)
     return Interval(estimate=mean, low=low, high=high)
@@ -953,7 +969,11 @@ async def simulate_policy(
             notes.append(f"{m}: only {f.samples} calls in the window: its figures are uncertain")
     recorded_p95 = _mixture_p95(
         [
-            (f.successes, f.latency_mu, f.latency_sigma or 0.0)
+            (
+                f.successes,
+                f.latency_mu,
+                f.latency_sigma if f.latency_sigma is not None else _FALLBACK_SIGMA,
+            )
             for f in evidence.fits.values()
             if f.latency_mu is not None
         ]
