@@ -26,6 +26,7 @@ from benchmarks import (
     bench_routing_quality,
     bench_streaming,
     bench_telemetry,
+    bench_whatif,
 )
 from benchmarks._common import RESULTS_DIR, BenchResult, machine_info, write_result
 
@@ -41,6 +42,7 @@ SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "streaming": bench_streaming.run,
     "limits": bench_limits.run,
     "cache": bench_cache.run,
+    "whatif": bench_whatif.run,
 }
 
 

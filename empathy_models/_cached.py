@@ -181,6 +181,7 @@ def _hit_record(
         original_provider=response.provider,
         original_model=response.model,
         exploration=False,
+        routing_propensity=None,
         breaker_generation=None,
         circuit_state=None,
         user_id=ctx.user_id,

@@ -134,6 +134,7 @@ from .limits.guard import Hold, Limiter, LocalRateLimitError
 from .limits.values import Budget, RateLimit
 from .observability import instrumentation_for
 from .outcomes import classify_error, retry_after_of
+from .propensity import routing_propensity
 from .providers._http import AttemptTimeout, HTTPProvider
 from .records import (
     CandidateEvaluation,
@@ -1577,6 +1578,9 @@ class EmpathyLLMExecutor:
             exploration=bool(
                 decision is not None and decision.exploration and decision.model == info.id
             ),
+            routing_propensity=routing_propensity(decision, getattr(self._router, "policy", None))
+            if decision is not None and decision.model == info.id
+            else None,
             breaker_generation=generation,
             circuit_state=circuit_state,
             user_id=ctx.user_id,

@@ -121,7 +121,7 @@ def test_help_lists_every_command(home: Path) -> None:
     ("group", "subcommands"),
     [
         ("auth", ("setup", "status", "reset", "restore", "recommend")),
-        ("routing", ("stats", "best", "upgrades")),
+        ("routing", ("stats", "best", "upgrades", "whatif")),
         ("breaker", ("status", "reset", "open")),
         ("telemetry", ("summary", "export")),
         ("demo", ("--calls", "--seed", "--db", "--json")),

@@ -78,6 +78,7 @@ FULL: dict[str, Any] = {
     "original_provider": "openai",
     "original_model": "gpt-4.1-nano",
     "exploration": True,
+    "routing_propensity": 0.005,
     "breaker_generation": 7,
     "circuit_state": CircuitState.HALF_OPEN,
     "user_id": "u-1",

@@ -308,9 +308,10 @@ async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Pa
         for statement in _MIGRATIONS[0]:  # a file as version 1 wrote it
             conn.execute(statement)
         conn.execute("PRAGMA user_version = 1")
-        # version 1 had no unique call_id to conflict on
+        # version 1 had no unique call_id to conflict on, nor routing_propensity (v5)
         plain_insert = _INSERT_CALL.removesuffix(" ON CONFLICT (call_id) DO NOTHING")
-        conn.executemany(plain_insert, map(_to_row, records))
+        plain_insert = plain_insert.replace(", routing_propensity)", ")").replace(", ?)", ")")
+        conn.executemany(plain_insert, (_to_row(r)[:-1] for r in records))
         conn.commit()
     finally:
         conn.close()
@@ -326,7 +327,7 @@ async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Pa
         )
     conn = sqlite3.connect(db)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     finally:
         conn.close()
 

@@ -282,6 +282,9 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
     ),
+    # version 5: the router's selection probability of the model called (what-if's
+    # off-policy estimate); NULL for calls recorded before
+    ("ALTER TABLE llm_calls ADD COLUMN routing_propensity REAL",),
 )
 
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -321,6 +324,7 @@ _CALL_COLUMNS: Final = (
     "metadata",
     "prompt_text",
     "response_text",
+    "routing_propensity",
 )
 _INSERT_CALL: Final = (
     f"INSERT INTO llm_calls ({', '.join(_CALL_COLUMNS)}) "
@@ -410,6 +414,7 @@ def _to_row(r: LLMCallRecord) -> tuple[Any, ...]:
         _json_metadata(dict(r.metadata)) if r.metadata else "{}",
         r.prompt_text,
         r.response_text,
+        r.routing_propensity,
     )
 
 
@@ -448,6 +453,7 @@ def _from_row(row: Sequence[Any]) -> LLMCallRecord:
         metadata=json.loads(row[30]),
         prompt_text=row[31],
         response_text=row[32],
+        routing_propensity=row[33],
     )
 
 

@@ -22,14 +22,14 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 
 from empathy_models import (
     AdaptiveModelRouter,
@@ -38,6 +38,7 @@ from empathy_models import (
     BreakerEvent,
     BreakerPolicy,
     CircuitBreaker,
+    ConfigurationError,
     EmpathyLLMExecutor,
     EmpathyModelsError,
     ExecutionContext,
@@ -238,6 +239,35 @@ def _nearest_rank(values: Sequence[float], p: float) -> float | None:
     return ordered[min(len(ordered), max(1, math.ceil(p * len(ordered)))) - 1]
 
 
+def _stages_with(constraints: Mapping[tuple[str, str], Mapping[str, float | None]]) -> list[_Stage]:
+    known = {(s.workflow, s.stage): s for s in _STAGES}
+    for key, values in constraints.items():
+        if key not in known:
+            raise ConfigurationError(
+                f"the demo has no stage {key!r}; its stages: {', '.join(map(str, known))}"
+            )
+        unknown = set(values) - {"min_success_rate", "max_latency_ms"}
+        if unknown:
+            raise ConfigurationError(
+                f"demo stage constraints are min_success_rate and max_latency_ms, got "
+                f"{', '.join(sorted(unknown))}"
+            )
+    out = []
+    for s in _STAGES:
+        values = constraints.get((s.workflow, s.stage), {})
+        rate = values.get("min_success_rate", s.min_success_rate)
+        if rate is None:
+            raise ConfigurationError("a demo stage's min_success_rate cannot be None")
+        out.append(
+            evolve(
+                s,
+                min_success_rate=rate,
+                max_latency_ms=values.get("max_latency_ms", s.max_latency_ms),
+            )
+        )
+    return out
+
+
 def _demo_registry() -> ModelRegistry:
     base = ModelRegistry.default()
     models: list[ModelInfo] = [base.get(m.id) for m in _MODELS]
@@ -254,13 +284,19 @@ async def run_demo(
     db_url: str,
     concurrency: int = 24,
     progress: Progress | None = None,
+    constraints: Mapping[tuple[str, str], Mapping[str, float | None]] | None = None,
+    outage: bool = True,
 ) -> DemoResult:
     """
     Run the demo against a fresh `FakeLLMServer` and return what it measured.
 
     ``db_url`` is the SQLite database (telemetry and breaker state) to write.  The
     OpenAI-format models are down (503) from call ``calls * 0.35`` to ``calls * 0.65``.
+    ``constraints`` replaces a stage's ``min_success_rate`` / ``max_latency_ms``, keyed
+    by (workflow, stage): the demo run under another policy (what `routing whatif`
+    predicts).  ``outage=False`` leaves every model up for the whole run.
     """
+    stages = _stages_with(constraints or {})
     rng = random.Random(seed)
     registry = _demo_registry()
     # the baseline: every call on its provider's most expensive premium model
@@ -320,8 +356,8 @@ async def run_demo(
     tallies: dict[tuple[str, str], _StageTally] = {
         (s.workflow, s.stage): _StageTally() for s in _STAGES
     }
-    weights = [s.weight for s in _STAGES]
-    plan = [rng.choices(_STAGES, weights)[0] for _ in range(calls)]
+    weights = [s.weight for s in stages]
+    plan = [rng.choices(stages, weights)[0] for _ in range(calls)]
     prompts = {
         s.stage: ("Please handle this request carefully. " * (s.prompt_chars // 38 + 1))[
             : s.prompt_chars
@@ -370,7 +406,9 @@ async def run_demo(
                 while next_index < calls:
                     index = next_index
                     next_index += 1
-                    if index == outage_start:
+                    if not outage:
+                        pass
+                    elif index == outage_start:
                         server.set_outage(_OUTAGE_PROVIDER, True, action=503)
                         outage_log["started_at_s"] = round(time.perf_counter() - started, 3)
                     elif index == outage_end:

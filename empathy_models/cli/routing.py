@@ -36,7 +36,13 @@ from ._common import (
     run_async,
 )
 
-__all__ = ["cmd_routing_best", "cmd_routing_stats", "cmd_routing_upgrades", "register"]
+__all__ = [
+    "cmd_routing_best",
+    "cmd_routing_stats",
+    "cmd_routing_upgrades",
+    "cmd_routing_whatif",
+    "register",
+]
 
 
 _positive_float = number_arg(float, minimum=0, strict=True)
@@ -44,6 +50,8 @@ _days = number_arg(float, minimum=0, strict=True, maximum=MAX_DAYS, too_big=" (1
 _non_negative_float = number_arg(float, minimum=0)
 _rate = number_arg(float, minimum=0, maximum=1)
 _tokens = number_arg(int, minimum=0, what="a whole number")
+_count = number_arg(int, minimum=1, maximum=1_000_000, what="a whole number")
+_replicates = number_arg(int, minimum=2, maximum=10_000, what="a whole number")
 
 
 def register(subparsers: SubParsers) -> None:
@@ -103,6 +111,56 @@ def register(subparsers: SubParsers) -> None:
         help="when nothing qualifies: fail (default), relax constraints, or pin a model",
     )
     best.set_defaults(func=cmd_routing_best)
+
+    whatif = leaf(
+        "whatif",
+        "what a routing policy would cost and deliver on a stage, estimated from its "
+        "recorded telemetry before you deploy it",
+    )
+    whatif.add_argument("workflow", help="the workflow")
+    whatif.add_argument("stage", help="its stage")
+    whatif.add_argument("--max-cost", type=_non_negative_float, help="USD per call")
+    whatif.add_argument("--max-latency-ms", type=_positive_float, help="p95 latency bound")
+    whatif.add_argument("--min-success-rate", type=_rate, help="0..1 (default 0.8)")
+    whatif.add_argument(
+        "--on-no-match",
+        default="raise",
+        metavar="raise|relax|MODEL",
+        help="when nothing qualifies: no answer (default), relax constraints, or pin a model",
+    )
+    whatif.add_argument(
+        "--candidates",
+        metavar="MODEL[,MODEL...]",
+        help="candidate model ids (default: the models that served this stage); one "
+        "without data in the window is reported as unknown",
+    )
+    whatif.add_argument(
+        "--input-tokens", type=_tokens, help="prompt size (default: the stage's mean)"
+    )
+    whatif.add_argument("--max-tokens", type=_tokens, help="output cap, for the expected cost")
+    whatif.add_argument(
+        "--requests", type=_count, default=400, help="simulated requests per replicate (400)"
+    )
+    whatif.add_argument(
+        "--replicates",
+        type=_replicates,
+        default=30,
+        help="replicates drawn from the evidence's uncertainty (default 30)",
+    )
+    whatif.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    whatif.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="also plot cost per request against min_success_rate over --sweep (needs matplotlib)",
+    )
+    whatif.add_argument(
+        "--sweep",
+        metavar="RATE[,RATE...]",
+        default="0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99",
+        help="min_success_rate values for --plot (default 0.8,...,0.99)",
+    )
+    whatif.set_defaults(func=cmd_routing_whatif)
 
     upgrades = leaf("upgrades", "stages whose recent failure rate advises a more capable tier")
     upgrades.add_argument("workflow", nargs="?", help="one workflow (default: every workflow)")
@@ -292,6 +350,198 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
         ],
     )
     return 0
+
+
+# --------------------------------------------------------------------------- whatif
+
+
+def cmd_routing_whatif(args: argparse.Namespace) -> int:
+    """`empathy_models.whatif.evaluate_policy` for one stage: a table, JSON, or a plot."""
+    from empathy_models.whatif import (
+        WhatIfReport,
+        evaluate_policy,
+        load_stage_evidence,
+        sweep_min_success_rate,
+    )
+
+    url = db_url(args.db)
+    registry = _registry(args)
+    candidates: list[str] | None = None
+    if args.candidates is not None:
+        candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+        if not candidates:
+            raise CliError("--candidates needs at least one model id", code=2)
+    sweep: list[float] = []
+    if args.plot is not None:
+        try:
+            sweep = sorted({float(v) for v in args.sweep.split(",") if v.strip()})
+        except ValueError:
+            sweep = []
+        if not sweep or any(not 0.0 <= v <= 1.0 for v in sweep):
+            raise CliError(f"--sweep: expected numbers between 0 and 1, got {args.sweep!r}", 2)
+        if not args.plot.parent.is_dir():
+            raise CliError(f"--plot {args.plot}: the directory {args.plot.parent} does not exist")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--plot needs matplotlib: pip install matplotlib") from None
+    options: dict[str, Any] = {
+        "max_cost": args.max_cost,
+        "max_latency_ms": args.max_latency_ms,
+        "on_no_match": args.on_no_match,
+        "candidates": candidates,
+        "input_tokens": args.input_tokens,
+        "max_tokens": args.max_tokens,
+        "requests": args.requests,
+        "replicates": args.replicates,
+        "seed": args.seed,
+    }
+
+    async def body() -> tuple[WhatIfReport, list[WhatIfReport]]:
+        async with telemetry_from_url(url, **read_only(url)) as backend:
+            evidence = await load_stage_evidence(
+                backend, args.workflow, args.stage, registry=registry, days=args.days
+            )
+            if not evidence.samples and candidates is None:
+                raise CliError(
+                    f"no calls recorded for {args.workflow}/{args.stage} in the last "
+                    f"{args.days:g} day(s); pass --candidates to evaluate models without "
+                    "history (they will be reported as unknown)"
+                )
+            report = await evaluate_policy(
+                backend,
+                args.workflow,
+                args.stage,
+                registry=registry,
+                evidence=evidence,
+                min_success_rate=args.min_success_rate,
+                **options,
+            )
+            swept: list[WhatIfReport] = []
+            if sweep:
+                swept = await sweep_min_success_rate(evidence, sweep, registry=registry, **options)
+            return report, swept
+
+    report, swept = run_async(body)
+    if args.plot is not None:
+        _plot_sweep(swept, report, args.plot)
+    if args.json:
+        out = report.to_dict()
+        if swept:
+            out["sweep"] = [
+                {
+                    "min_success_rate": r.constraints["min_success_rate"],
+                    "cost_per_request": r.cost_per_request.to_dict(),
+                    "success_rate": r.success_rate.to_dict(),
+                    "no_match_share": r.no_match_share.to_dict(),
+                }
+                for r in swept
+            ]
+        emit_json(out)
+        return 0
+    _print_whatif(report)
+    if args.plot is not None:
+        print(f"\nplot: cost per request against min_success_rate written to {args.plot}")
+    return 0
+
+
+def _ci(value: Any, fmt: Any) -> str:
+    """``estimate (low-high)`` of an Interval, formatted with ``fmt``."""
+    if value.estimate is None:
+        return "-"
+    return f"{fmt(value.estimate)} ({fmt(value.low)}-{fmt(value.high)})"
+
+
+def _print_whatif(r: Any) -> None:
+    c = r.constraints
+    policy = ", ".join(
+        f"{k}={c[k]:g}" if isinstance(c[k], float) else f"{k}={c[k]}"
+        for k in ("min_success_rate", "max_latency_ms", "max_cost", "on_no_match")
+        if c[k] is not None
+    )
+    recorded_share = {t.model: t.recorded_share for t in r.traffic}
+    print_pairs(
+        [
+            ("policy", policy),
+            (
+                "evidence",
+                f"{r.recorded_calls} recorded calls, {r.since:%Y-%m-%d %H:%M} -> "
+                f"{r.until:%Y-%m-%d %H:%M} UTC; prices {r.price_version}",
+            ),
+            ("simulated", f"{r.replicates} replicates x {r.requests} requests (95% intervals)"),
+        ],
+        title=f"What if {r.workflow}/{r.stage} were routed with this policy",
+    )
+    print()
+    print_table(
+        ["figure", "this policy (95% interval)", "recorded"],
+        [
+            (
+                "cost per request",
+                _ci(r.cost_per_request, fmt_usd),
+                fmt_usd(r.recorded_cost_per_call),
+            ),
+            ("cost per 1,000", _ci(r.cost_per_1k, fmt_usd), fmt_usd(r.recorded_cost_per_1k)),
+            ("success rate", _ci(r.success_rate, fmt_pct), fmt_pct(r.recorded_success_rate)),
+            ("p95 latency ms", _ci(r.latency_p95_ms, fmt_ms), fmt_ms(r.recorded_latency_p95_ms)),
+            ("no model qualifies", _ci(r.no_match_share, fmt_pct), "-"),
+        ],
+    )
+    print()
+    fits = {m.model: m for m in r.models}
+    print_table(
+        ["model", "traffic (95% interval)", "recorded", "calls", "success", "cost/call"],
+        [
+            (
+                t.model,
+                _ci(t.share, fmt_pct),
+                fmt_pct(recorded_share.get(t.model)),
+                fits[t.model].samples if t.model in fits else 0,
+                fmt_pct(t.success_rate) if t.known else "unknown",
+                fmt_usd(t.cost_per_call_usd),
+            )
+            for t in r.traffic
+        ],
+        title="Which models would take the traffic",
+    )
+    if r.ipw is not None and r.ipw.cost_per_request.estimate is not None:
+        print()
+        print(
+            f"off-policy check (inverse propensity weighting over {r.ipw.with_propensity} "
+            f"recorded calls, effective sample size {r.ipw.effective_sample_size:.0f}): "
+            f"cost per request {_ci(r.ipw.cost_per_request, fmt_usd)}, "
+            f"success {_ci(r.ipw.success_rate, fmt_pct)}"
+        )
+    for note in r.notes:
+        print(f"note: {note}")
+
+
+def _plot_sweep(swept: list[Any], report: Any, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r.constraints["min_success_rate"] for r in swept]
+    est = [r.cost_per_1k.estimate or 0.0 for r in swept]
+    low = [r.cost_per_1k.low or 0.0 for r in swept]
+    high = [r.cost_per_1k.high or 0.0 for r in swept]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, est, "o-", label="expected cost per 1,000 requests")
+    ax.fill_between(xs, low, high, alpha=0.25, label="95% interval")
+    if report.recorded_cost_per_1k is not None:
+        ax.axhline(report.recorded_cost_per_1k, linestyle=":", color="black", label="recorded")
+    ax.set_xlabel("min_success_rate")
+    ax.set_ylabel("USD per 1,000 requests")
+    ax.set_title(f"{report.workflow}/{report.stage}: cost against min_success_rate")
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as exc:
+        raise CliError(f"--plot {path}: {exc}") from None
+    finally:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------- upgrades

@@ -171,6 +171,7 @@ def _rich_record(ts: datetime) -> LLMCallRecord:
         original_provider="openai",
         original_model="gpt-b",
         exploration=True,
+        routing_propensity=0.125,
         breaker_generation=7,
         circuit_state=CircuitState.HALF_OPEN,
         user_id="user-1",

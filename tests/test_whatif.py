@@ -1,0 +1,437 @@
+"""
+What-if (`empathy_models.whatif`, ``empathy-models routing whatif``): a routing policy
+evaluated on recorded telemetry, judged against known truth and against the demo run
+under the policy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import attrs
+import pytest
+
+from empathy_models import (
+    ConfigurationError,
+    LLMCallRecord,
+    MemoryTelemetryBackend,
+    RoutingDecision,
+    RoutingPolicy,
+    SQLiteTelemetryBackend,
+    telemetry_from_url,
+)
+from empathy_models.cli.demo import _demo_registry, run_demo
+from empathy_models.evidence import EvidenceBatch
+from empathy_models.propensity import routing_propensity
+from empathy_models.whatif import (
+    Interval,
+    evaluate_policy,
+    ipw_estimate,
+    load_stage_evidence,
+    simulate_policy,
+    sweep_min_success_rate,
+)
+
+from ._cli import run_cli
+from ._whatif_synth import BY_ID, NOW, REGISTRY, ST, WF, history
+
+# --------------------------------------------------------------------------- known truth
+
+
+@pytest.mark.parametrize(
+    ("candidates", "chosen", "seeds", "requests"),
+    [
+        # the cheaper model is truly below the gate: the policy's truth is the oracle's cost
+        (None, "oracle", 20, 400),
+        # only the two pricier models: the policy's truth is the cheaper of them
+        (["pricey", "premium"], "pricey", 10, 200),
+    ],
+)
+async def test_cost_estimate_is_within_5_percent_and_its_interval_covers_the_truth(
+    tmp_path: Path, candidates: list[str] | None, chosen: str, seeds: int, requests: int
+) -> None:
+    """
+    A store drawn from known truth (a week, 3,000 calls, four models); min_success_rate
+    0.95, 30 replicates (the default) of 400 requests (the default; 200 for the second
+    case, to keep the suite quick).  The truth of the policy's cost per request is the
+    true expected cost of the cheapest truly compliant model.  Over the seeds the
+    estimate is within 5% of it every time and the stated 95% interval covers it in
+    >= 90% of them (the issue's bar).
+    """
+    truth = BY_ID[chosen].cost_per_call
+    errors: list[float] = []
+    covered = 0
+    for seed in range(seeds):
+        async with SQLiteTelemetryBackend(tmp_path / f"seed{seed}.db") as backend:
+            await backend.record_many(history(seed, 3_000))
+            report = await evaluate_policy(
+                backend,
+                WF,
+                ST,
+                registry=REGISTRY,
+                now=NOW,
+                min_success_rate=0.95,
+                candidates=candidates,
+                requests=requests,
+                ipw_limit=0,
+                seed=seed,
+            )
+        estimate = report.cost_per_request
+        assert estimate.estimate is not None
+        errors.append(estimate.estimate / truth - 1.0)
+        covered += estimate.covers(truth)
+        top = report.traffic[0]
+        assert top.model == chosen, report.traffic
+    assert max(abs(e) for e in errors) <= 0.05, errors
+    assert covered >= 0.9 * seeds, (covered, errors)
+
+
+async def test_a_tighter_policy_costs_more_and_a_model_without_data_is_unknown(
+    tmp_path: Path,
+) -> None:
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
+        await backend.record_many(history(1, 2_000))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    loose, tight = await sweep_min_success_rate(
+        evidence, [0.7, 0.95], registry=REGISTRY, requests=150, replicates=10
+    )
+    assert loose.cost_per_request.estimate is not None
+    assert tight.cost_per_request.estimate is not None
+    assert loose.cost_per_request.estimate < tight.cost_per_request.estimate
+    assert tight.constraints["min_success_rate"] == 0.95
+    assert tight.price_version == "synth-1"
+    # a registry model that never served the stage: reported unknown, never assumed good
+    registry = REGISTRY.with_models(
+        attrs.evolve(REGISTRY.get("cheap-bad"), id="untried", input_price_per_mtok=0.1)
+    )
+    report = await simulate_policy(
+        evidence,
+        registry=registry,
+        min_success_rate=0.95,
+        candidates=["untried", "oracle"],
+        requests=150,
+        replicates=10,
+    )
+    assert report.unknown_models == ("untried",)
+    fit = {m.model: m for m in report.models}["untried"]
+    assert fit.known is False and fit.success_rate is None and fit.samples == 0
+    assert any("untried" in n and "unknown" in n for n in report.notes)
+    traffic = {t.model: t for t in report.traffic}
+    assert traffic["untried"].known is False
+    # the router explores the cheaper unknown model; what it does there is not known,
+    # so the success interval is wider than the oracle's alone would make it
+    assert (traffic["untried"].share.estimate or 0.0) > 0.0
+    only_oracle = await simulate_policy(
+        evidence,
+        registry=registry,
+        min_success_rate=0.95,
+        candidates=["oracle"],
+        requests=150,
+        replicates=10,
+    )
+    width = report.success_rate.high - report.success_rate.low  # type: ignore[operator]
+    narrow = only_oracle.success_rate.high - only_oracle.success_rate.low  # type: ignore[operator]
+    assert width > narrow
+
+
+async def test_the_share_of_requests_no_model_would_qualify_for(tmp_path: Path) -> None:
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
+        await backend.record_many(history(2, 2_000))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    # every model's p50 is ~400 ms: a 50 ms p95 bound rejects them all
+    raised = await simulate_policy(
+        evidence, registry=REGISTRY, max_latency_ms=50.0, requests=50, replicates=4
+    )
+    assert raised.no_match_share.estimate == 1.0
+    assert raised.cost_per_request.estimate == 0.0
+    assert raised.success_rate.estimate is None  # no request was served
+    relaxed = await simulate_policy(
+        evidence,
+        registry=REGISTRY,
+        max_latency_ms=50.0,
+        on_no_match="relax",
+        requests=50,
+        replicates=4,
+    )
+    assert relaxed.no_match_share.estimate == 1.0
+    assert (relaxed.cost_per_request.estimate or 0.0) > 0.0
+    assert relaxed.success_rate.estimate is not None
+    fine = await simulate_policy(
+        evidence, registry=REGISTRY, max_latency_ms=5_000.0, requests=50, replicates=4
+    )
+    assert fine.no_match_share.estimate == 0.0
+
+
+async def test_invalid_arguments_are_configuration_errors(tmp_path: Path) -> None:
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
+        await backend.record_many(history(3, 300))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+        with pytest.raises(ConfigurationError, match="days"):
+            await load_stage_evidence(backend, WF, ST, days=0)
+        with pytest.raises(ConfigurationError, match="workflow"):
+            await load_stage_evidence(backend, "", ST)
+        with pytest.raises(ConfigurationError, match="not other/stage"):
+            await evaluate_policy(backend, "other", "stage", evidence=evidence)
+        with pytest.raises(ConfigurationError, match="ipw_limit"):
+            await evaluate_policy(backend, WF, ST, ipw_limit=-1)
+        empty = await load_stage_evidence(backend, WF, "nothing-here", registry=REGISTRY)
+    with pytest.raises(ConfigurationError, match="replicates"):
+        await simulate_policy(evidence, registry=REGISTRY, replicates=1)
+    with pytest.raises(ConfigurationError, match="requests"):
+        await simulate_policy(evidence, registry=REGISTRY, requests=0)
+    with pytest.raises(ConfigurationError, match="no calls recorded"):
+        await simulate_policy(empty, registry=REGISTRY)
+    with pytest.raises(ConfigurationError, match="min_success_rate"):
+        await simulate_policy(evidence, registry=REGISTRY, min_success_rate=1.5, replicates=2)
+
+
+async def test_a_backend_without_rollups_is_read_through_its_records() -> None:
+    class NoRollups(MemoryTelemetryBackend):
+        async def evidence(self, **_: object) -> EvidenceBatch:
+            raise NotImplementedError
+
+    backend = NoRollups()
+    records = history(6, 1_000)
+    await backend.record_many(records)
+    evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    assert evidence.source == "records"
+    assert evidence.samples == len(records)
+    report = await simulate_policy(
+        evidence, registry=REGISTRY, min_success_rate=0.95, requests=50, replicates=3
+    )
+    assert report.evidence_source == "records"
+    assert report.recorded_calls == len(records)
+
+
+# --------------------------------------------------------------------------- off-policy
+
+
+async def test_inverse_propensity_estimate_from_recorded_propensities(tmp_path: Path) -> None:
+    """
+    History logged by a random policy that picks each model with its known share, the
+    share recorded as routing_propensity: the IPW estimate of the oracle-only policy
+    recovers the oracle's true cost.
+    """
+    records = [attrs.evolve(r, routing_propensity=BY_ID[r.model].share) for r in history(5, 4_000)]
+    estimate = ipw_estimate(records, {"oracle": 1.0})
+    assert estimate is not None and estimate.with_propensity == 4_000
+    truth = BY_ID["oracle"].cost_per_call
+    assert estimate.cost_per_request.covers(truth), (estimate, truth)
+    assert estimate.success_rate.covers(BY_ID["oracle"].success)
+    assert ipw_estimate(history(5, 100), {"oracle": 1.0}) is None  # no propensities
+    thin = ipw_estimate(records[:100], {"premium": 1.0})
+    assert thin is not None and thin.cost_per_request.estimate is None  # too little overlap
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
+        await backend.record_many(records)
+        report = await evaluate_policy(
+            backend,
+            WF,
+            ST,
+            registry=REGISTRY,
+            now=NOW,
+            min_success_rate=0.95,
+            requests=100,
+            replicates=4,
+        )
+    assert report.ipw is not None and report.ipw.with_propensity == report.ipw.calls
+    assert report.ipw.cost_per_request.estimate is not None
+
+
+def test_propensity_follows_what_the_decision_states() -> None:
+    policy = RoutingPolicy(explore_rate=0.01, warmup_share=0.4, reprobe_interval=100.0)
+    plain = RoutingDecision(model="m", reason="cheapest of 2 eligible models")
+    assert routing_propensity(plain, policy) == pytest.approx(0.99)
+    assert routing_propensity(plain, None) == 1.0
+    relaxed = attrs.evolve(plain, policy_applied="relax", constraints_met=False)
+    assert routing_propensity(relaxed, policy) == 1.0
+    explore = attrs.evolve(plain, exploration=True, constraints_met=False)
+    for reason, expected in [
+        ("warm-up: measuring a cheaper model", 0.4),
+        ("re-probe: measuring a rejected or degraded model", 0.01),
+        ("exploration budget: measuring an unproven model", 0.01),
+        ("no model is proven to meet the constraints yet", 1.0),
+    ]:
+        assert routing_propensity(attrs.evolve(explore, reason=reason), policy) == pytest.approx(
+            expected
+        )
+
+
+def test_records_carry_the_propensity_and_reject_a_bad_one() -> None:
+    record = LLMCallRecord(provider="p", model="m", outcome="success", routing_propensity=0.25)
+    assert LLMCallRecord.from_dict(record.to_dict()).routing_propensity == 0.25
+    assert LLMCallRecord(provider="p", model="m", outcome="success").routing_propensity is None
+    with pytest.raises(Exception, match="routing_propensity"):
+        LLMCallRecord(provider="p", model="m", outcome="success", routing_propensity=1.5)
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+@attrs.frozen
+class _Observed:
+    """One run's docs/outline attempts: means and their standard errors."""
+
+    cost: float
+    cost_se: float
+    success: float
+    success_se: float
+    attempts: int
+
+
+async def _stage_calls(url: str, since: datetime) -> _Observed:
+    async with telemetry_from_url(url) as backend:
+        calls = [
+            r
+            for r in await backend.recent(
+                limit=100_000, workflow="docs", stage="outline", since=since
+            )
+            if r.outcome.is_sample
+        ]
+    n = len(calls)
+    costs = [r.cost_usd for r in calls]
+    success = sum(r.success for r in calls) / n
+    return _Observed(
+        cost=statistics.fmean(costs),
+        cost_se=statistics.stdev(costs) / math.sqrt(n),
+        success=success,
+        success_se=math.sqrt(max(success * (1 - success), 1 / n) / n),
+        attempts=n,
+    )
+
+
+def _agrees(interval: Interval, observed: float, se: float) -> bool:
+    """
+    The prediction (an interval for the expected figure) agrees with one run's figure,
+    whose own sampling error is ``se``: they overlap once that error is allowed for.
+    """
+    assert interval.low is not None and interval.high is not None
+    return interval.low - 1.96 * se <= observed <= interval.high + 1.96 * se
+
+
+async def test_demo_whatif_directions_are_confirmed_by_running_the_demo_under_each_policy(
+    tmp_path: Path,
+) -> None:
+    """
+    The demo (every model up, 3,000 calls) records telemetry; `routing whatif` for
+    docs/outline predicts a looser (0.7) and a tighter (0.95) min_success_rate than the
+    demo's 0.9.  The demo then runs again under each policy, on a copy of the recorded
+    store (the policy deployed on the same history): the tighter one costs more, as
+    predicted, and each run's cost and success per attempt agree with the predicted 95%
+    intervals (allowing for the run's own sampling error: one run of ~450 attempts is
+    not its expectation).
+    """
+    recorded = tmp_path / "recorded.db"
+    await run_demo(calls=3_000, seed=7, db_url=f"sqlite:///{recorded}", outage=False)
+    registry = _demo_registry()
+    predicted = {}
+    async with telemetry_from_url(f"sqlite:///{recorded}") as backend:
+        for rate in (0.7, 0.95):
+            predicted[rate] = await evaluate_policy(
+                backend,
+                "docs",
+                "outline",
+                registry=registry,
+                min_success_rate=rate,
+                requests=450,  # what the run below sends to docs/outline (30% of 1,500)
+            )
+        # the executor recorded the router's selection probability with each routed call
+        calls = await backend.recent(limit=500, workflow="docs", stage="outline")
+    assert calls and all(r.routing_propensity is not None for r in calls if not r.fallback_used)
+    plain = {r.routing_propensity for r in calls if not r.exploration and not r.fallback_used}
+    assert plain == {1.0 - RoutingPolicy().explore_rate}
+    assert predicted[0.95].ipw is not None
+    loose, tight = predicted[0.7], predicted[0.95]
+    assert loose.cost_per_request.estimate < tight.cost_per_request.estimate  # type: ignore[operator]
+    observed = {}
+    for rate in (0.7, 0.95):
+        copy = tmp_path / f"under-{rate}.db"
+        shutil.copyfile(recorded, copy)
+        since = datetime.now(UTC)
+        await run_demo(
+            calls=1_500,
+            seed=8,
+            db_url=f"sqlite:///{copy}",
+            outage=False,
+            constraints={("docs", "outline"): {"min_success_rate": rate}},
+        )
+        observed[rate] = await _stage_calls(f"sqlite:///{copy}", since)
+    assert observed[0.7].cost < observed[0.95].cost  # the direction, confirmed
+    for rate, seen in observed.items():
+        report = predicted[rate]
+        assert seen.attempts > 100
+        assert _agrees(report.cost_per_request, seen.cost, seen.cost_se), (rate, report, seen)
+        assert _agrees(report.success_rate, seen.success, seen.success_se), (rate, report, seen)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.fixture
+def synth_db(tmp_path: Path) -> tuple[Path, Path]:
+    """A SQLite file with a day of synthetic calls ending now, and its registry file."""
+    import anyio
+
+    db = tmp_path / "calls.db"
+    shift = datetime.now(UTC) - NOW - timedelta(minutes=1)
+    records = [attrs.evolve(r, timestamp=r.timestamp + shift) for r in history(4, 1_500)]
+
+    async def fill() -> None:
+        async with SQLiteTelemetryBackend(db) as backend:
+            await backend.record_many(records)
+            await backend.flush()
+
+    anyio.run(fill)
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps(REGISTRY.to_dict()))
+    return db, registry
+
+
+def test_cli_table_and_json(tmp_path: Path, synth_db: tuple[Path, Path]) -> None:
+    db, registry = synth_db
+    home = tmp_path / "home"
+    args = ("routing", "whatif", WF, ST, "--db", str(db), "--registry", str(registry))
+    table = run_cli(home, *args, "--min-success-rate", "0.95", "--requests", "100")
+    assert table.returncode == 0, table.stderr
+    out = table.stdout
+    for text in ("cost per request", "cost per 1,000", "success rate", "p95 latency ms"):
+        assert text in out
+    assert "no model qualifies" in out and "oracle" in out and "synth-1" in out
+    result = run_cli(home, *args, "--min-success-rate", "0.95", "--requests", "100", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["traffic"][0]["model"] == "oracle"
+    assert data["price_version"] == "synth-1"
+    assert data["recorded"]["calls"] == 1_500
+    low, high = data["cost_per_request"]["low"], data["cost_per_request"]["high"]
+    assert low <= BY_ID["oracle"].cost_per_call <= high
+    assert data["cost_per_1k"]["estimate"] == pytest.approx(
+        1000 * data["cost_per_request"]["estimate"]
+    )
+
+
+def test_cli_errors_are_clear(tmp_path: Path, synth_db: tuple[Path, Path]) -> None:
+    db, registry = synth_db
+    home = tmp_path / "home"
+    base = ("routing", "whatif", WF, "--db", str(db), "--registry", str(registry))
+    missing = run_cli(home, *base, "no-such-stage")
+    assert missing.returncode == 1
+    assert "no calls recorded for synth/no-such-stage" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    for bad in (("--replicates", "1"), ("--requests", "0"), ("--min-success-rate", "2")):
+        usage = run_cli(home, *base, ST, *bad)
+        assert usage.returncode == 2 and "usage:" in usage.stderr, bad
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        plot = run_cli(home, *base, ST, "--plot", str(tmp_path / "cost.png"))
+        assert plot.returncode == 1 and "matplotlib" in plot.stderr
+    else:  # pragma: no cover - with matplotlib installed
+        png = tmp_path / "cost.png"
+        plot = run_cli(home, *base, ST, "--plot", str(png), "--sweep", "0.8,0.95")
+        assert plot.returncode == 0, plot.stderr
+        assert png.read_bytes()[:4] == b"\x89PNG"
