@@ -35,16 +35,29 @@ def _live_leases(leases: tuple[tuple[str, float], ...]) -> int:
 
 
 async def cancel_during_admission(
-    breaker: CircuitBreaker, key: str, *, trials: int = 100, settle_seconds: float = 3.0
+    breaker: CircuitBreaker,
+    key: str,
+    *,
+    trials: int = 100,
+    window_hits: int = 10,
+    settle_seconds: float = 3.0,
 ) -> CancelTrials:
     """
     For each trial: hold ``key`` open until a moment already past (so the next admission
     is a half-open probe taking a lease), start a guarded call, cancel it after a
     varying delay, then check the store within ``settle_seconds`` for a lease left
     behind.  ``breaker`` must use ``local_view_ttl=0`` so every admission asks the store.
+
+    Runs at least ``trials`` trials, and more (up to five times as many) until
+    ``window_hits`` cancels have landed before the guarded body began: how many do
+    depends on the machine's load, and fewer would not test the window.
     """
     out = CancelTrials()
-    for i in range(trials):
+    i = -1
+    while out.trials < trials * 5 and (
+        out.trials < trials or out.cancelled_before_the_body < window_hits
+    ):
+        i += 1
         await breaker.reset(key)
         await breaker.force_open(key, until=datetime.now(UTC) - timedelta(seconds=1))
         flags = {"cancel_sent": False, "body_started": False}

@@ -119,7 +119,9 @@ async def test_a_cancelled_state_transaction_commits_whole_or_not_at_all(
     db = tmp_path / "state.db"
     returned = interrupted = 0
     async with SQLiteStateStore(db) as store:
-        for turns in TURNS:
+
+        async def trial(turns: int) -> None:
+            nonlocal returned, interrupted
             admission = await store.admit("k", POLICY)
             assert admission.ticket is not None
             reports = [OutcomeReport(ticket=admission.ticket, outcome=Outcome.FAILURE)]
@@ -130,8 +132,17 @@ async def test_a_cancelled_state_transaction_commits_whole_or_not_at_all(
             # the next operation runs after whatever the cancelled one left queued
             await store.snapshot("k")
             assert _another_writer_gets_the_lock(db), f"a transaction was left open ({turns})"
+
+        for turns in TURNS:
+            await trial(turns)
+        # where a cancel lands depends on the machine's load: on a busy machine every
+        # one of the trials above may have finished first; try the shortest delays again
+        extra = 0
+        while interrupted == 0 and extra < 400:
+            await trial(extra % 3)
+            extra += 1
         count = (await store.snapshot("k")).failure_count
-    assert returned + interrupted == len(TURNS)
+    assert returned + interrupted == len(TURNS) + extra
     assert interrupted > 0, "nothing was cancelled: the test tested nothing"
     # a transaction whose COMMIT was sent commits even though its caller was cancelled
     assert returned <= count <= returned + interrupted
