@@ -86,6 +86,9 @@ class ChangeTest:
     ``q / improve_ratio``, or the failure rate of an earlier, better regime when there
     is one (recovering to it is what the test looks for).  ``q`` is floored at
     ``min_rate``, so a run of perfect calls does not make two failures look like a change.
+    The degradation test takes ``q`` at the upper end of its Wilson interval at
+    ``reference_z``: the regime's rate is an estimate, and from a lucky start the arm's
+    own steady rate would otherwise read as a degradation.
     """
 
     threshold: float = 5.0
@@ -96,6 +99,7 @@ class ChangeTest:
     min_rate: float = 0.01
     restore_z: float = 2.0
     restore_threshold: float = 2.0
+    reference_z: float = 1.0
 
 
 @define(slots=True, eq=False)
@@ -457,14 +461,20 @@ class Arm:
             u = d = 0.0
             alarm: tuple[int, str] | None = None
             if n0 >= test.min_samples and n > 0:
-                q = (f0 + 0.5) / (n0 + 1.0)
-                q = q if q > test.min_rate else test.min_rate
+                # the regime's failure rate is itself an estimate: the degradation test
+                # starts from the upper end of its confidence interval, so a lucky start
+                # is not mistaken for a degradation later (which would split a stationary
+                # arm into regimes whose evidence could be reassembled selectively)
+                q_hi = wilson_bounds(f0, n0, test.reference_z)[1]
+                q = q_hi if q_hi > test.min_rate else test.min_rate
                 q_up = min(0.5, max(q * test.degrade_ratio, q + test.degrade_step))
                 if rates_of is not regime:
                     rates, rates_of = self._earlier_rates(), regime
-                q_dn, h_dn = self._improve_target(q, rates)
                 if q_up > q:
                     u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
+                q = (f0 + 0.5) / (n0 + 1.0)
+                q = q if q > test.min_rate else test.min_rate
+                q_dn, h_dn = self._improve_target(q, rates)
                 if q_dn < q:
                     d = d0 + f * math.log(q_dn / q) + (n - f) * math.log((1.0 - q_dn) / (1.0 - q))
                 u = u if u > 0.0 else 0.0
