@@ -121,3 +121,23 @@ def test_a_lucky_start_is_not_later_read_as_a_degradation() -> None:
             t += 1.0
         alarms += sum(r.kind == "degraded" for r in arm.regimes)
     assert alarms <= 10, alarms
+
+
+def test_a_steady_arm_better_than_the_rate_floor_is_not_read_as_improving() -> None:
+    # a 0.999 arm: the change test's 1% rate floor sat above its true failure rate and
+    # read its steady rate as an improvement again and again (thousands of regimes over
+    # a week at start-up, each re-summing the buckets after it)
+    rng = random.Random(7)
+    arm = Arm(test=ChangeTest())
+    buckets = []
+    for k in range(3_000):
+        n = 14
+        s = sum(rng.random() < 0.999 for _ in range(n))
+        buckets.append(
+            (
+                k * 60,
+                [float(n), float(s), float(s), 5.0 * s, 25.0 * s, 500.0 * s, 200.0 * s, 0.001 * n],
+            )
+        )
+    arm.apply(buckets)
+    assert len(arm.regimes) <= 3, [r.kind for r in arm.regimes]

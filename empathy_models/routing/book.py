@@ -472,8 +472,10 @@ class Arm:
                     rates, rates_of = self._earlier_rates(), regime
                 if q_up > q:
                     u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
+                # the improvement test is not floored: a floor above an arm's true
+                # failure rate would read its steady rate as an improvement, again and
+                # again (a 0.999 arm cut into thousands of regimes)
                 q = (f0 + 0.5) / (n0 + 1.0)
-                q = q if q > test.min_rate else test.min_rate
                 q_dn, h_dn = self._improve_target(q, rates)
                 if q_dn < q:
                     d = d0 + f * math.log(q_dn / q) + (n - f) * math.log((1.0 - q_dn) / (1.0 - q))
