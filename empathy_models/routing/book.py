@@ -404,14 +404,13 @@ class Arm:
             _add(self.cur, v)
         return True
 
-    def _segment(self, start: int, through: int | None = None) -> list[float]:
-        # sums of the buckets from ``start`` (to ``through``, else to the end)
-        out = _zeros()
+    def _sum(self, lo: int, hi: int) -> list[float]:
+        # sums of the buckets at positions lo .. hi - 1
         data = self.data
-        stop = None if through is None else self._pos(through) + 1
-        for t in self.starts[self._pos(start) : stop]:
-            _add(out, data[t])
-        return out
+        rows = [data[t] for t in self.starts[lo:hi]]
+        if not rows:
+            return _zeros()
+        return [float(sum(col)) for col in zip(*rows, strict=True)]
 
     def _rerun(self, i: int) -> None:
         """Re-run the change test from position ``i`` to the end."""
@@ -422,13 +421,11 @@ class Arm:
         t_i = starts[i]
         j = i
         # regimes detected at or after the changed bucket are decided again
+        resum = False  # the current regime's sums are re-summed at the end
         while len(regimes) > 1 and (regimes[-1].detected or _NEVER) >= t_i:
             dropped = regimes.pop()
-            prev = regimes[-1]
-            assert prev.closed is not None
-            self.cur = prev.closed
-            prev.closed = None
-            _add(self.cur, self._segment(dropped.start))
+            regimes[-1].closed = None
+            resum = True
             j = min(j, self._pos(dropped.start))
         test = self.test
         h = test.threshold
@@ -505,7 +502,7 @@ class Arm:
                 continue
             start, kind = alarm
             last_detected = t
-            segment = self._segment(start)
+            first = self._pos(start)
             if start <= regime.start:
                 # a restored regime that did not hold: superseded from its own start, so
                 # all it holds before that start is the evidence it restored
@@ -515,19 +512,26 @@ class Arm:
                     before[SUCCESSES] / before[SAMPLES] if before and before[SAMPLES] else None
                 )
             else:
-                closed = self.cur
-                _add(closed, segment, -1.0)
+                # what the regime held before the change: O(its own buckets), not the
+                # rest of the window
+                closed = self._sum(self._pos(regime.start), first)
+                if regime.base is not None:
+                    _add(closed, regime.base)
                 regime.closed = closed
                 before_rate = closed[SUCCESSES] / closed[SAMPLES] if closed[SAMPLES] else None
             new = Regime(start=start, detected=t, kind=kind, before_rate=before_rate)
             # judged on the buckets up to this one only, so that the decision does not
             # depend on how many later buckets had arrived when it was made
-            self._restore(new, self._segment(start, t))
-            if new.base is not None:
-                _add(segment, new.base)
-            self.cur = segment
+            self._restore(new, self._sum(first, j + 1))
             regimes.append(new)
-            j = self._pos(start)
+            resum = True
+            j = first
+        if resum:
+            current = regimes[-1]
+            cur = self._sum(self._pos(current.start), len(starts))
+            if current.base is not None:
+                _add(cur, current.base)
+            self.cur = cur
 
     def _improve_target(self, q: float, rates: list[float]) -> tuple[float, float]:
         # The failure rate an improvement is tested against, and the threshold: going
