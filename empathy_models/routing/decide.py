@@ -503,25 +503,27 @@ def select(
                 "to rank them by: give input_tokens and max_tokens)",
             )
     picked = _cheapest_plausible(order, verdicts, cons, rng, policy)
+    runner_up = False
     if picked is not None and rng.random() < 0.5:
         # top-two sampling: half the time the runner-up of another draw, so a model
         # that a lucky run keeps ahead does not starve the one that would be proven
         for _ in range(8):
             other = _cheapest_plausible(order, verdicts, cons, rng, policy)
             if other is not None and other != picked:
-                picked = other
+                picked, runner_up = other, True
                 break
     if picked is not None:
-        return (
-            picked,
-            True,
+        why = (
             "no model is proven to meet the constraints yet: exploring the cheapest one "
             "a draw from its evidence finds compliant"
             if costs[picked] is not None
             else "no model is proven to meet the constraints yet: exploring one a draw "
             "from its evidence finds compliant (no cost estimate to rank them by: give "
-            "input_tokens and max_tokens)",
+            "input_tokens and max_tokens)"
         )
+        if runner_up:
+            why += " (top-two sampling: the runner-up, chosen by a second draw)"
+        return (picked, True, why)
     # no draw finds any compliant: the one whose drawn success rate comes closest
     target = max(
         order,
@@ -533,10 +535,8 @@ def select(
     return (
         target,
         True,
-        "no model is proven to meet the constraints yet: exploring the cheapest unproven one"
-        if costs[target] is not None
-        else "no model is proven to meet the constraints yet: exploring an unproven one "
-        "(no cost estimate to rank them by: give input_tokens and max_tokens)",
+        "no model is proven to meet the constraints yet, and no draw finds one compliant: "
+        "exploring the one whose drawn success rate comes closest",
     )
 
 
