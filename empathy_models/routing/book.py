@@ -86,7 +86,10 @@ class ChangeTest:
     ``q / improve_ratio``, or the failure rate of an earlier, better regime when there
     is one (recovering to it is what the test looks for).  ``q`` is floored at
     ``min_rate``, so a run of perfect calls does not make two failures look like a change.
-    The degradation test takes ``q`` at the upper end of its Wilson interval at
+    An improvement that is not a return to an earlier regime's rate must clear
+    ``improve_threshold`` (higher than ``threshold``: it only speeds a verdict up, and a
+    steady arm with many calls a minute would otherwise raise one every few thousand
+    calls).  The degradation test takes ``q`` at the upper end of its Wilson interval at
     ``reference_z``: the regime's rate is an estimate, and from a lucky start the arm's
     own steady rate would otherwise read as a degradation.
     """
@@ -100,6 +103,7 @@ class ChangeTest:
     restore_z: float = 2.0
     restore_threshold: float = 2.0
     reference_z: float = 1.0
+    improve_threshold: float = 8.0
 
 
 @define(slots=True, eq=False)
@@ -540,14 +544,11 @@ class Arm:
         # then restored, and the degradation test undoes a wrong restore); otherwise a
         # fixed ratio below the current rate.
         test = self.test
-        target = q / test.improve_ratio
-        threshold = test.threshold
         limit = q / 1.5
-        for qr in rates:
+        for qr in reversed(rates):  # the most recent such regime
             if qr < limit:
-                threshold = test.restore_threshold
-                target = qr
-        return target, threshold
+                return qr, test.restore_threshold
+        return q / test.improve_ratio, test.improve_threshold
 
     def _earlier_rates(self) -> list[float]:
         # failure rates (Jeffreys) of the closed regimes with enough evidence

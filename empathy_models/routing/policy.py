@@ -176,7 +176,10 @@ class RoutingPolicy:
     @property
     def change_test(self) -> ChangeTest:
         """The per-model change test these settings describe."""
-        return ChangeTest(threshold=self.change_threshold)
+        # an improvement that is not a return to an earlier rate needs 3 more (see
+        # ChangeTest): it only speeds a verdict up
+        t = self.change_threshold
+        return ChangeTest(threshold=t, improve_threshold=t + 3.0)
 
 
 @frozen
