@@ -436,11 +436,11 @@ def select(
                 i
                 for i in explorable
                 if not verdicts[i].degraded
-                and _young(verdicts[i].summary, min_sr, policy.warmup_calls)
                 and (
                     not cheapest
                     or (current is not None and (c := costs[i]) is not None and c < current)
                 )
+                and _young(verdicts[i].summary, min_sr, policy.warmup_calls)
             ]
             young.sort(key=lambda i: (costs[i] or 0.0, ctx.models[i]))
             for i in young:
