@@ -784,6 +784,25 @@ async def test_a_quiet_stage_is_seeded_even_next_to_a_busy_one(clock: FakeClock)
     assert (after.window, after.failures) == (13, 7)
 
 
+async def test_a_workflow_window_is_the_newest_of_its_stages_interleaved(
+    clock: FakeClock,
+) -> None:
+    # the workflow's window (stage=None) at start is built from its stages' own windows
+    # (no query over every stage): the newest 20 of both, interleaved in time
+    store = MemoryTelemetryBackend()
+    recs = []
+    for i in range(40):
+        clock.advance(1.0)
+        recs.append(rec(clock, "nano", i % 2 == 1, stage="a" if i % 2 else "b"))
+    await store.record_many(recs)
+    clock.advance(1.0)
+    async with make(clock, telemetry_store=store, refresh_interval=None) as router:
+        everything = router.recommend_tier_upgrade(WF, None)
+        only_b = router.recommend_tier_upgrade(WF, "b")
+    assert (everything.window, everything.failures) == (20, 10)
+    assert (only_b.window, only_b.failures) == (20, 20)
+
+
 async def test_stats_over_a_window_longer_than_a_datetime_can_hold(
     clock: FakeClock, tmp_path: Path
 ) -> None:

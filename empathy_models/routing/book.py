@@ -86,6 +86,12 @@ class ChangeTest:
     ``q / improve_ratio``, or the failure rate of an earlier, better regime when there
     is one (recovering to it is what the test looks for).  ``q`` is floored at
     ``min_rate``, so a run of perfect calls does not make two failures look like a change.
+    An improvement that is not a return to an earlier regime's rate must clear
+    ``improve_threshold`` (higher than ``threshold``: it only speeds a verdict up, and a
+    steady arm with many calls a minute would otherwise raise one every few thousand
+    calls).  The degradation test takes ``q`` at the upper end of its Wilson interval at
+    ``reference_z``: the regime's rate is an estimate, and from a lucky start the arm's
+    own steady rate would otherwise read as a degradation.
     """
 
     threshold: float = 5.0
@@ -96,6 +102,8 @@ class ChangeTest:
     min_rate: float = 0.01
     restore_z: float = 2.0
     restore_threshold: float = 2.0
+    reference_z: float = 1.0
+    improve_threshold: float = 8.0
 
 
 @define(slots=True, eq=False)
@@ -400,14 +408,13 @@ class Arm:
             _add(self.cur, v)
         return True
 
-    def _segment(self, start: int, through: int | None = None) -> list[float]:
-        # sums of the buckets from ``start`` (to ``through``, else to the end)
-        out = _zeros()
+    def _sum(self, lo: int, hi: int) -> list[float]:
+        # sums of the buckets at positions lo .. hi - 1
         data = self.data
-        stop = None if through is None else self._pos(through) + 1
-        for t in self.starts[self._pos(start) : stop]:
-            _add(out, data[t])
-        return out
+        rows = [data[t] for t in self.starts[lo:hi]]
+        if not rows:
+            return _zeros()
+        return [float(sum(col)) for col in zip(*rows, strict=True)]
 
     def _rerun(self, i: int) -> None:
         """Re-run the change test from position ``i`` to the end."""
@@ -418,13 +425,11 @@ class Arm:
         t_i = starts[i]
         j = i
         # regimes detected at or after the changed bucket are decided again
+        resum = False  # the current regime's sums are re-summed at the end
         while len(regimes) > 1 and (regimes[-1].detected or _NEVER) >= t_i:
             dropped = regimes.pop()
-            prev = regimes[-1]
-            assert prev.closed is not None
-            self.cur = prev.closed
-            prev.closed = None
-            _add(self.cur, self._segment(dropped.start))
+            regimes[-1].closed = None
+            resum = True
             j = min(j, self._pos(dropped.start))
         test = self.test
         h = test.threshold
@@ -457,14 +462,22 @@ class Arm:
             u = d = 0.0
             alarm: tuple[int, str] | None = None
             if n0 >= test.min_samples and n > 0:
-                q = (f0 + 0.5) / (n0 + 1.0)
-                q = q if q > test.min_rate else test.min_rate
+                # the regime's failure rate is itself an estimate: the degradation test
+                # starts from the upper end of its confidence interval, so a lucky start
+                # is not mistaken for a degradation later (which would split a stationary
+                # arm into regimes whose evidence could be reassembled selectively)
+                q_hi = wilson_bounds(f0, n0, test.reference_z)[1]
+                q = q_hi if q_hi > test.min_rate else test.min_rate
                 q_up = min(0.5, max(q * test.degrade_ratio, q + test.degrade_step))
                 if rates_of is not regime:
                     rates, rates_of = self._earlier_rates(), regime
-                q_dn, h_dn = self._improve_target(q, rates)
                 if q_up > q:
                     u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
+                # the improvement test is not floored: a floor above an arm's true
+                # failure rate would read its steady rate as an improvement, again and
+                # again (a 0.999 arm cut into thousands of regimes)
+                q = (f0 + 0.5) / (n0 + 1.0)
+                q_dn, h_dn = self._improve_target(q, rates)
                 if q_dn < q:
                     d = d0 + f * math.log(q_dn / q) + (n - f) * math.log((1.0 - q_dn) / (1.0 - q))
                 u = u if u > 0.0 else 0.0
@@ -493,7 +506,7 @@ class Arm:
                 continue
             start, kind = alarm
             last_detected = t
-            segment = self._segment(start)
+            first = self._pos(start)
             if start <= regime.start:
                 # a restored regime that did not hold: superseded from its own start, so
                 # all it holds before that start is the evidence it restored
@@ -503,19 +516,26 @@ class Arm:
                     before[SUCCESSES] / before[SAMPLES] if before and before[SAMPLES] else None
                 )
             else:
-                closed = self.cur
-                _add(closed, segment, -1.0)
+                # what the regime held before the change: O(its own buckets), not the
+                # rest of the window
+                closed = self._sum(self._pos(regime.start), first)
+                if regime.base is not None:
+                    _add(closed, regime.base)
                 regime.closed = closed
                 before_rate = closed[SUCCESSES] / closed[SAMPLES] if closed[SAMPLES] else None
             new = Regime(start=start, detected=t, kind=kind, before_rate=before_rate)
             # judged on the buckets up to this one only, so that the decision does not
             # depend on how many later buckets had arrived when it was made
-            self._restore(new, self._segment(start, t))
-            if new.base is not None:
-                _add(segment, new.base)
-            self.cur = segment
+            self._restore(new, self._sum(first, j + 1))
             regimes.append(new)
-            j = self._pos(start)
+            resum = True
+            j = first
+        if resum:
+            current = regimes[-1]
+            cur = self._sum(self._pos(current.start), len(starts))
+            if current.base is not None:
+                _add(cur, current.base)
+            self.cur = cur
 
     def _improve_target(self, q: float, rates: list[float]) -> tuple[float, float]:
         # The failure rate an improvement is tested against, and the threshold: going
@@ -524,14 +544,11 @@ class Arm:
         # then restored, and the degradation test undoes a wrong restore); otherwise a
         # fixed ratio below the current rate.
         test = self.test
-        target = q / test.improve_ratio
-        threshold = test.threshold
         limit = q / 1.5
-        for qr in rates:
+        for qr in reversed(rates):  # the most recent such regime
             if qr < limit:
-                threshold = test.restore_threshold
-                target = qr
-        return target, threshold
+                return qr, test.restore_threshold
+        return q / test.improve_ratio, test.improve_threshold
 
     def _earlier_rates(self) -> list[float]:
         # failure rates (Jeffreys) of the closed regimes with enough evidence

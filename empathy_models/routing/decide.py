@@ -345,6 +345,30 @@ def _plausible(v: Verdict, cons: Constraints, rng: random.Random, policy: Routin
     return True
 
 
+def _cheapest_plausible(
+    order: Sequence[int],
+    verdicts: Sequence[Verdict],
+    cons: Constraints,
+    rng: random.Random,
+    policy: RoutingPolicy,
+) -> int | None:
+    for i in order:
+        if _plausible(verdicts[i], cons, rng, policy):
+            return i
+    return None
+
+
+def _young(s: ArmSummary, min_sr: float | None, calls: float) -> bool:
+    n = s.samples
+    if n < calls:
+        return True
+    # past ``calls``, only while the lower bound at z = 0.5 (about a 70% one-sided
+    # bound) still clears the limit, and for at most four times as many calls
+    return (
+        n < 4.0 * calls and min_sr is not None and wilson_bounds(s.successes, n, 0.5)[0] >= min_sr
+    )
+
+
 def select(
     ctx: Context,
     costs: Sequence[float | None],
@@ -403,22 +427,31 @@ def select(
                 )
         # warm-up: a cheaper challenger with little evidence that a draw finds
         # compliant is explored freely, so it is proven (or ruled out) early; this
-        # spends at most warmup_calls calls per challenger
+        # spends at most warmup_calls calls per challenger, or up to four times as many
+        # on one whose evidence says it more likely than not complies (an unlucky
+        # start must not leave the cheapest compliant model unproven for ever)
         if explorable and rng.random() < policy.warmup_share:
+            min_sr = ctx.cons.min_success_rate
             young = [
                 i
                 for i in explorable
                 if not verdicts[i].degraded
-                and verdicts[i].summary.samples < policy.warmup_calls
                 and (
                     not cheapest
                     or (current is not None and (c := costs[i]) is not None and c < current)
                 )
+                and _young(verdicts[i].summary, min_sr, policy.warmup_calls)
             ]
             young.sort(key=lambda i: (costs[i] or 0.0, ctx.models[i]))
-            min_sr = ctx.cons.min_success_rate
             for i in young:
                 s = verdicts[i].summary
+                if s.samples < policy.warmup_min_calls:
+                    return (
+                        i,
+                        True,
+                        "warm-up: giving a cheaper model with fewer than "
+                        f"{policy.warmup_min_calls:g} calls its first calls",
+                    )
                 if min_sr is not None and wilson_bounds(s.successes, s.samples, 1.0)[1] < min_sr:
                     continue  # more likely than not below the limit already
                 if _plausible(verdicts[i], ctx.cons, rng, policy):
@@ -455,26 +488,55 @@ def select(
         return None
     order = sorted(explorable, key=lambda i: (costs[i] is None, costs[i] or 0.0, ctx.models[i]))
     cons = ctx.cons
+    first_calls = policy.warmup_min_calls
     for i in order:
-        if _plausible(verdicts[i], cons, rng, policy):
+        v = verdicts[i]
+        if v.summary.samples < first_calls and not v.degraded:
             return (
                 i,
                 True,
-                "no model is proven to meet the constraints yet: exploring the cheapest one "
-                "a draw from its evidence finds compliant"
+                "no model is proven to meet the constraints yet: giving the cheapest "
+                f"candidate with fewer than {first_calls:g} calls its first calls"
                 if costs[i] is not None
-                else "no model is proven to meet the constraints yet: exploring one a draw "
-                "from its evidence finds compliant (no cost estimate to rank them by: give "
-                "input_tokens and max_tokens)",
+                else "no model is proven to meet the constraints yet: giving a candidate "
+                f"with fewer than {first_calls:g} calls its first calls (no cost estimate "
+                "to rank them by: give input_tokens and max_tokens)",
             )
-    target = order[0]
+    picked = _cheapest_plausible(order, verdicts, cons, rng, policy)
+    runner_up = False
+    if picked is not None and rng.random() < 0.5:
+        # top-two sampling: half the time the runner-up of another draw, so a model
+        # that a lucky run keeps ahead does not starve the one that would be proven
+        for _ in range(8):
+            other = _cheapest_plausible(order, verdicts, cons, rng, policy)
+            if other is not None and other != picked:
+                picked, runner_up = other, True
+                break
+    if picked is not None:
+        why = (
+            "no model is proven to meet the constraints yet: exploring the cheapest one "
+            "a draw from its evidence finds compliant"
+            if costs[picked] is not None
+            else "no model is proven to meet the constraints yet: exploring one a draw "
+            "from its evidence finds compliant (no cost estimate to rank them by: give "
+            "input_tokens and max_tokens)"
+        )
+        if runner_up:
+            why += " (top-two sampling: the runner-up, chosen by a second draw)"
+        return (picked, True, why)
+    # no draw finds any compliant: the one whose drawn success rate comes closest
+    target = max(
+        order,
+        key=lambda i: rng.betavariate(
+            policy.prior_alpha + verdicts[i].summary.successes,
+            policy.prior_beta + verdicts[i].summary.samples - verdicts[i].summary.successes,
+        ),
+    )
     return (
         target,
         True,
-        "no model is proven to meet the constraints yet: exploring the cheapest unproven one"
-        if costs[target] is not None
-        else "no model is proven to meet the constraints yet: exploring an unproven one "
-        "(no cost estimate to rank them by: give input_tokens and max_tokens)",
+        "no model is proven to meet the constraints yet, and no draw finds one compliant: "
+        "exploring the one whose drawn success rate comes closest",
     )
 
 

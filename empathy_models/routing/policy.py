@@ -124,12 +124,19 @@ class RoutingPolicy:
       recovery is found within a few hundred decisions while a model that keeps
       failing costs ~1% of them.
       ``0`` disables exploration once something is proven.  Before that budget
-      applies, a cheaper candidate with fewer than ``warmup_calls`` (default 200) calls
-      of evidence that a draw from its evidence finds compliant gets ``warmup_share``
-      (default half) of the decisions, so it is proven or ruled out early.  While nothing is proven,
-      every decision explores: among the candidates that could still meet the
-      constraints, the cheapest one that a random draw from its evidence finds
-      compliant (Thompson sampling), so cheap near-misses do not take every call.
+      applies, a cheaper candidate with fewer than ``warmup_min_calls`` (default 20)
+      calls is given them whatever they showed (a few unlucky first calls must not
+      lock the cheapest compliant model out), and one with fewer than
+      ``warmup_calls`` (default 150) calls that a draw from its evidence finds
+      compliant gets ``warmup_share`` (default all) of the decisions, so it is proven
+      or ruled out early; one whose evidence still says it more likely complies than
+      not (lower bound at z = 0.5 above the limit) keeps that share for up to four
+      times ``warmup_calls``, so an unlucky start does not leave it unproven.  While
+      nothing is proven, every decision explores: first each candidate's
+      ``warmup_min_calls`` (cheapest first), then the cheapest one that a random draw
+      from its evidence finds compliant, half the time the runner-up of a second draw
+      instead (top-two Thompson sampling), so a cheap near-miss on a lucky run does
+      not starve the model that would be proven.
     * ``relax_order``: the order ``on_no_match="relax"`` drops constraints in (default
       latency, then success rate, then cost last because it is a budget).
     * ``prior_alpha`` / ``prior_beta``: Beta prior of the Thompson draws (never counted
@@ -153,8 +160,9 @@ class RoutingPolicy:
     cost_tie_tolerance: float = field(default=0.05, validator=_check_non_negative)
     explore_rate: float = field(default=0.005, validator=_check_unit)
     explore_burst: float = field(default=10.0, validator=_check_at_least_one)
-    warmup_calls: float = field(default=200.0, validator=_check_non_negative)
-    warmup_share: float = field(default=0.5, validator=_check_unit)
+    warmup_calls: float = field(default=150.0, validator=_check_non_negative)
+    warmup_share: float = field(default=1.0, validator=_check_unit)
+    warmup_min_calls: float = field(default=20.0, validator=_check_non_negative)
     explore_half: float = field(default=50.0, validator=_check_positive)
     reprobe_interval: float = field(default=200.0, validator=_check_at_least_one)
     reprobe_min: float = field(default=4.0, validator=_check_at_least_one)
@@ -168,7 +176,10 @@ class RoutingPolicy:
     @property
     def change_test(self) -> ChangeTest:
         """The per-model change test these settings describe."""
-        return ChangeTest(threshold=self.change_threshold)
+        # an improvement that is not a return to an earlier rate needs 3 more (see
+        # ChangeTest): it only speeds a verdict up
+        t = self.change_threshold
+        return ChangeTest(threshold=t, improve_threshold=t + 3.0)
 
 
 @frozen
