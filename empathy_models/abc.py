@@ -863,7 +863,9 @@ class Completion:
 
     ``request_id`` identifies the HTTP exchange (the provider's request-id header, for
     support tickets); ``response_id`` is the completion's own id in the body
-    (``chatcmpl-...``, ``msg_...``) when the API returns one.
+    (``chatcmpl-...``, ``msg_...``) when the API returns one.  ``rate_limit_reset`` is
+    set when the provider's rate-limit headers on this answer said a limit is exhausted
+    (remaining 0): the seconds until it resets, which the executor's rate limits wait out.
     """
 
     content: str
@@ -875,6 +877,7 @@ class Completion:
     ttft_ms: float | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     response_id: str | None = None
+    rate_limit_reset: float | None = None
 
 
 class Provider(abc.ABC):

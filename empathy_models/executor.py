@@ -2015,6 +2015,8 @@ class EmpathyLLMExecutor:
                     if hold is not None:
                         hold.cost_usd = record.cost_usd
                         hold.tokens = record.input_tokens + record.output_tokens
+                        # the provider says a limit is exhausted: every worker waits it out
+                        hold.pushback = completion.rate_limit_reset
                     scope = None if scope_ticket is None else (scope_ticket, Outcome.SUCCESS)
                     if (ticket is not None and ticket.lease_id is not None) or (
                         scope_ticket is not None and scope_ticket.lease_id is not None

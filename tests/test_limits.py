@@ -332,6 +332,28 @@ async def test_a_providers_429_pushes_the_shared_schedule_back(server: FakeLLMSe
     assert not grant.granted and 19.0 < grant.wait <= 20.1
 
 
+@pytest.mark.parametrize(
+    ("model", "provider"), [("gpt-cheap", "openai"), ("claude-other", "anthropic")]
+)
+async def test_a_providers_exhausted_limit_header_holds_calls_back_before_any_429(
+    model: str, provider: str
+) -> None:
+    # the provider allows 2 requests a second (a burst of 2); the executor was told
+    # 6,000 a minute: only the remaining/reset headers on its answers can keep it
+    # from sending the third request into a 429
+    async with FakeLLMServer(api_key=KEY, rpm=120, rpm_burst=2) as server:
+        limits = {provider: RateLimit(rpm=6000)}
+        async with make(server, rate_limits=limits, rate_limit_wait=5.0) as executor:
+            answers = [
+                await executor.run("hello", ExecutionContext(model=model, max_tokens=10))
+                for _ in range(6)
+            ]
+        stats = server.rpm_stats()
+    assert [a.model for a in answers] == [model] * 6
+    assert all(len(a.attempts) == 1 for a in answers)
+    assert (stats["accepted"], stats["refused"]) == (6, 0)
+
+
 async def test_routes_whose_schedule_is_booked_too_far_are_avoided(server: FakeLLMServer) -> None:
     limits = {"openai": RateLimit(rpm=1)}
     ctx = ExecutionContext(tier="cheap", max_tokens=10)

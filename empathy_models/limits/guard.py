@@ -193,6 +193,8 @@ class Limiter:
         self._overrides_at = -math.inf
         # rate key -> monotonic time its schedule was last seen to be booked until
         self._booked: dict[str, float] = {}
+        # rate key -> monotonic time until which a provider's reset pushed it back
+        self._pushed: dict[str, float] = {}
         self._from_registry: dict[str, RateLimit] = {}
         self.degraded_events = 0
         """Outages of the quota store (one per outage, logged once)."""
@@ -451,15 +453,24 @@ class Limiter:
                         held / 1e9,
                     )
             pushback = hold.pushback
-            if pushback is not None and pushback > 0:
+            if pushback is not None and pushback > 0 and hold.rates:
                 logger.info(
                     "the provider asked to wait %.1f s: pushing back %s",
                     pushback,
                     ", ".join(key for _, key, _ in hold.rates),
                 )
+            else:
+                pushback = None
             for store, key, interval in hold.rates:
-                if pushback is not None and pushback > 0:
-                    await self._adjust(store, key, pushback)
+                if pushback is not None:
+                    # calls ending together all carry the same reset: the schedule is
+                    # moved to it once, not once per call
+                    now = self._mono()
+                    ends = now + pushback
+                    pushed = self._pushed.get(key, -math.inf)
+                    if ends > pushed:
+                        self._pushed[key] = ends
+                        await self._adjust(store, key, ends - max(pushed, now))
                 if interval < 0:
                     if failed and not hold.tokens:
                         # never sent (refused or cancelled before the call): free the slot

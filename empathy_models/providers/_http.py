@@ -53,6 +53,7 @@ from typing import Any, Final, NoReturn, Self
 from urllib.parse import urlsplit
 
 import aiohttp
+import attrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._propagation import outgoing_headers
@@ -836,13 +837,17 @@ class HTTPProvider(Provider):
             body = b""  # this frame is in the error's traceback: let the body go
             raise
         try:
-            return self._parse(reader, data, request, response_headers)
+            completion = self._parse(reader, data, request, response_headers)
         except InvalidResponseError:
             body, data = b"", {}
             raise
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             body, data = b"", {}
             raise reader.error(f"{type(exc).__name__}: {exc}") from exc
+        exhausted = parse_ratelimit_reset(response_headers)
+        if exhausted is not None:
+            completion = attrs.evolve(completion, rate_limit_reset=exhausted)
+        return completion
 
     async def _read_bounded(
         self, response: aiohttp.ClientResponse, length: int | None, model: str, status: int

@@ -61,6 +61,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Literal, Self, TypeAlias
 
@@ -638,17 +639,23 @@ class FakeLLMServer(_Controls):
             "span_s": span,
         }
 
-    def _rpm_admit(self) -> float | None:
-        """Take a token from the bucket; None when taken, else the seconds until one is."""
-        assert self._rpm is not None
+    def _rpm_tokens_now(self, rate: float) -> float:
+        """The bucket's tokens, refilled up to now."""
         now = time.monotonic()
-        rate = self._rpm / 60.0
         if self._rpm_at is not None:
             self._rpm_tokens = min(self._rpm_burst, self._rpm_tokens + (now - self._rpm_at) * rate)
         self._rpm_at = now
+        return self._rpm_tokens
+
+    def _rpm_admit(self) -> float | None:
+        """Take a token from the bucket; None when taken, else the seconds until one is."""
+        assert self._rpm is not None
+        rate = self._rpm / 60.0
+        self._rpm_tokens_now(rate)
         if self._rpm_tokens >= 1.0:
             self._rpm_tokens -= 1.0
             self._rpm_counts[0] += 1
+            now = time.monotonic()
             if len(self._rpm_accepted) < 2:
                 self._rpm_accepted.append(now)
             else:
@@ -687,7 +694,14 @@ class FakeLLMServer(_Controls):
             return self._error(api, exc.status, message, code="unknown_url")
 
     async def _stamp(self, request: web.Request, response: web.StreamResponse) -> None:
-        """Every response: a request id and rate-limit headers, as the real APIs send."""
+        """
+        Every response: a request id and rate-limit headers, as the real APIs send.
+
+        With ``rpm`` set, the request figures are the bucket's: ``remaining`` is what is
+        left after this request and ``reset`` the time until the bucket is full again
+        (Anthropic: the instant, to the millisecond; OpenAI: a duration such as
+        ``"1.5s"``).  Otherwise fixed, generous figures.
+        """
         headers = response.headers
         anthropic = self._api_of(request) == _ANTHROPIC
         id_header = "request-id" if anthropic else "x-request-id"
@@ -697,19 +711,26 @@ class FakeLLMServer(_Controls):
         if response.status == 429 and retry is None:
             return  # a reset time would read as a retry-after the scenario did not set
         wait = float(retry) if retry is not None else 60.0
-        if anthropic:
-            reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + wait))
-            for kind, limit in (("requests", 1000), ("tokens", 1_000_000)):
-                left = 0 if response.status == 429 else limit - 1
+        limits = [("requests", 1000, 999, wait), ("tokens", 1_000_000, 999_999, wait)]
+        if self._rpm is not None:
+            rate = self._rpm / 60.0
+            tokens = self._rpm_tokens_now(rate)
+            full = (self._rpm_burst - tokens) / rate
+            limits[0] = ("requests", self._rpm, math.floor(tokens), full)
+        for kind, limit, left, reset in limits:
+            if response.status == 429:
+                left = 0
+            if anthropic:
+                at = datetime.fromtimestamp(time.time() + reset, UTC)
                 headers[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
                 headers[f"anthropic-ratelimit-{kind}-remaining"] = str(left)
-                headers[f"anthropic-ratelimit-{kind}-reset"] = reset
-        else:
-            for kind, limit in (("requests", 1000), ("tokens", 1_000_000)):
-                left = 0 if response.status == 429 else limit - 1
+                headers[f"anthropic-ratelimit-{kind}-reset"] = at.isoformat(
+                    timespec="milliseconds"
+                ).replace("+00:00", "Z")
+            else:
                 headers[f"x-ratelimit-limit-{kind}"] = str(limit)
                 headers[f"x-ratelimit-remaining-{kind}"] = str(left)
-                headers[f"x-ratelimit-reset-{kind}"] = f"{math.ceil(wait)}s"
+                headers[f"x-ratelimit-reset-{kind}"] = f"{reset:.3f}".rstrip("0").rstrip(".") + "s"
 
     async def _anthropic(self, request: web.Request) -> web.StreamResponse:
         self._counted(None)
