@@ -14,8 +14,12 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from .abc import Message
+import attrs
+
+from ._request_options import structured_result
+from .abc import Completion, Message
 from .cache import request_key
+from .content import ToolCall
 
 # imported by the executor at its first cached call, when .executor is loaded already
 from .executor import _new_response, _prompt_text
@@ -39,20 +43,15 @@ def cache_key_of(
     options: Mapping[str, Any],
 ) -> str | None:
     """
-    The request's cache key, or None when the answer is not to be cached: its output is
-    sampled, or the request is more than text (run options such as tools or a response
-    format, content blocks, tool calls or results), whose answer the cache does not keep
-    whole.
+    The request's cache key, or None when the answer is not to be cached (its output is
+    sampled).  The key covers the routing policy, the parameters, the messages whole
+    (content blocks, tool calls and results included) and the run options (tools,
+    tool choice, response format, stop, top_p, seed, extra_body).
     """
     temperature = ctx.temperature
     if not ctx.cache_sampled and (temperature is None or temperature > 0):
         return None
-    if options:
-        return None
-    for m in messages:
-        if m.tool_calls or m.tool_call_id is not None or not isinstance(m.content, str):
-            return None
-    parts = (
+    parts: tuple[object, ...] = (
         _VERSION,
         ctx.model,
         ctx.workflow,
@@ -66,7 +65,37 @@ def cache_key_of(
         ctx.max_tokens,
         None if temperature is None else float(temperature),
     )
+    if options or any(
+        m.tool_calls or m.tool_call_id is not None or not isinstance(m.content, str)
+        for m in messages
+    ):
+        # more than text: the messages and options in one canonical JSON part
+        whole = json.dumps(
+            [_canonical(dict(options)), _canonical(list(messages))],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=True,
+        )
+        return request_key((*parts, whole), (), system)
     return request_key(parts, messages, system)
+
+
+def _canonical(value: Any) -> Any:
+    """``value`` as JSON-encodable data that names each attrs class (so no two differ alike)."""
+    cls = type(value)
+    if attrs.has(cls):
+        return [
+            cls.__name__,
+            {f.name: _canonical(getattr(value, f.name)) for f in attrs.fields(cls)},
+        ]
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return repr(value)
 
 
 async def lookup(
@@ -76,6 +105,7 @@ async def lookup(
     task_type: str,
     messages: Sequence[Message],
     system: str | None,
+    options: Mapping[str, Any],
     start: float,
 ) -> LLMResponse | None:
     """The cached answer for ``key`` as an `LLMResponse` (recorded as a hit), or None."""
@@ -103,6 +133,18 @@ async def lookup(
         _DECODED[raw] = entry
     content, model, provider, tier, input_tokens, output_tokens, saved, extra = entry
     data = extra
+    tool_calls = _tool_calls(data.get("tool_calls"))
+    if tool_calls is None:
+        executor.cache_errors += 1
+        logger.warning("response cache entry %s is unreadable; calling a model instead", key[:12])
+        return None
+    parsed, parse_error = (
+        (None, None)
+        if not options
+        else structured_result(
+            Completion(content=content, model=model, tool_calls=tool_calls), options
+        )
+    )
     ids = os.urandom(32).hex()
     request_id = ids[:32]
     latency_ms = max(0.0, (executor._clock() - start) * 1000.0)
@@ -123,9 +165,9 @@ async def lookup(
         response_model=str(data.get("response_model") or model),
         price_version=str(data.get("price_version") or executor.registry.price_version),
         stop_reason=data.get("stop_reason"),
-        tool_calls=(),
-        parsed=None,
-        parse_error=None,
+        tool_calls=tool_calls,
+        parsed=parsed,
+        parse_error=parse_error,
         ttft_ms=None,
     )
     telemetry = executor._telemetry
@@ -217,6 +259,18 @@ def _decode(raw: bytes) -> _Entry | None:
         return None
 
 
+def _tool_calls(raw: object) -> tuple[ToolCall, ...] | None:
+    """The stored tool calls (none in an entry without them); None when unreadable."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        return None
+    try:
+        return tuple(ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"]) for c in raw)
+    except Exception:  # a malformed entry, whatever it holds
+        return None
+
+
 async def store(
     executor: EmpathyLLMExecutor, key: str, response: LLMResponse, ctx: ExecutionContext
 ) -> None:
@@ -235,6 +289,10 @@ async def store(
         "response_model": response.response_model,
         "price_version": response.price_version,
         "stop_reason": response.stop_reason,
+        "tool_calls": [
+            {"id": c.id, "name": c.name, "arguments": dict(c.arguments)}
+            for c in response.tool_calls
+        ],
     }
     value = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(
         "utf-8", "surrogatepass"

@@ -1662,7 +1662,9 @@ class EmpathyLLMExecutor:
             cached = _cached_module()
             cache_key = cached.cache_key_of(ctx, task_type, messages, system, options)
             if cache_key is not None:
-                hit = await cached.lookup(self, cache_key, ctx, task_type, messages, system, start)
+                hit = await cached.lookup(
+                    self, cache_key, ctx, task_type, messages, system, options, start
+                )
                 if hit is not None:
                     response: LLMResponse = hit
                     return response

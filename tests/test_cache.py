@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from empathy_models import (
@@ -17,11 +18,13 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     MemoryTelemetryBackend,
+    Message,
     ModelInfo,
     ModelRegistry,
     Outcome,
     RetryPolicy,
     StateStoreError,
+    Tool,
 )
 from empathy_models.cache import MemoryResponseCache
 from empathy_models.providers import OpenAIProvider
@@ -113,6 +116,51 @@ async def test_what_the_key_covers(server: FakeLLMServer) -> None:
         ]
         same = ExecutionContext(workflow="faq", stage="answer", temperature=0, cache_ttl=600)
         assert (await executor.run(as_message, same)).cached
+    assert server.requests() == 5
+
+
+async def test_tool_calls_and_structured_answers_are_cached_whole(server: FakeLLMServer) -> None:
+    weather = Tool(
+        name="get_weather",
+        description="The weather in a city",
+        parameters={
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    )
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string"}},
+        "required": ["answer"],
+    }
+    async with make(server) as executor:
+        called = await executor.run("weather?", CTX, tools=[weather], tool_choice="required")
+        again = await executor.run("weather?", CTX, tools=[weather], tool_choice="required")
+        # the tool's result sent back: a different conversation, a different key
+        history = [
+            Message(role="user", content="weather?"),
+            Message(role="assistant", content=called.content, tool_calls=called.tool_calls),
+            Message(role="tool", tool_call_id=called.tool_calls[0].id, content="sunny"),
+        ]
+        follow = await executor.run(history, CTX, tools=[weather])
+        follow_again = await executor.run(history, CTX, tools=[weather])
+        other_tool = attrs.evolve(weather, description="Weather, in Celsius")
+        not_same = await executor.run("weather?", CTX, tools=[other_tool], tool_choice="required")
+        structured = await executor.run("answer", CTX, response_format=schema)
+        structured_again = await executor.run("answer", CTX, response_format=schema)
+        plain = await executor.run("answer", CTX)  # no response format: another request
+    assert not called.cached and again.cached
+    assert again.tool_calls == called.tool_calls and again.tool_calls
+    assert [dict(c.arguments) for c in again.tool_calls] == [
+        dict(c.arguments) for c in called.tool_calls
+    ]
+    assert again.stop_reason == called.stop_reason
+    assert not follow.cached and follow_again.cached and follow_again.content == follow.content
+    assert not not_same.cached
+    assert not structured.cached and structured_again.cached
+    assert structured_again.parsed == structured.parsed and structured.parsed is not None
+    assert not plain.cached and plain.parsed is None
     assert server.requests() == 5
 
 
