@@ -50,6 +50,7 @@ from .records import (
     Outcome,
     OutcomeReport,
     Ticket,
+    _trusted_state_evolve,
 )
 
 __all__ = [
@@ -189,7 +190,8 @@ def _closed_successes(
 ) -> CircuitBreakerState:
     """``count`` successes of the current generation in CLOSED, as one step."""
     window = _add_to_window(_live_window(state, policy, now), _bucket(policy, now), False, count)
-    return attrs.evolve(state, consecutive_failures=0, window=window, updated_at_ts=now)
+    # every value below is valid as given (ints from a valid window, the clock's time)
+    return _trusted_state_evolve(state, consecutive_failures=0, window=window, updated_at_ts=now)
 
 
 def _decayed_trips(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> int:

@@ -451,6 +451,31 @@ _trusted_call_record = _trusted_constructor(LLMCallRecord)
 """Internal: `LLMCallRecord` without validation, for the executor's own records."""
 
 
+_KEEP: Final = object()
+
+
+def _trusted_evolver(cls: type[_R]) -> Callable[..., _R]:
+    """
+    Internal: ``attrs.evolve`` for ``cls`` without converters or validators: a copy of
+    the instance with the fields given by keyword replaced, each stored as given.  The
+    same contract as `_trusted_constructor`: only for values already valid as the
+    public constructor would store them.
+    """
+    names = [a.name for a in attrs.fields(cls)]
+    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_K": _KEEP}
+    for name in names:
+        namespace[f"_set_{name}"] = cls.__dict__[name].__set__
+    params = ", ".join(f"{name}=_K" for name in names)
+    lines = [f"def evolve(_old, *, {params}):", "    self = _new(_cls)"]
+    lines.extend(
+        f"    _set_{name}(self, _old.{name} if {name} is _K else {name})" for name in names
+    )
+    lines.append("    return self")
+    exec(compile("\n".join(lines), f"<trusted evolve of {cls.__name__}>", "exec"), namespace)
+    evolve: Callable[..., _R] = namespace["evolve"]
+    return evolve
+
+
 @frozen(kw_only=True)
 class ModelPerformance:
     """
@@ -652,6 +677,10 @@ class CircuitBreakerState:
         from .serialization import from_dict
 
         return from_dict(data, cls)
+
+
+_trusted_state_evolve = _trusted_evolver(CircuitBreakerState)
+"""Internal: `attrs.evolve` of a `CircuitBreakerState` without validation (hot paths)."""
 
 
 @frozen(kw_only=True)
