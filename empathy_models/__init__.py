@@ -75,6 +75,7 @@ from .content import (
     TextBlock as TextBlock,
     Tool as Tool,
     ToolCall as ToolCall,
+    ToolCallDelta as ToolCallDelta,
     ToolResult as ToolResult,
 )
 from .exceptions import (
@@ -254,6 +255,7 @@ __all__ = [
     "TierRecommendation",
     "Tool",
     "ToolCall",
+    "ToolCallDelta",
     "ToolResult",
     "TransactionalStateStore",
     "acount_lines_of_code",

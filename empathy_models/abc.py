@@ -27,6 +27,7 @@ from .content import (
     TextBlock,
     Tool,
     ToolCall,
+    ToolCallDelta,
     ToolResult,
     check_options,
     text_of,
@@ -941,20 +942,22 @@ class Provider(abc.ABC):
 
 class CompletionStream(abc.ABC):
     """
-    A provider's answer arriving in pieces: ``async for delta in stream`` yields the
-    non-empty text deltas in order, then stops when the answer is complete.
+    A provider's answer arriving in pieces: ``async for piece in stream`` yields the
+    non-empty text deltas (`str`) and the pieces of its tool calls (`ToolCallDelta`)
+    in order, then stops when the answer is complete.
 
     `__anext__` raises a `ProviderError` when the stream fails (a stall past the idle
-    timeout, an error event, a cut connection); `aclose` (idempotent) ends it early and
-    releases the connection.  `completion` is the answer so far.
+    timeout, an error event, a cut connection, tool-call arguments that are not a JSON
+    object); `aclose` (idempotent) ends it early and releases the connection.
+    `completion` is the answer so far (its ``tool_calls`` once the stream finished).
     """
 
     def __aiter__(self) -> Self:
         return self
 
     @abc.abstractmethod
-    async def __anext__(self) -> str:
-        """The next text delta; `StopAsyncIteration` when the answer is complete."""
+    async def __anext__(self) -> str | ToolCallDelta:
+        """The next piece; `StopAsyncIteration` when the answer is complete."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:
@@ -973,28 +976,37 @@ class CompletionStream(abc.ABC):
         """
 
 
+def whole_answer_pieces(completion: Completion) -> list[str | ToolCallDelta]:
+    """A whole answer as the pieces a stream of it yields: its text, then each call."""
+    pieces: list[str | ToolCallDelta] = [completion.content] if completion.content else []
+    pieces.extend(
+        ToolCallDelta(index=i, id=call.id, name=call.name, arguments=call.arguments_json)
+        for i, call in enumerate(completion.tool_calls)
+    )
+    return pieces
+
+
 class _CompletedStream(CompletionStream):
-    """A whole `Completion` served as a stream of one delta."""
+    """A whole `Completion` served as a stream: its text, then each tool call."""
 
     def __init__(self, completion: Completion) -> None:
         self._completion = completion
-        self._sent = not completion.content
+        self._pieces = whole_answer_pieces(completion)
         self._closed = False
 
-    async def __anext__(self) -> str:
-        if self._sent or self._closed:
+    async def __anext__(self) -> str | ToolCallDelta:
+        if not self._pieces or self._closed:
             raise StopAsyncIteration
-        self._sent = True
-        return self._completion.content
+        return self._pieces.pop(0)
 
     async def aclose(self) -> None:
         self._closed = True
 
     @property
     def finished(self) -> bool:
-        return self._sent
+        return not self._pieces
 
     def completion(self) -> Completion:
-        if self._sent:
+        if not self._pieces:
             return self._completion
-        return attrs.evolve(self._completion, content="", output_tokens=0)
+        return attrs.evolve(self._completion, content="", output_tokens=0, tool_calls=())

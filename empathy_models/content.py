@@ -47,6 +47,7 @@ __all__ = [
     "TextBlock",
     "Tool",
     "ToolCall",
+    "ToolCallDelta",
     "ToolChoice",
     "ToolResult",
 ]
@@ -238,6 +239,24 @@ class ToolCall:
 
     def __hash__(self) -> int:
         return hash((self.id, self.name, self.arguments_json))
+
+
+@frozen(kw_only=True)
+class ToolCallDelta:
+    """
+    A piece of a tool call arriving in a stream (see `LLMStream.events`).
+
+    ``index`` numbers the calls of one answer from 0, in order; the first piece of a
+    call carries its ``id`` and ``name`` (None on the later pieces), and each piece a
+    fragment of the ``arguments`` JSON text (possibly empty): joined in order they are
+    the call's arguments.  The final `LLMResponse.tool_calls` holds the calls parsed.
+    """
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    type: Literal["tool_call_delta"] = field(default="tool_call_delta", init=False)
 
 
 def _result_content(value: object) -> str | tuple[TextBlock | ImageBlock, ...]:

@@ -1732,7 +1732,19 @@ class EmpathyLLMExecutor:
             run.errors,
         )
 
-    def stream(self, prompt: Prompt, context: ExecutionContext | None = None) -> StreamManager:
+    def stream(
+        self,
+        prompt: Prompt,
+        context: ExecutionContext | None = None,
+        *,
+        tools: Sequence[Tool | Mapping[str, Any]] | None = None,
+        tool_choice: str | None = None,
+        response_format: ResponseFormat | Mapping[str, Any] | None = None,
+        stop: str | Sequence[str] | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> StreamManager:
         """
         Answer ``prompt`` as a stream of text deltas; see `empathy_models.streaming`.
 
@@ -1743,6 +1755,10 @@ class EmpathyLLMExecutor:
                     print(delta, end="")
                 response = await stream.get_final_response()
 
+        The request options are `run`'s, checked the same way; with ``tools``,
+        ``stream.events()`` yields the tool calls' pieces (`ToolCallDelta`) beside the
+        text, and the final response has them parsed in ``tool_calls``.
+
         Same routing, breaker, retries, fallback, deadline and records as `run`: failures
         before the first delta are retried or fall back (``async with`` raises
         `AllRoutesFailedError` when no route answers); a failure after it raises
@@ -1751,13 +1767,22 @@ class EmpathyLLMExecutor:
         bounds the first byte and each gap between chunks.  Bad input raises
         `ConfigurationError` here, before anything is sent.
         """
+        options = run_options(
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            stop=stop,
+            top_p=top_p,
+            seed=seed,
+            extra_body=extra_body,
+        )
         global _open_stream
         opener = _open_stream
         if opener is None:
             from .streaming import open_stream
 
             opener = _open_stream = open_stream
-        return opener(self, prompt, context)
+        return opener(self, prompt, context, options)
 
     def _response(
         self, run: _Run, info: ModelInfo, completion: Completion, start: float, cost: float

@@ -32,6 +32,12 @@ What happens, in order:
    response's ``ttft_ms`` is the time from entering ``async with`` to the first delta
    (retries and fallbacks included): what the caller waited.
 
+6. **Tool calls**: with ``tools``, ``stream.events()`` yields the pieces of each tool
+   call (`ToolCallDelta`) beside the text deltas, in order; a piece counts as a delta
+   for the rules above.  The final response has the calls parsed (arguments that are
+   not a JSON object end the stream with `StreamInterruptedError` carrying an
+   `InvalidResponseError`).
+
 The provider slot (``concurrency_per_provider``) is held until the stream ends or is
 left, since the connection is in use until then.  Usage: output tokens count one per
 delta until the provider reports them (OpenAI-format servers report usage only at the
@@ -41,15 +47,16 @@ end; the executor asks for it with ``stream_options.include_usage``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
-from ._request_options import NO_OPTIONS, required_capabilities
+from ._request_options import required_capabilities, structured_result
 from .abc import Completion, CompletionRequest, CompletionStream
 from .breaker import provider_outcome
+from .content import ToolCallDelta
 from .exceptions import (
     AllRoutesFailedError,
     BudgetExceededError,
@@ -80,7 +87,7 @@ if TYPE_CHECKING:
     from .executor import AttemptSummary, EmpathyLLMExecutor, LLMResponse, Prompt
     from .registry import ModelInfo
 
-__all__ = ["LLMStream", "StreamManager"]
+__all__ = ["LLMStream", "StreamEvents", "StreamManager"]
 
 logger = logging.getLogger("empathy_models.executor")
 
@@ -140,6 +147,7 @@ class StreamManager:
 class LLMStream:
     """
     A streamed answer: ``async for delta in stream`` yields the text deltas (`str`);
+    `events` yields them and the tool calls' pieces (`ToolCallDelta`);
     `get_final_response` returns the `LLMResponse` (reading what is left first).
 
     ``text`` is the text delivered so far; ``model`` / ``provider`` name the model
@@ -158,6 +166,7 @@ class LLMStream:
         "_info",
         "_parts",
         "_per_attempt",
+        "_pieces",
         "_response",
         "_routes",
         "_run",
@@ -186,7 +195,8 @@ class LLMStream:
         self._per_attempt = run.context.timeout
         self._state = "new"  # new -> streaming -> done | failed | cancelled
         self._parts: list[str] = []
-        self._first: str | None = None
+        self._first: str | ToolCallDelta | None = None
+        self._pieces = 0  # text deltas and tool-call pieces delivered
         self._error: BaseException | None = None
         self._response: LLMResponse | None = None
         self._info: ModelInfo | None = None
@@ -240,11 +250,32 @@ class LLMStream:
         return self
 
     async def __anext__(self) -> str:
+        while True:
+            piece = await self._next_piece()
+            if type(piece) is str:
+                return piece
+
+    def events(self) -> StreamEvents:
+        """
+        Every piece of the answer in order: the text deltas (`str`) and the pieces of
+        its tool calls (`ToolCallDelta`)::
+
+            async for event in stream.events():
+                if isinstance(event, str):
+                    print(event, end="")
+                else:
+                    calls[event.index] = calls.get(event.index, "") + event.arguments
+
+        It reads the same stream as ``async for delta in stream`` (which yields the text
+        only): use one or the other.  `get_final_response` has the calls parsed.
+        """
+        return StreamEvents(self)
+
+    async def _next_piece(self) -> str | ToolCallDelta:
         first = self._first
         if first is not None:
             self._first = None
-            self._parts.append(first)
-            return first
+            return self._delivered(first)
         if self._state != "streaming":
             if self._state == "new":
                 raise RuntimeError("use the stream inside `async with executor.stream(...)`")
@@ -254,7 +285,7 @@ class LLMStream:
         stream = self._stream
         assert stream is not None
         try:
-            delta = await stream.__anext__()
+            piece = await stream.__anext__()
         except StopAsyncIteration:
             await self._finish()
             raise
@@ -263,8 +294,13 @@ class LLMStream:
         except BaseException:
             await self._close("cancelled")
             raise
-        self._parts.append(delta)
-        return delta
+        return self._delivered(piece)
+
+    def _delivered(self, piece: str | ToolCallDelta) -> str | ToolCallDelta:
+        self._pieces += 1
+        if type(piece) is str:
+            self._parts.append(piece)
+        return piece
 
     async def get_final_response(self) -> LLMResponse:
         """
@@ -375,6 +411,7 @@ class LLMStream:
             system=run.system,
             max_tokens=run.context.max_tokens,
             temperature=run.context.temperature,
+            **run.options,
         )
         breaker = ex._breaker
         key = None if breaker is None or info.provider in ex._keyless else ex._breaker_key(info)
@@ -452,7 +489,7 @@ class LLMStream:
                         request, idle_timeout=per_attempt, total_timeout=total
                     )
                     try:
-                        first: str | None = await stream.__anext__()
+                        first: str | ToolCallDelta | None = await stream.__anext__()
                     except StopAsyncIteration:
                         first = None  # an empty answer: complete already
                 except Exception as raised:
@@ -596,6 +633,9 @@ class LLMStream:
             stop_reason=got.stop_reason,
             request_id=got.request_id,
             ttft_ms=self._ttft,
+            tool_calls=got.tool_calls,
+            response_id=got.response_id,
+            rate_limit_reset=got.rate_limit_reset,
         )
 
     def _release(self) -> None:
@@ -652,12 +692,17 @@ class LLMStream:
             if hold is not None:
                 hold.cost_usd = record.cost_usd
                 hold.tokens = record.input_tokens + record.output_tokens
+                # the provider says a limit is exhausted: every worker waits it out
+                hold.pushback = completion.rate_limit_reset
                 assert ex._limiter is not None
                 with anyio.CancelScope(shield=True):
                     await ex._limiter.settle(hold, failed=False)
         if outcome is not Outcome.SUCCESS:
             return None
         run.attempts_cost = record.cost_usd
+        parsed, parse_error = (
+            (None, None) if not run.options else structured_result(completion, run.options)
+        )
         return _new_response(
             content=completion.content,
             model=info.id,
@@ -675,9 +720,9 @@ class LLMStream:
             response_model=completion.model,
             price_version=ex._registry.price_version,
             stop_reason=completion.stop_reason,
-            tool_calls=(),
-            parsed=None,
-            parse_error=None,
+            tool_calls=completion.tool_calls,
+            parsed=parsed,
+            parse_error=parse_error,
             ttft_ms=self._run_ttft,
         )
 
@@ -710,7 +755,7 @@ class LLMStream:
         )
         interrupted = StreamInterruptedError(
             f"{info.provider}/{info.id}: the stream failed after "
-            f"{len(self._parts)} delta(s): {_describe(error)}: "
+            f"{self._pieces} delta(s): {_describe(error)}: "
             f"{str(error)[:_ERROR_MESSAGE_LIMIT]}",
             provider=info.provider,
             model=info.id,
@@ -758,18 +803,36 @@ def _some_model_cannot_stream(executor: EmpathyLLMExecutor) -> bool:
 
 
 def open_stream(
-    executor: EmpathyLLMExecutor, prompt: Prompt, context: ExecutionContext | None
+    executor: EmpathyLLMExecutor,
+    prompt: Prompt,
+    context: ExecutionContext | None,
+    options: Mapping[str, Any],
 ) -> StreamManager:
-    """`EmpathyLLMExecutor.stream`'s body (see there)."""
+    """`EmpathyLLMExecutor.stream`'s body (see there); ``options`` from `run_options`."""
     executor._check_open()
     ctx = _DEFAULT_CONTEXT if context is None else context
     if not isinstance(ctx, ExecutionContext):
         raise ConfigurationError(f"context must be an ExecutionContext, got {ctx!r}")
     messages, system = _to_messages(prompt, ctx.system)
     task_type, task_tier = executor._task(ctx.task_type)
-    needs = required_capabilities(messages, NO_OPTIONS)
+    needs = required_capabilities(messages, options)
     if _some_model_cannot_stream(executor):
         needs |= _STREAMING
     routes, decision = executor._plan(ctx, messages, system, task_tier, needs)
-    run = _Run(ctx, messages, routes[0], decision, task_type, system)
+    run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
     return StreamManager(LLMStream(executor, run, routes))
+
+
+class StreamEvents:
+    """What `LLMStream.events` returns: an async iterator over every piece."""
+
+    __slots__ = ("_stream",)
+
+    def __init__(self, stream: LLMStream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> StreamEvents:
+        return self
+
+    async def __anext__(self) -> str | ToolCallDelta:
+        return await self._stream._next_piece()

@@ -354,6 +354,19 @@ async def test_a_providers_exhausted_limit_header_holds_calls_back_before_any_42
     assert (stats["accepted"], stats["refused"]) == (6, 0)
 
 
+async def test_a_streams_exhausted_limit_header_holds_the_next_calls_back() -> None:
+    async with FakeLLMServer(api_key=KEY, rpm=120, rpm_burst=2) as server:
+        limits = {"anthropic": RateLimit(rpm=6000)}
+        ctx = ExecutionContext(model="claude-other", max_tokens=10)
+        async with make(server, rate_limits=limits, rate_limit_wait=5.0) as executor:
+            for _ in range(5):
+                async with executor.stream("hello", ctx) as stream:
+                    response = await stream.get_final_response()
+                assert response.model == "claude-other" and len(response.attempts) == 1
+        stats = server.rpm_stats()
+    assert (stats["accepted"], stats["refused"]) == (5, 0)
+
+
 async def test_routes_whose_schedule_is_booked_too_far_are_avoided(server: FakeLLMServer) -> None:
     limits = {"openai": RateLimit(rpm=1)}
     ctx = ExecutionContext(tier="cheap", max_tokens=10)

@@ -370,7 +370,7 @@ async def test_a_broken_stream_raises_a_provider_error(fault: str) -> None:
         provider = AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
         async with provider:
             stream = await provider.stream(request("m"))
-            deltas: list[str] = []
+            deltas: list[object] = []
             with pytest.raises(ProviderError) as caught:
                 async for delta in stream:
                     deltas.append(delta)  # noqa: PERF401 - keeps the deltas before the error

@@ -13,7 +13,9 @@ adds before ``data: [DONE]``, and an ``{"error": ...}`` object sent mid-stream).
 `AnthropicStreamDecoder` reads the Messages events (``message_start``,
 ``content_block_start`` / ``content_block_delta`` / ``content_block_stop``,
 ``message_delta``, ``message_stop``, ``ping``, and ``error`` mid-stream).  Both return
-the text deltas of each piece fed to them and keep the usage, stop reason and ids seen
+the text deltas (`str`) and tool-call pieces (`ToolCallDelta`: OpenAI's
+``delta.tool_calls[]``, Anthropic's ``tool_use`` block start and ``input_json_delta``)
+of each piece fed to them and keep the usage, stop reason, ids and the tool calls seen
 so far; an ``error`` event raises the `ProviderError` its type maps to (an
 ``overloaded_error`` is an `OverloadedError`, as a 529 would be).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, Final
 
+from ..content import ToolCallDelta
 from ..exceptions import InvalidResponseError, ProviderError
 
 __all__ = [
@@ -181,9 +184,11 @@ class StreamDecoder:
     """
 
     __slots__ = (
+        "_calls",
         "_model",
         "_provider",
         "_secret",
+        "_slots",
         "_sse",
         "error",
         "finished",
@@ -213,6 +218,35 @@ class StreamDecoder:
         self.response_id: str | None = None
         self.finished = False
         self.error: ProviderError | None = None
+        self._calls: list[tuple[str | None, str | None, list[str]]] = []
+        self._slots: dict[int, int] = {}  # the wire's index of a call -> its place in _calls
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        """The tool calls so far, as Chat Completions ``tool_calls`` (arguments as text)."""
+        return [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": name, "arguments": "".join(parts)},
+            }
+            for call_id, name, parts in self._calls
+        ]
+
+    def _call_piece(
+        self, wire_index: int, call_id: str | None, name: str | None, arguments: str
+    ) -> ToolCallDelta:
+        """Keep one piece of a tool call; the delta that shows it."""
+        index = self._slots.get(wire_index)
+        if index is None:
+            index = self._slots[wire_index] = len(self._calls)
+            self._calls.append((call_id, name, [arguments]))
+        else:
+            known_id, known_name, parts = self._calls[index]
+            parts.append(arguments)
+            if (call_id and not known_id) or (name and not known_name):
+                self._calls[index] = (known_id or call_id, known_name or name, parts)
+        return ToolCallDelta(index=index, id=call_id, name=name, arguments=arguments)
 
     @staticmethod
     def prepare(payload: dict[str, Any]) -> dict[str, Any]:
@@ -220,14 +254,14 @@ class StreamDecoder:
         payload["stream"] = True
         return payload
 
-    def feed(self, chunk: bytes) -> list[str]:
+    def feed(self, chunk: bytes) -> list[str | ToolCallDelta]:
         """
-        The text deltas completed by ``chunk``.  A failure (an ``error`` event, a
-        malformed event) raises at once when no delta came before it in ``chunk``;
-        otherwise those deltas are returned and the failure is kept in ``error``, for the
-        reader to raise once it has delivered them.
+        The text deltas and tool-call pieces completed by ``chunk``.  A failure (an
+        ``error`` event, a malformed event) raises at once when no delta came before it
+        in ``chunk``; otherwise those deltas are returned and the failure is kept in
+        ``error``, for the reader to raise once it has delivered them.
         """
-        out: list[str] = []
+        out: list[str | ToolCallDelta] = []
         try:
             for event, data in self._sse.feed(chunk):
                 self._event(event, data, out)
@@ -237,7 +271,7 @@ class StreamDecoder:
             self.error = exc
         return out
 
-    def _event(self, event: str, data: str, out: list[str]) -> None:
+    def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
         raise NotImplementedError
 
     def _decode(self, data: str) -> dict[str, Any]:
@@ -308,7 +342,7 @@ class OpenAIStreamDecoder(StreamDecoder):
         payload["stream_options"] = {"include_usage": True}
         return payload
 
-    def _event(self, event: str, data: str, out: list[str]) -> None:
+    def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
         if data == "[DONE]":
             self.finished = True
             return
@@ -335,6 +369,9 @@ class OpenAIStreamDecoder(StreamDecoder):
                         out.append(content)
                     elif delta.get("refusal"):
                         self.stop_reason = "refusal"
+                    calls = delta.get("tool_calls")
+                    if calls:
+                        self._openai_calls(calls, out)
                 reason = choice.get("finish_reason")
                 if isinstance(reason, str) and self.stop_reason != "refusal":
                     self.stop_reason = reason
@@ -343,6 +380,27 @@ class OpenAIStreamDecoder(StreamDecoder):
             self.input_tokens = self._tokens(usage, "prompt_tokens")
             self.output_tokens = self._tokens(usage, "completion_tokens")
 
+    def _openai_calls(self, calls: object, out: list[str | ToolCallDelta]) -> None:
+        """``delta.tool_calls``: the first piece of a call has its id and name."""
+        if not isinstance(calls, list):
+            raise self._invalid("chunk.choices[0].delta.tool_calls must be a list")
+        for call in calls:
+            if not isinstance(call, dict) or not isinstance(call.get("index", 0), int):
+                raise self._invalid("delta.tool_calls[] must be objects with an integer index")
+            function = call.get("function") or {}
+            if not isinstance(function, dict):
+                raise self._invalid("delta.tool_calls[].function must be an object")
+            call_id, name, arguments = (
+                call.get("id"),
+                function.get("name"),
+                function.get("arguments"),
+            )
+            if not isinstance(call_id, str | None) or not isinstance(name, str | None):
+                raise self._invalid("delta.tool_calls[] id and function.name must be strings")
+            if not isinstance(arguments, str | None):
+                raise self._invalid("delta.tool_calls[].function.arguments must be a string")
+            out.append(self._call_piece(call.get("index", 0), call_id, name, arguments or ""))
+
 
 class AnthropicStreamDecoder(StreamDecoder):
     """Anthropic Messages events (``content_block_delta`` text; usage in start and delta)."""
@@ -350,7 +408,7 @@ class AnthropicStreamDecoder(StreamDecoder):
     __slots__ = ()
     api = "anthropic"
 
-    def _event(self, event: str, data: str, out: list[str]) -> None:
+    def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
         if event == "ping":
             return
         body = self._decode(data)
@@ -363,6 +421,29 @@ class AnthropicStreamDecoder(StreamDecoder):
                     raise self._invalid("content_block_delta.delta.text must be a string")
                 if text:
                     out.append(text)
+            elif isinstance(delta, dict) and delta.get("type") == "input_json_delta":
+                partial = delta.get("partial_json")
+                block = body.get("index")
+                if not isinstance(partial, str) or block not in self._slots:
+                    raise self._invalid(
+                        "input_json_delta needs partial_json (a string) and the index of a "
+                        "tool_use block started before it"
+                    )
+                if partial:
+                    out.append(self._call_piece(block, None, None, partial))
+        elif kind == "content_block_start":
+            block = body.get("content_block")
+            if isinstance(block, dict) and block.get("type") == "tool_use":
+                call_id, name, index = block.get("id"), block.get("name"), body.get("index")
+                if not isinstance(call_id, str) or not isinstance(name, str):
+                    raise self._invalid("a tool_use block needs an id and a name (strings)")
+                if not isinstance(index, int) or isinstance(index, bool):
+                    raise self._invalid("content_block_start.index must be an integer")
+                given = block.get("input")
+                # the input arrives as input_json_delta pieces; a non-empty one given
+                # here whole (a server that does not stream it) is kept as its text
+                start = json.dumps(given) if isinstance(given, dict) and given else ""
+                out.append(self._call_piece(index, call_id, name, start))
         elif kind == "message_start":
             message = body.get("message")
             if not isinstance(message, dict):
@@ -390,4 +471,5 @@ class AnthropicStreamDecoder(StreamDecoder):
             self.finished = True
         elif kind == "error":
             raise self._stream_error(body.get("error"))
-        # content_block_start / content_block_stop and new event types carry no text
+        # content_block_stop, text blocks' content_block_start and new event types
+        # carry nothing to keep

@@ -19,15 +19,24 @@ from collections import deque
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
+import attrs
 
-from ..abc import Completion, CompletionRequest, CompletionStream
+from ..abc import Completion, CompletionRequest, CompletionStream, whole_answer_pieces
+from ..content import ToolCall, ToolCallDelta
 from ..exceptions import (
     InvalidResponseError,
     MissingAPIKeyError,
     ProviderError,
     ProviderTimeoutError,
 )
-from ._http import _ENCODER, ResponseReader, error_from_response, error_from_transport
+from ._convert import openai_tool_calls
+from ._http import (
+    _ENCODER,
+    ResponseReader,
+    error_from_response,
+    error_from_transport,
+    parse_ratelimit_reset,
+)
 from ._sse import StreamDecoder
 
 if TYPE_CHECKING:
@@ -142,6 +151,9 @@ async def open_http_stream(
                 )
             reader = ResponseReader(provider=name, model=model, status=status, secret=secret)
             completion = provider._parse(reader, reader.decode(body), request, response.headers)
+            exhausted = parse_ratelimit_reset(response.headers)
+            if exhausted is not None:
+                completion = attrs.evolve(completion, rate_limit_reset=exhausted)
             return _WholeBody(completion)
         secret = provider._secret if provider._secret is not None else provider._header_secret
         decoder = decoder_class(provider=name, model=model, secret=secret)
@@ -151,6 +163,7 @@ async def open_http_stream(
             provider=name,
             model=model,
             request_id=response.headers.get("x-request-id") or response.headers.get("request-id"),
+            rate_limit_reset=parse_ratelimit_reset(response.headers),
             idle_timeout=idle_timeout,
             total_timeout=total_timeout,
         )
@@ -166,31 +179,30 @@ async def open_http_stream(
 
 
 class _WholeBody(CompletionStream):
-    """A whole JSON answer to a streamed request, served as one delta."""
+    """A whole JSON answer to a streamed request, served as its pieces."""
 
     def __init__(self, completion: Completion) -> None:
         self._completion = completion
-        self._done = not completion.content
+        self._pieces = deque(whole_answer_pieces(completion))
 
-    async def __anext__(self) -> str:
-        if self._done:
+    async def __anext__(self) -> str | ToolCallDelta:
+        if not self._pieces:
             raise StopAsyncIteration
-        self._done = True
-        return self._completion.content
+        return self._pieces.popleft()
 
     async def aclose(self) -> None:
-        self._done = True
+        self._pieces.clear()
 
     @property
     def finished(self) -> bool:
-        return self._done
+        return not self._pieces
 
     def completion(self) -> Completion:
         return self._completion
 
 
 class HTTPCompletionStream(CompletionStream):
-    """The text deltas of one streamed HTTP answer, read as they arrive."""
+    """The text deltas and tool-call pieces of one streamed HTTP answer, as they arrive."""
 
     __slots__ = (
         "_closed",
@@ -202,9 +214,11 @@ class HTTPCompletionStream(CompletionStream):
         "_parts",
         "_pending",
         "_provider",
+        "_rate_limit_reset",
         "_read",
         "_request_id",
         "_response",
+        "_tool_calls",
         "_total",
     )
 
@@ -216,10 +230,13 @@ class HTTPCompletionStream(CompletionStream):
         provider: str,
         model: str,
         request_id: str | None,
+        rate_limit_reset: float | None = None,
         idle_timeout: float | None,
         total_timeout: float | None,
     ) -> None:
         self._response = response
+        self._rate_limit_reset = rate_limit_reset
+        self._tool_calls: tuple[ToolCall, ...] = ()
         self._read = response.content.readany
         self._decoder = decoder
         self._provider = provider
@@ -227,13 +244,13 @@ class HTTPCompletionStream(CompletionStream):
         self._request_id = request_id
         self._idle = idle_timeout
         self._total = total_timeout
-        self._pending: deque[str] = deque()
+        self._pending: deque[str | ToolCallDelta] = deque()
         self._parts: list[str] = []
         self._deltas = 0
         self._closed = False
         self._failed: ProviderError | None = None
 
-    async def __anext__(self) -> str:
+    async def __anext__(self) -> str | ToolCallDelta:
         pending = self._pending
         while not pending:
             if self._closed:
@@ -266,14 +283,26 @@ class HTTPCompletionStream(CompletionStream):
             if deltas:
                 pending.extend(deltas)
                 self._deltas += len(deltas)
-                self._parts.extend(deltas)
+                self._parts.extend(d for d in deltas if isinstance(d, str))
         return pending.popleft()
 
     def _end(self) -> None:
         """The body ended: complete when the format's end marker came, else cut short."""
         self._closed = True
-        if self._decoder.finished:
+        decoder = self._decoder
+        if decoder.finished:
             self._response.release()
+            if decoder.tool_calls:
+                reader = ResponseReader(
+                    provider=self._provider, model=self._model, status=200, secret=decoder._secret
+                )
+                try:
+                    self._tool_calls = openai_tool_calls(
+                        reader, {"tool_calls": decoder.tool_calls}, "stream"
+                    )
+                except InvalidResponseError as exc:
+                    self._failed = exc
+                    raise
             return
         self._response.close()
         self._failed = InvalidResponseError(
@@ -314,4 +343,7 @@ class HTTPCompletionStream(CompletionStream):
             output_tokens=output or 0,
             stop_reason=decoder.stop_reason,
             request_id=self._request_id or decoder.response_id,
+            tool_calls=self._tool_calls,
+            response_id=decoder.response_id,
+            rate_limit_reset=self._rate_limit_reset,
         )

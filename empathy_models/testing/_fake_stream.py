@@ -10,6 +10,13 @@ a usage-only chunk with ``choices: []``, and ``data: [DONE]``.  Anthropic:
 ``content_block_delta`` per piece, ``content_block_stop``, ``message_delta`` (stop
 reason and output tokens), ``message_stop``.
 
+Tool calls follow the text: OpenAI sends a ``delta.tool_calls[]`` piece with the call's
+``id``, ``type`` and ``function.name`` and then its ``function.arguments`` in pieces
+(``finish_reason: "tool_calls"``); Anthropic a ``tool_use`` block
+(``content_block_start`` with ``input: {}``, ``input_json_delta`` pieces,
+``content_block_stop``; ``stop_reason: "tool_use"``), with no text block when the
+answer is only tool calls.
+
 `StreamBehavior` (``ModelBehavior(stream=...)``) controls the timing and the faults:
 a delay before the first text chunk, a delay between chunks, the chunk size, and a
 fault after N text chunks (an ``error`` event, a reset connection, a stall, a
@@ -32,7 +39,7 @@ from attrs import field, frozen
 
 from ..exceptions import RecordValidationError
 
-__all__ = ["STREAM_FAULTS", "StreamBehavior", "serve_stream", "split_text"]
+__all__ = ["STREAM_FAULTS", "StreamBehavior", "StreamedCall", "serve_stream", "split_text"]
 
 STREAM_FAULTS: Final = frozenset({"error", "reset", "hang", "malformed", "incomplete"})
 """What `StreamBehavior.fault` may be."""
@@ -119,6 +126,17 @@ def _data(value: Any, event: str | None = None) -> bytes:
     return f"{head}data: {_ENCODE(value)}\n\n".encode()
 
 
+StreamedCall = tuple[str, str, str]
+"""A tool call to stream: (id, name, the arguments' JSON text)."""
+
+_ARGUMENT_PIECE: Final = 8
+"""Characters of a tool call's arguments per streamed piece (the real APIs send a few)."""
+
+
+def _argument_pieces(arguments: str) -> list[str]:
+    return [arguments[i : i + _ARGUMENT_PIECE] for i in range(0, len(arguments), _ARGUMENT_PIECE)]
+
+
 def _openai_events(
     model: str,
     number: int,
@@ -127,6 +145,8 @@ def _openai_events(
     output_tokens: int,
     truncated: bool,
     include_usage: bool,
+    calls: list[StreamedCall] | None = None,
+    stop_reason: str | None = None,
 ) -> tuple[bytes, list[bytes], bytes, bytes]:
     """(opening, one event per piece, closing, the error event) for OpenAI."""
     created = int(time.time())
@@ -147,9 +167,33 @@ def _openai_events(
     def choice(delta: dict[str, Any], finish_reason: str | None = None) -> list[Any]:
         return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
 
-    opening = chunk(choice({"role": "assistant", "content": "", "refusal": None}))
+    calls = calls or []
+    # an answer that is only tool calls opens with "content": null, as the API's does
+    opening = chunk(
+        choice(
+            {"role": "assistant", "content": "" if pieces or not calls else None, "refusal": None}
+        )
+    )
     chunks = [chunk(choice({"content": piece})) for piece in pieces]
-    closing = chunk(choice({}, "length" if truncated else "stop"))
+    for index, (call_id, name, arguments) in enumerate(calls):
+        start = {"name": name, "arguments": ""}
+        chunks.append(
+            chunk(
+                choice(
+                    {
+                        "tool_calls": [
+                            {"index": index, "id": call_id, "type": "function", "function": start}
+                        ]
+                    }
+                )
+            )
+        )
+        chunks.extend(
+            chunk(choice({"tool_calls": [{"index": index, "function": {"arguments": part}}]}))
+            for part in _argument_pieces(arguments)
+        )
+    reason = "length" if truncated else ("tool_calls" if calls else "stop")
+    closing = chunk(choice({}, stop_reason or reason))
     if include_usage:
         closing += chunk(
             [],
@@ -181,6 +225,8 @@ def _anthropic_events(
     input_tokens: int,
     output_tokens: int,
     truncated: bool,
+    calls: list[StreamedCall] | None = None,
+    stop_reason: str | None = None,
 ) -> tuple[bytes, list[bytes], bytes, bytes]:
     """(opening, one event per piece, closing, the error event) for Anthropic."""
     message: dict[str, Any] = {
@@ -193,9 +239,11 @@ def _anthropic_events(
         "stop_sequence": None,
         "usage": {"input_tokens": input_tokens, "output_tokens": 1},
     }
-    opening = (
-        _data({"type": "message_start", "message": message}, "message_start")
-        + _data(
+    calls = calls or []
+    text_block = bool(pieces) or not calls  # an answer of tool calls only has no text block
+    opening = _data({"type": "message_start", "message": message}, "message_start")
+    if text_block:
+        opening += _data(
             {
                 "type": "content_block_start",
                 "index": 0,
@@ -203,8 +251,7 @@ def _anthropic_events(
             },
             "content_block_start",
         )
-        + b'event: ping\ndata: {"type": "ping"}\n\n'
-    )
+    opening += b'event: ping\ndata: {"type": "ping"}\n\n'
     chunks = [
         _data(
             {
@@ -216,13 +263,38 @@ def _anthropic_events(
         )
         for piece in pieces
     ]
+    text_stop = _data({"type": "content_block_stop", "index": 0}, "content_block_stop")
+    if calls and text_block:
+        chunks.append(text_stop)
+    for offset, (call_id, name, arguments) in enumerate(calls):
+        index = offset + text_block
+        block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
+        chunks.append(
+            _data(
+                {"type": "content_block_start", "index": index, "content_block": block},
+                "content_block_start",
+            )
+        )
+        chunks.extend(
+            _data(
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": part},
+                },
+                "content_block_delta",
+            )
+            for part in ["", *_argument_pieces(arguments)]
+        )
+        chunks.append(_data({"type": "content_block_stop", "index": index}, "content_block_stop"))
+    reason = "max_tokens" if truncated else ("tool_use" if calls else "end_turn")
     closing = (
-        _data({"type": "content_block_stop", "index": 0}, "content_block_stop")
+        (b"" if calls else text_stop)
         + _data(
             {
                 "type": "message_delta",
                 "delta": {
-                    "stop_reason": "max_tokens" if truncated else "end_turn",
+                    "stop_reason": stop_reason or reason,
                     "stop_sequence": None,
                 },
                 "usage": {"output_tokens": output_tokens},
@@ -251,23 +323,35 @@ async def serve_stream(
     behavior: StreamBehavior | None,
     closing: asyncio.Event,
     fault: str | None = None,
+    calls: list[StreamedCall] | None = None,
+    stop_reason: str | None = None,
 ) -> web.StreamResponse:
     """
-    Answer ``request`` with the events of ``content`` in ``api``'s format.  ``fault``
-    (one of `STREAM_FAULTS`) overrides the behaviour's, right after the opening events.
+    Answer ``request`` with the events of ``content`` and then ``calls`` (tool calls,
+    their arguments in pieces) in ``api``'s format.  ``fault`` (one of
+    `STREAM_FAULTS`) overrides the behaviour's, right after the opening events; a
+    behaviour's ``fault_after`` counts every event after the opening ones.
     """
     behavior = DEFAULT_STREAM if behavior is None else behavior
     pieces = split_text(content, behavior.chunk_chars)
     if api == "anthropic":
         opening, chunks, ending, error = _anthropic_events(
-            model, number, pieces, input_tokens, output_tokens, truncated
+            model, number, pieces, input_tokens, output_tokens, truncated, calls, stop_reason
         )
         headers = {"request-id": f"req_{number:024d}"}
     else:
         options = body.get("stream_options")
         include_usage = isinstance(options, Mapping) and options.get("include_usage") is True
         opening, chunks, ending, error = _openai_events(
-            model, number, pieces, input_tokens, output_tokens, truncated, include_usage
+            model,
+            number,
+            pieces,
+            input_tokens,
+            output_tokens,
+            truncated,
+            include_usage,
+            calls,
+            stop_reason,
         )
         headers = {"x-request-id": f"req_{number:024d}"}
     fault_after = behavior.fault_after

@@ -148,6 +148,16 @@ def apply_reply(api: str, payload: dict[str, Any], reply: FakeReply, default_tex
         choice["finish_reason"] = reply.stop_reason
 
 
+def streamed_calls(api: str, reply: FakeReply) -> list[tuple[str, str, str]]:
+    """``reply``'s tool calls as (id, name, arguments text) to stream (a string verbatim)."""
+    out = []
+    for call in reply.tool_calls:
+        arguments = call.get("arguments", {})
+        text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        out.append((_call_id(api, call), str(call["name"]), text))
+    return out
+
+
 def reply_completion(
     reply: FakeReply, default_text: str, model: str, input_tokens: int, output_tokens: int, n: int
 ) -> Completion:

@@ -71,7 +71,14 @@ from attrs import field, frozen
 
 from ..exceptions import ConfigurationError, RecordValidationError
 from ._fake_stream import StreamBehavior, serve_stream
-from ._fake_tools import FakeReply, apply_reply, auto_reply, check_anthropic, check_openai
+from ._fake_tools import (
+    FakeReply,
+    apply_reply,
+    auto_reply,
+    check_anthropic,
+    check_openai,
+    streamed_calls,
+)
 
 __all__ = [
     "Action",
@@ -916,9 +923,12 @@ class FakeLLMServer(_Controls):
         ):
             out, truncated = self._output_tokens(behavior, rng, max_tokens)
             content = behavior.content if behavior.content is not None else f"Reply from {model}."
-            if streamed:  # Server-Sent Events, never a plain JSON body (text only)
-                if isinstance(action, FakeReply):
-                    content = action.text(content) or ""
+            if streamed:  # Server-Sent Events, never a plain JSON body
+                reply = action if isinstance(action, FakeReply) else auto_reply(api, body)
+                calls: list[tuple[str, str, str]] = []
+                if reply is not None:
+                    content = reply.text(content) or ""
+                    calls = streamed_calls(api, reply)
                 return await serve_stream(
                     request,
                     api=api,
@@ -932,6 +942,8 @@ class FakeLLMServer(_Controls):
                     behavior=behavior.stream,
                     closing=self._closing,
                     fault=_STREAMED_FAULTS.get(action) if isinstance(action, str) else None,
+                    calls=calls,
+                    stop_reason=None if reply is None else reply.stop_reason,
                 )
             payload = self._success(api, model, content, input_tokens, out, truncated)
             reply = action if isinstance(action, FakeReply) else auto_reply(api, body)

@@ -1,0 +1,322 @@
+"""
+Tool calls in streams: `FakeLLMServer` streams them as the real APIs do (judged by the
+official ``openai`` and ``anthropic`` SDKs), and `EmpathyLLMExecutor.stream` yields
+their pieces (`ToolCallDelta`) from ``stream.events()`` with the calls parsed in the
+final response, over real HTTP on both wire formats.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from empathy_models import (
+    AnthropicProvider,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    InvalidResponseError,
+    MemoryTelemetryBackend,
+    Message,
+    OpenAIProvider,
+    Outcome,
+    RetryPolicy,
+    StreamInterruptedError,
+    Tool,
+    ToolCallDelta,
+)
+from empathy_models.testing import FakeLLMServer, FakeReply
+
+from ._fakes import CHEAP_ONLY, KEY, NoSleep
+
+WEATHER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+WEATHER = Tool(name="get_weather", description="Weather in a city", parameters=WEATHER_SCHEMA)
+OSLO = {"city": "Oslo, Norway", "unit": "c"}
+CLAUDE = "claude-fake-haiku"
+GPT = "gpt-fake-mini"
+MODELS = [(CLAUDE, "anthropic"), (GPT, "openai")]
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    async with FakeLLMServer(api_key=KEY, seed=5) as fake:
+        yield fake
+
+
+def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
+    options.setdefault("registry", CHEAP_ONLY)
+    options.setdefault("telemetry_store", "null://")
+    return EmpathyLLMExecutor(
+        [
+            AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+            OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+        ],
+        retry=RetryPolicy.none(),
+        sleep=NoSleep(),
+        **options,
+    )
+
+
+def pinned(model: str) -> ExecutionContext:
+    return ExecutionContext(workflow="agent", stage="tools", model=model)
+
+
+# --------------------------------------------------------------------------- the official SDKs
+
+
+async def test_openai_sdk_streams_a_tool_call_as_it_would_receive_it_whole(
+    server: FakeLLMServer,
+) -> None:
+    tools: Any = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA}}
+    ]
+    script = FakeReply(
+        tool_calls=[
+            {"name": "get_weather", "arguments": OSLO},
+            {"name": "get_weather", "arguments": {"city": "Bergen", "unit": "f"}},
+        ]
+    )
+    server.script("gpt-4o-mini", [script, script])
+    messages: list[Any] = [{"role": "user", "content": "Weather in Oslo and Bergen?"}]
+    async with openai.AsyncOpenAI(
+        api_key=KEY, base_url=server.openai_base_url, max_retries=0
+    ) as client:
+        raw = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, tools=tools, stream=True
+        )
+        by_index: dict[int, dict[str, str]] = {}
+        finish = None
+        async for chunk in raw:
+            for choice in chunk.choices:
+                finish = choice.finish_reason or finish
+                for call in choice.delta.tool_calls or ():
+                    slot = by_index.setdefault(call.index, {"id": "", "name": "", "args": ""})
+                    slot["id"] += call.id or ""
+                    if call.function is not None:
+                        slot["name"] += call.function.name or ""
+                        slot["args"] += call.function.arguments or ""
+        async with client.chat.completions.stream(
+            model="gpt-4o-mini", messages=messages, tools=tools
+        ) as stream:
+            final = await stream.get_final_completion()
+    assert finish == "tool_calls"
+    assert [(s["name"], json.loads(s["args"])) for s in by_index.values()] == [
+        ("get_weather", OSLO),
+        ("get_weather", {"city": "Bergen", "unit": "f"}),
+    ]
+    assert all(s["id"].startswith("call_") for s in by_index.values())
+    message = final.choices[0].message
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert message.tool_calls is not None and len(message.tool_calls) == 2
+    whole = message.tool_calls[0]
+    assert whole.type == "function" and json.loads(whole.function.arguments) == OSLO
+
+
+async def test_anthropic_sdk_streams_a_tool_call_as_it_would_receive_it_whole(
+    server: FakeLLMServer,
+) -> None:
+    tools: Any = [{"name": "get_weather", "input_schema": WEATHER_SCHEMA}]
+    reply = FakeReply(
+        content="Let me look.", tool_calls=[{"name": "get_weather", "arguments": OSLO}]
+    )
+    server.script("claude-haiku-4-5", [reply, reply])
+    messages: list[Any] = [{"role": "user", "content": "Weather in Oslo?"}]
+    async with anthropic.AsyncAnthropic(
+        api_key=KEY, base_url=server.anthropic_base_url, max_retries=0
+    ) as client:
+        whole = await client.messages.create(
+            model="claude-haiku-4-5", max_tokens=256, messages=messages, tools=tools
+        )
+        async with client.messages.stream(
+            model="claude-haiku-4-5", max_tokens=256, messages=messages, tools=tools
+        ) as stream:
+            partial = ""
+            async for event in stream:
+                if event.type == "input_json":
+                    partial += event.partial_json
+            streamed = await stream.get_final_message()
+    assert streamed.stop_reason == whole.stop_reason == "tool_use"
+    assert [b.type for b in streamed.content] == ["text", "tool_use"]
+    use = streamed.content[1]
+    assert isinstance(use, anthropic.types.ToolUseBlock)
+    assert use.name == "get_weather" and use.input == OSLO and json.loads(partial) == OSLO
+    assert use.id.startswith("toolu_")
+    assert streamed.usage.output_tokens == whole.usage.output_tokens
+
+
+async def test_a_forced_tool_streams_its_schema_arguments_to_both_sdks(
+    server: FakeLLMServer,
+) -> None:
+    async with (
+        openai.AsyncOpenAI(api_key=KEY, base_url=server.openai_base_url, max_retries=0) as oai,
+        anthropic.AsyncAnthropic(
+            api_key=KEY, base_url=server.anthropic_base_url, max_retries=0
+        ) as ant,
+    ):
+        async with oai.chat.completions.stream(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[
+                {
+                    "type": "function",
+                    "function": {"name": "get_weather", "parameters": WEATHER_SCHEMA},
+                }
+            ],
+            tool_choice="required",
+        ) as stream:
+            final = await stream.get_final_completion()
+        async with ant.messages.stream(
+            model="claude-haiku-4-5",
+            max_tokens=128,
+            messages=[{"role": "user", "content": "Weather?"}],
+            tools=[{"name": "get_weather", "input_schema": WEATHER_SCHEMA}],
+            tool_choice={"type": "any"},
+        ) as astream:
+            message = await astream.get_final_message()
+    calls = final.choices[0].message.tool_calls
+    assert calls is not None
+    assert set(json.loads(calls[0].function.arguments)) == {"city", "unit"}
+    assert [b.type for b in message.content] == ["tool_use"]  # no empty text block
+    block = message.content[0]
+    assert isinstance(block, anthropic.types.ToolUseBlock)
+    assert isinstance(block.input, dict) and set(block.input) == {"city", "unit"}
+
+
+# --------------------------------------------------------------------------- the executor
+
+
+@pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_a_streamed_two_turn_tool_conversation(
+    server: FakeLLMServer, model: str, api: str
+) -> None:
+    server.script(
+        model,
+        [
+            FakeReply(content="Checking.", tool_calls=[{"name": "get_weather", "arguments": OSLO}]),
+            FakeReply(content="3 C and cloudy in Oslo."),
+        ],
+    )
+    telemetry = MemoryTelemetryBackend()
+    async with make(server, telemetry_store=telemetry) as executor:
+        events: list[str | ToolCallDelta] = []
+        async with executor.stream("Weather in Oslo?", pinned(model), tools=[WEATHER]) as stream:
+            async for event in stream.events():
+                events.append(event)  # noqa: PERF401 - the order is what is checked
+            first = await stream.get_final_response()
+        texts = [e for e in events if isinstance(e, str)]
+        pieces = [e for e in events if isinstance(e, ToolCallDelta)]
+        assert "".join(texts) == first.content == "Checking."
+        assert events.index(pieces[0]) > events.index(texts[-1])  # the text, then the call
+        assert pieces[0].name == "get_weather" and pieces[0].id == first.tool_calls[0].id
+        assert all(p.index == 0 for p in pieces) and all(p.id is None for p in pieces[1:])
+        assert len(pieces) > 2  # the arguments arrive in pieces
+        assert json.loads("".join(p.arguments for p in pieces)) == OSLO
+        assert first.tool_calls[0].name == "get_weather"
+        assert dict(first.tool_calls[0].arguments) == OSLO
+        assert first.stop_reason == ("tool_use" if api == "anthropic" else "tool_calls")
+        assert first.ttft_ms is not None and first.input_tokens > 0 and first.output_tokens > 0
+
+        history = [
+            Message(role="user", content="Weather in Oslo?"),
+            Message(role="assistant", content=first.content, tool_calls=first.tool_calls),
+            Message(role="tool", tool_call_id=first.tool_calls[0].id, content="3 C, cloudy"),
+        ]
+        async with executor.stream(history, pinned(model), tools=[WEATHER]) as stream:
+            text = "".join([delta async for delta in stream])  # text only
+            second = await stream.get_final_response()
+    assert text == second.content == "3 C and cloudy in Oslo." and second.tool_calls == ()
+    sent = server.last_request(model)
+    assert sent is not None and sent.body["stream"] is True
+    if api == "openai":
+        assert [m["role"] for m in sent.body["messages"]] == ["user", "assistant", "tool"]
+        assert sent.body["messages"][1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    else:
+        assert sent.body["messages"][2]["content"][0]["type"] == "tool_result"
+    records = await telemetry.recent(limit=10)
+    assert [r.outcome for r in records] == [Outcome.SUCCESS, Outcome.SUCCESS]
+    assert all(r.output_tokens > 0 and r.cost_usd > 0 for r in records)
+    assert all(r.ttft_ms is not None for r in records)
+
+
+async def test_a_streamed_tool_call_falls_back_before_its_first_piece(
+    server: FakeLLMServer,
+) -> None:
+    # the Anthropic model fails before anything is streamed: the OpenAI one answers,
+    # with the conversation so far converted to its format
+    server.script(CLAUDE, [503])
+    server.script(GPT, [FakeReply(tool_calls=[{"name": "get_weather", "arguments": OSLO}])])
+    history = [
+        Message(role="user", content="Weather in Oslo?"),
+        Message(role="assistant", content="Which unit?"),
+        Message(role="user", content="Celsius."),
+    ]
+    ctx = ExecutionContext(workflow="agent", stage="tools", tier="cheap")
+    async with (
+        make(server) as executor,
+        executor.stream(history, ctx, tools=[WEATHER]) as stream,
+    ):
+        kinds = [type(e).__name__ async for e in stream.events()]
+        response = await stream.get_final_response()
+    assert response.fallback_chain == (CLAUDE, GPT) and response.model == GPT
+    assert set(kinds) == {"ToolCallDelta"}
+    assert dict(response.tool_calls[0].arguments) == OSLO
+    assert [a.outcome for a in response.attempts] == [Outcome.FAILURE, Outcome.SUCCESS]
+
+
+@pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_malformed_streamed_arguments_are_an_invalid_response_kept_raw(
+    server: FakeLLMServer, model: str, api: str
+) -> None:
+    raw = '{"city": "Oslo", "unit":'
+    server.script(model, [FakeReply(tool_calls=[{"name": "get_weather", "arguments": raw}])])
+    telemetry = MemoryTelemetryBackend()
+    async with make(server, telemetry_store=telemetry) as executor:
+        async with executor.stream("Weather?", pinned(model), tools=[WEATHER]) as stream:
+            with pytest.raises(StreamInterruptedError) as caught:
+                await stream.get_final_response()
+        records = await telemetry.recent(limit=5)
+    error = caught.value.error
+    assert isinstance(error, InvalidResponseError)
+    assert getattr(error, "raw_arguments", None) == raw
+    assert "get_weather" in str(error)
+    assert [r.outcome for r in records] == [Outcome.FAILURE]
+
+
+async def test_stream_options_are_checked_before_anything_is_sent(server: FakeLLMServer) -> None:
+    from empathy_models import ConfigurationError
+
+    async with make(server) as executor:
+        with pytest.raises(ConfigurationError):
+            executor.stream("hi", pinned(GPT), tools=[WEATHER], tool_choice="no_such_tool")
+        with pytest.raises(ConfigurationError):
+            executor.stream("hi", pinned(GPT), top_p=2.0)
+    assert server.requests() == 0
+
+
+async def test_a_streamed_json_schema_answer_is_parsed(server: FakeLLMServer) -> None:
+    person = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    async with make(server) as executor:
+        for model, _ in MODELS:
+            async with executor.stream(
+                "Who?", pinned(model), response_format=person, stop=["END"], seed=7
+            ) as stream:
+                response = await stream.get_final_response()
+            assert isinstance(response.parsed, dict) and set(response.parsed) == {"name", "age"}
+            assert json.loads(response.content) == response.parsed
+    sent = server.last_request(GPT)
+    assert sent is not None and sent.body["response_format"]["type"] == "json_schema"
+    assert sent.body["stop"] == ["END"] and sent.body["seed"] == 7
