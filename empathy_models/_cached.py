@@ -61,6 +61,7 @@ def cache_key_of(
         ctx.max_cost,
         ctx.max_latency_ms,
         ctx.min_success_rate,
+        ctx.max_ttft_ms,
         ctx.on_no_match,
         ctx.max_tokens,
         None if temperature is None else float(temperature),

@@ -226,6 +226,7 @@ class _Router(Protocol):
         min_success_rate: float | None = ...,
         on_no_match: str = ...,
         unavailable: Collection[str] = ...,
+        max_ttft_ms: float | None = ...,
     ) -> RoutingDecision: ...
 
     def record_outcome(self, record: LLMCallRecord) -> None: ...
@@ -370,10 +371,13 @@ class ExecutionContext:
         tier: overrides the task's tier.
         model: pins the first route to this registry model id (bypassing the router);
             fallback then proceeds as usual.  Cannot be combined with constraints.
-        max_cost, max_latency_ms, min_success_rate: routing constraints, evaluated by the
-            executor's router (a run with constraints and no router raises
-            `ConfigurationError`).  They govern the first pick; fallback routes follow
-            the `FallbackPolicy` (``FallbackPolicy.none()`` for strictness).
+        max_cost, max_latency_ms, min_success_rate, max_ttft_ms: routing constraints,
+            evaluated by the executor's router (a run with constraints and no router
+            raises `ConfigurationError`); ``max_ttft_ms`` bounds the p95 time to first
+            token of the model's streamed calls (a router is asked for it only when
+            set, so a custom router without the argument keeps working).  They govern
+            the first pick; fallback routes follow the `FallbackPolicy`
+            (``FallbackPolicy.none()`` for strictness).
         on_no_match: passed to the router when set (``"raise"``, ``"relax"`` or a model
             id); ``None`` keeps the router's default.
         max_tokens, temperature, system: passed to the provider.
@@ -416,12 +420,14 @@ class ExecutionContext:
     record_text: bool = field(default=False, validator=_ctx_bool)
     cache_ttl: float | None = field(default=None, validator=_ctx_positive)
     cache_sampled: bool = field(default=False, validator=_ctx_bool)
+    max_ttft_ms: float | None = field(default=None, validator=_ctx_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.model is not None and self.has_constraints:
             raise ConfigurationError(
                 f"ExecutionContext.model={self.model!r} pins the model and bypasses routing, "
-                "so max_cost / max_latency_ms / min_success_rate cannot be honoured; "
+                "so max_cost / max_latency_ms / min_success_rate / max_ttft_ms cannot be "
+                "honoured; "
                 "drop either the pin or the constraints"
             )
 
@@ -432,6 +438,7 @@ class ExecutionContext:
             self.max_cost is not None
             or self.max_latency_ms is not None
             or self.min_success_rate is not None
+            or self.max_ttft_ms is not None
         )
 
 
@@ -1409,6 +1416,8 @@ class EmpathyLLMExecutor:
             options: dict[str, Any] = {}
             if context.on_no_match is not None:
                 options["on_no_match"] = context.on_no_match
+            if context.max_ttft_ms is not None:
+                options["max_ttft_ms"] = context.max_ttft_ms
             decision = self._router.get_best_model(
                 context.workflow,
                 context.stage,
@@ -1434,8 +1443,8 @@ class EmpathyLLMExecutor:
         elif first is None and self._router is None and context.has_constraints:
             raise ConfigurationError(
                 "ExecutionContext has routing constraints (max_cost / max_latency_ms / "
-                "min_success_rate) but the executor has no router to evaluate them; pass "
-                "router=AdaptiveModelRouter(...)"
+                "min_success_rate / max_ttft_ms) but the executor has no router to evaluate "
+                "them; pass router=AdaptiveModelRouter(...)"
             )
         if not open_ids and not needs:
             # the common case: the registry's order, computed once per (tier, first route)

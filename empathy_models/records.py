@@ -732,7 +732,7 @@ class CandidateEvaluation:
     How one candidate model stood in a routing decision.
 
     ``constraints`` maps each constraint given (``"max_cost"``, ``"max_latency_ms"``,
-    ``"min_success_rate"``) to its `ConstraintStatus`; ``reasons`` explains every
+    ``"min_success_rate"``, ``"max_ttft_ms"``) to its `ConstraintStatus`; ``reasons`` explains every
     status that is not ELIGIBLE, and any exclusion (an open circuit, for example).
     """
 
@@ -762,6 +762,9 @@ class CandidateEvaluation:
     change: str | None = None
     #: when the evidence the bounds are computed from starts (None: the whole window)
     evidence_since: datetime | None = field(default=None, converter=_to_utc_opt)
+    #: time to first token of streamed successful calls, p50 and p95 (log-normal fit)
+    ttft_p50_ms: float | None = field(default=None, validator=_non_negative)
+    ttft_p95_ms: float | None = field(default=None, validator=_non_negative)
 
     @property
     def status(self) -> ConstraintStatus:
@@ -806,6 +809,7 @@ class RoutingDecision:
     min_success_rate: float | None = None
     strict_cost: bool = False
     change: str | None = None
+    max_ttft_ms: float | None = None
     # The router may leave ``candidates`` unset and put here a function that builds it;
     # the first read of ``candidates`` calls it once and stores the tuple (see
     # ``__getattr__``), so equality, hashing, repr and to_dict see the same value.

@@ -73,6 +73,8 @@ logger = logging.getLogger("empathy_models.router")
 _MAX_CONTEXTS: Final = 1024
 _NO_MODELS: Final[frozenset[str]] = frozenset()
 _INF: Final = math.inf
+_Limits = tuple[float | None, float | None, float | None, bool, int | None, float | None]
+"""A `Constraints` as a plain tuple, in its fields' order (a cheap context key)."""
 _EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
 _RECENT_FALLBACK_LIMIT: Final = 10_000_000
 _CHANGE_NOTE_S: Final = 3600.0  # how long a pick says it regained its place by a change
@@ -117,8 +119,15 @@ def _opt_int(name: str, value: object) -> int | None:
     return value
 
 
-def _limits(c: Constraints) -> tuple[float | None, float | None, float | None, bool, int | None]:
-    return (c.min_success_rate, c.max_latency_ms, c.max_cost, c.strict_cost, c.max_tokens)
+def _limits(c: Constraints) -> _Limits:
+    return (
+        c.min_success_rate,
+        c.max_latency_ms,
+        c.max_cost,
+        c.strict_cost,
+        c.max_tokens,
+        c.max_ttft_ms,
+    )
 
 
 _DECISION_FIELDS: Final = tuple(
@@ -132,7 +141,11 @@ def _unmet(v: Verdict, cost: float | None, cons: Constraints) -> list[str]:
     """The constraints a candidate picked despite them does not confidently meet."""
     unmet = [
         name
-        for name, status in (("min_success_rate", v.success), ("max_latency_ms", v.latency))
+        for name, status in (
+            ("min_success_rate", v.success),
+            ("max_latency_ms", v.latency),
+            ("max_ttft_ms", v.ttft),
+        )
         if status is not None and status.value != "eligible"
     ]
     if cons.max_cost is not None and (cost is None or cost > cons.max_cost):
@@ -521,6 +534,7 @@ class AdaptiveModelRouter:
             record.input_tokens,
             record.output_tokens,
             record.cost_usd,
+            record.ttft_ms,
         )
         if success:
             prior = self._priors.get(key[:2])
@@ -568,7 +582,7 @@ class AdaptiveModelRouter:
         workflow: str | None,
         stage: str | None,
         names: tuple[str, ...],
-        limits: tuple[float | None, float | None, float | None, bool, int | None],
+        limits: _Limits,
     ) -> Context:
         # ``limits``: the fields of the decision's `Constraints`, as a plain tuple (a
         # cheaper key than the record, which is built only with a new context)
@@ -699,6 +713,7 @@ class AdaptiveModelRouter:
         on_no_match: str = "raise",
         unavailable: Collection[str] = (),
         strict_cost: bool = False,
+        max_ttft_ms: float | None = None,
     ) -> RoutingDecision:
         """
         Choose a model for one call of ``workflow``/``stage``; never does I/O.
@@ -711,7 +726,9 @@ class AdaptiveModelRouter:
         expected cost: a model's mean output tokens, the stage's for a model not yet
         measured, ``max_tokens`` when nothing is known; ``strict_cost=True`` holds
         ``max_cost`` against the worst case (``max_tokens`` output tokens, defaulting to
-        the model's maximum) and needs ``input_tokens``.
+        the model's maximum) and needs ``input_tokens``.  ``max_ttft_ms`` bounds the p95
+        time to first token of a model's streamed successful calls, judged as
+        ``max_latency_ms`` is (a model never streamed is unproven, not assumed fast).
 
         Returns a `RoutingDecision` listing every candidate with its evidence (built
         when first read).  ``constraints_met`` is true only when the chosen model is
@@ -740,6 +757,10 @@ class AdaptiveModelRouter:
             type(max_latency_ms) is not float or not 0.0 < max_latency_ms < _INF
         ):
             max_latency_ms = _opt_number("max_latency_ms", max_latency_ms, positive=True)
+        if max_ttft_ms is not None and (
+            type(max_ttft_ms) is not float or not 0.0 < max_ttft_ms < _INF
+        ):
+            max_ttft_ms = _opt_number("max_ttft_ms", max_ttft_ms, positive=True)
         if min_success_rate is None:
             min_success_rate = self.policy.default_min_success_rate
         elif type(min_success_rate) is float and 0.0 <= min_success_rate <= 1.0:
@@ -786,7 +807,7 @@ class AdaptiveModelRouter:
             blocked = unavailable
         else:
             blocked = frozenset(unavailable)
-        limits = (min_success_rate, max_latency_ms, max_cost, strict_cost, max_tokens)
+        limits = (min_success_rate, max_latency_ms, max_cost, strict_cost, max_tokens, max_ttft_ms)
         wf = workflow or None
         try:
             ctx = self._context(wf, stage or None, names, limits)
@@ -866,6 +887,7 @@ class AdaptiveModelRouter:
             expected_cost_usd=costs[index],
             max_cost=view.cons.max_cost,
             max_latency_ms=view.cons.max_latency_ms,
+            max_ttft_ms=view.cons.max_ttft_ms,
             min_success_rate=view.cons.min_success_rate,
             strict_cost=view.cons.strict_cost,
             change=change,

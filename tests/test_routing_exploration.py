@@ -137,7 +137,19 @@ def test_a_steady_arm_better_than_the_rate_floor_is_not_read_as_improving() -> N
         buckets.append(
             (
                 k * 60,
-                [float(n), float(s), float(s), 5.0 * s, 25.0 * s, 500.0 * s, 200.0 * s, 0.001 * n],
+                [
+                    float(n),
+                    float(s),
+                    float(s),
+                    5.0 * s,
+                    25.0 * s,
+                    500.0 * s,
+                    200.0 * s,
+                    0.001 * n,
+                    0.0,
+                    0.0,
+                    0.0,
+                ],
             )
         )
     arm.apply(buckets)
@@ -153,7 +165,22 @@ def test_a_busy_steady_arm_raises_few_false_alarms_in_a_week() -> None:
     for k in range(10_080):
         s = sum(rng.random() < 0.95 for _ in range(14))
         buckets.append(
-            (k * 60, [14.0, float(s), float(s), 5.0 * s, 25.0 * s, 500.0 * s, 200.0 * s, 0.014])
+            (
+                k * 60,
+                [
+                    14.0,
+                    float(s),
+                    float(s),
+                    5.0 * s,
+                    25.0 * s,
+                    500.0 * s,
+                    200.0 * s,
+                    0.014,
+                    0.0,
+                    0.0,
+                    0.0,
+                ],
+            )
         )
     arm = Arm(test=RoutingPolicy().change_test)
     arm.apply(buckets)

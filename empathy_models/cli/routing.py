@@ -90,6 +90,9 @@ def register(subparsers: SubParsers) -> None:
     best.add_argument("stage", help="its stage")
     best.add_argument("--max-cost", type=_non_negative_float, help="USD per call")
     best.add_argument("--max-latency-ms", type=_positive_float, help="p95 latency bound")
+    best.add_argument(
+        "--max-ttft-ms", type=_positive_float, help="p95 time-to-first-token bound (streams)"
+    )
     best.add_argument("--min-success-rate", type=_rate, help="0..1 (default 0.8)")
     best.add_argument("--input-tokens", type=_tokens, help="prompt size, for the expected cost")
     best.add_argument("--max-tokens", type=_tokens, help="output cap, for the expected cost")
@@ -229,7 +232,10 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
         )
         rows = []
         warnings: list[str] = []
+        # time to first token columns only where some model streamed
+        streamed = any(m["ttft_p50"] is not None for m in stats["performance_by_model"].values())
         for model, m in stats["performance_by_model"].items():
+            ttft = (fmt_ms(m["ttft_p50"]), fmt_ms(m["ttft_p95"])) if streamed else ()
             rows.append(
                 (
                     model,
@@ -239,6 +245,7 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
                     f"{fmt_pct(m['success_rate_lower'])}-{fmt_pct(m['success_rate_upper'])}",
                     fmt_ms(m["p50"]),
                     fmt_ms(m["p95"]),
+                    *ttft,
                     fmt_usd(m["avg_cost"]),
                 )
             )
@@ -250,7 +257,17 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
                     f"{fmt_pct(m['success_rate_upper'])} (95%)"
                 )
         print_table(
-            ["model", "tier", "calls", "success", "95% bounds", "p50 ms", "p95 ms", "avg cost"],
+            [
+                "model",
+                "tier",
+                "calls",
+                "success",
+                "95% bounds",
+                "p50 ms",
+                "p95 ms",
+                *(("ttft p50 ms", "ttft p95 ms") if streamed else ()),
+                "avg cost",
+            ],
             rows,
             title=title,
         )
@@ -316,6 +333,7 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
                     max_latency_ms=args.max_latency_ms,
                     min_success_rate=args.min_success_rate,
                     on_no_match=args.on_no_match,
+                    max_ttft_ms=args.max_ttft_ms,
                 )
 
     decision = run_async(body)

@@ -47,6 +47,9 @@ from .stats import (
     OUT_SUM,
     SAMPLES,
     SUCCESSES,
+    TTFT_LOG,
+    TTFT_N,
+    TTFT_SQ,
     WIDTH,
     add_outcome,
     latency_bounds,
@@ -159,6 +162,11 @@ class ArmSummary:
     mean_cost: float | None = None
     since: int | None = None
     change: str | None = None
+    ttft_n: float = 0.0
+    ttft_p50: float | None = None
+    ttft_p95: float | None = None
+    ttft_p95_lower: float | None = None
+    ttft_p95_upper: float | None = None
 
 
 EMPTY_SUMMARY: Final = ArmSummary()
@@ -186,6 +194,7 @@ def _summarize(
     reject_upper = wilson_bounds(s, n, reject_z)[1]
     keep_lower = wilson_bounds(s, n, keep_z)[0]
     p50, p95, p95_lo, p95_hi = latency_bounds(v[LAT_N], v[LAT_LOG], v[LAT_SQ], z)
+    t50, t95, t95_lo, t95_hi = latency_bounds(v[TTFT_N], v[TTFT_LOG], v[TTFT_SQ], z)
     change: str | None = None
     if regime.detected is not None:
         change = regime.kind
@@ -211,6 +220,11 @@ def _summarize(
         (v[COST_SUM] / n) if n > 0 else None,
         regime.start if regime.detected is not None else None,
         change,
+        v[TTFT_N],
+        t50,
+        t95,
+        t95_lo,
+        t95_hi,
     )
 
 
@@ -270,6 +284,7 @@ class Arm:
         input_tokens: int,
         output_tokens: int,
         cost_usd: float,
+        ttft_ms: float | None = None,
     ) -> None:
         """Fold one outcome this process reported into its bucket, in O(1) amortized."""
         t = bucket_of(ts)
@@ -280,8 +295,10 @@ class Arm:
             v = _zeros()
             self._insert(t, v)
         if t >= self.regimes[-1].start:
-            add_outcome(self.cur, success, latency_ms, input_tokens, output_tokens, cost_usd)
-        add_outcome(v, success, latency_ms, input_tokens, output_tokens, cost_usd)
+            add_outcome(
+                self.cur, success, latency_ms, input_tokens, output_tokens, cost_usd, ttft_ms
+            )
+        add_outcome(v, success, latency_ms, input_tokens, output_tokens, cost_usd, ttft_ms)
         self.window_n += 1
         self.streak = self.streak + 1 if success else 0
         self.version += 1

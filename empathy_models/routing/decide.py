@@ -46,7 +46,7 @@ from attrs import define, field, frozen
 
 from ..records import CandidateEvaluation, ConstraintStatus, ModelTier
 from .book import EMPTY_SUMMARY, Arm, ArmSummary
-from .policy import COST, LATENCY, SUCCESS, Constraints, RoutingPolicy
+from .policy import COST, LATENCY, SUCCESS, TTFT, Constraints, RoutingPolicy
 from .stats import positional_constructor, wilson_bounds
 
 __all__ = ["Context", "ModelFacts", "Verdict", "build_candidates", "judge", "select"]
@@ -98,6 +98,7 @@ class Verdict:
     basis_no_input: str | None
     reasons: tuple[str, ...]
     degraded: bool  # rejected, or its evidence restarted with a detected degradation
+    ttft: ConstraintStatus | None = None
 
 
 def judge(
@@ -148,28 +149,31 @@ def judge(
     latency: ConstraintStatus | None = None
     max_lat = cons.max_latency_ms
     if max_lat is not None:
-        lat_n = summary.latency_n
-        need = float(policy.latency_min_samples)
-        if lat_n < need:
-            latency = UNPROVEN
-            reasons.append(f"latency: {lat_n:.0f} measured successful calls, need {need:g}")
-        elif summary.p50 is not None and summary.p50 > max_lat:
-            latency = REJECTED
-            reasons.append(f"latency p50 {_fmt_ms(summary.p50)} > max {_fmt_ms(max_lat)}")
-        elif summary.p95_lower is not None and summary.p95_lower > max_lat:
-            latency = REJECTED
-            reasons.append(
-                f"latency p95 >= {_fmt_ms(summary.p95_lower)} (95% lower bound) "
-                f"> max {_fmt_ms(max_lat)}"
-            )
-        elif summary.p95_upper is not None and summary.p95_upper <= max_lat:
-            latency = ELIGIBLE
-        else:
-            latency = UNPROVEN
-            reasons.append(
-                f"latency p95 upper bound {_fmt_ms(summary.p95_upper or 0.0)} "
-                f"not yet proven <= max {_fmt_ms(max_lat)}"
-            )
+        latency = _judge_timing(
+            "latency",
+            "measured successful calls",
+            summary.latency_n,
+            summary.p50,
+            summary.p95_lower,
+            summary.p95_upper,
+            max_lat,
+            float(policy.latency_min_samples),
+            reasons,
+        )
+    ttft: ConstraintStatus | None = None
+    max_ttft = cons.max_ttft_ms
+    if max_ttft is not None:
+        ttft = _judge_timing(
+            "time to first token",
+            "streamed successful calls",
+            summary.ttft_n,
+            summary.ttft_p50,
+            summary.ttft_p95_lower,
+            summary.ttft_p95_upper,
+            max_ttft,
+            float(policy.latency_min_samples),
+            reasons,
+        )
     if summary.change is not None and reasons:
         reasons.append(f"evidence restarted: {summary.change}")
     code = (
@@ -178,6 +182,7 @@ def judge(
         else max(
             _CODE[success] if success is not None else 0,
             _CODE[latency] if latency is not None else 0,
+            _CODE[ttft] if ttft is not None else 0,
         )
     )
     slope, const, basis, const_ni, basis_ni = _cost_terms(
@@ -197,7 +202,40 @@ def judge(
         basis_ni,
         tuple(reasons),
         code == 2 or (summary.change or "").startswith("degraded"),
+        ttft,
     )
+
+
+def _judge_timing(
+    label: str,
+    counted: str,
+    n: float,
+    p50: float | None,
+    p95_lower: float | None,
+    p95_upper: float | None,
+    limit: float,
+    need: float,
+    reasons: list[str],
+) -> ConstraintStatus:
+    """A p95 timing limit (latency, time to first token) against its log-normal bounds."""
+    if n < need:
+        reasons.append(f"{label}: {n:.0f} {counted}, need {need:g}")
+        return UNPROVEN
+    if p50 is not None and p50 > limit:
+        reasons.append(f"{label} p50 {_fmt_ms(p50)} > max {_fmt_ms(limit)}")
+        return REJECTED
+    if p95_lower is not None and p95_lower > limit:
+        reasons.append(
+            f"{label} p95 >= {_fmt_ms(p95_lower)} (95% lower bound) > max {_fmt_ms(limit)}"
+        )
+        return REJECTED
+    if p95_upper is not None and p95_upper <= limit:
+        return ELIGIBLE
+    reasons.append(
+        f"{label} p95 upper bound {_fmt_ms(p95_upper or 0.0)} not yet proven <= max "
+        f"{_fmt_ms(limit)}"
+    )
+    return UNPROVEN
 
 
 _new_verdict: Final = positional_constructor(Verdict)
@@ -342,6 +380,12 @@ def _plausible(v: Verdict, cons: Constraints, rng: random.Random, policy: Routin
         sd = max(math.log(hi / s.p95) / policy.z, 1e-9)
         if math.exp(rng.gauss(math.log(s.p95), sd)) > max_lat:
             return False
+    max_ttft = cons.max_ttft_ms
+    if v.ttft is UNPROVEN and max_ttft is not None and s.ttft_p95 is not None:
+        hi = s.ttft_p95_upper if s.ttft_p95_upper is not None else s.ttft_p95
+        sd = max(math.log(hi / s.ttft_p95) / policy.z, 1e-9)
+        if math.exp(rng.gauss(math.log(s.ttft_p95), sd)) > max_ttft:
+            return False
     return True
 
 
@@ -412,7 +456,11 @@ def select(
                 waits[i] = ctx.decisions
                 continue
             arm = arms[i]
-            if v.latency is REJECTED or not (v.summary.change or "").startswith("degraded"):
+            if (
+                v.latency is REJECTED
+                or v.ttft is REJECTED
+                or not (v.summary.change or "").startswith("degraded")
+            ):
                 # never proven, or too slow: successes in a row say nothing of a recovery
                 wait = 4.0 * policy.reprobe_interval
             else:
@@ -563,6 +611,8 @@ if tuple(a.name for a in attrs.fields(CandidateEvaluation)) != (
     "cost_basis",
     "change",
     "evidence_since",
+    "ttft_p50_ms",
+    "ttft_p95_ms",
 ):  # pragma: no cover - guards _candidate's argument order against field changes
     raise TypeError("CandidateEvaluation's fields changed: update routing.decide._candidate")
 _NO_STATUS: Final[MappingProxyType[str, ConstraintStatus]] = MappingProxyType({})
@@ -577,6 +627,8 @@ def _candidate(
         statuses[SUCCESS] = v.success
     if v.latency is not None:
         statuses[LATENCY] = v.latency
+    if v.ttft is not None:
+        statuses[TTFT] = v.ttft
     reasons = list(v.reasons)
     basis = v.basis if with_input else v.basis_no_input
     max_cost = cons.max_cost
@@ -615,6 +667,8 @@ def _candidate(
         basis if cost is not None else None,
         s.change,
         datetime.fromtimestamp(s.since, UTC) if s.since is not None else None,
+        s.ttft_p50,
+        s.ttft_p95,
     )
 
 

@@ -12,12 +12,13 @@ from attrs import field, frozen
 from ..exceptions import ConfigurationError
 from .book import ChangeTest
 
-__all__ = ["COST", "LATENCY", "SUCCESS", "Constraints", "Objective", "RoutingPolicy"]
+__all__ = ["COST", "LATENCY", "SUCCESS", "TTFT", "Constraints", "Objective", "RoutingPolicy"]
 
 SUCCESS: Final = "min_success_rate"
 LATENCY: Final = "max_latency_ms"
 COST: Final = "max_cost"
-CONSTRAINT_NAMES: Final = (SUCCESS, LATENCY, COST)
+TTFT: Final = "max_ttft_ms"
+CONSTRAINT_NAMES: Final = (SUCCESS, LATENCY, COST, TTFT)
 
 Objective = Literal["cheapest", "most_reliable"]
 
@@ -138,7 +139,8 @@ class RoutingPolicy:
       instead (top-two Thompson sampling), so a cheap near-miss on a lucky run does
       not starve the model that would be proven.
     * ``relax_order``: the order ``on_no_match="relax"`` drops constraints in (default
-      latency, then success rate, then cost last because it is a budget).
+      time to first token, latency, then success rate, then cost last because it is a
+      budget); a constraint not listed is never dropped.
     * ``prior_alpha`` / ``prior_beta``: Beta prior of the Thompson draws (never counted
       toward a verdict).
     * ``seed_stage_limit``: how many workflow stages get their recent-outcome window
@@ -167,7 +169,9 @@ class RoutingPolicy:
     reprobe_interval: float = field(default=200.0, validator=_check_at_least_one)
     reprobe_min: float = field(default=4.0, validator=_check_at_least_one)
     relax_order: tuple[str, ...] = field(
-        default=(LATENCY, SUCCESS, COST), converter=_to_tuple, validator=_check_relax_order
+        default=(TTFT, LATENCY, SUCCESS, COST),
+        converter=_to_tuple,
+        validator=_check_relax_order,
     )
     prior_alpha: float = field(default=1.0, validator=_check_positive)
     prior_beta: float = field(default=1.0, validator=_check_positive)
@@ -194,16 +198,18 @@ class Constraints:
     max_cost: float | None = None
     strict_cost: bool = False
     max_tokens: int | None = None
+    max_ttft_ms: float | None = None
 
     @property
     def given(self) -> tuple[str, ...]:
-        """Names of the constraints that are set, in (success, latency, cost) order."""
+        """Names of the constraints that are set, in (success, latency, cost, ttft) order."""
         return tuple(
             name
             for name, value in (
                 (SUCCESS, self.min_success_rate),
                 (LATENCY, self.max_latency_ms),
                 (COST, self.max_cost),
+                (TTFT, self.max_ttft_ms),
             )
             if value is not None
         )
@@ -215,4 +221,5 @@ class Constraints:
             min_success_rate=None if name == SUCCESS else self.min_success_rate,
             max_latency_ms=None if name == LATENCY else self.max_latency_ms,
             max_cost=None if name == COST else self.max_cost,
+            max_ttft_ms=None if name == TTFT else self.max_ttft_ms,
         )

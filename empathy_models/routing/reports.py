@@ -55,8 +55,9 @@ class ModelStats:
     One model's calls in a `RoutingStats` window.
 
     ``success_rate_lower`` / ``_upper`` are the 95% Wilson bounds; latency figures are of
-    successful calls; ``sample_size_warning`` says when the sample is too small to
-    trust (``None`` otherwise).
+    successful calls, ``ttft_p50`` / ``ttft_p95`` (time to first token) of streamed
+    successful calls (None when the model never streamed); ``sample_size_warning`` says
+    when the sample is too small to trust (``None`` otherwise).
     """
 
     calls: int
@@ -70,6 +71,8 @@ class ModelStats:
     p95: float | None
     tier: str | None
     sample_size_warning: str | None
+    ttft_p50: float | None = None
+    ttft_p95: float | None = None
 
 
 @frozen(kw_only=True)
@@ -126,6 +129,8 @@ def merge_performances(perfs: Sequence[ModelPerformance]) -> dict[str, ModelPerf
             avg_latency_ms=(sum(v * w for v, w in lat) / lat_w) if lat_w else None,
             latency_p50_ms=max((r.latency_p50_ms for r in rows if r.latency_p50_ms), default=None),
             latency_p95_ms=max((r.latency_p95_ms for r in rows if r.latency_p95_ms), default=None),
+            ttft_p50_ms=max((r.ttft_p50_ms for r in rows if r.ttft_p50_ms), default=None),
+            ttft_p95_ms=max((r.ttft_p95_ms for r in rows if r.ttft_p95_ms), default=None),
         )
     return out
 
@@ -166,6 +171,8 @@ def stats_from(
             p95=p.latency_p95_ms,
             tier=p.tier.value if p.tier is not None else None,
             sample_size_warning=warning,
+            ttft_p50=p.ttft_p50_ms,
+            ttft_p95=p.ttft_p95_ms,
         )
     return RoutingStats(
         workflow=workflow,

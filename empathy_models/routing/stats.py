@@ -45,7 +45,10 @@ LAT_SQ: Final = 4
 IN_SUM: Final = 5
 OUT_SUM: Final = 6
 COST_SUM: Final = 7
-WIDTH: Final = 8
+TTFT_N: Final = 8
+TTFT_LOG: Final = 9
+TTFT_SQ: Final = 10
+WIDTH: Final = 11
 
 P95_Z: Final = 1.6448536269514722  # standard normal quantile of 0.95
 
@@ -61,6 +64,9 @@ def bucket_sums(b: EvidenceBucket) -> list[float]:
         b.input_tokens,
         b.output_tokens,
         b.cost_usd,
+        b.ttft_n,
+        b.ttft_log_sum,
+        b.ttft_log_sq_sum,
     ]
 
 
@@ -71,6 +77,7 @@ def add_outcome(
     input_tokens: int,
     output_tokens: int,
     cost_usd: float,
+    ttft_ms: float | None = None,
 ) -> None:
     """Add one sample outcome to ``v`` with `empathy_models.evidence.rollup`'s arithmetic."""
     v[SAMPLES] += 1
@@ -84,6 +91,11 @@ def add_outcome(
     v[LAT_SQ] += lat * lat
     v[IN_SUM] += input_tokens
     v[OUT_SUM] += output_tokens
+    if ttft_ms is not None:
+        t = log_ms(ttft_ms)
+        v[TTFT_N] += 1
+        v[TTFT_LOG] += t
+        v[TTFT_SQ] += t * t
 
 
 def wilson_bounds(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
