@@ -640,6 +640,53 @@ class Instrumentation:
         traced.__dict__.pop("__wrapped__", None)  # a strong reference to the executor
         return traced
 
+    # ------------------------------------------------------------------ streams
+
+    def stream_started(self, workflow: str, stage: str) -> _RunTrace | None:
+        """
+        A stream's run span, started (not made current: the stream's life spans the
+        caller's own code, so the stream passes its state to each hook instead).
+        """
+        try:
+            span = self._tracer.start_span(
+                f"run {workflow}/{stage}",
+                kind=self._internal,
+                attributes={_WORKFLOW: workflow, _STAGE: stage, "empathy_models.stream": True},
+            )
+            return _RunTrace(self, span, self._in_context(span), workflow, stage)
+        except Exception:
+            self._failed("starting the stream span")
+            return None
+
+    def stream_opened(self, state: _RunTrace) -> None:
+        """The streamed attempt has its first chunk: stop sending its trace context."""
+        try:
+            self._release(state)
+        except Exception:
+            self._failed("recording the stream's first chunk")
+
+    def stream_ended(
+        self, state: _RunTrace, response: object = None, error: BaseException | None = None
+    ) -> None:
+        """
+        The stream is over: answered (``response``), failed (``error``: every route
+        failed before the first chunk, or `StreamInterruptedError` after it), or left
+        by its caller (neither).
+        """
+        try:
+            if state.attempt is not None or state.ended is not None:
+                self._finish_attempts(state)
+            if state.recording:
+                if error is not None:
+                    self._run_failed(state, error)
+                elif response is not None:
+                    self._run_succeeded(state, response)
+                else:
+                    state.span.set_attribute("empathy_models.outcome", "cancelled")
+            state.span.end()
+        except Exception:
+            self._failed("ending the stream span")
+
     def _run_succeeded(self, state: _RunTrace, response: object) -> None:
         if not isinstance(response, self._response_type):
             return
@@ -681,9 +728,9 @@ class Instrumentation:
         state = _current.get()
         return state if state is not None and state.obs is self else None
 
-    def planned(self, run: _Run) -> None:
+    def planned(self, run: _Run, state: _RunTrace | None = None) -> None:
         """The run's routes are known: record the routing decision."""
-        state = self._state()
+        state = state or self._state()
         if state is None:
             return
         try:
@@ -735,9 +782,9 @@ class Instrumentation:
             }
         self._meters.picks.add(1, attributes)
 
-    def fallback(self, run: _Run, info: ModelInfo) -> None:
+    def fallback(self, run: _Run, info: ModelInfo, state: _RunTrace | None = None) -> None:
         """The run moves from its last model to ``info``."""
-        state = self._state()
+        state = state or self._state()
         if state is None:
             return
         try:
@@ -752,9 +799,15 @@ class Instrumentation:
         except Exception:
             self._failed("recording a fallback")
 
-    def rejected(self, info: ModelInfo, key: str | None, exc: CircuitOpenError) -> None:
+    def rejected(
+        self,
+        info: ModelInfo,
+        key: str | None,
+        exc: CircuitOpenError,
+        state: _RunTrace | None = None,
+    ) -> None:
         """An open circuit kept ``info`` from being called."""
-        state = self._state()
+        state = state or self._state()
         try:
             circuit = exc.state.value if exc.state is not None else "open"
             key = exc.key or key
@@ -785,9 +838,10 @@ class Instrumentation:
         request: CompletionRequest,
         attempt: int,
         tickets: tuple[Ticket | None, ...],
+        state: _RunTrace | None = None,
     ) -> None:
         """``info`` is about to be called (admitted by the breaker, with ``tickets``)."""
-        state = self._state()
+        state = state or self._state()
         if state is None:
             return
         try:
@@ -882,9 +936,13 @@ class Instrumentation:
         record: LLMCallRecord,
         completion: Completion | None = None,
         error: BaseException | None = None,
+        state: _RunTrace | None = None,
     ) -> None:
-        """The attempt of ``record`` ended (its feedback already given)."""
-        state = self._state()
+        """
+        The attempt of ``record`` ended (its feedback already given): with its
+        ``completion``, its ``error``, or neither (a stream the caller left: cancelled).
+        """
+        state = state or self._state()
         if state is None:
             return
         span = state.attempt
@@ -934,6 +992,20 @@ class Instrumentation:
                     }
                 meters.cost.add(record.cost_usd, cost_attrs)
                 return
+            if error is None:  # a stream left early by its caller: not an error
+                if state.recording:
+                    span.set_attributes(
+                        {
+                            "empathy_models.outcome": record.outcome.value,
+                            "gen_ai.usage.input_tokens": record.input_tokens,
+                            "gen_ai.usage.output_tokens": record.output_tokens,
+                        }
+                    )
+                span.end()
+                meters.duration.record(seconds, attributes)
+                if record.ttft_ms is not None:
+                    meters.first_chunk.record(record.ttft_ms / 1000.0, attributes)
+                return
             error_type = record.error_type or type(error).__name__
             extra = {"empathy_models.outcome": record.outcome.value, _ERROR_TYPE: error_type}
             if record.status_code is not None:
@@ -944,6 +1016,10 @@ class Instrumentation:
                 description = f"{error_type}: {record.error_message}"
             span.set_status(self._status(self._error, description))
             meters.duration.record(seconds, {**attributes, _ERROR_TYPE: error_type})
+            if record.ttft_ms is not None:  # a stream that failed after its first chunk
+                meters.first_chunk.record(
+                    record.ttft_ms / 1000.0, {**attributes, _ERROR_TYPE: error_type}
+                )
             # ended when the executor has decided whether to wait and retry
             state.ended = (span, time.time_ns())
         except Exception:
@@ -966,9 +1042,9 @@ class Instrumentation:
             self._response_attrs[key] = sets
         return sets
 
-    def retry(self, delay: float) -> None:
+    def retry(self, delay: float, state: _RunTrace | None = None) -> None:
         """The executor waits ``delay`` seconds, then calls the same model again."""
-        state = self._state()
+        state = state or self._state()
         if state is None or state.ended is None:
             return
         span, at = state.ended

@@ -85,6 +85,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from .executor import AttemptSummary, EmpathyLLMExecutor, LLMResponse, Prompt
+    from .observability import _RunTrace
     from .registry import ModelInfo
 
 __all__ = ["LLMStream", "StreamEvents", "StreamManager"]
@@ -178,6 +179,7 @@ class LLMStream:
         "_stream",
         "_t0",
         "_ticket",
+        "_trace",
         "_ttft",
     )
 
@@ -209,6 +211,7 @@ class LLMStream:
         self._t0 = 0.0
         self._ttft: float | None = None
         self._run_ttft: float | None = None
+        self._trace: _RunTrace | None = None  # the OpenTelemetry run span's state, when on
 
     def __repr__(self) -> str:
         model = None if self._info is None else self._info.id
@@ -327,6 +330,20 @@ class LLMStream:
         """Try the routes, as `run` does, until one streams its first delta."""
         if self._state != "new":
             raise RuntimeError("an LLMStream can be entered only once")
+        obs = self._ex._obs
+        if obs is not None:
+            ctx = self._run.context
+            self._trace = trace = obs.stream_started(ctx.workflow, ctx.stage)
+            if trace is not None:
+                obs.planned(self._run, trace)
+        try:
+            await self._open_routes()
+        except BaseException as exc:
+            if obs is not None and self._trace is not None:
+                obs.stream_ended(self._trace, error=exc)
+            raise
+
+    async def _open_routes(self) -> None:
         self._state = "opening"
         ex = self._ex
         self._start = ex._clock()
@@ -351,6 +368,8 @@ class LLMStream:
                         run.chain[-1],
                         info.id,
                     )
+                    if ex._obs is not None and self._trace is not None:
+                        ex._obs.fallback(run, info, self._trace)
                 run.chain.append(info.id)
                 try:
                     called, opened, overflow = await self._route(info)
@@ -457,6 +476,8 @@ class LLMStream:
                             scope_ticket = await breaker.admit(scope_key)
                         ticket = await breaker.admit(key)
                     except CircuitOpenError as exc:
+                        if ex._obs is not None and self._trace is not None:
+                            ex._obs.rejected(info, key, exc, self._trace)
                         if scope_ticket is not None and scope_ticket.lease_id is not None:
                             with anyio.CancelScope(shield=True):
                                 try:
@@ -482,6 +503,10 @@ class LLMStream:
                 # ---- open the stream and read up to its first delta
                 total = None if deadline_at is None else max(deadline_at - clock(), 0.001)
                 called = True
+                obs = ex._obs
+                trace = self._trace
+                if obs is not None and trace is not None:
+                    obs.attempt_started(run, info, request, attempt, (scope_ticket, ticket), trace)
                 t0 = clock()
                 stream: CompletionStream | None = None
                 try:
@@ -535,6 +560,8 @@ class LLMStream:
                             if scope_ticket is None
                             else (scope_ticket, provider_outcome(outcome, error)),
                         )
+                    if obs is not None and trace is not None:
+                        obs.attempt_ended(record, None, error, trace)
                 except BaseException as raised:
                     latency_ms = (clock() - t0) * 1000.0
                     with anyio.CancelScope(shield=True):
@@ -558,6 +585,8 @@ class LLMStream:
                             None,
                             None if scope_ticket is None else (scope_ticket, Outcome.CANCELLED),
                         )
+                    if obs is not None and trace is not None:
+                        obs.attempt_ended(record, None, raised, trace)
                     raise
                 else:
                     now = clock()
@@ -575,6 +604,8 @@ class LLMStream:
                         self._run_ttft = (now - self._start) * 1000.0
                     holding = False  # the stream holds the slot until it ends
                     self._state = "streaming"
+                    if obs is not None and trace is not None:
+                        obs.stream_opened(trace)
                     if first is None:
                         await self._finish()
                     return called, True, False
@@ -616,6 +647,8 @@ class LLMStream:
                 run.attempts.append(ex._summary(record, error))
                 return called, False, False
             run.attempts.append(ex._summary(record, error, delay))
+            if ex._obs is not None and self._trace is not None:
+                ex._obs.retry(delay, self._trace)
             await ex._sleep(delay)
         return called, False, False
 
@@ -686,6 +719,14 @@ class LLMStream:
                     breaker_outcome,
                     scope,
                 )
+            obs = ex._obs
+            if obs is not None and self._trace is not None:
+                obs.attempt_ended(
+                    record,
+                    completion if outcome is Outcome.SUCCESS else None,
+                    None if outcome is Outcome.CANCELLED else error,
+                    self._trace,
+                )
         finally:
             self._release()
             hold, self._hold = self._hold, None
@@ -729,6 +770,8 @@ class LLMStream:
     async def _finish(self) -> None:
         self._state = "done"
         self._response = await self._report(Outcome.SUCCESS, None, self._partial())
+        if self._ex._obs is not None and self._trace is not None:
+            self._ex._obs.stream_ended(self._trace, response=self._response)
 
     async def _interrupted(self, raised: Exception) -> StreamInterruptedError:
         """Record a failure after the first delta; the error to raise."""
@@ -770,6 +813,8 @@ class LLMStream:
         )
         interrupted.__cause__ = error
         self._error = interrupted
+        if self._ex._obs is not None and self._trace is not None:
+            self._ex._obs.stream_ended(self._trace, error=interrupted)
         logger.info("%s/%s: %s", self._run.context.workflow, self._run.context.stage, interrupted)
         return interrupted
 
@@ -781,6 +826,8 @@ class LLMStream:
         with anyio.CancelScope(shield=True):
             await stream.aclose()
             await self._report(Outcome.CANCELLED, None, self._partial())
+            if self._ex._obs is not None and self._trace is not None:
+                self._ex._obs.stream_ended(self._trace)
         logger.debug("stream of %s closed early (%s)", self.model, why)
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 import aiohttp
 import attrs
 
+from .._propagation import outgoing_headers
 from ..abc import Completion, CompletionRequest, CompletionStream, whole_answer_pieces
 from ..content import ToolCall, ToolCallDelta
 from ..exceptions import (
@@ -125,11 +126,15 @@ async def open_http_stream(
         )
     session = provider._session()
     payload = _ENCODER.encode(decoder_class.prepare(provider._payload(request))).encode()
+    headers = _stream_headers(provider)
+    trace_headers = outgoing_headers.get()  # the attempt span's traceparent, when traced
+    if trace_headers is not None:
+        headers = {**headers, **trace_headers}
     try:
         response = await session.post(
             provider._url,
             data=payload,
-            headers=_stream_headers(provider),
+            headers=headers,
             timeout=_client_timeout(provider, idle_timeout, total_timeout),
             allow_redirects=False,  # a redirect would carry the key elsewhere
         )

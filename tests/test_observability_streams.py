@@ -1,0 +1,145 @@
+"""
+OpenTelemetry for `EmpathyLLMExecutor.stream`: the same run span and CLIENT attempt
+spans as `run()`, ended when the stream ends however it ends, the streamed request's
+``traceparent``, and the ``time_to_first_chunk`` metric, against `FakeLLMServer`.
+"""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.trace import SpanKind, StatusCode
+
+from empathy_models import AllRoutesFailedError, RetryPolicy, StreamInterruptedError
+from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
+
+from .test_observability import (
+    CTX,
+    PROMPT,
+    Otel,
+    RecordingSleep,
+    every_text,
+    make,
+    otel,
+    server,
+    traceparent_of,
+)
+
+__all__ = ["otel", "server"]  # the fixtures, used by name
+
+TTFC = "gen_ai.client.operation.time_to_first_chunk"
+
+
+def attempts_of(sdk: Otel) -> list[ReadableSpan]:
+    return sorted(
+        (s for s in sdk.spans() if s.name.startswith("chat ")), key=lambda s: s.start_time or 0
+    )
+
+
+async def test_a_streamed_run_with_a_fallback_before_its_first_chunk(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.script("claude-fake-haiku", [503])
+    async with (
+        make(server, otel, sleep=RecordingSleep(), retry=RetryPolicy.none()) as executor,
+        executor.stream(PROMPT, CTX) as stream,
+    ):
+        text = "".join([delta async for delta in stream])
+        response = await stream.get_final_response()
+    assert text == response.content and response.model == "gpt-fake-mini"
+    run = otel.span("run support/answer")
+    assert run.kind is SpanKind.INTERNAL and run.status.status_code is StatusCode.UNSET
+    assert run.attributes is not None
+    assert run.attributes["empathy_models.stream"] is True
+    assert run.attributes["empathy_models.model"] == "gpt-fake-mini"
+    assert run.attributes["empathy_models.fallback_chain"] == ("claude-fake-haiku", "gpt-fake-mini")
+    assert run.attributes["empathy_models.request_id"] == response.request_id
+    assert [e.name for e in run.events] == ["empathy_models.fallback"]
+    failed, answer = attempts_of(otel)
+    run_ctx = run.get_span_context()
+    assert run_ctx is not None
+    for span in (failed, answer):
+        assert span.kind is SpanKind.CLIENT
+        assert span.parent is not None and span.parent.span_id == run_ctx.span_id
+    assert failed.name == "chat claude-fake-haiku"
+    assert failed.status.status_code is StatusCode.ERROR
+    attributes = answer.attributes
+    assert attributes is not None and failed.attributes is not None
+    assert failed.attributes["error.type"] == "ServerError"
+    assert attributes["gen_ai.usage.output_tokens"] == response.output_tokens
+    assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
+    assert str(attributes["gen_ai.response.id"]).startswith("chatcmpl-")
+    # the answering request carried the answering attempt's trace context
+    sent = server.last_request("gpt-fake-mini")
+    assert sent is not None and sent.body["stream"] is True
+    assert sent.headers["traceparent"] == traceparent_of(answer)
+    # the time to first chunk, in seconds, for the streamed attempt that had one
+    (point,) = otel.points(TTFC)
+    assert point.count == 1 and 0 < point.sum < 5
+    assert point.attributes["gen_ai.request.model"] == "gpt-fake-mini"
+    assert sum(p.count for p in otel.points("gen_ai.client.token.usage")) == 2
+
+
+async def test_an_interrupted_stream_ends_its_spans_with_an_error(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.set_behavior(
+        "claude-fake-haiku",
+        ModelBehavior(content="one two three four five", stream=StreamBehavior(fault_after=2)),
+    )
+    async with make(server, otel) as executor:
+        with pytest.raises(StreamInterruptedError):
+            async with executor.stream(PROMPT, CTX) as stream:
+                await stream.get_final_response()
+    run = otel.span("run support/answer")
+    assert run.status.status_code is StatusCode.ERROR
+    assert run.attributes is not None
+    assert run.attributes["error.type"] == "StreamInterruptedError"
+    (attempt,) = attempts_of(otel)
+    assert attempt.status.status_code is StatusCode.ERROR
+    assert attempt.attributes is not None
+    assert attempt.attributes["error.type"] == "OverloadedError"
+    (point,) = otel.points(TTFC)  # it had its first chunk before failing
+    assert point.attributes["error.type"] == "OverloadedError"
+
+
+async def test_a_stream_left_early_ends_its_spans_as_cancelled(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content="one two three four five"))
+    async with make(server, otel) as executor, executor.stream(PROMPT, CTX) as stream:
+        async for _ in stream:
+            break
+    run = otel.span("run support/answer")
+    (attempt,) = attempts_of(otel)
+    assert run.end_time is not None and attempt.end_time is not None
+    assert run.attributes is not None and run.attributes["empathy_models.outcome"] == "cancelled"
+    assert attempt.attributes is not None
+    assert attempt.attributes["empathy_models.outcome"] == "cancelled"
+    assert run.status.status_code is StatusCode.UNSET
+    assert attempt.status.status_code is StatusCode.UNSET
+
+
+async def test_a_stream_no_route_answers_is_one_failed_run_span(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.set_outage("*")
+    async with make(server, otel, sleep=RecordingSleep(), retry=RetryPolicy.none()) as executor:
+        with pytest.raises(AllRoutesFailedError):
+            async with executor.stream(PROMPT, CTX):
+                pass
+    run = otel.span("run support/answer")
+    assert run.status.status_code is StatusCode.ERROR
+    assert run.attributes is not None and run.attributes["error.type"] == "AllRoutesFailedError"
+    assert len(attempts_of(otel)) == 2
+    assert otel.points(TTFC) == []
+
+
+async def test_no_stream_content_or_key_reaches_opentelemetry_unless_opted_in(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content="secret answer text"))
+    async with make(server, otel) as executor, executor.stream("secret prompt text", CTX) as s:
+        await s.get_final_response()
+    texts = " ".join(every_text(otel))
+    assert "secret" not in texts and "sk-ant-test" not in texts
