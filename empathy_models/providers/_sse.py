@@ -194,6 +194,7 @@ class StreamDecoder:
         "_secret",
         "_slots",
         "_sse",
+        "_started",
         "error",
         "finished",
         "input_tokens",
@@ -224,6 +225,7 @@ class StreamDecoder:
         self.error: ProviderError | None = None
         self._queue: deque[tuple[str, str]] = deque()  # events framed, not yet decoded
         self._raw = b""  # bytes pushed and not yet framed, from ``_pos`` on
+        self._started = False  # a delta was decoded: decode eagerly from then on
         self._pos = 0
         self._calls: list[tuple[str | None, str | None, list[str]]] = []
         self._slots: dict[int, int] = {}  # the wire's index of a call -> its place in _calls
@@ -292,10 +294,10 @@ class StreamDecoder:
         """True when bytes or events from `push` wait for `more`."""
         return bool(self._queue) or self._pos < len(self._raw)
 
-    def _frame_next(self) -> None:
-        """Frame the next event of the pushed bytes (all the rest when none ends)."""
+    def _frame_next(self, rest: bool) -> None:
+        """Frame the next event of the pushed bytes (all the rest: ``rest``, or none ends)."""
         raw, pos = self._raw, self._pos
-        end = raw.find(b"\n\n", pos)
+        end = -1 if rest else raw.find(b"\n\n", pos)
         if end < 0:  # no event ends here (or CRLF line ends): the rest, as it is
             piece = raw[pos:] if pos else raw
             self._raw, self._pos = b"", 0
@@ -306,18 +308,21 @@ class StreamDecoder:
 
     def more(self) -> list[str | ToolCallDelta]:
         """
-        Decode the queued events up to the first that yields something, and return
-        it (so the first delta of a body that arrived whole costs one event's
-        decoding, not the body's); empty when the queue runs out first.  A failure
-        raises, or, after a delta of the same event, is kept in ``error``.
+        The deltas of the events pushed so far.  Until the first delta, events are
+        framed and decoded one at a time and the first that yields something is
+        returned (the first delta of a body that arrived whole costs one event's
+        decoding, not the body's); after it, everything pushed is decoded at once.
+        Empty when nothing yields a delta.  A failure raises, or, after deltas, is
+        kept in ``error``.
         """
         out: list[str | ToolCallDelta] = []
         queue = self._queue
-        while not out:
+        eager = self._started
+        while eager or not out:
             if not queue:
                 if self._pos >= len(self._raw):
                     break
-                self._frame_next()
+                self._frame_next(eager)
                 continue
             event, data = queue.popleft()
             try:
@@ -328,6 +333,9 @@ class StreamDecoder:
                 if not out:
                     raise
                 self.error = exc
+                break
+        if out:
+            self._started = True
         return out
 
     def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
