@@ -124,6 +124,9 @@ def register(subparsers: SubParsers) -> None:
     whatif.add_argument("stage", help="its stage")
     whatif.add_argument("--max-cost", type=_non_negative_float, help="USD per call")
     whatif.add_argument("--max-latency-ms", type=_positive_float, help="p95 latency bound")
+    whatif.add_argument(
+        "--max-ttft-ms", type=_positive_float, help="p95 time-to-first-token bound (streams)"
+    )
     whatif.add_argument("--min-success-rate", type=_rate, help="0..1 (default 0.8)")
     whatif.add_argument(
         "--on-no-match",
@@ -406,6 +409,7 @@ def cmd_routing_whatif(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "max_cost": args.max_cost,
         "max_latency_ms": args.max_latency_ms,
+        "max_ttft_ms": args.max_ttft_ms,
         "on_no_match": args.on_no_match,
         "candidates": candidates,
         "input_tokens": args.input_tokens,
@@ -474,7 +478,7 @@ def _print_whatif(r: Any) -> None:
     c = r.constraints
     policy = ", ".join(
         f"{k}={c[k]:g}" if isinstance(c[k], float) else f"{k}={c[k]}"
-        for k in ("min_success_rate", "max_latency_ms", "max_cost", "on_no_match")
+        for k in ("min_success_rate", "max_latency_ms", "max_ttft_ms", "max_cost", "on_no_match")
         if c[k] is not None
     )
     recorded_share = {t.model: t.recorded_share for t in r.traffic}
