@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from empathy_models import (
     Outcome,
     SQLiteTelemetryBackend,
 )
+from empathy_models.cli.demo import DemoResult, run_demo
 from empathy_models.whatif import load_stage_evidence, simulate_policy
 
 from ._cli import run_cli
@@ -135,3 +137,27 @@ def test_cli_whatif_takes_max_ttft_ms(tmp_path: Path) -> None:
     assert "max_ttft_ms=400" in table.stdout
     bad = run_cli(home, *args, "--max-ttft-ms", "0")
     assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+async def test_the_demo_holds_its_streamed_stage_to_a_ttft_limit(tmp_path: Path) -> None:
+    def reply(result: DemoResult) -> dict[str, Any]:
+        return next(s for s in result.stages if (s["workflow"], s["stage"]) == (WF, ST))
+
+    free = await run_demo(calls=400, seed=3, db_url=f"sqlite:///{tmp_path / 'a.db'}", outage=False)
+    held = await run_demo(
+        calls=400,
+        seed=3,
+        db_url=f"sqlite:///{tmp_path / 'b.db'}",
+        outage=False,
+        constraints={(WF, ST): {"max_ttft_ms": 0.001}},
+    )
+    assert reply(free)["failed"] == 0
+    # no model starts streaming within 1 us: once measured, each is ruled out (raise)
+    assert reply(held)["failed"] > 0 and reply(held)["answered"] < reply(free)["answered"]
+    with pytest.raises(ConfigurationError, match="max_ttft_ms"):
+        await run_demo(
+            calls=10,
+            seed=3,
+            db_url=f"sqlite:///{tmp_path / 'c.db'}",
+            constraints={(WF, ST): {"max_ttfb_ms": 1.0}},
+        )
