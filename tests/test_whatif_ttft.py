@@ -161,3 +161,20 @@ async def test_the_demo_holds_its_streamed_stage_to_a_ttft_limit(tmp_path: Path)
             db_url=f"sqlite:///{tmp_path / 'c.db'}",
             constraints={(WF, ST): {"max_ttfb_ms": 1.0}},
         )
+
+
+def test_cli_best_table_shows_each_candidates_ttft(tmp_path: Path) -> None:
+    import anyio
+
+    path = tmp_path / "calls.db"
+    anyio.run(lambda: fill(path, streamed=True))
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps(REGISTRY.to_dict()))
+    home = tmp_path / "home"
+    args = ("routing", "best", WF, ST, "--db", str(path), "--registry", str(registry))
+    table = run_cli(home, *args, "--max-ttft-ms", "400", "--min-success-rate", "0.5")
+    assert table.returncode == 0, table.stderr
+    assert "ttft p95 ms" in table.stdout
+    rows = {line.split()[0]: line for line in table.stdout.splitlines() if line.strip()}
+    assert "rejected" in rows["slow"] and "time to first token p50" in rows["slow"]
+    assert "eligible" in rows["fast"]

@@ -354,8 +354,14 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
         title=f"Best model for {args.workflow}/{args.stage}",
     )
     print()
+    # the time-to-first-token column only where some candidate streamed or it is asked for
+    ttft = args.max_ttft_ms is not None or any(
+        c.ttft_p95_ms is not None for c in decision.candidates
+    )
+    headers = ["candidate", "status", "calls", "success", "95% bounds", "p95 ms"]
+    headers += ["ttft p95 ms"] * ttft + ["exp. cost", "notes"]
     print_table(
-        ["candidate", "status", "calls", "success", "95% bounds", "p95 ms", "exp. cost", "notes"],
+        headers,
         [
             (
                 c.model,
@@ -364,6 +370,7 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
                 fmt_pct(c.success_rate),
                 f"{fmt_pct(c.success_rate_lower)}-{fmt_pct(c.success_rate_upper)}",
                 fmt_ms(c.latency_p95_ms),
+                *([fmt_ms(c.ttft_p95_ms)] if ttft else []),
                 fmt_usd(c.expected_cost_usd),
                 "; ".join(c.reasons) or None,
             )
