@@ -278,8 +278,9 @@ class WhatIfReport:
     ``cost_per_request`` (USD per simulated request; a request no model served costs
     nothing), ``success_rate`` (of served requests), ``latency_p95_ms`` (of successful
     calls), ``no_match_share`` (requests where no model met every constraint: raised,
-    relaxed, pinned, or explored because nothing was eligible).  ``recorded_*`` are
-    what the recorded calls in the window did, per attempt.
+    relaxed, pinned, or explored because nothing was eligible), ``ttft_p95_ms`` (time
+    to first token of the successful calls of models that streamed; all ``None`` when
+    none did).  ``recorded_*`` are what the recorded calls in the window did, per attempt.
     """
 
     workflow: str
@@ -304,6 +305,8 @@ class WhatIfReport:
     ipw: IPWEstimate | None
     notes: tuple[str, ...] = field(factory=tuple)
     evidence_source: str = "rollups"
+    recorded_ttft_p95_ms: float | None = None
+    ttft_p95_ms: Interval = field(factory=Interval.none)
 
     @property
     def cost_per_1k(self) -> Interval:
@@ -332,11 +335,13 @@ class WhatIfReport:
                 "cost_per_1k": self.recorded_cost_per_1k,
                 "success_rate": self.recorded_success_rate,
                 "latency_p95_ms": self.recorded_latency_p95_ms,
+                "ttft_p95_ms": self.recorded_ttft_p95_ms,
             },
             "cost_per_request": self.cost_per_request.to_dict(),
             "cost_per_1k": self.cost_per_1k.to_dict(),
             "success_rate": self.success_rate.to_dict(),
             "latency_p95_ms": self.latency_p95_ms.to_dict(),
+            "ttft_p95_ms": self.ttft_p95_ms.to_dict(),
             "no_match_share": self.no_match_share.to_dict(),
             "traffic": [t.to_dict() for t in self.traffic],
             "models": [m.to_dict() for m in self.models],
@@ -929,6 +934,7 @@ async def simulate_policy(
     costs: list[float] = []
     success: list[float | None] = []
     p95s: list[float | None] = []
+    ttft_p95s: list[float | None] = []
     no_match: list[float] = []
     shares: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(replicates):
@@ -1015,6 +1021,15 @@ async def simulate_policy(
                 [(picks.get(m, 0) * draws[m].success, draws[m].mu, draws[m].sigma) for m in picks]
             )
         )
+        ttft_p95s.append(
+            _mixture_p95(
+                [
+                    (picks.get(m, 0) * draws[m].success, t_mu, draws[m].ttft_sigma)
+                    for m in picks
+                    if (t_mu := draws[m].ttft_mu) is not None
+                ]
+            )
+        )
         for m in shares:
             shares[m].append(picks.get(m, 0) / requests)
     total = evidence.samples
@@ -1061,6 +1076,17 @@ async def simulate_policy(
             if f.latency_mu is not None
         ]
     )
+    recorded_ttft_p95 = _mixture_p95(
+        [
+            (
+                f.ttft_n,
+                f.ttft_mu,
+                f.ttft_sigma if f.ttft_sigma is not None else _FALLBACK_SIGMA,
+            )
+            for f in evidence.fits.values()
+            if f.ttft_mu is not None
+        ]
+    )
     return WhatIfReport(
         workflow=evidence.workflow,
         stage=evidence.stage,
@@ -1086,6 +1112,8 @@ async def simulate_policy(
         ipw=None,
         notes=tuple(notes),
         evidence_source=evidence.source,
+        recorded_ttft_p95_ms=recorded_ttft_p95,
+        ttft_p95_ms=_interval(ttft_p95s),
     )
 
 

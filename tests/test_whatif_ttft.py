@@ -97,6 +97,11 @@ async def test_a_ttft_limit_moves_the_simulated_traffic_to_the_fast_starter(
     assert limited.cost_per_request.estimate is not None
     assert plain.cost_per_request.estimate is not None
     assert limited.cost_per_request.estimate > plain.cost_per_request.estimate
+    # the simulated TTFT p95 is the fast model's, the recorded one the mix of both
+    assert limited.ttft_p95_ms.estimate is not None and limited.ttft_p95_ms.estimate < 200.0
+    assert plain.ttft_p95_ms.low is not None and plain.ttft_p95_ms.low > 900.0
+    assert limited.recorded_ttft_p95_ms is not None
+    assert 900.0 < limited.recorded_ttft_p95_ms < 1200.0
     with pytest.raises(ConfigurationError, match="max_ttft_ms"):
         await simulate_policy(evidence, max_ttft_ms=-1.0, **opts)  # type: ignore[arg-type]
 
@@ -112,6 +117,7 @@ async def test_a_stage_never_streamed_proves_no_ttft(tmp_path: Path) -> None:
     )
     # no model is assumed fast: every request is one no model qualifies for
     assert report.no_match_share.estimate == pytest.approx(1.0)
+    assert report.ttft_p95_ms.estimate is None and report.recorded_ttft_p95_ms is None
     assert any("no call of this stage streamed" in n for n in report.notes)
 
 
@@ -135,6 +141,9 @@ def test_cli_whatif_takes_max_ttft_ms(tmp_path: Path) -> None:
     table = run_cli(home, *args, *common, "--max-ttft-ms", "400")
     assert table.returncode == 0, table.stderr
     assert "max_ttft_ms=400" in table.stdout
+    assert data["ttft_p95_ms"]["estimate"] < 200.0
+    assert data["recorded"]["ttft_p95_ms"] > 900.0
+    assert "p95 ttft ms" in table.stdout
     bad = run_cli(home, *args, "--max-ttft-ms", "0")
     assert bad.returncode == 2 and "usage:" in bad.stderr
 

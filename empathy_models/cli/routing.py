@@ -513,6 +513,11 @@ def _print_whatif(r: Any) -> None:
             ("cost per 1,000", _ci(r.cost_per_1k, fmt_usd), fmt_usd(r.recorded_cost_per_1k)),
             ("success rate", _ci(r.success_rate, fmt_pct), fmt_pct(r.recorded_success_rate)),
             ("p95 latency ms", _ci(r.latency_p95_ms, fmt_ms), fmt_ms(r.recorded_latency_p95_ms)),
+            *(
+                [("p95 ttft ms", _ci(r.ttft_p95_ms, fmt_ms), fmt_ms(r.recorded_ttft_p95_ms))]
+                if r.recorded_ttft_p95_ms is not None or r.ttft_p95_ms.estimate is not None
+                else []
+            ),
             ("no model qualifies", _ci(r.no_match_share, fmt_pct), "-"),
         ],
     )
