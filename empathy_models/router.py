@@ -39,8 +39,6 @@ from functools import partial
 from types import TracebackType
 from typing import Any, ClassVar, Final, Self
 
-import attrs
-
 from .abc import TelemetryBackend
 from .evidence import EvidenceBucket, rollup
 from .exceptions import ConfigurationError, NoModelMeetsConstraintsError
@@ -64,7 +62,7 @@ from .routing.reports import (
     recommend,
     stats_from,
 )
-from .routing.stats import bucket_sums
+from .routing.stats import bucket_sums, positional_constructor
 
 __all__ = ["AdaptiveModelRouter", "RoutingPolicy", "RoutingStats", "TierRecommendation"]
 
@@ -130,13 +128,6 @@ def _limits(c: Constraints) -> _Limits:
     )
 
 
-_DECISION_FIELDS: Final = tuple(
-    (RoutingDecision.__dict__[a.name].__set__, a.name)
-    for a in attrs.fields(RoutingDecision)
-    if a.name != "candidates"
-)
-
-
 def _unmet(v: Verdict, cost: float | None, cons: Constraints) -> list[str]:
     """The constraints a candidate picked despite them does not confidently meet."""
     unmet = [
@@ -153,14 +144,12 @@ def _unmet(v: Verdict, cost: float | None, cons: Constraints) -> list[str]:
     return unmet
 
 
-def _decision(**values: Any) -> RoutingDecision:
-    # A RoutingDecision without its __init__ (every value is of its field's converted
-    # type and in range), with ``candidates`` left unset: it is built by the thunk on
-    # first read (see RoutingDecision).
-    obj = object.__new__(RoutingDecision)
-    for setter, name in _DECISION_FIELDS:
-        setter(obj, values.get(name))
-    return obj
+_decision: Final[Callable[..., RoutingDecision]] = positional_constructor(
+    RoutingDecision, ("candidates",), keywords=True
+)
+"""A `RoutingDecision` without its ``__init__`` (every value is of its field's converted
+type and in range), with ``candidates`` left unset: it is built by the thunk on first
+read (see RoutingDecision)."""
 
 
 class AdaptiveModelRouter:

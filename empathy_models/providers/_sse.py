@@ -23,6 +23,7 @@ so far; an ``error`` event raises the `ProviderError` its type maps to (an
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Any, ClassVar, Final
 
 from ..content import ToolCallDelta
@@ -186,7 +187,10 @@ class StreamDecoder:
     __slots__ = (
         "_calls",
         "_model",
+        "_pos",
         "_provider",
+        "_queue",
+        "_raw",
         "_secret",
         "_slots",
         "_sse",
@@ -218,6 +222,9 @@ class StreamDecoder:
         self.response_id: str | None = None
         self.finished = False
         self.error: ProviderError | None = None
+        self._queue: deque[tuple[str, str]] = deque()  # events framed, not yet decoded
+        self._raw = b""  # bytes pushed and not yet framed, from ``_pos`` on
+        self._pos = 0
         self._calls: list[tuple[str | None, str | None, list[str]]] = []
         self._slots: dict[int, int] = {}  # the wire's index of a call -> its place in _calls
 
@@ -261,14 +268,66 @@ class StreamDecoder:
         in ``chunk``; otherwise those deltas are returned and the failure is kept in
         ``error``, for the reader to raise once it has delivered them.
         """
+        self.push(chunk)
         out: list[str | ToolCallDelta] = []
-        try:
-            for event, data in self._sse.feed(chunk):
+        while self.queued and self.error is None:
+            try:
+                out.extend(self.more())
+            except ProviderError as exc:
+                if not out:
+                    raise
+                self.error = exc  # raised by the reader once the deltas are delivered
+        return out
+
+    def push(self, chunk: bytes) -> None:
+        """Keep ``chunk`` for `more`, which frames and decodes its events as it goes."""
+        if self._pos < len(self._raw):
+            self._raw = self._raw[self._pos :] + chunk
+        else:
+            self._raw = chunk
+        self._pos = 0
+
+    @property
+    def queued(self) -> bool:
+        """True when bytes or events from `push` wait for `more`."""
+        return bool(self._queue) or self._pos < len(self._raw)
+
+    def _frame_next(self) -> None:
+        """Frame the next event of the pushed bytes (all the rest when none ends)."""
+        raw, pos = self._raw, self._pos
+        end = raw.find(b"\n\n", pos)
+        if end < 0:  # no event ends here (or CRLF line ends): the rest, as it is
+            piece = raw[pos:] if pos else raw
+            self._raw, self._pos = b"", 0
+        else:
+            piece = raw[pos : end + 2]
+            self._pos = end + 2
+        self._queue.extend(self._sse.feed(piece))
+
+    def more(self) -> list[str | ToolCallDelta]:
+        """
+        Decode the queued events up to the first that yields something, and return
+        it (so the first delta of a body that arrived whole costs one event's
+        decoding, not the body's); empty when the queue runs out first.  A failure
+        raises, or, after a delta of the same event, is kept in ``error``.
+        """
+        out: list[str | ToolCallDelta] = []
+        queue = self._queue
+        while not out:
+            if not queue:
+                if self._pos >= len(self._raw):
+                    break
+                self._frame_next()
+                continue
+            event, data = queue.popleft()
+            try:
                 self._event(event, data, out)
-        except ProviderError as exc:
-            if not out:
-                raise
-            self.error = exc
+            except ProviderError as exc:
+                queue.clear()
+                self._raw, self._pos = b"", 0
+                if not out:
+                    raise
+                self.error = exc
         return out
 
     def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:

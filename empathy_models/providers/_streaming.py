@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 import aiohttp
@@ -168,7 +169,7 @@ async def open_http_stream(
             provider=name,
             model=model,
             request_id=response.headers.get("x-request-id") or response.headers.get("request-id"),
-            rate_limit_reset=parse_ratelimit_reset(response.headers),
+            headers=response.headers,
             idle_timeout=idle_timeout,
             total_timeout=total_timeout,
         )
@@ -214,12 +215,12 @@ class HTTPCompletionStream(CompletionStream):
         "_decoder",
         "_deltas",
         "_failed",
+        "_headers",
         "_idle",
         "_model",
         "_parts",
         "_pending",
         "_provider",
-        "_rate_limit_reset",
         "_read",
         "_request_id",
         "_response",
@@ -235,12 +236,12 @@ class HTTPCompletionStream(CompletionStream):
         provider: str,
         model: str,
         request_id: str | None,
-        rate_limit_reset: float | None = None,
+        headers: Mapping[str, str] | None = None,
         idle_timeout: float | None,
         total_timeout: float | None,
     ) -> None:
         self._response = response
-        self._rate_limit_reset = rate_limit_reset
+        self._headers = headers  # read at the end: rate-limit headers
         self._tool_calls: tuple[ToolCall, ...] = ()
         self._read = response.content.readany
         self._decoder = decoder
@@ -266,22 +267,31 @@ class HTTPCompletionStream(CompletionStream):
             if failure is not None:  # it came after deltas now delivered
                 self._fail(failure)
                 raise failure
+            decoder = self._decoder
+            chunk = b""
+            if not decoder.queued:
+                try:
+                    chunk = await self._read()
+                except _TRANSPORT_ERRORS as exc:
+                    if isinstance(exc, TimeoutError):
+                        error: ProviderError = _timeout_error(
+                            self._provider, self._model, self._idle, self._total, exc
+                        )
+                    else:
+                        error = error_from_transport(
+                            exc, provider=self._provider, model=self._model
+                        )
+                    self._fail(error)
+                    raise error from None
+                if not chunk:
+                    self._end()
+                    continue
             try:
-                chunk = await self._read()
-            except _TRANSPORT_ERRORS as exc:
-                if isinstance(exc, TimeoutError):
-                    error: ProviderError = _timeout_error(
-                        self._provider, self._model, self._idle, self._total, exc
-                    )
-                else:
-                    error = error_from_transport(exc, provider=self._provider, model=self._model)
-                self._fail(error)
-                raise error from None
-            if not chunk:
-                self._end()
-                continue
-            try:
-                deltas = self._decoder.feed(chunk)
+                if chunk:
+                    decoder.push(chunk)
+                # events are decoded up to the next delta: the first delta of an answer
+                # that arrived in one piece does not wait for the rest to be decoded
+                deltas = decoder.more()
             except ProviderError as exc:
                 self._fail(exc)
                 raise
@@ -350,5 +360,7 @@ class HTTPCompletionStream(CompletionStream):
             request_id=self._request_id or decoder.response_id,
             tool_calls=self._tool_calls,
             response_id=decoder.response_id,
-            rate_limit_reset=self._rate_limit_reset,
+            rate_limit_reset=None
+            if self._headers is None
+            else parse_ratelimit_reset(self._headers),
         )
