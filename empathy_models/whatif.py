@@ -159,6 +159,13 @@ class ModelFit:
     se_input_tokens: float = 0.0
     se_output_tokens: float = 0.0
     latency_n: int = 0
+    # time to first token of the streamed calls (log-normal; none when never streamed)
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    ttft_mu: float | None = None
+    ttft_sigma: float | None = None
+    se_ttft_mu: float = 0.0
+    ttft_n: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -171,6 +178,8 @@ class ModelFit:
             "success_rate_upper": self.success_rate_upper,
             "latency_p50_ms": self.latency_p50_ms,
             "latency_p95_ms": self.latency_p95_ms,
+            "ttft_p50_ms": self.ttft_p50_ms,
+            "ttft_p95_ms": self.ttft_p95_ms,
             "mean_input_tokens": self.mean_input_tokens,
             "mean_output_tokens": self.mean_output_tokens,
             "recorded_cost_usd": self.recorded_cost_usd,
@@ -269,8 +278,9 @@ class WhatIfReport:
     ``cost_per_request`` (USD per simulated request; a request no model served costs
     nothing), ``success_rate`` (of served requests), ``latency_p95_ms`` (of successful
     calls), ``no_match_share`` (requests where no model met every constraint: raised,
-    relaxed, pinned, or explored because nothing was eligible).  ``recorded_*`` are
-    what the recorded calls in the window did, per attempt.
+    relaxed, pinned, or explored because nothing was eligible), ``ttft_p95_ms`` (time
+    to first token of the successful calls of models that streamed; all ``None`` when
+    none did).  ``recorded_*`` are what the recorded calls in the window did, per attempt.
     """
 
     workflow: str
@@ -295,6 +305,8 @@ class WhatIfReport:
     ipw: IPWEstimate | None
     notes: tuple[str, ...] = field(factory=tuple)
     evidence_source: str = "rollups"
+    recorded_ttft_p95_ms: float | None = None
+    ttft_p95_ms: Interval = field(factory=Interval.none)
 
     @property
     def cost_per_1k(self) -> Interval:
@@ -323,11 +335,13 @@ class WhatIfReport:
                 "cost_per_1k": self.recorded_cost_per_1k,
                 "success_rate": self.recorded_success_rate,
                 "latency_p95_ms": self.recorded_latency_p95_ms,
+                "ttft_p95_ms": self.recorded_ttft_p95_ms,
             },
             "cost_per_request": self.cost_per_request.to_dict(),
             "cost_per_1k": self.cost_per_1k.to_dict(),
             "success_rate": self.success_rate.to_dict(),
             "latency_p95_ms": self.latency_p95_ms.to_dict(),
+            "ttft_p95_ms": self.ttft_p95_ms.to_dict(),
             "no_match_share": self.no_match_share.to_dict(),
             "traffic": [t.to_dict() for t in self.traffic],
             "models": [m.to_dict() for m in self.models],
@@ -388,6 +402,23 @@ def _fit(model: str, buckets: Sequence[EvidenceBucket], registry: ModelRegistry)
         s = sigma if sigma is not None else 0.0
         p50 = math.exp(mu)
         p95 = math.exp(mu + _P95_Z * s)
+    ttft_n = sum(b.ttft_n for b in buckets)
+    t_mu = t_sigma = t_p50 = t_p95 = None
+    se_t = 0.0
+    if ttft_n:
+        t_mu = sum(b.ttft_log_sum for b in buckets) / ttft_n
+        t_sq = sum(b.ttft_log_sq_sum for b in buckets) / ttft_n
+        t_sigma = (
+            math.sqrt(max(0.0, t_sq - t_mu * t_mu) * ttft_n / (ttft_n - 1)) if ttft_n > 1 else None
+        )
+        t_clusters = [b for b in buckets if b.ttft_n]
+        se_t = _ratio_se([(b.ttft_n, b.ttft_log_sum) for b in t_clusters], t_mu)
+        if len(t_clusters) < _MIN_CLUSTERS:
+            se_t = max(
+                se_t, (t_sigma if t_sigma is not None else _FALLBACK_SIGMA) / math.sqrt(ttft_n)
+            )
+        t_p50 = math.exp(t_mu)
+        t_p95 = math.exp(t_mu + _P95_Z * (t_sigma if t_sigma is not None else 0.0))
     per_call: float | None = None
     if in_registry and mean_in is not None and mean_out is not None:
         info = registry.get(model)
@@ -420,6 +451,12 @@ def _fit(model: str, buckets: Sequence[EvidenceBucket], registry: ModelRegistry)
         se_input_tokens=se_in,
         se_output_tokens=se_out,
         latency_n=lat_n,
+        ttft_p50_ms=t_p50,
+        ttft_p95_ms=t_p95,
+        ttft_mu=t_mu,
+        ttft_sigma=t_sigma,
+        se_ttft_mu=se_t,
+        ttft_n=ttft_n,
     )
 
 
@@ -605,6 +642,9 @@ class _Draw:
     mu: float
     sigma: float
     cost_per_success: float
+    # log-normal time to first token; None: no streamed call to learn it from
+    ttft_mu: float | None = None
+    ttft_sigma: float = _FALLBACK_SIGMA
 
 
 def _pooled(evidence: StageEvidence) -> tuple[float, float, float, float]:
@@ -620,11 +660,40 @@ def _pooled(evidence: StageEvidence) -> tuple[float, float, float, float]:
     return (mean_in, mean_out, mu, math.sqrt(max(0.0, sq - mu * mu)) or _FALLBACK_SIGMA)
 
 
+def _pooled_ttft(evidence: StageEvidence) -> tuple[float, float] | None:
+    """Stage-wide TTFT log-mean / log-sd of the streamed calls; None if none streamed."""
+    b = evidence.buckets
+    n = sum(x.ttft_n for x in b)
+    if n == 0:
+        return None
+    mu = sum(x.ttft_log_sum for x in b) / n
+    sq = sum(x.ttft_log_sq_sum for x in b) / n
+    return (mu, math.sqrt(max(0.0, sq - mu * mu)) or _FALLBACK_SIGMA)
+
+
+def _draw_ttft(
+    fit: ModelFit, pooled_ttft: tuple[float, float] | None, rng: random.Random
+) -> tuple[float | None, float]:
+    """One replicate's TTFT log-mean / log-sd for a model (the stage's if it never streamed)."""
+    if fit.ttft_mu is None:
+        if pooled_ttft is None:
+            return None, _FALLBACK_SIGMA
+        return pooled_ttft
+    mu = rng.gauss(fit.ttft_mu, fit.se_ttft_mu)
+    n = fit.ttft_n
+    if fit.ttft_sigma is not None and n > 2:
+        sigma = fit.ttft_sigma * math.sqrt(rng.gammavariate((n - 1) / 2.0, 2.0) / (n - 1))
+    else:
+        sigma = fit.ttft_sigma if fit.ttft_sigma is not None else _FALLBACK_SIGMA
+    return mu, max(sigma, 1e-6)
+
+
 def _draw(
     fit: ModelFit,
     registry: ModelRegistry,
     pooled: tuple[float, float, float, float],
     rng: random.Random,
+    pooled_ttft: tuple[float, float] | None = None,
 ) -> _Draw:
     info = registry.get(fit.model) if fit.model in registry else None
     provider = info.provider if info is not None else "unknown"
@@ -655,6 +724,7 @@ def _draw(
     else:
         rate = fit.success_rate or 0.0
         per_success = fit.recorded_cost_usd / max(1, fit.samples) / rate if rate > 0 else 0.0
+    ttft_mu, ttft_sigma = _draw_ttft(fit, pooled_ttft, rng)
     return _Draw(
         provider=provider,
         success=success,
@@ -663,6 +733,8 @@ def _draw(
         mu=mu,
         sigma=max(sigma, 1e-6),
         cost_per_success=per_success,
+        ttft_mu=ttft_mu,
+        ttft_sigma=ttft_sigma,
     )
 
 
@@ -729,6 +801,7 @@ def _record(
     output_tokens: int,
     cost_usd: float,
     latency_ms: float,
+    ttft_ms: float | None = None,
 ) -> LLMCallRecord:
     # a simulated attempt: every value is computed here and valid, so the record is
     # built without re-validating (a third of the simulation's time otherwise)
@@ -749,7 +822,7 @@ def _record(
         actual_cost_usd=None,
         price_version=None,
         latency_ms=latency_ms,
-        ttft_ms=None,
+        ttft_ms=ttft_ms,
         error_type=None,
         error_message=None,
         status_code=None,
@@ -790,6 +863,7 @@ async def simulate_policy(
     candidates: Sequence[str] | None = None,
     input_tokens: int | None = None,
     max_tokens: int | None = None,
+    max_ttft_ms: float | None = None,
     routing_policy: RoutingPolicy | None = None,
     requests: int = 400,
     replicates: int = 30,
@@ -801,8 +875,11 @@ async def simulate_policy(
     Constraints and ``on_no_match`` are those of `AdaptiveModelRouter.get_best_model`;
     ``min_success_rate`` ``None`` means the routing policy's default floor.
     ``candidates`` default to the models seen in the window; ``input_tokens`` to the
-    stage's mean.  ``routing_policy`` defaults to `RoutingPolicy` with the evidence's
-    window.  Invalid arguments raise `ConfigurationError`.
+    stage's mean.  Simulated calls of a model with streamed calls in the window carry a
+    time to first token drawn from them (``max_ttft_ms`` judges it as the router does); a
+    model never streamed takes the stage's, and when nothing in the stage streamed no
+    model can prove a ``max_ttft_ms``.  ``routing_policy`` defaults to `RoutingPolicy`
+    with the evidence's window.  Invalid arguments raise `ConfigurationError`.
     """
     registry = ModelRegistry.default() if registry is None else registry
     if not isinstance(registry, ModelRegistry):
@@ -837,11 +914,13 @@ async def simulate_policy(
             fits[name] = ModelFit(model=name, known=False, in_registry=name in registry)
     unknown = tuple(n for n in names if not fits[n].known)
     pooled = _pooled(evidence)
+    pooled_ttft = _pooled_ttft(evidence)
     if input_tokens is None:
         input_tokens = round(pooled[0]) if pooled[0] > 0 else None
     constraints = {
         "max_cost": max_cost,
         "max_latency_ms": max_latency_ms,
+        "max_ttft_ms": max_ttft_ms,
         "min_success_rate": min_success_rate
         if min_success_rate is not None
         else routing_policy.default_min_success_rate,
@@ -855,11 +934,12 @@ async def simulate_policy(
     costs: list[float] = []
     success: list[float | None] = []
     p95s: list[float | None] = []
+    ttft_p95s: list[float | None] = []
     no_match: list[float] = []
     shares: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(replicates):
         rng = random.Random(seed * 1_000_003 + rep)
-        draws = {n: _draw(fits[n], registry, pooled, rng) for n in names}
+        draws = {n: _draw(fits[n], registry, pooled, rng, pooled_ttft) for n in names}
         now = [start]
 
         def clock(now: list[float] = now) -> float:
@@ -892,6 +972,7 @@ async def simulate_policy(
                         max_latency_ms=max_latency_ms,
                         min_success_rate=min_success_rate,
                         on_no_match=on_no_match,
+                        max_ttft_ms=max_ttft_ms,
                     )
                 except NoModelMeetsConstraintsError:
                     unmatched += 1
@@ -907,7 +988,7 @@ async def simulate_policy(
                     fits.setdefault(
                         model, evidence.fits.get(model) or ModelFit(model=model, known=False)
                     )
-                    d = draws[model] = _draw(fits[model], registry, pooled, rng)
+                    d = draws[model] = _draw(fits[model], registry, pooled, rng, pooled_ttft)
                     shares.setdefault(model, [0.0] * rep)
                 served += 1
                 picks[model] = picks.get(model, 0) + 1
@@ -927,6 +1008,9 @@ async def simulate_policy(
                         output_tokens=out,
                         cost_usd=d.cost_per_success if ok else 0.0,
                         latency_ms=rng.lognormvariate(d.mu, d.sigma),
+                        ttft_ms=None
+                        if d.ttft_mu is None
+                        else rng.lognormvariate(d.ttft_mu, d.ttft_sigma),
                     )
                 )
         costs.append(exp_cost / requests)
@@ -935,6 +1019,15 @@ async def simulate_policy(
         p95s.append(
             _mixture_p95(
                 [(picks.get(m, 0) * draws[m].success, draws[m].mu, draws[m].sigma) for m in picks]
+            )
+        )
+        ttft_p95s.append(
+            _mixture_p95(
+                [
+                    (picks.get(m, 0) * draws[m].success, t_mu, draws[m].ttft_sigma)
+                    for m in picks
+                    if (t_mu := draws[m].ttft_mu) is not None
+                ]
             )
         )
         for m in shares:
@@ -961,6 +1054,11 @@ async def simulate_policy(
         "the simulation), its tokens and latency taken from the stage's other models"
         for m in unknown
     ]
+    if max_ttft_ms is not None and pooled_ttft is None:
+        notes.append(
+            "max_ttft_ms: no call of this stage streamed in the window, so no model has a "
+            "time to first token to prove it (each is unproven, routed by exploration)"
+        )
     for m in names:
         f = fits[m]
         if f.known and not f.in_registry:
@@ -976,6 +1074,17 @@ async def simulate_policy(
             )
             for f in evidence.fits.values()
             if f.latency_mu is not None
+        ]
+    )
+    recorded_ttft_p95 = _mixture_p95(
+        [
+            (
+                f.ttft_n,
+                f.ttft_mu,
+                f.ttft_sigma if f.ttft_sigma is not None else _FALLBACK_SIGMA,
+            )
+            for f in evidence.fits.values()
+            if f.ttft_mu is not None
         ]
     )
     return WhatIfReport(
@@ -1003,6 +1112,8 @@ async def simulate_policy(
         ipw=None,
         notes=tuple(notes),
         evidence_source=evidence.source,
+        recorded_ttft_p95_ms=recorded_ttft_p95,
+        ttft_p95_ms=_interval(ttft_p95s),
     )
 
 

@@ -57,11 +57,19 @@ def a_decision() -> RoutingDecision:
                 success_rate=0.95,
                 success_rate_lower=0.83,
                 success_rate_upper=0.99,
-                constraints={"max_cost": "eligible", "max_latency_ms": "rejected"},
+                constraints={
+                    "max_cost": "eligible",
+                    "max_latency_ms": "rejected",
+                    "max_ttft_ms": "eligible",
+                },
                 reasons=("p95 latency 2100 ms > 2000 ms",),
+                ttft_p50_ms=120.0,
+                ttft_p95_ms=180.0,
             ),
         ),
         relaxed=("max_latency_ms",),
+        max_latency_ms=2000.0,
+        max_ttft_ms=300.0,
         policy_applied="relax",
         decided_at=T0,
     )
@@ -109,6 +117,8 @@ def test_nested_records_come_back_as_records_and_enums() -> None:
     back = RoutingDecision.from_dict(through_json(a_decision().to_dict()))
     assert isinstance(back.candidates[1], CandidateEvaluation)
     assert back.candidates[1].constraints["max_latency_ms"] is ConstraintStatus.REJECTED
+    assert back.candidates[1].constraints["max_ttft_ms"] is ConstraintStatus.ELIGIBLE
+    assert (back.max_ttft_ms, back.candidates[1].ttft_p95_ms) == (300.0, 180.0)
     assert back.tier is ModelTier.CAPABLE
 
 

@@ -106,6 +106,7 @@ class _Stage:
     prompt_chars: int
     min_success_rate: float
     max_latency_ms: float | None = None
+    max_ttft_ms: float | None = None
     streamed: bool = False  # through executor.stream(), with its time to first token
 
 
@@ -246,11 +247,11 @@ def _stages_with(constraints: Mapping[tuple[str, str], Mapping[str, float | None
             raise ConfigurationError(
                 f"the demo has no stage {key!r}; its stages: {', '.join(map(str, known))}"
             )
-        unknown = set(values) - {"min_success_rate", "max_latency_ms"}
+        unknown = set(values) - {"min_success_rate", "max_latency_ms", "max_ttft_ms"}
         if unknown:
             raise ConfigurationError(
-                f"demo stage constraints are min_success_rate and max_latency_ms, got "
-                f"{', '.join(sorted(unknown))}"
+                f"demo stage constraints are min_success_rate, max_latency_ms and "
+                f"max_ttft_ms, got {', '.join(sorted(unknown))}"
             )
     out = []
     for s in _STAGES:
@@ -263,6 +264,7 @@ def _stages_with(constraints: Mapping[tuple[str, str], Mapping[str, float | None
                 s,
                 min_success_rate=rate,
                 max_latency_ms=values.get("max_latency_ms", s.max_latency_ms),
+                max_ttft_ms=values.get("max_ttft_ms", s.max_ttft_ms),
             )
         )
     return out
@@ -292,7 +294,8 @@ async def run_demo(
 
     ``db_url`` is the SQLite database (telemetry and breaker state) to write.  The
     OpenAI-format models are down (503) from call ``calls * 0.35`` to ``calls * 0.65``.
-    ``constraints`` replaces a stage's ``min_success_rate`` / ``max_latency_ms``, keyed
+    ``constraints`` replaces a stage's ``min_success_rate`` / ``max_latency_ms`` /
+    ``max_ttft_ms`` (judged on the streamed stage's time to first token), keyed
     by (workflow, stage): the demo run under another policy (what `routing whatif`
     predicts).  ``outage=False`` leaves every model up for the whole run.
     """
@@ -423,6 +426,7 @@ async def run_demo(
                         task_type=stage.task_type,
                         min_success_rate=stage.min_success_rate,
                         max_latency_ms=stage.max_latency_ms,
+                        max_ttft_ms=stage.max_ttft_ms,
                         max_tokens=1024,
                         timeout=5.0,
                     )

@@ -124,6 +124,9 @@ def register(subparsers: SubParsers) -> None:
     whatif.add_argument("stage", help="its stage")
     whatif.add_argument("--max-cost", type=_non_negative_float, help="USD per call")
     whatif.add_argument("--max-latency-ms", type=_positive_float, help="p95 latency bound")
+    whatif.add_argument(
+        "--max-ttft-ms", type=_positive_float, help="p95 time-to-first-token bound (streams)"
+    )
     whatif.add_argument("--min-success-rate", type=_rate, help="0..1 (default 0.8)")
     whatif.add_argument(
         "--on-no-match",
@@ -351,8 +354,14 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
         title=f"Best model for {args.workflow}/{args.stage}",
     )
     print()
+    # the time-to-first-token column only where some candidate streamed or it is asked for
+    ttft = args.max_ttft_ms is not None or any(
+        c.ttft_p95_ms is not None for c in decision.candidates
+    )
+    headers = ["candidate", "status", "calls", "success", "95% bounds", "p95 ms"]
+    headers += ["ttft p95 ms"] * ttft + ["exp. cost", "notes"]
     print_table(
-        ["candidate", "status", "calls", "success", "95% bounds", "p95 ms", "exp. cost", "notes"],
+        headers,
         [
             (
                 c.model,
@@ -361,6 +370,7 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
                 fmt_pct(c.success_rate),
                 f"{fmt_pct(c.success_rate_lower)}-{fmt_pct(c.success_rate_upper)}",
                 fmt_ms(c.latency_p95_ms),
+                *([fmt_ms(c.ttft_p95_ms)] if ttft else []),
                 fmt_usd(c.expected_cost_usd),
                 "; ".join(c.reasons) or None,
             )
@@ -406,6 +416,7 @@ def cmd_routing_whatif(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "max_cost": args.max_cost,
         "max_latency_ms": args.max_latency_ms,
+        "max_ttft_ms": args.max_ttft_ms,
         "on_no_match": args.on_no_match,
         "candidates": candidates,
         "input_tokens": args.input_tokens,
@@ -474,7 +485,7 @@ def _print_whatif(r: Any) -> None:
     c = r.constraints
     policy = ", ".join(
         f"{k}={c[k]:g}" if isinstance(c[k], float) else f"{k}={c[k]}"
-        for k in ("min_success_rate", "max_latency_ms", "max_cost", "on_no_match")
+        for k in ("min_success_rate", "max_latency_ms", "max_ttft_ms", "max_cost", "on_no_match")
         if c[k] is not None
     )
     recorded_share = {t.model: t.recorded_share for t in r.traffic}
@@ -502,6 +513,11 @@ def _print_whatif(r: Any) -> None:
             ("cost per 1,000", _ci(r.cost_per_1k, fmt_usd), fmt_usd(r.recorded_cost_per_1k)),
             ("success rate", _ci(r.success_rate, fmt_pct), fmt_pct(r.recorded_success_rate)),
             ("p95 latency ms", _ci(r.latency_p95_ms, fmt_ms), fmt_ms(r.recorded_latency_p95_ms)),
+            *(
+                [("p95 ttft ms", _ci(r.ttft_p95_ms, fmt_ms), fmt_ms(r.recorded_ttft_p95_ms))]
+                if r.recorded_ttft_p95_ms is not None or r.ttft_p95_ms.estimate is not None
+                else []
+            ),
             ("no model qualifies", _ci(r.no_match_share, fmt_pct), "-"),
         ],
     )
