@@ -583,6 +583,8 @@ _new_response = _trusted_constructor(LLMResponse)
 _new_summary = _trusted_constructor(AttemptSummary)
 
 
+_trusted_message: Callable[..., Message] = _trusted_constructor(Message)
+
 Prompt = str | Sequence[Message | Mapping[str, Any]]
 """A string (one user message), or `Message` objects and OpenAI-style message dicts."""
 
@@ -592,7 +594,9 @@ def _to_messages(prompt: Prompt, system: str | None) -> tuple[tuple[Message, ...
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ConfigurationError("prompt is empty: there is nothing to send")
-        return (Message(role="user", content=prompt),), system
+        # a user message of text: nothing for Message's checks to check
+        message = _trusted_message(role="user", content=prompt, tool_calls=(), tool_call_id=None)
+        return (message,), system
     given: object = prompt  # checked as what it is, not as what it is annotated to be
     if isinstance(given, Mapping | bytes | bytearray | memoryview) or not isinstance(
         given, Sequence
@@ -614,6 +618,38 @@ def _to_messages(prompt: Prompt, system: str | None) -> tuple[tuple[Message, ...
     if not any(m.text.strip() or not isinstance(m.content, str) or m.tool_calls for m in messages):
         raise ConfigurationError("prompt is empty: every message's content is blank")
     return messages, system
+
+
+_trusted_request: Callable[..., CompletionRequest] = _trusted_constructor(CompletionRequest)
+_NO_REQUEST_OPTIONS: Mapping[str, Any] = MappingProxyType(
+    {
+        "tools": (),
+        "tool_choice": None,
+        "response_format": None,
+        "stop": (),
+        "top_p": None,
+        "seed": None,
+        "extra_body": None,
+    }
+)
+
+
+def _request_for(model: str, run: _Run) -> CompletionRequest:
+    """
+    ``run``'s request to ``model``, built without re-validating what is already valid:
+    the messages (system messages split off) from `_to_messages`, ``max_tokens`` and
+    ``temperature`` from the `ExecutionContext`, the options from `run_options`.
+    """
+    ctx = run.context
+    options = run.options
+    return _trusted_request(
+        model=model,
+        messages=run.messages,
+        system=run.system,
+        max_tokens=ctx.max_tokens,
+        temperature=ctx.temperature,
+        **(_NO_REQUEST_OPTIONS if not options else {**_NO_REQUEST_OPTIONS, **options}),
+    )
 
 
 def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
@@ -1843,14 +1879,7 @@ class EmpathyLLMExecutor:
         provider = self._providers[info.provider]
         within = self._within[info.provider]
         semaphore = self._semaphores[info.provider]
-        request = CompletionRequest(
-            model=info.id,
-            messages=run.messages,
-            system=run.system,
-            max_tokens=run.context.max_tokens,
-            temperature=run.context.temperature,
-            **run.options,
-        )
+        request = _request_for(info.id, run)
         key = (
             None
             if self._breaker is None or info.provider in self._keyless

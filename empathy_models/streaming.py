@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 
 from ._request_options import required_capabilities, structured_result
-from .abc import Completion, CompletionRequest, CompletionStream
+from .abc import Completion, CompletionStream
 from .breaker import provider_outcome
 from .content import ToolCallDelta
 from .exceptions import (
@@ -74,6 +74,7 @@ from .executor import (
     _DeadlineExceeded,
     _estimate_tokens,
     _new_response,
+    _request_for,
     _Run,
     _to_messages,
 )
@@ -424,14 +425,7 @@ class LLMStream:
         deadline_at = self._deadline_at
         provider = ex._providers[info.provider]
         semaphore = ex._semaphores[info.provider]
-        request = CompletionRequest(
-            model=info.id,
-            messages=run.messages,
-            system=run.system,
-            max_tokens=run.context.max_tokens,
-            temperature=run.context.temperature,
-            **run.options,
-        )
+        request = _request_for(info.id, run)
         breaker = ex._breaker
         key = None if breaker is None or info.provider in ex._keyless else ex._breaker_key(info)
         scope_key = None if key is None else ex._scope_key(info)

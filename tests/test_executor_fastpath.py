@@ -31,6 +31,7 @@ from empathy_models import (
     LLMCallRecord,
     LLMResponse,
     MemoryTelemetryBackend,
+    Message,
     ModelInfo,
     ModelRegistry,
     ModelTier,
@@ -505,3 +506,76 @@ async def test_responses_equal_their_publicly_constructed_copies() -> None:
         copy = cls(**{a.name: getattr(item, a.name) for a in attrs.fields(cls)})
         assert copy == item
         assert repr(copy) == repr(item)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "options"),
+    [
+        ("Summarize the report.", {}),
+        (
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Weather?"},
+            ],
+            {
+                "tools": [
+                    {
+                        "name": "get_weather",
+                        "description": "Weather",
+                        "input_schema": {"type": "object", "properties": {}},
+                    }
+                ],
+                "tool_choice": "auto",
+                "stop": "END",
+                "top_p": 0.5,
+                "seed": 3,
+                "extra_body": {"metadata": {"user": "u1"}},
+            },
+        ),
+        (
+            "Give me JSON.",
+            {"response_format": {"type": "object", "properties": {"a": {"type": "integer"}}}},
+        ),
+    ],
+)
+async def test_the_request_a_provider_gets_is_what_the_public_constructor_builds(
+    prompt: Any, options: dict[str, Any]
+) -> None:
+    from empathy_models.testing import FakeProvider
+
+    provider = FakeProvider(name="openai")
+    registry = ModelRegistry(
+        models=[
+            ModelInfo(
+                id="gpt-x",
+                provider="openai",
+                tier="cheap",
+                input_price_per_mtok=1.0,
+                output_price_per_mtok=2.0,
+                context_window=100_000,
+                max_output_tokens=4096,
+            )
+        ],
+        price_version="p1",
+    )
+    ctx = ExecutionContext(model="gpt-x", max_tokens=77, temperature=0.25)
+    async with EmpathyLLMExecutor(
+        [provider], registry=registry, telemetry_store="null://"
+    ) as executor:
+        await executor.run(prompt, ctx, **options)
+        sent_run = provider.last_request("gpt-x")
+        async with executor.stream(prompt, ctx, **options) as stream:
+            await stream.get_final_response()
+        sent_stream = provider.last_request("gpt-x")
+    expected = CompletionRequest(
+        model="gpt-x",
+        messages=[Message.of(m) for m in prompt] if isinstance(prompt, list) else prompt,
+        max_tokens=77,
+        temperature=0.25,
+        **options,
+    )
+    for sent in (sent_run, sent_stream):
+        assert sent is not None
+        assert {f.name: getattr(sent, f.name) for f in attrs.fields(CompletionRequest)} == {
+            f.name: getattr(expected, f.name) for f in attrs.fields(CompletionRequest)
+        }
