@@ -16,7 +16,6 @@ import pytest
 from empathy_models import (
     ConfigurationError,
     LLMCallRecord,
-    ModelInfo,
     ModelRegistry,
     Outcome,
     SQLiteTelemetryBackend,
@@ -25,21 +24,7 @@ from empathy_models.cli.demo import DemoResult, run_demo
 from empathy_models.whatif import load_stage_evidence, simulate_policy
 
 from ._cli import run_cli
-
-WF, ST = "chat", "reply"
-
-
-def info(model: str, out_price: float) -> ModelInfo:
-    return ModelInfo(
-        id=model,
-        provider="openai",
-        tier="cheap",
-        input_price_per_mtok=0.1,
-        output_price_per_mtok=out_price,
-        context_window=128_000,
-        max_output_tokens=8192,
-    )
-
+from .test_router_ttft import ST, WF, info
 
 # "slow" is the cheaper model but starts streaming late
 REGISTRY = ModelRegistry(models=(info("slow", 0.2), info("fast", 1.0)), price_version="wt-1")
