@@ -28,6 +28,7 @@ from empathy_models import (
 from empathy_models.cli.demo import _demo_registry, run_demo
 from empathy_models.evidence import EvidenceBatch
 from empathy_models.propensity import routing_propensity
+from empathy_models.records import wilson_interval
 from empathy_models.whatif import (
     Interval,
     evaluate_policy,
@@ -313,6 +314,16 @@ def _agrees(interval: Interval, observed: float, se: float) -> bool:
     return interval.low - 1.96 * se <= observed <= interval.high + 1.96 * se
 
 
+def _rate_agrees(interval: Interval, seen: _Observed) -> bool:
+    """
+    The predicted success-rate interval overlaps the run's own 95% Wilson interval (a
+    rate near 1 has no usable normal-approximation error: 391 of 392 gives 0.0026).
+    """
+    assert interval.low is not None and interval.high is not None
+    low, high = wilson_interval(round(seen.success * seen.attempts), seen.attempts)
+    return interval.low <= high and low <= interval.high
+
+
 async def test_demo_whatif_directions_are_confirmed_by_running_the_demo_under_each_policy(
     tmp_path: Path,
 ) -> None:
@@ -365,7 +376,7 @@ async def test_demo_whatif_directions_are_confirmed_by_running_the_demo_under_ea
         report = predicted[rate]
         assert seen.attempts > 100
         assert _agrees(report.cost_per_request, seen.cost, seen.cost_se), (rate, report, seen)
-        assert _agrees(report.success_rate, seen.success, seen.success_se), (rate, report, seen)
+        assert _rate_agrees(report.success_rate, seen), (rate, report, seen)
 
 
 # --------------------------------------------------------------------------- the command
