@@ -34,8 +34,10 @@ admitting.  Each call of a provider is a CLIENT child span named
 providers; the host only, never the URL), ``gen_ai.conversation.id`` (the context's
 ``session_id``), and on success ``gen_ai.response.model``, ``gen_ai.response.id``,
 ``gen_ai.response.finish_reasons`` and ``gen_ai.usage.input_tokens`` /
-``output_tokens``; on failure ``error.type`` (the exception class, as
-``LLMCallRecord.error_type``), ``http.response.status_code`` and an ERROR status.
+``output_tokens``; a streamed call also ``gen_ai.response.time_to_first_chunk`` (s,
+from the request to the first chunk) once it had one; on failure ``error.type`` (the
+exception class, as ``LLMCallRecord.error_type``), ``http.response.status_code`` and an
+ERROR status.
 Its events: ``empathy_models.breaker.admitted`` (per breaker key, with the state and
 whether the call is a half-open probe), ``empathy_models.breaker.state_changed`` (a
 trip or a recovery this call's outcome caused) and ``empathy_models.retry`` (the wait
@@ -77,7 +79,10 @@ instrument                                     unit       attributes
 
 The duration, tokens and cost are per provider call (an attempt); rejected routes are
 not operations and are not measured.  Breaker state and transitions are recorded once per
-breaker even when several executors share it.
+breaker even when several executors share it.  The cost and pick counters are summed in
+process and reported as observable counters when a reader collects (the same cumulative
+sums a synchronous counter gives, with no SDK measurement on the call path and so no
+exemplars).
 """
 
 from __future__ import annotations
@@ -166,6 +171,7 @@ _SERVER_PORT = "server.port"
 _WORKFLOW = "empathy_models.workflow"
 _STAGE = "empathy_models.stage"
 _KEY = "empathy_models.breaker.key"
+_TTFC = "gen_ai.response.time_to_first_chunk"
 
 
 def _flag(name: str, value: str) -> bool:
@@ -300,8 +306,10 @@ class _RunTrace:
         "headers_token",
         "obs",
         "recording",
+        "run_attrs",
         "span",
         "stage",
+        "valid",
         "workflow",
     )
 
@@ -313,11 +321,16 @@ class _RunTrace:
         self.context = context  # the run span's, the attempts' parent
         # false for a span sampled out or a no-op tracer's: no attributes or events then
         self.recording = span.is_recording()
+        # false for a no-op tracer's span: its attempts are no-op spans too, and there is
+        # no trace context to send
+        self.valid = self.recording or span.get_span_context().is_valid
         self.workflow = workflow
         self.stage = stage
         self.capture = obs.capture_content
         self.attempt: Span | None = None  # the attempt span in flight (current)
         self.attempt_attrs: _Attrs = {}
+        # the run span's attributes gathered during the run, set once when it ends
+        self.run_attrs: dict[str, AttributeValue] = {}
         self.context_token: Token[Context] | None = None
         self.headers_token: Token[Mapping[str, str] | None] | None = None
         # a failed attempt's span, kept until the executor decides to retry (the wait
@@ -369,18 +382,25 @@ class _Meters:
             description="Time to receive the first chunk in a streaming response.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        self.cost = meter.create_counter(
-            "empathy_models.client.cost",
-            unit="USD",
-            description="Estimated cost of the provider calls, from the registry's prices.",
-        )
         self.transitions = meter.create_counter(
             "empathy_models.breaker.transitions",
             unit="1",
             description="Circuit breaker state changes seen by this process.",
         )
-        self.picks = meter.create_counter(
+        # The cost and pick counters are summed here on the call path (a dict update) and
+        # reported by observable counters when a reader collects: the same cumulative
+        # series as synchronous counters, without an SDK measurement per call.
+        self.cost: dict[tuple[str, str, str, str], float] = {}
+        self.picks: dict[tuple[str, bool, str, str], int] = {}
+        meter.create_observable_counter(
+            "empathy_models.client.cost",
+            callbacks=[self._observe_cost],
+            unit="USD",
+            description="Estimated cost of the provider calls, from the registry's prices.",
+        )
+        meter.create_observable_counter(
             "empathy_models.router.picks",
+            callbacks=[self._observe_picks],
             unit="1",
             description="Routing decisions; exploration=true counts exploration picks.",
         )
@@ -416,6 +436,31 @@ class _Meters:
             if backend is not None and id(backend) not in seen:
                 seen.add(id(backend))
                 yield backend
+
+    def _observe_cost(self, options: CallbackOptions) -> Iterable[Observation]:
+        # dict.copy() is atomic under the GIL: a reader's thread may collect while the
+        # event loop adds
+        return [
+            self._observation(
+                total,
+                {_PROVIDER: provider, _REQUEST_MODEL: model, _WORKFLOW: workflow, _STAGE: stage},
+            )
+            for (provider, model, workflow, stage), total in self.cost.copy().items()
+        ]
+
+    def _observe_picks(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            self._observation(
+                count,
+                {
+                    _REQUEST_MODEL: model,
+                    "empathy_models.router.exploration": exploration,
+                    _WORKFLOW: workflow,
+                    _STAGE: stage,
+                },
+            )
+            for (model, exploration, workflow, stage), count in self.picks.copy().items()
+        ]
 
     def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
         out: dict[str, int] = {}
@@ -517,8 +562,6 @@ class Instrumentation:
         # attribute sets reused by every attempt (metric attributes are never mutated)
         self._common: dict[tuple[str, str], _Attrs] = {}
         self._response_attrs: dict[tuple[str, str, str], tuple[_Attrs, _Attrs, _Attrs]] = {}
-        self._cost_attrs: dict[tuple[str, str, str, str], _Attrs] = {}
-        self._pick_attrs: dict[tuple[str, bool, str, str], _Attrs] = {}
         self._textmap: object = None
         self._textmap_is_default = False
         self._get_textmap = propagate.get_global_textmap
@@ -682,26 +725,26 @@ class Instrumentation:
                 elif response is not None:
                     self._run_succeeded(state, response)
                 else:
-                    state.span.set_attribute("empathy_models.outcome", "cancelled")
+                    state.run_attrs["empathy_models.outcome"] = "cancelled"
+                    state.span.set_attributes(state.run_attrs)
             state.span.end()
         except Exception:
             self._failed("ending the stream span")
 
     def _run_succeeded(self, state: _RunTrace, response: object) -> None:
-        if not isinstance(response, self._response_type):
-            return
-        r: LLMResponse = response
         try:
-            state.span.set_attributes(
-                {
-                    "empathy_models.model": r.model,
-                    "empathy_models.provider": r.provider,
-                    "empathy_models.fallback_chain": list(r.fallback_chain),
-                    "empathy_models.fallback_used": r.fallback_used,
-                    "empathy_models.attempts": len(r.attempts),
-                    "empathy_models.cost_usd": r.cost_usd,
-                }
-            )
+            attributes = state.run_attrs
+            if not isinstance(response, self._response_type):
+                state.span.set_attributes(attributes)
+                return
+            r: LLMResponse = response
+            attributes["empathy_models.model"] = r.model
+            attributes["empathy_models.provider"] = r.provider
+            attributes["empathy_models.fallback_chain"] = list(r.fallback_chain)
+            attributes["empathy_models.fallback_used"] = r.fallback_used
+            attributes["empathy_models.attempts"] = len(r.attempts)
+            attributes["empathy_models.cost_usd"] = r.cost_usd
+            state.span.set_attributes(attributes)
         except Exception:
             self._failed("ending the run span")
 
@@ -711,14 +754,12 @@ class Instrumentation:
         try:
             span = state.span
             error_type = type(exc).__name__
-            span.set_attribute(_ERROR_TYPE, error_type)
+            attributes = state.run_attrs
+            attributes[_ERROR_TYPE] = error_type
             if isinstance(exc, AllRoutesFailedError):
-                span.set_attributes(
-                    {
-                        "empathy_models.attempts": len(exc.exceptions),
-                        "empathy_models.errors": [type(e).__name__ for e in exc.exceptions],
-                    }
-                )
+                attributes["empathy_models.attempts"] = len(exc.exceptions)
+                attributes["empathy_models.errors"] = [type(e).__name__ for e in exc.exceptions]
+            span.set_attributes(attributes)
             message = str(exc)[:_TEXT_LIMIT]
             span.set_status(self._status(self._error, f"{error_type}: {message}"))
         except Exception:
@@ -764,23 +805,14 @@ class Instrumentation:
                 attributes["empathy_models.route.reason"] = "pinned by ExecutionContext.model"
             else:
                 attributes["empathy_models.route.reason"] = "cheapest available candidate"
-            state.span.set_attributes(attributes)
+            state.run_attrs.update(attributes)
         except Exception:
             self._failed("recording the routing decision")
 
     def _pick(self, state: _RunTrace, model: str, exploration: bool) -> None:
+        picks = self._meters.picks
         key = (model, exploration, state.workflow, state.stage)
-        attributes = self._pick_attrs.get(key)
-        if attributes is None:
-            if len(self._pick_attrs) > 4096:
-                self._pick_attrs.clear()
-            attributes = self._pick_attrs[key] = {
-                _REQUEST_MODEL: model,
-                "empathy_models.router.exploration": exploration,
-                _WORKFLOW: state.workflow,
-                _STAGE: state.stage,
-            }
-        self._meters.picks.add(1, attributes)
+        picks[key] = picks.get(key, 0) + 1
 
     def fallback(self, run: _Run, info: ModelInfo, state: _RunTrace | None = None) -> None:
         """The run moves from its last model to ``info``."""
@@ -850,6 +882,9 @@ class Instrumentation:
             if common is None:
                 common = self._common_attrs(info)
             state.attempt_attrs = common
+            if not state.valid:  # a no-op tracer: only the metrics need the attempt
+                state.attempt = state.span
+                return
             attributes = dict(common)
             attributes["gen_ai.request.max_tokens"] = request.max_tokens
             if request.temperature is not None:
@@ -970,6 +1005,8 @@ class Instrumentation:
                         extra["gen_ai.response.finish_reasons"] = [completion.stop_reason]
                     if completion.response_id is not None:
                         extra["gen_ai.response.id"] = completion.response_id
+                    if record.ttft_ms is not None:
+                        extra[_TTFC] = record.ttft_ms / 1000.0
                     if state.capture:
                         extra["gen_ai.output.messages"] = _output_messages(completion)
                     span.set_attributes(extra)
@@ -979,28 +1016,20 @@ class Instrumentation:
                 meters.tokens.record(record.output_tokens, output_attrs)
                 if record.ttft_ms is not None:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, response)
-                cost_key = (record.provider, record.model, state.workflow, state.stage)
-                cost_attrs = self._cost_attrs.get(cost_key)
-                if cost_attrs is None:
-                    if len(self._cost_attrs) > 4096:
-                        self._cost_attrs.clear()
-                    cost_attrs = self._cost_attrs[cost_key] = {
-                        _PROVIDER: record.provider,
-                        _REQUEST_MODEL: record.model,
-                        _WORKFLOW: state.workflow,
-                        _STAGE: state.stage,
-                    }
-                meters.cost.add(record.cost_usd, cost_attrs)
+                cost = meters.cost
+                key = (record.provider, record.model, state.workflow, state.stage)
+                cost[key] = cost.get(key, 0.0) + record.cost_usd
                 return
             if error is None:  # a stream left early by its caller: not an error
                 if state.recording:
-                    span.set_attributes(
-                        {
-                            "empathy_models.outcome": record.outcome.value,
-                            "gen_ai.usage.input_tokens": record.input_tokens,
-                            "gen_ai.usage.output_tokens": record.output_tokens,
-                        }
-                    )
+                    left: _Attrs = {
+                        "empathy_models.outcome": record.outcome.value,
+                        "gen_ai.usage.input_tokens": record.input_tokens,
+                        "gen_ai.usage.output_tokens": record.output_tokens,
+                    }
+                    if record.ttft_ms is not None:
+                        left[_TTFC] = record.ttft_ms / 1000.0
+                    span.set_attributes(left)
                 span.end()
                 meters.duration.record(seconds, attributes)
                 if record.ttft_ms is not None:
@@ -1010,6 +1039,8 @@ class Instrumentation:
             extra = {"empathy_models.outcome": record.outcome.value, _ERROR_TYPE: error_type}
             if record.status_code is not None:
                 extra["http.response.status_code"] = record.status_code
+            if record.ttft_ms is not None:
+                extra[_TTFC] = record.ttft_ms / 1000.0
             span.set_attributes(extra)
             description = error_type
             if record.error_message:

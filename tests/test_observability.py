@@ -646,6 +646,33 @@ async def test_a_sampled_out_run_still_propagates_its_trace_context_and_counts(
         sdk.close()
 
 
+async def test_metrics_without_a_tracer_and_counters_that_only_grow(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # metrics on, traces off (the API's no-op tracer): the attempts are still measured,
+    # no trace context is sent, and the cost counter is a cumulative sum across
+    # collections
+    async with make(server, otel, tracer_provider=trace.NoOpTracerProvider()) as executor:
+        first = await executor.run(PROMPT, CTX)
+        cost_1 = sum(p.value for p in otel.points("empathy_models.client.cost"))
+        second = await executor.run(PROMPT, CTX)
+    sent = server.last_request("claude-fake-haiku")
+    assert sent is not None and "traceparent" not in sent.headers
+    assert otel.spans() == []
+    durations = otel.points("gen_ai.client.operation.duration")
+    assert sum(p.count for p in durations) == 2
+    assert {p.attributes["gen_ai.request.model"] for p in durations} == {"claude-fake-haiku"}
+    (cost,) = otel.points("empathy_models.client.cost")
+    assert cost_1 == pytest.approx(first.cost_usd) and first.cost_usd > 0
+    assert cost.value == pytest.approx(first.cost_usd + second.cost_usd)
+    assert cost.attributes == {
+        "gen_ai.provider.name": "anthropic",
+        "gen_ai.request.model": "claude-fake-haiku",
+        "empathy_models.workflow": "support",
+        "empathy_models.stage": "answer",
+    }
+
+
 class _HeaderPropagator(TextMapPropagator):
     """A propagator of the application's own (as B3 or Jaeger would be)."""
 

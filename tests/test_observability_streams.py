@@ -28,6 +28,7 @@ from .test_observability import (
 __all__ = ["otel", "server"]  # the fixtures, used by name
 
 TTFC = "gen_ai.client.operation.time_to_first_chunk"
+TTFC_ATTR = "gen_ai.response.time_to_first_chunk"
 
 
 def attempts_of(sdk: Otel) -> list[ReadableSpan]:
@@ -77,6 +78,9 @@ async def test_a_streamed_run_with_a_fallback_before_its_first_chunk(
     (point,) = otel.points(TTFC)
     assert point.count == 1 and 0 < point.sum < 5
     assert point.attributes["gen_ai.request.model"] == "gpt-fake-mini"
+    # ... and on its span, the same figure (the failed attempt never had a first chunk)
+    assert attributes[TTFC_ATTR] == pytest.approx(point.sum)
+    assert TTFC_ATTR not in failed.attributes
     assert sum(p.count for p in otel.points("gen_ai.client.token.usage")) == 2
 
 
@@ -101,6 +105,7 @@ async def test_an_interrupted_stream_ends_its_spans_with_an_error(
     assert attempt.attributes["error.type"] == "OverloadedError"
     (point,) = otel.points(TTFC)  # it had its first chunk before failing
     assert point.attributes["error.type"] == "OverloadedError"
+    assert attempt.attributes[TTFC_ATTR] == pytest.approx(point.sum)
 
 
 async def test_a_stream_left_early_ends_its_spans_as_cancelled(
@@ -116,6 +121,7 @@ async def test_a_stream_left_early_ends_its_spans_as_cancelled(
     assert run.attributes is not None and run.attributes["empathy_models.outcome"] == "cancelled"
     assert attempt.attributes is not None
     assert attempt.attributes["empathy_models.outcome"] == "cancelled"
+    assert float(attempt.attributes[TTFC_ATTR]) > 0  # it had its first chunk
     assert run.status.status_code is StatusCode.UNSET
     assert attempt.status.status_code is StatusCode.UNSET
 
