@@ -9,7 +9,7 @@ from datetime import datetime
 from .exceptions import RecordValidationError
 from .records import LLMCallRecord, ModelPerformance, Outcome
 
-__all__ = ["aggregate_records", "check_aware", "check_window", "matches", "nearest_rank"]
+__all__ = ["aggregate_records", "check_aware", "matches", "nearest_rank"]
 
 
 def nearest_rank(sorted_values: Sequence[float], p: float) -> float | None:
@@ -32,12 +32,6 @@ def check_aware(name: str, value: datetime | None) -> None:
             f"{name} must be a timezone-aware datetime, got naive {value.isoformat()}",
             path=name,
         )
-
-
-def check_window(since: datetime | None, until: datetime | None) -> None:
-    """Check the ``since`` / ``until`` arguments of a query (see `check_aware`)."""
-    check_aware("since", since)
-    check_aware("until", until)
 
 
 def matches(

@@ -20,6 +20,7 @@ import attrs
 from attrs import field, frozen
 
 from . import circuit
+from ._stats import check_aware
 from .content import (
     ContentBlock,
     ImageBlock,
@@ -38,7 +39,7 @@ from .content import (
     to_tools,
     tool_call_of,
 )
-from .evidence import EvidenceBatch
+from .evidence import EvidenceBatch, check_after_version
 from .exceptions import BackendClosedError, ConfigurationError, RecordValidationError
 from .records import (
     Admission,
@@ -154,7 +155,6 @@ class TelemetryBackend(AsyncResource):
     async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
         """Store several records (may be buffered; see `flush`)."""
 
-    @abc.abstractmethod
     async def aggregate(
         self,
         *,
@@ -172,8 +172,13 @@ class TelemetryBackend(AsyncResource):
         ``SUM``, Python's ``sum``, which compensates from 3.12), so two backends agree
         on them to a relative 1e-9, not bit for bit.
         """
+        self._check_open()
+        check_aware("since", since)
+        check_aware("until", until)
+        return await self._aggregate(
+            workflow=workflow, stage=stage, since=since, until=until, per_stage=per_stage
+        )
 
-    @abc.abstractmethod
     async def recent(
         self,
         *,
@@ -184,6 +189,13 @@ class TelemetryBackend(AsyncResource):
         since: datetime | None = None,
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first."""
+        self._check_open()
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigurationError(f"limit must be an integer >= 0, got {limit!r}")
+        check_aware("since", since)
+        return await self._recent(
+            limit=limit, workflow=workflow, stage=stage, model=model, since=since
+        )
 
     async def evidence(
         self,
@@ -200,11 +212,56 @@ class TelemetryBackend(AsyncResource):
         time so that every later change is returned once and none is missed, even with
         concurrent writers.  Backends that keep no rollups raise `NotImplementedError`.
         """
+        self._check_open()
+        check_aware("since", since)
+        check_aware("until", until)
+        check_after_version(after_version)
+        return await self._evidence(since=since, until=until, after_version=after_version)
+
+    async def purge(self, *, before: datetime) -> int:
+        """Delete records older than ``before``; return how many were deleted."""
+        self._check_open()
+        if before is None:
+            raise RecordValidationError("before must be a datetime, got None", path="before")
+        check_aware("before", before)
+        return await self._purge(before=before)
+
+    # What an implementation provides.  The public methods above check that the backend
+    # is open and that every argument is valid, then call these with the same keywords.
+
+    @abc.abstractmethod
+    async def _aggregate(
+        self,
+        *,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        per_stage: bool,
+    ) -> list[ModelPerformance]:
+        """`aggregate` for arguments already checked."""
+
+    @abc.abstractmethod
+    async def _recent(
+        self,
+        *,
+        limit: int,
+        workflow: str | None,
+        stage: str | None,
+        model: str | None,
+        since: datetime | None,
+    ) -> list[LLMCallRecord]:
+        """`recent` for arguments already checked."""
+
+    async def _evidence(
+        self, *, since: datetime | None, until: datetime | None, after_version: int
+    ) -> EvidenceBatch:
+        """`evidence` for arguments already checked (default: no rollups kept)."""
         raise NotImplementedError(f"{type(self).__name__} keeps no evidence rollups")
 
     @abc.abstractmethod
-    async def purge(self, *, before: datetime) -> int:
-        """Delete records older than ``before``; return how many were deleted."""
+    async def _purge(self, *, before: datetime) -> int:
+        """`purge` for a ``before`` already checked (an aware datetime)."""
 
     async def flush(self) -> None:
         """Make every record accepted so far durable and visible to readers."""

@@ -55,7 +55,6 @@ from .evidence import (
     SUM_FIELDS,
     EvidenceBatch,
     EvidenceBucket,
-    check_after_version,
     rollup,
     sorted_buckets,
 )
@@ -541,37 +540,32 @@ class _FrozenEvidence(TelemetryBackend):
     async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
         return None
 
-    async def aggregate(
+    async def _aggregate(
         self,
         *,
-        workflow: str | None = None,
-        stage: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        per_stage: bool = True,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        per_stage: bool,
     ) -> list[ModelPerformance]:
         return []
 
-    async def recent(
+    async def _recent(
         self,
         *,
-        limit: int = 100,
-        workflow: str | None = None,
-        stage: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
+        limit: int,
+        workflow: str | None,
+        stage: str | None,
+        model: str | None,
+        since: datetime | None,
     ) -> list[LLMCallRecord]:
         return []
 
-    async def evidence(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        after_version: int = 0,
+    async def _evidence(
+        self, *, since: datetime | None, until: datetime | None, after_version: int
     ) -> EvidenceBatch:
-        after = check_after_version(after_version)
-        if after >= 1:
+        if after_version >= 1:
             return EvidenceBatch(buckets=(), version=1)
         return EvidenceBatch(
             buckets=[
@@ -583,7 +577,7 @@ class _FrozenEvidence(TelemetryBackend):
             version=1,
         )
 
-    async def purge(self, *, before: datetime) -> int:
+    async def _purge(self, *, before: datetime) -> int:
         return 0
 
 

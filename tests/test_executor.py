@@ -222,13 +222,13 @@ class BrokenTelemetry(TelemetryBackend):
     async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
         raise TelemetryError("disk full")
 
-    async def aggregate(self, **_: Any) -> list[Any]:
+    async def _aggregate(self, **_: Any) -> list[Any]:
         return []
 
-    async def recent(self, **_: Any) -> list[LLMCallRecord]:
+    async def _recent(self, **_: Any) -> list[LLMCallRecord]:
         return []
 
-    async def purge(self, *, before: datetime) -> int:
+    async def _purge(self, *, before: datetime) -> int:
         return 0
 
 

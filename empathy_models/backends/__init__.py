@@ -17,6 +17,11 @@ Other schemes are looked up among the entry points of the group
 ``empathy_models.backends``.  An unknown scheme, or a known one whose package is not
 installed, raises `ConfigurationError` naming the schemes available or the package to
 install.
+
+For implementers of a telemetry backend: `refusals` turns a store's refusal of a value
+(an encoding error, a NUL in PostgreSQL text, an integer out of range) into
+`TelemetryRejectedError`, which the batching writer answers by storing a sanitized copy
+of the record instead of losing it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from urllib.parse import parse_qsl, urlsplit
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
 from ._plugin import BackendPlugin
+from ._storable import refusals
 from .memory import MemoryStateStore, MemoryTelemetryBackend
 from .null import NullStateStore, NullTelemetryBackend
 
@@ -41,6 +47,7 @@ __all__ = [
     "NullTelemetryBackend",
     "available_schemes",
     "redact_url",
+    "refusals",
     "state_store_from_url",
     "telemetry_from_url",
 ]

@@ -861,45 +861,41 @@ class BatchingTelemetryBackend(TelemetryBackend):
         await self._batcher.flush()
         await self._inner.flush()
 
-    async def aggregate(
+    async def _aggregate(
         self,
         *,
-        workflow: str | None = None,
-        stage: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        per_stage: bool = True,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        per_stage: bool,
     ) -> list[ModelPerformance]:
         await self.flush()
         return await self._inner.aggregate(
             workflow=workflow, stage=stage, since=since, until=until, per_stage=per_stage
         )
 
-    async def recent(
+    async def _recent(
         self,
         *,
-        limit: int = 100,
-        workflow: str | None = None,
-        stage: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
+        limit: int,
+        workflow: str | None,
+        stage: str | None,
+        model: str | None,
+        since: datetime | None,
     ) -> list[LLMCallRecord]:
         await self.flush()
         return await self._inner.recent(
             limit=limit, workflow=workflow, stage=stage, model=model, since=since
         )
 
-    async def evidence(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        after_version: int = 0,
+    async def _evidence(
+        self, *, since: datetime | None, until: datetime | None, after_version: int
     ) -> EvidenceBatch:
         await self.flush()
         return await self._inner.evidence(since=since, until=until, after_version=after_version)
 
-    async def purge(self, *, before: datetime) -> int:
+    async def _purge(self, *, before: datetime) -> int:
         await self.flush()
         return await self._inner.purge(before=before)
 

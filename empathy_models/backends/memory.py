@@ -18,13 +18,12 @@ from typing import TypeVar
 
 import attrs
 
-from .._stats import aggregate_records, check_aware, check_window, matches
+from .._stats import aggregate_records, matches
 from ..abc import TelemetryBackend, TransactionalStateStore
 from ..evidence import (
     BUCKET_SECONDS,
     EvidenceBatch,
     EvidenceBucket,
-    check_after_version,
     merge_buckets,
     rollup,
     sorted_buckets,
@@ -89,17 +88,15 @@ class MemoryTelemetryBackend(TelemetryBackend):
                 self._records.popleft()
             self.evicted += overflow
 
-    async def aggregate(
+    async def _aggregate(
         self,
         *,
-        workflow: str | None = None,
-        stage: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        per_stage: bool = True,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        per_stage: bool,
     ) -> list[ModelPerformance]:
-        self._check_open()
-        check_window(since, until)
         rows = (
             r
             for r in self._records
@@ -107,19 +104,15 @@ class MemoryTelemetryBackend(TelemetryBackend):
         )
         return aggregate_records(rows, per_stage=per_stage)
 
-    async def recent(
+    async def _recent(
         self,
         *,
-        limit: int = 100,
-        workflow: str | None = None,
-        stage: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
+        limit: int,
+        workflow: str | None,
+        stage: str | None,
+        model: str | None,
+        since: datetime | None,
     ) -> list[LLMCallRecord]:
-        self._check_open()
-        check_window(since, None)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ConfigurationError(f"limit must be an integer >= 0, got {limit!r}")
         rows = [
             (r.timestamp, i, r)
             for i, r in enumerate(self._records)
@@ -128,16 +121,9 @@ class MemoryTelemetryBackend(TelemetryBackend):
         rows.sort(key=lambda t: (t[0], t[1]), reverse=True)
         return [r for _, _, r in rows[:limit]]
 
-    async def evidence(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        after_version: int = 0,
+    async def _evidence(
+        self, *, since: datetime | None, until: datetime | None, after_version: int
     ) -> EvidenceBatch:
-        self._check_open()
-        check_window(since, until)
-        check_after_version(after_version)
         rows = [
             b
             for b in self._buckets.values()
@@ -147,9 +133,7 @@ class MemoryTelemetryBackend(TelemetryBackend):
         ]
         return EvidenceBatch(buckets=sorted_buckets(rows), version=self._version)
 
-    async def purge(self, *, before: datetime) -> int:
-        self._check_open()
-        check_aware("before", before)
+    async def _purge(self, *, before: datetime) -> int:
         cutoff = before.timestamp() - BUCKET_SECONDS
         self._buckets = {
             k: b for k, b in self._buckets.items() if b.bucket_start.timestamp() > cutoff

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from .. import circuit
-from .._stats import check_aware, check_window
+from .._stats import check_aware
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..circuit import BreakerPolicy
-from ..evidence import EvidenceBatch, check_after_version
+from ..evidence import EvidenceBatch
 from ..exceptions import RecordValidationError
 from ..records import (
     Admission,
@@ -46,47 +46,34 @@ class NullTelemetryBackend(TelemetryBackend):
                 raise RecordValidationError(f"expected an LLMCallRecord, got {type(r).__name__}")
         self.accepted += len(records)
 
-    async def aggregate(
+    async def _aggregate(
         self,
         *,
-        workflow: str | None = None,
-        stage: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        per_stage: bool = True,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        per_stage: bool,
     ) -> list[ModelPerformance]:
-        self._check_open()
-        check_window(since, until)
         return []
 
-    async def recent(
+    async def _recent(
         self,
         *,
-        limit: int = 100,
-        workflow: str | None = None,
-        stage: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
+        limit: int,
+        workflow: str | None,
+        stage: str | None,
+        model: str | None,
+        since: datetime | None,
     ) -> list[LLMCallRecord]:
-        self._check_open()
-        check_window(since, None)
         return []
 
-    async def evidence(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        after_version: int = 0,
+    async def _evidence(
+        self, *, since: datetime | None, until: datetime | None, after_version: int
     ) -> EvidenceBatch:
-        self._check_open()
-        check_window(since, until)
-        check_after_version(after_version)
         return EvidenceBatch(buckets=(), version=0)
 
-    async def purge(self, *, before: datetime) -> int:
-        self._check_open()
-        check_aware("before", before)
+    async def _purge(self, *, before: datetime) -> int:
         return 0
 
 

@@ -94,14 +94,12 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
-from .._stats import check_aware, check_window
 from ..abc import TelemetryBackend, TransactionalStateStore
 from ..evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
     EvidenceBatch,
     EvidenceBucket,
-    check_after_version,
     log_ms,
     rollup,
 )
@@ -1479,18 +1477,16 @@ class SQLiteTelemetryBackend(TelemetryBackend):
             params["until"] = _to_us(until)
         return "".join(f" AND {c}" for c in clauses), params
 
-    async def aggregate(
+    async def _aggregate(
         self,
         *,
-        workflow: str | None = None,
-        stage: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        per_stage: bool = True,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        per_stage: bool,
     ) -> list[ModelPerformance]:
         """Per-model performance computed in SQL (flushes queued records first)."""
-        self._check_open()
-        check_window(since, until)
         await self.flush()
         where, params = self._filters(workflow=workflow, stage=stage, since=since, until=until)
         params.update(p50=0.50, p95=0.95)
@@ -1528,20 +1524,16 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         out.sort(key=lambda m: (m.workflow or "", m.stage or "", m.model))
         return out
 
-    async def recent(
+    async def _recent(
         self,
         *,
-        limit: int = 100,
-        workflow: str | None = None,
-        stage: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
+        limit: int,
+        workflow: str | None,
+        stage: str | None,
+        model: str | None,
+        since: datetime | None,
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first (flushes first)."""
-        self._check_open()
-        check_window(since, None)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ConfigurationError(f"limit must be an integer >= 0, got {limit!r}")
         await self.flush()
         if limit == 0:
             return []
@@ -1565,12 +1557,8 @@ class SQLiteTelemetryBackend(TelemetryBackend):
                 target=self._path,
             ) from exc
 
-    async def evidence(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        after_version: int = 0,
+    async def _evidence(
+        self, *, since: datetime | None, until: datetime | None, after_version: int
     ) -> EvidenceBatch:
         """
         Evidence buckets changed after ``after_version`` (flushes queued records first).
@@ -1578,9 +1566,6 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         One statement reads the buckets and the store's version from the same snapshot,
         over the index on version (incremental reads) or on bucket start (windows).
         """
-        self._check_open()
-        check_window(since, until)
-        check_after_version(after_version)
         await self.flush()
         sql, params = _evidence_query(since, until, after_version)
 
@@ -1589,13 +1574,11 @@ class SQLiteTelemetryBackend(TelemetryBackend):
 
         return _evidence_batch(await self._db.run(job))
 
-    async def purge(self, *, before: datetime) -> int:
+    async def _purge(self, *, before: datetime) -> int:
         """
         Delete records older than ``before`` and the evidence buckets that end at or
         before it, in one transaction; return how many records were deleted.
         """
-        self._check_open()
-        check_aware("before", before)
         await self.flush()
         cutoff = _to_us(before)
 

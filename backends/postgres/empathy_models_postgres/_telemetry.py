@@ -23,15 +23,13 @@ from typing import Any, Final
 
 import asyncpg
 
-from empathy_models._stats import check_aware, check_window
 from empathy_models.abc import TelemetryBackend
-from empathy_models.backends._storable import refusals
+from empathy_models.backends import refusals
 from empathy_models.evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
     EvidenceBatch,
     EvidenceBucket,
-    check_after_version,
     rollup,
 )
 from empathy_models.exceptions import (
@@ -321,7 +319,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         )
         self.batch_size = batch_size
         self._calls = self._db.table("calls")
-        self._evidence = self._db.table("evidence")
+        self._evidence_table = self._db.table("evidence")
         self._evidence_version = self._db.table("evidence_version")
         self._bump_version = (
             f"UPDATE {self._evidence_version} SET version = version + 1 WHERE id = 0 "
@@ -329,11 +327,13 @@ class PostgresTelemetryBackend(TelemetryBackend):
         )
         columns = ", ".join(_EVIDENCE_COLUMNS)
         self._upsert_evidence = (
-            f"INSERT INTO {self._evidence} ({columns}, version) "
+            f"INSERT INTO {self._evidence_table} ({columns}, version) "
             f"SELECT {columns}, ${len(_EVIDENCE_COLUMNS) + 1}::bigint FROM unnest("
             + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_EVIDENCE_TYPES))
             + f") AS b ({columns}) ON CONFLICT ({_KEY}) DO UPDATE SET "
-            + ", ".join(f"{c} = {self._evidence}.{c} + excluded.{c}" for c in _EVIDENCE_COLUMNS[4:])
+            + ", ".join(
+                f"{c} = {self._evidence_table}.{c} + excluded.{c}" for c in _EVIDENCE_COLUMNS[4:]
+            )
             + ", version = excluded.version"
         )
         self._migrations = build_migrations(self._db, _MIGRATIONS)
@@ -452,22 +452,20 @@ class PostgresTelemetryBackend(TelemetryBackend):
             clauses.append(f"outcome = ANY(${len(args)}::text[])")
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
-    async def aggregate(
+    async def _aggregate(
         self,
         *,
-        workflow: str | None = None,
-        stage: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        per_stage: bool = True,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+        per_stage: bool,
     ) -> list[ModelPerformance]:
         """
         Per-model performance from one SQL query: sample outcomes only, nearest-rank
         p50/p95 of latency and of the time to first token over successes
         (``percentile_disc``), sorted by (workflow, stage, model).
         """
-        self._check_open()
-        check_window(since, until)
         where, args = self._where(
             workflow=workflow, stage=stage, since=since, until=until, samples_only=True
         )
@@ -522,20 +520,16 @@ class PostgresTelemetryBackend(TelemetryBackend):
             for row in rows
         ]
 
-    async def recent(
+    async def _recent(
         self,
         *,
-        limit: int = 100,
-        workflow: str | None = None,
-        stage: str | None = None,
-        model: str | None = None,
-        since: datetime | None = None,
+        limit: int,
+        workflow: str | None,
+        stage: str | None,
+        model: str | None,
+        since: datetime | None,
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first (ties: last written first)."""
-        self._check_open()
-        check_window(since, None)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ConfigurationError(f"limit must be an integer >= 0, got {limit!r}")
         where, args = self._where(workflow=workflow, stage=stage, since=since, model=model)
         args.append(limit)
         query = (
@@ -552,12 +546,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
                 target=self._db.target,
             ) from exc
 
-    async def evidence(
-        self,
-        *,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        after_version: int = 0,
+    async def _evidence(
+        self, *, since: datetime | None, until: datetime | None, after_version: int
     ) -> EvidenceBatch:
         """
         Evidence buckets changed after ``after_version`` (see the module docstring for why
@@ -565,9 +555,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         one repeatable-read snapshot, over the index on version (incremental reads) or
         on bucket start (windows).
         """
-        self._check_open()
-        check_window(since, until)
-        args: list[Any] = [check_after_version(after_version)]
+        args: list[Any] = [after_version]
         clauses = ["version > $1"]
         if since is not None:
             args.append(since)
@@ -577,7 +565,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
             clauses.append(f"bucket_start < ${len(args)}")
         # text in code point order, NULL first: the order of EvidenceBatch.buckets
         query = (
-            f"SELECT {', '.join(_EVIDENCE_COLUMNS)}, version FROM {self._evidence} "
+            f"SELECT {', '.join(_EVIDENCE_COLUMNS)}, version FROM {self._evidence_table} "
             f"WHERE {' AND '.join(clauses)} "
             'ORDER BY bucket_start, workflow COLLATE "C" NULLS FIRST, '
             'stage COLLATE "C" NULLS FIRST, model COLLATE "C"'
@@ -596,18 +584,18 @@ class PostgresTelemetryBackend(TelemetryBackend):
             rows = await conn.fetch(query, *args)
         return EvidenceBatch(buckets=[_evidence_bucket(row) for row in rows], version=int(version))
 
-    async def purge(self, *, before: datetime) -> int:
+    async def _purge(self, *, before: datetime) -> int:
         """
         Delete the records older than ``before`` and the evidence buckets that end at or
         before it, in one transaction; return how many records were deleted.
         """
-        self._check_open()
-        check_aware("before", before)
         pool = await self._db.pool(self._migrations)
         last_start = before - timedelta(seconds=BUCKET_SECONDS)
         async with self._db.errors("purge"), pool.acquire() as conn, conn.transaction():
             status = await conn.execute(f"DELETE FROM {self._calls} WHERE ts < $1", before)
-            await conn.execute(f"DELETE FROM {self._evidence} WHERE bucket_start <= $1", last_start)
+            await conn.execute(
+                f"DELETE FROM {self._evidence_table} WHERE bucket_start <= $1", last_start
+            )
         return int(str(status).rsplit(" ", 1)[-1])
 
     async def drop_tables(self) -> None:
@@ -616,7 +604,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("drop"), pool.acquire() as conn, conn.transaction():
             await conn.execute(f"DROP TABLE IF EXISTS {self._calls}")
-            await conn.execute(f"DROP TABLE IF EXISTS {self._evidence}")
+            await conn.execute(f"DROP TABLE IF EXISTS {self._evidence_table}")
             await conn.execute(f"DROP TABLE IF EXISTS {self._evidence_version}")
             await conn.execute(
                 f"DELETE FROM {self._db.table('schema_version')} WHERE component = $1",

@@ -1,0 +1,142 @@
+"""
+The interfaces implementers build on: `TelemetryBackend` checks every query's
+arguments once, before an implementation sees them, and the plugins under
+``backends/`` build on public names of the core only.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from empathy_models import (
+    BackendClosedError,
+    ConfigurationError,
+    LLMCallRecord,
+    ModelPerformance,
+    RecordValidationError,
+    TelemetryBackend,
+)
+from empathy_models.evidence import EvidenceBatch
+
+ROOT = Path(__file__).resolve().parents[1]
+NAIVE = datetime(2026, 1, 1)
+AWARE = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Minimal(TelemetryBackend):
+    """The least a backend implements; it remembers what reached it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        self.calls.append(("record_many", {"n": len(records)}))
+
+    async def _aggregate(self, **kwargs: Any) -> list[ModelPerformance]:
+        self.calls.append(("aggregate", kwargs))
+        return []
+
+    async def _recent(self, **kwargs: Any) -> list[LLMCallRecord]:
+        self.calls.append(("recent", kwargs))
+        return []
+
+    async def _purge(self, *, before: datetime) -> int:
+        self.calls.append(("purge", {"before": before}))
+        return 0
+
+
+async def test_valid_arguments_reach_the_implementation_with_every_keyword() -> None:
+    async with Minimal() as backend:
+        await backend.aggregate(workflow="w", since=AWARE)
+        await backend.recent(limit=0, model="m")
+        await backend.purge(before=AWARE)
+    assert backend.calls == [
+        (
+            "aggregate",
+            {"workflow": "w", "stage": None, "since": AWARE, "until": None, "per_stage": True},
+        ),
+        ("recent", {"limit": 0, "workflow": None, "stage": None, "model": "m", "since": None}),
+        ("purge", {"before": AWARE}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda b: b.aggregate(since=NAIVE), RecordValidationError, "since"),
+        (lambda b: b.aggregate(until="yesterday"), RecordValidationError, "until"),
+        (lambda b: b.recent(limit=-1), ConfigurationError, "limit"),
+        (lambda b: b.recent(limit=True), ConfigurationError, "limit"),
+        (lambda b: b.recent(since=NAIVE), RecordValidationError, "since"),
+        (lambda b: b.evidence(after_version=-1), ConfigurationError, "after_version"),
+        (lambda b: b.evidence(until=NAIVE), RecordValidationError, "until"),
+        (lambda b: b.purge(before=NAIVE), RecordValidationError, "before"),
+        (lambda b: b.purge(before=None), RecordValidationError, "before"),
+    ],
+)
+async def test_bad_arguments_are_refused_before_the_implementation_runs(
+    call: Any, error: type[Exception], match: str
+) -> None:
+    async with Minimal() as backend:
+        with pytest.raises(error, match=match):
+            await call(backend)
+    assert backend.calls == []
+
+
+async def test_a_backend_without_rollups_says_so_and_a_closed_one_refuses() -> None:
+    backend = Minimal()
+    async with backend:
+        with pytest.raises(NotImplementedError, match="Minimal keeps no evidence rollups"):
+            await backend.evidence()
+    for call in (backend.aggregate(), backend.recent(), backend.purge(before=AWARE)):
+        with pytest.raises(BackendClosedError):
+            await call
+    assert backend.calls == []
+
+
+async def test_the_built_in_backends_refuse_the_same_arguments() -> None:
+    from empathy_models import MemoryTelemetryBackend, NullTelemetryBackend
+    from empathy_models.backends.batching import BatchingTelemetryBackend
+
+    for backend in (
+        NullTelemetryBackend(),
+        MemoryTelemetryBackend(),
+        BatchingTelemetryBackend(MemoryTelemetryBackend()),
+    ):
+        async with backend:
+            with pytest.raises(ConfigurationError, match="limit"):
+                await backend.recent(limit=-1)
+            with pytest.raises(RecordValidationError, match="since"):
+                await backend.aggregate(since=NAIVE)
+            assert isinstance(await backend.evidence(since=AWARE), EvidenceBatch)
+
+
+def _core_imports(path: Path) -> list[str]:
+    """The ``empathy_models`` modules and names ``path`` imports (any nesting)."""
+    out: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.split(".")[0] == "empathy_models":
+                out.extend(f"{node.module}:{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            out.extend(a.name for a in node.names if a.name.split(".")[0] == "empathy_models")
+    return out
+
+
+def test_the_plugins_import_only_public_names_of_the_core() -> None:
+    sources = sorted((ROOT / "backends").glob("*/empathy_models_*/**/*.py"))
+    assert len(sources) >= 4, sources  # both plugins' packages were found
+    private = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in sources
+        for name in _core_imports(path)
+        if any(part.startswith("_") for part in name.replace(":", ".").split("."))
+    ]
+    assert private == []
