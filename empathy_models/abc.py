@@ -11,6 +11,7 @@ on exit, and ``aclose()`` is idempotent.  Using a closed backend raises
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncResource",
+    "AttemptTimeout",
     "QuotaStore",
     "ResponseCache",
     "CircuitStateStore",
@@ -938,14 +940,28 @@ class Completion:
     rate_limit_reset: float | None = None
 
 
+class AttemptTimeout(TimeoutError):
+    """
+    The ``timeout`` given to `Provider.complete` ran out.
+
+    The executor turns it into a `ProviderTimeoutError` naming the per-attempt timeout
+    or the run's deadline; its cause is the timer's (or the HTTP client's) timeout.
+    """
+
+
 class Provider(abc.ABC):
     """
     One model API (Anthropic Messages, OpenAI Chat Completions, or an in-process fake).
 
     ``name`` is the provider's label in records and breaker keys.  The executor calls
     `bind` with its shared ``aiohttp.ClientSession`` on enter and `unbind` on exit; a
-    provider used on its own manages a session of its own.  `complete` raises only
-    `ProviderError` subclasses (and `asyncio.CancelledError`, untouched).
+    provider used on its own manages a session of its own.
+
+    A provider implements `_complete` (one request, no time limit of its own making);
+    `complete` adds the caller's ``timeout``.  A provider that can bound a request more
+    cheaply itself (the HTTP providers put it on the request's own timer) overrides
+    `complete` and keeps its contract: `AttemptTimeout` when ``timeout`` runs out,
+    otherwise only `ProviderError` subclasses (and `asyncio.CancelledError`, untouched).
     """
 
     name: str
@@ -956,8 +972,37 @@ class Provider(abc.ABC):
     async def unbind(self) -> None:
         """Stop using the bound session (the executor closes it); default: nothing."""
 
+    async def complete(
+        self,
+        request: CompletionRequest,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the interface: callers pass their budget
+    ) -> Completion:
+        """
+        Send one request and return the completion, or raise a `ProviderError`.
+
+        ``timeout`` bounds the whole call in seconds (the executor passes the smaller of
+        the per-attempt timeout and what is left of the run's deadline); when it runs
+        out, `AttemptTimeout` is raised (a `TimeoutError`; at 0 or less, before the
+        provider is called).
+        """
+        if timeout is None:
+            return await self._complete(request)
+        if timeout <= 0:
+            raise AttemptTimeout(f"{self.name}: no time left [model {request.model}]")
+        timer = asyncio.timeout(timeout)
+        try:
+            async with timer:
+                return await self._complete(request)
+        except TimeoutError as exc:
+            if timer.expired() and not isinstance(exc, AttemptTimeout):
+                raise AttemptTimeout(
+                    f"{self.name}: no answer within {timeout:g}s [model {request.model}]"
+                ) from exc
+            raise
+
     @abc.abstractmethod
-    async def complete(self, request: CompletionRequest) -> Completion:
+    async def _complete(self, request: CompletionRequest) -> Completion:
         """Send one request and return the completion, or raise a `ProviderError`."""
 
     async def stream(
@@ -978,8 +1023,6 @@ class Provider(abc.ABC):
         The default, for providers that cannot stream, calls `complete` (bounded by the
         smaller timeout) and yields its whole content as one delta.
         """
-        import asyncio
-
         from .exceptions import ProviderTimeoutError
 
         limits = [t for t in (idle_timeout, total_timeout) if t is not None]

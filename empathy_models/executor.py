@@ -106,6 +106,7 @@ from ._request_options import (
 )
 from .abc import (
     MAX_TOKENS_LIMIT,
+    AttemptTimeout,
     Completion,
     CompletionRequest,
     Message,
@@ -135,7 +136,7 @@ from .limits.values import Budget, RateLimit
 from .observability import instrumentation_for
 from .outcomes import classify_error, retry_after_of
 from .propensity import routing_propensity
-from .providers._http import AttemptTimeout, HTTPProvider
+from .providers._http import HTTPProvider
 from .records import (
     CandidateEvaluation,
     CircuitState,
@@ -929,16 +930,6 @@ class EmpathyLLMExecutor:
             for tier in _TIER_ORDER
         }
         self._keys: dict[tuple[str, str], str] = {}
-        self._within: dict[str, Callable[[CompletionRequest, float], Awaitable[Completion]] | None]
-        self._within = {
-            # only where `complete` is HTTPProvider's own: a subclass's override is honoured
-            name: (
-                p._complete_within
-                if isinstance(p, HTTPProvider) and type(p).complete is HTTPProvider.complete
-                else None
-            )
-            for name, p in self._providers.items()
-        }
         self._tier_plans: dict[ModelTier, _TierPlan] = {}
         self._default_routes: dict[tuple[ModelTier, str | None], tuple[ModelInfo, ...]] = {}
         self._models_by_id: dict[str, ModelInfo] = {
@@ -1877,7 +1868,6 @@ class EmpathyLLMExecutor:
         `InvalidRequestError` when the request is bad, and cancellation untouched.
         """
         provider = self._providers[info.provider]
-        within = self._within[info.provider]
         semaphore = self._semaphores[info.provider]
         request = _request_for(info.id, run)
         key = (
@@ -1970,26 +1960,14 @@ class EmpathyLLMExecutor:
                         budget, by_deadline = remaining, True
                 called = True
                 t0 = clock()
-                timer: asyncio.Timeout | None = None
                 expired = False
                 try:
-                    if budget is None:
-                        completion = await provider.complete(request)
-                    elif within is not None and budget > 0:
-                        # an HTTP provider bounds the request with the budget on the
-                        # request's own timer: one timer per call instead of two
-                        completion = await within(request, budget)
-                    else:
-                        timer = asyncio.timeout(max(budget, 0.0))
-                        async with timer:
-                            completion = await provider.complete(request)
+                    completion = await provider.complete(request, timeout=budget)
                 except Exception as raised:
                     latency_ms = (clock() - t0) * 1000.0
                     error: Exception = raised
-                    expired = (
-                        timer.expired() if timer is not None else isinstance(raised, AttemptTimeout)
-                    )
-                    if expired and isinstance(raised, TimeoutError):
+                    expired = isinstance(raised, AttemptTimeout)
+                    if expired:
                         limit = "the run's deadline" if by_deadline else "the per-attempt timeout"
                         error = ProviderTimeoutError(
                             f"{info.provider}/{info.id} gave no answer within {budget:.3f}s "

@@ -127,7 +127,7 @@ class ScriptedProvider(Provider):
         self.session = None
         self.unbinds += 1
 
-    async def complete(self, request: CompletionRequest) -> Completion:
+    async def _complete(self, request: CompletionRequest) -> Completion:
         self.calls.append(request.model)
         self.requests.append(request)
         queue = self.scripts.get(request.model)

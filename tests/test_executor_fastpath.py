@@ -38,13 +38,14 @@ from empathy_models import (
     OpenAIProvider,
     Outcome,
     Provider,
+    ProviderConnectionError,
     ProviderTimeoutError,
     RecordValidationError,
     RetryPolicy,
     ServerError,
     Ticket,
 )
-from empathy_models.providers._http import AttemptTimeout
+from empathy_models.abc import AttemptTimeout
 from empathy_models.records import _trusted_call_record
 from empathy_models.serialization import from_dict, to_dict
 from empathy_models.testing import FakeLLMServer
@@ -188,7 +189,7 @@ class Scripted(Provider):
         self.queue: list[BaseException | Completion | str] = []
         self.started = asyncio.Event()
 
-    async def complete(self, request: CompletionRequest) -> Completion:
+    async def _complete(self, request: CompletionRequest) -> Completion:
         action = self.queue.pop(0) if self.queue else "ok"
         if isinstance(action, BaseException):
             raise action
@@ -401,9 +402,14 @@ class CountingOpenAI(OpenAIProvider):
 
     calls = 0
 
-    async def complete(self, request: CompletionRequest) -> Completion:
+    async def complete(
+        self,
+        request: CompletionRequest,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the interface's parameter
+    ) -> Completion:
         type(self).calls += 1
-        return await super().complete(request)
+        return await super().complete(request, timeout=timeout)
 
 
 async def test_per_attempt_timeout_over_http_is_the_executors_timeout() -> None:
@@ -448,7 +454,7 @@ async def test_a_provider_timeout_shorter_than_the_budget_is_the_providers_own()
     assert "per-attempt" not in str(error)
 
 
-async def test_complete_within_raises_attempt_timeout_only_for_its_own_budget() -> None:
+async def test_an_http_timeout_raises_attempt_timeout_only_for_its_own_budget() -> None:
     async with FakeLLMServer() as server:
         server.script("gpt-fake-mini", ["hang", "hang"])
         request = CompletionRequest(model="gpt-fake-mini", messages="x", max_tokens=8)
@@ -456,13 +462,33 @@ async def test_complete_within_raises_attempt_timeout_only_for_its_own_budget() 
             api_key="sk-test", base_url=server.openai_base_url, timeout=0.05
         ) as provider:
             with pytest.raises(AttemptTimeout) as budget_ran_out:
-                await provider._complete_within(request, 0.02)
+                await provider.complete(request, timeout=0.02)
             with pytest.raises(ProviderTimeoutError) as own_ran_out:
-                await provider._complete_within(request, 10.0)
-            answer = await provider._complete_within(request, 10.0)
+                await provider.complete(request, timeout=10.0)
+            answer = await provider.complete(request, timeout=10.0)
     assert isinstance(budget_ran_out.value.__cause__, TimeoutError)
     assert not isinstance(own_ran_out.value, AttemptTimeout)
     assert answer.model == "gpt-fake-mini"
+
+
+async def test_any_provider_takes_a_timeout_through_complete() -> None:
+    provider = Scripted()
+    request = CompletionRequest(model="m", messages="x", max_tokens=8)
+    provider.queue.append("hang")
+    with pytest.raises(AttemptTimeout, match=r"no answer within 0\.02s") as ran_out:
+        await provider.complete(request, timeout=0.02)
+    assert isinstance(ran_out.value.__cause__, TimeoutError)
+    assert provider.started.is_set()
+    provider.queue.append("hang")
+    with pytest.raises(AttemptTimeout, match="no time left"):
+        await provider.complete(request, timeout=0)
+    assert provider.queue == ["hang"]  # never called
+    provider.queue.clear()
+    provider.queue.append(ProviderConnectionError("down", provider="alpha", model="m"))
+    with pytest.raises(ProviderConnectionError):  # the provider's own errors pass unchanged
+        await provider.complete(request, timeout=5)
+    answer = await provider.complete(request, timeout=5)
+    assert answer.model == "m"
 
 
 async def test_an_overridden_complete_is_called_by_the_executor() -> None:

@@ -80,7 +80,7 @@ class SimulatedLatency(Provider):
     async def unbind(self) -> None:
         await self._inner.unbind()
 
-    async def complete(self, request: CompletionRequest) -> Completion:
+    async def _complete(self, request: CompletionRequest) -> Completion:
         try:
             return await self._inner.complete(request)
         finally:

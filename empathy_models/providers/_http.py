@@ -57,7 +57,7 @@ import attrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .._propagation import outgoing_headers
-from ..abc import Completion, CompletionRequest, CompletionStream, Provider
+from ..abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
 from ..exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -445,15 +445,6 @@ class ResponseReader:
         return int(value)
 
 
-class AttemptTimeout(TimeoutError):
-    """
-    Internal: the time budget passed to `HTTPProvider._complete_within` ran out.
-
-    The executor turns it into its own `ProviderTimeoutError` (naming the per-attempt
-    timeout or the run's deadline); the cause is the aiohttp timeout error.
-    """
-
-
 # --------------------------------------------------------------------------- the base class
 
 
@@ -680,31 +671,40 @@ class HTTPProvider(Provider):
 
     # ------------------------------------------------------------------ the call
 
-    async def complete(self, request: CompletionRequest) -> Completion:
+    async def _complete(self, request: CompletionRequest) -> Completion:
         """
-        POST ``request`` and return the `Completion`.
+        POST ``request`` and return the `Completion`, within the provider's own timeout.
 
         Raises a `ProviderError` subclass for every failure (see the module table) and
         `ConfigurationError` when no session is open; cancellation propagates untouched.
         """
         return await self._send(request, self._timeout, None)
 
-    async def _complete_within(self, request: CompletionRequest, budget: float) -> Completion:
+    async def complete(
+        self,
+        request: CompletionRequest,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - one timer for the budget (see docstring)
+    ) -> Completion:
         """
-        `complete`, with the whole request also bounded by ``budget`` seconds (> 0).
+        POST ``request`` and return the `Completion` (see `Provider.complete`).
 
-        The budget and the provider's own timeout share aiohttp's one per-request timer
-        (no second timer), and the budget is kept exactly (aiohttp rounds long timeouts
-        up to a whole second; a budget is not rounded).  When the budget is not longer
-        than the provider's own total timeout and runs out, raises `AttemptTimeout` from
-        the aiohttp error; otherwise exactly what `complete` raises.  The executor calls
-        this for the per-attempt timeout and the run's deadline.
+        ``timeout`` and the provider's own timeout share aiohttp's one per-request
+        timer (no second timer), and ``timeout`` is kept exactly (aiohttp rounds long
+        timeouts up to a whole second; this is not rounded).  When ``timeout`` is not
+        longer than the provider's own total timeout and runs out, raises
+        `AttemptTimeout` from the aiohttp error; otherwise exactly what `_complete`
+        raises.
         """
+        if timeout is None:
+            return await self._send(request, self._timeout, None)
+        if timeout <= 0:
+            raise AttemptTimeout(f"{self.name}: no time left [model {request.model}]")
         own = self._timeout
-        if own.total is not None and own.total < budget:
+        if own.total is not None and own.total < timeout:
             return await self._send(request, own, None)  # the provider's own timeout comes first
         return await self._send(
-            request, self._exact_timeout(budget), asyncio.get_running_loop().time() + budget
+            request, self._exact_timeout(timeout), asyncio.get_running_loop().time() + timeout
         )
 
     _stream_decoder: type[StreamDecoder] | None = None

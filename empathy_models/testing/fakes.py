@@ -92,7 +92,7 @@ class FakeProvider(_Controls, Provider):
         super().reset_counters()
         self._last.clear()
 
-    async def complete(self, request: CompletionRequest) -> Completion:
+    async def _complete(self, request: CompletionRequest) -> Completion:
         """Answer ``request`` per its model's behaviour, or raise the mapped error."""
         self._counted(None)
         model = request.model
