@@ -273,6 +273,12 @@ class TelemetryBackend(AsyncResource):
         """True when records survive the process (false for memory and null)."""
         return False
 
+    @property
+    def stores_records(self) -> bool:
+        """True when the records given to `record_many` are kept and can be read back
+        (false for the null backend: then nothing reads from it)."""
+        return True
+
 
 # --------------------------------------------------------------------------- circuit state
 
@@ -322,6 +328,15 @@ class CircuitStateStore(AsyncResource):
     @abc.abstractmethod
     async def reset(self, key: str | None = None) -> None:
         """Forget ``key`` (or every key): it reads as CLOSED and older tickets stop counting."""
+
+    @property
+    def in_process(self) -> bool:
+        """
+        True when every operation completes in this process without waiting on I/O
+        (the memory and null stores): the breaker then skips the timeouts and
+        cancellation shields that guard a call to a store doing I/O.
+        """
+        return False
 
 
 class TransactionalStateStore(CircuitStateStore):

@@ -444,7 +444,7 @@ class CircuitBreaker(AsyncResource):
         self._sleep = sleep
         self._store_timeout = None if store_timeout is None else float(store_timeout)
         # cancel scopes (timeouts, shields) cost microseconds: only stores doing I/O need them
-        self._scoped = type(self._store) is not MemoryStateStore
+        self._scoped = not self._store.in_process
         self._views: dict[str, _View] = {}
         # written-behind successes per key: [generation, count, flush due (first + interval)]
         self._pending: dict[str, list[Any]] = {}
@@ -691,7 +691,7 @@ class CircuitBreaker(AsyncResource):
         policy = self.policy
         if self._scoped:
             admission = await self._admit_detached(key, policy)
-        else:  # a memory store never suspends: nothing can interrupt it
+        else:  # an in-process store never suspends: nothing can interrupt it
             admission = await self._store_op(key, lambda store: store.admit(key, policy))
         await self._observe(admission.state)
         if admission.admitted and admission.ticket is not None:
@@ -903,7 +903,7 @@ class CircuitBreaker(AsyncResource):
         report = OutcomeReport(ticket=ticket, outcome=outcome, retry_after=retry_after, error=error)
         reports = [*self._take_pending(key), report]
         policy = self.policy
-        if not self._scoped:  # a memory store never suspends: nothing to shield
+        if not self._scoped:  # an in-process store never suspends: nothing to shield
             state = await self._store_op(key, lambda store: store.record(key, policy, reports))
             await self._observe(state)
             return
@@ -933,7 +933,7 @@ class CircuitBreaker(AsyncResource):
         if not reports:
             return None
         policy = self.policy
-        if not self._scoped:  # a memory store never suspends: nothing to shield
+        if not self._scoped:  # an in-process store never suspends: nothing to shield
             state = await self._store_op(key, lambda store: store.record(key, policy, reports))
             await self._observe(state)
             return state

@@ -117,7 +117,6 @@ from .abc import (
     split_system,
 )
 from .backends import telemetry_from_url
-from .backends.null import NullTelemetryBackend
 from .breaker import CircuitBreaker, provider_outcome
 from .cache import cache_from_url
 from .content import ResponseFormat, Tool, ToolCall
@@ -1094,7 +1093,7 @@ class EmpathyLLMExecutor:
     @property
     def telemetry_enabled(self) -> bool:
         """True when records are kept (a backend other than the null one was given)."""
-        return self._telemetry is not None and not isinstance(self._telemetry, NullTelemetryBackend)
+        return self._telemetry is not None and self._telemetry.stores_records
 
     @property
     def telemetry_store(self) -> TelemetryBackend | None:

@@ -226,9 +226,7 @@ class AdaptiveModelRouter:
                 "telemetry_store must be a TelemetryBackend, a URL string or None, "
                 f"got {type(telemetry_store).__name__}"
             )
-        from .backends.null import NullTelemetryBackend
-
-        self._null_store = isinstance(store, NullTelemetryBackend)
+        self._null_store = store is not None and not store.stores_records
         self._store_obj = store
         self._store: TelemetryBackend | None = None if self._null_store else store
         self._test = self.policy.change_test

@@ -140,3 +140,33 @@ def test_the_plugins_import_only_public_names_of_the_core() -> None:
         if any(part.startswith("_") for part in name.replace(":", ".").split("."))
     ]
     assert private == []
+
+
+async def test_capabilities_say_what_a_backend_does() -> None:
+    from empathy_models import (
+        EmpathyLLMExecutor,
+        MemoryStateStore,
+        MemoryTelemetryBackend,
+        NullStateStore,
+        NullTelemetryBackend,
+        SQLiteStateStore,
+    )
+    from empathy_models.backends.batching import BatchingTelemetryBackend
+    from empathy_models.testing.fakes import FakeProvider
+
+    class Waiting(MemoryStateStore):
+        """A subclass may wait (I/O, locks): it is not taken as in-process."""
+
+    assert MemoryStateStore().in_process and NullStateStore().in_process
+    assert not Waiting().in_process
+    assert not SQLiteStateStore(":memory:").in_process
+    assert MemoryTelemetryBackend().stores_records
+    assert not NullTelemetryBackend().stores_records
+    assert not BatchingTelemetryBackend(NullTelemetryBackend()).stores_records
+    # the executor keeps records only where the backend does, whatever wraps it
+    for store, kept in (
+        (BatchingTelemetryBackend(NullTelemetryBackend()), False),
+        (BatchingTelemetryBackend(MemoryTelemetryBackend()), True),
+    ):
+        async with EmpathyLLMExecutor([FakeProvider(name="openai")], telemetry_store=store) as ex:
+            assert ex.telemetry_enabled is kept

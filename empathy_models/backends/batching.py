@@ -840,6 +840,10 @@ class BatchingTelemetryBackend(TelemetryBackend):
     def persistent(self) -> bool:
         return self._inner.persistent
 
+    @property
+    def stores_records(self) -> bool:
+        return self._inner.stores_records
+
     async def _aopen(self) -> None:
         await self._inner.__aenter__()
         self._batcher.start()

@@ -158,6 +158,15 @@ class MemoryStateStore(TransactionalStateStore):
     def __repr__(self) -> str:
         return f"MemoryStateStore(keys={len(self._states)})"
 
+    @property
+    def in_process(self) -> bool:
+        """
+        True: every operation completes without waiting.  A subclass is assumed to wait
+        (I/O, locks, events: its calls then get the breaker's timeouts and cancellation
+        shields) unless it overrides this.
+        """
+        return type(self) is MemoryStateStore
+
     async def _transact(
         self,
         key: str,

@@ -39,6 +39,10 @@ class NullTelemetryBackend(TelemetryBackend):
     def __repr__(self) -> str:
         return f"NullTelemetryBackend(accepted={self.accepted})"
 
+    @property
+    def stores_records(self) -> bool:
+        return False
+
     async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
         self._check_open()
         for r in records:
@@ -82,6 +86,11 @@ class NullStateStore(CircuitStateStore):
 
     def __repr__(self) -> str:
         return "NullStateStore()"
+
+    @property
+    def in_process(self) -> bool:
+        """True (see `MemoryStateStore.in_process`; a subclass is assumed to wait)."""
+        return type(self) is NullStateStore
 
     async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
         self._check_open()

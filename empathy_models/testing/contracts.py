@@ -39,8 +39,10 @@ Capabilities, as class attributes of the subclass:
   reads that return each change once and miss none, windows, purge) are skipped.
 * ``CircuitStateStoreContract.keeps_state`` (default true): false for a pass-through
   store, like ``null://``.
-* What a backend claims about itself is held to: a telemetry backend whose
-  `TelemetryBackend.persistent` is true must keep records across close and reopen; a
+* What a backend claims about itself is held to: its
+  `TelemetryBackend.stores_records` must equal the contract's ``stores_records``; a
+  telemetry backend whose `TelemetryBackend.persistent` is true must keep records across
+  close and reopen; a
   store whose ``shared`` is true must show one instance's transitions to another built
   from the same URL.
 
@@ -1010,6 +1012,12 @@ class TelemetryBackendContract:
             with pytest.raises(RecordValidationError, match=name) as info:
                 await call()
             assert isinstance(info.value, ValueError)
+
+    async def test_the_backend_says_whether_it_keeps_records(
+        self, telemetry: TelemetryBackend
+    ) -> None:
+        # the executor and the router read only from a backend that keeps records
+        assert telemetry.stores_records is self.stores_records
 
     async def test_a_backend_that_keeps_nothing_reads_empty(
         self, telemetry: TelemetryBackend
