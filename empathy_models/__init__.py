@@ -17,6 +17,7 @@ import typing
 
 import attrs
 
+from ._version import __version__ as __version__
 from .abc import (
     AsyncResource as AsyncResource,
     CircuitStateStore as CircuitStateStore,
@@ -156,8 +157,6 @@ from .tasks import (
     is_known_task as is_known_task,
     normalize_task_type as normalize_task_type,
 )
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "AUTH_STRATEGY_FILE",

@@ -17,16 +17,15 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ._request_options import structured_result
+from ._run import _prompt_text
+from ._values import ExecutionContext, LLMResponse, _new_response
 from .abc import Completion, Message
 from .cache import request_key
 from .content import ToolCall
-
-# imported by the executor at its first cached call, when .executor is loaded already
-from .executor import _new_response, _prompt_text
 from .records import LLMCallRecord, ModelTier, Outcome, _trusted_call_record
 
 if TYPE_CHECKING:
-    from .executor import EmpathyLLMExecutor, ExecutionContext, LLMResponse
+    from .executor import EmpathyLLMExecutor
 
 __all__ = ["cache_key_of", "lookup", "store"]
 

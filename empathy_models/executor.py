@@ -95,31 +95,46 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self
 import aiohttp
 import anyio
 import attrs
-from attrs import field, frozen
 
 from ._request_options import (
-    NO_OPTIONS,
     capable,
     required_capabilities,
     run_options,
     structured_result,
 )
+from ._run import (
+    Prompt,
+    _DeadlineExceeded,
+    _describe,
+    _estimate_tokens,
+    _plain_non_negative,
+    _request_for,
+    _Run,
+    _status_of,
+    _to_messages,
+)
+from ._values import (
+    _DEFAULT_CONTEXT,
+    AttemptSummary,
+    ExecutionContext,
+    FallbackPolicy,
+    LLMResponse,
+    _new_response,
+    _new_summary,
+)
 from .abc import (
-    MAX_TOKENS_LIMIT,
     AttemptTimeout,
     Completion,
-    CompletionRequest,
     Message,
     Provider,
     QuotaStore,
     ResponseCache,
     TelemetryBackend,
-    split_system,
 )
 from .backends import telemetry_from_url
 from .breaker import CircuitBreaker, provider_outcome
 from .cache import cache_from_url
-from .content import ResponseFormat, Tool, ToolCall
+from .content import ResponseFormat, Tool
 from .exceptions import (
     AllRoutesFailedError,
     BudgetExceededError,
@@ -128,7 +143,6 @@ from .exceptions import (
     ContextWindowExceededError,
     ModelNotFoundError,
     ProviderTimeoutError,
-    RecordValidationError,
 )
 from .limits.guard import Hold, Limiter, LocalRateLimitError
 from .limits.values import Budget, RateLimit
@@ -145,7 +159,6 @@ from .records import (
     RoutingDecision,
     Ticket,
     _trusted_call_record,
-    _trusted_constructor,
 )
 from .registry import ModelInfo, ModelRegistry
 from .retry import RetryPolicy
@@ -251,438 +264,6 @@ class _Breaker(Protocol):
     def available_hint(self, key: str) -> bool: ...
 
 
-# --------------------------------------------------------------------------- validators
-
-
-def _bad(owner: str, attribute: attrs.Attribute[Any], value: object, why: str) -> Exception:
-    return ConfigurationError(f"{owner}.{attribute.name} {why}, got {value!r}")
-
-
-def _text_flaw(value: str) -> str | None:
-    """Why ``value`` cannot be stored as text (a NUL, a lone surrogate), or None."""
-    if "\x00" in value:
-        return "must not contain a NUL character"
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return "must be valid text (it holds a lone surrogate)"
-    return None
-
-
-def _ctx_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise _bad("ExecutionContext", attribute, value, "must be a non-empty string")
-    if (flaw := _text_flaw(value)) is not None:
-        raise _bad("ExecutionContext", attribute, value, flaw)
-
-
-def _ctx_opt_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None and not isinstance(value, str):
-        raise _bad("ExecutionContext", attribute, value, "must be a string or None")
-    if value is not None and (flaw := _text_flaw(value)) is not None:
-        raise _bad("ExecutionContext", attribute, value, flaw)
-
-
-def _ctx_positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad("ExecutionContext", attribute, value, "must be a number or None")
-    if not math.isfinite(value) or value <= 0:
-        raise _bad("ExecutionContext", attribute, value, "must be a finite number > 0")
-
-
-def _ctx_non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad("ExecutionContext", attribute, value, "must be a number or None")
-    if not math.isfinite(value) or value < 0:
-        raise _bad("ExecutionContext", attribute, value, "must be a finite number >= 0")
-
-
-def _ctx_rate(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise _bad("ExecutionContext", attribute, value, "must be a number between 0 and 1")
-
-
-def _ctx_max_tokens(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _bad("ExecutionContext", attribute, value, "must be an integer >= 1")
-    if value > MAX_TOKENS_LIMIT:
-        raise _bad("ExecutionContext", attribute, value, f"must be at most {MAX_TOKENS_LIMIT:,}")
-
-
-def _ctx_bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise _bad("ExecutionContext", attribute, value, "must be True or False")
-
-
-def _to_tier_opt(value: object) -> ModelTier | None:
-    if value is None or isinstance(value, ModelTier):
-        return value
-    if isinstance(value, str):
-        try:
-            return ModelTier(value.strip().lower())
-        except ValueError:
-            pass
-    allowed = ", ".join(t.value for t in ModelTier)
-    raise ConfigurationError(f"ExecutionContext.tier must be one of {allowed}, got {value!r}")
-
-
-def _copy_metadata(value: Mapping[str, Any] | None) -> Mapping[str, JSONScalar]:
-    if value is None:
-        return MappingProxyType({})
-    if not isinstance(value, Mapping):
-        raise ConfigurationError(f"ExecutionContext.metadata must be a mapping, got {value!r}")
-    copied: dict[str, JSONScalar] = {}
-    for key, item in value.items():
-        if not isinstance(key, str):
-            raise ConfigurationError(f"ExecutionContext.metadata keys must be strings, got {key!r}")
-        if item is not None and not isinstance(item, str | int | float | bool):
-            raise ConfigurationError(
-                f"ExecutionContext.metadata[{key!r}] must be a str, int, float, bool or None, "
-                f"got {type(item).__name__}"
-            )
-        flaw = _text_flaw(key) or (_text_flaw(item) if isinstance(item, str) else None)
-        if isinstance(item, float) and not math.isfinite(item):
-            flaw = "must be a finite number"
-        if flaw is not None:
-            raise ConfigurationError(f"ExecutionContext.metadata[{key!r}] {flaw}, got {item!r}")
-        copied[key] = item
-    return MappingProxyType(copied)
-
-
-# --------------------------------------------------------------------------- values
-
-
-@frozen(kw_only=True)
-class ExecutionContext:
-    """
-    Who is calling and under which limits; immutable and safe to reuse across calls.
-
-    Args:
-        workflow, stage: where the call belongs; the router learns per (workflow, stage).
-        task_type: picks the tier when ``tier`` is not given (normalized:
-            ``"FIX_BUG"``, ``"fix-bug"`` and ``"fix bug"`` are the same task).
-        tier: overrides the task's tier.
-        model: pins the first route to this registry model id (bypassing the router);
-            fallback then proceeds as usual.  Cannot be combined with constraints.
-        max_cost, max_latency_ms, min_success_rate, max_ttft_ms: routing constraints,
-            evaluated by the executor's router (a run with constraints and no router
-            raises `ConfigurationError`); ``max_ttft_ms`` bounds the p95 time to first
-            token of the model's streamed calls (a router is asked for it only when
-            set, so a custom router without the argument keeps working).  They govern
-            the first pick; fallback routes follow the `FallbackPolicy`
-            (``FallbackPolicy.none()`` for strictness).
-        on_no_match: passed to the router when set (``"raise"``, ``"relax"`` or a model
-            id); ``None`` keeps the router's default.
-        max_tokens, temperature, system: passed to the provider.
-        timeout: seconds allowed for one provider call (waiting for a provider slot
-            counts against ``deadline`` only); ``None`` leaves only the provider's own
-            timeout.  Default 60, the HTTP providers' own default; the provider's
-            timeout still applies, so raise both for longer generations.
-        deadline: seconds allowed for the whole run (every attempt and every retry wait);
-            ``None`` for no overall limit.
-        metadata: JSON scalars copied into every record; the mapping is copied, so later
-            changes to the caller's dict do not leak in.
-        user_id, session_id: copied into every record.
-        record_text: keep prompt and response text in the records (off by default).
-        cache_ttl: answer from the executor's response cache when the same request was
-            answered less than this many seconds ago, and store this answer for that
-            long (see `empathy_models.cache`; needs ``cache=`` on the executor).  Only
-            ``temperature=0`` calls are cached unless ``cache_sampled`` is true.
-        cache_sampled: cache sampled output too (``temperature`` unset or above 0).
-
-    Invalid values raise `ConfigurationError` naming the field and the value.
-    """
-
-    workflow: str = field(default="default", validator=_ctx_str)
-    stage: str = field(default="default", validator=_ctx_str)
-    task_type: str = field(default="unknown", validator=_ctx_str)
-    tier: ModelTier | None = field(default=None, converter=_to_tier_opt)
-    model: str | None = field(default=None, validator=_ctx_opt_str)
-    max_cost: float | None = field(default=None, validator=_ctx_non_negative)
-    max_latency_ms: float | None = field(default=None, validator=_ctx_positive)
-    min_success_rate: float | None = field(default=None, validator=_ctx_rate)
-    on_no_match: str | None = field(default=None, validator=_ctx_opt_str)
-    max_tokens: int = field(default=1024, validator=_ctx_max_tokens)
-    temperature: float | None = field(default=None, validator=_ctx_non_negative)
-    system: str | None = field(default=None, validator=_ctx_opt_str)
-    timeout: float | None = field(default=60.0, validator=_ctx_positive)
-    deadline: float | None = field(default=None, validator=_ctx_positive)
-    metadata: Mapping[str, JSONScalar] = field(factory=dict, converter=_copy_metadata)
-    user_id: str | None = field(default=None, validator=_ctx_opt_str)
-    session_id: str | None = field(default=None, validator=_ctx_opt_str)
-    record_text: bool = field(default=False, validator=_ctx_bool)
-    cache_ttl: float | None = field(default=None, validator=_ctx_positive)
-    cache_sampled: bool = field(default=False, validator=_ctx_bool)
-    max_ttft_ms: float | None = field(default=None, validator=_ctx_positive)
-
-    def __attrs_post_init__(self) -> None:
-        if self.model is not None and self.has_constraints:
-            raise ConfigurationError(
-                f"ExecutionContext.model={self.model!r} pins the model and bypasses routing, "
-                "so max_cost / max_latency_ms / min_success_rate / max_ttft_ms cannot be "
-                "honoured; "
-                "drop either the pin or the constraints"
-            )
-
-    @property
-    def has_constraints(self) -> bool:
-        """True when any routing constraint is set."""
-        return (
-            self.max_cost is not None
-            or self.max_latency_ms is not None
-            or self.min_success_rate is not None
-            or self.max_ttft_ms is not None
-        )
-
-
-def _positive_int(owner: str) -> Callable[[object, attrs.Attribute[Any], object], None]:
-    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _bad(owner, attribute, value, "must be an integer >= 1")
-
-    return check
-
-
-def _fb_bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise _bad("FallbackPolicy", attribute, value, "must be True or False")
-
-
-@frozen(kw_only=True)
-class FallbackPolicy:
-    """
-    Where to go when a route fails: always towards more capability, never cheaper.
-
-    Args:
-        max_routes: the most distinct models called in one run (routes rejected by an
-            open breaker, which cost nothing, do not count).  ``1`` disables fallback.
-        escalate: after the candidates of the run's tier, try the models of the higher
-            tiers (cheap -> capable -> premium), cheapest first within each.
-        larger_context_on_overflow: on `ContextWindowExceededError`, skip to the next
-            route whose context window is larger; without one (or when false) the
-            error is raised at once.
-    """
-
-    max_routes: int = field(default=3, validator=_positive_int("FallbackPolicy"))
-    escalate: bool = field(default=True, validator=_fb_bool)
-    larger_context_on_overflow: bool = field(default=True, validator=_fb_bool)
-
-    @classmethod
-    def none(cls) -> FallbackPolicy:
-        """One route only: the first choice, retried per the `RetryPolicy`, no fallback."""
-        return cls(max_routes=1, escalate=False, larger_context_on_overflow=False)
-
-
-@frozen(kw_only=True)
-class AttemptSummary:
-    """
-    One attempt of a run, as the response reports it.
-
-    ``attempt`` matches the ``attempt`` of its `LLMCallRecord` (and ``call_id`` its
-    ``call_id``); ``delay_s`` is how long the executor waited after this attempt before
-    retrying the same route (``None`` when it did not retry it).
-    """
-
-    attempt: int
-    call_id: str
-    provider: str
-    model: str
-    outcome: Outcome
-    latency_ms: float
-    error_type: str | None = None
-    status_code: int | None = None
-    retry_after: float | None = None
-    delay_s: float | None = None
-
-
-@frozen(kw_only=True)
-class LLMResponse:
-    """
-    The answer of a run and how it was obtained.
-
-    ``model``/``provider``/``tier`` are those of the registry model that answered
-    (``response_model`` is the id the provider reported, which may be a dated alias).
-    Tokens and ``cost_usd`` are the successful call's, priced with the registry
-    entry of the model called (``price_version`` says which table).  ``latency_ms`` is
-    the whole run, retries and waits included.  ``fallback_chain`` lists every model
-    tried, in order, the answering one last; ``fallback_used`` is true when that is not
-    the first.  ``ttft_ms`` (streamed runs only) is the time from the start of the
-    stream to its first delta, retries and fallbacks included.  ``cached`` is true for
-    an answer served from the response cache (``cost_usd`` 0, no attempts; the tokens
-    are the stored answer's).
-
-    ``tool_calls`` are the tools the model called (``stop_reason`` is then the
-    provider's own: ``"tool_use"`` from Anthropic, ``"tool_calls"`` from OpenAI).  With
-    a ``response_format``, ``parsed`` is the answer parsed from JSON when it matches
-    the schema; otherwise it is None and ``parse_error`` says why.
-    """
-
-    content: str
-    model: str
-    provider: str
-    tier: ModelTier
-    input_tokens: int
-    output_tokens: int
-    cost_usd: float
-    latency_ms: float
-    attempts: tuple[AttemptSummary, ...]
-    fallback_chain: tuple[str, ...]
-    fallback_used: bool
-    routing_decision: RoutingDecision | None
-    request_id: str
-    response_model: str
-    price_version: str
-    stop_reason: str | None = None
-    tool_calls: tuple[ToolCall, ...] = ()
-    parsed: Any = None
-    parse_error: str | None = None
-    ttft_ms: float | None = None
-
-    @property
-    def cached(self) -> bool:
-        """True for an answer served from the response cache (no attempt was made)."""
-        return not self.attempts
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-    @property
-    def attempt_count(self) -> int:
-        """Every attempt of the run, the answering one included (retries and fallbacks)."""
-        return len(self.attempts)
-
-    @property
-    def retry_count(self) -> int:
-        """
-        Retries: attempts that repeated a model already tried in this run.
-
-        A move to another model is a fallback (`fallback_count`), not a retry: with
-        ``RetryPolicy.none()`` this is always 0.  ``attempt_count`` counts both.
-        """
-        return len(self.attempts) - len({a.model for a in self.attempts})
-
-    @property
-    def fallback_count(self) -> int:
-        """Models moved on to after the first route (``len(fallback_chain) - 1``)."""
-        return max(0, len(self.fallback_chain) - 1)
-
-
-_DEFAULT_CONTEXT = ExecutionContext()
-
-# LLMResponse and AttemptSummary have no validators or converters: the executor builds
-# them through the slots directly (same objects, about half the construction cost).
-_new_response = _trusted_constructor(LLMResponse)
-_new_summary = _trusted_constructor(AttemptSummary)
-
-
-_trusted_message: Callable[..., Message] = _trusted_constructor(Message)
-
-Prompt = str | Sequence[Message | Mapping[str, Any]]
-"""A string (one user message), or `Message` objects and OpenAI-style message dicts."""
-
-
-def _to_messages(prompt: Prompt, system: str | None) -> tuple[tuple[Message, ...], str | None]:
-    """The messages to send and the system prompt (system messages folded into it)."""
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ConfigurationError("prompt is empty: there is nothing to send")
-        # a user message of text: nothing for Message's checks to check
-        message = _trusted_message(role="user", content=prompt, tool_calls=(), tool_call_id=None)
-        return (message,), system
-    given: object = prompt  # checked as what it is, not as what it is annotated to be
-    if isinstance(given, Mapping | bytes | bytearray | memoryview) or not isinstance(
-        given, Sequence
-    ):
-        raise ConfigurationError(
-            "prompt must be a string or a non-empty list of messages (Message objects or "
-            f"{{'role': ..., 'content': ...}} dicts), got {type(given).__name__}"
-        )
-    try:
-        messages = tuple(Message.of(item, index=i) for i, item in enumerate(prompt))
-    except RecordValidationError as exc:
-        raise ConfigurationError(f"prompt {exc}") from None
-    messages, system = split_system(messages, system)
-    if not messages:
-        raise ConfigurationError(
-            "prompt must hold at least one user or assistant message"
-            + (" (system messages become the system prompt)" if prompt else "")
-        )
-    if not any(m.text.strip() or not isinstance(m.content, str) or m.tool_calls for m in messages):
-        raise ConfigurationError("prompt is empty: every message's content is blank")
-    return messages, system
-
-
-_trusted_request: Callable[..., CompletionRequest] = _trusted_constructor(CompletionRequest)
-_NO_REQUEST_OPTIONS: Mapping[str, Any] = MappingProxyType(
-    {
-        "tools": (),
-        "tool_choice": None,
-        "response_format": None,
-        "stop": (),
-        "top_p": None,
-        "seed": None,
-        "extra_body": None,
-    }
-)
-
-
-def _request_for(model: str, run: _Run) -> CompletionRequest:
-    """
-    ``run``'s request to ``model``, built without re-validating what is already valid:
-    the messages (system messages split off) from `_to_messages`, ``max_tokens`` and
-    ``temperature`` from the `ExecutionContext`, the options from `run_options`.
-    """
-    ctx = run.context
-    options = run.options
-    return _trusted_request(
-        model=model,
-        messages=run.messages,
-        system=run.system,
-        max_tokens=ctx.max_tokens,
-        temperature=ctx.temperature,
-        **(_NO_REQUEST_OPTIONS if not options else {**_NO_REQUEST_OPTIONS, **options}),
-    )
-
-
-def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
-    # about four characters per token; the router only needs the order of magnitude
-    chars = sum(len(m.text) for m in messages) + (len(system) if system else 0)
-    return max(1, chars // 4)
-
-
-def _prompt_text(messages: Sequence[Message], system: str | None) -> str:
-    parts = [f"system: {system}"] if system else []
-    parts.extend(f"{m.role}: {m.text}" for m in messages)
-    return "\n".join(parts)
-
-
-def _plain_non_negative(value: object) -> bool:
-    # what LLMCallRecord accepts for a float field: a finite int or float >= 0, not a bool
-    if type(value) is float or type(value) is int:
-        return 0 <= value < math.inf
-    return False
-
-
-def _status_of(exc: BaseException) -> int | None:
-    status = getattr(exc, "status", None)
-    if isinstance(status, int) and not isinstance(status, bool) and status >= 0:
-        return status
-    return None
-
-
-def _describe(exc: BaseException) -> str:
-    status = _status_of(exc)
-    return f"{type(exc).__name__}" + ("" if status is None else f" ({status})")
-
-
 _NO_IDS: frozenset[str] = frozenset()
 
 
@@ -738,61 +319,6 @@ def _cached_module() -> Any:
 
         _CACHED = _cached
     return _CACHED
-
-
-# --------------------------------------------------------------------------- per-run state
-
-
-class _Run:
-    """Everything one `run` call accumulates; never shared between calls."""
-
-    __slots__ = (
-        "attempts",
-        "attempts_cost",
-        "chain",
-        "context",
-        "decision",
-        "errors",
-        "messages",
-        "options",
-        "original",
-        "prompt_text",
-        "request_id",
-        "system",
-        "task_type",
-    )
-
-    def __init__(
-        self,
-        context: ExecutionContext,
-        messages: tuple[Message, ...],
-        original: ModelInfo,
-        decision: RoutingDecision | None,
-        task_type: str,
-        system: str | None,
-        options: Mapping[str, Any] = NO_OPTIONS,
-    ) -> None:
-        self.options = options
-        self.context = context
-        self.messages = messages
-        self.original = original
-        self.decision = decision
-        self.request_id = os.urandom(16).hex()
-        self.attempts: list[AttemptSummary] = []
-        self.attempts_cost = 0.0  # the answering attempt's cost, as its record has it
-        self.errors: list[Exception] = []
-        self.chain: list[str] = []
-        self.task_type = task_type
-        self.system = system
-        self.prompt_text = _prompt_text(messages, system) if context.record_text else None
-
-
-class _DeadlineExceeded(Exception):
-    """Internal: the overall deadline passed; ``error`` is still to be added to the group."""
-
-    def __init__(self, error: Exception | None) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 # --------------------------------------------------------------------------- the executor

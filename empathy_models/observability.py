@@ -100,6 +100,8 @@ from urllib.parse import urlsplit
 from weakref import WeakKeyDictionary, WeakSet
 
 from ._propagation import outgoing_headers
+from ._values import ExecutionContext, LLMResponse
+from ._version import __version__
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -108,10 +110,10 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, TracerProvider
     from opentelemetry.util.types import AttributeValue
 
+    from ._run import _Run
     from .abc import Completion, CompletionRequest, Message, Provider
     from .breaker import BreakerEvent
     from .exceptions import CircuitOpenError
-    from .executor import LLMResponse, _Run
     from .records import LLMCallRecord, Ticket
     from .registry import ModelInfo
 
@@ -531,9 +533,6 @@ class Instrumentation:
     ) -> None:
         from opentelemetry import baggage, context, metrics, propagate, trace
         from opentelemetry.trace import SpanKind, Status, StatusCode
-
-        from . import __version__
-        from .executor import ExecutionContext, LLMResponse
 
         tracer_provider = tracer_provider or trace.get_tracer_provider()
         meter_provider = meter_provider or metrics.get_meter_provider()

@@ -18,12 +18,13 @@ import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, Self, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 
 import attrs
 from attrs import field, frozen
 
 from .exceptions import RecordValidationError
+from .serialization import JSONScalar, from_dict, register_enums, register_records, to_dict
 
 __all__ = [
     "Admission",
@@ -41,8 +42,6 @@ __all__ = [
     "utc_now",
     "wilson_interval",
 ]
-
-JSONScalar: TypeAlias = str | int | float | bool | None
 
 
 def utc_now() -> datetime:
@@ -411,15 +410,11 @@ class LLMCallRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """Return a versioned, JSON-ready dict (see `empathy_models.serialization`)."""
-        from .serialization import to_dict
-
         return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
         """Build a record from `to_dict` output; unknown keys are ignored."""
-        from .serialization import from_dict
-
         return from_dict(data, cls)
 
 
@@ -549,14 +544,10 @@ class ModelPerformance:
         return self.success_rate_lower * 100.0 - self.avg_cost_usd * 100.0
 
     def to_dict(self) -> dict[str, Any]:
-        from .serialization import to_dict
-
         return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        from .serialization import from_dict
-
         return from_dict(data, cls)
 
 
@@ -668,14 +659,10 @@ class CircuitBreakerState:
         return sum(b[2] for b in self.window)
 
     def to_dict(self) -> dict[str, Any]:
-        from .serialization import to_dict
-
         return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        from .serialization import from_dict
-
         return from_dict(data, cls)
 
 
@@ -833,12 +820,16 @@ class RoutingDecision:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        from .serialization import to_dict
-
         return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        from .serialization import from_dict
-
         return from_dict(data, cls)
+
+
+# the converter learns these types once, here: records depend on serialization, never
+# the other way round
+register_enums(Outcome, CircuitState, ModelTier, ConstraintStatus)
+register_records(
+    LLMCallRecord, ModelPerformance, CircuitBreakerState, CandidateEvaluation, RoutingDecision
+)

@@ -14,27 +14,27 @@ import enum
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeAlias, TypeVar, cast
 
 import cattrs
 from cattrs.cols import homogenous_tuple_structure_factory
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from .exceptions import RecordValidationError
-from .records import (
-    CandidateEvaluation,
-    CircuitBreakerState,
-    CircuitState,
-    ConstraintStatus,
-    JSONScalar,
-    LLMCallRecord,
-    ModelPerformance,
-    ModelTier,
-    Outcome,
-    RoutingDecision,
-)
 
-__all__ = ["SCHEMA_VERSION", "converter", "from_dict", "parse_datetime", "to_dict"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "JSONScalar",
+    "converter",
+    "from_dict",
+    "parse_datetime",
+    "register_enums",
+    "register_records",
+    "to_dict",
+]
+
+JSONScalar: TypeAlias = str | int | float | bool | None
+"""A metadata value: what JSON holds without nesting."""
 
 SCHEMA_VERSION: Final = 1
 """Version written under ``"v"`` by `to_dict`."""
@@ -89,11 +89,16 @@ def _structure_enum(value: object, cl: type[enum.Enum]) -> enum.Enum:
     raise ValueError(f"{value!r} is not a valid {cl.__name__} (expected one of: {allowed})")
 
 
-for _enum in (Outcome, CircuitState, ModelTier, ConstraintStatus):
-    # Registered per class: a StrEnum would otherwise match the ``str`` hooks, and an
-    # unknown value would pass through as a plain string.
-    converter.register_unstructure_hook(_enum, _unstructure_enum)
-    converter.register_structure_hook(_enum, _structure_enum)
+def register_enums(*enums: type[enum.Enum]) -> None:
+    """
+    (Un)structure ``enums`` by value; a string is matched case-insensitively and an
+    unknown value names the allowed ones.  Registered per class: a StrEnum would
+    otherwise match the ``str`` hooks, and an unknown value would pass through as a
+    plain string.
+    """
+    for cls in enums:
+        converter.register_unstructure_hook(cls, _unstructure_enum)
+        converter.register_structure_hook(cls, _structure_enum)
 
 
 def _is_tuple_type(t: object) -> bool:
@@ -173,30 +178,27 @@ _JSON_MAPPING = Mapping[str, JSONScalar]
 converter.register_structure_hook_func(lambda t: t == _JSON_MAPPING, _structure_json_mapping)
 
 
-_RECORD_TYPES: Final = (
-    LLMCallRecord,
-    ModelPerformance,
-    CircuitBreakerState,
-    CandidateEvaluation,
-    RoutingDecision,
-)
 _UNSTRUCTURE: dict[type, Callable[[Any], Any]] = {}
 _STRUCTURE: dict[type, Callable[[Any, Any], Any]] = {}
 
 
-def _prepare_hooks() -> None:
-    # cattrs generates a class's (un)structure function on first use and refuses to
-    # re-enter that generation on the same thread (RecursionError).  The exit hooks
-    # serialize records from a SIGTERM handler, which can interrupt the main thread in
-    # the middle of such a generation, so every record type's functions are generated
-    # here, at import, and registered as the types' hooks: a generated function is only
-    # cached, and cattrs empties that cache whenever it generates a function for a new
-    # mapping type (a plugin's field, say), which would leave a record type (or one
-    # nested in another) to be generated again at an arbitrary later moment.
-    for cls in _RECORD_TYPES:
+def register_records(*classes: type) -> None:
+    """
+    Generate and register the (un)structure functions of the attrs ``classes`` now.
+
+    cattrs generates a class's (un)structure function on first use and refuses to
+    re-enter that generation on the same thread (RecursionError).  The exit hooks
+    serialize records from a SIGTERM handler, which can interrupt the main thread in the
+    middle of such a generation, so every record type's functions are generated when the
+    type is registered (at import) and registered as the type's hooks: a generated
+    function is only cached, and cattrs empties that cache whenever it generates a
+    function for a new mapping type (a plugin's field, say), which would leave a record
+    type (or one nested in another) to be generated again at an arbitrary later moment.
+    """
+    for cls in classes:
         _UNSTRUCTURE[cls] = converter.get_unstructure_hook(cls)
         _STRUCTURE[cls] = converter.get_structure_hook(cls)
-    for cls in _RECORD_TYPES:
+    for cls in classes:
         converter.register_unstructure_hook(cls, _UNSTRUCTURE[cls])
         converter.register_structure_hook(cls, _STRUCTURE[cls])
 
@@ -236,9 +238,6 @@ def _first_path(exc: BaseException, prefix: str = "") -> tuple[str, str]:
     if isinstance(exc, KeyError):
         return prefix, f"missing required field {prefix!r}"
     return prefix, f"{type(exc).__name__}: {exc}"
-
-
-_prepare_hooks()
 
 
 def from_dict(data: Mapping[str, Any], cls: type[T]) -> T:

@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 
 from ._request_options import required_capabilities, structured_result
+from ._run import _DeadlineExceeded, _estimate_tokens, _request_for, _Run, _to_messages
+from ._values import _DEFAULT_CONTEXT, ExecutionContext, _new_response
 from .abc import Completion, CompletionStream
 from .breaker import provider_outcome
 from .content import ToolCallDelta
@@ -68,16 +70,6 @@ from .exceptions import (
     ProviderTimeoutError,
     StreamInterruptedError,
 )
-from .executor import (
-    _DEFAULT_CONTEXT,
-    ExecutionContext,
-    _DeadlineExceeded,
-    _estimate_tokens,
-    _new_response,
-    _request_for,
-    _Run,
-    _to_messages,
-)
 from .limits.guard import Hold, LocalRateLimitError
 from .outcomes import classify_error, retry_after_of
 from .records import Outcome, Ticket
@@ -85,7 +77,9 @@ from .records import Outcome, Ticket
 if TYPE_CHECKING:
     import asyncio
 
-    from .executor import AttemptSummary, EmpathyLLMExecutor, LLMResponse, Prompt
+    from ._run import Prompt
+    from ._values import AttemptSummary, LLMResponse
+    from .executor import EmpathyLLMExecutor
     from .observability import _RunTrace
     from .registry import ModelInfo
 

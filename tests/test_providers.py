@@ -428,7 +428,7 @@ def test_keys_echoed_by_the_server_are_scrubbed() -> None:
         b'{"error":{"message":"Incorrect API key provided: sk-proj-abcdefgh1234. '
         b'Also my-literal-key.","type":"invalid_request_error","code":"invalid_api_key"}}'
     )
-    from empathy_models.providers._http import _Secret
+    from empathy_models.providers._wire import _Secret
 
     exc = error_from_response(
         401, body, {}, provider="openai", model="m", secret=_Secret("my-literal-key")
@@ -566,7 +566,7 @@ async def test_an_unparsable_response_leaves_no_key_in_the_chained_cause(wire: s
 
 def test_a_key_cut_by_the_body_snippet_is_not_half_shown() -> None:
     """A plain-text error echoing the key across the snippet's cut must not show a part."""
-    from empathy_models.providers._http import _Secret
+    from empathy_models.providers._wire import _Secret
 
     key = "gw-key-ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
     body = ("Unauthorized. " + "." * 80 + f" rejected key {key}").encode()

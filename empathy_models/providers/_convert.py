@@ -38,7 +38,7 @@ from typing import Any, Final
 from ..abc import CompletionRequest, Message
 from ..content import ImageBlock, TextBlock, ToolCall, ToolResult, to_json
 from ..exceptions import InvalidResponseError, RecordValidationError
-from ._http import ResponseReader
+from ._wire import ResponseReader
 
 __all__ = [
     "anthropic_body",

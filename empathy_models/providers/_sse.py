@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Final
 
 from ..content import ToolCallDelta
 from ..exceptions import InvalidResponseError, ProviderError
+from ._wire import _scrub, error_from_response
 
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
@@ -351,8 +352,6 @@ class StreamDecoder:
         return value
 
     def _invalid(self, why: str) -> InvalidResponseError:
-        from ._http import _scrub  # _http imports this module
-
         return InvalidResponseError(
             f"{self._provider}: invalid event stream: {_scrub(why, self._secret)} "
             f"[model {self._model}]",
@@ -363,8 +362,6 @@ class StreamDecoder:
 
     def _stream_error(self, error: object) -> ProviderError:
         """The error for an ``error`` object sent in the stream."""
-        from ._http import _scrub, error_from_response  # _http imports this module
-
         kind = error.get("type") if isinstance(error, dict) else None
         code = error.get("code") if isinstance(error, dict) else None
         status = _ERROR_STATUS.get(str(kind), _ERROR_STATUS.get(str(code), 500))

@@ -32,14 +32,14 @@ from ..exceptions import (
     ProviderTimeoutError,
 )
 from ._convert import openai_tool_calls
-from ._http import (
+from ._sse import StreamDecoder
+from ._wire import (
     _ENCODER,
     ResponseReader,
     error_from_response,
     error_from_transport,
     parse_ratelimit_reset,
 )
-from ._sse import StreamDecoder
 
 if TYPE_CHECKING:
     from ._http import HTTPProvider

@@ -9,8 +9,9 @@ import aiohttp
 
 from ..abc import Completion, CompletionRequest
 from ._convert import anthropic_body, anthropic_tool_calls
-from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
+from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import AnthropicStreamDecoder
+from ._wire import ResponseReader
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicProvider"]
 

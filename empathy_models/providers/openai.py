@@ -11,8 +11,9 @@ import aiohttp
 from ..abc import Completion, CompletionRequest
 from ..exceptions import ConfigurationError
 from ._convert import openai_body, openai_tool_calls
-from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider, ResponseReader
+from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import OpenAIStreamDecoder
+from ._wire import ResponseReader
 
 __all__ = ["OpenAIProvider"]
 

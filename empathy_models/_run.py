@@ -1,0 +1,175 @@
+"""
+One run's state and the request it sends: the prompt turned into messages, the
+request per model, the helpers `EmpathyLLMExecutor.run` and `stream` share.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from ._request_options import NO_OPTIONS
+from ._values import AttemptSummary, ExecutionContext
+from .abc import CompletionRequest, Message, split_system
+from .exceptions import ConfigurationError, RecordValidationError
+from .records import RoutingDecision, _trusted_constructor
+from .registry import ModelInfo
+
+__all__ = ["Prompt"]
+
+_trusted_message: Callable[..., Message] = _trusted_constructor(Message)
+
+Prompt = str | Sequence[Message | Mapping[str, Any]]
+"""A string (one user message), or `Message` objects and OpenAI-style message dicts."""
+
+
+def _to_messages(prompt: Prompt, system: str | None) -> tuple[tuple[Message, ...], str | None]:
+    """The messages to send and the system prompt (system messages folded into it)."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ConfigurationError("prompt is empty: there is nothing to send")
+        # a user message of text: nothing for Message's checks to check
+        message = _trusted_message(role="user", content=prompt, tool_calls=(), tool_call_id=None)
+        return (message,), system
+    given: object = prompt  # checked as what it is, not as what it is annotated to be
+    if isinstance(given, Mapping | bytes | bytearray | memoryview) or not isinstance(
+        given, Sequence
+    ):
+        raise ConfigurationError(
+            "prompt must be a string or a non-empty list of messages (Message objects or "
+            f"{{'role': ..., 'content': ...}} dicts), got {type(given).__name__}"
+        )
+    try:
+        messages = tuple(Message.of(item, index=i) for i, item in enumerate(prompt))
+    except RecordValidationError as exc:
+        raise ConfigurationError(f"prompt {exc}") from None
+    messages, system = split_system(messages, system)
+    if not messages:
+        raise ConfigurationError(
+            "prompt must hold at least one user or assistant message"
+            + (" (system messages become the system prompt)" if prompt else "")
+        )
+    if not any(m.text.strip() or not isinstance(m.content, str) or m.tool_calls for m in messages):
+        raise ConfigurationError("prompt is empty: every message's content is blank")
+    return messages, system
+
+
+_trusted_request: Callable[..., CompletionRequest] = _trusted_constructor(CompletionRequest)
+_NO_REQUEST_OPTIONS: Mapping[str, Any] = MappingProxyType(
+    {
+        "tools": (),
+        "tool_choice": None,
+        "response_format": None,
+        "stop": (),
+        "top_p": None,
+        "seed": None,
+        "extra_body": None,
+    }
+)
+
+
+def _request_for(model: str, run: _Run) -> CompletionRequest:
+    """
+    ``run``'s request to ``model``, built without re-validating what is already valid:
+    the messages (system messages split off) from `_to_messages`, ``max_tokens`` and
+    ``temperature`` from the `ExecutionContext`, the options from `run_options`.
+    """
+    ctx = run.context
+    options = run.options
+    return _trusted_request(
+        model=model,
+        messages=run.messages,
+        system=run.system,
+        max_tokens=ctx.max_tokens,
+        temperature=ctx.temperature,
+        **(_NO_REQUEST_OPTIONS if not options else {**_NO_REQUEST_OPTIONS, **options}),
+    )
+
+
+def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
+    # about four characters per token; the router only needs the order of magnitude
+    chars = sum(len(m.text) for m in messages) + (len(system) if system else 0)
+    return max(1, chars // 4)
+
+
+def _prompt_text(messages: Sequence[Message], system: str | None) -> str:
+    parts = [f"system: {system}"] if system else []
+    parts.extend(f"{m.role}: {m.text}" for m in messages)
+    return "\n".join(parts)
+
+
+def _plain_non_negative(value: object) -> bool:
+    # what LLMCallRecord accepts for a float field: a finite int or float >= 0, not a bool
+    if type(value) is float or type(value) is int:
+        return 0 <= value < math.inf
+    return False
+
+
+def _status_of(exc: BaseException) -> int | None:
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and not isinstance(status, bool) and status >= 0:
+        return status
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    status = _status_of(exc)
+    return f"{type(exc).__name__}" + ("" if status is None else f" ({status})")
+
+
+# --------------------------------------------------------------------------- per-run state
+
+
+class _Run:
+    """Everything one `run` call accumulates; never shared between calls."""
+
+    __slots__ = (
+        "attempts",
+        "attempts_cost",
+        "chain",
+        "context",
+        "decision",
+        "errors",
+        "messages",
+        "options",
+        "original",
+        "prompt_text",
+        "request_id",
+        "system",
+        "task_type",
+    )
+
+    def __init__(
+        self,
+        context: ExecutionContext,
+        messages: tuple[Message, ...],
+        original: ModelInfo,
+        decision: RoutingDecision | None,
+        task_type: str,
+        system: str | None,
+        options: Mapping[str, Any] = NO_OPTIONS,
+    ) -> None:
+        self.options = options
+        self.context = context
+        self.messages = messages
+        self.original = original
+        self.decision = decision
+        self.request_id = os.urandom(16).hex()
+        self.attempts: list[AttemptSummary] = []
+        self.attempts_cost = 0.0  # the answering attempt's cost, as its record has it
+        self.errors: list[Exception] = []
+        self.chain: list[str] = []
+        self.task_type = task_type
+        self.system = system
+        self.prompt_text = _prompt_text(messages, system) if context.record_text else None
+
+
+class _DeadlineExceeded(Exception):
+    """Internal: the overall deadline passed; ``error`` is still to be added to the group."""
+
+    def __init__(self, error: Exception | None) -> None:
+        super().__init__(str(error))
+        self.error = error

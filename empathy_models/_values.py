@@ -1,0 +1,354 @@
+"""
+The executor's values: what a caller passes (`ExecutionContext`, `FallbackPolicy`) and
+what a run returns (`LLMResponse`, with one `AttemptSummary` per provider call).
+Re-exported by `empathy_models` and `empathy_models.executor`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+from attrs import field, frozen
+
+from .abc import MAX_TOKENS_LIMIT
+from .content import ToolCall
+from .exceptions import ConfigurationError
+from .records import ModelTier, Outcome, RoutingDecision, _trusted_constructor
+from .serialization import JSONScalar
+
+__all__ = ["AttemptSummary", "ExecutionContext", "FallbackPolicy", "LLMResponse"]
+
+# --------------------------------------------------------------------------- validators
+
+
+def _bad(owner: str, attribute: attrs.Attribute[Any], value: object, why: str) -> Exception:
+    return ConfigurationError(f"{owner}.{attribute.name} {why}, got {value!r}")
+
+
+def _text_flaw(value: str) -> str | None:
+    """Why ``value`` cannot be stored as text (a NUL, a lone surrogate), or None."""
+    if "\x00" in value:
+        return "must not contain a NUL character"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must be valid text (it holds a lone surrogate)"
+    return None
+
+
+def _ctx_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad("ExecutionContext", attribute, value, "must be a non-empty string")
+    if (flaw := _text_flaw(value)) is not None:
+        raise _bad("ExecutionContext", attribute, value, flaw)
+
+
+def _ctx_opt_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not isinstance(value, str):
+        raise _bad("ExecutionContext", attribute, value, "must be a string or None")
+    if value is not None and (flaw := _text_flaw(value)) is not None:
+        raise _bad("ExecutionContext", attribute, value, flaw)
+
+
+def _ctx_positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad("ExecutionContext", attribute, value, "must be a number or None")
+    if not math.isfinite(value) or value <= 0:
+        raise _bad("ExecutionContext", attribute, value, "must be a finite number > 0")
+
+
+def _ctx_non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad("ExecutionContext", attribute, value, "must be a number or None")
+    if not math.isfinite(value) or value < 0:
+        raise _bad("ExecutionContext", attribute, value, "must be a finite number >= 0")
+
+
+def _ctx_rate(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise _bad("ExecutionContext", attribute, value, "must be a number between 0 and 1")
+
+
+def _ctx_max_tokens(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad("ExecutionContext", attribute, value, "must be an integer >= 1")
+    if value > MAX_TOKENS_LIMIT:
+        raise _bad("ExecutionContext", attribute, value, f"must be at most {MAX_TOKENS_LIMIT:,}")
+
+
+def _ctx_bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise _bad("ExecutionContext", attribute, value, "must be True or False")
+
+
+def _to_tier_opt(value: object) -> ModelTier | None:
+    if value is None or isinstance(value, ModelTier):
+        return value
+    if isinstance(value, str):
+        try:
+            return ModelTier(value.strip().lower())
+        except ValueError:
+            pass
+    allowed = ", ".join(t.value for t in ModelTier)
+    raise ConfigurationError(f"ExecutionContext.tier must be one of {allowed}, got {value!r}")
+
+
+def _copy_metadata(value: Mapping[str, Any] | None) -> Mapping[str, JSONScalar]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"ExecutionContext.metadata must be a mapping, got {value!r}")
+    copied: dict[str, JSONScalar] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ConfigurationError(f"ExecutionContext.metadata keys must be strings, got {key!r}")
+        if item is not None and not isinstance(item, str | int | float | bool):
+            raise ConfigurationError(
+                f"ExecutionContext.metadata[{key!r}] must be a str, int, float, bool or None, "
+                f"got {type(item).__name__}"
+            )
+        flaw = _text_flaw(key) or (_text_flaw(item) if isinstance(item, str) else None)
+        if isinstance(item, float) and not math.isfinite(item):
+            flaw = "must be a finite number"
+        if flaw is not None:
+            raise ConfigurationError(f"ExecutionContext.metadata[{key!r}] {flaw}, got {item!r}")
+        copied[key] = item
+    return MappingProxyType(copied)
+
+
+# --------------------------------------------------------------------------- values
+
+
+@frozen(kw_only=True)
+class ExecutionContext:
+    """
+    Who is calling and under which limits; immutable and safe to reuse across calls.
+
+    Args:
+        workflow, stage: where the call belongs; the router learns per (workflow, stage).
+        task_type: picks the tier when ``tier`` is not given (normalized:
+            ``"FIX_BUG"``, ``"fix-bug"`` and ``"fix bug"`` are the same task).
+        tier: overrides the task's tier.
+        model: pins the first route to this registry model id (bypassing the router);
+            fallback then proceeds as usual.  Cannot be combined with constraints.
+        max_cost, max_latency_ms, min_success_rate, max_ttft_ms: routing constraints,
+            evaluated by the executor's router (a run with constraints and no router
+            raises `ConfigurationError`); ``max_ttft_ms`` bounds the p95 time to first
+            token of the model's streamed calls (a router is asked for it only when
+            set, so a custom router without the argument keeps working).  They govern
+            the first pick; fallback routes follow the `FallbackPolicy`
+            (``FallbackPolicy.none()`` for strictness).
+        on_no_match: passed to the router when set (``"raise"``, ``"relax"`` or a model
+            id); ``None`` keeps the router's default.
+        max_tokens, temperature, system: passed to the provider.
+        timeout: seconds allowed for one provider call (waiting for a provider slot
+            counts against ``deadline`` only); ``None`` leaves only the provider's own
+            timeout.  Default 60, the HTTP providers' own default; the provider's
+            timeout still applies, so raise both for longer generations.
+        deadline: seconds allowed for the whole run (every attempt and every retry wait);
+            ``None`` for no overall limit.
+        metadata: JSON scalars copied into every record; the mapping is copied, so later
+            changes to the caller's dict do not leak in.
+        user_id, session_id: copied into every record.
+        record_text: keep prompt and response text in the records (off by default).
+        cache_ttl: answer from the executor's response cache when the same request was
+            answered less than this many seconds ago, and store this answer for that
+            long (see `empathy_models.cache`; needs ``cache=`` on the executor).  Only
+            ``temperature=0`` calls are cached unless ``cache_sampled`` is true.
+        cache_sampled: cache sampled output too (``temperature`` unset or above 0).
+
+    Invalid values raise `ConfigurationError` naming the field and the value.
+    """
+
+    workflow: str = field(default="default", validator=_ctx_str)
+    stage: str = field(default="default", validator=_ctx_str)
+    task_type: str = field(default="unknown", validator=_ctx_str)
+    tier: ModelTier | None = field(default=None, converter=_to_tier_opt)
+    model: str | None = field(default=None, validator=_ctx_opt_str)
+    max_cost: float | None = field(default=None, validator=_ctx_non_negative)
+    max_latency_ms: float | None = field(default=None, validator=_ctx_positive)
+    min_success_rate: float | None = field(default=None, validator=_ctx_rate)
+    on_no_match: str | None = field(default=None, validator=_ctx_opt_str)
+    max_tokens: int = field(default=1024, validator=_ctx_max_tokens)
+    temperature: float | None = field(default=None, validator=_ctx_non_negative)
+    system: str | None = field(default=None, validator=_ctx_opt_str)
+    timeout: float | None = field(default=60.0, validator=_ctx_positive)
+    deadline: float | None = field(default=None, validator=_ctx_positive)
+    metadata: Mapping[str, JSONScalar] = field(factory=dict, converter=_copy_metadata)
+    user_id: str | None = field(default=None, validator=_ctx_opt_str)
+    session_id: str | None = field(default=None, validator=_ctx_opt_str)
+    record_text: bool = field(default=False, validator=_ctx_bool)
+    cache_ttl: float | None = field(default=None, validator=_ctx_positive)
+    cache_sampled: bool = field(default=False, validator=_ctx_bool)
+    max_ttft_ms: float | None = field(default=None, validator=_ctx_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.model is not None and self.has_constraints:
+            raise ConfigurationError(
+                f"ExecutionContext.model={self.model!r} pins the model and bypasses routing, "
+                "so max_cost / max_latency_ms / min_success_rate / max_ttft_ms cannot be "
+                "honoured; "
+                "drop either the pin or the constraints"
+            )
+
+    @property
+    def has_constraints(self) -> bool:
+        """True when any routing constraint is set."""
+        return (
+            self.max_cost is not None
+            or self.max_latency_ms is not None
+            or self.min_success_rate is not None
+            or self.max_ttft_ms is not None
+        )
+
+
+def _positive_int(owner: str) -> Callable[[object, attrs.Attribute[Any], object], None]:
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _bad(owner, attribute, value, "must be an integer >= 1")
+
+    return check
+
+
+def _fb_bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise _bad("FallbackPolicy", attribute, value, "must be True or False")
+
+
+@frozen(kw_only=True)
+class FallbackPolicy:
+    """
+    Where to go when a route fails: always towards more capability, never cheaper.
+
+    Args:
+        max_routes: the most distinct models called in one run (routes rejected by an
+            open breaker, which cost nothing, do not count).  ``1`` disables fallback.
+        escalate: after the candidates of the run's tier, try the models of the higher
+            tiers (cheap -> capable -> premium), cheapest first within each.
+        larger_context_on_overflow: on `ContextWindowExceededError`, skip to the next
+            route whose context window is larger; without one (or when false) the
+            error is raised at once.
+    """
+
+    max_routes: int = field(default=3, validator=_positive_int("FallbackPolicy"))
+    escalate: bool = field(default=True, validator=_fb_bool)
+    larger_context_on_overflow: bool = field(default=True, validator=_fb_bool)
+
+    @classmethod
+    def none(cls) -> FallbackPolicy:
+        """One route only: the first choice, retried per the `RetryPolicy`, no fallback."""
+        return cls(max_routes=1, escalate=False, larger_context_on_overflow=False)
+
+
+@frozen(kw_only=True)
+class AttemptSummary:
+    """
+    One attempt of a run, as the response reports it.
+
+    ``attempt`` matches the ``attempt`` of its `LLMCallRecord` (and ``call_id`` its
+    ``call_id``); ``delay_s`` is how long the executor waited after this attempt before
+    retrying the same route (``None`` when it did not retry it).
+    """
+
+    attempt: int
+    call_id: str
+    provider: str
+    model: str
+    outcome: Outcome
+    latency_ms: float
+    error_type: str | None = None
+    status_code: int | None = None
+    retry_after: float | None = None
+    delay_s: float | None = None
+
+
+@frozen(kw_only=True)
+class LLMResponse:
+    """
+    The answer of a run and how it was obtained.
+
+    ``model``/``provider``/``tier`` are those of the registry model that answered
+    (``response_model`` is the id the provider reported, which may be a dated alias).
+    Tokens and ``cost_usd`` are the successful call's, priced with the registry
+    entry of the model called (``price_version`` says which table).  ``latency_ms`` is
+    the whole run, retries and waits included.  ``fallback_chain`` lists every model
+    tried, in order, the answering one last; ``fallback_used`` is true when that is not
+    the first.  ``ttft_ms`` (streamed runs only) is the time from the start of the
+    stream to its first delta, retries and fallbacks included.  ``cached`` is true for
+    an answer served from the response cache (``cost_usd`` 0, no attempts; the tokens
+    are the stored answer's).
+
+    ``tool_calls`` are the tools the model called (``stop_reason`` is then the
+    provider's own: ``"tool_use"`` from Anthropic, ``"tool_calls"`` from OpenAI).  With
+    a ``response_format``, ``parsed`` is the answer parsed from JSON when it matches
+    the schema; otherwise it is None and ``parse_error`` says why.
+    """
+
+    content: str
+    model: str
+    provider: str
+    tier: ModelTier
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    latency_ms: float
+    attempts: tuple[AttemptSummary, ...]
+    fallback_chain: tuple[str, ...]
+    fallback_used: bool
+    routing_decision: RoutingDecision | None
+    request_id: str
+    response_model: str
+    price_version: str
+    stop_reason: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    parsed: Any = None
+    parse_error: str | None = None
+    ttft_ms: float | None = None
+
+    @property
+    def cached(self) -> bool:
+        """True for an answer served from the response cache (no attempt was made)."""
+        return not self.attempts
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def attempt_count(self) -> int:
+        """Every attempt of the run, the answering one included (retries and fallbacks)."""
+        return len(self.attempts)
+
+    @property
+    def retry_count(self) -> int:
+        """
+        Retries: attempts that repeated a model already tried in this run.
+
+        A move to another model is a fallback (`fallback_count`), not a retry: with
+        ``RetryPolicy.none()`` this is always 0.  ``attempt_count`` counts both.
+        """
+        return len(self.attempts) - len({a.model for a in self.attempts})
+
+    @property
+    def fallback_count(self) -> int:
+        """Models moved on to after the first route (``len(fallback_chain) - 1``)."""
+        return max(0, len(self.fallback_chain) - 1)
+
+
+_DEFAULT_CONTEXT = ExecutionContext()
+
+# LLMResponse and AttemptSummary have no validators or converters: the executor builds
+# them through the slots directly (same objects, about half the construction cost).
+_new_response = _trusted_constructor(LLMResponse)
+_new_summary = _trusted_constructor(AttemptSummary)

@@ -1,0 +1,400 @@
+"""
+What crosses the wire, below the HTTP client: request bodies encoded (`_ENCODER`),
+answers read field by field (`ResponseReader`), and a provider's failure mapped to the
+error tree (`error_from_response`, with the ``Retry-After`` and rate-limit reset headers
+read; `error_from_transport`), every message scrubbed of the key.  A leaf of the
+providers package: the HTTP client, the SSE decoder, the stream reader and the format
+converters build on it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final, NoReturn
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from ..exceptions import (
+    AuthenticationError,
+    ContentPolicyError,
+    ContextWindowExceededError,
+    InvalidRequestError,
+    InvalidResponseError,
+    ModelNotFoundError,
+    OverloadedError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeoutError,
+    RateLimitedError,
+    ServerError,
+)
+
+__all__ = [
+    "ResponseReader",
+    "error_from_response",
+    "error_from_transport",
+    "parse_ratelimit_reset",
+    "parse_retry_after",
+]
+
+_MAX_MESSAGE: Final = 300
+_KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
+_CONTEXT_MARKERS: Final = (
+    "context_length_exceeded",
+    "maximum context length",
+    "prompt is too long",
+    "exceed context limit",
+    "context window",
+)
+_POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
+_POLICY_MARKERS: Final = ("content filtering policy", "usage policy", "content policy")
+# a 400 that names an unknown model (LiteLLM's proxy: "Invalid model name passed in
+# model=..."; OpenAI-compatible servers: "model ... does not exist" / "model_not_found")
+_UNKNOWN_MODEL_MARKERS: Final = (
+    "invalid model name",
+    "model_not_found",
+    "model not found",
+    "unknown model",
+)
+
+
+class _Secret:
+    """Holds an API key; its repr and str never show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    __str__ = __repr__
+
+
+def _scrub(text: str, secret: _Secret | None) -> str:
+    if secret is not None and secret.reveal():
+        text = text.replace(secret.reveal(), "***")
+    text = _KEY_PATTERN.sub("sk-***", text)
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def _snippet(body: bytes, length: int, secret: _Secret | None) -> str:
+    """The first ``length`` characters of ``body``, scrubbed of keys (before cutting)."""
+    # scrub before cutting: a key that straddles the cut would escape the scrub
+    reach = length + (len(secret.reveal()) if secret is not None else 0) + 200
+    return _scrub(body[:reach].decode("utf-8", "replace"), secret)[:length].strip()
+
+
+# --------------------------------------------------------------------------- the mapping
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """
+    Seconds to wait according to ``retry-after-ms`` or ``Retry-After`` (delta seconds or
+    an HTTP date, relative to ``now``, epoch seconds), or None when absent or unreadable.
+    """
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value) and value >= 0:
+            return value
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    raw = raw.strip()
+    try:
+        seconds = float(raw)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        current = time.time() if now is None else now
+        return max(0.0, when.timestamp() - current)
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def _parse_duration(text: str) -> float | None:
+    """OpenAI's reset durations: ``"20ms"``, ``"1s"``, ``"6m0s"``, ``"1h2m3.5s"``."""
+    text = text.strip()
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def _parse_instant(text: str, now: float) -> float | None:
+    """Anthropic's reset instants (RFC 3339) as seconds from ``now``."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+def parse_ratelimit_reset(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """
+    Seconds until an exhausted rate limit resets, from the providers' own headers:
+    Anthropic's ``anthropic-ratelimit-<kind>-remaining`` / ``-reset`` (RFC 3339) and
+    OpenAI's ``x-ratelimit-remaining-<kind>`` / ``x-ratelimit-reset-<kind>`` (``"6m0s"``).
+    Only limits whose remaining count is 0 are considered; the longest wait wins.  None
+    when no exhausted limit says when it resets.
+    """
+    current = time.time() if now is None else now
+    waits: list[float] = []
+    for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
+        if headers.get(f"anthropic-ratelimit-{kind}-remaining", "").strip() == "0":
+            reset = headers.get(f"anthropic-ratelimit-{kind}-reset")
+            wait = None if reset is None else _parse_instant(reset, current)
+            if wait is not None:
+                waits.append(wait)
+        if headers.get(f"x-ratelimit-remaining-{kind}", "").strip() == "0":
+            reset = headers.get(f"x-ratelimit-reset-{kind}")
+            wait = None if reset is None else _parse_duration(reset)
+            if wait is not None:
+                waits.append(wait)
+    return max(waits) if waits else None
+
+
+def _error_details(body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(type, code, message) from either API's error body; Nones when it is not one."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):  # Recursion: absurd nesting
+        return None, None, None
+    if not isinstance(data, Mapping):
+        return None, None, None
+    error = data.get("error")
+    if isinstance(error, str):
+        return None, None, error
+    if not isinstance(error, Mapping):
+        message = data.get("message") if isinstance(data.get("message"), str) else None
+        return None, None, message
+    kind = error.get("type")
+    code = error.get("code")
+    message = error.get("message")
+    return (
+        kind if isinstance(kind, str) else None,
+        code if isinstance(code, str) else None,
+        message if isinstance(message, str) else None,
+    )
+
+
+def error_from_response(
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    provider: str,
+    model: str,
+    secret: _Secret | None = None,
+) -> ProviderError:
+    """The error for a non-2xx response (see the module table)."""
+    kind, code, message = _error_details(body)
+    if message is None:
+        snippet = _snippet(body, 120, secret)
+        message = f"non-JSON body: {snippet!r}" if snippet else "empty body"
+    label = " ".join(p for p in (kind, f"({code})" if code else None) if p)
+    text = _scrub(f"{provider} HTTP {status}{' ' + label if label else ''}: {message}", secret)
+    text += f" [model {model}]"
+    retry_after = parse_retry_after(headers)
+    if retry_after is None and status == 429:
+        retry_after = parse_ratelimit_reset(headers)
+    lowered = f"{code or ''} {message}".lower()
+    cls: type[ProviderError]
+    if status == 529 or kind == "overloaded_error":
+        cls = OverloadedError
+    elif status == 429 and "insufficient_quota" in (kind, code):
+        cls = AuthenticationError  # OpenAI's "no credit left": waiting will not help
+    elif status == 429:
+        cls = RateLimitedError
+    elif status in (401, 402, 403):  # 402: the account cannot pay, not a bad request
+        cls = AuthenticationError
+    elif status == 404:
+        cls = ModelNotFoundError
+    elif status == 408:
+        cls = ProviderTimeoutError
+    elif status == 400 and (
+        any(marker in lowered for marker in _UNKNOWN_MODEL_MARKERS)
+        or ("the model" in lowered and "does not exist" in lowered)
+    ):
+        cls = ModelNotFoundError  # treated like a 404: next route, per-model key only
+    elif 400 <= status < 500:
+        if any(marker in lowered for marker in _CONTEXT_MARKERS):
+            cls = ContextWindowExceededError
+        elif code in _POLICY_CODES or any(marker in lowered for marker in _POLICY_MARKERS):
+            cls = ContentPolicyError
+        else:
+            cls = InvalidRequestError
+    elif 500 <= status < 600:
+        cls = ServerError
+    else:
+        cls = InvalidResponseError
+    return cls(text, provider=provider, model=model, status=status, retry_after=retry_after)
+
+
+def error_from_transport(exc: BaseException, *, provider: str, model: str) -> ProviderError:
+    """
+    The error for an exception raised while sending or reading (never for
+    `asyncio.CancelledError`, which callers must let through).
+    """
+    detail = _scrub(str(exc) or type(exc).__name__, None)
+    where = f"[model {model}]"
+    if isinstance(exc, TimeoutError):  # asyncio.TimeoutError and aiohttp's timeout errors
+        return ProviderTimeoutError(
+            f"{provider}: no answer before the timeout ({type(exc).__name__}) {where}",
+            provider=provider,
+            model=model,
+        )
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        # the proxy (HTTPS_PROXY / HTTP_PROXY) refused the tunnel or wants credentials
+        return ProviderConnectionError(
+            f"{provider}: the HTTP proxy refused the connection ({exc.status} {exc.message}) "
+            f"{where}",
+            provider=provider,
+            model=model,
+        )
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return InvalidResponseError(
+            f"{provider}: the response body was cut short: {detail} {where}",
+            provider=provider,
+            model=model,
+        )
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return InvalidResponseError(
+            f"{provider}: unreadable response ({type(exc).__name__}: {exc.message}) {where}",
+            provider=provider,
+            model=model,
+            status=exc.status or None,
+        )
+    return ProviderConnectionError(
+        f"{provider}: connection failed ({type(exc).__name__}: {detail}) {where}",
+        provider=provider,
+        model=model,
+    )
+
+
+def _without_request(exc: BaseException) -> BaseException:
+    """
+    ``exc`` with the request headers (which hold the API key) dropped, so it can be the
+    chained cause: aiohttp's response errors carry the request and its redirect history.
+    """
+    if isinstance(exc, aiohttp.ClientResponseError):
+        info = exc.request_info
+        exc.request_info = aiohttp.RequestInfo(
+            info.url, info.method, CIMultiDictProxy(CIMultiDict()), info.real_url
+        )
+        exc.history = ()
+        exc.args = (exc.request_info, exc.history)
+    return exc
+
+
+# --------------------------------------------------------------------------- response fields
+
+# one compact encoder for every request: json.dumps(..., separators=...) builds a new
+# JSONEncoder per call (about half the cost of encoding a small body)
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
+
+
+class ResponseReader:
+    """
+    Typed access to a decoded JSON response; any missing or mistyped field raises
+    `InvalidResponseError` naming its path (never ``KeyError``).  Every message is
+    scrubbed of API keys (``secret``, and anything shaped like a key).
+    """
+
+    __slots__ = ("_model", "_provider", "_secret", "_status")
+
+    def __init__(
+        self, *, provider: str, model: str, status: int, secret: _Secret | None = None
+    ) -> None:
+        self._provider = provider
+        self._model = model
+        self._status = status
+        self._secret = secret
+
+    def error(self, why: str) -> InvalidResponseError:
+        """The `InvalidResponseError` for ``why`` (scrubbed)."""
+        why = _scrub(why, self._secret)
+        return InvalidResponseError(
+            f"{self._provider}: invalid response: {why} [model {self._model}]",
+            provider=self._provider,
+            model=self._model,
+            status=self._status,
+        )
+
+    def fail(self, why: str) -> NoReturn:
+        """Raise `error` for ``why``."""
+        raise self.error(why)
+
+    def decode(self, body: bytes) -> dict[str, Any]:
+        """
+        The JSON object in ``body``, or `InvalidResponseError` (also for nesting too deep
+        to parse).  The error quotes at most 60 scrubbed characters and keeps nothing
+        that references the body (no chained `json.JSONDecodeError`, whose ``doc`` is
+        the whole text).
+        """
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            if isinstance(exc, RecursionError):
+                why = "nested too deeply to parse"
+            elif isinstance(exc, json.JSONDecodeError):
+                why = f"{exc.msg}: line {exc.lineno} column {exc.colno} (char {exc.pos})"
+            else:
+                why = f"{type(exc).__name__}"
+            error = InvalidResponseError(
+                f"{self._provider}: the response is not valid JSON ({why}; starts "
+                f"{_snippet(body, 60, self._secret)!r}) [model {self._model}]",
+                provider=self._provider,
+                model=self._model,
+                status=self._status,
+            )
+        else:
+            if not isinstance(data, dict):
+                self.fail(f"expected a JSON object, got {type(data).__name__}")
+            return data
+        body = b""  # this frame is in the error's traceback: let the body go
+        raise error
+
+    def get(self, data: Mapping[str, Any], key: str, kind: type[Any], path: str) -> Any:
+        value = data.get(key)
+        if value is None or not isinstance(value, kind) or isinstance(value, bool):
+            shown = "missing" if value is None else f"a {type(value).__name__}"
+            self.fail(f"{path}.{key} must be {kind.__name__}, got {shown}")
+        return value
+
+    def optional_str(self, data: Mapping[str, Any], key: str) -> str | None:
+        value = data.get(key)
+        return value if isinstance(value, str) else None
+
+    def tokens(self, data: Mapping[str, Any], key: str, path: str) -> int:
+        value = self.get(data, key, int, path)
+        if value < 0:
+            self.fail(f"{path}.{key} must be >= 0, got {value}")
+        return int(value)
+
+
+# --------------------------------------------------------------------------- the base class
