@@ -92,7 +92,6 @@ from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self
 
-import aiohttp
 import anyio
 import attrs
 
@@ -165,6 +164,8 @@ from .retry import RetryPolicy
 from .tasks import get_tier_for_task, is_known_task, normalize_task_type
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from .streaming import StreamManager
 
 _open_stream: Callable[..., StreamManager] | None = None  # streaming.py, imported on first use
@@ -671,6 +672,8 @@ class EmpathyLLMExecutor:
                 await stack.enter_async_context(self._cache)
             session = self._session
             if session is None:
+                import aiohttp  # loaded here, not by `import empathy_models`
+
                 connector = aiohttp.TCPConnector(limit=sum(self._limits.values()))
                 # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment (aiohttp
                 # also reads ~/.netrc, for hosts listed there and requests without auth)

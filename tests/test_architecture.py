@@ -7,6 +7,8 @@ once for the package and once for its build.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 import tomllib
 from collections import defaultdict
 from pathlib import Path
@@ -116,3 +118,16 @@ def test_the_checker_sees_a_circle_hidden_in_a_function() -> None:
 def test_one_version_for_the_package_and_its_build() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert empathy_models.__version__ == project["project"]["version"]
+
+
+def test_importing_the_package_loads_no_http_client() -> None:
+    # aiohttp (with its SSL context) is loaded by the first provider or executor that
+    # needs it: a CLI command reading the SQLite database never pays for it
+    code = (
+        "import sys, empathy_models\n"
+        "assert 'aiohttp' not in sys.modules, 'aiohttp imported'\n"
+        "empathy_models.OpenAIProvider(api_key='sk-test')\n"
+        "assert 'aiohttp' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

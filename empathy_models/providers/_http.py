@@ -44,10 +44,9 @@ import math
 import os
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 from urllib.parse import urlsplit
 
-import aiohttp
 import attrs
 
 from .._propagation import outgoing_headers
@@ -69,6 +68,9 @@ from ._wire import (
     parse_ratelimit_reset,
     parse_retry_after,
 )
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = [
     "AttemptTimeout",
@@ -98,6 +100,8 @@ def _host(url: str) -> str | None:
 
 
 def _to_timeout(value: float | aiohttp.ClientTimeout | None) -> aiohttp.ClientTimeout:
+    import aiohttp  # at first use: `import empathy_models` does not load it
+
     if isinstance(value, aiohttp.ClientTimeout):
         return value
     if value is None:
@@ -282,6 +286,8 @@ class HTTPProvider(Provider):
 
     async def __aenter__(self) -> Self:
         if self._own is None or self._own.closed:
+            import aiohttp
+
             self._own = aiohttp.ClientSession(timeout=self._timeout, trust_env=True)
         return self
 
@@ -384,6 +390,8 @@ class HTTPProvider(Provider):
         cached = self._exact_cache
         if cached is not None and cached[0] == total:
             return cached[1]
+        import aiohttp
+
         own = self._timeout
         timeout = aiohttp.ClientTimeout(
             total=total,
@@ -401,6 +409,8 @@ class HTTPProvider(Provider):
         client_timeout: aiohttp.ClientTimeout,
         budget_ends: float | None,
     ) -> Completion:
+        import aiohttp  # loaded since the provider was built: a dictionary lookup
+
         model = request.model
         if self._secret is None and self._header_secret is None:
             if self._env_key_withheld:

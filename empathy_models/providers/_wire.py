@@ -18,9 +18,6 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
 
-import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
-
 from ..exceptions import (
     AuthenticationError,
     ContentPolicyError,
@@ -260,6 +257,8 @@ def error_from_transport(exc: BaseException, *, provider: str, model: str) -> Pr
     The error for an exception raised while sending or reading (never for
     `asyncio.CancelledError`, which callers must let through).
     """
+    import aiohttp  # loaded by whoever sent the request
+
     detail = _scrub(str(exc) or type(exc).__name__, None)
     where = f"[model {model}]"
     if isinstance(exc, TimeoutError):  # asyncio.TimeoutError and aiohttp's timeout errors
@@ -301,6 +300,9 @@ def _without_request(exc: BaseException) -> BaseException:
     ``exc`` with the request headers (which hold the API key) dropped, so it can be the
     chained cause: aiohttp's response errors carry the request and its redirect history.
     """
+    import aiohttp
+    from multidict import CIMultiDict, CIMultiDictProxy
+
     if isinstance(exc, aiohttp.ClientResponseError):
         info = exc.request_info
         exc.request_info = aiohttp.RequestInfo(

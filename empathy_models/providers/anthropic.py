@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Final
-
-import aiohttp
+from typing import TYPE_CHECKING, Any, Final
 
 from ..abc import Completion, CompletionRequest
 from ._convert import anthropic_body, anthropic_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import AnthropicStreamDecoder
 from ._wire import ResponseReader
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicProvider"]
 

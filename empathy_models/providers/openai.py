@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
-
-import aiohttp
 
 from ..abc import Completion, CompletionRequest
 from ..exceptions import ConfigurationError
@@ -14,6 +12,9 @@ from ._convert import openai_body, openai_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import OpenAIStreamDecoder
 from ._wire import ResponseReader
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["OpenAIProvider"]
 
