@@ -313,18 +313,32 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     z=1.96 the interval is about (0.596, 0.982), so a model with 9 of 10 successes is not
     confidently above 0.9.
     """
-    if n <= 0:
-        return (0.0, 1.0)
-    if successes < 0 or successes > n:
+    if n > 0 and (successes < 0 or successes > n):
         raise ValueError(f"successes must be between 0 and n={n}, got {successes}")
+    return wilson_bounds(successes, n, z)
+
+
+def wilson_bounds(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """
+    `wilson_interval` without the argument checks, for sums of weights too (the
+    router's evidence): ``(0, 1)`` at n = 0, and the observed rate (clamped to [0, 1])
+    always lies within the returned bounds, whatever the rounding.
+    """
+    if n <= 0.0:
+        return (0.0, 1.0)
     p = successes / n
+    p = p if p > 0.0 else 0.0
+    p = p if p < 1.0 else 1.0
     z2 = z * z
     denom = 1.0 + z2 / n
     centre = p + z2 / (2.0 * n)
     margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
-    # clamp: rounding must never put the observed rate outside its own interval
-    lower = min(p, max(0.0, (centre - margin) / denom))
-    upper = max(p, min(1.0, (centre + margin) / denom))
+    lower = (centre - margin) / denom
+    lower = lower if lower > 0.0 else 0.0
+    lower = lower if lower < p else p
+    upper = (centre + margin) / denom
+    upper = upper if upper < 1.0 else 1.0
+    upper = upper if upper > p else p
     return (lower, upper)
 
 

@@ -14,6 +14,7 @@ from typing import Final, TypeVar
 import attrs
 
 from ..evidence import EvidenceBucket, log_ms
+from ..records import wilson_bounds
 
 _A = TypeVar("_A", bound=attrs.AttrsInstance)
 
@@ -96,31 +97,6 @@ def add_outcome(
         v[TTFT_N] += 1
         v[TTFT_LOG] += t
         v[TTFT_SQ] += t * t
-
-
-def wilson_bounds(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
-    """
-    Wilson score interval of ``successes`` out of ``n``; ``(0, 1)`` at n = 0.
-
-    Same formula as `empathy_models.records.wilson_interval`; the observed rate always
-    lies within the returned bounds.
-    """
-    if n <= 0.0:
-        return (0.0, 1.0)
-    p = successes / n
-    p = p if p > 0.0 else 0.0
-    p = p if p < 1.0 else 1.0
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = p + z2 / (2.0 * n)
-    margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
-    lower = (centre - margin) / denom
-    lower = lower if lower > 0.0 else 0.0
-    lower = lower if lower < p else p
-    upper = (centre + margin) / denom
-    upper = upper if upper < 1.0 else 1.0
-    upper = upper if upper > p else p
-    return (lower, upper)
 
 
 def latency_bounds(
