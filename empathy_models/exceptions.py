@@ -9,6 +9,7 @@ bad input a `ValueError`)::
     EmpathyModelsError
     ├── ConfigurationError (ValueError)          bad settings, unknown URL scheme, missing plugin
     ├── RecordValidationError (ValueError)       a record or dict that breaks an invariant
+    ├── NotOpenError (RuntimeError)              used before `async with` or after aclose()
     ├── ProviderError                            anything a model provider answered or failed to
     │   ├── ProviderTimeoutError (TimeoutError)  no answer before the deadline
     │   ├── ProviderConnectionError (ConnectionError)
@@ -31,7 +32,7 @@ bad input a `ValueError`)::
         ├── TelemetryError
         │   └── TelemetryRejectedError (ValueError) records refused for a value they hold
         ├── StateStoreError
-        ├── BackendClosedError                   used after aclose()
+        ├── BackendClosedError (also a NotOpenError) a backend used after aclose()
         └── SchemaVersionError                   a database written by a newer version
 
 Errors are mapped from native exceptions at one boundary per layer and raised with
@@ -64,6 +65,7 @@ __all__ = [
     "MissingAPIKeyError",
     "ModelNotFoundError",
     "NoModelMeetsConstraintsError",
+    "NotOpenError",
     "OverloadedError",
     "ProviderConnectionError",
     "ProviderError",
@@ -85,6 +87,14 @@ class EmpathyModelsError(Exception):
 
 class ConfigurationError(EmpathyModelsError, ValueError):
     """A setting, URL or argument that cannot work; the message says which and why."""
+
+
+class NotOpenError(EmpathyModelsError, RuntimeError):
+    """
+    An object was used while it is not open: an executor, router, provider session or
+    backend before ``async with`` (or ``start()``) or after ``aclose()``.  The one error
+    for that, whatever the object; backends raise its subclass `BackendClosedError`.
+    """
 
 
 class RecordValidationError(EmpathyModelsError, ValueError):
@@ -479,7 +489,7 @@ class StateStoreError(BackendError):
         self.key = key
 
 
-class BackendClosedError(BackendError):
+class BackendClosedError(BackendError, NotOpenError):
     """The backend was used after ``aclose()``."""
 
 

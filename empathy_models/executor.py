@@ -141,6 +141,7 @@ from .exceptions import (
     ConfigurationError,
     ContextWindowExceededError,
     ModelNotFoundError,
+    NotOpenError,
     ProviderTimeoutError,
 )
 from .limits.guard import Hold, Limiter, LocalRateLimitError
@@ -1158,7 +1159,7 @@ class EmpathyLLMExecutor:
 
     def _check_open(self) -> None:
         if self._state != "open":
-            raise RuntimeError(
+            raise NotOpenError(
                 "EmpathyLLMExecutor is not open; use 'async with EmpathyLLMExecutor(...) as "
                 f"executor:' (it is {self._state})"
             )

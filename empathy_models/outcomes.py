@@ -14,6 +14,7 @@ from .exceptions import (
     ConfigurationError,
     InvalidRequestError,
     ModelNotFoundError,
+    NotOpenError,
     RateLimitedError,
 )
 from .records import Outcome
@@ -30,8 +31,8 @@ def classify_error(exc: BaseException, override: OutcomeClassifier | None = None
 
     ``override`` is consulted first; when it returns ``None`` the defaults apply:
     cancellation -> ``cancelled``; `CircuitOpenError` -> ``rejected``; a
-    `ConfigurationError` (such as `MissingAPIKeyError`: the request was never sent) ->
-    ``not_sent``; 429 ->
+    `ConfigurationError` (such as `MissingAPIKeyError`) or `NotOpenError` (a provider
+    without an open session): the request was never sent -> ``not_sent``; 429 ->
     ``rate_limited``; 401/403/404 -> ``fatal``; 400, context window and content policy
     -> ``ignored``; timeouts, connection errors, 5xx, overload, invalid responses and
     anything else -> ``failure``.
@@ -44,7 +45,7 @@ def classify_error(exc: BaseException, override: OutcomeClassifier | None = None
         return Outcome.CANCELLED
     if isinstance(exc, CircuitOpenError):
         return Outcome.REJECTED
-    if isinstance(exc, ConfigurationError):
+    if isinstance(exc, ConfigurationError | NotOpenError):
         return Outcome.NOT_SENT
     if isinstance(exc, RateLimitedError):
         return Outcome.RATE_LIMITED

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Final, Self
 
 from .abc import TelemetryBackend
 from .evidence import EvidenceBucket, rollup
-from .exceptions import ConfigurationError, NoModelMeetsConstraintsError
+from .exceptions import ConfigurationError, NoModelMeetsConstraintsError, NotOpenError
 from .records import LLMCallRecord, ModelTier, Outcome, RoutingDecision
 from .registry import ModelRegistry
 from .routing.book import Arm, StagePrior, bucket_of
@@ -288,10 +288,10 @@ class AdaptiveModelRouter:
         """
         Read the backend's evidence and start the periodic refresh; idempotent.
 
-        Raises `ConfigurationError` after `aclose`.  Backend errors are logged, not raised.
+        Raises `NotOpenError` after `aclose`.  Backend errors are logged, not raised.
         """
         if self._closed:
-            raise ConfigurationError("AdaptiveModelRouter was used after aclose()")
+            raise NotOpenError("AdaptiveModelRouter was used after aclose()")
         if self._started:
             return
         self._started = True

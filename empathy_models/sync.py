@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
 from .abc import Provider, TelemetryBackend
+from .exceptions import NotOpenError
 from .executor import (
     EmpathyLLMExecutor,
     ExecutionContext,
@@ -168,7 +169,7 @@ class SyncExecutor:
 
     def _open(self) -> EmpathyLLMExecutor:
         if self._worker.closed or self._executor is None:
-            raise RuntimeError("SyncExecutor is closed")
+            raise NotOpenError("SyncExecutor is closed")
         return self._executor
 
     def run(

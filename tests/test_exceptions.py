@@ -223,3 +223,51 @@ def test_all_routes_failed_survives_pickling() -> None:
     ]
     first = back.exceptions[0]
     assert isinstance(first, RateLimitedError) and first.retry_after == 4.0
+
+
+async def test_every_object_used_while_not_open_raises_not_open_error() -> None:
+    from empathy_models import (
+        AdaptiveModelRouter,
+        CircuitBreaker,
+        EmpathyLLMExecutor,
+        MemoryTelemetryBackend,
+        ModelRegistry,
+        NotOpenError,
+        OpenAIProvider,
+    )
+    from empathy_models.abc import CompletionRequest
+    from empathy_models.sync import SyncExecutor
+    from empathy_models.testing.fakes import FakeProvider
+
+    failures: list[BaseException] = []
+
+    async def expect(call: object) -> None:
+        try:
+            await call  # type: ignore[misc]
+        except NotOpenError as exc:
+            assert isinstance(exc, RuntimeError)  # what callers caught before
+            failures.append(exc)
+
+    executor = EmpathyLLMExecutor([FakeProvider(name="openai")], telemetry_store="memory://")
+    await expect(executor.run("x"))  # never entered
+    async with executor:
+        pass
+    await expect(executor.run("x"))  # closed
+    router = AdaptiveModelRouter(ModelRegistry.default())
+    await router.aclose()
+    await expect(router.start())
+    breaker = CircuitBreaker()
+    async with breaker:
+        pass
+    await expect(breaker.admit("k"))
+    backend = MemoryTelemetryBackend()
+    async with backend:
+        pass
+    await expect(backend.recent())
+    request = CompletionRequest(model="gpt-4o-mini", messages="x", max_tokens=8)
+    await expect(OpenAIProvider(api_key="sk-test").complete(request))  # no session
+    assert len(failures) == 6
+    sync = SyncExecutor([FakeProvider(name="openai")], telemetry_store="memory://")
+    sync.close()
+    with pytest.raises(NotOpenError, match="closed"):
+        sync.run("x")

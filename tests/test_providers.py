@@ -26,6 +26,7 @@ from empathy_models import (
     Message,
     MissingAPIKeyError,
     ModelNotFoundError,
+    NotOpenError,
     OpenAIProvider,
     Outcome,
     OverloadedError,
@@ -166,17 +167,17 @@ async def test_two_hundred_concurrent_calls_over_a_borrowed_session(
         assert not session.closed  # the owner closes a borrowed session, not the provider
     assert len(results) == 200
     assert server.requests(MODEL) == 200
-    with pytest.raises(ConfigurationError, match="no open HTTP session"):
+    with pytest.raises(NotOpenError, match="no open HTTP session"):
         await anthropic.complete(req())
 
 
 async def test_own_session_is_closed_on_exit(server: FakeLLMServer) -> None:
     provider = make_provider("openai", server)
-    with pytest.raises(ConfigurationError, match="async with provider"):
+    with pytest.raises(NotOpenError, match="async with provider"):
         await provider.complete(req())
     async with provider:
         assert (await provider.complete(req())).content == "hello there"
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(NotOpenError):
         await provider.complete(req())
 
 

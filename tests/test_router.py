@@ -21,6 +21,7 @@ from empathy_models import (
     ModelRegistry,
     ModelTier,
     NoModelMeetsConstraintsError,
+    NotOpenError,
     NullTelemetryBackend,
     Outcome,
     RoutingDecision,
@@ -552,7 +553,7 @@ async def test_periodic_refresh_task_is_owned_and_cancelled(clock: FakeClock) ->
         await asyncio.sleep(0)
     assert store.evidence_calls == calls  # nothing runs after aclose
     await router.aclose()  # idempotent
-    with pytest.raises(ConfigurationError, match="after aclose"):
+    with pytest.raises(NotOpenError, match="after aclose"):
         await router.start()
 
 

@@ -56,6 +56,7 @@ from ..exceptions import (
     ConfigurationError,
     InvalidResponseError,
     MissingAPIKeyError,
+    NotOpenError,
 )
 from ._sse import StreamDecoder
 from ._wire import (
@@ -308,7 +309,7 @@ class HTTPProvider(Provider):
     def _session(self) -> aiohttp.ClientSession:
         session = self._bound if self._bound is not None else self._own
         if session is None or session.closed:
-            raise ConfigurationError(
+            raise NotOpenError(
                 f"{self!r} has no open HTTP session: use `async with provider:` or pass it "
                 "to an EmpathyLLMExecutor"
             )
@@ -321,7 +322,7 @@ class HTTPProvider(Provider):
         POST ``request`` and return the `Completion`, within the provider's own timeout.
 
         Raises a `ProviderError` subclass for every failure (see the module table) and
-        `ConfigurationError` when no session is open; cancellation propagates untouched.
+        `NotOpenError` when no session is open; cancellation propagates untouched.
         """
         return await self._send(request, self._timeout, None)
 
