@@ -46,7 +46,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from attrs import field, frozen
 
-from .auth import empathy_home
+from .paths import empathy_home
 from .backends import redact_url
 from .exceptions import ConfigurationError
 from .providers._http import HTTPProvider, _looks_secret

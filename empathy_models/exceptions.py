@@ -8,8 +8,10 @@ bad input a `ValueError`)::
 
     EmpathyModelsError
     ├── ConfigurationError (ValueError)          bad settings, unknown URL scheme, missing plugin
+    │   └── AuthFileError                        the auth strategy file cannot be read or written
     ├── RecordValidationError (ValueError)       a record or dict that breaks an invariant
     ├── NotOpenError (RuntimeError)              used before `async with` or after aclose()
+    ├── SourceFileError (OSError)                a file count_lines_of_code cannot count
     ├── ProviderError                            anything a model provider answered or failed to
     │   ├── ProviderTimeoutError (TimeoutError)  no answer before the deadline
     │   ├── ProviderConnectionError (ConnectionError)
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AllRoutesFailedError",
+    "AuthFileError",
     "AuthenticationError",
     "BackendClosedError",
     "BackendError",
@@ -74,6 +78,7 @@ __all__ = [
     "RecordValidationError",
     "SchemaVersionError",
     "ServerError",
+    "SourceFileError",
     "StateStoreError",
     "StreamInterruptedError",
     "TelemetryError",
@@ -495,3 +500,41 @@ class BackendClosedError(BackendError, NotOpenError):
 
 class SchemaVersionError(BackendError):
     """The database was written by a newer version of the schema than this code knows."""
+
+
+class AuthFileError(ConfigurationError):
+    """
+    The auth strategy file (or a backup of it) cannot be read, parsed or written.
+
+    ``path`` is the file concerned.  The message says what is wrong and how to recover;
+    it never quotes the file's contents.
+    """
+
+    def __init__(self, message: str, *, path: Path | str | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_auth_file_error, (str(self), self.path))
+
+
+def _rebuild_auth_file_error(message: str, path: Path | None) -> AuthFileError:
+    return AuthFileError(message, path=path)
+
+
+class SourceFileError(EmpathyModelsError, OSError):
+    """
+    A file given to `count_lines_of_code` is missing, a directory, not a regular file,
+    unreadable or binary.  ``path`` is the file concerned.
+    """
+
+    def __init__(self, message: str, *, path: Path | str | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_source_file_error, (str(self), self.path))
+
+
+def _rebuild_source_file_error(message: str, path: Path | None) -> SourceFileError:
+    return SourceFileError(message, path=path)

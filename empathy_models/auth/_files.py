@@ -1,0 +1,145 @@
+"""
+The auth strategy file on disk: its path, reading it, atomic 0600 writes in a 0700
+directory, and the lock that saves, resets and restores share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from ..exceptions import AuthFileError
+from ..paths import empathy_home
+
+__all__ = ["AUTH_STRATEGY_FILE", "auth_strategy_file"]
+
+
+def auth_strategy_file() -> Path:
+    """The auth strategy file, ``$EMPATHY_HOME/auth_strategy.json``, resolved at call time."""
+    return empathy_home() / "auth_strategy.json"
+
+
+AUTH_STRATEGY_FILE: Final[Path] = auth_strategy_file()
+"""
+The auth strategy file as it resolved **when this module was imported** (kept for
+compatibility with the original's constant).  Everything in this package resolves the
+path at call time with `auth_strategy_file`, so a later change of ``$EMPATHY_HOME`` is
+honoured there and not here; prefer the function.
+"""
+
+
+# --------------------------------------------------------------------------- file helpers
+
+
+def _read_json(file: Path) -> Any:
+    """Parsed JSON of ``file``; None if it does not exist; `AuthFileError` otherwise."""
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError as exc:
+        raise AuthFileError(
+            f"{file}: is a directory, not an auth strategy file", path=file
+        ) from exc
+    except OSError as exc:
+        raise AuthFileError(f"{file}: cannot read ({exc.strerror})", path=file) from exc
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError as exc:
+        raise AuthFileError(
+            f"{file}: corrupt auth strategy file (JSON nested too deeply); fix it, or move "
+            "it away (`empathy-models auth reset --yes` keeps a backup)",
+            path=file,
+        ) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = (
+            f"line {exc.lineno} column {exc.colno}"
+            if isinstance(exc, json.JSONDecodeError)
+            else f"byte {exc.start}"
+        )
+        raise AuthFileError(
+            f"{file}: corrupt auth strategy file (not valid UTF-8 JSON at {where}); fix it, "
+            "or move it away (`empathy-models auth reset --yes` keeps a backup)",
+            path=file,
+        ) from exc
+
+
+def _ensure_private_dir(directory: Path) -> None:
+    if directory.is_dir():
+        return
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+    except OSError as exc:
+        raise AuthFileError(
+            f"{directory}: cannot create the directory ({exc.strerror})", path=directory
+        ) from exc
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(file: Path, data: bytes) -> None:
+    directory = file.parent
+    _ensure_private_dir(directory)
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{file.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise AuthFileError(f"{file}: cannot write ({exc.strerror})", path=file) from exc
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, file)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise AuthFileError(f"{file}: cannot write ({exc.strerror})", path=file) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def _locked(file: Path) -> Iterator[None]:
+    """
+    Hold an exclusive lock (``flock``) on the directory of ``file``, shared by every
+    process, so a save, a reset and a restore never interleave.  Where ``fcntl`` does
+    not exist (Windows) the operations run unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    directory = file.parent
+    _ensure_private_dir(directory)
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise AuthFileError(
+            f"{directory}: cannot open the directory to lock it ({exc.strerror})", path=file
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

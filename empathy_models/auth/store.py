@@ -1,0 +1,167 @@
+"""
+Backups of the auth strategy file: `reset_auth_strategy` moves the file into a
+timestamped backup, `restore_auth_strategy` brings the newest (or a chosen) one back,
+`list_auth_strategy_backups` lists them newest first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Final
+
+from ..exceptions import AuthFileError, ConfigurationError
+from ._files import _atomic_write, _fsync_dir, _locked, auth_strategy_file
+from .strategy import AuthStrategy
+
+__all__ = [
+    "DEFAULT_KEEP_BACKUPS",
+    "list_auth_strategy_backups",
+    "reset_auth_strategy",
+    "restore_auth_strategy",
+]
+
+_BACKUP_RE: Final = re.compile(r"\.(\d{8}T\d{6}\d{6}Z)(?:-(\d+))?\.bak$")
+
+
+def list_auth_strategy_backups(path: str | os.PathLike[str] | None = None) -> list[Path]:
+    """
+    Backups of the auth strategy file at ``path`` (default `auth_strategy_file`),
+    newest first.  Backups sit next to the file as
+    ``<name>.<UTC timestamp>.bak`` (for example
+    ``auth_strategy.json.20260101T120000123456Z.bak``).
+    """
+    file = Path(path) if path is not None else auth_strategy_file()
+    if not file.parent.is_dir():
+        return []
+    found: list[tuple[str, int, Path]] = []
+    prefix = file.name
+    for entry in file.parent.iterdir():
+        if not entry.name.startswith(prefix + "."):
+            continue
+        match = _BACKUP_RE.fullmatch(entry.name[len(prefix) :])
+        if match and entry.is_file():
+            found.append((match.group(1), int(match.group(2) or 0), entry))
+    found.sort(reverse=True)
+    return [entry for _, _, entry in found]
+
+
+DEFAULT_KEEP_BACKUPS: Final = 20
+"""How many backups of the auth strategy file `reset_auth_strategy` keeps by default."""
+
+
+def _backup_target(file: Path) -> Path:
+    """A backup name for ``file`` that does not exist yet (called with the lock held)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = file.with_name(f"{file.name}.{stamp}.bak")
+    counter = 0
+    while target.exists() or target.is_symlink():
+        counter += 1
+        target = file.with_name(f"{file.name}.{stamp}-{counter}.bak")
+    return target
+
+
+def _prune_backups(file: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest backups of ``file``."""
+    for old in list_auth_strategy_backups(file)[keep:]:
+        old.unlink(missing_ok=True)
+
+
+def _backup(file: Path) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = file.with_name(f"{file.name}.{stamp}.bak")
+    counter = 0
+    while True:
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            break
+        except FileExistsError:
+            counter += 1
+            target = file.with_name(f"{file.name}.{stamp}-{counter}.bak")
+        except OSError as exc:
+            raise AuthFileError(
+                f"{target}: cannot create the backup ({exc.strerror})", path=target
+            ) from exc
+    try:
+        data = file.read_bytes()
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(target, 0o600)
+    except OSError as exc:
+        target.unlink(missing_ok=True)
+        raise AuthFileError(f"{file}: cannot back up ({exc.strerror})", path=file) from exc
+    _fsync_dir(file.parent)
+    return target
+
+
+def reset_auth_strategy(
+    path: str | os.PathLike[str] | None = None, *, keep_backups: int = DEFAULT_KEEP_BACKUPS
+) -> Path | None:
+    """
+    Move the auth strategy file into a backup; return the backup's path.
+
+    The file is renamed (atomically) to a backup named as in
+    `list_auth_strategy_backups`, under the same lock as `AuthStrategy.save`, so a save
+    running at the same time lands either before the reset (and is in the backup) or
+    after it (and is the new file): it is never lost.  A corrupt file is backed up as
+    it is.  Only the ``keep_backups`` newest backups are kept (default 20); older ones
+    are deleted.  Returns None, touching nothing, when there is no file.  Raises
+    `AuthFileError` if the file cannot be moved (it is then left in place).  Blocking.
+    """
+    if isinstance(keep_backups, bool) or not isinstance(keep_backups, int) or keep_backups < 1:
+        raise ConfigurationError(f"keep_backups must be an integer >= 1, got {keep_backups!r}")
+    file = Path(path) if path is not None else auth_strategy_file()
+    if not file.exists() and not file.is_symlink():
+        return None
+    if file.is_dir():
+        raise AuthFileError(f"{file}: is a directory, not an auth strategy file", path=file)
+    with _locked(file):
+        if not file.exists() and not file.is_symlink():
+            return None
+        backup = _backup_target(file)
+        try:
+            os.chmod(file, 0o600)
+            os.rename(file, backup)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AuthFileError(
+                f"{file}: cannot move to a backup ({exc.strerror})", path=file
+            ) from exc
+        _fsync_dir(file.parent)
+        _prune_backups(file, keep_backups)
+    return backup
+
+
+def restore_auth_strategy(
+    path: str | os.PathLike[str] | None = None, *, backup: str | os.PathLike[str] | None = None
+) -> tuple[Path, Path | None]:
+    """
+    Bring back the newest backup (or ``backup``) of the auth strategy file at ``path``.
+
+    The backup must hold a valid strategy (else `AuthFileError` naming it).  When a file
+    is already in place it is itself backed up first, so a restore never loses data.
+    The backup is copied atomically (0600) and left in place.  Returns
+    ``(restored_from, previous_file_backup_or_None)``.  Raises `AuthFileError` when
+    there is no backup.  Blocking.
+    """
+    file = Path(path) if path is not None else auth_strategy_file()
+    if backup is not None:
+        source = Path(backup)
+    else:
+        backups = list_auth_strategy_backups(file)
+        if not backups:
+            raise AuthFileError(
+                f"{file}: no backup to restore (looked for {file.name}.*.bak)", path=file
+            )
+        source = backups[0]
+    if AuthStrategy.load_existing(source) is None:
+        raise AuthFileError(f"{source}: backup not found", path=source)
+    with _locked(file):
+        previous = _backup(file) if file.exists() else None
+        _atomic_write(file, source.read_bytes())
+    return source, previous
