@@ -159,7 +159,7 @@ class SQLiteResponseCache(ResponseCache):
         lock_timeout: float = 30.0,
         allow_foreign: bool = False,
     ) -> None:
-        from .backends.sqlite import MEMORY, _check_seconds, _Database, _normalize_path
+        from .backends.sqlite._database import MEMORY, _check_seconds, _Database, _normalize_path
 
         self.max_entries = _check_bound("max_entries", max_entries)
         self.max_value_bytes = _check_bound("max_value_bytes", max_value_bytes)
@@ -196,7 +196,7 @@ class SQLiteResponseCache(ResponseCache):
 
     async def get(self, key: str) -> bytes | None:
         self._check_open()
-        from .backends.sqlite import _fetchone
+        from .backends.sqlite._conn import _fetchone
 
         async def job(conn: aiosqlite.Connection) -> sqlite3.Row | None:
             if not self._ready:
@@ -284,7 +284,7 @@ def cache_from_url(url: str | ResponseCache, **options: Any) -> ResponseCache:
         _plugin_for(url)
         return MemoryResponseCache(**options)
     if scheme == "sqlite":
-        from .backends.sqlite import _COMMON_OPTIONS, parse_sqlite_url
+        from .backends.sqlite._url import _COMMON_OPTIONS, parse_sqlite_url
 
         allowed = {k: v for k, v in _COMMON_OPTIONS.items() if k != "read_only"}
         path, query = parse_sqlite_url(url, allowed)

@@ -167,7 +167,9 @@ async def test_the_router_query_reads_only_the_covering_index(tmp_path: Path) ->
     async with SQLiteTelemetryBackend(db) as backend:
         await backend.record_many(_records(50))
         await backend.flush()
-    from empathy_models.backends.sqlite import _aggregate_sql  # the query as the backend runs it
+    from empathy_models.backends.sqlite._schema import (
+        _aggregate_sql,  # the query as the backend runs it
+    )
 
     sql = _aggregate_sql(" AND workflow = :workflow AND stage = :stage AND ts_us >= :since", True)
     conn = sqlite3.connect(db)
@@ -299,7 +301,7 @@ async def test_schema_is_versioned_and_a_newer_file_is_refused(tmp_path: Path) -
 
 
 async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Path) -> None:
-    from empathy_models.backends.sqlite import _INSERT_CALL, _MIGRATIONS, _to_row
+    from empathy_models.backends.sqlite._schema import _INSERT_CALL, _MIGRATIONS, _to_row
 
     db = tmp_path / "v1.db"
     records = _records(800)
@@ -333,7 +335,7 @@ async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Pa
 
 
 async def test_incremental_evidence_reads_the_version_index(tmp_path: Path) -> None:
-    from empathy_models.backends.sqlite import _evidence_query
+    from empathy_models.backends.sqlite._schema import _evidence_query
 
     db = tmp_path / "calls.db"
     async with SQLiteTelemetryBackend(db) as backend:
@@ -533,7 +535,7 @@ async def test_a_nan_is_never_stored_where_it_could_not_be_read_back(tmp_path: P
 
 async def test_inserting_calls_reports_exactly_the_records_it_inserted(tmp_path: Path) -> None:
     """What rollups count: a replayed record (same call_id) is neither stored nor returned."""
-    from empathy_models.backends.sqlite import _insert_calls_now
+    from empathy_models.backends.sqlite._schema import _insert_calls_now
 
     db = tmp_path / "calls.db"
     async with SQLiteTelemetryBackend(db) as backend:

@@ -23,15 +23,9 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 
 from ..abc import TransactionalQuotaStore
-from ..backends.sqlite import (
-    _COMMON_OPTIONS,
-    MEMORY,
-    _check_seconds,
-    _Database,
-    _fetchone,
-    _normalize_path,
-    parse_sqlite_url,
-)
+from ..backends.sqlite._conn import _fetchone
+from ..backends.sqlite._database import MEMORY, _check_seconds, _Database, _normalize_path
+from ..backends.sqlite._url import _COMMON_OPTIONS, parse_sqlite_url
 from ..exceptions import ConfigurationError, StateStoreError
 
 __all__ = ["SQLiteQuotaStore"]

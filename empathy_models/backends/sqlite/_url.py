@@ -1,0 +1,118 @@
+"""
+``sqlite://`` URLs: their options, and the plugin the URL factories use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from ...exceptions import (
+    ConfigurationError,
+)
+from .._plugin import BackendPlugin
+from ._database import MEMORY
+from ._state import SQLiteStateStore
+from ._telemetry import SQLiteTelemetryBackend
+
+# --------------------------------------------------------------------------- URLs
+
+
+def _parse_bool(name: str, value: str) -> bool:
+    low = value.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"sqlite URL option {name}={value!r} must be true or false")
+
+
+def _parse_number(kind: Callable[[str], Any]) -> Callable[[str, str], Any]:
+    def parse(name: str, value: str) -> Any:
+        try:
+            return kind(value)
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"sqlite URL option {name}={value!r} must be a {kind.__name__}"
+            ) from exc
+
+    return parse
+
+
+_COMMON_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
+    "busy_timeout": _parse_number(float),
+    "lock_timeout": _parse_number(float),
+    "read_only": _parse_bool,
+    "allow_foreign": _parse_bool,
+}
+_TELEMETRY_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
+    **_COMMON_OPTIONS,
+    "batch": _parse_bool,
+    "max_batch": _parse_number(int),
+    "flush_interval": _parse_number(float),
+    "max_queue": _parse_number(int),
+    "on_full": lambda name, value: value,
+    "spool": _parse_bool,
+    "close_timeout": _parse_number(float),
+    "exit_flush": _parse_bool,
+}
+
+
+def parse_sqlite_url(
+    url: str, allowed: Mapping[str, Callable[[str, str], Any]] = _TELEMETRY_OPTIONS
+) -> tuple[str, dict[str, Any]]:
+    """
+    Split a ``sqlite://`` URL into a path and keyword options.
+
+    ``sqlite:///rel.db`` -> ``rel.db`` (relative to the working directory),
+    ``sqlite:////abs/x.db`` -> ``/abs/x.db``, ``sqlite://:memory:`` and
+    ``sqlite:///:memory:`` -> ``:memory:``.  Raises `ConfigurationError` for another
+    scheme, a host part, an empty path or an unknown option.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"not a valid sqlite:// URL: {url!r} ({exc})") from exc
+    if parts.scheme.lower() != "sqlite":
+        raise ConfigurationError(f"not a sqlite:// URL: {url!r}")
+    if parts.netloc == MEMORY and parts.path in ("", "/"):
+        path = MEMORY
+    elif parts.netloc:
+        raise ConfigurationError(
+            f"sqlite URL {url!r} has a host part {parts.netloc!r}; use sqlite:///relative.db, "
+            "sqlite:////absolute/path.db or sqlite://:memory:"
+        )
+    else:
+        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        if not path:
+            raise ConfigurationError(
+                f"sqlite URL {url!r} names no file; use sqlite:///relative.db, "
+                "sqlite:////absolute/path.db or sqlite://:memory:"
+            )
+    options: dict[str, Any] = {}
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in allowed:
+            raise ConfigurationError(
+                f"unknown sqlite URL option {name!r}; known: {', '.join(sorted(allowed))}"
+            )
+        options[name] = allowed[name](name, value)
+    return path, options
+
+
+def _telemetry(url: str, **options: Any) -> SQLiteTelemetryBackend:
+    path, query = parse_sqlite_url(url, _TELEMETRY_OPTIONS)
+    return SQLiteTelemetryBackend(path, **{**query, **options})
+
+
+def _store(url: str, **options: Any) -> SQLiteStateStore:
+    path, query = parse_sqlite_url(url, _COMMON_OPTIONS)
+    return SQLiteStateStore(path, **{**query, **options})
+
+
+PLUGIN = BackendPlugin(
+    schemes=("sqlite",),
+    package="empathy-models",
+    telemetry=_telemetry,
+    state_store=_store,
+)
