@@ -11,30 +11,20 @@ it does not name them:
 
 One conftest for both plugins (rather than one per ``tests/``) so that mypy can check
 every test module in one run without two modules both named ``tests.conftest``.  Each
-plugin's sdist ships a copy at its root (with ``_breaker_worker.py`` and
-``sdist-pytest.ini`` as ``pytest.ini``), so the client library of each engine is
-imported inside its own fixtures: a plugin's tests need only that plugin installed.
+plugin's sdist ships a copy at its root (with ``sdist-pytest.ini`` as ``pytest.ini``),
+so the client library of each engine is imported inside its own fixtures: a plugin's
+tests need only that plugin installed.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import selectors
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
-
-from empathy_models.backends import state_store_from_url
-from empathy_models.records import CircuitState
 
 REDIS_URL_ENV = "EMPATHY_TEST_REDIS_URL"
 POSTGRES_DSN_ENV = "EMPATHY_TEST_POSTGRES_DSN"
@@ -133,163 +123,10 @@ def with_query() -> Callable[..., str]:
 
 # --------------------------------------------------------------------------- processes
 
-BREAKER_WORKER = Path(__file__).parent / "_breaker_worker.py"
-
-
-class Child:
-    """One worker process with a JSON-lines conversation and a deadline on every read."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(BREAKER_WORKER), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            bufsize=0,
-        )
-        self._buffer = b""
-
-    def send(self, payload: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(payload).encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def read(self, timeout: float = 60.0) -> dict[str, Any]:
-        """The next JSON line; fails with the child's stderr if it dies or stays silent."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            while b"\n" not in self._buffer:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    self.fail(f"no answer within {timeout} s")
-                chunk = self.proc.stdout.read(65536)
-                if not chunk:
-                    self.fail("the worker exited")
-                self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    def fail(self, why: str) -> None:
-        self.kill()
-        assert self.proc.stderr is not None
-        stderr = self.proc.stderr.read().decode(errors="replace")
-        pytest.fail(f"breaker worker: {why}; stderr:\n{stderr}", pytrace=False)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
-
 
 @pytest.fixture
-def spawn_breaker_worker() -> Iterator[Callable[..., Child]]:
-    """``spawn(url, key, policy_kwargs, local_view_ttl)``: a started, ready worker."""
-    children: list[Child] = []
+def breaker_fleet_check() -> Callable[[str], Awaitable[None]]:
+    """``await check(store_url)``: `empathy_models.testing.fleet.breaker_fleet_check`."""
+    from empathy_models.testing.fleet import breaker_fleet_check
 
-    def spawn(url: str, key: str, policy: dict[str, Any], ttl: float) -> Child:
-        child = Child(url, key, json.dumps(policy), str(ttl))
-        children.append(child)
-        assert child.read() == {"ready": True}
-        return child
-
-    yield spawn
-    for child in children:
-        if child.proc.poll() is None:
-            try:
-                child.send({"op": "quit"})
-                child.proc.wait(timeout=20)
-            except (OSError, subprocess.TimeoutExpired):
-                child.kill()
-        for stream in (child.proc.stdin, child.proc.stdout, child.proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-def _ask_all(children: list[Child], payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """Send ``payload`` to every child first (so they run at once), then read each answer."""
-    for child in children:
-        child.send(payload)
-    return [child.read() for child in children]
-
-
-@pytest.fixture
-def breaker_fleet_check(
-    spawn_breaker_worker: Callable[..., Child],
-) -> Callable[[str], Awaitable[None]]:
-    """
-    ``await check(store_url)``: three OS processes, each with its own `CircuitBreaker`
-    over the shared store at ``store_url``, guard one key.
-
-    * Failures from all three trip the circuit exactly at the threshold (9): the store
-      shows OPEN, generation 1, a streak of exactly 9 (later failures carry the old
-      generation and are dropped).
-    * Once each process's local view is older than ``local_view_ttl`` (their breaker
-      clocks are moved, no waiting), every process rejects.
-    * After recovery (the open period is ended by forcing it to a past time, since the
-      store's clock cannot be moved), 3 x 4 concurrent admissions get exactly one
-      probe lease in total; its success closes the circuit for everyone.
-    """
-
-    async def check(url: str) -> None:
-        key = "fleet-" + uuid.uuid4().hex[:8]
-        policy = {
-            "consecutive_failures": 9,
-            "minimum_calls": 1000,
-            "recovery_seconds": 3600.0,
-            "max_recovery_seconds": 3600.0,
-            "half_open_probes": 1,
-            "probe_lease_seconds": 3600.0,
-        }
-        ttl = 5.0
-        children = [spawn_breaker_worker(url, key, policy, ttl) for _ in range(3)]
-        store = state_store_from_url(url)
-        async with store:
-            answers = _ask_all(children, {"op": "fail", "n": 2})
-            assert [a["admitted"] for a in answers] == [2, 2, 2]
-            state = await store.snapshot(key)
-            assert (state.state, state.generation, state.consecutive_failures) == (
-                CircuitState.CLOSED,
-                0,
-                6,
-            )
-
-            answers = _ask_all(children, {"op": "fail", "n": 5})
-            assert sum(a["admitted"] for a in answers) >= 3
-            state = await store.snapshot(key)
-            assert state.state is CircuitState.OPEN
-            assert (state.generation, state.consecutive_failures, state.open_count) == (1, 9, 1)
-
-            # every local view goes stale: every process now asks the store and rejects
-            _ask_all(children, {"op": "advance", "seconds": ttl})
-            answers = _ask_all(children, {"op": "fail", "n": 1})
-            assert answers == [{"admitted": 0, "rejected": ["open"]}] * 3
-
-            # recovery: end the open period (a time in the past), let the views go stale
-            await store.force(
-                key,
-                CircuitState.FORCED_OPEN,
-                until=datetime.now(UTC) - timedelta(minutes=5),
-                reason="recovered",
-            )
-            _ask_all(children, {"op": "advance", "seconds": ttl})
-            answers = _ask_all(children, {"op": "admit", "n": 4})
-            assert sum(a["admitted"] for a in answers) == 1, answers
-            assert sum(len(a["leases"]) for a in answers) == 1, answers
-            state = await store.snapshot(key)
-            assert state.state is CircuitState.HALF_OPEN
-            assert state.probes_in_flight == 1
-
-            prober = next(c for c, a in zip(children, answers, strict=True) if a["leases"])
-            prober.send({"op": "report", "outcome": "success"})
-            assert prober.read() == {"reported": 1}
-            state = await store.snapshot(key)
-            assert state.state is CircuitState.CLOSED
-
-            _ask_all(children, {"op": "advance", "seconds": ttl})
-            answers = _ask_all(children, {"op": "admit", "n": 1})
-            assert answers == [{"admitted": 1, "leases": [], "rejected": []}] * 3
-
-    return check
+    return breaker_fleet_check

@@ -206,3 +206,11 @@ def _check_three_processes(url: str, fake: bool) -> None:
     final = snapshot(url, key, clock)
     assert final.state is CircuitState.CLOSED
     assert final.window_calls == 3  # the three closing successes, flushed on exit
+
+
+async def test_the_shipped_fleet_check_passes_on_a_shared_sqlite_file(tmp_path: Path) -> None:
+    # the check plugins run on their stores (empathy_models.testing.fleet), here on the
+    # core's own shared store
+    from empathy_models.testing.fleet import breaker_fleet_check
+
+    await breaker_fleet_check(f"sqlite:///{tmp_path / 'state.db'}")

@@ -1,12 +1,12 @@
 """
-Child-process entry point for the plugins' multiprocess breaker tests.
+The child process of `empathy_models.testing.fleet.breaker_fleet_check`.
 
-Run as ``python _breaker_worker.py STORE_URL KEY POLICY_JSON LOCAL_VIEW_TTL``: one
-`CircuitBreaker` over the shared store named by STORE_URL (``redis://...`` or
-``postgresql://...``), guarding KEY under ``BreakerPolicy(**POLICY_JSON)``.  The
-breaker's own clock (which times its local view) starts at the wall clock and moves
-only by ``advance`` commands, so the test decides when a view goes stale; the store
-keeps its own (server) time.
+Run as ``python -m empathy_models.testing._fleet_worker STORE_URL KEY POLICY_JSON
+LOCAL_VIEW_TTL``: one `CircuitBreaker` over the shared store named by STORE_URL
+(``redis://...``, ``postgresql://...``, or any shared store's URL), guarding KEY under
+``BreakerPolicy(**POLICY_JSON)``.  The breaker's own clock (which times its local view)
+starts at the wall clock and moves only by ``advance`` commands, so the check decides
+when a view goes stale; the store keeps its own (server) time.
 
 Prints ``{"ready": true}`` once the breaker is open, then answers one JSON command per
 stdin line with one JSON line:
@@ -32,10 +32,10 @@ import sys
 import time
 from typing import Any
 
-from empathy_models.breaker import CircuitBreaker
-from empathy_models.circuit import BreakerPolicy
-from empathy_models.exceptions import CircuitOpenError, ServerError
-from empathy_models.records import Outcome, Ticket
+from ..breaker import CircuitBreaker
+from ..circuit import BreakerPolicy
+from ..exceptions import CircuitOpenError, ServerError
+from ..records import Outcome, Ticket
 
 
 def emit(payload: dict[str, Any]) -> None:

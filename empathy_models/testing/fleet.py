@@ -1,0 +1,186 @@
+"""
+The fleet check: three OS processes, each with its own `CircuitBreaker` over one shared
+circuit-state store, guard one key, and the store must keep them one breaker.
+
+A plugin's tests run it against their own store::
+
+    from empathy_models.testing.fleet import breaker_fleet_check
+
+    async def test_three_processes_share_one_breaker() -> None:
+        await breaker_fleet_check("redis://127.0.0.1:6379/15")
+
+What it checks:
+
+* Failures from all three trip the circuit exactly at the threshold (9): the store
+  shows OPEN, generation 1, a streak of exactly 9 (later failures carry the old
+  generation and are dropped).
+* Once each process's local view is older than ``local_view_ttl`` (their breaker
+  clocks are moved, no waiting), every process rejects.
+* After recovery (the open period is ended by forcing it to a past time, since the
+  store's clock cannot be moved), 3 x 4 concurrent admissions get exactly one probe
+  lease in total; its success closes the circuit for everyone.
+
+The children run ``python -m empathy_models.testing._fleet_worker`` with the running
+interpreter; a child that dies or stays silent for 60 s fails the check with its stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn
+
+from ..backends import state_store_from_url
+from ..records import CircuitState
+
+__all__ = ["breaker_fleet_check"]
+
+
+class _Child:
+    """One worker process with a JSON-lines conversation and a deadline on every read."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "empathy_models.testing._fleet_worker", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+        )
+        self._buffer = b""
+
+    def send(self, payload: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(payload).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def read(self, timeout: float = 60.0) -> dict[str, Any]:
+        """The next JSON line; fails with the child's stderr if it dies or stays silent."""
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    self.fail(f"no answer within {timeout} s")
+                chunk = self.proc.stdout.read(65536)
+                if not chunk:
+                    self.fail("the worker exited")
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    def fail(self, why: str) -> NoReturn:
+        self.kill()
+        assert self.proc.stderr is not None
+        stderr = self.proc.stderr.read().decode(errors="replace")
+        raise AssertionError(f"fleet worker: {why}; stderr:\n{stderr}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        """Ask the worker to quit (kill it if it does not), then close the pipes."""
+        if self.proc.poll() is None:
+            try:
+                self.send({"op": "quit"})
+                self.proc.wait(timeout=20)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _ask_all(children: list[_Child], payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Send ``payload`` to every child first (so they run at once), then read each answer."""
+    for child in children:
+        child.send(payload)
+    return [child.read() for child in children]
+
+
+async def breaker_fleet_check(url: str) -> None:
+    """Run the fleet check (see the module docstring) on the shared store at ``url``."""
+    children: list[_Child] = []
+
+    def spawn(url: str, key: str, policy: dict[str, Any], ttl: float) -> _Child:
+        child = _Child(url, key, json.dumps(policy), str(ttl))
+        children.append(child)
+        assert child.read() == {"ready": True}
+        return child
+
+    try:
+        await _check(url, spawn)
+    finally:
+        for child in children:
+            child.close()
+
+
+async def _check(url: str, spawn: Callable[[str, str, dict[str, Any], float], _Child]) -> None:
+    key = "fleet-" + uuid.uuid4().hex[:8]
+    policy = {
+        "consecutive_failures": 9,
+        "minimum_calls": 1000,
+        "recovery_seconds": 3600.0,
+        "max_recovery_seconds": 3600.0,
+        "half_open_probes": 1,
+        "probe_lease_seconds": 3600.0,
+    }
+    ttl = 5.0
+    children = [spawn(url, key, policy, ttl) for _ in range(3)]
+    store = state_store_from_url(url)
+    async with store:
+        answers = _ask_all(children, {"op": "fail", "n": 2})
+        assert [a["admitted"] for a in answers] == [2, 2, 2]
+        state = await store.snapshot(key)
+        assert (state.state, state.generation, state.consecutive_failures) == (
+            CircuitState.CLOSED,
+            0,
+            6,
+        )
+
+        answers = _ask_all(children, {"op": "fail", "n": 5})
+        assert sum(a["admitted"] for a in answers) >= 3
+        state = await store.snapshot(key)
+        assert state.state is CircuitState.OPEN
+        assert (state.generation, state.consecutive_failures, state.open_count) == (1, 9, 1)
+
+        # every local view goes stale: every process now asks the store and rejects
+        _ask_all(children, {"op": "advance", "seconds": ttl})
+        answers = _ask_all(children, {"op": "fail", "n": 1})
+        assert answers == [{"admitted": 0, "rejected": ["open"]}] * 3
+
+        # recovery: end the open period (a time in the past), let the views go stale
+        await store.force(
+            key,
+            CircuitState.FORCED_OPEN,
+            until=datetime.now(UTC) - timedelta(minutes=5),
+            reason="recovered",
+        )
+        _ask_all(children, {"op": "advance", "seconds": ttl})
+        answers = _ask_all(children, {"op": "admit", "n": 4})
+        assert sum(a["admitted"] for a in answers) == 1, answers
+        assert sum(len(a["leases"]) for a in answers) == 1, answers
+        state = await store.snapshot(key)
+        assert state.state is CircuitState.HALF_OPEN
+        assert state.probes_in_flight == 1
+
+        prober = next(c for c, a in zip(children, answers, strict=True) if a["leases"])
+        prober.send({"op": "report", "outcome": "success"})
+        assert prober.read() == {"reported": 1}
+        state = await store.snapshot(key)
+        assert state.state is CircuitState.CLOSED
+
+        _ask_all(children, {"op": "advance", "seconds": ttl})
+        answers = _ask_all(children, {"op": "admit", "n": 1})
+        assert answers == [{"admitted": 1, "leases": [], "rejected": []}] * 3
