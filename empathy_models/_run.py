@@ -11,16 +11,17 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
+from ._fast import trusted_constructor
 from ._request_options import NO_OPTIONS
 from ._values import AttemptSummary, ExecutionContext
 from .abc import CompletionRequest, Message, split_system
 from .exceptions import ConfigurationError, RecordValidationError
-from .records import RoutingDecision, _trusted_constructor
+from .records import RoutingDecision
 from .registry import ModelInfo
 
 __all__ = ["Prompt"]
 
-_trusted_message: Callable[..., Message] = _trusted_constructor(Message)
+_trusted_message: Callable[..., Message] = trusted_constructor(Message)
 
 Prompt = str | Sequence[Message | Mapping[str, Any]]
 """A string (one user message), or `Message` objects and OpenAI-style message dicts."""
@@ -57,7 +58,7 @@ def _to_messages(prompt: Prompt, system: str | None) -> tuple[tuple[Message, ...
     return messages, system
 
 
-_trusted_request: Callable[..., CompletionRequest] = _trusted_constructor(CompletionRequest)
+_trusted_request: Callable[..., CompletionRequest] = trusted_constructor(CompletionRequest)
 _NO_REQUEST_OPTIONS: Mapping[str, Any] = MappingProxyType(
     {
         "tools": (),

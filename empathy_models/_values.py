@@ -14,10 +14,11 @@ from typing import Any
 import attrs
 from attrs import field, frozen
 
+from ._fast import trusted_constructor
 from .abc import MAX_TOKENS_LIMIT
 from .content import ToolCall
 from .exceptions import ConfigurationError
-from .records import ModelTier, Outcome, RoutingDecision, _trusted_constructor
+from .records import ModelTier, Outcome, RoutingDecision
 from .serialization import JSONScalar
 
 __all__ = ["AttemptSummary", "ExecutionContext", "FallbackPolicy", "LLMResponse"]
@@ -350,5 +351,5 @@ _DEFAULT_CONTEXT = ExecutionContext()
 
 # LLMResponse and AttemptSummary have no validators or converters: the executor builds
 # them through the slots directly (same objects, about half the construction cost).
-_new_response = _trusted_constructor(LLMResponse)
-_new_summary = _trusted_constructor(AttemptSummary)
+_new_response = trusted_constructor(LLMResponse)
+_new_summary = trusted_constructor(AttemptSummary)

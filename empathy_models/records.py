@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final, Self, TypeVar
 import attrs
 from attrs import field, frozen
 
+from ._fast import trusted_constructor, trusted_evolver
 from .exceptions import RecordValidationError
 from .serialization import JSONScalar, from_dict, register_enums, register_records, to_dict
 
@@ -204,7 +205,6 @@ def _to_utc_opt(value: datetime | None) -> datetime | None:
 
 
 E = TypeVar("E", bound=enum.StrEnum)
-_R = TypeVar("_R", bound=attrs.AttrsInstance)
 
 
 def _convert_enum(enum_type: type[E], name: str, value: object) -> E:
@@ -432,57 +432,8 @@ class LLMCallRecord:
         return from_dict(data, cls)
 
 
-def _trusted_constructor(cls: type[_R]) -> Callable[..., _R]:
-    """
-    Internal: a constructor for ``cls`` that runs no converter, validator or default.
-
-    It takes every field as a required keyword argument (so a field added to ``cls``
-    and not passed is a `TypeError`, never a silent default) and stores each value
-    as given through the class's slots.  Only for values the caller has already
-    validated and converted exactly as the public constructor would (UTC-aware
-    datetimes, enum members, tuples, read-only mappings): the executor builds every
-    `LLMCallRecord` this way on the call path.  A test compares it field by field
-    with the validated constructor.
-    """
-    names = [a.name for a in attrs.fields(cls)]
-    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
-    for name in names:
-        namespace[f"_set_{name}"] = cls.__dict__[name].__set__
-    lines = [f"def trusted(*, {', '.join(names)}):", "    self = _new(_cls)"]
-    lines.extend(f"    _set_{name}(self, {name})" for name in names)
-    lines.append("    return self")
-    exec(compile("\n".join(lines), f"<trusted constructor of {cls.__name__}>", "exec"), namespace)
-    trusted: Callable[..., _R] = namespace["trusted"]
-    return trusted
-
-
-_trusted_call_record = _trusted_constructor(LLMCallRecord)
+_trusted_call_record = trusted_constructor(LLMCallRecord)
 """Internal: `LLMCallRecord` without validation, for the executor's own records."""
-
-
-_KEEP: Final = object()
-
-
-def _trusted_evolver(cls: type[_R]) -> Callable[..., _R]:
-    """
-    Internal: ``attrs.evolve`` for ``cls`` without converters or validators: a copy of
-    the instance with the fields given by keyword replaced, each stored as given.  The
-    same contract as `_trusted_constructor`: only for values already valid as the
-    public constructor would store them.
-    """
-    names = [a.name for a in attrs.fields(cls)]
-    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_K": _KEEP}
-    for name in names:
-        namespace[f"_set_{name}"] = cls.__dict__[name].__set__
-    params = ", ".join(f"{name}=_K" for name in names)
-    lines = [f"def evolve(_old, *, {params}):", "    self = _new(_cls)"]
-    lines.extend(
-        f"    _set_{name}(self, _old.{name} if {name} is _K else {name})" for name in names
-    )
-    lines.append("    return self")
-    exec(compile("\n".join(lines), f"<trusted evolve of {cls.__name__}>", "exec"), namespace)
-    evolve: Callable[..., _R] = namespace["evolve"]
-    return evolve
 
 
 @frozen(kw_only=True)
@@ -680,7 +631,7 @@ class CircuitBreakerState:
         return from_dict(data, cls)
 
 
-_trusted_state_evolve = _trusted_evolver(CircuitBreakerState)
+_trusted_state_evolve = trusted_evolver(CircuitBreakerState)
 """Internal: `attrs.evolve` of a `CircuitBreakerState` without validation (hot paths)."""
 
 

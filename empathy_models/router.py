@@ -39,6 +39,7 @@ from functools import partial
 from types import TracebackType
 from typing import Any, ClassVar, Final, Self
 
+from ._fast import trusted_constructor
 from .abc import TelemetryBackend
 from .evidence import EvidenceBucket, rollup
 from .exceptions import ConfigurationError, NoModelMeetsConstraintsError, NotOpenError
@@ -62,7 +63,7 @@ from .routing.reports import (
     recommend,
     stats_from,
 )
-from .routing.stats import bucket_sums, positional_constructor
+from .routing.stats import bucket_sums
 
 __all__ = ["AdaptiveModelRouter", "RoutingPolicy", "RoutingStats", "TierRecommendation"]
 
@@ -144,8 +145,8 @@ def _unmet(v: Verdict, cost: float | None, cons: Constraints) -> list[str]:
     return unmet
 
 
-_decision: Final[Callable[..., RoutingDecision]] = positional_constructor(
-    RoutingDecision, ("candidates",), keywords=True
+_decision: Final[Callable[..., RoutingDecision]] = trusted_constructor(
+    RoutingDecision, skip=("candidates",)
 )
 """A `RoutingDecision` without its ``__init__`` (every value is of its field's converted
 type and in range), with ``candidates`` left unset: it is built by the thunk on first

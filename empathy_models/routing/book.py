@@ -38,6 +38,7 @@ from typing import Final
 
 from attrs import define, field, frozen
 
+from .._fast import trusted_constructor
 from .stats import (
     COST_SUM,
     IN_SUM,
@@ -53,7 +54,6 @@ from .stats import (
     WIDTH,
     add_outcome,
     latency_bounds,
-    positional_constructor,
     wilson_bounds,
 )
 
@@ -170,7 +170,7 @@ class ArmSummary:
 
 
 EMPTY_SUMMARY: Final = ArmSummary()
-_new_summary: Final = positional_constructor(ArmSummary)
+_new_summary: Final = trusted_constructor(ArmSummary, positional=True)
 
 
 @define(slots=True, eq=False)

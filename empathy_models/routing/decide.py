@@ -44,10 +44,11 @@ from typing import Any, Final
 import attrs
 from attrs import define, field, frozen
 
+from .._fast import trusted_constructor
 from ..records import CandidateEvaluation, ConstraintStatus, ModelTier
 from .book import EMPTY_SUMMARY, Arm, ArmSummary
 from .policy import COST, LATENCY, SUCCESS, TTFT, Constraints, RoutingPolicy
-from .stats import positional_constructor, wilson_bounds
+from .stats import wilson_bounds
 
 __all__ = ["Context", "ModelFacts", "Verdict", "build_candidates", "judge", "select"]
 
@@ -238,7 +239,7 @@ def _judge_timing(
     return UNPROVEN
 
 
-_new_verdict: Final = positional_constructor(Verdict)
+_new_verdict: Final = trusted_constructor(Verdict, positional=True)
 
 
 def _cost_terms(
@@ -591,7 +592,7 @@ def select(
 # --------------------------------------------------------------------------- explanation
 
 
-_new_candidate: Final = positional_constructor(CandidateEvaluation)
+_new_candidate: Final = trusted_constructor(CandidateEvaluation, positional=True)
 if tuple(a.name for a in attrs.fields(CandidateEvaluation)) != (
     "model",
     "provider",

@@ -8,7 +8,6 @@ Nothing here does I/O, reads a clock or draws a random number.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Final, TypeVar
 
 import attrs
@@ -29,7 +28,6 @@ __all__ = [
     "SUCCESSES",
     "WIDTH",
     "add_outcome",
-    "positional_constructor",
     "bucket_sums",
     "latency_bounds",
     "wilson_bounds",
@@ -120,32 +118,3 @@ def latency_bounds(
     q = mu + P95_Z * sigma
     se = sigma * math.sqrt(1.0 / n + P95_Z * P95_Z / (2.0 * (n - 1.0)))
     return (p50, math.exp(q), math.exp(q - z * se), math.exp(q + z * se))
-
-
-def positional_constructor(
-    cls: type[_A], skip: tuple[str, ...] = (), *, keywords: bool = False
-) -> Callable[..., _A]:
-    """
-    A builder of the frozen slotted attrs class ``cls`` that skips its ``__init__``.
-
-    The builder takes every field but those in ``skip`` positionally, in declaration
-    order (by keyword, all required, with ``keywords=True``), and sets the slots
-    directly (fields in ``skip`` are left unset).  Only for
-    values the router computed itself, already of each field's converted type and
-    within its bounds: it runs no converter or validator (~0.1 us a field instead of
-    attrs' ~0.25 us, which decisions would pay per candidate).
-    """
-    names = [a.name for a in attrs.fields(cls) if a.name not in skip]
-    setters = ", ".join(f"_s_{n}=_cls.__dict__[{n!r}].__set__" for n in names)
-    star = "*, " if keywords else ""
-    head = f"def build({star}{', '.join(names)}, "
-    lines = [head + ("" if keywords else "*, ") + f"_new=object.__new__, _cls=_cls, {setters}):"]
-    lines.append("    self = _new(_cls)")
-    lines.extend(f"    _s_{n}(self, {n})" for n in names)
-    lines.append("    return self")
-    namespace: dict[str, object] = {"_cls": cls}
-    exec(
-        compile("\n".join(lines), f"<positional constructor of {cls.__name__}>", "exec"), namespace
-    )
-    build: Callable[..., _A] = namespace["build"]  # type: ignore[assignment]
-    return build
