@@ -18,7 +18,12 @@ from typing import Any, Final, TypeAlias, TypeVar, cast
 
 import cattrs
 from cattrs.cols import homogenous_tuple_structure_factory
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.errors import (
+    AttributeValidationNote,
+    ClassValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+)
 
 from .exceptions import RecordValidationError
 
@@ -215,22 +220,17 @@ def to_dict(record: object) -> dict[str, Any]:
 def _first_path(exc: BaseException, prefix: str = "") -> tuple[str, str]:
     """Walk a cattrs validation group to the first leaf error; return (path, message)."""
     if isinstance(exc, ClassValidationError | IterableValidationError):
-        for sub in exc.exceptions:
-            note = next(
-                (n for n in getattr(sub, "__notes__", []) if n.startswith("Structuring")), ""
-            )
-            name = ""
-            if "@ attribute" in note:
-                name = note.rsplit("@ attribute", 1)[1].strip()
-            elif "@ index" in note:
-                name = f"[{note.rsplit('@ index', 1)[1].strip()}]"
-            if not name:
-                joined = prefix
-            elif name.startswith("[") or not prefix:
-                joined = f"{prefix}{name}"
+        # cattrs' structured notes name the attribute (or index) each error is about
+        with_notes, others = exc.group_exceptions()
+        for sub, note in with_notes:
+            if isinstance(note, AttributeValidationNote):
+                name = note.name
+                joined = f"{prefix}.{name}" if prefix else name
             else:
-                joined = f"{prefix}.{name}"
+                joined = f"{prefix}[{note.index}]"
             return _first_path(sub, joined)
+        for sub in others:
+            return _first_path(sub, prefix)
     if isinstance(exc, RecordValidationError):
         inner = exc.path or ""
         path = f"{prefix}.{inner}" if prefix and inner else (prefix or inner)

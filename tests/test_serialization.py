@@ -237,7 +237,7 @@ def test_nested_paths_name_the_element() -> None:
     data["candidates"][0]["constraints"] = {"max_cost": "maybe"}
     with pytest.raises(RecordValidationError, match="not a valid ConstraintStatus") as info:
         RoutingDecision.from_dict(data)
-    assert info.value.path == "candidates[0].constraints"
+    assert info.value.path == "candidates[0].constraints[max_cost]"  # the entry named
 
 
 @pytest.mark.parametrize(
