@@ -86,17 +86,18 @@ import math
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import anyio
 import attrs
 
+from ._planner import TIER_ORDER, _key_hint, _Planner
 from ._request_options import (
-    capable,
     required_capabilities,
     run_options,
     structured_result,
@@ -124,7 +125,6 @@ from ._values import (
 from .abc import (
     AttemptTimeout,
     Completion,
-    Message,
     Provider,
     QuotaStore,
     ResponseCache,
@@ -151,7 +151,6 @@ from .outcomes import classify_error, retry_after_of
 from .propensity import routing_propensity
 from .providers._http import HTTPProvider
 from .records import (
-    CandidateEvaluation,
     CircuitState,
     LLMCallRecord,
     ModelTier,
@@ -184,7 +183,6 @@ __all__ = [
 
 logger = logging.getLogger("empathy_models.executor")
 
-_TIER_ORDER: tuple[ModelTier, ...] = (ModelTier.CHEAP, ModelTier.CAPABLE, ModelTier.PREMIUM)
 _ERROR_MESSAGE_LIMIT = 300
 
 JSONScalar = str | int | float | bool | None
@@ -201,15 +199,6 @@ class MissingAPIKeyWarning(UserWarning):
     excluded with the reason.  Pass ``api_key=`` or set the variable, or leave the
     provider out of ``providers`` to silence it.
     """
-
-
-def _key_hint(provider: Provider) -> str:
-    """What to do about a provider without a key (its variable may be set but withheld)."""
-    env_var = getattr(provider, "env_var", "") or "its API key variable"
-    if getattr(provider, "_env_key_withheld", False):
-        # the variable is set, but sent only to the official endpoint, not to this one
-        return f"{env_var} is only sent to the official endpoint; pass api_key="
-    return f"set {env_var} or pass api_key="
 
 
 class TelemetryDisabledWarning(UserWarning):
@@ -264,50 +253,6 @@ class _Breaker(Protocol):
     ) -> Any: ...
 
     def available_hint(self, key: str) -> bool: ...
-
-
-_NO_IDS: frozenset[str] = frozenset()
-
-
-class _TierPlan(NamedTuple):
-    """Per-tier routing facts, fixed for an executor's life."""
-
-    same_tier: tuple[ModelInfo, ...]
-    higher: tuple[ModelInfo, ...]
-    hint_keys: tuple[tuple[str, str], ...] | None  # (model id, breaker key) per route
-    keyless: tuple[CandidateEvaluation, ...]  # the tier's models without a key, excluded
-
-
-def _order_routes(
-    same_tier: Sequence[ModelInfo],
-    higher: Sequence[ModelInfo],
-    first: ModelInfo | None,
-    open_ids: Collection[str],
-) -> list[ModelInfo]:
-    """``first``, then the tier cheapest first, then the higher tiers; known-open last."""
-
-    def ordered(models: Sequence[ModelInfo]) -> list[ModelInfo]:
-        if not open_ids:
-            return list(models)
-        return sorted(models, key=lambda m: m.id in open_ids)
-
-    routes = ordered(same_tier)
-    if first is not None:
-        routes = [first, *(m for m in routes if m.id != first.id)]
-    seen = {m.id for m in routes}
-    routes.extend(m for m in ordered(higher) if m.id not in seen)
-    return routes
-
-
-def _annotated(
-    decision: RoutingDecision, keyless: tuple[CandidateEvaluation, ...], note: str | None
-) -> RoutingDecision:
-    """``decision`` with the keyless models listed as excluded and the tier change stated."""
-    return attrs.evolve(
-        decision,
-        candidates=(*decision.candidates, *keyless),
-        reason=decision.reason if note is None else f"{decision.reason}; {note}",
-    )
 
 
 _CACHED: Any = None
@@ -444,24 +389,6 @@ class EmpathyLLMExecutor:
             for name, p in self._providers.items()
             if isinstance(p, HTTPProvider) and not p.has_api_key
         )
-        self._candidates: dict[ModelTier, tuple[ModelInfo, ...]] = {
-            tier: tuple(
-                m
-                for m in self._registry.for_tier(tier)
-                if m.provider in self._providers and m.provider not in self._keyless
-            )
-            for tier in _TIER_ORDER
-        }
-        self._keyless_models: dict[ModelTier, tuple[ModelInfo, ...]] = {
-            tier: tuple(m for m in self._registry.for_tier(tier) if m.provider in self._keyless)
-            for tier in _TIER_ORDER
-        }
-        self._keys: dict[tuple[str, str], str] = {}
-        self._tier_plans: dict[ModelTier, _TierPlan] = {}
-        self._default_routes: dict[tuple[ModelTier, str | None], tuple[ModelInfo, ...]] = {}
-        self._models_by_id: dict[str, ModelInfo] = {
-            m.id: m for tier in _TIER_ORDER for m in self._candidates[tier]
-        }
         self._tasks: dict[str, tuple[str, ModelTier]] = {}
         # resources built by `from_config` for this executor: entered first, closed last
         self._owned: tuple[AbstractAsyncContextManager[Any], ...] = ()
@@ -471,7 +398,6 @@ class EmpathyLLMExecutor:
         """Telemetry writes that failed (logged, never raised into a request)."""
         self.feedback_errors = 0
         """Router or breaker feedback calls that failed (logged, never raised)."""
-        self._tier_notes: dict[ModelTier, tuple[ModelTier, str]] = {}
         # OpenTelemetry (None when off): `run` becomes the instrumentation's wrapper
         self._obs = instrumentation_for(otel, tracer_provider, meter_provider, self._providers)
         if self._obs is not None:
@@ -490,6 +416,23 @@ class EmpathyLLMExecutor:
                 sleep=sleep,
                 wall_clock=wall_clock,
             )
+        hint_failed = weakref.WeakMethod(self._hint_failed)  # no cycle through the planner
+
+        def on_hint_error(model_id: str) -> None:
+            method = hint_failed()
+            if method is not None:
+                method(model_id)
+
+        self._planner = _Planner(
+            registry=self._registry,
+            providers=self._providers,
+            keyless=self._keyless,
+            router=self._router,
+            breaker=self._breaker,
+            limiter=self._limiter,
+            escalate=self._fallback.escalate,
+            on_hint_error=on_hint_error,
+        )
         if self._keyless:
             message = (
                 "no API key for "
@@ -733,6 +676,11 @@ class EmpathyLLMExecutor:
         except Exception:  # pragma: no cover - interpreter shutdown: modules torn down
             pass
 
+    def _hint_failed(self, model_id: str) -> None:
+        """The breaker's ``available_hint`` raised while planning (called in ``except``)."""
+        self.feedback_errors += 1
+        logger.exception("breaker.available_hint failed for %s", model_id)
+
     async def _flush_borrowed(self) -> None:
         assert self._telemetry is not None
         try:
@@ -761,270 +709,6 @@ class EmpathyLLMExecutor:
                     known[1].value,
                 )
         return known
-
-    def _breaker_key(self, info: ModelInfo) -> str:
-        assert self._breaker is not None
-        pair = (info.provider, info.id)
-        key = self._keys.get(pair)
-        if key is None:
-            key = self._keys[pair] = self._breaker.key_for(info.provider, info.id)
-        return key
-
-    def _provider_key(self, provider: str) -> str:
-        """The breaker key of ``provider`` as a whole (no model)."""
-        assert self._breaker is not None
-        pair = (provider, "")
-        key = self._keys.get(pair)
-        if key is None:
-            key = self._keys[pair] = self._breaker.key_for(provider)
-        return key
-
-    def _scope_key(self, info: ModelInfo) -> str | None:
-        """
-        The provider-wide key also guarding ``info``'s calls, when the breaker keys calls
-        per model (None when the model's key already is the provider's).
-        """
-        provider_key = self._provider_key(info.provider)
-        return None if provider_key == self._breaker_key(info) else provider_key
-
-    def _known_open(self, models: Sequence[ModelInfo]) -> set[str]:
-        if self._breaker is None:
-            return set()
-        out: set[str] = set()
-        for m in models:
-            try:
-                scope = self._scope_key(m)
-                if not self._breaker.available_hint(self._breaker_key(m)) or (
-                    scope is not None and not self._breaker.available_hint(scope)
-                ):
-                    out.add(m.id)
-            except Exception:
-                self.feedback_errors += 1
-                logger.exception("breaker.available_hint failed for %s", m.id)
-        return out
-
-    def _tier_plan(self, tier: ModelTier) -> _TierPlan:
-        """The per-tier facts `_plan` needs on every call, computed once."""
-        plan = self._tier_plans.get(tier)
-        if plan is None:
-            same_tier = self._candidates[tier]
-            higher: list[ModelInfo] = []
-            if self._fallback.escalate:
-                for t in _TIER_ORDER[_TIER_ORDER.index(tier) + 1 :]:
-                    higher.extend(self._candidates[t])
-            hint_keys: tuple[tuple[str, str], ...] | None = None
-            if self._breaker is not None:
-                try:
-                    pairs: list[tuple[str, str]] = []
-                    for m in (*same_tier, *higher):
-                        pairs.append((m.id, self._breaker_key(m)))
-                        scope = self._scope_key(m)
-                        if scope is not None:
-                            pairs.append((m.id, scope))
-                    hint_keys = tuple(pairs)
-                except Exception:
-                    hint_keys = None  # `_known_open` reports the failure on every call
-            keyless = tuple(
-                CandidateEvaluation(
-                    model=m.id,
-                    provider=m.provider,
-                    tier=m.tier,
-                    excluded=True,
-                    reasons=(
-                        f"no API key for {m.provider} ({_key_hint(self._providers[m.provider])})",
-                    ),
-                )
-                for m in self._keyless_models[tier]
-            )
-            plan = _TierPlan(same_tier, tuple(higher), hint_keys, keyless)
-            self._tier_plans[tier] = plan
-        return plan
-
-    def _substitute_tier(self, tier: ModelTier, task_type: str) -> tuple[ModelTier, str]:
-        """
-        The tier to use when the task's ``tier`` has no routable model, and why.
-
-        More capable tiers first (capable -> premium), then the nearest less capable
-        one; `ConfigurationError` when no tier has a model.  Logged once per tier.
-        """
-        known = self._tier_notes.get(tier)
-        if known is not None:
-            return known
-        index = _TIER_ORDER.index(tier)
-        order = [*_TIER_ORDER[index + 1 :], *reversed(_TIER_ORDER[:index])]
-        for other in order:
-            if self._candidates[other]:
-                note = (
-                    f"task {task_type!r} asks for the {tier.value} tier, which has no model "
-                    f"{self._served_by()}; using the {other.value} tier instead "
-                    "(pass ExecutionContext(tier=...), task_type=... or model=... to choose)"
-                )
-                logger.warning("%s", note)
-                self._tier_notes[tier] = (other, note)
-                return other, note
-        raise ConfigurationError(self._no_model_message(tier, explicit=False))
-
-    def _served_by(self) -> str:
-        keyed = sorted(set(self._providers) - self._keyless)
-        return (
-            f"served by a configured provider with an API key ({', '.join(keyed)})"
-            if keyed
-            else "served by a configured provider with an API key (none has one)"
-        )
-
-    def _no_model_message(self, tier: ModelTier, *, explicit: bool) -> str:
-        parts = [
-            f"no {tier.value} model in the registry (price table "
-            f"{self._registry.price_version}) is {self._served_by()}"
-        ]
-        if self._keyless:
-            parts.append(
-                "no API key for "
-                + ", ".join(
-                    f"{name} ({_key_hint(self._providers[name])})" for name in sorted(self._keyless)
-                )
-            )
-        usable = [t for t in _TIER_ORDER if self._candidates[t]]
-        if usable:
-            example = self._candidates[usable[0]][0].id
-            parts.append(
-                "pass ExecutionContext(tier=...) with one of "
-                f"{', '.join(t.value for t in usable)}, "
-                f"a task_type= of such a tier, or model=... (for example model={example!r})"
-            )
-        elif not explicit:
-            parts.append("no tier has one")
-        return "; ".join(parts)
-
-    def _open_ids(self, plan: _TierPlan) -> Collection[str]:
-        """Ids of the tier's routes whose breaker is known to be open (often none)."""
-        if self._breaker is None:
-            return _NO_IDS
-        keys = plan.hint_keys
-        if keys is None:
-            return self._known_open([*plan.same_tier, *plan.higher])
-        hint = self._breaker.available_hint
-        out: set[str] | None = None
-        for model_id, key in keys:
-            try:
-                available = hint(key)
-            except Exception:
-                self.feedback_errors += 1
-                logger.exception("breaker.available_hint failed for %s", model_id)
-                continue
-            if not available:
-                if out is None:
-                    out = set()
-                out.add(model_id)
-        return _NO_IDS if out is None else out
-
-    def _plan(
-        self,
-        context: ExecutionContext,
-        messages: tuple[Message, ...],
-        system: str | None,
-        task_tier: ModelTier,
-        needs: frozenset[str] = frozenset(),
-    ) -> tuple[list[ModelInfo], RoutingDecision | None]:
-        pinned: ModelInfo | None = None
-        if context.model is not None:
-            pinned = self._registry.get(context.model)
-            if not needs <= pinned.capabilities:
-                raise ConfigurationError(
-                    f"ExecutionContext.model={context.model!r} cannot serve this request: no "
-                    f"{', '.join(sorted(needs - pinned.capabilities))} support (registry "
-                    "capabilities)"
-                )
-            if pinned.provider not in self._providers:
-                raise ConfigurationError(
-                    f"ExecutionContext.model={context.model!r} is served by "
-                    f"{pinned.provider!r}, which is not configured "
-                    f"(configured: {', '.join(sorted(self._providers))})"
-                )
-        if context.tier is not None:
-            tier = context.tier
-        elif pinned is not None:
-            tier = pinned.tier
-        else:
-            tier = task_tier
-        plan = self._tier_plan(tier)
-        substituted: str | None = None
-        if not plan.same_tier and pinned is None:
-            if context.tier is not None:
-                raise ConfigurationError(self._no_model_message(tier, explicit=True))
-            # the tier came from the task: another tier serves rather than every run failing
-            tier, substituted = self._substitute_tier(tier, context.task_type)
-            plan = self._tier_plan(tier)
-        if needs:
-            plan = self._capable_plan(plan, needs, tier)
-        same_tier = plan.same_tier
-        open_ids = self._open_ids(plan)
-        if self._limiter is not None:
-            # routes whose rate limit is booked beyond the wait allowed: avoided like open ones
-            busy = self._limiter.saturated((*same_tier, *plan.higher))
-            if busy:
-                open_ids = {*open_ids, *busy}
-
-        decision: RoutingDecision | None = None
-        first: ModelInfo | None = pinned
-        all_open = all(m.id in open_ids for m in same_tier) if open_ids else not same_tier
-        if first is None and self._router is not None and not all_open:
-            options: dict[str, Any] = {}
-            if context.on_no_match is not None:
-                options["on_no_match"] = context.on_no_match
-            if context.max_ttft_ms is not None:
-                options["max_ttft_ms"] = context.max_ttft_ms
-            decision = self._router.get_best_model(
-                context.workflow,
-                context.stage,
-                candidates=[m.id for m in same_tier],
-                input_tokens=_estimate_tokens(messages, system),
-                max_tokens=context.max_tokens,
-                max_cost=context.max_cost,
-                max_latency_ms=context.max_latency_ms,
-                min_success_rate=context.min_success_rate,
-                unavailable=(
-                    frozenset(m.id for m in same_tier if m.id in open_ids) if open_ids else _NO_IDS
-                ),
-                **options,
-            )
-            if plan.keyless or substituted is not None:
-                decision = _annotated(decision, plan.keyless, substituted)
-            first = self._models_by_id.get(decision.model) or self._registry.get(decision.model)
-            if first.provider not in self._providers:
-                raise ConfigurationError(
-                    f"the router chose {first.id!r}, served by {first.provider!r}, which is "
-                    "not configured"
-                )
-        elif first is None and self._router is None and context.has_constraints:
-            raise ConfigurationError(
-                "ExecutionContext has routing constraints (max_cost / max_latency_ms / "
-                "min_success_rate / max_ttft_ms) but the executor has no router to evaluate "
-                "them; pass router=AdaptiveModelRouter(...)"
-            )
-        if not open_ids and not needs:
-            # the common case: the registry's order, computed once per (tier, first route)
-            cache_key = (tier, None if first is None else first.id)
-            cached = self._default_routes.get(cache_key)
-            if cached is None:
-                cached = self._default_routes[cache_key] = tuple(
-                    _order_routes(same_tier, plan.higher, first, _NO_IDS)
-                )
-            return list(cached), decision
-        return _order_routes(same_tier, plan.higher, first, open_ids), decision
-
-    def _capable_plan(self, plan: _TierPlan, needs: frozenset[str], tier: ModelTier) -> _TierPlan:
-        """``plan`` without the models that cannot serve ``needs`` (listed as excluded)."""
-        same_tier, unfit = capable(plan.same_tier, needs)
-        higher, _ = capable(plan.higher, needs)
-        if not same_tier and not higher:
-            raise ConfigurationError(
-                f"no configured model of tier {tier.value!r} or above can serve this request "
-                f"(it needs {', '.join(sorted(needs))} support; see ModelInfo.capabilities)"
-            )
-        if not same_tier:  # the tier cannot: the next capable tier serves
-            same_tier, higher = higher, ()
-        return plan._replace(same_tier=same_tier, higher=higher, keyless=plan.keyless + unfit)
 
     # ------------------------------------------------------------------ feedback
 
@@ -1233,7 +917,7 @@ class EmpathyLLMExecutor:
                 if hit is not None:
                     response: LLMResponse = hit
                     return response
-        routes, decision = self._plan(ctx, messages, system, task_tier, needs)
+        routes, decision = self._planner.plan(ctx, messages, system, task_tier, needs)
         run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
         if self._obs is not None:
             self._obs.planned(run)
@@ -1402,9 +1086,9 @@ class EmpathyLLMExecutor:
         key = (
             None
             if self._breaker is None or info.provider in self._keyless
-            else self._breaker_key(info)
+            else self._planner.breaker_key(info)
         )
-        scope_key = None if key is None else self._scope_key(info)
+        scope_key = None if key is None else self._planner.scope_key(info)
         per_attempt = run.context.timeout
         clock = self._clock
         called = False
@@ -1525,7 +1209,7 @@ class EmpathyLLMExecutor:
                     if (
                         isinstance(error, ModelNotFoundError)
                         and key is not None
-                        and key == self._provider_key(info.provider)
+                        and key == self._planner.provider_key(info.provider)
                     ):
                         # a 404 names one model: it must not force a key shared by
                         # every model of the provider open (the record still says fatal)
@@ -1680,8 +1364,8 @@ class EmpathyLLMExecutor:
         max_tokens = run.context.max_tokens
         tried = {*run.chain, refused.id}
         best: tuple[float, ModelInfo] | None = None
-        for tier in _TIER_ORDER:
-            for m in self._candidates[tier]:
+        for tier in TIER_ORDER:
+            for m in self._planner.candidates[tier]:
                 if m.id in tried:
                     continue
                 estimate = self._limiter.estimate(m, tokens, max_tokens)

@@ -421,8 +421,12 @@ class LLMStream:
         semaphore = ex._semaphores[info.provider]
         request = _request_for(info.id, run)
         breaker = ex._breaker
-        key = None if breaker is None or info.provider in ex._keyless else ex._breaker_key(info)
-        scope_key = None if key is None else ex._scope_key(info)
+        key = (
+            None
+            if breaker is None or info.provider in ex._keyless
+            else ex._planner.breaker_key(info)
+        )
+        scope_key = None if key is None else ex._planner.scope_key(info)
         per_attempt = self._per_attempt
         clock = ex._clock
         called = False
@@ -534,7 +538,7 @@ class LLMStream:
                     if (
                         isinstance(error, ModelNotFoundError)
                         and key is not None
-                        and key == ex._provider_key(info.provider)
+                        and key == ex._planner.provider_key(info.provider)
                     ):
                         breaker_outcome = Outcome.IGNORED
                     with anyio.CancelScope(shield=True):
@@ -853,7 +857,7 @@ def open_stream(
     needs = required_capabilities(messages, options)
     if _some_model_cannot_stream(executor):
         needs |= _STREAMING
-    routes, decision = executor._plan(ctx, messages, system, task_tier, needs)
+    routes, decision = executor._planner.plan(ctx, messages, system, task_tier, needs)
     run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
     return StreamManager(LLMStream(executor, run, routes))
 
