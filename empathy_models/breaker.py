@@ -983,9 +983,9 @@ class CircuitBreaker(AsyncResource):
         The store's current state of ``key`` (after flushing its written-behind
         successes); a key never seen reads as CLOSED, generation 0.
 
-        The returned `CircuitBreakerState` also offers the original's fields as
-        properties: ``failure_count`` (consecutive failures), ``is_open`` (OPEN,
-        FORCED_OPEN or HALF_OPEN) and ``opened_at`` (aware UTC datetime).
+        The returned `CircuitBreakerState` also offers convenience properties:
+        ``failure_count`` (consecutive failures), ``is_open`` (OPEN, FORCED_OPEN or
+        HALF_OPEN) and ``opened_at`` (aware UTC datetime).
         """
         self._check_open()
         await self._flush_key(key)

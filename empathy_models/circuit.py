@@ -94,10 +94,10 @@ class BreakerPolicy:
     """
     When a circuit trips, how long it stays open, and how it recovers.
 
-    Defaults follow the original where it had one (5 consecutive failures, 60 s
-    recovery, 1 half-open probe) and resilience4j / Envoy elsewhere (a 60 s window
-    of 6 buckets, at least 10 calls and a 50% failure rate to trip on rate, open time
-    growing with repeated trips up to a cap); see each field below.
+    Defaults: 5 consecutive failures, 60 s recovery and 1 half-open probe; after
+    resilience4j / Envoy, a 60 s window of 6 buckets, at least 10 calls and a 50%
+    failure rate to trip on rate, and open time growing with repeated trips up to a
+    cap.  See each field below.
     """
 
     consecutive_failures: int = field(default=5, validator=_positive_int)

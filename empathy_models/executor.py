@@ -700,8 +700,8 @@ class EmpathyLLMExecutor:
             known = (normalize_task_type(task_type) or "unknown", get_tier_for_task(task_type))
             self._tasks[task_type] = known
             if known[0] != "unknown" and not is_known_task(task_type):
-                # visible, once per name: an unknown task silently costing a capable model
-                # was one of the original's weak points
+                # visible, once per name: an unknown task must not silently cost a
+                # capable model
                 logger.warning(
                     "unknown task type %r: using the %s tier (see empathy_models.TaskType, "
                     "or pass ExecutionContext(tier=...))",

@@ -137,8 +137,7 @@ class LinesOfCodeReport:
 
     * ``total_lines`` = ``code_lines`` + ``blank_lines`` + ``comment_lines``.  Comments
       are recognised by the file's suffix (``#`` by default, ``//`` and ``/* */`` for
-      C-like languages, ``--`` for SQL/Lua); docstrings and strings count as code, as
-      in the original.
+      C-like languages, ``--`` for SQL/Lua); docstrings and strings count as code.
     * ``effective_lines``: the figure to give `AuthStrategy.get_recommended_mode` and
       `AuthStrategy.estimate_cost`.  It is ``code_lines`` with every line longer than
       `LINE_EQUIVALENT_CHARS` counted as ``ceil(len / LINE_EQUIVALENT_CHARS)`` lines, so a

@@ -212,7 +212,7 @@ def _convert_enum(enum_type: type[E], name: str, value: object) -> E:
         return value
     if isinstance(value, str):
         try:
-            # case-insensitive; "half-open" (the original's spelling) reads as "half_open"
+            # case-insensitive; "half-open" (the hyphenated spelling) reads as "half_open"
             return enum_type(value.strip().lower().replace("-", "_"))
         except ValueError:
             pass
@@ -406,7 +406,7 @@ class LLMCallRecord:
 
     @property
     def success(self) -> bool:
-        """True when the outcome is ``success`` (the original's ``success`` field)."""
+        """True when the outcome is ``success``."""
         return self.outcome is Outcome.SUCCESS
 
     @property
@@ -503,8 +503,8 @@ class ModelPerformance:
     def quality_score(self) -> float:
         """
         A single comparable figure: the Wilson lower bound in percent, less the average
-        cost in cents.  Unlike the original (``success_rate*100 - cost*10``), a small
-        sample cannot look perfect, and one cent of cost weighs one point of success.
+        cost in cents: a small sample cannot look perfect (the bound is low), and one
+        cent of cost weighs one point of success.
         """
         return self.success_rate_lower * 100.0 - self.avg_cost_usd * 100.0
 
@@ -561,9 +561,9 @@ class CircuitBreakerState:
     ``generation`` increases by one on every state transition; an outcome reported
     against an older generation is dropped.
 
-    The original's fields are kept as properties: `failure_count` (consecutive
-    failures), `is_open` (true for OPEN, FORCED_OPEN and HALF_OPEN: a half-open
-    circuit still rejects all but its probes) and `opened_at`.
+    Convenience properties: `failure_count` (consecutive failures), `is_open` (true for
+    OPEN, FORCED_OPEN and HALF_OPEN: a half-open circuit still rejects all but its
+    probes) and `opened_at`.
     """
 
     key: str = field(validator=_non_empty_str)
@@ -588,7 +588,7 @@ class CircuitBreakerState:
 
     @property
     def failure_count(self) -> int:
-        """Consecutive failures since the last success (the original's field)."""
+        """Consecutive failures since the last success."""
         return self.consecutive_failures
 
     @property

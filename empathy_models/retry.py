@@ -7,7 +7,7 @@ injectable ``sleep`` function, so tests never wait.
 
 Names say what they count: ``max_attempts`` is the number of calls made to one route,
 the first one included.  ``max_attempts=1`` means one call and no retry; ``0`` is
-rejected (the original's ``max_retries=0`` silently made no call at all).
+rejected (it would make no call at all).
 
 Delays, with the defaults (``base_delay=1.0``, ``multiplier=2.0``, ``max_delay=30.0``)
 and ``jitter=False``, are 1 s after the first failed attempt, 2 s after the second,

@@ -1,11 +1,11 @@
 """
 Task types and the model tier each one needs.
 
-The vocabulary is the original package's 27 task types: nine cheap, ten capable and
-eight premium.  Task names are normalized before lookup, so ``"FIX_BUG"``,
-``"fix-bug"`` and ``"fix bug"`` all mean ``"fix_bug"``.  An unknown task gets the
-capable tier, as in the original, but `is_known_task` lets the caller see that it was
-a guess (the executor logs it) instead of the guess being silent.
+The vocabulary has 27 task types: nine cheap, ten capable and eight premium.  Task
+names are normalized before lookup, so ``"FIX_BUG"``, ``"fix-bug"`` and ``"fix bug"``
+all mean ``"fix_bug"``.  An unknown task gets the capable tier, and `is_known_task`
+lets the caller see that it was a guess (the executor logs it) instead of the guess
+being silent.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ Subscription or API: which way to pay for the LLM work on a module, and where th
 choice is kept.
 
 `AuthStrategy` holds the choice (subscription tier, default mode, the module-size
-thresholds 500 / 2000 lines and the lines-to-tokens multiplier 4.0 of the original)
+thresholds 500 / 2000 lines and the lines-to-tokens multiplier 4.0 by default)
 and recommends an `AuthMode` per module size.  It is validated at construction and
 saved in a versioned JSON file under ``$EMPATHY_HOME`` (default ``~/.empathy``)::
 

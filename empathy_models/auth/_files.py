@@ -27,7 +27,7 @@ def auth_strategy_file() -> Path:
 AUTH_STRATEGY_FILE: Final[Path] = auth_strategy_file()
 """
 The auth strategy file as it resolved **when this module was imported** (kept for
-compatibility with the original's constant).  Everything in this package resolves the
+compatibility: a constant some callers import).  Everything in this package resolves the
 path at call time with `auth_strategy_file`, so a later change of ``$EMPATHY_HOME`` is
 honoured there and not here; prefer the function.
 """

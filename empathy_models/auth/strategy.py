@@ -41,17 +41,17 @@ AUTH_SCHEMA_VERSION: Final = 1
 """Version written under ``"v"`` in the auth strategy file."""
 
 SUBSCRIPTION_CONTEXT_TOKENS: Final = 200_000
-"""Context window assumed for subscription use (the original's 200K)."""
+"""Context window assumed for subscription use (200K tokens)."""
 
 API_CONTEXT_TOKENS: Final = 1_000_000
-"""Context window assumed for API use (the original's 1M)."""
+"""Context window assumed for API use (1M tokens)."""
 
 
 # --------------------------------------------------------------------------- enums
 
 
 class SubscriptionTier(enum.StrEnum):
-    """The user's subscription (values as in the original's file)."""
+    """The user's subscription (the values the strategy file stores)."""
 
     FREE = "free"
     PRO = "pro"
@@ -190,10 +190,10 @@ DOC_PIPELINE: Final[tuple[CostStage, ...]] = (
     CostStage(name="api_reference", tier=ModelTier.CHEAP, input_ratio=1.0, output_ratio=0.25),
 )
 """
-The document-generation pipeline of the original (outline, write, polish, API
-reference on cheap / capable / premium / cheap models).  The ratios are calibrated so
-that a 1,000-line module (4,000 tokens) uses the original's per-stage volumes (3K,
-15K, 10K and 5K tokens); unlike the original, the volumes scale with the module.
+The document-generation pipeline (outline, write, polish, API reference on cheap /
+capable / premium / cheap models).  The ratios are calibrated so that a 1,000-line
+module (4,000 tokens) uses 3K, 15K, 10K and 5K tokens per stage; the volumes scale with
+the module.
 """
 
 
@@ -217,7 +217,7 @@ class AuthCostEstimate:
     ``monetary_cost`` is 0 and ``quota_cost`` describes the quota used; in API mode
     ``monetary_cost`` is the sum of ``stages`` at the registry's list prices
     (``price_version``).  ``api_cost`` is the API price in both modes, so the two can be
-    compared.  `to_dict` returns the original's keys.
+    compared.  `to_dict` returns the strategy file's keys.
     """
 
     mode: AuthMode
@@ -262,7 +262,7 @@ _FIELD_ORDER: Final = (
 @frozen(kw_only=True)
 class AuthStrategy:
     """
-    The saved choice between subscription and API, with the original's fields and defaults.
+    The saved choice between subscription and API, with its thresholds and defaults.
 
     ==========================  =====================  =======
     field                       type                   default
@@ -326,13 +326,12 @@ class AuthStrategy:
         """
         The mode to use for a module of ``lines`` lines; never AUTO.
 
-        The original's decision table, first match wins:
+        The decision table, first match wins:
 
         1. ``default_mode`` is SUBSCRIPTION or API: that mode (a pin wins over size).
         2. tier PRO: API (pay-per-token is cheaper than the Pro quota; every size).
         3. tier API_ONLY: API.
-        4. tiers FREE, MAX and ENTERPRISE are size-based (the original's docstring named
-           only Max and Enterprise, but FREE behaves the same):
+        4. tiers FREE, MAX and ENTERPRISE are size-based:
            ``lines < small_module_threshold``: SUBSCRIPTION;
            ``lines < medium_module_threshold``: SUBSCRIPTION if ``prefer_subscription``
            else API; otherwise API (the module needs the larger API context window).
@@ -466,7 +465,7 @@ class AuthStrategy:
 
     def to_dict(self) -> dict[str, Any]:
         """
-        ``{"v": 1, ...}`` then the original's keys in its order: ``subscription_tier,
+        ``{"v": 1, ...}`` then the file's keys in order: ``subscription_tier,
         default_mode, small_module_threshold, medium_module_threshold,
         loc_to_tokens_multiplier, setup_completed, prefer_subscription,
         cost_optimization, metadata``; enums as their string values.
@@ -484,7 +483,7 @@ class AuthStrategy:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
         """
-        Build a strategy from `to_dict` output (or the original's file, which has no ``"v"``).
+        Build a strategy from `to_dict` output (or an unversioned file, without ``"v"``).
 
         Missing keys take the defaults; unknown keys are ignored, so a file written by
         a newer version still loads.  A bad value raises `RecordValidationError` whose

@@ -30,7 +30,7 @@ class TierRecommendation:
     (every model that served it; ``failures`` of them failed, ``by_model`` splits them
     per model as ``(failures, calls)``).  ``current_tiers`` are the tiers that served
     those calls; ``suggested_tier`` is the next tier above the highest of them (``None``
-    when already at the top or when no upgrade is advised).  Unpacks like the original's
+    when already at the top or when no upgrade is advised).  Unpacks as a
     ``(should_upgrade, reason)`` tuple.
     """
 
