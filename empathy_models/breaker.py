@@ -62,20 +62,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
-import inspect
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, NoReturn, ParamSpec, TypeAlias, TypeVar
+from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import anyio
-from attrs import frozen
 
+from ._breaker_events import BreakerEvent, BreakerEventKind, BreakerListener, Listeners
 from .abc import AsyncResource, CircuitStateStore, TransactionalStateStore
 from .backends import state_store_from_url
 from .backends.memory import MemoryStateStore
@@ -146,48 +144,6 @@ def provider_outcome(outcome: Outcome, exc: BaseException | None) -> Outcome:
     if isinstance(exc, ProviderConnectionError):
         return Outcome.FAILURE
     return Outcome.IGNORED
-
-
-class BreakerEventKind(enum.StrEnum):
-    """What a `BreakerEvent` reports."""
-
-    STATE_CHANGED = "state_changed"
-    """This process saw the key's state change (a trip, a recovery, a reset, a force)."""
-    CALL_REJECTED = "call_rejected"
-    """A call was rejected (only with ``rejection_events=True``)."""
-    STORE_DEGRADED = "store_degraded"
-    """The store failed; the breaker runs on its per-process fallback."""
-    STORE_RECOVERED = "store_recovered"
-    """The store answers again; its state is adopted."""
-
-
-@frozen(kw_only=True)
-class BreakerEvent:
-    """
-    One thing that happened to a breaker, as passed to listeners.
-
-    ``key`` is the circuit concerned (for store events, the key whose operation noticed
-    the outage or the recovery).  ``old_state`` / ``new_state`` are set for
-    ``state_changed`` (``old_state`` is the state this process last saw, CLOSED for a
-    key it never saw) and ``new_state`` for ``call_rejected``; ``generation`` and
-    ``open_until`` describe the new state; ``reason`` says why (the machine's reason,
-    such as ``"5 consecutive failures"``); ``error`` describes the store error of a
-    ``store_degraded`` event (class and message, no credentials).
-    """
-
-    kind: BreakerEventKind
-    key: str | None = None
-    old_state: CircuitState | None = None
-    new_state: CircuitState | None = None
-    reason: str | None = None
-    generation: int | None = None
-    open_until: datetime | None = None
-    error: str | None = None
-    at: datetime
-
-
-BreakerListener: TypeAlias = Callable[[BreakerEvent], Awaitable[None] | None]
-"""A listener: a function or coroutine function taking one `BreakerEvent`."""
 
 
 _new = object.__new__
@@ -439,7 +395,7 @@ class CircuitBreaker(AsyncResource):
         self._flush_interval = float(flush_interval)
         self._retry_interval = float(store_retry_interval)
         self._classify = classify
-        self._listeners: list[BreakerListener] = list(listeners)
+        self._listeners = Listeners(listeners)
         self._rejection_events = bool(rejection_events)
         self._sleep = sleep
         self._store_timeout = None if store_timeout is None else float(store_timeout)
@@ -497,14 +453,11 @@ class CircuitBreaker(AsyncResource):
 
     def add_listener(self, listener: BreakerListener) -> None:
         """Call ``listener`` (sync or async) with every future `BreakerEvent`."""
-        if not callable(listener):
-            raise ConfigurationError(f"a listener must be callable, got {listener!r}")
-        self._listeners.append(listener)
+        self._listeners.add(listener)
 
     def remove_listener(self, listener: BreakerListener) -> None:
         """Stop calling ``listener``; unknown listeners are ignored."""
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+        self._listeners.discard(listener)
 
     def classify(self, exc: BaseException) -> Outcome:
         """
@@ -1153,18 +1106,7 @@ class CircuitBreaker(AsyncResource):
         await self._observe(state)
 
     async def _emit(self, event: BreakerEvent) -> None:
-        for listener in tuple(self._listeners):
-            try:
-                result = listener(event)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                logger.exception(
-                    "circuit breaker listener %r failed on %s for %r",
-                    listener,
-                    event.kind.value,
-                    event.key,
-                )
+        await self._listeners.emit(event)
 
     # ------------------------------------------------------------------ degraded mode
 
