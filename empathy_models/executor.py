@@ -82,35 +82,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import anyio
 import attrs
 
+from ._feedback import _Feedback
 from ._planner import TIER_ORDER, _key_hint, _Planner
 from ._request_options import (
     required_capabilities,
     run_options,
-    structured_result,
 )
 from ._run import (
     Prompt,
     _DeadlineExceeded,
     _describe,
     _estimate_tokens,
-    _plain_non_negative,
     _request_for,
     _Run,
-    _status_of,
     _to_messages,
 )
 from ._values import (
@@ -119,8 +115,6 @@ from ._values import (
     ExecutionContext,
     FallbackPolicy,
     LLMResponse,
-    _new_response,
-    _new_summary,
 )
 from .abc import (
     AttemptTimeout,
@@ -148,16 +142,13 @@ from .limits.guard import Hold, Limiter, LocalRateLimitError
 from .limits.values import Budget, RateLimit
 from .observability import instrumentation_for
 from .outcomes import classify_error, retry_after_of
-from .propensity import routing_propensity
 from .providers._http import HTTPProvider
 from .records import (
-    CircuitState,
     LLMCallRecord,
     ModelTier,
     Outcome,
     RoutingDecision,
     Ticket,
-    _trusted_call_record,
 )
 from .registry import ModelInfo, ModelRegistry
 from .retry import RetryPolicy
@@ -394,10 +385,14 @@ class EmpathyLLMExecutor:
         self._owned: tuple[AbstractAsyncContextManager[Any], ...] = ()
         self._stack: AsyncExitStack | None = None
         self._state = "new"
-        self.telemetry_errors = 0
-        """Telemetry writes that failed (logged, never raised into a request)."""
-        self.feedback_errors = 0
-        """Router or breaker feedback calls that failed (logged, never raised)."""
+        self._fb = _Feedback(
+            registry=self._registry,
+            router=self._router,
+            breaker=self._breaker,
+            telemetry=self._telemetry,
+            clock=self._clock,
+            wall_clock=self._wall_clock,
+        )
         # OpenTelemetry (None when off): `run` becomes the instrumentation's wrapper
         self._obs = instrumentation_for(otel, tracer_provider, meter_provider, self._providers)
         if self._obs is not None:
@@ -562,6 +557,24 @@ class EmpathyLLMExecutor:
     # ------------------------------------------------------------------ properties
 
     @property
+    def telemetry_errors(self) -> int:
+        """Telemetry writes that failed (logged, never raised into a request)."""
+        return self._fb.telemetry_errors
+
+    @telemetry_errors.setter
+    def telemetry_errors(self, value: int) -> None:
+        self._fb.telemetry_errors = value
+
+    @property
+    def feedback_errors(self) -> int:
+        """Router or breaker feedback calls that failed (logged, never raised)."""
+        return self._fb.feedback_errors
+
+    @feedback_errors.setter
+    def feedback_errors(self, value: int) -> None:
+        self._fb.feedback_errors = value
+
+    @property
     def telemetry_enabled(self) -> bool:
         """True when records are kept (a backend other than the null one was given)."""
         return self._telemetry is not None and self._telemetry.stores_records
@@ -712,133 +725,6 @@ class EmpathyLLMExecutor:
 
     # ------------------------------------------------------------------ feedback
 
-    async def _feedback(
-        self,
-        record: LLMCallRecord,
-        ticket: Ticket | None,
-        retry_after: float | None,
-        error: str | None,
-        breaker_outcome: Outcome | None = None,
-        scope: tuple[Ticket, Outcome] | None = None,
-    ) -> None:
-        if ticket is not None and self._breaker is not None:
-            try:
-                await self._breaker.report(
-                    ticket,
-                    record.outcome if breaker_outcome is None else breaker_outcome,
-                    retry_after=retry_after,
-                    error=error,
-                )
-            except Exception:
-                self.feedback_errors += 1
-                logger.exception("breaker.report failed for %s", ticket.key)
-        if scope is not None and self._breaker is not None:
-            # the provider-wide key hears only what concerns the whole provider
-            try:
-                await self._breaker.report(scope[0], scope[1], error=error)
-            except Exception:
-                self.feedback_errors += 1
-                logger.exception("breaker.report failed for %s", scope[0].key)
-        if self._router is not None:
-            try:
-                self._router.record_outcome(record)
-            except Exception:
-                self.feedback_errors += 1
-                logger.exception("router.record_outcome failed for %s", record.model)
-        if self._telemetry is not None:
-            try:
-                await self._telemetry.record(record)
-            except Exception:
-                self.telemetry_errors += 1
-                logger.exception(
-                    "telemetry write failed (record %s of request %s dropped)",
-                    record.call_id,
-                    record.request_id,
-                )
-
-    def _record(
-        self,
-        run: _Run,
-        info: ModelInfo,
-        outcome: Outcome,
-        *,
-        attempt: int,
-        latency_ms: float,
-        ticket: Ticket | None,
-        exc: BaseException | None = None,
-        completion: Completion | None = None,
-        circuit_state: CircuitState | None = None,
-    ) -> LLMCallRecord:
-        ctx = run.context
-        input_tokens = completion.input_tokens if completion is not None else 0
-        output_tokens = completion.output_tokens if completion is not None else 0
-        cost = info.cost(input_tokens, output_tokens) if completion is not None else 0.0
-        message = None
-        if exc is not None:
-            text = str(exc)
-            message = text[:_ERROR_MESSAGE_LIMIT] if text else None
-        if circuit_state is None and ticket is not None and ticket.lease_id is not None:
-            circuit_state = CircuitState.HALF_OPEN
-        decision = run.decision
-        ttft_ms = completion.ttft_ms if completion is not None else None
-        response_text = completion.content if completion is not None and ctx.record_text else None
-        generation = None if ticket is None else ticket.generation
-        latency_ms = max(0.0, latency_ms)
-        # Every value below is validated already (context, registry, clock arithmetic)
-        # except those a provider or a breaker hands back; when those are plainly valid
-        # too, skip the record's validators (a third of the in-process call cost).
-        # Anything unusual (including a rejection's state) takes the validated path, so
-        # it fails exactly as before.
-        make: Callable[..., LLMCallRecord] = (
-            _trusted_call_record
-            if latency_ms < math.inf
-            and (ttft_ms is None or _plain_non_negative(ttft_ms))
-            and (response_text is None or type(response_text) is str)
-            and (generation is None or (type(generation) is int and generation >= 0))
-            and (circuit_state is None or circuit_state is CircuitState.HALF_OPEN)
-            else LLMCallRecord
-        )
-        return make(
-            provider=info.provider,
-            model=info.id,
-            outcome=outcome,
-            call_id=os.urandom(16).hex(),
-            request_id=run.request_id,
-            timestamp=datetime.fromtimestamp(self._wall_clock(), UTC),
-            workflow=ctx.workflow,
-            stage=ctx.stage,
-            task_type=run.task_type,
-            tier=info.tier,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_usd=cost,
-            actual_cost_usd=None,
-            price_version=self._registry.price_version,
-            latency_ms=latency_ms,
-            ttft_ms=ttft_ms,
-            error_type=None if exc is None else type(exc).__name__,
-            error_message=message,
-            status_code=None if exc is None else _status_of(exc),
-            attempt=attempt,
-            fallback_used=info.id != run.original.id,
-            fallback_chain=tuple(run.chain),
-            original_provider=run.original.provider,
-            original_model=run.original.id,
-            exploration=bool(
-                decision is not None and decision.exploration and decision.model == info.id
-            ),
-            routing_propensity=routing_propensity(decision, getattr(self._router, "policy", None))
-            if decision is not None and decision.model == info.id
-            else None,
-            breaker_generation=generation,
-            circuit_state=circuit_state,
-            user_id=ctx.user_id,
-            session_id=ctx.session_id,
-            metadata=ctx.metadata,
-            prompt_text=run.prompt_text,
-            response_text=response_text,
-        )
-
     # ------------------------------------------------------------------ the call
 
     def _check_open(self) -> None:
@@ -953,7 +839,7 @@ class EmpathyLLMExecutor:
                     continue
                 called_routes += called
                 if completion is not None:
-                    answer = self._response(run, info, completion, start, run.attempts_cost)
+                    answer = self._fb.response(run, info, completion, start, run.attempts_cost)
                     if cache_key is not None:
                         await _cached_module().store(self, cache_key, answer, ctx)
                     return answer
@@ -1033,35 +919,6 @@ class EmpathyLLMExecutor:
             opener = _open_stream = open_stream
         return opener(self, prompt, context, options)
 
-    def _response(
-        self, run: _Run, info: ModelInfo, completion: Completion, start: float, cost: float
-    ) -> LLMResponse:
-        parsed, parse_error = (
-            (None, None) if not run.options else structured_result(completion, run.options)
-        )
-        return _new_response(
-            content=completion.content,
-            model=info.id,
-            provider=info.provider,
-            tier=info.tier,
-            input_tokens=completion.input_tokens,
-            output_tokens=completion.output_tokens,
-            cost_usd=cost,
-            latency_ms=max(0.0, (self._clock() - start) * 1000.0),
-            attempts=tuple(run.attempts),
-            fallback_chain=tuple(run.chain),
-            fallback_used=info.id != run.original.id,
-            routing_decision=run.decision,
-            request_id=run.request_id,
-            response_model=completion.model,
-            price_version=self._registry.price_version,
-            stop_reason=completion.stop_reason,
-            tool_calls=completion.tool_calls,
-            parsed=parsed,
-            parse_error=parse_error,
-            ttft_ms=None,
-        )
-
     def _deadline_error(self, run: _Run, info: ModelInfo, why: str) -> _DeadlineExceeded:
         return _DeadlineExceeded(
             ProviderTimeoutError(
@@ -1137,7 +994,7 @@ class EmpathyLLMExecutor:
                                 except Exception:
                                     self.feedback_errors += 1
                                     logger.exception("breaker.report failed for %s", scope_key)
-                        record = self._record(
+                        record = self._fb.record(
                             run,
                             info,
                             Outcome.REJECTED,
@@ -1148,7 +1005,7 @@ class EmpathyLLMExecutor:
                             circuit_state=exc.state,
                         )
                         run.errors.append(exc)
-                        run.attempts.append(self._summary(record, exc))
+                        run.attempts.append(self._fb.summary(record, exc))
                         logger.info(
                             "%s/%s: circuit %s is %s, %s not called",
                             run.context.workflow,
@@ -1160,7 +1017,7 @@ class EmpathyLLMExecutor:
                         if self._obs is not None:
                             self._obs.rejected(info, key, exc)
                         with anyio.CancelScope(shield=True):  # the record survives a cancel
-                            await self._feedback(record, None, None, None)
+                            await self._fb.give(record, None, None, None)
                         return called, None, False
                 if self._obs is not None:
                     self._obs.attempt_started(run, info, request, attempt, (scope_ticket, ticket))
@@ -1191,7 +1048,7 @@ class EmpathyLLMExecutor:
                         error.__cause__ = raised
                         error.__suppress_context__ = True
                     outcome = classify_error(error)
-                    record = self._record(
+                    record = self._fb.record(
                         run,
                         info,
                         outcome,
@@ -1217,7 +1074,7 @@ class EmpathyLLMExecutor:
                     # a cancel arriving now must not lose the record or the breaker's
                     # report (a half-open lease); it is delivered right after
                     with anyio.CancelScope(shield=True):
-                        await self._feedback(
+                        await self._fb.give(
                             record,
                             ticket,
                             retry_after,
@@ -1233,7 +1090,7 @@ class EmpathyLLMExecutor:
                     # cancellation (or KeyboardInterrupt): record it, return the lease,
                     # re-raise untouched
                     latency_ms = (clock() - t0) * 1000.0
-                    record = self._record(
+                    record = self._fb.record(
                         run,
                         info,
                         Outcome.CANCELLED,
@@ -1242,9 +1099,9 @@ class EmpathyLLMExecutor:
                         ticket=ticket,
                         exc=raised,
                     )
-                    run.attempts.append(self._summary(record, raised))
+                    run.attempts.append(self._fb.summary(record, raised))
                     with anyio.CancelScope(shield=True):
-                        await self._feedback(
+                        await self._fb.give(
                             record,
                             ticket,
                             None,
@@ -1257,7 +1114,7 @@ class EmpathyLLMExecutor:
                     raise
                 else:
                     latency_ms = (clock() - t0) * 1000.0
-                    record = self._record(
+                    record = self._fb.record(
                         run,
                         info,
                         Outcome.SUCCESS,
@@ -1266,7 +1123,7 @@ class EmpathyLLMExecutor:
                         ticket=ticket,
                         completion=completion,
                     )
-                    run.attempts.append(self._summary(record, None))
+                    run.attempts.append(self._fb.summary(record, None))
                     run.attempts_cost = record.cost_usd
                     if hold is not None:
                         hold.cost_usd = record.cost_usd
@@ -1280,9 +1137,9 @@ class EmpathyLLMExecutor:
                         # a half-open probe's success must reach the breaker (the shield
                         # costs a few microseconds, so the closed-circuit path skips it)
                         with anyio.CancelScope(shield=True):
-                            await self._feedback(record, ticket, None, None, None, scope)
+                            await self._fb.give(record, ticket, None, None, None, scope)
                     else:
-                        await self._feedback(record, ticket, None, None, None, scope)
+                        await self._fb.give(record, ticket, None, None, None, scope)
                     if self._obs is not None:
                         self._obs.attempt_ended(record, completion)
                     return called, completion, False
@@ -1305,10 +1162,10 @@ class EmpathyLLMExecutor:
                     str(error)[:_ERROR_MESSAGE_LIMIT],
                 )
             if by_deadline and expired:
-                run.attempts.append(self._summary(record, error))
+                run.attempts.append(self._fb.summary(record, error))
                 raise _DeadlineExceeded(None) from None  # the error is in run.errors
             if outcome is Outcome.IGNORED:
-                run.attempts.append(self._summary(record, error))
+                run.attempts.append(self._fb.summary(record, error))
                 if (
                     isinstance(error, ContextWindowExceededError)
                     and self._fallback.larger_context_on_overflow
@@ -1316,7 +1173,7 @@ class EmpathyLLMExecutor:
                     return called, None, True
                 raise error
             if not self._retry.should_retry(error, route_attempt):
-                run.attempts.append(self._summary(record, error))
+                run.attempts.append(self._fb.summary(record, error))
                 return called, None, False
             delay = self._retry.compute_delay(route_attempt, retry_after)
             if delay is None:
@@ -1327,13 +1184,13 @@ class EmpathyLLMExecutor:
                     retry_after,
                     self._retry.retry_after_limit,
                 )
-                run.attempts.append(self._summary(record, error))
+                run.attempts.append(self._fb.summary(record, error))
                 return called, None, False
             if deadline_at is not None and clock() + delay >= deadline_at:
                 # the wait would outlast the run: let the next route use the time left
-                run.attempts.append(self._summary(record, error))
+                run.attempts.append(self._fb.summary(record, error))
                 return called, None, False
-            run.attempts.append(self._summary(record, error, delay))
+            run.attempts.append(self._fb.summary(record, error, delay))
             logger.info(
                 "%s/%s retrying %s in %.2fs (attempt %d of %d on this route)",
                 run.context.workflow,
@@ -1386,20 +1243,3 @@ class EmpathyLLMExecutor:
         if run.decision is not None:
             run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
         return True
-
-    @staticmethod
-    def _summary(
-        record: LLMCallRecord, exc: BaseException | None, delay: float | None = None
-    ) -> AttemptSummary:
-        return _new_summary(
-            attempt=record.attempt,
-            call_id=record.call_id,
-            provider=record.provider,
-            model=record.model,
-            outcome=record.outcome,
-            latency_ms=record.latency_ms,
-            error_type=record.error_type,
-            status_code=record.status_code,
-            retry_after=None if exc is None else retry_after_of(exc),
-            delay_s=delay,
-        )

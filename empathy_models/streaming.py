@@ -477,7 +477,7 @@ class LLMStream:
                                 except Exception:
                                     ex.feedback_errors += 1
                                     logger.exception("breaker.report failed for %s", scope_key)
-                        record = ex._record(
+                        record = ex._fb.record(
                             run,
                             info,
                             Outcome.REJECTED,
@@ -488,9 +488,9 @@ class LLMStream:
                             circuit_state=exc.state,
                         )
                         run.errors.append(exc)
-                        run.attempts.append(ex._summary(record, exc))
+                        run.attempts.append(ex._fb.summary(record, exc))
                         with anyio.CancelScope(shield=True):
-                            await ex._feedback(record, None, None, None)
+                            await ex._fb.give(record, None, None, None)
                         return called, False, False
                 # ---- open the stream and read up to its first delta
                 total = None if deadline_at is None else max(deadline_at - clock(), 0.001)
@@ -520,7 +520,7 @@ class LLMStream:
                     )
                     error = _timeout_error(raised, info, per_attempt, by_deadline)
                     outcome = classify_error(error)
-                    record = ex._record(
+                    record = ex._fb.record(
                         run,
                         info,
                         outcome,
@@ -542,7 +542,7 @@ class LLMStream:
                     ):
                         breaker_outcome = Outcome.IGNORED
                     with anyio.CancelScope(shield=True):
-                        await ex._feedback(
+                        await ex._fb.give(
                             record,
                             ticket,
                             retry_after,
@@ -559,7 +559,7 @@ class LLMStream:
                     with anyio.CancelScope(shield=True):
                         if stream is not None:
                             await stream.aclose()
-                        record = ex._record(
+                        record = ex._fb.record(
                             run,
                             info,
                             Outcome.CANCELLED,
@@ -568,8 +568,8 @@ class LLMStream:
                             ticket=ticket,
                             exc=raised,
                         )
-                        run.attempts.append(ex._summary(record, raised))
-                        await ex._feedback(
+                        run.attempts.append(ex._fb.summary(record, raised))
+                        await ex._fb.give(
                             record,
                             ticket,
                             None,
@@ -621,10 +621,10 @@ class LLMStream:
                     str(error)[:_ERROR_MESSAGE_LIMIT],
                 )
             if by_deadline:
-                run.attempts.append(ex._summary(record, error))
+                run.attempts.append(ex._fb.summary(record, error))
                 raise _DeadlineExceeded(None) from None
             if outcome is Outcome.IGNORED:
-                run.attempts.append(ex._summary(record, error))
+                run.attempts.append(ex._fb.summary(record, error))
                 if (
                     isinstance(error, ContextWindowExceededError)
                     and ex._fallback.larger_context_on_overflow
@@ -632,13 +632,13 @@ class LLMStream:
                     return called, False, True
                 raise error
             if not ex._retry.should_retry(error, route_attempt):
-                run.attempts.append(ex._summary(record, error))
+                run.attempts.append(ex._fb.summary(record, error))
                 return called, False, False
             delay = ex._retry.compute_delay(route_attempt, retry_after)
             if delay is None or (deadline_at is not None and clock() + delay >= deadline_at):
-                run.attempts.append(ex._summary(record, error))
+                run.attempts.append(ex._fb.summary(record, error))
                 return called, False, False
-            run.attempts.append(ex._summary(record, error, delay))
+            run.attempts.append(ex._fb.summary(record, error, delay))
             if ex._obs is not None and self._trace is not None:
                 ex._obs.retry(delay, self._trace)
             await ex._sleep(delay)
@@ -683,7 +683,7 @@ class LLMStream:
         info = self._info
         assert info is not None
         latency_ms = (ex._clock() - self._t0) * 1000.0
-        record = ex._record(
+        record = ex._fb.record(
             run,
             info,
             outcome,
@@ -693,7 +693,7 @@ class LLMStream:
             exc=error,
             completion=completion,
         )
-        run.attempts.append(ex._summary(record, error))
+        run.attempts.append(ex._fb.summary(record, error))
         scope = (
             None
             if self._scope_ticket is None
@@ -701,7 +701,7 @@ class LLMStream:
         )
         try:
             with anyio.CancelScope(shield=True):  # the record survives a cancel
-                await ex._feedback(
+                await ex._fb.give(
                     record,
                     self._ticket,
                     None if error is None else retry_after_of(error),

@@ -1,0 +1,232 @@
+"""
+What the executor learns from each provider call: the `LLMCallRecord` it builds, the
+breaker's report, the router's outcome and the telemetry write (`_Feedback.give`: a
+failure of any of them is logged and counted, never raised into the request), and the
+`AttemptSummary` / `LLMResponse` values a run returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from ._request_options import structured_result
+from ._run import _plain_non_negative, _Run, _status_of
+from ._values import AttemptSummary, LLMResponse, _new_response, _new_summary
+from .abc import Completion, TelemetryBackend
+from .outcomes import retry_after_of
+from .propensity import routing_propensity
+from .records import CircuitState, LLMCallRecord, Outcome, Ticket, _trusted_call_record
+from .registry import ModelInfo, ModelRegistry
+
+if TYPE_CHECKING:
+    from .executor import _Breaker, _Router
+
+__all__: list[str] = []
+
+logger = logging.getLogger("empathy_models.executor")
+
+_ERROR_MESSAGE_LIMIT = 300
+
+
+class _Feedback:
+    """
+    The executor's bookkeeping of calls (see the module docstring).  ``feedback_errors``
+    and ``telemetry_errors`` count what failed (the executor shows them).
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: ModelRegistry,
+        router: _Router | None,
+        breaker: _Breaker | None,
+        telemetry: TelemetryBackend | None,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self._registry = registry
+        self._router = router
+        self._breaker = breaker
+        self._telemetry = telemetry
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self.feedback_errors = 0
+        self.telemetry_errors = 0
+
+    async def give(
+        self,
+        record: LLMCallRecord,
+        ticket: Ticket | None,
+        retry_after: float | None,
+        error: str | None,
+        breaker_outcome: Outcome | None = None,
+        scope: tuple[Ticket, Outcome] | None = None,
+    ) -> None:
+        if ticket is not None and self._breaker is not None:
+            try:
+                await self._breaker.report(
+                    ticket,
+                    record.outcome if breaker_outcome is None else breaker_outcome,
+                    retry_after=retry_after,
+                    error=error,
+                )
+            except Exception:
+                self.feedback_errors += 1
+                logger.exception("breaker.report failed for %s", ticket.key)
+        if scope is not None and self._breaker is not None:
+            # the provider-wide key hears only what concerns the whole provider
+            try:
+                await self._breaker.report(scope[0], scope[1], error=error)
+            except Exception:
+                self.feedback_errors += 1
+                logger.exception("breaker.report failed for %s", scope[0].key)
+        if self._router is not None:
+            try:
+                self._router.record_outcome(record)
+            except Exception:
+                self.feedback_errors += 1
+                logger.exception("router.record_outcome failed for %s", record.model)
+        if self._telemetry is not None:
+            try:
+                await self._telemetry.record(record)
+            except Exception:
+                self.telemetry_errors += 1
+                logger.exception(
+                    "telemetry write failed (record %s of request %s dropped)",
+                    record.call_id,
+                    record.request_id,
+                )
+
+    def record(
+        self,
+        run: _Run,
+        info: ModelInfo,
+        outcome: Outcome,
+        *,
+        attempt: int,
+        latency_ms: float,
+        ticket: Ticket | None,
+        exc: BaseException | None = None,
+        completion: Completion | None = None,
+        circuit_state: CircuitState | None = None,
+    ) -> LLMCallRecord:
+        ctx = run.context
+        input_tokens = completion.input_tokens if completion is not None else 0
+        output_tokens = completion.output_tokens if completion is not None else 0
+        cost = info.cost(input_tokens, output_tokens) if completion is not None else 0.0
+        message = None
+        if exc is not None:
+            text = str(exc)
+            message = text[:_ERROR_MESSAGE_LIMIT] if text else None
+        if circuit_state is None and ticket is not None and ticket.lease_id is not None:
+            circuit_state = CircuitState.HALF_OPEN
+        decision = run.decision
+        ttft_ms = completion.ttft_ms if completion is not None else None
+        response_text = completion.content if completion is not None and ctx.record_text else None
+        generation = None if ticket is None else ticket.generation
+        latency_ms = max(0.0, latency_ms)
+        # Every value below is validated already (context, registry, clock arithmetic)
+        # except those a provider or a breaker hands back; when those are plainly valid
+        # too, skip the record's validators (a third of the in-process call cost).
+        # Anything unusual (including a rejection's state) takes the validated path, so
+        # it fails exactly as before.
+        make: Callable[..., LLMCallRecord] = (
+            _trusted_call_record
+            if latency_ms < math.inf
+            and (ttft_ms is None or _plain_non_negative(ttft_ms))
+            and (response_text is None or type(response_text) is str)
+            and (generation is None or (type(generation) is int and generation >= 0))
+            and (circuit_state is None or circuit_state is CircuitState.HALF_OPEN)
+            else LLMCallRecord
+        )
+        return make(
+            provider=info.provider,
+            model=info.id,
+            outcome=outcome,
+            call_id=os.urandom(16).hex(),
+            request_id=run.request_id,
+            timestamp=datetime.fromtimestamp(self._wall_clock(), UTC),
+            workflow=ctx.workflow,
+            stage=ctx.stage,
+            task_type=run.task_type,
+            tier=info.tier,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost,
+            actual_cost_usd=None,
+            price_version=self._registry.price_version,
+            latency_ms=latency_ms,
+            ttft_ms=ttft_ms,
+            error_type=None if exc is None else type(exc).__name__,
+            error_message=message,
+            status_code=None if exc is None else _status_of(exc),
+            attempt=attempt,
+            fallback_used=info.id != run.original.id,
+            fallback_chain=tuple(run.chain),
+            original_provider=run.original.provider,
+            original_model=run.original.id,
+            exploration=bool(
+                decision is not None and decision.exploration and decision.model == info.id
+            ),
+            routing_propensity=routing_propensity(decision, getattr(self._router, "policy", None))
+            if decision is not None and decision.model == info.id
+            else None,
+            breaker_generation=generation,
+            circuit_state=circuit_state,
+            user_id=ctx.user_id,
+            session_id=ctx.session_id,
+            metadata=ctx.metadata,
+            prompt_text=run.prompt_text,
+            response_text=response_text,
+        )
+
+    def response(
+        self, run: _Run, info: ModelInfo, completion: Completion, start: float, cost: float
+    ) -> LLMResponse:
+        parsed, parse_error = (
+            (None, None) if not run.options else structured_result(completion, run.options)
+        )
+        return _new_response(
+            content=completion.content,
+            model=info.id,
+            provider=info.provider,
+            tier=info.tier,
+            input_tokens=completion.input_tokens,
+            output_tokens=completion.output_tokens,
+            cost_usd=cost,
+            latency_ms=max(0.0, (self._clock() - start) * 1000.0),
+            attempts=tuple(run.attempts),
+            fallback_chain=tuple(run.chain),
+            fallback_used=info.id != run.original.id,
+            routing_decision=run.decision,
+            request_id=run.request_id,
+            response_model=completion.model,
+            price_version=self._registry.price_version,
+            stop_reason=completion.stop_reason,
+            tool_calls=completion.tool_calls,
+            parsed=parsed,
+            parse_error=parse_error,
+            ttft_ms=None,
+        )
+
+    @staticmethod
+    def summary(
+        record: LLMCallRecord, exc: BaseException | None, delay: float | None = None
+    ) -> AttemptSummary:
+        return _new_summary(
+            attempt=record.attempt,
+            call_id=record.call_id,
+            provider=record.provider,
+            model=record.model,
+            outcome=record.outcome,
+            latency_ms=record.latency_ms,
+            error_type=record.error_type,
+            status_code=record.status_code,
+            retry_after=None if exc is None else retry_after_of(exc),
+            delay_s=delay,
+        )
