@@ -27,67 +27,28 @@ interpreter; a child that dies or stays silent for 60 s fails the check with its
 from __future__ import annotations
 
 import json
-import selectors
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 from ..backends import state_store_from_url
 from ..records import CircuitState
+from ._child import JsonLinesChild
 
 __all__ = ["breaker_fleet_check"]
 
 
-class _Child:
-    """One worker process with a JSON-lines conversation and a deadline on every read."""
+class _Child(JsonLinesChild):
+    """A fleet worker: one breaker over the shared store, guarding one key."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
+        super().__init__(
             [sys.executable, "-m", "empathy_models.testing._fleet_worker", *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            bufsize=0,
+            name="fleet worker",
         )
-        self._buffer = b""
-
-    def send(self, payload: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(payload).encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def read(self, timeout: float = 60.0) -> dict[str, Any]:
-        """The next JSON line; fails with the child's stderr if it dies or stays silent."""
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            while b"\n" not in self._buffer:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    self.fail(f"no answer within {timeout} s")
-                chunk = self.proc.stdout.read(65536)
-                if not chunk:
-                    self.fail("the worker exited")
-                self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    def fail(self, why: str) -> NoReturn:
-        self.kill()
-        assert self.proc.stderr is not None
-        stderr = self.proc.stderr.read().decode(errors="replace")
-        raise AssertionError(f"fleet worker: {why}; stderr:\n{stderr}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
 
     def close(self) -> None:
         """Ask the worker to quit (kill it if it does not), then close the pipes."""
@@ -96,10 +57,8 @@ class _Child:
                 self.send({"op": "quit"})
                 self.proc.wait(timeout=20)
             except (OSError, subprocess.TimeoutExpired):
-                self.kill()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+                pass
+        super().close()
 
 
 def _ask_all(children: list[_Child], payload: dict[str, Any]) -> list[dict[str, Any]]:
