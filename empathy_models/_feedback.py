@@ -186,8 +186,15 @@ class _Feedback:
         )
 
     def response(
-        self, run: _Run, info: ModelInfo, completion: Completion, start: float, cost: float
+        self,
+        run: _Run,
+        info: ModelInfo,
+        completion: Completion,
+        start: float,
+        cost: float,
+        ttft_ms: float | None = None,
     ) -> LLMResponse:
+        """The run's answer from ``info``'s ``completion`` (``ttft_ms``: a stream's)."""
         parsed, parse_error = (
             (None, None) if not run.options else structured_result(completion, run.options)
         )
@@ -211,7 +218,7 @@ class _Feedback:
             tool_calls=completion.tool_calls,
             parsed=parsed,
             parse_error=parse_error,
-            ttft_ms=None,
+            ttft_ms=ttft_ms,
         )
 
     @staticmethod

@@ -53,9 +53,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
-from ._request_options import required_capabilities, structured_result
+from ._request_options import required_capabilities
 from ._run import _DeadlineExceeded, _estimate_tokens, _request_for, _Run, _to_messages
-from ._values import _DEFAULT_CONTEXT, ExecutionContext, _new_response
+from ._values import _DEFAULT_CONTEXT, ExecutionContext
 from .abc import Completion, CompletionStream
 from .breaker import provider_outcome
 from .content import ToolCallDelta
@@ -733,30 +733,8 @@ class LLMStream:
         if outcome is not Outcome.SUCCESS:
             return None
         run.attempts_cost = record.cost_usd
-        parsed, parse_error = (
-            (None, None) if not run.options else structured_result(completion, run.options)
-        )
-        return _new_response(
-            content=completion.content,
-            model=info.id,
-            provider=info.provider,
-            tier=info.tier,
-            input_tokens=completion.input_tokens,
-            output_tokens=completion.output_tokens,
-            cost_usd=record.cost_usd,
-            latency_ms=max(0.0, (ex._clock() - self._start) * 1000.0),
-            attempts=tuple(run.attempts),
-            fallback_chain=tuple(run.chain),
-            fallback_used=info.id != run.original.id,
-            routing_decision=run.decision,
-            request_id=run.request_id,
-            response_model=completion.model,
-            price_version=ex._registry.price_version,
-            stop_reason=completion.stop_reason,
-            tool_calls=completion.tool_calls,
-            parsed=parsed,
-            parse_error=parse_error,
-            ttft_ms=self._run_ttft,
+        return ex._fb.response(
+            run, info, completion, self._start, record.cost_usd, ttft_ms=self._run_ttft
         )
 
     async def _finish(self) -> None:
