@@ -112,7 +112,7 @@ def new_router(backend: TelemetryBackend, now: datetime) -> AdaptiveModelRouter:
 
 def book_buckets(router: AdaptiveModelRouter) -> int:
     """Evidence buckets the router's book holds (a peek at its arms, for the table)."""
-    return sum(len(arm.starts) for arm in router._arms.values())
+    return sum(len(arm.starts) for arm in router._memory.arms.values())
 
 
 async def start_cost(backend: TelemetryBackend, *, now: datetime) -> tuple[int, int]:

@@ -28,36 +28,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from types import TracebackType
 from typing import Any, ClassVar, Final, Self
 
-from ._fast import trusted_constructor
 from .abc import TelemetryBackend
 from .evidence import EvidenceBucket, rollup
-from .exceptions import ConfigurationError, NoModelMeetsConstraintsError, NotOpenError
-from .records import LLMCallRecord, ModelTier, Outcome, RoutingDecision
+from .exceptions import ConfigurationError, NotOpenError
+from .records import LLMCallRecord, RoutingDecision
 from .registry import ModelRegistry
-from .routing.book import Arm, StagePrior, bucket_of
-from .routing.decide import (
-    EMPTY_SUMMARY,
-    Context,
-    ModelFacts,
-    Verdict,
-    build_candidates,
-    judge,
-    select,
+from .routing._args import (
+    blocked_set,
+    candidate_names,
+    decision_limits,
+    positive_number,
 )
-from .routing.policy import Constraints, RoutingPolicy
+from .routing._explain import Decider
+from .routing._memory import ChangedBuckets, EvidenceMemory
+from .routing._recent import RecentWindows
+from .routing._verdicts import Limits, VerdictCache, classify
+from .routing.decide import Context, select
+from .routing.policy import RoutingPolicy
 from .routing.reports import (
-    RecentOutcomes,
     RoutingStats,
     TierRecommendation,
     recommend,
@@ -69,16 +65,8 @@ __all__ = ["AdaptiveModelRouter", "RoutingPolicy", "RoutingStats", "TierRecommen
 
 logger = logging.getLogger("empathy_models.router")
 
-_MAX_CONTEXTS: Final = 1024
-_NO_MODELS: Final[frozenset[str]] = frozenset()
-_INF: Final = math.inf
-_Limits = tuple[float | None, float | None, float | None, bool, int | None, float | None]
-"""A `Constraints` as a plain tuple, in its fields' order (a cheap context key)."""
 _EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
 _RECENT_FALLBACK_LIMIT: Final = 10_000_000
-_CHANGE_NOTE_S: Final = 3600.0  # how long a pick says it regained its place by a change
-
-_ArmKey = tuple[str | None, str | None, str]
 
 
 def _window_start(now: float, days: float) -> datetime:
@@ -87,70 +75,6 @@ def _window_start(now: float, days: float) -> datetime:
         return datetime.fromtimestamp(now - days * 86400.0, UTC)
     except (OverflowError, ValueError, OSError):
         return _EARLIEST
-
-
-def _opt_number(name: str, value: object, *, positive: bool = False) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ConfigurationError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
-
-
-def _positive_number(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _opt_int(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
-
-
-def _limits(c: Constraints) -> _Limits:
-    return (
-        c.min_success_rate,
-        c.max_latency_ms,
-        c.max_cost,
-        c.strict_cost,
-        c.max_tokens,
-        c.max_ttft_ms,
-    )
-
-
-def _unmet(v: Verdict, cost: float | None, cons: Constraints) -> list[str]:
-    """The constraints a candidate picked despite them does not confidently meet."""
-    unmet = [
-        name
-        for name, status in (
-            ("min_success_rate", v.success),
-            ("max_latency_ms", v.latency),
-            ("max_ttft_ms", v.ttft),
-        )
-        if status is not None and status.value != "eligible"
-    ]
-    if cons.max_cost is not None and (cost is None or cost > cons.max_cost):
-        unmet.append("max_cost")
-    return unmet
-
-
-_decision: Final[Callable[..., RoutingDecision]] = trusted_constructor(
-    RoutingDecision, skip=("candidates",)
-)
-"""A `RoutingDecision` without its ``__init__`` (every value is of its field's converted
-type and in range), with ``candidates`` left unset: it is built by the thunk on first
-read (see RoutingDecision)."""
 
 
 class AdaptiveModelRouter:
@@ -204,7 +128,7 @@ class AdaptiveModelRouter:
         if rng is not None and seed is not None:
             raise ConfigurationError("pass rng or seed, not both")
         if refresh_interval is not None:
-            _positive_number("refresh_interval", refresh_interval)
+            positive_number("refresh_interval", refresh_interval)
         self.registry = registry
         self.policy = policy if policy is not None else RoutingPolicy()
         if not isinstance(self.policy, RoutingPolicy):
@@ -230,24 +154,16 @@ class AdaptiveModelRouter:
         self._null_store = store is not None and not store.stores_records
         self._store_obj = store
         self._store: TelemetryBackend | None = None if self._null_store else store
-        self._test = self.policy.change_test
-        self._arms: dict[_ArmKey, Arm] = {}
-        self._arms_epoch = 0  # bumped whenever an arm is added
-        self._priors: dict[tuple[str | None, str | None], StagePrior] = {}
-        self._contexts: dict[tuple[Any, ...], Context] = {}
-        self._facts: dict[str, ModelFacts | None] = {}
-        self._rings: dict[tuple[str, str | None], RecentOutcomes] = {}
-        self._ring_pairs: dict[tuple[str, str], tuple[RecentOutcomes, RecentOutcomes]] = {}
-        self._ring_cutoff: float | None = None
-        self._cutoff: float | None = None  # when the last successful refresh began
-        self._version = 0  # the store's evidence version read so far
+        self._memory = EvidenceMemory(self.policy.change_test)
+        self._verdicts = VerdictCache(registry, self.policy, self._memory)
+        self._decider = Decider(self._verdicts, self.policy, self._rng)
+        self._recent = RecentWindows(self.RECENT_WINDOW_SIZE, self._verdicts.model_facts)
         self._rollups = True  # False: the backend keeps none, read records instead
         self._refresh_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
         self._warned_not_started = False
-        self._unproven_logged: set[tuple[str, str | None]] = set()
         self.refresh_errors = 0
         """How many reads of the backend failed."""
         self.last_refresh: float | None = None
@@ -267,7 +183,7 @@ class AdaptiveModelRouter:
 
     def __repr__(self) -> str:
         return (
-            f"AdaptiveModelRouter(arms={len(self._arms)}, store={self._store_obj!r}, "
+            f"AdaptiveModelRouter(arms={len(self._memory.arms)}, store={self._store_obj!r}, "
             f"started={self._started})"
         )
 
@@ -359,7 +275,7 @@ class AdaptiveModelRouter:
             since = _window_start(cutoff, self.policy.window_days)
             try:
                 await store.flush()
-                by_arm, version = await self._read(store, since)
+                by_arm, version = await self._read(store, since, self._memory.version)
             except Exception as exc:
                 self.refresh_errors += 1
                 logger.warning(
@@ -369,27 +285,8 @@ class AdaptiveModelRouter:
                     exc,
                 )
                 return False
-            for key in by_arm:
-                if key not in self._arms:
-                    self._arms[key] = Arm(test=self._test)
-                    self._arms_epoch += 1
-            floor = bucket_of(since.timestamp()) if since is not _EARLIEST else None
-            priors: dict[tuple[str | None, str | None], StagePrior] = {}
-            for key, arm in self._arms.items():
-                arm.apply(by_arm.get(key, ()))
-                if floor is not None:
-                    arm.expire(floor)
-                prior = priors.get(key[:2])
-                if prior is None:
-                    prior = priors[key[:2]] = StagePrior()
-                prior.successes += arm.cur[1]
-                prior.output_tokens += arm.cur[6]
-            for stage_key, prior in priors.items():
-                old = self._priors.get(stage_key)
-                prior.version = (old.version + 1) if old is not None else 0
-                self._priors[stage_key] = prior
-            self._version = version
-            self._cutoff = cutoff
+            floor = since.timestamp() if since is not _EARLIEST else None
+            self._memory.apply(by_arm, floor, version, cutoff)
             self.last_refresh = cutoff
             logger.debug(
                 "router refreshed %d buckets from %r", sum(map(len, by_arm.values())), store
@@ -397,14 +294,14 @@ class AdaptiveModelRouter:
             return True
 
     async def _read(
-        self, store: TelemetryBackend, since: datetime
-    ) -> tuple[dict[_ArmKey, list[tuple[int, list[float]]]], int]:
+        self, store: TelemetryBackend, since: datetime, after: int
+    ) -> tuple[ChangedBuckets, int]:
         # the changed buckets per arm as (bucket start, sums), and the version to ask after
         buckets: Iterable[EvidenceBucket]
         version = 0
         if self._rollups:
             try:
-                batch = await store.evidence(since=since, after_version=self._version)
+                batch = await store.evidence(since=since, after_version=after)
             except NotImplementedError:
                 self._rollups = False
                 logger.info(
@@ -416,7 +313,7 @@ class AdaptiveModelRouter:
                 buckets, version = batch.buckets, batch.version
         if not self._rollups:
             buckets = rollup(await store.recent(limit=_RECENT_FALLBACK_LIMIT, since=since))
-        by_arm: dict[_ArmKey, list[tuple[int, list[float]]]] = {}
+        by_arm: ChangedBuckets = {}
         for b in buckets:
             key = (b.workflow or None, b.stage or None, b.model)
             rows = by_arm.get(key)
@@ -434,7 +331,7 @@ class AdaptiveModelRouter:
             return
         now = self._clock()
         since = _window_start(now, self.policy.window_days)
-        every = {(wf, st) for wf, st, _ in self._arms if wf}
+        every = {(wf, st) for wf, st, _ in self._memory.arms if wf}
         stages = sorted((wf, st) for wf, st in every if st)[:limit]
         targets: list[tuple[str, str | None]] = [*stages, *sorted({(wf, None) for wf, _ in stages})]
         # a workflow whose every stage was read: its own window is the latest of theirs
@@ -464,17 +361,9 @@ class AdaptiveModelRouter:
                     exc,
                 )
                 return
-            items = [
-                self._ring_item(r)
-                for r in sorted(records, key=lambda r: r.timestamp)
-                if r.outcome.is_sample
-            ]
             # seeded outcomes are older than anything already reported live
-            ring: RecentOutcomes = deque(items, maxlen=size)
-            ring.extend(self._ring(workflow, stage))
-            self._rings[(workflow, stage)] = ring
-            self._ring_pairs.clear()
-        self._ring_cutoff = now
+            self._recent.seed(workflow, stage, records)
+        self._recent.cutoff = now
 
     # ------------------------------------------------------------------ learning
 
@@ -486,203 +375,13 @@ class AdaptiveModelRouter:
         cancelled and rejected attempts are dropped.  A record timestamped before the
         last refresh began is not added (the backend holds it, or will).
         """
-        outcome = record.outcome
-        if not outcome.is_sample:
+        if not record.outcome.is_sample:
             return
         ts = record.timestamp.timestamp()
-        workflow = record.workflow or ""
-        stage = record.stage or ""
-        model = record.model
-        if self._ring_cutoff is None or ts >= self._ring_cutoff:
-            tier = record.tier
-            if tier is None:
-                facts = self._model_facts(model)
-                tier = facts.tier if facts is not None else None
-            item = (model, tier, outcome.is_failure)
-            rings = self._ring_pairs.get((workflow, stage))
-            if rings is None:
-                rings = self._ring_pairs[(workflow, stage)] = (
-                    self._ring(workflow, stage),
-                    self._ring(workflow, None),
-                )
-            rings[0].append(item)
-            rings[1].append(item)
-        if self._cutoff is not None and ts < self._cutoff:
-            return
-        key = (record.workflow or None, record.stage or None, model)
-        arm = self._arms.get(key)
-        if arm is None:
-            arm = self._arms[key] = Arm(test=self._test)
-            self._arms_epoch += 1
-        success = outcome is Outcome.SUCCESS
-        arm.add(
-            ts,
-            success,
-            record.latency_ms,
-            record.input_tokens,
-            record.output_tokens,
-            record.cost_usd,
-            record.ttft_ms,
-        )
-        if success:
-            prior = self._priors.get(key[:2])
-            if prior is None:
-                prior = self._priors[key[:2]] = StagePrior()
-            prior.successes += 1
-            prior.output_tokens += record.output_tokens
-            prior.version += 1
-
-    def _ring(self, workflow: str, stage: str | None) -> RecentOutcomes:
-        ring = self._rings.get((workflow, stage))
-        if ring is None:
-            ring = self._rings[(workflow, stage)] = deque(maxlen=self.RECENT_WINDOW_SIZE)
-        return ring
-
-    def _ring_item(self, record: LLMCallRecord) -> tuple[str, ModelTier | None, bool]:
-        tier = record.tier
-        if tier is None:
-            facts = self._model_facts(record.model)
-            tier = facts.tier if facts is not None else None
-        return (record.model, tier, record.outcome.is_failure)
+        self._recent.add(record, ts)
+        self._memory.add(record, ts)
 
     # ------------------------------------------------------------------ deciding
-
-    def _model_facts(self, model: str) -> ModelFacts | None:
-        try:
-            return self._facts[model]
-        except KeyError:
-            pass
-        facts: ModelFacts | None = None
-        if model in self.registry:
-            info = self.registry.get(model)
-            facts = ModelFacts(
-                provider=info.provider,
-                tier=info.tier,
-                input_price=info.input_price_per_mtok / 1e6,
-                output_price=info.output_price_per_mtok / 1e6,
-                max_output_tokens=info.max_output_tokens,
-            )
-        self._facts[model] = facts
-        return facts
-
-    def _context(
-        self,
-        workflow: str | None,
-        stage: str | None,
-        names: tuple[str, ...],
-        limits: _Limits,
-    ) -> Context:
-        # ``limits``: the fields of the decision's `Constraints`, as a plain tuple (a
-        # cheaper key than the record, which is built only with a new context)
-        key = (workflow, stage, names, limits)
-        ctx = self._contexts.get(key)
-        if ctx is None:
-            cons = Constraints(*limits)
-            models: list[str] = []
-            seen: set[str] = set()
-            for model in names:
-                if not isinstance(model, str) or not model:
-                    raise ConfigurationError(
-                        f"candidate model ids must be non-empty strings, got {model!r}"
-                    )
-                if model not in seen:
-                    seen.add(model)
-                    models.append(model)
-            ctx = Context(
-                cons=cons,
-                models=tuple(models),
-                facts=[self._model_facts(m) for m in models],
-                arms=[],
-                arms_epoch=-1,
-            )
-            if len(self._contexts) >= _MAX_CONTEXTS:
-                self._contexts.clear()
-            self._contexts[key] = ctx
-        if ctx.arms_epoch != self._arms_epoch:
-            arms = self._arms
-            ctx.arms = [arms.get((workflow, stage, m)) for m in ctx.models]
-            ctx.arms_epoch = self._arms_epoch
-            if not ctx.verdicts:
-                ctx.verdicts = [self._judge(ctx, i, None) for i in range(len(ctx.models))]
-                ctx.caches = [{} for _ in ctx.models]
-                ctx.arm_versions = [-1] * len(ctx.models)
-                ctx.on_prior = True
-                ctx.changed = tuple(
-                    j for j, v in enumerate(ctx.verdicts) if v.summary.change is not None
-                )
-        prior = self._priors.get((workflow, stage))
-        pv = prior.version if prior is not None else -1
-        versions = ctx.arm_versions
-        stale_prior = pv != ctx.prior_version and ctx.on_prior
-        verdicts = ctx.verdicts
-        for i, arm in enumerate(ctx.arms):
-            version = arm.version if arm is not None else -1
-            if version != versions[i] or (
-                stale_prior and verdicts[i].summary.mean_output_tokens is None
-            ):
-                old = verdicts[i]
-                new = verdicts[i] = self._judge(ctx, i, prior)
-                ctx.caches[i] = {}
-                versions[i] = version
-                if (new.summary.change is None) != (old.summary.change is None):
-                    ctx.changed = tuple(j for j, v in enumerate(verdicts) if v.summary.change)
-                if (new.summary.mean_output_tokens is None) != (
-                    old.summary.mean_output_tokens is None
-                ):
-                    # verdicts of arms without output tokens of their own use the prior
-                    ctx.on_prior = any(v.summary.mean_output_tokens is None for v in verdicts)
-        ctx.prior_version = pv
-        return ctx
-
-    def _judge(self, ctx: Context, i: int, prior: StagePrior | None) -> Verdict:
-        policy = self.policy
-        arm = ctx.arms[i]
-        summary = (
-            arm.summarize(policy.z, policy.reject_z, policy.keep_z)
-            if arm is not None
-            else EMPTY_SUMMARY
-        )
-        was = False
-        if ctx.verdicts:
-            old = ctx.verdicts[i]
-            was = old.success is not None and old.code == 0 and old.summary.since == summary.since
-        return judge(
-            ctx.models[i],
-            ctx.facts[i],
-            summary,
-            ctx.cons,
-            policy,
-            was_eligible=was,
-            prior_output_tokens=prior.mean() if prior is not None else None,
-        )
-
-    def _classify(
-        self, ctx: Context, input_tokens: int | None, blocked: Collection[str]
-    ) -> tuple[list[float | None], list[int], list[int], list[int]]:
-        costs: list[float | None] = []
-        eligible: list[int] = []
-        explorable: list[int] = []
-        probeable: list[int] = []
-        max_cost = ctx.cons.max_cost
-        for i, v in enumerate(ctx.verdicts):
-            if input_tokens is None:
-                cost = v.const_no_input
-            else:
-                slope = v.slope
-                cost = None if slope is None else input_tokens * slope + v.const
-            costs.append(cost)
-            code = v.code
-            if code == 3 or (blocked and v.model in blocked):
-                continue
-            if max_cost is not None and (cost is None or cost > max_cost):
-                continue  # the budget is a hard limit, for exploration too
-            if code == 0:
-                eligible.append(i)
-            elif code == 1:
-                explorable.append(i)
-            else:
-                probeable.append(i)
-        return costs, eligible, explorable, probeable
 
     def _default_candidates(self) -> tuple[str, ...]:
         return tuple(m.id for m in self.registry)
@@ -738,322 +437,64 @@ class AdaptiveModelRouter:
         """
         if not isinstance(workflow, str):
             raise ConfigurationError(f"workflow must be a string, got {workflow!r}")
-        # exact float types in range skip the full checks (which also convert ints)
-        if max_cost is not None and (type(max_cost) is not float or not 0.0 <= max_cost < _INF):
-            max_cost = _opt_number("max_cost", max_cost)
-        if max_latency_ms is not None and (
-            type(max_latency_ms) is not float or not 0.0 < max_latency_ms < _INF
-        ):
-            max_latency_ms = _opt_number("max_latency_ms", max_latency_ms, positive=True)
-        if max_ttft_ms is not None and (
-            type(max_ttft_ms) is not float or not 0.0 < max_ttft_ms < _INF
-        ):
-            max_ttft_ms = _opt_number("max_ttft_ms", max_ttft_ms, positive=True)
-        if min_success_rate is None:
-            min_success_rate = self.policy.default_min_success_rate
-        elif type(min_success_rate) is float and 0.0 <= min_success_rate <= 1.0:
-            pass
-        elif (
-            isinstance(min_success_rate, bool)
-            or not isinstance(min_success_rate, int | float)
-            or not 0.0 <= min_success_rate <= 1.0
-        ):
-            raise ConfigurationError(
-                f"min_success_rate must be a number in [0, 1], got {min_success_rate!r}"
-            )
-        if input_tokens is not None and (type(input_tokens) is not int or input_tokens < 0):
-            input_tokens = _opt_int("input_tokens", input_tokens)
-        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 0):
-            max_tokens = _opt_int("max_tokens", max_tokens)
-        if not isinstance(on_no_match, str) or not on_no_match:
-            raise ConfigurationError(
-                f"on_no_match must be 'raise', 'relax' or a model id, got {on_no_match!r}"
-            )
-        if strict_cost and max_cost is not None and input_tokens is None:
-            raise ConfigurationError("strict_cost=True with max_cost needs input_tokens")
+        limits, input_tokens = decision_limits(
+            self.policy.default_min_success_rate if min_success_rate is None else min_success_rate,
+            max_latency_ms,
+            max_cost,
+            strict_cost,
+            max_tokens,
+            max_ttft_ms,
+            input_tokens,
+            on_no_match,
+        )
         if self._store is not None and not self._started and not self._warned_not_started:
-            self._warned_not_started = True
-            logger.warning(
-                "AdaptiveModelRouter has a telemetry store but was not started "
-                "(use `async with router:`): decisions use only outcomes reported to this "
-                "process"
+            self._warn_not_started()
+        ctx, pinned = self._context(workflow, stage, candidates, limits, on_no_match)
+        blocked = blocked_set(unavailable)
+        costs, eligible, explorable, probeable = classify(ctx, input_tokens, blocked)
+        picked = select(ctx, costs, eligible, explorable, probeable, self._rng, self.policy)
+        now = self._clock()
+        decider = self._decider
+        if picked is None:
+            return decider.no_match(
+                workflow, stage, ctx, costs, on_no_match, pinned, input_tokens, blocked, now
             )
-        if isinstance(candidates, str):
-            raise ConfigurationError("candidates must be a sequence of model ids, not a string")
-        names = self._default_candidates() if candidates is None else tuple(candidates)
-        if not names:
-            raise ConfigurationError(f"no candidate models for {workflow}/{stage}")
+        index, exploration, why = picked
+        if exploration and not eligible:
+            decider.log_unproven(workflow, stage, ctx.models[index], why)
+        return decider.decide(
+            workflow, stage, ctx, costs, index, exploration, why, input_tokens, blocked, now
+        )
+
+    def _context(
+        self,
+        workflow: str,
+        stage: str | None,
+        candidates: Sequence[str] | None,
+        limits: Limits,
+        on_no_match: str,
+    ) -> tuple[Context, str | None]:
+        # the decision's context, and the model on_no_match pins (None: "raise", "relax")
+        names = candidate_names(candidates, self._default_candidates, workflow, stage)
         pinned: str | None = None if on_no_match in ("raise", "relax") else on_no_match
-        if pinned is not None and pinned not in names and self._model_facts(pinned) is None:
+        verdicts = self._verdicts
+        if pinned is not None and pinned not in names and verdicts.model_facts(pinned) is None:
             raise ConfigurationError(
                 f"on_no_match pins {pinned!r}, which is neither a candidate nor in the registry"
             )
-        blocked: Collection[str]
-        if not unavailable:
-            blocked = _NO_MODELS
-        elif isinstance(unavailable, set | frozenset):
-            blocked = unavailable
-        else:
-            blocked = frozenset(unavailable)
-        limits = (min_success_rate, max_latency_ms, max_cost, strict_cost, max_tokens, max_ttft_ms)
-        wf = workflow or None
         try:
-            ctx = self._context(wf, stage or None, names, limits)
+            return verdicts.context(workflow or None, stage or None, names, limits), pinned
         except TypeError:  # an unhashable candidate id
             raise ConfigurationError(
                 f"candidate model ids must be non-empty strings, got {names!r}"
             ) from None
-        costs, eligible, explorable, probeable = self._classify(ctx, input_tokens, blocked)
-        picked = select(ctx, costs, eligible, explorable, probeable, self._rng, self.policy)
-        now = self._clock()
-        if picked is not None:
-            index, exploration, why = picked
-            if exploration and not eligible:
-                self._log_unproven(workflow, stage, ctx.models[index], why)
-            return self._decide(
-                workflow, stage, ctx, costs, index, exploration, why, input_tokens, blocked, now
-            )
-        return self._no_match(
-            workflow, stage, ctx, costs, names, on_no_match, pinned, input_tokens, blocked, now
-        )
 
-    def _decide(
-        self,
-        workflow: str,
-        stage: str | None,
-        ctx: Context,
-        costs: list[float | None],
-        index: int,
-        exploration: bool,
-        why: str,
-        input_tokens: int | None,
-        blocked: Collection[str],
-        now: float,
-        *,
-        relaxed: tuple[str, ...] = (),
-        applied: str | None = None,
-        met: bool | None = None,
-        shown: Context | None = None,
-    ) -> RoutingDecision:
-        v = ctx.verdicts[index]
-        change: str | None = None
-        if ctx.changed:
-            # a change this decision acted on: a model that would be cheaper lost its
-            # standing to one, or the pick regained it through one within the hour
-            pick_cost = costs[index]
-            cheapest = self.policy.objective == "cheapest"
-            for i in ctx.changed:
-                other = ctx.verdicts[i]
-                c = costs[i]
-                since = other.summary.since
-                if (i == index and since is not None and now - since <= _CHANGE_NOTE_S) or (
-                    i != index
-                    and other.code != 0
-                    and cheapest
-                    and c is not None
-                    and pick_cost is not None
-                    and c < pick_cost
-                ):
-                    change = f"{other.model} {other.summary.change}"
-                    why = f"{why}; acting on a detected change: {change}"
-                    break
-        facts = v.facts
-        view = shown if shown is not None else ctx
-        view_costs = costs if shown is None else self._classify(view, input_tokens, blocked)[0]
-        decision = _decision(
-            model=v.model,
-            provider=facts.provider if facts is not None else None,
-            tier=facts.tier if facts is not None else None,
-            workflow=workflow,
-            stage=stage,
-            constraints_met=(not exploration) if met is None else met,
-            reason=why,
-            exploration=exploration,
-            relaxed=relaxed,
-            policy_applied=applied,
-            decided_at=datetime.fromtimestamp(now, UTC),
-            expected_cost_usd=costs[index],
-            max_cost=view.cons.max_cost,
-            max_latency_ms=view.cons.max_latency_ms,
-            max_ttft_ms=view.cons.max_ttft_ms,
-            min_success_rate=view.cons.min_success_rate,
-            strict_cost=view.cons.strict_cost,
-            change=change,
-            _candidates_thunk=partial(
-                build_candidates,
-                list(view.verdicts),
-                view_costs,
-                view.cons,
-                input_tokens,
-                blocked,
-                list(view.caches),
-            ),
-        )
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "routing %s/%s -> %s (%s; exploration=%s; constraints_met=%s; "
-                "expected cost %s; %d candidates)",
-                workflow,
-                stage,
-                v.model,
-                why,
-                exploration,
-                decision.constraints_met,
-                costs[index],
-                len(ctx.models),
-            )
-        return decision
-
-    def _no_match(
-        self,
-        workflow: str,
-        stage: str | None,
-        ctx: Context,
-        costs: list[float | None],
-        names: tuple[str, ...],
-        on_no_match: str,
-        pinned: str | None,
-        input_tokens: int | None,
-        blocked: Collection[str],
-        now: float,
-    ) -> RoutingDecision:
-        wf = workflow or None
-        st = stage or None
-        cons = ctx.cons
-        if on_no_match == "relax":
-            relaxed: list[str] = []
-            active = cons
-            for name in self.policy.relax_order:
-                if name not in active.given:
-                    continue
-                active = active.without(name)
-                relaxed.append(name)
-                loose = self._context(wf, st, names, _limits(active))
-                lcosts, el, ex, pr = self._classify(loose, input_tokens, blocked)
-                picked = select(loose, lcosts, el, ex, pr, self._rng, self.policy, budget=False)
-                if picked is None:
-                    continue
-                index, exploration, why = picked
-                unmet = _unmet(ctx.verdicts[index], costs[index], cons)
-                detail = f"; unmet: {', '.join(unmet)}" if unmet else ""
-                decision = self._decide(
-                    workflow,
-                    stage,
-                    loose,
-                    lcosts,
-                    index,
-                    exploration,
-                    f"no candidate met every constraint; relaxed {', '.join(relaxed)} "
-                    f"(judged on the rest): {why}{detail}",
-                    input_tokens,
-                    blocked,
-                    now,
-                    relaxed=tuple(relaxed),
-                    applied="relax",
-                    met=not unmet and not exploration,
-                    shown=ctx,
-                )
-                logger.warning(
-                    "routing %s/%s -> %s (%s; constraints_met=%s)",
-                    workflow,
-                    stage,
-                    decision.model,
-                    decision.reason,
-                    decision.constraints_met,
-                )
-                return decision
-        elif pinned is not None:
-            view = ctx
-            if pinned not in ctx.models:
-                view = self._context(wf, st, (*ctx.models, pinned), _limits(cons))
-                costs = self._classify(view, input_tokens, blocked)[0]
-            index = view.models.index(pinned)
-            if pinned in blocked:
-                self._raise_no_match(
-                    workflow,
-                    stage,
-                    view,
-                    costs,
-                    input_tokens,
-                    blocked,
-                    f"pinned model {pinned!r} is unavailable (circuit open)",
-                )
-            unmet = _unmet(view.verdicts[index], costs[index], cons)
-            detail = f"; unmet: {', '.join(unmet)}" if unmet else ""
-            decision = self._decide(
-                workflow,
-                stage,
-                view,
-                costs,
-                index,
-                False,
-                f"no candidate met every constraint; pinned by on_no_match={pinned!r}{detail}",
-                input_tokens,
-                blocked,
-                now,
-                applied="pinned",
-                met=not unmet and view.verdicts[index].code == 0,
-            )
-            logger.warning(
-                "routing %s/%s -> %s (%s; constraints_met=%s)",
-                workflow,
-                stage,
-                decision.model,
-                decision.reason,
-                decision.constraints_met,
-            )
-            return decision
-        self._raise_no_match(
-            workflow,
-            stage,
-            ctx,
-            costs,
-            input_tokens,
-            blocked,
-            "no candidate meets the constraints",
-        )
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _raise_no_match(
-        self,
-        workflow: str,
-        stage: str | None,
-        ctx: Context,
-        costs: list[float | None],
-        input_tokens: int | None,
-        blocked: Collection[str],
-        message: str,
-    ) -> None:
-        cands = build_candidates(ctx.verdicts, costs, ctx.cons, input_tokens, blocked)
-        reasons = {c.model: (c.reasons or ("not eligible",)) for c in cands}
+    def _warn_not_started(self) -> None:
+        self._warned_not_started = True
         logger.warning(
-            "routing %s/%s: %s; %s",
-            workflow,
-            stage,
-            message,
-            "; ".join(f"{m}: {', '.join(r)}" for m, r in reasons.items()),
-        )
-        raise NoModelMeetsConstraintsError(
-            f"{message} for {workflow}/{stage}", reasons=reasons, workflow=workflow, stage=stage
-        )
-
-    def _log_unproven(self, workflow: str, stage: str | None, model: str, why: str) -> None:
-        # No candidate is eligible, so an unproven one was returned rather than the
-        # on_no_match policy acting: a warning the first time per stage, then DEBUG.
-        key = (workflow, stage)
-        if key in self._unproven_logged:
-            logger.debug("routing %s/%s -> %s (%s; constraints_met=False)", *key, model, why)
-            return
-        if len(self._unproven_logged) >= _MAX_CONTEXTS:
-            self._unproven_logged.clear()
-        self._unproven_logged.add(key)
-        logger.warning(
-            "routing %s/%s -> %s (%s; constraints_met=False, exploration=True; later "
-            "decisions like this for this stage are logged at DEBUG)",
-            workflow,
-            stage,
-            model,
-            why,
+            "AdaptiveModelRouter has a telemetry store but was not started "
+            "(use `async with router:`): decisions use only outcomes reported to this "
+            "process"
         )
 
     # ------------------------------------------------------------------ reports
@@ -1068,11 +509,10 @@ class AdaptiveModelRouter:
         above `FAILURE_RATE_THRESHOLD` (20%) advises the next tier above the highest one
         that served the calls.  Pure read of memory; never modifies routing.
         """
-        ring = self._rings.get((workflow or "", stage))
         return recommend(
             workflow,
             stage,
-            list(ring) if ring is not None else [],
+            self._recent.window(workflow or "", stage),
             min_sample_size=self.MIN_SAMPLE_SIZE,
             threshold=self.FAILURE_RATE_THRESHOLD,
         )
@@ -1087,7 +527,7 @@ class AdaptiveModelRouter:
         store or when the store has never received a record, with a ``message`` saying
         what is missing.  Raises what the backend raises.
         """
-        _positive_number("days", days)
+        positive_number("days", days)
         shown = stage if stage is not None else "all"
         store = self._store
         if store is None:

@@ -228,12 +228,12 @@ async def test_a_refresh_reads_only_what_changed() -> None:
     rng = random.Random(9)
     await fill(store, clock, None, [("mini", 0.99, 2000)], rng)
     async with AdaptiveModelRouter(registry(), store, clock=clock, refresh_interval=None) as router:
-        arm = next(iter(router._arms.values()))
+        arm = next(iter(router._memory.arms.values()))
         version = arm.version
         clock.advance(60.0)
         assert await router.refresh()
         assert arm.version == version  # nothing new: nothing re-applied
-        batch = await store.evidence(after_version=router._version)
+        batch = await store.evidence(after_version=router._memory.version)
         assert batch.buckets == ()
 
 

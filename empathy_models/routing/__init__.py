@@ -9,8 +9,11 @@ is the facade users meet):
 * `routing.decide`: verdicts per constraint, selection and the exploration budget, and
   the candidates a decision explains itself with.
 * `routing.reports`: `RoutingStats` and `TierRecommendation`.
+* private parts of the facade: `_memory` (the arms and stage priors in memory),
+  `_verdicts` (the verdict cache), `_explain` (decisions and ``on_no_match``),
+  `_recent` (recent-outcome windows), `_args` (argument checks).
 
-Nothing here does I/O or reads a clock; the facade owns both.
+Nothing here does I/O or reads a clock; the facade owns both (and passes the time in).
 """
 
 from __future__ import annotations

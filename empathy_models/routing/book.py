@@ -439,17 +439,10 @@ class Arm:
         if i >= len(starts):
             return
         regimes = self.regimes
-        t_i = starts[i]
-        j = i
-        # regimes detected at or after the changed bucket are decided again
-        resum = False  # the current regime's sums are re-summed at the end
-        while len(regimes) > 1 and (regimes[-1].detected or _NEVER) >= t_i:
-            dropped = regimes.pop()
-            regimes[-1].closed = None
-            resum = True
-            j = min(j, self._pos(dropped.start))
+        # regimes detected at or after the changed bucket are decided again; the
+        # current regime's sums are re-summed at the end if any regime changed
+        j, resum = self._reopen(i)
         test = self.test
-        h = test.threshold
         # detection bucket of the last change acted on in this run: a change must be
         # detected in a later bucket to be acted on, so the re-run from each change's
         # start always makes progress and ends (no evidence can start a change twice)
@@ -479,36 +472,9 @@ class Arm:
             u = d = 0.0
             alarm: tuple[int, str] | None = None
             if n0 >= test.min_samples and n > 0:
-                # the regime's failure rate is itself an estimate: the degradation test
-                # starts from the upper end of its confidence interval, so a lucky start
-                # is not mistaken for a degradation later (which would split a stationary
-                # arm into regimes whose evidence could be reassembled selectively)
-                q_hi = wilson_bounds(f0, n0, test.reference_z)[1]
-                q = q_hi if q_hi > test.min_rate else test.min_rate
-                q_up = min(0.5, max(q * test.degrade_ratio, q + test.degrade_step))
                 if rates_of is not regime:
                     rates, rates_of = self._earlier_rates(), regime
-                if q_up > q:
-                    u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
-                # the improvement test is not floored: a floor above an arm's true
-                # failure rate would read its steady rate as an improvement, again and
-                # again (a 0.999 arm cut into thousands of regimes)
-                q = (f0 + 0.5) / (n0 + 1.0)
-                q_dn, h_dn = self._improve_target(q, rates)
-                if q_dn < q:
-                    d = d0 + f * math.log(q_dn / q) + (n - f) * math.log((1.0 - q_dn) / (1.0 - q))
-                u = u if u > 0.0 else 0.0
-                d = d if d > 0.0 else 0.0
-                if u > h:
-                    if uf > regime.start or regime.base is not None:
-                        alarm = (uf, "degraded")
-                    else:
-                        u = 0.0  # the whole regime: nothing earlier to set aside
-                elif d > h_dn:
-                    if df > regime.start or regime.base is not None:
-                        alarm = (df, "improved")
-                    else:
-                        d = 0.0
+                u, d, alarm = self._cusum(regime, n0, f0, u0, d0, uf, df, n, f, rates)
             if alarm is not None and t <= last_detected:
                 alarm = None
                 u = d = 0.0
@@ -523,36 +489,108 @@ class Arm:
                 continue
             start, kind = alarm
             last_detected = t
-            first = self._pos(start)
-            if start <= regime.start:
-                # a restored regime that did not hold: superseded from its own start, so
-                # all it holds before that start is the evidence it restored
-                before = regime.base
-                regime.closed = list(before) if before is not None else _zeros()
-                before_rate = (
-                    before[SUCCESSES] / before[SAMPLES] if before and before[SAMPLES] else None
-                )
-            else:
-                # what the regime held before the change: O(its own buckets), not the
-                # rest of the window
-                closed = self._sum(self._pos(regime.start), first)
-                if regime.base is not None:
-                    _add(closed, regime.base)
-                regime.closed = closed
-                before_rate = closed[SUCCESSES] / closed[SAMPLES] if closed[SAMPLES] else None
-            new = Regime(start=start, detected=t, kind=kind, before_rate=before_rate)
-            # judged on the buckets up to this one only, so that the decision does not
-            # depend on how many later buckets had arrived when it was made
-            self._restore(new, self._sum(first, j + 1))
-            regimes.append(new)
+            j = self._split(regime, start, kind, t, j)
             resum = True
-            j = first
         if resum:
             current = regimes[-1]
-            cur = self._sum(self._pos(current.start), len(starts))
+            self.cur = self._sum(self._pos(current.start), len(starts))
             if current.base is not None:
-                _add(cur, current.base)
-            self.cur = cur
+                _add(self.cur, current.base)
+
+    def _cusum(
+        self,
+        regime: Regime,
+        n0: float,
+        f0: float,
+        u0: float,
+        d0: float,
+        uf: int,
+        df: int,
+        n: float,
+        f: float,
+        rates: list[float],
+    ) -> tuple[float, float, tuple[int, str] | None]:
+        """
+        The degradation and improvement sums after one bucket of ``n`` calls, ``f``
+        failed, in ``regime`` (``n0`` calls, ``f0`` failed before it), and the change
+        they signal: ``(start bucket, kind)`` or ``None``.
+        """
+        test = self.test
+        # the regime's failure rate is itself an estimate: the degradation test starts
+        # from the upper end of its confidence interval, so a lucky start is not
+        # mistaken for a degradation later (which would split a stationary arm into
+        # regimes whose evidence could be reassembled selectively)
+        q_hi = wilson_bounds(f0, n0, test.reference_z)[1]
+        q = q_hi if q_hi > test.min_rate else test.min_rate
+        q_up = min(0.5, max(q * test.degrade_ratio, q + test.degrade_step))
+        u = d = 0.0
+        if q_up > q:
+            u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
+        # the improvement test is not floored: a floor above an arm's true failure rate
+        # would read its steady rate as an improvement, again and again (a 0.999 arm
+        # cut into thousands of regimes)
+        q = (f0 + 0.5) / (n0 + 1.0)
+        q_dn, h_dn = self._improve_target(q, rates)
+        if q_dn < q:
+            d = d0 + f * math.log(q_dn / q) + (n - f) * math.log((1.0 - q_dn) / (1.0 - q))
+        u = u if u > 0.0 else 0.0
+        d = d if d > 0.0 else 0.0
+        earlier = regime.base is not None
+        if u > test.threshold:
+            if uf > regime.start or earlier:
+                return u, d, (uf, "degraded")
+            u = 0.0  # the whole regime: nothing earlier to set aside
+        elif d > h_dn:
+            if df > regime.start or earlier:
+                return u, d, (df, "improved")
+            d = 0.0
+        return u, d, None
+
+    def _reopen(self, i: int) -> tuple[int, bool]:
+        """
+        Drop the regimes detected at or after bucket ``i``: the position to re-run the
+        change test from, and whether any was dropped.
+        """
+        regimes = self.regimes
+        t_i = self.starts[i]
+        j = i
+        dropped_any = False
+        while len(regimes) > 1 and (regimes[-1].detected or _NEVER) >= t_i:
+            dropped = regimes.pop()
+            regimes[-1].closed = None
+            dropped_any = True
+            j = min(j, self._pos(dropped.start))
+        return j, dropped_any
+
+    def _split(self, regime: Regime, start: int, kind: str, t: int, j: int) -> int:
+        """
+        Act on a change of ``kind`` that started at bucket ``start`` and was detected in
+        bucket ``t`` (position ``j``): close ``regime`` and open a new one.  Returns the
+        position the change test goes on from (the change's start).
+        """
+        first = self._pos(start)
+        if start <= regime.start:
+            # a restored regime that did not hold: superseded from its own start, so
+            # all it holds before that start is the evidence it restored
+            before = regime.base
+            regime.closed = list(before) if before is not None else _zeros()
+            before_rate = (
+                before[SUCCESSES] / before[SAMPLES] if before and before[SAMPLES] else None
+            )
+        else:
+            # what the regime held before the change: O(its own buckets), not the
+            # rest of the window
+            closed = self._sum(self._pos(regime.start), first)
+            if regime.base is not None:
+                _add(closed, regime.base)
+            regime.closed = closed
+            before_rate = closed[SUCCESSES] / closed[SAMPLES] if closed[SAMPLES] else None
+        new = Regime(start=start, detected=t, kind=kind, before_rate=before_rate)
+        # judged on the buckets up to this one only, so that the decision does not
+        # depend on how many later buckets had arrived when it was made
+        self._restore(new, self._sum(first, j + 1))
+        self.regimes.append(new)
+        return first
 
     def _improve_target(self, q: float, rates: list[float]) -> tuple[float, float]:
         # The failure rate an improvement is tested against, and the threshold: going

@@ -122,59 +122,25 @@ def judge(
     reasons: list[str] = []
     if facts is None:
         reasons.append(NOT_IN_REGISTRY)
-    success: ConstraintStatus | None = None
     min_sr = cons.min_success_rate
-    n = summary.samples
-    if min_sr is not None:
-        if summary.lower >= min_sr or (was_eligible and summary.keep_lower >= min_sr):
-            success = ELIGIBLE
-        elif n >= policy.reject_min_samples and summary.reject_upper < min_sr:
-            success = REJECTED
-        else:
-            success = UNPROVEN
-        if success is not ELIGIBLE:
-            if n <= 0:
-                reasons.append("success rate: no samples yet")
-            else:
-                band = (
-                    f"{summary.successes:.0f}/{n:.0f} successes, 95% interval "
-                    f"{summary.lower:.3f}-{summary.upper:.3f}"
-                )
-                if success is REJECTED:
-                    reasons.append(
-                        f"success rate below {min_sr:g} ({band}; upper bound "
-                        f"{summary.reject_upper:.3f} at the rejection confidence)"
-                    )
-                else:
-                    reasons.append(f"success rate not yet proven >= {min_sr:g} ({band})")
-    latency: ConstraintStatus | None = None
-    max_lat = cons.max_latency_ms
-    if max_lat is not None:
+    success = (
+        _judge_success(summary, min_sr, was_eligible, policy, reasons)
+        if min_sr is not None
+        else None
+    )
+    need = float(policy.latency_min_samples)
+    latency = ttft = None
+    if cons.max_latency_ms is not None:
         latency = _judge_timing(
-            "latency",
-            "measured successful calls",
-            summary.latency_n,
-            summary.p50,
-            summary.p95_lower,
-            summary.p95_upper,
-            max_lat,
-            float(policy.latency_min_samples),
-            reasons,
-        )
-    ttft: ConstraintStatus | None = None
-    max_ttft = cons.max_ttft_ms
-    if max_ttft is not None:
+            "latency", "measured successful calls", summary.latency_n, summary.p50,
+            summary.p95_lower, summary.p95_upper, cons.max_latency_ms, need, reasons,
+        )  # fmt: skip
+    if cons.max_ttft_ms is not None:
         ttft = _judge_timing(
-            "time to first token",
-            "streamed successful calls",
-            summary.ttft_n,
-            summary.ttft_p50,
-            summary.ttft_p95_lower,
-            summary.ttft_p95_upper,
-            max_ttft,
-            float(policy.latency_min_samples),
-            reasons,
-        )
+            "time to first token", "streamed successful calls", summary.ttft_n,
+            summary.ttft_p50, summary.ttft_p95_lower, summary.ttft_p95_upper,
+            cons.max_ttft_ms, need, reasons,
+        )  # fmt: skip
     if summary.change is not None and reasons:
         reasons.append(f"evidence restarted: {summary.change}")
     code = (
@@ -189,22 +155,42 @@ def judge(
     slope, const, basis, const_ni, basis_ni = _cost_terms(
         facts, summary, cons, prior_output_tokens or policy.prior_output_tokens
     )
+    degraded = code == 2 or (summary.change or "").startswith("degraded")
     return _new_verdict(
-        model,
-        facts,
-        summary,
-        success,
-        latency,
-        code,
-        slope,
-        const,
-        basis,
-        const_ni,
-        basis_ni,
-        tuple(reasons),
-        code == 2 or (summary.change or "").startswith("degraded"),
-        ttft,
+        model, facts, summary, success, latency, code, slope, const, basis, const_ni,
+        basis_ni, tuple(reasons), degraded, ttft,
+    )  # fmt: skip
+
+
+def _judge_success(
+    summary: ArmSummary,
+    min_sr: float,
+    was_eligible: bool,
+    policy: RoutingPolicy,
+    reasons: list[str],
+) -> ConstraintStatus:
+    """``min_success_rate`` against the Wilson bounds (see the module docstring)."""
+    n = summary.samples
+    if summary.lower >= min_sr or (was_eligible and summary.keep_lower >= min_sr):
+        return ELIGIBLE
+    success = (
+        REJECTED if n >= policy.reject_min_samples and summary.reject_upper < min_sr else UNPROVEN
     )
+    if n <= 0:
+        reasons.append("success rate: no samples yet")
+        return success
+    band = (
+        f"{summary.successes:.0f}/{n:.0f} successes, 95% interval "
+        f"{summary.lower:.3f}-{summary.upper:.3f}"
+    )
+    if success is REJECTED:
+        reasons.append(
+            f"success rate below {min_sr:g} ({band}; upper bound "
+            f"{summary.reject_upper:.3f} at the rejection confidence)"
+        )
+    else:
+        reasons.append(f"success rate not yet proven >= {min_sr:g} ({band})")
+    return success
 
 
 def _judge_timing(
@@ -433,110 +419,155 @@ def select(
     from the budget).  ``budget=False`` (a relaxed or pinned decision) never explores
     once something is eligible.
     """
+    if not eligible:
+        return _explore_unproven(ctx, costs, explorable, rng, policy) if explorable else None
+    index, why = _exploit(eligible, costs, ctx.verdicts, rng, policy)
+    if not budget or policy.explore_rate <= 0.0 or not (explorable or probeable):
+        return (index, False, why)
+    ctx.decisions += 1
+    current = costs[index]
+    return (
+        _reprobe(ctx, costs, current, explorable, probeable, policy)
+        or _warm_up(ctx, costs, current, explorable, rng, policy)
+        or _from_budget(ctx, costs, current, explorable, policy)
+        or (index, False, why)
+    )
+
+
+def _cheaper(cost: float | None, current: float | None) -> bool:
+    return current is not None and cost is not None and cost < current
+
+
+def _reprobe(
+    ctx: Context,
+    costs: Sequence[float | None],
+    current: float | None,
+    explorable: Sequence[int],
+    probeable: Sequence[int],
+    policy: RoutingPolicy,
+) -> tuple[int, bool, str] | None:
+    # re-probes of rejected or degraded candidates that would be cheaper: each waits
+    # reprobe_interval decisions, halved per success in a row of its own
     verdicts = ctx.verdicts
-    if eligible:
-        index, why = _exploit(eligible, costs, verdicts, rng, policy)
-        rate = policy.explore_rate
-        if not budget or rate <= 0.0 or not (explorable or probeable):
-            return (index, False, why)
-        ctx.decisions += 1
-        current = costs[index]
-        cheapest = policy.objective == "cheapest"
-        arms = ctx.arms
-        # re-probes of rejected or degraded candidates that would be cheaper: each
-        # waits reprobe_interval decisions, halved per success in a row of its own
-        waits = ctx.waits
-        for i in probeable if not explorable else (*explorable, *probeable):
-            v = verdicts[i]
-            if not v.degraded or (
-                cheapest and (current is None or (c := costs[i]) is None or c >= current)
-            ):
-                continue
-            since = waits.get(i)
-            if since is None:
-                waits[i] = ctx.decisions
-                continue
-            arm = arms[i]
-            if (
-                v.latency is REJECTED
-                or v.ttft is REJECTED
-                or not (v.summary.change or "").startswith("degraded")
-            ):
-                # never proven, or too slow: successes in a row say nothing of a recovery
-                wait = 4.0 * policy.reprobe_interval
-            else:
-                streak = arm.streak if arm is not None else 0
-                wait = max(policy.reprobe_min, policy.reprobe_interval / 2.0**streak)
-            if ctx.decisions - since >= wait:
-                waits[i] = ctx.decisions
-                return (
-                    i,
-                    True,
-                    "re-probe: measuring a rejected or degraded model that would be cheaper",
-                )
-        # warm-up: a cheaper challenger with little evidence that a draw finds
-        # compliant is explored freely, so it is proven (or ruled out) early; this
-        # spends at most warmup_calls calls per challenger, or up to four times as many
-        # on one whose evidence says it more likely than not complies (an unlucky
-        # start must not leave the cheapest compliant model unproven for ever)
-        if explorable and rng.random() < policy.warmup_share:
-            min_sr = ctx.cons.min_success_rate
-            young = [
-                i
-                for i in explorable
-                if not verdicts[i].degraded
-                and (
-                    not cheapest
-                    or (current is not None and (c := costs[i]) is not None and c < current)
-                )
-                and _young(verdicts[i].summary, min_sr, policy.warmup_calls)
-            ]
-            young.sort(key=lambda i: (costs[i] or 0.0, ctx.models[i]))
-            for i in young:
-                s = verdicts[i].summary
-                if s.samples < policy.warmup_min_calls:
-                    return (
-                        i,
-                        True,
-                        "warm-up: giving a cheaper model with fewer than "
-                        f"{policy.warmup_min_calls:g} calls its first calls",
-                    )
-                if min_sr is not None and wilson_bounds(s.successes, s.samples, 1.0)[1] < min_sr:
-                    continue  # more likely than not below the limit already
-                if _plausible(verdicts[i], ctx.cons, rng, policy):
-                    return (
-                        i,
-                        True,
-                        "warm-up: measuring a cheaper model a draw from its evidence finds "
-                        "compliant",
-                    )
-        tokens = ctx.tokens + rate
-        ctx.tokens = tokens = tokens if tokens < policy.explore_burst else policy.explore_burst
-        if tokens < 1.0:
-            return (index, False, why)
-        best = -1
-        best_price = math.inf
-        for i in explorable:
-            v = verdicts[i]
-            if v.degraded or (
-                cheapest and (current is None or (c := costs[i]) is None or c >= current)
-            ):
-                continue
-            price = 1.0 + v.summary.samples / policy.explore_half
-            if price < best_price:
-                best, best_price = i, price
-        if best < 0 or tokens < best_price:
-            return (index, False, why)
-        ctx.tokens = tokens - best_price
-        return (
-            best,
-            True,
-            "exploration budget: measuring an unproven model that could beat the pick",
-        )
-    if not explorable:
+    cheapest = policy.objective == "cheapest"
+    arms = ctx.arms
+    waits = ctx.waits
+    for i in probeable if not explorable else (*explorable, *probeable):
+        v = verdicts[i]
+        if not v.degraded or (cheapest and not _cheaper(costs[i], current)):
+            continue
+        since = waits.get(i)
+        if since is None:
+            waits[i] = ctx.decisions
+            continue
+        arm = arms[i]
+        if (
+            v.latency is REJECTED
+            or v.ttft is REJECTED
+            or not (v.summary.change or "").startswith("degraded")
+        ):
+            # never proven, or too slow: successes in a row say nothing of a recovery
+            wait = 4.0 * policy.reprobe_interval
+        else:
+            streak = arm.streak if arm is not None else 0
+            wait = max(policy.reprobe_min, policy.reprobe_interval / 2.0**streak)
+        if ctx.decisions - since >= wait:
+            waits[i] = ctx.decisions
+            return (
+                i,
+                True,
+                "re-probe: measuring a rejected or degraded model that would be cheaper",
+            )
+    return None
+
+
+def _warm_up(
+    ctx: Context,
+    costs: Sequence[float | None],
+    current: float | None,
+    explorable: Sequence[int],
+    rng: random.Random,
+    policy: RoutingPolicy,
+) -> tuple[int, bool, str] | None:
+    # a cheaper challenger with little evidence that a draw finds compliant is explored
+    # freely, so it is proven (or ruled out) early; this spends at most warmup_calls
+    # calls per challenger, or up to four times as many on one whose evidence says it
+    # more likely than not complies (an unlucky start must not leave the cheapest
+    # compliant model unproven for ever)
+    if not explorable or rng.random() >= policy.warmup_share:
         return None
+    verdicts = ctx.verdicts
+    cheapest = policy.objective == "cheapest"
+    min_sr = ctx.cons.min_success_rate
+    young = [
+        i
+        for i in explorable
+        if not verdicts[i].degraded
+        and (not cheapest or _cheaper(costs[i], current))
+        and _young(verdicts[i].summary, min_sr, policy.warmup_calls)
+    ]
+    young.sort(key=lambda i: (costs[i] or 0.0, ctx.models[i]))
+    for i in young:
+        s = verdicts[i].summary
+        if s.samples < policy.warmup_min_calls:
+            return (
+                i,
+                True,
+                "warm-up: giving a cheaper model with fewer than "
+                f"{policy.warmup_min_calls:g} calls its first calls",
+            )
+        if min_sr is not None and wilson_bounds(s.successes, s.samples, 1.0)[1] < min_sr:
+            continue  # more likely than not below the limit already
+        if _plausible(verdicts[i], ctx.cons, rng, policy):
+            return (
+                i,
+                True,
+                "warm-up: measuring a cheaper model a draw from its evidence finds compliant",
+            )
+    return None
+
+
+def _from_budget(
+    ctx: Context,
+    costs: Sequence[float | None],
+    current: float | None,
+    explorable: Sequence[int],
+    policy: RoutingPolicy,
+) -> tuple[int, bool, str] | None:
+    # the exploration budget: ``explore_rate`` tokens a decision, up to a burst; an
+    # unproven candidate that could beat the pick costs more the more it was measured
+    tokens = ctx.tokens + policy.explore_rate
+    ctx.tokens = tokens = tokens if tokens < policy.explore_burst else policy.explore_burst
+    if tokens < 1.0:
+        return None
+    verdicts = ctx.verdicts
+    cheapest = policy.objective == "cheapest"
+    best = -1
+    best_price = math.inf
+    for i in explorable:
+        v = verdicts[i]
+        if v.degraded or (cheapest and not _cheaper(costs[i], current)):
+            continue
+        price = 1.0 + v.summary.samples / policy.explore_half
+        if price < best_price:
+            best, best_price = i, price
+    if best < 0 or tokens < best_price:
+        return None
+    ctx.tokens = tokens - best_price
+    return (best, True, "exploration budget: measuring an unproven model that could beat the pick")
+
+
+def _explore_unproven(
+    ctx: Context,
+    costs: Sequence[float | None],
+    explorable: Sequence[int],
+    rng: random.Random,
+    policy: RoutingPolicy,
+) -> tuple[int, bool, str]:
+    # nothing is eligible: first calls for the cheapest candidates, then the cheapest a
+    # draw finds compliant (top-two sampling), else the closest by a drawn success rate
+    verdicts = ctx.verdicts
     order = sorted(explorable, key=lambda i: (costs[i] is None, costs[i] or 0.0, ctx.models[i]))
-    cons = ctx.cons
     first_calls = policy.warmup_min_calls
     for i in order:
         v = verdicts[i]
@@ -551,41 +582,47 @@ def select(
                 f"with fewer than {first_calls:g} calls its first calls (no cost estimate "
                 "to rank them by: give input_tokens and max_tokens)",
             )
-    picked = _cheapest_plausible(order, verdicts, cons, rng, policy)
+    picked = _cheapest_plausible(order, verdicts, ctx.cons, rng, policy)
+    if picked is None:
+        return (_closest_by_draw(order, verdicts, rng, policy), True, _NO_DRAW_COMPLIANT)
     runner_up = False
-    if picked is not None and rng.random() < 0.5:
+    if rng.random() < 0.5:
         # top-two sampling: half the time the runner-up of another draw, so a model
         # that a lucky run keeps ahead does not starve the one that would be proven
         for _ in range(8):
-            other = _cheapest_plausible(order, verdicts, cons, rng, policy)
+            other = _cheapest_plausible(order, verdicts, ctx.cons, rng, policy)
             if other is not None and other != picked:
                 picked, runner_up = other, True
                 break
-    if picked is not None:
-        why = (
-            "no model is proven to meet the constraints yet: exploring the cheapest one "
-            "a draw from its evidence finds compliant"
-            if costs[picked] is not None
-            else "no model is proven to meet the constraints yet: exploring one a draw "
-            "from its evidence finds compliant (no cost estimate to rank them by: give "
-            "input_tokens and max_tokens)"
-        )
-        if runner_up:
-            why += " (top-two sampling: the runner-up, chosen by a second draw)"
-        return (picked, True, why)
+    why = (
+        "no model is proven to meet the constraints yet: exploring the cheapest one "
+        "a draw from its evidence finds compliant"
+        if costs[picked] is not None
+        else "no model is proven to meet the constraints yet: exploring one a draw "
+        "from its evidence finds compliant (no cost estimate to rank them by: give "
+        "input_tokens and max_tokens)"
+    )
+    if runner_up:
+        why += " (top-two sampling: the runner-up, chosen by a second draw)"
+    return (picked, True, why)
+
+
+_NO_DRAW_COMPLIANT: Final = (
+    "no model is proven to meet the constraints yet, and no draw finds one compliant: "
+    "exploring the one whose drawn success rate comes closest"
+)
+
+
+def _closest_by_draw(
+    order: Sequence[int], verdicts: Sequence[Verdict], rng: random.Random, policy: RoutingPolicy
+) -> int:
     # no draw finds any compliant: the one whose drawn success rate comes closest
-    target = max(
+    return max(
         order,
         key=lambda i: rng.betavariate(
             policy.prior_alpha + verdicts[i].summary.successes,
             policy.prior_beta + verdicts[i].summary.samples - verdicts[i].summary.successes,
         ),
-    )
-    return (
-        target,
-        True,
-        "no model is proven to meet the constraints yet, and no draw finds one compliant: "
-        "exploring the one whose drawn success rate comes closest",
     )
 
 

@@ -1,0 +1,109 @@
+"""
+The router's evidence in memory: one `Arm` per (workflow, stage, model), and one
+`StagePrior` per (workflow, stage).
+
+Two feeds, one arithmetic: `EvidenceMemory.apply` takes the buckets a refresh read
+from the store (replacing the router's own), and `EvidenceMemory.add` adds one outcome
+reported in this process.  An outcome timestamped before the last refresh began is
+not added: the store holds it, or will, and a later refresh brings it in.  So the same
+records give the same evidence whether they arrived live, through a refresh or after a
+restart.  Pure: no I/O, no clock (the router passes the times in).
+"""
+
+from __future__ import annotations
+
+from ..records import LLMCallRecord, Outcome
+from .book import Arm, ChangeTest, StagePrior, bucket_of
+
+__all__ = ["ArmKey", "EvidenceMemory"]
+
+ArmKey = tuple[str | None, str | None, str]
+"""(workflow, stage, model); an empty workflow or stage is ``None``."""
+
+StageKey = tuple[str | None, str | None]
+
+ChangedBuckets = dict[ArmKey, list[tuple[int, list[float]]]]
+"""What a refresh read: per arm, (bucket start, the bucket's sums) for every changed bucket."""
+
+
+class EvidenceMemory:
+    """
+    Every arm's buckets and every stage's prior, fed by refreshes and live outcomes.
+
+    ``epoch`` grows whenever an arm is added (the verdict cache re-reads its arms
+    then); ``version`` is the store's evidence version read so far; ``cutoff`` when
+    the last successful refresh began (``None``: never).
+    """
+
+    __slots__ = ("arms", "cutoff", "epoch", "priors", "test", "version")
+
+    def __init__(self, test: ChangeTest) -> None:
+        self.test = test
+        self.arms: dict[ArmKey, Arm] = {}
+        self.epoch = 0
+        self.priors: dict[StageKey, StagePrior] = {}
+        self.cutoff: float | None = None
+        self.version = 0
+
+    def _arm(self, key: ArmKey) -> Arm:
+        arm = self.arms.get(key)
+        if arm is None:
+            arm = self.arms[key] = Arm(test=self.test)
+            self.epoch += 1
+        return arm
+
+    def apply(
+        self, changed: ChangedBuckets, since: float | None, version: int, cutoff: float
+    ) -> None:
+        """
+        Replace the changed buckets by the store's, drop buckets before ``since``
+        (epoch seconds; ``None``: keep all) and rebuild the stage priors.
+
+        ``version`` is the store's version after this read, ``cutoff`` when the read
+        began: later outcomes reported live are added, earlier ones are the store's.
+        """
+        for key in changed:
+            self._arm(key)
+        floor = bucket_of(since) if since is not None else None
+        priors: dict[StageKey, StagePrior] = {}
+        for key, arm in self.arms.items():
+            arm.apply(changed.get(key, ()))
+            if floor is not None:
+                arm.expire(floor)
+            prior = priors.get(key[:2])
+            if prior is None:
+                prior = priors[key[:2]] = StagePrior()
+            prior.successes += arm.cur[1]
+            prior.output_tokens += arm.cur[6]
+        for stage_key, prior in priors.items():
+            old = self.priors.get(stage_key)
+            prior.version = (old.version + 1) if old is not None else 0
+            self.priors[stage_key] = prior
+        self.version = version
+        self.cutoff = cutoff
+
+    def add(self, record: LLMCallRecord, ts: float) -> None:
+        """Add one sample outcome timestamped ``ts`` (epoch seconds), unless it is the store's."""
+        if self.cutoff is not None and ts < self.cutoff:
+            return
+        key = (record.workflow or None, record.stage or None, record.model)
+        arm = self.arms.get(key)
+        if arm is None:
+            arm = self._arm(key)
+        success = record.outcome is Outcome.SUCCESS
+        arm.add(
+            ts,
+            success,
+            record.latency_ms,
+            record.input_tokens,
+            record.output_tokens,
+            record.cost_usd,
+            record.ttft_ms,
+        )
+        if success:
+            prior = self.priors.get(key[:2])
+            if prior is None:
+                prior = self.priors[key[:2]] = StagePrior()
+            prior.successes += 1
+            prior.output_tokens += record.output_tokens
+            prior.version += 1
