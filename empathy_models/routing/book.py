@@ -141,7 +141,13 @@ class ArmSummary:
     at its ``keep_z`` (what an eligible arm must stay above).  Latency figures are of
     successful calls; token means over successes, cost over every sample.  ``since``
     is the regime's start (``None`` for an arm's first regime) and ``change`` a phrase
-    describing the change that began it.
+    describing the change that began it.  ``unpooled_lower``, for a regime with
+    restored evidence only: the larger of the lower bounds (at ``z``) of the restored
+    evidence alone and of the regime's own evidence alone (restoring is a hypothesis;
+    what it may prove is what one of its parts proves by itself).  ``record_lower``:
+    the highest lower bound (at ``z``) of any of the arm's regimes in the window, this
+    one included (as ``unpooled_lower`` when it holds restored evidence): what the
+    arm's best stretch proves.
     """
 
     samples: float = 0.0
@@ -167,6 +173,8 @@ class ArmSummary:
     ttft_p95: float | None = None
     ttft_p95_lower: float | None = None
     ttft_p95_upper: float | None = None
+    unpooled_lower: float | None = None
+    record_lower: float = 0.0
 
 
 EMPTY_SUMMARY: Final = ArmSummary()
@@ -186,7 +194,13 @@ class StagePrior:
 
 
 def _summarize(
-    v: list[float], window_samples: int, regime: Regime, z: float, reject_z: float, keep_z: float
+    v: list[float],
+    window_samples: int,
+    regime: Regime,
+    earlier: list[Regime],
+    z: float,
+    reject_z: float,
+    keep_z: float,
 ) -> ArmSummary:
     n = v[SAMPLES]
     s = v[SUCCESSES]
@@ -201,6 +215,19 @@ def _summarize(
         if regime.before_rate is not None and n > 0:
             change += f" (success rate {regime.before_rate:.3f} -> {s / n:.3f}"
             change += ", earlier evidence restored)" if regime.restored is not None else ")"
+    unpooled: float | None = None
+    base = regime.base
+    if base is not None:
+        unpooled = max(
+            wilson_bounds(base[SUCCESSES], base[SAMPLES], z)[0],
+            wilson_bounds(s - base[SUCCESSES], n - base[SAMPLES], z)[0],
+        )
+    # restored evidence counts towards the record only as its parts do
+    record = lower if unpooled is None else unpooled
+    for r in earlier:
+        c = r.closed
+        if c is not None and c[SAMPLES] > 0:
+            record = max(record, wilson_bounds(c[SUCCESSES], c[SAMPLES], z)[0])
     return _new_summary(
         n,
         s,
@@ -225,6 +252,8 @@ def _summarize(
         t95,
         t95_lo,
         t95_hi,
+        unpooled,
+        record,
     )
 
 
@@ -264,8 +293,9 @@ class Arm:
     def summarize(self, z: float, reject_z: float, keep_z: float) -> ArmSummary:
         """The current regime's summary (cached until the evidence changes)."""
         if self.summary_version != self.version or self.summary is None:
+            regimes = self.regimes
             self.summary = _summarize(
-                self.cur, self.window_n, self.regimes[-1], z, reject_z, keep_z
+                self.cur, self.window_n, regimes[-1], regimes[:-1], z, reject_z, keep_z
             )
             self.summary_version = self.version
         return self.summary

@@ -171,8 +171,18 @@ def _judge_success(
 ) -> ConstraintStatus:
     """``min_success_rate`` against the Wilson bounds (see the module docstring)."""
     n = summary.samples
-    if summary.lower >= min_sr or (was_eligible and summary.keep_lower >= min_sr):
+    if was_eligible and summary.keep_lower >= min_sr:
         return ELIGIBLE
+    unpooled = summary.unpooled_lower
+    if summary.lower >= min_sr:
+        if unpooled is None or unpooled >= min_sr:
+            return ELIGIBLE
+        reasons.append(
+            f"success rate not yet proven >= {min_sr:g}: the evidence restored from an "
+            "earlier regime proves it only pooled with this one's, and neither part does "
+            "by itself"
+        )
+        return UNPROVEN
     success = (
         REJECTED if n >= policy.reject_min_samples and summary.reject_upper < min_sr else UNPROVEN
     )
@@ -481,6 +491,14 @@ def _reprobe(
     return None
 
 
+def _warming(s: ArmSummary, min_sr: float | None) -> bool:
+    # a warm-up is for a challenger in its first regime, or for one returning to a
+    # record it once proved: an arm whose best stretch never proved compliance and
+    # whose rate changed is measured from the budget like any other (a lucky stretch
+    # restored after an unlucky one must not buy it hundreds of warm-up calls)
+    return s.since is None or (min_sr is not None and s.record_lower >= min_sr)
+
+
 def _warm_up(
     ctx: Context,
     costs: Sequence[float | None],
@@ -493,7 +511,8 @@ def _warm_up(
     # freely, so it is proven (or ruled out) early; this spends at most warmup_calls
     # calls per challenger, or up to four times as many on one whose evidence says it
     # more likely than not complies (an unlucky start must not leave the cheapest
-    # compliant model unproven for ever)
+    # compliant model unproven for ever).  After a change was detected on an arm, only
+    # one that was once proven compliant warms up again (see `_warming`).
     if not explorable or rng.random() >= policy.warmup_share:
         return None
     verdicts = ctx.verdicts
@@ -503,6 +522,7 @@ def _warm_up(
         i
         for i in explorable
         if not verdicts[i].degraded
+        and _warming(verdicts[i].summary, min_sr)
         and (not cheapest or _cheaper(costs[i], current))
         and _young(verdicts[i].summary, min_sr, policy.warmup_calls)
     ]
