@@ -109,28 +109,9 @@ async def lookup(
     start: float,
 ) -> LLMResponse | None:
     """The cached answer for ``key`` as an `LLMResponse` (recorded as a hit), or None."""
-    cache = executor._cache
-    assert cache is not None
-    try:
-        raw = await cache.get(key)
-    except Exception:
-        executor.cache_errors += 1
-        logger.exception("response cache read failed; calling a model instead")
-        return None
-    if raw is None:
-        return None
-    entry = _DECODED.get(raw)
+    entry = await _read(executor, key)
     if entry is None:
-        entry = _decode(raw)
-        if entry is None:
-            executor.cache_errors += 1
-            logger.warning(
-                "response cache entry %s is unreadable; calling a model instead", key[:12]
-            )
-            return None
-        if len(_DECODED) >= _DECODED_MAX:
-            _DECODED.clear()
-        _DECODED[raw] = entry
+        return None
     content, model, provider, tier, input_tokens, output_tokens, saved, extra = entry
     data = extra
     tool_calls = _tool_calls(data.get("tool_calls"))
@@ -181,6 +162,43 @@ async def lookup(
             executor.telemetry_errors += 1
             logger.exception("telemetry write of a cache hit failed")
     return response
+
+
+async def _read(executor: EmpathyLLMExecutor, key: str) -> _Entry | None:
+    """
+    The decoded entry stored under ``key``, or None (a miss, or a failed or unreadable
+    read, counted in ``executor.cache_errors``).
+
+    Args:
+        executor: The executor whose cache is read (it has one).
+        key: The request's cache key.
+
+    Returns:
+        The entry's fields, decoded once per stored value (see `_DECODED`), or None.
+    """
+    cache = executor._cache
+    assert cache is not None
+    try:
+        raw = await cache.get(key)
+    except Exception:
+        executor.cache_errors += 1
+        logger.exception("response cache read failed; calling a model instead")
+        return None
+    if raw is None:
+        return None
+    entry = _DECODED.get(raw)
+    if entry is None:
+        entry = _decode(raw)
+        if entry is None:
+            executor.cache_errors += 1
+            logger.warning(
+                "response cache entry %s is unreadable; calling a model instead", key[:12]
+            )
+            return None
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[raw] = entry
+    return entry
 
 
 def _hit_record(

@@ -246,6 +246,49 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
     )
 
 
+def _read_file(
+    path: str | os.PathLike[str] | None,
+) -> tuple[Path | None, str, Mapping[str, Any]]:
+    """
+    The configuration file to use, how it was found, and its top-level table.
+
+    Args:
+        path: The file named by the caller, or None to look for one with
+            `find_config_file`.
+
+    Returns:
+        ``(file, found_by, data)``: ``file`` None (and ``data`` empty) when no file was
+        given or found.
+
+    Raises:
+        ConfigurationError: Naming the file, when it is missing, unreadable, not valid
+            TOML, or holds an unknown top-level key.
+    """
+    file: Path | None
+    if path is not None:
+        file = Path(path).expanduser().absolute()
+        found_by = "argument"
+        if not file.is_file():
+            raise ConfigurationError(f"{file}: no such configuration file")
+    else:
+        file, found_by = find_config_file()
+    data: Mapping[str, Any] = {}
+    if file is not None:
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"{file}: cannot read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"{file}: invalid TOML: {exc}") from None
+        unknown = sorted(set(data) - _TOP_KEYS)
+        if unknown:
+            raise ConfigurationError(
+                f"{file}: unknown key(s) {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(_TOP_KEYS))})"
+            )
+    return file, found_by, data
+
+
 _DEFAULT_PROVIDERS = (
     ProviderConfig(name="openai", kind="openai"),
     ProviderConfig(name="anthropic", kind="anthropic"),
@@ -279,28 +322,7 @@ class EmpathyConfig:
         Raises `ConfigurationError` naming the file for a missing file, invalid TOML, an
         unknown key or a value of the wrong type.
         """
-        file: Path | None
-        if path is not None:
-            file = Path(path).expanduser().absolute()
-            found_by = "argument"
-            if not file.is_file():
-                raise ConfigurationError(f"{file}: no such configuration file")
-        else:
-            file, found_by = find_config_file()
-        data: Mapping[str, Any] = {}
-        if file is not None:
-            try:
-                data = tomllib.loads(file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ConfigurationError(f"{file}: cannot read: {exc}") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigurationError(f"{file}: invalid TOML: {exc}") from None
-            unknown = sorted(set(data) - _TOP_KEYS)
-            if unknown:
-                raise ConfigurationError(
-                    f"{file}: unknown key(s) {', '.join(unknown)} "
-                    f"(known: {', '.join(sorted(_TOP_KEYS))})"
-                )
+        file, found_by, data = _read_file(path)
         where = str(file)
         base = file.parent if file is not None else Path.cwd()
         sources: dict[str, str] = {}

@@ -88,17 +88,46 @@ exemplars).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from contextvars import ContextVar, Token
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import urlsplit
-from weakref import WeakKeyDictionary, WeakSet
 
+from ._otel_breaker import _BreakerListener
+from ._otel_metrics import _meters_for
+from ._otel_names import (
+    _ERROR_TYPE,
+    _KEY,
+    _OPERATION,
+    _PROVIDER,
+    _REQUEST_MODEL,
+    _RESPONSE_MODEL,
+    _SERVER_ADDRESS,
+    _SERVER_PORT,
+    _STAGE,
+    _TEXT_LIMIT,
+    _WORKFLOW,
+    BREAKER_STATE_VALUES,
+    DURATION_BUCKETS,
+    SCOPE,
+    TOKEN_BUCKETS,
+    _Attrs,
+)
+from ._otel_spans import (
+    _admitted_event,
+    _answered_attributes,
+    _attempt_attributes,
+    _current,
+    _failed_attributes,
+    _is_default_textmap,
+    _left_attributes,
+    _route_attributes,
+    _RunTrace as _RunTrace,  # the state a stream passes to each hook (streaming.py)
+    _server_of,
+    _w3c_headers,
+)
 from ._propagation import outgoing_headers
 from ._values import ExecutionContext, LLMResponse
 from ._version import __version__
@@ -106,13 +135,11 @@ from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+    from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Span, TracerProvider
-    from opentelemetry.util.types import AttributeValue
 
     from ._run import _Run
-    from .abc import Completion, CompletionRequest, Message, Provider
-    from .breaker import BreakerEvent
+    from .abc import Completion, CompletionRequest, Provider
     from .exceptions import CircuitOpenError
     from .records import LLMCallRecord, Ticket
     from .registry import ModelInfo
@@ -130,50 +157,16 @@ __all__ = [
 logger = logging.getLogger("empathy_models.observability")
 
 R = TypeVar("R")
-_Attrs = dict[str, "AttributeValue"]
 
 ENABLE_ENV: Final = "EMPATHY_OTEL"
 """Set to ``1`` / ``true`` to instrument every executor built without ``otel=``."""
 CAPTURE_CONTENT_ENV: Final = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 """The GenAI instrumentations' switch for recording prompts and answers on spans."""
 
-SCOPE: Final = "empathy_models"
-DURATION_BUCKETS: Final = (
-    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
-)  # fmt: skip
-"""``gen_ai.client.operation.duration`` buckets, as the conventions specify (seconds)."""
-TOKEN_BUCKETS: Final = (
-    1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216,
-    67108864,
-)  # fmt: skip
-"""``gen_ai.client.token.usage`` buckets, as the conventions specify."""
-BREAKER_STATE_VALUES: Final[Mapping[str, int]] = {
-    "closed": 0,
-    "half_open": 1,
-    "open": 2,
-    "forced_open": 3,
-    "disabled": 4,
-}
-"""The value of the ``empathy_models.breaker.state`` gauge for each circuit state."""
-
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 _CAPTURE_ON = frozenset({"1", "true", "span_only", "span_and_event"})
 _CAPTURE_OFF = frozenset({"", "0", "false", "no_content", "event_only"})
-_TEXT_LIMIT = 300
-
-# attribute names (the conventions' and ours)
-_OPERATION = "gen_ai.operation.name"
-_PROVIDER = "gen_ai.provider.name"
-_REQUEST_MODEL = "gen_ai.request.model"
-_RESPONSE_MODEL = "gen_ai.response.model"
-_ERROR_TYPE = "error.type"
-_SERVER_ADDRESS = "server.address"
-_SERVER_PORT = "server.port"
-_WORKFLOW = "empathy_models.workflow"
-_STAGE = "empathy_models.stage"
-_KEY = "empathy_models.breaker.key"
-_TTFC = "gen_ai.response.time_to_first_chunk"
 
 
 def _flag(name: str, value: str) -> bool:
@@ -251,268 +244,6 @@ def instrumentation_for(
     )
 
 
-def _server_of(provider: Provider) -> tuple[str, int] | None:
-    """(host, port) of an HTTP provider's endpoint; never credentials or a path."""
-    base_url = getattr(provider, "base_url", None)
-    if not isinstance(base_url, str):
-        return None
-    try:
-        parts = urlsplit(base_url)
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        return None
-    if not host:
-        return None
-    if port is None:
-        port = 443 if parts.scheme == "https" else 80
-    return host, port
-
-
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else str(value)
-
-
-def _input_messages(messages: Iterable[Message]) -> str:
-    return json.dumps(
-        [
-            {"role": m.role, "parts": [{"type": "text", "content": _text(m.content)}]}
-            for m in messages
-        ],
-        ensure_ascii=False,
-    )
-
-
-def _output_messages(completion: Completion) -> str:
-    return json.dumps(
-        [
-            {
-                "role": "assistant",
-                "parts": [{"type": "text", "content": _text(completion.content)}],
-                "finish_reason": completion.stop_reason or "stop",
-            }
-        ],
-        ensure_ascii=False,
-    )
-
-
-class _RunTrace:
-    """One traced run: its span, the attempt span in flight, and what to record."""
-
-    __slots__ = (
-        "attempt",
-        "attempt_attrs",
-        "capture",
-        "context",
-        "context_token",
-        "ended",
-        "headers_token",
-        "obs",
-        "recording",
-        "run_attrs",
-        "span",
-        "stage",
-        "valid",
-        "workflow",
-    )
-
-    def __init__(
-        self, obs: Instrumentation, span: Span, context: Context, workflow: str, stage: str
-    ) -> None:
-        self.obs = obs
-        self.span = span
-        self.context = context  # the run span's, the attempts' parent
-        # false for a span sampled out or a no-op tracer's: no attributes or events then
-        self.recording = span.is_recording()
-        # false for a no-op tracer's span: its attempts are no-op spans too, and there is
-        # no trace context to send
-        self.valid = self.recording or span.get_span_context().is_valid
-        self.workflow = workflow
-        self.stage = stage
-        self.capture = obs.capture_content
-        self.attempt: Span | None = None  # the attempt span in flight (current)
-        self.attempt_attrs: _Attrs = {}
-        # the run span's attributes gathered during the run, set once when it ends
-        self.run_attrs: dict[str, AttributeValue] = {}
-        self.context_token: Token[Context] | None = None
-        self.headers_token: Token[Mapping[str, str] | None] | None = None
-        # a failed attempt's span, kept until the executor decides to retry (the wait
-        # is an event of that span) or moves on; ended with the time it failed
-        self.ended: tuple[Span, int] | None = None
-
-
-def _is_default_textmap(textmap: object) -> bool:
-    """True for OpenTelemetry's default propagator: W3C trace context, then baggage."""
-    from opentelemetry.baggage.propagation import W3CBaggagePropagator
-    from opentelemetry.propagators.composite import CompositePropagator
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    if type(textmap) is not CompositePropagator:
-        return False
-    inner = getattr(textmap, "_propagators", None)
-    return isinstance(inner, list | tuple) and [type(p) for p in inner] == [
-        TraceContextTextMapPropagator,
-        W3CBaggagePropagator,
-    ]
-
-
-_current: ContextVar[_RunTrace | None] = ContextVar("empathy_models_run_trace", default=None)
-
-
-class _Meters:
-    """The instruments of one meter provider, shared by every executor using it."""
-
-    def __init__(self, meter_provider: MeterProvider, version: str) -> None:
-        from opentelemetry.metrics import Observation
-
-        self._observation = Observation
-        meter = meter_provider.get_meter(SCOPE, version)
-        self.duration = meter.create_histogram(
-            "gen_ai.client.operation.duration",
-            unit="s",
-            description="GenAI operation duration.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self.tokens = meter.create_histogram(
-            "gen_ai.client.token.usage",
-            unit="{token}",
-            description="Number of input and output tokens used.",
-            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
-        )
-        self.first_chunk = meter.create_histogram(
-            "gen_ai.client.operation.time_to_first_chunk",
-            unit="s",
-            description="Time to receive the first chunk in a streaming response.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self.transitions = meter.create_counter(
-            "empathy_models.breaker.transitions",
-            unit="1",
-            description="Circuit breaker state changes seen by this process.",
-        )
-        # The cost and pick counters are summed here on the call path (a dict update) and
-        # reported by observable counters when a reader collects: the same cumulative
-        # series as synchronous counters, without an SDK measurement per call.
-        self.cost: dict[tuple[str, str, str, str], float] = {}
-        self.picks: dict[tuple[str, bool, str, str], int] = {}
-        meter.create_observable_counter(
-            "empathy_models.client.cost",
-            callbacks=[self._observe_cost],
-            unit="USD",
-            description="Estimated cost of the provider calls, from the registry's prices.",
-        )
-        meter.create_observable_counter(
-            "empathy_models.router.picks",
-            callbacks=[self._observe_picks],
-            unit="1",
-            description="Routing decisions; exploration=true counts exploration picks.",
-        )
-        self.live: WeakSet[Instrumentation] = WeakSet()
-        # per breaker: the instrumentation that records its metrics, and its key states
-        self.breaker_owner: WeakKeyDictionary[object, Instrumentation] = WeakKeyDictionary()
-        self.breaker_states: WeakKeyDictionary[object, dict[str, int]] = WeakKeyDictionary()
-        meter.create_observable_gauge(
-            "empathy_models.breaker.state",
-            callbacks=[self._observe_breakers],
-            unit="1",
-            description="Circuit state per breaker key: 0 closed, 1 half-open, 2 open, "
-            "3 forced open, 4 disabled.",
-        )
-        meter.create_observable_gauge(
-            "empathy_models.telemetry.queue_depth",
-            callbacks=[self._observe_queue],
-            unit="{record}",
-            description="Call records accepted by the telemetry backend, not yet written.",
-        )
-        meter.create_observable_counter(
-            "empathy_models.telemetry.records",
-            callbacks=[self._observe_records],
-            unit="{record}",
-            description="Call records by what became of them: written, failed, spooled "
-            "(kept in the spool file for later), dropped.",
-        )
-
-    def _backends(self) -> Iterator[object]:
-        seen: set[int] = set()
-        for obs in list(self.live):
-            backend = obs.telemetry
-            if backend is not None and id(backend) not in seen:
-                seen.add(id(backend))
-                yield backend
-
-    def _observe_cost(self, options: CallbackOptions) -> Iterable[Observation]:
-        # dict.copy() is atomic under the GIL: a reader's thread may collect while the
-        # event loop adds
-        return [
-            self._observation(
-                total,
-                {_PROVIDER: provider, _REQUEST_MODEL: model, _WORKFLOW: workflow, _STAGE: stage},
-            )
-            for (provider, model, workflow, stage), total in self.cost.copy().items()
-        ]
-
-    def _observe_picks(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [
-            self._observation(
-                count,
-                {
-                    _REQUEST_MODEL: model,
-                    "empathy_models.router.exploration": exploration,
-                    _WORKFLOW: workflow,
-                    _STAGE: stage,
-                },
-            )
-            for (model, exploration, workflow, stage), count in self.picks.copy().items()
-        ]
-
-    def _observe_breakers(self, options: CallbackOptions) -> Iterable[Observation]:
-        out: dict[str, int] = {}
-        for breaker in list(self.breaker_owner.keys()):  # breakers some executor uses
-            out.update(self.breaker_states.get(breaker, {}))
-        return [self._observation(value, {_KEY: key}) for key, value in sorted(out.items())]
-
-    def _observe_queue(self, options: CallbackOptions) -> Iterable[Observation]:
-        out = []
-        for backend in self._backends():
-            pending = getattr(backend, "pending", None)
-            if type(pending) is int:
-                out.append(self._observation(pending))
-        if len(out) > 1:  # one series: the sum over the backends in use
-            return [self._observation(sum(int(o.value) for o in out))]
-        return out
-
-    def _observe_records(self, options: CallbackOptions) -> Iterable[Observation]:
-        totals: dict[str, int] = {}
-        for backend in self._backends():
-            for result in ("written", "failed", "spooled", "dropped"):
-                value = getattr(backend, result, None)
-                if type(value) is int:
-                    totals[result] = totals.get(result, 0) + value
-        return [
-            self._observation(value, {"empathy_models.telemetry.result": result})
-            for result, value in totals.items()
-        ]
-
-
-_meters: WeakKeyDictionary[object, _Meters] = WeakKeyDictionary()
-_meters_by_id: dict[int, tuple[object, _Meters]] = {}  # providers that take no weak reference
-
-
-def _meters_for(meter_provider: MeterProvider, version: str) -> _Meters:
-    try:
-        meters = _meters.get(meter_provider)
-        if meters is None:
-            meters = _meters[meter_provider] = _Meters(meter_provider, version)
-        return meters
-    except TypeError:  # not weakly referenceable: keep it alive with its instruments
-        entry = _meters_by_id.get(id(meter_provider))
-        if entry is None or entry[0] is not meter_provider:
-            entry = _meters_by_id[id(meter_provider)] = (
-                meter_provider,
-                _Meters(meter_provider, version),
-            )
-        return entry[1]
-
-
 class Instrumentation:
     """
     The OpenTelemetry side of one executor (built by `instrumentation_for`).
@@ -541,9 +272,9 @@ class Instrumentation:
         self.capture_content = capture_content
         self.errors = 0
         self.telemetry: object | None = None
-        self._breaker: object | None = None
         self._tracer = tracer_provider.get_tracer(SCOPE, __version__)
         self._meters = _meters_for(meter_provider, __version__)
+        self._breakers = _BreakerListener(self, self._meters)
         self._attach = context.attach
         self._detach = context.detach
         self._in_context = trace.set_span_in_context
@@ -581,54 +312,15 @@ class Instrumentation:
 
     def bind(self, breaker: object, telemetry: object) -> None:
         """Listen to ``breaker``'s events and report ``telemetry``'s counters (on enter)."""
-        meters = self._meters
-        meters.live.add(self)
+        self._meters.live.add(self)
         self.telemetry = telemetry
-        add = getattr(breaker, "add_listener", None)
-        if callable(add):
-            self._breaker = breaker
-            add(self._on_breaker_event)
-            try:
-                if breaker not in meters.breaker_owner:
-                    meters.breaker_owner[breaker] = self
-                    meters.breaker_states.setdefault(breaker, {})
-            except TypeError:  # a breaker without weak references: no breaker metrics
-                pass
+        self._breakers.attach(breaker)
 
     def unbind(self) -> None:
         """Undo `bind` (on exit)."""
-        breaker, self._breaker = self._breaker, None
-        meters = self._meters
-        meters.live.discard(self)
+        self._meters.live.discard(self)
         self.telemetry = None
-        if breaker is not None:
-            remove = getattr(breaker, "remove_listener", None)
-            if callable(remove):
-                remove(self._on_breaker_event)
-            try:
-                if meters.breaker_owner.get(breaker) is self:
-                    # another executor on the same breaker takes over its metrics
-                    heir = next((o for o in meters.live if o._breaker is breaker), None)
-                    if heir is not None:
-                        meters.breaker_owner[breaker] = heir
-                    else:
-                        del meters.breaker_owner[breaker]
-                        meters.breaker_states.pop(breaker, None)
-            except TypeError:
-                pass
-
-    def _states(self) -> dict[str, int] | None:
-        """The key states this instrumentation records, or None (another one does)."""
-        breaker = self._breaker
-        if breaker is None:
-            return None
-        meters = self._meters
-        try:
-            if meters.breaker_owner.get(breaker) is not self:
-                return None
-            return meters.breaker_states.get(breaker)
-        except TypeError:
-            return None
+        self._breakers.detach()
 
     # ------------------------------------------------------------------ the run
 
@@ -774,37 +466,13 @@ class Instrumentation:
         if state is None:
             return
         try:
-            ctx = run.context
-            if not state.recording:
-                decision = run.decision
-                if decision is not None:
-                    self._pick(state, decision.model, decision.exploration)
-                return
-            if ctx.record_text:
-                state.capture = True
-            attributes: dict[str, AttributeValue] = {
-                "empathy_models.request_id": run.request_id,
-                "empathy_models.task_type": run.task_type,
-                "empathy_models.tier": run.original.tier.value,
-                "empathy_models.route.model": run.original.id,
-            }
             decision = run.decision
+            if state.recording:
+                if run.context.record_text:
+                    state.capture = True
+                state.run_attrs.update(_route_attributes(run))
             if decision is not None:
-                attributes["empathy_models.route.reason"] = decision.reason[:_TEXT_LIMIT]
-                attributes["empathy_models.route.exploration"] = decision.exploration
-                attributes["empathy_models.route.constraints_met"] = decision.constraints_met
-                if decision.relaxed:
-                    attributes["empathy_models.route.relaxed"] = list(decision.relaxed)
-                if decision.policy_applied is not None:
-                    attributes["empathy_models.route.policy"] = decision.policy_applied
-                if decision.change is not None:
-                    attributes["empathy_models.route.change"] = decision.change[:_TEXT_LIMIT]
                 self._pick(state, decision.model, decision.exploration)
-            elif ctx.model is not None:
-                attributes["empathy_models.route.reason"] = "pinned by ExecutionContext.model"
-            else:
-                attributes["empathy_models.route.reason"] = "cheapest available candidate"
-            state.run_attrs.update(attributes)
         except Exception:
             self._failed("recording the routing decision")
 
@@ -820,7 +488,7 @@ class Instrumentation:
             return
         try:
             self._finish_attempts(state)
-            attributes: dict[str, AttributeValue] = {
+            attributes: _Attrs = {
                 "empathy_models.fallback.from": run.chain[-1],
                 "empathy_models.fallback.to": info.id,
             }
@@ -843,11 +511,11 @@ class Instrumentation:
             circuit = exc.state.value if exc.state is not None else "open"
             key = exc.key or key
             if key is not None:
-                self._remember(key, circuit)
+                self._breakers.remember(key, circuit)
             if state is None:
                 return
             self._finish_attempts(state)
-            attributes: dict[str, AttributeValue] = {
+            attributes: _Attrs = {
                 _REQUEST_MODEL: info.id,
                 _PROVIDER: info.provider,
                 "empathy_models.breaker.state": circuit,
@@ -884,43 +552,15 @@ class Instrumentation:
             if not state.valid:  # a no-op tracer: only the metrics need the attempt
                 state.attempt = state.span
                 return
-            attributes = dict(common)
-            attributes["gen_ai.request.max_tokens"] = request.max_tokens
-            if request.temperature is not None:
-                attributes["gen_ai.request.temperature"] = float(request.temperature)
-            attributes["empathy_models.attempt"] = attempt
-            session = run.context.session_id
-            if session is not None:
-                attributes["gen_ai.conversation.id"] = session
-            if state.capture:
-                attributes["gen_ai.input.messages"] = _input_messages(request.messages)
-                if request.system is not None:
-                    attributes["gen_ai.system_instructions"] = json.dumps(
-                        [{"type": "text", "content": request.system}], ensure_ascii=False
-                    )
+            attributes = _attempt_attributes(common, run, request, attempt, state.capture)
             span = self._tracer.start_span(
                 f"chat {info.id}", context=state.context, kind=self._client, attributes=attributes
             )
             state.attempt = span
             admitted = [t for t in tickets if t is not None]
             if admitted and state.recording:
-                # one event for the admission, whichever keys it went through
-                probe = any(t.lease_id is not None for t in admitted)
-                span.add_event(
-                    "empathy_models.breaker.admitted",
-                    {
-                        _KEY: [t.key for t in admitted],
-                        "empathy_models.breaker.state": [
-                            "half_open" if t.lease_id is not None else "closed" for t in admitted
-                        ],
-                        "empathy_models.breaker.probe": probe,
-                    },
-                )
-                states = self._states()
-                if states is not None:
-                    for t in admitted:
-                        if t.key not in states:
-                            states[t.key] = 1 if t.lease_id is not None else 0
+                span.add_event("empathy_models.breaker.admitted", _admitted_event(admitted))
+                self._breakers.admitted(admitted)
             current = self._in_context(span)
             if state.recording:  # the current span for HTTP instrumentation below us
                 state.context_token = self._attach(current)
@@ -950,18 +590,8 @@ class Instrumentation:
             self._textmap = textmap
             self._textmap_is_default = _is_default_textmap(textmap)
         if self._textmap_is_default and not self._baggage(current):
-            # what the default propagator (W3C trace context, then baggage) writes, made
-            # directly: a fifth of the cost of going through it
-            sc = span.get_span_context()
-            if not sc.is_valid:
-                return None
-            carrier = {
-                "traceparent": f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
-            }
-            if sc.trace_state:
-                carrier["tracestate"] = sc.trace_state.to_header()
-            return carrier
-        carrier = {}
+            return _w3c_headers(span)
+        carrier: dict[str, str] = {}
         self._inject(carrier, context=current)
         return carrier or None
 
@@ -993,22 +623,7 @@ class Instrumentation:
                     record.provider, record.model, completion.model, attributes
                 )
                 if state.recording:
-                    extra: _Attrs = {
-                        "empathy_models.outcome": record.outcome.value,
-                        _RESPONSE_MODEL: completion.model,
-                        "gen_ai.usage.input_tokens": record.input_tokens,
-                        "gen_ai.usage.output_tokens": record.output_tokens,
-                        "empathy_models.cost_usd": record.cost_usd,
-                    }
-                    if completion.stop_reason is not None:
-                        extra["gen_ai.response.finish_reasons"] = [completion.stop_reason]
-                    if completion.response_id is not None:
-                        extra["gen_ai.response.id"] = completion.response_id
-                    if record.ttft_ms is not None:
-                        extra[_TTFC] = record.ttft_ms / 1000.0
-                    if state.capture:
-                        extra["gen_ai.output.messages"] = _output_messages(completion)
-                    span.set_attributes(extra)
+                    span.set_attributes(_answered_attributes(record, completion, state.capture))
                 span.end()
                 meters.duration.record(seconds, response)
                 meters.tokens.record(record.input_tokens, input_attrs)
@@ -1021,26 +636,14 @@ class Instrumentation:
                 return
             if error is None:  # a stream left early by its caller: not an error
                 if state.recording:
-                    left: _Attrs = {
-                        "empathy_models.outcome": record.outcome.value,
-                        "gen_ai.usage.input_tokens": record.input_tokens,
-                        "gen_ai.usage.output_tokens": record.output_tokens,
-                    }
-                    if record.ttft_ms is not None:
-                        left[_TTFC] = record.ttft_ms / 1000.0
-                    span.set_attributes(left)
+                    span.set_attributes(_left_attributes(record))
                 span.end()
                 meters.duration.record(seconds, attributes)
                 if record.ttft_ms is not None:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, attributes)
                 return
             error_type = record.error_type or type(error).__name__
-            extra = {"empathy_models.outcome": record.outcome.value, _ERROR_TYPE: error_type}
-            if record.status_code is not None:
-                extra["http.response.status_code"] = record.status_code
-            if record.ttft_ms is not None:
-                extra[_TTFC] = record.ttft_ms / 1000.0
-            span.set_attributes(extra)
+            span.set_attributes(_failed_attributes(record, error_type))
             description = error_type
             if record.error_message:
                 description = f"{error_type}: {record.error_message}"
@@ -1104,44 +707,3 @@ class Instrumentation:
             span.set_attribute(_ERROR_TYPE, "_OTHER")
             span.set_status(self._status(self._error, "the attempt did not finish"))
             span.end()
-
-    # ------------------------------------------------------------------ the breaker
-
-    def _remember(self, key: str, circuit: str, *, only_new: bool = False) -> None:
-        states = self._states()
-        if states is None or (only_new and key in states):
-            return
-        value = BREAKER_STATE_VALUES.get(circuit)
-        if value is not None:
-            states[key] = value
-
-    def _on_breaker_event(self, event: BreakerEvent) -> None:
-        try:
-            kind = event.kind.value
-            if kind == "call_rejected":
-                return  # the executor reports its own rejections
-            attributes: dict[str, AttributeValue] = {}
-            if event.key is not None:
-                attributes[_KEY] = event.key
-            if kind == "state_changed":
-                old = event.old_state.value if event.old_state is not None else "closed"
-                new = event.new_state.value if event.new_state is not None else "closed"
-                attributes["empathy_models.breaker.from"] = old
-                attributes["empathy_models.breaker.to"] = new
-                if self._states() is not None:
-                    self._meters.transitions.add(1, dict(attributes))
-                    if event.key is not None:
-                        self._remember(event.key, new)
-                if event.reason:
-                    attributes["empathy_models.breaker.reason"] = event.reason[:_TEXT_LIMIT]
-                if event.generation is not None:
-                    attributes["empathy_models.breaker.generation"] = event.generation
-            elif event.error:
-                attributes["empathy_models.breaker.error"] = event.error[:_TEXT_LIMIT]
-            state = self._state()
-            if state is None:
-                return
-            span = state.attempt if state.attempt is not None else state.span
-            span.add_event(f"empathy_models.breaker.{kind}", attributes)
-        except Exception:
-            self._failed("recording a breaker event")

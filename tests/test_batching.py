@@ -304,3 +304,37 @@ async def test_spooled_records_replay_once_even_when_replayed_twice(
         # and the rollups count each record once
         assert_same_buckets((await backend.evidence()).buckets, rollup(records), "replayed")
     assert spool.files() == []
+
+
+def test_the_engine_constants_stay_importable_from_batching() -> None:
+    from empathy_models.backends import batching
+
+    assert 0 < batching.MIN_BACKOFF < batching.MAX_BACKOFF
+    assert batching.DEFAULT_MAX_BATCH <= batching.DEFAULT_MAX_QUEUE
+
+
+async def test_the_store_writer_warns_once_per_outage_and_once_on_recovery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from empathy_models.backends._batch_writer import _Ledger, _StoreWriter
+
+    async def down(records: list[LLMCallRecord]) -> None:
+        raise TelemetryError("the store is down")
+
+    ledger = _Ledger("test-owner")
+    writer = _StoreWriter(down, ledger, max_queue=10)
+    batch = _records(3)
+    caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
+    assert await writer.deliver(batch) == batch
+    writer.fault()
+    assert await writer.deliver(batch) == batch
+    writer.fault()
+    started = writer.outage_since
+    assert writer.faults == 2 and started is not None
+    assert isinstance(writer.last_fault, TelemetryError)
+    assert writer.recovered() and writer.outage_since is None
+    assert not writer.recovered()  # no outage to end
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("is unavailable" in m for m in messages) == 1
+    assert sum("is back after" in m for m in messages) == 1
+    assert (ledger.written, ledger.failed) == (0, 0)

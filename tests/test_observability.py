@@ -729,3 +729,12 @@ def test_an_instrumented_executor_is_freed_without_the_cycle_collector(
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_the_public_names_stay_importable_from_observability() -> None:
+    from empathy_models import observability
+
+    for name in observability.__all__:
+        assert hasattr(observability, name), name
+    assert observability.BREAKER_STATE_VALUES["open"] == 2
+    assert list(observability.DURATION_BUCKETS) == sorted(observability.DURATION_BUCKETS)

@@ -43,7 +43,10 @@ microsecond), whatever state the store is in.
   records and a batch in flight (``max_batch``), plus, while the store is failing or
   slower than the producer, two spills (``max_queue`` each) not yet on disk.
 
-The same engine batches `SQLiteTelemetryBackend` by default.
+The same engine batches `SQLiteTelemetryBackend` by default.  The queue, its flusher
+and the exit paths are here; writing a batch to the store (splitting refused batches,
+outages, backoff) is `empathy_models.backends._batch_writer`, and spilling to the spool
+and replaying it `empathy_models.backends._batch_spill`.
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ import contextlib
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -73,14 +75,19 @@ from ..abc import TelemetryBackend
 from ..evidence import EvidenceBatch
 from ..exceptions import (
     BackendClosedError,
-    BackendError,
     ConfigurationError,
     RecordValidationError,
-    TelemetryRejectedError,
 )
 from ..records import LLMCallRecord, ModelPerformance
+from ._batch_spill import _Spiller
+from ._batch_writer import (
+    MAX_BACKOFF as MAX_BACKOFF,
+    MIN_BACKOFF as MIN_BACKOFF,
+    _describe,
+    _Ledger,
+    _StoreWriter,
+)
 from ._spool import Spool
-from ._storable import storable
 
 __all__ = ["BatchingTelemetryBackend"]
 
@@ -92,10 +99,6 @@ DEFAULT_MAX_BATCH: Final = 500
 DEFAULT_FLUSH_INTERVAL: Final = 0.1
 DEFAULT_MAX_QUEUE: Final = 10_000
 DEFAULT_CLOSE_TIMEOUT: Final = 5.0
-MIN_BACKOFF: Final = 0.05
-"""Seconds before the first retry of a batch the store failed to take."""
-MAX_BACKOFF: Final = 2.0
-"""The longest wait between two retries during a store outage."""
 _CANCEL_GRACE: Final = 1.0
 
 
@@ -144,22 +147,6 @@ def _check_records(records: Sequence[LLMCallRecord]) -> list[LLMCallRecord]:
         if not isinstance(r, LLMCallRecord):
             raise RecordValidationError(f"expected an LLMCallRecord, got {type(r).__name__}")
     return batch
-
-
-def _is_rejection(exc: BaseException) -> bool:
-    """True when ``exc`` says the records themselves were refused (not the store down)."""
-    if isinstance(exc, TelemetryRejectedError | RecordValidationError):
-        return True
-    if isinstance(exc, BackendError | ConfigurationError):
-        return False
-    return isinstance(exc, ValueError | TypeError)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    if len(text) > 300:
-        text = text[:300] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- exit hooks
@@ -216,13 +203,16 @@ def _install_exit_hooks() -> None:
 
 class _Batcher:
     """
-    The bounded queue, its flusher task and its spill task (shared by the front-ends).
+    The bounded queue and its flusher task (shared by the front-ends).
 
-    Counters: ``enqueued`` records accepted so far, ``settled`` records written,
-    spooled, dropped from the queue or given up (``settled <= enqueued``); `flush`
-    waits until ``settled`` reaches the ``enqueued`` it saw, or until a write attempt
-    failed.  Everything runs on the event loop; no locks are needed because the fast
-    path never awaits.  ``exit_flush`` is synchronous: it runs at interpreter exit,
+    The store side (writing a batch, outages, backoff) is a `_StoreWriter`, the spool
+    side (spills and replays) a `_Spiller`; their counts are kept in one `_Ledger`.
+
+    Counters: ``enqueued`` records accepted so far, ``settled`` (in the ledger) records
+    written, spooled, dropped from the queue or given up (``settled <= enqueued``);
+    `flush` waits until ``settled`` reaches the ``enqueued`` it saw, or until a write
+    attempt failed.  Everything runs on the event loop; no locks are needed because the
+    fast path never awaits.  ``exit_flush`` is synchronous: it runs at interpreter exit,
     in the SIGTERM handler and when the batcher is garbage collected while open.
     """
 
@@ -246,43 +236,26 @@ class _Batcher:
         self.on_full: OnFull = _check_on_full(on_full)
         self.close_timeout = _check_seconds("close_timeout", close_timeout, allow_zero=True)
         self.exit_flush_enabled = _check_bool("exit_flush", exit_flush)
-        self._write = write
         self._sync_write = sync_write
-        self._spool = spool
         self.owner = owner
+        self._ledger = _Ledger(owner)
+        self._writer = _StoreWriter(write, self._ledger, self.max_queue)
+        self._spill = _Spiller(spool, self._ledger, self._writer, self.max_batch)
         self.queue: list[LLMCallRecord] = []
-        self.overflow: list[LLMCallRecord] = []  # waiting for the spill task
         self.inflight: list[LLMCallRecord] | None = None  # the batch being written
-        self.spilling: list[LLMCallRecord] | None = None  # the records being spooled
         self.enqueued = 0
-        self.settled = 0
-        self.written = 0
-        self.failed = 0
         self.dropped = 0
-        self.spooled = 0
-        self.replayed = 0
-        self.sanitized = 0
-        self.faults = 0
-        self.outage_since: float | None = None
         self.closing = False
         self.closed = False
         self._urgent = False
-        self._backoff = MIN_BACKOFF
-        self._replay_due = spool is not None
-        self._replaying = False
-        self._spill_warned = False
         self._task: asyncio.Task[None] | None = None
-        self._spill_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self._kick = asyncio.Event()  # flush or close: stop waiting between retries
-        self._spill_wake = asyncio.Event()
-        self._progress = asyncio.Event()
         self._space = asyncio.Event()
 
     def __del__(self) -> None:
         if getattr(self, "closed", True) or getattr(self, "_task", None) is None:
             return
-        pending = len(self.queue) + len(self.overflow) + len(self.inflight or ())
+        pending = len(self.queue) + len(self._spill.overflow) + len(self.inflight or ())
         warnings.warn(
             f"{self.owner} was garbage collected without aclose() ({pending} telemetry "
             "records still queued are flushed now); use 'async with' or aclose()",
@@ -295,12 +268,30 @@ class _Batcher:
         except Exception:
             logger.exception("%s: flushing telemetry at garbage collection failed", self.owner)
 
-    # ------------------------------------------------------------------ enqueue
+    # ------------------------------------------------------------------ counts
 
     @property
     def pending(self) -> int:
         """Records in memory: queued, or on their way to the spool."""
-        return len(self.queue) + len(self.overflow) + len(self.spilling or ())
+        spill = self._spill
+        return len(self.queue) + len(spill.overflow) + len(spill.spilling or ())
+
+    @property
+    def written(self) -> int:
+        """Records written to the store (replayed ones included)."""
+        return self._ledger.written
+
+    @property
+    def failed(self) -> int:
+        """Records given up: refused by the store even made safe, or unspoolable."""
+        return self._ledger.failed
+
+    @property
+    def spooled(self) -> int:
+        """Records written to the spool."""
+        return self._ledger.spooled
+
+    # ------------------------------------------------------------------ enqueue
 
     def _closed_error(self) -> BackendClosedError:
         return BackendClosedError(f"{self.owner} was used after aclose()", target=self.owner)
@@ -344,20 +335,9 @@ class _Batcher:
 
     def _spill_queue(self, record: LLMCallRecord) -> None:
         """Queue full: hand the queue to the spill task and start a new one (never waits)."""
-        if len(self.overflow) >= self.max_queue:
-            # the spill task is a full queue behind (the producer never yielded, or the
-            # disk is slow): spool that backlog here, so memory stays bounded; this
-            # waits on the local disk, never on the store
-            backlog, self.overflow = self.overflow, []
-            self.spill_or_fail(backlog, "the queue was full")
-        self.overflow.extend(self.queue)
+        self._spill.hand_over(self.queue, self.max_queue)
         self.queue = [record]
         self.enqueued += 1
-        if self._spill_task is None:
-            self._spill_task = asyncio.get_running_loop().create_task(
-                self._spill_run(), name=f"empathy-models telemetry spill for {self.owner}"
-            )
-        self._spill_wake.set()
         self._wake.set()
 
     async def _put_slow(self, record: LLMCallRecord) -> None:
@@ -367,7 +347,7 @@ class _Batcher:
                 f"the telemetry queue is full ({self.max_queue} records) and on_full='drop'",
             )
             return
-        if self.on_full == "spill" and self._spool is not None:
+        if self.on_full == "spill" and self._spill.has_spool:
             self._spill_queue(record)
             return
         while not self.put_nowait(record):
@@ -397,18 +377,16 @@ class _Batcher:
 
     # ------------------------------------------------------------------ flusher
 
-    def _signal_progress(self) -> None:
-        progress, self._progress = self._progress, asyncio.Event()
-        progress.set()
-
     async def _run(self) -> None:
+        writer = self._writer
+        spill = self._spill
         try:
             while True:
-                if self._replay_due:
-                    if not await self._replay():
+                if spill.replay_due:
+                    if not await spill.replay():
                         if self.closing:
                             return
-                        await self._pause()
+                        await writer.pause()
                     continue
                 if not self.queue:
                     if self.closing:
@@ -418,7 +396,7 @@ class _Batcher:
                     continue
                 if (
                     not (self._urgent or self.closing)
-                    and self.outage_since is None
+                    and writer.outage_since is None
                     and len(self.queue) < self.max_batch
                 ):
                     # let the batch fill: until it is full, a flush is asked for, or the
@@ -430,225 +408,33 @@ class _Batcher:
                 if not await self._drain():
                     if self.closing:
                         return
-                    await self._pause()
+                    await writer.pause()
         finally:
             # wake every waiter so none can hang on a stopped flusher
-            self._progress.set()
+            self._ledger.progress.set()
             self._space.set()
-
-    async def _pause(self) -> None:
-        """Wait before the next retry (exponential backoff); a flush or close cuts it short."""
-        delay = self._backoff * random.uniform(0.5, 1.0)
-        self._backoff = min(self._backoff * 2.0, MAX_BACKOFF)
-        self._kick.clear()
-        with anyio.move_on_after(delay):
-            await self._kick.wait()
-
-    def _fault(self, exc: BaseException | None) -> None:
-        self.faults += 1
-        if self.outage_since is None:
-            self.outage_since = time.monotonic()
-            logger.warning(
-                "%s: the telemetry store is unavailable (%s); records are kept and retried "
-                "(in memory up to %d, then in the spool)",
-                self.owner,
-                "unknown error" if exc is None else _describe(exc),
-                self.max_queue,
-            )
-        self._signal_progress()
-
-    def _recovered(self) -> None:
-        self._backoff = MIN_BACKOFF
-        if self.outage_since is not None:
-            logger.warning(
-                "%s: the telemetry store is back after %.1f s; kept records are being written",
-                self.owner,
-                time.monotonic() - self.outage_since,
-            )
-            self.outage_since = None
-            if self._spool is not None and self.spooled:
-                self._replay_due = True
 
     async def _drain(self) -> bool:
         """Write the queue; False when the store failed (the rest is back in the queue)."""
+        ledger = self._ledger
+        writer = self._writer
         while self.queue:
             batch = self.queue[: self.max_batch]
             self.inflight = batch  # before the records leave the queue (exit hooks)
             del self.queue[: len(batch)]
             space, self._space = self._space, asyncio.Event()
             space.set()
-            rest = await self._deliver(batch)
+            rest = await writer.deliver(batch)
             self.inflight = None
-            self.settled += len(batch) - len(rest)
+            ledger.settled += len(batch) - len(rest)
             if rest:
                 self.queue[:0] = rest
-                self._fault(self._last_fault)
+                writer.fault()
                 return False
-            self._recovered()
-            self._signal_progress()
+            if writer.recovered():
+                self._spill.outage_over()
+            ledger.signal_progress()
         return True
-
-    _last_fault: BaseException | None = None
-
-    async def _deliver(self, batch: list[LLMCallRecord]) -> list[LLMCallRecord]:
-        """
-        Write ``batch``; return the records not written because the store failed.
-
-        A batch refused for its content is split until each refused record is alone;
-        that record is retried made safe, or given up.
-        """
-        try:
-            await self._write(batch)
-        except Exception as exc:
-            if not _is_rejection(exc):
-                self._last_fault = exc
-                return batch
-            if len(batch) > 1:
-                mid = len(batch) // 2
-                rest = await self._deliver(batch[:mid])
-                if rest:
-                    return rest + batch[mid:]
-                return await self._deliver(batch[mid:])
-            return await self._deliver_made_safe(batch[0], exc)
-        self.written += len(batch)
-        return []
-
-    async def _deliver_made_safe(
-        self, record: LLMCallRecord, exc: BaseException
-    ) -> list[LLMCallRecord]:
-        fields: tuple[str, ...] = ()
-        try:
-            fixed, fields = storable(record)
-        except RecordValidationError as invalid:
-            exc = invalid
-        if fields:
-            try:
-                await self._write([fixed])
-            except Exception as again:
-                if not _is_rejection(again):
-                    self._last_fault = again
-                    return [record]
-                exc = again
-            else:
-                self.written += 1
-                self.sanitized += 1
-                logger.warning(
-                    "%s: record %s was refused by the store and stored with %s escaped or "
-                    "clamped (listed in its metadata under %r)",
-                    self.owner,
-                    record.call_id,
-                    ", ".join(fields),
-                    "empathy_models.sanitized",
-                )
-                return []
-        self.failed += 1
-        logger.warning(
-            "%s: record %s was refused by the store and given up (%s); %d records given up so far",
-            self.owner,
-            record.call_id,
-            _describe(exc),
-            self.failed,
-        )
-        return []
-
-    async def _replay(self) -> bool:
-        """Write the spool's files to the store; False when the store failed meanwhile."""
-        self._replay_due = False
-        spool = self._spool
-        if spool is None:
-            return True
-        self._replaying = True
-        try:
-            try:
-                paths = await anyio.to_thread.run_sync(spool.files)
-            except OSError as exc:
-                logger.warning("%s: cannot read the spool (%s)", self.owner, _describe(exc))
-                return True
-            for path in paths:
-                claimed = await anyio.to_thread.run_sync(spool.claim, path)
-                if claimed is None:
-                    continue
-                try:
-                    records, bad = await anyio.to_thread.run_sync(spool.read, claimed)
-                except OSError as exc:
-                    logger.warning(
-                        "%s: cannot read spool file %s (%s)", self.owner, claimed, _describe(exc)
-                    )
-                    continue
-                self.failed += bad
-                for start in range(0, len(records), self.max_batch):
-                    chunk = records[start : start + self.max_batch]
-                    rest = await self._deliver(chunk)
-                    self.replayed += len(chunk) - len(rest)
-                    if rest:
-                        await anyio.to_thread.run_sync(spool.release, claimed)
-                        self._replay_due = True
-                        self._fault(self._last_fault)
-                        return False
-                await anyio.to_thread.run_sync(spool.remove, claimed)
-                self._recovered()
-            return True
-        finally:
-            self._replaying = False
-            self._signal_progress()
-
-    # ------------------------------------------------------------------ spill
-
-    async def _spill_run(self) -> None:
-        while True:
-            if not self.overflow:
-                if self.closing:
-                    return
-                self._spill_wake.clear()
-                await self._spill_wake.wait()
-                continue
-            records, self.overflow = self.overflow, []
-            self.spilling = records
-            failure = await anyio.to_thread.run_sync(self._spool_write, records)
-            self.spilling = None
-            self._account_spill(len(records), failure, "the queue was full")
-
-    def _spool_write(self, records: list[LLMCallRecord]) -> BaseException | None:
-        """Write ``records`` to the spool file (blocking); the error, if it failed."""
-        if self._spool is None:
-            return RuntimeError("this backend has no spool (it keeps nothing across processes)")
-        try:
-            self._spool.write(records)
-        except (OSError, ValueError) as exc:
-            return exc
-        return None
-
-    def _account_spill(self, n: int, failure: BaseException | None, why: str) -> None:
-        """Count ``n`` records spooled (or given up when ``failure``) and say so once."""
-        self.settled += n
-        if failure is None:
-            self.spooled += n
-            self._replay_due = True
-            if not self._spill_warned or why != "the queue was full":
-                self._spill_warned = True
-                logger.warning(
-                    "%s: %d telemetry records spooled (%s); they are written to the store "
-                    "when it next takes records",
-                    self.owner,
-                    n,
-                    why,
-                )
-        else:
-            self.failed += n
-            logger.warning(
-                "%s: %d telemetry records given up (%s; %s); %d records given up so far",
-                self.owner,
-                n,
-                why,
-                _describe(failure),
-                self.failed,
-            )
-        self._signal_progress()
-
-    def spill_or_fail(self, records: list[LLMCallRecord], why: str) -> None:
-        """Spool ``records`` now, blocking (exit paths), or count them given up."""
-        if records:
-            self._account_spill(len(records), self._spool_write(records), why)
 
     # ------------------------------------------------------------------ flush / close
 
@@ -658,11 +444,14 @@ class _Batcher:
         given up), or until a write attempt fails: during a store outage, flush makes
         one attempt and returns, the records staying queued for the next.
         """
+        ledger = self._ledger
+        writer = self._writer
+        spill = self._spill
         target = self.enqueued
-        faults = self.faults
+        faults = writer.faults
         while (
-            self.settled < target or self._replay_due or self._replaying
-        ) and self.faults == faults:
+            ledger.settled < target or spill.replay_due or spill.replaying
+        ) and writer.faults == faults:
             task = self._task
             if task is None or task.done():
                 # never started, or stopped by cancellation from outside: (re)start it
@@ -670,19 +459,20 @@ class _Batcher:
                 self.start()
             self._urgent = True
             self._wake.set()
-            self._kick.set()
-            progress = self._progress
+            writer.kick.set()
+            progress = ledger.progress
             await progress.wait()
 
     def _take_all(self) -> list[LLMCallRecord]:
+        spill = self._spill
         records = list(self.inflight or ())
         self.inflight = None
-        records.extend(self.spilling or ())
-        self.spilling = None
+        records.extend(spill.spilling or ())
+        spill.spilling = None
         records.extend(self.queue)
         self.queue = []
-        records.extend(self.overflow)
-        self.overflow = []
+        records.extend(spill.overflow)
+        spill.overflow = []
         return records
 
     async def aclose(self) -> None:
@@ -694,10 +484,10 @@ class _Batcher:
         if self._task is None and self.queue:
             self.start()
         self._wake.set()
-        self._kick.set()
-        self._spill_wake.set()
+        self._writer.kick.set()
+        self._spill.stop()
         deadline = time.monotonic() + self.close_timeout
-        for task in (self._task, self._spill_task):
+        for task in (self._task, self._spill.task):
             if task is None:
                 continue
             left = max(0.0, deadline - time.monotonic())
@@ -711,8 +501,8 @@ class _Batcher:
                 )
         remaining = self._take_all()
         if remaining:
-            failure = await anyio.to_thread.run_sync(self._spool_write, remaining)
-            self._account_spill(
+            failure = await anyio.to_thread.run_sync(self._spill.write, remaining)
+            self._spill.account(
                 len(remaining),
                 failure,
                 f"not written within close_timeout={self.close_timeout:g} s",
@@ -739,10 +529,10 @@ class _Batcher:
                     _describe(exc),
                 )
             else:
-                self.written += len(records)
-                self.settled += len(records)
+                self._ledger.written += len(records)
+                self._ledger.settled += len(records)
                 return
-        self.spill_or_fail(records, f"flushed at {why}")
+        self._spill.spill_or_fail(records, f"flushed at {why}")
 
 
 class BatchingTelemetryBackend(TelemetryBackend):

@@ -44,7 +44,7 @@ import math
 import os
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Self
 from urllib.parse import urlsplit
 
 import attrs
@@ -414,18 +414,7 @@ class HTTPProvider(Provider):
 
         model = request.model
         if self._secret is None and self._header_secret is None:
-            if self._env_key_withheld:
-                hint = (
-                    f"{self.env_var} is set but only sent to the official endpoint, not to "
-                    f"{self.base_url}; pass api_key=, or api_key_from_env=True to send it there"
-                )
-            else:
-                hint = f"pass api_key= or set {self.env_var}"
-            raise MissingAPIKeyError(
-                f"{self.name}: no API key; {hint} [model {model}]",
-                provider=self.name,
-                model=model,
-            )
+            raise self._missing_key(model)
         session = self._session()
         headers = self._headers_cache
         if headers is None:
@@ -452,17 +441,7 @@ class HTTPProvider(Provider):
                 else:
                     body = await self._read_bounded(response, length, model, status)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            if (
-                budget_ends is not None
-                and isinstance(exc, TimeoutError)
-                and asyncio.get_running_loop().time() >= budget_ends - _TIMER_SLACK
-            ):
-                raise AttemptTimeout(
-                    f"{self.name}: the time budget ran out [model {model}]"
-                ) from exc
-            raise error_from_transport(exc, provider=self.name, model=model) from _without_request(
-                exc
-            )
+            self._transport_failed(exc, model, budget_ends)
         del response  # it holds the body too; from here only `body` does
         if not 200 <= status < 300:
             error = error_from_response(
@@ -498,6 +477,52 @@ class HTTPProvider(Provider):
         if exhausted is not None:
             completion = attrs.evolve(completion, rate_limit_reset=exhausted)
         return completion
+
+    def _missing_key(self, model: str) -> MissingAPIKeyError:
+        """
+        The error for a request made without any credential, saying how to give one.
+
+        Args:
+            model: The requested model, named in the message.
+
+        Returns:
+            The `MissingAPIKeyError` to raise (before any request is sent).
+        """
+        if self._env_key_withheld:
+            hint = (
+                f"{self.env_var} is set but only sent to the official endpoint, not to "
+                f"{self.base_url}; pass api_key=, or api_key_from_env=True to send it there"
+            )
+        else:
+            hint = f"pass api_key= or set {self.env_var}"
+        return MissingAPIKeyError(
+            f"{self.name}: no API key; {hint} [model {model}]",
+            provider=self.name,
+            model=model,
+        )
+
+    def _transport_failed(
+        self, exc: BaseException, model: str, budget_ends: float | None
+    ) -> NoReturn:
+        """
+        Raise the error of a request that got no answer (the connection, a timeout).
+
+        Args:
+            exc: The aiohttp, timeout or OS error the POST raised.
+            model: The requested model.
+            budget_ends: The loop time the caller's time budget ends, or None.
+
+        Raises:
+            AttemptTimeout: When ``exc`` is a timeout and the caller's budget is spent.
+            ProviderError: Otherwise, as `error_from_transport` maps ``exc``.
+        """
+        if (
+            budget_ends is not None
+            and isinstance(exc, TimeoutError)
+            and asyncio.get_running_loop().time() >= budget_ends - _TIMER_SLACK
+        ):
+            raise AttemptTimeout(f"{self.name}: the time budget ran out [model {model}]") from exc
+        raise error_from_transport(exc, provider=self.name, model=model) from _without_request(exc)
 
     async def _read_bounded(
         self, response: aiohttp.ClientResponse, length: int | None, model: str, status: int

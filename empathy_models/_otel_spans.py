@@ -1,0 +1,322 @@
+"""
+Span building for `empathy_models.observability`: the state of one traced run
+(`_RunTrace`, current in `_current` while ``run`` is awaited), and the attributes and
+events its spans carry, made from the run, the request, the call record and the answer.
+Plain functions over plain values: the `Instrumentation` hooks call them, and
+``opentelemetry`` is imported only by `_is_default_textmap`, when asked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from ._otel_names import _ERROR_TYPE, _KEY, _RESPONSE_MODEL, _TEXT_LIMIT, _TTFC, _Attrs
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Span
+
+    from ._run import _Run
+    from .abc import Completion, CompletionRequest, Message, Provider
+    from .observability import Instrumentation
+    from .records import LLMCallRecord, Ticket
+
+
+class _RunTrace:
+    """One traced run: its span, the attempt span in flight, and what to record."""
+
+    __slots__ = (
+        "attempt",
+        "attempt_attrs",
+        "capture",
+        "context",
+        "context_token",
+        "ended",
+        "headers_token",
+        "obs",
+        "recording",
+        "run_attrs",
+        "span",
+        "stage",
+        "valid",
+        "workflow",
+    )
+
+    def __init__(
+        self, obs: Instrumentation, span: Span, context: Context, workflow: str, stage: str
+    ) -> None:
+        self.obs = obs
+        self.span = span
+        self.context = context  # the run span's, the attempts' parent
+        # false for a span sampled out or a no-op tracer's: no attributes or events then
+        self.recording = span.is_recording()
+        # false for a no-op tracer's span: its attempts are no-op spans too, and there is
+        # no trace context to send
+        self.valid = self.recording or span.get_span_context().is_valid
+        self.workflow = workflow
+        self.stage = stage
+        self.capture = obs.capture_content
+        self.attempt: Span | None = None  # the attempt span in flight (current)
+        self.attempt_attrs: _Attrs = {}
+        # the run span's attributes gathered during the run, set once when it ends
+        self.run_attrs: _Attrs = {}
+        self.context_token: Token[Context] | None = None
+        self.headers_token: Token[Mapping[str, str] | None] | None = None
+        # a failed attempt's span, kept until the executor decides to retry (the wait
+        # is an event of that span) or moves on; ended with the time it failed
+        self.ended: tuple[Span, int] | None = None
+
+
+_current: ContextVar[_RunTrace | None] = ContextVar("empathy_models_run_trace", default=None)
+"""The run traced in this task (set while a wrapped ``run`` is awaited)."""
+
+
+def _server_of(provider: Provider) -> tuple[str, int] | None:
+    """(host, port) of an HTTP provider's endpoint; never credentials or a path."""
+    base_url = getattr(provider, "base_url", None)
+    if not isinstance(base_url, str):
+        return None
+    try:
+        parts = urlsplit(base_url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    if not host:
+        return None
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    return host, port
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def _input_messages(messages: Iterable[Message]) -> str:
+    return json.dumps(
+        [
+            {"role": m.role, "parts": [{"type": "text", "content": _text(m.content)}]}
+            for m in messages
+        ],
+        ensure_ascii=False,
+    )
+
+
+def _output_messages(completion: Completion) -> str:
+    return json.dumps(
+        [
+            {
+                "role": "assistant",
+                "parts": [{"type": "text", "content": _text(completion.content)}],
+                "finish_reason": completion.stop_reason or "stop",
+            }
+        ],
+        ensure_ascii=False,
+    )
+
+
+def _is_default_textmap(textmap: object) -> bool:
+    """True for OpenTelemetry's default propagator: W3C trace context, then baggage."""
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    if type(textmap) is not CompositePropagator:
+        return False
+    inner = getattr(textmap, "_propagators", None)
+    return isinstance(inner, list | tuple) and [type(p) for p in inner] == [
+        TraceContextTextMapPropagator,
+        W3CBaggagePropagator,
+    ]
+
+
+def _w3c_headers(span: Span) -> dict[str, str] | None:
+    """
+    What the default propagator writes for ``span`` when there is no baggage, made
+    directly (a fifth of the cost of going through it).
+
+    Args:
+        span: The attempt span.
+
+    Returns:
+        ``traceparent`` (and ``tracestate`` when the span has one), or None for a span
+        without a valid context.
+    """
+    sc = span.get_span_context()
+    if not sc.is_valid:
+        return None
+    carrier = {"traceparent": f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"}
+    if sc.trace_state:
+        carrier["tracestate"] = sc.trace_state.to_header()
+    return carrier
+
+
+# ---------------------------------------------------------------------- the run span
+
+
+def _route_attributes(run: _Run) -> _Attrs:
+    """
+    The run span's attributes for the routing decision of ``run``.
+
+    Args:
+        run: The run, its routes planned.
+
+    Returns:
+        The request id, task type, tier, the first route and why it was chosen (with
+        the router's decision, when there was one).
+    """
+    attributes: _Attrs = {
+        "empathy_models.request_id": run.request_id,
+        "empathy_models.task_type": run.task_type,
+        "empathy_models.tier": run.original.tier.value,
+        "empathy_models.route.model": run.original.id,
+    }
+    decision = run.decision
+    if decision is not None:
+        attributes["empathy_models.route.reason"] = decision.reason[:_TEXT_LIMIT]
+        attributes["empathy_models.route.exploration"] = decision.exploration
+        attributes["empathy_models.route.constraints_met"] = decision.constraints_met
+        if decision.relaxed:
+            attributes["empathy_models.route.relaxed"] = list(decision.relaxed)
+        if decision.policy_applied is not None:
+            attributes["empathy_models.route.policy"] = decision.policy_applied
+        if decision.change is not None:
+            attributes["empathy_models.route.change"] = decision.change[:_TEXT_LIMIT]
+    elif run.context.model is not None:
+        attributes["empathy_models.route.reason"] = "pinned by ExecutionContext.model"
+    else:
+        attributes["empathy_models.route.reason"] = "cheapest available candidate"
+    return attributes
+
+
+# ---------------------------------------------------------------------- attempt spans
+
+
+def _attempt_attributes(
+    common: _Attrs, run: _Run, request: CompletionRequest, attempt: int, capture: bool
+) -> _Attrs:
+    """
+    An attempt span's attributes at its start.
+
+    Args:
+        common: The model's attributes shared with the metrics (operation, provider,
+            model, server); copied, never changed.
+        run: The run the attempt belongs to.
+        request: The request sent to the provider.
+        attempt: The attempt's number for this model (1 for the first).
+        capture: Whether the prompt is recorded.
+
+    Returns:
+        A new attribute dictionary.
+    """
+    attributes = dict(common)
+    attributes["gen_ai.request.max_tokens"] = request.max_tokens
+    if request.temperature is not None:
+        attributes["gen_ai.request.temperature"] = float(request.temperature)
+    attributes["empathy_models.attempt"] = attempt
+    session = run.context.session_id
+    if session is not None:
+        attributes["gen_ai.conversation.id"] = session
+    if capture:
+        attributes["gen_ai.input.messages"] = _input_messages(request.messages)
+        if request.system is not None:
+            attributes["gen_ai.system_instructions"] = json.dumps(
+                [{"type": "text", "content": request.system}], ensure_ascii=False
+            )
+    return attributes
+
+
+def _admitted_event(admitted: Sequence[Ticket]) -> _Attrs:
+    """
+    The ``empathy_models.breaker.admitted`` event's attributes: one event for the
+    admission, whichever breaker keys it went through.
+
+    Args:
+        admitted: The breaker's tickets for the call (at least one).
+
+    Returns:
+        The keys, their states (a ticket with a lease is a half-open probe) and whether
+        the call is a probe.
+    """
+    return {
+        _KEY: [t.key for t in admitted],
+        "empathy_models.breaker.state": [
+            "half_open" if t.lease_id is not None else "closed" for t in admitted
+        ],
+        "empathy_models.breaker.probe": any(t.lease_id is not None for t in admitted),
+    }
+
+
+def _answered_attributes(record: LLMCallRecord, completion: Completion, capture: bool) -> _Attrs:
+    """
+    The attributes an answered attempt's span ends with.
+
+    Args:
+        record: The attempt's call record.
+        completion: The provider's answer.
+        capture: Whether the answer is recorded.
+
+    Returns:
+        The outcome, response model and id, finish reason, token usage, cost, time to
+        the first chunk (streams) and, when ``capture``, the answer.
+    """
+    extra: _Attrs = {
+        "empathy_models.outcome": record.outcome.value,
+        _RESPONSE_MODEL: completion.model,
+        "gen_ai.usage.input_tokens": record.input_tokens,
+        "gen_ai.usage.output_tokens": record.output_tokens,
+        "empathy_models.cost_usd": record.cost_usd,
+    }
+    if completion.stop_reason is not None:
+        extra["gen_ai.response.finish_reasons"] = [completion.stop_reason]
+    if completion.response_id is not None:
+        extra["gen_ai.response.id"] = completion.response_id
+    if record.ttft_ms is not None:
+        extra[_TTFC] = record.ttft_ms / 1000.0
+    if capture:
+        extra["gen_ai.output.messages"] = _output_messages(completion)
+    return extra
+
+
+def _left_attributes(record: LLMCallRecord) -> _Attrs:
+    """
+    The attributes of a streamed attempt its caller left early (not an error).
+
+    Args:
+        record: The attempt's call record.
+
+    Returns:
+        The outcome, the tokens counted so far and the time to the first chunk.
+    """
+    left: _Attrs = {
+        "empathy_models.outcome": record.outcome.value,
+        "gen_ai.usage.input_tokens": record.input_tokens,
+        "gen_ai.usage.output_tokens": record.output_tokens,
+    }
+    if record.ttft_ms is not None:
+        left[_TTFC] = record.ttft_ms / 1000.0
+    return left
+
+
+def _failed_attributes(record: LLMCallRecord, error_type: str) -> _Attrs:
+    """
+    The attributes a failed attempt's span ends with.
+
+    Args:
+        record: The attempt's call record.
+        error_type: The error's class name.
+
+    Returns:
+        The outcome, ``error.type``, the HTTP status (when there was a response) and the
+        time to the first chunk (a stream that failed after it).
+    """
+    extra: _Attrs = {"empathy_models.outcome": record.outcome.value, _ERROR_TYPE: error_type}
+    if record.status_code is not None:
+        extra["http.response.status_code"] = record.status_code
+    if record.ttft_ms is not None:
+        extra[_TTFC] = record.ttft_ms / 1000.0
+    return extra

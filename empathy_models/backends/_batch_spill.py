@@ -1,0 +1,226 @@
+"""
+The spool side of the batching engine (`empathy_models.backends.batching`): moving
+records the queue has no room for to the local spool file (`_spool.Spool`), and
+replaying the spool into the store once it takes records again.
+
+Spills run on a worker thread from a spill task of their own, so the caller that
+found the queue full never waits; the exit paths spill synchronously.  A backend
+without a spool (it keeps nothing across processes) counts what it would have
+spilled as given up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from ..records import LLMCallRecord
+from ._batch_writer import _describe, _Ledger, _StoreWriter
+from ._spool import Spool
+
+logger = logging.getLogger("empathy_models.telemetry")
+
+_QUEUE_FULL = "the queue was full"
+
+
+class _Spiller:
+    """
+    The records on their way to the spool, the spill task, and the replay state.
+
+    ``overflow`` holds the records handed over and waiting for the spill task;
+    ``spilling`` the ones it is writing.  ``replay_due`` says the spool may hold
+    records for the store (set at start, after a spill and when an outage ends);
+    ``replaying`` is true while `replay` runs.
+    """
+
+    __slots__ = (
+        "_ledger",
+        "_spool",
+        "_wake",
+        "_warned",
+        "_writer",
+        "closing",
+        "max_batch",
+        "overflow",
+        "replay_due",
+        "replaying",
+        "spilling",
+        "task",
+    )
+
+    def __init__(
+        self, spool: Spool | None, ledger: _Ledger, writer: _StoreWriter, max_batch: int
+    ) -> None:
+        """
+        Args:
+            spool: The store's spool, or None when the backend keeps nothing across
+                processes.
+            ledger: The batcher's counts.
+            writer: Writes the replayed records to the store.
+            max_batch: The largest batch a replay writes at once.
+        """
+        self._spool = spool
+        self._ledger = ledger
+        self._writer = writer
+        self.max_batch = max_batch
+        self.overflow: list[LLMCallRecord] = []  # waiting for the spill task
+        self.spilling: list[LLMCallRecord] | None = None  # the records being spooled
+        self.replay_due = spool is not None
+        self.replaying = False
+        self.closing = False
+        self._warned = False
+        self.task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    @property
+    def has_spool(self) -> bool:
+        """Whether records can be spilled to a spool file."""
+        return self._spool is not None
+
+    def hand_over(self, queue: list[LLMCallRecord], max_queue: int) -> None:
+        """
+        Take a full queue's records for the spill task (started if need be); never waits.
+
+        Args:
+            queue: The records to spill (copied: the caller starts a new queue).
+            max_queue: The queue bound.  When the spill task is that far behind (the
+                producer never yielded, or the disk is slow), the backlog is spooled
+                here, so memory stays bounded; this waits on the local disk, never on
+                the store.
+        """
+        if len(self.overflow) >= max_queue:
+            backlog, self.overflow = self.overflow, []
+            self.spill_or_fail(backlog, _QUEUE_FULL)
+        self.overflow.extend(queue)
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"empathy-models telemetry spill for {self._ledger.owner}"
+            )
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Let the spill task end once it has spilled what it holds (on close)."""
+        self.closing = True
+        self._wake.set()
+
+    def outage_over(self) -> None:
+        """The store is back: replay the spool if records were spooled."""
+        if self._spool is not None and self._ledger.spooled:
+            self.replay_due = True
+
+    async def _run(self) -> None:
+        while True:
+            if not self.overflow:
+                if self.closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            records, self.overflow = self.overflow, []
+            self.spilling = records
+            failure = await anyio.to_thread.run_sync(self.write, records)
+            self.spilling = None
+            self.account(len(records), failure, _QUEUE_FULL)
+
+    def write(self, records: list[LLMCallRecord]) -> BaseException | None:
+        """Write ``records`` to the spool file (blocking); the error, if it failed."""
+        if self._spool is None:
+            return RuntimeError("this backend has no spool (it keeps nothing across processes)")
+        try:
+            self._spool.write(records)
+        except (OSError, ValueError) as exc:
+            return exc
+        return None
+
+    def account(self, n: int, failure: BaseException | None, why: str) -> None:
+        """Count ``n`` records spooled (or given up when ``failure``) and say so once."""
+        ledger = self._ledger
+        ledger.settled += n
+        if failure is None:
+            ledger.spooled += n
+            self.replay_due = True
+            if not self._warned or why != _QUEUE_FULL:
+                self._warned = True
+                logger.warning(
+                    "%s: %d telemetry records spooled (%s); they are written to the store "
+                    "when it next takes records",
+                    ledger.owner,
+                    n,
+                    why,
+                )
+        else:
+            ledger.failed += n
+            logger.warning(
+                "%s: %d telemetry records given up (%s; %s); %d records given up so far",
+                ledger.owner,
+                n,
+                why,
+                _describe(failure),
+                ledger.failed,
+            )
+        ledger.signal_progress()
+
+    def spill_or_fail(self, records: list[LLMCallRecord], why: str) -> None:
+        """Spool ``records`` now, blocking (exit paths), or count them given up."""
+        if records:
+            self.account(len(records), self.write(records), why)
+
+    async def replay(self) -> bool:
+        """
+        Write the spool's files to the store.
+
+        Returns:
+            False when the store failed meanwhile (the file being replayed is released
+            for a later replay), True otherwise.
+        """
+        self.replay_due = False
+        spool = self._spool
+        if spool is None:
+            return True
+        self.replaying = True
+        try:
+            try:
+                paths = await anyio.to_thread.run_sync(spool.files)
+            except OSError as exc:
+                logger.warning("%s: cannot read the spool (%s)", self._ledger.owner, _describe(exc))
+                return True
+            for path in paths:
+                claimed = await anyio.to_thread.run_sync(spool.claim, path)
+                if claimed is None:
+                    continue
+                if not await self._replay_file(spool, claimed):
+                    return False
+            return True
+        finally:
+            self.replaying = False
+            self._ledger.signal_progress()
+
+    async def _replay_file(self, spool: Spool, claimed: Path) -> bool:
+        """Replay one claimed spool file; False when the store failed (it is released)."""
+        ledger = self._ledger
+        writer = self._writer
+        try:
+            records, bad = await anyio.to_thread.run_sync(spool.read, claimed)
+        except OSError as exc:
+            logger.warning(
+                "%s: cannot read spool file %s (%s)", ledger.owner, claimed, _describe(exc)
+            )
+            return True
+        ledger.failed += bad
+        for start in range(0, len(records), self.max_batch):
+            chunk = records[start : start + self.max_batch]
+            rest = await writer.deliver(chunk)
+            ledger.replayed += len(chunk) - len(rest)
+            if rest:
+                await anyio.to_thread.run_sync(spool.release, claimed)
+                self.replay_due = True
+                writer.fault()
+                return False
+        await anyio.to_thread.run_sync(spool.remove, claimed)
+        if writer.recovered():
+            self.outage_over()
+        return True
