@@ -206,8 +206,9 @@ class _StorageTests(_TelemetryTests):
             _assert_same_record(got[-1], rich)
 
 
-# pytest collects a class's inherited tests base first (reverse method resolution order),
-# so the mixins are listed last group first: the tests run in the order of the docstring
+# pytest collects inherited tests base first (the reverse of the method resolution order),
+# so the groups are listed last first and run as: records, aggregation, storage,
+# evidence, then the lifecycle tests below
 @pytest.mark.asyncio
 class TelemetryBackendContract(_EvidenceTests, _StorageTests, _AggregateTests, _RecordTests):
     """
@@ -220,6 +221,9 @@ class TelemetryBackendContract(_EvidenceTests, _StorageTests, _AggregateTests, _
     counts; flush then read; idempotent close; use after close; naive datetimes;
     evidence rollups (equal to `empathy_models.evidence.rollup` of every record stored,
     incremental reads with one or two writers, windows, purge, NULL workflow / stage).
+
+    Capabilities are the class attributes ``stores_records`` and ``keeps_evidence``
+    (see the package doc).
     """
 
     @pytest.fixture
