@@ -20,6 +20,22 @@ __all__ = ["serve_fault"]
 _HTML_STATUSES: Final = frozenset({502, 504})
 
 
+def _content_policy(replies: Replies, api: Api) -> web.Response:
+    """The 400 each API sends for a request its safety system refuses."""
+    if api == ANTHROPIC:
+        return replies.error(
+            api,
+            400,
+            "Output blocked by content filtering policy: the request violates the usage policy.",
+        )
+    return replies.error(
+        api,
+        400,
+        "Your request was rejected as a result of our safety system.",
+        code="content_policy_violation",
+    )
+
+
 async def serve_fault(
     replies: Replies,
     closing: asyncio.Event,
@@ -69,19 +85,7 @@ async def serve_fault(
         window = max(1, input_tokens - 1)
         return replies.context_error(api, input_tokens, max_tokens or 0, window)
     if action == "content_policy":
-        if api == ANTHROPIC:
-            return replies.error(
-                api,
-                400,
-                "Output blocked by content filtering policy: the request violates the "
-                "usage policy.",
-            )
-        return replies.error(
-            api,
-            400,
-            "Your request was rejected as a result of our safety system.",
-            code="content_policy_violation",
-        )
+        return _content_policy(replies, api)
     good = replies.success(api, model, "x" * 40, input_tokens, 16, False)
     payload = json.dumps(good).encode()
     if action == "malformed":

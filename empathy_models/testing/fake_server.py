@@ -315,29 +315,11 @@ class FakeLLMServer(Controls):
             or (streamed and isinstance(action, str) and action in _STREAMED_FAULTS)
         ):
             out, truncated = self._output_tokens(behavior, rng, max_tokens)
-            content = behavior.content if behavior.content is not None else f"Reply from {model}."
             if streamed:  # Server-Sent Events, never a plain JSON body
-                reply = action if isinstance(action, FakeReply) else auto_reply(api, body)
-                calls: list[tuple[str, str, str]] = []
-                if reply is not None:
-                    content = reply.text(content) or ""
-                    calls = streamed_calls(api, reply)
-                return await serve_stream(
-                    request,
-                    api=api,
-                    model=model,
-                    number=self._replies.number(),
-                    body=body,
-                    content=content,
-                    input_tokens=input_tokens,
-                    output_tokens=out,
-                    truncated=truncated,
-                    behavior=behavior.stream,
-                    closing=self._closing,
-                    fault=_STREAMED_FAULTS.get(action) if isinstance(action, str) else None,
-                    calls=calls,
-                    stop_reason=None if reply is None else reply.stop_reason,
+                return await self._stream(
+                    api, request, accepted, behavior, action, input_tokens, out, truncated
                 )
+            content = behavior.content if behavior.content is not None else f"Reply from {model}."
             payload = self._replies.success(api, model, content, input_tokens, out, truncated)
             reply = action if isinstance(action, FakeReply) else auto_reply(api, body)
             if reply is not None:
@@ -353,4 +335,40 @@ class FakeLLMServer(Controls):
             action,
             input_tokens,
             max_tokens,
+        )
+
+    async def _stream(
+        self,
+        api: Api,
+        request: web.Request,
+        accepted: Accepted,
+        behavior: ModelBehavior,
+        action: Action,
+        input_tokens: int,
+        output_tokens: int,
+        truncated: bool,
+    ) -> web.StreamResponse:
+        """Answer a streamed request: the reply's text and tool calls, or a stream fault."""
+        model, body = accepted.model, accepted.body
+        content = behavior.content if behavior.content is not None else f"Reply from {model}."
+        reply = action if isinstance(action, FakeReply) else auto_reply(api, body)
+        calls: list[tuple[str, str, str]] = []
+        if reply is not None:
+            content = reply.text(content) or ""
+            calls = streamed_calls(api, reply)
+        return await serve_stream(
+            request,
+            api=api,
+            model=model,
+            number=self._replies.number(),
+            body=body,
+            content=content,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            truncated=truncated,
+            behavior=behavior.stream,
+            closing=self._closing,
+            fault=_STREAMED_FAULTS.get(action) if isinstance(action, str) else None,
+            calls=calls,
+            stop_reason=None if reply is None else reply.stop_reason,
         )
