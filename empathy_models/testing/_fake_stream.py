@@ -218,6 +218,33 @@ def _openai_events(
     return opening, chunks, closing, error
 
 
+def _anthropic_tool_blocks(calls: list[StreamedCall], first: int) -> list[bytes]:
+    """Each tool call's block events (start, argument deltas, stop), numbered from ``first``."""
+    chunks: list[bytes] = []
+    for offset, (call_id, name, arguments) in enumerate(calls):
+        index = offset + first
+        block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
+        chunks.append(
+            _data(
+                {"type": "content_block_start", "index": index, "content_block": block},
+                "content_block_start",
+            )
+        )
+        chunks.extend(
+            _data(
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": part},
+                },
+                "content_block_delta",
+            )
+            for part in ["", *_argument_pieces(arguments)]
+        )
+        chunks.append(_data({"type": "content_block_stop", "index": index}, "content_block_stop"))
+    return chunks
+
+
 def _anthropic_events(
     model: str,
     number: int,
@@ -266,27 +293,7 @@ def _anthropic_events(
     text_stop = _data({"type": "content_block_stop", "index": 0}, "content_block_stop")
     if calls and text_block:
         chunks.append(text_stop)
-    for offset, (call_id, name, arguments) in enumerate(calls):
-        index = offset + text_block
-        block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
-        chunks.append(
-            _data(
-                {"type": "content_block_start", "index": index, "content_block": block},
-                "content_block_start",
-            )
-        )
-        chunks.extend(
-            _data(
-                {
-                    "type": "content_block_delta",
-                    "index": index,
-                    "delta": {"type": "input_json_delta", "partial_json": part},
-                },
-                "content_block_delta",
-            )
-            for part in ["", *_argument_pieces(arguments)]
-        )
-        chunks.append(_data({"type": "content_block_stop", "index": index}, "content_block_stop"))
+    chunks.extend(_anthropic_tool_blocks(calls, first=int(text_block)))
     reason = "max_tokens" if truncated else ("tool_use" if calls else "end_turn")
     closing = (
         (b"" if calls else text_stop)

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import attrs
 from attrs import field, frozen
@@ -431,55 +431,105 @@ def _openai_part(part: object, where: str) -> str | None:
     )
 
 
-def check_openai(body: Mapping[str, Any]) -> tuple[str, str] | None:
-    """Chat Completions' 400 (message, param) for a bad tool, part or pairing; None if fine."""
-    tools = body.get("tools")
-    names: list[str] = []
-    if tools is not None:
-        if not isinstance(tools, list):
-            return "Invalid type for 'tools': expected an array.", "tools"
-        for index, tool in enumerate(tools):
-            if not isinstance(tool, Mapping):
-                return f"Invalid type for 'tools[{index}]': expected an object.", "tools"
-            function = tool.get("function")
-            if tool.get("type") != "function" or not isinstance(function, Mapping):
-                return f"Missing required parameter: 'tools[{index}].function'.", "tools"
-            if not isinstance(function.get("name"), str):
-                return f"Missing required parameter: 'tools[{index}].function.name'.", "tools"
-            if "parameters" in function and not isinstance(function["parameters"], Mapping):
-                return f"Invalid type for 'tools[{index}].function.parameters'.", "tools"
-            names.append(function["name"])
-    choice = body.get("tool_choice")
-    if choice is not None:
-        param = "tool_choice"
-        if not names:
-            return (
-                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
-                "are specified.",
-                "tool_choice",
-            )
-        if isinstance(choice, Mapping):
-            function = choice.get("function")
-            name = function.get("name") if isinstance(function, Mapping) else None
-            if choice.get("type") != "function" or name not in names:
-                return f"Invalid value for 'tool_choice': no function named {name!r}.", param
-        elif choice not in ("auto", "none", "required"):
-            return (
-                f"Invalid value: '{choice}'. Supported values are: 'none', 'auto', and 'required'.",
-                param,
-            )
-    fmt = body.get("response_format")
-    if fmt is not None:
-        kind = fmt.get("type") if isinstance(fmt, Mapping) else None
-        if kind not in ("text", "json_object", "json_schema"):
-            return "Invalid value for 'response_format.type'.", "response_format"
-        spec = fmt.get("json_schema")
-        if kind == "json_schema" and (
-            not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str)
+_Problem: TypeAlias = tuple[str, str]
+"""A Chat Completions 400: the message and its ``param``."""
+
+
+def _openai_tools(tools: object, names: list[str]) -> _Problem | None:
+    """Check ``tools``, appending each function's name to ``names``."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        return "Invalid type for 'tools': expected an array.", "tools"
+    for index, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            return f"Invalid type for 'tools[{index}]': expected an object.", "tools"
+        function = tool.get("function")
+        if tool.get("type") != "function" or not isinstance(function, Mapping):
+            return f"Missing required parameter: 'tools[{index}].function'.", "tools"
+        if not isinstance(function.get("name"), str):
+            return f"Missing required parameter: 'tools[{index}].function.name'.", "tools"
+        if "parameters" in function and not isinstance(function["parameters"], Mapping):
+            return f"Invalid type for 'tools[{index}].function.parameters'.", "tools"
+        names.append(function["name"])
+    return None
+
+
+def _openai_tool_choice(choice: object, names: list[str]) -> _Problem | None:
+    if choice is None:
+        return None
+    param = "tool_choice"
+    if not names:
+        return (
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
+            "are specified.",
+            "tool_choice",
+        )
+    if isinstance(choice, Mapping):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if choice.get("type") != "function" or name not in names:
+            return f"Invalid value for 'tool_choice': no function named {name!r}.", param
+    elif choice not in ("auto", "none", "required"):
+        return (
+            f"Invalid value: '{choice}'. Supported values are: 'none', 'auto', and 'required'.",
+            param,
+        )
+    return None
+
+
+def _openai_response_format(fmt: object) -> _Problem | None:
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, Mapping) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        return "Invalid value for 'response_format.type'.", "response_format"
+    assert isinstance(fmt, Mapping)
+    spec = fmt.get("json_schema")
+    if kind == "json_schema" and (
+        not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str)
+    ):
+        name_param = "response_format.json_schema.name"
+        return f"Missing required parameter: '{name_param}'.", name_param
+    return None
+
+
+def _unanswered(pending: list[str]) -> _Problem:
+    return (
+        "An assistant message with 'tool_calls' must be followed by tool messages "
+        "responding to each 'tool_call_id'. The following tool_call_ids did not have "
+        f"response messages: {', '.join(pending)}",
+        "messages",
+    )
+
+
+def _openai_assistant(index: int, message: Mapping[str, Any]) -> _Problem | list[str]:
+    """An assistant message's problem, or the ids of its tool calls (to be answered next)."""
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        where = f"messages[{index}].tool_calls"
+        return f"Invalid type for '{where}'.", f"messages.[{index}].tool_calls"
+    for n, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if (
+            not isinstance(function, Mapping)
+            or not isinstance(call.get("id"), str)
+            or not isinstance(function, Mapping)
+            or not isinstance(function.get("arguments"), str)
         ):
-            name_param = "response_format.json_schema.name"
-            return f"Missing required parameter: '{name_param}'.", name_param
-    messages = body.get("messages")
+            return (
+                f"Invalid 'messages[{index}].tool_calls[{n}]': needs id and "
+                "function.name / function.arguments (a string).",
+                f"messages.[{index}].tool_calls",
+            )
+    if message.get("content") is None and not calls:
+        where = f"messages[{index}].content"
+        return f"Missing required parameter: '{where}'.", f"messages.[{index}].content"
+    return [call["id"] for call in calls]
+
+
+def _openai_messages(messages: object) -> _Problem | None:
+    """Content parts, and tool calls each answered by a tool message before anything else."""
     assert isinstance(messages, list)
     pending: list[str] = []
     for index, message in enumerate(messages):
@@ -507,39 +557,21 @@ def check_openai(body: Mapping[str, Any]) -> tuple[str, str] | None:
             pending.remove(call_id)
             continue
         if pending:
-            return (
-                "An assistant message with 'tool_calls' must be followed by tool messages "
-                "responding to each 'tool_call_id'. The following tool_call_ids did not have "
-                f"response messages: {', '.join(pending)}",
-                "messages",
-            )
+            return _unanswered(pending)
         if role == "assistant":
-            calls = message.get("tool_calls") or []
-            if not isinstance(calls, list):
-                where = f"messages[{index}].tool_calls"
-                return f"Invalid type for '{where}'.", f"messages.[{index}].tool_calls"
-            for n, call in enumerate(calls):
-                function = call.get("function") if isinstance(call, Mapping) else None
-                if (
-                    not isinstance(function, Mapping)
-                    or not isinstance(call.get("id"), str)
-                    or not isinstance(function, Mapping)
-                    or not isinstance(function.get("arguments"), str)
-                ):
-                    return (
-                        f"Invalid 'messages[{index}].tool_calls[{n}]': needs id and "
-                        "function.name / function.arguments (a string).",
-                        f"messages.[{index}].tool_calls",
-                    )
-            pending = [call["id"] for call in calls]
-            if content is None and not calls:
-                where = f"messages[{index}].content"
-                return f"Missing required parameter: '{where}'.", f"messages.[{index}].content"
-    if pending:
-        return (
-            "An assistant message with 'tool_calls' must be followed by tool messages "
-            "responding to each 'tool_call_id'. The following tool_call_ids did not have "
-            f"response messages: {', '.join(pending)}",
-            "messages",
-        )
-    return None
+            answer = _openai_assistant(index, message)
+            if isinstance(answer, tuple):
+                return answer
+            pending = answer
+    return _unanswered(pending) if pending else None
+
+
+def check_openai(body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Chat Completions' 400 (message, param) for a bad tool, part or pairing; None if fine."""
+    names: list[str] = []
+    return (
+        _openai_tools(body.get("tools"), names)
+        or _openai_tool_choice(body.get("tool_choice"), names)
+        or _openai_response_format(body.get("response_format"))
+        or _openai_messages(body.get("messages"))
+    )

@@ -28,15 +28,15 @@ from ..exceptions import (
     ProviderTimeoutError,
 )
 from ..providers._http import error_from_response
-from ._fake_tools import FakeReply, reply_completion
-from .fake_server import (
-    _DEFAULT_BEHAVIOR,
-    _RETRY_AFTER_STATUSES,
+from ._fake_behavior import (
+    DEFAULT_BEHAVIOR,
+    RETRY_AFTER_STATUSES,
     Action,
     ModelBehavior,
-    _Controls,
     estimate_tokens,
 )
+from ._fake_controls import Controls
+from ._fake_tools import FakeReply, reply_completion
 
 __all__ = ["FakeProvider"]
 
@@ -50,7 +50,7 @@ _ERROR_TYPES = {
 }
 
 
-class FakeProvider(_Controls, Provider):
+class FakeProvider(Controls, Provider):
     """
     A provider that answers in-process according to per-model `ModelBehavior`.
 
@@ -70,7 +70,7 @@ class FakeProvider(_Controls, Provider):
         behaviors: Mapping[str, ModelBehavior] | None = None,
         *,
         name: str = "fake",
-        default: ModelBehavior | None = _DEFAULT_BEHAVIOR,
+        default: ModelBehavior | None = DEFAULT_BEHAVIOR,
         seed: int = 0,
         sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
@@ -150,7 +150,7 @@ class FakeProvider(_Controls, Provider):
 
     async def _fault(self, model: str, behavior: ModelBehavior, action: Action) -> None:
         if isinstance(action, int):
-            retry = behavior.retry_after if action in _RETRY_AFTER_STATUSES else None
+            retry = behavior.retry_after if action in RETRY_AFTER_STATUSES else None
             raise self._http_error(model, action, None, retry)
         where = f"[model {model}]"
         if action == "hang":

@@ -1,0 +1,227 @@
+"""
+What `FakeLLMServer` and `FakeProvider` answer for a model: the actions (`Action`,
+`FAULT_ACTIONS`), `Latency`, `ModelBehavior`, `RecordedRequest` and the token estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Literal, TypeAlias
+
+import attrs
+from attrs import field, frozen
+
+from ..exceptions import RecordValidationError
+from ._fake_stream import StreamBehavior
+from ._fake_tools import FakeReply
+
+__all__ = [
+    "DEFAULT_BEHAVIOR",
+    "FAULT_ACTIONS",
+    "RETRY_AFTER_STATUSES",
+    "Action",
+    "Latency",
+    "ModelBehavior",
+    "RecordedRequest",
+    "check_action",
+    "estimate_tokens",
+]
+
+Action: TypeAlias = "int | str | FakeReply"
+"""An HTTP status code (400-599), one of `FAULT_ACTIONS`, or a scripted `FakeReply`."""
+
+FAULT_ACTIONS: Final = frozenset(
+    {
+        "ok",
+        "hang",
+        "timeout",
+        "malformed",
+        "incomplete",
+        "truncated",
+        "reset",
+        "context_length",
+        "content_policy",
+    }
+)
+
+
+def estimate_tokens(text: str) -> int:
+    """The fake's token estimate for ``text``: ``len(text) // 4 + 1``."""
+    return len(text) // 4 + 1
+
+
+def check_action(value: object, where: str) -> Action:
+    if isinstance(value, bool):
+        raise RecordValidationError(f"{where} {value!r} is not an action", path=where)
+    if isinstance(value, int):
+        if 400 <= value <= 599:
+            return value
+        raise RecordValidationError(
+            f"{where} must be an HTTP error status 400-599, got {value!r}", path=where
+        )
+    if isinstance(value, str) and value in FAULT_ACTIONS:
+        return value
+    if isinstance(value, FakeReply):
+        return value
+    allowed = ", ".join(sorted(FAULT_ACTIONS))
+    raise RecordValidationError(
+        f"{where} must be a status code 400-599 or one of {allowed}; got {value!r}", path=where
+    )
+
+
+@frozen
+class Latency:
+    """
+    A latency distribution in milliseconds; build it with `fixed`, `uniform` or
+    `lognormal`.  Draws use the server's seeded per-model RNG, so a run is repeatable.
+    """
+
+    kind: Literal["fixed", "uniform", "lognormal"]
+    a: float
+    b: float = 0.0
+
+    @classmethod
+    def fixed(cls, ms: float) -> Latency:
+        """Always ``ms`` milliseconds."""
+        if not math.isfinite(ms) or ms < 0:
+            raise RecordValidationError(f"latency must be >= 0 ms, got {ms!r}", path="latency")
+        return cls("fixed", float(ms))
+
+    @classmethod
+    def uniform(cls, low_ms: float, high_ms: float) -> Latency:
+        """Uniform between ``low_ms`` and ``high_ms``."""
+        if not (0 <= low_ms <= high_ms and math.isfinite(high_ms)):
+            raise RecordValidationError(
+                f"latency needs 0 <= low <= high, got {low_ms!r}, {high_ms!r}", path="latency"
+            )
+        return cls("uniform", float(low_ms), float(high_ms))
+
+    @classmethod
+    def lognormal(cls, median_ms: float, sigma: float = 0.5) -> Latency:
+        """Log-normal with the given median and shape ``sigma`` (a long right tail)."""
+        if not (median_ms > 0 and math.isfinite(median_ms) and sigma >= 0):
+            raise RecordValidationError(
+                f"lognormal latency needs median > 0 and sigma >= 0, got {median_ms!r}, {sigma!r}",
+                path="latency",
+            )
+        return cls("lognormal", float(median_ms), float(sigma))
+
+    def sample(self, rng: random.Random) -> float:
+        """One draw, in milliseconds."""
+        if self.kind == "fixed":
+            return self.a
+        if self.kind == "uniform":
+            return rng.uniform(self.a, self.b)
+        return rng.lognormvariate(math.log(self.a), self.b)
+
+
+def _to_latency(value: Latency | float) -> Latency:
+    if isinstance(value, Latency):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return Latency.fixed(value)
+    raise RecordValidationError(
+        f"latency must be a Latency or a number of ms, got {value!r}", path="latency"
+    )
+
+
+def _to_token_range(value: int | tuple[int, int]) -> tuple[int, int]:
+    low, high = (value, value) if isinstance(value, int) else tuple(value)
+    if (
+        isinstance(low, bool)
+        or isinstance(high, bool)
+        or not isinstance(low, int)
+        or not isinstance(high, int)
+        or not 0 <= low <= high
+    ):
+        raise RecordValidationError(
+            f"output_tokens must be an int >= 0 or a (low, high) range, got {value!r}",
+            path="output_tokens",
+        )
+    return (low, high)
+
+
+def _to_actions(value: Iterable[Action]) -> tuple[Action, ...]:
+    actions = tuple(check_action(a, f"failures[{i}]") for i, a in enumerate(value))
+    if not actions:
+        raise RecordValidationError("failures must not be empty", path="failures")
+    return actions
+
+
+def _rate(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise RecordValidationError(
+            f"{attribute.name} must be between 0 and 1, got {value!r}", path=attribute.name
+        )
+
+
+def _opt_non_negative(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
+    if value is not None and (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise RecordValidationError(
+            f"{attribute.name} must be None or a number >= 0, got {value!r}", path=attribute.name
+        )
+
+
+def _opt_positive_int(_: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise RecordValidationError(
+            f"{attribute.name} must be None or an integer >= 1, got {value!r}",
+            path=attribute.name,
+        )
+
+
+@frozen(kw_only=True)
+class ModelBehavior:
+    """
+    How the fake answers for one model.
+
+    ``latency`` (a `Latency` or fixed milliseconds) is slept before every answer.
+    With probability ``failure_rate`` the answer is one of ``failures`` (chosen
+    uniformly; see the module doc for the actions).  ``retry_after`` (seconds) is sent
+    with 429, 503 and 529.  ``output_tokens`` is a count or a uniform ``(low, high)``
+    range, capped by the request's max tokens.  ``content`` is the reply text (default:
+    a short line naming the model).  ``context_window``, when set, makes prompts that do
+    not fit fail with each API's context-length error.  ``stream`` (a `StreamBehavior`)
+    sets the chunk timing and a fault after N chunks for requests with ``"stream": true``.
+    """
+
+    latency: Latency = field(default=Latency("fixed", 0.0), converter=_to_latency)
+    failure_rate: float = field(default=0.0, validator=_rate)
+    failures: tuple[Action, ...] = field(default=(500,), converter=_to_actions)
+    retry_after: float | None = field(default=None, validator=_opt_non_negative)
+    output_tokens: tuple[int, int] = field(default=(16, 16), converter=_to_token_range)
+    content: str | None = None
+    context_window: int | None = field(default=None, validator=_opt_positive_int)
+    stream: StreamBehavior | None = field(
+        default=None,
+        validator=attrs.validators.optional(attrs.validators.instance_of(StreamBehavior)),
+    )
+
+    @classmethod
+    def always(cls, action: Action, **changes: Any) -> ModelBehavior:
+        """A behaviour whose every answer is ``action`` (``"ok"`` for plain success)."""
+        return cls(failure_rate=1.0, failures=(action,), **changes)
+
+
+@frozen(kw_only=True)
+class RecordedRequest:
+    """The last request the server accepted for a model (keys are not kept)."""
+
+    api: str
+    model: str
+    body: Mapping[str, Any]
+    headers: Mapping[str, str]
+
+
+DEFAULT_BEHAVIOR: Final = ModelBehavior()
+"""Every answer a plain success after no latency: the servers' default ``default``."""
+
+RETRY_AFTER_STATUSES: Final = frozenset({429, 503, 529})
+"""The statuses that carry the behaviour's ``retry_after``."""

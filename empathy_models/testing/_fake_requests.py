@@ -1,0 +1,180 @@
+"""
+How `FakeLLMServer` reads a request in each wire format: the key, the JSON body and the
+fields the real APIs require, with each API's messages for what is wrong.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+from attrs import frozen
+
+from ._fake_tools import check_anthropic, check_openai
+from ._fake_wire import ANTHROPIC, OPENAI, Api, text_of
+
+__all__ = ["Accepted", "Reject", "read_anthropic", "read_openai"]
+
+
+class Reject(Exception):
+    """
+    A request the server refuses: the arguments of `Replies.error` for its answer.
+
+    Args:
+        status: The HTTP status (400 or 401).
+        message: The API's message.
+        param: OpenAI's ``param``.
+        code: OpenAI's ``code``.
+    """
+
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+@frozen(slots=True)
+class Accepted:
+    """A request that passed authentication and validation."""
+
+    model: str
+    body: dict[str, Any]
+    text: str
+    """The prompt's text (system and messages), for the token estimate."""
+    max_tokens: int | None
+
+
+def _check_key(api: Api, key: str, api_key: str | None) -> None:
+    if api_key is not None and not hmac.compare_digest(key.encode(), api_key.encode()):
+        message = (
+            "invalid x-api-key"
+            if api == ANTHROPIC
+            else "Incorrect API key provided. You can find your API key in your account."
+        )
+        raise Reject(401, message)
+
+
+async def _read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise Reject(400, "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise Reject(400, "The request body must be a JSON object.")
+    return body
+
+
+def _require_str(api: Api, body: Mapping[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        message = (
+            f"{name}: Field required"
+            if api == ANTHROPIC
+            else f"you must provide a {name} parameter"
+        )
+        raise Reject(400, message, param=name)
+    return value
+
+
+async def read_anthropic(request: web.Request, api_key: str | None) -> Accepted:
+    """
+    Read an Anthropic Messages request as the real API checks it.
+
+    Args:
+        request: The request.
+        api_key: The key the server wants; None for any key.
+
+    Returns:
+        The accepted request.
+
+    Raises:
+        Reject: With the API's error for a missing or wrong key, a missing version
+            header, a body that is not a JSON object, or a missing or invalid field.
+    """
+    key = request.headers.get("x-api-key")
+    scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+    if not key and scheme.lower() == "bearer":
+        key = bearer.strip()  # the official SDK sends its api_key this way
+    if not key:
+        raise Reject(401, "x-api-key header is required")
+    _check_key(ANTHROPIC, key, api_key)
+    if not request.headers.get("anthropic-version"):
+        raise Reject(400, "anthropic-version: header is required")
+    body = await _read_json(request)
+    model = _require_str(ANTHROPIC, body, "model")
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise Reject(400, "max_tokens: Field required")
+    if max_tokens < 1:
+        raise Reject(400, "max_tokens: Input should be greater than 0")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise Reject(400, "messages: Field required")
+    text = text_of(body.get("system"))
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or message.get("role") not in ("user", "assistant"):
+            raise Reject(400, f"messages.{index}.role: Input should be 'user' or 'assistant'")
+        if "content" not in message:
+            raise Reject(400, f"messages.{index}.content: Field required")
+        text += text_of(message["content"])
+    if problem := check_anthropic(body):
+        raise Reject(400, problem)
+    return Accepted(model, body, text, max_tokens)
+
+
+_OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+async def read_openai(request: web.Request, api_key: str | None) -> Accepted:
+    """
+    Read an OpenAI Chat Completions request as the real API checks it.
+
+    Args:
+        request: The request.
+        api_key: The key the server wants; None for any key.
+
+    Returns:
+        The accepted request.
+
+    Raises:
+        Reject: With the API's error for a missing or wrong key, a body that is not a
+            JSON object, or a missing or invalid field.
+    """
+    auth = request.headers.get("Authorization", "")
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Reject(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth.",
+        )
+    _check_key(OPENAI, key.strip(), api_key)
+    body = await _read_json(request)
+    model = _require_str(OPENAI, body, "model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise Reject(400, "Missing required parameter: 'messages'.", param="messages")
+    text = ""
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) or message.get("role") not in _OPENAI_ROLES:
+            raise Reject(
+                400,
+                f"Invalid value for 'messages[{index}].role'.",
+                param=f"messages.[{index}].role",
+            )
+        text += text_of(message.get("content"))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise Reject(400, "Invalid 'max_tokens': must be >= 1.", param="max_tokens")
+    if problem_param := check_openai(body):
+        raise Reject(400, problem_param[0], param=problem_param[1])
+    return Accepted(model, body, text, max_tokens)

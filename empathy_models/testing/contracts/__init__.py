@@ -1,0 +1,75 @@
+"""
+Contract suites: the behaviour every `TelemetryBackend` and `CircuitStateStore` owes.
+
+The same tests run against the built-in backends, the SQLite, Redis and PostgreSQL
+backends and any third-party one.  Subclass a contract in a test module (the subclass
+name must start with ``Test`` so pytest collects it) and override one fixture that
+returns the backend's URL; the contract builds the backend with `telemetry_from_url` /
+`state_store_from_url`, enters ``async with``, and closes it after the test::
+
+    from empathy_models.testing.contracts import (
+        CircuitStateStoreContract,
+        TelemetryBackendContract,
+    )
+
+    class TestMyTelemetry(TelemetryBackendContract):
+        @pytest.fixture
+        def telemetry_url(self, tmp_path):
+            return f"mydb:///{tmp_path}/calls.db"
+
+    class TestMyStateStore(CircuitStateStoreContract):
+        @pytest.fixture
+        def state_store_url(self, tmp_path):
+            return f"mydb:///{tmp_path}/state.db"
+
+Requirements: pytest, pytest-asyncio and anyio (the ``test`` extra of empathy-models);
+the tests carry the ``asyncio`` mark, so they run with ``asyncio_mode`` strict or auto.
+The URL must name an *empty* backend for every test (a fresh file, a flushed database):
+the contracts count everything they read.  Extra constructor options go in the
+``telemetry_options`` / ``state_store_options`` fixtures (for example an injected clock).
+
+Capabilities, as class attributes of the subclass:
+
+* ``TelemetryBackendContract.stores_records`` (default true): false for a backend that
+  accepts records and keeps none, like ``null://``; the tests of what is stored are
+  skipped and a test that reads return nothing runs instead.
+* ``TelemetryBackendContract.keeps_evidence`` (default true): false for a backend
+  whose `TelemetryBackend.evidence` raises `NotImplementedError`; the evidence tests
+  (buckets equal to `empathy_models.evidence.rollup` of everything stored, incremental
+  reads that return each change once and miss none, windows, purge) are skipped.
+* ``CircuitStateStoreContract.keeps_state`` (default true): false for a pass-through
+  store, like ``null://``.
+* What a backend claims about itself is held to: its
+  `TelemetryBackend.stores_records` must equal the contract's ``stores_records``; a
+  telemetry backend whose `TelemetryBackend.persistent` is true must keep records across
+  close and reopen; a
+  store whose ``shared`` is true must show one instance's transitions to another built
+  from the same URL.
+
+Time: stores take time from their own clock (an injected one for memory; the wall clock
+or the server's time for SQLite, Redis and PostgreSQL).  The few time-dependent store
+tests use policies of 0.2 s and call the ``advance_clock`` fixture, an async callable
+``advance(seconds)`` that by default waits that long (`anyio.sleep`); a subclass whose
+store has an injected `FakeClock` overrides it to move that clock instead, so those
+tests take no time at all.
+"""
+
+from __future__ import annotations
+
+from ._cache import ResponseCacheContract as ResponseCacheContract
+from ._evidence import assert_same_buckets as assert_same_buckets
+from ._quota import QuotaStoreContract as QuotaStoreContract
+from ._state import (
+    AdvanceClock as AdvanceClock,
+    CircuitStateStoreContract as CircuitStateStoreContract,
+)
+from ._telemetry import TelemetryBackendContract as TelemetryBackendContract
+
+__all__ = [
+    "AdvanceClock",
+    "CircuitStateStoreContract",
+    "QuotaStoreContract",
+    "ResponseCacheContract",
+    "TelemetryBackendContract",
+    "assert_same_buckets",
+]

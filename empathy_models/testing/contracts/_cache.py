@@ -1,0 +1,122 @@
+"""
+`ResponseCacheContract`: the behaviour every `ResponseCache` owes.
+
+Exported from `empathy_models.testing.contracts`; subclass it and override the
+``cache_url`` fixture (an empty cache per test).  The expiry test waits 1.2 s of real
+time (stores expire by their own clock).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+import pytest_asyncio
+
+from ...abc import ResponseCache
+from ...cache import cache_from_url
+from ...exceptions import BackendClosedError, BackendError
+
+__all__ = ["ResponseCacheContract"]
+
+
+def _key() -> str:
+    return os.urandom(32).hex()
+
+
+@pytest.mark.asyncio
+class ResponseCacheContract:
+    """
+    The contract of `ResponseCache`.  Override the ``cache_url`` fixture.
+
+    Covers: get after set; a miss reads None; replacing a value; expiry; values over
+    ``max_value_bytes`` not stored; delete and clear; concurrent writers; a shared
+    cache showing one instance's entries to another; close and use after close.
+    """
+
+    @pytest.fixture
+    def cache_url(self) -> str:
+        raise pytest.fail(f"{type(self).__name__} must override the 'cache_url' fixture")
+
+    @pytest.fixture
+    def cache_options(self) -> dict[str, Any]:
+        return {}
+
+    @pytest_asyncio.fixture(loop_scope="function")
+    async def cache(
+        self, cache_url: str, cache_options: dict[str, Any]
+    ) -> AsyncIterator[ResponseCache]:
+        backend = cache_from_url(cache_url, **cache_options)
+        async with backend:
+            yield backend
+
+    async def test_get_returns_what_set_stored(self, cache: ResponseCache) -> None:
+        key = _key()
+        assert await cache.get(key) is None
+        value = "réponse \u2603".encode() + bytes(range(256))
+        await cache.set(key, value, 60)
+        assert await cache.get(key) == value
+        await cache.set(key, b"second", 60)
+        assert await cache.get(key) == b"second"
+        assert await cache.get(_key()) is None
+
+    async def test_entries_expire(self, cache: ResponseCache) -> None:
+        short, long = _key(), _key()
+        await cache.set(short, b"short", 0.5)
+        await cache.set(long, b"long", 60)
+        await anyio.sleep(1.2)
+        assert await cache.get(short) is None
+        assert await cache.get(long) == b"long"
+
+    async def test_values_over_the_bound_are_not_stored(self, cache: ResponseCache) -> None:
+        limit = getattr(cache, "max_value_bytes", None)
+        if limit is None:
+            pytest.skip("the cache has no value bound")
+        key = _key()
+        await cache.set(key, b"x" * (limit + 1), 60)
+        assert await cache.get(key) is None
+        await cache.set(key, b"x" * limit, 60)
+        assert await cache.get(key) == b"x" * limit
+
+    async def test_delete_and_clear(self, cache: ResponseCache) -> None:
+        keys = [_key() for _ in range(3)]
+        for k in keys:
+            await cache.set(k, b"v", 60)
+        assert await cache.delete(keys[0]) is True
+        assert await cache.delete(keys[0]) is False
+        assert await cache.get(keys[0]) is None
+        assert await cache.clear() == 2
+        assert [await cache.get(k) for k in keys] == [None, None, None]
+
+    async def test_concurrent_writers_leave_every_entry(self, cache: ResponseCache) -> None:
+        keys = [_key() for _ in range(50)]
+
+        async def put(i: int) -> None:
+            await cache.set(keys[i], str(i).encode(), 60)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(put, i)
+        assert [await cache.get(k) for k in keys] == [str(i).encode() for i in range(50)]
+
+    async def test_a_shared_cache_shows_one_instance_to_another(
+        self, cache: ResponseCache, cache_url: str, cache_options: dict[str, Any]
+    ) -> None:
+        if not cache.shared:
+            pytest.skip(f"{type(cache).__name__} is not shared between instances")
+        async with cache_from_url(cache_url, **cache_options) as other:
+            key = _key()
+            await cache.set(key, b"from one", 60)
+            assert await other.get(key) == b"from one"
+
+    async def test_use_after_close_raises(self, cache: ResponseCache) -> None:
+        await cache.aclose()
+        await cache.aclose()
+        with pytest.raises(BackendClosedError) as info:
+            await cache.get(_key())
+        assert isinstance(info.value, BackendError)
+        with pytest.raises(BackendClosedError):
+            await cache.set(_key(), b"v", 1)

@@ -1,0 +1,265 @@
+"""
+`QuotaStoreContract`: the behaviour every `QuotaStore` owes (budgets and rate limits).
+
+Exported from `empathy_models.testing.contracts`; subclass it in a test module and
+override the ``quota_store_url`` fixture (an empty store per test)::
+
+    class TestMyQuotaStore(QuotaStoreContract):
+        @pytest.fixture
+        def quota_store_url(self, tmp_path):
+            return f"mydb:///{tmp_path}/quota.db"
+
+Rate-limit tests read the store's own clock, so they tolerate the time that passes
+between operations (a few milliseconds) but never sleep.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+import pytest_asyncio
+
+from ...abc import QuotaStore
+from ...exceptions import BackendClosedError, BackendError
+from ...limits.guard import quota_store_from_url
+from ...limits.values import BudgetUsage
+
+__all__ = ["QuotaStoreContract"]
+
+WS, WE = 1_800_000_000.0, 1_800_086_400.0  # one day-long window
+DOLLAR = 1_000_000_000
+
+
+def _balanced(u: BudgetUsage) -> None:
+    assert u.reserved == u.settled + u.released + u.held, u
+    assert u.spent == u.settled + u.overrun, u
+
+
+@pytest.mark.asyncio
+class QuotaStoreContract:
+    """
+    The contract of `QuotaStore`.  Override the ``quota_store_url`` fixture.
+
+    Covers: reservations granted up to the limit and refused past it (and counted);
+    settlement that releases and charges exactly; windows and keys kept apart; 200
+    concurrent reservations granting exactly what fits; usages, reset and limit
+    overrides; GCRA schedules (burst, refusal past ``max_wait`` without booking,
+    concurrent places all distinct, capacity given back); a shared store showing one
+    instance's quotas to another; idempotent close and use after close.
+    """
+
+    @pytest.fixture
+    def quota_store_url(self) -> str:
+        """The URL of an empty store; subclasses must override this fixture."""
+        raise pytest.fail(f"{type(self).__name__} must override the 'quota_store_url' fixture")
+
+    @pytest.fixture
+    def quota_store_options(self) -> dict[str, Any]:
+        """Keyword options passed to `quota_store_from_url`; none by default."""
+        return {}
+
+    @pytest_asyncio.fixture(loop_scope="function")
+    async def quota_store(
+        self, quota_store_url: str, quota_store_options: dict[str, Any]
+    ) -> AsyncIterator[QuotaStore]:
+        store = quota_store_from_url(quota_store_url, **quota_store_options)
+        async with store:
+            yield store
+
+    # -- budgets -------------------------------------------------------------------------
+
+    async def test_reservations_fit_under_the_limit_and_are_refused_past_it(
+        self, quota_store: QuotaStore
+    ) -> None:
+        empty = await quota_store.usage("b", window_start=WS, window_end=WE)
+        assert (empty.spent, empty.held, empty.reserved, empty.calls) == (0, 0, 0, 0)
+        grants = [
+            await quota_store.reserve(
+                "b", window_start=WS, window_end=WE, amount=3 * DOLLAR // 10, limit=DOLLAR
+            )
+            for _ in range(4)
+        ]
+        assert [g.granted for g in grants] == [True, True, True, False]
+        last = grants[-1].usage
+        assert (last.held, last.reserved, last.calls, last.refused, last.limit) == (
+            9 * DOLLAR // 10,
+            9 * DOLLAR // 10,
+            3,
+            1,
+            DOLLAR,
+        )
+        assert last.remaining_usd == pytest.approx(0.1)
+        assert (last.window_start, last.window_end) == (WS, WE)
+        _balanced(last)
+        assert await quota_store.usage("b", window_start=WS, window_end=WE) == last
+
+    async def test_settle_charges_the_actual_cost_and_releases_the_rest(
+        self, quota_store: QuotaStore
+    ) -> None:
+        for _ in range(3):
+            await quota_store.reserve("b", window_start=WS, window_end=WE, amount=100, limit=1000)
+        u = await quota_store.settle("b", window_start=WS, window_end=WE, held=100, actual=40)
+        assert (u.spent, u.held, u.settled, u.released, u.overrun) == (40, 200, 40, 60, 0)
+        u = await quota_store.settle("b", window_start=WS, window_end=WE, held=100, actual=130)
+        assert (u.spent, u.held, u.settled, u.released, u.overrun) == (170, 100, 140, 60, 30)
+        u = await quota_store.settle("b", window_start=WS, window_end=WE, held=100, actual=0)
+        assert (u.spent, u.held, u.settled, u.released, u.overrun) == (170, 0, 140, 160, 30)
+        _balanced(u)
+        # what was spent counts against the limit: 170 + 831 > 1000
+        refused = await quota_store.reserve(
+            "b", window_start=WS, window_end=WE, amount=831, limit=1000
+        )
+        assert not refused.granted
+        assert (
+            await quota_store.reserve("b", window_start=WS, window_end=WE, amount=830, limit=1000)
+        ).granted
+
+    async def test_windows_and_keys_are_kept_apart(self, quota_store: QuotaStore) -> None:
+        await quota_store.reserve("a", window_start=WS, window_end=WE, amount=10, limit=10)
+        assert not (
+            await quota_store.reserve("a", window_start=WS, window_end=WE, amount=1, limit=10)
+        ).granted
+        assert (
+            await quota_store.reserve(
+                "a", window_start=WE, window_end=WE + 86400, amount=10, limit=10
+            )
+        ).granted
+        assert (
+            await quota_store.reserve("a/b", window_start=WS, window_end=WE, amount=10, limit=10)
+        ).granted
+        keys = [(u.key, u.window_start) for u in await quota_store.usages()]
+        assert keys == [("a", WS), ("a", WE), ("a/b", WS)]
+
+    async def test_concurrent_reservations_grant_exactly_what_fits(
+        self, quota_store: QuotaStore
+    ) -> None:
+        granted: list[bool] = []
+
+        async def one() -> None:
+            grant = await quota_store.reserve(
+                "b", window_start=WS, window_end=WE, amount=7, limit=700
+            )
+            granted.append(grant.granted)
+            if grant.granted:
+                await quota_store.settle("b", window_start=WS, window_end=WE, held=7, actual=7)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(200):
+                tg.start_soon(one)
+        assert granted.count(True) == 100
+        u = await quota_store.usage("b", window_start=WS, window_end=WE)
+        assert (u.spent, u.held, u.reserved, u.settled, u.calls, u.refused) == (
+            700,
+            0,
+            700,
+            700,
+            100,
+            100,
+        )
+
+    async def test_reset_and_limit_overrides(self, quota_store: QuotaStore) -> None:
+        await quota_store.reserve("a", window_start=WS, window_end=WE, amount=5, limit=10)
+        await quota_store.reserve("a", window_start=WE, window_end=WE + 1, amount=5, limit=10)
+        await quota_store.reserve("ab", window_start=WS, window_end=WE, amount=5, limit=10)
+        await quota_store.reserve("a@x.org", window_start=WS, window_end=WE, amount=5, limit=10)
+        assert await quota_store.reset_budget("a") == 2
+        assert [u.key for u in await quota_store.usages()] == ["a@x.org", "ab"]
+        assert (await quota_store.usage("a", window_start=WS, window_end=WE)).held == 0
+        assert await quota_store.limit_overrides() == {}
+        await quota_store.set_limit("a", 123)
+        await quota_store.set_limit("c", 0)
+        assert await quota_store.limit_overrides() == {"a": 123, "c": 0}
+        await quota_store.set_limit("a", None)
+        assert await quota_store.limit_overrides() == {"c": 0}
+
+    # -- rate limits -----------------------------------------------------------------------
+
+    async def test_a_schedule_grants_the_burst_then_refuses_past_max_wait(
+        self, quota_store: QuotaStore
+    ) -> None:
+        args = {"cost": 1.0, "interval": 10.0, "burst": 3.0, "max_wait": 0.0}
+        first = [await quota_store.acquire("r", **args) for _ in range(3)]
+        assert [(g.granted, g.wait) for g in first] == [(True, 0.0)] * 3
+        refused = await quota_store.acquire("r", **args)
+        assert not refused.granted and 9.0 < refused.wait <= 10.0
+        # a refusal books nothing: the same answer again, and waiting is allowed
+        again = await quota_store.acquire("r", **args)
+        assert not again.granted and again.wait == pytest.approx(refused.wait, abs=1.0)
+        booked = await quota_store.acquire("r", **{**args, "max_wait": 60.0})
+        assert booked.granted and 9.0 < booked.wait <= 10.0
+        later = await quota_store.acquire("r", **{**args, "max_wait": 60.0})
+        assert later.granted and 19.0 < later.wait <= 20.0
+        other = await quota_store.acquire("other", **args)
+        assert other.granted and other.wait == 0.0
+
+    async def test_concurrent_places_are_all_distinct(self, quota_store: QuotaStore) -> None:
+        waits: list[float] = []
+
+        async def one() -> None:
+            grant = await quota_store.acquire(
+                "r", cost=1.0, interval=10.0, burst=1.0, max_wait=10_000.0
+            )
+            assert grant.granted
+            waits.append(grant.wait)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(one)
+        # one place every 10 s: the waits, sorted, step by 10 s (less the time passing)
+        ordered = sorted(waits)
+        assert ordered[0] == 0.0
+        steps = [b - a for a, b in itertools.pairwise(ordered)]
+        assert all(9.0 < s <= 10.0 + 1e-6 for s in steps), steps
+
+    async def test_adjust_gives_capacity_back_and_takes_it(self, quota_store: QuotaStore) -> None:
+        args = {"cost": 5.0, "interval": 10.0, "burst": 5.0, "max_wait": 0.0}
+        assert (await quota_store.acquire("t", **args)).granted
+        assert not (await quota_store.acquire("t", **{**args, "cost": 1.0})).granted
+        await quota_store.adjust("t", delta=-30.0)  # 3 units were not used
+        assert (await quota_store.acquire("t", **{**args, "cost": 3.0})).granted
+        assert not (await quota_store.acquire("t", **{**args, "cost": 1.0})).granted
+        await quota_store.adjust("fresh", delta=-5.0)  # nothing to give back: no effect
+        assert (await quota_store.acquire("fresh", **args)).granted
+        await quota_store.adjust("taken", delta=50.0)  # a call used more than it said
+        assert not (await quota_store.acquire("taken", **{**args, "cost": 1.0})).granted
+
+    # -- sharing and lifecycle -------------------------------------------------------------
+
+    async def test_a_shared_store_shows_one_instance_to_another(
+        self,
+        quota_store: QuotaStore,
+        quota_store_url: str,
+        quota_store_options: dict[str, Any],
+    ) -> None:
+        if not quota_store.shared:
+            pytest.skip(f"{type(quota_store).__name__} is not shared between instances")
+        async with quota_store_from_url(quota_store_url, **quota_store_options) as other:
+            await quota_store.reserve("b", window_start=WS, window_end=WE, amount=6, limit=10)
+            assert not (
+                await other.reserve("b", window_start=WS, window_end=WE, amount=6, limit=10)
+            ).granted
+            await other.set_limit("b", 20)
+            assert await quota_store.limit_overrides() == {"b": 20}
+            assert (
+                await quota_store.acquire("r", cost=1.0, interval=10.0, burst=1.0, max_wait=0.0)
+            ).granted
+            assert not (
+                await other.acquire("r", cost=1.0, interval=10.0, burst=1.0, max_wait=0.0)
+            ).granted
+
+    async def test_aclose_is_idempotent_and_use_after_close_raises(
+        self, quota_store: QuotaStore
+    ) -> None:
+        await quota_store.reserve("b", window_start=WS, window_end=WE, amount=1, limit=10)
+        await quota_store.aclose()
+        await quota_store.aclose()
+        assert quota_store.closed
+        with pytest.raises(BackendClosedError) as info:
+            await quota_store.reserve("b", window_start=WS, window_end=WE, amount=1, limit=10)
+        assert isinstance(info.value, BackendError)
+        with pytest.raises(BackendClosedError):
+            await quota_store.acquire("r", cost=1.0, interval=1.0, burst=1.0, max_wait=0.0)
