@@ -12,21 +12,30 @@ view's batch on success; everything else goes through the breaker.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+import anyio
+
+from ._settled import SHIELD_SECONDS
+from .circuit import extends_open
 from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
 
 if TYPE_CHECKING:
     from .breaker import CircuitBreaker
+
+logger = logging.getLogger("empathy_models.breaker")
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 _CLOSED = CircuitState.CLOSED
 _DISABLED = CircuitState.DISABLED
+_OPEN = CircuitState.OPEN
+_FORCED_OPEN = CircuitState.FORCED_OPEN
 _SUCCESS = Outcome.SUCCESS
 
 MAX_PENDING = 1000
@@ -90,6 +99,13 @@ class View:
     def stale(self) -> None:
         """Keep the state (for events and hints) but make the next admission ask the store."""
         self.at = self.until = -math.inf
+
+
+def _open_at(state: CircuitBreakerState, now: float) -> bool:
+    """OPEN or FORCED_OPEN, and not past its end at ``now``."""
+    return (state.state is _OPEN or state.state is _FORCED_OPEN) and (
+        state.open_until_ts is None or state.open_until_ts > now
+    )
 
 
 class LocalView:
@@ -189,6 +205,54 @@ class LocalView:
             return False
         pending.count += 1
         return pending.count >= MAX_PENDING or self._clock() >= pending.due
+
+    def outdated(self, ticket: Ticket, outcome: Outcome, retry_after: float | None) -> bool:
+        """
+        Whether the store would drop ``outcome`` of ``ticket`` anyway, as the key's view
+        tells: a fresh view of a later generation (unless a 429 holds it open longer),
+        or a DISABLED view of the ticket's generation.
+        """
+        view = self.views.get(ticket.key)
+        if view is None:
+            return False
+        state = view.state
+        fresh = view.at <= self._clock() < view.until
+        if (
+            fresh
+            and ticket.generation < state.generation
+            and not extends_open(state, outcome, retry_after, self._clock())
+        ):
+            return True  # the store's generation is at least the view's
+        return state.state is _DISABLED and state.generation == ticket.generation
+
+    def provider_trip(
+        self, provider_of: dict[str, str], provider: str, now: float, threshold: int
+    ) -> str | None:
+        """
+        The reason to force ``provider``'s key open, or ``None``: at least ``threshold``
+        of its models (``provider_of`` maps model keys to providers) are OPEN (tripped by
+        failures, not forced) in these views, and a fresh view of the provider's key
+        shows it neither open already nor DISABLED (an operator said: never trip it).
+        """
+        views = self.views
+        open_models = sorted(
+            key
+            for key, owner in provider_of.items()
+            if owner == provider
+            and (view := views.get(key)) is not None
+            and view.state.state is _OPEN
+            and _open_at(view.state, now)
+        )
+        if len(open_models) < threshold:
+            return None
+        current = self.fresh(provider, now)
+        if current is not None and (
+            _open_at(current.state, now) or current.state.state is _DISABLED
+        ):
+            return None
+        shown = ", ".join(key.removeprefix(f"{provider}:") for key in open_models)
+        reason = f"{len(open_models)} models of {provider} open ({shown})"
+        return reason if len(reason) <= 300 else reason[:297] + "..."
 
     def drop(self, key: str) -> Pending | None:
         """Forget ``key``'s batch (the next success starts a new one); return it."""
@@ -313,3 +377,24 @@ def protected(
             return await fn(*args, **kwargs)
 
     return guarded
+
+
+async def flush_loop(
+    flush_all: Callable[[], Awaitable[None]],
+    sleep: Callable[[float], Awaitable[None]],
+    interval: float,
+) -> None:
+    """
+    The background flusher of a breaker on a shared store: ``flush_all()`` every
+    ``interval`` seconds (waiting with ``sleep``), until cancelled.  A failed flush is
+    logged; it never ends the loop.
+    """
+    while True:
+        await sleep(interval)
+        try:
+            # shielded: a batch already taken from memory must reach the store even
+            # when aclose cancels the flusher meanwhile (bounded, like report's shield)
+            with anyio.move_on_after(SHIELD_SECONDS, shield=True):
+                await flush_all()
+        except Exception:  # never let the flusher take the breaker down
+            logger.exception("circuit breaker: flushing written-behind successes failed")

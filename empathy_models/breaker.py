@@ -51,6 +51,21 @@ it answers, ``store_recovered`` is emitted and the store's state is adopted (an 
 by others meanwhile included; local trips made during the outage are not pushed to the
 store).  A call never fails because the store is down.
 
+**Keys per model, trips per provider.**  With ``per_model=True`` (the default)
+`key_for` returns ``"provider:model"``; ``per_model=False`` keys every call by the
+provider alone (one outage then shuts out all of its models).  The provider's own key
+(``key_for(provider)``) stays for what is provider-wide: the executor admits a call
+through both keys and reports to the provider key only what `provider_outcome` says
+concerns the whole provider (account errors force it open, connection failures count
+as failures).  And when ``provider_open_models`` (default 3) distinct models of one
+provider are OPEN at once in this breaker's view, the provider key is forced open for
+``policy.recovery_seconds`` (then probed like any other key).  ``None`` turns that rule
+off.
+
+State changes are logged on ``empathy_models.breaker`` with the key, the reason and
+the generation: a WARNING when a key opens or is forced open, INFO when it goes
+half-open, closes or is disabled.
+
 **Concurrency.**  One breaker may be used by any number of tasks of one event loop;
 nothing is held across the guarded call (unlike pybreaker's per-call lock).  State that
 must be atomic lives in the store.  Listeners run in the task whose call caused the
@@ -79,13 +94,13 @@ from ._breaker_events import (
     encodable,
     ts,
 )
-from ._local_view import Guard, LocalView, protected, view_ticket
+from ._local_view import Guard, LocalView, flush_loop, protected, view_ticket
 from ._settled import SHIELD_SECONDS, Settler
 from .abc import AsyncResource, CircuitStateStore
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
 from .backends.memory import MemoryStateStore
-from .circuit import BreakerPolicy, extends_open
+from .circuit import BreakerPolicy
 from .exceptions import (
     AuthenticationError,
     CircuitOpenError,
@@ -248,6 +263,23 @@ def _capped_retry_after(policy: BreakerPolicy, key: str, retry_after: float) -> 
     return retry_after
 
 
+def _hint(exc: BaseException) -> float | None:
+    """The Retry-After hint ``exc`` carries, if usable (an infinite one is capped later)."""
+    retry_after = retry_after_of(exc)
+    return None if retry_after is not None and math.isnan(retry_after) else retry_after
+
+
+def _open_error(state: CircuitBreakerState, retry_after: float | None) -> CircuitOpenError:
+    """The error a call rejected in ``state`` raises."""
+    return CircuitOpenError(
+        state.key,
+        state=state.state,
+        retry_after=retry_after,
+        last_error=state.last_error,
+        reason=state.reason,
+    )
+
+
 def _admits(state: CircuitBreakerState, policy: BreakerPolicy, now: Callable[[], float]) -> bool:
     """Whether ``state`` would admit a call (``now`` is read only when it matters)."""
     s = state.state
@@ -259,13 +291,6 @@ def _admits(state: CircuitBreakerState, policy: BreakerPolicy, now: Callable[[],
         return live < policy.half_open_probes
     until = state.open_until_ts
     return until is not None and at >= until
-
-
-def _is_open(state: CircuitBreakerState, now: float) -> bool:
-    """OPEN or FORCED_OPEN, and not past its end."""
-    return (state.state is _OPEN or state.state is _FORCED_OPEN) and (
-        state.open_until_ts is None or state.open_until_ts > now
-    )
 
 
 class CircuitBreaker(AsyncResource):
@@ -289,20 +314,8 @@ class CircuitBreaker(AsyncResource):
     failure (``None``: no limit; a hung store would then hang the calls).
     ``rejection_events`` emits ``call_rejected``.
 
-    **Keys per model, trips per provider.**  With ``per_model=True`` (the default)
-    `key_for` returns ``"provider:model"``; ``per_model=False`` keys every call by the
-    provider alone (one outage then shuts out all of its models).  The provider's own key
-    (``key_for(provider)``) stays for what is provider-wide: the executor admits a call
-    through both keys and reports to the provider key only what `provider_outcome` says
-    concerns the whole provider (account errors force it open, connection failures count
-    as failures).  And when ``provider_open_models`` (default 3) distinct models of one
-    provider are OPEN at once in this breaker's view, the provider key is forced open for
-    ``policy.recovery_seconds`` (then probed like any other key).  ``None`` turns that rule
-    off.
-
-    State changes are logged on ``empathy_models.breaker`` with the key, the reason and
-    the generation: a WARNING when a key opens or is forced open, INFO when it goes
-    half-open, closes or is disabled.
+    Keys per model with trips per provider (``per_model``, ``provider_open_models``) and
+    the log lines of state changes are described in the module docstring.
 
     A shared store gets a background flusher (a task of the breaker's own) while the
     breaker is entered with ``async with``; `aclose` stops it and flushes what is left.
@@ -433,7 +446,8 @@ class CircuitBreaker(AsyncResource):
             # code: nothing the caller does inside ``async with`` (task groups, except*,
             # cancel scopes) can be cancelled or interleaved by the flusher, or cancel it
             self._flusher = asyncio.get_running_loop().create_task(
-                self._flush_loop(), name=f"{self!r} flusher"
+                flush_loop(self._flush_all, self._sleep, self._flush_interval),
+                name=f"{self!r} flusher",
             )
 
     async def _aclose(self) -> None:
@@ -456,17 +470,6 @@ class CircuitBreaker(AsyncResource):
             # from here on every admission and report takes the general path, which
             # refuses admissions and drops outcomes once closed
             self._local.close()
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._sleep(self._flush_interval)
-            try:
-                # shielded: a batch already taken from memory must reach the store even
-                # when aclose cancels the flusher meanwhile (bounded, like report's shield)
-                with anyio.move_on_after(SHIELD_SECONDS, shield=True):
-                    await self._flush_all()
-            except Exception:  # never let the flusher take the breaker down
-                logger.exception("circuit breaker: flushing written-behind successes failed")
 
     # ------------------------------------------------------------------ admission
 
@@ -540,9 +543,7 @@ class CircuitBreaker(AsyncResource):
                 if state.state is _OPEN or state.state is _FORCED_OPEN:
                     until = state.open_until_ts
                     if until is None or now < until:
-                        await self._reject(
-                            state, None if until is None else until - now, notify=True
-                        )
+                        await self._reject(state, None if until is None else until - now)
         return await self._admit_from_store(key)
 
     async def _admit_from_store(self, key: str) -> Ticket:
@@ -562,20 +563,12 @@ class CircuitBreaker(AsyncResource):
         await self._observe(admission.state)
         if admission.admitted and admission.ticket is not None:
             return admission.ticket
-        await self._reject(admission.state, admission.retry_after, notify=True)
+        await self._reject(admission.state, admission.retry_after)
 
-    async def _reject(
-        self, state: CircuitBreakerState, retry_after: float | None, *, notify: bool
-    ) -> NoReturn:
-        if notify and self._rejection_events:
+    async def _reject(self, state: CircuitBreakerState, retry_after: float | None) -> NoReturn:
+        if self._rejection_events:
             await self._events.rejected(state)
-        raise CircuitOpenError(
-            state.key,
-            state=state.state,
-            retry_after=retry_after,
-            last_error=state.last_error,
-            reason=state.reason,
-        )
+        raise _open_error(state, retry_after)
 
     # ------------------------------------------------------------------ outcomes
 
@@ -587,10 +580,7 @@ class CircuitBreaker(AsyncResource):
             if ticket.lease_id is not None:
                 await self.report(ticket, outcome)
             return
-        retry_after = retry_after_of(exc)
-        if retry_after is not None and math.isnan(retry_after):
-            retry_after = None  # no usable hint (an infinite one is capped by report)
-        await self.report(ticket, outcome, retry_after=retry_after, error=describe(exc))
+        await self.report(ticket, outcome, retry_after=_hint(exc), error=describe(exc))
 
     async def report(
         self,
@@ -636,17 +626,8 @@ class CircuitBreaker(AsyncResource):
         key = ticket.key
         if ticket.lease_id is None and not outcome.is_sample:
             return  # the machine learns nothing from it outside a probe
-        view = self._views.get(key)
-        if view is not None and self._ttl > 0:
-            fresh = view.at <= self._clock() < view.until
-            if (
-                fresh
-                and ticket.generation < view.state.generation
-                and not extends_open(view.state, outcome, retry_after, self._clock())
-            ):
-                return  # the store's generation is at least the view's: it would drop it
-            if view.state.state is _DISABLED and view.state.generation == ticket.generation:
-                return
+        if self._ttl > 0 and self._local.outdated(ticket, outcome, retry_after):
+            return
         if error is not None:
             error = encodable(error)
         report = OutcomeReport(ticket=ticket, outcome=outcome, retry_after=retry_after, error=error)
@@ -738,16 +719,14 @@ class CircuitBreaker(AsyncResource):
             await self._observe(state, reason="reset", newer_only=False)
             return
         keys = list(self._views)
-        for state in await self._stores.snapshot_all():
+        states = await self._stores.snapshot_all()
+        for state in states:
             await self._observe(state, reason="reset", newer_only=False)
-            if state.key in keys:
-                keys.remove(state.key)
-        for stale in keys:  # keys the store no longer lists read as fresh CLOSED
-            await self._observe(
-                CircuitBreakerState(key=stale, closed_at_ts=self._clock()),
-                reason="reset",
-                newer_only=False,
-            )
+        listed = {state.key for state in states}
+        for key in (key for key in keys if key not in listed):
+            # a key the store no longer lists reads as fresh CLOSED
+            fresh = CircuitBreakerState(key=key, closed_at_ts=self._clock())
+            await self._observe(fresh, reason="reset", newer_only=False)
 
     async def force_open(
         self, key: str, until: datetime | None = None, reason: str = "forced open by operator"
@@ -788,34 +767,15 @@ class CircuitBreaker(AsyncResource):
                 await self._maybe_open_provider(provider, now)
 
     async def _maybe_open_provider(self, provider: str, now: float) -> None:
-        """
-        Force ``provider``'s key open when at least ``provider_open_models`` of its
-        models are OPEN (tripped by failures, not forced) in this breaker's views.
-        """
+        """Force ``provider``'s key open when the provider rule says so (see the class)."""
         assert self.provider_open_models is not None
-        views = self._views
-        open_models = sorted(
-            key
-            for key, owner in self._provider_of.items()
-            if owner == provider
-            and (view := views.get(key)) is not None
-            and view.state.state is _OPEN
-            and _is_open(view.state, now)
+        reason = self._local.provider_trip(
+            self._provider_of, provider, now, self.provider_open_models
         )
-        if len(open_models) < self.provider_open_models:
-            return
-        current = self._local.fresh(provider, now)
-        if current is not None and (
-            _is_open(current.state, now)  # already open, as far as a fresh view tells
-            or current.state.state is _DISABLED  # an operator said: never trip this key
-        ):
-            return
-        until = ts(now + self.policy.recovery_seconds)
-        shown = ", ".join(key.removeprefix(f"{provider}:") for key in open_models)
-        reason = f"{len(open_models)} models of {provider} open ({shown})"
-        reason = reason if len(reason) <= 300 else reason[:297] + "..."
-        state = await self._stores.force(provider, _FORCED_OPEN, until=until, reason=reason)
-        await self._observe(state)
+        if reason is not None:
+            until = ts(now + self.policy.recovery_seconds)
+            state = await self._stores.force(provider, _FORCED_OPEN, until=until, reason=reason)
+            await self._observe(state)
 
     async def _store_degraded(self, key: str | None, error: str, only_key: bool) -> None:
         """The store failed (for ``key`` alone with ``only_key``): its views go stale."""
