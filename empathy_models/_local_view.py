@@ -118,10 +118,10 @@ class LocalView:
         flush_interval: Seconds a written-behind success may wait.
     """
 
-    __slots__ = ("_clock", "_flush_interval", "pending", "ttl", "views")
+    __slots__ = ("_flush_interval", "clock", "pending", "ttl", "views")
 
     def __init__(self, clock: Callable[[], float], ttl: float, flush_interval: float) -> None:
-        self._clock = clock
+        self.clock = clock
         self.ttl = ttl
         self._flush_interval = flush_interval
         self.views: dict[str, View] = {}
@@ -187,7 +187,7 @@ class LocalView:
         pending = view.pending  # set only while the view is CLOSED and counting
         if pending is not None and pending.generation == ticket.generation:
             count = pending.count = pending.count + 1
-            return count >= MAX_PENDING or self._clock() >= pending.due
+            return count >= MAX_PENDING or self.clock() >= pending.due
         state = view.state
         if state.generation != ticket.generation:
             return None
@@ -200,11 +200,11 @@ class LocalView:
         if pending is None or pending.generation != ticket.generation:
             # successes of an older generation would be dropped by the store
             self.pending[key] = view.pending = Pending(
-                ticket.generation, 1, self._clock() + self._flush_interval
+                ticket.generation, 1, self.clock() + self._flush_interval
             )
             return False
         pending.count += 1
-        return pending.count >= MAX_PENDING or self._clock() >= pending.due
+        return pending.count >= MAX_PENDING or self.clock() >= pending.due
 
     def outdated(self, ticket: Ticket, outcome: Outcome, retry_after: float | None) -> bool:
         """
@@ -216,11 +216,11 @@ class LocalView:
         if view is None:
             return False
         state = view.state
-        fresh = view.at <= self._clock() < view.until
+        fresh = view.at <= self.clock() < view.until
         if (
             fresh
             and ticket.generation < state.generation
-            and not extends_open(state, outcome, retry_after, self._clock())
+            and not extends_open(state, outcome, retry_after, self.clock())
         ):
             return True  # the store's generation is at least the view's
         return state.state is _DISABLED and state.generation == ticket.generation

@@ -94,7 +94,7 @@ from ._breaker_events import (
     encodable,
     ts,
 )
-from ._local_view import Guard, LocalView, flush_loop, protected, view_ticket
+from ._local_view import MAX_PENDING, Guard, LocalView, flush_loop, protected, view_ticket
 from ._settled import SHIELD_SECONDS, Settler
 from .abc import AsyncResource, CircuitStateStore
 from .backends import state_store_from_url
@@ -263,6 +263,41 @@ def _capped_retry_after(policy: BreakerPolicy, key: str, retry_after: float) -> 
     return retry_after
 
 
+def _failover(
+    store: CircuitStateStore,
+    owns_store: bool,
+    local: LocalView,
+    events: Events,
+    retry_interval: float,
+    timeout: float | None,
+) -> FailoverStateStore:
+    """
+    The breaker's store behind the failover decorator (its degraded mode): the fallback
+    starts from the breaker's views; an outage or a recovery makes the views concerned
+    stale (one key's, or all of them) and is told to the listeners.
+    """
+
+    async def degraded(key: str | None, error: str, only_key: bool) -> None:
+        local.stale(key if only_key else None)
+        await events.store_degraded(key, error)
+
+    async def recovered(key: str | None, only_key: bool) -> None:
+        if not only_key:
+            local.stale()  # adopt the store's state
+        await events.store_recovered(key)
+
+    return FailoverStateStore(
+        store,
+        clock=local.clock,
+        retry_interval=float(retry_interval),
+        timeout=None if timeout is None else float(timeout),
+        owns_primary=owns_store,
+        known=local.known,
+        on_degraded=degraded,
+        on_recovered=recovered,
+    )
+
+
 def _hint(exc: BaseException) -> float | None:
     """The Retry-After hint ``exc`` carries, if usable (an infinite one is capped later)."""
     retry_after = retry_after_of(exc)
@@ -366,15 +401,13 @@ class CircuitBreaker(AsyncResource):
         # cancel scopes (timeouts, shields) cost microseconds: only stores doing I/O need them
         self._scoped = not self._store.in_process
         # every store operation goes through the failover decorator (degraded mode)
-        self._stores = FailoverStateStore(
+        self._stores = _failover(
             self._store,
-            clock=clock,
-            retry_interval=float(store_retry_interval),
-            timeout=None if store_timeout is None else float(store_timeout),
-            owns_primary=self._owns_store,
-            known=self._local.known,
-            on_degraded=self._store_degraded,
-            on_recovered=self._store_recovered,
+            self._owns_store,
+            self._local,
+            self._events,
+            store_retry_interval,
+            store_timeout,
         )
         self._settler = Settler()
         self._flusher: asyncio.Task[None] | None = None
@@ -613,7 +646,16 @@ class CircuitBreaker(AsyncResource):
             retry_after = _capped_retry_after(self.policy, key, retry_after)
         view = self._views.get(key)
         if view is not None and outcome is _SUCCESS and self._ttl > 0:
-            due = self._local.write_behind(view, ticket)
+            pending = view.pending  # LocalView.write_behind's first case, inlined
+            if (
+                pending is not None
+                and pending.generation == ticket.generation
+                and ticket.lease_id is None
+            ):
+                count = pending.count = pending.count + 1
+                due: bool | None = count >= MAX_PENDING or self._clock() >= pending.due
+            else:
+                due = self._local.write_behind(view, ticket)
             if due is not None:
                 if due:
                     await self._flush_key(key)
@@ -776,14 +818,3 @@ class CircuitBreaker(AsyncResource):
             until = ts(now + self.policy.recovery_seconds)
             state = await self._stores.force(provider, _FORCED_OPEN, until=until, reason=reason)
             await self._observe(state)
-
-    async def _store_degraded(self, key: str | None, error: str, only_key: bool) -> None:
-        """The store failed (for ``key`` alone with ``only_key``): its views go stale."""
-        self._local.stale(key if only_key else None)
-        await self._events.store_degraded(key, error)
-
-    async def _store_recovered(self, key: str | None, only_key: bool) -> None:
-        """The store answers again: adopt its state (every view goes stale)."""
-        if not only_key:
-            self._local.stale()
-        await self._events.store_recovered(key)
