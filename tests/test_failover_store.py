@@ -22,6 +22,7 @@ from empathy_models import (
     CircuitStateStore,
     MemoryStateStore,
     OutcomeReport,
+    StateStoreError,
 )
 from empathy_models.backends import state_store_from_url
 from empathy_models.backends._failover import FailoverStateStore
@@ -63,21 +64,29 @@ class TestFailoverOverSQLiteFile(_Decorated):
 
 
 class DownStore(CircuitStateStore):
-    """A store whose every operation fails as an unreachable server's would."""
+    """
+    A store whose every operation fails as an unreachable server's would, until ``up``
+    is set: then it answers from that store.
+    """
 
     def __init__(self) -> None:
         self.attempts = 0
+        self.up: CircuitStateStore | None = None
 
     def _down(self) -> NoReturn:
         self.attempts += 1
         raise ConnectionRefusedError(111, "Connection refused")
 
     async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        if self.up is not None:
+            return await self.up.admit(key, policy)
         self._down()
 
     async def record(
         self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
     ) -> CircuitBreakerState:
+        if self.up is not None:
+            return await self.up.record(key, policy, reports)
         self._down()
 
     async def force(
@@ -88,15 +97,23 @@ class DownStore(CircuitStateStore):
         until: datetime | None = None,
         reason: str | None = None,
     ) -> CircuitBreakerState:
+        if self.up is not None:
+            return await self.up.force(key, state, until=until, reason=reason)
         self._down()
 
     async def snapshot(self, key: str) -> CircuitBreakerState:
+        if self.up is not None:
+            return await self.up.snapshot(key)
         self._down()
 
     async def snapshot_all(self) -> list[CircuitBreakerState]:
+        if self.up is not None:
+            return await self.up.snapshot_all()
         self._down()
 
     async def reset(self, key: str | None = None) -> None:
+        if self.up is not None:
+            return await self.up.reset(key)
         self._down()
 
 
@@ -167,9 +184,56 @@ async def test_the_fallback_starts_from_what_the_owner_knew_and_the_primary_is_r
         await store.snapshot("k")
         assert primary.attempts == 2 and is_degraded(store)
         # the primary comes back: its state is adopted
-        store._primary = MemoryStateStore(clock=fake_clock)
+        primary.up = MemoryStateStore(clock=fake_clock)
         fake_clock.advance(5.0)
         state = await store.snapshot("k")
         assert (state.state, state.generation) == (CircuitState.CLOSED, 0)
         assert not is_degraded(store)
         assert seen == [("degraded", "k", False), ("recovered", "k", False)]
+
+
+class UnreadableKeys(MemoryStateStore):
+    """A memory store that cannot read the stored state of the keys in ``broken``."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock=clock)
+        self.broken: set[str] = set()
+
+    async def _transact(self, key: str, fn: Any) -> Any:
+        if key in self.broken:
+            raise StateStoreError(f"the circuit state of {key!r} is unreadable", key=key)
+        return await super()._transact(key, fn)
+
+
+async def test_an_unreadable_key_runs_on_its_own_fallback_until_it_reads_again(
+    fake_clock: FakeClock,
+) -> None:
+    seen: list[tuple[str, str | None, bool]] = []
+
+    async def degraded(key: str | None, error: str, only_key: bool) -> None:
+        seen.append(("degraded", key, only_key))
+
+    async def recovered(key: str | None, only_key: bool) -> None:
+        seen.append(("recovered", key, only_key))
+
+    primary = UnreadableKeys(fake_clock)
+    primary.broken.add("bad")
+    store = FailoverStateStore(
+        primary,
+        clock=fake_clock,
+        retry_interval=5.0,
+        on_degraded=degraded,
+        on_recovered=recovered,
+    )
+    async with store:
+        forced = await store.force("bad", CircuitState.FORCED_OPEN, reason="local")
+        assert forced.reason == "local"  # answered by the key's fallback
+        await store.force("good", CircuitState.DISABLED)
+        assert (await primary.snapshot("good")).state is CircuitState.DISABLED
+        assert not is_degraded(store)  # the store as a whole is fine
+        assert seen == [("degraded", "bad", True)]
+        primary.broken.clear()
+        assert (await store.snapshot("bad")).reason == "local"  # within the interval
+        fake_clock.advance(5.0)
+        assert (await store.snapshot("bad")).state is CircuitState.CLOSED  # the store's
+        assert seen == [("degraded", "bad", True), ("recovered", "bad", True)]
