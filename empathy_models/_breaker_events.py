@@ -9,13 +9,13 @@ import enum
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeAlias
 
 from attrs import frozen
 
 from .exceptions import ConfigurationError
-from .records import CircuitState
+from .records import CircuitBreakerState, CircuitState
 
 __all__ = ["BreakerEvent", "BreakerEventKind", "BreakerListener"]
 
@@ -102,3 +102,135 @@ class Listeners:
                     event.kind.value,
                     event.key,
                 )
+
+
+def ts(value: float | None) -> datetime | None:
+    """UTC epoch seconds as an aware datetime (``None`` stays ``None``)."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (OverflowError, OSError, ValueError):
+        # beyond year 9999 (an absurd Retry-After): the latest instant a datetime holds
+        return datetime.max.replace(tzinfo=UTC)
+
+
+def encodable(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates) escaped, for any store."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def describe(exc: BaseException) -> str:
+    """``exc`` in one line for events, logs and stores: class and message, <= 300 chars."""
+    text = str(exc)
+    described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    described = encodable(described)
+    return described if len(described) <= 300 else described[:297] + "..."
+
+
+class Events:
+    """
+    What one breaker says: a log line per state change it sees, and `BreakerEvent`s
+    to its listeners (built only when there is a listener to hear them).
+
+    Args:
+        listeners: The listeners to start with.
+        clock: UTC epoch seconds, for the events' ``at``.
+    """
+
+    __slots__ = ("_clock", "listeners")
+
+    def __init__(self, listeners: Iterable[BreakerListener], clock: Callable[[], float]) -> None:
+        self.listeners = Listeners(listeners)
+        self._clock = clock
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+    async def changed(
+        self, state: CircuitBreakerState, old_state: CircuitState, reason: str | None
+    ) -> None:
+        """This process saw ``state.key`` move from ``old_state`` to ``state``."""
+        log_transition(state, old_state, reason)
+        if self.listeners:
+            await self.listeners.emit(
+                BreakerEvent(
+                    kind=BreakerEventKind.STATE_CHANGED,
+                    key=state.key,
+                    old_state=old_state,
+                    new_state=state.state,
+                    reason=reason,
+                    generation=state.generation,
+                    open_until=ts(state.open_until_ts),
+                    at=self._now(),
+                )
+            )
+
+    async def rejected(self, state: CircuitBreakerState) -> None:
+        """A call for ``state.key`` was rejected in ``state``."""
+        if self.listeners:
+            await self.listeners.emit(
+                BreakerEvent(
+                    kind=BreakerEventKind.CALL_REJECTED,
+                    key=state.key,
+                    new_state=state.state,
+                    reason=state.reason,
+                    generation=state.generation,
+                    open_until=ts(state.open_until_ts),
+                    at=self._now(),
+                )
+            )
+
+    async def store_degraded(self, key: str | None, error: str) -> None:
+        """The store failed (for ``key`` alone, or as a whole) with ``error``."""
+        if self.listeners:
+            await self.listeners.emit(
+                BreakerEvent(
+                    kind=BreakerEventKind.STORE_DEGRADED, key=key, error=error, at=self._now()
+                )
+            )
+
+    async def store_recovered(self, key: str | None) -> None:
+        """The store answers again (for ``key`` alone, or as a whole)."""
+        if self.listeners:
+            await self.listeners.emit(
+                BreakerEvent(kind=BreakerEventKind.STORE_RECOVERED, key=key, at=self._now())
+            )
+
+
+def log_transition(state: CircuitBreakerState, old: CircuitState, reason: str | None) -> None:
+    """One log line per state change this process sees (WARNING when a key opens)."""
+    new = state.state
+    opened = new is CircuitState.OPEN or new is CircuitState.FORCED_OPEN
+    level = logging.WARNING if opened else logging.INFO
+    if not logger.isEnabledFor(level):
+        return
+    if opened:
+        until = ts(state.open_until_ts)
+        held = "until reset" if until is None else f"until {until.isoformat(timespec='seconds')}"
+        logger.log(
+            level,
+            "circuit %r %s (was %s, generation %d, %s): %s",
+            state.key,
+            "opened" if new is CircuitState.OPEN else "forced open",
+            old.value,
+            state.generation,
+            held,
+            reason or "no reason given",
+        )
+    else:
+        logger.log(
+            level,
+            "circuit %r %s (was %s, generation %d)%s",
+            state.key,
+            {"half_open": "half-open", "closed": "closed", "disabled": "disabled"}.get(
+                new.value, new.value
+            ),
+            old.value,
+            state.generation,
+            f": {reason}" if reason else "",
+        )

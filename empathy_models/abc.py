@@ -343,7 +343,7 @@ class TransactionalStateStore(CircuitStateStore):
     """
     A store that can run a function on one key's state atomically.
 
-    Subclasses implement `_transact`, `_load`, `_load_all` and `_clear`; the pure
+    Subclasses implement `_transact`, `_load` and `_load_all`; the pure
     machine in `empathy_models.circuit` does the rest.  Memory, SQLite and PostgreSQL
     stores are built this way.
     """
@@ -367,10 +367,6 @@ class TransactionalStateStore(CircuitStateStore):
     @abc.abstractmethod
     async def _load_all(self) -> list[CircuitBreakerState]:
         """Read every state without locking."""
-
-    @abc.abstractmethod
-    async def _clear(self, key: str | None) -> None:
-        """Delete one key (or all) outright; used by tests and by `reset` overrides."""
 
     async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
         self._check_open()

@@ -372,69 +372,83 @@ def apply_outcome(
     if state is None:
         state = initial_state(ticket.key, now)
     if ticket.generation != state.generation:
-        if ticket.generation < state.generation and extends_open(
-            state, report.outcome, report.retry_after, now
-        ):
-            assert report.retry_after is not None
-            return attrs.evolve(state, open_until_ts=now + report.retry_after, updated_at_ts=now)
-        return state
-    outcome = report.outcome
+        return _other_generation(state, report, now)
     s = state.state
-
-    if s is CircuitState.DISABLED:
-        return state
-
     if s is CircuitState.HALF_OPEN:
-        lease = next((le for le in state.leases if le[0] == ticket.lease_id), None)
-        if lease is None or lease[1] <= now:
-            # not a probe of this half-open period, or its lease expired: too late to count
-            return state
-        remaining = tuple(le for le in state.leases if le[0] != ticket.lease_id)
-        if outcome is Outcome.SUCCESS:
-            successes = state.probe_successes + 1
-            if successes >= policy.half_open_probes:
-                return _close(state, now)
-            return attrs.evolve(
-                state, leases=remaining, probe_successes=successes, updated_at_ts=now
-            )
-        if outcome is Outcome.FATAL:
-            return _force_open(
-                attrs.evolve(state, last_failure_ts=now),
-                now,
-                now + policy.fatal_open_seconds,
-                report.error or "fatal error",
-                report.error,
-            )
-        if outcome.is_failure:
-            state = attrs.evolve(state, last_failure_ts=now)
-            return _open(
-                state,
-                policy,
-                now,
-                retry_after=report.retry_after,
-                error=report.error,
-                reason="half-open probe failed",
-            )
-        # ignored / cancelled / rejected / not_sent: return the lease, learn nothing
-        return attrs.evolve(state, leases=remaining, updated_at_ts=now)
+        return _half_open_outcome(state, policy, report, now)
+    if s is CircuitState.CLOSED:
+        return _closed_outcome(state, policy, report, now)
+    # DISABLED never trips; OPEN / FORCED_OPEN issue no tickets of their own generation
+    return state
 
-    if s is not CircuitState.CLOSED:
-        # OPEN / FORCED_OPEN issue no tickets of their own generation; nothing to count
+
+def _other_generation(
+    state: CircuitBreakerState, report: OutcomeReport, now: float
+) -> CircuitBreakerState:
+    """An outcome of another generation: dropped, unless it holds an open circuit longer."""
+    if report.ticket.generation < state.generation and extends_open(
+        state, report.outcome, report.retry_after, now
+    ):
+        assert report.retry_after is not None
+        return attrs.evolve(state, open_until_ts=now + report.retry_after, updated_at_ts=now)
+    return state
+
+
+def _fatal(
+    state: CircuitBreakerState, policy: BreakerPolicy, report: OutcomeReport, now: float
+) -> CircuitBreakerState:
+    """A fatal outcome: FORCED_OPEN for ``fatal_open_seconds`` with the error as reason."""
+    return _force_open(
+        attrs.evolve(state, last_failure_ts=now),
+        now,
+        now + policy.fatal_open_seconds,
+        report.error or "fatal error",
+        report.error,
+    )
+
+
+def _half_open_outcome(
+    state: CircuitBreakerState, policy: BreakerPolicy, report: OutcomeReport, now: float
+) -> CircuitBreakerState:
+    """A probe's outcome in HALF_OPEN (of the current generation)."""
+    lease_id = report.ticket.lease_id
+    lease = next((le for le in state.leases if le[0] == lease_id), None)
+    if lease is None or lease[1] <= now:
+        # not a probe of this half-open period, or its lease expired: too late to count
         return state
+    remaining = tuple(le for le in state.leases if le[0] != lease_id)
+    outcome = report.outcome
+    if outcome is Outcome.SUCCESS:
+        successes = state.probe_successes + 1
+        if successes >= policy.half_open_probes:
+            return _close(state, now)
+        return attrs.evolve(state, leases=remaining, probe_successes=successes, updated_at_ts=now)
+    if outcome is Outcome.FATAL:
+        return _fatal(state, policy, report, now)
+    if outcome.is_failure:
+        return _open(
+            attrs.evolve(state, last_failure_ts=now),
+            policy,
+            now,
+            retry_after=report.retry_after,
+            error=report.error,
+            reason="half-open probe failed",
+        )
+    # ignored / cancelled / rejected / not_sent: return the lease, learn nothing
+    return attrs.evolve(state, leases=remaining, updated_at_ts=now)
 
+
+def _closed_outcome(
+    state: CircuitBreakerState, policy: BreakerPolicy, report: OutcomeReport, now: float
+) -> CircuitBreakerState:
+    """An outcome in CLOSED (of the current generation): count it, trip if a rule says so."""
+    outcome = report.outcome
     if outcome is Outcome.SUCCESS:
         return _closed_successes(state, policy, 1, now)
     if outcome is Outcome.FATAL:
-        return _force_open(
-            attrs.evolve(state, last_failure_ts=now),
-            now,
-            now + policy.fatal_open_seconds,
-            report.error or "fatal error",
-            report.error,
-        )
+        return _fatal(state, policy, report, now)
     if not outcome.is_failure:
         return state
-
     window = _add_to_window(_live_window(state, policy, now), _bucket(policy, now), True)
     streak = state.consecutive_failures + 1
     state = attrs.evolve(
@@ -445,41 +459,39 @@ def apply_outcome(
         last_error=report.error if report.error is not None else state.last_error,
         updated_at_ts=now,
     )
-    retry_after = report.retry_after
+    reason = _trip_reason(policy, outcome, report.retry_after, streak, window)
+    if reason is None:
+        return state
+    return _open(
+        state, policy, now, retry_after=report.retry_after, error=report.error, reason=reason
+    )
+
+
+def _trip_reason(
+    policy: BreakerPolicy,
+    outcome: Outcome,
+    retry_after: float | None,
+    streak: int,
+    window: tuple[tuple[int, int, int], ...],
+) -> str | None:
+    """
+    Why a CLOSED circuit that just counted a failure opens, or ``None`` if it stays
+    closed: a long enough Retry-After, the failure streak, or the window's failure rate
+    (checked in this order).
+    """
     if (
         outcome is Outcome.RATE_LIMITED
         and retry_after is not None
         and retry_after >= policy.min_retry_after_open
     ):
-        return _open(
-            state,
-            policy,
-            now,
-            retry_after=retry_after,
-            error=report.error,
-            reason=f"rate limited (Retry-After {retry_after:g}s)",
-        )
+        return f"rate limited (Retry-After {retry_after:g}s)"
     if streak >= policy.consecutive_failures:
-        return _open(
-            state,
-            policy,
-            now,
-            retry_after=retry_after,
-            error=report.error,
-            reason=f"{streak} consecutive failures",
-        )
+        return f"{streak} consecutive failures"
     calls = sum(b[1] for b in window)
     failures = sum(b[2] for b in window)
     if calls >= policy.minimum_calls and failures / calls >= policy.failure_rate_threshold:
-        return _open(
-            state,
-            policy,
-            now,
-            retry_after=retry_after,
-            error=report.error,
-            reason=f"failure rate {failures}/{calls} over {policy.window_seconds:g}s",
-        )
-    return state
+        return f"failure rate {failures}/{calls} over {policy.window_seconds:g}s"
+    return None
 
 
 def apply_outcomes(

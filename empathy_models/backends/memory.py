@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -148,12 +148,19 @@ class MemoryStateStore(TransactionalStateStore):
     """
     Breaker state for one process.
 
-    ``clock`` returns UTC epoch seconds (default `time.time`); tests inject a fake one.
+    Args:
+        clock: Returns UTC epoch seconds (default `time.time`); tests inject a fake one.
+        states: States to start from, one per key (default: none, every key CLOSED).
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        states: Iterable[CircuitBreakerState] = (),
+    ) -> None:
         self._clock = clock
-        self._states: dict[str, CircuitBreakerState] = {}
+        self._states: dict[str, CircuitBreakerState] = {state.key: state for state in states}
 
     def __repr__(self) -> str:
         return f"MemoryStateStore(keys={len(self._states)})"
@@ -183,12 +190,6 @@ class MemoryStateStore(TransactionalStateStore):
 
     async def _load_all(self) -> list[CircuitBreakerState]:
         return list(self._states.values())
-
-    async def _clear(self, key: str | None) -> None:
-        if key is None:
-            self._states.clear()
-        else:
-            self._states.pop(key, None)
 
 
 def _telemetry(url: str, *, capacity: int = 100_000) -> TelemetryBackend:

@@ -144,14 +144,6 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         out = [self._decode(row["state"]) for row in rows]
         return [s for s in out if s is not None]
 
-    async def _clear(self, key: str | None) -> None:
-        pool = await self._db.pool(self._migrations)
-        async with self._db.errors("clear"):
-            if key is None:
-                await pool.execute(f"DELETE FROM {self._table}")
-            else:
-                await pool.execute(f"DELETE FROM {self._table} WHERE key = $1", key)
-
     async def drop_tables(self) -> None:
         """Drop this store's table (for tests and decommissioning); irreversible."""
         self._check_open()

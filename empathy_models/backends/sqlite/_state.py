@@ -130,7 +130,7 @@ class SQLiteStateStore(TransactionalStateStore):
                 if exc.key is None or (key is not None and exc.key != key):
                     raise
                 logger.warning("replacing the unreadable circuit state of %r", exc.key)
-                await self._clear(exc.key)
+                await self._delete(exc.key)
         raise StateStoreError(f"SQLite database {self._path}: reset did not finish")
 
     async def _transact(
@@ -200,12 +200,11 @@ class SQLiteStateStore(TransactionalStateStore):
 
         return [self._decode(row[0], row[1]) for row in await self._db.run(job)]
 
-    async def _clear(self, key: str | None) -> None:
+    async def _delete(self, key: str) -> None:
+        """Delete ``key``'s row outright (how `reset` replaces an unreadable one)."""
+
         async def body(conn: aiosqlite.Connection) -> None:
-            if key is None:
-                await conn.execute("DELETE FROM circuit_state")
-            else:
-                await conn.execute("DELETE FROM circuit_state WHERE key = ?", (key,))
+            await conn.execute("DELETE FROM circuit_state WHERE key = ?", (key,))
 
         await self._db.run(partial(self._db.transaction, body=body))
 

@@ -1,0 +1,400 @@
+"""
+The breaker's local view and write-behind: what lets a CLOSED call cost no store I/O.
+
+`LocalView` keeps, per key, the last state a store returned (a `View`, fresh for
+``local_view_ttl`` seconds) and the successes written behind for the key's CLOSED
+generation (a `Pending` batch), and decides what `CircuitBreaker.report` may count
+locally.  `Guard` (``breaker.guard``) and `protected` (``breaker.protect``) are the
+inlined hot path over it: a dict lookup, one clock read, and one increment of the
+view's batch on success; everything else goes through the breaker.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Awaitable, Callable, Coroutine
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import anyio
+
+from ._settled import SHIELD_SECONDS
+from .circuit import extends_open
+from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
+
+if TYPE_CHECKING:
+    from .breaker import CircuitBreaker
+
+logger = logging.getLogger("empathy_models.breaker")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_CLOSED = CircuitState.CLOSED
+_DISABLED = CircuitState.DISABLED
+_OPEN = CircuitState.OPEN
+_FORCED_OPEN = CircuitState.FORCED_OPEN
+_SUCCESS = Outcome.SUCCESS
+
+MAX_PENDING = 1000
+"""Written-behind successes of one key are flushed at the latest when this many wait."""
+
+
+def view_ticket(state: CircuitBreakerState) -> Ticket | None:
+    """The ticket a view of ``state`` hands out: one for CLOSED and DISABLED, else none."""
+    if state.state is _CLOSED or state.state is _DISABLED:
+        return Ticket(key=state.key, generation=state.generation)
+    return None
+
+
+class Pending:
+    """
+    The written-behind successes of one key's CLOSED generation, not yet in the store.
+
+    Args:
+        generation: The generation whose tickets the successes carry.
+        count: How many successes wait.
+        due: When the batch must be flushed (its first success + ``flush_interval``).
+    """
+
+    __slots__ = ("count", "due", "generation")
+
+    def __init__(self, generation: int, count: int, due: float) -> None:
+        self.generation = generation
+        self.count = count
+        self.due = due
+
+    def reports(self, key: str) -> list[OutcomeReport]:
+        """The batch as the store takes it: one report object, repeated ``count`` times."""
+        ticket = Ticket(key=key, generation=self.generation)
+        return [OutcomeReport(ticket=ticket, outcome=_SUCCESS)] * self.count
+
+
+class View:
+    """
+    The last state a store returned for one key, as the hot path needs it.
+
+    ``at`` is when it was fetched (by the breaker's clock) and ``until`` when it stops
+    being fresh (``at + local_view_ttl``; ``-inf`` once marked stale).  ``ticket`` is the
+    ticket a CLOSED or DISABLED view hands out.  ``pending`` is the key's `Pending`
+    batch while this CLOSED view of its generation is the key's current one; it is unset
+    when the view is replaced or the batch is flushed, so a guard that admitted from
+    this view counts a success with one increment and anything else takes the general
+    path.
+    """
+
+    __slots__ = ("at", "pending", "state", "ticket", "until")
+
+    def __init__(
+        self, state: CircuitBreakerState, at: float, until: float, pending: Pending | None
+    ) -> None:
+        self.state = state
+        self.at = at
+        self.until = until
+        self.ticket = view_ticket(state)
+        self.pending = pending
+
+    def stale(self) -> None:
+        """Keep the state (for events and hints) but make the next admission ask the store."""
+        self.at = self.until = -math.inf
+
+
+def _open_at(state: CircuitBreakerState, now: float) -> bool:
+    """OPEN or FORCED_OPEN, and not past its end at ``now``."""
+    return (state.state is _OPEN or state.state is _FORCED_OPEN) and (
+        state.open_until_ts is None or state.open_until_ts > now
+    )
+
+
+class LocalView:
+    """
+    The views and written-behind batches of one breaker.
+
+    Args:
+        clock: UTC epoch seconds (the breaker's clock).
+        ttl: Seconds a view stays fresh (``local_view_ttl``).
+        flush_interval: Seconds a written-behind success may wait.
+    """
+
+    __slots__ = ("_flush_interval", "clock", "pending", "ttl", "views")
+
+    def __init__(self, clock: Callable[[], float], ttl: float, flush_interval: float) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self._flush_interval = flush_interval
+        self.views: dict[str, View] = {}
+        self.pending: dict[str, Pending] = {}
+
+    def fresh(self, key: str, now: float) -> View | None:
+        """``key``'s view if it is fresh at ``now``, else ``None``."""
+        view = self.views.get(key)
+        if view is not None and view.at <= now < view.until:
+            return view
+        return None
+
+    def known(self, key: str | None) -> list[CircuitBreakerState]:
+        """The last state seen of ``key`` (none if never seen), or of every key."""
+        if key is None:
+            return [view.state for view in self.views.values()]
+        view = self.views.get(key)
+        return [] if view is None else [view.state]
+
+    def adopt(
+        self, state: CircuitBreakerState, now: float, *, newer_only: bool
+    ) -> CircuitState | None:
+        """
+        Make ``state`` its key's view (fresh from ``now``), carrying the key's batch over
+        when it is of the same CLOSED generation.
+
+        Returns:
+            The state the previous view showed (CLOSED for a key never seen), or ``None``
+            when ``newer_only`` and a fresh view of a later generation is kept instead.
+        """
+        key = state.key
+        old = self.views.get(key)
+        if (
+            newer_only
+            and old is not None
+            and state.generation < old.state.generation
+            and old.at <= now < old.until
+        ):
+            # an answer sent before the one this fresh view came from (concurrent calls
+            # on a network store): adopting it would bring back a state already left
+            return None
+        pending = None
+        if state.state is _CLOSED:
+            pending = self.pending.get(key)
+            if pending is not None and pending.generation != state.generation:
+                pending = None
+        if old is not None:
+            old.pending = None  # guards admitted from the old view take the general path
+        self.views[key] = View(state, now, now + self.ttl, pending)
+        return _CLOSED if old is None else old.state.state
+
+    def write_behind(self, view: View, ticket: Ticket) -> bool | None:
+        """
+        Count a success of ``ticket`` (a CLOSED or DISABLED view's) without the store.
+
+        Returns:
+            ``None`` when it must go to the store inline (a probe, another generation, a
+            view that is neither CLOSED nor DISABLED); otherwise whether the key's batch
+            is now due for a flush.
+        """
+        if ticket.lease_id is not None:
+            return None
+        pending = view.pending  # set only while the view is CLOSED and counting
+        if pending is not None and pending.generation == ticket.generation:
+            count = pending.count = pending.count + 1
+            return count >= MAX_PENDING or self.clock() >= pending.due
+        state = view.state
+        if state.generation != ticket.generation:
+            return None
+        if state.state is _DISABLED:
+            return False
+        if state.state is not _CLOSED:
+            return None
+        key = ticket.key
+        pending = self.pending.get(key)
+        if pending is None or pending.generation != ticket.generation:
+            # successes of an older generation would be dropped by the store
+            self.pending[key] = view.pending = Pending(
+                ticket.generation, 1, self.clock() + self._flush_interval
+            )
+            return False
+        pending.count += 1
+        return pending.count >= MAX_PENDING or self.clock() >= pending.due
+
+    def outdated(self, ticket: Ticket, outcome: Outcome, retry_after: float | None) -> bool:
+        """
+        Whether the store would drop ``outcome`` of ``ticket`` anyway, as the key's view
+        tells: a fresh view of a later generation (unless a 429 holds it open longer),
+        or a DISABLED view of the ticket's generation.
+        """
+        view = self.views.get(ticket.key)
+        if view is None:
+            return False
+        state = view.state
+        fresh = view.at <= self.clock() < view.until
+        if (
+            fresh
+            and ticket.generation < state.generation
+            and not extends_open(state, outcome, retry_after, self.clock())
+        ):
+            return True  # the store's generation is at least the view's
+        return state.state is _DISABLED and state.generation == ticket.generation
+
+    def provider_trip(
+        self, provider_of: dict[str, str], provider: str, now: float, threshold: int
+    ) -> str | None:
+        """
+        The reason to force ``provider``'s key open, or ``None``: at least ``threshold``
+        of its models (``provider_of`` maps model keys to providers) are OPEN (tripped by
+        failures, not forced) in these views, and a fresh view of the provider's key
+        shows it neither open already nor DISABLED (an operator said: never trip it).
+        """
+        views = self.views
+        open_models = sorted(
+            key
+            for key, owner in provider_of.items()
+            if owner == provider
+            and (view := views.get(key)) is not None
+            and view.state.state is _OPEN
+            and _open_at(view.state, now)
+        )
+        if len(open_models) < threshold:
+            return None
+        current = self.fresh(provider, now)
+        if current is not None and (
+            _open_at(current.state, now) or current.state.state is _DISABLED
+        ):
+            return None
+        shown = ", ".join(key.removeprefix(f"{provider}:") for key in open_models)
+        reason = f"{len(open_models)} models of {provider} open ({shown})"
+        return reason if len(reason) <= 300 else reason[:297] + "..."
+
+    def drop(self, key: str) -> Pending | None:
+        """Forget ``key``'s batch (the next success starts a new one); return it."""
+        pending = self.pending.pop(key, None)
+        if pending is not None:
+            view = self.views.get(key)
+            if view is not None and view.pending is pending:
+                view.pending = None
+        return pending
+
+    def take(self, key: str) -> list[OutcomeReport]:
+        """``key``'s batch as reports for the store (empty if none), forgotten here."""
+        pending = self.drop(key)
+        return [] if pending is None else pending.reports(key)
+
+    def stale(self, key: str | None = None) -> None:
+        """Make the next admission of ``key`` (or of every key) ask the store."""
+        if key is None:
+            for view in self.views.values():
+                view.stale()
+        elif (one := self.views.get(key)) is not None:
+            one.stale()
+
+    def close(self) -> None:
+        """From here on every admission and report takes the breaker's general path."""
+        for view in self.views.values():
+            view.pending = None
+        self.stale()
+
+
+class Guard:
+    """
+    The async context manager returned by `CircuitBreaker.guard`.
+
+    The CLOSED path is inlined: entry is a dict lookup of the key's view and one clock
+    read; a success is one increment of the view's written-behind batch.  Everything
+    else (rejections, store admissions, probes, failures, the first success of a batch)
+    goes through `CircuitBreaker.admit` / `CircuitBreaker.report`.
+    """
+
+    __slots__ = ("_breaker", "_key", "_now", "_view", "ticket")
+    _view: View | None
+    _now: float
+    ticket: Ticket
+
+    def __init__(self, breaker: CircuitBreaker, key: str) -> None:
+        self._breaker = breaker
+        self._key = key
+
+    async def __aenter__(self) -> Ticket:
+        breaker = self._breaker
+        view = breaker._views.get(self._key)
+        if view is not None:
+            now = breaker._clock()
+            if view.at <= now < view.until:
+                ticket = view.ticket
+                if ticket is not None:
+                    self._view = view
+                    self._now = now
+                    return ticket
+        self._view = None
+        self.ticket = ticket = await breaker.admit(self._key)
+        return ticket
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # (no __aexit__ without a successful __aenter__, so _view is set)
+        view = self._view
+        if view is None:
+            ticket = self.ticket
+        else:
+            if exc is None:
+                pending = view.pending
+                if pending is not None:
+                    # LocalView.write_behind, inlined; the flush deadline is checked
+                    # against the admission time (the one clock read of this call)
+                    count = pending.count = pending.count + 1
+                    if count >= MAX_PENDING or self._now >= pending.due:
+                        await self._breaker._flush_key(self._key)
+                    return
+            ticket = view.ticket  # type: ignore[assignment]  # fast-path views hand one out
+        if exc is None:
+            await self._breaker.report(ticket, _SUCCESS)
+        else:
+            await self._breaker._report_error(ticket, exc)
+
+
+def protected(
+    breaker: CircuitBreaker, key: str, fn: Callable[P, Awaitable[T]]
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """``fn`` guarded by ``breaker`` for ``key``, with `Guard`'s hot path inlined."""
+    views = breaker._views
+    clock = breaker._clock
+
+    @functools.wraps(fn)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
+        view = views.get(key)
+        if view is not None:
+            now = clock()
+            if view.at <= now < view.until:
+                ticket = view.ticket
+                if ticket is not None:
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except BaseException as exc:
+                        await breaker._report_error(ticket, exc)
+                        raise
+                    pending = view.pending
+                    if pending is not None:
+                        # as in Guard.__aexit__
+                        count = pending.count = pending.count + 1
+                        if count >= MAX_PENDING or now >= pending.due:
+                            await breaker._flush_key(key)
+                        return result
+                    await breaker.report(ticket, _SUCCESS)
+                    return result
+        async with Guard(breaker, key):
+            return await fn(*args, **kwargs)
+
+    return guarded
+
+
+async def flush_loop(
+    flush_all: Callable[[], Awaitable[None]],
+    sleep: Callable[[float], Awaitable[None]],
+    interval: float,
+) -> None:
+    """
+    The background flusher of a breaker on a shared store: ``flush_all()`` every
+    ``interval`` seconds (waiting with ``sleep``), until cancelled.  A failed flush is
+    logged; it never ends the loop.
+    """
+    while True:
+        await sleep(interval)
+        try:
+            # shielded: a batch already taken from memory must reach the store even
+            # when aclose cancels the flusher meanwhile (bounded, like report's shield)
+            with anyio.move_on_after(SHIELD_SECONDS, shield=True):
+                await flush_all()
+        except Exception:  # never let the flusher take the breaker down
+            logger.exception("circuit breaker: flushing written-behind successes failed")

@@ -1,0 +1,109 @@
+"""
+Store operations carried to their end although the calling task is cancelled.
+
+A failure must count and a probe lease must come back even when the caller is being
+cancelled, and a batch of written-behind successes taken from memory must reach the
+store; but a hung store must not hold the caller forever.  `Settler` runs such an
+operation in a task of its own and waits for it, bounded, before the cancellation is
+raised; operations still running then are kept in ``releases`` for `aclose` to await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from .abc import CircuitStateStore
+from .circuit import BreakerPolicy
+from .records import Admission, Outcome, OutcomeReport
+
+T = TypeVar("T")
+
+SHIELD_SECONDS = 10.0
+"""How long returning a probe lease (or any settled operation) may take while the caller
+is being cancelled."""
+
+
+class Settler:
+    """
+    Runs store operations to their end for one breaker.
+
+    ``releases`` holds the operations still running after their caller gave up waiting.
+    """
+
+    __slots__ = ("releases",)
+
+    def __init__(self) -> None:
+        self.releases: set[asyncio.Future[Any]] = set()
+
+    async def run(self, operation: Coroutine[Any, Any, T]) -> T:
+        """
+        ``await operation``, carried to its end even when the caller is cancelled
+        (asyncio-natively or by an anyio scope) meanwhile: it runs in a task of its own
+        and the caller waits for it, for at most `SHIELD_SECONDS`, before the
+        cancellation is raised (with the result, if any, as ``_empathy_result``).
+
+        Raises:
+            asyncio.CancelledError: The caller was cancelled meanwhile.
+        """
+        task = asyncio.ensure_future(operation)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + SHIELD_SECONDS
+            while not task.done() and loop.time() < deadline:
+                try:
+                    await asyncio.wait({task}, timeout=deadline - loop.time())
+                except asyncio.CancelledError:
+                    continue  # delivered again (an anyio scope): keep waiting, raise after
+            if task.done() and not task.cancelled() and task.exception() is None:
+                exc._empathy_result = task.result()  # type: ignore[attr-defined]
+            elif not task.done():
+                self.releases.add(task)
+                task.add_done_callback(self.releases.discard)
+            elif not task.cancelled():
+                task.exception()  # retrieved, so asyncio does not log it as lost
+            raise
+
+    async def admit(self, store: CircuitStateStore, key: str, policy: BreakerPolicy) -> Admission:
+        """
+        The store's admission, such that a cancelled caller can neither leak a probe
+        lease nor lose its cancellation.
+
+        A store admission may grant a half-open probe lease.  If the caller is cancelled
+        while it is in flight, the admission still finishes (see `run`) and a lease it
+        granted is given back (reported as cancelled) before the cancellation is raised,
+        instead of blocking the key for ``probe_lease_seconds``.  If the store's client
+        swallowed a cancellation (redis-py's asyncio client does, now and then),
+        ``Task.cancelling()`` still shows it: the lease is given back and
+        `asyncio.CancelledError` raised, so the guarded call does not run.
+
+        Raises:
+            asyncio.CancelledError: The caller was cancelled meanwhile.
+        """
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
+        try:
+            admission = await self.run(store.admit(key, policy))
+        except asyncio.CancelledError as exc:
+            granted = getattr(exc, "_empathy_result", None)
+            if isinstance(granted, Admission):
+                await self._give_back_lease(store, granted, policy)
+            raise
+        if task is not None and task.cancelling() > cancelling:
+            await self._give_back_lease(store, admission, policy)
+            raise asyncio.CancelledError("cancelled during the circuit-breaker admission")
+        return admission
+
+    async def _give_back_lease(
+        self, store: CircuitStateStore, admission: Admission, policy: BreakerPolicy
+    ) -> None:
+        ticket = admission.ticket
+        if ticket is None or ticket.lease_id is None:
+            return
+        report = OutcomeReport(ticket=ticket, outcome=Outcome.CANCELLED)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.run(store.record(ticket.key, policy, [report]))

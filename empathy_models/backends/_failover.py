@@ -1,0 +1,309 @@
+"""
+`FailoverStateStore`: a `CircuitStateStore` that keeps answering when its store fails.
+
+It decorates a *primary* store.  While the primary answers, every operation is the
+primary's.  When it raises `BackendError` (other than `BackendClosedError`) or `OSError`
+(which covers `ConnectionError` and `TimeoutError`), or does not answer within
+``timeout`` seconds, the operation is answered by a per-process `MemoryStateStore`
+seeded with the states the owner last saw (``known``), and so is every operation after
+it until the primary answers again.  The primary is tried again by at most one
+operation every ``retry_interval`` seconds; when it answers, the fallback is dropped
+and the primary's state is the truth again (what was changed in the fallback is not
+pushed to the primary).
+
+A `StateStoreError` naming the key of the operation (the primary cannot read that
+key's stored state) sends only that key to a fallback of its own, tried again on the
+same schedule; the other keys stay on the primary.
+
+This is the degraded mode of `empathy_models.CircuitBreaker`, which passes its local
+views as ``known`` and turns ``on_degraded`` / ``on_recovered`` into events.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, TypeVar
+
+import anyio
+
+from .._breaker_events import describe
+from ..abc import CircuitStateStore
+from ..exceptions import BackendClosedError, BackendError, StateStoreError
+from ..records import Admission, CircuitBreakerState, CircuitState, OutcomeReport
+from .memory import MemoryStateStore
+
+if TYPE_CHECKING:
+    from ..circuit import BreakerPolicy
+
+__all__ = ["FailoverStateStore"]
+
+logger = logging.getLogger("empathy_models.breaker")
+
+T = TypeVar("T")
+
+Op = Callable[[CircuitStateStore], Awaitable[T]]
+"""One store operation, to run on the primary or on a fallback."""
+
+
+def unreadable_key(exc: BaseException) -> str | None:
+    """The key whose stored state ``exc`` says is unreadable, if that is what it says."""
+    return exc.key if isinstance(exc, StateStoreError) else None
+
+
+class FailoverStateStore(CircuitStateStore):
+    """
+    ``primary`` with a per-process fallback while it fails (see the module docstring).
+
+    Args:
+        primary: The store that holds the state.
+        clock: UTC epoch seconds; times the retries and is the fallbacks' clock.
+        retry_interval: Seconds between two attempts on a failed primary.
+        timeout: Seconds one primary operation may take before it counts as a failure
+            (``None``: no limit).  Not applied to an in-process primary.
+        owns_primary: Whether `aclose` closes the primary too.
+        known: ``known(key)`` returns the states to seed a fallback with: every state the
+            owner last saw (``key=None``, a whole-store outage) or that of one key.
+            Default: none (the fallback starts empty).
+        on_degraded: Awaited as ``on_degraded(key, error, only_key)`` after switching to
+            a fallback: ``key`` is the operation's key (``None`` for a whole-store
+            operation), ``error`` the failure in one line, ``only_key`` true when only
+            that key moved to a fallback.
+        on_recovered: Awaited as ``on_recovered(key, only_key)`` after the primary (or,
+            with ``only_key``, that key's stored state) answered again.
+    """
+
+    def __init__(
+        self,
+        primary: CircuitStateStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        retry_interval: float = 5.0,
+        timeout: float | None = 5.0,
+        owns_primary: bool = True,
+        known: Callable[[str | None], Iterable[CircuitBreakerState]] | None = None,
+        on_degraded: Callable[[str | None, str, bool], Awaitable[None]] | None = None,
+        on_recovered: Callable[[str | None, bool], Awaitable[None]] | None = None,
+    ) -> None:
+        self._primary = primary
+        self.shared = primary.shared  # type: ignore[misc]
+        self._clock = clock
+        self._retry_interval = retry_interval
+        # cancel scopes cost microseconds: only a primary doing I/O gets a timeout
+        self._timeout = None if primary.in_process else timeout
+        self._owns_primary = owns_primary
+        self._known = known
+        self._on_degraded = on_degraded
+        self._on_recovered = on_recovered
+        self._fallback: MemoryStateStore | None = None
+        self._retry_at = 0.0
+        # keys whose stored state is unreadable -> when to try the primary again, and
+        # the fallback each of them runs on meanwhile
+        self._unreadable: dict[str, float] = {}
+        self._key_fallbacks: dict[str, MemoryStateStore] = {}
+
+    def __repr__(self) -> str:
+        mode = " degraded" if self._fallback is not None else ""
+        return f"FailoverStateStore({self._primary!r}{mode})"
+
+    @property
+    def primary(self) -> CircuitStateStore:
+        """The decorated store."""
+        return self._primary
+
+    @property
+    def degraded(self) -> bool:
+        """True while the primary as a whole is failing and the fallback answers."""
+        return self._fallback is not None
+
+    @property
+    def in_process(self) -> bool:
+        """The primary's: a fallback never waits either."""
+        return self._primary.in_process
+
+    # ------------------------------------------------------------------ the operations
+
+    async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        return await self._run(key, lambda store: store.admit(key, policy))
+
+    async def record(
+        self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
+    ) -> CircuitBreakerState:
+        return await self._run(key, lambda store: store.record(key, policy, reports))
+
+    async def force(
+        self,
+        key: str,
+        state: CircuitState,
+        *,
+        until: datetime | None = None,
+        reason: str | None = None,
+    ) -> CircuitBreakerState:
+        return await self._run(
+            key, lambda store: store.force(key, state, until=until, reason=reason)
+        )
+
+    async def snapshot(self, key: str) -> CircuitBreakerState:
+        return await self._run(key, lambda store: store.snapshot(key))
+
+    async def snapshot_all(self) -> list[CircuitBreakerState]:
+        return await self._run(None, lambda store: store.snapshot_all())
+
+    async def reset(self, key: str | None = None) -> None:
+        await self._run(key, lambda store: store.reset(key))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _aopen(self) -> None:
+        """Enter the primary; a primary that cannot be opened starts the fallback."""
+        try:
+            await self._on_primary(lambda store: store.__aenter__())
+        except BackendClosedError:
+            raise
+        except (BackendError, OSError) as exc:
+            # a store that connects on entry is down: start degraded, as a store that
+            # connects on first use would (the next operations retry it)
+            if self._fallback is None:
+                await self._degrade(None, exc)
+
+    async def _aclose(self) -> None:
+        try:
+            if self._owns_primary:
+                await self._primary.aclose()
+        finally:
+            if self._fallback is not None:
+                await self._fallback.aclose()
+            for fallback in self._key_fallbacks.values():
+                await fallback.aclose()
+
+    # ------------------------------------------------------------------ routing
+
+    async def _run(self, key: str | None, op: Op[T]) -> T:
+        if key is not None and key in self._unreadable:
+            return await self._unreadable_op(key, op)
+        try:
+            return await self._shared_op(key, op)
+        except StateStoreError as exc:
+            if key is None or exc.key != key:
+                raise
+            return await self._isolate(key, exc, op)
+
+    async def _shared_op(self, key: str | None, op: Op[T]) -> T:
+        """``op`` on the primary, or on the fallback while the primary is failing."""
+        fallback = self._fallback
+        if fallback is not None:
+            return await self._retry_primary(key, op, fallback)
+        try:
+            return await self._on_primary(op)
+        except BackendClosedError:
+            raise
+        except (BackendError, OSError) as exc:
+            if key is not None and unreadable_key(exc) == key:
+                raise  # this key's state alone: _run isolates the key
+            fallback = self._fallback  # another task may have switched already
+            if fallback is None:
+                fallback = await self._degrade(key, exc)
+            return await op(fallback)
+
+    async def _retry_primary(self, key: str | None, op: Op[T], fallback: MemoryStateStore) -> T:
+        """While degraded: ``op`` on the fallback, or on the primary once per interval."""
+        now = self._clock()
+        if now < self._retry_at:
+            return await op(fallback)
+        # one attempt per interval, however many tasks are calling
+        self._retry_at = now + self._retry_interval
+        try:
+            result = await self._on_primary(op)
+        except BackendClosedError:
+            raise
+        except (BackendError, OSError) as exc:
+            if key is not None and unreadable_key(exc) == key:
+                raise  # this key's state alone: _run isolates the key
+            logger.debug("circuit store still unavailable: %s", describe(exc))
+            # another task may have recovered (closing this fallback) meanwhile: then
+            # this failure is a new outage
+            current = self._fallback
+            if current is None:
+                current = await self._degrade(key, exc)
+            return await op(current)
+        if self._fallback is fallback:
+            await self._recover(key)
+        return result
+
+    async def _on_primary(self, op: Op[T]) -> T:
+        if self._timeout is None:
+            return await op(self._primary)
+        with anyio.fail_after(self._timeout):
+            return await op(self._primary)
+
+    def _seeded(self, key: str | None) -> MemoryStateStore:
+        """A fallback holding what the owner last saw (of ``key``, or of every key)."""
+        known = () if self._known is None else self._known(key)
+        return MemoryStateStore(clock=self._clock, states=known)
+
+    # ------------------------------------------------------------------ one unreadable key
+
+    async def _unreadable_op(self, key: str, op: Op[T]) -> T:
+        """``op`` for a key whose stored state is unreadable: the key's own fallback,
+        trying the primary again at most every ``retry_interval`` seconds."""
+        fallback = self._key_fallbacks[key]
+        now = self._clock()
+        if now < self._unreadable[key]:
+            return await op(fallback)
+        self._unreadable[key] = now + self._retry_interval
+        try:
+            result = await self._shared_op(key, op)
+        except StateStoreError as exc:
+            if exc.key != key:
+                raise
+            return await op(fallback)
+        del self._unreadable[key]
+        del self._key_fallbacks[key]
+        await fallback.aclose()
+        logger.warning("circuit %r: its stored state is readable again; using the store", key)
+        if self._on_recovered is not None:
+            await self._on_recovered(key, True)
+        return result
+
+    async def _isolate(self, key: str, exc: StateStoreError, op: Op[T]) -> T:
+        """The primary holds an unreadable state for ``key``: run that key per-process."""
+        fallback = self._key_fallbacks[key] = self._seeded(key)
+        self._unreadable[key] = self._clock() + self._retry_interval
+        description = describe(exc)
+        logger.warning(
+            "circuit %r: the state store cannot read its state (%s); this key runs on a "
+            "per-process breaker until the state is repaired",
+            key,
+            description,
+        )
+        if self._on_degraded is not None:
+            await self._on_degraded(key, description, True)
+        return await op(fallback)
+
+    # ------------------------------------------------------------------ the whole store
+
+    async def _degrade(self, key: str | None, exc: BaseException) -> MemoryStateStore:
+        # start from what the owner last knew, so an open circuit stays open
+        fallback = self._fallback = self._seeded(None)
+        self._retry_at = self._clock() + self._retry_interval
+        description = describe(exc)
+        logger.warning(
+            "circuit state store %s failed (%s); using a per-process breaker until it recovers",
+            type(self._primary).__name__,
+            description,
+        )
+        if self._on_degraded is not None:
+            await self._on_degraded(key, description, False)
+        return fallback
+
+    async def _recover(self, key: str | None) -> None:
+        fallback, self._fallback = self._fallback, None
+        if fallback is not None:
+            await fallback.aclose()
+        logger.warning(
+            "circuit state store %s recovered; adopting its state", type(self._primary).__name__
+        )
+        if self._on_recovered is not None:
+            await self._on_recovered(key, False)
