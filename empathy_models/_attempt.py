@@ -223,8 +223,7 @@ class Attempts:
 
     async def route(self, info: ModelInfo) -> Attempted:
         """
-        ``info``'s attempts, retried as the policy says (an `Opened` answer keeps the
-        provider slot and the limiter's hold).
+        ``info``'s attempts, retried as the policy says; an `Opened` answer keeps the slot.
 
         Raises:
             _DeadlineExceeded: the deadline passed.
@@ -232,18 +231,9 @@ class Attempts:
             BudgetExceededError, LocalRateLimitError: the limiter's, before any call.
         """
         ex, run, obs, trace, streamed = self.ex, self.run, self.obs, self.trace, self.streamed
-        provider = ex._providers[info.provider]
-        semaphore = ex._semaphores[info.provider]
-        request = _request_for(info.id, run)
         breaker, limiter, fb, clock = ex._breaker, ex._limiter, ex._fb, ex._clock
-        key = (
-            None
-            if breaker is None or info.provider in ex._keyless
-            else ex._planner.breaker_key(info)
-        )
-        scope_key = None if key is None else ex._planner.scope_key(info)
-        deadline_at = self.deadline_at
-        per_attempt = run.context.timeout
+        provider, semaphore, request, key, scope_key = self._route_facts(info)
+        deadline_at, per_attempt = self.deadline_at, run.context.timeout
         called = False
         for route_attempt in range(1, ex._retry.max_attempts + 1):
             if deadline_at is None:
@@ -282,32 +272,16 @@ class Attempts:
                 except Exception as raised:
                     latency_ms = (clock() - t0) * 1000.0
                     error, deadline_hit = self._restated(raised, info, budget, by_deadline)
-                    # a 404 names one model: it must not open a key the provider's models share
-                    ignored = isinstance(error, ModelNotFoundError) and key is not None
-                    ignored = ignored and key == ex._planner.provider_key(info.provider)
-                    record = await fb.failed(
-                        run, info, error, attempt, latency_ms, ticket, scope_ticket, hold, ignored
-                    )
-                    if obs is not None:
-                        obs.attempt_ended(record, None, error, trace)
+                    held = (ticket, scope_ticket, hold)
+                    record = await self._failed(info, error, attempt, latency_ms, key, held)
                 except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
                     latency_ms = (clock() - t0) * 1000.0
-                    record = await fb.cancelled(
-                        run, info, raised, attempt, latency_ms, ticket, scope_ticket
-                    )
-                    if obs is not None:
-                        obs.attempt_ended(record, None, raised, trace)
+                    await self._cancelled(info, raised, attempt, latency_ms, ticket, scope_ticket)
                     raise
                 else:
                     if streamed:
-                        holding = False
-                        stream, first = answer
-                        opened = Opened(
-                            stream, first, ticket, scope_ticket, hold, attempt, t0, clock()
-                        )
-                        if obs is not None:
-                            obs.stream_opened(trace)  # type: ignore[arg-type]
-                        return Attempted(True, opened)
+                        holding = False  # the stream has them now
+                        return self._opened(answer, ticket, scope_ticket, hold, attempt, t0)
                     latency_ms = (clock() - t0) * 1000.0
                     record = fb.succeeded(run, info, answer, attempt, latency_ms, ticket, hold)
                     await fb.answered(record, ticket, scope_ticket)
@@ -329,6 +303,87 @@ class Attempts:
         return _CALLED if called else _NOT_CALLED
 
     # ------------------------------------------------------------------ its steps
+
+    def _route_facts(
+        self, info: ModelInfo
+    ) -> tuple[Provider, asyncio.Semaphore, CompletionRequest, str | None, str | None]:
+        """``info``'s provider, its slots, the request, its breaker key and scope key."""
+        ex = self.ex
+        key = (
+            None
+            if ex._breaker is None or info.provider in ex._keyless
+            else ex._planner.breaker_key(info)
+        )
+        return (
+            ex._providers[info.provider],
+            ex._semaphores[info.provider],
+            _request_for(info.id, self.run),
+            key,
+            None if key is None else ex._planner.scope_key(info),
+        )
+
+    async def _failed(
+        self,
+        info: ModelInfo,
+        error: Exception,
+        attempt: int,
+        latency_ms: float,
+        key: str | None,
+        held: tuple[Ticket | None, Ticket | None, Hold | None],
+    ) -> LLMCallRecord:
+        """
+        A call that raised ``error`` (restated): its feedback; the record.  ``held``:
+        the attempt's ticket, scope ticket and the limiter's hold.
+        """
+        ticket, scope_ticket, hold = held
+        planner = self.ex._planner
+        # a 404 names one model: it must not force open a key every model of the provider
+        # shares (the record still says fatal)
+        ignored = (
+            isinstance(error, ModelNotFoundError)
+            and key is not None
+            and key == planner.provider_key(info.provider)
+        )
+        record = await self.ex._fb.failed(
+            self.run, info, error, attempt, latency_ms, ticket, scope_ticket, hold, ignored
+        )
+        if self.obs is not None:
+            self.obs.attempt_ended(record, None, error, self.trace)
+        return record
+
+    async def _cancelled(
+        self,
+        info: ModelInfo,
+        raised: BaseException,
+        attempt: int,
+        latency_ms: float,
+        ticket: Ticket | None,
+        scope_ticket: Ticket | None,
+    ) -> None:
+        """A cancelled call (or an interrupt): recorded, its leases returned."""
+        fb = self.ex._fb
+        record = await fb.cancelled(
+            self.run, info, raised, attempt, latency_ms, ticket, scope_ticket
+        )
+        if self.obs is not None:
+            self.obs.attempt_ended(record, None, raised, self.trace)
+
+    def _opened(
+        self,
+        answer: tuple[CompletionStream, str | ToolCallDelta | None],
+        ticket: Ticket | None,
+        scope_ticket: Ticket | None,
+        hold: Hold | None,
+        attempt: int,
+        t0: float,
+    ) -> Attempted:
+        """A stream that opened: what it holds goes with it to the `LLMStream`."""
+        stream, first = answer
+        opened = Opened(stream, first, ticket, scope_ticket, hold, attempt, t0, self.ex._clock())
+        if self.obs is not None:
+            assert self.trace is not None
+            self.obs.stream_opened(self.trace)
+        return Attempted(True, opened)
 
     async def _slot(self, info: ModelInfo, semaphore: asyncio.Semaphore, remaining: float) -> None:
         """A provider slot, waited for no longer than the deadline allows."""
