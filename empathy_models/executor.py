@@ -95,7 +95,7 @@ import anyio
 
 from ._attempt import Attempts
 from ._feedback import _Feedback
-from ._planner import _key_hint, _Planner
+from ._planner import _Planner
 from ._request_options import (
     required_capabilities,
     run_options,
@@ -104,6 +104,15 @@ from ._run import (
     Prompt,
     _Run,
     _to_messages,
+)
+from ._setup import (
+    NO_TELEMETRY,
+    checked,
+    index_limits,
+    index_providers,
+    keyless_message,
+    keyless_of,
+    limiter_for,
 )
 from ._values import (
     _DEFAULT_CONTEXT,
@@ -130,17 +139,14 @@ from .exceptions import (
 from .limits.guard import Limiter
 from .limits.values import Budget, RateLimit
 from .observability import instrumentation_for
-from .providers._http import HTTPProvider
 from .records import (
     LLMCallRecord,
-    ModelTier,
     Outcome,
     RoutingDecision,
     Ticket,
 )
 from .registry import ModelRegistry
 from .retry import RetryPolicy
-from .tasks import get_tier_for_task, is_known_task, normalize_task_type
 
 if TYPE_CHECKING:
     import aiohttp
@@ -188,6 +194,21 @@ class TelemetryDisabledWarning(UserWarning):
     a URL such as ``"sqlite:///calls.db"``), or ``NullTelemetryBackend()`` to opt out
     explicitly and silence it.
     """
+
+
+def _warn_once(
+    providers: Mapping[str, Provider],
+    keyless: frozenset[str],
+    telemetry: TelemetryBackend | None,
+) -> None:
+    """A new executor's warnings: providers without a key, no telemetry store."""
+    if keyless:
+        message = keyless_message(providers, keyless)
+        logger.warning("%s", message)
+        # stacklevel 3: the code that built the executor
+        warnings.warn(message, MissingAPIKeyWarning, stacklevel=3)
+    if telemetry is None:
+        warnings.warn(NO_TELEMETRY, TelemetryDisabledWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------- collaborators
@@ -334,17 +355,11 @@ class EmpathyLLMExecutor:
         rate_limit_wait: float = 30.0,
         cache: ResponseCache | str | None = None,
     ) -> None:
-        self._registry = ModelRegistry.default() if registry is None else registry
-        if not isinstance(self._registry, ModelRegistry):
-            raise ConfigurationError(f"registry must be a ModelRegistry, got {registry!r}")
-        self._providers = self._index_providers(providers)
-        self._retry = RetryPolicy() if retry is None else retry
-        if not isinstance(self._retry, RetryPolicy):
-            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
-        self._fallback = FallbackPolicy() if fallback is None else fallback
-        if not isinstance(self._fallback, FallbackPolicy):
-            raise ConfigurationError(f"fallback must be a FallbackPolicy, got {fallback!r}")
-        self._limits = self._index_limits(concurrency_per_provider)
+        self._registry = checked(registry, ModelRegistry.default, ModelRegistry, "registry")
+        self._providers = index_providers(providers, self._registry)
+        self._retry = checked(retry, RetryPolicy, RetryPolicy, "retry")
+        self._fallback = checked(fallback, FallbackPolicy, FallbackPolicy, "fallback")
+        self._limits = index_limits(concurrency_per_provider, self._providers)
         self._semaphores: dict[str, asyncio.Semaphore] = {}
         self._router = router
         self._owns_breaker = isinstance(breaker, str)
@@ -359,16 +374,7 @@ class EmpathyLLMExecutor:
         self._telemetry: TelemetryBackend | None = (
             None if telemetry_store is None else telemetry_from_url(telemetry_store)
         )
-        # providers that will fail locally, before any request (no API key): they are not
-        # routed to (one warning now, a stated reason in every routing decision); a model
-        # pinned with ``ExecutionContext.model`` is still tried, and its attempt is
-        # recorded as ``not_sent``, which neither the router nor the breaker counts
-        self._keyless = frozenset(
-            name
-            for name, p in self._providers.items()
-            if isinstance(p, HTTPProvider) and not p.has_api_key
-        )
-        self._tasks: dict[str, tuple[str, ModelTier]] = {}
+        self._keyless = keyless_of(self._providers)  # not routed to (see keyless_of)
         # resources built by `from_config` for this executor: entered first, closed last
         self._owned: tuple[AbstractAsyncContextManager[Any], ...] = ()
         self._stack: AsyncExitStack | None = None
@@ -385,20 +391,24 @@ class EmpathyLLMExecutor:
         self._obs = instrumentation_for(otel, tracer_provider, meter_provider, self._providers)
         if self._obs is not None:
             self.__dict__["run"] = self._obs.wrap(self.run)
-        self._limiter: Limiter | None = None
         self._owns_cache = isinstance(cache, str)
         self._cache: ResponseCache | None = None if cache is None else cache_from_url(cache)
         self.cache_errors = 0
         """Response-cache reads or writes that failed (logged; the call went on)."""
-        if budgets or rate_limits or any(m.rpm or m.tpm for m in self._registry):
-            self._limiter = Limiter(
-                budgets,
-                rate_limits,
-                quota_store,
-                max_wait=rate_limit_wait,
-                sleep=sleep,
-                wall_clock=wall_clock,
-            )
+        self._limiter = limiter_for(
+            self._registry,
+            budgets,
+            rate_limits,
+            quota_store,
+            max_wait=rate_limit_wait,
+            sleep=sleep,
+            wall_clock=wall_clock,
+        )
+        self._planner = self._new_planner()
+        _warn_once(self._providers, self._keyless, self._telemetry)
+
+    def _new_planner(self) -> _Planner:
+        """The executor's planner (reporting a failed breaker hint without a cycle)."""
         hint_failed = weakref.WeakMethod(self._hint_failed)  # no cycle through the planner
 
         def on_hint_error(model_id: str) -> None:
@@ -406,7 +416,7 @@ class EmpathyLLMExecutor:
             if method is not None:
                 method(model_id)
 
-        self._planner = _Planner(
+        return _Planner(
             registry=self._registry,
             providers=self._providers,
             keyless=self._keyless,
@@ -416,26 +426,6 @@ class EmpathyLLMExecutor:
             escalate=self._fallback.escalate,
             on_hint_error=on_hint_error,
         )
-        if self._keyless:
-            message = (
-                "no API key for "
-                + ", ".join(
-                    f"{name} ({_key_hint(self._providers[name])})" for name in sorted(self._keyless)
-                )
-                + ": "
-                + ("its" if len(self._keyless) == 1 else "their")
-                + " models are not routed to"
-            )
-            logger.warning("%s", message)
-            warnings.warn(message, MissingAPIKeyWarning, stacklevel=2)
-        if self._telemetry is None:
-            warnings.warn(
-                "EmpathyLLMExecutor has no telemetry_store: calls work, but no LLMCallRecord "
-                "is kept, so nothing survives the process for routing or cost reports. Pass "
-                "telemetry_store='sqlite:///calls.db' (or NullTelemetryBackend() to opt out).",
-                TelemetryDisabledWarning,
-                stacklevel=2,
-            )
 
     @classmethod
     def from_config(
@@ -484,63 +474,6 @@ class EmpathyLLMExecutor:
         executor = cls(providers, registry=registry, telemetry_store=telemetry, **options)
         executor._owned = tuple(owned)
         return executor
-
-    # ------------------------------------------------------------------ configuration
-
-    def _index_providers(
-        self, providers: Sequence[Provider] | Mapping[str, Provider]
-    ) -> dict[str, Provider]:
-        pairs: list[tuple[object, object]]
-        if isinstance(providers, Mapping):
-            pairs = list(providers.items())
-        elif isinstance(providers, Sequence):
-            pairs = [(getattr(p, "name", None), p) for p in providers]
-        else:
-            raise ConfigurationError(
-                f"providers must be a sequence of Provider or a mapping, got {providers!r}"
-            )
-        if not pairs:
-            raise ConfigurationError("providers must not be empty")
-        out: dict[str, Provider] = {}
-        known = set(self._registry.providers())
-        for name, provider in pairs:
-            if not isinstance(provider, Provider):
-                raise ConfigurationError(f"providers[{name!r}] is not a Provider: {provider!r}")
-            if not isinstance(name, str) or not name:
-                raise ConfigurationError(f"provider {provider!r} has no name")
-            if name in out:
-                raise ConfigurationError(f"two providers are named {name!r}")
-            if name not in known:
-                raise ConfigurationError(
-                    f"provider {name!r} has no models in the registry (price table "
-                    f"{self._registry.price_version}; providers there: {', '.join(sorted(known))}"
-                    "): a provider's name must be the registry's `provider` of its models; "
-                    f"name it after one of those (e.g. {type(provider).__name__}(name="
-                    f"{min(known)!r})) or pass registry= with models of {name!r}"
-                    if known
-                    else f"provider {name!r} has no models in the registry (price table "
-                    f"{self._registry.price_version}, which is empty)"
-                )
-            out[name] = provider
-        return out
-
-    def _index_limits(self, limits: int | Mapping[str, int]) -> dict[str, int]:
-        def check(name: str, value: object) -> int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(
-                    f"concurrency_per_provider[{name!r}] must be an integer >= 1, got {value!r}"
-                )
-            return value
-
-        if isinstance(limits, Mapping):
-            unknown = sorted(set(limits) - set(self._providers))
-            if unknown:
-                raise ConfigurationError(
-                    f"concurrency_per_provider names unknown providers: {', '.join(unknown)}"
-                )
-            return {name: check(name, limits.get(name, 64)) for name in self._providers}
-        value = check("*", limits)
-        return dict.fromkeys(self._providers, value)
 
     # ------------------------------------------------------------------ properties
 
@@ -690,29 +623,6 @@ class EmpathyLLMExecutor:
             self.telemetry_errors += 1
             logger.exception("flushing the telemetry backend on exit failed")
 
-    # ------------------------------------------------------------------ planning
-
-    def _task(self, task_type: str) -> tuple[str, ModelTier]:
-        # (normalized name, tier), memoized: task names are few and reused
-        known = self._tasks.get(task_type)
-        if known is None:
-            if len(self._tasks) > 1024:
-                self._tasks.clear()
-            known = (normalize_task_type(task_type) or "unknown", get_tier_for_task(task_type))
-            self._tasks[task_type] = known
-            if known[0] != "unknown" and not is_known_task(task_type):
-                # visible, once per name: an unknown task must not silently cost a
-                # capable model
-                logger.warning(
-                    "unknown task type %r: using the %s tier (see empathy_models.TaskType, "
-                    "or pass ExecutionContext(tier=...))",
-                    task_type,
-                    known[1].value,
-                )
-        return known
-
-    # ------------------------------------------------------------------ feedback
-
     # ------------------------------------------------------------------ the call
 
     def _check_open(self) -> None:
@@ -778,7 +688,7 @@ class EmpathyLLMExecutor:
         )
         start = self._clock()
         deadline_at = None if ctx.deadline is None else start + ctx.deadline
-        task_type, task_tier = self._task(ctx.task_type)
+        task_type, task_tier = self._planner.task(ctx.task_type)
         needs = required_capabilities(messages, options)
         cache_key: str | None = None
         if ctx.cache_ttl is not None and self._cache is not None:
@@ -789,16 +699,13 @@ class EmpathyLLMExecutor:
                     self, cache_key, ctx, task_type, messages, system, options, start
                 )
                 if hit is not None:
-                    response: LLMResponse = hit
-                    return response
+                    return cast(LLMResponse, hit)
         routes, decision = self._planner.plan(ctx, messages, system, task_tier, needs)
         run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
         if self._obs is not None:
             self._obs.planned(run)
-        info, completion = await Attempts(self, run, deadline_at).walk(routes)
-        answer = self._fb.response(
-            run, info, cast(Completion, completion), start, run.attempts_cost
-        )
+        info, reply = await Attempts(self, run, deadline_at).walk(routes)
+        answer = self._fb.response(run, info, cast(Completion, reply), start, run.attempts_cost)
         if cache_key is not None:
             await _cached_module().store(self, cache_key, answer, ctx)
         return answer

@@ -525,7 +525,7 @@ def open_stream(
     if not isinstance(ctx, ExecutionContext):
         raise ConfigurationError(f"context must be an ExecutionContext, got {ctx!r}")
     messages, system = _to_messages(prompt, ctx.system)
-    task_type, task_tier = executor._task(ctx.task_type)
+    task_type, task_tier = executor._planner.task(ctx.task_type)
     needs = required_capabilities(messages, options)
     if _some_model_cannot_stream(executor):
         needs |= _STREAMING
