@@ -69,23 +69,26 @@ class Opened:
     at: float
 
 
-@attrs.define(slots=True, eq=False)
-class Attempted:
+class Failed:
     """
-    What one route's attempts came to: whether the provider was called, the ``answer``
-    (a `Completion`, or an `Opened` stream; None when the route failed) and whether the
-    context window overflowed (a larger one may serve).  The module's constants for
-    the failures are shared: never mutate one.
+    How a route failed (`Attempts.route` returns it instead of an answer): whether the
+    provider was called, and whether the context window overflowed (a larger one may
+    serve).  Only the module's three constants exist: an answer costs no allocation.
     """
 
-    called: bool
-    answer: Completion | Opened | None = None
-    overflow: bool = False
+    __slots__ = ("called", "overflow")
+
+    def __init__(self, called: bool, overflow: bool = False) -> None:
+        self.called = called
+        self.overflow = overflow
+
+    def __repr__(self) -> str:
+        return f"Failed(called={self.called}, overflow={self.overflow})"
 
 
-_NOT_CALLED: Final = Attempted(False)
-_CALLED: Final = Attempted(True)
-_OVERFLOWED: Final = Attempted(True, None, True)
+_NOT_CALLED: Final = Failed(False)
+_CALLED: Final = Failed(True)
+_OVERFLOWED: Final = Failed(True, overflow=True)
 
 
 # --------------------------------------------------------------------------- the runner
@@ -162,9 +165,9 @@ class Attempts:
                 except LocalRateLimitError as busy:
                     run.errors.append(busy)  # no capacity in time: the next route
                     continue
+                if not isinstance(tried, Failed):
+                    return info, tried
                 called_routes += tried.called
-                if tried.answer is not None:
-                    return info, tried.answer
                 if tried.overflow:
                     min_context = info.context_window
                     if not any(
@@ -221,7 +224,7 @@ class Attempts:
             run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
         return True
 
-    async def route(self, info: ModelInfo) -> Attempted:
+    async def route(self, info: ModelInfo) -> Completion | Opened | Failed:
         """
         ``info``'s attempts, retried as the policy says; an `Opened` answer keeps the slot.
 
@@ -232,9 +235,9 @@ class Attempts:
         """
         ex, run, obs, trace, streamed = self.ex, self.run, self.obs, self.trace, self.streamed
         breaker, limiter, fb, clock = ex._breaker, ex._limiter, ex._fb, ex._clock
-        provider, semaphore, request, key, scope_key = self._route_facts(info)
-        deadline_at, per_attempt = self.deadline_at, run.context.timeout
-        called = False
+        provider, semaphore = ex._providers[info.provider], ex._semaphores[info.provider]
+        request, (key, scope_key) = _request_for(info.id, run), ex._planner.route_keys(info)
+        deadline_at, per_attempt, called = self.deadline_at, run.context.timeout, False
         for route_attempt in range(1, ex._retry.max_attempts + 1):
             if deadline_at is None:
                 await semaphore.acquire()
@@ -266,9 +269,9 @@ class Attempts:
                 t0 = clock()
                 try:
                     if streamed:
-                        answer: Any = await _first_delta(provider, request, per_attempt, budget)
+                        opening = await _first_delta(provider, request, per_attempt, budget)
                     else:
-                        answer = await provider.complete(request, timeout=budget)
+                        completion = await provider.complete(request, timeout=budget)
                 except Exception as raised:
                     latency_ms = (clock() - t0) * 1000.0
                     error, deadline_hit = self._restated(raised, info, budget, by_deadline)
@@ -281,13 +284,13 @@ class Attempts:
                 else:
                     if streamed:
                         holding = False  # the stream has them now
-                        return self._opened(answer, ticket, scope_ticket, hold, attempt, t0)
+                        return self._opened(opening, ticket, scope_ticket, hold, attempt, t0)
                     latency_ms = (clock() - t0) * 1000.0
-                    record = fb.succeeded(run, info, answer, attempt, latency_ms, ticket, hold)
+                    record = fb.succeeded(run, info, completion, attempt, latency_ms, ticket, hold)
                     await fb.answered(record, ticket, scope_ticket)
                     if obs is not None:
-                        obs.attempt_ended(record, answer, None, trace)
-                    return Attempted(True, answer)
+                        obs.attempt_ended(record, completion, None, trace)
+                    return completion
             finally:
                 if holding:
                     semaphore.release()
@@ -295,7 +298,7 @@ class Attempts:
                         assert limiter is not None
                         await limiter.settle(hold, failed=not called)
             delay = self._after_failure(info, record, error, route_attempt, deadline_hit)
-            if isinstance(delay, Attempted):
+            if isinstance(delay, Failed):
                 return delay
             if obs is not None:
                 obs.retry(delay, trace)
@@ -303,24 +306,6 @@ class Attempts:
         return _CALLED if called else _NOT_CALLED
 
     # ------------------------------------------------------------------ its steps
-
-    def _route_facts(
-        self, info: ModelInfo
-    ) -> tuple[Provider, asyncio.Semaphore, CompletionRequest, str | None, str | None]:
-        """``info``'s provider, its slots, the request, its breaker key and scope key."""
-        ex = self.ex
-        key = (
-            None
-            if ex._breaker is None or info.provider in ex._keyless
-            else ex._planner.breaker_key(info)
-        )
-        return (
-            ex._providers[info.provider],
-            ex._semaphores[info.provider],
-            _request_for(info.id, self.run),
-            key,
-            None if key is None else ex._planner.scope_key(info),
-        )
 
     async def _failed(
         self,
@@ -370,20 +355,20 @@ class Attempts:
 
     def _opened(
         self,
-        answer: tuple[CompletionStream, str | ToolCallDelta | None],
+        opening: tuple[CompletionStream, str | ToolCallDelta | None],
         ticket: Ticket | None,
         scope_ticket: Ticket | None,
         hold: Hold | None,
         attempt: int,
         t0: float,
-    ) -> Attempted:
+    ) -> Opened:
         """A stream that opened: what it holds goes with it to the `LLMStream`."""
-        stream, first = answer
+        stream, first = opening
         opened = Opened(stream, first, ticket, scope_ticket, hold, attempt, t0, self.ex._clock())
         if self.obs is not None:
             assert self.trace is not None
             self.obs.stream_opened(self.trace)
-        return Attempted(True, opened)
+        return opened
 
     async def _slot(self, info: ModelInfo, semaphore: asyncio.Semaphore, remaining: float) -> None:
         """A provider slot, waited for no longer than the deadline allows."""
@@ -472,7 +457,7 @@ class Attempts:
         error: Exception,
         route_attempt: int,
         deadline_hit: bool,
-    ) -> float | Attempted:
+    ) -> float | Failed:
         """
         What follows a failed attempt: the delay before retrying the route, or what the
         route came to (the attempt's summary is added either way).

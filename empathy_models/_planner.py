@@ -130,6 +130,7 @@ class _Planner:
             for tier in TIER_ORDER
         }
         self._keys: dict[tuple[str, str], str] = {}
+        self._route_keys: dict[str, tuple[str | None, str | None]] = {}
         self._tier_plans: dict[ModelTier, _TierPlan] = {}
         self._default_routes: dict[tuple[ModelTier, str | None], tuple[ModelInfo, ...]] = {}
         self._models_by_id: dict[str, ModelInfo] = {
@@ -164,6 +165,20 @@ class _Planner:
         if key is None:
             key = self._keys[pair] = self._breaker.key_for(info.provider, info.id)
         return key
+
+    def route_keys(self, info: ModelInfo) -> tuple[str | None, str | None]:
+        """
+        ``info``'s breaker key and its `scope_key`, memoized per model (both None
+        without a breaker or for a provider without a key: those calls are not guarded).
+        """
+        keys = self._route_keys.get(info.id)
+        if keys is None:
+            if self._breaker is None or info.provider in self.keyless:
+                keys = (None, None)
+            else:
+                keys = (self.breaker_key(info), self.scope_key(info))
+            self._route_keys[info.id] = keys
+        return keys
 
     def provider_key(self, provider: str) -> str:
         """The breaker key of ``provider`` as a whole (no model)."""
