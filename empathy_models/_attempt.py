@@ -1,9 +1,10 @@
 """
 The attempt runner `EmpathyLLMExecutor.run` and `EmpathyLLMExecutor.stream` share:
-`walk_routes` tries the planned routes in order (fallback, a cheaper route when a budget
-refuses, a larger context window after an overflow, the deadline); `try_route` makes one
-route's attempts (a provider slot within the deadline, budgets and rate limits, the
-breaker's admission, the call, its feedback through `_Feedback`, and whether to retry).
+`Attempts.walk` tries the planned routes in order (fallback, a cheaper route when a
+budget refuses, a larger context window after an overflow, the deadline);
+`Attempts.route` makes one route's attempts (a provider slot within the deadline, budgets
+and rate limits, the breaker's admission, the call, its feedback through `_Feedback`,
+and whether to retry).
 
 A run's attempt is ``provider.complete``; a stream's opens the stream and reads up to its
 first delta (`Opened`), then keeps the provider slot and the limiter's hold for the rest
@@ -262,7 +263,7 @@ class Attempts:
                         return _CALLED if called else _NOT_CALLED
                 if obs is not None:
                     obs.attempt_started(run, info, request, attempt, (scope_ticket, ticket), trace)
-                budget, by_deadline = per_attempt, False  # min(per-attempt timeout, time left)
+                budget, by_deadline = per_attempt, False  # the call's time limit (`_within`)
                 if deadline_at is not None:
                     budget, by_deadline = _within(per_attempt, deadline_at - clock(), streamed)
                 called = True
@@ -381,6 +382,7 @@ class Attempts:
             raise self._deadline_error(info, f"waiting for a {info.provider} slot") from None
 
     def _deadline_error(self, info: ModelInfo, why: str) -> _DeadlineExceeded:
+        """The deadline passed ``why`` (before ``info`` was called)."""
         return _DeadlineExceeded(
             ProviderTimeoutError(
                 f"deadline of {self.run.context.deadline}s exceeded {why}",

@@ -311,6 +311,7 @@ class LLMStream:
             raise
 
     async def _open_routes(self) -> None:
+        """Walk the routes with the executor's `Attempts`; adopt the one that opened."""
         self._state = "opening"
         ex = self._ex
         self._start = ex._clock()
