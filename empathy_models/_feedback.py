@@ -1,7 +1,8 @@
 """
 What the executor learns from each provider call: the `LLMCallRecord` it builds, the
 breaker's report, the router's outcome and the telemetry write (`_Feedback.give`: a
-failure of any of them is logged and counted, never raised into the request), and the
+failure of any of them is logged and counted, never raised into the request), per kind
+of attempt end (`rejected`, `failed`, `cancelled`, `succeeded` then `answered`), and the
 `AttemptSummary` / `LLMResponse` values a run returns.
 """
 
@@ -10,21 +11,26 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+import anyio
+
 from ._request_options import structured_result
-from ._run import _plain_non_negative, _Run, _status_of
+from ._run import _describe, _plain_non_negative, _Run, _status_of
 from ._values import AttemptSummary, LLMResponse, _new_response, _new_summary
 from .abc import Completion, TelemetryBackend
-from .outcomes import retry_after_of
+from .breaker import provider_outcome
+from .outcomes import classify_error, retry_after_of
 from .propensity import routing_propensity
 from .records import CircuitState, LLMCallRecord, Outcome, Ticket, _trusted_call_record
 from .registry import ModelInfo, ModelRegistry
 
 if TYPE_CHECKING:
+    from .exceptions import CircuitOpenError
     from .executor import _Breaker, _Router
+    from .limits.guard import Hold
 
 __all__: list[str] = []
 
@@ -102,6 +108,171 @@ class _Feedback:
                     record.request_id,
                 )
 
+    # ------------------------------------------------------------------ attempt ends
+
+    async def rejected(
+        self,
+        run: _Run,
+        info: ModelInfo,
+        exc: CircuitOpenError,
+        attempt: int,
+        scope_ticket: Ticket | None,
+    ) -> None:
+        """
+        An open circuit refused ``info`` (``scope_ticket``: the provider's key admitted
+        it first, and hears the rejection when it holds a probe lease).
+        """
+        if scope_ticket is not None and scope_ticket.lease_id is not None:
+            assert self._breaker is not None
+            # the provider's probe slot comes back: this call never ran
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self._breaker.report(scope_ticket, Outcome.REJECTED)
+                except Exception:
+                    self.feedback_errors += 1
+                    logger.exception("breaker.report failed for %s", scope_ticket.key)
+        record = self.record(
+            run,
+            info,
+            Outcome.REJECTED,
+            attempt=attempt,
+            latency_ms=0.0,
+            ticket=None,
+            exc=exc,
+            circuit_state=exc.state,
+        )
+        run.errors.append(exc)
+        run.attempts.append(self.summary(record, exc))
+        with anyio.CancelScope(shield=True):  # the record survives a cancel
+            await self.give(record, None, None, None)
+
+    async def failed(
+        self,
+        run: _Run,
+        info: ModelInfo,
+        error: Exception,
+        attempt: int,
+        latency_ms: float,
+        ticket: Ticket | None,
+        scope_ticket: Ticket | None,
+        hold: Hold | None,
+        ignored: bool,
+    ) -> LLMCallRecord:
+        """
+        A call that raised ``error`` (added to ``run.errors``; its summary is the
+        caller's, which knows whether a retry follows).  ``ignored``: the breaker key
+        hears `Outcome.IGNORED`, whatever the record says; the provider-wide key hears
+        `provider_outcome`.  A 429's Retry-After goes to the limiter's ``hold``.
+        """
+        outcome = classify_error(error)
+        record = self.record(
+            run, info, outcome, attempt=attempt, latency_ms=latency_ms, ticket=ticket, exc=error
+        )
+        retry_after = retry_after_of(error)
+        if hold is not None and outcome is Outcome.RATE_LIMITED:
+            # the provider's own reset (its rate-limit headers): every worker waits
+            hold.pushback = retry_after
+        run.errors.append(error)
+        # a cancel arriving now must not lose the record or the breaker's report (a
+        # half-open lease); it is delivered right after
+        with anyio.CancelScope(shield=True):
+            await self.give(
+                record,
+                ticket,
+                retry_after,
+                _describe(error),
+                Outcome.IGNORED if ignored else None,
+                None if scope_ticket is None else (scope_ticket, provider_outcome(outcome, error)),
+            )
+        return record
+
+    async def cancelled(
+        self,
+        run: _Run,
+        info: ModelInfo,
+        raised: BaseException,
+        attempt: int,
+        latency_ms: float,
+        ticket: Ticket | None,
+        scope_ticket: Ticket | None,
+    ) -> LLMCallRecord:
+        """A call cancelled (or interrupted): recorded, its leases returned, shielded."""
+        record = self.record(
+            run,
+            info,
+            Outcome.CANCELLED,
+            attempt=attempt,
+            latency_ms=latency_ms,
+            ticket=ticket,
+            exc=raised,
+        )
+        run.attempts.append(self.summary(record, raised))
+        with anyio.CancelScope(shield=True):
+            await self.give(
+                record,
+                ticket,
+                None,
+                "cancelled",
+                None,
+                None if scope_ticket is None else (scope_ticket, Outcome.CANCELLED),
+            )
+        return record
+
+    def succeeded(
+        self,
+        run: _Run,
+        info: ModelInfo,
+        completion: Completion,
+        attempt: int,
+        latency_ms: float,
+        ticket: Ticket | None,
+        hold: Hold | None,
+    ) -> LLMCallRecord:
+        """
+        A call that answered: its record and summary, its cost for the run and the
+        limiter's ``hold``.  `answered` then gives the record.
+        """
+        record = self.record(
+            run,
+            info,
+            Outcome.SUCCESS,
+            attempt=attempt,
+            latency_ms=latency_ms,
+            ticket=ticket,
+            completion=completion,
+        )
+        run.attempts.append(self.summary(record, None))
+        run.attempts_cost = record.cost_usd
+        if hold is not None:
+            hold.cost_usd = record.cost_usd
+            hold.tokens = record.input_tokens + record.output_tokens
+            # the provider says a limit is exhausted: every worker waits it out
+            hold.pushback = completion.rate_limit_reset
+        return record
+
+    def answered(
+        self, record: LLMCallRecord, ticket: Ticket | None, scope_ticket: Ticket | None
+    ) -> Awaitable[None]:
+        """
+        `give` for a success (the awaitable itself, no frame of its own); shielded when
+        a ticket holds a half-open probe lease, whose success must reach the breaker
+        (the shield costs a few microseconds, so the closed-circuit path skips it).
+        """
+        scope = None if scope_ticket is None else (scope_ticket, Outcome.SUCCESS)
+        if (ticket is not None and ticket.lease_id is not None) or (
+            scope_ticket is not None and scope_ticket.lease_id is not None
+        ):
+            return self._shielded(record, ticket, scope)
+        return self.give(record, ticket, None, None, None, scope)
+
+    async def _shielded(
+        self, record: LLMCallRecord, ticket: Ticket | None, scope: tuple[Ticket, Outcome] | None
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.give(record, ticket, None, None, None, scope)
+
+    # ------------------------------------------------------------------ the record
+
     def record(
         self,
         run: _Run,
@@ -119,10 +290,7 @@ class _Feedback:
         input_tokens = completion.input_tokens if completion is not None else 0
         output_tokens = completion.output_tokens if completion is not None else 0
         cost = info.cost(input_tokens, output_tokens) if completion is not None else 0.0
-        message = None
-        if exc is not None:
-            text = str(exc)
-            message = text[:_ERROR_MESSAGE_LIMIT] if text else None
+        message = None if exc is None else (str(exc)[:_ERROR_MESSAGE_LIMIT] or None)
         if circuit_state is None and ticket is not None and ticket.lease_id is not None:
             circuit_state = CircuitState.HALF_OPEN
         decision = run.decision

@@ -20,6 +20,7 @@ from .abc import Message, Provider
 from .exceptions import ConfigurationError
 from .records import CandidateEvaluation, ModelTier, RoutingDecision
 from .registry import ModelInfo, ModelRegistry
+from .tasks import get_tier_for_task, is_known_task, normalize_task_type
 
 if TYPE_CHECKING:
     from .limits.guard import Limiter
@@ -41,6 +42,11 @@ def _key_hint(provider: Provider) -> str:
 
 
 _NO_IDS: frozenset[str] = frozenset()
+_NO_ROUTER = (
+    "ExecutionContext has routing constraints (max_cost / max_latency_ms / "
+    "min_success_rate / max_ttft_ms) but the executor has no router to evaluate "
+    "them; pass router=AdaptiveModelRouter(...)"
+)
 
 
 class _TierPlan(NamedTuple):
@@ -124,12 +130,33 @@ class _Planner:
             for tier in TIER_ORDER
         }
         self._keys: dict[tuple[str, str], str] = {}
+        self._route_keys: dict[str, tuple[str | None, str | None]] = {}
         self._tier_plans: dict[ModelTier, _TierPlan] = {}
         self._default_routes: dict[tuple[ModelTier, str | None], tuple[ModelInfo, ...]] = {}
         self._models_by_id: dict[str, ModelInfo] = {
             m.id: m for tier in TIER_ORDER for m in self.candidates[tier]
         }
         self._tier_notes: dict[ModelTier, tuple[ModelTier, str]] = {}
+        self._tasks: dict[str, tuple[str, ModelTier]] = {}
+
+    def task(self, task_type: str) -> tuple[str, ModelTier]:
+        """``task_type``'s normalized name and tier (memoized: task names are few)."""
+        known = self._tasks.get(task_type)
+        if known is None:
+            if len(self._tasks) > 1024:
+                self._tasks.clear()
+            known = (normalize_task_type(task_type) or "unknown", get_tier_for_task(task_type))
+            self._tasks[task_type] = known
+            if known[0] != "unknown" and not is_known_task(task_type):
+                # visible, once per name: an unknown task must not silently cost a
+                # capable model
+                logger.warning(
+                    "unknown task type %r: using the %s tier (see empathy_models.TaskType, "
+                    "or pass ExecutionContext(tier=...))",
+                    task_type,
+                    known[1].value,
+                )
+        return known
 
     def breaker_key(self, info: ModelInfo) -> str:
         assert self._breaker is not None
@@ -138,6 +165,20 @@ class _Planner:
         if key is None:
             key = self._keys[pair] = self._breaker.key_for(info.provider, info.id)
         return key
+
+    def route_keys(self, info: ModelInfo) -> tuple[str | None, str | None]:
+        """
+        ``info``'s breaker key and its `scope_key`, memoized per model (both None
+        without a breaker or for a provider without a key: those calls are not guarded).
+        """
+        keys = self._route_keys.get(info.id)
+        if keys is None:
+            if self._breaker is None or info.provider in self.keyless:
+                keys = (None, None)
+            else:
+                keys = (self.breaker_key(info), self.scope_key(info))
+            self._route_keys[info.id] = keys
+        return keys
 
     def provider_key(self, provider: str) -> str:
         """The breaker key of ``provider`` as a whole (no model)."""
@@ -293,21 +334,7 @@ class _Planner:
         task_tier: ModelTier,
         needs: frozenset[str] = frozenset(),
     ) -> tuple[list[ModelInfo], RoutingDecision | None]:
-        pinned: ModelInfo | None = None
-        if context.model is not None:
-            pinned = self._registry.get(context.model)
-            if not needs <= pinned.capabilities:
-                raise ConfigurationError(
-                    f"ExecutionContext.model={context.model!r} cannot serve this request: no "
-                    f"{', '.join(sorted(needs - pinned.capabilities))} support (registry "
-                    "capabilities)"
-                )
-            if pinned.provider not in self._providers:
-                raise ConfigurationError(
-                    f"ExecutionContext.model={context.model!r} is served by "
-                    f"{pinned.provider!r}, which is not configured "
-                    f"(configured: {', '.join(sorted(self._providers))})"
-                )
+        pinned = None if context.model is None else self.pinned(context.model, needs)
         if context.tier is not None:
             tier = context.tier
         elif pinned is not None:
@@ -364,11 +391,7 @@ class _Planner:
                     "not configured"
                 )
         elif first is None and self._router is None and context.has_constraints:
-            raise ConfigurationError(
-                "ExecutionContext has routing constraints (max_cost / max_latency_ms / "
-                "min_success_rate / max_ttft_ms) but the executor has no router to evaluate "
-                "them; pass router=AdaptiveModelRouter(...)"
-            )
+            raise ConfigurationError(_NO_ROUTER)
         if not open_ids and not needs:
             # the common case: the registry's order, computed once per (tier, first route)
             cache_key = (tier, None if first is None else first.id)
@@ -379,6 +402,29 @@ class _Planner:
                 )
             return list(cached), decision
         return _order_routes(same_tier, plan.higher, first, open_ids), decision
+
+    def pinned(self, model: str, needs: frozenset[str]) -> ModelInfo:
+        """
+        The model ``ExecutionContext.model`` pins.
+
+        Raises:
+            ConfigurationError: it cannot serve ``needs``, or its provider is not
+                configured (`ModelNotFoundError` when the registry does not know it).
+        """
+        pinned = self._registry.get(model)
+        if not needs <= pinned.capabilities:
+            raise ConfigurationError(
+                f"ExecutionContext.model={model!r} cannot serve this request: no "
+                f"{', '.join(sorted(needs - pinned.capabilities))} support (registry "
+                "capabilities)"
+            )
+        if pinned.provider not in self._providers:
+            raise ConfigurationError(
+                f"ExecutionContext.model={model!r} is served by "
+                f"{pinned.provider!r}, which is not configured "
+                f"(configured: {', '.join(sorted(self._providers))})"
+            )
+        return pinned
 
     def capable_plan(self, plan: _TierPlan, needs: frozenset[str], tier: ModelTier) -> _TierPlan:
         """``plan`` without the models that cannot serve ``needs`` (listed as excluded)."""

@@ -89,25 +89,30 @@ import weakref
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 import anyio
-import attrs
 
+from ._attempt import Attempts
 from ._feedback import _Feedback
-from ._planner import TIER_ORDER, _key_hint, _Planner
+from ._planner import _Planner
 from ._request_options import (
     required_capabilities,
     run_options,
 )
 from ._run import (
     Prompt,
-    _DeadlineExceeded,
-    _describe,
-    _estimate_tokens,
-    _request_for,
     _Run,
     _to_messages,
+)
+from ._setup import (
+    NO_TELEMETRY,
+    checked,
+    index_limits,
+    index_providers,
+    keyless_message,
+    keyless_of,
+    limiter_for,
 )
 from ._values import (
     _DEFAULT_CONTEXT,
@@ -117,7 +122,6 @@ from ._values import (
     LLMResponse,
 )
 from .abc import (
-    AttemptTimeout,
     Completion,
     Provider,
     QuotaStore,
@@ -125,34 +129,24 @@ from .abc import (
     TelemetryBackend,
 )
 from .backends import telemetry_from_url
-from .breaker import CircuitBreaker, provider_outcome
+from .breaker import CircuitBreaker
 from .cache import cache_from_url
 from .content import ResponseFormat, Tool
 from .exceptions import (
-    AllRoutesFailedError,
-    BudgetExceededError,
-    CircuitOpenError,
     ConfigurationError,
-    ContextWindowExceededError,
-    ModelNotFoundError,
     NotOpenError,
-    ProviderTimeoutError,
 )
-from .limits.guard import Hold, Limiter, LocalRateLimitError
+from .limits.guard import Limiter
 from .limits.values import Budget, RateLimit
 from .observability import instrumentation_for
-from .outcomes import classify_error, retry_after_of
-from .providers._http import HTTPProvider
 from .records import (
     LLMCallRecord,
-    ModelTier,
     Outcome,
     RoutingDecision,
     Ticket,
 )
-from .registry import ModelInfo, ModelRegistry
+from .registry import ModelRegistry
 from .retry import RetryPolicy
-from .tasks import get_tier_for_task, is_known_task, normalize_task_type
 
 if TYPE_CHECKING:
     import aiohttp
@@ -200,6 +194,21 @@ class TelemetryDisabledWarning(UserWarning):
     a URL such as ``"sqlite:///calls.db"``), or ``NullTelemetryBackend()`` to opt out
     explicitly and silence it.
     """
+
+
+def _warn_once(
+    providers: Mapping[str, Provider],
+    keyless: frozenset[str],
+    telemetry: TelemetryBackend | None,
+) -> None:
+    """A new executor's warnings: providers without a key, no telemetry store."""
+    if keyless:
+        message = keyless_message(providers, keyless)
+        logger.warning("%s", message)
+        # stacklevel 3: the code that built the executor
+        warnings.warn(message, MissingAPIKeyWarning, stacklevel=3)
+    if telemetry is None:
+        warnings.warn(NO_TELEMETRY, TelemetryDisabledWarning, stacklevel=3)
 
 
 # --------------------------------------------------------------------------- collaborators
@@ -346,17 +355,11 @@ class EmpathyLLMExecutor:
         rate_limit_wait: float = 30.0,
         cache: ResponseCache | str | None = None,
     ) -> None:
-        self._registry = ModelRegistry.default() if registry is None else registry
-        if not isinstance(self._registry, ModelRegistry):
-            raise ConfigurationError(f"registry must be a ModelRegistry, got {registry!r}")
-        self._providers = self._index_providers(providers)
-        self._retry = RetryPolicy() if retry is None else retry
-        if not isinstance(self._retry, RetryPolicy):
-            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
-        self._fallback = FallbackPolicy() if fallback is None else fallback
-        if not isinstance(self._fallback, FallbackPolicy):
-            raise ConfigurationError(f"fallback must be a FallbackPolicy, got {fallback!r}")
-        self._limits = self._index_limits(concurrency_per_provider)
+        self._registry = checked(registry, ModelRegistry.default, ModelRegistry, "registry")
+        self._providers = index_providers(providers, self._registry)
+        self._retry = checked(retry, RetryPolicy, RetryPolicy, "retry")
+        self._fallback = checked(fallback, FallbackPolicy, FallbackPolicy, "fallback")
+        self._limits = index_limits(concurrency_per_provider, self._providers)
         self._semaphores: dict[str, asyncio.Semaphore] = {}
         self._router = router
         self._owns_breaker = isinstance(breaker, str)
@@ -371,16 +374,7 @@ class EmpathyLLMExecutor:
         self._telemetry: TelemetryBackend | None = (
             None if telemetry_store is None else telemetry_from_url(telemetry_store)
         )
-        # providers that will fail locally, before any request (no API key): they are not
-        # routed to (one warning now, a stated reason in every routing decision); a model
-        # pinned with ``ExecutionContext.model`` is still tried, and its attempt is
-        # recorded as ``not_sent``, which neither the router nor the breaker counts
-        self._keyless = frozenset(
-            name
-            for name, p in self._providers.items()
-            if isinstance(p, HTTPProvider) and not p.has_api_key
-        )
-        self._tasks: dict[str, tuple[str, ModelTier]] = {}
+        self._keyless = keyless_of(self._providers)  # not routed to (see keyless_of)
         # resources built by `from_config` for this executor: entered first, closed last
         self._owned: tuple[AbstractAsyncContextManager[Any], ...] = ()
         self._stack: AsyncExitStack | None = None
@@ -397,20 +391,24 @@ class EmpathyLLMExecutor:
         self._obs = instrumentation_for(otel, tracer_provider, meter_provider, self._providers)
         if self._obs is not None:
             self.__dict__["run"] = self._obs.wrap(self.run)
-        self._limiter: Limiter | None = None
         self._owns_cache = isinstance(cache, str)
         self._cache: ResponseCache | None = None if cache is None else cache_from_url(cache)
         self.cache_errors = 0
         """Response-cache reads or writes that failed (logged; the call went on)."""
-        if budgets or rate_limits or any(m.rpm or m.tpm for m in self._registry):
-            self._limiter = Limiter(
-                budgets,
-                rate_limits,
-                quota_store,
-                max_wait=rate_limit_wait,
-                sleep=sleep,
-                wall_clock=wall_clock,
-            )
+        self._limiter = limiter_for(
+            self._registry,
+            budgets,
+            rate_limits,
+            quota_store,
+            max_wait=rate_limit_wait,
+            sleep=sleep,
+            wall_clock=wall_clock,
+        )
+        self._planner = self._new_planner()
+        _warn_once(self._providers, self._keyless, self._telemetry)
+
+    def _new_planner(self) -> _Planner:
+        """The executor's planner (reporting a failed breaker hint without a cycle)."""
         hint_failed = weakref.WeakMethod(self._hint_failed)  # no cycle through the planner
 
         def on_hint_error(model_id: str) -> None:
@@ -418,7 +416,7 @@ class EmpathyLLMExecutor:
             if method is not None:
                 method(model_id)
 
-        self._planner = _Planner(
+        return _Planner(
             registry=self._registry,
             providers=self._providers,
             keyless=self._keyless,
@@ -428,26 +426,6 @@ class EmpathyLLMExecutor:
             escalate=self._fallback.escalate,
             on_hint_error=on_hint_error,
         )
-        if self._keyless:
-            message = (
-                "no API key for "
-                + ", ".join(
-                    f"{name} ({_key_hint(self._providers[name])})" for name in sorted(self._keyless)
-                )
-                + ": "
-                + ("its" if len(self._keyless) == 1 else "their")
-                + " models are not routed to"
-            )
-            logger.warning("%s", message)
-            warnings.warn(message, MissingAPIKeyWarning, stacklevel=2)
-        if self._telemetry is None:
-            warnings.warn(
-                "EmpathyLLMExecutor has no telemetry_store: calls work, but no LLMCallRecord "
-                "is kept, so nothing survives the process for routing or cost reports. Pass "
-                "telemetry_store='sqlite:///calls.db' (or NullTelemetryBackend() to opt out).",
-                TelemetryDisabledWarning,
-                stacklevel=2,
-            )
 
     @classmethod
     def from_config(
@@ -496,63 +474,6 @@ class EmpathyLLMExecutor:
         executor = cls(providers, registry=registry, telemetry_store=telemetry, **options)
         executor._owned = tuple(owned)
         return executor
-
-    # ------------------------------------------------------------------ configuration
-
-    def _index_providers(
-        self, providers: Sequence[Provider] | Mapping[str, Provider]
-    ) -> dict[str, Provider]:
-        pairs: list[tuple[object, object]]
-        if isinstance(providers, Mapping):
-            pairs = list(providers.items())
-        elif isinstance(providers, Sequence):
-            pairs = [(getattr(p, "name", None), p) for p in providers]
-        else:
-            raise ConfigurationError(
-                f"providers must be a sequence of Provider or a mapping, got {providers!r}"
-            )
-        if not pairs:
-            raise ConfigurationError("providers must not be empty")
-        out: dict[str, Provider] = {}
-        known = set(self._registry.providers())
-        for name, provider in pairs:
-            if not isinstance(provider, Provider):
-                raise ConfigurationError(f"providers[{name!r}] is not a Provider: {provider!r}")
-            if not isinstance(name, str) or not name:
-                raise ConfigurationError(f"provider {provider!r} has no name")
-            if name in out:
-                raise ConfigurationError(f"two providers are named {name!r}")
-            if name not in known:
-                raise ConfigurationError(
-                    f"provider {name!r} has no models in the registry (price table "
-                    f"{self._registry.price_version}; providers there: {', '.join(sorted(known))}"
-                    "): a provider's name must be the registry's `provider` of its models; "
-                    f"name it after one of those (e.g. {type(provider).__name__}(name="
-                    f"{min(known)!r})) or pass registry= with models of {name!r}"
-                    if known
-                    else f"provider {name!r} has no models in the registry (price table "
-                    f"{self._registry.price_version}, which is empty)"
-                )
-            out[name] = provider
-        return out
-
-    def _index_limits(self, limits: int | Mapping[str, int]) -> dict[str, int]:
-        def check(name: str, value: object) -> int:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(
-                    f"concurrency_per_provider[{name!r}] must be an integer >= 1, got {value!r}"
-                )
-            return value
-
-        if isinstance(limits, Mapping):
-            unknown = sorted(set(limits) - set(self._providers))
-            if unknown:
-                raise ConfigurationError(
-                    f"concurrency_per_provider names unknown providers: {', '.join(unknown)}"
-                )
-            return {name: check(name, limits.get(name, 64)) for name in self._providers}
-        value = check("*", limits)
-        return dict.fromkeys(self._providers, value)
 
     # ------------------------------------------------------------------ properties
 
@@ -702,29 +623,6 @@ class EmpathyLLMExecutor:
             self.telemetry_errors += 1
             logger.exception("flushing the telemetry backend on exit failed")
 
-    # ------------------------------------------------------------------ planning
-
-    def _task(self, task_type: str) -> tuple[str, ModelTier]:
-        # (normalized name, tier), memoized: task names are few and reused
-        known = self._tasks.get(task_type)
-        if known is None:
-            if len(self._tasks) > 1024:
-                self._tasks.clear()
-            known = (normalize_task_type(task_type) or "unknown", get_tier_for_task(task_type))
-            self._tasks[task_type] = known
-            if known[0] != "unknown" and not is_known_task(task_type):
-                # visible, once per name: an unknown task must not silently cost a
-                # capable model
-                logger.warning(
-                    "unknown task type %r: using the %s tier (see empathy_models.TaskType, "
-                    "or pass ExecutionContext(tier=...))",
-                    task_type,
-                    known[1].value,
-                )
-        return known
-
-    # ------------------------------------------------------------------ feedback
-
     # ------------------------------------------------------------------ the call
 
     def _check_open(self) -> None:
@@ -790,7 +688,7 @@ class EmpathyLLMExecutor:
         )
         start = self._clock()
         deadline_at = None if ctx.deadline is None else start + ctx.deadline
-        task_type, task_tier = self._task(ctx.task_type)
+        task_type, task_tier = self._planner.task(ctx.task_type)
         needs = required_capabilities(messages, options)
         cache_key: str | None = None
         if ctx.cache_ttl is not None and self._cache is not None:
@@ -801,71 +699,16 @@ class EmpathyLLMExecutor:
                     self, cache_key, ctx, task_type, messages, system, options, start
                 )
                 if hit is not None:
-                    response: LLMResponse = hit
-                    return response
+                    return cast(LLMResponse, hit)
         routes, decision = self._planner.plan(ctx, messages, system, task_tier, needs)
         run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
         if self._obs is not None:
             self._obs.planned(run)
-        called_routes = 0
-        min_context = 0
-        try:
-            for info in routes:
-                if called_routes >= self._fallback.max_routes:
-                    break
-                if info.context_window <= min_context:
-                    continue
-                if run.chain:
-                    logger.info(
-                        "%s/%s falling back from %s to %s",
-                        ctx.workflow,
-                        ctx.stage,
-                        run.chain[-1],
-                        info.id,
-                    )
-                    if self._obs is not None:
-                        self._obs.fallback(run, info)
-                run.chain.append(info.id)
-                try:
-                    called, completion, overflow = await self._route(run, info, deadline_at)
-                except BudgetExceededError as refused:
-                    # a budget cannot cover this model: a cheaper one that fits, or raise
-                    run.chain.pop()
-                    if not self._cheaper_route(run, info, refused, routes):
-                        raise
-                    continue
-                except LocalRateLimitError as busy:
-                    run.errors.append(busy)  # no capacity in time: the next route
-                    continue
-                called_routes += called
-                if completion is not None:
-                    answer = self._fb.response(run, info, completion, start, run.attempts_cost)
-                    if cache_key is not None:
-                        await _cached_module().store(self, cache_key, answer, ctx)
-                    return answer
-                if overflow:
-                    min_context = info.context_window
-                    if not any(
-                        m.context_window > min_context for m in routes[routes.index(info) + 1 :]
-                    ):
-                        raise run.errors[-1]
-        except _DeadlineExceeded as exc:
-            if exc.error is not None:
-                run.errors.append(exc.error)
-            raise AllRoutesFailedError(
-                f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
-                f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}",
-                run.errors,
-            ) from None
-        if not run.errors:  # pragma: no cover - every route adds an error or answers
-            raise ConfigurationError("no route could be tried")
-        last = run.errors[-1]
-        raise AllRoutesFailedError(
-            f"all routes failed for {ctx.workflow}/{ctx.stage}: tried "
-            f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); "
-            f"last error: {_describe(last)}: {str(last)[:_ERROR_MESSAGE_LIMIT]}",
-            run.errors,
-        )
+        info, reply = await Attempts(self, run, deadline_at).walk(routes)
+        answer = self._fb.response(run, info, cast(Completion, reply), start, run.attempts_cost)
+        if cache_key is not None:
+            await _cached_module().store(self, cache_key, answer, ctx)
+        return answer
 
     def stream(
         self,
@@ -918,328 +761,3 @@ class EmpathyLLMExecutor:
 
             opener = _open_stream = open_stream
         return opener(self, prompt, context, options)
-
-    def _deadline_error(self, run: _Run, info: ModelInfo, why: str) -> _DeadlineExceeded:
-        return _DeadlineExceeded(
-            ProviderTimeoutError(
-                f"deadline of {run.context.deadline}s exceeded {why}",
-                provider=info.provider,
-                model=info.id,
-            )
-        )
-
-    async def _route(
-        self, run: _Run, info: ModelInfo, deadline_at: float | None
-    ) -> tuple[bool, Completion | None, bool]:
-        """
-        Try one route with retries.  Returns (provider called, completion, overflowed).
-
-        Raises `_DeadlineExceeded` when the deadline passes, the provider's
-        `InvalidRequestError` when the request is bad, and cancellation untouched.
-        """
-        provider = self._providers[info.provider]
-        semaphore = self._semaphores[info.provider]
-        request = _request_for(info.id, run)
-        key = (
-            None
-            if self._breaker is None or info.provider in self._keyless
-            else self._planner.breaker_key(info)
-        )
-        scope_key = None if key is None else self._planner.scope_key(info)
-        per_attempt = run.context.timeout
-        clock = self._clock
-        called = False
-        for route_attempt in range(1, self._retry.max_attempts + 1):
-            # ---- a provider slot, within the deadline only
-            if deadline_at is None:
-                await semaphore.acquire()
-            else:
-                remaining = deadline_at - clock()
-                if remaining <= 0:
-                    raise self._deadline_error(run, info, f"before calling {info.id}")
-                try:
-                    async with asyncio.timeout(remaining):
-                        await semaphore.acquire()
-                except TimeoutError:
-                    raise self._deadline_error(
-                        run, info, f"waiting for a {info.provider} slot"
-                    ) from None
-            hold: Hold | None = None
-            try:
-                if self._limiter is not None:
-                    # budgets and rate limits: reserve the estimate, wait for a place
-                    hold = await self._limiter.admit(
-                        run.context,
-                        info,
-                        _estimate_tokens(run.messages, run.system),
-                        run.context.max_tokens,
-                        None if deadline_at is None else deadline_at - clock(),
-                    )
-                attempt = len(run.attempts) + 1
-                # ---- admission
-                ticket: Ticket | None = None
-                scope_ticket: Ticket | None = None
-                if key is not None:
-                    assert self._breaker is not None
-                    try:
-                        if scope_key is not None:
-                            scope_ticket = await self._breaker.admit(scope_key)
-                        ticket = await self._breaker.admit(key)
-                    except CircuitOpenError as exc:
-                        if scope_ticket is not None and scope_ticket.lease_id is not None:
-                            # the provider's probe slot comes back: this call never ran
-                            with anyio.CancelScope(shield=True):
-                                try:
-                                    await self._breaker.report(scope_ticket, Outcome.REJECTED)
-                                except Exception:
-                                    self.feedback_errors += 1
-                                    logger.exception("breaker.report failed for %s", scope_key)
-                        record = self._fb.record(
-                            run,
-                            info,
-                            Outcome.REJECTED,
-                            attempt=attempt,
-                            latency_ms=0.0,
-                            ticket=None,
-                            exc=exc,
-                            circuit_state=exc.state,
-                        )
-                        run.errors.append(exc)
-                        run.attempts.append(self._fb.summary(record, exc))
-                        logger.info(
-                            "%s/%s: circuit %s is %s, %s not called",
-                            run.context.workflow,
-                            run.context.stage,
-                            key,
-                            exc.state.value if exc.state is not None else "open",
-                            info.id,
-                        )
-                        if self._obs is not None:
-                            self._obs.rejected(info, key, exc)
-                        with anyio.CancelScope(shield=True):  # the record survives a cancel
-                            await self._fb.give(record, None, None, None)
-                        return called, None, False
-                if self._obs is not None:
-                    self._obs.attempt_started(run, info, request, attempt, (scope_ticket, ticket))
-                # ---- the call, under min(per-attempt timeout, time left)
-                budget = per_attempt
-                by_deadline = False
-                if deadline_at is not None:
-                    remaining = deadline_at - clock()
-                    if budget is None or remaining < budget:
-                        budget, by_deadline = remaining, True
-                called = True
-                t0 = clock()
-                expired = False
-                try:
-                    completion = await provider.complete(request, timeout=budget)
-                except Exception as raised:
-                    latency_ms = (clock() - t0) * 1000.0
-                    error: Exception = raised
-                    expired = isinstance(raised, AttemptTimeout)
-                    if expired:
-                        limit = "the run's deadline" if by_deadline else "the per-attempt timeout"
-                        error = ProviderTimeoutError(
-                            f"{info.provider}/{info.id} gave no answer within {budget:.3f}s "
-                            f"({limit})",
-                            provider=info.provider,
-                            model=info.id,
-                        )
-                        error.__cause__ = raised
-                        error.__suppress_context__ = True
-                    outcome = classify_error(error)
-                    record = self._fb.record(
-                        run,
-                        info,
-                        outcome,
-                        attempt=attempt,
-                        latency_ms=latency_ms,
-                        ticket=ticket,
-                        exc=error,
-                    )
-                    retry_after = retry_after_of(error)
-                    if hold is not None and outcome is Outcome.RATE_LIMITED:
-                        # the provider's own reset (its rate-limit headers): every worker waits
-                        hold.pushback = retry_after
-                    run.errors.append(error)
-                    breaker_outcome = None
-                    if (
-                        isinstance(error, ModelNotFoundError)
-                        and key is not None
-                        and key == self._planner.provider_key(info.provider)
-                    ):
-                        # a 404 names one model: it must not force a key shared by
-                        # every model of the provider open (the record still says fatal)
-                        breaker_outcome = Outcome.IGNORED
-                    # a cancel arriving now must not lose the record or the breaker's
-                    # report (a half-open lease); it is delivered right after
-                    with anyio.CancelScope(shield=True):
-                        await self._fb.give(
-                            record,
-                            ticket,
-                            retry_after,
-                            _describe(error),
-                            breaker_outcome,
-                            None
-                            if scope_ticket is None
-                            else (scope_ticket, provider_outcome(outcome, error)),
-                        )
-                    if self._obs is not None:
-                        self._obs.attempt_ended(record, None, error)
-                except BaseException as raised:
-                    # cancellation (or KeyboardInterrupt): record it, return the lease,
-                    # re-raise untouched
-                    latency_ms = (clock() - t0) * 1000.0
-                    record = self._fb.record(
-                        run,
-                        info,
-                        Outcome.CANCELLED,
-                        attempt=attempt,
-                        latency_ms=latency_ms,
-                        ticket=ticket,
-                        exc=raised,
-                    )
-                    run.attempts.append(self._fb.summary(record, raised))
-                    with anyio.CancelScope(shield=True):
-                        await self._fb.give(
-                            record,
-                            ticket,
-                            None,
-                            "cancelled",
-                            None,
-                            None if scope_ticket is None else (scope_ticket, Outcome.CANCELLED),
-                        )
-                    if self._obs is not None:
-                        self._obs.attempt_ended(record, None, raised)
-                    raise
-                else:
-                    latency_ms = (clock() - t0) * 1000.0
-                    record = self._fb.record(
-                        run,
-                        info,
-                        Outcome.SUCCESS,
-                        attempt=attempt,
-                        latency_ms=latency_ms,
-                        ticket=ticket,
-                        completion=completion,
-                    )
-                    run.attempts.append(self._fb.summary(record, None))
-                    run.attempts_cost = record.cost_usd
-                    if hold is not None:
-                        hold.cost_usd = record.cost_usd
-                        hold.tokens = record.input_tokens + record.output_tokens
-                        # the provider says a limit is exhausted: every worker waits it out
-                        hold.pushback = completion.rate_limit_reset
-                    scope = None if scope_ticket is None else (scope_ticket, Outcome.SUCCESS)
-                    if (ticket is not None and ticket.lease_id is not None) or (
-                        scope_ticket is not None and scope_ticket.lease_id is not None
-                    ):
-                        # a half-open probe's success must reach the breaker (the shield
-                        # costs a few microseconds, so the closed-circuit path skips it)
-                        with anyio.CancelScope(shield=True):
-                            await self._fb.give(record, ticket, None, None, None, scope)
-                    else:
-                        await self._fb.give(record, ticket, None, None, None, scope)
-                    if self._obs is not None:
-                        self._obs.attempt_ended(record, completion)
-                    return called, completion, False
-            finally:
-                semaphore.release()
-                if hold is not None:
-                    assert self._limiter is not None
-                    await self._limiter.settle(hold, failed=not called)
-
-            # ---- decide after a failure (outside the provider slot)
-            if logger.isEnabledFor(logging.INFO):
-                logger.info(
-                    "%s/%s attempt %d on %s failed: %s (%s): %s",
-                    run.context.workflow,
-                    run.context.stage,
-                    attempt,
-                    info.id,
-                    _describe(error),
-                    outcome.value,
-                    str(error)[:_ERROR_MESSAGE_LIMIT],
-                )
-            if by_deadline and expired:
-                run.attempts.append(self._fb.summary(record, error))
-                raise _DeadlineExceeded(None) from None  # the error is in run.errors
-            if outcome is Outcome.IGNORED:
-                run.attempts.append(self._fb.summary(record, error))
-                if (
-                    isinstance(error, ContextWindowExceededError)
-                    and self._fallback.larger_context_on_overflow
-                ):
-                    return called, None, True
-                raise error
-            if not self._retry.should_retry(error, route_attempt):
-                run.attempts.append(self._fb.summary(record, error))
-                return called, None, False
-            delay = self._retry.compute_delay(route_attempt, retry_after)
-            if delay is None:
-                logger.info(
-                    "%s asked to retry after %.1fs, more than the policy allows (%.1fs); "
-                    "falling back",
-                    info.id,
-                    retry_after,
-                    self._retry.retry_after_limit,
-                )
-                run.attempts.append(self._fb.summary(record, error))
-                return called, None, False
-            if deadline_at is not None and clock() + delay >= deadline_at:
-                # the wait would outlast the run: let the next route use the time left
-                run.attempts.append(self._fb.summary(record, error))
-                return called, None, False
-            run.attempts.append(self._fb.summary(record, error, delay))
-            logger.info(
-                "%s/%s retrying %s in %.2fs (attempt %d of %d on this route)",
-                run.context.workflow,
-                run.context.stage,
-                info.id,
-                delay,
-                route_attempt + 1,
-                self._retry.max_attempts,
-            )
-            if self._obs is not None:
-                self._obs.retry(delay)
-            await self._sleep(delay)
-        return called, None, False
-
-    def _cheaper_route(
-        self,
-        run: _Run,
-        refused: ModelInfo,
-        error: BudgetExceededError,
-        routes: list[ModelInfo],
-    ) -> bool:
-        """
-        Put the most capable candidate cheaper than ``refused`` whose estimate fits what
-        the budget has left next in ``routes`` (the decision says why); False if none.
-        """
-        assert self._limiter is not None
-        tokens = _estimate_tokens(run.messages, run.system)
-        max_tokens = run.context.max_tokens
-        tried = {*run.chain, refused.id}
-        best: tuple[float, ModelInfo] | None = None
-        for tier in TIER_ORDER:
-            for m in self._planner.candidates[tier]:
-                if m.id in tried:
-                    continue
-                estimate = self._limiter.estimate(m, tokens, max_tokens)
-                fits = estimate < error.needed_usd and estimate <= error.remaining_usd
-                if fits and (best is None or estimate > best[0]):
-                    best = (estimate, m)
-        if best is None:
-            return False
-        cheaper = best[1]
-        here = routes.index(refused)
-        later = [m for m in routes[here + 1 :] if m is not cheaper]
-        routes[:] = [*routes[: here + 1], cheaper, *later]
-        note = (
-            f"budget {error.budget!r} has ${error.remaining_usd:.6f} left, not the "
-            f"${error.needed_usd:.6f} {refused.id} may cost: {cheaper.id} instead"
-        )
-        logger.info("%s/%s: %s", run.context.workflow, run.context.stage, note)
-        if run.decision is not None:
-            run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
-        return True

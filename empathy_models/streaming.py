@@ -53,24 +53,19 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
+from ._attempt import _SLACK, Attempts, Opened, _timeout_error
 from ._request_options import required_capabilities
-from ._run import _DeadlineExceeded, _estimate_tokens, _request_for, _Run, _to_messages
+from ._run import _describe, _Run, _to_messages
 from ._values import _DEFAULT_CONTEXT, ExecutionContext
 from .abc import Completion, CompletionStream
 from .breaker import provider_outcome
 from .content import ToolCallDelta
 from .exceptions import (
-    AllRoutesFailedError,
-    BudgetExceededError,
-    CircuitOpenError,
     ConfigurationError,
-    ContextWindowExceededError,
-    ModelNotFoundError,
     ProviderError,
-    ProviderTimeoutError,
     StreamInterruptedError,
 )
-from .limits.guard import Hold, LocalRateLimitError
+from .limits.guard import Hold
 from .outcomes import classify_error, retry_after_of
 from .records import Outcome, Ticket
 
@@ -88,29 +83,6 @@ __all__ = ["LLMStream", "StreamEvents", "StreamManager"]
 logger = logging.getLogger("empathy_models.executor")
 
 _ERROR_MESSAGE_LIMIT: Final = 300
-_SLACK: Final = 0.002  # a timer may fire up to the loop's clock resolution early
-
-
-def _timeout_error(
-    error: Exception, info: ModelInfo, per_attempt: float | None, by_deadline: bool
-) -> Exception:
-    """A stream timeout restated with the limit that ran out."""
-    if not isinstance(error, TimeoutError):
-        return error
-    if by_deadline:
-        why = "the run's deadline passed"
-    elif per_attempt is not None:
-        why = f"no data for {per_attempt:.3f}s (the per-attempt timeout)"
-    else:
-        why = str(error)
-    restated = ProviderTimeoutError(
-        f"{info.provider}/{info.id}: {why} while streaming",
-        provider=info.provider,
-        model=info.id,
-    )
-    restated.__cause__ = error
-    restated.__suppress_context__ = True
-    return restated
 
 
 class StreamManager:
@@ -339,310 +311,39 @@ class LLMStream:
             raise
 
     async def _open_routes(self) -> None:
+        """Walk the routes with the executor's `Attempts`; adopt the one that opened."""
         self._state = "opening"
         ex = self._ex
         self._start = ex._clock()
         deadline = self._run.context.deadline
         self._deadline_at = None if deadline is None else self._start + deadline
-        run = self._run
-        ctx = run.context
-        routes = list(self._routes)  # a budget may put a cheaper route next
-        called_routes = 0
-        min_context = 0
+        attempts = Attempts(ex, self._run, self._deadline_at, self._trace, streamed=True)
         try:
-            for info in routes:
-                if called_routes >= ex._fallback.max_routes:
-                    break
-                if info.context_window <= min_context:
-                    continue
-                if run.chain:
-                    logger.info(
-                        "%s/%s falling back from %s to %s",
-                        ctx.workflow,
-                        ctx.stage,
-                        run.chain[-1],
-                        info.id,
-                    )
-                    if ex._obs is not None and self._trace is not None:
-                        ex._obs.fallback(run, info, self._trace)
-                run.chain.append(info.id)
-                try:
-                    called, opened, overflow = await self._route(info)
-                except BudgetExceededError as refused:
-                    # a budget cannot cover this model: a cheaper one that fits, or raise
-                    run.chain.pop()
-                    if not ex._cheaper_route(run, info, refused, routes):
-                        raise
-                    continue
-                except LocalRateLimitError as busy:
-                    run.errors.append(busy)  # no capacity in time: the next route
-                    continue
-                called_routes += called
-                if opened:
-                    return
-                if overflow:
-                    min_context = info.context_window
-                    if not any(
-                        m.context_window > min_context for m in routes[routes.index(info) + 1 :]
-                    ):
-                        raise run.errors[-1]
-        except _DeadlineExceeded as exc:
-            self._state = "failed"
-            if exc.error is not None:
-                run.errors.append(exc.error)
-            raise AllRoutesFailedError(
-                f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
-                f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}",
-                run.errors,
-            ) from None
+            # a budget may put a cheaper route next: the list is this stream's own
+            info, opened = await attempts.walk(list(self._routes))
+            assert isinstance(opened, Opened)
+            self._adopt(info, opened)
+            if opened.first is None:
+                await self._finish()  # an empty answer: complete already
         except BaseException:
             self._state = "failed"
             raise
-        self._state = "failed"
-        if not run.errors:  # pragma: no cover - every route adds an error or answers
-            raise ConfigurationError("no route could be tried")
-        last = run.errors[-1]
-        raise AllRoutesFailedError(
-            f"all routes failed for {ctx.workflow}/{ctx.stage}: tried "
-            f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); "
-            f"last error: {_describe(last)}: {str(last)[:_ERROR_MESSAGE_LIMIT]}",
-            run.errors,
-        )
 
-    async def _route(self, info: ModelInfo) -> tuple[bool, bool, bool]:
-        """
-        Try one route with retries, up to the first delta.  Returns (provider called,
-        opened, overflowed); raises as `EmpathyLLMExecutor._route` does.
-        """
-        ex = self._ex
-        run = self._run
-        deadline_at = self._deadline_at
-        provider = ex._providers[info.provider]
-        semaphore = ex._semaphores[info.provider]
-        request = _request_for(info.id, run)
-        breaker = ex._breaker
-        key = (
-            None
-            if breaker is None or info.provider in ex._keyless
-            else ex._planner.breaker_key(info)
-        )
-        scope_key = None if key is None else ex._planner.scope_key(info)
-        per_attempt = self._per_attempt
-        clock = ex._clock
-        called = False
-        for route_attempt in range(1, ex._retry.max_attempts + 1):
-            # ---- a provider slot, within the deadline only
-            if deadline_at is None:
-                await semaphore.acquire()
-            else:
-                remaining = deadline_at - clock()
-                if remaining <= 0:
-                    raise ex._deadline_error(run, info, f"before calling {info.id}")
-                try:
-                    with anyio.fail_after(remaining):
-                        await semaphore.acquire()
-                except TimeoutError:
-                    raise ex._deadline_error(
-                        run, info, f"waiting for a {info.provider} slot"
-                    ) from None
-            holding = True
-            hold: Hold | None = None
-            try:
-                if ex._limiter is not None:
-                    # budgets and rate limits: reserve the estimate, wait for a place
-                    hold = await ex._limiter.admit(
-                        run.context,
-                        info,
-                        _estimate_tokens(run.messages, run.system),
-                        run.context.max_tokens,
-                        None if deadline_at is None else deadline_at - clock(),
-                    )
-                attempt = len(run.attempts) + 1
-                # ---- admission
-                ticket: Ticket | None = None
-                scope_ticket: Ticket | None = None
-                if key is not None:
-                    assert breaker is not None
-                    try:
-                        if scope_key is not None:
-                            scope_ticket = await breaker.admit(scope_key)
-                        ticket = await breaker.admit(key)
-                    except CircuitOpenError as exc:
-                        if ex._obs is not None and self._trace is not None:
-                            ex._obs.rejected(info, key, exc, self._trace)
-                        if scope_ticket is not None and scope_ticket.lease_id is not None:
-                            with anyio.CancelScope(shield=True):
-                                try:
-                                    await breaker.report(scope_ticket, Outcome.REJECTED)
-                                except Exception:
-                                    ex.feedback_errors += 1
-                                    logger.exception("breaker.report failed for %s", scope_key)
-                        record = ex._fb.record(
-                            run,
-                            info,
-                            Outcome.REJECTED,
-                            attempt=attempt,
-                            latency_ms=0.0,
-                            ticket=None,
-                            exc=exc,
-                            circuit_state=exc.state,
-                        )
-                        run.errors.append(exc)
-                        run.attempts.append(ex._fb.summary(record, exc))
-                        with anyio.CancelScope(shield=True):
-                            await ex._fb.give(record, None, None, None)
-                        return called, False, False
-                # ---- open the stream and read up to its first delta
-                total = None if deadline_at is None else max(deadline_at - clock(), 0.001)
-                called = True
-                obs = ex._obs
-                trace = self._trace
-                if obs is not None and trace is not None:
-                    obs.attempt_started(run, info, request, attempt, (scope_ticket, ticket), trace)
-                t0 = clock()
-                stream: CompletionStream | None = None
-                try:
-                    stream = await provider.stream(
-                        request, idle_timeout=per_attempt, total_timeout=total
-                    )
-                    try:
-                        first: str | ToolCallDelta | None = await stream.__anext__()
-                    except StopAsyncIteration:
-                        first = None  # an empty answer: complete already
-                except Exception as raised:
-                    if stream is not None:
-                        await stream.aclose()
-                    latency_ms = (clock() - t0) * 1000.0
-                    by_deadline = (
-                        isinstance(raised, TimeoutError)
-                        and deadline_at is not None
-                        and clock() >= deadline_at - _SLACK
-                    )
-                    error = _timeout_error(raised, info, per_attempt, by_deadline)
-                    outcome = classify_error(error)
-                    record = ex._fb.record(
-                        run,
-                        info,
-                        outcome,
-                        attempt=attempt,
-                        latency_ms=latency_ms,
-                        ticket=ticket,
-                        exc=error,
-                    )
-                    retry_after = retry_after_of(error)
-                    if hold is not None and outcome is Outcome.RATE_LIMITED:
-                        # the provider's own reset (its rate-limit headers): every worker waits
-                        hold.pushback = retry_after
-                    run.errors.append(error)
-                    breaker_outcome = None
-                    if (
-                        isinstance(error, ModelNotFoundError)
-                        and key is not None
-                        and key == ex._planner.provider_key(info.provider)
-                    ):
-                        breaker_outcome = Outcome.IGNORED
-                    with anyio.CancelScope(shield=True):
-                        await ex._fb.give(
-                            record,
-                            ticket,
-                            retry_after,
-                            _describe(error),
-                            breaker_outcome,
-                            None
-                            if scope_ticket is None
-                            else (scope_ticket, provider_outcome(outcome, error)),
-                        )
-                    if obs is not None and trace is not None:
-                        obs.attempt_ended(record, None, error, trace)
-                except BaseException as raised:
-                    latency_ms = (clock() - t0) * 1000.0
-                    with anyio.CancelScope(shield=True):
-                        if stream is not None:
-                            await stream.aclose()
-                        record = ex._fb.record(
-                            run,
-                            info,
-                            Outcome.CANCELLED,
-                            attempt=attempt,
-                            latency_ms=latency_ms,
-                            ticket=ticket,
-                            exc=raised,
-                        )
-                        run.attempts.append(ex._fb.summary(record, raised))
-                        await ex._fb.give(
-                            record,
-                            ticket,
-                            None,
-                            "cancelled",
-                            None,
-                            None if scope_ticket is None else (scope_ticket, Outcome.CANCELLED),
-                        )
-                    if obs is not None and trace is not None:
-                        obs.attempt_ended(record, None, raised, trace)
-                    raise
-                else:
-                    now = clock()
-                    self._info = info
-                    self._stream = stream
-                    self._ticket = ticket
-                    self._scope_ticket = scope_ticket
-                    self._semaphore = semaphore
-                    self._hold = hold
-                    self._attempt = attempt
-                    self._t0 = t0
-                    self._first = first
-                    if first is not None:
-                        self._ttft = (now - t0) * 1000.0
-                        self._run_ttft = (now - self._start) * 1000.0
-                    holding = False  # the stream holds the slot until it ends
-                    self._state = "streaming"
-                    if obs is not None and trace is not None:
-                        obs.stream_opened(trace)
-                    if first is None:
-                        await self._finish()
-                    return called, True, False
-            finally:
-                if holding:
-                    semaphore.release()
-                    if hold is not None:
-                        assert ex._limiter is not None
-                        await ex._limiter.settle(hold, failed=not called)
-
-            # ---- decide after a failure (outside the provider slot)
-            if logger.isEnabledFor(logging.INFO):
-                logger.info(
-                    "%s/%s streamed attempt %d on %s failed: %s (%s): %s",
-                    run.context.workflow,
-                    run.context.stage,
-                    attempt,
-                    info.id,
-                    _describe(error),
-                    outcome.value,
-                    str(error)[:_ERROR_MESSAGE_LIMIT],
-                )
-            if by_deadline:
-                run.attempts.append(ex._fb.summary(record, error))
-                raise _DeadlineExceeded(None) from None
-            if outcome is Outcome.IGNORED:
-                run.attempts.append(ex._fb.summary(record, error))
-                if (
-                    isinstance(error, ContextWindowExceededError)
-                    and ex._fallback.larger_context_on_overflow
-                ):
-                    return called, False, True
-                raise error
-            if not ex._retry.should_retry(error, route_attempt):
-                run.attempts.append(ex._fb.summary(record, error))
-                return called, False, False
-            delay = ex._retry.compute_delay(route_attempt, retry_after)
-            if delay is None or (deadline_at is not None and clock() + delay >= deadline_at):
-                run.attempts.append(ex._fb.summary(record, error))
-                return called, False, False
-            run.attempts.append(ex._fb.summary(record, error, delay))
-            if ex._obs is not None and self._trace is not None:
-                ex._obs.retry(delay, self._trace)
-            await ex._sleep(delay)
-        return called, False, False
+    def _adopt(self, info: ModelInfo, opened: Opened) -> None:
+        """Take over the opened attempt: its stream, provider slot, hold and tickets."""
+        self._info = info
+        self._stream = opened.stream
+        self._ticket = opened.ticket
+        self._scope_ticket = opened.scope_ticket
+        self._semaphore = self._ex._semaphores[info.provider]
+        self._hold = opened.hold
+        self._attempt = opened.attempt
+        self._t0 = opened.t0
+        self._first = opened.first
+        if opened.first is not None:
+            self._ttft = (opened.at - opened.t0) * 1000.0
+            self._run_ttft = (opened.at - self._start) * 1000.0
+        self._state = "streaming"
 
     # ------------------------------------------------------------------ ending
 
@@ -801,12 +502,6 @@ class LLMStream:
         logger.debug("stream of %s closed early (%s)", self.model, why)
 
 
-def _describe(exc: BaseException) -> str:
-    status = getattr(exc, "status", None)
-    shown = isinstance(status, int) and not isinstance(status, bool)
-    return type(exc).__name__ + (f" ({status})" if shown else "")
-
-
 _STREAMING: Final = frozenset({"streaming"})
 
 
@@ -831,7 +526,7 @@ def open_stream(
     if not isinstance(ctx, ExecutionContext):
         raise ConfigurationError(f"context must be an ExecutionContext, got {ctx!r}")
     messages, system = _to_messages(prompt, ctx.system)
-    task_type, task_tier = executor._task(ctx.task_type)
+    task_type, task_tier = executor._planner.task(ctx.task_type)
     needs = required_capabilities(messages, options)
     if _some_model_cannot_stream(executor):
         needs |= _STREAMING

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 import sys
 import warnings
@@ -227,6 +228,23 @@ async def test_an_error_event_before_the_first_delta_is_retried(
     assert sleep.delays == [1.0, 2.0]  # an overloaded error is retried, as in run()
     records = await records_of(telemetry)
     assert [r.error_type for r in records[:3]] == ["OverloadedError"] * 3
+
+
+async def test_a_streams_failures_retries_and_fallbacks_are_logged_as_runs_are(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.set_outage("claude-fake-haiku", action=503)
+    sleep = RecordingSleep()
+    with caplog.at_level(logging.INFO, logger="empathy_models.executor"):
+        async with (
+            make(server, telemetry, sleep=sleep) as executor,
+            executor.stream("hi", CHEAP) as stream,
+        ):
+            await stream.get_final_response()
+    messages = [r.getMessage() for r in caplog.records if r.name == "empathy_models.executor"]
+    assert any("streamed attempt 1 on claude-fake-haiku failed" in m for m in messages)
+    assert any("retrying claude-fake-haiku in 1.00s (attempt 2 of 3" in m for m in messages)
+    assert any("falling back from claude-fake-haiku to gpt-fake-mini" in m for m in messages)
 
 
 async def test_every_route_failing_raises_all_routes_failed(

@@ -1,0 +1,601 @@
+"""
+The attempt runner `EmpathyLLMExecutor.run` and `EmpathyLLMExecutor.stream` share:
+`Attempts.walk` tries the planned routes in order (fallback, a cheaper route when a
+budget refuses, a larger context window after an overflow, the deadline);
+`Attempts.route` makes one route's attempts (a provider slot within the deadline, budgets
+and rate limits, the breaker's admission, the call, its feedback through `_Feedback`,
+and whether to retry).
+
+A run's attempt is ``provider.complete``; a stream's opens the stream and reads up to its
+first delta (`Opened`), then keeps the provider slot and the limiter's hold for the rest
+of the stream (`empathy_models.streaming`).  Everything else is one code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import attrs
+
+from ._planner import TIER_ORDER
+from ._run import _DeadlineExceeded, _describe, _estimate_tokens, _request_for, _Run
+from .abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
+from .exceptions import (
+    AllRoutesFailedError,
+    BudgetExceededError,
+    CircuitOpenError,
+    ConfigurationError,
+    ContextWindowExceededError,
+    ModelNotFoundError,
+    ProviderTimeoutError,
+)
+from .limits.guard import Hold, Limiter, LocalRateLimitError
+from .outcomes import retry_after_of
+from .records import LLMCallRecord, Outcome, Ticket
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from .content import ToolCallDelta
+    from .executor import EmpathyLLMExecutor
+    from .observability import _RunTrace
+    from .registry import ModelInfo
+
+__all__: list[str] = []
+
+logger = logging.getLogger("empathy_models.executor")
+
+_ERROR_MESSAGE_LIMIT: Final = 300
+_SLACK: Final = 0.002  # a timer may fire up to the loop's clock resolution early
+
+
+@attrs.define(slots=True, eq=False)
+class Opened:
+    """
+    A streamed attempt that produced its first delta (``first``; None: it ended empty),
+    with what it holds until the stream ends: the breaker's tickets and the limiter's
+    ``hold`` (and the provider slot).  ``t0`` is when it was sent, ``at`` when it opened.
+    """
+
+    stream: CompletionStream
+    first: str | ToolCallDelta | None
+    ticket: Ticket | None
+    scope_ticket: Ticket | None
+    hold: Hold | None
+    attempt: int
+    t0: float
+    at: float
+
+
+class Failed:
+    """
+    How a route failed (`Attempts.route` returns it instead of an answer): whether the
+    provider was called, and whether the context window overflowed (a larger one may
+    serve).  Only the module's three constants exist: an answer costs no allocation.
+    """
+
+    __slots__ = ("called", "overflow")
+
+    def __init__(self, called: bool, overflow: bool = False) -> None:
+        self.called = called
+        self.overflow = overflow
+
+    def __repr__(self) -> str:
+        return f"Failed(called={self.called}, overflow={self.overflow})"
+
+
+_NOT_CALLED: Final = Failed(False)
+_CALLED: Final = Failed(True)
+_OVERFLOWED: Final = Failed(True, overflow=True)
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+class Attempts:
+    """
+    One run's attempts: `walk` tries the routes, `route` one route with its retries.
+    Made per run (``streamed`` for a stream's, whose hooks get its ``trace``); never
+    shared between runs.
+    """
+
+    __slots__ = ("deadline_at", "ex", "obs", "run", "streamed", "trace")
+
+    def __init__(
+        self,
+        ex: EmpathyLLMExecutor,
+        run: _Run,
+        deadline_at: float | None,
+        trace: _RunTrace | None = None,
+        streamed: bool = False,
+    ) -> None:
+        self.ex = ex
+        self.run = run
+        self.deadline_at = deadline_at
+        self.trace = trace
+        self.streamed = streamed
+        # a stream's hooks need its trace: without one (tracing failed) there are none
+        self.obs = ex._obs if trace is not None or not streamed else None
+
+    async def walk(self, routes: list[ModelInfo]) -> tuple[ModelInfo, Completion | Opened]:
+        """
+        Try ``routes`` in order until one answers (a budget may put a cheaper route next
+        in the list).
+
+        Returns:
+            The answering model and its answer (`Completion`; `Opened` when streamed).
+
+        Raises:
+            AllRoutesFailedError: every route failed, or the deadline passed.
+            InvalidRequestError: the provider's, at once: the request is bad, or no
+                remaining route holds its context.
+            BudgetExceededError: a budget refuses and no cheaper candidate fits.
+        """
+        ex, run, obs = self.ex, self.run, self.obs
+        ctx = run.context
+        called_routes = 0
+        min_context = 0
+        try:
+            for info in routes:
+                if called_routes >= ex._fallback.max_routes:
+                    break
+                if info.context_window <= min_context:
+                    continue
+                if run.chain:
+                    logger.info(
+                        "%s/%s falling back from %s to %s",
+                        ctx.workflow,
+                        ctx.stage,
+                        run.chain[-1],
+                        info.id,
+                    )
+                    if obs is not None:
+                        obs.fallback(run, info, self.trace)
+                run.chain.append(info.id)
+                try:
+                    tried = await self.route(info)
+                except BudgetExceededError as refused:
+                    # a budget cannot cover this model: a cheaper one that fits, or raise
+                    run.chain.pop()
+                    if not self.cheaper_route(info, refused, routes):
+                        raise
+                    continue
+                except LocalRateLimitError as busy:
+                    run.errors.append(busy)  # no capacity in time: the next route
+                    continue
+                if not isinstance(tried, Failed):
+                    return info, tried
+                called_routes += tried.called
+                if tried.overflow:
+                    min_context = info.context_window
+                    if not any(
+                        m.context_window > min_context for m in routes[routes.index(info) + 1 :]
+                    ):
+                        raise run.errors[-1]
+        except _DeadlineExceeded as exc:
+            if exc.error is not None:
+                run.errors.append(exc.error)
+            raise AllRoutesFailedError(
+                f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
+                f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}",
+                run.errors,
+            ) from None
+        raise _all_failed(run)
+
+    def cheaper_route(
+        self, refused: ModelInfo, error: BudgetExceededError, routes: list[ModelInfo]
+    ) -> bool:
+        """
+        Put the most capable candidate cheaper than ``refused`` whose estimate fits what
+        the budget has left next in ``routes`` (the decision says why).
+
+        Returns:
+            False when no candidate fits.
+        """
+        ex, run = self.ex, self.run
+        limiter = ex._limiter
+        assert limiter is not None
+        tokens = _estimate_tokens(run.messages, run.system)
+        max_tokens = run.context.max_tokens
+        tried = {*run.chain, refused.id}
+        best: tuple[float, ModelInfo] | None = None
+        for tier in TIER_ORDER:
+            for m in ex._planner.candidates[tier]:
+                if m.id in tried:
+                    continue
+                estimate = limiter.estimate(m, tokens, max_tokens)
+                fits = estimate < error.needed_usd and estimate <= error.remaining_usd
+                if fits and (best is None or estimate > best[0]):
+                    best = (estimate, m)
+        if best is None:
+            return False
+        cheaper = best[1]
+        here = routes.index(refused)
+        later = [m for m in routes[here + 1 :] if m is not cheaper]
+        routes[:] = [*routes[: here + 1], cheaper, *later]
+        note = (
+            f"budget {error.budget!r} has ${error.remaining_usd:.6f} left, not the "
+            f"${error.needed_usd:.6f} {refused.id} may cost: {cheaper.id} instead"
+        )
+        logger.info("%s/%s: %s", run.context.workflow, run.context.stage, note)
+        if run.decision is not None:
+            run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
+        return True
+
+    async def route(self, info: ModelInfo) -> Completion | Opened | Failed:
+        """
+        ``info``'s attempts, retried as the policy says; an `Opened` answer keeps the slot.
+
+        Raises:
+            _DeadlineExceeded: the deadline passed.
+            InvalidRequestError: the provider's, at once: a bad request stays bad.
+            BudgetExceededError, LocalRateLimitError: the limiter's, before any call.
+        """
+        ex, run, obs, trace, streamed = self.ex, self.run, self.obs, self.trace, self.streamed
+        breaker, limiter, fb, clock = ex._breaker, ex._limiter, ex._fb, ex._clock
+        provider, semaphore = ex._providers[info.provider], ex._semaphores[info.provider]
+        request, (key, scope_key) = _request_for(info.id, run), ex._planner.route_keys(info)
+        deadline_at, per_attempt, called = self.deadline_at, run.context.timeout, False
+        for route_attempt in range(1, ex._retry.max_attempts + 1):
+            if deadline_at is None:
+                await semaphore.acquire()
+            else:
+                await self._slot(info, semaphore, deadline_at - clock())
+            holding = True  # an opened stream keeps the slot until it ends
+            hold: Hold | None = None
+            try:
+                if limiter is not None:
+                    hold = await self._admit(info, limiter)
+                attempt = len(run.attempts) + 1
+                ticket: Ticket | None = None
+                scope_ticket: Ticket | None = None
+                if key is not None:
+                    assert breaker is not None
+                    try:
+                        if scope_key is not None:
+                            scope_ticket = await breaker.admit(scope_key)
+                        ticket = await breaker.admit(key)
+                    except CircuitOpenError as exc:
+                        await self._rejected(info, exc, attempt, key, scope_ticket)
+                        return _CALLED if called else _NOT_CALLED
+                if obs is not None:
+                    obs.attempt_started(run, info, request, attempt, (scope_ticket, ticket), trace)
+                budget, by_deadline = per_attempt, False  # the call's time limit (`_within`)
+                if deadline_at is not None:
+                    budget, by_deadline = _within(per_attempt, deadline_at - clock(), streamed)
+                called = True
+                t0 = clock()
+                try:
+                    if streamed:
+                        opening = await _first_delta(provider, request, per_attempt, budget)
+                    else:
+                        completion = await provider.complete(request, timeout=budget)
+                except Exception as raised:
+                    latency_ms = (clock() - t0) * 1000.0
+                    error, deadline_hit = self._restated(raised, info, budget, by_deadline)
+                    held = (ticket, scope_ticket, hold)
+                    record = await self._failed(info, error, attempt, latency_ms, key, held)
+                except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
+                    latency_ms = (clock() - t0) * 1000.0
+                    await self._cancelled(info, raised, attempt, latency_ms, ticket, scope_ticket)
+                    raise
+                else:
+                    if streamed:
+                        holding = False  # the stream has them now
+                        return self._opened(opening, ticket, scope_ticket, hold, attempt, t0)
+                    latency_ms = (clock() - t0) * 1000.0
+                    record = fb.succeeded(run, info, completion, attempt, latency_ms, ticket, hold)
+                    await fb.answered(record, ticket, scope_ticket)
+                    if obs is not None:
+                        obs.attempt_ended(record, completion, None, trace)
+                    return completion
+            finally:
+                if holding:
+                    semaphore.release()
+                    if hold is not None:
+                        assert limiter is not None
+                        await limiter.settle(hold, failed=not called)
+            delay = self._after_failure(info, record, error, route_attempt, deadline_hit)
+            if isinstance(delay, Failed):
+                return delay
+            if obs is not None:
+                obs.retry(delay, trace)
+            await ex._sleep(delay)
+        return _CALLED if called else _NOT_CALLED
+
+    # ------------------------------------------------------------------ its steps
+
+    async def _failed(
+        self,
+        info: ModelInfo,
+        error: Exception,
+        attempt: int,
+        latency_ms: float,
+        key: str | None,
+        held: tuple[Ticket | None, Ticket | None, Hold | None],
+    ) -> LLMCallRecord:
+        """
+        A call that raised ``error`` (restated): its feedback; the record.  ``held``:
+        the attempt's ticket, scope ticket and the limiter's hold.
+        """
+        ticket, scope_ticket, hold = held
+        planner = self.ex._planner
+        # a 404 names one model: it must not force open a key every model of the provider
+        # shares (the record still says fatal)
+        ignored = (
+            isinstance(error, ModelNotFoundError)
+            and key is not None
+            and key == planner.provider_key(info.provider)
+        )
+        record = await self.ex._fb.failed(
+            self.run, info, error, attempt, latency_ms, ticket, scope_ticket, hold, ignored
+        )
+        if self.obs is not None:
+            self.obs.attempt_ended(record, None, error, self.trace)
+        return record
+
+    async def _cancelled(
+        self,
+        info: ModelInfo,
+        raised: BaseException,
+        attempt: int,
+        latency_ms: float,
+        ticket: Ticket | None,
+        scope_ticket: Ticket | None,
+    ) -> None:
+        """A cancelled call (or an interrupt): recorded, its leases returned."""
+        fb = self.ex._fb
+        record = await fb.cancelled(
+            self.run, info, raised, attempt, latency_ms, ticket, scope_ticket
+        )
+        if self.obs is not None:
+            self.obs.attempt_ended(record, None, raised, self.trace)
+
+    def _opened(
+        self,
+        opening: tuple[CompletionStream, str | ToolCallDelta | None],
+        ticket: Ticket | None,
+        scope_ticket: Ticket | None,
+        hold: Hold | None,
+        attempt: int,
+        t0: float,
+    ) -> Opened:
+        """A stream that opened: what it holds goes with it to the `LLMStream`."""
+        stream, first = opening
+        opened = Opened(stream, first, ticket, scope_ticket, hold, attempt, t0, self.ex._clock())
+        if self.obs is not None:
+            assert self.trace is not None
+            self.obs.stream_opened(self.trace)
+        return opened
+
+    async def _slot(self, info: ModelInfo, semaphore: asyncio.Semaphore, remaining: float) -> None:
+        """A provider slot, waited for no longer than the deadline allows."""
+        if remaining <= 0:
+            raise self._deadline_error(info, f"before calling {info.id}")
+        try:
+            async with asyncio.timeout(remaining):
+                await semaphore.acquire()
+        except TimeoutError:
+            raise self._deadline_error(info, f"waiting for a {info.provider} slot") from None
+
+    def _deadline_error(self, info: ModelInfo, why: str) -> _DeadlineExceeded:
+        """The deadline passed ``why`` (before ``info`` was called)."""
+        return _DeadlineExceeded(
+            ProviderTimeoutError(
+                f"deadline of {self.run.context.deadline}s exceeded {why}",
+                provider=info.provider,
+                model=info.id,
+            )
+        )
+
+    def _admit(self, info: ModelInfo, limiter: Limiter) -> Coroutine[Any, Any, Hold | None]:
+        """The limiter's admission (the awaitable itself: no frame of its own)."""
+        run = self.run
+        deadline_at = self.deadline_at
+        return limiter.admit(
+            run.context,
+            info,
+            _estimate_tokens(run.messages, run.system),
+            run.context.max_tokens,
+            None if deadline_at is None else deadline_at - self.ex._clock(),
+        )
+
+    async def _rejected(
+        self,
+        info: ModelInfo,
+        exc: CircuitOpenError,
+        attempt: int,
+        key: str,
+        scope_ticket: Ticket | None,
+    ) -> None:
+        """An open circuit refused ``info``: recorded, said, the provider not called."""
+        run = self.run
+        await self.ex._fb.rejected(run, info, exc, attempt, scope_ticket)
+        logger.info(
+            "%s/%s: circuit %s is %s, %s not called",
+            run.context.workflow,
+            run.context.stage,
+            key,
+            exc.state.value if exc.state is not None else "open",
+            info.id,
+        )
+        if self.obs is not None:
+            self.obs.rejected(info, key, exc, self.trace)
+
+    def _restated(
+        self, raised: Exception, info: ModelInfo, budget: float | None, by_deadline: bool
+    ) -> tuple[Exception, bool]:
+        """
+        The error to record for ``raised`` (a timeout says which limit ran out) and
+        whether the run's deadline ended the attempt.
+        """
+        if self.streamed:
+            deadline_at = self.deadline_at
+            by_deadline = (
+                isinstance(raised, TimeoutError)
+                and deadline_at is not None
+                and self.ex._clock() >= deadline_at - _SLACK
+            )
+            return _timeout_error(raised, info, self.run.context.timeout, by_deadline), by_deadline
+        if not isinstance(raised, AttemptTimeout):
+            return raised, False
+        limit = "the run's deadline" if by_deadline else "the per-attempt timeout"
+        error = ProviderTimeoutError(
+            f"{info.provider}/{info.id} gave no answer within {budget:.3f}s ({limit})",
+            provider=info.provider,
+            model=info.id,
+        )
+        error.__cause__ = raised
+        error.__suppress_context__ = True
+        return error, by_deadline
+
+    def _after_failure(
+        self,
+        info: ModelInfo,
+        record: LLMCallRecord,
+        error: Exception,
+        route_attempt: int,
+        deadline_hit: bool,
+    ) -> float | Failed:
+        """
+        What follows a failed attempt: the delay before retrying the route, or what the
+        route came to (the attempt's summary is added either way).
+
+        Raises:
+            _DeadlineExceeded: the deadline ended the attempt.
+            InvalidRequestError: ``error`` itself, when the request is bad.
+        """
+        ex, run = self.ex, self.run
+        outcome = record.outcome
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "%s/%s %s %d on %s failed: %s (%s): %s",
+                run.context.workflow,
+                run.context.stage,
+                "streamed attempt" if self.streamed else "attempt",
+                record.attempt,
+                info.id,
+                _describe(error),
+                outcome.value,
+                str(error)[:_ERROR_MESSAGE_LIMIT],
+            )
+        summary = ex._fb.summary
+        if deadline_hit:
+            run.attempts.append(summary(record, error))
+            raise _DeadlineExceeded(None) from None  # the error is in run.errors
+        if outcome is Outcome.IGNORED:
+            run.attempts.append(summary(record, error))
+            if (
+                isinstance(error, ContextWindowExceededError)
+                and ex._fallback.larger_context_on_overflow
+            ):
+                return _OVERFLOWED
+            raise error
+        retry = ex._retry
+        delay = None
+        if retry.should_retry(error, route_attempt):
+            retry_after = retry_after_of(error)
+            delay = retry.compute_delay(route_attempt, retry_after)
+            if delay is None:
+                logger.info(
+                    "%s asked to retry after %.1fs, more than the policy allows (%.1fs); "
+                    "falling back",
+                    info.id,
+                    retry_after,
+                    retry.retry_after_limit,
+                )
+        deadline_at = self.deadline_at
+        if delay is None or (deadline_at is not None and ex._clock() + delay >= deadline_at):
+            # no retry, or a wait that would outlast the run: the next route uses the time left
+            run.attempts.append(summary(record, error))
+            return _CALLED
+        run.attempts.append(summary(record, error, delay))
+        logger.info(
+            "%s/%s retrying %s in %.2fs (attempt %d of %d on this route)",
+            run.context.workflow,
+            run.context.stage,
+            info.id,
+            delay,
+            route_attempt + 1,
+            retry.max_attempts,
+        )
+        return delay
+
+
+def _within(
+    per_attempt: float | None, remaining: float, streamed: bool
+) -> tuple[float | None, bool]:
+    """
+    The call's time limit under a deadline ``remaining`` seconds away, and whether the
+    deadline is what limits it.  A stream's limit bounds the whole stream (its
+    per-attempt timeout is an idle timeout, kept apart).
+    """
+    if streamed:
+        return max(remaining, 0.001), False
+    if per_attempt is None or remaining < per_attempt:
+        return remaining, True
+    return per_attempt, False
+
+
+async def _first_delta(
+    provider: Provider,
+    request: CompletionRequest,
+    idle_timeout: float | None,
+    total_timeout: float | None,
+) -> tuple[CompletionStream, str | ToolCallDelta | None]:
+    """
+    Open the stream and read up to its first delta (None: the answer is empty, complete
+    already).  The stream is closed when that fails (shielded from a cancel).
+    """
+    stream = await provider.stream(request, idle_timeout=idle_timeout, total_timeout=total_timeout)
+    try:
+        first: str | ToolCallDelta | None = await stream.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except Exception:
+        await stream.aclose()
+        raise
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return stream, first
+
+
+def _timeout_error(
+    error: Exception, info: ModelInfo, per_attempt: float | None, by_deadline: bool
+) -> Exception:
+    """A stream's timeout restated with the limit that ran out."""
+    if not isinstance(error, TimeoutError):
+        return error
+    if by_deadline:
+        why = "the run's deadline passed"
+    elif per_attempt is not None:
+        why = f"no data for {per_attempt:.3f}s (the per-attempt timeout)"
+    else:
+        why = str(error)
+    restated = ProviderTimeoutError(
+        f"{info.provider}/{info.id}: {why} while streaming",
+        provider=info.provider,
+        model=info.id,
+    )
+    restated.__cause__ = error
+    restated.__suppress_context__ = True
+    return restated
+
+
+def _all_failed(run: _Run) -> Exception:
+    """The error of a run whose routes all failed (every error in the group)."""
+    if not run.errors:  # pragma: no cover - every route adds an error or answers
+        return ConfigurationError("no route could be tried")
+    ctx = run.context
+    last = run.errors[-1]
+    return AllRoutesFailedError(
+        f"all routes failed for {ctx.workflow}/{ctx.stage}: tried "
+        f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); "
+        f"last error: {_describe(last)}: {str(last)[:_ERROR_MESSAGE_LIMIT]}",
+        run.errors,
+    )

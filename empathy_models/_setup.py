@@ -1,0 +1,155 @@
+"""
+What `EmpathyLLMExecutor.__init__` checks and derives from its arguments: the providers
+by name (each must have models in the registry), the concurrency limit per provider,
+the policies' types, the providers without an API key, the limiter when any budget or
+rate limit applies, and the words of the warnings it gives once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
+
+from ._planner import _key_hint
+from .abc import Provider, QuotaStore
+from .exceptions import ConfigurationError
+from .limits.guard import Limiter
+from .limits.values import Budget, RateLimit
+from .providers._http import HTTPProvider
+from .registry import ModelRegistry
+
+__all__: list[str] = []
+
+_T = TypeVar("_T")
+
+NO_TELEMETRY = (
+    "EmpathyLLMExecutor has no telemetry_store: calls work, but no LLMCallRecord "
+    "is kept, so nothing survives the process for routing or cost reports. Pass "
+    "telemetry_store='sqlite:///calls.db' (or NullTelemetryBackend() to opt out)."
+)
+
+
+def checked(value: _T | None, default: Callable[[], _T], kind: type[_T], name: str) -> _T:
+    """
+    ``value`` (``default()`` when None), which must be a ``kind``.
+
+    Raises:
+        ConfigurationError: it is not.
+    """
+    out = default() if value is None else value
+    if not isinstance(out, kind):
+        raise ConfigurationError(f"{name} must be a {kind.__name__}, got {value!r}")
+    return out
+
+
+def index_providers(
+    providers: Sequence[Provider] | Mapping[str, Provider], registry: ModelRegistry
+) -> dict[str, Provider]:
+    """
+    The providers by name: a sequence is keyed by each ``provider.name``.
+
+    Raises:
+        ConfigurationError: not providers, none, a name twice, or a name without models
+            in ``registry``.
+    """
+    pairs: list[tuple[object, object]]
+    if isinstance(providers, Mapping):
+        pairs = list(providers.items())
+    elif isinstance(providers, Sequence):
+        pairs = [(getattr(p, "name", None), p) for p in providers]
+    else:
+        raise ConfigurationError(
+            f"providers must be a sequence of Provider or a mapping, got {providers!r}"
+        )
+    if not pairs:
+        raise ConfigurationError("providers must not be empty")
+    out: dict[str, Provider] = {}
+    known = set(registry.providers())
+    for name, provider in pairs:
+        if not isinstance(provider, Provider):
+            raise ConfigurationError(f"providers[{name!r}] is not a Provider: {provider!r}")
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"provider {provider!r} has no name")
+        if name in out:
+            raise ConfigurationError(f"two providers are named {name!r}")
+        if name not in known:
+            raise ConfigurationError(
+                f"provider {name!r} has no models in the registry (price table "
+                f"{registry.price_version}; providers there: {', '.join(sorted(known))}"
+                "): a provider's name must be the registry's `provider` of its models; "
+                f"name it after one of those (e.g. {type(provider).__name__}(name="
+                f"{min(known)!r})) or pass registry= with models of {name!r}"
+                if known
+                else f"provider {name!r} has no models in the registry (price table "
+                f"{registry.price_version}, which is empty)"
+            )
+        out[name] = provider
+    return out
+
+
+def index_limits(
+    limits: int | Mapping[str, int], providers: Mapping[str, Provider]
+) -> dict[str, int]:
+    """
+    The most calls in flight per provider name (64 for a provider a mapping leaves out).
+
+    Raises:
+        ConfigurationError: a limit below 1 or not an int, or an unknown provider.
+    """
+
+    def check(name: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(
+                f"concurrency_per_provider[{name!r}] must be an integer >= 1, got {value!r}"
+            )
+        return value
+
+    if isinstance(limits, Mapping):
+        unknown = sorted(set(limits) - set(providers))
+        if unknown:
+            raise ConfigurationError(
+                f"concurrency_per_provider names unknown providers: {', '.join(unknown)}"
+            )
+        return {name: check(name, limits.get(name, 64)) for name in providers}
+    value = check("*", limits)
+    return dict.fromkeys(providers, value)
+
+
+def keyless_of(providers: Mapping[str, Provider]) -> frozenset[str]:
+    """
+    The providers that would fail locally, before any request (no API key): not routed
+    to; a model pinned with ``ExecutionContext.model`` is still tried, and its attempt
+    recorded as ``not_sent``, which neither the router nor the breaker counts.
+    """
+    return frozenset(
+        name for name, p in providers.items() if isinstance(p, HTTPProvider) and not p.has_api_key
+    )
+
+
+def keyless_message(providers: Mapping[str, Provider], keyless: frozenset[str]) -> str:
+    """The warning naming the providers without a key and what to do about each."""
+    return (
+        "no API key for "
+        + ", ".join(f"{name} ({_key_hint(providers[name])})" for name in sorted(keyless))
+        + ": "
+        + ("its" if len(keyless) == 1 else "their")
+        + " models are not routed to"
+    )
+
+
+def limiter_for(
+    registry: ModelRegistry,
+    budgets: Sequence[Budget] | Budget | None,
+    rate_limits: Mapping[str, RateLimit] | None,
+    quota_store: QuotaStore | str | None,
+    *,
+    max_wait: float,
+    sleep: Callable[[float], Awaitable[object]],
+    wall_clock: Callable[[], float],
+) -> Limiter | None:
+    """A `Limiter` when a budget or a rate limit (given, or a model's) applies; else None."""
+    if budgets or rate_limits or any(m.rpm or m.tpm for m in registry):
+        return Limiter(
+            budgets, rate_limits, quota_store, max_wait=max_wait, sleep=sleep, wall_clock=wall_clock
+        )
+    return None
