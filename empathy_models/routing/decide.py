@@ -363,13 +363,22 @@ def _best_by_draw(
 
 
 def _plausible(v: Verdict, cons: Constraints, rng: random.Random, policy: RoutingPolicy) -> bool:
-    # a Thompson draw: could this unproven candidate meet the constraints?
+    # a Thompson draw: could this unproven candidate meet the constraints (and, with
+    # more than a warm-up's evidence, be proven to)?
     s = v.summary
-    if v.success is UNPROVEN and cons.min_success_rate is not None:
+    min_sr = cons.min_success_rate
+    if v.success is UNPROVEN and min_sr is not None:
         draw = rng.betavariate(
             policy.prior_alpha + s.successes, policy.prior_beta + s.samples - s.successes
         )
-        if draw < cons.min_success_rate:
+        n = s.samples
+        if n >= policy.warmup_calls:
+            # past its warm-up, a candidate is worth measuring only if it could be
+            # proven within another warm-up's calls: the draw must clear the limit by
+            # the margin those calls would need (one sitting at the limit rarely does)
+            n += policy.warmup_calls
+            min_sr += policy.z * math.sqrt(min_sr * (1.0 - min_sr) / n)
+        if draw < min_sr:
             return False
     max_lat = cons.max_latency_ms
     if v.latency is UNPROVEN and max_lat is not None and s.p95 is not None:
