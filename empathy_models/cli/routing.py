@@ -260,59 +260,64 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
     for i, stats in enumerate(results):
         if i:
             print()
-        called = stats["total_calls"] > 0  # no calls: no success rate or cost to show
-        title = (
-            f"{stats['workflow']} / stage {stats['stage']}: {stats['total_calls']} calls in "
-            f"{stats['days_analyzed']:g} day(s), "
-            f"success {fmt_pct(stats['avg_success_rate'] if called else None)}, "
-            f"avg cost {fmt_usd(stats['avg_cost'] if called else None)}"
-        )
-        rows = []
-        warnings: list[str] = []
-        # time to first token columns only where some model streamed
-        streamed = any(m["ttft_p50"] is not None for m in stats["performance_by_model"].values())
-        for model, m in stats["performance_by_model"].items():
-            ttft = (fmt_ms(m["ttft_p50"]), fmt_ms(m["ttft_p95"])) if streamed else ()
-            rows.append(
-                (
-                    model,
-                    m["tier"],
-                    m["calls"],
-                    fmt_pct(m["success_rate"]),
-                    f"{fmt_pct(m['success_rate_lower'])}-{fmt_pct(m['success_rate_upper'])}",
-                    fmt_ms(m["p50"]),
-                    fmt_ms(m["p95"]),
-                    *ttft,
-                    fmt_usd(m["avg_cost"]),
-                )
-            )
-            if m["sample_size_warning"]:
-                calls = m["calls"]
-                warnings.append(
-                    f"{model}: only {calls} call{'' if calls == 1 else 's'}: the success rate "
-                    f"is known only to within {fmt_pct(m['success_rate_lower'])}-"
-                    f"{fmt_pct(m['success_rate_upper'])} (95%)"
-                )
-        print_table(
-            [
-                "model",
-                "tier",
-                "calls",
-                "success",
-                "95% bounds",
-                "p50 ms",
-                "p95 ms",
-                *(("ttft p50 ms", "ttft p95 ms") if streamed else ()),
-                "avg cost",
-            ],
-            rows,
-            title=title,
-        )
-        if stats["message"]:
-            print(f"note: {stats['message']}")
-        for warning in warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+        _print_stats(stats)
     return 0
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    """One workflow's routing stats: a row per model, the note, sample-size warnings."""
+    called = stats["total_calls"] > 0  # no calls: no success rate or cost to show
+    title = (
+        f"{stats['workflow']} / stage {stats['stage']}: {stats['total_calls']} calls in "
+        f"{stats['days_analyzed']:g} day(s), "
+        f"success {fmt_pct(stats['avg_success_rate'] if called else None)}, "
+        f"avg cost {fmt_usd(stats['avg_cost'] if called else None)}"
+    )
+    rows = []
+    warnings: list[str] = []
+    # time to first token columns only where some model streamed
+    streamed = any(m["ttft_p50"] is not None for m in stats["performance_by_model"].values())
+    for model, m in stats["performance_by_model"].items():
+        ttft = (fmt_ms(m["ttft_p50"]), fmt_ms(m["ttft_p95"])) if streamed else ()
+        rows.append(
+            (
+                model,
+                m["tier"],
+                m["calls"],
+                fmt_pct(m["success_rate"]),
+                f"{fmt_pct(m['success_rate_lower'])}-{fmt_pct(m['success_rate_upper'])}",
+                fmt_ms(m["p50"]),
+                fmt_ms(m["p95"]),
+                *ttft,
+                fmt_usd(m["avg_cost"]),
+            )
+        )
+        if m["sample_size_warning"]:
+            calls = m["calls"]
+            warnings.append(
+                f"{model}: only {calls} call{'' if calls == 1 else 's'}: the success rate "
+                f"is known only to within {fmt_pct(m['success_rate_lower'])}-"
+                f"{fmt_pct(m['success_rate_upper'])} (95%)"
+            )
+    print_table(
+        [
+            "model",
+            "tier",
+            "calls",
+            "success",
+            "95% bounds",
+            "p50 ms",
+            "p95 ms",
+            *(("ttft p50 ms", "ttft p95 ms") if streamed else ()),
+            "avg cost",
+        ],
+        rows,
+        title=title,
+    )
+    if stats["message"]:
+        print(f"note: {stats['message']}")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- best
