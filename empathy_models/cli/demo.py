@@ -279,6 +279,182 @@ def _demo_registry() -> ModelRegistry:
 # --------------------------------------------------------------------------- the run
 
 
+def _premium_baseline(registry: ModelRegistry) -> dict[str, ModelInfo]:
+    """Per provider, its most expensive premium model: what every call is compared with."""
+    return {
+        provider: max(
+            (m for m in registry.for_tier(ModelTier.PREMIUM) if m.provider == provider),
+            key=lambda m: m.price_per_mtok,
+        )
+        for provider in registry.providers()
+    }
+
+
+def _fake_behaviors() -> dict[str, ModelBehavior]:
+    """How the fake server answers each demo model: latency, failures, output size."""
+    return {
+        m.id: ModelBehavior(
+            latency=Latency.lognormal(m.median_ms, 0.35),
+            failure_rate=m.failure_rate,
+            failures=(500, 503, 529),
+            output_tokens=m.output_tokens,
+        )
+        for m in _MODELS
+    }
+
+
+def _breaker_policy() -> BreakerPolicy:
+    """A breaker quick enough to trip, probe and close within a few-second demo."""
+    return BreakerPolicy(
+        consecutive_failures=5,
+        failure_rate_threshold=0.5,
+        minimum_calls=20,
+        window_seconds=5.0,
+        recovery_seconds=0.1,
+        max_recovery_seconds=0.8,
+        probe_lease_seconds=5.0,
+    )
+
+
+def _prompts() -> dict[str, str]:
+    """Each stage's prompt, ``prompt_chars`` long."""
+    return {
+        s.stage: ("Please handle this request carefully. " * (s.prompt_chars // 38 + 1))[
+            : s.prompt_chars
+        ]
+        for s in _STAGES
+    }
+
+
+@define(kw_only=True)
+class _TransitionLog:
+    """The breaker listener: each state change, with the seconds since the demo started."""
+
+    started: float
+    entries: list[dict[str, Any]] = field(factory=list)
+
+    def on_event(self, event: BreakerEvent) -> None:
+        """Log ``event`` when it is a state change, with a plain reason for probes."""
+        if event.new_state is None or event.old_state is None:
+            return
+        if event.kind.value != "state_changed":
+            return
+        reason = event.reason
+        if event.new_state.value == "half_open":
+            reason = "open time elapsed: probing"
+        elif event.new_state.value == "closed" and event.old_state.value == "half_open":
+            reason = "probe succeeded"
+        self.entries.append(
+            {
+                "at_s": round(time.perf_counter() - self.started, 3),
+                "key": event.key,
+                "from": event.old_state.value,
+                "to": event.new_state.value,
+                "reason": reason,
+            }
+        )
+
+
+@define(kw_only=True)
+class _Traffic:
+    """
+    The demo's requests, sent by a few concurrent workers through one executor.
+
+    Workers take the next index of ``plan`` in turn (no await between reading and
+    advancing it, so each index is sent once), switch the outage on and off at its
+    indexes, and add what each request did to its stage's `_StageTally`.
+    """
+
+    calls: int
+    plan: list[_Stage]
+    prompts: dict[str, str]
+    tallies: dict[tuple[str, str], _StageTally]
+    baseline: dict[str, ModelInfo]
+    outage: bool
+    outage_start: int
+    outage_end: int
+    outage_log: dict[str, Any]
+    started: float
+    progress: Progress | None
+    next_index: int = 0
+
+    async def run(
+        self, server: FakeLLMServer, executor: EmpathyLLMExecutor, concurrency: int
+    ) -> None:
+        """
+        Send every planned request, ``concurrency`` at a time.
+
+        Args:
+            server: the fake, whose outage the workers switch.
+            executor: what every request goes through.
+            concurrency: requests in flight.
+        """
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(concurrency, self.calls)):
+                tg.start_soon(self._worker, server, executor)
+        if self.outage_end >= self.calls and server.outages:
+            server.set_outage(_OUTAGE_PROVIDER, False)
+
+    async def _worker(self, server: FakeLLMServer, executor: EmpathyLLMExecutor) -> None:
+        while self.next_index < self.calls:
+            index = self.next_index
+            self.next_index += 1
+            self._switch_outage(server, index)
+            await self._request(executor, self.plan[index])
+            if self.progress is not None:
+                self.progress.advance()
+
+    def _switch_outage(self, server: FakeLLMServer, index: int) -> None:
+        """Take the outage provider down at ``outage_start``, bring it back at ``outage_end``."""
+        if not self.outage:
+            return
+        if index == self.outage_start:
+            server.set_outage(_OUTAGE_PROVIDER, True, action=503)
+            self.outage_log["started_at_s"] = round(time.perf_counter() - self.started, 3)
+        elif index == self.outage_end:
+            server.set_outage(_OUTAGE_PROVIDER, False)
+            self.outage_log["ended_at_s"] = round(time.perf_counter() - self.started, 3)
+
+    async def _request(self, executor: EmpathyLLMExecutor, stage: _Stage) -> None:
+        """One request of ``stage``, counted in its tally whether it is answered or not."""
+        tally = self.tallies[(stage.workflow, stage.stage)]
+        tally.requests += 1
+        context = ExecutionContext(
+            workflow=stage.workflow,
+            stage=stage.stage,
+            task_type=stage.task_type,
+            min_success_rate=stage.min_success_rate,
+            max_latency_ms=stage.max_latency_ms,
+            max_ttft_ms=stage.max_ttft_ms,
+            max_tokens=1024,
+            timeout=5.0,
+        )
+        t0 = time.perf_counter()
+        try:
+            response: LLMResponse
+            if stage.streamed:
+                async with executor.stream(self.prompts[stage.stage], context) as stream:
+                    async for _ in stream:
+                        pass
+                    response = await stream.get_final_response()
+                if response.ttft_ms is not None:
+                    tally.ttfts.append(response.ttft_ms)
+            else:
+                response = await executor.run(self.prompts[stage.stage], context)
+        except (AllRoutesFailedError, EmpathyModelsError):
+            tally.failed += 1
+        else:
+            tally.answered += 1
+            tally.latencies.append((time.perf_counter() - t0) * 1000.0)
+            tally.cost += response.cost_usd
+            tally.baseline += self.baseline[response.provider].cost(
+                response.input_tokens, response.output_tokens
+            )
+            tally.models[response.model] = tally.models.get(response.model, 0) + 1
+            if response.fallback_used:
+                tally.fallbacks += 1
+
+
 async def run_demo(
     *,
     calls: int,
@@ -302,86 +478,84 @@ async def run_demo(
     stages = _stages_with(constraints or {})
     rng = random.Random(seed)
     registry = _demo_registry()
-    # the baseline: every call on its provider's most expensive premium model
-    baseline = {
-        provider: max(
-            (m for m in registry.for_tier(ModelTier.PREMIUM) if m.provider == provider),
-            key=lambda m: m.price_per_mtok,
-        )
-        for provider in registry.providers()
-    }
-    behaviors = {
-        m.id: ModelBehavior(
-            latency=Latency.lognormal(m.median_ms, 0.35),
-            failure_rate=m.failure_rate,
-            failures=(500, 503, 529),
-            output_tokens=m.output_tokens,
-        )
-        for m in _MODELS
-    }
+    baseline = _premium_baseline(registry)
     outage_start = max(1, int(calls * 0.35))
     outage_end = max(outage_start + 1, int(calls * 0.65))
-    transitions: list[dict[str, Any]] = []
     started = time.perf_counter()
-
-    def on_event(event: BreakerEvent) -> None:
-        if event.new_state is None or event.old_state is None:
-            return
-        if event.kind.value != "state_changed":
-            return
-        reason = event.reason
-        if event.new_state.value == "half_open":
-            reason = "open time elapsed: probing"
-        elif event.new_state.value == "closed" and event.old_state.value == "half_open":
-            reason = "probe succeeded"
-        transitions.append(
-            {
-                "at_s": round(time.perf_counter() - started, 3),
-                "key": event.key,
-                "from": event.old_state.value,
-                "to": event.new_state.value,
-                "reason": reason,
-            }
-        )
-
-    policy = BreakerPolicy(
-        consecutive_failures=5,
-        failure_rate_threshold=0.5,
-        minimum_calls=20,
-        window_seconds=5.0,
-        recovery_seconds=0.1,
-        max_recovery_seconds=0.8,
-        probe_lease_seconds=5.0,
+    transitions = _TransitionLog(started=started)
+    weights = [s.weight for s in stages]
+    traffic = _Traffic(
+        calls=calls,
+        plan=[rng.choices(stages, weights)[0] for _ in range(calls)],
+        prompts=_prompts(),
+        tallies={(s.workflow, s.stage): _StageTally() for s in _STAGES},
+        baseline=baseline,
+        outage=outage,
+        outage_start=outage_start,
+        outage_end=outage_end,
+        outage_log={"provider": _OUTAGE_PROVIDER, "from_call": outage_start, "to_call": outage_end},
+        started=started,
+        progress=progress,
     )
+    performance, breakers, wall = await _send_through_the_sdk(
+        traffic,
+        registry=registry,
+        db_url=db_url,
+        seed=seed,
+        concurrency=concurrency,
+        transitions=transitions,
+    )
+    return _result(
+        calls=calls,
+        seed=seed,
+        db_url=db_url,
+        wall=wall,
+        baseline_model=", ".join(f"{m.id} for {p} calls" for p, m in sorted(baseline.items())),
+        outage=traffic.outage_log,
+        tallies=traffic.tallies,
+        performance=performance,
+        transitions=transitions.entries,
+        states=breakers,
+    )
+
+
+async def _send_through_the_sdk(
+    traffic: _Traffic,
+    *,
+    registry: ModelRegistry,
+    db_url: str,
+    seed: int,
+    concurrency: int,
+    transitions: _TransitionLog,
+) -> tuple[list[ModelPerformance], list[dict[str, Any]], float]:
+    """
+    Start the fake, telemetry, breaker, router and executor, and send ``traffic``.
+
+    Args:
+        traffic: the planned requests, tallied as they are answered.
+        registry: the demo's models and prices.
+        db_url: the database for telemetry and breaker state.
+        seed: seeds the fake, the router and the retry jitter.
+        concurrency: requests in flight.
+        transitions: the breaker listener.
+
+    Returns:
+        What telemetry recorded per model and stage since the start, every breaker
+        key's state, and the seconds since ``traffic.started``.
+    """
     retry = RetryPolicy(
         max_attempts=2, base_delay=0.005, max_delay=0.05, rng=random.Random(seed + 1)
     )
-    tallies: dict[tuple[str, str], _StageTally] = {
-        (s.workflow, s.stage): _StageTally() for s in _STAGES
-    }
-    weights = [s.weight for s in stages]
-    plan = [rng.choices(stages, weights)[0] for _ in range(calls)]
-    prompts = {
-        s.stage: ("Please handle this request carefully. " * (s.prompt_chars // 38 + 1))[
-            : s.prompt_chars
-        ]
-        for s in _STAGES
-    }
     run_start = datetime.now(UTC)
-    next_index = 0
-    outage_log: dict[str, Any] = {
-        "provider": _OUTAGE_PROVIDER,
-        "from_call": outage_start,
-        "to_call": outage_end,
-    }
-
     async with (
         AsyncExitStack() as stack,
-        FakeLLMServer(behaviors, api_key=_API_KEY, seed=seed) as server,
+        FakeLLMServer(_fake_behaviors(), api_key=_API_KEY, seed=seed) as server,
         telemetry_from_url(db_url) as telemetry,
         # entered here so that it is closed (after the breaker) however the demo ends
         state_store_from_url(db_url) as store,
-        CircuitBreaker(store=store, policy=policy, listeners=[on_event]) as breaker,
+        CircuitBreaker(
+            store=store, policy=_breaker_policy(), listeners=[transitions.on_event]
+        ) as breaker,
     ):
         router = AdaptiveModelRouter(
             registry=registry,
@@ -403,91 +577,22 @@ async def run_demo(
             breaker=breaker,
             retry=retry,
         ) as executor:
-
-            async def worker() -> None:
-                nonlocal next_index
-                while next_index < calls:
-                    index = next_index
-                    next_index += 1
-                    if not outage:
-                        pass
-                    elif index == outage_start:
-                        server.set_outage(_OUTAGE_PROVIDER, True, action=503)
-                        outage_log["started_at_s"] = round(time.perf_counter() - started, 3)
-                    elif index == outage_end:
-                        server.set_outage(_OUTAGE_PROVIDER, False)
-                        outage_log["ended_at_s"] = round(time.perf_counter() - started, 3)
-                    stage = plan[index]
-                    tally = tallies[(stage.workflow, stage.stage)]
-                    tally.requests += 1
-                    context = ExecutionContext(
-                        workflow=stage.workflow,
-                        stage=stage.stage,
-                        task_type=stage.task_type,
-                        min_success_rate=stage.min_success_rate,
-                        max_latency_ms=stage.max_latency_ms,
-                        max_ttft_ms=stage.max_ttft_ms,
-                        max_tokens=1024,
-                        timeout=5.0,
-                    )
-                    t0 = time.perf_counter()
-                    try:
-                        response: LLMResponse
-                        if stage.streamed:
-                            async with executor.stream(prompts[stage.stage], context) as stream:
-                                async for _ in stream:
-                                    pass
-                                response = await stream.get_final_response()
-                            if response.ttft_ms is not None:
-                                tally.ttfts.append(response.ttft_ms)
-                        else:
-                            response = await executor.run(prompts[stage.stage], context)
-                    except (AllRoutesFailedError, EmpathyModelsError):
-                        tally.failed += 1
-                    else:
-                        tally.answered += 1
-                        tally.latencies.append((time.perf_counter() - t0) * 1000.0)
-                        tally.cost += response.cost_usd
-                        tally.baseline += baseline[response.provider].cost(
-                            response.input_tokens, response.output_tokens
-                        )
-                        tally.models[response.model] = tally.models.get(response.model, 0) + 1
-                        if response.fallback_used:
-                            tally.fallbacks += 1
-                    if progress is not None:
-                        progress.advance()
-
-            async with anyio.create_task_group() as tg:
-                for _ in range(min(concurrency, calls)):
-                    tg.start_soon(worker)
-            if outage_end >= calls and server.outages:
-                server.set_outage(_OUTAGE_PROVIDER, False)
+            await traffic.run(server, executor, concurrency)
         await telemetry.flush()
         performance = await telemetry.aggregate(since=run_start)
         await breaker.flush()
         states = await breaker.snapshot()
-        wall = time.perf_counter() - started
-
-    return _result(
-        calls=calls,
-        seed=seed,
-        db_url=db_url,
-        wall=wall,
-        baseline_model=", ".join(f"{m.id} for {p} calls" for p, m in sorted(baseline.items())),
-        outage=outage_log,
-        tallies=tallies,
-        performance=performance,
-        transitions=transitions,
-        states=[
-            {
-                "key": s.key,
-                "state": s.state.value,
-                "trips": s.open_count,
-                "consecutive_failures": s.consecutive_failures,
-            }
-            for s in states
-        ],
-    )
+        wall = time.perf_counter() - traffic.started
+    breakers = [
+        {
+            "key": s.key,
+            "state": s.state.value,
+            "trips": s.open_count,
+            "consecutive_failures": s.consecutive_failures,
+        }
+        for s in states
+    ]
+    return performance, breakers, wall
 
 
 def _result(
@@ -503,6 +608,36 @@ def _result(
     transitions: list[dict[str, Any]],
     states: list[dict[str, Any]],
 ) -> DemoResult:
+    """The `DemoResult` of a finished run: its stages, models and totals."""
+    total_cost = sum(t.cost for t in tallies.values())
+    total_baseline = sum(t.baseline for t in tallies.values())
+    totals = {
+        "requests": sum(t.requests for t in tallies.values()),
+        "answered": sum(t.answered for t in tallies.values()),
+        "failed": sum(t.failed for t in tallies.values()),
+        "attempts_recorded": sum(p.sample_size for p in performance),
+        "cost_usd": total_cost,
+        "premium_baseline_usd": total_baseline,
+        "saving": (1.0 - total_cost / total_baseline) if total_baseline else None,
+        "breaker_transitions": len(transitions),
+    }
+    return DemoResult(
+        calls=calls,
+        seed=seed,
+        db=db_url,
+        wall_seconds=round(wall, 3),
+        baseline_model=baseline_model,
+        outage=outage,
+        stages=_stage_rows(tallies),
+        models=_model_rows(performance, tallies),
+        transitions=transitions,
+        breakers=states,
+        totals=totals,
+    )
+
+
+def _stage_rows(tallies: dict[tuple[str, str], _StageTally]) -> list[dict[str, Any]]:
+    """Each stage's requests end to end, as ``--json`` prints them."""
     stages = []
     streamed = {(s.workflow, s.stage) for s in _STAGES if s.streamed}
     for (workflow, stage), t in tallies.items():
@@ -525,6 +660,13 @@ def _result(
                 "answered_by": dict(sorted(t.models.items(), key=lambda kv: -kv[1])),
             }
         )
+    return stages
+
+
+def _model_rows(
+    performance: list[ModelPerformance], tallies: dict[tuple[str, str], _StageTally]
+) -> list[dict[str, Any]]:
+    """Each model's attempts per stage from telemetry, with its share of the answers."""
     models = []
     for p in performance:
         low, high = p.success_rate_bounds
@@ -551,31 +693,7 @@ def _result(
                 "cost_usd": p.avg_cost_usd * p.sample_size,
             }
         )
-    total_cost = sum(t.cost for t in tallies.values())
-    total_baseline = sum(t.baseline for t in tallies.values())
-    totals = {
-        "requests": sum(t.requests for t in tallies.values()),
-        "answered": sum(t.answered for t in tallies.values()),
-        "failed": sum(t.failed for t in tallies.values()),
-        "attempts_recorded": sum(p.sample_size for p in performance),
-        "cost_usd": total_cost,
-        "premium_baseline_usd": total_baseline,
-        "saving": (1.0 - total_cost / total_baseline) if total_baseline else None,
-        "breaker_transitions": len(transitions),
-    }
-    return DemoResult(
-        calls=calls,
-        seed=seed,
-        db=db_url,
-        wall_seconds=round(wall, 3),
-        baseline_model=baseline_model,
-        outage=outage,
-        stages=stages,
-        models=models,
-        transitions=transitions,
-        breakers=states,
-        totals=totals,
-    )
+    return models
 
 
 # --------------------------------------------------------------------------- output
@@ -611,6 +729,27 @@ def _confirm_writing(target: str, why: str, *, assume_yes: bool) -> None:
 def _print(
     result: DemoResult, *, kept_db: Path | None, temporary: bool, backend: str = "SQLite"
 ) -> None:
+    """
+    The demo's summary as text: the run, two tables, the breaker's transitions, the totals.
+
+    Args:
+        result: what the demo measured.
+        kept_db: the SQLite file kept for the other commands, if any.
+        temporary: the database was a temporary one (removed at the end).
+        backend: the telemetry engine's name, for the first table's title.
+    """
+    _print_run(result)
+    print()
+    _print_models(result, backend)
+    print()
+    _print_stages(result)
+    print()
+    _print_transitions(result)
+    _print_totals(result, kept_db=kept_db, temporary=temporary)
+
+
+def _print_run(result: DemoResult) -> None:
+    """What ran: requests, stages, models, seed, and when the outage was."""
     o = result.outage
     print(
         f"empathy-models demo: {result.calls} requests, {len(_STAGES)} workflow stages, "
@@ -626,7 +765,10 @@ def _print(
             else ""
         )
     )
-    print()
+
+
+def _print_models(result: DemoResult, backend: str) -> None:
+    """The table of models chosen per workflow/stage."""
     print_table(
         [
             "workflow",
@@ -658,7 +800,10 @@ def _print(
         title=f"Models chosen per workflow/stage (from {backend} telemetry; attempts include "
         "failures)",
     )
-    print()
+
+
+def _print_stages(result: DemoResult) -> None:
+    """The table of requests end to end per stage, with the always-premium baseline."""
     print_table(
         [
             "workflow",
@@ -694,7 +839,10 @@ def _print(
         title="Requests end to end; cost vs always premium "
         f"({result.baseline_model}; same tokens, registry prices)",
     )
-    print()
+
+
+def _print_transitions(result: DemoResult) -> None:
+    """Every breaker transition the listener saw."""
     print("Breaker transitions (listener events)")
     if not result.transitions:
         print("  (none)")
@@ -705,6 +853,10 @@ def _print(
             f"  +{t['at_s']:7.3f}s  {t['key']:<{key_width}} {t['from']:>11} -> "
             f"{t['to']:<11}{reason}"
         )
+
+
+def _print_totals(result: DemoResult, *, kept_db: Path | None, temporary: bool) -> None:
+    """The totals line, and how to keep or explore the database."""
     t = result.totals
     print()
     print(

@@ -6,7 +6,7 @@ import argparse
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from empathy_models import (
     AdaptiveModelRouter,
@@ -36,6 +36,9 @@ from ._common import (
     run_async,
 )
 
+if TYPE_CHECKING:
+    from empathy_models.whatif import WhatIfReport
+
 __all__ = [
     "cmd_routing_best",
     "cmd_routing_stats",
@@ -63,29 +66,51 @@ def register(subparsers: SubParsers) -> None:
     )
     sub = group.add_subparsers(dest="routing_command", metavar="SUBCOMMAND")
     group.set_defaults(func=None, help_parser=group)
+    _register_stats(sub)
+    _register_best(sub)
+    _register_whatif(sub)
+    _register_upgrades(sub)
 
-    def leaf(name: str, help_text: str) -> argparse.ArgumentParser:
-        # `help` is %-formatted by argparse, a description is printed as written
-        p: argparse.ArgumentParser = sub.add_parser(
-            name, help=help_text, description=help_text.replace("%%", "%")
-        )
-        add_common(p)
-        p.add_argument(
-            "--registry",
-            type=Path,
-            default=None,
-            help="models and prices from a TOML or JSON file (default: the one named in "
-            "empathy.toml, else the built-in table)",
-        )
-        p.add_argument("--days", type=_days, default=7.0, help="window in days (default 7)")
-        return p
 
-    stats = leaf("stats", "per-model calls, success rate with 95%% bounds, latency and cost")
+def _leaf(sub: SubParsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    """
+    Add one ``routing`` sub-command with the options every one of them takes.
+
+    Args:
+        sub: the ``routing`` group's sub-parsers.
+        name: the sub-command.
+        help_text: its help line (``%%`` for a percent sign) and description.
+
+    Returns:
+        The sub-command's parser, for its own arguments.
+    """
+    # `help` is %-formatted by argparse, a description is printed as written
+    p: argparse.ArgumentParser = sub.add_parser(
+        name, help=help_text, description=help_text.replace("%%", "%")
+    )
+    add_common(p)
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="models and prices from a TOML or JSON file (default: the one named in "
+        "empathy.toml, else the built-in table)",
+    )
+    p.add_argument("--days", type=_days, default=7.0, help="window in days (default 7)")
+    return p
+
+
+def _register_stats(sub: SubParsers) -> None:
+    """Add ``routing stats``."""
+    stats = _leaf(sub, "stats", "per-model calls, success rate with 95%% bounds, latency and cost")
     stats.add_argument("workflow", nargs="?", help="one workflow (default: every workflow)")
     stats.add_argument("--stage", help="one stage (default: all stages together)")
     stats.set_defaults(func=cmd_routing_stats)
 
-    best = leaf("best", "the model the router would pick now for a workflow stage, and why")
+
+def _register_best(sub: SubParsers) -> None:
+    """Add ``routing best``."""
+    best = _leaf(sub, "best", "the model the router would pick now for a workflow stage, and why")
     best.add_argument("workflow", help="the workflow to route")
     best.add_argument("stage", help="its stage")
     best.add_argument("--max-cost", type=_non_negative_float, help="USD per call")
@@ -115,7 +140,11 @@ def register(subparsers: SubParsers) -> None:
     )
     best.set_defaults(func=cmd_routing_best)
 
-    whatif = leaf(
+
+def _register_whatif(sub: SubParsers) -> None:
+    """Add ``routing whatif``."""
+    whatif = _leaf(
+        sub,
         "whatif",
         "what a routing policy would cost and deliver on a stage, estimated from its "
         "recorded telemetry before you deploy it",
@@ -168,7 +197,12 @@ def register(subparsers: SubParsers) -> None:
     )
     whatif.set_defaults(func=cmd_routing_whatif)
 
-    upgrades = leaf("upgrades", "stages whose recent failure rate advises a more capable tier")
+
+def _register_upgrades(sub: SubParsers) -> None:
+    """Add ``routing upgrades``."""
+    upgrades = _leaf(
+        sub, "upgrades", "stages whose recent failure rate advises a more capable tier"
+    )
     upgrades.add_argument("workflow", nargs="?", help="one workflow (default: every workflow)")
     upgrades.add_argument("--stage", help="one stage")
     upgrades.set_defaults(func=cmd_routing_upgrades)
@@ -226,59 +260,64 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
     for i, stats in enumerate(results):
         if i:
             print()
-        called = stats["total_calls"] > 0  # no calls: no success rate or cost to show
-        title = (
-            f"{stats['workflow']} / stage {stats['stage']}: {stats['total_calls']} calls in "
-            f"{stats['days_analyzed']:g} day(s), "
-            f"success {fmt_pct(stats['avg_success_rate'] if called else None)}, "
-            f"avg cost {fmt_usd(stats['avg_cost'] if called else None)}"
-        )
-        rows = []
-        warnings: list[str] = []
-        # time to first token columns only where some model streamed
-        streamed = any(m["ttft_p50"] is not None for m in stats["performance_by_model"].values())
-        for model, m in stats["performance_by_model"].items():
-            ttft = (fmt_ms(m["ttft_p50"]), fmt_ms(m["ttft_p95"])) if streamed else ()
-            rows.append(
-                (
-                    model,
-                    m["tier"],
-                    m["calls"],
-                    fmt_pct(m["success_rate"]),
-                    f"{fmt_pct(m['success_rate_lower'])}-{fmt_pct(m['success_rate_upper'])}",
-                    fmt_ms(m["p50"]),
-                    fmt_ms(m["p95"]),
-                    *ttft,
-                    fmt_usd(m["avg_cost"]),
-                )
-            )
-            if m["sample_size_warning"]:
-                calls = m["calls"]
-                warnings.append(
-                    f"{model}: only {calls} call{'' if calls == 1 else 's'}: the success rate "
-                    f"is known only to within {fmt_pct(m['success_rate_lower'])}-"
-                    f"{fmt_pct(m['success_rate_upper'])} (95%)"
-                )
-        print_table(
-            [
-                "model",
-                "tier",
-                "calls",
-                "success",
-                "95% bounds",
-                "p50 ms",
-                "p95 ms",
-                *(("ttft p50 ms", "ttft p95 ms") if streamed else ()),
-                "avg cost",
-            ],
-            rows,
-            title=title,
-        )
-        if stats["message"]:
-            print(f"note: {stats['message']}")
-        for warning in warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+        _print_stats(stats)
     return 0
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    """One workflow's routing stats: a row per model, the note, sample-size warnings."""
+    called = stats["total_calls"] > 0  # no calls: no success rate or cost to show
+    title = (
+        f"{stats['workflow']} / stage {stats['stage']}: {stats['total_calls']} calls in "
+        f"{stats['days_analyzed']:g} day(s), "
+        f"success {fmt_pct(stats['avg_success_rate'] if called else None)}, "
+        f"avg cost {fmt_usd(stats['avg_cost'] if called else None)}"
+    )
+    rows = []
+    warnings: list[str] = []
+    # time to first token columns only where some model streamed
+    streamed = any(m["ttft_p50"] is not None for m in stats["performance_by_model"].values())
+    for model, m in stats["performance_by_model"].items():
+        ttft = (fmt_ms(m["ttft_p50"]), fmt_ms(m["ttft_p95"])) if streamed else ()
+        rows.append(
+            (
+                model,
+                m["tier"],
+                m["calls"],
+                fmt_pct(m["success_rate"]),
+                f"{fmt_pct(m['success_rate_lower'])}-{fmt_pct(m['success_rate_upper'])}",
+                fmt_ms(m["p50"]),
+                fmt_ms(m["p95"]),
+                *ttft,
+                fmt_usd(m["avg_cost"]),
+            )
+        )
+        if m["sample_size_warning"]:
+            calls = m["calls"]
+            warnings.append(
+                f"{model}: only {calls} call{'' if calls == 1 else 's'}: the success rate "
+                f"is known only to within {fmt_pct(m['success_rate_lower'])}-"
+                f"{fmt_pct(m['success_rate_upper'])} (95%)"
+            )
+    print_table(
+        [
+            "model",
+            "tier",
+            "calls",
+            "success",
+            "95% bounds",
+            "p50 ms",
+            "p95 ms",
+            *(("ttft p50 ms", "ttft p95 ms") if streamed else ()),
+            "avg cost",
+        ],
+        rows,
+        title=title,
+    )
+    if stats["message"]:
+        print(f"note: {stats['message']}")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- best
@@ -293,56 +332,89 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
     """Seed a router from the database and ask it for ``workflow``/``stage`` (no exploration)."""
     url = db_url(args.db)
     registry = _registry(args)
-    if args.tier is not None:
-        candidates: list[str] | None = [m.id for m in registry.for_tier(args.tier)]
-    elif args.candidates is not None:
-        candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
-        if not candidates:
-            raise CliError("--candidates needs at least one model id", code=2)
-        known = {m.id for m in registry.models}
-        unknown = [c for c in candidates if c not in known]
-        if unknown:
-            raise CliError(
-                f"unknown model id(s) in --candidates: {', '.join(unknown)} (known: "
-                f"{', '.join(sorted(known))}; pass --registry FILE for your own models)",
-                code=2,
-            )
-    else:
-        candidates = None
-    policy = RoutingPolicy(explore_rate=0.0, window_days=args.days)
-
-    async def body() -> RoutingDecision:
-        async with telemetry_from_url(url, **read_only(url)) as backend:
-            chosen = candidates
-            if chosen is None:
-                seen = await _stages(backend, args.days, args.workflow, args.stage)
-                chosen = sorted({m for _, _, models in seen for m in models})
-                if not chosen:
-                    raise CliError(
-                        f"no calls recorded for {args.workflow}/{args.stage} in the last "
-                        f"{args.days:g} day(s); pass --tier or --candidates to choose among "
-                        "models without history"
-                    )
-            async with AdaptiveModelRouter(
-                registry, backend, policy=policy, refresh_interval=None, seed=0
-            ) as router:
-                return router.get_best_model(
-                    args.workflow,
-                    args.stage,
-                    candidates=chosen,
-                    input_tokens=args.input_tokens,
-                    max_tokens=args.max_tokens,
-                    max_cost=args.max_cost,
-                    max_latency_ms=args.max_latency_ms,
-                    min_success_rate=args.min_success_rate,
-                    on_no_match=args.on_no_match,
-                    max_ttft_ms=args.max_ttft_ms,
-                )
-
-    decision = run_async(body)
+    candidates = _best_candidates(args, registry)
+    decision = run_async(lambda: _best_decision(args, url, registry, candidates))
     if args.json:
         emit_json(decision_dict(decision))
         return 0
+    _print_best(args, decision)
+    return 0
+
+
+def _best_candidates(args: argparse.Namespace, registry: ModelRegistry) -> list[str] | None:
+    """
+    The candidates ``--tier`` or ``--candidates`` name, or ``None`` for the stage's own.
+
+    Raises:
+        CliError: ``--candidates`` is empty or names a model the registry does not know.
+    """
+    if args.tier is not None:
+        return [m.id for m in registry.for_tier(args.tier)]
+    if args.candidates is None:
+        return None
+    candidates: list[str] = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    if not candidates:
+        raise CliError("--candidates needs at least one model id", code=2)
+    known = {m.id for m in registry.models}
+    unknown = [c for c in candidates if c not in known]
+    if unknown:
+        raise CliError(
+            f"unknown model id(s) in --candidates: {', '.join(unknown)} (known: "
+            f"{', '.join(sorted(known))}; pass --registry FILE for your own models)",
+            code=2,
+        )
+    return candidates
+
+
+async def _best_decision(
+    args: argparse.Namespace, url: str, registry: ModelRegistry, candidates: list[str] | None
+) -> RoutingDecision:
+    """
+    The router's decision for the stage, seeded from the database at ``url``.
+
+    Args:
+        args: the parsed ``routing best`` arguments (stage and constraints).
+        url: the telemetry database, opened read-only.
+        registry: the models and prices.
+        candidates: the models to choose among; ``None``: those seen in the window.
+
+    Returns:
+        The decision, without exploration.
+
+    Raises:
+        CliError: no candidates given and no call recorded for the stage in the window.
+    """
+    policy = RoutingPolicy(explore_rate=0.0, window_days=args.days)
+    async with telemetry_from_url(url, **read_only(url)) as backend:
+        chosen = candidates
+        if chosen is None:
+            seen = await _stages(backend, args.days, args.workflow, args.stage)
+            chosen = sorted({m for _, _, models in seen for m in models})
+            if not chosen:
+                raise CliError(
+                    f"no calls recorded for {args.workflow}/{args.stage} in the last "
+                    f"{args.days:g} day(s); pass --tier or --candidates to choose among "
+                    "models without history"
+                )
+        async with AdaptiveModelRouter(
+            registry, backend, policy=policy, refresh_interval=None, seed=0
+        ) as router:
+            return router.get_best_model(
+                args.workflow,
+                args.stage,
+                candidates=chosen,
+                input_tokens=args.input_tokens,
+                max_tokens=args.max_tokens,
+                max_cost=args.max_cost,
+                max_latency_ms=args.max_latency_ms,
+                min_success_rate=args.min_success_rate,
+                on_no_match=args.on_no_match,
+                max_ttft_ms=args.max_ttft_ms,
+            )
+
+
+def _print_best(args: argparse.Namespace, decision: RoutingDecision) -> None:
+    """The decision and its candidates, as tables."""
     print_pairs(
         [
             ("model", decision.model),
@@ -377,7 +449,6 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
             for c in decision.candidates
         ],
     )
-    return 0
 
 
 # --------------------------------------------------------------------------- whatif
@@ -385,13 +456,6 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
 
 def cmd_routing_whatif(args: argparse.Namespace) -> int:
     """`empathy_models.whatif.evaluate_policy` for one stage: a table, JSON, or a plot."""
-    from empathy_models.whatif import (
-        WhatIfReport,
-        evaluate_policy,
-        load_stage_evidence,
-        sweep_min_success_rate,
-    )
-
     url = db_url(args.db)
     registry = _registry(args)
     candidates: list[str] | None = None
@@ -399,20 +463,7 @@ def cmd_routing_whatif(args: argparse.Namespace) -> int:
         candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
         if not candidates:
             raise CliError("--candidates needs at least one model id", code=2)
-    sweep: list[float] = []
-    if args.plot is not None:
-        try:
-            sweep = sorted({float(v) for v in args.sweep.split(",") if v.strip()})
-        except ValueError:
-            sweep = []
-        if not sweep or any(not 0.0 <= v <= 1.0 for v in sweep):
-            raise CliError(f"--sweep: expected numbers between 0 and 1, got {args.sweep!r}", 2)
-        if not args.plot.parent.is_dir():
-            raise CliError(f"--plot {args.plot}: the directory {args.plot.parent} does not exist")
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise CliError("--plot needs matplotlib: pip install matplotlib") from None
+    sweep = _whatif_sweep(args) if args.plot is not None else []
     options: dict[str, Any] = {
         "max_cost": args.max_cost,
         "max_latency_ms": args.max_latency_ms,
@@ -425,53 +476,108 @@ def cmd_routing_whatif(args: argparse.Namespace) -> int:
         "replicates": args.replicates,
         "seed": args.seed,
     }
-
-    async def body() -> tuple[WhatIfReport, list[WhatIfReport]]:
-        async with telemetry_from_url(url, **read_only(url)) as backend:
-            evidence = await load_stage_evidence(
-                backend, args.workflow, args.stage, registry=registry, days=args.days
-            )
-            if not evidence.samples and candidates is None:
-                raise CliError(
-                    f"no calls recorded for {args.workflow}/{args.stage} in the last "
-                    f"{args.days:g} day(s); pass --candidates to evaluate models without "
-                    "history (they will be reported as unknown)"
-                )
-            report = await evaluate_policy(
-                backend,
-                args.workflow,
-                args.stage,
-                registry=registry,
-                evidence=evidence,
-                min_success_rate=args.min_success_rate,
-                **options,
-            )
-            swept: list[WhatIfReport] = []
-            if sweep:
-                swept = await sweep_min_success_rate(evidence, sweep, registry=registry, **options)
-            return report, swept
-
-    report, swept = run_async(body)
+    report, swept = run_async(lambda: _whatif_reports(args, url, registry, sweep, options))
     if args.plot is not None:
         _plot_sweep(swept, report, args.plot)
     if args.json:
-        out = report.to_dict()
-        if swept:
-            out["sweep"] = [
-                {
-                    "min_success_rate": r.constraints["min_success_rate"],
-                    "cost_per_request": r.cost_per_request.to_dict(),
-                    "success_rate": r.success_rate.to_dict(),
-                    "no_match_share": r.no_match_share.to_dict(),
-                }
-                for r in swept
-            ]
-        emit_json(out)
+        emit_json(_whatif_json(report, swept))
         return 0
     _print_whatif(report)
     if args.plot is not None:
         print(f"\nplot: cost per request against min_success_rate written to {args.plot}")
     return 0
+
+
+def _whatif_sweep(args: argparse.Namespace) -> list[float]:
+    """
+    The ``--sweep`` rates for ``--plot``, sorted, once the plot can be written.
+
+    Raises:
+        CliError: a rate outside 0..1, a missing directory, or no matplotlib.
+    """
+    try:
+        sweep = sorted({float(v) for v in args.sweep.split(",") if v.strip()})
+    except ValueError:
+        sweep = []
+    if not sweep or any(not 0.0 <= v <= 1.0 for v in sweep):
+        raise CliError(f"--sweep: expected numbers between 0 and 1, got {args.sweep!r}", 2)
+    if not args.plot.parent.is_dir():
+        raise CliError(f"--plot {args.plot}: the directory {args.plot.parent} does not exist")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError("--plot needs matplotlib: pip install matplotlib") from None
+    return sweep
+
+
+async def _whatif_reports(
+    args: argparse.Namespace,
+    url: str,
+    registry: ModelRegistry,
+    sweep: list[float],
+    options: dict[str, Any],
+) -> tuple[WhatIfReport, list[WhatIfReport]]:
+    """
+    The stage's evidence read once, evaluated under the asked policy and over ``sweep``.
+
+    Args:
+        args: the parsed ``routing whatif`` arguments.
+        url: the telemetry database, opened read-only.
+        registry: the models and prices.
+        sweep: ``min_success_rate`` values to evaluate too (empty: none).
+        options: `simulate_policy` keywords shared by every evaluation.
+
+    Returns:
+        The `WhatIfReport` and one report per swept rate.
+
+    Raises:
+        CliError: no call recorded for the stage in the window and no candidates given.
+    """
+    from empathy_models.whatif import (
+        evaluate_policy,
+        load_stage_evidence,
+        sweep_min_success_rate,
+    )
+
+    async with telemetry_from_url(url, **read_only(url)) as backend:
+        evidence = await load_stage_evidence(
+            backend, args.workflow, args.stage, registry=registry, days=args.days
+        )
+        if not evidence.samples and options["candidates"] is None:
+            raise CliError(
+                f"no calls recorded for {args.workflow}/{args.stage} in the last "
+                f"{args.days:g} day(s); pass --candidates to evaluate models without "
+                "history (they will be reported as unknown)"
+            )
+        report = await evaluate_policy(
+            backend,
+            args.workflow,
+            args.stage,
+            registry=registry,
+            evidence=evidence,
+            min_success_rate=args.min_success_rate,
+            **options,
+        )
+        swept: list[WhatIfReport] = []
+        if sweep:
+            swept = await sweep_min_success_rate(evidence, sweep, registry=registry, **options)
+        return report, swept
+
+
+def _whatif_json(report: WhatIfReport, swept: list[WhatIfReport]) -> dict[str, Any]:
+    """What ``routing whatif --json`` prints: the report, and the sweep when plotted."""
+    out = report.to_dict()
+    if swept:
+        out["sweep"] = [
+            {
+                "min_success_rate": r.constraints["min_success_rate"],
+                "cost_per_request": r.cost_per_request.to_dict(),
+                "success_rate": r.success_rate.to_dict(),
+                "no_match_share": r.no_match_share.to_dict(),
+            }
+            for r in swept
+        ]
+    return out
 
 
 def _ci(value: Any, fmt: Any) -> str:
