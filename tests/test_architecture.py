@@ -131,3 +131,33 @@ def test_importing_the_package_loads_no_http_client() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _sources() -> list[Path]:
+    plugins = [
+        p
+        for d in ("redis", "postgres")
+        for p in (ROOT / "backends" / d).rglob("empathy_models_*/**/*.py")
+    ]
+    return sorted([*PACKAGE.rglob("*.py"), *plugins])
+
+
+def test_no_class_over_500_lines_and_no_function_over_80() -> None:
+    # A class is one concern a reader can hold; a function one step they can follow.
+    # Lines from the ``def`` / ``class`` line to the last line of the body, docstring
+    # included; a nested function counts on its own and inside its parent.
+    too_long = []
+    for path in _sources():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                limit = 500
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                limit = 80
+            else:
+                continue
+            assert node.end_lineno is not None
+            size = node.end_lineno - node.lineno + 1
+            if size > limit:
+                too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {size}")
+    assert not too_long, too_long
