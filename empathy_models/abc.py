@@ -343,9 +343,10 @@ class TransactionalStateStore(CircuitStateStore):
     """
     A store that can run a function on one key's state atomically.
 
-    Subclasses implement `_transact`, `_load` and `_load_all`; the pure
-    machine in `empathy_models.circuit` does the rest.  Memory, SQLite and PostgreSQL
-    stores are built this way.
+    Subclasses implement `_transact` and `_load_all`; the pure machine in
+    `empathy_models.circuit` does the rest.  `_load` reads one key through a
+    transaction that changes nothing; a store that can read without locking overrides
+    it.  Memory, SQLite and PostgreSQL stores are built this way.
     """
 
     @abc.abstractmethod
@@ -360,9 +361,15 @@ class TransactionalStateStore(CircuitStateStore):
         ``None`` and not the very object passed in, and return the second element.
         """
 
-    @abc.abstractmethod
     async def _load(self, key: str) -> CircuitBreakerState | None:
-        """Read one key's state without locking."""
+        """Read one key's state (by default a transaction that saves nothing)."""
+
+        def read(
+            state: CircuitBreakerState | None, now: float
+        ) -> tuple[None, CircuitBreakerState | None]:
+            return None, state
+
+        return await self._transact(key, read)
 
     @abc.abstractmethod
     async def _load_all(self) -> list[CircuitBreakerState]:
