@@ -29,7 +29,7 @@ has no hook for another one, so the benchmark restamps each record with the simu
 time as it reaches the router and the SQLite backend (two thin wrappers; nothing else
 is changed).
 
-Scenarios (``--quick``: 2 seeds and shorter runs; full: 5 seeds):
+Scenarios (``--quick``: 2 seeds and shorter runs; full: 5 seeds; ``--seeds N`` for N):
 
 * **stationary**: 5,000 requests;
 * **degradation**: the oracle's model drops from 0.99 to 0.80 success at request
@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import json
@@ -818,8 +819,10 @@ def _seconds(v: float) -> str:
     return "never" if math.isinf(v) else f"{v:,.0f} s"
 
 
-async def run(quick: bool = False) -> BenchResult:
+async def run(quick: bool = False, seeds: int | None = None) -> BenchResult:
     sizes = QUICK if quick else FULL
+    if seeds is not None:
+        sizes = dataclasses.replace(sizes, seeds=seeds)
     logging.getLogger("empathy_models").setLevel(logging.ERROR)
     started = time.perf_counter()
     per: dict[str, list[dict[str, float]]] = {}
@@ -856,7 +859,7 @@ async def run(quick: bool = False) -> BenchResult:
             f"Routing quality against a known truth ({sizes.seeds} seeds; "
             "median and worst over seeds)"
         ),
-        columns=["median", "worst", "goal", "result"],
+        columns=["median", "worst", "goal", "result", "seeds missing it"],
     )
 
     def row(
@@ -872,7 +875,14 @@ async def run(quick: bool = False) -> BenchResult:
         everything = [m[key] for m in (peer_rows or per)[scenario]]
         values = [v for v in everything if not math.isnan(v)]
         if not values:  # e.g. a recovery when the model never lost its traffic
-            result.add(label, median="n/a", worst="n/a", goal=goal or "", result="n/a")
+            result.add(
+                label,
+                median="n/a",
+                worst="n/a",
+                goal=goal or "",
+                result="n/a",
+                **{"seeds missing it": ""},
+            )
             return
         worst = max(values) if higher_is_worse else min(values)
         skipped = len(everything) - len(values)
@@ -882,6 +892,11 @@ async def run(quick: bool = False) -> BenchResult:
             worst=fmt(worst) + (f" ({skipped} of {len(everything)} n/a)" if skipped else ""),
             goal=goal or "",
             result="" if ok is None else ("met" if ok(worst) else "**missed**"),
+            **{
+                "seeds missing it": ""
+                if ok is None
+                else f"{sum(not ok(v) for v in values)} of {len(values)}"
+            },
         )
 
     n = sizes.stationary
@@ -1110,12 +1125,15 @@ def _plot(traces: dict[str, Trace], sizes: Sizes) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="seeds per scenario (default: 5; quick: 2)"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         asyncio.run(child_main())
         return
-    write_result(asyncio.run(run(quick=args.quick)))
+    write_result(asyncio.run(run(quick=args.quick, seeds=args.seeds)))
 
 
 if __name__ == "__main__":
