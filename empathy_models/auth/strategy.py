@@ -232,8 +232,8 @@ class AuthCostEstimate:
     stages: tuple[StageCost, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """``mode, monetary_cost, quota_cost, tokens_used, fits_in_context`` (as the
-        original), then ``api_cost``, ``price_version`` and the per-stage breakdown."""
+        """``mode, monetary_cost, quota_cost, tokens_used, fits_in_context`` first, then
+        ``api_cost``, ``price_version`` and the per-stage breakdown."""
         return {
             "mode": self.mode.value,
             "monetary_cost": self.monetary_cost,
