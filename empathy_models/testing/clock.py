@@ -71,8 +71,9 @@ class FakeClock:
         """
         Move the clock forward by ``seconds`` and return the new time.
 
-        Raises `ConfigurationError` for a negative or non-finite amount; use `set` to
-        move the clock backward on purpose.
+        Raises:
+            ConfigurationError: a negative or non-finite amount; use `set` to move the clock
+                backward on purpose.
         """
         step = _check_time("seconds", seconds)
         if step < 0:
