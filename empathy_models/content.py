@@ -428,9 +428,16 @@ class Tool:
     """
     A function the model may call.
 
-    ``parameters`` is the JSON Schema of its arguments (an ``"object"`` schema; default:
-    no arguments).  OpenAI receives it as ``tools[].function.parameters`` (with
-    ``strict`` when set), Anthropic as ``tools[].input_schema``.
+    Args:
+        name: 1-64 letters, digits, ``_`` or ``-`` (as both APIs require).
+        description: what the function does, for the model.
+        parameters: the JSON Schema of its arguments (an ``"object"`` schema; default: no
+            arguments).  OpenAI receives it as ``tools[].function.parameters`` (with
+            ``strict`` when set), Anthropic as ``tools[].input_schema``.
+        strict: sent to OpenAI with the parameters.
+
+    Raises:
+        RecordValidationError: an invalid field, naming it.
     """
 
     name: str = field(validator=_tool_name)
@@ -454,9 +461,16 @@ class Tool:
     @classmethod
     def of(cls, item: object, path: str = "tools[0]") -> Tool:
         """
-        ``item`` as a `Tool`: a `Tool`, or a dict in either API's shape (OpenAI
-        ``{"type": "function", "function": {...}}`` or Anthropic ``{"name",
-        "input_schema"}``) or as `Tool`'s own fields.
+        ``item`` as a `Tool`.
+
+        Args:
+            item: a `Tool`, or a dict in either API's shape (OpenAI ``{"type": "function",
+                "function": {...}}`` or Anthropic ``{"name", "input_schema"}``) or as
+                `Tool`'s own fields.
+            path: where the item sits in the request, named in errors.
+
+        Raises:
+            RecordValidationError: anything else, or an invalid field.
         """
         if isinstance(item, Tool):
             return item
@@ -490,14 +504,22 @@ def _schema_name(_: object, attribute: attrs.Attribute[Any], value: object) -> N
 @frozen(kw_only=True)
 class ResponseFormat:
     """
-    Ask for a JSON answer matching ``schema`` (a JSON Schema object).
+    Ask for a JSON answer matching ``schema``.
 
     OpenAI receives ``response_format={"type": "json_schema", "json_schema": {"name",
     "schema", "strict"}}``; Anthropic its structured-outputs parameter
     ``output_config={"format": {"type": "json_schema", "schema": ...}}``.  The answer's
-    text is parsed and checked against the schema: `LLMResponse.parsed` holds the
-    value when it validates.  ``strict`` (default true) asks OpenAI for exact
-    adherence, which needs ``additionalProperties: false`` and every property required.
+    text is parsed and checked against the schema: `LLMResponse.parsed` holds the value
+    when it validates.
+
+    Args:
+        schema: a JSON Schema object.
+        name: the schema's name sent to OpenAI (1-64 letters, digits, ``_`` or ``-``).
+        strict: (default true) asks OpenAI for exact adherence, which needs
+            ``additionalProperties: false`` and every property required.
+
+    Raises:
+        RecordValidationError: an invalid field, naming it.
     """
 
     schema: Mapping[str, Any] = field(converter=_schema, eq=False)
