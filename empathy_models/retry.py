@@ -162,9 +162,11 @@ class RetryPolicy:
         rng: the random source of the jitter; pass ``random.Random(seed)`` for
             reproducible delays.  It does not take part in equality.
 
-    Every field is validated; a bad value raises `ConfigurationError` naming the field
-    and the value.  The policy never sleeps and holds no per-call state, so one
-    instance is safe to share between tasks (the jitter draws share ``rng``).
+    The policy never sleeps and holds no per-call state, so one instance is safe to
+    share between tasks (the jitter draws share ``rng``).
+
+    Raises:
+        ConfigurationError: a bad value of any field, naming the field and the value.
     """
 
     max_attempts: int = field(default=3, validator=_attempts)

@@ -266,23 +266,25 @@ class AuthStrategy:
     """
     The saved choice between subscription and API, with its thresholds and defaults.
 
-    ==========================  =====================  =======
-    field                       type                   default
-    ==========================  =====================  =======
-    ``subscription_tier``       `SubscriptionTier`     PRO
-    ``default_mode``            `AuthMode`             AUTO
-    ``small_module_threshold``  int (lines, >= 1)      500
-    ``medium_module_threshold`` int (lines, > small)   2000
-    ``loc_to_tokens_multiplier`` float (0 < x <= 1e4)  4.0
-    ``setup_completed``         bool                   True
-    ``prefer_subscription``     bool                   True
-    ``cost_optimization``       bool                   True (stored; no logic reads it)
-    ``metadata``                JSON mapping           {}
-    ==========================  =====================  =======
+    Instances are immutable; `replace` returns a changed, re-validated copy.
 
-    Enum fields accept their values as strings (any case).  Every invariant is checked
-    at construction and a violation raises `RecordValidationError` whose ``path`` names
-    the field.  Instances are immutable; `replace` returns a changed, re-validated copy.
+    Args:
+        subscription_tier: a `SubscriptionTier` or its value as a string, any case
+            (default PRO).
+        default_mode: an `AuthMode` or its value as a string, any case (default AUTO).
+        small_module_threshold: lines; a smaller module is small (>= 1, default 500).
+        medium_module_threshold: lines; a smaller module is medium (above
+            ``small_module_threshold``, default 2000).
+        loc_to_tokens_multiplier: tokens per line of code (0 < x <= 1e4, default 4.0).
+        setup_completed: default True.
+        prefer_subscription: medium modules of size-based tiers use the subscription
+            (default True).
+        cost_optimization: stored; no logic reads it (default True).
+        metadata: a JSON mapping (default empty).
+
+    Raises:
+        RecordValidationError: a broken invariant (every one is checked at
+            construction); its ``path`` names the field.
     """
 
     subscription_tier: SubscriptionTier = field(

@@ -110,7 +110,8 @@ class Budget:
             ``"global/day"``, ``"workflow=docs/day"``; a per-value budget adds the value
             of each call: ``"user_id=alice/day"``).
 
-    Invalid values raise `ConfigurationError`.
+    Raises:
+        ConfigurationError: an invalid value.
     """
 
     limit_usd: float = field(validator=_limit)
