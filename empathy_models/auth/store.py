@@ -28,10 +28,13 @@ _BACKUP_RE: Final = re.compile(r"\.(\d{8}T\d{6}\d{6}Z)(?:-(\d+))?\.bak$")
 
 def list_auth_strategy_backups(path: str | os.PathLike[str] | None = None) -> list[Path]:
     """
-    Backups of the auth strategy file at ``path`` (default `auth_strategy_file`),
-    newest first.  Backups sit next to the file as
-    ``<name>.<UTC timestamp>.bak`` (for example
+    Backups of the auth strategy file at ``path`` (default `auth_strategy_file`).
+
+    Backups sit next to the file as ``<name>.<UTC timestamp>.bak`` (for example
     ``auth_strategy.json.20260101T120000123456Z.bak``).
+
+    Returns:
+        Their paths, newest first.
     """
     file = Path(path) if path is not None else auth_strategy_file()
     if not file.parent.is_dir():

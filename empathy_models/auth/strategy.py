@@ -173,8 +173,11 @@ class CostStage:
     """
     One stage of the pipeline `AuthStrategy.estimate_cost` prices.
 
-    The stage reads ``input_ratio`` x the module's tokens and writes ``output_ratio`` x
-    them, on the cheapest model of ``tier``.
+    Args:
+        name: the stage's name in the estimate.
+        tier: the stage runs on the cheapest model of this tier.
+        input_ratio: the stage reads this many times the module's tokens.
+        output_ratio: the stage writes this many times the module's tokens.
     """
 
     name: str
