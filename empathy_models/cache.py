@@ -87,8 +87,12 @@ def request_key(parts: Sequence[object], messages: Sequence[Message], system: st
 
 class MemoryResponseCache(ResponseCache):
     """
-    Answers in an in-process LRU: at most ``max_entries`` (oldest used evicted first),
-    each at most ``max_value_bytes``; ``clock`` (monotonic seconds) times the TTLs.
+    Answers in an in-process LRU.
+
+    Args:
+        max_entries: the most entries kept (oldest used evicted first).
+        max_value_bytes: a larger value is not stored.
+        clock: monotonic seconds; times the TTLs.
     """
 
     def __init__(

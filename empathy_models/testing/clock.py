@@ -44,6 +44,12 @@ class FakeClock:
     clock being stepped.  `sleep` is an async drop-in for ``anyio.sleep`` that advances
     the clock instead of waiting, for code that takes an injectable sleep.  It is a
     plain object without locks: it is meant for one event loop in one thread.
+
+    Args:
+        start: the initial time, UTC epoch seconds.
+
+    Raises:
+        ConfigurationError: ``start`` not a finite number.
     """
 
     __slots__ = ("_now",)
