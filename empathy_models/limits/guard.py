@@ -159,8 +159,21 @@ class Limiter:
     """
     Budgets and rate limits for one executor, kept in a `QuotaStore`.
 
-    ``max_wait`` bounds how long a call waits for rate-limit capacity (the run's
-    deadline bounds it too); a call that would wait longer moves to the next route.
+    Args:
+        budgets: one `Budget`, several, or None.
+        rate_limits: provider names or model ids to their `RateLimit`.
+        store: a `QuotaStore` or a URL for one (owned by the limiter); None: a fresh
+            ``memory://`` store.
+        max_wait: how long a call waits for rate-limit capacity (the run's deadline
+            bounds it too); a call that would wait longer moves to the next route.
+        retry_interval: seconds a failed store is replaced by a per-process
+            `MemoryQuotaStore` before it is tried again.
+        sleep: how a call waits for its place in a schedule.
+        wall_clock: UTC epoch seconds, for budget windows and the per-process store.
+        monotonic: monotonic seconds, for waits and retries.
+
+    Raises:
+        ConfigurationError: an invalid argument.
     """
 
     def __init__(
