@@ -150,9 +150,18 @@ class TextBlock:
 @frozen(kw_only=True)
 class ImageBlock:
     """
-    An image: base64 ``data`` with its ``media_type`` (one of `IMAGE_MEDIA_TYPES`), or
-    an ``http(s)`` ``url``.  Build it with `from_bytes`, `from_base64` or `from_url`.
+    An image, inline or by URL.  Build it with `from_bytes`, `from_base64` or `from_url`.
+
     The ``repr`` shows the size of the data, never the data.
+
+    Args:
+        media_type: one of `IMAGE_MEDIA_TYPES`, for inline ``data``.
+        data: the image as base64.
+        url: an ``http(s)`` URL the provider fetches, instead of ``data``.
+
+    Raises:
+        RecordValidationError: not exactly one of ``data`` and ``url``, or an invalid
+            field.
     """
 
     media_type: str | None = field(default=None, validator=_opt_str)
@@ -214,8 +223,12 @@ class ImageBlock:
 @frozen(kw_only=True)
 class ToolCall:
     """
-    A call the model made: ``id`` (echo it in the `ToolResult`), the tool's ``name``
-    and its ``arguments`` parsed to a dict (a copy of what was given).
+    A call the model made.
+
+    Args:
+        id: echo it in the `ToolResult`.
+        name: the tool's name.
+        arguments: parsed to a dict (a copy of what was given).
     """
 
     id: str = field(validator=_non_empty)
@@ -275,8 +288,12 @@ def _result_content(value: object) -> str | tuple[TextBlock | ImageBlock, ...]:
 @frozen(kw_only=True)
 class ToolResult:
     """
-    The answer to a tool call: ``tool_call_id`` is the `ToolCall`'s ``id``;
-    ``content`` is text or text and image blocks; ``is_error`` marks a failed call.
+    The answer to a tool call.
+
+    Args:
+        tool_call_id: the `ToolCall`'s ``id``.
+        content: text, or text and image blocks.
+        is_error: marks a failed call.
     """
 
     tool_call_id: str = field(validator=_non_empty)
