@@ -894,8 +894,8 @@ class CompletionRequest:
     What the executor asks a provider for; a plain string becomes one user message.
 
     System messages in ``messages`` are moved into ``system`` (see `split_system`), so
-    a provider only ever sees user, assistant and tool messages.  The options after
-    ``temperature`` are optional; see `empathy_models.content`.
+    a provider only ever sees user, assistant and tool messages.  Only ``model`` and
+    ``messages`` are required; see `empathy_models.content` for the request options.
 
     Args:
         model: the model id sent to the provider.
