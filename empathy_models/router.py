@@ -271,13 +271,14 @@ class AdaptiveModelRouter:
         """
         Read the evidence buckets that changed in the backend since the last refresh.
 
-        The backend is flushed first (so records this process handed to a batching
-        backend are visible).  Each changed bucket replaces the router's, and buckets
-        this process added outcomes to go back to the store's version; the change test
-        re-runs from the earliest changed bucket of each arm.  Buckets older than the
-        policy's ``window_days`` are dropped.  Returns ``True`` on success; on a backend
-        error logs a warning, counts it in `refresh_errors`, keeps the previous evidence
-        and returns ``False``.  Concurrent calls are serialized.
+        The backend is flushed first (so records this process handed to a batching backend
+        are visible); changed buckets replace the router's (see the module docstring) and the
+        change test re-runs from the earliest changed bucket of each arm.  Buckets older than
+        the policy's ``window_days`` are dropped.  Concurrent calls are serialized.
+
+        Returns:
+            ``True`` on success; ``False`` without a store, or on a backend error, which is
+            logged as a warning and counted in `refresh_errors` (the evidence is kept).
         """
         store = self._store
         if store is None:
@@ -534,18 +535,16 @@ class AdaptiveModelRouter:
         self, workflow: str, stage: str | None = None, days: float = 7
     ) -> RoutingStats:
         """
-        Per-model `RoutingStats` of ``workflow`` from the backend; always returned.
+        Per-model `RoutingStats` of ``workflow`` from the backend (whose errors propagate).
 
         Args:
             workflow, stage: the workflow and one stage (``None``: every stage, ``"all"``).
             days: the window, in days back from the router's clock (positive).
 
         Returns:
-            The stats; ``telemetry`` is ``"none"`` without a store or when the store has
-            never received a record, with a ``message`` saying what is missing.
-
-        Raises:
-            Exception: what the backend raises.
+            The stats, always, also without telemetry: ``telemetry`` is ``"none"`` without a
+            store or when the store has never received a record, with a ``message`` saying
+            what is missing.
         """
         positive_number("days", days)
         shown = stage if stage is not None else "all"
