@@ -130,7 +130,8 @@ class RoutingPolicy:
             (default 50): its price grows with its evidence, so its share shrinks.
         reprobe_interval: decisions between re-probes of a rejected or degraded
             candidate that would be cheaper (default 200); the wait is halved after each
-            success of it in a row.
+            success of it in a row, and four times as long for one never proven or
+            rejected on latency or time to first token.
         reprobe_min: the shortest that wait gets (default 4).
         warmup_min_calls: before the exploration budget applies, a cheaper candidate
             with fewer calls than this is given them whatever they showed (default 20: a
