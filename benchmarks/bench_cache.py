@@ -5,7 +5,7 @@ What a response-cache hit costs in the executor, on the memory and SQLite caches
 
 Each row is ``await executor.run(prompt, ctx)`` with ``ctx.cache_ttl`` set and the
 answer already cached: the key's hash, the lookup, the response and the ``cache_hit``
-record (to a memory telemetry backend).  Bars from issue #22: a hit under 50 µs on
+record (to a memory telemetry backend).  Bars: a hit under 50 µs on
 the memory cache and under 300 µs on SQLite.
 
 Run: ``python -m benchmarks.bench_cache [--quick]``

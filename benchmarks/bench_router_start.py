@@ -1,6 +1,6 @@
 """
 What router start-up and refresh cost against a store that already holds history
-(issue #12: ``start()`` over 1M stored calls <= 1 s, a refresh after 10k new calls
+(goals: ``start()`` over 1M stored calls <= 1 s, a refresh after 10k new calls
 <= 50 ms of CPU).
 
 For each backend (SQLite file, PostgreSQL when reachable) and each history size

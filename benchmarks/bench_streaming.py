@@ -6,8 +6,8 @@ Streaming overhead, against a bare aiohttp SSE reader on the same server.
    with ``"stream": true`` whose body is read line by line, each ``data:`` line decoded
    with ``json.loads`` and its ``choices[0].delta.content`` taken.  Both read the same
    `FakeLLMServer` (OpenAI wire format, usage chunk included) through one aiohttp
-   session; wall time and CPU time are divided by the chunks read.  Goal (issue #15):
-   within 10% of the bare reader.
+   session; wall time and CPU time are divided by the chunks read.  Goal: within
+   10% of the bare reader.
 2. Time to first token, one stream at a time: from the call to the first delta in
    hand, for both; the difference of the medians is what the executor adds (routing,
    breaker admission, building the request, decoding).  Goal: under 100 µs.

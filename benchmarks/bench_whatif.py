@@ -5,7 +5,7 @@ right it is where the truth is known.
 **Time.**  One workflow stage with 10k and 100k recorded calls (four models, spread over
 7 days, in a real SQLite file); `empathy_models.whatif.evaluate_policy` with its
 defaults (30 replicates x 400 simulated requests through the real router, plus the
-off-policy check over the newest 5,000 calls).  Bar (issue #18): under 5 s at 100k
+off-policy check over the newest 5,000 calls).  Bar: under 5 s at 100k
 calls.  For scale, the same run reads the evidence rollups, not the rows: reading every
 row of the stage (``recent(limit=calls)``) is timed beside it.
 
@@ -14,7 +14,7 @@ week; min_success_rate 0.95): the cheaper model is truly below the gate, so the 
 true cost per request is the oracle model's true expected cost (case A), or, with only
 the two pricier models as candidates, the cheaper of them (case B).  Over seeds: the
 worst relative error of the estimate and the share of seeds whose 95% interval covers
-the truth.  Bars (issue #18): within 5%, covered in >= 90% of seeds.
+the truth.  Bars: within 5%, covered in >= 90% of seeds.
 
 Run: ``python -m benchmarks.bench_whatif [--quick]``
 """

@@ -169,7 +169,8 @@ class ExecutionContext:
             ``temperature=0`` calls are cached unless ``cache_sampled`` is true.
         cache_sampled: cache sampled output too (``temperature`` unset or above 0).
 
-    Invalid values raise `ConfigurationError` naming the field and the value.
+    Raises:
+        ConfigurationError: an invalid value, naming the field and the value.
     """
 
     workflow: str = field(default="default", validator=_ctx_str)

@@ -209,10 +209,17 @@ class TelemetryBackend(AsyncResource):
         """
         The evidence buckets (see `empathy_models.evidence`) changed after ``after_version``.
 
-        Buckets whose ``bucket_start`` lies in [``since``, ``until``) and whose version is
-        greater than ``after_version``; the batch's ``version`` is the value to pass next
-        time so that every later change is returned once and none is missed, even with
-        concurrent writers.  Backends that keep no rollups raise `NotImplementedError`.
+        Args:
+            since: the earliest ``bucket_start`` returned (inclusive).
+            until: the end of the buckets' ``bucket_start`` range (exclusive).
+            after_version: only buckets whose version is greater are returned.
+
+        Returns:
+            The batch; its ``version`` is the value to pass next time so that every later
+            change is returned once and none is missed, even with concurrent writers.
+
+        Raises:
+            NotImplementedError: from backends that keep no rollups.
         """
         self._check_open()
         check_aware("since", since)
@@ -747,23 +754,27 @@ def _tool_calls(value: object) -> tuple[ToolCall, ...]:
 @frozen(kw_only=True)
 class Message:
     """
-    One chat message: ``role`` is ``"system"``, ``"user"``, ``"assistant"`` or
-    ``"tool"``.
-
-    ``content`` is a string or a sequence of content blocks (`TextBlock`, `ImageBlock`,
-    `ToolCall`, `ToolResult`; dicts in either API's block shape are converted): users
-    send text, images and tool results; assistants text and tool calls; a system
-    message text only.  An assistant message carries the calls it made in
-    ``tool_calls`` (so a response can be sent back whole:
-    ``Message(role="assistant", content=r.content, tool_calls=r.tool_calls)``); a
-    ``"tool"`` message answers one call, named by ``tool_call_id``.
+    One chat message.
 
     A ``"system"`` message is not sent as a message: `CompletionRequest` (and so
     `EmpathyLLMExecutor.run`) moves its content into the system prompt, after
-    ``system=`` / ``ExecutionContext.system`` when both are given.  A bad role or
-    content raises `RecordValidationError` naming the field.  `Message.of` also takes
-    OpenAI-style ``{"role": ..., "content": ..., "tool_calls": ..., "tool_call_id":
-    ...}`` dicts.
+    ``system=`` / ``ExecutionContext.system`` when both are given.  `Message.of` also
+    takes OpenAI-style ``{"role": ..., "content": ..., "tool_calls": ...,
+    "tool_call_id": ...}`` dicts.
+
+    Args:
+        role: ``"system"``, ``"user"``, ``"assistant"`` or ``"tool"``.
+        content: a string or a sequence of content blocks (`TextBlock`, `ImageBlock`,
+            `ToolCall`, `ToolResult`; dicts in either API's block shape are converted):
+            users send text, images and tool results; assistants text and tool calls; a
+            system message text only.
+        tool_calls: the calls an assistant message made (so a response can be sent back
+            whole: ``Message(role="assistant", content=r.content,
+            tool_calls=r.tool_calls)``).
+        tool_call_id: the one call a ``"tool"`` message answers.
+
+    Raises:
+        RecordValidationError: a bad role or content, naming the field.
     """
 
     role: Role = field(validator=_role)
@@ -815,11 +826,17 @@ class Message:
     @classmethod
     def of(cls, item: object, *, index: int | None = None) -> Message:
         """
-        ``item`` as a `Message`: a `Message` is returned as is; a mapping needs the keys
-        ``role`` and ``content`` (OpenAI's chat format; ``content`` may be left out of
-        an assistant message with ``tool_calls``) and may have ``tool_calls`` and
-        ``tool_call_id``.  Anything else raises `RecordValidationError`; ``index`` (the
-        position in a prompt) is put in its path.
+        ``item`` as a `Message`.
+
+        Args:
+            item: a `Message` (returned as is), or a mapping with the keys ``role`` and
+                ``content`` (OpenAI's chat format; ``content`` may be left out of an
+                assistant message with ``tool_calls``) and optionally ``tool_calls`` and
+                ``tool_call_id``.
+            index: the position in a prompt, put in the error's path.
+
+        Raises:
+            RecordValidationError: for anything else.
         """
         if isinstance(item, Message):
             return item
@@ -884,11 +901,21 @@ class CompletionRequest:
     What the executor asks a provider for; a plain string becomes one user message.
 
     System messages in ``messages`` are moved into ``system`` (see `split_system`), so
-    a provider only ever sees user, assistant and tool messages.  ``tools``,
-    ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or a tool's name),
-    ``response_format`` (a `ResponseFormat` or a JSON Schema dict), ``stop``,
-    ``top_p``, ``seed`` and ``extra_body`` (merged into the provider's JSON body,
-    for what the library does not model) are optional; see `empathy_models.content`.
+    a provider only ever sees user, assistant and tool messages.  Only ``model`` and
+    ``messages`` are required; see `empathy_models.content` for the request options.
+
+    Args:
+        model: the model id sent to the provider.
+        messages: the conversation (a string: one user message).
+        system: the system prompt.
+        max_tokens: the most output tokens asked for (default 1024).
+        temperature: sampling temperature (``None``: the provider's default).
+        tools: the tools offered.
+        tool_choice: ``"auto"``, ``"none"``, ``"required"`` or a tool's name.
+        response_format: a `ResponseFormat` or a JSON Schema dict.
+        stop, top_p, seed: passed to the provider.
+        extra_body: merged into the provider's JSON body, for what the library does not
+            model.
     """
 
     model: str = field(validator=_non_empty)
@@ -936,14 +963,22 @@ class CompletionRequest:
 @frozen(kw_only=True)
 class Completion:
     """
-    A provider's answer with the usage it reported: ``content`` is its text,
-    ``tool_calls`` the tools it called.
+    A provider's answer with the usage it reported.
 
-    ``request_id`` identifies the HTTP exchange (the provider's request-id header, for
-    support tickets); ``response_id`` is the completion's own id in the body
-    (``chatcmpl-...``, ``msg_...``) when the API returns one.  ``rate_limit_reset`` is
-    set when the provider's rate-limit headers on this answer said a limit is exhausted
-    (remaining 0): the seconds until it resets, which the executor's rate limits wait out.
+    Args:
+        content: its text.
+        model: the model id of the request.
+        input_tokens, output_tokens: the usage it reported.
+        stop_reason: why it stopped, in the provider's words.
+        request_id: identifies the HTTP exchange (the provider's request-id header, for
+            support tickets).
+        ttft_ms: the time to its first token in milliseconds (``None``: not measured).
+        tool_calls: the tools it called.
+        response_id: the completion's own id in the body (``chatcmpl-...``,
+            ``msg_...``) when the API returns one.
+        rate_limit_reset: set when the provider's rate-limit headers on this answer said
+            a limit is exhausted (remaining 0): the seconds until it resets, which the
+            executor's rate limits wait out.
     """
 
     content: str
@@ -997,12 +1032,17 @@ class Provider(abc.ABC):
         timeout: float | None = None,  # noqa: ASYNC109 - the interface: callers pass their budget
     ) -> Completion:
         """
-        Send one request and return the completion, or raise a `ProviderError`.
+        Send one request and return the completion.
 
-        ``timeout`` bounds the whole call in seconds (the executor passes the smaller of
-        the per-attempt timeout and what is left of the run's deadline); when it runs
-        out, `AttemptTimeout` is raised (a `TimeoutError`; at 0 or less, before the
-        provider is called).
+        Args:
+            request: the request.
+            timeout: bounds the whole call in seconds (the executor passes the smaller of
+                the per-attempt timeout and what is left of the run's deadline).
+
+        Raises:
+            AttemptTimeout: (a `TimeoutError`) when ``timeout`` runs out; at 0 or less,
+                before the provider is called.
+            ProviderError: any other failure.
         """
         if timeout is None:
             return await self._complete(request)
@@ -1033,13 +1073,19 @@ class Provider(abc.ABC):
         """
         Send one request and return its answer as a `CompletionStream` of text deltas.
 
-        ``idle_timeout`` (seconds) bounds the wait for the first byte and every gap
-        between chunks; ``total_timeout`` the whole stream.  Either running out raises
-        `ProviderTimeoutError`.  Errors before the stream opens are raised here, later
-        ones by the stream's ``__anext__``.
-
         The default, for providers that cannot stream, calls `complete` (bounded by the
         smaller timeout) and yields its whole content as one delta.
+
+        Args:
+            request: the request.
+            idle_timeout: seconds; bounds the wait for the first byte and every gap between
+                chunks.
+            total_timeout: seconds; bounds the whole stream.
+
+        Raises:
+            ProviderTimeoutError: either timeout running out.
+            ProviderError: errors before the stream opens are raised here, later ones by the
+                stream's ``__anext__``.
         """
         from .exceptions import ProviderTimeoutError
 

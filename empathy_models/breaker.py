@@ -139,8 +139,7 @@ _SUCCESS = Outcome.SUCCESS
 
 def provider_outcome(outcome: Outcome, exc: BaseException | None) -> Outcome:
     """
-    What an attempt that ended with ``outcome`` (raising ``exc``, or ``None`` on success)
-    tells the breaker key of its *provider* when breaker keys are per model.
+    What an attempt's outcome tells the breaker key of its *provider* (keys per model).
 
     Only what is provider-wide counts there: a success is a success (it ends a streak and
     closes a half-open provider key); an account error (401, 402, 403, OpenAI's
@@ -149,6 +148,13 @@ def provider_outcome(outcome: Outcome, exc: BaseException | None) -> Outcome:
     a cancellation (a probe gets its lease back).  Everything else that names one model
     (a 5xx, a timeout, a 429, a 404, a bad answer) is ``ignored`` by the provider key and
     counts only on the model's own key.
+
+    Args:
+        outcome: how the attempt ended.
+        exc: what it raised (``None`` on success).
+
+    Returns:
+        The outcome to report on the provider's key.
     """
     if outcome is Outcome.SUCCESS or outcome is Outcome.CANCELLED:
         return outcome
@@ -333,30 +339,29 @@ class CircuitBreaker(AsyncResource):
     A circuit breaker per key: by default one per model (``"anthropic:claude-x"``, see
     `key_for`), so one model's outage never refuses calls to the provider's other models.
 
-    ``store`` is a `CircuitStateStore`, a URL for one (``"sqlite:///state.db"``), or
-    ``None`` for a fresh `MemoryStateStore` on ``clock``.  A store given as a URL or
-    ``None`` belongs to the breaker and is closed by `aclose`; a store object given by
-    the caller is left open.  ``clock`` returns UTC epoch seconds (default
-    `time.time`); it times the local view, the write-behind and the store retries, and
-    is the default memory store's clock.  ``local_view_ttl`` is the staleness bound
-    described in the module docstring (0 = always ask the store).  ``classify`` is a
-    predicate consulted before `classify_error`; return an `Outcome` to override the
-    default class of an exception, or ``None``.  ``listeners`` receive `BreakerEvent`s.
-    ``flush_interval`` bounds how long a written-behind success waits; ``sleep`` is how
-    the background flusher waits between flushes (tests inject their own).
-    ``store_retry_interval`` is how often a failed store is tried again, and
-    ``store_timeout`` how long one store operation may take before it counts as a store
-    failure (``None``: no limit; a hung store would then hang the calls).
-    ``rejection_events`` emits ``call_rejected``.
+    Args:
+        store: a `CircuitStateStore`, a URL for one (``"sqlite:///state.db"``), or
+            ``None`` for a fresh `MemoryStateStore` on ``clock``; `aclose` closes it
+            unless it is an object the caller gave.
+        policy: thresholds and open periods (default `BreakerPolicy()`).
+        clock: UTC epoch seconds (default `time.time`); it times the local view, the
+            write-behind and the store retries, and is the default memory store's clock.
+        local_view_ttl: the local view's staleness bound (0: always ask the store).
+        flush_interval: how long a written-behind success waits at most (a shared store
+            gets a background flusher while the breaker is entered with ``async with``;
+            `aclose` stops it and flushes what is left).
+        store_retry_interval: how often a failed store is tried again.
+        store_timeout: how long one store operation may take before it counts as a store
+            failure (``None``: no limit; a hung store would then hang the calls).
+        classify: a predicate consulted before `classify_error`; it returns an `Outcome`
+            to override the default class of an exception, or ``None``.
+        listeners, rejection_events: `BreakerEvent` receivers; the flag adds ``call_rejected``.
+        per_model, provider_open_models: keys per model and trips per provider (module docs).
+        sleep: how the background flusher waits between flushes (tests inject their own).
 
-    Keys per model with trips per provider (``per_model``, ``provider_open_models``) and
-    the log lines of state changes are described in the module docstring.
-
-    A shared store gets a background flusher (a task of the breaker's own) while the
-    breaker is entered with ``async with``; `aclose` stops it and flushes what is left.
-
-    Raises `ConfigurationError` for a negative or non-finite duration, an unknown URL
-    scheme or a missing plugin.
+    Raises:
+        ConfigurationError: a negative or non-finite duration, an unknown URL scheme or a
+            missing plugin.
     """
 
     def __init__(
@@ -438,7 +443,8 @@ class CircuitBreaker(AsyncResource):
         The breaker key for a call: ``"provider:model"`` when a model is given and the
         breaker is per model (the default), else ``provider`` (the provider-wide key).
 
-        Raises `ConfigurationError` for an empty provider.
+        Raises:
+            ConfigurationError: an empty provider.
         """
         if not isinstance(provider, str) or not provider:
             raise ConfigurationError(f"provider must be a non-empty string, got {provider!r}")
@@ -509,12 +515,13 @@ class CircuitBreaker(AsyncResource):
     def guard(self, key: str) -> Guard:
         """
         ``async with breaker.guard(key):`` admits one call for ``key``, runs the block,
-        classifies how it ended and reports it.
+        classifies how it ended and reports it; the context value is the `Ticket`.
 
-        Raises `CircuitOpenError` on entry when the circuit rejects the call.  The
-        block's own exceptions propagate unchanged; a cancelled block (asyncio or anyio
+        The block's own exceptions propagate unchanged; a cancelled block (asyncio or anyio
         cancel scope) is recorded as nothing, and a half-open probe gets its lease back.
-        The context value is the `Ticket`.
+
+        Raises:
+            CircuitOpenError: on entry, when the circuit rejects the call.
         """
         guard = _new(Guard)  # no __init__ call: this is on every guarded call's path
         guard._breaker = self
@@ -527,7 +534,8 @@ class CircuitBreaker(AsyncResource):
         """
         ``await fn(*args, **kwargs)`` under `guard` for ``key``; return its result.
 
-        Raises `CircuitOpenError` when rejected, and whatever ``fn`` raises.
+        Raises:
+            CircuitOpenError: when rejected; and whatever ``fn`` raises.
         """
         async with Guard(self, key):
             return await fn(*args, **kwargs)
@@ -557,11 +565,13 @@ class CircuitBreaker(AsyncResource):
         """
         Admit one call for ``key`` and return its ticket (for `report`).
 
-        Served from the local view while it is fresh (see the module docstring),
-        otherwise by the store, which performs the lazy OPEN -> HALF_OPEN step and
-        grants probe leases.  Raises `CircuitOpenError` (with the state, ``retry_after``,
-        reason and last error) when the call must not go ahead, and
-        `BackendClosedError` after `aclose`.
+        Served from the local view while it is fresh (see the module docstring), otherwise
+        by the store, which performs the lazy OPEN -> HALF_OPEN step and grants probe leases.
+
+        Raises:
+            CircuitOpenError: (with the state, ``retry_after``, reason and last error) when
+                the call must not go ahead.
+            BackendClosedError: after `aclose`.
         """
         if self._closed:
             self._check_open()
@@ -624,19 +634,21 @@ class CircuitBreaker(AsyncResource):
         error: str | None = None,
     ) -> None:
         """
-        Report how the call admitted with ``ticket`` ended.
+        Report how the call admitted with ``ticket`` ended; never raises for a store down.
 
-        ``retry_after`` is a 429's hint in seconds, capped at the policy's
-        ``max_retry_after_open`` (the rest is logged); ``error`` a short description of the
-        failure (class and status; never a key or a prompt).  Successes of CLOSED
-        tickets are written behind; every other outcome that can change the state goes
-        to the store at once.  Outcomes that teach nothing (ignored, cancelled,
-        rejected) of non-probe tickets cost no I/O; for a probe they return its lease.
-        The store operation is shielded from cancellation (for at most 10 s), so a
-        failure still counts and a probe lease still comes back when the reporting task
-        is being cancelled.  Outcomes of an older generation are dropped, and so are
-        outcomes reported after `aclose` (with a debug log).  Never raises because the
-        store is down (see degraded mode).
+        Successes of CLOSED tickets are written behind; every other outcome that can change
+        the state goes to the store at once.  Outcomes that teach nothing (ignored,
+        cancelled, rejected) of non-probe tickets cost no I/O; for a probe they return its
+        lease.  The store operation is shielded from cancellation (for at most 10 s), so a
+        failure still counts and a probe lease still comes back when the reporting task is
+        being cancelled.  Outcomes of an older generation are dropped, and so are outcomes
+        reported after `aclose` (with a debug log).  See the module docstring's degraded mode.
+
+        Args:
+            ticket, outcome: the call's `Ticket` (from `admit`) and how the call ended.
+            retry_after: a 429's hint in seconds, capped at the policy's
+                ``max_retry_after_open`` (the rest is logged).
+            error: a short description of the failure (class and status; never a key or prompt).
         """
         if self._closed:
             logger.debug("circuit breaker closed; dropping the %s outcome", outcome.value)
@@ -775,9 +787,13 @@ class CircuitBreaker(AsyncResource):
     ) -> CircuitBreakerState:
         """
         Reject every call for ``key`` until ``until`` (an aware datetime; ``None``: until
-        `reset`).  Forcing an already forced-open key never moves its end earlier; an
-        ``until`` given for a key held until `reset` sets that end.  Returns the new
-        state.  Raises `RecordValidationError` for a naive ``until``.
+        `reset`), and return the new state.
+
+        Forcing an already forced-open key never moves its end earlier; an ``until`` given
+        for a key held until `reset` sets that end.
+
+        Raises:
+            RecordValidationError: a naive ``until``.
         """
         self._check_open()
         state = await self._stores.force(key, _FORCED_OPEN, until=until, reason=reason)

@@ -67,9 +67,17 @@ def _check_bound(name: str, value: object) -> int:
 
 def request_key(parts: Sequence[object], messages: Sequence[Message], system: str | None) -> str:
     """
-    The cache key of a request: a SHA-256 hex digest of an unambiguous encoding of
-    ``parts`` (strings, numbers, None), the system prompt and the messages (every
-    string length-prefixed, so no two requests encode alike).
+    The cache key of a request.
+
+    Args:
+        parts: strings, numbers and None that identify the request besides its prompt.
+        messages: its messages.
+        system: its system prompt.
+
+    Returns:
+        A SHA-256 hex digest of an unambiguous encoding of ``parts``, the system prompt
+        and the messages (every string length-prefixed, so no two requests encode
+        alike).
     """
     out = [repr(p) if not isinstance(p, str) else f"s{len(p)}:{p}" for p in parts]
     out.append("n" if system is None else f"s{len(system)}:{system}")
@@ -79,8 +87,12 @@ def request_key(parts: Sequence[object], messages: Sequence[Message], system: st
 
 class MemoryResponseCache(ResponseCache):
     """
-    Answers in an in-process LRU: at most ``max_entries`` (oldest used evicted first),
-    each at most ``max_value_bytes``; ``clock`` (monotonic seconds) times the TTLs.
+    Answers in an in-process LRU.
+
+    Args:
+        max_entries: the most entries kept (oldest used evicted first).
+        max_value_bytes: a larger value is not stored.
+        clock: monotonic seconds; times the TTLs.
     """
 
     def __init__(
@@ -140,11 +152,20 @@ _CREATE: Final = (
 
 class SQLiteResponseCache(ResponseCache):
     """
-    Answers in a SQLite file shared by every process on a host (a ``response_cache``
-    table, which may share the file with telemetry and state).  A `get` is one read;
-    a `set` one write transaction that also drops expired entries and, past
-    ``max_entries`` (default 100,000), the entries closest to expiry.  Options as for
-    `SQLiteStateStore`; errors are `StateStoreError` naming the path.
+    Answers in a SQLite file shared by every process on a host.
+
+    A ``response_cache`` table, which may share the file with telemetry and state.  A
+    `get` is one read; a `set` one write transaction that also drops expired entries
+    and, past ``max_entries``, the entries closest to expiry.
+
+    Args:
+        path: the file.
+        max_entries: the most entries kept (default 100,000).
+        max_value_bytes: a larger value is not stored.
+        busy_timeout, lock_timeout, allow_foreign: as for `SQLiteStateStore`.
+
+    Raises:
+        StateStoreError: naming the path, for any error of the file.
     """
 
     shared = True
@@ -271,9 +292,15 @@ class SQLiteResponseCache(ResponseCache):
 
 def cache_from_url(url: str | ResponseCache, **options: Any) -> ResponseCache:
     """
-    A response cache for ``url``: ``memory://``, ``sqlite:///file.db``, or a plugin's
-    (``redis://``, ``postgresql://``); a `ResponseCache` passes through unchanged.
-    Raises `ConfigurationError` for an unknown scheme or an engine without a cache.
+    A response cache for ``url``.
+
+    Args:
+        url: ``memory://``, ``sqlite:///file.db``, or a plugin's (``redis://``,
+            ``postgresql://``); a `ResponseCache` passes through unchanged.
+        **options: passed to the cache's constructor.
+
+    Raises:
+        ConfigurationError: an unknown scheme or an engine without a cache.
     """
     if isinstance(url, ResponseCache):
         return url

@@ -98,6 +98,10 @@ class BreakerPolicy:
     resilience4j / Envoy, a 60 s window of 6 buckets, at least 10 calls and a 50%
     failure rate to trip on rate, and open time growing with repeated trips up to a
     cap.  See each field below.
+
+    Raises:
+        ConfigurationError: an invalid field, a ``backoff`` other than ``"linear"`` or
+            ``"exponential"``, or ``max_recovery_seconds`` below ``recovery_seconds``.
     """
 
     consecutive_failures: int = field(default=5, validator=_positive_int)

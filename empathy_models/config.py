@@ -72,10 +72,18 @@ _KINDS = ("openai", "anthropic")
 
 def find_config_file(cwd: Path | None = None) -> tuple[Path | None, str]:
     """
-    The configuration file to read and why: ``(path, "EMPATHY_CONFIG")``,
-    ``(path, "working directory")``, ``(path, "EMPATHY_HOME")`` or ``(None, "none")``.
+    The configuration file to read and why.
 
-    Raises `ConfigurationError` when ``EMPATHY_CONFIG`` names a file that does not exist.
+    Args:
+        cwd: the working directory, where ``empathy.toml`` is looked for second (default:
+            the current one).
+
+    Returns:
+        ``(path, "EMPATHY_CONFIG")``, ``(path, "working directory")``,
+        ``(path, "EMPATHY_HOME")`` or ``(None, "none")``.
+
+    Raises:
+        ConfigurationError: ``EMPATHY_CONFIG`` names a file that does not exist.
     """
     named = os.environ.get("EMPATHY_CONFIG", "").strip()
     if named:
@@ -319,8 +327,9 @@ class EmpathyConfig:
         """
         Read ``path``, or the file `find_config_file` finds, or nothing (the defaults).
 
-        Raises `ConfigurationError` naming the file for a missing file, invalid TOML, an
-        unknown key or a value of the wrong type.
+        Raises:
+            ConfigurationError: naming the file, for a missing file, invalid TOML, an unknown
+                key or a value of the wrong type.
         """
         file, found_by, data = _read_file(path)
         where = str(file)

@@ -150,9 +150,18 @@ class TextBlock:
 @frozen(kw_only=True)
 class ImageBlock:
     """
-    An image: base64 ``data`` with its ``media_type`` (one of `IMAGE_MEDIA_TYPES`), or
-    an ``http(s)`` ``url``.  Build it with `from_bytes`, `from_base64` or `from_url`.
+    An image, inline or by URL.  Build it with `from_bytes`, `from_base64` or `from_url`.
+
     The ``repr`` shows the size of the data, never the data.
+
+    Args:
+        media_type: one of `IMAGE_MEDIA_TYPES`, for inline ``data``.
+        data: the image as base64.
+        url: an ``http(s)`` URL the provider fetches, instead of ``data``.
+
+    Raises:
+        RecordValidationError: not exactly one of ``data`` and ``url``, or an invalid
+            field.
     """
 
     media_type: str | None = field(default=None, validator=_opt_str)
@@ -214,8 +223,12 @@ class ImageBlock:
 @frozen(kw_only=True)
 class ToolCall:
     """
-    A call the model made: ``id`` (echo it in the `ToolResult`), the tool's ``name``
-    and its ``arguments`` parsed to a dict (a copy of what was given).
+    A call the model made.
+
+    Args:
+        id: echo it in the `ToolResult`.
+        name: the tool's name.
+        arguments: parsed to a dict (a copy of what was given).
     """
 
     id: str = field(validator=_non_empty)
@@ -275,8 +288,12 @@ def _result_content(value: object) -> str | tuple[TextBlock | ImageBlock, ...]:
 @frozen(kw_only=True)
 class ToolResult:
     """
-    The answer to a tool call: ``tool_call_id`` is the `ToolCall`'s ``id``;
-    ``content`` is text or text and image blocks; ``is_error`` marks a failed call.
+    The answer to a tool call.
+
+    Args:
+        tool_call_id: the `ToolCall`'s ``id``.
+        content: text, or text and image blocks.
+        is_error: marks a failed call.
     """
 
     tool_call_id: str = field(validator=_non_empty)
@@ -428,9 +445,16 @@ class Tool:
     """
     A function the model may call.
 
-    ``parameters`` is the JSON Schema of its arguments (an ``"object"`` schema; default:
-    no arguments).  OpenAI receives it as ``tools[].function.parameters`` (with
-    ``strict`` when set), Anthropic as ``tools[].input_schema``.
+    Args:
+        name: 1-64 letters, digits, ``_`` or ``-`` (as both APIs require).
+        description: what the function does, for the model.
+        parameters: the JSON Schema of its arguments (an ``"object"`` schema; default: no
+            arguments).  OpenAI receives it as ``tools[].function.parameters`` (with
+            ``strict`` when set), Anthropic as ``tools[].input_schema``.
+        strict: sent to OpenAI with the parameters.
+
+    Raises:
+        RecordValidationError: an invalid field, naming it.
     """
 
     name: str = field(validator=_tool_name)
@@ -454,9 +478,16 @@ class Tool:
     @classmethod
     def of(cls, item: object, path: str = "tools[0]") -> Tool:
         """
-        ``item`` as a `Tool`: a `Tool`, or a dict in either API's shape (OpenAI
-        ``{"type": "function", "function": {...}}`` or Anthropic ``{"name",
-        "input_schema"}``) or as `Tool`'s own fields.
+        ``item`` as a `Tool`.
+
+        Args:
+            item: a `Tool`, or a dict in either API's shape (OpenAI ``{"type": "function",
+                "function": {...}}`` or Anthropic ``{"name", "input_schema"}``) or as
+                `Tool`'s own fields.
+            path: where the item sits in the request, named in errors.
+
+        Raises:
+            RecordValidationError: anything else, or an invalid field.
         """
         if isinstance(item, Tool):
             return item
@@ -490,14 +521,22 @@ def _schema_name(_: object, attribute: attrs.Attribute[Any], value: object) -> N
 @frozen(kw_only=True)
 class ResponseFormat:
     """
-    Ask for a JSON answer matching ``schema`` (a JSON Schema object).
+    Ask for a JSON answer matching ``schema``.
 
     OpenAI receives ``response_format={"type": "json_schema", "json_schema": {"name",
     "schema", "strict"}}``; Anthropic its structured-outputs parameter
     ``output_config={"format": {"type": "json_schema", "schema": ...}}``.  The answer's
-    text is parsed and checked against the schema: `LLMResponse.parsed` holds the
-    value when it validates.  ``strict`` (default true) asks OpenAI for exact
-    adherence, which needs ``additionalProperties: false`` and every property required.
+    text is parsed and checked against the schema: `LLMResponse.parsed` holds the value
+    when it validates.
+
+    Args:
+        schema: a JSON Schema object.
+        name: the schema's name sent to OpenAI (1-64 letters, digits, ``_`` or ``-``).
+        strict: (default true) asks OpenAI for exact adherence, which needs
+            ``additionalProperties: false`` and every property required.
+
+    Raises:
+        RecordValidationError: an invalid field, naming it.
     """
 
     schema: Mapping[str, Any] = field(converter=_schema, eq=False)

@@ -106,7 +106,9 @@ class RecordValidationError(EmpathyModelsError, ValueError):
     """
     A record or serialized dict breaks an invariant.
 
-    ``path`` names the field (``"latency_ms"``, ``"candidates[2].sample_size"``).
+    Args:
+        message: what is wrong.
+        path: names the field (``"latency_ms"``, ``"candidates[2].sample_size"``).
     """
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
@@ -118,9 +120,14 @@ class ProviderError(EmpathyModelsError):
     """
     A model provider failed the call.
 
-    Carries the ``provider`` name, the ``model`` asked for, the HTTP ``status`` when
-    there was one, and ``retry_after`` in seconds when the provider said when to come
-    back.  The message never contains request headers or keys.
+    The message never contains request headers or keys.
+
+    Args:
+        message: what failed.
+        provider: the provider's name.
+        model: the model asked for.
+        status: the HTTP status, when there was one.
+        retry_after: seconds, when the provider said when to come back.
     """
 
     def __init__(
@@ -460,7 +467,9 @@ class BackendError(EmpathyModelsError):
     """
     A telemetry or state-store backend failed.
 
-    ``target`` names the file, URL (without credentials) or object concerned.
+    Args:
+        message: what failed.
+        target: names the file, URL (without credentials) or object concerned.
     """
 
     def __init__(self, message: str, *, target: str | None = None) -> None:
@@ -485,8 +494,11 @@ class StateStoreError(BackendError):
     """
     A circuit-state store could not apply or read a state.
 
-    ``key`` names the breaker key when the fault is that key's alone (its stored state
-    cannot be read); the breaker then runs that key on a per-process fallback.
+    Args:
+        message: what failed.
+        target: as for `BackendError`.
+        key: names the breaker key when the fault is that key's alone (its stored state
+            cannot be read); the breaker then runs that key on a per-process fallback.
     """
 
     def __init__(self, message: str, *, target: str | None = None, key: str | None = None) -> None:

@@ -436,17 +436,21 @@ class EmpathyLLMExecutor:
         **options: Any,
     ) -> EmpathyLLMExecutor:
         """
-        An executor built from ``empathy.toml`` (see `empathy_models.config`): its
-        providers, registry, telemetry database and breaker state store, and (with
-        ``router=True``) an `AdaptiveModelRouter` reading the same telemetry.
+        An executor built from ``empathy.toml`` (see `empathy_models.config`).
 
-        ``path`` names the file; by default it is found like the CLI finds it
-        (``EMPATHY_CONFIG``, ``./empathy.toml``, ``$EMPATHY_HOME/empathy.toml``; none:
-        the defaults, telemetry and breaker state in ``$EMPATHY_HOME/empathy.db``).
-        ``options`` go to the constructor (``retry=``, ``fallback=``, ...) and win over
-        the file.  The executor owns what it builds: the backend, the router and the
-        breaker are opened on enter and closed on exit.  Raises `ConfigurationError`
-        for an invalid file.
+        It owns what it builds: the file's providers, registry, telemetry backend, breaker
+        and (with ``router=True``) an `AdaptiveModelRouter` over the same telemetry, opened
+        on enter and closed on exit.
+
+        Args:
+            path: the file; by default found like the CLI finds it (``EMPATHY_CONFIG``,
+                ``./empathy.toml``, ``$EMPATHY_HOME/empathy.toml``; none: the defaults,
+                telemetry and breaker state in ``$EMPATHY_HOME/empathy.db``).
+            router: whether to build the router.
+            **options: constructor arguments (``retry=``, ``fallback=``, ...); they win.
+
+        Raises:
+            ConfigurationError: an invalid file.
         """
         from .config import EmpathyConfig, ensure_sqlite_parent
         from .router import AdaptiveModelRouter
@@ -648,29 +652,31 @@ class EmpathyLLMExecutor:
         """
         Answer ``prompt`` with the best available model; see the module docs for the flow.
 
-        ``prompt`` is a string (one user message) or a list of `Message` objects and
-        OpenAI-style ``{"role": ..., "content": ...}`` dicts; ``"system"`` messages
-        become the system prompt (after ``context.system``).  A malformed message
-        raises `ConfigurationError` naming its position.  Messages may carry content
-        blocks, tool calls and tool results (see `Message`).
+        Safe to call concurrently from many tasks.  Cancellation is recorded (outcome
+        ``cancelled``, breaker lease returned) and re-raised untouched.
 
-        ``tools`` (`Tool` objects or either API's tool dicts) and ``tool_choice``
-        (``"auto"``, ``"none"``, ``"required"`` or a tool's name) offer functions to
-        the model; its calls are in `LLMResponse.tool_calls`.  ``response_format`` (a
-        JSON Schema, or a `ResponseFormat`) asks for JSON (see `LLMResponse.parsed`).
-        ``stop``, ``top_p`` and ``seed`` are sent to the provider (Anthropic has no
-        seed: not sent there); ``extra_body`` is merged into every route's JSON body
-        as is, for options the library does not model.  Bad values raise
-        `ConfigurationError` before any call.
+        Args:
+            prompt: a string (one user message) or a list of `Message` objects (content
+                blocks, tool calls and results included) and OpenAI-style ``{"role": ...,
+                "content": ...}`` dicts; ``"system"`` messages become the system prompt
+                (after ``context.system``).
+            context: the run's `ExecutionContext`.
+            tools, tool_choice: functions offered to the model (`Tool` objects or either
+                API's tool dicts; ``"auto"``, ``"none"``, ``"required"`` or a tool's name);
+                its calls are in `LLMResponse.tool_calls`.
+            response_format: a JSON Schema or `ResponseFormat` (JSON answers: `LLMResponse.parsed`).
+            stop, top_p, seed: sent to the provider (Anthropic has no seed: not sent there).
+            extra_body: merged into every route's JSON body as is (options not modelled).
 
-        Returns an `LLMResponse`.  Raises `AllRoutesFailedError` (an `ExceptionGroup`
-        holding every attempt's error, in order) when no route answered or the deadline
-        passed; the provider's `InvalidRequestError` (400, content policy, or a context
-        window no remaining route can hold) at once; `ConfigurationError` when no model
-        can serve the context; `NoModelMeetsConstraintsError` when the router's policy
-        says so; `RuntimeError` outside ``async with``.  Cancellation is recorded
-        (outcome ``cancelled``, breaker lease returned) and re-raised untouched.
-        Safe to call concurrently from many tasks.
+        Raises:
+            ConfigurationError: bad values (a malformed message names its position), before
+                any call; or no model can serve the context.
+            AllRoutesFailedError: no route answered or the deadline passed (an
+                `ExceptionGroup` holding every attempt's error, in order).
+            InvalidRequestError: the provider's (400, content policy, or a context window no
+                remaining route can hold), at once.
+            NoModelMeetsConstraintsError: the router's policy says so.
+            RuntimeError: outside ``async with``.
         """
         self._check_open()
         ctx = _DEFAULT_CONTEXT if context is None else context
@@ -733,17 +739,20 @@ class EmpathyLLMExecutor:
                     print(delta, end="")
                 response = await stream.get_final_response()
 
-        The request options are `run`'s, checked the same way; with ``tools``,
-        ``stream.events()`` yields the tool calls' pieces (`ToolCallDelta`) beside the
-        text, and the final response has them parsed in ``tool_calls``.
-
         Same routing, breaker, retries, fallback, deadline and records as `run`: failures
-        before the first delta are retried or fall back (``async with`` raises
-        `AllRoutesFailedError` when no route answers); a failure after it raises
-        `StreamInterruptedError` with the partial text; leaving the block early closes
-        the response and records the attempt as ``cancelled``.  ``context.timeout``
-        bounds the first byte and each gap between chunks.  Bad input raises
-        `ConfigurationError` here, before anything is sent.
+        before the first delta are retried or fall back; leaving the block early closes the
+        response and records the attempt as ``cancelled``.  ``context.timeout`` bounds the
+        first byte and each gap between chunks.
+
+        Args:
+            prompt, context, tools, ...: `run`'s, checked the same way; with ``tools``,
+                ``stream.events()`` yields the tool calls' pieces (`ToolCallDelta`) beside
+                the text, and the final response has them parsed in ``tool_calls``.
+
+        Raises:
+            ConfigurationError: bad input, here, before anything is sent.
+            AllRoutesFailedError: from ``async with``, when no route answers.
+            StreamInterruptedError: a failure after the first delta (with the partial text).
         """
         options = run_options(
             tools=tools,

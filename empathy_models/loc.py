@@ -200,11 +200,17 @@ def count_lines_of_code(path: str | os.PathLike[str]) -> LinesOfCodeReport:
     """
     Count the lines of ``path`` and judge whether its size can be trusted.
 
-    Returns a `LinesOfCodeReport`.  Raises `SourceFileError` naming the path when it
-    does not exist, is a directory or another non-regular file (a FIFO would block),
-    cannot be read, or is binary (holds NUL bytes).  Text that is not valid UTF-8 is
-    counted with replacement characters and flagged in ``decode_errors``, never
-    reported as 0 lines.  Blocking: use `acount_lines_of_code` from async code.
+    Text that is not valid UTF-8 is counted with replacement characters and flagged in
+    ``decode_errors``, never reported as 0 lines.  Blocking: use `acount_lines_of_code`
+    from async code.
+
+    Returns:
+        A `LinesOfCodeReport`.
+
+    Raises:
+        SourceFileError: naming the path, when it does not exist, is a directory or
+            another non-regular file (a FIFO would block), cannot be read, or is binary
+            (holds NUL bytes).
     """
     file = Path(path)
     try:

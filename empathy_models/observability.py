@@ -203,10 +203,15 @@ def instrumentation_for(
     """
     The executor's instrumentation, or ``None`` when it is off (the default).
 
-    ``otel``: ``None`` means on when a provider is given or ``EMPATHY_OTEL`` says so;
-    ``True`` on (the global providers fill in what is not given); ``False`` off.
-    Raises `ConfigurationError` for a value of the wrong type, ``otel=False`` together
-    with a provider, or OpenTelemetry missing.
+    Args:
+        otel: ``None`` means on when a provider is given or ``EMPATHY_OTEL`` says so;
+            ``True`` on (the global providers fill in what is not given); ``False`` off.
+        tracer_provider, meter_provider: OpenTelemetry providers, or ``None``.
+        providers: the executor's providers, by name.
+
+    Raises:
+        ConfigurationError: a value of the wrong type, ``otel=False`` together with a
+            provider, or OpenTelemetry missing.
     """
     if otel is not None and not isinstance(otel, bool):
         raise ConfigurationError(f"otel must be True, False or None, got {otel!r}")
@@ -403,9 +408,13 @@ class Instrumentation:
         self, state: _RunTrace, response: object = None, error: BaseException | None = None
     ) -> None:
         """
-        The stream is over: answered (``response``), failed (``error``: every route
-        failed before the first chunk, or `StreamInterruptedError` after it), or left
-        by its caller (neither).
+        The stream is over: answered, failed, or left by its caller (neither given).
+
+        Args:
+            state: the run's trace state.
+            response: the answer, when there was one.
+            error: every route failed before the first chunk, or `StreamInterruptedError`
+                after it.
         """
         try:
             if state.attempt is not None or state.ended is not None:

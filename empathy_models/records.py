@@ -312,6 +312,14 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     With ``n == 0`` nothing is known and the interval is ``(0.0, 1.0)``.  For 9/10 at
     z=1.96 the interval is about (0.596, 0.982), so a model with 9 of 10 successes is not
     confidently above 0.9.
+
+    Args:
+        successes: how many of the ``n`` calls succeeded.
+        n: how many calls.
+        z: the normal quantile (1.96: 95%).
+
+    Raises:
+        ValueError: ``successes`` outside ``0..n`` (for ``n > 0``).
     """
     if n > 0 and (successes < 0 or successes > n):
         raise ValueError(f"successes must be between 0 and n={n}, got {successes}")

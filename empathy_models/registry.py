@@ -145,17 +145,23 @@ class ModelInfo:
     """
     One model: who serves it, its tier, its list prices and its limits.
 
-    Prices are USD per million tokens (``input_price_per_mtok``,
-    ``output_price_per_mtok``); ``context_window`` and ``max_output_tokens`` are token
-    counts.  ``capabilities`` (default: all of `CAPABILITIES`) says which of tools,
-    images, JSON-schema output and streaming the model serves: the executor leaves out
-    of a run the models that cannot serve its request, saying so in the routing
-    decision.  ``rpm`` and ``tpm``, when set, are the provider's requests and tokens per
-    minute for the model: the executor enforces them as an
-    `empathy_models.limits.RateLimit` (one given to the executor for the model wins).
-    Construction raises `RecordValidationError` naming the field and value when an id
-    or provider is empty, a price is negative or not finite, or a window is not a
-    positive integer.
+    Args:
+        id: the model id (unique in a registry, compared case-insensitively).
+        provider: the name of the provider that serves it.
+        tier: its `ModelTier` (or the tier's value).
+        input_price_per_mtok, output_price_per_mtok: list prices, USD per million tokens.
+        context_window, max_output_tokens: token counts.
+        capabilities: which of tools, images, JSON-schema output and streaming the model
+            serves (default: all of `CAPABILITIES`); the executor leaves out of a run the
+            models that cannot serve its request, saying so in the routing decision.
+        rpm, tpm: when set, the provider's requests and tokens per minute for the model:
+            the executor enforces them as an `empathy_models.limits.RateLimit` (one given
+            to the executor for the model wins).
+
+    Raises:
+        RecordValidationError: naming the field and value, when an id or provider is
+            empty, a price is negative or not finite, or a window is not a positive
+            integer.
     """
 
     id: str = field(validator=_non_empty_str)
@@ -173,7 +179,8 @@ class ModelInfo:
         """
         The list-price cost in USD of a call that used these tokens.
 
-        Raises `ValueError` when a token count is negative or not an integer.
+        Raises:
+            ValueError: a token count is negative or not an integer.
         """
         _check_tokens("input_tokens", input_tokens)
         _check_tokens("output_tokens", output_tokens)
@@ -218,9 +225,11 @@ class ModelRegistry:
     """
     An immutable table of models and the version of the prices it holds.
 
-    Construction raises `ConfigurationError` when an entry is not a `ModelInfo` or two
-    entries share an id (ids compare case-insensitively).  Lookups are O(1) and
-    `for_tier` answers from lists sorted once at construction.
+    Lookups are O(1) and `for_tier` answers from lists sorted once at construction.
+
+    Raises:
+        ConfigurationError: an entry is not a `ModelInfo`, or two entries share an id
+            (ids compare case-insensitively).
     """
 
     models: tuple[ModelInfo, ...] = field(converter=_models_tuple)
@@ -257,7 +266,8 @@ class ModelRegistry:
         """
         The model with this id (case-insensitive).
 
-        Raises `ModelNotFoundError` (with ``model`` set) for an unknown id.
+        Raises:
+            ModelNotFoundError: (with ``model`` set) for an unknown id.
         """
         model = self._by_id.get(model_id.lower()) if isinstance(model_id, str) else None
         if model is None:
@@ -280,11 +290,18 @@ class ModelRegistry:
 
     def for_tier(self, tier: ModelTier | str, *, provider: str | None = None) -> list[ModelInfo]:
         """
-        The models of ``tier`` (optionally of one ``provider``), cheapest first.
+        The models of ``tier``, cheapest first: sorted by (input + output price per million
+        tokens, id).
 
-        Sorted by (input + output price per million tokens, id).  ``tier`` may be a
-        `ModelTier` or its value in any case; an unknown tier raises
-        `ConfigurationError`.  Returns a new list (empty when nothing matches).
+        Args:
+            tier: a `ModelTier` or its value in any case.
+            provider: only this provider's models.
+
+        Returns:
+            A new list (empty when nothing matches).
+
+        Raises:
+            ConfigurationError: an unknown tier.
         """
         try:
             key = _to_tier(tier)
@@ -303,7 +320,9 @@ class ModelRegistry:
         """
         USD cost of a call to ``model_id`` with these token counts, at this table's prices.
 
-        Raises `ModelNotFoundError` for an unknown id and `ValueError` for bad counts.
+        Raises:
+            ModelNotFoundError: an unknown id.
+            ValueError: bad counts.
         """
         return self.get(model_id).cost(input_tokens, output_tokens)
 
@@ -348,10 +367,16 @@ class ModelRegistry:
         """
         Build a registry from ``{"price_version": ..., "models": [{...}, ...]}``.
 
-        With ``"extends": "default"`` the models are laid over the default table (same
-        id replaces, new ids are added).  Raises `ConfigurationError` whose message
-        starts with ``source`` and names the offending field
-        (``models[2].input_price_per_mtok``) for a missing, unknown or invalid field.
+        With ``"extends": "default"`` the models are laid over the default table (same id
+        replaces, new ids are added).
+
+        Args:
+            data: the table.
+            source: where it came from, starting every error message.
+
+        Raises:
+            ConfigurationError: for a missing, unknown or invalid field; the message starts
+                with ``source`` and names the field (``models[2].input_price_per_mtok``).
         """
         if not isinstance(data, Mapping):
             raise ConfigurationError(
@@ -394,8 +419,9 @@ class ModelRegistry:
         """
         Read a registry from a ``.toml`` or ``.json`` file (shape as in `from_dict`).
 
-        Raises `ConfigurationError` naming the path when the file is missing, cannot be
-        parsed, has another suffix, or holds an invalid entry (naming the field).
+        Raises:
+            ConfigurationError: naming the path, when the file is missing, cannot be parsed,
+                has another suffix, or holds an invalid entry (naming the field).
         """
         file = Path(path)
         suffix = file.suffix.lower()

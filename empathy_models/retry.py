@@ -162,9 +162,11 @@ class RetryPolicy:
         rng: the random source of the jitter; pass ``random.Random(seed)`` for
             reproducible delays.  It does not take part in equality.
 
-    Every field is validated; a bad value raises `ConfigurationError` naming the field
-    and the value.  The policy never sleeps and holds no per-call state, so one
-    instance is safe to share between tasks (the jitter draws share ``rng``).
+    The policy never sleeps and holds no per-call state, so one instance is safe to
+    share between tasks (the jitter draws share ``rng``).
+
+    Raises:
+        ConfigurationError: a bad value of any field, naming the field and the value.
     """
 
     max_attempts: int = field(default=3, validator=_attempts)
@@ -193,8 +195,11 @@ class RetryPolicy:
         """
         The un-jittered wait after failed attempt number ``attempt`` (1-based), in seconds.
 
-        ``base_delay * multiplier ** (attempt - 1)``, capped at ``max_delay``.  Raises
-        `ConfigurationError` for ``attempt < 1``.
+        Returns:
+            ``base_delay * multiplier ** (attempt - 1)``, capped at ``max_delay``.
+
+        Raises:
+            ConfigurationError: ``attempt < 1``.
         """
         if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
             raise ConfigurationError(f"attempt must be an integer >= 1, got {attempt!r}")
@@ -218,12 +223,19 @@ class RetryPolicy:
         """
         How long to wait after failed attempt ``attempt`` (1-based) before the next one.
 
-        The backoff (see `backoff`) is jittered when ``jitter`` is true, using ``rng``
-        (default: the policy's).  With a ``retry_after`` hint the wait is
-        ``max(jittered backoff, retry_after)``; when the hint exceeds
-        `retry_after_limit` the answer is ``None``: the provider wants more time than
-        this policy allows, so the caller should not wait on this route.  Pure and
-        deterministic when ``jitter`` is false.
+        Pure and deterministic when ``jitter`` is false.
+
+        Args:
+            attempt: the failed attempt's number, from 1.
+            retry_after: the provider's hint in seconds: the wait is then
+                ``max(jittered backoff, retry_after)``.
+            rng: for the jitter of the backoff (see `backoff`), applied when ``jitter`` is
+                true (default: the policy's).
+
+        Returns:
+            The wait in seconds, or ``None`` when the hint exceeds `retry_after_limit`: the
+            provider wants more time than this policy allows, so the caller should not wait
+            on this route.
         """
         delay = self.backoff(attempt)
         if self.jitter and delay > 0.0:

@@ -22,6 +22,16 @@ seconds; `time.time` by default).  A backend without rollups is read through
 **Deciding** (`AdaptiveModelRouter.get_best_model`) reads only in-memory verdicts,
 cached per candidate list and recomputed for arms whose evidence changed: O(number of
 candidates), no I/O.  A decision's ``candidates`` are built when first read.
+
+**Lifecycle.**  ``async with router:`` reads the evidence of the window, fills the
+recent-outcome windows of `recommend_tier_upgrade` (one small ``recent`` call per
+workflow stage) and starts the periodic refresh, a task owned by the router and
+cancelled and awaited by `aclose`.  A backend error while reading is logged and
+counted in `refresh_errors`; it never fails a decision.
+
+**Concurrency.**  The synchronous methods (`record_outcome`, `get_best_model`,
+`recommend_tier_upgrade`) must be called from the event loop's thread; they never
+await, so each is atomic with respect to other tasks.  The router is not thread-safe.
 """
 
 from __future__ import annotations
@@ -81,24 +91,21 @@ class AdaptiveModelRouter:
     """
     Chooses the model for each call from in-memory, per-arm evidence.
 
-    ``registry`` defaults to `ModelRegistry.default`, as the executor's does.
-    ``telemetry_store`` is a `TelemetryBackend` or a URL (``"sqlite:///calls.db"``); a
-    URL's backend is owned and closed by the router.  Without one (or with the null
-    backend) the router learns only from `record_outcome`, and `get_routing_stats` says
-    so.  ``refresh_interval`` (seconds, default 60; ``None`` disables) is how often the
-    started router reads what changed in the backend.  ``rng`` or ``seed`` makes every
-    random choice reproducible; ``clock`` returns UTC epoch seconds, and ``sleep``
-    waits between refreshes (tests pass `FakeClock.sleep` so no real time passes).
+    See the module docstring for its lifecycle (``async with``) and concurrency.
 
-    Lifecycle: ``async with router:`` reads the evidence of the window, fills the
-    recent-outcome windows of `recommend_tier_upgrade` (one small ``recent`` call per
-    workflow stage) and starts the periodic refresh, a task owned by the router and
-    cancelled and awaited by `aclose`.  A backend error while reading is logged and
-    counted in `refresh_errors`; it never fails a decision.
-
-    Concurrency: the synchronous methods (`record_outcome`, `get_best_model`,
-    `recommend_tier_upgrade`) must be called from the event loop's thread; they never
-    await, so each is atomic with respect to other tasks.  The router is not thread-safe.
+    Args:
+        registry: models, tiers and prices (default `ModelRegistry.default`, as the
+            executor's).
+        telemetry_store: a `TelemetryBackend` or a URL (``"sqlite:///calls.db"``; its
+            backend is owned and closed by the router).  Without one (or with the null
+            backend) the router learns only from `record_outcome`, and
+            `get_routing_stats` says so.
+        policy: how evidence is weighed (default `RoutingPolicy()`).
+        refresh_interval: how often (seconds, default 60; ``None`` disables) the started
+            router reads what changed in the backend.
+        rng, seed: either makes every random choice reproducible.
+        clock: returns UTC epoch seconds.
+        sleep: waits between refreshes (tests pass `FakeClock.sleep`: no real time passes).
     """
 
     MIN_SAMPLE_SIZE: ClassVar[int] = 10
@@ -172,9 +179,11 @@ class AdaptiveModelRouter:
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **options: Any) -> Self:
         """
-        A router over ``empathy.toml``'s registry and telemetry database (found as
-        `empathy_models.config.find_config_file` says; see `EmpathyLLMExecutor.from_config`).
-        The router owns the backend it opens; ``options`` go to the constructor.
+        A router over ``empathy.toml``'s registry and telemetry database (owning the backend).
+
+        Args:
+            path: the file (found as `empathy_models.config.find_config_file` says).
+            **options: passed to the constructor.
         """
         from .config import EmpathyConfig
 
@@ -205,7 +214,10 @@ class AdaptiveModelRouter:
         """
         Read the backend's evidence and start the periodic refresh; idempotent.
 
-        Raises `NotOpenError` after `aclose`.  Backend errors are logged, not raised.
+        Backend errors are logged, not raised.
+
+        Raises:
+            NotOpenError: after `aclose`.
         """
         if self._closed:
             raise NotOpenError("AdaptiveModelRouter was used after aclose()")
@@ -259,13 +271,14 @@ class AdaptiveModelRouter:
         """
         Read the evidence buckets that changed in the backend since the last refresh.
 
-        The backend is flushed first (so records this process handed to a batching
-        backend are visible).  Each changed bucket replaces the router's, and buckets
-        this process added outcomes to go back to the store's version; the change test
-        re-runs from the earliest changed bucket of each arm.  Buckets older than the
-        policy's ``window_days`` are dropped.  Returns ``True`` on success; on a backend
-        error logs a warning, counts it in `refresh_errors`, keeps the previous evidence
-        and returns ``False``.  Concurrent calls are serialized.
+        The backend is flushed first (so records this process handed to a batching backend
+        are visible); changed buckets replace the router's (see the module docstring) and the
+        change test re-runs from the earliest changed bucket of each arm.  Buckets older than
+        the policy's ``window_days`` are dropped.  Concurrent calls are serialized.
+
+        Returns:
+            ``True`` on success; ``False`` without a store, or on a backend error, which is
+            logged as a warning and counted in `refresh_errors` (the evidence is kept).
         """
         store = self._store
         if store is None:
@@ -403,37 +416,38 @@ class AdaptiveModelRouter:
         max_ttft_ms: float | None = None,
     ) -> RoutingDecision:
         """
-        Choose a model for one call of ``workflow``/``stage``; never does I/O.
+        Choose a model for one call of ``workflow``/``stage``: no I/O, O(len(candidates)).
 
-        ``candidates`` are model ids (default: every model in the registry), in any
-        order; ``unavailable`` ids (an open circuit) are excluded with the reason
-        ``"circuit open"``, ids missing from the registry with ``"not in the model
-        registry"``.  ``min_success_rate`` defaults to the policy's
-        ``default_min_success_rate``.  ``input_tokens`` and ``max_tokens`` feed the
-        expected cost: a model's mean output tokens, the stage's for a model not yet
-        measured, ``max_tokens`` when nothing is known; ``strict_cost=True`` holds
-        ``max_cost`` against the worst case (``max_tokens`` output tokens, defaulting to
-        the model's maximum) and needs ``input_tokens``.  ``max_ttft_ms`` bounds the p95
-        time to first token of a model's streamed successful calls, judged as
-        ``max_latency_ms`` is (a model never streamed is unproven, not assumed fast).
+        An exploration pick (``exploration=True``, ``constraints_met=False``) made because no
+        candidate is eligible is logged as a warning the first time per stage (then DEBUG).
 
-        Returns a `RoutingDecision` listing every candidate with its evidence (built
-        when first read).  ``constraints_met`` is true only when the chosen model is
-        ELIGIBLE on every constraint given, so a decision that claims it never has an
-        expected cost above ``max_cost``.  An exploration pick has ``exploration=True``
-        and ``constraints_met=False``; when it is made because no candidate is
-        eligible, it is logged as a warning the first time per stage (then at DEBUG).
-        When the decision acted on a detected change (the pick, or a model that would
-        otherwise be preferred, changed its success rate), ``change`` says so and so
-        does the reason.
+        Args:
+            workflow, stage: the stage the call is for.
+            candidates: model ids, in any order (default: every model in the registry); ids
+                missing from the registry are excluded (``"not in the model registry"``).
+            input_tokens, max_tokens: feed the expected cost: a model's mean output tokens,
+                the stage's for a model not yet measured, ``max_tokens`` when nothing is known.
+            max_cost, max_latency_ms, min_success_rate: the constraints (the last defaults to
+                the policy's ``default_min_success_rate``).
+            on_no_match: with no candidate eligible or explorable: ``"raise"``; ``"relax"``
+                drops constraints in the policy's ``relax_order`` until one qualifies (listed
+                in ``relaxed``); any other string is a pinned model id, returned with
+                ``policy_applied="pinned"`` unless its circuit is open.
+            unavailable: ids with an open circuit, excluded (``"circuit open"``).
+            strict_cost: hold ``max_cost`` against the worst case (``max_tokens`` output
+                tokens, defaulting to the model's maximum); needs ``input_tokens``.
+            max_ttft_ms: bounds the p95 time to first token of streamed successful calls,
+                judged as ``max_latency_ms`` is (a model never streamed is unproven).
 
-        When no candidate is eligible or explorable, ``on_no_match`` acts: ``"raise"``
-        raises `NoModelMeetsConstraintsError` with every candidate's reasons;
-        ``"relax"`` drops constraints in the policy's ``relax_order`` until a candidate
-        qualifies and lists them in ``relaxed``; any other string is a pinned model id,
-        returned with ``policy_applied="pinned"`` unless its circuit is open.  With
-        every candidate unavailable, even ``"relax"`` raises.  Invalid arguments raise
-        `ConfigurationError`.  Cost: O(len(candidates)).
+        Returns:
+            A `RoutingDecision` listing every candidate with its evidence (built when first
+            read).  ``constraints_met`` is true only when the chosen model is ELIGIBLE on
+            every constraint given (so never with an expected cost above ``max_cost``).
+
+        Raises:
+            NoModelMeetsConstraintsError: with every candidate's reasons: on ``"raise"``, and
+                with every candidate unavailable (even on ``"relax"``).
+            ConfigurationError: invalid arguments.
         """
         if not isinstance(workflow, str):
             raise ConfigurationError(f"workflow must be a string, got {workflow!r}")
@@ -505,8 +519,8 @@ class AdaptiveModelRouter:
 
         Looks at the last `RECENT_WINDOW_SIZE` (20) sample outcomes this router has seen
         (read from the backend at start, then live).  With fewer than
-        `MIN_SAMPLE_SIZE` (10) it declines for lack of data; a failure rate strictly
-        above `FAILURE_RATE_THRESHOLD` (20%) advises the next tier above the highest one
+        `MIN_SAMPLE_SIZE` (10) it declines for lack of data; a failure rate strictly above
+        `FAILURE_RATE_THRESHOLD` (20%) advises the next tier above the highest one
         that served the calls.  Pure read of memory; never modifies routing.
         """
         return recommend(
@@ -521,11 +535,16 @@ class AdaptiveModelRouter:
         self, workflow: str, stage: str | None = None, days: float = 7
     ) -> RoutingStats:
         """
-        Per-model `RoutingStats` of ``workflow`` (one ``stage``, or ``"all"``) from the backend.
+        Per-model `RoutingStats` of ``workflow`` from the backend (whose errors propagate).
 
-        Always returned, also without telemetry: ``telemetry`` is ``"none"`` without a
-        store or when the store has never received a record, with a ``message`` saying
-        what is missing.  Raises what the backend raises.
+        Args:
+            workflow, stage: the workflow and one stage (``None``: every stage, ``"all"``).
+            days: the window, in days back from the router's clock (positive).
+
+        Returns:
+            The stats, always, also without telemetry: ``telemetry`` is ``"none"`` without a
+            store or when the store has never received a record, with a ``message`` saying
+            what is missing.
         """
         positive_number("days", days)
         shown = stage if stage is not None else "all"

@@ -275,8 +275,11 @@ class LLMStream:
     async def get_final_response(self) -> LLMResponse:
         """
         The `LLMResponse` (content, usage, cost, ``ttft_ms``, routing decision), after
-        reading what is left of the stream.  Raises `StreamInterruptedError` when the
-        stream failed, `RuntimeError` when it was closed before it finished.
+        reading what is left of the stream.
+
+        Raises:
+            StreamInterruptedError: the stream failed.
+            RuntimeError: it was closed before it finished.
         """
         async for _ in self:
             pass

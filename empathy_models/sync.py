@@ -97,21 +97,26 @@ class SyncExecutor:
     """
     `EmpathyLLMExecutor` for synchronous code, on an event loop of its own.
 
-    Takes the executor's arguments (``providers``, ``registry``, ``telemetry_store``,
-    ``router``, ``breaker``, ``retry``, ``fallback``, ...).  Building it starts a
-    daemon thread running a private event loop and opens the executor there; a
-    ``router`` (`AdaptiveModelRouter`) or ``breaker`` (`CircuitBreaker`) given as an
-    object is opened and closed with it as well, since synchronous code cannot
-    ``async with`` them.  Use it as a context manager or call `close`; an instance
-    still open at interpreter exit is closed then (telemetry queued for writing is
-    flushed), and one that is garbage-collected unclosed is closed too.
+    Building it starts a daemon thread running a private event loop and opens the
+    executor there.  Use it as a context manager or call `close`; an instance still open
+    at interpreter exit is closed then (telemetry queued for writing is flushed), and one
+    that is garbage-collected unclosed is closed too.
 
-    `run` takes the same arguments as `EmpathyLLMExecutor.run`, blocks until the
-    answer, and raises what it raises.  ``timeout`` (seconds) bounds the wait: on
-    expiry (or Ctrl-C) the call is cancelled on the loop, recorded as cancelled, and
-    `TimeoutError` (or `KeyboardInterrupt`) propagates.  `call` runs any other
-    coroutine on the same loop (``llm.call(router.get_routing_stats, "docs")``).
-    Calling `run` or `call` after `close` raises `RuntimeError`.
+    `run` takes the same arguments as `EmpathyLLMExecutor.run` (and a ``timeout``),
+    blocks until the answer, and raises what it raises.  `call` runs any other coroutine
+    on the same loop (``llm.call(router.get_routing_stats, "docs")``).  Calling `run` or
+    `call` after `close` raises `RuntimeError`.
+
+    Args:
+        providers: as for `EmpathyLLMExecutor`.
+        telemetry_store: as for `EmpathyLLMExecutor`.
+        router: as for `EmpathyLLMExecutor`; an `AdaptiveModelRouter` given as an object
+            is opened and closed with the executor, since synchronous code cannot
+            ``async with`` it.
+        breaker: as for `EmpathyLLMExecutor`; a `CircuitBreaker` given as an object is
+            opened and closed with the executor as well.
+        **options: the executor's other arguments (``registry``, ``retry``,
+            ``fallback``, ...).
     """
 
     def __init__(
@@ -181,9 +186,23 @@ class SyncExecutor:
         **options: Any,
     ) -> LLMResponse:
         """
-        Answer ``prompt`` (see `EmpathyLLMExecutor.run`), blocking until done; the
-        keyword ``options`` (``tools``, ``tool_choice``, ``response_format``, ``stop``,
-        ``top_p``, ``seed``, ``extra_body``) are passed on.
+        Answer ``prompt`` (see `EmpathyLLMExecutor.run`), blocking until done.
+
+        Args:
+            prompt: as for `EmpathyLLMExecutor.run`.
+            context: as for `EmpathyLLMExecutor.run`.
+            timeout: seconds to wait; on expiry (or Ctrl-C) the call is cancelled on the
+                loop and recorded as cancelled.
+            **options: ``tools``, ``tool_choice``, ``response_format``, ``stop``, ``top_p``,
+                ``seed``, ``extra_body``, passed on.
+
+        Returns:
+            The `LLMResponse`.
+
+        Raises:
+            TimeoutError: when ``timeout`` expires (`KeyboardInterrupt` on Ctrl-C).
+            NotOpenError: (a `RuntimeError`) after `close`.
+            Exception: whatever `EmpathyLLMExecutor.run` raises.
         """
         executor = self._open()
         return self._worker.call(lambda: executor.run(prompt, context, **options), timeout)

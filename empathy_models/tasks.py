@@ -115,11 +115,14 @@ _SEPARATORS = re.compile(r"[\s\-_]+")
 
 def normalize_task_type(task: str) -> str:
     """
-    The canonical spelling of a task name: lower case, with runs of spaces, hyphens
-    and underscores turned into one underscore and none at either end.
+    The canonical spelling of a task name.
 
-    ``"FIX_BUG"``, ``"fix-bug"`` and ``" Fix  Bug "`` all give ``"fix_bug"``.  A
-    `TaskType` gives its value.  Raises `TypeError` for anything but a string.
+    Lower case, with runs of spaces, hyphens and underscores turned into one underscore
+    and none at either end: ``"FIX_BUG"``, ``"fix-bug"`` and ``" Fix  Bug "`` all give
+    ``"fix_bug"``.  A `TaskType` gives its value.
+
+    Raises:
+        TypeError: for anything but a string.
     """
     if not isinstance(task, str):
         raise TypeError(f"task type must be a string, got {type(task).__name__}")

@@ -122,10 +122,23 @@ async def load_stage_evidence(
     now: datetime | None = None,
 ) -> StageEvidence:
     """
-    Read the evidence buckets of ``workflow``/``stage`` over the last ``days`` and fit
-    each model seen (`ModelFit`).  The backend is flushed first, then read once
-    (``evidence()``); a backend that keeps no rollups has its newest records (up to
-    100,000) rolled up in memory instead.
+    Read the evidence buckets of ``workflow``/``stage`` and fit each model seen.
+
+    The backend is flushed first, then read once (``evidence()``); a backend that keeps
+    no rollups has its newest records (up to 100,000) rolled up in memory instead.
+
+    Args:
+        backend: the telemetry backend to read.
+        workflow, stage: the stage.
+        registry: prices the fits (default `ModelRegistry.default`).
+        days: the window, in days before ``now``.
+        now: the window's end, an aware datetime (default: the current time).
+
+    Returns:
+        The `StageEvidence`, one `ModelFit` per model seen.
+
+    Raises:
+        ConfigurationError: an invalid argument, or a naive ``now``.
     """
     _check_name("workflow", workflow)
     _check_name("stage", stage)
@@ -237,14 +250,24 @@ async def simulate_policy(
     """
     Replay ``requests`` simulated requests through the real router, ``replicates`` times.
 
-    Constraints and ``on_no_match`` are those of `AdaptiveModelRouter.get_best_model`;
-    ``min_success_rate`` ``None`` means the routing policy's default floor.
-    ``candidates`` default to the models seen in the window; ``input_tokens`` to the
-    stage's mean.  Simulated calls of a model with streamed calls in the window carry a
-    time to first token drawn from them (``max_ttft_ms`` judges it as the router does); a
-    model never streamed takes the stage's, and when nothing in the stage streamed no
-    model can prove a ``max_ttft_ms``.  ``routing_policy`` defaults to `RoutingPolicy`
-    with the evidence's window.  Invalid arguments raise `ConfigurationError`.
+    Simulated calls of a model with streamed calls in the window carry a time to first
+    token drawn from them; a model never streamed takes the stage's, and when nothing in
+    the stage streamed no model can prove a ``max_ttft_ms``.
+
+    Args:
+        evidence: the stage's, from `load_stage_evidence`.
+        registry: default `ModelRegistry.default`.
+        max_cost, max_latency_ms, min_success_rate, max_ttft_ms, max_tokens, on_no_match:
+            as for `AdaptiveModelRouter.get_best_model` (``min_success_rate`` ``None``:
+            the routing policy's default floor; ``max_ttft_ms`` judged as the router does).
+        candidates: default: the models seen in the window.
+        input_tokens: default: the stage's mean.
+        routing_policy: default: `RoutingPolicy` with the evidence's window.
+        requests, replicates, seed: how many requests per replicate, how many
+            replicates, and the seed of the draws.
+
+    Raises:
+        ConfigurationError: invalid arguments.
     """
     registry = ModelRegistry.default() if registry is None else registry
     names = _check_simulation(
@@ -448,10 +471,18 @@ def ipw_estimate(
     """
     Self-normalized inverse-propensity estimate of cost per request and success rate.
 
-    ``target`` is the proposed policy's probability of choosing each model (its
-    simulated traffic shares); each recorded sample call with a ``routing_propensity``
-    weighs ``target[model] / routing_propensity``.  Returns ``None`` when no recorded
-    call carries a propensity, or the effective sample size is below ``min_ess``.
+    Each recorded sample call with a ``routing_propensity`` weighs
+    ``target[model] / routing_propensity``.
+
+    Args:
+        records: the recorded calls.
+        target: the proposed policy's probability of choosing each model (its simulated
+            traffic shares).
+        min_ess: the smallest effective sample size worth an estimate.
+
+    Returns:
+        The estimate, or ``None`` when no recorded call carries a propensity, or the
+        effective sample size is below ``min_ess``.
     """
     calls = 0
     rows: list[tuple[float, float, float]] = []
@@ -513,9 +544,17 @@ async def evaluate_policy(
     **options: Any,
 ) -> WhatIfReport:
     """
-    `load_stage_evidence` then `simulate_policy` (``options`` are its keywords), plus the
-    off-policy estimate over the newest ``ipw_limit`` calls of the stage (0: skip it).
-    ``evidence`` already loaded for this stage is used instead of reading it again.
+    `load_stage_evidence` then `simulate_policy`, plus the off-policy estimate.
+
+    Args:
+        backend, workflow, stage, registry, days, now: as for `load_stage_evidence`.
+        ipw_limit: the off-policy estimate is over the newest this many calls of the
+            stage (0: skip it).
+        evidence: already loaded for this stage, used instead of reading it again.
+        **options: `simulate_policy`'s keywords.
+
+    Raises:
+        ConfigurationError: invalid arguments, or ``evidence`` of another stage.
     """
     if isinstance(ipw_limit, bool) or not isinstance(ipw_limit, int) or ipw_limit < 0:
         raise ConfigurationError(f"ipw_limit must be an integer >= 0, got {ipw_limit!r}")

@@ -1,6 +1,6 @@
 """
 Cancel a guarded call while its half-open admission is in flight, many times, and
-count what went wrong (issue #14 items 6 and 13).  Shared by the SQLite, Redis and
+count what went wrong.  Shared by the SQLite, Redis and
 PostgreSQL tests.
 """
 

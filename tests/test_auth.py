@@ -52,7 +52,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_enum_values_are_the_originals() -> None:
     assert [t.value for t in SubscriptionTier] == ["free", "pro", "max", "enterprise", "api_only"]
     assert [m.value for m in AuthMode] == ["subscription", "api", "auto"]
-    # str subclasses: a member equals its value string, as in the original
+    # str subclasses: a member equals its value string
     assert operator.eq(SubscriptionTier.PRO, "pro")
     assert operator.eq(AuthMode.AUTO, "auto")
 
@@ -268,7 +268,7 @@ def test_estimate_tokens_truncates() -> None:
 def test_auto_is_resolved_before_pricing() -> None:
     small_max = AuthStrategy(subscription_tier="max")
     est = small_max.estimate_cost(100, AuthMode.AUTO)
-    assert est.mode is AuthMode.SUBSCRIPTION  # the original priced AUTO as API
+    assert est.mode is AuthMode.SUBSCRIPTION  # AUTO is resolved by size, not priced as API
     assert est.monetary_cost == 0.0
     assert est.quota_cost is not None and "400" in est.quota_cost
     assert small_max.estimate_cost(100, "auto") == est

@@ -1,4 +1,4 @@
-"""`auth reset` racing a save never loses the save; backups are pruned (issue #14 item 5)."""
+"""`auth reset` racing a save never loses the save; backups are pruned."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """
-The breaker at its edges with a real SQLite file (issue #14 items 6, 8, 11 and 13);
+The breaker at its edges with a real SQLite file;
 the Redis and PostgreSQL variants live with their plugins' tests.
 """
 

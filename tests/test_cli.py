@@ -221,7 +221,7 @@ def test_setup_writes_a_private_file_and_keeps_custom_fields(home: Path) -> None
     ok(cli(home, "auth", "setup", "--tier", "max"))
     s = AuthStrategy.load(file)
     assert s.subscription_tier.value == "max"
-    assert s.small_module_threshold == 300  # kept (the original rebuilt from defaults)
+    assert s.small_module_threshold == 300  # kept: setup does not rebuild from defaults
     assert s.loc_to_tokens_multiplier == 3.5
     assert dict(s.metadata) == {"team": "docs"}
     data = json.loads(ok(cli(home, "auth", "status", "--json")))

@@ -1,6 +1,6 @@
 """
 User mistakes at the edges get the project's own errors, naming what was wrong, before
-anything is sent or opened (issue #14, items 16 and 18).
+anything is sent or opened.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """
 Budgets and rate limits shared by four OS processes through SQLite, Redis and
-PostgreSQL, against a `FakeLLMServer` (issue #22's acceptance):
+PostgreSQL, against a `FakeLLMServer`:
 
 * a $1.00 daily budget, eight calls in flight per process: the total spent is at most
   $1.00 plus one largest single-call estimate per process, and the accounting is exact

@@ -1,7 +1,7 @@
 """
-Hostile answers over real HTTP on 127.0.0.1 (issue #14, items 9, 12, 15 and 16):
-unbounded bodies, a key echoed in a 2xx body, nesting too deep to parse, and a 429
-whose Retry-After would close a provider for a day or forever.
+Hostile answers over real HTTP on 127.0.0.1: unbounded bodies, a key echoed in a 2xx
+body, nesting too deep to parse, and a 429 whose Retry-After would close a provider for
+a day or forever.
 
 `RawServer` answers every POST with whatever the test scripted (status, headers, body,
 streamed or not), which `FakeLLMServer` cannot be made to send.

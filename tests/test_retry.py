@@ -63,7 +63,7 @@ def test_max_delay_caps_every_delay() -> None:
 
 
 def test_constant_backoff_is_capped_too() -> None:
-    """multiplier=1 is a constant delay, still capped (the original's constant mode was not)."""
+    """multiplier=1 is a constant delay, still capped by ``max_delay``."""
     policy = RetryPolicy(
         max_attempts=3, base_delay=10.0, multiplier=1.0, max_delay=4.0, jitter=False
     )

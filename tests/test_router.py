@@ -667,7 +667,7 @@ def test_tier_upgrade_threshold_is_strictly_above_twenty_percent(
     advice = router.recommend_tier_upgrade(WF, ST)
     assert advice.should_upgrade is upgrade
     assert advice.failure_rate == pytest.approx(failures / calls)
-    should, reason = advice  # unpacks like the original tuple
+    should, reason = advice  # unpacks as a (should_upgrade, reason) tuple
     assert should is upgrade and reason == advice.reason
     if upgrade:
         assert advice.current_tiers == (ModelTier.CHEAP,)
@@ -760,8 +760,8 @@ def test_a_decision_that_claims_constraints_met_never_exceeds_max_cost(
 
 
 async def test_a_quiet_stage_is_seeded_even_next_to_a_busy_one(clock: FakeClock) -> None:
-    # the original fetched the newest 10,000 entries of every workflow at once, so a
-    # busy stage could push a quiet one out of the window entirely
+    # each stage's window is seeded on its own, so a busy stage cannot push a quiet
+    # one out of it
     store = MemoryTelemetryBackend()
     quiet = []
     for i in range(12):

@@ -1,6 +1,6 @@
 """
 Exploration that finds the cheapest compliant model despite an unlucky start, and a
-change test that does not read a lucky start as a later degradation (issue #12).
+change test that does not read a lucky start as a later degradation.
 """
 
 from __future__ import annotations

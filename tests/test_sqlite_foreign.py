@@ -1,6 +1,5 @@
 """
-Foreign SQLite files are left alone, and read-only CLI commands change nothing
-(issue #14 item 14).
+Foreign SQLite files are left alone, and read-only CLI commands change nothing.
 """
 
 from __future__ import annotations

@@ -28,10 +28,13 @@ _BACKUP_RE: Final = re.compile(r"\.(\d{8}T\d{6}\d{6}Z)(?:-(\d+))?\.bak$")
 
 def list_auth_strategy_backups(path: str | os.PathLike[str] | None = None) -> list[Path]:
     """
-    Backups of the auth strategy file at ``path`` (default `auth_strategy_file`),
-    newest first.  Backups sit next to the file as
-    ``<name>.<UTC timestamp>.bak`` (for example
+    Backups of the auth strategy file at ``path`` (default `auth_strategy_file`).
+
+    Backups sit next to the file as ``<name>.<UTC timestamp>.bak`` (for example
     ``auth_strategy.json.20260101T120000123456Z.bak``).
+
+    Returns:
+        Their paths, newest first.
     """
     file = Path(path) if path is not None else auth_strategy_file()
     if not file.parent.is_dir():
@@ -107,10 +110,19 @@ def reset_auth_strategy(
     The file is renamed (atomically) to a backup named as in
     `list_auth_strategy_backups`, under the same lock as `AuthStrategy.save`, so a save
     running at the same time lands either before the reset (and is in the backup) or
-    after it (and is the new file): it is never lost.  A corrupt file is backed up as
-    it is.  Only the ``keep_backups`` newest backups are kept (default 20); older ones
-    are deleted.  Returns None, touching nothing, when there is no file.  Raises
-    `AuthFileError` if the file cannot be moved (it is then left in place).  Blocking.
+    after it (and is the new file): it is never lost.  A corrupt file is backed up as it
+    is.  Blocking.
+
+    Args:
+        path: the file (default `auth_strategy_file`).
+        keep_backups: only this many newest backups are kept (default 20); older ones
+            are deleted.
+
+    Returns:
+        The backup's path, or None, touching nothing, when there is no file.
+
+    Raises:
+        AuthFileError: the file cannot be moved (it is then left in place).
     """
     if isinstance(keep_backups, bool) or not isinstance(keep_backups, int) or keep_backups < 1:
         raise ConfigurationError(f"keep_backups must be an integer >= 1, got {keep_backups!r}")
@@ -143,11 +155,19 @@ def restore_auth_strategy(
     """
     Bring back the newest backup (or ``backup``) of the auth strategy file at ``path``.
 
-    The backup must hold a valid strategy (else `AuthFileError` naming it).  When a file
-    is already in place it is itself backed up first, so a restore never loses data.
-    The backup is copied atomically (0600) and left in place.  Returns
-    ``(restored_from, previous_file_backup_or_None)``.  Raises `AuthFileError` when
-    there is no backup.  Blocking.
+    When a file is already in place it is itself backed up first, so a restore never
+    loses data.  The backup is copied atomically (0600) and left in place.  Blocking.
+
+    Args:
+        path: the file (default `auth_strategy_file`).
+        backup: the backup to restore (default: the newest).
+
+    Returns:
+        ``(restored_from, previous_file_backup_or_None)``.
+
+    Raises:
+        AuthFileError: there is no backup, or it does not hold a valid strategy (naming
+            it).
     """
     file = Path(path) if path is not None else auth_strategy_file()
     if backup is not None:

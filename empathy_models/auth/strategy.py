@@ -173,8 +173,11 @@ class CostStage:
     """
     One stage of the pipeline `AuthStrategy.estimate_cost` prices.
 
-    The stage reads ``input_ratio`` x the module's tokens and writes ``output_ratio`` x
-    them, on the cheapest model of ``tier``.
+    Args:
+        name: the stage's name in the estimate.
+        tier: the stage runs on the cheapest model of this tier.
+        input_ratio: the stage reads this many times the module's tokens.
+        output_ratio: the stage writes this many times the module's tokens.
     """
 
     name: str
@@ -217,7 +220,9 @@ class AuthCostEstimate:
     ``monetary_cost`` is 0 and ``quota_cost`` describes the quota used; in API mode
     ``monetary_cost`` is the sum of ``stages`` at the registry's list prices
     (``price_version``).  ``api_cost`` is the API price in both modes, so the two can be
-    compared.  `to_dict` returns the strategy file's keys.
+    compared.  ``fits_in_context`` compares the module's tokens with
+    `SUBSCRIPTION_CONTEXT_TOKENS` or `API_CONTEXT_TOKENS`.  `to_dict` returns the
+    strategy file's keys.
     """
 
     mode: AuthMode
@@ -230,8 +235,8 @@ class AuthCostEstimate:
     stages: tuple[StageCost, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """``mode, monetary_cost, quota_cost, tokens_used, fits_in_context`` (as the
-        original), then ``api_cost``, ``price_version`` and the per-stage breakdown."""
+        """``mode, monetary_cost, quota_cost, tokens_used, fits_in_context`` first, then
+        ``api_cost``, ``price_version`` and the per-stage breakdown."""
         return {
             "mode": self.mode.value,
             "monetary_cost": self.monetary_cost,
@@ -264,23 +269,25 @@ class AuthStrategy:
     """
     The saved choice between subscription and API, with its thresholds and defaults.
 
-    ==========================  =====================  =======
-    field                       type                   default
-    ==========================  =====================  =======
-    ``subscription_tier``       `SubscriptionTier`     PRO
-    ``default_mode``            `AuthMode`             AUTO
-    ``small_module_threshold``  int (lines, >= 1)      500
-    ``medium_module_threshold`` int (lines, > small)   2000
-    ``loc_to_tokens_multiplier`` float (0 < x <= 1e4)  4.0
-    ``setup_completed``         bool                   True
-    ``prefer_subscription``     bool                   True
-    ``cost_optimization``       bool                   True (stored; no logic reads it)
-    ``metadata``                JSON mapping           {}
-    ==========================  =====================  =======
+    Instances are immutable; `replace` returns a changed, re-validated copy.
 
-    Enum fields accept their values as strings (any case).  Every invariant is checked
-    at construction and a violation raises `RecordValidationError` whose ``path`` names
-    the field.  Instances are immutable; `replace` returns a changed, re-validated copy.
+    Args:
+        subscription_tier: a `SubscriptionTier` or its value as a string, any case
+            (default PRO).
+        default_mode: an `AuthMode` or its value as a string, any case (default AUTO).
+        small_module_threshold: lines; a smaller module is small (>= 1, default 500).
+        medium_module_threshold: lines; a smaller module is medium (above
+            ``small_module_threshold``, default 2000).
+        loc_to_tokens_multiplier: tokens per line of code (0 < x <= 1e4, default 4.0).
+        setup_completed: default True.
+        prefer_subscription: medium modules of size-based tiers use the subscription
+            (default True).
+        cost_optimization: stored; no logic reads it (default True).
+        metadata: a JSON mapping (default empty).
+
+    Raises:
+        RecordValidationError: a broken invariant (every one is checked at
+            construction); its ``path`` names the field.
     """
 
     subscription_tier: SubscriptionTier = field(
@@ -337,7 +344,9 @@ class AuthStrategy:
            else API; otherwise API (the module needs the larger API context window).
 
         Boundaries are strict: with the defaults 499 is small, 500 medium, 2000 large.
-        Raises `ValueError` for a negative or non-integer ``lines``.
+
+        Raises:
+            ValueError: a negative or non-integer ``lines``.
         """
         return self._decide(lines)[0]
 
@@ -395,15 +404,18 @@ class AuthStrategy:
         """
         What running ``pipeline`` over a module of ``lines`` lines costs in ``mode``.
 
-        ``mode`` None or AUTO is resolved with `get_recommended_mode` first (the
-        original priced an explicit AUTO as API).  Each stage is priced on the cheapest
-        ``provider`` model of its tier in ``registry`` (default
-        `ModelRegistry.default`) with `ModelInfo.cost`, so the cost grows with the
-        module and follows the registry's prices.  ``fits_in_context`` compares the
-        module's tokens with `SUBSCRIPTION_CONTEXT_TOKENS` or `API_CONTEXT_TOKENS`.
+        Args:
+            lines, pipeline: the module's size, and the stages priced.
+            mode: None or AUTO is resolved with `get_recommended_mode` first.
+            registry, provider: each stage is priced with `ModelInfo.cost` on the cheapest
+                ``provider`` model of its tier in ``registry`` (default
+                `ModelRegistry.default`), so the cost grows with the module and follows
+                the registry's prices.
 
-        Raises `ValueError` for bad ``lines``, `ConfigurationError` for an unknown mode
-        or when the registry has no ``provider`` model for a stage's tier.
+        Raises:
+            ValueError: bad ``lines``.
+            ConfigurationError: an unknown mode, or no ``provider`` model in the registry for
+                a stage's tier.
         """
         if mode is None:
             resolved = self.get_recommended_mode(lines)
@@ -485,10 +497,12 @@ class AuthStrategy:
         """
         Build a strategy from `to_dict` output (or an unversioned file, without ``"v"``).
 
-        Missing keys take the defaults; unknown keys are ignored, so a file written by
-        a newer version still loads.  A bad value raises `RecordValidationError` whose
-        ``path`` names the field (``"small_module_threshold"``); so does a non-mapping
-        or a ``"v"`` that is not a positive integer.
+        Missing keys take the defaults; unknown keys are ignored, so a file written by a
+        newer version still loads.
+
+        Raises:
+            RecordValidationError: a bad value, a non-mapping, or a ``"v"`` that is not a
+                positive integer; its ``path`` names the field (``"small_module_threshold"``).
         """
         if not isinstance(data, Mapping):
             raise RecordValidationError(
@@ -506,11 +520,12 @@ class AuthStrategy:
     @classmethod
     def load_existing(cls, path: str | os.PathLike[str] | None = None) -> Self | None:
         """
-        The strategy saved at ``path`` (default `auth_strategy_file`), or None when
-        there is no file.
+        The strategy saved at ``path`` (default `auth_strategy_file`), or None when there
+        is no file.  Blocking.
 
-        Raises `AuthFileError` naming the path when the file exists but cannot be read,
-        is not JSON, or holds an invalid value (the message names the field).  Blocking.
+        Raises:
+            AuthFileError: naming the path, when the file exists but cannot be read, is not
+                JSON, or holds an invalid value (the message names the field).
         """
         file = Path(path) if path is not None else auth_strategy_file()
         data = _read_json(file)
@@ -528,11 +543,12 @@ class AuthStrategy:
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None) -> Self:
         """
-        The strategy saved at ``path`` (default `auth_strategy_file`, resolved now), or
-        the defaults when the file does not exist.
+        The strategy saved at ``path`` (default `auth_strategy_file`, resolved now), or the
+        defaults when the file does not exist.  Blocking: use `aload` from async code.
 
-        A file that exists but is unreadable or corrupt raises `AuthFileError` naming
-        the path; it is never replaced by defaults.  Blocking: use `aload` from async code.
+        Raises:
+            AuthFileError: naming the path, for a file that exists but is unreadable or
+                corrupt; it is never replaced by defaults.
         """
         found = cls.load_existing(path)
         return found if found is not None else cls()
@@ -547,15 +563,16 @@ class AuthStrategy:
         Write the strategy to ``path`` (default `auth_strategy_file`) and return the path.
 
         Atomic: the JSON goes to a temporary file in the same directory, is fsynced and
-        moved over the target with ``os.replace``, so readers see the old or the new
-        file, never a torn one.  The file is 0600; a missing parent directory is
-        created 0700.  An existing file that does not parse is not overwritten:
-        `AuthFileError` names it (back it up or remove it first).  Keys of the existing
-        file that this version does not know (written by a newer release) are kept, and
-        so is its ``"v"`` when newer.  Saves, resets and restores of one file take a lock
-        (``<file>.lock``) shared by every process; concurrent saves are last-writer-wins.
-        Blocking:
-        use `asave` from async code.
+        moved over the target with ``os.replace``, so readers see the old or the new file,
+        never a torn one.  The file is 0600; a missing parent directory is created 0700.
+        Keys of the existing file that this version does not know (written by a newer
+        release) are kept, and so is its ``"v"`` when newer.  Saves, resets and restores of
+        one file take a lock (``<file>.lock``) shared by every process; concurrent saves are
+        last-writer-wins.  Blocking: use `asave` from async code.
+
+        Raises:
+            AuthFileError: naming an existing file that does not parse; it is not
+                overwritten (back it up or remove it first).
         """
         file = Path(path) if path is not None else auth_strategy_file()
         with _locked(file):

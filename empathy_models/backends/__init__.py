@@ -75,10 +75,12 @@ _SECRET_PARAMS = frozenset(
 
 def redact_url(url: str) -> str:
     """
-    Return ``url`` safe to log or show: a password in the authority part and the value
-    of secret-looking query parameters (``password=``, ``token=``, ``api_key=``...) are
-    replaced by ``***``.  A string without ``scheme://`` that holds an ``@`` has
-    everything before the last ``@`` masked, since it may be ``user:password``.
+    Return ``url`` safe to log or show.
+
+    A password in the authority part and the value of secret-looking query parameters
+    (``password=``, ``token=``, ``api_key=``...) are replaced by ``***``.  A string
+    without ``scheme://`` that holds an ``@`` has everything before the last ``@``
+    masked, since it may be ``user:password``.
     """
     if "://" not in url:
         return f"***@{url.rsplit('@', 1)[1]}" if "@" in url else url
@@ -195,10 +197,15 @@ def _plugin_for(url: str) -> BackendPlugin:
 
 def telemetry_from_url(url: str | TelemetryBackend, **options: Any) -> TelemetryBackend:
     """
-    Return a telemetry backend for ``url``; a `TelemetryBackend` passes through unchanged.
+    Return a telemetry backend for ``url``.
 
-    ``options`` go to the backend's constructor.  Raises `ConfigurationError` for an
-    unknown scheme, a missing plugin, or an engine without telemetry support.
+    Args:
+        url: a backend URL; a `TelemetryBackend` passes through unchanged.
+        **options: passed to the backend's constructor.
+
+    Raises:
+        ConfigurationError: an unknown scheme, a missing plugin, or an engine without
+            telemetry support.
     """
     if isinstance(url, TelemetryBackend):
         return url
@@ -216,10 +223,15 @@ def telemetry_from_url(url: str | TelemetryBackend, **options: Any) -> Telemetry
 
 def state_store_from_url(url: str | CircuitStateStore, **options: Any) -> CircuitStateStore:
     """
-    Return a circuit-state store for ``url``; a `CircuitStateStore` passes through.
+    Return a circuit-state store for ``url``.
 
-    ``options`` go to the store's constructor.  Raises `ConfigurationError` for an
-    unknown scheme, a missing plugin, or an engine without circuit-state support.
+    Args:
+        url: a store URL; a `CircuitStateStore` passes through unchanged.
+        **options: passed to the store's constructor.
+
+    Raises:
+        ConfigurationError: an unknown scheme, a missing plugin, or an engine without
+            circuit-state support.
     """
     if isinstance(url, CircuitStateStore):
         return url

@@ -22,10 +22,17 @@ class BackendPlugin:
         [project.entry-points."empathy_models.backends"]
         redis = "empathy_models_redis:PLUGIN"
 
-    ``telemetry``, ``state_store``, ``quota_store`` (an `empathy_models.abc.QuotaStore`
-    for budgets and rate limits) and ``cache`` (an `empathy_models.abc.ResponseCache`)
-    are factories called as ``factory(url, **options)``; any may be ``None`` when the
+    Each factory is called as ``factory(url, **options)``; any may be ``None`` when the
     engine does not provide that kind of backend.
+
+    Args:
+        schemes: the URL schemes it serves.
+        package: its distribution's name (``"empathy-models-redis"``), used in error messages.
+        telemetry: the `TelemetryBackend` factory.
+        state_store: the `CircuitStateStore` factory.
+        quota_store: the factory of an `empathy_models.abc.QuotaStore`, for budgets and
+            rate limits.
+        cache: the factory of an `empathy_models.abc.ResponseCache`.
     """
 
     schemes: tuple[str, ...]

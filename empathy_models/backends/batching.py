@@ -541,17 +541,25 @@ class BatchingTelemetryBackend(TelemetryBackend):
 
     ``record`` / ``record_many`` return as soon as the records are queued; see the
     module docstring for when batches are written, what happens during a store outage,
-    the ``on_full`` policy, the spool and the exit hooks, and the counters `dropped`,
-    `failed`, `written`, `spooled` and `pending`.  Reads flush first.  `aclose` writes
-    everything still queued within ``close_timeout`` seconds, spools the rest, then
-    closes the wrapped backend.
+    the spool and the exit hooks, and the counters `dropped`, `failed`, `written`,
+    `spooled` and `pending`.  Reads flush first.
 
-    ``spool=False`` disables the spool (past ``max_queue`` the caller then waits, or
-    records are dropped with ``on_full="drop"``); a wrapped backend that is not
-    `persistent` never spools.  ``exit_flush=False`` opts out of the exit hooks.
+    Args:
+        inner: the wrapped backend, or a URL for one.
+        max_batch, flush_interval: when a batch is written (see the module docstring).
+        max_queue: the most records queued in memory.
+        on_full: what a full queue does: ``"spill"``, ``"wait"`` or ``"drop"``.
+        spool: ``False`` disables the spool (past ``max_queue`` the caller then waits,
+            or records are dropped with ``on_full="drop"``); a wrapped backend that is
+            not `persistent` never spools.
+        close_timeout: seconds `aclose` spends writing everything still queued; it
+            spools the rest, then closes the wrapped backend.
+        exit_flush: ``False`` opts out of the exit hooks.
 
-    Raises `ConfigurationError` for a bad setting, `RecordValidationError` when given
-    something that is not an `LLMCallRecord`, and `BackendClosedError` after `aclose`.
+    Raises:
+        ConfigurationError: a bad setting.
+        RecordValidationError: when given something that is not an `LLMCallRecord`.
+        BackendClosedError: after `aclose`.
     """
 
     def __init__(

@@ -38,7 +38,16 @@ T = TypeVar("T")
 
 
 class MemoryTelemetryBackend(TelemetryBackend):
-    """Records in a bounded in-memory ring; exact aggregation by scanning."""
+    """
+    Records in a bounded in-memory ring; exact aggregation by scanning.
+
+    Args:
+        capacity: the most records kept; past it the oldest are dropped, counted in
+            `evicted` (a warning once); their evidence rollups are kept.
+
+    Raises:
+        ConfigurationError: ``capacity`` not an integer >= 1.
+    """
 
     def __init__(self, *, capacity: int = 100_000) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:

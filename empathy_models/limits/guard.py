@@ -52,9 +52,15 @@ class LocalRateLimitError(RateLimitedError):
 
 def quota_store_from_url(url: str | QuotaStore, **options: Any) -> QuotaStore:
     """
-    A quota store for ``url``: ``memory://``, ``sqlite:///file.db``, or a plugin's
-    (``redis://``, ``postgresql://``); a `QuotaStore` passes through unchanged.
-    Raises `ConfigurationError` for an unknown scheme or an engine without quotas.
+    A quota store for ``url``.
+
+    Args:
+        url: ``memory://``, ``sqlite:///file.db``, or a plugin's (``redis://``,
+            ``postgresql://``); a `QuotaStore` passes through unchanged.
+        **options: passed to the store's constructor.
+
+    Raises:
+        ConfigurationError: an unknown scheme or an engine without quotas.
     """
     if isinstance(url, QuotaStore):
         return url
@@ -153,8 +159,21 @@ class Limiter:
     """
     Budgets and rate limits for one executor, kept in a `QuotaStore`.
 
-    ``max_wait`` bounds how long a call waits for rate-limit capacity (the run's
-    deadline bounds it too); a call that would wait longer moves to the next route.
+    Args:
+        budgets: one `Budget`, several, or None.
+        rate_limits: provider names or model ids to their `RateLimit`.
+        store: a `QuotaStore` or a URL for one (owned by the limiter); None: a fresh
+            ``memory://`` store.
+        max_wait: how long a call waits for rate-limit capacity (the run's deadline
+            bounds it too); a call that would wait longer moves to the next route.
+        retry_interval: seconds a failed store is replaced by a per-process
+            `MemoryQuotaStore` before it is tried again.
+        sleep: how a call waits for its place in a schedule.
+        wall_clock: UTC epoch seconds, for budget windows and the per-process store.
+        monotonic: monotonic seconds, for waits and retries.
+
+    Raises:
+        ConfigurationError: an invalid argument.
     """
 
     def __init__(
@@ -344,10 +363,22 @@ class Limiter:
         time_left: float | None,
     ) -> Hold | None:
         """
-        Reserve the call's estimate in every budget covering it and take its places
-        in the rate-limit schedules, waiting for them.  Returns the `Hold` to settle,
-        or None when no limit applies.  Raises `BudgetExceededError` or
-        `LocalRateLimitError` having left nothing held.
+        Reserve the call's estimate in every budget covering it and take its places in the
+        rate-limit schedules, waiting for them.
+
+        Args:
+            context: the run's `ExecutionContext` (its workflow, stage, user).
+            info: the model called.
+            input_tokens, max_tokens: the prompt's estimate and the output asked for.
+            time_left: seconds left of the run's deadline (None: no deadline).
+
+        Returns:
+            The `Hold` to settle, or None when no limit applies.
+
+        Raises:
+            BudgetExceededError: a budget cannot hold the estimate (nothing is left held).
+            LocalRateLimitError: no place in a schedule within ``max_wait`` or ``time_left``
+                (nothing is left held).
         """
         covered = self.covers(context, info) if self.budgets else []
         rates = self._rates_for(info)
@@ -434,9 +465,13 @@ class Limiter:
 
     async def settle(self, hold: Hold, *, failed: bool = False) -> None:
         """
-        Charge each budget what the call cost (``hold.cost_usd``; 0 when it failed,
-        as its record says) and give back the tokens it did not use.  Never raises a
-        store's error: a failure is logged and counted.
+        Charge each budget what the call cost and give back the tokens it did not use.
+
+        Never raises a store's error: a failure is logged and counted.
+
+        Args:
+            hold: from `admit`; it is charged ``hold.cost_usd``.
+            failed: the call failed: it is charged 0, as its record says.
         """
         with anyio.CancelScope(shield=True):
             actual = to_nano(hold.cost_usd)

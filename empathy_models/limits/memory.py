@@ -18,9 +18,13 @@ T = TypeVar("T")
 class MemoryQuotaStore(TransactionalQuotaStore):
     """
     Quotas in a dict: each operation runs without an ``await`` between read and write,
-    so it is atomic within the event loop.  Not shared between processes (``shared``
-    is false): every process that uses one has budgets and rate limits of its own.
-    ``clock`` (UTC epoch seconds, default `time.time`) times the rate limits.
+    so it is atomic within the event loop.
+
+    Not shared between processes (``shared`` is false): every process that uses one has
+    budgets and rate limits of its own.
+
+    Args:
+        clock: UTC epoch seconds (default `time.time`); times the rate limits.
     """
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:

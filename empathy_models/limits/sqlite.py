@@ -42,10 +42,15 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
     """
     Quotas in a SQLite file (or ``":memory:"``), shared by every process that opens it.
 
-    ``busy_timeout``, ``lock_timeout`` and ``read_only`` as for `SQLiteStateStore`
-    (read-only, a file without the quota table reads as empty); ``clock`` (UTC epoch
-    seconds, read with the write lock held) times the rate limits.  Raises
-    `StateStoreError` naming the path when the file cannot be used.
+    Args:
+        path: the file, or ``":memory:"``.
+        clock: UTC epoch seconds, read with the write lock held; times the rate limits.
+        busy_timeout, lock_timeout, allow_foreign: as for `SQLiteStateStore`.
+        read_only: as for `SQLiteStateStore`; a file without the quota table reads as
+            empty.
+
+    Raises:
+        StateStoreError: naming the path, when the file cannot be used.
     """
 
     shared = True

@@ -110,7 +110,8 @@ class Budget:
             ``"global/day"``, ``"workflow=docs/day"``; a per-value budget adds the value
             of each call: ``"user_id=alice/day"``).
 
-    Invalid values raise `ConfigurationError`.
+    Raises:
+        ConfigurationError: an invalid value.
     """
 
     limit_usd: float = field(validator=_limit)
@@ -182,13 +183,21 @@ class RateLimit:
 
     Enforced with GCRA (a token bucket kept as one timestamp) in the quota store: each
     call takes its place in the schedule atomically and waits for its turn, so workers
-    never race and never burst past the limit.  ``burst_requests`` is how many requests
-    may go at once after an idle period (default 1: requests are spaced evenly,
-    ``60 / rpm`` seconds apart, which leaves the provider's own bucket the slack that
-    network jitter needs); ``burst_tokens`` likewise for tokens (default: the whole
-    minute, ``tpm``, as providers count, since one call may hold many tokens).  A call counts
-    its prompt estimate plus ``max_tokens`` against ``tpm``; the difference from the
-    tokens actually used is given back (or taken) when it ends.
+    never race and never burst past the limit.  A call counts its prompt estimate plus
+    ``max_tokens`` against ``tpm``; the difference from the tokens actually used is
+    given back (or taken) when it ends.
+
+    Args:
+        rpm: requests per minute.
+        tpm: tokens per minute.
+        burst_requests: how many requests may go at once after an idle period (default
+            1: requests are spaced evenly, ``60 / rpm`` seconds apart, which leaves the
+            provider's own bucket the slack that network jitter needs).
+        burst_tokens: likewise for tokens (default: the whole minute, ``tpm``, as
+            providers count, since one call may hold many tokens).
+
+    Raises:
+        ConfigurationError: neither ``rpm`` nor ``tpm`` given.
     """
 
     rpm: int | None = field(default=None, validator=_opt_count)

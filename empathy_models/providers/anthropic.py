@@ -24,16 +24,6 @@ class AnthropicProvider(HTTPProvider):
     """
     Calls Claude models through the Messages API.
 
-    ``base_url`` defaults to ``ANTHROPIC_BASE_URL`` when set, else
-    ``https://api.anthropic.com``; it may point at any server speaking the Messages API
-    (a proxy, `FakeLLMServer.anthropic_base_url`); a trailing ``/v1`` is accepted.
-    ``api_key`` defaults to ``ANTHROPIC_API_KEY`` (read at construction) only for
-    api.anthropic.com or a base URL from ``ANTHROPIC_BASE_URL`` (``api_key_from_env=True``
-    reads it for any base URL); without a key, `complete` raises `AuthenticationError`
-    saying what to set, before any request.  ``headers`` are sent with every request
-    (see `HTTPProvider`).  ``timeout`` is the per-request total in seconds (or an
-    ``aiohttp.ClientTimeout``), applied on bound sessions too.
-
     The completion's ``content`` is the concatenated text blocks; tokens are the
     response's ``usage.input_tokens`` / ``usage.output_tokens`` (cache reads and writes
     are not included); ``request_id`` is the ``request-id`` header.  The ``model`` of the
@@ -41,6 +31,24 @@ class AnthropicProvider(HTTPProvider):
     are the ``tool_use`` blocks; a ``response_format`` is sent as the API's structured
     outputs parameter ``output_config.format``; ``seed`` has no counterpart and is not
     sent (see ``empathy_models.providers._convert``).
+
+    Args:
+        api_key: defaults to ``ANTHROPIC_API_KEY`` (read at construction) only for
+            api.anthropic.com or a base URL from ``ANTHROPIC_BASE_URL``; without a key,
+            `complete` raises `AuthenticationError` saying what to set, before any
+            request.
+        base_url: defaults to ``ANTHROPIC_BASE_URL`` when set, else
+            ``https://api.anthropic.com``; it may point at any server speaking the
+            Messages API (a proxy, `FakeLLMServer.anthropic_base_url`); a trailing ``/v1``
+            is accepted.
+        name: the provider's name in the registry, records and breaker keys.
+        timeout: the per-request total in seconds (or an ``aiohttp.ClientTimeout``),
+            applied on bound sessions too.
+        max_response_bytes: a larger response body is not read (see `HTTPProvider`).
+        anthropic_version: the ``anthropic-version`` header.
+        headers: sent with every request (see `HTTPProvider`).
+        api_key_from_env: ``True`` reads ``ANTHROPIC_API_KEY`` for any base URL,
+            ``False`` never (see `HTTPProvider`).
     """
 
     env_var = "ANTHROPIC_API_KEY"

@@ -25,28 +25,38 @@ class OpenAIProvider(HTTPProvider):
     OpenRouter, a LiteLLM proxy (set ``base_url``, e.g. ``"http://localhost:11434/v1"``,
     and ``name`` so records and breaker keys tell them apart).
 
-    ``base_url`` defaults to ``OPENAI_BASE_URL`` when set, else
-    ``https://api.openai.com/v1``.  ``api_key`` defaults to ``OPENAI_API_KEY`` (read at
-    construction) only for api.openai.com or a base URL from ``OPENAI_BASE_URL``: an
-    explicit third-party ``base_url`` needs its own ``api_key`` (or
-    ``api_key_from_env=True``), so a real OpenAI key never reaches another server by
-    accident.  Without a key, `complete` raises `AuthenticationError` saying what to
-    set, before any request (servers that need no key accept any placeholder, e.g.
-    ``api_key="ollama"``).  ``headers`` are sent with every request (see
-    `HTTPProvider`): for Azure OpenAI pass ``headers={"api-key": ...}`` and no
-    ``api_key``.
-    ``max_tokens_field`` is the body field that carries the request's ``max_tokens``:
-    by default ``"max_completion_tokens"`` for api.openai.com (its reasoning models
-    reject ``max_tokens``) and ``"max_tokens"`` for every other server.  ``organization``
-    is sent as the ``OpenAI-Organization`` header when given.
-
     The completion's ``content`` is the first choice's message content (``""`` when the
     model refused; ``stop_reason`` is then ``"refusal"``); tokens are
     ``usage.prompt_tokens`` / ``usage.completion_tokens``; ``request_id`` is the
     ``x-request-id`` header.  The ``model`` of the `Completion` is the id asked for.
-    Tool calls are read from ``message.tool_calls`` (``content`` is then ``""`` when
-    the server sent null); tools, images, tool results and ``response_format`` are
-    sent as the API documents them (see ``empathy_models.providers._convert``).
+    Tool calls are read from ``message.tool_calls`` (``content`` is then ``""`` when the
+    server sent null); tools, images, tool results and ``response_format`` are sent as
+    the API documents them (see ``empathy_models.providers._convert``).
+
+    Args:
+        api_key: defaults to ``OPENAI_API_KEY`` (read at construction) only for
+            api.openai.com or a base URL from ``OPENAI_BASE_URL``: an explicit
+            third-party ``base_url`` needs its own ``api_key`` (or
+            ``api_key_from_env=True``), so a real OpenAI key never reaches another server
+            by accident.  Without a key, `complete` raises `AuthenticationError` saying
+            what to set, before any request (servers that need no key accept any
+            placeholder, e.g. ``api_key="ollama"``).
+        base_url: defaults to ``OPENAI_BASE_URL`` when set, else
+            ``https://api.openai.com/v1``.
+        name: the provider's name in the registry, records and breaker keys.
+        timeout: the per-request total in seconds (or an ``aiohttp.ClientTimeout``).
+        max_response_bytes: a larger response body is not read (see `HTTPProvider`).
+        organization: sent as the ``OpenAI-Organization`` header when given.
+        max_tokens_field: the body field that carries the request's ``max_tokens``: by
+            default ``"max_completion_tokens"`` for api.openai.com (its reasoning models
+            reject ``max_tokens``) and ``"max_tokens"`` for every other server.
+        headers: sent with every request (see `HTTPProvider`): for Azure OpenAI pass
+            ``headers={"api-key": ...}`` and no ``api_key``.
+        api_key_from_env: ``True`` reads ``OPENAI_API_KEY`` for any base URL, ``False``
+            never (see `HTTPProvider`).
+
+    Raises:
+        ConfigurationError: a ``max_tokens_field`` other than those two.
     """
 
     env_var = "OPENAI_API_KEY"

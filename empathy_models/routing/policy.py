@@ -84,69 +84,75 @@ class RoutingPolicy:
     """
     How the router weighs evidence, explores, and what it does when nothing qualifies.
 
-    Evidence and verdicts:
+    Once a candidate is proven, only candidates that could beat it (cheaper under
+    ``"cheapest"``) are explored, each exploration paid from a budget that accrues
+    ``explore_rate`` per decision, so the share of exploration never exceeds it for long.
+    A rejected or degraded candidate that would be cheaper is re-probed, so a recovery
+    is found within a few hundred decisions while a model that keeps failing costs ~1%
+    of them.  While nothing is proven, every decision explores: first each candidate's
+    ``warmup_min_calls`` (cheapest first), then the cheapest one that a random draw from
+    its evidence finds compliant, half the time the runner-up of a second draw instead
+    (top-two Thompson sampling), so a cheap near-miss on a lucky run does not starve the
+    model that would be proven.
 
-    * ``window_days``: how much history the router reads and keeps (default 7).  Within
-      it a stationary model's evidence is never discounted; a change the router
-      detects (``change_threshold``) sets older evidence aside.
-    * ``change_threshold``: the level (log-likelihood ratio) at which the per-model
-      change test signals a change in success rate (default 5.0: a model dropping from
-      0.99 to 0.80 is noticed after ~20 of its calls; a stationary one raises a false
-      alarm about once in several thousand calls, and recovers from it).
-    * ``z``: the normal quantile of the confidence bounds (default 1.96, i.e. 95%);
-      ``reject_z`` the stricter one a success rate must clear to be REJECTED (default
-      3.0); ``keep_z`` the looser one an ELIGIBLE model's lower bound must stay above
-      to remain eligible (default 1.0: hysteresis, so a model near the limit does not
-      flap).
-    * ``reject_min_samples``: calls needed before a success rate can be REJECTED
-      (default 10).  ``latency_min_samples``: measured successful calls needed before
-      the latency constraint can be judged (default 5).
-    * ``prior_output_tokens``: output tokens assumed for a model not yet measured in a
-      stage where no model has been measured either (default ``None``: the call's
-      ``max_tokens``, the worst case).  Once any model has served the stage, untried
-      models are costed on the stage's mean output tokens.
-    * ``default_min_success_rate``: the floor used when a decision gives none (default
-      0.8); ``None`` for no floor.
+    Args:
+        window_days: how much history the router reads and keeps (default 7).  Within
+            it a stationary model's evidence is never discounted; a change the router
+            detects (``change_threshold``) sets older evidence aside.
+        change_threshold: the level (log-likelihood ratio) at which the per-model change
+            test signals a change in success rate (default 5.0: a model dropping from
+            0.99 to 0.80 is noticed after ~20 of its calls; a stationary one raises a
+            false alarm about once in several thousand calls, and recovers from it).
+        z: the normal quantile of the confidence bounds (default 1.96, i.e. 95%).
+        reject_z: the stricter quantile a success rate must clear to be REJECTED
+            (default 3.0).
+        keep_z: the looser quantile an ELIGIBLE model's lower bound must stay above to
+            remain eligible (default 1.0: hysteresis, so a model near the limit does not
+            flap).
+        reject_min_samples: calls needed before a success rate can be REJECTED
+            (default 10).
+        latency_min_samples: measured successful calls needed before the latency
+            constraint can be judged (default 5).
+        prior_output_tokens: output tokens assumed for a model not yet measured in a
+            stage where no model has been measured either (default ``None``: the call's
+            ``max_tokens``, the worst case).  Once any model has served the stage,
+            untried models are costed on the stage's mean output tokens.
+        default_min_success_rate: the floor used when a decision gives none (default
+            0.8); ``None`` for no floor.
+        objective: ``"cheapest"`` (default) or ``"most_reliable"`` among eligible
+            candidates.
+        cost_tie_tolerance: relative cost difference treated as a tie (default 5%),
+            broken by a Thompson draw on the success rate.
+        explore_rate: exploration budget, as a share of decisions (default 0.005); ``0``
+            disables exploration once something is proven.
+        explore_burst: the most the budget accrues, in decisions' worth (default 10).
+        explore_half: calls after which exploring a candidate costs twice as much
+            (default 50): its price grows with its evidence, so its share shrinks.
+        reprobe_interval: decisions between re-probes of a rejected or degraded
+            candidate that would be cheaper (default 200); the wait is halved after each
+            success of it in a row, and four times as long for one never proven or
+            rejected on latency or time to first token.
+        reprobe_min: the shortest that wait gets (default 4).
+        warmup_min_calls: before the exploration budget applies, a cheaper candidate
+            with fewer calls than this is given them whatever they showed (default 20: a
+            few unlucky first calls must not lock the cheapest compliant model out).
+        warmup_calls: a candidate with fewer calls (default 150) that a draw from its
+            evidence finds compliant gets ``warmup_share`` of the decisions, so it is
+            proven or ruled out early; one whose evidence still says it more likely
+            complies than not (lower bound at z = 0.5 above the limit) keeps that share
+            for up to four times ``warmup_calls``, so an unlucky start does not leave it
+            unproven.
+        warmup_share: that share (default 1.0: all).
+        relax_order: the order ``on_no_match="relax"`` drops constraints in (default
+            time to first token, latency, then success rate, then cost last because it
+            is a budget); a constraint not listed is never dropped.
+        prior_alpha, prior_beta: Beta prior of the Thompson draws (never counted toward
+            a verdict).
+        seed_stage_limit: how many workflow stages get their recent-outcome window (for
+            `AdaptiveModelRouter.recommend_tier_upgrade`) filled at start (default 1000).
 
-    Choosing and exploring:
-
-    * ``objective``: ``"cheapest"`` (default) or ``"most_reliable"`` among eligible
-      candidates.  ``cost_tie_tolerance``: relative cost difference treated as a tie
-      (default 5%), broken by a Thompson draw on the success rate.
-    * ``explore_rate``: exploration budget, as a share of decisions (default 0.005).
-      Once a candidate is proven, only candidates that could beat it (cheaper under
-      ``"cheapest"``) are explored, each exploration paid from a budget that accrues
-      this much per decision (up to ``explore_burst`` decisions' worth), so the share
-      of exploration never exceeds it for long.  A candidate's price grows with its
-      evidence (``explore_half``: calls after which exploring it costs twice as much),
-      so its share shrinks.  A rejected or degraded candidate that would be cheaper is
-      re-probed once every ``reprobe_interval`` decisions (default 250), the wait
-      halved after each success of it in a row (down to ``reprobe_min``), so a
-      recovery is found within a few hundred decisions while a model that keeps
-      failing costs ~1% of them.
-      ``0`` disables exploration once something is proven.  Before that budget
-      applies, a cheaper candidate with fewer than ``warmup_min_calls`` (default 20)
-      calls is given them whatever they showed (a few unlucky first calls must not
-      lock the cheapest compliant model out), and one with fewer than
-      ``warmup_calls`` (default 150) calls that a draw from its evidence finds
-      compliant gets ``warmup_share`` (default all) of the decisions, so it is proven
-      or ruled out early; one whose evidence still says it more likely complies than
-      not (lower bound at z = 0.5 above the limit) keeps that share for up to four
-      times ``warmup_calls``, so an unlucky start does not leave it unproven.  While
-      nothing is proven, every decision explores: first each candidate's
-      ``warmup_min_calls`` (cheapest first), then the cheapest one that a random draw
-      from its evidence finds compliant, half the time the runner-up of a second draw
-      instead (top-two Thompson sampling), so a cheap near-miss on a lucky run does
-      not starve the model that would be proven.
-    * ``relax_order``: the order ``on_no_match="relax"`` drops constraints in (default
-      time to first token, latency, then success rate, then cost last because it is a
-      budget); a constraint not listed is never dropped.
-    * ``prior_alpha`` / ``prior_beta``: Beta prior of the Thompson draws (never counted
-      toward a verdict).
-    * ``seed_stage_limit``: how many workflow stages get their recent-outcome window
-      (for `AdaptiveModelRouter.recommend_tier_upgrade`) filled at start (default 1000).
-
-    Invalid values raise `ConfigurationError` naming the field.
+    Raises:
+        ConfigurationError: an invalid value, naming the field.
     """
 
     window_days: float = field(default=7.0, validator=_check_positive)

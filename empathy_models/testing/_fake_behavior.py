@@ -182,14 +182,18 @@ class ModelBehavior:
     """
     How the fake answers for one model.
 
-    ``latency`` (a `Latency` or fixed milliseconds) is slept before every answer.
-    With probability ``failure_rate`` the answer is one of ``failures`` (chosen
-    uniformly; see the module doc for the actions).  ``retry_after`` (seconds) is sent
-    with 429, 503 and 529.  ``output_tokens`` is a count or a uniform ``(low, high)``
-    range, capped by the request's max tokens.  ``content`` is the reply text (default:
-    a short line naming the model).  ``context_window``, when set, makes prompts that do
-    not fit fail with each API's context-length error.  ``stream`` (a `StreamBehavior`)
-    sets the chunk timing and a fault after N chunks for requests with ``"stream": true``.
+    Args:
+        latency: a `Latency` or fixed milliseconds, slept before every answer.
+        failure_rate: the probability that the answer is one of ``failures``.
+        failures: chosen uniformly (see the module doc for the actions).
+        retry_after: seconds, sent with 429, 503 and 529.
+        output_tokens: a count or a uniform ``(low, high)`` range, capped by the
+            request's max tokens.
+        content: the reply text (default: a short line naming the model).
+        context_window: when set, prompts that do not fit fail with each API's
+            context-length error.
+        stream: a `StreamBehavior`: the chunk timing and a fault after N chunks for
+            requests with ``"stream": true``.
     """
 
     latency: Latency = field(default=Latency("fixed", 0.0), converter=_to_latency)

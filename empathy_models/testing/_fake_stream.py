@@ -98,15 +98,17 @@ class StreamBehavior:
     """
     How a model streams (requests with ``"stream": true``).
 
-    ``first_chunk_ms``: after the response headers and the opening events, the wait
-    before the first text chunk (the model's time to first token).
-    ``chunk_interval_ms``: the wait between text chunks.  ``chunk_chars``: characters
-    per chunk (default: one word per chunk).  ``fault_after``: after this many text
-    chunks, ``fault`` happens instead of the rest: ``"error"`` (an ``error`` event: an
-    ``overloaded_error`` in Anthropic's format, a ``server_error`` object in OpenAI's),
-    ``"reset"`` (the connection is dropped), ``"hang"`` (nothing more is sent until the
-    client gives up or the server stops), ``"malformed"`` (an event whose data is not
-    JSON), ``"incomplete"`` (the body ends without ``message_stop`` / ``[DONE]``).
+    Args:
+        first_chunk_ms: after the response headers and the opening events, the wait
+            before the first text chunk (the model's time to first token).
+        chunk_interval_ms: the wait between text chunks.
+        chunk_chars: characters per chunk (default: one word per chunk).
+        fault_after: after this many text chunks, ``fault`` happens instead of the rest.
+        fault: ``"error"`` (an ``error`` event: an ``overloaded_error`` in Anthropic's
+            format, a ``server_error`` object in OpenAI's), ``"reset"`` (the connection
+            is dropped), ``"hang"`` (nothing more is sent until the client gives up or
+            the server stops), ``"malformed"`` (an event whose data is not JSON),
+            ``"incomplete"`` (the body ends without ``message_stop`` / ``[DONE]``).
     """
 
     first_chunk_ms: float = field(default=0.0, validator=_non_negative)

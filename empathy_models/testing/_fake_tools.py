@@ -63,12 +63,14 @@ class FakeReply:
     """
     One scripted successful answer, queued with ``server.script(model, [FakeReply(...)])``.
 
-    ``content`` is the text (None: the behaviour's text, or none when there are tool
-    calls); ``json`` (any JSON value) is sent as the text instead.  ``tool_calls`` are
-    dicts with a ``name``, ``arguments`` (a dict, or a string sent verbatim, so a
-    malformed one can be tested) and an optional ``id`` (default: generated in each
-    API's style).  ``stop_reason`` overrides the stop reason (default: ``"tool_use"`` /
-    ``"tool_calls"`` with tool calls, else ``"end_turn"`` / ``"stop"``).
+    Args:
+        content: the text (None: the behaviour's text, or none when there are tool calls).
+        tool_calls: dicts with a ``name``, ``arguments`` (a dict, or a string sent
+            verbatim, so a malformed one can be tested) and an optional ``id`` (default:
+            generated in each API's style).
+        json: any JSON value, sent as the text instead.
+        stop_reason: overrides the stop reason (default: ``"tool_use"`` /
+            ``"tool_calls"`` with tool calls, else ``"end_turn"`` / ``"stop"``).
     """
 
     content: str | None = field(default=None, validator=_opt_str)

@@ -44,6 +44,12 @@ class FakeClock:
     clock being stepped.  `sleep` is an async drop-in for ``anyio.sleep`` that advances
     the clock instead of waiting, for code that takes an injectable sleep.  It is a
     plain object without locks: it is meant for one event loop in one thread.
+
+    Args:
+        start: the initial time, UTC epoch seconds.
+
+    Raises:
+        ConfigurationError: ``start`` not a finite number.
     """
 
     __slots__ = ("_now",)
@@ -71,8 +77,9 @@ class FakeClock:
         """
         Move the clock forward by ``seconds`` and return the new time.
 
-        Raises `ConfigurationError` for a negative or non-finite amount; use `set` to
-        move the clock backward on purpose.
+        Raises:
+            ConfigurationError: a negative or non-finite amount; use `set` to move the clock
+                backward on purpose.
         """
         step = _check_time("seconds", seconds)
         if step < 0:

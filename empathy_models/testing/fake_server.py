@@ -99,24 +99,30 @@ _SECRET_HEADERS = frozenset({"authorization", "x-api-key", "api-key"})
 
 class FakeLLMServer(Controls):
     """
-    A real aiohttp server on ``host`` (default 127.0.0.1) and a random free port.
-
-    ``behaviors`` maps model ids to `ModelBehavior`; any other model gets ``default``
-    (a plain success), or 404 when ``default`` is None.  With ``api_key`` set, a request
-    carrying another key gets 401 (a missing key always does).  ``seed`` fixes every
-    random draw (one RNG per model, so concurrency does not change a model's sequence).
+    A real aiohttp server on ``host`` and a random free port.
 
     Use ``async with``: the server listens on enter and stops on exit, releasing
     hanging requests.  `url`, `anthropic_base_url` and `openai_base_url` are valid
     inside the block.  The control methods (`set_outage`, `script`, `set_behavior`) take
     effect for the next request; outage targets are model ids, ``"anthropic"``,
-    ``"openai"`` or ``"*"``.
+    ``"openai"`` or ``"*"``.  `rpm_stats` says how many requests the ``rpm`` limit
+    accepted and refused and over how long.
 
-    ``rpm`` makes the server enforce a provider's requests-per-minute limit over every
-    model: a token bucket of ``rpm_burst`` requests (default one second's worth,
-    ``ceil(rpm / 60)``) refilled at ``rpm / 60`` per second; a request finding it empty
-    gets 429 with ``Retry-After``.  `rpm_stats` says how many were accepted and refused
-    and over how long.
+    Args:
+        behaviors: model ids to `ModelBehavior`.
+        default: the behaviour of any other model (a plain success); None: 404.
+        api_key: when set, a request carrying another key gets 401 (a missing key always
+            does).
+        seed: fixes every random draw (one RNG per model, so concurrency does not change
+            a model's sequence).
+        host: default 127.0.0.1.
+        rpm: a provider's requests-per-minute limit, enforced over every model: a token
+            bucket of ``rpm_burst`` requests refilled at ``rpm / 60`` per second; a
+            request finding it empty gets 429 with ``Retry-After``.
+        rpm_burst: default one second's worth, ``ceil(rpm / 60)``.
+
+    Raises:
+        ConfigurationError: ``rpm`` or ``rpm_burst`` not an integer >= 1 (or None).
     """
 
     def __init__(

@@ -54,15 +54,21 @@ class FakeProvider(Controls, Provider):
     """
     A provider that answers in-process according to per-model `ModelBehavior`.
 
-    ``name`` labels it in records and breaker keys (and is an outage target, with model
-    ids and ``"*"``); in an executor it must be the registry's ``provider`` of the models
-    it serves: ``FakeProvider(name="openai")`` serves the default registry's OpenAI
-    models, the default ``"fake"`` needs a registry with ``provider = "fake"`` models
-    (the executor's error says so).  ``default`` answers for models without a behaviour (None: they
-    raise `ModelNotFoundError`).  ``sleep`` is awaited with the drawn latency in seconds
-    (inject `FakeClock.sleep` in tests; default `asyncio.sleep`).  ``seed`` fixes the
-    draws, one RNG per model.  Control methods (`set_outage`, `script`, `set_behavior`,
-    `requests`) are those of `FakeLLMServer`.  Safe for concurrent calls on one loop.
+    Control methods (`set_outage`, `script`, `set_behavior`, `requests`) are those of
+    `FakeLLMServer`.  Safe for concurrent calls on one loop.
+
+    Args:
+        behaviors: model ids to `ModelBehavior`.
+        name: labels it in records and breaker keys (and is an outage target, with model
+            ids and ``"*"``); in an executor it must be the registry's ``provider`` of the
+            models it serves: ``FakeProvider(name="openai")`` serves the default
+            registry's OpenAI models, the default ``"fake"`` needs a registry with
+            ``provider = "fake"`` models (the executor's error says so).
+        default: answers for models without a behaviour (None: they raise
+            `ModelNotFoundError`).
+        seed: fixes the draws, one RNG per model.
+        sleep: awaited with the drawn latency in seconds (inject `FakeClock.sleep` in
+            tests; default `asyncio.sleep`).
     """
 
     def __init__(

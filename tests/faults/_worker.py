@@ -1,5 +1,5 @@
 """
-Child process for the fault tests that need a process of their own (issue #14 items 2, 4).
+Child process for the fault tests that need a process of their own.
 
 ``python _exit_worker.py MODE KIND TARGET COUNT`` where KIND is ``sqlite`` (TARGET a
 file path) or ``postgres`` (TARGET a DSN).  Prints JSON lines on stdout.

@@ -1,5 +1,5 @@
 """
-One odd value among 200 calls (issue #14 item 1): through the real executor over real
+One odd value among 200 calls: through the real executor over real
 HTTP on 127.0.0.1, into a real SQLite file and a real PostgreSQL schema.
 
 Odd values the caller gives are refused at the boundary (`ConfigurationError` from

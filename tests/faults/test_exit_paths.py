@@ -1,5 +1,5 @@
 """
-Exit paths in real OS processes (issue #14 item 4): SIGTERM, a backend never closed,
+Exit paths in real OS processes: SIGTERM, a backend never closed,
 SIGKILL.  The figures printed feed the README's "What can be lost, and when" table.
 """
 

@@ -1,6 +1,6 @@
 """
-PostgreSQL behind a `TcpProxy`: refused for seconds (issue #14 item 2), partitioned
-(item 7), and the asyncpg pool's log during an outage (item 18).  Every record
+PostgreSQL behind a `TcpProxy`: refused for seconds, partitioned, and the asyncpg
+pool's log during an outage.  Every record
 accepted is in the table at the end, no ``record()`` call waits on the database, and
 `aclose` during a partition returns in bounded time, spooling what it could not write.
 """

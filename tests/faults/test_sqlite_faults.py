@@ -1,6 +1,6 @@
 """
-SQLite under faults: the disk full for seconds (issue #14 item 2, in a process of its
-own: ``RLIMIT_FSIZE``), the file deleted while in use (item 3).
+SQLite under faults: the disk full for seconds (in a process of its own:
+``RLIMIT_FSIZE``), the file deleted while in use.
 """
 
 from __future__ import annotations

@@ -29,11 +29,20 @@ CACHE_SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 class PostgresResponseCache(ResponseCache):
     """
-    Answers shared by every process using the same database, in
-    ``<table_prefix>response_cache`` (``schema``, ``table_prefix`` and ``create`` as for
-    the other PostgreSQL backends).  Expiry is checked against the database's clock;
-    one write in a hundred also deletes expired rows and, past ``max_entries``
-    (default 100,000), the rows closest to expiry.  Errors are `StateStoreError`.
+    Answers shared by every process using the same database.
+
+    In ``<table_prefix>response_cache``.  Expiry is checked against the database's
+    clock; one write in a hundred also deletes expired rows and, past ``max_entries``,
+    the rows closest to expiry.
+
+    Args:
+        dsn, schema, table_prefix, create, **pool_options: as for the other PostgreSQL
+            backends.
+        max_entries: default 100,000.
+        max_value_bytes: larger values are not stored.
+
+    Raises:
+        StateStoreError: for any error.
     """
 
     shared = True

@@ -32,13 +32,18 @@ class PostgresQuotaStore(TransactionalQuotaStore):
     """
     Spend budgets and rate-limit schedules shared by every process using the database.
 
-    One row per key in ``<table_prefix>quota`` (``schema``, ``table_prefix`` and
-    ``create`` as for `PostgresCircuitStateStore`).  Every operation is one
-    transaction: the row is inserted if absent, locked with ``SELECT ... FOR UPDATE``,
-    the pure step of `empathy_models.limits.meter` runs with ``now`` from the
-    database's ``clock_timestamp()`` read after the lock is held, and the row is
-    written back; concurrent processes serialize per key and agree on time.  Driver
-    errors are raised as `StateStoreError` with the password removed from the DSN.
+    One row per key in ``<table_prefix>quota``.  Every operation is one transaction: the
+    row is inserted if absent, locked with ``SELECT ... FOR UPDATE``, the pure step of
+    `empathy_models.limits.meter` runs with ``now`` from the database's
+    ``clock_timestamp()`` read after the lock is held, and the row is written back;
+    concurrent processes serialize per key and agree on time.
+
+    Args:
+        dsn, schema, table_prefix, create, **pool_options: as for
+            `PostgresCircuitStateStore`.
+
+    Raises:
+        StateStoreError: driver errors, with the password removed from the DSN.
     """
 
     shared = True

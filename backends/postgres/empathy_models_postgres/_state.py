@@ -34,14 +34,19 @@ class PostgresCircuitStateStore(TransactionalStateStore):
     """
     Circuit-breaker state shared by every process that uses the same database.
 
-    One row per breaker key in ``<table_prefix>circuit_state`` (``schema``,
-    ``table_prefix`` and ``create`` as for `PostgresTelemetryBackend`; the first two
-    also in the DSN's query string).  Every mutation is one transaction: the row is
-    inserted if absent, locked with ``SELECT ... FOR UPDATE``, the pure machine of
-    `empathy_models.circuit` is applied with ``now`` read from the database's
-    ``clock_timestamp()`` after the lock is held, and the new state is written back.
-    Concurrent processes therefore serialize per key and agree on time.  Driver
-    errors are raised as `StateStoreError` with the password removed from the DSN.
+    One row per breaker key in ``<table_prefix>circuit_state``.  Every mutation is one
+    transaction: the row is inserted if absent, locked with ``SELECT ... FOR UPDATE``,
+    the pure machine of `empathy_models.circuit` is applied with ``now`` read from the
+    database's ``clock_timestamp()`` after the lock is held, and the new state is
+    written back.  Concurrent processes therefore serialize per key and agree on time.
+
+    Args:
+        dsn, schema, table_prefix, create, **pool_options: as for
+            `PostgresTelemetryBackend` (``schema`` and ``table_prefix`` also in the DSN's
+            query string).
+
+    Raises:
+        StateStoreError: driver errors, with the password removed from the DSN.
     """
 
     shared = True

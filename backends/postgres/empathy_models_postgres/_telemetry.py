@@ -272,28 +272,33 @@ class PostgresTelemetryBackend(TelemetryBackend):
     """
     Call records in a PostgreSQL table, shared by every process and host.
 
-    ``dsn`` is a ``postgresql://`` (or ``postgres://``) URL as asyncpg takes it.  The
-    tables are ``<table_prefix>calls`` and ``<table_prefix>schema_version`` in
-    ``schema`` (created if missing; default: the connection's ``search_path``);
-    ``schema`` and ``table_prefix`` may also be given in the DSN's query string.  The
-    first operation creates the connection pool (``pool_options`` go to
-    ``asyncpg.create_pool``: ``min_size``, ``max_size``, ``command_timeout``...) and
-    migrates the tables under an advisory lock, so several processes may start at
-    once; tables written by a newer version raise `SchemaVersionError`.  With
-    ``create=False`` (read-only use, such as the CLI's reports) nothing is created or
-    migrated: missing or outdated tables raise `TelemetryError` instead, so a misspelt
-    schema is reported rather than created.
+    The first operation creates the connection pool and migrates the tables under an
+    advisory lock, so several processes may start at once.  `record_many` writes its
+    records in one transaction: all of them or none.  A record whose ``call_id`` is
+    already stored is skipped (writes are idempotent, so a replayed spool stores nothing
+    twice).  `aggregate` runs one SQL query over the covering index
+    (``percentile_disc`` over successes is the nearest-rank percentile of the in-memory
+    backends).  `purge` deletes by time, for retention.  Safe to share between tasks:
+    each operation takes its own pooled connection.
 
-    `record_many` writes its records in one transaction, ``batch_size`` rows per
-    statement: all of them or none.  A record whose ``call_id`` is already stored is
-    skipped (writes are idempotent, so a replayed spool stores nothing twice).  A
-    record holding a value PostgreSQL refuses (NUL or a lone surrogate in text, an
-    integer past 64 bits, NaN in the metadata) raises `TelemetryRejectedError`.
-    `aggregate` runs one SQL query over the covering index (``percentile_disc`` over
-    successes is the nearest-rank percentile of the in-memory backends).  `purge`
-    deletes by time, for retention.  Driver errors are raised as `TelemetryError`
-    with the password removed from the DSN.  Safe to share between tasks: each
-    operation takes its own pooled connection.
+    Args:
+        dsn: a ``postgresql://`` (or ``postgres://``) URL as asyncpg takes it.
+        schema: where the tables ``<table_prefix>calls`` and
+            ``<table_prefix>schema_version`` are (created if missing; default: the
+            connection's ``search_path``); may also be given in the DSN's query string.
+        table_prefix: see ``schema``; may also be given in the DSN's query string.
+        batch_size: rows per statement of `record_many`.
+        create: ``False`` (read-only use, such as the CLI's reports) creates and
+            migrates nothing: missing or outdated tables raise `TelemetryError` instead,
+            so a misspelt schema is reported rather than created.
+        **pool_options: passed to ``asyncpg.create_pool`` (``min_size``, ``max_size``,
+            ``command_timeout``...).
+
+    Raises:
+        SchemaVersionError: tables written by a newer version.
+        TelemetryRejectedError: a record holding a value PostgreSQL refuses (NUL or a
+            lone surrogate in text, an integer past 64 bits, NaN in the metadata).
+        TelemetryError: driver errors, with the password removed from the DSN.
     """
 
     def __init__(

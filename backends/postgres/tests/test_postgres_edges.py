@@ -1,4 +1,4 @@
-"""PostgreSQL state store at its edges (issue #14 items 6, 16)."""
+"""PostgreSQL state store at its edges."""
 
 from __future__ import annotations
 

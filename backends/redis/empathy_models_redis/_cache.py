@@ -22,11 +22,18 @@ DEFAULT_CACHE_PREFIX: Final = "empathy:cache:"
 
 class RedisResponseCache(ResponseCache):
     """
-    Answers shared by every process using the same Redis: one string per key under
-    ``prefix`` with Redis's own expiry (``SET ... PX``).  Redis bounds the memory
-    (``maxmemory`` with an eviction policy); values over ``max_value_bytes`` are not
-    stored.  Connection options as for `RedisCircuitStateStore`; Redis errors are
-    raised as `StateStoreError`.
+    Answers shared by every process using the same Redis, with Redis's own expiry.
+
+    One string per key under ``prefix`` (``SET ... PX``).  Redis bounds the memory
+    (``maxmemory`` with an eviction policy).
+
+    Args:
+        connection, **client_options: as for `RedisCircuitStateStore`.
+        prefix: of the cache keys.
+        max_value_bytes: larger values are not stored.
+
+    Raises:
+        StateStoreError: for Redis errors.
     """
 
     shared = True

@@ -60,11 +60,17 @@ class RedisQuotaStore(QuotaStore):
 
     `reserve`, `settle`, `acquire` and `adjust` are each one Lua script (``EVALSHA``),
     atomic on the server; rate limits take ``now`` from the server's ``TIME``, so hosts
-    never disagree about time.  A budget window is a hash at ``prefix + "b|" + key +
-    "@" + window start`` that expires a week after the window ends; a rate-limit
-    schedule is one string that expires a minute after it runs empty.  ``connection``
-    and the client options are as for `RedisCircuitStateStore` (a ``prefix`` in the URL
-    applies to the quota keys).  Redis errors are raised as `StateStoreError`.
+    never disagree about time.  A budget window is a hash at ``prefix + "b|" + key + "@"
+    + window start`` that expires a week after the window ends; a rate-limit schedule is
+    one string that expires a minute after it runs empty.
+
+    Args:
+        connection: as for `RedisCircuitStateStore`.
+        prefix: of the quota keys (also from the URL's query).
+        **client_options: as for `RedisCircuitStateStore`.
+
+    Raises:
+        StateStoreError: for Redis errors.
     """
 
     shared = True

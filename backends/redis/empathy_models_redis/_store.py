@@ -150,26 +150,29 @@ class RedisCircuitStateStore(CircuitStateStore):
     Every mutation (`admit`, `record`, `force`, `reset`) is one Lua script run with
     ``EVALSHA`` (the script is cached by the server): it reads the key's hash, takes
     ``now`` from the server's ``TIME``, applies the same state machine as
-    `empathy_models.circuit` (a Lua port held to it by a differential test), and
-    writes the result back, all atomically, so concurrent processes never lose an
-    update and never disagree about time.  Generations are checked in the script:
-    outcomes for an older generation are dropped.
+    `empathy_models.circuit` (a Lua port held to it by a differential test), and writes
+    the result back, all atomically, so concurrent processes never lose an update and
+    never disagree about time.  Generations are checked in the script: outcomes for an
+    older generation are dropped.  A key that expired reads as a fresh CLOSED breaker.
 
-    Each breaker key is one hash at ``prefix + key``.  Every write sets its TTL to
-    ``key_ttl`` seconds plus whatever remains of an open period, so keys of breakers
-    nobody uses any more expire on their own; a FORCED_OPEN without an end never
-    expires, nor does a DISABLED key (both hold until a reset).  A key that expired
-    reads as a fresh CLOSED breaker.
+    Args:
+        connection: a ``redis://`` / ``rediss://`` URL or an existing
+            ``redis.asyncio.Redis`` client, which the store uses but does not close.
+            From a URL the store builds and owns a client over a blocking pool of at
+            most ``max_connections`` (64) connections, waiting up to ``timeout`` (5 s)
+            for one; socket timeouts of 2 s and a single quick retry keep a dead server
+            from stalling callers (the breaker then runs degraded).
+        prefix: each breaker key is one hash at ``prefix + key``.
+        key_ttl: every write sets a key's TTL to this many seconds plus whatever remains
+            of an open period, so keys of breakers nobody uses expire on their own; a
+            FORCED_OPEN without an end never expires, nor does a DISABLED key (both hold
+            until a reset).
+        **client_options: ``max_connections``, ``timeout`` and other redis-py options,
+            with a URL only; these may also be given in the URL's query, and so may
+            ``prefix`` and ``key_ttl``.
 
-    ``connection`` is a ``redis://`` / ``rediss://`` URL or an existing
-    ``redis.asyncio.Redis`` client, which the store uses but does not close.  From a
-    URL the store builds and owns a client over a blocking pool of at most
-    ``max_connections`` (64) connections, waiting up to ``timeout`` (5 s) for one;
-    socket timeouts of 2 s and a single quick retry keep a dead server from stalling
-    callers (the breaker then runs degraded).  Any of these, and other redis-py
-    options, may be given as ``client_options`` or in the URL's query; the store's
-    own ``prefix`` and ``key_ttl`` may be given in the query too.  Redis errors are
-    raised as `StateStoreError` naming the URL without its password.
+    Raises:
+        StateStoreError: for Redis errors, naming the URL without its password.
     """
 
     shared = True
@@ -290,7 +293,8 @@ class RedisCircuitStateStore(CircuitStateStore):
         """
         One atomic admission (lazy OPEN -> HALF_OPEN, probe leases) with Redis's time.
 
-        Raises `StateStoreError` when Redis cannot be reached or fails.
+        Raises:
+            StateStoreError: Redis cannot be reached or fails.
         """
         lease_id = uuid.uuid4().hex
         _, header, state = await self._run("admit", key, self._policy(policy), [lease_id])

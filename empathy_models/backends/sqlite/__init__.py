@@ -58,8 +58,8 @@ stamps the rows it changes with the next value of the one-row ``evidence_version
 counter.  SQLite runs one writer at a time across every process, so versions follow
 commit order, and `SQLiteTelemetryBackend.evidence` reads the counter and the buckets in
 one statement (one snapshot): passing its version back returns each later change once.
-Schema version 2 added the tables and built them from the calls already stored;
-version 3 made ``call_id`` unique: a record already stored is skipped, and only the
+The migration to schema version 2 builds the tables from the calls already stored;
+version 3 makes ``call_id`` unique: a record already stored is skipped, and only the
 records a transaction actually inserts are rolled up, so a replay counts nothing twice.
 
 Circuit state: `SQLiteStateStore` runs each store operation as one ``BEGIN IMMEDIATE``

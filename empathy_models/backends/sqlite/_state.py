@@ -43,16 +43,27 @@ class SQLiteStateStore(TransactionalStateStore):
 
     Each store operation (`admit`, `record`, `force`, `reset`) that changes the state is
     one ``BEGIN IMMEDIATE`` transaction: the key's row is read, the pure machine of
-    `empathy_models.circuit` runs with ``clock()`` (UTC epoch seconds, read after the
-    write lock is held, so time never runs backwards between two operations on one
-    host), and the row is written back only if its generation is still the one read.
-    An operation that changes nothing (admitting while CLOSED, rejecting while OPEN)
-    is answered from a plain read and takes no lock, so it never waits for writers.
-    States are stored as the versioned JSON of `empathy_models.serialization`.
-    ``shared`` is true for a file and false for ``":memory:"`` (a private database).
+    `empathy_models.circuit` runs with ``clock()`` (read after the write lock is held,
+    so time never runs backwards between two operations on one host), and the row is
+    written back only if its generation is still the one read.  An operation that
+    changes nothing (admitting while CLOSED, rejecting while OPEN) is answered from a
+    plain read and takes no lock, so it never waits for writers.  States are stored as
+    the versioned JSON of `empathy_models.serialization`.
 
-    ``clock`` defaults to `time.time`; tests inject a fake one.  Raises
-    `StateStoreError` (naming the path) when the file cannot be used.
+    Args:
+        path: the file, or ``":memory:"`` (a private database: ``shared`` is then
+            false).
+        clock: UTC epoch seconds (default `time.time`; tests inject a fake one).
+        busy_timeout: seconds SQLite waits for another writer.
+        lock_timeout: seconds an operation keeps retrying a locked file in total.
+        read_only: open an existing empathy-models database read-only: nothing is
+            created, migrated or switched to WAL.
+        allow_foreign: add our tables to another application's file instead of refusing
+            it.
+
+    Raises:
+        ConfigurationError: a bad option.
+        StateStoreError: naming the path, when the file cannot be used.
     """
 
     shared = True

@@ -68,27 +68,38 @@ class SQLiteTelemetryBackend(TelemetryBackend):
     ``(workflow, stage, timestamp, model, outcome, latency, cost, tokens, provider,
     tier)`` and matches the in-memory reference exactly (nearest-rank percentiles).
 
-    With ``batch=True`` (the default) ``record`` and ``record_many`` only queue; a
-    background task writes batches of up to ``max_batch`` records, one transaction
-    each, on size, every ``flush_interval`` seconds, on `flush`, before every read and
-    on `aclose` (see `empathy_models.backends.batching`; `dropped`, `failed` and
-    `pending` count what happened).  With ``batch=False``, ``record_many`` returns once
-    its records are committed, or raises `TelemetryError` having stored none of them.
-
     Nothing is lost to a bad record or a bad moment: writes are idempotent by
     ``call_id``; a batch the file refuses for one record's content stores the others
     and that record made safe (`TelemetryRejectedError` without batching); a failing
-    file (disk full, locked past ``lock_timeout``) keeps the records and retries them,
-    spooling past ``max_queue`` (``spool=False`` to disable); a file deleted while open
-    is recreated on the next write; ``close_timeout`` bounds `aclose`; and unless
-    ``exit_flush=False`` records still queued at interpreter exit or on SIGTERM are
-    written synchronously (see `empathy_models.backends.batching`).  A value SQLite
-    would store but could not give back (a NaN in the metadata) is refused.
-
-    ``busy_timeout`` is how long SQLite waits for another writer; ``lock_timeout`` how
-    long an operation keeps retrying in total before `TelemetryError`.  Safe to use
-    from several tasks of one event loop at once; operations run one at a time on the
+    file (disk full, locked past ``lock_timeout``) keeps the records and retries them; a
+    file deleted while open is recreated on the next write.  A value SQLite would store
+    but could not give back (a NaN in the metadata) is refused.  Safe to use from
+    several tasks of one event loop at once; operations run one at a time on the
     backend's connection (see the module docstring for cancellation).
+
+    Args:
+        path: the file, or ``":memory:"``.
+        batch: ``True`` (the default): ``record`` and ``record_many`` only queue; a
+            background task writes batches of up to ``max_batch`` records, one
+            transaction each, on size, every ``flush_interval`` seconds, on `flush`,
+            before every read and on `aclose` (see `empathy_models.backends.batching`;
+            `dropped`, `failed` and `pending` count what happened).  ``False``:
+            ``record_many`` returns once its records are committed.
+        max_batch, flush_interval, max_queue, on_full: the batching policy (see
+            `empathy_models.backends.batching`); past ``max_queue``, ``on_full``
+            ``"spill"`` (the default) spools them.
+        busy_timeout: seconds SQLite waits for another writer.
+        lock_timeout: seconds an operation keeps retrying in total before
+            `TelemetryError`.
+        spool: ``False`` disables the spool.
+        close_timeout: bounds `aclose`.
+        exit_flush: unless ``False``, records still queued at interpreter exit or on
+            SIGTERM are written synchronously.
+        read_only, allow_foreign: as for `SQLiteStateStore`.
+
+    Raises:
+        TelemetryError: with ``batch=False``, from ``record_many`` having stored none of
+            its records.
     """
 
     def __init__(

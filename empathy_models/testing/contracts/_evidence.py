@@ -48,11 +48,16 @@ def assert_same_buckets(
     got: Sequence[EvidenceBucket], want: Iterable[EvidenceBucket], what: str
 ) -> None:
     """
-    Assert that ``got`` (as `TelemetryBackend.evidence` returned them) are ``want`` (for
-    example `empathy_models.evidence.rollup` of the records stored): the same keys in the
-    order of `EvidenceBatch.buckets`, counts exactly equal, float sums within a relative
-    1e-9 (backends may add in another order), bucket starts in UTC.  ``what`` names the
-    read in the failure message.
+    Assert that two lists of evidence buckets are the same.
+
+    The same keys in the order of `EvidenceBatch.buckets`, counts exactly equal, float
+    sums within a relative 1e-9 (backends may add in another order), bucket starts in
+    UTC.
+
+    Args:
+        got: as `TelemetryBackend.evidence` returned them.
+        want: for example `empathy_models.evidence.rollup` of the records stored.
+        what: names the read in the failure message.
     """
     expected = sorted_buckets(want)
     assert [b.key for b in got] == [b.key for b in expected], (
