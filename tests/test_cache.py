@@ -17,16 +17,16 @@ from empathy_models import (
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
-    MemoryTelemetryBackend,
     Message,
     ModelInfo,
     ModelRegistry,
     Outcome,
     RetryPolicy,
-    StateStoreError,
     Tool,
 )
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.cache import MemoryResponseCache
+from empathy_models.exceptions import StateStoreError
 from empathy_models.providers import OpenAIProvider
 from empathy_models.router import AdaptiveModelRouter
 from empathy_models.testing import FakeLLMServer, ModelBehavior

@@ -230,12 +230,12 @@ async def test_every_object_used_while_not_open_raises_not_open_error() -> None:
         AdaptiveModelRouter,
         CircuitBreaker,
         EmpathyLLMExecutor,
-        MemoryTelemetryBackend,
         ModelRegistry,
         NotOpenError,
         OpenAIProvider,
     )
     from empathy_models.abc import CompletionRequest
+    from empathy_models.backends import MemoryTelemetryBackend
     from empathy_models.sync import SyncExecutor
     from empathy_models.testing.fakes import FakeProvider
 

@@ -26,14 +26,14 @@ from empathy_models import (
     EmpathyModelsError,
     ExecutionContext,
     FallbackPolicy,
-    MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
     RateLimit,
     RateLimitedError,
     RetryPolicy,
-    StateStoreError,
 )
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import (
     LocalRateLimitError,
     MemoryQuotaStore,

@@ -38,11 +38,11 @@ from empathy_models import (
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
-    MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
     RetryPolicy,
 )
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
 from empathy_models.observability import DURATION_BUCKETS, TOKEN_BUCKETS
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
@@ -549,7 +549,8 @@ def test_a_bad_enable_variable_raises(
 
 _SCRIPT = """
 import asyncio, os, sys
-from empathy_models import EmpathyLLMExecutor, ExecutionContext, NullTelemetryBackend
+from empathy_models import EmpathyLLMExecutor, ExecutionContext
+from empathy_models.backends import NullTelemetryBackend
 from empathy_models.testing.fakes import FakeProvider
 
 async def main():

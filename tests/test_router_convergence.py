@@ -24,13 +24,13 @@ from empathy_models import (
     AdaptiveModelRouter,
     AllRoutesFailedError,
     LLMCallRecord,
-    MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
     Outcome,
     RoutingPolicy,
 )
 from empathy_models.abc import Completion, CompletionRequest, Provider
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.executor import EmpathyLLMExecutor, ExecutionContext, FallbackPolicy
 from empathy_models.providers import OpenAIProvider
 from empathy_models.retry import RetryPolicy

@@ -31,18 +31,16 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMCallRecord,
-    MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
     Outcome,
-    OverloadedError,
-    ProviderTimeoutError,
     RetryPolicy,
-    ServerError,
-    SQLiteTelemetryBackend,
     StreamInterruptedError,
 )
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
+from empathy_models.exceptions import OverloadedError, ProviderTimeoutError, ServerError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.router import AdaptiveModelRouter
 from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
