@@ -21,6 +21,20 @@ import warnings
 from ._version import __version__ as __version__
 
 if typing.TYPE_CHECKING:
+    from ._executor import (
+        AttemptSummary as AttemptSummary,
+        EmpathyLLMExecutor as EmpathyLLMExecutor,
+        ExecutionContext as ExecutionContext,
+        FallbackPolicy as FallbackPolicy,
+        LLMResponse as LLMResponse,
+        MissingAPIKeyWarning as MissingAPIKeyWarning,
+        Prompt as Prompt,
+        TelemetryDisabledWarning as TelemetryDisabledWarning,
+    )
+    from ._router import (
+        AdaptiveModelRouter as AdaptiveModelRouter,
+        RoutingPolicy as RoutingPolicy,
+    )
     from .abc import (
         Message as Message,
     )
@@ -53,15 +67,6 @@ if typing.TYPE_CHECKING:
         RateLimitedError as RateLimitedError,
         StreamInterruptedError as StreamInterruptedError,
     )
-    from .executor import (
-        AttemptSummary as AttemptSummary,
-        EmpathyLLMExecutor as EmpathyLLMExecutor,
-        ExecutionContext as ExecutionContext,
-        FallbackPolicy as FallbackPolicy,
-        LLMResponse as LLMResponse,
-        MissingAPIKeyWarning as MissingAPIKeyWarning,
-        TelemetryDisabledWarning as TelemetryDisabledWarning,
-    )
     from .limits import (
         Budget as Budget,
         RateLimit as RateLimit,
@@ -84,10 +89,6 @@ if typing.TYPE_CHECKING:
     )
     from .retry import (
         RetryPolicy as RetryPolicy,
-    )
-    from .router import (
-        AdaptiveModelRouter as AdaptiveModelRouter,
-        RoutingPolicy as RoutingPolicy,
     )
     from .streaming import (
         LLMStream as LLMStream,
@@ -125,6 +126,7 @@ __all__ = [
     "NotOpenError",
     "OpenAIProvider",
     "Outcome",
+    "Prompt",
     "ProviderError",
     "RateLimit",
     "RateLimitedError",
@@ -144,10 +146,10 @@ __all__ = [
 # Where each top-level name is defined: imported on first use (``import empathy_models``
 # loads none of them), then kept in this module's namespace.
 _TOP: dict[str, str] = {
-    "AdaptiveModelRouter": "empathy_models.router",
+    "AdaptiveModelRouter": "empathy_models._router",
     "AllRoutesFailedError": "empathy_models.exceptions",
     "AnthropicProvider": "empathy_models.providers",
-    "AttemptSummary": "empathy_models.executor",
+    "AttemptSummary": "empathy_models._executor",
     "BackendError": "empathy_models.exceptions",
     "BreakerPolicy": "empathy_models.circuit",
     "Budget": "empathy_models.limits",
@@ -156,15 +158,15 @@ _TOP: dict[str, str] = {
     "CircuitOpenError": "empathy_models.exceptions",
     "CircuitState": "empathy_models.records",
     "ConfigurationError": "empathy_models.exceptions",
-    "EmpathyLLMExecutor": "empathy_models.executor",
+    "EmpathyLLMExecutor": "empathy_models._executor",
     "EmpathyModelsError": "empathy_models.exceptions",
-    "ExecutionContext": "empathy_models.executor",
-    "FallbackPolicy": "empathy_models.executor",
+    "ExecutionContext": "empathy_models._executor",
+    "FallbackPolicy": "empathy_models._executor",
     "LLMCallRecord": "empathy_models.records",
-    "LLMResponse": "empathy_models.executor",
+    "LLMResponse": "empathy_models._executor",
     "LLMStream": "empathy_models.streaming",
     "Message": "empathy_models.abc",
-    "MissingAPIKeyWarning": "empathy_models.executor",
+    "MissingAPIKeyWarning": "empathy_models._executor",
     "ModelInfo": "empathy_models.registry",
     "ModelRegistry": "empathy_models.registry",
     "ModelTier": "empathy_models.records",
@@ -172,15 +174,16 @@ _TOP: dict[str, str] = {
     "NotOpenError": "empathy_models.exceptions",
     "OpenAIProvider": "empathy_models.providers",
     "Outcome": "empathy_models.records",
+    "Prompt": "empathy_models._executor",
     "ProviderError": "empathy_models.exceptions",
     "RateLimit": "empathy_models.limits",
     "RateLimitedError": "empathy_models.exceptions",
     "RetryPolicy": "empathy_models.retry",
     "RoutingDecision": "empathy_models.records",
-    "RoutingPolicy": "empathy_models.router",
+    "RoutingPolicy": "empathy_models._router",
     "StreamInterruptedError": "empathy_models.exceptions",
     "SyncExecutor": "empathy_models.sync",
-    "TelemetryDisabledWarning": "empathy_models.executor",
+    "TelemetryDisabledWarning": "empathy_models._executor",
     "Tool": "empathy_models.content",
     "cache_from_url": "empathy_models.cache",
     "quota_store_from_url": "empathy_models.limits",

@@ -14,6 +14,7 @@ import attrs
 import pytest
 
 from empathy_models import (
+    AdaptiveModelRouter,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
@@ -28,7 +29,6 @@ from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.cache import MemoryResponseCache
 from empathy_models.exceptions import StateStoreError
 from empathy_models.providers import OpenAIProvider
-from empathy_models.router import AdaptiveModelRouter
 from empathy_models.testing import FakeLLMServer, ModelBehavior
 
 KEY = "test-key-0123"

@@ -18,6 +18,7 @@ import attrs
 import pytest
 
 from empathy_models import (
+    AdaptiveModelRouter,
     AllRoutesFailedError,
     BreakerPolicy,
     CircuitState,
@@ -42,7 +43,6 @@ from empathy_models.exceptions import (
     ServerError,
 )
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
-from empathy_models.router import AdaptiveModelRouter
 from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
 
 KEY = "test-key-0123"

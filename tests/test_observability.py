@@ -33,6 +33,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
 from empathy_models import (
+    AdaptiveModelRouter,
     AllRoutesFailedError,
     BreakerPolicy,
     ConfigurationError,
@@ -46,7 +47,6 @@ from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
 from empathy_models.observability import DURATION_BUCKETS, TOKEN_BUCKETS
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
-from empathy_models.router import AdaptiveModelRouter
 from empathy_models.testing import FakeLLMServer
 
 KEY = "sk-ant-test-key-0123456789"

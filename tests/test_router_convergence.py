@@ -23,6 +23,9 @@ import pytest
 from empathy_models import (
     AdaptiveModelRouter,
     AllRoutesFailedError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    FallbackPolicy,
     LLMCallRecord,
     ModelInfo,
     ModelRegistry,
@@ -31,7 +34,6 @@ from empathy_models import (
 )
 from empathy_models.abc import Completion, CompletionRequest, Provider
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.executor import EmpathyLLMExecutor, ExecutionContext, FallbackPolicy
 from empathy_models.providers import OpenAIProvider
 from empathy_models.retry import RetryPolicy
 from empathy_models.testing import FakeLLMServer, ModelBehavior

@@ -448,8 +448,8 @@ class EmpathyLLMExecutor:
         breaker are opened on enter and closed on exit.  Raises `ConfigurationError`
         for an invalid file.
         """
+        from ._router import AdaptiveModelRouter
         from .config import EmpathyConfig, ensure_sqlite_parent
-        from .router import AdaptiveModelRouter
 
         config = EmpathyConfig.load(path)
         registry = options.pop("registry", None)
