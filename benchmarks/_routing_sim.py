@@ -30,13 +30,13 @@ from attrs import define, field
 from empathy_models import (
     AdaptiveModelRouter,
     LLMCallRecord,
-    MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
     Outcome,
     RoutingPolicy,
-    TelemetryBackend,
 )
+from empathy_models.abc import TelemetryBackend
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.testing.clock import FakeClock
 
 MIN_SUCCESS = 0.95

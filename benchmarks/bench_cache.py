@@ -25,12 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import BenchResult, async_timeit, peer_version, summarize, write_result
-from empathy_models import (
-    EmpathyLLMExecutor,
-    ExecutionContext,
-    MemoryTelemetryBackend,
-    cache_from_url,
-)
+from empathy_models import EmpathyLLMExecutor, ExecutionContext, cache_from_url
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.testing import FakeProvider
 
 REDIS_URL = os.environ.get("EMPATHY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")

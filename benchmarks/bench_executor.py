@@ -75,7 +75,7 @@ async def bench_in_process(repeats: int, inner: int) -> dict[str, Any]:
         out[name] = summarize(samples[per_model])
 
     bare_provider = FakeProvider(name="openai")
-    from empathy_models import CompletionRequest
+    from empathy_models.abc import CompletionRequest
 
     request = CompletionRequest(model="gpt-4.1-nano", messages="Summarize.", max_tokens=64)
 

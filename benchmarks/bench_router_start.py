@@ -43,13 +43,9 @@ from typing import Any
 from benchmarks._common import BenchResult, write_result
 from benchmarks.bench_routing import make_registry
 from benchmarks.bench_telemetry import POSTGRES_DSN, _postgres_reachable
-from empathy_models import (
-    AdaptiveModelRouter,
-    LLMCallRecord,
-    Outcome,
-    SQLiteTelemetryBackend,
-    TelemetryBackend,
-)
+from empathy_models import AdaptiveModelRouter, LLMCallRecord, Outcome
+from empathy_models.abc import TelemetryBackend
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 
 MODELS = 7
 WINDOW = timedelta(days=7)

@@ -62,10 +62,10 @@ from empathy_models import (
     ModelRegistry,
     ModelTier,
     Outcome,
-    SQLiteTelemetryBackend,
-    TelemetryBackend,
     telemetry_from_url,
 )
+from empathy_models.abc import TelemetryBackend
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 
 CANDIDATES = (4, 16, 64)
 STRATEGIES = ("simple-shuffle", "latency-based-routing", "cost-based-routing", "least-busy")

@@ -88,8 +88,8 @@ from empathy_models import (
     Outcome,
     RetryPolicy,
     RoutingDecision,
-    SQLiteTelemetryBackend,
 )
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.testing import DEFAULT_START, FakeClock, FakeProvider, Latency, ModelBehavior
 
 # --------------------------------------------------------------------------- the truth

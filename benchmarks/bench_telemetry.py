@@ -32,7 +32,8 @@ from benchmarks._common import (
     summarize,
     write_result,
 )
-from empathy_models import LLMCallRecord, ModelTier, Outcome, TelemetryBackend, telemetry_from_url
+from empathy_models import LLMCallRecord, ModelTier, Outcome, telemetry_from_url
+from empathy_models.abc import TelemetryBackend
 
 POSTGRES_DSN = os.environ.get(
     "EMPATHY_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"

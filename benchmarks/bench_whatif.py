@@ -32,7 +32,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from benchmarks._common import BenchResult, write_result
-from empathy_models import LLMCallRecord, Outcome, SQLiteTelemetryBackend
+from empathy_models import LLMCallRecord, Outcome
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.whatif import evaluate_policy, load_stage_evidence, simulate_policy
 from tests._whatif_synth import BY_ID, NOW, REGISTRY, ST, TRUTH, WF, history
 

@@ -39,8 +39,8 @@ from .records import LLMCallRecord, Outcome, Ticket
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
+    from ._executor import EmpathyLLMExecutor
     from .content import ToolCallDelta
-    from .executor import EmpathyLLMExecutor
     from .observability import _RunTrace
     from .registry import ModelInfo
 

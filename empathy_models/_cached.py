@@ -25,7 +25,7 @@ from .content import ToolCall
 from .records import LLMCallRecord, ModelTier, Outcome, _trusted_call_record
 
 if TYPE_CHECKING:
-    from .executor import EmpathyLLMExecutor
+    from ._executor import EmpathyLLMExecutor
 
 __all__ = ["cache_key_of", "lookup", "store"]
 

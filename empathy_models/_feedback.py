@@ -17,19 +17,19 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from ._propensity import routing_propensity
 from ._request_options import structured_result
 from ._run import _describe, _plain_non_negative, _Run, _status_of
 from ._values import AttemptSummary, LLMResponse, _new_response, _new_summary
 from .abc import Completion, TelemetryBackend
 from .breaker import provider_outcome
 from .outcomes import classify_error, retry_after_of
-from .propensity import routing_propensity
 from .records import CircuitState, LLMCallRecord, Outcome, Ticket, _trusted_call_record
 from .registry import ModelInfo, ModelRegistry
 
 if TYPE_CHECKING:
+    from ._executor import _Breaker, _Router
     from .exceptions import CircuitOpenError
-    from .executor import _Breaker, _Router
     from .limits.guard import Hold
 
 __all__: list[str] = []

@@ -151,8 +151,8 @@ class _Planner:
                 # visible, once per name: an unknown task must not silently cost a
                 # capable model
                 logger.warning(
-                    "unknown task type %r: using the %s tier (see empathy_models.TaskType, "
-                    "or pass ExecutionContext(tier=...))",
+                    "unknown task type %r: using the %s tier (see "
+                    "empathy_models.tasks.TaskType, or pass ExecutionContext(tier=...))",
                     task_type,
                     known[1].value,
                 )

@@ -1,7 +1,7 @@
 """
 The executor's values: what a caller passes (`ExecutionContext`, `FallbackPolicy`) and
 what a run returns (`LLMResponse`, with one `AttemptSummary` per provider call).
-Re-exported by `empathy_models` and `empathy_models.executor`.
+Re-exported by `empathy_models` (and `_executor.py`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from typing import Any, Final
 
 from attrs import define, field, frozen
 
+from ._router import AdaptiveModelRouter
 from ._whatif_fit import _FALLBACK_SIGMA, _mixture_p95
 from ._whatif_values import ModelFit, StageEvidence
 from .abc import TelemetryBackend
@@ -40,7 +41,6 @@ from .records import (
     _trusted_call_record,
 )
 from .registry import ModelRegistry
-from .router import AdaptiveModelRouter
 from .routing.policy import RoutingPolicy
 
 __all__: list[str] = []

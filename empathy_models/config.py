@@ -46,9 +46,9 @@ from urllib.parse import quote, unquote, urlsplit
 
 from attrs import field, frozen
 
+from ._paths import empathy_home
 from .backends import redact_url
 from .exceptions import ConfigurationError
-from .paths import empathy_home
 from .providers._http import HTTPProvider, _looks_secret
 from .registry import ModelRegistry
 

@@ -396,7 +396,7 @@ class LLMCallRecord:
     original_model: str | None = field(default=None, validator=_optional_str)
     exploration: bool = field(default=False, validator=_instance_of(bool))
     #: the router's probability of choosing this model for this request (see
-    #: `empathy_models.propensity`; None: not routed, or a fallback route)
+    #: `empathy_models._propensity`; None: not routed, or a fallback route)
     routing_propensity: float | None = field(default=None, validator=_unit_interval)
     breaker_generation: int | None = field(default=None, validator=_non_negative_int)
     circuit_state: CircuitState | None = field(

@@ -72,9 +72,9 @@ from .records import Outcome, Ticket
 if TYPE_CHECKING:
     import asyncio
 
+    from ._executor import EmpathyLLMExecutor
     from ._run import Prompt
     from ._values import AttemptSummary, LLMResponse
-    from .executor import EmpathyLLMExecutor
     from .observability import _RunTrace
     from .registry import ModelInfo
 

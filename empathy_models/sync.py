@@ -27,9 +27,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
-from .abc import Provider, TelemetryBackend
-from .exceptions import NotOpenError
-from .executor import (
+from ._executor import (
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMResponse,
@@ -37,6 +35,8 @@ from .executor import (
     _Breaker,
     _Router,
 )
+from .abc import Provider, TelemetryBackend
+from .exceptions import NotOpenError
 
 __all__ = ["SyncExecutor"]
 

@@ -15,15 +15,15 @@ import pytest
 import empathy_models
 from empathy_models import (
     AnthropicProvider,
-    CompletionRequest,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
     Message,
     OpenAIProvider,
-    RecordValidationError,
     RetryPolicy,
 )
+from empathy_models.abc import CompletionRequest
+from empathy_models.exceptions import RecordValidationError
 from empathy_models.testing import FakeLLMServer
 
 from ._fakes import CHEAP_ONLY, KEY, NoSleep

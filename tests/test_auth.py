@@ -11,13 +11,10 @@ from pathlib import Path
 import pytest
 
 import empathy_models
-from empathy_models import (
-    AuthFileError,
+from empathy_models import ModelRegistry
+from empathy_models.auth import (
     AuthMode,
     AuthStrategy,
-    ModelRegistry,
-    RecordValidationError,
-    SourceFileError,
     SubscriptionTier,
     auth_strategy_file,
     count_lines_of_code,
@@ -26,6 +23,7 @@ from empathy_models import (
     reset_auth_strategy,
     restore_auth_strategy,
 )
+from empathy_models.exceptions import AuthFileError, RecordValidationError, SourceFileError
 
 ORIGINAL_KEYS = [
     "subscription_tier",
@@ -591,7 +589,7 @@ def test_undecodable_text_is_counted_and_flagged_never_zero(tmp_path: Path) -> N
 async def test_async_count(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
     f.write_text("a = 1\n")
-    assert (await empathy_models.acount_lines_of_code(f)).code_lines == 1
+    assert (await empathy_models.auth.acount_lines_of_code(f)).code_lines == 1
 
 
 def test_saving_over_a_newer_file_keeps_the_settings_this_version_does_not_know(

@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from empathy_models import AuthStrategy, list_auth_strategy_backups, reset_auth_strategy
+from empathy_models.auth import AuthStrategy, list_auth_strategy_backups, reset_auth_strategy
 
 
 def _markers(file: Path) -> set[str]:
@@ -48,13 +48,13 @@ def test_a_save_racing_a_reset_is_never_lost(tmp_path: Path) -> None:
 
 _SAVER = """
 import sys
-from empathy_models import AuthStrategy
+from empathy_models.auth import AuthStrategy
 for i in range(300):
     AuthStrategy(metadata={"m": f"p{i}"}).save(sys.argv[1])
 """
 _RESETTER = """
 import sys
-from empathy_models import reset_auth_strategy
+from empathy_models.auth import reset_auth_strategy
 for i in range(300):
     reset_auth_strategy(sys.argv[1], keep_backups=100_000)
 """

@@ -14,15 +14,11 @@ from typing import Any
 
 import pytest
 
-from empathy_models import (
-    BackendClosedError,
-    ConfigurationError,
-    LLMCallRecord,
-    ModelPerformance,
-    RecordValidationError,
-    TelemetryBackend,
-)
+from empathy_models import ConfigurationError, LLMCallRecord
+from empathy_models.abc import TelemetryBackend
 from empathy_models.evidence import EvidenceBatch
+from empathy_models.exceptions import BackendClosedError, RecordValidationError
+from empathy_models.records import ModelPerformance
 
 ROOT = Path(__file__).resolve().parents[1]
 NAIVE = datetime(2026, 1, 1)
@@ -102,7 +98,7 @@ async def test_a_backend_without_rollups_says_so_and_a_closed_one_refuses() -> N
 
 
 async def test_the_built_in_backends_refuse_the_same_arguments() -> None:
-    from empathy_models import MemoryTelemetryBackend, NullTelemetryBackend
+    from empathy_models.backends import MemoryTelemetryBackend, NullTelemetryBackend
     from empathy_models.backends.batching import BatchingTelemetryBackend
 
     for backend in (
@@ -143,15 +139,15 @@ def test_the_plugins_import_only_public_names_of_the_core() -> None:
 
 
 async def test_capabilities_say_what_a_backend_does() -> None:
-    from empathy_models import (
-        EmpathyLLMExecutor,
+    from empathy_models import EmpathyLLMExecutor
+    from empathy_models.backends import (
         MemoryStateStore,
         MemoryTelemetryBackend,
         NullStateStore,
         NullTelemetryBackend,
-        SQLiteStateStore,
     )
     from empathy_models.backends.batching import BatchingTelemetryBackend
+    from empathy_models.backends.sqlite import SQLiteStateStore
     from empathy_models.testing.fakes import FakeProvider
 
     class Waiting(MemoryStateStore):

@@ -12,15 +12,18 @@ import pytest
 from empathy_models import (
     CircuitState,
     ConfigurationError,
-    MemoryStateStore,
-    MemoryTelemetryBackend,
-    NullStateStore,
-    NullTelemetryBackend,
     backends as backends_module,
     state_store_from_url,
     telemetry_from_url,
 )
-from empathy_models.backends import available_schemes, redact_url
+from empathy_models.backends import (
+    MemoryStateStore,
+    MemoryTelemetryBackend,
+    NullStateStore,
+    NullTelemetryBackend,
+    available_schemes,
+    redact_url,
+)
 from empathy_models.testing.clock import FakeClock
 
 SECRET = "hunter2-s3cret"

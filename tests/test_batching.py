@@ -15,20 +15,19 @@ import attrs
 import pytest
 import pytest_asyncio
 
-from empathy_models import (
-    BackendClosedError,
-    ConfigurationError,
-    LLMCallRecord,
-    MemoryTelemetryBackend,
-    RecordValidationError,
-    TelemetryBackend,
-    TelemetryError,
-    TelemetryRejectedError,
-)
+from empathy_models import ConfigurationError, LLMCallRecord
+from empathy_models.abc import TelemetryBackend
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.backends._spool import Spool
 from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import rollup
+from empathy_models.exceptions import (
+    BackendClosedError,
+    RecordValidationError,
+    TelemetryError,
+    TelemetryRejectedError,
+)
 from empathy_models.testing.contracts import TelemetryBackendContract, assert_same_buckets
 
 BASE = datetime(2026, 2, 1, tzinfo=UTC)

@@ -12,20 +12,21 @@ import anyio.lowlevel
 import pytest
 
 from empathy_models import (
-    AuthenticationError,
-    BackendClosedError,
-    BreakerEvent,
-    BreakerEventKind,
     BreakerPolicy,
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
     ConfigurationError,
-    ContextWindowExceededError,
-    InvalidRequestError,
-    MemoryStateStore,
     Outcome,
     RateLimitedError,
+)
+from empathy_models.backends import MemoryStateStore
+from empathy_models.breaker import BreakerEvent, BreakerEventKind
+from empathy_models.exceptions import (
+    AuthenticationError,
+    BackendClosedError,
+    ContextWindowExceededError,
+    InvalidRequestError,
     ServerError,
 )
 from empathy_models.testing.clock import FakeClock

@@ -18,20 +18,12 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from empathy_models import (
-    BreakerEvent,
-    BreakerEventKind,
-    BreakerPolicy,
-    CircuitBreaker,
-    CircuitOpenError,
-    CircuitState,
-    CircuitStateStore,
-    MemoryStateStore,
-    Outcome,
-    ServerError,
-    SQLiteStateStore,
-    StateStoreError,
-)
+from empathy_models import BreakerPolicy, CircuitBreaker, CircuitOpenError, CircuitState, Outcome
+from empathy_models.abc import CircuitStateStore
+from empathy_models.backends import MemoryStateStore
+from empathy_models.backends.sqlite import SQLiteStateStore
+from empathy_models.breaker import BreakerEvent, BreakerEventKind
+from empathy_models.exceptions import ServerError, StateStoreError
 from empathy_models.records import Admission, CircuitBreakerState, OutcomeReport
 from empathy_models.testing.clock import FakeClock
 

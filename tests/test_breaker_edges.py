@@ -18,12 +18,11 @@ from empathy_models import (
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
-    ServerError,
-    StateStoreError,
     state_store_from_url,
 )
 from empathy_models.breaker import BreakerEvent, BreakerEventKind
 from empathy_models.cli import main as cli_main
+from empathy_models.exceptions import ServerError, StateStoreError
 from empathy_models.testing.clock import FakeClock
 from tests._cancel_trials import cancel_during_admission
 

@@ -16,20 +16,16 @@ import pytest
 from anyio import wait_all_tasks_blocked
 
 from empathy_models import (
-    Admission,
-    BackendClosedError,
-    BreakerEvent,
     BreakerPolicy,
     CircuitBreaker,
-    CircuitBreakerState,
     CircuitOpenError,
     CircuitState,
     ConfigurationError,
-    InvalidRequestError,
-    MemoryStateStore,
-    OutcomeReport,
-    ServerError,
 )
+from empathy_models.backends import MemoryStateStore
+from empathy_models.breaker import BreakerEvent
+from empathy_models.exceptions import BackendClosedError, InvalidRequestError, ServerError
+from empathy_models.records import Admission, CircuitBreakerState, OutcomeReport
 from empathy_models.testing.clock import FakeClock
 
 KEY = "anthropic"

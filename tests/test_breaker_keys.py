@@ -15,26 +15,23 @@ import anyio.lowlevel
 import pytest
 
 from empathy_models import (
-    AuthenticationError,
     BreakerPolicy,
     CircuitBreaker,
-    CircuitBreakerState,
     CircuitOpenError,
     CircuitState,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
-    MemoryStateStore,
-    MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
     Outcome,
-    ProviderConnectionError,
     RetryPolicy,
-    ServerError,
 )
+from empathy_models.backends import MemoryStateStore, MemoryTelemetryBackend
 from empathy_models.breaker import provider_outcome
+from empathy_models.exceptions import AuthenticationError, ProviderConnectionError, ServerError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.records import CircuitBreakerState
 from empathy_models.testing import FakeLLMServer
 from empathy_models.testing.clock import FakeClock
 

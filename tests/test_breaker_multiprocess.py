@@ -25,7 +25,8 @@ from typing import Any
 import anyio
 import pytest
 
-from empathy_models import CircuitBreakerState, CircuitState, state_store_from_url
+from empathy_models import CircuitState, state_store_from_url
+from empathy_models.records import CircuitBreakerState
 from tests._workers import Child
 
 pytestmark = pytest.mark.multiprocess

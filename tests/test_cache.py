@@ -14,21 +14,21 @@ import attrs
 import pytest
 
 from empathy_models import (
+    AdaptiveModelRouter,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
-    MemoryTelemetryBackend,
     Message,
     ModelInfo,
     ModelRegistry,
     Outcome,
     RetryPolicy,
-    StateStoreError,
     Tool,
 )
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.cache import MemoryResponseCache
+from empathy_models.exceptions import StateStoreError
 from empathy_models.providers import OpenAIProvider
-from empathy_models.router import AdaptiveModelRouter
 from empathy_models.testing import FakeLLMServer, ModelBehavior
 
 KEY = "test-key-0123"

@@ -20,7 +20,6 @@ import anyio
 import pytest
 
 from empathy_models import (
-    AuthStrategy,
     CircuitState,
     LLMCallRecord,
     ModelTier,
@@ -28,6 +27,7 @@ from empathy_models import (
     state_store_from_url,
     telemetry_from_url,
 )
+from empathy_models.auth import AuthStrategy
 from tests._cli import run_cli, run_cli_process
 
 

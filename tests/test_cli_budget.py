@@ -64,7 +64,7 @@ def test_budget_set_refuses_a_bad_limit(tmp_path: Path) -> None:
 def test_budget_status_reads_a_database_without_budgets_and_changes_nothing(
     tmp_path: Path,
 ) -> None:
-    from empathy_models import SQLiteStateStore
+    from empathy_models.backends.sqlite import SQLiteStateStore
 
     db = tmp_path / "state.db"
 

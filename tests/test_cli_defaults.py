@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from empathy_models import ConfigurationError, EmpathyLLMExecutor, NullTelemetryBackend
+from empathy_models import ConfigurationError, EmpathyLLMExecutor
+from empathy_models.backends import NullTelemetryBackend
 from empathy_models.cli._common import Progress, print_table
 from empathy_models.testing import FakeProvider
 from tests._cli import run_cli as cli

@@ -8,13 +8,9 @@ from typing import Any
 
 import pytest
 
-from empathy_models import (
-    BreakerPolicy,
-    CircuitState,
-    ConfigurationError,
-    MemoryStateStore,
-    OutcomeReport,
-)
+from empathy_models import BreakerPolicy, CircuitState, ConfigurationError
+from empathy_models.backends import MemoryStateStore
+from empathy_models.records import OutcomeReport
 from empathy_models.testing.clock import DEFAULT_START, FakeClock
 from empathy_models.testing.contracts import (
     AdvanceClock,

@@ -15,23 +15,21 @@ import anyio.to_thread
 import pytest
 
 from empathy_models import (
-    AuthFileError,
-    AuthStrategy,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMCallRecord,
-    MemoryTelemetryBackend,
     Message,
     ModelInfo,
     ModelRegistry,
-    RecordValidationError,
-    TelemetryError,
     state_store_from_url,
     telemetry_from_url,
 )
 from empathy_models.abc import CompletionRequest
+from empathy_models.auth import AuthStrategy
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.cli import main as cli_main
+from empathy_models.exceptions import AuthFileError, RecordValidationError, TelemetryError
 from empathy_models.providers import AnthropicProvider
 from empathy_models.testing import FakeLLMServer
 

@@ -24,41 +24,39 @@ import pytest
 
 from empathy_models import (
     AllRoutesFailedError,
-    AuthenticationError,
     BreakerPolicy,
     CircuitOpenError,
     CircuitState,
-    Completion,
-    CompletionRequest,
     ConfigurationError,
-    ContentPolicyError,
-    ContextWindowExceededError,
     EmpathyLLMExecutor,
     ExecutionContext,
     FallbackPolicy,
-    InvalidRequestError,
-    InvalidResponseError,
     LLMCallRecord,
-    MemoryTelemetryBackend,
     Message,
     ModelInfo,
-    ModelNotFoundError,
     ModelRegistry,
     ModelTier,
-    NullTelemetryBackend,
     Outcome,
-    Provider,
-    ProviderConnectionError,
-    ProviderTimeoutError,
     RateLimitedError,
     RetryPolicy,
     RoutingDecision,
-    ServerError,
-    TelemetryBackend,
     TelemetryDisabledWarning,
+)
+from empathy_models.abc import Completion, CompletionRequest, Provider, TelemetryBackend
+from empathy_models.backends import MemoryTelemetryBackend, NullTelemetryBackend
+from empathy_models.breaker import CircuitBreaker
+from empathy_models.exceptions import (
+    AuthenticationError,
+    ContentPolicyError,
+    ContextWindowExceededError,
+    InvalidRequestError,
+    InvalidResponseError,
+    ModelNotFoundError,
+    ProviderConnectionError,
+    ProviderTimeoutError,
+    ServerError,
     TelemetryError,
 )
-from empathy_models.breaker import CircuitBreaker
 from empathy_models.testing.clock import FakeClock
 
 # --------------------------------------------------------------------------- fixtures
@@ -351,7 +349,7 @@ async def test_an_unknown_task_type_is_logged_once_per_name(
     warned = [r.getMessage() for r in caplog.records if "unknown task type" in r.getMessage()]
     assert warned == [
         "unknown task type 'something new': using the capable tier "
-        "(see empathy_models.TaskType, or pass ExecutionContext(tier=...))"
+        "(see empathy_models.tasks.TaskType, or pass ExecutionContext(tier=...))"
     ]
 
 

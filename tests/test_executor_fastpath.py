@@ -23,30 +23,28 @@ from empathy_models import (
     BreakerPolicy,
     CircuitBreaker,
     CircuitState,
-    Completion,
-    CompletionRequest,
     EmpathyLLMExecutor,
     ExecutionContext,
     FallbackPolicy,
     LLMCallRecord,
     LLMResponse,
-    MemoryTelemetryBackend,
     Message,
     ModelInfo,
     ModelRegistry,
     ModelTier,
     OpenAIProvider,
     Outcome,
-    Provider,
+    RetryPolicy,
+)
+from empathy_models.abc import AttemptTimeout, Completion, CompletionRequest, Provider
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.exceptions import (
     ProviderConnectionError,
     ProviderTimeoutError,
     RecordValidationError,
-    RetryPolicy,
     ServerError,
-    Ticket,
 )
-from empathy_models.abc import AttemptTimeout
-from empathy_models.records import _trusted_call_record
+from empathy_models.records import Ticket, _trusted_call_record
 from empathy_models.serialization import from_dict, to_dict
 from empathy_models.testing import FakeLLMServer
 from empathy_models.testing.clock import FakeClock

@@ -18,29 +18,31 @@ import attrs
 import pytest
 
 from empathy_models import (
+    AdaptiveModelRouter,
     AllRoutesFailedError,
     BreakerPolicy,
     CircuitState,
-    ContextWindowExceededError,
     EmpathyLLMExecutor,
     ExecutionContext,
     FallbackPolicy,
-    InvalidRequestError,
     LLMCallRecord,
-    MemoryTelemetryBackend,
     MissingAPIKeyWarning,
     ModelInfo,
     ModelRegistry,
     ModelTier,
     Outcome,
-    ProviderTimeoutError,
     RetryPolicy,
-    ServerError,
     TelemetryDisabledWarning,
 )
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
+from empathy_models.exceptions import (
+    ContextWindowExceededError,
+    InvalidRequestError,
+    ProviderTimeoutError,
+    ServerError,
+)
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
-from empathy_models.router import AdaptiveModelRouter
 from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
 
 KEY = "test-key-0123"

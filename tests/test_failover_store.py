@@ -15,18 +15,12 @@ from typing import Any, NoReturn
 import pytest
 import pytest_asyncio
 
-from empathy_models import (
-    BreakerPolicy,
-    CircuitBreakerState,
-    CircuitState,
-    CircuitStateStore,
-    MemoryStateStore,
-    OutcomeReport,
-    StateStoreError,
-)
-from empathy_models.backends import state_store_from_url
+from empathy_models import BreakerPolicy, CircuitState
+from empathy_models.abc import CircuitStateStore
+from empathy_models.backends import MemoryStateStore, state_store_from_url
 from empathy_models.backends._failover import FailoverStateStore
-from empathy_models.records import Admission
+from empathy_models.exceptions import StateStoreError
+from empathy_models.records import Admission, CircuitBreakerState, OutcomeReport
 from empathy_models.testing.clock import FakeClock
 from empathy_models.testing.contracts import AdvanceClock, CircuitStateStoreContract
 

@@ -13,9 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from empathy_models import (
-    CompletionRequest,
-    ConfigurationError,
+from empathy_models import ConfigurationError, RateLimitedError
+from empathy_models.abc import CompletionRequest
+from empathy_models.exceptions import (
     ContentPolicyError,
     ContextWindowExceededError,
     InvalidResponseError,
@@ -23,7 +23,6 @@ from empathy_models import (
     OverloadedError,
     ProviderConnectionError,
     ProviderTimeoutError,
-    RateLimitedError,
     RecordValidationError,
     ServerError,
 )

@@ -26,7 +26,6 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     FallbackPolicy,
-    MissingAPIKeyError,
     MissingAPIKeyWarning,
     ModelRegistry,
     ModelTier,
@@ -34,8 +33,9 @@ from empathy_models import (
     Outcome,
     RetryPolicy,
     RoutingDecision,
-    SQLiteTelemetryBackend,
 )
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+from empathy_models.exceptions import MissingAPIKeyError
 from empathy_models.testing import FakeLLMServer
 
 from ._fakes import CHEAP_ONLY, KEY, TWO_TIERS, NoSleep, fake_model

@@ -26,14 +26,14 @@ from empathy_models import (
     EmpathyModelsError,
     ExecutionContext,
     FallbackPolicy,
-    MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
     RateLimit,
     RateLimitedError,
     RetryPolicy,
-    StateStoreError,
 )
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import (
     LocalRateLimitError,
     MemoryQuotaStore,
@@ -385,7 +385,7 @@ async def test_routes_whose_schedule_is_booked_too_far_are_avoided(server: FakeL
 async def test_the_routing_decision_says_why_a_cheaper_model_answered(
     server: FakeLLMServer,
 ) -> None:
-    from empathy_models.router import AdaptiveModelRouter
+    from empathy_models import AdaptiveModelRouter
 
     # the capable tier holds only gpt-dear; the budget fits only the cheap gpt-cheap
     registry = ModelRegistry(

@@ -33,20 +33,20 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
 from empathy_models import (
+    AdaptiveModelRouter,
     AllRoutesFailedError,
     BreakerPolicy,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
-    MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
     RetryPolicy,
 )
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
 from empathy_models.observability import DURATION_BUCKETS, TOKEN_BUCKETS
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
-from empathy_models.router import AdaptiveModelRouter
 from empathy_models.testing import FakeLLMServer
 
 KEY = "sk-ant-test-key-0123456789"
@@ -549,7 +549,8 @@ def test_a_bad_enable_variable_raises(
 
 _SCRIPT = """
 import asyncio, os, sys
-from empathy_models import EmpathyLLMExecutor, ExecutionContext, NullTelemetryBackend
+from empathy_models import EmpathyLLMExecutor, ExecutionContext
+from empathy_models.backends import NullTelemetryBackend
 from empathy_models.testing.fakes import FakeProvider
 
 async def main():

@@ -31,16 +31,15 @@ from empathy_models import (
     CircuitState,
     EmpathyLLMExecutor,
     ExecutionContext,
-    InvalidResponseError,
     ModelInfo,
     ModelRegistry,
     RateLimitedError,
     RetryPolicy,
-    ServerError,
     telemetry_from_url,
 )
 from empathy_models.abc import CompletionRequest
 from empathy_models.cli import main as cli_main
+from empathy_models.exceptions import InvalidResponseError, ServerError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 
 KEY = "sk-ant-api03-EDGEtestKEY-0123456789abcdefXYZ"

@@ -16,19 +16,18 @@ from aiohttp import web
 
 from empathy_models import (
     AnthropicProvider,
-    AuthenticationError,
-    CompletionRequest,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
-    MemoryTelemetryBackend,
     MissingAPIKeyWarning,
     ModelInfo,
     ModelRegistry,
     OpenAIProvider,
-    ProviderConnectionError,
     __version__,
 )
+from empathy_models.abc import CompletionRequest
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.exceptions import AuthenticationError, ProviderConnectionError
 from empathy_models.testing import FakeLLMServer
 
 KEY = "gateway-key-0123"

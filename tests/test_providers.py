@@ -16,24 +16,26 @@ import pytest
 
 from empathy_models import (
     AnthropicProvider,
-    AuthenticationError,
-    CompletionRequest,
     ConfigurationError,
+    Message,
+    NotOpenError,
+    OpenAIProvider,
+    Outcome,
+    ProviderError,
+    RateLimitedError,
+)
+from empathy_models.abc import CompletionRequest
+from empathy_models.exceptions import (
+    AuthenticationError,
     ContentPolicyError,
     ContextWindowExceededError,
     InvalidRequestError,
     InvalidResponseError,
-    Message,
     MissingAPIKeyError,
     ModelNotFoundError,
-    NotOpenError,
-    OpenAIProvider,
-    Outcome,
     OverloadedError,
     ProviderConnectionError,
-    ProviderError,
     ProviderTimeoutError,
-    RateLimitedError,
     ServerError,
 )
 from empathy_models.outcomes import classify_error

@@ -10,18 +10,14 @@ from typing import Any
 import attrs
 import pytest
 
-from empathy_models import (
+from empathy_models import CircuitState, LLMCallRecord, ModelTier, Outcome, RoutingDecision
+from empathy_models.exceptions import RecordValidationError
+from empathy_models.records import (
     CandidateEvaluation,
     CircuitBreakerState,
-    CircuitState,
     ConstraintStatus,
-    LLMCallRecord,
     ModelPerformance,
-    ModelTier,
-    Outcome,
     OutcomeReport,
-    RecordValidationError,
-    RoutingDecision,
     Ticket,
     wilson_interval,
 )

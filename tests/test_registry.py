@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 
 import empathy_models
-from empathy_models import (
-    ConfigurationError,
-    ModelInfo,
-    ModelNotFoundError,
-    ModelRegistry,
-    ModelTier,
-    RecordValidationError,
-)
+from empathy_models import ConfigurationError, ModelInfo, ModelRegistry, ModelTier
+from empathy_models.exceptions import ModelNotFoundError, RecordValidationError
 
 
 def _model(model_id: str = "m", **changes: object) -> ModelInfo:

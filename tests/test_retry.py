@@ -10,21 +10,23 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from empathy_models import (
-    AuthenticationError,
     CircuitOpenError,
     CircuitState,
     ConfigurationError,
+    Outcome,
+    RateLimitedError,
+    RetryPolicy,
+)
+from empathy_models.exceptions import (
+    AuthenticationError,
     ContentPolicyError,
     ContextWindowExceededError,
     InvalidRequestError,
     InvalidResponseError,
     ModelNotFoundError,
-    Outcome,
     OverloadedError,
     ProviderConnectionError,
     ProviderTimeoutError,
-    RateLimitedError,
-    RetryPolicy,
     ServerError,
 )
 

@@ -14,23 +14,22 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from empathy_models import (
     AdaptiveModelRouter,
     ConfigurationError,
-    ConstraintStatus,
     LLMCallRecord,
-    MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
     ModelTier,
     NoModelMeetsConstraintsError,
     NotOpenError,
-    NullTelemetryBackend,
     Outcome,
     RoutingDecision,
     RoutingPolicy,
-    SQLiteTelemetryBackend,
-    TelemetryError,
-    TierRecommendation,
 )
+from empathy_models.backends import MemoryTelemetryBackend, NullTelemetryBackend
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import EvidenceBatch
+from empathy_models.exceptions import TelemetryError
+from empathy_models.records import ConstraintStatus
+from empathy_models.routing import TierRecommendation
 from empathy_models.testing.clock import FakeClock
 
 WF, ST = "docs", "outline"

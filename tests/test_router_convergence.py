@@ -23,15 +23,17 @@ import pytest
 from empathy_models import (
     AdaptiveModelRouter,
     AllRoutesFailedError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    FallbackPolicy,
     LLMCallRecord,
-    MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
     Outcome,
     RoutingPolicy,
 )
 from empathy_models.abc import Completion, CompletionRequest, Provider
-from empathy_models.executor import EmpathyLLMExecutor, ExecutionContext, FallbackPolicy
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.providers import OpenAIProvider
 from empathy_models.retry import RetryPolicy
 from empathy_models.testing import FakeLLMServer, ModelBehavior

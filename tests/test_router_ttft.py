@@ -16,7 +16,6 @@ import pytest
 from empathy_models import (
     AdaptiveModelRouter,
     ConfigurationError,
-    ConstraintStatus,
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMCallRecord,
@@ -28,8 +27,9 @@ from empathy_models import (
     RetryPolicy,
     RoutingDecision,
     RoutingPolicy,
-    SQLiteTelemetryBackend,
 )
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+from empathy_models.records import ConstraintStatus
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 from empathy_models.testing.clock import FakeClock
 

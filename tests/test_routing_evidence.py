@@ -13,16 +13,15 @@ import pytest
 from empathy_models import (
     AdaptiveModelRouter,
     LLMCallRecord,
-    MemoryTelemetryBackend,
     ModelRegistry,
-    ModelStats,
     Outcome,
     RoutingDecision,
     RoutingPolicy,
-    RoutingStats,
-    wilson_interval,
 )
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.evidence import rollup
+from empathy_models.records import wilson_interval
+from empathy_models.routing import ModelStats, RoutingStats
 from empathy_models.routing.book import Arm, ChangeTest
 from empathy_models.routing.stats import bucket_sums, wilson_bounds
 from empathy_models.testing.clock import FakeClock

@@ -9,17 +9,13 @@ from typing import Any
 import pytest
 from hypothesis import given, strategies as st
 
-from empathy_models import (
+from empathy_models import CircuitState, LLMCallRecord, ModelTier, Outcome, RoutingDecision
+from empathy_models.exceptions import RecordValidationError
+from empathy_models.records import (
     CandidateEvaluation,
     CircuitBreakerState,
-    CircuitState,
     ConstraintStatus,
-    LLMCallRecord,
     ModelPerformance,
-    ModelTier,
-    Outcome,
-    RecordValidationError,
-    RoutingDecision,
 )
 from empathy_models.serialization import SCHEMA_VERSION, from_dict, parse_datetime, to_dict
 

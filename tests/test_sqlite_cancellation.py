@@ -23,15 +23,10 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from empathy_models import (
-    BreakerPolicy,
-    CircuitState,
-    LLMCallRecord,
-    Outcome,
-    OutcomeReport,
-    TelemetryError,
-)
+from empathy_models import BreakerPolicy, CircuitState, LLMCallRecord, Outcome
 from empathy_models.backends.sqlite import SQLiteStateStore, SQLiteTelemetryBackend
+from empathy_models.exceptions import TelemetryError
+from empathy_models.records import OutcomeReport
 
 POLICY = BreakerPolicy(consecutive_failures=1_000_000, minimum_calls=1_000_000)
 TURNS = range(24)

@@ -12,15 +12,9 @@ from pathlib import Path
 import anyio.to_thread
 import pytest
 
-from empathy_models import (
-    LLMCallRecord,
-    SchemaVersionError,
-    StateStoreError,
-    TelemetryError,
-    state_store_from_url,
-    telemetry_from_url,
-)
+from empathy_models import LLMCallRecord, state_store_from_url, telemetry_from_url
 from empathy_models.cli import main as cli_main
+from empathy_models.exceptions import SchemaVersionError, StateStoreError, TelemetryError
 
 
 def _foreign(path: Path, *, user_version: int = 0) -> Path:

@@ -11,17 +11,11 @@ from typing import Any
 import anyio
 import pytest
 
-from empathy_models import (
-    BreakerPolicy,
-    CircuitBreakerState,
-    CircuitState,
-    Outcome,
-    OutcomeReport,
-    SchemaVersionError,
-    StateStoreError,
-)
+from empathy_models import BreakerPolicy, CircuitState, Outcome
 from empathy_models.backends import state_store_from_url
 from empathy_models.backends.sqlite import SQLiteStateStore
+from empathy_models.exceptions import SchemaVersionError, StateStoreError
+from empathy_models.records import CircuitBreakerState, OutcomeReport
 from empathy_models.testing.clock import FakeClock
 from empathy_models.testing.contracts import AdvanceClock, CircuitStateStoreContract
 

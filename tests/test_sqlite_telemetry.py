@@ -16,21 +16,18 @@ import anyio
 import attrs
 import pytest
 
-from empathy_models import (
-    BackendError,
-    ConfigurationError,
-    LLMCallRecord,
-    ModelPerformance,
-    Outcome,
+from empathy_models import BackendError, ConfigurationError, LLMCallRecord, Outcome
+from empathy_models._stats import aggregate_records, matches
+from empathy_models.backends import telemetry_from_url
+from empathy_models.backends.sqlite import SCHEMA_VERSION, SQLiteTelemetryBackend
+from empathy_models.evidence import rollup
+from empathy_models.exceptions import (
     RecordValidationError,
     SchemaVersionError,
     TelemetryError,
     TelemetryRejectedError,
 )
-from empathy_models._stats import aggregate_records, matches
-from empathy_models.backends import telemetry_from_url
-from empathy_models.backends.sqlite import SCHEMA_VERSION, SQLiteTelemetryBackend
-from empathy_models.evidence import rollup
+from empathy_models.records import ModelPerformance
 from empathy_models.testing.contracts import TelemetryBackendContract, assert_same_buckets
 
 

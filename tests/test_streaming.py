@@ -24,6 +24,7 @@ import attrs
 import pytest
 
 from empathy_models import (
+    AdaptiveModelRouter,
     AllRoutesFailedError,
     BreakerPolicy,
     CircuitState,
@@ -31,20 +32,17 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMCallRecord,
-    MemoryTelemetryBackend,
     ModelInfo,
     ModelRegistry,
     Outcome,
-    OverloadedError,
-    ProviderTimeoutError,
     RetryPolicy,
-    ServerError,
-    SQLiteTelemetryBackend,
     StreamInterruptedError,
 )
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
+from empathy_models.exceptions import OverloadedError, ProviderTimeoutError, ServerError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
-from empathy_models.router import AdaptiveModelRouter
 from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn

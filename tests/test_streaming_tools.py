@@ -19,16 +19,16 @@ from empathy_models import (
     AnthropicProvider,
     EmpathyLLMExecutor,
     ExecutionContext,
-    InvalidResponseError,
-    MemoryTelemetryBackend,
     Message,
     OpenAIProvider,
     Outcome,
     RetryPolicy,
     StreamInterruptedError,
     Tool,
-    ToolCallDelta,
 )
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.content import ToolCallDelta
+from empathy_models.exceptions import InvalidResponseError
 from empathy_models.testing import FakeLLMServer, FakeReply
 
 from ._fakes import CHEAP_ONLY, KEY, NoSleep

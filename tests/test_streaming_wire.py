@@ -16,12 +16,11 @@ import openai
 import pytest
 from aiohttp import web
 
-from empathy_models import (
-    CompletionRequest,
+from empathy_models import Message, ProviderError
+from empathy_models.abc import CompletionRequest
+from empathy_models.exceptions import (
     InvalidResponseError,
-    Message,
     OverloadedError,
-    ProviderError,
     ProviderTimeoutError,
     ServerError,
 )

@@ -28,8 +28,8 @@ from empathy_models import (
     LLMResponse,
     OpenAIProvider,
     Outcome,
-    SQLiteTelemetryBackend,
 )
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.sync import SyncExecutor
 from empathy_models.testing import FakeLLMServer
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from empathy_models import ModelTier, TaskType, get_tier_for_task, normalize_task_type
+from empathy_models import ModelTier
 from empathy_models.tasks import (
     DEFAULT_TIER,
     TASK_TIER_MAP,
+    TaskType,
     get_tasks_for_tier,
+    get_tier_for_task,
     is_known_task,
+    normalize_task_type,
 )
 
 

@@ -17,25 +17,23 @@ from empathy_models import (
     AdaptiveModelRouter,
     AllRoutesFailedError,
     AnthropicProvider,
-    CompletionRequest,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
-    ImageBlock,
-    InvalidRequestError,
-    InvalidResponseError,
-    MemoryTelemetryBackend,
     Message,
-    ModelNotFoundError,
     ModelRegistry,
     OpenAIProvider,
-    RecordValidationError,
-    ResponseFormat,
     RetryPolicy,
-    TextBlock,
     Tool,
-    ToolCall,
-    ToolResult,
+)
+from empathy_models.abc import CompletionRequest
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.content import ImageBlock, ResponseFormat, TextBlock, ToolCall, ToolResult
+from empathy_models.exceptions import (
+    InvalidRequestError,
+    InvalidResponseError,
+    ModelNotFoundError,
+    RecordValidationError,
 )
 from empathy_models.testing import FakeLLMServer, FakeReply
 

@@ -19,15 +19,15 @@ import pytest
 from empathy_models import (
     ConfigurationError,
     LLMCallRecord,
-    MemoryTelemetryBackend,
     RoutingDecision,
     RoutingPolicy,
-    SQLiteTelemetryBackend,
     telemetry_from_url,
 )
+from empathy_models._propensity import routing_propensity
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.cli.demo import _demo_registry, run_demo
 from empathy_models.evidence import EvidenceBatch
-from empathy_models.propensity import routing_propensity
 from empathy_models.records import wilson_interval
 from empathy_models.whatif import (
     Interval,

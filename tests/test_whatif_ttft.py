@@ -13,13 +13,8 @@ from typing import Any
 
 import pytest
 
-from empathy_models import (
-    ConfigurationError,
-    LLMCallRecord,
-    ModelRegistry,
-    Outcome,
-    SQLiteTelemetryBackend,
-)
+from empathy_models import ConfigurationError, LLMCallRecord, ModelRegistry, Outcome
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.cli.demo import DemoResult, run_demo
 from empathy_models.whatif import load_stage_evidence, simulate_policy
 

@@ -23,17 +23,9 @@ from aiohttp import web
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
 from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
 
-from empathy_models import (
-    AnthropicProvider,
-    CompletionRequest,
-    ImageBlock,
-    Message,
-    OpenAIProvider,
-    TextBlock,
-    Tool,
-    ToolCall,
-    ToolResult,
-)
+from empathy_models import AnthropicProvider, Message, OpenAIProvider, Tool
+from empathy_models.abc import CompletionRequest
+from empathy_models.content import ImageBlock, TextBlock, ToolCall, ToolResult
 from empathy_models.testing import FakeLLMServer
 
 from ._fakes import KEY

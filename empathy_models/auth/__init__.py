@@ -28,14 +28,14 @@ never torn).
 
 from __future__ import annotations
 
-from ..exceptions import AuthFileError, SourceFileError
-from ..loc import (
+from .._loc import (
     LINE_EQUIVALENT_CHARS,
     LinesOfCodeReport,
     acount_lines_of_code,
     count_lines_of_code,
 )
-from ..paths import empathy_home
+from .._paths import empathy_home
+from ..exceptions import AuthFileError, SourceFileError
 from ._files import AUTH_STRATEGY_FILE, auth_strategy_file
 from .store import list_auth_strategy_backups, reset_auth_strategy, restore_auth_strategy
 from .strategy import (

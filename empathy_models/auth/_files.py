@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from .._paths import empathy_home
 from ..exceptions import AuthFileError
-from ..paths import empathy_home
 
 __all__ = ["AUTH_STRATEGY_FILE", "auth_strategy_file"]
 

@@ -70,7 +70,7 @@ class Spool:
     def directory(self) -> Path:
         """``$EMPATHY_HOME/spool/<digest>``, resolved on first use."""
         if self._directory is None:
-            from ..paths import empathy_home
+            from .._paths import empathy_home
 
             self._directory = empathy_home() / "spool" / self._digest
         return self._directory

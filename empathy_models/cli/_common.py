@@ -19,7 +19,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 
-from empathy_models import empathy_home
+from empathy_models.auth import empathy_home
 
 __all__ = [
     "CliError",

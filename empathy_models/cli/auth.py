@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from empathy_models import (
+from empathy_models.auth import (
     AuthMode,
     AuthStrategy,
     SubscriptionTier,

@@ -6,12 +6,9 @@ import argparse
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from empathy_models import (
-    CircuitBreakerState,
-    CircuitState,
-    StateStoreError,
-    state_store_from_url,
-)
+from empathy_models import CircuitState, state_store_from_url
+from empathy_models.exceptions import StateStoreError
+from empathy_models.records import CircuitBreakerState
 
 from ._common import (
     MAX_DAYS,

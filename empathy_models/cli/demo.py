@@ -35,7 +35,6 @@ from empathy_models import (
     AdaptiveModelRouter,
     AllRoutesFailedError,
     AnthropicProvider,
-    BreakerEvent,
     BreakerPolicy,
     CircuitBreaker,
     ConfigurationError,
@@ -44,7 +43,6 @@ from empathy_models import (
     ExecutionContext,
     LLMResponse,
     ModelInfo,
-    ModelPerformance,
     ModelRegistry,
     ModelTier,
     OpenAIProvider,
@@ -54,6 +52,8 @@ from empathy_models import (
     telemetry_from_url,
 )
 from empathy_models.backends import redact_url
+from empathy_models.breaker import BreakerEvent
+from empathy_models.records import ModelPerformance
 from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
 
 from ._common import (

@@ -14,9 +14,9 @@ from empathy_models import (
     ModelTier,
     RoutingDecision,
     RoutingPolicy,
-    TelemetryBackend,
     telemetry_from_url,
 )
+from empathy_models.abc import TelemetryBackend
 
 from ._common import (
     MAX_DAYS,

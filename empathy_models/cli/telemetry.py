@@ -11,7 +11,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
-from empathy_models import LLMCallRecord, ModelPerformance, telemetry_from_url
+from empathy_models import LLMCallRecord, telemetry_from_url
+from empathy_models.records import ModelPerformance
 
 from ._common import (
     MAX_DAYS,

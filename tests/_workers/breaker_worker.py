@@ -35,10 +35,10 @@ from empathy_models import (
     CircuitBreaker,
     CircuitOpenError,
     Outcome,
-    ServerError,
-    Ticket,
     state_store_from_url,
 )
+from empathy_models.exceptions import ServerError
+from empathy_models.records import Ticket
 
 
 def emit(payload: dict[str, Any]) -> None:

@@ -34,11 +34,11 @@ from empathy_models import (
     ExecutionContext,
     ModelInfo,
     ModelRegistry,
-    NullTelemetryBackend,
     OpenAIProvider,
     RateLimit,
     RetryPolicy,
 )
+from empathy_models.backends import NullTelemetryBackend
 
 KEY = "test-key-0123"
 MODEL = "gpt-quota"

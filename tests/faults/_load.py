@@ -8,7 +8,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from empathy_models import LLMCallRecord, TelemetryBackend
+from empathy_models import LLMCallRecord
+from empathy_models.abc import TelemetryBackend
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 WORKER = Path(__file__).with_name("_worker.py")

@@ -29,7 +29,8 @@ import sqlite3
 import sys
 import time
 
-from empathy_models import BatchingTelemetryBackend, TelemetryBackend
+from empathy_models.abc import TelemetryBackend
+from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 
 sys.path.insert(0, __file__.rsplit("/", 3)[0])

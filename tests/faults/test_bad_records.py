@@ -22,15 +22,15 @@ from aiohttp import web
 from empathy_models_postgres import PostgresTelemetryBackend
 
 from empathy_models import (
-    BatchingTelemetryBackend,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMCallRecord,
     ModelInfo,
     ModelRegistry,
-    TelemetryBackend,
 )
+from empathy_models.abc import TelemetryBackend
+from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.providers import AnthropicProvider
 

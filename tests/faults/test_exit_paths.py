@@ -15,7 +15,7 @@ import anyio
 import asyncpg
 from empathy_models_postgres import PostgresTelemetryBackend
 
-from empathy_models import BatchingTelemetryBackend
+from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import rollup
 from empathy_models.testing.contracts import assert_same_buckets

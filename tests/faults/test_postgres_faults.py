@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from empathy_models_postgres import PostgresTelemetryBackend
 
-from empathy_models import BatchingTelemetryBackend
+from empathy_models.backends.batching import BatchingTelemetryBackend
 
 from ._load import Producer
 from ._proxy import TcpProxy

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from empathy_models import BatchingTelemetryBackend, TelemetryBackend
+from empathy_models.abc import TelemetryBackend
 from empathy_models.backends import BackendPlugin
+from empathy_models.backends.batching import BatchingTelemetryBackend
 
 from ._cache import (
     CACHE_SCHEMA_VERSION as CACHE_SCHEMA_VERSION,

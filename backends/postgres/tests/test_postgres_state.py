@@ -115,7 +115,8 @@ async def test_a_breaker_starts_degraded_when_its_database_is_down() -> None:
     # "a call never fails because the store is down" holds at start-up too: entering a
     # breaker that owns a PostgreSQL store (connected on entry) must not raise, as with
     # a Redis store (connected on first use)
-    from empathy_models import BreakerEvent, BreakerEventKind, CircuitBreaker
+    from empathy_models import CircuitBreaker
+    from empathy_models.breaker import BreakerEvent, BreakerEventKind
 
     events: list[BreakerEvent] = []
     url = "postgresql://postgres@127.0.0.1:1/test?timeout=2"

@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 from empathy_models_postgres import TELEMETRY_SCHEMA_VERSION, PostgresTelemetryBackend
 
-from empathy_models import BatchingTelemetryBackend
 from empathy_models.backends import MemoryTelemetryBackend, telemetry_from_url
+from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.evidence import rollup
 from empathy_models.exceptions import SchemaVersionError, TelemetryError, TelemetryRejectedError
 from empathy_models.records import LLMCallRecord, ModelPerformance, ModelTier, Outcome

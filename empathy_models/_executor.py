@@ -452,8 +452,8 @@ class EmpathyLLMExecutor:
         Raises:
             ConfigurationError: an invalid file.
         """
+        from ._router import AdaptiveModelRouter
         from .config import EmpathyConfig, ensure_sqlite_parent
-        from .router import AdaptiveModelRouter
 
         config = EmpathyConfig.load(path)
         registry = options.pop("registry", None)
