@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 
 from empathy_models import (
     AdaptiveModelRouter,
-    ConstraintStatus,
     LLMCallRecord,
     ModelInfo,
     ModelRegistry,
     Outcome,
 )
+from empathy_models.records import ConstraintStatus
 
 WF, ST = "wf", "stage"
 T0 = 1_800_000_000.0  # a minute boundary
