@@ -22,6 +22,7 @@ from attrs import field, frozen
 
 from . import circuit
 from ._stats import check_aware
+from ._validators import failure, text
 from .content import (
     ContentBlock,
     ImageBlock,
@@ -683,11 +684,7 @@ class ResponseCache(AsyncResource):
 # --------------------------------------------------------------------------- providers
 
 
-def _non_empty(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise RecordValidationError(
-            f"{attribute.name} must be a non-empty string", path=attribute.name
-        )
+_non_empty = text(failure(RecordValidationError, shown=None), strip=False)
 
 
 Role = Literal["system", "user", "assistant", "tool"]

@@ -37,6 +37,7 @@ from typing import Any, Final, Literal, TypeAlias
 import attrs
 from attrs import field, frozen
 
+from ._validators import failure, instance_of, optional_str, text
 from .exceptions import RecordValidationError
 
 __all__ = [
@@ -65,29 +66,12 @@ def _fail(message: str, path: str) -> RecordValidationError:
     return RecordValidationError(message, path=path)
 
 
-def _str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str):
-        raise _fail(
-            f"{attribute.name} must be a string, got {type(value).__name__}", attribute.name
-        )
-
-
-def _non_empty(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str) or not value:
-        raise _fail(f"{attribute.name} must be a non-empty string, got {value!r}", attribute.name)
-
-
-def _opt_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None and not isinstance(value, str):
-        raise _fail(
-            f"{attribute.name} must be a string or None, got {type(value).__name__}",
-            attribute.name,
-        )
-
-
-def _bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise _fail(f"{attribute.name} must be True or False, got {value!r}", attribute.name)
+_field_fail = failure(RecordValidationError)
+_type_fail = failure(RecordValidationError, shown="type")  # the value itself may be large
+_str = instance_of(_type_fail, str, why="must be a string")
+_non_empty = text(_field_fail, strip=False)
+_opt_str = optional_str(_type_fail)
+_bool = instance_of(_field_fail, bool, why="must be True or False")
 
 
 def _json_copy(value: object, path: str) -> Any:
