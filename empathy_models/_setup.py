@@ -8,9 +8,10 @@ rate limit applies, and the words of the warnings it gives once.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from ._planner import _key_hint
+from ._validators import check as check_value, failure, integer
 from .abc import Provider, QuotaStore
 from .exceptions import ConfigurationError
 from .limits.guard import Limiter
@@ -27,6 +28,9 @@ NO_TELEMETRY = (
     "is kept, so nothing survives the process for routing or cost reports. Pass "
     "telemetry_store='sqlite:///calls.db' (or NullTelemetryBackend() to opt out)."
 )
+
+
+_slots = integer(failure(ConfigurationError), low=1, why="must be an integer >= 1")
 
 
 def checked(value: _T | None, default: Callable[[], _T], kind: type[_T], name: str) -> _T:
@@ -98,11 +102,7 @@ def index_limits(
     """
 
     def check(name: str, value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigurationError(
-                f"concurrency_per_provider[{name!r}] must be an integer >= 1, got {value!r}"
-            )
-        return value
+        return check_value(_slots, f"concurrency_per_provider[{name!r}]", cast(int, value))
 
     if isinstance(limits, Mapping):
         unknown = sorted(set(limits) - set(providers))

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable, Collection
 from typing import Any, Final, Protocol, TypeVar
 
-from .exceptions import ConfigurationError, RecordValidationError
+from .exceptions import RecordValidationError
 
 __all__ = [
     "Failure",
@@ -74,7 +74,7 @@ _SHOWN: Final[dict[str, Callable[[object], str]]] = {"repr": _repr, "type": _typ
 
 
 def failure(
-    error: type[ConfigurationError] | type[RecordValidationError],
+    error: type[Exception],
     *,
     owner: str = "",
     shown: str | None = "repr",
@@ -83,8 +83,8 @@ def failure(
     How one module's validation errors read: ``"{owner}.{field} {why}, got {value}"``.
 
     Args:
-        error: `ConfigurationError` or `RecordValidationError` (which gets the field's
-            name as its ``path``).
+        error: the class raised: `ConfigurationError`, `RecordValidationError` (which
+            gets the field's name as its ``path``), or any other taking one message.
         owner: the class named before the field (``"BreakerPolicy"``); empty for none.
         shown: ``"repr"`` shows the value, ``"type"`` its type's name, ``None`` leaves
             the ``", got ..."`` out.

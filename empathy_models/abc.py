@@ -22,7 +22,7 @@ from attrs import field, frozen
 
 from . import circuit
 from ._stats import check_aware
-from ._validators import failure, text
+from ._validators import check, failure, integer, text
 from .content import (
     ContentBlock,
     ImageBlock,
@@ -78,6 +78,9 @@ T = TypeVar("T")
 
 MAX_TOKENS_LIMIT: Final = 1_000_000
 """The largest ``max_tokens`` a request may ask for (no model writes more)."""
+
+
+_limit = integer(failure(ConfigurationError), low=0, why="must be an integer >= 0")
 
 
 class AsyncResource(abc.ABC):
@@ -193,8 +196,7 @@ class TelemetryBackend(AsyncResource):
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first."""
         self._check_open()
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ConfigurationError(f"limit must be an integer >= 0, got {limit!r}")
+        check(_limit, "limit", limit)
         check_aware("since", since)
         return await self._recent(
             limit=limit, workflow=workflow, stage=stage, model=model, since=since

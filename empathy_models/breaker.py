@@ -166,6 +166,9 @@ _new = object.__new__
 _fail = failure(ConfigurationError, owner="CircuitBreaker")
 _duration = number(_fail, low=0, why="must be a finite number >= 0")
 _store_timeout = number(_fail, low=0, low_open=True, optional=True, why="must be > 0 or None")
+_retry_after = number(
+    failure(ConfigurationError), finite=False, why="must be a number of seconds or None"
+)
 _provider_open_models = integer(_fail, low=1, optional=True, why="must be an integer >= 1 or None")
 
 
@@ -227,10 +230,7 @@ def _store_of(
 
 def _capped_retry_after(policy: BreakerPolicy, key: str, retry_after: float) -> float | None:
     """``retry_after`` capped at the policy's ``max_retry_after_open`` (NaN: None)."""
-    if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
-        raise ConfigurationError(
-            f"retry_after must be a number of seconds or None, got {retry_after!r}"
-        )
+    check(_retry_after, "retry_after", retry_after)
     if math.isnan(retry_after) or retry_after < 0:
         return None
     cap = policy.max_retry_after_open

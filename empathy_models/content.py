@@ -37,7 +37,7 @@ from typing import Any, Final, Literal, TypeAlias
 import attrs
 from attrs import field, frozen
 
-from ._validators import failure, instance_of, optional_str, text
+from ._validators import check, failure, instance_of, integer, number, optional_str, text
 from .exceptions import RecordValidationError
 
 __all__ = [
@@ -575,6 +575,12 @@ def to_extra_body(value: object) -> Mapping[str, Any] | None:
     return _json_object("extra_body")(value)  # type: ignore[no-any-return]
 
 
+_top_p = number(
+    _field_fail, low=0, high=1, finite=False, optional=True, why="must be a number between 0 and 1"
+)
+_seed = integer(_field_fail, optional=True, why="must be an integer")
+
+
 def check_options(
     *,
     tools: tuple[Tool, ...],
@@ -592,9 +598,5 @@ def check_options(
             raise _fail(f"tool_choice must be one of {choices}; got {tool_choice!r}", "tool_choice")
         if tool_choice != "none" and not tools:
             raise _fail(f"tool_choice={tool_choice!r} needs tools", "tool_choice")
-    if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 <= top_p <= 1
-    ):
-        raise _fail(f"top_p must be a number between 0 and 1, got {top_p!r}", "top_p")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _fail(f"seed must be an integer, got {seed!r}", "seed")
+    check(_top_p, "top_p", top_p)
+    check(_seed, "seed", seed)

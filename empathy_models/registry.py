@@ -37,12 +37,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 
 import attrs
 from attrs import field, frozen
 
-from ._validators import failure, integer, number, text
+from ._validators import check, failure, integer, number, text
 from .exceptions import ConfigurationError, ModelNotFoundError, RecordValidationError
 from .records import ModelTier
 
@@ -120,10 +120,11 @@ def _to_tier(value: object) -> ModelTier:
     )
 
 
+_tokens = integer(failure(ValueError), low=0, why="must be an integer >= 0")
+
+
 def _check_tokens(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
+    return check(_tokens, name, cast(int, value))
 
 
 @frozen(kw_only=True)

@@ -31,7 +31,7 @@ from typing import Final, Literal
 
 from attrs import field, frozen
 
-from ._validators import failure, instance_of, integer, number, one_of
+from ._validators import check, failure, instance_of, integer, number, one_of
 from .exceptions import (
     ConfigurationError,
     ProviderConnectionError,
@@ -93,6 +93,9 @@ _multiplier = number(
 )
 _jitter_mode = one_of(_fail, ("equal", "full"), why="must be 'equal' or 'full'")
 _bool = instance_of(_fail, bool, why="must be True or False")
+_arg_fail = failure(ConfigurationError)
+_attempt_arg = integer(_arg_fail, low=1, why="must be an integer >= 1")
+_retry_after_arg = number(_arg_fail, finite=False, why="must be seconds")
 
 
 def _retry_on(value: Iterable[object]) -> tuple[RetryOn, ...]:
@@ -177,8 +180,7 @@ class RetryPolicy:
         ``base_delay * multiplier ** (attempt - 1)``, capped at ``max_delay``.  Raises
         `ConfigurationError` for ``attempt < 1``.
         """
-        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-            raise ConfigurationError(f"attempt must be an integer >= 1, got {attempt!r}")
+        check(_attempt_arg, "attempt", attempt)
         if self.base_delay == 0.0:
             return 0.0
         # compare in log space so huge attempt numbers cannot overflow a float
@@ -212,8 +214,7 @@ class RetryPolicy:
             low = delay / 2.0 if self.jitter_mode == "equal" else 0.0
             delay = source.uniform(low, delay)
         if retry_after is not None:
-            if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
-                raise ConfigurationError(f"retry_after must be seconds, got {retry_after!r}")
+            check(_retry_after_arg, "retry_after", retry_after)
             if retry_after > self.retry_after_limit:
                 return None
             delay = max(delay, float(retry_after))

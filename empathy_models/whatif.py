@@ -100,6 +100,7 @@ _fail = failure(ConfigurationError)
 _days = number(_fail, low=0, low_open=True, high=36_500, why="must be a number > 0 and <= 36500")
 _name = text(_fail)
 _positive_int = integer(_fail, low=1, why="must be an integer >= 1")
+_ipw_limit = integer(_fail, low=0, why="must be an integer >= 0")
 
 
 def _check_days(days: float) -> float:
@@ -513,8 +514,7 @@ async def evaluate_policy(
     off-policy estimate over the newest ``ipw_limit`` calls of the stage (0: skip it).
     ``evidence`` already loaded for this stage is used instead of reading it again.
     """
-    if isinstance(ipw_limit, bool) or not isinstance(ipw_limit, int) or ipw_limit < 0:
-        raise ConfigurationError(f"ipw_limit must be an integer >= 0, got {ipw_limit!r}")
+    check(_ipw_limit, "ipw_limit", ipw_limit)
     registry = ModelRegistry.default() if registry is None else registry
     if evidence is None:
         evidence = await load_stage_evidence(

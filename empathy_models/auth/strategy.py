@@ -12,13 +12,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar, cast
 
 import anyio.to_thread
 import attrs
 from attrs import field, frozen
 
-from .._validators import failure, instance_of, integer, number
+from .._validators import check, failure, instance_of, integer, number
 from ..exceptions import AuthFileError, ConfigurationError, RecordValidationError
 from ..records import ModelTier
 from ..registry import ModelRegistry
@@ -150,12 +150,13 @@ def _json_metadata(value: object) -> Mapping[str, Any]:
     return MappingProxyType(copy)
 
 
+_lines = integer(
+    failure(ValueError), low=0, type_why="must be an integer number of lines", why="must be >= 0"
+)
+
+
 def _lines_arg(lines: object, name: str = "lines") -> int:
-    if isinstance(lines, bool) or not isinstance(lines, int):
-        raise ValueError(f"{name} must be an integer number of lines, got {lines!r}")
-    if lines < 0:
-        raise ValueError(f"{name} must be >= 0, got {lines!r}")
-    return lines
+    return check(_lines, name, cast(int, lines))
 
 
 # --------------------------------------------------------------------------- cost model
