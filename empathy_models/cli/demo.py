@@ -16,7 +16,6 @@ transition the listener saw.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import shlex
 import sys
@@ -53,6 +52,7 @@ from empathy_models import (
     state_store_from_url,
     telemetry_from_url,
 )
+from empathy_models._stats import nearest_rank
 from empathy_models.backends import redact_url
 from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
 
@@ -234,10 +234,8 @@ class DemoResult:
 
 
 def _nearest_rank(values: Sequence[float], p: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered), max(1, math.ceil(p * len(ordered)))) - 1]
+    # the telemetry's own percentile, so the demo's figures match what the backends say
+    return nearest_rank(sorted(values), p)
 
 
 def _stages_with(constraints: Mapping[tuple[str, str], Mapping[str, float | None]]) -> list[_Stage]:
