@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar, cast
 
 from ._planner import _key_hint
-from ._validators import check as check_value, failure, integer
+from ._validators import check, failure, integer
 from .abc import Provider, QuotaStore
 from .exceptions import ConfigurationError
 from .limits.guard import Limiter
@@ -101,8 +101,8 @@ def index_limits(
         ConfigurationError: a limit below 1 or not an int, or an unknown provider.
     """
 
-    def check(name: str, value: object) -> int:
-        return check_value(_slots, f"concurrency_per_provider[{name!r}]", cast(int, value))
+    def limit_of(name: str, value: object) -> int:
+        return check(_slots, f"concurrency_per_provider[{name!r}]", cast(int, value))
 
     if isinstance(limits, Mapping):
         unknown = sorted(set(limits) - set(providers))
@@ -110,8 +110,8 @@ def index_limits(
             raise ConfigurationError(
                 f"concurrency_per_provider names unknown providers: {', '.join(unknown)}"
             )
-        return {name: check(name, limits.get(name, 64)) for name in providers}
-    value = check("*", limits)
+        return {name: limit_of(name, limits.get(name, 64)) for name in providers}
+    value = limit_of("*", limits)
     return dict.fromkeys(providers, value)
 
 

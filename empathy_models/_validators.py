@@ -26,12 +26,13 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Collection
-from typing import Any, Final, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 from .exceptions import RecordValidationError
 
 __all__ = [
     "Failure",
+    "Named",
     "Validator",
     "check",
     "failure",
@@ -77,7 +78,7 @@ def failure(
     error: type[Exception],
     *,
     owner: str = "",
-    shown: str | None = "repr",
+    shown: Literal["repr", "type"] | None = "repr",
 ) -> Failure:
     """
     How one module's validation errors read: ``"{owner}.{field} {why}, got {value}"``.
