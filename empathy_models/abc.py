@@ -22,7 +22,7 @@ from attrs import field, frozen
 
 from . import circuit
 from ._stats import check_aware
-from ._validators import check, failure, integer, text
+from ._validators import check, failure, integer, one_of, text
 from .content import (
     ContentBlock,
     ImageBlock,
@@ -703,12 +703,11 @@ _ALLOWED_BLOCKS: Final[Mapping[str, tuple[type, ...]]] = {
 }
 
 
-def _role(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value not in _ROLES:
-        raise RecordValidationError(
-            f"Message.role must be one of {', '.join(map(repr, _ROLES))}, got {value!r}",
-            path="role",
-        )
+_role = one_of(
+    failure(RecordValidationError, owner="Message"),
+    _ROLES,
+    why=f"must be one of {', '.join(map(repr, _ROLES))}",
+)
 
 
 def _content(value: object) -> str | tuple[ContentBlock, ...]:

@@ -32,11 +32,10 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
-import attrs
 from aiohttp import web
 from attrs import field, frozen
 
-from .._validators import Validator, failure, integer, number
+from .._validators import Validator, failure, integer, number, one_of
 from ..exceptions import RecordValidationError
 
 __all__ = ["STREAM_FAULTS", "StreamBehavior", "StreamedCall", "serve_stream", "split_text"]
@@ -70,12 +69,9 @@ def _opt_count(minimum: int) -> Validator:
     )
 
 
-def _fault(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value not in STREAM_FAULTS:
-        raise RecordValidationError(
-            f"fault must be one of {', '.join(sorted(STREAM_FAULTS))}, got {value!r}",
-            path="fault",
-        )
+_fault = one_of(
+    _field_fail, STREAM_FAULTS, why=f"must be one of {', '.join(sorted(STREAM_FAULTS))}"
+)
 
 
 @frozen(kw_only=True)
