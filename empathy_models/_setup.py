@@ -8,9 +8,10 @@ rate limit applies, and the words of the warnings it gives once.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from ._planner import _key_hint
+from ._validators import check, failure, integer
 from .abc import Provider, QuotaStore
 from .exceptions import ConfigurationError
 from .limits.guard import Limiter
@@ -27,6 +28,9 @@ NO_TELEMETRY = (
     "is kept, so nothing survives the process for routing or cost reports. Pass "
     "telemetry_store='sqlite:///calls.db' (or NullTelemetryBackend() to opt out)."
 )
+
+
+_slots = integer(failure(ConfigurationError), low=1, why="must be an integer >= 1")
 
 
 def checked(value: _T | None, default: Callable[[], _T], kind: type[_T], name: str) -> _T:
@@ -97,12 +101,8 @@ def index_limits(
         ConfigurationError: a limit below 1 or not an int, or an unknown provider.
     """
 
-    def check(name: str, value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigurationError(
-                f"concurrency_per_provider[{name!r}] must be an integer >= 1, got {value!r}"
-            )
-        return value
+    def limit_of(name: str, value: object) -> int:
+        return check(_slots, f"concurrency_per_provider[{name!r}]", cast(int, value))
 
     if isinstance(limits, Mapping):
         unknown = sorted(set(limits) - set(providers))
@@ -110,8 +110,8 @@ def index_limits(
             raise ConfigurationError(
                 f"concurrency_per_provider names unknown providers: {', '.join(unknown)}"
             )
-        return {name: check(name, limits.get(name, 64)) for name in providers}
-    value = check("*", limits)
+        return {name: limit_of(name, limits.get(name, 64)) for name in providers}
+    value = limit_of("*", limits)
     return dict.fromkeys(providers, value)
 
 

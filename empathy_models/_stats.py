@@ -9,16 +9,55 @@ from datetime import datetime
 from .exceptions import RecordValidationError
 from .records import LLMCallRecord, ModelPerformance, Outcome
 
-__all__ = ["aggregate_records", "check_aware", "matches", "nearest_rank"]
+__all__ = [
+    "aggregate_records",
+    "check_aware",
+    "interpolated_quantile",
+    "matches",
+    "nearest_rank",
+]
 
 
 def nearest_rank(sorted_values: Sequence[float], p: float) -> float | None:
-    """The nearest-rank percentile: the ceil(p*n)-th smallest value (1-based)."""
+    """
+    The nearest-rank percentile: the ceil(p*n)-th smallest value (1-based).
+
+    The percentile of observed calls (latency, time to first token) everywhere: the
+    in-memory backends, the demo's report, and the SQL of the SQLite and PostgreSQL
+    backends (``percentile_disc``) give the same value.
+
+    Args:
+        sorted_values: the sample, sorted ascending.
+        p: the fraction, in [0, 1] (0.95 for the p95).
+
+    Returns:
+        One of the values, or None for an empty sample.
+    """
     n = len(sorted_values)
     if n == 0:
         return None
     rank = max(1, math.ceil(p * n))
     return sorted_values[min(rank, n) - 1]
+
+
+def interpolated_quantile(sorted_values: Sequence[float], q: float) -> float:
+    """
+    The ``q`` quantile interpolated between neighbours (numpy's default, R's type 7).
+
+    For the spread of simulated estimates (what-if replicates), where a value between
+    two replicates is as good as either; observed calls use `nearest_rank`.
+
+    Args:
+        sorted_values: the sample, sorted ascending, not empty.
+        q: the fraction, in [0, 1].
+
+    Returns:
+        The quantile.
+    """
+    pos = q * (len(sorted_values) - 1)
+    i = math.floor(pos)
+    j = min(i + 1, len(sorted_values) - 1)
+    return sorted_values[i] + (sorted_values[j] - sorted_values[i]) * (pos - i)
 
 
 def check_aware(name: str, value: datetime | None) -> None:

@@ -7,7 +7,7 @@ Re-exported by `empathy_models` (and `_executor.py`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -15,6 +15,7 @@ import attrs
 from attrs import field, frozen
 
 from ._fast import trusted_constructor
+from ._validators import failure, instance_of, integer, number
 from .abc import MAX_TOKENS_LIMIT
 from .content import ToolCall
 from .exceptions import ConfigurationError
@@ -26,8 +27,8 @@ __all__ = ["AttemptSummary", "ExecutionContext", "FallbackPolicy", "LLMResponse"
 # --------------------------------------------------------------------------- validators
 
 
-def _bad(owner: str, attribute: attrs.Attribute[Any], value: object, why: str) -> Exception:
-    return ConfigurationError(f"{owner}.{attribute.name} {why}, got {value!r}")
+_ctx_fail = failure(ConfigurationError, owner="ExecutionContext")
+_fb_fail = failure(ConfigurationError, owner="FallbackPolicy")
 
 
 def _text_flaw(value: str) -> str | None:
@@ -44,53 +45,49 @@ def _text_flaw(value: str) -> str | None:
 
 def _ctx_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str) or not value.strip():
-        raise _bad("ExecutionContext", attribute, value, "must be a non-empty string")
+        raise _ctx_fail(attribute.name, value, "must be a non-empty string")
     if (flaw := _text_flaw(value)) is not None:
-        raise _bad("ExecutionContext", attribute, value, flaw)
+        raise _ctx_fail(attribute.name, value, flaw)
 
 
 def _ctx_opt_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None and not isinstance(value, str):
-        raise _bad("ExecutionContext", attribute, value, "must be a string or None")
+        raise _ctx_fail(attribute.name, value, "must be a string or None")
     if value is not None and (flaw := _text_flaw(value)) is not None:
-        raise _bad("ExecutionContext", attribute, value, flaw)
+        raise _ctx_fail(attribute.name, value, flaw)
 
 
-def _ctx_positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad("ExecutionContext", attribute, value, "must be a number or None")
-    if not math.isfinite(value) or value <= 0:
-        raise _bad("ExecutionContext", attribute, value, "must be a finite number > 0")
-
-
-def _ctx_non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad("ExecutionContext", attribute, value, "must be a number or None")
-    if not math.isfinite(value) or value < 0:
-        raise _bad("ExecutionContext", attribute, value, "must be a finite number >= 0")
-
-
-def _ctx_rate(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise _bad("ExecutionContext", attribute, value, "must be a number between 0 and 1")
-
-
-def _ctx_max_tokens(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _bad("ExecutionContext", attribute, value, "must be an integer >= 1")
-    if value > MAX_TOKENS_LIMIT:
-        raise _bad("ExecutionContext", attribute, value, f"must be at most {MAX_TOKENS_LIMIT:,}")
-
-
-def _ctx_bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise _bad("ExecutionContext", attribute, value, "must be True or False")
+_ctx_positive = number(
+    _ctx_fail,
+    low=0,
+    low_open=True,
+    optional=True,
+    type_why="must be a number or None",
+    why="must be a finite number > 0",
+)
+_ctx_non_negative = number(
+    _ctx_fail,
+    low=0,
+    optional=True,
+    type_why="must be a number or None",
+    why="must be a finite number >= 0",
+)
+_ctx_rate = number(
+    _ctx_fail,
+    low=0,
+    high=1,
+    finite=False,
+    optional=True,
+    why="must be a number between 0 and 1",
+)
+_ctx_max_tokens = integer(
+    _ctx_fail,
+    low=1,
+    high=MAX_TOKENS_LIMIT,
+    why="must be an integer >= 1",
+    high_why=f"must be at most {MAX_TOKENS_LIMIT:,}",
+)
+_ctx_bool = instance_of(_ctx_fail, bool, why="must be True or False")
 
 
 def _to_tier_opt(value: object) -> ModelTier | None:
@@ -215,17 +212,7 @@ class ExecutionContext:
         )
 
 
-def _positive_int(owner: str) -> Callable[[object, attrs.Attribute[Any], object], None]:
-    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise _bad(owner, attribute, value, "must be an integer >= 1")
-
-    return check
-
-
-def _fb_bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise _bad("FallbackPolicy", attribute, value, "must be True or False")
+_fb_bool = instance_of(_fb_fail, bool, why="must be True or False")
 
 
 @frozen(kw_only=True)
@@ -243,7 +230,9 @@ class FallbackPolicy:
             error is raised at once.
     """
 
-    max_routes: int = field(default=3, validator=_positive_int("FallbackPolicy"))
+    max_routes: int = field(
+        default=3, validator=integer(_fb_fail, low=1, why="must be an integer >= 1")
+    )
     escalate: bool = field(default=True, validator=_fb_bool)
     larger_context_on_overflow: bool = field(default=True, validator=_fb_bool)
 

@@ -16,6 +16,7 @@ from typing import Final
 
 from attrs import frozen
 
+from ._stats import interpolated_quantile
 from ._whatif_values import Interval, ModelFit
 from .evidence import EvidenceBucket
 from .records import wilson_interval
@@ -224,14 +225,6 @@ def _mixture_p95(parts: Sequence[tuple[float, float, float]]) -> float | None:
     return math.exp((lo + hi) / 2)
 
 
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    """The ``q`` quantile of sorted values, interpolated between neighbours."""
-    pos = q * (len(ordered) - 1)
-    i = math.floor(pos)
-    j = min(i + 1, len(ordered) - 1)
-    return ordered[i] + (ordered[j] - ordered[i]) * (pos - i)
-
-
 def _interval(values: Sequence[float | None], *, upper: float | None = None) -> Interval:
     """
     The mean of the replicates and a 95% interval that holds both the normal one (mean
@@ -245,8 +238,8 @@ def _interval(values: Sequence[float | None], *, upper: float | None = None) -> 
     mean = statistics.fmean(xs)
     sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
     ordered = sorted(xs)
-    low = max(0.0, min(mean - _Z95 * sd, _quantile(ordered, 0.025)))
-    high = max(mean + _Z95 * sd, _quantile(ordered, 0.975))
+    low = max(0.0, min(mean - _Z95 * sd, interpolated_quantile(ordered, 0.025)))
+    high = max(mean + _Z95 * sd, interpolated_quantile(ordered, 0.975))
     if upper is not None:
         high = min(upper, high)
     return Interval(estimate=mean, low=low, high=high)

@@ -22,6 +22,7 @@ from attrs import field, frozen
 
 from . import circuit
 from ._stats import check_aware
+from ._validators import check, failure, integer, one_of, text
 from .content import (
     ContentBlock,
     ImageBlock,
@@ -77,6 +78,9 @@ T = TypeVar("T")
 
 MAX_TOKENS_LIMIT: Final = 1_000_000
 """The largest ``max_tokens`` a request may ask for (no model writes more)."""
+
+
+_limit = integer(failure(ConfigurationError), low=0, why="must be an integer >= 0")
 
 
 class AsyncResource(abc.ABC):
@@ -192,8 +196,7 @@ class TelemetryBackend(AsyncResource):
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first."""
         self._check_open()
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-            raise ConfigurationError(f"limit must be an integer >= 0, got {limit!r}")
+        check(_limit, "limit", limit)
         check_aware("since", since)
         return await self._recent(
             limit=limit, workflow=workflow, stage=stage, model=model, since=since
@@ -697,11 +700,7 @@ class ResponseCache(AsyncResource):
 # --------------------------------------------------------------------------- providers
 
 
-def _non_empty(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if not isinstance(value, str) or not value:
-        raise RecordValidationError(
-            f"{attribute.name} must be a non-empty string", path=attribute.name
-        )
+_non_empty = text(failure(RecordValidationError, shown=None), strip=False)
 
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -718,12 +717,11 @@ _ALLOWED_BLOCKS: Final[Mapping[str, tuple[type, ...]]] = {
 }
 
 
-def _role(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value not in _ROLES:
-        raise RecordValidationError(
-            f"Message.role must be one of {', '.join(map(repr, _ROLES))}, got {value!r}",
-            path="role",
-        )
+_role = one_of(
+    failure(RecordValidationError, owner="Message"),
+    _ROLES,
+    why=f"must be one of {', '.join(map(repr, _ROLES))}",
+)
 
 
 def _content(value: object) -> str | tuple[ContentBlock, ...]:

@@ -96,6 +96,7 @@ from ._breaker_events import (
 )
 from ._local_view import MAX_PENDING, Guard, LocalView, flush_loop, protected, view_ticket
 from ._settled import SHIELD_SECONDS, Settler
+from ._validators import check, failure, integer, number
 from .abc import AsyncResource, CircuitStateStore
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
@@ -168,6 +169,15 @@ def provider_outcome(outcome: Outcome, exc: BaseException | None) -> Outcome:
 _new = object.__new__
 
 
+_fail = failure(ConfigurationError, owner="CircuitBreaker")
+_duration = number(_fail, low=0, why="must be a finite number >= 0")
+_store_timeout = number(_fail, low=0, low_open=True, optional=True, why="must be > 0 or None")
+_retry_after = number(
+    failure(ConfigurationError), finite=False, why="must be a number of seconds or None"
+)
+_provider_open_models = integer(_fail, low=1, optional=True, why="must be an integer >= 1 or None")
+
+
 def _check_durations(
     local_view_ttl: float,
     flush_interval: float,
@@ -187,35 +197,11 @@ def _check_durations(
         ("flush_interval", flush_interval),
         ("store_retry_interval", store_retry_interval),
     ):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise ConfigurationError(
-                f"CircuitBreaker.{name} must be a finite number >= 0, got {value!r}"
-            )
+        check(_duration, name, value)
     if flush_interval == 0:
         raise ConfigurationError("CircuitBreaker.flush_interval must be > 0, got 0")
-    if store_timeout is not None and (
-        isinstance(store_timeout, bool)
-        or not isinstance(store_timeout, int | float)
-        or not math.isfinite(store_timeout)
-        or store_timeout <= 0
-    ):
-        raise ConfigurationError(
-            f"CircuitBreaker.store_timeout must be > 0 or None, got {store_timeout!r}"
-        )
-    if provider_open_models is not None and (
-        isinstance(provider_open_models, bool)
-        or not isinstance(provider_open_models, int)
-        or provider_open_models < 1
-    ):
-        raise ConfigurationError(
-            "CircuitBreaker.provider_open_models must be an integer >= 1 or None, "
-            f"got {provider_open_models!r}"
-        )
+    check(_store_timeout, "store_timeout", store_timeout)
+    check(_provider_open_models, "provider_open_models", provider_open_models)
 
 
 def _checked_policy(policy: BreakerPolicy | None) -> BreakerPolicy:
@@ -250,10 +236,7 @@ def _store_of(
 
 def _capped_retry_after(policy: BreakerPolicy, key: str, retry_after: float) -> float | None:
     """``retry_after`` capped at the policy's ``max_retry_after_open`` (NaN: None)."""
-    if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
-        raise ConfigurationError(
-            f"retry_after must be a number of seconds or None, got {retry_after!r}"
-        )
+    check(_retry_after, "retry_after", retry_after)
     if math.isnan(retry_after) or retry_after < 0:
         return None
     cap = policy.max_retry_after_open

@@ -44,6 +44,7 @@ from typing import Any, Final
 
 import aiosqlite
 
+from ._validators import check, failure, integer
 from .abc import Message, ResponseCache
 from .exceptions import ConfigurationError, StateStoreError
 
@@ -59,10 +60,11 @@ DEFAULT_MAX_VALUE_BYTES: Final = 1 << 20
 """The largest answer a cache stores (1 MiB of serialized JSON)."""
 
 
-def _check_bound(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+_bound = integer(failure(ConfigurationError), low=1, why="must be an integer >= 1")
+
+
+def _check_bound(name: str, value: int) -> int:
+    return check(_bound, name, value)
 
 
 def request_key(parts: Sequence[object], messages: Sequence[Message], system: str | None) -> str:

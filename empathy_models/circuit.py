@@ -42,6 +42,7 @@ from typing import Literal
 import attrs
 from attrs import field, frozen
 
+from ._validators import failure, integer, number
 from .exceptions import ConfigurationError
 from .records import (
     Admission,
@@ -65,28 +66,11 @@ __all__ = [
 ]
 
 
-def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"BreakerPolicy.{attribute.name} must be > 0, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigurationError(f"BreakerPolicy.{attribute.name} must be finite, got {value!r}")
-
-
-def _positive_int(_: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(
-            f"BreakerPolicy.{attribute.name} must be an integer >= 1, got {value!r}"
-        )
-
-
-def _rate(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-        raise ConfigurationError(f"BreakerPolicy.{attribute.name} must be in (0, 1], got {value!r}")
-
-
-def _non_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ConfigurationError(f"BreakerPolicy.{attribute.name} must be >= 0, got {value!r}")
+_fail = failure(ConfigurationError, owner="BreakerPolicy")
+_positive = number(_fail, low=0, low_open=True, why="must be > 0", finite_why="must be finite")
+_positive_int = integer(_fail, low=1, why="must be an integer >= 1")
+_rate = number(_fail, low=0, low_open=True, high=1, finite=False, why="must be in (0, 1]")
+_non_negative = number(_fail, low=0, finite=False, why="must be >= 0")
 
 
 @frozen(kw_only=True)

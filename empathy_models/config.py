@@ -47,6 +47,7 @@ from urllib.parse import quote, unquote, urlsplit
 from attrs import field, frozen
 
 from ._paths import empathy_home
+from ._validators import check, failure, number
 from .backends import redact_url
 from .exceptions import ConfigurationError
 from .providers._http import HTTPProvider, _looks_secret
@@ -68,6 +69,16 @@ _PROVIDER_KEYS = frozenset(
     {"type", "base_url", "api_key", "api_key_env", "api_key_from_env", "headers", "timeout"}
 )
 _KINDS = ("openai", "anthropic")
+
+
+_timeout = number(
+    failure(ConfigurationError),
+    low=0,
+    low_open=True,
+    finite=False,
+    optional=True,
+    why="must be a number of seconds > 0",
+)
 
 
 def find_config_file(cwd: Path | None = None) -> tuple[Path | None, str]:
@@ -236,12 +247,7 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
     ):
         raise ConfigurationError(f"{where}: [providers.{name}] headers must be a table of strings")
     timeout = table.get("timeout")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
-    ):
-        raise ConfigurationError(
-            f"{where}: [providers.{name}] timeout must be a number of seconds > 0, got {timeout!r}"
-        )
+    check(_timeout, f"{where}: [providers.{name}] timeout", timeout)
     return ProviderConfig(
         name=name,
         kind=kind,

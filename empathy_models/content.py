@@ -37,6 +37,7 @@ from typing import Any, Final, Literal, TypeAlias
 import attrs
 from attrs import field, frozen
 
+from ._validators import check, failure, instance_of, integer, number, optional_str, text
 from .exceptions import RecordValidationError
 
 __all__ = [
@@ -65,29 +66,12 @@ def _fail(message: str, path: str) -> RecordValidationError:
     return RecordValidationError(message, path=path)
 
 
-def _str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str):
-        raise _fail(
-            f"{attribute.name} must be a string, got {type(value).__name__}", attribute.name
-        )
-
-
-def _non_empty(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str) or not value:
-        raise _fail(f"{attribute.name} must be a non-empty string, got {value!r}", attribute.name)
-
-
-def _opt_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None and not isinstance(value, str):
-        raise _fail(
-            f"{attribute.name} must be a string or None, got {type(value).__name__}",
-            attribute.name,
-        )
-
-
-def _bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise _fail(f"{attribute.name} must be True or False, got {value!r}", attribute.name)
+_field_fail = failure(RecordValidationError)
+_type_fail = failure(RecordValidationError, shown="type")  # the value itself may be large
+_str = instance_of(_type_fail, str, why="must be a string")
+_non_empty = text(_field_fail, strip=False)
+_opt_str = optional_str(_type_fail)
+_bool = instance_of(_field_fail, bool, why="must be True or False")
 
 
 def _json_copy(value: object, path: str) -> Any:
@@ -630,6 +614,12 @@ def to_extra_body(value: object) -> Mapping[str, Any] | None:
     return _json_object("extra_body")(value)  # type: ignore[no-any-return]
 
 
+_top_p = number(
+    _field_fail, low=0, high=1, finite=False, optional=True, why="must be a number between 0 and 1"
+)
+_seed = integer(_field_fail, optional=True, why="must be an integer")
+
+
 def check_options(
     *,
     tools: tuple[Tool, ...],
@@ -647,9 +637,5 @@ def check_options(
             raise _fail(f"tool_choice must be one of {choices}; got {tool_choice!r}", "tool_choice")
         if tool_choice != "none" and not tools:
             raise _fail(f"tool_choice={tool_choice!r} needs tools", "tool_choice")
-    if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 <= top_p <= 1
-    ):
-        raise _fail(f"top_p must be a number between 0 and 1, got {top_p!r}", "top_p")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _fail(f"seed must be an integer, got {seed!r}", "seed")
+    check(_top_p, "top_p", top_p)
+    check(_seed, "seed", seed)

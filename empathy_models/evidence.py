@@ -24,10 +24,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, cast
 
 from attrs import field, frozen
 
+from ._validators import check, failure, integer
 from .exceptions import ConfigurationError
 from .records import LLMCallRecord
 
@@ -70,17 +71,19 @@ def log_ms(value: float) -> float:
     return math.log(max(value, _MIN_MS))
 
 
+_after_version = integer(
+    failure(ConfigurationError),
+    low=0,
+    why="must be an integer >= 0 (0, or the version of an earlier EvidenceBatch)",
+)
+
+
 def check_after_version(after_version: object) -> int:
     """
     ``after_version`` if it is an integer >= 0 (what `TelemetryBackend.evidence` takes);
     otherwise raise `ConfigurationError` naming it.
     """
-    if isinstance(after_version, bool) or not isinstance(after_version, int) or after_version < 0:
-        raise ConfigurationError(
-            "after_version must be an integer >= 0 (0, or the version of an earlier "
-            f"EvidenceBatch), got {after_version!r}"
-        )
-    return after_version
+    return check(_after_version, "after_version", cast(int, after_version))
 
 
 def bucket_start_of(ts: datetime) -> datetime:

@@ -24,6 +24,7 @@ import attrs
 from attrs import field, frozen
 
 from ._fast import trusted_constructor, trusted_evolver
+from ._validators import failure, instance_of, integer, number, optional_str, text
 from .exceptions import RecordValidationError
 from .serialization import JSONScalar, from_dict, register_enums, register_records, to_dict
 
@@ -132,60 +133,37 @@ class ConstraintStatus(enum.StrEnum):
 # --------------------------------------------------------------------------- validators
 
 
-def _fail(attribute: attrs.Attribute[Any], value: object, why: str) -> RecordValidationError:
-    return RecordValidationError(f"{attribute.name} {why}, got {value!r}", path=attribute.name)
-
-
-def _non_negative(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(attribute, value, "must be a number")
-    if not math.isfinite(value) or value < 0:
-        raise _fail(attribute, value, "must be a finite number >= 0")
-
+_fail = failure(RecordValidationError)
 
 _INT_LIMIT: Final = 2**63  # SQLite INTEGER and PostgreSQL BIGINT hold less than this
 
-
-def _non_negative_int(_: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(attribute, value, "must be an integer")
-    if value < 0:
-        raise _fail(attribute, value, "must be >= 0")
-    if value >= _INT_LIMIT:
-        raise _fail(attribute, value, "must be < 2**63")
-
-
-def _positive_int(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < _INT_LIMIT:
-        raise _fail(attribute, value, "must be an integer >= 1 and < 2**63")
-
-
-def _unit_interval(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise _fail(attribute, value, "must be a number between 0 and 1")
-
-
-def _non_empty_str(_: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(attribute, value, "must be a non-empty string")
-
-
-def _optional_str(_: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
-    if value is not None and not isinstance(value, str):
-        raise _fail(attribute, value, "must be a string or None")
+_non_negative = number(
+    _fail, low=0, optional=True, type_why="must be a number", why="must be a finite number >= 0"
+)
+_non_negative_int = integer(
+    _fail,
+    low=0,
+    high=_INT_LIMIT - 1,
+    optional=True,
+    type_why="must be an integer",
+    why="must be >= 0",
+    high_why="must be < 2**63",
+)
+_positive_int = integer(
+    _fail, low=1, high=_INT_LIMIT - 1, why="must be an integer >= 1 and < 2**63"
+)
+_unit_interval = number(
+    _fail, low=0, high=1, finite=False, optional=True, why="must be a number between 0 and 1"
+)
+_non_empty_str = text(_fail)
+_optional_str = optional_str(_fail)
 
 
 def _utc_field(_: object, attribute: attrs.Attribute[Any], value: datetime | None) -> None:
     if value is None:
         return
     if not isinstance(value, datetime):
-        raise _fail(attribute, value, "must be a datetime")
+        raise _fail(attribute.name, value, "must be a datetime")
     if value.tzinfo is None or value.utcoffset() is None:
         raise RecordValidationError(
             f"{attribute.name} is a naive datetime ({value.isoformat()}); "
@@ -239,22 +217,6 @@ def _circuit_state_opt(value: object) -> CircuitState | None:
     return None if value is None else _convert_enum(CircuitState, "circuit_state", value)
 
 
-def _instance_of(kind: type) -> Any:
-    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, kind):
-            raise _fail(attribute, value, f"must be a {kind.__name__}")
-
-    return check
-
-
-def _optional_instance_of(kind: type) -> Any:
-    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if value is not None and not isinstance(value, kind):
-            raise _fail(attribute, value, f"must be a {kind.__name__} or None")
-
-    return check
-
-
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     if value is None:
         return MappingProxyType({})
@@ -269,13 +231,13 @@ def _json_scalars(_: object, attribute: attrs.Attribute[Any], value: Mapping[Any
     # only what to_dict/from_dict and every backend give back unchanged
     for key, item in value.items():
         if not isinstance(key, str):
-            raise _fail(attribute, dict(value), f"keys must be strings ({key!r} is not)")
+            raise _fail(attribute.name, dict(value), f"keys must be strings ({key!r} is not)")
         if item is None or isinstance(item, str | int):  # bool is an int
             continue
         if isinstance(item, float) and math.isfinite(item):
             continue
         raise _fail(
-            attribute,
+            attribute.name,
             dict(value),
             f"values must be JSON scalars: str, int, finite float, bool or None "
             f"({key!r} holds {item!r})",
@@ -367,7 +329,7 @@ class LLMCallRecord:
 
     provider: str = field(validator=_non_empty_str)
     model: str = field(validator=_non_empty_str)
-    outcome: Outcome = field(converter=_outcome, validator=_instance_of(Outcome))
+    outcome: Outcome = field(converter=_outcome, validator=instance_of(_fail, Outcome))
     call_id: str = field(factory=lambda: uuid.uuid4().hex, validator=_non_empty_str)
     request_id: str | None = field(default=None, validator=_optional_str)
     timestamp: datetime = field(factory=utc_now, converter=_to_utc, validator=_utc_field)
@@ -377,7 +339,7 @@ class LLMCallRecord:
     tier: ModelTier | None = field(
         default=None,
         converter=_tier,
-        validator=_optional_instance_of(ModelTier),
+        validator=instance_of(_fail, ModelTier, optional=True),
     )
     input_tokens: int = field(default=0, validator=_non_negative_int)
     output_tokens: int = field(default=0, validator=_non_negative_int)
@@ -390,11 +352,11 @@ class LLMCallRecord:
     error_message: str | None = field(default=None, validator=_optional_str)
     status_code: int | None = field(default=None, validator=_non_negative_int)
     attempt: int = field(default=1, validator=_positive_int)
-    fallback_used: bool = field(default=False, validator=_instance_of(bool))
+    fallback_used: bool = field(default=False, validator=instance_of(_fail, bool))
     fallback_chain: tuple[str, ...] = field(default=(), converter=_str_tuple)
     original_provider: str | None = field(default=None, validator=_optional_str)
     original_model: str | None = field(default=None, validator=_optional_str)
-    exploration: bool = field(default=False, validator=_instance_of(bool))
+    exploration: bool = field(default=False, validator=instance_of(_fail, bool))
     #: the router's probability of choosing this model for this request (see
     #: `empathy_models._propensity`; None: not routed, or a fallback route)
     routing_propensity: float | None = field(default=None, validator=_unit_interval)
@@ -402,7 +364,7 @@ class LLMCallRecord:
     circuit_state: CircuitState | None = field(
         default=None,
         converter=_circuit_state_opt,
-        validator=_optional_instance_of(CircuitState),
+        validator=instance_of(_fail, CircuitState, optional=True),
     )
     user_id: str | None = field(default=None, validator=_optional_str)
     session_id: str | None = field(default=None, validator=_optional_str)
@@ -463,7 +425,7 @@ class ModelPerformance:
     tier: ModelTier | None = field(
         default=None,
         converter=_tier,
-        validator=_optional_instance_of(ModelTier),
+        validator=instance_of(_fail, ModelTier, optional=True),
     )
     sample_size: int = field(default=0, validator=_non_negative_int)
     successes: int = field(default=0, validator=_non_negative_int)
@@ -578,7 +540,7 @@ class CircuitBreakerState:
     state: CircuitState = field(
         default=CircuitState.CLOSED,
         converter=_circuit_state,
-        validator=_instance_of(CircuitState),
+        validator=instance_of(_fail, CircuitState),
     )
     generation: int = field(default=0, validator=_non_negative_int)
     consecutive_failures: int = field(default=0, validator=_non_negative_int)

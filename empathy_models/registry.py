@@ -31,18 +31,18 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, cast
 
 import attrs
 from attrs import field, frozen
 
+from ._validators import check, failure, integer, number, text
 from .exceptions import ConfigurationError, ModelNotFoundError, RecordValidationError
 from .records import ModelTier
 
@@ -85,30 +85,16 @@ def _to_capabilities(value: object) -> frozenset[str]:
     return given
 
 
-def _fail(attribute: attrs.Attribute[Any], value: object, why: str) -> RecordValidationError:
-    return RecordValidationError(f"{attribute.name} {why}, got {value!r}", path=attribute.name)
-
-
-def _non_empty_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str) or not value.strip():
-        raise _fail(attribute, value, "must be a non-empty string")
-
-
-def _price(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _fail(attribute, value, "must be a number (USD per million tokens)")
-    if not math.isfinite(value) or value < 0:
-        raise _fail(attribute, value, "must be a finite number >= 0")
-
-
-def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _fail(attribute, value, "must be an integer >= 1")
-
-
-def _opt_positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None:
-        _positive_int(_, attribute, value)
+_fail = failure(RecordValidationError)
+_non_empty_str = text(_fail)
+_price = number(
+    _fail,
+    low=0,
+    type_why="must be a number (USD per million tokens)",
+    why="must be a finite number >= 0",
+)
+_positive_int = integer(_fail, low=1, why="must be an integer >= 1")
+_opt_positive_int = integer(_fail, low=1, optional=True, why="must be an integer >= 1")
 
 
 def _to_float(value: object) -> object:
@@ -134,10 +120,11 @@ def _to_tier(value: object) -> ModelTier:
     )
 
 
+_tokens = integer(failure(ValueError), low=0, why="must be an integer >= 0")
+
+
 def _check_tokens(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
+    return check(_tokens, name, cast(int, value))
 
 
 @frozen(kw_only=True)

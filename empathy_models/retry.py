@@ -27,11 +27,11 @@ import math
 import random
 from collections.abc import Iterable
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Final, Literal
 
-import attrs
 from attrs import field, frozen
 
+from ._validators import check, failure, instance_of, integer, number, one_of
 from .exceptions import (
     ConfigurationError,
     ProviderConnectionError,
@@ -74,44 +74,28 @@ def _seconds_opt(value: object) -> object:
     return None if value is None else _seconds(value)
 
 
-def _bad(attribute: attrs.Attribute[Any], value: object, why: str) -> ConfigurationError:
-    return ConfigurationError(f"RetryPolicy.{attribute.name} {why}, got {value!r}")
-
-
-def _non_negative_seconds(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None and attribute.name == "max_retry_after":
-        return
-    if isinstance(value, bool) or not isinstance(value, float):
-        raise _bad(attribute, value, "must be a number of seconds (float or timedelta)")
-    if not math.isfinite(value) or value < 0:
-        raise _bad(attribute, value, "must be a finite number of seconds >= 0")
-
-
-def _attempts(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _bad(
-            attribute,
-            value,
-            "must be an integer >= 1 (it counts calls, the first included; "
-            "use RetryPolicy.none() for a single call)",
-        )
-
-
-def _multiplier(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _bad(attribute, value, "must be a number")
-    if not math.isfinite(value) or value < 1.0:
-        raise _bad(attribute, value, "must be a finite number >= 1.0")
-
-
-def _jitter_mode(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value not in ("equal", "full"):
-        raise _bad(attribute, value, "must be 'equal' or 'full'")
-
-
-def _bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise _bad(attribute, value, "must be True or False")
+_fail = failure(ConfigurationError, owner="RetryPolicy")
+_SECONDS_TYPE: Final = "must be a number of seconds (float or timedelta)"
+_SECONDS_RANGE: Final = "must be a finite number of seconds >= 0"
+# the converters have made every int or timedelta a float by now
+_non_negative_seconds = number(_fail, low=0, type_why=_SECONDS_TYPE, why=_SECONDS_RANGE)
+_non_negative_seconds_opt = number(
+    _fail, low=0, optional=True, type_why=_SECONDS_TYPE, why=_SECONDS_RANGE
+)
+_attempts = integer(
+    _fail,
+    low=1,
+    why="must be an integer >= 1 (it counts calls, the first included; "
+    "use RetryPolicy.none() for a single call)",
+)
+_multiplier = number(
+    _fail, low=1.0, type_why="must be a number", why="must be a finite number >= 1.0"
+)
+_jitter_mode = one_of(_fail, ("equal", "full"), why="must be 'equal' or 'full'")
+_bool = instance_of(_fail, bool, why="must be True or False")
+_arg_fail = failure(ConfigurationError)
+_attempt_arg = integer(_arg_fail, low=1, why="must be an integer >= 1")
+_retry_after_arg = number(_arg_fail, finite=False, why="must be seconds")
 
 
 def _retry_on(value: Iterable[object]) -> tuple[RetryOn, ...]:
@@ -177,7 +161,7 @@ class RetryPolicy:
     jitter_mode: Literal["equal", "full"] = field(default="equal", validator=_jitter_mode)
     retry_on: tuple[RetryOn, ...] = field(default=DEFAULT_RETRY_ON, converter=_retry_on)
     max_retry_after: float | None = field(
-        default=None, converter=_seconds_opt, validator=_non_negative_seconds
+        default=None, converter=_seconds_opt, validator=_non_negative_seconds_opt
     )
     rng: random.Random = field(factory=random.Random, eq=False, repr=False)
 
@@ -201,8 +185,7 @@ class RetryPolicy:
         Raises:
             ConfigurationError: ``attempt < 1``.
         """
-        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-            raise ConfigurationError(f"attempt must be an integer >= 1, got {attempt!r}")
+        check(_attempt_arg, "attempt", attempt)
         if self.base_delay == 0.0:
             return 0.0
         # compare in log space so huge attempt numbers cannot overflow a float
@@ -243,8 +226,7 @@ class RetryPolicy:
             low = delay / 2.0 if self.jitter_mode == "equal" else 0.0
             delay = source.uniform(low, delay)
         if retry_after is not None:
-            if isinstance(retry_after, bool) or not isinstance(retry_after, int | float):
-                raise ConfigurationError(f"retry_after must be seconds, got {retry_after!r}")
+            check(_retry_after_arg, "retry_after", retry_after)
             if retry_after > self.retry_after_limit:
                 return None
             delay = max(delay, float(retry_after))

@@ -46,10 +46,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from attrs import evolve
 
+from ._validators import check, failure, integer, number, text
 from ._whatif_fit import _FALLBACK_SIGMA, _Z95, _fit, _interval, _mixture_p95
 from ._whatif_replay import (
     _coarsen,
@@ -95,21 +96,19 @@ _RECENT_FALLBACK: Final = 100_000
 # --------------------------------------------------------------------------- reading
 
 
-def _check_days(days: object) -> float:
-    if (
-        isinstance(days, bool)
-        or not isinstance(days, int | float)
-        or not math.isfinite(days)
-        or not 0 < days <= 36_500
-    ):
-        raise ConfigurationError(f"days must be a number > 0 and <= 36500, got {days!r}")
-    return float(days)
+_fail = failure(ConfigurationError)
+_days = number(_fail, low=0, low_open=True, high=36_500, why="must be a number > 0 and <= 36500")
+_name = text(_fail)
+_positive_int = integer(_fail, low=1, why="must be an integer >= 1")
+_ipw_limit = integer(_fail, low=0, why="must be an integer >= 0")
 
 
-def _check_name(what: str, value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigurationError(f"{what} must be a non-empty string, got {value!r}")
-    return value
+def _check_days(days: float) -> float:
+    return float(check(_days, "days", days))
+
+
+def _check_name(what: str, value: str) -> str:
+    return check(_name, what, value)
 
 
 async def load_stage_evidence(
@@ -181,9 +180,7 @@ async def load_stage_evidence(
 
 def _check_positive_int(what: str, value: object) -> int:
     """``value`` when it is an integer >= 1; else `ConfigurationError` naming ``what``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{what} must be an integer >= 1, got {value!r}")
-    return value
+    return check(_positive_int, what, cast(int, value))
 
 
 def _check_simulation(
@@ -556,8 +553,7 @@ async def evaluate_policy(
     Raises:
         ConfigurationError: invalid arguments, or ``evidence`` of another stage.
     """
-    if isinstance(ipw_limit, bool) or not isinstance(ipw_limit, int) or ipw_limit < 0:
-        raise ConfigurationError(f"ipw_limit must be an integer >= 0, got {ipw_limit!r}")
+    check(_ipw_limit, "ipw_limit", ipw_limit)
     registry = ModelRegistry.default() if registry is None else registry
     if evidence is None:
         evidence = await load_stage_evidence(

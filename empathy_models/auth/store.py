@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from .._validators import check, failure, integer
 from ..exceptions import AuthFileError, ConfigurationError
 from ._files import _atomic_write, _fsync_dir, _locked, auth_strategy_file
 from .strategy import AuthStrategy
@@ -24,6 +25,9 @@ __all__ = [
 ]
 
 _BACKUP_RE: Final = re.compile(r"\.(\d{8}T\d{6}\d{6}Z)(?:-(\d+))?\.bak$")
+
+
+_keep_backups = integer(failure(ConfigurationError), low=1, why="must be an integer >= 1")
 
 
 def list_auth_strategy_backups(path: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -124,8 +128,7 @@ def reset_auth_strategy(
     Raises:
         AuthFileError: the file cannot be moved (it is then left in place).
     """
-    if isinstance(keep_backups, bool) or not isinstance(keep_backups, int) or keep_backups < 1:
-        raise ConfigurationError(f"keep_backups must be an integer >= 1, got {keep_backups!r}")
+    check(_keep_backups, "keep_backups", keep_backups)
     file = Path(path) if path is not None else auth_strategy_file()
     if not file.exists() and not file.is_symlink():
         return None

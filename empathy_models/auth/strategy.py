@@ -12,12 +12,13 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar, cast
 
 import anyio.to_thread
 import attrs
 from attrs import field, frozen
 
+from .._validators import check, failure, instance_of, integer, number
 from ..exceptions import AuthFileError, ConfigurationError, RecordValidationError
 from ..records import ModelTier
 from ..registry import ModelRegistry
@@ -73,10 +74,7 @@ class AuthMode(enum.StrEnum):
 E = TypeVar("E", bound=enum.StrEnum)
 
 
-def _fail(attribute: attrs.Attribute[Any], value: object, why: str) -> RecordValidationError:
-    return RecordValidationError(
-        f"AuthStrategy.{attribute.name} {why}, got {value!r}", path=attribute.name
-    )
+_fail = failure(RecordValidationError, owner="AuthStrategy")
 
 
 def _to_enum(enum_type: type[E], name: str, value: object) -> E:
@@ -101,11 +99,7 @@ def _to_mode(value: object) -> AuthMode:
     return _to_enum(AuthMode, "default_mode", value)
 
 
-def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _fail(attribute, value, "must be an integer (lines)")
-    if value < 1:
-        raise _fail(attribute, value, "must be >= 1")
+_positive_int = integer(_fail, low=1, type_why="must be an integer (lines)", why="must be >= 1")
 
 
 def _to_float(value: object) -> object:
@@ -121,18 +115,17 @@ _MAX_TOKENS_PER_LINE: Final = 10_000.0
 """The largest ``loc_to_tokens_multiplier`` accepted (a line of code is never more)."""
 
 
-def _positive_finite(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, float):
-        raise _fail(attribute, value, "must be a number")
-    if not math.isfinite(value) or value <= 0:
-        raise _fail(attribute, value, "must be a finite number > 0")
-    if value > _MAX_TOKENS_PER_LINE:
-        raise _fail(attribute, value, f"must be at most {_MAX_TOKENS_PER_LINE:g} tokens per line")
-
-
-def _bool(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, bool):
-        raise _fail(attribute, value, "must be true or false")
+# the converter has made every int a float by now
+_positive_finite = number(
+    _fail,
+    low=0,
+    low_open=True,
+    high=_MAX_TOKENS_PER_LINE,
+    type_why="must be a number",
+    why="must be a finite number > 0",
+    high_why=f"must be at most {_MAX_TOKENS_PER_LINE:g} tokens per line",
+)
+_bool = instance_of(_fail, bool, why="must be true or false")
 
 
 def _json_metadata(value: object) -> Mapping[str, Any]:
@@ -157,12 +150,13 @@ def _json_metadata(value: object) -> Mapping[str, Any]:
     return MappingProxyType(copy)
 
 
+_lines = integer(
+    failure(ValueError), low=0, type_why="must be an integer number of lines", why="must be >= 0"
+)
+
+
 def _lines_arg(lines: object, name: str = "lines") -> int:
-    if isinstance(lines, bool) or not isinstance(lines, int):
-        raise ValueError(f"{name} must be an integer number of lines, got {lines!r}")
-    if lines < 0:
-        raise ValueError(f"{name} must be >= 0, got {lines!r}")
-    return lines
+    return check(_lines, name, cast(int, lines))
 
 
 # --------------------------------------------------------------------------- cost model

@@ -55,7 +55,6 @@ import asyncio
 import atexit
 import contextlib
 import logging
-import math
 import os
 import signal
 import sys
@@ -71,6 +70,7 @@ from typing import Final, Literal
 import anyio
 import anyio.to_thread
 
+from .._validators import check, failure, instance_of, integer, number
 from ..abc import TelemetryBackend
 from ..evidence import EvidenceBatch
 from ..exceptions import (
@@ -102,27 +102,19 @@ DEFAULT_CLOSE_TIMEOUT: Final = 5.0
 _CANCEL_GRACE: Final = 1.0
 
 
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
+_fail = failure(ConfigurationError)
+_count = integer(_fail, low=1, why="must be an integer >= 1")
+_positive_seconds = number(_fail, low=0, low_open=True, why="must be a finite number > 0")
+_seconds = number(_fail, low=0, why="must be a finite number >= 0")
+_flag = instance_of(_fail, bool, why="must be True or False")
 
 
-def _check_seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigurationError(f"{name} must be a finite number {bound}, got {value!r}")
-    return float(value)
+def _check_int(name: str, value: int) -> int:
+    return check(_count, name, value)
 
 
-def _check_interval(value: object) -> float:
-    return _check_seconds("flush_interval", value)
+def _check_interval(value: float) -> float:
+    return float(check(_positive_seconds, "flush_interval", value))
 
 
 def _check_on_full(value: object) -> OnFull:
@@ -135,10 +127,8 @@ def _check_on_full(value: object) -> OnFull:
     raise ConfigurationError(f"on_full must be 'spill', 'wait' or 'drop', got {value!r}")
 
 
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigurationError(f"{name} must be True or False, got {value!r}")
-    return value
+def _check_bool(name: str, value: bool) -> bool:
+    return check(_flag, name, value)
 
 
 def _check_records(records: Sequence[LLMCallRecord]) -> list[LLMCallRecord]:
@@ -234,7 +224,7 @@ class _Batcher:
         self.flush_interval = _check_interval(flush_interval)
         self.max_queue = _check_int("max_queue", max_queue)
         self.on_full: OnFull = _check_on_full(on_full)
-        self.close_timeout = _check_seconds("close_timeout", close_timeout, allow_zero=True)
+        self.close_timeout = float(check(_seconds, "close_timeout", close_timeout))
         self.exit_flush_enabled = _check_bool("exit_flush", exit_flush)
         self._sync_write = sync_write
         self.owner = owner

@@ -19,6 +19,7 @@ from typing import TypeVar
 import attrs
 
 from .._stats import aggregate_records, matches
+from .._validators import check, failure, integer
 from ..abc import TelemetryBackend, TransactionalStateStore
 from ..evidence import (
     BUCKET_SECONDS,
@@ -37,6 +38,9 @@ __all__ = ["MemoryStateStore", "MemoryTelemetryBackend"]
 T = TypeVar("T")
 
 
+_capacity = integer(failure(ConfigurationError), low=1, why="must be an integer >= 1")
+
+
 class MemoryTelemetryBackend(TelemetryBackend):
     """
     Records in a bounded in-memory ring; exact aggregation by scanning.
@@ -50,9 +54,7 @@ class MemoryTelemetryBackend(TelemetryBackend):
     """
 
     def __init__(self, *, capacity: int = 100_000) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ConfigurationError(f"capacity must be an integer >= 1, got {capacity!r}")
-        self.capacity = capacity
+        self.capacity = check(_capacity, "capacity", capacity)
         self.evicted = 0
         self._records: deque[LLMCallRecord] = deque()
         # evidence rollups survive eviction: they are small and the router needs them

@@ -234,6 +234,8 @@ class DemoResult:
 
 
 def _nearest_rank(values: Sequence[float], p: float) -> float | None:
+    # nearest rank, as the telemetry backends compute their percentiles (the command
+    # line reads the public API only, so the formula is written here too)
     if not values:
         return None
     ordered = sorted(values)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .._validators import check, failure, number
 from ..abc import QuotaStore
 from ..exceptions import (
     BackendClosedError,
@@ -102,6 +103,11 @@ class Hold:
         # seconds the provider said to wait (a 429's Retry-After or rate-limit reset
         # headers): the schedules are pushed back that far for every worker
         self.pushback: float | None = None
+
+
+_max_wait = number(
+    failure(ConfigurationError), low=0, why="must be a finite number of seconds >= 0"
+)
 
 
 def _check_budgets(budgets: object) -> tuple[Budget, ...]:
@@ -190,16 +196,7 @@ class Limiter:
     ) -> None:
         self.budgets = _check_budgets(budgets)
         self.rate_limits = _check_rates(rate_limits)
-        if (
-            isinstance(max_wait, bool)
-            or not isinstance(max_wait, int | float)
-            or not math.isfinite(max_wait)
-            or max_wait < 0
-        ):
-            raise ConfigurationError(
-                f"rate_limit_wait must be a finite number of seconds >= 0, got {max_wait!r}"
-            )
-        self.max_wait = float(max_wait)
+        self.max_wait = float(check(_max_wait, "rate_limit_wait", max_wait))
         self.owns_store = store is None or isinstance(store, str)
         self.store: QuotaStore = quota_store_from_url("memory://" if store is None else store)
         self._local = MemoryQuotaStore(clock=wall_clock)

@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 import attrs
 from attrs import field, frozen
 
+from .._validators import failure, integer, number
 from ..exceptions import ConfigurationError
 
 __all__ = [
@@ -67,18 +68,15 @@ def _window(value: object) -> str | float:
     )
 
 
-def _limit(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-        or value * NANO > 2**53
-    ):
-        raise ConfigurationError(
-            f"Budget.{attribute.name} must be a finite number of dollars >= 0 (at most "
-            f"{2**53 / NANO:,.0f}), got {value!r}"
-        )
+_MAX_LIMIT_USD: Final = 2**53 / NANO
+"""The largest budget a store counts exactly in nano-dollars (``usd * NANO <= 2**53``)."""
+
+_limit = number(
+    failure(ConfigurationError, owner="Budget"),
+    low=0,
+    high=_MAX_LIMIT_USD,
+    why=f"must be a finite number of dollars >= 0 (at most {_MAX_LIMIT_USD:,.0f})",
+)
 
 
 def _opt_text(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -167,13 +165,12 @@ def window_bounds(window: str | float, now: float) -> tuple[float, float]:
     return s.timestamp(), s.timestamp() + days * 86400.0
 
 
-def _opt_count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(
-            f"RateLimit.{attribute.name} must be an integer >= 1 or None, got {value!r}"
-        )
+_opt_count = integer(
+    failure(ConfigurationError, owner="RateLimit"),
+    low=1,
+    optional=True,
+    why="must be an integer >= 1 or None",
+)
 
 
 @frozen(kw_only=True)

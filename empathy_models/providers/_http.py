@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from .._propagation import outgoing_headers
+from .._validators import check, failure, number
 from .._version import __version__
 from ..abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
 from ..exceptions import (
@@ -100,6 +101,16 @@ def _host(url: str) -> str | None:
     return None if host is None else host.lower()
 
 
+# an infinite timeout is no timeout
+_timeout = number(
+    failure(ConfigurationError),
+    low=0,
+    low_open=True,
+    finite=False,
+    why="must be a number of seconds > 0",
+)
+
+
 def _to_timeout(value: float | aiohttp.ClientTimeout | None) -> aiohttp.ClientTimeout:
     import aiohttp  # at first use: `import empathy_models` does not load it
 
@@ -107,9 +118,7 @@ def _to_timeout(value: float | aiohttp.ClientTimeout | None) -> aiohttp.ClientTi
         return value
     if value is None:
         return aiohttp.ClientTimeout(total=None)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigurationError(f"timeout must be a number of seconds > 0, got {value!r}")
-    return aiohttp.ClientTimeout(total=float(value))
+    return aiohttp.ClientTimeout(total=float(check(_timeout, "timeout", value)))
 
 
 _AUTH_HEADERS: Final = frozenset({"authorization", "api-key", "x-api-key"})

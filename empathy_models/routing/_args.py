@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from typing import Final
 
+from .._validators import check, failure, integer, number
 from ..exceptions import ConfigurationError
 from ._verdicts import Limits
 
@@ -22,6 +23,12 @@ _INF: Final = math.inf
 _NO_MODELS: Final[frozenset[str]] = frozenset()
 
 
+_fail = failure(ConfigurationError)
+_positive = number(_fail, low=0, low_open=True, why="must be a finite number > 0")
+_opt_count = integer(_fail, low=0, optional=True, why="must be an integer >= 0")
+
+
+# non-finite values are told apart before the range: not a `number` validator
 def opt_number(name: str, value: object, *, positive: bool = False) -> float | None:
     """``value`` as a float >= 0 (> 0 with ``positive``), or ``None``."""
     if value is None:
@@ -33,25 +40,14 @@ def opt_number(name: str, value: object, *, positive: bool = False) -> float | N
     return float(value)
 
 
-def positive_number(name: str, value: object) -> float:
+def positive_number(name: str, value: float) -> float:
     """``value`` as a finite float > 0."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return float(check(_positive, name, value))
 
 
-def opt_int(name: str, value: object) -> int | None:
+def opt_int(name: str, value: int | None) -> int | None:
     """``value`` as an int >= 0, or ``None``."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
+    return check(_opt_count, name, value)
 
 
 def decision_limits(

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Any, Final, Literal
 
 import attrs
 from attrs import field, frozen
 
+from .._validators import Validator, failure, number, one_of
 from ..exceptions import ConfigurationError
 from .book import ChangeTest
 
@@ -23,29 +22,24 @@ CONSTRAINT_NAMES: Final = (SUCCESS, LATENCY, COST, TTFT)
 Objective = Literal["cheapest", "most_reliable"]
 
 
+_fail = failure(ConfigurationError)
+
+
 def _number(
     low: float, *, strict: bool, high: float | None = None, optional: bool = False
-) -> Callable[[object, attrs.Attribute[Any], object], None]:
+) -> Validator:
     """An attrs validator: a finite real number above ``low`` (and at most ``high``)."""
     bound = f"> {low:g}" if strict else f">= {low:g}"
     if high is not None:
         bound += f" and <= {high:g}"
-
-    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if value is None and optional:
-            return
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or (value <= low if strict else value < low)
-            or (high is not None and value > high)
-        ):
-            raise ConfigurationError(
-                f"{attribute.name} must be a finite number {bound}, got {value!r}"
-            )
-
-    return check
+    return number(
+        _fail,
+        low=low,
+        low_open=strict,
+        high=high,
+        optional=optional,
+        why=f"must be a finite number {bound}",
+    )
 
 
 _check_unit = _number(0.0, strict=False, high=1.0)
@@ -54,13 +48,9 @@ _check_positive = _number(0.0, strict=True)
 _check_positive_opt = _number(0.0, strict=True, optional=True)
 _check_non_negative = _number(0.0, strict=False)
 _check_at_least_one = _number(1.0, strict=False)
-
-
-def _check_objective(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value not in ("cheapest", "most_reliable"):
-        raise ConfigurationError(
-            f"{attribute.name} must be 'cheapest' or 'most_reliable', got {value!r}"
-        )
+_check_objective = one_of(
+    _fail, ("cheapest", "most_reliable"), why="must be 'cheapest' or 'most_reliable'"
+)
 
 
 def _check_relax_order(_: object, attribute: attrs.Attribute[Any], value: object) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Final, Literal, TypeAlias
 import attrs
 from attrs import field, frozen
 
+from .._validators import failure, integer, number
 from ..exceptions import RecordValidationError
 from ._fake_stream import StreamBehavior
 from ._fake_tools import FakeReply
@@ -150,31 +151,10 @@ def _to_actions(value: Iterable[Action]) -> tuple[Action, ...]:
     return actions
 
 
-def _rate(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise RecordValidationError(
-            f"{attribute.name} must be between 0 and 1, got {value!r}", path=attribute.name
-        )
-
-
-def _opt_non_negative(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
-    if value is not None and (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise RecordValidationError(
-            f"{attribute.name} must be None or a number >= 0, got {value!r}", path=attribute.name
-        )
-
-
-def _opt_positive_int(_: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise RecordValidationError(
-            f"{attribute.name} must be None or an integer >= 1, got {value!r}",
-            path=attribute.name,
-        )
+_fail = failure(RecordValidationError)
+_rate = number(_fail, low=0, high=1, finite=False, why="must be between 0 and 1")
+_opt_non_negative = number(_fail, low=0, optional=True, why="must be None or a number >= 0")
+_opt_positive_int = integer(_fail, low=1, optional=True, why="must be None or an integer >= 1")
 
 
 @frozen(kw_only=True)

@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import re
 import time
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
-import attrs
 from aiohttp import web
 from attrs import field, frozen
 
+from .._validators import Validator, failure, integer, number, one_of
 from ..exceptions import RecordValidationError
 
 __all__ = ["STREAM_FAULTS", "StreamBehavior", "StreamedCall", "serve_stream", "split_text"]
@@ -60,37 +59,19 @@ def split_text(text: str, chunk_chars: int | None = None) -> list[str]:
     return _WORDS.findall(text) or [text]
 
 
-def _non_negative(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise RecordValidationError(
-            f"{attribute.name} must be a number of ms >= 0, got {value!r}", path=attribute.name
-        )
+_field_fail = failure(RecordValidationError)
+_non_negative = number(_field_fail, low=0, why="must be a number of ms >= 0")
 
 
-def _opt_count(minimum: int) -> Any:
-    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < minimum
-        ):
-            raise RecordValidationError(
-                f"{attribute.name} must be None or an integer >= {minimum}, got {value!r}",
-                path=attribute.name,
-            )
-
-    return check
+def _opt_count(minimum: int) -> Validator:
+    return integer(
+        _field_fail, low=minimum, optional=True, why=f"must be None or an integer >= {minimum}"
+    )
 
 
-def _fault(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value not in STREAM_FAULTS:
-        raise RecordValidationError(
-            f"fault must be one of {', '.join(sorted(STREAM_FAULTS))}, got {value!r}",
-            path="fault",
-        )
+_fault = one_of(
+    _field_fail, STREAM_FAULTS, why=f"must be one of {', '.join(sorted(STREAM_FAULTS))}"
+)
 
 
 @frozen(kw_only=True)

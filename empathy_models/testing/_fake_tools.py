@@ -18,9 +18,9 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, TypeAlias
 
-import attrs
 from attrs import field, frozen
 
+from .._validators import failure, optional_str
 from ..abc import Completion
 from ..content import IMAGE_MEDIA_TYPES, ToolCall
 from ..exceptions import RecordValidationError
@@ -51,11 +51,7 @@ def _to_calls(value: Iterable[Mapping[str, Any]] | None) -> tuple[Mapping[str, A
     return tuple(calls)
 
 
-def _opt_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None and not isinstance(value, str):
-        raise RecordValidationError(
-            f"{attribute.name} must be a string or None, got {value!r}", path=attribute.name
-        )
+_opt_str = optional_str(failure(RecordValidationError))
 
 
 @frozen(kw_only=True)

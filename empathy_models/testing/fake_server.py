@@ -59,6 +59,7 @@ from typing import Final, Self
 
 from aiohttp import web
 
+from .._validators import check, failure, integer
 from ..exceptions import ConfigurationError
 from ._fake_behavior import (
     DEFAULT_BEHAVIOR,
@@ -87,6 +88,10 @@ __all__ = [
     "StreamBehavior",
     "estimate_tokens",
 ]
+
+_opt_count = integer(
+    failure(ConfigurationError), low=1, optional=True, why="must be an integer >= 1 or None"
+)
 
 # a body fault asked of a streamed request becomes the stream's fault, at its start
 _STREAMED_FAULTS: Final = {
@@ -137,11 +142,8 @@ class FakeLLMServer(Controls):
         rpm_burst: int | None = None,
     ) -> None:
         super().__init__(behaviors, default, seed)
-        for name, value in (("rpm", rpm), ("rpm_burst", rpm_burst)):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ConfigurationError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        check(_opt_count, "rpm", rpm)
+        check(_opt_count, "rpm_burst", rpm_burst)
         self._rpm = RpmBucket(rpm, rpm_burst)
         self._api_key = api_key
         self._host = host

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import random
 import secrets
@@ -26,6 +25,7 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
+from ..._validators import check, failure, number
 from ...evidence import (
     log_ms,
 )
@@ -537,15 +537,11 @@ class _Database:
                 conn.stop()
 
 
-def _check_seconds(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigurationError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
+_seconds = number(failure(ConfigurationError), low=0, why="must be a finite number of seconds >= 0")
+
+
+def _check_seconds(name: str, value: float) -> float:
+    return float(check(_seconds, name, value))
 
 
 def _normalize_path(path: str | os.PathLike[str]) -> str:

@@ -1,0 +1,377 @@
+"""
+The attrs validators of the package's values, built by a few factories.
+
+Each value module says once how its errors read (`failure`: the error class, the
+owner's name before the field, how the value is shown) and then builds its validators
+from it::
+
+    _fail = failure(ConfigurationError, owner="BreakerPolicy")
+    _positive_int = integer(_fail, low=1, why="must be an integer >= 1")
+
+which raises ``ConfigurationError("BreakerPolicy.minimum_calls must be an integer >= 1,
+got 0")``.  A validator keeps attrs' ``(instance, attribute, value)`` signature; a
+`RecordValidationError` names the field in its ``path``.  `check` runs a validator on a
+plain argument (a constructor's keyword, say) under the name it is given.
+
+Numbers: exact ``int`` and ``float`` values inside the bounds pass on one comparison;
+anything else is explained in a fixed order: not a number (``bool`` is not one), not
+finite or below ``low`` (NaN included), above ``high``; an infinity given a message of
+its own (``finite_why``) is told apart after the range check (so NaN is out of range).
+
+A leaf: imports only the error tree.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Collection
+from typing import Any, Final, Literal, Protocol, TypeVar
+
+from .exceptions import RecordValidationError
+
+__all__ = [
+    "Failure",
+    "Named",
+    "Validator",
+    "check",
+    "failure",
+    "instance_of",
+    "integer",
+    "number",
+    "one_of",
+    "optional_str",
+    "text",
+]
+
+_MAX_FLOAT: Final = sys.float_info.max
+
+T = TypeVar("T")
+
+
+class Named(Protocol):
+    """What a validator reads of its attrs ``Attribute``: the field's name."""
+
+    @property
+    def name(self) -> str: ...
+
+
+Validator = Callable[[object, Named, Any], None]
+"""An attrs validator: ``(instance, attribute, value)``, raising when ``value`` is bad."""
+
+Failure = Callable[[str, object, str], Exception]
+"""``(field name, value, why)`` -> the error to raise."""
+
+
+def _repr(value: object) -> str:
+    return repr(value)
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+_SHOWN: Final[dict[str, Callable[[object], str]]] = {"repr": _repr, "type": _type_name}
+
+
+def failure(
+    error: type[Exception],
+    *,
+    owner: str = "",
+    shown: Literal["repr", "type"] | None = "repr",
+) -> Failure:
+    """
+    How one module's validation errors read: ``"{owner}.{field} {why}, got {value}"``.
+
+    Args:
+        error: the class raised: `ConfigurationError`, `RecordValidationError` (which
+            gets the field's name as its ``path``), or any other taking one message.
+        owner: the class named before the field (``"BreakerPolicy"``); empty for none.
+        shown: ``"repr"`` shows the value, ``"type"`` its type's name, ``None`` leaves
+            the ``", got ..."`` out.
+
+    Returns:
+        The function the factories call to build an error.
+    """
+    prefix = f"{owner}." if owner else ""
+    show = None if shown is None else _SHOWN[shown]
+
+    def fail(name: str, value: object, why: str) -> Exception:
+        message = (
+            f"{prefix}{name} {why}" if show is None else f"{prefix}{name} {why}, got {show(value)}"
+        )
+        if error is RecordValidationError:
+            return RecordValidationError(message, path=name)
+        return error(message)
+
+    return fail
+
+
+def check(validator: Validator, name: str, value: T) -> T:
+    """
+    Run ``validator`` on a plain argument called ``name``.
+
+    Returns:
+        ``value``, unchanged.
+
+    Raises:
+        Whatever the validator raises for a bad value.
+    """
+    validator(None, _Name(name), value)
+    return value
+
+
+class _Name:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _is_kind(value: object, kinds: type | tuple[type, ...]) -> bool:
+    return not isinstance(value, bool) and isinstance(value, kinds)
+
+
+def _explainer(
+    fail: Failure,
+    kinds: type | tuple[type, ...],
+    low: float | None,
+    low_open: bool,
+    finite: bool,
+    high: float | None,
+    messages: tuple[str, str, str, str],
+) -> Callable[[str, object], None]:
+    """The slow path of `number` and `integer`: raise the first rule ``value`` breaks."""
+    type_why, why, finite_why, high_why = messages
+    # an infinity with a message of its own is told apart only once it is in range
+    finite_first = finite and finite_why == why
+
+    def explain(name: str, value: Any) -> None:
+        if not _is_kind(value, kinds):
+            raise fail(name, value, type_why)
+        if finite_first and not math.isfinite(value):
+            raise fail(name, value, why)
+        if low is not None and not (value > low if low_open else value >= low):
+            raise fail(name, value, why)
+        if finite and not math.isfinite(value):
+            raise fail(name, value, finite_why)
+        if high is not None and value > high:
+            raise fail(name, value, high_why)
+
+    return explain
+
+
+def number(
+    fail: Failure,
+    *,
+    why: str,
+    low: float | None = None,
+    low_open: bool = False,
+    high: float | None = None,
+    finite: bool = True,
+    optional: bool = False,
+    type_why: str | None = None,
+    finite_why: str | None = None,
+    high_why: str | None = None,
+) -> Validator:
+    """
+    A validator of a real number (``int`` or ``float``, never ``bool``).
+
+    Args:
+        fail: how the error reads (`failure`).
+        why: the message of a value out of range (and of every rule below without
+            its own message).
+        low: the least value allowed (``None``: no lower bound); ``low_open``
+            excludes it.
+        high: the largest value allowed (``None``: no upper bound).
+        finite: refuse infinities (NaN is always refused).
+        optional: let ``None`` pass.
+        type_why, finite_why, high_why: the messages of a value that is not a number,
+            not finite, above ``high``.
+
+    Returns:
+        The validator.
+    """
+    explain = _explainer(
+        fail,
+        (int, float),
+        low,
+        low_open,
+        finite,
+        high,
+        (type_why or why, why, finite_why or why, high_why or why),
+    )
+    # the one comparison that lets an exact int or float through: ``lo <= value <= hi``
+    # implies every rule (the next float above an open bound is the least one allowed)
+    lo = -math.inf if low is None else math.nextafter(low, math.inf) if low_open else low
+    hi = high if high is not None else _MAX_FLOAT if finite else math.inf
+    if optional:
+
+        def check_optional(_: object, attribute: Named, value: Any) -> None:
+            if value is None:
+                return
+            cls = value.__class__
+            if (cls is float or cls is int) and lo <= value <= hi:
+                return
+            explain(attribute.name, value)
+
+        return check_optional
+
+    def check_number(_: object, attribute: Named, value: Any) -> None:
+        cls = value.__class__
+        if (cls is float or cls is int) and lo <= value <= hi:
+            return
+        explain(attribute.name, value)
+
+    return check_number
+
+
+def integer(
+    fail: Failure,
+    *,
+    why: str,
+    low: int | None = None,
+    high: int | None = None,
+    optional: bool = False,
+    type_why: str | None = None,
+    high_why: str | None = None,
+) -> Validator:
+    """
+    A validator of an ``int`` (never ``bool``) between ``low`` and ``high`` inclusive.
+
+    Args:
+        fail: how the error reads (`failure`).
+        why: the message of a value out of range (and of the rules below without their
+            own message).
+        low, high: the bounds, inclusive (``None``: unbounded on that side).
+        optional: let ``None`` pass.
+        type_why, high_why: the messages of a value that is not an integer, above
+            ``high``.
+
+    Returns:
+        The validator.
+    """
+    explain = _explainer(
+        fail, int, low, False, False, high, (type_why or why, why, why, high_why or why)
+    )
+    lo = -math.inf if low is None else low
+    hi = math.inf if high is None else high
+    if optional:
+
+        def check_optional(_: object, attribute: Named, value: Any) -> None:
+            if value is None:
+                return
+            if value.__class__ is int and lo <= value <= hi:
+                return
+            explain(attribute.name, value)
+
+        return check_optional
+
+    def check_integer(_: object, attribute: Named, value: Any) -> None:
+        if value.__class__ is int and lo <= value <= hi:
+            return
+        explain(attribute.name, value)
+
+    return check_integer
+
+
+def text(
+    fail: Failure, *, why: str = "must be a non-empty string", strip: bool = True
+) -> Validator:
+    """
+    A validator of a non-empty ``str`` (with ``strip``, not only whitespace either).
+
+    Args:
+        fail: how the error reads (`failure`).
+        why: the message.
+        strip: refuse a string of whitespace too.
+
+    Returns:
+        The validator.
+    """
+    if strip:
+
+        def check_text(_: object, attribute: Named, value: Any) -> None:
+            if not isinstance(value, str) or not value.strip():
+                raise fail(attribute.name, value, why)
+
+        return check_text
+
+    def check_unstripped(_: object, attribute: Named, value: Any) -> None:
+        if not isinstance(value, str) or not value:
+            raise fail(attribute.name, value, why)
+
+    return check_unstripped
+
+
+def optional_str(fail: Failure, *, why: str = "must be a string or None") -> Validator:
+    """
+    A validator of a ``str`` or ``None``.
+
+    Args:
+        fail: how the error reads (`failure`).
+        why: the message.
+
+    Returns:
+        The validator.
+    """
+
+    def check_optional_str(_: object, attribute: Named, value: Any) -> None:
+        if value is not None and not isinstance(value, str):
+            raise fail(attribute.name, value, why)
+
+    return check_optional_str
+
+
+def instance_of(
+    fail: Failure, kind: type, *, why: str | None = None, optional: bool = False
+) -> Validator:
+    """
+    A validator of an instance of ``kind`` (or ``None`` with ``optional``).
+
+    Args:
+        fail: how the error reads (`failure`).
+        kind: the class (``bool`` for a flag).
+        why: the message (default ``"must be a <kind>"``, ``"... or None"`` when
+            optional).
+        optional: let ``None`` pass.
+
+    Returns:
+        The validator.
+    """
+    if why is None:
+        why = f"must be a {kind.__name__}" + (" or None" if optional else "")
+    message = why
+    if optional:
+
+        def check_optional(_: object, attribute: Named, value: Any) -> None:
+            if value is not None and not isinstance(value, kind):
+                raise fail(attribute.name, value, message)
+
+        return check_optional
+
+    def check_instance(_: object, attribute: Named, value: Any) -> None:
+        if not isinstance(value, kind):
+            raise fail(attribute.name, value, message)
+
+    return check_instance
+
+
+def one_of(fail: Failure, allowed: Collection[object], *, why: str) -> Validator:
+    """
+    A validator of a value among ``allowed`` (compared with ``in``).
+
+    Args:
+        fail: how the error reads (`failure`).
+        allowed: the values accepted.
+        why: the message.
+
+    Returns:
+        The validator.
+    """
+
+    def check_one_of(_: object, attribute: Named, value: Any) -> None:
+        if value not in allowed:
+            raise fail(attribute.name, value, why)
+
+    return check_one_of
