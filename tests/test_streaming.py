@@ -10,8 +10,6 @@ import asyncio
 import gc
 import json
 import logging
-import os
-import sys
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,6 +42,8 @@ from empathy_models.breaker import CircuitBreaker
 from empathy_models.exceptions import OverloadedError, ProviderTimeoutError, ServerError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
+
+from ._cli import run_cli
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
 
@@ -506,11 +506,14 @@ async def test_streamed_ttft_is_aggregated_by_sqlite_and_shown_by_the_cli(
         (performance,) = await backend.aggregate()
     assert len(ttfts) == 5
     assert (performance.ttft_p50_ms, performance.ttft_p95_ms) == (ttfts[2], ttfts[4])
-    env = {**os.environ, "EMPATHY_HOME": str(tmp_path / "home")}
-    command = [sys.executable, "-m", "empathy_models", "telemetry", "summary", "--db", str(db)]
-    shown = (await anyio.run_process(command, env=env)).stdout.decode()
-    assert "TTFT p50 ms" in shown and f"{ttfts[2]:.1f}" in shown
-    data = json.loads((await anyio.run_process([*command, "--json"], env=env)).stdout)
+    # the CLI in this process (tests/_cli.py), as a user would run it on that file
+    command = ("telemetry", "summary", "--db", str(db))
+    shown = run_cli(tmp_path / "home", *command)
+    assert shown.returncode == 0, shown.stderr
+    assert "TTFT p50 ms" in shown.stdout and f"{ttfts[2]:.1f}" in shown.stdout
+    listed = run_cli(tmp_path / "home", *command, "--json")
+    assert listed.returncode == 0, listed.stderr
+    data = json.loads(listed.stdout)
     assert data["models"][0]["ttft_p95_ms"] == ttfts[4]
 
 
