@@ -5,7 +5,9 @@ Executor overhead.
    memory telemetry, the full path) against LiteLLM ``Router.acompletion`` with
    ``mock_response`` (offline, no callbacks), sequentially.
 2. Over HTTP: ``executor.run()`` against `FakeLLMServer` (OpenAI wire format) against a
-   bare aiohttp POST of the same body to the same server, at concurrency 1 and 64.
+   bare aiohttp POST of the same body to the same server, at concurrency 1 and 64.  The
+   executor opens its own session, as it does for a user who passes none (proxies read
+   from the environment included); the bare POST uses a plain session.
 
 Run: ``python -m benchmarks.bench_executor [--quick]``
 """
@@ -168,7 +170,6 @@ async def bench_http(repeats: int, total: int) -> dict[str, Any]:
                     telemetry_store="memory://",
                     router=router,
                     breaker=breaker,
-                    session=session,
                 ) as executor,
             ):
 

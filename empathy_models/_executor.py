@@ -557,9 +557,10 @@ class EmpathyLLMExecutor:
                 import aiohttp  # loaded here, not by `import empathy_models`
 
                 connector = aiohttp.TCPConnector(limit=sum(self._limits.values()))
-                # trust_env: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment (aiohttp
-                # also reads ~/.netrc, for hosts listed there and requests without auth)
-                session = aiohttp.ClientSession(connector=connector, trust_env=True)
+                # no trust_env: each provider reads its proxy from the environment once,
+                # when bound (aiohttp's trust_env would look it and ~/.netrc up in a
+                # worker thread on every request)
+                session = aiohttp.ClientSession(connector=connector)
                 stack.push_async_callback(session.close)
             for provider in self._providers.values():
                 await provider.bind(session)

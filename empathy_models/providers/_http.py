@@ -73,6 +73,7 @@ from ._wire import (
 
 if TYPE_CHECKING:
     import aiohttp
+    from yarl import URL
 
 __all__ = [
     "AttemptTimeout",
@@ -91,6 +92,29 @@ DEFAULT_TIMEOUT: Final = 60.0
 DEFAULT_MAX_RESPONSE_BYTES: Final = 16 * 1024 * 1024
 """The largest response body a provider reads (16 MiB; a long answer is well under 1 MiB)."""
 _TIMER_SLACK: Final = 0.001  # the loop may run a timer up to its clock resolution early
+
+
+_Proxy = tuple["URL | None", "aiohttp.BasicAuth | None"]
+"""A request's proxy and its credentials, as aiohttp's ``post(proxy=, proxy_auth=)`` take them."""
+
+
+def _env_proxy(url: str) -> _Proxy:
+    """
+    The proxy the environment names for ``url``: ``HTTPS_PROXY`` / ``HTTP_PROXY`` (and
+    ``ALL_PROXY``), unless ``NO_PROXY`` exempts its host; credentials from the proxy URL
+    or ``~/.netrc``.  The same reading as aiohttp's ``trust_env``, done once per session
+    instead of in a worker thread on every request.
+
+    Returns:
+        ``(proxy, auth)``; ``(None, None)`` when no proxy applies.
+    """
+    from aiohttp.helpers import get_env_proxy_for_url
+    from yarl import URL
+
+    try:
+        return get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return (None, None)
 
 
 def _host(url: str) -> str | None:
@@ -188,9 +212,9 @@ class HTTPProvider(Provider):
     is not read further: `InvalidResponseError` says so.
 
     Sessions: `bind` lends one (the executor's); ``async with provider:`` creates and
-    closes one of its own, which honours ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
-    (``trust_env``) like the executor's.  `complete` is safe to call concurrently; its
-    cost is the request itself.
+    closes one of its own.  Either way ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
+    are honoured, read when the session is bound or opened.  `complete` is safe to call
+    concurrently; its cost is the request itself.
     """
 
     env_var: str = ""
@@ -253,6 +277,7 @@ class HTTPProvider(Provider):
         self._bound: aiohttp.ClientSession | None = None
         self._own: aiohttp.ClientSession | None = None
         self._headers_cache: dict[str, str] | None = None
+        self._proxy: _Proxy = (None, None)
         self._exact_cache: tuple[float, aiohttp.ClientTimeout] | None = None
 
     def __repr__(self) -> str:
@@ -288,6 +313,7 @@ class HTTPProvider(Provider):
 
     async def bind(self, session: aiohttp.ClientSession) -> None:
         """Send every request through ``session`` until `unbind` (the owner closes it)."""
+        self._proxy = _env_proxy(self._url)
         self._bound = session
 
     async def unbind(self) -> None:
@@ -298,7 +324,8 @@ class HTTPProvider(Provider):
         if self._own is None or self._own.closed:
             import aiohttp
 
-            self._own = aiohttp.ClientSession(timeout=self._timeout, trust_env=True)
+            self._proxy = _env_proxy(self._url)
+            self._own = aiohttp.ClientSession(timeout=self._timeout)
         return self
 
     async def __aexit__(
@@ -441,6 +468,8 @@ class HTTPProvider(Provider):
                 headers=headers,
                 timeout=client_timeout,
                 allow_redirects=False,
+                proxy=self._proxy[0],
+                proxy_auth=self._proxy[1],
             ) as response:
                 status = response.status
                 response_headers = response.headers

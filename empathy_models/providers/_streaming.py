@@ -138,6 +138,8 @@ async def open_http_stream(
             headers=headers,
             timeout=_client_timeout(provider, idle_timeout, total_timeout),
             allow_redirects=False,  # a redirect would carry the key elsewhere
+            proxy=provider._proxy[0],
+            proxy_auth=provider._proxy[1],
         )
     except TimeoutError as exc:
         raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
