@@ -18,6 +18,7 @@ from empathy_models import (
     ModelInfo,
     ModelRegistry,
     Outcome,
+    RoutingPolicy,
 )
 from empathy_models.records import ConstraintStatus
 
@@ -153,3 +154,29 @@ def test_a_candidate_sitting_at_the_limit_after_its_warm_up_is_rarely_explored()
     cheap = sum(d.model == "cheap" for d in picks) / len(picks)
     # a plain draw would give "cheap" about half (top-two sampling included)
     assert cheap < 0.2, cheap
+
+
+def test_no_warm_up_at_all_still_explores_an_untried_candidate() -> None:
+    # warmup_calls=0 and warmup_min_calls=0: the provability margin has no calls to
+    # count from for a candidate never called; it is drawn as plausible, not divided by 0
+    registry = ModelRegistry(
+        models=(
+            ModelInfo(
+                id="new",
+                provider="openai",
+                tier="cheap",
+                input_price_per_mtok=0.5,
+                output_price_per_mtok=1.5,
+                context_window=128_000,
+                max_output_tokens=8192,
+            ),
+        ),
+        price_version="test-no-warm-up",
+    )
+    router = AdaptiveModelRouter(
+        registry,
+        seed=1,
+        policy=RoutingPolicy(warmup_calls=0, warmup_min_calls=0),
+    )
+    decision = router.get_best_model(WF, ST, min_success_rate=0.95)
+    assert decision.model == "new" and decision.exploration

@@ -28,8 +28,8 @@ with a small constant.
 the most reliable, by objective); a near-tie on cost is broken by a Thompson draw on
 the success rate.  Exploration is paid from a budget (see `RoutingPolicy`): only a
 candidate that could beat the pick is explored, the cheapest-priced one first.  While
-nothing is eligible, the cheapest candidate that a Thompson draw finds compliant is
-explored.
+nothing is eligible, the cheapest candidate that a Thompson draw finds compliant (and,
+past its warm-up, provable within another warm-up's calls) is explored.
 """
 
 from __future__ import annotations
@@ -371,12 +371,11 @@ def _plausible(v: Verdict, cons: Constraints, rng: random.Random, policy: Routin
         draw = rng.betavariate(
             policy.prior_alpha + s.successes, policy.prior_beta + s.samples - s.successes
         )
-        n = s.samples
-        if n >= policy.warmup_calls:
+        n = s.samples + policy.warmup_calls
+        if s.samples >= policy.warmup_calls and n > 0:
             # past its warm-up, a candidate is worth measuring only if it could be
             # proven within another warm-up's calls: the draw must clear the limit by
             # the margin those calls would need (one sitting at the limit rarely does)
-            n += policy.warmup_calls
             min_sr += policy.z * math.sqrt(min_sr * (1.0 - min_sr) / n)
         if draw < min_sr:
             return False
