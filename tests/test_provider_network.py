@@ -27,7 +27,11 @@ from empathy_models import (
 )
 from empathy_models.abc import CompletionRequest
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.exceptions import AuthenticationError, ProviderConnectionError
+from empathy_models.exceptions import (
+    AuthenticationError,
+    MissingAPIKeyError,
+    ProviderConnectionError,
+)
 from empathy_models.testing import FakeLLMServer
 
 KEY = "gateway-key-0123"
@@ -330,3 +334,16 @@ def test_secret_looking_header_values_stay_out_of_reprs_and_errors() -> None:
 def test_malformed_headers_are_refused(headers: Any) -> None:
     with pytest.raises(ConfigurationError, match="header"):
         OpenAIProvider(api_key="k", headers=headers)
+
+
+async def test_a_stream_without_a_key_says_why_the_environment_key_was_withheld(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the same error as complete(): the key is set, but not for this host
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    async with FakeLLMServer() as local:
+        provider = OpenAIProvider(name="ollama", base_url=local.openai_base_url)
+        async with provider:
+            with pytest.raises(MissingAPIKeyError, match="only sent to the official endpoint"):
+                await provider.stream(req())
+        assert local.requests() == 0

@@ -532,7 +532,7 @@ class HTTPProvider(Provider):
                 f"{self.base_url}; pass api_key=, or api_key_from_env=True to send it there"
             )
         else:
-            hint = f"pass api_key= or set {self.env_var}"
+            hint = f"pass api_key= or set {self.env_var or 'the API key variable'}"
         return MissingAPIKeyError(
             f"{self.name}: no API key; {hint} [model {model}]",
             provider=self.name,

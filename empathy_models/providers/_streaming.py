@@ -27,7 +27,6 @@ from ..abc import Completion, CompletionRequest, CompletionStream, whole_answer_
 from ..content import ToolCall, ToolCallDelta
 from ..exceptions import (
     InvalidResponseError,
-    MissingAPIKeyError,
     ProviderError,
     ProviderTimeoutError,
 )
@@ -119,12 +118,7 @@ async def open_http_stream(
     model = request.model
     name = provider.name
     if not provider.has_api_key:
-        env = provider.env_var or "the API key variable"
-        raise MissingAPIKeyError(
-            f"{name}: no API key; pass api_key= or set {env} [model {model}]",
-            provider=name,
-            model=model,
-        )
+        raise provider._missing_key(model)
     session = provider._session()
     payload = _ENCODER.encode(decoder_class.prepare(provider._payload(request))).encode()
     headers = _stream_headers(provider)
