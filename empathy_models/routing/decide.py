@@ -363,14 +363,20 @@ def _best_by_draw(
 
 
 def _plausible(v: Verdict, cons: Constraints, rng: random.Random, policy: RoutingPolicy) -> bool:
+    return _plausible_draw(v, cons, rng, policy) is not None
+
+
+def _plausible_draw(
+    v: Verdict, cons: Constraints, rng: random.Random, policy: RoutingPolicy
+) -> float | None:
     # a Thompson draw: could this unproven candidate meet the constraints (and, with
-    # more than a warm-up's evidence, be proven to)?
+    # more than a warm-up's evidence, be proven to)?  The drawn success rate, or None
     s = v.summary
     min_sr = cons.min_success_rate
+    draw = rng.betavariate(
+        policy.prior_alpha + s.successes, policy.prior_beta + s.samples - s.successes
+    )
     if v.success is UNPROVEN and min_sr is not None:
-        draw = rng.betavariate(
-            policy.prior_alpha + s.successes, policy.prior_beta + s.samples - s.successes
-        )
         n = s.samples + policy.warmup_calls
         if s.samples >= policy.warmup_calls and n > 0:
             # past its warm-up, a candidate is worth measuring only if it could be
@@ -378,20 +384,20 @@ def _plausible(v: Verdict, cons: Constraints, rng: random.Random, policy: Routin
             # the margin those calls would need (one sitting at the limit rarely does)
             min_sr += policy.z * math.sqrt(min_sr * (1.0 - min_sr) / n)
         if draw < min_sr:
-            return False
+            return None
     max_lat = cons.max_latency_ms
     if v.latency is UNPROVEN and max_lat is not None and s.p95 is not None:
         hi = s.p95_upper if s.p95_upper is not None else s.p95
         sd = max(math.log(hi / s.p95) / policy.z, 1e-9)
         if math.exp(rng.gauss(math.log(s.p95), sd)) > max_lat:
-            return False
+            return None
     max_ttft = cons.max_ttft_ms
     if v.ttft is UNPROVEN and max_ttft is not None and s.ttft_p95 is not None:
         hi = s.ttft_p95_upper if s.ttft_p95_upper is not None else s.ttft_p95
         sd = max(math.log(hi / s.ttft_p95) / policy.z, 1e-9)
         if math.exp(rng.gauss(math.log(s.ttft_p95), sd)) > max_ttft:
-            return False
-    return True
+            return None
+    return draw
 
 
 def _cheapest_plausible(
@@ -405,6 +411,24 @@ def _cheapest_plausible(
         if _plausible(verdicts[i], cons, rng, policy):
             return i
     return None
+
+
+def _likeliest_plausible(
+    order: Sequence[int],
+    verdicts: Sequence[Verdict],
+    cons: Constraints,
+    rng: random.Random,
+    policy: RoutingPolicy,
+) -> int | None:
+    # of the candidates a draw finds compliant, the one with the highest drawn success
+    # rate (the first, i.e. the cheapest, on a tie)
+    best: int | None = None
+    best_draw = -1.0
+    for i in order:
+        draw = _plausible_draw(verdicts[i], cons, rng, policy)
+        if draw is not None and draw > best_draw:
+            best, best_draw = i, draw
+    return best
 
 
 def _young(s: ArmSummary, min_sr: float | None, calls: float) -> bool:
@@ -546,6 +570,12 @@ def _warm_up(
             )
         if min_sr is not None and wilson_bounds(s.successes, s.samples, 1.0)[1] < min_sr:
             continue  # more likely than not below the limit already
+        if s.samples < policy.warmup_calls:
+            return (
+                i,
+                True,
+                "warm-up: measuring a cheaper model whose evidence does not yet rule it out",
+            )
         if _plausible(verdicts[i], ctx.cons, rng, policy):
             return (
                 i,
@@ -592,8 +622,9 @@ def _explore_unproven(
     rng: random.Random,
     policy: RoutingPolicy,
 ) -> tuple[int, bool, str]:
-    # nothing is eligible: first calls for the cheapest candidates, then the cheapest a
-    # draw finds compliant (top-two sampling), else the closest by a drawn success rate
+    # nothing is eligible: first calls for the cheapest candidates, then (a failover) the
+    # one a draw finds likeliest to comply or (a cold start) the cheapest a draw finds
+    # compliant, else the closest by a drawn success rate
     verdicts = ctx.verdicts
     order = sorted(explorable, key=lambda i: (costs[i] is None, costs[i] or 0.0, ctx.models[i]))
     first_calls = policy.warmup_min_calls
@@ -610,13 +641,23 @@ def _explore_unproven(
                 f"with fewer than {first_calls:g} calls its first calls (no cost estimate "
                 "to rank them by: give input_tokens and max_tokens)",
             )
+    min_sr = ctx.cons.min_success_rate
+    if min_sr is not None and any(v.summary.record_lower >= min_sr for v in verdicts):
+        # a failover: a model proven compliant in this window no longer is; the calls go
+        # to the one likeliest to be proven, not to a cheap near-miss (cheaper ones are
+        # measured by their warm-up once something is proven)
+        picked = _likeliest_plausible(order, verdicts, ctx.cons, rng, policy)
+        if picked is None:
+            return (_closest_by_draw(order, verdicts, rng, policy), True, _NO_DRAW_COMPLIANT)
+        return (picked, True, _LIKELIEST)
+    # a cold start: the cheapest a draw finds compliant, half the time the runner-up of
+    # another draw (top-two sampling), so a model that a lucky run keeps ahead does not
+    # starve the one that would be proven
     picked = _cheapest_plausible(order, verdicts, ctx.cons, rng, policy)
     if picked is None:
         return (_closest_by_draw(order, verdicts, rng, policy), True, _NO_DRAW_COMPLIANT)
     runner_up = False
     if rng.random() < 0.5:
-        # top-two sampling: half the time the runner-up of another draw, so a model
-        # that a lucky run keeps ahead does not starve the one that would be proven
         for _ in range(8):
             other = _cheapest_plausible(order, verdicts, ctx.cons, rng, policy)
             if other is not None and other != picked:
@@ -633,6 +674,12 @@ def _explore_unproven(
     if runner_up:
         why += " (top-two sampling: the runner-up, chosen by a second draw)"
     return (picked, True, why)
+
+
+_LIKELIEST: Final = (
+    "no model proven to meet the constraints does so now: exploring the one a draw from "
+    "its evidence finds likeliest to (cheaper ones are measured once it is proven)"
+)
 
 
 _NO_DRAW_COMPLIANT: Final = (

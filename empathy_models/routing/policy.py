@@ -80,10 +80,13 @@ class RoutingPolicy:
     A rejected or degraded candidate that would be cheaper is re-probed, so a recovery
     is found within a few hundred decisions while a model that keeps failing costs ~1%
     of them.  While nothing is proven, every decision explores: first each candidate's
-    ``warmup_min_calls`` (cheapest first), then the cheapest one that a random draw from
-    its evidence finds compliant, half the time the runner-up of a second draw instead
-    (top-two Thompson sampling), so a cheap near-miss on a lucky run does not starve the
-    model that would be proven.
+    ``warmup_min_calls`` (cheapest first).  Then, on a cold start, the cheapest one that
+    a random draw from its evidence finds compliant, half the time the runner-up of a
+    second draw instead (top-two Thompson sampling), so a cheap near-miss on a lucky run
+    does not starve the model that would be proven; after a failover (a candidate proven
+    compliant in the window no longer is), the one whose drawn success rate is highest,
+    so service is restored on the likeliest model rather than measured on a cheap
+    near-miss, and cheaper candidates get their warm-up once it is proven.
 
     Args:
         window_days: how much history the router reads and keeps (default 7).  Within
@@ -126,12 +129,13 @@ class RoutingPolicy:
         warmup_min_calls: before the exploration budget applies, a cheaper candidate
             with fewer calls than this is given them whatever they showed (default 20: a
             few unlucky first calls must not lock the cheapest compliant model out).
-        warmup_calls: a candidate with fewer calls (default 150) that a draw from its
-            evidence finds compliant gets ``warmup_share`` of the decisions, so it is
+        warmup_calls: a cheaper candidate with fewer calls (default 150) whose
+            evidence does not already say it more likely misses than not (upper bound
+            at z = 1 below the limit) gets ``warmup_share`` of the decisions, so it is
             proven or ruled out early; one whose evidence still says it more likely
             complies than not (lower bound at z = 0.5 above the limit) keeps that share
-            for up to four times ``warmup_calls``, so an unlucky start does not leave it
-            unproven.
+            for up to four times ``warmup_calls`` while a draw from its evidence finds
+            it compliant, so an unlucky start does not leave it unproven.
         warmup_share: that share (default 1.0: all).
         relax_order: the order ``on_no_match="relax"`` drops constraints in (default
             time to first token, latency, then success rate, then cost last because it
