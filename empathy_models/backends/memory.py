@@ -21,6 +21,7 @@ import attrs
 from .._stats import aggregate_records, matches
 from .._validators import check, failure, integer
 from ..abc import TelemetryBackend, TransactionalStateStore
+from ..circuit import BreakerPolicy, _closed_successes, initial_state
 from ..evidence import (
     BUCKET_SECONDS,
     EvidenceBatch,
@@ -30,7 +31,7 @@ from ..evidence import (
     sorted_buckets,
 )
 from ..exceptions import ConfigurationError, RecordValidationError
-from ..records import CircuitBreakerState, LLMCallRecord, ModelPerformance
+from ..records import CircuitBreakerState, CircuitState, LLMCallRecord, ModelPerformance
 from ._plugin import BackendPlugin
 
 __all__ = ["MemoryStateStore", "MemoryTelemetryBackend"]
@@ -198,6 +199,47 @@ class MemoryStateStore(TransactionalStateStore):
 
     async def _load(self, key: str) -> CircuitBreakerState | None:
         return self._states.get(key)
+
+    # The breaker's in-process path (`CircuitBreaker` on this exact class): a view it
+    # holds is checked against the stored object instead of re-read, and its
+    # written-behind successes are applied without building reports.
+
+    def _holds(self, state: CircuitBreakerState) -> bool:
+        """
+        Internal: whether ``state`` (CLOSED or DISABLED) is still its key's state here:
+        the very object stored, or a fresh CLOSED generation 0 of a key never written
+        (which `admit` answers without storing).  A closed store holds nothing.
+        """
+        current = self._states.get(state.key)
+        if current is not None:
+            return current is state and not self._closed
+        return (
+            state.generation == 0
+            and state.state is CircuitState.CLOSED
+            and not state.window
+            and state.consecutive_failures == 0
+            and not self._closed
+        )
+
+    def _add_successes(
+        self, key: str, policy: BreakerPolicy, generation: int, count: int
+    ) -> CircuitBreakerState | None:
+        """
+        Internal: ``count`` successes of CLOSED tickets of ``generation``, applied exactly
+        as `record` applies such a batch, and the new state; ``None`` (nothing done)
+        when the key is not CLOSED in that generation or the store is closed: `record`
+        then decides.
+        """
+        if self._closed:
+            return None
+        now = self._clock()
+        state = self._states.get(key)
+        if state is None:
+            state = initial_state(key, now)
+        if state.state is not CircuitState.CLOSED or state.generation != generation:
+            return None
+        new = self._states[key] = _closed_successes(state, policy, count, now)
+        return new
 
     async def _load_all(self) -> list[CircuitBreakerState]:
         return list(self._states.values())
