@@ -17,8 +17,9 @@ the memory store over 1 / 1k / 100k keys used round-robin, against circuitbreake
 one decorated function (one circuit) per key, the same key count, in the same run.  Each
 harness coroutine picks the next key from its own cycle (the baseline too), so the
 overhead is what the breaker adds for a key used every N calls.  Every key is used twice
-before timing, half a second apart (its state is then stored); with 100k keys a key is used about once a second, so its local view has
-expired between uses (what a rarely used key costs).
+before timing, half a second apart (its state is then stored); with 100k keys a key is
+then used about once a second, so its local view has expired and its written-behind
+success is due between uses (what a rarely used key costs).
 
 Run: ``python -m benchmarks.bench_breaker [--quick] [--keys]``
 """
