@@ -263,6 +263,17 @@ class LocalView:
         pending.count += 1
         return pending.count >= MAX_PENDING or self.clock() >= pending.due
 
+    def counted(self, key: str, view: View, ticket: Ticket) -> bool | None:
+        """
+        On the in-process store, a fast path's success whose view has no batch, counted as
+        `CircuitBreaker.report` would count it (``view`` is still the key's view, the
+        breaker is open: `close` unsets ``memory``): whether the key's batch is now due.
+        ``None``: `CircuitBreaker.report` decides.
+        """
+        if self.memory is None or self.ttl <= 0 or self.views.get(key) is not view:
+            return None
+        return self.write_behind(view, ticket)
+
     def outdated(self, ticket: Ticket, outcome: Outcome, retry_after: float | None) -> bool:
         """
         Whether the store would drop ``outcome`` of ``ticket`` anyway, as the key's view
@@ -419,6 +430,12 @@ class Guard:
                         await _flush(self._breaker, self._key)
                     return
             ticket = view.ticket  # type: ignore[assignment]  # fast-path views hand one out
+            if exc is None:
+                due = self._breaker._local.counted(self._key, view, ticket)
+                if due is not None:
+                    if due:
+                        await _flush(self._breaker, self._key)
+                    return
         if exc is None:
             await self._breaker.report(ticket, _SUCCESS)
         else:
@@ -453,7 +470,11 @@ def protected(
                         if count >= MAX_PENDING or now >= pending.due:
                             await _flush(breaker, key)
                         return result
-                    await breaker.report(ticket, _SUCCESS)
+                    due = local.counted(key, view, ticket)
+                    if due is None:
+                        await breaker.report(ticket, _SUCCESS)
+                    elif due:
+                        await _flush(breaker, key)
                     return result
         async with Guard(breaker, key):
             return await fn(*args, **kwargs)

@@ -22,7 +22,7 @@ import attrs
 from .._stats import aggregate_records, matches
 from .._validators import check, failure, integer
 from ..abc import TelemetryBackend, TransactionalStateStore
-from ..circuit import BreakerPolicy, _closed_successes, initial_state
+from ..circuit import BreakerPolicy, _closed_success_runs, _closed_successes, initial_state
 from ..evidence import (
     BUCKET_SECONDS,
     EvidenceBatch,
@@ -38,6 +38,9 @@ from ._plugin import BackendPlugin
 __all__ = ["MemoryStateStore", "MemoryTelemetryBackend"]
 
 T = TypeVar("T")
+
+_MAX_RUNS = 8
+"""A key's tail folds when it would hold more runs (window buckets) than this."""
 
 
 _capacity = integer(failure(ConfigurationError), low=1, why="must be an integer >= 1")
@@ -160,17 +163,17 @@ class MemoryTelemetryBackend(TelemetryBackend):
 class _Tail:
     """
     Successes added to a stored CLOSED state by the breaker's in-process path and not
-    yet folded into it: ``count`` successes of the state's generation under ``policy``,
-    the last at ``now``, all in window bucket ``bucket``.  Folded, they give exactly the state
-    `record` would have stored for them one batch at a time (see `_fold`).
+    yet folded into it: runs of successes of the state's generation under ``policy``,
+    each ``[bucket, count]`` (its window bucket), in the order added, the last at
+    ``now``.  Folded (`circuit._closed_success_runs`), they give exactly the state
+    `record` would have stored for them batch by batch.
     """
 
-    __slots__ = ("bucket", "count", "now", "policy")
+    __slots__ = ("now", "policy", "runs")
 
     def __init__(self, policy: BreakerPolicy, bucket: int, count: int, now: float) -> None:
         self.policy = policy
-        self.bucket = bucket
-        self.count = count
+        self.runs = [[bucket, count]]
         self.now = now
 
 
@@ -234,10 +237,18 @@ class MemoryStateStore(TransactionalStateStore):
     def _fold(self, key: str) -> CircuitBreakerState:
         """Fold ``key``'s tail into its stored state; return the new state."""
         tail = self._tails.pop(key)
-        state = self._states[key] = _closed_successes(
-            self._states[key], tail.policy, tail.count, tail.now
+        state = self._states[key] = _closed_success_runs(
+            self._states[key], tail.policy, tail.runs, tail.now
         )
         return state
+
+    def _fold_with(
+        self, key: str, tail: _Tail, bucket: int, count: int, now: float
+    ) -> CircuitBreakerState:
+        """Fold ``key``'s tail and one more run (a tail is kept short)."""
+        tail.runs.append([bucket, count])
+        tail.now = now
+        return self._fold(key)
 
     def _holds(self, state: CircuitBreakerState) -> bool:
         """
@@ -267,11 +278,11 @@ class MemoryStateStore(TransactionalStateStore):
         it for its state and generation only), or ``None`` (nothing done) when the key is
         not CLOSED in that generation or the store is closed: `record` then decides.
 
-        Successes in one window bucket under one policy go to the key's tail: adding
-        ``c1`` at ``t1`` and then ``c2`` at ``t2`` to a CLOSED state in the same bucket
-        gives the state adding ``c1 + c2`` at ``t2`` gives (the first step already
-        dropped the buckets out of the window, the second only adds to the last one
-        and sets the time).
+        Successes under one policy go to the key's tail, one run per window bucket:
+        adding ``c1`` at ``t1`` and then ``c2`` at ``t2`` in the same bucket gives the
+        state adding ``c1 + c2`` at ``t2`` gives (the first step already dropped the
+        buckets out of the window, the second only adds to the last one and sets the
+        time); runs of other buckets are applied in turn when folded.
         """
         if self._closed:
             return None
@@ -285,8 +296,14 @@ class MemoryStateStore(TransactionalStateStore):
             if tail is None:
                 self._tails[key] = _Tail(policy, bucket, count, now)
                 return state
-            if tail.bucket == bucket and tail.policy is policy:
-                tail.count += count
+            if tail.policy is policy:
+                last = tail.runs[-1]
+                if last[0] == bucket:
+                    last[1] += count
+                elif len(tail.runs) < _MAX_RUNS:
+                    tail.runs.append([bucket, count])
+                else:
+                    return self._fold_with(key, tail, bucket, count, now)
                 tail.now = now
                 return state
             state = self._fold(key)
