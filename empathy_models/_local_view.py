@@ -144,15 +144,19 @@ class LocalView:
         self.views: dict[str, View] = {}
         self.pending: dict[str, Pending] = {}
 
-    def renewed(self, view: View, now: float) -> bool:
+    def renewed(self, view: View, now: float, policy: BreakerPolicy) -> bool:
         """
         Whether the in-process store still holds exactly ``view``'s CLOSED or DISABLED
-        state (then the view is fresh again from ``now``, and its ticket is what the
-        store's admission would hand out).
+        state: then the key's batch is flushed, as the store admission the breaker
+        would make first does, and the view is fresh again from ``now`` (its ticket is
+        what that admission would hand out).
         """
         memory = self.memory
         if memory is None or view.ticket is None or not memory._holds(view.state):
             return False
+        key = view.state.key
+        if key in self.pending and self.flush_in_process(key, policy) is None:
+            return False  # not a batch of this view's generation: the general path
         view.at = now
         view.until = now + self.ttl
         return True
@@ -399,7 +403,7 @@ class Guard:
         view = breaker._views.get(self._key)
         if view is not None:
             now = breaker._clock()
-            if view.at <= now < view.until or breaker._local.renewed(view, now):
+            if view.at <= now < view.until or breaker._local.renewed(view, now, breaker.policy):
                 ticket = view.ticket
                 if ticket is not None:
                     self._view = view
@@ -455,7 +459,7 @@ def protected(
         view = views.get(key)
         if view is not None:
             now = clock()
-            if view.at <= now < view.until or local.renewed(view, now):
+            if view.at <= now < view.until or local.renewed(view, now, breaker.policy):
                 ticket = view.ticket
                 if ticket is not None:
                     try:

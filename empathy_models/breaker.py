@@ -555,7 +555,7 @@ class CircuitBreaker(AsyncResource):
         view = self._views.get(key)
         if view is not None:
             now = self._clock()
-            if view.at <= now < view.until or self._local.renewed(view, now):
+            if view.at <= now < view.until or self._local.renewed(view, now, self.policy):
                 ticket = view.ticket
                 if ticket is not None:
                     return ticket
