@@ -155,7 +155,8 @@ class LocalView:
         if memory is None or view.ticket is None or not memory._holds(view.state):
             return False
         key = view.state.key
-        if key in self.pending and self.flush_in_process(key, policy) is None:
+        pending = self.pending.get(key)
+        if pending is not None and self._flush_view(key, view, pending, policy) is None:
             return False  # not a batch of this view's generation: the general path
         view.at = now
         view.until = now + self.ttl
@@ -167,15 +168,21 @@ class LocalView:
         would, and make the answer the key's view; ``None`` (nothing done) unless there
         is a batch, of the CLOSED generation the view shows and the store holds.
         """
-        memory = self.memory
         pending = self.pending.get(key)
         view = self.views.get(key)
-        if memory is None or pending is None or view is None:
+        if self.memory is None or pending is None or view is None:
             return None
+        return self._flush_view(key, view, pending, policy)
+
+    def _flush_view(
+        self, key: str, view: View, pending: Pending, policy: BreakerPolicy
+    ) -> CircuitBreakerState | None:
+        """`flush_in_process` of ``key``'s ``pending`` batch with its current ``view``."""
         shown = view.state
         if shown.state is not _CLOSED or shown.generation != pending.generation:
             return None
-        state = memory._add_successes(key, policy, pending.generation, pending.count)
+        assert self.memory is not None
+        state = self.memory._add_successes(key, policy, pending.generation, pending.count)
         if state is None:
             return None
         del self.pending[key]

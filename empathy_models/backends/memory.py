@@ -39,6 +39,8 @@ __all__ = ["MemoryStateStore", "MemoryTelemetryBackend"]
 
 T = TypeVar("T")
 
+_CLOSED = CircuitState.CLOSED
+
 _MAX_RUNS = 8
 """A key's tail folds when it would hold more runs (window buckets) than this."""
 
@@ -290,7 +292,7 @@ class MemoryStateStore(TransactionalStateStore):
         state = self._states.get(key)
         if state is None:
             state = initial_state(key, now)
-        elif state.state is CircuitState.CLOSED and state.generation == generation:
+        elif state.state is _CLOSED and state.generation == generation:
             bucket = math.floor(now / policy.bucket_seconds)  # as circuit._bucket
             tail = self._tails.get(key)
             if tail is None:
