@@ -35,6 +35,7 @@ SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "routing_history": bench_routing.run_history,
     "routing_quality": bench_routing_quality.run,
     "breaker": bench_breaker.run,
+    "breaker_keys": bench_breaker.run_keys,
     "telemetry": bench_telemetry.run,
     "executor": bench_executor.run,
     "router_start": bench_router_start.run,

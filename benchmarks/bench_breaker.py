@@ -12,7 +12,16 @@ circuitbreaker.  A reference row, ``floor: async with on an empty class``, is th
 the ``async with`` protocol itself (a fresh object with async ``__aenter__`` /
 ``__aexit__`` that do nothing): no context-manager breaker can be cheaper.
 
-Run: ``python -m benchmarks.bench_breaker [--quick]``
+`run_keys` (the ``breaker_keys`` table) spreads the calls over many keys: ``guard()`` on
+the memory store over 1 / 1k / 100k keys used round-robin, against circuitbreaker with
+one decorated function (one circuit) per key, the same key count, in the same run.  Each
+harness coroutine picks the next key from its own cycle (the baseline too), so the
+overhead is what the breaker adds for a key used every N calls.  Every key is used twice
+before timing, half a second apart (its state is then stored); with 100k keys a key is
+then used about once a second, so its local view has expired and its written-behind
+success is due between uses (what a rarely used key costs).
+
+Run: ``python -m benchmarks.bench_breaker [--quick] [--keys]``
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -251,11 +261,114 @@ async def run(quick: bool = False) -> BenchResult:
     return result
 
 
+def _keyed_cases(
+    stack: contextlib.AsyncExitStack, count: int
+) -> dict[str, Callable[[], Awaitable[object]]]:
+    """The baseline, ours and circuitbreaker over ``count`` keys used round-robin."""
+    keys = [f"provider:model-{i}" for i in range(count)]
+    cases: dict[str, Callable[[], Awaitable[object]]] = {}
+    base_keys = itertools.cycle(keys)
+
+    async def baseline() -> None:
+        next(base_keys)
+        await noop()
+
+    cases[f"{count:,} keys, {BASELINE}"] = baseline
+    breaker = CircuitBreaker()
+    stack.push_async_callback(breaker.aclose)
+    our_keys = itertools.cycle(keys)
+
+    async def ours() -> None:
+        async with breaker.guard(next(our_keys)):
+            await noop()
+
+    cases[f"{count:,} keys, empathy-models, memory store"] = ours
+    if peer_version("circuitbreaker"):
+        import circuitbreaker
+
+        async def plain() -> None:
+            return None
+
+        decorated = [
+            circuitbreaker.CircuitBreaker(failure_threshold=5, recovery_timeout=60, name=key)(plain)
+            for key in keys
+        ]
+        peer_keys = itertools.cycle(decorated)
+
+        async def peer() -> None:
+            await next(peer_keys)()
+
+        cases[f"{count:,} keys, circuitbreaker"] = peer
+    return cases
+
+
+async def run_keys(quick: bool = False) -> BenchResult:
+    """Breaker overhead per guarded call over 1 / 1k / 100k keys used round-robin."""
+    counts = (1, 1_000, 10_000) if quick else (1, 1_000, 100_000)
+    repeats, inner = (5, 2_000) if quick else (7, 20_000)
+    result = BenchResult(
+        name="breaker_keys",
+        title="Breaker overhead per guarded call over many keys, memory store, CLOSED (µs)",
+        columns=["median µs", "p99 µs", "overhead µs", "vs circuitbreaker"],
+    )
+    if not peer_version("circuitbreaker"):
+        result.skipped["circuitbreaker"] = "not installed"
+    stack = contextlib.AsyncExitStack()
+    medians: dict[str, dict[str, float]] = {}
+    try:
+        groups = {count: _keyed_cases(stack, count) for count in counts}
+        for _ in range(2):  # every key used twice, a flush interval apart: all stored
+            for count, cases in groups.items():
+                for fn in cases.values():
+                    await async_timeit(fn, repeats=1, inner=count)
+            await asyncio.sleep(0.6)
+        samples: dict[str, list[float]] = {name: [] for cases in groups.values() for name in cases}
+        for _ in range(repeats):  # interleaved: drift affects every case alike
+            for cases in groups.values():
+                for name, fn in cases.items():
+                    samples[name].extend(await async_timeit(fn, repeats=1, inner=inner))
+        medians = {name: summarize(s) for name, s in samples.items()}
+    finally:
+        await stack.aclose()
+    for count in counts:
+        prefix = f"{count:,} keys, "
+        base = medians[prefix + BASELINE]["median"]
+        peer = medians.get(prefix + "circuitbreaker")
+        peer_overhead = None if peer is None else peer["median"] - base
+        for name, stats in medians.items():
+            if not name.startswith(prefix):
+                continue
+            overhead = stats["median"] - base
+            ratio: Any = None
+            if peer_overhead and not name.endswith(BASELINE) and overhead > 0:
+                ratio = f"{overhead / peer_overhead:.2f}x"
+            result.add(
+                name,
+                **{
+                    "median µs": stats["median"],
+                    "p99 µs": stats["p99"],
+                    "overhead µs": overhead,
+                    "vs circuitbreaker": ratio,
+                },
+            )
+    result.data = {"medians": medians, "repeats": repeats, "inner": inner, "keys": counts}
+    result.notes.append(
+        "Each row's harness coroutine takes the next key from its own round-robin cycle and "
+        "awaits one guarded (or, for the baseline, bare) noop(); overhead = row - that "
+        "key count's baseline.  circuitbreaker keeps one circuit per decorated function, so "
+        "it gets one decorated function per key."
+    )
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--keys", action="store_true", help="only the many-keys table")
     args = parser.parse_args(argv)
-    write_result(asyncio.run(run(quick=args.quick)))
+    if not args.keys:
+        write_result(asyncio.run(run(quick=args.quick)))
+    write_result(asyncio.run(run_keys(quick=args.quick)))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,16 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
 
+from ._breaker_events import describe
 from ._settled import SHIELD_SECONDS
 from .circuit import extends_open
+from .outcomes import retry_after_of
 from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
 
 if TYPE_CHECKING:
+    from .backends.memory import MemoryStateStore
     from .breaker import CircuitBreaker
+    from .circuit import BreakerPolicy
 
 logger = logging.getLogger("empathy_models.breaker")
 
@@ -112,20 +116,84 @@ class LocalView:
     """
     The views and written-behind batches of one breaker.
 
+    With an in-process `MemoryStateStore` (``memory``), an expired CLOSED or DISABLED
+    view that is still the very state the store holds is renewed instead of re-read,
+    and a batch is applied to the store's state directly (`renewed`, `flush_in_process`):
+    the store answers exactly what those round trips would have, without them.
+
     Args:
         clock: UTC epoch seconds (the breaker's clock).
         ttl: Seconds a view stays fresh (``local_view_ttl``).
         flush_interval: Seconds a written-behind success may wait.
+        memory: The breaker's store when it is a `MemoryStateStore` (exactly that class).
     """
 
-    __slots__ = ("_flush_interval", "clock", "pending", "ttl", "views")
+    __slots__ = ("_flush_interval", "clock", "memory", "pending", "ttl", "views")
 
-    def __init__(self, clock: Callable[[], float], ttl: float, flush_interval: float) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        ttl: float,
+        flush_interval: float,
+        memory: MemoryStateStore | None = None,
+    ) -> None:
         self.clock = clock
         self.ttl = ttl
         self._flush_interval = flush_interval
+        self.memory = memory
         self.views: dict[str, View] = {}
         self.pending: dict[str, Pending] = {}
+
+    def renewed(self, view: View, now: float, policy: BreakerPolicy) -> bool:
+        """
+        Whether the in-process store still holds exactly ``view``'s CLOSED or DISABLED
+        state: then the key's batch is flushed, as the store admission the breaker
+        would make first does, and the view is fresh again from ``now`` (its ticket is
+        what that admission would hand out).
+        """
+        memory = self.memory
+        if memory is None or view.ticket is None or not memory._holds(view.state):
+            return False
+        key = view.state.key
+        pending = self.pending.get(key)
+        if pending is not None and self._flush_view(key, view, pending, policy) is None:
+            return False  # not a batch of this view's generation: the general path
+        view.at = now
+        view.until = now + self.ttl
+        return True
+
+    def flush_in_process(self, key: str, policy: BreakerPolicy) -> CircuitBreakerState | None:
+        """
+        Apply ``key``'s batch to the in-process store's state directly, as `record`
+        would, and make the answer the key's view; ``None`` (nothing done) unless there
+        is a batch, of the CLOSED generation the view shows and the store holds.
+        """
+        pending = self.pending.get(key)
+        view = self.views.get(key)
+        if self.memory is None or pending is None or view is None:
+            return None
+        return self._flush_view(key, view, pending, policy)
+
+    def _flush_view(
+        self, key: str, view: View, pending: Pending, policy: BreakerPolicy
+    ) -> CircuitBreakerState | None:
+        """`flush_in_process` of ``key``'s ``pending`` batch with its current ``view``."""
+        shown = view.state
+        if shown.state is not _CLOSED or shown.generation != pending.generation:
+            return None
+        assert self.memory is not None
+        state = self.memory._add_successes(key, policy, pending.generation, pending.count)
+        if state is None:
+            return None
+        del self.pending[key]
+        # CLOSED to CLOSED in one generation: no event, the ticket stays; guards admitted
+        # from this view take the general path, as after `adopt`
+        view.pending = None
+        view.state = state
+        now = self.clock()
+        view.at = now
+        view.until = now + self.ttl
+        return state
 
     def fresh(self, key: str, now: float) -> View | None:
         """``key``'s view if it is fresh at ``now``, else ``None``."""
@@ -206,6 +274,17 @@ class LocalView:
         pending.count += 1
         return pending.count >= MAX_PENDING or self.clock() >= pending.due
 
+    def counted(self, key: str, view: View, ticket: Ticket) -> bool | None:
+        """
+        On the in-process store, a fast path's success whose view has no batch, counted as
+        `CircuitBreaker.report` would count it (``view`` is still the key's view, the
+        breaker is open: `close` unsets ``memory``): whether the key's batch is now due.
+        ``None``: `CircuitBreaker.report` decides.
+        """
+        if self.memory is None or self.ttl <= 0 or self.views.get(key) is not view:
+            return None
+        return self.write_behind(view, ticket)
+
     def outdated(self, ticket: Ticket, outcome: Outcome, retry_after: float | None) -> bool:
         """
         Whether the store would drop ``outcome`` of ``ticket`` anyway, as the key's view
@@ -278,9 +357,33 @@ class LocalView:
 
     def close(self) -> None:
         """From here on every admission and report takes the breaker's general path."""
+        self.memory = None  # nothing renewed or flushed in process: the breaker refuses
         for view in self.views.values():
             view.pending = None
         self.stale()
+
+
+def _hint(exc: BaseException) -> float | None:
+    """The Retry-After hint ``exc`` carries, if usable (an infinite one is capped later)."""
+    retry_after = retry_after_of(exc)
+    return None if retry_after is not None and math.isnan(retry_after) else retry_after
+
+
+async def report_error(breaker: CircuitBreaker, ticket: Ticket, exc: BaseException) -> None:
+    """Report the end of a guarded call that raised ``exc`` (by `CircuitBreaker.classify`)."""
+    outcome = breaker.classify(exc)
+    if outcome is Outcome.CANCELLED:
+        # learn nothing; a probe gets its lease back (report shields itself)
+        if ticket.lease_id is not None:
+            await breaker.report(ticket, outcome)
+        return
+    await breaker.report(ticket, outcome, retry_after=_hint(exc), error=describe(exc))
+
+
+async def _flush(breaker: CircuitBreaker, key: str) -> None:
+    """Flush ``key``'s due batch: into an in-process store directly, else through the store."""
+    if breaker._local.flush_in_process(key, breaker.policy) is None:
+        await breaker._flush_key(key)
 
 
 class Guard:
@@ -307,7 +410,7 @@ class Guard:
         view = breaker._views.get(self._key)
         if view is not None:
             now = breaker._clock()
-            if view.at <= now < view.until:
+            if view.at <= now < view.until or breaker._local.renewed(view, now, breaker.policy):
                 ticket = view.ticket
                 if ticket is not None:
                     self._view = view
@@ -335,13 +438,19 @@ class Guard:
                     # against the admission time (the one clock read of this call)
                     count = pending.count = pending.count + 1
                     if count >= MAX_PENDING or self._now >= pending.due:
-                        await self._breaker._flush_key(self._key)
+                        await _flush(self._breaker, self._key)
                     return
             ticket = view.ticket  # type: ignore[assignment]  # fast-path views hand one out
+            if exc is None:
+                due = self._breaker._local.counted(self._key, view, ticket)
+                if due is not None:
+                    if due:
+                        await _flush(self._breaker, self._key)
+                    return
         if exc is None:
             await self._breaker.report(ticket, _SUCCESS)
         else:
-            await self._breaker._report_error(ticket, exc)
+            await report_error(self._breaker, ticket, exc)
 
 
 def protected(
@@ -350,28 +459,33 @@ def protected(
     """``fn`` guarded by ``breaker`` for ``key``, with `Guard`'s hot path inlined."""
     views = breaker._views
     clock = breaker._clock
+    local = breaker._local
 
     @functools.wraps(fn)
     async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
         view = views.get(key)
         if view is not None:
             now = clock()
-            if view.at <= now < view.until:
+            if view.at <= now < view.until or local.renewed(view, now, breaker.policy):
                 ticket = view.ticket
                 if ticket is not None:
                     try:
                         result = await fn(*args, **kwargs)
                     except BaseException as exc:
-                        await breaker._report_error(ticket, exc)
+                        await report_error(breaker, ticket, exc)
                         raise
                     pending = view.pending
                     if pending is not None:
                         # as in Guard.__aexit__
                         count = pending.count = pending.count + 1
                         if count >= MAX_PENDING or now >= pending.due:
-                            await breaker._flush_key(key)
+                            await _flush(breaker, key)
                         return result
-                    await breaker.report(ticket, _SUCCESS)
+                    due = local.counted(key, view, ticket)
+                    if due is None:
+                        await breaker.report(ticket, _SUCCESS)
+                    elif due:
+                        await _flush(breaker, key)
                     return result
         async with Guard(breaker, key):
             return await fn(*args, **kwargs)

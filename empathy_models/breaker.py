@@ -40,6 +40,15 @@ seconds**; a failure or a probe counts fleet-wide at once; a success reaches the
 within ``flush_interval``.  ``local_view_ttl=0`` asks the store on every admission and
 writes every outcome inline (the exact, slow mode).
 
+**On an in-process `MemoryStateStore`** (that class itself, given or the default), the
+breaker does not make those round trips: an expired CLOSED or DISABLED view whose state
+is still the very object the store holds is renewed (the key's batch flushed first, as
+the admission would), and a batch goes into the stored state directly.  Stored
+successes within one window bucket are kept as a count and folded into the state before
+any other operation reads it.  What the store holds and every call's fate are exactly
+what the round trips would give (the tests run both side by side); a rarely used key
+costs a few microseconds instead of ~15, however many keys there are.
+
 **Degraded mode.**  When the store raises `BackendError` (other than
 `BackendClosedError`) or `OSError` (which covers `ConnectionError` and `TimeoutError`),
 or does not answer within ``store_timeout`` seconds (default 5), and when a store the
@@ -90,7 +99,6 @@ from ._breaker_events import (
     BreakerEventKind,
     BreakerListener,
     Events,
-    describe,
     encodable,
     ts,
 )
@@ -108,7 +116,7 @@ from .exceptions import (
     ConfigurationError,
     ProviderConnectionError,
 )
-from .outcomes import OutcomeClassifier, classify_error, retry_after_of
+from .outcomes import OutcomeClassifier, classify_error
 from .records import (
     CircuitBreakerState,
     CircuitState,
@@ -287,12 +295,6 @@ def _failover(
     )
 
 
-def _hint(exc: BaseException) -> float | None:
-    """The Retry-After hint ``exc`` carries, if usable (an infinite one is capped later)."""
-    retry_after = retry_after_of(exc)
-    return None if retry_after is not None and math.isnan(retry_after) else retry_after
-
-
 def _open_error(state: CircuitBreakerState, retry_after: float | None) -> CircuitOpenError:
     """The error a call rejected in ``state`` raises."""
     return CircuitOpenError(
@@ -380,7 +382,8 @@ class CircuitBreaker(AsyncResource):
         self._clock = clock
         self._ttl = float(local_view_ttl)
         self._flush_interval = float(flush_interval)
-        self._local = LocalView(clock, self._ttl, self._flush_interval)
+        memory = self._store if type(self._store) is MemoryStateStore else None
+        self._local = LocalView(clock, self._ttl, self._flush_interval, memory)
         self._views = self._local.views  # read by the hot path (Guard, protected)
         self._classify = classify
         self._events = Events(listeners, clock)
@@ -561,7 +564,7 @@ class CircuitBreaker(AsyncResource):
         view = self._views.get(key)
         if view is not None:
             now = self._clock()
-            if view.at <= now < view.until:
+            if view.at <= now < view.until or self._local.renewed(view, now, self.policy):
                 ticket = view.ticket
                 if ticket is not None:
                     return ticket
@@ -597,16 +600,6 @@ class CircuitBreaker(AsyncResource):
         raise _open_error(state, retry_after)
 
     # ------------------------------------------------------------------ outcomes
-
-    async def _report_error(self, ticket: Ticket, exc: BaseException) -> None:
-        """Report the end of a guarded call that raised ``exc`` (by `classify`)."""
-        outcome = self.classify(exc)
-        if outcome is Outcome.CANCELLED:
-            # learn nothing; a probe gets its lease back (report shields itself)
-            if ticket.lease_id is not None:
-                await self.report(ticket, outcome)
-            return
-        await self.report(ticket, outcome, retry_after=_hint(exc), error=describe(exc))
 
     async def report(
         self,
@@ -684,6 +677,9 @@ class CircuitBreaker(AsyncResource):
         return state
 
     async def _flush_key(self, key: str) -> CircuitBreakerState | None:
+        state = self._local.flush_in_process(key, self.policy)
+        if state is not None:
+            return state
         reports = self._local.take(key)
         if not reports:
             return None

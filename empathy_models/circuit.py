@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import attrs
@@ -177,7 +177,25 @@ def _closed_successes(
     state: CircuitBreakerState, policy: BreakerPolicy, count: int, now: float
 ) -> CircuitBreakerState:
     """``count`` successes of the current generation in CLOSED, as one step."""
-    window = _add_to_window(_live_window(state, policy, now), _bucket(policy, now), False, count)
+    return _closed_success_runs(state, policy, ((_bucket(policy, now), count),), now)
+
+
+def _closed_success_runs(
+    state: CircuitBreakerState,
+    policy: BreakerPolicy,
+    runs: Iterable[tuple[int, int]] | Iterable[list[int]],
+    now: float,
+) -> CircuitBreakerState:
+    """
+    Internal: runs of successes of the current generation in CLOSED, each ``(bucket,
+    count)`` (the window bucket of its time), applied in order as one step: the state
+    `_closed_successes` gives applied run by run, the last at ``now`` (each run sets
+    what the one before set, but for the window, which each run steps on).
+    """
+    window = state.window
+    for bucket, count in runs:
+        oldest = bucket - policy.window_buckets + 1  # as _live_window
+        window = _add_to_window(tuple(b for b in window if b[0] >= oldest), bucket, False, count)
     # every value below is valid as given (ints from a valid window, the clock's time)
     return _trusted_state_evolve(state, consecutive_failures=0, window=window, updated_at_ts=now)
 

@@ -9,6 +9,7 @@ and write, so it is atomic within the event loop without a lock.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections import deque
@@ -21,6 +22,7 @@ import attrs
 from .._stats import aggregate_records, matches
 from .._validators import check, failure, integer
 from ..abc import TelemetryBackend, TransactionalStateStore
+from ..circuit import BreakerPolicy, _closed_success_runs, _closed_successes, initial_state
 from ..evidence import (
     BUCKET_SECONDS,
     EvidenceBatch,
@@ -30,12 +32,17 @@ from ..evidence import (
     sorted_buckets,
 )
 from ..exceptions import ConfigurationError, RecordValidationError
-from ..records import CircuitBreakerState, LLMCallRecord, ModelPerformance
+from ..records import CircuitBreakerState, CircuitState, LLMCallRecord, ModelPerformance
 from ._plugin import BackendPlugin
 
 __all__ = ["MemoryStateStore", "MemoryTelemetryBackend"]
 
 T = TypeVar("T")
+
+_CLOSED = CircuitState.CLOSED
+
+_MAX_RUNS = 8
+"""A key's tail folds when it would hold more runs (window buckets) than this."""
 
 
 _capacity = integer(failure(ConfigurationError), low=1, why="must be an integer >= 1")
@@ -155,6 +162,23 @@ class MemoryTelemetryBackend(TelemetryBackend):
         return removed
 
 
+class _Tail:
+    """
+    Successes added to a stored CLOSED state by the breaker's in-process path and not
+    yet folded into it: runs of successes of the state's generation under ``policy``,
+    each ``[bucket, count]`` (its window bucket), in the order added, the last at
+    ``now``.  Folded (`circuit._closed_success_runs`), they give exactly the state
+    `record` would have stored for them batch by batch.
+    """
+
+    __slots__ = ("now", "policy", "runs")
+
+    def __init__(self, policy: BreakerPolicy, bucket: int, count: int, now: float) -> None:
+        self.policy = policy
+        self.runs = [[bucket, count]]
+        self.now = now
+
+
 class MemoryStateStore(TransactionalStateStore):
     """
     Breaker state for one process.
@@ -172,6 +196,9 @@ class MemoryStateStore(TransactionalStateStore):
     ) -> None:
         self._clock = clock
         self._states: dict[str, CircuitBreakerState] = {state.key: state for state in states}
+        # successes of the breaker's in-process path not yet folded into `_states`; every
+        # operation but that path's two folds them first, so none of them sees a tail
+        self._tails: dict[str, _Tail] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStateStore(keys={len(self._states)})"
@@ -190,17 +217,102 @@ class MemoryStateStore(TransactionalStateStore):
         key: str,
         fn: Callable[[CircuitBreakerState | None, float], tuple[CircuitBreakerState | None, T]],
     ) -> T:
-        current = self._states.get(key)
+        current = self._states.get(key) if key not in self._tails else self._fold(key)
         new, result = fn(current, self._clock())
         if new is not None and new is not current:
             self._states[key] = new
         return result
 
     async def _load(self, key: str) -> CircuitBreakerState | None:
-        return self._states.get(key)
+        return self._states.get(key) if key not in self._tails else self._fold(key)
 
     async def _load_all(self) -> list[CircuitBreakerState]:
+        for key in list(self._tails):
+            self._fold(key)
         return list(self._states.values())
+
+    # The breaker's in-process path (`CircuitBreaker` on this exact class): a view it
+    # holds is checked against the stored object instead of re-read, and its
+    # written-behind successes are added without building reports or, within one
+    # window bucket, a new state.
+
+    def _fold(self, key: str) -> CircuitBreakerState:
+        """Fold ``key``'s tail into its stored state; return the new state."""
+        tail = self._tails.pop(key)
+        state = self._states[key] = _closed_success_runs(
+            self._states[key], tail.policy, tail.runs, tail.now
+        )
+        return state
+
+    def _fold_with(
+        self, key: str, tail: _Tail, bucket: int, count: int, now: float
+    ) -> CircuitBreakerState:
+        """Fold ``key``'s tail and one more run (a tail is kept short)."""
+        tail.runs.append([bucket, count])
+        tail.now = now
+        return self._fold(key)
+
+    def _holds(self, state: CircuitBreakerState) -> bool:
+        """
+        Internal: whether ``state`` (CLOSED or DISABLED) is still its key's state here,
+        as far as admission goes: the very object stored (successes added since in a
+        tail change counts only), or a fresh CLOSED generation 0 of a key never written
+        (which `admit` answers without storing).  A closed store holds nothing.
+        """
+        current = self._states.get(state.key)
+        if current is not None:
+            return current is state and not self._closed
+        return (
+            state.generation == 0
+            and state.state is CircuitState.CLOSED
+            and not state.window
+            and state.consecutive_failures == 0
+            and not self._closed
+        )
+
+    def _add_successes(
+        self, key: str, policy: BreakerPolicy, generation: int, count: int
+    ) -> CircuitBreakerState | None:
+        """
+        Internal: ``count`` successes of CLOSED tickets of ``generation``, with exactly
+        the effect of `record` on such a batch (the store's reads see them at once).
+        Returns the stored state object (successes in its tail are not in it: read
+        it for its state and generation only), or ``None`` (nothing done) when the key is
+        not CLOSED in that generation or the store is closed: `record` then decides.
+
+        Successes under one policy go to the key's tail, one run per window bucket:
+        adding ``c1`` at ``t1`` and then ``c2`` at ``t2`` in the same bucket gives the
+        state adding ``c1 + c2`` at ``t2`` gives (the first step already dropped the
+        buckets out of the window, the second only adds to the last one and sets the
+        time); runs of other buckets are applied in turn when folded.
+        """
+        if self._closed:
+            return None
+        now = self._clock()
+        state = self._states.get(key)
+        if state is None:
+            state = initial_state(key, now)
+        elif state.state is _CLOSED and state.generation == generation:
+            bucket = math.floor(now / policy.bucket_seconds)  # as circuit._bucket
+            tail = self._tails.get(key)
+            if tail is None:
+                self._tails[key] = _Tail(policy, bucket, count, now)
+                return state
+            if tail.policy is policy:
+                last = tail.runs[-1]
+                if last[0] == bucket:
+                    last[1] += count
+                elif len(tail.runs) < _MAX_RUNS:
+                    tail.runs.append([bucket, count])
+                else:
+                    return self._fold_with(key, tail, bucket, count, now)
+                tail.now = now
+                return state
+            state = self._fold(key)
+        if state.state is not CircuitState.CLOSED or state.generation != generation:
+            return None
+        new = self._states[key] = _closed_successes(state, policy, count, now)
+        return new
 
 
 def _telemetry(url: str, *, capacity: int = 100_000) -> TelemetryBackend:
