@@ -1113,8 +1113,9 @@ def _plot(traces: dict[str, Trace], sizes: Sizes) -> None:
         ax.set_xlabel("request")
         ax.set_ylabel(f"traffic share (last {window})")
         ax.set_title(
-            f"Routing quality, {name} scenario (seed 0); dashed: truly violating"
-            + ("; shaded: oracle's model degraded" if name != "stationary" else "")
+            f"Routing quality, {name} scenario (seed 0)\ndashed: truly violating"
+            + ("; shaded: oracle's model degraded" if name != "stationary" else ""),
+            fontsize=10,
         )
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
