@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 
 from empathy_models import (
     AdaptiveModelRouter,
-    RoutingDecision,
     LLMCallRecord,
     ModelInfo,
     ModelRegistry,
     Outcome,
+    RoutingDecision,
 )
 from empathy_models.records import CandidateEvaluation
 
