@@ -539,12 +539,13 @@ def _warm_up(
     rng: random.Random,
     policy: RoutingPolicy,
 ) -> tuple[int, bool, str] | None:
-    # a cheaper challenger with little evidence that a draw finds compliant is explored
-    # freely, so it is proven (or ruled out) early; this spends at most warmup_calls
-    # calls per challenger, or up to four times as many on one whose evidence says it
-    # more likely than not complies (an unlucky start must not leave the cheapest
-    # compliant model unproven for ever).  After a change was detected on an arm, only
-    # one that was once proven compliant warms up again (see `_warming`).
+    # a cheaper challenger with fewer than warmup_calls calls whose evidence does not
+    # already say it more likely misses than not gets every decision, so it is proven
+    # (or ruled out) early and in one stretch; past that, up to four times as many calls
+    # go to one whose evidence says it more likely than not complies, while a draw finds
+    # it compliant (an unlucky start must not leave the cheapest compliant model unproven
+    # for ever).  After a change was detected on an arm, only one that was once proven
+    # compliant warms up again (see `_warming`).
     if not explorable or rng.random() >= policy.warmup_share:
         return None
     verdicts = ctx.verdicts
