@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import anyio.lowlevel
 
-from empathy_models import ModelInfo, ModelRegistry
+from empathy_models import LLMCallRecord, ModelInfo, ModelRegistry, Outcome
 
 KEY = "test-key-0123"
 """The key the tests' `FakeLLMServer(api_key=KEY)` accepts."""
@@ -68,3 +70,30 @@ def priced_registry(models: list[tuple[str, float]], price_version: str) -> Mode
         ),
         price_version=price_version,
     )
+
+
+def spread_calls(
+    model: str, calls: int, successes: int, start: float, workflow: str, stage: str
+) -> list[LLMCallRecord]:
+    """``calls`` records of ``model`` one second apart from ``start``, the failures
+    spread evenly among them (300 ms, 500 tokens in, 300 out)."""
+    failures = calls - successes
+    return [
+        LLMCallRecord(
+            workflow=workflow,
+            stage=stage,
+            model=model,
+            provider="openai",
+            outcome=(
+                Outcome.FAILURE
+                if (i + 1) * failures // calls > i * failures // calls
+                else Outcome.SUCCESS
+            ),
+            latency_ms=300.0,
+            input_tokens=500,
+            output_tokens=300,
+            cost_usd=0.001,
+            timestamp=datetime.fromtimestamp(start + i, UTC),
+        )
+        for i in range(calls)
+    ]

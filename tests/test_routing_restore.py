@@ -21,6 +21,7 @@ from empathy_models import (
     RoutingPolicy,
 )
 from empathy_models.records import ConstraintStatus
+from tests._fakes import spread_calls
 
 WF, ST = "wf", "stage"
 T0 = 1_800_000_000.0  # a minute boundary
@@ -101,26 +102,7 @@ def test_a_restored_lucky_stretch_does_not_prove_a_model_that_neither_part_prove
 
 
 def _calls(model: str, calls: int, successes: int, start: float) -> list[LLMCallRecord]:
-    failures = calls - successes
-    return [
-        LLMCallRecord(
-            workflow=WF,
-            stage=ST,
-            model=model,
-            provider="openai",
-            outcome=(
-                Outcome.FAILURE
-                if (i + 1) * failures // calls > i * failures // calls
-                else Outcome.SUCCESS
-            ),
-            latency_ms=300.0,
-            input_tokens=500,
-            output_tokens=300,
-            cost_usd=0.001,
-            timestamp=datetime.fromtimestamp(start + i, UTC),
-        )
-        for i in range(calls)
-    ]
+    return spread_calls(model, calls, successes, start, WF, ST)
 
 
 def test_a_candidate_sitting_at_the_limit_after_its_warm_up_is_rarely_explored() -> None:

@@ -14,61 +14,25 @@ stretched a 0.93 model's warm-up over hundreds of requests).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from empathy_models import (
     AdaptiveModelRouter,
     LLMCallRecord,
-    ModelInfo,
     ModelRegistry,
-    Outcome,
     RoutingDecision,
 )
 from empathy_models.records import CandidateEvaluation
+from tests._fakes import priced_registry, spread_calls
 
 WF, ST = "wf", "stage"
 T0 = 1_800_000_000.0
 
 
 def _registry(*models: tuple[str, float]) -> ModelRegistry:
-    return ModelRegistry(
-        models=tuple(
-            ModelInfo(
-                id=model,
-                provider="openai",
-                tier="cheap",
-                input_price_per_mtok=price,
-                output_price_per_mtok=price * 3,
-                context_window=128_000,
-                max_output_tokens=8192,
-            )
-            for model, price in models
-        ),
-        price_version="test-unproven",
-    )
+    return priced_registry(list(models), "test-unproven")
 
 
 def _calls(model: str, calls: int, successes: int, start: float) -> list[LLMCallRecord]:
-    failures = calls - successes
-    return [
-        LLMCallRecord(
-            workflow=WF,
-            stage=ST,
-            model=model,
-            provider="openai",
-            outcome=(
-                Outcome.FAILURE
-                if (i + 1) * failures // calls > i * failures // calls
-                else Outcome.SUCCESS
-            ),
-            latency_ms=300.0,
-            input_tokens=500,
-            output_tokens=300,
-            cost_usd=0.001,
-            timestamp=datetime.fromtimestamp(start + i, UTC),
-        )
-        for i in range(calls)
-    ]
+    return spread_calls(model, calls, successes, start, WF, ST)
 
 
 def by_model(decision: RoutingDecision) -> dict[str, CandidateEvaluation]:
