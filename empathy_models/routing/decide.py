@@ -306,6 +306,10 @@ class Context:
     tokens: float = 0.0
     decisions: int = 0
     waits: dict[int, int] = field(factory=dict)
+    index: dict[Arm, int] = field(factory=dict)
+    seen: int = -1
+    resets: int = -1
+    groups: tuple[list[int], list[int], list[int]] | None = None
 
 
 # --------------------------------------------------------------------------- selection
