@@ -826,14 +826,13 @@ def build_candidates(
             ]
         )
     if with_input and not unavailable:
-        return tuple(
-            [
-                row
-                if (row := cache.get(cost)) is not None
-                else _row(cache, cost, v, cost, cons, True, False)
-                for v, cost, cache in zip(verdicts, costs, caches, strict=True)
-            ]
-        )
+        # looked up in C; the few rows not built yet (None) are built after
+        rows: list[CandidateEvaluation | None] = list(map(dict.get, caches, costs))
+        if not all(rows):  # a row is always true
+            for i in [i for i, row in enumerate(rows) if row is None]:
+                cost = costs[i]
+                rows[i] = _row(caches[i], cost, verdicts[i], cost, cons, True, False)
+        return tuple(rows)  # type: ignore[arg-type]
     out = []
     for v, cost, cache in zip(verdicts, costs, caches, strict=True):
         blocked = v.model in unavailable
