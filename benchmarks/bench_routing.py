@@ -11,8 +11,10 @@ outcome is reported for one of the candidates (round-robin, ``record_outcome``) 
 prompt size (``input_tokens``) changes, so nothing a router caches stays valid for
 free.  Every decision explains itself in ``decision.candidates``, built when first
 read: one row times the decision alone, one the decision and reading its explanation
-(what a caller that logs or inspects it pays).  A last row repeats one decision on
-unchanged state, for reference.
+(what a caller that logs or inspects it pays).  A row repeats one decision on
+unchanged state, for reference, and one times the ``record_outcome`` calls made before
+the decisions (the router does some of a decision's bookkeeping there: noting which arm
+changed), so the total per call is visible.
 
 Each LiteLLM generation runs in a process of its own (`benchmarks/_litellm_select.py`),
 offline (local cost map), and only its selection is timed, no completion: both
@@ -169,8 +171,11 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
         live: list[float] = []
         explained: list[float] = []
         steady: list[float] = []
+        recorded: list[float] = []
         for i in range(calls + 200):  # the first 200 warm up
+            t0 = clock()
             record(pool[ids[i % n]][(i // n) % 16])
+            recorded.append((clock() - t0) / 1000.0)
             tokens = PROMPT_TOKENS[i % len(PROMPT_TOKENS)]
             t0 = clock()
             decide("bench", "answer", candidates=ids, input_tokens=tokens, **options)
@@ -188,6 +193,7 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
         out[f"{n}/{case.history}"] = summarize(live[200:])
         out[f"{n}/{case.history}/explained"] = summarize(explained[200:])
         out[f"{n}/{case.history}/unchanged"] = summarize(steady[200:])
+        out[f"{n}/{case.history}/record"] = summarize(recorded[200:])
     return out
 
 
@@ -400,6 +406,10 @@ async def run(quick: bool = False) -> BenchResult:
         "empathy-models, decision only, unchanged state (repeated decision)",
         **{f"{n} candidates": cell(ours[f"{n}/{small}/unchanged"]) for n in CANDIDATES},
     )
+    result.add(
+        "empathy-models, record_outcome (the outcome reported before each decision)",
+        **{f"{n} candidates": cell(ours[f"{n}/{small}/record"]) for n in CANDIDATES},
+    )
     for label, data in peers.items():
         results = data["results"]
         for strategy in STRATEGIES:
@@ -431,7 +441,8 @@ async def run(quick: bool = False) -> BenchResult:
         )
     result.notes.extend(f"cannot run: {k} {v}" for k, v in sorted(unsupported.items()))
     result.notes.append(
-        "empathy-models rows: one outcome recorded (untimed) before each timed decision, "
+        "empathy-models rows: one outcome recorded before each timed decision (timed in "
+        "the record_outcome row, not in the decision's), "
         f"prompt size varying, as the executor drives the router; medians of {repeats} "
         "interleaved repeats (ours, then each LiteLLM generation, in turn); 'reading "
         "decision.candidates' times the decision and building its explanation together"

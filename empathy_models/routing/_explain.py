@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Final, NoReturn
 
+import attrs
+
 from .._fast import trusted_constructor
 from ..exceptions import NoModelMeetsConstraintsError
 from ..records import RoutingDecision
@@ -27,11 +29,34 @@ logger = logging.getLogger("empathy_models.router")
 CHANGE_NOTE_S: Final = 3600.0  # how long a pick says it regained its place by a change
 
 _decision: Final[Callable[..., RoutingDecision]] = trusted_constructor(
-    RoutingDecision, skip=("candidates",)
+    RoutingDecision, skip=("candidates",), positional=True
 )
 """A `RoutingDecision` without its ``__init__`` (every value is of its field's converted
 type and in range), with ``candidates`` left unset: it is built by the thunk on first
-read (see RoutingDecision)."""
+read (see RoutingDecision).  Positional, in the fields' order (checked below)."""
+if tuple(a.name for a in attrs.fields(RoutingDecision)) != (
+    "model",
+    "provider",
+    "tier",
+    "workflow",
+    "stage",
+    "constraints_met",
+    "reason",
+    "candidates",
+    "exploration",
+    "relaxed",
+    "policy_applied",
+    "decided_at",
+    "expected_cost_usd",
+    "max_cost",
+    "max_latency_ms",
+    "min_success_rate",
+    "strict_cost",
+    "change",
+    "max_ttft_ms",
+    "_candidates_thunk",
+):  # pragma: no cover - guards Decider.decide's argument order against field changes
+    raise TypeError("RoutingDecision's fields changed: update routing._explain.Decider.decide")
 
 
 def _unmet(v: Verdict, cost: float | None, cons: Constraints) -> list[str]:
@@ -121,25 +146,25 @@ class Decider:
         view_costs = costs if shown is None else classify(view, input_tokens, blocked)[0]
         cons = view.cons
         decision = _decision(
-            model=v.model,
-            provider=facts.provider if facts is not None else None,
-            tier=facts.tier if facts is not None else None,
-            workflow=workflow,
-            stage=stage,
-            constraints_met=(not exploration) if met is None else met,
-            reason=why,
-            exploration=exploration,
-            relaxed=relaxed,
-            policy_applied=applied,
-            decided_at=datetime.fromtimestamp(now, UTC),
-            expected_cost_usd=costs[index],
-            max_cost=cons.max_cost,
-            max_latency_ms=cons.max_latency_ms,
-            max_ttft_ms=cons.max_ttft_ms,
-            min_success_rate=cons.min_success_rate,
-            strict_cost=cons.strict_cost,
-            change=change,
-            _candidates_thunk=partial(
+            v.model,
+            facts.provider if facts is not None else None,
+            facts.tier if facts is not None else None,
+            workflow,
+            stage,
+            (not exploration) if met is None else met,
+            why,
+            exploration,
+            relaxed,
+            applied,
+            datetime.fromtimestamp(now, UTC),
+            costs[index],
+            cons.max_cost,
+            cons.max_latency_ms,
+            cons.min_success_rate,
+            cons.strict_cost,
+            change,
+            cons.max_ttft_ms,
+            partial(
                 build_candidates,
                 list(view.verdicts),
                 view_costs,

@@ -12,6 +12,8 @@ restart.  Pure: no I/O, no clock (the router passes the times in).
 
 from __future__ import annotations
 
+from typing import Final
+
 from ..records import LLMCallRecord, Outcome
 from .book import Arm, ChangeTest, StagePrior, bucket_of
 
@@ -21,6 +23,9 @@ ArmKey = tuple[str | None, str | None, str]
 """(workflow, stage, model); an empty workflow or stage is ``None``."""
 
 StageKey = tuple[str | None, str | None]
+
+LOG_SIZE: Final = 4096
+"""The most changes `EvidenceMemory.log` keeps (then the older half is dropped)."""
 
 ChangedBuckets = dict[ArmKey, list[tuple[int, list[float]]]]
 """What a refresh read: per arm, (bucket start, the bucket's sums) for every changed bucket."""
@@ -33,9 +38,24 @@ class EvidenceMemory:
     ``epoch`` grows whenever an arm is added (the verdict cache re-reads its arms
     then); ``version`` is the store's evidence version read so far; ``cutoff`` when
     the last successful refresh began (``None``: never).
+
+    ``log`` lists the arms live outcomes changed, in order (``log_start`` is the
+    position of its first entry among all changes ever logged), so the verdict cache
+    re-judges only those; ``resets`` grows when arms change otherwise (a refresh),
+    after which it looks at every arm.
     """
 
-    __slots__ = ("arms", "cutoff", "epoch", "priors", "test", "version")
+    __slots__ = (
+        "arms",
+        "cutoff",
+        "epoch",
+        "log",
+        "log_start",
+        "priors",
+        "resets",
+        "test",
+        "version",
+    )
 
     def __init__(self, test: ChangeTest) -> None:
         self.test = test
@@ -44,6 +64,9 @@ class EvidenceMemory:
         self.priors: dict[StageKey, StagePrior] = {}
         self.cutoff: float | None = None
         self.version = 0
+        self.log: list[Arm] = []
+        self.log_start = 0
+        self.resets = 0
 
     def _arm(self, key: ArmKey) -> Arm:
         arm = self.arms.get(key)
@@ -62,6 +85,7 @@ class EvidenceMemory:
         ``version`` is the store's version after this read, ``cutoff`` when the read
         began: later outcomes reported live are added, earlier ones are the store's.
         """
+        self.resets += 1
         for key in changed:
             self._arm(key)
         floor = bucket_of(since) if since is not None else None
@@ -100,6 +124,11 @@ class EvidenceMemory:
             record.cost_usd,
             record.ttft_ms,
         )
+        log = self.log
+        log.append(arm)
+        if len(log) > LOG_SIZE:
+            del log[: LOG_SIZE // 2]
+            self.log_start += LOG_SIZE // 2
         if success:
             prior = self.priors.get(key[:2])
             if prior is None:

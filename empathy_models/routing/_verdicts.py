@@ -7,7 +7,7 @@ small constant.  Pure: reads the in-memory evidence only.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any, Final
 
 from ..exceptions import ConfigurationError
@@ -110,10 +110,38 @@ class VerdictCache:
             self._attach(ctx, workflow, stage)
         prior = memory.priors.get((workflow, stage))
         pv = prior.version if prior is not None else -1
-        versions = ctx.arm_versions
         stale_prior = pv != ctx.prior_version and ctx.on_prior
+        start = memory.log_start
+        log = memory.log
+        if stale_prior or ctx.resets != memory.resets or ctx.seen < start:
+            self._rejudge(ctx, range(len(ctx.arms)), prior, stale_prior)
+            ctx.resets = memory.resets
+        elif ctx.seen - start != len(log):
+            # only the arms live outcomes changed since: re-judged in candidate order
+            index = ctx.index
+            new = log[ctx.seen - start :]
+            if len(new) == 1:
+                i = index.get(new[0])
+                if i is not None:
+                    self._rejudge(ctx, (i,), prior, False)
+            else:
+                changed = {index.get(arm, -1) for arm in new}
+                changed.discard(-1)
+                self._rejudge(ctx, sorted(changed), prior, False)
+        ctx.seen = start + len(log)
+        ctx.prior_version = pv
+        return ctx
+
+    def _rejudge(
+        self, ctx: Context, which: Iterable[int], prior: StagePrior | None, stale_prior: bool
+    ) -> None:
+        # re-judge the candidates in ``which`` whose arm changed, or (``stale_prior``)
+        # whose verdict is costed on the stage prior, which changed
+        versions = ctx.arm_versions
         verdicts = ctx.verdicts
-        for i, arm in enumerate(ctx.arms):
+        arms = ctx.arms
+        for i in which:
+            arm = arms[i]
             version = arm.version if arm is not None else -1
             if version != versions[i] or (
                 stale_prior and verdicts[i].summary.mean_output_tokens is None
@@ -122,6 +150,8 @@ class VerdictCache:
                 new = verdicts[i] = self.judge(ctx, i, prior)
                 ctx.caches[i] = {}
                 versions[i] = version
+                if new.code != old.code:
+                    ctx.groups = None
                 if (new.summary.change is None) != (old.summary.change is None):
                     ctx.changed = tuple(j for j, v in enumerate(verdicts) if v.summary.change)
                 if (new.summary.mean_output_tokens is None) != (
@@ -129,8 +159,6 @@ class VerdictCache:
                 ):
                     # verdicts of arms without output tokens of their own use the prior
                     ctx.on_prior = any(v.summary.mean_output_tokens is None for v in verdicts)
-        ctx.prior_version = pv
-        return ctx
 
     def _attach(self, ctx: Context, workflow: str | None, stage: str | None) -> None:
         # (re)read the context's arms after arms were added; judge them the first time
@@ -138,11 +166,15 @@ class VerdictCache:
         arms = memory.arms
         ctx.arms = [arms.get((workflow, stage, m)) for m in ctx.models]
         ctx.arms_epoch = memory.epoch
+        ctx.index = {arm: i for i, arm in enumerate(ctx.arms) if arm is not None}
+        ctx.seen = -1  # every arm is looked at next
         if not ctx.verdicts:
             ctx.verdicts = [self.judge(ctx, i, None) for i in range(len(ctx.models))]
+            ctx.groups = None
             ctx.caches = [{} for _ in ctx.models]
             ctx.arm_versions = [-1] * len(ctx.models)
-            ctx.on_prior = True
+            # exactly: a verdict with output tokens of its own never uses the prior
+            ctx.on_prior = any(v.summary.mean_output_tokens is None for v in ctx.verdicts)
             ctx.changed = tuple(
                 j for j, v in enumerate(ctx.verdicts) if v.summary.change is not None
             )
@@ -171,37 +203,59 @@ class VerdictCache:
         )
 
 
+def _groups(verdicts: list[Verdict]) -> tuple[list[int], list[int], list[int]]:
+    # the candidates by verdict code: eligible, unproven, rejected (none not in the registry)
+    groups: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+    for i, v in enumerate(verdicts):
+        groups[v.code].append(i)
+    return groups[0], groups[1], groups[2]
+
+
 def classify(
     ctx: Context, input_tokens: int | None, blocked: Collection[str]
 ) -> tuple[list[float | None], list[int], list[int], list[int]]:
     """
     Each candidate's expected cost of this call, and the candidates that may be
-    picked: ``(costs, eligible, explorable, probeable)`` (see `decide.select`).
+    picked: ``(costs, eligible, explorable, probeable)`` (see `decide.select`), each
+    in candidate order.
 
     ``blocked`` ids (an open circuit) and candidates over ``max_cost`` are in none of
     the three lists: the budget is a hard limit, for exploration too.
     """
-    costs: list[float | None] = []
-    eligible: list[int] = []
-    explorable: list[int] = []
-    probeable: list[int] = []
+    verdicts = ctx.verdicts
+    costs: list[float | None]
+    if input_tokens is None:
+        costs = [v.const_no_input for v in verdicts]
+    else:
+        costs = [
+            None if (slope := v.slope) is None else input_tokens * slope + v.const for v in verdicts
+        ]
+    groups = ctx.groups
+    if groups is None:
+        groups = ctx.groups = _groups(verdicts)
+    eligible, explorable, probeable = groups
+    if blocked:
+        models = ctx.models
+        eligible = [i for i in eligible if models[i] not in blocked]
+        explorable = [i for i in explorable if models[i] not in blocked]
+        probeable = [i for i in probeable if models[i] not in blocked]
     max_cost = ctx.cons.max_cost
-    for i, v in enumerate(ctx.verdicts):
-        if input_tokens is None:
-            cost = v.const_no_input
-        else:
-            slope = v.slope
-            cost = None if slope is None else input_tokens * slope + v.const
-        costs.append(cost)
-        code = v.code
-        if code == 3 or (blocked and v.model in blocked):
-            continue
-        if max_cost is not None and (cost is None or cost > max_cost):
-            continue
-        if code == 0:
-            eligible.append(i)
-        elif code == 1:
-            explorable.append(i)
-        else:
-            probeable.append(i)
-    return costs, eligible, explorable, probeable
+    if max_cost is None:
+        return costs, eligible[:], explorable[:], probeable[:]
+    return (
+        costs,
+        _within(eligible, costs, max_cost) if eligible else [],
+        _within(explorable, costs, max_cost) if explorable else [],
+        _within(probeable, costs, max_cost) if probeable else [],
+    )
+
+
+def _within(group: list[int], costs: list[float | None], max_cost: float) -> list[int]:
+    # the candidates of ``group`` whose cost of this call is known and <= max_cost
+    try:  # the common case first: every cost known and within (max_cost is usually loose)
+        top = max(map(costs.__getitem__, group))  # type: ignore[type-var]
+    except TypeError:  # a cost unknown (None)
+        top = None
+    if top is not None and top <= max_cost:  # False for NaN, which may hide a larger cost
+        return group[:]
+    return [i for i in group if (c := costs[i]) is not None and not c > max_cost]

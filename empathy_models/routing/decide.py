@@ -278,6 +278,10 @@ def cost_of(v: Verdict, input_tokens: int | None) -> float | None:
 # --------------------------------------------------------------------------- context
 
 
+RowCache = dict[Any, Any]
+"""The explanation rows built from one verdict, by cost (see `build_candidates`)."""
+
+
 @define(slots=True, eq=False)
 class Context:
     """
@@ -294,7 +298,7 @@ class Context:
     arms: list[Arm | None]
     arms_epoch: int
     verdicts: list[Verdict] = field(factory=list)
-    caches: list[dict[Any, CandidateEvaluation]] = field(factory=list)
+    caches: list[RowCache] = field(factory=list)
     arm_versions: list[int] = field(factory=list)
     prior_version: int = -1
     on_prior: bool = False
@@ -302,6 +306,10 @@ class Context:
     tokens: float = 0.0
     decisions: int = 0
     waits: dict[int, int] = field(factory=dict)
+    index: dict[Arm, int] = field(factory=dict)
+    seen: int = -1
+    resets: int = -1
+    groups: tuple[list[int], list[int], list[int]] | None = None
 
 
 # --------------------------------------------------------------------------- selection
@@ -730,42 +738,79 @@ if tuple(a.name for a in attrs.fields(CandidateEvaluation)) != (
 ):  # pragma: no cover - guards _candidate's argument order against field changes
     raise TypeError("CandidateEvaluation's fields changed: update routing.decide._candidate")
 _NO_STATUS: Final[MappingProxyType[str, ConstraintStatus]] = MappingProxyType({})
+_PARTS: Final = object()  # the key of a row cache's `_Parts`
+
+
+class _Parts:
+    """
+    What every explanation row built from one verdict shares, whatever the call's cost:
+    its registry facts, when its evidence starts, and its constraint statuses (read-only,
+    so rows share them) without and with each cost status.
+    """
+
+    __slots__ = ("maps", "provider", "since", "statuses", "tier")
+
+    def __init__(self, v: Verdict) -> None:
+        facts = v.facts
+        self.provider = facts.provider if facts is not None else None
+        self.tier = facts.tier if facts is not None else None
+        since = v.summary.since
+        self.since = datetime.fromtimestamp(since, UTC) if since is not None else None
+        statuses: dict[str, ConstraintStatus] = {}
+        if v.success is not None:
+            statuses[SUCCESS] = v.success
+        if v.latency is not None:
+            statuses[LATENCY] = v.latency
+        if v.ttft is not None:
+            statuses[TTFT] = v.ttft
+        self.statuses = statuses
+        self.maps: dict[ConstraintStatus | None, MappingProxyType[str, ConstraintStatus]] = {}
+
+    def constraints(self, cost: ConstraintStatus | None) -> MappingProxyType[str, ConstraintStatus]:
+        """The statuses, with ``cost`` as the cost's (``None``: no cost limit)."""
+        shown = self.maps.get(cost)
+        if shown is None:
+            statuses = self.statuses
+            if cost is not None:
+                statuses = {**statuses, COST: cost}
+            shown = self.maps[cost] = MappingProxyType(statuses) if statuses else _NO_STATUS
+        return shown
 
 
 def _candidate(
-    v: Verdict, cost: float | None, cons: Constraints, with_input: bool, blocked: bool
+    v: Verdict,
+    cost: float | None,
+    cons: Constraints,
+    with_input: bool,
+    blocked: bool,
+    parts: _Parts | None = None,
 ) -> CandidateEvaluation:
+    if parts is None:
+        parts = _Parts(v)
     s = v.summary
-    statuses: dict[str, ConstraintStatus] = {}
-    if v.success is not None:
-        statuses[SUCCESS] = v.success
-    if v.latency is not None:
-        statuses[LATENCY] = v.latency
-    if v.ttft is not None:
-        statuses[TTFT] = v.ttft
-    reasons = list(v.reasons)
+    reasons = v.reasons
     basis = v.basis if with_input else v.basis_no_input
     max_cost = cons.max_cost
+    status: ConstraintStatus | None = None
     if max_cost is not None:
         if cost is None:
-            statuses[COST] = UNPROVEN
-            reasons.append(
+            status = UNPROVEN
+            reasons += (
                 "cost: no estimate (strict mode needs input_tokens and max_tokens)"
                 if cons.strict_cost
-                else "cost: no estimate (no observations, and input_tokens/max_tokens not given)"
+                else "cost: no estimate (no observations, and input_tokens/max_tokens not given)",
             )
         elif cost <= max_cost:
-            statuses[COST] = ELIGIBLE
+            status = ELIGIBLE
         else:
-            statuses[COST] = REJECTED
-            reasons.append(f"expected cost ${cost:.6f} ({basis}) > max ${max_cost:.6f}")
+            status = REJECTED
+            reasons += (f"expected cost ${cost:.6f} ({basis}) > max ${max_cost:.6f}",)
     if blocked:
-        reasons.insert(0, CIRCUIT_OPEN)
-    facts = v.facts
+        reasons = (CIRCUIT_OPEN, *reasons)
     return _new_candidate(
         v.model,
-        facts.provider if facts is not None else None,
-        facts.tier if facts is not None else None,
+        parts.provider,
+        parts.tier,
         s.window_samples,
         s.success_rate,
         s.lower,
@@ -773,17 +818,35 @@ def _candidate(
         s.p50,
         s.p95,
         cost,
-        MappingProxyType(statuses) if statuses else _NO_STATUS,
-        facts is None or blocked,
-        tuple(reasons),
+        parts.constraints(status),
+        v.facts is None or blocked,
+        reasons,
         s.samples,
         s.p95_upper,
         basis if cost is not None else None,
         s.change,
-        datetime.fromtimestamp(s.since, UTC) if s.since is not None else None,
+        parts.since,
         s.ttft_p50,
         s.ttft_p95,
     )
+
+
+def _row(
+    cache: RowCache,
+    key: Any,
+    v: Verdict,
+    cost: float | None,
+    cons: Constraints,
+    with_input: bool,
+    blocked: bool,
+) -> CandidateEvaluation:
+    # a row not in ``cache`` yet: built from the verdict's cached parts, and kept
+    parts: _Parts | None = cache.get(_PARTS)
+    if parts is None or len(cache) > 16:
+        cache.clear()
+        parts = cache[_PARTS] = _Parts(v)
+    row = cache[key] = _candidate(v, cost, cons, with_input, blocked, parts)
+    return row
 
 
 def build_candidates(
@@ -792,29 +855,40 @@ def build_candidates(
     cons: Constraints,
     input_tokens: int | None,
     unavailable: Collection[str],
-    caches: Sequence[dict[Any, CandidateEvaluation]] | None = None,
+    caches: Sequence[RowCache] | None = None,
 ) -> tuple[CandidateEvaluation, ...]:
     """
     Every candidate of a decision, as the decision saw it (built when first read).
 
-    ``caches[i]`` (optional) holds candidates already built from ``verdicts[i]``, by
-    (cost, blocked, input_tokens given): a candidate is a function of those.
+    ``caches[i]`` (optional) holds rows already built from ``verdicts[i]``: a row is a
+    function of the verdict, the call's cost, whether the model is blocked and whether
+    the call gave ``input_tokens``; keyed by the cost alone in the common case (given
+    input tokens, nothing blocked), else by all three.
     """
-    out = []
     with_input = input_tokens is not None
-    for i, (v, cost) in enumerate(zip(verdicts, costs, strict=True)):
+    if caches is None:
+        return tuple(
+            [
+                _candidate(v, cost, cons, with_input, v.model in unavailable)
+                for v, cost in zip(verdicts, costs, strict=True)
+            ]
+        )
+    if with_input and not unavailable:
+        # looked up in C; the few rows not built yet (None) are built after
+        rows: list[CandidateEvaluation | None] = list(map(dict.get, caches, costs))
+        if not all(rows):  # a row is always true
+            for i in [i for i, row in enumerate(rows) if row is None]:
+                cost = costs[i]
+                rows[i] = _row(caches[i], cost, verdicts[i], cost, cons, True, False)
+        return tuple(rows)  # type: ignore[arg-type]
+    out = []
+    for v, cost, cache in zip(verdicts, costs, caches, strict=True):
         blocked = v.model in unavailable
-        if caches is None:
-            out.append(_candidate(v, cost, cons, with_input, blocked))
-            continue
-        cache = caches[i]
         key = (cost, blocked, with_input)
-        c = cache.get(key)
-        if c is None:
-            if len(cache) >= 16:
-                cache.clear()
-            c = cache[key] = _candidate(v, cost, cons, with_input, blocked)
-        out.append(c)
+        row = cache.get(key)
+        if row is None:
+            row = _row(cache, key, v, cost, cons, with_input, blocked)
+        out.append(row)
     return tuple(out)
 
 

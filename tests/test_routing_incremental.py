@@ -1,0 +1,103 @@
+"""
+The verdict cache re-judges only the arms that live outcomes changed (the evidence
+memory's change log): the decisions and their explanations must be exactly those of a
+cache that looks at every arm before every decision, also when the log is trimmed.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+import empathy_models.routing._memory as memory_module
+from empathy_models import (
+    AdaptiveModelRouter,
+    LLMCallRecord,
+    ModelInfo,
+    ModelRegistry,
+    ModelTier,
+    NoModelMeetsConstraintsError,
+    Outcome,
+)
+
+START = 1_767_225_600.0
+
+
+def _registry(n: int) -> ModelRegistry:
+    rng = random.Random(n)
+    return ModelRegistry(
+        models=tuple(
+            ModelInfo(
+                id=f"m{i}",
+                provider="openai",
+                tier=ModelTier.CAPABLE,
+                input_price_per_mtok=round(rng.uniform(0.1, 15.0), 3),
+                output_price_per_mtok=round(rng.uniform(0.4, 75.0), 3),
+                context_window=200_000,
+                max_output_tokens=8_192,
+            )
+            for i in range(n)
+        ),
+        price_version="test",
+    )
+
+
+def _run(full_scan: bool) -> list[Any]:
+    """Seeded outcomes and decisions; ``full_scan``: every arm looked at before each one."""
+    registry = _registry(9)
+    ids = [m.id for m in registry.models]
+    now = [START]
+    router = AdaptiveModelRouter(registry, seed=5, refresh_interval=None, clock=lambda: now[0])
+    rng = random.Random(11)
+    quality = {m: rng.uniform(0.7, 0.999) for m in ids}
+    out: list[Any] = []
+    for i in range(1_500):
+        now[0] += 1.0
+        model = rng.choice(ids)
+        if i == 700:
+            quality = {m: q * 0.8 for m, q in quality.items()}  # a change to detect
+        router.record_outcome(
+            LLMCallRecord(
+                provider="openai",
+                model=model,
+                outcome=Outcome.SUCCESS if rng.random() < quality[model] else Outcome.FAILURE,
+                workflow="wf",
+                stage=rng.choice(("a", "b")),
+                latency_ms=rng.uniform(100, 3_000),
+                input_tokens=rng.randint(10, 2_000),
+                output_tokens=rng.randint(1, 800),
+                cost_usd=0.001,
+                timestamp=datetime.fromtimestamp(now[0], UTC),
+            )
+        )
+        if full_scan:
+            router._memory.resets += 1  # as after a refresh: every arm is looked at
+        try:
+            decision = router.get_best_model(
+                "wf",
+                rng.choice(("a", "b")),
+                candidates=rng.choice((ids, ids[:4])),
+                input_tokens=rng.choice((None, 300, 1_200)),
+                max_tokens=400,
+                max_cost=rng.choice((None, 0.01)),
+                max_latency_ms=rng.choice((None, 2_500.0)),
+                min_success_rate=0.85,
+                on_no_match=rng.choice(("raise", "relax")),
+                unavailable=rng.choice(((), (ids[0],))),
+            )
+            out.append(decision.to_dict())
+        except NoModelMeetsConstraintsError as exc:
+            out.append(dict(exc.reasons))
+    return out
+
+
+@pytest.mark.parametrize("log_size", [4_096, 3])
+def test_incremental_verdicts_decide_as_looking_at_every_arm(
+    log_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = _run(full_scan=True)
+    monkeypatch.setattr(memory_module, "LOG_SIZE", log_size)
+    assert _run(full_scan=False) == expected
