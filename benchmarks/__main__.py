@@ -17,6 +17,7 @@ from typing import Any
 
 from benchmarks import (
     bench_breaker,
+    bench_breaker_rates,
     bench_cache,
     bench_executor,
     bench_limits,
@@ -36,6 +37,7 @@ SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "routing_quality": bench_routing_quality.run,
     "breaker": bench_breaker.run,
     "breaker_keys": bench_breaker.run_keys,
+    "breaker_rates": bench_breaker_rates.run,
     "telemetry": bench_telemetry.run,
     "executor": bench_executor.run,
     "router_start": bench_router_start.run,

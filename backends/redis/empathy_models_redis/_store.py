@@ -6,6 +6,7 @@ import difflib
 import functools
 import inspect
 import math
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -138,8 +139,22 @@ def _state_from_fields(key: str, fields: Mapping[str, str]) -> CircuitBreakerSta
     )
 
 
-def _pairs(flat: Sequence[object]) -> dict[str, str]:
-    items = [_text(x) for x in flat]
+_ESCAPED: Final = re.compile("\x1b(.)", re.DOTALL)
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return "\x1f" if match.group(1) == "|" else match.group(1)
+
+
+def _values(raw: object) -> list[str]:
+    """The script's reply: one string, values separated by \\x1f (escaped within one)."""
+    parts = _text(raw).split("\x1f")
+    if any("\x1b" in part for part in parts):
+        parts = [_ESCAPED.sub(_unescape, part) for part in parts]
+    return parts
+
+
+def _pairs(items: Sequence[str]) -> dict[str, str]:
     return dict(zip(items[0::2], items[1::2], strict=True))
 
 
@@ -264,7 +279,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             raw = await self._script(keys=[self._redis_key(key)], args=args)
         except (RedisError, OSError) as exc:
             raise self._error(f"{op} {key!r}", exc) from exc
-        reply = [_text(x) for x in raw]
+        reply = _values(raw)
         header = reply[:5]
         state = self._parse(key, _pairs(reply[5:]))
         now = float(header[0])

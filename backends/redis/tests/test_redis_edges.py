@@ -63,3 +63,23 @@ async def test_a_cancel_during_a_half_open_admission_neither_leaks_nor_is_swallo
     assert result.cancelled_before_the_body >= 10
     assert result.leaked == 0
     assert result.ran_after_cancel == 0
+
+
+async def test_keys_and_texts_with_the_replys_separator_characters_round_trip(
+    redis_store_url: str,
+) -> None:
+    # the script's reply is one string whose values are separated by \x1f, with \x1b
+    # escaping: a key or a reason holding either (or the escape sequences themselves)
+    # comes back exactly
+    key = "provider\x1fmodel\x1b|odd\x1b\x1b"
+    reason = "maintenance\x1f window \x1b| per \x1b\x1b ticket \x1bx"
+    async with CircuitBreaker(store=redis_store_url) as breaker:
+        async with breaker.guard(key):
+            pass
+        await breaker.force_open(key, reason=reason)
+        status = await breaker.get_status(key)
+        assert status.key == key
+        assert status.reason == reason
+        assert status.state.value == "forced_open"
+        await breaker.reset(key)
+        assert (await breaker.get_status(key)).state.value == "closed"
