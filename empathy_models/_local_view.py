@@ -116,10 +116,10 @@ class LocalView:
     """
     The views and written-behind batches of one breaker.
 
-    With an in-process `MemoryStateStore` (``memory``), an expired CLOSED or DISABLED
-    view that is still the very state the store holds is renewed instead of re-read,
-    and a batch is applied to the store's state directly (`renewed`, `flush_in_process`):
-    the store answers exactly what those round trips would have, without them.
+    With an in-process `MemoryStateStore` (``memory``) there is no write-behind and no
+    staleness: a view is current exactly while the store holds its very state object
+    (`current`), and a success goes into the stored state at once (`added`), so every
+    breaker sharing the store sees it at once.
 
     Args:
         clock: UTC epoch seconds (the breaker's clock).
@@ -144,61 +144,38 @@ class LocalView:
         self.views: dict[str, View] = {}
         self.pending: dict[str, Pending] = {}
 
-    def renewed(self, view: View, now: float, policy: BreakerPolicy) -> bool:
+    def current(self, view: View, now: float) -> bool:
         """
-        Whether the in-process store still holds exactly ``view``'s CLOSED or DISABLED
-        state: then the key's batch is flushed, as the store admission the breaker
-        would make first does, and the view is fresh again from ``now`` (its ticket is
-        what that admission would hand out).
+        Whether ``view`` may answer an admission at ``now``: on the in-process store,
+        while the store holds its very state (read, not timed); elsewhere while fresh.
         """
         memory = self.memory
-        if memory is None or view.ticket is None or not memory._holds(view.state):
+        if memory is not None:
+            return memory._holds(view.state)
+        return view.at <= now < view.until
+
+    def added(self, view: View | None, ticket: Ticket, policy: BreakerPolicy) -> bool:
+        """
+        On the in-process store, the success of ``ticket`` (not a probe's) added to the
+        stored state at once, exactly as `record` would; ``view`` (the key's, if any)
+        then shows the stored object.  False (nothing done): `CircuitBreaker.report`
+        decides (another generation, a state that is not CLOSED, a closed store).
+        """
+        memory = self.memory
+        if memory is None or ticket.lease_id is not None:
             return False
-        key = view.state.key
-        pending = self.pending.get(key)
-        if pending is not None and self._flush_view(key, view, pending, policy) is None:
-            return False  # not a batch of this view's generation: the general path
-        view.at = now
-        view.until = now + self.ttl
-        return True
-
-    def flush_in_process(self, key: str, policy: BreakerPolicy) -> CircuitBreakerState | None:
-        """
-        Apply ``key``'s batch to the in-process store's state directly, as `record`
-        would, and make the answer the key's view; ``None`` (nothing done) unless there
-        is a batch, of the CLOSED generation the view shows and the store holds.
-        """
-        pending = self.pending.get(key)
-        view = self.views.get(key)
-        if self.memory is None or pending is None or view is None:
-            return None
-        return self._flush_view(key, view, pending, policy)
-
-    def _flush_view(
-        self, key: str, view: View, pending: Pending, policy: BreakerPolicy
-    ) -> CircuitBreakerState | None:
-        """`flush_in_process` of ``key``'s ``pending`` batch with its current ``view``."""
-        shown = view.state
-        if shown.state is not _CLOSED or shown.generation != pending.generation:
-            return None
-        assert self.memory is not None
-        state = self.memory._add_successes(key, policy, pending.generation, pending.count)
+        state = memory._add_successes(ticket.key, policy, ticket.generation, 1)
         if state is None:
-            return None
-        del self.pending[key]
-        # CLOSED to CLOSED in one generation: no event, the ticket stays; guards admitted
-        # from this view take the general path, as after `adopt`
-        view.pending = None
-        view.state = state
-        now = self.clock()
-        view.at = now
-        view.until = now + self.ttl
-        return state
+            return False
+        if view is not None and view.state is not state and view.ticket == ticket:
+            # CLOSED to CLOSED in one generation: no event, the ticket stays
+            view.state = state
+        return True
 
     def fresh(self, key: str, now: float) -> View | None:
         """``key``'s view if it is fresh at ``now``, else ``None``."""
         view = self.views.get(key)
-        if view is not None and view.at <= now < view.until:
+        if view is not None and self.current(view, now):
             return view
         return None
 
@@ -274,17 +251,6 @@ class LocalView:
         pending.count += 1
         return pending.count >= MAX_PENDING or self.clock() >= pending.due
 
-    def counted(self, key: str, view: View, ticket: Ticket) -> bool | None:
-        """
-        On the in-process store, a fast path's success whose view has no batch, counted as
-        `CircuitBreaker.report` would count it (``view`` is still the key's view, the
-        breaker is open: `close` unsets ``memory``): whether the key's batch is now due.
-        ``None``: `CircuitBreaker.report` decides.
-        """
-        if self.memory is None or self.ttl <= 0 or self.views.get(key) is not view:
-            return None
-        return self.write_behind(view, ticket)
-
     def outdated(self, ticket: Ticket, outcome: Outcome, retry_after: float | None) -> bool:
         """
         Whether the store would drop ``outcome`` of ``ticket`` anyway, as the key's view
@@ -295,7 +261,7 @@ class LocalView:
         if view is None:
             return False
         state = view.state
-        fresh = view.at <= self.clock() < view.until
+        fresh = self.current(view, self.clock())
         if (
             fresh
             and ticket.generation < state.generation
@@ -357,7 +323,7 @@ class LocalView:
 
     def close(self) -> None:
         """From here on every admission and report takes the breaker's general path."""
-        self.memory = None  # nothing renewed or flushed in process: the breaker refuses
+        self.memory = None  # nothing admitted or added in process: the breaker refuses
         for view in self.views.values():
             view.pending = None
         self.stale()
@@ -380,20 +346,16 @@ async def report_error(breaker: CircuitBreaker, ticket: Ticket, exc: BaseExcepti
     await breaker.report(ticket, outcome, retry_after=_hint(exc), error=describe(exc))
 
 
-async def _flush(breaker: CircuitBreaker, key: str) -> None:
-    """Flush ``key``'s due batch: into an in-process store directly, else through the store."""
-    if breaker._local.flush_in_process(key, breaker.policy) is None:
-        await breaker._flush_key(key)
-
-
 class Guard:
     """
     The async context manager returned by `CircuitBreaker.guard`.
 
-    The CLOSED path is inlined: entry is a dict lookup of the key's view and one clock
-    read; a success is one increment of the view's written-behind batch.  Everything
-    else (rejections, store admissions, probes, failures, the first success of a batch)
-    goes through `CircuitBreaker.admit` / `CircuitBreaker.report`.
+    The CLOSED path is inlined.  On the in-process store, entry is a dict lookup of the
+    key's view and one of the stored state (the very object the view shows admits), and
+    a success is added to the stored state at once; elsewhere, entry is the view's lookup
+    and one clock read, and a success one increment of the view's written-behind batch.
+    Everything else (rejections, store admissions, probes, failures, the first success
+    of a batch) goes through `CircuitBreaker.admit` / `CircuitBreaker.report`.
     """
 
     __slots__ = ("_breaker", "_key", "_now", "_view", "ticket")
@@ -407,17 +369,27 @@ class Guard:
 
     async def __aenter__(self) -> Ticket:
         breaker = self._breaker
-        view = breaker._views.get(self._key)
+        key = self._key
+        view = breaker._views.get(key)
         if view is not None:
-            now = breaker._clock()
-            if view.at <= now < view.until or breaker._local.renewed(view, now, breaker.policy):
-                ticket = view.ticket
-                if ticket is not None:
-                    self._view = view
-                    self._now = now
-                    return ticket
+            memory = breaker._local.memory
+            if memory is not None:
+                # MemoryStateStore._holds, inlined: the store holds the view's state
+                if memory._states.get(key) is view.state and not memory._closed:
+                    ticket = view.ticket
+                    if ticket is not None:
+                        self._view = view
+                        return ticket
+            else:
+                now = breaker._clock()
+                if view.at <= now < view.until:
+                    ticket = view.ticket
+                    if ticket is not None:
+                        self._view = view
+                        self._now = now
+                        return ticket
         self._view = None
-        self.ticket = ticket = await breaker.admit(self._key)
+        self.ticket = ticket = await breaker.admit(key)
         return ticket
 
     async def __aexit__(
@@ -428,29 +400,33 @@ class Guard:
     ) -> None:
         # (no __aexit__ without a successful __aenter__, so _view is set)
         view = self._view
+        breaker = self._breaker
         if view is None:
             ticket = self.ticket
         else:
-            if exc is None:
-                pending = view.pending
-                if pending is not None:
-                    # LocalView.write_behind, inlined; the flush deadline is checked
-                    # against the admission time (the one clock read of this call)
-                    count = pending.count = pending.count + 1
-                    if count >= MAX_PENDING or self._now >= pending.due:
-                        await _flush(self._breaker, self._key)
-                    return
             ticket = view.ticket  # type: ignore[assignment]  # fast-path views hand one out
             if exc is None:
-                due = self._breaker._local.counted(self._key, view, ticket)
-                if due is not None:
-                    if due:
-                        await _flush(self._breaker, self._key)
-                    return
+                memory = breaker._local.memory  # unset once the breaker is closed
+                if memory is not None:
+                    # LocalView.added, inlined
+                    state = memory._add_successes(self._key, breaker.policy, ticket.generation, 1)
+                    if state is not None:
+                        if state is not view.state:
+                            view.state = state  # CLOSED to CLOSED in one generation
+                        return
+                else:
+                    pending = view.pending
+                    if pending is not None:
+                        # LocalView.write_behind, inlined; the flush deadline is checked
+                        # against the admission time (the one clock read of this call)
+                        count = pending.count = pending.count + 1
+                        if count >= MAX_PENDING or self._now >= pending.due:
+                            await breaker._flush_key(self._key)
+                        return
         if exc is None:
-            await self._breaker.report(ticket, _SUCCESS)
+            await breaker.report(ticket, _SUCCESS)
         else:
-            await report_error(self._breaker, ticket, exc)
+            await report_error(breaker, ticket, exc)
 
 
 def protected(
@@ -460,33 +436,51 @@ def protected(
     views = breaker._views
     clock = breaker._clock
     local = breaker._local
+    policy = breaker.policy
 
     @functools.wraps(fn)
     async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
         view = views.get(key)
         if view is not None:
-            now = clock()
-            if view.at <= now < view.until or local.renewed(view, now, breaker.policy):
-                ticket = view.ticket
-                if ticket is not None:
-                    try:
-                        result = await fn(*args, **kwargs)
-                    except BaseException as exc:
-                        await report_error(breaker, ticket, exc)
-                        raise
-                    pending = view.pending
-                    if pending is not None:
-                        # as in Guard.__aexit__
-                        count = pending.count = pending.count + 1
-                        if count >= MAX_PENDING or now >= pending.due:
-                            await _flush(breaker, key)
-                        return result
-                    due = local.counted(key, view, ticket)
-                    if due is None:
+            memory = local.memory
+            if memory is not None:
+                if memory._states.get(key) is view.state and not memory._closed:
+                    ticket = view.ticket
+                    if ticket is not None:
+                        try:
+                            result = await fn(*args, **kwargs)
+                        except BaseException as exc:
+                            await report_error(breaker, ticket, exc)
+                            raise
+                        memory = local.memory  # unset once the breaker is closed
+                        if memory is not None:
+                            # as in Guard.__aexit__
+                            state = memory._add_successes(key, policy, ticket.generation, 1)
+                            if state is not None:
+                                if state is not view.state:
+                                    view.state = state
+                                return result
                         await breaker.report(ticket, _SUCCESS)
-                    elif due:
-                        await _flush(breaker, key)
-                    return result
+                        return result
+            else:
+                now = clock()
+                if view.at <= now < view.until:
+                    ticket = view.ticket
+                    if ticket is not None:
+                        try:
+                            result = await fn(*args, **kwargs)
+                        except BaseException as exc:
+                            await report_error(breaker, ticket, exc)
+                            raise
+                        pending = view.pending
+                        if pending is not None:
+                            # as in Guard.__aexit__
+                            count = pending.count = pending.count + 1
+                            if count >= MAX_PENDING or now >= pending.due:
+                                await breaker._flush_key(key)
+                            return result
+                        await breaker.report(ticket, _SUCCESS)
+                        return result
         async with Guard(breaker, key):
             return await fn(*args, **kwargs)
 

@@ -564,7 +564,7 @@ class CircuitBreaker(AsyncResource):
         view = self._views.get(key)
         if view is not None:
             now = self._clock()
-            if view.at <= now < view.until or self._local.renewed(view, now, self.policy):
+            if self._local.current(view, now):
                 ticket = view.ticket
                 if ticket is not None:
                     return ticket
@@ -633,6 +633,8 @@ class CircuitBreaker(AsyncResource):
         if retry_after is not None:
             retry_after = _capped_retry_after(self.policy, key, retry_after)
         view = self._views.get(key)
+        if outcome is _SUCCESS and self._local.added(view, ticket, self.policy):
+            return  # the in-process store: in the stored state at once
         if view is not None and outcome is _SUCCESS and self._ttl > 0:
             pending = view.pending  # LocalView.write_behind's first case, inlined
             if (
@@ -677,9 +679,6 @@ class CircuitBreaker(AsyncResource):
         return state
 
     async def _flush_key(self, key: str) -> CircuitBreakerState | None:
-        state = self._local.flush_in_process(key, self.policy)
-        if state is not None:
-            return state
         reports = self._local.take(key)
         if not reports:
             return None

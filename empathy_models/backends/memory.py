@@ -40,6 +40,7 @@ __all__ = ["MemoryStateStore", "MemoryTelemetryBackend"]
 T = TypeVar("T")
 
 _CLOSED = CircuitState.CLOSED
+_floor = math.floor
 
 _MAX_RUNS = 8
 """A key's tail folds when it would hold more runs (window buckets) than this."""
@@ -168,14 +169,22 @@ class _Tail:
     yet folded into it: runs of successes of the state's generation under ``policy``,
     each ``[bucket, count]`` (its window bucket), in the order added, the last at
     ``now``.  Folded (`circuit._closed_success_runs`), they give exactly the state
-    `record` would have stored for them batch by batch.
+    `record` would have stored for them one by one.  ``state`` is the stored state the
+    tail belongs to (every change of it folds the tail first), ``generation`` its
+    generation, ``width`` the policy's bucket length, ``last`` the last run.
     """
 
-    __slots__ = ("now", "policy", "runs")
+    __slots__ = ("generation", "last", "now", "policy", "runs", "state", "width")
 
-    def __init__(self, policy: BreakerPolicy, bucket: int, count: int, now: float) -> None:
+    def __init__(
+        self, state: CircuitBreakerState, policy: BreakerPolicy, bucket: int, count: int, now: float
+    ) -> None:
+        self.state = state
+        self.generation = state.generation
         self.policy = policy
-        self.runs = [[bucket, count]]
+        self.width = policy.bucket_seconds
+        self.last = [bucket, count]
+        self.runs = [self.last]
         self.now = now
 
 
@@ -286,6 +295,21 @@ class MemoryStateStore(TransactionalStateStore):
         buckets out of the window, the second only adds to the last one and sets the
         time); runs of other buckets are applied in turn when folded.
         """
+        tail = self._tails.get(key)
+        if tail is not None and tail.policy is policy and tail.generation == generation:
+            # the common case: one more success in the last run's bucket
+            now = self._clock()
+            last = tail.last
+            if _floor(now / tail.width) == last[0] and not self._closed:  # as circuit._bucket
+                last[1] += count
+                tail.now = now
+                return tail.state
+        return self._add_to_state(key, policy, generation, count)
+
+    def _add_to_state(
+        self, key: str, policy: BreakerPolicy, generation: int, count: int
+    ) -> CircuitBreakerState | None:
+        """`_add_successes` past its common case."""
         if self._closed:
             return None
         now = self._clock()
@@ -293,17 +317,18 @@ class MemoryStateStore(TransactionalStateStore):
         if state is None:
             state = initial_state(key, now)
         elif state.state is _CLOSED and state.generation == generation:
-            bucket = math.floor(now / policy.bucket_seconds)  # as circuit._bucket
+            bucket = _floor(now / policy.bucket_seconds)  # as circuit._bucket
             tail = self._tails.get(key)
             if tail is None:
-                self._tails[key] = _Tail(policy, bucket, count, now)
+                self._tails[key] = _Tail(state, policy, bucket, count, now)
                 return state
             if tail.policy is policy:
-                last = tail.runs[-1]
+                last = tail.last
                 if last[0] == bucket:
                     last[1] += count
                 elif len(tail.runs) < _MAX_RUNS:
-                    tail.runs.append([bucket, count])
+                    tail.last = [bucket, count]
+                    tail.runs.append(tail.last)
                 else:
                     return self._fold_with(key, tail, bucket, count, now)
                 tail.now = now
