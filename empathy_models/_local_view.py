@@ -27,7 +27,7 @@ from .outcomes import retry_after_of
 from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
 
 if TYPE_CHECKING:
-    from .backends.memory import MemoryStateStore
+    from .backends.memory import MemoryStateStore, _Tail
     from .breaker import CircuitBreaker
     from .circuit import BreakerPolicy
 
@@ -86,10 +86,12 @@ class View:
     batch while this CLOSED view of its generation is the key's current one; it is unset
     when the view is replaced or the batch is flushed, so a guard that admitted from
     this view counts a success with one increment and anything else takes the general
-    path.
+    path.  ``tail`` is, on the in-process store, the stored state's tail of successes
+    as last seen (`MemoryStateStore._add_successes`): while live (its ``state`` is this
+    view's), the store holds this view's state, without a lookup.
     """
 
-    __slots__ = ("at", "pending", "state", "ticket", "until")
+    __slots__ = ("at", "pending", "state", "tail", "ticket", "until")
 
     def __init__(
         self, state: CircuitBreakerState, at: float, until: float, pending: Pending | None
@@ -99,6 +101,7 @@ class View:
         self.until = until
         self.ticket = view_ticket(state)
         self.pending = pending
+        self.tail: _Tail | None = None
 
     def stale(self) -> None:
         """Keep the state (for events and hints) but make the next admission ask the store."""
@@ -170,6 +173,7 @@ class LocalView:
         if view is not None and view.state is not state and view.ticket == ticket:
             # CLOSED to CLOSED in one generation: no event, the ticket stays
             view.state = state
+            view.tail = memory._tail(ticket.key)
         return True
 
     def fresh(self, key: str, now: float) -> View | None:
@@ -375,7 +379,12 @@ class Guard:
             memory = breaker._local.memory
             if memory is not None:
                 # MemoryStateStore._holds, inlined: the store holds the view's state
-                if memory._states.get(key) is view.state and not memory._closed:
+                # (known without a lookup while the tail the view saw is live)
+                tail = view.tail
+                if (
+                    (tail is not None and tail.state is view.state)
+                    or memory._states.get(key) is view.state
+                ) and not memory._closed:
                     ticket = view.ticket
                     if ticket is not None:
                         self._view = view
@@ -409,10 +418,14 @@ class Guard:
                 memory = breaker._local.memory  # unset once the breaker is closed
                 if memory is not None:
                     # LocalView.added, inlined
-                    state = memory._add_successes(self._key, breaker.policy, ticket.generation, 1)
+                    tail = view.tail
+                    state = memory._add_successes(
+                        self._key, breaker.policy, ticket.generation, 1, tail
+                    )
                     if state is not None:
-                        if state is not view.state:
+                        if tail is None or tail.state is not state:
                             view.state = state  # CLOSED to CLOSED in one generation
+                            view.tail = memory._tail(self._key)
                         return
                 else:
                     pending = view.pending
@@ -444,7 +457,11 @@ def protected(
         if view is not None:
             memory = local.memory
             if memory is not None:
-                if memory._states.get(key) is view.state and not memory._closed:
+                tail = view.tail  # as in Guard.__aenter__
+                if (
+                    (tail is not None and tail.state is view.state)
+                    or memory._states.get(key) is view.state
+                ) and not memory._closed:
                     ticket = view.ticket
                     if ticket is not None:
                         try:
@@ -455,10 +472,12 @@ def protected(
                         memory = local.memory  # unset once the breaker is closed
                         if memory is not None:
                             # as in Guard.__aexit__
-                            state = memory._add_successes(key, policy, ticket.generation, 1)
+                            tail = view.tail
+                            state = memory._add_successes(key, policy, ticket.generation, 1, tail)
                             if state is not None:
-                                if state is not view.state:
+                                if tail is None or tail.state is not state:
                                     view.state = state
+                                    view.tail = memory._tail(key)
                                 return result
                         await breaker.report(ticket, _SUCCESS)
                         return result

@@ -170,8 +170,9 @@ class _Tail:
     each ``[bucket, count]`` (its window bucket), in the order added, the last at
     ``now``.  Folded (`circuit._closed_success_runs`), they give exactly the state
     `record` would have stored for them one by one.  ``state`` is the stored state the
-    tail belongs to (every change of it folds the tail first), ``generation`` its
-    generation, ``width`` the policy's bucket length, ``last`` the last run.
+    tail belongs to (every change of it folds the tail first; ``None`` once folded:
+    a breaker's view may keep the tail as a hint), ``generation`` its generation,
+    ``width`` the policy's bucket length, ``last`` the last run.
     """
 
     __slots__ = ("generation", "last", "now", "policy", "runs", "state", "width")
@@ -179,7 +180,7 @@ class _Tail:
     def __init__(
         self, state: CircuitBreakerState, policy: BreakerPolicy, bucket: int, count: int, now: float
     ) -> None:
-        self.state = state
+        self.state: CircuitBreakerState | None = state
         self.generation = state.generation
         self.policy = policy
         self.width = policy.bucket_seconds
@@ -248,6 +249,7 @@ class MemoryStateStore(TransactionalStateStore):
     def _fold(self, key: str) -> CircuitBreakerState:
         """Fold ``key``'s tail into its stored state; return the new state."""
         tail = self._tails.pop(key)
+        tail.state = None  # a hint held elsewhere is no longer live
         state = self._states[key] = _closed_success_runs(
             self._states[key], tail.policy, tail.runs, tail.now
         )
@@ -280,7 +282,12 @@ class MemoryStateStore(TransactionalStateStore):
         )
 
     def _add_successes(
-        self, key: str, policy: BreakerPolicy, generation: int, count: int
+        self,
+        key: str,
+        policy: BreakerPolicy,
+        generation: int,
+        count: int,
+        tail: _Tail | None = None,
     ) -> CircuitBreakerState | None:
         """
         Internal: ``count`` successes of CLOSED tickets of ``generation``, with exactly
@@ -293,9 +300,11 @@ class MemoryStateStore(TransactionalStateStore):
         adding ``c1`` at ``t1`` and then ``c2`` at ``t2`` in the same bucket gives the
         state adding ``c1 + c2`` at ``t2`` gives (the first step already dropped the
         buckets out of the window, the second only adds to the last one and sets the
-        time); runs of other buckets are applied in turn when folded.
+        time); runs of other buckets are applied in turn when folded.  ``tail``: the
+        key's tail as last seen (`_tail`), a hint that spares a lookup while live.
         """
-        tail = self._tails.get(key)
+        if tail is None or tail.state is None:
+            tail = self._tails.get(key)
         if tail is not None and tail.policy is policy and tail.generation == generation:
             # the common case: one more success in the last run's bucket
             now = self._clock()
@@ -305,6 +314,10 @@ class MemoryStateStore(TransactionalStateStore):
                 tail.now = now
                 return tail.state
         return self._add_to_state(key, policy, generation, count)
+
+    def _tail(self, key: str) -> _Tail | None:
+        """Internal: ``key``'s tail, if any (a hint for `_add_successes`)."""
+        return self._tails.get(key)
 
     def _add_to_state(
         self, key: str, policy: BreakerPolicy, generation: int, count: int
