@@ -41,6 +41,7 @@ _DISABLED = CircuitState.DISABLED
 _OPEN = CircuitState.OPEN
 _FORCED_OPEN = CircuitState.FORCED_OPEN
 _SUCCESS = Outcome.SUCCESS
+_floor = math.floor
 
 MAX_PENDING = 1000
 """Written-behind successes of one key are flushed at the latest when this many wait."""
@@ -167,13 +168,18 @@ class LocalView:
         memory = self.memory
         if memory is None or ticket.lease_id is not None:
             return False
-        state = memory._add_successes(ticket.key, policy, ticket.generation, 1)
+        tail = None if view is None else view.tail
+        state = memory._add_successes(ticket.key, policy, ticket.generation, 1, tail)
         if state is None:
             return False
-        if view is not None and view.state is not state and view.ticket == ticket:
-            # CLOSED to CLOSED in one generation: no event, the ticket stays
-            view.state = state
-            view.tail = memory._tail(ticket.key)
+        if view is not None and (tail is None or tail.state is not state):
+            if view.state is not state and view.ticket == ticket:
+                # CLOSED to CLOSED in one generation: no event, the ticket stays
+                view.state = state
+            if view.state is state:
+                # the hint for the next call (only a tail of this breaker's policy)
+                tail = memory._tail(ticket.key)
+                view.tail = tail if tail is not None and tail.policy is policy else None
         return True
 
     def fresh(self, key: str, now: float) -> View | None:
@@ -330,6 +336,7 @@ class LocalView:
         self.memory = None  # nothing admitted or added in process: the breaker refuses
         for view in self.views.values():
             view.pending = None
+            view.tail = None
         self.stale()
 
 
@@ -376,15 +383,16 @@ class Guard:
         key = self._key
         view = breaker._views.get(key)
         if view is not None:
+            tail = view.tail
+            if tail is not None and tail.state is view.state:
+                # the in-process store holds the view's (CLOSED) state: its live tail says
+                # so (a closed store or breaker has killed every tail)
+                self._view = view
+                return view.ticket  # type: ignore[return-value]  # CLOSED views hand one out
             memory = breaker._local.memory
             if memory is not None:
-                # MemoryStateStore._holds, inlined: the store holds the view's state
-                # (known without a lookup while the tail the view saw is live)
-                tail = view.tail
-                if (
-                    (tail is not None and tail.state is view.state)
-                    or memory._states.get(key) is view.state
-                ) and not memory._closed:
+                # MemoryStateStore._holds, inlined
+                if memory._states.get(key) is view.state and not memory._closed:
                     ticket = view.ticket
                     if ticket is not None:
                         self._view = view
@@ -415,17 +423,20 @@ class Guard:
         else:
             ticket = view.ticket  # type: ignore[assignment]  # fast-path views hand one out
             if exc is None:
+                tail = view.tail
+                if tail is not None and tail.state is view.state:
+                    # MemoryStateStore._add_successes' common case, inlined: one more
+                    # success in the bucket of the live tail's last run (the tail's state
+                    # is the view's, of the ticket's generation, under this policy)
+                    now = tail.clock()
+                    last = tail.last
+                    if _floor(now / tail.width) == last[0]:
+                        last[1] += 1
+                        tail.now = now
+                        return
                 memory = breaker._local.memory  # unset once the breaker is closed
                 if memory is not None:
-                    # LocalView.added, inlined
-                    tail = view.tail
-                    state = memory._add_successes(
-                        self._key, breaker.policy, ticket.generation, 1, tail
-                    )
-                    if state is not None:
-                        if tail is None or tail.state is not state:
-                            view.state = state  # CLOSED to CLOSED in one generation
-                            view.tail = memory._tail(self._key)
+                    if breaker._local.added(view, ticket, breaker.policy):
                         return
                 else:
                     pending = view.pending
@@ -455,33 +466,32 @@ def protected(
     async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
         view = views.get(key)
         if view is not None:
-            memory = local.memory
-            if memory is not None:
-                tail = view.tail  # as in Guard.__aenter__
-                if (
-                    (tail is not None and tail.state is view.state)
-                    or memory._states.get(key) is view.state
-                ) and not memory._closed:
-                    ticket = view.ticket
-                    if ticket is not None:
-                        try:
-                            result = await fn(*args, **kwargs)
-                        except BaseException as exc:
-                            await report_error(breaker, ticket, exc)
-                            raise
-                        memory = local.memory  # unset once the breaker is closed
-                        if memory is not None:
-                            # as in Guard.__aexit__
-                            tail = view.tail
-                            state = memory._add_successes(key, policy, ticket.generation, 1, tail)
-                            if state is not None:
-                                if tail is None or tail.state is not state:
-                                    view.state = state
-                                    view.tail = memory._tail(key)
-                                return result
+            tail = view.tail
+            if (tail is not None and tail.state is view.state) or (
+                (memory := local.memory) is not None
+                and memory._states.get(key) is view.state
+                and not memory._closed
+            ):
+                # the in-process store holds the view's state, as in Guard.__aenter__
+                ticket = view.ticket
+                if ticket is not None:
+                    try:
+                        result = await fn(*args, **kwargs)
+                    except BaseException as exc:
+                        await report_error(breaker, ticket, exc)
+                        raise
+                    tail = view.tail  # as in Guard.__aexit__
+                    if tail is not None and tail.state is view.state:
+                        now = tail.clock()
+                        last = tail.last
+                        if _floor(now / tail.width) == last[0]:
+                            last[1] += 1
+                            tail.now = now
+                            return result
+                    if not local.added(view, ticket, policy):
                         await breaker.report(ticket, _SUCCESS)
-                        return result
-            else:
+                    return result
+            elif local.memory is None:
                 now = clock()
                 if view.at <= now < view.until:
                     ticket = view.ticket

@@ -172,14 +172,21 @@ class _Tail:
     `record` would have stored for them one by one.  ``state`` is the stored state the
     tail belongs to (every change of it folds the tail first; ``None`` once folded:
     a breaker's view may keep the tail as a hint), ``generation`` its generation,
-    ``width`` the policy's bucket length, ``last`` the last run.
+    ``width`` the policy's bucket length, ``last`` the last run, ``clock`` the store's.
     """
 
-    __slots__ = ("generation", "last", "now", "policy", "runs", "state", "width")
+    __slots__ = ("clock", "generation", "last", "now", "policy", "runs", "state", "width")
 
     def __init__(
-        self, state: CircuitBreakerState, policy: BreakerPolicy, bucket: int, count: int, now: float
+        self,
+        state: CircuitBreakerState,
+        policy: BreakerPolicy,
+        bucket: int,
+        count: int,
+        now: float,
+        clock: Callable[[], float],
     ) -> None:
+        self.clock = clock
         self.state: CircuitBreakerState | None = state
         self.generation = state.generation
         self.policy = policy
@@ -221,6 +228,10 @@ class MemoryStateStore(TransactionalStateStore):
         shields) unless it overrides this.
         """
         return type(self) is MemoryStateStore
+
+    async def _aclose(self) -> None:
+        for key in list(self._tails):
+            self._fold(key)  # no tail stays live: a breaker's hint no longer admits
 
     async def _transact(
         self,
@@ -333,7 +344,7 @@ class MemoryStateStore(TransactionalStateStore):
             bucket = _floor(now / policy.bucket_seconds)  # as circuit._bucket
             tail = self._tails.get(key)
             if tail is None:
-                self._tails[key] = _Tail(state, policy, bucket, count, now)
+                self._tails[key] = _Tail(state, policy, bucket, count, now, self._clock)
                 return state
             if tail.policy is policy:
                 last = tail.last
