@@ -7,6 +7,11 @@ generation (a `Pending` batch), and decides what `CircuitBreaker.report` may cou
 locally.  `Guard` (``breaker.guard``) and `protected` (``breaker.protect``) are the
 inlined hot path over it: a dict lookup, one clock read, and one increment of the
 view's batch on success; everything else goes through the breaker.
+
+On an in-process `MemoryStateStore` there is no write-behind and no staleness: a view
+admits while the store holds its very state, and a success goes into the stored state
+at once (the store's per-key tail of successes, whose live holder the view keeps as a
+hint: the hot path is then the view's lookup, the store's clock read and one increment).
 """
 
 from __future__ import annotations

@@ -253,9 +253,9 @@ class MemoryStateStore(TransactionalStateStore):
         return list(self._states.values())
 
     # The breaker's in-process path (`CircuitBreaker` on this exact class): a view it
-    # holds is checked against the stored object instead of re-read, and its
-    # written-behind successes are added without building reports or, within one
-    # window bucket, a new state.
+    # holds is checked against the stored object instead of re-read, and each success
+    # is added at once without building a report or, within one window bucket, a new
+    # state (the key's tail; a breaker's view keeps the live tail as a hint).
 
     def _fold(self, key: str) -> CircuitBreakerState:
         """Fold ``key``'s tail into its stored state; return the new state."""
@@ -276,10 +276,10 @@ class MemoryStateStore(TransactionalStateStore):
 
     def _holds(self, state: CircuitBreakerState) -> bool:
         """
-        Internal: whether ``state`` (CLOSED or DISABLED) is still its key's state here,
-        as far as admission goes: the very object stored (successes added since in a
-        tail change counts only), or a fresh CLOSED generation 0 of a key never written
-        (which `admit` answers without storing).  A closed store holds nothing.
+        Internal: whether ``state`` is still its key's state here, as far as admission
+        goes: the very object stored (successes added since in a tail change counts
+        only), or a fresh CLOSED generation 0 of a key never written (which `admit`
+        answers without storing).  A closed store holds nothing.
         """
         current = self._states.get(state.key)
         if current is not None:
