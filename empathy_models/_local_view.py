@@ -434,9 +434,8 @@ class Guard:
                     # success in the bucket of the live tail's last run (the tail's state
                     # is the view's, of the ticket's generation, under this policy)
                     now = tail.clock()
-                    last = tail.last
-                    if _floor(now / tail.width) == last[0]:
-                        last[1] += 1
+                    if _floor(now / tail.width) == tail.bucket:
+                        tail.count += 1
                         tail.now = now
                         return
                 memory = breaker._local.memory  # unset once the breaker is closed
@@ -488,9 +487,8 @@ def protected(
                     tail = view.tail  # as in Guard.__aexit__
                     if tail is not None and tail.state is view.state:
                         now = tail.clock()
-                        last = tail.last
-                        if _floor(now / tail.width) == last[0]:
-                            last[1] += 1
+                        if _floor(now / tail.width) == tail.bucket:
+                            tail.count += 1
                             tail.now = now
                             return result
                     if not local.added(view, ticket, policy):

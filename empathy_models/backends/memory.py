@@ -167,15 +167,26 @@ class _Tail:
     """
     Successes added to a stored CLOSED state by the breaker's in-process path and not
     yet folded into it: runs of successes of the state's generation under ``policy``,
-    each ``[bucket, count]`` (its window bucket), in the order added, the last at
-    ``now``.  Folded (`circuit._closed_success_runs`), they give exactly the state
-    `record` would have stored for them one by one.  ``state`` is the stored state the
+    each ``(bucket, count)`` (its window bucket), in the order added (``runs``, then the
+    last one: ``bucket`` and ``count``), the last at ``now``.  Folded
+    (`circuit._closed_success_runs`), they give exactly the state `record` would have
+    stored for them one by one.  ``state`` is the stored state the
     tail belongs to (every change of it folds the tail first; ``None`` once folded:
     a breaker's view may keep the tail as a hint), ``generation`` its generation,
-    ``width`` the policy's bucket length, ``last`` the last run, ``clock`` the store's.
+    ``width`` the policy's bucket length, ``clock`` the store's.
     """
 
-    __slots__ = ("clock", "generation", "last", "now", "policy", "runs", "state", "width")
+    __slots__ = (
+        "bucket",
+        "clock",
+        "count",
+        "generation",
+        "now",
+        "policy",
+        "runs",
+        "state",
+        "width",
+    )
 
     def __init__(
         self,
@@ -191,8 +202,9 @@ class _Tail:
         self.generation = state.generation
         self.policy = policy
         self.width = policy.bucket_seconds
-        self.last = [bucket, count]
-        self.runs = [self.last]
+        self.bucket = bucket
+        self.count = count
+        self.runs: list[tuple[int, int]] = []
         self.now = now
 
 
@@ -262,7 +274,7 @@ class MemoryStateStore(TransactionalStateStore):
         tail = self._tails.pop(key)
         tail.state = None  # a hint held elsewhere is no longer live
         state = self._states[key] = _closed_success_runs(
-            self._states[key], tail.policy, tail.runs, tail.now
+            self._states[key], tail.policy, [*tail.runs, (tail.bucket, tail.count)], tail.now
         )
         return state
 
@@ -270,7 +282,9 @@ class MemoryStateStore(TransactionalStateStore):
         self, key: str, tail: _Tail, bucket: int, count: int, now: float
     ) -> CircuitBreakerState:
         """Fold ``key``'s tail and one more run (a tail is kept short)."""
-        tail.runs.append([bucket, count])
+        tail.runs.append((tail.bucket, tail.count))
+        tail.bucket = bucket
+        tail.count = count
         tail.now = now
         return self._fold(key)
 
@@ -319,9 +333,8 @@ class MemoryStateStore(TransactionalStateStore):
         if tail is not None and tail.policy is policy and tail.generation == generation:
             # the common case: one more success in the last run's bucket
             now = self._clock()
-            last = tail.last
-            if _floor(now / tail.width) == last[0] and not self._closed:  # as circuit._bucket
-                last[1] += count
+            if _floor(now / tail.width) == tail.bucket and not self._closed:  # circuit._bucket
+                tail.count += count
                 tail.now = now
                 return tail.state
         return self._add_to_state(key, policy, generation, count)
@@ -347,12 +360,12 @@ class MemoryStateStore(TransactionalStateStore):
                 self._tails[key] = _Tail(state, policy, bucket, count, now, self._clock)
                 return state
             if tail.policy is policy:
-                last = tail.last
-                if last[0] == bucket:
-                    last[1] += count
-                elif len(tail.runs) < _MAX_RUNS:
-                    tail.last = [bucket, count]
-                    tail.runs.append(tail.last)
+                if tail.bucket == bucket:
+                    tail.count += count
+                elif len(tail.runs) + 1 < _MAX_RUNS:
+                    tail.runs.append((tail.bucket, tail.count))
+                    tail.bucket = bucket
+                    tail.count = count
                 else:
                     return self._fold_with(key, tail, bucket, count, now)
                 tail.now = now
