@@ -46,7 +46,6 @@ _DISABLED = CircuitState.DISABLED
 _OPEN = CircuitState.OPEN
 _FORCED_OPEN = CircuitState.FORCED_OPEN
 _SUCCESS = Outcome.SUCCESS
-_floor = math.floor
 
 MAX_PENDING = 1000
 """Written-behind successes of one key are flushed at the latest when this many wait."""
@@ -434,7 +433,7 @@ class Guard:
                     # success in the bucket of the live tail's last run (the tail's state
                     # is the view's, of the ticket's generation, under this policy)
                     now = tail.clock()
-                    if _floor(now / tail.width) == tail.bucket:
+                    if tail.lo <= now < tail.end:
                         tail.count += 1
                         tail.now = now
                         return
@@ -487,7 +486,7 @@ def protected(
                     tail = view.tail  # as in Guard.__aexit__
                     if tail is not None and tail.state is view.state:
                         now = tail.clock()
-                        if _floor(now / tail.width) == tail.bucket:
+                        if tail.lo <= now < tail.end:
                             tail.count += 1
                             tail.now = now
                             return result

@@ -285,3 +285,20 @@ async def test_protect_on_many_keys_counts_every_success() -> None:
         stored = {s.key: s.window_calls for s in await store.snapshot_all()}
         assert stored == dict.fromkeys(keys, 7)
     assert {s.window_calls for s in await store.snapshot_all()} == {7}
+
+
+def test_a_tails_bucket_end_is_exactly_where_the_window_bucket_changes() -> None:
+    """The hot path checks ``lo <= now < end`` instead of computing the bucket: ``end``
+    must be the least time whose bucket (as the machine computes it) is the next one."""
+    import math
+
+    from empathy_models.backends.memory import _bucket_end
+
+    rng = random.Random(7)
+    for _ in range(2_000):
+        width = rng.choice([POLICY.bucket_seconds, 0.1, 1 / 3, 7.7, 60.0, 1e-3])
+        now = rng.uniform(1.6e9, 1.9e9) * rng.choice([1.0, 1e-6])
+        bucket = math.floor(now / width)
+        end = _bucket_end(bucket, width)
+        assert math.floor(end / width) == bucket + 1
+        assert math.floor(math.nextafter(end, -math.inf) / width) == bucket

@@ -163,6 +163,20 @@ class MemoryTelemetryBackend(TelemetryBackend):
         return removed
 
 
+def _bucket_end(bucket: int, width: float) -> float:
+    """
+    The least time whose window bucket (``floor(t / width)``, as `circuit._bucket`) is
+    past ``bucket``: as that floor never decreases with ``t``, a time below it and at or
+    above one known to be in ``bucket`` is in ``bucket``.
+    """
+    end = (bucket + 1) * width
+    while _floor(end / width) > bucket:
+        end = math.nextafter(end, -math.inf)
+    while _floor(end / width) <= bucket:
+        end = math.nextafter(end, math.inf)
+    return end
+
+
 class _Tail:
     """
     Successes added to a stored CLOSED state by the breaker's in-process path and not
@@ -173,14 +187,17 @@ class _Tail:
     stored for them one by one.  ``state`` is the stored state the
     tail belongs to (every change of it folds the tail first; ``None`` once folded:
     a breaker's view may keep the tail as a hint), ``generation`` its generation,
-    ``width`` the policy's bucket length, ``clock`` the store's.
+    ``width`` the policy's bucket length, ``clock`` the store's; every time from ``lo``
+    (a time of the last run) up to ``end`` (exclusive) is in the last run's bucket.
     """
 
     __slots__ = (
         "bucket",
         "clock",
         "count",
+        "end",
         "generation",
+        "lo",
         "now",
         "policy",
         "runs",
@@ -205,6 +222,8 @@ class _Tail:
         self.bucket = bucket
         self.count = count
         self.runs: list[tuple[int, int]] = []
+        self.lo = now
+        self.end = _bucket_end(bucket, self.width)
         self.now = now
 
 
@@ -333,7 +352,7 @@ class MemoryStateStore(TransactionalStateStore):
         if tail is not None and tail.policy is policy and tail.generation == generation:
             # the common case: one more success in the last run's bucket
             now = self._clock()
-            if _floor(now / tail.width) == tail.bucket and not self._closed:  # circuit._bucket
+            if tail.lo <= now < tail.end and not self._closed:  # in the last run's bucket
                 tail.count += count
                 tail.now = now
                 return tail.state
@@ -366,6 +385,8 @@ class MemoryStateStore(TransactionalStateStore):
                     tail.runs.append((tail.bucket, tail.count))
                     tail.bucket = bucket
                     tail.count = count
+                    tail.lo = now
+                    tail.end = _bucket_end(bucket, tail.width)
                 else:
                     return self._fold_with(key, tail, bucket, count, now)
                 tail.now = now
