@@ -18,8 +18,9 @@ one decorated function (one circuit) per key, the same key count, in the same ru
 harness coroutine picks the next key from its own cycle (the baseline too), so the
 overhead is what the breaker adds for a key used every N calls.  Every key is used twice
 before timing, half a second apart (its state is then stored); with 100k keys a key is
-then used about once a second, so its local view has expired and its written-behind
-success is due between uses (what a rarely used key costs).
+then used about once a second (what a rarely used key costs: on a shared store its local
+view would have expired; the memory store keeps no view staleness or write-behind, and
+adds each success to the stored state at once).
 
 Run: ``python -m benchmarks.bench_breaker [--quick] [--keys]``
 """

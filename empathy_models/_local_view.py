@@ -7,6 +7,11 @@ generation (a `Pending` batch), and decides what `CircuitBreaker.report` may cou
 locally.  `Guard` (``breaker.guard``) and `protected` (``breaker.protect``) are the
 inlined hot path over it: a dict lookup, one clock read, and one increment of the
 view's batch on success; everything else goes through the breaker.
+
+On an in-process `MemoryStateStore` there is no write-behind and no staleness: a view
+admits while the store holds its very state, and a success goes into the stored state
+at once (the store's per-key tail of successes, whose live holder the view keeps as a
+hint: the hot path is then the view's lookup, the store's clock read and one increment).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from .outcomes import retry_after_of
 from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
 
 if TYPE_CHECKING:
-    from .backends.memory import MemoryStateStore
+    from .backends.memory import MemoryStateStore, _Tail
     from .breaker import CircuitBreaker
     from .circuit import BreakerPolicy
 
@@ -86,10 +91,12 @@ class View:
     batch while this CLOSED view of its generation is the key's current one; it is unset
     when the view is replaced or the batch is flushed, so a guard that admitted from
     this view counts a success with one increment and anything else takes the general
-    path.
+    path.  ``tail`` is, on the in-process store, the stored state's tail of successes
+    as last seen (`MemoryStateStore._add_successes`): while live (its ``state`` is this
+    view's), the store holds this view's state, without a lookup.
     """
 
-    __slots__ = ("at", "pending", "state", "ticket", "until")
+    __slots__ = ("at", "pending", "state", "tail", "ticket", "until")
 
     def __init__(
         self, state: CircuitBreakerState, at: float, until: float, pending: Pending | None
@@ -99,6 +106,7 @@ class View:
         self.until = until
         self.ticket = view_ticket(state)
         self.pending = pending
+        self.tail: _Tail | None = None
 
     def stale(self) -> None:
         """Keep the state (for events and hints) but make the next admission ask the store."""
@@ -116,10 +124,10 @@ class LocalView:
     """
     The views and written-behind batches of one breaker.
 
-    With an in-process `MemoryStateStore` (``memory``), an expired CLOSED or DISABLED
-    view that is still the very state the store holds is renewed instead of re-read,
-    and a batch is applied to the store's state directly (`renewed`, `flush_in_process`):
-    the store answers exactly what those round trips would have, without them.
+    With an in-process `MemoryStateStore` (``memory``) there is no write-behind and no
+    staleness: a view is current exactly while the store holds its very state object
+    (`current`), and a success goes into the stored state at once (`added`), so every
+    breaker sharing the store sees it at once.
 
     Args:
         clock: UTC epoch seconds (the breaker's clock).
@@ -144,61 +152,44 @@ class LocalView:
         self.views: dict[str, View] = {}
         self.pending: dict[str, Pending] = {}
 
-    def renewed(self, view: View, now: float, policy: BreakerPolicy) -> bool:
+    def current(self, view: View, now: float) -> bool:
         """
-        Whether the in-process store still holds exactly ``view``'s CLOSED or DISABLED
-        state: then the key's batch is flushed, as the store admission the breaker
-        would make first does, and the view is fresh again from ``now`` (its ticket is
-        what that admission would hand out).
+        Whether ``view`` may answer an admission at ``now``: on the in-process store,
+        while the store holds its very state (read, not timed); elsewhere while fresh.
         """
         memory = self.memory
-        if memory is None or view.ticket is None or not memory._holds(view.state):
+        if memory is not None:
+            return memory._holds(view.state)
+        return view.at <= now < view.until
+
+    def added(self, view: View | None, ticket: Ticket, policy: BreakerPolicy) -> bool:
+        """
+        On the in-process store, the success of ``ticket`` (not a probe's) added to the
+        stored state at once, exactly as `record` would; ``view`` (the key's, if any)
+        then shows the stored object.  False (nothing done): `CircuitBreaker.report`
+        decides (another generation, a state that is not CLOSED, a closed store).
+        """
+        memory = self.memory
+        if memory is None or ticket.lease_id is not None:
             return False
-        key = view.state.key
-        pending = self.pending.get(key)
-        if pending is not None and self._flush_view(key, view, pending, policy) is None:
-            return False  # not a batch of this view's generation: the general path
-        view.at = now
-        view.until = now + self.ttl
-        return True
-
-    def flush_in_process(self, key: str, policy: BreakerPolicy) -> CircuitBreakerState | None:
-        """
-        Apply ``key``'s batch to the in-process store's state directly, as `record`
-        would, and make the answer the key's view; ``None`` (nothing done) unless there
-        is a batch, of the CLOSED generation the view shows and the store holds.
-        """
-        pending = self.pending.get(key)
-        view = self.views.get(key)
-        if self.memory is None or pending is None or view is None:
-            return None
-        return self._flush_view(key, view, pending, policy)
-
-    def _flush_view(
-        self, key: str, view: View, pending: Pending, policy: BreakerPolicy
-    ) -> CircuitBreakerState | None:
-        """`flush_in_process` of ``key``'s ``pending`` batch with its current ``view``."""
-        shown = view.state
-        if shown.state is not _CLOSED or shown.generation != pending.generation:
-            return None
-        assert self.memory is not None
-        state = self.memory._add_successes(key, policy, pending.generation, pending.count)
+        tail = None if view is None else view.tail
+        state = memory._add_successes(ticket.key, policy, ticket.generation, 1, tail)
         if state is None:
-            return None
-        del self.pending[key]
-        # CLOSED to CLOSED in one generation: no event, the ticket stays; guards admitted
-        # from this view take the general path, as after `adopt`
-        view.pending = None
-        view.state = state
-        now = self.clock()
-        view.at = now
-        view.until = now + self.ttl
-        return state
+            return False
+        if view is not None and (tail is None or tail.state is not state):
+            if view.state is not state and view.ticket == ticket:
+                # CLOSED to CLOSED in one generation: no event, the ticket stays
+                view.state = state
+            if view.state is state:
+                # the hint for the next call (only a tail of this breaker's policy)
+                tail = memory._tail(ticket.key)
+                view.tail = tail if tail is not None and tail.policy is policy else None
+        return True
 
     def fresh(self, key: str, now: float) -> View | None:
         """``key``'s view if it is fresh at ``now``, else ``None``."""
         view = self.views.get(key)
-        if view is not None and view.at <= now < view.until:
+        if view is not None and self.current(view, now):
             return view
         return None
 
@@ -274,17 +265,6 @@ class LocalView:
         pending.count += 1
         return pending.count >= MAX_PENDING or self.clock() >= pending.due
 
-    def counted(self, key: str, view: View, ticket: Ticket) -> bool | None:
-        """
-        On the in-process store, a fast path's success whose view has no batch, counted as
-        `CircuitBreaker.report` would count it (``view`` is still the key's view, the
-        breaker is open: `close` unsets ``memory``): whether the key's batch is now due.
-        ``None``: `CircuitBreaker.report` decides.
-        """
-        if self.memory is None or self.ttl <= 0 or self.views.get(key) is not view:
-            return None
-        return self.write_behind(view, ticket)
-
     def outdated(self, ticket: Ticket, outcome: Outcome, retry_after: float | None) -> bool:
         """
         Whether the store would drop ``outcome`` of ``ticket`` anyway, as the key's view
@@ -295,7 +275,7 @@ class LocalView:
         if view is None:
             return False
         state = view.state
-        fresh = view.at <= self.clock() < view.until
+        fresh = self.current(view, self.clock())
         if (
             fresh
             and ticket.generation < state.generation
@@ -357,9 +337,10 @@ class LocalView:
 
     def close(self) -> None:
         """From here on every admission and report takes the breaker's general path."""
-        self.memory = None  # nothing renewed or flushed in process: the breaker refuses
+        self.memory = None  # nothing admitted or added in process: the breaker refuses
         for view in self.views.values():
             view.pending = None
+            view.tail = None
         self.stale()
 
 
@@ -380,20 +361,16 @@ async def report_error(breaker: CircuitBreaker, ticket: Ticket, exc: BaseExcepti
     await breaker.report(ticket, outcome, retry_after=_hint(exc), error=describe(exc))
 
 
-async def _flush(breaker: CircuitBreaker, key: str) -> None:
-    """Flush ``key``'s due batch: into an in-process store directly, else through the store."""
-    if breaker._local.flush_in_process(key, breaker.policy) is None:
-        await breaker._flush_key(key)
-
-
 class Guard:
     """
     The async context manager returned by `CircuitBreaker.guard`.
 
-    The CLOSED path is inlined: entry is a dict lookup of the key's view and one clock
-    read; a success is one increment of the view's written-behind batch.  Everything
-    else (rejections, store admissions, probes, failures, the first success of a batch)
-    goes through `CircuitBreaker.admit` / `CircuitBreaker.report`.
+    The CLOSED path is inlined.  On the in-process store, entry is a dict lookup of the
+    key's view and one of the stored state (the very object the view shows admits), and
+    a success is added to the stored state at once; elsewhere, entry is the view's lookup
+    and one clock read, and a success one increment of the view's written-behind batch.
+    Everything else (rejections, store admissions, probes, failures, the first success
+    of a batch) goes through `CircuitBreaker.admit` / `CircuitBreaker.report`.
     """
 
     __slots__ = ("_breaker", "_key", "_now", "_view", "ticket")
@@ -407,17 +384,33 @@ class Guard:
 
     async def __aenter__(self) -> Ticket:
         breaker = self._breaker
-        view = breaker._views.get(self._key)
+        key = self._key
+        view = breaker._views.get(key)
         if view is not None:
-            now = breaker._clock()
-            if view.at <= now < view.until or breaker._local.renewed(view, now, breaker.policy):
-                ticket = view.ticket
-                if ticket is not None:
-                    self._view = view
-                    self._now = now
-                    return ticket
+            tail = view.tail
+            if tail is not None and tail.state is view.state:
+                # the in-process store holds the view's (CLOSED) state: its live tail says
+                # so (a closed store or breaker has killed every tail)
+                self._view = view
+                return view.ticket  # type: ignore[return-value]  # CLOSED views hand one out
+            memory = breaker._local.memory
+            if memory is not None:
+                # MemoryStateStore._holds, inlined
+                if memory._states.get(key) is view.state and not memory._closed:
+                    ticket = view.ticket
+                    if ticket is not None:
+                        self._view = view
+                        return ticket
+            else:
+                now = breaker._clock()
+                if view.at <= now < view.until:
+                    ticket = view.ticket
+                    if ticket is not None:
+                        self._view = view
+                        self._now = now
+                        return ticket
         self._view = None
-        self.ticket = ticket = await breaker.admit(self._key)
+        self.ticket = ticket = await breaker.admit(key)
         return ticket
 
     async def __aexit__(
@@ -428,29 +421,39 @@ class Guard:
     ) -> None:
         # (no __aexit__ without a successful __aenter__, so _view is set)
         view = self._view
+        breaker = self._breaker
         if view is None:
             ticket = self.ticket
         else:
-            if exc is None:
-                pending = view.pending
-                if pending is not None:
-                    # LocalView.write_behind, inlined; the flush deadline is checked
-                    # against the admission time (the one clock read of this call)
-                    count = pending.count = pending.count + 1
-                    if count >= MAX_PENDING or self._now >= pending.due:
-                        await _flush(self._breaker, self._key)
-                    return
             ticket = view.ticket  # type: ignore[assignment]  # fast-path views hand one out
             if exc is None:
-                due = self._breaker._local.counted(self._key, view, ticket)
-                if due is not None:
-                    if due:
-                        await _flush(self._breaker, self._key)
-                    return
+                tail = view.tail
+                if tail is not None and tail.state is view.state:
+                    # MemoryStateStore._add_successes' common case, inlined: one more
+                    # success in the bucket of the live tail's last run (the tail's state
+                    # is the view's, of the ticket's generation, under this policy)
+                    now = tail.clock()
+                    if tail.lo <= now < tail.end:
+                        tail.count += 1
+                        tail.now = now
+                        return
+                memory = breaker._local.memory  # unset once the breaker is closed
+                if memory is not None:
+                    if breaker._local.added(view, ticket, breaker.policy):
+                        return
+                else:
+                    pending = view.pending
+                    if pending is not None:
+                        # LocalView.write_behind, inlined; the flush deadline is checked
+                        # against the admission time (the one clock read of this call)
+                        count = pending.count = pending.count + 1
+                        if count >= MAX_PENDING or self._now >= pending.due:
+                            await breaker._flush_key(self._key)
+                        return
         if exc is None:
-            await self._breaker.report(ticket, _SUCCESS)
+            await breaker.report(ticket, _SUCCESS)
         else:
-            await report_error(self._breaker, ticket, exc)
+            await report_error(breaker, ticket, exc)
 
 
 def protected(
@@ -460,13 +463,19 @@ def protected(
     views = breaker._views
     clock = breaker._clock
     local = breaker._local
+    policy = breaker.policy
 
     @functools.wraps(fn)
     async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
         view = views.get(key)
         if view is not None:
-            now = clock()
-            if view.at <= now < view.until or local.renewed(view, now, breaker.policy):
+            tail = view.tail
+            if (tail is not None and tail.state is view.state) or (
+                (memory := local.memory) is not None
+                and memory._states.get(key) is view.state
+                and not memory._closed
+            ):
+                # the in-process store holds the view's state, as in Guard.__aenter__
                 ticket = view.ticket
                 if ticket is not None:
                     try:
@@ -474,19 +483,35 @@ def protected(
                     except BaseException as exc:
                         await report_error(breaker, ticket, exc)
                         raise
-                    pending = view.pending
-                    if pending is not None:
-                        # as in Guard.__aexit__
-                        count = pending.count = pending.count + 1
-                        if count >= MAX_PENDING or now >= pending.due:
-                            await _flush(breaker, key)
-                        return result
-                    due = local.counted(key, view, ticket)
-                    if due is None:
+                    tail = view.tail  # as in Guard.__aexit__
+                    if tail is not None and tail.state is view.state:
+                        now = tail.clock()
+                        if tail.lo <= now < tail.end:
+                            tail.count += 1
+                            tail.now = now
+                            return result
+                    if not local.added(view, ticket, policy):
                         await breaker.report(ticket, _SUCCESS)
-                    elif due:
-                        await _flush(breaker, key)
                     return result
+            elif local.memory is None:
+                now = clock()
+                if view.at <= now < view.until:
+                    ticket = view.ticket
+                    if ticket is not None:
+                        try:
+                            result = await fn(*args, **kwargs)
+                        except BaseException as exc:
+                            await report_error(breaker, ticket, exc)
+                            raise
+                        pending = view.pending
+                        if pending is not None:
+                            # as in Guard.__aexit__
+                            count = pending.count = pending.count + 1
+                            if count >= MAX_PENDING or now >= pending.due:
+                                await breaker._flush_key(key)
+                            return result
+                        await breaker.report(ticket, _SUCCESS)
+                        return result
         async with Guard(breaker, key):
             return await fn(*args, **kwargs)
 

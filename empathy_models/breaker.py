@@ -40,14 +40,17 @@ seconds**; a failure or a probe counts fleet-wide at once; a success reaches the
 within ``flush_interval``.  ``local_view_ttl=0`` asks the store on every admission and
 writes every outcome inline (the exact, slow mode).
 
-**On an in-process `MemoryStateStore`** (that class itself, given or the default), the
-breaker does not make those round trips: an expired CLOSED or DISABLED view whose state
-is still the very object the store holds is renewed (the key's batch flushed first, as
-the admission would), and a batch goes into the stored state directly.  Stored
+**On an in-process `MemoryStateStore`** (that class itself, given or the default),
+there is nothing to gain from a local view or write-behind, and the breaker keeps
+neither, whatever ``local_view_ttl``: every admission reads the stored state (a view
+admits while the store holds its very state object; otherwise the store answers), and
+every success is added to the stored state when the call ends, so breakers sharing the
+store see each other's changes at once (the exact mode, at in-memory cost).  Stored
 successes within one window bucket are kept as a count and folded into the state before
-any other operation reads it.  What the store holds and every call's fate are exactly
-what the round trips would give (the tests run both side by side); a rarely used key
-costs a few microseconds instead of ~15, however many keys there are.
+any other operation reads it; a view keeps that count's holder as a hint, so a CLOSED
+call is one dict lookup however many keys there are.  What the store holds and every
+call's fate are exactly what the general path gives with each success sent at once (the
+tests run both side by side).
 
 **Degraded mode.**  When the store raises `BackendError` (other than
 `BackendClosedError`) or `OSError` (which covers `ConnectionError` and `TimeoutError`),
@@ -564,7 +567,7 @@ class CircuitBreaker(AsyncResource):
         view = self._views.get(key)
         if view is not None:
             now = self._clock()
-            if view.at <= now < view.until or self._local.renewed(view, now, self.policy):
+            if self._local.current(view, now):
                 ticket = view.ticket
                 if ticket is not None:
                     return ticket
@@ -633,6 +636,8 @@ class CircuitBreaker(AsyncResource):
         if retry_after is not None:
             retry_after = _capped_retry_after(self.policy, key, retry_after)
         view = self._views.get(key)
+        if outcome is _SUCCESS and self._local.added(view, ticket, self.policy):
+            return  # the in-process store: in the stored state at once
         if view is not None and outcome is _SUCCESS and self._ttl > 0:
             pending = view.pending  # LocalView.write_behind's first case, inlined
             if (
@@ -677,9 +682,6 @@ class CircuitBreaker(AsyncResource):
         return state
 
     async def _flush_key(self, key: str) -> CircuitBreakerState | None:
-        state = self._local.flush_in_process(key, self.policy)
-        if state is not None:
-            return state
         reports = self._local.take(key)
         if not reports:
             return None

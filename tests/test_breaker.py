@@ -436,10 +436,20 @@ def test_key_for() -> None:
 # --------------------------------------------------------------------------- local view
 
 
+class _NetworkLikeStore(MemoryStateStore):
+    """
+    A subclass of the memory store: the breaker takes its general path on it (local
+    views trusted for ``local_view_ttl``, successes written behind), as on a network
+    store.  On `MemoryStateStore` itself every admission reads the stored state and
+    every success is added at once, so the staleness bound and the write-behind these
+    tests pin can only be seen on a subclass.
+    """
+
+
 async def test_another_breaker_on_the_store_sees_a_trip_within_the_view_ttl(
     clock: FakeClock,
 ) -> None:
-    store = MemoryStateStore(clock=clock)
+    store = _NetworkLikeStore(clock=clock)
     a = CircuitBreaker(store, POLICY, clock=clock, local_view_ttl=1.0)
     b = CircuitBreaker(store, POLICY, clock=clock, local_view_ttl=1.0)
     exact = CircuitBreaker(store, POLICY, clock=clock, local_view_ttl=0)
@@ -461,10 +471,30 @@ async def test_another_breaker_on_the_store_sees_a_trip_within_the_view_ttl(
         assert status.state is CircuitState.OPEN and status.window_calls == 4
 
 
-async def test_written_behind_successes_reach_the_store_on_interval_and_close(
+async def test_another_breaker_on_the_memory_store_sees_a_trip_at_once(
     clock: FakeClock,
 ) -> None:
     store = MemoryStateStore(clock=clock)
+    a = CircuitBreaker(store, POLICY, clock=clock, local_view_ttl=1.0)
+    b = CircuitBreaker(store, POLICY, clock=clock, local_view_ttl=1.0)
+    async with a, b:
+        await succeed(b)
+        assert (await store.snapshot(KEY)).window_calls == 1  # in the store at once
+        for _ in range(3):
+            await fail(a)
+        with pytest.raises(CircuitOpenError):
+            await b.admit(KEY)  # b's view is no longer the stored state: b reads it
+        with pytest.raises(CircuitOpenError):
+            async with b.guard(KEY):
+                pass  # pragma: no cover
+        status = await store.snapshot(KEY)
+        assert status.state is CircuitState.OPEN and status.window_calls == 4
+
+
+async def test_written_behind_successes_reach_the_store_on_interval_and_close(
+    clock: FakeClock,
+) -> None:
+    store = _NetworkLikeStore(clock=clock)  # MemoryStateStore itself writes at once
     breaker = CircuitBreaker(store, POLICY, clock=clock, flush_interval=0.5)
     async with breaker:
         await succeed(breaker)

@@ -1,14 +1,15 @@
 """
 The breaker's in-process path on a `MemoryStateStore`, through the public API.
 
-On that exact class an expired view still holding the stored state is renewed instead
-of re-read, and written-behind successes go to the stored state directly (a per-key
-tail folded into it before any other operation).  These tests pin that it changes
-nothing a caller can see: a reference breaker runs the same calls on a subclass of the
-store (which takes the general path: admissions and batches through the store's own
-operations), and every state the store shows must be the same; many keys behave like
-one; breakers sharing one store see each other's changes as before; a closed store or
-breaker refuses as before.
+On that exact class an admission reads the stored state (a view admits while the store
+holds its very state object) and a success is added to the stored state at once (a
+per-key tail folded into it before any other operation), whatever ``local_view_ttl``.
+These tests pin that it changes nothing a caller can see but timing: a reference breaker
+runs the same calls on a subclass of the store (which takes the general path:
+admissions and batches through the store's own operations), flushed after each of its
+calls (so its successes reach the store when ours do), and every state the store shows
+must be the same; many keys behave like one; breakers sharing one store see each
+other's changes at once; a closed store or breaker refuses as before.
 """
 
 from __future__ import annotations
@@ -77,6 +78,14 @@ async def _call(breaker: CircuitBreaker, key: str, fail: bool) -> str:
     return "ok"
 
 
+async def _flushed_call(breaker: CircuitBreaker, key: str, fail: bool) -> str:
+    """`_call` on the reference breaker, its written-behind success flushed at once (the
+    in-process path adds a success to the store when the call ends)."""
+    fate = await _call(breaker, key, fail)
+    await breaker.flush()
+    return fate
+
+
 def _pair(clock: FakeClock, **kwargs: Any) -> tuple[CircuitBreaker, MemoryStateStore, Any]:
     store = MemoryStateStore(clock=clock)
     reference = GeneralPathStore(clock=clock)
@@ -96,9 +105,9 @@ def test_the_in_process_path_is_taken_only_on_the_memory_store_itself() -> None:
 async def test_random_calls_leave_the_same_states_as_the_general_path(
     seed: int, ttl: float
 ) -> None:
-    """Successes, failures, clock steps (across window buckets, views and flushes, and
+    """Successes, failures, clock steps (across window buckets and views, and
     backwards), status reads, resets and forced states: every state the store shows,
-    and every call's fate, as on the general path."""
+    and every call's fate, as on the general path with each batch flushed at once."""
     rng = random.Random(seed)
     clock = FakeClock()
     ours, store, (theirs, reference) = _pair(clock, local_view_ttl=ttl, flush_interval=0.5)
@@ -109,7 +118,8 @@ async def test_random_calls_leave_the_same_states_as_the_general_path(
             roll = rng.random()
             if roll < 0.6:
                 fail = rng.random() < 0.15
-                assert await _call(ours, key, fail) == await _call(theirs, key, fail), step
+                fate = await _flushed_call(theirs, key, fail)
+                assert await _call(ours, key, fail) == fate, step
             elif roll < 0.85:
                 clock.advance(rng.choice([0.05, 0.3, 0.6, 1.2, 4.0, 11.0]))
             elif roll < 0.88:
@@ -137,9 +147,9 @@ async def test_random_calls_leave_the_same_states_as_the_general_path(
 
 
 async def test_twenty_thousand_keys_behave_like_one() -> None:
-    """Every key used round-robin with its view expired and its batch due between uses:
-    each counts, trips at the threshold, rejects, probes and closes like a lone key on
-    the general path."""
+    """Every key used round-robin, each a second and a half apart (a view on the general
+    path would have expired): each counts, trips at the threshold, rejects, probes and
+    closes like a lone key on the general path."""
     clock = FakeClock()
     many = [f"provider:model-{i}" for i in range(20_000)]
     ours, store, (theirs, _) = _pair(clock)
@@ -150,7 +160,8 @@ async def test_twenty_thousand_keys_behave_like_one() -> None:
                     pass
             async with theirs.guard(KEY):
                 pass
-            clock.advance(1.5)  # every view expired, every batch due
+            await theirs.flush()  # ours are in the store at once
+            clock.advance(1.5)  # every view expired (on the general path)
         sample = many[::1_999]
         expected = _shown(await theirs.get_status(KEY))
         for key in sample:
@@ -184,28 +195,21 @@ async def test_two_breakers_sharing_one_memory_store_see_each_others_state() -> 
     async with a, b:
         assert await _call(b, KEY, False) == "ok"  # b's view: CLOSED
         assert await _call(a, KEY, False) == "ok"
-        clock.advance(0.6)
-        assert await _call(a, KEY, False) == "ok"  # a's batch (2) is due: in the store
-        assert (await store.snapshot(KEY)).window_calls == 2
+        assert (await store.snapshot(KEY)).window_calls == 2  # each success at once
         for _ in range(3):
             assert await _call(a, KEY, True) == "failed"
         assert (await store.snapshot(KEY)).state is CircuitState.OPEN
-        # within local_view_ttl b may still admit from its view (the staleness bound)
-        assert await _call(b, KEY, False) == "ok"
-        clock.advance(0.5)
-        # b's view expired: the store no longer holds the state it showed, so b asks
+        # no staleness bound on the memory store: b's view is no longer the stored
+        # state, so b reads the store and is rejected at once
         assert await _call(b, KEY, False) == "rejected"
         await a.reset(KEY)
-        clock.advance(1.1)
         assert await _call(b, KEY, False) == "ok"
         assert await _call(a, KEY, False) == "ok"
         clock.advance(1.1)
-        # the first call after a view expired flushes the key's batch (the admission the
-        # general path makes would); the call's own success starts a new one
         assert await _call(a, KEY, False) == "ok"
         assert await _call(b, KEY, False) == "ok"
-        assert (await store.snapshot(KEY)).window_calls == 2
-        await a.flush()
+        assert (await store.snapshot(KEY)).window_calls == 4
+        await a.flush()  # nothing is waiting
         await b.flush()
         assert (await store.snapshot(KEY)).window_calls == 4
         # a's successes in the store count before b's failures (they were added first)
@@ -216,9 +220,9 @@ async def test_two_breakers_sharing_one_memory_store_see_each_others_state() -> 
         assert status.state is CircuitState.CLOSED
 
 
-async def test_a_trip_by_another_breaker_is_seen_when_the_view_expires_even_if_unused() -> None:
-    """The renewal compares the very state stored: a change made and undone by another
-    breaker meanwhile still makes the view stale (a new generation)."""
+async def test_a_change_by_another_breaker_is_seen_even_if_undone() -> None:
+    """Admission compares the very state stored: a change made and undone by another
+    breaker meanwhile still makes the view outdated (a new generation)."""
     clock = FakeClock()
     store = MemoryStateStore(clock=clock)
     a = CircuitBreaker(store, POLICY, clock=clock)
@@ -228,18 +232,16 @@ async def test_a_trip_by_another_breaker_is_seen_when_the_view_expires_even_if_u
         first = (await b.get_status(KEY)).generation
         await a.force_open(KEY)
         await a.reset(KEY)
-        clock.advance(1.1)
         async with b.guard(KEY) as ticket:
             assert ticket.generation == first + 2  # b adopted the store's new generation
 
 
-async def test_a_store_closed_by_its_owner_refuses_once_the_view_expires() -> None:
+async def test_a_store_closed_by_its_owner_refuses_at_once() -> None:
     clock = FakeClock()
     store = MemoryStateStore(clock=clock)
     breaker = CircuitBreaker(store, POLICY, clock=clock)
     assert await _call(breaker, KEY, False) == "ok"
     await store.aclose()
-    clock.advance(1.1)
     with pytest.raises(BackendClosedError):
         async with breaker.guard(KEY):
             pass
@@ -259,8 +261,7 @@ async def test_a_closed_breaker_refuses_on_a_view_the_store_still_holds() -> Non
     async with breaker:
         await guarded()
         await guarded()
-    assert (await store.snapshot(KEY)).window_calls == 2  # aclose flushed the batch
-    clock.advance(1.1)
+    assert (await store.snapshot(KEY)).window_calls == 2  # each success at once
     with pytest.raises(BackendClosedError):
         await guarded()
     with pytest.raises(BackendClosedError):
@@ -280,8 +281,24 @@ async def test_protect_on_many_keys_counts_every_success() -> None:
             for key in keys:
                 await calls[key]()
             clock.advance(0.7)  # views expire every other round, batches are due
-        # the stored states without a flush: everything but the last round's batches
+        # the stored states without a flush: every success is there at once
         stored = {s.key: s.window_calls for s in await store.snapshot_all()}
-        assert set(stored) == set(keys)
-        assert all(6 <= count <= 7 for count in stored.values())
+        assert stored == dict.fromkeys(keys, 7)
     assert {s.window_calls for s in await store.snapshot_all()} == {7}
+
+
+def test_a_tails_bucket_end_is_exactly_where_the_window_bucket_changes() -> None:
+    """The hot path checks ``lo <= now < end`` instead of computing the bucket: ``end``
+    must be the least time whose bucket (as the machine computes it) is the next one."""
+    import math
+
+    from empathy_models.backends.memory import _bucket_end
+
+    rng = random.Random(7)
+    for _ in range(2_000):
+        width = rng.choice([POLICY.bucket_seconds, 0.1, 1 / 3, 7.7, 60.0, 1e-3])
+        now = rng.uniform(1.6e9, 1.9e9) * rng.choice([1.0, 1e-6])
+        bucket = math.floor(now / width)
+        end = _bucket_end(bucket, width)
+        assert math.floor(end / width) == bucket + 1
+        assert math.floor(math.nextafter(end, -math.inf) / width) == bucket

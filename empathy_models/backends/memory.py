@@ -40,6 +40,7 @@ __all__ = ["MemoryStateStore", "MemoryTelemetryBackend"]
 T = TypeVar("T")
 
 _CLOSED = CircuitState.CLOSED
+_floor = math.floor
 
 _MAX_RUNS = 8
 """A key's tail folds when it would hold more runs (window buckets) than this."""
@@ -162,20 +163,67 @@ class MemoryTelemetryBackend(TelemetryBackend):
         return removed
 
 
+def _bucket_end(bucket: int, width: float) -> float:
+    """
+    The least time whose window bucket (``floor(t / width)``, as `circuit._bucket`) is
+    past ``bucket``: as that floor never decreases with ``t``, a time below it and at or
+    above one known to be in ``bucket`` is in ``bucket``.
+    """
+    end = (bucket + 1) * width
+    while _floor(end / width) > bucket:
+        end = math.nextafter(end, -math.inf)
+    while _floor(end / width) <= bucket:
+        end = math.nextafter(end, math.inf)
+    return end
+
+
 class _Tail:
     """
     Successes added to a stored CLOSED state by the breaker's in-process path and not
     yet folded into it: runs of successes of the state's generation under ``policy``,
-    each ``[bucket, count]`` (its window bucket), in the order added, the last at
-    ``now``.  Folded (`circuit._closed_success_runs`), they give exactly the state
-    `record` would have stored for them batch by batch.
+    each ``(bucket, count)`` (its window bucket), in the order added (``runs``, then the
+    last one: ``bucket`` and ``count``), the last at ``now``.  Folded
+    (`circuit._closed_success_runs`), they give exactly the state `record` would have
+    stored for them one by one.  ``state`` is the stored state the
+    tail belongs to (every change of it folds the tail first; ``None`` once folded:
+    a breaker's view may keep the tail as a hint), ``generation`` its generation,
+    ``width`` the policy's bucket length, ``clock`` the store's; every time from ``lo``
+    (a time of the last run) up to ``end`` (exclusive) is in the last run's bucket.
     """
 
-    __slots__ = ("now", "policy", "runs")
+    __slots__ = (
+        "bucket",
+        "clock",
+        "count",
+        "end",
+        "generation",
+        "lo",
+        "now",
+        "policy",
+        "runs",
+        "state",
+        "width",
+    )
 
-    def __init__(self, policy: BreakerPolicy, bucket: int, count: int, now: float) -> None:
+    def __init__(
+        self,
+        state: CircuitBreakerState,
+        policy: BreakerPolicy,
+        bucket: int,
+        count: int,
+        now: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.clock = clock
+        self.state: CircuitBreakerState | None = state
+        self.generation = state.generation
         self.policy = policy
-        self.runs = [[bucket, count]]
+        self.width = policy.bucket_seconds
+        self.bucket = bucket
+        self.count = count
+        self.runs: list[tuple[int, int]] = []
+        self.lo = now
+        self.end = _bucket_end(bucket, self.width)
         self.now = now
 
 
@@ -212,6 +260,10 @@ class MemoryStateStore(TransactionalStateStore):
         """
         return type(self) is MemoryStateStore
 
+    async def _aclose(self) -> None:
+        for key in list(self._tails):
+            self._fold(key)  # no tail stays live: a breaker's hint no longer admits
+
     async def _transact(
         self,
         key: str,
@@ -232,15 +284,16 @@ class MemoryStateStore(TransactionalStateStore):
         return list(self._states.values())
 
     # The breaker's in-process path (`CircuitBreaker` on this exact class): a view it
-    # holds is checked against the stored object instead of re-read, and its
-    # written-behind successes are added without building reports or, within one
-    # window bucket, a new state.
+    # holds is checked against the stored object instead of re-read, and each success
+    # is added at once without building a report or, within one window bucket, a new
+    # state (the key's tail; a breaker's view keeps the live tail as a hint).
 
     def _fold(self, key: str) -> CircuitBreakerState:
         """Fold ``key``'s tail into its stored state; return the new state."""
         tail = self._tails.pop(key)
+        tail.state = None  # a hint held elsewhere is no longer live
         state = self._states[key] = _closed_success_runs(
-            self._states[key], tail.policy, tail.runs, tail.now
+            self._states[key], tail.policy, [*tail.runs, (tail.bucket, tail.count)], tail.now
         )
         return state
 
@@ -248,16 +301,18 @@ class MemoryStateStore(TransactionalStateStore):
         self, key: str, tail: _Tail, bucket: int, count: int, now: float
     ) -> CircuitBreakerState:
         """Fold ``key``'s tail and one more run (a tail is kept short)."""
-        tail.runs.append([bucket, count])
+        tail.runs.append((tail.bucket, tail.count))
+        tail.bucket = bucket
+        tail.count = count
         tail.now = now
         return self._fold(key)
 
     def _holds(self, state: CircuitBreakerState) -> bool:
         """
-        Internal: whether ``state`` (CLOSED or DISABLED) is still its key's state here,
-        as far as admission goes: the very object stored (successes added since in a
-        tail change counts only), or a fresh CLOSED generation 0 of a key never written
-        (which `admit` answers without storing).  A closed store holds nothing.
+        Internal: whether ``state`` is still its key's state here, as far as admission
+        goes: the very object stored (successes added since in a tail change counts
+        only), or a fresh CLOSED generation 0 of a key never written (which `admit`
+        answers without storing).  A closed store holds nothing.
         """
         current = self._states.get(state.key)
         if current is not None:
@@ -271,7 +326,12 @@ class MemoryStateStore(TransactionalStateStore):
         )
 
     def _add_successes(
-        self, key: str, policy: BreakerPolicy, generation: int, count: int
+        self,
+        key: str,
+        policy: BreakerPolicy,
+        generation: int,
+        count: int,
+        tail: _Tail | None = None,
     ) -> CircuitBreakerState | None:
         """
         Internal: ``count`` successes of CLOSED tickets of ``generation``, with exactly
@@ -284,8 +344,28 @@ class MemoryStateStore(TransactionalStateStore):
         adding ``c1`` at ``t1`` and then ``c2`` at ``t2`` in the same bucket gives the
         state adding ``c1 + c2`` at ``t2`` gives (the first step already dropped the
         buckets out of the window, the second only adds to the last one and sets the
-        time); runs of other buckets are applied in turn when folded.
+        time); runs of other buckets are applied in turn when folded.  ``tail``: the
+        key's tail as last seen (`_tail`), a hint that spares a lookup while live.
         """
+        if tail is None or tail.state is None:
+            tail = self._tails.get(key)
+        if tail is not None and tail.policy is policy and tail.generation == generation:
+            # the common case: one more success in the last run's bucket
+            now = self._clock()
+            if tail.lo <= now < tail.end and not self._closed:  # in the last run's bucket
+                tail.count += count
+                tail.now = now
+                return tail.state
+        return self._add_to_state(key, policy, generation, count)
+
+    def _tail(self, key: str) -> _Tail | None:
+        """Internal: ``key``'s tail, if any (a hint for `_add_successes`)."""
+        return self._tails.get(key)
+
+    def _add_to_state(
+        self, key: str, policy: BreakerPolicy, generation: int, count: int
+    ) -> CircuitBreakerState | None:
+        """`_add_successes` past its common case."""
         if self._closed:
             return None
         now = self._clock()
@@ -293,17 +373,20 @@ class MemoryStateStore(TransactionalStateStore):
         if state is None:
             state = initial_state(key, now)
         elif state.state is _CLOSED and state.generation == generation:
-            bucket = math.floor(now / policy.bucket_seconds)  # as circuit._bucket
+            bucket = _floor(now / policy.bucket_seconds)  # as circuit._bucket
             tail = self._tails.get(key)
             if tail is None:
-                self._tails[key] = _Tail(policy, bucket, count, now)
+                self._tails[key] = _Tail(state, policy, bucket, count, now, self._clock)
                 return state
             if tail.policy is policy:
-                last = tail.runs[-1]
-                if last[0] == bucket:
-                    last[1] += count
-                elif len(tail.runs) < _MAX_RUNS:
-                    tail.runs.append([bucket, count])
+                if tail.bucket == bucket:
+                    tail.count += count
+                elif len(tail.runs) + 1 < _MAX_RUNS:
+                    tail.runs.append((tail.bucket, tail.count))
+                    tail.bucket = bucket
+                    tail.count = count
+                    tail.lo = now
+                    tail.end = _bucket_end(bucket, tail.width)
                 else:
                     return self._fold_with(key, tail, bucket, count, now)
                 tail.now = now
