@@ -29,7 +29,7 @@ has no hook for another one, so the benchmark restamps each record with the simu
 time as it reaches the router and the SQLite backend (two thin wrappers; nothing else
 is changed).
 
-Scenarios (``--quick``: 2 seeds and shorter runs; full: 5 seeds; ``--seeds N`` for N):
+Scenarios (``--quick``: 1 seed and shorter runs; full: 5 seeds; ``--seeds N`` for N):
 
 * **stationary**: 5,000 requests;
 * **degradation**: the oracle's model drops from 0.99 to 0.80 success at request
@@ -196,7 +196,7 @@ class Sizes:
 
 
 FULL = Sizes(5, 5_000, 2_000, 3_000, 5_000, 10_080, 2_500, 3_600, 1_200, 2_400, 600)
-QUICK = Sizes(2, 1_000, 600, 900, 1_400, 1_008, 500, 900, 450, 700, 300)
+QUICK = Sizes(1, 1_000, 600, 900, 1_400, 1_008, 500, 900, 450, 700, 300)
 
 # --------------------------------------------------------------------------- simulated time
 
@@ -1127,7 +1127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
-        "--seeds", type=int, default=None, help="seeds per scenario (default: 5; quick: 2)"
+        "--seeds", type=int, default=None, help="seeds per scenario (default: 5; quick: 1)"
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
