@@ -89,26 +89,38 @@ async def _ours(stack: contextlib.AsyncExitStack, store: str, ttl: float) -> Gua
     return guarded
 
 
+def _per_key(make: Callable[[str], Callable[[], Awaitable[None]]]) -> Guarded:
+    """A peer with one breaker per key, built by ``make(key)`` on the key's first call."""
+    calls: dict[str, Callable[[], Awaitable[None]]] = {}
+
+    async def guarded(key: str) -> None:
+        call = calls.get(key)
+        if call is None:
+            call = calls[key] = make(key)
+        await call()
+
+    return guarded
+
+
 def _pybreaker(namespace: str) -> Guarded:
     import pybreaker
     import redis as sync_redis
 
     client = sync_redis.Redis.from_url(REDIS_URL)
-    breakers: dict[str, Any] = {}
 
-    async def guarded(key: str) -> None:
-        b = breakers.get(key)
-        if b is None:
-            storage = pybreaker.CircuitRedisStorage(
-                pybreaker.STATE_CLOSED, client, namespace=f"{namespace}:{key}"
-            )
-            b = breakers[key] = pybreaker.CircuitBreaker(
-                fail_max=5, reset_timeout=60, state_storage=storage
-            )
-        b.call(_noop_sync)
-        await noop()
+    def make(key: str) -> Callable[[], Awaitable[None]]:
+        storage = pybreaker.CircuitRedisStorage(
+            pybreaker.STATE_CLOSED, client, namespace=f"{namespace}:{key}"
+        )
+        b = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60, state_storage=storage)
 
-    return guarded
+        async def call() -> None:
+            b.call(_noop_sync)
+            await noop()
+
+        return call
+
+    return _per_key(make)
 
 
 def _aiobreaker(namespace: str) -> Guarded:
@@ -118,20 +130,21 @@ def _aiobreaker(namespace: str) -> Guarded:
     from aiobreaker.storage.redis import CircuitRedisStorage
 
     client = sync_redis.Redis.from_url(REDIS_URL)
-    breakers: dict[str, Any] = {}
 
-    async def guarded(key: str) -> None:
-        b = breakers.get(key)
-        if b is None:
-            storage = CircuitRedisStorage(
-                CircuitBreakerState.CLOSED, client, namespace=f"{namespace}:{key}"
-            )
-            b = breakers[key] = aiobreaker.CircuitBreaker(
-                fail_max=5, timeout_duration=timedelta(seconds=60), state_storage=storage
-            )
-        await b.call_async(noop)
+    def make(key: str) -> Callable[[], Awaitable[None]]:
+        storage = CircuitRedisStorage(
+            CircuitBreakerState.CLOSED, client, namespace=f"{namespace}:{key}"
+        )
+        b = aiobreaker.CircuitBreaker(
+            fail_max=5, timeout_duration=timedelta(seconds=60), state_storage=storage
+        )
 
-    return guarded
+        async def call() -> None:
+            await b.call_async(noop)
+
+        return call
+
+    return _per_key(make)
 
 
 async def _purgatory(stack: contextlib.AsyncExitStack) -> Guarded:

@@ -93,17 +93,24 @@ def test_on_a_cold_start_the_cheapest_a_draw_finds_compliant_is_explored() -> No
     assert picks.count("mid") > picks.count("dear"), (picks.count("mid"), picks.count("dear"))
 
 
-def test_a_cheaper_challenger_gets_its_whole_warm_up_at_once() -> None:
-    # "dear" is proven; "cheap" has its first 20 calls (19 good): its evidence does not
-    # rule it out, so every decision measures it until its warm-up is done
+def _proven_and_challenger(successes: int, decisions: int) -> list[tuple[str, bool, str]]:
+    # "dear" proven (300 of 300); "cheap" (cheaper) with its first 20 calls, ``successes``
+    # good: (model, exploration, reason) of ``decisions`` decisions
     registry = _registry(("cheap", 0.5), ("dear", 1.5))
     router = AdaptiveModelRouter(registry, seed=5, clock=lambda: T0 + 3600)
-    for record in (*_calls("dear", 300, 300, T0), *_calls("cheap", 20, 19, T0 + 400)):
+    for record in (*_calls("dear", 300, 300, T0), *_calls("cheap", 20, successes, T0 + 400)):
         router.record_outcome(record)
     picks = []
-    for _ in range(100):
+    for _ in range(decisions):
         d = router.get_best_model(WF, ST, input_tokens=500, max_tokens=300, min_success_rate=0.95)
         picks.append((d.model, d.exploration, d.reason))
+    return picks
+
+
+def test_a_cheaper_challenger_gets_its_whole_warm_up_at_once() -> None:
+    # 19 of 20: its evidence does not rule it out, so every decision measures it until
+    # its warm-up is done
+    picks = _proven_and_challenger(19, 100)
     assert all(model == "cheap" and exploring for model, exploring, _ in picks), picks[:5]
     assert all(reason.startswith("warm-up") for _, _, reason in picks)
 
@@ -111,14 +118,7 @@ def test_a_cheaper_challenger_gets_its_whole_warm_up_at_once() -> None:
 def test_a_challenger_its_evidence_rules_out_gets_no_warm_up() -> None:
     # 15 of 20: the upper bound at z = 1 is far below 0.95, so the proven model keeps
     # the traffic (only the small exploration budget may measure "cheap" again)
-    registry = _registry(("cheap", 0.5), ("dear", 1.5))
-    router = AdaptiveModelRouter(registry, seed=5, clock=lambda: T0 + 3600)
-    for record in (*_calls("dear", 300, 300, T0), *_calls("cheap", 20, 15, T0 + 400)):
-        router.record_outcome(record)
-    picks = []
-    for _ in range(400):
-        d = router.get_best_model(WF, ST, input_tokens=500, max_tokens=300, min_success_rate=0.95)
-        picks.append((d.model, d.exploration))
-    explored = sum(exploring for _, exploring in picks)
+    picks = _proven_and_challenger(15, 400)
+    explored = sum(exploring for _, exploring, _ in picks)
     assert explored <= 0.01 * len(picks) + 10, explored  # the budget: 0.5% plus a burst of 10
-    assert sum(model == "dear" and not exploring for model, exploring in picks) >= 390
+    assert sum(model == "dear" and not exploring for model, exploring, _ in picks) >= 390

@@ -148,8 +148,9 @@ def _unescape(match: re.Match[str]) -> str:
 
 def _values(raw: object) -> list[str]:
     """The script's reply: one string, values separated by \\x1f (escaped within one)."""
-    parts = _text(raw).split("\x1f")
-    if any("\x1b" in part for part in parts):
+    text = _text(raw)
+    parts = text.split("\x1f")
+    if "\x1b" in text:
         parts = [_ESCAPED.sub(_unescape, part) for part in parts]
     return parts
 
