@@ -265,6 +265,11 @@ class LocalView:
         pending.count += 1
         return pending.count >= MAX_PENDING or self.clock() >= pending.due
 
+    def counted(self, view: View | None, ticket: Ticket) -> bool:
+        """`write_behind` for the exact mode, whose batches are sent at once: whether the
+        success of ``ticket`` was counted in the key's batch (or dropped: DISABLED)."""
+        return view is not None and self.write_behind(view, ticket) is not None
+
     def outdated(self, ticket: Ticket, outcome: Outcome, retry_after: float | None) -> bool:
         """
         Whether the store would drop ``outcome`` of ``ticket`` anyway, as the key's view

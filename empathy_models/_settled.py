@@ -6,13 +6,19 @@ cancelled, and a batch of written-behind successes taken from memory must reach 
 store; but a hung store must not hold the caller forever.  `Settler` runs such an
 operation in a task of its own and waits for it, bounded, before the cancellation is
 raised; operations still running then are kept in ``releases`` for `aclose` to await.
+
+In exact mode (``local_view_ttl=0``) the successes of CLOSED tickets are sent to the store
+right after the call, by a task per key (``behind``), so the caller does not wait for the
+store's answer; a later store operation of this breaker on the key waits for it first
+(`ordered`), which keeps this process's order of outcomes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+import logging
+from collections.abc import Awaitable, Callable, Container, Coroutine
 from typing import Any, TypeVar
 
 from .abc import CircuitStateStore
@@ -20,6 +26,8 @@ from .circuit import BreakerPolicy
 from .records import Admission, Outcome, OutcomeReport
 
 T = TypeVar("T")
+
+logger = logging.getLogger("empathy_models.breaker")
 
 SHIELD_SECONDS = 10.0
 """How long returning a probe lease (or any settled operation) may take while the caller
@@ -30,13 +38,58 @@ class Settler:
     """
     Runs store operations to their end for one breaker.
 
-    ``releases`` holds the operations still running after their caller gave up waiting.
+    ``releases`` holds the operations still running after their caller gave up waiting;
+    ``behind`` the task sending each key's successes in exact mode (`send_behind`).
     """
 
-    __slots__ = ("releases",)
+    __slots__ = ("behind", "releases")
 
     def __init__(self) -> None:
         self.releases: set[asyncio.Future[Any]] = set()
+        self.behind: dict[str, asyncio.Task[None]] = {}
+
+    def send_behind(
+        self, key: str, flush: Callable[[str], Awaitable[object]], pending: Container[str]
+    ) -> None:
+        """
+        ``flush(key)`` in a task of its own while ``key`` is in ``pending`` (successes
+        arriving meanwhile go too), unless such a task is running already.
+        """
+        if key not in self.behind:
+            task = asyncio.get_running_loop().create_task(self._send(key, flush, pending))
+            self.behind[key] = task
+
+    async def _send(
+        self, key: str, flush: Callable[[str], Awaitable[object]], pending: Container[str]
+    ) -> None:
+        try:
+            while key in pending:
+                await flush(key)
+        except Exception:  # nobody awaits this task: say what went wrong
+            logger.exception("circuit breaker: sending successes of %r to the store failed", key)
+        finally:
+            del self.behind[key]
+
+    def ordered(self, key: str, operation: Coroutine[Any, Any, T]) -> Awaitable[T]:
+        """
+        ``operation`` on ``key``, carried to its end (`run`) once the key's successes in
+        flight (if any) have landed; from the task sending them, as is (nothing cancels
+        that task: `aclose` waits for it).
+        """
+        task = self.behind.get(key)
+        if task is None:
+            return self.run(operation)
+        if task is asyncio.current_task():
+            return operation
+        return self.run(_after(task, operation))
+
+    async def settle(self, key: str | None = None) -> None:
+        """Wait until ``key``'s (or every key's) successes in flight have landed."""
+        behind = self.behind
+        tasks = set(behind.values()) if key is None else {behind[key]} if key in behind else set()
+        tasks.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def run(self, operation: Coroutine[Any, Any, T]) -> T:
         """
@@ -107,3 +160,8 @@ class Settler:
         report = OutcomeReport(ticket=ticket, outcome=Outcome.CANCELLED)
         with contextlib.suppress(asyncio.CancelledError):
             await self.run(store.record(ticket.key, policy, [report]))
+
+
+async def _after(task: asyncio.Task[None], operation: Coroutine[Any, Any, T]) -> T:
+    await asyncio.wait({task})  # its own failure is logged there, not raised here
+    return await operation

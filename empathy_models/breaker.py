@@ -37,8 +37,12 @@ HALF_OPEN admission and probe outcome (leases are granted by the store), and the
 call after the view expired.  Each store answer refreshes the view.  Hence: **a trip,
 reset or force made by another process is seen here within ``local_view_ttl``
 seconds**; a failure or a probe counts fleet-wide at once; a success reaches the store
-within ``flush_interval``.  ``local_view_ttl=0`` asks the store on every admission and
-writes every outcome inline (the exact, slow mode).
+within ``flush_interval``.  ``local_view_ttl=0`` (the exact mode) asks the store on
+every admission and sends every outcome at once: failures and probe outcomes before the
+call returns, the success of a CLOSED ticket right after it, from a task of the breaker's
+(the caller does not wait for the store's answer; the next store operation for that key
+in this process, and `flush`, `get_status` and `aclose`, wait for it, so this process's
+order of outcomes is kept).
 
 **On an in-process `MemoryStateStore`** (that class itself, given or the default),
 there is nothing to gain from a local view or write-behind, and the breaker keeps
@@ -579,8 +583,9 @@ class CircuitBreaker(AsyncResource):
         return await self._admit_from_store(key)
 
     async def _admit_from_store(self, key: str) -> Ticket:
-        if key in self._local.pending:
+        if key in self._local.pending and key not in self._settler.behind:
             # the flush answers with the store's state: a CLOSED one admits like `admit` would
+            # (in exact mode a task sending the key's successes takes the batch instead)
             state = await self._flush_key(key)
             if state is not None:
                 ticket = view_ticket(state)
@@ -615,13 +620,13 @@ class CircuitBreaker(AsyncResource):
         """
         Report how the call admitted with ``ticket`` ended; never raises for a store down.
 
-        Successes of CLOSED tickets are written behind; every other outcome that can change
-        the state goes to the store at once.  Outcomes that teach nothing (ignored,
-        cancelled, rejected) of non-probe tickets cost no I/O; for a probe they return its
-        lease.  The store operation is shielded from cancellation (for at most 10 s), so a
-        failure still counts and a probe lease still comes back when the reporting task is
-        being cancelled.  Outcomes of an older generation are dropped, and so are outcomes
-        reported after `aclose` (with a debug log).  See the module docstring's degraded mode.
+        Successes of CLOSED tickets are written behind (in exact mode: sent at once, off the
+        call's path); every other outcome that can change the state goes to the store at
+        once.  Outcomes that teach nothing (ignored, cancelled, rejected) of non-probe
+        tickets cost no I/O; for a probe they return its lease.  The store operation is
+        shielded from cancellation (for at most 10 s), so a failure still counts and a
+        probe lease still comes back when the reporting task is being cancelled.  Outcomes
+        of an older generation or reported after `aclose` are dropped (see the module docs).
 
         Args:
             ticket, outcome: the call's `Ticket` (from `admit`) and how the call ended.
@@ -653,6 +658,10 @@ class CircuitBreaker(AsyncResource):
                 if due:
                     await self._flush_key(key)
                 return
+        elif outcome is _SUCCESS and self._scoped and self._local.counted(view, ticket):
+            # the exact mode: counted, and sent at once off the call's path
+            self._settler.send_behind(key, self._flush_key, self._local.pending)
+            return
         await self._report_inline(ticket, outcome, retry_after, error)
 
     async def _report_inline(
@@ -677,17 +686,19 @@ class CircuitBreaker(AsyncResource):
             # settled: a failure must count, a probe lease must come back and a batch no
             # longer in memory must arrive even when the caller is being cancelled
             # (bounded, so a hung store cannot hold the caller)
-            state = await self._settler.run(self._stores.record(key, policy, reports))
+            state = await self._settler.ordered(key, self._stores.record(key, policy, reports))
         await self._observe(state)
         return state
 
     async def _flush_key(self, key: str) -> CircuitBreakerState | None:
         reports = self._local.take(key)
         if not reports:
+            await self._settler.settle(key)  # the exact mode's successes in flight
             return None
         return await self._record(key, reports)
 
     async def _flush_all(self) -> None:
+        await self._settler.settle()
         for key in list(self._local.pending):
             await self._flush_key(key)
 
@@ -713,8 +724,8 @@ class CircuitBreaker(AsyncResource):
 
     async def get_status(self, key: str) -> CircuitBreakerState:
         """
-        The store's current state of ``key`` (after flushing its written-behind
-        successes); a key never seen reads as CLOSED, generation 0.
+        The store's state of ``key`` (after its written-behind successes are flushed);
+        a key never seen reads as CLOSED, generation 0.
 
         The returned `CircuitBreakerState` also offers convenience properties:
         ``failure_count`` (consecutive failures), ``is_open`` (OPEN, FORCED_OPEN or

@@ -21,13 +21,12 @@ views as ``known`` and turns ``on_degraded`` / ``on_recovered`` into events.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
-
-import anyio
 
 from .._breaker_events import describe
 from ..abc import CircuitStateStore
@@ -235,7 +234,7 @@ class FailoverStateStore(CircuitStateStore):
     async def _on_primary(self, op: Op[T]) -> T:
         if self._timeout is None:
             return await op(self._primary)
-        with anyio.fail_after(self._timeout):
+        async with asyncio.timeout(self._timeout):
             return await op(self._primary)
 
     def _seeded(self, key: str | None) -> MemoryStateStore:
