@@ -6,6 +6,7 @@ single statements that never wait; anything else goes through aiosqlite's thread
 from __future__ import annotations
 
 import sqlite3
+import threading
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Final
@@ -48,6 +49,7 @@ class InLoop:
         self._db = db
         self._conn: sqlite3.Connection | None = None
         self._settled = db.path == MEMORY  # opened, or never to be
+        self._lock = threading.Lock()  # between `_settle` (a worker thread) and `close`
         self._writes = 0
 
     async def ready(self) -> None:
@@ -56,17 +58,23 @@ class InLoop:
             await self._db.run(self._open)
 
     async def _open(self, conn: aiosqlite.Connection) -> None:
-        if self._done():  # another caller opened it, or close() came first
-            return
-        made = await anyio.to_thread.run_sync(self._connect)
-        if self._done():  # close() came while connecting
-            if made is not None:
-                await anyio.to_thread.run_sync(made.close)
-            return
-        self._conn, self._settled = made, True
+        if not self._settled:  # else another caller opened it, or close() came first
+            await anyio.to_thread.run_sync(self._settle)
 
-    def _done(self) -> bool:
-        return self._settled
+    def _settle(self) -> None:
+        """
+        On a worker thread: connect and keep the connection, unless `close` came
+        meanwhile (the connection is then closed here; a cancelled `_open` leaves it to
+        this thread too).
+        """
+        made = self._connect()
+        with self._lock:
+            if self._settled:
+                surplus = made
+            else:
+                self._conn, self._settled, surplus = made, True, None
+        if surplus is not None:
+            surplus.close()
 
     def _connect(self) -> sqlite3.Connection | None:
         db = self._db
@@ -117,8 +125,9 @@ class InLoop:
 
     async def close(self) -> None:
         """Close the connection (on a worker thread); it is never opened again."""
-        self._settled = True
-        conn, self._conn = self._conn, None
+        with self._lock:
+            self._settled = True
+            conn, self._conn = self._conn, None
         if conn is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(conn.close)
