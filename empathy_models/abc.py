@@ -391,17 +391,26 @@ class TransactionalStateStore(CircuitStateStore):
         """Read every state without locking."""
 
     _MEMO_KEYS: ClassVar[int] = 4096
-    _memo: dict[str, tuple[str, CircuitBreakerState]] | None = None
+    _memo: dict[str, tuple[object, CircuitBreakerState]] | None = None
 
-    def _recall(self, key: str, text: str) -> CircuitBreakerState | None:
-        """The state `_remember` last kept for ``key`` if it was stored as ``text``."""
-        hit = None if self._memo is None else self._memo.get(key)
-        return hit[1] if hit is not None and hit[0] == text else None
-
-    def _remember(self, key: str, text: str, state: CircuitBreakerState) -> None:
+    def _decoded(
+        self, key: str, text: object, decode: Callable[[object], CircuitBreakerState]
+    ) -> CircuitBreakerState:
         """
-        Keep ``state`` as what ``key``'s stored ``text`` decodes to, so that a store
-        reading the same text again skips decoding it (for the last 4,096 keys or so).
+        ``decode(text)``, the stored form of ``key``'s state; when it is the text last
+        decoded or written for ``key``, the state kept then (see `_remember`).
+        """
+        hit = None if self._memo is None else self._memo.get(key)
+        if hit is not None and hit[0] == text:
+            return hit[1]
+        state = decode(text)
+        self._remember(key, text, state)
+        return state
+
+    def _remember(self, key: str, text: object, state: CircuitBreakerState) -> None:
+        """
+        Keep ``state`` as what ``key``'s stored ``text`` decodes to, so that reading
+        the same text again skips decoding it (for the last 4,096 keys or so).
         """
         memo = self._memo
         if memo is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from empathy_models.abc import TransactionalStateStore
 from empathy_models.exceptions import RecordValidationError, StateStoreError
@@ -113,10 +113,11 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         await self._db.close()
 
     def _decode(self, raw: str | None) -> CircuitBreakerState | None:
-        if raw is None:
-            return None
+        return None if raw is None else self._decode_text(raw)
+
+    def _decode_text(self, raw: object) -> CircuitBreakerState:
         try:
-            return from_dict(json.loads(raw), CircuitBreakerState)
+            return from_dict(json.loads(cast(str, raw)), CircuitBreakerState)
         except (ValueError, RecordValidationError) as exc:
             raise StateStoreError(
                 f"PostgreSQL circuit_state {self._db.target}: unreadable state: {exc}",
@@ -167,11 +168,7 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         async with self._db.errors(f"read {key!r}"):
             row = await pool.fetchrow(self._peek_sql, key)
         raw = row["state"]
-        state = None if raw is None else self._recall(key, raw)
-        if state is None and raw is not None:
-            state = self._decode(raw)
-            if state is not None:
-                self._remember(key, raw, state)
+        state = None if raw is None else self._decoded(key, raw, self._decode_text)
         return state, float(row["now"]), raw
 
     async def _put_if(self, key: str, seen: object, new: CircuitBreakerState) -> bool:
@@ -191,7 +188,7 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         pool = await self._db.pool(self._migrations)
         async with self._db.errors(f"read {key!r}"):
             raw = await pool.fetchval(f"SELECT state::text FROM {self._table} WHERE key = $1", key)
-        return self._decode(raw)
+        return None if raw is None else self._decoded(key, raw, self._decode_text)
 
     async def _load_all(self) -> list[CircuitBreakerState]:
         pool = await self._db.pool(self._migrations)

@@ -56,13 +56,13 @@ class SQLiteStateStore(TransactionalStateStore):
     `empathy_models.circuit` on it with ``clock()`` read after the row.  An operation
     that changes nothing (admitting while CLOSED, rejecting while OPEN) ends there.
     One that changes the state writes it with one statement that matches only if the
-    row still holds the JSON read (another writer in between changed it, and wrote a
-    time no later than this one's ``clock()``).  When it does not match, the operation
-    runs again in one ``BEGIN IMMEDIATE`` transaction, ``clock()`` read with the write
-    lock held, so time never runs backwards between two operations on one host.  The
-    reads and the conditional writes run in the event loop's thread when they cannot
-    block (see `InLoop`), otherwise on the connection's thread.  States are stored as
-    the versioned JSON of `empathy_models.serialization`.
+    row still holds the JSON read: then no write came in between, and every earlier
+    write read its ``clock()`` before this one did.  When it does not match, the
+    operation runs again in one ``BEGIN IMMEDIATE`` transaction, ``clock()`` read with
+    the write lock held.  Either way time never runs backwards between two operations
+    on one key on one host.  The reads and the conditional writes run in the event
+    loop's thread when they cannot block (see `InLoop`), otherwise on the connection's
+    thread.  States are stored as the versioned JSON of `empathy_models.serialization`.
 
     Args:
         path: the file, or ``":memory:"`` (a private database: ``shared`` is then
@@ -202,14 +202,7 @@ class SQLiteStateStore(TransactionalStateStore):
         return cast("sqlite3.Row | None", row)
 
     def _state_of(self, key: str, row: sqlite3.Row | None) -> CircuitBreakerState | None:
-        if row is None:
-            return None
-        data = row[0]
-        state = self._recall(key, data) if isinstance(data, str) else None
-        if state is None:
-            state = self._decode(key, data)
-            self._remember(key, data, state)
-        return state
+        return None if row is None else self._decoded(key, row[0], partial(self._decode, key))
 
     async def _peek(self, key: str) -> tuple[CircuitBreakerState | None, float, object] | None:
         row = await self._row(key)
