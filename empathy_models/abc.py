@@ -357,6 +357,11 @@ class TransactionalStateStore(CircuitStateStore):
     `empathy_models.circuit` does the rest.  `_load` reads one key through a
     transaction that changes nothing; a store that can read without locking overrides
     it.  Memory, SQLite and PostgreSQL stores are built this way.
+
+    A store that can read a key without locking and write it back conditionally (the
+    SQLite and PostgreSQL stores) also implements `_peek` and `_put_if`: every
+    operation then starts optimistically (see `_apply`) and takes `_transact` only
+    when the key changed between the read and the write.
     """
 
     @abc.abstractmethod
@@ -385,6 +390,70 @@ class TransactionalStateStore(CircuitStateStore):
     async def _load_all(self) -> list[CircuitBreakerState]:
         """Read every state without locking."""
 
+    _MEMO_KEYS: ClassVar[int] = 4096
+    _memo: dict[str, tuple[object, CircuitBreakerState]] | None = None
+
+    def _decoded(
+        self, key: str, text: object, decode: Callable[[object], CircuitBreakerState]
+    ) -> CircuitBreakerState:
+        """
+        ``decode(text)``, the stored form of ``key``'s state; when it is the text last
+        decoded or written for ``key``, the state kept then (see `_remember`).
+        """
+        hit = None if self._memo is None else self._memo.get(key)
+        if hit is not None and hit[0] == text:
+            return hit[1]
+        state = decode(text)
+        self._remember(key, text, state)
+        return state
+
+    def _remember(self, key: str, text: object, state: CircuitBreakerState) -> None:
+        """
+        Keep ``state`` as what ``key``'s stored ``text`` decodes to, so that reading
+        the same text again skips decoding it (for the last 4,096 keys or so).
+        """
+        memo = self._memo
+        if memo is None:
+            memo = self._memo = {}
+        elif len(memo) >= self._MEMO_KEYS and key not in memo:
+            memo.clear()
+        memo[key] = (text, state)
+
+    async def _peek(self, key: str) -> tuple[CircuitBreakerState | None, float, object] | None:
+        """
+        Read ``key`` without locking: its state (``None`` if absent), the store's now
+        (as `_transact` would pass it) and a token for `_put_if`; or ``None`` (the
+        default) when the store has no such read, and every operation takes `_transact`.
+        """
+        return None
+
+    async def _put_if(self, key: str, seen: object, new: CircuitBreakerState) -> bool:
+        """
+        Save ``new`` as ``key``'s state in one atomic write if the key still holds what
+        `_peek` read as ``seen``; False, having written nothing, when it does not.
+        """
+        return False
+
+    async def _apply(
+        self,
+        key: str,
+        fn: Callable[[CircuitBreakerState | None, float], tuple[CircuitBreakerState | None, T]],
+    ) -> T:
+        """
+        `_transact`'s contract, optimistically: ``fn`` runs on the state `_peek` read.
+        When it changes nothing (an admit while CLOSED, a rejection while OPEN) its
+        answer is consistent with that state and is returned as is; otherwise the new
+        state is written only if the key is unchanged since the read.  The write that
+        finds it changed, or a store without `_peek`, runs ``fn`` again in `_transact`.
+        """
+        peeked = await self._peek(key)
+        if peeked is not None:
+            current, now, seen = peeked
+            new, result = fn(current, now)
+            if new is None or new is current or await self._put_if(key, seen, new):
+                return result
+        return await self._transact(key, fn)
+
     async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
         self._check_open()
 
@@ -394,7 +463,7 @@ class TransactionalStateStore(CircuitStateStore):
             new, admission = circuit.admit(state, policy, now, key=key)
             return (None if new is state else new), admission
 
-        return await self._transact(key, step)
+        return await self._apply(key, step)
 
     async def record(
         self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
@@ -417,7 +486,7 @@ class TransactionalStateStore(CircuitStateStore):
             new = circuit.apply_outcomes(current, policy, list(reports), now)
             return (None if new is state else new), new
 
-        return await self._transact(key, step)
+        return await self._apply(key, step)
 
     async def force(
         self,
@@ -438,7 +507,7 @@ class TransactionalStateStore(CircuitStateStore):
             new = circuit.force(current, state, now, key=key, until=until_ts, reason=reason)
             return new, new
 
-        return await self._transact(key, step)
+        return await self._apply(key, step)
 
     async def snapshot(self, key: str) -> CircuitBreakerState:
         self._check_open()
@@ -461,7 +530,7 @@ class TransactionalStateStore(CircuitStateStore):
         ) -> tuple[CircuitBreakerState, None]:
             return circuit.reset(current, now, key=key), None
 
-        await self._transact(key, step)
+        await self._apply(key, step)
 
 
 # --------------------------------------------------------------------------- quotas

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import random
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 
 from empathy_models import BreakerPolicy, CircuitState, Outcome
@@ -208,3 +214,107 @@ async def test_reads_never_wait_for_a_writer_and_writes_report_a_held_lock(
             assert (await store.record("k", POLICY, [report])).failure_count == 2
         finally:
             blocker.close()
+
+
+# --------------------------------------------------------------------------- the optimistic path
+
+
+def _write_state(
+    db: Path, state: CircuitBreakerState, conn: sqlite3.Connection | None = None
+) -> None:
+    """What another process does: store ``state`` as its key's row."""
+    own = conn is None
+    conn = sqlite3.connect(db, isolation_level=None) if conn is None else conn
+    try:
+        conn.execute(
+            "UPDATE circuit_state SET data = ?, generation = ? WHERE key = ?",
+            (json.dumps(state.to_dict()), state.generation, state.key),
+        )
+    finally:
+        if own:
+            conn.close()
+
+
+async def test_a_state_changed_between_the_read_and_the_write_is_not_overwritten(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "state.db"
+    between: list[Callable[[], None]] = []
+
+    def clock() -> float:  # read after the row, before the write
+        if between:
+            between.pop()()
+        return time.time()
+
+    async with SQLiteStateStore(db, clock=clock) as store:
+        before = await _fail(store, "k", 1)
+        admission = await store.admit("k", POLICY)
+        assert admission.ticket is not None
+        other = attrs.evolve(before, consecutive_failures=before.consecutive_failures + 5)
+        between.append(lambda: _write_state(db, other))
+        report = OutcomeReport(ticket=admission.ticket, outcome=Outcome.FAILURE)
+        after = await store.record("k", POLICY, [report])
+        assert after.consecutive_failures == other.consecutive_failures + 1 == 7
+        assert await store.snapshot("k") == after
+        assert not between
+
+
+async def test_a_write_behind_another_writers_lock_waits_off_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "state.db"
+    async with SQLiteStateStore(db) as store:
+        before = await _fail(store, "k", 1)
+        admission = await store.admit("k", POLICY)
+        assert admission.ticket is not None
+        report = OutcomeReport(ticket=admission.ticket, outcome=Outcome.FAILURE)
+        blocker = sqlite3.connect(db, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # another process is writing the key
+            other = attrs.evolve(before, consecutive_failures=before.consecutive_failures + 5)
+            _write_state(db, other, blocker)
+            recording = asyncio.ensure_future(store.record("k", POLICY, [report]))
+            started = time.monotonic()
+            await asyncio.sleep(0.2)  # the loop runs while the write waits for the lock
+            assert time.monotonic() - started < 2.0 and not recording.done()
+            assert (await store.snapshot("k")) == before  # reads do not wait either
+            blocker.execute("COMMIT")
+            after = await asyncio.wait_for(recording, 10.0)
+        finally:
+            blocker.close()
+        assert after.consecutive_failures == 7  # applied to what the other one wrote
+        assert await store.snapshot("k") == after
+
+
+async def test_the_write_ahead_log_is_checkpointed(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    policy = BreakerPolicy(consecutive_failures=10**9, minimum_calls=10**9)
+    async with SQLiteStateStore(db) as store:
+        for _ in range(4000):
+            admission = await store.admit("k", policy)
+            assert admission.ticket is not None
+            report = OutcomeReport(ticket=admission.ticket, outcome=Outcome.FAILURE)
+            await store.record("k", policy, [report])
+        assert (await store.snapshot("k")).consecutive_failures == 4000
+        # one page a write, 4,000 writes: 16 MB if nothing ever checkpointed
+        assert (tmp_path / "state.db-wal").stat().st_size < 8 * 2**20
+
+
+def _descriptors_of(path: Path) -> int:
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).startswith(str(path)):
+                count += 1
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+async def test_aclose_closes_every_connection(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    store = SQLiteStateStore(db)
+    async with store:
+        await _fail(store, "k", 2)
+        assert _descriptors_of(db) > 0
+    assert _descriptors_of(db) == 0

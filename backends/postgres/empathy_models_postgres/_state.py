@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 from empathy_models.abc import TransactionalStateStore
 from empathy_models.exceptions import RecordValidationError, StateStoreError
@@ -30,15 +30,29 @@ STATE_SCHEMA_VERSION: Final = len(_MIGRATIONS)
 """The schema version of the circuit-state table this code writes."""
 
 
+async def _keep_session(conn: object) -> None:
+    """The pool's reset: nothing to undo (asyncpg has already ended any transaction)."""
+
+
 class PostgresCircuitStateStore(TransactionalStateStore):
     """
     Circuit-breaker state shared by every process that uses the same database.
 
-    One row per breaker key in ``<table_prefix>circuit_state``.  Every mutation is one
-    transaction: the row is inserted if absent, locked with ``SELECT ... FOR UPDATE``,
-    the pure machine of `empathy_models.circuit` is applied with ``now`` read from the
-    database's ``clock_timestamp()`` after the lock is held, and the new state is
-    written back.  Concurrent processes therefore serialize per key and agree on time.
+    One row per breaker key in ``<table_prefix>circuit_state``.  Every operation starts
+    with one statement outside any transaction that reads the key's state and the
+    database's ``clock_timestamp()``, and the pure machine of `empathy_models.circuit`
+    runs on them.  An operation that changes nothing (admitting while CLOSED, rejecting
+    while OPEN) ends there; one that changes the state writes it with one statement
+    that matches only if the stored state is still the one read.  When it is not, the
+    operation runs again as one transaction: the row is inserted if absent, locked
+    with ``SELECT ... FOR UPDATE``, the machine is applied with ``now`` read after the
+    lock is held, and the new state is written back.  Concurrent processes therefore
+    serialize per key and agree on time.
+
+    The store's pool keeps its connections' sessions as they are when one is returned
+    to it (the store sets nothing in a session: no ``SET``, ``LISTEN`` or advisory
+    lock), which saves asyncpg's reset query per operation; a ``reset`` passed in
+    ``pool_options`` is used instead.
 
     Args:
         dsn, schema, table_prefix, create, **pool_options: as for
@@ -66,11 +80,25 @@ class PostgresCircuitStateStore(TransactionalStateStore):
             table_prefix=table_prefix,
             error_type=StateStoreError,
             component="circuit_state",
-            pool_options=pool_options,
+            pool_options={"reset": _keep_session, **pool_options},
             create=create,
         )
-        self._table = self._db.table("circuit_state")
+        self._table = table = self._db.table("circuit_state")
         self._migrations = build_migrations(self._db, _MIGRATIONS)
+        self._peek_sql = (
+            f"SELECT (SELECT state::text FROM {table} WHERE key = $1) AS state, "
+            "extract(epoch FROM clock_timestamp())::float8 AS now"
+        )
+        # an absent row, or one the locked path inserted and left without a state
+        self._insert_if_sql = (
+            f"INSERT INTO {table} AS t (key, state) VALUES ($1, $2::jsonb) "
+            "ON CONFLICT (key) DO UPDATE SET state = EXCLUDED.state, "
+            "updated_at = clock_timestamp() WHERE t.state IS NULL RETURNING state::text"
+        )
+        self._update_if_sql = (
+            f"UPDATE {table} SET state = $2::jsonb, updated_at = clock_timestamp() "
+            "WHERE key = $1 AND state = $3::jsonb RETURNING state::text"
+        )
 
     def __repr__(self) -> str:
         return (
@@ -85,10 +113,11 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         await self._db.close()
 
     def _decode(self, raw: str | None) -> CircuitBreakerState | None:
-        if raw is None:
-            return None
+        return None if raw is None else self._decode_text(raw)
+
+    def _decode_text(self, raw: object) -> CircuitBreakerState:
         try:
-            return from_dict(json.loads(raw), CircuitBreakerState)
+            return from_dict(json.loads(cast(str, raw)), CircuitBreakerState)
         except (ValueError, RecordValidationError) as exc:
             raise StateStoreError(
                 f"PostgreSQL circuit_state {self._db.target}: unreadable state: {exc}",
@@ -134,11 +163,32 @@ class PostgresCircuitStateStore(TransactionalStateStore):
                 )
         return result
 
+    async def _peek(self, key: str) -> tuple[CircuitBreakerState | None, float, object] | None:
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors(f"read {key!r}"):
+            row = await pool.fetchrow(self._peek_sql, key)
+        raw = row["state"]
+        state = None if raw is None else self._decoded(key, raw, self._decode_text)
+        return state, float(row["now"]), raw
+
+    async def _put_if(self, key: str, seen: object, new: CircuitBreakerState) -> bool:
+        pool = await self._db.pool(self._migrations)
+        data = json.dumps(to_dict(new), separators=(",", ":"))
+        async with self._db.errors(f"update {key!r}"):
+            if seen is None:
+                stored = await pool.fetchval(self._insert_if_sql, key, data)
+            else:
+                stored = await pool.fetchval(self._update_if_sql, key, data, seen)
+        if stored is None:
+            return False
+        self._remember(key, stored, new)  # the text the next read returns
+        return True
+
     async def _load(self, key: str) -> CircuitBreakerState | None:
         pool = await self._db.pool(self._migrations)
         async with self._db.errors(f"read {key!r}"):
             raw = await pool.fetchval(f"SELECT state::text FROM {self._table} WHERE key = $1", key)
-        return self._decode(raw)
+        return None if raw is None else self._decoded(key, raw, self._decode_text)
 
     async def _load_all(self) -> list[CircuitBreakerState]:
         pool = await self._db.pool(self._migrations)

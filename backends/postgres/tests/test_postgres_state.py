@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import anyio
 import asyncpg
+import attrs
 import pytest
 from empathy_models_postgres import STATE_SCHEMA_VERSION, PostgresCircuitStateStore
 
 from empathy_models.backends import state_store_from_url
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.exceptions import SchemaVersionError, StateStoreError
-from empathy_models.records import CircuitState
+from empathy_models.records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport
 
 POLICY = BreakerPolicy()
 
@@ -125,3 +129,90 @@ async def test_a_breaker_starts_degraded_when_its_database_is_down() -> None:
         async with breaker.guard("k"):
             pass
     assert [e.kind for e in events] == [BreakerEventKind.STORE_DEGRADED]
+
+
+# --------------------------------------------------------------------------- the optimistic path
+
+COUNTING = BreakerPolicy(consecutive_failures=10**9, minimum_calls=10**9)
+
+
+async def _fail_once(store: PostgresCircuitStateStore, key: str) -> CircuitBreakerState:
+    admission = await store.admit(key, COUNTING)
+    assert admission.ticket is not None
+    report = OutcomeReport(ticket=admission.ticket, outcome=Outcome.FAILURE)
+    return await store.record(key, COUNTING, [report])
+
+
+async def _until_a_query_waits_for_a_lock(conn: asyncpg.Connection, marker: str) -> None:
+    """Return once a query naming ``marker`` waits for a lock (within 10 s)."""
+    for _ in range(1000):
+        if await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE $1",
+            f"%{marker}%",
+        ):
+            return
+        await anyio.sleep(0.01)
+    raise AssertionError("the store's write never waited for the row lock")
+
+
+async def test_a_state_changed_before_the_write_lands_is_not_overwritten(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    table = f'"{postgres_schema}".empathy_circuit_state'
+    async with PostgresCircuitStateStore(postgres_url) as store:
+        before = await _fail_once(store, "k")
+        other = attrs.evolve(before, consecutive_failures=before.consecutive_failures + 5)
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            async with conn.transaction():  # another process is changing the key
+                await conn.execute(f"SELECT state FROM {table} WHERE key = 'k' FOR UPDATE")
+                recording = asyncio.ensure_future(_fail_once(store, "k"))
+                await _until_a_query_waits_for_a_lock(conn, postgres_schema)
+                await conn.execute(
+                    f"UPDATE {table} SET state = $1::jsonb WHERE key = 'k'",
+                    json.dumps(other.to_dict()),
+                )
+            after = await asyncio.wait_for(recording, 10.0)
+        finally:
+            await conn.close()
+        assert after.consecutive_failures == other.consecutive_failures + 1 == 7
+        assert await store.snapshot("k") == after
+
+
+async def test_two_pools_racing_on_one_key_lose_no_update(postgres_url: str) -> None:
+    async with (
+        PostgresCircuitStateStore(postgres_url) as a,
+        PostgresCircuitStateStore(postgres_url) as b,
+    ):
+
+        async def fail(store: PostgresCircuitStateStore) -> None:
+            for _ in range(30):
+                await _fail_once(store, "k")
+
+        async with anyio.create_task_group() as tg:
+            for store in (a, b, a, b, a, b):
+                tg.start_soon(fail, store)
+        assert (await a.snapshot("k")).consecutive_failures == 180
+        assert (await b.snapshot("k")).consecutive_failures == 180
+
+
+async def test_an_admission_of_a_closed_key_is_one_statement_and_a_success_two(
+    postgres_url: str,
+) -> None:
+    sent: list[str] = []
+
+    async def log_queries(conn: asyncpg.Connection) -> None:
+        conn.add_query_logger(lambda record: sent.append(record.query))
+
+    async with PostgresCircuitStateStore(postgres_url, init=log_queries) as store:
+        await _fail_once(store, "k")  # the row exists, the statements are prepared
+        sent.clear()
+        admission = await store.admit("k", COUNTING)
+        assert admission.admitted and admission.ticket is not None
+        assert len(sent) == 1, sent  # nothing else, not even a reset of the session
+        sent.clear()
+        report = OutcomeReport(ticket=admission.ticket, outcome=Outcome.SUCCESS)
+        state = await store.record("k", COUNTING, [report])
+        assert len(sent) == 2, sent
+        assert state.consecutive_failures == 0 and await store.snapshot("k") == state

@@ -16,7 +16,8 @@ How it is built:
   backend you use all the same (``async with`` does).  aiosqlite runs each statement
   as one job, in order, on that thread; an `asyncio.Lock` is held from an operation's
   first statement to its last, so the operations of one backend never interleave on
-  the connection.
+  the connection.  `SQLiteStateStore` also keeps a plain `sqlite3` connection used in
+  the event loop's thread for the single statements that cannot block (see below).
 * Transactions and cancellation: each attempt of a transaction (``BEGIN IMMEDIATE``,
   its statements, ``COMMIT``) runs inside ``anyio.CancelScope(shield=True)``, so anyio
   cancellation (cancel scopes, ``fail_after``, task groups) waits for it to end, which
@@ -34,10 +35,12 @@ How it is built:
   timeout, and the schema created on first use and migrated by ``PRAGMA
   user_version``; a file written by a newer schema raises `SchemaVersionError` and is
   left untouched.
-* Every write is one ``BEGIN IMMEDIATE`` transaction.  "database is locked" never
-  reaches the caller: SQLite waits ``busy_timeout`` seconds, then the operation is
-  retried with jittered backoff until ``lock_timeout`` seconds have passed, after which
-  a `TelemetryError` / `StateStoreError` says the file stayed locked.
+* Every write is one ``BEGIN IMMEDIATE`` transaction, or (the state store's
+  conditional writes) one statement in a transaction of its own.  "database is
+  locked" never reaches the caller: SQLite waits ``busy_timeout`` seconds, then the
+  operation is retried with jittered backoff until ``lock_timeout`` seconds have
+  passed, after which a `TelemetryError` / `StateStoreError` says the file stayed
+  locked.
 * A path in a missing directory, a directory, a file that is not a database, or a
   read-only file raises a `TelemetryError` / `StateStoreError` naming the path.
 * Another application's file (tables that are not ours) is refused before anything is
@@ -62,11 +65,15 @@ The migration to schema version 2 builds the tables from the calls already store
 version 3 makes ``call_id`` unique: a record already stored is skipped, and only the
 records a transaction actually inserts are rolled up, so a replay counts nothing twice.
 
-Circuit state: `SQLiteStateStore` runs each store operation as one ``BEGIN IMMEDIATE``
-transaction that reads the key's row, applies the pure machine of
-`empathy_models.circuit` with the UTC wall clock read *after* the lock is taken, and
-writes the row back with a generation check.  Several processes sharing one file see
-one breaker.
+Circuit state: `SQLiteStateStore` reads the key's row without a lock, applies the pure
+machine of `empathy_models.circuit` with the UTC wall clock read after the row, and, if
+the state changed, writes it back with one statement that matches only while the row
+still holds what was read; otherwise the operation runs again as one ``BEGIN
+IMMEDIATE`` transaction, the clock read *after* the lock is taken.  The read and the
+conditional write run on a second connection in the event loop's thread (WAL, a zero
+busy timeout, no fsync at commit, no checkpoint at commit): a locked file or any error
+sends the statement to the aiosqlite thread instead, where the rules above apply.
+Several processes sharing one file see one breaker.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiosqlite
+import anyio
 
 logger = logging.getLogger("empathy_models.backends.sqlite")
 
@@ -32,6 +33,17 @@ async def _fetchone(
 ) -> sqlite3.Row | None:
     """The first row of a query's result, or None (one hop to the connection's thread)."""
     return next(iter(await conn.execute_fetchall(sql, params)), None)
+
+
+async def _execute(conn: aiosqlite.Connection, sql: str, params: Sequence[Any] = ()) -> int:
+    """
+    Run one statement (in its own transaction, outside any other) and return the rows
+    it changed.  Shielded from anyio cancellation like `_Database.transaction`'s
+    attempts: a cancelled caller waits for the statement (at most ``busy_timeout``).
+    """
+    with anyio.CancelScope(shield=True):
+        cursor = await conn.execute(sql, params)
+    return cursor.rowcount
 
 
 async def _nothing(conn: aiosqlite.Connection) -> None:

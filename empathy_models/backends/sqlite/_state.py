@@ -1,6 +1,6 @@
 """
-`SQLiteStateStore`: the breaker's state per key, one ``BEGIN IMMEDIATE`` transaction per
-operation.
+`SQLiteStateStore`: the breaker's state per key, read and written back conditionally
+(one ``BEGIN IMMEDIATE`` transaction when the key changed in between).
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 import aiosqlite
+import anyio.lowlevel
 
 from ...abc import TransactionalStateStore
 from ...exceptions import (
@@ -23,8 +24,9 @@ from ...exceptions import (
 )
 from ...records import CircuitBreakerState
 from ...serialization import from_dict, to_dict
-from ._conn import _fetchone, _nothing
+from ._conn import _execute, _fetchone, _nothing
 from ._database import MEMORY, _check_seconds, _Database, _normalize_path
+from ._inloop import MISS, InLoop
 from ._schema import _json
 
 logger = logging.getLogger("empathy_models.backends.sqlite")
@@ -35,20 +37,32 @@ T = TypeVar("T")
 
 
 _SELECT_STATE: Final = "SELECT data, generation FROM circuit_state WHERE key = ?"
+_INSERT_IF: Final = (
+    "INSERT INTO circuit_state (key, generation, state, data, updated_at) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING"
+)
+_UPDATE_IF: Final = (
+    "UPDATE circuit_state SET generation = ?, state = ?, data = ?, updated_at = ? "
+    "WHERE key = ? AND data = ?"
+)
 
 
 class SQLiteStateStore(TransactionalStateStore):
     """
     Circuit-breaker state in a SQLite file, shared by every process that opens it.
 
-    Each store operation (`admit`, `record`, `force`, `reset`) that changes the state is
-    one ``BEGIN IMMEDIATE`` transaction: the key's row is read, the pure machine of
-    `empathy_models.circuit` runs with ``clock()`` (read after the write lock is held,
-    so time never runs backwards between two operations on one host), and the row is
-    written back only if its generation is still the one read.  An operation that
-    changes nothing (admitting while CLOSED, rejecting while OPEN) is answered from a
-    plain read and takes no lock, so it never waits for writers.  States are stored as
-    the versioned JSON of `empathy_models.serialization`.
+    Each store operation (`admit`, `record`, `force`, `reset`) reads the key's row
+    without a lock (a WAL read never waits for writers) and runs the pure machine of
+    `empathy_models.circuit` on it with ``clock()`` read after the row.  An operation
+    that changes nothing (admitting while CLOSED, rejecting while OPEN) ends there.
+    One that changes the state writes it with one statement that matches only if the
+    row still holds the JSON read: then no write came in between, and every earlier
+    write read its ``clock()`` before this one did.  When it does not match, the
+    operation runs again in one ``BEGIN IMMEDIATE`` transaction, ``clock()`` read with
+    the write lock held.  Either way time never runs backwards between two operations
+    on one key on one host.  The reads and the conditional writes run in the event
+    loop's thread when they cannot block (see `InLoop`), otherwise on the connection's
+    thread.  States are stored as the versioned JSON of `empathy_models.serialization`.
 
     Args:
         path: the file, or ``":memory:"`` (a private database: ``shared`` is then
@@ -93,6 +107,7 @@ class SQLiteStateStore(TransactionalStateStore):
             read_only=read_only,
             allow_foreign=allow_foreign,
         )
+        self._loop = InLoop(self._db)
 
     def __repr__(self) -> str:
         return f"SQLiteStateStore({self._path!r})"
@@ -109,6 +124,7 @@ class SQLiteStateStore(TransactionalStateStore):
 
     async def _aopen(self) -> None:
         await self._db.run(_nothing)
+        await self._loop.ready()
 
     def _decode(self, key: str, data: object) -> CircuitBreakerState:
         """The stored state of ``key``, or `StateStoreError` naming the key it belongs to."""
@@ -157,51 +173,57 @@ class SQLiteStateStore(TransactionalStateStore):
             current = None if row is None else self._decode(key, row[0])
             new, result = fn(current, clock())  # now: read with the write lock held
             if new is not None and new is not current:
-                data = _json(to_dict(new))
-                now = new.updated_at_ts if new.updated_at_ts is not None else time.time()
-                if row is None:
-                    await conn.execute(
-                        "INSERT INTO circuit_state (key, generation, state, data, updated_at) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (key, new.generation, new.state.value, data, now),
+                sql, params, _ = _write(key, None if row is None else row[0], new)
+                cursor = await conn.execute(sql, params)
+                if cursor.rowcount != 1:  # cannot happen under the write lock
+                    raise StateStoreError(
+                        f"SQLite database {db.path}: the state of {key!r} changed "
+                        "during a transaction",
+                        target=db.path,
                     )
-                else:
-                    cursor = await conn.execute(
-                        "UPDATE circuit_state SET generation = ?, state = ?, data = ?, "
-                        "updated_at = ? WHERE key = ? AND generation = ?",
-                        (new.generation, new.state.value, data, now, key, row[1]),
-                    )
-                    if cursor.rowcount != 1:  # cannot happen under the write lock
-                        raise StateStoreError(
-                            f"SQLite database {db.path}: the state of {key!r} changed "
-                            "during a transaction",
-                            target=db.path,
-                        )
             return result
 
-        async def job(conn: aiosqlite.Connection) -> T:
-            # Optimistic first pass without the write lock (a WAL read never waits for
-            # writers): when the machine changes nothing (an admit while CLOSED, or a
-            # rejection while OPEN) the answer is consistent with the state as read, so
-            # it is returned as is.  Otherwise the step runs again from a fresh read
-            # inside BEGIN IMMEDIATE, which is what makes it atomic.
-            row = await db.retrying(partial(_fetchone, conn, _SELECT_STATE, (key,)))
-            current = None if row is None else self._decode(key, row[0])
-            new, result = fn(current, clock())
-            if new is None or new is current:
-                return result
-            return await db.transaction(conn, body)
+        return await db.run(partial(db.transaction, body=body))
 
-        return await db.run(job)
+    async def _row(self, key: str) -> sqlite3.Row | None:
+        """
+        ``key``'s row (data, generation), read without a lock.  A cancelled caller is
+        cancelled here, before anything is read, even when nothing after suspends.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        await self._loop.ready()
+        row = self._loop.fetchone(_SELECT_STATE, (key,))
+        if row is MISS:
+
+            async def job(conn: aiosqlite.Connection) -> sqlite3.Row | None:
+                return await self._db.retrying(partial(_fetchone, conn, _SELECT_STATE, (key,)))
+
+            row = await self._db.run(job)
+        return cast("sqlite3.Row | None", row)
+
+    def _state_of(self, key: str, row: sqlite3.Row | None) -> CircuitBreakerState | None:
+        return None if row is None else self._decoded(key, row[0], partial(self._decode, key))
+
+    async def _peek(self, key: str) -> tuple[CircuitBreakerState | None, float, object] | None:
+        row = await self._row(key)
+        return self._state_of(key, row), self._clock(), None if row is None else row[0]
+
+    async def _put_if(self, key: str, seen: object, new: CircuitBreakerState) -> bool:
+        sql, params, data = _write(key, seen, new)
+        changed = self._loop.write(sql, params)
+        if changed is MISS:
+
+            async def job(conn: aiosqlite.Connection) -> int:
+                return await self._db.retrying(partial(_execute, conn, sql, params))
+
+            changed = await self._db.run(job)
+        if changed != 1:
+            return False
+        self._remember(key, data, new)
+        return True
 
     async def _load(self, key: str) -> CircuitBreakerState | None:
-        async def job(conn: aiosqlite.Connection) -> sqlite3.Row | None:
-            return await self._db.retrying(
-                partial(_fetchone, conn, "SELECT data FROM circuit_state WHERE key = ?", (key,))
-            )
-
-        row = await self._db.run(job)
-        return None if row is None else self._decode(key, row[0])
+        return self._state_of(key, await self._row(key))
 
     async def _load_all(self) -> list[CircuitBreakerState]:
         async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
@@ -220,7 +242,23 @@ class SQLiteStateStore(TransactionalStateStore):
         await self._db.run(partial(self._db.transaction, body=body))
 
     async def _aclose(self) -> None:
-        await self._db.close()
+        try:
+            await self._loop.close()
+        finally:
+            await self._db.close()
+
+
+def _write(key: str, seen: object, new: CircuitBreakerState) -> tuple[str, tuple[object, ...], str]:
+    """
+    The statement that saves ``new`` if ``key``'s row still holds ``seen`` (the JSON
+    read, or ``None``: no row), its parameters, and the JSON it stores; it changes one
+    row or none.
+    """
+    data = _json(to_dict(new))
+    now = new.updated_at_ts if new.updated_at_ts is not None else time.time()
+    if seen is None:
+        return _INSERT_IF, (key, new.generation, new.state.value, data, now), data
+    return _UPDATE_IF, (new.generation, new.state.value, data, now, key, seen), data
 
 
 SQLiteCircuitStateStore = SQLiteStateStore
