@@ -343,3 +343,48 @@ def test_the_change_test_ends_on_evidence_that_keeps_changing(seed: int) -> None
     # the first regime, then at most one change detected per bucket
     assert len(arm.regimes) <= 1 + len(arm.starts)
     assert arm.summarize(1.96, 3.0, 1.0).samples > 0
+
+
+async def _mini_verdicts(runs: list[tuple[int, int]]) -> tuple[str, str, str]:
+    """``mini``'s success-rate verdict live (deciding after every call), after a refresh
+    and after a restart, once ``runs`` (per minute bucket: successes, then failures) are
+    recorded one a second."""
+    clock = FakeClock()
+    start = (int(clock()) // 60 + 1) * 60  # a bucket's first second
+    store = MemoryTelemetryBackend()
+    policy = RoutingPolicy(explore_rate=0.0)
+    ask = {**ASK, "candidates": ["mini"]}
+
+    def status(router: AdaptiveModelRouter) -> str:
+        d = router.get_best_model(WF, ST, **ask)  # type: ignore[arg-type]
+        return str(d.candidates[0].constraints["min_success_rate"].value)
+
+    async with AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=1, clock=clock, refresh_interval=None
+    ) as live:
+        for minute, (ok, failed) in enumerate(runs):
+            for i, success in enumerate([True] * ok + [False] * failed):
+                ts = start + 60 * minute + i
+                clock.set(ts)
+                r = rec(ts, "mini", success)
+                await store.record(r)
+                live.record_outcome(r)
+                status(live)  # a decision per call, as an executor makes
+        clock.advance(1.0)
+        seen_live = status(live)
+        assert await live.refresh()
+        refreshed = status(live)
+    async with AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=2, clock=clock, refresh_interval=None
+    ) as fresh:
+        restarted = status(fresh)
+    return seen_live, refreshed, restarted
+
+
+async def test_the_success_rate_hysteresis_depends_on_the_evidence_alone() -> None:
+    # proven in the middle of a minute (74 of 74), then one failure: the 95% bound falls
+    # under 0.95 and the hysteresis bound does not; no bucket had ended proven, so no
+    # router keeps it eligible, whether it saw the calls live or read them
+    assert await _mini_verdicts([(60, 0), (14, 1)]) == ("unproven",) * 3
+    # proven at the end of a minute (80 of 80), then one failure: every router keeps it
+    assert await _mini_verdicts([(60, 0), (20, 0), (0, 1)]) == ("eligible",) * 3

@@ -188,17 +188,12 @@ class VerdictCache:
             if arm is not None
             else EMPTY_SUMMARY
         )
-        was = False
-        if ctx.verdicts:
-            old = ctx.verdicts[i]
-            was = old.success is not None and old.code == 0 and old.summary.since == summary.since
         return judge(
             ctx.models[i],
             ctx.facts[i],
             summary,
             ctx.cons,
             policy,
-            was_eligible=was,
             prior_output_tokens=prior.mean() if prior is not None else None,
         )
 

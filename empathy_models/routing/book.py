@@ -94,7 +94,9 @@ class ChangeTest:
     steady arm with many calls a minute would otherwise raise one every few thousand
     calls).  The degradation test takes ``q`` at the upper end of its Wilson interval at
     ``reference_z``: the regime's rate is an estimate, and from a lucky start the arm's
-    own steady rate would otherwise read as a degradation.
+    own steady rate would otherwise read as a degradation.  ``proof_z`` is the quantile
+    of the lower bound kept at every bucket's end (`ArmSummary.proven_lower`: the
+    routing policy's ``z``).
     """
 
     threshold: float = 5.0
@@ -107,6 +109,7 @@ class ChangeTest:
     restore_threshold: float = 2.0
     reference_z: float = 1.0
     improve_threshold: float = 8.0
+    proof_z: float = 1.96
 
 
 @define(slots=True, eq=False)
@@ -147,7 +150,12 @@ class ArmSummary:
     what it may prove is what one of its parts proves by itself).  ``record_lower``:
     the highest lower bound (at ``z``) of any of the arm's regimes in the window, this
     one included (as ``unpooled_lower`` when it holds restored evidence): what the
-    arm's best stretch proves.
+    arm's best stretch proves.  ``proven_lower``: the highest lower bound (at the change
+    test's ``proof_z``; as ``unpooled_lower`` with restored evidence, and never above
+    the pooled one) that this regime's evidence had at the end of one of its buckets
+    before the last: the hysteresis of the success-rate verdict, a function of the
+    buckets alone, so every process that has read the same buckets keeps a model
+    eligible alike.
     """
 
     samples: float = 0.0
@@ -175,6 +183,7 @@ class ArmSummary:
     ttft_p95_upper: float | None = None
     unpooled_lower: float | None = None
     record_lower: float = 0.0
+    proven_lower: float = 0.0
 
 
 EMPTY_SUMMARY: Final = ArmSummary()
@@ -193,6 +202,18 @@ class StagePrior:
         return self.output_tokens / self.successes if self.successes > 0 else None
 
 
+def _proved(n: float, f: float, base: list[float] | None, z: float) -> float:
+    """The lower bound a regime's ``n`` calls, ``f`` failed (``base`` restored among
+    them), prove at ``z``: as `ArmSummary.unpooled_lower` with restored evidence, never
+    above the pooled bound."""
+    pooled = wilson_bounds(n - f, n, z)[0]
+    if base is None:
+        return pooled
+    b_n, b_s = base[SAMPLES], base[SUCCESSES]
+    parts = max(wilson_bounds(b_s, b_n, z)[0], wilson_bounds(n - f - b_s, n - b_n, z)[0])
+    return parts if parts < pooled else pooled
+
+
 def _summarize(
     v: list[float],
     window_samples: int,
@@ -201,6 +222,7 @@ def _summarize(
     z: float,
     reject_z: float,
     keep_z: float,
+    proven: float,
 ) -> ArmSummary:
     n = v[SAMPLES]
     s = v[SUCCESSES]
@@ -254,6 +276,7 @@ def _summarize(
         t95_hi,
         unpooled,
         record,
+        proven,
     )
 
 
@@ -278,6 +301,8 @@ class Arm:
     dn: array[float] = field(factory=lambda: array("d"))
     up_from: array[int] = field(factory=lambda: array("q"))
     dn_from: array[int] = field(factory=lambda: array("q"))
+    # the highest lower bound (ChangeTest.proof_z) of the regime at a bucket's end so far
+    proof: array[float] = field(factory=lambda: array("d"))
     regimes: list[Regime] = field(
         factory=lambda: [Regime(start=_NEVER, detected=None, kind="initial")]
     )
@@ -295,7 +320,14 @@ class Arm:
         if self.summary_version != self.version or self.summary is None:
             regimes = self.regimes
             self.summary = _summarize(
-                self.cur, self.window_n, regimes[-1], regimes[:-1], z, reject_z, keep_z
+                self.cur,
+                self.window_n,
+                regimes[-1],
+                regimes[:-1],
+                z,
+                reject_z,
+                keep_z,
+                self._proven(),
             )
             self.summary_version = self.version
         return self.summary
@@ -303,6 +335,13 @@ class Arm:
     @property
     def regime(self) -> Regime:
         return self.regimes[-1]
+
+    def _proven(self) -> float:
+        # the regime's highest lower bound at the end of a bucket before the last
+        k = len(self.starts) - 2
+        if k < 0 or self.starts[k] < self.regimes[-1].start:
+            return 0.0
+        return self.proof[k]
 
     # ------------------------------------------------------------------ live outcomes
 
@@ -377,6 +416,7 @@ class Arm:
         zeros = bytes(8 * n)
         self.cum_n, self.cum_f = array("d", zeros), array("d", zeros)
         self.up, self.dn = array("d", zeros), array("d", zeros)
+        self.proof = array("d", zeros)
         self.up_from, self.dn_from = array("q", zeros), array("q", zeros)
         self.version += 1
         self._rerun(0)
@@ -400,7 +440,7 @@ class Arm:
                 _add(current.base, v, -1.0)
                 _add(self.cur, v, -1.0)
         del self.starts[:k]
-        for arr in (self.cum_n, self.cum_f, self.up, self.dn):
+        for arr in (self.cum_n, self.cum_f, self.up, self.dn, self.proof):
             del arr[:k]
         for arr2 in (self.up_from, self.dn_from):
             del arr2[:k]
@@ -423,7 +463,7 @@ class Arm:
             i = bisect_left(starts, t)
             starts.insert(i, t)
         self.data[t] = v
-        for arr in (self.cum_n, self.cum_f, self.up, self.dn):
+        for arr in (self.cum_n, self.cum_f, self.up, self.dn, self.proof):
             arr.insert(i, 0.0)
         for arr2 in (self.up_from, self.dn_from):
             arr2.insert(i, 0)
@@ -441,7 +481,7 @@ class Arm:
             i = self._pos(t)
             del self.starts[i]
             del self.data[t]
-            for arr in (self.cum_n, self.cum_f, self.up, self.dn):
+            for arr in (self.cum_n, self.cum_f, self.up, self.dn, self.proof):
                 del arr[i]
             for arr2 in (self.up_from, self.dn_from):
                 del arr2[i]
@@ -481,17 +521,20 @@ class Arm:
         rates_of: Regime | None = None
         data = self.data
         cum_n, cum_f, up_a, dn_a = self.cum_n, self.cum_f, self.up, self.dn
-        up_from, dn_from = self.up_from, self.dn_from
+        up_from, dn_from, proof = self.up_from, self.dn_from, self.proof
+        proof_z = test.proof_z
         while j < len(starts):
             t = starts[j]
             regime = regimes[-1]
+            base = regime.base
             if j == 0 or starts[j - 1] < regime.start:
-                base = regime.base
                 n0 = base[SAMPLES] if base is not None else 0.0
                 f0 = (base[SAMPLES] - base[SUCCESSES]) if base is not None else 0.0
                 u0 = d0 = 0.0
                 uf = df = t
+                best = 0.0
             else:
+                best = proof[j - 1]
                 n0, f0 = cum_n[j - 1], cum_f[j - 1]
                 u0, d0 = up_a[j - 1], dn_a[j - 1]
                 uf = up_from[j - 1] if u0 > 0.0 else t
@@ -510,6 +553,8 @@ class Arm:
                 u = d = 0.0
             cum_n[j] = n0 + n
             cum_f[j] = f0 + f
+            proved = _proved(n0 + n, f0 + f, base, proof_z)
+            proof[j] = proved if proved > best else best
             up_a[j] = u
             dn_a[j] = d
             up_from[j] = uf

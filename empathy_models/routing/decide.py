@@ -6,8 +6,10 @@ Verdicts and selection: how one decision judges its candidates and picks one.
 (`empathy_models.routing.book`):
 
 * ``min_success_rate`` against the Wilson interval: lower bound (``z``) >= min ->
-  ELIGIBLE, and an ELIGIBLE arm stays so while its lower bound at ``keep_z`` does
-  (hysteresis); upper bound at ``reject_z`` < min with at least ``reject_min_samples``
+  ELIGIBLE, and an arm whose regime proved it at the end of an earlier bucket
+  (`ArmSummary.proven_lower`) stays so while its lower bound at ``keep_z`` holds
+  (hysteresis that depends on the buckets only, so processes that read the same
+  evidence agree); upper bound at ``reject_z`` < min with at least ``reject_min_samples``
   calls -> REJECTED; otherwise UNPROVEN.  9 successes out of 10 is not eligible for 0.9.
 * ``max_latency_ms`` bounds the p95 latency of successful calls (log-normal fit): its
   upper confidence bound <= max -> ELIGIBLE; p50 > max or the lower bound of p95 > max
@@ -109,25 +111,19 @@ def judge(
     cons: Constraints,
     policy: RoutingPolicy,
     *,
-    was_eligible: bool = False,
     prior_output_tokens: float | None = None,
 ) -> Verdict:
     """
     Judge ``model`` (its current-regime ``summary``) against ``cons``; O(1).
 
-    ``was_eligible``: the success rate was ELIGIBLE at this arm's previous verdict (the
-    hysteresis of the module docstring).  ``prior_output_tokens``: the stage's mean,
-    used to cost an arm with no successful call of its own.
+    ``prior_output_tokens``: the stage's mean, used to cost an arm with no successful
+    call of its own.
     """
     reasons: list[str] = []
     if facts is None:
         reasons.append(NOT_IN_REGISTRY)
     min_sr = cons.min_success_rate
-    success = (
-        _judge_success(summary, min_sr, was_eligible, policy, reasons)
-        if min_sr is not None
-        else None
-    )
+    success = _judge_success(summary, min_sr, policy, reasons) if min_sr is not None else None
     need = float(policy.latency_min_samples)
     latency = ttft = None
     if cons.max_latency_ms is not None:
@@ -165,13 +161,12 @@ def judge(
 def _judge_success(
     summary: ArmSummary,
     min_sr: float,
-    was_eligible: bool,
     policy: RoutingPolicy,
     reasons: list[str],
 ) -> ConstraintStatus:
     """``min_success_rate`` against the Wilson bounds (see the module docstring)."""
     n = summary.samples
-    if was_eligible and summary.keep_lower >= min_sr:
+    if summary.proven_lower >= min_sr and summary.keep_lower >= min_sr:
         return ELIGIBLE
     unpooled = summary.unpooled_lower
     if summary.lower >= min_sr:

@@ -183,7 +183,7 @@ class RoutingPolicy:
         # an improvement that is not a return to an earlier rate needs 3 more (see
         # ChangeTest): it only speeds a verdict up
         t = self.change_threshold
-        return ChangeTest(threshold=t, improve_threshold=t + 3.0)
+        return ChangeTest(threshold=t, improve_threshold=t + 3.0, proof_z=self.z)
 
 
 @frozen
