@@ -202,16 +202,32 @@ class StagePrior:
         return self.output_tokens / self.successes if self.successes > 0 else None
 
 
-def _proved(n: float, f: float, base: list[float] | None, z: float) -> float:
-    """The lower bound a regime's ``n`` calls, ``f`` failed (``base`` restored among
-    them), prove at ``z``: as `ArmSummary.unpooled_lower` with restored evidence, never
-    above the pooled bound."""
-    pooled = wilson_bounds(n - f, n, z)[0]
-    if base is None:
-        return pooled
-    b_n, b_s = base[SAMPLES], base[SUCCESSES]
-    parts = max(wilson_bounds(b_s, b_n, z)[0], wilson_bounds(n - f - b_s, n - b_n, z)[0])
-    return parts if parts < pooled else pooled
+def _lower(s: float, n: float, z: float, z2: float) -> float:
+    """The Wilson lower bound of `wilson_bounds` (``z2 = z * z``), alone and unclamped
+    above (it never exceeds the rate): the change test's walk computes one per bucket."""
+    if n <= 0.0:
+        return 0.0
+    q = s / n
+    q = q if q > 0.0 else 0.0
+    q = q if q < 1.0 else 1.0
+    margin = z * math.sqrt(q * (1.0 - q) / n + z2 / (4.0 * n * n))
+    lower = (q + z2 / (2.0 * n) - margin) / (1.0 + z2 / n)
+    return lower if lower > 0.0 else 0.0
+
+
+def _upper(s: float, n: float, z: float) -> float:
+    """The upper bound of `wilson_bounds`, alone (the same arithmetic, so the same
+    value): the change test computes one per bucket."""
+    if n <= 0.0:
+        return 1.0
+    p = s / n
+    p = p if p > 0.0 else 0.0
+    p = p if p < 1.0 else 1.0
+    z2 = z * z
+    margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
+    upper = (p + z2 / (2.0 * n) + margin) / (1.0 + z2 / n)
+    upper = upper if upper < 1.0 else 1.0
+    return upper if upper > p else p
 
 
 def _summarize(
@@ -523,6 +539,9 @@ class Arm:
         cum_n, cum_f, up_a, dn_a = self.cum_n, self.cum_f, self.up, self.dn
         up_from, dn_from, proof = self.up_from, self.dn_from, self.proof
         proof_z = test.proof_z
+        z2 = proof_z * proof_z
+        based: Regime | None = None  # the regime whose restored evidence ...
+        base_lower = 0.0  # ... proves this by itself
         while j < len(starts):
             t = starts[j]
             regime = regimes[-1]
@@ -551,10 +570,23 @@ class Arm:
             if alarm is not None and t <= last_detected:
                 alarm = None
                 u = d = 0.0
-            cum_n[j] = n0 + n
-            cum_f[j] = f0 + f
-            proved = _proved(n0 + n, f0 + f, base, proof_z)
-            proof[j] = proved if proved > best else best
+            n1 = cum_n[j] = n0 + n
+            f1 = cum_f[j] = f0 + f
+            # what the regime proves at this bucket's end (as ArmSummary.proven_lower);
+            # a bound never exceeds its rate, so a rate at or under ``best`` is skipped
+            if n1 > 0.0 and n1 - f1 > best * n1:
+                proved = _lower(n1 - f1, n1, proof_z, z2)
+                if base is not None and proved > best:
+                    # with restored evidence, what one of its parts proves by itself
+                    if regime is not based:
+                        based = regime
+                        base_lower = _lower(base[SUCCESSES], base[SAMPLES], proof_z, z2)
+                    seg = _lower(n1 - f1 - base[SUCCESSES], n1 - base[SAMPLES], proof_z, z2)
+                    part = seg if seg > base_lower else base_lower
+                    proved = part if part < proved else proved
+                proof[j] = proved if proved > best else best
+            else:
+                proof[j] = best
             up_a[j] = u
             dn_a[j] = d
             up_from[j] = uf
@@ -595,7 +627,7 @@ class Arm:
         # from the upper end of its confidence interval, so a lucky start is not
         # mistaken for a degradation later (which would split a stationary arm into
         # regimes whose evidence could be reassembled selectively)
-        q_hi = wilson_bounds(f0, n0, test.reference_z)[1]
+        q_hi = _upper(f0, n0, test.reference_z)
         q = q_hi if q_hi > test.min_rate else test.min_rate
         q_up = min(0.5, max(q * test.degrade_ratio, q + test.degrade_step))
         u = d = 0.0
