@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import inspect
 import math
 import re
@@ -23,7 +24,8 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.client import NEVER_DECODE
+from redis.exceptions import NoScriptError, RedisError
 
 from empathy_models.abc import CircuitStateStore
 from empathy_models.backends import redact_url
@@ -71,8 +73,9 @@ def _opt_text(value: str | None) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _policy_args(policy: BreakerPolicy) -> tuple[str, ...]:
-    return (
+def _policy_arg(policy: BreakerPolicy) -> bytes:
+    """The policy as the script's one policy argument: its 13 values joined by ","."""
+    values = (
         _num(policy.consecutive_failures),
         _num(policy.failure_rate_threshold),
         _num(policy.minimum_calls),
@@ -87,10 +90,23 @@ def _policy_args(policy: BreakerPolicy) -> tuple[str, ...]:
         _num(policy.fatal_open_seconds),
         _num(policy.min_retry_after_open),
     )
+    if any("," in value or not value for value in values):
+        raise ConfigurationError(f"policy values cannot be sent to Redis: {values!r}")
+    return ",".join(values).encode("ascii")
 
 
-_DEFAULT_POLICY_ARGS: Final = _policy_args(BreakerPolicy())
-"""Policy arguments for operations whose result does not depend on the policy."""
+def _bulk(data: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+_DEFAULT_POLICY_ARG: Final = _policy_arg(BreakerPolicy())
+"""The policy argument for operations whose result does not depend on the policy."""
+
+_OPS: Final = {op: _bulk(op.encode("ascii")) for op in ("admit", "record", "force", "reset")}
+_KEY_CACHE_SIZE: Final = 4096
+"""Keys whose last read state (and encoded name) a store keeps, the oldest dropped first."""
+_HEADER_SIZE: Final = 6
 
 
 def _text(value: object) -> str:
@@ -251,7 +267,20 @@ class RedisCircuitStateStore(CircuitStateStore):
             raise ConfigurationError(f"key_ttl must be a number of seconds >= 1, got {key_ttl!r}")
         self.prefix = prefix
         self.key_ttl = float(key_ttl)
-        self._script = self._client.register_script(breaker_script())
+        source = breaker_script()
+        self._source = source
+        self._sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+        connection_kwargs = self._client.connection_pool.connection_kwargs
+        self._encoding: str = connection_kwargs.get("encoding", "utf-8")
+        self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
+        # EVALSHA <sha> 1 (the count of keys), then per call the key and arguments
+        self._command_head = b"".join(
+            _bulk(x) for x in (b"EVALSHA", self._sha.encode("ascii"), b"1")
+        )
+        self._ttl_arg = _bulk(_num(self.key_ttl).encode("ascii"))
+        # per breaker key: [its Redis key and its name (as RESP bulk strings), the
+        # revision of the state last read (b"" for none) and that state]; see `_run`
+        self._keys: dict[str, list[Any]] = {}
         self.last_server_time: float | None = None
         """Redis ``TIME`` (epoch seconds) seen by the last script run; for diagnostics."""
 
@@ -271,21 +300,129 @@ class RedisCircuitStateStore(CircuitStateStore):
             target=self._target,
         )
 
+    def _entry(self, key: str) -> list[Any]:
+        entry = self._keys.get(key)
+        if entry is None:
+            redis_key = self._redis_key(key)
+            if len(self._keys) >= _KEY_CACHE_SIZE:
+                del self._keys[next(iter(self._keys))]
+            entry = [self._bulk_text(redis_key), self._bulk_text(key), b"", None]
+            self._keys[key] = entry
+        return entry
+
+    def _bulk_text(self, text: str) -> bytes:
+        return _bulk(text.encode(self._encoding, self._encoding_errors))
+
     async def _run(
-        self, op: str, key: str, policy_args: Sequence[str], extra: Sequence[str]
+        self, op: str, key: str, policy_arg: bytes, extra: Sequence[str]
     ) -> tuple[float, list[str], CircuitBreakerState]:
+        """
+        One run of the script.  The command is packed here (the constant parts once)
+        and sent on a connection of the client's pool, under the client's retry policy;
+        the script is loaded when Redis does not know it (a restart, ``SCRIPT FLUSH``).
+
+        The revision of the state last read for ``key`` goes with it: when the script
+        wrote nothing and the stored state is still that revision, the reply carries
+        only the header and the state read then is returned (the same value a full
+        reply would give: the revision names one write of the key's hash).
+        """
         self._check_open()
-        args = [op, key, _num(self.key_ttl), *policy_args, *extra]
+        entry = self._entry(key)
+        known_rev: bytes = entry[2]  # empty while no state was read
+        known_state: CircuitBreakerState | None = entry[3]
+        extra_args = [value.encode(self._encoding, self._encoding_errors) for value in extra]
+        parts = [
+            b"*%d\r\n" % (9 + len(extra_args)),
+            self._command_head,
+            entry[0],
+            _OPS[op],
+            entry[1],
+            self._ttl_arg,
+            _bulk(policy_arg),
+            _bulk(known_rev),
+        ]
+        parts.extend(map(_bulk, extra_args))
+        command = b"".join(parts)
         try:
-            raw = await self._script(keys=[self._redis_key(key)], args=args)
+            if self._client.single_connection_client:
+                # a client bound to one connection: its own command path holds its lock
+                raw = await self._evalsha_by_client(key, op, policy_arg, known_rev, extra_args)
+            else:
+                raw = await self._send(command)
         except (RedisError, OSError) as exc:
             raise self._error(f"{op} {key!r}", exc) from exc
-        reply = _values(raw)
-        header = reply[:5]
-        state = self._parse(key, _pairs(reply[5:]))
+        reply = _values(raw.decode(self._encoding, self._encoding_errors))
+        header = reply[:_HEADER_SIZE]
+        if len(reply) == _HEADER_SIZE:
+            if known_state is None:
+                raise StateStoreError(
+                    f"Redis state store {self._target}: a short reply for {key!r} "
+                    "without a state read before",
+                    target=self._target,
+                )
+            state = known_state
+        else:
+            state = self._parse(key, _pairs(reply[_HEADER_SIZE:]))
+            if header[5]:
+                entry[2] = header[5].encode(self._encoding, self._encoding_errors)
+                entry[3] = state
         now = float(header[0])
         self.last_server_time = now
         return now, header, state
+
+    async def _evalsha_by_client(
+        self, key: str, op: str, policy_arg: bytes, known_rev: bytes, extra: list[bytes]
+    ) -> bytes:
+        args = [
+            self._redis_key(key),
+            op,
+            _num(self.key_ttl),
+            policy_arg,
+            known_rev,
+            *extra,
+        ]
+        client: Any = self._client  # redis-py leaves execute_command untyped
+        options = {NEVER_DECODE: True}
+        try:
+            raw = await client.execute_command("EVALSHA", self._sha, 1, *args, **options)
+        except NoScriptError:
+            await client.script_load(self._source)
+            raw = await client.execute_command("EVALSHA", self._sha, 1, *args, **options)
+        return self._check_reply(raw)
+
+    def _check_reply(self, reply: object) -> bytes:
+        if not isinstance(reply, bytes):
+            raise StateStoreError(
+                f"Redis state store {self._target}: unexpected reply {reply!r}",
+                target=self._target,
+            )
+        return reply
+
+    async def _send(self, command: bytes) -> bytes:
+        """Send a packed EVALSHA; the raw reply.  NOSCRIPT loads the script and resends."""
+        try:
+            return await self._roundtrip(command)
+        except NoScriptError:
+            await self._client.script_load(self._source)
+            return await self._roundtrip(command)
+
+    async def _roundtrip(self, command: bytes) -> bytes:
+        pool: Any = self._client.connection_pool  # get_connection is untyped
+        conn = await pool.get_connection()
+        try:
+            reply = await conn.retry.call_with_retry(
+                lambda: self._exchange(conn, command), lambda _error: conn.disconnect()
+            )
+        finally:
+            # read_response and send_packed_command disconnect a connection on any
+            # error or cancellation, so a connection never goes back with a reply unread
+            await pool.release(conn)
+        return self._check_reply(reply)
+
+    @staticmethod
+    async def _exchange(conn: Any, command: bytes) -> Any:
+        await conn.send_packed_command(command)
+        return await conn.read_response(disable_decoding=True)
 
     def _parse(self, key: str, fields: Mapping[str, str]) -> CircuitBreakerState:
         try:
@@ -386,7 +523,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             "" if until is None else _num(until.timestamp()),
             _opt_text(reason),
         ]
-        _, _, new = await self._run("force", key, _DEFAULT_POLICY_ARGS, extra)
+        _, _, new = await self._run("force", key, _DEFAULT_POLICY_ARG, extra)
         return new
 
     async def reset(self, key: str | None = None) -> None:
@@ -395,7 +532,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             for state in await self.snapshot_all():
                 await self.reset(state.key)
             return
-        await self._run("reset", key, _DEFAULT_POLICY_ARGS, [])
+        await self._run("reset", key, _DEFAULT_POLICY_ARG, [])
 
     async def snapshot(self, key: str) -> CircuitBreakerState:
         """The state of ``key`` (one ``HGETALL``); an unknown key reads as CLOSED."""
@@ -423,10 +560,10 @@ class RedisCircuitStateStore(CircuitStateStore):
             raise self._error("snapshot_all", exc) from exc
         return sorted(out, key=lambda s: s.key)
 
-    def _policy(self, policy: BreakerPolicy) -> tuple[str, ...]:
+    def _policy(self, policy: BreakerPolicy) -> bytes:
         if not isinstance(policy, BreakerPolicy):
             raise ConfigurationError(f"expected a BreakerPolicy, got {type(policy).__name__}")
-        return _policy_args(policy)
+        return _policy_arg(policy)
 
 
 def _client_option_names() -> frozenset[str]:

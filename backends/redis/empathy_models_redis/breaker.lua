@@ -3,13 +3,17 @@
 -- One script, one key, one atomic step.  KEYS[1] is the Redis hash holding one
 -- breaker key's state.  ARGV:
 --   1 op ("admit" | "record" | "force" | "reset")   2 breaker key   3 key TTL (s)
---   4..16 the BreakerPolicy (see POLICY below)      17.. op arguments
--- (record: six per report, the last a repeat count, see the dispatch below)
--- Time is the server's TIME.  The reply is one string, the values
---   now, admitted, retry_after, lease_id, lease_expires, field1, value1, ...
+--   4 the BreakerPolicy's 13 values joined by "," (see P below)
+--   5 the revision of the state the caller last read for this key ("" for none)
+--   6.. op arguments (record: six per report, the last a repeat count, see the dispatch)
+-- Time is the server's TIME.  Every write stores a new revision in the hash's "rev"
+-- field ("<counter>/<TIME>": the counter grows by one a write; a key that expired or
+-- was deleted starts again at 1, at a later TIME).  The reply is one string, the values
+--   now, admitted, retry_after, lease_id, lease_expires, rev, field1, value1, ...
 -- separated by \31 (escaped within a value, see the end), every value a string (""
 -- for none): numbers are written with %.17g so that a double survives the trip to
--- Python exactly.
+-- Python exactly.  When the operation wrote nothing and the stored revision is the one
+-- in ARGV[5], the reply stops after rev: the caller already holds that state.
 --
 -- Semantics mirror circuit.py line by line; the differential test in
 -- backends/redis/tests holds the two to the same results.
@@ -23,20 +27,26 @@ local OP = ARGV[1]
 local KEY = ARGV[2]
 local KEY_TTL = tonumber(ARGV[3])
 
+local KNOWN_REV = ARGV[5]
+
+local PV = {}
+for v in string.gmatch(ARGV[4], "[^,]+") do
+  PV[#PV + 1] = v
+end
 local P = {
-  consecutive_failures = tonumber(ARGV[4]),
-  failure_rate_threshold = tonumber(ARGV[5]),
-  minimum_calls = tonumber(ARGV[6]),
-  window_seconds = tonumber(ARGV[7]),
-  window_buckets = tonumber(ARGV[8]),
-  recovery_seconds = tonumber(ARGV[9]),
-  max_recovery_seconds = tonumber(ARGV[10]),
-  backoff = ARGV[11],
-  healthy_decay_seconds = tonumber(ARGV[12]),
-  half_open_probes = tonumber(ARGV[13]),
-  probe_lease_seconds = tonumber(ARGV[14]),
-  fatal_open_seconds = tonumber(ARGV[15]),
-  min_retry_after_open = tonumber(ARGV[16]),
+  consecutive_failures = tonumber(PV[1]),
+  failure_rate_threshold = tonumber(PV[2]),
+  minimum_calls = tonumber(PV[3]),
+  window_seconds = tonumber(PV[4]),
+  window_buckets = tonumber(PV[5]),
+  recovery_seconds = tonumber(PV[6]),
+  max_recovery_seconds = tonumber(PV[7]),
+  backoff = PV[8],
+  healthy_decay_seconds = tonumber(PV[9]),
+  half_open_probes = tonumber(PV[10]),
+  probe_lease_seconds = tonumber(PV[11]),
+  fatal_open_seconds = tonumber(PV[12]),
+  min_retry_after_open = tonumber(PV[13]),
 }
 P.bucket_seconds = P.window_seconds / P.window_buckets
 
@@ -94,10 +104,12 @@ local function initial_state(now)
   }
 end
 
+-- the stored state (nil for none) and its revision ("" when a writer without revisions
+-- wrote it last)
 local function load()
   local flat = redis.call("HGETALL", KEYS[1])
   if #flat == 0 then
-    return nil
+    return nil, ""
   end
   local h = {}
   for i = 1, #flat, 2 do
@@ -130,7 +142,7 @@ local function load()
       st.leases[#st.leases + 1] = { id, tonumber(exp) }
     end
   end
-  return st
+  return st, h.rev or ""
 end
 
 local function encode(st)
@@ -170,10 +182,12 @@ local function encode(st)
   return out
 end
 
-local function save(st, now)
+-- writes ``st`` under a new revision after ``old_rev``; returns its fields and the revision
+local function save(st, now, old_rev)
   local flat = encode(st)
+  local rev = ((tonumber(string.match(old_rev, "^(%d+)/")) or 0) + 1) .. "/" .. fmt(now)
   redis.call("DEL", KEYS[1])
-  redis.call("HSET", KEYS[1], unpack(flat))
+  redis.call("HSET", KEYS[1], "rev", rev, unpack(flat))
   if (st.state == "forced_open" and st.open_until_ts == nil) or st.state == "disabled" then
     -- held until a reset: never let it expire on its own (a DISABLED key's admissions
     -- and outcomes write nothing, so a TTL would end it however busy the key is)
@@ -187,7 +201,7 @@ local function save(st, now)
     -- and refused as not an integer (an absurd Retry-After would fail the script)
     redis.call("PEXPIRE", KEYS[1], math.min(math.ceil(ttl * 1000), 9007199254740991))
   end
-  return flat
+  return flat, rev
 end
 
 -- ------------------------------------------------------------------ the machine
@@ -526,7 +540,7 @@ end
 
 -- ------------------------------------------------------------------ dispatch
 
-local current = load()
+local current, current_rev = load()
 local state = current
 local changed = false
 local admitted, retry_after, lease_id, lease_expires = nil, nil, nil, nil
@@ -535,7 +549,7 @@ if OP == "admit" then
   if state == nil then
     state = initial_state(NOW)
   end
-  state, changed, admitted, retry_after, lease_id, lease_expires = admit(state, NOW, ARGV[17])
+  state, changed, admitted, retry_after, lease_id, lease_expires = admit(state, NOW, ARGV[6])
 elseif OP == "record" then
   if state == nil then
     state = initial_state(NOW)
@@ -543,7 +557,7 @@ elseif OP == "record" then
   -- each report is (generation, lease, outcome, retry_after, error, count): ``count``
   -- identical reports in a row, as the store sends a written-behind batch of successes
   local reports = {}
-  for i = 17, #ARGV - 5, 6 do
+  for i = 6, #ARGV - 5, 6 do
     reports[#reports + 1] = {
       generation = tonumber(ARGV[i]),
       lease_id = opt_str(ARGV[i + 1]),
@@ -583,7 +597,7 @@ elseif OP == "force" then
   if state == nil then
     state = initial_state(NOW)
   end
-  state = force(state, ARGV[17], NOW, opt_num(ARGV[18]), opt_str(ARGV[19]))
+  state = force(state, ARGV[6], NOW, opt_num(ARGV[7]), opt_str(ARGV[8]))
   changed = true
 elseif OP == "reset" then
   state = reset(state, NOW)
@@ -593,10 +607,14 @@ else
 end
 
 local flat
+local rev = current_rev
 if changed or current == nil then
-  flat = save(state, NOW)
-else
+  flat, rev = save(state, NOW, current_rev)
+elseif rev == "" or rev ~= KNOWN_REV then
   flat = encode(state)
+else
+  -- nothing written and the caller holds this very revision: the header suffices
+  flat = {}
 end
 
 local function s(x)
@@ -617,7 +635,7 @@ end
 -- string costs the client a fraction of what parsing ~30 elements does.  Within a value
 -- \27 is written \27\27 and \31 is written \27| (keys and error texts are free text)
 local ESCAPES = { ["\27"] = "\27\27", ["\31"] = "\27|" }
-local reply = { fmt(NOW), admitted_s, s(retry_after), s(lease_id), s(lease_expires) }
+local reply = { fmt(NOW), admitted_s, s(retry_after), s(lease_id), s(lease_expires), rev }
 for _, v in ipairs(flat) do
   reply[#reply + 1] = v
 end
