@@ -376,6 +376,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         args = [
             self._redis_key(key),
             op,
+            key,
             _num(self.key_ttl),
             policy_arg,
             known_rev,
