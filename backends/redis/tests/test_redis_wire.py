@@ -169,3 +169,33 @@ async def test_a_client_given_by_the_caller_is_used(
         assert await client.exists(redis_prefix + "k")  # the store did not close the client
     finally:
         await client.aclose()
+
+
+async def test_a_full_pool_is_shared_between_script_runs_and_snapshots(
+    redis_store_url: str,
+) -> None:
+    # connections kept between runs go back to the pool when anyone waits for one
+    async with RedisCircuitStateStore(redis_store_url, max_connections=2, timeout=2.0) as store:
+        calls = [store.admit(f"k{i % 7}", POLICY) for i in range(60)]
+        results = await asyncio.gather(*calls, store.snapshot("k1"), store.snapshot_all())
+        assert len(results) == 62
+        assert (await store.snapshot("k1")).key == "k1"
+        assert (await store.admit("k1", POLICY)).admitted
+
+
+async def test_a_kept_connection_closed_by_the_server_is_replaced(
+    redis_url: str, redis_store_url: str
+) -> None:
+    name = f"empathy-wire-{random.getrandbits(48):x}"
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async with RedisCircuitStateStore(redis_store_url, client_name=name) as store:
+            await store.admit("k", POLICY)
+            ids = [c["id"] for c in await client.client_list() if c.get("name") == name]
+            assert ids
+            for client_id in ids:
+                await client.client_kill_filter(_id=client_id)
+            admission = await store.admit("k", POLICY)
+            assert admission.admitted and admission.state.key == "k"
+    finally:
+        await client.aclose()
