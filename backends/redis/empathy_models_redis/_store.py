@@ -11,12 +11,13 @@ import math
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from importlib.resources import files
 from typing import Any, Final
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
+import attrs
 import redis.asyncio as aioredis
 from redis.asyncio.connection import (
     URL_QUERY_ARGUMENT_PARSERS,
@@ -43,6 +44,7 @@ from empathy_models.records import (
     CircuitState,
     OutcomeReport,
     Ticket,
+    _trusted_state_evolve,
 )
 
 __all__ = ["DEFAULT_KEY_TTL", "DEFAULT_PREFIX", "RedisCircuitStateStore", "breaker_script"]
@@ -108,7 +110,7 @@ _DEFAULT_POLICY_ARG: Final = _policy_arg(BreakerPolicy())
 _OPS: Final = {op: _bulk(op.encode("ascii")) for op in ("admit", "record", "force", "reset")}
 _KEY_CACHE_SIZE: Final = 4096
 """Keys whose last read state (and encoded name) a store keeps, the oldest dropped first."""
-_HEADER_SIZE: Final = 6
+_HEADER_SIZE: Final = 7
 
 
 def _text(value: object) -> str:
@@ -121,40 +123,73 @@ def _opt_float(value: str | None) -> float | None:
     return None if value is None or value == "" else float(value)
 
 
-def _state_from_fields(key: str, fields: Mapping[str, str]) -> CircuitBreakerState:
-    """Build a state from the hash the Lua script writes (every value a string)."""
+def _count(text: str) -> int:
+    return int(float(text))
 
-    def opt_str(name: str) -> str | None:
-        raw = fields.get(name)
-        return None if raw is None or raw == "" else raw[1:]
 
-    window_text = fields.get("window", "")
-    window = [
-        tuple(int(float(x)) for x in part.split(":")) for part in window_text.split(";") if part
-    ]
-    lease_text = fields.get("leases", "")
+def _opt_text_field(text: str) -> str | None:
+    return None if text == "" else text[1:]
+
+
+def _window(text: str) -> list[tuple[int, ...]]:
+    return [tuple(int(float(x)) for x in part.split(":")) for part in text.split(";") if part]
+
+
+def _leases(text: str) -> list[tuple[str, float]]:
     leases = []
-    for part in lease_text.split(";"):
+    for part in text.split(";"):
         if part:
             lease_id, _, expires = part.rpartition(":")
             leases.append((lease_id, float(expires)))
-    return CircuitBreakerState(
-        key=fields.get("key", key),
-        state=fields.get("state", "closed"),
-        generation=int(float(fields.get("generation", "0"))),
-        consecutive_failures=int(float(fields.get("consecutive_failures", "0"))),
-        window=window,
-        open_count=int(float(fields.get("open_count", "0"))),
-        opened_at_ts=_opt_float(fields.get("opened_at_ts")),
-        open_until_ts=_opt_float(fields.get("open_until_ts")),
-        closed_at_ts=_opt_float(fields.get("closed_at_ts")),
-        last_failure_ts=_opt_float(fields.get("last_failure_ts")),
-        leases=leases,
-        probe_successes=int(float(fields.get("probe_successes", "0"))),
-        last_error=opt_str("last_error"),
-        reason=opt_str("reason"),
-        updated_at_ts=_opt_float(fields.get("updated_at_ts")),
-    )
+    return leases
+
+
+_FIELD_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
+    "state": str,
+    "generation": _count,
+    "consecutive_failures": _count,
+    "window": _window,
+    "open_count": _count,
+    "opened_at_ts": _opt_float,
+    "open_until_ts": _opt_float,
+    "closed_at_ts": _opt_float,
+    "last_failure_ts": _opt_float,
+    "leases": _leases,
+    "probe_successes": _count,
+    "last_error": _opt_text_field,
+    "reason": _opt_text_field,
+    "updated_at_ts": _opt_float,
+}
+"""How each field of the hash the Lua script writes reads (every value a string)."""
+
+_STATE_FIELDS: Final = {a.name: a for a in attrs.fields(CircuitBreakerState)}
+
+
+def _state_from_fields(key: str, fields: Mapping[str, str]) -> CircuitBreakerState:
+    """Build a state from the hash the Lua script writes; a field left out reads as none."""
+    values = {name: parse(fields[name]) for name, parse in _FIELD_PARSERS.items() if name in fields}
+    return CircuitBreakerState(key=fields.get("key", key), **values)  # type: ignore[arg-type]
+
+
+def _state_with(state: CircuitBreakerState, fields: Mapping[str, str]) -> CircuitBreakerState:
+    """
+    ``state`` with the fields of a "d" reply (those that changed, "" for a field now
+    unset): each converted and validated as `CircuitBreakerState` does (it checks no
+    field against another), the rest kept as they are.
+    """
+    changes: dict[str, object] = {}
+    for name, text in fields.items():
+        parse = _FIELD_PARSERS.get(name)
+        if parse is None:
+            continue  # "key" never changes; a field this version does not know
+        value = parse(text)
+        attribute = _STATE_FIELDS[name]
+        if attribute.converter is not None:
+            value = attribute.converter(value)  # type: ignore[operator]
+        if attribute.validator is not None:
+            attribute.validator(state, attribute, value)
+        changes[name] = value
+    return _trusted_state_evolve(state, **changes)
 
 
 _ESCAPED: Final = re.compile("\x1b(.)", re.DOTALL)
@@ -361,19 +396,21 @@ class RedisCircuitStateStore(CircuitStateStore):
             raise self._error(f"{op} {key!r}", exc) from exc
         reply = _values(raw.decode(self._encoding, self._encoding_errors))
         header = reply[:_HEADER_SIZE]
-        if len(reply) == _HEADER_SIZE:
-            if known_state is None:
-                raise StateStoreError(
-                    f"Redis state store {self._target}: a short reply for {key!r} "
-                    "without a state read before",
-                    target=self._target,
-                )
+        form = header[6]
+        if form == "f":
+            state = self._parse(key, _pairs(reply[_HEADER_SIZE:]))
+        elif known_state is None or form not in ("s", "d"):
+            raise StateStoreError(
+                f"Redis state store {self._target}: unexpected reply form {form!r} for {key!r}",
+                target=self._target,
+            )
+        elif form == "s":
             state = known_state
         else:
-            state = self._parse(key, _pairs(reply[_HEADER_SIZE:]))
-            if header[5]:
-                entry[2] = header[5].encode(self._encoding, self._encoding_errors)
-                entry[3] = state
+            state = self._parse(key, _pairs(reply[_HEADER_SIZE:]), known_state)
+        if form != "s" and header[5]:
+            entry[2] = header[5].encode(self._encoding, self._encoding_errors)
+            entry[3] = state
         now = float(header[0])
         self.last_server_time = now
         return now, header, state
@@ -471,9 +508,11 @@ class RedisCircuitStateStore(CircuitStateStore):
         await conn.send_packed_command(command)
         return await conn.read_response(disable_decoding=True)
 
-    def _parse(self, key: str, fields: Mapping[str, str]) -> CircuitBreakerState:
+    def _parse(
+        self, key: str, fields: Mapping[str, str], base: CircuitBreakerState | None = None
+    ) -> CircuitBreakerState:
         try:
-            return _state_from_fields(key, fields)
+            return _state_from_fields(key, fields) if base is None else _state_with(base, fields)
         except (ValueError, RecordValidationError) as exc:
             raise StateStoreError(
                 f"Redis state store {self._target}: unreadable state for {key!r}: {exc}",

@@ -9,11 +9,16 @@
 -- Time is the server's TIME.  Every write stores a new revision in the hash's "rev"
 -- field ("<counter>/<TIME>": the counter grows by one a write; a key that expired or
 -- was deleted starts again at 1, at a later TIME).  The reply is one string, the values
---   now, admitted, retry_after, lease_id, lease_expires, rev, field1, value1, ...
+--   now, admitted, retry_after, lease_id, lease_expires, rev, form, field1, value1, ...
 -- separated by \31 (escaped within a value, see the end), every value a string (""
 -- for none): numbers are written with %.17g so that a double survives the trip to
--- Python exactly.  When the operation wrote nothing and the stored revision is the one
--- in ARGV[5], the reply stops after rev: the caller already holds that state.
+-- Python exactly.  ``form`` says which fields follow, as the caller holds the state of
+-- revision ARGV[5] or not:
+--   "f"  every field of the state (the caller holds another revision, or none)
+--   "s"  none: the operation wrote nothing and the state is the caller's revision
+--   "d"  the operation wrote over the caller's revision: only the fields that differ
+--        from it, a field the new state lacks as "" (only optional fields are ever
+--        left out, and "" reads as none for every one of them)
 --
 -- Semantics mirror circuit.py line by line; the differential test in
 -- backends/redis/tests holds the two to the same results.
@@ -104,12 +109,12 @@ local function initial_state(now)
   }
 end
 
--- the stored state (nil for none) and its revision ("" when a writer without revisions
--- wrote it last)
+-- the stored state (nil for none), its revision ("" when a writer without revisions
+-- wrote it last) and the stored fields
 local function load()
   local flat = redis.call("HGETALL", KEYS[1])
   if #flat == 0 then
-    return nil, ""
+    return nil, "", {}
   end
   local h = {}
   for i = 1, #flat, 2 do
@@ -142,7 +147,7 @@ local function load()
       st.leases[#st.leases + 1] = { id, tonumber(exp) }
     end
   end
-  return st, h.rev or ""
+  return st, h.rev or "", h
 end
 
 local function encode(st)
@@ -182,12 +187,37 @@ local function encode(st)
   return out
 end
 
--- writes ``st`` under a new revision after ``old_rev``; returns its fields and the revision
-local function save(st, now, old_rev)
+-- the fields of ``flat`` whose values differ from ``stored`` (name, value, ...), then
+-- the names in ``stored`` that ``flat`` lacks (but "rev")
+local function diff(flat, stored)
+  local changed, gone, present = {}, {}, {}
+  for i = 1, #flat, 2 do
+    local name, value = flat[i], flat[i + 1]
+    present[name] = true
+    if stored[name] ~= value then
+      changed[#changed + 1] = name
+      changed[#changed + 1] = value
+    end
+  end
+  for name, _ in pairs(stored) do
+    if name ~= "rev" and not present[name] then
+      gone[#gone + 1] = name
+    end
+  end
+  return changed, gone
+end
+
+-- writes ``st`` over the ``stored`` fields (of revision ``old_rev``) under a new
+-- revision: the hash then holds exactly the fields of ``st`` and "rev".  Returns the
+-- fields, the revision, and the fields changed and gone (see diff)
+local function save(st, now, old_rev, stored)
   local flat = encode(st)
   local rev = ((tonumber(string.match(old_rev, "^(%d+)/")) or 0) + 1) .. "/" .. fmt(now)
-  redis.call("DEL", KEYS[1])
-  redis.call("HSET", KEYS[1], "rev", rev, unpack(flat))
+  local changed, gone = diff(flat, stored)
+  if #gone > 0 then
+    redis.call("HDEL", KEYS[1], unpack(gone))
+  end
+  redis.call("HSET", KEYS[1], "rev", rev, unpack(changed))
   if (st.state == "forced_open" and st.open_until_ts == nil) or st.state == "disabled" then
     -- held until a reset: never let it expire on its own (a DISABLED key's admissions
     -- and outcomes write nothing, so a TTL would end it however busy the key is)
@@ -201,7 +231,7 @@ local function save(st, now, old_rev)
     -- and refused as not an integer (an absurd Retry-After would fail the script)
     redis.call("PEXPIRE", KEYS[1], math.min(math.ceil(ttl * 1000), 9007199254740991))
   end
-  return flat, rev
+  return flat, rev, changed, gone
 end
 
 -- ------------------------------------------------------------------ the machine
@@ -540,7 +570,7 @@ end
 
 -- ------------------------------------------------------------------ dispatch
 
-local current, current_rev = load()
+local current, current_rev, stored = load()
 local state = current
 local changed = false
 local admitted, retry_after, lease_id, lease_expires = nil, nil, nil, nil
@@ -608,13 +638,26 @@ end
 
 local flat
 local rev = current_rev
+local form = "f"
+local caller_holds_current = current ~= nil and current_rev ~= "" and current_rev == KNOWN_REV
 if changed or current == nil then
-  flat, rev = save(state, NOW, current_rev)
-elseif rev == "" or rev ~= KNOWN_REV then
-  flat = encode(state)
-else
+  local written, gone
+  flat, rev, written, gone = save(state, NOW, current_rev, stored)
+  if caller_holds_current then
+    -- the stored fields were those of the caller's revision: send what differs
+    form = "d"
+    flat = written
+    for _, name in ipairs(gone) do
+      flat[#flat + 1] = name
+      flat[#flat + 1] = ""
+    end
+  end
+elseif caller_holds_current then
   -- nothing written and the caller holds this very revision: the header suffices
+  form = "s"
   flat = {}
+else
+  flat = encode(state)
 end
 
 local function s(x)
@@ -635,7 +678,7 @@ end
 -- string costs the client a fraction of what parsing ~30 elements does.  Within a value
 -- \27 is written \27\27 and \31 is written \27| (keys and error texts are free text)
 local ESCAPES = { ["\27"] = "\27\27", ["\31"] = "\27|" }
-local reply = { fmt(NOW), admitted_s, s(retry_after), s(lease_id), s(lease_expires), rev }
+local reply = { fmt(NOW), admitted_s, s(retry_after), s(lease_id), s(lease_expires), rev, form }
 for _, v in ipairs(flat) do
   reply[#reply + 1] = v
 end
