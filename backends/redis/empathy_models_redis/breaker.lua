@@ -34,35 +34,47 @@ local KEY_TTL = tonumber(ARGV[3])
 
 local KNOWN_REV = ARGV[5]
 
-local PV = {}
-for v in string.gmatch(ARGV[4], "[^,]+") do
-  PV[#PV + 1] = v
-end
-local P = {
-  consecutive_failures = tonumber(PV[1]),
-  failure_rate_threshold = tonumber(PV[2]),
-  minimum_calls = tonumber(PV[3]),
-  window_seconds = tonumber(PV[4]),
-  window_buckets = tonumber(PV[5]),
-  recovery_seconds = tonumber(PV[6]),
-  max_recovery_seconds = tonumber(PV[7]),
-  backoff = PV[8],
-  healthy_decay_seconds = tonumber(PV[9]),
-  half_open_probes = tonumber(PV[10]),
-  probe_lease_seconds = tonumber(PV[11]),
-  fatal_open_seconds = tonumber(PV[12]),
-  min_retry_after_open = tonumber(PV[13]),
-}
-P.bucket_seconds = P.window_seconds / P.window_buckets
+-- the policy, read from ARGV[4] when first used (an admission of a CLOSED key never does)
+local P = setmetatable({}, { __index = function(p, name)
+  setmetatable(p, nil)
+  local v = {}
+  for x in string.gmatch(ARGV[4], "[^,]+") do
+    v[#v + 1] = x
+  end
+  p.consecutive_failures = tonumber(v[1])
+  p.failure_rate_threshold = tonumber(v[2])
+  p.minimum_calls = tonumber(v[3])
+  p.window_seconds = tonumber(v[4])
+  p.window_buckets = tonumber(v[5])
+  p.recovery_seconds = tonumber(v[6])
+  p.max_recovery_seconds = tonumber(v[7])
+  p.backoff = v[8]
+  p.healthy_decay_seconds = tonumber(v[9])
+  p.half_open_probes = tonumber(v[10])
+  p.probe_lease_seconds = tonumber(v[11])
+  p.fatal_open_seconds = tonumber(v[12])
+  p.min_retry_after_open = tonumber(v[13])
+  p.bucket_seconds = p.window_seconds / p.window_buckets
+  return rawget(p, name)
+end })
 
 local t = redis.call("TIME")
 local NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
 -- ------------------------------------------------------------------ encoding
 
+local floor = math.floor
+
 local function fmt(x)
+  if x == floor(x) and x > -1e15 and x < 1e15 and (x ~= 0 or 1 / x > 0) then
+    -- an integer of at most 15 digits (not -0): %d writes what %.17g would, in a third
+    -- of the time
+    return string.format("%d", x)
+  end
   return string.format("%.17g", x)
 end
+
+local NOW_TEXT = fmt(NOW)
 
 -- "" -> nil, "=text" -> "text"
 local function opt_str(s)
@@ -150,35 +162,50 @@ local function load()
   return st, h.rev or "", h
 end
 
-local function encode(st)
-  local out = {
-    "key", st.key,
-    "state", st.state,
-    "generation", fmt(st.generation),
-    "consecutive_failures", fmt(st.consecutive_failures),
-    "open_count", fmt(st.open_count),
-    "probe_successes", fmt(st.probe_successes),
-  }
+local COUNTS = { "generation", "consecutive_failures", "open_count", "probe_successes" }
+local TIMES = { "opened_at_ts", "open_until_ts", "closed_at_ts", "last_failure_ts",
+                "updated_at_ts" }
+local TEXTS = { "last_error", "reason" }
+local WRITTEN = { key = true, state = true, window = true, leases = true }
+for _, names in ipairs({ COUNTS, TIMES, TEXTS }) do
+  for _, name in ipairs(names) do
+    WRITTEN[name] = true
+  end
+end
+
+local function encode_window(window)
   local parts = {}
-  for i, b in ipairs(st.window) do
+  for i, b in ipairs(window) do
     parts[i] = fmt(b[1]) .. ":" .. fmt(b[2]) .. ":" .. fmt(b[3])
   end
-  out[#out + 1] = "window"
-  out[#out + 1] = table.concat(parts, ";")
-  parts = {}
-  for i, l in ipairs(st.leases) do
+  return table.concat(parts, ";")
+end
+
+local function encode_leases(leases)
+  local parts = {}
+  for i, l in ipairs(leases) do
     parts[i] = l[1] .. ":" .. fmt(l[2])
   end
+  return table.concat(parts, ";")
+end
+
+local function encode(st)
+  local out = { "key", st.key, "state", st.state }
+  for _, name in ipairs(COUNTS) do
+    out[#out + 1] = name
+    out[#out + 1] = fmt(st[name])
+  end
+  out[#out + 1] = "window"
+  out[#out + 1] = encode_window(st.window)
   out[#out + 1] = "leases"
-  out[#out + 1] = table.concat(parts, ";")
-  for _, name in ipairs({ "opened_at_ts", "open_until_ts", "closed_at_ts", "last_failure_ts",
-                          "updated_at_ts" }) do
+  out[#out + 1] = encode_leases(st.leases)
+  for _, name in ipairs(TIMES) do
     if st[name] ~= nil then
       out[#out + 1] = name
       out[#out + 1] = fmt(st[name])
     end
   end
-  for _, name in ipairs({ "last_error", "reason" }) do
+  for _, name in ipairs(TEXTS) do
     if st[name] ~= nil then
       out[#out + 1] = name
       out[#out + 1] = "=" .. st[name]
@@ -187,33 +214,102 @@ local function encode(st)
   return out
 end
 
--- the fields of ``flat`` whose values differ from ``stored`` (name, value, ...), then
--- the names in ``stored`` that ``flat`` lacks (but "rev")
-local function diff(flat, stored)
-  local changed, gone, present = {}, {}, {}
-  for i = 1, #flat, 2 do
-    local name, value = flat[i], flat[i + 1]
-    present[name] = true
-    if stored[name] ~= value then
-      changed[#changed + 1] = name
-      changed[#changed + 1] = value
+local function same_rows(a, b)
+  if #a ~= #b then
+    return false
+  end
+  for i = 1, #a do
+    local x, y = a[i], b[i]
+    for j = 1, #x do
+      if x[j] ~= y[j] then
+        return false
+      end
+    end
+  end
+  return true
+end
+
+-- the fields of encode(st) whose values differ from the ``stored`` hash (name, value,
+-- ...), then the names in ``stored`` that encode(st) lacks (but "rev").  ``old`` is
+-- load()'s reading of ``stored``; when ``stored`` was written by this encoding (it has a
+-- revision), a field whose value equals old's is the same text and is not formatted
+-- again (formatting numbers is most of what a write costs)
+local function diff(st, old, stored, old_rev)
+  local changed, gone = {}, {}
+  if old == nil or old_rev == "" then
+    local present = {}
+    local flat = encode(st)
+    for i = 1, #flat, 2 do
+      local name, value = flat[i], flat[i + 1]
+      present[name] = true
+      if stored[name] ~= value then
+        changed[#changed + 1] = name
+        changed[#changed + 1] = value
+      end
+    end
+    for name, _ in pairs(stored) do
+      if name ~= "rev" and not present[name] then
+        gone[#gone + 1] = name
+      end
+    end
+    return changed, gone
+  end
+  local function put(name, value)
+    changed[#changed + 1] = name
+    changed[#changed + 1] = value
+  end
+  if stored.key ~= st.key then
+    put("key", st.key)
+  end
+  if stored.state ~= st.state then
+    put("state", st.state)
+  end
+  for _, name in ipairs(COUNTS) do
+    if st[name] ~= old[name] then
+      put(name, fmt(st[name]))
+    end
+  end
+  if not same_rows(st.window, old.window) then
+    put("window", encode_window(st.window))
+  end
+  if not same_rows(st.leases, old.leases) then
+    put("leases", encode_leases(st.leases))
+  end
+  for _, name in ipairs(TIMES) do
+    local value = st[name]
+    if value ~= old[name] then
+      if value == nil then
+        gone[#gone + 1] = name
+      else
+        put(name, fmt(value))
+      end
+    end
+  end
+  for _, name in ipairs(TEXTS) do
+    local value = st[name]
+    if value ~= old[name] then
+      if value == nil then
+        gone[#gone + 1] = name
+      else
+        put(name, "=" .. value)
+      end
     end
   end
   for name, _ in pairs(stored) do
-    if name ~= "rev" and not present[name] then
+    if name ~= "rev" and not WRITTEN[name] then
       gone[#gone + 1] = name
     end
   end
   return changed, gone
 end
 
--- writes ``st`` over the ``stored`` fields (of revision ``old_rev``) under a new
--- revision: the hash then holds exactly the fields of ``st`` and "rev".  Returns the
--- fields, the revision, and the fields changed and gone (see diff)
-local function save(st, now, old_rev, stored)
-  local flat = encode(st)
-  local rev = ((tonumber(string.match(old_rev, "^(%d+)/")) or 0) + 1) .. "/" .. fmt(now)
-  local changed, gone = diff(flat, stored)
+-- writes ``st`` over the ``stored`` fields (of revision ``old_rev``, read as ``old``)
+-- under a new revision: the hash then holds exactly the fields of encode(st) and "rev".
+-- Returns the revision and the fields changed and gone (see diff)
+local function save(st, now, old, old_rev, stored)
+  local count = (tonumber(string.match(old_rev, "^(%d+)/")) or 0) + 1
+  local rev = string.format("%d/%s", count, now == NOW and NOW_TEXT or fmt(now))
+  local changed, gone = diff(st, old, stored, old_rev)
   if #gone > 0 then
     redis.call("HDEL", KEYS[1], unpack(gone))
   end
@@ -231,7 +327,7 @@ local function save(st, now, old_rev, stored)
     -- and refused as not an integer (an absurd Retry-After would fail the script)
     redis.call("PEXPIRE", KEYS[1], math.min(math.ceil(ttl * 1000), 9007199254740991))
   end
-  return flat, rev, changed, gone
+  return rev, changed, gone
 end
 
 -- ------------------------------------------------------------------ the machine
@@ -642,8 +738,10 @@ local form = "f"
 local caller_holds_current = current ~= nil and current_rev ~= "" and current_rev == KNOWN_REV
 if changed or current == nil then
   local written, gone
-  flat, rev, written, gone = save(state, NOW, current_rev, stored)
-  if caller_holds_current then
+  rev, written, gone = save(state, NOW, current, current_rev, stored)
+  if not caller_holds_current then
+    flat = encode(state)
+  else
     -- the stored fields were those of the caller's revision: send what differs
     form = "d"
     flat = written
@@ -678,11 +776,13 @@ end
 -- string costs the client a fraction of what parsing ~30 elements does.  Within a value
 -- \27 is written \27\27 and \31 is written \27| (keys and error texts are free text)
 local ESCAPES = { ["\27"] = "\27\27", ["\31"] = "\27|" }
-local reply = { fmt(NOW), admitted_s, s(retry_after), s(lease_id), s(lease_expires), rev, form }
+local reply = { NOW_TEXT, admitted_s, s(retry_after), s(lease_id), s(lease_expires), rev, form }
 for _, v in ipairs(flat) do
   reply[#reply + 1] = v
 end
-for i = 1, #reply do
-  reply[i] = string.gsub(reply[i], "[\27\31]", ESCAPES)
+if string.find(table.concat(reply), "[\27\31]") then
+  for i = 1, #reply do
+    reply[i] = string.gsub(reply[i], "[\27\31]", ESCAPES)
+  end
 end
 return table.concat(reply, "\31")
