@@ -224,6 +224,15 @@ class RedisCircuitStateStore(CircuitStateStore):
     never disagree about time.  Generations are checked in the script: outcomes for an
     older generation are dropped.  A key that expired reads as a fresh CLOSED breaker.
 
+    Each write also stores a revision in the hash (field ``rev``).  The store remembers,
+    per key (for the last 4,096 keys used), the state it last read and its revision and
+    sends that revision along: when the script writes nothing and the revision is
+    unchanged the reply is a header only and the remembered state is returned; after a
+    write over that revision only the changed fields come back.  Either way the state
+    returned equals what a full reply gives.  The command is packed by the store and
+    sent on a pool connection directly (not through redis-py's command layers); from a
+    URL, connections are kept between runs while nothing else waits for the pool.
+
     Args:
         connection: a ``redis://`` / ``rediss://`` URL or an existing
             ``redis.asyncio.Redis`` client, which the store uses but does not close.
