@@ -199,3 +199,34 @@ async def test_a_kept_connection_closed_by_the_server_is_replaced(
             assert admission.admitted and admission.state.key == "k"
     finally:
         await client.aclose()
+
+
+async def test_a_hash_written_without_a_revision_is_read_in_full(
+    redis_url: str, redis_prefix: str, redis_store_url: str
+) -> None:
+    # an earlier version of the script rewrites the hash without "rev"
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        async with RedisCircuitStateStore(redis_store_url) as store:
+            admission = await store.admit("k", POLICY)
+            assert admission.ticket is not None
+            await store.admit("k", POLICY)
+            fields = await client.hgetall(redis_prefix + "k")
+            assert "rev" in fields
+            del fields["rev"]
+            fields["consecutive_failures"] = "1"
+            fields["last_error"] = "=from before"
+            await client.delete(redis_prefix + "k")
+            await client.hset(redis_prefix + "k", mapping=fields)
+            seen = await store.admit("k", POLICY)
+            assert seen.state.consecutive_failures == 1
+            assert seen.state.last_error == "from before"
+            state = await store.record(
+                "k", POLICY, [OutcomeReport(ticket=admission.ticket, outcome=Outcome.SUCCESS)]
+            )
+            assert state.consecutive_failures == 0
+            assert state == await store.snapshot("k")
+            stored = await client.hgetall(redis_prefix + "k")
+            assert "rev" in stored and stored["last_error"] == "=from before"
+    finally:
+        await client.aclose()
