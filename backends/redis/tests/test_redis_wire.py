@@ -11,6 +11,7 @@ import random
 import pytest
 import redis.asyncio as aioredis
 from empathy_models_redis import RedisCircuitStateStore
+from redis.typing import EncodableT
 
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.records import CircuitState, Outcome, OutcomeReport
@@ -211,7 +212,10 @@ async def test_a_hash_written_without_a_revision_is_read_in_full(
             admission = await store.admit("k", POLICY)
             assert admission.ticket is not None
             await store.admit("k", POLICY)
-            fields = await client.hgetall(redis_prefix + "k")
+            stored_before = await client.hgetall(redis_prefix + "k")
+            fields: dict[EncodableT, EncodableT] = {
+                str(k): str(v) for k, v in stored_before.items()
+            }
             assert "rev" in fields
             del fields["rev"]
             fields["consecutive_failures"] = "1"
