@@ -11,8 +11,8 @@
 -- was deleted starts again at 1, at a later TIME).  The reply is one string, the values
 --   now, admitted, retry_after, lease_id, lease_expires, rev, form, field1, value1, ...
 -- separated by \31 (escaped within a value, see the end), every value a string (""
--- for none): numbers are written with %.17g so that a double survives the trip to
--- Python exactly.  ``form`` says which fields follow, as the caller holds the state of
+-- for none): numbers are written as %.17g writes them (see fmt) so that a double
+-- survives the trip to Python exactly.  ``form`` says which fields follow, as the caller holds the state of
 -- revision ARGV[5] or not:
 --   "f"  every field of the state (the caller holds another revision, or none)
 --   "s"  none: the operation wrote nothing and the state is the caller's revision
