@@ -34,13 +34,12 @@ local KEY_TTL = tonumber(ARGV[3])
 
 local KNOWN_REV = ARGV[5]
 
+local POLICY_PATTERN = "^" .. string.rep("([^,]+),", 12) .. "([^,]+)$"
+
 -- the policy, read from ARGV[4] when first used (an admission of a CLOSED key never does)
 local P = setmetatable({}, { __index = function(p, name)
   setmetatable(p, nil)
-  local v = {}
-  for x in string.gmatch(ARGV[4], "[^,]+") do
-    v[#v + 1] = x
-  end
+  local v = { string.match(ARGV[4], POLICY_PATTERN) }
   p.consecutive_failures = tonumber(v[1])
   p.failure_rate_threshold = tonumber(v[2])
   p.minimum_calls = tonumber(v[3])
