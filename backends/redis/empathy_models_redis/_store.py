@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
+import hashlib
 import inspect
 import math
+import os
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from importlib.resources import files
 from typing import Any, Final
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
+import attrs
 import redis.asyncio as aioredis
 from redis.asyncio.connection import (
     URL_QUERY_ARGUMENT_PARSERS,
@@ -23,7 +27,8 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.client import NEVER_DECODE
+from redis.exceptions import NoScriptError, RedisError
 
 from empathy_models.abc import CircuitStateStore
 from empathy_models.backends import redact_url
@@ -39,6 +44,7 @@ from empathy_models.records import (
     CircuitState,
     OutcomeReport,
     Ticket,
+    _trusted_state_evolve,
 )
 
 __all__ = ["DEFAULT_KEY_TTL", "DEFAULT_PREFIX", "RedisCircuitStateStore", "breaker_script"]
@@ -71,8 +77,9 @@ def _opt_text(value: str | None) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _policy_args(policy: BreakerPolicy) -> tuple[str, ...]:
-    return (
+def _policy_arg(policy: BreakerPolicy) -> bytes:
+    """The policy as the script's one policy argument: its 13 values joined by ","."""
+    values = (
         _num(policy.consecutive_failures),
         _num(policy.failure_rate_threshold),
         _num(policy.minimum_calls),
@@ -87,10 +94,23 @@ def _policy_args(policy: BreakerPolicy) -> tuple[str, ...]:
         _num(policy.fatal_open_seconds),
         _num(policy.min_retry_after_open),
     )
+    if any("," in value or not value for value in values):
+        raise ConfigurationError(f"policy values cannot be sent to Redis: {values!r}")
+    return ",".join(values).encode("ascii")
 
 
-_DEFAULT_POLICY_ARGS: Final = _policy_args(BreakerPolicy())
-"""Policy arguments for operations whose result does not depend on the policy."""
+def _bulk(data: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+_DEFAULT_POLICY_ARG: Final = _policy_arg(BreakerPolicy())
+"""The policy argument for operations whose result does not depend on the policy."""
+
+_OPS: Final = {op: _bulk(op.encode("ascii")) for op in ("admit", "record", "force", "reset")}
+_KEY_CACHE_SIZE: Final = 4096
+"""Keys whose last read state (and encoded name) a store keeps, the oldest dropped first."""
+_HEADER_SIZE: Final = 7
 
 
 def _text(value: object) -> str:
@@ -103,40 +123,73 @@ def _opt_float(value: str | None) -> float | None:
     return None if value is None or value == "" else float(value)
 
 
-def _state_from_fields(key: str, fields: Mapping[str, str]) -> CircuitBreakerState:
-    """Build a state from the hash the Lua script writes (every value a string)."""
+def _count(text: str) -> int:
+    return int(float(text))
 
-    def opt_str(name: str) -> str | None:
-        raw = fields.get(name)
-        return None if raw is None or raw == "" else raw[1:]
 
-    window_text = fields.get("window", "")
-    window = [
-        tuple(int(float(x)) for x in part.split(":")) for part in window_text.split(";") if part
-    ]
-    lease_text = fields.get("leases", "")
+def _opt_text_field(text: str) -> str | None:
+    return None if text == "" else text[1:]
+
+
+def _window(text: str) -> list[tuple[int, ...]]:
+    return [tuple(int(float(x)) for x in part.split(":")) for part in text.split(";") if part]
+
+
+def _leases(text: str) -> list[tuple[str, float]]:
     leases = []
-    for part in lease_text.split(";"):
+    for part in text.split(";"):
         if part:
             lease_id, _, expires = part.rpartition(":")
             leases.append((lease_id, float(expires)))
-    return CircuitBreakerState(
-        key=fields.get("key", key),
-        state=fields.get("state", "closed"),
-        generation=int(float(fields.get("generation", "0"))),
-        consecutive_failures=int(float(fields.get("consecutive_failures", "0"))),
-        window=window,
-        open_count=int(float(fields.get("open_count", "0"))),
-        opened_at_ts=_opt_float(fields.get("opened_at_ts")),
-        open_until_ts=_opt_float(fields.get("open_until_ts")),
-        closed_at_ts=_opt_float(fields.get("closed_at_ts")),
-        last_failure_ts=_opt_float(fields.get("last_failure_ts")),
-        leases=leases,
-        probe_successes=int(float(fields.get("probe_successes", "0"))),
-        last_error=opt_str("last_error"),
-        reason=opt_str("reason"),
-        updated_at_ts=_opt_float(fields.get("updated_at_ts")),
-    )
+    return leases
+
+
+_FIELD_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
+    "state": str,
+    "generation": _count,
+    "consecutive_failures": _count,
+    "window": _window,
+    "open_count": _count,
+    "opened_at_ts": _opt_float,
+    "open_until_ts": _opt_float,
+    "closed_at_ts": _opt_float,
+    "last_failure_ts": _opt_float,
+    "leases": _leases,
+    "probe_successes": _count,
+    "last_error": _opt_text_field,
+    "reason": _opt_text_field,
+    "updated_at_ts": _opt_float,
+}
+"""How each field of the hash the Lua script writes reads (every value a string)."""
+
+_STATE_FIELDS: Final = {a.name: a for a in attrs.fields(CircuitBreakerState)}
+
+
+def _state_from_fields(key: str, fields: Mapping[str, str]) -> CircuitBreakerState:
+    """Build a state from the hash the Lua script writes; a field left out reads as none."""
+    values = {name: parse(fields[name]) for name, parse in _FIELD_PARSERS.items() if name in fields}
+    return CircuitBreakerState(key=fields.get("key", key), **values)  # type: ignore[arg-type]
+
+
+def _state_with(state: CircuitBreakerState, fields: Mapping[str, str]) -> CircuitBreakerState:
+    """
+    ``state`` with the fields of a "d" reply (those that changed, "" for a field now
+    unset): each converted and validated as `CircuitBreakerState` does (it checks no
+    field against another), the rest kept as they are.
+    """
+    changes: dict[str, object] = {}
+    for name, text in fields.items():
+        parse = _FIELD_PARSERS.get(name)
+        if parse is None:
+            continue  # "key" never changes; a field this version does not know
+        value = parse(text)
+        attribute = _STATE_FIELDS[name]
+        if attribute.converter is not None:
+            value = attribute.converter(value)  # type: ignore[operator]
+        if attribute.validator is not None:
+            attribute.validator(state, attribute, value)
+        changes[name] = value
+    return _trusted_state_evolve(state, **changes)
 
 
 _ESCAPED: Final = re.compile("\x1b(.)", re.DOTALL)
@@ -170,6 +223,15 @@ class RedisCircuitStateStore(CircuitStateStore):
     the result back, all atomically, so concurrent processes never lose an update and
     never disagree about time.  Generations are checked in the script: outcomes for an
     older generation are dropped.  A key that expired reads as a fresh CLOSED breaker.
+
+    Each write also stores a revision in the hash (field ``rev``).  The store remembers,
+    per key (for the last 4,096 keys used), the state it last read and its revision and
+    sends that revision along: when the script writes nothing and the revision is
+    unchanged the reply is a header only and the remembered state is returned; after a
+    write over that revision only the changed fields come back.  Either way the state
+    returned equals what a full reply gives.  The command is packed by the store and
+    sent on a pool connection directly (not through redis-py's command layers); from a
+    URL, connections are kept between runs while nothing else waits for the pool.
 
     Args:
         connection: a ``redis://`` / ``rediss://`` URL or an existing
@@ -251,7 +313,26 @@ class RedisCircuitStateStore(CircuitStateStore):
             raise ConfigurationError(f"key_ttl must be a number of seconds >= 1, got {key_ttl!r}")
         self.prefix = prefix
         self.key_ttl = float(key_ttl)
-        self._script = self._client.register_script(breaker_script())
+        source = breaker_script()
+        self._source = source
+        self._sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+        connection_kwargs = self._client.connection_pool.connection_kwargs
+        self._encoding: str = connection_kwargs.get("encoding", "utf-8")
+        self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
+        # EVALSHA <sha> 1 (the count of keys), then per call the key and arguments
+        self._command_head = b"".join(
+            _bulk(x) for x in (b"EVALSHA", self._sha.encode("ascii"), b"1")
+        )
+        self._ttl_arg = _bulk(_num(self.key_ttl).encode("ascii"))
+        # per breaker key: [its Redis key and its name (as RESP bulk strings), the
+        # revision of the state last read (b"" for none) and that state]; see `_run`
+        self._keys: dict[str, list[Any]] = {}
+        # connections of an owned pool kept between script runs (taking one from the
+        # pool and giving it back costs about 15 µs); see `_roundtrip`
+        self._idle: list[Any] | None = [] if self._owns_client else None
+        self._idle_pid = os.getpid()
+        self._pool_users = 0
+        """Callers waiting for (or using) a connection of the pool itself."""
         self.last_server_time: float | None = None
         """Redis ``TIME`` (epoch seconds) seen by the last script run; for diagnostics."""
 
@@ -271,25 +352,176 @@ class RedisCircuitStateStore(CircuitStateStore):
             target=self._target,
         )
 
+    def _entry(self, key: str) -> list[Any]:
+        entry = self._keys.get(key)
+        if entry is None:
+            redis_key = self._redis_key(key)
+            if len(self._keys) >= _KEY_CACHE_SIZE:
+                del self._keys[next(iter(self._keys))]
+            entry = [self._bulk_text(redis_key), self._bulk_text(key), b"", None]
+            self._keys[key] = entry
+        return entry
+
+    def _bulk_text(self, text: str) -> bytes:
+        return _bulk(text.encode(self._encoding, self._encoding_errors))
+
     async def _run(
-        self, op: str, key: str, policy_args: Sequence[str], extra: Sequence[str]
+        self, op: str, key: str, policy_arg: bytes, extra: Sequence[str]
     ) -> tuple[float, list[str], CircuitBreakerState]:
+        """
+        One run of the script.  The command is packed here (the constant parts once)
+        and sent on a connection of the client's pool, under the client's retry policy;
+        the script is loaded when Redis does not know it (a restart, ``SCRIPT FLUSH``).
+
+        The revision of the state last read for ``key`` goes with it: when the script
+        wrote nothing and the stored state is still that revision, the reply carries
+        only the header and the state read then is returned (the same value a full
+        reply would give: the revision names one write of the key's hash).
+        """
         self._check_open()
-        args = [op, key, _num(self.key_ttl), *policy_args, *extra]
+        entry = self._entry(key)
+        known_rev: bytes = entry[2]  # empty while no state was read
+        known_state: CircuitBreakerState | None = entry[3]
+        extra_args = [value.encode(self._encoding, self._encoding_errors) for value in extra]
+        parts = [
+            b"*%d\r\n" % (9 + len(extra_args)),
+            self._command_head,
+            entry[0],
+            _OPS[op],
+            entry[1],
+            self._ttl_arg,
+            _bulk(policy_arg),
+            _bulk(known_rev),
+        ]
+        parts.extend(map(_bulk, extra_args))
+        command = b"".join(parts)
         try:
-            raw = await self._script(keys=[self._redis_key(key)], args=args)
+            if self._client.single_connection_client:
+                # a client bound to one connection: its own command path holds its lock
+                raw = await self._evalsha_by_client(key, op, policy_arg, known_rev, extra_args)
+            else:
+                raw = await self._send(command)
         except (RedisError, OSError) as exc:
             raise self._error(f"{op} {key!r}", exc) from exc
-        reply = _values(raw)
-        header = reply[:5]
-        state = self._parse(key, _pairs(reply[5:]))
+        reply = _values(raw.decode(self._encoding, self._encoding_errors))
+        header = reply[:_HEADER_SIZE]
+        form = header[6]
+        if form == "f":
+            state = self._parse(key, _pairs(reply[_HEADER_SIZE:]))
+        elif known_state is None or form not in ("s", "d"):
+            raise StateStoreError(
+                f"Redis state store {self._target}: unexpected reply form {form!r} for {key!r}",
+                target=self._target,
+            )
+        elif form == "s":
+            state = known_state
+        else:
+            state = self._parse(key, _pairs(reply[_HEADER_SIZE:]), known_state)
+        if form != "s" and header[5]:
+            entry[2] = header[5].encode(self._encoding, self._encoding_errors)
+            entry[3] = state
         now = float(header[0])
         self.last_server_time = now
         return now, header, state
 
-    def _parse(self, key: str, fields: Mapping[str, str]) -> CircuitBreakerState:
+    async def _evalsha_by_client(
+        self, key: str, op: str, policy_arg: bytes, known_rev: bytes, extra: list[bytes]
+    ) -> bytes:
+        args = [
+            self._redis_key(key),
+            op,
+            key,
+            _num(self.key_ttl),
+            policy_arg,
+            known_rev,
+            *extra,
+        ]
+        client: Any = self._client  # redis-py leaves execute_command untyped
+        options = {NEVER_DECODE: True}
         try:
-            return _state_from_fields(key, fields)
+            raw = await client.execute_command("EVALSHA", self._sha, 1, *args, **options)
+        except NoScriptError:
+            await client.script_load(self._source)
+            raw = await client.execute_command("EVALSHA", self._sha, 1, *args, **options)
+        return self._check_reply(raw)
+
+    def _check_reply(self, reply: object) -> bytes:
+        if not isinstance(reply, bytes):
+            raise StateStoreError(
+                f"Redis state store {self._target}: unexpected reply {reply!r}",
+                target=self._target,
+            )
+        return reply
+
+    async def _send(self, command: bytes) -> bytes:
+        """Send a packed EVALSHA; the raw reply.  NOSCRIPT loads the script and resends."""
+        try:
+            return await self._roundtrip(command)
+        except NoScriptError:
+            async with self._using_pool():
+                await self._client.script_load(self._source)
+            return await self._roundtrip(command)
+
+    async def _roundtrip(self, command: bytes) -> bytes:
+        """
+        One exchange on a connection, under its retry policy (a failed try disconnects
+        it; the next reconnects).  With a client the store owns, the connection is kept
+        for the next run instead of going back to the pool, unless someone waits for
+        the pool; a caller's client gets each connection back at once.
+        """
+        pool: Any = self._client.connection_pool  # get_connection is untyped
+        idle = self._idle
+        if idle is not None and self._idle_pid != os.getpid():
+            # a forked child: the parent's sockets are not ours (the pool resets itself)
+            idle.clear()
+            self._idle_pid = os.getpid()
+        if idle:
+            conn = idle.pop()
+        else:
+            async with self._using_pool():
+                conn = await pool.get_connection()
+        done = False
+        try:
+            reply = await conn.retry.call_with_retry(
+                lambda: self._exchange(conn, command), lambda _error: conn.disconnect()
+            )
+            done = True
+        finally:
+            # read_response and send_packed_command disconnect a connection on any
+            # error or cancellation, so a connection is never kept with a reply unread
+            if done and idle is not None and not self._pool_users and conn.is_connected:
+                idle.append(conn)
+            else:
+                await pool.release(conn)
+        return self._check_reply(reply)
+
+    @contextlib.asynccontextmanager
+    async def _using_pool(self) -> AsyncIterator[None]:
+        """
+        Around anything that takes a connection from the pool: the kept connections go
+        back to it, and none is kept until the block ends, so nothing waits on the pool
+        for a connection the store holds idle.
+        """
+        self._pool_users += 1
+        try:
+            if self._idle:
+                pool: Any = self._client.connection_pool
+                while self._idle:
+                    await pool.release(self._idle.pop())
+            yield
+        finally:
+            self._pool_users -= 1
+
+    @staticmethod
+    async def _exchange(conn: Any, command: bytes) -> Any:
+        await conn.send_packed_command(command)
+        return await conn.read_response(disable_decoding=True)
+
+    def _parse(
+        self, key: str, fields: Mapping[str, str], base: CircuitBreakerState | None = None
+    ) -> CircuitBreakerState:
+        try:
+            return _state_from_fields(key, fields) if base is None else _state_with(base, fields)
         except (ValueError, RecordValidationError) as exc:
             raise StateStoreError(
                 f"Redis state store {self._target}: unreadable state for {key!r}: {exc}",
@@ -299,6 +531,8 @@ class RedisCircuitStateStore(CircuitStateStore):
     async def _aclose(self) -> None:
         if self._owns_client:
             try:
+                async with self._using_pool():
+                    pass  # the kept connections go back to the pool, which closes them
                 await self._client.aclose()
             except (RedisError, OSError) as exc:
                 raise self._error("close", exc) from exc
@@ -386,7 +620,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             "" if until is None else _num(until.timestamp()),
             _opt_text(reason),
         ]
-        _, _, new = await self._run("force", key, _DEFAULT_POLICY_ARGS, extra)
+        _, _, new = await self._run("force", key, _DEFAULT_POLICY_ARG, extra)
         return new
 
     async def reset(self, key: str | None = None) -> None:
@@ -395,13 +629,14 @@ class RedisCircuitStateStore(CircuitStateStore):
             for state in await self.snapshot_all():
                 await self.reset(state.key)
             return
-        await self._run("reset", key, _DEFAULT_POLICY_ARGS, [])
+        await self._run("reset", key, _DEFAULT_POLICY_ARG, [])
 
     async def snapshot(self, key: str) -> CircuitBreakerState:
         """The state of ``key`` (one ``HGETALL``); an unknown key reads as CLOSED."""
         self._check_open()
         try:
-            raw = await self._client.hgetall(self._redis_key(key))
+            async with self._using_pool():
+                raw = await self._client.hgetall(self._redis_key(key))
         except (RedisError, OSError) as exc:
             raise self._error(f"snapshot {key!r}", exc) from exc
         if not raw:
@@ -414,19 +649,21 @@ class RedisCircuitStateStore(CircuitStateStore):
         pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix) + "*"
         out: list[CircuitBreakerState] = []
         try:
-            async for redis_key in self._client.scan_iter(match=pattern, count=500):
-                raw = await self._client.hgetall(redis_key)
-                if raw:
-                    name = _text(redis_key)[len(self.prefix) :]
-                    out.append(self._parse(name, {_text(k): _text(v) for k, v in raw.items()}))
+            async with self._using_pool():
+                async for redis_key in self._client.scan_iter(match=pattern, count=500):
+                    raw = await self._client.hgetall(redis_key)
+                    if raw:
+                        name = _text(redis_key)[len(self.prefix) :]
+                        fields = {_text(k): _text(v) for k, v in raw.items()}
+                        out.append(self._parse(name, fields))
         except (RedisError, OSError) as exc:
             raise self._error("snapshot_all", exc) from exc
         return sorted(out, key=lambda s: s.key)
 
-    def _policy(self, policy: BreakerPolicy) -> tuple[str, ...]:
+    def _policy(self, policy: BreakerPolicy) -> bytes:
         if not isinstance(policy, BreakerPolicy):
             raise ConfigurationError(f"expected a BreakerPolicy, got {type(policy).__name__}")
-        return _policy_args(policy)
+        return _policy_arg(policy)
 
 
 def _client_option_names() -> frozenset[str]:

@@ -3,13 +3,22 @@
 -- One script, one key, one atomic step.  KEYS[1] is the Redis hash holding one
 -- breaker key's state.  ARGV:
 --   1 op ("admit" | "record" | "force" | "reset")   2 breaker key   3 key TTL (s)
---   4..16 the BreakerPolicy (see POLICY below)      17.. op arguments
--- (record: six per report, the last a repeat count, see the dispatch below)
--- Time is the server's TIME.  The reply is one string, the values
---   now, admitted, retry_after, lease_id, lease_expires, field1, value1, ...
+--   4 the BreakerPolicy's 13 values joined by "," (see P below)
+--   5 the revision of the state the caller last read for this key ("" for none)
+--   6.. op arguments (record: six per report, the last a repeat count, see the dispatch)
+-- Time is the server's TIME.  Every write stores a new revision in the hash's "rev"
+-- field ("<counter>/<TIME>": the counter grows by one a write; a key that expired or
+-- was deleted starts again at 1, at a later TIME).  The reply is one string, the values
+--   now, admitted, retry_after, lease_id, lease_expires, rev, form, field1, value1, ...
 -- separated by \31 (escaped within a value, see the end), every value a string (""
--- for none): numbers are written with %.17g so that a double survives the trip to
--- Python exactly.
+-- for none): numbers are written as %.17g writes them (see fmt) so that a double
+-- survives the trip to Python exactly.  ``form`` says which fields follow, as the caller holds the state of
+-- revision ARGV[5] or not:
+--   "f"  every field of the state (the caller holds another revision, or none)
+--   "s"  none: the operation wrote nothing and the state is the caller's revision
+--   "d"  the operation wrote over the caller's revision: only the fields that differ
+--        from it, a field the new state lacks as "" (only optional fields are ever
+--        left out, and "" reads as none for every one of them)
 --
 -- Semantics mirror circuit.py line by line; the differential test in
 -- backends/redis/tests holds the two to the same results.
@@ -23,31 +32,48 @@ local OP = ARGV[1]
 local KEY = ARGV[2]
 local KEY_TTL = tonumber(ARGV[3])
 
-local P = {
-  consecutive_failures = tonumber(ARGV[4]),
-  failure_rate_threshold = tonumber(ARGV[5]),
-  minimum_calls = tonumber(ARGV[6]),
-  window_seconds = tonumber(ARGV[7]),
-  window_buckets = tonumber(ARGV[8]),
-  recovery_seconds = tonumber(ARGV[9]),
-  max_recovery_seconds = tonumber(ARGV[10]),
-  backoff = ARGV[11],
-  healthy_decay_seconds = tonumber(ARGV[12]),
-  half_open_probes = tonumber(ARGV[13]),
-  probe_lease_seconds = tonumber(ARGV[14]),
-  fatal_open_seconds = tonumber(ARGV[15]),
-  min_retry_after_open = tonumber(ARGV[16]),
-}
-P.bucket_seconds = P.window_seconds / P.window_buckets
+local KNOWN_REV = ARGV[5]
+
+local POLICY_PATTERN = "^" .. string.rep("([^,]+),", 12) .. "([^,]+)$"
+
+-- the policy, read from ARGV[4] when first used (an admission of a CLOSED key never does)
+local P = setmetatable({}, { __index = function(p, name)
+  setmetatable(p, nil)
+  local v = { string.match(ARGV[4], POLICY_PATTERN) }
+  p.consecutive_failures = tonumber(v[1])
+  p.failure_rate_threshold = tonumber(v[2])
+  p.minimum_calls = tonumber(v[3])
+  p.window_seconds = tonumber(v[4])
+  p.window_buckets = tonumber(v[5])
+  p.recovery_seconds = tonumber(v[6])
+  p.max_recovery_seconds = tonumber(v[7])
+  p.backoff = v[8]
+  p.healthy_decay_seconds = tonumber(v[9])
+  p.half_open_probes = tonumber(v[10])
+  p.probe_lease_seconds = tonumber(v[11])
+  p.fatal_open_seconds = tonumber(v[12])
+  p.min_retry_after_open = tonumber(v[13])
+  p.bucket_seconds = p.window_seconds / p.window_buckets
+  return rawget(p, name)
+end })
 
 local t = redis.call("TIME")
 local NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
 
 -- ------------------------------------------------------------------ encoding
 
+local floor = math.floor
+
 local function fmt(x)
+  if x == floor(x) and x > -1e15 and x < 1e15 and (x ~= 0 or 1 / x > 0) then
+    -- an integer of at most 15 digits (not -0): %d writes what %.17g would, in a third
+    -- of the time
+    return string.format("%d", x)
+  end
   return string.format("%.17g", x)
 end
+
+local NOW_TEXT = fmt(NOW)
 
 -- "" -> nil, "=text" -> "text"
 local function opt_str(s)
@@ -94,10 +120,12 @@ local function initial_state(now)
   }
 end
 
+-- the stored state (nil for none), its revision ("" when a writer without revisions
+-- wrote it last) and the stored fields
 local function load()
   local flat = redis.call("HGETALL", KEYS[1])
   if #flat == 0 then
-    return nil
+    return nil, "", {}
   end
   local h = {}
   for i = 1, #flat, 2 do
@@ -130,38 +158,53 @@ local function load()
       st.leases[#st.leases + 1] = { id, tonumber(exp) }
     end
   end
-  return st
+  return st, h.rev or "", h
+end
+
+local COUNTS = { "generation", "consecutive_failures", "open_count", "probe_successes" }
+local TIMES = { "opened_at_ts", "open_until_ts", "closed_at_ts", "last_failure_ts",
+                "updated_at_ts" }
+local TEXTS = { "last_error", "reason" }
+local WRITTEN = { key = true, state = true, window = true, leases = true }
+for _, names in ipairs({ COUNTS, TIMES, TEXTS }) do
+  for _, name in ipairs(names) do
+    WRITTEN[name] = true
+  end
+end
+
+local function encode_window(window)
+  local parts = {}
+  for i, b in ipairs(window) do
+    parts[i] = fmt(b[1]) .. ":" .. fmt(b[2]) .. ":" .. fmt(b[3])
+  end
+  return table.concat(parts, ";")
+end
+
+local function encode_leases(leases)
+  local parts = {}
+  for i, l in ipairs(leases) do
+    parts[i] = l[1] .. ":" .. fmt(l[2])
+  end
+  return table.concat(parts, ";")
 end
 
 local function encode(st)
-  local out = {
-    "key", st.key,
-    "state", st.state,
-    "generation", fmt(st.generation),
-    "consecutive_failures", fmt(st.consecutive_failures),
-    "open_count", fmt(st.open_count),
-    "probe_successes", fmt(st.probe_successes),
-  }
-  local parts = {}
-  for i, b in ipairs(st.window) do
-    parts[i] = fmt(b[1]) .. ":" .. fmt(b[2]) .. ":" .. fmt(b[3])
+  local out = { "key", st.key, "state", st.state }
+  for _, name in ipairs(COUNTS) do
+    out[#out + 1] = name
+    out[#out + 1] = fmt(st[name])
   end
   out[#out + 1] = "window"
-  out[#out + 1] = table.concat(parts, ";")
-  parts = {}
-  for i, l in ipairs(st.leases) do
-    parts[i] = l[1] .. ":" .. fmt(l[2])
-  end
+  out[#out + 1] = encode_window(st.window)
   out[#out + 1] = "leases"
-  out[#out + 1] = table.concat(parts, ";")
-  for _, name in ipairs({ "opened_at_ts", "open_until_ts", "closed_at_ts", "last_failure_ts",
-                          "updated_at_ts" }) do
+  out[#out + 1] = encode_leases(st.leases)
+  for _, name in ipairs(TIMES) do
     if st[name] ~= nil then
       out[#out + 1] = name
       out[#out + 1] = fmt(st[name])
     end
   end
-  for _, name in ipairs({ "last_error", "reason" }) do
+  for _, name in ipairs(TEXTS) do
     if st[name] ~= nil then
       out[#out + 1] = name
       out[#out + 1] = "=" .. st[name]
@@ -170,10 +213,106 @@ local function encode(st)
   return out
 end
 
-local function save(st, now)
-  local flat = encode(st)
-  redis.call("DEL", KEYS[1])
-  redis.call("HSET", KEYS[1], unpack(flat))
+local function same_rows(a, b)
+  if #a ~= #b then
+    return false
+  end
+  for i = 1, #a do
+    local x, y = a[i], b[i]
+    for j = 1, #x do
+      if x[j] ~= y[j] then
+        return false
+      end
+    end
+  end
+  return true
+end
+
+-- the fields of encode(st) whose values differ from the ``stored`` hash (name, value,
+-- ...), then the names in ``stored`` that encode(st) lacks (but "rev").  ``old`` is
+-- load()'s reading of ``stored``; when ``stored`` was written by this encoding (it has a
+-- revision), a field whose value equals old's is the same text and is not formatted
+-- again (formatting numbers is most of what a write costs)
+local function diff(st, old, stored, old_rev)
+  local changed, gone = {}, {}
+  if old == nil or old_rev == "" then
+    local present = {}
+    local flat = encode(st)
+    for i = 1, #flat, 2 do
+      local name, value = flat[i], flat[i + 1]
+      present[name] = true
+      if stored[name] ~= value then
+        changed[#changed + 1] = name
+        changed[#changed + 1] = value
+      end
+    end
+    for name, _ in pairs(stored) do
+      if name ~= "rev" and not present[name] then
+        gone[#gone + 1] = name
+      end
+    end
+    return changed, gone
+  end
+  local function put(name, value)
+    changed[#changed + 1] = name
+    changed[#changed + 1] = value
+  end
+  if stored.key ~= st.key then
+    put("key", st.key)
+  end
+  if stored.state ~= st.state then
+    put("state", st.state)
+  end
+  for _, name in ipairs(COUNTS) do
+    if st[name] ~= old[name] then
+      put(name, fmt(st[name]))
+    end
+  end
+  if not same_rows(st.window, old.window) then
+    put("window", encode_window(st.window))
+  end
+  if not same_rows(st.leases, old.leases) then
+    put("leases", encode_leases(st.leases))
+  end
+  for _, name in ipairs(TIMES) do
+    local value = st[name]
+    if value ~= old[name] then
+      if value == nil then
+        gone[#gone + 1] = name
+      else
+        put(name, fmt(value))
+      end
+    end
+  end
+  for _, name in ipairs(TEXTS) do
+    local value = st[name]
+    if value ~= old[name] then
+      if value == nil then
+        gone[#gone + 1] = name
+      else
+        put(name, "=" .. value)
+      end
+    end
+  end
+  for name, _ in pairs(stored) do
+    if name ~= "rev" and not WRITTEN[name] then
+      gone[#gone + 1] = name
+    end
+  end
+  return changed, gone
+end
+
+-- writes ``st`` over the ``stored`` fields (of revision ``old_rev``, read as ``old``)
+-- under a new revision: the hash then holds exactly the fields of encode(st) and "rev".
+-- Returns the revision and the fields changed and gone (see diff)
+local function save(st, now, old, old_rev, stored)
+  local count = (tonumber(string.match(old_rev, "^(%d+)/")) or 0) + 1
+  local rev = string.format("%d/%s", count, now == NOW and NOW_TEXT or fmt(now))
+  local changed, gone = diff(st, old, stored, old_rev)
+  if #gone > 0 then
+    redis.call("HDEL", KEYS[1], unpack(gone))
+  end
+  redis.call("HSET", KEYS[1], "rev", rev, unpack(changed))
   if (st.state == "forced_open" and st.open_until_ts == nil) or st.state == "disabled" then
     -- held until a reset: never let it expire on its own (a DISABLED key's admissions
     -- and outcomes write nothing, so a TTL would end it however busy the key is)
@@ -187,7 +326,7 @@ local function save(st, now)
     -- and refused as not an integer (an absurd Retry-After would fail the script)
     redis.call("PEXPIRE", KEYS[1], math.min(math.ceil(ttl * 1000), 9007199254740991))
   end
-  return flat
+  return rev, changed, gone
 end
 
 -- ------------------------------------------------------------------ the machine
@@ -526,7 +665,7 @@ end
 
 -- ------------------------------------------------------------------ dispatch
 
-local current = load()
+local current, current_rev, stored = load()
 local state = current
 local changed = false
 local admitted, retry_after, lease_id, lease_expires = nil, nil, nil, nil
@@ -535,7 +674,7 @@ if OP == "admit" then
   if state == nil then
     state = initial_state(NOW)
   end
-  state, changed, admitted, retry_after, lease_id, lease_expires = admit(state, NOW, ARGV[17])
+  state, changed, admitted, retry_after, lease_id, lease_expires = admit(state, NOW, ARGV[6])
 elseif OP == "record" then
   if state == nil then
     state = initial_state(NOW)
@@ -543,7 +682,7 @@ elseif OP == "record" then
   -- each report is (generation, lease, outcome, retry_after, error, count): ``count``
   -- identical reports in a row, as the store sends a written-behind batch of successes
   local reports = {}
-  for i = 17, #ARGV - 5, 6 do
+  for i = 6, #ARGV - 5, 6 do
     reports[#reports + 1] = {
       generation = tonumber(ARGV[i]),
       lease_id = opt_str(ARGV[i + 1]),
@@ -583,7 +722,7 @@ elseif OP == "force" then
   if state == nil then
     state = initial_state(NOW)
   end
-  state = force(state, ARGV[17], NOW, opt_num(ARGV[18]), opt_str(ARGV[19]))
+  state = force(state, ARGV[6], NOW, opt_num(ARGV[7]), opt_str(ARGV[8]))
   changed = true
 elseif OP == "reset" then
   state = reset(state, NOW)
@@ -593,8 +732,27 @@ else
 end
 
 local flat
+local rev = current_rev
+local form = "f"
+local caller_holds_current = current ~= nil and current_rev ~= "" and current_rev == KNOWN_REV
 if changed or current == nil then
-  flat = save(state, NOW)
+  local written, gone
+  rev, written, gone = save(state, NOW, current, current_rev, stored)
+  if not caller_holds_current then
+    flat = encode(state)
+  else
+    -- the stored fields were those of the caller's revision: send what differs
+    form = "d"
+    flat = written
+    for _, name in ipairs(gone) do
+      flat[#flat + 1] = name
+      flat[#flat + 1] = ""
+    end
+  end
+elseif caller_holds_current then
+  -- nothing written and the caller holds this very revision: the header suffices
+  form = "s"
+  flat = {}
 else
   flat = encode(state)
 end
@@ -617,11 +775,13 @@ end
 -- string costs the client a fraction of what parsing ~30 elements does.  Within a value
 -- \27 is written \27\27 and \31 is written \27| (keys and error texts are free text)
 local ESCAPES = { ["\27"] = "\27\27", ["\31"] = "\27|" }
-local reply = { fmt(NOW), admitted_s, s(retry_after), s(lease_id), s(lease_expires) }
+local reply = { NOW_TEXT, admitted_s, s(retry_after), s(lease_id), s(lease_expires), rev, form }
 for _, v in ipairs(flat) do
   reply[#reply + 1] = v
 end
-for i = 1, #reply do
-  reply[i] = string.gsub(reply[i], "[\27\31]", ESCAPES)
+if string.find(table.concat(reply), "[\27\31]") then
+  for i = 1, #reply do
+    reply[i] = string.gsub(reply[i], "[\27\31]", ESCAPES)
+  end
 end
 return table.concat(reply, "\31")
