@@ -600,7 +600,28 @@ class CircuitBreakerState:
     def from_dict(cls, data: Mapping[str, Any]) -> Self:
         return from_dict(data, cls)
 
+    def with_fields(self, **changes: Any) -> CircuitBreakerState:
+        """
+        A copy with ``changes``, each converted and validated as the constructor does
+        (no field is checked against another, so the rest need no second look): what
+        `attrs.evolve` gives, at the cost of the changed fields only.
 
+        Raises:
+            TypeError: an unknown field (``key`` cannot change).
+            RecordValidationError: a value the constructor would refuse.
+        """
+        for name, value in changes.items():
+            attribute = _STATE_FIELDS.get(name)
+            if attribute is None:
+                raise TypeError(f"CircuitBreakerState has no changeable field {name!r}")
+            if attribute.converter is not None:
+                value = changes[name] = attribute.converter(value)  # type: ignore[operator]
+            if attribute.validator is not None:
+                attribute.validator(self, attribute, value)
+        return _trusted_state_evolve(self, **changes)
+
+
+_STATE_FIELDS: Final = {a.name: a for a in attrs.fields(CircuitBreakerState) if a.name != "key"}
 _trusted_state_evolve = trusted_evolver(CircuitBreakerState)
 """Internal: `attrs.evolve` of a `CircuitBreakerState` without validation (hot paths)."""
 

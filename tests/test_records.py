@@ -377,3 +377,17 @@ def test_every_text_field_of_a_record_is_made_storable() -> None:
         if a.type in (str, str | None, "str", "str | None")
     }
     assert set(_TEXT_FIELDS) == text
+
+
+def test_with_fields_converts_and_validates_only_what_changes() -> None:
+    state = CircuitBreakerState(key="k", generation=2, window=[(60, 5, 1)])
+    new = state.with_fields(state="open", window=[[120, 3, 3]], open_until_ts=10.0)
+    assert new == attrs.evolve(state, state="open", window=[(120, 3, 3)], open_until_ts=10.0)
+    assert new.state is CircuitState.OPEN and new.window == ((120, 3, 3),)
+    assert new.generation == 2 and state.state is CircuitState.CLOSED  # a copy
+    with pytest.raises(RecordValidationError):
+        state.with_fields(generation=-1)
+    with pytest.raises(TypeError, match="key"):
+        state.with_fields(key="other")
+    with pytest.raises(TypeError, match="nope"):
+        state.with_fields(nope=1)

@@ -215,6 +215,24 @@ def _lower(s: float, n: float, z: float, z2: float) -> float:
     return lower if lower > 0.0 else 0.0
 
 
+def _proof(best: float, n: float, f: float, base: list[float] | None, z: float) -> float:
+    """
+    ``best`` raised to what a regime proves at a bucket's end (``n`` calls, ``f``
+    failed, ``base`` restored among them), as `ArmSummary.proven_lower`: the lower bound
+    at ``z``; with restored evidence, what one of its parts proves by itself, at most.
+    A bound never exceeds its rate, so a rate at or under ``best`` is not computed.
+    """
+    if n <= 0.0 or n - f <= best * n:
+        return best
+    z2 = z * z
+    proved = _lower(n - f, n, z, z2)
+    if base is not None and proved > best:
+        b_n, b_s = base[SAMPLES], base[SUCCESSES]
+        part = max(_lower(b_s, b_n, z, z2), _lower(n - f - b_s, n - b_n, z, z2))
+        proved = part if part < proved else proved
+    return proved if proved > best else best
+
+
 def _upper(s: float, n: float, z: float) -> float:
     """The upper bound of `wilson_bounds`, alone (the same arithmetic, so the same
     value): the change test computes one per bucket."""
@@ -539,9 +557,6 @@ class Arm:
         cum_n, cum_f, up_a, dn_a = self.cum_n, self.cum_f, self.up, self.dn
         up_from, dn_from, proof = self.up_from, self.dn_from, self.proof
         proof_z = test.proof_z
-        z2 = proof_z * proof_z
-        based: Regime | None = None  # the regime whose restored evidence ...
-        base_lower = 0.0  # ... proves this by itself
         while j < len(starts):
             t = starts[j]
             regime = regimes[-1]
@@ -572,21 +587,7 @@ class Arm:
                 u = d = 0.0
             n1 = cum_n[j] = n0 + n
             f1 = cum_f[j] = f0 + f
-            # what the regime proves at this bucket's end (as ArmSummary.proven_lower);
-            # a bound never exceeds its rate, so a rate at or under ``best`` is skipped
-            if n1 > 0.0 and n1 - f1 > best * n1:
-                proved = _lower(n1 - f1, n1, proof_z, z2)
-                if base is not None and proved > best:
-                    # with restored evidence, what one of its parts proves by itself
-                    if regime is not based:
-                        based = regime
-                        base_lower = _lower(base[SUCCESSES], base[SAMPLES], proof_z, z2)
-                    seg = _lower(n1 - f1 - base[SUCCESSES], n1 - base[SAMPLES], proof_z, z2)
-                    part = seg if seg > base_lower else base_lower
-                    proved = part if part < proved else proved
-                proof[j] = proved if proved > best else best
-            else:
-                proof[j] = best
+            proof[j] = _proof(best, n1, f1, base, proof_z)
             up_a[j] = u
             dn_a[j] = d
             up_from[j] = uf

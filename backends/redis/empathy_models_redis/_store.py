@@ -17,7 +17,6 @@ from importlib.resources import files
 from typing import Any, Final
 from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
-import attrs
 import redis.asyncio as aioredis
 from redis.asyncio.connection import (
     URL_QUERY_ARGUMENT_PARSERS,
@@ -44,7 +43,6 @@ from empathy_models.records import (
     CircuitState,
     OutcomeReport,
     Ticket,
-    _trusted_state_evolve,
 )
 
 __all__ = ["DEFAULT_KEY_TTL", "DEFAULT_PREFIX", "RedisCircuitStateStore", "breaker_script"]
@@ -162,8 +160,6 @@ _FIELD_PARSERS: Final[Mapping[str, Callable[[str], object]]] = {
 }
 """How each field of the hash the Lua script writes reads (every value a string)."""
 
-_STATE_FIELDS: Final = {a.name: a for a in attrs.fields(CircuitBreakerState)}
-
 
 def _state_from_fields(key: str, fields: Mapping[str, str]) -> CircuitBreakerState:
     """Build a state from the hash the Lua script writes; a field left out reads as none."""
@@ -172,24 +168,12 @@ def _state_from_fields(key: str, fields: Mapping[str, str]) -> CircuitBreakerSta
 
 
 def _state_with(state: CircuitBreakerState, fields: Mapping[str, str]) -> CircuitBreakerState:
-    """
-    ``state`` with the fields of a "d" reply (those that changed, "" for a field now
-    unset): each converted and validated as `CircuitBreakerState` does (it checks no
-    field against another), the rest kept as they are.
-    """
-    changes: dict[str, object] = {}
-    for name, text in fields.items():
-        parse = _FIELD_PARSERS.get(name)
-        if parse is None:
-            continue  # "key" never changes; a field this version does not know
-        value = parse(text)
-        attribute = _STATE_FIELDS[name]
-        if attribute.converter is not None:
-            value = attribute.converter(value)  # type: ignore[operator]
-        if attribute.validator is not None:
-            attribute.validator(state, attribute, value)
-        changes[name] = value
-    return _trusted_state_evolve(state, **changes)
+    """``state`` with the fields of a "d" reply (those that changed, "" for a field now
+    unset), each converted and validated; a field this version does not know is left."""
+    changes = {
+        name: parse(text) for name, text in fields.items() if (parse := _FIELD_PARSERS.get(name))
+    }
+    return state.with_fields(**changes)
 
 
 _ESCAPED: Final = re.compile("\x1b(.)", re.DOTALL)
