@@ -99,9 +99,10 @@ class RoutingPolicy:
         z: the normal quantile of the confidence bounds (default 1.96, i.e. 95%).
         reject_z: the stricter quantile a success rate must clear to be REJECTED
             (default 3.0).
-        keep_z: the looser quantile an ELIGIBLE model's lower bound must stay above to
-            remain eligible (default 1.0: hysteresis, so a model near the limit does not
-            flap).
+        keep_z: the looser quantile a model's lower bound must stay above to remain
+            eligible once its current regime proved it (at ``z``) at the end of a
+            minute bucket (default 1.0: hysteresis, so a model near the limit does not
+            flap; it depends on the evidence only, so routers reading the same agree).
         reject_min_samples: calls needed before a success rate can be REJECTED
             (default 10).
         latency_min_samples: measured successful calls needed before the latency
