@@ -53,9 +53,10 @@ class Settler:
     ) -> None:
         """
         ``flush(key)`` in a task of its own while ``key`` is in ``pending`` (successes
-        arriving meanwhile go too), unless such a task is running already.
+        arriving meanwhile go too), unless such a task is running already or nothing
+        is pending (a DISABLED key's successes are not kept).
         """
-        if key not in self.behind:
+        if key in pending and key not in self.behind:
             task = asyncio.get_running_loop().create_task(self._send(key, flush, pending))
             self.behind[key] = task
 
@@ -85,9 +86,12 @@ class Settler:
 
     async def settle(self, key: str | None = None) -> None:
         """Wait until ``key``'s (or every key's) successes in flight have landed."""
-        behind = self.behind
-        tasks = set(behind.values()) if key is None else {behind[key]} if key in behind else set()
-        tasks.discard(asyncio.current_task())  # type: ignore[arg-type,unused-ignore]
+        current = asyncio.current_task()
+        tasks = {
+            task
+            for name, task in self.behind.items()
+            if (key is None or name == key) and task is not current
+        }
         if tasks:
             await asyncio.wait(tasks)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from empathy_models import BreakerPolicy, CircuitBreaker, CircuitState
+from empathy_models import BreakerPolicy, CircuitBreaker, CircuitOpenError, CircuitState
 from empathy_models.backends import MemoryStateStore
 from empathy_models.circuit import BreakerPolicy as Policy
 from empathy_models.exceptions import ServerError
@@ -130,7 +130,7 @@ async def test_every_admission_asks_the_store_and_sqlite_holds_every_success(
             await _succeed(a)
         await _fail(b)
         await _fail(b)  # b trips the key
-        with pytest.raises(Exception, match="open"):
+        with pytest.raises(CircuitOpenError):
             await a.admit(KEY)  # a sees it at its very next admission
         state = await a.get_status(KEY)
         assert state.state is CircuitState.OPEN

@@ -23,7 +23,7 @@ from empathy_models.evidence import rollup
 from empathy_models.records import wilson_interval
 from empathy_models.routing import ModelStats, RoutingStats
 from empathy_models.routing.book import Arm, ChangeTest
-from empathy_models.routing.stats import bucket_sums, wilson_bounds
+from empathy_models.routing.stats import bucket_sums, wilson_bounds, wilson_lower, wilson_upper
 from empathy_models.testing.clock import FakeClock
 from tests._fakes import priced_registry
 
@@ -86,6 +86,19 @@ def test_wilson_bounds_match_the_worked_table(s: int, n: int, lo: float, hi: flo
     got = wilson_bounds(s, n)
     assert got == pytest.approx((lo, hi), abs=1e-3)
     assert got == pytest.approx(wilson_interval(s, n))
+
+
+def test_the_single_bounds_are_those_of_wilson_bounds() -> None:
+    # the change test's walk uses them for speed; its regimes must not depend on that
+    rng = random.Random(11)
+    for _ in range(20_000):
+        n = rng.choice([0.0, rng.uniform(0.0, 5.0), float(rng.randint(1, 10**6))])
+        s = rng.uniform(-0.1, 1.1) * n
+        z = rng.choice([1.0, 1.96, 3.0])
+        lower, upper = wilson_bounds(s, n, z)
+        assert wilson_upper(s, n, z) == upper
+        got = wilson_lower(s, n, z, z * z)
+        assert got == lower or (got > lower == min(max(s / n, 0.0), 1.0))
 
 
 # --------------------------------------------------------------------------- the book

@@ -55,6 +55,8 @@ from .stats import (
     add_outcome,
     latency_bounds,
     wilson_bounds,
+    wilson_lower,
+    wilson_upper,
 )
 
 __all__ = ["Arm", "ArmSummary", "ChangeTest", "Regime", "StagePrior", "bucket_of"]
@@ -202,19 +204,6 @@ class StagePrior:
         return self.output_tokens / self.successes if self.successes > 0 else None
 
 
-def _lower(s: float, n: float, z: float, z2: float) -> float:
-    """The Wilson lower bound of `wilson_bounds` (``z2 = z * z``), alone and unclamped
-    above (it never exceeds the rate): the change test's walk computes one per bucket."""
-    if n <= 0.0:
-        return 0.0
-    q = s / n
-    q = q if q > 0.0 else 0.0
-    q = q if q < 1.0 else 1.0
-    margin = z * math.sqrt(q * (1.0 - q) / n + z2 / (4.0 * n * n))
-    lower = (q + z2 / (2.0 * n) - margin) / (1.0 + z2 / n)
-    return lower if lower > 0.0 else 0.0
-
-
 def _proof(best: float, n: float, f: float, base: list[float] | None, z: float) -> float:
     """
     ``best`` raised to what a regime proves at a bucket's end (``n`` calls, ``f``
@@ -225,27 +214,12 @@ def _proof(best: float, n: float, f: float, base: list[float] | None, z: float) 
     if n <= 0.0 or n - f <= best * n:
         return best
     z2 = z * z
-    proved = _lower(n - f, n, z, z2)
+    proved = wilson_lower(n - f, n, z, z2)
     if base is not None and proved > best:
         b_n, b_s = base[SAMPLES], base[SUCCESSES]
-        part = max(_lower(b_s, b_n, z, z2), _lower(n - f - b_s, n - b_n, z, z2))
+        part = max(wilson_lower(b_s, b_n, z, z2), wilson_lower(n - f - b_s, n - b_n, z, z2))
         proved = part if part < proved else proved
     return proved if proved > best else best
-
-
-def _upper(s: float, n: float, z: float) -> float:
-    """The upper bound of `wilson_bounds`, alone (the same arithmetic, so the same
-    value): the change test computes one per bucket."""
-    if n <= 0.0:
-        return 1.0
-    p = s / n
-    p = p if p > 0.0 else 0.0
-    p = p if p < 1.0 else 1.0
-    z2 = z * z
-    margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
-    upper = (p + z2 / (2.0 * n) + margin) / (1.0 + z2 / n)
-    upper = upper if upper < 1.0 else 1.0
-    return upper if upper > p else p
 
 
 def _summarize(
@@ -628,7 +602,7 @@ class Arm:
         # from the upper end of its confidence interval, so a lucky start is not
         # mistaken for a degradation later (which would split a stationary arm into
         # regimes whose evidence could be reassembled selectively)
-        q_hi = _upper(f0, n0, test.reference_z)
+        q_hi = wilson_upper(f0, n0, test.reference_z)
         q = q_hi if q_hi > test.min_rate else test.min_rate
         q_up = min(0.5, max(q * test.degrade_ratio, q + test.degrade_step))
         u = d = 0.0

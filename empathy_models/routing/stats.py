@@ -31,6 +31,8 @@ __all__ = [
     "bucket_sums",
     "latency_bounds",
     "wilson_bounds",
+    "wilson_lower",
+    "wilson_upper",
 ]
 
 # A sum vector: the additive fields of an `EvidenceBucket`, as a list of floats in this
@@ -118,3 +120,35 @@ def latency_bounds(
     q = mu + P95_Z * sigma
     se = sigma * math.sqrt(1.0 / n + P95_Z * P95_Z / (2.0 * (n - 1.0)))
     return (p50, math.exp(q), math.exp(q - z * se), math.exp(q + z * se))
+
+
+# One bound alone, for the loops that need one per bucket (the change test's walk): the
+# same arithmetic as `wilson_bounds`, so the same value (tests/test_routing_evidence.py
+# compares them), without its tuple and the other bound's work.
+
+
+def wilson_lower(s: float, n: float, z: float, z2: float) -> float:
+    """The lower bound of ``wilson_bounds(s, n, z)`` (``z2 = z * z``); 0 at n = 0.  It is
+    not clamped to the rate above, which it exceeds only by a rounding error."""
+    if n <= 0.0:
+        return 0.0
+    q = s / n
+    q = q if q > 0.0 else 0.0
+    q = q if q < 1.0 else 1.0
+    margin = z * math.sqrt(q * (1.0 - q) / n + z2 / (4.0 * n * n))
+    lower = (q + z2 / (2.0 * n) - margin) / (1.0 + z2 / n)
+    return lower if lower > 0.0 else 0.0
+
+
+def wilson_upper(s: float, n: float, z: float) -> float:
+    """The upper bound of ``wilson_bounds(s, n, z)``; 1 at n = 0."""
+    if n <= 0.0:
+        return 1.0
+    p = s / n
+    p = p if p > 0.0 else 0.0
+    p = p if p < 1.0 else 1.0
+    z2 = z * z
+    margin = z * math.sqrt(p * (1.0 - p) / n + z2 / (4.0 * n * n))
+    upper = (p + z2 / (2.0 * n) + margin) / (1.0 + z2 / n)
+    upper = upper if upper < 1.0 else 1.0
+    return upper if upper > p else p
