@@ -38,7 +38,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import BenchResult, peer_version, summarize, write_result
+from benchmarks._common import RESULTS_DIR, BenchResult, peer_version, summarize, write_result
 from benchmarks.bench_breaker import REDIS_URL, _noop_sync, _redis_reachable, noop
 from benchmarks.bench_telemetry import POSTGRES_DSN, _postgres_reachable
 from empathy_models import CircuitBreaker
@@ -248,10 +248,14 @@ async def run(quick: bool = False) -> BenchResult:
                     timed, cpu_per_call = await paced(guarded, keys, pace, calls)
                     samples.setdefault((name, rate), []).extend(timed)
                     cpu.setdefault((name, rate), []).append(cpu_per_call)
+    curves: dict[str, dict[float, float]] = {}
     for rate, _, _, _ in rates:
         stats = {name: summarize(samples[(name, rate)]) for name in cases}
         base = stats[BASELINE]["median"]
         overheads = {name: s["median"] - base for name, s in stats.items()}
+        for name, overhead in overheads.items():
+            if name != BASELINE:
+                curves.setdefault(name, {})[rate] = overhead
         fastest = min((overheads[p] for p in peers), default=None)
         cpu_base = statistics.median(cpu[(BASELINE, rate)])
         cpus = {name: statistics.median(cpu[(name, rate)]) - cpu_base for name in cases}
@@ -278,7 +282,10 @@ async def run(quick: bool = False) -> BenchResult:
     result.data = {
         "repeats": repeats,
         "medians": {f"{n} @ {_label(r)}": statistics.median(v) for (n, r), v in samples.items()},
+        "overheads": {name: {_label(r): v for r, v in c.items()} for name, c in curves.items()},
     }
+    if not quick:
+        _plot(curves, peers)
     result.notes.append(
         "Rates: 1,000/s and 100/s on one key; 0.5/s per key = 200 keys in turn at 100 calls/s. "
         "Each call timed alone; 'vs fastest peer' is our overhead over the fastest Redis-backed "
@@ -292,6 +299,34 @@ async def run(quick: bool = False) -> BenchResult:
         "sync redis client (the loop blocks for the round trip), purgatory an async one."
     )
     return result
+
+
+def _plot(curves: dict[str, dict[float, float]], peers: list[str]) -> None:
+    """Overhead per guarded call against the call rate per key: ``breaker_rates.png``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, curve in curves.items():
+        xs = sorted(curve)
+        # a median at or under the bare harness's has no place on a log scale
+        ys = [max(curve[x], 0.1) for x in xs]
+        style = "--" if name in peers else ("-." if "exact" in name else "-")
+        ax.plot(xs, ys, style, marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("calls per second on one key (0.5/s: the key's local view has expired)")
+    ax.set_ylabel("overhead per guarded call, µs (median)")
+    ax.set_title("Shared-store breaker cost against the call rate per key")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS_DIR / "breaker_rates.png", dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,6 +102,7 @@ class Verdict:
     reasons: tuple[str, ...]
     degraded: bool  # rejected, or its evidence restarted with a detected degradation
     ttft: ConstraintStatus | None = None
+    warm: bool = False  # may be given a warm-up's calls when cheaper (see `_warm_up`)
 
 
 def judge(
@@ -152,9 +153,12 @@ def judge(
         facts, summary, cons, prior_output_tokens or policy.prior_output_tokens
     )
     degraded = code == 2 or (summary.change or "").startswith("degraded")
+    warm = (
+        not degraded and _warming(summary, min_sr) and _young(summary, min_sr, policy.warmup_calls)
+    )
     return _new_verdict(
         model, facts, summary, success, latency, code, slope, const, basis, const_ni,
-        basis_ni, tuple(reasons), degraded, ttft,
+        basis_ni, tuple(reasons), degraded, ttft, warm,
     )  # fmt: skip
 
 
@@ -552,16 +556,18 @@ def _warm_up(
     if not explorable or rng.random() >= policy.warmup_share:
         return None
     verdicts = ctx.verdicts
-    cheapest = policy.objective == "cheapest"
     min_sr = ctx.cons.min_success_rate
-    young = [
-        i
-        for i in explorable
-        if not verdicts[i].degraded
-        and _warming(verdicts[i].summary, min_sr)
-        and (not cheapest or _cheaper(costs[i], current))
-        and _young(verdicts[i].summary, min_sr, policy.warmup_calls)
-    ]
+    # `Verdict.warm`: not degraded, `_warming` and `_young`, judged with the verdict
+    if policy.objective != "cheapest":
+        young = [i for i in explorable if verdicts[i].warm]
+    elif current is None:
+        return None  # nothing is cheaper than a pick without a cost estimate
+    else:
+        young = [
+            i
+            for i in explorable
+            if verdicts[i].warm and (c := costs[i]) is not None and c < current
+        ]
     young.sort(key=lambda i: (costs[i] or 0.0, ctx.models[i]))
     for i in young:
         s = verdicts[i].summary
