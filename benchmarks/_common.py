@@ -8,6 +8,7 @@ a baseline measured in the same run, on the same machine, in the same process.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import importlib.metadata
@@ -17,7 +18,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "machine_info",
     "markdown_table",
     "peer_version",
+    "script_main",
     "summarize",
     "timeit",
     "write_result",
@@ -201,3 +203,15 @@ def write_result(result: BenchResult) -> Path:
     (RESULTS_DIR / f"{result.name}.md").write_text(result.markdown(), encoding="utf-8")
     print(result.markdown())
     return path
+
+
+def script_main(
+    doc: str | None,
+    run: Callable[[bool], Coroutine[Any, Any, BenchResult]],
+    argv: list[str] | None,
+) -> None:
+    """The command line of a benchmark script whose only option is ``--quick``."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    write_result(asyncio.run(run(args.quick)))

@@ -26,7 +26,6 @@ for that store's rows).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import statistics
@@ -38,7 +37,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import RESULTS_DIR, BenchResult, peer_version, summarize, write_result
+from benchmarks._common import (
+    RESULTS_DIR,
+    BenchResult,
+    peer_version,
+    script_main,
+    summarize,
+)
 from benchmarks.bench_breaker import REDIS_URL, _noop_sync, _redis_reachable, noop
 from benchmarks.bench_telemetry import POSTGRES_DSN, _postgres_reachable
 from empathy_models import CircuitBreaker
@@ -330,10 +335,7 @@ def _plot(curves: dict[str, dict[float, float]], peers: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    write_result(asyncio.run(run(args.quick)))
+    script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

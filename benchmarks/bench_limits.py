@@ -22,8 +22,6 @@ Run: ``python -m benchmarks.bench_limits [--quick]``
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import os
 import tempfile
@@ -32,7 +30,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import BenchResult, async_timeit, peer_version, summarize, write_result
+from benchmarks._common import (
+    BenchResult,
+    async_timeit,
+    peer_version,
+    script_main,
+    summarize,
+)
 from empathy_models import Budget, CircuitBreaker, ExecutionContext, ModelInfo, RateLimit
 from empathy_models.limits import Limiter, quota_store_from_url
 
@@ -198,10 +202,7 @@ async def _drop(stores: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    write_result(asyncio.run(run(quick=args.quick)))
+    script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

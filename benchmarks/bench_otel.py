@@ -20,8 +20,6 @@ Run: ``python -m benchmarks.bench_otel [--quick]``
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -34,7 +32,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-from benchmarks._common import BenchResult, summarize, write_result
+from benchmarks._common import BenchResult, script_main, summarize
 from empathy_models import (
     AdaptiveModelRouter,
     CircuitBreaker,
@@ -227,10 +225,7 @@ async def run(quick: bool = False) -> BenchResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    write_result(asyncio.run(run(quick=args.quick)))
+    script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ Run: ``python -m benchmarks.bench_router_start [--quick]``
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import random
 import shutil
@@ -40,7 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import BenchResult, write_result
+from benchmarks._common import BenchResult, script_main
 from benchmarks.bench_routing import make_registry
 from benchmarks.bench_telemetry import POSTGRES_DSN, _postgres_reachable
 from empathy_models import AdaptiveModelRouter, LLMCallRecord, Outcome
@@ -376,10 +374,7 @@ async def _drop_schemas(schemas: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    write_result(asyncio.run(run(args.quick)))
+    script_main(__doc__, run, argv)
     return 0
 
 

@@ -17,7 +17,6 @@ Run: ``python -m benchmarks.bench_streaming [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks._common import BenchResult, summarize, write_result
+from benchmarks._common import BenchResult, script_main, summarize
 from empathy_models import (
     AdaptiveModelRouter,
     CircuitBreaker,
@@ -292,10 +291,7 @@ async def run(quick: bool = False) -> BenchResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    write_result(asyncio.run(run(quick=args.quick)))
+    script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ Run: ``python -m benchmarks.bench_whatif [--quick]``
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import random
 import statistics
@@ -31,7 +29,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from benchmarks._common import BenchResult, write_result
+from benchmarks._common import BenchResult, script_main
 from empathy_models import LLMCallRecord, Outcome
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.whatif import evaluate_policy, load_stage_evidence, simulate_policy
@@ -182,10 +180,7 @@ async def run(quick: bool) -> BenchResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    write_result(asyncio.run(run(args.quick)))
+    script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":
