@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import difflib
 import functools
@@ -27,7 +28,13 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.client import NEVER_DECODE
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TimeoutError as RedisTimeoutError,
+)
 
 from empathy_models.abc import CircuitStateStore
 from empathy_models.backends import redact_url
@@ -498,8 +505,22 @@ class RedisCircuitStateStore(CircuitStateStore):
 
     @staticmethod
     async def _exchange(conn: Any, command: bytes) -> Any:
-        await conn.send_packed_command(command)
-        return await conn.read_response(disable_decoding=True)
+        reader = getattr(conn, "_reader", None)
+        writer = getattr(conn, "_writer", None)
+        if not isinstance(reader, asyncio.StreamReader) or not isinstance(
+            writer, asyncio.StreamWriter
+        ):
+            # not connected (redis-py connects, then checks health), or a connection
+            # class whose streams are not asyncio's: redis-py's own command path
+            await conn.send_packed_command(command)
+            return await conn.read_response(disable_decoding=True)
+        interval = conn.health_check_interval
+        if interval and asyncio.get_running_loop().time() > conn.next_health_check:
+            await conn.check_health()
+        reply = await _bulk_exchange(conn, reader, writer, command)
+        if interval:
+            conn.next_health_check = asyncio.get_running_loop().time() + interval
+        return reply
 
     def _parse(
         self, key: str, fields: Mapping[str, str], base: CircuitBreakerState | None = None
@@ -712,3 +733,52 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
     rest = urlencode([(k, v) for k, v in query if k not in _URL_OPTIONS])
     tail = (f"?{rest}" if rest else "") + (f"#{parts.fragment}" if parts.fragment else "")
     return f"{parts.scheme}://{parts.netloc}{parts.path}{tail}", ours
+
+
+async def _bulk_exchange(
+    conn: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, command: bytes
+) -> bytes:
+    """
+    ``command`` written to a connected redis-py connection's streams and the script's
+    reply read back: a bulk string (every script of ours answers one) or an error.
+
+    What redis-py's ``send_packed_command`` + ``read_response`` do for such a reply,
+    without their layers (a task per write under ``socket_timeout``, the parser's
+    generality): about half the client's cost of a round trip.  Both sit at a reply
+    boundary before and after, so the two paths share a connection.  As there, a
+    timeout, a broken connection or an interruption (cancellation) disconnects the
+    connection (no reply is ever left unread on it), and they are raised as redis-py's
+    `TimeoutError` / `ConnectionError`, which its retry policy retries.
+    """
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            if writer.transport.is_closing():
+                raise ConnectionResetError("the connection is closed")
+            writer.write(command)
+            line = await reader.readuntil(b"\r\n")
+            kind = line[:1]
+            if kind == b"$":
+                size = int(line[1:-2])
+                if size >= 0:
+                    body = await reader.readexactly(size + 2)
+                    return body[:-2]
+            elif kind == b"-":  # a whole error line: the connection stays usable
+                message = line[1:-2].decode("utf-8", "replace")
+                if message.startswith("NOSCRIPT "):
+                    raise NoScriptError(message.removeprefix("NOSCRIPT "))
+                raise ResponseError(message)
+    except RedisError:
+        raise
+    except TimeoutError:
+        await conn.disconnect(nowait=True)
+        raise RedisTimeoutError("Timeout reading from Redis") from None
+    except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
+        # EOFError: asyncio.IncompleteReadError (the server closed the connection)
+        await conn.disconnect(nowait=True)
+        raise RedisConnectionError(f"Error while talking to Redis: {exc!r}") from exc
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    # any other reply (a null, an array, a push message): of unknown length here
+    await conn.disconnect(nowait=True)
+    raise ResponseError(f"unexpected reply {line[:40]!r} to a script run")

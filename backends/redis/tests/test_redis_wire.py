@@ -14,6 +14,7 @@ from empathy_models_redis import RedisCircuitStateStore
 from redis.typing import EncodableT
 
 from empathy_models.circuit import BreakerPolicy
+from empathy_models.exceptions import StateStoreError
 from empathy_models.records import CircuitState, Outcome, OutcomeReport
 
 POLICY = BreakerPolicy(
@@ -234,3 +235,45 @@ async def test_a_hash_written_without_a_revision_is_read_in_full(
             assert "rev" in stored and stored["last_error"] == "=from before"
     finally:
         await client.aclose()
+
+
+async def test_an_error_reply_fails_the_run_and_the_connection_goes_on(
+    redis_url: str, redis_prefix: str, redis_store_url: str
+) -> None:
+    # a key of another type makes the script fail: an error line, read whole, so the
+    # one connection answers the next run with that run's reply
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.set(redis_prefix + "wrong", "a string, not a hash")
+        async with RedisCircuitStateStore(redis_store_url, max_connections=1) as store:
+            await store.admit("k", POLICY)
+            with pytest.raises(StateStoreError, match="WRONGTYPE"):
+                await store.admit("wrong", POLICY)
+            admission = await store.admit("other", POLICY)
+            assert admission.admitted and admission.state.key == "other"
+            assert (await store.admit("k", POLICY)).state.key == "k"
+    finally:
+        await client.aclose()
+
+
+async def test_a_run_that_times_out_leaves_no_reply_behind(
+    redis_url: str, redis_store_url: str
+) -> None:
+    # Redis answers nothing while paused: the run times out (socket_timeout), and the
+    # reply that arrives after it must not be read as the next run's
+    pauser = aioredis.Redis.from_url(redis_url)
+    try:
+        async with RedisCircuitStateStore(
+            redis_store_url, max_connections=1, socket_timeout=0.1
+        ) as store:
+            await store.admit("k", POLICY)
+            await pauser.execute_command("CLIENT", "PAUSE", 700, "ALL")
+            with pytest.raises(StateStoreError, match=r"[Tt]imeout"):
+                await store.admit("k", POLICY)
+            await asyncio.sleep(0.8)
+            for key in ("other", "k"):
+                admission = await store.admit(key, POLICY)
+                assert admission.admitted and admission.state.key == key
+    finally:
+        await pauser.execute_command("CLIENT", "UNPAUSE")
+        await pauser.aclose()
