@@ -74,7 +74,6 @@ Run: ``python -m benchmarks.bench_telemetry [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
@@ -94,7 +93,7 @@ from benchmarks._common import (
     RESULTS_DIR,
     BenchResult,
     peer_version,
-    write_result,
+    script_main,
 )
 from benchmarks._telemetry_writers import OnFull, WriterJob, WriterPool
 from empathy_models import LLMCallRecord, ModelTier, Outcome, telemetry_from_url
@@ -685,10 +684,7 @@ def _plot_writers(writers: dict[str, dict[int, list[float]]], per_process: int) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    write_result(asyncio.run(run(quick=args.quick)))
+    script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":
