@@ -68,6 +68,7 @@ class MemoryTelemetryBackend(TelemetryBackend):
         # evidence rollups survive eviction: they are small and the router needs them
         self._buckets: dict[tuple[str | None, str | None, str, datetime], EvidenceBucket] = {}
         self._version = 0
+        self._unrolled: list[LLMCallRecord] = []
 
     def __repr__(self) -> str:
         return f"MemoryTelemetryBackend(records={len(self._records)}, capacity={self.capacity})"
@@ -82,6 +83,29 @@ class MemoryTelemetryBackend(TelemetryBackend):
             if not isinstance(r, LLMCallRecord):
                 raise RecordValidationError(f"expected an LLMCallRecord, got {type(r).__name__}")
         self._records.extend(batch)
+        # rolled into the evidence buckets when they are next read (or before eviction):
+        # one rollup per read instead of one per record
+        self._unrolled.extend(batch)
+        overflow = len(self._records) - self.capacity
+        if overflow > 0:
+            self._roll_up()  # the evidence of evicted records is kept
+            if self.evicted == 0:
+                warnings.warn(
+                    f"MemoryTelemetryBackend is full ({self.capacity} records); the oldest "
+                    "records are being dropped. Use a SQLite or PostgreSQL backend to keep them.",
+                    ResourceWarning,
+                    stacklevel=2,
+                )
+            for _ in range(overflow):
+                self._records.popleft()
+            self.evicted += overflow
+
+    def _roll_up(self) -> None:
+        """Add the records not yet rolled up to the evidence buckets, as one version."""
+        batch = self._unrolled
+        if not batch:
+            return
+        self._unrolled = []
         partials = rollup(batch)
         if partials:
             self._version += 1
@@ -94,18 +118,6 @@ class MemoryTelemetryBackend(TelemetryBackend):
                     if old is None
                     else merge_buckets(old, p, version=version)
                 )
-        overflow = len(self._records) - self.capacity
-        if overflow > 0:
-            if self.evicted == 0:
-                warnings.warn(
-                    f"MemoryTelemetryBackend is full ({self.capacity} records); the oldest "
-                    "records are being dropped. Use a SQLite or PostgreSQL backend to keep them.",
-                    ResourceWarning,
-                    stacklevel=2,
-                )
-            for _ in range(overflow):
-                self._records.popleft()
-            self.evicted += overflow
 
     async def _aggregate(
         self,
@@ -143,6 +155,7 @@ class MemoryTelemetryBackend(TelemetryBackend):
     async def _evidence(
         self, *, since: datetime | None, until: datetime | None, after_version: int
     ) -> EvidenceBatch:
+        self._roll_up()
         rows = [
             b
             for b in self._buckets.values()
@@ -153,6 +166,7 @@ class MemoryTelemetryBackend(TelemetryBackend):
         return EvidenceBatch(buckets=sorted_buckets(rows), version=self._version)
 
     async def _purge(self, *, before: datetime) -> int:
+        self._roll_up()
         cutoff = before.timestamp() - BUCKET_SECONDS
         self._buckets = {
             k: b for k, b in self._buckets.items() if b.bucket_start.timestamp() > cutoff
