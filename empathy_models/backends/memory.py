@@ -88,7 +88,7 @@ class MemoryTelemetryBackend(TelemetryBackend):
         self._unrolled.extend(batch)
         overflow = len(self._records) - self.capacity
         if overflow > 0:
-            self._roll_up()  # the evidence of evicted records is kept
+            self._roll_up()  # their evidence is kept, and no record outside the ring
             if self.evicted == 0:
                 warnings.warn(
                     f"MemoryTelemetryBackend is full ({self.capacity} records); the oldest "

@@ -1,0 +1,78 @@
+"""
+MemoryTelemetryBackend's evidence: records are rolled into minute buckets when the
+evidence is read, and what eviction drops from the ring stays in the buckets.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from empathy_models import LLMCallRecord, Outcome
+from empathy_models.backends import MemoryTelemetryBackend
+
+
+def _record(i: int, outcome: Outcome = Outcome.SUCCESS) -> LLMCallRecord:
+    return LLMCallRecord(
+        provider="openai",
+        model="gpt-x",
+        outcome=outcome,
+        workflow="wf",
+        stage="s",
+        latency_ms=100.0 + i,
+        input_tokens=10,
+        output_tokens=20 + i,
+        cost_usd=0.001,
+        timestamp=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=i),
+    )
+
+
+async def test_evicted_records_stay_in_the_evidence() -> None:
+    backend = MemoryTelemetryBackend(capacity=5)
+    with pytest.warns(ResourceWarning, match="full"):
+        for i in range(12):
+            await backend.record(_record(i, Outcome.FAILURE if i % 4 == 0 else Outcome.SUCCESS))
+    assert len(backend) == 5 and backend.evicted == 7
+    batch = await backend.evidence()
+    assert sum(b.samples for b in batch.buckets) == 12
+    assert sum(b.successes for b in batch.buckets) == 9
+    assert sum(b.output_tokens for b in batch.buckets) == sum(20 + i for i in range(12) if i % 4)
+    # only the five records still in the ring are aggregated
+    (performance,) = await backend.aggregate()
+    assert performance.sample_size == 5
+
+
+async def test_evidence_read_in_steps_sees_each_record_once() -> None:
+    backend = MemoryTelemetryBackend()
+    for i in range(3):
+        await backend.record(_record(i))
+    first = await backend.evidence()
+    assert sum(b.samples for b in first.buckets) == 3
+    assert (await backend.evidence(after_version=first.version)).buckets == ()
+    for i in range(3, 70):  # into the next minute's bucket too
+        await backend.record(_record(i))
+    second = await backend.evidence(after_version=first.version)
+    assert second.version > first.version
+    # the changed buckets, in full: the first minute's holds its first three records too
+    assert sum(b.samples for b in second.buckets) == 70
+    assert {b.bucket_start.minute for b in second.buckets} == {0, 1}
+    assert (await backend.evidence(after_version=second.version)).buckets == ()
+
+
+async def test_the_backend_holds_no_more_records_than_its_capacity() -> None:
+    # nothing reads the evidence here: records evicted from the ring are not kept
+    # anywhere else (only their buckets are)
+    backend = MemoryTelemetryBackend(capacity=5)
+    alive = []
+    with pytest.warns(ResourceWarning, match="full"):
+        for i in range(40):
+            record = _record(i)
+            alive.append(weakref.ref(record))
+            await backend.record(record)
+            del record
+    gc.collect()
+    assert sum(ref() is not None for ref in alive) == 5
+    assert sum(b.samples for b in (await backend.evidence()).buckets) == 40
