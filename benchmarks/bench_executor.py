@@ -6,8 +6,14 @@ Executor overhead.
    ``mock_response`` (offline, no callbacks), sequentially.
 2. Over HTTP: ``executor.run()`` against `FakeLLMServer` (OpenAI wire format) against a
    bare aiohttp POST of the same body to the same server, at concurrency 1 and 64.  The
-   executor opens its own session, as it does for a user who passes none (proxies read
-   from the environment included); the bare POST uses a plain session.
+   server runs in a child process of its own (`benchmarks._fake_server_proc`, its
+   defaults: an immediate success), so this process's CPU time is the client's alone:
+   per call, wall time and client CPU (`time.process_time`) are reported for each side,
+   and the server process's CPU over the same batches beside them.  The sides' batches
+   alternate over at least 5 repeats (which goes first alternating too); figures are
+   medians over the repeats.  The executor opens its own session, as it does for a user
+   who passes none (proxies read from the environment included); the bare POST uses a
+   plain session and reads the body with ``resp.json()``.
 
 Run: ``python -m benchmarks.bench_executor [--quick]``
 """
@@ -25,6 +31,7 @@ from typing import Any
 import aiohttp
 
 from benchmarks._common import BenchResult, async_timeit, peer_version, summarize, write_result
+from benchmarks._fake_server_proc import ServerProcess
 from empathy_models import (
     AdaptiveModelRouter,
     CircuitBreaker,
@@ -33,7 +40,6 @@ from empathy_models import (
     ModelRegistry,
     OpenAIProvider,
 )
-from empathy_models.testing.fake_server import FakeLLMServer
 from empathy_models.testing.fakes import FakeProvider
 
 CTX = ExecutionContext(workflow="bench", stage="answer", task_type="summarize", max_tokens=64)
@@ -129,7 +135,10 @@ async def bench_litellm(repeats: int, inner: int) -> tuple[dict[str, Any], str |
 
 
 async def _batch(fn: Any, total: int, concurrency: int) -> tuple[float, float]:
-    """Run ``total`` calls with ``concurrency`` in flight; return (wall, CPU) seconds."""
+    """
+    Run ``total`` calls with ``concurrency`` in flight; return (wall, CPU) seconds, the
+    CPU being this process's (`time.process_time`): the client's alone.
+    """
     sem = asyncio.Semaphore(concurrency)
 
     async def one() -> None:
@@ -142,16 +151,26 @@ async def _batch(fn: Any, total: int, concurrency: int) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+HTTP_SIDES = ("bare", "ours")
+HTTP_KINDS = ("wall", "cpu", "server_cpu")
+
+
 async def bench_http(repeats: int, total: int) -> dict[str, Any]:
+    """
+    Per call, at concurrency 1 and 64, for each side: wall time, the client's CPU and
+    the server process's CPU (µs), one sample per repeat; keys ``"wall"``, ``"cpu"``
+    and ``"server_cpu"``, then the side, then ``"c<concurrency>"``.
+    """
     registry = ModelRegistry.default()
-    out: dict[str, Any] = {}
-    async with FakeLLMServer() as server:
+    out: dict[str, Any] = {kind: {side: {} for side in HTTP_SIDES} for kind in HTTP_KINDS}
+    out["repeats"], out["calls"] = repeats, {}
+    with ServerProcess() as server:
         body = {
             "model": "gpt-4.1-nano",
             "messages": [{"role": "user", "content": "Summarize the release notes."}],
             "max_tokens": 64,
         }
-        url = server.openai_base_url.rstrip("/") + "/chat/completions"
+        url = server.openai_base_url + "/chat/completions"
         headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
         connector = aiohttp.TCPConnector(limit=100)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -176,42 +195,44 @@ async def bench_http(repeats: int, total: int) -> dict[str, Any]:
                 async def ours() -> None:
                     await executor.run("Summarize the release notes.", CTX)
 
+                sides = {"bare": bare, "ours": ours}
                 for concurrency in (1, 64):
-                    n = total if concurrency > 1 else max(200, total // 4)
+                    n = total if concurrency > 1 else max(100, total // 4)
+                    out["calls"][f"c{concurrency}"] = n
                     await _batch(bare, 100, concurrency)
                     await _batch(ours, 100, concurrency)
-                    times: dict[str, list[float]] = {"bare": [], "ours": []}
-                    cpu: dict[str, list[float]] = {"bare": [], "ours": []}
-                    sides = {"bare": bare, "ours": ours}
+                    samples: dict[str, dict[str, list[float]]] = {
+                        kind: {side: [] for side in HTTP_SIDES} for kind in HTTP_KINDS
+                    }
                     for repeat in range(repeats):
                         # alternate which side goes first, so drift (GC state, telemetry
                         # growing, other load) does not always land on the same side
-                        order = ("bare", "ours") if repeat % 2 == 0 else ("ours", "bare")
+                        order = HTTP_SIDES if repeat % 2 == 0 else HTTP_SIDES[::-1]
                         for side in order:
+                            server_before = server.cpu()
                             seconds, cpu_seconds = await _batch(sides[side], n, concurrency)
-                            times[side].append(seconds / n * 1e6)
-                            cpu[side].append(cpu_seconds / n * 1e6)
-                    out[f"bare aiohttp POST, concurrency {concurrency}"] = summarize(times["bare"])
-                    out[f"empathy-models run() over HTTP, concurrency {concurrency}"] = summarize(
-                        times["ours"]
-                    )
-                    out[f"CPU: bare aiohttp POST, concurrency {concurrency}"] = summarize(
-                        cpu["bare"]
-                    )
-                    out[f"CPU: empathy-models run() over HTTP, concurrency {concurrency}"] = (
-                        summarize(cpu["ours"])
-                    )
+                            server_seconds = server.cpu() - server_before
+                            samples["wall"][side].append(seconds / n * 1e6)
+                            samples["cpu"][side].append(cpu_seconds / n * 1e6)
+                            samples["server_cpu"][side].append(server_seconds / n * 1e6)
+                    for kind, by_side in samples.items():
+                        for side, values in by_side.items():
+                            out[kind][side][f"c{concurrency}"] = summarize(values)
     return out
 
 
 async def run(quick: bool = False) -> BenchResult:
-    repeats, inner, total = (3, 300, 1_000) if quick else (7, 2_000, 5_000)
+    repeats, inner, total = (3, 300, 400) if quick else (7, 2_000, 5_000)
     in_proc = await bench_in_process(repeats, inner)
     peers, skipped = await bench_litellm(repeats, inner)
-    http = await bench_http(repeats, total)
+    # at least 5 interleaved repeats over HTTP, --quick included (with smaller batches)
+    http = await bench_http(max(5, repeats), total)
     result = BenchResult(
         name="executor",
-        title="Executor overhead (µs per call; over HTTP: wall time per call / throughput)",
+        title=(
+            "Executor overhead (µs per call; over HTTP: wall time per call / throughput, "
+            "and the client process's CPU per call)"
+        ),
         columns=["median µs", "p99 µs", "ratio"],
     )
     ours_key = "empathy-models run(), in-process provider"
@@ -225,44 +246,48 @@ async def run(quick: bool = False) -> BenchResult:
         result.add(name, **{"median µs": stats["median"], "p99 µs": stats["p99"], "ratio": ratio})
     if skipped:
         result.skipped["litellm"] = skipped
-    for concurrency in (1, 64):
-        bare = http[f"bare aiohttp POST, concurrency {concurrency}"]
-        ours = http[f"empathy-models run() over HTTP, concurrency {concurrency}"]
-        result.add(
-            f"bare aiohttp POST, concurrency {concurrency}",
-            **{"median µs": bare["median"], "p99 µs": bare["p99"], "ratio": "1.00x"},
-        )
-        result.add(
-            f"empathy-models run() over HTTP, concurrency {concurrency}",
-            **{
-                "median µs": ours["median"],
-                "p99 µs": ours["p99"],
-                "ratio": f"{ours['median'] / bare['median']:.2f}x of bare",
-            },
-        )
+    labels = {"bare": "bare aiohttp POST", "ours": "empathy-models run() over HTTP"}
+    for kind, prefix in (("wall", ""), ("cpu", "client CPU: ")):
+        for concurrency in (1, 64):
+            key = f"c{concurrency}"
+            bare_med = http[kind]["bare"][key]["median"]
+            for side in HTTP_SIDES:
+                stats = http[kind][side][key]
+                ratio = "1.00x" if side == "bare" else f"{stats['median'] / bare_med:.2f}x of bare"
+                result.add(
+                    f"{prefix}{labels[side]}, concurrency {concurrency}",
+                    **{"median µs": stats["median"], "p99 µs": stats["p99"], "ratio": ratio},
+                )
     result.notes.append(
         "In-process: router + breaker (memory) + memory telemetry on every call; the "
         "provider answers immediately, so the figure is the executor's own overhead plus "
         f"the fake's ({in_proc['baseline: provider.complete() alone']['median']:.1f} µs)."
     )
     result.notes.append(
-        "HTTP figures are wall time divided by calls (repeats' median); the server is "
-        "FakeLLMServer in the same process, so both sides share the one event loop. "
-        "Both sides use one aiohttp session (connector limit 100) and send the same "
-        "messages and max_tokens; which side runs first alternates between repeats."
+        "Over HTTP: FakeLLMServer (defaults: an immediate success) runs in a child process "
+        "of its own (`benchmarks/_fake_server_proc.py`), so the client's figures hold no "
+        "server work. Wall rows are wall time divided by calls; client CPU rows are the "
+        "client process's CPU time (`time.process_time`) divided by calls, which moves "
+        "less than wall time when other processes share the machine. Medians over "
+        f"{http['repeats']} repeats of {http['calls']['c1']} calls at concurrency 1 and "
+        f"{http['calls']['c64']} at 64; "
+        "which side runs first alternates between repeats. The bare POST uses a plain "
+        "session (connector limit 100) and reads the body with `resp.json()`; the executor "
+        "opens its own session, as for a user who passes none, and both send the same "
+        "messages and max_tokens."
     )
-    cpu_parts = []
+    server_parts = []
     for concurrency in (1, 64):
-        bare_cpu = http[f"CPU: bare aiohttp POST, concurrency {concurrency}"]["median"]
-        ours_cpu = http[f"CPU: empathy-models run() over HTTP, concurrency {concurrency}"]["median"]
-        cpu_parts.append(
-            f"concurrency {concurrency}: {ours_cpu:.0f} vs {bare_cpu:.0f} µs "
-            f"({ours_cpu / bare_cpu:.2f}x)"
+        key = f"c{concurrency}"
+        bare_srv = http["server_cpu"]["bare"][key]["median"]
+        ours_srv = http["server_cpu"]["ours"][key]["median"]
+        server_parts.append(
+            f"concurrency {concurrency}: {bare_srv:.0f} µs per call during the bare "
+            f"batches, {ours_srv:.0f} µs during ours"
         )
     result.notes.append(
-        "CPU time per call over HTTP (process time; client and server both run in this "
-        "process, so this is all the work, and it moves less than wall time when other "
-        "processes share the machine): " + "; ".join(cpu_parts) + "."
+        "Server process CPU (its `time.process_time` over each batch, divided by calls; "
+        "not in the client figures): " + "; ".join(server_parts) + "."
     )
     result.data = {"in_process": in_proc, "litellm": peers, "http": http}
     return result

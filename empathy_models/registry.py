@@ -169,8 +169,15 @@ class ModelInfo:
         Raises:
             ValueError: a token count is negative or not an integer.
         """
-        _check_tokens("input_tokens", input_tokens)
-        _check_tokens("output_tokens", output_tokens)
+        # plain non-negative ints (every call's record) pass without the validators' calls
+        if not (
+            type(input_tokens) is int
+            and type(output_tokens) is int
+            and input_tokens >= 0
+            and output_tokens >= 0
+        ):
+            _check_tokens("input_tokens", input_tokens)
+            _check_tokens("output_tokens", output_tokens)
         return (
             input_tokens * self.input_price_per_mtok + output_tokens * self.output_price_per_mtok
         ) / 1_000_000

@@ -143,6 +143,23 @@ def test_trusted_constructor_requires_every_field_and_keeps_records_frozen() -> 
         fast.model = "other"  # type: ignore[misc]
 
 
+def test_positional_builder_and_evolver_set_every_field_as_given() -> None:
+    from empathy_models._fast import trusted_constructor, trusted_evolver
+
+    positional = trusted_constructor(LLMCallRecord, positional=True)
+    built = positional(*(FULL[name] for name in FIELDS))
+    assert_same_record(built, LLMCallRecord(**FULL))
+    with pytest.raises(TypeError):
+        positional(*(FULL[name] for name in FIELDS[:-1]))
+    evolve = trusted_evolver(LLMCallRecord)
+    changed = evolve(built, model="other", attempt=2)
+    assert changed is not built and built.model == FULL["model"]
+    expected = {**FULL, "model": "other", "attempt": 2}
+    assert {name: getattr(changed, name) for name in FIELDS} == expected
+    with pytest.raises(TypeError):
+        evolve(built, no_such_field=1)
+
+
 def test_public_construction_still_validates_and_converts() -> None:
     with pytest.raises(RecordValidationError, match="latency_ms"):
         LLMCallRecord(**{**FULL, "latency_ms": -1.0})

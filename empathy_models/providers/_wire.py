@@ -151,6 +151,18 @@ def _parse_instant(text: str, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+_RESET_HEADERS: Final = tuple(
+    (
+        f"anthropic-ratelimit-{kind}-remaining",
+        f"anthropic-ratelimit-{kind}-reset",
+        f"x-ratelimit-remaining-{kind}",
+        f"x-ratelimit-reset-{kind}",
+    )
+    for kind in ("requests", "tokens", "input-tokens", "output-tokens")
+)
+"""Per kind of limit: Anthropic's remaining and reset headers, then OpenAI's."""
+
+
 def parse_ratelimit_reset(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """
     Seconds until an exhausted rate limit resets, from the providers' own headers:
@@ -159,16 +171,19 @@ def parse_ratelimit_reset(headers: Mapping[str, str], *, now: float | None = Non
     Only limits whose remaining count is 0 are considered; the longest wait wins.  None
     when no exhausted limit says when it resets.
     """
-    current = time.time() if now is None else now
+    current = now  # the clock is read once, when an Anthropic instant needs it
     waits: list[float] = []
-    for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
-        if headers.get(f"anthropic-ratelimit-{kind}-remaining", "").strip() == "0":
-            reset = headers.get(f"anthropic-ratelimit-{kind}-reset")
-            wait = None if reset is None else _parse_instant(reset, current)
-            if wait is not None:
-                waits.append(wait)
-        if headers.get(f"x-ratelimit-remaining-{kind}", "").strip() == "0":
-            reset = headers.get(f"x-ratelimit-reset-{kind}")
+    for a_remaining, a_reset, o_remaining, o_reset in _RESET_HEADERS:
+        if headers.get(a_remaining, "").strip() == "0":
+            reset = headers.get(a_reset)
+            if reset is not None:
+                if current is None:
+                    current = time.time()
+                wait = _parse_instant(reset, current)
+                if wait is not None:
+                    waits.append(wait)
+        if headers.get(o_remaining, "").strip() == "0":
+            reset = headers.get(o_reset)
             wait = None if reset is None else _parse_duration(reset)
             if wait is not None:
                 waits.append(wait)

@@ -1,0 +1,173 @@
+"""
+Where the client's CPU goes in ``executor.run()`` over HTTP: the same calls as
+`bench_executor`'s HTTP part (FakeLLMServer in its own process), peeled layer by layer,
+client CPU per call (`time.process_time`) for each:
+
+- ``bare``: `bench_executor`'s bare aiohttp POST (``json=`` body, ``resp.json()``);
+- ``transport``: the POST as `HTTPProvider` makes it, without the provider's own code
+  (a body encoded once, ``read()``, ``json.loads``, a session like the executor's);
+- ``provider``: ``OpenAIProvider.complete()`` on a bound session (encoding the body,
+  reading the answer into a `Completion`);
+- ``run: core``: ``executor.run()`` with no router, breaker or telemetry (the
+  executor's own work: plan, attempt, record, response);
+- ``run: +router`` / ``+breaker`` / ``+telemetry``: the core with one of them (an
+  `AdaptiveModelRouter`, a memory `CircuitBreaker`, ``memory://`` telemetry);
+- ``run: full``: all three, as `bench_executor` measures it.
+
+Each repeat runs every layer once, in a rotated order (reversed every other repeat);
+figures are medians over the repeats, with each layer's difference to the one it adds
+to.  Not part of ``python -m benchmarks``: run it by hand, e.g. under py-spy.
+
+Run: ``python -m benchmarks.profile_executor_http [--concurrency 64] [--calls 2000]
+[--repeats 7]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import warnings
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import aiohttp
+
+from benchmarks._fake_server_proc import ServerProcess
+from benchmarks.bench_executor import CTX, _batch
+from empathy_models import (
+    AdaptiveModelRouter,
+    CircuitBreaker,
+    EmpathyLLMExecutor,
+    ModelRegistry,
+    OpenAIProvider,
+    TelemetryDisabledWarning,
+)
+from empathy_models.abc import CompletionRequest
+
+PROMPT = "Summarize the release notes."
+# layer -> the layer its difference is taken against
+BASES = {
+    "bare": None,
+    "transport": "bare",
+    "provider": "transport",
+    "run: core": "provider",
+    "run: +router": "run: core",
+    "run: +breaker": "run: core",
+    "run: +telemetry": "run: core",
+    "run: full": "provider",
+}
+
+
+async def measure(concurrency: int, calls: int, repeats: int) -> dict[str, list[float]]:
+    """Client CPU per call (µs) of every layer, one sample per repeat."""
+    registry = ModelRegistry.default()
+    layers: dict[str, Callable[[], Awaitable[None]]] = {}
+    with ServerProcess() as server:
+        url = server.openai_base_url + "/chat/completions"
+        body = {
+            "model": "gpt-4.1-nano",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 64,
+        }
+        async with AsyncExitStack() as stack:
+            plain = await stack.enter_async_context(
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=100))
+            )
+            headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
+
+            async def bare() -> None:
+                async with plain.post(url, json=body, headers=headers) as resp:
+                    await resp.json()
+
+            # the executor's session: its connector limit is the provider's 64 slots
+            like_executor = await stack.enter_async_context(
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+            )
+            payload = json.dumps(body).encode()
+            provider = OpenAIProvider(api_key="sk-bench", base_url=server.openai_base_url)
+            wire_headers = provider._request_headers()
+
+            async def transport() -> None:
+                async with like_executor.post(
+                    url, data=payload, headers=wire_headers, allow_redirects=False
+                ) as resp:
+                    raw = await resp.read()
+                json.loads(raw)
+
+            await provider.bind(like_executor)
+            request = CompletionRequest(model="gpt-4.1-nano", messages=PROMPT, max_tokens=64)
+
+            async def complete() -> None:
+                await provider.complete(request)
+
+            layers.update(bare=bare, transport=transport, provider=complete)
+
+            async def executor_with(
+                name: str, router: bool, breaker: bool, telemetry: bool
+            ) -> None:
+                ex = await stack.enter_async_context(
+                    EmpathyLLMExecutor(
+                        [OpenAIProvider(api_key="sk-bench", base_url=server.openai_base_url)],
+                        registry=registry,
+                        telemetry_store="memory://" if telemetry else None,
+                        router=AdaptiveModelRouter(registry, seed=1, refresh_interval=None)
+                        if router
+                        else None,
+                        breaker=await stack.enter_async_context(CircuitBreaker())
+                        if breaker
+                        else None,
+                    )
+                )
+
+                async def run() -> None:
+                    await ex.run(PROMPT, CTX)
+
+                layers[name] = run
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TelemetryDisabledWarning)
+                for name, parts in {
+                    "run: core": (False, False, False),
+                    "run: +router": (True, False, False),
+                    "run: +breaker": (False, True, False),
+                    "run: +telemetry": (False, False, True),
+                    "run: full": (True, True, True),
+                }.items():
+                    await executor_with(name, *parts)
+
+            names = list(layers)
+            for fn in layers.values():
+                await _batch(fn, 200, concurrency)
+            cpu: dict[str, list[float]] = {name: [] for name in names}
+            for repeat in range(repeats):
+                shift = repeat % len(names)
+                order = names[shift:] + names[:shift]
+                for name in order if repeat % 2 == 0 else order[::-1]:
+                    _, seconds = await _batch(layers[name], calls, concurrency)
+                    cpu[name].append(seconds / calls * 1e6)
+    return cpu
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    cpu = asyncio.run(measure(args.concurrency, args.calls, args.repeats))
+    medians = {name: statistics.median(values) for name, values in cpu.items()}
+    print(
+        f"client CPU per call, concurrency {args.concurrency}, medians of {args.repeats} "
+        f"interleaved repeats of {args.calls} calls"
+    )
+    bare = medians["bare"]
+    for name, value in medians.items():
+        base = BASES[name]
+        added = "" if base is None else f"  {value - medians[base]:+7.1f} µs over {base}"
+        print(f"  {name:16} {value:7.1f} µs  {value / bare:5.2f}x bare{added}")
+
+
+if __name__ == "__main__":
+    main()
