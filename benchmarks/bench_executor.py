@@ -20,7 +20,6 @@ Run: ``python -m benchmarks.bench_executor [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks._common import BenchResult, async_timeit, peer_version, summarize, write_result
+from benchmarks._common import BenchResult, async_timeit, peer_version, script_main, summarize
 from benchmarks._fake_server_proc import ServerProcess
 from empathy_models import (
     AdaptiveModelRouter,
@@ -294,10 +293,7 @@ async def run(quick: bool = False) -> BenchResult:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    write_result(asyncio.run(run(quick=args.quick)))
+    script_main(__doc__, run, argv)
 
 
 if __name__ == "__main__":
