@@ -101,3 +101,57 @@ def test_incremental_verdicts_decide_as_looking_at_every_arm(
     expected = _run(full_scan=True)
     monkeypatch.setattr(memory_module, "LOG_SIZE", log_size)
     assert _run(full_scan=False) == expected
+
+
+def test_an_untried_model_is_costed_on_the_stage_mean_after_every_outcome() -> None:
+    # the stage's mean output tokens changes with every success on the other models;
+    # the untried model's row must show it at once (its evidence did not change)
+    registry = ModelRegistry(
+        models=tuple(
+            ModelInfo(
+                id=name,
+                provider="openai",
+                tier=ModelTier.CAPABLE,
+                input_price_per_mtok=price,
+                output_price_per_mtok=price * 4,
+                context_window=200_000,
+                max_output_tokens=8_192,
+            )
+            for name, price in (("a", 1.0), ("b", 2.0), ("x", 0.5))
+        ),
+        price_version="test",
+    )
+    router = AdaptiveModelRouter(registry, seed=3, refresh_interval=None)
+    rng = random.Random(4)
+    outputs: list[int] = []
+    for i in range(60):
+        tokens = rng.randint(1, 900)
+        failed = i % 7 == 3  # failures do not move the mean
+        if not failed:
+            outputs.append(tokens)
+        router.record_outcome(
+            LLMCallRecord(
+                provider="openai",
+                model=rng.choice(("a", "b")),
+                outcome=Outcome.FAILURE if failed else Outcome.SUCCESS,
+                workflow="wf",
+                stage="s",
+                latency_ms=200.0,
+                input_tokens=100,
+                output_tokens=tokens,
+                cost_usd=0.001,
+            )
+        )
+        decision = router.get_best_model(
+            "wf",
+            "s",
+            candidates=["a", "b", "x"],
+            input_tokens=100,
+            max_tokens=400,
+            max_cost=1.0,
+            on_no_match="relax",
+        )
+        (row,) = [c for c in decision.candidates if c.model == "x"]
+        mean = sum(outputs) / len(outputs)
+        assert row.cost_basis == "prior"
+        assert row.expected_cost_usd == pytest.approx((100 * 0.5 + mean * 2.0) / 1e6, rel=1e-12)

@@ -14,7 +14,7 @@ from ..exceptions import ConfigurationError
 from ..registry import ModelRegistry
 from ._memory import EvidenceMemory
 from .book import StagePrior
-from .decide import EMPTY_SUMMARY, Context, ModelFacts, Verdict, judge
+from .decide import EMPTY_SUMMARY, Context, ModelFacts, Verdict, judge, recost
 from .policy import Constraints, RoutingPolicy
 
 __all__ = ["Limits", "VerdictCache", "classify", "limits_of"]
@@ -140,12 +140,18 @@ class VerdictCache:
         versions = ctx.arm_versions
         verdicts = ctx.verdicts
         arms = ctx.arms
+        prior_tokens = prior.mean() if stale_prior and prior is not None else None
         for i in which:
             arm = arms[i]
             version = arm.version if arm is not None else -1
-            if version != versions[i] or (
-                stale_prior and verdicts[i].summary.mean_output_tokens is None
-            ):
+            if version == versions[i]:
+                if stale_prior and verdicts[i].summary.mean_output_tokens is None:
+                    # the same evidence costed on the new prior: only the cost changes
+                    verdicts[i] = recost(
+                        verdicts[i], ctx.cons, self.policy, prior_output_tokens=prior_tokens
+                    )
+                    ctx.caches[i] = {}
+            else:
                 old = verdicts[i]
                 new = verdicts[i] = self.judge(ctx, i, prior)
                 ctx.caches[i] = {}

@@ -46,13 +46,13 @@ from typing import Any, Final
 import attrs
 from attrs import define, field, frozen
 
-from .._fast import trusted_constructor
+from .._fast import trusted_constructor, trusted_evolver
 from ..records import CandidateEvaluation, ConstraintStatus, ModelTier
 from .book import EMPTY_SUMMARY, Arm, ArmSummary
 from .policy import COST, LATENCY, SUCCESS, TTFT, Constraints, RoutingPolicy
 from .stats import wilson_bounds
 
-__all__ = ["Context", "ModelFacts", "Verdict", "build_candidates", "judge", "select"]
+__all__ = ["Context", "ModelFacts", "Verdict", "build_candidates", "judge", "recost", "select"]
 
 ELIGIBLE: Final = ConstraintStatus.ELIGIBLE
 UNPROVEN: Final = ConstraintStatus.UNPROVEN
@@ -235,6 +235,31 @@ def _judge_timing(
 
 
 _new_verdict: Final = trusted_constructor(Verdict, positional=True)
+_evolve_verdict: Final = trusted_evolver(Verdict)
+
+
+def recost(
+    v: Verdict,
+    cons: Constraints,
+    policy: RoutingPolicy,
+    *,
+    prior_output_tokens: float | None = None,
+) -> Verdict:
+    """
+    ``v`` with its cost terms recomputed on a new stage prior: what `judge` gives for
+    the same summary and ``prior_output_tokens`` (only the cost depends on the prior).
+    """
+    slope, const, basis, const_ni, basis_ni = _cost_terms(
+        v.facts, v.summary, cons, prior_output_tokens or policy.prior_output_tokens
+    )
+    return _evolve_verdict(
+        v,
+        slope=slope,
+        const=const,
+        basis=basis,
+        const_no_input=const_ni,
+        basis_no_input=basis_ni,
+    )
 
 
 def _cost_terms(
