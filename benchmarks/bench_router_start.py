@@ -40,7 +40,7 @@ from typing import Any
 
 from benchmarks._common import BenchResult, script_main
 from benchmarks.bench_routing import make_registry
-from benchmarks.bench_telemetry import POSTGRES_DSN, _postgres_reachable
+from benchmarks.bench_telemetry import POSTGRES_DSN, _drop_schemas, _postgres_reachable
 from empathy_models import AdaptiveModelRouter, LLMCallRecord, Outcome
 from empathy_models.abc import TelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
@@ -358,19 +358,6 @@ def _process_cpu(pid: int) -> float | None:
 
 def _verdict(what: str, met: bool) -> str:
     return f"{what} {'ok' if met else 'MISSED'}"
-
-
-async def _drop_schemas(schemas: list[str]) -> None:
-    if not schemas:
-        return
-    import asyncpg
-
-    conn = await asyncpg.connect(POSTGRES_DSN)
-    try:
-        for schema in schemas:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -391,6 +391,9 @@ async def _postgres_reachable() -> bool:
 
 
 async def _drop_schemas(schemas: Sequence[str]) -> None:
+    """Drop the PostgreSQL schemas a benchmark wrote into (at ``POSTGRES_DSN``)."""
+    if not schemas:
+        return
     import asyncpg
 
     conn = await asyncpg.connect(POSTGRES_DSN)
