@@ -267,7 +267,7 @@ async def test_a_run_that_times_out_leaves_no_reply_behind(
             redis_store_url, max_connections=1, socket_timeout=0.1
         ) as store:
             await store.admit("k", POLICY)
-            await pauser.execute_command("CLIENT", "PAUSE", 700, "ALL")
+            await pauser.client_pause(700, all=True)
             with pytest.raises(StateStoreError, match=r"[Tt]imeout"):
                 await store.admit("k", POLICY)
             await asyncio.sleep(0.8)
@@ -275,5 +275,5 @@ async def test_a_run_that_times_out_leaves_no_reply_behind(
                 admission = await store.admit(key, POLICY)
                 assert admission.admitted and admission.state.key == key
     finally:
-        await pauser.execute_command("CLIENT", "UNPAUSE")
+        await pauser.client_unpause()
         await pauser.aclose()
