@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
@@ -70,6 +71,11 @@ _NO_REQUEST_OPTIONS: Mapping[str, Any] = MappingProxyType(
         "extra_body": None,
     }
 )
+# every option at its default unless the run gives it: `partial` merges the keywords in C
+# (~0.5 µs less than unpacking the merged mapping in Python)
+_request_with_defaults: Callable[..., CompletionRequest] = partial(
+    _trusted_request, **_NO_REQUEST_OPTIONS
+)
 
 
 def _request_for(model: str, run: _Run) -> CompletionRequest:
@@ -79,31 +85,13 @@ def _request_for(model: str, run: _Run) -> CompletionRequest:
     ``temperature`` from the `ExecutionContext`, the options from `run_options`.
     """
     ctx = run.context
-    options = run.options
-    if not options:
-        # the common case, every option at its default (`_NO_REQUEST_OPTIONS`) spelled
-        # out: unpacking a mapping into keywords costs about a microsecond more
-        return _trusted_request(
-            model=model,
-            messages=run.messages,
-            system=run.system,
-            max_tokens=ctx.max_tokens,
-            temperature=ctx.temperature,
-            tools=(),
-            tool_choice=None,
-            response_format=None,
-            stop=(),
-            top_p=None,
-            seed=None,
-            extra_body=None,
-        )
-    return _trusted_request(
+    return _request_with_defaults(
         model=model,
         messages=run.messages,
         system=run.system,
         max_tokens=ctx.max_tokens,
         temperature=ctx.temperature,
-        **{**_NO_REQUEST_OPTIONS, **options},
+        **run.options,
     )
 
 
