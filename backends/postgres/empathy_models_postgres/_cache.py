@@ -89,7 +89,9 @@ class PostgresResponseCache(ResponseCache):
         self._check_open()
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("get"):
-            value = await pool.fetchval(
+            value = await self._db.statement(
+                pool,
+                "fetchval",
                 f"SELECT value FROM {self._table} "
                 "WHERE key = $1 AND expires_at > clock_timestamp()",
                 key,

@@ -7,7 +7,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
@@ -45,6 +45,11 @@ logger = logging.getLogger("empathy_models.backends.postgres")
 
 CLOSE_TIMEOUT: Final = 5.0
 """Seconds `Database.close` waits for the pool to close cleanly before terminating it."""
+
+KEPT_STATEMENTS: Final = 10_000
+"""Statements run on the kept connection before it goes back to the pool once (see
+`Database.statement`), so the pool's own rules (``max_queries``, its inactive-connection
+lifetime) still apply to it now and then."""
 
 
 class _OneWarningPerOutage(logging.Filter):
@@ -156,6 +161,9 @@ class Database:
         self.pool_options.update(pool_options)
         self._pool: asyncpg.Pool | None = None
         self._lock: asyncio.Lock | None = None
+        # the connection kept between statements (see `statement`) and its use count
+        self._kept: asyncpg.Connection | None = None
+        self._kept_uses = 0
 
     def table(self, name: str) -> str:
         """The quoted, schema-qualified name of table ``prefix + name``."""
@@ -196,6 +204,56 @@ class Database:
                     raise
                 self._pool = pool
         return self._pool
+
+    async def statement(
+        self,
+        pool: asyncpg.Pool,
+        method: Literal["execute", "fetch", "fetchrow", "fetchval"],
+        query: str,
+        *args: object,
+    ) -> Any:
+        """
+        ``connection.<method>(query, *args)`` on a connection kept between statements
+        instead of taken from the pool and given back for each one: asyncpg's acquire
+        and release cost more than a short statement's round trip (about 60 µs of CPU
+        and 85 µs of latency on a loopback connection).  One connection is kept; a
+        statement that finds it busy (another statement in flight) runs on one from the
+        pool.  A statement that fails or is
+        interrupted gives its connection back to the pool, whose release cleans it up,
+        and so does the kept one every `KEPT_STATEMENTS` statements and when it is
+        found closed (the server ended the session).  Only with a pool of at least two
+        connections: the kept one must never be the one a transaction waits for.
+        """
+        conn = self._kept
+        if conn is None or pool is not self._pool or pool.get_max_size() < 2:
+            conn = await pool.acquire()
+        else:
+            self._kept = None
+            try:
+                closed = conn.is_closed()
+            except asyncpg.InterfaceError:
+                # the session ended and the pool has already taken the connection back
+                conn = await pool.acquire()
+            else:
+                if closed:
+                    await pool.release(conn)
+                    conn = await pool.acquire()
+        try:
+            result = await getattr(conn, method)(query, *args)
+        except BaseException:
+            await pool.release(conn)
+            raise
+        self._kept_uses += 1
+        if (
+            self._kept is None
+            and pool is self._pool
+            and self._kept_uses % KEPT_STATEMENTS
+            and pool.get_max_size() >= 2
+        ):
+            self._kept = conn
+        else:
+            await pool.release(conn)
+        return result
 
     async def _migrate(self, pool: asyncpg.Pool, migrations: Sequence[Migration]) -> None:
         version_table = self.table("schema_version")
@@ -275,8 +333,12 @@ class Database:
         pool, self._pool = self._pool, None
         if pool is None:
             return
+        kept, self._kept = self._kept, None
         try:
             async with self.errors("close"):
+                if kept is not None:
+                    # the pool's close waits for every connection to come back
+                    await asyncio.wait_for(pool.release(kept), CLOSE_TIMEOUT)
                 await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
         except self.error_type as exc:
             if not isinstance(exc.__cause__, TimeoutError):

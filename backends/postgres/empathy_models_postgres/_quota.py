@@ -131,7 +131,9 @@ class PostgresQuotaStore(TransactionalQuotaStore):
     async def _load(self, key: str) -> dict[str, Any] | None:
         pool = await self._db.pool(self._migrations)
         async with self._db.errors(f"read {key!r}"):
-            raw = await pool.fetchval(f"SELECT data::text FROM {self._table} WHERE key = $1", key)
+            raw = await self._db.statement(
+                pool, "fetchval", f"SELECT data::text FROM {self._table} WHERE key = $1", key
+            )
         return self._decode(raw)
 
     async def _scan(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:

@@ -166,7 +166,7 @@ class PostgresCircuitStateStore(TransactionalStateStore):
     async def _peek(self, key: str) -> tuple[CircuitBreakerState | None, float, object] | None:
         pool = await self._db.pool(self._migrations)
         async with self._db.errors(f"read {key!r}"):
-            row = await pool.fetchrow(self._peek_sql, key)
+            row = await self._db.statement(pool, "fetchrow", self._peek_sql, key)
         raw = row["state"]
         state = None if raw is None else self._decoded(key, raw, self._decode_text)
         return state, float(row["now"]), raw
@@ -176,9 +176,11 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         data = json.dumps(to_dict(new), separators=(",", ":"))
         async with self._db.errors(f"update {key!r}"):
             if seen is None:
-                stored = await pool.fetchval(self._insert_if_sql, key, data)
+                stored = await self._db.statement(pool, "fetchval", self._insert_if_sql, key, data)
             else:
-                stored = await pool.fetchval(self._update_if_sql, key, data, seen)
+                stored = await self._db.statement(
+                    pool, "fetchval", self._update_if_sql, key, data, seen
+                )
         if stored is None:
             return False
         self._remember(key, stored, new)  # the text the next read returns
@@ -187,7 +189,9 @@ class PostgresCircuitStateStore(TransactionalStateStore):
     async def _load(self, key: str) -> CircuitBreakerState | None:
         pool = await self._db.pool(self._migrations)
         async with self._db.errors(f"read {key!r}"):
-            raw = await pool.fetchval(f"SELECT state::text FROM {self._table} WHERE key = $1", key)
+            raw = await self._db.statement(
+                pool, "fetchval", f"SELECT state::text FROM {self._table} WHERE key = $1", key
+            )
         return None if raw is None else self._decoded(key, raw, self._decode_text)
 
     async def _load_all(self) -> list[CircuitBreakerState]:

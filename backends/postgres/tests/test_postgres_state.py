@@ -216,3 +216,56 @@ async def test_an_admission_of_a_closed_key_is_one_statement_and_a_success_two(
         state = await store.record("k", COUNTING, [report])
         assert len(sent) == 2, sent
         assert state.consecutive_failures == 0 and await store.snapshot("k") == state
+
+
+async def test_a_kept_connection_the_server_ended_is_replaced(
+    postgres_url: str, postgres_dsn: str
+) -> None:
+    name = f"empathy-kept-{id(object())}"
+    async with PostgresCircuitStateStore(
+        postgres_url, server_settings={"application_name": name}
+    ) as store:
+        await _fail_once(store, "k")  # the statements ran on the kept connection
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            ended = await conn.fetchval(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = $1) AS t",
+                name,
+            )
+        finally:
+            await conn.close()
+        assert ended >= 1
+        await asyncio.sleep(0.5)  # the client reads the end of each session
+        # neither a StateStoreError nor a stale answer: the store reconnects
+        admission = await store.admit("k", COUNTING)
+        assert admission.admitted
+        assert (await store.snapshot("k")).consecutive_failures == 1
+
+
+async def test_closing_a_store_after_use_does_not_wait_for_its_kept_connection(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PostgresCircuitStateStore(postgres_url)
+    async with store:
+        await _fail_once(store, "k")
+        await store.admit("k", COUNTING)
+    # the pool's close waits for every connection it lent: one never given back would
+    # hold it for the close timeout, then terminate it with a warning
+    assert not [r for r in caplog.records if "did not close" in r.getMessage()]
+
+
+@pytest.mark.parametrize("max_size", [1, 2])
+async def test_a_small_pool_never_waits_for_the_kept_connection(
+    postgres_url: str, max_size: int
+) -> None:
+    async with (
+        asyncio.timeout(20),
+        PostgresCircuitStateStore(postgres_url, min_size=1, max_size=max_size) as store,
+    ):
+        await _fail_once(store, "a")
+        await store.admit("a", COUNTING)
+        # reads of every key take a connection from the pool itself
+        assert [s.key for s in await store.snapshot_all()] == ["a"]
+        await store.admit("b", COUNTING)
+        assert [s.key for s in await store.snapshot_all()] == ["a", "b"]

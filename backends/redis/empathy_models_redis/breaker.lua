@@ -75,6 +75,16 @@ end
 
 local NOW_TEXT = fmt(NOW)
 
+-- The commonest run first, before anything below is built: admitting a call to a CLOSED
+-- (or DISABLED) key whose state the caller holds.  It writes nothing, and the reply is
+-- the header of the "s" form that the full path below would give.
+if OP == "admit" and KNOWN_REV ~= "" then
+  local held = redis.call("HMGET", KEYS[1], "state", "rev")
+  if held[2] == KNOWN_REV and (held[1] == "closed" or held[1] == "disabled") then
+    return table.concat({ NOW_TEXT, "1", "", "", "", KNOWN_REV, "s" }, "\31")
+  end
+end
+
 -- "" -> nil, "=text" -> "text"
 local function opt_str(s)
   if s == nil or s == "" then
