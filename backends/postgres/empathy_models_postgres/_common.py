@@ -225,7 +225,7 @@ class Database:
         connections: the kept one must never be the one a transaction waits for.
         """
         conn = self._kept
-        if conn is None or pool is not self._pool or pool.get_max_size() < 2:
+        if conn is None or not self._keeps(pool):
             conn = await pool.acquire()
         else:
             self._kept = None
@@ -244,16 +244,15 @@ class Database:
             await pool.release(conn)
             raise
         self._kept_uses += 1
-        if (
-            self._kept is None
-            and pool is self._pool
-            and self._kept_uses % KEPT_STATEMENTS
-            and pool.get_max_size() >= 2
-        ):
+        if self._kept is None and self._kept_uses % KEPT_STATEMENTS and self._keeps(pool):
             self._kept = conn
         else:
             await pool.release(conn)
         return result
+
+    def _keeps(self, pool: asyncpg.Pool) -> bool:
+        """Whether `statement` keeps a connection of ``pool`` (the open one, of 2 or more)."""
+        return pool is self._pool and pool.get_max_size() >= 2
 
     async def _migrate(self, pool: asyncpg.Pool, migrations: Sequence[Migration]) -> None:
         version_table = self.table("schema_version")
