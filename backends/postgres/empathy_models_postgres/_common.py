@@ -252,7 +252,7 @@ class Database:
 
     def _keeps(self, pool: asyncpg.Pool) -> bool:
         """Whether `statement` keeps a connection of ``pool`` (the open one, of 2 or more)."""
-        return pool is self._pool and pool.get_max_size() >= 2
+        return bool(pool.get_max_size() >= 2) and pool is self._pool
 
     async def _migrate(self, pool: asyncpg.Pool, migrations: Sequence[Migration]) -> None:
         version_table = self.table("schema_version")
