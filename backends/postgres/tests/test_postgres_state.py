@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import anyio
 import asyncpg
@@ -269,3 +270,25 @@ async def test_a_small_pool_never_waits_for_the_kept_connection(
         assert [s.key for s in await store.snapshot_all()] == ["a"]
         await store.admit("b", COUNTING)
         assert [s.key for s in await store.snapshot_all()] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, "off"),
+        ({"server_settings": {"application_name": "empathy-test"}}, "off"),
+        ({"server_settings": {"synchronous_commit": "on"}}, "on"),
+    ],
+)
+async def test_state_writes_commit_asynchronously_unless_told_otherwise(
+    postgres_url: str, options: dict[str, Any], expected: str
+) -> None:
+    seen: list[str] = []
+
+    async def show(conn: asyncpg.Connection) -> None:
+        seen.append(await conn.fetchval("SHOW synchronous_commit"))
+
+    async with PostgresCircuitStateStore(postgres_url, init=show, **options) as store:
+        await _fail_once(store, "k")
+        assert (await store.snapshot("k")).consecutive_failures == 1
+    assert seen and set(seen) == {expected}
