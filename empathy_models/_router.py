@@ -327,12 +327,17 @@ class AdaptiveModelRouter:
         if not self._rollups:
             buckets = rollup(await store.recent(limit=_RECENT_FALLBACK_LIMIT, since=since))
         by_arm: ChangedBuckets = {}
+        stamps: dict[datetime, int] = {}  # one minute's buckets share its start
         for b in buckets:
             key = (b.workflow or None, b.stage or None, b.model)
             rows = by_arm.get(key)
             if rows is None:
                 rows = by_arm[key] = []
-            rows.append((int(b.bucket_start.timestamp()), bucket_sums(b)))
+            start = b.bucket_start
+            t = stamps.get(start)
+            if t is None:
+                t = stamps[start] = int(start.timestamp())
+            rows.append((t, bucket_sums(b)))
         return by_arm, version
 
     async def _seed_rings(self) -> None:

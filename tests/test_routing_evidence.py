@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from empathy_models import (
     RoutingPolicy,
 )
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.evidence import rollup
+from empathy_models.evidence import SUM_FIELDS, EvidenceBucket, bucket_from_fields, rollup
 from empathy_models.records import wilson_interval
 from empathy_models.routing import ModelStats, RoutingStats
 from empathy_models.routing.book import Arm, ChangeTest
@@ -99,6 +100,20 @@ def test_the_single_bounds_are_those_of_wilson_bounds() -> None:
         assert wilson_upper(s, n, z) == upper
         got = wilson_lower(s, n, z, z * z)
         assert got == lower or (got > lower == min(max(s / n, 0.0), 1.0))
+
+
+def test_a_bucket_built_from_fields_is_the_constructors() -> None:
+    # backends build the buckets of a start this way; a field out of order would show
+    start = datetime(2026, 12, 4, 18, 30, tzinfo=UTC)
+    values = [10, 9, 8, 1.5, 2.5, 7, 0.5, 0.75, 1200, 3400, 0.0125]
+    sums: dict[str, Any] = dict(zip(SUM_FIELDS, values, strict=True))
+    built = bucket_from_fields("wf", "st", "m", start, *sums.values(), 42)
+    expected = EvidenceBucket(
+        workflow="wf", stage="st", model="m", bucket_start=start, version=42, **sums
+    )
+    assert built == expected
+    assert [getattr(built, f) for f in SUM_FIELDS] == list(sums.values())
+    assert built.key == ("wf", "st", "m", start) and built.version == 42
 
 
 # --------------------------------------------------------------------------- the book

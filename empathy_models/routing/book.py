@@ -413,14 +413,9 @@ class Arm:
         n = len(rows)
         self.starts = [t for t, _ in rows]
         self.data = dict(rows)
-        cur = _zeros()
-        window_n = 0
-        for _, v in rows:
-            for k in range(WIDTH):
-                cur[k] += v[k]
-            window_n += int(v[SAMPLES])
-        self.cur = cur
-        self.window_n = window_n
+        columns = zip(*(v for _, v in rows), strict=True)
+        self.cur = [0.0 + sum(column) for column in columns]
+        self.window_n = sum(int(v[SAMPLES]) for _, v in rows)
         zeros = bytes(8 * n)
         self.cum_n, self.cum_f = array("d", zeros), array("d", zeros)
         self.up, self.dn = array("d", zeros), array("d", zeros)

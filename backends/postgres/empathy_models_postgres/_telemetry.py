@@ -30,6 +30,7 @@ from empathy_models.evidence import (
     SUM_FIELDS,
     EvidenceBatch,
     EvidenceBucket,
+    bucket_from_fields,
     rollup,
 )
 from empathy_models.exceptions import (
@@ -248,23 +249,16 @@ def _evidence_columns(rows: list[LLMCallRecord]) -> list[list[Any]]:
 
 def _evidence_bucket(row: Any) -> EvidenceBucket:
     """A bucket from a row of ``_EVIDENCE_COLUMNS`` then ``version`` (by position: faster)."""
-    return EvidenceBucket(
-        bucket_start=row[0],
-        workflow=row[1],
-        stage=row[2],
-        model=row[3],
-        samples=row[4],
-        successes=row[5],
-        latency_n=row[6],
-        latency_log_sum=row[7],
-        latency_log_sq_sum=row[8],
-        ttft_n=row[9],
-        ttft_log_sum=row[10],
-        ttft_log_sq_sum=row[11],
-        input_tokens=int(row[12]),
-        output_tokens=int(row[13]),
-        cost_usd=row[14],
-        version=row[15],
+    return bucket_from_fields(
+        row[1],  # workflow
+        row[2],  # stage
+        row[3],  # model
+        row[0],  # bucket_start
+        *row[4:12],  # samples .. ttft_log_sq_sum
+        int(row[12]),  # input_tokens
+        int(row[13]),  # output_tokens
+        row[14],  # cost_usd
+        row[15],  # version
     )
 
 

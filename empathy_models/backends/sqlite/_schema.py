@@ -17,7 +17,7 @@ from ...evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
     EvidenceBatch,
-    EvidenceBucket,
+    bucket_from_fields,
     rollup,
 )
 from ...records import LLMCallRecord
@@ -567,24 +567,17 @@ def _evidence_batch(rows: Iterable[Sequence[Any]]) -> EvidenceBatch:
         if when is None:
             when = starts[start] = datetime.fromtimestamp(start, UTC)
         buckets.append(
-            EvidenceBucket(
-                bucket_start=when,
-                workflow=row[2],
-                stage=row[3],
-                model=row[4],
-                samples=row[5],
-                successes=row[6],
-                latency_n=row[7],
-                latency_log_sum=row[8],
-                latency_log_sq_sum=row[9],
-                ttft_n=row[10],
-                ttft_log_sum=row[11],
-                ttft_log_sq_sum=row[12],
+            bucket_from_fields(
+                row[2],  # workflow
+                row[3],  # stage
+                row[4],  # model
+                when,
+                *row[5:13],  # samples .. ttft_log_sq_sum
                 # sums past 2**63 - 1 are stored as REAL (SQLite's arithmetic does the same)
-                input_tokens=int(row[13]),
-                output_tokens=int(row[14]),
-                cost_usd=row[15],
-                version=row[16],
+                int(row[13]),  # input_tokens
+                int(row[14]),  # output_tokens
+                row[15],  # cost_usd
+                row[16],  # version
             )
         )
     return EvidenceBatch(buckets=buckets, version=head[16])
