@@ -46,6 +46,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, ClassVar, Final, Self
 
+from ._fast import gc_paused
 from .abc import TelemetryBackend
 from .evidence import EvidenceBucket, rollup
 from .exceptions import ConfigurationError, NotOpenError
@@ -299,7 +300,8 @@ class AdaptiveModelRouter:
                 )
                 return False
             floor = since.timestamp() if since is not _EARLIEST else None
-            self._memory.apply(by_arm, floor, version, cutoff)
+            with gc_paused():
+                self._memory.apply(by_arm, floor, version, cutoff)
             self.last_refresh = cutoff
             logger.debug(
                 "router refreshed %d buckets from %r", sum(map(len, by_arm.values())), store
@@ -328,16 +330,17 @@ class AdaptiveModelRouter:
             buckets = rollup(await store.recent(limit=_RECENT_FALLBACK_LIMIT, since=since))
         by_arm: ChangedBuckets = {}
         stamps: dict[datetime, int] = {}  # one minute's buckets share its start
-        for b in buckets:
-            key = (b.workflow or None, b.stage or None, b.model)
-            rows = by_arm.get(key)
-            if rows is None:
-                rows = by_arm[key] = []
-            start = b.bucket_start
-            t = stamps.get(start)
-            if t is None:
-                t = stamps[start] = int(start.timestamp())
-            rows.append((t, bucket_sums(b)))
+        with gc_paused():
+            for b in buckets:
+                key = (b.workflow or None, b.stage or None, b.model)
+                rows = by_arm.get(key)
+                if rows is None:
+                    rows = by_arm[key] = []
+                start = b.bucket_start
+                t = stamps.get(start)
+                if t is None:
+                    t = stamps[start] = int(start.timestamp())
+                rows.append((t, bucket_sums(b)))
         return by_arm, version
 
     async def _seed_rings(self) -> None:

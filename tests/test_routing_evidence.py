@@ -5,6 +5,7 @@ depend on how the evidence arrived, exploration with a budget, explanations.
 
 from __future__ import annotations
 
+import math
 import random
 from datetime import UTC, datetime
 from typing import Any
@@ -162,6 +163,98 @@ def test_a_drop_from_99_to_80_percent_is_detected_within_50_calls() -> None:
         summary = arm.summarize(1.96, 3.0, 1.0)
         assert summary.change is not None and summary.change.startswith("degraded")
         assert summary.samples < 400  # the old evidence (3,000 calls) is set aside
+
+
+def _walk_reference(arm: Arm) -> list[tuple[float, float, float]]:
+    """
+    Every bucket's (degradation sum, improvement sum, proof) recomputed from the arm's
+    regimes with `wilson_upper` / `wilson_lower`, as the change test's walk defines
+    them (see `Arm._rerun`): each bucket in the regime that holds it, after the
+    bucket before it.  A bucket whose sums signal a change was one where a change
+    already detected at or after it was not acted on again: its sums restart at 0.
+    """
+    test = arm.test
+    z, rz = test.proof_z, test.reference_z
+    out: list[tuple[float, float, float]] = []
+    regimes = arm.regimes
+    for j, t in enumerate(arm.starts):
+        k = max(i for i, r in enumerate(regimes) if r.start <= t)
+        regime, base = regimes[k], regimes[k].base
+        rates = [
+            (c[0] - c[1] + 0.5) / (c[0] + 1.0)
+            for r in regimes[:k]
+            if (c := r.closed) is not None and c[0] >= test.min_samples
+        ]
+        if j == 0 or arm.starts[j - 1] < regime.start:
+            n0 = base[0] if base is not None else 0.0
+            f0 = base[0] - base[1] if base is not None else 0.0
+            u0 = d0 = best = 0.0
+            uf = df = t
+        else:
+            n0, f0, best = arm.cum_n[j - 1], arm.cum_f[j - 1], arm.proof[j - 1]
+            u0, d0 = arm.up[j - 1], arm.dn[j - 1]
+            uf = arm.up_from[j - 1] if u0 > 0 else t
+            df = arm.dn_from[j - 1] if d0 > 0 else t
+        n, f = arm.data[t][0], arm.data[t][0] - arm.data[t][1]
+        u = d = 0.0
+        if n0 >= test.min_samples and n > 0:
+            q = max(wilson_upper(f0, n0, rz), test.min_rate)
+            q_up = min(0.5, max(q * test.degrade_ratio, q + test.degrade_step))
+            if q_up > q:
+                u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1 - q_up) / (1 - q))
+            q = (f0 + 0.5) / (n0 + 1.0)
+            better = [qr for qr in rates if qr < q / 1.5]
+            q_dn = better[-1] if better else q / test.improve_ratio
+            h_dn = test.restore_threshold if better else test.improve_threshold
+            if q_dn < q:
+                d = d0 + f * math.log(q_dn / q) + (n - f) * math.log((1 - q_dn) / (1 - q))
+            u, d = max(u, 0.0), max(d, 0.0)
+            alarm = False
+            if u > test.threshold:
+                if uf > regime.start or base is not None:
+                    alarm = True
+                else:
+                    u = 0.0
+            elif d > h_dn:
+                if df > regime.start or base is not None:
+                    alarm = True
+                else:
+                    d = 0.0
+            if alarm:
+                u = d = 0.0  # a change not acted on again
+        n1, f1 = n0 + n, f0 + f
+        proved = best
+        if n1 > 0 and n1 - f1 > best * n1:
+            proved = wilson_lower(n1 - f1, n1, z, z * z)
+            if base is not None and proved > best:
+                part = max(
+                    wilson_lower(base[1], base[0], z, z * z),
+                    wilson_lower(n1 - f1 - base[1], n1 - base[0], z, z * z),
+                )
+                proved = min(part, proved)
+            proved = max(proved, best)
+        out.append((u, d, proved))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_the_change_test_walk_is_the_bounds_arithmetic_bucket_by_bucket(seed: int) -> None:
+    # degradations, recoveries to an earlier rate (restored evidence) and noise, over
+    # uneven minutes: every bucket's sums and proof are what the stats functions give
+    rng = random.Random(seed)
+    arm = Arm(test=ChangeTest())
+    t = 0.0
+    for rate, n in [(0.99, 1500), (0.8, 150), (0.99, 600), (0.9, 400), (0.99, 500)]:
+        for _ in range(n):
+            t += rng.choice([1.0, 3.0, 7.0])
+            arm.add(t, rng.random() < rate, 100.0, 500, 100, 0.0001)
+    assert len(arm.regimes) >= 3 and any(r.base is not None for r in arm.regimes)
+    stored = Arm(test=ChangeTest())
+    stored.apply((t, list(v)) for t, v in arm.data.items())
+    for built in (arm, stored):  # live, and in one pass as a start does
+        expected = _walk_reference(built)
+        got = list(zip(built.up, built.dn, built.proof, strict=True))
+        assert got == expected
 
 
 def test_a_recovery_to_the_old_rate_restores_the_old_evidence() -> None:

@@ -56,7 +56,6 @@ from .stats import (
     latency_bounds,
     wilson_bounds,
     wilson_lower,
-    wilson_upper,
 )
 
 __all__ = ["Arm", "ArmSummary", "ChangeTest", "Regime", "StagePrior", "bucket_of"]
@@ -204,22 +203,9 @@ class StagePrior:
         return self.output_tokens / self.successes if self.successes > 0 else None
 
 
-def _proof(best: float, n: float, f: float, base: list[float] | None, z: float) -> float:
-    """
-    ``best`` raised to what a regime proves at a bucket's end (``n`` calls, ``f``
-    failed, ``base`` restored among them), as `ArmSummary.proven_lower`: the lower bound
-    at ``z``; with restored evidence, what one of its parts proves by itself, at most.
-    A bound never exceeds its rate, so a rate at or under ``best`` is not computed.
-    """
-    if n <= 0.0 or n - f <= best * n:
-        return best
-    z2 = z * z
-    proved = wilson_lower(n - f, n, z, z2)
-    if base is not None and proved > best:
-        b_n, b_s = base[SAMPLES], base[SUCCESSES]
-        part = max(wilson_lower(b_s, b_n, z, z2), wilson_lower(n - f - b_s, n - b_n, z, z2))
-        proved = part if part < proved else proved
-    return proved if proved > best else best
+def _jeffreys_failure_rate(v: list[float]) -> float:
+    """The failure rate of the sums ``v`` with a Jeffreys prior."""
+    return (v[SAMPLES] - v[SUCCESSES] + 0.5) / (v[SAMPLES] + 1.0)
 
 
 def _summarize(
@@ -507,7 +493,43 @@ class Arm:
         return [float(sum(col)) for col in zip(*rows, strict=True)]
 
     def _rerun(self, i: int) -> None:
-        """Re-run the change test from position ``i`` to the end."""
+        """
+        Re-run the change test from position ``i`` to the end.
+
+        At each bucket of ``n`` calls, ``f`` failed, in the current regime (``n0``
+        calls, ``f0`` failed before it), two one-sided CUSUM sums of the failure
+        indicator's log-likelihood ratio are updated:
+
+        * degradation: against ``q``, the upper end of the regime's failure rate's
+          confidence interval (at ``reference_z``; the rate is itself an estimate, and
+          from a lucky start the arm's own steady rate would otherwise read as a
+          degradation, which would split a stationary arm into regimes whose evidence
+          could be reassembled selectively), floored at ``min_rate``; the alternative is
+          ``max(q * degrade_ratio, q + degrade_step)``, at most 0.5;
+        * improvement: against the Jeffreys estimate ``q`` (not floored: a floor above
+          an arm's true failure rate would read its steady rate as an improvement, again
+          and again); the alternative is the rate of the most recent earlier regime that
+          is clearly better (below ``q / 1.5``: going back to it needs less evidence,
+          ``restore_threshold``, and the degradation test undoes a wrong restore), or
+          ``q / improve_ratio`` (``improve_threshold``).
+
+        A sum over its threshold signals a change that started where that sum last left
+        zero, unless that is the regime's own start and nothing earlier was restored
+        into it (nothing earlier to set aside: the sum restarts).
+
+        The proof column is what the regime proves at each bucket's end, as
+        `ArmSummary.proven_lower`: a running maximum of its lower bound at ``proof_z``;
+        with restored evidence, of what one of its parts (the restored evidence, the
+        regime's own) proves by itself, at most.  A bound never exceeds its rate, so a
+        rate at or under the maximum so far is not computed.
+
+        This walk runs once per bucket (a start applies every bucket of the window), so
+        the arithmetic of `wilson_upper` / `wilson_lower` is written out here, term for
+        term, and what depends only on the regime (the earlier regimes' rates, the
+        restored evidence's bound) is computed once per regime
+        (tests/test_routing_evidence.py recomputes every bucket's sums and proof with
+        those functions).
+        """
         starts = self.starts
         if i >= len(starts):
             return
@@ -522,10 +544,21 @@ class Arm:
         last_detected = _NEVER
         rates: list[float] = []
         rates_of: Regime | None = None
+        base_lower = 0.0
+        base_of: Regime | None = None
         data = self.data
         cum_n, cum_f, up_a, dn_a = self.cum_n, self.cum_f, self.up, self.dn
         up_from, dn_from, proof = self.up_from, self.dn_from, self.proof
         proof_z = test.proof_z
+        proof_z2 = proof_z * proof_z
+        min_samples = test.min_samples
+        ref_z = test.reference_z
+        ref_z2 = ref_z * ref_z
+        min_rate, threshold = test.min_rate, test.threshold
+        degrade_ratio, degrade_step = test.degrade_ratio, test.degrade_step
+        improve_ratio, improve_threshold = test.improve_ratio, test.improve_threshold
+        restore_threshold = test.restore_threshold
+        log, sqrt = math.log, math.sqrt
         while j < len(starts):
             t = starts[j]
             regime = regimes[-1]
@@ -547,16 +580,76 @@ class Arm:
             f = n - v[SUCCESSES]
             u = d = 0.0
             alarm: tuple[int, str] | None = None
-            if n0 >= test.min_samples and n > 0:
+            if n0 >= min_samples and n > 0:
                 if rates_of is not regime:
-                    rates, rates_of = self._earlier_rates(), regime
-                u, d, alarm = self._cusum(regime, n0, f0, u0, d0, uf, df, n, f, rates)
+                    closed = rates_of.closed if rates_of is not None else None
+                    if closed is not None and len(regimes) > 1 and regimes[-2] is rates_of:
+                        # the regime just closed follows those of ``rates``
+                        if closed[SAMPLES] >= min_samples:
+                            rates = [*rates, _jeffreys_failure_rate(closed)]
+                    else:
+                        rates = self._earlier_rates()
+                    rates_of = regime
+                # degradation: q = wilson_upper(f0, n0, ref_z), floored
+                if n0 <= 0.0:
+                    q_hi = 1.0
+                else:
+                    q = f0 / n0
+                    q = q if q > 0.0 else 0.0
+                    q = q if q < 1.0 else 1.0
+                    margin = ref_z * sqrt(q * (1.0 - q) / n0 + ref_z2 / (4.0 * n0 * n0))
+                    q_hi = (q + ref_z2 / (2.0 * n0) + margin) / (1.0 + ref_z2 / n0)
+                    q_hi = q_hi if q_hi < 1.0 else 1.0
+                    q_hi = q_hi if q_hi > q else q
+                q = q_hi if q_hi > min_rate else min_rate
+                q_up = min(0.5, max(q * degrade_ratio, q + degrade_step))
+                if q_up > q:
+                    u = u0 + f * log(q_up / q) + (n - f) * log((1.0 - q_up) / (1.0 - q))
+                # improvement
+                q = (f0 + 0.5) / (n0 + 1.0)
+                q_dn, h_dn = q / improve_ratio, improve_threshold
+                limit = q / 1.5
+                for qr in reversed(rates):  # the most recent clearly better regime
+                    if qr < limit:
+                        q_dn, h_dn = qr, restore_threshold
+                        break
+                if q_dn < q:
+                    d = d0 + f * log(q_dn / q) + (n - f) * log((1.0 - q_dn) / (1.0 - q))
+                u = u if u > 0.0 else 0.0
+                d = d if d > 0.0 else 0.0
+                if u > threshold:
+                    if uf > regime.start or base is not None:
+                        alarm = (uf, "degraded")
+                    else:
+                        u = 0.0  # the whole regime: nothing earlier to set aside
+                elif d > h_dn:
+                    if df > regime.start or base is not None:
+                        alarm = (df, "improved")
+                    else:
+                        d = 0.0
             if alarm is not None and t <= last_detected:
                 alarm = None
                 u = d = 0.0
             n1 = cum_n[j] = n0 + n
             f1 = cum_f[j] = f0 + f
-            proof[j] = _proof(best, n1, f1, base, proof_z)
+            if n1 <= 0.0 or n1 - f1 <= best * n1:
+                proof[j] = best
+            else:  # wilson_lower(n1 - f1, n1, proof_z)
+                q = (n1 - f1) / n1
+                q = q if q > 0.0 else 0.0
+                q = q if q < 1.0 else 1.0
+                margin = proof_z * sqrt(q * (1.0 - q) / n1 + proof_z2 / (4.0 * n1 * n1))
+                proved = (q + proof_z2 / (2.0 * n1) - margin) / (1.0 + proof_z2 / n1)
+                proved = proved if proved > 0.0 else 0.0
+                if base is not None and proved > best:
+                    b_n, b_s = base[SAMPLES], base[SUCCESSES]
+                    if base_of is not regime:
+                        base_lower = wilson_lower(b_s, b_n, proof_z, proof_z2)
+                        base_of = regime
+                    own = wilson_lower(n1 - f1 - b_s, n1 - b_n, proof_z, proof_z2)
+                    part = base_lower if base_lower >= own else own
+                    proved = part if part < proved else proved
+                proof[j] = proved if proved > best else best
             up_a[j] = u
             dn_a[j] = d
             up_from[j] = uf
@@ -573,55 +666,6 @@ class Arm:
             self.cur = self._sum(self._pos(current.start), len(starts))
             if current.base is not None:
                 _add(self.cur, current.base)
-
-    def _cusum(
-        self,
-        regime: Regime,
-        n0: float,
-        f0: float,
-        u0: float,
-        d0: float,
-        uf: int,
-        df: int,
-        n: float,
-        f: float,
-        rates: list[float],
-    ) -> tuple[float, float, tuple[int, str] | None]:
-        """
-        The degradation and improvement sums after one bucket of ``n`` calls, ``f``
-        failed, in ``regime`` (``n0`` calls, ``f0`` failed before it), and the change
-        they signal: ``(start bucket, kind)`` or ``None``.
-        """
-        test = self.test
-        # the regime's failure rate is itself an estimate: the degradation test starts
-        # from the upper end of its confidence interval, so a lucky start is not
-        # mistaken for a degradation later (which would split a stationary arm into
-        # regimes whose evidence could be reassembled selectively)
-        q_hi = wilson_upper(f0, n0, test.reference_z)
-        q = q_hi if q_hi > test.min_rate else test.min_rate
-        q_up = min(0.5, max(q * test.degrade_ratio, q + test.degrade_step))
-        u = d = 0.0
-        if q_up > q:
-            u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
-        # the improvement test is not floored: a floor above an arm's true failure rate
-        # would read its steady rate as an improvement, again and again (a 0.999 arm
-        # cut into thousands of regimes)
-        q = (f0 + 0.5) / (n0 + 1.0)
-        q_dn, h_dn = self._improve_target(q, rates)
-        if q_dn < q:
-            d = d0 + f * math.log(q_dn / q) + (n - f) * math.log((1.0 - q_dn) / (1.0 - q))
-        u = u if u > 0.0 else 0.0
-        d = d if d > 0.0 else 0.0
-        earlier = regime.base is not None
-        if u > test.threshold:
-            if uf > regime.start or earlier:
-                return u, d, (uf, "degraded")
-            u = 0.0  # the whole regime: nothing earlier to set aside
-        elif d > h_dn:
-            if df > regime.start or earlier:
-                return u, d, (df, "improved")
-            d = 0.0
-        return u, d, None
 
     def _reopen(self, i: int) -> tuple[int, bool]:
         """
@@ -669,26 +713,13 @@ class Arm:
         self.regimes.append(new)
         return first
 
-    def _improve_target(self, q: float, rates: list[float]) -> tuple[float, float]:
-        # The failure rate an improvement is tested against, and the threshold: going
-        # back to an earlier, clearly better regime's rate (``rates``: those of the
-        # earlier regimes, oldest first) needs less evidence (that regime's evidence is
-        # then restored, and the degradation test undoes a wrong restore); otherwise a
-        # fixed ratio below the current rate.
-        test = self.test
-        limit = q / 1.5
-        for qr in reversed(rates):  # the most recent such regime
-            if qr < limit:
-                return qr, test.restore_threshold
-        return q / test.improve_ratio, test.improve_threshold
-
     def _earlier_rates(self) -> list[float]:
         # failure rates (Jeffreys) of the closed regimes with enough evidence
         out = []
         for r in self.regimes[:-1]:
             c = r.closed
             if c is not None and c[SAMPLES] >= self.test.min_samples:
-                out.append((c[SAMPLES] - c[SUCCESSES] + 0.5) / (c[SAMPLES] + 1.0))
+                out.append(_jeffreys_failure_rate(c))
         return out
 
     def _restore(self, new: Regime, segment: list[float]) -> None:

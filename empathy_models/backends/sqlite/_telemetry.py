@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import aiosqlite
 
+from ..._fast import gc_paused
 from ...abc import TelemetryBackend
 from ...evidence import (
     EvidenceBatch,
@@ -387,7 +388,9 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
             return await self._db.retrying(partial(conn.execute_fetchall, sql, params))
 
-        return _evidence_batch(await self._db.run(job))
+        rows = await self._db.run(job)
+        with gc_paused():
+            return _evidence_batch(rows)
 
     async def _purge(self, *, before: datetime) -> int:
         """
