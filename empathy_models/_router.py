@@ -88,6 +88,23 @@ def _window_start(now: float, days: float) -> datetime:
         return _EARLIEST
 
 
+def _by_arm(buckets: Iterable[EvidenceBucket]) -> ChangedBuckets:
+    """The changed buckets per arm, as (bucket start, sums)."""
+    by_arm: ChangedBuckets = {}
+    stamps: dict[datetime, int] = {}  # one minute's buckets share its start
+    for b in buckets:
+        key = (b.workflow or None, b.stage or None, b.model)
+        rows = by_arm.get(key)
+        if rows is None:
+            rows = by_arm[key] = []
+        start = b.bucket_start
+        t = stamps.get(start)
+        if t is None:
+            t = stamps[start] = int(start.timestamp())
+        rows.append((t, bucket_sums(b)))
+    return by_arm
+
+
 class AdaptiveModelRouter:
     """
     Chooses the model for each call from in-memory, per-arm evidence.
@@ -328,20 +345,8 @@ class AdaptiveModelRouter:
                 buckets, version = batch.buckets, batch.version
         if not self._rollups:
             buckets = rollup(await store.recent(limit=_RECENT_FALLBACK_LIMIT, since=since))
-        by_arm: ChangedBuckets = {}
-        stamps: dict[datetime, int] = {}  # one minute's buckets share its start
         with gc_paused():
-            for b in buckets:
-                key = (b.workflow or None, b.stage or None, b.model)
-                rows = by_arm.get(key)
-                if rows is None:
-                    rows = by_arm[key] = []
-                start = b.bucket_start
-                t = stamps.get(start)
-                if t is None:
-                    t = stamps[start] = int(start.timestamp())
-                rows.append((t, bucket_sums(b)))
-        return by_arm, version
+            return _by_arm(buckets), version
 
     async def _seed_rings(self) -> None:
         # One ``recent`` call per workflow stage with evidence (and one per workflow for

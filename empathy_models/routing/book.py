@@ -203,6 +203,122 @@ class StagePrior:
         return self.output_tokens / self.successes if self.successes > 0 else None
 
 
+_CusumParams = tuple[float, float, float, float, float, float, float, float, float]
+
+
+def _cusum_params(test: ChangeTest) -> _CusumParams:
+    return (
+        test.reference_z,
+        test.min_rate,
+        test.degrade_ratio,
+        test.degrade_step,
+        test.improve_ratio,
+        test.improve_threshold,
+        test.restore_threshold,
+        test.threshold,
+        test.reference_z * test.reference_z,
+    )
+
+
+def _cusum(
+    n0: float,
+    f0: float,
+    u0: float,
+    d0: float,
+    n: float,
+    f: float,
+    uf: int,
+    df: int,
+    regime_start: int,
+    earlier: bool,
+    rates: list[float],
+    params: _CusumParams,
+) -> tuple[float, float, tuple[int, str] | None]:
+    """
+    The change test's degradation and improvement sums (see `ChangeTest`) after one
+    bucket of ``n`` calls, ``f`` failed, in a regime that starts at ``regime_start``
+    with ``n0`` calls, ``f0`` failed, before it (``earlier``: evidence restored into
+    it; ``rates``: the failure rates of the earlier regimes, oldest first), and the
+    change they signal: ``(start bucket, kind)`` or ``None``.
+
+    It runs once per bucket (a start applies every bucket of the window), so the
+    arithmetic of `wilson_upper` is written out here, term for term
+    (tests/test_routing_evidence.py recomputes every bucket's sums with it).
+    """
+    ref_z, min_rate, ratio, step, improve_ratio, improve_h, restore_h, h, ref_z2 = params
+    # degradation: against the upper end of the regime's failure rate's interval
+    # (wilson_upper(f0, n0, ref_z)), floored
+    if n0 <= 0.0:
+        q_hi = 1.0
+    else:
+        q = f0 / n0
+        q = q if q > 0.0 else 0.0
+        q = q if q < 1.0 else 1.0
+        margin = ref_z * math.sqrt(q * (1.0 - q) / n0 + ref_z2 / (4.0 * n0 * n0))
+        q_hi = (q + ref_z2 / (2.0 * n0) + margin) / (1.0 + ref_z2 / n0)
+        q_hi = q_hi if q_hi < 1.0 else 1.0
+        q_hi = q_hi if q_hi > q else q
+    q = q_hi if q_hi > min_rate else min_rate
+    q_up = min(0.5, max(q * ratio, q + step))
+    u = d = 0.0
+    if q_up > q:
+        u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
+    # improvement: against the Jeffreys estimate, towards the most recent clearly better
+    # earlier regime's rate, or a fixed ratio below it
+    q = (f0 + 0.5) / (n0 + 1.0)
+    q_dn, h_dn = q / improve_ratio, improve_h
+    limit = q / 1.5
+    for qr in reversed(rates):
+        if qr < limit:
+            q_dn, h_dn = qr, restore_h
+            break
+    if q_dn < q:
+        d = d0 + f * math.log(q_dn / q) + (n - f) * math.log((1.0 - q_dn) / (1.0 - q))
+    u = u if u > 0.0 else 0.0
+    d = d if d > 0.0 else 0.0
+    if u > h:
+        if uf > regime_start or earlier:
+            return u, d, (uf, "degraded")
+        u = 0.0  # the whole regime: nothing earlier to set aside
+    elif d > h_dn:
+        if df > regime_start or earlier:
+            return u, d, (df, "improved")
+        d = 0.0
+    return u, d, None
+
+
+def _proof(
+    best: float,
+    n: float,
+    f: float,
+    base: list[float] | None,
+    base_lower: float,
+    z: float,
+    z2: float,
+) -> float:
+    """
+    ``best`` raised to what a regime proves at a bucket's end (``n`` calls, ``f``
+    failed, ``base`` restored among them, whose own lower bound is ``base_lower``), as
+    `ArmSummary.proven_lower`: the lower bound at ``z`` (``z2 = z * z``); with restored
+    evidence, what one of its parts proves by itself, at most.  A bound never exceeds
+    its rate, so a rate at or under ``best`` is not computed.  (`wilson_lower`'s
+    arithmetic is written out for the regime's whole evidence, as in `_cusum`.)
+    """
+    if n <= 0.0 or n - f <= best * n:
+        return best
+    q = (n - f) / n
+    q = q if q > 0.0 else 0.0
+    q = q if q < 1.0 else 1.0
+    margin = z * math.sqrt(q * (1.0 - q) / n + z2 / (4.0 * n * n))
+    proved = (q + z2 / (2.0 * n) - margin) / (1.0 + z2 / n)
+    proved = proved if proved > 0.0 else 0.0
+    if base is not None and proved > best:
+        own = wilson_lower(n - f - base[SUCCESSES], n - base[SAMPLES], z, z2)
+        part = base_lower if base_lower >= own else own
+        proved = part if part < proved else proved
+    return proved if proved > best else best
+
+
 def _jeffreys_failure_rate(v: list[float]) -> float:
     """The failure rate of the sums ``v`` with a Jeffreys prior."""
     return (v[SAMPLES] - v[SUCCESSES] + 0.5) / (v[SAMPLES] + 1.0)
@@ -494,41 +610,8 @@ class Arm:
 
     def _rerun(self, i: int) -> None:
         """
-        Re-run the change test from position ``i`` to the end.
-
-        At each bucket of ``n`` calls, ``f`` failed, in the current regime (``n0``
-        calls, ``f0`` failed before it), two one-sided CUSUM sums of the failure
-        indicator's log-likelihood ratio are updated:
-
-        * degradation: against ``q``, the upper end of the regime's failure rate's
-          confidence interval (at ``reference_z``; the rate is itself an estimate, and
-          from a lucky start the arm's own steady rate would otherwise read as a
-          degradation, which would split a stationary arm into regimes whose evidence
-          could be reassembled selectively), floored at ``min_rate``; the alternative is
-          ``max(q * degrade_ratio, q + degrade_step)``, at most 0.5;
-        * improvement: against the Jeffreys estimate ``q`` (not floored: a floor above
-          an arm's true failure rate would read its steady rate as an improvement, again
-          and again); the alternative is the rate of the most recent earlier regime that
-          is clearly better (below ``q / 1.5``: going back to it needs less evidence,
-          ``restore_threshold``, and the degradation test undoes a wrong restore), or
-          ``q / improve_ratio`` (``improve_threshold``).
-
-        A sum over its threshold signals a change that started where that sum last left
-        zero, unless that is the regime's own start and nothing earlier was restored
-        into it (nothing earlier to set aside: the sum restarts).
-
-        The proof column is what the regime proves at each bucket's end, as
-        `ArmSummary.proven_lower`: a running maximum of its lower bound at ``proof_z``;
-        with restored evidence, of what one of its parts (the restored evidence, the
-        regime's own) proves by itself, at most.  A bound never exceeds its rate, so a
-        rate at or under the maximum so far is not computed.
-
-        This walk runs once per bucket (a start applies every bucket of the window), so
-        the arithmetic of `wilson_upper` / `wilson_lower` is written out here, term for
-        term, and what depends only on the regime (the earlier regimes' rates, the
-        restored evidence's bound) is computed once per regime
-        (tests/test_routing_evidence.py recomputes every bucket's sums and proof with
-        those functions).
+        Re-run the change test (see `ChangeTest`) from position ``i`` to the end: at
+        each bucket its two sums (`_cusum`) and the regime's proof (`_proof`).
         """
         starts = self.starts
         if i >= len(starts):
@@ -542,27 +625,25 @@ class Arm:
         # detected in a later bucket to be acted on, so the re-run from each change's
         # start always makes progress and ends (no evidence can start a change twice)
         last_detected = _NEVER
+        # what depends on the regime alone, computed when the walk enters one
         rates: list[float] = []
         rates_of: Regime | None = None
         base_lower = 0.0
-        base_of: Regime | None = None
         data = self.data
         cum_n, cum_f, up_a, dn_a = self.cum_n, self.cum_f, self.up, self.dn
         up_from, dn_from, proof = self.up_from, self.dn_from, self.proof
-        proof_z = test.proof_z
-        proof_z2 = proof_z * proof_z
-        min_samples = test.min_samples
-        ref_z = test.reference_z
-        ref_z2 = ref_z * ref_z
-        min_rate, threshold = test.min_rate, test.threshold
-        degrade_ratio, degrade_step = test.degrade_ratio, test.degrade_step
-        improve_ratio, improve_threshold = test.improve_ratio, test.improve_threshold
-        restore_threshold = test.restore_threshold
-        log, sqrt = math.log, math.sqrt
+        params = _cusum_params(test)
+        min_samples, z = test.min_samples, test.proof_z
+        z2 = z * z
         while j < len(starts):
             t = starts[j]
             regime = regimes[-1]
             base = regime.base
+            if rates_of is not regime:
+                rates = self._rates_before(regime, rates_of, rates)
+                rates_of = regime
+                if base is not None:
+                    base_lower = wilson_lower(base[SUCCESSES], base[SAMPLES], z, z2)
             if j == 0 or starts[j - 1] < regime.start:
                 n0 = base[SAMPLES] if base is not None else 0.0
                 f0 = (base[SAMPLES] - base[SUCCESSES]) if base is not None else 0.0
@@ -581,75 +662,16 @@ class Arm:
             u = d = 0.0
             alarm: tuple[int, str] | None = None
             if n0 >= min_samples and n > 0:
-                if rates_of is not regime:
-                    closed = rates_of.closed if rates_of is not None else None
-                    if closed is not None and len(regimes) > 1 and regimes[-2] is rates_of:
-                        # the regime just closed follows those of ``rates``
-                        if closed[SAMPLES] >= min_samples:
-                            rates = [*rates, _jeffreys_failure_rate(closed)]
-                    else:
-                        rates = self._earlier_rates()
-                    rates_of = regime
-                # degradation: q = wilson_upper(f0, n0, ref_z), floored
-                if n0 <= 0.0:
-                    q_hi = 1.0
-                else:
-                    q = f0 / n0
-                    q = q if q > 0.0 else 0.0
-                    q = q if q < 1.0 else 1.0
-                    margin = ref_z * sqrt(q * (1.0 - q) / n0 + ref_z2 / (4.0 * n0 * n0))
-                    q_hi = (q + ref_z2 / (2.0 * n0) + margin) / (1.0 + ref_z2 / n0)
-                    q_hi = q_hi if q_hi < 1.0 else 1.0
-                    q_hi = q_hi if q_hi > q else q
-                q = q_hi if q_hi > min_rate else min_rate
-                q_up = min(0.5, max(q * degrade_ratio, q + degrade_step))
-                if q_up > q:
-                    u = u0 + f * log(q_up / q) + (n - f) * log((1.0 - q_up) / (1.0 - q))
-                # improvement
-                q = (f0 + 0.5) / (n0 + 1.0)
-                q_dn, h_dn = q / improve_ratio, improve_threshold
-                limit = q / 1.5
-                for qr in reversed(rates):  # the most recent clearly better regime
-                    if qr < limit:
-                        q_dn, h_dn = qr, restore_threshold
-                        break
-                if q_dn < q:
-                    d = d0 + f * log(q_dn / q) + (n - f) * log((1.0 - q_dn) / (1.0 - q))
-                u = u if u > 0.0 else 0.0
-                d = d if d > 0.0 else 0.0
-                if u > threshold:
-                    if uf > regime.start or base is not None:
-                        alarm = (uf, "degraded")
-                    else:
-                        u = 0.0  # the whole regime: nothing earlier to set aside
-                elif d > h_dn:
-                    if df > regime.start or base is not None:
-                        alarm = (df, "improved")
-                    else:
-                        d = 0.0
+                earlier = base is not None
+                u, d, alarm = _cusum(
+                    n0, f0, u0, d0, n, f, uf, df, regime.start, earlier, rates, params
+                )
             if alarm is not None and t <= last_detected:
                 alarm = None
                 u = d = 0.0
             n1 = cum_n[j] = n0 + n
             f1 = cum_f[j] = f0 + f
-            if n1 <= 0.0 or n1 - f1 <= best * n1:
-                proof[j] = best
-            else:  # wilson_lower(n1 - f1, n1, proof_z)
-                q = (n1 - f1) / n1
-                q = q if q > 0.0 else 0.0
-                q = q if q < 1.0 else 1.0
-                margin = proof_z * sqrt(q * (1.0 - q) / n1 + proof_z2 / (4.0 * n1 * n1))
-                proved = (q + proof_z2 / (2.0 * n1) - margin) / (1.0 + proof_z2 / n1)
-                proved = proved if proved > 0.0 else 0.0
-                if base is not None and proved > best:
-                    b_n, b_s = base[SAMPLES], base[SUCCESSES]
-                    if base_of is not regime:
-                        base_lower = wilson_lower(b_s, b_n, proof_z, proof_z2)
-                        base_of = regime
-                    own = wilson_lower(n1 - f1 - b_s, n1 - b_n, proof_z, proof_z2)
-                    part = base_lower if base_lower >= own else own
-                    proved = part if part < proved else proved
-                proof[j] = proved if proved > best else best
+            proof[j] = _proof(best, n1, f1, base, base_lower, z, z2)
             up_a[j] = u
             dn_a[j] = d
             up_from[j] = uf
@@ -666,6 +688,21 @@ class Arm:
             self.cur = self._sum(self._pos(current.start), len(starts))
             if current.base is not None:
                 _add(self.cur, current.base)
+
+    def _rates_before(
+        self, regime: Regime, previous: Regime | None, rates: list[float]
+    ) -> list[float]:
+        """
+        The failure rates of the regimes before ``regime`` (`_earlier_rates`), from
+        ``rates`` (those before ``previous``) when ``previous`` is the one just before.
+        """
+        regimes = self.regimes
+        closed = previous.closed if previous is not None else None
+        if closed is None or len(regimes) < 2 or regimes[-2] is not previous:
+            return self._earlier_rates()
+        if closed[SAMPLES] >= self.test.min_samples:
+            return [*rates, _jeffreys_failure_rate(closed)]
+        return rates
 
     def _reopen(self, i: int) -> tuple[int, bool]:
         """

@@ -303,8 +303,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             raise ConfigurationError(f"key_ttl must be a number of seconds >= 1, got {key_ttl!r}")
         self.prefix = prefix
         self.key_ttl = float(key_ttl)
-        source = breaker_script()
-        self._source = source
+        self._source = source = breaker_script()
         self._sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         connection_kwargs = self._client.connection_pool.connection_kwargs
         self._encoding: str = connection_kwargs.get("encoding", "utf-8")
@@ -314,8 +313,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             _bulk(x) for x in (b"EVALSHA", self._sha.encode("ascii"), b"1")
         )
         self._ttl_arg = _bulk(_num(self.key_ttl).encode("ascii"))
-        self._last_policy: tuple[object, bytes] = (None, b"")
-        """The last policy passed and its script argument."""
+        self._last_policy: tuple[object, bytes] = (None, b"")  # and its script argument
         # per breaker key: [its Redis key and its name (as RESP bulk strings), the
         # revision of the state last read (b"" for none) and that state]; see `_run`
         self._keys: dict[str, list[Any]] = {}
