@@ -105,11 +105,15 @@ class Settler:
         Raises:
             asyncio.CancelledError: The caller was cancelled meanwhile.
         """
-        task = asyncio.ensure_future(operation)
+        loop = asyncio.get_running_loop()
+        # the caller waits for a future the task resolves as it ends: a cancellation of
+        # the caller cancels that future, never the task (as `asyncio.shield` would
+        # arrange, one turn of the event loop later)
+        answer: asyncio.Future[T] = loop.create_future()
+        task = loop.create_task(_answering(operation, answer))
         try:
-            return await asyncio.shield(task)
+            return await answer
         except asyncio.CancelledError as exc:
-            loop = asyncio.get_running_loop()
             deadline = loop.time() + SHIELD_SECONDS
             while not task.done() and loop.time() < deadline:
                 try:
@@ -123,6 +127,10 @@ class Settler:
                 task.add_done_callback(self.releases.discard)
             elif not task.cancelled():
                 task.exception()  # retrieved, so asyncio does not log it as lost
+            raise
+        except BaseException:
+            if task.done() and not task.cancelled():
+                task.exception()  # raised here: retrieved, so asyncio does not log it
             raise
 
     async def admit(self, store: CircuitStateStore, key: str, policy: BreakerPolicy) -> Admission:
@@ -164,6 +172,23 @@ class Settler:
         report = OutcomeReport(ticket=ticket, outcome=Outcome.CANCELLED)
         with contextlib.suppress(asyncio.CancelledError):
             await self.run(store.record(ticket.key, policy, [report]))
+
+
+async def _answering(operation: Coroutine[Any, Any, T], answer: asyncio.Future[T]) -> T:
+    """``await operation``, its outcome also given to ``answer`` (unless cancelled)."""
+    try:
+        result = await operation
+    except asyncio.CancelledError:
+        if not answer.done():
+            answer.cancel()
+        raise
+    except BaseException as exc:
+        if not answer.done():
+            answer.set_exception(exc)
+        raise
+    if not answer.done():
+        answer.set_result(result)
+    return result
 
 
 async def _after(task: asyncio.Task[None], operation: Coroutine[Any, Any, T]) -> T:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import sqlite3
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from empathy_models import (
 )
 from empathy_models.breaker import BreakerEvent, BreakerEventKind
 from empathy_models.cli import main as cli_main
-from empathy_models.exceptions import ServerError, StateStoreError
+from empathy_models.exceptions import BackendClosedError, ServerError, StateStoreError
 from empathy_models.testing.clock import FakeClock
 from tests._cancel_trials import cancel_during_admission
 
@@ -140,3 +141,20 @@ async def test_except_star_inside_a_shared_breaker_leaks_no_cancellation_and_flu
     async with state_store_from_url(url) as store:
         state = await store.snapshot("anthropic")
     assert state.window_calls == 8  # the final flush was not skipped
+
+
+async def test_a_store_error_reaches_the_caller_once_and_is_not_logged_as_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the store operation runs in a task of its own (a cancelled caller cannot cut it
+    # short); when it fails, the caller gets the error and asyncio logs nothing lost
+    store = state_store_from_url(f"sqlite:///{tmp_path / 'state.db'}")
+    async with store, CircuitBreaker(store=store, local_view_ttl=0) as breaker:
+        async with breaker.guard("k"):
+            pass
+        await store.aclose()
+        with pytest.raises(BackendClosedError):
+            await breaker.admit("k")
+        await asyncio.sleep(0)
+        gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
