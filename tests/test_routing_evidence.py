@@ -5,6 +5,7 @@ depend on how the evidence arrived, exploration with a budget, explanations.
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from empathy_models import (
     RoutingDecision,
     RoutingPolicy,
 )
-from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.backends import MemoryTelemetryBackend, gc_paused
 from empathy_models.evidence import SUM_FIELDS, EvidenceBucket, bucket_from_fields, rollup
 from empathy_models.records import wilson_interval
 from empathy_models.routing import ModelStats, RoutingStats
@@ -115,6 +116,23 @@ def test_a_bucket_built_from_fields_is_the_constructors() -> None:
     assert built == expected
     assert [getattr(built, f) for f in SUM_FIELDS] == list(sums.values())
     assert built.key == ("wf", "st", "m", start) and built.version == 42
+
+
+def test_gc_paused_holds_the_collector_off_and_restores_it() -> None:
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError), gc_paused():
+        raise KeyError("x")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()
 
 
 # --------------------------------------------------------------------------- the book

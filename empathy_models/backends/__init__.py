@@ -21,7 +21,9 @@ install.
 For implementers of a telemetry backend: `refusals` turns a store's refusal of a value
 (an encoding error, a NUL in PostgreSQL text, an integer out of range) into
 `TelemetryRejectedError`, which the batching writer answers by storing a sanitized copy
-of the record instead of losing it.
+of the record instead of losing it.  `gc_paused` holds the cyclic garbage collector off
+while a block that does not await builds many objects at once (the evidence buckets of
+a router's start: `empathy_models.evidence.bucket_from_fields` builds each one).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from importlib.metadata import entry_points
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from .._fast import gc_paused
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
 from ._plugin import BackendPlugin
@@ -46,6 +49,7 @@ __all__ = [
     "NullStateStore",
     "NullTelemetryBackend",
     "available_schemes",
+    "gc_paused",
     "redact_url",
     "refusals",
     "state_store_from_url",

@@ -24,7 +24,7 @@ from typing import Any, Final
 import asyncpg
 
 from empathy_models.abc import TelemetryBackend
-from empathy_models.backends import refusals
+from empathy_models.backends import gc_paused, refusals
 from empathy_models.evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
@@ -581,7 +581,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
             await conn.execute("SET LOCAL jit = off; SET LOCAL work_mem = '64MB'")
             version = await conn.fetchval(f"SELECT version FROM {self._evidence_version}")
             rows = await conn.fetch(query, *args)
-        return EvidenceBatch(buckets=[_evidence_bucket(row) for row in rows], version=int(version))
+        with gc_paused():
+            buckets = [_evidence_bucket(row) for row in rows]
+        return EvidenceBatch(buckets=buckets, version=int(version))
 
     async def _purge(self, *, before: datetime) -> int:
         """
