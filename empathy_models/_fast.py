@@ -75,12 +75,14 @@ def trusted_evolver(cls: type[T]) -> Callable[..., T]:
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """
-    The cyclic garbage collector held off for a block that builds many long-lived
-    containers at once and does not await (a router's start: a list per evidence
+    The cyclic garbage collector held off for a short block that builds many long-lived
+    containers at once (a router's start: a row, then a bucket, then a list per evidence
     bucket, tens of thousands).  Otherwise a collection starts every 700 allocations,
-    and every tenth of every tenth walks all the objects built so far: 15-30% of a
-    start over 1M stored calls.  What the block built is collected as usual after it;
-    a collector already disabled stays so.
+    and every tenth of every tenth walks all the objects built so far: a third of the
+    read of a week's evidence, 15-30% of a start over 1M stored calls.  What the block
+    built is collected as usual after it; a collector already disabled stays so.  The
+    whole process (other tasks, other threads) runs without automatic collections
+    meanwhile: keep the block to the bulk work (one read, one conversion).
     """
     if not gc.isenabled():
         yield

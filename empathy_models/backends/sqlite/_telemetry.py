@@ -5,6 +5,7 @@ up in the same transaction.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -380,7 +381,10 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         Evidence buckets changed after ``after_version`` (flushes queued records first).
 
         One statement reads the buckets and the store's version from the same snapshot,
-        over the index on version (incremental reads) or on bucket start (windows).
+        over the index on version (incremental reads) or on bucket start (windows).  A
+        read of every version (a router's start: tens of thousands of rows at a week of
+        history) holds the cyclic garbage collector off while its rows are fetched and
+        built, which is otherwise a third of its time; an incremental read does not.
         """
         await self.flush()
         sql, params = _evidence_query(since, until, after_version)
@@ -388,9 +392,10 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
             return await self._db.retrying(partial(conn.execute_fetchall, sql, params))
 
-        rows = await self._db.run(job)
-        with gc_paused():
-            return _evidence_batch(rows)
+        with gc_paused() if after_version == 0 else contextlib.nullcontext():
+            rows = await self._db.run(job)
+            with gc_paused():
+                return _evidence_batch(rows)
 
     async def _purge(self, *, before: datetime) -> int:
         """
