@@ -124,7 +124,7 @@ class Settler:
                 exc._empathy_result = task.result()  # type: ignore[attr-defined]
             elif not task.done():
                 self.releases.add(task)
-                task.add_done_callback(self.releases.discard)
+                task.add_done_callback(self._released)
             elif not task.cancelled():
                 task.exception()  # retrieved, so asyncio does not log it as lost
             raise
@@ -132,6 +132,12 @@ class Settler:
             if task.done() and not task.cancelled():
                 task.exception()  # raised here: retrieved, so asyncio does not log it
             raise
+
+    def _released(self, task: asyncio.Future[Any]) -> None:
+        """An operation its caller stopped waiting for has ended."""
+        self.releases.discard(task)
+        if not task.cancelled():
+            task.exception()  # nobody awaits it any more: asyncio need not log it as lost
 
     async def admit(self, store: CircuitStateStore, key: str, policy: BreakerPolicy) -> Admission:
         """

@@ -24,6 +24,7 @@ from empathy_models import (
 from empathy_models.breaker import BreakerEvent, BreakerEventKind
 from empathy_models.cli import main as cli_main
 from empathy_models.exceptions import BackendClosedError, ServerError, StateStoreError
+from empathy_models.records import Admission
 from empathy_models.testing.clock import FakeClock
 from tests._cancel_trials import cancel_during_admission
 
@@ -156,5 +157,30 @@ async def test_a_store_error_reaches_the_caller_once_and_is_not_logged_as_lost(
         with pytest.raises(BackendClosedError):
             await breaker.admit("k")
         await asyncio.sleep(0)
+        gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_an_operation_its_cancelled_caller_stopped_waiting_for_fails_quietly(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a cancelled caller waits for its store operation at most SHIELD_SECONDS; one that
+    # ends later, in failure, is not reported by asyncio as an exception nobody read
+    import empathy_models._settled as settled
+    from empathy_models.backends import MemoryStateStore
+
+    class Slow(MemoryStateStore):
+        async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+            await asyncio.sleep(0.3)
+            raise BackendClosedError("closed meanwhile")
+
+    monkeypatch.setattr(settled, "SHIELD_SECONDS", 0.05)
+    async with CircuitBreaker(store=Slow(), local_view_ttl=0) as breaker:
+        task = asyncio.ensure_future(breaker.admit("k"))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)  # the operation ends, in failure
         gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
