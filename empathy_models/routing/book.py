@@ -246,8 +246,10 @@ def _cusum(
     (tests/test_routing_evidence.py recomputes every bucket's sums with it).
     """
     ref_z, min_rate, ratio, step, improve_ratio, improve_h, restore_h, h, ref_z2 = params
-    # degradation: against the upper end of the regime's failure rate's interval
-    # (wilson_upper(f0, n0, ref_z)), floored
+    # degradation: the regime's failure rate is itself an estimate, so the test starts
+    # from the upper end of its interval (wilson_upper(f0, n0, ref_z)), floored: a lucky
+    # start is then not mistaken for a degradation later (which would split a stationary
+    # arm into regimes whose evidence could be reassembled selectively)
     if n0 <= 0.0:
         q_hi = 1.0
     else:
@@ -263,8 +265,12 @@ def _cusum(
     u = d = 0.0
     if q_up > q:
         u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
-    # improvement: against the Jeffreys estimate, towards the most recent clearly better
-    # earlier regime's rate, or a fixed ratio below it
+    # improvement: against the Jeffreys estimate, not floored (a floor above an arm's
+    # true failure rate would read its steady rate as an improvement, again and again: a
+    # 0.999 arm cut into thousands of regimes).  Going back to the most recent clearly
+    # better earlier regime's rate needs less evidence (that regime's evidence is then
+    # restored, and the degradation test undoes a wrong restore); otherwise the
+    # alternative is a fixed ratio below the current rate
     q = (f0 + 0.5) / (n0 + 1.0)
     q_dn, h_dn = q / improve_ratio, improve_h
     limit = q / 1.5
