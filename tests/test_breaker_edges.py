@@ -21,6 +21,7 @@ from empathy_models import (
     CircuitState,
     state_store_from_url,
 )
+from empathy_models.backends import MemoryStateStore
 from empathy_models.breaker import BreakerEvent, BreakerEventKind
 from empathy_models.cli import main as cli_main
 from empathy_models.exceptions import BackendClosedError, ServerError, StateStoreError
@@ -144,16 +145,24 @@ async def test_except_star_inside_a_shared_breaker_leaks_no_cancellation_and_flu
     assert state.window_calls == 8  # the final flush was not skipped
 
 
+class _ClosingStore(MemoryStateStore):
+    """A store whose admissions fail after a wait, as a store closed under the breaker."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        await asyncio.sleep(self.delay)
+        raise BackendClosedError("closed meanwhile")
+
+
 async def test_a_store_error_reaches_the_caller_once_and_is_not_logged_as_lost(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # the store operation runs in a task of its own (a cancelled caller cannot cut it
     # short); when it fails, the caller gets the error and asyncio logs nothing lost
-    store = state_store_from_url(f"sqlite:///{tmp_path / 'state.db'}")
-    async with store, CircuitBreaker(store=store, local_view_ttl=0) as breaker:
-        async with breaker.guard("k"):
-            pass
-        await store.aclose()
+    async with CircuitBreaker(store=_ClosingStore(0.0), local_view_ttl=0) as breaker:
         with pytest.raises(BackendClosedError):
             await breaker.admit("k")
         await asyncio.sleep(0)
@@ -167,15 +176,9 @@ async def test_an_operation_its_cancelled_caller_stopped_waiting_for_fails_quiet
     # a cancelled caller waits for its store operation at most SHIELD_SECONDS; one that
     # ends later, in failure, is not reported by asyncio as an exception nobody read
     import empathy_models._settled as settled
-    from empathy_models.backends import MemoryStateStore
-
-    class Slow(MemoryStateStore):
-        async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
-            await asyncio.sleep(0.3)
-            raise BackendClosedError("closed meanwhile")
 
     monkeypatch.setattr(settled, "SHIELD_SECONDS", 0.05)
-    async with CircuitBreaker(store=Slow(), local_view_ttl=0) as breaker:
+    async with CircuitBreaker(store=_ClosingStore(0.3), local_view_ttl=0) as breaker:
         task = asyncio.ensure_future(breaker.admit("k"))
         await asyncio.sleep(0.01)
         task.cancel()
