@@ -34,7 +34,6 @@ import math
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable
-from itertools import pairwise
 from typing import Final
 
 from attrs import define, field, frozen
@@ -89,8 +88,7 @@ class ChangeTest:
     ``degrade_step``: the alternative failure rate of the degradation test is
     ``max(q * degrade_ratio, q + degrade_step)``; the improvement test's is
     ``q / improve_ratio``, or the failure rate of an earlier, better regime when there
-    is one that no restore has refuted (recovering to it is what the test looks for; at
-    ``restore_threshold``).  ``q`` is floored at
+    is one (recovering to it is what the test looks for).  ``q`` is floored at
     ``min_rate``, so a run of perfect calls does not make two failures look like a change.
     An improvement that is not a return to an earlier regime's rate must clear
     ``improve_threshold`` (higher than ``threshold``: it only speeds a verdict up, and a
@@ -325,22 +323,6 @@ def _proof(
         part = base_lower if base_lower >= own else own
         proved = part if part < proved else proved
     return proved if proved > best else best
-
-
-def _refutes(regime: Regime, following: Regime) -> bool:
-    """
-    Whether ``following`` refutes ``regime``, an improvement that went back to an
-    earlier, better regime's rate (restoring its evidence), by a degradation.  Neither
-    that earlier regime nor ``regime`` (which holds its evidence) is a target of the
-    improvement test's cheaper threshold (`ChangeTest.restore_threshold`) any more, so
-    a short lucky stretch in a steady arm's history cannot pull the arm back to its
-    rate again and again (a 95% arm was cut into hundreds of regimes a week, restored
-    and refuted in turn); a real return to that rate is still detected, at
-    ``improve_threshold``.
-    """
-    return (
-        regime.kind == "improved" and regime.restored is not None and following.kind == "degraded"
-    )
 
 
 def _jeffreys_failure_rate(v: list[float]) -> float:
@@ -722,12 +704,7 @@ class Arm:
         """
         regimes = self.regimes
         closed = previous.closed if previous is not None else None
-        if (
-            closed is None
-            or len(regimes) < 2
-            or regimes[-2] is not previous
-            or _refutes(previous, regime)
-        ):
+        if closed is None or len(regimes) < 2 or regimes[-2] is not previous:
             return self._earlier_rates()
         if closed[SAMPLES] >= self.test.min_samples:
             return [*rates, _jeffreys_failure_rate(closed)]
@@ -780,17 +757,11 @@ class Arm:
         return first
 
     def _earlier_rates(self) -> list[float]:
-        # failure rates (Jeffreys) of the closed regimes with enough evidence, but those
-        # a restore refuted (see `_refutes`)
-        regimes = self.regimes
-        refuted: set[int | None] = set()
-        for a, b in pairwise(regimes):
-            if _refutes(a, b):
-                refuted.update((a.restored, a.start))
+        # failure rates (Jeffreys) of the closed regimes with enough evidence
         out = []
-        for r in regimes[:-1]:
+        for r in self.regimes[:-1]:
             c = r.closed
-            if c is not None and c[SAMPLES] >= self.test.min_samples and r.start not in refuted:
+            if c is not None and c[SAMPLES] >= self.test.min_samples:
                 out.append(_jeffreys_failure_rate(c))
         return out
 
