@@ -218,11 +218,11 @@ class Database:
         and release cost more than a short statement's round trip (about 60 µs of CPU
         and 85 µs of latency on a loopback connection).  One connection is kept; a
         statement that finds it busy (another statement in flight) runs on one from the
-        pool.  A statement that fails or is
-        interrupted gives its connection back to the pool, whose release cleans it up,
-        and so does the kept one every `KEPT_STATEMENTS` statements and when it is
-        found closed (the server ended the session).  Only with a pool of at least two
-        connections: the kept one must never be the one a transaction waits for.
+        pool.  A statement that fails or is interrupted gives its connection back to the
+        pool, whose release cleans it up, and so does the kept one every
+        `KEPT_STATEMENTS` statements and when it is found closed (the server ended the
+        session).  Only with a pool of at least two connections: the kept one must never
+        be the one a transaction waits for.
         """
         conn = self._kept
         if conn is None or not self._keeps(pool):
