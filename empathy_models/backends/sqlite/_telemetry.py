@@ -394,8 +394,8 @@ class SQLiteTelemetryBackend(TelemetryBackend):
 
         with gc_paused() if after_version == 0 else contextlib.nullcontext():
             rows = await self._db.run(job)
-            with gc_paused():
-                return _evidence_batch(rows)
+        with gc_paused():
+            return _evidence_batch(rows)
 
     async def _purge(self, *, before: datetime) -> int:
         """
