@@ -6,6 +6,7 @@ depend on how the evidence arrived, exploration with a budget, explanations.
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import random
 from datetime import UTC, datetime
@@ -198,10 +199,19 @@ def _walk_reference(arm: Arm) -> list[tuple[float, float, float]]:
     for j, t in enumerate(arm.starts):
         k = max(i for i, r in enumerate(regimes) if r.start <= t)
         regime, base = regimes[k], regimes[k].base
+        # an improvement to a new rate, ended by a degradation that restored an earlier
+        # regime, was a fluke: not a target of the cheaper restore threshold
         rates = [
             (c[0] - c[1] + 0.5) / (c[0] + 1.0)
-            for r in regimes[:k]
-            if (c := r.closed) is not None and c[0] >= test.min_samples
+            for r, after in itertools.pairwise(regimes[: k + 1])
+            if (c := r.closed) is not None
+            and c[0] >= test.min_samples
+            and not (
+                r.kind == "improved"
+                and r.restored is None
+                and after.kind == "degraded"
+                and after.restored is not None
+            )
         ]
         if j == 0 or arm.starts[j - 1] < regime.start:
             n0 = base[0] if base is not None else 0.0
@@ -273,6 +283,46 @@ def test_the_change_test_walk_is_the_bounds_arithmetic_bucket_by_bucket(seed: in
         expected = _walk_reference(built)
         got = list(zip(built.up, built.dn, built.proof, strict=True))
         assert got == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_lucky_stretch_does_not_split_a_steady_arm_again_and_again(seed: int) -> None:
+    # a 95% arm, 15 calls a minute for two days, with one stretch of 400 successes in a
+    # row: the stretch may read as an improvement, and noise may take the arm back to
+    # its rate once by chance, but it is no target of the cheap restore ever after (it
+    # was: the arm went back to it every ~45 lucky successes, hundreds of regimes)
+    rng = random.Random(seed)
+    arm = Arm(test=ChangeTest())
+    t = 0.0
+    for i in range(2 * 24 * 60 * 15):
+        t += 4.0
+        ok = True if 3000 <= i < 3400 else rng.random() < 0.95
+        arm.add(t, ok, 100.0, 500, 100 if ok else 0, 0.0001)
+    lucky = [r for r in arm.regimes if r.base is not None and r.base[1] / r.base[0] >= 0.98]
+    assert len(lucky) <= 2, [(r.kind, r.start, r.base) for r in lucky]
+    assert len(arm.regimes) <= 40, [(r.kind, r.start) for r in arm.regimes]
+    summary = arm.summarize(1.96, 3.0, 1.0)
+    assert summary.samples > 10_000  # the steady evidence stays whole
+    assert 0.94 <= summary.successes / summary.samples <= 0.96
+
+
+def test_a_model_that_recovered_keeps_its_old_standing_after_a_false_alarm() -> None:
+    # 0.99 for 3,000 calls, 0.80 for 100 (degraded), back to 0.99: its old evidence is
+    # restored; a false alarm after that (a short unlucky run) and the next return to
+    # 0.99 restore it again at the cheap threshold (a restored regime is never a fluke)
+    rng = random.Random(5)
+    arm = Arm(test=ChangeTest())
+    t = feed_arm(arm, 0.0, outcomes(0.99, 3000, rng))
+    t = feed_arm(arm, t, outcomes(0.8, 100, rng))
+    t = feed_arm(arm, t, [True] * 40)
+    assert arm.regimes[-1].kind == "improved" and arm.regimes[-1].restored is not None
+    t = feed_arm(arm, t, [False] * 6 + [True] * 20 + [False] * 4)
+    assert arm.regimes[-1].kind == "degraded"
+    detected = len(arm.regimes)
+    feed_arm(arm, t, [True] * 60)
+    assert len(arm.regimes) == detected + 1
+    assert arm.regimes[-1].kind == "improved" and arm.regimes[-1].restored is not None
+    assert arm.summarize(1.96, 3.0, 1.0).lower >= 0.95
 
 
 def test_a_recovery_to_the_old_rate_restores_the_old_evidence() -> None:

@@ -34,6 +34,7 @@ import math
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable
+from itertools import pairwise
 from typing import Final
 
 from attrs import define, field, frozen
@@ -323,6 +324,25 @@ def _proof(
         part = base_lower if base_lower >= own else own
         proved = part if part < proved else proved
     return proved if proved > best else best
+
+
+def _fluke(regime: Regime, following: Regime) -> bool:
+    """
+    Whether ``regime``, an improvement to a rate no earlier regime had, was a lucky
+    stretch: the degradation that ended it (``following``) went back to an earlier
+    regime's rate and restored that regime's evidence.  A fluke's rate is not a target
+    of the improvement test's cheaper threshold (`ChangeTest.restore_threshold`):
+    otherwise a steady arm returns to it by chance a run of ~45 successes later, and
+    back again, hundreds of times a week.  A real return to that rate is still
+    detected, at ``improve_threshold``.  A restored regime is never a fluke (a model
+    that recovered keeps its old standing whatever false alarms came after).
+    """
+    return (
+        regime.kind == "improved"
+        and regime.restored is None
+        and following.kind == "degraded"
+        and following.restored is not None
+    )
 
 
 def _jeffreys_failure_rate(v: list[float]) -> float:
@@ -706,7 +726,7 @@ class Arm:
         closed = previous.closed if previous is not None else None
         if closed is None or len(regimes) < 2 or regimes[-2] is not previous:
             return self._earlier_rates()
-        if closed[SAMPLES] >= self.test.min_samples:
+        if closed[SAMPLES] >= self.test.min_samples and not _fluke(previous, regime):
             return [*rates, _jeffreys_failure_rate(closed)]
         return rates
 
@@ -757,11 +777,11 @@ class Arm:
         return first
 
     def _earlier_rates(self) -> list[float]:
-        # failure rates (Jeffreys) of the closed regimes with enough evidence
+        # failure rates (Jeffreys) of the closed regimes with enough evidence, but flukes
         out = []
-        for r in self.regimes[:-1]:
+        for r, following in pairwise(self.regimes):
             c = r.closed
-            if c is not None and c[SAMPLES] >= self.test.min_samples:
+            if c is not None and c[SAMPLES] >= self.test.min_samples and not _fluke(r, following):
                 out.append(_jeffreys_failure_rate(c))
         return out
 
