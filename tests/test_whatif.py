@@ -305,22 +305,32 @@ async def _stage_calls(url: str, since: datetime) -> _Observed:
     )
 
 
+# One run is one draw: the test compares four of its figures with their predictions, so
+# each run's own sampling error is allowed for at 3 standard errors (99.7% each; a
+# family-wise false alarm under 1%).  At 1.96, about one test run in ten failed: the
+# recorded demo's routing depends on the timing of its concurrent calls, and in one of
+# its trajectories the model the looser policy picks got ~300 calls at a lucky 91%
+# (truth ~87%), so a run's 391 of 456 missed the predicted [0.893, 0.933] by 0.006.
+_RUN_Z = 3.0
+
+
 def _agrees(interval: Interval, observed: float, se: float) -> bool:
     """
     The prediction (an interval for the expected figure) agrees with one run's figure,
     whose own sampling error is ``se``: they overlap once that error is allowed for.
     """
     assert interval.low is not None and interval.high is not None
-    return interval.low - 1.96 * se <= observed <= interval.high + 1.96 * se
+    return interval.low - _RUN_Z * se <= observed <= interval.high + _RUN_Z * se
 
 
 def _rate_agrees(interval: Interval, seen: _Observed) -> bool:
     """
-    The predicted success-rate interval overlaps the run's own 95% Wilson interval (a
-    rate near 1 has no usable normal-approximation error: 391 of 392 gives 0.0026).
+    The predicted success-rate interval overlaps the run's own Wilson interval at
+    ``_RUN_Z`` (a rate near 1 has no usable normal-approximation error: 391 of 392
+    gives 0.0026).
     """
     assert interval.low is not None and interval.high is not None
-    low, high = wilson_interval(round(seen.success * seen.attempts), seen.attempts)
+    low, high = wilson_interval(round(seen.success * seen.attempts), seen.attempts, _RUN_Z)
     return interval.low <= high and low <= interval.high
 
 
@@ -333,8 +343,8 @@ async def test_demo_whatif_directions_are_confirmed_by_running_the_demo_under_ea
     demo's 0.9.  The demo then runs again under each policy, on a copy of the recorded
     store (the policy deployed on the same history): the tighter one costs more, as
     predicted, and each run's cost and success per attempt agree with the predicted 95%
-    intervals (allowing for the run's own sampling error: one run of ~450 attempts is
-    not its expectation).
+    intervals (allowing for the run's own sampling error, at `_RUN_Z`: one run of ~450
+    attempts is not its expectation).
     """
     recorded = tmp_path / "recorded.db"
     await run_demo(calls=3_000, seed=7, db_url=f"sqlite:///{recorded}", outage=False)
