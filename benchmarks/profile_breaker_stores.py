@@ -7,7 +7,10 @@ timed alone (median µs of ``--repeats`` interleaved passes of ``--calls`` calls
 
 - ``raw PING``: one asyncio round trip on a connection of its own; ``sync GET``: the
   sync redis-py client pybreaker and aiobreaker use;
-- ``store.admit``: `RedisCircuitStateStore.admit` alone; ``+ failover``: through the
+- ``store.admit``: `RedisCircuitStateStore.admit` alone (the store packs the command and
+  reads the reply itself); ``store.admit, redis-py's path``: the same on a client bound
+  to one connection, whose command goes through redis-py's ``execute_command`` (the
+  store's options: a 2 s ``socket_timeout``); ``+ failover``: through the
   breaker's degraded-mode wrapper; ``+ settled (future)``: through the task that carries
   it past a cancellation, as the breaker runs it; ``+ settled (asyncio.shield)``: the
   same task awaited through `asyncio.shield`, for comparison; ``guard``: ``async with
@@ -93,6 +96,14 @@ async def redis_layers(calls: int, repeats: int) -> None:
         settler: Any = breaker._settler
         policy = breaker.policy
 
+        from empathy_models_redis import RedisCircuitStateStore
+
+        # the same store class on a client bound to one connection: redis-py's command path
+        bound = aioredis.Redis.from_url(
+            REDIS_URL, single_connection_client=True, socket_timeout=2.0
+        )
+        by_client = RedisCircuitStateStore(bound)
+
         async def idle() -> None:
             pass
 
@@ -115,6 +126,7 @@ async def redis_layers(calls: int, repeats: int) -> None:
             "raw PING": ping,
             "sync GET": sync_get,
             "store.admit": lambda: store.admit(key, policy),
+            "store.admit, redis-py's path": lambda: by_client.admit(key, policy),
             "+ failover": lambda: stores.admit(key, policy),
             "+ settled (future)": lambda: settler.admit(stores, key, policy),
             "+ settled (asyncio.shield)": shielded,
@@ -135,6 +147,8 @@ async def redis_layers(calls: int, repeats: int) -> None:
                 print(f"  Redis time per admission, {label}: {row.get('usec_per_call')} µs")
         finally:
             await admin.aclose()
+            await by_client.aclose()
+            await bound.aclose()
     writer.close()
     sync_client.close()
 
