@@ -19,6 +19,9 @@ timed alone (median µs of ``--repeats`` interleaved passes of ``--calls`` calls
   an admission whose state the caller holds, and one whose state it does not (the
   script's full path).
 
+SQLite (a temporary file): `SQLiteStateStore.admit` of a CLOSED key and a success's
+`record`, back to back and a millisecond apart (``--calls`` of each).
+
 PostgreSQL (``EMPATHY_BENCH_POSTGRES_DSN``): the store's read statement on a connection
 taken from the pool and given back, and on one kept between statements (latency and
 client CPU); a success's write (`record`) with ``synchronous_commit`` on and off.
@@ -33,8 +36,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_breaker import REDIS_URL, _redis_reachable, noop
@@ -193,7 +198,39 @@ async def postgres_layers(calls: int, repeats: int) -> None:
         print(f"  synchronous_commit={setting:3s} {statistics.median(times):8.1f} µs")
 
 
+async def sqlite_layers(calls: int) -> None:
+    from empathy_models.backends.sqlite import SQLiteStateStore
+
+    print("SQLite (a file of its own), a CLOSED admission and a success's write, median:")
+    for label, pause in (("back to back", 0.0), ("a millisecond apart", 0.001)):
+        admit_us: list[float] = []
+        record_us: list[float] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            async with SQLiteStateStore(Path(tmp) / "breaker.db") as store:
+                key = "profile-breaker-stores"
+                policy = BreakerPolicy()
+                for i in range(calls):
+                    t0 = time.perf_counter_ns()
+                    admission = await store.admit(key, policy)
+                    t1 = time.perf_counter_ns()
+                    assert admission.ticket is not None
+                    report = OutcomeReport(ticket=admission.ticket, outcome=Outcome.SUCCESS)
+                    t2 = time.perf_counter_ns()
+                    await store.record(key, policy, [report])
+                    t3 = time.perf_counter_ns()
+                    if i >= calls // 5:  # after a warm-up
+                        admit_us.append((t1 - t0) / 1000.0)
+                        record_us.append((t3 - t2) / 1000.0)
+                    if pause:
+                        await asyncio.sleep(pause)
+        print(
+            f"  {label:20s} store.admit {statistics.median(admit_us):6.1f} µs, "
+            f"store.record {statistics.median(record_us):6.1f} µs"
+        )
+
+
 async def main(calls: int, repeats: int) -> None:
+    await sqlite_layers(calls)
     if await _redis_reachable():
         await redis_layers(calls, repeats)
     else:
