@@ -89,7 +89,8 @@ class ChangeTest:
     ``degrade_step``: the alternative failure rate of the degradation test is
     ``max(q * degrade_ratio, q + degrade_step)``; the improvement test's is
     ``q / improve_ratio``, or the failure rate of an earlier, better regime when there
-    is one (recovering to it is what the test looks for).  ``q`` is floored at
+    is one (recovering to it is what the test looks for; a lucky stretch the arm came
+    back from is not one: see `_fluke`).  ``q`` is floored at
     ``min_rate``, so a run of perfect calls does not make two failures look like a change.
     An improvement that is not a return to an earlier regime's rate must clear
     ``improve_threshold`` (higher than ``threshold``: it only speeds a verdict up, and a
