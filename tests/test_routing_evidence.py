@@ -289,8 +289,9 @@ def test_the_change_test_walk_is_the_bounds_arithmetic_bucket_by_bucket(seed: in
 def test_a_lucky_stretch_does_not_split_a_steady_arm_again_and_again(seed: int) -> None:
     # a 95% arm, 15 calls a minute for two days, with one stretch of 400 successes in a
     # row: the stretch may read as an improvement, and noise may take the arm back to
-    # its rate once by chance, but it is no target of the cheap restore ever after (it
-    # was: the arm went back to it every ~45 lucky successes, hundreds of regimes)
+    # its rate once by chance, but it is no target of the cheap restore ever after
+    # (were it one, the arm would go back to it every ~45 lucky successes: hundreds of
+    # regimes)
     rng = random.Random(seed)
     arm = Arm(test=ChangeTest())
     t = 0.0

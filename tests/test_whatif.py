@@ -307,10 +307,10 @@ async def _stage_calls(url: str, since: datetime) -> _Observed:
 
 # One run is one draw: the test compares four of its figures with their predictions, so
 # each run's own sampling error is allowed for at 3 standard errors (99.7% each; a
-# family-wise false alarm under 1%).  At 1.96, about one test run in ten failed: the
+# family-wise false alarm under 1%).  At 1.96 about one test run in ten fails: the
 # recorded demo's routing depends on the timing of its concurrent calls, and in one of
-# its trajectories the model the looser policy picks got ~300 calls at a lucky 91%
-# (truth ~87%), so a run's 391 of 456 missed the predicted [0.893, 0.933] by 0.006.
+# its trajectories the model the looser policy picks gets ~300 calls at a lucky 91%
+# (truth ~87%), so a run's 391 of 456 misses the predicted [0.893, 0.933] by 0.006.
 _RUN_Z = 3.0
 
 
