@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_breaker import REDIS_URL, _redis_reachable, noop
+from benchmarks.bench_breaker_rates import Guarded, paced
 from benchmarks.bench_telemetry import POSTGRES_DSN, _postgres_reachable
 from empathy_models import CircuitBreaker
 from empathy_models.circuit import BreakerPolicy
@@ -51,21 +52,13 @@ from empathy_models.records import Outcome, OutcomeReport
 Op = Callable[[], Awaitable[object]]
 
 
-async def paced(op: Op, calls: int, rate: float = 1000.0) -> tuple[float, float]:
-    """Median µs of ``calls`` paced calls, and the process CPU µs per call."""
-    out: list[float] = []
-    clock = time.perf_counter
-    cpu = time.process_time()
-    start = clock()
-    for i in range(calls):
-        wait = start + i / rate - clock()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        t0 = time.perf_counter_ns()
+def _keyless(op: Op) -> Guarded:
+    """``op`` as a guarded call of `bench_breaker_rates.paced` (the key unused)."""
+
+    async def call(_key: str) -> None:
         await op()
-        out.append((time.perf_counter_ns() - t0) / 1000.0)
-    await asyncio.sleep(0.02)
-    return statistics.median(out), (time.process_time() - cpu) / calls * 1e6
+
+    return call
 
 
 async def interleaved(cases: dict[str, Op], calls: int, repeats: int) -> None:
@@ -74,8 +67,8 @@ async def interleaved(cases: dict[str, Op], calls: int, repeats: int) -> None:
     cpu: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, op in cases.items():
-            w, c = await paced(op, calls)
-            wall[name].append(w)
+            times, c = await paced(_keyless(op), [""], 1000.0, calls)
+            wall[name].append(statistics.median(times))
             cpu[name].append(c)
     base = statistics.median(cpu["idle (the pacing alone)"])
     for name in cases:
