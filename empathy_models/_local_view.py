@@ -16,9 +16,11 @@ hint: the hot path is then the view's lookup, the store's clock read and one inc
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -32,6 +34,8 @@ from .outcomes import retry_after_of
 from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
 
 if TYPE_CHECKING:
+    from ._change_feed import ChangeFeed
+    from .abc import CircuitStateStore
     from .backends.memory import MemoryStateStore, _Tail
     from .breaker import CircuitBreaker
     from .circuit import BreakerPolicy
@@ -49,6 +53,9 @@ _SUCCESS = Outcome.SUCCESS
 
 MAX_PENDING = 1000
 """Written-behind successes of one key are flushed at the latest when this many wait."""
+
+MAX_ANNOUNCED = 100_000
+"""Generations announced by a store's feed that a local view remembers (then forgets all)."""
 
 
 def view_ticket(state: CircuitBreakerState) -> Ticket | None:
@@ -86,7 +93,9 @@ class View:
     The last state a store returned for one key, as the hot path needs it.
 
     ``at`` is when it was fetched (by the breaker's clock) and ``until`` when it stops
-    being fresh (``at + local_view_ttl``; ``-inf`` once marked stale).  ``ticket`` is the
+    being fresh (``at + local_view_ttl``, later when a store's change feed confirms it;
+    ``-inf`` once marked stale).  ``epoch`` is the `LocalView` epoch when the request
+    it answers was sent (-1: never confirmed by a feed).  ``ticket`` is the
     ticket a CLOSED or DISABLED view hands out.  ``pending`` is the key's `Pending`
     batch while this CLOSED view of its generation is the key's current one; it is unset
     when the view is replaced or the batch is flushed, so a guard that admitted from
@@ -96,14 +105,20 @@ class View:
     view's), the store holds this view's state, without a lookup.
     """
 
-    __slots__ = ("at", "pending", "state", "tail", "ticket", "until")
+    __slots__ = ("at", "epoch", "pending", "state", "tail", "ticket", "until")
 
     def __init__(
-        self, state: CircuitBreakerState, at: float, until: float, pending: Pending | None
+        self,
+        state: CircuitBreakerState,
+        at: float,
+        until: float,
+        pending: Pending | None,
+        epoch: int = -1,
     ) -> None:
         self.state = state
         self.at = at
         self.until = until
+        self.epoch = epoch
         self.ticket = view_ticket(state)
         self.pending = pending
         self.tail: _Tail | None = None
@@ -129,6 +144,12 @@ class LocalView:
     (`current`), and a success goes into the stored state at once (`added`), so every
     breaker sharing the store sees it at once.
 
+    With a store's `ChangeFeed` (``feed``, set by the breaker), the view listens to it:
+    an announced generation other than a view's marks the view stale, and an expired
+    CLOSED or DISABLED view is confirmed (served until the feed's last sync plus
+    ``ttl``) when its key had no such announcement since the request it answers was
+    sent and the feed has not restarted since (``epoch`` counts the restarts).
+
     Args:
         clock: UTC epoch seconds (the breaker's clock).
         ttl: Seconds a view stays fresh (``local_view_ttl``).
@@ -136,7 +157,18 @@ class LocalView:
         memory: The breaker's store when it is a `MemoryStateStore` (exactly that class).
     """
 
-    __slots__ = ("_flush_interval", "clock", "memory", "pending", "ttl", "views")
+    __slots__ = (
+        "_flush_interval",
+        "clock",
+        "epoch",
+        "feed",
+        "flusher",
+        "latest",
+        "memory",
+        "pending",
+        "ttl",
+        "views",
+    )
 
     def __init__(
         self,
@@ -151,16 +183,93 @@ class LocalView:
         self.memory = memory
         self.views: dict[str, View] = {}
         self.pending: dict[str, Pending] = {}
+        self.feed: ChangeFeed | None = None
+        self.flusher: asyncio.Task[None] | None = None
+        self.epoch = 0
+        self.latest: dict[str, int] = {}
+        """Per key, the generation the feed last announced (since its last restart)."""
 
     def current(self, view: View, now: float) -> bool:
         """
         Whether ``view`` may answer an admission at ``now``: on the in-process store,
-        while the store holds its very state (read, not timed); elsewhere while fresh.
+        while the store holds its very state (read, not timed); elsewhere while fresh,
+        or confirmed by the store's change feed (which then extends it).
         """
         memory = self.memory
         if memory is not None:
             return memory._holds(view.state)
-        return view.at <= now < view.until
+        if view.at <= now < view.until:
+            return True
+        feed = self.feed
+        if feed is None or view.epoch != self.epoch or view.ticket is None:
+            return False
+        state = view.state
+        if view.at == -math.inf or self.latest.get(state.key, state.generation) != (
+            state.generation
+        ):
+            return False  # marked stale, or another generation announced since
+        left = feed.synced_at + self.ttl - time.monotonic()
+        if left <= 0:
+            return False
+        view.until = now + left
+        return True
+
+    # ------------------------------------------------------------------ upkeep
+
+    def start(
+        self,
+        store: CircuitStateStore,
+        flush_all: Callable[[], Awaitable[None]],
+        sleep: Callable[[float], Awaitable[None]],
+        name: str,
+    ) -> None:
+        """
+        Keep a shared store's views and batches: start the background flusher (named
+        ``name``; `flush_loop`) and listen to the store's change feed, if it has one.
+
+        The flusher is a task of its own, not one of a task group held open across the
+        caller's code: nothing the caller does inside the breaker's ``async with`` (task
+        groups, except*, cancel scopes) can cancel or interleave with it, or be cancelled
+        by it.
+        """
+        if self.flusher is not None:
+            return
+        self.flusher = asyncio.get_running_loop().create_task(
+            flush_loop(flush_all, sleep, self._flush_interval), name=name
+        )
+        feed = store.change_feed()
+        if feed is not None:
+            self.feed = feed
+            feed.listen(self, self.ttl)
+
+    async def stop(self) -> None:
+        """Stop listening and stop the flusher (waited for without taking its
+        cancellation for the caller's own)."""
+        flusher, self.flusher = self.flusher, None
+        feed, self.feed = self.feed, None
+        if feed is not None:
+            await feed.unlisten(self)
+        if flusher is not None:
+            flusher.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({flusher})
+
+    # ------------------------------------------------------------------ a feed's listener
+
+    def announced(self, key: str, generation: int) -> None:
+        """The store's feed: ``key`` has ``generation`` now; a view of another is stale."""
+        latest = self.latest
+        if len(latest) >= MAX_ANNOUNCED and key not in latest:
+            self.restarted()
+        latest[key] = generation
+        view = self.views.get(key)
+        if view is not None and view.state.generation != generation:
+            view.stale()
+
+    def restarted(self) -> None:
+        """The store's feed (re)subscribed: no view fetched before is confirmed by it."""
+        self.epoch += 1
+        self.latest.clear()
 
     def added(self, view: View | None, ticket: Ticket, policy: BreakerPolicy) -> bool:
         """
@@ -201,11 +310,12 @@ class LocalView:
         return [] if view is None else [view.state]
 
     def adopt(
-        self, state: CircuitBreakerState, now: float, *, newer_only: bool
+        self, state: CircuitBreakerState, now: float, *, newer_only: bool, epoch: int = -1
     ) -> CircuitState | None:
         """
         Make ``state`` its key's view (fresh from ``now``), carrying the key's batch over
-        when it is of the same CLOSED generation.
+        when it is of the same CLOSED generation; ``epoch`` is `epoch` when the request
+        that returned ``state`` was sent (-1: the view is never confirmed by a feed).
 
         Returns:
             The state the previous view showed (CLOSED for a key never seen), or ``None``
@@ -229,7 +339,12 @@ class LocalView:
                 pending = None
         if old is not None:
             old.pending = None  # guards admitted from the old view take the general path
-        self.views[key] = View(state, now, now + self.ttl, pending)
+        view = self.views[key] = View(state, now, now + self.ttl, pending, epoch)
+        announced = self.latest.get(key)
+        if announced is not None and announced != state.generation:
+            # the feed announced another generation: an answer that was on its way when
+            # that change was made (or one made since, whose announcement is on its way)
+            view.stale()
         return _CLOSED if old is None else old.state.state
 
     def write_behind(self, view: View, ticket: Ticket) -> bool | None:
@@ -343,6 +458,7 @@ class LocalView:
     def close(self) -> None:
         """From here on every admission and report takes the breaker's general path."""
         self.memory = None  # nothing admitted or added in process: the breaker refuses
+        self.feed = None
         for view in self.views.values():
             view.pending = None
             view.tail = None

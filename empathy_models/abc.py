@@ -21,6 +21,7 @@ import attrs
 from attrs import field, frozen
 
 from . import circuit
+from ._change_feed import ChangeFeed
 from ._stats import check_aware
 from ._validators import check, failure, integer, one_of, text
 from .content import (
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncResource",
     "AttemptTimeout",
+    "ChangeFeed",
     "QuotaStore",
     "ResponseCache",
     "CircuitStateStore",
@@ -347,6 +349,17 @@ class CircuitStateStore(AsyncResource):
         cancellation shields that guard a call to a store doing I/O.
         """
         return False
+
+    def change_feed(self) -> ChangeFeed | None:
+        """
+        The store's announcements of changed keys, if it can make them (default: none).
+
+        A shared store that can tell every process of a key's new generation (Redis
+        pub/sub, PostgreSQL ``NOTIFY``) returns one `ChangeFeed` (the same each time)
+        and closes it with the store; a breaker's local view then stays usable past
+        ``local_view_ttl`` while the feed proves nothing changed (see `ChangeFeed`).
+        """
+        return None
 
 
 class TransactionalStateStore(CircuitStateStore):

@@ -37,12 +37,24 @@ HALF_OPEN admission and probe outcome (leases are granted by the store), and the
 call after the view expired.  Each store answer refreshes the view.  Hence: **a trip,
 reset or force made by another process is seen here within ``local_view_ttl``
 seconds**; a failure or a probe counts fleet-wide at once; a success reaches the store
-within ``flush_interval``.  ``local_view_ttl=0`` (the exact mode) asks the store on
-every admission and sends every outcome at once: failures and probe outcomes before the
-call returns, the success of a CLOSED ticket right after it, from a task of the breaker's
+within ``flush_interval``.  ``local_view_ttl=0`` (the exact mode) asks the store on every
+admission and sends every outcome at once: failures and probe outcomes before the call
+returns, the success of a CLOSED ticket right after it, from a task of the breaker's
 (the caller does not wait for the store's answer; the next store operation for that key
 in this process, and `flush`, `get_status` and `aclose`, wait for it, so this process's
 order of outcomes is kept).
+
+**Stores that announce changes** (Redis and PostgreSQL: `CircuitStateStore.change_feed`)
+make the view both fresher and cheaper, with the same bound.  While the breaker is
+used as ``async with`` (and ``local_view_ttl > 0``) it listens to the store's
+announcements of new generations: a view of a key another process has moved on is
+marked stale as soon as the announcement arrives (usually within a millisecond), and
+an expired CLOSED or DISABLED view of a key with no such announcement is served on,
+without a round trip, for ``local_view_ttl`` seconds past the feed's last proof that
+it missed nothing (a PING or ``SELECT 1`` on the subscription's connection, every
+quarter of ``local_view_ttl``, at most every second).  A rarely used key then costs
+what a busy one does.  When the subscription breaks, views fetched before it are
+never confirmed again and expire by their TTL, as without a feed.
 
 **On an in-process `MemoryStateStore`** (that class itself, given or the default),
 there is nothing to gain from a local view or write-behind, and the breaker keeps
@@ -109,7 +121,7 @@ from ._breaker_events import (
     encodable,
     ts,
 )
-from ._local_view import MAX_PENDING, Guard, LocalView, flush_loop, protected, view_ticket
+from ._local_view import MAX_PENDING, Guard, LocalView, protected, view_ticket
 from ._settled import SHIELD_SECONDS, Settler
 from ._validators import check, failure, integer, number
 from .abc import AsyncResource, CircuitStateStore
@@ -283,6 +295,7 @@ def _failover(
 
     async def degraded(key: str | None, error: str, only_key: bool) -> None:
         local.stale(key if only_key else None)
+        local.restarted()  # no answer in flight is confirmed by the store's change feed
         await events.store_degraded(key, error)
 
     async def recovered(key: str | None, only_key: bool) -> None:
@@ -408,7 +421,6 @@ class CircuitBreaker(AsyncResource):
             store_timeout,
         )
         self._settler = Settler()
-        self._flusher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         mode = " degraded" if self._stores.degraded else ""
@@ -473,28 +485,17 @@ class CircuitBreaker(AsyncResource):
         if self._owns_store:
             # a store that cannot be opened starts the breaker degraded
             await self._stores.__aenter__()
-        if self._store.shared and self._ttl > 0 and self._flusher is None:
-            # a task the breaker owns, not a task group held open across the caller's
-            # code: nothing the caller does inside ``async with`` (task groups, except*,
-            # cancel scopes) can be cancelled or interleaved by the flusher, or cancel it
-            self._flusher = asyncio.get_running_loop().create_task(
-                flush_loop(self._flush_all, self._sleep, self._flush_interval),
-                name=f"{self!r} flusher",
-            )
+        if self._store.shared and self._ttl > 0:
+            self._local.start(self._store, self._flush_all, self._sleep, f"{self!r} flusher")
 
     async def _aclose(self) -> None:
         """Stop the flusher, flush every written-behind success, close an owned store."""
-        flusher, self._flusher = self._flusher, None
         releases = self._settler.releases
         try:
             if releases:  # leases being given back must reach the store first
                 with anyio.CancelScope(shield=True):
                     await asyncio.wait(set(releases), timeout=SHIELD_SECONDS)
-            if flusher is not None:
-                flusher.cancel()
-                # wait for it without taking its cancellation for this task's own
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait({flusher})
+            await self._local.stop()
             with anyio.CancelScope(shield=True):
                 await self._flush_all()
         finally:
@@ -592,12 +593,13 @@ class CircuitBreaker(AsyncResource):
                 if ticket is not None:
                     return ticket
         policy = self.policy
+        epoch = self._local.epoch if self._stores.primary_answers(key) else -1
         if self._scoped:
             # a cancelled caller neither leaks a probe lease nor loses its cancellation
             admission = await self._settler.admit(self._stores, key, policy)
         else:  # an in-process store never suspends: nothing can interrupt it
             admission = await self._stores.admit(key, policy)
-        await self._observe(admission.state)
+        await self._observe(admission.state, epoch=epoch)
         if admission.admitted and admission.ticket is not None:
             return admission.ticket
         await self._reject(admission.state, admission.retry_after)
@@ -680,6 +682,7 @@ class CircuitBreaker(AsyncResource):
     async def _record(self, key: str, reports: list[OutcomeReport]) -> CircuitBreakerState:
         """Send ``reports`` to the store and adopt the state it answers."""
         policy = self.policy
+        epoch = self._local.epoch if self._stores.primary_answers(key) else -1
         if not self._scoped:  # an in-process store never suspends: nothing to shield
             state = await self._stores.record(key, policy, reports)
         else:
@@ -687,7 +690,7 @@ class CircuitBreaker(AsyncResource):
             # longer in memory must arrive even when the caller is being cancelled
             # (bounded, so a hung store cannot hold the caller)
             state = await self._settler.ordered(key, self._stores.record(key, policy, reports))
-        await self._observe(state)
+        await self._observe(state, epoch=epoch)
         return state
 
     async def _flush_key(self, key: str) -> CircuitBreakerState | None:
@@ -803,11 +806,17 @@ class CircuitBreaker(AsyncResource):
     # ------------------------------------------------------------------ views and events
 
     async def _observe(
-        self, state: CircuitBreakerState, reason: str | None = None, *, newer_only: bool = True
+        self,
+        state: CircuitBreakerState,
+        reason: str | None = None,
+        *,
+        newer_only: bool = True,
+        epoch: int = -1,
     ) -> None:
-        """Adopt ``state`` as its key's view; tell of a change and apply the provider rule."""
+        """Adopt ``state`` as its key's view (see `LocalView.adopt` for ``epoch``); tell
+        of a change and apply the provider rule."""
         now = self._clock()
-        old_state = self._local.adopt(state, now, newer_only=newer_only)
+        old_state = self._local.adopt(state, now, newer_only=newer_only, epoch=epoch)
         if old_state is None or old_state is state.state:
             return
         await self._events.changed(state, old_state, reason or state.reason)

@@ -11,7 +11,9 @@ def test_contracts_exports_exactly_its_public_names() -> None:
     contracts = importlib.import_module("empathy_models.testing.contracts")
     assert contracts.__all__ == [
         "AdvanceClock",
+        "ChangeFeedContract",
         "CircuitStateStoreContract",
+        "CutChangeFeed",
         "QuotaStoreContract",
         "ResponseCacheContract",
         "TelemetryBackendContract",

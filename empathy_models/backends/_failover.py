@@ -117,6 +117,10 @@ class FailoverStateStore(CircuitStateStore):
         """True while the primary as a whole is failing and the fallback answers."""
         return self._fallback is not None
 
+    def primary_answers(self, key: str) -> bool:
+        """Whether an operation on ``key`` goes to the primary now (no fallback for it)."""
+        return self._fallback is None and key not in self._unreadable
+
     @property
     def in_process(self) -> bool:
         """The primary's: a fallback never waits either."""

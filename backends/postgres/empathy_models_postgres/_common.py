@@ -34,6 +34,22 @@ DEFAULT_TABLE_PREFIX: Final = "empathy_"
 _IDENT: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _URL_OPTIONS: Final = frozenset({"schema", "table_prefix"})
 
+_POOL_ONLY: Final = frozenset(
+    {
+        "init_size",
+        "min_size",
+        "max_size",
+        "max_queries",
+        "max_inactive_connection_lifetime",
+        "connect",
+        "setup",
+        "init",
+        "reset",
+        "loop",
+    }
+)
+"""`asyncpg.create_pool` options that `asyncpg.connect` does not take."""
+
 _DRIVER_ERRORS: Final = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -204,6 +220,14 @@ class Database:
                     raise
                 self._pool = pool
         return self._pool
+
+    async def connect(self, application_name: str) -> asyncpg.Connection:
+        """One connection of its own, outside the pool, opened with the pool's options
+        and ``application_name`` (what ``pg_stat_activity`` shows operators)."""
+        options = {k: v for k, v in self.pool_options.items() if k not in _POOL_ONLY}
+        settings = {**(options.get("server_settings") or {}), "application_name": application_name}
+        async with self.errors("connect"):
+            return await asyncpg.connect(self.dsn, **{**options, "server_settings": settings})
 
     async def statement(
         self,

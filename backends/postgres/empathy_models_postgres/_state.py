@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any, Final, TypeVar, cast
 
-from empathy_models.abc import TransactionalStateStore
+from empathy_models.abc import ChangeFeed, TransactionalStateStore
 from empathy_models.exceptions import RecordValidationError, StateStoreError
 from empathy_models.records import CircuitBreakerState
 from empathy_models.serialization import from_dict, to_dict
 
 from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
+from ._feed import channel_of, payload, watch
 
 __all__ = ["STATE_SCHEMA_VERSION", "PostgresCircuitStateStore"]
 
@@ -47,7 +49,9 @@ class PostgresCircuitStateStore(TransactionalStateStore):
     operation runs again as one transaction: the row is inserted if absent, locked
     with ``SELECT ... FOR UPDATE``, the machine is applied with ``now`` read after the
     lock is held, and the new state is written back.  Concurrent processes therefore
-    serialize per key and agree on time.
+    serialize per key and agree on time.  A write that gives a key a new generation
+    also sends ``pg_notify`` in its transaction, for the breakers' change feed (see
+    `change_feed`).
 
     The store's sessions commit asynchronously (``synchronous_commit=off``, set when a
     connection is opened; ``server_settings={"synchronous_commit": "on"}`` in
@@ -114,6 +118,15 @@ class PostgresCircuitStateStore(TransactionalStateStore):
             f"UPDATE {table} SET state = $2::jsonb, updated_at = clock_timestamp() "
             "WHERE key = $1 AND state = $3::jsonb RETURNING state::text"
         )
+        # the same, announcing a new generation when (and only when) the write happens
+        self._channel = channel_of(table)
+        self._insert_if_notify_sql = (
+            f"WITH w AS ({self._insert_if_sql} AS state) SELECT w.state, pg_notify($3, $4) FROM w"
+        )
+        self._update_if_notify_sql = (
+            f"WITH w AS ({self._update_if_sql} AS state) SELECT w.state, pg_notify($4, $5) FROM w"
+        )
+        self._feed: ChangeFeed | None = None
 
     def __repr__(self) -> str:
         return (
@@ -125,7 +138,18 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         await self._db.pool(self._migrations)
 
     async def _aclose(self) -> None:
+        if self._feed is not None:
+            await self._feed.aclose()
         await self._db.close()
+
+    def change_feed(self) -> ChangeFeed:
+        """
+        The store's announcements of new generations, by ``LISTEN`` on a channel named
+        after the table (one connection of its own while a breaker listens).
+        """
+        if self._feed is None:
+            self._feed = ChangeFeed(functools.partial(watch, self._db, self._channel), repr(self))
+        return self._feed
 
     def _decode(self, raw: str | None) -> CircuitBreakerState | None:
         return None if raw is None else self._decode_text(raw)
@@ -176,6 +200,10 @@ class PostgresCircuitStateStore(TransactionalStateStore):
                     key,
                     json.dumps(to_dict(new), separators=(",", ":")),
                 )
+                if current is None or current.generation != new.generation:
+                    await conn.execute(
+                        "SELECT pg_notify($1, $2)", self._channel, payload(key, new.generation)
+                    )
         return result
 
     async def _peek(self, key: str) -> tuple[CircuitBreakerState | None, float, object] | None:
@@ -189,13 +217,18 @@ class PostgresCircuitStateStore(TransactionalStateStore):
     async def _put_if(self, key: str, seen: object, new: CircuitBreakerState) -> bool:
         pool = await self._db.pool(self._migrations)
         data = json.dumps(to_dict(new), separators=(",", ":"))
-        async with self._db.errors(f"update {key!r}"):
+        db = self._db
+        async with db.errors(f"update {key!r}"):
             if seen is None:
-                stored = await self._db.statement(pool, "fetchval", self._insert_if_sql, key, data)
+                announce = (self._channel, payload(key, new.generation))
+                sql = self._insert_if_notify_sql
+                stored = await db.statement(pool, "fetchval", sql, key, data, *announce)
+            elif self._decoded(key, seen, self._decode_text).generation == new.generation:
+                stored = await db.statement(pool, "fetchval", self._update_if_sql, key, data, seen)
             else:
-                stored = await self._db.statement(
-                    pool, "fetchval", self._update_if_sql, key, data, seen
-                )
+                announce = (self._channel, payload(key, new.generation))
+                sql = self._update_if_notify_sql
+                stored = await db.statement(pool, "fetchval", sql, key, data, seen, *announce)
         if stored is None:
             return False
         self._remember(key, stored, new)  # the text the next read returns

@@ -35,7 +35,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-from empathy_models.abc import CircuitStateStore
+from empathy_models.abc import ChangeFeed, CircuitStateStore
 from empathy_models.backends import redact_url
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.exceptions import (
@@ -50,6 +50,8 @@ from empathy_models.records import (
     OutcomeReport,
     Ticket,
 )
+
+from ._feed import watch
 
 __all__ = ["DEFAULT_KEY_TTL", "DEFAULT_PREFIX", "RedisCircuitStateStore", "breaker_script"]
 
@@ -244,6 +246,7 @@ class RedisCircuitStateStore(CircuitStateStore):
     """
 
     shared = True
+    _feed: ChangeFeed | None = None
 
     def __init__(
         self,
@@ -532,7 +535,18 @@ class RedisCircuitStateStore(CircuitStateStore):
                 target=self._target,
             ) from exc
 
+    def change_feed(self) -> ChangeFeed:
+        """
+        The script's announcements of new generations, read by a subscription to the
+        channel named by ``prefix`` (one connection of its own while a breaker listens).
+        """
+        if self._feed is None:
+            self._feed = ChangeFeed(functools.partial(watch, self._client, self.prefix), repr(self))
+        return self._feed
+
     async def _aclose(self) -> None:
+        if self._feed is not None:
+            await self._feed.aclose()
         if self._owns_client:
             try:
                 async with self._using_pool():

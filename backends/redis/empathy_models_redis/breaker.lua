@@ -6,6 +6,8 @@
 --   4 the BreakerPolicy's 13 values joined by "," (see P below)
 --   5 the revision of the state the caller last read for this key ("" for none)
 --   6.. op arguments (record: six per report, the last a repeat count, see the dispatch)
+-- A write that gives the key a new generation PUBLISHes "<generation> <key>" on the
+-- channel named by the prefix (KEYS[1] without the key).
 -- Time is the server's TIME.  Every write stores a new revision in the hash's "rev"
 -- field ("<counter>/<TIME>": the counter grows by one a write; a key that expired or
 -- was deleted starts again at 1, at a later TIME).  The reply is one string, the values
@@ -748,6 +750,12 @@ local caller_holds_current = current ~= nil and current_rev ~= "" and current_re
 if changed or current == nil then
   local written, gone
   rev, written, gone = save(state, NOW, current, current_rev, stored)
+  if current == nil or current.generation ~= state.generation then
+    -- a new generation (every transition, and a key created): announced as
+    -- "<generation> <key>" on the channel named by the prefix, for the local views
+    -- of every process (see the store's change feed)
+    redis.call("PUBLISH", string.sub(KEYS[1], 1, #KEYS[1] - #KEY), fmt(state.generation) .. " " .. KEY)
+  end
   if not caller_holds_current then
     flat = encode(state)
   else

@@ -201,7 +201,10 @@ async def test_calls_go_on_while_redis_is_killed_and_restarted(
                     "provider-a", CircuitState.FORCED_OPEN, reason="ops: provider outage"
                 )
                 assert forced.generation == before.generation + 1
+                # a second passes: on the breaker's clock, and long enough in real time
+                # for the store's announcement of the force to arrive
                 clock[0] += 1.0
+                await anyio.sleep(0.1)
                 with pytest.raises(CircuitOpenError) as info:
                     async with breaker.guard("provider-a"):
                         pass

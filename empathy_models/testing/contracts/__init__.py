@@ -46,6 +46,13 @@ Capabilities, as class attributes of the subclass:
   store whose ``shared`` is true must show one instance's transitions to another built
   from the same URL.
 
+A store that announces changes (`CircuitStateStore.change_feed`, as the Redis and
+PostgreSQL stores do) also subclasses `ChangeFeedContract`, overriding
+``state_store_url`` and ``cut_change_feed`` (ends the feed's subscription from the
+server's side): every new generation announced before the next sync, views confirmed
+past their TTL, changes elsewhere seen at once, nothing confirmed across a broken
+subscription.
+
 Time: stores take time from their own clock (an injected one for memory; the wall clock
 or the server's time for SQLite, Redis and PostgreSQL).  The few time-dependent store
 tests use policies of 0.2 s and call the ``advance_clock`` fixture, an async callable
@@ -57,6 +64,10 @@ tests take no time at all.
 from __future__ import annotations
 
 from ._cache import ResponseCacheContract as ResponseCacheContract
+from ._change_feed import (
+    ChangeFeedContract as ChangeFeedContract,
+    CutChangeFeed as CutChangeFeed,
+)
 from ._evidence import assert_same_buckets as assert_same_buckets
 from ._quota import QuotaStoreContract as QuotaStoreContract
 from ._state import (
@@ -67,7 +78,9 @@ from ._telemetry import TelemetryBackendContract as TelemetryBackendContract
 
 __all__ = [
     "AdvanceClock",
+    "ChangeFeedContract",
     "CircuitStateStoreContract",
+    "CutChangeFeed",
     "QuotaStoreContract",
     "ResponseCacheContract",
     "TelemetryBackendContract",

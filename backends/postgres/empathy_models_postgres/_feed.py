@@ -1,0 +1,74 @@
+"""
+The PostgreSQL state store's change feed: its ``NOTIFY`` announcements, by ``LISTEN``.
+
+A write that gives a key a new generation also runs ``pg_notify(channel, "<generation>
+<key>")`` in its own transaction, so the announcement is delivered when (and only if)
+the write commits.  `watch` listens on a connection of its own (outside the pool) and
+proves it is in sync with a ``SELECT 1`` every ``feed.interval`` seconds: a listening
+session that is idle sends the notifications committed before it reads the next query,
+and asyncpg hands them to the listener before the query's result to its caller, so the
+query's send time is a sync point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import TYPE_CHECKING
+
+from empathy_models.abc import ChangeFeed
+
+if TYPE_CHECKING:
+    from ._common import Database
+
+SYNC_TIMEOUT = 2.0
+"""Seconds the listening session may take to answer before it counts as lost."""
+
+CLOSE_TIMEOUT = 1.0
+
+
+def channel_of(table: str) -> str:
+    """The ``NOTIFY`` channel of a state table (a short name: at most 63 bytes)."""
+    return "empathy_circuit_" + hashlib.sha1(table.encode("utf-8")).hexdigest()[:20]
+
+
+def application_name(channel: str) -> str:
+    """The listening session's ``application_name``."""
+    return f"empathy-models feed {channel}"
+
+
+def payload(key: str, generation: int) -> str:
+    return f"{generation} {key}"
+
+
+async def watch(db: Database, channel: str, feed: ChangeFeed) -> None:
+    """
+    One ``LISTEN`` on ``channel`` feeding ``feed``, until it fails (it raises then: a
+    connection error, or no answer within `SYNC_TIMEOUT` seconds).
+    """
+
+    def on_notify(_conn: object, _pid: int, _channel: str, text: str) -> None:
+        generation, _, key = text.partition(" ")
+        if key and generation.isdigit():
+            feed.announce(key, int(generation))
+
+    clock = time.monotonic
+    conn = await asyncio.wait_for(db.connect(application_name(channel)), SYNC_TIMEOUT)
+    try:
+        await asyncio.wait_for(conn.add_listener(channel, on_notify), SYNC_TIMEOUT)
+        feed.begin()
+        while True:
+            sent = clock()
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), SYNC_TIMEOUT)
+            await asyncio.sleep(0)  # the notifications that came first have been handed on
+            feed.synced(sent)
+            await asyncio.sleep(max(0.0, sent + feed.interval - clock()))
+    finally:
+        try:
+            await asyncio.wait_for(conn.close(), CLOSE_TIMEOUT)
+        except asyncio.CancelledError:
+            conn.terminate()
+            raise
+        except Exception:  # a session that cannot be closed politely is cut
+            conn.terminate()

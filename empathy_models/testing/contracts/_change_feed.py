@@ -1,0 +1,261 @@
+"""
+`ChangeFeedContract`: what a `CircuitStateStore` with a `ChangeFeed` owes its breakers.
+
+A store that returns a feed from ``change_feed()`` promises that every write giving a
+key a new generation is announced, and that ``synced_at`` is a true sync point (every
+change made before it has been announced).  The breaker builds on that promise: a view
+confirmed by the feed admits past ``local_view_ttl`` without the store, a change in
+another instance is seen as soon as it is announced, and a view fetched before the
+subscription broke is never confirmed by the next one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import pytest
+import pytest_asyncio
+
+from ...abc import ChangeFeed, CircuitStateStore
+from ...backends import state_store_from_url
+from ...breaker import CircuitBreaker
+from ...circuit import BreakerPolicy
+from ...exceptions import CircuitOpenError
+from ...records import CircuitState, Outcome, OutcomeReport, Ticket
+from ._base import _fail_override
+
+__all__ = ["ChangeFeedContract", "CutChangeFeed"]
+
+CutChangeFeed = Callable[[CircuitStateStore], Awaitable[None]]
+"""``await cut(store)``: end the store's feed subscription from the server's side."""
+
+SYNC_WAIT = 10.0
+"""Seconds a test waits for a feed to sync (far more than it takes)."""
+
+_POLICY = BreakerPolicy(
+    consecutive_failures=3,
+    minimum_calls=1_000,
+    recovery_seconds=3_600.0,
+    max_recovery_seconds=3_600.0,
+    window_seconds=3_600.0,
+)
+
+
+class _Heard:
+    """A feed listener that writes down what it is told."""
+
+    def __init__(self) -> None:
+        self.generations: list[tuple[str, int]] = []
+        self.restarts = 0
+
+    def announced(self, key: str, generation: int) -> None:
+        self.generations.append((key, generation))
+
+    def restarted(self) -> None:
+        self.restarts += 1
+
+
+async def _synced_after(feed: ChangeFeed, mark: float) -> None:
+    """Wait until ``feed`` has synced at a point after ``mark`` (``time.monotonic()``)."""
+    with anyio.fail_after(SYNC_WAIT):
+        while feed.synced_at <= mark:  # noqa: ASYNC110  # a feed signals no event
+            await anyio.sleep(0.005)
+
+
+def _feed_of(store: CircuitStateStore) -> ChangeFeed:
+    feed = store.change_feed()
+    if feed is None:
+        pytest.skip(f"{type(store).__name__} announces no changes")
+    return feed
+
+
+async def _ticket(store: CircuitStateStore, key: str) -> Ticket:
+    admission = await store.admit(key, _POLICY)
+    assert admission.admitted and admission.ticket is not None
+    return admission.ticket
+
+
+@pytest.mark.asyncio
+class ChangeFeedContract:
+    """
+    The contract of a store's `ChangeFeed`.  Override ``state_store_url`` (an empty
+    shared store) and ``cut_change_feed``.
+    """
+
+    @pytest.fixture
+    def state_store_url(self) -> str:
+        """The URL of an empty store; subclasses must override this fixture."""
+        _fail_override(type(self), "state_store_url")
+
+    @pytest.fixture
+    def state_store_options(self) -> dict[str, Any]:
+        """Keyword options passed to `state_store_from_url`; none by default."""
+        return {}
+
+    @pytest.fixture
+    def cut_change_feed(self) -> CutChangeFeed:
+        """Ends a store's subscription from the server; subclasses must override it."""
+        _fail_override(type(self), "cut_change_feed")
+
+    @pytest_asyncio.fixture(loop_scope="function")
+    async def stores(
+        self, state_store_url: str, state_store_options: dict[str, Any]
+    ) -> AsyncIterator[tuple[CircuitStateStore, CircuitStateStore]]:
+        """Two instances of the store under test (as two processes would hold)."""
+        async with (
+            state_store_from_url(state_store_url, **state_store_options) as one,
+            state_store_from_url(state_store_url, **state_store_options) as other,
+        ):
+            yield one, other
+
+    async def test_every_new_generation_is_announced_before_the_next_sync(
+        self, stores: tuple[CircuitStateStore, CircuitStateStore]
+    ) -> None:
+        store, other = stores
+        feed = _feed_of(store)
+        assert store.change_feed() is feed, "one feed per store"
+        heard = _Heard()
+        feed.listen(heard, 0.2)
+        try:
+            await _synced_after(feed, time.monotonic())
+            assert heard.restarts == 1, "a new subscription starts by saying so"
+
+            async def seen_after(step: Awaitable[object]) -> list[tuple[str, int]]:
+                # what the feed has told once it synced after ``step`` (made by another
+                # instance) returned
+                before = len(heard.generations)
+                await step
+                await _synced_after(feed, time.monotonic())
+                return heard.generations[before:]
+
+            created = await seen_after(_ticket(other, "k"))
+            assert created in ([], [("k", 0)]), created
+            ticket = await _ticket(other, "k")
+            success = OutcomeReport(ticket=ticket, outcome=Outcome.SUCCESS)
+            assert await seen_after(other.record("k", _POLICY, [success])) == []
+            failure = OutcomeReport(ticket=ticket, outcome=Outcome.FAILURE)
+            assert await seen_after(other.record("k", _POLICY, [failure] * 2)) == []
+            tripped = await other.record("k", _POLICY, [failure])
+            assert tripped.state is CircuitState.OPEN
+            await _synced_after(feed, time.monotonic())
+            assert heard.generations[-1] == ("k", tripped.generation)
+            forced = await seen_after(other.force("k", CircuitState.FORCED_OPEN))
+            assert forced == [("k", tripped.generation + 1)]
+            assert await seen_after(other.reset("k")) == [("k", tripped.generation + 2)]
+            assert await seen_after(other.reset()) == [("k", tripped.generation + 3)]
+            assert heard.restarts == 1
+        finally:
+            await feed.unlisten(heard)
+        assert not feed.listening and feed.synced_at == float("-inf")
+
+    async def test_a_confirmed_view_admits_past_its_ttl_without_the_store(
+        self, stores: tuple[CircuitStateStore, CircuitStateStore]
+    ) -> None:
+        store, _ = stores
+        feed = _feed_of(store)
+        asked: list[str] = []
+        admit, record = store.admit, store.record
+
+        async def counted_admit(key: str, policy: BreakerPolicy) -> Any:
+            asked.append("admit")
+            return await admit(key, policy)
+
+        async def counted_record(key: str, policy: BreakerPolicy, reports: Any) -> Any:
+            asked.append("record")
+            return await record(key, policy, reports)
+
+        # counted, then done by the store (a breaker admits through either)
+        store.admit = counted_admit  # type: ignore[method-assign]
+        store.record = counted_record  # type: ignore[method-assign]
+        # successes flushed only at the end: no store answer refreshes the view meanwhile
+        async with CircuitBreaker(
+            store, _POLICY, local_view_ttl=1.0, flush_interval=60.0
+        ) as breaker:
+            # (a view fetched before the feed's subscription started is never confirmed)
+            await _synced_after(feed, time.monotonic())
+            async with breaker.guard("k"):
+                pass
+            assert asked == ["admit"]
+            await _synced_after(feed, time.monotonic())
+            for _ in range(4):  # 2.4 s: the view's TTL has run out twice
+                await anyio.sleep(0.6)
+                async with breaker.guard("k"):
+                    pass
+            assert asked == ["admit"], f"the feed confirms the view, yet the store saw {asked}"
+
+    async def test_a_change_elsewhere_is_seen_as_soon_as_it_is_announced(
+        self, stores: tuple[CircuitStateStore, CircuitStateStore]
+    ) -> None:
+        store, other = stores
+        feed = _feed_of(store)
+        async with CircuitBreaker(store, _POLICY, local_view_ttl=600.0) as breaker:
+            await _synced_after(feed, time.monotonic())  # subscribed: changes are announced
+            async with breaker.guard("k"):
+                pass
+            await other.force("k", CircuitState.FORCED_OPEN, reason="from elsewhere")
+            await _synced_after(feed, time.monotonic())
+            with pytest.raises(CircuitOpenError) as info:
+                async with breaker.guard("k"):
+                    pass
+            assert info.value.state is CircuitState.FORCED_OPEN
+            await other.reset("k")
+            await _synced_after(feed, time.monotonic())
+            async with breaker.guard("k"):
+                pass
+
+    async def test_an_answer_overtaken_by_an_announcement_is_not_trusted(
+        self, stores: tuple[CircuitStateStore, CircuitStateStore]
+    ) -> None:
+        store, other = stores
+        feed = _feed_of(store)
+        record = store.record
+        overtaken = anyio.Event()
+
+        async def slow_answer(key: str, policy: BreakerPolicy, reports: Any) -> Any:
+            # the store answers at once; the answer reaches the breaker only after
+            # another instance's change has been announced
+            state = await record(key, policy, reports)
+            await overtaken.wait()
+            return state
+
+        async with CircuitBreaker(
+            store, _POLICY, local_view_ttl=600.0, flush_interval=60.0
+        ) as breaker:
+            await _synced_after(feed, time.monotonic())
+            async with breaker.guard("k"):
+                pass
+            store.record = slow_answer  # type: ignore[method-assign]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(breaker.flush)  # sends the success; its answer: CLOSED
+                await anyio.sleep(0.2)
+                await other.force("k", CircuitState.FORCED_OPEN, reason="meanwhile")
+                await _synced_after(feed, time.monotonic())
+                overtaken.set()
+            with pytest.raises(CircuitOpenError):
+                async with breaker.guard("k"):
+                    pass
+
+    async def test_a_view_from_before_a_broken_subscription_is_not_confirmed(
+        self,
+        stores: tuple[CircuitStateStore, CircuitStateStore],
+        cut_change_feed: CutChangeFeed,
+    ) -> None:
+        store, other = stores
+        feed = _feed_of(store)
+        async with CircuitBreaker(
+            store, _POLICY, local_view_ttl=0.5, flush_interval=60.0
+        ) as breaker:
+            async with breaker.guard("k"):
+                pass
+            await _synced_after(feed, time.monotonic())
+            await cut_change_feed(store)
+            # announced while nobody listens: lost to this store's feed
+            await other.force("k", CircuitState.FORCED_OPEN, reason="while cut off")
+            await anyio.sleep(0.8)  # the view's TTL runs out; the feed subscribes again
+            await _synced_after(feed, time.monotonic())
+            with pytest.raises(CircuitOpenError):
+                async with breaker.guard("k"):
+                    pass
