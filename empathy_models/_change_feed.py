@@ -154,8 +154,8 @@ class ChangeFeed:
             if not self._failing:
                 self._failing = True
                 logger.warning(
-                    "circuit breaker: %s stopped announcing changes (%s); local views "
-                    "expire after local_view_ttl until it is back",
+                    "circuit breaker: %s announces no changes (%s); local views expire "
+                    "after local_view_ttl until it does",
                     self._name,
                     error,
                 )

@@ -19,6 +19,9 @@ What it checks:
 * After recovery (the open period is ended by forcing it to a past time, since the
   store's clock cannot be moved), 3 x 4 concurrent admissions get exactly one probe
   lease in total; its success closes the circuit for everyone.
+* On a store that announces changes (`CircuitStateStore.change_feed`), a force made
+  by the parent is seen by all three as soon as it is announced, while their local
+  views are still fresh by their clocks.
 
 The children run ``python -m empathy_models.testing._fleet_worker`` with the running
 interpreter; a child that dies or stays silent for 60 s fails the check with its stderr.
@@ -26,9 +29,11 @@ interpreter; a child that dies or stays silent for 60 s fails the check with its
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -39,6 +44,9 @@ from ..records import CircuitState
 from ._child import JsonLinesChild
 
 __all__ = ["breaker_fleet_check"]
+
+ANNOUNCEMENT_WAIT = 10.0
+"""Seconds the processes get to see an announced change (it takes milliseconds)."""
 
 
 class _Child(JsonLinesChild):
@@ -143,3 +151,15 @@ async def _check(url: str, spawn: Callable[[str, str, dict[str, Any], float], _C
         _ask_all(children, {"op": "advance", "seconds": ttl})
         answers = _ask_all(children, {"op": "admit", "n": 1})
         assert answers == [{"admitted": 1, "leases": [], "rejected": []}] * 3
+
+        if store.change_feed() is not None:
+            # the store announces changes: a force is seen by every process as soon as
+            # its announcement arrives, with every local view still fresh (no clock moved)
+            await store.force(key, CircuitState.FORCED_OPEN, reason="announced")
+            deadline = time.monotonic() + ANNOUNCEMENT_WAIT
+            while True:
+                answers = _ask_all(children, {"op": "admit", "n": 1})
+                if all(a["rejected"] == ["forced_open"] for a in answers):
+                    break
+                assert time.monotonic() < deadline, f"the force was not announced: {answers}"
+                await asyncio.sleep(0.02)

@@ -753,8 +753,10 @@ if changed or current == nil then
   if current == nil or current.generation ~= state.generation then
     -- a new generation (every transition, and a key created): announced as
     -- "<generation> <key>" on the channel named by the prefix, for the local views
-    -- of every process (see the store's change feed)
-    redis.call("PUBLISH", string.sub(KEYS[1], 1, #KEYS[1] - #KEY), fmt(state.generation) .. " " .. KEY)
+    -- of every process (see the store's change feed); pcall: a user whose ACL grants
+    -- no channels (Redis 7's default for new users) still writes, and its breakers'
+    -- views, whose feed cannot subscribe either, expire by their TTL
+    redis.pcall("PUBLISH", string.sub(KEYS[1], 1, #KEYS[1] - #KEY), fmt(state.generation) .. " " .. KEY)
   end
   if not caller_holds_current then
     flat = encode(state)

@@ -1,0 +1,62 @@
+"""The Redis store's change feed where Redis does not let it announce."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+from empathy_models_redis import RedisCircuitStateStore
+
+from empathy_models import CircuitBreaker, CircuitOpenError
+from empathy_models.records import CircuitState
+
+
+@pytest.fixture
+async def no_channels_url(redis_store_url: str, redis_url: str) -> AsyncIterator[str]:
+    """The test store's URL as a user whose ACL grants every key and command but no
+    pub/sub channel (what Redis 7 gives a new user unless told otherwise)."""
+    user, password = f"empathy-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    admin = aioredis.Redis.from_url(redis_url)
+    await admin.execute_command(
+        "ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all", "resetchannels"
+    )
+    parts = urlsplit(redis_store_url)
+    netloc = f"{user}:{password}@{parts.hostname}:{parts.port or 6379}"
+    try:
+        yield urlunsplit(parts._replace(netloc=netloc))
+    finally:
+        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.aclose()
+
+
+async def test_without_channel_rights_the_store_works_and_views_expire_by_their_ttl(
+    no_channels_url: str, redis_store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="empathy_models.breaker"):
+        async with (
+            RedisCircuitStateStore(no_channels_url) as store,
+            CircuitBreaker(store, local_view_ttl=0.3, flush_interval=60.0) as breaker,
+            RedisCircuitStateStore(redis_store_url) as other,
+        ):
+            # every write announces a new generation; PUBLISH is refused, the write is not
+            async with breaker.guard("k"):
+                pass
+            await breaker.force_open("k", reason="by this user")
+            await breaker.reset("k")
+            assert (await other.snapshot("k")).generation == 2
+            async with breaker.guard("k"):
+                pass
+            await other.force("k", CircuitState.FORCED_OPEN, reason="elsewhere")
+            await anyio.sleep(0.4)  # the TTL: no feed confirms the view
+            with pytest.raises(CircuitOpenError):
+                async with breaker.guard("k"):
+                    pass
+            assert store.change_feed().synced_at == float("-inf")
+    warnings = [r.getMessage() for r in caplog.records if "announces no changes" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "NOPERM" in warnings[0] or "permission" in warnings[0].lower(), warnings
