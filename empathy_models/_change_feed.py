@@ -3,9 +3,9 @@
 
 A breaker's local view answers admissions for ``local_view_ttl`` seconds after the
 store's answer it came from; past that, a rarely used key pays a store round trip per
-call.  A store that can announce changes (Redis pub/sub, PostgreSQL ``NOTIFY``) offers
-a `ChangeFeed`, and a view then stays usable for as long as the feed proves that no
-change of its key went unannounced, without weakening the staleness bound:
+call, and the exact mode (``local_view_ttl=0``) pays one per call always.  A store that
+can announce changes (Redis pub/sub, PostgreSQL ``NOTIFY``) offers a `ChangeFeed`,
+which makes both cheaper without weakening what they promise:
 
 * the store's watcher (a coroutine the feed runs in a task while anyone listens) calls
   `announce` for every write that gives a key a new generation (every transition; a key
@@ -13,22 +13,30 @@ change of its key went unannounced, without weakening the staleness bound:
 * it calls `synced` with a ``time.monotonic()`` instant ``t`` once it has proof that
   every change the store made before ``t`` has reached it (the answer to a PING sent at
   ``t`` on the subscription's own connection arrives after every message published
-  before it);
-* it calls `begin` when a subscription starts: announcements before it may have been
-  missed, so listeners stop trusting what they have not fetched since.
+  before it), at least every `interval` seconds and as soon as it can after its ``ping``
+  callable is called;
+* it calls `begin` when a subscription starts (with that ``ping``): announcements
+  before it may have been missed, so listeners stop trusting what they have not
+  fetched since.
 
 A view whose key has no announcement of another generation since it was fetched is then
 current as of the last sync: a change the watcher has not announced yet was made after
-``synced_at``, so serving the view until ``synced_at + local_view_ttl`` keeps every
-change visible within ``local_view_ttl`` seconds, as the TTL alone does.  When the
-subscription is down, ``synced_at`` stops moving and views expire by their TTL again.
+``synced_at``.  So the view may serve until ``synced_at + local_view_ttl`` (every
+change still visible within ``local_view_ttl`` seconds, as with the TTL alone), and in
+the exact mode an admission that waits for a sync point after it began (`sync`) reads
+the store's state as of a moment within the admission, as a store round trip would:
+the PING is that round trip, and a cheap one.  When the subscription is down,
+``synced_at`` stops moving and `sync` answers false: views expire by their TTL and the
+exact mode asks the store, as without a feed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -37,6 +45,9 @@ logger = logging.getLogger("empathy_models.breaker")
 RETRY_MIN = 0.1
 RETRY_MAX = 5.0
 """Seconds between attempts to subscribe again after a failure (doubling up to this)."""
+
+SYNC_TIMEOUT = 2.0
+"""Seconds `sync` waits for a sync point before it gives up (the caller asks the store)."""
 
 
 class FeedListener(Protocol):
@@ -55,10 +66,9 @@ class ChangeFeed:
 
     Args:
         watch: the store's watcher: ``await watch(feed)`` subscribes, calls `begin`, then
-            `announce` and `synced` (at least every `interval` seconds) until the
-            subscription fails, when it raises (or returns).  The feed runs it in a task
-            while it has listeners, subscribing again after a failure (0.1 s, doubling
-            up to 5 s).
+            `announce` and `synced` until the subscription fails, when it raises (or
+            returns).  The feed runs it in a task while it has listeners, subscribing
+            again after a failure (0.1 s, doubling up to 5 s).
         name: the store, for logs (no secrets).
     """
 
@@ -69,6 +79,8 @@ class ChangeFeed:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._failing = False
+        self._ping: Callable[[], None] | None = None
+        self._waiters: collections.deque[tuple[float, asyncio.Future[bool]]] = collections.deque()
         self.synced_at = -math.inf
         """``time.monotonic()`` of the last sync (`synced`); ``-inf`` while not subscribed."""
 
@@ -77,8 +89,11 @@ class ChangeFeed:
 
     @property
     def interval(self) -> float:
-        """Seconds between syncs: a quarter of the listeners' shortest ``ttl``, 10 ms-1 s."""
-        ttl = min(self._listeners.values(), default=1.0)
+        """
+        Seconds between the watcher's own syncs: a quarter of the shortest ``ttl`` of
+        the listeners that have one (10 ms-1 s; 1 s when all are exact: they ask).
+        """
+        ttl = min((t for t in self._listeners.values() if t > 0), default=4.0)
         return min(max(ttl / 4, 0.01), 1.0)
 
     @property
@@ -89,7 +104,8 @@ class ChangeFeed:
     # ------------------------------------------------------------------ listeners
 
     def listen(self, listener: FeedListener, ttl: float) -> None:
-        """Tell ``listener`` of every change from now on; start the watcher if needed."""
+        """Tell ``listener`` (whose views live ``ttl`` seconds) of every change from now
+        on; start the watcher if needed."""
         if self._closed:
             return
         self._listeners[listener] = ttl
@@ -112,16 +128,39 @@ class ChangeFeed:
 
     async def _stop(self) -> None:
         task, self._task = self._task, None
-        self.synced_at = -math.inf
+        self._end()
         if task is not None:
             task.cancel()
             await asyncio.wait({task})
 
+    async def sync(self) -> bool:
+        """
+        Wait for a sync point after now: true once every change the store made before
+        this call has been announced (and handed to the listeners); false, at once,
+        when the feed is not subscribed, or after `SYNC_TIMEOUT` seconds without one.
+        """
+        ping = self._ping
+        if ping is None:
+            return False
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.append((time.monotonic(), future))
+        ping()
+        try:
+            async with asyncio.timeout(SYNC_TIMEOUT):
+                return await future
+        except TimeoutError:
+            return False
+
     # ------------------------------------------------------------------ the watcher's side
 
-    def begin(self) -> None:
-        """A subscription started: listeners forget what they cannot have had announced."""
-        self.synced_at = -math.inf
+    def begin(self, ping: Callable[[], None]) -> None:
+        """
+        A subscription started: listeners forget what they cannot have had announced.
+        ``ping()`` asks the watcher for a sync point as soon as it can (it must not
+        block); `sync` calls it.
+        """
+        self._end()
+        self._ping = ping
         for listener in list(self._listeners):
             listener.restarted()
 
@@ -133,9 +172,23 @@ class ChangeFeed:
     def synced(self, at: float) -> None:
         """Every change made before ``at`` (``time.monotonic()``) has been announced."""
         self.synced_at = at
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= at:
+            future = waiters.popleft()[1]
+            if not future.done():
+                future.set_result(True)
         if self._failing:
             self._failing = False
-            logger.info("circuit breaker: %s announces changes again", self._name)
+            logger.info("circuit breaker: %s announces changes", self._name)
+
+    def _end(self) -> None:
+        """No subscription (any more): nothing is confirmed, every `sync` answers false."""
+        self.synced_at = -math.inf
+        self._ping = None
+        waiters, self._waiters = self._waiters, collections.deque()
+        for _, future in waiters:
+            if not future.done():
+                future.set_result(False)
 
     async def _run(self) -> None:
         delay = RETRY_MIN
@@ -148,14 +201,14 @@ class ChangeFeed:
             except Exception as exc:  # any failure: subscribe again
                 error = f"{type(exc).__name__}: {exc}"
             proved = self.synced_at > -math.inf
-            self.synced_at = -math.inf
+            self._end()
             for listener in list(self._listeners):
                 listener.restarted()
             if not self._failing:
                 self._failing = True
                 logger.warning(
                     "circuit breaker: %s announces no changes (%s); local views expire "
-                    "after local_view_ttl until it does",
+                    "after local_view_ttl and the exact mode asks the store until it does",
                     self._name,
                     error,
                 )

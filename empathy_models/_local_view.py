@@ -201,18 +201,37 @@ class LocalView:
         if view.at <= now < view.until:
             return True
         feed = self.feed
-        if feed is None or view.epoch != self.epoch or view.ticket is None:
+        if feed is None or not self.confirmable(view):
             return False
-        state = view.state
-        if view.at == -math.inf or self.latest.get(state.key, state.generation) != (
-            state.generation
-        ):
-            return False  # marked stale, or another generation announced since
         left = feed.synced_at + self.ttl - time.monotonic()
         if left <= 0:
             return False
         view.until = now + left
         return True
+
+    def confirmable(self, view: View) -> bool:
+        """
+        Whether the change feed vouches for ``view`` as of its last sync: a CLOSED or
+        DISABLED view, not marked stale, fetched by a request sent since the feed last
+        restarted, of a key with no other generation announced since.
+        """
+        if view.epoch != self.epoch or view.ticket is None or view.at == -math.inf:
+            return False
+        state = view.state
+        return self.latest.get(state.key, state.generation) == state.generation
+
+    async def vouched(self, view: View) -> Ticket | None:
+        """
+        The ticket of ``view``'s key once a sync point of the change feed after this
+        call vouches for the key's view (a round trip, as asking the store is, and a
+        cheaper one; a store answer may have replaced the view meanwhile); ``None``
+        when the feed cannot (none, not subscribed, a view it does not vouch for).
+        """
+        feed = self.feed
+        if feed is None or not self.confirmable(view) or not await feed.sync():
+            return None
+        view = self.views.get(view.state.key, view)
+        return view.ticket if self.confirmable(view) else None
 
     # ------------------------------------------------------------------ upkeep
 
@@ -224,21 +243,21 @@ class LocalView:
         name: str,
     ) -> None:
         """
-        Keep a shared store's views and batches: start the background flusher (named
-        ``name``; `flush_loop`) and listen to the store's change feed, if it has one.
+        Keep a shared store's views and batches: listen to the store's change feed, if
+        it has one, and with write-behind (``ttl > 0``) start the background flusher
+        (named ``name``; `flush_loop`).
 
         The flusher is a task of its own, not one of a task group held open across the
         caller's code: nothing the caller does inside the breaker's ``async with`` (task
         groups, except*, cancel scopes) can cancel or interleave with it, or be cancelled
         by it.
         """
-        if self.flusher is not None:
-            return
-        self.flusher = asyncio.get_running_loop().create_task(
-            flush_loop(flush_all, sleep, self._flush_interval), name=name
-        )
+        if self.ttl > 0 and self.flusher is None:
+            self.flusher = asyncio.get_running_loop().create_task(
+                flush_loop(flush_all, sleep, self._flush_interval), name=name
+            )
         feed = store.change_feed()
-        if feed is not None:
+        if feed is not None and self.feed is None:
             self.feed = feed
             feed.listen(self, self.ttl)
 

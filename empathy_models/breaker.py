@@ -485,7 +485,7 @@ class CircuitBreaker(AsyncResource):
         if self._owns_store:
             # a store that cannot be opened starts the breaker degraded
             await self._stores.__aenter__()
-        if self._store.shared and self._ttl > 0:
+        if self._store.shared:
             self._local.start(self._store, self._flush_all, self._sleep, f"{self!r} flusher")
 
     async def _aclose(self) -> None:
@@ -581,6 +581,8 @@ class CircuitBreaker(AsyncResource):
                     until = state.open_until_ts
                     if until is None or now < until:
                         await self._reject(state, None if until is None else until - now)
+            elif (ticket := await self._local.vouched(view)) is not None:
+                return ticket  # the exact mode on a store that announces changes
         return await self._admit_from_store(key)
 
     async def _admit_from_store(self, key: str) -> Ticket:

@@ -4,15 +4,17 @@ The PostgreSQL state store's change feed: its ``NOTIFY`` announcements, by ``LIS
 A write that gives a key a new generation also runs ``pg_notify(channel, "<generation>
 <key>")`` in its own transaction, so the announcement is delivered when (and only if)
 the write commits.  `watch` listens on a connection of its own (outside the pool) and
-proves it is in sync with a ``SELECT 1`` every ``feed.interval`` seconds: a listening
-session that is idle sends the notifications committed before it reads the next query,
-and asyncpg hands them to the listener before the query's result to its caller, so the
-query's send time is a sync point.
+proves it is in sync with a ``SELECT 1`` every ``feed.interval`` seconds and whenever
+a breaker asks (`ChangeFeed.sync`, the exact mode; requests that arrive while one runs
+share the next one): a listening session that is idle sends the notifications
+committed before it reads the next query, and asyncpg hands them to the listener
+before the query's result to its caller, so the query's send time is a sync point.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from typing import TYPE_CHECKING
@@ -57,13 +59,21 @@ async def watch(db: Database, channel: str, feed: ChangeFeed) -> None:
     conn = await asyncio.wait_for(db.connect(application_name(channel)), SYNC_TIMEOUT)
     try:
         await asyncio.wait_for(conn.add_listener(channel, on_notify), SYNC_TIMEOUT)
-        feed.begin()
+        asked = asyncio.Event()
+        feed.begin(asked.set)
         while True:
+            asked.clear()
             sent = clock()
-            await asyncio.wait_for(conn.fetchval("SELECT 1"), SYNC_TIMEOUT)
-            await asyncio.sleep(0)  # the notifications that came first have been handed on
+            async with asyncio.timeout(SYNC_TIMEOUT):  # (wait_for would add a task)
+                await conn.fetchval("SELECT 1")
+            # asyncpg schedules a (sync) listener with call_soon as each notification
+            # is read, before the query's result resumes this task: those that came
+            # first have been handed on
             feed.synced(sent)
-            await asyncio.sleep(max(0.0, sent + feed.interval - clock()))
+            if not asked.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(feed.interval):
+                        await asked.wait()
     finally:
         try:
             await asyncio.wait_for(conn.close(), CLOSE_TIMEOUT)

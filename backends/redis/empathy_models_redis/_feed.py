@@ -3,14 +3,22 @@ The Redis store's change feed: the breaker script's announcements, read by pub/s
 
 The script PUBLISHes ``"<generation> <key>"`` on the channel named by the store's
 prefix whenever a key gets a new generation.  `watch` subscribes to it on a connection
-of its own (made like the pool's, not taken from it, so a dead subscription never
-holds a pool slot) and proves it is in sync with a PING every ``feed.interval``
-seconds: Redis answers a PING on a subscribed connection after every message it
-published to that connection before, so the PING's send time is a sync point.
+of its own (made and authenticated like the pool's, not taken from it, so a dead
+subscription never holds a pool slot), reads what arrives in one task and proves it is
+in sync with PINGs: every ``feed.interval`` seconds and whenever a breaker asks
+(`ChangeFeed.sync`, the exact mode).  Redis answers a PING on a subscribed connection
+after every message it published to that connection before, so a PING's send time is
+a sync point once its answer is read.
+
+The subscription's replies are read from the connection's streams directly (a PING is
+written by whoever asks, without waiting, and answered in order); redis-py connects,
+authenticates and selects the database.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
 from typing import Any
 
@@ -21,31 +29,68 @@ from empathy_models.abc import ChangeFeed
 SYNC_TIMEOUT = 2.0
 """Seconds a subscription may take to answer a PING before it counts as lost."""
 
+_PING = b"*1\r\n$4\r\nPING\r\n"
+
 
 def client_name(channel: str) -> str:
     """The subscription's ``CLIENT SETNAME`` (what ``CLIENT LIST`` shows operators)."""
-    return "empathy-models-feed:" + "".join(
-        c if c.isprintable() and c != " " else "_" for c in channel
-    )
+    shown = "".join(c if c.isprintable() and c != " " else "_" for c in channel)
+    return "empathy-models-feed:" + shown
 
 
-def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+def _command(*parts: str) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part.encode("utf-8")
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
 
 
-def _announce(feed: ChangeFeed, reply: Any) -> bool:
-    """Pass a message on to ``feed``; True for the answer to a PING."""
-    if not isinstance(reply, list) or not reply:
-        # a PING on a subscribed connection is answered "PONG" or ["pong", ""], by version
-        return _text(reply).lower() == "pong"
-    kind = _text(reply[0])
-    if kind == "pong":
-        return True
-    if kind == "message" and len(reply) == 3:
-        generation, _, key = _text(reply[2]).partition(" ")
-        if key and generation.isdigit():
-            feed.announce(key, int(generation))
-    return False
+async def _reply(reader: asyncio.StreamReader) -> Any:
+    """One RESP2 / RESP3 reply: bytes, an int, None or a list (a push is a list)."""
+    line = await reader.readuntil(b"\r\n")
+    kind, body = line[:1], line[1:-2]
+    if kind in (b"+", b"(", b","):
+        return body
+    if kind in (b"-", b"!"):
+        raise ConnectionError(f"Redis refused the subscription: {body.decode(errors='replace')}")
+    if kind == b":":
+        return int(body)
+    if kind in (b"$", b"="):
+        size = int(body)
+        return None if size < 0 else (await reader.readexactly(size + 2))[:-2]
+    if kind in (b"*", b">", b"~"):
+        size = int(body)
+        return None if size < 0 else [await _reply(reader) for _ in range(size)]
+    if kind == b"%":
+        return [await _reply(reader) for _ in range(2 * int(body))]
+    if kind == b"_":
+        return None
+    raise ConnectionError(f"unexpected reply from Redis: {line[:40]!r}")
+
+
+def _kind(reply: Any) -> bytes:
+    """``pong``, ``message``, ``subscribe`` ... (lower case), or ``b""``."""
+    if isinstance(reply, bytes):
+        return reply.lower()  # "+PONG"
+    if isinstance(reply, list) and reply and isinstance(reply[0], bytes):
+        return reply[0].lower()
+    return b""
+
+
+async def _read(
+    reader: asyncio.StreamReader, feed: ChangeFeed, sent: collections.deque[float]
+) -> None:
+    """Hand every announcement to ``feed``; each PING's answer syncs it."""
+    while True:
+        reply = await _reply(reader)
+        kind = _kind(reply)
+        if kind == b"pong":
+            feed.synced(sent.popleft())
+        elif kind == b"message" and len(reply) == 3:
+            generation, _, key = bytes(reply[2]).decode("utf-8", "replace").partition(" ")
+            if key and generation.isdigit():
+                feed.announce(key, int(generation))
 
 
 async def watch(client: aioredis.Redis, channel: str, feed: ChangeFeed) -> None:
@@ -57,34 +102,36 @@ async def watch(client: aioredis.Redis, channel: str, feed: ChangeFeed) -> None:
     clock = time.monotonic
     try:
         await conn.connect()
-        await conn.send_command("CLIENT", "SETNAME", client_name(channel), check_health=False)
-        reply = await conn.read_response(timeout=SYNC_TIMEOUT)
-        if _text(reply) != "OK":
-            raise ConnectionError(f"CLIENT SETNAME was answered with {reply!r:.80}")
-        await conn.send_command("SUBSCRIBE", channel, check_health=False)
-        reply = await conn.read_response(timeout=SYNC_TIMEOUT, push_request=True)
-        if not isinstance(reply, list) or not reply or _text(reply[0]) != "subscribe":
-            raise ConnectionError(f"SUBSCRIBE was answered with {reply!r:.80}")
-        feed.begin()
-        while True:
-            sent = clock()
-            # (no health check: its own PING would read the subscription's messages)
-            await conn.send_command("PING", check_health=False)
-            while True:
-                left = sent + SYNC_TIMEOUT - clock()
-                reply = (
-                    None if left <= 0 else await conn.read_response(timeout=left, push_request=True)
-                )
-                if reply is None:
+        reader, writer = conn._reader, conn._writer
+        if not isinstance(reader, asyncio.StreamReader) or not isinstance(
+            writer, asyncio.StreamWriter
+        ):
+            raise ConnectionError(f"a {type(conn).__name__} has no asyncio streams to subscribe on")
+        async with asyncio.timeout(SYNC_TIMEOUT):
+            writer.write(_command("CLIENT", "SETNAME", client_name(channel)))
+            writer.write(_command("SUBSCRIBE", channel))
+            if _kind(await _reply(reader)) != b"ok":
+                raise ConnectionError("CLIENT SETNAME was refused")
+            if _kind(await _reply(reader)) != b"subscribe":
+                raise ConnectionError("SUBSCRIBE was refused")
+        sent: collections.deque[float] = collections.deque()
+
+        def ping() -> None:
+            if not writer.transport.is_closing():
+                sent.append(clock())
+                writer.write(_PING)
+
+        feed.begin(ping)
+        reading = asyncio.get_running_loop().create_task(_read(reader, feed, sent))
+        try:
+            while not reading.done():
+                ping()
+                await asyncio.wait({reading}, timeout=feed.interval)
+                if sent and clock() - sent[0] > SYNC_TIMEOUT:
                     raise TimeoutError(f"no answer to PING within {SYNC_TIMEOUT:g} s")
-                if _announce(feed, reply):
-                    break
-            feed.synced(sent)
-            ping_at = sent + feed.interval
-            while (left := ping_at - clock()) > 0:
-                reply = await conn.read_response(timeout=left, push_request=True)
-                if reply is None:
-                    break
-                _announce(feed, reply)
+            reading.result()  # its failure
+        finally:
+            reading.cancel()
+            await asyncio.wait({reading})
     finally:
-        await conn.disconnect()
+        await conn.disconnect(nowait=True)

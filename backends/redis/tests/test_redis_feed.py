@@ -22,7 +22,7 @@ async def no_channels_url(redis_store_url: str, redis_url: str) -> AsyncIterator
     pub/sub channel (what Redis 7 gives a new user unless told otherwise)."""
     user, password = f"empathy-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     admin = aioredis.Redis.from_url(redis_url)
-    await admin.execute_command(
+    await admin.execute_command(  # type: ignore[no-untyped-call]
         "ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all", "resetchannels"
     )
     parts = urlsplit(redis_store_url)
@@ -30,7 +30,7 @@ async def no_channels_url(redis_store_url: str, redis_url: str) -> AsyncIterator
     try:
         yield urlunsplit(parts._replace(netloc=netloc))
     finally:
-        await admin.execute_command("ACL", "DELUSER", user)
+        await admin.execute_command("ACL", "DELUSER", user)  # type: ignore[no-untyped-call]
         await admin.aclose()
 
 

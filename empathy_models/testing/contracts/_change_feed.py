@@ -124,11 +124,11 @@ class ChangeFeedContract:
             assert heard.restarts == 1, "a new subscription starts by saying so"
 
             async def seen_after(step: Awaitable[object]) -> list[tuple[str, int]]:
-                # what the feed has told once it synced after ``step`` (made by another
+                # what the feed has told by a sync point after ``step`` (made by another
                 # instance) returned
                 before = len(heard.generations)
                 await step
-                await _synced_after(feed, time.monotonic())
+                assert await feed.sync(), "a subscribed feed syncs on demand"
                 return heard.generations[before:]
 
             created = await seen_after(_ticket(other, "k"))
@@ -140,7 +140,7 @@ class ChangeFeedContract:
             assert await seen_after(other.record("k", _POLICY, [failure] * 2)) == []
             tripped = await other.record("k", _POLICY, [failure])
             assert tripped.state is CircuitState.OPEN
-            await _synced_after(feed, time.monotonic())
+            assert await feed.sync()
             assert heard.generations[-1] == ("k", tripped.generation)
             forced = await seen_after(other.force("k", CircuitState.FORCED_OPEN))
             assert forced == [("k", tripped.generation + 1)]
@@ -185,6 +185,45 @@ class ChangeFeedContract:
                 async with breaker.guard("k"):
                     pass
             assert asked == ["admit"], f"the feed confirms the view, yet the store saw {asked}"
+
+    async def test_the_exact_mode_admits_at_a_sync_point_without_asking_the_store(
+        self, stores: tuple[CircuitStateStore, CircuitStateStore]
+    ) -> None:
+        store, _ = stores
+        feed = _feed_of(store)
+        admissions: list[str] = []
+        admit = store.admit
+
+        async def counted(key: str, policy: BreakerPolicy) -> Any:
+            admissions.append(key)
+            return await admit(key, policy)
+
+        store.admit = counted  # type: ignore[method-assign]  # counted, then admitted
+        async with CircuitBreaker(store, _POLICY, local_view_ttl=0) as breaker:
+            await _synced_after(feed, time.monotonic())
+            for _ in range(20):
+                async with breaker.guard("k"):
+                    pass
+            assert admissions == ["k"], (
+                f"one admission by the store, then sync points: {len(admissions)}"
+            )
+
+    async def test_the_exact_mode_sees_every_change_made_before_an_admission(
+        self, stores: tuple[CircuitStateStore, CircuitStateStore]
+    ) -> None:
+        store, other = stores
+        feed = _feed_of(store)
+        async with CircuitBreaker(store, _POLICY, local_view_ttl=0) as breaker:
+            await _synced_after(feed, time.monotonic())
+            for i in range(10):
+                async with breaker.guard("k"):
+                    pass
+                # no waiting: the next admission itself must see the change
+                await other.force("k", CircuitState.FORCED_OPEN, reason=f"round {i}")
+                with pytest.raises(CircuitOpenError):
+                    async with breaker.guard("k"):
+                        pass
+                await other.reset("k")
 
     async def test_a_change_elsewhere_is_seen_as_soon_as_it_is_announced(
         self, stores: tuple[CircuitStateStore, CircuitStateStore]
