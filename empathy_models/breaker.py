@@ -53,8 +53,12 @@ an expired CLOSED or DISABLED view of a key with no such announcement is served 
 without a round trip, for ``local_view_ttl`` seconds past the feed's last proof that
 it missed nothing (a PING or ``SELECT 1`` on the subscription's connection, every
 quarter of ``local_view_ttl``, at most every second).  A rarely used key then costs
-what a busy one does.  When the subscription breaks, views fetched before it are
-never confirmed again and expire by their TTL, as without a feed.
+what a busy one does.  In the exact mode, an admission of a key whose CLOSED or
+DISABLED view the feed vouches for waits for a sync point requested after it began (a
+PING or ``SELECT 1`` round trip) instead of a store admission: it reads the store's
+state as of a moment within the admission, as asking the store does.  When the
+subscription breaks, views fetched before it are never confirmed again: they expire by
+their TTL, and the exact mode asks the store, as without a feed.
 
 **On an in-process `MemoryStateStore`** (that class itself, given or the default),
 there is nothing to gain from a local view or write-behind, and the breaker keeps
