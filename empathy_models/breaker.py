@@ -45,20 +45,19 @@ in this process, and `flush`, `get_status` and `aclose`, wait for it, so this pr
 order of outcomes is kept).
 
 **Stores that announce changes** (Redis and PostgreSQL: `CircuitStateStore.change_feed`)
-make the view both fresher and cheaper, with the same bound.  While the breaker is
-used as ``async with`` (and ``local_view_ttl > 0``) it listens to the store's
-announcements of new generations: a view of a key another process has moved on is
-marked stale as soon as the announcement arrives (usually within a millisecond), and
-an expired CLOSED or DISABLED view of a key with no such announcement is served on,
-without a round trip, for ``local_view_ttl`` seconds past the feed's last proof that
-it missed nothing (a PING or ``SELECT 1`` on the subscription's connection, every
-quarter of ``local_view_ttl``, at most every second).  A rarely used key then costs
-what a busy one does.  In the exact mode, an admission of a key whose CLOSED or
-DISABLED view the feed vouches for waits for a sync point requested after it began (a
-PING or ``SELECT 1`` round trip) instead of a store admission: it reads the store's
-state as of a moment within the admission, as asking the store does.  When the
-subscription breaks, views fetched before it are never confirmed again: they expire by
-their TTL, and the exact mode asks the store, as without a feed.
+make the view both fresher and cheaper, with the same bound. While the breaker is used
+as ``async with`` it listens to the store's announcements of new generations: a view of
+a key another process has moved on is marked stale as soon as the announcement arrives
+(usually within a millisecond), and an expired CLOSED or DISABLED view of a key with no
+such announcement is served on, without a round trip, for ``local_view_ttl`` seconds
+past the feed's last proof that it missed nothing (a PING or ``SELECT 1`` on the
+subscription's connection, every quarter of ``local_view_ttl``, at most every second). A
+rarely used key then costs what a busy one does. In the exact mode, an admission of a
+key whose CLOSED or DISABLED view the feed vouches for waits for a sync point requested
+after it began (a PING or ``SELECT 1`` round trip) instead of a store admission: it
+reads the store's state as of a moment within the admission, as asking the store does.
+When the subscription breaks, views fetched before it are never confirmed again: they
+expire by their TTL, and the exact mode asks the store, as without a feed.
 
 **On an in-process `MemoryStateStore`** (that class itself, given or the default),
 there is nothing to gain from a local view or write-behind, and the breaker keeps

@@ -26,6 +26,7 @@ from ...circuit import BreakerPolicy
 from ...exceptions import CircuitOpenError
 from ...records import CircuitState, Outcome, OutcomeReport, Ticket
 from ._base import _fail_override
+from ._state import StateStoreFixtures
 
 __all__ = ["ChangeFeedContract", "CutChangeFeed"]
 
@@ -79,21 +80,11 @@ async def _ticket(store: CircuitStateStore, key: str) -> Ticket:
 
 
 @pytest.mark.asyncio
-class ChangeFeedContract:
+class ChangeFeedContract(StateStoreFixtures):
     """
     The contract of a store's `ChangeFeed`.  Override ``state_store_url`` (an empty
     shared store) and ``cut_change_feed``.
     """
-
-    @pytest.fixture
-    def state_store_url(self) -> str:
-        """The URL of an empty store; subclasses must override this fixture."""
-        _fail_override(type(self), "state_store_url")
-
-    @pytest.fixture
-    def state_store_options(self) -> dict[str, Any]:
-        """Keyword options passed to `state_store_from_url`; none by default."""
-        return {}
 
     @pytest.fixture
     def cut_change_feed(self) -> CutChangeFeed:

@@ -91,8 +91,22 @@ async def _wait_for_probe(
     raise AssertionError(f"{key!r} never admitted a probe; last state {admission.state}")
 
 
+class StateStoreFixtures:
+    """The fixtures every state-store contract takes: the store's URL and options."""
+
+    @pytest.fixture
+    def state_store_url(self) -> str:
+        """The URL of an empty store; subclasses must override this fixture."""
+        _fail_override(type(self), "state_store_url")
+
+    @pytest.fixture
+    def state_store_options(self) -> dict[str, Any]:
+        """Keyword options passed to `state_store_from_url`; none by default."""
+        return {}
+
+
 @pytest.mark.asyncio
-class CircuitStateStoreContract:
+class CircuitStateStoreContract(StateStoreFixtures):
     """
     The contract of `CircuitStateStore`.  Override the ``state_store_url`` fixture.
 
@@ -105,16 +119,6 @@ class CircuitStateStoreContract:
 
     keeps_state: ClassVar[bool] = True
     """False for a pass-through store that admits everything (``null://``)."""
-
-    @pytest.fixture
-    def state_store_url(self) -> str:
-        """The URL of an empty store; subclasses must override this fixture."""
-        _fail_override(type(self), "state_store_url")
-
-    @pytest.fixture
-    def state_store_options(self) -> dict[str, Any]:
-        """Keyword options passed to `state_store_from_url`; none by default."""
-        return {}
 
     @pytest.fixture
     def advance_clock(self) -> AdvanceClock:
