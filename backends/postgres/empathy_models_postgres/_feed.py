@@ -3,12 +3,17 @@ The PostgreSQL state store's change feed: its ``NOTIFY`` announcements, by ``LIS
 
 A write that gives a key a new generation also runs ``pg_notify(channel, "<generation>
 <key>")`` in its own transaction, so the announcement is delivered when (and only if)
-the write commits.  `watch` listens on a connection of its own (outside the pool) and
-proves it is in sync with a ``SELECT 1`` every ``feed.interval`` seconds and whenever
-a breaker asks (`ChangeFeed.sync`, the exact mode; requests that arrive while one runs
-share the next one): a listening session that is idle sends the notifications
-committed before it reads the next query, and asyncpg hands them to the listener
-before the query's result to its caller, so the query's send time is a sync point.
+the write commits.  `watch` listens on a connection of its own (outside the pool),
+first checks that notifications reach it (it notifies a channel only its session
+listens to and must hear that come back), then proves it is in sync with a ``SELECT
+1`` every ``feed.interval`` seconds and whenever a breaker asks (`ChangeFeed.sync`,
+the exact mode; requests that arrive while one runs share the next one): a listening
+session that is idle sends the notifications committed before it reads the next query,
+and asyncpg hands them to the listener before the query's result to its caller, so the
+query's send time is a sync point.  That needs a session of its own on the server: a
+pooler that hands the connection's statements to different server sessions (PgBouncer
+in transaction or statement mode) can lose announcements, so behind one build the
+store with ``listen=False``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -47,10 +53,17 @@ def payload(key: str, generation: int) -> str:
 async def watch(db: Database, channel: str, feed: ChangeFeed) -> None:
     """
     One ``LISTEN`` on ``channel`` feeding ``feed``, until it fails (it raises then: a
-    connection error, or no answer within `SYNC_TIMEOUT` seconds).
+    connection error, no answer within `SYNC_TIMEOUT` seconds, or notifications that
+    do not reach the session).
     """
+    # a channel only this session listens to, for the check that notifications arrive
+    private = f"{channel}_{os.urandom(8).hex()}"
+    came_back: list[str] = []
 
-    def on_notify(_conn: object, _pid: int, _channel: str, text: str) -> None:
+    def on_notify(_conn: object, _pid: int, heard: str, text: str) -> None:
+        if heard == private:
+            came_back.append(text)
+            return
         generation, _, key = text.partition(" ")
         if key and generation.isdigit():
             feed.announce(key, int(generation))
@@ -58,18 +71,25 @@ async def watch(db: Database, channel: str, feed: ChangeFeed) -> None:
     clock = time.monotonic
     conn = await asyncio.wait_for(db.connect(application_name(channel)), SYNC_TIMEOUT)
     try:
-        await asyncio.wait_for(conn.add_listener(channel, on_notify), SYNC_TIMEOUT)
+        async with asyncio.timeout(SYNC_TIMEOUT):
+            await conn.add_listener(channel, on_notify)
+            await conn.add_listener(private, on_notify)
+            # notifications reach this session: its own comes back (a session hears it
+            # when its transaction commits, before the statement's result)
+            await conn.execute("SELECT pg_notify($1, 'check')", private)
+            if not came_back:
+                raise ConnectionError("notifications do not reach the listening session")
         asked = asyncio.Event()
         feed.begin(asked.set)
         while True:
             asked.clear()
-            sent = clock()
+            at = clock()
             async with asyncio.timeout(SYNC_TIMEOUT):  # (wait_for would add a task)
                 await conn.fetchval("SELECT 1")
             # asyncpg schedules a (sync) listener with call_soon as each notification
             # is read, before the query's result resumes this task: those that came
             # first have been handed on
-            feed.synced(sent)
+            feed.synced(at)
             if not asked.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(feed.interval):

@@ -70,6 +70,11 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         dsn, schema, table_prefix, create, **pool_options: as for
             `PostgresTelemetryBackend` (``schema`` and ``table_prefix`` also in the DSN's
             query string).
+        listen: offer breakers the store's announcements (`change_feed`: one listening
+            connection per store while a breaker is entered).  ``False`` behind a
+            pooler that does not keep a session per connection (PgBouncer in
+            transaction or statement mode), where ``LISTEN`` can miss notifications;
+            the announcements are still sent.
 
     Raises:
         StateStoreError: driver errors, with the password removed from the DSN.
@@ -84,8 +89,10 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         schema: str | None = None,
         table_prefix: str = DEFAULT_TABLE_PREFIX,
         create: bool = True,
+        listen: bool = True,
         **pool_options: Any,
     ) -> None:
+        self._listen = bool(listen)
         self._db = Database(
             dsn,
             schema=schema,
@@ -142,11 +149,14 @@ class PostgresCircuitStateStore(TransactionalStateStore):
             await self._feed.aclose()
         await self._db.close()
 
-    def change_feed(self) -> ChangeFeed:
+    def change_feed(self) -> ChangeFeed | None:
         """
         The store's announcements of new generations, by ``LISTEN`` on a channel named
-        after the table (one connection of its own while a breaker listens).
+        after the table (one connection of its own while a breaker listens); ``None``
+        when built with ``listen=False``.
         """
+        if not self._listen:
+            return None
         if self._feed is None:
             self._feed = ChangeFeed(functools.partial(watch, self._db, self._channel), repr(self))
         return self._feed

@@ -292,3 +292,33 @@ async def test_state_writes_commit_asynchronously_unless_told_otherwise(
         await _fail_once(store, "k")
         assert (await store.snapshot("k")).consecutive_failures == 1
     assert seen and set(seen) == {expected}
+
+
+async def test_a_store_built_not_to_listen_offers_no_feed_but_still_announces(
+    postgres_url: str,
+) -> None:
+    quiet = PostgresCircuitStateStore(postgres_url, listen=False)
+    async with quiet, state_store_from_url(postgres_url) as listening:
+        assert quiet.change_feed() is None
+        feed = listening.change_feed()
+        assert feed is not None
+        heard: list[tuple[str, int]] = []
+
+        class Listener:
+            def announced(self, key: str, generation: int) -> None:
+                heard.append((key, generation))
+
+            def restarted(self) -> None:
+                pass
+
+        listener = Listener()
+        feed.listen(listener, 1.0)
+        try:
+            with anyio.fail_after(10):
+                while not await feed.sync():  # noqa: ASYNC110  # false until subscribed
+                    await anyio.sleep(0.01)
+            forced = await quiet.force("k", CircuitState.FORCED_OPEN)
+            assert await feed.sync()
+            assert heard[-1] == ("k", forced.generation)
+        finally:
+            await feed.unlisten(listener)
