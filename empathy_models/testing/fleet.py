@@ -21,7 +21,9 @@ What it checks:
   lease in total; its success closes the circuit for everyone.
 * On a store that announces changes (`CircuitStateStore.change_feed`), a force made
   by the parent is seen by all three as soon as it is announced, while their local
-  views are still fresh by their clocks.
+  views are still fresh by their clocks; and three more processes in exact mode
+  (``local_view_ttl=0``) reject at their first admission after each of five forces
+  and admit after each reset.
 
 The children run ``python -m empathy_models.testing._fleet_worker`` with the running
 interpreter; a child that dies or stays silent for 60 s fails the check with its stderr.
@@ -39,6 +41,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from ..abc import CircuitStateStore
 from ..backends import state_store_from_url
 from ..records import CircuitState
 from ._child import JsonLinesChild
@@ -153,13 +156,36 @@ async def _check(url: str, spawn: Callable[[str, str, dict[str, Any], float], _C
         assert answers == [{"admitted": 1, "leases": [], "rejected": []}] * 3
 
         if store.change_feed() is not None:
-            # the store announces changes: a force is seen by every process as soon as
-            # its announcement arrives, with every local view still fresh (no clock moved)
-            await store.force(key, CircuitState.FORCED_OPEN, reason="announced")
-            deadline = time.monotonic() + ANNOUNCEMENT_WAIT
-            while True:
-                answers = _ask_all(children, {"op": "admit", "n": 1})
-                if all(a["rejected"] == ["forced_open"] for a in answers):
-                    break
-                assert time.monotonic() < deadline, f"the force was not announced: {answers}"
-                await asyncio.sleep(0.02)
+            await _announced(store, children, key)
+            exact = [spawn(url, key, policy, 0.0) for _ in range(3)]
+            await _exact(store, exact, key)
+
+
+async def _announced(store: CircuitStateStore, children: list[_Child], key: str) -> None:
+    """
+    The store announces changes: a force is seen by every process as soon as its
+    announcement arrives, with every local view still fresh (no clock moved).
+    """
+    await store.force(key, CircuitState.FORCED_OPEN, reason="announced")
+    deadline = time.monotonic() + ANNOUNCEMENT_WAIT
+    while True:
+        answers = _ask_all(children, {"op": "admit", "n": 1})
+        if all(a["rejected"] == ["forced_open"] for a in answers):
+            break
+        assert time.monotonic() < deadline, f"the force was not announced: {answers}"
+        await asyncio.sleep(0.02)
+
+
+async def _exact(store: CircuitStateStore, exact: list[_Child], key: str) -> None:
+    """
+    Processes in exact mode (``local_view_ttl=0``) see every change made before an
+    admission at that very admission: after each force returns, without waiting, every
+    one of them rejects; after each reset, every one admits.
+    """
+    for round_ in range(5):
+        await store.reset(key)
+        answers = _ask_all(exact, {"op": "admit", "n": 1})
+        assert all(a["admitted"] == 1 for a in answers), (round_, answers)
+        await store.force(key, CircuitState.FORCED_OPEN, reason=f"exact, round {round_}")
+        answers = _ask_all(exact, {"op": "admit", "n": 1})
+        assert all(a["rejected"] == ["forced_open"] for a in answers), (round_, answers)
