@@ -11,6 +11,7 @@ subscription broke is never confirmed by the next one.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -71,6 +72,38 @@ def _feed_of(store: CircuitStateStore) -> ChangeFeed:
     if feed is None:
         pytest.skip(f"{type(store).__name__} announces no changes")
     return feed
+
+
+def _count(target: object, asked: list[str], *names: str) -> None:
+    """Write down each call of ``target``'s methods ``names`` (a store's ``admit``, a
+    feed's ``sync``) in ``asked``, then let ``target`` do it."""
+    for name in names:
+        operation = getattr(target, name)
+
+        async def counted(*args: Any, _name: str = name, _op: Any = operation) -> Any:
+            asked.append(_name)
+            return await _op(*args)
+
+        setattr(target, name, counted)
+
+
+@contextlib.asynccontextmanager
+async def _breaker_with_a_view(
+    store: CircuitStateStore, ttl: float, flush_interval: float = 60.0
+) -> AsyncIterator[CircuitBreaker]:
+    """
+    A breaker on ``store`` once its feed is subscribed (a view fetched before is never
+    confirmed), with a view of ``"k"`` from one call; by default its successes wait
+    (no store answer refreshes the view meanwhile).
+    """
+    feed = _feed_of(store)
+    async with CircuitBreaker(
+        store, _POLICY, local_view_ttl=ttl, flush_interval=flush_interval
+    ) as breaker:
+        await _synced_after(feed, time.monotonic())
+        async with breaker.guard("k"):
+            pass
+        yield breaker
 
 
 async def _ticket(store: CircuitStateStore, key: str) -> Ticket:
@@ -142,70 +175,40 @@ class ChangeFeedContract(StateStoreFixtures):
             await feed.unlisten(heard)
         assert not feed.listening and feed.synced_at == float("-inf")
 
-    async def test_a_confirmed_view_admits_past_its_ttl_without_the_store(
+    async def test_a_confirmed_view_admits_past_its_ttl_without_a_round_trip(
         self, stores: tuple[CircuitStateStore, CircuitStateStore]
     ) -> None:
         store, _ = stores
         feed = _feed_of(store)
         asked: list[str] = []
-        admit, record = store.admit, store.record
-
-        async def counted_admit(key: str, policy: BreakerPolicy) -> Any:
-            asked.append("admit")
-            return await admit(key, policy)
-
-        async def counted_record(key: str, policy: BreakerPolicy, reports: Any) -> Any:
-            asked.append("record")
-            return await record(key, policy, reports)
-
-        # counted, then done by the store (a breaker admits through either)
-        store.admit = counted_admit  # type: ignore[method-assign]
-        store.record = counted_record  # type: ignore[method-assign]
-        # successes flushed only at the end: no store answer refreshes the view meanwhile
-        async with CircuitBreaker(
-            store, _POLICY, local_view_ttl=1.0, flush_interval=60.0
-        ) as breaker:
-            # (a view fetched before the feed's subscription started is never confirmed)
-            await _synced_after(feed, time.monotonic())
-            async with breaker.guard("k"):
-                pass
+        _count(store, asked, "admit", "record")  # a breaker admits through either
+        _count(feed, asked, "sync")  # or after a sync point of its own
+        async with _breaker_with_a_view(store, 1.0) as breaker:
             assert asked == ["admit"]
             await _synced_after(feed, time.monotonic())
             for _ in range(4):  # 2.4 s: the view's TTL has run out twice
                 await anyio.sleep(0.6)
                 async with breaker.guard("k"):
                     pass
-            assert asked == ["admit"], f"the feed confirms the view, yet the store saw {asked}"
+            assert asked == ["admit"], f"the feed's syncs confirm the view, yet: {asked}"
 
     async def test_the_exact_mode_admits_at_a_sync_point_without_asking_the_store(
         self, stores: tuple[CircuitStateStore, CircuitStateStore]
     ) -> None:
         store, _ = stores
-        feed = _feed_of(store)
-        admissions: list[str] = []
-        admit = store.admit
-
-        async def counted(key: str, policy: BreakerPolicy) -> Any:
-            admissions.append(key)
-            return await admit(key, policy)
-
-        store.admit = counted  # type: ignore[method-assign]  # counted, then admitted
-        async with CircuitBreaker(store, _POLICY, local_view_ttl=0) as breaker:
-            await _synced_after(feed, time.monotonic())
+        asked: list[str] = []
+        _count(store, asked, "admit")
+        async with _breaker_with_a_view(store, 0.0, flush_interval=0.5) as breaker:
             for _ in range(20):
                 async with breaker.guard("k"):
                     pass
-            assert admissions == ["k"], (
-                f"one admission by the store, then sync points: {len(admissions)}"
-            )
+            assert asked == ["admit"], f"one admission by the store, then sync points: {asked}"
 
     async def test_the_exact_mode_sees_every_change_made_before_an_admission(
         self, stores: tuple[CircuitStateStore, CircuitStateStore]
     ) -> None:
         store, other = stores
-        feed = _feed_of(store)
-        async with CircuitBreaker(store, _POLICY, local_view_ttl=0) as breaker:
-            await _synced_after(feed, time.monotonic())
+        async with _breaker_with_a_view(store, 0.0, flush_interval=0.5) as breaker:
             for i in range(10):
                 async with breaker.guard("k"):
                     pass
@@ -221,10 +224,7 @@ class ChangeFeedContract(StateStoreFixtures):
     ) -> None:
         store, other = stores
         feed = _feed_of(store)
-        async with CircuitBreaker(store, _POLICY, local_view_ttl=600.0) as breaker:
-            await _synced_after(feed, time.monotonic())  # subscribed: changes are announced
-            async with breaker.guard("k"):
-                pass
+        async with _breaker_with_a_view(store, 600.0, flush_interval=0.5) as breaker:
             await other.force("k", CircuitState.FORCED_OPEN, reason="from elsewhere")
             await _synced_after(feed, time.monotonic())
             with pytest.raises(CircuitOpenError) as info:
@@ -251,12 +251,7 @@ class ChangeFeedContract(StateStoreFixtures):
             await overtaken.wait()
             return state
 
-        async with CircuitBreaker(
-            store, _POLICY, local_view_ttl=600.0, flush_interval=60.0
-        ) as breaker:
-            await _synced_after(feed, time.monotonic())
-            async with breaker.guard("k"):
-                pass
+        async with _breaker_with_a_view(store, 600.0) as breaker:
             store.record = slow_answer  # type: ignore[method-assign]
             async with anyio.create_task_group() as tg:
                 tg.start_soon(breaker.flush)  # sends the success; its answer: CLOSED
@@ -275,11 +270,7 @@ class ChangeFeedContract(StateStoreFixtures):
     ) -> None:
         store, other = stores
         feed = _feed_of(store)
-        async with CircuitBreaker(
-            store, _POLICY, local_view_ttl=0.5, flush_interval=60.0
-        ) as breaker:
-            async with breaker.guard("k"):
-                pass
+        async with _breaker_with_a_view(store, 0.5) as breaker:
             await _synced_after(feed, time.monotonic())
             await cut_change_feed(store)
             # announced while nobody listens: lost to this store's feed
