@@ -26,24 +26,18 @@ import redis.asyncio as aioredis
 
 from empathy_models.abc import ChangeFeed
 
+from ._resp import command
+
 SYNC_TIMEOUT = 2.0
 """Seconds a subscription may take to answer a PING before it counts as lost."""
 
-_PING = b"*1\r\n$4\r\nPING\r\n"
+_PING = command(b"PING")
 
 
 def client_name(channel: str) -> str:
     """The subscription's ``CLIENT SETNAME`` (what ``CLIENT LIST`` shows operators)."""
     shown = "".join(c if c.isprintable() and c != " " else "_" for c in channel)
     return "empathy-models-feed:" + shown
-
-
-def _command(*parts: str) -> bytes:
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = part.encode("utf-8")
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
 
 
 async def _reply(reader: asyncio.StreamReader) -> Any:
@@ -79,7 +73,10 @@ def _kind(reply: Any) -> bytes:
 
 
 async def _read(
-    reader: asyncio.StreamReader, feed: ChangeFeed, sent: collections.deque[float]
+    reader: asyncio.StreamReader,
+    feed: ChangeFeed,
+    sent: collections.deque[float],
+    encoding: tuple[str, str],
 ) -> None:
     """Hand every announcement to ``feed``; each PING's answer syncs it."""
     while True:
@@ -88,7 +85,7 @@ async def _read(
         if kind == b"pong":
             feed.synced(sent.popleft())
         elif kind == b"message" and len(reply) == 3:
-            generation, _, key = bytes(reply[2]).decode("utf-8", "replace").partition(" ")
+            generation, _, key = bytes(reply[2]).decode(*encoding).partition(" ")
             if key and generation.isdigit():
                 feed.announce(key, int(generation))
 
@@ -98,7 +95,13 @@ async def watch(client: aioredis.Redis, channel: str, feed: ChangeFeed) -> None:
     One subscription to ``channel`` feeding ``feed``, until it fails (it raises then:
     a connection error, or no answer to a PING within `SYNC_TIMEOUT` seconds).
     """
-    conn = client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+    pool = client.connection_pool
+    conn = pool.make_connection()  # type: ignore[no-untyped-call]
+    # the store's encoding: the script publishes the prefix and keys as it sent them
+    encoding = (
+        pool.connection_kwargs.get("encoding", "utf-8"),
+        pool.connection_kwargs.get("encoding_errors", "strict"),
+    )
     clock = time.monotonic
     try:
         await conn.connect()
@@ -108,8 +111,9 @@ async def watch(client: aioredis.Redis, channel: str, feed: ChangeFeed) -> None:
         ):
             raise ConnectionError(f"a {type(conn).__name__} has no asyncio streams to subscribe on")
         async with asyncio.timeout(SYNC_TIMEOUT):
-            writer.write(_command("CLIENT", "SETNAME", client_name(channel)))
-            writer.write(_command("SUBSCRIBE", channel))
+            name = client_name(channel).encode("utf-8", "replace")
+            writer.write(command(b"CLIENT", b"SETNAME", name))
+            writer.write(command(b"SUBSCRIBE", channel.encode(*encoding)))
             if _kind(await _reply(reader)) != b"ok":
                 raise ConnectionError("CLIENT SETNAME was refused")
             if _kind(await _reply(reader)) != b"subscribe":
@@ -122,7 +126,7 @@ async def watch(client: aioredis.Redis, channel: str, feed: ChangeFeed) -> None:
                 writer.write(_PING)
 
         feed.begin(ping)
-        reading = asyncio.get_running_loop().create_task(_read(reader, feed, sent))
+        reading = asyncio.get_running_loop().create_task(_read(reader, feed, sent, encoding))
         try:
             while not reading.done():
                 ping()

@@ -52,6 +52,7 @@ from empathy_models.records import (
 )
 
 from ._feed import watch
+from ._resp import bulk
 
 __all__ = ["DEFAULT_KEY_TTL", "DEFAULT_PREFIX", "RedisCircuitStateStore", "breaker_script"]
 
@@ -105,15 +106,10 @@ def _policy_arg(policy: BreakerPolicy) -> bytes:
     return ",".join(values).encode("ascii")
 
 
-def _bulk(data: bytes) -> bytes:
-    """One RESP bulk string."""
-    return b"$%d\r\n%s\r\n" % (len(data), data)
-
-
 _DEFAULT_POLICY_ARG: Final = _policy_arg(BreakerPolicy())
 """The policy argument for operations whose result does not depend on the policy."""
 
-_OPS: Final = {op: _bulk(op.encode("ascii")) for op in ("admit", "record", "force", "reset")}
+_OPS: Final = {op: bulk(op.encode("ascii")) for op in ("admit", "record", "force", "reset")}
 _KEY_CACHE_SIZE: Final = 4096
 """Keys whose last read state (and encoded name) a store keeps, the oldest dropped first."""
 _HEADER_SIZE: Final = 7
@@ -313,9 +309,9 @@ class RedisCircuitStateStore(CircuitStateStore):
         self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
         # EVALSHA <sha> 1 (the count of keys), then per call the key and arguments
         self._command_head = b"".join(
-            _bulk(x) for x in (b"EVALSHA", self._sha.encode("ascii"), b"1")
+            bulk(x) for x in (b"EVALSHA", self._sha.encode("ascii"), b"1")
         )
-        self._ttl_arg = _bulk(_num(self.key_ttl).encode("ascii"))
+        self._ttl_arg = bulk(_num(self.key_ttl).encode("ascii"))
         self._last_policy: tuple[object, bytes] = (None, b"")  # and its script argument
         # per breaker key: [its Redis key and its name (as RESP bulk strings), the
         # revision of the state last read (b"" for none) and that state]; see `_run`
@@ -356,7 +352,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         return entry
 
     def _bulk_text(self, text: str) -> bytes:
-        return _bulk(text.encode(self._encoding, self._encoding_errors))
+        return bulk(text.encode(self._encoding, self._encoding_errors))
 
     async def _run(
         self, op: str, key: str, policy_arg: bytes, extra: Sequence[str]
@@ -383,10 +379,10 @@ class RedisCircuitStateStore(CircuitStateStore):
             _OPS[op],
             entry[1],
             self._ttl_arg,
-            _bulk(policy_arg),
-            _bulk(known_rev),
+            bulk(policy_arg),
+            bulk(known_rev),
         ]
-        parts.extend(map(_bulk, extra_args))
+        parts.extend(map(bulk, extra_args))
         command = b"".join(parts)
         try:
             if self._client.single_connection_client:
