@@ -27,7 +27,13 @@ from empathy_models.evidence import SUM_FIELDS, EvidenceBucket, bucket_from_fiel
 from empathy_models.records import wilson_interval
 from empathy_models.routing import ModelStats, RoutingStats
 from empathy_models.routing.book import Arm, ChangeTest
-from empathy_models.routing.stats import bucket_sums, wilson_bounds, wilson_lower, wilson_upper
+from empathy_models.routing.stats import (
+    bucket_sums,
+    summary_bounds,
+    wilson_bounds,
+    wilson_lower,
+    wilson_upper,
+)
 from empathy_models.testing.clock import FakeClock
 from tests._fakes import priced_registry
 
@@ -103,6 +109,18 @@ def test_the_single_bounds_are_those_of_wilson_bounds() -> None:
         assert wilson_upper(s, n, z) == upper
         got = wilson_lower(s, n, z, z * z)
         assert got == lower or (got > lower == min(max(s / n, 0.0), 1.0))
+
+
+def test_an_arms_summary_bounds_are_those_of_wilson_bounds() -> None:
+    # an arm's summary takes its four bounds in one call; verdicts must not depend on that
+    rng = random.Random(12)
+    for _ in range(20_000):
+        n = rng.choice([0.0, rng.uniform(0.0, 5.0), float(rng.randint(1, 10**6))])
+        s = rng.uniform(-0.1, 1.1) * n
+        z, reject_z, keep_z = (rng.choice([0.5, 1.0, 1.96, 2.58, 3.0]) for _ in range(3))
+        lower, upper = wilson_bounds(s, n, z)
+        expected = (lower, upper, wilson_bounds(s, n, reject_z)[1], wilson_bounds(s, n, keep_z)[0])
+        assert summary_bounds(s, n, z, reject_z, keep_z) == expected
 
 
 def test_a_bucket_built_from_fields_is_the_constructors() -> None:

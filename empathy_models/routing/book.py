@@ -55,6 +55,7 @@ from .stats import (
     WIDTH,
     add_outcome,
     latency_bounds,
+    summary_bounds,
     wilson_bounds,
     wilson_lower,
 )
@@ -363,9 +364,7 @@ def _summarize(
 ) -> ArmSummary:
     n = v[SAMPLES]
     s = v[SUCCESSES]
-    lower, upper = wilson_bounds(s, n, z)
-    reject_upper = wilson_bounds(s, n, reject_z)[1]
-    keep_lower = wilson_bounds(s, n, keep_z)[0]
+    lower, upper, reject_upper, keep_lower = summary_bounds(s, n, z, reject_z, keep_z)
     p50, p95, p95_lo, p95_hi = latency_bounds(v[LAT_N], v[LAT_LOG], v[LAT_SQ], z)
     t50, t95, t95_lo, t95_hi = latency_bounds(v[TTFT_N], v[TTFT_LOG], v[TTFT_SQ], z)
     change: str | None = None

@@ -30,6 +30,7 @@ __all__ = [
     "add_outcome",
     "bucket_sums",
     "latency_bounds",
+    "summary_bounds",
     "wilson_bounds",
     "wilson_lower",
     "wilson_upper",
@@ -138,6 +139,43 @@ def wilson_lower(s: float, n: float, z: float, z2: float) -> float:
     margin = z * math.sqrt(q * (1.0 - q) / n + z2 / (4.0 * n * n))
     lower = (q + z2 / (2.0 * n) - margin) / (1.0 + z2 / n)
     return lower if lower > 0.0 else 0.0
+
+
+def summary_bounds(
+    s: float, n: float, z: float, reject_z: float, keep_z: float
+) -> tuple[float, float, float, float]:
+    """
+    ``(lower, upper)`` of ``wilson_bounds(s, n, z)``, the upper bound at ``reject_z``
+    and the lower bound at ``keep_z``: what an arm's summary holds, with the same
+    arithmetic (so the same values) as three `wilson_bounds` calls.
+    """
+    if n <= 0.0:
+        return (0.0, 1.0, 1.0, 0.0)
+    p = s / n
+    p = p if p > 0.0 else 0.0
+    p = p if p < 1.0 else 1.0
+    pq = p * (1.0 - p) / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = p + z2 / (2.0 * n)
+    margin = z * math.sqrt(pq + z2 / (4.0 * n * n))
+    lower = (centre - margin) / denom
+    lower = lower if lower > 0.0 else 0.0
+    lower = lower if lower < p else p
+    upper = (centre + margin) / denom
+    upper = upper if upper < 1.0 else 1.0
+    upper = upper if upper > p else p
+    z2 = reject_z * reject_z
+    margin = reject_z * math.sqrt(pq + z2 / (4.0 * n * n))
+    reject = (p + z2 / (2.0 * n) + margin) / (1.0 + z2 / n)
+    reject = reject if reject < 1.0 else 1.0
+    reject = reject if reject > p else p
+    z2 = keep_z * keep_z
+    margin = keep_z * math.sqrt(pq + z2 / (4.0 * n * n))
+    keep = (p + z2 / (2.0 * n) - margin) / (1.0 + z2 / n)
+    keep = keep if keep > 0.0 else 0.0
+    keep = keep if keep < p else p
+    return (lower, upper, reject, keep)
 
 
 def wilson_upper(s: float, n: float, z: float) -> float:
