@@ -478,19 +478,19 @@ class AdaptiveModelRouter:
             self._warn_not_started()
         ctx, pinned = self._context(workflow, stage, candidates, limits, on_no_match)
         blocked = blocked_set(unavailable)
-        costed = classify(ctx, input_tokens, blocked)
-        picked = select(ctx, costed, self._rng, self.policy)
+        costs, eligible, explorable, probeable = classify(ctx, input_tokens, blocked)
+        picked = select(ctx, costs, eligible, explorable, probeable, self._rng, self.policy)
         now = self._clock()
         decider = self._decider
         if picked is None:
             return decider.no_match(
-                workflow, stage, ctx, costed.costs, on_no_match, pinned, input_tokens, blocked, now
+                workflow, stage, ctx, costs, on_no_match, pinned, input_tokens, blocked, now
             )
         index, exploration, why = picked
-        if exploration and not costed.eligible:
+        if exploration and not eligible:
             decider.log_unproven(workflow, stage, ctx.models[index], why)
         return decider.decide(
-            workflow, stage, ctx, costed.costs, index, exploration, why, input_tokens, blocked, now
+            workflow, stage, ctx, costs, index, exploration, why, input_tokens, blocked, now
         )
 
     def _context(

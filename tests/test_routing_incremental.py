@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 import empathy_models.routing._memory as memory_module
-import empathy_models.routing._verdicts as verdicts_module
 from empathy_models import (
     AdaptiveModelRouter,
     LLMCallRecord,
@@ -104,23 +103,6 @@ def test_incremental_verdicts_decide_as_looking_at_every_arm(
     assert _run(full_scan=False) == expected
 
 
-@pytest.mark.parametrize(("catch_up", "max_changes"), [(4, 4_096), (1, 4_096), (1, 5)])
-def test_kept_costings_decide_as_costing_every_candidate_anew(
-    catch_up: int, max_changes: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # a context keeps its candidates' costs, and who may be picked, per input_tokens
-    # and brings them up to date from the verdicts that changed (from 24 candidates
-    # on); here from the first, catching up after many changes too, and with a change
-    # log trimmed under them: the decisions and explanations must be those of costing
-    # every candidate anew before every decision
-    monkeypatch.setattr(verdicts_module, "KEEP_FROM", 10**9)
-    expected = _run(full_scan=True)
-    monkeypatch.setattr(verdicts_module, "KEEP_FROM", 0)
-    monkeypatch.setattr(verdicts_module, "_CATCH_UP", catch_up)
-    monkeypatch.setattr(verdicts_module, "MAX_CHANGES", max_changes)
-    assert _run(full_scan=False) == expected
-
-
 def test_an_untried_model_is_costed_on_the_stage_mean_after_every_outcome() -> None:
     # the stage's mean output tokens changes with every success on the other models;
     # the untried model's row must show it at once (its evidence did not change)
@@ -173,75 +155,3 @@ def test_an_untried_model_is_costed_on_the_stage_mean_after_every_outcome() -> N
         mean = sum(outputs) / len(outputs)
         assert row.cost_basis == "prior"
         assert row.expected_cost_usd == pytest.approx((100 * 0.5 + mean * 2.0) / 1e6, rel=1e-12)
-
-
-def _run_close_prices(seed: int) -> list[Any]:
-    """
-    30 candidates priced within a few percent of each other, a cost limit that cuts
-    through them and outcomes whose output tokens move every mean cost: near-ties on
-    cost and candidates crossing the limit all the time.  Every decision is kept and
-    its explanation read only at the end, after every later decision was made.
-    """
-    rng = random.Random(seed)
-    registry = ModelRegistry(
-        models=tuple(
-            ModelInfo(
-                id=f"c{i:02d}",
-                provider="openai",
-                tier=ModelTier.CAPABLE,
-                input_price_per_mtok=1.0 + rng.uniform(0.0, 0.03),
-                output_price_per_mtok=4.0 + rng.uniform(0.0, 0.1),
-                context_window=200_000,
-                max_output_tokens=8_192,
-            )
-            for i in range(30)
-        ),
-        price_version="test",
-    )
-    ids = [m.id for m in registry.models]
-    now = [START]
-    router = AdaptiveModelRouter(registry, seed=3, refresh_interval=None, clock=lambda: now[0])
-    quality = {m: rng.uniform(0.9, 0.995) for m in ids}
-    decisions: list[Any] = []
-    for _ in range(1_500):
-        now[0] += 1.0
-        model = rng.choice(ids)
-        router.record_outcome(
-            LLMCallRecord(
-                provider="openai",
-                model=model,
-                outcome=Outcome.SUCCESS if rng.random() < quality[model] else Outcome.FAILURE,
-                workflow="wf",
-                stage="s",
-                latency_ms=rng.uniform(100, 900),
-                input_tokens=500,
-                output_tokens=rng.randint(100, 800),
-                cost_usd=0.001,
-                timestamp=datetime.fromtimestamp(now[0], UTC),
-            )
-        )
-        try:
-            decisions.append(
-                router.get_best_model(
-                    "wf",
-                    "s",
-                    candidates=ids,
-                    input_tokens=rng.choice((None, 300, 1_200)),
-                    max_tokens=400,
-                    max_cost=rng.choice((None, 0.0022, 0.0028)),
-                    min_success_rate=0.85,
-                    unavailable=rng.choice(((),) * 5 + ((ids[0],),)),
-                )
-            )
-        except NoModelMeetsConstraintsError as exc:
-            decisions.append(dict(exc.reasons))
-    return [d if isinstance(d, dict) else d.to_dict() for d in decisions]
-
-
-@pytest.mark.parametrize("seed", [1, 2])
-def test_kept_costings_hold_with_near_ties_and_a_cost_limit_crossed(
-    seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    kept = _run_close_prices(seed)
-    monkeypatch.setattr(verdicts_module, "KEEP_FROM", 10**9)
-    assert _run_close_prices(seed) == kept

@@ -143,7 +143,7 @@ class Decider:
             why = f"{why}; acting on a detected change: {change}"
         facts = v.facts
         view = shown if shown is not None else ctx
-        view_costs = costs if shown is None else classify(view, input_tokens, blocked).costs
+        view_costs = costs if shown is None else classify(view, input_tokens, blocked)[0]
         cons = view.cons
         decision = _decision(
             v.model,
@@ -248,8 +248,8 @@ class Decider:
             loose = self.verdicts.context(
                 workflow or None, stage or None, ctx.models, limits_of(active)
             )
-            costed = classify(loose, input_tokens, blocked)
-            picked = select(loose, costed, self.rng, self.policy, budget=False)
+            lcosts, el, ex, pr = classify(loose, input_tokens, blocked)
+            picked = select(loose, lcosts, el, ex, pr, self.rng, self.policy, budget=False)
             if picked is None:
                 continue
             index, exploration, why = picked
@@ -258,7 +258,7 @@ class Decider:
                 workflow,
                 stage,
                 loose,
-                costed.costs,
+                lcosts,
                 index,
                 exploration,
                 f"no candidate met every constraint; relaxed {', '.join(relaxed)} "
@@ -289,7 +289,7 @@ class Decider:
             view = self.verdicts.context(
                 workflow or None, stage or None, (*ctx.models, pinned), limits_of(ctx.cons)
             )
-            costs = classify(view, input_tokens, blocked).costs
+            costs = classify(view, input_tokens, blocked)[0]
         index = view.models.index(pinned)
         if pinned in blocked:
             self.raise_no_match(

@@ -7,7 +7,6 @@ small constant.  Pure: reads the in-memory evidence only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Iterable
 from typing import Any, Final
 
@@ -18,7 +17,7 @@ from .book import StagePrior
 from .decide import EMPTY_SUMMARY, Context, ModelFacts, Verdict, judge, recost
 from .policy import Constraints, RoutingPolicy
 
-__all__ = ["Costed", "Limits", "VerdictCache", "classify", "limits_of"]
+__all__ = ["Limits", "VerdictCache", "classify", "limits_of"]
 
 MAX_CONTEXTS: Final = 1024
 
@@ -152,13 +151,11 @@ class VerdictCache:
                         verdicts[i], ctx.cons, self.policy, prior_output_tokens=prior_tokens
                     )
                     ctx.caches[i] = {}
-                    _changed(ctx, i)
             else:
                 old = verdicts[i]
                 new = verdicts[i] = self.judge(ctx, i, prior)
                 ctx.caches[i] = {}
                 versions[i] = version
-                _changed(ctx, i)
                 if new.code != old.code:
                     ctx.groups = None
                 if (new.summary.change is None) != (old.summary.change is None):
@@ -207,18 +204,6 @@ class VerdictCache:
         )
 
 
-MAX_CHANGES: Final = 4096
-
-
-def _changed(ctx: Context, i: int) -> None:
-    # log that candidate i's verdict was replaced (for the costings to catch up with)
-    changes = ctx.changes
-    changes.append(i)
-    if len(changes) > MAX_CHANGES:
-        del changes[: MAX_CHANGES // 2]
-        ctx.changes_start += MAX_CHANGES // 2
-
-
 def _groups(verdicts: list[Verdict]) -> tuple[list[int], list[int], list[int]]:
     # the candidates by verdict code: eligible, unproven, rejected (none not in the registry)
     groups: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
@@ -227,184 +212,17 @@ def _groups(verdicts: list[Verdict]) -> tuple[list[int], list[int], list[int]]:
     return groups[0], groups[1], groups[2]
 
 
-class Costed:
-    """
-    A context's candidates costed for one call: each one's expected cost, and those
-    that may be picked (see `classify`).  ``eligible``, ``explorable`` and
-    ``probeable`` are in candidate order, and nobody mutates them; ``costs`` neither
-    once it was handed out (``shared``).
-
-    Kept per ``input_tokens`` in the context (`Context.costed`) and brought up to date
-    from the verdicts that changed since (`Context.changes`), so a decision after one
-    outcome costs O(changed candidates) here instead of O(candidates).
-    """
-
-    __slots__ = (
-        "costs",
-        "eligible",
-        "explorable",
-        "groups_of",
-        "limit",
-        "near_tie",
-        "probeable",
-        "seen",
-        "shared",
-        "tokens",
-    )
-
-    costs: list[float | None]
-    eligible: list[int]
-    explorable: list[int]
-    probeable: list[int]
-    near_tie: list[int] | None  # memo of `cheapest_group`, current while not None
-    limit: float  # the cost limit of ``near_tie``
-    shared: bool  # handed to a decision: copied before it is changed
-    # kept costings only (`classify`): their input_tokens, the `Context.groups` the
-    # lists were drawn from, and the `Context.changes` position they are current with
-    tokens: int | None
-    groups_of: object
-    seen: int
-
-    def __init__(
-        self, costs: list[float | None], lists: tuple[list[int], list[int], list[int]]
-    ) -> None:
-        self.costs = costs
-        self.eligible, self.explorable, self.probeable = lists
-        self.near_tie = None
-        self.shared = False
-
-    def cheapest_group(self, tolerance: float) -> list[int]:
-        """
-        The eligible candidates whose cost is within ``tolerance`` of the cheapest
-        (every eligible one when none has a cost estimate); memoized until a change
-        could alter it.
-        """
-        group = self.near_tie
-        if group is None:
-            costs = self.costs
-            eligible = self.eligible
-            cheapest = min([math.inf if (c := costs[i]) is None else c for i in eligible])
-            if math.isinf(cheapest):
-                group = list(eligible)
-                self.limit = math.inf
-            else:
-                limit = self.limit = cheapest * (1.0 + tolerance) + 1e-15
-                group = [i for i in eligible if (c := costs[i]) is not None and c <= limit]
-            self.near_tie = group
-        return group
-
-
-MAX_COSTED: Final = 16  # input_tokens values kept per context
-KEEP_FROM = 24  # candidates from which costings are kept (fewer: recomputing is cheaper)
-_CATCH_UP: Final = 4  # catch up while changes * this <= candidates, else recompute
-
-
-def _cost(v: Verdict, input_tokens: int | None) -> float | None:
-    if input_tokens is None:
-        return v.const_no_input
-    slope = v.slope
-    return None if slope is None else input_tokens * slope + v.const
-
-
-def _within_limit(cost: float | None, max_cost: float | None) -> bool:
-    return max_cost is None or (cost is not None and not cost > max_cost)
-
-
-def _catch_up(entry: Costed, ctx: Context) -> bool:
-    """Bring ``entry`` up to date with ``ctx``'s verdicts; False: recompute it instead."""
-    start = ctx.changes_start
-    if entry.seen < start:
-        return False
-    new = ctx.changes[entry.seen - start :]
-    if not new:
-        return True
-    costs = entry.costs
-    if len(new) * _CATCH_UP > len(costs):
-        return False
-    if entry.shared:  # a decision holds the list: copy on write
-        costs = entry.costs = costs[:]
-        entry.shared = False
-    tokens = entry.tokens
-    verdicts = ctx.verdicts
-    max_cost = ctx.cons.max_cost
-    lists_valid = entry.groups_of is ctx.groups
-    for i in new:
-        v = verdicts[i]
-        old = costs[i]
-        cost = costs[i] = _cost(v, tokens)
-        if not lists_valid or _within_limit(old, max_cost) != _within_limit(cost, max_cost):
-            lists_valid = False
-        elif entry.near_tie is not None and v.code == 0 and _within_limit(cost, max_cost):
-            # an eligible candidate's cost moved: the near-tie group changes only if it
-            # was or is within the group's limit
-            limit = entry.limit
-            if old is None or cost is None or old <= limit or cost <= limit:
-                entry.near_tie = None
-    entry.seen = start + len(ctx.changes)
-    if not lists_valid:
-        groups = _current_groups(ctx)
-        entry.groups_of = groups
-        entry.eligible, entry.explorable, entry.probeable = _lists(groups, costs, max_cost)
-        entry.near_tie = None
-    return True
-
-
-def _current_groups(ctx: Context) -> tuple[list[int], list[int], list[int]]:
-    groups = ctx.groups
-    if groups is None:
-        groups = ctx.groups = _groups(ctx.verdicts)
-    return groups
-
-
-def _lists(
-    groups: tuple[list[int], list[int], list[int]],
-    costs: list[float | None],
-    max_cost: float | None,
-) -> tuple[list[int], list[int], list[int]]:
-    # the groups' candidates within max_cost (the context's own lists when there is no
-    # limit, or when all are within it: nobody mutates them)
-    if max_cost is None:
-        return groups
-    eligible, explorable, probeable = groups
-    return (
-        _within(eligible, costs, max_cost) if eligible else [],
-        _within(explorable, costs, max_cost) if explorable else [],
-        _within(probeable, costs, max_cost) if probeable else [],
-    )
-
-
-def classify(ctx: Context, input_tokens: int | None, blocked: Collection[str]) -> Costed:
+def classify(
+    ctx: Context, input_tokens: int | None, blocked: Collection[str]
+) -> tuple[list[float | None], list[int], list[int], list[int]]:
     """
     Each candidate's expected cost of this call, and the candidates that may be
-    picked: ``eligible``, ``explorable`` and ``probeable`` (see `decide.select`).
+    picked: ``(costs, eligible, explorable, probeable)`` (see `decide.select`), each
+    in candidate order.
 
     ``blocked`` ids (an open circuit) and candidates over ``max_cost`` are in none of
     the three lists: the budget is a hard limit, for exploration too.
     """
-    if blocked:
-        costed = _costed(ctx, input_tokens)
-        models = ctx.models
-        costed.eligible = [i for i in costed.eligible if models[i] not in blocked]
-        costed.explorable = [i for i in costed.explorable if models[i] not in blocked]
-        costed.probeable = [i for i in costed.probeable if models[i] not in blocked]
-        costed.shared = True
-        return costed
-    if len(ctx.verdicts) < KEEP_FROM:
-        return _costed(ctx, input_tokens)  # shared=False: it is nobody else's
-    cache = ctx.costed
-    kept = cache.get(input_tokens)
-    if kept is None or not _catch_up(kept, ctx):
-        if len(cache) >= MAX_COSTED:
-            cache.clear()
-        kept = cache[input_tokens] = _costed(ctx, input_tokens)
-        kept.tokens = input_tokens
-        kept.groups_of = ctx.groups
-        kept.seen = ctx.changes_start + len(ctx.changes)
-    kept.shared = True
-    return kept
-
-
-def _costed(ctx: Context, input_tokens: int | None) -> Costed:
     verdicts = ctx.verdicts
     costs: list[float | None]
     if input_tokens is None:
@@ -416,8 +234,21 @@ def _costed(ctx: Context, input_tokens: int | None) -> Costed:
     groups = ctx.groups
     if groups is None:
         groups = ctx.groups = _groups(verdicts)
+    eligible, explorable, probeable = groups
+    if blocked:
+        models = ctx.models
+        eligible = [i for i in eligible if models[i] not in blocked]
+        explorable = [i for i in explorable if models[i] not in blocked]
+        probeable = [i for i in probeable if models[i] not in blocked]
     max_cost = ctx.cons.max_cost
-    return Costed(costs, groups if max_cost is None else _lists(groups, costs, max_cost))
+    if max_cost is None:
+        return costs, eligible[:], explorable[:], probeable[:]
+    return (
+        costs,
+        _within(eligible, costs, max_cost) if eligible else [],
+        _within(explorable, costs, max_cost) if explorable else [],
+        _within(probeable, costs, max_cost) if probeable else [],
+    )
 
 
 def _within(group: list[int], costs: list[float | None], max_cost: float) -> list[int]:
@@ -427,5 +258,5 @@ def _within(group: list[int], costs: list[float | None], max_cost: float) -> lis
     except TypeError:  # a cost unknown (None)
         top = None
     if top is not None and top <= max_cost:  # False for NaN, which may hide a larger cost
-        return group
+        return group[:]
     return [i for i in group if (c := costs[i]) is not None and not c > max_cost]

@@ -41,7 +41,7 @@ import random
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import attrs
 from attrs import define, field, frozen
@@ -51,9 +51,6 @@ from ..records import CandidateEvaluation, ConstraintStatus, ModelTier
 from .book import EMPTY_SUMMARY, Arm, ArmSummary
 from .policy import COST, LATENCY, SUCCESS, TTFT, Constraints, RoutingPolicy
 from .stats import wilson_bounds
-
-if TYPE_CHECKING:
-    from ._verdicts import Costed
 
 __all__ = ["Context", "ModelFacts", "Verdict", "build_candidates", "judge", "recost", "select"]
 
@@ -316,8 +313,7 @@ class Context:
     exploration budget of decisions made with them.
 
     ``arm_versions[i]`` is the version of ``arms[i]`` that ``verdicts[i]`` was computed
-    from; ``prior_version`` the stage prior's, for verdicts costed on it.  ``verdicts``
-    is replaced item by item: a decision's explanation holds a copy.
+    from; ``prior_version`` the stage prior's, for verdicts costed on it.
     """
 
     cons: Constraints
@@ -338,29 +334,27 @@ class Context:
     seen: int = -1
     resets: int = -1
     groups: tuple[list[int], list[int], list[int]] | None = None
-    # the candidates whose verdict was replaced, in order (``changes_start`` is the
-    # position of ``changes[0]``), and the costings kept up to date from it, by
-    # input_tokens (see `_verdicts.classify`)
-    changes: list[int] = field(factory=list)
-    changes_start: int = 0
-    costed: dict[int | None, Costed] = field(factory=dict)
 
 
 # --------------------------------------------------------------------------- selection
 
 
 def _exploit(
-    costed: Costed,
+    eligible: Sequence[int],
+    costs: Sequence[float | None],
     verdicts: Sequence[Verdict],
     rng: random.Random,
     policy: RoutingPolicy,
 ) -> tuple[int, str]:
-    eligible = costed.eligible
     if len(eligible) == 1:
         return (eligible[0], "the only eligible model")
-    costs = costed.costs
     if policy.objective == "cheapest":
-        group = costed.cheapest_group(policy.cost_tie_tolerance)
+        cheapest = min([math.inf if (c := costs[i]) is None else c for i in eligible])
+        if math.isinf(cheapest):
+            group = list(eligible)
+        else:
+            limit = cheapest * (1.0 + policy.cost_tie_tolerance) + 1e-15
+            group = [i for i in eligible if (c := costs[i]) is not None and c <= limit]
         if len(group) == 1:
             return (group[0], f"cheapest of {len(eligible)} eligible models")
         best = _best_by_draw(group, costs, verdicts, rng, policy, 0.0)
@@ -482,7 +476,10 @@ def _young(s: ArmSummary, min_sr: float | None, calls: float) -> bool:
 
 def select(
     ctx: Context,
-    costed: Costed,
+    costs: Sequence[float | None],
+    eligible: Sequence[int],
+    explorable: Sequence[int],
+    probeable: Sequence[int],
     rng: random.Random,
     policy: RoutingPolicy,
     *,
@@ -491,17 +488,14 @@ def select(
     """
     ``(index, exploration, why)`` for one decision, or ``None`` when nothing can be picked.
 
-    ``costed``: the call's costs, and the candidates ELIGIBLE on every constraint
-    (``eligible``), UNPROVEN ones within the cost limit (``explorable``) and REJECTED
-    ones within it (``probeable``, only re-probed from the budget).  ``budget=False``
-    (a relaxed or pinned decision) never explores once something is eligible.
+    ``eligible``: candidates ELIGIBLE on every constraint; ``explorable``: UNPROVEN
+    ones within the cost limit; ``probeable``: REJECTED ones within it (only re-probed
+    from the budget).  ``budget=False`` (a relaxed or pinned decision) never explores
+    once something is eligible.
     """
-    costs = costed.costs
-    explorable = costed.explorable
-    if not costed.eligible:
+    if not eligible:
         return _explore_unproven(ctx, costs, explorable, rng, policy) if explorable else None
-    index, why = _exploit(costed, ctx.verdicts, rng, policy)
-    probeable = costed.probeable
+    index, why = _exploit(eligible, costs, ctx.verdicts, rng, policy)
     if not budget or policy.explore_rate <= 0.0 or not (explorable or probeable):
         return (index, False, why)
     ctx.decisions += 1
