@@ -147,24 +147,16 @@ def summary_bounds(
     """
     ``(lower, upper)`` of ``wilson_bounds(s, n, z)``, the upper bound at ``reject_z``
     and the lower bound at ``keep_z``: what an arm's summary holds, with the same
-    arithmetic (so the same values) as three `wilson_bounds` calls.
+    arithmetic (so the same values) as three `wilson_bounds` calls; the two extra
+    bounds share the first's rate and variance term.
     """
+    lower, upper = wilson_bounds(s, n, z)
     if n <= 0.0:
-        return (0.0, 1.0, 1.0, 0.0)
+        return (lower, upper, 1.0, 0.0)
     p = s / n
     p = p if p > 0.0 else 0.0
     p = p if p < 1.0 else 1.0
     pq = p * (1.0 - p) / n
-    z2 = z * z
-    denom = 1.0 + z2 / n
-    centre = p + z2 / (2.0 * n)
-    margin = z * math.sqrt(pq + z2 / (4.0 * n * n))
-    lower = (centre - margin) / denom
-    lower = lower if lower > 0.0 else 0.0
-    lower = lower if lower < p else p
-    upper = (centre + margin) / denom
-    upper = upper if upper < 1.0 else 1.0
-    upper = upper if upper > p else p
     z2 = reject_z * reject_z
     margin = reject_z * math.sqrt(pq + z2 / (4.0 * n * n))
     reject = (p + z2 / (2.0 * n) + margin) / (1.0 + z2 / n)
