@@ -8,9 +8,10 @@ PostgreSQL (`run_history`, the ``routing_history`` table).
 
 The headline rows time decisions the way the executor makes them: before each one an
 outcome is reported for one of the candidates (round-robin, ``record_outcome``) and the
-prompt size (``input_tokens``) changes, so nothing a router caches stays valid for
-free.  Every decision explains itself in ``decision.candidates``, built when first
-read: one row times the decision alone, one the decision and reading its explanation
+prompt size (``input_tokens``) is drawn anew (100-4,000 tokens, seeded), as real
+prompts' sizes rarely repeat, so nothing a router caches stays valid for free.  Every
+decision explains itself in ``decision.candidates``, built when first read: one row
+times the decision alone, one the decision and reading its explanation
 (what a caller that logs or inspects it pays).  A row repeats one decision on
 unchanged state, for reference, and one times the ``record_outcome`` calls made before
 the decisions (the router does some of a decision's bookkeeping there: noting which arm
@@ -71,7 +72,7 @@ from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 
 CANDIDATES = (4, 16, 64)
 STRATEGIES = ("simple-shuffle", "latency-based-routing", "cost-based-routing", "least-busy")
-PROMPT_TOKENS = (500, 731, 1_200, 350, 2_048, 96)
+PROMPT_TOKENS = (100, 4_000)  # each decision's prompt size: uniform in this range, seeded
 
 
 def make_registry(n: int) -> ModelRegistry:
@@ -172,16 +173,18 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
         explained: list[float] = []
         steady: list[float] = []
         recorded: list[float] = []
+        sizes = random.Random(n)
         for i in range(calls + 200):  # the first 200 warm up
             t0 = clock()
             record(pool[ids[i % n]][(i // n) % 16])
             recorded.append((clock() - t0) / 1000.0)
-            tokens = PROMPT_TOKENS[i % len(PROMPT_TOKENS)]
+            tokens = sizes.randint(*PROMPT_TOKENS)
             t0 = clock()
             decide("bench", "answer", candidates=ids, input_tokens=tokens, **options)
             live.append((clock() - t0) / 1000.0)
             # the same, reading the explanation (every candidate's evaluation)
             record(pool[ids[(i + 1) % n]][(i // n) % 16])
+            tokens = sizes.randint(*PROMPT_TOKENS)
             t0 = clock()
             decision = decide("bench", "answer", candidates=ids, input_tokens=tokens, **options)
             len(decision.candidates)
