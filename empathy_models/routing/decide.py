@@ -761,8 +761,8 @@ if tuple(a.name for a in attrs.fields(CandidateEvaluation)) != (
     "evidence_since",
     "ttft_p50_ms",
     "ttft_p95_ms",
-):  # pragma: no cover - guards _candidate's argument order against field changes
-    raise TypeError("CandidateEvaluation's fields changed: update routing.decide._candidate")
+):  # pragma: no cover - guards _row's argument order against field changes
+    raise TypeError("CandidateEvaluation's fields changed: update routing.decide._row")
 _NO_STATUS: Final[MappingProxyType[str, ConstraintStatus]] = MappingProxyType({})
 _PARTS: Final = object()  # the key of a row cache's `_Parts`
 
@@ -803,16 +803,29 @@ class _Parts:
         return shown
 
 
-def _candidate(
+def _row(
+    cache: RowCache | None,
+    key: Any,
     v: Verdict,
     cost: float | None,
     cons: Constraints,
     with_input: bool,
     blocked: bool,
-    parts: _Parts | None = None,
 ) -> CandidateEvaluation:
-    if parts is None:
+    """
+    The explanation row of ``v`` at ``cost``, built from the verdict's parts kept in
+    ``cache`` and kept there under ``key`` (``cache`` None: parts built, row not kept).
+    """
+    parts: _Parts | None
+    if cache is None:
         parts = _Parts(v)
+    else:
+        parts = cache.get(_PARTS)
+        if parts is None:
+            parts = cache[_PARTS] = _Parts(v)
+        elif len(cache) > 16:
+            cache.clear()
+            cache[_PARTS] = parts
     s = v.summary
     reasons = v.reasons
     basis = v.basis if with_input else v.basis_no_input
@@ -833,7 +846,10 @@ def _candidate(
             reasons += (f"expected cost ${cost:.6f} ({basis}) > max ${max_cost:.6f}",)
     if blocked:
         reasons = (CIRCUIT_OPEN, *reasons)
-    return _new_candidate(
+    shown = parts.maps.get(status)
+    if shown is None:
+        shown = parts.constraints(status)
+    row = _new_candidate(
         v.model,
         parts.provider,
         parts.tier,
@@ -844,7 +860,7 @@ def _candidate(
         s.p50,
         s.p95,
         cost,
-        parts.constraints(status),
+        shown,
         v.facts is None or blocked,
         reasons,
         s.samples,
@@ -855,23 +871,8 @@ def _candidate(
         s.ttft_p50,
         s.ttft_p95,
     )
-
-
-def _row(
-    cache: RowCache,
-    key: Any,
-    v: Verdict,
-    cost: float | None,
-    cons: Constraints,
-    with_input: bool,
-    blocked: bool,
-) -> CandidateEvaluation:
-    # a row not in ``cache`` yet: built from the verdict's cached parts, and kept
-    parts: _Parts | None = cache.get(_PARTS)
-    if parts is None or len(cache) > 16:
-        cache.clear()
-        parts = cache[_PARTS] = _Parts(v)
-    row = cache[key] = _candidate(v, cost, cons, with_input, blocked, parts)
+    if cache is not None:
+        cache[key] = row
     return row
 
 
@@ -895,7 +896,7 @@ def build_candidates(
     if caches is None:
         return tuple(
             [
-                _candidate(v, cost, cons, with_input, v.model in unavailable)
+                _row(None, None, v, cost, cons, with_input, v.model in unavailable)
                 for v, cost in zip(verdicts, costs, strict=True)
             ]
         )
