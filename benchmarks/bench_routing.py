@@ -445,8 +445,8 @@ async def run(quick: bool = False) -> BenchResult:
     result.notes.extend(f"cannot run: {k} {v}" for k, v in sorted(unsupported.items()))
     result.notes.append(
         "empathy-models rows: one outcome recorded before each timed decision (timed in "
-        "the record_outcome row, not in the decision's), "
-        f"prompt size varying, as the executor drives the router; medians of {repeats} "
+        "the record_outcome row, not in the decision's), a new prompt size for every "
+        f"decision, as the executor drives the router; medians of {repeats} "
         "interleaved repeats (ours, then each LiteLLM generation, in turn); 'reading "
         "decision.candidates' times the decision and building its explanation together"
     )
