@@ -17,7 +17,11 @@ which makes both cheaper without weakening what they promise:
   callable is called;
 * it calls `begin` when a subscription starts (with that ``ping``): announcements
   before it may have been missed, so listeners stop trusting what they have not
-  fetched since.
+  fetched since.  A watcher whose subscription can answer a round trip from any task
+  (PostgreSQL: a ``SELECT 1`` on the listening session) also hands `begin` a ``direct``
+  coroutine function: `sync` then awaits the round trip itself rather than waking the
+  watcher to send it and being woken by it (two task switches and their timers, a
+  third of a sync's time).
 
 A view whose key has no announcement of another generation since it was fetched is then
 current as of the last sync: a change the watcher has not announced yet was made after
@@ -80,6 +84,7 @@ class ChangeFeed:
         self._closed = False
         self._failing = False
         self._ping: Callable[[], None] | None = None
+        self._direct: Callable[[], Awaitable[bool]] | None = None
         self._waiters: collections.deque[tuple[float, asyncio.Future[bool]]] = collections.deque()
         self.synced_at = -math.inf
         """``time.monotonic()`` of the last sync (`synced`); ``-inf`` while not subscribed."""
@@ -139,6 +144,9 @@ class ChangeFeed:
         this call has been announced (and handed to the listeners); false, at once,
         when the feed is not subscribed, or after `SYNC_TIMEOUT` seconds without one.
         """
+        direct = self._direct
+        if direct is not None:
+            return await direct()
         ping = self._ping
         if ping is None:
             return False
@@ -153,14 +161,19 @@ class ChangeFeed:
 
     # ------------------------------------------------------------------ the watcher's side
 
-    def begin(self, ping: Callable[[], None]) -> None:
+    def begin(
+        self, ping: Callable[[], None], direct: Callable[[], Awaitable[bool]] | None = None
+    ) -> None:
         """
         A subscription started: listeners forget what they cannot have had announced.
         ``ping()`` asks the watcher for a sync point as soon as it can (it must not
-        block); `sync` calls it.
+        block); `sync` calls it.  ``direct`` (optional): ``await direct()`` reaches a
+        sync point after the call began, calling `synced` itself, and answers whether
+        it did (false: the subscription failed); `sync` then awaits it instead.
         """
         self._end()
         self._ping = ping
+        self._direct = direct
         for listener in list(self._listeners):
             listener.restarted()
 
@@ -185,6 +198,7 @@ class ChangeFeed:
         """No subscription (any more): nothing is confirmed, every `sync` answers false."""
         self.synced_at = -math.inf
         self._ping = None
+        self._direct = None
         waiters, self._waiters = self._waiters, collections.deque()
         for _, future in waiters:
             if not future.done():

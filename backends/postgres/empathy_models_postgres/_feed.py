@@ -7,13 +7,14 @@ the write commits.  `watch` listens on a connection of its own (outside the pool
 first checks that notifications reach it (it notifies a channel only its session
 listens to and must hear that come back), then proves it is in sync with a ``SELECT
 1`` every ``feed.interval`` seconds and whenever a breaker asks (`ChangeFeed.sync`,
-the exact mode; requests that arrive while one runs share the next one): a listening
-session that is idle sends the notifications committed before it reads the next query,
-and asyncpg hands them to the listener before the query's result to its caller, so the
-query's send time is a sync point.  That needs a session of its own on the server: a
-pooler that hands the connection's statements to different server sessions (PgBouncer
-in transaction or statement mode) can lose announcements, so behind one build the
-store with ``listen=False``.
+the exact mode), a round trip the asking task makes itself on the listening session
+(`Rounds`: one at a time; one that began before the asker did is waited for and the
+next one shared): a listening session that is idle sends the notifications committed
+before it reads the next query, and asyncpg hands them to the listener before the
+query's result to its caller, so the query's send time is a sync point.  That needs a
+session of its own on the server: a pooler that hands the connection's statements to
+different server sessions (PgBouncer in transaction or statement mode) can lose
+announcements, so behind one build the store with ``listen=False``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from empathy_models.abc import ChangeFeed
 
@@ -50,6 +53,75 @@ def payload(key: str, generation: int) -> str:
     return f"{generation} {key}"
 
 
+class Session(Protocol):
+    """What `Rounds` needs of the listening session (an asyncpg connection)."""
+
+    async def fetchval(self, query: str) -> Any: ...
+
+    def terminate(self) -> None: ...
+
+
+class Rounds:
+    """
+    ``SELECT 1`` round trips on the listening session, one at a time, each a sync point
+    of ``feed`` at its send time.  `sync` is `ChangeFeed`'s ``direct``: the caller's
+    task sends the query itself.  A caller cancelled while its query is in flight cuts
+    the session (what it would answer next is unknown), as does a failed or late
+    answer: the watcher then subscribes again, and until it has, `sync` answers false.
+    """
+
+    def __init__(self, conn: Session, feed: ChangeFeed, lost: Callable[[], None]) -> None:
+        self._conn = conn
+        self._feed = feed
+        self._lost = lost  # wakes the watcher, which finds the session gone
+        self._round: asyncio.Future[bool] | None = None  # the query in flight
+        self._sent = -math.inf  # its send time
+        self.failed = False
+
+    async def sync(self) -> bool:
+        """A sync point sent after this call began; false once the session is lost."""
+        begun = time.monotonic()
+        while not self.failed:
+            current = self._round
+            if current is None:
+                return await self._send()
+            sent = self._sent
+            if not await asyncio.shield(current):  # a cancelled waiter leaves it running
+                return False
+            if sent >= begun:
+                return True
+        return False
+
+    async def _send(self) -> bool:
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._round = done
+        at = self._sent = time.monotonic()
+        ok = False
+        try:
+            async with asyncio.timeout(SYNC_TIMEOUT):
+                await self._conn.fetchval("SELECT 1")
+            ok = True
+        except Exception:
+            self._cut()
+            return False
+        except BaseException:  # cancelled mid-query
+            self._cut()
+            raise
+        finally:
+            self._round = None
+            done.set_result(ok)
+        # asyncpg schedules a (sync) listener with call_soon as each notification is
+        # read, before the query's result resumes this task: those that came first
+        # have been handed on
+        self._feed.synced(at)
+        return True
+
+    def _cut(self) -> None:
+        self.failed = True
+        self._conn.terminate()
+        self._lost()
+
+
 async def watch(db: Database, channel: str, feed: ChangeFeed) -> None:
     """
     One ``LISTEN`` on ``channel`` feeding ``feed``, until it fails (it raises then: a
@@ -68,7 +140,6 @@ async def watch(db: Database, channel: str, feed: ChangeFeed) -> None:
         if key and generation.isdigit():
             feed.announce(key, int(generation))
 
-    clock = time.monotonic
     conn = await asyncio.wait_for(db.connect(application_name(channel)), SYNC_TIMEOUT)
     try:
         async with asyncio.timeout(SYNC_TIMEOUT):
@@ -80,16 +151,12 @@ async def watch(db: Database, channel: str, feed: ChangeFeed) -> None:
             if not came_back:
                 raise ConnectionError("notifications do not reach the listening session")
         asked = asyncio.Event()
-        feed.begin(asked.set)
+        rounds = Rounds(conn, feed, asked.set)
+        feed.begin(asked.set, rounds.sync)
         while True:
             asked.clear()
-            at = clock()
-            async with asyncio.timeout(SYNC_TIMEOUT):  # (wait_for would add a task)
-                await conn.fetchval("SELECT 1")
-            # asyncpg schedules a (sync) listener with call_soon as each notification
-            # is read, before the query's result resumes this task: those that came
-            # first have been handed on
-            feed.synced(at)
+            if not await rounds.sync():
+                raise ConnectionError("the listening session was lost")
             if not asked.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(feed.interval):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import anyio
@@ -11,7 +12,9 @@ import asyncpg
 import attrs
 import pytest
 from empathy_models_postgres import STATE_SCHEMA_VERSION, PostgresCircuitStateStore
+from empathy_models_postgres._feed import Rounds
 
+from empathy_models.abc import ChangeFeed
 from empathy_models.backends import state_store_from_url
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.exceptions import SchemaVersionError, StateStoreError
@@ -322,3 +325,43 @@ async def test_a_store_built_not_to_listen_offers_no_feed_but_still_announces(
             assert heard[-1] == ("k", forced.generation)
         finally:
             await feed.unlisten(listener)
+
+
+async def test_a_sync_never_takes_a_round_trip_sent_before_it_began(postgres_dsn: str) -> None:
+    # the exact mode's sync points, on the listening session: a breaker that asks while
+    # a round trip is in flight waits for it and shares the next one; it never takes
+    # the one in flight, sent before it asked (a change committed meanwhile, and
+    # announced only before a later query's answer, would be missed)
+    conn = await asyncpg.connect(postgres_dsn)
+    sent: list[float] = []
+    gate = asyncio.Event()
+
+    class FirstAnswerHeld:
+        async def fetchval(self, query: str) -> Any:
+            sent.append(time.monotonic())
+            if len(sent) == 1:
+                await gate.wait()
+            return await conn.fetchval(query)
+
+        def terminate(self) -> None:
+            conn.terminate()
+
+    async def no_watcher(_feed: ChangeFeed) -> None:
+        raise AssertionError("not run here")
+
+    feed = ChangeFeed(no_watcher, "test")
+    rounds = Rounds(FirstAnswerHeld(), feed, lambda: None)
+    try:
+        first = asyncio.create_task(rounds.sync())
+        await asyncio.sleep(0.01)  # its round trip is sent, its answer held
+        asked = time.monotonic()
+        later = [asyncio.create_task(rounds.sync()) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert len(sent) == 1, "one round trip at a time on the session"
+        gate.set()
+        assert await first
+        assert [await task for task in later] == [True, True]
+        assert len(sent) == 2, "the two that asked later share one more round trip"
+        assert asked <= feed.synced_at <= sent[1], "synced as of the later send"
+    finally:
+        await conn.close()

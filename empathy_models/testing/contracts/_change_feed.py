@@ -11,6 +11,7 @@ subscription broke is never confirmed by the next one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -262,6 +263,30 @@ class ChangeFeedContract(StateStoreFixtures):
             with pytest.raises(CircuitOpenError):
                 async with breaker.guard("k"):
                     pass
+
+    async def test_a_sync_cancelled_midway_leaves_the_exact_mode_exact(
+        self, stores: tuple[CircuitStateStore, CircuitStateStore]
+    ) -> None:
+        # an admission cancelled while it waits for its sync point (a store may cut
+        # the subscription then, as its answer is no longer awaited): what follows
+        # still sees every change made before it, and the feed syncs again
+        store, other = stores
+        feed = _feed_of(store)
+        async with _breaker_with_a_view(store, 0.0, flush_interval=0.5) as breaker:
+            for round_ in range(3):
+                syncing = asyncio.get_running_loop().create_task(feed.sync())
+                await asyncio.sleep(0)  # it has sent its request, if it sends one
+                syncing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await syncing
+                await other.force("k", CircuitState.FORCED_OPEN, reason=f"round {round_}")
+                with pytest.raises(CircuitOpenError):
+                    async with breaker.guard("k"):
+                        pass
+                await other.reset("k")
+                async with breaker.guard("k"):
+                    pass
+                await _synced_after(feed, time.monotonic())
 
     async def test_a_view_from_before_a_broken_subscription_is_not_confirmed(
         self,
