@@ -20,8 +20,8 @@ which makes both cheaper without weakening what they promise:
   fetched since.  A watcher whose subscription can answer a round trip from any task
   (PostgreSQL: a ``SELECT 1`` on the listening session) also hands `begin` a ``direct``
   coroutine function: `sync` then awaits the round trip itself rather than waking the
-  watcher to send it and being woken by it (two task switches and their timers, a
-  third of a sync's time).
+  watcher to send it and being woken by it (two task switches and their timers: a
+  quarter to a third of a sync's time).
 
 A view whose key has no announcement of another generation since it was fetched is then
 current as of the last sync: a change the watcher has not announced yet was made after

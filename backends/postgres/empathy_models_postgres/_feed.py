@@ -76,12 +76,12 @@ class Rounds:
         self._lost = lost  # wakes the watcher, which finds the session gone
         self._round: asyncio.Future[bool] | None = None  # the query in flight
         self._sent = -math.inf  # its send time
-        self.failed = False
+        self.failed: str | None = None  # why the session was cut
 
     async def sync(self) -> bool:
         """A sync point sent after this call began; false once the session is lost."""
         begun = time.monotonic()
-        while not self.failed:
+        while self.failed is None:
             current = self._round
             if current is None:
                 return await self._send()
@@ -101,11 +101,11 @@ class Rounds:
             async with asyncio.timeout(SYNC_TIMEOUT):
                 await self._conn.fetchval("SELECT 1")
             ok = True
-        except Exception:
-            self._cut()
+        except Exception as exc:
+            self._cut(f"no answer to a sync point ({type(exc).__name__})")
             return False
-        except BaseException:  # cancelled mid-query
-            self._cut()
+        except BaseException:
+            self._cut("a sync point's caller was cancelled while it was in flight")
             raise
         finally:
             self._round = None
@@ -116,8 +116,8 @@ class Rounds:
         self._feed.synced(at)
         return True
 
-    def _cut(self) -> None:
-        self.failed = True
+    def _cut(self, why: str) -> None:
+        self.failed = why
         self._conn.terminate()
         self._lost()
 
@@ -156,7 +156,7 @@ async def watch(db: Database, channel: str, feed: ChangeFeed) -> None:
         while True:
             asked.clear()
             if not await rounds.sync():
-                raise ConnectionError("the listening session was lost")
+                raise ConnectionError(f"the listening session was cut: {rounds.failed}")
             if not asked.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(feed.interval):
