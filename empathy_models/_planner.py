@@ -11,8 +11,6 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import attrs
-
 from ._request_options import capable
 from ._run import _estimate_tokens
 from ._values import ExecutionContext
@@ -20,6 +18,7 @@ from .abc import Message, Provider
 from .exceptions import ConfigurationError
 from .records import CandidateEvaluation, ModelTier, RoutingDecision
 from .registry import ModelInfo, ModelRegistry
+from .routing._explain import annotated
 from .tasks import get_tier_for_task, is_known_task, normalize_task_type
 
 if TYPE_CHECKING:
@@ -77,17 +76,6 @@ def _order_routes(
     seen = {m.id for m in routes}
     routes.extend(m for m in ordered(higher) if m.id not in seen)
     return routes
-
-
-def _annotated(
-    decision: RoutingDecision, keyless: tuple[CandidateEvaluation, ...], note: str | None
-) -> RoutingDecision:
-    """``decision`` with the keyless models listed as excluded and the tier change stated."""
-    return attrs.evolve(
-        decision,
-        candidates=(*decision.candidates, *keyless),
-        reason=decision.reason if note is None else f"{decision.reason}; {note}",
-    )
 
 
 class _Planner:
@@ -383,7 +371,7 @@ class _Planner:
                 **options,
             )
             if plan.keyless or substituted is not None:
-                decision = _annotated(decision, plan.keyless, substituted)
+                decision = annotated(decision, plan.keyless, substituted)
             first = self._models_by_id.get(decision.model) or self._registry.get(decision.model)
             if first.provider not in self._providers:
                 raise ConfigurationError(

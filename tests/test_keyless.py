@@ -125,6 +125,42 @@ async def test_keyless_provider_is_never_called_and_the_decision_says_why(
     (reason,) = excluded["claude-fake-haiku"].reasons
     assert "no API key for anthropic" in reason and "ANTHROPIC_API_KEY" in reason
     assert "gpt-fake-mini" in {c.model for c in decision.candidates if not c.excluded}
+    # a record like any other: what the validated constructor builds from its dict
+    assert RoutingDecision.from_dict(decision.to_dict()) == decision
+
+
+async def test_a_decision_with_keyless_models_keeps_every_field_of_the_routers(
+    server: FakeLLMServer,
+) -> None:
+    # the executor adds the keyless rows to the router's decision: the constraints it
+    # was judged against, its pick and its cost stay the router's
+    context = ExecutionContext(
+        workflow="support",
+        stage="triage",
+        tier="cheap",
+        max_cost=0.75,
+        max_latency_ms=45_000.0,
+        min_success_rate=0.55,
+        max_tokens=64,
+    )
+    async with keyless_executor(
+        server, telemetry_store="null://", router=AdaptiveModelRouter(REGISTRY, seed=1)
+    ) as executor:
+        decision = (await executor.run("hello", context)).routing_decision
+    assert decision is not None
+    assert (decision.max_cost, decision.max_latency_ms, decision.min_success_rate) == (
+        0.75,
+        45_000.0,
+        0.55,
+    )
+    assert (decision.workflow, decision.stage, decision.model) == (
+        "support",
+        "triage",
+        "gpt-fake-mini",
+    )
+    assert decision.expected_cost_usd is not None and decision.expected_cost_usd > 0
+    assert [c.model for c in decision.candidates if c.excluded] == ["claude-fake-haiku"]
+    assert RoutingDecision.from_dict(decision.to_dict()) == decision
 
 
 async def test_without_a_router_the_keyed_provider_answers_first(server: FakeLLMServer) -> None:

@@ -17,12 +17,12 @@ import attrs
 
 from .._fast import trusted_constructor
 from ..exceptions import NoModelMeetsConstraintsError
-from ..records import RoutingDecision
+from ..records import CandidateEvaluation, RoutingDecision
 from ._verdicts import MAX_CONTEXTS, VerdictCache, classify, limits_of
 from .decide import Context, Verdict, build_candidates, select
 from .policy import Constraints, RoutingPolicy
 
-__all__ = ["Decider"]
+__all__ = ["Decider", "annotated"]
 
 logger = logging.getLogger("empathy_models.router")
 
@@ -57,6 +57,43 @@ if tuple(a.name for a in attrs.fields(RoutingDecision)) != (
     "_candidates_thunk",
 ):  # pragma: no cover - guards Decider.decide's argument order against field changes
     raise TypeError("RoutingDecision's fields changed: update routing._explain.Decider.decide")
+
+
+def _joined(
+    decision: RoutingDecision, extra: tuple[CandidateEvaluation, ...]
+) -> tuple[CandidateEvaluation, ...]:
+    return (*decision.candidates, *extra)
+
+
+def annotated(
+    decision: RoutingDecision, extra: tuple[CandidateEvaluation, ...], note: str | None
+) -> RoutingDecision:
+    """
+    ``decision`` with ``extra`` rows after its candidates and ``note`` after its reason
+    (the executor's models without an API key, a tier it substituted): its candidates
+    are still built when first read, ``decision``'s with them.
+    """
+    return _decision(
+        decision.model,
+        decision.provider,
+        decision.tier,
+        decision.workflow,
+        decision.stage,
+        decision.constraints_met,
+        decision.reason if note is None else f"{decision.reason}; {note}",
+        decision.exploration,
+        decision.relaxed,
+        decision.policy_applied,
+        decision.decided_at,
+        decision.expected_cost_usd,
+        decision.max_cost,
+        decision.max_latency_ms,
+        decision.min_success_rate,
+        decision.strict_cost,
+        decision.change,
+        decision.max_ttft_ms,
+        partial(_joined, decision, extra),
+    )
 
 
 def _unmet(v: Verdict, cost: float | None, cons: Constraints) -> list[str]:
