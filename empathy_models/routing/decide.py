@@ -46,7 +46,7 @@ from typing import Any, Final
 import attrs
 from attrs import define, field, frozen
 
-from .._fast import trusted_constructor, trusted_evolver
+from .._fast import trusted_constructor
 from ..records import CandidateEvaluation, ConstraintStatus, ModelTier
 from .book import EMPTY_SUMMARY, Arm, ArmSummary
 from .policy import COST, LATENCY, SUCCESS, TTFT, Constraints, RoutingPolicy
@@ -235,7 +235,6 @@ def _judge_timing(
 
 
 _new_verdict: Final = trusted_constructor(Verdict, positional=True)
-_evolve_verdict: Final = trusted_evolver(Verdict)
 
 
 def recost(
@@ -252,14 +251,10 @@ def recost(
     slope, const, basis, const_ni, basis_ni = _cost_terms(
         v.facts, v.summary, cons, prior_output_tokens or policy.prior_output_tokens
     )
-    return _evolve_verdict(
-        v,
-        slope=slope,
-        const=const,
-        basis=basis,
-        const_no_input=const_ni,
-        basis_no_input=basis_ni,
-    )
+    return _new_verdict(
+        v.model, v.facts, v.summary, v.success, v.latency, v.code, slope, const, basis,
+        const_ni, basis_ni, v.reasons, v.degraded, v.ttft, v.warm,
+    )  # fmt: skip
 
 
 def _cost_terms(
