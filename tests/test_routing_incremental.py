@@ -21,6 +21,7 @@ from empathy_models import (
     ModelTier,
     NoModelMeetsConstraintsError,
     Outcome,
+    RoutingPolicy,
 )
 
 START = 1_767_225_600.0
@@ -153,5 +154,68 @@ def test_an_untried_model_is_costed_on_the_stage_mean_after_every_outcome() -> N
         )
         (row,) = [c for c in decision.candidates if c.model == "x"]
         mean = sum(outputs) / len(outputs)
+        assert row.cost_basis == "prior"
+        assert row.expected_cost_usd == pytest.approx((100 * 0.5 + mean * 2.0) / 1e6, rel=1e-12)
+
+
+@pytest.mark.parametrize("stated_prior", [None, 300.0])
+def test_an_untried_model_moves_from_its_first_costing_to_the_stage_mean(
+    stated_prior: float | None,
+) -> None:
+    # before any success in the stage an untried model is costed at max_tokens (or on
+    # the policy's stated prior); from the first success on, on the stage's mean
+    registry = ModelRegistry(
+        models=tuple(
+            ModelInfo(
+                id=name,
+                provider="openai",
+                tier=ModelTier.CAPABLE,
+                input_price_per_mtok=price,
+                output_price_per_mtok=price * 4,
+                context_window=200_000,
+                max_output_tokens=8_192,
+            )
+            for name, price in (("a", 1.0), ("x", 0.5))
+        ),
+        price_version="test",
+    )
+    policy = RoutingPolicy(prior_output_tokens=stated_prior)
+    router = AdaptiveModelRouter(registry, policy=policy, seed=3, refresh_interval=None)
+
+    def row_of_x() -> Any:
+        decision = router.get_best_model(
+            "wf", "s", candidates=["a", "x"], input_tokens=100, max_tokens=400,
+            max_cost=1.0, on_no_match="relax",
+        )  # fmt: skip
+        (row,) = [c for c in decision.candidates if c.model == "x"]
+        return row
+
+    def outcome(ok: bool, tokens: int) -> None:
+        router.record_outcome(
+            LLMCallRecord(
+                provider="openai",
+                model="a",
+                outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
+                workflow="wf",
+                stage="s",
+                latency_ms=200.0,
+                input_tokens=100,
+                output_tokens=tokens,
+                cost_usd=0.001,
+            )
+        )
+
+    first = row_of_x()
+    out = 400.0 if stated_prior is None else stated_prior
+    assert first.cost_basis == ("worst_case" if stated_prior is None else "prior")
+    assert first.expected_cost_usd == pytest.approx((100 * 0.5 + out * 2.0) / 1e6, rel=1e-12)
+    outcome(False, 0)
+    assert row_of_x().expected_cost_usd == first.expected_cost_usd  # a failure moves nothing
+    seen: list[int] = []
+    for tokens in (120, 700, 333):
+        outcome(True, tokens)
+        seen.append(tokens)
+        row = row_of_x()
+        mean = sum(seen) / len(seen)
         assert row.cost_basis == "prior"
         assert row.expected_cost_usd == pytest.approx((100 * 0.5 + mean * 2.0) / 1e6, rel=1e-12)

@@ -7,6 +7,7 @@ small constant.  Pure: reads the in-memory evidence only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable
 from typing import Any, Final
 
@@ -87,6 +88,7 @@ class VerdictCache:
             facts=[self.model_facts(m) for m in models],
             arms=[],
             arms_epoch=-1,
+            prior_tokens=self.policy.prior_output_tokens,  # while the stage has no prior
         )
 
     def context(
@@ -110,7 +112,13 @@ class VerdictCache:
             self._attach(ctx, workflow, stage)
         prior = memory.priors.get((workflow, stage))
         pv = prior.version if prior is not None else -1
-        stale_prior = pv != ctx.prior_version and ctx.on_prior
+        stale_prior = False
+        if pv != ctx.prior_version:
+            # verdicts costed on the prior follow its value in `classify`; only one that
+            # starts or stops having a value changes how a verdict is costed
+            value = (prior.mean() if prior is not None else None) or self.policy.prior_output_tokens
+            stale_prior = ctx.on_prior and (value is None) != (ctx.prior_tokens is None)
+            ctx.prior_tokens = value
         start = memory.log_start
         log = memory.log
         if stale_prior or ctx.resets != memory.resets or ctx.seen < start:
@@ -227,9 +235,18 @@ def classify(
     costs: list[float | None]
     if input_tokens is None:
         costs = [v.const_no_input for v in verdicts]
-    else:
+    elif not ctx.on_prior:
         costs = [
             None if (slope := v.slope) is None else input_tokens * slope + v.const for v in verdicts
+        ]
+    else:  # some are costed on the stage prior's current value (NaN: none, never here)
+        prior = ctx.prior_tokens if ctx.prior_tokens is not None else math.nan
+        costs = [
+            None
+            if (slope := v.slope) is None
+            else input_tokens * slope
+            + (v.const if (price := v.prior_price) is None else prior * price)
+            for v in verdicts
         ]
     groups = ctx.groups
     if groups is None:

@@ -85,7 +85,10 @@ class Verdict:
     ``code`` is the worst of the success-rate and latency statuses (0 eligible, 1
     unproven, 2 rejected; 3 not in the registry).  The cost of a call is ``input_tokens
     * slope + const`` when the call gives ``input_tokens`` (``slope`` None: no
-    estimate), else ``const_no_input``.
+    estimate), else ``const_no_input``.  A verdict costed on the stage's mean output
+    tokens (``basis`` "prior") also has ``prior_price``, and ``const`` is that mean
+    times it: such a verdict is costed on the stage's current mean (`_verdicts.classify`),
+    so it need not be judged again whenever the mean moves.
     """
 
     model: str
@@ -103,6 +106,7 @@ class Verdict:
     degraded: bool  # rejected, or its evidence restarted with a detected degradation
     ttft: ConstraintStatus | None = None
     warm: bool = False  # may be given a warm-up's calls when cheaper (see `_warm_up`)
+    prior_price: float | None = None  # the output price, when costed on the stage prior
 
 
 def judge(
@@ -149,7 +153,7 @@ def judge(
             _CODE[ttft] if ttft is not None else 0,
         )
     )
-    slope, const, basis, const_ni, basis_ni = _cost_terms(
+    slope, const, basis, const_ni, basis_ni, prior_price = _cost_terms(
         facts, summary, cons, prior_output_tokens or policy.prior_output_tokens
     )
     degraded = code == 2 or (summary.change or "").startswith("degraded")
@@ -158,7 +162,7 @@ def judge(
     )
     return _new_verdict(
         model, facts, summary, success, latency, code, slope, const, basis, const_ni,
-        basis_ni, tuple(reasons), degraded, ttft, warm,
+        basis_ni, tuple(reasons), degraded, ttft, warm, prior_price,
     )  # fmt: skip
 
 
@@ -248,18 +252,18 @@ def recost(
     ``v`` with its cost terms recomputed on a new stage prior: what `judge` gives for
     the same summary and ``prior_output_tokens`` (only the cost depends on the prior).
     """
-    slope, const, basis, const_ni, basis_ni = _cost_terms(
+    slope, const, basis, const_ni, basis_ni, prior_price = _cost_terms(
         v.facts, v.summary, cons, prior_output_tokens or policy.prior_output_tokens
     )
     return _new_verdict(
         v.model, v.facts, v.summary, v.success, v.latency, v.code, slope, const, basis,
-        const_ni, basis_ni, v.reasons, v.degraded, v.ttft, v.warm,
+        const_ni, basis_ni, v.reasons, v.degraded, v.ttft, v.warm, prior_price,
     )  # fmt: skip
 
 
 def _cost_terms(
     facts: ModelFacts | None, summary: ArmSummary, cons: Constraints, prior: float | None
-) -> tuple[float | None, float, str | None, float | None, str | None]:
+) -> tuple[float | None, float, str | None, float | None, str | None, float | None]:
     in_price = facts.input_price if facts is not None else 0.0
     out_price = facts.output_price if facts is not None else 0.0
     if cons.strict_cost:
@@ -267,12 +271,13 @@ def _cost_terms(
         if worst is None and facts is not None:
             worst = facts.max_output_tokens
         if worst is None:
-            return (None, 0.0, None, None, None)
-        return (in_price, worst * out_price, "worst_case", None, None)
+            return (None, 0.0, None, None, None, None)
+        return (in_price, worst * out_price, "worst_case", None, None, None)
     out: float | None = summary.mean_output_tokens
     basis: str | None = "estimate"
+    prior_price: float | None = None
     if out is None and prior is not None:
-        out, basis = prior, "prior"
+        out, basis, prior_price = prior, "prior", out_price
     if out is None and cons.max_tokens is not None:
         out, basis = float(cons.max_tokens), "worst_case"
     slope: float | None = in_price if out is not None else None
@@ -283,15 +288,9 @@ def _cost_terms(
         const_ni, basis_ni = summary.mean_input_tokens * in_price + const, basis
     elif summary.mean_cost is not None:
         const_ni, basis_ni = summary.mean_cost, "observed"
-    return (slope, const, basis if out is not None else None, const_ni, basis_ni)
-
-
-def cost_of(v: Verdict, input_tokens: int | None) -> float | None:
-    """The expected cost of one call on ``v``'s model (``None``: no estimate)."""
-    if input_tokens is None:
-        return v.const_no_input
-    slope = v.slope
-    return None if slope is None else input_tokens * slope + v.const
+    # (a prior-costed verdict's const_ni is the observed mean cost, or None: without a
+    # success there is no mean of input tokens)
+    return (slope, const, basis if out is not None else None, const_ni, basis_ni, prior_price)
 
 
 # --------------------------------------------------------------------------- context
@@ -321,6 +320,7 @@ class Context:
     arm_versions: list[int] = field(factory=list)
     prior_version: int = -1
     on_prior: bool = False
+    prior_tokens: float | None = None  # the stage prior verdicts with a prior_price are on
     changed: tuple[int, ...] = ()
     tokens: float = 0.0
     decisions: int = 0
@@ -914,4 +914,4 @@ def build_candidates(
     return tuple(out)
 
 
-__all__ += ["CIRCUIT_OPEN", "EMPTY_SUMMARY", "NOT_IN_REGISTRY", "cost_of"]
+__all__ += ["CIRCUIT_OPEN", "EMPTY_SUMMARY", "NOT_IN_REGISTRY"]
