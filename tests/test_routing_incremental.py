@@ -23,6 +23,7 @@ from empathy_models import (
     Outcome,
     RoutingPolicy,
 )
+from tests._fakes import priced_registry
 
 START = 1_767_225_600.0
 
@@ -104,24 +105,25 @@ def test_incremental_verdicts_decide_as_looking_at_every_arm(
     assert _run(full_scan=False) == expected
 
 
+def _stage_call(model: str, ok: bool, output_tokens: int) -> LLMCallRecord:
+    """One call of stage wf/s: 100 tokens in, ``output_tokens`` out."""
+    return LLMCallRecord(
+        provider="openai",
+        model=model,
+        outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
+        workflow="wf",
+        stage="s",
+        latency_ms=200.0,
+        input_tokens=100,
+        output_tokens=output_tokens,
+        cost_usd=0.001,
+    )
+
+
 def test_an_untried_model_is_costed_on_the_stage_mean_after_every_outcome() -> None:
     # the stage's mean output tokens changes with every success on the other models;
     # the untried model's row must show it at once (its evidence did not change)
-    registry = ModelRegistry(
-        models=tuple(
-            ModelInfo(
-                id=name,
-                provider="openai",
-                tier=ModelTier.CAPABLE,
-                input_price_per_mtok=price,
-                output_price_per_mtok=price * 4,
-                context_window=200_000,
-                max_output_tokens=8_192,
-            )
-            for name, price in (("a", 1.0), ("b", 2.0), ("x", 0.5))
-        ),
-        price_version="test",
-    )
+    registry = priced_registry([("a", 1.0), ("b", 2.0), ("x", 0.5)], "test")
     router = AdaptiveModelRouter(registry, seed=3, refresh_interval=None)
     rng = random.Random(4)
     outputs: list[int] = []
@@ -130,19 +132,7 @@ def test_an_untried_model_is_costed_on_the_stage_mean_after_every_outcome() -> N
         failed = i % 7 == 3  # failures do not move the mean
         if not failed:
             outputs.append(tokens)
-        router.record_outcome(
-            LLMCallRecord(
-                provider="openai",
-                model=rng.choice(("a", "b")),
-                outcome=Outcome.FAILURE if failed else Outcome.SUCCESS,
-                workflow="wf",
-                stage="s",
-                latency_ms=200.0,
-                input_tokens=100,
-                output_tokens=tokens,
-                cost_usd=0.001,
-            )
-        )
+        router.record_outcome(_stage_call(rng.choice(("a", "b")), not failed, tokens))
         decision = router.get_best_model(
             "wf",
             "s",
@@ -164,23 +154,12 @@ def test_an_untried_model_moves_from_its_first_costing_to_the_stage_mean(
 ) -> None:
     # before any success in the stage an untried model is costed at max_tokens (or on
     # the policy's stated prior); from the first success on, on the stage's mean
-    registry = ModelRegistry(
-        models=tuple(
-            ModelInfo(
-                id=name,
-                provider="openai",
-                tier=ModelTier.CAPABLE,
-                input_price_per_mtok=price,
-                output_price_per_mtok=price * 4,
-                context_window=200_000,
-                max_output_tokens=8_192,
-            )
-            for name, price in (("a", 1.0), ("x", 0.5))
-        ),
-        price_version="test",
+    router = AdaptiveModelRouter(
+        priced_registry([("a", 1.0), ("x", 0.5)], "test"),
+        policy=RoutingPolicy(prior_output_tokens=stated_prior),
+        seed=3,
+        refresh_interval=None,
     )
-    policy = RoutingPolicy(prior_output_tokens=stated_prior)
-    router = AdaptiveModelRouter(registry, policy=policy, seed=3, refresh_interval=None)
 
     def row_of_x() -> Any:
         decision = router.get_best_model(
@@ -190,30 +169,15 @@ def test_an_untried_model_moves_from_its_first_costing_to_the_stage_mean(
         (row,) = [c for c in decision.candidates if c.model == "x"]
         return row
 
-    def outcome(ok: bool, tokens: int) -> None:
-        router.record_outcome(
-            LLMCallRecord(
-                provider="openai",
-                model="a",
-                outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
-                workflow="wf",
-                stage="s",
-                latency_ms=200.0,
-                input_tokens=100,
-                output_tokens=tokens,
-                cost_usd=0.001,
-            )
-        )
-
     first = row_of_x()
     out = 400.0 if stated_prior is None else stated_prior
     assert first.cost_basis == ("worst_case" if stated_prior is None else "prior")
     assert first.expected_cost_usd == pytest.approx((100 * 0.5 + out * 2.0) / 1e6, rel=1e-12)
-    outcome(False, 0)
+    router.record_outcome(_stage_call("a", False, 0))
     assert row_of_x().expected_cost_usd == first.expected_cost_usd  # a failure moves nothing
     seen: list[int] = []
     for tokens in (120, 700, 333):
-        outcome(True, tokens)
+        router.record_outcome(_stage_call("a", True, tokens))
         seen.append(tokens)
         row = row_of_x()
         mean = sum(seen) / len(seen)
