@@ -46,7 +46,9 @@ With litellm installed, LiteLLM Router's outcome-blind strategies (simple-shuffl
 cost-based-routing) select among the same seven deployments for the stationary
 workload, for context.
 
-Run: ``python -m benchmarks.bench_routing_quality [--quick]``
+Run: ``python -m benchmarks.bench_routing_quality [--quick] [--seeds N]``; with
+``--explain SEED``, only the stationary scenario on that seed, saying which models its
+requests after warm-up went to in violation, and the reasons the decisions gave.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -311,12 +314,19 @@ class StampingRouter:
 
 @dataclass
 class Trace:
-    """Per request: routed model (None: no route), exploration, success, simulated time."""
+    """
+    Per request: routed model (None: no route), exploration, success, simulated time and
+    the decision's reason; with ``detail``, also the evidence the decision showed for
+    the model it picked (successes, calls), from its explanation.
+    """
 
     models: list[str | None] = field(default_factory=list)
     explore: list[bool] = field(default_factory=list)
     ok: list[bool] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
+    reasons: list[str | None] = field(default_factory=list)
+    detail: bool = False
+    evidence: list[tuple[float, int] | None] = field(default_factory=list)
 
 
 class Deployment:
@@ -381,6 +391,16 @@ class Deployment:
         trace.models.append(None if decision is None else decision.model)
         trace.explore.append(bool(decision is not None and decision.exploration))
         trace.ok.append(ok)
+        trace.reasons.append(None if decision is None else decision.reason)
+        if trace.detail:
+            row = None
+            if decision is not None:
+                row = next((c for c in decision.candidates if c.model == decision.model), None)
+            trace.evidence.append(
+                None
+                if row is None or row.success_rate is None
+                else (round(row.success_rate * row.sample_size), row.sample_size)
+            )
 
     def pick(self) -> str:
         """
@@ -522,10 +542,12 @@ def degradation_metrics(trace: Trace, degrade_at: int, recover_at: int) -> dict[
 # --------------------------------------------------------------------------- scenarios
 
 
-async def scenario_stationary(seed: int, sizes: Sizes, workdir: Path) -> Trace:
+async def scenario_stationary(
+    seed: int, sizes: Sizes, workdir: Path, *, detail: bool = False
+) -> Trace:
     sim = SimTime()
     dep = Deployment(workdir / f"stationary-{seed}.db", sim, provider_for(sim, seed), seed)
-    trace = Trace()
+    trace = Trace(detail=detail)
     await dep.open()
     try:
         await drive(dep, trace, sizes.stationary, start=sim.now() + 1.0)
@@ -1147,16 +1169,68 @@ def _plot(traces: dict[str, Trace], sizes: Sizes) -> None:
         plt.close(fig)
 
 
+async def explain_seed(seed: int, quick: bool = False) -> str:
+    """
+    Why the stationary scenario's requests after warm-up went to a truly violating model
+    on one seed: those requests grouped by model and by the reason their decision gave,
+    with the first and last request of each group and the evidence (successes / calls)
+    those decisions showed for the model (a markdown table).
+    """
+    sizes = QUICK if quick else FULL
+    workdir = Path(tempfile.mkdtemp(prefix="empathy-rq-explain-"))
+    try:
+        trace = await scenario_stationary(seed, sizes, workdir, detail=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    groups: dict[tuple[str, str], list[int]] = {}
+    late = range(WARMUP, len(trace.models))
+    for i in late:
+        model = trace.models[i]
+        if model is not None and violating(trace, i):
+            groups.setdefault((model, trace.reasons[i] or ""), []).append(i)
+    total = sum(len(v) for v in groups.values())
+    lines = [
+        f"stationary scenario, seed {seed}: {total} of {len(late)} requests after request "
+        f"{WARMUP} ({total / max(1, len(late)):.2%}) went to a truly violating model",
+        "",
+        "| model | decision's reason | requests | first | last | its evidence then "
+        "(successes / calls, at the first and the last) |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def shown(i: int) -> str:
+        e = trace.evidence[i]
+        return "-" if e is None else f"{e[0]:.0f} / {e[1]}"
+
+    for (model, reason), hits in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        lines.append(
+            f"| {model} | {reason} | {len(hits)} | {hits[0]} | {hits[-1]} | "
+            f"{shown(hits[0])}, {shown(hits[-1])} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
         "--seeds", type=int, default=None, help="seeds per scenario (default: 5; quick: 1)"
     )
+    parser.add_argument(
+        "--explain",
+        type=int,
+        metavar="SEED",
+        default=None,
+        help="only say why the stationary scenario's late requests went to violating models "
+        "on this seed (no results written)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         asyncio.run(child_main())
+        return
+    if args.explain is not None:
+        print(asyncio.run(explain_seed(args.explain, quick=args.quick)))
         return
     write_result(asyncio.run(run(quick=args.quick, seeds=args.seeds)))
 
