@@ -14,7 +14,11 @@ written together, as in production).  Then:
   change test included);
 * **refresh**: 10,000 new calls are written, then ``router.refresh()`` reads what
   changed and applies it (`refresh_cost`);
-* for context, the backend's ``evidence()`` read of the window alone.
+* for context, the backend's ``evidence()`` read of the window alone;
+* **a full garbage collection** (``gc.collect()``) of this process while a started
+  router holds the week's evidence, against one just before it started: the pause the
+  evidence book adds to every full collection of the process it lives in (for an
+  async service, a stall of its event loop).
 
 Wall time and CPU time of this process (`time.process_time`: the client side, including
 SQLite's work on the connection thread; PostgreSQL's server CPU is not in it) are
@@ -25,6 +29,7 @@ Run: ``python -m benchmarks.bench_router_start [--quick]``
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import shutil
@@ -122,6 +127,31 @@ async def start_cost(backend: TelemetryBackend, *, now: datetime) -> tuple[int, 
     return buckets, 0
 
 
+def full_collection_ms() -> float:
+    """One full collection of the cyclic garbage collector, in milliseconds."""
+    t0 = time.perf_counter()
+    gc.collect()
+    return (time.perf_counter() - t0) * 1000
+
+
+async def collection_cost(backend: TelemetryBackend, *, now: datetime) -> tuple[float, float]:
+    """
+    A full collection's time just before ``router.start()`` and while the started
+    router holds the window's evidence (ms, ms): what the book adds to every full
+    collection of its process.
+    """
+    router = new_router(backend, now)
+    full_collection_ms()  # what earlier runs left behind is gone before the baseline
+    without = statistics.median(full_collection_ms() for _ in range(3))
+    await router.start()
+    try:
+        full_collection_ms()  # the first one after a start also untracks its new tuples
+        held = statistics.median(full_collection_ms() for _ in range(3))
+    finally:
+        await router.aclose()
+    return without, held
+
+
 async def refresh_cost(router: AdaptiveModelRouter) -> int:
     """``router.refresh()``: read the buckets changed since the last one and apply them."""
     await router.refresh()
@@ -177,6 +207,10 @@ async def measure(
         out["start_cpu_s"] = statistics.median(c for _, c in starts)
         out["start_server_cpu_s"] = statistics.median(server) if server else None
 
+        async with make() as fresh:
+            await fresh.flush()
+            out["gc_without_ms"], out["gc_held_ms"] = await collection_cost(fresh, now=now)
+
         # the backend's read alone, for context (before the refresh phase adds to it)
         legacy: list[float] = []
         for _ in range(legacy_repeats):
@@ -230,6 +264,7 @@ async def run(quick: bool = False) -> BenchResult:
             "refresh wall ms",
             "refresh CPU ms",
             "evidence() alone s",
+            "full GC ms, router held / not",
             "goals",
         ],
     )
@@ -297,6 +332,9 @@ async def run(quick: bool = False) -> BenchResult:
                         "refresh wall ms": m["refresh_wall_s"] * 1000,
                         "refresh CPU ms": m["refresh_cpu_s"] * 1000,
                         "evidence() alone s": m["legacy_start_s"],
+                        "full GC ms, router held / not": (
+                            f"{m['gc_held_ms']:.1f} / {m['gc_without_ms']:.1f}"
+                        ),
                         "goals": ", ".join(goals),
                     },
                 )
@@ -324,6 +362,10 @@ async def run(quick: bool = False) -> BenchResult:
         "start needs, which wall time exceeds only when the machine is shared. "
         "evidence() alone = the backend's read of the window without the router, wall "
         "time, median of 3 runs (1 at 1M calls and in --quick).",
+        "full GC = gc.collect() in this process while a started router holds the window's "
+        "evidence, and just before it started (medians of 3, after one collection that "
+        "clears what came before): the pause the evidence book adds to every full "
+        "collection of the process.",
     ]
     return result
 

@@ -296,7 +296,7 @@ def test_the_change_test_walk_is_the_bounds_arithmetic_bucket_by_bucket(seed: in
             arm.add(t, rng.random() < rate, 100.0, 500, 100, 0.0001)
     assert len(arm.regimes) >= 3 and any(r.base is not None for r in arm.regimes)
     stored = Arm(test=ChangeTest())
-    stored.apply((t, list(v)) for t, v in arm.data.items())
+    stored.apply(arm.data.items())
     for built in (arm, stored):  # live, and in one pass as a start does
         expected = _walk_reference(built)
         got = list(zip(built.up, built.dn, built.proof, strict=True))
@@ -442,6 +442,38 @@ async def test_a_refresh_reads_only_what_changed() -> None:
         assert arm.version == version  # nothing new: nothing re-applied
         batch = await store.evidence(after_version=router._memory.version)
         assert batch.buckets == ()
+
+
+def _tracked() -> int:
+    # objects the cyclic garbage collector tracks, once what can be collected is gone
+    # (the second pass: the first one stops tracking tuples of plain values it meets)
+    gc.collect()
+    gc.collect()
+    return len(gc.get_objects())
+
+
+async def test_the_evidence_book_leaves_the_garbage_collector_nothing_per_bucket() -> None:
+    # every full collection walks each tracked object: a router holding a week of minute
+    # buckets (hundreds of thousands at scale) must not add one per bucket to that walk
+    clock = FakeClock()
+    store = MemoryTelemetryBackend()
+    rng = random.Random(12)
+    for _ in range(3000):  # one call a minute: 3,000 buckets read at start
+        clock.advance(60.0)
+        await store.record(rec(clock(), "mini", rng.random() < 0.99))
+    router = AdaptiveModelRouter(registry(), store, clock=clock, refresh_interval=None)
+    await store.evidence(after_version=0)  # the store builds (and keeps) its rollups
+    before = _tracked()
+    async with router:
+        assert sum(len(arm.starts) for arm in router._memory.arms.values()) == 3000
+        started = _tracked()
+        for _ in range(2000):  # and 2,000 more buckets from live outcomes
+            clock.advance(60.0)
+            router.record_outcome(rec(clock(), "nano", rng.random() < 0.99))
+        router.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]
+        live = _tracked()
+    assert started - before < 300, started - before
+    assert live - started < 300, live - started
 
 
 def test_a_degraded_model_loses_its_traffic_and_the_decision_says_why() -> None:

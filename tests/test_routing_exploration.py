@@ -137,7 +137,7 @@ def test_a_steady_arm_better_than_the_rate_floor_is_not_read_as_improving() -> N
         buckets.append(
             (
                 k * 60,
-                [
+                (
                     float(n),
                     float(s),
                     float(s),
@@ -149,7 +149,7 @@ def test_a_steady_arm_better_than_the_rate_floor_is_not_read_as_improving() -> N
                     0.0,
                     0.0,
                     0.0,
-                ],
+                ),
             )
         )
     arm.apply(buckets)
@@ -167,7 +167,7 @@ def test_a_busy_steady_arm_raises_few_false_alarms_in_a_week() -> None:
         buckets.append(
             (
                 k * 60,
-                [
+                (
                     14.0,
                     float(s),
                     float(s),
@@ -179,7 +179,7 @@ def test_a_busy_steady_arm_raises_few_false_alarms_in_a_week() -> None:
                     0.0,
                     0.0,
                     0.0,
-                ],
+                ),
             )
         )
     arm = Arm(test=RoutingPolicy().change_test)

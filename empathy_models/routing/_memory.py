@@ -16,6 +16,7 @@ from typing import Final
 
 from ..records import LLMCallRecord, Outcome
 from .book import Arm, ChangeTest, StagePrior, bucket_of
+from .stats import Sums
 
 __all__ = ["ArmKey", "EvidenceMemory"]
 
@@ -27,7 +28,7 @@ StageKey = tuple[str | None, str | None]
 LOG_SIZE: Final = 4096
 """The most changes `EvidenceMemory.log` keeps (then the older half is dropped)."""
 
-ChangedBuckets = dict[ArmKey, list[tuple[int, list[float]]]]
+ChangedBuckets = dict[ArmKey, list[tuple[int, Sums]]]
 """What a refresh read: per arm, (bucket start, the bucket's sums) for every changed bucket."""
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from typing import Final
 
@@ -53,6 +53,7 @@ from .stats import (
     TTFT_N,
     TTFT_SQ,
     WIDTH,
+    Sums,
     add_outcome,
     latency_bounds,
     summary_bounds,
@@ -75,7 +76,7 @@ def _zeros() -> list[float]:
     return [0.0] * WIDTH
 
 
-def _add(into: list[float], v: list[float], sign: float = 1.0) -> None:
+def _add(into: list[float], v: Sequence[float], sign: float = 1.0) -> None:
     for k in range(WIDTH):
         into[k] += sign * v[k]
 
@@ -427,9 +428,9 @@ class Arm:
 
     test: ChangeTest
     starts: list[int] = field(factory=list)  # effective buckets, sorted
-    data: dict[int, list[float]] = field(factory=dict)  # sums by bucket start
+    data: dict[int, Sums] = field(factory=dict)  # sums by bucket start
     # the store's version of the buckets this process added to since the last refresh
-    saved: dict[int, list[float] | None] = field(factory=dict)
+    saved: dict[int, Sums | None] = field(factory=dict)
     # change-test state after each effective bucket (parallel to starts)
     cum_n: array[float] = field(factory=lambda: array("d"))
     cum_f: array[float] = field(factory=lambda: array("d"))
@@ -493,17 +494,19 @@ class Arm:
     ) -> None:
         """Fold one outcome this process reported into its bucket, in O(1) amortized."""
         t = bucket_of(ts)
-        v = self.data.get(t)
+        old = self.data.get(t)
         if t not in self.saved:
-            self.saved[t] = None if v is None else list(v)
-        if v is None:
-            v = _zeros()
-            self._insert(t, v)
+            self.saved[t] = old
+        acc = _zeros() if old is None else list(old)
+        add_outcome(acc, success, latency_ms, input_tokens, output_tokens, cost_usd, ttft_ms)
+        if old is None:
+            self._insert(t, tuple(acc))
+        else:
+            self.data[t] = tuple(acc)
         if t >= self.regimes[-1].start:
             add_outcome(
                 self.cur, success, latency_ms, input_tokens, output_tokens, cost_usd, ttft_ms
             )
-        add_outcome(v, success, latency_ms, input_tokens, output_tokens, cost_usd, ttft_ms)
         self.window_n += 1
         self.streak = self.streak + 1 if success else 0
         self.version += 1
@@ -511,12 +514,12 @@ class Arm:
 
     # ------------------------------------------------------------------ store buckets
 
-    def apply(self, buckets: Iterable[tuple[int, list[float]]]) -> None:
+    def apply(self, buckets: Iterable[tuple[int, Sums]]) -> None:
         """
         Take the store's changed buckets; buckets this process added to since the last
         refresh go back to the store's version (which holds those records once stored).
         """
-        changed: dict[int, list[float] | None] = dict(buckets)
+        changed: dict[int, Sums | None] = dict(buckets)
         for t, v in self.saved.items():
             changed.setdefault(t, v)
         self.saved.clear()
@@ -533,7 +536,7 @@ class Arm:
             self.version += 1
             self._rerun(self._pos(first))
 
-    def _load(self, buckets: dict[int, list[float] | None]) -> None:
+    def _load(self, buckets: dict[int, Sums | None]) -> None:
         # an empty arm's first buckets (start-up): built in one pass, tested once
         rows = sorted((t, v) for t, v in buckets.items() if v is not None)
         if not rows:
@@ -585,7 +588,7 @@ class Arm:
     def _pos(self, t: int) -> int:
         return bisect_left(self.starts, t)
 
-    def _insert(self, t: int, v: list[float]) -> None:
+    def _insert(self, t: int, v: Sums) -> None:
         starts = self.starts
         if not starts or t > starts[-1]:
             i = len(starts)
@@ -599,7 +602,7 @@ class Arm:
         for arr2 in (self.up_from, self.dn_from):
             arr2.insert(i, 0)
 
-    def _replace(self, t: int, v: list[float] | None) -> bool:
+    def _replace(self, t: int, v: Sums | None) -> bool:
         old = self.data.get(t)
         if old is None and v is None:
             return False

@@ -8,7 +8,7 @@ Nothing here does I/O, reads a clock or draws a random number.
 from __future__ import annotations
 
 import math
-from typing import Final, TypeVar
+from typing import Final, TypeAlias, TypeVar
 
 import attrs
 
@@ -27,6 +27,7 @@ __all__ = [
     "SAMPLES",
     "SUCCESSES",
     "WIDTH",
+    "Sums",
     "add_outcome",
     "bucket_sums",
     "latency_bounds",
@@ -36,9 +37,9 @@ __all__ = [
     "wilson_upper",
 ]
 
-# A sum vector: the additive fields of an `EvidenceBucket`, as a list of floats in this
-# order.  Tokens are summed over successful calls, cost over every sample, latency as
-# natural logs of milliseconds over successful calls (see `empathy_models.evidence`).
+# A sum vector: the additive fields of an `EvidenceBucket`, as numbers in this order.
+# Tokens are summed over successful calls, cost over every sample, latency as natural
+# logs of milliseconds over successful calls (see `empathy_models.evidence`).
 SAMPLES: Final = 0
 SUCCESSES: Final = 1
 LAT_N: Final = 2
@@ -55,9 +56,20 @@ WIDTH: Final = 11
 P95_Z: Final = 1.6448536269514722  # standard normal quantile of 0.95
 
 
-def bucket_sums(b: EvidenceBucket) -> list[float]:
-    """The sum vector of a stored bucket (counts stay ints: no new objects but the list)."""
-    return [
+Sums: TypeAlias = tuple[float, ...]
+"""
+One bucket's sum vector, as the evidence book keeps it: a tuple of `WIDTH` numbers (a
+live outcome replaces its bucket's tuple).  A tuple of numbers only is left out of the
+garbage collector's tracking after its first collection, so a router holding a week of
+minute buckets for many arms (hundreds of thousands) does not make every full
+collection of the process walk them; a list (or an ``array``) would stay tracked.
+Running sums (a regime's) are lists of the same layout.
+"""
+
+
+def bucket_sums(b: EvidenceBucket) -> Sums:
+    """The sum vector of a stored bucket (counts stay ints: no new objects but the tuple)."""
+    return (
         b.samples,
         b.successes,
         b.latency_n,
@@ -69,7 +81,7 @@ def bucket_sums(b: EvidenceBucket) -> list[float]:
         b.ttft_n,
         b.ttft_log_sum,
         b.ttft_log_sq_sum,
-    ]
+    )
 
 
 def add_outcome(
