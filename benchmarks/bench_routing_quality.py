@@ -48,7 +48,8 @@ workload, for context.
 
 Run: ``python -m benchmarks.bench_routing_quality [--quick] [--seeds N]``; with
 ``--explain SEED``, only the stationary scenario on that seed, saying which models its
-requests after warm-up went to in violation, and the reasons the decisions gave.
+requests after warm-up went to in violation or to explore, and the reasons the
+decisions gave.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1171,10 +1172,11 @@ def _plot(traces: dict[str, Trace], sizes: Sizes) -> None:
 
 async def explain_seed(seed: int, quick: bool = False) -> str:
     """
-    Why the stationary scenario's requests after warm-up went to a truly violating model
-    on one seed: those requests grouped by model and by the reason their decision gave,
-    with the first and last request of each group and the evidence (successes / calls)
-    those decisions showed for the model (a markdown table).
+    Why the stationary scenario's requests after warm-up went where they did on one
+    seed: those that went to a truly violating model, and those that explored, each
+    grouped by model and by the reason their decision gave, with the first and last
+    request of each group and the evidence (successes / calls) those decisions showed
+    for the model (markdown tables).
     """
     sizes = QUICK if quick else FULL
     workdir = Path(tempfile.mkdtemp(prefix="empathy-rq-explain-"))
@@ -1182,16 +1184,29 @@ async def explain_seed(seed: int, quick: bool = False) -> str:
         trace = await scenario_stationary(seed, sizes, workdir, detail=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    groups: dict[tuple[str, str], list[int]] = {}
     late = range(WARMUP, len(trace.models))
+    return "\n\n".join(
+        _explained(trace, seed, late, what, picked)
+        for what, picked in (
+            ("went to a truly violating model", lambda i: violating(trace, i)),
+            ("explored", lambda i: trace.explore[i]),
+        )
+    )
+
+
+def _explained(
+    trace: Trace, seed: int, late: range, what: str, picked: Callable[[int], bool]
+) -> str:
+    # one table of `explain_seed`: the requests in ``late`` that ``picked`` selects
+    groups: dict[tuple[str, str], list[int]] = {}
     for i in late:
         model = trace.models[i]
-        if model is not None and violating(trace, i):
+        if model is not None and picked(i):
             groups.setdefault((model, trace.reasons[i] or ""), []).append(i)
     total = sum(len(v) for v in groups.values())
     lines = [
         f"stationary scenario, seed {seed}: {total} of {len(late)} requests after request "
-        f"{WARMUP} ({total / max(1, len(late)):.2%}) went to a truly violating model",
+        f"{WARMUP} ({total / max(1, len(late)):.2%}) {what}",
         "",
         "| model | decision's reason | requests | first | last | its evidence then "
         "(successes / calls, at the first and the last) |",
@@ -1221,8 +1236,8 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         metavar="SEED",
         default=None,
-        help="only say why the stationary scenario's late requests went to violating models "
-        "on this seed (no results written)",
+        help="only say why the stationary scenario's requests after warm-up went to "
+        "violating models or explored, on this seed (no results written)",
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
