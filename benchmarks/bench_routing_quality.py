@@ -47,9 +47,11 @@ cost-based-routing) select among the same seven deployments for the stationary
 workload, for context.
 
 Run: ``python -m benchmarks.bench_routing_quality [--quick] [--seeds N]``; with
-``--explain SEED``, only the stationary scenario on that seed, saying which models its
-requests after warm-up went to in violation or to explore, and the reasons the
-decisions gave.
+``--explain SEED [--scenario degradation|history]``, only one scenario (stationary by
+default) on that seed, saying which models its requests after warm-up went to in
+violation or to explore and the reasons the decisions gave (in the degradation
+scenarios also the degraded model's calls while degraded, and how its status changed
+after it recovered).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -94,7 +97,7 @@ from empathy_models import (
     RoutingDecision,
 )
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
-from empathy_models.records import ConstraintStatus
+from empathy_models.records import CandidateEvaluation, ConstraintStatus
 from empathy_models.testing import DEFAULT_START, FakeClock, FakeProvider, Latency, ModelBehavior
 
 # --------------------------------------------------------------------------- the truth
@@ -318,7 +321,8 @@ class Trace:
     """
     Per request: routed model (None: no route), exploration, success, simulated time and
     the decision's reason; with ``detail``, also the evidence the decision showed for
-    the model it picked (successes, calls), from its explanation.
+    the model it picked (successes, calls of its current regime), and the status and
+    detected change it showed for the model that degrades in the degradation scenarios.
     """
 
     models: list[str | None] = field(default_factory=list)
@@ -328,6 +332,16 @@ class Trace:
     reasons: list[str | None] = field(default_factory=list)
     detail: bool = False
     evidence: list[tuple[float, int] | None] = field(default_factory=list)
+    watched: list[tuple[str, str | None] | None] = field(default_factory=list)
+
+
+def _evidence(row: CandidateEvaluation | None) -> tuple[float, int] | None:
+    # (successes, calls) of the evidence a decision judged ``row``'s model on: its current
+    # regime's (restored evidence included)
+    if row is None or row.success_rate is None or row.effective_sample_size is None:
+        return None
+    n = int(row.effective_sample_size)
+    return (round(row.success_rate * n), n)
 
 
 class Deployment:
@@ -394,13 +408,12 @@ class Deployment:
         trace.ok.append(ok)
         trace.reasons.append(None if decision is None else decision.reason)
         if trace.detail:
-            row = None
-            if decision is not None:
-                row = next((c for c in decision.candidates if c.model == decision.model), None)
-            trace.evidence.append(
-                None
-                if row is None or row.success_rate is None
-                else (round(row.success_rate * row.sample_size), row.sample_size)
+            rows = {c.model: c for c in decision.candidates} if decision is not None else {}
+            row = rows.get(decision.model) if decision is not None else None
+            trace.evidence.append(_evidence(row))
+            watched = rows.get(DEGRADED)
+            trace.watched.append(
+                None if watched is None else (watched.status.value, watched.change)
             )
 
     def pick(self) -> str:
@@ -591,14 +604,16 @@ async def store_history(path: Path, seed: int, rows: int, end: float) -> None:
         await backend.flush()
 
 
-async def scenario_degradation(seed: int, sizes: Sizes, workdir: Path, history: bool) -> Trace:
+async def scenario_degradation(
+    seed: int, sizes: Sizes, workdir: Path, history: bool, *, detail: bool = False
+) -> Trace:
     sim = SimTime()
     name = "history" if history else "degradation"
     path = workdir / f"{name}-{seed}.db"
     if history:
         await store_history(path, seed, sizes.history_rows, sim.now())
     dep = Deployment(path, sim, provider_for(sim, seed), seed)
-    trace = Trace()
+    trace = Trace(detail=detail)
     schedule = {sizes.degrade_at: 0.80, sizes.recover_at: BY_ID[DEGRADED].success}
     await dep.open()
     try:
@@ -1170,43 +1185,101 @@ def _plot(traces: dict[str, Trace], sizes: Sizes) -> None:
         plt.close(fig)
 
 
-async def explain_seed(seed: int, quick: bool = False) -> str:
+SCENARIOS = ("stationary", "degradation", "history")
+
+
+async def explain_seed(seed: int, scenario: str = "stationary", quick: bool = False) -> str:
     """
-    Why the stationary scenario's requests after warm-up went where they did on one
-    seed: those that went to a truly violating model, and those that explored, each
-    grouped by model and by the reason their decision gave, with the first and last
-    request of each group and the evidence (successes / calls) those decisions showed
-    for the model (markdown tables).
+    Why one seed's requests after warm-up went where they did, in one scenario: those
+    that went to a truly violating model, and those that explored, each grouped by model
+    and by the reason their decision gave, with the first and last request of each group
+    and the evidence (successes / calls of the current regime) those decisions showed
+    for the model (markdown tables).  In the degradation scenarios, also the degraded
+    model's own calls while degraded, and how its status changed after it recovered.
     """
     sizes = QUICK if quick else FULL
     workdir = Path(tempfile.mkdtemp(prefix="empathy-rq-explain-"))
+    schedule: dict[int, float] | None = None
     try:
-        trace = await scenario_stationary(seed, sizes, workdir, detail=True)
+        if scenario == "stationary":
+            trace = await scenario_stationary(seed, sizes, workdir, detail=True)
+        else:
+            trace = await scenario_degradation(
+                seed, sizes, workdir, scenario == "history", detail=True
+            )
+            schedule = {sizes.degrade_at: 0.80, sizes.recover_at: BY_ID[DEGRADED].success}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     late = range(WARMUP, len(trace.models))
-    return "\n\n".join(
-        _explained(trace, seed, late, what, picked)
+    title = f"{scenario} scenario, seed {seed}"
+    parts = [
+        _explained(trace, title, late, what, picked)
         for what, picked in (
-            ("went to a truly violating model", lambda i: violating(trace, i)),
+            ("went to a truly violating model", lambda i: violating(trace, i, schedule)),
             ("explored", lambda i: trace.explore[i]),
         )
-    )
+    ]
+    if schedule is not None:
+        degraded = range(sizes.degrade_at, sizes.recover_at)
+        parts.append(
+            _explained(
+                trace,
+                title,
+                degraded,
+                f"went to {DEGRADED} while it was degraded, not to explore",
+                lambda i: trace.models[i] == DEGRADED and not trace.explore[i],
+            )
+        )
+        parts.append(_after_recovery(trace, title, sizes.recover_at))
+    return "\n\n".join(parts)
+
+
+def _unrated(text: str) -> str:
+    # a reason or a detected change without its success rates, which move with every
+    # call ("degraded (success rate 0.988 -> 0.917)" -> "degraded")
+    return re.sub(r" \(success rate [^)]*\)", "", text)
+
+
+def _after_recovery(trace: Trace, title: str, recover_at: int) -> str:
+    # each change of the recovered model's status (and detected change) after it
+    # recovered, with its share of the requests until the next change
+    lines = [
+        f"{title}: {DEGRADED}'s status after it recovered at request {recover_at}, and its "
+        "share of the requests until the status changed again (success rates left out)",
+        "",
+        "| from request | status | detected change | requests | its share |",
+        "|---|---|---|---|---|",
+    ]
+    n = len(trace.models)
+    spans: list[tuple[int, tuple[str, str | None] | None]] = []
+    for i in range(recover_at, n):
+        watched = trace.watched[i]
+        shown = None if watched is None else (watched[0], _unrated(watched[1] or "") or None)
+        if not spans or shown != spans[-1][1]:
+            spans.append((i, shown))
+    for k, (first, shown) in enumerate(spans[:40]):
+        last = spans[k + 1][0] if k + 1 < len(spans) else n
+        share = sum(m == DEGRADED for m in trace.models[first:last]) / (last - first)
+        status, change = shown if shown is not None else ("-", None)
+        lines.append(f"| {first} | {status} | {change or '-'} | {last - first} | {share:.0%} |")
+    if len(spans) > 40:
+        lines.append(f"| ... | {len(spans) - 40} more changes | | | |")
+    return "\n".join(lines)
 
 
 def _explained(
-    trace: Trace, seed: int, late: range, what: str, picked: Callable[[int], bool]
+    trace: Trace, title: str, requests: range, what: str, picked: Callable[[int], bool]
 ) -> str:
-    # one table of `explain_seed`: the requests in ``late`` that ``picked`` selects
+    # one table of `explain_seed`: the ``requests`` that ``picked`` selects
     groups: dict[tuple[str, str], list[int]] = {}
-    for i in late:
+    for i in requests:
         model = trace.models[i]
         if model is not None and picked(i):
-            groups.setdefault((model, trace.reasons[i] or ""), []).append(i)
+            groups.setdefault((model, _unrated(trace.reasons[i] or "")), []).append(i)
     total = sum(len(v) for v in groups.values())
     lines = [
-        f"stationary scenario, seed {seed}: {total} of {len(late)} requests after request "
-        f"{WARMUP} ({total / max(1, len(late)):.2%}) {what}",
+        f"{title}: {total} of the {len(requests)} requests {requests.start}-"
+        f"{requests.stop - 1} ({total / max(1, len(requests)):.2%}) {what}",
         "",
         "| model | decision's reason | requests | first | last | its evidence then "
         "(successes / calls, at the first and the last) |",
@@ -1236,8 +1309,14 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         metavar="SEED",
         default=None,
-        help="only say why the stationary scenario's requests after warm-up went to "
-        "violating models or explored, on this seed (no results written)",
+        help="only say why one scenario's requests after warm-up went to violating models "
+        "or explored, on this seed (no results written; see --scenario)",
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="stationary",
+        help="the scenario --explain runs (default: stationary)",
     )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1245,7 +1324,7 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(child_main())
         return
     if args.explain is not None:
-        print(asyncio.run(explain_seed(args.explain, quick=args.quick)))
+        print(asyncio.run(explain_seed(args.explain, args.scenario, quick=args.quick)))
         return
     write_result(asyncio.run(run(quick=args.quick, seeds=args.seeds)))
 
