@@ -24,7 +24,7 @@ from empathy_models import (
 )
 from empathy_models.backends import MemoryTelemetryBackend, gc_paused
 from empathy_models.evidence import SUM_FIELDS, EvidenceBucket, bucket_from_fields, rollup
-from empathy_models.records import wilson_interval
+from empathy_models.records import CandidateEvaluation, ConstraintStatus, wilson_interval
 from empathy_models.routing import ModelStats, RoutingStats
 from empathy_models.routing.book import Arm, ChangeTest
 from empathy_models.routing.stats import (
@@ -628,3 +628,40 @@ async def test_the_success_rate_hysteresis_depends_on_the_evidence_alone() -> No
     assert await _mini_verdicts([(60, 0), (14, 1)]) == ("unproven",) * 3
     # proven at the end of a minute (80 of 80), then one failure: every router keeps it
     assert await _mini_verdicts([(60, 0), (20, 0), (0, 1)]) == ("eligible",) * 3
+
+
+def test_an_improvement_counts_once_its_minute_is_over() -> None:
+    # a recovery detected in the minute still open is not acted on in that minute: a
+    # failure later in the same minute would undo it (the change test runs per minute),
+    # and acting at once flips the model in and out of the traffic
+    clock = FakeClock()
+    router = AdaptiveModelRouter(
+        registry(), clock=clock, seed=3, policy=RoutingPolicy(explore_rate=0.0)
+    )
+    rng = random.Random(2)
+
+    def report(ok: bool) -> None:
+        clock.advance(1.0)
+        router.record_outcome(rec(clock(), "nano", ok))
+
+    def nano() -> CandidateEvaluation:
+        decision = router.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]
+        return next(c for c in decision.candidates if c.model == "nano")
+
+    for ok in outcomes(0.99, 3000, rng) + outcomes(0.8, 100, rng):
+        report(ok)
+    assert (nano().change or "").startswith("degraded")
+    for _ in range(200):  # back to its old rate: successes until the change test sees it
+        report(True)
+        row = nano()
+        if (row.change or "").startswith("improved"):
+            break
+    assert (row.change or "").startswith("improved"), row.change
+    assert row.status is ConstraintStatus.UNPROVEN
+    assert any("counts once a later minute" in r for r in row.reasons), row.reasons
+    report(True)  # the same minute: still not acted on
+    assert nano().status is ConstraintStatus.UNPROVEN
+    clock.advance(60.0 - clock() % 60.0)  # the next minute
+    report(True)
+    row = nano()
+    assert row.status is ConstraintStatus.ELIGIBLE and (row.change or "").startswith("improved")

@@ -25,7 +25,11 @@ The statistics are evaluated bucket by bucket (the open bucket again after each 
 outcome), and a changed bucket re-runs the test from that bucket on, so the regimes,
 like the sums, depend only on the buckets: live, after a refresh and after a restart
 the same records give the same verdict.  Re-running costs O(buckets after the change);
-per-bucket CUSUM state is kept to make that possible.
+per-bucket CUSUM state is kept to make that possible.  A later outcome of the newest
+bucket can therefore undo a change detected in it; for an improvement the summary says
+so (`ArmSummary.improving`), and the decision acts on it once a later bucket holds an
+outcome, so a model that recovers is not given the traffic and taken off it again
+within one minute.
 """
 
 from __future__ import annotations
@@ -160,7 +164,9 @@ class ArmSummary:
     the pooled one) that this regime's evidence had at the end of one of its buckets
     before the last: the hysteresis of the success-rate verdict, a function of the
     buckets alone, so every process that has read the same buckets keeps a model
-    eligible alike.
+    eligible alike.  ``improving``: the change that began this regime is an improvement
+    detected in the arm's newest bucket, which later outcomes of that bucket may still
+    undo (the test runs per bucket); it is acted on once a later bucket holds one.
     """
 
     samples: float = 0.0
@@ -189,6 +195,7 @@ class ArmSummary:
     unpooled_lower: float | None = None
     record_lower: float = 0.0
     proven_lower: float = 0.0
+    improving: bool = False
 
 
 EMPTY_SUMMARY: Final = ArmSummary()
@@ -362,6 +369,7 @@ def _summarize(
     reject_z: float,
     keep_z: float,
     proven: float,
+    improving: bool,
 ) -> ArmSummary:
     n = v[SAMPLES]
     s = v[SUCCESSES]
@@ -414,6 +422,7 @@ def _summarize(
         unpooled,
         record,
         proven,
+        improving,
     )
 
 
@@ -465,6 +474,7 @@ class Arm:
                 reject_z,
                 keep_z,
                 self._proven(),
+                self._improving(),
             )
             self.summary_version = self.version
         return self.summary
@@ -472,6 +482,16 @@ class Arm:
     @property
     def regime(self) -> Regime:
         return self.regimes[-1]
+
+    def _improving(self) -> bool:
+        # the regime began with an improvement detected in the arm's newest bucket
+        regime = self.regimes[-1]
+        return (
+            regime.kind == "improved"
+            and regime.detected is not None
+            and bool(self.starts)
+            and regime.detected >= self.starts[-1]
+        )
 
     def _proven(self) -> float:
         # the regime's highest lower bound at the end of a bucket before the last

@@ -156,7 +156,8 @@ def judge(
     slope, const, basis, const_ni, basis_ni, prior_price = _cost_terms(
         facts, summary, cons, prior_output_tokens or policy.prior_output_tokens
     )
-    degraded = code == 2 or (summary.change or "").startswith("degraded")
+    # an improvement not acted on yet is re-probed like the degradation it ends
+    degraded = code == 2 or (summary.change or "").startswith("degraded") or summary.improving
     warm = (
         not degraded and _warming(summary, min_sr) and _young(summary, min_sr, policy.warmup_calls)
     )
@@ -174,12 +175,20 @@ def _judge_success(
 ) -> ConstraintStatus:
     """``min_success_rate`` against the Wilson bounds (see the module docstring)."""
     n = summary.samples
-    if summary.proven_lower >= min_sr and summary.keep_lower >= min_sr:
-        return ELIGIBLE
     unpooled = summary.unpooled_lower
-    if summary.lower >= min_sr:
-        if unpooled is None or unpooled >= min_sr:
+    if (summary.proven_lower >= min_sr and summary.keep_lower >= min_sr) or (
+        summary.lower >= min_sr and (unpooled is None or unpooled >= min_sr)
+    ):
+        if not summary.improving:
             return ELIGIBLE
+        # acting now would flip the model in and out: a later outcome of the same minute
+        # may still undo the improvement
+        reasons.append(
+            f"success rate not yet proven >= {min_sr:g}: its improvement was detected in "
+            "its newest minute and counts once a later minute holds an outcome"
+        )
+        return UNPROVEN
+    if summary.lower >= min_sr:
         reasons.append(
             f"success rate not yet proven >= {min_sr:g}: the evidence restored from an "
             "earlier regime proves it only pooled with this one's, and neither part does "
@@ -533,7 +542,7 @@ def _reprobe(
         if (
             v.latency is REJECTED
             or v.ttft is REJECTED
-            or not (v.summary.change or "").startswith("degraded")
+            or not ((v.summary.change or "").startswith("degraded") or v.summary.improving)
         ):
             # never proven, or too slow: successes in a row say nothing of a recovery
             wait = 4.0 * policy.reprobe_interval
