@@ -1326,6 +1326,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.explain is not None:
         print(asyncio.run(explain_seed(args.explain, args.scenario, quick=args.quick)))
         return
+    if args.scenario != "stationary":
+        parser.error("--scenario goes with --explain")
     write_result(asyncio.run(run(quick=args.quick, seeds=args.seeds)))
 
 
