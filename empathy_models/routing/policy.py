@@ -125,7 +125,9 @@ class RoutingPolicy:
         reprobe_interval: decisions between re-probes of a rejected or degraded
             candidate that would be cheaper (default 200); the wait is halved after each
             success of it in a row, and four times as long for one never proven or
-            rejected on latency or time to first token.
+            rejected on latency or time to first token.  A degraded candidate whose
+            recovery was noticed in its newest minute is re-probed the same way until a
+            later minute holds an outcome of it, when the recovery is acted on.
         reprobe_min: the shortest that wait gets (default 4).
         warmup_min_calls: before the exploration budget applies, a cheaper candidate
             with fewer calls than this is given them whatever they showed (default 20: a
