@@ -669,7 +669,9 @@ class OutcomeReport:
 # --------------------------------------------------------------------------- routing
 
 
-@frozen(kw_only=True)
+# Not slotted: the router builds a decision's rows by copying the fields they share
+# into each row's ``__dict__`` (~3x faster than setting 20 slots one by one).
+@frozen(kw_only=True, slots=False)
 class CandidateEvaluation:
     """
     How one candidate model stood in a routing decision.

@@ -7,7 +7,9 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -28,7 +30,7 @@ from empathy_models.backends import MemoryTelemetryBackend, NullTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import EvidenceBatch
 from empathy_models.exceptions import TelemetryError
-from empathy_models.records import ConstraintStatus
+from empathy_models.records import CandidateEvaluation, ConstraintStatus
 from empathy_models.routing import TierRecommendation
 from empathy_models.testing.clock import FakeClock
 
@@ -162,6 +164,45 @@ def test_decision_lists_every_candidate_with_its_evidence(clock: FakeClock) -> N
     assert set(mini.constraints) == {"min_success_rate", "max_latency_ms", "max_cost"}  # type: ignore[attr-defined]
     again = RoutingDecision.from_dict(d.to_dict())
     assert again == d
+
+
+def test_explanation_rows_are_what_the_validated_constructor_builds(clock: FakeClock) -> None:
+    # rows are built without __init__; each must equal the checked record of its fields,
+    # whatever the decision: costs in and over the limit, strict, no input tokens, an
+    # open circuit, a model not in the registry, a change, a row cache hit
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
+    feed(router, clock, "nano", 60, 40)
+    feed(router, clock, "mini", 200, 1, latency_ms=90.0)
+    feed(router, clock, "small", 30)
+    feed(router, clock, "mini", 5, 40)  # a detected degradation
+    shapes: list[dict[str, object]] = [
+        {"input_tokens": 500, "max_cost": 0.001},
+        {"input_tokens": 500, "max_cost": 0.001},  # the same call: its rows found again
+        {"input_tokens": 50_000, "max_cost": 0.001, "max_latency_ms": 100.0},
+        {"input_tokens": 500, "max_tokens": 100, "strict_cost": True, "max_cost": 0.01},
+        {"max_cost": 0.01},
+        {"input_tokens": 500, "unavailable": {"small"}, "max_ttft_ms": 50.0},
+        {},
+    ]
+    seen = 0
+    for shape in shapes:
+        d = router.get_best_model(
+            WF,
+            ST,
+            candidates=[*CHEAP, "ghost"],
+            on_no_match="relax",
+            **shape,  # type: ignore[arg-type]
+        )
+        for row in d.candidates:
+            fields = {a.name: getattr(row, a.name) for a in attrs.fields(CandidateEvaluation)}
+            checked = CandidateEvaluation(**fields)
+            assert row == checked and repr(row) == repr(checked)
+            assert vars(row) == vars(checked)  # no attribute beyond the fields
+            assert type(row.reasons) is tuple and type(row.constraints) is MappingProxyType
+            seen += 1
+        assert by_model(d)["ghost"].excluded  # type: ignore[attr-defined]
+    assert seen == 4 * len(shapes)
+    assert any("degraded" in (c.change or "") for c in d.candidates)
 
 
 def test_open_circuits_are_excluded(clock: FakeClock) -> None:

@@ -743,8 +743,10 @@ def _closest_by_draw(
 # --------------------------------------------------------------------------- explanation
 
 
-_new_candidate: Final = trusted_constructor(CandidateEvaluation, positional=True)
-if tuple(a.name for a in attrs.fields(CandidateEvaluation)) != (
+# A row's fields that depend on the call's cost (or on the candidate being blocked); the
+# others a verdict's rows share (`_Parts.base`).
+_PER_CALL: Final = ("expected_cost_usd", "constraints", "excluded", "reasons", "cost_basis")
+_SHARED: Final = (
     "model",
     "provider",
     "tier",
@@ -754,19 +756,18 @@ if tuple(a.name for a in attrs.fields(CandidateEvaluation)) != (
     "success_rate_upper",
     "latency_p50_ms",
     "latency_p95_ms",
-    "expected_cost_usd",
-    "constraints",
-    "excluded",
-    "reasons",
     "effective_sample_size",
     "latency_p95_upper_ms",
-    "cost_basis",
     "change",
     "evidence_since",
     "ttft_p50_ms",
     "ttft_p95_ms",
-):  # pragma: no cover - guards _row's argument order against field changes
-    raise TypeError("CandidateEvaluation's fields changed: update routing.decide._row")
+)
+_FIELDS: Final = {a.name for a in attrs.fields(CandidateEvaluation)}
+if {*_PER_CALL, *_SHARED} != _FIELDS:  # pragma: no cover - guards _Parts and _row
+    raise TypeError("CandidateEvaluation's fields changed: update routing.decide._Parts")
+_new_object: Final = object.__new__
+_set_attribute: Final = object.__setattr__
 _NO_STATUS: Final[MappingProxyType[str, ConstraintStatus]] = MappingProxyType({})
 _PARTS: Final = object()  # the key of a row cache's `_Parts`
 
@@ -774,18 +775,33 @@ _PARTS: Final = object()  # the key of a row cache's `_Parts`
 class _Parts:
     """
     What every explanation row built from one verdict shares, whatever the call's cost:
-    its registry facts, when its evidence starts, and its constraint statuses (read-only,
-    so rows share them) without and with each cost status.
+    its fields that do not depend on the call (``base``, by name), and its constraint
+    statuses (read-only, so rows share them) without and with each cost status.
     """
 
-    __slots__ = ("maps", "provider", "since", "statuses", "tier")
+    __slots__ = ("base", "maps", "statuses")
 
     def __init__(self, v: Verdict) -> None:
         facts = v.facts
-        self.provider = facts.provider if facts is not None else None
-        self.tier = facts.tier if facts is not None else None
-        since = v.summary.since
-        self.since = datetime.fromtimestamp(since, UTC) if since is not None else None
+        s = v.summary
+        since = s.since
+        self.base: dict[str, Any] = {
+            "model": v.model,
+            "provider": facts.provider if facts is not None else None,
+            "tier": facts.tier if facts is not None else None,
+            "sample_size": s.window_samples,
+            "success_rate": s.success_rate,
+            "success_rate_lower": s.lower,
+            "success_rate_upper": s.upper,
+            "latency_p50_ms": s.p50,
+            "latency_p95_ms": s.p95,
+            "effective_sample_size": s.samples,
+            "latency_p95_upper_ms": s.p95_upper,
+            "change": s.change,
+            "evidence_since": datetime.fromtimestamp(since, UTC) if since is not None else None,
+            "ttft_p50_ms": s.ttft_p50,
+            "ttft_p95_ms": s.ttft_p95,
+        }
         statuses: dict[str, ConstraintStatus] = {}
         if v.success is not None:
             statuses[SUCCESS] = v.success
@@ -819,6 +835,10 @@ def _row(
     """
     The explanation row of ``v`` at ``cost``, built from the verdict's parts kept in
     ``cache`` and kept there under ``key`` (``cache`` None: parts built, row not kept).
+
+    The row's attributes are its ``__dict__`` (`CandidateEvaluation` is not slotted):
+    a copy of the parts' shared fields with the call's set, built without ``__init__``
+    (every value is already as the validated constructor stores it).
     """
     parts: _Parts | None
     if cache is None:
@@ -830,7 +850,6 @@ def _row(
         elif len(cache) > 16:
             cache.clear()
             cache[_PARTS] = parts
-    s = v.summary
     reasons = v.reasons
     basis = v.basis if with_input else v.basis_no_input
     max_cost = cons.max_cost
@@ -853,28 +872,14 @@ def _row(
     shown = parts.maps.get(status)
     if shown is None:
         shown = parts.constraints(status)
-    row = _new_candidate(
-        v.model,
-        parts.provider,
-        parts.tier,
-        s.window_samples,
-        s.success_rate,
-        s.lower,
-        s.upper,
-        s.p50,
-        s.p95,
-        cost,
-        shown,
-        v.facts is None or blocked,
-        reasons,
-        s.samples,
-        s.p95_upper,
-        basis if cost is not None else None,
-        s.change,
-        parts.since,
-        s.ttft_p50,
-        s.ttft_p95,
-    )
+    fields = parts.base.copy()
+    fields["expected_cost_usd"] = cost
+    fields["constraints"] = shown
+    fields["excluded"] = v.facts is None or blocked
+    fields["reasons"] = reasons
+    fields["cost_basis"] = basis if cost is not None else None
+    row: CandidateEvaluation = _new_object(CandidateEvaluation)
+    _set_attribute(row, "__dict__", fields)
     if cache is not None:
         cache[key] = row
     return row
