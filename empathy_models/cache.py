@@ -182,20 +182,20 @@ class SQLiteResponseCache(ResponseCache):
         lock_timeout: float = 30.0,
         allow_foreign: bool = False,
     ) -> None:
-        from .backends.sqlite._database import MEMORY, _check_seconds, _Database, _normalize_path
+        from .backends.sqlite._database import MEMORY, _Database
 
         self.max_entries = _check_bound("max_entries", max_entries)
         self.max_value_bytes = _check_bound("max_value_bytes", max_value_bytes)
-        self._path = _normalize_path(path)
-        if self._path == MEMORY:
-            self.shared = False  # type: ignore[misc]
         self._db = _Database(
-            self._path,
+            path,
             error=StateStoreError,
-            busy_timeout=_check_seconds("busy_timeout", busy_timeout),
-            lock_timeout=_check_seconds("lock_timeout", lock_timeout),
+            busy_timeout=busy_timeout,
+            lock_timeout=lock_timeout,
             allow_foreign=allow_foreign,
         )
+        self._path = self._db.path
+        if self._path == MEMORY:
+            self.shared = False  # type: ignore[misc]
         self._ready = False
         self._writes = 0
 

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -32,6 +32,8 @@ from ..exceptions import (
 )
 from .memory import MemoryQuotaStore
 from .values import Budget, BudgetGrant, BudgetUsage, RateGrant, RateLimit, to_nano
+
+_G = TypeVar("_G")  # what a quota store's operation grants
 
 if TYPE_CHECKING:
     from ..registry import ModelInfo
@@ -257,45 +259,40 @@ class Limiter:
             )
         self._degraded_until = self._mono() + self._retry_interval
 
-    async def _reserve(
-        self, key: str, ws: float, we: float, amount: int, limit: int
-    ) -> tuple[QuotaStore, BudgetGrant]:
+    async def _on_store(
+        self, operation: Callable[[QuotaStore], Awaitable[_G]]
+    ) -> tuple[QuotaStore, _G]:
+        # ``operation`` on the current store; on a store failure, degraded mode and the
+        # same operation on the local store (a closed store, or the local one failing,
+        # raises)
         store = self._current()
         try:
-            grant = await store.reserve(
-                key, window_start=ws, window_end=we, amount=amount, limit=limit
-            )
+            return store, await operation(store)
         except BackendClosedError:
             raise
         except BackendError as exc:
             if store is self._local:
                 raise
             self._failed(exc)
-            store = self._local
-            grant = await store.reserve(
+        return self._local, await operation(self._local)
+
+    async def _reserve(
+        self, key: str, ws: float, we: float, amount: int, limit: int
+    ) -> tuple[QuotaStore, BudgetGrant]:
+        return await self._on_store(
+            lambda store: store.reserve(
                 key, window_start=ws, window_end=we, amount=amount, limit=limit
             )
-        return store, grant
+        )
 
     async def _acquire(
         self, key: str, cost: float, interval: float, burst: float, max_wait: float
     ) -> tuple[QuotaStore, RateGrant]:
-        store = self._current()
-        try:
-            grant = await store.acquire(
+        return await self._on_store(
+            lambda store: store.acquire(
                 key, cost=cost, interval=interval, burst=burst, max_wait=max_wait
             )
-        except BackendClosedError:
-            raise
-        except BackendError as exc:
-            if store is self._local:
-                raise
-            self._failed(exc)
-            store = self._local
-            grant = await store.acquire(
-                key, cost=cost, interval=interval, burst=burst, max_wait=max_wait
-            )
-        return store, grant
+        )
 
     async def _refresh_overrides(self) -> None:
         now = self._mono()

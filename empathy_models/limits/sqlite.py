@@ -24,7 +24,7 @@ import aiosqlite
 
 from ..abc import TransactionalQuotaStore
 from ..backends.sqlite._conn import _fetchone
-from ..backends.sqlite._database import MEMORY, _check_seconds, _Database, _normalize_path
+from ..backends.sqlite._database import MEMORY, _Database
 from ..backends.sqlite._url import _COMMON_OPTIONS, parse_sqlite_url
 from ..exceptions import ConfigurationError, StateStoreError
 
@@ -67,18 +67,18 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
     ) -> None:
         if not callable(clock):
             raise ConfigurationError(f"clock must be callable, got {clock!r}")
-        self._path = _normalize_path(path)
-        if self._path == MEMORY:
-            self.shared = False  # type: ignore[misc]
         self._clock = clock
         self._db = _Database(
-            self._path,
+            path,
             error=StateStoreError,
-            busy_timeout=_check_seconds("busy_timeout", busy_timeout),
-            lock_timeout=_check_seconds("lock_timeout", lock_timeout),
+            busy_timeout=busy_timeout,
+            lock_timeout=lock_timeout,
             read_only=read_only,
             allow_foreign=allow_foreign,
         )
+        self._path = self._db.path
+        if self._path == MEMORY:
+            self.shared = False  # type: ignore[misc]
         self._ready = False
         self._missing = False  # read-only and the file has no quota table: reads are empty
 

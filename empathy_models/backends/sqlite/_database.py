@@ -121,7 +121,7 @@ class _Database:
 
     def __init__(
         self,
-        path: str,
+        path: str | os.PathLike[str],
         *,
         error: type[BackendError],
         busy_timeout: float,
@@ -129,6 +129,9 @@ class _Database:
         read_only: bool = False,
         allow_foreign: bool = False,
     ) -> None:
+        path = _normalize_path(path)
+        busy_timeout = _check_seconds("busy_timeout", busy_timeout)
+        lock_timeout = _check_seconds("lock_timeout", lock_timeout)
         if not isinstance(read_only, bool) or not isinstance(allow_foreign, bool):
             raise ConfigurationError(
                 f"read_only and allow_foreign must be True or False, got {read_only!r}, "
@@ -138,7 +141,7 @@ class _Database:
             raise ConfigurationError("read_only needs a database file, not ':memory:'")
         self.read_only = read_only
         self.allow_foreign = allow_foreign
-        self.path = path
+        self.path = path  # absolute, or ":memory:"
         self.error = error
         self.busy_timeout = busy_timeout
         self.lock_timeout = lock_timeout

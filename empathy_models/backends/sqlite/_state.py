@@ -25,7 +25,7 @@ from ...exceptions import (
 from ...records import CircuitBreakerState
 from ...serialization import from_dict, to_dict
 from ._conn import _execute, _fetchone, _nothing
-from ._database import MEMORY, _check_seconds, _Database, _normalize_path
+from ._database import MEMORY, _Database
 from ._inloop import MISS, InLoop
 from ._schema import _json
 
@@ -94,19 +94,19 @@ class SQLiteStateStore(TransactionalStateStore):
     ) -> None:
         if not callable(clock):
             raise ConfigurationError(f"clock must be callable, got {clock!r}")
-        self._path = _normalize_path(path)
-        if self._path == MEMORY:
-            # each :memory: store is a private database: nothing is shared with another
-            self.shared = False  # type: ignore[misc]
         self._clock = clock
         self._db = _Database(
-            self._path,
+            path,
             error=StateStoreError,
-            busy_timeout=_check_seconds("busy_timeout", busy_timeout),
-            lock_timeout=_check_seconds("lock_timeout", lock_timeout),
+            busy_timeout=busy_timeout,
+            lock_timeout=lock_timeout,
             read_only=read_only,
             allow_foreign=allow_foreign,
         )
+        self._path = self._db.path
+        if self._path == MEMORY:
+            # each :memory: store is a private database: nothing is shared with another
+            self.shared = False  # type: ignore[misc]
         self._loop = InLoop(self._db)
 
     def __repr__(self) -> str:

@@ -38,7 +38,7 @@ from ..batching import (
     _check_records,
 )
 from ._conn import _nothing
-from ._database import MEMORY, _check_seconds, _Database, _normalize_path
+from ._database import MEMORY, _Database
 from ._schema import (
     _REFUSED,
     _SELECT_CALLS,
@@ -123,15 +123,15 @@ class SQLiteTelemetryBackend(TelemetryBackend):
     ) -> None:
         if not isinstance(batch, bool):
             raise ConfigurationError(f"batch must be True or False, got {batch!r}")
-        self._path = _normalize_path(path)
         self._db = _Database(
-            self._path,
+            path,
             error=TelemetryError,
-            busy_timeout=_check_seconds("busy_timeout", busy_timeout),
-            lock_timeout=_check_seconds("lock_timeout", lock_timeout),
+            busy_timeout=busy_timeout,
+            lock_timeout=lock_timeout,
             read_only=read_only,
             allow_foreign=allow_foreign,
         )
+        self._path = self._db.path
         self._batcher: _Batcher | None = None
         if not isinstance(spool, bool):
             raise ConfigurationError(f"spool must be True or False, got {spool!r}")
