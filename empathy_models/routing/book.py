@@ -272,7 +272,9 @@ def _cusum(
         q_hi = q_hi if q_hi < 1.0 else 1.0
         q_hi = q_hi if q_hi > q else q
     q = q_hi if q_hi > min_rate else min_rate
-    q_up = min(0.5, max(q * ratio, q + step))
+    q_up = q * ratio
+    q_up = q_up if q_up >= q + step else q + step
+    q_up = q_up if q_up < 0.5 else 0.5
     u = d = 0.0
     if q_up > q:
         u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
@@ -284,11 +286,12 @@ def _cusum(
     # alternative is a fixed ratio below the current rate
     q = (f0 + 0.5) / (n0 + 1.0)
     q_dn, h_dn = q / improve_ratio, improve_h
-    limit = q / 1.5
-    for qr in reversed(rates):
-        if qr < limit:
-            q_dn, h_dn = qr, restore_h
-            break
+    if rates:
+        limit = q / 1.5
+        for qr in reversed(rates):
+            if qr < limit:
+                q_dn, h_dn = qr, restore_h
+                break
     if q_dn < q:
         d = d0 + f * math.log(q_dn / q) + (n - f) * math.log((1.0 - q_dn) / (1.0 - q))
     u = u if u > 0.0 else 0.0
