@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -203,6 +204,43 @@ def test_explanation_rows_are_what_the_validated_constructor_builds(clock: FakeC
         assert by_model(d)["ghost"].excluded  # type: ignore[attr-defined]
     assert seen == 4 * len(shapes)
     assert any("degraded" in (c.change or "") for c in d.candidates)
+
+
+@pytest.mark.parametrize("varying", [None, "max_tokens", "max_cost"])
+def test_a_recovered_model_regains_its_traffic_whatever_limits_each_call_gives(
+    varying: str | None,
+) -> None:
+    # re-probes and the exploration budget count every decision of the stage, also when
+    # each call gives its own max_tokens or max_cost (each such limit is a new set of
+    # constraints); the bar: >= 90% of the traffic within 1,000 requests
+    clock = FakeClock()
+    router = make(clock)
+    feed(router, clock, "nano", 300)
+    feed(router, clock, "mini", 300)
+    feed(router, clock, "nano", 10, 40)  # nano degrades, then is healthy again
+    sizes = random.Random(3)
+    picks: list[str] = []
+    probes = 0
+    for _ in range(1000):
+        limits: dict[str, object] = {"max_tokens": 400, "max_cost": 0.01}
+        if varying == "max_tokens":
+            limits["max_tokens"] = sizes.randint(100, 4000)
+        elif varying == "max_cost":
+            limits["max_cost"] = round(sizes.uniform(0.005, 0.05), 6)
+        d = router.get_best_model(
+            WF,
+            ST,
+            candidates=["nano", "mini"],
+            input_tokens=500,
+            **limits,  # type: ignore[arg-type]
+        )
+        picks.append(d.model)
+        probes += d.model == "nano" and d.exploration
+        clock.advance(1.0)
+        router.record_outcome(rec(clock, d.model, True))
+    assert probes >= 1  # re-probed while rejected
+    windows = [picks[k : k + 100].count("nano") for k in range(0, 1000, 100)]
+    assert max(windows) >= 90, windows
 
 
 def test_open_circuits_are_excluded(clock: FakeClock) -> None:

@@ -15,7 +15,7 @@ from ..exceptions import ConfigurationError
 from ..registry import ModelRegistry
 from ._memory import EvidenceMemory
 from .book import StagePrior
-from .decide import EMPTY_SUMMARY, Context, ModelFacts, Verdict, judge, recost
+from .decide import EMPTY_SUMMARY, Context, Exploration, ModelFacts, Verdict, judge, recost
 from .policy import Constraints, RoutingPolicy
 
 __all__ = ["Limits", "VerdictCache", "classify", "limits_of"]
@@ -41,7 +41,7 @@ def limits_of(c: Constraints) -> Limits:
 class VerdictCache:
     """The contexts of the decisions made so far, over one `EvidenceMemory`."""
 
-    __slots__ = ("_contexts", "_facts", "memory", "policy", "registry")
+    __slots__ = ("_contexts", "_explorations", "_facts", "memory", "policy", "registry")
 
     def __init__(
         self, registry: ModelRegistry, policy: RoutingPolicy, memory: EvidenceMemory
@@ -50,6 +50,8 @@ class VerdictCache:
         self.policy = policy
         self.memory = memory
         self._contexts: dict[tuple[Any, ...], Context] = {}
+        # one per (workflow, stage, candidates): shared by its contexts
+        self._explorations: dict[tuple[Any, ...], Exploration] = {}
         self._facts: dict[str, ModelFacts | None] = {}
 
     def model_facts(self, model: str) -> ModelFacts | None:
@@ -71,7 +73,9 @@ class VerdictCache:
         self._facts[model] = facts
         return facts
 
-    def _new(self, names: tuple[str, ...], limits: Limits) -> Context:
+    def _new(
+        self, workflow: str | None, stage: str | None, names: tuple[str, ...], limits: Limits
+    ) -> Context:
         models: list[str] = []
         seen: set[str] = set()
         for model in names:
@@ -82,12 +86,19 @@ class VerdictCache:
             if model not in seen:
                 seen.add(model)
                 models.append(model)
+        stream = (workflow, stage, tuple(models))
+        exploration = self._explorations.get(stream)
+        if exploration is None:
+            if len(self._explorations) >= MAX_CONTEXTS:
+                self._explorations.clear()
+            exploration = self._explorations[stream] = Exploration()
         return Context(
             cons=Constraints(*limits),
-            models=tuple(models),
+            models=stream[2],
             facts=[self.model_facts(m) for m in models],
             arms=[],
             arms_epoch=-1,
+            exploration=exploration,
             prior_tokens=self.policy.prior_output_tokens,  # while the stage has no prior
         )
 
@@ -103,7 +114,7 @@ class VerdictCache:
         key = (workflow, stage, names, limits)
         ctx = self._contexts.get(key)
         if ctx is None:
-            ctx = self._new(names, limits)
+            ctx = self._new(workflow, stage, names, limits)
             if len(self._contexts) >= MAX_CONTEXTS:
                 self._contexts.clear()
             self._contexts[key] = ctx

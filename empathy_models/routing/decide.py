@@ -310,10 +310,24 @@ RowCache = dict[Any, Any]
 
 
 @define(slots=True, eq=False)
+class Exploration:
+    """
+    The exploration budget and re-probe waits of one stream of decisions: a (workflow,
+    stage, candidate list), whatever constraints each decision gives.  Shared by every
+    `Context` of that stream, so a call whose ``max_tokens`` or ``max_cost`` differs
+    from the last one's still counts towards the next re-probe and the budget.
+    """
+
+    tokens: float = 0.0
+    decisions: int = 0
+    waits: dict[int, int] = field(factory=dict)  # candidate -> decision it last waited from
+
+
+@define(slots=True, eq=False)
 class Context:
     """
     Cached verdicts of one (workflow, stage, candidate list, constraints), and the
-    exploration budget of decisions made with them.
+    `Exploration` of its stream of decisions.
 
     ``arm_versions[i]`` is the version of ``arms[i]`` that ``verdicts[i]`` was computed
     from; ``prior_version`` the stage prior's, for verdicts costed on it.
@@ -324,6 +338,7 @@ class Context:
     facts: list[ModelFacts | None]
     arms: list[Arm | None]
     arms_epoch: int
+    exploration: Exploration
     verdicts: list[Verdict] = field(factory=list)
     caches: list[RowCache] = field(factory=list)
     arm_versions: list[int] = field(factory=list)
@@ -331,9 +346,6 @@ class Context:
     on_prior: bool = False
     prior_tokens: float | None = None  # the stage prior verdicts with a prior_price are on
     changed: tuple[int, ...] = ()
-    tokens: float = 0.0
-    decisions: int = 0
-    waits: dict[int, int] = field(factory=dict)
     index: dict[Arm, int] = field(factory=dict)
     seen: int = -1
     resets: int = -1
@@ -502,7 +514,7 @@ def select(
     index, why = _exploit(eligible, costs, ctx.verdicts, rng, policy)
     if not budget or policy.explore_rate <= 0.0 or not (explorable or probeable):
         return (index, False, why)
-    ctx.decisions += 1
+    ctx.exploration.decisions += 1
     current = costs[index]
     return (
         _reprobe(ctx, costs, current, explorable, probeable, policy)
@@ -529,14 +541,15 @@ def _reprobe(
     verdicts = ctx.verdicts
     cheapest = policy.objective == "cheapest"
     arms = ctx.arms
-    waits = ctx.waits
+    exploration = ctx.exploration
+    waits = exploration.waits
     for i in probeable if not explorable else (*explorable, *probeable):
         v = verdicts[i]
         if not v.degraded or (cheapest and not _cheaper(costs[i], current)):
             continue
         since = waits.get(i)
         if since is None:
-            waits[i] = ctx.decisions
+            waits[i] = exploration.decisions
             continue
         arm = arms[i]
         if (
@@ -549,8 +562,8 @@ def _reprobe(
         else:
             streak = arm.streak if arm is not None else 0
             wait = max(policy.reprobe_min, policy.reprobe_interval / 2.0**streak)
-        if ctx.decisions - since >= wait:
-            waits[i] = ctx.decisions
+        if exploration.decisions - since >= wait:
+            waits[i] = exploration.decisions
             return (
                 i,
                 True,
@@ -633,8 +646,9 @@ def _from_budget(
 ) -> tuple[int, bool, str] | None:
     # the exploration budget: ``explore_rate`` tokens a decision, up to a burst; an
     # unproven candidate that could beat the pick costs more the more it was measured
-    tokens = ctx.tokens + policy.explore_rate
-    ctx.tokens = tokens = tokens if tokens < policy.explore_burst else policy.explore_burst
+    exploration = ctx.exploration
+    tokens = exploration.tokens + policy.explore_rate
+    exploration.tokens = tokens = tokens if tokens < policy.explore_burst else policy.explore_burst
     if tokens < 1.0:
         return None
     verdicts = ctx.verdicts
@@ -650,7 +664,7 @@ def _from_budget(
             best, best_price = i, price
     if best < 0 or tokens < best_price:
         return None
-    ctx.tokens = tokens - best_price
+    exploration.tokens = tokens - best_price
     return (best, True, "exploration budget: measuring an unproven model that could beat the pick")
 
 
