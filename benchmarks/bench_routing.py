@@ -13,9 +13,11 @@ prompts' sizes rarely repeat, so nothing a router caches stays valid for free.  
 decision explains itself in ``decision.candidates``, built when first read: one row
 times the decision alone, one the decision and reading its explanation
 (what a caller that logs or inspects it pays).  A row repeats one decision on
-unchanged state, for reference, and one times the ``record_outcome`` calls made before
-the decisions (the router does some of a decision's bookkeeping there: noting which arm
-changed), so the total per call is visible.
+unchanged state, for reference; one gives every call its own ``max_tokens`` and
+``max_cost`` (as an executor does with an ``ExecutionContext`` per request); and one
+times the ``record_outcome`` calls made before the decisions (the router does some of a
+decision's bookkeeping there: noting which arm changed), so the total per call is
+visible.
 
 Each LiteLLM generation runs in a process of its own (`benchmarks/_litellm_select.py`),
 offline (local cost map), and only its selection is timed, no completion: both
@@ -173,6 +175,7 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
         explained: list[float] = []
         steady: list[float] = []
         recorded: list[float] = []
+        varying: list[float] = []
         sizes = random.Random(n)
         for i in range(calls + 200):  # the first 200 warm up
             t0 = clock()
@@ -193,10 +196,23 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
             t0 = clock()
             decide("bench", "answer", candidates=ids, input_tokens=500, **options)
             steady.append((clock() - t0) / 1000.0)
+        # each call with its own max_tokens and max_cost (an ExecutionContext per request)
+        for i in range(calls + 200):
+            record(pool[ids[i % n]][(i // n) % 16])
+            own = {
+                **options,
+                "max_tokens": sizes.randint(100, 4_000),
+                "max_cost": round(sizes.uniform(0.05, 0.5), 6),
+            }
+            tokens = sizes.randint(*PROMPT_TOKENS)
+            t0 = clock()
+            decide("bench", "answer", candidates=ids, input_tokens=tokens, **own)
+            varying.append((clock() - t0) / 1000.0)
         out[f"{n}/{case.history}"] = summarize(live[200:])
         out[f"{n}/{case.history}/explained"] = summarize(explained[200:])
         out[f"{n}/{case.history}/unchanged"] = summarize(steady[200:])
         out[f"{n}/{case.history}/record"] = summarize(recorded[200:])
+        out[f"{n}/{case.history}/varying"] = summarize(varying[200:])
     return out
 
 
@@ -405,6 +421,10 @@ async def run(quick: bool = False) -> BenchResult:
             f"empathy-models, decision only, after {history:,} outcomes reported",
             **{f"{n} candidates": cell(ours[f"{n}/{history}"]) for n in CANDIDATES},
         )
+    result.add(
+        "empathy-models, decision only, max_tokens and max_cost drawn per call",
+        **{f"{n} candidates": cell(ours[f"{n}/{small}/varying"]) for n in CANDIDATES},
+    )
     result.add(
         "empathy-models, decision only, unchanged state (repeated decision)",
         **{f"{n} candidates": cell(ours[f"{n}/{small}/unchanged"]) for n in CANDIDATES},

@@ -1,7 +1,9 @@
 """
 The verdict cache re-judges only the arms that live outcomes changed (the evidence
-memory's change log): the decisions and their explanations must be exactly those of a
-cache that looks at every arm before every decision, also when the log is trimmed.
+memory's change log), and a context new only in ``max_cost`` / ``max_tokens`` starts
+from its sibling's verdicts: the decisions and their explanations must be exactly those
+of a cache that looks at every arm before every decision and judges every new context
+afresh, also when the log is trimmed.
 """
 
 from __future__ import annotations
@@ -77,14 +79,17 @@ def _run(full_scan: bool) -> list[Any]:
         )
         if full_scan:
             router._memory.resets += 1  # as after a refresh: every arm is looked at
+            router._verdicts._latest.clear()  # and a new context is judged afresh
+        input_tokens = rng.choice((None, 300, 1_200))
         try:
             decision = router.get_best_model(
                 "wf",
                 rng.choice(("a", "b")),
                 candidates=rng.choice((ids, ids[:4])),
-                input_tokens=rng.choice((None, 300, 1_200)),
-                max_tokens=400,
-                max_cost=rng.choice((None, 0.01)),
+                input_tokens=input_tokens,
+                max_tokens=rng.choice((None, 400, 400, 4_000)),
+                strict_cost=input_tokens is not None and rng.random() < 0.2,
+                max_cost=rng.choice((None, 0.01, 0.01, round(rng.uniform(0.002, 0.05), 6))),
                 max_latency_ms=rng.choice((None, 2_500.0)),
                 min_success_rate=0.85,
                 on_no_match=rng.choice(("raise", "relax")),

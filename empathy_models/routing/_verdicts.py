@@ -41,7 +41,15 @@ def limits_of(c: Constraints) -> Limits:
 class VerdictCache:
     """The contexts of the decisions made so far, over one `EvidenceMemory`."""
 
-    __slots__ = ("_contexts", "_explorations", "_facts", "memory", "policy", "registry")
+    __slots__ = (
+        "_contexts",
+        "_explorations",
+        "_facts",
+        "_latest",
+        "memory",
+        "policy",
+        "registry",
+    )
 
     def __init__(
         self, registry: ModelRegistry, policy: RoutingPolicy, memory: EvidenceMemory
@@ -52,6 +60,9 @@ class VerdictCache:
         self._contexts: dict[tuple[Any, ...], Context] = {}
         # one per (workflow, stage, candidates): shared by its contexts
         self._explorations: dict[tuple[Any, ...], Exploration] = {}
+        # the newest context of each (workflow, stage, candidates, judging constraints):
+        # what a context that differs from it in max_cost / max_tokens only starts from
+        self._latest: dict[tuple[Any, ...], Context] = {}
         self._facts: dict[str, ModelFacts | None] = {}
 
     def model_facts(self, model: str) -> ModelFacts | None:
@@ -113,12 +124,20 @@ class VerdictCache:
         """
         key = (workflow, stage, names, limits)
         ctx = self._contexts.get(key)
+        memory = self.memory
         if ctx is None:
             ctx = self._new(workflow, stage, names, limits)
             if len(self._contexts) >= MAX_CONTEXTS:
                 self._contexts.clear()
+                self._latest.clear()
             self._contexts[key] = ctx
-        memory = self.memory
+            # (min_success_rate, max_latency_ms, strict_cost, max_ttft_ms): what a
+            # verdict is judged on; max_cost never enters one, max_tokens only its cost
+            judged = (workflow, stage, names, limits[0], limits[1], limits[3], limits[5])
+            sibling = self._latest.get(judged)
+            if sibling is not None and sibling.verdicts and sibling.arms_epoch == memory.epoch:
+                self._seed(ctx, sibling, memory.priors.get((workflow, stage)))
+            self._latest[judged] = ctx
         if ctx.arms_epoch != memory.epoch:
             self._attach(ctx, workflow, stage)
         prior = memory.priors.get((workflow, stage))
@@ -150,6 +169,34 @@ class VerdictCache:
         ctx.seen = start + len(log)
         ctx.prior_version = pv
         return ctx
+
+    def _seed(self, ctx: Context, sibling: Context, prior: StagePrior | None) -> None:
+        """
+        Start ``ctx`` from ``sibling``'s verdicts, which differ from a fresh judgement
+        in their cost terms at most (``max_tokens`` differs: recosted); `context` then
+        brings them up to date as it does any context's.
+        """
+        ctx.arms = sibling.arms
+        ctx.arms_epoch = sibling.arms_epoch
+        ctx.index = sibling.index
+        ctx.seen = sibling.seen
+        ctx.resets = sibling.resets
+        ctx.prior_version = sibling.prior_version
+        ctx.prior_tokens = sibling.prior_tokens
+        ctx.on_prior = sibling.on_prior
+        ctx.changed = sibling.changed
+        ctx.groups = sibling.groups
+        ctx.arm_versions = sibling.arm_versions[:]
+        ctx.caches = [{} for _ in ctx.models]
+        ctx.verdicts = sibling.verdicts[:]
+        if ctx.cons.max_tokens != sibling.cons.max_tokens:
+            # only a verdict costed on the worst case (or not costed: no max_tokens then)
+            # depends on max_tokens; one costed on its own or the stage's mean does not
+            tokens = prior.mean() if prior is not None else None
+            verdicts = ctx.verdicts
+            for i, v in enumerate(verdicts):
+                if v.basis is None or v.basis == "worst_case":
+                    verdicts[i] = recost(v, ctx.cons, self.policy, prior_output_tokens=tokens)
 
     def _rejudge(
         self, ctx: Context, which: Iterable[int], prior: StagePrior | None, stale_prior: bool
