@@ -103,15 +103,8 @@ class VerdictCache:
             if len(self._explorations) >= MAX_CONTEXTS:
                 self._explorations.clear()
             exploration = self._explorations[stream] = Exploration()
-        return Context(
-            cons=Constraints(*limits),
-            models=stream[2],
-            facts=[self.model_facts(m) for m in models],
-            arms=[],
-            arms_epoch=-1,
-            exploration=exploration,
-            prior_tokens=self.policy.prior_output_tokens,  # while the stage has no prior
-        )
+        facts = [self.model_facts(m) for m in models]
+        return _context(stream[2], facts, exploration, limits, self.policy.prior_output_tokens)
 
     def context(
         self, workflow: str | None, stage: str | None, names: tuple[str, ...], limits: Limits
@@ -126,17 +119,26 @@ class VerdictCache:
         ctx = self._contexts.get(key)
         memory = self.memory
         if ctx is None:
-            ctx = self._new(workflow, stage, names, limits)
-            if len(self._contexts) >= MAX_CONTEXTS:
-                self._contexts.clear()
-                self._latest.clear()
-            self._contexts[key] = ctx
             # (min_success_rate, max_latency_ms, strict_cost, max_ttft_ms): what a
             # verdict is judged on; max_cost never enters one, max_tokens only its cost
             judged = (workflow, stage, names, limits[0], limits[1], limits[3], limits[5])
             sibling = self._latest.get(judged)
-            if sibling is not None and sibling.verdicts and sibling.arms_epoch == memory.epoch:
-                self._seed(ctx, sibling, memory.priors.get((workflow, stage)))
+            if sibling is None:
+                ctx = self._new(workflow, stage, names, limits)
+            else:
+                ctx = _context(
+                    sibling.models,
+                    sibling.facts,
+                    sibling.exploration,
+                    limits,
+                    self.policy.prior_output_tokens,
+                )
+                if sibling.verdicts and sibling.arms_epoch == memory.epoch:
+                    self._seed(ctx, sibling, memory.priors.get((workflow, stage)))
+            if len(self._contexts) >= MAX_CONTEXTS:
+                self._contexts.clear()
+                self._latest.clear()
+            self._contexts[key] = ctx
             self._latest[judged] = ctx
         if ctx.arms_epoch != memory.epoch:
             self._attach(ctx, workflow, stage)
@@ -268,6 +270,26 @@ class VerdictCache:
             policy,
             prior_output_tokens=prior.mean() if prior is not None else None,
         )
+
+
+def _context(
+    models: tuple[str, ...],
+    facts: list[ModelFacts | None],
+    exploration: Exploration,
+    limits: Limits,
+    prior_tokens: float | None,
+) -> Context:
+    # a context not attached to the evidence yet (see `VerdictCache._attach`);
+    # ``prior_tokens``: the policy's, while the stage has no prior
+    return Context(
+        cons=Constraints(*limits),
+        models=models,
+        facts=facts,  # never mutated: contexts of the same candidates share it
+        arms=[],
+        arms_epoch=-1,
+        exploration=exploration,
+        prior_tokens=prior_tokens,
+    )
 
 
 def _groups(verdicts: list[Verdict]) -> tuple[list[int], list[int], list[int]]:
