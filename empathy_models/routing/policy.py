@@ -79,7 +79,9 @@ class RoutingPolicy:
     ``explore_rate`` per decision, so the share of exploration never exceeds it for long.
     A rejected or degraded candidate that would be cheaper is re-probed, so a recovery
     is found within a few hundred decisions while a model that keeps failing costs ~1%
-    of them.  While nothing is proven, every decision explores: first each candidate's
+    of them.  The budget and the re-probe waits count the decisions of a (workflow,
+    stage, candidate list), whatever ``max_tokens``, ``max_cost`` or other constraints
+    each one gives.  While nothing is proven, every decision explores: first each candidate's
     ``warmup_min_calls`` (cheapest first).  Then, on a cold start, the cheapest one that
     a random draw from its evidence finds compliant, half the time the runner-up of a
     second draw instead (top-two Thompson sampling), so a cheap near-miss on a lucky run
