@@ -8,6 +8,7 @@ time to pass except the one deadline test (a 0.2 s budget against a hanging serv
 from __future__ import annotations
 
 import asyncio
+import random
 import warnings
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,6 +33,7 @@ from empathy_models import (
     ModelTier,
     Outcome,
     RetryPolicy,
+    RoutingPolicy,
     TelemetryDisabledWarning,
 )
 from empathy_models.backends import MemoryTelemetryBackend
@@ -223,6 +225,45 @@ async def test_real_router_learns_from_every_attempt_and_routes_away(
     assert routed.routing_decision.model == "gpt-fake-mini"
     assert routed.fallback_chain == ("gpt-fake-mini",)
     assert server.requests("claude-fake-haiku") == 12
+
+
+@pytest.mark.parametrize("varying", [False, True], ids=["constant limits", "limits per run"])
+async def test_a_rejected_model_is_re_probed_when_each_run_gives_its_own_limits(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep, varying: bool
+) -> None:
+    """
+    The executor passes each run's `ExecutionContext` limits to the router: runs whose
+    ``max_tokens`` / ``max_cost`` differ still count towards re-probing the cheaper model
+    the router rejected, so its recovery is seen (a re-probe every 40 runs here: a model
+    never proven waits four times ``reprobe_interval``).
+    """
+    server.set_outage("claude-fake-haiku", action=500)
+    router = AdaptiveModelRouter(
+        REGISTRY, telemetry, seed=3, policy=RoutingPolicy(reprobe_interval=10)
+    )
+    sizes = random.Random(5)
+
+    def context() -> ExecutionContext:
+        if not varying:
+            return attrs.evolve(CHEAP, min_success_rate=0.9, max_tokens=200, max_cost=0.01)
+        return attrs.evolve(
+            CHEAP,
+            min_success_rate=0.9,
+            max_tokens=sizes.randint(50, 400),
+            max_cost=round(sizes.uniform(0.005, 0.05), 6),
+        )
+
+    retry = RetryPolicy(max_attempts=1)
+    async with router, make(server, telemetry, sleep, router=router, retry=retry) as executor:
+        for _ in range(40):
+            await executor.run("hello", context())
+        server.set_outage("claude-fake-haiku", enabled=False)  # healthy again
+        probes = 0
+        for _ in range(120):
+            decision = (await executor.run("hello", context())).routing_decision
+            assert decision is not None
+            probes += decision.model == "claude-fake-haiku" and decision.exploration
+    assert probes >= 2, probes
 
 
 # --------------------------------------------------------------------------- retry and errors
