@@ -276,19 +276,19 @@ class Limiter:
             self._failed(exc)
         return self._local, await operation(self._local)
 
-    async def _reserve(
+    def _reserve(
         self, key: str, ws: float, we: float, amount: int, limit: int
-    ) -> tuple[QuotaStore, BudgetGrant]:
-        return await self._on_store(
+    ) -> Awaitable[tuple[QuotaStore, BudgetGrant]]:
+        return self._on_store(
             lambda store: store.reserve(
                 key, window_start=ws, window_end=we, amount=amount, limit=limit
             )
         )
 
-    async def _acquire(
+    def _acquire(
         self, key: str, cost: float, interval: float, burst: float, max_wait: float
-    ) -> tuple[QuotaStore, RateGrant]:
-        return await self._on_store(
+    ) -> Awaitable[tuple[QuotaStore, RateGrant]]:
+        return self._on_store(
             lambda store: store.acquire(
                 key, cost=cost, interval=interval, burst=burst, max_wait=max_wait
             )
