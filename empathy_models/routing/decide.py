@@ -43,7 +43,6 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final
 
-import attrs
 from attrs import define, field, frozen
 
 from .._fast import trusted_constructor
@@ -757,29 +756,6 @@ def _closest_by_draw(
 # --------------------------------------------------------------------------- explanation
 
 
-# A row's fields that depend on the call's cost (or on the candidate being blocked); the
-# others a verdict's rows share (`_Parts.base`).
-_PER_CALL: Final = ("expected_cost_usd", "constraints", "excluded", "reasons", "cost_basis")
-_SHARED: Final = (
-    "model",
-    "provider",
-    "tier",
-    "sample_size",
-    "success_rate",
-    "success_rate_lower",
-    "success_rate_upper",
-    "latency_p50_ms",
-    "latency_p95_ms",
-    "effective_sample_size",
-    "latency_p95_upper_ms",
-    "change",
-    "evidence_since",
-    "ttft_p50_ms",
-    "ttft_p95_ms",
-)
-_FIELDS: Final = {a.name for a in attrs.fields(CandidateEvaluation)}
-if {*_PER_CALL, *_SHARED} != _FIELDS:  # pragma: no cover - guards _Parts and _row
-    raise TypeError("CandidateEvaluation's fields changed: update routing.decide._Parts")
 _new_object: Final = object.__new__
 _set_attribute: Final = object.__setattr__
 _NO_STATUS: Final[MappingProxyType[str, ConstraintStatus]] = MappingProxyType({})
@@ -789,8 +765,10 @@ _PARTS: Final = object()  # the key of a row cache's `_Parts`
 class _Parts:
     """
     What every explanation row built from one verdict shares, whatever the call's cost:
-    its fields that do not depend on the call (``base``, by name), and its constraint
-    statuses (read-only, so rows share them) without and with each cost status.
+    its fields that do not depend on the call (``base``, by name: every field of
+    `CandidateEvaluation` but the five `_row` sets; tests/test_router.py compares every
+    row with the validated constructor's), and its constraint statuses (read-only, so
+    rows share them) without and with each cost status.
     """
 
     __slots__ = ("base", "maps", "statuses")
