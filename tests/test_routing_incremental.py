@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import empathy_models.routing._memory as memory_module
+import empathy_models.routing._verdicts as verdicts_module
 from empathy_models import (
     AdaptiveModelRouter,
     LLMCallRecord,
@@ -101,12 +102,15 @@ def _run(full_scan: bool) -> list[Any]:
     return out
 
 
-@pytest.mark.parametrize("log_size", [4_096, 3])
+@pytest.mark.parametrize(("log_size", "max_contexts"), [(4_096, 1_024), (3, 1_024), (4_096, 8)])
 def test_incremental_verdicts_decide_as_looking_at_every_arm(
-    log_size: int, monkeypatch: pytest.MonkeyPatch
+    log_size: int, max_contexts: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     expected = _run(full_scan=True)
     monkeypatch.setattr(memory_module, "LOG_SIZE", log_size)
+    # a full context cache starts over (8: every few decisions; the 4 streams'
+    # ledgers are kept)
+    monkeypatch.setattr(verdicts_module, "MAX_CONTEXTS", max_contexts)
     assert _run(full_scan=False) == expected
 
 
