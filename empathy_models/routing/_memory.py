@@ -124,6 +124,7 @@ class EvidenceMemory:
             record.output_tokens,
             record.cost_usd,
             record.ttft_ms,
+            record.attempt > 1,
         )
         log = self.log
         log.append(arm)
