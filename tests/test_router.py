@@ -243,44 +243,6 @@ def test_a_recovered_model_regains_its_traffic_whatever_limits_each_call_gives(
     assert max(windows) >= 90, windows
 
 
-def _reprobes_of_a_degraded_model(seed: int, retried: bool) -> int:
-    # nano degrades and stays at a true 80% success; each time it is picked, its first
-    # attempt is drawn, and (``retried``) a failed one is retried at once, as the
-    # executor's retry policy does (``attempt=2``)
-    clock = FakeClock()
-    router = make(clock)
-    feed(router, clock, "nano", 300)
-    feed(router, clock, "mini", 300)
-    feed(router, clock, "nano", 10, 40)
-    first, again = random.Random(seed), random.Random(seed + 100)
-    probes = 0
-    for _ in range(3000):
-        d = router.get_best_model(
-            WF, ST, candidates=["nano", "mini"], input_tokens=500, max_tokens=400, max_cost=0.01
-        )
-        clock.advance(1.0)
-        if d.model != "nano":
-            router.record_outcome(rec(clock, d.model, True))
-            continue
-        probes += d.exploration
-        ok = first.random() < 0.8
-        router.record_outcome(rec(clock, "nano", ok))
-        if retried and not ok:
-            retry = rec(clock, "nano", again.random() < 0.8)
-            router.record_outcome(attrs.evolve(retry, attempt=2))
-    return probes
-
-
-def test_retries_do_not_quicken_the_re_probes_of_a_degraded_model() -> None:
-    # re-probes wait less after each success in a row; a failed re-probe retried at once
-    # is no start of a recovery (at 80% the retry succeeds four times in five: counted,
-    # it made the degraded model's re-probes 1.6x as frequent over these seeds)
-    alone = sum(_reprobes_of_a_degraded_model(seed, retried=False) for seed in range(5))
-    retried = sum(_reprobes_of_a_degraded_model(seed, retried=True) for seed in range(5))
-    assert alone >= 100  # re-probed throughout
-    assert retried <= 1.05 * alone, (retried, alone)
-
-
 def test_open_circuits_are_excluded(clock: FakeClock) -> None:
     router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
     feed(router, clock, "nano", 100)

@@ -124,7 +124,6 @@ class EvidenceMemory:
             record.output_tokens,
             record.cost_usd,
             record.ttft_ms,
-            record.attempt > 1,
         )
         log = self.log
         log.append(arm)

@@ -457,7 +457,7 @@ class Arm:
     )
     cur: list[float] = field(factory=_zeros)  # current regime's sums
     window_n: int = 0
-    streak: int = 0  # live successes in a row, retries' not counted (paces re-probes)
+    streak: int = 0  # live successes in a row (paces re-probes)
     version: int = 0
     summary: ArmSummary | None = None
     summary_version: int = -1
@@ -514,17 +514,8 @@ class Arm:
         output_tokens: int,
         cost_usd: float,
         ttft_ms: float | None = None,
-        retry: bool = False,
     ) -> None:
-        """
-        Fold one outcome this process reported into its bucket, in O(1) amortized.
-
-        ``retry``: the outcome of a request's later attempt (``LLMCallRecord.attempt`` >
-        1).  Its evidence counts as any other's, but its success does not lengthen the
-        run of successes that paces re-probes: a failed re-probe retried at once must
-        not count as the start of a recovery (at a true 80% the retry succeeds four
-        times in five, which would halve the next wait almost every time).
-        """
+        """Fold one outcome this process reported into its bucket, in O(1) amortized."""
         t = bucket_of(ts)
         old = self.data.get(t)
         if t not in self.saved:
@@ -540,10 +531,7 @@ class Arm:
                 self.cur, success, latency_ms, input_tokens, output_tokens, cost_usd, ttft_ms
             )
         self.window_n += 1
-        if not success:
-            self.streak = 0
-        elif not retry:
-            self.streak += 1
+        self.streak = self.streak + 1 if success else 0
         self.version += 1
         self._rerun(self._pos(t))
 

@@ -126,8 +126,7 @@ class RoutingPolicy:
             (default 50): its price grows with its evidence, so its share shrinks.
         reprobe_interval: decisions between re-probes of a rejected or degraded
             candidate that would be cheaper (default 200); the wait is halved after each
-            success of it in a row (a retry's success, ``attempt`` > 1, lengthens no
-            run), and four times as long for one never proven or
+            success of it in a row, and four times as long for one never proven or
             rejected on latency or time to first token.  A degraded candidate whose
             recovery was noticed in its newest minute is re-probed the same way until a
             later minute holds an outcome of it, when the recovery is acted on.
