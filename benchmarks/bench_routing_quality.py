@@ -51,11 +51,11 @@ cost-based-routing) select among the same seven deployments for the stationary
 workload, for context.
 
 Run: ``python -m benchmarks.bench_routing_quality [--quick] [--seeds N]``; with
-``--explain SEED [--scenario degradation|history]``, only one scenario (stationary by
-default) on that seed, saying which models its requests after warm-up went to in
-violation or to explore and the reasons the decisions gave (in the degradation
-scenarios also the degraded model's calls while degraded, and how its status changed
-after it recovered).
+``--explain SEED [--scenario degradation|history|retried]``, only one scenario
+(stationary by default) on that seed, saying which models its requests after warm-up
+went to in violation or to explore and the reasons the decisions gave (in the
+degradation scenarios also the degraded model's calls while degraded, and how its
+status changed after it recovered).
 """
 
 from __future__ import annotations
@@ -1214,7 +1214,7 @@ def _plot(traces: dict[str, Trace], sizes: Sizes) -> None:
         plt.close(fig)
 
 
-SCENARIOS = ("stationary", "degradation", "history")
+SCENARIOS = ("stationary", "degradation", "history", "retried")
 
 
 async def explain_seed(seed: int, scenario: str = "stationary", quick: bool = False) -> str:
@@ -1234,7 +1234,12 @@ async def explain_seed(seed: int, scenario: str = "stationary", quick: bool = Fa
             trace = await scenario_stationary(seed, sizes, workdir, detail=True)
         else:
             trace = await scenario_degradation(
-                seed, sizes, workdir, scenario == "history", detail=True
+                seed,
+                sizes,
+                workdir,
+                scenario == "history",
+                detail=True,
+                retried=scenario == "retried",
             )
             schedule = {sizes.degrade_at: 0.80, sizes.recover_at: BY_ID[DEGRADED].success}
     finally:
