@@ -218,7 +218,8 @@ def _walk_reference(arm: Arm) -> list[tuple[float, float, float]]:
         k = max(i for i, r in enumerate(regimes) if r.start <= t)
         regime, base = regimes[k], regimes[k].base
         # an improvement to a new rate, ended by a degradation that restored an earlier
-        # regime, was a fluke: not a target of the cheaper restore threshold
+        # regime holding more calls, was a fluke: not a target of the cheaper restore
+        # threshold
         rates = [
             (c[0] - c[1] + 0.5) / (c[0] + 1.0)
             for r, after in itertools.pairwise(regimes[: k + 1])
@@ -229,6 +230,7 @@ def _walk_reference(arm: Arm) -> list[tuple[float, float, float]]:
                 and r.restored is None
                 and after.kind == "degraded"
                 and after.restored is not None
+                and (after.base is None or c[0] < after.base[0])
             )
         ]
         if j == 0 or arm.starts[j - 1] < regime.start:
@@ -354,6 +356,30 @@ def test_a_recovery_to_the_old_rate_restores_the_old_evidence() -> None:
     summary = arm.summarize(1.96, 3.0, 1.0)
     assert arm.regimes[-1].kind == "improved" and arm.regimes[-1].restored is not None
     assert summary.samples > 2000 and summary.lower >= 0.95
+
+
+def test_a_steady_rate_after_a_worse_start_is_no_fluke() -> None:
+    # a cold start of 27 / 30, then ~1,300 calls at 0.99 (an improvement), a real
+    # degradation to 0.80 that restores the first minute (56 / 60), and a recovery: the
+    # 0.99 regime is the model's steady rate, not a lucky stretch, so the return to it
+    # is found at the restore threshold (this seed: 122 calls when it was a fluke)
+    rng = random.Random(3)
+    arm = Arm(test=ChangeTest())
+    t = feed_arm(arm, 0.0, ([True] * 9 + [False]) * 3)
+    t = feed_arm(arm, t, outcomes(0.99, 1300, rng))
+    t = feed_arm(arm, t, outcomes(0.8, 200, rng))
+    first, steady, degraded = arm.regimes
+    assert (first.kind, steady.kind, degraded.kind) == ("initial", "improved", "degraded")
+    assert steady.restored is None and degraded.restored == first.start
+    assert first.closed is not None and first.closed[:2] == [60.0, 56.0]
+    assert degraded.base == first.closed
+    calls = 0
+    while len(arm.regimes) == 3:
+        t = feed_arm(arm, t, outcomes(0.99, 1, rng))
+        calls += 1
+        assert calls <= 60, "the recovery was not found within 60 calls"
+    recovered = arm.regimes[-1]
+    assert recovered.kind == "improved" and recovered.restored == steady.start
 
 
 # --------------------------------------------------------------------------- the router

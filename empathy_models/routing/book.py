@@ -343,19 +343,26 @@ def _fluke(regime: Regime, following: Regime) -> bool:
     """
     Whether ``regime``, an improvement to a rate no earlier regime had, was a lucky
     stretch: the degradation that ended it (``following``) went back to an earlier
-    regime's rate and restored that regime's evidence.  A fluke's rate is not a target
-    of the improvement test's cheaper threshold (`ChangeTest.restore_threshold`):
-    otherwise a steady arm returns to it by chance a run of ~45 successes later, and
-    back again, hundreds of times a week.  A real return to that rate is still
-    detected, at ``improve_threshold``.  A restored regime is never a fluke (a model
-    that recovered keeps its old standing whatever false alarms came after).
+    regime's rate and restored that regime's evidence, which outweighs the stretch
+    (more calls).  A fluke's rate is not a target of the improvement test's cheaper
+    threshold (`ChangeTest.restore_threshold`): otherwise a steady arm returns to it by
+    chance a run of ~45 successes later, and back again, hundreds of times a week.  A
+    real return to that rate is still detected, at ``improve_threshold``.  A restored
+    regime is never a fluke (a model that recovered keeps its old standing whatever
+    false alarms came after), nor is one that holds more calls than the evidence
+    restored after it: that is the model's steady rate after a short, worse start (a
+    cold start's first 30 calls at 0.90 restored by a real degradation must not make
+    the 1,300 calls at 0.99 that followed them a stretch of luck).
     """
-    return (
-        regime.kind == "improved"
-        and regime.restored is None
-        and following.kind == "degraded"
-        and following.restored is not None
-    )
+    if (
+        regime.kind != "improved"
+        or regime.restored is not None
+        or following.kind != "degraded"
+        or following.restored is None
+    ):
+        return False
+    restored, closed = following.base, regime.closed
+    return restored is None or closed is None or closed[SAMPLES] < restored[SAMPLES]
 
 
 def _jeffreys_failure_rate(v: list[float]) -> float:
