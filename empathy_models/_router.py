@@ -48,7 +48,7 @@ from typing import Any, ClassVar, Final, Self
 
 from ._fast import gc_paused
 from .abc import TelemetryBackend
-from .evidence import EvidenceBucket, rollup
+from .evidence import EvidenceBatch, rollup
 from .exceptions import ConfigurationError, NotOpenError
 from .records import LLMCallRecord, RoutingDecision
 from .registry import ModelRegistry
@@ -59,7 +59,7 @@ from .routing._args import (
     positive_number,
 )
 from .routing._explain import Decider
-from .routing._memory import ChangedBuckets, EvidenceMemory
+from .routing._memory import ArmKey, ChangedBuckets, EvidenceMemory
 from .routing._recent import RecentWindows
 from .routing._verdicts import Limits, VerdictCache, classify
 from .routing.decide import Context, select
@@ -70,7 +70,7 @@ from .routing.reports import (
     recommend,
     stats_from,
 )
-from .routing.stats import bucket_sums
+from .routing.stats import Sums, row_sums
 
 __all__ = ["AdaptiveModelRouter", "RoutingPolicy", "RoutingStats", "TierRecommendation"]
 
@@ -88,20 +88,30 @@ def _window_start(now: float, days: float) -> datetime:
         return _EARLIEST
 
 
-def _by_arm(buckets: Iterable[EvidenceBucket]) -> ChangedBuckets:
-    """The changed buckets per arm, as (bucket start, sums)."""
+def _by_arm(rows: Iterable[Sequence[Any]]) -> ChangedBuckets:
+    """
+    The changed buckets per arm, as (bucket start, sums), from rows of `ROW_FIELDS`.
+
+    An empty workflow or stage is the same arm as none (as for live outcomes), so a
+    minute's buckets of the two, which the store keeps apart, are added up.
+    """
     by_arm: ChangedBuckets = {}
-    stamps: dict[datetime, int] = {}  # one minute's buckets share its start
-    for b in buckets:
-        key = (b.workflow or None, b.stage or None, b.model)
-        rows = by_arm.get(key)
-        if rows is None:
-            rows = by_arm[key] = []
-        start = b.bucket_start
-        t = stamps.get(start)
-        if t is None:
-            t = stamps[start] = int(start.timestamp())
-        rows.append((t, bucket_sums(b)))
+    merged: set[ArmKey] = set()
+    for row in rows:
+        workflow, stage = row[1], row[2]
+        key = (workflow or None, stage or None, row[3])
+        arm = by_arm.get(key)
+        if arm is None:
+            arm = by_arm[key] = []
+        arm.append((row[0], row_sums(row)))
+        if workflow == "" or stage == "":
+            merged.add(key)
+    for key in merged:
+        sums: dict[int, Sums] = {}
+        for t, v in by_arm[key]:
+            held = sums.get(t)
+            sums[t] = v if held is None else tuple(a + b for a, b in zip(held, v, strict=True))
+        by_arm[key] = list(sums.items())
     return by_arm
 
 
@@ -329,8 +339,7 @@ class AdaptiveModelRouter:
         self, store: TelemetryBackend, since: datetime, after: int
     ) -> tuple[ChangedBuckets, int]:
         # the changed buckets per arm as (bucket start, sums), and the version to ask after
-        buckets: Iterable[EvidenceBucket]
-        version = 0
+        batch: EvidenceBatch | None = None
         if self._rollups:
             try:
                 batch = await store.evidence(since=since, after_version=after)
@@ -341,12 +350,11 @@ class AdaptiveModelRouter:
                     "(the whole window at every refresh)",
                     store,
                 )
-            else:
-                buckets, version = batch.buckets, batch.version
-        if not self._rollups:
-            buckets = rollup(await store.recent(limit=_RECENT_FALLBACK_LIMIT, since=since))
+        if batch is None:
+            records = await store.recent(limit=_RECENT_FALLBACK_LIMIT, since=since)
+            batch = EvidenceBatch(buckets=rollup(records), version=0)
         with gc_paused():
-            return _by_arm(buckets), version
+            return _by_arm(batch.rows), batch.version
 
     async def _seed_rings(self) -> None:
         # One ``recent`` call per workflow stage with evidence (and one per workflow for

@@ -22,11 +22,11 @@ Tokens are summed over successful calls; cost over every sample.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Final, cast
+from typing import Any, Final, cast
 
-from attrs import field, frozen
+from attrs import frozen
 
 from ._fast import trusted_constructor
 from ._validators import check, failure, integer
@@ -36,8 +36,10 @@ from .records import LLMCallRecord
 __all__ = [
     "BUCKET_SECONDS",
     "SUM_FIELDS",
+    "ROW_FIELDS",
     "EvidenceBatch",
     "EvidenceBucket",
+    "EvidenceRow",
     "bucket_from_fields",
     "bucket_start_of",
     "check_after_version",
@@ -143,20 +145,149 @@ that read tens of thousands of buckets from their own rows (a router's start).
 """
 
 
-def _bucket_tuple(value: Iterable[EvidenceBucket]) -> tuple[EvidenceBucket, ...]:
-    return tuple(value)
+ROW_FIELDS: Final = ("bucket_s", "workflow", "stage", "model", *SUM_FIELDS, "version")
+"""
+The layout of a row of `EvidenceBatch.rows` (and of `EvidenceBatch.from_rows`): the
+bucket's start in whole seconds since the epoch, its arm (``None`` for no workflow or
+stage), its sums in `SUM_FIELDS` order (token sums may be floats), its version.
+"""
+
+EvidenceRow = tuple[
+    int, str | None, str | None, str, int, int, int, float, float, int, float, float,
+    int | float, int | float, float, int,
+]  # fmt: skip
+"""One row in the layout of `ROW_FIELDS`."""
 
 
-@frozen(kw_only=True, slots=True)
+def _row_key(row: Sequence[Any]) -> tuple[int, bool, str, bool, str, str]:
+    # the order of EvidenceBatch.buckets, as `_sort_key`
+    return (row[0], row[1] is not None, row[1] or "", row[2] is not None, row[2] or "", row[3])
+
+
+def _bucket_of_row(row: Sequence[Any], starts: dict[int, datetime]) -> EvidenceBucket:
+    start = row[0]
+    when = starts.get(start)
+    if when is None:
+        when = starts[start] = datetime.fromtimestamp(start, UTC)
+    return bucket_from_fields(
+        row[1],  # workflow
+        row[2],  # stage
+        row[3],  # model
+        when,
+        row[4],  # samples
+        row[5],  # successes
+        row[6],  # latency_n
+        row[7],  # latency_log_sum
+        row[8],  # latency_log_sq_sum
+        row[9],  # ttft_n
+        row[10],  # ttft_log_sum
+        row[11],  # ttft_log_sq_sum
+        # token sums may come back as floats (SQLite stores sums past 2**63 - 1 as REAL)
+        int(row[12]),  # input_tokens
+        int(row[13]),  # output_tokens
+        row[14],  # cost_usd
+        row[15],  # version
+    )
+
+
+def _row_of_bucket(b: EvidenceBucket) -> EvidenceRow:
+    return (
+        int(b.bucket_start.timestamp()),
+        b.workflow,
+        b.stage,
+        b.model,
+        b.samples,
+        b.successes,
+        b.latency_n,
+        b.latency_log_sum,
+        b.latency_log_sq_sum,
+        b.ttft_n,
+        b.ttft_log_sum,
+        b.ttft_log_sq_sum,
+        b.input_tokens,
+        b.output_tokens,
+        b.cost_usd,
+        b.version,
+    )
+
+
 class EvidenceBatch:
     """
     Buckets changed after the reader's last version, and the version to pass next time.
 
     ``buckets`` are sorted by (bucket_start, workflow, stage, model) with ``None`` first.
+    The same buckets are readable as plain tuples, ``rows`` (layout `ROW_FIELDS`, in no
+    particular order): what the router reads.  A backend that reads its buckets from
+    its own rows builds the batch with `from_rows` and skips building (and sorting) an
+    `EvidenceBucket` per row, which a router's start over a week of minute buckets for
+    many arms would otherwise spend a second or more on: ``buckets`` is then built on
+    first read.  Immutable; equal when the buckets and the version are.
     """
 
-    buckets: tuple[EvidenceBucket, ...] = field(converter=_bucket_tuple)
+    __slots__ = ("_buckets", "_rows", "version")
+    _buckets: tuple[EvidenceBucket, ...] | None
+    _rows: tuple[Sequence[Any], ...] | None
     version: int
+
+    def __init__(self, *, buckets: Iterable[EvidenceBucket], version: int) -> None:
+        object.__setattr__(self, "_buckets", tuple(buckets))
+        object.__setattr__(self, "_rows", None)
+        object.__setattr__(self, "version", version)
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[Sequence[Any]], version: int) -> EvidenceBatch:
+        """
+        A batch of ``rows``, each in the layout of `ROW_FIELDS` (a tuple, or any
+        sequence indexed by position such as a database driver's record), in any order.
+        Nothing is checked or converted: for backends reading their own rows, as
+        `bucket_from_fields`.
+        """
+        batch = cls.__new__(cls)
+        object.__setattr__(batch, "_buckets", None)
+        object.__setattr__(batch, "_rows", tuple(rows))
+        object.__setattr__(batch, "version", version)
+        return batch
+
+    @property
+    def buckets(self) -> tuple[EvidenceBucket, ...]:
+        """The buckets, sorted by (bucket_start, workflow, stage, model), ``None`` first."""
+        buckets = self._buckets
+        if buckets is None:
+            rows = sorted(self._rows or (), key=_row_key)
+            starts: dict[int, datetime] = {}  # one minute's buckets share its start
+            buckets = tuple(_bucket_of_row(row, starts) for row in rows)
+            object.__setattr__(self, "_buckets", buckets)
+        return buckets
+
+    @property
+    def rows(self) -> tuple[Sequence[Any], ...]:
+        """The buckets as rows in the layout of `ROW_FIELDS`, in no particular order."""
+        rows = self._rows
+        if rows is None:
+            rows = tuple(_row_of_bucket(b) for b in self._buckets or ())
+            object.__setattr__(self, "_rows", rows)
+        return rows
+
+    def __len__(self) -> int:
+        """How many buckets the batch holds."""
+        rows = self._rows
+        return len(rows) if rows is not None else len(self._buckets or ())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EvidenceBatch):
+            return NotImplemented
+        return self.version == other.version and self.buckets == other.buckets
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"EvidenceBatch(version={self.version}, buckets=<{len(self)} buckets>)"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"EvidenceBatch is immutable (cannot set {name!r})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"EvidenceBatch is immutable (cannot delete {name!r})")
 
 
 def _sort_key(b: EvidenceBucket) -> tuple[datetime, bool, str, bool, str, str]:

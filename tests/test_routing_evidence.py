@@ -12,6 +12,7 @@ import random
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import pytest
 
 from empathy_models import (
@@ -23,12 +24,19 @@ from empathy_models import (
     RoutingPolicy,
 )
 from empathy_models.backends import MemoryTelemetryBackend, gc_paused
-from empathy_models.evidence import SUM_FIELDS, EvidenceBucket, bucket_from_fields, rollup
+from empathy_models.evidence import (
+    ROW_FIELDS,
+    SUM_FIELDS,
+    EvidenceBatch,
+    EvidenceBucket,
+    bucket_from_fields,
+    rollup,
+)
 from empathy_models.records import CandidateEvaluation, ConstraintStatus, wilson_interval
 from empathy_models.routing import ModelStats, RoutingStats
 from empathy_models.routing.book import Arm, ChangeTest
 from empathy_models.routing.stats import (
-    bucket_sums,
+    row_sums,
     summary_bounds,
     wilson_bounds,
     wilson_lower,
@@ -137,6 +145,55 @@ def test_a_bucket_built_from_fields_is_the_constructors() -> None:
     assert built.key == ("wf", "st", "m", start) and built.version == 42
 
 
+def test_a_batch_of_rows_is_the_batch_of_their_buckets() -> None:
+    # backends build a start's batch from their rows, unsorted; its buckets are built and
+    # sorted when read, and the router reads the rows (`row_sums`: the book's layout)
+    rng = random.Random(4)
+    records = [
+        LLMCallRecord(
+            provider="openai",
+            model=rng.choice(["m1", "m2"]),
+            outcome=Outcome.SUCCESS if rng.random() < 0.8 else Outcome.FAILURE,
+            timestamp=datetime.fromtimestamp(1_000_000.0 + rng.uniform(0, 600), UTC),
+            workflow=rng.choice([None, "", "wf"]),
+            stage=rng.choice([None, "", "st"]),
+            input_tokens=rng.randint(1, 900),
+            output_tokens=rng.randint(1, 300),
+            cost_usd=rng.uniform(0.0, 0.01),
+            latency_ms=rng.uniform(1.0, 900.0),
+            ttft_ms=rng.choice([None, rng.uniform(1.0, 90.0)]),
+        )
+        for _ in range(300)
+    ]
+    buckets = rollup(records)
+    of_buckets = EvidenceBatch(buckets=buckets, version=7)
+    rows = list(of_buckets.rows)
+    assert len(rows) == len(buckets) > 20 and all(len(r) == len(ROW_FIELDS) for r in rows)
+    assert [dict(zip(ROW_FIELDS, r, strict=True)) for r in rows[:1]] == [
+        {
+            "bucket_s": int(buckets[0].bucket_start.timestamp()),
+            "workflow": buckets[0].workflow,
+            "stage": buckets[0].stage,
+            "model": buckets[0].model,
+            **{name: getattr(buckets[0], name) for name in SUM_FIELDS},
+            "version": 0,
+        }
+    ]
+    rng.shuffle(rows)
+    of_rows = EvidenceBatch.from_rows(rows, 7)
+    assert len(of_rows) == len(buckets)
+    assert of_rows.buckets == tuple(buckets)  # sorted, every field as the bucket's
+    assert of_rows == of_buckets and of_rows != EvidenceBatch(buckets=buckets, version=8)
+    assert repr(of_rows) == f"EvidenceBatch(version=7, buckets=<{len(buckets)} buckets>)"
+    first = buckets[0]
+    sums = row_sums(of_buckets.rows[0])
+    assert sums[0] == first.samples and sums[1] == first.successes
+    assert sums[5] == first.input_tokens and sums[7] == first.cost_usd
+    assert sums[8] == first.ttft_n
+    with pytest.raises(AttributeError, match="immutable"):
+        of_rows.version = 8
+
+
 def test_gc_paused_holds_the_collector_off_and_restores_it() -> None:
     assert gc.isenabled()
     with gc_paused():
@@ -167,7 +224,8 @@ def test_live_outcomes_and_stored_buckets_give_the_same_regimes_and_summary() ->
         ok = r.outcome is Outcome.SUCCESS
         live.add(ts, ok, r.latency_ms, r.input_tokens, r.output_tokens, r.cost_usd)
     stored = Arm(test=ChangeTest())
-    stored.apply((int(b.bucket_start.timestamp()), bucket_sums(b)) for b in rollup(records))
+    rows = EvidenceBatch(buckets=rollup(records), version=0).rows
+    stored.apply((row[0], row_sums(row)) for row in rows)
     assert [(r.start, r.kind) for r in live.regimes] == [(r.start, r.kind) for r in stored.regimes]
     assert len(live.regimes) >= 2  # the drop was detected
     a = live.summarize(1.96, 3.0, 1.0)
@@ -432,6 +490,31 @@ async def test_live_refreshed_and_restarted_routers_reach_the_same_verdicts() ->
         restarted = view(fresh.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
     assert first == refreshed == restarted
     assert first["model"] == "mini" and not first["exploration"]
+
+
+async def test_an_empty_stage_and_none_are_one_arm_live_and_after_a_restart() -> None:
+    # the store keeps a stage of "" and of None apart; the router, like its live
+    # outcomes, counts both as the arm without a stage, whatever order the rows come in
+    clock = FakeClock()
+    store = MemoryTelemetryBackend()
+    policy = RoutingPolicy(explore_rate=0.0)
+    rng = random.Random(6)
+    async with AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=1, clock=clock, refresh_interval=None
+    ) as live:
+        for i in range(900):
+            clock.advance(1.0)
+            r = attrs.evolve(rec(clock(), "mini", rng.random() < 0.99), stage=("", None)[i % 2])
+            await store.record(r)
+            live.record_outcome(r)
+        clock.advance(5.0)
+        seen = view(live.get_best_model(WF, None, **ASK))  # type: ignore[arg-type]
+    async with AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=2, clock=clock, refresh_interval=None
+    ) as restarted:
+        again = view(restarted.get_best_model(WF, None, **ASK))  # type: ignore[arg-type]
+    assert seen == again
+    assert ("mini", 900) in [(c[0], c[2]) for c in seen["candidates"]]  # type: ignore[attr-defined]
 
 
 async def test_two_routers_on_one_store_agree_after_one_refresh() -> None:

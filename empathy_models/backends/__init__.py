@@ -22,8 +22,8 @@ For implementers of a telemetry backend: `refusals` turns a store's refusal of a
 (an encoding error, a NUL in PostgreSQL text, an integer out of range) into
 `TelemetryRejectedError`, which the batching writer answers by storing a sanitized copy
 of the record instead of losing it.  `gc_paused` holds the cyclic garbage collector off
-for a short block that builds many objects at once (the evidence rows and buckets of a
-router's start: `empathy_models.evidence.bucket_from_fields` builds each bucket).
+for a short block that builds many objects at once (the evidence rows of a router's
+start, which a backend hands over as they are: `empathy_models.evidence.EvidenceBatch.from_rows`).
 """
 
 from __future__ import annotations

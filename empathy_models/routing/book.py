@@ -276,8 +276,11 @@ def _cusum(
     q_up = q_up if q_up >= q + step else q + step
     q_up = q_up if q_up < 0.5 else 0.5
     u = d = 0.0
+    # (a bucket without failures, the common case, skips the failure term's log: adding
+    # its zero would give the same sum)
     if q_up > q:
-        u = u0 + f * math.log(q_up / q) + (n - f) * math.log((1.0 - q_up) / (1.0 - q))
+        ok_term = (n - f) * math.log((1.0 - q_up) / (1.0 - q))
+        u = (u0 + f * math.log(q_up / q) + ok_term) if f else (u0 + ok_term)
     # improvement: against the Jeffreys estimate, not floored (a floor above an arm's
     # true failure rate would read its steady rate as an improvement, again and again: a
     # 0.999 arm cut into thousands of regimes).  Going back to the most recent clearly
@@ -293,7 +296,8 @@ def _cusum(
                 q_dn, h_dn = qr, restore_h
                 break
     if q_dn < q:
-        d = d0 + f * math.log(q_dn / q) + (n - f) * math.log((1.0 - q_dn) / (1.0 - q))
+        ok_term = (n - f) * math.log((1.0 - q_dn) / (1.0 - q))
+        d = (d0 + f * math.log(q_dn / q) + ok_term) if f else (d0 + ok_term)
     u = u if u > 0.0 else 0.0
     d = d if d > 0.0 else 0.0
     if u > h:
@@ -687,66 +691,87 @@ class Arm:
         # what depends on the regime alone, computed when the walk enters one
         rates: list[float] = []
         rates_of: Regime | None = None
-        base_lower = 0.0
         data = self.data
         cum_n, cum_f, up_a, dn_a = self.cum_n, self.cum_f, self.up, self.dn
         up_from, dn_from, proof = self.up_from, self.dn_from, self.proof
         params = _cusum_params(test)
         min_samples, z = test.min_samples, test.proof_z
         z2 = z * z
-        while j < len(starts):
+        end = len(starts)  # a split changes regimes, never buckets
+        # the walk's state after the bucket before ``j``, carried over while no change
+        # is acted on; read back from the arrays where the walk starts or a change began
+        carried = False
+        u0 = d0 = base_lower = 0.0
+        uf = df = 0
+        while j < end:
             t = starts[j]
-            regime = regimes[-1]
-            base = regime.base
-            if rates_of is not regime:
-                rates = self._rates_before(regime, rates_of, rates)
-                rates_of = regime
-                if base is not None:
-                    base_lower = wilson_lower(base[SUCCESSES], base[SAMPLES], z, z2)
-            if j == 0 or starts[j - 1] < regime.start:
-                n0 = base[SAMPLES] if base is not None else 0.0
-                f0 = (base[SAMPLES] - base[SUCCESSES]) if base is not None else 0.0
-                u0 = d0 = 0.0
-                uf = df = t
-                best = 0.0
+            if carried:
+                uf = uf if u0 > 0.0 else t
+                df = df if d0 > 0.0 else t
             else:
-                best = proof[j - 1]
-                n0, f0 = cum_n[j - 1], cum_f[j - 1]
-                u0, d0 = up_a[j - 1], dn_a[j - 1]
-                uf = up_from[j - 1] if u0 > 0.0 else t
-                df = dn_from[j - 1] if d0 > 0.0 else t
+                regime = regimes[-1]
+                rstart = regime.start
+                base = regime.base
+                if rates_of is not regime:
+                    rates = self._rates_before(regime, rates_of, rates)
+                    rates_of = regime
+                    if base is not None:
+                        base_lower = wilson_lower(base[SUCCESSES], base[SAMPLES], z, z2)
+                n0, f0, u0, d0, uf, df, best = self._state_before(j, regime)
             v = data[t]
             n = v[SAMPLES]
             f = n - v[SUCCESSES]
             u = d = 0.0
             alarm: tuple[int, str] | None = None
             if n0 >= min_samples and n > 0:
-                earlier = base is not None
                 u, d, alarm = _cusum(
-                    n0, f0, u0, d0, n, f, uf, df, regime.start, earlier, rates, params
+                    n0, f0, u0, d0, n, f, uf, df, rstart, base is not None, rates, params
                 )
             if alarm is not None and t <= last_detected:
                 alarm = None
                 u = d = 0.0
-            n1 = cum_n[j] = n0 + n
-            f1 = cum_f[j] = f0 + f
-            proof[j] = _proof(best, n1, f1, base, base_lower, z, z2)
-            up_a[j] = u
-            dn_a[j] = d
+            n0 = cum_n[j] = n0 + n
+            f0 = cum_f[j] = f0 + f
+            best = proof[j] = _proof(best, n0, f0, base, base_lower, z, z2)
+            u0 = up_a[j] = u
+            d0 = dn_a[j] = d
             up_from[j] = uf
             dn_from[j] = df
             if alarm is None:
                 j += 1
+                carried = True
                 continue
             start, kind = alarm
             last_detected = t
             j = self._split(regime, start, kind, t, j)
+            carried = False
             resum = True
         if resum:
             current = regimes[-1]
             self.cur = self._sum(self._pos(current.start), len(starts))
             if current.base is not None:
                 _add(self.cur, current.base)
+
+    def _state_before(
+        self, j: int, regime: Regime
+    ) -> tuple[float, float, float, float, int, int, float]:
+        """
+        The change test's state before position ``j`` in ``regime``, as the walk takes
+        it over: the regime's calls and failures so far, the two sums and the buckets
+        they last left zero in (``j``'s own when they are at zero), the proof so far.
+        """
+        starts = self.starts
+        t = starts[j]
+        if j == 0 or starts[j - 1] < regime.start:
+            base = regime.base
+            if base is None:
+                return 0.0, 0.0, 0.0, 0.0, t, t, 0.0
+            return base[SAMPLES], base[SAMPLES] - base[SUCCESSES], 0.0, 0.0, t, t, 0.0
+        k = j - 1
+        u0, d0 = self.up[k], self.dn[k]
+        uf = self.up_from[k] if u0 > 0.0 else t
+        df = self.dn_from[k] if d0 > 0.0 else t
+        return self.cum_n[k], self.cum_f[k], u0, d0, uf, df, self.proof[k]
 
     def _rates_before(
         self, regime: Regime, previous: Regime | None, rates: list[float]

@@ -8,11 +8,13 @@ Nothing here does I/O, reads a clock or draws a random number.
 from __future__ import annotations
 
 import math
-from typing import Final, TypeAlias, TypeVar
+from collections.abc import Callable, Sequence
+from operator import itemgetter
+from typing import Any, Final, TypeAlias, TypeVar
 
 import attrs
 
-from ..evidence import EvidenceBucket, log_ms
+from ..evidence import ROW_FIELDS, log_ms
 from ..records import wilson_bounds
 
 _A = TypeVar("_A", bound=attrs.AttrsInstance)
@@ -29,8 +31,8 @@ __all__ = [
     "WIDTH",
     "Sums",
     "add_outcome",
-    "bucket_sums",
     "latency_bounds",
+    "row_sums",
     "summary_bounds",
     "wilson_bounds",
     "wilson_lower",
@@ -67,21 +69,24 @@ Running sums (a regime's) are lists of the same layout.
 """
 
 
-def bucket_sums(b: EvidenceBucket) -> Sums:
-    """The sum vector of a stored bucket (counts stay ints: no new objects but the tuple)."""
-    return (
-        b.samples,
-        b.successes,
-        b.latency_n,
-        b.latency_log_sum,
-        b.latency_log_sq_sum,
-        b.input_tokens,
-        b.output_tokens,
-        b.cost_usd,
-        b.ttft_n,
-        b.ttft_log_sum,
-        b.ttft_log_sq_sum,
-    )
+_SUM_ORDER: Final = (
+    "samples",
+    "successes",
+    "latency_n",
+    "latency_log_sum",
+    "latency_log_sq_sum",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "ttft_n",
+    "ttft_log_sum",
+    "ttft_log_sq_sum",
+)
+
+row_sums: Final[Callable[[Sequence[Any]], Sums]] = itemgetter(
+    *(ROW_FIELDS.index(name) for name in _SUM_ORDER)
+)
+"""The sum vector of a row of `EvidenceBatch.rows` (one C call: a tuple, nothing converted)."""
 
 
 def add_outcome(

@@ -16,6 +16,7 @@ on the counter row from their bucket upsert to their commit, a few statements.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -29,8 +30,6 @@ from empathy_models.evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
     EvidenceBatch,
-    EvidenceBucket,
-    bucket_from_fields,
     rollup,
 )
 from empathy_models.exceptions import (
@@ -247,19 +246,14 @@ def _evidence_columns(rows: list[LLMCallRecord]) -> list[list[Any]]:
     ]
 
 
-def _evidence_bucket(row: Any) -> EvidenceBucket:
-    """A bucket from a row of ``_EVIDENCE_COLUMNS`` then ``version`` (by position: faster)."""
-    return bucket_from_fields(
-        row[1],  # workflow
-        row[2],  # stage
-        row[3],  # model
-        row[0],  # bucket_start
-        *row[4:12],  # samples .. ttft_log_sq_sum
-        int(row[12]),  # input_tokens
-        int(row[13]),  # output_tokens
-        row[14],  # cost_usd
-        row[15],  # version
+# a bucket as a row of `empathy_models.evidence.ROW_FIELDS` (its start in epoch seconds)
+_EVIDENCE_ROW: Final = ", ".join(
+    (
+        "extract(epoch FROM bucket_start)::bigint",
+        *_EVIDENCE_COLUMNS[1:],
+        "version",
     )
+)
 
 
 class PostgresTelemetryBackend(TelemetryBackend):
@@ -562,13 +556,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
         if until is not None:
             args.append(until)
             clauses.append(f"bucket_start < ${len(args)}")
-        # text in code point order, NULL first: the order of EvidenceBatch.buckets
-        query = (
-            f"SELECT {', '.join(_EVIDENCE_COLUMNS)}, version FROM {self._evidence_table} "
-            f"WHERE {' AND '.join(clauses)} "
-            'ORDER BY bucket_start, workflow COLLATE "C" NULLS FIRST, '
-            'stage COLLATE "C" NULLS FIRST, model COLLATE "C"'
-        )
+        # unsorted: EvidenceBatch sorts its buckets only when they are read
+        query = f"SELECT {_EVIDENCE_ROW} FROM {self._evidence_table} WHERE {' AND '.join(clauses)}"
         pool = await self._db.pool(self._migrations)
         async with (
             self._db.errors("evidence"),
@@ -576,14 +565,12 @@ class PostgresTelemetryBackend(TelemetryBackend):
             # one snapshot for the counter and the buckets
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            # compiling the scan of a whole window costs more than running it, and its
-            # sort (70k buckets at 1M calls over a week) should not spill to disk
-            await conn.execute("SET LOCAL jit = off; SET LOCAL work_mem = '64MB'")
+            # compiling the scan of a whole window costs more than running it
+            await conn.execute("SET LOCAL jit = off")
             version = await conn.fetchval(f"SELECT version FROM {self._evidence_version}")
-            rows = await conn.fetch(query, *args)
-        with gc_paused():
-            buckets = [_evidence_bucket(row) for row in rows]
-        return EvidenceBatch(buckets=buckets, version=int(version))
+            with gc_paused() if after_version == 0 else contextlib.nullcontext():
+                rows = await conn.fetch(query, *args)
+        return EvidenceBatch.from_rows(rows, int(version))
 
     async def _purge(self, *, before: datetime) -> int:
         """

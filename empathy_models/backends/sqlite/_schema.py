@@ -16,8 +16,6 @@ import aiosqlite
 from ...evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
-    EvidenceBatch,
-    bucket_from_fields,
     rollup,
 )
 from ...records import LLMCallRecord
@@ -532,9 +530,13 @@ def _ceil_s(value: datetime) -> int:
     return -(-_to_us(value) // _US_PER_S)
 
 
+_EVIDENCE_VERSION: Final = "SELECT version FROM evidence_version"
+
+
 def _evidence_query(
     since: datetime | None, until: datetime | None, after_version: int
 ) -> tuple[str, dict[str, Any]]:
+    """The buckets changed after ``after_version``, as rows of `ROW_FIELDS`, unsorted."""
     clauses = ["version > :after"]
     params: dict[str, Any] = {"after": after_version}
     if since is not None:
@@ -543,41 +545,6 @@ def _evidence_query(
     if until is not None:
         clauses.append("bucket_s < :until")
         params["until"] = _ceil_s(until)
-    columns = ", ".join(_EVIDENCE_COLUMNS)
-    nulls = ", ".join("NULL" for _ in _EVIDENCE_COLUMNS)
-    # the version row first (part 0), then the buckets in the order of EvidenceBatch
-    # (SQLite sorts NULL first and compares text by code point, as Python does)
-    sql = (
-        f"SELECT 0 AS part, {nulls}, version FROM evidence_version "
-        f"UNION ALL SELECT 1 AS part, {columns}, version FROM evidence_buckets "
-        f"WHERE {' AND '.join(clauses)} "
-        "ORDER BY part, bucket_s, workflow, stage, model"
-    )
+    columns = ", ".join((*_EVIDENCE_COLUMNS, "version"))
+    sql = f"SELECT {columns} FROM evidence_buckets WHERE {' AND '.join(clauses)}"
     return sql, params
-
-
-def _evidence_batch(rows: Iterable[Sequence[Any]]) -> EvidenceBatch:
-    it = iter(rows)
-    head = next(it)
-    starts: dict[int, datetime] = {}
-    buckets = []
-    for row in it:
-        start = row[1]
-        when = starts.get(start)
-        if when is None:
-            when = starts[start] = datetime.fromtimestamp(start, UTC)
-        buckets.append(
-            bucket_from_fields(
-                row[2],  # workflow
-                row[3],  # stage
-                row[4],  # model
-                when,
-                *row[5:13],  # samples .. ttft_log_sq_sum
-                # sums past 2**63 - 1 are stored as REAL (SQLite's arithmetic does the same)
-                int(row[13]),  # input_tokens
-                int(row[14]),  # output_tokens
-                row[15],  # cost_usd
-                row[16],  # version
-            )
-        )
-    return EvidenceBatch(buckets=buckets, version=head[16])

@@ -37,16 +37,16 @@ from ..batching import (
     _Batcher,
     _check_records,
 )
-from ._conn import _nothing
+from ._conn import _nothing, _rollback
 from ._database import MEMORY, _Database
 from ._schema import (
+    _EVIDENCE_VERSION,
     _REFUSED,
     _SELECT_CALLS,
     SCHEMA_VERSION,
     _add_evidence,
     _add_evidence_now,
     _aggregate_sql,
-    _evidence_batch,
     _evidence_query,
     _evidence_rows,
     _from_row,
@@ -380,22 +380,31 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         """
         Evidence buckets changed after ``after_version`` (flushes queued records first).
 
-        One statement reads the buckets and the store's version from the same snapshot,
-        over the index on version (incremental reads) or on bucket start (windows).  A
-        read of every version (a router's start: tens of thousands of rows at a week of
-        history) holds the cyclic garbage collector off while its rows are fetched and
-        built, which is otherwise a third of its time; an incremental read does not.
+        One read transaction takes the store's version and the rows from the same
+        snapshot, over the index on version (incremental reads) or on bucket start
+        (windows), unsorted (`EvidenceBatch` sorts its buckets only when they are
+        read).  A read of every version (a router's start: hundreds of thousands of
+        rows at a week of history for many arms) holds the cyclic garbage collector off
+        while its rows are fetched, which is otherwise a third of its time.
         """
         await self.flush()
         sql, params = _evidence_query(since, until, after_version)
 
-        async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
-            return await self._db.retrying(partial(conn.execute_fetchall, sql, params))
+        async def read(conn: aiosqlite.Connection) -> tuple[int, Iterable[Sequence[Any]]]:
+            await conn.execute("BEGIN")
+            try:
+                head = await conn.execute_fetchall(_EVIDENCE_VERSION)
+                rows = await conn.execute_fetchall(sql, params)
+            finally:
+                await _rollback(conn)
+            return next(iter(head))[0], rows
+
+        async def job(conn: aiosqlite.Connection) -> tuple[int, Iterable[Sequence[Any]]]:
+            return await self._db.retrying(partial(read, conn))
 
         with gc_paused() if after_version == 0 else contextlib.nullcontext():
-            rows = await self._db.run(job)
-        with gc_paused():
-            return _evidence_batch(rows)
+            version, rows = await self._db.run(job)
+            return EvidenceBatch.from_rows(rows, version)
 
     async def _purge(self, *, before: datetime) -> int:
         """

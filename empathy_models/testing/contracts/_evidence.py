@@ -17,7 +17,14 @@ import pytest
 
 from ...abc import TelemetryBackend
 from ...backends import telemetry_from_url
-from ...evidence import BUCKET_SECONDS, EvidenceBatch, EvidenceBucket, rollup, sorted_buckets
+from ...evidence import (
+    BUCKET_SECONDS,
+    ROW_FIELDS,
+    EvidenceBatch,
+    EvidenceBucket,
+    rollup,
+    sorted_buckets,
+)
 from ...exceptions import BackendClosedError, ConfigurationError, RecordValidationError
 from ...records import LLMCallRecord, Outcome
 from ._aggregate import _aggregation_dataset
@@ -177,6 +184,15 @@ class _EvidenceTests(_TelemetryTests):
         await telemetry.flush()
         batch = await telemetry.evidence()
         assert_same_buckets(batch.buckets, rollup(records), "evidence()")
+        # the rows the router reads: the same buckets, sums as plain numbers
+        assert len(batch.rows) == len(batch.buckets)
+        odd = [
+            (row[:4], type(x).__name__)
+            for row in batch.rows
+            for x in row[4 : len(ROW_FIELDS)]
+            if not isinstance(x, int | float)
+        ]
+        assert not odd, f"evidence().rows: sums that are not int or float: {odd[:3]}"
         assert batch.version > empty.version
         assert all(0 < b.version <= batch.version for b in batch.buckets)
         again = await telemetry.evidence(after_version=batch.version)
