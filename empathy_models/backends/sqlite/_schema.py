@@ -16,6 +16,7 @@ import aiosqlite
 from ...evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
+    EvidenceBatch,
     rollup,
 )
 from ...records import LLMCallRecord
@@ -482,26 +483,10 @@ def _sqlite_int(value: int) -> int | float:
 
 
 def _evidence_rows(records: Iterable[LLMCallRecord]) -> list[tuple[Any, ...]]:
-    """The rollup of ``records`` as parameter rows of `_UPSERT_EVIDENCE`, in key order."""
+    """The rollup of ``records`` as parameter rows of `_UPSERT_EVIDENCE`."""
     return [
-        (
-            int(b.bucket_start.timestamp()),
-            b.workflow,
-            b.stage,
-            b.model,
-            b.samples,
-            b.successes,
-            b.latency_n,
-            b.latency_log_sum,
-            b.latency_log_sq_sum,
-            b.ttft_n,
-            b.ttft_log_sum,
-            b.ttft_log_sq_sum,
-            _sqlite_int(b.input_tokens),
-            _sqlite_int(b.output_tokens),
-            b.cost_usd,
-        )
-        for b in rollup(records)
+        (*row[:12], _sqlite_int(row[12]), _sqlite_int(row[13]), row[14])  # no version
+        for row in EvidenceBatch(buckets=rollup(records), version=0).rows
     ]
 
 
