@@ -221,7 +221,7 @@ class EvidenceBatch:
     its own rows builds the batch with `from_rows` and skips building (and sorting) an
     `EvidenceBucket` per row, which a router's start over a week of minute buckets for
     many arms would otherwise spend a second or more on: ``buckets`` is then built on
-    first read.  Immutable; equal when the buckets and the version are.
+    first read.  Immutable (and hashable); equal when the buckets and the version are.
     """
 
     __slots__ = ("_buckets", "_rows", "version")
@@ -278,7 +278,8 @@ class EvidenceBatch:
             return NotImplemented
         return self.version == other.version and self.buckets == other.buckets
 
-    __hash__ = None  # type: ignore[assignment]
+    def __hash__(self) -> int:
+        return hash((self.version, self.buckets))
 
     def __repr__(self) -> str:
         return f"EvidenceBatch(version={self.version}, buckets=<{len(self)} buckets>)"

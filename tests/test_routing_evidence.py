@@ -184,6 +184,7 @@ def test_a_batch_of_rows_is_the_batch_of_their_buckets() -> None:
     assert len(of_rows) == len(buckets)
     assert of_rows.buckets == tuple(buckets)  # sorted, every field as the bucket's
     assert of_rows == of_buckets and of_rows != EvidenceBatch(buckets=buckets, version=8)
+    assert hash(of_rows) == hash(of_buckets)
     assert repr(of_rows) == f"EvidenceBatch(version=7, buckets=<{len(buckets)} buckets>)"
     first = buckets[0]
     sums = row_sums(of_buckets.rows[0])
