@@ -35,6 +35,7 @@ from .exceptions import (
 from .limits.guard import Hold, Limiter, LocalRateLimitError
 from .outcomes import retry_after_of
 from .records import LLMCallRecord, Outcome, Ticket
+from .routing.decide import REPROBE_REASON
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -155,8 +156,15 @@ class Attempts:
                     if obs is not None:
                         obs.fallback(run, info, self.trace)
                 run.chain.append(info.id)
+                # a re-probe that fails is not retried when another route can answer: the
+                # request does not wait for the router's measurement of a degraded model
+                probe = (
+                    self._reprobes(info)
+                    and routes.index(info) < len(routes) - 1
+                    and called_routes + 1 < ex._fallback.max_routes
+                )
                 try:
-                    tried = await self.route(info)
+                    tried = await self.route(info, probe=probe)
                 except BudgetExceededError as refused:
                     # a budget cannot cover this model: a cheaper one that fits, or raise
                     run.chain.pop()
@@ -225,9 +233,19 @@ class Attempts:
             run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
         return True
 
-    async def route(self, info: ModelInfo) -> Completion | Opened | Failed:
+    def _reprobes(self, info: ModelInfo) -> bool:
+        """Whether the run's routing decision picked ``info`` to re-probe it."""
+        decision = self.run.decision
+        return (
+            decision is not None
+            and decision.exploration
+            and decision.model == info.id
+            and decision.reason.startswith(REPROBE_REASON)
+        )
+
+    async def route(self, info: ModelInfo, *, probe: bool = False) -> Completion | Opened | Failed:
         """
-        ``info``'s attempts, retried as the policy says; an `Opened` answer keeps the slot.
+        ``info``'s attempts, retried unless a ``probe``; an `Opened` answer keeps the slot.
 
         Raises:
             _DeadlineExceeded: the deadline passed.
@@ -298,7 +316,7 @@ class Attempts:
                     if hold is not None:
                         assert limiter is not None
                         await limiter.settle(hold, failed=not called)
-            delay = self._after_failure(info, record, error, route_attempt, deadline_hit)
+            delay = self._after_failure(info, record, error, route_attempt, deadline_hit, probe)
             if isinstance(delay, Failed):
                 return delay
             if obs is not None:
@@ -459,10 +477,12 @@ class Attempts:
         error: Exception,
         route_attempt: int,
         deadline_hit: bool,
+        probe: bool = False,
     ) -> float | Failed:
         """
         What follows a failed attempt: the delay before retrying the route, or what the
-        route came to (the attempt's summary is added either way).
+        route came to (the attempt's summary is added either way).  A re-probe
+        (``probe``) is not retried: the next route answers.
 
         Raises:
             _DeadlineExceeded: the deadline ended the attempt.
@@ -496,7 +516,9 @@ class Attempts:
             raise error
         retry = ex._retry
         delay = None
-        if retry.should_retry(error, route_attempt):
+        if probe and retry.should_retry(error, route_attempt):
+            logger.info("%s failed a re-probe: falling back instead of retrying it", info.id)
+        elif retry.should_retry(error, route_attempt):
             retry_after = retry_after_of(error)
             delay = retry.compute_delay(route_attempt, retry_after)
             if delay is None:

@@ -266,6 +266,47 @@ async def test_a_rejected_model_is_re_probed_when_each_run_gives_its_own_limits(
     assert probes >= 2, probes
 
 
+@pytest.mark.parametrize("fallback", [True, False], ids=["with fallback", "without"])
+async def test_a_failed_re_probe_falls_back_at_once_rather_than_retrying(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep, fallback: bool
+) -> None:
+    """
+    A re-probe measures a model the router rejected or saw degrade. When it fails, the
+    request goes to the next route at once: it does not wait for a backoff and another
+    try on that model. With no route left, it is retried as any attempt.
+    """
+    server.set_outage("claude-fake-haiku", action=500)
+    router = AdaptiveModelRouter(
+        REGISTRY, telemetry, seed=3, policy=RoutingPolicy(reprobe_interval=10)
+    )
+    context = attrs.evolve(CHEAP, min_success_rate=0.9, max_tokens=200, max_cost=0.01)
+    options: dict[str, Any] = {} if fallback else {"fallback": FallbackPolicy.none()}
+    probes: list[tuple[tuple[str, ...], int]] = []
+    seen = 0
+    async with router, make(server, telemetry, sleep, router=router, **options) as executor:
+        for i in range(160):
+            if i == 40:  # by now the model is rejected: its later calls are re-probes
+                seen = len(await records_of(telemetry))
+            waits = len(sleep.delays)
+            try:
+                response = await executor.run("hello", context)
+            except AllRoutesFailedError:
+                continue  # without fallback, the rejected model's own runs fail
+            decision = response.routing_decision
+            assert decision is not None
+            if decision.exploration and decision.reason.startswith("re-probe"):
+                probes.append((response.fallback_chain, len(sleep.delays) - waits))
+    later = [r for r in (await records_of(telemetry))[seen:] if r.model == "claude-fake-haiku"]
+    assert later and all(r.exploration for r in later)
+    if fallback:
+        assert len(probes) >= 2, probes
+        assert set(probes) == {(("claude-fake-haiku", "gpt-fake-mini"), 0)}, probes
+        assert {r.attempt for r in later} == {1}  # one try per re-probe
+    else:  # nowhere to go: retried, then the run failed (the outage)
+        assert not probes
+        assert {r.attempt for r in later} >= {1, 2}
+
+
 # --------------------------------------------------------------------------- retry and errors
 
 

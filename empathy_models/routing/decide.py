@@ -72,6 +72,10 @@ class ModelFacts:
     max_output_tokens: int
 
 
+REPROBE_REASON: Final = "re-probe: measuring a rejected or degraded model that would be cheaper"
+"""How the reason of a decision that re-probes a rejected or degraded model begins."""
+
+
 def _fmt_ms(v: float) -> str:
     return f"{v:.0f} ms" if v >= 10 else f"{v:.2f} ms"
 
@@ -566,7 +570,7 @@ def _reprobe(
             return (
                 i,
                 True,
-                "re-probe: measuring a rejected or degraded model that would be cheaper",
+                REPROBE_REASON,
             )
     return None
 
