@@ -158,11 +158,7 @@ class Attempts:
                 run.chain.append(info.id)
                 # a re-probe that fails is not retried when another route can answer: the
                 # request does not wait for the router's measurement of a degraded model
-                probe = (
-                    self._reprobes(info)
-                    and routes.index(info) < len(routes) - 1
-                    and called_routes + 1 < ex._fallback.max_routes
-                )
+                probe = self._reprobes(info) and self._can_fall_back(info, routes, called_routes)
                 try:
                     tried = await self.route(info, probe=probe)
                 except BudgetExceededError as refused:
@@ -242,6 +238,22 @@ class Attempts:
             and decision.model == info.id
             and decision.reason.startswith(REPROBE_REASON)
         )
+
+    def _can_fall_back(self, info: ModelInfo, routes: list[ModelInfo], called: int) -> bool:
+        """Whether a route after ``info`` may be tried and its circuit looks closed."""
+        ex = self.ex
+        if called + 1 >= ex._fallback.max_routes:
+            return False
+        breaker = ex._breaker
+        for later in routes[routes.index(info) + 1 :]:
+            key, scope_key = ex._planner.route_keys(later)
+            if breaker is None or key is None:
+                return True
+            if breaker.available_hint(key) and (
+                scope_key is None or breaker.available_hint(scope_key)
+            ):
+                return True
+        return False
 
     async def route(self, info: ModelInfo, *, probe: bool = False) -> Completion | Opened | Failed:
         """
