@@ -139,6 +139,7 @@ class Attempts:
         ctx = run.context
         called_routes = 0
         min_context = 0
+        reprobed = self._reprobed()
         try:
             for info in routes:
                 if called_routes >= ex._fallback.max_routes:
@@ -158,7 +159,7 @@ class Attempts:
                 run.chain.append(info.id)
                 # a re-probe that fails is not retried when another route can answer: the
                 # request does not wait for the router's measurement of a degraded model
-                probe = self._reprobes(info) and self._can_fall_back(info, routes, called_routes)
+                probe = info.id == reprobed and self._can_fall_back(info, routes, called_routes)
                 try:
                     tried = await self.route(info, probe=probe)
                 except BudgetExceededError as refused:
@@ -229,15 +230,12 @@ class Attempts:
             run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
         return True
 
-    def _reprobes(self, info: ModelInfo) -> bool:
-        """Whether the run's routing decision picked ``info`` to re-probe it."""
+    def _reprobed(self) -> str | None:
+        """The model the run's routing decision re-probes, if it is a re-probe."""
         decision = self.run.decision
-        return (
-            decision is not None
-            and decision.exploration
-            and decision.model == info.id
-            and decision.reason.startswith(REPROBE_REASON)
-        )
+        if decision is None or not decision.exploration:
+            return None
+        return decision.model if decision.reason.startswith(REPROBE_REASON) else None
 
     def _can_fall_back(self, info: ModelInfo, routes: list[ModelInfo], called: int) -> bool:
         """Whether a route after ``info`` may be tried and its circuit looks closed."""

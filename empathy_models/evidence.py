@@ -39,7 +39,6 @@ __all__ = [
     "ROW_FIELDS",
     "EvidenceBatch",
     "EvidenceBucket",
-    "EvidenceRow",
     "bucket_from_fields",
     "bucket_start_of",
     "check_after_version",
@@ -152,17 +151,6 @@ bucket's start in whole seconds since the epoch, its arm (``None`` for no workfl
 stage), its sums in `SUM_FIELDS` order (token sums may be floats), its version.
 """
 
-EvidenceRow = tuple[
-    int, str | None, str | None, str, int, int, int, float, float, int, float, float,
-    int | float, int | float, float, int,
-]  # fmt: skip
-"""One row in the layout of `ROW_FIELDS`."""
-
-
-def _row_key(row: Sequence[Any]) -> tuple[int, bool, str, bool, str, str]:
-    # the order of EvidenceBatch.buckets, as `_sort_key`
-    return (row[0], row[1] is not None, row[1] or "", row[2] is not None, row[2] or "", row[3])
-
 
 def _bucket_of_row(row: Sequence[Any], starts: dict[int, datetime]) -> EvidenceBucket:
     start = row[0]
@@ -190,7 +178,7 @@ def _bucket_of_row(row: Sequence[Any], starts: dict[int, datetime]) -> EvidenceB
     )
 
 
-def _row_of_bucket(b: EvidenceBucket) -> EvidenceRow:
+def _row_of_bucket(b: EvidenceBucket) -> tuple[Any, ...]:
     return (
         int(b.bucket_start.timestamp()),
         b.workflow,
@@ -253,9 +241,8 @@ class EvidenceBatch:
         """The buckets, sorted by (bucket_start, workflow, stage, model), ``None`` first."""
         buckets = self._buckets
         if buckets is None:
-            rows = sorted(self._rows or (), key=_row_key)
             starts: dict[int, datetime] = {}  # one minute's buckets share its start
-            buckets = tuple(_bucket_of_row(row, starts) for row in rows)
+            buckets = tuple(sorted_buckets(_bucket_of_row(row, starts) for row in self._rows or ()))
             object.__setattr__(self, "_buckets", buckets)
         return buckets
 
