@@ -14,6 +14,11 @@ written together, as in production).  Then:
   change test included);
 * **refresh**: 10,000 new calls are written, then ``router.refresh()`` reads what
   changed and applies it (`refresh_cost`);
+* **slide**: the router's clock moves on by one step of the window's start (an hour for
+  the default week), and ``router.refresh()`` drops the oldest hour and runs each arm's
+  change test again from the window's new start (`slide_cost`), one arm at a time, other
+  tasks running in between: its wall and CPU time, and the longest the event loop went
+  without running another task meanwhile (a task that only yields measures the gaps);
 * for context, the backend's ``evidence()`` read of the window alone;
 * **a full garbage collection** (``gc.collect()``) of this process while a started
   router holds the week's evidence, against one just before it started: the pause the
@@ -29,6 +34,7 @@ Run: ``python -m benchmarks.bench_router_start [--quick]``
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import random
@@ -47,6 +53,7 @@ from benchmarks._common import BenchResult, script_main
 from benchmarks.bench_routing import make_registry
 from benchmarks.bench_telemetry import POSTGRES_DSN, _drop_schemas, _postgres_reachable
 from empathy_models import AdaptiveModelRouter, LLMCallRecord, Outcome
+from empathy_models._router import WINDOW_STEPS
 from empathy_models.abc import TelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 
@@ -57,6 +64,7 @@ CHUNK = 10_000
 REPEATS = 5
 START_GOAL_S = 1.0
 REFRESH_GOAL_CPU_S = 0.050
+WINDOW_STEP = WINDOW.total_seconds() / WINDOW_STEPS  # how often the week's start moves
 
 Factory = Callable[[], TelemetryBackend]
 ServerCPU = Callable[[], Awaitable[float | None]]
@@ -103,10 +111,10 @@ async def store_calls(backend: TelemetryBackend, calls: Iterator[LLMCallRecord])
 # --------------------------------------------------------------------------- what is timed
 
 
-def new_router(backend: TelemetryBackend, now: datetime) -> AdaptiveModelRouter:
-    return AdaptiveModelRouter(
-        make_registry(MODELS), backend, refresh_interval=None, clock=now.timestamp
-    )
+def new_router(backend: TelemetryBackend, now: datetime | list[float]) -> AdaptiveModelRouter:
+    """A router whose clock reads ``now``, or ``now[0]`` when given a list (movable)."""
+    clock = now.timestamp if isinstance(now, datetime) else (lambda: now[0])
+    return AdaptiveModelRouter(make_registry(MODELS), backend, refresh_interval=None, clock=clock)
 
 
 def book_buckets(router: AdaptiveModelRouter) -> int:
@@ -156,6 +164,32 @@ async def refresh_cost(router: AdaptiveModelRouter) -> int:
     """``router.refresh()``: read the buckets changed since the last one and apply them."""
     await router.refresh()
     return book_buckets(router)
+
+
+async def slide_cost(router: AdaptiveModelRouter, clock: list[float]) -> float:
+    """
+    ``router.refresh()`` one step of the window's start later (`WINDOW_STEP`): the arms
+    are judged again from the new start.  Returns the longest gap (seconds) between two
+    runs of a task that does nothing but yield to the event loop meanwhile.
+    """
+    clock[0] += WINDOW_STEP
+    gaps: list[float] = []
+    stop = False
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not stop:
+            await asyncio.sleep(0)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    await router.refresh()
+    stop = True
+    await task
+    return max(gaps)
 
 
 async def evidence_read(backend: TelemetryBackend, *, now: datetime) -> None:
@@ -239,6 +273,19 @@ async def measure(
                 refreshes.append((wall, cpu))
             await router.aclose()
         out["refresh_buckets"] = changed
+
+        slides: list[tuple[float, float, float]] = []
+        async with make() as reader:
+            clock = [now.timestamp()]
+            router = new_router(reader, clock)
+            await router.start()
+            for _ in range(repeats):
+                wall, cpu, stall = await timed(partial(slide_cost, router, clock))
+                slides.append((wall, cpu, stall))
+            await router.aclose()
+        out["slide_wall_s"] = statistics.median(w for w, _, _ in slides)
+        out["slide_cpu_s"] = statistics.median(c for _, c, _ in slides)
+        out["slide_stall_s"] = statistics.median(g for _, _, g in slides)
         out["refresh_wall_s"] = statistics.median(w for w, _ in refreshes)
         out["refresh_cpu_s"] = statistics.median(c for _, c in refreshes)
 
@@ -263,6 +310,8 @@ async def run(quick: bool = False) -> BenchResult:
             "start server CPU ms",
             "refresh wall ms",
             "refresh CPU ms",
+            "slide wall / CPU ms",
+            "slide stall ms",
             "evidence() alone s",
             "full GC ms, router held / not",
             "goals",
@@ -331,6 +380,10 @@ async def run(quick: bool = False) -> BenchResult:
                         ),
                         "refresh wall ms": m["refresh_wall_s"] * 1000,
                         "refresh CPU ms": m["refresh_cpu_s"] * 1000,
+                        "slide wall / CPU ms": (
+                            f"{m['slide_wall_s'] * 1000:.0f} / {m['slide_cpu_s'] * 1000:.0f}"
+                        ),
+                        "slide stall ms": m["slide_stall_s"] * 1000,
                         "evidence() alone s": m["legacy_start_s"],
                         "full GC ms, router held / not": (
                             f"{m['gc_held_ms']:.1f} / {m['gc_without_ms']:.1f}"
@@ -362,6 +415,11 @@ async def run(quick: bool = False) -> BenchResult:
         "start needs, which wall time exceeds only when the machine is shared. "
         "evidence() alone = the backend's read of the window without the router, wall "
         "time, median of 3 runs (1 at 1M calls and in --quick).",
+        "slide = router.refresh() after the router's clock moved on by an hour, the step "
+        "in which the default week's start moves: the oldest hour dropped and every arm's "
+        "change test run again from the window's new start, one arm at a time; slide stall "
+        "= the longest the event loop went without running another task meanwhile (medians "
+        f"of {REPEATS} slides, each an hour later).",
         "full GC = gc.collect() in this process while a started router holds the window's "
         "evidence, and just before it started (medians of 3, after one collection that "
         "clears what came before): the pause the evidence book adds to every full "

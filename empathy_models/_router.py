@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import time
@@ -62,6 +63,7 @@ from .routing._explain import Decider
 from .routing._memory import ArmKey, ChangedBuckets, EvidenceMemory
 from .routing._recent import RecentWindows
 from .routing._verdicts import Limits, VerdictCache, classify
+from .routing.book import BUCKET
 from .routing.decide import Context, select
 from .routing.policy import RoutingPolicy
 from .routing.reports import (
@@ -78,6 +80,8 @@ logger = logging.getLogger("empathy_models.router")
 
 _EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
 _RECENT_FALLBACK_LIMIT: Final = 10_000_000
+WINDOW_STEPS: Final = 168
+"""The evidence window's start moves in steps of 1/WINDOW_STEPS of it (`window_floor`)."""
 
 
 def _window_start(now: float, days: float) -> datetime:
@@ -86,6 +90,24 @@ def _window_start(now: float, days: float) -> datetime:
         return datetime.fromtimestamp(now - days * 86400.0, UTC)
     except (OverflowError, ValueError, OSError):
         return _EARLIEST
+
+
+def window_floor(now: float, days: float) -> int | None:
+    """
+    Where the router's evidence window starts at ``now`` (epoch seconds): ``days``
+    back, then down to a whole step of 1/168 of the window (an hour for a week; at
+    least a minute), so that the window's start moves only once a step and every
+    process, started whenever, counts the same buckets from the same start.  ``None``
+    when that is before the earliest datetime (the whole history).
+    """
+    span = days * 86400.0
+    step = max(float(BUCKET), math.floor(span / WINDOW_STEPS / BUCKET) * BUCKET)
+    floor = math.floor((now - span) / step) * step
+    try:
+        datetime.fromtimestamp(floor, UTC)
+    except (OverflowError, ValueError, OSError):
+        return None
+    return int(floor)
 
 
 def _by_arm(rows: Iterable[Sequence[Any]]) -> ChangedBuckets:
@@ -113,6 +135,20 @@ def _by_arm(rows: Iterable[Sequence[Any]]) -> ChangedBuckets:
             sums[t] = v if held is None else tuple(a + b for a, b in zip(held, v, strict=True))
         by_arm[key] = list(sums.items())
     return by_arm
+
+
+async def _slide(memory: EvidenceMemory, floor: int) -> None:
+    """
+    Judge again from ``floor``, the window's new start, every arm holding older
+    buckets: one arm at a time, letting other tasks run in between.
+    """
+    behind = memory.behind(floor)
+    for arm in behind:
+        with gc_paused():
+            memory.rebase(arm, floor)
+        await asyncio.sleep(0)
+    if behind:
+        memory.rebuild_priors()
 
 
 class AdaptiveModelRouter:
@@ -301,8 +337,11 @@ class AdaptiveModelRouter:
 
         The backend is flushed first (so records this process handed to a batching backend
         are visible); changed buckets replace the router's (see the module docstring) and the
-        change test re-runs from the earliest changed bucket of each arm.  Buckets older than
-        the policy's ``window_days`` are dropped.  Concurrent calls are serialized.
+        change test re-runs from the earliest changed bucket of each arm.  When the
+        window's start has moved on (once a step: see `RoutingPolicy.window_days`), the
+        buckets before it are dropped and each arm holding some is judged again from the
+        new start, one arm at a time, other tasks running in between; a router started
+        now would hold the same.  Concurrent calls are serialized.
 
         Returns:
             ``True`` on success; ``False`` without a store, or on a backend error, which is
@@ -313,7 +352,8 @@ class AdaptiveModelRouter:
             return False
         async with self._refresh_lock:
             cutoff = self._clock()
-            since = _window_start(cutoff, self.policy.window_days)
+            floor = window_floor(cutoff, self.policy.window_days)
+            since = _EARLIEST if floor is None else datetime.fromtimestamp(floor, UTC)
             try:
                 await store.flush()
                 by_arm, version = await self._read(store, since, self._memory.version)
@@ -326,13 +366,14 @@ class AdaptiveModelRouter:
                     exc,
                 )
                 return False
-            floor = since.timestamp() if since is not _EARLIEST else None
             with gc_paused():
-                self._memory.apply(by_arm, floor, version, cutoff)
+                self._memory.apply(by_arm, version, cutoff)
             self.last_refresh = cutoff
             logger.debug(
                 "router refreshed %d buckets from %r", sum(map(len, by_arm.values())), store
             )
+            if floor is not None:
+                await _slide(self._memory, floor)
             return True
 
     async def _read(

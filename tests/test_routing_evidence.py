@@ -554,6 +554,40 @@ async def test_a_refresh_reads_only_what_changed() -> None:
         assert batch.buckets == ()
 
 
+async def test_a_router_whose_window_slid_agrees_with_a_restart_and_keeps_only_the_window() -> None:
+    # 18 hours of traffic through a live router refreshing every 45 s, over a 6-hour
+    # window: models near the gate, one degrading for a while then recovering (restored
+    # regimes).  Once the window has slid, the live router holds what a router started
+    # on the same store holds: the window's evidence, judged alike, none of it older
+    clock = FakeClock()
+    store = MemoryTelemetryBackend()
+    policy = RoutingPolicy(explore_rate=0.0, window_days=0.25)
+    rng = random.Random(0)
+    rates = {"nano": 0.93, "mini": 0.957, "small": 0.99, "mid": 0.995}
+    async with AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=1, clock=clock, refresh_interval=None
+    ) as live:
+        for step in range(18 * 240):
+            clock.advance(15.0)
+            for model, rate in rates.items():
+                degraded = model == "mini" and 6 * 240 <= step < 9 * 240
+                r = rec(clock(), model, rng.random() < (0.90 if degraded else rate))
+                await store.record(r)
+                live.record_outcome(r)
+            if step % 3 == 0:
+                assert await live.refresh()
+        clock.advance(5.0)
+        assert await live.refresh()
+        seen = view(live.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+    async with AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=2, clock=clock, refresh_interval=None
+    ) as restarted:
+        again = view(restarted.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+    assert seen == again
+    for _, _, window, effective in seen["candidates"]:  # type: ignore[attr-defined]
+        assert 0 < effective <= window <= 6 * 240 + 8
+
+
 def _tracked() -> int:
     # objects the cyclic garbage collector tracks, once what can be collected is gone
     # (the second pass: the first one stops tracking tuples of plain values it meets)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Final
 
 from ..records import LLMCallRecord, Outcome
-from .book import Arm, ChangeTest, StagePrior, bucket_of
+from .book import Arm, ChangeTest, StagePrior
 from .stats import Sums
 
 __all__ = ["ArmKey", "EvidenceMemory"]
@@ -76,12 +76,9 @@ class EvidenceMemory:
             self.epoch += 1
         return arm
 
-    def apply(
-        self, changed: ChangedBuckets, since: float | None, version: int, cutoff: float
-    ) -> None:
+    def apply(self, changed: ChangedBuckets, version: int, cutoff: float) -> None:
         """
-        Replace the changed buckets by the store's, drop buckets before ``since``
-        (epoch seconds; ``None``: keep all) and rebuild the stage priors.
+        Replace the changed buckets by the store's and rebuild the stage priors.
 
         ``version`` is the store's version after this read, ``cutoff`` when the read
         began: later outcomes reported live are added, earlier ones are the store's.
@@ -89,12 +86,25 @@ class EvidenceMemory:
         self.resets += 1
         for key in changed:
             self._arm(key)
-        floor = bucket_of(since) if since is not None else None
-        priors: dict[StageKey, StagePrior] = {}
         for key, arm in self.arms.items():
             arm.apply(changed.get(key, ()))
-            if floor is not None:
-                arm.expire(floor)
+        self.rebuild_priors()
+        self.version = version
+        self.cutoff = cutoff
+
+    def behind(self, floor: int) -> list[Arm]:
+        """The arms holding a bucket that starts before ``floor`` (the window's start)."""
+        return [arm for arm in self.arms.values() if arm.starts and arm.starts[0] < floor]
+
+    def rebase(self, arm: Arm, floor: int) -> None:
+        """`Arm.rebase` for one arm; the verdict cache then looks at every arm again."""
+        if arm.rebase(floor):
+            self.resets += 1
+
+    def rebuild_priors(self) -> None:
+        """Every stage's prior from its arms' current regimes."""
+        priors: dict[StageKey, StagePrior] = {}
+        for key, arm in self.arms.items():
             prior = priors.get(key[:2])
             if prior is None:
                 prior = priors[key[:2]] = StagePrior()
@@ -104,8 +114,6 @@ class EvidenceMemory:
             old = self.priors.get(stage_key)
             prior.version = (old.version + 1) if old is not None else 0
             self.priors[stage_key] = prior
-        self.version = version
-        self.cutoff = cutoff
 
     def add(self, record: LLMCallRecord, ts: float) -> None:
         """Add one sample outcome timestamped ``ts`` (epoch seconds), unless it is the store's."""

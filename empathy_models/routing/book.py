@@ -25,7 +25,10 @@ The statistics are evaluated bucket by bucket (the open bucket again after each 
 outcome), and a changed bucket re-runs the test from that bucket on, so the regimes,
 like the sums, depend only on the buckets: live, after a refresh and after a restart
 the same records give the same verdict.  Re-running costs O(buckets after the change);
-per-bucket CUSUM state is kept to make that possible.  A later outcome of the newest
+per-bucket CUSUM state is kept to make that possible.  When the window's start moves on
+past an arm's first buckets, they are dropped and the test runs again from the new start
+(`Arm.rebase`), so that what an arm holds, its regimes included, rests on the window's
+buckets alone, as for a router started then.  A later outcome of the newest
 bucket can therefore undo a change detected in it; for an improvement the summary says
 so (`ArmSummary.improving`), and the decision acts on it once a later bucket holds an
 outcome, so a model that recovers is not given the traffic and taken off it again
@@ -589,33 +592,33 @@ class Arm:
         self.version += 1
         self._rerun(0)
 
-    def expire(self, before: int) -> None:
-        """Drop buckets that start before ``before`` (the window's start)."""
-        k = bisect_left(self.starts, before)
+    def rebase(self, floor: int) -> bool:
+        """
+        Drop the buckets that start before ``floor`` (the window's new start) and run
+        the change test again from the first bucket left, as a router started on those
+        buckets does: regimes, their sums and the change test's state then rest on the
+        window's evidence alone.  O(the arm's buckets); ``False`` (nothing done) when no
+        bucket is older than ``floor``.
+        """
+        k = bisect_left(self.starts, floor)
         if k == 0:
-            return
-        regimes = self.regimes
-        for t in self.starts[:k]:
-            v = self.data.pop(t)
-            self.saved.pop(t, None)
-            self.window_n -= int(v[SAMPLES])
-            current = regimes[-1]
-            if t >= current.start:
-                _add(self.cur, v, -1.0)
-            elif (
-                current.base is not None and current.restored is not None and t >= current.restored
-            ):
-                _add(current.base, v, -1.0)
-                _add(self.cur, v, -1.0)
-        del self.starts[:k]
-        for arr in (self.cum_n, self.cum_f, self.up, self.dn, self.proof):
-            del arr[:k]
-        for arr2 in (self.up_from, self.dn_from):
-            del arr2[:k]
-        # regimes entirely before the window are forgotten
-        while len(regimes) > 1 and regimes[1].start <= before:
-            regimes.pop(0)
+            return False
+        data = self.data
+        kept: dict[int, Sums | None] = {t: data[t] for t in self.starts[k:]}
+        saved = {t: v for t, v in self.saved.items() if t >= floor}
+        self.starts, self.data, self.saved = [], {}, saved
+        self.regimes = [Regime(start=_NEVER, detected=None, kind="initial")]
+        self.cur = _zeros()
+        self.window_n = 0
         self.version += 1
+        if kept:
+            self._load(kept)
+        else:
+            for arr in (self.cum_n, self.cum_f, self.up, self.dn, self.proof):
+                del arr[:]
+            for arr2 in (self.up_from, self.dn_from):
+                del arr2[:]
+        return True
 
     # ------------------------------------------------------------------ internals
 
