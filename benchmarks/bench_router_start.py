@@ -419,7 +419,8 @@ async def run(quick: bool = False) -> BenchResult:
         "in which the default week's start moves: the oldest hour dropped and every arm's "
         "change test run again from the window's new start, one arm at a time; slide stall "
         "= the longest the event loop went without running another task meanwhile (medians "
-        f"of {REPEATS} slides, each an hour later).",
+        f"of {REPEATS} slides, each an hour later; the slide's CPU includes that task's "
+        "own, which spins while the refresh waits for the store: a few ms).",
         "full GC = gc.collect() in this process while a started router holds the window's "
         "evidence, and just before it started (medians of 3, after one collection that "
         "clears what came before): the pause the evidence book adds to every full "
