@@ -471,6 +471,16 @@ def view(d: RoutingDecision) -> dict[str, object]:
     }
 
 
+async def restarted_view(
+    store: MemoryTelemetryBackend, clock: FakeClock, policy: RoutingPolicy, stage: str | None
+) -> dict[str, object]:
+    """The decision of a router started now on ``store``, as `view` shows it."""
+    async with AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=2, clock=clock, refresh_interval=None
+    ) as router:
+        return view(router.get_best_model(WF, stage, **ASK))  # type: ignore[arg-type]
+
+
 async def test_live_refreshed_and_restarted_routers_reach_the_same_verdicts() -> None:
     clock = FakeClock()
     store = MemoryTelemetryBackend()
@@ -485,10 +495,7 @@ async def test_live_refreshed_and_restarted_routers_reach_the_same_verdicts() ->
         first = view(live.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
         assert await live.refresh()
         refreshed = view(live.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
-    async with AdaptiveModelRouter(
-        registry(), store, policy=policy, seed=2, clock=clock, refresh_interval=None
-    ) as fresh:
-        restarted = view(fresh.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+    restarted = await restarted_view(store, clock, policy, ST)
     assert first == refreshed == restarted
     assert first["model"] == "mini" and not first["exploration"]
 
@@ -510,10 +517,7 @@ async def test_an_empty_stage_and_none_are_one_arm_live_and_after_a_restart() ->
             live.record_outcome(r)
         clock.advance(5.0)
         seen = view(live.get_best_model(WF, None, **ASK))  # type: ignore[arg-type]
-    async with AdaptiveModelRouter(
-        registry(), store, policy=policy, seed=2, clock=clock, refresh_interval=None
-    ) as restarted:
-        again = view(restarted.get_best_model(WF, None, **ASK))  # type: ignore[arg-type]
+    again = await restarted_view(store, clock, policy, None)
     assert seen == again
     assert ("mini", 900) in [(c[0], c[2]) for c in seen["candidates"]]  # type: ignore[attr-defined]
 
@@ -579,10 +583,7 @@ async def test_a_router_whose_window_slid_agrees_with_a_restart_and_keeps_only_t
         clock.advance(5.0)
         assert await live.refresh()
         seen = view(live.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
-    async with AdaptiveModelRouter(
-        registry(), store, policy=policy, seed=2, clock=clock, refresh_interval=None
-    ) as restarted:
-        again = view(restarted.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+    again = await restarted_view(store, clock, policy, ST)
     assert seen == again
     for _, _, window, effective in seen["candidates"]:  # type: ignore[attr-defined]
         assert 0 < effective <= window <= 6 * 240 + 8
