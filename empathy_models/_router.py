@@ -17,7 +17,8 @@ the same evidence, and the same verdict, whether they arrived live, through a re
 or after a restart.  Give the router the same telemetry backend the executor records
 to, and a ``clock`` on the same time base as the records' timestamps (UTC epoch
 seconds; `time.time` by default).  A backend without rollups is read through
-``recent`` instead (the whole window at every refresh).
+``recent`` instead (the whole window at every refresh).  Without a store the window's
+start moves when an outcome or a decision finds it has moved on (`_StorelessWindow`).
 
 **Deciding** (`AdaptiveModelRouter.get_best_model`) reads only in-memory verdicts,
 cached per candidate list and recomputed for arms whose evidence changed: O(number of
@@ -92,6 +93,11 @@ def _window_start(now: float, days: float) -> datetime:
         return _EARLIEST
 
 
+def window_step(days: float) -> float:
+    """How far the window's start moves at once: 1/168 of it in whole minutes, at least one."""
+    return max(float(BUCKET), math.floor(days * 86400.0 / WINDOW_STEPS / BUCKET) * BUCKET)
+
+
 def window_floor(now: float, days: float) -> int | None:
     """
     Where the router's evidence window starts at ``now`` (epoch seconds): ``days``
@@ -101,7 +107,7 @@ def window_floor(now: float, days: float) -> int | None:
     when that is before the earliest datetime (the whole history).
     """
     span = days * 86400.0
-    step = max(float(BUCKET), math.floor(span / WINDOW_STEPS / BUCKET) * BUCKET)
+    step = window_step(days)
     floor = math.floor((now - span) / step) * step
     try:
         datetime.fromtimestamp(floor, UTC)
@@ -137,6 +143,32 @@ def _by_arm(rows: Iterable[Sequence[Any]]) -> ChangedBuckets:
     return by_arm
 
 
+async def _read_evidence(
+    store: TelemetryBackend, since: datetime, after: int, rollups: bool
+) -> tuple[ChangedBuckets, int, bool]:
+    """
+    The buckets changed in ``store`` since version ``after`` per arm, as (bucket start,
+    sums); the version to ask after next; and whether the store keeps rollups (when it
+    does not, ``recent`` is read instead: the whole window).
+    """
+    batch: EvidenceBatch | None = None
+    if rollups:
+        try:
+            batch = await store.evidence(since=since, after_version=after)
+        except NotImplementedError:
+            rollups = False
+            logger.info(
+                "%r keeps no evidence rollups: the router reads its records instead "
+                "(the whole window at every refresh)",
+                store,
+            )
+    if batch is None:
+        records = await store.recent(limit=_RECENT_FALLBACK_LIMIT, since=since)
+        batch = EvidenceBatch(buckets=rollup(records), version=0)
+    with gc_paused():
+        return _by_arm(batch.rows), batch.version, rollups
+
+
 async def _slide(memory: EvidenceMemory, floor: int) -> None:
     """
     Judge again from ``floor``, the window's new start, every arm holding older
@@ -151,6 +183,68 @@ async def _slide(memory: EvidenceMemory, floor: int) -> None:
         memory.rebuild_priors()
 
 
+class _StorelessWindow:
+    """
+    Moves the window's start for a router without a store, which no refresh does: the
+    first outcome or decision after the start has moved on (``due``) stops taking
+    outcomes older than it and drops the older buckets, judging each arm that held some
+    again (as `_slide` does), in a task when an event loop is running, else at once.
+    A router with a store never is due (its refresh moves the window).
+    """
+
+    __slots__ = ("clock", "days", "due", "memory", "task")
+
+    def __init__(
+        self, memory: EvidenceMemory, clock: Callable[[], float], days: float, active: bool
+    ) -> None:
+        self.memory = memory
+        self.clock = clock
+        self.days = days
+        self.due = -math.inf if active else math.inf
+        self.task: asyncio.Task[None] | None = None
+
+    def move(self) -> None:
+        """Move the window's start to where it is now, and schedule the slide."""
+        floor = window_floor(self.clock(), self.days)
+        if floor is None:  # the window reaches back to the earliest datetime
+            self.due = math.inf
+            return
+        self.due = floor + self.days * 86400.0 + window_step(self.days)
+        memory = self.memory
+        memory.cutoff = floor
+        if self.task is not None and not self.task.done():
+            return  # the running slide moves on to the new start when it ends
+        if not memory.behind(floor):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            with gc_paused():
+                for arm in memory.behind(floor):
+                    memory.rebase(arm, floor)
+                memory.rebuild_priors()
+            return
+        self.task = loop.create_task(self._run(floor), name="empathy-models-router-window")
+
+    async def _run(self, floor: int) -> None:
+        try:
+            while True:
+                await _slide(self.memory, floor)
+                later = self.memory.cutoff
+                if later is None or later <= floor:
+                    return
+                floor = int(later)
+        except Exception:
+            logger.exception("router could not move its evidence window")
+
+    async def aclose(self) -> None:
+        """Cancel and await a slide under way."""
+        task, self.task = self.task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 class AdaptiveModelRouter:
     """
     Chooses the model for each call from in-memory, per-arm evidence.
@@ -163,7 +257,8 @@ class AdaptiveModelRouter:
         telemetry_store: a `TelemetryBackend` or a URL (``"sqlite:///calls.db"``; its
             backend is owned and closed by the router).  Without one (or with the null
             backend) the router learns only from `record_outcome`, and
-            `get_routing_stats` says so.
+            `get_routing_stats` says so; its window still moves (see
+            `RoutingPolicy.window_days`).
         policy: how evidence is weighed (default `RoutingPolicy()`).
         refresh_interval: how often (seconds, default 60; ``None`` disables) the started
             router reads what changed in the backend.
@@ -226,6 +321,9 @@ class AdaptiveModelRouter:
         self._store_obj = store
         self._store: TelemetryBackend | None = None if self._null_store else store
         self._memory = EvidenceMemory(self.policy.change_test)
+        self._window = _StorelessWindow(
+            self._memory, clock, self.policy.window_days, self._store is None
+        )
         self._verdicts = VerdictCache(registry, self.policy, self._memory)
         self._decider = Decider(self._verdicts, self.policy, self._rng)
         self._recent = RecentWindows(self.RECENT_WINDOW_SIZE, self._verdicts.model_facts)
@@ -318,6 +416,7 @@ class AdaptiveModelRouter:
                     current = asyncio.current_task()
                     if current is not None and current.cancelling():
                         raise
+            await self._window.aclose()
         finally:
             if self._owns_store and self._store_obj is not None:
                 await self._store_obj.aclose()
@@ -356,7 +455,9 @@ class AdaptiveModelRouter:
             since = _EARLIEST if floor is None else datetime.fromtimestamp(floor, UTC)
             try:
                 await store.flush()
-                by_arm, version = await self._read(store, since, self._memory.version)
+                by_arm, version, self._rollups = await _read_evidence(
+                    store, since, self._memory.version, self._rollups
+                )
             except Exception as exc:
                 self.refresh_errors += 1
                 logger.warning(
@@ -375,27 +476,6 @@ class AdaptiveModelRouter:
             if floor is not None:
                 await _slide(self._memory, floor)
             return True
-
-    async def _read(
-        self, store: TelemetryBackend, since: datetime, after: int
-    ) -> tuple[ChangedBuckets, int]:
-        # the changed buckets per arm as (bucket start, sums), and the version to ask after
-        batch: EvidenceBatch | None = None
-        if self._rollups:
-            try:
-                batch = await store.evidence(since=since, after_version=after)
-            except NotImplementedError:
-                self._rollups = False
-                logger.info(
-                    "%r keeps no evidence rollups: the router reads its records instead "
-                    "(the whole window at every refresh)",
-                    store,
-                )
-        if batch is None:
-            records = await store.recent(limit=_RECENT_FALLBACK_LIMIT, since=since)
-            batch = EvidenceBatch(buckets=rollup(records), version=0)
-        with gc_paused():
-            return _by_arm(batch.rows), batch.version
 
     async def _seed_rings(self) -> None:
         # One ``recent`` call per workflow stage with evidence (and one per workflow for
@@ -453,6 +533,8 @@ class AdaptiveModelRouter:
         if not record.outcome.is_sample:
             return
         ts = record.timestamp.timestamp()
+        if ts >= self._window.due:
+            self._window.move()
         self._recent.add(record, ts)
         self._memory.add(record, ts)
 
@@ -479,7 +561,6 @@ class AdaptiveModelRouter:
     ) -> RoutingDecision:
         """
         Choose a model for one call of ``workflow``/``stage``: no I/O, O(len(candidates)).
-
         An exploration pick (``exploration=True``, ``constraints_met=False``) made because no
         candidate is eligible is logged as a warning the first time per stage (then DEBUG).
 
@@ -530,15 +611,16 @@ class AdaptiveModelRouter:
         costs, eligible, explorable, probeable = classify(ctx, input_tokens, blocked)
         picked = select(ctx, costs, eligible, explorable, probeable, self._rng, self.policy)
         now = self._clock()
-        decider = self._decider
+        if now >= self._window.due:
+            self._window.move()
         if picked is None:
-            return decider.no_match(
+            return self._decider.no_match(
                 workflow, stage, ctx, costs, on_no_match, pinned, input_tokens, blocked, now
             )
         index, exploration, why = picked
         if exploration and not eligible:
-            decider.log_unproven(workflow, stage, ctx.models[index], why)
-        return decider.decide(
+            self._decider.log_unproven(workflow, stage, ctx.models[index], why)
+        return self._decider.decide(
             workflow, stage, ctx, costs, index, exploration, why, input_tokens, blocked, now
         )
 

@@ -5,6 +5,7 @@ depend on how the evidence arrived, exploration with a budget, explanations.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import math
@@ -23,7 +24,7 @@ from empathy_models import (
     RoutingDecision,
     RoutingPolicy,
 )
-from empathy_models.backends import MemoryTelemetryBackend, gc_paused
+from empathy_models.backends import MemoryTelemetryBackend, NullTelemetryBackend, gc_paused
 from empathy_models.evidence import (
     ROW_FIELDS,
     SUM_FIELDS,
@@ -587,6 +588,68 @@ async def test_a_router_whose_window_slid_agrees_with_a_restart_and_keeps_only_t
     assert seen == again
     for _, _, window, effective in seen["candidates"]:  # type: ignore[attr-defined]
         assert 0 < effective <= window <= 6 * 240 + 8
+
+
+def _near_gate_traffic(steps: int) -> list[LLMCallRecord]:
+    # four models near the gate, one every 15 s each; mini degraded for a while
+    rng = random.Random(0)
+    rates = {"nano": 0.93, "mini": 0.957, "small": 0.99, "mid": 0.995}
+    start = FakeClock()()
+    return [
+        rec(start + 15.0 * (step + 1), model, rng.random() < (0.90 if bad else rate))
+        for step in range(steps)
+        for model, rate in rates.items()
+        for bad in [model == "mini" and steps // 3 <= step < steps // 2]
+    ]
+
+
+@pytest.mark.parametrize("backend", [None, NullTelemetryBackend])
+async def test_a_router_without_a_store_moves_its_window_too(backend: Any) -> None:
+    # no refresh runs without a store (or with the null backend): the window's start
+    # still moves, so a long-running process holds the window's evidence, judged as a
+    # router started on a store of the same calls judges it, and no more
+    clock = FakeClock()
+    store = MemoryTelemetryBackend()  # the same calls, for the router started on it
+    policy = RoutingPolicy(explore_rate=0.0, window_days=0.25)
+    telemetry = None if backend is None else backend()
+    async with AdaptiveModelRouter(
+        registry(), telemetry, policy=policy, seed=1, clock=clock, refresh_interval=None
+    ) as live:
+        for r in _near_gate_traffic(18 * 240):
+            clock.set(r.timestamp.timestamp())
+            await store.record(r)
+            live.record_outcome(r)
+            await asyncio.sleep(0)
+        clock.advance(5.0)
+        live.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]
+        for _ in range(10):  # the slide judges one model at a time, yielding in between
+            await asyncio.sleep(0)
+        seen = view(live.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+    assert seen == await restarted_view(store, clock, policy, ST)
+    for _, _, window, effective in seen["candidates"]:  # type: ignore[attr-defined]
+        assert 0 < effective <= window <= 6 * 240 + 8
+
+
+def test_a_router_used_without_an_event_loop_moves_its_window_at_once() -> None:
+    # the same without a running event loop: the slide runs within the call that finds
+    # the window's start moved on.  The router then holds what one that only ever saw
+    # the window's calls holds: a one-hour window starts an hour back, in whole minutes
+    clock = FakeClock()
+    policy = RoutingPolicy(explore_rate=0.0, window_days=1 / 24)
+    traffic = _near_gate_traffic(3 * 240)
+    live = AdaptiveModelRouter(registry(), policy=policy, seed=1, clock=clock)
+    for r in traffic:
+        clock.set(r.timestamp.timestamp())
+        live.record_outcome(r)
+    seen = view(live.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+    start = math.floor((clock() - 3600.0) / 60.0) * 60.0
+    fresh = AdaptiveModelRouter(registry(), policy=policy, seed=1, clock=clock)
+    for r in traffic:
+        if r.timestamp.timestamp() >= start:
+            fresh.record_outcome(r)
+    assert seen == view(fresh.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+    for _, _, window, _ in seen["candidates"]:  # type: ignore[attr-defined]
+        assert 240 <= window <= 240 + 4  # an hour of calls, and up to a minute's more
 
 
 def _tracked() -> int:

@@ -97,7 +97,8 @@ class RoutingPolicy:
             start moves in steps of 1/168 of it (an hour for a week, at least a
             minute), so it reaches back up to one step further: at each step a refresh
             drops what fell out and judges each model again from the new start, as a
-            router started then would.
+            router started then would (without a store, the first outcome or decision
+            after the step does, and older outcomes are not taken).
         change_threshold: the level (log-likelihood ratio) at which the per-model change
             test signals a change in success rate (default 5.0: a model dropping from
             0.99 to 0.80 is noticed after ~20 of its calls; a stationary one raises a
