@@ -16,9 +16,9 @@ written together, as in production).  Then:
   changed and applies it (`refresh_cost`);
 * **slide**: the router's clock moves on by one step of the window's start (an hour for
   the default week), and ``router.refresh()`` drops the oldest hour and runs each arm's
-  change test again from the window's new start (`slide_cost`), one arm at a time, other
-  tasks running in between: its wall and CPU time, and the longest the event loop went
-  without running another task meanwhile (a task that only yields measures the gaps);
+  change test again from the window's new start (`slide_cost`), one arm at a time, in a
+  worker thread: its wall and CPU time, and the longest the event loop went without
+  running another task meanwhile (how late a task waking every millisecond woke);
 * for context, the backend's ``evidence()`` read of the window alone;
 * **a full garbage collection** (``gc.collect()``) of this process while a started
   router holds the week's evidence, against one just before it started: the pause the
@@ -166,22 +166,26 @@ async def refresh_cost(router: AdaptiveModelRouter) -> int:
     return book_buckets(router)
 
 
+TICK = 0.001  # the slide's stall: how late a task sleeping this long wakes
+
+
 async def slide_cost(router: AdaptiveModelRouter, clock: list[float]) -> float:
     """
     ``router.refresh()`` one step of the window's start later (`WINDOW_STEP`): the arms
-    are judged again from the new start.  Returns the longest gap (seconds) between two
-    runs of a task that does nothing but yield to the event loop meanwhile.
+    are judged again from the new start.  Returns the most (seconds) a task that wakes
+    every millisecond (`TICK`) woke late meanwhile: how long the event loop could not
+    run another task.
     """
     clock[0] += WINDOW_STEP
-    gaps: list[float] = []
+    gaps: list[float] = [0.0]
     stop = False
 
     async def ticker() -> None:
         last = time.perf_counter()
         while not stop:
-            await asyncio.sleep(0)
+            await asyncio.sleep(TICK)
             now = time.perf_counter()
-            gaps.append(now - last)
+            gaps.append(now - last - TICK)
             last = now
 
     task = asyncio.create_task(ticker())
@@ -417,10 +421,10 @@ async def run(quick: bool = False) -> BenchResult:
         "time, median of 3 runs (1 at 1M calls and in --quick).",
         "slide = router.refresh() after the router's clock moved on by an hour, the step "
         "in which the default week's start moves: the oldest hour dropped and every arm's "
-        "change test run again from the window's new start, one arm at a time; slide stall "
-        "= the longest the event loop went without running another task meanwhile (medians "
-        f"of {REPEATS} slides, each an hour later; the slide's CPU includes that task's "
-        "own, which spins while the refresh waits for the store: a few ms).",
+        "change test run again from the window's new start, one arm at a time, in a worker "
+        "thread; slide stall = the longest the event loop went without running another "
+        f"task meanwhile: how late a task sleeping {TICK * 1000:g} ms at a time woke (medians "
+        f"of {REPEATS} slides, each an hour later; the slide's CPU includes that task's own).",
         "full GC = gc.collect() in this process while a started router holds the window's "
         "evidence, and just before it started (medians of 3, after one collection that "
         "clears what came before): the pause the evidence book adds to every full "

@@ -33,6 +33,9 @@ counted in `refresh_errors`; it never fails a decision.
 **Concurrency.**  The synchronous methods (`record_outcome`, `get_best_model`,
 `recommend_tier_upgrade`) must be called from the event loop's thread; they never
 await, so each is atomic with respect to other tasks.  The router is not thread-safe.
+The one piece of work it hands to a worker thread is the change test's walk over a
+copy of an arm's buckets when the window's start moves (`_slide`); the arm itself is
+only touched in the event loop's thread.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from .routing._explain import Decider
 from .routing._memory import ArmKey, ChangedBuckets, EvidenceMemory
 from .routing._recent import RecentWindows
 from .routing._verdicts import Limits, VerdictCache, classify
-from .routing.book import BUCKET
+from .routing.book import BUCKET, Arm, ChangeTest
 from .routing.decide import Context, select
 from .routing.policy import RoutingPolicy
 from .routing.reports import (
@@ -169,16 +172,25 @@ async def _read_evidence(
         return _by_arm(batch.rows), batch.version, rollups
 
 
+def _walked(test: ChangeTest, snapshot: dict[int, Sums]) -> Arm:
+    # `Arm.walked` in a worker thread, without collections of the whole process meanwhile
+    with gc_paused():
+        return Arm.walked(test, snapshot)
+
+
 async def _slide(memory: EvidenceMemory, floor: int) -> None:
     """
     Judge again from ``floor``, the window's new start, every arm holding older
-    buckets: one arm at a time, letting other tasks run in between.
+    buckets, one arm at a time: the change test's walk over an arm's window (tens of
+    milliseconds for a week of minute buckets) runs in a worker thread on a copy, so
+    the event loop waits at most a thread switch interval for it, and outcomes that
+    arrive meanwhile are applied to the walked copy when it is taken over.
     """
     behind = memory.behind(floor)
     for arm in behind:
-        with gc_paused():
-            memory.rebase(arm, floor)
-        await asyncio.sleep(0)
+        snapshot = arm.window_from(floor)
+        fresh = await asyncio.to_thread(_walked, arm.test, snapshot)
+        memory.adopt(arm, fresh, snapshot, floor)
     if behind:
         memory.rebuild_priors()
 
@@ -236,6 +248,14 @@ class _StorelessWindow:
                 floor = int(later)
         except Exception:
             logger.exception("router could not move its evidence window")
+
+    async def settle(self) -> None:
+        """Move the window's start if it is due, and wait for a slide under way."""
+        if self.clock() >= self.due:
+            self.move()
+        task = self.task
+        if task is not None:
+            await asyncio.wait({task})
 
     async def aclose(self) -> None:
         """Cancel and await a slide under way."""
@@ -439,8 +459,11 @@ class AdaptiveModelRouter:
         change test re-runs from the earliest changed bucket of each arm.  When the
         window's start has moved on (once a step: see `RoutingPolicy.window_days`), the
         buckets before it are dropped and each arm holding some is judged again from the
-        new start, one arm at a time, other tasks running in between; a router started
+        new start, one arm at a time, the walk in a worker thread; a router started
         now would hold the same.  Concurrent calls are serialized.
+
+        Without a store it only moves the window's start if that is due, and waits for
+        such a move under way.
 
         Returns:
             ``True`` on success; ``False`` without a store, or on a backend error, which is
@@ -448,6 +471,7 @@ class AdaptiveModelRouter:
         """
         store = self._store
         if store is None:
+            await self._window.settle()
             return False
         async with self._refresh_lock:
             cutoff = self._clock()

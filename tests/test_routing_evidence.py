@@ -559,12 +559,17 @@ async def test_a_refresh_reads_only_what_changed() -> None:
         assert batch.buckets == ()
 
 
-async def test_a_router_whose_window_slid_agrees_with_a_restart_and_keeps_only_the_window() -> None:
+@pytest.mark.parametrize("meanwhile", [False, True], ids=["awaited", "calls-meanwhile"])
+async def test_a_router_whose_window_slid_agrees_with_a_restart_and_keeps_only_the_window(
+    meanwhile: bool,
+) -> None:
     # 18 hours of traffic through a live router refreshing every 45 s, over a 6-hour
     # window: models near the gate, one degrading for a while then recovering (restored
     # regimes).  Once the window has slid, the live router holds what a router started
-    # on the same store holds: the window's evidence, judged alike, none of it older
+    # on the same store holds: the window's evidence, judged alike, none of it older.
+    # Also when calls go on while a refresh runs (its slide walks in a worker thread)
     clock = FakeClock()
+    pending: asyncio.Task[bool] | None = None
     store = MemoryTelemetryBackend()
     policy = RoutingPolicy(explore_rate=0.0, window_days=0.25)
     rng = random.Random(0)
@@ -579,15 +584,28 @@ async def test_a_router_whose_window_slid_agrees_with_a_restart_and_keeps_only_t
                 r = rec(clock(), model, rng.random() < (0.90 if degraded else rate))
                 await store.record(r)
                 live.record_outcome(r)
-            if step % 3 == 0:
+            if step % 3 == 0 and not meanwhile:
                 assert await live.refresh()
-        clock.advance(5.0)
-        assert await live.refresh()
+            elif step % 3 == 0:  # the last refresh ran while these calls came in
+                assert pending is None or await pending
+                pending = asyncio.create_task(live.refresh())
+            await asyncio.sleep(0)
+        if meanwhile:
+            # no refresh after the last one (it would mend what a slide got wrong): a
+            # router started at that refresh's window start reads the later calls too
+            assert pending is not None and await pending
+            assert live.last_refresh is not None
+            later = (clock() - live.last_refresh) // 15.0  # calls after it, per model
+            clock.set(live.last_refresh)
+        else:
+            later = 0
+            clock.advance(5.0)
+            assert await live.refresh()
         seen = view(live.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
     again = await restarted_view(store, clock, policy, ST)
     assert seen == again
     for _, _, window, effective in seen["candidates"]:  # type: ignore[attr-defined]
-        assert 0 < effective <= window <= 6 * 240 + 8
+        assert 0 < effective <= window <= 6 * 240 + 8 + later
 
 
 def _near_gate_traffic(steps: int) -> list[LLMCallRecord]:
@@ -621,9 +639,7 @@ async def test_a_router_without_a_store_moves_its_window_too(backend: Any) -> No
             live.record_outcome(r)
             await asyncio.sleep(0)
         clock.advance(5.0)
-        live.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]
-        for _ in range(10):  # the slide judges one model at a time, yielding in between
-            await asyncio.sleep(0)
+        assert not await live.refresh()  # no store to read; waits for the window's move
         seen = view(live.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
     assert seen == await restarted_view(store, clock, policy, ST)
     for _, _, window, effective in seen["candidates"]:  # type: ignore[attr-defined]

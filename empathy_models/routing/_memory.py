@@ -101,6 +101,11 @@ class EvidenceMemory:
         if arm.rebase(floor):
             self.resets += 1
 
+    def adopt(self, arm: Arm, fresh: Arm, snapshot: dict[int, Sums], floor: int) -> None:
+        """`Arm.adopt` for one arm; the verdict cache then looks at every arm again."""
+        arm.adopt(fresh, snapshot, floor)
+        self.resets += 1
+
     def rebuild_priors(self) -> None:
         """Every stage's prior from its arms' current regimes."""
         priors: dict[StageKey, StagePrior] = {}

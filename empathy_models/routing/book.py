@@ -443,6 +443,23 @@ def _summarize(
     )
 
 
+_WALKED: Final = (
+    "starts",
+    "data",
+    "cum_n",
+    "cum_f",
+    "up",
+    "dn",
+    "up_from",
+    "dn_from",
+    "proof",
+    "regimes",
+    "cur",
+    "window_n",
+)
+"""`Arm`'s evidence and the change test's state over it (what `Arm.adopt` takes over)."""
+
+
 @define(slots=True, eq=False)
 class Arm:
     """
@@ -551,10 +568,11 @@ class Arm:
 
     # ------------------------------------------------------------------ store buckets
 
-    def apply(self, buckets: Iterable[tuple[int, Sums]]) -> None:
+    def apply(self, buckets: Iterable[tuple[int, Sums | None]]) -> None:
         """
-        Take the store's changed buckets; buckets this process added to since the last
-        refresh go back to the store's version (which holds those records once stored).
+        Take the store's changed buckets (``None``: gone); buckets this process added to
+        since the last refresh go back to the store's version (which holds those records
+        once stored).
         """
         changed: dict[int, Sums | None] = dict(buckets)
         for t, v in self.saved.items():
@@ -598,27 +616,47 @@ class Arm:
         the change test again from the first bucket left, as a router started on those
         buckets does: regimes, their sums and the change test's state then rest on the
         window's evidence alone.  O(the arm's buckets); ``False`` (nothing done) when no
-        bucket is older than ``floor``.
+        bucket is older than ``floor``.  In two steps, so that the walk can run away
+        from the event loop: `walked` over `window_from`, then `adopt`.
         """
-        k = bisect_left(self.starts, floor)
-        if k == 0:
+        if not self.starts or self.starts[0] >= floor:
             return False
-        data = self.data
-        kept: dict[int, Sums | None] = {t: data[t] for t in self.starts[k:]}
-        saved = {t: v for t, v in self.saved.items() if t >= floor}
-        self.starts, self.data, self.saved = [], {}, saved
-        self.regimes = [Regime(start=_NEVER, detected=None, kind="initial")]
-        self.cur = _zeros()
-        self.window_n = 0
-        self.version += 1
-        if kept:
-            self._load(kept)
-        else:
-            for arr in (self.cum_n, self.cum_f, self.up, self.dn, self.proof):
-                del arr[:]
-            for arr2 in (self.up_from, self.dn_from):
-                del arr2[:]
+        kept = self.window_from(floor)
+        self.adopt(Arm.walked(self.test, kept), kept, floor)
         return True
+
+    def window_from(self, floor: int) -> dict[int, Sums]:
+        """The buckets from ``floor`` on (the sums are immutable: a snapshot)."""
+        data = self.data
+        return {t: data[t] for t in self.starts[bisect_left(self.starts, floor) :]}
+
+    @classmethod
+    def walked(cls, test: ChangeTest, buckets: dict[int, Sums]) -> Arm:
+        """
+        A new arm holding ``buckets``, the change test run over them.  Touches nothing
+        shared: it may run in another thread while the arm it is for takes outcomes.
+        """
+        arm = cls(test=test)
+        arm._load(dict(buckets))
+        return arm
+
+    def adopt(self, fresh: Arm, snapshot: dict[int, Sums], floor: int) -> None:
+        """
+        Take over ``fresh`` (`walked` from ``snapshot``, this arm's buckets from
+        ``floor`` on when it began) with the buckets this arm changed since, as a
+        refresh applies them (the change test re-run from the earliest), and this arm's
+        buckets not yet in the store.  Outcomes already before ``floor`` are gone.
+        """
+        changed: dict[int, Sums | None] = {
+            t: v for t, v in self.data.items() if t >= floor and snapshot.get(t) is not v
+        }
+        for t in snapshot.keys() - self.data.keys():
+            changed[t] = None
+        fresh.apply(changed.items())
+        for name in _WALKED:
+            setattr(self, name, getattr(fresh, name))
+        self.saved = {t: v for t, v in self.saved.items() if t >= floor}
+        self.version = max(self.version, fresh.version) + 1
 
     # ------------------------------------------------------------------ internals
 
