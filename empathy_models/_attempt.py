@@ -238,7 +238,11 @@ class Attempts:
         return decision.model if decision.reason.startswith(REPROBE_REASON) else None
 
     def _can_fall_back(self, info: ModelInfo, routes: list[ModelInfo], called: int) -> bool:
-        """Whether a route after ``info`` may be tried and its circuit looks closed."""
+        """
+        Whether a route after ``info`` may be tried and its circuit looks closed (a
+        breaker whose hint fails is counted and logged, and the route taken as closed,
+        as when planning).
+        """
         ex = self.ex
         if called + 1 >= ex._fallback.max_routes:
             return False
@@ -247,9 +251,13 @@ class Attempts:
             key, scope_key = ex._planner.route_keys(later)
             if breaker is None or key is None:
                 return True
-            if breaker.available_hint(key) and (
-                scope_key is None or breaker.available_hint(scope_key)
-            ):
+            try:
+                if breaker.available_hint(key) and (
+                    scope_key is None or breaker.available_hint(scope_key)
+                ):
+                    return True
+            except Exception:
+                ex._hint_failed(later.id)
                 return True
         return False
 

@@ -1,12 +1,14 @@
-"""Models and a non-waiting sleep shared by the tests that talk to `FakeLLMServer`."""
+"""Models, a non-waiting sleep and a breaker double shared by the executor's tests."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio.lowlevel
 
 from empathy_models import LLMCallRecord, ModelInfo, ModelRegistry, Outcome
+from empathy_models.records import Ticket
 
 KEY = "test-key-0123"
 """The key the tests' `FakeLLMServer(api_key=KEY)` accepts."""
@@ -97,3 +99,26 @@ def spread_calls(
         )
         for i in range(calls)
     ]
+
+
+class HintBreaker:
+    """A breaker double: admits everything; ``available_hint`` answers from ``open`` or raises."""
+
+    def __init__(self) -> None:
+        self.open: set[str] = set()
+        self.broken: set[str] = set()
+        self.generation = 0
+
+    def key_for(self, provider: str, model: str | None = None) -> str:
+        return provider
+
+    async def admit(self, key: str) -> Ticket:
+        return Ticket(key=key, generation=self.generation)
+
+    async def report(self, ticket: Ticket, outcome: Outcome, **_: Any) -> None:
+        return None
+
+    def available_hint(self, key: str) -> bool:
+        if key in self.broken:
+            raise RuntimeError(f"hint for {key} failed")
+        return key not in self.open

@@ -44,10 +44,11 @@ from empathy_models.exceptions import (
     RecordValidationError,
     ServerError,
 )
-from empathy_models.records import Ticket, _trusted_call_record
+from empathy_models.records import _trusted_call_record
 from empathy_models.serialization import from_dict, to_dict
 from empathy_models.testing import FakeLLMServer
 from empathy_models.testing.clock import FakeClock
+from tests._fakes import HintBreaker
 
 FIELDS = [a.name for a in attrs.fields(LLMCallRecord)]
 
@@ -339,29 +340,6 @@ async def test_all_routes_failed_records_are_validated_copies_too() -> None:
 
 
 # --------------------------------------------------------------------------- planning
-
-
-class HintBreaker:
-    """A breaker double: admits everything; ``available_hint`` answers from ``open`` or raises."""
-
-    def __init__(self) -> None:
-        self.open: set[str] = set()
-        self.broken: set[str] = set()
-        self.generation = 0
-
-    def key_for(self, provider: str, model: str | None = None) -> str:
-        return provider
-
-    async def admit(self, key: str) -> Ticket:
-        return Ticket(key=key, generation=self.generation)
-
-    async def report(self, ticket: Ticket, outcome: Outcome, **_: Any) -> None:
-        return None
-
-    def available_hint(self, key: str) -> bool:
-        if key in self.broken:
-            raise RuntimeError(f"hint for {key} failed")
-        return key not in self.open
 
 
 async def test_route_order_follows_the_breaker_hints_on_every_call(

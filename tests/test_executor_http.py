@@ -46,6 +46,7 @@ from empathy_models.exceptions import (
 )
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
+from tests._fakes import HintBreaker
 
 KEY = "test-key-0123"
 
@@ -266,14 +267,15 @@ async def test_a_rejected_model_is_re_probed_when_each_run_gives_its_own_limits(
     assert probes >= 2, probes
 
 
-@pytest.mark.parametrize("case", ["fallback", "no fallback"])
+@pytest.mark.parametrize("case", ["fallback", "no fallback", "fallback's hint fails"])
 async def test_a_failed_re_probe_falls_back_at_once_rather_than_retrying(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep, case: str
 ) -> None:
     """
     A re-probe measures a model the router rejected or saw degrade. When it fails, the
     request goes to the next route at once: it does not wait for a backoff and another
-    try on that model. With no route left, it is retried as any attempt.
+    try on that model. With no route left, it is retried as any attempt. A breaker
+    whose hint for the next route fails counts and logs it, and the route is tried.
     """
     server.set_outage("claude-fake-haiku", action=500)
     router = AdaptiveModelRouter(
@@ -283,7 +285,8 @@ async def test_a_failed_re_probe_falls_back_at_once_rather_than_retrying(
     # a breaker that never trips: the routes stay open to the re-probes
     patient = BreakerPolicy(consecutive_failures=10_000, minimum_calls=10_000)
     breaker = CircuitBreaker(policy=patient)
-    options: dict[str, Any] = {"breaker": breaker}
+    double = HintBreaker()  # admits everything; its hints can be made to fail
+    options: dict[str, Any] = {"breaker": double if case == "fallback's hint fails" else breaker}
     if case == "no fallback":
         options["fallback"] = FallbackPolicy.none()
     probes: list[tuple[tuple[str, ...], int]] = []
@@ -292,6 +295,7 @@ async def test_a_failed_re_probe_falls_back_at_once_rather_than_retrying(
         for i in range(160):
             if i == 40:  # by now the model is rejected: its later calls are re-probes
                 seen = len(await records_of(telemetry))
+                double.broken.add("openai")  # gpt-fake-mini's hint fails from now on
             waits = len(sleep.delays)
             try:
                 response = await ex.run("hello", context)
@@ -304,10 +308,11 @@ async def test_a_failed_re_probe_falls_back_at_once_rather_than_retrying(
     later = [r for r in (await records_of(telemetry))[seen:] if r.model == "claude-fake-haiku"]
     reprobed = [r for r in later if r.exploration]
     assert reprobed
-    if case == "fallback":
+    if case != "no fallback":
         assert len(probes) >= 2, probes
         assert set(probes) == {(("claude-fake-haiku", "gpt-fake-mini"), 0)}, probes
         assert {r.attempt for r in reprobed} == {1}  # one try per re-probe
+        assert (ex.feedback_errors > 0) is (case == "fallback's hint fails")
     else:  # nowhere else to go: retried, then the run failed (the outage)
         assert not probes
         assert {r.attempt for r in reprobed} >= {1, 2}
