@@ -35,7 +35,6 @@ from .exceptions import (
 from .limits.guard import Hold, Limiter, LocalRateLimitError
 from .outcomes import retry_after_of
 from .records import LLMCallRecord, Outcome, Ticket
-from .routing.decide import REPROBE_REASON
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -233,9 +232,9 @@ class Attempts:
     def _reprobed(self) -> str | None:
         """The model the run's routing decision re-probes, if it is a re-probe."""
         decision = self.run.decision
-        if decision is None or not decision.exploration:
+        if decision is None or decision.exploration_kind != "re-probe":
             return None
-        return decision.model if decision.reason.startswith(REPROBE_REASON) else None
+        return decision.model
 
     def _can_fall_back(self, info: ModelInfo, routes: list[ModelInfo], called: int) -> bool:
         """

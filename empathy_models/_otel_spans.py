@@ -179,6 +179,8 @@ def _route_attributes(run: _Run) -> _Attrs:
     if decision is not None:
         attributes["empathy_models.route.reason"] = decision.reason[:_TEXT_LIMIT]
         attributes["empathy_models.route.exploration"] = decision.exploration
+        if decision.exploration_kind is not None:
+            attributes["empathy_models.route.exploration_kind"] = decision.exploration_kind
         attributes["empathy_models.route.constraints_met"] = decision.constraints_met
         if decision.relaxed:
             attributes["empathy_models.route.relaxed"] = list(decision.relaxed)

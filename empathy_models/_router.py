@@ -641,11 +641,11 @@ class AdaptiveModelRouter:
             return self._decider.no_match(
                 workflow, stage, ctx, costs, on_no_match, pinned, input_tokens, blocked, now
             )
-        index, exploration, why = picked
-        if exploration and not eligible:
+        index, kind, why = picked
+        if kind is not None and not eligible:
             self._decider.log_unproven(workflow, stage, ctx.models[index], why)
         return self._decider.decide(
-            workflow, stage, ctx, costs, index, exploration, why, input_tokens, blocked, now
+            workflow, stage, ctx, costs, index, kind, why, input_tokens, blocked, now
         )
 
     def _context(

@@ -172,6 +172,19 @@ def _utc_field(_: object, attribute: attrs.Attribute[Any], value: datetime | Non
         )
 
 
+EXPLORATION_KINDS: Final = ("unproven", "warm-up", "budget", "re-probe")
+"""What an exploration pick is for (`RoutingDecision.exploration_kind`)."""
+
+
+def _exploration_kind(instance: Any, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if value not in EXPLORATION_KINDS:
+        raise _fail(attribute.name, value, f"must be None or one of {', '.join(EXPLORATION_KINDS)}")
+    if not instance.exploration:
+        raise _fail(attribute.name, value, "is only set on an exploration decision")
+
+
 def _to_utc(value: datetime) -> datetime:
     if isinstance(value, datetime) and value.tzinfo is not None and value.utcoffset() is not None:
         return value.astimezone(UTC)
@@ -729,7 +742,12 @@ class RoutingDecision:
     ``policy_applied`` is ``None`` when an eligible candidate was chosen, otherwise the
     no-match policy that acted (``"relax"`` or ``"pinned"``); ``relaxed`` lists the
     constraints dropped, in the order they were dropped.  ``exploration`` is true when
-    an unproven model was picked to learn about it.  ``change`` is set when the
+    a model was picked to learn about it, and ``exploration_kind`` says why: ``"unproven"``
+    (no candidate is proven yet: the likeliest to comply is measured), ``"warm-up"`` (a
+    cheaper challenger's first calls, in one stretch), ``"budget"`` (the exploration
+    budget measures an unproven model that could beat the pick) or ``"re-probe"`` (a
+    rejected or degraded model that would be cheaper is tried again, to see a recovery;
+    the executor falls back at once when it fails).  ``change`` is set when the
     decision acted on a detected change: the chosen model, or one that would otherwise
     have been preferred, changed its success rate (the reason says so too).
     """
@@ -755,6 +773,7 @@ class RoutingDecision:
     strict_cost: bool = False
     change: str | None = None
     max_ttft_ms: float | None = None
+    exploration_kind: str | None = field(default=None, validator=_exploration_kind)
     # The router may leave ``candidates`` unset and put here a function that builds it;
     # the first read of ``candidates`` calls it once and stores the tuple (see
     # ``__getattr__``), so equality, hashing, repr and to_dict see the same value.

@@ -303,7 +303,7 @@ async def test_a_failed_re_probe_falls_back_at_once_rather_than_retrying(
                 continue  # without fallback, the rejected model's own runs fail
             decision = response.routing_decision
             assert decision is not None
-            if decision.exploration and decision.reason.startswith("re-probe"):
+            if decision.exploration_kind == "re-probe":
                 probes.append((response.fallback_chain, len(sleep.delays) - waits))
     later = [r for r in (await records_of(telemetry))[seen:] if r.model == "claude-fake-haiku"]
     reprobed = [r for r in later if r.exploration]

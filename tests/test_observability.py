@@ -487,6 +487,13 @@ async def test_genai_metrics_follow_the_conventions(
     assert explored == sum(
         1 for r in responses if r.routing_decision is not None and r.routing_decision.exploration
     )
+    # each run's span says what an exploration pick was for (a cold start: "unproven")
+    runs = sorted(
+        (s for s in otel.spans() if s.name.startswith("run ")), key=lambda s: s.start_time or 0
+    )
+    kinds = [(s.attributes or {}).get("empathy_models.route.exploration_kind") for s in runs]
+    assert kinds == [r.routing_decision and r.routing_decision.exploration_kind for r in responses]
+    assert "unproven" in kinds
 
 
 async def test_telemetry_queue_and_record_counters_are_reported(

@@ -743,6 +743,33 @@ def test_exploration_after_warm_up_stays_within_its_budget() -> None:
     assert router.get_best_model(WF, ST, **ASK).model == "mini"  # type: ignore[arg-type]
 
 
+def test_each_exploration_says_what_it_is_for() -> None:
+    # a cold start, cheaper challengers warmed up and measured from the budget, and the
+    # near-gate model re-probed once rejected: each pick's kind matches its reason
+    clock = FakeClock()
+    router = AdaptiveModelRouter(
+        registry(), clock=clock, seed=2, policy=RoutingPolicy(reprobe_interval=50)
+    )
+    rng = random.Random(8)
+    truth = {"nano": 0.93, "mini": 0.99, "small": 0.99, "mid": 0.999}
+    begins = {
+        None: ("cheapest of", "the only eligible"),
+        "unproven": ("no model is proven",),
+        "warm-up": ("warm-up",),
+        "budget": ("exploration budget",),
+        "re-probe": ("re-probe",),
+    }
+    kinds: dict[str | None, int] = {}
+    for _ in range(6000):
+        d = router.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]
+        assert d.exploration is (d.exploration_kind is not None)
+        assert d.reason.startswith(begins[d.exploration_kind]), (d.exploration_kind, d.reason)
+        kinds[d.exploration_kind] = kinds.get(d.exploration_kind, 0) + 1
+        clock.advance(1.0)
+        router.record_outcome(rec(clock(), d.model, rng.random() < truth[d.model]))
+    assert set(kinds) == set(begins), kinds
+
+
 def test_untried_models_are_costed_on_the_stage_not_the_worst_case() -> None:
     clock = FakeClock()
     router = AdaptiveModelRouter(registry(), clock=clock, seed=1)

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, strategies as st
 
@@ -220,6 +221,18 @@ def test_a_missing_required_field_is_named() -> None:
 def test_something_that_is_not_a_mapping_is_rejected(data: Any) -> None:
     with pytest.raises(RecordValidationError, match="expected a mapping"):
         LLMCallRecord.from_dict(data)
+
+
+def test_an_exploration_kind_round_trips_and_is_checked() -> None:
+    probe = attrs.evolve(a_decision(), exploration=True, exploration_kind="re-probe")
+    assert RoutingDecision.from_dict(through_json(probe.to_dict())) == probe
+    assert a_decision().to_dict()["exploration_kind"] is None
+    data = {**probe.to_dict(), "exploration_kind": "curiosity"}
+    with pytest.raises(RecordValidationError, match="one of unproven, warm-up") as info:
+        RoutingDecision.from_dict(data)
+    assert info.value.path == "exploration_kind"
+    with pytest.raises(RecordValidationError, match="only set on an exploration decision"):
+        RoutingDecision.from_dict({**probe.to_dict(), "exploration": False})
 
 
 def test_nested_paths_name_the_element() -> None:

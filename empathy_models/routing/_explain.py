@@ -54,6 +54,7 @@ if tuple(a.name for a in attrs.fields(RoutingDecision)) != (
     "strict_cost",
     "change",
     "max_ttft_ms",
+    "exploration_kind",
     "_candidates_thunk",
 ):  # pragma: no cover - guards Decider.decide's argument order against field changes
     raise TypeError("RoutingDecision's fields changed: update routing._explain.Decider.decide")
@@ -92,6 +93,7 @@ def annotated(
         decision.strict_cost,
         decision.change,
         decision.max_ttft_ms,
+        decision.exploration_kind,
         partial(_joined, decision, extra),
     )
 
@@ -157,7 +159,7 @@ class Decider:
         ctx: Context,
         costs: list[float | None],
         index: int,
-        exploration: bool,
+        kind: str | None,
         why: str,
         input_tokens: int | None,
         blocked: Collection[str],
@@ -169,12 +171,14 @@ class Decider:
         shown: Context | None = None,
     ) -> RoutingDecision:
         """
-        The decision for ``ctx``'s candidate ``index``.
+        The decision for ``ctx``'s candidate ``index``, an exploration of ``kind``
+        (`RoutingDecision.exploration_kind`) unless that is ``None``.
 
         ``shown`` (a relaxed decision): the context whose candidates and constraints
         the decision explains itself with, when it was selected in a looser one.
         """
         v = ctx.verdicts[index]
+        exploration = kind is not None
         change = self._change(ctx, costs, index, now) if ctx.changed else None
         if change is not None:
             why = f"{why}; acting on a detected change: {change}"
@@ -201,6 +205,7 @@ class Decider:
             cons.strict_cost,
             change,
             cons.max_ttft_ms,
+            kind,
             partial(
                 build_candidates,
                 list(view.verdicts),
@@ -289,7 +294,7 @@ class Decider:
             picked = select(loose, lcosts, el, ex, pr, self.rng, self.policy, budget=False)
             if picked is None:
                 continue
-            index, exploration, why = picked
+            index, kind, why = picked
             met, detail = _unmet_detail(ctx.verdicts[index], costs[index], cons)
             return self.decide(
                 workflow,
@@ -297,7 +302,7 @@ class Decider:
                 loose,
                 lcosts,
                 index,
-                exploration,
+                kind,
                 f"no candidate met every constraint; relaxed {', '.join(relaxed)} "
                 f"(judged on the rest): {why}{detail}",
                 input_tokens,
@@ -305,7 +310,7 @@ class Decider:
                 now,
                 relaxed=tuple(relaxed),
                 applied="relax",
-                met=met and not exploration,
+                met=met and kind is None,
                 shown=ctx,
             )
         return None
@@ -345,7 +350,7 @@ class Decider:
             view,
             costs,
             index,
-            False,
+            None,
             f"no candidate met every constraint; pinned by on_no_match={pinned!r}{detail}",
             input_tokens,
             blocked,

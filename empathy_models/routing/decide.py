@@ -73,7 +73,10 @@ class ModelFacts:
 
 
 REPROBE_REASON: Final = "re-probe: measuring a rejected or degraded model that would be cheaper"
-"""How the reason of a decision that re-probes a rejected or degraded model begins."""
+"""The reason of a decision that re-probes a rejected or degraded model."""
+
+Pick = tuple[int, str | None, str]
+"""A selection: (candidate index, exploration kind or ``None``, why)."""
 
 
 def _fmt_ms(v: float) -> str:
@@ -503,9 +506,11 @@ def select(
     policy: RoutingPolicy,
     *,
     budget: bool = True,
-) -> tuple[int, bool, str] | None:
+) -> Pick | None:
     """
-    ``(index, exploration, why)`` for one decision, or ``None`` when nothing can be picked.
+    ``(index, kind, why)`` for one decision (``kind``: what an exploration pick is for,
+    `RoutingDecision.exploration_kind`; ``None`` for the pick itself), or ``None`` when
+    nothing can be picked.
 
     ``eligible``: candidates ELIGIBLE on every constraint; ``explorable``: UNPROVEN
     ones within the cost limit; ``probeable``: REJECTED ones within it (only re-probed
@@ -516,14 +521,14 @@ def select(
         return _explore_unproven(ctx, costs, explorable, rng, policy) if explorable else None
     index, why = _exploit(eligible, costs, ctx.verdicts, rng, policy)
     if not budget or policy.explore_rate <= 0.0 or not (explorable or probeable):
-        return (index, False, why)
+        return (index, None, why)
     ctx.exploration.decisions += 1
     current = costs[index]
     return (
         _reprobe(ctx, costs, current, explorable, probeable, policy)
         or _warm_up(ctx, costs, current, explorable, rng, policy)
         or _from_budget(ctx, costs, current, explorable, policy)
-        or (index, False, why)
+        or (index, None, why)
     )
 
 
@@ -538,7 +543,7 @@ def _reprobe(
     explorable: Sequence[int],
     probeable: Sequence[int],
     policy: RoutingPolicy,
-) -> tuple[int, bool, str] | None:
+) -> Pick | None:
     # re-probes of rejected or degraded candidates that would be cheaper: each waits
     # reprobe_interval decisions, halved per success in a row of its own
     verdicts = ctx.verdicts
@@ -569,7 +574,7 @@ def _reprobe(
             waits[i] = exploration.decisions
             return (
                 i,
-                True,
+                "re-probe",
                 REPROBE_REASON,
             )
     return None
@@ -590,7 +595,7 @@ def _warm_up(
     explorable: Sequence[int],
     rng: random.Random,
     policy: RoutingPolicy,
-) -> tuple[int, bool, str] | None:
+) -> Pick | None:
     # a cheaper challenger with fewer than warmup_calls calls whose evidence does not
     # already say it more likely misses than not gets every decision, so it is proven
     # (or ruled out) early and in one stretch; past that, up to four times as many calls
@@ -619,7 +624,7 @@ def _warm_up(
         if s.samples < policy.warmup_min_calls:
             return (
                 i,
-                True,
+                "warm-up",
                 "warm-up: giving a cheaper model with fewer than "
                 f"{policy.warmup_min_calls:g} calls its first calls",
             )
@@ -628,13 +633,13 @@ def _warm_up(
         if s.samples < policy.warmup_calls:
             return (
                 i,
-                True,
+                "warm-up",
                 "warm-up: measuring a cheaper model whose evidence does not yet rule it out",
             )
         if _plausible(verdicts[i], ctx.cons, rng, policy):
             return (
                 i,
-                True,
+                "warm-up",
                 "warm-up: measuring a cheaper model a draw from its evidence finds compliant",
             )
     return None
@@ -646,7 +651,7 @@ def _from_budget(
     current: float | None,
     explorable: Sequence[int],
     policy: RoutingPolicy,
-) -> tuple[int, bool, str] | None:
+) -> Pick | None:
     # the exploration budget: ``explore_rate`` tokens a decision, up to a burst; an
     # unproven candidate that could beat the pick costs more the more it was measured
     exploration = ctx.exploration
@@ -668,7 +673,11 @@ def _from_budget(
     if best < 0 or tokens < best_price:
         return None
     exploration.tokens = tokens - best_price
-    return (best, True, "exploration budget: measuring an unproven model that could beat the pick")
+    return (
+        best,
+        "budget",
+        "exploration budget: measuring an unproven model that could beat the pick",
+    )
 
 
 def _explore_unproven(
@@ -677,7 +686,7 @@ def _explore_unproven(
     explorable: Sequence[int],
     rng: random.Random,
     policy: RoutingPolicy,
-) -> tuple[int, bool, str]:
+) -> Pick:
     # nothing is eligible: first calls for the cheapest candidates, then (a failover) the
     # one a draw finds likeliest to comply or (a cold start) the cheapest a draw finds
     # compliant, else the closest by a drawn success rate
@@ -689,7 +698,7 @@ def _explore_unproven(
         if v.summary.samples < first_calls and not v.degraded:
             return (
                 i,
-                True,
+                "unproven",
                 "no model is proven to meet the constraints yet: giving the cheapest "
                 f"candidate with fewer than {first_calls:g} calls its first calls"
                 if costs[i] is not None
@@ -704,14 +713,14 @@ def _explore_unproven(
         # measured by their warm-up once something is proven)
         picked = _likeliest_plausible(order, verdicts, ctx.cons, rng, policy)
         if picked is None:
-            return (_closest_by_draw(order, verdicts, rng, policy), True, _NO_DRAW_COMPLIANT)
-        return (picked, True, _LIKELIEST)
+            return (_closest_by_draw(order, verdicts, rng, policy), "unproven", _NO_DRAW_COMPLIANT)
+        return (picked, "unproven", _LIKELIEST)
     # a cold start: the cheapest a draw finds compliant, half the time the runner-up of
     # another draw (top-two sampling), so a model that a lucky run keeps ahead does not
     # starve the one that would be proven
     picked = _cheapest_plausible(order, verdicts, ctx.cons, rng, policy)
     if picked is None:
-        return (_closest_by_draw(order, verdicts, rng, policy), True, _NO_DRAW_COMPLIANT)
+        return (_closest_by_draw(order, verdicts, rng, policy), "unproven", _NO_DRAW_COMPLIANT)
     runner_up = False
     if rng.random() < 0.5:
         for _ in range(8):
@@ -729,7 +738,7 @@ def _explore_unproven(
     )
     if runner_up:
         why += " (top-two sampling: the runner-up, chosen by a second draw)"
-    return (picked, True, why)
+    return (picked, "unproven", why)
 
 
 _LIKELIEST: Final = (
