@@ -89,11 +89,9 @@ WINDOW_STEPS: Final = 168
 
 
 def _window_start(now: float, days: float) -> datetime:
-    """``now`` (epoch seconds) less ``days``; the earliest datetime when that is before it."""
-    try:
-        return datetime.fromtimestamp(now - days * 86400.0, UTC)
-    except (OverflowError, ValueError, OSError):
-        return _EARLIEST
+    """Where the window starts at ``now`` (`window_floor`), as a datetime to read from."""
+    floor = window_floor(now, days)
+    return _EARLIEST if floor is None else datetime.fromtimestamp(floor, UTC)
 
 
 def window_step(days: float) -> float:
@@ -281,7 +279,8 @@ class AdaptiveModelRouter:
             `RoutingPolicy.window_days`).
         policy: how evidence is weighed (default `RoutingPolicy()`).
         refresh_interval: how often (seconds, default 60; ``None`` disables) the started
-            router reads what changed in the backend.
+            router reads what changed in the backend (with a store, the window's start
+            moves at a refresh: with ``None``, only when you call `refresh`).
         rng, seed: either makes every random choice reproducible.
         clock: returns UTC epoch seconds.
         sleep: waits between refreshes (tests pass `FakeClock.sleep`: no real time passes).
@@ -476,7 +475,7 @@ class AdaptiveModelRouter:
         async with self._refresh_lock:
             cutoff = self._clock()
             floor = window_floor(cutoff, self.policy.window_days)
-            since = _EARLIEST if floor is None else datetime.fromtimestamp(floor, UTC)
+            since = _window_start(cutoff, self.policy.window_days)
             try:
                 await store.flush()
                 by_arm, version, self._rollups = await _read_evidence(

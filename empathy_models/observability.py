@@ -22,8 +22,9 @@ is under the ``empathy_models.`` namespace.
 **Traces.**  Each ``run()`` is one INTERNAL span named ``run {workflow}/{stage}``
 (the parent is whatever span is current when ``run`` is called), carrying the routing
 decision (``empathy_models.route.model``, ``.reason``, ``.exploration`` and, for an
-exploration pick, ``.exploration_kind``, ``.relaxed``, ``.policy``, ``.constraints_met``), the outcome (``empathy_models.model``,
-``.fallback_chain``, ``.attempts``, ``.cost_usd``) and, when it fails,
+exploration pick, ``.exploration_kind``, ``.relaxed``, ``.policy``,
+``.constraints_met``), the outcome (``empathy_models.model``, ``.fallback_chain``,
+``.attempts``, ``.cost_usd``) and, when it fails,
 ``error.type`` and an ERROR status.  Its events: ``empathy_models.fallback`` (moving
 to the next model), ``empathy_models.breaker.rejected`` (a route skipped because its
 circuit is open; the provider was not called) and breaker state changes seen while
