@@ -11,7 +11,8 @@ written together, as in production).  Then:
 
 * **start**: ``router.start()`` over a freshly opened backend (`start_cost`: every
   evidence bucket of the 7-day window read and applied to the router's evidence book,
-  change test included);
+  change test included), and the longest the event loop went without running another
+  task meanwhile (`stalled`: how late a task waking every millisecond woke);
 * **refresh**: 10,000 new calls are written, then ``router.refresh()`` reads what
   changed and applies it (`refresh_cost`);
 * **slide**: the router's clock moves on by one step of the window's start (an hour for
@@ -122,17 +123,17 @@ def book_buckets(router: AdaptiveModelRouter) -> int:
     return sum(len(arm.starts) for arm in router._memory.arms.values())
 
 
-async def start_cost(backend: TelemetryBackend, *, now: datetime) -> tuple[int, int]:
+async def start_cost(backend: TelemetryBackend, *, now: datetime) -> tuple[int, float]:
     """
     ``router.start()`` over a freshly opened backend: read every evidence bucket of the
     window, build the evidence book (change test included), fill the recent-outcome
-    windows.  Returns the number of buckets and 0.
+    windows.  Returns the number of buckets and the start's stall (`stalled`).
     """
     router = new_router(backend, now)
-    await router.start()
+    stall = await stalled(router.start)
     buckets = book_buckets(router)
     await router.aclose()
-    return buckets, 0
+    return buckets, stall
 
 
 def full_collection_ms() -> float:
@@ -172,11 +173,17 @@ TICK = 0.001  # the slide's stall: how late a task sleeping this long wakes
 async def slide_cost(router: AdaptiveModelRouter, clock: list[float]) -> float:
     """
     ``router.refresh()`` one step of the window's start later (`WINDOW_STEP`): the arms
-    are judged again from the new start.  Returns the most (seconds) a task that wakes
-    every millisecond (`TICK`) woke late meanwhile: how long the event loop could not
-    run another task.
+    are judged again from the new start.  Returns its stall (`stalled`).
     """
     clock[0] += WINDOW_STEP
+    return await stalled(router.refresh)
+
+
+async def stalled(work: Callable[[], Awaitable[Any]]) -> float:
+    """
+    Await ``work()``; return the most (seconds) a task that wakes every millisecond
+    (`TICK`) woke late meanwhile: how long the event loop could not run another task.
+    """
     gaps: list[float] = [0.0]
     stop = False
 
@@ -190,7 +197,7 @@ async def slide_cost(router: AdaptiveModelRouter, clock: list[float]) -> float:
 
     task = asyncio.create_task(ticker())
     await asyncio.sleep(0)
-    await router.refresh()
+    await work()
     stop = True
     await task
     return max(gaps)
@@ -229,20 +236,21 @@ async def measure(
         await store_calls(writer, make_calls(size, now - WINDOW, history_end, seed=seed))
         out["fill_s"] = time.perf_counter() - t0
 
-        starts: list[tuple[float, float]] = []
+        starts: list[tuple[float, float, float]] = []
         server: list[float] = []
         for _ in range(repeats):
             async with make() as fresh:
                 await fresh.flush()  # opened (connection, schema check) before the clock starts
                 before = await server_cpu() if server_cpu else None
-                wall, cpu, (buckets, _) = await timed(partial(start_cost, fresh, now=now))
+                wall, cpu, (buckets, stall) = await timed(partial(start_cost, fresh, now=now))
                 after = await server_cpu() if server_cpu else None
-            starts.append((wall, cpu))
+            starts.append((wall, cpu, stall))
             if before is not None and after is not None:
                 server.append(after - before)
         out["start_buckets"] = buckets
-        out["start_wall_s"] = statistics.median(w for w, _ in starts)
-        out["start_cpu_s"] = statistics.median(c for _, c in starts)
+        out["start_wall_s"] = statistics.median(w for w, _, _ in starts)
+        out["start_cpu_s"] = statistics.median(c for _, c, _ in starts)
+        out["start_stall_s"] = statistics.median(s for _, _, s in starts)
         out["start_server_cpu_s"] = statistics.median(server) if server else None
 
         async with make() as fresh:
@@ -312,6 +320,7 @@ async def run(quick: bool = False) -> BenchResult:
             "start wall ms",
             "start CPU ms",
             "start server CPU ms",
+            "start stall ms",
             "refresh wall ms",
             "refresh CPU ms",
             "slide wall / CPU ms",
@@ -382,6 +391,7 @@ async def run(quick: bool = False) -> BenchResult:
                             if m["start_server_cpu_s"] is None
                             else m["start_server_cpu_s"] * 1000
                         ),
+                        "start stall ms": m["start_stall_s"] * 1000,
                         "refresh wall ms": m["refresh_wall_s"] * 1000,
                         "refresh CPU ms": m["refresh_cpu_s"] * 1000,
                         "slide wall / CPU ms": (
@@ -409,7 +419,8 @@ async def run(quick: bool = False) -> BenchResult:
         f"unbatched backend, {CHUNK:,} calls per transaction, rollups maintained in the same "
         "transaction).",
         f"start = router.start() over a freshly opened backend (every evidence bucket of the "
-        f"7-day window read and applied to the evidence book); refresh = router.refresh() after "
+        f"7-day window read and applied to the evidence book; start stall: as the slide's "
+        f"below); refresh = router.refresh() after "
         f"{NEW_CALLS:,} new calls (buckets read = new buckets in the book); medians of "
         f"{REPEATS} runs. CPU is this process's (time.process_time: client side, SQLite "
         "included).",

@@ -33,9 +33,11 @@ counted in `refresh_errors`; it never fails a decision.
 **Concurrency.**  The synchronous methods (`record_outcome`, `get_best_model`,
 `recommend_tier_upgrade`) must be called from the event loop's thread; they never
 await, so each is atomic with respect to other tasks.  The router is not thread-safe.
-The one piece of work it hands to a worker thread is the change test's walk over a
-copy of an arm's buckets when the window's start moves (`_slide`); the arm itself is
-only touched in the event loop's thread.
+The work it hands to a worker thread touches nothing the event loop's thread uses
+meanwhile: grouping a large read per arm (`_read_evidence`), building the arms a read
+brings that it held nothing of, every arm at start (`_walk_new`), and the change
+test's walk over a copy of an arm when the window's start moves (`_slide`).  The
+router's own arms are only changed in the event loop's thread.
 """
 
 from __future__ import annotations
@@ -166,8 +168,42 @@ async def _read_evidence(
     if batch is None:
         records = await store.recent(limit=_RECENT_FALLBACK_LIMIT, since=since)
         batch = EvidenceBatch(buckets=rollup(records), version=0)
+    if len(batch) < _INLINE_ROWS:
+        with gc_paused():
+            return _by_arm(batch.rows), batch.version, rollups
+    return await asyncio.to_thread(_grouped, batch), batch.version, rollups
+
+
+_INLINE_ROWS: Final = 4096
+"""Fewer rows than this are grouped (and new arms walked) in the event loop's thread."""
+
+
+def _grouped(batch: EvidenceBatch) -> ChangedBuckets:
+    # `_by_arm` in a worker thread, without collections of the whole process meanwhile
     with gc_paused():
-        return _by_arm(batch.rows), batch.version, rollups
+        return _by_arm(batch.rows)
+
+
+async def _walk_new(memory: EvidenceMemory, by_arm: ChangedBuckets) -> dict[ArmKey, Arm]:
+    """
+    The arms a read brings that the memory holds nothing of yet (every arm, at start),
+    built from their buckets with the change test run over them (`Arm.walked`) in a
+    worker thread, so that a start leaves the event loop free; `EvidenceMemory.apply`
+    takes them over.  None when the buckets are few (they are applied in the loop).
+    """
+    new = {
+        key: buckets
+        for key, buckets in by_arm.items()
+        if (arm := memory.arms.get(key)) is None or not (arm.starts or arm.saved)
+    }
+    if sum(map(len, new.values())) < _INLINE_ROWS:
+        return {}
+    return await asyncio.to_thread(_walked_all, memory.test, new)
+
+
+def _walked_all(test: ChangeTest, new: ChangedBuckets) -> dict[ArmKey, Arm]:
+    with gc_paused():
+        return {key: Arm.walked(test, dict(buckets)) for key, buckets in new.items()}
 
 
 def _walked(test: ChangeTest, snapshot: dict[int, Sums]) -> Arm:
@@ -455,7 +491,9 @@ class AdaptiveModelRouter:
 
         The backend is flushed first (so records this process handed to a batching backend
         are visible); changed buckets replace the router's (see the module docstring) and the
-        change test re-runs from the earliest changed bucket of each arm.  When the
+        change test re-runs from the earliest changed bucket of each arm (a large read's
+        new arms, every arm at start, are built in a worker thread, the event loop free
+        meanwhile).  When the
         window's start has moved on (once a step: see `RoutingPolicy.window_days`), the
         buckets before it are dropped and each arm holding some is judged again from the
         new start, one arm at a time, the walk in a worker thread; a router started
@@ -490,8 +528,9 @@ class AdaptiveModelRouter:
                     exc,
                 )
                 return False
+            walked = await _walk_new(self._memory, by_arm)
             with gc_paused():
-                self._memory.apply(by_arm, version, cutoff)
+                self._memory.apply(by_arm, version, cutoff, walked)
             self.last_refresh = cutoff
             logger.debug(
                 "router refreshed %d buckets from %r", sum(map(len, by_arm.values())), store

@@ -35,6 +35,7 @@ from empathy_models.evidence import (
 )
 from empathy_models.records import CandidateEvaluation, ConstraintStatus, wilson_interval
 from empathy_models.routing import ModelStats, RoutingStats
+from empathy_models.routing._memory import EvidenceMemory
 from empathy_models.routing.book import Arm, ChangeTest
 from empathy_models.routing.stats import (
     row_sums,
@@ -666,6 +667,82 @@ def test_a_router_used_without_an_event_loop_moves_its_window_at_once() -> None:
     assert seen == view(fresh.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
     for _, _, window, _ in seen["candidates"]:  # type: ignore[attr-defined]
         assert 240 <= window <= 240 + 4  # an hour of calls, and up to a minute's more
+
+
+async def test_a_start_leaves_the_event_loop_free_and_takes_outcomes_meanwhile() -> None:
+    # a start over thousands of buckets groups and builds its arms in a worker thread:
+    # other tasks run meanwhile, and the outcomes they report are kept; a refresh
+    # later, a restart agrees
+    clock = FakeClock()
+    store = MemoryTelemetryBackend()
+    policy = RoutingPolicy(explore_rate=0.0)
+    rng = random.Random(13)
+    for _ in range(3000):  # two models, one call each a minute: 6,000 buckets
+        clock.advance(60.0)
+        for model, rate in (("nano", 0.93), ("mini", 0.99)):
+            await store.record(rec(clock(), model, rng.random() < rate))
+    clock.advance(60.0)
+    router = AdaptiveModelRouter(
+        registry(), store, policy=policy, seed=1, clock=clock, refresh_interval=None
+    )
+    starting = asyncio.create_task(router.start())
+    meanwhile = 0
+    while not starting.done():
+        r = rec(clock() + meanwhile, "nano", rng.random() < 0.93)
+        await store.record(r)
+        router.record_outcome(r)
+        meanwhile += 1
+        await asyncio.sleep(0)
+    await starting
+    assert meanwhile > 1  # the start let this task run while it worked
+    async with router:
+        clock.advance(120.0)
+        assert await router.refresh()
+        seen = view(router.get_best_model(WF, ST, **ASK))  # type: ignore[arg-type]
+    assert seen == await restarted_view(store, clock, policy, ST)
+    nano = next(c for c in seen["candidates"] if c[0] == "nano")  # type: ignore[attr-defined]
+    assert nano[2] == 3000 + meanwhile
+
+
+def test_a_walked_arm_is_taken_only_where_nothing_arrived_meanwhile() -> None:
+    # arms built away from the event loop (Arm.walked) are taken over where the memory
+    # still holds nothing of them; one that took a live outcome meanwhile is applied as
+    # any refresh's buckets are.  Either way: what applying the buckets gives
+    clock = FakeClock()
+    rng = random.Random(14)
+    records = []
+    for _ in range(600):
+        clock.advance(60.0)
+        records += [rec(clock(), m, rng.random() < p) for m, p in (("nano", 0.9), ("mini", 0.99))]
+    rows = EvidenceBatch(buckets=tuple(rollup(records)), version=1).rows
+    changed: dict[Any, list[Any]] = {}
+    for row in rows:
+        changed.setdefault((WF, ST, row[3]), []).append((row[0], row_sums(row)))
+    late = rec(clock() + 30.0, "nano", True)  # reported while the arms were being built
+    test = RoutingPolicy().change_test
+    states = []
+    for walked in (True, False):
+        memory = EvidenceMemory(test)
+        memory.add(late, late.timestamp.timestamp())
+        built = {k: Arm.walked(test, dict(v)) for k, v in changed.items()} if walked else None
+        memory.apply(changed, 1, clock(), built)
+        states.append(
+            {
+                key: (
+                    arm.starts,
+                    arm.data,
+                    arm.saved,
+                    [attrs.asdict(r) for r in arm.regimes],
+                    arm.cur,
+                    arm.window_n,
+                    arm.cum_n,
+                    arm.proof,
+                )
+                for key, arm in memory.arms.items()
+            }
+        )
+    assert states[0] == states[1]
+    assert len(states[0][(WF, ST, "mini")][0]) == 600
 
 
 def _tracked() -> int:

@@ -12,6 +12,7 @@ restart.  Pure: no I/O, no clock (the router passes the times in).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from ..records import LLMCallRecord, Outcome
@@ -76,18 +77,28 @@ class EvidenceMemory:
             self.epoch += 1
         return arm
 
-    def apply(self, changed: ChangedBuckets, version: int, cutoff: float) -> None:
+    def apply(
+        self,
+        changed: ChangedBuckets,
+        version: int,
+        cutoff: float,
+        walked: Mapping[ArmKey, Arm] | None = None,
+    ) -> None:
         """
         Replace the changed buckets by the store's and rebuild the stage priors.
 
         ``version`` is the store's version after this read, ``cutoff`` when the read
         began: later outcomes reported live are added, earlier ones are the store's.
+        ``walked``: arms already built from ``changed`` (`Arm.walked`) for keys that held
+        nothing, taken over where they still hold nothing (`Arm.take`).
         """
         self.resets += 1
         for key in changed:
             self._arm(key)
         for key, arm in self.arms.items():
-            arm.apply(changed.get(key, ()))
+            fresh = walked.get(key) if walked else None
+            if fresh is None or not arm.take(fresh):
+                arm.apply(changed.get(key, ()))
         self.rebuild_priors()
         self.version = version
         self.cutoff = cutoff

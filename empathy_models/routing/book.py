@@ -640,6 +640,18 @@ class Arm:
         arm._load(dict(buckets))
         return arm
 
+    def take(self, fresh: Arm) -> bool:
+        """
+        Take over ``fresh`` (`walked` from a refresh's buckets) if this arm holds nothing
+        yet; ``False`` (nothing done) if it does: then `apply` those buckets instead.
+        """
+        if self.starts or self.saved:
+            return False
+        for name in _WALKED:
+            setattr(self, name, getattr(fresh, name))
+        self.version = max(self.version, fresh.version) + 1
+        return True
+
     def adopt(self, fresh: Arm, snapshot: dict[int, Sums], floor: int) -> None:
         """
         Take over ``fresh`` (`walked` from ``snapshot``, this arm's buckets from
