@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
 from typing import Final
 
@@ -591,7 +591,7 @@ class Arm:
             self.version += 1
             self._rerun(self._pos(first))
 
-    def _load(self, buckets: dict[int, Sums | None]) -> None:
+    def _load(self, buckets: Mapping[int, Sums | None]) -> None:
         # an empty arm's first buckets (start-up): built in one pass, tested once
         rows = sorted((t, v) for t, v in buckets.items() if v is not None)
         if not rows:
@@ -631,13 +631,13 @@ class Arm:
         return {t: data[t] for t in self.starts[bisect_left(self.starts, floor) :]}
 
     @classmethod
-    def walked(cls, test: ChangeTest, buckets: dict[int, Sums]) -> Arm:
+    def walked(cls, test: ChangeTest, buckets: Mapping[int, Sums]) -> Arm:
         """
         A new arm holding ``buckets``, the change test run over them.  Touches nothing
         shared: it may run in another thread while the arm it is for takes outcomes.
         """
         arm = cls(test=test)
-        arm._load(dict(buckets))
+        arm._load(buckets)
         return arm
 
     def take(self, fresh: Arm) -> bool:
