@@ -13,10 +13,10 @@ the decision                             ``routing_propensity``
 an eligible pick (no exploration)        ``1 - explore_rate`` (the share the
                                          exploration budget may divert)
 relaxed or pinned (``policy_applied``)   1.0 (no random choice is made)
-warm-up exploration                      ``warmup_share``
-re-probe of a rejected model             ``1 / reprobe_interval``
-exploration budget                       ``explore_rate``
-nothing eligible: exploring              1.0 (the cheapest plausible candidate; a
+``exploration_kind="warm-up"``           ``warmup_share``
+``"re-probe"`` (a rejected model)        ``1 / reprobe_interval``
+``"budget"`` (exploration budget)        ``explore_rate``
+``"unproven"`` (nothing eligible)        1.0 (the cheapest plausible candidate; a
                                          draw decides only between near-misses)
 =======================================  =============================================
 
@@ -41,13 +41,13 @@ def routing_propensity(decision: RoutingDecision, policy: RoutingPolicy | None) 
         return max(1e-6, 1.0 - explore_rate)
     if policy is None:
         return 1.0
-    reason = decision.reason
-    if reason.startswith("warm-up"):
+    kind = decision.exploration_kind
+    if kind == "warm-up":
         p = policy.warmup_share
-    elif reason.startswith("re-probe"):
+    elif kind == "re-probe":
         p = 1.0 / policy.reprobe_interval
-    elif reason.startswith("exploration budget"):
+    elif kind == "budget":
         p = explore_rate
-    else:
+    else:  # "unproven" (nothing else to pick), or not said
         p = 1.0
     return min(1.0, max(1e-6, p))

@@ -251,15 +251,15 @@ def test_propensity_follows_what_the_decision_states() -> None:
     relaxed = attrs.evolve(plain, policy_applied="relax", constraints_met=False)
     assert routing_propensity(relaxed, policy) == 1.0
     explore = attrs.evolve(plain, exploration=True, constraints_met=False)
-    for reason, expected in [
-        ("warm-up: measuring a cheaper model", 0.4),
-        ("re-probe: measuring a rejected or degraded model", 0.01),
-        ("exploration budget: measuring an unproven model", 0.01),
-        ("no model is proven to meet the constraints yet", 1.0),
+    for kind, expected in [
+        ("warm-up", 0.4),
+        ("re-probe", 0.01),
+        ("budget", 0.01),
+        ("unproven", 1.0),
+        (None, 1.0),
     ]:
-        assert routing_propensity(attrs.evolve(explore, reason=reason), policy) == pytest.approx(
-            expected
-        )
+        decision = attrs.evolve(explore, exploration_kind=kind)
+        assert routing_propensity(decision, policy) == pytest.approx(expected)
 
 
 def test_records_carry_the_propensity_and_reject_a_bad_one() -> None:
