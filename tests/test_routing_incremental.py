@@ -114,6 +114,42 @@ def test_incremental_verdicts_decide_as_looking_at_every_arm(
     assert _run(full_scan=False) == expected
 
 
+def test_a_stream_keeps_one_exploration_budget_when_the_caches_start_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the exploration budgets (one per workflow, stage and candidates) start over when
+    # too many streams were seen: no cached decision context may keep the old budget of
+    # a stream while a new context of that stream gets a new one (two budgets)
+    monkeypatch.setattr(verdicts_module, "MAX_CONTEXTS", 4)
+    registry = priced_registry([("a", 1.0), ("b", 2.0)], "test")
+    router = AdaptiveModelRouter(registry, seed=3, refresh_interval=None)
+
+    def decide(stage: str, min_success_rate: float) -> None:
+        router.get_best_model(
+            "wf",
+            stage,
+            candidates=["a", "b"],
+            input_tokens=100,
+            max_tokens=400,
+            min_success_rate=min_success_rate,
+            on_no_match="relax",
+        )
+
+    for stage in ("s", "t", "u"):  # three streams
+        decide(stage, 0.9)
+    decide("s", 0.8)  # a fourth context: the context cache is full
+    decide("s", 0.7)  # the context cache starts over; this one is kept, with s's budget
+    decide("v", 0.9)  # a fourth stream
+    decide("w", 0.9)  # a fifth: the budgets start over
+    decide("s", 0.4)  # a new context of s, with s's new budget
+    budgets = {
+        id(ctx.exploration)
+        for key, ctx in router._verdicts._contexts.items()
+        if key[:2] == ("wf", "s")
+    }
+    assert len(budgets) == 1
+
+
 def _stage_call(model: str, ok: bool, output_tokens: int) -> LLMCallRecord:
     """One call of stage wf/s: 100 tokens in, ``output_tokens`` out."""
     return LLMCallRecord(

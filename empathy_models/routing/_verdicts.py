@@ -101,7 +101,10 @@ class VerdictCache:
         exploration = self._explorations.get(stream)
         if exploration is None:
             if len(self._explorations) >= MAX_CONTEXTS:
+                # the cached contexts go too: none may keep a budget the stream lost
                 self._explorations.clear()
+                self._contexts.clear()
+                self._latest.clear()
             exploration = self._explorations[stream] = Exploration()
         facts = [self.model_facts(m) for m in models]
         return _context(stream[2], facts, exploration, limits, self.policy.prior_output_tokens)
