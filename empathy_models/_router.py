@@ -90,6 +90,13 @@ WINDOW_STEPS: Final = 168
 """The evidence window's start moves in steps of 1/WINDOW_STEPS of it (`window_floor`)."""
 
 
+def _iso(ts: float | None) -> str:
+    try:
+        return "?" if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return repr(ts)
+
+
 def _window_start(now: float, days: float) -> datetime:
     """Where the window starts at ``now`` (`window_floor`), as a datetime to read from."""
     floor = window_floor(now, days)
@@ -238,7 +245,7 @@ class _StorelessWindow:
     A router with a store never is due (its refresh moves the window).
     """
 
-    __slots__ = ("clock", "days", "due", "memory", "task")
+    __slots__ = ("clock", "days", "due", "memory", "task", "warned")
 
     def __init__(
         self, memory: EvidenceMemory, clock: Callable[[], float], days: float, active: bool
@@ -248,6 +255,20 @@ class _StorelessWindow:
         self.days = days
         self.due = -math.inf if active else math.inf
         self.task: asyncio.Task[None] | None = None
+        self.warned = False
+
+    def dropped(self, ts: float) -> None:
+        """An outcome from before the window's start was not taken: said once, then DEBUG."""
+        level = logging.DEBUG if self.warned else logging.WARNING
+        self.warned = True
+        logger.log(
+            level,
+            "router without a store ignored an outcome from %s, before its evidence "
+            "window (RoutingPolicy.window_days=%g) starts at %s",
+            _iso(ts),
+            self.days,
+            _iso(self.memory.cutoff),
+        )
 
     def move(self) -> None:
         """Move the window's start to where it is now, and schedule the slide."""
@@ -590,7 +611,8 @@ class AdaptiveModelRouter:
 
         Only sample outcomes count (success, failure, rate_limited, fatal); ignored,
         cancelled and rejected attempts are dropped.  A record timestamped before the
-        last refresh began is not added (the backend holds it, or will).
+        last refresh began is not added (the backend holds it, or will); without a
+        store, one from before the window's start is not (a warning says so, once).
         """
         if not record.outcome.is_sample:
             return
@@ -598,7 +620,8 @@ class AdaptiveModelRouter:
         if ts >= self._window.due:
             self._window.move()
         self._recent.add(record, ts)
-        self._memory.add(record, ts)
+        if not self._memory.add(record, ts) and self._store is None:
+            self._window.dropped(ts)
 
     # ------------------------------------------------------------------ deciding
 

@@ -669,6 +669,21 @@ def test_a_router_used_without_an_event_loop_moves_its_window_at_once() -> None:
         assert 240 <= window <= 240 + 4  # an hour of calls, and up to a minute's more
 
 
+def test_a_router_without_a_store_says_when_it_ignores_an_outcome_before_its_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    policy = RoutingPolicy(window_days=1.0)
+    router = AdaptiveModelRouter(registry(), clock=clock, policy=policy)
+    with caplog.at_level("DEBUG", logger="empathy_models.router"):
+        for age_s in (2 * 86400.0, 3 * 86400.0, 60.0):
+            router.record_outcome(rec(clock() - age_s, "nano", True))
+    said = [r.levelname for r in caplog.records if "ignored an outcome" in r.getMessage()]
+    assert said == ["WARNING", "DEBUG"]  # once, then quietly
+    decision = router.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]
+    assert {c.model: c.sample_size for c in decision.candidates}["nano"] == 1
+
+
 async def test_a_start_leaves_the_event_loop_free_and_takes_outcomes_meanwhile() -> None:
     # a start over thousands of buckets groups and builds its arms in a worker thread:
     # other tasks run meanwhile, and the outcomes they report are kept; a refresh

@@ -131,10 +131,14 @@ class EvidenceMemory:
             prior.version = (old.version + 1) if old is not None else 0
             self.priors[stage_key] = prior
 
-    def add(self, record: LLMCallRecord, ts: float) -> None:
-        """Add one sample outcome timestamped ``ts`` (epoch seconds), unless it is the store's."""
+    def add(self, record: LLMCallRecord, ts: float) -> bool:
+        """
+        Add one sample outcome timestamped ``ts`` (epoch seconds), unless it is before
+        ``cutoff`` (the store's, or before the window of a router without a store):
+        whether it was added.
+        """
         if self.cutoff is not None and ts < self.cutoff:
-            return
+            return False
         key = (record.workflow or None, record.stage or None, record.model)
         arm = self.arms.get(key)
         if arm is None:
@@ -161,3 +165,4 @@ class EvidenceMemory:
             prior.successes += 1
             prior.output_tokens += record.output_tokens
             prior.version += 1
+        return True
