@@ -167,7 +167,7 @@ async def refresh_cost(router: AdaptiveModelRouter) -> int:
     return book_buckets(router)
 
 
-TICK = 0.001  # the slide's stall: how late a task sleeping this long wakes
+TICK = 0.001  # a stall: how late a task sleeping this long wakes (`stalled`)
 
 
 async def slide_cost(router: AdaptiveModelRouter, clock: list[float]) -> float:
@@ -420,7 +420,7 @@ async def run(quick: bool = False) -> BenchResult:
         "transaction).",
         f"start = router.start() over a freshly opened backend (every evidence bucket of the "
         f"7-day window read and applied to the evidence book; start stall: as the slide's "
-        f"below); refresh = router.refresh() after "
+        f"below, and the start's CPU includes that task's own); refresh = router.refresh() after "
         f"{NEW_CALLS:,} new calls (buckets read = new buckets in the book); medians of "
         f"{REPEATS} runs. CPU is this process's (time.process_time: client side, SQLite "
         "included).",
