@@ -118,9 +118,10 @@ def test_a_stream_keeps_one_exploration_budget_when_the_caches_start_over(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # the exploration budgets (one per workflow, stage and candidates) start over when
-    # too many streams were seen: no cached decision context may keep the old budget of
-    # a stream while a new context of that stream gets a new one (two budgets)
+    # too many streams were seen (4 here, 16,384 by default): no cached decision context
+    # may keep the old budget of a stream while a new context of it gets a new one
     monkeypatch.setattr(verdicts_module, "MAX_CONTEXTS", 4)
+    monkeypatch.setattr(verdicts_module, "MAX_STREAMS", 4)
     registry = priced_registry([("a", 1.0), ("b", 2.0)], "test")
     router = AdaptiveModelRouter(registry, seed=3, refresh_interval=None)
 
@@ -148,6 +149,49 @@ def test_a_stream_keeps_one_exploration_budget_when_the_caches_start_over(
         if key[:2] == ("wf", "s")
     }
     assert len(budgets) == 1
+
+
+def test_many_streams_keep_their_exploration_and_re_probes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # more streams than the decision-context cache holds (4 here, 1,024 by default),
+    # decided in turn: the cache starts over again and again, but each stream keeps its
+    # exploration state, so the cheaper model it rejected is still re-probed
+    monkeypatch.setattr(verdicts_module, "MAX_CONTEXTS", 4)
+    registry = priced_registry([("a", 1.0), ("b", 2.0)], "test")
+    router = AdaptiveModelRouter(
+        registry, seed=3, refresh_interval=None, policy=RoutingPolicy(reprobe_interval=10)
+    )
+    rng = random.Random(5)
+    kinds: dict[str, list[str | None]] = {f"s{i}": [] for i in range(6)}
+    for _ in range(300):
+        for stage, seen in kinds.items():
+            d = router.get_best_model(
+                "wf",
+                stage,
+                candidates=["a", "b"],
+                input_tokens=100,
+                max_tokens=400,
+                min_success_rate=0.9,
+                on_no_match="relax",
+            )
+            seen.append(d.exploration_kind)
+            ok = rng.random() < (0.5 if d.model == "a" else 0.99)  # a misses the limit
+            router.record_outcome(
+                LLMCallRecord(
+                    provider="openai",
+                    model=d.model,
+                    workflow="wf",
+                    stage=stage,
+                    outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
+                    latency_ms=200.0,
+                    input_tokens=100,
+                    output_tokens=100 if ok else 0,
+                    cost_usd=0.001,
+                )
+            )
+    for stage, seen in kinds.items():
+        assert seen[-100:].count("re-probe") >= 2, (stage, seen[-100:])
 
 
 def _stage_call(model: str, ok: bool, output_tokens: int) -> LLMCallRecord:

@@ -21,6 +21,13 @@ from .policy import Constraints, RoutingPolicy
 __all__ = ["Limits", "VerdictCache", "classify", "limits_of"]
 
 MAX_CONTEXTS: Final = 1024
+"""The most decision contexts kept (a cache: past it, they are judged afresh)."""
+MAX_STREAMS: Final = 16_384
+"""
+The most streams (workflow, stage, candidates) whose exploration state is kept: the
+budget and re-probe waits, which build up over a stream's decisions.  Past it every
+stream starts over (~450 bytes a stream, its key included: ~7 MB at the bound).
+"""
 
 Limits = tuple[float | None, float | None, float | None, bool, int | None, float | None]
 """A `Constraints` as a plain tuple, in its fields' order (a cheap context key)."""
@@ -100,7 +107,7 @@ class VerdictCache:
         stream = (workflow, stage, tuple(models))
         exploration = self._explorations.get(stream)
         if exploration is None:
-            if len(self._explorations) >= MAX_CONTEXTS:
+            if len(self._explorations) >= MAX_STREAMS:
                 # the cached contexts go too: none may keep a budget the stream lost
                 self._explorations.clear()
                 self._contexts.clear()
