@@ -134,7 +134,9 @@ class ExecutionContext:
     Who is calling and under which limits; immutable and safe to reuse across calls.
 
     Args:
-        workflow, stage: where the call belongs; the router learns per (workflow, stage).
+        workflow, stage: where the call belongs; the router learns per (workflow, stage),
+            so name kinds of work ("support", "triage"), not users or requests: the
+            router keeps state for every (workflow, stage, model) it has seen.
         task_type: picks the tier when ``tier`` is not given (normalized:
             ``"FIX_BUG"``, ``"fix-bug"`` and ``"fix bug"`` are the same task).
         tier: overrides the task's tier.
