@@ -163,45 +163,26 @@ def test_many_streams_keep_their_exploration_and_re_probes(
         registry, seed=3, refresh_interval=None, policy=RoutingPolicy(reprobe_interval=10)
     )
     rng = random.Random(5)
+    ask: dict[str, Any] = {"candidates": ["a", "b"], "input_tokens": 100, "max_tokens": 400}
     kinds: dict[str, list[str | None]] = {f"s{i}": [] for i in range(6)}
     for _ in range(300):
         for stage, seen in kinds.items():
-            d = router.get_best_model(
-                "wf",
-                stage,
-                candidates=["a", "b"],
-                input_tokens=100,
-                max_tokens=400,
-                min_success_rate=0.9,
-                on_no_match="relax",
-            )
+            d = router.get_best_model("wf", stage, min_success_rate=0.9, **ask)
             seen.append(d.exploration_kind)
             ok = rng.random() < (0.5 if d.model == "a" else 0.99)  # a misses the limit
-            router.record_outcome(
-                LLMCallRecord(
-                    provider="openai",
-                    model=d.model,
-                    workflow="wf",
-                    stage=stage,
-                    outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
-                    latency_ms=200.0,
-                    input_tokens=100,
-                    output_tokens=100 if ok else 0,
-                    cost_usd=0.001,
-                )
-            )
+            router.record_outcome(_stage_call(d.model, ok, 100, stage=stage))
     for stage, seen in kinds.items():
         assert seen[-100:].count("re-probe") >= 2, (stage, seen[-100:])
 
 
-def _stage_call(model: str, ok: bool, output_tokens: int) -> LLMCallRecord:
-    """One call of stage wf/s: 100 tokens in, ``output_tokens`` out."""
+def _stage_call(model: str, ok: bool, output_tokens: int, stage: str = "s") -> LLMCallRecord:
+    """One call of stage wf/``stage``: 100 tokens in, ``output_tokens`` out."""
     return LLMCallRecord(
         provider="openai",
         model=model,
         outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
         workflow="wf",
-        stage="s",
+        stage=stage,
         latency_ms=200.0,
         input_tokens=100,
         output_tokens=output_tokens,
