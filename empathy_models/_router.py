@@ -50,8 +50,9 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from types import TracebackType
-from typing import Any, ClassVar, Final, Self
+from typing import Any, ClassVar, Final, Self, TypeVar
 
 from ._fast import gc_paused
 from .abc import TelemetryBackend
@@ -69,7 +70,7 @@ from .routing._explain import Decider
 from .routing._memory import ArmKey, ChangedBuckets, EvidenceMemory
 from .routing._recent import RecentWindows
 from .routing._verdicts import Limits, VerdictCache, classify
-from .routing.book import BUCKET, Arm, ChangeTest
+from .routing.book import BUCKET, Arm
 from .routing.decide import Context, select
 from .routing.policy import RoutingPolicy
 from .routing.reports import (
@@ -86,6 +87,7 @@ logger = logging.getLogger("empathy_models.router")
 
 _EARLIEST: Final = datetime.min.replace(tzinfo=UTC)
 _RECENT_FALLBACK_LIMIT: Final = 10_000_000
+_T = TypeVar("_T")
 WINDOW_STEPS: Final = 168
 """The evidence window's start moves in steps of 1/WINDOW_STEPS of it (`window_floor`)."""
 
@@ -97,9 +99,8 @@ def _iso(ts: float | None) -> str:
         return repr(ts)
 
 
-def _window_start(now: float, days: float) -> datetime:
-    """Where the window starts at ``now`` (`window_floor`), as a datetime to read from."""
-    floor = window_floor(now, days)
+def _since(floor: int | None) -> datetime:
+    """The window's start (`window_floor`) as a datetime to read from."""
     return _EARLIEST if floor is None else datetime.fromtimestamp(floor, UTC)
 
 
@@ -178,17 +179,18 @@ async def _read_evidence(
     if len(batch) < _INLINE_ROWS:
         with gc_paused():
             return _by_arm(batch.rows), batch.version, rollups
-    return await asyncio.to_thread(_grouped, batch), batch.version, rollups
+    grouped = await asyncio.to_thread(_paused, lambda: _by_arm(batch.rows))
+    return grouped, batch.version, rollups
 
 
 _INLINE_ROWS: Final = 4096
 """Fewer rows than this are grouped (and new arms walked) in the event loop's thread."""
 
 
-def _grouped(batch: EvidenceBatch) -> ChangedBuckets:
-    # `_by_arm` in a worker thread, without collections of the whole process meanwhile
+def _paused(work: Callable[[], _T]) -> _T:
+    """``work()`` (in a worker thread) without collections of the whole process meanwhile."""
     with gc_paused():
-        return _by_arm(batch.rows)
+        return work()
 
 
 async def _walk_new(memory: EvidenceMemory, by_arm: ChangedBuckets) -> dict[ArmKey, Arm]:
@@ -205,18 +207,10 @@ async def _walk_new(memory: EvidenceMemory, by_arm: ChangedBuckets) -> dict[ArmK
     }
     if sum(map(len, new.values())) < _INLINE_ROWS:
         return {}
-    return await asyncio.to_thread(_walked_all, memory.test, new)
-
-
-def _walked_all(test: ChangeTest, new: ChangedBuckets) -> dict[ArmKey, Arm]:
-    with gc_paused():
-        return {key: Arm.walked(test, dict(buckets)) for key, buckets in new.items()}
-
-
-def _walked(test: ChangeTest, snapshot: dict[int, Sums]) -> Arm:
-    # `Arm.walked` in a worker thread, without collections of the whole process meanwhile
-    with gc_paused():
-        return Arm.walked(test, snapshot)
+    test = memory.test
+    return await asyncio.to_thread(
+        _paused, lambda: {key: Arm.walked(test, dict(b)) for key, b in new.items()}
+    )
 
 
 async def _slide(memory: EvidenceMemory, floor: int) -> None:
@@ -230,7 +224,7 @@ async def _slide(memory: EvidenceMemory, floor: int) -> None:
     behind = memory.behind(floor)
     for arm in behind:
         snapshot = arm.window_from(floor)
-        fresh = await asyncio.to_thread(_walked, arm.test, snapshot)
+        fresh = await asyncio.to_thread(_paused, partial(Arm.walked, arm.test, snapshot))
         memory.adopt(arm, fresh, snapshot, floor)
     if behind:
         memory.rebuild_priors()
@@ -281,13 +275,14 @@ class _StorelessWindow:
         memory.cutoff = floor
         if self.task is not None and not self.task.done():
             return  # the running slide moves on to the new start when it ends
-        if not memory.behind(floor):
+        behind = memory.behind(floor)
+        if not behind:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             with gc_paused():
-                for arm in memory.behind(floor):
+                for arm in behind:
                     memory.rebase(arm, floor)
                 memory.rebuild_priors()
             return
@@ -534,7 +529,7 @@ class AdaptiveModelRouter:
         async with self._refresh_lock:
             cutoff = self._clock()
             floor = window_floor(cutoff, self.policy.window_days)
-            since = _window_start(cutoff, self.policy.window_days)
+            since = _since(floor)
             try:
                 await store.flush()
                 by_arm, version, self._rollups = await _read_evidence(
@@ -568,7 +563,7 @@ class AdaptiveModelRouter:
         if store is None or limit == 0:
             return
         now = self._clock()
-        since = _window_start(now, self.policy.window_days)
+        since = _since(window_floor(now, self.policy.window_days))
         every = {(wf, st) for wf, st, _ in self._memory.arms if wf}
         stages = sorted((wf, st) for wf, st in every if st)[:limit]
         targets: list[tuple[str, str | None]] = [*stages, *sorted({(wf, None) for wf, _ in stages})]
