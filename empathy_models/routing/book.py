@@ -457,7 +457,7 @@ _WALKED: Final = (
     "cur",
     "window_n",
 )
-"""`Arm`'s evidence and the change test's state over it (what `Arm.adopt` takes over)."""
+"""`Arm`'s evidence and the change test's state over it (what `Arm._become` takes over)."""
 
 
 @define(slots=True, eq=False)
@@ -647,9 +647,7 @@ class Arm:
         """
         if self.starts or self.saved:
             return False
-        for name in _WALKED:
-            setattr(self, name, getattr(fresh, name))
-        self.version = max(self.version, fresh.version) + 1
+        self._become(fresh)
         return True
 
     def adopt(self, fresh: Arm, snapshot: dict[int, Sums], floor: int) -> None:
@@ -665,9 +663,13 @@ class Arm:
         for t in snapshot.keys() - self.data.keys():
             changed[t] = None
         fresh.apply(changed.items())
+        self._become(fresh)
+        self.saved = {t: v for t, v in self.saved.items() if t >= floor}
+
+    def _become(self, fresh: Arm) -> None:
+        # ``fresh``'s evidence and change-test state, under a newer version than either's
         for name in _WALKED:
             setattr(self, name, getattr(fresh, name))
-        self.saved = {t: v for t, v in self.saved.items() if t >= floor}
         self.version = max(self.version, fresh.version) + 1
 
     # ------------------------------------------------------------------ internals
