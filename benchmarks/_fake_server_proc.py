@@ -2,11 +2,13 @@
 `FakeLLMServer` in an OS process of its own, so a benchmark's client process measures
 only the client's CPU.
 
-Run it as ``python -m benchmarks._fake_server_proc`` from the repository root (so it
-serves this tree's code).  It starts ``FakeLLMServer()`` with its defaults (every model a
-plain, immediate success), prints the server's URL (``http://127.0.0.1:<port>``; the
-OpenAI base URL is that plus ``/v1``) as its first line on stdout, then reads commands,
-one a line, on stdin:
+Run it as ``python -m benchmarks._fake_server_proc [SPEC]`` from the repository root (so
+it serves this tree's code).  It starts ``FakeLLMServer()`` with its defaults (every model
+a plain, immediate success), or as ``SPEC`` says: a JSON object with ``"api_key"`` (the
+key the server requires) and ``"models"`` (model id -> `ModelBehavior` fields given as
+JSON values: ``content``, ``output_tokens``, ...).  It prints the server's URL
+(``http://127.0.0.1:<port>``; the OpenAI base URL is that plus ``/v1``) as its first line
+on stdout, then reads commands, one a line, on stdin:
 
 - ``cpu``: prints this process's CPU time so far (``time.process_time()``, seconds),
   so the client can take the server's CPU over a batch of calls;
@@ -20,21 +22,24 @@ the CPU figure.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
+from empathy_models.testing import ModelBehavior
 from empathy_models.testing.fake_server import FakeLLMServer
 
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-async def _serve() -> None:
+async def _serve(spec: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
-    async with FakeLLMServer() as server:
+    behaviors = {m: ModelBehavior(**fields) for m, fields in spec.get("models", {}).items()}
+    async with FakeLLMServer(behaviors, api_key=spec.get("api_key")) as server:
         print(server.url, flush=True)
         while True:
             # a blocking read in a worker thread: it takes no CPU while it waits, and
@@ -55,15 +60,20 @@ class ServerProcess:
 
     ``with ServerProcess() as server:`` starts it and waits for its URL; leaving the
     block asks it to quit and kills it if it has not exited within 5 seconds.
+    ``models`` (model id -> `ModelBehavior` fields as JSON values) and ``api_key``
+    configure the server as in the module doc.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, models: dict[str, dict[str, Any]] | None = None, api_key: str | None = None
+    ) -> None:
         self._proc: subprocess.Popen[str] | None = None
+        self._spec = json.dumps({"models": models or {}, "api_key": api_key})
         self.url = ""
 
     def __enter__(self) -> Self:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks._fake_server_proc"],
+            [sys.executable, "-m", "benchmarks._fake_server_proc", self._spec],
             cwd=_ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -126,4 +136,4 @@ class ServerProcess:
 
 
 if __name__ == "__main__":
-    asyncio.run(_serve())
+    asyncio.run(_serve(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}))

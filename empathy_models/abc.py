@@ -1203,6 +1203,17 @@ class CompletionStream(abc.ABC):
     async def __anext__(self) -> str | ToolCallDelta:
         """The next piece; `StopAsyncIteration` when the answer is complete."""
 
+    async def next_pieces(self) -> list[str | ToolCallDelta]:
+        """
+        The pieces that have arrived and not been taken yet, in order, at least one
+        (waiting for one when none has); `StopAsyncIteration` when the answer is
+        complete, and a failure raises as `__anext__` would (after the pieces that came
+        before it were taken).  The executor reads a stream this way.  This default
+        takes one piece from `__anext__`; a stream that decodes pieces in batches
+        overrides it to hand over a whole batch at once.
+        """
+        return [await self.__anext__()]
+
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Stop reading and release the connection (a no-op once finished or closed)."""

@@ -47,6 +47,7 @@ end; the executor asks for it with ``stream_options.include_usage``).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -135,6 +136,7 @@ class LLMStream:
         "_parts",
         "_per_attempt",
         "_pieces",
+        "_ready",
         "_response",
         "_routes",
         "_run",
@@ -166,6 +168,7 @@ class LLMStream:
         self._parts: list[str] = []
         self._first: str | ToolCallDelta | None = None
         self._pieces = 0  # text deltas and tool-call pieces delivered
+        self._ready: deque[str | ToolCallDelta] = deque()  # taken from the stream, not delivered
         self._error: BaseException | None = None
         self._response: LLMResponse | None = None
         self._info: ModelInfo | None = None
@@ -220,7 +223,16 @@ class LLMStream:
         return self
 
     async def __anext__(self) -> str:
+        ready = self._ready
         while True:
+            if ready and self._state == "streaming":
+                # the common case, without a coroutine per piece (`_delivered`, inlined)
+                piece = ready.popleft()
+                self._pieces += 1
+                if type(piece) is str:
+                    self._parts.append(piece)
+                    return piece
+                continue
             piece = await self._next_piece()
             if type(piece) is str:
                 return piece
@@ -252,19 +264,25 @@ class LLMStream:
             if self._error is not None:
                 raise self._error
             raise StopAsyncIteration
-        stream = self._stream
-        assert stream is not None
-        try:
-            piece = await stream.__anext__()
-        except StopAsyncIteration:
-            await self._finish()
-            raise
-        except Exception as exc:
-            raise await self._interrupted(exc) from exc
-        except BaseException:
-            await self._close("cancelled")
-            raise
-        return self._delivered(piece)
+        ready = self._ready
+        if not ready:
+            stream = self._stream
+            assert stream is not None
+            try:
+                ready.extend(await stream.next_pieces())
+            except StopAsyncIteration:
+                await self._finish()
+                raise
+            except Exception as exc:
+                raise await self._interrupted(exc) from exc
+            except BaseException:
+                await self._close("cancelled")
+                raise
+            if not ready:
+                raise await self._interrupted(
+                    RuntimeError(f"{type(stream).__name__}.next_pieces() returned no piece")
+                )
+        return self._delivered(ready.popleft())
 
     def _delivered(self, piece: str | ToolCallDelta) -> str | ToolCallDelta:
         self._pieces += 1
@@ -404,17 +422,21 @@ class LLMStream:
             else (self._scope_ticket, scope_outcome if scope_outcome is not None else outcome)
         )
         try:
-            with anyio.CancelScope(shield=True):  # the record survives a cancel
-                await ex._fb.give(
-                    record,
-                    self._ticket,
-                    None if error is None else retry_after_of(error),
-                    None
-                    if error is None
-                    else ("cancelled" if outcome is Outcome.CANCELLED else _describe(error)),
-                    breaker_outcome,
-                    scope,
-                )
+            if error is None and outcome is Outcome.SUCCESS and breaker_outcome is None:
+                # as `run` gives a success: shielded only where a probe lease rides on it
+                await ex._fb.answered(record, self._ticket, self._scope_ticket)
+            else:
+                with anyio.CancelScope(shield=True):  # the record survives a cancel
+                    await ex._fb.give(
+                        record,
+                        self._ticket,
+                        None if error is None else retry_after_of(error),
+                        None
+                        if error is None
+                        else ("cancelled" if outcome is Outcome.CANCELLED else _describe(error)),
+                        breaker_outcome,
+                        scope,
+                    )
             obs = ex._obs
             if obs is not None and self._trace is not None:
                 obs.attempt_ended(

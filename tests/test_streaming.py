@@ -36,9 +36,11 @@ from empathy_models import (
     RetryPolicy,
     StreamInterruptedError,
 )
+from empathy_models.abc import Completion, CompletionRequest, CompletionStream, Provider
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
+from empathy_models.content import ToolCallDelta
 from empathy_models.exceptions import OverloadedError, ProviderTimeoutError, ServerError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
@@ -556,3 +558,106 @@ async def test_models_that_cannot_stream_are_left_out_of_a_stream(
             response = await stream.get_final_response()
     assert response.model == "gpt-fake-mini" and not response.fallback_used
     assert server.requests("claude-fake-haiku") == 1  # only the run() call
+
+
+# ------------------------------------------------------------------ a provider's own stream
+
+
+class _OwnStream(CompletionStream):
+    """A provider's own stream: pieces from ``__anext__`` (the default `next_pieces`),
+    or, with ``empty_batch``, a `next_pieces` that hands over nothing after the first."""
+
+    def __init__(self, pieces: list[str], empty_batch: bool) -> None:
+        self._pieces = list(pieces)
+        self._taken: list[str] = []
+        self._empty_batch = empty_batch
+        self.closed = False
+
+    async def __anext__(self) -> str:
+        if not self._pieces:
+            raise StopAsyncIteration
+        piece = self._pieces.pop(0)
+        self._taken.append(piece)
+        return piece
+
+    async def next_pieces(self) -> list[str | ToolCallDelta]:
+        if self._empty_batch:
+            return []
+        return await super().next_pieces()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    @property
+    def finished(self) -> bool:
+        return not self._pieces
+
+    def completion(self) -> Completion:
+        text = "".join(self._taken)
+        return Completion(content=text, model="own-model", input_tokens=3, output_tokens=len(text))
+
+
+class _OwnStreamProvider(Provider):
+    name = "own"
+
+    def __init__(self, empty_batch: bool = False) -> None:
+        self.empty_batch = empty_batch
+        self.streams: list[_OwnStream] = []
+
+    async def _complete(self, request: CompletionRequest) -> Completion:
+        raise AssertionError("only streamed here")
+
+    async def stream(
+        self,
+        request: CompletionRequest,
+        *,
+        idle_timeout: float | None = None,
+        total_timeout: float | None = None,
+    ) -> CompletionStream:
+        stream = _OwnStream(["Hel", "lo", ", ", "world"], self.empty_batch)
+        self.streams.append(stream)
+        return stream
+
+
+OWN_REGISTRY = ModelRegistry(
+    models=[
+        ModelInfo(
+            id="own-model",
+            provider="own",
+            tier="cheap",
+            input_price_per_mtok=1.0,
+            output_price_per_mtok=2.0,
+            context_window=8_000,
+            max_output_tokens=1_000,
+        )
+    ],
+    price_version="own",
+)
+
+
+async def test_a_providers_own_stream_is_read_piece_by_piece_through_the_default_batch() -> None:
+    provider = _OwnStreamProvider()
+    telemetry = MemoryTelemetryBackend()
+    async with (
+        EmpathyLLMExecutor([provider], registry=OWN_REGISTRY, telemetry_store=telemetry) as ex,
+        ex.stream("Hi", ExecutionContext(workflow="w", stage="s", tier="cheap")) as stream,
+    ):
+        deltas = [delta async for delta in stream]
+        response = await stream.get_final_response()
+    assert deltas == ["Hel", "lo", ", ", "world"]
+    assert response.content == "Hello, world"
+    assert [r.outcome for r in await telemetry.recent(limit=10)] == [Outcome.SUCCESS]
+
+
+async def test_a_stream_whose_batch_is_empty_fails_instead_of_hanging() -> None:
+    provider = _OwnStreamProvider(empty_batch=True)
+    telemetry = MemoryTelemetryBackend()
+    context = ExecutionContext(workflow="w", stage="s", tier="cheap")
+    executor = EmpathyLLMExecutor([provider], registry=OWN_REGISTRY, telemetry_store=telemetry)
+    async with executor as ex:
+        with pytest.raises(StreamInterruptedError, match=r"next_pieces\(\) returned no piece"):
+            async with ex.stream("Hi", context) as stream:
+                async for _ in stream:
+                    pass
+        assert provider.streams[0].closed
+        assert [r.outcome for r in await telemetry.recent(limit=10)] == [Outcome.FAILURE]

@@ -84,6 +84,84 @@ def test_sse_decoder_returns_the_events_before_a_flaw_then_raises() -> None:
         decoder.feed(b"")
 
 
+# Whole events of the plain shape take a short way through the decoder; a piece of one
+# byte never holds a whole event, so it always takes the general parser: the two must
+# give the same events and fail alike.
+SSE_SAMPLES = [
+    b"data: {}\n\n",
+    b"data: a\n\ndata: b\n\n",
+    b"event: delta\ndata: x\n\nevent: ping\ndata: {}\n\n",
+    b"event: \ndata: unnamed\n\n",  # an empty name is "message"
+    b"data:  two spaces\n\ndata:no space\n\n",
+    b"data: one\ndata: two\n\n",  # multi-line data
+    b": comment\n\ndata: after\n\n",
+    b"id: 7\ndata: with an id\n\n",
+    b"event: x\n\ndata: y\n\n",  # a data-less event is dropped
+    b"event: a\nevent: b\ndata: z\n\n",
+    b"data: crlf\r\n\r\ndata: lf\n\n",
+    b"data: trailing\r\n\n",
+    b"data: first\n\ndata: cut sh",  # a partial event after whole ones
+    b"data: first\n\n\n\ndata: blank lines between\n\n",
+    "data: caf\u00e9 \u2603\n\n".encode(),
+    b"data: \xff\n\n",
+    b"event: \xfe\ndata: x\n\n",
+    b"data: ok\n\ndata: " + b"x" * 80 + b"\n\n",  # over the limit of 64
+    b"data: " + b"x" * 64 + b"\n\n",  # at the limit
+    b"event: e\ndata: " + b"y" * 65 + b"\n\n",
+]
+
+
+def _sse_events(pieces: list[bytes]) -> tuple[list[tuple[str, str]], bool, bool]:
+    """(events, whether it failed, whether a partial event is left) over ``pieces``."""
+    decoder = SSEDecoder(max_event_bytes=64)
+    events: list[tuple[str, str]] = []
+    try:
+        for piece in pieces:
+            events.extend(decoder.feed(piece))
+        events.extend(decoder.feed(b""))  # a failure kept after events raises here
+    except InvalidResponseError:
+        return events, True, False
+    return events, False, decoder.pending
+
+
+@pytest.mark.parametrize("raw", SSE_SAMPLES, ids=range(len(SSE_SAMPLES)))
+def test_sse_decoder_reads_whole_events_as_it_reads_them_byte_by_byte(raw: bytes) -> None:
+    general = _sse_events([raw[i : i + 1] for i in range(len(raw))])
+    assert _sse_events([raw]) == general
+    # whole events after a partial one, and a stream cut at every event boundary
+    assert _sse_events([b"data: spl", b"it\n\n" + raw]) == _sse_events(
+        [(b"data: split\n\n" + raw)[i : i + 1] for i in range(len(raw) + 13)]
+    )
+    cuts = [i + 2 for i in range(len(raw)) if raw[i : i + 2] == b"\n\n"]
+    pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+    assert _sse_events([p for p in pieces if p]) == general
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ('{"choices":[{"index":0,"delta":{"content":"x"}}]}', ["x"]),
+        ('  {"choices":[{"index":0,"delta":{"content":"x"}}]}  ', ["x"]),  # spaces around
+        ('{"choices":[{"index":0,"delta":{"content":"\\u00e9"}}]}', ["\u00e9"]),
+        ('{"choices":[]} {"x":1}', "not JSON"),  # extra data
+        ('{"choices":[', "not JSON"),
+        ("[1, 2]", "not an object"),
+        ("NaN", "not an object"),
+        ("", "not JSON"),
+    ],
+)
+def test_openai_decoder_reads_each_events_json_as_json_loads_does(
+    data: str, expected: list[str] | str
+) -> None:
+    decoder = OpenAIStreamDecoder(provider="openai", model="gpt-4o")
+    raw = f"data: {data}\n\n".encode()
+    if isinstance(expected, list):
+        assert decoder.feed(raw) == expected
+    else:
+        with pytest.raises(InvalidResponseError, match=expected):
+            decoder.feed(raw)
+
+
 def test_openai_decoder_reads_a_recorded_stream() -> None:
     decoder = OpenAIStreamDecoder(provider="openai", model="gpt-4o")
     deltas = decoder.feed((DATA / "openai_chat_stream.sse").read_bytes())

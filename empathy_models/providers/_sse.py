@@ -4,8 +4,8 @@ Server-Sent Events, read incrementally, and the two streaming wire formats on to
 `SSEDecoder` turns bytes, as they arrive in arbitrary pieces, into ``(event, data)``
 pairs (the ``text/event-stream`` framing: ``event:`` and ``data:`` fields, a blank line
 ends an event, ``:`` starts a comment; ``id:`` and ``retry:`` are ignored).  Its buffer
-is bounded: a line or an event longer than ``max_event_bytes`` raises
-`InvalidResponseError` instead of growing without limit.
+is bounded: a line (beyond a ``data: `` prefix) or an event longer than
+``max_event_bytes`` raises `InvalidResponseError` instead of growing without limit.
 
 `OpenAIStreamDecoder` reads Chat Completions chunks (``data: {...}`` with
 ``choices[0].delta.content``, the usage-only chunk that ``stream_options.include_usage``
@@ -38,6 +38,9 @@ __all__ = [
     "StreamDecoder",
 ]
 
+_scan: Final = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+"""``(value, end)`` of the JSON value at an index (the C scanner `json.loads` uses)."""
+
 DEFAULT_MAX_EVENT_BYTES: Final = 1024 * 1024
 """The longest SSE line or event a decoder buffers (1 MiB; a chunk is well under 1 KiB)."""
 
@@ -67,9 +70,10 @@ class SSEDecoder:
     Incremental ``text/event-stream`` parser: `feed` bytes, get complete events.
 
     Lines end with ``\\n`` or ``\\r\\n``.  An event without ``data`` is dropped (as the
-    standard says); the event name defaults to ``"message"``.  A line or event longer
-    than ``max_event_bytes`` raises `InvalidResponseError` (the buffer never grows past
-    it), as does a line that is not UTF-8.
+    standard says); the event name defaults to ``"message"``.  An event whose data is
+    longer than ``max_event_bytes``, or an unfinished line longer than that plus the six
+    bytes of a ``data: `` prefix, raises `InvalidResponseError` (the buffer never grows
+    past it), as does a line that is not UTF-8.
     """
 
     __slots__ = (
@@ -127,6 +131,13 @@ class SSEDecoder:
             return events
 
     def _feed(self, chunk: bytes, events: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        if not self._buffer and self._data is None and self._event is None:
+            # nothing half-read: whole events of the plain shape go the short way
+            cut = chunk.rfind(b"\n\n") + 2
+            if cut > 1 and self._plain(chunk[:cut] if cut < len(chunk) else chunk, events):
+                if cut == len(chunk):
+                    return events
+                chunk = chunk[cut:]
         buffer = self._buffer + chunk if self._buffer else chunk
         start = 0
         find = buffer.find
@@ -168,11 +179,47 @@ class SSEDecoder:
                     raise self._error("a line is not UTF-8") from None
             # id:, retry: and unknown fields are ignored
         rest = buffer[start:] if start else buffer
-        if len(rest) > self._limit:
+        # (a ``data: `` line's prefix is not part of the event's bytes: the same line
+        # passes whether it arrives whole or in pieces)
+        if len(rest) > self._limit + 6:
             self._buffer = b""
             raise self._error(f"a line is longer than {self._limit:,} bytes")
         self._buffer = rest
         return events
+
+    def _plain(self, whole: bytes, events: list[tuple[str, str]]) -> bool:
+        """
+        Add the events of ``whole`` (bytes that end with a blank line) to ``events`` and
+        return True when every event in it has the plain shape the APIs send: one
+        ``data: <value>`` line, after one ``event: <name>`` line or none, ``\\n`` line
+        ends, UTF-8, within the size limit.  Otherwise add nothing and return False,
+        for the general parser to read ``whole`` (and raise on a flaw).  The events are
+        the ones the general parser gives for the same bytes.
+        """
+        if b"\r" in whole:
+            return False
+        parts = whole.split(b"\n\n")
+        parts.pop()  # the empty piece after the last blank line
+        limit = self._limit
+        found: list[tuple[str, str]] = []
+        try:
+            for part in parts:
+                if part[:6] == b"data: ":
+                    name, value = "message", part[6:]
+                elif part[:7] == b"event: ":
+                    head, _, value = part.partition(b"\n")
+                    if value[:6] != b"data: ":
+                        return False
+                    name, value = head[7:].decode() or "message", value[6:]
+                else:
+                    return False
+                if b"\n" in value or len(value) > limit:
+                    return False
+                found.append((name, value.decode()))
+        except UnicodeDecodeError:
+            return False
+        events.extend(found)
+        return True
 
 
 class StreamDecoder:
@@ -344,9 +391,17 @@ class StreamDecoder:
 
     def _decode(self, data: str) -> dict[str, Any]:
         try:
-            value = json.loads(data)
-        except (ValueError, RecursionError):
-            raise self._invalid(f"an event's data is not JSON (starts {data[:40]!r})") from None
+            # the C scanner alone, when it reads exactly ``data``: what `json.loads` gives
+            # without its two Python frames and whitespace matches; anything else (spaces
+            # around, extra data, not JSON) is left to `json.loads` to read or refuse
+            value, end = _scan(data, 0)
+        except (StopIteration, ValueError, RecursionError):
+            end = -1
+        if end != len(data):
+            try:
+                value = json.loads(data)
+            except (ValueError, RecursionError):
+                raise self._invalid(f"an event's data is not JSON (starts {data[:40]!r})") from None
         if not isinstance(value, dict):
             raise self._invalid(f"an event's data is a {type(value).__name__}, not an object")
         return value

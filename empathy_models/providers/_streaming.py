@@ -254,6 +254,21 @@ class HTTPCompletionStream(CompletionStream):
 
     async def __anext__(self) -> str | ToolCallDelta:
         pending = self._pending
+        if not pending:
+            await self._fill()
+        return pending.popleft()
+
+    async def next_pieces(self) -> list[str | ToolCallDelta]:
+        pending = self._pending
+        if not pending:
+            await self._fill()
+        pieces = [*pending]
+        pending.clear()
+        return pieces
+
+    async def _fill(self) -> None:
+        """Read and decode until a piece is pending; raise at the end or on a failure."""
+        pending = self._pending
         while not pending:
             if self._closed:
                 if self._failed is not None:
@@ -294,8 +309,10 @@ class HTTPCompletionStream(CompletionStream):
             if deltas:
                 pending.extend(deltas)
                 self._deltas += len(deltas)
-                self._parts.extend(d for d in deltas if isinstance(d, str))
-        return pending.popleft()
+                if decoder._calls:  # tool-call pieces among the text
+                    self._parts.extend(d for d in deltas if isinstance(d, str))
+                else:
+                    self._parts += deltas  # type: ignore[arg-type]  # text only: no call yet
 
     def _end(self) -> None:
         """The body ended: complete when the format's end marker came, else cut short."""
