@@ -27,6 +27,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -45,6 +46,8 @@ from empathy_models import (
 
 MODEL = "gpt-bench-long"
 SHORT_MODEL = "gpt-bench-short"
+FIT = (20, 400)  # chunks per stream of the two lengths part 3 fits a line through
+FIT_MODELS = {n: f"gpt-bench-fit-{n}" for n in FIT}
 # one model per tier, so the router decides (with its one candidate) on every call
 REGISTRY = ModelRegistry(
     models=[
@@ -65,6 +68,18 @@ REGISTRY = ModelRegistry(
             output_price_per_mtok=0.4,
             context_window=128_000,
             max_output_tokens=16_384,
+        ),
+        *(
+            ModelInfo(
+                id=model,
+                provider="openai",
+                tier="premium",
+                input_price_per_mtok=1.0,
+                output_price_per_mtok=4.0,
+                context_window=128_000,
+                max_output_tokens=16_384,
+            )
+            for model in FIT_MODELS.values()
         ),
     ],
     price_version="bench-streaming",
@@ -111,6 +126,7 @@ async def bench(quick: bool) -> dict[str, Any]:
     models = {
         MODEL: {"content": _words(chunks_per_stream), "output_tokens": chunks_per_stream},
         SHORT_MODEL: {"content": _words(4), "output_tokens": 4},
+        **{model: {"content": _words(n), "output_tokens": n} for n, model in FIT_MODELS.items()},
     }
     with ServerProcess(models, api_key="sk-bench") as server:
         url = server.openai_base_url + "/chat/completions"
@@ -202,6 +218,26 @@ async def bench(quick: bool) -> dict[str, Any]:
                     out[f"cpu {name}"] = summarize(cpu[name])
                     out[f"server cpu {name}"] = summarize(server_cpu[name])
 
+                # ---- per chunk and per stream: client CPU per stream at two lengths
+                fit: dict[str, list[float]] = {}
+                for n, model in FIT_MODELS.items():
+                    pinned = ExecutionContext(
+                        workflow="bench", stage="fit", model=model, max_tokens=1024
+                    )
+                    fit_sides: dict[str, Callable[[], Awaitable[int]]] = {
+                        "bare": partial(bare_stream, model),
+                        "ours": partial(ours_stream, pinned),
+                    }
+                    count = max(CONCURRENCY, streams * chunks_per_stream // n)
+                    for repeat in range(repeats + 1):  # the first warms up
+                        order = ("bare", "ours") if repeat % 2 == 0 else ("ours", "bare")
+                        for name in order:
+                            _, cpu_seconds, _ = await _batch(fit_sides[name], count, CONCURRENCY)
+                            if repeat:
+                                fit.setdefault(f"{name} {n}", []).append(cpu_seconds / count * 1e6)
+                for key, samples in fit.items():
+                    out[f"fit {key}"] = summarize(samples)
+
                 # ---- time to first token, one stream at a time, alternating sides
                 ttft_sides: dict[str, Callable[[list[float]], Awaitable[int]]] = {
                     "bare": lambda into: bare_stream(SHORT_MODEL, into),
@@ -265,6 +301,18 @@ async def run(quick: bool = False) -> BenchResult:
             f"server process CPU per chunk, serving {label}",
             **{"median µs": server["median"], "p99 µs": server["p99"]},
         )
+    short, long = FIT
+    for side, label in (("bare", "bare aiohttp SSE reader"), ("ours", "executor.stream()")):
+        a, b = data[f"fit {side} {short}"]["median"], data[f"fit {side} {long}"]["median"]
+        per_chunk = (b - a) / (long - short)
+        result.add(
+            f"{label}, client CPU per chunk, fitted (model pinned)",
+            **{"median µs": per_chunk},
+        )
+        result.add(
+            f"{label}, client CPU per stream beside its chunks, fitted (model pinned)",
+            **{"median µs": a - short * per_chunk},
+        )
     bare_ttft = data["ttft bare"]["median"]
     ours_ttft = data["ttft ours"]["median"]
     added = ours_ttft - bare_ttft
@@ -305,6 +353,12 @@ async def run(quick: bool = False) -> BenchResult:
         "telemetry and the breaker/router feedback at the end of each stream.  "
         f"Per-chunk overhead: {ours_wall - bare_wall:+.2f} µs wall, "
         f"{ours_cpu - bare_cpu:+.2f} µs CPU."
+    )
+    result.notes.append(
+        f"Fitted rows: the client's CPU per stream (median of the repeats) for streams of "
+        f"{short} and {long} chunks, the model pinned (no routing decision), sides "
+        "alternating; the line through the two gives the cost per chunk (its slope) and "
+        "per stream (its value at 0 chunks: the request, the breaker, the record)."
     )
     result.notes.append(
         "TTFT: from the call (``session.post`` / ``executor.stream``) to the first text "
