@@ -17,6 +17,9 @@ client's alone; the server process's CPU over the same batches is reported besid
 2. Time to first token, one stream at a time: from the call to the first delta in
    hand, for both; the difference of the medians is what the executor adds (routing,
    breaker admission, building the request, decoding).  Goal: under 100 µs.
+3. Where the client's CPU goes: per stream, for streams of 20 and 400 chunks (the model
+   pinned, both sides at 64 concurrent streams); the line through the two gives each
+   side's cost per chunk (its slope) and per stream (its value at 0 chunks).
 
 Run: ``python -m benchmarks.bench_streaming [--quick]``
 """
@@ -48,39 +51,27 @@ MODEL = "gpt-bench-long"
 SHORT_MODEL = "gpt-bench-short"
 FIT = (20, 400)  # chunks per stream of the two lengths part 3 fits a line through
 FIT_MODELS = {n: f"gpt-bench-fit-{n}" for n in FIT}
-# one model per tier, so the router decides (with its one candidate) on every call
+
+
+def _info(model: str, tier: str, input_price: float, output_price: float) -> ModelInfo:
+    return ModelInfo(
+        id=model,
+        provider="openai",
+        tier=tier,
+        input_price_per_mtok=input_price,
+        output_price_per_mtok=output_price,
+        context_window=128_000,
+        max_output_tokens=16_384,
+    )
+
+
+# one model in each of the capable and cheap tiers, so the router decides (with its one
+# candidate) on every call; the fitted rows' models (premium) are pinned
 REGISTRY = ModelRegistry(
     models=[
-        ModelInfo(
-            id=MODEL,
-            provider="openai",
-            tier="capable",
-            input_price_per_mtok=1.0,
-            output_price_per_mtok=4.0,
-            context_window=128_000,
-            max_output_tokens=16_384,
-        ),
-        ModelInfo(
-            id=SHORT_MODEL,
-            provider="openai",
-            tier="cheap",
-            input_price_per_mtok=0.1,
-            output_price_per_mtok=0.4,
-            context_window=128_000,
-            max_output_tokens=16_384,
-        ),
-        *(
-            ModelInfo(
-                id=model,
-                provider="openai",
-                tier="premium",
-                input_price_per_mtok=1.0,
-                output_price_per_mtok=4.0,
-                context_window=128_000,
-                max_output_tokens=16_384,
-            )
-            for model in FIT_MODELS.values()
-        ),
+        _info(MODEL, "capable", 1.0, 4.0),
+        _info(SHORT_MODEL, "cheap", 0.1, 0.4),
+        *(_info(model, "premium", 1.0, 4.0) for model in FIT_MODELS.values()),
     ],
     price_version="bench-streaming",
 )
