@@ -7,6 +7,7 @@ fake, and the providers' `stream` over real HTTP on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,9 @@ SSE_SAMPLES = [
 ]
 
 
-def _sse_events(pieces: list[bytes]) -> tuple[list[tuple[str, str]], bool, bool]:
+def _sse_events(pieces: list[bytes], limit: int = 64) -> tuple[list[tuple[str, str]], bool, bool]:
     """(events, whether it failed, whether a partial event is left) over ``pieces``."""
-    decoder = SSEDecoder(max_event_bytes=64)
+    decoder = SSEDecoder(max_event_bytes=limit)
     events: list[tuple[str, str]] = []
     try:
         for piece in pieces:
@@ -135,6 +136,26 @@ def test_sse_decoder_reads_whole_events_as_it_reads_them_byte_by_byte(raw: bytes
     cuts = [i + 2 for i in range(len(raw)) if raw[i : i + 2] == b"\n\n"]
     pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
     assert _sse_events([p for p in pieces if p]) == general
+
+
+_SSE_ATOMS = [
+    *(b"data: ", b"data:", b"event: ", b"event:", b"id: 1", b": c", b"x", b"yz", b" ", b"{}"),
+    *(b"\n", b"\n", b"\n\n", b"\r\n", b"\r", "\u00e9".encode(), b"\xff"),
+    *(b"data: " + b"q" * 30, b"data: a\n\n", b"event: e\ndata: b\n\n", b"event: \ndata: c\n\n"),
+]
+
+
+def test_sse_decoder_reads_random_bytes_alike_whatever_the_pieces() -> None:
+    # seeded random streams of SSE fragments, odd ones included, under tight limits:
+    # whole, byte by byte and cut in two, the same events and the same failure
+    rng = random.Random(20261205)
+    for _ in range(3_000):
+        raw = b"".join(rng.choice(_SSE_ATOMS) for _ in range(rng.randint(1, 12)))
+        limit = rng.choice([4, 8, 16, 64, 1 << 20])
+        cut = rng.randint(0, len(raw))
+        general = _sse_events([raw[i : i + 1] for i in range(len(raw))], limit)
+        assert _sse_events([raw], limit) == general, (raw, limit)
+        assert _sse_events([raw[:cut], raw[cut:]], limit) == general, (raw, limit, cut)
 
 
 @pytest.mark.parametrize(

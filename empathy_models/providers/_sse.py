@@ -71,9 +71,10 @@ class SSEDecoder:
 
     Lines end with ``\\n`` or ``\\r\\n``.  An event without ``data`` is dropped (as the
     standard says); the event name defaults to ``"message"``.  An event whose data is
-    longer than ``max_event_bytes``, or an unfinished line longer than that plus the six
-    bytes of a ``data: `` prefix, raises `InvalidResponseError` (the buffer never grows
-    past it), as does a line that is not UTF-8.
+    longer than ``max_event_bytes``, or a line (finished or not) longer than that plus
+    the six bytes of a ``data: `` prefix, raises `InvalidResponseError` (the buffer never
+    grows past it), as does a line that is not UTF-8: the same whatever pieces the bytes
+    arrive in.
     """
 
     __slots__ = (
@@ -141,11 +142,17 @@ class SSEDecoder:
         buffer = self._buffer + chunk if self._buffer else chunk
         start = 0
         find = buffer.find
+        # a line may hold the limit's bytes after a ``data: `` prefix (the event's bytes)
+        longest = self._limit + 6
         while (end := find(b"\n", start)) >= 0:
             line = buffer[start:end]
             start = end + 1
             if line[-1:] == b"\r":
                 line = line[:-1]
+            if len(line) > longest:
+                self._buffer = b""
+                self._data = None
+                raise self._error(f"a line is longer than {self._limit:,} bytes")
             if not line:
                 data = self._data
                 if data is not None:
@@ -179,9 +186,8 @@ class SSEDecoder:
                     raise self._error("a line is not UTF-8") from None
             # id:, retry: and unknown fields are ignored
         rest = buffer[start:] if start else buffer
-        # (a ``data: `` line's prefix is not part of the event's bytes: the same line
-        # passes whether it arrives whole or in pieces)
-        if len(rest) > self._limit + 6:
+        # an unfinished line is held to the same bound (its ``\r`` may be the line end's)
+        if len(rest) - (rest[-1:] == b"\r") > longest:
             self._buffer = b""
             raise self._error(f"a line is longer than {self._limit:,} bytes")
         self._buffer = rest
@@ -208,7 +214,7 @@ class SSEDecoder:
                     name, value = "message", part[6:]
                 elif part[:7] == b"event: ":
                     head, _, value = part.partition(b"\n")
-                    if value[:6] != b"data: ":
+                    if value[:6] != b"data: " or len(head) > limit + 6:
                         return False
                     name, value = head[7:].decode() or "message", value[6:]
                 else:
