@@ -572,4 +572,7 @@ class StreamEvents:
         return self
 
     async def __anext__(self) -> str | ToolCallDelta:
-        return await self._stream._next_piece()
+        stream = self._stream
+        if stream._ready and stream._state == "streaming":  # as in `LLMStream.__anext__`
+            return stream._delivered(stream._ready.popleft())
+        return await stream._next_piece()
