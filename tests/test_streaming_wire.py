@@ -229,6 +229,20 @@ def test_a_failure_after_deltas_in_one_piece_waits_until_they_are_read() -> None
     assert isinstance(decoder.error, ServerError)
 
 
+def test_after_the_first_delta_a_failure_keeps_the_deltas_before_it_and_drops_the_rest() -> None:
+    def delta(text: str) -> bytes:
+        body = {"choices": [{"index": 0, "delta": {"content": text}}]}
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    decoder = OpenAIStreamDecoder(provider="openai", model="gpt-4o")
+    assert decoder.feed(delta("first")) == ["first"]
+    # a later read, decoded in one pass: two deltas, an error, one more delta
+    error = b'data: {"error": {"type": "server_error", "message": "boom"}}\n\n'
+    assert decoder.feed(delta("a") + delta("b") + error + delta("after")) == ["a", "b"]
+    assert isinstance(decoder.error, ServerError)
+    assert not decoder.queued  # what came after the error is not read
+
+
 # --------------------------------------------------------------------------- the fake's bytes
 
 

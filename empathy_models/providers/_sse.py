@@ -372,6 +372,22 @@ class StreamDecoder:
         out: list[str | ToolCallDelta] = []
         queue = self._queue
         eager = self._started
+        if eager and not queue:
+            # after the first delta: everything pushed, framed and decoded in one pass
+            raw, pos = self._raw, self._pos
+            if pos >= len(raw):
+                return out
+            self._raw, self._pos = b"", 0
+            handle = self._event
+            for event, data in self._sse.feed(raw[pos:] if pos else raw):
+                try:
+                    handle(event, data, out)
+                except ProviderError as exc:
+                    if not out:
+                        raise
+                    self.error = exc  # the events after it are dropped, as below
+                    break
+            return out
         while eager or not out:
             if not queue:
                 if self._pos >= len(self._raw):
