@@ -38,6 +38,8 @@ from empathy_models.routing import ModelStats, RoutingStats
 from empathy_models.routing._memory import EvidenceMemory
 from empathy_models.routing.book import Arm, ChangeTest
 from empathy_models.routing.stats import (
+    SAMPLES,
+    SUCCESSES,
     row_sums,
     summary_bounds,
     wilson_bounds,
@@ -235,6 +237,53 @@ def test_live_outcomes_and_stored_buckets_give_the_same_regimes_and_summary() ->
     b = stored.summarize(1.96, 3.0, 1.0)
     assert (a.samples, a.successes, a.window_samples) == (b.samples, b.successes, b.window_samples)
     assert a.lower == pytest.approx(b.lower) and a.p95 == pytest.approx(b.p95)
+
+
+def test_an_arm_whose_detected_change_is_undone_holds_what_a_fresh_walk_holds() -> None:
+    # A degradation detected live, then undone by the store's version of its minutes
+    # (other workers' successes in them): the arm must hold what an arm walked from
+    # the same buckets holds, regimes and what their closed ones give included.
+    rng = random.Random(5)
+    live = Arm(test=ChangeTest())
+    t = feed_arm(live, 0.0, outcomes(0.99, 3000, rng))
+    t = feed_arm(live, t, [False] * 40)
+    assert live.regimes[-1].kind == "degraded"
+    live.summarize(1.96, 3.0, 1.0)  # what the closed regimes give is taken here
+    live._earlier_rates()
+    # the store's version: every bucket, the last minute with 3,000 more successes
+    stored = dict(live.data)
+    v = list(stored[live.starts[-1]])
+    v[SAMPLES] += 3000
+    v[SUCCESSES] += 3000
+    stored[live.starts[-1]] = tuple(v)
+    live.apply(stored.items())
+    assert [r.kind for r in live.regimes] == ["initial"]
+    fresh = Arm.walked(live.test, dict(live.data))
+    assert live._earlier_rates() == fresh._earlier_rates()
+    assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
+    # and the arm goes on as the fresh one does
+    more = outcomes(0.9, 600, rng)
+    feed_arm(live, t + 120, more)
+    feed_arm(fresh, t + 120, more)
+    assert [(r.start, r.kind) for r in live.regimes] == [(r.start, r.kind) for r in fresh.regimes]
+    assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
+
+
+def test_an_arm_whose_window_moved_on_holds_what_a_fresh_walk_holds() -> None:
+    # regimes (a drop, a recovery) taken in, then the window's start passes the first
+    rng = random.Random(6)
+    live = Arm(test=ChangeTest())
+    t = feed_arm(live, 0.0, outcomes(0.99, 3000, rng))
+    t = feed_arm(live, t, outcomes(0.6, 200, rng))
+    feed_arm(live, t, outcomes(0.99, 3000, rng))
+    assert len(live.regimes) >= 3
+    live.summarize(1.96, 3.0, 1.0)
+    live._earlier_rates()
+    assert live.rebase(live.starts[len(live.starts) // 3])
+    fresh = Arm.walked(live.test, dict(live.data))
+    assert [(r.start, r.kind) for r in live.regimes] == [(r.start, r.kind) for r in fresh.regimes]
+    assert live._earlier_rates() == fresh._earlier_rates()
+    assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
 
 
 def test_a_stationary_arm_accumulates_evidence_without_a_cap() -> None:

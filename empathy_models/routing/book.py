@@ -377,11 +377,21 @@ def _jeffreys_failure_rate(v: list[float]) -> float:
     return (v[SAMPLES] - v[SUCCESSES] + 0.5) / (v[SAMPLES] + 1.0)
 
 
+def _earlier_record(earlier: list[Regime], z: float) -> float:
+    """The highest lower bound (at ``z``) of the closed regimes ``earlier`` (0 if none)."""
+    record = 0.0
+    for r in earlier:
+        c = r.closed
+        if c is not None and c[SAMPLES] > 0:
+            record = max(record, wilson_bounds(c[SUCCESSES], c[SAMPLES], z)[0])
+    return record
+
+
 def _summarize(
     v: list[float],
     window_samples: int,
     regime: Regime,
-    earlier: list[Regime],
+    earlier_record: float,
     z: float,
     reject_z: float,
     keep_z: float,
@@ -406,12 +416,10 @@ def _summarize(
             wilson_bounds(base[SUCCESSES], base[SAMPLES], z)[0],
             wilson_bounds(s - base[SUCCESSES], n - base[SAMPLES], z)[0],
         )
-    # restored evidence counts towards the record only as its parts do
+    # restored evidence counts towards the record only as its parts do; the closed
+    # regimes' own (`_earlier_record`)
     record = lower if unpooled is None else unpooled
-    for r in earlier:
-        c = r.closed
-        if c is not None and c[SAMPLES] > 0:
-            record = max(record, wilson_bounds(c[SUCCESSES], c[SAMPLES], z)[0])
+    record = record if record >= earlier_record else earlier_record
     return _new_summary(
         n,
         s,
@@ -492,6 +500,11 @@ class Arm:
     version: int = 0
     summary: ArmSummary | None = None
     summary_version: int = -1
+    # what the closed regimes (all but the current) give, kept until the regimes change
+    # (`_regimes_changed`): their failure rates (`_earlier_rates`) and, with the ``z``
+    # it was taken at, their highest lower bound (`_earlier_record`)
+    earlier_rates: list[float] | None = None
+    earlier_record: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -499,11 +512,14 @@ class Arm:
         """The current regime's summary (cached until the evidence changes)."""
         if self.summary_version != self.version or self.summary is None:
             regimes = self.regimes
+            known = self.earlier_record
+            if known is None or known[0] != z:
+                known = self.earlier_record = (z, _earlier_record(regimes[:-1], z))
             self.summary = _summarize(
                 self.cur,
                 self.window_n,
                 regimes[-1],
-                regimes[:-1],
+                known[1],
                 z,
                 reject_z,
                 keep_z,
@@ -670,7 +686,13 @@ class Arm:
         # ``fresh``'s evidence and change-test state, under a newer version than either's
         for name in _WALKED:
             setattr(self, name, getattr(fresh, name))
+        self._regimes_changed()
         self.version = max(self.version, fresh.version) + 1
+
+    def _regimes_changed(self) -> None:
+        # a regime was added, dropped or closed: what the closed ones give is taken anew
+        self.earlier_rates = None
+        self.earlier_record = None
 
     # ------------------------------------------------------------------ internals
 
@@ -857,6 +879,8 @@ class Arm:
             regimes[-1].closed = None
             dropped_any = True
             j = min(j, self._pos(dropped.start))
+        if dropped_any:
+            self._regimes_changed()
         return j, dropped_any
 
     def _split(self, regime: Regime, start: int, kind: str, t: int, j: int) -> int:
@@ -887,15 +911,21 @@ class Arm:
         # depend on how many later buckets had arrived when it was made
         self._restore(new, self._sum(first, j + 1))
         self.regimes.append(new)
+        self._regimes_changed()
         return first
 
     def _earlier_rates(self) -> list[float]:
         # failure rates (Jeffreys) of the closed regimes with enough evidence, but flukes
+        # (kept until the regimes change; callers never mutate the list)
+        out = self.earlier_rates
+        if out is not None:
+            return out
         out = []
         for r, following in pairwise(self.regimes):
             c = r.closed
             if c is not None and c[SAMPLES] >= self.test.min_samples and not _fluke(r, following):
                 out.append(_jeffreys_failure_rate(c))
+        self.earlier_rates = out
         return out
 
     def _restore(self, new: Regime, segment: list[float]) -> None:
