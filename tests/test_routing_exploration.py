@@ -185,3 +185,26 @@ def test_a_busy_steady_arm_raises_few_false_alarms_in_a_week() -> None:
     arm = Arm(test=RoutingPolicy().change_test)
     arm.apply(buckets)
     assert len(arm.regimes) <= 30, len(arm.regimes)
+
+
+def test_a_degraded_model_reported_thousands_of_successes_in_a_row_is_still_judged() -> None:
+    # "cheap" degraded, then 1,100 successes in a row were reported for it (pinned
+    # calls, a busy minute): re-probes wait reprobe_interval / 2**streak decisions,
+    # which overflowed a float past 1,023 successes and made every decision raise
+    clock = FakeClock()
+    router = AdaptiveModelRouter(REGISTRY, clock=clock, seed=1, refresh_interval=None)
+    for i in range(3000):
+        clock.advance(2.0)
+        router.record_outcome(_record(clock, "dear", True))
+        router.record_outcome(_record(clock, "cheap", i < 2500 or i % 3 == 0))
+    first = router.get_best_model(WF, ST, candidates=["cheap", "dear"], min_success_rate=0.95)
+    assert first.model == "dear" and first.change is not None  # cheap's drop was acted on
+    for _ in range(1100):
+        router.record_outcome(_record(clock, "cheap", True))
+    kinds = [
+        router.get_best_model(
+            WF, ST, candidates=["cheap", "dear"], min_success_rate=0.95
+        ).exploration_kind
+        for _ in range(50)
+    ]
+    assert "re-probe" in kinds  # at the shortest wait: its recovery is being measured

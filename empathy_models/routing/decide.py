@@ -569,7 +569,9 @@ def _reprobe(
             wait = 4.0 * policy.reprobe_interval
         else:
             streak = arm.streak if arm is not None else 0
-            wait = max(policy.reprobe_min, policy.reprobe_interval / 2.0**streak)
+            # (interval / 2**streak, exactly, and 0 rather than an OverflowError once
+            # thousands of successes in a row were reported)
+            wait = max(policy.reprobe_min, math.ldexp(policy.reprobe_interval, -streak))
         if exploration.decisions - since >= wait:
             waits[i] = exploration.decisions
             return (
