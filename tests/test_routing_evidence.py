@@ -286,6 +286,52 @@ def test_an_arm_whose_window_moved_on_holds_what_a_fresh_walk_holds() -> None:
     assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
 
 
+def test_an_arm_taking_outcomes_around_a_detected_change_holds_what_a_fresh_walk_holds() -> None:
+    # outcomes in the minute a change was detected (the change is decided again each
+    # time), then late ones in minutes before it: what the regimes hold must stay what
+    # a walk over the same buckets gives
+    rng = random.Random(8)
+    live = Arm(test=ChangeTest())
+    t = feed_arm(live, 0.0, outcomes(0.99, 3000, rng))
+    t = feed_arm(live, t, [False] * 30)
+    assert live.regimes[-1].kind == "degraded"
+    feed_arm(live, t, outcomes(0.7, 20, rng), step=0.1)  # the same minute
+    change = live.regimes[-1].start
+    for late in (change - 600.0, change - 1800.0):
+        feed_arm(live, late, [False, True, False])
+        fresh = Arm.walked(live.test, dict(live.data))
+        assert [(r.start, r.kind) for r in live.regimes] == [
+            (r.start, r.kind) for r in fresh.regimes
+        ]
+        assert [r.closed for r in live.regimes] == [r.closed for r in fresh.regimes]
+        assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
+    # and the store's version of the buckets, one before the change with more calls
+    feed_arm(live, t + 1.0, [False] * 5, step=0.1)  # the change decided again
+    stored = dict(live.data)
+    early = max(b for b in stored if b < live.regimes[-1].start)
+    v = list(stored[early])
+    v[SAMPLES] += 30
+    v[SUCCESSES] += 30
+    stored[early] = tuple(v)
+    live.apply(stored.items())
+    fresh = Arm.walked(live.test, stored)
+    assert [r.closed for r in live.regimes] == [r.closed for r in fresh.regimes]
+    assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
+
+
+def test_a_change_decided_again_after_the_window_moved_rests_on_the_window_alone() -> None:
+    rng = random.Random(9)
+    live = Arm(test=ChangeTest())
+    t = feed_arm(live, 0.0, outcomes(0.99, 3000, rng))
+    t = feed_arm(live, t, [False] * 30)
+    assert live.regimes[-1].kind == "degraded"
+    assert live.rebase(live.starts[len(live.starts) // 2])  # the oldest half drops out
+    feed_arm(live, t, [False, False], step=0.1)  # the detection's minute: decided again
+    fresh = Arm.walked(live.test, dict(live.data))
+    assert [r.closed for r in live.regimes] == [r.closed for r in fresh.regimes]
+    assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
+
+
 def test_a_stationary_arm_accumulates_evidence_without_a_cap() -> None:
     rng = random.Random(1)
     arm = Arm(test=ChangeTest())

@@ -505,6 +505,11 @@ class Arm:
     # it was taken at, their highest lower bound (`_earlier_record`)
     earlier_rates: list[float] | None = None
     earlier_record: tuple[float, float] | None = None
+    # the last regime closed by a change, (its start, the change's start, its sums
+    # before the change), kept while no bucket before the change's start changes: an
+    # outcome in the minute a change was detected re-decides that change (see
+    # `_rerun`), which then closes the same regime at the same bucket again
+    closed_sums: tuple[int, int, tuple[float, ...]] | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -567,6 +572,8 @@ class Arm:
         old = self.data.get(t)
         if t not in self.saved:
             self.saved[t] = old
+        if self.closed_sums is not None and t < self.closed_sums[1]:
+            self.closed_sums = None
         acc = _zeros() if old is None else list(old)
         add_outcome(acc, success, latency_ms, input_tokens, output_tokens, cost_usd, ttft_ms)
         if old is None:
@@ -687,6 +694,7 @@ class Arm:
         for name in _WALKED:
             setattr(self, name, getattr(fresh, name))
         self._regimes_changed()
+        self.closed_sums = None
         self.version = max(self.version, fresh.version) + 1
 
     def _regimes_changed(self) -> None:
@@ -717,6 +725,8 @@ class Arm:
         old = self.data.get(t)
         if old is None and v is None:
             return False
+        if self.closed_sums is not None and t < self.closed_sums[1]:
+            self.closed_sums = None
         current = self.regimes[-1]
         if old is not None:
             self.window_n -= int(old[SAMPLES])
@@ -900,8 +910,13 @@ class Arm:
             )
         else:
             # what the regime held before the change: O(its own buckets), not the
-            # rest of the window
-            closed = self._sum(self._pos(regime.start), first)
+            # rest of the window (or kept from the last time this change was acted on)
+            known = self.closed_sums
+            if known is not None and known[0] == regime.start and known[1] == start:
+                closed = list(known[2])
+            else:
+                closed = self._sum(self._pos(regime.start), first)
+                self.closed_sums = (regime.start, start, tuple(closed))
             if regime.base is not None:
                 _add(closed, regime.base)
             regime.closed = closed
