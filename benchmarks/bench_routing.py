@@ -12,7 +12,11 @@ prompt size (``input_tokens``) is drawn anew (100-4,000 tokens, seeded), as real
 prompts' sizes rarely repeat, so nothing a router caches stays valid for free.  Every
 decision explains itself in ``decision.candidates``, built when first read: one row
 times the decision alone, one the decision and reading its explanation
-(what a caller that logs or inspects it pays).  A row repeats one decision on
+(what a caller that logs or inspects it pays).  Two rows time a router that has taken
+in a week of outcomes, one a minute per candidate, spread over the window's minute
+buckets (`week_of_outcomes`: its arms hold ~10,000 buckets and the regimes the change
+test finds in them, as a running router's do), where the others' history all fell in
+the current minute.  A row repeats one decision on
 unchanged state, for reference; one gives every call its own ``max_tokens`` and
 ``max_cost`` (as an executor does with an ``ExecutionContext`` per request); and one
 times the ``record_outcome`` calls made before the decisions (the router does some of a
@@ -46,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -73,6 +77,8 @@ from empathy_models.abc import TelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 
 CANDIDATES = (4, 16, 64)
+WEEK_S = 7 * 86_400.0
+WEEK_PER_MODEL = 10_080  # a week of outcomes per candidate: one a minute
 STRATEGIES = ("simple-shuffle", "latency-based-routing", "cost-based-routing", "least-busy")
 PROMPT_TOKENS = (100, 4_000)  # each decision's prompt size: uniform in this range, seeded
 
@@ -94,11 +100,16 @@ def make_registry(n: int) -> ModelRegistry:
     return ModelRegistry(models=models, price_version="bench")
 
 
+def _profiles(ids: list[str], rng: random.Random) -> dict[str, tuple[float, float]]:
+    # each model's true success rate and median latency (ms)
+    return {m: (rng.uniform(0.85, 0.999), rng.uniform(100, 2_000)) for m in ids}
+
+
 def make_pool(ids: list[str]) -> dict[str, list[LLMCallRecord]]:
     """A few distinct records per model, re-used: we time the router, not record creation."""
     rng = random.Random(7)
     now = datetime.now(UTC)
-    profiles = {m: (rng.uniform(0.85, 0.999), rng.uniform(100, 2_000)) for m in ids}
+    profiles = _profiles(ids, rng)
     pool: dict[str, list[LLMCallRecord]] = {}
     for m in ids:
         ok, lat = profiles[m]
@@ -120,6 +131,35 @@ def make_pool(ids: list[str]) -> dict[str, list[LLMCallRecord]]:
     return pool
 
 
+def week_of_outcomes(ids: list[str], per_model: int) -> Iterator[LLMCallRecord]:
+    """
+    ``per_model`` outcomes of each model spread evenly over the last 7 days, in time
+    order (the models in turn), drawn from the same profiles as `make_pool`'s: what a
+    running router has taken in (minute buckets across its window, the regimes its
+    change test finds in them), unlike outcomes all reported in the same minute.
+    """
+    rng = random.Random(7)
+    profiles = _profiles(ids, rng)
+    now = time.time()
+    step = WEEK_S / per_model
+    for i in range(per_model):
+        ts = datetime.fromtimestamp(now - WEEK_S + (i + 0.5) * step, UTC)
+        for m in ids:
+            ok, lat = profiles[m]
+            yield LLMCallRecord(
+                provider="openai",
+                model=m,
+                outcome=Outcome.SUCCESS if rng.random() < ok else Outcome.FAILURE,
+                workflow="bench",
+                stage="answer",
+                latency_ms=rng.lognormvariate(0, 0.3) * lat,
+                input_tokens=500,
+                output_tokens=rng.randint(100, 400),
+                cost_usd=0.001,
+                timestamp=ts,
+            )
+
+
 def feed(
     router: AdaptiveModelRouter, ids: list[str], pool: dict[str, list[LLMCallRecord]], history: int
 ) -> float:
@@ -134,7 +174,10 @@ def feed(
 
 @dataclass
 class OurCase:
-    """One router primed with ``history`` reported outcomes over ``n`` candidates."""
+    """
+    One router primed with ``history`` reported outcomes over ``n`` candidates (all
+    in the current minute; ``week``: spread over the last 7 days, `week_of_outcomes`).
+    """
 
     n: int
     history: int
@@ -142,9 +185,14 @@ class OurCase:
     ids: list[str]
     pool: dict[str, list[LLMCallRecord]]
     feed_s: float
+    week: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.n}/week" if self.week else f"{self.n}/{self.history}"
 
 
-def setup_ours(histories: tuple[int, ...]) -> list[OurCase]:
+def setup_ours(histories: tuple[int, ...], week_per_model: int) -> list[OurCase]:
     cases = []
     for n in CANDIDATES:
         registry = make_registry(n)
@@ -154,6 +202,12 @@ def setup_ours(histories: tuple[int, ...]) -> list[OurCase]:
             router = AdaptiveModelRouter(registry, seed=1, refresh_interval=None)
             fed = feed(router, ids, pool, history)
             cases.append(OurCase(n, history, router, ids, pool, fed))
+        router = AdaptiveModelRouter(registry, seed=1, refresh_interval=None)
+        t0 = time.perf_counter()
+        for record in week_of_outcomes(ids, week_per_model):
+            router.record_outcome(record)
+        fed = time.perf_counter() - t0
+        cases.append(OurCase(n, week_per_model * n, router, ids, pool, fed, week=True))
     return cases
 
 
@@ -208,11 +262,12 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
             t0 = clock()
             decide("bench", "answer", candidates=ids, input_tokens=tokens, **own)
             varying.append((clock() - t0) / 1000.0)
-        out[f"{n}/{case.history}"] = summarize(live[200:])
-        out[f"{n}/{case.history}/explained"] = summarize(explained[200:])
-        out[f"{n}/{case.history}/unchanged"] = summarize(steady[200:])
-        out[f"{n}/{case.history}/record"] = summarize(recorded[200:])
-        out[f"{n}/{case.history}/varying"] = summarize(varying[200:])
+        key = case.key
+        out[key] = summarize(live[200:])
+        out[f"{key}/explained"] = summarize(explained[200:])
+        out[f"{key}/unchanged"] = summarize(steady[200:])
+        out[f"{key}/record"] = summarize(recorded[200:])
+        out[f"{key}/varying"] = summarize(varying[200:])
     return out
 
 
@@ -376,10 +431,11 @@ def _fastest(results: dict[str, Any]) -> dict[int, tuple[float, str]]:
 
 async def run(quick: bool = False) -> BenchResult:
     histories = (1_000, 100_000) if quick else (1_000, 100_000, 1_000_000)
+    week_per_model = 1_000 if quick else WEEK_PER_MODEL
     repeats = 2 if quick else 5
     calls, peer_calls = (600, 40) if quick else (4_000, 300)
-    cases = setup_ours(histories)
-    feed_s = {f"{c.n}/{c.history}": c.feed_s for c in cases}
+    cases = setup_ours(histories, week_per_model)
+    feed_s = {c.key: c.feed_s for c in cases}
     workers, skipped = await start_peers(peer_calls, quick)
     our_repeats: list[dict[str, dict[str, float]]] = []
     peer_repeats: dict[str, list[dict[str, Any]]] = {w.label: [] for w in workers}
@@ -420,6 +476,12 @@ async def run(quick: bool = False) -> BenchResult:
         result.add(
             f"empathy-models, decision only, after {history:,} outcomes reported",
             **{f"{n} candidates": cell(ours[f"{n}/{history}"]) for n in CANDIDATES},
+        )
+    for key, what in (("week", "decision only"), ("week/explained", "decision + explanation")):
+        result.add(
+            f"empathy-models, {what}, after a week of outcomes ({week_per_model:,} per "
+            "candidate, spread over its minutes)",
+            **{f"{n} candidates": cell(ours[f"{n}/{key}"]) for n in CANDIDATES},
         )
     result.add(
         "empathy-models, decision only, max_tokens and max_cost drawn per call",
@@ -480,6 +542,14 @@ async def run(quick: bool = False) -> BenchResult:
         ratio = ours[f"{n}/{big}"]["median"] / ours[f"{n}/{small}"]["median"]
         result.notes.append(
             f"{n} candidates: after {big:,} outcomes vs {small:,}: {ratio:.2f}x decision time"
+        )
+    for n in CANDIDATES:
+        ratio = ours[f"{n}/week"]["median"] / ours[f"{n}/{small}"]["median"]
+        record_ratio = ours[f"{n}/week/record"]["median"] / ours[f"{n}/{small}/record"]["median"]
+        result.notes.append(
+            f"{n} candidates: after a week of outcomes vs {small:,} in one minute: "
+            f"{ratio:.2f}x decision time, {record_ratio:.2f}x record_outcome time "
+            f"({cell(ours[f'{n}/week/record'])} µs)"
         )
     per_call = {
         h: statistics.median([feed_s[f"{n}/{h}"] / h * 1e6 for n in CANDIDATES]) for h in histories
