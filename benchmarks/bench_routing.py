@@ -112,23 +112,27 @@ def make_pool(ids: list[str]) -> dict[str, list[LLMCallRecord]]:
     profiles = _profiles(ids, rng)
     pool: dict[str, list[LLMCallRecord]] = {}
     for m in ids:
-        ok, lat = profiles[m]
-        pool[m] = [
-            LLMCallRecord(
-                provider="openai",
-                model=m,
-                outcome=Outcome.SUCCESS if rng.random() < ok else Outcome.FAILURE,
-                workflow="bench",
-                stage="answer",
-                latency_ms=rng.lognormvariate(0, 0.3) * lat,
-                input_tokens=500,
-                output_tokens=rng.randint(100, 400),
-                cost_usd=0.001,
-                timestamp=now,
-            )
-            for _ in range(16)
-        ]
+        pool[m] = [_outcome(m, profiles[m], rng, now) for _ in range(16)]
     return pool
+
+
+def _outcome(
+    model: str, profile: tuple[float, float], rng: random.Random, at: datetime
+) -> LLMCallRecord:
+    # one outcome of ``model`` at ``at``, drawn from its (success rate, latency) profile
+    ok, lat = profile
+    return LLMCallRecord(
+        provider="openai",
+        model=model,
+        outcome=Outcome.SUCCESS if rng.random() < ok else Outcome.FAILURE,
+        workflow="bench",
+        stage="answer",
+        latency_ms=rng.lognormvariate(0, 0.3) * lat,
+        input_tokens=500,
+        output_tokens=rng.randint(100, 400),
+        cost_usd=0.001,
+        timestamp=at,
+    )
 
 
 def week_of_outcomes(ids: list[str], per_model: int) -> Iterator[LLMCallRecord]:
@@ -145,19 +149,7 @@ def week_of_outcomes(ids: list[str], per_model: int) -> Iterator[LLMCallRecord]:
     for i in range(per_model):
         ts = datetime.fromtimestamp(now - WEEK_S + (i + 0.5) * step, UTC)
         for m in ids:
-            ok, lat = profiles[m]
-            yield LLMCallRecord(
-                provider="openai",
-                model=m,
-                outcome=Outcome.SUCCESS if rng.random() < ok else Outcome.FAILURE,
-                workflow="bench",
-                stage="answer",
-                latency_ms=rng.lognormvariate(0, 0.3) * lat,
-                input_tokens=500,
-                output_tokens=rng.randint(100, 400),
-                cost_usd=0.001,
-                timestamp=ts,
-            )
+            yield _outcome(m, profiles[m], rng, ts)
 
 
 def feed(

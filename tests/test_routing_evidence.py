@@ -239,28 +239,46 @@ def test_live_outcomes_and_stored_buckets_give_the_same_regimes_and_summary() ->
     assert a.lower == pytest.approx(b.lower) and a.p95 == pytest.approx(b.p95)
 
 
-def test_an_arm_whose_detected_change_is_undone_holds_what_a_fresh_walk_holds() -> None:
-    # A degradation detected live, then undone by the store's version of its minutes
-    # (other workers' successes in them): the arm must hold what an arm walked from
-    # the same buckets holds, regimes and what their closed ones give included.
-    rng = random.Random(5)
-    live = Arm(test=ChangeTest())
-    t = feed_arm(live, 0.0, outcomes(0.99, 3000, rng))
-    t = feed_arm(live, t, [False] * 40)
-    assert live.regimes[-1].kind == "degraded"
-    live.summarize(1.96, 3.0, 1.0)  # what the closed regimes give is taken here
-    live._earlier_rates()
-    # the store's version: every bucket, the last minute with 3,000 more successes
-    stored = dict(live.data)
-    v = list(stored[live.starts[-1]])
-    v[SAMPLES] += 3000
-    v[SUCCESSES] += 3000
-    stored[live.starts[-1]] = tuple(v)
-    live.apply(stored.items())
-    assert [r.kind for r in live.regimes] == ["initial"]
+def _holds_what_a_fresh_walk_holds(live: Arm) -> Arm:
+    """Assert ``live`` holds what an arm walked from its buckets holds; return that arm."""
     fresh = Arm.walked(live.test, dict(live.data))
+    assert [(r.start, r.kind) for r in live.regimes] == [(r.start, r.kind) for r in fresh.regimes]
+    assert [r.closed for r in live.regimes] == [r.closed for r in fresh.regimes]
     assert live._earlier_rates() == fresh._earlier_rates()
     assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
+    return fresh
+
+
+def _with_more_successes(live: Arm, bucket: int, successes: int) -> dict[int, Any]:
+    """The store's version of ``live``'s buckets: ``bucket`` with more successes."""
+    stored = dict(live.data)
+    v = list(stored[bucket])
+    v[SAMPLES] += successes
+    v[SUCCESSES] += successes
+    stored[bucket] = tuple(v)
+    return stored
+
+
+def _degraded(seed: int, failures: int) -> tuple[Arm, float, random.Random]:
+    # 3,000 calls at 0.99, then ``failures`` in a row: a degradation detected live;
+    # what the closed regimes give is taken (and kept) here
+    rng = random.Random(seed)
+    live = Arm(test=ChangeTest())
+    t = feed_arm(live, 0.0, outcomes(0.99, 3000, rng))
+    t = feed_arm(live, t, [False] * failures)
+    assert live.regimes[-1].kind == "degraded"
+    live.summarize(1.96, 3.0, 1.0)
+    live._earlier_rates()
+    return live, t, rng
+
+
+def test_an_arm_whose_detected_change_is_undone_holds_what_a_fresh_walk_holds() -> None:
+    # the store's version of the detection's minute (other workers' successes in it)
+    # undoes the degradation
+    live, t, rng = _degraded(5, 40)
+    live.apply(_with_more_successes(live, live.starts[-1], 3000).items())
+    assert [r.kind for r in live.regimes] == ["initial"]
+    fresh = _holds_what_a_fresh_walk_holds(live)
     # and the arm goes on as the fresh one does
     more = outcomes(0.9, 600, rng)
     feed_arm(live, t + 120, more)
@@ -280,56 +298,30 @@ def test_an_arm_whose_window_moved_on_holds_what_a_fresh_walk_holds() -> None:
     live.summarize(1.96, 3.0, 1.0)
     live._earlier_rates()
     assert live.rebase(live.starts[len(live.starts) // 3])
-    fresh = Arm.walked(live.test, dict(live.data))
-    assert [(r.start, r.kind) for r in live.regimes] == [(r.start, r.kind) for r in fresh.regimes]
-    assert live._earlier_rates() == fresh._earlier_rates()
-    assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
+    _holds_what_a_fresh_walk_holds(live)
 
 
 def test_an_arm_taking_outcomes_around_a_detected_change_holds_what_a_fresh_walk_holds() -> None:
     # outcomes in the minute a change was detected (the change is decided again each
-    # time), then late ones in minutes before it: what the regimes hold must stay what
-    # a walk over the same buckets gives
-    rng = random.Random(8)
-    live = Arm(test=ChangeTest())
-    t = feed_arm(live, 0.0, outcomes(0.99, 3000, rng))
-    t = feed_arm(live, t, [False] * 30)
-    assert live.regimes[-1].kind == "degraded"
+    # time), then late ones in minutes before it, then the store's version of a minute
+    # before it
+    live, t, rng = _degraded(8, 30)
     feed_arm(live, t, outcomes(0.7, 20, rng), step=0.1)  # the same minute
     change = live.regimes[-1].start
     for late in (change - 600.0, change - 1800.0):
         feed_arm(live, late, [False, True, False])
-        fresh = Arm.walked(live.test, dict(live.data))
-        assert [(r.start, r.kind) for r in live.regimes] == [
-            (r.start, r.kind) for r in fresh.regimes
-        ]
-        assert [r.closed for r in live.regimes] == [r.closed for r in fresh.regimes]
-        assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
-    # and the store's version of the buckets, one before the change with more calls
+        _holds_what_a_fresh_walk_holds(live)
     feed_arm(live, t + 1.0, [False] * 5, step=0.1)  # the change decided again
-    stored = dict(live.data)
-    early = max(b for b in stored if b < live.regimes[-1].start)
-    v = list(stored[early])
-    v[SAMPLES] += 30
-    v[SUCCESSES] += 30
-    stored[early] = tuple(v)
-    live.apply(stored.items())
-    fresh = Arm.walked(live.test, stored)
-    assert [r.closed for r in live.regimes] == [r.closed for r in fresh.regimes]
-    assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
+    early = max(b for b in live.data if b < live.regimes[-1].start)
+    live.apply(_with_more_successes(live, early, 30).items())
+    _holds_what_a_fresh_walk_holds(live)
 
 
 def test_a_change_decided_again_after_the_window_moved_rests_on_the_window_alone() -> None:
-    rng = random.Random(9)
-    live = Arm(test=ChangeTest())
-    t = feed_arm(live, 0.0, outcomes(0.99, 3000, rng))
-    t = feed_arm(live, t, [False] * 30)
-    assert live.regimes[-1].kind == "degraded"
+    live, t, _ = _degraded(9, 30)
     assert live.rebase(live.starts[len(live.starts) // 2])  # the oldest half drops out
     feed_arm(live, t, [False, False], step=0.1)  # the detection's minute: decided again
-    fresh = Arm.walked(live.test, dict(live.data))
-    assert [r.closed for r in live.regimes] == [r.closed for r in fresh.regimes]
-    assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
+    _holds_what_a_fresh_walk_holds(live)
 
 
 def test_a_stationary_arm_accumulates_evidence_without_a_cap() -> None:
