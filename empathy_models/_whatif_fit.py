@@ -21,6 +21,7 @@ from ._whatif_values import Interval, ModelFit
 from .evidence import EvidenceBucket
 from .records import wilson_interval
 from .registry import ModelRegistry
+from .routing.stats import bounded_exp
 
 __all__: list[str] = []
 
@@ -92,8 +93,8 @@ def _log_normal(
         sigma=sigma,
         se_mu=se_mu,
         clusters=len(clusters),
-        p50=math.exp(mu),
-        p95=math.exp(mu + _P95_Z * (sigma if sigma is not None else 0.0)),
+        p50=bounded_exp(mu),
+        p95=bounded_exp(mu + _P95_Z * (sigma if sigma is not None else 0.0)),
     )
 
 
@@ -222,7 +223,7 @@ def _mixture_p95(parts: Sequence[tuple[float, float, float]]) -> float | None:
             lo = mid
         else:
             hi = mid
-    return math.exp((lo + hi) / 2)
+    return bounded_exp((lo + hi) / 2)
 
 
 def _interval(values: Sequence[float | None], *, upper: float | None = None) -> Interval:

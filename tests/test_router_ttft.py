@@ -28,6 +28,7 @@ from empathy_models import (
     RoutingDecision,
     RoutingPolicy,
 )
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.records import ConstraintStatus
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
@@ -256,3 +257,44 @@ async def test_routing_stats_shows_time_to_first_token(tmp_path: Path) -> None:
     assert decision["constraints_met"] is False and decision["max_ttft_ms"] == 100.0
     mini = next(c for c in decision["candidates"] if c["model"] == "gpt-4o-mini")
     assert mini["constraints"]["max_ttft_ms"] == "rejected"
+
+
+def _absurdly_slow() -> list[LLMCallRecord]:
+    now = datetime.now(UTC)
+    return [
+        LLMCallRecord(
+            provider="openai",
+            model="gpt-4.1-mini",
+            outcome=Outcome.SUCCESS,
+            workflow="w",
+            stage="s",
+            latency_ms=latency,
+            ttft_ms=latency,
+            timestamp=now,
+        )
+        for latency in [1e300, 1.0, 1e300, 2.0] * 10
+    ]
+
+
+@pytest.mark.parametrize("where", ["live", "stored"])
+async def test_absurd_latencies_are_judged_not_a_crash(where: str) -> None:
+    # 1e300 ms is a valid number: a model measured that slow is judged (and refused on
+    # latency), and a decision over it answers; it used to overflow the latency fit
+    telemetry = MemoryTelemetryBackend()
+    async with telemetry:
+        if where == "stored":
+            await telemetry.record_many(_absurdly_slow())
+        async with AdaptiveModelRouter(ModelRegistry.default(), telemetry, seed=1) as router:
+            for record in _absurdly_slow() if where == "live" else ():
+                router.record_outcome(record)
+            for latency, ttft in ((1000.0, None), (None, 1000.0)):
+                decision = router.get_best_model(
+                    "w",
+                    "s",
+                    candidates=["gpt-4.1-mini", "gpt-4o-mini"],
+                    max_latency_ms=latency,
+                    max_ttft_ms=ttft,
+                )
+                slow = next(c for c in decision.candidates if c.model == "gpt-4.1-mini")
+                assert decision.model == "gpt-4o-mini"
+                assert ConstraintStatus.REJECTED in slow.constraints.values()

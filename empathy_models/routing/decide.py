@@ -49,7 +49,7 @@ from .._fast import trusted_constructor
 from ..records import CandidateEvaluation, ConstraintStatus, ModelTier
 from .book import EMPTY_SUMMARY, Arm, ArmSummary
 from .policy import COST, LATENCY, SUCCESS, TTFT, Constraints, RoutingPolicy
-from .stats import wilson_bounds
+from .stats import bounded_exp, wilson_bounds
 
 __all__ = ["Context", "ModelFacts", "Verdict", "build_candidates", "judge", "recost", "select"]
 
@@ -443,13 +443,13 @@ def _plausible_draw(
     if v.latency is UNPROVEN and max_lat is not None and s.p95 is not None:
         hi = s.p95_upper if s.p95_upper is not None else s.p95
         sd = max(math.log(hi / s.p95) / policy.z, 1e-9)
-        if math.exp(rng.gauss(math.log(s.p95), sd)) > max_lat:
+        if bounded_exp(rng.gauss(math.log(s.p95), sd)) > max_lat:
             return None
     max_ttft = cons.max_ttft_ms
     if v.ttft is UNPROVEN and max_ttft is not None and s.ttft_p95 is not None:
         hi = s.ttft_p95_upper if s.ttft_p95_upper is not None else s.ttft_p95
         sd = max(math.log(hi / s.ttft_p95) / policy.z, 1e-9)
-        if math.exp(rng.gauss(math.log(s.ttft_p95), sd)) > max_ttft:
+        if bounded_exp(rng.gauss(math.log(s.ttft_p95), sd)) > max_ttft:
             return None
     return draw
 

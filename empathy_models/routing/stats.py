@@ -117,6 +117,19 @@ def add_outcome(
         v[TTFT_SQ] += t * t
 
 
+EXP_LIMIT: Final = 709.0
+"""The largest exponent `bounded_exp` takes as it is (``exp(709)`` is ~8.2e307)."""
+
+
+def bounded_exp(x: float) -> float:
+    """
+    ``e ** x``, at most ``e ** EXP_LIMIT``: a finite duration (ms) however absurd the
+    latencies it was fitted to (a recorded 1e300 ms, valid as a number, would otherwise
+    overflow the fit's bounds and make every decision over that model raise).
+    """
+    return math.exp(x if x < EXP_LIMIT else EXP_LIMIT)
+
+
 def latency_bounds(
     n: float, log_sum: float, log_sq_sum: float, z: float
 ) -> tuple[float | None, float | None, float | None, float | None]:
@@ -130,14 +143,14 @@ def latency_bounds(
     if n <= 0.0:
         return (None, None, None, None)
     mu = log_sum / n
-    p50 = math.exp(mu)
+    p50 = bounded_exp(mu)
     if n < 2.0:
         return (p50, None, None, None)
     var = max(0.0, log_sq_sum / n - mu * mu) * n / (n - 1.0)
     sigma = math.sqrt(var)
     q = mu + P95_Z * sigma
     se = sigma * math.sqrt(1.0 / n + P95_Z * P95_Z / (2.0 * (n - 1.0)))
-    return (p50, math.exp(q), math.exp(q - z * se), math.exp(q + z * se))
+    return (p50, bounded_exp(q), bounded_exp(q - z * se), bounded_exp(q + z * se))
 
 
 # One bound alone, for the loops that need one per bucket (the change test's walk): the
