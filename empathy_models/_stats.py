@@ -5,9 +5,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from typing import Final
 
 from .exceptions import RecordValidationError
 from .records import LLMCallRecord, ModelPerformance, Outcome
+
+AVERAGE_CAP: Final = 1e300
+"""
+The most one latency or cost counts for in an aggregate's averages (every backend alike):
+1.7e308 is a valid number, and two such values would overflow the sum.
+"""
 
 __all__ = [
     "aggregate_records",
@@ -118,10 +125,14 @@ def aggregate_records(
                 successes=len(ok),
                 latency_p50_ms=nearest_rank(latencies, 0.50),
                 latency_p95_ms=nearest_rank(latencies, 0.95),
-                avg_latency_ms=(sum(latencies) / len(latencies)) if latencies else None,
+                avg_latency_ms=(
+                    sum(x if x < AVERAGE_CAP else AVERAGE_CAP for x in latencies) / len(latencies)
+                    if latencies
+                    else None
+                ),
                 ttft_p50_ms=nearest_rank(ttfts, 0.50),
                 ttft_p95_ms=nearest_rank(ttfts, 0.95),
-                avg_cost_usd=sum(r.cost_usd for r in rows) / len(rows),
+                avg_cost_usd=sum(min(r.cost_usd, AVERAGE_CAP) for r in rows) / len(rows),
                 avg_input_tokens=(sum(r.input_tokens for r in ok) / len(ok)) if ok else 0.0,
                 avg_output_tokens=(sum(r.output_tokens for r in ok) / len(ok)) if ok else 0.0,
                 first_seen=min(r.timestamp for r in rows),

@@ -205,6 +205,9 @@ def _row(record: LLMCallRecord) -> tuple[Any, ...]:
 
 
 _EVIDENCE_COLUMNS: Final = ("bucket_start", "workflow", "stage", "model", *SUM_FIELDS)
+
+_CAP: Final = "1e300::double precision"
+"""The most one latency or cost counts for in the averages, as `_stats.AVERAGE_CAP`."""
 _EVIDENCE_TYPES: Final = (
     "timestamptz",
     "text",
@@ -474,10 +477,10 @@ class PostgresTelemetryBackend(TelemetryBackend):
             f"count(*) {ok} AS ok, "
             f"percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms) {ok} AS p50, "
             f"percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms) {ok} AS p95, "
-            f"avg(latency_ms ORDER BY latency_ms) {ok} AS avg_latency, "
+            f"avg(least(latency_ms, {_CAP}) ORDER BY latency_ms) {ok} AS avg_latency, "
             f"percentile_disc(0.5) WITHIN GROUP (ORDER BY {ttft}) {ok_ttft} AS t50, "
             f"percentile_disc(0.95) WITHIN GROUP (ORDER BY {ttft}) {ok_ttft} AS t95, "
-            "avg(cost_usd ORDER BY seq) AS avg_cost, "
+            f"avg(least(cost_usd, {_CAP}) ORDER BY seq) AS avg_cost, "
             f"avg(input_tokens::float8) {ok} AS avg_in, "
             f"avg(output_tokens::float8) {ok} AS avg_out, "
             "min(ts) AS first_seen, max(ts) AS last_seen, "

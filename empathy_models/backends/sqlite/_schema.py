@@ -398,7 +398,9 @@ def _aggregate_sql(where: str, per_stage: bool) -> str:
     """
     One query for `SQLiteTelemetryBackend.aggregate`.
 
-    It reproduces `empathy_models._stats.aggregate_records` exactly: nearest-rank
+    It reproduces `empathy_models._stats.aggregate_records` exactly (latencies and costs
+    capped at its ``AVERAGE_CAP``, 1e300, in the averages; token sums as floats, which
+    hold every total below 2**53 exactly and never overflow): nearest-rank
     percentiles by row number, the latency sum accumulated in ascending order and the
     cost sum in insertion order (the orders the reference sums in), provider and tier
     of the newest record (first inserted among equal timestamps).
@@ -414,7 +416,7 @@ WITH base AS (
 ),
 per_row AS (
     SELECT wf, st, model, provider, tier, ts_us, ok, input_tokens, output_tokens,
-           SUM(cost_usd) OVER (PARTITION BY wf, st, model ORDER BY id
+           SUM(min(cost_usd, 1e300)) OVER (PARTITION BY wf, st, model ORDER BY id
                                ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS cost_sum,
            ROW_NUMBER() OVER (PARTITION BY wf, st, model ORDER BY id DESC) AS from_end,
            ROW_NUMBER() OVER (PARTITION BY wf, st, model ORDER BY ts_us DESC, id ASC) AS newest
@@ -423,8 +425,8 @@ per_row AS (
 groups AS (
     SELECT wf, st, model, COUNT(*) AS n, SUM(ok) AS successes,
            MAX(CASE WHEN from_end = 1 THEN cost_sum END) AS cost_sum,
-           SUM(CASE WHEN ok THEN input_tokens ELSE 0 END) AS in_sum,
-           SUM(CASE WHEN ok THEN output_tokens ELSE 0 END) AS out_sum,
+           TOTAL(CASE WHEN ok THEN input_tokens ELSE 0 END) AS in_sum,
+           TOTAL(CASE WHEN ok THEN output_tokens ELSE 0 END) AS out_sum,
            MIN(ts_us) AS first_us, MAX(ts_us) AS last_us,
            MAX(CASE WHEN newest = 1 THEN provider END) AS provider,
            MAX(CASE WHEN newest = 1 THEN tier END) AS tier
@@ -435,7 +437,8 @@ lat AS (
     SELECT wf, st, model, latency_ms,
            ROW_NUMBER() OVER w AS rn,
            COUNT(*) OVER (PARTITION BY wf, st, model) AS n,
-           SUM(latency_ms) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS lat_sum
+           SUM(min(latency_ms, 1e300)) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+               AS lat_sum
     FROM base
     WHERE ok
     WINDOW w AS (PARTITION BY wf, st, model ORDER BY latency_ms)

@@ -244,3 +244,34 @@ class _AggregateTests(_TelemetryTests):
         assert math.isclose(perf.avg_cost_usd, 0.02)
         assert (perf.avg_input_tokens, perf.avg_output_tokens) == (0.0, 0.0)
         assert perf.success_rate == 0.0
+
+    async def test_aggregate_of_extreme_values_stays_finite(
+        self, telemetry: TelemetryBackend
+    ) -> None:
+        # 1.7e308 ms, $1.7e308 and 2**63-1 tokens are valid values: two of each must
+        # not overflow the sums behind the averages (a latency or cost counts for at
+        # most 1e300 in them), so one odd record cannot break every report
+        self._needs_records()
+        base = _base_time()
+        huge, most = 1.7e308, 2**63 - 1
+        await telemetry.record_many(
+            [
+                _record(
+                    base + timedelta(seconds=i),
+                    latency_ms=huge,
+                    ttft_ms=huge,
+                    cost_usd=huge,
+                    input_tokens=most,
+                    output_tokens=most,
+                )
+                for i in range(2)
+            ]
+        )
+        await telemetry.flush()
+        (perf,) = await telemetry.aggregate()
+        assert (perf.sample_size, perf.successes) == (2, 2)
+        assert perf.latency_p95_ms == huge and perf.ttft_p95_ms == huge
+        assert perf.avg_latency_ms == 1e300 and perf.avg_cost_usd == 1e300
+        assert math.isclose(perf.avg_input_tokens, most) and math.isclose(
+            perf.avg_output_tokens, most
+        )
