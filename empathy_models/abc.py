@@ -178,7 +178,9 @@ class TelemetryBackend(AsyncResource):
         Every field is exact except the averages (``avg_*``), which are float sums over
         the group divided by its size: backends sum in their own order (SQLite's
         ``SUM``, Python's ``sum``, which compensates from 3.12), so two backends agree
-        on them to a relative 1e-9, not bit for bit.
+        on them to a relative 1e-9, not bit for bit.  In the averages a latency or cost
+        counts for at most 1e300 (``_stats.AVERAGE_CAP``), so that no valid value can
+        overflow them; implementers of ``_aggregate`` cap alike.
         """
         self._check_open()
         check_aware("since", since)
