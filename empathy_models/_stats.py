@@ -126,7 +126,7 @@ def aggregate_records(
                 latency_p50_ms=nearest_rank(latencies, 0.50),
                 latency_p95_ms=nearest_rank(latencies, 0.95),
                 avg_latency_ms=(
-                    sum(x if x < AVERAGE_CAP else AVERAGE_CAP for x in latencies) / len(latencies)
+                    sum(min(x, AVERAGE_CAP) for x in latencies) / len(latencies)
                     if latencies
                     else None
                 ),

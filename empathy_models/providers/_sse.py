@@ -285,6 +285,11 @@ class StreamDecoder:
         self._slots: dict[int, int] = {}  # the wire's index of a call -> its place in _calls
 
     @property
+    def has_tool_calls(self) -> bool:
+        """Whether a tool-call piece was decoded (else every delta so far is text)."""
+        return bool(self._calls)
+
+    @property
     def tool_calls(self) -> list[dict[str, Any]]:
         """The tool calls so far, as Chat Completions ``tool_calls`` (arguments as text)."""
         return [

@@ -309,7 +309,7 @@ class HTTPCompletionStream(CompletionStream):
             if deltas:
                 pending.extend(deltas)
                 self._deltas += len(deltas)
-                if decoder._calls:  # tool-call pieces among the text
+                if decoder.has_tool_calls:  # tool-call pieces among the text
                     self._parts.extend(d for d in deltas if isinstance(d, str))
                 else:
                     self._parts += deltas  # type: ignore[arg-type]  # text only: no call yet

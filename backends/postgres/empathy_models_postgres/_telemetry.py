@@ -206,8 +206,6 @@ def _row(record: LLMCallRecord) -> tuple[Any, ...]:
 
 _EVIDENCE_COLUMNS: Final = ("bucket_start", "workflow", "stage", "model", *SUM_FIELDS)
 
-_CAP: Final = "1e300::double precision"
-"""The most one latency or cost counts for in the averages, as `_stats.AVERAGE_CAP`."""
 _EVIDENCE_TYPES: Final = (
     "timestamptz",
     "text",
@@ -225,6 +223,9 @@ _EVIDENCE_TYPES: Final = (
     "float8",
     "float8",
 )
+
+_CAP: Final = "1e300::double precision"
+"""The most one latency or cost counts for in the averages, as `_stats.AVERAGE_CAP`."""
 
 
 def _evidence_columns(rows: list[LLMCallRecord]) -> list[list[Any]]:
