@@ -36,7 +36,7 @@ from empathy_models.evidence import (
 from empathy_models.records import CandidateEvaluation, ConstraintStatus, wilson_interval
 from empathy_models.routing import ModelStats, RoutingStats
 from empathy_models.routing._memory import EvidenceMemory
-from empathy_models.routing.book import Arm, ChangeTest
+from empathy_models.routing.book import Arm, ChangeTest, bucket_of
 from empathy_models.routing.stats import (
     SAMPLES,
     SUCCESSES,
@@ -239,13 +239,28 @@ def test_live_outcomes_and_stored_buckets_give_the_same_regimes_and_summary() ->
     assert a.lower == pytest.approx(b.lower) and a.p95 == pytest.approx(b.p95)
 
 
+def _same_summary(a: Any, b: Any) -> None:
+    # equal, the figures taken from sums of latencies and costs up to the order they
+    # were added in (an arm adds each live outcome to its regime's sums)
+    for name, x in attrs.asdict(a).items():
+        y = getattr(b, name)
+        if isinstance(x, float) and isinstance(y, float):
+            assert x == pytest.approx(y, rel=1e-9, abs=0.0), name
+        else:
+            assert x == y, name
+
+
 def _holds_what_a_fresh_walk_holds(live: Arm) -> Arm:
     """Assert ``live`` holds what an arm walked from its buckets holds; return that arm."""
     fresh = Arm.walked(live.test, dict(live.data))
     assert [(r.start, r.kind) for r in live.regimes] == [(r.start, r.kind) for r in fresh.regimes]
     assert [r.closed for r in live.regimes] == [r.closed for r in fresh.regimes]
     assert live._earlier_rates() == fresh._earlier_rates()
-    assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
+    _same_summary(live.summarize(1.96, 3.0, 1.0), fresh.summarize(1.96, 3.0, 1.0))
+    # the change test's state after every bucket, which later outcomes continue from
+    for name in ("cum_n", "cum_f", "up", "dn", "up_from", "dn_from", "proof"):
+        assert list(getattr(live, name)) == list(getattr(fresh, name)), name
+    assert live.cur == pytest.approx(fresh.cur, rel=1e-9, abs=0.0)
     return fresh
 
 
@@ -284,7 +299,7 @@ def test_an_arm_whose_detected_change_is_undone_holds_what_a_fresh_walk_holds() 
     feed_arm(live, t + 120, more)
     feed_arm(fresh, t + 120, more)
     assert [(r.start, r.kind) for r in live.regimes] == [(r.start, r.kind) for r in fresh.regimes]
-    assert live.summarize(1.96, 3.0, 1.0) == fresh.summarize(1.96, 3.0, 1.0)
+    _same_summary(live.summarize(1.96, 3.0, 1.0), fresh.summarize(1.96, 3.0, 1.0))
 
 
 def test_an_arm_whose_window_moved_on_holds_what_a_fresh_walk_holds() -> None:
@@ -314,6 +329,90 @@ def test_an_arm_taking_outcomes_around_a_detected_change_holds_what_a_fresh_walk
     feed_arm(live, t + 1.0, [False] * 5, step=0.1)  # the change decided again
     early = max(b for b in live.data if b < live.regimes[-1].start)
     live.apply(_with_more_successes(live, early, 30).items())
+    _holds_what_a_fresh_walk_holds(live)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_outcomes_in_the_minute_a_change_was_detected_leave_what_a_fresh_walk_holds(
+    seed: int,
+) -> None:
+    # a change detected in the newest minute is decided again by each outcome in that
+    # minute, from the state before it (the change may hold, move, take other restored
+    # evidence or be undone); after every outcome the arm holds what a walk holds
+    rng = random.Random(seed)
+    live = Arm(test=ChangeTest())
+    t = 0.0
+
+    def feed(rate: float, n: int, step: float = 1.0) -> None:
+        nonlocal t
+        for _ in range(n):
+            ok = rng.random() < rate
+            live.add(t, ok, rng.lognormvariate(4.6, 0.3), 500, 100 * ok, 0.0001 * ok)
+            t += step
+
+    feed(0.99, 1500)
+    if seed % 2:  # an earlier regime that a recovery may restore
+        feed(0.6, 120)
+        feed(0.99, 300)
+    feed(rng.choice((0.3, 0.6, 0.9, 0.95)), 400)
+    minute = bucket_of(t)
+    while t < minute + 59.0 and not any(r.detected == minute for r in live.regimes):
+        feed(0.5, 1, step=0.01)  # until a change is detected in this minute
+    rate = rng.choice((rng.random(), 0.95, 0.98))
+    for _ in range(150):
+        feed(rate, 1, step=0.0)
+        _holds_what_a_fresh_walk_holds(live)
+
+
+@pytest.mark.parametrize("seed", range(48))
+def test_outcomes_after_a_slow_drop_detected_in_the_newest_minute_leave_what_a_walk_holds(
+    seed: int,
+) -> None:
+    # a drop from 0.99 to a rate near it, detected in the newest minute, then outcomes
+    # at another rate near it in that minute: the change holds while the new regime's
+    # own improvement test (which the closed regime's rate feeds) moves
+    rng = random.Random(seed)
+    live = Arm(test=ChangeTest())
+    t = 0.0
+
+    def feed(rate: float) -> None:
+        ok = rng.random() < rate
+        live.add(t, ok, rng.lognormvariate(4.6, 0.3), 500, 100 * ok, 0.0001 * ok)
+
+    for _ in range(1500):
+        feed(0.99)
+        t += 1.0
+    drop = rng.uniform(0.8, 0.97)
+    while len(live.regimes) == 1 and t < 3600.0:
+        feed(drop)
+        t += 1.0
+    minute = bucket_of(t - 1.0)
+    t = min(t, minute + 59.0)
+    after = rng.uniform(0.85, 1.0)
+    for _ in range(100):
+        feed(after)
+        _holds_what_a_fresh_walk_holds(live)
+
+
+def test_a_refresh_that_turns_the_newest_minutes_improvement_into_a_drop_is_acted_on() -> None:
+    # an improvement detected live in the newest minute; the store's version of that
+    # minute (other workers' failures in it) shows a degradation from the same minute
+    rng = random.Random(1)
+    history = Arm(test=ChangeTest())
+    t = 0.0
+    for _ in range(3000):
+        ok = rng.random() < 0.85
+        history.add(t, ok, rng.lognormvariate(4.6, 0.3), 500, 100 * ok, 0.0001)
+        t += 1.0
+    live = Arm.walked(ChangeTest(), dict(history.data))  # as a start reads them
+    minute = bucket_of(t) + 60
+    while not any(r.detected == minute for r in live.regimes):
+        live.add(minute, True, 100.0, 500, 100, 0.0001)
+    assert live.regimes[-1].kind == "improved"
+    stored = list(live.data[minute])
+    stored[SAMPLES] += 200  # 200 failures
+    live.apply([(minute, tuple(stored))])
+    assert [(r.start, r.kind) for r in live.regimes[1:]] == [(minute, "degraded")]
     _holds_what_a_fresh_walk_holds(live)
 
 

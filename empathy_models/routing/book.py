@@ -218,6 +218,10 @@ class StagePrior:
 
 
 _CusumParams = tuple[float, float, float, float, float, float, float, float, float]
+_WalkState = tuple[float, float, float, float, int, int, float]
+"""The change test's state before a bucket: calls, failures, the two sums and the
+buckets they last left zero in, the regime's proof so far (`Arm._state_before`)."""
+_Redo = tuple[int, "Regime", "Regime", _WalkState, list[float]]
 
 
 def _cusum_params(test: ChangeTest) -> _CusumParams:
@@ -510,6 +514,15 @@ class Arm:
     # outcome in the minute a change was detected re-decides that change (see
     # `_rerun`), which then closes the same regime at the same bucket again
     closed_sums: tuple[int, int, tuple[float, ...]] | None = None
+    # the last change acted on, to decide it again at the cost of one bucket (`_redecide`)
+    # while later outcomes arrive in the bucket it was detected in, the newest:
+    # (that bucket, the regime it closed, the regime it began, the closed regime's
+    # change-test state before that bucket, its earlier regimes' failure rates).  Valid
+    # while those two regimes are the last: a change to an earlier bucket re-runs the
+    # walk through the detection's bucket, which acts on the change anew (a new
+    # ``redo``) or not (the regime it began is gone), and so does a new window (new
+    # regimes)
+    redo: _Redo | None = None
 
     # ------------------------------------------------------------------ reading
 
@@ -766,6 +779,9 @@ class Arm:
         starts = self.starts
         if i >= len(starts):
             return
+        redo = self.redo
+        if redo is not None and i == len(starts) - 1 and self._redecide(redo, i):
+            return
         regimes = self.regimes
         # regimes detected at or after the changed bucket are decided again; the
         # current regime's sums are re-summed at the end if any regime changed
@@ -814,9 +830,13 @@ class Arm:
                 u, d, alarm = _cusum(
                     n0, f0, u0, d0, n, f, uf, df, rstart, base is not None, rates, params
                 )
-            if alarm is not None and t <= last_detected:
-                alarm = None
-                u = d = 0.0
+            before: _WalkState | None = None
+            if alarm is not None:
+                if t <= last_detected:
+                    alarm = None
+                    u = d = 0.0
+                else:
+                    before = (n0, f0, u0, d0, uf, df, best)
             n0 = cum_n[j] = n0 + n
             f0 = cum_f[j] = f0 + f
             best = proof[j] = _proof(best, n0, f0, base, base_lower, z, z2)
@@ -831,6 +851,8 @@ class Arm:
             start, kind = alarm
             last_detected = t
             j = self._split(regime, start, kind, t, j)
+            assert before is not None
+            self.redo = (t, regime, regimes[-1], before, rates)
             carried = False
             resum = True
         if resum:
@@ -839,9 +861,77 @@ class Arm:
             if current.base is not None:
                 _add(self.cur, current.base)
 
-    def _state_before(
-        self, j: int, regime: Regime
-    ) -> tuple[float, float, float, float, int, int, float]:
+    def _redecide(self, redo: _Redo, i: int) -> bool:
+        """
+        `_rerun` from ``i``, the newest bucket, when the last change acted on was
+        detected in it (``redo``, `redo`): decided again from the closed regime's state
+        before that bucket, and if the same change (start, kind, restored evidence)
+        follows, only that bucket's state in the new regime is computed anew; the
+        buckets between the change's start and it hold what a walk from the start would
+        give them again.  ``False`` (nothing done) when the change comes out otherwise:
+        then the whole walk decides.
+        """
+        t, old, new, before, rates = redo
+        regimes = self.regimes
+        if self.starts[i] != t or regimes[-1] is not new or regimes[-2] is not old:
+            return False
+        test = self.test
+        v = self.data[t]
+        n = v[SAMPLES]
+        f = n - v[SUCCESSES]
+        n0, f0, u0, d0, uf, df, _ = before
+        if not (n0 >= test.min_samples and n > 0):
+            return False
+        params = _cusum_params(test)
+        alarm = _cusum(
+            n0, f0, u0, d0, n, f, uf, df, old.start, old.base is not None, rates, params
+        )[2]
+        if alarm is None or alarm != (new.start, new.kind):
+            return False
+        # what `_split` restores, judged on the new regime's buckets up to this one: its
+        # sums without what it restored (exact: counts are whole numbers)
+        base = new.base
+        seg_n, seg_s = self.cur[SAMPLES], self.cur[SUCCESSES]
+        if base is not None:
+            seg_n -= base[SAMPLES]
+            seg_s -= base[SUCCESSES]
+        restored = self._restorable(new.kind, new.before_rate, seg_n, seg_s, len(regimes) - 2)
+        if (restored.start if restored is not None else None) != new.restored:
+            return False
+        # the new regime's state at this bucket, as the walk from its start leaves it (a
+        # change detected in this bucket already is not acted on again)
+        n0, f0, u0, d0, uf, df, best = self._state_before(i, new)
+        z = test.proof_z
+        z2 = z * z
+        base_lower = 0.0 if base is None else wilson_lower(base[SUCCESSES], base[SAMPLES], z, z2)
+        u = d = 0.0
+        if n0 >= test.min_samples and n > 0:
+            u, d, again = _cusum(
+                n0,
+                f0,
+                u0,
+                d0,
+                n,
+                f,
+                uf,
+                df,
+                new.start,
+                base is not None,
+                self._earlier_rates(),
+                params,
+            )
+            if again is not None:
+                u = d = 0.0
+        n0 = self.cum_n[i] = n0 + n
+        f0 = self.cum_f[i] = f0 + f
+        self.proof[i] = _proof(best, n0, f0, base, base_lower, z, z2)
+        self.up[i] = u
+        self.dn[i] = d
+        self.up_from[i] = uf
+        self.dn_from[i] = df
+        return True
+
+    def _state_before(self, j: int, regime: Regime) -> _WalkState:
         """
         The change test's state before position ``j`` in ``regime``, as the walk takes
         it over: the regime's calls and failures so far, the two sums and the buckets
@@ -944,28 +1034,40 @@ class Arm:
         return out
 
     def _restore(self, new: Regime, segment: list[float]) -> None:
-        # the most recent earlier regime (before the one just left) whose rate is
-        # consistent with the new segment's, on the side of the change
-        n1 = segment[SAMPLES]
+        # the evidence ``new`` restores (see `_restorable`), the regime just left being
+        # the last
+        r = self._restorable(
+            new.kind, new.before_rate, segment[SAMPLES], segment[SUCCESSES], len(self.regimes) - 1
+        )
+        if r is not None:
+            assert r.closed is not None
+            new.base = list(r.closed)
+            new.restored = r.start
+
+    def _restorable(
+        self, kind: str, before: float | None, n1: float, s1: float, end: int
+    ) -> Regime | None:
+        # the most recent regime before position ``end`` (the regime a change of
+        # ``kind`` left, whose rate was ``before``) whose rate is consistent with that
+        # of the new segment (``n1`` calls, ``s1`` successful), on the side of the change
         if n1 <= 0:
-            return
-        p1 = segment[SUCCESSES] / n1
+            return None
+        p1 = s1 / n1
         z = self.test.restore_z
-        before = new.before_rate
-        for r in reversed(self.regimes[:-1]):
+        regimes = self.regimes
+        for k in range(end - 1, -1, -1):
+            r = regimes[k]
             c = r.closed
             if c is None or c[SAMPLES] < self.test.min_samples:
                 continue
             n2 = c[SAMPLES]
             p2 = c[SUCCESSES] / n2
             if before is not None and (
-                (new.kind == "improved" and p2 <= before)
-                or (new.kind == "degraded" and p2 >= before)
+                (kind == "improved" and p2 <= before) or (kind == "degraded" and p2 >= before)
             ):
                 continue
-            pooled = (segment[SUCCESSES] + c[SUCCESSES]) / (n1 + n2)
+            pooled = (s1 + c[SUCCESSES]) / (n1 + n2)
             se = math.sqrt(max(pooled * (1.0 - pooled), 1e-9) * (1.0 / n1 + 1.0 / n2))
             if abs(p1 - p2) <= z * se:
-                new.base = list(c)
-                new.restored = r.start
-                return
+                return r
+        return None
