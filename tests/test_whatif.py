@@ -191,6 +191,25 @@ async def test_invalid_arguments_are_configuration_errors(tmp_path: Path) -> Non
         await simulate_policy(evidence, registry=REGISTRY, min_success_rate=1.5, replicates=2)
 
 
+async def test_a_window_or_a_simulation_past_the_calendar_is_a_configuration_error() -> None:
+    async with telemetry_from_url("memory://") as backend:
+        with pytest.raises(ConfigurationError, match="before the year 1"):
+            await evaluate_policy(backend, WF, ST, now=datetime(1, 1, 3, tzinfo=UTC))
+        # the replay runs one request a second from the window's end
+        late = datetime.max.replace(tzinfo=UTC) - timedelta(minutes=5)
+        await backend.record_many(
+            [attrs.evolve(r, timestamp=late - (NOW - r.timestamp)) for r in history(2, 300)]
+        )
+        with pytest.raises(ConfigurationError, match=r"requests=400: .* pass the year 9999"):
+            await evaluate_policy(
+                backend, WF, ST, registry=REGISTRY, now=late, requests=400, replicates=2
+            )
+        report = await evaluate_policy(
+            backend, WF, ST, registry=REGISTRY, now=late, requests=200, replicates=2
+        )
+    assert report.recorded_calls == 300
+
+
 async def test_a_backend_without_rollups_is_read_through_its_records() -> None:
     class NoRollups(MemoryTelemetryBackend):
         async def evidence(self, **_: object) -> EvidenceBatch:
@@ -241,6 +260,26 @@ async def test_inverse_propensity_estimate_from_recorded_propensities(tmp_path: 
         )
     assert report.ipw is not None and report.ipw.with_propensity == report.ipw.calls
     assert report.ipw.cost_per_request.estimate is not None
+
+
+async def test_a_policy_without_overlap_says_why_it_has_no_off_policy_estimate() -> None:
+    records = [attrs.evolve(r, routing_propensity=BY_ID[r.model].share) for r in history(5, 600)]
+    unseen = ipw_estimate(records, {"untried": 1.0})
+    assert unseen is not None and unseen.with_propensity == 600
+    assert unseen.effective_sample_size == 0.0 and unseen.cost_per_request.estimate is None
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(records)
+        # no model is free: the policy routes no request, and no recorded call stands for it
+        report = await evaluate_policy(
+            backend, WF, ST, registry=REGISTRY, now=NOW, max_cost=0.0, requests=50, replicates=2
+        )
+    assert report.no_match_share.estimate == 1.0
+    assert report.ipw is not None and report.ipw.effective_sample_size == 0.0
+    assert [n for n in report.notes if "IPW" in n] == [
+        f"no off-policy (IPW) estimate: {report.ipw.with_propensity} recorded calls carry a "
+        "routing_propensity, but the proposed policy routes no request (no model qualifies)"
+    ]
+    assert report.ipw.with_propensity == 600
 
 
 def test_propensity_follows_what_the_decision_states() -> None:
