@@ -151,6 +151,7 @@ def test_each_group_has_help(home: Path, group: str, subcommands: tuple[str, ...
         ("routing", "upgrades", "--days", "inf"),
         ("telemetry", "summary", "--days", "100000000"),
         ("telemetry", "export", "--format", "csv", "--days", "100000000"),
+        ("telemetry", "export", "--format", "csv", "--limit", "100000000000000000000000"),
         ("breaker", "open", "openai", "--for", "1e12"),
         ("breaker", "open", "openai", "--for", "inf"),
     ],

@@ -1,7 +1,8 @@
 """
-Text a store cannot hold as given (a lone surrogate, as Python decodes bytes that are not
-UTF-8; a NUL character): the in-memory and SQLite telemetry backends find the same records
-for it, whether the store kept the text as given or made it safe.
+Values past what a store holds as given: text with a lone surrogate (as Python decodes
+bytes that are not UTF-8) or a NUL character, an integer past 64 bits.  The in-memory and
+SQLite telemetry backends answer the same for them, whether the store kept a record's text
+as given or made it safe.
 """
 
 from __future__ import annotations
@@ -74,3 +75,10 @@ async def test_a_filter_on_unstorable_text_finds_the_records_written_with_it(
                 workflow=f.get("workflow"), stage=f.get("stage"), since=NOW - timedelta(days=1)
             )
             assert sum(p.sample_size for p in perf) == len(expected), url
+
+
+async def test_a_limit_past_64_bits_reads_every_record(tmp_path: Path) -> None:
+    for url in ("memory://", f"sqlite:///{tmp_path}/calls.db"):
+        async with telemetry_from_url(url) as backend:
+            await backend.record_many(RECORDS[:1])
+            assert [r.call_id for r in await backend.recent(limit=2**64)] == ["c0"], url

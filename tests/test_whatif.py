@@ -485,6 +485,8 @@ def test_cli_errors_are_clear(tmp_path: Path, synth_db: tuple[Path, Path]) -> No
     for bad in (("--replicates", "1"), ("--requests", "0"), ("--min-success-rate", "2")):
         usage = run_cli(home, *base, ST, *bad)
         assert usage.returncode == 2 and "usage:" in usage.stderr, bad
+    sweep = run_cli(home, *base, ST, "--sweep", "0.8,0.9")  # what it sweeps is only plotted
+    assert sweep.returncode == 2 and "pass --plot" in sweep.stderr
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -495,3 +497,40 @@ def test_cli_errors_are_clear(tmp_path: Path, synth_db: tuple[Path, Path]) -> No
         plot = run_cli(home, *base, ST, "--plot", str(png), "--sweep", "0.8,0.95")
         assert plot.returncode == 0, plot.stderr
         assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_plot_names_the_file_it_wrote_and_refuses_one_it_cannot_write(
+    tmp_path: Path, synth_db: tuple[Path, Path]
+) -> None:
+    pytest.importorskip("matplotlib")
+    db, registry = synth_db
+    home = tmp_path / "home"
+    base = ("routing", "whatif", WF, ST, "--db", str(db), "--registry", str(registry))
+    quick = ("--requests", "50", "--replicates", "2", "--sweep", "0.8,0.95")
+    plain = run_cli(home, *base, *quick, "--plot", str(tmp_path / "cost"))
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.endswith(f"written to {tmp_path / 'cost.png'}\n")
+    assert (tmp_path / "cost.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "cost").exists()
+    svg = run_cli(home, *base, *quick, "--plot", str(tmp_path / "cost.svg"), "--json")
+    assert json.loads(svg.stdout)["plot"] == str(tmp_path / "cost.svg")
+    assert b"<svg" in (tmp_path / "cost.svg").read_bytes()
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    dangling = tmp_path / "dangling.png"
+    dangling.symlink_to(tmp_path / "no-such-dir" / "cost.png")
+    for target, code, message in [
+        (folder, 1, "is a directory"),
+        (tmp_path / "cost.foo", 2, "matplotlib cannot write .foo files"),
+        (tmp_path / "no-such-dir" / "cost.png", 1, "does not exist"),
+        (dangling, 1, "cannot write it"),
+    ]:
+        refused = run_cli(home, *base, *quick, "--plot", str(target))
+        assert refused.returncode == code, (target, refused.stderr)
+        assert refused.stderr.startswith(f"empathy-models: error: --plot {target}")
+        assert refused.stderr.count("\n") == 1 and message in refused.stderr, refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".png", ".svg")) == [
+        "cost.png",
+        "cost.svg",
+        "dangling.png",
+    ]

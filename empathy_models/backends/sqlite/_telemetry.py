@@ -27,7 +27,7 @@ from ...exceptions import (
 )
 from ...records import LLMCallRecord, ModelPerformance
 from .._spool import Spool
-from .._storable import refusals, storable, stored_forms
+from .._storable import INT64_MAX, refusals, storable, stored_forms
 from ..batching import (
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
@@ -365,7 +365,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         if limit == 0:
             return []
         where, params = self._filters(workflow=workflow, stage=stage, model=model, since=since)
-        params["limit"] = limit
+        params["limit"] = min(limit, INT64_MAX)  # no table holds more rows: the same answer
         sql = f"{_SELECT_CALLS} WHERE 1{where} ORDER BY ts_us DESC, id DESC LIMIT :limit"
 
         async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
