@@ -137,16 +137,23 @@ async def load_stage_evidence(
         The `StageEvidence`, one `ModelFit` per model seen.
 
     Raises:
-        ConfigurationError: an invalid argument, or a naive ``now``.
+        ConfigurationError: an invalid argument, a naive ``now``, or a ``now`` too early
+            for ``days`` before it.
     """
     _check_name("workflow", workflow)
     _check_name("stage", stage)
     days = _check_days(days)
     registry = ModelRegistry.default() if registry is None else registry
     until = now if now is not None else datetime.now(UTC)
-    if until.tzinfo is None:
-        raise ConfigurationError("now must be a timezone-aware datetime")
-    since = until - timedelta(days=days)
+    if not isinstance(until, datetime) or until.tzinfo is None:
+        raise ConfigurationError(f"now must be a timezone-aware datetime, got {now!r}")
+    try:
+        since = until - timedelta(days=days)
+    except OverflowError:
+        raise ConfigurationError(
+            f"now={until.isoformat()} with days={days:g}: the window would start before "
+            "the year 1; pass a later now or fewer days"
+        ) from None
     source = "rollups"
     await backend.flush()  # what this process handed to a batching backend counts too
     try:
@@ -203,7 +210,15 @@ def _check_simulation(
     """
     if not isinstance(registry, ModelRegistry):
         raise ConfigurationError(f"registry must be a ModelRegistry, got {registry!r}")
-    _check_positive_int("requests", requests)
+    try:
+        # the replay's clock runs one second per request from the window's end
+        evidence.until + timedelta(seconds=_check_positive_int("requests", requests) + 1)
+    except OverflowError:
+        raise ConfigurationError(
+            f"requests={requests}: the simulation runs one request a second from the "
+            f"window's end ({evidence.until.isoformat()}) and would pass the year 9999; "
+            "pass an earlier now or fewer requests"
+        ) from None
     if _check_positive_int("replicates", replicates) < 2:
         raise ConfigurationError("replicates must be at least 2 (the interval needs a spread)")
     if isinstance(candidates, str):
@@ -260,11 +275,11 @@ async def simulate_policy(
         candidates: default: the models seen in the window.
         input_tokens: default: the stage's mean.
         routing_policy: default: `RoutingPolicy` with the evidence's window.
-        requests, replicates, seed: how many requests per replicate, how many
-            replicates, and the seed of the draws.
+        requests, replicates, seed: how many requests per replicate (one a second from
+            the evidence's end), how many replicates, and the seed of the draws.
 
     Raises:
-        ConfigurationError: invalid arguments.
+        ConfigurationError: invalid arguments, or a replay that would run past the year 9999.
     """
     registry = ModelRegistry.default() if registry is None else registry
     names = _check_simulation(
@@ -478,8 +493,10 @@ def ipw_estimate(
         min_ess: the smallest effective sample size worth an estimate.
 
     Returns:
-        The estimate, or ``None`` when no recorded call carries a propensity, or the
-        effective sample size is below ``min_ess``.
+        ``None`` when no recorded call carries a propensity; else the estimate, its
+        intervals `Interval.none` when the effective sample size is below ``min_ess``
+        (0 when ``target`` gives no weight to any model of those calls, as for a policy
+        that routes nothing).
     """
     calls = 0
     rows: list[tuple[float, float, float]] = []
@@ -495,9 +512,7 @@ def ipw_estimate(
         return None
     sw = sum(w for w, _, _ in rows)
     sw2 = sum(w * w for w, _, _ in rows)
-    if sw <= 0:
-        return None
-    ess = sw * sw / sw2
+    ess = sw * sw / sw2 if sw > 0 else 0.0
     if ess < min_ess:
         return IPWEstimate(
             calls=calls,
@@ -571,18 +586,34 @@ async def evaluate_policy(
     )
     target = {t.model: t.share.estimate or 0.0 for t in report.traffic}
     ipw = ipw_estimate((r for r in recent if r.timestamp < evidence.until), target)
-    notes = list(report.notes)
+    note = _ipw_note(ipw, target)
+    notes = report.notes if note is None else (*report.notes, note)
+    return evolve(report, ipw=ipw, notes=notes)
+
+
+def _ipw_note(ipw: IPWEstimate | None, target: Mapping[str, float]) -> str | None:
+    """Why the report has no off-policy estimate (None: it has one)."""
     if ipw is None:
-        notes.append(
+        return (
             "no off-policy (IPW) estimate: the recorded calls carry no routing_propensity "
             "(recorded before this version, or without a router)"
         )
-    elif ipw.cost_per_request.estimate is None:
-        notes.append(
-            f"no off-policy (IPW) estimate: the recorded traffic overlaps too little with "
-            f"the proposed policy (effective sample size {ipw.effective_sample_size:.1f})"
+    if ipw.cost_per_request.estimate is not None:
+        return None
+    if ipw.effective_sample_size == 0.0:
+        why = (
+            "routes no request (no model qualifies)"
+            if not any(target.values())
+            else "routes no request to a model those calls went to"
         )
-    return evolve(report, ipw=ipw, notes=tuple(notes))
+        return (
+            f"no off-policy (IPW) estimate: {ipw.with_propensity} recorded calls carry a "
+            f"routing_propensity, but the proposed policy {why}"
+        )
+    return (
+        f"no off-policy (IPW) estimate: the recorded traffic overlaps too little with "
+        f"the proposed policy (effective sample size {ipw.effective_sample_size:.1f})"
+    )
 
 
 async def sweep_min_success_rate(

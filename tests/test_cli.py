@@ -151,6 +151,7 @@ def test_each_group_has_help(home: Path, group: str, subcommands: tuple[str, ...
         ("routing", "upgrades", "--days", "inf"),
         ("telemetry", "summary", "--days", "100000000"),
         ("telemetry", "export", "--format", "csv", "--days", "100000000"),
+        ("telemetry", "export", "--format", "csv", "--limit", "100000000000000000000000"),
         ("breaker", "open", "openai", "--for", "1e12"),
         ("breaker", "open", "openai", "--for", "inf"),
     ],
@@ -159,6 +160,45 @@ def test_bad_arguments_are_usage_errors(home: Path, args: tuple[str, ...]) -> No
     result = cli(home, *args)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "usage:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+LATIN1_CAFE = "caf\udce9"
+"""``café`` typed in a Latin-1 terminal, as Python decodes an argument that is not UTF-8."""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("telemetry", "summary", "--workflow", LATIN1_CAFE),
+        ("telemetry", "export", "--format", "csv", "--workflow", LATIN1_CAFE),
+        ("routing", "stats", LATIN1_CAFE),
+        ("routing", "best", LATIN1_CAFE, "write"),
+        ("routing", "upgrades", "--stage", LATIN1_CAFE),
+        ("breaker", "open", LATIN1_CAFE),
+        ("budget", "set", LATIN1_CAFE, "--limit", "1"),
+        ("budget", "reset", LATIN1_CAFE),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_a_one_line_usage_error(
+    home: Path, db: Path, args: tuple[str, ...]
+) -> None:
+    before = db.read_bytes()
+    result = cli(home, *args, "--db", str(db), "--json")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr == (
+        "empathy-models: error: argument 'caf\\xe9' is not valid UTF-8: type it in UTF-8 "
+        "(is the terminal set to another encoding?)\n"
+    )
+    assert json.loads(result.stdout)["error"]["exit_code"] == 2
+    assert db.read_bytes() == before
+
+
+def test_an_argument_that_is_not_utf8_from_the_terminal_is_refused(home: Path) -> None:
+    # the process receives the byte 0xe9, which Python decodes to a lone surrogate
+    result = run_cli_process(home, "breaker", "open", LATIN1_CAFE)
+    assert result.returncode == 2, result.stderr
+    assert "argument 'caf\\xe9' is not valid UTF-8" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -191,6 +191,25 @@ async def test_invalid_arguments_are_configuration_errors(tmp_path: Path) -> Non
         await simulate_policy(evidence, registry=REGISTRY, min_success_rate=1.5, replicates=2)
 
 
+async def test_a_window_or_a_simulation_past_the_calendar_is_a_configuration_error() -> None:
+    async with telemetry_from_url("memory://") as backend:
+        with pytest.raises(ConfigurationError, match="before the year 1"):
+            await evaluate_policy(backend, WF, ST, now=datetime(1, 1, 3, tzinfo=UTC))
+        # the replay runs one request a second from the window's end
+        late = datetime.max.replace(tzinfo=UTC) - timedelta(minutes=5)
+        await backend.record_many(
+            [attrs.evolve(r, timestamp=late - (NOW - r.timestamp)) for r in history(2, 300)]
+        )
+        with pytest.raises(ConfigurationError, match=r"requests=400: .* pass the year 9999"):
+            await evaluate_policy(
+                backend, WF, ST, registry=REGISTRY, now=late, requests=400, replicates=2
+            )
+        report = await evaluate_policy(
+            backend, WF, ST, registry=REGISTRY, now=late, requests=200, replicates=2
+        )
+    assert report.recorded_calls == 300
+
+
 async def test_a_backend_without_rollups_is_read_through_its_records() -> None:
     class NoRollups(MemoryTelemetryBackend):
         async def evidence(self, **_: object) -> EvidenceBatch:
@@ -241,6 +260,26 @@ async def test_inverse_propensity_estimate_from_recorded_propensities(tmp_path: 
         )
     assert report.ipw is not None and report.ipw.with_propensity == report.ipw.calls
     assert report.ipw.cost_per_request.estimate is not None
+
+
+async def test_a_policy_without_overlap_says_why_it_has_no_off_policy_estimate() -> None:
+    records = [attrs.evolve(r, routing_propensity=BY_ID[r.model].share) for r in history(5, 600)]
+    unseen = ipw_estimate(records, {"untried": 1.0})
+    assert unseen is not None and unseen.with_propensity == 600
+    assert unseen.effective_sample_size == 0.0 and unseen.cost_per_request.estimate is None
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(records)
+        # no model is free: the policy routes no request, and no recorded call stands for it
+        report = await evaluate_policy(
+            backend, WF, ST, registry=REGISTRY, now=NOW, max_cost=0.0, requests=50, replicates=2
+        )
+    assert report.no_match_share.estimate == 1.0
+    assert report.ipw is not None and report.ipw.effective_sample_size == 0.0
+    assert [n for n in report.notes if "IPW" in n] == [
+        f"no off-policy (IPW) estimate: {report.ipw.with_propensity} recorded calls carry a "
+        "routing_propensity, but the proposed policy routes no request (no model qualifies)"
+    ]
+    assert report.ipw.with_propensity == 600
 
 
 def test_propensity_follows_what_the_decision_states() -> None:
@@ -446,6 +485,8 @@ def test_cli_errors_are_clear(tmp_path: Path, synth_db: tuple[Path, Path]) -> No
     for bad in (("--replicates", "1"), ("--requests", "0"), ("--min-success-rate", "2")):
         usage = run_cli(home, *base, ST, *bad)
         assert usage.returncode == 2 and "usage:" in usage.stderr, bad
+    sweep = run_cli(home, *base, ST, "--sweep", "0.8,0.9")  # what it sweeps is only plotted
+    assert sweep.returncode == 2 and "pass --plot" in sweep.stderr
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -456,3 +497,40 @@ def test_cli_errors_are_clear(tmp_path: Path, synth_db: tuple[Path, Path]) -> No
         plot = run_cli(home, *base, ST, "--plot", str(png), "--sweep", "0.8,0.95")
         assert plot.returncode == 0, plot.stderr
         assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_plot_names_the_file_it_wrote_and_refuses_one_it_cannot_write(
+    tmp_path: Path, synth_db: tuple[Path, Path]
+) -> None:
+    pytest.importorskip("matplotlib")
+    db, registry = synth_db
+    home = tmp_path / "home"
+    base = ("routing", "whatif", WF, ST, "--db", str(db), "--registry", str(registry))
+    quick = ("--requests", "50", "--replicates", "2", "--sweep", "0.8,0.95")
+    plain = run_cli(home, *base, *quick, "--plot", str(tmp_path / "cost"))
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.endswith(f"written to {tmp_path / 'cost.png'}\n")
+    assert (tmp_path / "cost.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "cost").exists()
+    svg = run_cli(home, *base, *quick, "--plot", str(tmp_path / "cost.svg"), "--json")
+    assert json.loads(svg.stdout)["plot"] == str(tmp_path / "cost.svg")
+    assert b"<svg" in (tmp_path / "cost.svg").read_bytes()
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    dangling = tmp_path / "dangling.png"
+    dangling.symlink_to(tmp_path / "no-such-dir" / "cost.png")
+    for target, code, message in [
+        (folder, 1, "is a directory"),
+        (tmp_path / "cost.foo", 2, "matplotlib cannot write .foo files"),
+        (tmp_path / "no-such-dir" / "cost.png", 1, "does not exist"),
+        (dangling, 1, "cannot write it"),
+    ]:
+        refused = run_cli(home, *base, *quick, "--plot", str(target))
+        assert refused.returncode == code, (target, refused.stderr)
+        assert refused.stderr.startswith(f"empathy-models: error: --plot {target}")
+        assert refused.stderr.count("\n") == 1 and message in refused.stderr, refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".png", ".svg")) == [
+        "cost.png",
+        "cost.svg",
+        "dangling.png",
+    ]

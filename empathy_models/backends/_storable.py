@@ -9,6 +9,8 @@ made safe (text escaped with backslashes, integers clamped, non-finite metadata
 floats replaced by ``None``) and the names of the fields it changed, which it also
 writes into the copy's metadata under `SANITIZED_KEY`.  The write path calls it only
 for a record a store has refused, so ordinary records are stored exactly as given.
+`stored_forms` gives the texts a query for a value must match to find the records
+written with it, made safe or not.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import attrs
 from ..exceptions import EmpathyModelsError, TelemetryError, TelemetryRejectedError
 from ..records import LLMCallRecord
 
-__all__ = ["INT64_MAX", "SANITIZED_KEY", "refusals", "storable"]
+__all__ = ["INT64_MAX", "SANITIZED_KEY", "refusals", "storable", "stored_forms"]
 
 INT64_MAX: Final = 2**63 - 1
 """The largest integer SQLite and PostgreSQL (bigint) store."""
@@ -70,6 +72,25 @@ def safe_text(value: str) -> str:
     if "\x00" in value:
         value = value.replace("\x00", "\\x00")
     return value
+
+
+def stored_forms(value: str) -> tuple[str, ...]:
+    """
+    The texts a record's field equal to ``value`` may be stored as, for a query to match.
+
+    ``value`` itself when UTF-8 can encode it (a record stored as given), and
+    `safe_text` of it when that differs (a record a store refused and `storable` made
+    safe).  A text with a lone surrogate is stored only in its escaped form, so a query
+    for it finds the records written with it, as the in-memory backend does.
+    """
+    safe = safe_text(value)
+    if safe == value:
+        return (value,)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return (safe,)
+    return (value, safe)
 
 
 def _safe_scalar(value: Any) -> Any:

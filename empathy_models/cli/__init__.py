@@ -125,12 +125,33 @@ def _error_json(exc: BaseException, code: int) -> dict[str, Any]:
     return {"error": error}
 
 
+def _not_utf8(words: Sequence[str]) -> str | None:
+    """
+    The first of ``words`` that is not valid UTF-8, shown as its bytes, or None.
+
+    Python hands over an argument whose bytes are not UTF-8 (``café`` typed in a
+    Latin-1 terminal) with each bad byte as a lone surrogate, which no database,
+    file or JSON output can hold.
+    """
+    for word in words:
+        try:
+            word.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                raw = word.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:  # a surrogate no byte decodes to
+                raw = word.encode("utf-8", "backslashreplace")
+            return repr(raw)[1:]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """
     Run the CLI with ``argv`` (default ``sys.argv[1:]``) and return the exit code.
 
     Errors of this package print ``empathy-models: error: <message>`` on stderr (no
-    traceback) and return 1; usage errors return 2 with the usage line.  With
+    traceback) and return 1; usage errors return 2 with the usage line, but for an
+    argument that is not valid UTF-8, refused (2) before any command runs.  With
     ``--json``, an error is also printed on stdout as ``{"error": {"type", "message",
     "exit_code", ...}}`` (a routing no-match adds ``workflow``, ``stage`` and the
     ``reasons`` of every candidate).  A command group without a subcommand, or no
@@ -138,6 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
+    bad = _not_utf8(words)
+    if bad is not None:
+        message = (
+            f"argument {bad} is not valid UTF-8: type it in UTF-8 (is the terminal set to "
+            "another encoding?)"
+        )
+        print(f"empathy-models: error: {message}", file=sys.stderr)
+        if "--json" in words:
+            emit_json({"error": {"type": "UsageError", "message": message, "exit_code": 2}})
+        return 2
     try:
         args = parser.parse_args(words)
     except SystemExit as exc:  # argparse: --help, --version

@@ -78,7 +78,8 @@ def number_arg(
         if not strict and not value >= minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum:g}, got {text}")
         if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}{too_big}, got {text}")
+            most = f"{maximum:,}" if isinstance(maximum, int) else f"{maximum:g}"
+            raise argparse.ArgumentTypeError(f"must be at most {most}{too_big}, got {text}")
         return value
 
     return parse

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,6 +56,9 @@ _rate = number_arg(float, minimum=0, maximum=1)
 _tokens = number_arg(int, minimum=0, what="a whole number")
 _count = number_arg(int, minimum=1, maximum=1_000_000, what="a whole number")
 _replicates = number_arg(int, minimum=2, maximum=10_000, what="a whole number")
+
+_SWEEP = "0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99"
+"""The ``min_success_rate`` values ``routing whatif --plot`` draws without ``--sweep``."""
 
 
 def register(subparsers: SubParsers) -> None:
@@ -187,13 +191,14 @@ def _register_whatif(sub: SubParsers) -> None:
         "--plot",
         type=Path,
         metavar="FILE.png",
-        help="also plot cost per request against min_success_rate over --sweep (needs matplotlib)",
+        help="also plot cost per request against min_success_rate over --sweep (needs "
+        "matplotlib; the format follows the suffix, .png added to a name without one)",
     )
     whatif.add_argument(
         "--sweep",
         metavar="RATE[,RATE...]",
-        default="0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99",
-        help="min_success_rate values for --plot (default 0.8,...,0.99)",
+        default=None,
+        help=f"min_success_rate values --plot draws (default {_SWEEP})",
     )
     whatif.set_defaults(func=cmd_routing_whatif)
 
@@ -463,7 +468,8 @@ def cmd_routing_whatif(args: argparse.Namespace) -> int:
         candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
         if not candidates:
             raise CliError("--candidates needs at least one model id", code=2)
-    sweep = _whatif_sweep(args) if args.plot is not None else []
+    sweep = _whatif_sweep(args)
+    plot = _plot_file(args.plot) if args.plot is not None else None
     options: dict[str, Any] = {
         "max_cost": args.max_cost,
         "max_latency_ms": args.max_latency_ms,
@@ -477,37 +483,68 @@ def cmd_routing_whatif(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     report, swept = run_async(lambda: _whatif_reports(args, url, registry, sweep, options))
-    if args.plot is not None:
-        _plot_sweep(swept, report, args.plot)
+    if plot is not None:
+        _plot_sweep(swept, report, *plot)
     if args.json:
-        emit_json(_whatif_json(report, swept))
+        emit_json(_whatif_json(report, swept, None if plot is None else plot[0]))
         return 0
     _print_whatif(report)
-    if args.plot is not None:
-        print(f"\nplot: cost per request against min_success_rate written to {args.plot}")
+    if plot is not None:
+        print(f"\nplot: cost per request against min_success_rate written to {plot[0]}")
     return 0
 
 
 def _whatif_sweep(args: argparse.Namespace) -> list[float]:
     """
-    The ``--sweep`` rates for ``--plot``, sorted, once the plot can be written.
+    The ``--sweep`` rates (default `_SWEEP`) for ``--plot``, sorted; none without it.
 
     Raises:
-        CliError: a rate outside 0..1, a missing directory, or no matplotlib.
+        CliError: ``--sweep`` without ``--plot``, or a rate outside 0..1.
     """
+    if args.plot is None:
+        if args.sweep is not None:
+            raise CliError("--sweep gives the rates --plot draws: pass --plot FILE.png too", 2)
+        return []
+    text = _SWEEP if args.sweep is None else args.sweep
     try:
-        sweep = sorted({float(v) for v in args.sweep.split(",") if v.strip()})
+        sweep = sorted({float(v) for v in text.split(",") if v.strip()})
     except ValueError:
         sweep = []
     if not sweep or any(not 0.0 <= v <= 1.0 for v in sweep):
-        raise CliError(f"--sweep: expected numbers between 0 and 1, got {args.sweep!r}", 2)
-    if not args.plot.parent.is_dir():
-        raise CliError(f"--plot {args.plot}: the directory {args.plot.parent} does not exist")
+        raise CliError(f"--sweep: expected numbers between 0 and 1, got {text!r}", 2)
+    return sweep
+
+
+def _plot_file(path: Path) -> tuple[Path, str]:
+    """
+    The file ``--plot`` writes and its format (its suffix; ``.png`` added to a name
+    without one), checked before the simulation runs.
+
+    Raises:
+        CliError: no matplotlib, a format it cannot write, a directory, a missing
+            directory, or a file or directory the user cannot write.
+    """
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise CliError("--plot needs matplotlib: pip install matplotlib") from None
-    return sweep
+    if not path.suffix and not path.is_dir():
+        path = path.with_name(path.name.rstrip(".") + ".png")
+    if path.is_dir():
+        raise CliError(f"--plot {path}: is a directory; name a file, e.g. {path / 'cost.png'}")
+    fmt = path.suffix[1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        known = ", ".join(f".{f}" for f in sorted(formats))
+        raise CliError(
+            f"--plot {path}: matplotlib cannot write .{fmt} files (it writes {known})", 2
+        )
+    if not path.parent.is_dir():
+        why = "is not a directory" if path.parent.exists() else "does not exist"
+        raise CliError(f"--plot {path}: {path.parent} {why}")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise CliError(f"--plot {path}: cannot write there (permission denied)")
+    return path, fmt
 
 
 async def _whatif_reports(
@@ -564,9 +601,13 @@ async def _whatif_reports(
         return report, swept
 
 
-def _whatif_json(report: WhatIfReport, swept: list[WhatIfReport]) -> dict[str, Any]:
-    """What ``routing whatif --json`` prints: the report, and the sweep when plotted."""
+def _whatif_json(
+    report: WhatIfReport, swept: list[WhatIfReport], plot: Path | None
+) -> dict[str, Any]:
+    """What ``routing whatif --json`` prints: the report, and the sweep and file when plotted."""
     out = report.to_dict()
+    if plot is not None:
+        out["plot"] = str(plot)
     if swept:
         out["sweep"] = [
             {
@@ -656,7 +697,7 @@ def _print_whatif(r: Any) -> None:
         print(f"note: {note}")
 
 
-def _plot_sweep(swept: list[Any], report: Any, path: Path) -> None:
+def _plot_sweep(swept: list[Any], report: Any, path: Path, fmt: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -677,9 +718,9 @@ def _plot_sweep(swept: list[Any], report: Any, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     try:
-        fig.savefig(path)
+        fig.savefig(path, format=fmt)  # a format given: matplotlib writes ``path`` as named
     except OSError as exc:
-        raise CliError(f"--plot {path}: {exc}") from None
+        raise CliError(f"--plot {path}: cannot write it ({exc.strerror or exc})") from None
     finally:
         plt.close(fig)
 

@@ -34,7 +34,12 @@ from ._common import (
 __all__ = ["cmd_telemetry_export", "cmd_telemetry_summary", "register"]
 
 
-_positive_int = number_arg(int, minimum=1, what="a whole number")
+_MAX_LIMIT = 2**63 - 1
+"""The most records ``telemetry export --limit`` takes: what a store's 64-bit integer holds."""
+
+_limit = number_arg(
+    int, minimum=1, maximum=_MAX_LIMIT, what="a whole number", too_big=" (2**63 - 1)"
+)
 _days = number_arg(int, minimum=1, maximum=MAX_DAYS, what="a whole number", too_big=" (100 years)")
 
 
@@ -79,9 +84,7 @@ def register(subparsers: SubParsers) -> None:
     export.add_argument("--workflow", help="only this workflow")
     export.add_argument("--stage", help="only this stage")
     export.add_argument("--days", type=_days, default=None, help="only the last N days")
-    export.add_argument(
-        "--limit", type=_positive_int, default=1_000_000, help="at most N newest records"
-    )
+    export.add_argument("--limit", type=_limit, default=1_000_000, help="at most N newest records")
     export.set_defaults(func=cmd_telemetry_export)
 
 

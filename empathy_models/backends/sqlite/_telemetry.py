@@ -27,7 +27,7 @@ from ...exceptions import (
 )
 from ...records import LLMCallRecord, ModelPerformance
 from .._spool import Spool
-from .._storable import refusals, storable
+from .._storable import INT64_MAX, refusals, storable, stored_forms
 from ..batching import (
     DEFAULT_CLOSE_TIMEOUT,
     DEFAULT_FLUSH_INTERVAL,
@@ -66,7 +66,10 @@ class SQLiteTelemetryBackend(TelemetryBackend):
 
     Every field of a record is stored (metadata and the fallback chain as JSON, the
     timestamp as integer microseconds since the epoch, UTC), and `recent` gives back
-    records equal to those written.  `aggregate` runs in SQL over an index covering
+    records equal to those written (but for one stored made safe, below); a
+    ``workflow``, ``stage`` or ``model`` filter also finds the records written with that
+    text and stored made safe (a lone surrogate escaped), as the in-memory backend finds
+    them.  `aggregate` runs in SQL over an index covering
     ``(workflow, stage, timestamp, model, outcome, latency, cost, tokens, provider,
     tier)`` and matches the in-memory reference exactly (nearest-rank percentiles).
 
@@ -283,9 +286,16 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         clauses: list[str] = []
         params: dict[str, Any] = {}
         for name, value in (("workflow", workflow), ("stage", stage), ("model", model)):
-            if value is not None:
+            if value is None:
+                continue
+            # a record SQLite refused (a lone surrogate) was stored made safe (`storable`)
+            forms = stored_forms(value)
+            if len(forms) == 1:
                 clauses.append(f"{name} = :{name}")
-                params[name] = value
+                params[name] = forms[0]
+            else:
+                clauses.append(f"{name} IN (:{name}, :{name}_safe)")
+                params[name], params[f"{name}_safe"] = forms
         if since is not None:
             clauses.append("ts_us >= :since")
             params["since"] = _to_us(since)
@@ -355,7 +365,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         if limit == 0:
             return []
         where, params = self._filters(workflow=workflow, stage=stage, model=model, since=since)
-        params["limit"] = limit
+        params["limit"] = min(limit, INT64_MAX)  # no table holds more rows: the same answer
         sql = f"{_SELECT_CALLS} WHERE 1{where} ORDER BY ts_us DESC, id DESC LIMIT :limit"
 
         async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
