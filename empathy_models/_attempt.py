@@ -298,9 +298,8 @@ class Attempts:
                         return _CALLED if called else _NOT_CALLED
                 if obs is not None:
                     obs.attempt_started(run, info, request, attempt, (scope_ticket, ticket), trace)
-                budget, by_deadline = per_attempt, False  # the call's time limit (`_within`)
-                if deadline_at is not None:
-                    budget, by_deadline = _within(per_attempt, deadline_at - clock(), streamed)
+                remaining = None if deadline_at is None else deadline_at - clock()
+                budget, by_deadline = _within(per_attempt, remaining, streamed)  # the time limit
                 called = True
                 t0 = clock()
                 try:
@@ -565,18 +564,20 @@ class Attempts:
 
 
 def _within(
-    per_attempt: float | None, remaining: float, streamed: bool
+    per_attempt: float | None, remaining: float | None, streamed: bool
 ) -> tuple[float | None, bool]:
     """
-    The call's time limit under a deadline ``remaining`` seconds away, and whether the
-    deadline is what limits it.  A stream's limit bounds the whole stream (its
-    per-attempt timeout is an idle timeout, kept apart).
+    The call's time limit with the deadline ``remaining`` seconds away (None: no
+    deadline), and whether the deadline is what limits it.  A stream's limit bounds the
+    whole stream, so only the deadline sets one: its per-attempt timeout is an idle
+    timeout, passed apart (`_first_delta`), and a long answer whose chunks keep coming
+    is not cut off.
     """
     if streamed:
-        return max(remaining, 0.001), False
-    if per_attempt is None or remaining < per_attempt:
-        return remaining, True
-    return per_attempt, False
+        return (None if remaining is None else max(remaining, 0.001)), False
+    if remaining is None or (per_attempt is not None and remaining >= per_attempt):
+        return per_attempt, False
+    return remaining, True
 
 
 async def _first_delta(
@@ -607,13 +608,18 @@ async def _first_delta(
 def _timeout_error(
     error: Exception, info: ModelInfo, per_attempt: float | None, by_deadline: bool
 ) -> Exception:
-    """A stream's timeout restated with the limit that ran out."""
-    if not isinstance(error, TimeoutError):
+    """
+    A stream's timeout restated with the limit that ran out: the run's deadline, which
+    bounds the whole stream, or else the per-attempt timeout, which bounds each wait for
+    data (the only other limit the stream was given).  A server's own timeout (an HTTP
+    408 answer) is kept as it is.
+    """
+    if not isinstance(error, TimeoutError) or getattr(error, "status", None) is not None:
         return error
     if by_deadline:
-        why = "the run's deadline passed"
+        why = "the run's deadline passed (it bounds the whole stream)"
     elif per_attempt is not None:
-        why = f"no data for {per_attempt:.3f}s (the per-attempt timeout)"
+        why = f"no data for {per_attempt:.3f}s (the per-attempt timeout, an idle timeout)"
     else:
         why = str(error)
     restated = ProviderTimeoutError(

@@ -26,8 +26,10 @@ or server shared by every worker using it; SQLite files are created 0600).
 Backends: `MemoryResponseCache` (one process; ``max_entries`` LRU, default 10,000),
 `SQLiteResponseCache` (one host), and the ``redis://`` and ``postgresql://`` plugins;
 `cache_from_url` builds one.  Every backend refuses values over ``max_value_bytes``
-(default 1 MiB).  A cache that fails never fails a call: the error is logged on
-``empathy_models.cache`` and the call goes to a model.
+(default 1 MiB), and a TTL that is not a finite number of seconds above 0 (what
+`ExecutionContext.cache_ttl` accepts): ``set`` stores nothing then.  A cache that
+fails never fails a call: the error is logged on ``empathy_models.cache`` and the call
+goes to a model.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class MemoryResponseCache(ResponseCache):
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._check_open()
-        if len(value) > self.max_value_bytes or not ttl > 0:
+        if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
             return
         self._data[key] = (self._clock() + ttl, value)
         self._data.move_to_end(key)
@@ -151,14 +153,47 @@ _CREATE: Final = (
     " key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID"
 )
 
+# How many entries the table holds, kept by triggers (a count(*) reads the whole table):
+# what bounds it on every write.  Counted once, when the triggers are made, so a file
+# whose table came without them (an earlier version's) is counted when they are added.
+_SIZE: Final = (
+    "CREATE TABLE IF NOT EXISTS response_cache_size ("
+    " id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS ix_response_cache_expiry ON response_cache (expires_at)",
+    "CREATE TRIGGER response_cache_added AFTER INSERT ON response_cache"
+    " BEGIN UPDATE response_cache_size SET n = n + 1 WHERE id = 0; END",
+    "CREATE TRIGGER response_cache_removed AFTER DELETE ON response_cache"
+    " BEGIN UPDATE response_cache_size SET n = n - 1 WHERE id = 0; END",
+    "INSERT OR REPLACE INTO response_cache_size (id, n) SELECT 0, count(*) FROM response_cache",
+)
+
+_HAS_SIZE: Final = (
+    "SELECT count(*) FROM sqlite_master WHERE name IN ('response_cache_size', "
+    "'ix_response_cache_expiry', 'response_cache_added', 'response_cache_removed')"
+)
+
+_UPSERT: Final = (
+    "INSERT INTO response_cache (key, value, expires_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at"
+)
+
+# past ``max_entries``, the entries closest to expiry go (the expired first): a walk of
+# the expiry index as long as the excess, nothing when there is none
+_TRIM: Final = (
+    "DELETE FROM response_cache WHERE key IN (SELECT key FROM response_cache "
+    "ORDER BY expires_at LIMIT max(0, (SELECT n FROM response_cache_size) - ?))"
+)
+
 
 class SQLiteResponseCache(ResponseCache):
     """
     Answers in a SQLite file shared by every process on a host.
 
     A ``response_cache`` table, which may share the file with telemetry and state.  A
-    `get` is one read; a `set` one write transaction that also drops expired entries
-    and, past ``max_entries``, the entries closest to expiry.
+    `get` is one read; a `set` one write transaction that also drops, past
+    ``max_entries``, the entries closest to expiry (the expired first), so the table
+    never holds more, whatever the processes writing it; one write in a hundred also
+    drops every expired entry.
 
     Args:
         path: the file.
@@ -204,9 +239,16 @@ class SQLiteResponseCache(ResponseCache):
 
     async def _prepare(self, conn: aiosqlite.Connection) -> None:
         if not self._ready:
+            from .backends.sqlite._conn import _fetchone
 
             async def create(c: aiosqlite.Connection) -> None:
                 await c.execute(_CREATE)
+                row = await _fetchone(c, _HAS_SIZE)
+                if row is None or row[0] != 4:  # made whole, and the entries counted
+                    await c.execute("DROP TRIGGER IF EXISTS response_cache_added")
+                    await c.execute("DROP TRIGGER IF EXISTS response_cache_removed")
+                    for statement in _SIZE:
+                        await c.execute(statement)
 
             await self._db.transaction(conn, create)
             self._ready = True
@@ -245,19 +287,10 @@ class SQLiteResponseCache(ResponseCache):
 
         async def body(conn: aiosqlite.Connection) -> None:
             now = time.time()
-            await conn.execute(
-                "INSERT INTO response_cache (key, value, expires_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
-                "expires_at = excluded.expires_at",
-                (key, value, now + ttl),
-            )
-            if sweep:  # one write in a hundred also bounds the table
+            await conn.execute(_UPSERT, (key, value, now + ttl))
+            await conn.execute(_TRIM, (self.max_entries,))
+            if sweep:  # one write in a hundred also drops what expired
                 await conn.execute("DELETE FROM response_cache WHERE expires_at <= ?", (now,))
-                await conn.execute(
-                    "DELETE FROM response_cache WHERE key IN (SELECT key FROM response_cache "
-                    "ORDER BY expires_at DESC LIMIT -1 OFFSET ?)",
-                    (self.max_entries,),
-                )
 
         async def job(conn: aiosqlite.Connection) -> None:
             await self._prepare(conn)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
 
 from attrs import frozen
@@ -89,11 +89,38 @@ def check_after_version(after_version: object) -> int:
     return check(_after_version, "after_version", cast(int, after_version))
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _epoch_s(ts: datetime) -> int:
+    """
+    ``ts`` (aware) in whole seconds since the epoch, rounded down.
+
+    Integer arithmetic on the datetime itself: a float timestamp far from 1970 rounds
+    the last microseconds of a minute up into the next one (and 9999-12-31 23:59:59.999999
+    into year 10000), so a bucket would start after its own records.
+    """
+    delta = ts - _EPOCH
+    return delta.days * 86_400 + delta.seconds  # its microseconds are >= 0: rounded down
+
+
+def _start_s(ts: datetime) -> int:
+    """The start of the bucket holding ``ts`` (aware), in whole seconds since the epoch."""
+    seconds = _epoch_s(ts)
+    return seconds - seconds % BUCKET_SECONDS
+
+
+def _at(start_s: int) -> datetime:
+    """The aware UTC datetime ``start_s`` whole seconds after the epoch (any year 1-9999)."""
+    return _EPOCH + timedelta(seconds=start_s)
+
+
 def bucket_start_of(ts: datetime) -> datetime:
-    """Start of the bucket holding ``ts`` (an aware datetime), as an aware UTC datetime."""
-    epoch = ts.timestamp()
-    start = math.floor(epoch / BUCKET_SECONDS) * BUCKET_SECONDS
-    return datetime.fromtimestamp(start, UTC)
+    """
+    Start of the bucket holding ``ts`` (an aware datetime), as an aware UTC datetime:
+    never after ``ts``, and representable for every datetime.
+    """
+    return _at(_start_s(ts))
 
 
 @frozen(kw_only=True, slots=True)
@@ -156,7 +183,7 @@ def _bucket_of_row(row: Sequence[Any], starts: dict[int, datetime]) -> EvidenceB
     start = row[0]
     when = starts.get(start)
     if when is None:
-        when = starts[start] = datetime.fromtimestamp(start, UTC)
+        when = starts[start] = _at(start)
     return bucket_from_fields(
         row[1],  # workflow
         row[2],  # stage
@@ -180,7 +207,7 @@ def _bucket_of_row(row: Sequence[Any], starts: dict[int, datetime]) -> EvidenceB
 
 def _row_of_bucket(b: EvidenceBucket) -> tuple[Any, ...]:
     return (
-        int(b.bucket_start.timestamp()),
+        _epoch_s(b.bucket_start),
         b.workflow,
         b.stage,
         b.model,
@@ -305,8 +332,7 @@ def rollup(records: Iterable[LLMCallRecord]) -> list[EvidenceBucket]:
     for r in records:
         if not r.outcome.is_sample:
             continue
-        start = math.floor(r.timestamp.timestamp() / BUCKET_SECONDS) * BUCKET_SECONDS
-        k = (r.workflow, r.stage, r.model, start)
+        k = (r.workflow, r.stage, r.model, _start_s(r.timestamp))
         a = acc.get(k)
         if a is None:
             a = acc[k] = [0.0] * 11
@@ -331,7 +357,7 @@ def rollup(records: Iterable[LLMCallRecord]) -> list[EvidenceBucket]:
             workflow=wf,
             stage=st,
             model=model,
-            bucket_start=datetime.fromtimestamp(start, UTC),
+            bucket_start=_at(start),
             samples=int(a[0]),
             successes=int(a[1]),
             latency_n=int(a[2]),

@@ -6,6 +6,9 @@ and that a cached answer never counts as a model's success for the router.
 from __future__ import annotations
 
 import logging
+import math
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from empathy_models import (
     Tool,
 )
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.cache import MemoryResponseCache
+from empathy_models.cache import MemoryResponseCache, SQLiteResponseCache, cache_from_url
 from empathy_models.exceptions import StateStoreError
 from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior
@@ -242,3 +245,68 @@ def test_cache_options_are_checked(server: FakeLLMServer) -> None:
         make(server, cache="nosuch://x")
     with pytest.raises(ConfigurationError):
         MemoryResponseCache(max_entries=0)
+
+
+# --------------------------------------------------------------------------- the backends
+
+
+def _key(i: int) -> str:
+    return f"{i:064x}"
+
+
+async def test_an_sqlite_cache_never_holds_more_than_max_entries(tmp_path: Path) -> None:
+    path = tmp_path / "bounded.db"
+    # two instances on one file stand for two writing processes
+    async with (
+        SQLiteResponseCache(path, max_entries=10) as one,
+        SQLiteResponseCache(path, max_entries=10) as two,
+    ):
+        for i in range(60):
+            await (one if i % 2 else two).set(_key(i), b"answer", 3600 + i)
+            held = [k for k in range(i + 1) if await one.get(_key(k)) is not None]
+            assert len(held) == min(i + 1, 10), f"after {i + 1} writes: {len(held)} held"
+        # past the bound, the entries closest to expiry went
+        assert held == list(range(50, 60))
+        await one.set(_key(59), b"again", 7200)  # a replaced entry adds none
+        assert [k for k in range(60) if await two.get(_key(k)) is not None] == held
+        assert await two.delete(_key(50)) and await one.clear() == 9
+        for i in range(12):
+            await one.set(_key(i), b"answer", 3600 + i)
+        assert [k for k in range(12) if await two.get(_key(k)) is not None] == list(range(2, 12))
+
+
+async def test_an_sqlite_cache_bounds_a_table_an_earlier_version_filled(tmp_path: Path) -> None:
+    path = tmp_path / "earlier.db"
+    async with SQLiteResponseCache(path) as cache:
+        await cache.set(_key(0), b"first", 3600)
+    # as earlier versions left it: the table without what counts its entries
+    conn = sqlite3.connect(path)
+    try:
+        for name in ("response_cache_added", "response_cache_removed"):
+            conn.execute(f"DROP TRIGGER IF EXISTS {name}")
+        conn.execute("DROP TABLE IF EXISTS response_cache_size")
+        far = time.time() + 3600
+        conn.executemany(
+            "INSERT INTO response_cache VALUES (?, ?, ?)",
+            ((_key(i), b"old", far + i) for i in range(1, 30)),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    async with SQLiteResponseCache(path, max_entries=10) as cache:
+        await cache.set(_key(30), b"new", 7200)
+        held = [k for k in range(31) if await cache.get(_key(k)) is not None]
+    assert held == [*range(21, 30), 30]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("ttl", [math.inf, math.nan, 0.0, -1.0])
+async def test_no_cache_stores_a_ttl_that_is_not_a_finite_number_above_0(
+    kind: str, ttl: float, tmp_path: Path
+) -> None:
+    cache = cache_from_url("memory://" if kind == "memory" else f"sqlite:///{tmp_path}/t.db")
+    async with cache:
+        await cache.set(_key(1), b"answer", ttl)
+        assert await cache.get(_key(1)) is None
+        await cache.set(_key(1), b"answer", 1e9)
+        assert await cache.get(_key(1)) == b"answer"

@@ -76,3 +76,20 @@ async def test_the_backend_holds_no_more_records_than_its_capacity() -> None:
     gc.collect()
     assert sum(ref() is not None for ref in alive) == 5
     assert sum(b.samples for b in (await backend.evidence()).buckets) == 40
+
+
+async def test_a_record_whose_rollup_fails_leaves_the_rest_of_its_batch_in_the_evidence(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = MemoryTelemetryBackend()
+    odd = _record(99)
+    # a naive timestamp the validators would refuse, set behind their back: its rollup fails
+    object.__setattr__(odd, "timestamp", datetime(2026, 1, 1))
+    await backend.record_many([_record(0), odd, *(_record(i) for i in range(1, 10))])
+    with caplog.at_level("WARNING", logger="empathy_models.telemetry"):
+        batch = await backend.evidence()
+    assert sum(b.samples for b in batch.buckets) == 10
+    assert f"record {odd.call_id} is left out of the evidence" in caplog.text
+    assert len(backend) == 11  # the record itself is kept
+    await backend.record(_record(10))
+    assert sum(b.samples for b in (await backend.evidence()).buckets) == 11

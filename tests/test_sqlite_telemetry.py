@@ -301,7 +301,21 @@ async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Pa
     from empathy_models.backends.sqlite._schema import _INSERT_CALL, _MIGRATIONS, _to_row
 
     db = tmp_path / "v1.db"
-    records = _records(800)
+    # with the calendar's first and last microseconds: the SQL buckets them as rollup() does
+    records = _records(800) + [
+        attrs.evolve(r, timestamp=ts, call_id=f"end{i}", outcome=Outcome.SUCCESS)
+        for i, (r, ts) in enumerate(
+            zip(
+                _records(3, seed=3),
+                (
+                    datetime(1, 1, 1, tzinfo=UTC),
+                    datetime(1, 1, 1, 0, 0, 59, 999999, tzinfo=UTC),
+                    datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+                ),
+                strict=True,
+            )
+        )
+    ]
     conn = sqlite3.connect(db)
     try:
         for statement in _MIGRATIONS[0]:  # a file as version 1 wrote it

@@ -9,12 +9,13 @@ and write, so it is atomic within the event loop without a lock.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 import attrs
@@ -39,8 +40,12 @@ __all__ = ["MemoryStateStore", "MemoryTelemetryBackend"]
 
 T = TypeVar("T")
 
+logger = logging.getLogger("empathy_models.telemetry")
+
 _CLOSED = CircuitState.CLOSED
 _floor = math.floor
+
+_BUCKET = timedelta(seconds=BUCKET_SECONDS)
 
 _MAX_RUNS = 8
 """A key's tail folds when it would hold more runs (window buckets) than this."""
@@ -101,12 +106,18 @@ class MemoryTelemetryBackend(TelemetryBackend):
             self.evicted += overflow
 
     def _roll_up(self) -> None:
-        """Add the records not yet rolled up to the evidence buckets, as one version."""
+        """
+        Add the records not yet rolled up to the evidence buckets, as one version.  A
+        record whose rollup fails is left out of the evidence (logged), the others kept.
+        """
         batch = self._unrolled
         if not batch:
             return
         self._unrolled = []
-        partials = rollup(batch)
+        try:
+            partials = rollup(batch)
+        except Exception:
+            partials = _rollup_each(batch)
         if partials:
             self._version += 1
             version = self._version
@@ -167,14 +178,37 @@ class MemoryTelemetryBackend(TelemetryBackend):
 
     async def _purge(self, *, before: datetime) -> int:
         self._roll_up()
-        cutoff = before.timestamp() - BUCKET_SECONDS
+        # the buckets that end after ``before``, compared as a difference: exact, and the
+        # last bucket of year 9999 ends past the last datetime
         self._buckets = {
-            k: b for k, b in self._buckets.items() if b.bucket_start.timestamp() > cutoff
+            k: b for k, b in self._buckets.items() if before - b.bucket_start < _BUCKET
         }
         kept = deque(r for r in self._records if r.timestamp >= before)
         removed = len(self._records) - len(kept)
         self._records = kept
         return removed
+
+
+def _rollup_each(batch: list[LLMCallRecord]) -> list[EvidenceBucket]:
+    """
+    The rollup of the records of ``batch`` that roll up on their own (a batch whose
+    rollup failed); each one that does not is logged and left out.
+    """
+    kept = []
+    for r in batch:
+        try:
+            rollup((r,))
+        except Exception as exc:
+            logger.warning(
+                "MemoryTelemetryBackend: record %s is left out of the evidence: its rollup "
+                "failed (%s: %s)",
+                r.call_id,
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            kept.append(r)
+    return rollup(kept)
 
 
 def _bucket_end(bucket: int, width: float) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import asyncpg
@@ -50,6 +50,14 @@ _KEY: Final = (
 )
 _MIN_MS: Final = "1e-3"  # empathy_models.evidence.log_ms floors durations at 1 microsecond
 _SAMPLE_LIST: Final = ", ".join(f"'{o.value}'" for o in Outcome if o.is_sample)
+_FINITE_TS: Final = "least(greatest(ts, '0001-01-01 00:00:00+00'), '9999-12-31 23:59:59.999999+00')"
+"""
+A call's ``ts`` as a finite time: asyncpg writes the first and the last aware datetime
+(0001-01-01 00:00 and 9999-12-31 23:59:59.999999 UTC) as -infinity and infinity, which
+this turns back into those times.
+"""
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND: Final = timedelta(seconds=1)
 
 _MIGRATIONS: Final = (
     (
@@ -107,8 +115,8 @@ _MIGRATIONS: Final = (
         " bucket_start, workflow, stage, model, samples, successes, latency_n,"
         " latency_log_sum, latency_log_sq_sum, ttft_n, ttft_log_sum, ttft_log_sq_sum,"
         " input_tokens, output_tokens, cost_usd, version) "
-        "SELECT to_timestamp(floor(extract(epoch FROM ts) / "
-        f"{BUCKET_SECONDS}) * {BUCKET_SECONDS}),"
+        # the bucket's start from whole seconds, in integers (exact on any server)
+        f"SELECT to_timestamp(s - ((s % {BUCKET_SECONDS}) + {BUCKET_SECONDS}) % {BUCKET_SECONDS}),"
         " workflow, stage, model, count(*), count(*) FILTER (WHERE ok),"
         " count(*) FILTER (WHERE ok),"
         " coalesce(sum(lat) FILTER (WHERE ok), 0), coalesce(sum(lat * lat) FILTER (WHERE ok), 0),"
@@ -117,7 +125,8 @@ _MIGRATIONS: Final = (
         " coalesce(sum(input_tokens) FILTER (WHERE ok), 0),"
         " coalesce(sum(output_tokens) FILTER (WHERE ok), 0),"
         " sum(cost_usd), 1 "
-        "FROM (SELECT ts, workflow, stage, model, outcome = 'success' AS ok,"
+        f"FROM (SELECT extract(epoch FROM date_trunc('second', {_FINITE_TS}))::bigint AS s,"
+        " workflow, stage, model, outcome = 'success' AS ok,"
         f" ln(greatest(latency_ms, {_MIN_MS})) AS lat,"
         # greatest() skips NULLs: a missing time to first token must stay NULL
         " CASE WHEN record->>'ttft_ms' IS NOT NULL THEN"
@@ -207,7 +216,7 @@ def _row(record: LLMCallRecord) -> tuple[Any, ...]:
 _EVIDENCE_COLUMNS: Final = ("bucket_start", "workflow", "stage", "model", *SUM_FIELDS)
 
 _EVIDENCE_TYPES: Final = (
-    "timestamptz",
+    "bigint",  # the bucket's start in seconds since the epoch (see `_evidence_columns`)
     "text",
     "text",
     "text",
@@ -229,10 +238,14 @@ _CAP: Final = "1e300::double precision"
 
 
 def _evidence_columns(rows: list[LLMCallRecord]) -> list[list[Any]]:
-    """The rollup of ``rows`` as one list per column (for ``unnest``), in key order."""
+    """
+    The rollup of ``rows`` as one list per column (for ``unnest``), in key order; the
+    bucket starts in whole seconds since the epoch, which the upsert turns into times
+    (asyncpg would write the first minute of year 1 as -infinity).
+    """
     buckets = rollup(rows)
     return [
-        [b.bucket_start for b in buckets],
+        [(b.bucket_start - _EPOCH) // _SECOND for b in buckets],
         [b.workflow for b in buckets],
         [b.stage for b in buckets],
         [b.model for b in buckets],
@@ -325,9 +338,11 @@ class PostgresTelemetryBackend(TelemetryBackend):
         columns = ", ".join(_EVIDENCE_COLUMNS)
         self._upsert_evidence = (
             f"INSERT INTO {self._evidence_table} ({columns}, version) "
-            f"SELECT {columns}, ${len(_EVIDENCE_COLUMNS) + 1}::bigint FROM unnest("
+            f"SELECT to_timestamp(bucket_s), {', '.join(_EVIDENCE_COLUMNS[1:])}, "
+            f"${len(_EVIDENCE_COLUMNS) + 1}::bigint FROM unnest("
             + ", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_EVIDENCE_TYPES))
-            + f") AS b ({columns}) ON CONFLICT ({_KEY}) DO UPDATE SET "
+            + f") AS b (bucket_s, {', '.join(_EVIDENCE_COLUMNS[1:])}) "
+            f"ON CONFLICT ({_KEY}) DO UPDATE SET "
             + ", ".join(
                 f"{c} = {self._evidence_table}.{c} + excluded.{c}" for c in _EVIDENCE_COLUMNS[4:]
             )
@@ -582,11 +597,14 @@ class PostgresTelemetryBackend(TelemetryBackend):
         before it, in one transaction; return how many records were deleted.
         """
         pool = await self._db.pool(self._migrations)
-        last_start = before - timedelta(seconds=BUCKET_SECONDS)
+        # in whole seconds: exact, defined within year 1's first minute, and never the
+        # infinity asyncpg sends for the last datetime (whose bucket ends after it)
+        last_start = (before - _EPOCH) // _SECOND - BUCKET_SECONDS
         async with self._db.errors("purge"), pool.acquire() as conn, conn.transaction():
             status = await conn.execute(f"DELETE FROM {self._calls} WHERE ts < $1", before)
             await conn.execute(
-                f"DELETE FROM {self._evidence_table} WHERE bucket_start <= $1", last_start
+                f"DELETE FROM {self._evidence_table} WHERE bucket_start <= to_timestamp($1)",
+                last_start,
             )
         return int(str(status).rsplit(" ", 1)[-1])
 

@@ -151,7 +151,17 @@ async def test_purge_deletes_only_older_records(postgres_url: str) -> None:
 async def test_version_1_tables_gain_evidence_built_from_their_calls(
     postgres_url: str, postgres_dsn: str, postgres_schema: str
 ) -> None:
-    records = random_records(5, 600)
+    # with the calendar's first and last microseconds, which asyncpg stores as -infinity
+    # and infinity
+    ends = [
+        LLMCallRecord(provider="p", model="m-end", outcome=Outcome.SUCCESS, timestamp=ts)
+        for ts in (
+            datetime(1, 1, 1, tzinfo=UTC),
+            datetime(1, 1, 1, 0, 0, 59, 999999, tzinfo=UTC),
+            datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        )
+    ]
+    records = random_records(5, 600) + ends
     async with PostgresTelemetryBackend(postgres_url) as backend:
         await backend.record_many(records)
     # take the tables back to what version 1 created: the calls table only

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import anyio
@@ -167,7 +167,8 @@ class _EvidenceTests(_TelemetryTests):
     """
     `TelemetryBackend.evidence`: equal to `empathy_models.evidence.rollup` of everything
     stored, incremental reads with one or two writers, windows, purge, NULL and empty
-    workflows and stages, argument checks.
+    workflows and stages, records at the calendar's first and last microseconds,
+    argument checks.
     """
 
     async def test_evidence_equals_the_rollup_of_everything_stored(
@@ -371,6 +372,49 @@ class _EvidenceTests(_TelemetryTests):
         assert await telemetry.purge(before=start + timedelta(minutes=3)) == 3
         got = (await telemetry.evidence()).buckets
         assert [b.bucket_start for b in got] == [start + timedelta(minutes=3)]
+
+    async def test_the_first_and_last_microseconds_of_the_calendar_are_kept(
+        self, telemetry: TelemetryBackend
+    ) -> None:
+        self._needs_evidence()
+        first = datetime(1, 1, 1, tzinfo=UTC)
+        last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+        last_minute = last.replace(second=0, microsecond=0)
+        tick = timedelta(microseconds=1)
+        ends = [
+            _record(first, call_id="first"),
+            _record(first + tick, call_id="first+1us"),
+            _record(last - tick, call_id="last-1us", outcome=Outcome.FAILURE),
+            _record(last, call_id="last", ttft_ms=5.0),
+        ]
+        ordinary = _evidence_records(random.Random(9999), _base_time(), 20, "mid")
+        records = [ends[0], *ordinary, *ends[1:]]  # one batch: the ends beside the others
+        await telemetry.record_many(records)
+        await telemetry.flush()
+        stored = await telemetry.recent(limit=100)
+        assert sorted(r.call_id for r in stored) == sorted(r.call_id for r in records)
+        assert {r.call_id: r.timestamp for r in stored if r.call_id in ("first", "last")} == {
+            "first": first,
+            "last": last,
+        }
+        batch = await telemetry.evidence()
+        assert_same_buckets(batch.buckets, rollup(records), "evidence() at the calendar's ends")
+        assert batch.buckets[0].bucket_start == first
+        assert batch.buckets[-1].bucket_start == last_minute
+        assert (batch.buckets[-1].samples, batch.buckets[-1].successes) == (2, 1)
+        top = (await telemetry.evidence(since=last_minute)).buckets
+        assert_same_buckets(top, rollup(ends[2:]), "evidence(since=the last minute)")
+        bottom = (await telemetry.evidence(until=first + timedelta(minutes=1))).buckets
+        assert_same_buckets(bottom, rollup(ends[:2]), "evidence(until=year 1's first minute)")
+        # the first minute's bucket ends after the cutoff: its records go, it stays
+        assert await telemetry.purge(before=first + timedelta(seconds=30)) == 2
+        assert_same_buckets(
+            (await telemetry.evidence()).buckets, rollup(records), "after purging year 1"
+        )
+        assert await telemetry.purge(before=last) == len(records) - 3
+        assert [r.call_id for r in await telemetry.recent()] == ["last"]
+        kept = (await telemetry.evidence()).buckets
+        assert_same_buckets(kept, rollup(ends[2:]), "after purging up to the last microsecond")
 
     async def test_evidence_arguments_are_checked(self, telemetry: TelemetryBackend) -> None:
         if not self.keeps_evidence:
