@@ -248,6 +248,70 @@ async def test_per_user_budgets_are_separate_and_a_limit_set_in_the_store_wins(
     assert keys == [("user_id=alice/day", 1), ("user_id=bob/day", 0)]
 
 
+async def test_a_budget_for_one_value_takes_the_place_of_the_per_value_budget(
+    server: FakeLLMServer,
+) -> None:
+    # every user may spend $0.001 a day (less than a call's reservation), alice $1
+    store = MemoryQuotaStore()
+    budgets = [
+        Budget(limit_usd=0.001, scope="user_id"),
+        Budget(limit_usd=1.0, scope="user_id", value="alice"),
+    ]
+    alice = ExecutionContext(user_id="alice", max_tokens=1000)
+    async with store, make(server, budgets=budgets, quota_store=store) as executor:
+        first = await executor.run("hello", alice)
+        second = await executor.run("hello", alice)
+        with pytest.raises(BudgetExceededError, match="user_id=bob/day"):
+            await executor.run("hello", ExecutionContext(user_id="bob", max_tokens=1000))
+        usages = {u.key: u for u in await store.usages()}
+    usage = usages["user_id=alice/day"]
+    assert usage.calls == 2 and usage.held == 0 and usage.limit_usd == 1.0
+    # each call reserved and charged once
+    assert usage.spent_usd == pytest.approx(first.cost_usd + second.cost_usd, abs=1e-9)
+    assert usage.reserved == usage.settled + usage.released
+    assert usages["user_id=bob/day"].refused == 1
+
+
+async def test_budgets_for_one_value_of_different_scopes_all_apply(
+    server: FakeLLMServer,
+) -> None:
+    budgets = [
+        Budget(limit_usd=1.0, scope="user_id", value="alice"),
+        Budget(limit_usd=0.001, scope="workflow", value="docs"),
+    ]
+    async with make(server, budgets=budgets) as executor:
+        answer = await executor.run("hello", ExecutionContext(user_id="alice", max_tokens=10))
+        with pytest.raises(BudgetExceededError, match="workflow=docs/day"):
+            await executor.run("hello", attrs.evolve(CTX, user_id="alice"))
+    assert answer.cost_usd > 0
+
+
+@pytest.mark.parametrize(
+    "budgets",
+    [
+        [
+            Budget(limit_usd=1, scope="user_id", value="a"),
+            Budget(limit_usd=2, scope="user_id", value="a"),
+        ],
+        [Budget(limit_usd=1, scope="user_id"), Budget(limit_usd=2, scope="user_id")],
+        [Budget(limit_usd=1, scope="user_id"), Budget(limit_usd=2, name="user_id=bob/day")],
+        [
+            Budget(limit_usd=1, scope="stage", name="t"),
+            Budget(limit_usd=2, scope="user_id", name="t:x"),
+        ],
+        [
+            Budget(limit_usd=1, scope="model", name="t"),
+            Budget(limit_usd=2, scope="user_id", value="x", name="t:x"),
+        ],
+    ],
+)
+def test_budgets_that_could_charge_one_key_twice_are_refused(
+    server: FakeLLMServer, budgets: list[Budget]
+) -> None:
+    with pytest.raises(ConfigurationError, match="named"):
+        make(server, budgets=budgets)
+
+
 async def test_a_failing_quota_store_degrades_to_local_limits(
     server: FakeLLMServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -123,15 +123,63 @@ def _check_budgets(budgets: object) -> tuple[Budget, ...]:
     for b in out:
         if not isinstance(b, Budget):
             raise ConfigurationError(f"budgets must hold Budget objects, got {b!r}")
-    names: dict[str, Budget] = {}
-    for b in out:
-        label = b.key_for("*") or ""
-        if label in names:
-            raise ConfigurationError(
-                f"two budgets are named {label!r}; give one a name= of its own"
-            )
-        names[label] = b
+    for i, a in enumerate(out):
+        for b in out[:i]:
+            if _share_keys(a, b) and not (_replaces(a, b) or _replaces(b, a)):
+                la, lb = _label(a), _label(b)
+                alike = f"named {la!r}" if la == lb else f"named alike ({lb!r} and {la!r})"
+                raise ConfigurationError(
+                    f"two budgets are {alike}: both could charge the same calls to one key "
+                    "in the quota store; give one a name= of its own"
+                )
     return out
+
+
+def _shape(budget: Budget) -> tuple[str, str | None]:
+    # (the store key, None) of a budget with one key; for a per-value budget, the
+    # (prefix, suffix) around the scope value of each call
+    if not budget.per_value:
+        key = budget.key_for(budget.value)
+        assert key is not None  # a global or single-value budget has one key
+        return key, None
+    if budget.name is not None:
+        return f"{budget.name}:", ""
+    return f"{budget.scope}=", f"/{budget.window_label}"
+
+
+def _label(budget: Budget) -> str:
+    first, suffix = _shape(budget)
+    return first if suffix is None else f"{first}*{suffix}"
+
+
+def _share_keys(a: Budget, b: Budget) -> bool:
+    # True when some call could be charged to the same store key by both
+    (pa, xa), (pb, xb) = _shape(a), _shape(b)
+    if xa is None:
+        return pa == pb if xb is None else _fits(pa, pb, xb)
+    if xb is None:
+        return _fits(pb, pa, xa)
+    # any value may stand between prefix and suffix
+    return (pa.startswith(pb) or pb.startswith(pa)) and (xa.endswith(xb) or xb.endswith(xa))
+
+
+def _fits(key: str, prefix: str, suffix: str) -> bool:
+    # True when a per-value budget gives some value the key ``key``
+    return len(key) > len(prefix + suffix) and key.startswith(prefix) and key.endswith(suffix)
+
+
+def _replaces(one: Budget, every: Budget) -> bool:
+    """
+    True when ``one``, a budget for one value, takes the place of the per-value budget
+    ``every`` for that value: same scope, and ``every`` gives that value ``one``'s key
+    (with the default names: the same window).
+    """
+    return (
+        one.value is not None
+        and every.per_value
+        and one.scope == every.scope
+        and every.key_for(one.value) == one.key_for(one.value)
+    )
 
 
 def _check_rates(rate_limits: object) -> dict[str, RateLimit]:
@@ -313,12 +361,17 @@ class Limiter:
         return info.cost(input_tokens, max_tokens)
 
     def covers(self, context: Any, info: ModelInfo) -> list[tuple[Budget, str]]:
-        out = []
+        """
+        The budgets covering a call and the key each charges it to, one per key: a
+        budget for one value takes the place of the per-value budget of its scope and
+        window for that value (the only budgets `_check_budgets` lets share a key).
+        """
+        out: dict[str, Budget] = {}
         for budget in self.budgets:
             key = budget.key_for(_scope_value(budget, context, info))
-            if key is not None:
-                out.append((budget, key))
-        return out
+            if key is not None and (key not in out or budget.value is not None):
+                out[key] = budget
+        return [(budget, key) for key, budget in out.items()]
 
     def _rates_for(self, info: ModelInfo) -> list[tuple[str, RateLimit]]:
         out = []

@@ -100,7 +100,12 @@ class Budget:
             ``"stage"``, ``"user_id"``, ``"provider"``, ``"model"``.
         value: with a scope other than global, the one workflow (stage, user, ...) it
             covers; ``None`` gives every value its own budget of ``limit_usd`` (a call
-            whose ``user_id`` is ``None`` is not covered by a per-user budget).
+            whose ``user_id`` is ``None`` is not covered by a per-user budget).  A budget
+            for one value takes the place of the per-value budget of the same scope and
+            window for that value (both keep its spend under one key): with
+            ``Budget(limit_usd=2, scope="user_id")`` and ``Budget(limit_usd=10,
+            scope="user_id", value="alice")`` alice may spend $10 a day, every other
+            user $2.
         window: ``"hour"``, ``"day"`` or ``"month"`` (calendar windows in UTC: a daily
             budget resets at midnight UTC), or a number of seconds (windows aligned on
             multiples of it since the epoch).
