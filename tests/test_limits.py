@@ -396,6 +396,29 @@ async def test_a_providers_429_pushes_the_shared_schedule_back(server: FakeLLMSe
     assert not grant.granted and 19.0 < grant.wait <= 20.1
 
 
+async def test_a_providers_wait_pushes_the_schedule_back_ten_minutes_at_most(
+    server: FakeLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from empathy_models import BreakerPolicy
+    from empathy_models.testing import ModelBehavior
+
+    caplog.set_level(logging.WARNING, logger="empathy_models.limits")
+    server.set_behavior("gpt-cheap", ModelBehavior(retry_after=1_000_000 * 3600))
+    server.script("gpt-cheap", [429])
+    store = MemoryQuotaStore()
+    limits = {"openai": RateLimit(rpm=6000)}
+    async with (
+        store,
+        make(server, rate_limits=limits, quota_store=store, rate_limit_wait=1.0) as executor,
+    ):
+        await executor.run("hello", ExecutionContext(model="gpt-cheap"))
+        grant = await store.acquire("rpm:openai", cost=1.0, interval=0.01, burst=1.0, max_wait=0.0)
+    cap = BreakerPolicy().max_retry_after_open  # the breaker's cap on the same hint
+    assert cap == 600.0
+    assert not grant.granted and cap - 1.0 < grant.wait <= cap + 0.1
+    assert any("at most 600 s" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize(
     ("model", "provider"), [("gpt-cheap", "openai"), ("claude-other", "anthropic")]
 )

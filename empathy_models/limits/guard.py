@@ -17,12 +17,13 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 
 from .._validators import check, failure, number
 from ..abc import QuotaStore
+from ..circuit import BreakerPolicy
 from ..exceptions import (
     BackendClosedError,
     BackendError,
@@ -43,6 +44,13 @@ __all__ = ["Hold", "Limiter", "LocalRateLimitError", "quota_store_from_url"]
 logger = logging.getLogger("empathy_models.limits")
 
 Sleep = Callable[[float], Awaitable[object]]
+
+_MAX_PUSHBACK: Final[float] = BreakerPolicy().max_retry_after_open
+"""
+The longest one answer (a 429's Retry-After, an exhausted limit's reset header) pushes
+a rate-limit schedule back: the breaker's own cap on such a hint (10 minutes), so one
+answer cannot close a provider for a day.
+"""
 
 
 class LocalRateLimitError(RateLimitedError):
@@ -103,7 +111,8 @@ class Hold:
         self.cost_usd = 0.0  # set by the executor when the call answered
         self.tokens: int | None = None  # likewise: the tokens the call used
         # seconds the provider said to wait (a 429's Retry-After or rate-limit reset
-        # headers): the schedules are pushed back that far for every worker
+        # headers): the schedules are pushed back that far for every worker, up to
+        # ``_MAX_PUSHBACK``
         self.pushback: float | None = None
 
 
@@ -209,6 +218,27 @@ def _scope_value(budget: Budget, context: Any, info: ModelInfo) -> str | None:
         return info.id
     value = getattr(context, scope)
     return value if isinstance(value, str) else None
+
+
+def _pushback(hold: Hold) -> float | None:
+    """
+    How far ``hold``'s schedules are pushed back: the provider's wait, capped at
+    ``_MAX_PUSHBACK`` (None: no push back).
+    """
+    pushback = hold.pushback
+    if pushback is None or not pushback > 0 or not hold.rates:
+        return None
+    keys = ", ".join(key for _, key, _ in hold.rates)
+    if pushback > _MAX_PUSHBACK:
+        logger.warning(
+            "the provider asked to wait %g s: pushing back %s for at most %g s",
+            pushback,
+            keys,
+            _MAX_PUSHBACK,
+        )
+        return _MAX_PUSHBACK
+    logger.info("the provider asked to wait %.1f s: pushing back %s", pushback, keys)
+    return pushback
 
 
 class Limiter:
@@ -534,15 +564,7 @@ class Limiter:
                         key,
                         held / 1e9,
                     )
-            pushback = hold.pushback
-            if pushback is not None and pushback > 0 and hold.rates:
-                logger.info(
-                    "the provider asked to wait %.1f s: pushing back %s",
-                    pushback,
-                    ", ".join(key for _, key, _ in hold.rates),
-                )
-            else:
-                pushback = None
+            pushback = _pushback(hold)
             for store, key, interval in hold.rates:
                 if pushback is not None:
                     # calls ending together all carry the same reset: the schedule is
