@@ -80,3 +80,21 @@ def test_budget_status_reads_a_database_without_budgets_and_changes_nothing(
     assert db.read_bytes() == before  # opened read-only: no quota table was created
     missing = run_cli(tmp_path, "budget", "status", "--db", str(tmp_path / "none.db"))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
+
+
+def test_budget_status_shows_a_window_no_date_can_hold(tmp_path: Path) -> None:
+    # a window ending past year 9999 (written before windows were limited to 100 years)
+    db = tmp_path / "quota.db"
+
+    async def body() -> None:
+        async with quota_store_from_url(f"sqlite:///{db}") as store:
+            await store.reserve("far/1e+12s", window_start=0.0, window_end=1e12, amount=5, limit=9)
+
+    anyio.run(body)
+    table = run_cli(tmp_path, "budget", "status", "--db", str(db))
+    assert table.returncode == 0, table.stderr
+    assert "far/1e+12s" in table.stdout and "after 9999-12-31" in table.stdout
+    status = run_cli(tmp_path, "budget", "status", "--db", str(db), "--json")
+    assert status.returncode == 0, status.stderr
+    (row,) = json.loads(status.stdout)["budgets"]
+    assert row["window_start"] == "1970-01-01T00:00:00+00:00" and row["resets_at"] is None

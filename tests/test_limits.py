@@ -35,6 +35,7 @@ from empathy_models import (
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import (
+    MAX_WINDOW,
     LocalRateLimitError,
     MemoryQuotaStore,
     quota_store_from_url,
@@ -96,6 +97,8 @@ def test_budget_and_rate_limit_values_are_checked() -> None:
         {"limit_usd": 1, "scope": "team"},
         {"limit_usd": 1, "window": "week"},
         {"limit_usd": 1, "window": 0.5},
+        {"limit_usd": 1, "window": 1e12},  # its end is past year 9999
+        {"limit_usd": 1, "window": MAX_WINDOW + 1},
         {"limit_usd": 1, "value": "x"},
         {"limit_usd": 1, "name": "a|b"},
         {"limit_usd": 1, "scope": "user_id", "value": ""},
@@ -180,6 +183,19 @@ async def test_a_spent_budget_refuses_before_calling_and_says_when_it_resets(
     assert requests == answered  # the refused call reached no provider
     assert usage.held == 0 and usage.spent_usd <= 0.006 and usage.refused == 1
     assert usage.reserved == usage.settled + usage.released
+
+
+async def test_a_budget_of_the_longest_window_refuses_saying_when_it_ends(
+    server: FakeLLMServer,
+) -> None:
+    assert MAX_WINDOW == 100 * 365.25 * 86400
+    async with make(server, budgets=[Budget(limit_usd=0, window=MAX_WINDOW)]) as executor:
+        with pytest.raises(BudgetExceededError) as info:
+            await executor.run("hello", CTX)
+    # windows are aligned on multiples of their length since the epoch
+    assert info.value.resets_at == MAX_WINDOW
+    assert "resets at 2070-01-01 00:00:00 UTC" in str(info.value)
+    assert server.requests() == 0
 
 
 async def test_a_budget_too_small_for_the_model_goes_to_a_cheaper_one_that_fits(

@@ -84,17 +84,37 @@ def register(subparsers: SubParsers) -> None:
     reset.set_defaults(func=cmd_budget_reset)
 
 
+def _utc(ts: float) -> datetime | None:
+    # a stored window's bound as a date; None when no date holds it (past year 9999,
+    # written by another tool or an older version: windows are at most 100 years now)
+    try:
+        return datetime.fromtimestamp(ts, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    t = _utc(ts)
+    if t is None:
+        return "after 9999-12-31" if ts > 0 else "unknown"
+    return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _iso(ts: float) -> str | None:
+    t = _utc(ts)
+    return None if t is None else t.isoformat()
 
 
 def usage_row(u: BudgetUsage, override: int | None = None) -> dict[str, Any]:
-    """A `BudgetUsage` as the JSON the CLI prints (dollars)."""
+    """
+    A `BudgetUsage` as the JSON the CLI prints (dollars; ``window_start`` and
+    ``resets_at`` in ISO 8601, ``null`` for a stored time no date can hold).
+    """
     limit = override if override is not None else u.limit
     return {
         "key": u.key,
-        "window_start": datetime.fromtimestamp(u.window_start, UTC).isoformat(),
-        "resets_at": datetime.fromtimestamp(u.window_end, UTC).isoformat(),
+        "window_start": _iso(u.window_start),
+        "resets_at": _iso(u.window_end),
         "limit_usd": limit / NANO,
         "limit_overridden": override is not None,
         "spent_usd": u.spent / NANO,

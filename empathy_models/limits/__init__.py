@@ -38,6 +38,7 @@ from .guard import Limiter, LocalRateLimitError, quota_store_from_url
 from .memory import MemoryQuotaStore
 from .sqlite import SQLiteQuotaStore
 from .values import (
+    MAX_WINDOW,
     NANO,
     SCOPES,
     Budget,
@@ -49,6 +50,7 @@ from .values import (
 )
 
 __all__ = [
+    "MAX_WINDOW",
     "NANO",
     "SCOPES",
     "Budget",

@@ -21,6 +21,7 @@ from .._validators import failure, integer, number
 from ..exceptions import ConfigurationError
 
 __all__ = [
+    "MAX_WINDOW",
     "NANO",
     "SCOPES",
     "Budget",
@@ -51,6 +52,10 @@ def _scope(value: object) -> str:
     return value
 
 
+MAX_WINDOW: Final = 36_525 * 86_400.0
+"""The longest window of a `Budget` in seconds: 100 years (a budget that never resets)."""
+
+
 def _window(value: object) -> str | float:
     if isinstance(value, str):
         low = value.strip().lower()
@@ -60,11 +65,12 @@ def _window(value: object) -> str | float:
         not isinstance(value, bool)
         and isinstance(value, int | float)
         and math.isfinite(value)
-        and value >= 1
+        and 1 <= value <= MAX_WINDOW
     ):
         return float(value)
     raise ConfigurationError(
-        f"Budget.window must be 'hour', 'day', 'month' or a number of seconds >= 1, got {value!r}"
+        "Budget.window must be 'hour', 'day', 'month' or a number of seconds from 1 to "
+        f"{MAX_WINDOW:.0f} (100 years: for a budget that never resets), got {value!r}"
     )
 
 
@@ -107,8 +113,8 @@ class Budget:
             scope="user_id", value="alice")`` alice may spend $10 a day, every other
             user $2.
         window: ``"hour"``, ``"day"`` or ``"month"`` (calendar windows in UTC: a daily
-            budget resets at midnight UTC), or a number of seconds (windows aligned on
-            multiples of it since the epoch).
+            budget resets at midnight UTC), or a number of seconds from 1 to
+            `MAX_WINDOW` (100 years; windows aligned on multiples of it since the epoch).
         name: how the budget is called in errors, the store and the CLI (default:
             ``"global/day"``, ``"workflow=docs/day"``; a per-value budget adds the value
             of each call: ``"user_id=alice/day"``).
