@@ -28,6 +28,7 @@ def test_budget_status_set_and_reset(tmp_path: Path) -> None:
     home, db = tmp_path / "home", tmp_path / "quota.db"
     _charge(db, "global/day", 500_000_000, 100_000_000)
     _charge(db, "user_id=bob/day", 20_000_000, 10_000_000)
+    _charge(db, "user_id=ann/day", 20_000_000, 30_000_000)  # cost more than it reserved
     status = run_cli(home, "budget", "status", "--db", str(db), "--json")
     assert status.returncode == 0, status.stderr
     rows = {r["key"]: r for r in json.loads(status.stdout)["budgets"]}
@@ -35,6 +36,8 @@ def test_budget_status_set_and_reset(tmp_path: Path) -> None:
     assert rows["global/day"]["remaining_usd"] == 0.9
     assert rows["global/day"]["resets_at"] == "2027-01-16T00:00:00+00:00"
     assert rows["user_id=bob/day"]["released_usd"] == 0.01
+    assert rows["user_id=bob/day"]["overrun_usd"] == 0
+    assert rows["user_id=ann/day"]["overrun_usd"] == 0.01
 
     assert (
         run_cli(home, "budget", "set", "global/day", "--limit", "2.5", "--db", str(db)).returncode

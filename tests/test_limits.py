@@ -8,6 +8,7 @@ tests are in ``test_limits_multiprocess.py``; the store contract in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pickle
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import attrs
 import pytest
+from aiohttp import web
 
 from empathy_models import (
     AllRoutesFailedError,
@@ -196,6 +198,81 @@ async def test_a_budget_of_the_longest_window_refuses_saying_when_it_ends(
     assert info.value.resets_at == MAX_WINDOW
     assert "resets at 2070-01-01 00:00:00 UTC" in str(info.value)
     assert server.requests() == 0
+
+
+@contextlib.asynccontextmanager
+async def worst_case_server() -> AsyncIterator[str]:
+    """
+    An OpenAI-compatible server that counts the most tokens a byte-level tokenizer
+    could: a token per UTF-8 byte of every message's text, and ``max_tokens`` of
+    output.  Yields its base URL.
+    """
+
+    async def complete(request: web.Request) -> web.Response:
+        body = await request.json()
+        prompt = sum(len(m["content"].encode()) for m in body["messages"])
+        output = body["max_tokens"]
+        return web.json_response(
+            {
+                "id": "worst",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "好"},
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": output,
+                    "total_tokens": prompt + output,
+                },
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", complete)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "请总结这段文字。" * 250,  # CJK: three bytes a character, about a token each
+        "def f(x):\n    return {'a': [x, x]}\n" * 60,  # code
+        "👍🏽🎉" * 300,  # emoji: four bytes a character
+    ],
+)
+async def test_a_budget_is_never_overspent_whatever_the_prompt_tokenizes_to(prompt: str) -> None:
+    store = MemoryQuotaStore()
+    async with worst_case_server() as base_url, store:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=base_url)],
+            registry=REGISTRY,
+            telemetry_store=MemoryTelemetryBackend(),
+            retry=RetryPolicy.none(),
+            budgets=[Budget(limit_usd=0.05)],
+            quota_store=store,
+        )
+        ctx = ExecutionContext(model="gpt-cheap", max_tokens=16)
+        answers = []
+        async with executor:
+            with pytest.raises(BudgetExceededError):
+                for _ in range(1000):
+                    answer = await executor.run(prompt, ctx)
+                    answers.append(answer)
+        (usage,) = await store.usages()
+    assert len(answers) >= 5
+    assert usage.overrun == 0 and usage.spent_usd <= 0.05
+    assert usage.spent_usd == pytest.approx(sum(a.cost_usd for a in answers), abs=1e-9)
 
 
 async def test_a_budget_too_small_for_the_model_goes_to_a_cheaper_one_that_fits(

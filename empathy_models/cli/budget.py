@@ -123,6 +123,7 @@ def usage_row(u: BudgetUsage, override: int | None = None) -> dict[str, Any]:
         "reserved_usd": u.reserved / NANO,
         "settled_usd": u.settled / NANO,
         "released_usd": u.released / NANO,
+        "overrun_usd": u.overrun / NANO,
         "calls": u.calls,
         "refused": u.refused,
     }

@@ -32,7 +32,15 @@ from ..exceptions import (
     RateLimitedError,
 )
 from .memory import MemoryQuotaStore
-from .values import Budget, BudgetGrant, BudgetUsage, RateGrant, RateLimit, to_nano
+from .values import (
+    WORST_PER_ESTIMATE,
+    Budget,
+    BudgetGrant,
+    BudgetUsage,
+    RateGrant,
+    RateLimit,
+    to_nano,
+)
 
 _G = TypeVar("_G")  # what a quota store's operation grants
 
@@ -387,8 +395,12 @@ class Limiter:
     # ------------------------------------------------------------------ planning aids
 
     def estimate(self, info: ModelInfo, input_tokens: int, max_tokens: int) -> float:
-        """The most a call can cost: the prompt estimate plus ``max_tokens`` of output."""
-        return info.cost(input_tokens, max_tokens)
+        """
+        The most a call can cost, what budgets reserve: the prompt's worst case
+        (`WORST_PER_ESTIMATE` times its estimate ``input_tokens``) plus ``max_tokens``
+        of output.
+        """
+        return info.cost(input_tokens * WORST_PER_ESTIMATE, max_tokens)
 
     def covers(self, context: Any, info: ModelInfo) -> list[tuple[Budget, str]]:
         """
@@ -447,6 +459,9 @@ class Limiter:
             context: the run's `ExecutionContext` (its workflow, stage, user).
             info: the model called.
             input_tokens, max_tokens: the prompt's estimate and the output asked for.
+                The estimate is a quarter of the prompt's worst case (the executor's:
+                a token per UTF-8 byte of its text, plus framing and images): budgets
+                reserve the worst case (`estimate`), rate limits count the estimate.
             time_left: seconds left of the run's deadline (None: no deadline).
 
         Returns:

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_WINDOW",
     "NANO",
     "SCOPES",
+    "WORST_PER_ESTIMATE",
     "Budget",
     "BudgetGrant",
     "BudgetUsage",
@@ -34,6 +35,14 @@ __all__ = [
 
 NANO: Final = 1_000_000_000
 """Nano-dollars per dollar: stores count money in integers of 1e-9 USD."""
+
+WORST_PER_ESTIMATE: Final = 4
+"""
+How many times the executor's estimate of a prompt's tokens its worst case is: the
+estimate is a quarter of the worst case (a token per UTF-8 byte of its text, framing
+and images; see `Limiter.admit`), about what providers count for English.  Budgets
+reserve the worst case, rate limits count the estimate.
+"""
 
 Scope = Literal["global", "workflow", "stage", "user_id", "provider", "model"]
 SCOPES: Final[tuple[str, ...]] = ("global", "workflow", "stage", "user_id", "provider", "model")
