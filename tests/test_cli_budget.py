@@ -62,6 +62,9 @@ def test_budget_set_refuses_a_bad_limit(tmp_path: Path) -> None:
     _charge(db, "global/day", 1, 1)
     bad = run_cli(tmp_path, "budget", "set", "global/day", "--limit", "-3", "--db", str(db))
     assert bad.returncode == 2 and "dollars" in bad.stderr and "Traceback" not in bad.stderr
+    for command in (["set", " ", "--limit", "5"], ["reset", ""]):
+        empty = run_cli(tmp_path, "budget", *command, "--db", str(db))
+        assert empty.returncode == 2 and "expected a budget" in empty.stderr
 
 
 def test_budget_status_reads_a_database_without_budgets_and_changes_nothing(

@@ -34,6 +34,14 @@ def _dollars(text: str) -> float:
     return value
 
 
+def _key(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected a budget, e.g. global/day or user_id=bob/day, got {text!r}"
+        )
+    return text
+
+
 def register(subparsers: SubParsers) -> None:
     """Add the ``budget`` command group."""
     group = subparsers.add_parser(
@@ -67,7 +75,7 @@ def register(subparsers: SubParsers) -> None:
         "of the limit in its code (within five seconds) until --clear.",
     )
     add_common(set_, db_help=db_help)
-    set_.add_argument("key", help="the budget, e.g. global/day")
+    set_.add_argument("key", type=_key, help="the budget, e.g. global/day")
     what = set_.add_mutually_exclusive_group(required=True)
     what.add_argument("--limit", type=_dollars, metavar="USD", help="the new limit in dollars")
     what.add_argument("--clear", action="store_true", help="drop the override")
@@ -80,7 +88,7 @@ def register(subparsers: SubParsers) -> None:
         "every worker.  Calls in flight still settle into a fresh window.",
     )
     add_common(reset, db_help=db_help)
-    reset.add_argument("key", help="the budget, e.g. global/day")
+    reset.add_argument("key", type=_key, help="the budget, e.g. global/day")
     reset.set_defaults(func=cmd_budget_reset)
 
 
