@@ -38,6 +38,7 @@ from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import (
     MAX_WINDOW,
+    WINDOW_RETENTION,
     LocalRateLimitError,
     MemoryQuotaStore,
     quota_store_from_url,
@@ -422,6 +423,23 @@ async def test_a_failing_quota_store_degrades_to_local_limits(
     assert answered > 0
     warnings_logged = [r for r in caplog.records if "quota store" in r.getMessage()]
     assert len(warnings_logged) == 1  # one warning per outage
+
+
+async def test_the_memory_store_drops_a_budget_window_a_week_after_it_ended() -> None:
+    first = 1_800_000_000.0
+    async with MemoryQuotaStore() as store:
+        for i in range(3000):  # 10-minute windows for about three weeks
+            ws = first + 600 * i
+            await store.reserve("b/600s", window_start=ws, window_end=ws + 600, amount=1, limit=9)
+        starts = {u.window_start for u in await store.usages()}
+    newest = first + 600 * 2999
+    # every window that ended less than a week before the newest began is kept; the
+    # rest are dropped (checked once an hour)
+    assert {
+        first + 600 * i for i in range(3000) if first + 600 * (i + 1) >= newest - WINDOW_RETENTION
+    } <= starts
+    assert min(starts) + 600 >= newest - WINDOW_RETENTION - 3600
+    assert len(starts) <= WINDOW_RETENTION / 600 + 7
 
 
 # --------------------------------------------------------------------------- rate limits

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_WINDOW",
     "NANO",
     "SCOPES",
+    "WINDOW_RETENTION",
     "WORST_PER_ESTIMATE",
     "Budget",
     "BudgetGrant",
@@ -63,6 +64,10 @@ def _scope(value: object) -> str:
 
 MAX_WINDOW: Final = 36_525 * 86_400.0
 """The longest window of a `Budget` in seconds: 100 years (a budget that never resets)."""
+
+
+WINDOW_RETENTION: Final = 7 * 86_400.0
+"""How long a quota store keeps a budget's window after it ended: a week."""
 
 
 def _window(value: object) -> str | float:
