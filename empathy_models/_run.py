@@ -10,13 +10,15 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 from ._fast import trusted_constructor
 from ._request_options import NO_OPTIONS
 from ._values import AttemptSummary, ExecutionContext
 from .abc import CompletionRequest, Message, split_system
+from .content import ImageBlock, TextBlock, ToolCall, ToolResult
 from .exceptions import ConfigurationError, RecordValidationError
+from .limits.values import WORST_PER_ESTIMATE
 from .records import RoutingDecision
 from .registry import ModelInfo
 
@@ -95,10 +97,61 @@ def _request_for(model: str, run: _Run) -> CompletionRequest:
     )
 
 
+_FRAME_TOKENS: Final = 8
+"""Tokens allowed per message, for the system prompt and for the reply: roles, delimiters."""
+
+_IMAGE_TOKENS: Final = 1_600
+"""
+Tokens allowed per image: the most Anthropic's models and GPT-4o count for one (each
+resizes a larger image).  A model that counts an image as more tokens at a lower price
+(gpt-4o-mini) can cost more than this allows: images are estimated, not bounded.
+"""
+
+
 def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
-    # about four characters per token; the router only needs the order of magnitude
-    chars = sum(len(m.text) for m in messages) + (len(system) if system else 0)
-    return max(1, chars // 4)
+    """
+    The prompt's token estimate: a quarter of its worst case, rounded up, so that
+    `WORST_PER_ESTIMATE` (4) times it is the worst case.
+
+    The worst case counts a token per UTF-8 byte of the text sent (a byte-level
+    tokenizer never makes more: text, tool calls' names, arguments and ids, the system
+    prompt), plus `_FRAME_TOKENS` per message, for the system prompt and for the reply,
+    and `_IMAGE_TOKENS` per image.  A quarter of it is about what providers count for
+    English text (four bytes a token): the router and rate limits use the estimate,
+    budgets reserve the worst case.  Tool definitions are not counted (they are not
+    passed here).
+    """
+    worst = _FRAME_TOKENS * (len(messages) + 1)
+    if system:
+        worst += _FRAME_TOKENS + _utf8_len(system)
+    for m in messages:
+        content = m.content
+        worst += _utf8_len(content) if isinstance(content, str) else sum(map(_block_worst, content))
+        if m.tool_calls:
+            worst += sum(map(_block_worst, m.tool_calls))
+        if m.tool_call_id is not None:
+            worst += _utf8_len(m.tool_call_id)
+    return -(-worst // WORST_PER_ESTIMATE)
+
+
+def _utf8_len(text: str) -> int:
+    # lone surrogates (which no provider accepts) count as the 3 bytes they would take
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _block_worst(block: object) -> int:
+    # the worst case in tokens of one content block (see `_estimate_tokens`)
+    if isinstance(block, TextBlock):
+        return _utf8_len(block.text)
+    if isinstance(block, ImageBlock):
+        return _IMAGE_TOKENS
+    if isinstance(block, ToolCall):
+        return _utf8_len(block.id) + _utf8_len(block.name) + _utf8_len(block.arguments_json)
+    if isinstance(block, ToolResult):
+        content = block.content
+        inner = _utf8_len(content) if isinstance(content, str) else sum(map(_block_worst, content))
+        return _utf8_len(block.tool_call_id) + inner
+    return 0
 
 
 def _prompt_text(messages: Sequence[Message], system: str | None) -> str:

@@ -28,6 +28,7 @@ def test_budget_status_set_and_reset(tmp_path: Path) -> None:
     home, db = tmp_path / "home", tmp_path / "quota.db"
     _charge(db, "global/day", 500_000_000, 100_000_000)
     _charge(db, "user_id=bob/day", 20_000_000, 10_000_000)
+    _charge(db, "user_id=ann/day", 20_000_000, 30_000_000)  # cost more than it reserved
     status = run_cli(home, "budget", "status", "--db", str(db), "--json")
     assert status.returncode == 0, status.stderr
     rows = {r["key"]: r for r in json.loads(status.stdout)["budgets"]}
@@ -35,6 +36,8 @@ def test_budget_status_set_and_reset(tmp_path: Path) -> None:
     assert rows["global/day"]["remaining_usd"] == 0.9
     assert rows["global/day"]["resets_at"] == "2027-01-16T00:00:00+00:00"
     assert rows["user_id=bob/day"]["released_usd"] == 0.01
+    assert rows["user_id=bob/day"]["overrun_usd"] == 0
+    assert rows["user_id=ann/day"]["overrun_usd"] == 0.01
 
     assert (
         run_cli(home, "budget", "set", "global/day", "--limit", "2.5", "--db", str(db)).returncode
@@ -59,6 +62,9 @@ def test_budget_set_refuses_a_bad_limit(tmp_path: Path) -> None:
     _charge(db, "global/day", 1, 1)
     bad = run_cli(tmp_path, "budget", "set", "global/day", "--limit", "-3", "--db", str(db))
     assert bad.returncode == 2 and "dollars" in bad.stderr and "Traceback" not in bad.stderr
+    for command in (["set", " ", "--limit", "5"], ["reset", ""]):
+        empty = run_cli(tmp_path, "budget", *command, "--db", str(db))
+        assert empty.returncode == 2 and "expected a budget" in empty.stderr
 
 
 def test_budget_status_reads_a_database_without_budgets_and_changes_nothing(
@@ -80,3 +86,21 @@ def test_budget_status_reads_a_database_without_budgets_and_changes_nothing(
     assert db.read_bytes() == before  # opened read-only: no quota table was created
     missing = run_cli(tmp_path, "budget", "status", "--db", str(tmp_path / "none.db"))
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
+
+
+def test_budget_status_shows_a_window_no_date_can_hold(tmp_path: Path) -> None:
+    # a window ending past year 9999 (written before windows were limited to 100 years)
+    db = tmp_path / "quota.db"
+
+    async def body() -> None:
+        async with quota_store_from_url(f"sqlite:///{db}") as store:
+            await store.reserve("far/1e+12s", window_start=0.0, window_end=1e12, amount=5, limit=9)
+
+    anyio.run(body)
+    table = run_cli(tmp_path, "budget", "status", "--db", str(db))
+    assert table.returncode == 0, table.stderr
+    assert "far/1e+12s" in table.stdout and "after 9999-12-31" in table.stdout
+    status = run_cli(tmp_path, "budget", "status", "--db", str(db), "--json")
+    assert status.returncode == 0, status.stderr
+    (row,) = json.loads(status.stdout)["budgets"]
+    assert row["window_start"] == "1970-01-01T00:00:00+00:00" and row["resets_at"] is None

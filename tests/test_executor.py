@@ -800,7 +800,8 @@ async def test_router_picks_the_first_route_and_learns_every_attempt(
     assert response.routing_decision.model == "cheap-b"
     [query] = router.queries
     assert query["candidates"] == ["cheap-a", "cheap-b"]
-    assert query["input_tokens"] == 100
+    # the prompt's estimate: a quarter of its 400 bytes and two framings (message, reply)
+    assert query["input_tokens"] == (400 + 2 * 8) // 4
     assert query["max_tokens"] == 1024
     assert (query["max_cost"], query["max_latency_ms"], query["min_success_rate"]) == (
         0.5,

@@ -8,6 +8,7 @@ tests are in ``test_limits_multiprocess.py``; the store contract in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import pickle
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import attrs
 import pytest
+from aiohttp import web
 
 from empathy_models import (
     AllRoutesFailedError,
@@ -35,6 +37,8 @@ from empathy_models import (
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import (
+    MAX_WINDOW,
+    WINDOW_RETENTION,
     LocalRateLimitError,
     MemoryQuotaStore,
     quota_store_from_url,
@@ -96,6 +100,8 @@ def test_budget_and_rate_limit_values_are_checked() -> None:
         {"limit_usd": 1, "scope": "team"},
         {"limit_usd": 1, "window": "week"},
         {"limit_usd": 1, "window": 0.5},
+        {"limit_usd": 1, "window": 1e12},  # its end is past year 9999
+        {"limit_usd": 1, "window": MAX_WINDOW + 1},
         {"limit_usd": 1, "value": "x"},
         {"limit_usd": 1, "name": "a|b"},
         {"limit_usd": 1, "scope": "user_id", "value": ""},
@@ -182,6 +188,94 @@ async def test_a_spent_budget_refuses_before_calling_and_says_when_it_resets(
     assert usage.reserved == usage.settled + usage.released
 
 
+async def test_a_budget_of_the_longest_window_refuses_saying_when_it_ends(
+    server: FakeLLMServer,
+) -> None:
+    assert MAX_WINDOW == 100 * 365.25 * 86400
+    async with make(server, budgets=[Budget(limit_usd=0, window=MAX_WINDOW)]) as executor:
+        with pytest.raises(BudgetExceededError) as info:
+            await executor.run("hello", CTX)
+    # windows are aligned on multiples of their length since the epoch
+    assert info.value.resets_at == MAX_WINDOW
+    assert "resets at 2070-01-01 00:00:00 UTC" in str(info.value)
+    assert server.requests() == 0
+
+
+@contextlib.asynccontextmanager
+async def worst_case_server() -> AsyncIterator[str]:
+    """
+    An OpenAI-compatible server that counts the most tokens a byte-level tokenizer
+    could: a token per UTF-8 byte of every message's text, and ``max_tokens`` of
+    output.  Yields its base URL.
+    """
+
+    async def complete(request: web.Request) -> web.Response:
+        body = await request.json()
+        prompt = sum(len(m["content"].encode()) for m in body["messages"])
+        output = body["max_tokens"]
+        return web.json_response(
+            {
+                "id": "worst",
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "好"},
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": output,
+                    "total_tokens": prompt + output,
+                },
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", complete)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "请总结这段文字。" * 250,  # CJK: three bytes a character, about a token each
+        "def f(x):\n    return {'a': [x, x]}\n" * 60,  # code
+        "👍🏽🎉" * 300,  # emoji: four bytes a character
+    ],
+)
+async def test_a_budget_is_never_overspent_whatever_the_prompt_tokenizes_to(prompt: str) -> None:
+    store = MemoryQuotaStore()
+    async with worst_case_server() as base_url, store:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=base_url)],
+            registry=REGISTRY,
+            telemetry_store=MemoryTelemetryBackend(),
+            retry=RetryPolicy.none(),
+            budgets=[Budget(limit_usd=0.05)],
+            quota_store=store,
+        )
+        ctx = ExecutionContext(model="gpt-cheap", max_tokens=16)
+        answers = []
+        async with executor:
+            with pytest.raises(BudgetExceededError):
+                for _ in range(1000):
+                    answer = await executor.run(prompt, ctx)
+                    answers.append(answer)
+        (usage,) = await store.usages()
+    assert len(answers) >= 5
+    assert usage.overrun == 0 and usage.spent_usd <= 0.05
+    assert usage.spent_usd == pytest.approx(sum(a.cost_usd for a in answers), abs=1e-9)
+
+
 async def test_a_budget_too_small_for_the_model_goes_to_a_cheaper_one_that_fits(
     server: FakeLLMServer,
 ) -> None:
@@ -248,6 +342,70 @@ async def test_per_user_budgets_are_separate_and_a_limit_set_in_the_store_wins(
     assert keys == [("user_id=alice/day", 1), ("user_id=bob/day", 0)]
 
 
+async def test_a_budget_for_one_value_takes_the_place_of_the_per_value_budget(
+    server: FakeLLMServer,
+) -> None:
+    # every user may spend $0.001 a day (less than a call's reservation), alice $1
+    store = MemoryQuotaStore()
+    budgets = [
+        Budget(limit_usd=0.001, scope="user_id"),
+        Budget(limit_usd=1.0, scope="user_id", value="alice"),
+    ]
+    alice = ExecutionContext(user_id="alice", max_tokens=1000)
+    async with store, make(server, budgets=budgets, quota_store=store) as executor:
+        first = await executor.run("hello", alice)
+        second = await executor.run("hello", alice)
+        with pytest.raises(BudgetExceededError, match="user_id=bob/day"):
+            await executor.run("hello", ExecutionContext(user_id="bob", max_tokens=1000))
+        usages = {u.key: u for u in await store.usages()}
+    usage = usages["user_id=alice/day"]
+    assert usage.calls == 2 and usage.held == 0 and usage.limit_usd == 1.0
+    # each call reserved and charged once
+    assert usage.spent_usd == pytest.approx(first.cost_usd + second.cost_usd, abs=1e-9)
+    assert usage.reserved == usage.settled + usage.released
+    assert usages["user_id=bob/day"].refused == 1
+
+
+async def test_budgets_for_one_value_of_different_scopes_all_apply(
+    server: FakeLLMServer,
+) -> None:
+    budgets = [
+        Budget(limit_usd=1.0, scope="user_id", value="alice"),
+        Budget(limit_usd=0.001, scope="workflow", value="docs"),
+    ]
+    async with make(server, budgets=budgets) as executor:
+        answer = await executor.run("hello", ExecutionContext(user_id="alice", max_tokens=10))
+        with pytest.raises(BudgetExceededError, match="workflow=docs/day"):
+            await executor.run("hello", attrs.evolve(CTX, user_id="alice"))
+    assert answer.cost_usd > 0
+
+
+@pytest.mark.parametrize(
+    "budgets",
+    [
+        [
+            Budget(limit_usd=1, scope="user_id", value="a"),
+            Budget(limit_usd=2, scope="user_id", value="a"),
+        ],
+        [Budget(limit_usd=1, scope="user_id"), Budget(limit_usd=2, scope="user_id")],
+        [Budget(limit_usd=1, scope="user_id"), Budget(limit_usd=2, name="user_id=bob/day")],
+        [
+            Budget(limit_usd=1, scope="stage", name="t"),
+            Budget(limit_usd=2, scope="user_id", name="t:x"),
+        ],
+        [
+            Budget(limit_usd=1, scope="model", name="t"),
+            Budget(limit_usd=2, scope="user_id", value="x", name="t:x"),
+        ],
+    ],
+)
+def test_budgets_that_could_charge_one_key_twice_are_refused(
+    server: FakeLLMServer, budgets: list[Budget]
+) -> None:
+    with pytest.raises(ConfigurationError, match="named"):
+        make(server, budgets=budgets)
+
+
 async def test_a_failing_quota_store_degrades_to_local_limits(
     server: FakeLLMServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -265,6 +423,23 @@ async def test_a_failing_quota_store_degrades_to_local_limits(
     assert answered > 0
     warnings_logged = [r for r in caplog.records if "quota store" in r.getMessage()]
     assert len(warnings_logged) == 1  # one warning per outage
+
+
+async def test_the_memory_store_drops_a_budget_window_a_week_after_it_ended() -> None:
+    first = 1_800_000_000.0
+    async with MemoryQuotaStore() as store:
+        for i in range(3000):  # 10-minute windows for about three weeks
+            ws = first + 600 * i
+            await store.reserve("b/600s", window_start=ws, window_end=ws + 600, amount=1, limit=9)
+        starts = {u.window_start for u in await store.usages()}
+    newest = first + 600 * 2999
+    # every window that ended less than a week before the newest began is kept; the
+    # rest are dropped (checked once an hour)
+    assert {
+        first + 600 * i for i in range(3000) if first + 600 * (i + 1) >= newest - WINDOW_RETENTION
+    } <= starts
+    assert min(starts) + 600 >= newest - WINDOW_RETENTION - 3600
+    assert len(starts) <= WINDOW_RETENTION / 600 + 7
 
 
 # --------------------------------------------------------------------------- rate limits
@@ -330,6 +505,29 @@ async def test_a_providers_429_pushes_the_shared_schedule_back(server: FakeLLMSe
         grant = await store.acquire("rpm:openai", cost=1.0, interval=0.01, burst=1.0, max_wait=0.0)
     assert first.model == "claude-other"  # the 429 (no retries) fell back
     assert not grant.granted and 19.0 < grant.wait <= 20.1
+
+
+async def test_a_providers_wait_pushes_the_schedule_back_ten_minutes_at_most(
+    server: FakeLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    from empathy_models import BreakerPolicy
+    from empathy_models.testing import ModelBehavior
+
+    caplog.set_level(logging.WARNING, logger="empathy_models.limits")
+    server.set_behavior("gpt-cheap", ModelBehavior(retry_after=1_000_000 * 3600))
+    server.script("gpt-cheap", [429])
+    store = MemoryQuotaStore()
+    limits = {"openai": RateLimit(rpm=6000)}
+    async with (
+        store,
+        make(server, rate_limits=limits, quota_store=store, rate_limit_wait=1.0) as executor,
+    ):
+        await executor.run("hello", ExecutionContext(model="gpt-cheap"))
+        grant = await store.acquire("rpm:openai", cost=1.0, interval=0.01, burst=1.0, max_wait=0.0)
+    cap = BreakerPolicy().max_retry_after_open  # the breaker's cap on the same hint
+    assert cap == 600.0
+    assert not grant.granted and cap - 1.0 < grant.wait <= cap + 0.1
+    assert any("at most 600 s" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,14 @@ def _dollars(text: str) -> float:
     return value
 
 
+def _key(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected a budget, e.g. global/day or user_id=bob/day, got {text!r}"
+        )
+    return text
+
+
 def register(subparsers: SubParsers) -> None:
     """Add the ``budget`` command group."""
     group = subparsers.add_parser(
@@ -67,7 +75,7 @@ def register(subparsers: SubParsers) -> None:
         "of the limit in its code (within five seconds) until --clear.",
     )
     add_common(set_, db_help=db_help)
-    set_.add_argument("key", help="the budget, e.g. global/day")
+    set_.add_argument("key", type=_key, help="the budget, e.g. global/day")
     what = set_.add_mutually_exclusive_group(required=True)
     what.add_argument("--limit", type=_dollars, metavar="USD", help="the new limit in dollars")
     what.add_argument("--clear", action="store_true", help="drop the override")
@@ -80,21 +88,41 @@ def register(subparsers: SubParsers) -> None:
         "every worker.  Calls in flight still settle into a fresh window.",
     )
     add_common(reset, db_help=db_help)
-    reset.add_argument("key", help="the budget, e.g. global/day")
+    reset.add_argument("key", type=_key, help="the budget, e.g. global/day")
     reset.set_defaults(func=cmd_budget_reset)
 
 
+def _utc(ts: float) -> datetime | None:
+    # a stored window's bound as a date; None when no date holds it (past year 9999,
+    # written by another tool or an older version: windows are at most 100 years now)
+    try:
+        return datetime.fromtimestamp(ts, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 def _when(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    t = _utc(ts)
+    if t is None:
+        return "after 9999-12-31" if ts > 0 else "unknown"
+    return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _iso(ts: float) -> str | None:
+    t = _utc(ts)
+    return None if t is None else t.isoformat()
 
 
 def usage_row(u: BudgetUsage, override: int | None = None) -> dict[str, Any]:
-    """A `BudgetUsage` as the JSON the CLI prints (dollars)."""
+    """
+    A `BudgetUsage` as the JSON the CLI prints (dollars; ``window_start`` and
+    ``resets_at`` in ISO 8601, ``null`` for a stored time no date can hold).
+    """
     limit = override if override is not None else u.limit
     return {
         "key": u.key,
-        "window_start": datetime.fromtimestamp(u.window_start, UTC).isoformat(),
-        "resets_at": datetime.fromtimestamp(u.window_end, UTC).isoformat(),
+        "window_start": _iso(u.window_start),
+        "resets_at": _iso(u.window_end),
         "limit_usd": limit / NANO,
         "limit_overridden": override is not None,
         "spent_usd": u.spent / NANO,
@@ -103,6 +131,7 @@ def usage_row(u: BudgetUsage, override: int | None = None) -> dict[str, Any]:
         "reserved_usd": u.reserved / NANO,
         "settled_usd": u.settled / NANO,
         "released_usd": u.released / NANO,
+        "overrun_usd": u.overrun / NANO,
         "calls": u.calls,
         "refused": u.refused,
     }

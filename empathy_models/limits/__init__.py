@@ -15,12 +15,15 @@ Spend budgets and rate limits shared by every worker through a quota store.
     ) as executor:
         ...
 
-Before a call the executor reserves its estimate (prompt plus ``max_tokens`` at the
-registry's list prices) atomically in every `Budget` covering it; after the call it
+Before a call the executor reserves its worst case (``max_tokens`` of output and a
+token per UTF-8 byte of the prompt's text, with allowances for framing and images, at
+the registry's list prices) atomically in every `Budget` covering it; after the call it
 settles at what the call cost and releases the rest (a failed or cancelled call costs
-nothing, as its record says).  A budget that cannot cover a call sends it to the most
-capable cheaper candidate that fits, else raises `BudgetExceededError` naming the
-budget, what is left and when it resets.  Rate limits (`RateLimit`) are GCRA schedules
+nothing, as its record says; one that cost more than it reserved, through images or
+tool definitions, is charged in full and its excess counted in `BudgetUsage.overrun`).
+A budget that cannot cover a call sends it to the most capable cheaper candidate that
+fits, else raises `BudgetExceededError` naming the budget, what is left and when it
+resets.  Rate limits (`RateLimit`) are GCRA schedules
 in the same store: each call takes its place atomically and waits for it (within
 ``rate_limit_wait`` and the deadline), so workers together stay under the limit
 instead of collecting 429s; the router avoids models whose schedule is booked further
@@ -38,8 +41,10 @@ from .guard import Limiter, LocalRateLimitError, quota_store_from_url
 from .memory import MemoryQuotaStore
 from .sqlite import SQLiteQuotaStore
 from .values import (
+    MAX_WINDOW,
     NANO,
     SCOPES,
+    WINDOW_RETENTION,
     Budget,
     BudgetGrant,
     BudgetUsage,
@@ -49,8 +54,10 @@ from .values import (
 )
 
 __all__ = [
+    "MAX_WINDOW",
     "NANO",
     "SCOPES",
+    "WINDOW_RETENTION",
     "Budget",
     "BudgetExceededError",
     "BudgetGrant",

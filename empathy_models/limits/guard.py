@@ -17,12 +17,13 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 
 from .._validators import check, failure, number
 from ..abc import QuotaStore
+from ..circuit import BreakerPolicy
 from ..exceptions import (
     BackendClosedError,
     BackendError,
@@ -31,7 +32,15 @@ from ..exceptions import (
     RateLimitedError,
 )
 from .memory import MemoryQuotaStore
-from .values import Budget, BudgetGrant, BudgetUsage, RateGrant, RateLimit, to_nano
+from .values import (
+    WORST_PER_ESTIMATE,
+    Budget,
+    BudgetGrant,
+    BudgetUsage,
+    RateGrant,
+    RateLimit,
+    to_nano,
+)
 
 _G = TypeVar("_G")  # what a quota store's operation grants
 
@@ -43,6 +52,13 @@ __all__ = ["Hold", "Limiter", "LocalRateLimitError", "quota_store_from_url"]
 logger = logging.getLogger("empathy_models.limits")
 
 Sleep = Callable[[float], Awaitable[object]]
+
+_MAX_PUSHBACK: Final[float] = BreakerPolicy().max_retry_after_open
+"""
+The longest one answer (a 429's Retry-After, an exhausted limit's reset header) pushes
+a rate-limit schedule back: the breaker's own cap on such a hint (10 minutes), so one
+answer cannot close a provider for a day.
+"""
 
 
 class LocalRateLimitError(RateLimitedError):
@@ -103,7 +119,8 @@ class Hold:
         self.cost_usd = 0.0  # set by the executor when the call answered
         self.tokens: int | None = None  # likewise: the tokens the call used
         # seconds the provider said to wait (a 429's Retry-After or rate-limit reset
-        # headers): the schedules are pushed back that far for every worker
+        # headers): the schedules are pushed back that far for every worker, up to
+        # ``_MAX_PUSHBACK``
         self.pushback: float | None = None
 
 
@@ -123,15 +140,63 @@ def _check_budgets(budgets: object) -> tuple[Budget, ...]:
     for b in out:
         if not isinstance(b, Budget):
             raise ConfigurationError(f"budgets must hold Budget objects, got {b!r}")
-    names: dict[str, Budget] = {}
-    for b in out:
-        label = b.key_for("*") or ""
-        if label in names:
-            raise ConfigurationError(
-                f"two budgets are named {label!r}; give one a name= of its own"
-            )
-        names[label] = b
+    for i, a in enumerate(out):
+        for b in out[:i]:
+            if _share_keys(a, b) and not (_replaces(a, b) or _replaces(b, a)):
+                la, lb = _label(a), _label(b)
+                alike = f"named {la!r}" if la == lb else f"named alike ({lb!r} and {la!r})"
+                raise ConfigurationError(
+                    f"two budgets are {alike}: both could charge the same calls to one key "
+                    "in the quota store; give one a name= of its own"
+                )
     return out
+
+
+def _shape(budget: Budget) -> tuple[str, str | None]:
+    # (the store key, None) of a budget with one key; for a per-value budget, the
+    # (prefix, suffix) around the scope value of each call
+    if not budget.per_value:
+        key = budget.key_for(budget.value)
+        assert key is not None  # a global or single-value budget has one key
+        return key, None
+    if budget.name is not None:
+        return f"{budget.name}:", ""
+    return f"{budget.scope}=", f"/{budget.window_label}"
+
+
+def _label(budget: Budget) -> str:
+    first, suffix = _shape(budget)
+    return first if suffix is None else f"{first}*{suffix}"
+
+
+def _share_keys(a: Budget, b: Budget) -> bool:
+    # True when some call could be charged to the same store key by both
+    (pa, xa), (pb, xb) = _shape(a), _shape(b)
+    if xa is None:
+        return pa == pb if xb is None else _fits(pa, pb, xb)
+    if xb is None:
+        return _fits(pb, pa, xa)
+    # any value may stand between prefix and suffix
+    return (pa.startswith(pb) or pb.startswith(pa)) and (xa.endswith(xb) or xb.endswith(xa))
+
+
+def _fits(key: str, prefix: str, suffix: str) -> bool:
+    # True when a per-value budget gives some value the key ``key``
+    return len(key) > len(prefix + suffix) and key.startswith(prefix) and key.endswith(suffix)
+
+
+def _replaces(one: Budget, every: Budget) -> bool:
+    """
+    True when ``one``, a budget for one value, takes the place of the per-value budget
+    ``every`` for that value: same scope, and ``every`` gives that value ``one``'s key
+    (with the default names: the same window).
+    """
+    return (
+        one.value is not None
+        and every.per_value
+        and one.scope == every.scope
+        and every.key_for(one.value) == one.key_for(one.value)
+    )
 
 
 def _check_rates(rate_limits: object) -> dict[str, RateLimit]:
@@ -161,6 +226,27 @@ def _scope_value(budget: Budget, context: Any, info: ModelInfo) -> str | None:
         return info.id
     value = getattr(context, scope)
     return value if isinstance(value, str) else None
+
+
+def _pushback(hold: Hold) -> float | None:
+    """
+    How far ``hold``'s schedules are pushed back: the provider's wait, capped at
+    ``_MAX_PUSHBACK`` (None: no push back).
+    """
+    pushback = hold.pushback
+    if pushback is None or not pushback > 0 or not hold.rates:
+        return None
+    keys = ", ".join(key for _, key, _ in hold.rates)
+    if pushback > _MAX_PUSHBACK:
+        logger.warning(
+            "the provider asked to wait %g s: pushing back %s for at most %g s",
+            pushback,
+            keys,
+            _MAX_PUSHBACK,
+        )
+        return _MAX_PUSHBACK
+    logger.info("the provider asked to wait %.1f s: pushing back %s", pushback, keys)
+    return pushback
 
 
 class Limiter:
@@ -309,16 +395,25 @@ class Limiter:
     # ------------------------------------------------------------------ planning aids
 
     def estimate(self, info: ModelInfo, input_tokens: int, max_tokens: int) -> float:
-        """The most a call can cost: the prompt estimate plus ``max_tokens`` of output."""
-        return info.cost(input_tokens, max_tokens)
+        """
+        The most a call can cost, what budgets reserve: the prompt's worst case
+        (`WORST_PER_ESTIMATE` times its estimate ``input_tokens``) plus ``max_tokens``
+        of output.
+        """
+        return info.cost(input_tokens * WORST_PER_ESTIMATE, max_tokens)
 
     def covers(self, context: Any, info: ModelInfo) -> list[tuple[Budget, str]]:
-        out = []
+        """
+        The budgets covering a call and the key each charges it to, one per key: a
+        budget for one value takes the place of the per-value budget of its scope and
+        window for that value (the only budgets `_check_budgets` lets share a key).
+        """
+        out: dict[str, Budget] = {}
         for budget in self.budgets:
             key = budget.key_for(_scope_value(budget, context, info))
-            if key is not None:
-                out.append((budget, key))
-        return out
+            if key is not None and (key not in out or budget.value is not None):
+                out[key] = budget
+        return [(budget, key) for key, budget in out.items()]
 
     def _rates_for(self, info: ModelInfo) -> list[tuple[str, RateLimit]]:
         out = []
@@ -364,6 +459,9 @@ class Limiter:
             context: the run's `ExecutionContext` (its workflow, stage, user).
             info: the model called.
             input_tokens, max_tokens: the prompt's estimate and the output asked for.
+                The estimate is a quarter of the prompt's worst case (the executor's:
+                a token per UTF-8 byte of its text, plus framing and images): budgets
+                reserve the worst case (`estimate`), rate limits count the estimate.
             time_left: seconds left of the run's deadline (None: no deadline).
 
         Returns:
@@ -481,15 +579,7 @@ class Limiter:
                         key,
                         held / 1e9,
                     )
-            pushback = hold.pushback
-            if pushback is not None and pushback > 0 and hold.rates:
-                logger.info(
-                    "the provider asked to wait %.1f s: pushing back %s",
-                    pushback,
-                    ", ".join(key for _, key, _ in hold.rates),
-                )
-            else:
-                pushback = None
+            pushback = _pushback(hold)
             for store, key, interval in hold.rates:
                 if pushback is not None:
                     # calls ending together all carry the same reset: the schedule is

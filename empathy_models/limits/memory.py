@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from ..abc import TransactionalQuotaStore
 from ..exceptions import ConfigurationError
+from .values import WINDOW_RETENTION
 
 __all__ = ["MemoryQuotaStore"]
 
@@ -21,7 +23,9 @@ class MemoryQuotaStore(TransactionalQuotaStore):
     so it is atomic within the event loop.
 
     Not shared between processes (``shared`` is false): every process that uses one has
-    budgets and rate limits of its own.
+    budgets and rate limits of its own.  A budget's window is dropped a week
+    (`WINDOW_RETENTION`) after it ended, as the Redis store expires it; the time is
+    the newest window start written (the callers' clock), checked once an hour of it.
 
     Args:
         clock: UTC epoch seconds (default `time.time`); times the rate limits.
@@ -32,6 +36,7 @@ class MemoryQuotaStore(TransactionalQuotaStore):
             raise ConfigurationError(f"clock must be callable, got {clock!r}")
         self._clock = clock
         self._data: dict[str, dict[str, Any]] = {}
+        self._sweep_at = -math.inf  # the window start from which ended windows are dropped
 
     def __repr__(self) -> str:
         return f"MemoryQuotaStore(keys={len(self._data)})"
@@ -42,7 +47,17 @@ class MemoryQuotaStore(TransactionalQuotaStore):
         new, result = fn(self._data.get(key), self._clock())
         if new is not None:
             self._data[key] = new
+            if key.startswith("b|") and new["window_start"] >= self._sweep_at:
+                self._sweep(new["window_start"])
         return result
+
+    def _sweep(self, newest: float) -> None:
+        # drop the budget windows that ended a week before ``newest``, a window's start
+        cutoff = newest - WINDOW_RETENTION
+        data = self._data
+        for key in [k for k, v in data.items() if k[:2] == "b|" and v["window_end"] < cutoff]:
+            del data[key]
+        self._sweep_at = newest + 3600.0
 
     async def _load(self, key: str) -> dict[str, Any] | None:
         data = self._data.get(key)

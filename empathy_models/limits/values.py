@@ -21,8 +21,11 @@ from .._validators import failure, integer, number
 from ..exceptions import ConfigurationError
 
 __all__ = [
+    "MAX_WINDOW",
     "NANO",
     "SCOPES",
+    "WINDOW_RETENTION",
+    "WORST_PER_ESTIMATE",
     "Budget",
     "BudgetGrant",
     "BudgetUsage",
@@ -33,6 +36,14 @@ __all__ = [
 
 NANO: Final = 1_000_000_000
 """Nano-dollars per dollar: stores count money in integers of 1e-9 USD."""
+
+WORST_PER_ESTIMATE: Final = 4
+"""
+How many times the executor's estimate of a prompt's tokens its worst case is: the
+estimate is a quarter of the worst case (a token per UTF-8 byte of its text, framing
+and images; see `Limiter.admit`), about what providers count for English.  Budgets
+reserve the worst case, rate limits count the estimate.
+"""
 
 Scope = Literal["global", "workflow", "stage", "user_id", "provider", "model"]
 SCOPES: Final[tuple[str, ...]] = ("global", "workflow", "stage", "user_id", "provider", "model")
@@ -51,6 +62,14 @@ def _scope(value: object) -> str:
     return value
 
 
+MAX_WINDOW: Final = 36_525 * 86_400.0
+"""The longest window of a `Budget` in seconds: 100 years (a budget that never resets)."""
+
+
+WINDOW_RETENTION: Final = 7 * 86_400.0
+"""How long a quota store keeps a budget's window after it ended: a week."""
+
+
 def _window(value: object) -> str | float:
     if isinstance(value, str):
         low = value.strip().lower()
@@ -60,11 +79,12 @@ def _window(value: object) -> str | float:
         not isinstance(value, bool)
         and isinstance(value, int | float)
         and math.isfinite(value)
-        and value >= 1
+        and 1 <= value <= MAX_WINDOW
     ):
         return float(value)
     raise ConfigurationError(
-        f"Budget.window must be 'hour', 'day', 'month' or a number of seconds >= 1, got {value!r}"
+        "Budget.window must be 'hour', 'day', 'month' or a number of seconds from 1 to "
+        f"{MAX_WINDOW:.0f} (100 years: for a budget that never resets), got {value!r}"
     )
 
 
@@ -100,10 +120,15 @@ class Budget:
             ``"stage"``, ``"user_id"``, ``"provider"``, ``"model"``.
         value: with a scope other than global, the one workflow (stage, user, ...) it
             covers; ``None`` gives every value its own budget of ``limit_usd`` (a call
-            whose ``user_id`` is ``None`` is not covered by a per-user budget).
+            whose ``user_id`` is ``None`` is not covered by a per-user budget).  A budget
+            for one value takes the place of the per-value budget of the same scope and
+            window for that value (both keep its spend under one key): with
+            ``Budget(limit_usd=2, scope="user_id")`` and ``Budget(limit_usd=10,
+            scope="user_id", value="alice")`` alice may spend $10 a day, every other
+            user $2.
         window: ``"hour"``, ``"day"`` or ``"month"`` (calendar windows in UTC: a daily
-            budget resets at midnight UTC), or a number of seconds (windows aligned on
-            multiples of it since the epoch).
+            budget resets at midnight UTC), or a number of seconds from 1 to
+            `MAX_WINDOW` (100 years; windows aligned on multiples of it since the epoch).
         name: how the budget is called in errors, the store and the CLI (default:
             ``"global/day"``, ``"workflow=docs/day"``; a per-value budget adds the value
             of each call: ``"user_id=alice/day"``).
