@@ -187,7 +187,12 @@ def _exploration_kind(instance: Any, attribute: attrs.Attribute[Any], value: obj
 
 def _to_utc(value: datetime) -> datetime:
     if isinstance(value, datetime) and value.tzinfo is not None and value.utcoffset() is not None:
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01 00:00 at UTC+1: before the year 1 in UTC
+            raise RecordValidationError(
+                f"{value.isoformat()} is outside the datetimes UTC can hold (years 1-9999)"
+            ) from None
     return value
 
 

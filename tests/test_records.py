@@ -80,6 +80,18 @@ def test_an_aware_timestamp_is_normalized_to_utc() -> None:
     assert rec.timestamp == T0
 
 
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1))),
+        datetime(9999, 12, 31, 23, 30, tzinfo=timezone(timedelta(hours=-1))),
+    ],
+)
+def test_an_aware_timestamp_that_utc_cannot_hold_is_a_validation_error(when: datetime) -> None:
+    with pytest.raises(RecordValidationError, match="outside the datetimes UTC can hold"):
+        call(timestamp=when)
+
+
 def test_the_default_timestamp_is_now_in_utc() -> None:
     before = datetime.now(UTC)
     rec = call()
