@@ -230,6 +230,31 @@ async def test_an_error_event_before_the_first_delta_is_retried(
     assert [r.error_type for r in records[:3]] == ["OverloadedError"] * 3
 
 
+@pytest.mark.parametrize("status", [401, 402, 403])
+async def test_an_account_error_before_the_first_delta_falls_back_at_once_and_forces_open(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, status: int
+) -> None:
+    """As in `run`: no retry, the next route at once, the provider's circuit forced open."""
+    server.script("claude-fake-haiku", [status])
+    sleep = RecordingSleep()
+    async with (
+        CircuitBreaker() as breaker,
+        make(server, telemetry, sleep=sleep, breaker=breaker) as executor,
+    ):
+        async with executor.stream("hi", CHEAP) as stream:
+            response = await stream.get_final_response()
+        provider_status = await breaker.get_status("anthropic")
+    assert response.model == "gpt-fake-mini"
+    assert sleep.delays == []
+    failed = (await records_of(telemetry))[0]
+    assert (failed.error_type, failed.status_code, failed.outcome) == (
+        "AuthenticationError",
+        status,
+        Outcome.FATAL,
+    )
+    assert provider_status.state is CircuitState.FORCED_OPEN
+
+
 async def test_a_streams_failures_retries_and_fallbacks_are_logged_as_runs_are(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -58,6 +58,7 @@ from ..exceptions import (
     InvalidResponseError,
     MissingAPIKeyError,
     NotOpenError,
+    ProviderError,
 )
 from ._sse import StreamDecoder
 from ._wire import (
@@ -504,17 +505,32 @@ class HTTPProvider(Provider):
             body = b""  # this frame is in the error's traceback: let the body go
             raise
         try:
-            completion = self._parse(reader, data, request, response_headers)
+            completion = self._parse_checked(reader, data, request, response_headers)
         except InvalidResponseError:
             body, data = b"", {}
             raise
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            body, data = b"", {}
-            raise reader.error(f"{type(exc).__name__}: {exc}") from exc
         exhausted = parse_ratelimit_reset(response_headers)
         if exhausted is not None:
             completion = attrs.evolve(completion, rate_limit_reset=exhausted)
         return completion
+
+    def _parse_checked(
+        self,
+        reader: ResponseReader,
+        data: dict[str, Any],
+        request: CompletionRequest,
+        headers: Mapping[str, str],
+    ) -> Completion:
+        """
+        `_parse`, with a slip the subclass's reading did not foresee (a ``KeyError``, a
+        ``TypeError`` of an odd value, nesting too deep) raised as `InvalidResponseError`.
+        """
+        try:
+            return self._parse(reader, data, request, headers)
+        except ProviderError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            raise reader.error(f"{type(exc).__name__}: {exc}") from exc
 
     def _missing_key(self, model: str) -> MissingAPIKeyError:
         """
