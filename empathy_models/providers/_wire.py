@@ -37,6 +37,7 @@ __all__ = [
     "ResponseReader",
     "error_from_response",
     "error_from_transport",
+    "json_text",
     "parse_ratelimit_reset",
     "parse_retry_after",
 ]
@@ -333,6 +334,14 @@ def _without_request(exc: BaseException) -> BaseException:
 # one compact encoder for every request: json.dumps(..., separators=...) builds a new
 # JSONEncoder per call (about half the cost of encoding a small body)
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
+
+
+def json_text(value: Any) -> str:
+    """``value`` (parsed from a response) written back as JSON text, however deep."""
+    try:
+        return json.dumps(value)
+    except RecursionError:  # parsed, yet too deep for the encoder at this stack depth
+        return "<JSON nested too deeply to show>"
 
 
 class ResponseReader:
