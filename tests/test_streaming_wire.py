@@ -594,3 +594,34 @@ async def test_an_error_status_maps_alike_whether_streamed_or_not(
             )
     finally:
         await runner.cleanup()
+
+
+async def test_a_key_echoed_in_a_malformed_event_is_scrubbed_before_the_quote_is_cut() -> None:
+    secret = "0f3c9a7be21d4c58a6e9b0d7c4f1e2a3b5c6d7e8"  # Azure-like: not shaped like sk-...
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        # not JSON, and the key straddles the 40 characters the error quotes
+        await response.write(b"data: {" + request.headers["api-key"].encode() + b"\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        provider = OpenAIProvider(base_url=f"http://{host}:{port}/v1", headers={"api-key": secret})
+        async with provider:
+            with pytest.raises(InvalidResponseError, match="not JSON") as caught:
+                stream = await provider.stream(request("m"))
+                await stream.__anext__()
+    finally:
+        await runner.cleanup()
+    message = str(caught.value)
+    assert "'{***'" in message
+    assert not any(secret[i : i + 8] in message for i in range(len(secret) - 7))

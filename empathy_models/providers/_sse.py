@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Final, TypeGuard
 
 from ..content import ToolCallDelta
 from ..exceptions import InvalidResponseError, ProviderError
-from ._wire import _scrub, error_from_response, json_text
+from ._wire import _quote, _scrub, error_from_response, json_text
 
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
@@ -443,7 +443,8 @@ class StreamDecoder:
             try:
                 value = json.loads(data)
             except (ValueError, RecursionError):
-                raise self._invalid(f"an event's data is not JSON (starts {data[:40]!r})") from None
+                shown = _quote(data, 40, self._secret)
+                raise self._invalid(f"an event's data is not JSON (starts {shown!r})") from None
         if not isinstance(value, dict):
             raise self._invalid(f"an event's data is a {type(value).__name__}, not an object")
         return value

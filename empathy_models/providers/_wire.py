@@ -87,11 +87,20 @@ def _scrub(text: str, secret: _Secret | None) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
+def _reach(length: int, secret: _Secret | None) -> int:
+    """How much of a text to scrub so that its first ``length`` characters are clean."""
+    return length + (len(secret.reveal()) if secret is not None else 0) + 200
+
+
+def _quote(text: str, length: int, secret: _Secret | None) -> str:
+    """The first ``length`` characters of ``text``, scrubbed of keys (before cutting)."""
+    # scrub before cutting: a key that straddles the cut would escape the scrub
+    return _scrub(text[: _reach(length, secret)], secret)[:length].strip()
+
+
 def _snippet(body: bytes, length: int, secret: _Secret | None) -> str:
     """The first ``length`` characters of ``body``, scrubbed of keys (before cutting)."""
-    # scrub before cutting: a key that straddles the cut would escape the scrub
-    reach = length + (len(secret.reveal()) if secret is not None else 0) + 200
-    return _scrub(body[:reach].decode("utf-8", "replace"), secret)[:length].strip()
+    return _quote(body[: _reach(length, secret)].decode("utf-8", "replace"), length, secret)
 
 
 # --------------------------------------------------------------------------- the mapping
