@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Final, TypeGuard
 
 from ..content import ToolCallDelta
 from ..exceptions import InvalidResponseError, ProviderError
-from ._wire import _quote, _scrub, error_from_response, json_text
+from ._wire import _quote, _scrub, _Secrets, error_from_response, json_text
 
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
@@ -268,10 +268,10 @@ class StreamDecoder:
         provider: str,
         model: str,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-        secret: Any = None,
+        secret: _Secrets | None = None,
     ) -> None:
         self._sse = SSEDecoder(max_event_bytes=max_event_bytes, provider=provider, model=model)
-        self._secret = secret  # the provider's key wrapper: scrubbed from every message
+        self._secret = secret  # the provider's secrets: scrubbed from every message
         self._provider = provider
         self._model = model
         self.input_tokens: int | None = None

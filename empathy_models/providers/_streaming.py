@@ -138,14 +138,15 @@ async def open_http_stream(
     except TimeoutError as exc:
         raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise error_from_transport(exc, provider=name, model=model) from None
+        raise error_from_transport(
+            exc, provider=name, model=model, secret=provider._redacted
+        ) from None
     try:
         status = response.status
         if not 200 <= status < 300 or response.content_type == "application/json":
             # an error, or a server that ignored "stream": true and sent a whole body
             return await _whole_answer(provider, response, request)
-        secret = provider._secret if provider._secret is not None else provider._header_secret
-        decoder = decoder_class(provider=name, model=model, secret=secret)
+        decoder = decoder_class(provider=name, model=model, secret=provider._redacted)
         return HTTPCompletionStream(
             response,
             decoder,
@@ -166,7 +167,9 @@ async def open_http_stream(
         raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
     except (aiohttp.ClientError, OSError) as exc:
         response.close()
-        raise error_from_transport(exc, provider=name, model=model) from None
+        raise error_from_transport(
+            exc, provider=name, model=model, secret=provider._redacted
+        ) from None
     except BaseException:
         response.close()
         raise
@@ -179,8 +182,7 @@ async def _whole_answer(
     The answer to a streamed request that came as a whole body: an error status raises
     `error_from_response`'s error, a 2xx JSON body is served as its pieces.
     """
-    status, model = response.status, request.model
-    secret = provider._secret if provider._secret is not None else provider._header_secret
+    status, model, secret = response.status, request.model, provider._redacted
     body = await provider._read_bounded(response, response.content_length, model, status)
     response.release()
     if not 200 <= status < 300:
@@ -305,7 +307,10 @@ class HTTPCompletionStream(CompletionStream):
                         )
                     else:
                         error = error_from_transport(
-                            exc, provider=self._provider, model=self._model
+                            exc,
+                            provider=self._provider,
+                            model=self._model,
+                            secret=self._decoder._secret,
                         )
                     self._fail(error)
                     raise error from None
