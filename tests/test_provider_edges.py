@@ -411,6 +411,51 @@ async def test_odd_values_in_stream_events_are_provider_errors(raw: RawServer, c
                 pass
 
 
+def _anthropic_usage(count: int, streamed: bool) -> bytes:
+    usage = f'{{"input_tokens":{count},"output_tokens":1}}'
+    if not streamed:
+        return anthropic_ok().replace(b'{"input_tokens": 3, "output_tokens": 1}', usage.encode())
+    text = '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}'
+    return _sse(
+        ("message_start", '{"type":"message_start","message":{"id":"m","usage":' + usage + "}}"),
+        ("content_block_delta", text),
+        ("message_stop", '{"type":"message_stop"}'),
+    )
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("count", [2**63, 10**400], ids=["2**63", "10**400"])
+async def test_a_usage_count_no_record_can_hold_is_a_malformed_answer(
+    raw: RawServer, count: int, streamed: bool
+) -> None:
+    headers = {"Content-Type": "text/event-stream"} if streamed else {}
+    raw.reply = Reply(
+        headers=headers, body=_anthropic_usage(count, streamed), stream_chunks=int(streamed)
+    )
+    async with AnthropicProvider(api_key=KEY, base_url=raw.url) as provider:
+        with pytest.raises(InvalidResponseError, match=r"input_tokens must be < 2\*\*63, got a"):
+            if streamed:
+                stream = await provider.stream(REQUEST)
+                await stream.__anext__()
+            else:
+                await provider.complete(REQUEST)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+async def test_the_largest_count_a_record_holds_is_read(raw: RawServer, streamed: bool) -> None:
+    headers = {"Content-Type": "text/event-stream"} if streamed else {}
+    body = _anthropic_usage(2**63 - 1, streamed)
+    raw.reply = Reply(headers=headers, body=body, stream_chunks=int(streamed))
+    async with AnthropicProvider(api_key=KEY, base_url=raw.url) as provider:
+        if streamed:
+            stream = await provider.stream(REQUEST)
+            _ = [piece async for piece in stream]
+            completion = stream.completion()
+        else:
+            completion = await provider.complete(REQUEST)
+    assert completion.input_tokens == 2**63 - 1
+
+
 # --------------------------------------------------------------------------- item 9
 
 

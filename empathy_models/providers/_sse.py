@@ -28,7 +28,15 @@ from typing import Any, ClassVar, Final, TypeGuard
 
 from ..content import ToolCallDelta
 from ..exceptions import InvalidResponseError, ProviderError
-from ._wire import _quote, _scrub, _Secrets, error_from_response, json_text
+from ._wire import (
+    MAX_TOKEN_COUNT,
+    _quote,
+    _scrub,
+    _Secrets,
+    error_from_response,
+    json_text,
+    shown_count,
+)
 
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
@@ -491,8 +499,13 @@ class StreamDecoder:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            shown = repr(value) if _scalar(value) else f"a JSON {type(value).__name__}"
+            if _index(value):
+                shown = shown_count(value)
+            else:
+                shown = repr(value) if _scalar(value) else f"a JSON {type(value).__name__}"
             raise self._invalid(f"usage.{key} must be an integer >= 0, got {shown}")
+        if value > MAX_TOKEN_COUNT:  # no real count: what a record cannot hold
+            raise self._invalid(f"usage.{key} must be < 2**63, got {shown_count(value)}")
         return value
 
     @property

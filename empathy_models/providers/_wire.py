@@ -34,15 +34,19 @@ from ..exceptions import (
 )
 
 __all__ = [
+    "MAX_TOKEN_COUNT",
     "ResponseReader",
     "error_from_response",
     "error_from_transport",
     "json_text",
+    "shown_count",
     "parse_ratelimit_reset",
     "parse_retry_after",
 ]
 
 _MAX_MESSAGE: Final = 300
+MAX_TOKEN_COUNT: Final = 2**63 - 1
+"""The largest usage count read: what an `LLMCallRecord` holds (no real count is larger)."""
 _KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
 _CONTEXT_MARKERS: Final = (
     "context_length_exceeded",
@@ -370,6 +374,13 @@ def _without_request(exc: BaseException) -> BaseException:
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 
 
+def shown_count(value: int) -> str:
+    """``value`` as a message shows it: an absurd integer by its size, not its digits."""
+    if -MAX_TOKEN_COUNT <= value <= MAX_TOKEN_COUNT:
+        return str(value)
+    return f"a {value.bit_length()}-bit integer"
+
+
 def json_text(value: Any) -> str:
     """``value`` (parsed from a response) written back as JSON text, however deep."""
     try:
@@ -451,9 +462,12 @@ class ResponseReader:
         return value if isinstance(value, str) else None
 
     def tokens(self, data: Mapping[str, Any], key: str, path: str) -> int:
+        """A usage count: an integer >= 0 and at most `MAX_TOKEN_COUNT`, else it fails."""
         value = self.get(data, key, int, path)
         if value < 0:
-            self.fail(f"{path}.{key} must be >= 0, got {value}")
+            self.fail(f"{path}.{key} must be >= 0, got {shown_count(value)}")
+        if value > MAX_TOKEN_COUNT:
+            self.fail(f"{path}.{key} must be < 2**63, got {shown_count(value)}")
         return int(value)
 
 
