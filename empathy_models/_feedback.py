@@ -3,7 +3,9 @@ What the executor learns from each provider call: the `LLMCallRecord` it builds,
 breaker's report, the router's outcome and the telemetry write (`_Feedback.give`: a
 failure of any of them is logged and counted, never raised into the request), per kind
 of attempt end (`rejected`, `failed`, `cancelled`, `succeeded` then `answered`), and the
-`AttemptSummary` / `LLMResponse` values a run returns.
+`AttemptSummary` / `LLMResponse` values a run returns.  A record always gets built: a
+reported token count it cannot hold (not an int from 0 to 2**63 - 1) counts as 0, and
+the cost is finite.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from ._values import AttemptSummary, LLMResponse, _new_response, _new_summary
 from .abc import Completion, TelemetryBackend
 from .breaker import provider_outcome
 from .outcomes import classify_error, retry_after_of
-from .records import CircuitState, LLMCallRecord, Outcome, Ticket, _trusted_call_record
+from .records import (
+    _INT_LIMIT,
+    CircuitState,
+    LLMCallRecord,
+    Outcome,
+    Ticket,
+    _trusted_call_record,
+)
 from .registry import ModelInfo, ModelRegistry
 
 if TYPE_CHECKING:
@@ -37,6 +46,48 @@ __all__: list[str] = []
 logger = logging.getLogger("empathy_models.executor")
 
 _ERROR_MESSAGE_LIMIT = 300
+
+
+def _is_count(value: object) -> bool:
+    """Whether ``value`` can be a token count: an int from 0 to 2**63 - 1 (what records hold)."""
+    return type(value) is int and 0 <= value < _INT_LIMIT
+
+
+def _shown(value: object) -> str:
+    """A reported count as the log shows it: an absurd integer by its size, else its type."""
+    if type(value) is int:
+        return str(value) if abs(value) < _INT_LIMIT else f"a {value.bit_length()}-bit integer"
+    return f"a {type(value).__name__}"
+
+
+def _usage(info: ModelInfo, completion: Completion, *, quiet: bool = False) -> tuple[int, int]:
+    """
+    ``completion``'s token counts as its record and response hold them: one that is no
+    count (see `_is_count`) is 0, the usage unknown, and logged unless ``quiet``.  The
+    HTTP providers refuse such an answer as malformed; another `Provider` may still hand
+    one back, and its call must keep its record.
+    """
+    given = (completion.input_tokens, completion.output_tokens)
+    if not quiet:
+        logger.warning(
+            "%s/%s reported token counts a record cannot hold (input %s, output %s); "
+            "any that is not an integer from 0 to 2**63 - 1 is recorded as 0",
+            info.provider,
+            info.id,
+            _shown(given[0]),
+            _shown(given[1]),
+        )
+    return (given[0] if _is_count(given[0]) else 0, given[1] if _is_count(given[1]) else 0)
+
+
+def _spent(info: ModelInfo, completion: Completion | None) -> tuple[int, int, float]:
+    """The input and output tokens and the cost (finite) a call's record says it spent."""
+    if completion is None:
+        return 0, 0, 0.0
+    input_tokens, output_tokens = completion.input_tokens, completion.output_tokens
+    if not (_is_count(input_tokens) and _is_count(output_tokens)):
+        input_tokens, output_tokens = _usage(info, completion)
+    return input_tokens, output_tokens, info.cost(input_tokens, output_tokens)
 
 
 class _Feedback:
@@ -287,9 +338,7 @@ class _Feedback:
         circuit_state: CircuitState | None = None,
     ) -> LLMCallRecord:
         ctx = run.context
-        input_tokens = completion.input_tokens if completion is not None else 0
-        output_tokens = completion.output_tokens if completion is not None else 0
-        cost = info.cost(input_tokens, output_tokens) if completion is not None else 0.0
+        input_tokens, output_tokens, cost = _spent(info, completion)
         message = None if exc is None else (str(exc)[:_ERROR_MESSAGE_LIMIT] or None)
         if circuit_state is None and ticket is not None and ticket.lease_id is not None:
             circuit_state = CircuitState.HALF_OPEN
@@ -366,13 +415,16 @@ class _Feedback:
         parsed, parse_error = (
             (None, None) if not run.options else structured_result(completion, run.options)
         )
+        input_tokens, output_tokens = completion.input_tokens, completion.output_tokens
+        if not (_is_count(input_tokens) and _is_count(output_tokens)):
+            input_tokens, output_tokens = _usage(info, completion, quiet=True)  # as recorded
         return _new_response(
             content=completion.content,
             model=info.id,
             provider=info.provider,
             tier=info.tier,
-            input_tokens=completion.input_tokens,
-            output_tokens=completion.output_tokens,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
             cost_usd=cost,
             latency_ms=max(0.0, (self._clock() - start) * 1000.0),
             attempts=tuple(run.attempts),

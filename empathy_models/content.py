@@ -20,8 +20,8 @@ one provider can continue on another.
 
 `Tool` describes a function the model may call (``parameters`` is a JSON Schema
 object); `ResponseFormat` asks for JSON matching a schema.  Everything here is
-immutable and validated on construction: bad input raises `RecordValidationError`
-naming the field.
+immutable and validated on construction: bad input (JSON nested more than 100 levels
+deep included) raises `RecordValidationError` naming the field.
 """
 
 from __future__ import annotations
@@ -74,23 +74,39 @@ _opt_str = optional_str(_type_fail)
 _bool = instance_of(_field_fail, bool, why="must be True or False")
 
 
-def _json_copy(value: object, path: str) -> Any:
-    """A deep copy of a JSON value as plain dicts and lists (anything else is refused)."""
+_MAX_NESTING: Final = 100
+"""
+How deeply objects and arrays may nest in a JSON value here (tool arguments, schemas,
+``extra_body``): far beyond any real one, and shallow enough that copying, encoding
+and comparing it never reaches Python's recursion limit.
+"""
+
+
+def _json_copy(value: object, path: str, depth: int = 1, root: str | None = None) -> Any:
+    """
+    A deep copy of a JSON value as plain dicts and lists (anything else is refused, as
+    is nesting deeper than `_MAX_NESTING`, a cycle included: that error names ``root``,
+    the value's own path, not the deepest one).
+    """
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, int | float):
         if isinstance(value, float) and not math.isfinite(value):
             raise _fail(f"{path} must be JSON: {value!r} is not a finite number", path)
         return value
+    if root is None:
+        root = path
+    if depth > _MAX_NESTING and isinstance(value, Mapping | list | tuple):
+        raise _fail(f"{root} must be JSON nested at most {_MAX_NESTING} levels deep", root)
     if isinstance(value, Mapping):
         copied: dict[str, Any] = {}
         for key, item in value.items():
             if not isinstance(key, str):
                 raise _fail(f"{path} must be JSON: key {key!r} is not a string", path)
-            copied[key] = _json_copy(item, f"{path}.{key}")
+            copied[key] = _json_copy(item, f"{path}.{key}", depth + 1, root)
         return copied
     if isinstance(value, list | tuple):
-        return [_json_copy(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return [_json_copy(item, f"{path}[{i}]", depth + 1, root) for i, item in enumerate(value)]
     raise _fail(f"{path} must be JSON, got {type(value).__name__}", path)
 
 

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import sys
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
@@ -44,7 +46,7 @@ from attrs import field, frozen
 
 from ._validators import check, failure, integer, number, text
 from .exceptions import ConfigurationError, ModelNotFoundError, RecordValidationError
-from .records import ModelTier
+from .records import _INT_LIMIT, ModelTier
 
 __all__ = ["CAPABILITIES", "ModelInfo", "ModelRegistry"]
 
@@ -120,7 +122,13 @@ def _to_tier(value: object) -> ModelTier:
     )
 
 
-_tokens = integer(failure(ValueError), low=0, why="must be an integer >= 0")
+_tokens = integer(
+    failure(ValueError),
+    low=0,
+    high=_INT_LIMIT - 1,  # what a record holds: no real count is larger
+    why="must be an integer >= 0",
+    high_why="must be < 2**63",
+)
 
 
 def _check_tokens(name: str, value: object) -> int:
@@ -164,23 +172,25 @@ class ModelInfo:
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         """
-        The list-price cost in USD of a call that used these tokens.
+        The list-price cost in USD of a call that used these tokens: always finite (at
+        most the largest float, which counts near 2**63 at an absurd price would pass).
 
         Raises:
-            ValueError: a token count is negative or not an integer.
+            ValueError: a token count is negative, 2**63 or more, or not an integer.
         """
-        # plain non-negative ints (every call's record) pass without the validators' calls
+        # plain ints in range (every call's record) pass without the validators' calls
         if not (
             type(input_tokens) is int
             and type(output_tokens) is int
-            and input_tokens >= 0
-            and output_tokens >= 0
+            and 0 <= input_tokens < _INT_LIMIT
+            and 0 <= output_tokens < _INT_LIMIT
         ):
             _check_tokens("input_tokens", input_tokens)
             _check_tokens("output_tokens", output_tokens)
-        return (
+        cost = (
             input_tokens * self.input_price_per_mtok + output_tokens * self.output_price_per_mtok
         ) / 1_000_000
+        return cost if cost < math.inf else sys.float_info.max
 
     @property
     def price_per_mtok(self) -> float:

@@ -68,7 +68,7 @@ from .exceptions import (
 )
 from .limits.guard import Hold
 from .outcomes import classify_error, retry_after_of
-from .records import Outcome, Ticket
+from .records import LLMCallRecord, Outcome, Ticket
 
 if TYPE_CHECKING:
     import asyncio
@@ -404,39 +404,20 @@ class LLMStream:
         run = self._run
         info = self._info
         assert info is not None
-        latency_ms = (ex._clock() - self._t0) * 1000.0
-        record = ex._fb.record(
-            run,
-            info,
-            outcome,
-            attempt=self._attempt,
-            latency_ms=latency_ms,
-            ticket=self._ticket,
-            exc=error,
-            completion=completion,
-        )
-        run.attempts.append(ex._fb.summary(record, error))
-        scope = (
-            None
-            if self._scope_ticket is None
-            else (self._scope_ticket, scope_outcome if scope_outcome is not None else outcome)
-        )
-        try:
-            if error is None and outcome is Outcome.SUCCESS and breaker_outcome is None:
-                # as `run` gives a success: shielded only where a probe lease rides on it
-                await ex._fb.answered(record, self._ticket, self._scope_ticket)
-            else:
-                with anyio.CancelScope(shield=True):  # the record survives a cancel
-                    await ex._fb.give(
-                        record,
-                        self._ticket,
-                        None if error is None else retry_after_of(error),
-                        None
-                        if error is None
-                        else ("cancelled" if outcome is Outcome.CANCELLED else _describe(error)),
-                        breaker_outcome,
-                        scope,
-                    )
+        record: LLMCallRecord | None = None
+        try:  # whatever fails from here on, the slot and the hold are given back
+            record = ex._fb.record(
+                run,
+                info,
+                outcome,
+                attempt=self._attempt,
+                latency_ms=(ex._clock() - self._t0) * 1000.0,
+                ticket=self._ticket,
+                exc=error,
+                completion=completion,
+            )
+            run.attempts.append(ex._fb.summary(record, error))
+            await self._give(record, outcome, error, breaker_outcome, scope_outcome)
             obs = ex._obs
             if obs is not None and self._trace is not None:
                 obs.attempt_ended(
@@ -449,8 +430,9 @@ class LLMStream:
             self._release()
             hold, self._hold = self._hold, None
             if hold is not None:
-                hold.cost_usd = record.cost_usd
-                hold.tokens = record.input_tokens + record.output_tokens
+                if record is not None:
+                    hold.cost_usd = record.cost_usd
+                    hold.tokens = record.input_tokens + record.output_tokens
                 # the provider says a limit is exhausted: every worker waits it out
                 hold.pushback = completion.rate_limit_reset
                 assert ex._limiter is not None
@@ -462,6 +444,37 @@ class LLMStream:
         return ex._fb.response(
             run, info, completion, self._start, record.cost_usd, ttft_ms=self._run_ttft
         )
+
+    async def _give(
+        self,
+        record: LLMCallRecord,
+        outcome: Outcome,
+        error: BaseException | None,
+        breaker_outcome: Outcome | None,
+        scope_outcome: Outcome | None,
+    ) -> None:
+        """The record to the breaker, the router and telemetry (`_Feedback.give`)."""
+        fb = self._ex._fb
+        if error is None and outcome is Outcome.SUCCESS and breaker_outcome is None:
+            # as `run` gives a success: shielded only where a probe lease rides on it
+            await fb.answered(record, self._ticket, self._scope_ticket)
+            return
+        scope = (
+            None
+            if self._scope_ticket is None
+            else (self._scope_ticket, scope_outcome if scope_outcome is not None else outcome)
+        )
+        with anyio.CancelScope(shield=True):  # the record survives a cancel
+            await fb.give(
+                record,
+                self._ticket,
+                None if error is None else retry_after_of(error),
+                None
+                if error is None
+                else ("cancelled" if outcome is Outcome.CANCELLED else _describe(error)),
+                breaker_outcome,
+                scope,
+            )
 
     async def _finish(self) -> None:
         self._state = "done"

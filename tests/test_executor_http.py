@@ -8,7 +8,10 @@ time to pass except the one deadline test (a 0.2 s budget against a hanging serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
+import sys
 import warnings
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +20,7 @@ import anyio
 import anyio.lowlevel
 import attrs
 import pytest
+from aiohttp import web
 
 from empathy_models import (
     AdaptiveModelRouter,
@@ -34,6 +38,7 @@ from empathy_models import (
     Outcome,
     RetryPolicy,
     RoutingPolicy,
+    StreamInterruptedError,
     TelemetryDisabledWarning,
 )
 from empathy_models.backends import MemoryTelemetryBackend
@@ -41,6 +46,7 @@ from empathy_models.breaker import CircuitBreaker
 from empathy_models.exceptions import (
     ContextWindowExceededError,
     InvalidRequestError,
+    InvalidResponseError,
     ProviderTimeoutError,
     ServerError,
 )
@@ -634,3 +640,104 @@ async def test_a_404_still_forces_open_a_per_model_key(
         await executor.run("hello", CHEAP)
         status = await breaker.get_status(breaker.key_for("anthropic", "claude-fake-haiku"))
     assert status.state is CircuitState.FORCED_OPEN
+
+
+# --------------------------------------------------------------------------- absurd usage
+
+
+@contextlib.asynccontextmanager
+async def usage_server(prompt_tokens: int) -> AsyncIterator[tuple[str, list[int]]]:
+    """An OpenAI-format server reporting ``prompt_tokens``; yields its URL and a hit count."""
+    hits = [0]
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        hits[0] += 1
+        body = await request.json()
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 1}
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "id": "x",
+                    "choices": [
+                        {"index": 0, "message": {"content": "hi"}, "finish_reason": "stop"}
+                    ],
+                    "usage": usage,
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in (
+            {"choices": [{"index": 0, "delta": {"content": "hi"}}]},
+            {"choices": [], "usage": usage},
+        ):
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1", hits
+    finally:
+        await runner.cleanup()
+
+
+async def test_an_absurd_usage_count_is_a_malformed_answer_with_its_record(
+    telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """10**400 prompt tokens: every attempt fails as malformed, is recorded, frees its slot."""
+    context = ExecutionContext(model="gpt-fake-mini")
+    async with (
+        usage_server(10**400) as (url, hits),
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=url)],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            sleep=sleep,
+            concurrency_per_provider=1,
+        ) as executor,
+    ):
+        with anyio.fail_after(30):  # a slot kept by a failed attempt would hang the next
+            with pytest.raises(AllRoutesFailedError) as ran:
+                await executor.run("hello", context)
+            with pytest.raises(StreamInterruptedError) as streamed:
+                async with executor.stream("hello", context) as stream:
+                    await stream.get_final_response()
+            with pytest.raises(AllRoutesFailedError):
+                await executor.run("hello", context)
+    assert all(isinstance(e, InvalidResponseError) for e in ran.value.exceptions)
+    assert isinstance(streamed.value.error, InvalidResponseError)
+    assert "prompt_tokens must be < 2**63" in str(streamed.value.error)
+    assert len(await records_of(telemetry)) == hits[0]
+
+
+async def test_the_cost_of_a_call_stays_finite_at_an_absurd_price(
+    telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    absurd = ModelInfo(
+        id="gpt-fake-mini",
+        provider="openai",
+        tier="cheap",
+        input_price_per_mtok=1e300,
+        output_price_per_mtok=1e300,
+        context_window=128_000,
+        max_output_tokens=16384,
+    )
+    async with (
+        usage_server(2**63 - 1) as (url, _),
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=url)],
+            registry=ModelRegistry(models=[absurd], price_version="absurd"),
+            telemetry_store=telemetry,
+            sleep=sleep,
+        ) as executor,
+    ):
+        response = await executor.run("hello", ExecutionContext(model="gpt-fake-mini"))
+    [record] = await records_of(telemetry)
+    assert response.input_tokens == record.input_tokens == 2**63 - 1
+    assert response.cost_usd == record.cost_usd == sys.float_info.max

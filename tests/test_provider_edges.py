@@ -1,7 +1,7 @@
 """
 Hostile answers over real HTTP on 127.0.0.1: unbounded bodies, a key echoed in a 2xx
-body, nesting too deep to parse, and a 429 whose Retry-After would close a provider for
-a day or forever.
+body, nesting too deep to parse, odd values in stream events, and a 429 whose
+Retry-After would close a provider for a day or forever.
 
 `RawServer` answers every POST with whatever the test scripted (status, headers, body,
 streamed or not), which `FakeLLMServer` cannot be made to send.
@@ -290,6 +290,170 @@ async def test_json_nested_too_deeply_is_a_provider_error_not_recursion(
         assert "nested too deeply" in str(info.value)
     else:
         assert info.value.status == status
+
+
+DEEP = "[" * 500 + "]" * 500  # parsed, and far deeper than any real value
+
+
+def _sse(*events: tuple[str | None, str]) -> bytes:
+    return b"".join(
+        (f"event: {name}\n" if name else "").encode() + f"data: {data}\n\n".encode()
+        for name, data in events
+    )
+
+
+def _anthropic(*events: tuple[str, str]) -> list[tuple[str | None, str]]:
+    start = '{"type":"message_start","message":{"id":"m","usage":{"input_tokens":1}}}'
+    return [("message_start", start), *events, ("message_stop", '{"type":"message_stop"}')]
+
+
+def _tool_start(index: str = "0", given: str = "{}") -> tuple[str, str]:
+    block = '{"type":"tool_use","id":"t1","name":"f","input":' + given + "}"
+    data = '{"type":"content_block_start","index":' + index + ',"content_block":' + block + "}"
+    return ("content_block_start", data)
+
+
+def _json_delta(index: str) -> tuple[str, str]:
+    delta = '{"type":"input_json_delta","partial_json":"{}"}'
+    return (
+        "content_block_delta",
+        '{"type":"content_block_delta","index":' + index + ',"delta":' + delta + "}",
+    )
+
+
+def _openai(*chunks: str) -> list[tuple[str | None, str]]:
+    return [*((None, chunk) for chunk in chunks), (None, "[DONE]")]
+
+
+def _openai_call(index: str) -> str:
+    call = '{"index":' + index + ',"id":"c1","function":{"name":"f","arguments":"{}"}}'
+    return '{"choices":[{"index":0,"delta":{"tool_calls":[' + call + "]}}]}"
+
+
+# each stream is complete: only the odd value can fail it
+ODD_EVENTS: dict[str, tuple[str, list[tuple[str | None, str]], type[Exception], str]] = {
+    "anthropic: a delta's index is a list": (
+        "anthropic",
+        _anthropic(_tool_start(), _json_delta("[0]")),
+        InvalidResponseError,
+        "input_json_delta needs",
+    ),
+    "anthropic: a delta's index is an object": (
+        "anthropic",
+        _anthropic(_tool_start(), _json_delta('{"i":0}')),
+        InvalidResponseError,
+        "input_json_delta needs",
+    ),
+    "anthropic: a delta's index is true (block 1)": (
+        "anthropic",
+        _anthropic(_tool_start("1"), _json_delta("true")),
+        InvalidResponseError,
+        "input_json_delta needs",
+    ),
+    "anthropic: a block's input nests too deeply": (
+        "anthropic",
+        _anthropic(_tool_start(given='{"a":' + DEEP + "}")),
+        InvalidResponseError,
+        r"stream\.tool_calls\[0\]",
+    ),
+    "anthropic: an error event's message nests too deeply": (
+        "anthropic",
+        [("error", '{"type":"error","error":{"type":"api_error","message":' + DEEP + "}}")],
+        ServerError,
+        r"error event in the stream \(api_error\): no message",
+    ),
+    "anthropic: a usage count nests too deeply": (
+        "anthropic",
+        [
+            (
+                "message_start",
+                '{"type":"message_start","message":{"usage":{"input_tokens":' + DEEP + "}}}",
+            )
+        ],
+        InvalidResponseError,
+        "input_tokens must be an integer >= 0, got a JSON list",
+    ),
+    "openai: a call's index is true": (
+        "openai",
+        _openai(_openai_call("true")),
+        InvalidResponseError,
+        "integer index",
+    ),
+    "openai: an error's message and code nest too deeply": (
+        "openai",
+        _openai('{"error":{"message":' + DEEP + ',"code":' + DEEP + "}}"),
+        ServerError,
+        r"error event in the stream \(error\): no message",
+    ),
+    "openai: a usage count nests too deeply": (
+        "openai",
+        _openai('{"choices":[],"usage":{"prompt_tokens":' + DEEP + "}}"),
+        InvalidResponseError,
+        "prompt_tokens must be an integer >= 0, got a JSON list",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_EVENTS))
+async def test_odd_values_in_stream_events_are_provider_errors(raw: RawServer, case: str) -> None:
+    api, events, error, match = ODD_EVENTS[case]
+    headers = {"Content-Type": "text/event-stream"}
+    raw.reply = Reply(headers=headers, body=_sse(*events), stream_chunks=1)
+    provider: Any = (
+        OpenAIProvider(api_key=KEY, base_url=f"{raw.url}/v1")
+        if api == "openai"
+        else AnthropicProvider(api_key=KEY, base_url=raw.url)
+    )
+    async with provider:
+        with pytest.raises(error, match=match):
+            stream = await provider.stream(REQUEST)
+            async for _ in stream:
+                pass
+
+
+def _anthropic_usage(count: int, streamed: bool) -> bytes:
+    usage = f'{{"input_tokens":{count},"output_tokens":1}}'
+    if not streamed:
+        return anthropic_ok().replace(b'{"input_tokens": 3, "output_tokens": 1}', usage.encode())
+    text = '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}'
+    return _sse(
+        ("message_start", '{"type":"message_start","message":{"id":"m","usage":' + usage + "}}"),
+        ("content_block_delta", text),
+        ("message_stop", '{"type":"message_stop"}'),
+    )
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("count", [2**63, 10**400], ids=["2**63", "10**400"])
+async def test_a_usage_count_no_record_can_hold_is_a_malformed_answer(
+    raw: RawServer, count: int, streamed: bool
+) -> None:
+    headers = {"Content-Type": "text/event-stream"} if streamed else {}
+    raw.reply = Reply(
+        headers=headers, body=_anthropic_usage(count, streamed), stream_chunks=int(streamed)
+    )
+    async with AnthropicProvider(api_key=KEY, base_url=raw.url) as provider:
+        with pytest.raises(InvalidResponseError, match=r"input_tokens must be < 2\*\*63, got a"):
+            if streamed:
+                stream = await provider.stream(REQUEST)
+                await stream.__anext__()
+            else:
+                await provider.complete(REQUEST)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+async def test_the_largest_count_a_record_holds_is_read(raw: RawServer, streamed: bool) -> None:
+    headers = {"Content-Type": "text/event-stream"} if streamed else {}
+    body = _anthropic_usage(2**63 - 1, streamed)
+    raw.reply = Reply(headers=headers, body=body, stream_chunks=int(streamed))
+    async with AnthropicProvider(api_key=KEY, base_url=raw.url) as provider:
+        if streamed:
+            stream = await provider.stream(REQUEST)
+            _ = [piece async for piece in stream]
+            completion = stream.completion()
+        else:
+            completion = await provider.complete(REQUEST)
+    assert completion.input_tokens == 2**63 - 1
 
 
 # --------------------------------------------------------------------------- item 9

@@ -7,24 +7,34 @@ status and retry_after set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from empathy_models import (
+    AllRoutesFailedError,
     AnthropicProvider,
     ConfigurationError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    FallbackPolicy,
     Message,
     NotOpenError,
     OpenAIProvider,
     Outcome,
     ProviderError,
     RateLimitedError,
+    RetryPolicy,
 )
 from empathy_models.abc import CompletionRequest
+from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.exceptions import (
     AuthenticationError,
     ContentPolicyError,
@@ -645,3 +655,139 @@ async def test_a_redirect_is_not_followed_so_the_key_never_reaches_another_host(
     assert isinstance(exc, InvalidResponseError)
     assert exc.status == 307
     assert secret not in str(exc)
+
+
+# --------------------------------------------------------------------------- secret headers echoed
+
+TOKEN = "gw_9f8e7d6c5b4a39281706f5e4d3c2b1a0"
+# (header, value sent, what the server echoes): a scheme's credential may come back alone
+SECRET_HEADERS = [
+    pytest.param("X-Gateway-Token", TOKEN, TOKEN, id="token"),
+    pytest.param("X-Team-Credential", "cred-0123456789abcdef", "cred-0123456789abcdef", id="cred"),
+    pytest.param("Authorization", f"Bearer {TOKEN}", TOKEN, id="bearer"),
+    pytest.param(
+        "Authorization", "Basic dXNlcjpwYXNzd29yZDEyMw==", "dXNlcjpwYXNzd29yZDEyMw==", id="basic"
+    ),
+]
+
+
+async def _sse_answer(request: web.Request, data: str) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(f"data: {data}\n\n".encode())
+    await response.write_eof()
+    return response
+
+
+# how a careless server echoes it: (streamed?, the answer for the echoed text)
+ECHOES: dict[str, tuple[bool, Callable[[web.Request, str], Awaitable[web.StreamResponse]]]] = {
+    "500 JSON message": (
+        False,
+        lambda r, s: _json_answer({"error": {"message": f"rejected {s} here"}}, 500),
+    ),
+    "502 text body": (False, lambda r, s: _text_answer(f"saw {s} and failed", 502)),
+    "200 non-JSON body": (False, lambda r, s: _text_answer(f"saw {s} and failed", 200)),
+    "error event": (
+        True,
+        lambda r, s: _sse_answer(
+            r, json.dumps({"type": "error", "error": {"message": f"rejected {s} here"}})
+        ),
+    ),
+    "malformed event": (True, lambda r, s: _sse_answer(r, "{saw " + s)),
+}
+
+
+async def _json_answer(body: Any, status: int) -> web.StreamResponse:
+    return web.json_response(body, status=status)
+
+
+async def _text_answer(text: str, status: int) -> web.StreamResponse:
+    return web.Response(text=text, status=status)
+
+
+@contextlib.asynccontextmanager
+async def echo_server(
+    answer: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[str]:
+    """A server on 127.0.0.1 answering every POST with ``answer``; yields its base URL."""
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("echo", list(ECHOES))
+@pytest.mark.parametrize(("header", "value", "echoed"), SECRET_HEADERS)
+async def test_secret_header_values_echoed_by_the_server_are_scrubbed(
+    wire: str, echo: str, header: str, value: str, echoed: str
+) -> None:
+    streamed, answer = ECHOES[echo]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        assert request.headers[header] == value  # sent as given
+        return await answer(request, echoed)
+
+    async with echo_server(handler) as url:
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key=KEY, base_url=f"{url}/v1", headers={header: value}) as provider:
+            with pytest.raises(ProviderError) as caught:
+                if streamed:
+                    stream = await provider.stream(req())
+                    await stream.__anext__()
+                else:
+                    await provider.complete(req())
+    text = str(caught.value)
+    assert "***" in text
+    assert not any(echoed[i : i + 8] in text for i in range(len(echoed) - 7)), text
+
+
+async def test_a_secret_header_echoed_reaches_no_record_or_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        token = request.headers["X-Gateway-Token"]
+        return web.json_response({"error": {"message": f"gateway rejected {token}"}}, status=500)
+
+    telemetry = MemoryTelemetryBackend()
+    caplog.set_level(logging.DEBUG, "empathy_models")
+    async with echo_server(handler) as url:
+        provider = OpenAIProvider(
+            api_key="sk-test-aaaa", base_url=f"{url}/v1", headers={"X-Gateway-Token": TOKEN}
+        )
+        async with EmpathyLLMExecutor(
+            [provider],
+            telemetry_store=telemetry,
+            retry=RetryPolicy.none(),
+            fallback=FallbackPolicy(max_routes=1),
+        ) as executor:
+            with pytest.raises(AllRoutesFailedError) as caught:
+                await executor.run("hi", ExecutionContext(model="gpt-4o-mini"))
+    [record] = await telemetry.recent()
+    assert "gateway rejected ***" in (record.error_message or "")
+    assert TOKEN not in str(caught.value.exceptions[0])
+    assert TOKEN not in caplog.text
+
+
+async def test_short_secret_header_values_are_not_scrubbed() -> None:
+    """Scrubbing ``on`` everywhere would mangle messages; no credential is that short."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.json_response({"error": {"message": "turned on: mode on"}}, status=500)
+
+    async with (
+        echo_server(handler) as url,
+        OpenAIProvider(
+            base_url=f"{url}/v1", headers={"X-Auth-Mode": "on", "Authorization": f"Bearer {TOKEN}"}
+        ) as provider,
+    ):
+        error = await failure(provider, req())
+    assert "turned on: mode on" in str(error)

@@ -230,6 +230,31 @@ async def test_an_error_event_before_the_first_delta_is_retried(
     assert [r.error_type for r in records[:3]] == ["OverloadedError"] * 3
 
 
+@pytest.mark.parametrize("status", [401, 402, 403])
+async def test_an_account_error_before_the_first_delta_falls_back_at_once_and_forces_open(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, status: int
+) -> None:
+    """As in `run`: no retry, the next route at once, the provider's circuit forced open."""
+    server.script("claude-fake-haiku", [status])
+    sleep = RecordingSleep()
+    async with (
+        CircuitBreaker() as breaker,
+        make(server, telemetry, sleep=sleep, breaker=breaker) as executor,
+    ):
+        async with executor.stream("hi", CHEAP) as stream:
+            response = await stream.get_final_response()
+        provider_status = await breaker.get_status("anthropic")
+    assert response.model == "gpt-fake-mini"
+    assert sleep.delays == []
+    failed = (await records_of(telemetry))[0]
+    assert (failed.error_type, failed.status_code, failed.outcome) == (
+        "AuthenticationError",
+        status,
+        Outcome.FATAL,
+    )
+    assert provider_status.state is CircuitState.FORCED_OPEN
+
+
 async def test_a_streams_failures_retries_and_fallbacks_are_logged_as_runs_are(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -567,10 +592,11 @@ class _OwnStream(CompletionStream):
     """A provider's own stream: pieces from ``__anext__`` (the default `next_pieces`),
     or, with ``empty_batch``, a `next_pieces` that hands over nothing after the first."""
 
-    def __init__(self, pieces: list[str], empty_batch: bool) -> None:
+    def __init__(self, pieces: list[str], empty_batch: bool, input_tokens: int) -> None:
         self._pieces = list(pieces)
         self._taken: list[str] = []
         self._empty_batch = empty_batch
+        self._input_tokens = input_tokens
         self.closed = False
 
     async def __anext__(self) -> str:
@@ -594,14 +620,20 @@ class _OwnStream(CompletionStream):
 
     def completion(self) -> Completion:
         text = "".join(self._taken)
-        return Completion(content=text, model="own-model", input_tokens=3, output_tokens=len(text))
+        return Completion(
+            content=text,
+            model="own-model",
+            input_tokens=self._input_tokens,
+            output_tokens=len(text),
+        )
 
 
 class _OwnStreamProvider(Provider):
     name = "own"
 
-    def __init__(self, empty_batch: bool = False) -> None:
+    def __init__(self, empty_batch: bool = False, input_tokens: int = 3) -> None:
         self.empty_batch = empty_batch
+        self.input_tokens = input_tokens
         self.streams: list[_OwnStream] = []
 
     async def _complete(self, request: CompletionRequest) -> Completion:
@@ -614,7 +646,7 @@ class _OwnStreamProvider(Provider):
         idle_timeout: float | None = None,
         total_timeout: float | None = None,
     ) -> CompletionStream:
-        stream = _OwnStream(["Hel", "lo", ", ", "world"], self.empty_batch)
+        stream = _OwnStream(["Hel", "lo", ", ", "world"], self.empty_batch, self.input_tokens)
         self.streams.append(stream)
         return stream
 
@@ -661,3 +693,26 @@ async def test_a_stream_whose_batch_is_empty_fails_instead_of_hanging() -> None:
                     pass
         assert provider.streams[0].closed
         assert [r.outcome for r in await telemetry.recent(limit=10)] == [Outcome.FAILURE]
+
+
+async def test_a_usage_count_no_record_can_hold_keeps_the_record_and_frees_the_slot(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """10**400 tokens from a provider's own stream: recorded as 0, and the slot comes back."""
+    provider = _OwnStreamProvider(input_tokens=10**400)
+    telemetry = MemoryTelemetryBackend()
+    context = ExecutionContext(workflow="w", stage="s", tier="cheap")
+    caplog.set_level(logging.WARNING, "empathy_models.executor")
+    async with EmpathyLLMExecutor(
+        [provider], registry=OWN_REGISTRY, telemetry_store=telemetry, concurrency_per_provider=1
+    ) as ex:
+        for _ in range(2):  # the second stream needs the one slot the first held
+            with anyio.fail_after(30):
+                async with ex.stream("Hi", context) as stream:
+                    response = await stream.get_final_response()
+    assert (response.input_tokens, response.output_tokens) == (0, 12)
+    assert response.cost_usd == OWN_REGISTRY.cost("own-model", 0, 12)
+    records = await telemetry.recent(limit=10)
+    assert [(r.outcome, r.input_tokens) for r in records] == [(Outcome.SUCCESS, 0)] * 2
+    assert "own/own-model reported token counts a record cannot hold" in caplog.text
+    assert "input a 1329-bit integer" in caplog.text

@@ -291,6 +291,22 @@ async def test_malformed_streamed_arguments_are_an_invalid_response_kept_raw(
     assert [r.outcome for r in records] == [Outcome.FAILURE]
 
 
+@pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_streamed_arguments_nested_too_deeply_are_an_invalid_response(
+    server: FakeLLMServer, model: str, api: str
+) -> None:
+    deep = '{"a": ' + "[" * 400 + "]" * 400 + "}"
+    server.script(model, [FakeReply(tool_calls=[{"name": "get_weather", "arguments": deep}])])
+    async with (
+        make(server) as executor,
+        executor.stream("Weather?", pinned(model), tools=[WEATHER]) as stream,
+    ):
+        with pytest.raises(StreamInterruptedError) as caught:
+            await stream.get_final_response()
+    assert isinstance(caught.value.error, InvalidResponseError)
+    assert "nested at most 100 levels deep" in str(caught.value.error)
+
+
 async def test_stream_options_are_checked_before_anything_is_sent(server: FakeLLMServer) -> None:
     from empathy_models import ConfigurationError
 

@@ -529,3 +529,99 @@ async def test_a_key_echoed_in_an_error_event_is_scrubbed() -> None:
         await runner.cleanup()
     assert secret not in str(caught.value)
     assert "***" in str(caught.value)
+
+
+def _error_body(message: str, kind: str | None = None, code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+
+
+# every status the error table maps, with the body or header that decides the class
+STATUS_ANSWERS = [
+    (400, _error_body("This model's maximum context length is 8192 tokens"), {}),
+    (400, _error_body("flagged", code="content_filter"), {}),
+    (400, _error_body("Invalid model name passed in model=m"), {}),
+    (400, _error_body("temperature must be a number"), {}),
+    (401, _error_body("Incorrect API key provided"), {}),
+    (402, _error_body("payment required"), {}),
+    (403, _error_body("not allowed"), {}),
+    (404, _error_body("no such model"), {}),
+    (408, _error_body("request timeout"), {}),
+    (413, b"too large", {}),
+    (422, _error_body("unprocessable"), {}),
+    (429, _error_body("slow down", kind="rate_limit_error"), {"Retry-After": "7"}),
+    (429, _error_body("no credit", kind="insufficient_quota", code="insufficient_quota"), {}),
+    (500, _error_body("boom", kind="api_error"), {}),
+    (503, b"<html>unavailable</html>", {"Retry-After": "2"}),
+    (529, _error_body("overloaded", kind="overloaded_error"), {}),
+    (302, b"", {"Location": "http://127.0.0.1:1/elsewhere"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers"),
+    STATUS_ANSWERS,
+    ids=[f"{status}-{i}" for i, (status, _, _) in enumerate(STATUS_ANSWERS)],
+)
+async def test_an_error_status_maps_alike_whether_streamed_or_not(
+    status: int, body: bytes, headers: dict[str, str]
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=status, body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        for provider in (
+            OpenAIProvider(api_key=KEY, base_url=f"http://{host}:{port}/v1"),
+            AnthropicProvider(api_key=KEY, base_url=f"http://{host}:{port}"),
+        ):
+            async with provider:
+                with pytest.raises(ProviderError) as whole:
+                    await provider.complete(request("m"))
+                with pytest.raises(ProviderError) as streamed:
+                    await provider.stream(request("m"))
+            assert type(streamed.value) is type(whole.value), provider
+            assert str(streamed.value) == str(whole.value)
+            assert (streamed.value.status, streamed.value.retry_after) == (
+                whole.value.status,
+                whole.value.retry_after,
+            )
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_key_echoed_in_a_malformed_event_is_scrubbed_before_the_quote_is_cut() -> None:
+    secret = "0f3c9a7be21d4c58a6e9b0d7c4f1e2a3b5c6d7e8"  # Azure-like: not shaped like sk-...
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        # not JSON, and the key straddles the 40 characters the error quotes
+        await response.write(b"data: {" + request.headers["api-key"].encode() + b"\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        provider = OpenAIProvider(base_url=f"http://{host}:{port}/v1", headers={"api-key": secret})
+        async with provider:
+            with pytest.raises(InvalidResponseError, match="not JSON") as caught:
+                stream = await provider.stream(request("m"))
+                await stream.__anext__()
+    finally:
+        await runner.cleanup()
+    message = str(caught.value)
+    assert "'{***'" in message
+    assert not any(secret[i : i + 8] in message for i in range(len(secret) - 7))

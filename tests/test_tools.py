@@ -622,3 +622,20 @@ async def test_fake_provider_plays_scripted_tool_calls() -> None:
     assert [(c.name, c.arguments) for c in response.tool_calls] == [
         ("get_weather", {"city": "Oslo"})
     ]
+
+
+@pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_tool_arguments_nested_too_deeply_are_an_invalid_response(
+    server: FakeLLMServer, model: str, api: str
+) -> None:
+    """Deep enough to parse, too deep to copy by recursion: a malformed answer."""
+    deep = '{"a": ' + "[" * 400 + "]" * 400 + "}"
+    server.script(model, [FakeReply(tool_calls=[{"name": "get_weather", "arguments": deep}])])
+    provider: Any = (
+        AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
+        if api == "anthropic"
+        else OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
+    )
+    async with provider:
+        with pytest.raises(InvalidResponseError, match="nested at most 100 levels deep"):
+            await provider.complete(CompletionRequest(model=model, messages="Hi", tools=[WEATHER]))

@@ -38,7 +38,7 @@ from typing import Any, Final
 from ..abc import CompletionRequest, Message
 from ..content import ImageBlock, TextBlock, ToolCall, ToolResult, to_json
 from ..exceptions import InvalidResponseError, RecordValidationError
-from ._wire import ResponseReader
+from ._wire import ResponseReader, json_text
 
 __all__ = [
     "anthropic_body",
@@ -377,7 +377,7 @@ def anthropic_tool_calls(
                 reader,
                 f"{where}.input",
                 name,
-                json.dumps(arguments),
+                json_text(arguments),
                 f"a JSON {type(arguments).__name__}",
             )
         calls.append(_tool_call(reader, call_id, name, arguments, where))

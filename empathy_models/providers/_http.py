@@ -42,6 +42,7 @@ import abc
 import asyncio
 import math
 import os
+import re
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Self
@@ -58,12 +59,14 @@ from ..exceptions import (
     InvalidResponseError,
     MissingAPIKeyError,
     NotOpenError,
+    ProviderError,
 )
 from ._sse import StreamDecoder
 from ._wire import (
     _ENCODER,
     ResponseReader,
     _Secret,
+    _Secrets,
     _without_request,
     error_from_response,
     error_from_transport,
@@ -147,13 +150,43 @@ def _to_timeout(value: float | aiohttp.ClientTimeout | None) -> aiohttp.ClientTi
 
 _AUTH_HEADERS: Final = frozenset({"authorization", "api-key", "x-api-key"})
 """Custom headers that carry the credential themselves (Azure's ``api-key``, a gateway's)."""
-_SECRET_WORDS: Final = ("auth", "key", "token", "secret", "password", "cookie", "signature")
+_SECRET_WORDS: Final = (
+    "auth",
+    "key",
+    "token",
+    "secret",
+    "password",
+    "cookie",
+    "signature",
+    "credential",
+)
+_SHORTEST_SCRUBBED: Final = 8
+"""A secret header's value (or credential) shorter than this is not scrubbed from messages."""
+_SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*[ \t]+(\S.*)")
+"""A value made of an auth scheme and a credential: ``Bearer <token>``, ``Basic <b64>``."""
 
 
 def _looks_secret(header: str) -> bool:
-    """Whether a header's value must be treated as a credential (never shown)."""
+    """
+    Whether a header's value must be treated as a credential (never shown): its name
+    contains ``auth``, ``key``, ``token``, ``secret``, ``password``, ``cookie``,
+    ``signature`` or ``credential``, in any case.
+    """
     lowered = header.lower()
     return any(word in lowered for word in _SECRET_WORDS)
+
+
+def _scrubbed_texts(value: str) -> tuple[str, ...]:
+    """
+    What a secret header's ``value`` adds to the texts scrubbed from every message: the
+    value, and for a scheme and a credential (``Bearer <token>``) the credential alone
+    too, since a server may echo just that.  A text shorter than 8 characters is left
+    out: replacing ``on`` or ``1`` everywhere would mangle messages, and no credential is
+    that short.  (The ``api_key`` itself is always scrubbed, whatever its length.)
+    """
+    scheme = _SCHEME.fullmatch(value)
+    texts = (value,) if scheme is None else (value, scheme.group(1).strip())
+    return tuple(text for text in texts if len(text) >= _SHORTEST_SCRUBBED)
 
 
 def user_agent() -> str:
@@ -204,9 +237,12 @@ class HTTPProvider(Provider):
     case-insensitively).  A custom ``Authorization``, ``api-key`` or ``x-api-key`` header
     is the credential itself (Azure OpenAI's ``api-key``, a gateway's token): no
     ``api_key`` is needed then and the provider's own auth header is not sent.  Values of
-    headers whose names look secret (``key``, ``token``, ``auth``, ``secret`` ...) are
-    kept like the key: never in a repr, an error or a log; every quoted piece of a
-    response body is scrubbed of them, whatever the status.
+    headers whose names look secret (containing ``key``, ``token``, ``auth``,
+    ``secret``, ``password``, ``cookie``, ``signature`` or ``credential``) are kept like
+    the key: never in a repr, an error or a log; every quoted piece of a response body
+    is scrubbed of them, and of the credential of a ``<scheme> <credential>`` value
+    (``Bearer <token>``) alone, whatever the status.  A value or credential shorter than
+    8 characters is not scrubbed (it would mangle messages; no credential is so short).
 
     **Body size.**  A response body larger than ``max_response_bytes`` (default 16 MiB)
     is not read further: `InvalidResponseError` says so.
@@ -260,6 +296,16 @@ class HTTPProvider(Provider):
         auth = [v for n, v in self._extra_headers if n.lower() in _AUTH_HEADERS]
         self._header_secret: _Secret | None = next(
             (v for v in auth if isinstance(v, _Secret) and v.reveal()), None
+        )
+        # what every message quoting a response is scrubbed of
+        self._redacted = _Secrets(
+            *((key,) if key else ()),
+            *(
+                text
+                for _, value in self._extra_headers
+                if isinstance(value, _Secret)
+                for text in _scrubbed_texts(value.reveal())
+            ),
         )
         self.name = name
         self.base_url = base_url.rstrip("/")
@@ -488,15 +534,12 @@ class HTTPProvider(Provider):
                 response_headers,
                 provider=self.name,
                 model=model,
-                secret=self._secret if self._secret is not None else self._header_secret,
+                secret=self._redacted,
             )
             body = b""  # this frame is in the error's traceback: let the body go
             raise error
         reader = ResponseReader(
-            provider=self.name,
-            model=model,
-            status=status,
-            secret=self._secret if self._secret is not None else self._header_secret,
+            provider=self.name, model=model, status=status, secret=self._redacted
         )
         try:
             data = reader.decode(body)
@@ -504,17 +547,32 @@ class HTTPProvider(Provider):
             body = b""  # this frame is in the error's traceback: let the body go
             raise
         try:
-            completion = self._parse(reader, data, request, response_headers)
+            completion = self._parse_checked(reader, data, request, response_headers)
         except InvalidResponseError:
             body, data = b"", {}
             raise
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            body, data = b"", {}
-            raise reader.error(f"{type(exc).__name__}: {exc}") from exc
         exhausted = parse_ratelimit_reset(response_headers)
         if exhausted is not None:
             completion = attrs.evolve(completion, rate_limit_reset=exhausted)
         return completion
+
+    def _parse_checked(
+        self,
+        reader: ResponseReader,
+        data: dict[str, Any],
+        request: CompletionRequest,
+        headers: Mapping[str, str],
+    ) -> Completion:
+        """
+        `_parse`, with a slip the subclass's reading did not foresee (a ``KeyError``, a
+        ``TypeError`` of an odd value, nesting too deep) raised as `InvalidResponseError`.
+        """
+        try:
+            return self._parse(reader, data, request, headers)
+        except ProviderError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+            raise reader.error(f"{type(exc).__name__}: {exc}") from exc
 
     def _missing_key(self, model: str) -> MissingAPIKeyError:
         """
@@ -560,7 +618,9 @@ class HTTPProvider(Provider):
             and asyncio.get_running_loop().time() >= budget_ends - _TIMER_SLACK
         ):
             raise AttemptTimeout(f"{self.name}: the time budget ran out [model {model}]") from exc
-        raise error_from_transport(exc, provider=self.name, model=model) from _without_request(exc)
+        raise error_from_transport(
+            exc, provider=self.name, model=model, secret=self._redacted
+        ) from _without_request(exc)
 
     async def _read_bounded(
         self, response: aiohttp.ClientResponse, length: int | None, model: str, status: int

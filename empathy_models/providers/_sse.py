@@ -24,11 +24,19 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeGuard
 
 from ..content import ToolCallDelta
 from ..exceptions import InvalidResponseError, ProviderError
-from ._wire import _scrub, error_from_response
+from ._wire import (
+    MAX_TOKEN_COUNT,
+    _quote,
+    _scrub,
+    _Secrets,
+    error_from_response,
+    json_text,
+    shown_count,
+)
 
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
@@ -40,6 +48,9 @@ __all__ = [
 
 _scan: Final = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 """``(value, end)`` of the JSON value at an index (the C scanner `json.loads` uses)."""
+
+_SLIPS: Final = (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError)
+"""What reading an odd event may raise beyond the checks: a malformed event, like the rest."""
 
 DEFAULT_MAX_EVENT_BYTES: Final = 1024 * 1024
 """The longest SSE line or event a decoder buffers (1 MiB; a chunk is well under 1 KiB)."""
@@ -265,10 +276,10 @@ class StreamDecoder:
         provider: str,
         model: str,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-        secret: Any = None,
+        secret: _Secrets | None = None,
     ) -> None:
         self._sse = SSEDecoder(max_event_bytes=max_event_bytes, provider=provider, model=model)
-        self._secret = secret  # the provider's key wrapper: scrubbed from every message
+        self._secret = secret  # the provider's secrets: scrubbed from every message
         self._provider = provider
         self._model = model
         self.input_tokens: int | None = None
@@ -387,10 +398,11 @@ class StreamDecoder:
             for event, data in self._sse.feed(raw[pos:] if pos else raw):
                 try:
                     handle(event, data, out)
-                except ProviderError as exc:
+                except (ProviderError, *_SLIPS) as exc:
+                    error = self._failure(exc)
                     if not out:
-                        raise
-                    self.error = exc  # the events after it are dropped, as below
+                        raise error from None
+                    self.error = error  # the events after it are dropped, as below
                     break
             return out
         while eager or not out:
@@ -402,12 +414,13 @@ class StreamDecoder:
             event, data = queue.popleft()
             try:
                 self._event(event, data, out)
-            except ProviderError as exc:
+            except (ProviderError, *_SLIPS) as exc:
                 queue.clear()
                 self._raw, self._pos = b"", 0
+                error = self._failure(exc)
                 if not out:
-                    raise
-                self.error = exc
+                    raise error from None
+                self.error = error
                 break
         if out:
             self._started = True
@@ -415,6 +428,16 @@ class StreamDecoder:
 
     def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
         raise NotImplementedError
+
+    def _failure(self, exc: Exception) -> ProviderError:
+        """
+        The error for what `_event` raised: its own `ProviderError`, or, for a slip on a
+        shape no check foresaw (a ``TypeError`` of an odd value, nesting too deep), the
+        `InvalidResponseError` of a malformed event.
+        """
+        if isinstance(exc, ProviderError):
+            return exc
+        return self._invalid(f"an event could not be read ({type(exc).__name__})")
 
     def _decode(self, data: str) -> dict[str, Any]:
         try:
@@ -428,7 +451,8 @@ class StreamDecoder:
             try:
                 value = json.loads(data)
             except (ValueError, RecursionError):
-                raise self._invalid(f"an event's data is not JSON (starts {data[:40]!r})") from None
+                shown = _quote(data, 40, self._secret)
+                raise self._invalid(f"an event's data is not JSON (starts {shown!r})") from None
         if not isinstance(value, dict):
             raise self._invalid(f"an event's data is a {type(value).__name__}, not an object")
         return value
@@ -443,7 +467,15 @@ class StreamDecoder:
         )
 
     def _stream_error(self, error: object) -> ProviderError:
-        """The error for an ``error`` object sent in the stream."""
+        """
+        The error for an ``error`` object sent in the stream (its ``type``, ``code`` and
+        ``message`` are read when they are strings or numbers, anything else ignored).
+        """
+        if isinstance(error, dict):
+            fields = ((key, error.get(key)) for key in ("type", "code", "message"))
+            error = {key: value for key, value in fields if _scalar(value)}
+        elif not isinstance(error, str):
+            error = None
         kind = error.get("type") if isinstance(error, dict) else None
         code = error.get("code") if isinstance(error, dict) else None
         status = _ERROR_STATUS.get(str(kind), _ERROR_STATUS.get(str(code), 500))
@@ -467,13 +499,29 @@ class StreamDecoder:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise self._invalid(f"usage.{key} must be an integer >= 0, got {value!r}")
+            if _index(value):
+                shown = shown_count(value)
+            else:
+                shown = repr(value) if _scalar(value) else f"a JSON {type(value).__name__}"
+            raise self._invalid(f"usage.{key} must be an integer >= 0, got {shown}")
+        if value > MAX_TOKEN_COUNT:  # no real count: what a record cannot hold
+            raise self._invalid(f"usage.{key} must be < 2**63, got {shown_count(value)}")
         return value
 
     @property
     def sse_pending(self) -> bool:
         """True when a partial SSE line or event is buffered."""
         return self._sse.pending
+
+
+def _scalar(value: object) -> bool:
+    """Whether ``value`` is a JSON string or number (safe to show and to compare)."""
+    return isinstance(value, str | int | float)
+
+
+def _index(value: object) -> TypeGuard[int]:
+    """Whether ``value`` can be a call's or block's index: an integer, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class OpenAIStreamDecoder(StreamDecoder):
@@ -531,7 +579,7 @@ class OpenAIStreamDecoder(StreamDecoder):
         if not isinstance(calls, list):
             raise self._invalid("chunk.choices[0].delta.tool_calls must be a list")
         for call in calls:
-            if not isinstance(call, dict) or not isinstance(call.get("index", 0), int):
+            if not isinstance(call, dict) or not _index(call.get("index", 0)):
                 raise self._invalid("delta.tool_calls[] must be objects with an integer index")
             function = call.get("function") or {}
             if not isinstance(function, dict):
@@ -570,7 +618,7 @@ class AnthropicStreamDecoder(StreamDecoder):
             elif isinstance(delta, dict) and delta.get("type") == "input_json_delta":
                 partial = delta.get("partial_json")
                 block = body.get("index")
-                if not isinstance(partial, str) or block not in self._slots:
+                if not isinstance(partial, str) or not _index(block) or block not in self._slots:
                     raise self._invalid(
                         "input_json_delta needs partial_json (a string) and the index of a "
                         "tool_use block started before it"
@@ -583,12 +631,12 @@ class AnthropicStreamDecoder(StreamDecoder):
                 call_id, name, index = block.get("id"), block.get("name"), body.get("index")
                 if not isinstance(call_id, str) or not isinstance(name, str):
                     raise self._invalid("a tool_use block needs an id and a name (strings)")
-                if not isinstance(index, int) or isinstance(index, bool):
+                if not _index(index):
                     raise self._invalid("content_block_start.index must be an integer")
                 given = block.get("input")
                 # the input arrives as input_json_delta pieces; a non-empty one given
                 # here whole (a server that does not stream it) is kept as its text
-                start = json.dumps(given) if isinstance(given, dict) and given else ""
+                start = json_text(given) if isinstance(given, dict) and given else ""
                 out.append(self._call_piece(index, call_id, name, start))
         elif kind == "message_start":
             message = body.get("message")

@@ -138,27 +138,15 @@ async def open_http_stream(
     except TimeoutError as exc:
         raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise error_from_transport(exc, provider=name, model=model) from None
+        raise error_from_transport(
+            exc, provider=name, model=model, secret=provider._redacted
+        ) from None
     try:
         status = response.status
-        kind = response.content_type
-        if not 200 <= status < 300 or kind == "application/json":
+        if not 200 <= status < 300 or response.content_type == "application/json":
             # an error, or a server that ignored "stream": true and sent a whole body
-            body = await provider._read_bounded(response, response.content_length, model, status)
-            response.release()
-            secret = provider._secret if provider._secret is not None else provider._header_secret
-            if not 200 <= status < 300:
-                raise error_from_response(
-                    status, body, response.headers, provider=name, model=model, secret=secret
-                )
-            reader = ResponseReader(provider=name, model=model, status=status, secret=secret)
-            completion = provider._parse(reader, reader.decode(body), request, response.headers)
-            exhausted = parse_ratelimit_reset(response.headers)
-            if exhausted is not None:
-                completion = attrs.evolve(completion, rate_limit_reset=exhausted)
-            return _WholeBody(completion)
-        secret = provider._secret if provider._secret is not None else provider._header_secret
-        decoder = decoder_class(provider=name, model=model, secret=secret)
+            return await _whole_answer(provider, response, request)
+        decoder = decoder_class(provider=name, model=model, secret=provider._redacted)
         return HTTPCompletionStream(
             response,
             decoder,
@@ -169,15 +157,44 @@ async def open_http_stream(
             idle_timeout=idle_timeout,
             total_timeout=total_timeout,
         )
+    except ProviderError:
+        # mapped already, exactly as for a whole response: a 401 (a PermissionError,
+        # so an OSError) or a 408 (a TimeoutError) must not be restated below
+        response.close()
+        raise
     except TimeoutError as exc:
         response.close()
         raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
     except (aiohttp.ClientError, OSError) as exc:
         response.close()
-        raise error_from_transport(exc, provider=name, model=model) from None
+        raise error_from_transport(
+            exc, provider=name, model=model, secret=provider._redacted
+        ) from None
     except BaseException:
         response.close()
         raise
+
+
+async def _whole_answer(
+    provider: HTTPProvider, response: aiohttp.ClientResponse, request: CompletionRequest
+) -> CompletionStream:
+    """
+    The answer to a streamed request that came as a whole body: an error status raises
+    `error_from_response`'s error, a 2xx JSON body is served as its pieces.
+    """
+    status, model, secret = response.status, request.model, provider._redacted
+    body = await provider._read_bounded(response, response.content_length, model, status)
+    response.release()
+    if not 200 <= status < 300:
+        raise error_from_response(
+            status, body, response.headers, provider=provider.name, model=model, secret=secret
+        )
+    reader = ResponseReader(provider=provider.name, model=model, status=status, secret=secret)
+    completion = provider._parse_checked(reader, reader.decode(body), request, response.headers)
+    exhausted = parse_ratelimit_reset(response.headers)
+    if exhausted is not None:
+        completion = attrs.evolve(completion, rate_limit_reset=exhausted)
+    return _WholeBody(completion)
 
 
 class _WholeBody(CompletionStream):
@@ -290,7 +307,10 @@ class HTTPCompletionStream(CompletionStream):
                         )
                     else:
                         error = error_from_transport(
-                            exc, provider=self._provider, model=self._model
+                            exc,
+                            provider=self._provider,
+                            model=self._model,
+                            secret=self._decoder._secret,
                         )
                     self._fail(error)
                     raise error from None

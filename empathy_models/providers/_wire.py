@@ -34,14 +34,19 @@ from ..exceptions import (
 )
 
 __all__ = [
+    "MAX_TOKEN_COUNT",
     "ResponseReader",
     "error_from_response",
     "error_from_transport",
+    "json_text",
+    "shown_count",
     "parse_ratelimit_reset",
     "parse_retry_after",
 ]
 
 _MAX_MESSAGE: Final = 300
+MAX_TOKEN_COUNT: Final = 2**63 - 1
+"""The largest usage count read: what an `LLMCallRecord` holds (no real count is larger)."""
 _KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
 _CONTEXT_MARKERS: Final = (
     "context_length_exceeded",
@@ -62,16 +67,25 @@ _UNKNOWN_MODEL_MARKERS: Final = (
 )
 
 
-class _Secret:
-    """Holds an API key; its repr and str never show it."""
+class _Secrets:
+    """
+    Texts that every message is scrubbed of (a provider's key, the values of its
+    secret-looking headers); its repr and str never show them.
+    """
 
-    __slots__ = ("_value",)
+    __slots__ = ("_values", "longest")
 
-    def __init__(self, value: str) -> None:
-        self._value = value
+    def __init__(self, *values: str) -> None:
+        # longest first: a value that holds another ("Bearer <token>") goes whole
+        self._values = tuple(sorted({v for v in values if v}, key=len, reverse=True))
+        self.longest = len(self._values[0]) if self._values else 0
 
-    def reveal(self) -> str:
-        return self._value
+    def scrub(self, text: str) -> str:
+        """``text`` with each of the values replaced by ``***``."""
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, "***")
+        return text
 
     def __repr__(self) -> str:
         return "<secret>"
@@ -79,18 +93,40 @@ class _Secret:
     __str__ = __repr__
 
 
-def _scrub(text: str, secret: _Secret | None) -> str:
-    if secret is not None and secret.reveal():
-        text = text.replace(secret.reveal(), "***")
+class _Secret(_Secrets):
+    """Holds one secret (an API key, a header's value), to send; scrubbed like the rest."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        super().__init__(value)
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+
+def _scrub(text: str, secret: _Secrets | None) -> str:
+    if secret is not None:
+        text = secret.scrub(text)
     text = _KEY_PATTERN.sub("sk-***", text)
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
-def _snippet(body: bytes, length: int, secret: _Secret | None) -> str:
-    """The first ``length`` characters of ``body``, scrubbed of keys (before cutting)."""
+def _reach(length: int, secret: _Secrets | None) -> int:
+    """How much of a text to scrub so that its first ``length`` characters are clean."""
+    return length + (secret.longest if secret is not None else 0) + 200
+
+
+def _quote(text: str, length: int, secret: _Secrets | None) -> str:
+    """The first ``length`` characters of ``text``, scrubbed of keys (before cutting)."""
     # scrub before cutting: a key that straddles the cut would escape the scrub
-    reach = length + (len(secret.reveal()) if secret is not None else 0) + 200
-    return _scrub(body[:reach].decode("utf-8", "replace"), secret)[:length].strip()
+    return _scrub(text[: _reach(length, secret)], secret)[:length].strip()
+
+
+def _snippet(body: bytes, length: int, secret: _Secrets | None) -> str:
+    """The first ``length`` characters of ``body``, scrubbed of keys (before cutting)."""
+    return _quote(body[: _reach(length, secret)].decode("utf-8", "replace"), length, secret)
 
 
 # --------------------------------------------------------------------------- the mapping
@@ -221,9 +257,9 @@ def error_from_response(
     *,
     provider: str,
     model: str,
-    secret: _Secret | None = None,
+    secret: _Secrets | None = None,
 ) -> ProviderError:
-    """The error for a non-2xx response (see the module table)."""
+    """The error for a non-2xx response (see the module table), scrubbed of ``secret``."""
     kind, code, message = _error_details(body)
     if message is None:
         snippet = _snippet(body, 120, secret)
@@ -267,14 +303,16 @@ def error_from_response(
     return cls(text, provider=provider, model=model, status=status, retry_after=retry_after)
 
 
-def error_from_transport(exc: BaseException, *, provider: str, model: str) -> ProviderError:
+def error_from_transport(
+    exc: BaseException, *, provider: str, model: str, secret: _Secrets | None = None
+) -> ProviderError:
     """
     The error for an exception raised while sending or reading (never for
-    `asyncio.CancelledError`, which callers must let through).
+    `asyncio.CancelledError`, which callers must let through), scrubbed of ``secret``.
     """
     import aiohttp  # loaded by whoever sent the request
 
-    detail = _scrub(str(exc) or type(exc).__name__, None)
+    detail = _scrub(str(exc) or type(exc).__name__, secret)
     where = f"[model {model}]"
     if isinstance(exc, TimeoutError):  # asyncio.TimeoutError and aiohttp's timeout errors
         return ProviderTimeoutError(
@@ -285,8 +323,8 @@ def error_from_transport(exc: BaseException, *, provider: str, model: str) -> Pr
     if isinstance(exc, aiohttp.ClientHttpProxyError):
         # the proxy (HTTPS_PROXY / HTTP_PROXY) refused the tunnel or wants credentials
         return ProviderConnectionError(
-            f"{provider}: the HTTP proxy refused the connection ({exc.status} {exc.message}) "
-            f"{where}",
+            f"{provider}: the HTTP proxy refused the connection "
+            f"({exc.status} {_scrub(str(exc.message), secret)}) {where}",
             provider=provider,
             model=model,
         )
@@ -298,7 +336,8 @@ def error_from_transport(exc: BaseException, *, provider: str, model: str) -> Pr
         )
     if isinstance(exc, aiohttp.ClientResponseError):
         return InvalidResponseError(
-            f"{provider}: unreadable response ({type(exc).__name__}: {exc.message}) {where}",
+            f"{provider}: unreadable response "
+            f"({type(exc).__name__}: {_scrub(str(exc.message), secret)}) {where}",
             provider=provider,
             model=model,
             status=exc.status or None,
@@ -335,17 +374,32 @@ def _without_request(exc: BaseException) -> BaseException:
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 
 
+def shown_count(value: int) -> str:
+    """``value`` as a message shows it: an absurd integer by its size, not its digits."""
+    if -MAX_TOKEN_COUNT <= value <= MAX_TOKEN_COUNT:
+        return str(value)
+    return f"a {value.bit_length()}-bit integer"
+
+
+def json_text(value: Any) -> str:
+    """``value`` (parsed from a response) written back as JSON text, however deep."""
+    try:
+        return json.dumps(value)
+    except RecursionError:  # parsed, yet too deep for the encoder at this stack depth
+        return "<JSON nested too deeply to show>"
+
+
 class ResponseReader:
     """
     Typed access to a decoded JSON response; any missing or mistyped field raises
     `InvalidResponseError` naming its path (never ``KeyError``).  Every message is
-    scrubbed of API keys (``secret``, and anything shaped like a key).
+    scrubbed of API keys (``secret``'s values, and anything shaped like a key).
     """
 
     __slots__ = ("_model", "_provider", "_secret", "_status")
 
     def __init__(
-        self, *, provider: str, model: str, status: int, secret: _Secret | None = None
+        self, *, provider: str, model: str, status: int, secret: _Secrets | None = None
     ) -> None:
         self._provider = provider
         self._model = model
@@ -408,9 +462,12 @@ class ResponseReader:
         return value if isinstance(value, str) else None
 
     def tokens(self, data: Mapping[str, Any], key: str, path: str) -> int:
+        """A usage count: an integer >= 0 and at most `MAX_TOKEN_COUNT`, else it fails."""
         value = self.get(data, key, int, path)
         if value < 0:
-            self.fail(f"{path}.{key} must be >= 0, got {value}")
+            self.fail(f"{path}.{key} must be >= 0, got {shown_count(value)}")
+        if value > MAX_TOKEN_COUNT:
+            self.fail(f"{path}.{key} must be < 2**63, got {shown_count(value)}")
         return int(value)
 
 
