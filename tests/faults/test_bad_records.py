@@ -22,16 +22,19 @@ from aiohttp import web
 from empathy_models_postgres import PostgresTelemetryBackend
 
 from empathy_models import (
+    AllRoutesFailedError,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMCallRecord,
     ModelInfo,
     ModelRegistry,
+    Outcome,
 )
 from empathy_models.abc import TelemetryBackend
 from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+from empathy_models.exceptions import InvalidResponseError
 from empathy_models.providers import AnthropicProvider
 
 from .conftest import POSTGRES_DSN_ENV
@@ -174,19 +177,13 @@ async def test_an_odd_context_is_refused_before_the_request_and_costs_no_other_r
     ("answer", "record_text", "field", "check"),
     [
         (
-            {"input_tokens": 2**70},
-            False,
-            "input_tokens",
-            lambda r: r.input_tokens == 2**63 - 1,
-        ),
-        (
             {"text": "half a pair \ud83d"},
             True,
             "response_text",
             lambda r: r.response_text == "half a pair \\ud83d",
         ),
     ],
-    ids=["prompt_tokens-2**70", "surrogate-response-record_text"],
+    ids=["surrogate-response-record_text"],
 )
 async def test_an_odd_answer_is_stored_made_safe_and_flagged_with_every_other_record(
     stub: AnthropicStub,
@@ -207,3 +204,17 @@ async def test_an_odd_answer_is_stored_made_safe_and_flagged_with_every_other_re
     assert len(stored) == CALLS
     assert len(flagged) == 1 and flagged[0].metadata["empathy_models.sanitized"] == field
     assert check(flagged[0])
+
+
+async def test_a_usage_count_no_record_can_hold_fails_its_call_and_costs_no_other_record(
+    stub: AnthropicStub, store: Callable[[], TelemetryBackend]
+) -> None:
+    """2**70 input tokens is no count: that answer is malformed, as a negative count is."""
+    stub.odd_answer = {"input_tokens": 2**70}
+    async with store() as telemetry:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await _run_calls(stub, telemetry)
+        stored = await _stored(telemetry)
+    assert isinstance(caught.value.exceptions[0], InvalidResponseError)
+    assert len(stored) == ODD + 1  # every call up to the odd one, that one as a failure
+    assert [r.outcome for r in stored].count(Outcome.FAILURE) == 1
