@@ -26,6 +26,8 @@ from empathy_models import (
     AdaptiveModelRouter,
     AllRoutesFailedError,
     BreakerPolicy,
+    Budget,
+    BudgetExceededError,
     CircuitState,
     EmpathyLLMExecutor,
     ExecutionContext,
@@ -741,3 +743,31 @@ async def test_the_cost_of_a_call_stays_finite_at_an_absurd_price(
     [record] = await records_of(telemetry)
     assert response.input_tokens == record.input_tokens == 2**63 - 1
     assert response.cost_usd == record.cost_usd == sys.float_info.max
+
+
+async def test_a_budget_refuses_a_call_at_an_absurd_price_without_overflowing(
+    telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    # a worst case past what nano-dollars hold is more than any budget: refused, never a
+    # raw error
+    absurd = ModelInfo(
+        id="gpt-fake-mini",
+        provider="openai",
+        tier="cheap",
+        input_price_per_mtok=1e307,
+        output_price_per_mtok=1e307,
+        context_window=128_000,
+        max_output_tokens=16384,
+    )
+    async with (
+        usage_server(10) as (url, _),
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=url)],
+            registry=ModelRegistry(models=[absurd], price_version="absurd"),
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=1_000_000.0)],
+            sleep=sleep,
+        ) as executor,
+    ):
+        with pytest.raises(BudgetExceededError):
+            await executor.run("hello", ExecutionContext(model="gpt-fake-mini"))

@@ -50,9 +50,19 @@ SCOPES: Final[tuple[str, ...]] = ("global", "workflow", "stage", "user_id", "pro
 _WINDOWS: Final = ("hour", "day", "month")
 
 
+MAX_NANO: Final = 2**63 - 1
+"""The most nano-dollars a quota store holds (a 64-bit integer: ~9.2 billion USD)."""
+
+
 def to_nano(usd: float, *, up: bool = False) -> int:
-    """``usd`` in integer nano-dollars (rounded up with ``up``, else to the nearest)."""
+    """
+    ``usd`` in integer nano-dollars (rounded up with ``up``, else to the nearest), at
+    most `MAX_NANO`: a larger amount (an absurd price's worst case) is more than any
+    budget holds either way.
+    """
     scaled = usd * NANO
+    if not scaled < MAX_NANO:
+        return MAX_NANO
     return math.ceil(scaled - 1e-6) if up else round(scaled)
 
 
