@@ -1,12 +1,14 @@
 """
 Values past what a store holds as given: text with a lone surrogate (as Python decodes
-bytes that are not UTF-8) or a NUL character, an integer past 64 bits.  The in-memory and
-SQLite telemetry backends answer the same for them, whether the store kept a record's text
-as given or made it safe.
+bytes that are not UTF-8) or a NUL character, an integer past 64 bits.  The in-memory,
+SQLite and PostgreSQL telemetry backends answer the same for them, whether the store kept
+a record's text as given or made it safe.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +22,17 @@ SURROGATE = "caf\udce9"
 """``café`` typed in a Latin-1 terminal, as Python decodes it."""
 
 NUL = "n\x00ul"
+
+
+def _urls(tmp_path: Path) -> list[str]:
+    # every backend at hand: PostgreSQL when EMPATHY_TEST_POSTGRES_DSN names one (tables
+    # of this test's own)
+    urls = ["memory://", f"sqlite:///{tmp_path}/calls.db"]
+    dsn = os.environ.get("EMPATHY_TEST_POSTGRES_DSN")
+    if dsn:
+        sep = "&" if "?" in dsn else "?"
+        urls.append(f"{dsn}{sep}table_prefix=odd_{uuid.uuid4().hex[:12]}_")
+    return urls
 
 
 def _record(n: int, *, workflow: str = "wf", stage: str = "st", model: str = "m") -> LLMCallRecord:
@@ -60,7 +73,7 @@ RECORDS = [
 async def test_a_filter_on_unstorable_text_finds_the_records_written_with_it(
     tmp_path: Path, field: str, value: str, expected: set[str]
 ) -> None:
-    for url in ("memory://", f"sqlite:///{tmp_path}/calls.db"):
+    for url in _urls(tmp_path):
         async with telemetry_from_url(url) as backend:
             await backend.record_many(RECORDS)
             await backend.flush()
@@ -78,7 +91,7 @@ async def test_a_filter_on_unstorable_text_finds_the_records_written_with_it(
 
 
 async def test_a_limit_past_64_bits_reads_every_record(tmp_path: Path) -> None:
-    for url in ("memory://", f"sqlite:///{tmp_path}/calls.db"):
+    for url in _urls(tmp_path):
         async with telemetry_from_url(url) as backend:
             await backend.record_many(RECORDS[:1])
             assert [r.call_id for r in await backend.recent(limit=2**64)] == ["c0"], url

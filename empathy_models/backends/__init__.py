@@ -21,9 +21,11 @@ install.
 For implementers of a telemetry backend: `refusals` turns a store's refusal of a value
 (an encoding error, a NUL in PostgreSQL text, an integer out of range) into
 `TelemetryRejectedError`, which the batching writer answers by storing a sanitized copy
-of the record instead of losing it.  `gc_paused` holds the cyclic garbage collector off
-for a short block that builds many objects at once (the evidence rows of a router's
-start, which a backend hands over as they are: `empathy_models.evidence.EvidenceBatch.from_rows`).
+of the record instead of losing it; `stored_forms` gives the texts a query for a value
+must match to find the records written with it (stored as given, or made safe).
+`gc_paused` holds the cyclic garbage collector off for a short block that builds many
+objects at once (the evidence rows of a router's start, which a backend hands over as
+they are: `empathy_models.evidence.EvidenceBatch.from_rows`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .._fast import gc_paused
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
 from ._plugin import BackendPlugin
-from ._storable import refusals
+from ._storable import refusals, stored_forms
 from .memory import MemoryStateStore, MemoryTelemetryBackend
 from .null import NullStateStore, NullTelemetryBackend
 
@@ -53,6 +55,7 @@ __all__ = [
     "redact_url",
     "refusals",
     "state_store_from_url",
+    "stored_forms",
     "telemetry_from_url",
 ]
 

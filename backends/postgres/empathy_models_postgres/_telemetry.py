@@ -25,7 +25,7 @@ from typing import Any, Final
 import asyncpg
 
 from empathy_models.abc import TelemetryBackend
-from empathy_models.backends import gc_paused, refusals
+from empathy_models.backends import gc_paused, refusals, stored_forms
 from empathy_models.evidence import (
     BUCKET_SECONDS,
     SUM_FIELDS,
@@ -450,9 +450,17 @@ class PostgresTelemetryBackend(TelemetryBackend):
         clauses: list[str] = []
         args: list[Any] = []
         for column, value in (("workflow", workflow), ("stage", stage), ("model", model)):
-            if value is not None:
-                args.append(value)
+            if value is None:
+                continue
+            # a record PostgreSQL refused (a NUL, a lone surrogate) was stored made safe:
+            # a filter finds it by that form (`stored_forms`), never sends one it refuses
+            forms = [f for f in stored_forms(value) if "\x00" not in f]
+            if len(forms) == 1:
+                args.append(forms[0])
                 clauses.append(f"{column} = ${len(args)}")
+            else:
+                args.append(forms)
+                clauses.append(f"{column} = ANY(${len(args)}::text[])")
         if since is not None:
             args.append(since)
             clauses.append(f"ts >= ${len(args)}")
@@ -543,7 +551,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first (ties: last written first)."""
         where, args = self._where(workflow=workflow, stage=stage, since=since, model=model)
-        args.append(limit)
+        args.append(min(limit, 2**63 - 1))  # no table holds more rows: the same answer
         query = (
             f"SELECT record FROM {self._calls}{where} ORDER BY ts DESC, seq DESC LIMIT ${len(args)}"
         )
