@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import pickle
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from empathy_models.limits import (
     WINDOW_RETENTION,
     LocalRateLimitError,
     MemoryQuotaStore,
+    SQLiteQuotaStore,
     quota_store_from_url,
     window_bounds,
 )
@@ -425,9 +428,23 @@ async def test_a_failing_quota_store_degrades_to_local_limits(
     assert len(warnings_logged) == 1  # one warning per outage
 
 
-async def test_the_memory_store_drops_a_budget_window_a_week_after_it_ended() -> None:
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
+async def test_a_store_drops_a_budget_window_a_week_after_it_ended(
+    kind: str, tmp_path: Path
+) -> None:
+    # (Redis expires a window a week after it ended, on its own clock)
     first = 1_800_000_000.0
-    async with MemoryQuotaStore() as store:
+    if kind == "memory":
+        store: Any = MemoryQuotaStore()
+    elif kind == "sqlite":
+        store = SQLiteQuotaStore(tmp_path / "q.db")
+    else:
+        dsn = os.environ.get("EMPATHY_TEST_POSTGRES_DSN")
+        if not dsn:
+            pytest.skip("EMPATHY_TEST_POSTGRES_DSN is not set")
+        sep = "&" if "?" in dsn else "?"
+        store = quota_store_from_url(f"{dsn}{sep}table_prefix=q{uuid.uuid4().hex[:12]}_")
+    async with store:
         for i in range(3000):  # 10-minute windows for about three weeks
             ws = first + 600 * i
             await store.reserve("b/600s", window_start=ws, window_end=ws + 600, amount=1, limit=9)

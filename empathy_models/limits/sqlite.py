@@ -7,12 +7,15 @@ file, WAL, busy retries, cancellation safety) and may share a file with the
 telemetry backend and the circuit-state store: its one table, ``quota``, is created
 on first use.  Each operation is one ``BEGIN IMMEDIATE`` transaction that reads the
 key's row, applies the pure step of `empathy_models.limits.meter` with the UTC wall
-clock read after the write lock is held, and writes the row back.
+clock read after the write lock is held, and writes the row back.  A budget's window
+is dropped a week (`WINDOW_RETENTION`) after it ended, as in the other stores; the time
+is the newest window start written, checked once an hour of it in each process.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -27,6 +30,7 @@ from ..backends.sqlite._conn import _fetchone
 from ..backends.sqlite._database import MEMORY, _Database
 from ..backends.sqlite._url import _COMMON_OPTIONS, parse_sqlite_url
 from ..exceptions import ConfigurationError, StateStoreError
+from .values import WINDOW_RETENTION
 
 __all__ = ["SQLiteQuotaStore"]
 
@@ -81,6 +85,7 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
             self.shared = False  # type: ignore[misc]
         self._ready = False
         self._missing = False  # read-only and the file has no quota table: reads are empty
+        self._sweep_at = -math.inf  # the window start from which ended windows are dropped
 
     def __repr__(self) -> str:
         return f"SQLiteQuotaStore({self._path!r})"
@@ -138,6 +143,8 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
                     "updated_at = excluded.updated_at",
                     (key, json.dumps(new, separators=(",", ":")), time.time()),
                 )
+                if key.startswith("b|") and new["window_start"] >= self._sweep_at:
+                    await self._sweep(conn, float(new["window_start"]))
             return result
 
         async def job(conn: aiosqlite.Connection) -> T:
@@ -145,6 +152,16 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
             return await db.transaction(conn, body)
 
         return await db.run(job)
+
+    async def _sweep(self, conn: aiosqlite.Connection, newest: float) -> None:
+        # drop the budget windows that ended a week before ``newest``, a window's start
+        # (as `MemoryQuotaStore` does; one scan of the table an hour of it per process)
+        await conn.execute(
+            "DELETE FROM quota WHERE substr(key, 1, 2) = 'b|' "
+            "AND json_extract(data, '$.window_end') < ?",
+            (newest - WINDOW_RETENTION,),
+        )
+        self._sweep_at = newest + 3600.0
 
     async def _load(self, key: str) -> dict[str, Any] | None:
         async def job(conn: aiosqlite.Connection) -> sqlite3.Row | None:

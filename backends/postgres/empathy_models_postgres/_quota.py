@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 from empathy_models.abc import TransactionalQuotaStore
 from empathy_models.exceptions import StateStoreError
+from empathy_models.limits import WINDOW_RETENTION
 
 from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
 
@@ -32,11 +34,13 @@ class PostgresQuotaStore(TransactionalQuotaStore):
     """
     Spend budgets and rate-limit schedules shared by every process using the database.
 
-    One row per key in ``<table_prefix>quota``.  Every operation is one transaction: the
-    row is inserted if absent, locked with ``SELECT ... FOR UPDATE``, the pure step of
-    `empathy_models.limits.meter` runs with ``now`` from the database's
-    ``clock_timestamp()`` read after the lock is held, and the row is written back;
-    concurrent processes serialize per key and agree on time.
+    One row per key in ``<table_prefix>quota``; a budget's window is dropped a week
+    (`empathy_models.limits.WINDOW_RETENTION`) after it ended, the time being the newest
+    window start written, checked once an hour of it in each process.  Every operation
+    is one transaction: the row is inserted if absent, locked with ``SELECT ... FOR
+    UPDATE``, the pure step of `empathy_models.limits.meter` runs with ``now`` from the
+    database's ``clock_timestamp()`` read after the lock is held, and the row is written
+    back; concurrent processes serialize per key and agree on time.
 
     Args:
         dsn, schema, table_prefix, create, **pool_options: as for
@@ -68,6 +72,7 @@ class PostgresQuotaStore(TransactionalQuotaStore):
         )
         self._table = self._db.table("quota")
         self._migrations = build_migrations(self._db, _MIGRATIONS)
+        self._sweep_at = -math.inf  # the window start from which ended windows are dropped
 
     def __repr__(self) -> str:
         return (
@@ -126,6 +131,15 @@ class PostgresQuotaStore(TransactionalQuotaStore):
                     key,
                     json.dumps(new, separators=(",", ":")),
                 )
+                if key.startswith("b|") and new["window_start"] >= self._sweep_at:
+                    # the budget windows that ended a week before this one began go, as
+                    # in the other stores (one scan of the table an hour of it)
+                    await conn.execute(
+                        f"DELETE FROM {self._table} WHERE left(key, 2) = 'b|' "
+                        "AND (data->>'window_end')::float8 < $1",
+                        float(new["window_start"]) - WINDOW_RETENTION,
+                    )
+                    self._sweep_at = float(new["window_start"]) + 3600.0
         return result
 
     async def _load(self, key: str) -> dict[str, Any] | None:
