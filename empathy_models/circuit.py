@@ -585,7 +585,8 @@ def force(
 def reset(state: CircuitBreakerState | None, now: float, *, key: str) -> CircuitBreakerState:
     """
     Return the key to a fresh CLOSED state, forgetting trips, and bump the generation so
-    tickets issued before the reset no longer count.
+    tickets issued before the reset no longer count (a key never written reads as
+    generation 0: it gets generation 1).
     """
-    generation = 0 if state is None else state.generation + 1
+    generation = 1 if state is None else state.generation + 1
     return CircuitBreakerState(key=key, generation=generation, closed_at_ts=now, updated_at_ts=now)
