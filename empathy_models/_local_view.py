@@ -533,7 +533,10 @@ class Guard:
     async def __aenter__(self) -> Ticket:
         breaker = self._breaker
         key = self._key
-        view = breaker._views.get(key)
+        try:
+            view = breaker._views.get(key)
+        except TypeError:  # not a key (unhashable): `CircuitBreaker.admit` says why
+            view = None
         if view is not None:
             tail = view.tail
             if tail is not None and tail.state is view.state:

@@ -19,7 +19,12 @@ from ...abc import CircuitStateStore
 from ...backends import state_store_from_url
 from ...breaker import CircuitBreaker
 from ...circuit import BreakerPolicy
-from ...exceptions import BackendClosedError, BackendError, RecordValidationError
+from ...exceptions import (
+    BackendClosedError,
+    BackendError,
+    ConfigurationError,
+    RecordValidationError,
+)
 from ...records import (
     Admission,
     CircuitBreakerState,
@@ -490,6 +495,59 @@ class CircuitStateStoreContract(StateStoreFixtures):
             stale = await state_store.record("k", _TRIP3, [_report(ticket)])
             assert stale.state is CircuitState.CLOSED and stale.failure_count == 0
             assert [s.key for s in await other.snapshot_all()] == ["k"]
+
+    # -- keys ----------------------------------------------------------------------------
+
+    async def test_the_longest_key_a_breaker_takes_is_held(
+        self, state_store: CircuitStateStore
+    ) -> None:
+        self._needs_state()
+        key = "provider:" + "\U0001d11e" * 491  # 500 characters, 4 bytes each but 9
+        async with CircuitBreaker(state_store, _TRIP3) as breaker:
+            forced = await breaker.force_open(key, reason="the longest key")
+            assert (forced.key, forced.state) == (key, CircuitState.FORCED_OPEN)
+            assert not await breaker.is_available(key)
+            await breaker.reset(key)
+            async with breaker.guard(key):
+                pass
+            assert (await breaker.get_status(key)).state is CircuitState.CLOSED
+            assert not breaker.degraded
+        assert [s.key for s in await state_store.snapshot_all()] == [key]
+
+    async def test_a_key_no_store_can_hold_is_refused_and_degrades_nothing(
+        self, state_store: CircuitStateStore
+    ) -> None:
+        self._needs_state()
+        refused: list[Any] = [None, 42, ["openai"], "", "k" * 501, "openai:a\x00b", "m-\udcff"]
+        async with CircuitBreaker(state_store, _TRIP3) as breaker:
+            for key in refused:
+                ticket = Ticket(key=key, generation=0)
+                calls: list[tuple[Callable[..., Awaitable[object]], tuple[Any, ...]]] = [
+                    (breaker.admit, (key,)),
+                    (breaker.call, (key, anyio.sleep, 0)),
+                    (breaker.report, (ticket, Outcome.FAILURE)),
+                    (breaker.get_status, (key,)),
+                    (breaker.is_available, (key,)),
+                    (breaker.force_open, (key,)),
+                    (breaker.disable, (key,)),
+                ]
+                if key is not None:  # reset(None) resets every key
+                    calls.append((breaker.reset, (key,)))
+                for method, args in calls:
+                    with pytest.raises(ConfigurationError, match="must"):
+                        await method(*args)
+                    assert not breaker.degraded, (method.__name__, key)
+                with pytest.raises(ConfigurationError):
+                    async with breaker.guard(key):
+                        pass
+                with pytest.raises(ConfigurationError):
+                    breaker.protect(key)
+                with pytest.raises(ConfigurationError):
+                    breaker.available_hint(key)
+            # the store still answers for every other key
+            await breaker.force_open("openai", reason="still shared")
+        assert (await state_store.snapshot("openai")).state is CircuitState.FORCED_OPEN
+        assert [s.key for s in await state_store.snapshot_all()] == ["openai"]
 
     # -- lifecycle and input checks ------------------------------------------------------
 
