@@ -15,7 +15,7 @@ from typing import TypeAlias
 from attrs import frozen
 
 from .exceptions import ConfigurationError
-from .records import CircuitBreakerState, CircuitState
+from .records import CircuitBreakerState, CircuitState, _ts_to_datetime
 
 __all__ = ["BreakerEvent", "BreakerEventKind", "BreakerListener"]
 
@@ -97,22 +97,16 @@ class Listeners:
                     await result
             except Exception:
                 logger.exception(
-                    "circuit breaker listener %r failed on %s for %r",
+                    "circuit breaker listener %r failed on %s for %s",
                     listener,
                     event.kind.value,
-                    event.key,
+                    shown(event.key),
                 )
 
 
-def ts(value: float | None) -> datetime | None:
-    """UTC epoch seconds as an aware datetime (``None`` stays ``None``)."""
-    if value is None:
-        return None
-    try:
-        return datetime.fromtimestamp(value, UTC)
-    except (OverflowError, OSError, ValueError):
-        # beyond year 9999 (an absurd Retry-After): the latest instant a datetime holds
-        return datetime.max.replace(tzinfo=UTC)
+ts = _ts_to_datetime
+"""UTC epoch seconds as an aware datetime (``None`` stays ``None``; beyond year 9999, an
+absurd Retry-After or open period, the latest instant a datetime holds)."""
 
 
 def encodable(text: str) -> str:
@@ -122,6 +116,20 @@ def encodable(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
+
+
+SHOWN_KEY = 100
+"""Characters of a key's repr a log line or a message shows (a store may hold long keys)."""
+
+
+def shown(key: object) -> str:
+    """``key``'s repr for a log line or a message, cut to `SHOWN_KEY` characters (a cut
+    key says how long it is)."""
+    text = repr(key)
+    if len(text) <= SHOWN_KEY:
+        return text
+    size = f" ({len(key):,} characters)" if isinstance(key, str) else ""
+    return f"{text[: SHOWN_KEY - 3]}...{size}"
 
 
 def describe(exc: BaseException) -> str:
@@ -214,8 +222,8 @@ def log_transition(state: CircuitBreakerState, old: CircuitState, reason: str | 
         held = "until reset" if until is None else f"until {until.isoformat(timespec='seconds')}"
         logger.log(
             level,
-            "circuit %r %s (was %s, generation %d, %s): %s",
-            state.key,
+            "circuit %s %s (was %s, generation %d, %s): %s",
+            shown(state.key),
             "opened" if new is CircuitState.OPEN else "forced open",
             old.value,
             state.generation,
@@ -225,8 +233,8 @@ def log_transition(state: CircuitBreakerState, old: CircuitState, reason: str | 
     else:
         logger.log(
             level,
-            "circuit %r %s (was %s, generation %d)%s",
-            state.key,
+            "circuit %s %s (was %s, generation %d)%s",
+            shown(state.key),
             {"half_open": "half-open", "closed": "closed", "disabled": "disabled"}.get(
                 new.value, new.value
             ),

@@ -53,6 +53,13 @@ RETRY_MAX = 5.0
 SYNC_TIMEOUT = 2.0
 """Seconds `sync` waits for a sync point before it gives up (the caller asks the store)."""
 
+STOP_TIMEOUT = 5.0
+"""Seconds stopping the watcher waits for it to end before leaving it to end on its own."""
+
+RECANCEL_INTERVAL = 1.0
+"""Seconds between cancellations of a watcher that has not ended (a store's client may
+swallow one)."""
+
 
 class FeedListener(Protocol):
     """What a feed tells its listeners (a breaker's local view)."""
@@ -72,7 +79,12 @@ class ChangeFeed:
         watch: the store's watcher: ``await watch(feed)`` subscribes, calls `begin`, then
             `announce` and `synced` until the subscription fails, when it raises (or
             returns).  The feed runs it in a task while it has listeners, subscribing
-            again after a failure (0.1 s, doubling up to 5 s).
+            again after a failure (0.1 s, doubling up to 5 s).  The last listener gone
+            (or `aclose`) cancels that task and waits for it for at most `STOP_TIMEOUT`
+            seconds, cancelling it again every `RECANCEL_INTERVAL` seconds: a watcher
+            whose client swallows a cancellation (returns or raises something else) ends
+            the task all the same, and one that never ends is left running, with a
+            warning, rather than holding the breaker's ``aclose``.
         name: the store, for logs (no secrets).
     """
 
@@ -132,11 +144,39 @@ class ChangeFeed:
         await self._stop()
 
     async def _stop(self) -> None:
+        """
+        Stop the watcher's task (`_run` ends at its next turn once it is no longer
+        ``_task``): cancel it and wait for it, bounded (see the class), also while the
+        caller is being cancelled, whose cancellation is raised afterwards.
+        """
         task, self._task = self._task, None
         self._end()
-        if task is not None:
-            task.cancel()
-            await asyncio.wait({task})
+        if task is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = now + STOP_TIMEOUT
+        recancel = now
+        interrupted: asyncio.CancelledError | None = None
+        while not task.done():
+            now = loop.time()
+            if now >= deadline:
+                logger.warning(
+                    "circuit breaker: %s's watcher did not end within %g s of being "
+                    "cancelled; it is left to end on its own",
+                    self._name,
+                    STOP_TIMEOUT,
+                )
+                break
+            if now >= recancel:  # again after the first time: it may have been swallowed
+                task.cancel()
+                recancel = now + RECANCEL_INTERVAL
+            try:
+                await asyncio.wait({task}, timeout=min(deadline, recancel) - now)
+            except asyncio.CancelledError as exc:
+                interrupted = exc  # the caller's: wait on (bounded), raise it after
+        if interrupted is not None:
+            raise interrupted
 
     async def sync(self) -> bool:
         """
@@ -205,8 +245,9 @@ class ChangeFeed:
                 future.set_result(False)
 
     async def _run(self) -> None:
+        me = asyncio.current_task()
         delay = RETRY_MIN
-        while True:
+        while self._task is me:
             error = "the subscription ended"
             try:
                 await self._watch(self)
@@ -214,6 +255,11 @@ class ChangeFeed:
                 raise
             except Exception as exc:  # any failure: subscribe again
                 error = f"{type(exc).__name__}: {exc}"
+            if self._task is not me or (me is not None and me.cancelling()):
+                # stopped: the watcher's client swallowed the cancellation (redis-py
+                # while it connects; asyncio.wait_for on Python 3.11 when the inner call
+                # has just ended) and returned or raised something else
+                return
             proved = self.synced_at > -math.inf
             self._end()
             for listener in list(self._listeners):

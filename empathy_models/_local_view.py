@@ -59,8 +59,16 @@ MAX_ANNOUNCED = 100_000
 
 
 def view_ticket(state: CircuitBreakerState) -> Ticket | None:
-    """The ticket a view of ``state`` hands out: one for CLOSED and DISABLED, else none."""
+    """
+    The ticket a view of ``state`` hands out: one for CLOSED and DISABLED, else none;
+    none either for a key no store has written (generation 0 without ``updated_at``: a
+    status read, or a reset's answer for a key the store does not list), whose first
+    admission goes to the store, which writes it: `CircuitStateStore.reset` then finds
+    every key that has tickets out, and outdates them.
+    """
     if state.state is _CLOSED or state.state is _DISABLED:
+        if state.updated_at_ts is None and state.generation == 0:
+            return None
         return Ticket(key=state.key, generation=state.generation)
     return None
 
@@ -525,7 +533,10 @@ class Guard:
     async def __aenter__(self) -> Ticket:
         breaker = self._breaker
         key = self._key
-        view = breaker._views.get(key)
+        try:
+            view = breaker._views.get(key)
+        except TypeError:  # not a key (unhashable): `CircuitBreaker.admit` says why
+            view = None
         if view is not None:
             tail = view.tail
             if tail is not None and tail.state is view.state:

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Container, Coroutine
 from typing import Any, TypeVar
 
+from ._breaker_events import shown
 from .abc import CircuitStateStore
 from .circuit import BreakerPolicy
 from .records import Admission, Outcome, OutcomeReport
@@ -67,7 +68,9 @@ class Settler:
             while key in pending:
                 await flush(key)
         except Exception:  # nobody awaits this task: say what went wrong
-            logger.exception("circuit breaker: sending successes of %r to the store failed", key)
+            logger.exception(
+                "circuit breaker: sending successes of %s to the store failed", shown(key)
+            )
         finally:
             del self.behind[key]
 

@@ -82,6 +82,11 @@ it answers, ``store_recovered`` is emitted and the store's state is adopted (an 
 by others meanwhile included; local trips made during the outage are not pushed to the
 store).  A call never fails because the store is down.
 
+**Keys.**  A key is a non-empty string of at most 500 characters, without NUL characters
+or lone surrogates: one every store can hold and announce.  Every method taking a key
+raises `ConfigurationError` for any other, before a store sees it (on the hot path, only
+for a key without a local view).
+
 **Keys per model, trips per provider.**  With ``per_model=True`` (the default)
 `key_for` returns ``"provider:model"``; ``per_model=False`` keys every call by the
 provider alone (one outage then shuts out all of its models).  The provider's own key
@@ -122,9 +127,10 @@ from ._breaker_events import (
     BreakerListener,
     Events,
     encodable,
+    shown,
     ts,
 )
-from ._local_view import MAX_PENDING, Guard, LocalView, protected, view_ticket
+from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
 from ._settled import SHIELD_SECONDS, Settler
 from ._validators import check, failure, integer, number
 from .abc import AsyncResource, CircuitStateStore
@@ -264,6 +270,59 @@ def _store_of(
     )
 
 
+_MAX_KEY_LENGTH = 500
+"""
+The longest breaker key, in characters (a ``provider:model`` key is far shorter): every
+store holds and announces a key this long (PostgreSQL indexes at most about 2,700 bytes;
+a character is up to 4 bytes in UTF-8).
+"""
+
+
+def _checked_key(key: object, name: str = "a breaker key") -> str:
+    """
+    ``key`` if every store can hold it: a non-empty string of at most `_MAX_KEY_LENGTH`
+    characters, without NUL, that UTF-8 can encode (no lone surrogates, as
+    ``os.fsdecode`` leaves for undecodable bytes).
+
+    Raises:
+        ConfigurationError: Any other ``key`` (``name`` says what it is).
+    """
+    if not isinstance(key, str) or not key:
+        raise ConfigurationError(f"{name} must be a non-empty string, got {shown(key)}")
+    if len(key) > _MAX_KEY_LENGTH:
+        raise ConfigurationError(
+            f"{name} must be at most {_MAX_KEY_LENGTH} characters, got {shown(key)}"
+        )
+    if "\x00" in key:
+        raise ConfigurationError(f"{name} must not contain NUL characters, got {shown(key)}")
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigurationError(
+                f"{name} must be text UTF-8 can encode (no lone surrogates, such as "
+                f"os.fsdecode leaves for undecodable bytes), got {shown(key)}"
+            ) from None
+    return key
+
+
+def _view_of(views: dict[str, View], key: str) -> View | None:
+    """
+    ``key``'s view, if any; for a key without one, `_checked_key` first (a key with a
+    view is one a store has answered for).
+
+    Raises:
+        ConfigurationError: a key no store can hold.
+    """
+    try:
+        view = views.get(key)
+    except TypeError:  # unhashable: not a key
+        view = None
+    if view is None:
+        _checked_key(key)
+    return view
+
+
 def _capped_retry_after(policy: BreakerPolicy, key: str, retry_after: float) -> float | None:
     """``retry_after`` capped at the policy's ``max_retry_after_open`` (NaN: None)."""
     check(_retry_after, "retry_after", retry_after)
@@ -272,9 +331,9 @@ def _capped_retry_after(policy: BreakerPolicy, key: str, retry_after: float) -> 
     cap = policy.max_retry_after_open
     if retry_after > cap:
         logger.warning(
-            "circuit %r: the provider asked to wait %gs (Retry-After); holding the "
+            "circuit %s: the provider asked to wait %gs (Retry-After); holding the "
             "circuit open for at most max_retry_after_open=%gs",
-            key,
+            shown(key),
             retry_after,
             cap,
         )
@@ -452,14 +511,14 @@ class CircuitBreaker(AsyncResource):
         breaker is per model (the default), else ``provider`` (the provider-wide key).
 
         Raises:
-            ConfigurationError: an empty provider.
+            ConfigurationError: an empty provider, or a key no store can hold (see
+                `admit`).
         """
-        if not isinstance(provider, str) or not provider:
-            raise ConfigurationError(f"provider must be a non-empty string, got {provider!r}")
+        _checked_key(provider, "provider")
         if self.per_model and model:
             key = f"{provider}:{model}"
             if key not in self._provider_of:
-                self._provider_of[key] = provider
+                self._provider_of[_checked_key(key)] = provider
             return key
         return provider
 
@@ -550,8 +609,7 @@ class CircuitBreaker(AsyncResource):
         It is the cheapest way to guard a call: the CLOSED path costs one dict lookup,
         one clock read and one increment, without a context-manager object per call.
         """
-        if not isinstance(key, str) or not key:
-            raise ConfigurationError(f"a breaker key must be a non-empty string, got {key!r}")
+        _checked_key(key)
 
         def decorate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
             return protected(self, key, fn)
@@ -568,11 +626,12 @@ class CircuitBreaker(AsyncResource):
         Raises:
             CircuitOpenError: (with the state, ``retry_after``, reason and last error) when
                 the call must not go ahead.
+            ConfigurationError: a key no store can hold (see the module docs).
             BackendClosedError: after `aclose`.
         """
         if self._closed:
             self._check_open()
-        view = self._views.get(key)
+        view = _view_of(self._views, key)
         if view is not None:
             now = self._clock()
             if self._local.current(view, now):
@@ -645,9 +704,9 @@ class CircuitBreaker(AsyncResource):
             logger.debug("circuit breaker closed; dropping the %s outcome", outcome.value)
             return
         key = ticket.key
+        view = _view_of(self._views, key)
         if retry_after is not None:
             retry_after = _capped_retry_after(self.policy, key, retry_after)
-        view = self._views.get(key)
         if outcome is _SUCCESS and self._local.added(view, ticket, self.policy):
             return  # the in-process store: in the stored state at once
         if view is not None and outcome is _SUCCESS and self._ttl > 0:
@@ -727,7 +786,7 @@ class CircuitBreaker(AsyncResource):
         ``local_view_ttl`` old (older for keys not used lately); use `is_available` for
         the store's answer.
         """
-        view = self._views.get(key)
+        view = _view_of(self._views, key)
         return view is None or _admits(view.state, self.policy, self._clock)
 
     async def get_status(self, key: str) -> CircuitBreakerState:
@@ -740,7 +799,7 @@ class CircuitBreaker(AsyncResource):
         HALF_OPEN) and ``opened_at`` (aware UTC datetime).
         """
         self._check_open()
-        await self._flush_key(key)
+        await self._flush_key(_checked_key(key))
         state = await self._stores.snapshot(key)
         await self._observe(state)
         return state
@@ -765,7 +824,7 @@ class CircuitBreaker(AsyncResource):
         issued before stop counting.  Written-behind successes of the key are dropped.
         """
         self._check_open()
-        for pending_key in list(self._local.pending) if key is None else [key]:
+        for pending_key in list(self._local.pending) if key is None else [_checked_key(key)]:
             self._local.drop(pending_key)
         await self._stores.reset(key)
         if key is not None:
@@ -796,14 +855,16 @@ class CircuitBreaker(AsyncResource):
             RecordValidationError: a naive ``until``.
         """
         self._check_open()
-        state = await self._stores.force(key, _FORCED_OPEN, until=until, reason=reason)
+        state = await self._stores.force(
+            _checked_key(key), _FORCED_OPEN, until=until, reason=reason
+        )
         await self._observe(state)
         return state
 
     async def disable(self, key: str, reason: str = "disabled by operator") -> CircuitBreakerState:
         """Let every call for ``key`` through and never trip, until `reset`; returns the state."""
         self._check_open()
-        self._local.drop(key)
+        self._local.drop(_checked_key(key))
         state = await self._stores.force(key, _DISABLED, reason=reason)
         await self._observe(state)
         return state

@@ -73,6 +73,11 @@ _rate = number(_fail, low=0, low_open=True, high=1, finite=False, why="must be i
 _non_negative = number(_fail, low=0, finite=False, why="must be >= 0")
 
 
+MIN_BUCKET_SECONDS = 1e-6
+"""The shortest window bucket (``window_seconds / window_buckets``): bucket numbers (the
+time divided by it) then stay below 2**53, exact in every store, until the year 2255."""
+
+
 @frozen(kw_only=True)
 class BreakerPolicy:
     """
@@ -85,7 +90,8 @@ class BreakerPolicy:
 
     Raises:
         ConfigurationError: an invalid field, a ``backoff`` other than ``"linear"`` or
-            ``"exponential"``, or ``max_recovery_seconds`` below ``recovery_seconds``.
+            ``"exponential"``, ``max_recovery_seconds`` below ``recovery_seconds``, or a
+            window bucket (``window_seconds / window_buckets``) under a microsecond.
     """
 
     consecutive_failures: int = field(default=5, validator=_positive_int)
@@ -95,6 +101,7 @@ class BreakerPolicy:
     minimum_calls: int = field(default=10, validator=_positive_int)
     """The failure-rate rule needs at least this many calls in the window."""
     window_seconds: float = field(default=60.0, validator=_positive)
+    """The failure-rate window, in ``window_buckets`` buckets of at least a microsecond."""
     window_buckets: int = field(default=6, validator=_positive_int)
     recovery_seconds: float = field(default=60.0, validator=_positive)
     """Open time after the first trip."""
@@ -122,6 +129,12 @@ class BreakerPolicy:
     """
 
     def __attrs_post_init__(self) -> None:
+        if not self.bucket_seconds >= MIN_BUCKET_SECONDS:
+            raise ConfigurationError(
+                "BreakerPolicy.window_seconds / window_buckets (a window bucket's length) "
+                f"must be at least {MIN_BUCKET_SECONDS:g} s, got {self.window_seconds!r} / "
+                f"{self.window_buckets!r}"
+            )
         if self.backoff not in ("linear", "exponential"):
             raise ConfigurationError(
                 f"BreakerPolicy.backoff must be 'linear' or 'exponential', got {self.backoff!r}"
@@ -204,7 +217,10 @@ def _decayed_trips(state: CircuitBreakerState, policy: BreakerPolicy, now: float
     if state.open_count == 0 or state.closed_at_ts is None:
         return state.open_count
     healthy = max(0.0, now - state.closed_at_ts)
-    return max(0, state.open_count - math.floor(healthy / policy.healthy_decay_seconds))
+    forgotten = healthy / policy.healthy_decay_seconds  # inf for a tiny decay: all of them
+    if forgotten >= state.open_count:
+        return 0
+    return state.open_count - math.floor(forgotten)
 
 
 def _open(
@@ -585,7 +601,8 @@ def force(
 def reset(state: CircuitBreakerState | None, now: float, *, key: str) -> CircuitBreakerState:
     """
     Return the key to a fresh CLOSED state, forgetting trips, and bump the generation so
-    tickets issued before the reset no longer count.
+    tickets issued before the reset no longer count (a key never written reads as
+    generation 0: it gets generation 1).
     """
-    generation = 0 if state is None else state.generation + 1
+    generation = 1 if state is None else state.generation + 1
     return CircuitBreakerState(key=key, generation=generation, closed_at_ts=now, updated_at_ts=now)

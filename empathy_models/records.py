@@ -535,7 +535,14 @@ def _window_tuple(value: object) -> tuple[tuple[int, int, int], ...]:
 
 
 def _ts_to_datetime(ts: float | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC)
+    """UTC epoch seconds as an aware datetime (``None`` stays ``None``); a time beyond
+    what a datetime holds (an open period of ``1e300`` seconds) is its latest instant."""
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, OSError, ValueError):
+        return datetime.max.replace(tzinfo=UTC)
 
 
 @frozen(kw_only=True)

@@ -431,6 +431,26 @@ def test_key_for() -> None:
     assert per_model.key_for("anthropic") == "anthropic"
     with pytest.raises(ConfigurationError, match="provider"):
         per_model.key_for("")
+    # a key every store can hold: the executor builds it from the registry's names
+    with pytest.raises(ConfigurationError, match="NUL"):
+        per_model.key_for("openai", "gpt\x00")
+    with pytest.raises(ConfigurationError, match="at most 500 characters"):
+        per_model.key_for("openai", "m" * 494)
+
+
+async def test_log_lines_show_a_long_key_cut_short(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    breaker, _ = make(clock)
+    key = "openai:" + "m" * 493  # the longest key a breaker takes
+    with caplog.at_level(logging.INFO, "empathy_models.breaker"):
+        async with breaker:
+            await breaker.force_open(key, reason="maintenance")
+            await breaker.reset(key)
+    lines = [r.getMessage() for r in caplog.records if "'openai:mmm" in r.getMessage()]
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert key not in line and "(500 characters)" in line and len(line) < 200, line
 
 
 # --------------------------------------------------------------------------- local view
@@ -528,6 +548,44 @@ def test_constructor_validation() -> None:
         CircuitBreaker(policy={"consecutive_failures": 1})  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="scheme"):
         CircuitBreaker(store="nosuch://x")
+
+
+def test_a_window_bucket_under_a_microsecond_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="window bucket"):
+        BreakerPolicy(window_seconds=1e-300)
+    with pytest.raises(ConfigurationError, match="window bucket"):
+        BreakerPolicy(window_seconds=1.0, window_buckets=10**7)
+
+
+async def test_extreme_but_valid_policy_times_never_raise(clock: FakeClock) -> None:
+    # the shortest window bucket: its numbers stay exact
+    breaker, _ = make(clock, BreakerPolicy(window_seconds=6e-6, consecutive_failures=1))
+    async with breaker:
+        await fail(breaker)
+        assert (await breaker.get_status(KEY)).state is CircuitState.OPEN
+    # an open period beyond what a datetime holds: its latest instant
+    endless = BreakerPolicy(
+        consecutive_failures=1, recovery_seconds=1e300, max_recovery_seconds=1e300
+    )
+    breaker, _ = make(clock, endless)
+    async with breaker:
+        await fail(breaker)
+        status = await breaker.get_status(KEY)
+        assert status.open_until == datetime.max.replace(tzinfo=UTC)
+        assert status.opened_at == clock.as_datetime()
+    # a healthy decay so short that any time closed forgets every earlier trip
+    forgetful = BreakerPolicy(consecutive_failures=1, healthy_decay_seconds=5e-324)
+    breaker, _ = make(clock, forgetful)
+    async with breaker:
+        await fail(breaker)
+        clock.advance(forgetful.recovery_seconds)
+        async with breaker.guard(KEY):  # the probe closes it
+            pass
+        clock.advance(1.0)
+        await fail(breaker)
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.admit(KEY)
+        assert info.value.retry_after == pytest.approx(forgetful.recovery_seconds)
 
 
 async def test_store_from_url_is_owned_and_closed() -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio.to_thread
@@ -21,6 +23,7 @@ from empathy_models import (
     CircuitState,
     state_store_from_url,
 )
+from empathy_models.abc import ChangeFeed
 from empathy_models.backends import MemoryStateStore
 from empathy_models.breaker import BreakerEvent, BreakerEventKind
 from empathy_models.cli import main as cli_main
@@ -187,3 +190,112 @@ async def test_an_operation_its_cancelled_caller_stopped_waiting_for_fails_quiet
         await asyncio.sleep(0.5)  # the operation ends, in failure
         gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+# --------------------------------------------------------------------------- stopping a feed
+
+Watch = Callable[[ChangeFeed], Awaitable[None]]
+
+
+class _AnnouncingStore(MemoryStateStore):
+    """A shared store with a change feed run by ``watch`` (a store's client may swallow
+    the cancellation that stops it: redis-py while it connects, ``asyncio.wait_for``
+    on Python 3.11 when the connection attempt has just failed)."""
+
+    shared = True
+
+    def __init__(self, watch: Watch) -> None:
+        super().__init__()
+        self._feed = ChangeFeed(watch, "the test's store")
+
+    def change_feed(self) -> ChangeFeed:
+        return self._feed
+
+    async def _aclose(self) -> None:
+        await self._feed.aclose()
+        await super()._aclose()
+
+
+def _swallowing(then: str, running: anyio.Event) -> Watch:
+    """A watcher that swallows the first cancellation it gets, then returns or raises
+    (``then``); it takes every later one as it comes."""
+    swallowed: list[bool] = []
+
+    async def watch(feed: ChangeFeed) -> None:
+        running.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(True)
+            if then == "raises":
+                raise ConnectionError("connection refused") from None
+        # "returns"
+
+    return watch
+
+
+@pytest.mark.parametrize("then", ["returns", "raises"])
+async def test_leaving_the_breaker_ends_a_watcher_that_swallowed_its_cancellation(
+    then: str,
+) -> None:
+    running = anyio.Event()
+    store = _AnnouncingStore(_swallowing(then, running))
+    with anyio.fail_after(10):  # a hang guard: leaving returns at once
+        async with store, CircuitBreaker(store) as breaker:
+            await running.wait()
+            async with breaker.guard("k"):
+                pass
+        assert not store.change_feed().listening
+
+
+async def test_a_watcher_that_swallows_one_cancellation_is_cancelled_again() -> None:
+    running = anyio.Event()
+    cancellations: list[int] = []
+
+    async def watch(feed: ChangeFeed) -> None:
+        running.set()
+        while True:  # a subscription carrying on after its client swallowed one
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancellations.append(1)
+                if len(cancellations) > 1:
+                    raise
+
+    store = _AnnouncingStore(watch)
+    with anyio.fail_after(10):  # a hang guard: cancelled again after RECANCEL_INTERVAL
+        async with store, CircuitBreaker(store):
+            await running.wait()
+    assert len(cancellations) == 2
+
+
+async def test_a_watcher_that_never_ends_is_left_running_and_leaving_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running = anyio.Event()
+    released = asyncio.Event()
+    watchers: list[asyncio.Task[object]] = []
+
+    async def watch(feed: ChangeFeed) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        watchers.append(task)
+        running.set()
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+
+    store = _AnnouncingStore(watch)
+    try:
+        # a hang guard: leaving returns after STOP_TIMEOUT (5 s)
+        with anyio.fail_after(20), caplog.at_level(logging.WARNING, "empathy_models.breaker"):
+            async with store, CircuitBreaker(store):
+                await running.wait()
+        assert any("left to end on its own" in r.getMessage() for r in caplog.records)
+    finally:
+        released.set()
+    with anyio.fail_after(10):
+        await asyncio.wait(watchers)  # released, it ends: the feed subscribes no more
+    assert watchers[0].done() and len(watchers) == 1

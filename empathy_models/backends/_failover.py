@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
-from .._breaker_events import describe
+from .._breaker_events import describe, shown
 from ..abc import CircuitStateStore
 from ..exceptions import BackendClosedError, BackendError, StateStoreError
 from ..records import Admission, CircuitBreakerState, CircuitState, OutcomeReport
@@ -265,7 +265,9 @@ class FailoverStateStore(CircuitStateStore):
         del self._unreadable[key]
         del self._key_fallbacks[key]
         await fallback.aclose()
-        logger.warning("circuit %r: its stored state is readable again; using the store", key)
+        logger.warning(
+            "circuit %s: its stored state is readable again; using the store", shown(key)
+        )
         if self._on_recovered is not None:
             await self._on_recovered(key, True)
         return result
@@ -276,9 +278,9 @@ class FailoverStateStore(CircuitStateStore):
         self._unreadable[key] = self._clock() + self._retry_interval
         description = describe(exc)
         logger.warning(
-            "circuit %r: the state store cannot read its state (%s); this key runs on a "
+            "circuit %s: the state store cannot read its state (%s); this key runs on a "
             "per-process breaker until the state is repaired",
-            key,
+            shown(key),
             description,
         )
         if self._on_degraded is not None:

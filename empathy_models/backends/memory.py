@@ -359,19 +359,11 @@ class MemoryStateStore(TransactionalStateStore):
         """
         Internal: whether ``state`` is still its key's state here, as far as admission
         goes: the very object stored (successes added since in a tail change counts
-        only), or a fresh CLOSED generation 0 of a key never written (which `admit`
-        answers without storing).  A closed store holds nothing.
+        only).  A key never written holds nothing: its first admission goes through
+        `admit`, which stores it, so that `reset` finds it and outdates the tickets
+        handed out.  A closed store holds nothing.
         """
-        current = self._states.get(state.key)
-        if current is not None:
-            return current is state and not self._closed
-        return (
-            state.generation == 0
-            and state.state is CircuitState.CLOSED
-            and not state.window
-            and state.consecutive_failures == 0
-            and not self._closed
-        )
+        return self._states.get(state.key) is state and not self._closed
 
     def _add_successes(
         self,

@@ -140,7 +140,10 @@ async def watch(db: Database, channel: str, feed: ChangeFeed) -> None:
         if key and generation.isdigit():
             feed.announce(key, int(generation))
 
-    conn = await asyncio.wait_for(db.connect(application_name(channel)), SYNC_TIMEOUT)
+    # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the inner call's
+    # outcome, instead of raising, when cancelled just as that call ends
+    async with asyncio.timeout(SYNC_TIMEOUT):
+        conn = await db.connect(application_name(channel))
     try:
         async with asyncio.timeout(SYNC_TIMEOUT):
             await conn.add_listener(channel, on_notify)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+
+import anyio
 import pytest
 
-from empathy_models import CircuitBreaker, ConfigurationError, state_store_from_url
+from empathy_models import CircuitBreaker, ConfigurationError, Outcome, state_store_from_url
 from tests._cancel_trials import cancel_during_admission
 
 
@@ -24,3 +27,18 @@ async def test_a_cancel_during_a_half_open_admission_never_leaks_the_probe_lease
 def test_a_malformed_dsn_is_a_configuration_error(dsn: str) -> None:
     with pytest.raises(ConfigurationError, match="not a valid"):
         state_store_from_url(dsn)
+
+
+async def test_leaving_the_breaker_returns_while_the_database_is_unreachable() -> None:
+    # an outage at shutdown: the change feed's watcher is cancelled as its connection
+    # attempt fails (Python 3.11's asyncio.wait_for then returns that failure instead
+    # of the cancellation; the feed must end all the same)
+    with socket.socket() as reserved:
+        reserved.bind(("127.0.0.1", 0))  # bound and never listening: connections refused
+        port = reserved.getsockname()[1]
+        breaker = CircuitBreaker(store=f"postgresql://postgres@127.0.0.1:{port}/test")
+        with anyio.fail_after(30):  # a hang guard: leaving returns at once
+            async with breaker:
+                ticket = await breaker.admit("openai:gpt")
+                await breaker.report(ticket, Outcome.FAILURE)
+                assert breaker.degraded

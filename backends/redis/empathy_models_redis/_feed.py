@@ -103,8 +103,13 @@ async def watch(client: aioredis.Redis, channel: str, feed: ChangeFeed) -> None:
         pool.connection_kwargs.get("encoding_errors", "strict"),
     )
     clock = time.monotonic
+    task = asyncio.current_task()
+    cancelling = 0 if task is None else task.cancelling()
     try:
         await conn.connect()
+        if task is not None and task.cancelling() > cancelling:
+            # redis-py's connect swallows a cancellation now and then: raise it here
+            raise asyncio.CancelledError("the change feed was stopped while it connected")
         reader, writer = conn._reader, conn._writer
         if not isinstance(reader, asyncio.StreamReader) or not isinstance(
             writer, asyncio.StreamWriter

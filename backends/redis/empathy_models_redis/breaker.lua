@@ -665,7 +665,7 @@ local function force(st, target, now, untl, reason)
 end
 
 local function reset(st, now)
-  local generation = 0
+  local generation = 1  -- a key never written reads as generation 0
   if st ~= nil then
     generation = st.generation + 1
   end

@@ -17,8 +17,14 @@ import pytest_asyncio
 
 from ...abc import CircuitStateStore
 from ...backends import state_store_from_url
+from ...breaker import CircuitBreaker
 from ...circuit import BreakerPolicy
-from ...exceptions import BackendClosedError, BackendError, RecordValidationError
+from ...exceptions import (
+    BackendClosedError,
+    BackendError,
+    ConfigurationError,
+    RecordValidationError,
+)
 from ...records import (
     Admission,
     CircuitBreakerState,
@@ -113,8 +119,10 @@ class CircuitStateStoreContract(StateStoreFixtures):
     Covers: unseen keys read CLOSED; tripping at the threshold; stale tickets dropped;
     generation strictly increasing on transitions; OPEN -> HALF_OPEN after the recovery
     time; probe lease exclusivity under 100 concurrent admits; lease expiry; force,
-    snapshot, snapshot_all and reset; isolation between keys; 100 concurrent outcome
-    reports counted exactly; idempotent close; use after close; naive datetimes.
+    snapshot, snapshot_all and reset (which outdates every ticket issued before it, by
+    the store or by a breaker's view, of a key admitted, read or never written);
+    isolation between keys; 100 concurrent outcome reports counted exactly; idempotent
+    close; use after close; naive datetimes.
     """
 
     keeps_state: ClassVar[bool] = True
@@ -225,6 +233,43 @@ class CircuitStateStoreContract(StateStoreFixtures):
         assert after_reset.state is CircuitState.CLOSED and after_reset.failure_count == 0
         snap = await state_store.snapshot("k")
         assert snap.state is CircuitState.CLOSED and snap.failure_count == 0
+
+    async def test_a_reset_outdates_the_tickets_of_a_key_only_admitted_or_never_written(
+        self, state_store: CircuitStateStore
+    ) -> None:
+        self._needs_state()
+        policy = _policy(consecutive_failures=1)
+        # an admission writes the key, so that a reset of every key finds it
+        ticket = await _admitted(state_store, "admitted", policy)
+        await state_store.reset()
+        after = await state_store.record("admitted", policy, [_report(ticket)])
+        assert after.state is CircuitState.CLOSED and after.failure_count == 0
+        assert after.generation > ticket.generation
+        # a reset is a transition for a key never written too: a ticket of the
+        # generation 0 it reads as (a process that read it so may have one) stops counting
+        unwritten = Ticket(key="unwritten", generation=0)
+        await state_store.reset("unwritten")
+        after = await state_store.record("unwritten", policy, [_report(unwritten)])
+        assert after.state is CircuitState.CLOSED and after.failure_count == 0
+        assert after.generation == 1
+
+    @pytest.mark.parametrize("ttl", [0.0, 1.0])
+    @pytest.mark.parametrize("everything", [False, True], ids=["reset(key)", "reset()"])
+    async def test_a_breaker_reset_outdates_the_tickets_it_issued_before(
+        self, state_store: CircuitStateStore, ttl: float, everything: bool
+    ) -> None:
+        self._needs_state()
+        policy = _policy(consecutive_failures=1)
+        async with CircuitBreaker(state_store, policy, local_view_ttl=ttl) as breaker:
+            for key in ("read-first", "admitted-first"):
+                if key == "read-first":
+                    await breaker.get_status(key)  # a view of a key never written
+                ticket = await breaker.admit(key)
+                await breaker.reset(None if everything else key)
+                # "tickets issued before stop counting": the failure is dropped
+                await breaker.report(ticket, Outcome.FAILURE, error="HTTP 503 (contract)")
+                state = await breaker.get_status(key)
+                assert state.state is CircuitState.CLOSED and state.failure_count == 0, state
 
     async def test_generation_strictly_increases_on_every_transition(
         self, state_store: CircuitStateStore
@@ -450,6 +495,59 @@ class CircuitStateStoreContract(StateStoreFixtures):
             stale = await state_store.record("k", _TRIP3, [_report(ticket)])
             assert stale.state is CircuitState.CLOSED and stale.failure_count == 0
             assert [s.key for s in await other.snapshot_all()] == ["k"]
+
+    # -- keys ----------------------------------------------------------------------------
+
+    async def test_the_longest_key_a_breaker_takes_is_held(
+        self, state_store: CircuitStateStore
+    ) -> None:
+        self._needs_state()
+        key = "provider:" + "\U0001d11e" * 491  # 500 characters, 4 bytes each but 9
+        async with CircuitBreaker(state_store, _TRIP3) as breaker:
+            forced = await breaker.force_open(key, reason="the longest key")
+            assert (forced.key, forced.state) == (key, CircuitState.FORCED_OPEN)
+            assert not await breaker.is_available(key)
+            await breaker.reset(key)
+            async with breaker.guard(key):
+                pass
+            assert (await breaker.get_status(key)).state is CircuitState.CLOSED
+            assert not breaker.degraded
+        assert [s.key for s in await state_store.snapshot_all()] == [key]
+
+    async def test_a_key_no_store_can_hold_is_refused_and_degrades_nothing(
+        self, state_store: CircuitStateStore
+    ) -> None:
+        self._needs_state()
+        refused: list[Any] = [None, 42, ["openai"], "", "k" * 501, "openai:a\x00b", "m-\udcff"]
+        async with CircuitBreaker(state_store, _TRIP3) as breaker:
+            for key in refused:
+                ticket = Ticket(key=key, generation=0)
+                calls: list[tuple[Callable[..., Awaitable[object]], tuple[Any, ...]]] = [
+                    (breaker.admit, (key,)),
+                    (breaker.call, (key, anyio.sleep, 0)),
+                    (breaker.report, (ticket, Outcome.FAILURE)),
+                    (breaker.get_status, (key,)),
+                    (breaker.is_available, (key,)),
+                    (breaker.force_open, (key,)),
+                    (breaker.disable, (key,)),
+                ]
+                if key is not None:  # reset(None) resets every key
+                    calls.append((breaker.reset, (key,)))
+                for method, args in calls:
+                    with pytest.raises(ConfigurationError, match="must"):
+                        await method(*args)
+                    assert not breaker.degraded, (method.__name__, key)
+                with pytest.raises(ConfigurationError):
+                    async with breaker.guard(key):
+                        pass
+                with pytest.raises(ConfigurationError):
+                    breaker.protect(key)
+                with pytest.raises(ConfigurationError):
+                    breaker.available_hint(key)
+            # the store still answers for every other key
+            await breaker.force_open("openai", reason="still shared")
+        assert (await state_store.snapshot("openai")).state is CircuitState.FORCED_OPEN
+        assert [s.key for s in await state_store.snapshot_all()] == ["openai"]
 
     # -- lifecycle and input checks ------------------------------------------------------
 
