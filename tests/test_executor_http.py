@@ -718,18 +718,23 @@ async def test_an_absurd_usage_count_is_a_malformed_answer_with_its_record(
     assert len(await records_of(telemetry)) == hits[0]
 
 
-async def test_the_cost_of_a_call_stays_finite_at_an_absurd_price(
-    telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
-) -> None:
-    absurd = ModelInfo(
+def _priced(price: float) -> ModelInfo:
+    # the fake server's model at ``price`` USD per million tokens, in and out
+    return ModelInfo(
         id="gpt-fake-mini",
         provider="openai",
         tier="cheap",
-        input_price_per_mtok=1e300,
-        output_price_per_mtok=1e300,
+        input_price_per_mtok=price,
+        output_price_per_mtok=price,
         context_window=128_000,
         max_output_tokens=16384,
     )
+
+
+async def test_the_cost_of_a_call_stays_finite_at_an_absurd_price(
+    telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    absurd = _priced(1e300)
     async with (
         usage_server(2**63 - 1) as (url, _),
         EmpathyLLMExecutor(
@@ -750,15 +755,7 @@ async def test_a_budget_refuses_a_call_at_an_absurd_price_without_overflowing(
 ) -> None:
     # a worst case past what nano-dollars hold is more than any budget: refused, never a
     # raw error
-    absurd = ModelInfo(
-        id="gpt-fake-mini",
-        provider="openai",
-        tier="cheap",
-        input_price_per_mtok=1e307,
-        output_price_per_mtok=1e307,
-        context_window=128_000,
-        max_output_tokens=16384,
-    )
+    absurd = _priced(1e307)
     async with (
         usage_server(10) as (url, _),
         EmpathyLLMExecutor(

@@ -6,8 +6,10 @@ fake, and the providers' `stream` over real HTTP on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ from empathy_models.providers._sse import (
     SSEDecoder,
 )
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 KEY = "test-key-0123"
 DATA = Path(__file__).parent / "data"
@@ -501,6 +505,22 @@ async def test_a_stall_raises_the_idle_timeout() -> None:
                 await stream.__anext__()
 
 
+@contextlib.asynccontextmanager
+async def _serving(path: str, handler: Handler) -> AsyncIterator[str]:
+    """A server on 127.0.0.1 answering POSTs to ``path`` with ``handler``; its base URL."""
+    app = web.Application()
+    app.router.add_post(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
 async def test_a_key_echoed_in_an_error_event_is_scrubbed() -> None:
     secret = "tok-0123456789-very-secret"
 
@@ -512,21 +532,12 @@ async def test_a_key_echoed_in_an_error_event_is_scrubbed() -> None:
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/messages", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        provider = AnthropicProvider(api_key=secret, base_url=f"http://{host}:{port}")
+    async with _serving("/v1/messages", handler) as url:
+        provider = AnthropicProvider(api_key=secret, base_url=url)
         async with provider:
             with pytest.raises(ServerError) as caught:
                 stream = await provider.stream(request("m"))
                 await stream.__anext__()
-    finally:
-        await runner.cleanup()
     assert secret not in str(caught.value)
     assert "***" in str(caught.value)
 
@@ -569,17 +580,10 @@ async def test_an_error_status_maps_alike_whether_streamed_or_not(
         await request.read()
         return web.Response(status=status, body=body, headers=headers)
 
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
+    async with _serving("/{tail:.*}", handler) as url:
         for provider in (
-            OpenAIProvider(api_key=KEY, base_url=f"http://{host}:{port}/v1"),
-            AnthropicProvider(api_key=KEY, base_url=f"http://{host}:{port}"),
+            OpenAIProvider(api_key=KEY, base_url=f"{url}/v1"),
+            AnthropicProvider(api_key=KEY, base_url=url),
         ):
             async with provider:
                 with pytest.raises(ProviderError) as whole:
@@ -592,8 +596,6 @@ async def test_an_error_status_maps_alike_whether_streamed_or_not(
                 whole.value.status,
                 whole.value.retry_after,
             )
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_key_echoed_in_a_malformed_event_is_scrubbed_before_the_quote_is_cut() -> None:
@@ -607,21 +609,12 @@ async def test_a_key_echoed_in_a_malformed_event_is_scrubbed_before_the_quote_is
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        provider = OpenAIProvider(base_url=f"http://{host}:{port}/v1", headers={"api-key": secret})
+    async with _serving("/v1/chat/completions", handler) as url:
+        provider = OpenAIProvider(base_url=f"{url}/v1", headers={"api-key": secret})
         async with provider:
             with pytest.raises(InvalidResponseError, match="not JSON") as caught:
                 stream = await provider.stream(request("m"))
                 await stream.__anext__()
-    finally:
-        await runner.cleanup()
     message = str(caught.value)
     assert "'{***'" in message
     assert not any(secret[i : i + 8] in message for i in range(len(secret) - 7))
