@@ -91,6 +91,15 @@ def feed_arm(arm: Arm, start: float, oks: list[bool], step: float = 1.0) -> floa
     return t
 
 
+def feed_drawn(arm: Arm, t: float, rate: float, n: int, rng: random.Random, step: float) -> float:
+    """``n`` outcomes at success rate ``rate``, latencies spread as real ones are."""
+    for _ in range(n):
+        ok = rng.random() < rate
+        arm.add(t, ok, rng.lognormvariate(4.6, 0.3), 500, 100 * ok, 0.0001 * ok)
+        t += step
+    return t
+
+
 # --------------------------------------------------------------------------- statistics
 
 
@@ -341,26 +350,17 @@ def test_outcomes_in_the_minute_a_change_was_detected_leave_what_a_fresh_walk_ho
     # evidence or be undone); after every outcome the arm holds what a walk holds
     rng = random.Random(seed)
     live = Arm(test=ChangeTest())
-    t = 0.0
-
-    def feed(rate: float, n: int, step: float = 1.0) -> None:
-        nonlocal t
-        for _ in range(n):
-            ok = rng.random() < rate
-            live.add(t, ok, rng.lognormvariate(4.6, 0.3), 500, 100 * ok, 0.0001 * ok)
-            t += step
-
-    feed(0.99, 1500)
+    t = feed_drawn(live, 0.0, 0.99, 1500, rng, 1.0)
     if seed % 2:  # an earlier regime that a recovery may restore
-        feed(0.6, 120)
-        feed(0.99, 300)
-    feed(rng.choice((0.3, 0.6, 0.9, 0.95)), 400)
+        t = feed_drawn(live, t, 0.6, 120, rng, 1.0)
+        t = feed_drawn(live, t, 0.99, 300, rng, 1.0)
+    t = feed_drawn(live, t, rng.choice((0.3, 0.6, 0.9, 0.95)), 400, rng, 1.0)
     minute = bucket_of(t)
     while t < minute + 59.0 and not any(r.detected == minute for r in live.regimes):
-        feed(0.5, 1, step=0.01)  # until a change is detected in this minute
+        t = feed_drawn(live, t, 0.5, 1, rng, 0.01)  # until a change is detected in this minute
     rate = rng.choice((rng.random(), 0.95, 0.98))
     for _ in range(150):
-        feed(rate, 1, step=0.0)
+        feed_drawn(live, t, rate, 1, rng, 0.0)
         _holds_what_a_fresh_walk_holds(live)
 
 
@@ -373,24 +373,15 @@ def test_outcomes_after_a_slow_drop_detected_in_the_newest_minute_leave_what_a_w
     # own improvement test (which the closed regime's rate feeds) moves
     rng = random.Random(seed)
     live = Arm(test=ChangeTest())
-    t = 0.0
-
-    def feed(rate: float) -> None:
-        ok = rng.random() < rate
-        live.add(t, ok, rng.lognormvariate(4.6, 0.3), 500, 100 * ok, 0.0001 * ok)
-
-    for _ in range(1500):
-        feed(0.99)
-        t += 1.0
+    t = feed_drawn(live, 0.0, 0.99, 1500, rng, 1.0)
     drop = rng.uniform(0.8, 0.97)
     while len(live.regimes) == 1 and t < 3600.0:
-        feed(drop)
-        t += 1.0
+        t = feed_drawn(live, t, drop, 1, rng, 1.0)
     minute = bucket_of(t - 1.0)
     t = min(t, minute + 59.0)
     after = rng.uniform(0.85, 1.0)
     for _ in range(100):
-        feed(after)
+        feed_drawn(live, t, after, 1, rng, 0.0)
         _holds_what_a_fresh_walk_holds(live)
 
 
@@ -399,11 +390,7 @@ def test_a_refresh_that_turns_the_newest_minutes_improvement_into_a_drop_is_acte
     # minute (other workers' failures in it) shows a degradation from the same minute
     rng = random.Random(1)
     history = Arm(test=ChangeTest())
-    t = 0.0
-    for _ in range(3000):
-        ok = rng.random() < 0.85
-        history.add(t, ok, rng.lognormvariate(4.6, 0.3), 500, 100 * ok, 0.0001)
-        t += 1.0
+    t = feed_drawn(history, 0.0, 0.85, 3000, rng, 1.0)
     live = Arm.walked(ChangeTest(), dict(history.data))  # as a start reads them
     minute = bucket_of(t) + 60
     while not any(r.detected == minute for r in live.regimes):
