@@ -14,6 +14,7 @@ from typing import TypeAlias
 
 from attrs import frozen
 
+from .circuit import shown
 from .exceptions import ConfigurationError
 from .records import CircuitBreakerState, CircuitState, _ts_to_datetime
 
@@ -116,20 +117,6 @@ def encodable(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
-
-
-SHOWN_KEY = 100
-"""Characters of a key's repr a log line or a message shows (a store may hold long keys)."""
-
-
-def shown(key: object) -> str:
-    """``key``'s repr for a log line or a message, cut to `SHOWN_KEY` characters (a cut
-    key says how long it is)."""
-    text = repr(key)
-    if len(text) <= SHOWN_KEY:
-        return text
-    size = f" ({len(key):,} characters)" if isinstance(key, str) else ""
-    return f"{text[: SHOWN_KEY - 3]}...{size}"
 
 
 def describe(exc: BaseException) -> str:

@@ -21,9 +21,8 @@ import logging
 from collections.abc import Awaitable, Callable, Container, Coroutine
 from typing import Any, TypeVar
 
-from ._breaker_events import shown
 from .abc import CircuitStateStore
-from .circuit import BreakerPolicy
+from .circuit import BreakerPolicy, shown
 from .records import Admission, Outcome, OutcomeReport
 
 T = TypeVar("T")

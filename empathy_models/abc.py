@@ -306,9 +306,22 @@ class CircuitStateStore(AsyncResource):
     ticket, `force` and `reset` are transitions.  Each returns the resulting state.
     Stores that hold state for several processes set ``shared = True`` and take time
     from the store's side or from the UTC wall clock, never from a monotonic clock.
+    Every operation given a key checks it first (`checked_key`), so a key no store can
+    hold is a `ConfigurationError` on every store, as on the breaker.
     """
 
     shared: ClassVar[bool] = False
+
+    @staticmethod
+    def checked_key(key: object) -> str:
+        """
+        ``key`` if every store can hold it: a non-empty string of at most 500
+        characters, without NUL or lone surrogates (`empathy_models.circuit.checked_key`).
+
+        Raises:
+            ConfigurationError: any other ``key``.
+        """
+        return circuit.checked_key(key)
 
     @abc.abstractmethod
     async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
@@ -471,6 +484,7 @@ class TransactionalStateStore(CircuitStateStore):
 
     async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
         self._check_open()
+        self.checked_key(key)
 
         def step(
             state: CircuitBreakerState | None, now: float
@@ -484,6 +498,7 @@ class TransactionalStateStore(CircuitStateStore):
         self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
     ) -> CircuitBreakerState:
         self._check_open()
+        self.checked_key(key)
         previous = None
         for report in reports:
             if report is previous:  # a written-behind batch repeats one report object
@@ -512,6 +527,7 @@ class TransactionalStateStore(CircuitStateStore):
         reason: str | None = None,
     ) -> CircuitBreakerState:
         self._check_open()
+        self.checked_key(key)
         if until is not None and (until.tzinfo is None or until.utcoffset() is None):
             raise RecordValidationError("until must be a timezone-aware datetime", path="until")
         until_ts = None if until is None else until.timestamp()
@@ -526,6 +542,7 @@ class TransactionalStateStore(CircuitStateStore):
 
     async def snapshot(self, key: str) -> CircuitBreakerState:
         self._check_open()
+        self.checked_key(key)
         state = await self._load(key)
         return state if state is not None else circuit.initial_state(key)
 
@@ -539,6 +556,7 @@ class TransactionalStateStore(CircuitStateStore):
             for state in await self._load_all():
                 await self.reset(state.key)
             return
+        self.checked_key(key)
 
         def step(
             current: CircuitBreakerState | None, now: float

@@ -127,7 +127,6 @@ from ._breaker_events import (
     BreakerListener,
     Events,
     encodable,
-    shown,
     ts,
 )
 from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
@@ -137,7 +136,7 @@ from .abc import AsyncResource, CircuitStateStore
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
 from .backends.memory import MemoryStateStore
-from .circuit import BreakerPolicy
+from .circuit import BreakerPolicy, checked_key, shown
 from .exceptions import (
     AuthenticationError,
     CircuitOpenError,
@@ -270,42 +269,6 @@ def _store_of(
     )
 
 
-_MAX_KEY_LENGTH = 500
-"""
-The longest breaker key, in characters (a ``provider:model`` key is far shorter): every
-store holds and announces a key this long (PostgreSQL indexes at most about 2,700 bytes;
-a character is up to 4 bytes in UTF-8).
-"""
-
-
-def _checked_key(key: object, name: str = "a breaker key") -> str:
-    """
-    ``key`` if every store can hold it: a non-empty string of at most `_MAX_KEY_LENGTH`
-    characters, without NUL, that UTF-8 can encode (no lone surrogates, as
-    ``os.fsdecode`` leaves for undecodable bytes).
-
-    Raises:
-        ConfigurationError: Any other ``key`` (``name`` says what it is).
-    """
-    if not isinstance(key, str) or not key:
-        raise ConfigurationError(f"{name} must be a non-empty string, got {shown(key)}")
-    if len(key) > _MAX_KEY_LENGTH:
-        raise ConfigurationError(
-            f"{name} must be at most {_MAX_KEY_LENGTH} characters, got {shown(key)}"
-        )
-    if "\x00" in key:
-        raise ConfigurationError(f"{name} must not contain NUL characters, got {shown(key)}")
-    if not key.isascii():
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigurationError(
-                f"{name} must be text UTF-8 can encode (no lone surrogates, such as "
-                f"os.fsdecode leaves for undecodable bytes), got {shown(key)}"
-            ) from None
-    return key
-
-
 def _view_of(views: dict[str, View], key: str) -> View | None:
     """
     ``key``'s view, if any; for a key without one, `_checked_key` first (a key with a
@@ -319,7 +282,7 @@ def _view_of(views: dict[str, View], key: str) -> View | None:
     except TypeError:  # unhashable: not a key
         view = None
     if view is None:
-        _checked_key(key)
+        checked_key(key)
     return view
 
 
@@ -514,11 +477,11 @@ class CircuitBreaker(AsyncResource):
             ConfigurationError: an empty provider, or a key no store can hold (see
                 `admit`).
         """
-        _checked_key(provider, "provider")
+        checked_key(provider, "provider")
         if self.per_model and model:
             key = f"{provider}:{model}"
             if key not in self._provider_of:
-                self._provider_of[_checked_key(key)] = provider
+                self._provider_of[checked_key(key)] = provider
             return key
         return provider
 
@@ -609,7 +572,7 @@ class CircuitBreaker(AsyncResource):
         It is the cheapest way to guard a call: the CLOSED path costs one dict lookup,
         one clock read and one increment, without a context-manager object per call.
         """
-        _checked_key(key)
+        checked_key(key)
 
         def decorate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
             return protected(self, key, fn)
@@ -799,7 +762,7 @@ class CircuitBreaker(AsyncResource):
         HALF_OPEN) and ``opened_at`` (aware UTC datetime).
         """
         self._check_open()
-        await self._flush_key(_checked_key(key))
+        await self._flush_key(checked_key(key))
         state = await self._stores.snapshot(key)
         await self._observe(state)
         return state
@@ -824,7 +787,7 @@ class CircuitBreaker(AsyncResource):
         issued before stop counting.  Written-behind successes of the key are dropped.
         """
         self._check_open()
-        for pending_key in list(self._local.pending) if key is None else [_checked_key(key)]:
+        for pending_key in list(self._local.pending) if key is None else [checked_key(key)]:
             self._local.drop(pending_key)
         await self._stores.reset(key)
         if key is not None:
@@ -855,16 +818,14 @@ class CircuitBreaker(AsyncResource):
             RecordValidationError: a naive ``until``.
         """
         self._check_open()
-        state = await self._stores.force(
-            _checked_key(key), _FORCED_OPEN, until=until, reason=reason
-        )
+        state = await self._stores.force(checked_key(key), _FORCED_OPEN, until=until, reason=reason)
         await self._observe(state)
         return state
 
     async def disable(self, key: str, reason: str = "disabled by operator") -> CircuitBreakerState:
         """Let every call for ``key`` through and never trip, until `reset`; returns the state."""
         self._check_open()
-        self._local.drop(_checked_key(key))
+        self._local.drop(checked_key(key))
         state = await self._stores.force(key, _DISABLED, reason=reason)
         await self._observe(state)
         return state

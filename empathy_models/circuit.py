@@ -55,14 +55,18 @@ from .records import (
 )
 
 __all__ = [
+    "MAX_KEY_LENGTH",
+    "SHOWN_KEY",
     "BreakerPolicy",
     "admit",
     "apply_outcome",
     "apply_outcomes",
+    "checked_key",
     "extends_open",
     "force",
     "initial_state",
     "reset",
+    "shown",
 ]
 
 
@@ -606,3 +610,53 @@ def reset(state: CircuitBreakerState | None, now: float, *, key: str) -> Circuit
     """
     generation = 1 if state is None else state.generation + 1
     return CircuitBreakerState(key=key, generation=generation, closed_at_ts=now, updated_at_ts=now)
+
+
+SHOWN_KEY = 100
+"""Characters of a key's repr a log line or a message shows (a store may hold long keys)."""
+
+
+def shown(key: object) -> str:
+    """``key``'s repr for a log line or a message, cut to `SHOWN_KEY` characters (a cut
+    key says how long it is)."""
+    text = repr(key)
+    if len(text) <= SHOWN_KEY:
+        return text
+    size = f" ({len(key):,} characters)" if isinstance(key, str) else ""
+    return f"{text[: SHOWN_KEY - 3]}...{size}"
+
+
+MAX_KEY_LENGTH = 500
+"""
+The longest breaker key, in characters (a ``provider:model`` key is far shorter): every
+store holds and announces a key this long (PostgreSQL indexes at most about 2,700 bytes;
+a character is up to 4 bytes in UTF-8).
+"""
+
+
+def checked_key(key: object, name: str = "a breaker key") -> str:
+    """
+    ``key`` if every store can hold it: a non-empty string of at most `MAX_KEY_LENGTH`
+    characters, without NUL, that UTF-8 can encode (no lone surrogates, as
+    ``os.fsdecode`` leaves for undecodable bytes).
+
+    Raises:
+        ConfigurationError: Any other ``key`` (``name`` says what it is).
+    """
+    if not isinstance(key, str) or not key:
+        raise ConfigurationError(f"{name} must be a non-empty string, got {shown(key)}")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ConfigurationError(
+            f"{name} must be at most {MAX_KEY_LENGTH} characters, got {shown(key)}"
+        )
+    if "\x00" in key:
+        raise ConfigurationError(f"{name} must not contain NUL characters, got {shown(key)}")
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigurationError(
+                f"{name} must be text UTF-8 can encode (no lone surrogates, such as "
+                f"os.fsdecode leaves for undecodable bytes), got {shown(key)}"
+            ) from None
+    return key

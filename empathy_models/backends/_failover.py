@@ -28,8 +28,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, TypeVar
 
-from .._breaker_events import describe, shown
+from .._breaker_events import describe
 from ..abc import CircuitStateStore
+from ..circuit import shown
 from ..exceptions import BackendClosedError, BackendError, StateStoreError
 from ..records import Admission, CircuitBreakerState, CircuitState, OutcomeReport
 from .memory import MemoryStateStore
@@ -184,6 +185,8 @@ class FailoverStateStore(CircuitStateStore):
     # ------------------------------------------------------------------ routing
 
     async def _run(self, key: str | None, op: Op[T]) -> T:
+        if key is not None:
+            self.checked_key(key)  # before any store, primary or fallback, sees it
         if key is not None and key in self._unreadable:
             return await self._unreadable_op(key, op)
         try:

@@ -94,6 +94,7 @@ class NullStateStore(CircuitStateStore):
 
     async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
         self._check_open()
+        self.checked_key(key)
         state = circuit.initial_state(key)
         return Admission(admitted=True, state=state, ticket=Ticket(key=key, generation=0))
 
@@ -101,6 +102,7 @@ class NullStateStore(CircuitStateStore):
         self, key: str, policy: BreakerPolicy, reports: Sequence[OutcomeReport]
     ) -> CircuitBreakerState:
         self._check_open()
+        self.checked_key(key)
         return circuit.initial_state(key)
 
     async def force(
@@ -112,11 +114,13 @@ class NullStateStore(CircuitStateStore):
         reason: str | None = None,
     ) -> CircuitBreakerState:
         self._check_open()
+        self.checked_key(key)
         check_aware("until", until)
         return circuit.initial_state(key)
 
     async def snapshot(self, key: str) -> CircuitBreakerState:
         self._check_open()
+        self.checked_key(key)
         return circuit.initial_state(key)
 
     async def snapshot_all(self) -> list[CircuitBreakerState]:
@@ -125,6 +129,8 @@ class NullStateStore(CircuitStateStore):
 
     async def reset(self, key: str | None = None) -> None:
         self._check_open()
+        if key is not None:
+            self.checked_key(key)
 
 
 PLUGIN = BackendPlugin(

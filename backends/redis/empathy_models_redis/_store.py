@@ -368,6 +368,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         reply would give: the revision names one write of the key's hash).
         """
         self._check_open()
+        self.checked_key(key)
         entry = self._entry(key)
         known_rev: bytes = entry[2]  # empty while no state was read
         known_state: CircuitBreakerState | None = entry[3]
@@ -586,6 +587,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         Equal reports in a row (a written-behind batch of successes) are sent once with
         a repeat count, so a batch of a thousand costs about what one report does.
         """
+        self.checked_key(key)
         extra: list[str] = []
         previous: OutcomeReport | None = None
         repeat = 0
@@ -648,6 +650,7 @@ class RedisCircuitStateStore(CircuitStateStore):
     async def snapshot(self, key: str) -> CircuitBreakerState:
         """The state of ``key`` (one ``HGETALL``); an unknown key reads as CLOSED."""
         self._check_open()
+        self.checked_key(key)
         try:
             async with self._using_pool():
                 raw = await self._client.hgetall(self._redis_key(key))

@@ -549,6 +549,26 @@ class CircuitStateStoreContract(StateStoreFixtures):
         assert (await state_store.snapshot("openai")).state is CircuitState.FORCED_OPEN
         assert [s.key for s in await state_store.snapshot_all()] == ["openai"]
 
+    async def test_a_key_no_store_can_hold_is_refused_by_the_store_itself(
+        self, state_store: CircuitStateStore
+    ) -> None:
+        # used without a breaker (the CLI's `breaker open`), the store says the same
+        refused: list[Any] = [None, 42, ["k"], "", "k" * 501, "openai:a\x00b", "m-\udcff"]
+        report = _report(Ticket(key="k", generation=0), Outcome.SUCCESS)
+        for key in refused:
+            calls: list[tuple[Callable[..., Awaitable[object]], tuple[Any, ...]]] = [
+                (state_store.admit, (key, _TRIP3)),
+                (state_store.record, (key, _TRIP3, [report])),
+                (state_store.force, (key, CircuitState.FORCED_OPEN)),
+                (state_store.snapshot, (key,)),
+            ]
+            if key is not None:  # reset(None) resets every key
+                calls.append((state_store.reset, (key,)))
+            for method, args in calls:
+                with pytest.raises(ConfigurationError, match="must"):
+                    await method(*args)
+        assert await state_store.snapshot_all() == []
+
     # -- lifecycle and input checks ------------------------------------------------------
 
     async def test_aclose_is_idempotent(self, state_store: CircuitStateStore) -> None:
