@@ -63,6 +63,7 @@ from .registry import ModelRegistry
 from .routing._args import (
     blocked_set,
     candidate_names,
+    check_names,
     decision_limits,
     positive_number,
 )
@@ -672,8 +673,8 @@ class AdaptiveModelRouter:
                 with every candidate unavailable (even on ``"relax"``).
             ConfigurationError: invalid arguments.
         """
-        if not isinstance(workflow, str):
-            raise ConfigurationError(f"workflow must be a string, got {workflow!r}")
+        if workflow.__class__ is not str or (stage is not None and stage.__class__ is not str):
+            check_names(workflow, stage)
         limits, input_tokens = decision_limits(
             self.policy.default_min_success_rate if min_success_rate is None else min_success_rate,
             max_latency_ms,
@@ -747,6 +748,7 @@ class AdaptiveModelRouter:
         `FAILURE_RATE_THRESHOLD` (20%) advises the next tier above the highest one
         that served the calls.  Pure read of memory; never modifies routing.
         """
+        check_names(workflow, stage)
         return recommend(
             workflow,
             stage,
@@ -770,6 +772,7 @@ class AdaptiveModelRouter:
             store or when the store has never received a record, with a ``message`` saying
             what is missing.
         """
+        check_names(workflow, stage)
         positive_number("days", days)
         shown = stage if stage is not None else "all"
         store = self._store

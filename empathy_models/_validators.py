@@ -41,6 +41,7 @@ __all__ = [
     "number",
     "one_of",
     "optional_str",
+    "shown",
     "text",
 ]
 
@@ -63,7 +64,11 @@ Failure = Callable[[str, object, str], Exception]
 """``(field name, value, why)`` -> the error to raise."""
 
 
-def _repr(value: object) -> str:
+def shown(value: object) -> str:
+    """``value``'s repr for an error message; an absurdly large ``int`` by its size (its
+    digits could run to thousands, and past 4,300 ``repr`` refuses it)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(10**30) < value < 10**30:
+        return f"an integer of {value.bit_length()} bits"
     return repr(value)
 
 
@@ -71,7 +76,7 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
-_SHOWN: Final[dict[str, Callable[[object], str]]] = {"repr": _repr, "type": _type_name}
+_SHOWN: Final[dict[str, Callable[[object], str]]] = {"repr": shown, "type": _type_name}
 
 
 def failure(
@@ -132,6 +137,11 @@ def _is_kind(value: object, kinds: type | tuple[type, ...]) -> bool:
     return not isinstance(value, bool) and isinstance(value, kinds)
 
 
+def _fits_float(value: int) -> bool:
+    """Whether a float holds the ``int`` ``value`` (``10**400`` is beyond the largest)."""
+    return -_MAX_FLOAT <= value <= _MAX_FLOAT
+
+
 def _explainer(
     fail: Failure,
     kinds: type | tuple[type, ...],
@@ -145,10 +155,13 @@ def _explainer(
     type_why, why, finite_why, high_why = messages
     # an infinity with a message of its own is told apart only once it is in range
     finite_first = finite and finite_why == why
+    floats = isinstance(kinds, tuple) and float in kinds  # a number, used as a float
 
     def explain(name: str, value: Any) -> None:
         if not _is_kind(value, kinds):
             raise fail(name, value, type_why)
+        if floats and isinstance(value, int) and not _fits_float(value):  # no float holds it
+            raise fail(name, value, finite_why if finite else why)
         if finite_first and not math.isfinite(value):
             raise fail(name, value, why)
         if low is not None and not (value > low if low_open else value >= low):
@@ -205,13 +218,14 @@ def number(
     # implies every rule (the next float above an open bound is the least one allowed)
     lo = -math.inf if low is None else math.nextafter(low, math.inf) if low_open else low
     hi = high if high is not None else _MAX_FLOAT if finite else math.inf
+    hi_int = min(hi, _MAX_FLOAT)  # an int no float holds is refused (`_explainer`)
     if optional:
 
         def check_optional(_: object, attribute: Named, value: Any) -> None:
             if value is None:
                 return
             cls = value.__class__
-            if (cls is float or cls is int) and lo <= value <= hi:
+            if (cls is float and lo <= value <= hi) or (cls is int and lo <= value <= hi_int):
                 return
             explain(attribute.name, value)
 
@@ -219,7 +233,7 @@ def number(
 
     def check_number(_: object, attribute: Named, value: Any) -> None:
         cls = value.__class__
-        if (cls is float or cls is int) and lo <= value <= hi:
+        if (cls is float and lo <= value <= hi) or (cls is int and lo <= value <= hi_int):
             return
         explain(attribute.name, value)
 

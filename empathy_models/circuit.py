@@ -73,6 +73,13 @@ __all__ = [
 _fail = failure(ConfigurationError, owner="BreakerPolicy")
 _positive = number(_fail, low=0, low_open=True, why="must be > 0", finite_why="must be finite")
 _positive_int = integer(_fail, low=1, why="must be an integer >= 1")
+_bucket_count = integer(
+    _fail,
+    low=1,
+    high=1_000_000,
+    why="must be an integer >= 1",
+    high_why="must be at most 1,000,000",
+)
 _rate = number(_fail, low=0, low_open=True, high=1, finite=False, why="must be in (0, 1]")
 _non_negative = number(_fail, low=0, finite=False, why="must be >= 0")
 
@@ -106,7 +113,7 @@ class BreakerPolicy:
     """The failure-rate rule needs at least this many calls in the window."""
     window_seconds: float = field(default=60.0, validator=_positive)
     """The failure-rate window, in ``window_buckets`` buckets of at least a microsecond."""
-    window_buckets: int = field(default=6, validator=_positive_int)
+    window_buckets: int = field(default=6, validator=_bucket_count)
     recovery_seconds: float = field(default=60.0, validator=_positive)
     """Open time after the first trip."""
     max_recovery_seconds: float = field(default=600.0, validator=_positive)

@@ -66,7 +66,10 @@ def _seconds(value: object) -> object:
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # no float holds it: the validator refuses it as it is
+            return value
     return value
 
 
@@ -101,8 +104,15 @@ _retry_after_arg = number(_arg_fail, finite=False, why="must be seconds")
 def _retry_on(value: Iterable[object]) -> tuple[RetryOn, ...]:
     if isinstance(value, type | Outcome | str):
         value = (value,)
+    try:
+        given = list(value)
+    except TypeError:
+        raise ConfigurationError(
+            "RetryPolicy.retry_on must be exception classes or Outcome values (one or an "
+            f"iterable of them), got {value!r}"
+        ) from None
     items: list[RetryOn] = []
-    for item in value:
+    for item in given:
         if isinstance(item, Outcome):
             items.append(item)
         elif isinstance(item, str):
@@ -186,14 +196,18 @@ class RetryPolicy:
             ConfigurationError: ``attempt < 1``.
         """
         check(_attempt_arg, "attempt", attempt)
-        if self.base_delay == 0.0:
+        if self.base_delay == 0.0 or self.max_delay == 0.0:
             return 0.0
-        # compare in log space so huge attempt numbers cannot overflow a float
+        # compared in log space, each term apart, so that neither a huge attempt number
+        # nor extreme delays can overflow (or underflow) a float
         exponent = attempt - 1
-        if self.multiplier > 1.0 and exponent * math.log(self.multiplier) > math.log(
-            max(self.max_delay, 1e-300) / self.base_delay
-        ):
-            return self.max_delay
+        if self.multiplier > 1.0:
+            growth = exponent * math.log(self.multiplier)
+            log_delay = math.log(self.base_delay) + growth
+            if log_delay >= math.log(self.max_delay):
+                return self.max_delay
+            if growth > 700.0:  # multiplier ** exponent alone would overflow
+                return math.exp(log_delay)
         return min(self.base_delay * self.multiplier**exponent, self.max_delay)
 
     def compute_delay(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,9 @@ import anyio.to_thread
 import pytest
 
 from empathy_models import (
+    AdaptiveModelRouter,
+    BreakerPolicy,
+    Budget,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
@@ -22,6 +25,8 @@ from empathy_models import (
     Message,
     ModelInfo,
     ModelRegistry,
+    RetryPolicy,
+    RoutingPolicy,
     state_store_from_url,
     telemetry_from_url,
 )
@@ -160,3 +165,90 @@ async def test_a_bad_json_row_in_llm_calls_is_a_telemetry_error_and_one_cli_line
     assert await anyio.to_thread.run_sync(cli_main, args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'c2'" in err and "Traceback" not in err
+
+
+HUGE = 10**400  # a whole number no float holds
+
+
+def _anything(value: object) -> Any:
+    # ``value`` as the type checker lets any argument be (what a user may pass anyway)
+    return value
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: ExecutionContext(max_cost=HUGE),
+        lambda: ExecutionContext(timeout=-HUGE),
+        lambda: RetryPolicy(base_delay=HUGE),
+        lambda: RoutingPolicy(window_days=HUGE),
+        lambda: AdaptiveModelRouter(REGISTRY, refresh_interval=HUGE),
+        lambda: BreakerPolicy(window_buckets=HUGE),
+        lambda: Budget(limit_usd=1.0, window=HUGE),
+        lambda: RetryPolicy(retry_on=_anything(None)),
+        lambda: RetryPolicy(retry_on=_anything(3.5)),
+    ],
+    ids=[
+        "max_cost",
+        "timeout",
+        "base_delay",
+        "window_days",
+        "refresh_interval",
+        "window_buckets",
+        "budget_window",
+        "retry_on-None",
+        "retry_on-float",
+    ],
+)
+def test_a_number_no_float_holds_or_a_non_iterable_is_a_configuration_error(
+    build: Callable[[], object],
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        build()
+    assert "integer of 1329 bits" in str(caught.value) or "retry_on" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        RetryPolicy(base_delay=1e30, max_delay=0.0, jitter=False),
+        RetryPolicy(base_delay=1e-10, multiplier=10.0, max_delay=1e300, jitter=False),
+        RetryPolicy(base_delay=1e300, multiplier=1e300, max_delay=1e308, jitter=False),
+    ],
+)
+def test_backoff_stays_a_number_up_to_its_cap_at_any_attempt(policy: RetryPolicy) -> None:
+    delays = [policy.backoff(attempt) for attempt in range(1, 500)]
+    assert all(0.0 <= d <= policy.max_delay for d in delays)
+    assert delays == sorted(delays)
+    assert policy.compute_delay(10**6) is not None or policy.max_delay == 0.0
+
+
+def test_router_arguments_of_the_wrong_kind_are_configuration_errors() -> None:
+    router = AdaptiveModelRouter(REGISTRY)
+    ids = ["claude-fake-haiku"]
+    decide: Any = router.get_best_model  # called with what its signature refuses
+    recommend: Any = router.recommend_tier_upgrade
+    bad: list[tuple[Callable[[], object], str]] = [
+        # one id, not a collection of them: its characters are no model ids
+        (lambda: decide("wf", "s", candidates=ids, unavailable=ids[0]), "unavailable"),
+        (lambda: decide("wf", "s", candidates=ids, unavailable=5), "unavailable"),
+        (lambda: decide("wf", "s", candidates=ids, unavailable=[["x"]]), "unavailable"),
+        (lambda: decide("wf", "s", candidates=5), "candidates"),
+        (lambda: decide("wf", ["x"], candidates=ids), "stage"),
+        (lambda: decide("wf", "s", candidates=ids, max_cost=HUGE), "max_cost"),
+        (lambda: decide("wf", "s", candidates=ids, max_tokens=HUGE), "max_tokens"),
+        (lambda: recommend("wf", ["x"]), "stage"),
+        (lambda: recommend(5, None), "workflow"),
+    ]
+    for call, name in bad:
+        with pytest.raises(ConfigurationError, match=name):
+            call()
+
+
+async def test_routing_stats_of_a_stage_of_the_wrong_kind_is_a_configuration_error() -> None:
+    async with AdaptiveModelRouter(REGISTRY, telemetry_store=MemoryTelemetryBackend()) as router:
+        stats: Any = router.get_routing_stats  # called with what its signature refuses
+        with pytest.raises(ConfigurationError, match="stage"):
+            await stats("wf", ["x"])
+        with pytest.raises(ConfigurationError, match="workflow"):
+            await stats(None)

@@ -17,7 +17,7 @@ from typing import Any, Final, Literal
 import attrs
 from attrs import field, frozen
 
-from .._validators import failure, integer, number
+from .._validators import failure, integer, number, shown
 from ..exceptions import ConfigurationError
 
 __all__ = [
@@ -88,13 +88,12 @@ def _window(value: object) -> str | float:
     elif (
         not isinstance(value, bool)
         and isinstance(value, int | float)
-        and math.isfinite(value)
-        and 1 <= value <= MAX_WINDOW
+        and 1 <= value <= MAX_WINDOW  # (False for NaN and for infinities)
     ):
         return float(value)
     raise ConfigurationError(
         "Budget.window must be 'hour', 'day', 'month' or a number of seconds from 1 to "
-        f"{MAX_WINDOW:.0f} (100 years: for a budget that never resets), got {value!r}"
+        f"{MAX_WINDOW:.0f} (100 years: for a budget that never resets), got {shown(value)}"
     )
 
 

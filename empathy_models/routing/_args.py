@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Collection, Sequence
 from typing import Final
 
-from .._validators import check, failure, integer, number
+from .._validators import check, failure, integer, number, shown
 from ..exceptions import ConfigurationError
 from ._verdicts import Limits
 
 __all__ = [
     "blocked_set",
     "candidate_names",
+    "check_names",
     "decision_limits",
     "opt_int",
     "opt_number",
@@ -20,12 +22,21 @@ __all__ = [
 ]
 
 _INF: Final = math.inf
+_MAX_FLOAT: Final = sys.float_info.max
+_MAX_COUNT: Final = 2**63 - 1  # the most tokens a record holds
 _NO_MODELS: Final[frozenset[str]] = frozenset()
 
 
 _fail = failure(ConfigurationError)
 _positive = number(_fail, low=0, low_open=True, why="must be a finite number > 0")
-_opt_count = integer(_fail, low=0, optional=True, why="must be an integer >= 0")
+_opt_count = integer(
+    _fail,
+    low=0,
+    high=_MAX_COUNT,
+    optional=True,
+    why="must be an integer >= 0",
+    high_why="must be < 2**63",
+)
 
 
 # non-finite values are told apart before the range: not a `number` validator
@@ -33,8 +44,12 @@ def opt_number(name: str, value: object, *, positive: bool = False) -> float | N
     """``value`` as a float >= 0 (> 0 with ``positive``), or ``None``."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(f"{name} must be a finite number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not -_MAX_FLOAT <= value <= _MAX_FLOAT  # NaN, infinities, ints no float holds
+    ):
+        raise ConfigurationError(f"{name} must be a finite number, got {shown(value)}")
     if value < 0 or (positive and value == 0):
         raise ConfigurationError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
     return float(value)
@@ -83,9 +98,13 @@ def decision_limits(
         raise ConfigurationError(
             f"min_success_rate must be a number in [0, 1], got {min_success_rate!r}"
         )
-    if input_tokens is not None and (type(input_tokens) is not int or input_tokens < 0):
+    if input_tokens is not None and (
+        type(input_tokens) is not int or not 0 <= input_tokens <= _MAX_COUNT
+    ):
         input_tokens = opt_int("input_tokens", input_tokens)
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 0):
+    if max_tokens is not None and (
+        type(max_tokens) is not int or not 0 <= max_tokens <= _MAX_COUNT
+    ):
         max_tokens = opt_int("max_tokens", max_tokens)
     if not isinstance(on_no_match, str) or not on_no_match:
         raise ConfigurationError(
@@ -106,16 +125,37 @@ def candidate_names(
     """The candidate ids as a tuple (``default()`` when ``None``); never empty."""
     if isinstance(candidates, str):
         raise ConfigurationError("candidates must be a sequence of model ids, not a string")
-    names = default() if candidates is None else tuple(candidates)
+    try:
+        names = default() if candidates is None else tuple(candidates)
+    except TypeError:
+        raise ConfigurationError(
+            f"candidates must be a sequence of model ids, got {shown(candidates)}"
+        ) from None
     if not names:
         raise ConfigurationError(f"no candidate models for {workflow}/{stage}")
     return names
 
 
 def blocked_set(unavailable: Collection[str]) -> Collection[str]:
-    """``unavailable`` as something cheap to test membership in."""
-    if not unavailable:
-        return _NO_MODELS
+    """``unavailable`` (model ids) as something cheap to test membership in."""
     if isinstance(unavailable, set | frozenset):
-        return unavailable
-    return frozenset(unavailable)
+        return unavailable if unavailable else _NO_MODELS
+    if isinstance(unavailable, str):  # one id would read as a set of its characters
+        raise ConfigurationError(
+            f"unavailable must be a collection of model ids, not a string: got "
+            f"{unavailable!r} (pass [{unavailable!r}] for one model)"
+        )
+    try:
+        return frozenset(unavailable) if unavailable else _NO_MODELS
+    except TypeError:
+        raise ConfigurationError(
+            f"unavailable must be a collection of model ids, got {shown(unavailable)}"
+        ) from None
+
+
+def check_names(workflow: object, stage: object) -> None:
+    """Raise `ConfigurationError` unless ``workflow`` is a string and ``stage`` one or None."""
+    if not isinstance(workflow, str):
+        raise ConfigurationError(f"workflow must be a string, got {shown(workflow)}")
+    if stage is not None and not isinstance(stage, str):
+        raise ConfigurationError(f"stage must be a string or None, got {shown(stage)}")

@@ -111,8 +111,70 @@ class StateStoreFixtures:
         return {}
 
 
+class _KeyChecks:
+    """The keys no store can hold (a part of `CircuitStateStoreContract`)."""
+
+    def _needs_state(self) -> None:
+        """Skip a store that keeps no state (`CircuitStateStoreContract` overrides it)."""
+
+    async def test_a_key_no_store_can_hold_is_refused_and_degrades_nothing(
+        self, state_store: CircuitStateStore
+    ) -> None:
+        self._needs_state()
+        refused: list[Any] = [None, 42, ["openai"], "", "k" * 501, "openai:a\x00b", "m-\udcff"]
+        async with CircuitBreaker(state_store, _TRIP3) as breaker:
+            for key in refused:
+                ticket = Ticket(key=key, generation=0)
+                calls: list[tuple[Callable[..., Awaitable[object]], tuple[Any, ...]]] = [
+                    (breaker.admit, (key,)),
+                    (breaker.call, (key, anyio.sleep, 0)),
+                    (breaker.report, (ticket, Outcome.FAILURE)),
+                    (breaker.get_status, (key,)),
+                    (breaker.is_available, (key,)),
+                    (breaker.force_open, (key,)),
+                    (breaker.disable, (key,)),
+                ]
+                if key is not None:  # reset(None) resets every key
+                    calls.append((breaker.reset, (key,)))
+                for method, args in calls:
+                    with pytest.raises(ConfigurationError, match="must"):
+                        await method(*args)
+                    assert not breaker.degraded, (method.__name__, key)
+                with pytest.raises(ConfigurationError):
+                    async with breaker.guard(key):
+                        pass
+                with pytest.raises(ConfigurationError):
+                    breaker.protect(key)
+                with pytest.raises(ConfigurationError):
+                    breaker.available_hint(key)
+            # the store still answers for every other key
+            await breaker.force_open("openai", reason="still shared")
+        assert (await state_store.snapshot("openai")).state is CircuitState.FORCED_OPEN
+        assert [s.key for s in await state_store.snapshot_all()] == ["openai"]
+
+    async def test_a_key_no_store_can_hold_is_refused_by_the_store_itself(
+        self, state_store: CircuitStateStore
+    ) -> None:
+        # used without a breaker (the CLI's `breaker open`), the store says the same
+        refused: list[Any] = [None, 42, ["k"], "", "k" * 501, "openai:a\x00b", "m-\udcff"]
+        report = _report(Ticket(key="k", generation=0), Outcome.SUCCESS)
+        for key in refused:
+            calls: list[tuple[Callable[..., Awaitable[object]], tuple[Any, ...]]] = [
+                (state_store.admit, (key, _TRIP3)),
+                (state_store.record, (key, _TRIP3, [report])),
+                (state_store.force, (key, CircuitState.FORCED_OPEN)),
+                (state_store.snapshot, (key,)),
+            ]
+            if key is not None:  # reset(None) resets every key
+                calls.append((state_store.reset, (key,)))
+            for method, args in calls:
+                with pytest.raises(ConfigurationError, match="must"):
+                    await method(*args)
+        assert await state_store.snapshot_all() == []
+
+
 @pytest.mark.asyncio
-class CircuitStateStoreContract(StateStoreFixtures):
+class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks):
     """
     The contract of `CircuitStateStore`.  Override the ``state_store_url`` fixture.
 
@@ -513,61 +575,6 @@ class CircuitStateStoreContract(StateStoreFixtures):
             assert (await breaker.get_status(key)).state is CircuitState.CLOSED
             assert not breaker.degraded
         assert [s.key for s in await state_store.snapshot_all()] == [key]
-
-    async def test_a_key_no_store_can_hold_is_refused_and_degrades_nothing(
-        self, state_store: CircuitStateStore
-    ) -> None:
-        self._needs_state()
-        refused: list[Any] = [None, 42, ["openai"], "", "k" * 501, "openai:a\x00b", "m-\udcff"]
-        async with CircuitBreaker(state_store, _TRIP3) as breaker:
-            for key in refused:
-                ticket = Ticket(key=key, generation=0)
-                calls: list[tuple[Callable[..., Awaitable[object]], tuple[Any, ...]]] = [
-                    (breaker.admit, (key,)),
-                    (breaker.call, (key, anyio.sleep, 0)),
-                    (breaker.report, (ticket, Outcome.FAILURE)),
-                    (breaker.get_status, (key,)),
-                    (breaker.is_available, (key,)),
-                    (breaker.force_open, (key,)),
-                    (breaker.disable, (key,)),
-                ]
-                if key is not None:  # reset(None) resets every key
-                    calls.append((breaker.reset, (key,)))
-                for method, args in calls:
-                    with pytest.raises(ConfigurationError, match="must"):
-                        await method(*args)
-                    assert not breaker.degraded, (method.__name__, key)
-                with pytest.raises(ConfigurationError):
-                    async with breaker.guard(key):
-                        pass
-                with pytest.raises(ConfigurationError):
-                    breaker.protect(key)
-                with pytest.raises(ConfigurationError):
-                    breaker.available_hint(key)
-            # the store still answers for every other key
-            await breaker.force_open("openai", reason="still shared")
-        assert (await state_store.snapshot("openai")).state is CircuitState.FORCED_OPEN
-        assert [s.key for s in await state_store.snapshot_all()] == ["openai"]
-
-    async def test_a_key_no_store_can_hold_is_refused_by_the_store_itself(
-        self, state_store: CircuitStateStore
-    ) -> None:
-        # used without a breaker (the CLI's `breaker open`), the store says the same
-        refused: list[Any] = [None, 42, ["k"], "", "k" * 501, "openai:a\x00b", "m-\udcff"]
-        report = _report(Ticket(key="k", generation=0), Outcome.SUCCESS)
-        for key in refused:
-            calls: list[tuple[Callable[..., Awaitable[object]], tuple[Any, ...]]] = [
-                (state_store.admit, (key, _TRIP3)),
-                (state_store.record, (key, _TRIP3, [report])),
-                (state_store.force, (key, CircuitState.FORCED_OPEN)),
-                (state_store.snapshot, (key,)),
-            ]
-            if key is not None:  # reset(None) resets every key
-                calls.append((state_store.reset, (key,)))
-            for method, args in calls:
-                with pytest.raises(ConfigurationError, match="must"):
-                    await method(*args)
-        assert await state_store.snapshot_all() == []
 
     # -- lifecycle and input checks ------------------------------------------------------
 
