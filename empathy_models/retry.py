@@ -207,7 +207,7 @@ class RetryPolicy:
             if log_delay >= math.log(self.max_delay):
                 return self.max_delay
             if growth > 700.0:  # multiplier ** exponent alone would overflow
-                return math.exp(log_delay)
+                return min(math.exp(log_delay), self.max_delay)
         return min(self.base_delay * self.multiplier**exponent, self.max_delay)
 
     def compute_delay(
