@@ -94,11 +94,12 @@ def find_config_file(cwd: Path | None = None) -> tuple[Path | None, str]:
         ``(path, "EMPATHY_HOME")`` or ``(None, "none")``.
 
     Raises:
-        ConfigurationError: ``EMPATHY_CONFIG`` names a file that does not exist.
+        ConfigurationError: ``EMPATHY_CONFIG`` names a file that does not exist, or
+            starts with a ``~user`` that has no home directory.
     """
     named = os.environ.get("EMPATHY_CONFIG", "").strip()
     if named:
-        path = Path(named).expanduser()
+        path = _expand_home(named, "EMPATHY_CONFIG")
         if not path.is_file():
             raise ConfigurationError(f"EMPATHY_CONFIG={named!r}: no such file")
         return path.absolute(), "EMPATHY_CONFIG"
@@ -111,8 +112,22 @@ def find_config_file(cwd: Path | None = None) -> tuple[Path | None, str]:
     return None, "none"
 
 
-def _sqlite_file(url: str) -> Path | None:
-    """The file of a ``sqlite:///path`` URL as written (maybe relative), else None."""
+def _expand_home(raw: str, where: str) -> Path:
+    """``raw`` as a path, a leading ``~`` or ``~user`` expanded; `ConfigurationError` if
+    that user has no home directory."""
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError:  # the user does not exist, or has no home directory
+        raise ConfigurationError(
+            f"{where}: cannot expand {raw!r}: no home directory for that user; write the "
+            "path in full"
+        ) from None
+
+
+def _sqlite_file(url: str, where: str | None = None) -> Path | None:
+    """The file of a ``sqlite:///path`` URL as written (maybe relative), else None;
+    `ConfigurationError` naming ``where`` (default: the URL) for a ``~user`` path that
+    does not expand."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -120,7 +135,7 @@ def _sqlite_file(url: str) -> Path | None:
     if parts.scheme.lower() != "sqlite" or parts.netloc:
         return None
     raw = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    return None if raw in ("", ":memory:") else Path(raw).expanduser()
+    return None if raw in ("", ":memory:") else _expand_home(raw, where or url)
 
 
 def ensure_sqlite_parent(url: str) -> None:
@@ -133,7 +148,7 @@ def ensure_sqlite_parent(url: str) -> None:
 def _resolve_url(value: str, base: Path, where: str) -> str:
     """A URL, with a relative SQLite path made absolute against ``base``; a path -> URL."""
     if "://" not in value:
-        path = Path(value).expanduser()
+        path = _expand_home(value, where)
         if not path.is_absolute():
             path = base / path
         return "sqlite:///" + quote(str(path))
@@ -141,7 +156,7 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
         query = urlsplit(value).query
     except ValueError as exc:
         raise ConfigurationError(f"{where}: not a URL: {exc}") from None
-    file = _sqlite_file(value)
+    file = _sqlite_file(value, where)
     if file is None or file.is_absolute():
         return value
     return "sqlite:///" + quote(str(base / file)) + (f"?{query}" if query else "")
@@ -276,11 +291,11 @@ def _read_file(
 
     Raises:
         ConfigurationError: Naming the file, when it is missing, unreadable, not valid
-            TOML, or holds an unknown top-level key.
+            TOML (or nested too deeply to parse), or holds an unknown top-level key.
     """
     file: Path | None
     if path is not None:
-        file = Path(path).expanduser().absolute()
+        file = _expand_home(os.fspath(path), "configuration file").absolute()
         found_by = "argument"
         if not file.is_file():
             raise ConfigurationError(f"{file}: no such configuration file")
@@ -294,6 +309,10 @@ def _read_file(
             raise ConfigurationError(f"{file}: cannot read: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"{file}: invalid TOML: {exc}") from None
+        except RecursionError:
+            raise ConfigurationError(
+                f"{file}: invalid TOML: arrays or tables nested too deeply"
+            ) from None
         unknown = sorted(set(data) - _TOP_KEYS)
         if unknown:
             raise ConfigurationError(
@@ -334,8 +353,9 @@ class EmpathyConfig:
         Read ``path``, or the file `find_config_file` finds, or nothing (the defaults).
 
         Raises:
-            ConfigurationError: naming the file, for a missing file, invalid TOML, an unknown
-                key or a value of the wrong type.
+            ConfigurationError: naming the file, for a missing file, invalid TOML (nested
+                too deeply included), an unknown key, a value of the wrong type, or a path
+                whose ``~user`` has no home directory.
         """
         file, found_by, data = _read_file(path)
         where = str(file)
@@ -365,7 +385,7 @@ class EmpathyConfig:
         registry = text("registry")
         registry_file: Path | None = None
         if registry is not None:
-            registry_file = Path(registry).expanduser()
+            registry_file = _expand_home(registry, f"{where}: registry")
             if not registry_file.is_absolute():
                 registry_file = base / registry_file
             sources["registry"] = where

@@ -76,7 +76,15 @@ def _to_capabilities(value: object) -> frozenset[str]:
             f"capabilities must be a list of {', '.join(sorted(CAPABILITIES))}, got {value!r}",
             path="capabilities",
         )
-    given = frozenset(value)
+    items = list(value)
+    wrong = [item for item in items if not isinstance(item, str)]
+    if wrong:
+        raise RecordValidationError(
+            f"capabilities must be a list of {', '.join(sorted(CAPABILITIES))} (strings), "
+            f"got {wrong[0]!r} in it",
+            path="capabilities",
+        )
+    given = frozenset(items)
     unknown = sorted(map(repr, given - CAPABILITIES))
     if unknown:
         raise RecordValidationError(
@@ -95,15 +103,24 @@ _price = number(
     type_why="must be a number (USD per million tokens)",
     why="must be a finite number >= 0",
 )
-_positive_int = integer(_fail, low=1, why="must be an integer >= 1")
+_window = integer(
+    _fail,
+    low=1,
+    high=_INT_LIMIT - 1,  # a token count, as a record holds it
+    why="must be an integer >= 1",
+    high_why="must be < 2**63",
+)
 _opt_positive_int = integer(_fail, low=1, optional=True, why="must be an integer >= 1")
 
 
 def _to_float(value: object) -> object:
-    # ints are accepted for prices and stored as floats; anything else is left for the
-    # validator to reject with a message naming the field
+    # ints are accepted for prices and stored as floats; anything else (an int no float
+    # holds included) is left for the validator to reject with a message naming the field
     if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            return value
     return value
 
 
@@ -155,8 +172,8 @@ class ModelInfo:
 
     Raises:
         RecordValidationError: naming the field and value, when an id or provider is
-            empty, a price is negative or not finite, or a window is not a positive
-            integer.
+            empty, a price is negative or not finite, a window is not an integer from 1
+            to 2**63 - 1, or a capability is not one of `CAPABILITIES`.
     """
 
     id: str = field(validator=_non_empty_str)
@@ -164,8 +181,8 @@ class ModelInfo:
     tier: ModelTier = field(converter=_to_tier)
     input_price_per_mtok: float = field(converter=_to_float, validator=_price)
     output_price_per_mtok: float = field(converter=_to_float, validator=_price)
-    context_window: int = field(validator=_positive_int)
-    max_output_tokens: int = field(validator=_positive_int)
+    context_window: int = field(validator=_window)
+    max_output_tokens: int = field(validator=_window)
     capabilities: frozenset[str] = field(default=None, converter=_to_capabilities)
     rpm: int | None = field(default=None, validator=_opt_positive_int)
     tpm: int | None = field(default=None, validator=_opt_positive_int)
@@ -424,8 +441,9 @@ class ModelRegistry:
         Read a registry from a ``.toml`` or ``.json`` file (shape as in `from_dict`).
 
         Raises:
-            ConfigurationError: naming the path, when the file is missing, cannot be parsed,
-                has another suffix, or holds an invalid entry (naming the field).
+            ConfigurationError: naming the path, when the file is missing, cannot be parsed
+                (nested too deeply included), has another suffix, holds an invalid entry
+                (naming the field), or the path holds a NUL byte.
         """
         file = Path(path)
         suffix = file.suffix.lower()
@@ -439,10 +457,19 @@ class ModelRegistry:
             raise ConfigurationError(
                 f"{file}: cannot read the registry file ({exc.strerror})"
             ) from exc
+        except ValueError as exc:  # the OS refuses the path itself: a NUL byte in it
+            raise ConfigurationError(
+                f"{str(file)!r}: not a usable registry file path ({exc})"
+            ) from exc
+        kind = suffix[1:].upper()
         try:
             data = tomllib.loads(raw.decode("utf-8")) if suffix == ".toml" else json.loads(raw)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigurationError(f"{file}: not valid {suffix[1:].upper()}: {exc}") from exc
+            raise ConfigurationError(f"{file}: not valid {kind}: {exc}") from exc
+        except RecursionError as exc:
+            raise ConfigurationError(
+                f"{file}: not valid {kind}: arrays or tables nested too deeply"
+            ) from exc
         return cls.from_dict(data, source=str(file))
 
     def to_dict(self) -> dict[str, Any]:

@@ -188,6 +188,10 @@ def test_the_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         ("[providers.openai]\ntimeout = -1\n", "timeout must be"),
         ("[providers.openai]\nsecret = 'x'\n", "unknown key"),
         ("telemetry = \n", "invalid TOML"),
+        ("telemetry = " + "[" * 100_000 + "]" * 100_000 + "\n", "invalid TOML: .*too deeply"),
+        ('telemetry = "~nosuchuser-empathy/x.db"\n', "telemetry: cannot expand '~nosuch"),
+        ('state = "sqlite:///~nosuchuser-empathy/x.db"\n', "state: cannot expand '~nosuch"),
+        ('registry = "~nosuchuser-empathy/m.toml"\n', "registry: cannot expand '~nosuch"),
     ],
 )
 def test_invalid_files_name_the_file_and_the_problem(
@@ -198,6 +202,17 @@ def test_invalid_files_name_the_file_and_the_problem(
     with pytest.raises(ConfigurationError, match=message) as info:
         EmpathyConfig.load(path)
     assert str(path) in str(info.value)
+
+
+def test_an_unexpandable_home_is_one_error_line(tmp_path: Path) -> None:
+    work, home = tmp_path / "work", tmp_path / "home"
+    work.mkdir()
+    (work / "empathy.toml").write_text('telemetry = "~nosuchuser-empathy/x.db"\n')
+    result = cli(work, home, "config", "show")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("empathy-models: error: "), result.stderr
+    assert "cannot expand '~nosuchuser-empathy/x.db'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_providers_are_built_as_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,6 +29,7 @@ from empathy_models import (
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
+    ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
     ModelInfo,
@@ -506,3 +507,13 @@ async def test_the_cap_is_configurable(raw: RawServer) -> None:
                 await provider.complete(REQUEST)
         until = (await b.get_status("anthropic")).open_until_ts
         assert until is not None and until <= time.time() + 30 and until >= before + 29
+
+
+@pytest.mark.parametrize("provider_class", [OpenAIProvider, AnthropicProvider])
+@pytest.mark.parametrize("url", ["http://[::1/v1", "http://127.0.0.1:99999/v1", "http://h:x/"])
+def test_a_base_url_that_does_not_parse_is_a_configuration_error(
+    provider_class: type[OpenAIProvider] | type[AnthropicProvider], url: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"base_url is not a valid URL") as info:
+        provider_class(api_key=KEY, name="x", base_url=url)
+    assert repr(url) in str(info.value)

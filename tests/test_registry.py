@@ -61,6 +61,8 @@ def test_cost_rejects_bad_token_counts(tokens: object) -> None:
         ("context_window", 0),
         ("max_output_tokens", -5),
         ("context_window", 10.5),
+        ("context_window", 2**63),
+        ("max_output_tokens", 2**64),
         ("id", ""),
         ("provider", "  "),
         ("tier", "gold"),
@@ -290,6 +292,43 @@ def test_unparseable_missing_and_unsupported_files(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigurationError, match=r"\.toml or \.json"):
         ModelRegistry.from_file(tmp_path / "prices.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a capability that is no string (a list is not hashable either)
+        (
+            json.dumps({"price_version": "v", "models": [_entry(capabilities=[["tools"]])]}),
+            r"models\[0\]\.capabilities: .*got \['tools'\] in it",
+        ),
+        # a price no float holds
+        (
+            json.dumps({"price_version": "v", "models": [_entry(input_price_per_mtok=10**400)]}),
+            r"models\[0\]\.input_price_per_mtok: .*must be a finite number",
+        ),
+        ('{"price_version": "v", "models": ' + "[" * 100_000 + "]" * 100_000 + "}", "too deeply"),
+    ],
+)
+def test_odd_json_values_raise_configuration_errors(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "odd.json"
+    path.write_text(text)
+    with pytest.raises(ConfigurationError, match=expected) as info:
+        ModelRegistry.from_file(path)
+    assert str(info.value).startswith(str(path))
+
+
+def test_deeply_nested_toml_and_a_nul_in_the_path(tmp_path: Path) -> None:
+    deep = tmp_path / "deep.toml"
+    deep.write_text('price_version = "v"\nmodels = ' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigurationError, match=r"not valid TOML: .*nested too deeply") as info:
+        ModelRegistry.from_file(deep)
+    assert str(deep) in str(info.value)
+
+    with pytest.raises(ConfigurationError, match="not a usable registry file path"):
+        ModelRegistry.from_file(tmp_path / "a\x00.toml")
 
 
 def test_from_dict_rejects_non_mappings() -> None:

@@ -282,6 +282,14 @@ class HTTPProvider(Provider):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             where = f" (from {self.base_url_env_var})" if from_env else ""
             raise ConfigurationError(f"base_url must be an http(s) URL, got {base_url!r}{where}")
+        try:
+            parts = urlsplit(base_url)
+            parts.port  # noqa: B018 -- parsed on access: refuses a port that is no number
+        except ValueError as exc:  # an unclosed IPv6 bracket, a port out of range
+            where = f" (from {self.base_url_env_var})" if from_env else ""
+            raise ConfigurationError(
+                f"base_url is not a valid URL ({exc}): {base_url!r}{where}"
+            ) from None
         official = _host(base_url) == _host(self.default_base_url)
         env_allowed = api_key_from_env if api_key_from_env is not None else official or from_env
         key = api_key
