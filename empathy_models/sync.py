@@ -20,6 +20,7 @@ thread, concurrently; in a notebook whose own loop is running, `run` works as we
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -36,11 +37,16 @@ from ._executor import (
     _Router,
 )
 from .abc import Provider, TelemetryBackend
-from .exceptions import NotOpenError
+from .exceptions import ConfigurationError, NotOpenError
 
 __all__ = ["SyncExecutor"]
 
 T = TypeVar("T")
+
+
+# how long `close` waits for the calls it cancelled to finish unwinding (a coroutine
+# given to `SyncExecutor.call` may ignore the cancellation) before closing the executor
+_CANCEL_GRACE = 10.0
 
 
 class _LoopThread:
@@ -51,6 +57,11 @@ class _LoopThread:
         self.stack: AsyncExitStack | None = None
         self.closed = False
         self._lock = threading.Lock()
+        # the calls in flight: their futures (for the callers' threads) and their tasks
+        # on the loop, which `close` cancels before it closes the executor
+        self._futures: set[concurrent.futures.Future[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._shutting_down = False  # set on the loop: calls starting later are refused
         self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self.thread.start()
 
@@ -58,39 +69,97 @@ class _LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
+    def on_loop_thread(self) -> bool:
+        return threading.get_ident() == self.thread.ident
+
     def call(self, make: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
-        if threading.get_ident() == self.thread.ident:
+        if self.on_loop_thread():
             raise RuntimeError(
                 "SyncExecutor called from its own event loop; inside async code use "
                 "EmpathyLLMExecutor directly"
             )
 
         async def body() -> T:
-            return await make()
+            if self._shutting_down:
+                raise _closed_during_call()
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)
+            try:
+                return await make()
+            finally:
+                self._tasks.discard(task)
 
-        future = asyncio.run_coroutine_threadsafe(body(), self.loop)
+        with self._lock:
+            if self.closed:
+                raise NotOpenError("SyncExecutor is closed")
+            future = asyncio.run_coroutine_threadsafe(body(), self.loop)
+            self._futures.add(future)
         try:
             return future.result(timeout)
+        except concurrent.futures.CancelledError:
+            if self.closed:
+                raise _closed_during_call() from None
+            raise
         except BaseException:
             # a timeout or Ctrl-C here cancels the call on the loop as well
             future.cancel()
             raise
+        finally:
+            with self._lock:
+                self._futures.discard(future)
+
+    async def _shut_down(self) -> None:
+        """On the loop: cancel the calls in flight, wait for them, close the stack."""
+        self._shutting_down = True
+        tasks = set(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=_CANCEL_GRACE)
+        stack, self.stack = self.stack, None
+        if stack is not None:
+            await stack.aclose()
 
     def close(self) -> None:
-        """Close what was entered, stop the loop, join the thread.  Idempotent."""
+        """
+        End the calls in flight, close what was entered, stop the loop, join the thread.
+
+        Idempotent.  Each call in flight is cancelled on the loop, and its caller gets
+        `NotOpenError`; a call that does not end within `_CANCEL_GRACE` seconds is left
+        behind (its caller is released all the same) and the executor closed regardless.
+        """
         with self._lock:
             if self.closed:
                 return
             self.closed = True
+            futures = list(self._futures)
         try:
-            stack, self.stack = self.stack, None
-            if stack is not None and self.loop.is_running():
-                asyncio.run_coroutine_threadsafe(stack.aclose(), self.loop).result()
+            if self.loop.is_running():
+                asyncio.run_coroutine_threadsafe(self._shut_down(), self.loop).result()
         finally:
+            # release any caller still waiting (a call that ignored its cancellation)
+            # while the loop can still take the cancellation
+            for future in futures:
+                future.cancel()
             if self.loop.is_running():
                 self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join()
             self.loop.close()
+
+    def close_from_anywhere(self) -> None:
+        """`close`, handed to a thread of its own when run on the loop thread (by GC)."""
+        if self.on_loop_thread():
+            threading.Thread(target=self.close, name=self.thread.name + "-close").start()
+        else:
+            self.close()
+
+
+def _closed_during_call() -> NotOpenError:
+    return NotOpenError(
+        "SyncExecutor was closed while this call was running, so the call was cancelled; "
+        "close the SyncExecutor only after its calls have returned"
+    )
 
 
 class SyncExecutor:
@@ -105,7 +174,8 @@ class SyncExecutor:
     `run` takes the same arguments as `EmpathyLLMExecutor.run` (and a ``timeout``),
     blocks until the answer, and raises what it raises.  `call` runs any other coroutine
     on the same loop (``llm.call(router.get_routing_stats, "docs")``).  Calling `run` or
-    `call` after `close` raises `RuntimeError`.
+    `call` after `close` raises `NotOpenError` (a `RuntimeError`), and so does a call
+    still running in another thread when `close` is called: `close` cancels it first.
 
     Args:
         providers: as for `EmpathyLLMExecutor`.
@@ -130,7 +200,7 @@ class SyncExecutor:
     ) -> None:
         self._worker = _LoopThread("empathy-models-sync")
         # at exit (or when collected unclosed) the loop thread still closes what it holds
-        self._finalizer = weakref.finalize(self, self._worker.close)
+        self._finalizer = weakref.finalize(self, self._worker.close_from_anywhere)
         self._executor: EmpathyLLMExecutor | None = None
 
         async def open_all() -> EmpathyLLMExecutor:
@@ -213,7 +283,23 @@ class SyncExecutor:
         return self._worker.call(lambda: fn(*args, **kwargs))
 
     def close(self) -> None:
-        """Close the executor (and the router and breaker it opened), then the loop."""
+        """
+        Close the executor (and the router and breaker it opened), then the loop.
+
+        Calls still running in other threads are cancelled first (and recorded as
+        cancelled); each of them raises `NotOpenError` in its thread.  Idempotent.
+
+        Raises:
+            ConfigurationError: when called from code running on the executor's own
+                loop (a coroutine given to `call`), where it would wait for itself;
+                close it after that call has returned.
+        """
+        if self._worker.on_loop_thread():
+            raise ConfigurationError(
+                "SyncExecutor.close() called from inside one of its own calls (code "
+                "running on its event loop), where it would wait for itself; close it "
+                "after that call has returned"
+            )
         self._finalizer()
 
     def __enter__(self) -> Self:

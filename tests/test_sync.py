@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,10 +23,12 @@ import pytest
 from empathy_models import (
     AdaptiveModelRouter,
     AnthropicProvider,
+    ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMCallRecord,
     LLMResponse,
+    NotOpenError,
     OpenAIProvider,
     Outcome,
 )
@@ -164,3 +167,58 @@ def test_an_unclosed_sync_executor_is_closed_at_interpreter_exit(tmp_path: Path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
     assert len(_records(db)) == 1
+
+
+def test_close_cancels_a_call_running_in_another_thread(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """The waiting caller gets `NotOpenError` at once; the attempt is recorded cancelled."""
+    server.script("claude-fake-haiku", ["hang"])
+    pinned = ExecutionContext(workflow="script", stage="ask", model="claude-fake-haiku")
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    llm = SyncExecutor(providers(server), registry=REGISTRY, telemetry_store=url)
+    raised: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            llm.run("hello", pinned)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30  # a hang guard: the request is on the server
+    while server.requests("claude-fake-haiku") == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    llm.close()
+    thread.join(10)
+    assert not thread.is_alive(), "run() still blocked after close()"
+    assert len(raised) == 1 and isinstance(raised[0], NotOpenError), raised
+    assert "closed while this call was running" in str(raised[0])
+    assert [r.outcome for r in _records(tmp_path / "calls.db")] == [Outcome.CANCELLED]
+
+
+def test_close_from_inside_a_call_is_refused(server: FakeLLMServer) -> None:
+    """On its own loop `close` would wait for itself: it raises, and the executor serves on."""
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
+
+        async def close_inside() -> None:
+            llm.close()
+
+        raised: list[BaseException] = []
+
+        def worker() -> None:
+            try:
+                llm.call(close_inside)
+            except BaseException as exc:
+                raised.append(exc)
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "close() from the loop thread deadlocked"
+        assert len(raised) == 1 and isinstance(raised[0], ConfigurationError), raised
+        assert "after that call has returned" in str(raised[0])
+        assert not llm.closed
+        assert llm.run("still there?", CHEAP).content
+    assert llm.closed
