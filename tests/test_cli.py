@@ -560,3 +560,22 @@ def test_setup_on_a_terminal_asks_and_keeps_custom_fields(home: Path) -> None:
     assert s.subscription_tier.value == "max"
     assert s.default_mode.value == "auto"  # empty answer keeps the current value
     assert s.small_module_threshold == 321
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("telemetry", "summary", "--db", "~no_such_user_here/calls.db"),
+        ("demo", "--db", "~no_such_user_here/demo.db", "--calls", "5"),
+    ],
+)
+def test_a_db_path_under_a_home_that_does_not_exist_is_one_error_line(
+    home: Path, args: tuple[str, ...]
+) -> None:
+    result = cli(home, *args)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr == (
+        "empathy-models: error: cannot expand '~no_such_user_here/"
+        f"{Path(args[args.index('--db') + 1]).name}': no home directory for that user; "
+        "write the path in full\n"
+    )

@@ -143,9 +143,24 @@ def _sqlite_path(url: str) -> str | None:
     return None if path in ("", ":memory:") else path
 
 
+def expanded(path: str | Path) -> Path:
+    """
+    ``path`` with a leading ``~`` or ``~user`` expanded.
+
+    Raises:
+        CliError: ``~user`` for a user without a home directory.
+    """
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # the user does not exist, or has no home directory
+        raise CliError(
+            f"cannot expand {str(path)!r}: no home directory for that user; write the path in full"
+        ) from None
+
+
 def sqlite_url(path: Path) -> str:
     """``sqlite:///`` + the absolute, percent-quoted path (``?`` and ``#`` survive)."""
-    return "sqlite:///" + quote(str(path.expanduser().absolute()))
+    return "sqlite:///" + quote(str(expanded(path).absolute()))
 
 
 def configured_url(kind: str = "telemetry") -> str:
@@ -196,7 +211,7 @@ def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry
         scheme = urlsplit(raw).scheme.lower()
         path = _sqlite_path(raw) if scheme == "sqlite" else None
     else:
-        path = str(Path(raw).expanduser().absolute())
+        path = str(expanded(raw).absolute())
         url = sqlite_url(Path(path))
     if must_exist and path is not None:
         file = Path(path)

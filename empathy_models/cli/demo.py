@@ -62,6 +62,7 @@ from ._common import (
     SubParsers,
     add_common,
     emit_json,
+    expanded,
     fmt_ms,
     fmt_pct,
     fmt_usd,
@@ -898,7 +899,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     assume_yes=args.yes,
                 )
         else:
-            path = Path(args.db).expanduser().absolute()
+            path = expanded(args.db).absolute()
             if path.is_dir():
                 raise CliError(f"--db {path} is a directory, not a SQLite file")
             if not path.parent.is_dir():
