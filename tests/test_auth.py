@@ -383,7 +383,15 @@ def test_load_without_a_file_gives_defaults_and_load_existing_none(home: Path) -
 
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"[1, 2]", b'{"small_module_threshold": -3}', b"\xff\xfe\x00"],
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'{"small_module_threshold": -3}',
+        b"\xff\xfe\x00",
+        b"null",
+        b" null\n",
+        b'{"small_module_threshold": ' + b"9" * 5000 + b"}",
+    ],
 )
 def test_a_corrupt_file_is_an_error_naming_the_path(home: Path, content: bytes) -> None:
     home.mkdir(parents=True)
@@ -397,6 +405,17 @@ def test_a_corrupt_file_is_an_error_naming_the_path(home: Path, content: bytes) 
     with pytest.raises(AuthFileError):
         AuthStrategy().save()
     assert file.read_bytes() == content
+
+
+@pytest.mark.parametrize("name", ["x" * 300 + ".json", "auth\x00strategy.json"])
+def test_an_unusable_path_is_an_auth_file_error_naming_it(tmp_path: Path, name: str) -> None:
+    file = tmp_path / name
+    with pytest.raises(AuthFileError) as info:
+        AuthStrategy().save(file)
+    assert info.value.path == file
+    assert str(file) in str(info.value) or repr(str(file)) in str(info.value)
+    with pytest.raises(AuthFileError):
+        AuthStrategy.load(file)
 
 
 def test_the_error_never_quotes_the_file(home: Path) -> None:
