@@ -467,6 +467,34 @@ def test_reset_without_a_file_does_nothing(home: Path) -> None:
     assert reset_auth_strategy() is None
 
 
+def test_reset_of_a_symlink_copies_the_content_and_never_touches_the_target(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "shared_settings.json"
+    target.write_text('{"small_module_threshold": 9}')
+    os.chmod(target, 0o644)
+    link = tmp_path / "auth_strategy.json"
+    link.symlink_to(target)
+    backup = reset_auth_strategy(link)
+    assert backup is not None
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert target.read_text() == '{"small_module_threshold": 9}'
+    assert not link.exists() and not link.is_symlink()
+    assert not backup.is_symlink()
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert AuthStrategy.load(backup).small_module_threshold == 9
+    assert list_auth_strategy_backups(link) == [backup]
+
+
+def test_reset_of_a_dangling_symlink_is_an_error_leaving_it(tmp_path: Path) -> None:
+    link = tmp_path / "auth_strategy.json"
+    link.symlink_to(tmp_path / "missing.json")
+    with pytest.raises(AuthFileError) as info:
+        reset_auth_strategy(link)
+    assert info.value.path == link and "missing file" in str(info.value)
+    assert link.is_symlink()
+
+
 def test_restore_picks_the_newest_backup_and_keeps_the_current_file(home: Path) -> None:
     AuthStrategy(small_module_threshold=1).save()
     first = reset_auth_strategy()
