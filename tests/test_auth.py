@@ -633,6 +633,20 @@ def test_undecodable_text_is_counted_and_flagged_never_zero(tmp_path: Path) -> N
     assert any("UTF-8" in w for w in r.warnings)
 
 
+@pytest.mark.parametrize("separator", ["\x0c", "\u2028", "\u2029", "\x0b", "\x1c", "\x85"])
+def test_only_physical_line_breaks_start_a_line(tmp_path: Path, separator: str) -> None:
+    f = tmp_path / "one_line.py"
+    f.write_text('s = "' + ("a" + separator) * 1000 + '"\n', encoding="utf-8", newline="")
+    r = count_lines_of_code(f)
+    assert (r.total_lines, r.code_lines) == (1, 1)
+
+
+def test_lf_crlf_and_cr_each_end_a_line(tmp_path: Path) -> None:
+    f = tmp_path / "mixed.py"
+    f.write_bytes(b"a = 1\nb = 2\r\nc = 3\rd = 4")
+    assert count_lines_of_code(f).code_lines == 4
+
+
 async def test_async_count(tmp_path: Path) -> None:
     f = tmp_path / "m.py"
     f.write_text("a = 1\n")
