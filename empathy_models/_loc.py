@@ -248,9 +248,23 @@ def _count_decode_errors(raw: bytes) -> int:
     return replaced - raw.decode("utf-8", errors="ignore").count("\ufffd")
 
 
+_LINE_BREAK_RE: Final = re.compile(r"\r\n|\r|\n")
+
+
+def _physical_lines(text: str) -> list[str]:
+    """
+    ``text`` split at line breaks (``\\n``, ``\\r\\n``, ``\\r``) as ``wc -l`` counts them;
+    form feeds, U+2028 and other Unicode separators stay inside their line.
+    """
+    lines = _LINE_BREAK_RE.split(text)
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def _analyse(path: str, suffix: str, text: str, decode_errors: int) -> LinesOfCodeReport:
     line_prefixes, block_comments = _COMMENT_STYLES.get(suffix, (_HASH, False))
-    lines = text.splitlines()
+    lines = _physical_lines(text)
     blank = comment = code = literal = longest = effective = long_lines = 0
     in_block = False
     for line in lines:

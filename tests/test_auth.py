@@ -383,7 +383,15 @@ def test_load_without_a_file_gives_defaults_and_load_existing_none(home: Path) -
 
 @pytest.mark.parametrize(
     "content",
-    [b"{not json", b"[1, 2]", b'{"small_module_threshold": -3}', b"\xff\xfe\x00"],
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'{"small_module_threshold": -3}',
+        b"\xff\xfe\x00",
+        b"null",
+        b" null\n",
+        b'{"small_module_threshold": ' + b"9" * 5000 + b"}",
+    ],
 )
 def test_a_corrupt_file_is_an_error_naming_the_path(home: Path, content: bytes) -> None:
     home.mkdir(parents=True)
@@ -397,6 +405,17 @@ def test_a_corrupt_file_is_an_error_naming_the_path(home: Path, content: bytes) 
     with pytest.raises(AuthFileError):
         AuthStrategy().save()
     assert file.read_bytes() == content
+
+
+@pytest.mark.parametrize("name", ["x" * 300 + ".json", "auth\x00strategy.json"])
+def test_an_unusable_path_is_an_auth_file_error_naming_it(tmp_path: Path, name: str) -> None:
+    file = tmp_path / name
+    with pytest.raises(AuthFileError) as info:
+        AuthStrategy().save(file)
+    assert info.value.path == file
+    assert str(file) in str(info.value) or repr(str(file)) in str(info.value)
+    with pytest.raises(AuthFileError):
+        AuthStrategy.load(file)
 
 
 def test_the_error_never_quotes_the_file(home: Path) -> None:
@@ -446,6 +465,34 @@ def test_reset_backs_up_and_restore_brings_back_every_field(home: Path) -> None:
 
 def test_reset_without_a_file_does_nothing(home: Path) -> None:
     assert reset_auth_strategy() is None
+
+
+def test_reset_of_a_symlink_copies_the_content_and_never_touches_the_target(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "shared_settings.json"
+    target.write_text('{"small_module_threshold": 9}')
+    os.chmod(target, 0o644)
+    link = tmp_path / "auth_strategy.json"
+    link.symlink_to(target)
+    backup = reset_auth_strategy(link)
+    assert backup is not None
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert target.read_text() == '{"small_module_threshold": 9}'
+    assert not link.exists() and not link.is_symlink()
+    assert not backup.is_symlink()
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert AuthStrategy.load(backup).small_module_threshold == 9
+    assert list_auth_strategy_backups(link) == [backup]
+
+
+def test_reset_of_a_dangling_symlink_is_an_error_leaving_it(tmp_path: Path) -> None:
+    link = tmp_path / "auth_strategy.json"
+    link.symlink_to(tmp_path / "missing.json")
+    with pytest.raises(AuthFileError) as info:
+        reset_auth_strategy(link)
+    assert info.value.path == link and "missing file" in str(info.value)
+    assert link.is_symlink()
 
 
 def test_restore_picks_the_newest_backup_and_keeps_the_current_file(home: Path) -> None:
@@ -584,6 +631,20 @@ def test_undecodable_text_is_counted_and_flagged_never_zero(tmp_path: Path) -> N
     assert r.code_lines == 2
     assert r.decode_errors == 2
     assert any("UTF-8" in w for w in r.warnings)
+
+
+@pytest.mark.parametrize("separator", ["\x0c", "\u2028", "\u2029", "\x0b", "\x1c", "\x85"])
+def test_only_physical_line_breaks_start_a_line(tmp_path: Path, separator: str) -> None:
+    f = tmp_path / "one_line.py"
+    f.write_text('s = "' + ("a" + separator) * 1000 + '"\n', encoding="utf-8", newline="")
+    r = count_lines_of_code(f)
+    assert (r.total_lines, r.code_lines) == (1, 1)
+
+
+def test_lf_crlf_and_cr_each_end_a_line(tmp_path: Path) -> None:
+    f = tmp_path / "mixed.py"
+    f.write_bytes(b"a = 1\nb = 2\r\nc = 3\rd = 4")
+    assert count_lines_of_code(f).code_lines == 4
 
 
 async def test_async_count(tmp_path: Path) -> None:

@@ -579,3 +579,27 @@ def test_a_db_path_under_a_home_that_does_not_exist_is_one_error_line(
         f"{Path(args[args.index('--db') + 1]).name}': no home directory for that user; "
         "write the path in full\n"
     )
+
+
+def test_recommend_prices_from_the_configured_registry_or_registry_option(
+    home: Path, tmp_path: Path
+) -> None:
+    from empathy_models import ModelRegistry
+
+    data = ModelRegistry.default().to_dict()
+    data["price_version"] = "zero-prices"
+    for model in data["models"]:
+        model["input_price_per_mtok"] = 0.0
+        model["output_price_per_mtok"] = 0.0
+    (tmp_path / "cheap.json").write_text(json.dumps(data))
+    (tmp_path / "empathy.toml").write_text('registry = "cheap.json"\n')
+    source = tmp_path / "a.py"
+    source.write_text("x = 1\n")
+    out = json.loads(ok(cli(home, "auth", "recommend", str(source), "--json", cwd=tmp_path)))
+    assert out["estimate"]["price_version"] == "zero-prices"
+    assert out["estimate"]["api_cost"] == 0
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "mine.json").write_text(json.dumps({**data, "price_version": "mine"}))
+    args = ("auth", "recommend", str(source), "--json", "--registry", str(other / "mine.json"))
+    assert json.loads(ok(cli(home, *args, cwd=tmp_path)))["estimate"]["price_version"] == "mine"

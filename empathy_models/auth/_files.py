@@ -36,8 +36,34 @@ honoured there and not here; prefer the function.
 # --------------------------------------------------------------------------- file helpers
 
 
+_MOVE_AWAY: Final = "fix it, or move it away (`empathy-models auth reset --yes` keeps a backup)"
+
+
+def _lexists(file: Path) -> bool:
+    """
+    Whether ``file`` exists (a symlink counts, even a dangling one); `AuthFileError` for a
+    path the system cannot look up (a NUL byte, a name over the length limit).
+    """
+    try:
+        os.lstat(file)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except ValueError as exc:  # "embedded null byte"
+        raise AuthFileError(
+            f"{str(file)!r}: not a usable auth strategy path (it contains a NUL byte)", path=file
+        ) from exc
+    except OSError as exc:
+        raise AuthFileError(f"{file}: not a usable path ({exc.strerror})", path=file) from exc
+    return True
+
+
 def _read_json(file: Path) -> Any:
-    """Parsed JSON of ``file``; None if it does not exist; `AuthFileError` otherwise."""
+    """
+    Parsed JSON of ``file``; None if it does not exist; `AuthFileError` otherwise,
+    including for a file that holds JSON ``null`` (it is corrupt, not missing).
+    """
+    if not _lexists(file):
+        return None
     try:
         raw = file.read_bytes()
     except FileNotFoundError:
@@ -49,11 +75,10 @@ def _read_json(file: Path) -> Any:
     except OSError as exc:
         raise AuthFileError(f"{file}: cannot read ({exc.strerror})", path=file) from exc
     try:
-        return json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except RecursionError as exc:
         raise AuthFileError(
-            f"{file}: corrupt auth strategy file (JSON nested too deeply); fix it, or move "
-            "it away (`empathy-models auth reset --yes` keeps a backup)",
+            f"{file}: corrupt auth strategy file (JSON nested too deeply); {_MOVE_AWAY}",
             path=file,
         ) from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -63,10 +88,20 @@ def _read_json(file: Path) -> Any:
             else f"byte {exc.start}"
         )
         raise AuthFileError(
-            f"{file}: corrupt auth strategy file (not valid UTF-8 JSON at {where}); fix it, "
-            "or move it away (`empathy-models auth reset --yes` keeps a backup)",
+            f"{file}: corrupt auth strategy file (not valid UTF-8 JSON at {where}); {_MOVE_AWAY}",
             path=file,
         ) from exc
+    except ValueError as exc:  # an integer past Python's digit limit
+        raise AuthFileError(
+            f"{file}: corrupt auth strategy file (a number too long to read); {_MOVE_AWAY}",
+            path=file,
+        ) from exc
+    if data is None:
+        raise AuthFileError(
+            f"{file}: corrupt auth strategy file (it holds JSON null, not an object); {_MOVE_AWAY}",
+            path=file,
+        )
+    return data
 
 
 def _ensure_private_dir(directory: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Final
 
 from .._validators import check, failure, integer
 from ..exceptions import AuthFileError, ConfigurationError
-from ._files import _atomic_write, _fsync_dir, _locked, auth_strategy_file
+from ._files import _atomic_write, _fsync_dir, _lexists, _locked, auth_strategy_file
 from .strategy import AuthStrategy
 
 __all__ = [
@@ -111,11 +111,13 @@ def reset_auth_strategy(
     """
     Move the auth strategy file into a backup; return the backup's path.
 
-    The file is renamed (atomically) to a backup named as in
+    The file is renamed (atomically) to a 0600 backup named as in
     `list_auth_strategy_backups`, under the same lock as `AuthStrategy.save`, so a save
     running at the same time lands either before the reset (and is in the backup) or
     after it (and is the new file): it is never lost.  A corrupt file is backed up as it
-    is.  Blocking.
+    is.  When the file is a symlink, its target is never changed (nor its mode): the
+    content is copied into a regular 0600 backup and the link itself is removed.
+    Blocking.
 
     Args:
         path: the file (default `auth_strategy_file`).
@@ -126,29 +128,74 @@ def reset_auth_strategy(
         The backup's path, or None, touching nothing, when there is no file.
 
     Raises:
-        AuthFileError: the file cannot be moved (it is then left in place).
+        AuthFileError: the file cannot be moved (it is then left in place), or it is a
+            symlink to a missing file.
     """
     check(_keep_backups, "keep_backups", keep_backups)
     file = Path(path) if path is not None else auth_strategy_file()
-    if not file.exists() and not file.is_symlink():
+    if not _lexists(file):
         return None
     if file.is_dir():
         raise AuthFileError(f"{file}: is a directory, not an auth strategy file", path=file)
     with _locked(file):
-        if not file.exists() and not file.is_symlink():
+        if not _lexists(file):
             return None
-        backup = _backup_target(file)
-        try:
-            os.chmod(file, 0o600)
-            os.rename(file, backup)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise AuthFileError(
-                f"{file}: cannot move to a backup ({exc.strerror})", path=file
-            ) from exc
+        backup = _move_to_backup(file)
         _fsync_dir(file.parent)
         _prune_backups(file, keep_backups)
+    return backup
+
+
+def _move_to_backup(file: Path) -> Path | None:
+    """
+    Rename the file ``file`` to a 0600 backup; a symlink is copied instead (its target is
+    read, never changed) and the link removed.  The mode is set through a descriptor
+    opened with ``O_NOFOLLOW``, or by name for a file this user cannot open (mode 000),
+    which ``lstat`` has just shown is not a link.  Called with the lock held.
+    """
+    if file.is_symlink():
+        return _copy_link_to_backup(file)
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except PermissionError:
+        fd = None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if file.is_symlink():  # replaced by a link since the check above
+            return _copy_link_to_backup(file)
+        raise AuthFileError(f"{file}: cannot open ({exc.strerror})", path=file) from exc
+    try:
+        if fd is not None:
+            os.fchmod(fd, 0o600)
+        else:
+            os.chmod(file, 0o600)
+        backup = _backup_target(file)
+        os.rename(file, backup)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AuthFileError(f"{file}: cannot move to a backup ({exc.strerror})", path=file) from exc
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return backup
+
+
+def _copy_link_to_backup(file: Path) -> Path:
+    if not file.exists():
+        raise AuthFileError(
+            f"{file}: is a symlink to a missing file; nothing to back up (remove the link)",
+            path=file,
+        )
+    backup = _backup(file)
+    try:
+        os.unlink(file)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        backup.unlink(missing_ok=True)
+        raise AuthFileError(f"{file}: cannot remove the link ({exc.strerror})", path=file) from exc
     return backup
 
 

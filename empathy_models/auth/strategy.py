@@ -22,7 +22,7 @@ from .._validators import check, failure, instance_of, integer, number
 from ..exceptions import AuthFileError, ConfigurationError, RecordValidationError
 from ..records import ModelTier
 from ..registry import ModelRegistry
-from ._files import _atomic_write, _locked, _read_json, auth_strategy_file
+from ._files import _atomic_write, _lexists, _locked, _read_json, auth_strategy_file
 
 __all__ = [
     "API_CONTEXT_TOKENS",
@@ -560,21 +560,24 @@ class AuthStrategy:
         moved over the target with ``os.replace``, so readers see the old or the new file,
         never a torn one.  The file is 0600; a missing parent directory is created 0700.
         Keys of the existing file that this version does not know (written by a newer
-        release) are kept, and so is its ``"v"`` when newer.  Saves, resets and restores of
-        one file take a lock (``<file>.lock``) shared by every process; concurrent saves are
-        last-writer-wins.  Blocking: use `asave` from async code.
+        release) are kept, and so is its ``"v"`` when newer.  Saves, resets and restores
+        take an exclusive ``flock`` on the file's parent directory, shared by every process
+        (so they never interleave); concurrent saves are last-writer-wins.  Blocking: use
+        `asave` from async code.
 
         Raises:
             AuthFileError: naming an existing file that does not parse; it is not
-                overwritten (back it up or remove it first).
+                overwritten (back it up or remove it first).  Also naming a path the
+                system cannot use (a NUL byte, a name over the length limit).
         """
         file = Path(path) if path is not None else auth_strategy_file()
+        _lexists(file)
         with _locked(file):
             return self._save_locked(file)
 
     def _save_locked(self, file: Path) -> Path:
         data = self.to_dict()
-        if file.exists() or file.is_symlink():
+        if _lexists(file):
             try:
                 type(self).load_existing(file)
             except AuthFileError as exc:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from empathy_models import ModelRegistry
 from empathy_models.auth import (
     AuthMode,
     AuthStrategy,
@@ -28,6 +29,7 @@ from ._common import (
     CliError,
     SubParsers,
     add_common,
+    configured_registry_file,
     emit_json,
     fmt_usd,
     print_pairs,
@@ -111,6 +113,13 @@ def register(subparsers: SubParsers) -> None:
 
     recommend = leaf("recommend", "count a file's lines and recommend a mode with its cost")
     recommend.add_argument("path", metavar="FILE", type=Path, help="a source file")
+    recommend.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="models and prices from a TOML or JSON file (default: the one named in "
+        "empathy.toml, else the built-in table)",
+    )
     recommend.set_defaults(func=cmd_auth_recommend)
 
 
@@ -326,13 +335,23 @@ def cmd_auth_restore(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- recommend
 
 
+def _registry(args: argparse.Namespace) -> ModelRegistry:
+    """``--registry``, else the registry named in empathy.toml, else the built-in table."""
+    path = args.registry if args.registry is not None else configured_registry_file()
+    return ModelRegistry.default() if path is None else ModelRegistry.from_file(path)
+
+
 def cmd_auth_recommend(args: argparse.Namespace) -> int:
-    """Count ``FILE``'s lines, then print its size category, the mode, why, and the cost."""
+    """
+    Count ``FILE``'s lines, then print its size category, the mode, why, and the cost,
+    priced from ``--registry`` (default: the registry of empathy.toml, else built in).
+    """
     strategy = AuthStrategy.load(_file(args))
+    registry = _registry(args)
     report = count_lines_of_code(args.path)
     lines = report.effective_lines
     mode = strategy.get_recommended_mode(lines)
-    estimate = strategy.estimate_cost(lines, mode)
+    estimate = strategy.estimate_cost(lines, mode, registry=registry)
     category = strategy.size_category(lines)
     if args.json:
         emit_json(
