@@ -342,8 +342,12 @@ class RedisCircuitStateStore(CircuitStateStore):
         )
 
     def _entry(self, key: str) -> list[Any]:
-        entry = self._keys.get(key)
-        if entry is None:
+        try:
+            entry = self._keys.get(key)
+        except TypeError:  # unhashable: not a key (`checked_key` says why)
+            entry = None
+        if entry is None:  # a key this store has not sent yet: checked once
+            self.checked_key(key)
             redis_key = self._redis_key(key)
             if len(self._keys) >= _KEY_CACHE_SIZE:
                 del self._keys[next(iter(self._keys))]
@@ -368,7 +372,6 @@ class RedisCircuitStateStore(CircuitStateStore):
         reply would give: the revision names one write of the key's hash).
         """
         self._check_open()
-        self.checked_key(key)
         entry = self._entry(key)
         known_rev: bytes = entry[2]  # empty while no state was read
         known_state: CircuitBreakerState | None = entry[3]
@@ -587,7 +590,8 @@ class RedisCircuitStateStore(CircuitStateStore):
         Equal reports in a row (a written-behind batch of successes) are sent once with
         a repeat count, so a batch of a thousand costs about what one report does.
         """
-        self.checked_key(key)
+        if key.__class__ is not str or key not in self._keys:  # not sent yet: checked once
+            self.checked_key(key)
         extra: list[str] = []
         previous: OutcomeReport | None = None
         repeat = 0
