@@ -6,6 +6,8 @@ import json
 import operator
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -346,6 +348,52 @@ def test_auth_strategy_file_honours_empathy_home_at_call_time(
     assert auth_strategy_file() == tmp_path / "b" / "auth_strategy.json"
     monkeypatch.delenv("EMPATHY_HOME")
     assert auth_strategy_file() == Path.home() / ".empathy" / "auth_strategy.json"
+
+
+_NO_SUCH_HOME = "~no_such_user_here/x"  # a ~user that does not exist: no home directory
+
+_USE_THE_PATH = """
+import empathy_models.auth as auth
+from empathy_models import ConfigurationError
+from empathy_models.auth import AuthStrategy
+
+assert AuthStrategy(small_module_threshold=3).small_module_threshold == 3
+for use in (auth.auth_strategy_file, AuthStrategy.load, lambda: auth.AUTH_STRATEGY_FILE):
+    try:
+        use()
+    except ConfigurationError as exc:
+        print(exc)
+"""
+
+
+def test_an_empathy_home_that_cannot_expand_fails_where_the_path_is_used_not_at_import(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "EMPATHY_CONFIG"}
+    env["EMPATHY_HOME"] = _NO_SUCH_HOME
+    result = subprocess.run(
+        [sys.executable, "-c", _USE_THE_PATH],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    message = (
+        f"cannot find the home directory for EMPATHY_HOME={_NO_SUCH_HOME!r}: set "
+        "EMPATHY_HOME to a full path"
+    )
+    assert result.stdout == f"{message}\n" * 3
+    # the CLI starts: a command given its file works, one that needs the home says why
+    cli = [sys.executable, "-m", "empathy_models", "auth", "status"]
+    given = subprocess.run(
+        [*cli, "--file", str(tmp_path / "s.json")], env=env, capture_output=True, text=True
+    )
+    assert given.returncode == 0 and "(not created yet)" in given.stdout, given.stderr
+    default = subprocess.run(cli, env=env, capture_output=True, text=True)
+    assert (default.returncode, default.stderr) == (1, f"empathy-models: error: {message}\n")
 
 
 def test_save_then_load_through_empathy_home(home: Path) -> None:

@@ -28,6 +28,9 @@ never torn).
 
 from __future__ import annotations
 
+import typing
+from pathlib import Path
+
 from .._loc import (
     LINE_EQUIVALENT_CHARS,
     LinesOfCodeReport,
@@ -36,7 +39,7 @@ from .._loc import (
 )
 from .._paths import empathy_home
 from ..exceptions import AuthFileError, SourceFileError
-from ._files import AUTH_STRATEGY_FILE, auth_strategy_file
+from ._files import auth_strategy_file
 from .store import list_auth_strategy_backups, reset_auth_strategy, restore_auth_strategy
 from .strategy import (
     API_CONTEXT_TOKENS,
@@ -75,3 +78,21 @@ __all__ = [
     "reset_auth_strategy",
     "restore_auth_strategy",
 ]
+
+if typing.TYPE_CHECKING:
+    AUTH_STRATEGY_FILE: Path
+    """
+    The auth strategy file as `auth_strategy_file` returned it when this name was first
+    read (kept for callers that import the constant: a later change of
+    ``$EMPATHY_HOME`` is honoured by the function, not here); prefer the function.
+    """
+else:
+    # resolved when the name is first read, never at import: an ``$EMPATHY_HOME`` that
+    # cannot be expanded fails there, with `ConfigurationError` (and is tried again on
+    # the next read), so importing this package always works
+
+    def __getattr__(name: str) -> Path:
+        if name == "AUTH_STRATEGY_FILE":
+            path = globals()[name] = auth_strategy_file()
+            return path
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

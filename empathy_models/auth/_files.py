@@ -16,21 +16,18 @@ from typing import Any, Final
 from .._paths import empathy_home
 from ..exceptions import AuthFileError
 
-__all__ = ["AUTH_STRATEGY_FILE", "auth_strategy_file"]
+__all__ = ["auth_strategy_file"]
 
 
 def auth_strategy_file() -> Path:
-    """The auth strategy file, ``$EMPATHY_HOME/auth_strategy.json``, resolved at call time."""
+    """
+    The auth strategy file, ``$EMPATHY_HOME/auth_strategy.json``, resolved at call time.
+
+    Raises:
+        ConfigurationError: ``$EMPATHY_HOME`` (or ``~``) names a home directory that
+            does not exist (an unknown ``~user``).
+    """
     return empathy_home() / "auth_strategy.json"
-
-
-AUTH_STRATEGY_FILE: Final[Path] = auth_strategy_file()
-"""
-The auth strategy file as it resolved **when this module was imported** (kept for
-compatibility: a constant some callers import).  Everything in this package resolves the
-path at call time with `auth_strategy_file`, so a later change of ``$EMPATHY_HOME`` is
-honoured there and not here; prefer the function.
-"""
 
 
 # --------------------------------------------------------------------------- file helpers
