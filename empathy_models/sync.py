@@ -74,9 +74,12 @@ class _LoopThread:
 
     def call(self, make: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
         if self.on_loop_thread():
-            raise RuntimeError(
-                "SyncExecutor called from its own event loop; inside async code use "
-                "EmpathyLLMExecutor directly"
+            # the loop would wait for a call it can only run once this one returns
+            raise ConfigurationError(
+                "SyncExecutor.run() or .call() called from inside one of its own calls "
+                "(code running on its event loop), where it would wait for itself; there, "
+                "await the EmpathyLLMExecutor directly (`await llm.executor.run(...)`, "
+                "`await fn(...)`)"
             )
 
         async def body() -> T:
@@ -176,6 +179,8 @@ class SyncExecutor:
     on the same loop (``llm.call(router.get_routing_stats, "docs")``).  Calling `run` or
     `call` after `close` raises `NotOpenError` (a `RuntimeError`), and so does a call
     still running in another thread when `close` is called: `close` cancels it first.
+    Code running on the private loop (a coroutine given to `call`) cannot use `run`,
+    `call` or `close`, which would wait for it: they raise `ConfigurationError` there.
 
     Args:
         providers: as for `EmpathyLLMExecutor`.
@@ -272,13 +277,24 @@ class SyncExecutor:
         Raises:
             TimeoutError: when ``timeout`` expires (`KeyboardInterrupt` on Ctrl-C).
             NotOpenError: (a `RuntimeError`) after `close`.
+            ConfigurationError: when called from code running on the executor's own
+                loop (a coroutine given to `call`), where it would wait for itself; await
+                ``self.executor.run(...)`` there instead.
             Exception: whatever `EmpathyLLMExecutor.run` raises.
         """
         executor = self._open()
         return self._worker.call(lambda: executor.run(prompt, context, **options), timeout)
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` on the private loop and return its result."""
+        """
+        Run ``fn(*args, **kwargs)`` on the private loop and return its result.
+
+        Raises:
+            NotOpenError: (a `RuntimeError`) after `close`.
+            ConfigurationError: when called from code running on the executor's own
+                loop (a coroutine given to `call`), where it would wait for itself; await
+                ``fn(*args, **kwargs)`` there instead.
+        """
         self._open()
         return self._worker.call(lambda: fn(*args, **kwargs))
 

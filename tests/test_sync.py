@@ -13,7 +13,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -196,6 +196,47 @@ def test_close_cancels_a_call_running_in_another_thread(
     assert len(raised) == 1 and isinstance(raised[0], NotOpenError), raised
     assert "closed while this call was running" in str(raised[0])
     assert [r.outcome for r in _records(tmp_path / "calls.db")] == [Outcome.CANCELLED]
+
+
+def _call_from_a_thread(llm: SyncExecutor, fn: Callable[[], Awaitable[object]]) -> BaseException:
+    """What ``llm.call(fn)`` raises in a thread of its own (it must raise, and return)."""
+    raised: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            llm.call(fn)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), f"{fn.__name__} on the loop thread deadlocked"
+    assert len(raised) == 1, raised
+    return raised[0]
+
+
+def test_run_or_call_from_inside_a_call_is_refused_with_what_to_do(
+    server: FakeLLMServer,
+) -> None:
+    """On its own loop `run` and `call` would wait for themselves: a library error."""
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
+
+        async def nothing() -> int:
+            return 1
+
+        async def run_inside() -> object:
+            return llm.run("nested", CHEAP)
+
+        async def call_inside() -> object:
+            return llm.call(nothing)
+
+        for inside in (run_inside, call_inside):
+            error = _call_from_a_thread(llm, inside)
+            assert isinstance(error, ConfigurationError), error
+            assert "await" in str(error) and "EmpathyLLMExecutor" in str(error)
+        assert llm.run("still there?", CHEAP).content
+    assert server.requests() == 1
 
 
 def test_close_from_inside_a_call_is_refused(server: FakeLLMServer) -> None:
