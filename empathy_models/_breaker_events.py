@@ -14,6 +14,7 @@ from typing import TypeAlias
 
 from attrs import frozen
 
+from ._validators import shown as shown_value
 from .circuit import shown
 from .exceptions import ConfigurationError
 from .records import CircuitBreakerState, CircuitState, _ts_to_datetime
@@ -83,7 +84,7 @@ class Listeners:
 
     def add(self, listener: BreakerListener) -> None:
         if not callable(listener):
-            raise ConfigurationError(f"a listener must be callable, got {listener!r}")
+            raise ConfigurationError(f"a listener must be callable, got {shown_value(listener)}")
         self._items.append(listener)
 
     def discard(self, listener: BreakerListener) -> None:

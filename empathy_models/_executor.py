@@ -114,6 +114,7 @@ from ._setup import (
     keyless_of,
     limiter_for,
 )
+from ._validators import shown
 from ._values import (
     _DEFAULT_CONTEXT,
     AttemptSummary,
@@ -682,7 +683,7 @@ class EmpathyLLMExecutor:
         self._check_open()
         ctx = _DEFAULT_CONTEXT if context is None else context
         if not isinstance(ctx, ExecutionContext):
-            raise ConfigurationError(f"context must be an ExecutionContext, got {ctx!r}")
+            raise ConfigurationError(f"context must be an ExecutionContext, got {shown(ctx)}")
         messages, system = _to_messages(prompt, ctx.system)
         options = run_options(
             tools=tools,

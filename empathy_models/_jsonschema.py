@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from ._validators import shown
+
 __all__ = ["parse_structured", "schema_errors"]
 
 _TYPES: dict[str, Any] = {
@@ -71,10 +73,10 @@ def _check(value: Any, schema: Any, root: Mapping[str, Any], path: str, depth: i
         if not any(_TYPES.get(k, lambda v: True)(value) for k in kinds):
             return f"{path}: expected {' or '.join(map(str, kinds))}, got {_name(value)}"
     if "const" in schema and value != schema["const"]:
-        return f"{path}: must be {schema['const']!r}"
+        return f"{path}: must be {shown(schema['const'])}"
     enum = schema.get("enum")
     if isinstance(enum, list) and value not in enum:
-        return f"{path}: must be one of {enum!r}"
+        return f"{path}: must be one of {shown(enum)}"
     for key in ("anyOf", "oneOf"):
         options = schema.get(key)
         if isinstance(options, list) and options:

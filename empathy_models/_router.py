@@ -55,6 +55,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Final, Self, TypeVar
 
 from ._fast import gc_paused
+from ._validators import shown
 from .abc import TelemetryBackend
 from .evidence import EvidenceBatch, rollup
 from .exceptions import ConfigurationError, NotOpenError
@@ -370,7 +371,7 @@ class AdaptiveModelRouter:
         self.registry = registry
         self.policy = policy if policy is not None else RoutingPolicy()
         if not isinstance(self.policy, RoutingPolicy):
-            raise ConfigurationError(f"policy must be a RoutingPolicy, got {policy!r}")
+            raise ConfigurationError(f"policy must be a RoutingPolicy, got {shown(policy)}")
         self.refresh_interval = refresh_interval
         self._rng = rng if rng is not None else random.Random(seed)
         self._clock = clock
@@ -725,7 +726,7 @@ class AdaptiveModelRouter:
             return verdicts.context(workflow or None, stage or None, names, limits), pinned
         except TypeError:  # an unhashable candidate id
             raise ConfigurationError(
-                f"candidate model ids must be non-empty strings, got {names!r}"
+                f"candidate model ids must be non-empty strings, got {shown(names)}"
             ) from None
 
     def _warn_not_started(self) -> None:

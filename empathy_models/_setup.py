@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar, cast
 
 from ._planner import _key_hint
-from ._validators import check, failure, integer
+from ._validators import check, failure, integer, shown
 from .abc import Provider, QuotaStore
 from .exceptions import ConfigurationError
 from .limits.guard import Limiter
@@ -42,7 +42,7 @@ def checked(value: _T | None, default: Callable[[], _T], kind: type[_T], name: s
     """
     out = default() if value is None else value
     if not isinstance(out, kind):
-        raise ConfigurationError(f"{name} must be a {kind.__name__}, got {value!r}")
+        raise ConfigurationError(f"{name} must be a {kind.__name__}, got {shown(value)}")
     return out
 
 
@@ -63,7 +63,7 @@ def index_providers(
         pairs = [(getattr(p, "name", None), p) for p in providers]
     else:
         raise ConfigurationError(
-            f"providers must be a sequence of Provider or a mapping, got {providers!r}"
+            f"providers must be a sequence of Provider or a mapping, got {shown(providers)}"
         )
     if not pairs:
         raise ConfigurationError("providers must not be empty")
@@ -71,20 +71,22 @@ def index_providers(
     known = set(registry.providers())
     for name, provider in pairs:
         if not isinstance(provider, Provider):
-            raise ConfigurationError(f"providers[{name!r}] is not a Provider: {provider!r}")
+            raise ConfigurationError(
+                f"providers[{shown(name)}] is not a Provider: {shown(provider)}"
+            )
         if not isinstance(name, str) or not name:
-            raise ConfigurationError(f"provider {provider!r} has no name")
+            raise ConfigurationError(f"provider {shown(provider)} has no name")
         if name in out:
-            raise ConfigurationError(f"two providers are named {name!r}")
+            raise ConfigurationError(f"two providers are named {shown(name)}")
         if name not in known:
             raise ConfigurationError(
-                f"provider {name!r} has no models in the registry (price table "
+                f"provider {shown(name)} has no models in the registry (price table "
                 f"{registry.price_version}; providers there: {', '.join(sorted(known))}"
                 "): a provider's name must be the registry's `provider` of its models; "
                 f"name it after one of those (e.g. {type(provider).__name__}(name="
-                f"{min(known)!r})) or pass registry= with models of {name!r}"
+                f"{min(known)!r})) or pass registry= with models of {shown(name)}"
                 if known
-                else f"provider {name!r} has no models in the registry (price table "
+                else f"provider {shown(name)} has no models in the registry (price table "
                 f"{registry.price_version}, which is empty)"
             )
         out[name] = provider
@@ -102,7 +104,7 @@ def index_limits(
     """
 
     def limit_of(name: str, value: object) -> int:
-        return check(_slots, f"concurrency_per_provider[{name!r}]", cast(int, value))
+        return check(_slots, f"concurrency_per_provider[{shown(name)}]", cast(int, value))
 
     if isinstance(limits, Mapping):
         unknown = sorted(set(limits) - set(providers))

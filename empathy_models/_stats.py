@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Final
 
+from ._validators import shown
 from .exceptions import RecordValidationError
 from .records import LLMCallRecord, ModelPerformance, Outcome
 
@@ -72,7 +73,7 @@ def check_aware(name: str, value: datetime | None) -> None:
     if value is None:
         return
     if not isinstance(value, datetime):
-        raise RecordValidationError(f"{name} must be a datetime, got {value!r}", path=name)
+        raise RecordValidationError(f"{name} must be a datetime, got {shown(value)}", path=name)
     if value.tzinfo is None or value.utcoffset() is None:
         raise RecordValidationError(
             f"{name} must be a timezone-aware datetime, got naive {value.isoformat()}",

@@ -33,6 +33,7 @@ from .exceptions import RecordValidationError
 __all__ = [
     "Failure",
     "Named",
+    "SHOWN_MAX",
     "Validator",
     "check",
     "failure",
@@ -64,12 +65,30 @@ Failure = Callable[[str, object, str], Exception]
 """``(field name, value, why)`` -> the error to raise."""
 
 
+SHOWN_MAX: Final = 200
+"""The most characters `shown` gives a value in an error message."""
+
+
 def shown(value: object) -> str:
-    """``value``'s repr for an error message; an absurdly large ``int`` by its size (its
-    digits could run to thousands, and past 4,300 ``repr`` refuses it)."""
+    """
+    ``value``'s repr for an error message about it, never failing and never long.
+
+    An absurdly large ``int`` is shown by its size (its digits could run to thousands,
+    and past 4,300 ``repr`` refuses it); a value whose ``repr`` fails (a list holding
+    such an int, a cycle too deep, an object whose ``__repr__`` raises) by its type; a
+    repr over `SHOWN_MAX` characters is cut, ending ``...`` (and, for a string, its
+    length).
+    """
     if isinstance(value, int) and not isinstance(value, bool) and not -(10**30) < value < 10**30:
         return f"an integer of {value.bit_length()} bits"
-    return repr(value)
+    try:
+        text = repr(value)
+    except Exception:  # whatever it raises, the message must still be made
+        return f"a {type(value).__name__} that cannot be shown"
+    if len(text) <= SHOWN_MAX:
+        return text
+    size = f" ({len(value):,} characters)" if isinstance(value, str) else ""
+    return f"{text[: SHOWN_MAX - 3]}...{size}"
 
 
 def _type_name(value: object) -> str:

@@ -15,7 +15,7 @@ import attrs
 from attrs import field, frozen
 
 from ._fast import trusted_constructor
-from ._validators import failure, instance_of, integer, number
+from ._validators import failure, instance_of, integer, number, shown
 from .abc import MAX_TOKENS_LIMIT
 from .content import ToolCall
 from .exceptions import ConfigurationError
@@ -99,28 +99,32 @@ def _to_tier_opt(value: object) -> ModelTier | None:
         except ValueError:
             pass
     allowed = ", ".join(t.value for t in ModelTier)
-    raise ConfigurationError(f"ExecutionContext.tier must be one of {allowed}, got {value!r}")
+    raise ConfigurationError(f"ExecutionContext.tier must be one of {allowed}, got {shown(value)}")
 
 
 def _copy_metadata(value: Mapping[str, Any] | None) -> Mapping[str, JSONScalar]:
     if value is None:
         return MappingProxyType({})
     if not isinstance(value, Mapping):
-        raise ConfigurationError(f"ExecutionContext.metadata must be a mapping, got {value!r}")
+        raise ConfigurationError(f"ExecutionContext.metadata must be a mapping, got {shown(value)}")
     copied: dict[str, JSONScalar] = {}
     for key, item in value.items():
         if not isinstance(key, str):
-            raise ConfigurationError(f"ExecutionContext.metadata keys must be strings, got {key!r}")
+            raise ConfigurationError(
+                f"ExecutionContext.metadata keys must be strings, got {shown(key)}"
+            )
         if item is not None and not isinstance(item, str | int | float | bool):
             raise ConfigurationError(
-                f"ExecutionContext.metadata[{key!r}] must be a str, int, float, bool or None, "
+                f"ExecutionContext.metadata[{shown(key)}] must be a str, int, float, bool or None, "
                 f"got {type(item).__name__}"
             )
         flaw = _text_flaw(key) or (_text_flaw(item) if isinstance(item, str) else None)
         if isinstance(item, float) and not math.isfinite(item):
             flaw = "must be a finite number"
         if flaw is not None:
-            raise ConfigurationError(f"ExecutionContext.metadata[{key!r}] {flaw}, got {item!r}")
+            raise ConfigurationError(
+                f"ExecutionContext.metadata[{shown(key)}] {flaw}, got {shown(item)}"
+            )
         copied[key] = item
     return MappingProxyType(copied)
 

@@ -23,7 +23,7 @@ from attrs import field, frozen
 from . import circuit
 from ._change_feed import ChangeFeed
 from ._stats import check_aware
-from ._validators import check, failure, integer, one_of, text
+from ._validators import check, failure, integer, one_of, shown, text
 from .content import (
     ContentBlock,
     ImageBlock,
@@ -1051,11 +1051,12 @@ class CompletionRequest:
             or self.max_tokens < 1
         ):
             raise RecordValidationError(
-                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", path="max_tokens"
+                f"max_tokens must be an integer >= 1, got {shown(self.max_tokens)}",
+                path="max_tokens",
             )
         if self.max_tokens > MAX_TOKENS_LIMIT:
             raise RecordValidationError(
-                f"max_tokens must be at most {MAX_TOKENS_LIMIT:,}, got {self.max_tokens!r}",
+                f"max_tokens must be at most {MAX_TOKENS_LIMIT:,}, got {shown(self.max_tokens)}",
                 path="max_tokens",
             )
 

@@ -131,7 +131,7 @@ from ._breaker_events import (
 )
 from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
 from ._settled import SHIELD_SECONDS, Settler
-from ._validators import check, failure, integer, number
+from ._validators import check, failure, integer, number, shown as shown_value
 from .abc import AsyncResource, CircuitStateStore
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
@@ -244,7 +244,9 @@ def _checked_policy(policy: BreakerPolicy | None) -> BreakerPolicy:
     if policy is None:
         return BreakerPolicy()
     if not isinstance(policy, BreakerPolicy):
-        raise ConfigurationError(f"CircuitBreaker.policy must be a BreakerPolicy, got {policy!r}")
+        raise ConfigurationError(
+            f"CircuitBreaker.policy must be a BreakerPolicy, got {shown_value(policy)}"
+        )
     return policy
 
 
@@ -265,7 +267,7 @@ def _store_of(
     if isinstance(store, CircuitStateStore):
         return store, False
     raise ConfigurationError(
-        f"CircuitBreaker.store must be a CircuitStateStore, a URL or None, got {store!r}"
+        f"CircuitBreaker.store must be a CircuitStateStore, a URL or None, got {shown_value(store)}"
     )
 
 

@@ -46,7 +46,7 @@ from typing import Any, Final
 
 import aiosqlite
 
-from ._validators import check, failure, integer
+from ._validators import check, failure, integer, shown
 from .abc import Message, ResponseCache
 from .exceptions import ConfigurationError, StateStoreError
 
@@ -362,7 +362,7 @@ def cache_from_url(url: str | ResponseCache, **options: Any) -> ResponseCache:
         )
     cache = _build(plugin.cache, url, "response cache", options)
     if not isinstance(cache, ResponseCache):
-        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {cache!r}")
+        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {shown(cache)}")
     return cache
 
 

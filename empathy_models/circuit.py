@@ -42,7 +42,7 @@ from typing import Literal
 import attrs
 from attrs import field, frozen
 
-from ._validators import failure, integer, number
+from ._validators import failure, integer, number, shown as shown_value
 from .exceptions import ConfigurationError
 from .records import (
     Admission,
@@ -143,12 +143,13 @@ class BreakerPolicy:
         if not self.bucket_seconds >= MIN_BUCKET_SECONDS:
             raise ConfigurationError(
                 "BreakerPolicy.window_seconds / window_buckets (a window bucket's length) "
-                f"must be at least {MIN_BUCKET_SECONDS:g} s, got {self.window_seconds!r} / "
-                f"{self.window_buckets!r}"
+                f"must be at least {MIN_BUCKET_SECONDS:g} s, got "
+                f"{shown_value(self.window_seconds)} / {shown_value(self.window_buckets)}"
             )
         if self.backoff not in ("linear", "exponential"):
             raise ConfigurationError(
-                f"BreakerPolicy.backoff must be 'linear' or 'exponential', got {self.backoff!r}"
+                "BreakerPolicy.backoff must be 'linear' or 'exponential', "
+                f"got {shown_value(self.backoff)}"
             )
         if self.max_recovery_seconds < self.recovery_seconds:
             raise ConfigurationError(

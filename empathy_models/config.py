@@ -47,7 +47,7 @@ from urllib.parse import quote, unquote, urlsplit
 from attrs import field, frozen
 
 from ._paths import empathy_home
-from ._validators import check, failure, number
+from ._validators import check, failure, number, shown
 from .backends import redact_url
 from .exceptions import ConfigurationError
 from .providers._http import HTTPProvider, _looks_secret
@@ -242,14 +242,14 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
     kind = table.get("type", name if name in _KINDS else None)
     if kind not in _KINDS:
         raise ConfigurationError(
-            f'{where}: [providers.{name}] needs type = "openai" or "anthropic", got {kind!r}'
+            f'{where}: [providers.{name}] needs type = "openai" or "anthropic", got {shown(kind)}'
         )
     for key in ("base_url", "api_key", "api_key_env"):
         value = table.get(key)
         if value is not None and (not isinstance(value, str) or not value):
-            shown = "<secret>" if key == "api_key" else repr(value)
+            given = "<secret>" if key == "api_key" else shown(value)
             raise ConfigurationError(
-                f"{where}: [providers.{name}] {key} must be a non-empty string, got {shown}"
+                f"{where}: [providers.{name}] {key} must be a non-empty string, got {given}"
             )
     from_env = table.get("api_key_from_env")
     if from_env is not None and not isinstance(from_env, bool):

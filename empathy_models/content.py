@@ -37,7 +37,7 @@ from typing import Any, Final, Literal, TypeAlias
 import attrs
 from attrs import field, frozen
 
-from ._validators import check, failure, instance_of, integer, number, optional_str, text
+from ._validators import check, failure, instance_of, integer, number, optional_str, shown, text
 from .exceptions import RecordValidationError
 
 __all__ = [
@@ -92,7 +92,7 @@ def _json_copy(value: object, path: str, depth: int = 1, root: str | None = None
         return value
     if isinstance(value, int | float):
         if isinstance(value, float) and not math.isfinite(value):
-            raise _fail(f"{path} must be JSON: {value!r} is not a finite number", path)
+            raise _fail(f"{path} must be JSON: {shown(value)} is not a finite number", path)
         return value
     if root is None:
         root = path
@@ -102,7 +102,7 @@ def _json_copy(value: object, path: str, depth: int = 1, root: str | None = None
         copied: dict[str, Any] = {}
         for key, item in value.items():
             if not isinstance(key, str):
-                raise _fail(f"{path} must be JSON: key {key!r} is not a string", path)
+                raise _fail(f"{path} must be JSON: key {shown(key)} is not a string", path)
             copied[key] = _json_copy(item, f"{path}.{key}", depth + 1, root)
         return copied
     if isinstance(value, list | tuple):
@@ -193,7 +193,7 @@ class ImageBlock:
 
     def _media_type_message(self) -> str:
         allowed = ", ".join(sorted(IMAGE_MEDIA_TYPES))
-        return f"image media_type must be one of {allowed}, got {self.media_type!r}"
+        return f"image media_type must be one of {allowed}, got {shown(self.media_type)}"
 
     @classmethod
     def from_bytes(cls, data: bytes, media_type: str) -> ImageBlock:
@@ -364,7 +364,7 @@ def block_of(item: object, path: str = "content[0]") -> ContentBlock:
         raise _fail(f"{path}: {exc}", f"{path}.{exc.path or ''}".rstrip(".")) from None
     raise _fail(
         f"{path}.type must be one of 'text', 'image', 'image_url', 'tool_use', 'tool_result'; "
-        f"got {kind!r}",
+        f"got {shown(kind)}",
         path,
     )
 
@@ -422,7 +422,7 @@ def _tool_name(_: object, attribute: attrs.Attribute[Any], value: object) -> Non
     if not isinstance(value, str) or not _TOOL_NAME.match(value):
         raise _fail(
             f"Tool.name must be 1-64 letters, digits, '_' or '-' (as both APIs require), "
-            f"got {value!r}",
+            f"got {shown(value)}",
             "name",
         )
 
@@ -434,7 +434,7 @@ def _parameters(value: object) -> Mapping[str, Any]:
     if schema.get("type", "object") != "object":
         raise _fail(
             "Tool.parameters must be a JSON Schema of type 'object' (the arguments are an "
-            f"object), got type {schema.get('type')!r}",
+            f"object), got type {shown(schema.get('type'))}",
             "parameters",
         )
     return schema  # type: ignore[no-any-return]
@@ -513,7 +513,7 @@ class Tool:
 def _schema_name(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str) or not _TOOL_NAME.match(value):
         raise _fail(
-            f"ResponseFormat.name must be 1-64 letters, digits, '_' or '-', got {value!r}",
+            f"ResponseFormat.name must be 1-64 letters, digits, '_' or '-', got {shown(value)}",
             "name",
         )
 
@@ -615,11 +615,11 @@ def to_stop(value: object) -> tuple[str, ...]:
         return ()
     items = (value,) if isinstance(value, str) else value
     if isinstance(items, bytes | Mapping) or not isinstance(items, Iterable):
-        raise _fail(f"stop must be a string or a list of strings, got {value!r}", "stop")
+        raise _fail(f"stop must be a string or a list of strings, got {shown(value)}", "stop")
     stop = tuple(items)
     for item in stop:
         if not isinstance(item, str) or not item:
-            raise _fail(f"stop sequences must be non-empty strings, got {item!r}", "stop")
+            raise _fail(f"stop sequences must be non-empty strings, got {shown(item)}", "stop")
     return stop
 
 
@@ -650,8 +650,10 @@ def check_options(
             tool_choice not in _TOOL_CHOICES and tool_choice not in names
         ):
             choices = ", ".join(map(repr, (*_TOOL_CHOICES, *names)))
-            raise _fail(f"tool_choice must be one of {choices}; got {tool_choice!r}", "tool_choice")
+            raise _fail(
+                f"tool_choice must be one of {choices}; got {shown(tool_choice)}", "tool_choice"
+            )
         if tool_choice != "none" and not tools:
-            raise _fail(f"tool_choice={tool_choice!r} needs tools", "tool_choice")
+            raise _fail(f"tool_choice={shown(tool_choice)} needs tools", "tool_choice")
     check(_top_p, "top_p", top_p)
     check(_seed, "seed", seed)

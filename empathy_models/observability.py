@@ -130,6 +130,7 @@ from ._otel_spans import (
     _w3c_headers,
 )
 from ._propagation import outgoing_headers
+from ._validators import shown
 from ._values import ExecutionContext, LLMResponse
 from ._version import __version__
 from .exceptions import ConfigurationError
@@ -215,7 +216,7 @@ def instrumentation_for(
             provider, or OpenTelemetry missing.
     """
     if otel is not None and not isinstance(otel, bool):
-        raise ConfigurationError(f"otel must be True, False or None, got {otel!r}")
+        raise ConfigurationError(f"otel must be True, False or None, got {shown(otel)}")
     given = tracer_provider is not None or meter_provider is not None
     if otel is None:
         otel = given or _flag(ENABLE_ENV, os.environ.get(ENABLE_ENV, ""))
@@ -236,11 +237,11 @@ def instrumentation_for(
         ) from None
     if tracer_provider is not None and not callable(getattr(tracer_provider, "get_tracer", None)):
         raise ConfigurationError(
-            f"tracer_provider must be an OpenTelemetry TracerProvider, got {tracer_provider!r}"
+            f"tracer_provider must be an OpenTelemetry TracerProvider, got {shown(tracer_provider)}"
         )
     if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
         raise ConfigurationError(
-            f"meter_provider must be an OpenTelemetry MeterProvider, got {meter_provider!r}"
+            f"meter_provider must be an OpenTelemetry MeterProvider, got {shown(meter_provider)}"
         )
     return Instrumentation(
         tracer_provider,  # type: ignore[arg-type]

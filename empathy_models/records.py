@@ -24,7 +24,7 @@ import attrs
 from attrs import field, frozen
 
 from ._fast import trusted_constructor, trusted_evolver
-from ._validators import failure, instance_of, integer, number, optional_str, text
+from ._validators import failure, instance_of, integer, number, optional_str, shown, text
 from .exceptions import RecordValidationError
 from .serialization import JSONScalar, from_dict, register_enums, register_records, to_dict
 
@@ -214,7 +214,7 @@ def _convert_enum(enum_type: type[E], name: str, value: object) -> E:
             pass
     allowed = ", ".join(m.value for m in enum_type)
     raise RecordValidationError(
-        f"{name} {value!r} is not a valid {enum_type.__name__} (expected one of: {allowed})",
+        f"{name} {shown(value)} is not a valid {enum_type.__name__} (expected one of: {allowed})",
         path=name,
     )
 
@@ -241,7 +241,9 @@ def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
     if isinstance(value, MappingProxyType):
         return value
     if not isinstance(value, Mapping):
-        raise RecordValidationError(f"metadata must be a mapping, got {value!r}", path="metadata")
+        raise RecordValidationError(
+            f"metadata must be a mapping, got {shown(value)}", path="metadata"
+        )
     return MappingProxyType(dict(value))
 
 
@@ -249,7 +251,7 @@ def _json_scalars(_: object, attribute: attrs.Attribute[Any], value: Mapping[Any
     # only what to_dict/from_dict and every backend give back unchanged
     for key, item in value.items():
         if not isinstance(key, str):
-            raise _fail(attribute.name, dict(value), f"keys must be strings ({key!r} is not)")
+            raise _fail(attribute.name, dict(value), f"keys must be strings ({shown(key)} is not)")
         if item is None or isinstance(item, str | int):  # bool is an int
             continue
         if isinstance(item, float) and math.isfinite(item):
@@ -258,7 +260,7 @@ def _json_scalars(_: object, attribute: attrs.Attribute[Any], value: Mapping[Any
             attribute.name,
             dict(value),
             f"values must be JSON scalars: str, int, finite float, bool or None "
-            f"({key!r} holds {item!r})",
+            f"({shown(key)} holds {shown(item)})",
         )
 
 
@@ -266,7 +268,7 @@ def _constraint_map(value: Mapping[str, Any] | None) -> Mapping[str, ConstraintS
     frozen_map = _frozen_mapping(value)
     return MappingProxyType(
         {
-            str(name): _convert_enum(ConstraintStatus, f"constraints[{name!r}]", status)
+            str(name): _convert_enum(ConstraintStatus, f"constraints[{shown(name)}]", status)
             for name, status in frozen_map.items()
         }
     )
@@ -278,7 +280,7 @@ def _str_tuple(value: object) -> tuple[str, ...]:
         or not isinstance(value, list | tuple)
         or not all(isinstance(item, str) for item in value)
     ):
-        raise RecordValidationError(f"expected a list of strings, got {value!r}")
+        raise RecordValidationError(f"expected a list of strings, got {shown(value)}")
     return tuple(value)
 
 
@@ -509,12 +511,12 @@ class ModelPerformance:
 
 def _lease_tuple(value: object) -> tuple[tuple[str, float], ...]:
     if not isinstance(value, list | tuple):
-        raise RecordValidationError(f"leases must be a list, got {value!r}", path="leases")
+        raise RecordValidationError(f"leases must be a list, got {shown(value)}", path="leases")
     out: list[tuple[str, float]] = []
     for item in value:
         if not isinstance(item, list | tuple) or len(item) != 2:
             raise RecordValidationError(
-                f"each lease must be [lease_id, expires_at], got {item!r}", path="leases"
+                f"each lease must be [lease_id, expires_at], got {shown(item)}", path="leases"
             )
         out.append((str(item[0]), float(item[1])))
     return tuple(out)
@@ -522,12 +524,12 @@ def _lease_tuple(value: object) -> tuple[tuple[str, float], ...]:
 
 def _window_tuple(value: object) -> tuple[tuple[int, int, int], ...]:
     if not isinstance(value, list | tuple):
-        raise RecordValidationError(f"window must be a list, got {value!r}", path="window")
+        raise RecordValidationError(f"window must be a list, got {shown(value)}", path="window")
     out: list[tuple[int, int, int]] = []
     for item in value:
         if not isinstance(item, list | tuple) or len(item) != 3:
             raise RecordValidationError(
-                f"each window bucket must be [bucket, calls, failures], got {item!r}",
+                f"each window bucket must be [bucket, calls, failures], got {shown(item)}",
                 path="window",
             )
         out.append((int(item[0]), int(item[1]), int(item[2])))

@@ -44,7 +44,7 @@ from typing import Any, Final, Self, cast
 import attrs
 from attrs import field, frozen
 
-from ._validators import check, failure, integer, number, text
+from ._validators import check, failure, integer, number, shown, text
 from .exceptions import ConfigurationError, ModelNotFoundError, RecordValidationError
 from .records import _INT_LIMIT, ModelTier
 
@@ -73,7 +73,7 @@ def _to_capabilities(value: object) -> frozenset[str]:
         return CAPABILITIES
     if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
         raise RecordValidationError(
-            f"capabilities must be a list of {', '.join(sorted(CAPABILITIES))}, got {value!r}",
+            f"capabilities must be a list of {', '.join(sorted(CAPABILITIES))}, got {shown(value)}",
             path="capabilities",
         )
     items = list(value)
@@ -81,7 +81,7 @@ def _to_capabilities(value: object) -> frozenset[str]:
     if wrong:
         raise RecordValidationError(
             f"capabilities must be a list of {', '.join(sorted(CAPABILITIES))} (strings), "
-            f"got {wrong[0]!r} in it",
+            f"got {shown(wrong[0])} in it",
             path="capabilities",
         )
     given = frozenset(items)
@@ -134,7 +134,7 @@ def _to_tier(value: object) -> ModelTier:
             pass
     allowed = ", ".join(t.value for t in ModelTier)
     raise RecordValidationError(
-        f"tier must be one of {allowed}, got {value!r}",
+        f"tier must be one of {allowed}, got {shown(value)}",
         path="tier",
     )
 
@@ -294,9 +294,9 @@ class ModelRegistry:
         if model is None:
             known = ", ".join(sorted(m.id for m in self.models)) or "none"
             raise ModelNotFoundError(
-                f"model {model_id!r} is not in the registry "
+                f"model {shown(model_id)} is not in the registry "
                 f"(price table {self.price_version}); known models: {known}",
-                model=model_id if isinstance(model_id, str) else repr(model_id),
+                model=model_id if isinstance(model_id, str) else shown(model_id),
             )
         return model
 
@@ -413,12 +413,12 @@ class ModelRegistry:
         extends = data.get("extends")
         if extends not in (None, "default"):
             raise ConfigurationError(
-                f'{source}: extends must be "default" or absent, got {extends!r}'
+                f'{source}: extends must be "default" or absent, got {shown(extends)}'
             )
         version = data.get("price_version")
         if not isinstance(version, str) or not version.strip():
             raise ConfigurationError(
-                f"{source}: price_version must be a non-empty string, got {version!r}"
+                f"{source}: price_version must be a non-empty string, got {shown(version)}"
             )
         raw_models = data.get("models", [] if extends else None)
         if not isinstance(raw_models, list | tuple):

@@ -31,7 +31,7 @@ from typing import Final, Literal
 
 from attrs import field, frozen
 
-from ._validators import check, failure, instance_of, integer, number, one_of
+from ._validators import check, failure, instance_of, integer, number, one_of, shown
 from .exceptions import (
     ConfigurationError,
     ProviderConnectionError,
@@ -109,7 +109,7 @@ def _retry_on(value: Iterable[object]) -> tuple[RetryOn, ...]:
     except TypeError:
         raise ConfigurationError(
             "RetryPolicy.retry_on must be exception classes or Outcome values (one or an "
-            f"iterable of them), got {value!r}"
+            f"iterable of them), got {shown(value)}"
         ) from None
     items: list[RetryOn] = []
     for item in given:
@@ -120,7 +120,7 @@ def _retry_on(value: Iterable[object]) -> tuple[RetryOn, ...]:
                 items.append(Outcome(item))
             except ValueError:
                 raise ConfigurationError(
-                    f"RetryPolicy.retry_on: {item!r} is not an Outcome "
+                    f"RetryPolicy.retry_on: {shown(item)} is not an Outcome "
                     f"(expected one of {', '.join(o.value for o in Outcome)})"
                 ) from None
         elif isinstance(item, type) and issubclass(item, BaseException):
@@ -128,7 +128,7 @@ def _retry_on(value: Iterable[object]) -> tuple[RetryOn, ...]:
         else:
             raise ConfigurationError(
                 f"RetryPolicy.retry_on entries must be exception classes or Outcome values, "
-                f"got {item!r}"
+                f"got {shown(item)}"
             )
     return tuple(items)
 

@@ -25,6 +25,7 @@ from cattrs.errors import (
     IterableValidationError,
 )
 
+from ._validators import shown
 from .exceptions import RecordValidationError
 
 __all__ = [
@@ -62,7 +63,7 @@ def parse_datetime(value: object) -> datetime:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return datetime.fromtimestamp(value, UTC)
     if not isinstance(value, str):
-        raise ValueError(f"expected an ISO-8601 string, got {value!r}")
+        raise ValueError(f"expected an ISO-8601 string, got {shown(value)}")
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
@@ -91,7 +92,7 @@ def _structure_enum(value: object, cl: type[enum.Enum]) -> enum.Enum:
         except ValueError:
             pass
     allowed = ", ".join(str(m.value) for m in cl)
-    raise ValueError(f"{value!r} is not a valid {cl.__name__} (expected one of: {allowed})")
+    raise ValueError(f"{shown(value)} is not a valid {cl.__name__} (expected one of: {allowed})")
 
 
 def register_enums(*enums: type[enum.Enum]) -> None:
@@ -127,7 +128,7 @@ def _homogeneous_tuple_hook(t: Any) -> Callable[[object, object], tuple[Any, ...
 
     def structure(value: object, cl: object) -> tuple[Any, ...]:
         if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
-            raise ValueError(f"expected a list, got {value!r}")
+            raise ValueError(f"expected a list, got {shown(value)}")
         return tuple(inner(value, cl))
 
     return structure
@@ -140,25 +141,25 @@ def _structure_int(value: object, _: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ValueError(f"expected an integer, got {value!r}")
+        raise ValueError(f"expected an integer, got {shown(value)}")
     return value
 
 
 def _structure_float(value: object, _: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected a number, got {shown(value)}")
     return float(value)
 
 
 def _structure_str(value: object, _: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {value!r}")
+        raise ValueError(f"expected a string, got {shown(value)}")
     return value
 
 
 def _structure_bool(value: object, _: object) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise ValueError(f"expected true or false, got {shown(value)}")
     return value
 
 
@@ -170,11 +171,11 @@ converter.register_structure_hook(bool, _structure_bool)
 
 def _structure_json_mapping(value: object, _: object) -> Mapping[str, JSONScalar]:
     if not isinstance(value, Mapping):
-        raise ValueError(f"expected a mapping, got {value!r}")
+        raise ValueError(f"expected a mapping, got {shown(value)}")
     out: dict[str, JSONScalar] = {}
     for k, v in value.items():
         if not isinstance(v, str | int | float | bool) and v is not None:
-            raise ValueError(f"metadata[{k!r}] must be a JSON scalar, got {v!r}")
+            raise ValueError(f"metadata[{shown(k)}] must be a JSON scalar, got {shown(v)}")
         out[str(k)] = v
     return out
 
@@ -255,7 +256,7 @@ def from_dict(data: Mapping[str, Any], cls: type[T]) -> T:
     version = data.get("v", SCHEMA_VERSION)
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise RecordValidationError(
-            f"{cls.__name__}: schema version 'v' must be a positive integer, got {version!r}",
+            f"{cls.__name__}: schema version 'v' must be a positive integer, got {shown(version)}",
             path="v",
         )
     body = {k: v for k, v in data.items() if k != "v"}

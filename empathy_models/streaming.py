@@ -57,6 +57,7 @@ import anyio
 from ._attempt import _SLACK, Attempts, Opened, _timeout_error
 from ._request_options import required_capabilities
 from ._run import _describe, _Run, _to_messages
+from ._validators import shown
 from ._values import _DEFAULT_CONTEXT, ExecutionContext
 from .abc import Completion, CompletionStream
 from .breaker import provider_outcome
@@ -562,7 +563,7 @@ def open_stream(
     executor._check_open()
     ctx = _DEFAULT_CONTEXT if context is None else context
     if not isinstance(ctx, ExecutionContext):
-        raise ConfigurationError(f"context must be an ExecutionContext, got {ctx!r}")
+        raise ConfigurationError(f"context must be an ExecutionContext, got {shown(ctx)}")
     messages, system = _to_messages(prompt, ctx.system)
     task_type, task_tier = executor._planner.task(ctx.task_type)
     needs = required_capabilities(messages, options)

@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from ._validators import shown
 from .exceptions import ConfigurationError
 from .records import ModelTier
 
@@ -155,5 +156,5 @@ def get_tasks_for_tier(tier: ModelTier | str) -> list[str]:
         wanted = tier if isinstance(tier, ModelTier) else ModelTier(str(tier).strip().lower())
     except ValueError as exc:
         allowed = ", ".join(t.value for t in ModelTier)
-        raise ConfigurationError(f"tier must be one of {allowed}, got {tier!r}") from exc
+        raise ConfigurationError(f"tier must be one of {allowed}, got {shown(tier)}") from exc
     return sorted(task for task, t in TASK_TIER_MAP.items() if t is wanted)

@@ -50,7 +50,7 @@ from typing import Any, Final, cast
 
 from attrs import evolve
 
-from ._validators import check, failure, integer, number, text
+from ._validators import check, failure, integer, number, shown, text
 from ._whatif_fit import _FALLBACK_SIGMA, _Z95, _fit, _interval, _mixture_p95
 from ._whatif_replay import (
     _coarsen,
@@ -146,7 +146,7 @@ async def load_stage_evidence(
     registry = ModelRegistry.default() if registry is None else registry
     until = now if now is not None else datetime.now(UTC)
     if not isinstance(until, datetime) or until.tzinfo is None:
-        raise ConfigurationError(f"now must be a timezone-aware datetime, got {now!r}")
+        raise ConfigurationError(f"now must be a timezone-aware datetime, got {shown(now)}")
     try:
         since = until - timedelta(days=days)
     except OverflowError:
@@ -209,7 +209,7 @@ def _check_simulation(
         ConfigurationError: an argument is invalid, or there is nothing to evaluate.
     """
     if not isinstance(registry, ModelRegistry):
-        raise ConfigurationError(f"registry must be a ModelRegistry, got {registry!r}")
+        raise ConfigurationError(f"registry must be a ModelRegistry, got {shown(registry)}")
     try:
         # the replay's clock runs one second per request from the window's end
         evidence.until + timedelta(seconds=_check_positive_int("requests", requests) + 1)
@@ -225,14 +225,16 @@ def _check_simulation(
         raise ConfigurationError("candidates must be a sequence of model ids, not a string")
     names = list(evidence.models) if candidates is None else list(dict.fromkeys(candidates))
     if any(not isinstance(n, str) or not n for n in names):
-        raise ConfigurationError(f"candidate model ids must be non-empty strings, got {names!r}")
+        raise ConfigurationError(
+            f"candidate model ids must be non-empty strings, got {shown(names)}"
+        )
     if min_success_rate is not None and (
         isinstance(min_success_rate, bool)
         or not isinstance(min_success_rate, int | float)
         or not 0.0 <= min_success_rate <= 1.0
     ):
         raise ConfigurationError(
-            f"min_success_rate must be a number in [0, 1], got {min_success_rate!r}"
+            f"min_success_rate must be a number in [0, 1], got {shown(min_success_rate)}"
         )
     if not names:
         raise ConfigurationError(

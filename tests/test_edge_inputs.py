@@ -34,7 +34,13 @@ from empathy_models.abc import CompletionRequest
 from empathy_models.auth import AuthStrategy
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.cli import main as cli_main
-from empathy_models.exceptions import AuthFileError, RecordValidationError, TelemetryError
+from empathy_models.exceptions import (
+    AuthFileError,
+    EmpathyModelsError,
+    ModelNotFoundError,
+    RecordValidationError,
+    TelemetryError,
+)
 from empathy_models.providers import AnthropicProvider
 from empathy_models.testing import FakeLLMServer
 
@@ -252,3 +258,80 @@ async def test_routing_stats_of_a_stage_of_the_wrong_kind_is_a_configuration_err
             await stats("wf", ["x"])
         with pytest.raises(ConfigurationError, match="workflow"):
             await stats(None)
+
+
+# --------------------------------------------------------------------------- values shown in errors
+
+GIANT = 10**5000  # past 4,300 digits: ``repr`` and ``str`` refuse it (ValueError)
+_MODEL: dict[str, Any] = {
+    "id": "m",
+    "provider": "p",
+    "input_price_per_mtok": 1.0,
+    "output_price_per_mtok": 1.0,
+    "context_window": 10,
+    "max_output_tokens": 10,
+}
+
+
+@pytest.mark.parametrize(
+    ("build", "error"),
+    [
+        (lambda: BreakerPolicy(backoff=_anything(GIANT)), ConfigurationError),
+        (lambda: RoutingPolicy(relax_order=_anything(GIANT)), ConfigurationError),
+        (lambda: RoutingPolicy(relax_order=_anything([GIANT])), ConfigurationError),
+        (lambda: ExecutionContext(tier=_anything(GIANT)), ConfigurationError),
+        (lambda: ExecutionContext(metadata=_anything(GIANT)), ConfigurationError),
+        (lambda: ExecutionContext(metadata=_anything({GIANT: 1})), ConfigurationError),
+        (lambda: Budget(limit_usd=1.0, scope=_anything(GIANT)), ConfigurationError),
+        (lambda: RetryPolicy(retry_on=_anything([GIANT])), ConfigurationError),
+        (lambda: telemetry_from_url(_anything(GIANT)), ConfigurationError),
+        (lambda: EmpathyLLMExecutor(_anything([GIANT])), ConfigurationError),
+        (lambda: AnthropicProvider(KEY, headers=_anything({"X-Team": GIANT})), ConfigurationError),
+        (
+            lambda: CompletionRequest(model="m", messages="hi", max_tokens=GIANT),
+            RecordValidationError,
+        ),
+        (lambda: ModelInfo(**_MODEL, tier=_anything(GIANT)), RecordValidationError),
+        (lambda: AuthStrategy(subscription_tier=_anything(GIANT)), RecordValidationError),
+        (
+            lambda: LLMCallRecord(call_id="c", provider="p", model="m", outcome=_anything(GIANT)),
+            RecordValidationError,
+        ),
+        (lambda: REGISTRY.get(_anything(GIANT)), ModelNotFoundError),
+    ],
+    ids=[
+        "BreakerPolicy.backoff",
+        "RoutingPolicy.relax_order",
+        "RoutingPolicy.relax_order-list",
+        "ExecutionContext.tier",
+        "ExecutionContext.metadata",
+        "ExecutionContext.metadata-key",
+        "Budget.scope",
+        "RetryPolicy.retry_on",
+        "telemetry_from_url",
+        "EmpathyLLMExecutor.providers",
+        "AnthropicProvider.headers",
+        "CompletionRequest.max_tokens",
+        "ModelInfo.tier",
+        "AuthStrategy.subscription_tier",
+        "LLMCallRecord.outcome",
+        "ModelRegistry.get",
+    ],
+)
+def test_an_integer_too_long_to_print_is_shown_by_its_size_in_the_error(
+    build: Callable[[], object], error: type[EmpathyModelsError]
+) -> None:
+    with pytest.raises(error) as caught:
+        build()
+    message = str(caught.value)
+    assert "integer of 16610 bits" in message or "that cannot be shown" in message, message
+
+
+def test_a_value_is_shown_in_an_error_cut_to_a_few_hundred_characters() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        BreakerPolicy(backoff=_anything("x" * 100_000))
+    message = str(caught.value)
+    assert len(message) < 400 and message.endswith("xxx... (100,000 characters)"), message
+    with pytest.raises(ConfigurationError) as caught:
+        BreakerPolicy(backoff=_anything("exponentiel"))
+    assert str(caught.value).endswith("got 'exponentiel'")  # a short value is shown whole

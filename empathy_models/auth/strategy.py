@@ -18,7 +18,7 @@ import anyio.to_thread
 import attrs
 from attrs import field, frozen
 
-from .._validators import check, failure, instance_of, integer, number
+from .._validators import check, failure, instance_of, integer, number, shown
 from ..exceptions import AuthFileError, ConfigurationError, RecordValidationError
 from ..records import ModelTier
 from ..registry import ModelRegistry
@@ -87,7 +87,7 @@ def _to_enum(enum_type: type[E], name: str, value: object) -> E:
             pass
     allowed = ", ".join(m.value for m in enum_type)
     raise RecordValidationError(
-        f"AuthStrategy.{name} must be one of {allowed}, got {value!r}", path=name
+        f"AuthStrategy.{name} must be one of {allowed}, got {shown(value)}", path=name
     )
 
 
@@ -133,12 +133,12 @@ def _json_metadata(value: object) -> Mapping[str, Any]:
         return MappingProxyType({})
     if not isinstance(value, Mapping):
         raise RecordValidationError(
-            f"AuthStrategy.metadata must be a mapping, got {value!r}", path="metadata"
+            f"AuthStrategy.metadata must be a mapping, got {shown(value)}", path="metadata"
         )
     for key in value:
         if not isinstance(key, str):
             raise RecordValidationError(
-                f"AuthStrategy.metadata keys must be strings, got {key!r}", path="metadata"
+                f"AuthStrategy.metadata keys must be strings, got {shown(key)}", path="metadata"
             )
     try:
         # a JSON round trip both proves the value can be saved and deep-copies it
@@ -418,7 +418,7 @@ class AuthStrategy:
                 resolved = AuthMode(mode.lower() if isinstance(mode, str) else mode)
             except ValueError as exc:
                 raise ConfigurationError(
-                    f"mode must be one of subscription, api, auto, got {mode!r}"
+                    f"mode must be one of subscription, api, auto, got {shown(mode)}"
                 ) from exc
             if resolved is AuthMode.AUTO:
                 resolved = self.get_recommended_mode(lines)
@@ -505,7 +505,7 @@ class AuthStrategy:
         version = data.get("v", AUTH_SCHEMA_VERSION)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise RecordValidationError(
-                f"AuthStrategy: 'v' must be a positive integer, got {version!r}", path="v"
+                f"AuthStrategy: 'v' must be a positive integer, got {shown(version)}", path="v"
             )
         return cls(**{name: data[name] for name in _FIELD_ORDER if name in data})
 

@@ -36,6 +36,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .._fast import gc_paused
+from .._validators import shown
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
 from ._plugin import BackendPlugin
@@ -153,7 +154,7 @@ def available_schemes() -> list[str]:
 
 def _plugin_for(url: str) -> BackendPlugin:
     if not isinstance(url, str):
-        raise ConfigurationError(f"expected a backend object or a URL string, got {url!r}")
+        raise ConfigurationError(f"expected a backend object or a URL string, got {shown(url)}")
     try:
         scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     except ValueError as exc:
@@ -224,7 +225,7 @@ def telemetry_from_url(url: str | TelemetryBackend, **options: Any) -> Telemetry
         )
     backend = _build(plugin.telemetry, url, "telemetry", options)
     if not isinstance(backend, TelemetryBackend):
-        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {backend!r}")
+        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {shown(backend)}")
     return backend
 
 
@@ -249,5 +250,5 @@ def state_store_from_url(url: str | CircuitStateStore, **options: Any) -> Circui
         )
     store = _build(plugin.state_store, url, "state store", options)
     if not isinstance(store, CircuitStateStore):
-        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {store!r}")
+        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {shown(store)}")
     return store

@@ -70,7 +70,7 @@ from typing import Final, Literal
 import anyio
 import anyio.to_thread
 
-from .._validators import check, failure, instance_of, integer, number
+from .._validators import check, failure, instance_of, integer, number, shown
 from ..abc import TelemetryBackend
 from ..evidence import EvidenceBatch
 from ..exceptions import (
@@ -124,7 +124,7 @@ def _check_on_full(value: object) -> OnFull:
         return "wait"
     if value == "drop":
         return "drop"
-    raise ConfigurationError(f"on_full must be 'spill', 'wait' or 'drop', got {value!r}")
+    raise ConfigurationError(f"on_full must be 'spill', 'wait' or 'drop', got {shown(value)}")
 
 
 def _check_bool(name: str, value: bool) -> bool:
@@ -569,7 +569,9 @@ class BatchingTelemetryBackend(TelemetryBackend):
 
             inner = telemetry_from_url(inner)
         if not isinstance(inner, TelemetryBackend):
-            raise ConfigurationError(f"inner must be a TelemetryBackend or a URL, got {inner!r}")
+            raise ConfigurationError(
+                f"inner must be a TelemetryBackend or a URL, got {shown(inner)}"
+            )
         self._inner = inner
         target = getattr(inner, "spool_target", None)
         if not isinstance(target, str):

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 
-from .._validators import check, failure, number
+from .._validators import check, failure, number, shown
 from ..abc import QuotaStore
 from ..circuit import BreakerPolicy
 from ..exceptions import (
@@ -101,7 +101,7 @@ def quota_store_from_url(url: str | QuotaStore, **options: Any) -> QuotaStore:
             )
         store = _build(plugin.quota_store, url, "quota store", options)
     if not isinstance(store, QuotaStore):
-        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {store!r}")
+        raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {shown(store)}")
     return store
 
 
@@ -135,11 +135,11 @@ def _check_budgets(budgets: object) -> tuple[Budget, ...]:
     if isinstance(budgets, Budget):
         return (budgets,)
     if isinstance(budgets, str | bytes | Mapping) or not isinstance(budgets, Iterable):
-        raise ConfigurationError(f"budgets must be a list of Budget, got {budgets!r}")
+        raise ConfigurationError(f"budgets must be a list of Budget, got {shown(budgets)}")
     out = tuple(budgets)
     for b in out:
         if not isinstance(b, Budget):
-            raise ConfigurationError(f"budgets must hold Budget objects, got {b!r}")
+            raise ConfigurationError(f"budgets must hold Budget objects, got {shown(b)}")
     for i, a in enumerate(out):
         for b in out[:i]:
             if _share_keys(a, b) and not (_replaces(a, b) or _replaces(b, a)):
@@ -204,14 +204,19 @@ def _check_rates(rate_limits: object) -> dict[str, RateLimit]:
         return {}
     if not isinstance(rate_limits, Mapping):
         raise ConfigurationError(
-            f"rate_limits must map provider names or model ids to RateLimit, got {rate_limits!r}"
+            "rate_limits must map provider names or model ids to RateLimit, "
+            f"got {shown(rate_limits)}"
         )
     out: dict[str, RateLimit] = {}
     for name, limit in rate_limits.items():
         if not isinstance(name, str) or not name:
-            raise ConfigurationError(f"rate_limits keys must be non-empty strings, got {name!r}")
+            raise ConfigurationError(
+                f"rate_limits keys must be non-empty strings, got {shown(name)}"
+            )
         if not isinstance(limit, RateLimit):
-            raise ConfigurationError(f"rate_limits[{name!r}] must be a RateLimit, got {limit!r}")
+            raise ConfigurationError(
+                f"rate_limits[{shown(name)}] must be a RateLimit, got {shown(limit)}"
+            )
         out[name] = limit
     return out
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from .._validators import shown
 from ..abc import TransactionalQuotaStore
 from ..exceptions import ConfigurationError
 from .values import WINDOW_RETENTION
@@ -33,7 +34,7 @@ class MemoryQuotaStore(TransactionalQuotaStore):
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         if not callable(clock):
-            raise ConfigurationError(f"clock must be callable, got {clock!r}")
+            raise ConfigurationError(f"clock must be callable, got {shown(clock)}")
         self._clock = clock
         self._data: dict[str, dict[str, Any]] = {}
         self._sweep_at = -math.inf  # the window start from which ended windows are dropped

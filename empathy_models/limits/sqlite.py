@@ -25,6 +25,7 @@ from typing import Any, Final, TypeVar
 
 import aiosqlite
 
+from .._validators import shown
 from ..abc import TransactionalQuotaStore
 from ..backends.sqlite._conn import _fetchone
 from ..backends.sqlite._database import MEMORY, _Database
@@ -70,7 +71,7 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
         allow_foreign: bool = False,
     ) -> None:
         if not callable(clock):
-            raise ConfigurationError(f"clock must be callable, got {clock!r}")
+            raise ConfigurationError(f"clock must be callable, got {shown(clock)}")
         self._clock = clock
         self._db = _Database(
             path,

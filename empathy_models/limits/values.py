@@ -68,7 +68,9 @@ def to_nano(usd: float, *, up: bool = False) -> int:
 
 def _scope(value: object) -> str:
     if not isinstance(value, str) or value not in SCOPES:
-        raise ConfigurationError(f"Budget.scope must be one of {', '.join(SCOPES)}, got {value!r}")
+        raise ConfigurationError(
+            f"Budget.scope must be one of {', '.join(SCOPES)}, got {shown(value)}"
+        )
     return value
 
 
@@ -113,7 +115,7 @@ def _opt_text(_: object, attribute: attrs.Attribute[Any], value: object) -> None
         return
     if not isinstance(value, str) or not value.strip() or "\x00" in value:
         raise ConfigurationError(
-            f"Budget.{attribute.name} must be a non-empty string or None, got {value!r}"
+            f"Budget.{attribute.name} must be a non-empty string or None, got {shown(value)}"
         )
 
 

@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from .._propagation import outgoing_headers
-from .._validators import check, failure, number
+from .._validators import check, failure, number, shown
 from .._version import __version__
 from ..abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
 from ..exceptions import (
@@ -198,16 +198,16 @@ def _custom_headers(headers: Mapping[str, str] | None) -> tuple[tuple[str, str |
     if headers is None:
         return ()
     if not isinstance(headers, Mapping):
-        raise ConfigurationError(f"headers must be a mapping of strings, got {headers!r}")
+        raise ConfigurationError(f"headers must be a mapping of strings, got {shown(headers)}")
     out: list[tuple[str, str | _Secret]] = []
     for name, value in headers.items():
         if not isinstance(name, str) or not name.strip() or any(c in name for c in ":\r\n"):
-            raise ConfigurationError(f"header names must be non-empty strings, got {name!r}")
+            raise ConfigurationError(f"header names must be non-empty strings, got {shown(name)}")
         secret = _looks_secret(name)
         if not isinstance(value, str) or "\r" in value or "\n" in value:
-            shown = "<secret>" if secret else repr(value)
+            given = "<secret>" if secret else shown(value)
             raise ConfigurationError(
-                f"header {name!r} must have a one-line string value, got {shown}"
+                f"header {shown(name)} must have a one-line string value, got {given}"
             )
         out.append((name.strip(), _Secret(value) if secret else value))
     return tuple(out)
@@ -269,10 +269,10 @@ class HTTPProvider(Provider):
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if not isinstance(name, str) or not name:
-            raise ConfigurationError(f"name must be a non-empty string, got {name!r}")
+            raise ConfigurationError(f"name must be a non-empty string, got {shown(name)}")
         if api_key_from_env not in (None, True, False):
             raise ConfigurationError(
-                f"api_key_from_env must be True, False or None, got {api_key_from_env!r}"
+                f"api_key_from_env must be True, False or None, got {shown(api_key_from_env)}"
             )
         from_env = False
         if base_url is None:
@@ -281,14 +281,16 @@ class HTTPProvider(Provider):
             base_url = configured if from_env else self.default_base_url
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             where = f" (from {self.base_url_env_var})" if from_env else ""
-            raise ConfigurationError(f"base_url must be an http(s) URL, got {base_url!r}{where}")
+            raise ConfigurationError(
+                f"base_url must be an http(s) URL, got {shown(base_url)}{where}"
+            )
         try:
             parts = urlsplit(base_url)
             parts.port  # noqa: B018 -- parsed on access: refuses a port that is no number
         except ValueError as exc:  # an unclosed IPv6 bracket, a port out of range
             where = f" (from {self.base_url_env_var})" if from_env else ""
             raise ConfigurationError(
-                f"base_url is not a valid URL ({exc}): {base_url!r}{where}"
+                f"base_url is not a valid URL ({exc}): {shown(base_url)}{where}"
             ) from None
         official = _host(base_url) == _host(self.default_base_url)
         env_allowed = api_key_from_env if api_key_from_env is not None else official or from_env
@@ -324,7 +326,7 @@ class HTTPProvider(Provider):
             or max_response_bytes < 1
         ):
             raise ConfigurationError(
-                f"max_response_bytes must be an integer >= 1, got {max_response_bytes!r}"
+                f"max_response_bytes must be an integer >= 1, got {shown(max_response_bytes)}"
             )
         self._max_body = max_response_bytes
         self._url = self.base_url + self._endpoint()

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from .._validators import shown
 from ..abc import Completion, CompletionRequest
 from ..exceptions import ConfigurationError
 from ._convert import openai_body, openai_tool_calls
@@ -79,7 +80,7 @@ class OpenAIProvider(HTTPProvider):
         if max_tokens_field not in (None, "max_tokens", "max_completion_tokens"):
             raise ConfigurationError(
                 "max_tokens_field must be 'max_tokens' or 'max_completion_tokens', "
-                f"got {max_tokens_field!r}"
+                f"got {shown(max_tokens_field)}"
             )
         self._organization = organization
         super().__init__(

@@ -51,7 +51,9 @@ def opt_number(name: str, value: object, *, positive: bool = False) -> float | N
     ):
         raise ConfigurationError(f"{name} must be a finite number, got {shown(value)}")
     if value < 0 or (positive and value == 0):
-        raise ConfigurationError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+        raise ConfigurationError(
+            f"{name} must be {'> 0' if positive else '>= 0'}, got {shown(value)}"
+        )
     return float(value)
 
 
@@ -96,7 +98,7 @@ def decision_limits(
         or not 0.0 <= min_success_rate <= 1.0
     ):
         raise ConfigurationError(
-            f"min_success_rate must be a number in [0, 1], got {min_success_rate!r}"
+            f"min_success_rate must be a number in [0, 1], got {shown(min_success_rate)}"
         )
     if input_tokens is not None and (
         type(input_tokens) is not int or not 0 <= input_tokens <= _MAX_COUNT
@@ -108,7 +110,7 @@ def decision_limits(
         max_tokens = opt_int("max_tokens", max_tokens)
     if not isinstance(on_no_match, str) or not on_no_match:
         raise ConfigurationError(
-            f"on_no_match must be 'raise', 'relax' or a model id, got {on_no_match!r}"
+            f"on_no_match must be 'raise', 'relax' or a model id, got {shown(on_no_match)}"
         )
     if strict_cost and max_cost is not None and input_tokens is None:
         raise ConfigurationError("strict_cost=True with max_cost needs input_tokens")

@@ -11,6 +11,7 @@ import math
 from collections.abc import Collection, Iterable
 from typing import Any, Final
 
+from .._validators import shown
 from ..exceptions import ConfigurationError
 from ..registry import ModelRegistry
 from ._memory import EvidenceMemory
@@ -99,7 +100,7 @@ class VerdictCache:
         for model in names:
             if not isinstance(model, str) or not model:
                 raise ConfigurationError(
-                    f"candidate model ids must be non-empty strings, got {model!r}"
+                    f"candidate model ids must be non-empty strings, got {shown(model)}"
                 )
             if model not in seen:
                 seen.add(model)

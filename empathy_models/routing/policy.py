@@ -7,7 +7,7 @@ from typing import Any, Final, Literal
 import attrs
 from attrs import field, frozen
 
-from .._validators import Validator, failure, number, one_of
+from .._validators import Validator, failure, number, one_of, shown
 from ..exceptions import ConfigurationError
 from .book import ChangeTest
 
@@ -61,7 +61,7 @@ def _check_relax_order(_: object, attribute: attrs.Attribute[Any], value: object
     ):
         raise ConfigurationError(
             f"{attribute.name} must be distinct names among {', '.join(CONSTRAINT_NAMES)}, "
-            f"got {value!r}"
+            f"got {shown(value)}"
         )
 
 

@@ -13,7 +13,7 @@ from typing import Any, Final, Literal, TypeAlias
 import attrs
 from attrs import field, frozen
 
-from .._validators import failure, integer, number
+from .._validators import failure, integer, number, shown
 from ..exceptions import RecordValidationError
 from ._fake_stream import StreamBehavior
 from ._fake_tools import FakeReply
@@ -55,12 +55,12 @@ def estimate_tokens(text: str) -> int:
 
 def check_action(value: object, where: str) -> Action:
     if isinstance(value, bool):
-        raise RecordValidationError(f"{where} {value!r} is not an action", path=where)
+        raise RecordValidationError(f"{where} {shown(value)} is not an action", path=where)
     if isinstance(value, int):
         if 400 <= value <= 599:
             return value
         raise RecordValidationError(
-            f"{where} must be an HTTP error status 400-599, got {value!r}", path=where
+            f"{where} must be an HTTP error status 400-599, got {shown(value)}", path=where
         )
     if isinstance(value, str) and value in FAULT_ACTIONS:
         return value
@@ -68,7 +68,7 @@ def check_action(value: object, where: str) -> Action:
         return value
     allowed = ", ".join(sorted(FAULT_ACTIONS))
     raise RecordValidationError(
-        f"{where} must be a status code 400-599 or one of {allowed}; got {value!r}", path=where
+        f"{where} must be a status code 400-599 or one of {allowed}; got {shown(value)}", path=where
     )
 
 
@@ -87,7 +87,7 @@ class Latency:
     def fixed(cls, ms: float) -> Latency:
         """Always ``ms`` milliseconds."""
         if not math.isfinite(ms) or ms < 0:
-            raise RecordValidationError(f"latency must be >= 0 ms, got {ms!r}", path="latency")
+            raise RecordValidationError(f"latency must be >= 0 ms, got {shown(ms)}", path="latency")
         return cls("fixed", float(ms))
 
     @classmethod
@@ -95,7 +95,8 @@ class Latency:
         """Uniform between ``low_ms`` and ``high_ms``."""
         if not (0 <= low_ms <= high_ms and math.isfinite(high_ms)):
             raise RecordValidationError(
-                f"latency needs 0 <= low <= high, got {low_ms!r}, {high_ms!r}", path="latency"
+                f"latency needs 0 <= low <= high, got {shown(low_ms)}, {shown(high_ms)}",
+                path="latency",
             )
         return cls("uniform", float(low_ms), float(high_ms))
 
@@ -104,7 +105,8 @@ class Latency:
         """Log-normal with the given median and shape ``sigma`` (a long right tail)."""
         if not (median_ms > 0 and math.isfinite(median_ms) and sigma >= 0):
             raise RecordValidationError(
-                f"lognormal latency needs median > 0 and sigma >= 0, got {median_ms!r}, {sigma!r}",
+                "lognormal latency needs median > 0 and sigma >= 0, "
+                f"got {shown(median_ms)}, {shown(sigma)}",
                 path="latency",
             )
         return cls("lognormal", float(median_ms), float(sigma))
@@ -124,7 +126,7 @@ def _to_latency(value: Latency | float) -> Latency:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return Latency.fixed(value)
     raise RecordValidationError(
-        f"latency must be a Latency or a number of ms, got {value!r}", path="latency"
+        f"latency must be a Latency or a number of ms, got {shown(value)}", path="latency"
     )
 
 
@@ -138,7 +140,7 @@ def _to_token_range(value: int | tuple[int, int]) -> tuple[int, int]:
         or not 0 <= low <= high
     ):
         raise RecordValidationError(
-            f"output_tokens must be an int >= 0 or a (low, high) range, got {value!r}",
+            f"output_tokens must be an int >= 0 or a (low, high) range, got {shown(value)}",
             path="output_tokens",
         )
     return (low, high)

@@ -20,7 +20,7 @@ from typing import Any, Final, TypeAlias
 
 from attrs import field, frozen
 
-from .._validators import failure, optional_str
+from .._validators import failure, optional_str, shown
 from ..abc import Completion
 from ..content import IMAGE_MEDIA_TYPES, ToolCall
 from ..exceptions import RecordValidationError
@@ -38,7 +38,7 @@ def _to_calls(value: Iterable[Mapping[str, Any]] | None) -> tuple[Mapping[str, A
         if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
             raise RecordValidationError(
                 f"tool_calls[{index}] must be a dict with a 'name' and optional 'arguments' "
-                f"(a dict, or a string sent verbatim) and 'id', got {item!r}",
+                f"(a dict, or a string sent verbatim) and 'id', got {shown(item)}",
                 path=f"tool_calls[{index}]",
             )
         arguments = item.get("arguments", {})

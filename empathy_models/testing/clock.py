@@ -21,6 +21,7 @@ from typing import Final
 
 import anyio.lowlevel
 
+from .._validators import shown
 from ..exceptions import ConfigurationError
 
 __all__ = ["DEFAULT_START", "FakeClock"]
@@ -31,7 +32,7 @@ DEFAULT_START: Final = 1_767_225_600.0
 
 def _check_time(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(f"FakeClock: {name} must be a finite number, got {value!r}")
+        raise ConfigurationError(f"FakeClock: {name} must be a finite number, got {shown(value)}")
     return float(value)
 
 
@@ -84,7 +85,7 @@ class FakeClock:
         step = _check_time("seconds", seconds)
         if step < 0:
             raise ConfigurationError(
-                f"FakeClock.advance: seconds must be >= 0, got {seconds!r}; "
+                f"FakeClock.advance: seconds must be >= 0, got {shown(seconds)}; "
                 "use set() to move the clock backward"
             )
         self._now += step

@@ -25,7 +25,7 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
-from ..._validators import check, failure, number
+from ..._validators import check, failure, number, shown
 from ...evidence import (
     log_ms,
 )
@@ -134,8 +134,8 @@ class _Database:
         lock_timeout = _check_seconds("lock_timeout", lock_timeout)
         if not isinstance(read_only, bool) or not isinstance(allow_foreign, bool):
             raise ConfigurationError(
-                f"read_only and allow_foreign must be True or False, got {read_only!r}, "
-                f"{allow_foreign!r}"
+                f"read_only and allow_foreign must be True or False, got {shown(read_only)}, "
+                f"{shown(allow_foreign)}"
             )
         if read_only and path == MEMORY:
             raise ConfigurationError("read_only needs a database file, not ':memory:'")
@@ -551,9 +551,11 @@ def _normalize_path(path: str | os.PathLike[str]) -> str:
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str) or not path:
-        raise ConfigurationError(f"path must be a non-empty file path or ':memory:', got {path!r}")
+        raise ConfigurationError(
+            f"path must be a non-empty file path or ':memory:', got {shown(path)}"
+        )
     if path == MEMORY:
         return MEMORY
     if "\x00" in path:
-        raise ConfigurationError(f"path must not contain a NUL character, got {path!r}")
+        raise ConfigurationError(f"path must not contain a NUL character, got {shown(path)}")
     return os.path.abspath(path)

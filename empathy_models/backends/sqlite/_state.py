@@ -17,6 +17,7 @@ from typing import Final, TypeVar, cast
 import aiosqlite
 import anyio.lowlevel
 
+from ..._validators import shown
 from ...abc import TransactionalStateStore
 from ...exceptions import (
     ConfigurationError,
@@ -93,7 +94,7 @@ class SQLiteStateStore(TransactionalStateStore):
         allow_foreign: bool = False,
     ) -> None:
         if not callable(clock):
-            raise ConfigurationError(f"clock must be callable, got {clock!r}")
+            raise ConfigurationError(f"clock must be callable, got {shown(clock)}")
         self._clock = clock
         self._db = _Database(
             path,

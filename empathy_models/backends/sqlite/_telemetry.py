@@ -17,6 +17,7 @@ from urllib.parse import quote
 import aiosqlite
 
 from ..._fast import gc_paused
+from ..._validators import shown
 from ...abc import TelemetryBackend
 from ...evidence import (
     EvidenceBatch,
@@ -125,7 +126,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         allow_foreign: bool = False,
     ) -> None:
         if not isinstance(batch, bool):
-            raise ConfigurationError(f"batch must be True or False, got {batch!r}")
+            raise ConfigurationError(f"batch must be True or False, got {shown(batch)}")
         self._db = _Database(
             path,
             error=TelemetryError,
@@ -137,7 +138,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         self._path = self._db.path
         self._batcher: _Batcher | None = None
         if not isinstance(spool, bool):
-            raise ConfigurationError(f"spool must be True or False, got {spool!r}")
+            raise ConfigurationError(f"spool must be True or False, got {shown(spool)}")
         if batch:
             on_disk = self._path != MEMORY
             self._batcher = _Batcher(
