@@ -110,7 +110,14 @@ _window = integer(
     why="must be an integer >= 1",
     high_why="must be < 2**63",
 )
-_opt_positive_int = integer(_fail, low=1, optional=True, why="must be an integer >= 1")
+_per_minute = integer(
+    _fail,
+    low=1,
+    high=_INT_LIMIT - 1,  # as a `RateLimit` bounds it (the limiter computes in floats)
+    optional=True,
+    why="must be an integer >= 1",
+    high_why="must be < 2**63",
+)
 
 
 def _to_float(value: object) -> object:
@@ -166,14 +173,15 @@ class ModelInfo:
         capabilities: which of tools, images, JSON-schema output and streaming the model
             serves (default: all of `CAPABILITIES`); the executor leaves out of a run the
             models that cannot serve its request, saying so in the routing decision.
-        rpm, tpm: when set, the provider's requests and tokens per minute for the model:
-            the executor enforces them as an `empathy_models.limits.RateLimit` (one given
-            to the executor for the model wins).
+        rpm, tpm: when set, the provider's requests and tokens per minute for the model
+            (integers from 1 to 2**63 - 1): the executor enforces them as an
+            `empathy_models.limits.RateLimit` (one given to the executor for the model
+            wins).
 
     Raises:
         RecordValidationError: naming the field and value, when an id or provider is
-            empty, a price is negative or not finite, a window is not an integer from 1
-            to 2**63 - 1, or a capability is not one of `CAPABILITIES`.
+            empty, a price is negative or not finite, a window, ``rpm`` or ``tpm`` is not
+            an integer from 1 to 2**63 - 1, or a capability is not one of `CAPABILITIES`.
     """
 
     id: str = field(validator=_non_empty_str)
@@ -184,8 +192,8 @@ class ModelInfo:
     context_window: int = field(validator=_window)
     max_output_tokens: int = field(validator=_window)
     capabilities: frozenset[str] = field(default=None, converter=_to_capabilities)
-    rpm: int | None = field(default=None, validator=_opt_positive_int)
-    tpm: int | None = field(default=None, validator=_opt_positive_int)
+    rpm: int | None = field(default=None, validator=_per_minute)
+    tpm: int | None = field(default=None, validator=_per_minute)
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         """

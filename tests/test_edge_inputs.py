@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
+import attrs
 import pytest
 
 from empathy_models import (
@@ -41,6 +42,7 @@ from empathy_models.exceptions import (
     RecordValidationError,
     TelemetryError,
 )
+from empathy_models.limits import RateLimit
 from empathy_models.providers import AnthropicProvider
 from empathy_models.testing import FakeLLMServer
 
@@ -335,3 +337,42 @@ def test_a_value_is_shown_in_an_error_cut_to_a_few_hundred_characters() -> None:
     with pytest.raises(ConfigurationError) as caught:
         BreakerPolicy(backoff=_anything("exponentiel"))
     assert str(caught.value).endswith("got 'exponentiel'")  # a short value is shown whole
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+LARGEST_RATE = 2**63 - 1  # the most requests or tokens per minute a limit may name
+
+
+@pytest.mark.parametrize("field", ["rpm", "tpm"])
+@pytest.mark.parametrize("value", [LARGEST_RATE + 1, 10**400], ids=["2**63", "10**400"])
+def test_a_rate_limit_past_the_largest_is_refused_naming_the_bound(field: str, value: int) -> None:
+    limit: dict[str, Any] = {field: value}
+    with pytest.raises(RecordValidationError, match=rf"^{field} must be < 2\*\*63, got "):
+        ModelInfo(**_MODEL, tier="cheap", **limit)
+    entry = {**_MODEL, "tier": "cheap", **limit}
+    with pytest.raises(ConfigurationError, match=rf"models\[0\]\.{field}: {field} must be < 2"):
+        ModelRegistry.from_dict({"price_version": "v", "models": [entry]})
+    with pytest.raises(ConfigurationError, match=rf"RateLimit\.{field} must be < 2\*\*63"):
+        RateLimit(**limit)
+
+
+async def test_the_largest_rate_limits_leave_calls_unhindered(server: FakeLLMServer) -> None:
+    model = REGISTRY.get("claude-fake-haiku")
+    registry = REGISTRY.with_models(attrs.evolve(model, rpm=LARGEST_RATE, tpm=LARGEST_RATE))
+    largest = RateLimit(
+        rpm=LARGEST_RATE,
+        tpm=LARGEST_RATE,
+        burst_requests=LARGEST_RATE,
+        burst_tokens=LARGEST_RATE,
+    )
+    async with EmpathyLLMExecutor(
+        [AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)],
+        registry=registry,
+        rate_limits={"anthropic": largest},
+        telemetry_store=MemoryTelemetryBackend(),
+    ) as executor:
+        for _ in range(3):
+            assert (await executor.run("hello", CHEAP)).content
+    assert server.requests() == 3

@@ -201,11 +201,17 @@ def window_bounds(window: str | float, now: float) -> tuple[float, float]:
     return s.timestamp(), s.timestamp() + days * 86400.0
 
 
+_MAX_PER_MINUTE: Final = 2**63 - 1
+"""The most requests or tokens per minute a `RateLimit` names (its schedule's interval,
+``60 / rpm`` seconds, is a float: a float must hold the count)."""
+
 _opt_count = integer(
     failure(ConfigurationError, owner="RateLimit"),
     low=1,
+    high=_MAX_PER_MINUTE,
     optional=True,
     why="must be an integer >= 1 or None",
+    high_why="must be < 2**63",
 )
 
 
@@ -229,8 +235,11 @@ class RateLimit:
         burst_tokens: likewise for tokens (default: the whole minute, ``tpm``, as
             providers count, since one call may hold many tokens).
 
+    Each is an integer from 1 to 2**63 - 1, or None.
+
     Raises:
-        ConfigurationError: neither ``rpm`` nor ``tpm`` given.
+        ConfigurationError: neither ``rpm`` nor ``tpm`` given, or a value that is not an
+            integer from 1 to 2**63 - 1.
     """
 
     rpm: int | None = field(default=None, validator=_opt_count)
