@@ -162,6 +162,28 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
     return "sqlite:///" + quote(str(base / file)) + (f"?{query}" if query else "")
 
 
+def _env_name_flaw(value: object) -> str | None:
+    """
+    Why ``value`` cannot name an environment variable (for ``api_key_env``), or None
+    when it can: an empty string, an ``=`` or a NUL character (the environment's
+    separators) or a character the environment cannot encode can name none.
+    """
+    if not isinstance(value, str) or not value:
+        return "must be a non-empty string"
+    if "=" in value or "\0" in value:
+        return "must name an environment variable: it holds a '=' or a NUL character"
+    try:
+        os.fsencode(value)
+    except UnicodeError:
+        return "must name an environment variable: it holds a character the OS cannot encode"
+    return None
+
+
+def _check_env_name(_: object, attribute: Any, value: object) -> None:
+    if value is not None and (flaw := _env_name_flaw(value)) is not None:
+        raise ConfigurationError(f"ProviderConfig.{attribute.name} {flaw}, got {shown(value)}")
+
+
 @frozen(kw_only=True)
 class ProviderConfig:
     """
@@ -170,13 +192,18 @@ class ProviderConfig:
     ``api_key`` (a literal, for placeholders) and secret-looking ``headers`` values are
     kept out of the repr; ``api_key_env`` names the environment variable holding the
     key.  `build` makes the provider.
+
+    Raises:
+        ConfigurationError: ``api_key_env`` is not a string that can name an
+            environment variable (empty, or holding ``=``, a NUL character or a
+            character the OS cannot encode).
     """
 
     name: str
     kind: Literal["openai", "anthropic"]
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
-    api_key_env: str | None = None
+    api_key_env: str | None = field(default=None, validator=_check_env_name)
     api_key_from_env: bool | None = None
     headers: Mapping[str, str] = field(factory=dict, repr=False)
     timeout: float | None = None
@@ -244,13 +271,18 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
         raise ConfigurationError(
             f'{where}: [providers.{name}] needs type = "openai" or "anthropic", got {shown(kind)}'
         )
-    for key in ("base_url", "api_key", "api_key_env"):
+    for key in ("base_url", "api_key"):
         value = table.get(key)
         if value is not None and (not isinstance(value, str) or not value):
             given = "<secret>" if key == "api_key" else shown(value)
             raise ConfigurationError(
                 f"{where}: [providers.{name}] {key} must be a non-empty string, got {given}"
             )
+    env_name = table.get("api_key_env")
+    if env_name is not None and (flaw := _env_name_flaw(env_name)) is not None:
+        raise ConfigurationError(
+            f"{where}: [providers.{name}] api_key_env {flaw}, got {shown(env_name)}"
+        )
     from_env = table.get("api_key_from_env")
     if from_env is not None and not isinstance(from_env, bool):
         raise ConfigurationError(

@@ -11,6 +11,7 @@ import json
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ from empathy_models import (
     ExecutionContext,
     OpenAIProvider,
 )
-from empathy_models.config import EmpathyConfig, find_config_file
+from empathy_models.config import EmpathyConfig, ProviderConfig, find_config_file
 from empathy_models.testing import FakeLLMServer
 from tests._cli import run_cli
 
@@ -235,6 +236,32 @@ timeout = 120
         True,
     )
     assert "gw-secret" not in repr(EmpathyConfig.load(path))
+
+
+@pytest.mark.parametrize(
+    ("toml", "name"),
+    [
+        ('""', ""),
+        ('"="', "="),
+        ('"TEAM_KEY=x"', "TEAM_KEY=x"),
+        ('"TEAM\\u0000KEY"', "TEAM\x00KEY"),
+        (None, "TEAM\ud800KEY"),  # a lone surrogate: no TOML string holds one
+        ("5", 5),
+    ],
+    ids=["empty", "equals", "assignment", "nul", "surrogate", "number"],
+)
+def test_an_api_key_env_that_can_name_no_variable_is_refused(
+    tmp_path: Path, toml: str | None, name: Any
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"^ProviderConfig\.api_key_env "):
+        ProviderConfig(name="gateway", kind="openai", api_key_env=name)
+    if toml is None:
+        return
+    path = tmp_path / "empathy.toml"
+    path.write_text(f'[providers.gateway]\ntype = "openai"\napi_key_env = {toml}\n')
+    with pytest.raises(ConfigurationError, match=r"\[providers\.gateway\] api_key_env ") as info:
+        EmpathyConfig.load(path)
+    assert str(path) in str(info.value)
 
 
 def test_the_router_reads_the_same_configuration(project: Path) -> None:
