@@ -185,6 +185,22 @@ _TRIM: Final = (
 )
 
 
+def _sql_key(key: str) -> str | bytes:
+    """
+    ``key`` as the SQLite cache binds it: the text itself, or, for a string UTF-8
+    cannot encode (a lone surrogate, which no `request_key` digest holds but a caller's
+    own key may), its ``surrogatepass`` bytes, stored as a BLOB.  The encoding is one to
+    one and SQLite never finds a BLOB equal to a TEXT, so no two keys meet.
+    """
+    if key.isascii():  # every request_key digest
+        return key
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogatepass")
+    return key
+
+
 class SQLiteResponseCache(ResponseCache):
     """
     Answers in a SQLite file shared by every process on a host.
@@ -193,7 +209,8 @@ class SQLiteResponseCache(ResponseCache):
     `get` is one read; a `set` one write transaction that also drops, past
     ``max_entries``, the entries closest to expiry (the expired first), so the table
     never holds more, whatever the processes writing it; one write in a hundred also
-    drops every expired entry.
+    drops every expired entry.  Any string is a key, as in `MemoryResponseCache` (one
+    UTF-8 cannot encode, holding a lone surrogate, is kept as its bytes).
 
     Args:
         path: the file.
@@ -271,7 +288,7 @@ class SQLiteResponseCache(ResponseCache):
                     _fetchone,
                     conn,
                     "SELECT value FROM response_cache WHERE key = ? AND expires_at > ?",
-                    (key, time.time()),
+                    (_sql_key(key), time.time()),
                 )
             )
 
@@ -287,7 +304,7 @@ class SQLiteResponseCache(ResponseCache):
 
         async def body(conn: aiosqlite.Connection) -> None:
             now = time.time()
-            await conn.execute(_UPSERT, (key, value, now + ttl))
+            await conn.execute(_UPSERT, (_sql_key(key), value, now + ttl))
             await conn.execute(_TRIM, (self.max_entries,))
             if sweep:  # one write in a hundred also drops what expired
                 await conn.execute("DELETE FROM response_cache WHERE expires_at <= ?", (now,))
@@ -302,7 +319,9 @@ class SQLiteResponseCache(ResponseCache):
         self._check_open()
 
         async def body(conn: aiosqlite.Connection) -> int:
-            cursor = await conn.execute("DELETE FROM response_cache WHERE key = ?", (key,))
+            cursor = await conn.execute(
+                "DELETE FROM response_cache WHERE key = ?", (_sql_key(key),)
+            )
             return cursor.rowcount
 
         async def job(conn: aiosqlite.Connection) -> int:
