@@ -27,7 +27,8 @@ from empathy_models import (
     state_store_from_url,
     telemetry_from_url,
 )
-from empathy_models.auth import AuthStrategy
+from empathy_models.auth import AuthStrategy, list_auth_strategy_backups, reset_auth_strategy
+from empathy_models.exceptions import AuthFileError
 from tests._cli import run_cli, run_cli_process
 
 
@@ -317,6 +318,22 @@ def test_reset_yes_backs_up_and_restore_brings_back_every_field(home: Path) -> N
 
 def test_reset_with_nothing_to_reset_is_fine(home: Path) -> None:
     assert "Nothing to reset" in ok(cli(home, "auth", "reset", "--yes"))
+
+
+def test_reset_of_a_dangling_symlink_fails_as_the_api_does_and_keeps_the_link(
+    home: Path, tmp_path: Path
+) -> None:
+    home.mkdir(parents=True)
+    link, missing = home / "auth_strategy.json", tmp_path / "shared" / "settings.json"
+    link.symlink_to(missing)
+    with pytest.raises(AuthFileError) as api:
+        reset_auth_strategy(link)
+    for args in (("--yes",), ("--yes", "--file", str(link))):
+        result = cli(home, "auth", "reset", *args)
+        assert (result.returncode, result.stdout) == (1, ""), result
+        assert result.stderr == f"empathy-models: error: {api.value}\n"
+        assert link.is_symlink() and not missing.exists()  # nothing written through it
+        assert list_auth_strategy_backups(link) == []
 
 
 def test_restore_without_backup_is_a_clear_error(home: Path) -> None:

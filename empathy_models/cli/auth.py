@@ -9,6 +9,7 @@ Every subcommand takes ``--file PATH`` to work on another strategy file than
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -292,9 +293,11 @@ def cmd_auth_reset(args: argparse.Namespace) -> int:
 
     On a terminal asks first unless ``--yes``; without a terminal refuses (exit 1,
     file untouched) unless ``--yes``.  Prints the backup's path.  Nothing to reset -> 0.
+    A symlink counts as a file, even a dangling one, as for `reset_auth_strategy`,
+    which refuses that one (exit 1, the link left in place).
     """
     file = _file(args)
-    if not file.exists():
+    if not os.path.lexists(file):
         print(f"Nothing to reset: {file} does not exist")
         return 0
     if not args.yes:
