@@ -264,11 +264,23 @@ def _json_scalars(_: object, attribute: attrs.Attribute[Any], value: Mapping[Any
         )
 
 
+def _constraint_name(name: object) -> str:
+    """A constraint's name as a record keeps it: ``str(name)``."""
+    try:
+        return str(name)
+    except ValueError:  # an int past 4,300 digits, which str() refuses
+        raise RecordValidationError(
+            f"constraints keys must be constraint names, got {shown(name)}", path="constraints"
+        ) from None
+
+
 def _constraint_map(value: Mapping[str, Any] | None) -> Mapping[str, ConstraintStatus]:
     frozen_map = _frozen_mapping(value)
     return MappingProxyType(
         {
-            str(name): _convert_enum(ConstraintStatus, f"constraints[{shown(name)}]", status)
+            _constraint_name(name): _convert_enum(
+                ConstraintStatus, f"constraints[{shown(name)}]", status
+            )
             for name, status in frozen_map.items()
         }
     )

@@ -44,6 +44,7 @@ from empathy_models.exceptions import (
 )
 from empathy_models.limits import RateLimit
 from empathy_models.providers import AnthropicProvider
+from empathy_models.records import CandidateEvaluation
 from empathy_models.testing import FakeLLMServer
 
 KEY = "test-key-edge-0001"
@@ -300,6 +301,10 @@ _MODEL: dict[str, Any] = {
             RecordValidationError,
         ),
         (lambda: REGISTRY.get(_anything(GIANT)), ModelNotFoundError),
+        (
+            lambda: CandidateEvaluation(model="m", constraints=_anything({GIANT: "eligible"})),
+            RecordValidationError,
+        ),
     ],
     ids=[
         "BreakerPolicy.backoff",
@@ -318,6 +323,7 @@ _MODEL: dict[str, Any] = {
         "AuthStrategy.subscription_tier",
         "LLMCallRecord.outcome",
         "ModelRegistry.get",
+        "CandidateEvaluation.constraints-key",
     ],
 )
 def test_an_integer_too_long_to_print_is_shown_by_its_size_in_the_error(
