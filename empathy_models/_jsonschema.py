@@ -2,12 +2,26 @@
 A small JSON Schema checker for structured output, without a dependency.
 
 It covers what OpenAI's and Anthropic's structured outputs accept: ``type`` (one or a
-list), ``properties``, ``required``, ``additionalProperties`` (a bool or a schema),
-``items``, ``prefixItems``, ``enum``, ``const``, ``anyOf``, ``oneOf``, ``allOf``,
-``$ref`` into ``$defs`` / ``definitions``, ``minItems`` / ``maxItems``,
-``minLength`` / ``maxLength``, ``pattern``, ``minimum`` / ``maximum`` /
-``exclusiveMinimum`` / ``exclusiveMaximum`` and ``multipleOf``.  Other keywords
-(``format``, ``description``, ...) are accepted and not checked.
+list), ``properties``, ``patternProperties``, ``required``, ``additionalProperties`` (a
+bool or a schema), ``items``, ``prefixItems``, ``enum``, ``const``, ``anyOf``,
+``oneOf``, ``allOf``, ``$ref`` (a JSON pointer into the schema itself: ``#``,
+``#/$defs/...`` or ``#/definitions/...``, percent-encoded and ``~0`` / ``~1`` escaped as
+JSON Schema 2020-12 has it),
+``minItems`` / ``maxItems``, ``minLength`` / ``maxLength``, ``pattern`` (Python's
+``re.search``), ``minimum`` / ``maximum`` / ``exclusiveMinimum`` / ``exclusiveMaximum``
+and ``multipleOf``.  Other keywords (``format``, ``description``, ...) are accepted and
+not checked.
+
+`schema_problem` finds a keyword above whose value JSON Schema does not allow (a
+``minimum`` that is a string, a ``pattern`` that does not compile, a ``$ref`` that points
+nowhere, ``$ref`` / ``allOf`` / ``anyOf`` / ``oneOf`` leading back to the same schema,
+which no check would end): `ResponseFormat` refuses such a schema when it is built, and
+the check does not run on one (its reason is the parse error).
+
+The check compares as JSON does: ``true`` is not ``1`` in ``enum`` and ``const``;
+``multipleOf`` is exact on the numbers' decimal values (``0.3`` is a multiple of ``0.1``,
+``1000000000.5`` is not a multiple of ``1``).  An answer holding ``NaN``, ``Infinity`` or
+a number too large for a float is not JSON.
 """
 
 from __future__ import annotations
@@ -15,14 +29,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from fractions import Fraction
+from typing import Any, Final
+from urllib.parse import unquote
 
 from ._validators import shown
 
-__all__ = ["parse_structured", "schema_errors"]
+__all__ = ["parse_structured", "schema_errors", "schema_problem"]
 
-_TYPES: dict[str, Any] = {
+_TYPES: dict[str, Callable[[Any], bool]] = {
     "object": lambda v: isinstance(v, dict),
     "array": lambda v: isinstance(v, list),
     "string": lambda v: isinstance(v, str),
@@ -35,34 +51,234 @@ _TYPES: dict[str, Any] = {
     "null": lambda v: v is None,
 }
 
+_MAX_DEPTH: Final = 150
+"""How many values and ``$ref`` steps deep the check goes (a deep answer stops there)."""
 
-def _resolve(ref: str, root: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    if ref == "#":
+_MISSING: Final = object()
+_INDEX: Final = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, OverflowError, RecursionError):
+        return False
+    return True
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    if isinstance(value, float):
+        return value.is_integer() and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _type_ok(value: object) -> bool:
+    if isinstance(value, str):
+        return value in _TYPES
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(name, str) and name in _TYPES for name in value)
+        and len(set(value)) == len(value)
+    )
+
+
+_NUMBER: Final = (_is_number, "must be a number")
+_COUNT: Final = (_is_count, "must be a non-negative integer")
+_SCHEMAS: Final = (
+    lambda v: isinstance(v, list) and bool(v),
+    "must be a non-empty list of schemas",
+)
+_SCHEMA_MAP: Final = (lambda v: isinstance(v, Mapping), "must be an object of schemas")
+_KEYWORDS: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "type": (_type_ok, f"must be one of {', '.join(_TYPES)}, or a non-empty list of them"),
+    "enum": (lambda v: isinstance(v, list), "must be a list"),
+    "required": (
+        lambda v: isinstance(v, list) and all(isinstance(name, str) for name in v),
+        "must be a list of strings",
+    ),
+    "pattern": (lambda v: isinstance(v, str) and _compiles(v), "must be a regular expression"),
+    "$ref": (lambda v: isinstance(v, str), "must be a string"),
+    "minimum": _NUMBER,
+    "maximum": _NUMBER,
+    "exclusiveMinimum": _NUMBER,
+    "exclusiveMaximum": _NUMBER,
+    "multipleOf": (lambda v: _is_number(v) and v > 0, "must be a number greater than 0"),
+    "minItems": _COUNT,
+    "maxItems": _COUNT,
+    "minLength": _COUNT,
+    "maxLength": _COUNT,
+    "prefixItems": _SCHEMAS,
+    "anyOf": _SCHEMAS,
+    "oneOf": _SCHEMAS,
+    "allOf": _SCHEMAS,
+    "properties": _SCHEMA_MAP,
+    "patternProperties": _SCHEMA_MAP,
+    "$defs": _SCHEMA_MAP,
+    "definitions": _SCHEMA_MAP,
+}
+
+
+def _resolve(ref: str, root: Mapping[str, Any]) -> Any:
+    """What ``ref`` (``#`` and a JSON pointer) points to in ``root``, else `_MISSING`."""
+    if not ref.startswith("#"):
+        return _MISSING
+    pointer = unquote(ref[1:])
+    if not pointer:
         return root
-    if not ref.startswith("#/"):
-        return None
+    if not pointer.startswith("/"):
+        return _MISSING  # an anchor name: not supported
     node: Any = root
-    for part in ref[2:].split("/"):
+    for part in pointer[1:].split("/"):
         part = part.replace("~1", "/").replace("~0", "~")
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and _INDEX.fullmatch(part) and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
+
+
+def _children(schema: Mapping[str, Any], where: str) -> list[tuple[Any, str]]:
+    """The subschemas of ``schema`` the check reads, with their paths."""
+    out: list[tuple[Any, str]] = []
+    for key in ("properties", "patternProperties", "$defs", "definitions"):
+        out.extend((sub, f"{where}.{key}.{name}") for name, sub in schema.get(key, {}).items())
+    for key in ("prefixItems", "anyOf", "oneOf", "allOf"):
+        out.extend((sub, f"{where}.{key}[{i}]") for i, sub in enumerate(schema.get(key, ())))
+    out.extend(
+        (schema[key], f"{where}.{key}")
+        for key in ("additionalProperties", "items")
+        if key in schema
+    )
+    return out
+
+
+def _node_problem(schema: Mapping[str, Any], where: str) -> tuple[str, str] | None:
+    for key, (valid, why) in _KEYWORDS.items():
+        if key in schema and not valid(schema[key]):
+            return f"{where}.{key}", f"{why}, got {_shown(schema[key])}"
+    for name in schema.get("patternProperties", {}):
+        if not _compiles(name):
+            return f"{where}.patternProperties", f"{shown(name)} is not a regular expression"
+    return None
+
+
+def schema_problem(schema: Mapping[str, Any]) -> tuple[str, str] | None:
+    """
+    ``(where, why)`` for the first keyword of ``schema`` the check reads whose value JSON
+    Schema does not allow, a ``$ref`` that points to no schema in it, or a loop of
+    ``$ref`` / ``allOf`` / ``anyOf`` / ``oneOf`` (``where`` a path such as
+    ``.properties.age.minimum``, ``""`` for the root); None when it can be checked.
+    """
+    todo: list[tuple[Any, str]] = [(schema, "")]
+    paths: dict[int, str] = {}
+    nodes: list[Mapping[str, Any]] = []
+    while todo:
+        node, where = todo.pop()
+        if isinstance(node, bool):
+            continue
+        if not isinstance(node, Mapping):
+            hint = " (a list of item schemas is prefixItems)" if where.endswith(".items") else ""
+            return where, f"must be a schema (an object or a boolean){hint}, got {_shown(node)}"
+        if id(node) in paths:
+            continue
+        paths[id(node)] = where
+        nodes.append(node)
+        problem = _node_problem(node, where)
+        if problem is not None:
+            return problem
+        todo.extend(reversed(_children(node, where)))
+        ref = node.get("$ref")
+        if ref is not None:
+            target = _resolve(ref, schema)
+            if not (ref == "#" or (ref.startswith("#") and unquote(ref[1:]).startswith("/"))):
+                return f"{where}.$ref", f"{shown(ref)}: only '#' and '#/...' are supported"
+            if target is _MISSING or not isinstance(target, Mapping | bool):
+                return f"{where}.$ref", f"{shown(ref)} points to no schema in this one"
+            todo.append((target, f"{where}.$ref"))
+    looping = _loop(nodes, schema)
+    if looping is None:
+        return None
+    why = "leads back to itself by $ref, allOf, anyOf or oneOf without going into the value"
+    return paths[id(looping)], why
+
+
+def _in_place(schema: Mapping[str, Any], root: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The schemas the check applies to the same value as ``schema`` (valid ones)."""
+    out = [o for key in ("allOf", "anyOf", "oneOf") for o in schema.get(key, ())]
+    if "$ref" in schema:
+        out.append(_resolve(schema["$ref"], root))
+    return [sub for sub in out if isinstance(sub, Mapping)]
+
+
+def _loop(nodes: list[Mapping[str, Any]], root: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A schema in ``nodes`` the check would reach again on the same value, or None."""
+    done: set[int] = set()
+    for start in nodes:
+        if id(start) in done:
+            continue
+        on_path = {id(start)}
+        stack = [(start, iter(_in_place(start, root)))]
+        while stack:
+            node, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                on_path.discard(id(node))
+                done.add(id(node))
+            elif id(child) in on_path:
+                return child
+            elif id(child) not in done:
+                on_path.add(id(child))
+                stack.append((child, iter(_in_place(child, root))))
+    return None
+
+
+def _shown(value: object) -> str:
+    """``value`` for a message: its repr, cut short (a type name for a container)."""
+    if isinstance(value, Mapping | list):
+        return type(value).__name__
+    return shown(value)
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def _json_equal(a: Any, b: Any) -> bool:
+    """Equality as JSON has it: ``true`` is not ``1``; ``1`` is ``1.0``."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[key], b[key]) for key in a)
+    return type(a) is type(b) and a == b  # strings and null
 
 
 def _check(value: Any, schema: Any, root: Mapping[str, Any], path: str, depth: int) -> str | None:
-    if depth > 64:
-        return f"{path}: the schema nests too deeply to check"
-    if schema is True or schema is None:
+    if schema is True:
         return None
     if schema is False:
         return f"{path}: no value is allowed here"
-    if not isinstance(schema, Mapping):
-        return None
+    if depth > _MAX_DEPTH:
+        return f"{path}: nested too deeply to check (over {_MAX_DEPTH} values and $refs)"
     ref = schema.get("$ref")
-    if isinstance(ref, str):
+    if ref is not None:
         target = _resolve(ref, root)
-        if target is None:
+        if target is _MISSING:
             return f"{path}: cannot resolve $ref {ref!r}"
         problem = _check(value, target, root, path, depth + 1)
         if problem:
@@ -70,62 +286,64 @@ def _check(value: Any, schema: Any, root: Mapping[str, Any], path: str, depth: i
     kind = schema.get("type")
     if kind is not None:
         kinds = kind if isinstance(kind, list) else [kind]
-        if not any(_TYPES.get(k, lambda v: True)(value) for k in kinds):
-            return f"{path}: expected {' or '.join(map(str, kinds))}, got {_name(value)}"
-    if "const" in schema and value != schema["const"]:
+        if not any(_TYPES[k](value) for k in kinds):
+            return f"{path}: expected {' or '.join(kinds)}, got {_name(value)}"
+    if "const" in schema and not _json_equal(value, schema["const"]):
         return f"{path}: must be {shown(schema['const'])}"
     enum = schema.get("enum")
-    if isinstance(enum, list) and value not in enum:
+    if enum is not None and not any(_json_equal(value, option) for option in enum):
         return f"{path}: must be one of {shown(enum)}"
-    for key in ("anyOf", "oneOf"):
-        options = schema.get(key)
-        if isinstance(options, list) and options:
-            matches = sum(_check(value, o, root, path, depth + 1) is None for o in options)
-            if matches == 0 or (key == "oneOf" and matches > 1):
-                return f"{path}: matches {matches} of the {key} options"
-    for option in schema.get("allOf") or ():
-        problem = _check(value, option, root, path, depth + 1)
-        if problem:
-            return problem
+    problem = _check_combined(value, schema, root, path, depth)
+    if problem:
+        return problem
     if isinstance(value, dict):
         return _check_object(value, schema, root, path, depth)
     if isinstance(value, list):
         return _check_array(value, schema, root, path, depth)
     if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            return f"{path}: shorter than {schema['minLength']} characters"
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            return f"{path}: longer than {schema['maxLength']} characters"
-        pattern = schema.get("pattern")
-        if isinstance(pattern, str):
-            try:
-                if re.search(pattern, value) is None:
-                    return f"{path}: does not match {pattern!r}"
-            except re.error:
-                return None
+        return _check_string(value, schema, path)
     if isinstance(value, int | float) and not isinstance(value, bool):
         return _check_number(value, schema, path)
+    return None
+
+
+def _check_combined(
+    value: Any, schema: Mapping[str, Any], root: Mapping[str, Any], path: str, depth: int
+) -> str | None:
+    for key in ("anyOf", "oneOf"):
+        options = schema.get(key)
+        if options:
+            matches = sum(_check(value, o, root, path, depth + 1) is None for o in options)
+            if matches == 0 or (key == "oneOf" and matches > 1):
+                return f"{path}: matches {matches} of the {key} options"
+    for option in schema.get("allOf", ()):
+        problem = _check(value, option, root, path, depth + 1)
+        if problem:
+            return problem
     return None
 
 
 def _check_object(
     value: dict[str, Any], schema: Mapping[str, Any], root: Mapping[str, Any], path: str, depth: int
 ) -> str | None:
-    for name in schema.get("required") or ():
+    for name in schema.get("required", ()):
         if name not in value:
             return f"{path}: missing required property {name!r}"
-    properties = schema.get("properties") or {}
+    properties = schema.get("properties", {})
+    patterns = schema.get("patternProperties", {})
     extra = schema.get("additionalProperties", True)
     for name, item in value.items():
         where = f"{path}.{name}"
-        if name in properties:
-            problem = _check(item, properties[name], root, where, depth + 1)
-        elif extra is False:
-            problem = f"{path}: unexpected property {name!r}"
-        else:
-            problem = _check(item, extra, root, where, depth + 1)
-        if problem:
-            return problem
+        subschemas = [properties[name]] if name in properties else []
+        subschemas += [sub for pattern, sub in patterns.items() if re.search(pattern, name)]
+        if not subschemas:
+            if extra is False:
+                return f"{path}: unexpected property {name!r}"
+            subschemas = [extra]
+        for sub in subschemas:
+            problem = _check(item, sub, root, where, depth + 1)
+            if problem:
+                return problem
     return None
 
 
@@ -133,10 +351,10 @@ def _check_array(
     value: list[Any], schema: Mapping[str, Any], root: Mapping[str, Any], path: str, depth: int
 ) -> str | None:
     if len(value) < schema.get("minItems", 0):
-        return f"{path}: fewer than {schema['minItems']} items"
+        return f"{path}: fewer than {shown(schema['minItems'])} items"
     if "maxItems" in schema and len(value) > schema["maxItems"]:
-        return f"{path}: more than {schema['maxItems']} items"
-    prefix = schema.get("prefixItems") or []
+        return f"{path}: more than {shown(schema['maxItems'])} items"
+    prefix = schema.get("prefixItems", ())
     for index, item in enumerate(value):
         sub = prefix[index] if index < len(prefix) else schema.get("items", True)
         problem = _check(item, sub, root, f"{path}[{index}]", depth + 1)
@@ -145,22 +363,34 @@ def _check_array(
     return None
 
 
+def _check_string(value: str, schema: Mapping[str, Any], path: str) -> str | None:
+    if len(value) < schema.get("minLength", 0):
+        return f"{path}: shorter than {shown(schema['minLength'])} characters"
+    if "maxLength" in schema and len(value) > schema["maxLength"]:
+        return f"{path}: longer than {shown(schema['maxLength'])} characters"
+    pattern = schema.get("pattern")
+    if pattern is not None and re.search(pattern, value) is None:
+        return f"{path}: does not match {pattern!r}"
+    return None
+
+
+def _exact(number: int | float) -> Fraction | int:
+    """``number`` exactly: an int as it is, a float as its shortest decimal (its JSON)."""
+    return number if isinstance(number, int) else Fraction(repr(number))
+
+
 def _check_number(value: float, schema: Mapping[str, Any], path: str) -> str | None:
     if "minimum" in schema and value < schema["minimum"]:
-        return f"{path}: less than {schema['minimum']}"
+        return f"{path}: less than {shown(schema['minimum'])}"
     if "maximum" in schema and value > schema["maximum"]:
-        return f"{path}: more than {schema['maximum']}"
+        return f"{path}: more than {shown(schema['maximum'])}"
     if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
-        return f"{path}: not more than {schema['exclusiveMinimum']}"
+        return f"{path}: not more than {shown(schema['exclusiveMinimum'])}"
     if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
-        return f"{path}: not less than {schema['exclusiveMaximum']}"
+        return f"{path}: not less than {shown(schema['exclusiveMaximum'])}"
     step = schema.get("multipleOf")
-    if (
-        isinstance(step, int | float)
-        and step > 0
-        and not math.isclose(value / step, round(value / step), abs_tol=1e-9)
-    ):
-        return f"{path}: not a multiple of {step}"
+    if step is not None and _exact(value) % _exact(step) != 0:
+        return f"{path}: not a multiple of {shown(step)}"
     return None
 
 
@@ -171,19 +401,62 @@ def _name(value: Any) -> str:
     return type(value).__name__
 
 
+# --------------------------------------------------------------------------- entry points
+
+
+def _schemashown(problem: tuple[str, str]) -> str:
+    where, why = problem
+    return f"the schema cannot be checked: {where or '(the root)'} {why}"
+
+
+def _errors(value: Any, schema: Mapping[str, Any]) -> str | None:
+    try:
+        return _check(value, schema, schema, "$", 0)
+    except RecursionError:  # a deep value below the limit, on a small stack
+        return "$: nested too deeply to check"
+
+
 def schema_errors(value: Any, schema: Mapping[str, Any]) -> str | None:
-    """The first way ``value`` breaks ``schema`` (a path and a reason), or None."""
-    return _check(value, schema, schema, "$", 0)
+    """
+    The first way ``value`` breaks ``schema`` (a path and a reason), or None; the reason
+    the schema cannot be checked when `schema_problem` finds one.
+    """
+    problem = schema_problem(schema)
+    return _schemashown(problem) if problem is not None else _errors(value, schema)
+
+
+class _NotJSON(ValueError):
+    """A number JSON does not have, which Python's parser would take."""
+
+
+def _constant(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON number")
+
+
+def _float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise _NotJSON(f"{text[:20]} is out of the range of a number")
+    return number
 
 
 def parse_structured(text: str, schema: Mapping[str, Any]) -> tuple[Any, str | None]:
-    """``(value, None)`` when ``text`` is JSON matching ``schema``, else ``(None, why)``."""
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        why = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
-        return None, f"the answer is not JSON ({why})"
-    problem = schema_errors(value, schema)
+    """
+    ``(value, None)`` when ``text`` is JSON matching ``schema``, else ``(None, why)``
+    (never an exception: a schema that cannot be checked is a reason too).
+    """
+    problem = schema_problem(schema)
     if problem is not None:
-        return None, f"the answer does not match the schema: {problem}"
+        return None, _schemashown(problem)
+    try:
+        value = json.loads(text, parse_constant=_constant, parse_float=_float)
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, json.JSONDecodeError):
+            why = exc.msg
+        else:
+            why = str(exc) if isinstance(exc, _NotJSON) else type(exc).__name__
+        return None, f"the answer is not JSON ({why})"
+    mismatch = _errors(value, schema)
+    if mismatch is not None:
+        return None, f"the answer does not match the schema: {mismatch}"
     return value, None

@@ -37,6 +37,7 @@ from typing import Any, Final, Literal, TypeAlias
 import attrs
 from attrs import field, frozen
 
+from ._jsonschema import schema_problem
 from ._validators import check, failure, instance_of, integer, number, optional_str, shown, text
 from .exceptions import RecordValidationError
 
@@ -133,7 +134,13 @@ def _arguments(value: object) -> Any:
 
 
 def _schema(value: object) -> Any:
-    return _json_object("response_format.schema")(value)
+    schema = _json_object("response_format.schema")(value)
+    problem = schema_problem(schema)
+    if problem is not None:
+        where, why = problem
+        path = f"response_format.schema{where}"
+        raise _fail(f"{path} {why}", path)
+    return schema
 
 
 # --------------------------------------------------------------------------- blocks
@@ -260,9 +267,10 @@ class ToolCallDelta:
     A piece of a tool call arriving in a stream (see `LLMStream.events`).
 
     ``index`` numbers the calls of one answer from 0, in order; the first piece of a
-    call carries its ``id`` and ``name`` (None on the later pieces), and each piece a
-    fragment of the ``arguments`` JSON text (possibly empty): joined in order they are
-    the call's arguments.  The final `LLMResponse.tool_calls` holds the calls parsed.
+    call carries its ``id`` and ``name`` (None on the later pieces, except from a server
+    that sends the name in pieces too: joined in order they are the name), and each
+    piece a fragment of the ``arguments`` JSON text (possibly empty): joined in order
+    they are the call's arguments.  The final `LLMResponse.tool_calls` holds the calls parsed.
     """
 
     index: int
@@ -427,6 +435,12 @@ def _tool_name(_: object, attribute: attrs.Attribute[Any], value: object) -> Non
         )
 
 
+def _strict(spec: Mapping[str, Any], *, default: bool) -> Any:
+    """``spec``'s ``strict``: ``default`` when absent, False when null (as OpenAI reads it)."""
+    value = spec.get("strict", default)
+    return False if value is None else value
+
+
 def _parameters(value: object) -> Mapping[str, Any]:
     if value is None:
         value = {"type": "object", "properties": {}}
@@ -501,7 +515,7 @@ class Tool:
                 name=spec.get("name"),  # type: ignore[arg-type]
                 description=spec.get("description"),
                 parameters=spec.get("parameters", spec.get("input_schema")),
-                strict=bool(spec.get("strict", False)),
+                strict=_strict(spec, default=False),
             )
         except RecordValidationError as exc:
             raise _fail(f"{path}: {exc}", f"{path}.{exc.path or ''}".rstrip(".")) from None
@@ -530,13 +544,20 @@ class ResponseFormat:
     when it validates.
 
     Args:
-        schema: a JSON Schema object.
+        schema: a JSON Schema object.  The keywords the answer is checked by
+            (``type``, ``properties``, ``patternProperties``, ``required``,
+            ``additionalProperties``, ``items``, ``prefixItems``, ``enum``, ``const``,
+            ``anyOf`` / ``oneOf`` / ``allOf``, ``$ref``, the length, item-count and number
+            bounds, ``pattern`` and ``multipleOf``; others are sent and not checked) must
+            have the values JSON Schema 2020-12 gives them, and a ``$ref`` must point
+            into the schema (``#/$defs/...``).
         name: the schema's name sent to OpenAI (1-64 letters, digits, ``_`` or ``-``).
         strict: (default true) asks OpenAI for exact adherence, which needs
             ``additionalProperties: false`` and every property required.
 
     Raises:
-        RecordValidationError: an invalid field, naming it.
+        RecordValidationError: an invalid field, naming it (for the schema, the path of
+            the keyword in it: ``response_format.schema.properties.age.minimum``).
     """
 
     schema: Mapping[str, Any] = field(converter=_schema, eq=False)
@@ -562,7 +583,7 @@ class ResponseFormat:
             return cls(
                 schema=spec.get("schema", {}),
                 name=spec.get("name", "response"),
-                strict=bool(spec.get("strict", True)),
+                strict=_strict(spec, default=True),
             )
         if value.get("type") == "json_object":
             raise _fail(

@@ -7,6 +7,7 @@ final response, over real HTTP on both wire formats.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import anthropic
 import openai
 import pytest
+from aiohttp import web
 
 from empathy_models import (
     AnthropicProvider,
@@ -26,6 +28,7 @@ from empathy_models import (
     StreamInterruptedError,
     Tool,
 )
+from empathy_models.abc import CompletionRequest
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.content import ToolCallDelta
 from empathy_models.exceptions import InvalidResponseError
@@ -336,3 +339,141 @@ async def test_a_streamed_json_schema_answer_is_parsed(server: FakeLLMServer) ->
     sent = server.last_request(GPT)
     assert sent is not None and sent.body["response_format"]["type"] == "json_schema"
     assert sent.body["stop"] == ["END"] and sent.body["seed"] == 7
+
+
+# --------------------------------------------------------------------------- servers' own shapes
+
+
+@contextlib.asynccontextmanager
+async def _sse_server(body: bytes) -> AsyncIterator[str]:
+    """A server on 127.0.0.1 answering every POST with ``body`` as an event stream."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for start in range(0, len(body), 7):  # in small pieces
+            await response.write(body[start : start + 7])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    app.router.add_post("/v1/messages", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}/v1"
+    finally:
+        await runner.cleanup()
+
+
+def _chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1}
+    chunk |= {"model": GPT, "choices": choices, **extra}
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+def _call_piece(**piece: Any) -> dict[str, Any]:
+    call: dict[str, Any] = {"index": 0}
+    if "id" in piece:
+        call |= {"id": piece.pop("id"), "type": "function"}
+    return {"tool_calls": [{**call, "function": piece}]}
+
+
+async def test_a_tool_name_sent_in_pieces_is_joined_as_the_openai_sdk_joins_it() -> None:
+    """Some OpenAI-compatible servers split the name too: only the first piece was kept."""
+    body = b"".join(
+        [
+            _chunk({"role": "assistant", "content": None}),
+            _chunk(_call_piece(id="call_1", name="get_", arguments="")),
+            _chunk(_call_piece(name="wea", arguments='{"city": "Oslo", ')),
+            _chunk(_call_piece(name="ther", arguments='"unit": "c"}')),
+            _chunk({}, "tool_calls"),
+            _chunk(None, usage={"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}),
+            b"data: [DONE]\n\n",
+        ]
+    )
+    async with _sse_server(body) as url:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=url)],
+            registry=CHEAP_ONLY,
+            telemetry_store="null://",
+            retry=RetryPolicy.none(),
+            sleep=NoSleep(),
+        )
+        async with (
+            executor,
+            executor.stream("Weather?", pinned(GPT), tools=[WEATHER]) as stream,
+        ):
+            pieces = [e async for e in stream.events() if isinstance(e, ToolCallDelta)]
+            response = await stream.get_final_response()
+        async with (
+            openai.AsyncOpenAI(api_key=KEY, base_url=url, max_retries=0) as client,
+            client.chat.completions.stream(
+                model=GPT, messages=[{"role": "user", "content": "Weather?"}]
+            ) as sdk_stream,
+        ):
+            final = await sdk_stream.get_final_completion()
+    sdk_calls = final.choices[0].message.tool_calls
+    assert sdk_calls is not None and sdk_calls[0].function.name == "get_weather"
+    (call,) = response.tool_calls
+    assert (call.id, call.name, dict(call.arguments)) == (
+        "call_1",
+        "get_weather",
+        {"city": "Oslo", "unit": "c"},
+    )
+    assert "".join(p.name or "" for p in pieces) == "get_weather"
+    assert pieces[0].id == "call_1" and all(p.id is None for p in pieces[1:])
+
+
+@pytest.mark.parametrize("given", [[1], "{}", None, 3])
+async def test_an_anthropic_tool_use_start_whose_input_is_not_an_object_is_invalid(
+    given: Any,
+) -> None:
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+    usage = {"input_tokens": 5, "output_tokens": 1}
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": CLAUDE}
+    block = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": given}
+    body = b"".join(
+        [
+            event("message_start", {"message": {**message, "content": [], "usage": usage}}),
+            event("content_block_start", {"index": 0, "content_block": block}),
+            event("content_block_stop", {"index": 0}),
+            event("message_delta", {"delta": {"stop_reason": "tool_use"}, "usage": usage}),
+            event("message_stop", {}),
+        ]
+    )
+    async with _sse_server(body) as url:
+        provider = AnthropicProvider(api_key=KEY, base_url=url.removesuffix("/v1"))
+        async with provider:
+            stream = await provider.stream(
+                CompletionRequest(model=CLAUDE, messages="Weather?", tools=[WEATHER])
+            )
+            with pytest.raises(InvalidResponseError, match="tool_use block's input"):
+                async for _ in stream:
+                    pass
+
+
+@pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_a_streamed_answer_the_check_refuses_is_a_parse_error(
+    server: FakeLLMServer, model: str, api: str
+) -> None:
+    """NaN and 1e400 under a multipleOf raised a ValueError or OverflowError at the end."""
+    schema = {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}
+    telemetry = MemoryTelemetryBackend()
+    async with make(server, telemetry_store=telemetry) as executor:
+        for text in ('{"n": NaN}', '{"n": 1e400}', '{"n": -Infinity}'):
+            server.script(model, [FakeReply(content=text)])
+            async with executor.stream("N?", pinned(model), response_format=schema) as stream:
+                response = await stream.get_final_response()
+            assert response.content == text and response.parsed is None
+            assert "the answer is not JSON" in (response.parse_error or "")
+        records = await telemetry.recent(limit=5)
+    assert [r.outcome for r in records] == [Outcome.SUCCESS] * 3

@@ -5,11 +5,15 @@ over real HTTP to `FakeLLMServer` with the real providers, on both wire formats.
 
 from __future__ import annotations
 
+import decimal
 import json
-from collections.abc import AsyncIterator
+import random
+import re
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import attrs
+import jsonschema
 import pytest
 from aiohttp import web
 
@@ -20,6 +24,7 @@ from empathy_models import (
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
+    LLMResponse,
     Message,
     ModelRegistry,
     OpenAIProvider,
@@ -69,12 +74,12 @@ async def server() -> AsyncIterator[FakeLLMServer]:
 
 def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
     options.setdefault("registry", CHEAP_ONLY)
+    options.setdefault("telemetry_store", "null://")
     return EmpathyLLMExecutor(
         [
             AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
             OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
         ],
-        telemetry_store="null://",
         retry=RetryPolicy.none(),
         sleep=NoSleep(),
         **options,
@@ -211,13 +216,53 @@ async def test_openai_history_continues_on_anthropic(server: FakeLLMServer) -> N
     assert response.content
     sent = server.last_request(CLAUDE)
     assert sent is not None
-    assert sent.body["messages"][1]["content"] == [
-        {"type": "tool_use", "id": "call_1_a", "name": "get_weather", "input": {"city": "Oslo"}}
-    ]
+    (use,) = sent.body["messages"][1]["content"]
+    assert re.fullmatch(r"call_1_a_[0-9a-f]{16}", use["id"])
+    assert use == {
+        "type": "tool_use",
+        "id": use["id"],
+        "name": "get_weather",
+        "input": {"city": "Oslo"},
+    }
     assert sent.body["messages"][2]["content"] == [
-        {"type": "tool_result", "tool_use_id": "call_1_a", "content": "3 C"},
+        {"type": "tool_result", "tool_use_id": use["id"], "content": "3 C"},
         {"type": "text", "text": "And tomorrow?"},
     ]
+
+
+async def test_tool_ids_that_differ_stay_distinct_on_anthropic(server: FakeLLMServer) -> None:
+    """call:1 and call/1 were both sent as call_1: two calls Anthropic could not tell apart."""
+    history = [
+        Message(role="user", content="Weather?"),
+        Message(
+            role="assistant",
+            tool_calls=[
+                ToolCall(id="call:1", name="get_weather", arguments={"city": "Oslo"}),
+                ToolCall(id="call/1", name="get_weather", arguments={"city": "Rome"}),
+                ToolCall(id="toolu_01-Ab_9", name="get_weather", arguments={"city": "Bern"}),
+            ],
+        ),
+        Message(role="tool", tool_call_id="call/1", content="20 C"),
+        Message(role="tool", tool_call_id="call:1", content="3 C"),
+        Message(role="tool", tool_call_id="toolu_01-Ab_9", content="9 C"),
+    ]
+    async with make(server) as executor:
+        await executor.run(history, pinned(CLAUDE), tools=[WEATHER])
+        first = server.last_request(CLAUDE)
+        await executor.run(history, pinned(CLAUDE), tools=[WEATHER])
+    sent = server.last_request(CLAUDE)
+    assert first is not None and sent is not None
+    assert first.body["messages"] == sent.body["messages"]  # the same ids each time
+    uses = {b["input"]["city"]: b["id"] for b in sent.body["messages"][1]["content"]}
+    results = {b["content"]: b["tool_use_id"] for b in sent.body["messages"][2]["content"]}
+    assert len(set(uses.values())) == 3  # distinct, each as Anthropic's ids must be
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]+", i) for i in uses.values())
+    assert uses["Bern"] == "toolu_01-Ab_9"  # a valid id is sent as it is
+    assert (uses["Oslo"], uses["Rome"], uses["Bern"]) == (
+        results["3 C"],
+        results["20 C"],
+        results["9 C"],
+    )
 
 
 @pytest.mark.parametrize(("model", "api"), MODELS)
@@ -639,3 +684,431 @@ async def test_tool_arguments_nested_too_deeply_are_an_invalid_response(
     async with provider:
         with pytest.raises(InvalidResponseError, match="nested at most 100 levels deep"):
             await provider.complete(CompletionRequest(model=model, messages="Hi", tools=[WEATHER]))
+
+
+# --------------------------------------------------------------------------- the schema check
+
+
+async def _answer(
+    executor: EmpathyLLMExecutor,
+    server: FakeLLMServer,
+    model: str,
+    text: str,
+    schema: Mapping[str, Any] | ResponseFormat,
+) -> LLMResponse:
+    """The response of a run whose model answers ``text`` to ``response_format=schema``."""
+    server.script(model, [FakeReply(content=text)])
+    return await executor.run("Answer.", pinned(model), response_format=schema)
+
+
+@pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_numbers_json_does_not_have_are_a_parse_error_after_a_recorded_success(
+    server: FakeLLMServer, model: str, api: str
+) -> None:
+    """NaN, Infinity and 1e400 are not JSON; a 400-digit integer is, and exact."""
+    schema = {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}
+    telemetry = MemoryTelemetryBackend()
+    async with make(server, telemetry_store=telemetry) as executor:
+        for text in ('{"n": 1e400}', '{"n": NaN}', '{"n": Infinity}', '{"n": -Infinity}'):
+            response = await _answer(executor, server, model, text, schema)
+            assert response.content == text and response.parsed is None
+            assert "not JSON" in (response.parse_error or ""), text
+        huge = "1" + "0" * 399 + "1"  # odd
+        response = await _answer(executor, server, model, f'{{"n": {huge}}}', schema)
+        assert response.parsed is None and "not a multiple of 2" in (response.parse_error or "")
+        response = await _answer(executor, server, model, f'{{"n": {huge[:-1]}2}}', schema)
+        assert response.parsed == {"n": int(huge) + 1} and response.parse_error is None
+        records = await telemetry.recent(limit=10)
+    assert len(records) == 6 and all(r.success for r in records)
+
+
+@pytest.mark.parametrize(
+    ("value", "step", "multiple"),
+    [
+        (5000000003, 5, False),  # was accepted: a float division rounds it
+        (1000000000.5, 1, False),
+        (1e-10, 1, False),
+        (10**17 + 1, 2, False),
+        (10**17, 2, True),
+        (1e300, 3, False),  # 10**300, as the answer says, not its binary float
+        (19.99, 0.01, True),  # decimals, as JSON writes them: jsonschema's float
+        (0.3, 0.1, True),  # division says 1998.9999999999998 and 2.9999999999999996
+        (0.07, 0.01, True),
+        (0.5, 0.2, False),
+        (-4.5, 1.5, True),
+        (0, 0.1, True),
+    ],
+)
+async def test_multiple_of_is_exact(
+    server: FakeLLMServer, value: float, step: float, multiple: bool
+) -> None:
+    schema = {"type": "number", "multipleOf": step}
+    async with make(server) as executor:
+        response = await _answer(executor, server, GPT, json.dumps(value), schema)
+    if multiple:
+        assert response.parse_error is None and response.parsed == value
+    else:
+        assert response.parsed is None
+        assert response.parse_error == (
+            f"the answer does not match the schema: $: not a multiple of {step!r}"
+        )
+    if isinstance(step, int) and abs(value) < 2**53:
+        # where jsonschema is exact (an integer step; a float that is its decimal) it agrees
+        assert jsonschema.Draft202012Validator(schema).is_valid(value) is multiple
+
+
+@pytest.mark.parametrize(
+    ("schema", "text"),
+    [
+        ({"const": 1}, "true"),
+        ({"enum": [0, 2]}, "false"),
+        ({"const": [0]}, "[false]"),
+        ({"enum": [{"a": 1}]}, '{"a": true}'),
+        ({"const": {"a": [1, {"b": 0}]}}, '{"a": [true, {"b": false}]}'),
+        ({"const": True}, "1"),
+        ({"enum": [None, False]}, "0"),
+        ({"enum": ["1"]}, "1"),
+    ],
+)
+async def test_const_and_enum_compare_as_json_true_is_not_1(
+    server: FakeLLMServer, schema: dict[str, Any], text: str
+) -> None:
+    async with make(server) as executor:
+        response = await _answer(executor, server, CLAUDE, text, schema)
+        assert response.parsed is None and "must be" in (response.parse_error or "")
+        assert not jsonschema.Draft202012Validator(schema).is_valid(json.loads(text))
+        # the value itself matches (and 1.0 matches 1)
+        same = schema["const"] if "const" in schema else schema["enum"][0]
+        response = await _answer(executor, server, CLAUDE, json.dumps(same), schema)
+        assert response.parse_error is None and response.parsed == same
+    if json.dumps(schema) == '{"const": 1}':
+        async with make(server) as executor:
+            response = await _answer(executor, server, CLAUDE, "1.0", schema)
+        assert response.parse_error is None
+
+
+BAD_SCHEMAS: list[tuple[dict[str, Any], str, str]] = [
+    ({"minimum": "5"}, "schema.minimum", "must be a number"),
+    ({"type": "object", "properties": ["a"]}, "schema.properties", "object of schemas"),
+    ({"maxLength": None}, "schema.maxLength", "non-negative integer"),
+    ({"minItems": -1}, "schema.minItems", "non-negative integer"),
+    ({"maxItems": 1.5}, "schema.maxItems", "non-negative integer"),
+    ({"exclusiveMinimum": True}, "schema.exclusiveMinimum", "must be a number"),
+    ({"multipleOf": 0}, "schema.multipleOf", "greater than 0"),
+    ({"multipleOf": -2}, "schema.multipleOf", "greater than 0"),
+    ({"required": "name"}, "schema.required", "list of strings"),
+    ({"required": [1]}, "schema.required", "list of strings"),
+    ({"items": [{"type": "string"}]}, "schema.items", "prefixItems"),
+    ({"properties": {"a": {"items": 3}}}, "schema.properties.a.items", "must be a schema"),
+    ({"enum": "abc"}, "schema.enum", "must be a list"),
+    ({"type": "text"}, "schema.type", "must be one of object, array"),
+    ({"type": ["string", "string"]}, "schema.type", "must be one of"),
+    ({"type": []}, "schema.type", "must be one of"),
+    ({"pattern": "["}, "schema.pattern", "regular expression"),
+    ({"pattern": "a{99999999999}"}, "schema.pattern", "regular expression"),
+    ({"patternProperties": {"(": {}}}, "schema.patternProperties", "regular expression"),
+    ({"anyOf": []}, "schema.anyOf", "non-empty list"),
+    ({"allOf": {"type": "string"}}, "schema.allOf", "non-empty list"),
+    ({"additionalProperties": "no"}, "schema.additionalProperties", "must be a schema"),
+    ({"$ref": 1}, "schema.$ref", "must be a string"),
+    ({"$ref": "#/$defs/missing", "$defs": {}}, "schema.$ref", "points to no schema"),
+    ({"$ref": "#/required", "required": ["a"]}, "schema.$ref", "points to no schema"),
+    ({"$ref": "https://example.test/s.json"}, "schema.$ref", "only '#' and '#/...'"),
+    ({"$defs": {"a": {"minLength": "2"}}}, "schema.$defs.a.minLength", "non-negative"),
+    ({"$ref": "#/not", "not": {"minimum": "1"}}, "schema.$ref.minimum", "must be a number"),
+    ({"anyOf": [{"type": "string"}, {"$ref": "#"}]}, "schema", "leads back to itself"),
+]
+
+
+@pytest.mark.parametrize(("schema", "path", "message"), BAD_SCHEMAS)
+async def test_a_schema_the_check_cannot_read_is_refused_before_any_call(
+    server: FakeLLMServer, schema: dict[str, Any], path: str, message: str
+) -> None:
+    with pytest.raises(RecordValidationError, match=re.escape(message)) as raised:
+        ResponseFormat(schema=schema)
+    assert raised.value.path == f"response_format.{path}"
+    async with make(server) as executor:
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
+            await executor.run("Hi", pinned(GPT), response_format=schema)
+    assert server.requests() == 0
+
+
+@pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_a_schema_spoilt_after_it_was_built_is_a_parse_error(
+    server: FakeLLMServer, model: str, api: str
+) -> None:
+    """The check refuses to run on a schema it cannot read, rather than raise."""
+    fmt = ResponseFormat(schema={"type": "object", "properties": {"n": {"minimum": 5}}})
+    spoilt: Any = fmt.schema
+    spoilt["properties"]["n"]["minimum"] = "5"
+    async with make(server) as executor:
+        response = await _answer(executor, server, model, '{"n": 3}', fmt)
+    assert response.content == '{"n": 3}' and response.parsed is None
+    assert response.parse_error == (
+        "the schema cannot be checked: .properties.n.minimum must be a number, got '5'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("schema", "good", "bad"),
+    [
+        (  # a boolean subschema
+            {"$defs": {"any": True, "none": False}, "properties": {"x": {"$ref": "#/$defs/any"}}},
+            {"x": [1, "a"]},
+            None,
+        ),
+        ({"$defs": {"none": False}, "properties": {"x": {"$ref": "#/$defs/none"}}}, {}, {"x": 1}),
+        ({"$defs": {"a b": {"type": "string"}}, "$ref": "#/$defs/a%20b"}, "s", 1),  # %-encoded
+        ({"$defs": {"a/b": {"type": "string"}}, "$ref": "#/$defs/a~1b"}, "s", 1),  # ~1 is /
+        ({"$defs": {"a~b": {"type": "string"}}, "$ref": "#/$defs/a~0b"}, "s", 1),  # ~0 is ~
+        ({"$defs": {"~1": {"type": "string"}}, "$ref": "#/$defs/~01"}, "s", 1),  # not "/"
+        (
+            {"prefixItems": [{"type": "integer"}], "items": {"$ref": "#/prefixItems/0"}},
+            [1, 2],
+            [1, "2"],
+        ),
+        (  # a recursive schema: a tree
+            {
+                "$defs": {
+                    "node": {
+                        "type": "object",
+                        "properties": {
+                            "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}
+                        },
+                        "additionalProperties": False,
+                    }
+                },
+                "$ref": "#/$defs/node",
+            },
+            {"kids": [{"kids": []}, {"kids": [{}]}]},
+            {"kids": [{"kids": [{"x": 1}]}]},
+        ),
+    ],
+)
+async def test_refs_resolve_as_json_schema_2020_12_has_them(
+    server: FakeLLMServer, schema: dict[str, Any], good: Any, bad: Any
+) -> None:
+    validator = jsonschema.Draft202012Validator(schema)
+    async with make(server) as executor:
+        response = await _answer(executor, server, CLAUDE, json.dumps(good), schema)
+        assert response.parse_error is None and response.parsed == good
+        assert validator.is_valid(good)
+        if bad is not None:
+            response = await _answer(executor, server, CLAUDE, json.dumps(bad), schema)
+            assert response.parsed is None and response.parse_error
+            assert not validator.is_valid(bad)
+
+
+async def test_pattern_properties_are_checked_and_not_additional(server: FakeLLMServer) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"id": {"type": "string"}},
+        "patternProperties": {"^x_": {"type": "integer"}, "_n$": {"minimum": 0}},
+        "additionalProperties": False,
+    }
+    validator = jsonschema.Draft202012Validator(schema)
+    cases = [
+        ({"id": "a", "x_1": 1, "x_2": 2}, None),
+        ({"x_n": 3}, None),  # both patterns match: both apply
+        ({"x_1": "one"}, "$.x_1: expected integer"),
+        ({"x_n": -1}, "$.x_n: less than 0"),
+        ({"y": 1}, "$: unexpected property 'y'"),
+    ]
+    async with make(server) as executor:
+        for value, problem in cases:
+            response = await _answer(executor, server, GPT, json.dumps(value), schema)
+            if problem is None:
+                assert response.parse_error is None and response.parsed == value
+            else:
+                assert problem in (response.parse_error or ""), value
+            assert validator.is_valid(value) is (problem is None)
+
+
+# A differential test: random schemas of the documented subset and random answers, each
+# judged by the executor (its LLMResponse.parsed) and by the jsonschema package.
+
+
+_NAMES = ["a", "b", "x_1", "a b", "c/d", "t~"]
+_SCALARS: list[Any] = [None, True, False, 0, 1, 1.0, -3, 2.5, "", "a", "ab", "abc", "x_", "é"]
+_NUMBERS: list[Any] = [0, 1, -1, 2, 3, 5, 0.5, 1.5, 2.0, -2.5, 0.1, 0.3, 0.07, 19.99, 1e-10]
+_NUMBERS += [1e9 + 0.5, 10**17 + 1, 10**20, 5000000003, 1e300]
+_TWINS: list[Any] = [0, 1, 1.0, True, False, [0], [False], {"a": 1}, {"a": True}, {"a": 1.0}]
+"""Values Python's == takes for equal and JSON does not (or does: 1 and 1.0)."""
+
+
+class _Schemas:
+    """Seeded random schemas of the checker's documented subset, and values to check."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def schema(self, depth: int = 0, defs: bool = False) -> Any:
+        rng = self.rng
+        if depth > 3 or rng.random() < 0.2:
+            if defs and rng.random() < 0.4:
+                return {"$ref": "#/$defs/" + rng.choice(["n", "t", "a%20b", "c~1d", "t~0"])}
+            return rng.choice([True, False, {}, {"type": rng.choice(list(_TYPE_NAMES))}])
+        out: dict[str, Any] = {}
+        if rng.random() < 0.6:
+            out["type"] = (
+                rng.choice(_TYPE_NAMES) if rng.random() < 0.8 else rng.sample(_TYPE_NAMES, 2)
+            )
+        for key in rng.sample(_KEYS, rng.randint(0, 3)):
+            out[key] = self.keyword(key, depth, defs)
+        return out
+
+    def keyword(self, key: str, depth: int, defs: bool) -> Any:
+        rng = self.rng
+
+        def sub() -> Any:
+            return self.schema(depth + 1, defs)
+
+        if key in ("properties", "patternProperties"):
+            names = ["^x_", "b$", "\\s"] if key == "patternProperties" else _NAMES
+            return {n: sub() for n in rng.sample(names, rng.randint(1, 2))}
+        if key == "required":
+            return rng.sample(_NAMES, rng.randint(0, 2))
+        if key in ("additionalProperties", "items"):
+            return rng.choice([True, False, sub()])
+        if key in ("prefixItems", "anyOf", "oneOf", "allOf"):
+            return [sub() for _ in range(rng.randint(1, 3))]
+        if key == "enum":
+            return [self.value(2, twins=0.5) for _ in range(rng.randint(1, 3))]
+        if key == "const":
+            return self.value(2, twins=0.5)
+        if key in ("minItems", "maxItems", "minLength", "maxLength"):
+            return rng.randint(0, 3)
+        if key == "pattern":
+            return rng.choice(["^a", "b$", "\\d", "^$", "é", "^[a-c]+$"])
+        if key == "multipleOf":
+            return rng.choice([1, 2, 3, 5, 0.5, 0.1, 0.01, 1.5])
+        return rng.choice([n for n in _NUMBERS if not isinstance(n, bool)])
+
+    def value(self, depth: int = 0, twins: float = 0.25) -> Any:
+        rng = self.rng
+        if rng.random() < twins:
+            return rng.choice(_TWINS)
+        roll = rng.random()
+        if depth < 3 and roll < 0.2:
+            return {n: self.value(depth + 1, 0.1) for n in rng.sample(_NAMES, rng.randint(0, 3))}
+        if depth < 3 and roll < 0.35:
+            return [self.value(depth + 1, 0.1) for _ in range(rng.randint(0, 3))]
+        return rng.choice(_SCALARS if rng.random() < 0.5 else _NUMBERS)
+
+    def document(self) -> dict[str, Any]:
+        """A root schema, now and then with ``$defs`` (a tree, names to escape) to refer to."""
+        if self.rng.random() < 0.3:
+            return {"allOf": [self.schema()]}
+        tree = {"type": ["object", "array"], "items": {"$ref": "#/$defs/t"}}
+        defs = {"n": self.schema(2), "t": tree, "a b": self.schema(2), "c/d": True, "t~": False}
+        return {"$defs": defs, "allOf": [self.schema(defs=True)]}
+
+
+_TYPE_NAMES = ["object", "array", "string", "integer", "number", "boolean", "null"]
+_KEYS = [
+    "properties", "patternProperties", "required", "additionalProperties", "items",
+    "prefixItems", "enum", "const", "anyOf", "oneOf", "allOf", "minItems", "maxItems",
+    "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum",
+    "exclusiveMaximum", "multipleOf",
+]  # fmt: skip
+
+
+def _decimal_multiple_of(
+    validator: Any, step: Any, instance: Any, schema: Any
+) -> Iterator[jsonschema.ValidationError]:
+    """multipleOf on the decimal values of the numbers (jsonschema divides floats)."""
+    if validator.is_type(instance, "number"):
+        with decimal.localcontext() as context:
+            context.prec = 1000
+            if decimal.Decimal(repr(instance)) % decimal.Decimal(repr(step)):
+                yield jsonschema.ValidationError(f"{instance!r} is not a multiple of {step!r}")
+
+
+_ORACLE: Any = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, {"multipleOf": _decimal_multiple_of}
+)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_the_check_agrees_with_jsonschema_on_random_schemas(
+    server: FakeLLMServer, seed: int
+) -> None:
+    """
+    The oracle is jsonschema's Draft 2020-12 validator, but for ``multipleOf``: it divides
+    floats (0.07 / 0.01 is 7.000000000000001, so 0.07 would not be a multiple of 0.01),
+    and the checker is exact on the decimals, as a multiple of 0.01 is meant; the
+    oracle's ``multipleOf`` is Decimal arithmetic on the numbers as JSON writes them.
+    """
+    schemas = _Schemas(seed)
+    verdicts = {True: 0, False: 0}
+    async with make(server) as executor:
+        for case in range(250):
+            schema = schemas.document()
+            jsonschema.Draft202012Validator.check_schema(schema)
+            fmt = ResponseFormat(schema=schema)  # a valid schema is never refused
+            oracle = _ORACLE(schema)
+            for _ in range(3):
+                value = schemas.value()
+                text = json.dumps(value)
+                model = MODELS[case % 2][0]
+                response = await _answer(executor, server, model, text, fmt)
+                valid = oracle.is_valid(value)
+                assert (response.parse_error is None) is valid, (schema, text, response.parse_error)
+                if valid:
+                    assert json.dumps(response.parsed) == text
+                verdicts[valid] += 1
+    assert min(verdicts.values()) > 100  # both verdicts are well represented
+
+
+# --------------------------------------------------------------------------- smaller ones
+
+
+@pytest.mark.parametrize("strict", ["false", 0, 1, "yes"])
+def test_of_refuses_a_strict_that_is_not_a_bool_as_the_constructors_do(strict: object) -> None:
+    """``bool("false")`` is True: the dict forms were read as strict."""
+    tool = {"type": "function", "function": {"name": "f", "strict": strict}}
+    with pytest.raises(RecordValidationError, match="strict must be True or False") as raised:
+        Tool.of(tool)
+    assert raised.value.path == "tools[0].strict"
+    fmt = {"type": "json_schema", "json_schema": {"schema": {"type": "object"}, "strict": strict}}
+    with pytest.raises(RecordValidationError, match="strict must be True or False"):
+        ResponseFormat.of(fmt)
+    with pytest.raises(RecordValidationError, match="strict must be True or False"):
+        Tool(name="f", strict=strict)  # type: ignore[arg-type]
+
+
+def test_of_reads_strict_as_openai_writes_it() -> None:
+    def tool(**spec: Any) -> Tool:
+        return Tool.of({"type": "function", "function": {"name": "f", **spec}})
+
+    def fmt(**spec: Any) -> ResponseFormat:
+        return ResponseFormat.of({"type": "json_schema", "json_schema": {"schema": {}, **spec}})
+
+    assert (tool().strict, tool(strict=True).strict, tool(strict=None).strict) == (
+        False,
+        True,
+        False,
+    )
+    assert (fmt().strict, fmt(strict=False).strict, fmt(strict=None).strict) == (
+        True,
+        False,
+        False,
+    )
+
+
+@pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_the_fake_answers_scripted_arguments_too_deep_to_parse(
+    server: FakeLLMServer, model: str, api: str
+) -> None:
+    """It answered a 500 with a RecursionError; the client now sees malformed arguments."""
+    deep = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    server.script(model, [FakeReply(tool_calls=[{"name": "get_weather", "arguments": deep}])])
+    provider: Any = (
+        AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
+        if api == "anthropic"
+        else OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
+    )
+    async with provider:
+        with pytest.raises(InvalidResponseError) as raised:
+            await provider.complete(CompletionRequest(model=model, messages="Hi", tools=[WEATHER]))
+    assert raised.value.status == 200

@@ -23,13 +23,14 @@ extra_body            merged into the body                merged into the body
 
 A tool result's images cannot go in an OpenAI ``tool`` message (text only): they follow
 in a user message; nor has OpenAI an error flag for a result (``is_error`` is not sent
-there).  Anthropic tool ids must match ``[A-Za-z0-9_-]+``: other characters
-of an id from another provider become ``_`` (consistently, so calls and results still
-pair up).
+there).  Anthropic tool ids must match ``[A-Za-z0-9_-]+``: an id from another provider
+with other characters has them as ``_`` and a hash of the whole id appended (the same
+every time, so calls and results still pair up, and distinct ids stay distinct).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -219,7 +220,14 @@ def _tool_call(
 
 
 def _anthropic_id(value: str) -> str:
-    return _BAD_ID_CHARS.sub("_", value)
+    """
+    ``value`` as an Anthropic tool id: as it is when it fits, else with the other
+    characters as ``_`` and a hash of the whole id after it, so two ids never become one.
+    """
+    if _BAD_ID_CHARS.search(value) is None:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{_BAD_ID_CHARS.sub('_', value)}_{digest}"
 
 
 def _anthropic_media(block: TextBlock | ImageBlock) -> dict[str, Any]:

@@ -313,9 +313,20 @@ class StreamDecoder:
         ]
 
     def _call_piece(
-        self, wire_index: int, call_id: str | None, name: str | None, arguments: str
+        self,
+        wire_index: int,
+        call_id: str | None,
+        name: str | None,
+        arguments: str,
+        *,
+        name_in_pieces: bool = False,
     ) -> ToolCallDelta:
-        """Keep one piece of a tool call; the delta that shows it."""
+        """
+        Keep one piece of a tool call; the delta that shows it.  With ``name_in_pieces``
+        the pieces' names are joined, as their arguments are (OpenAI-compatible servers
+        may split a name; the openai SDK's stream accumulator joins them too); else the
+        first name stays.
+        """
         index = self._slots.get(wire_index)
         if index is None:
             index = self._slots[wire_index] = len(self._calls)
@@ -323,8 +334,11 @@ class StreamDecoder:
         else:
             known_id, known_name, parts = self._calls[index]
             parts.append(arguments)
-            if (call_id and not known_id) or (name and not known_name):
-                self._calls[index] = (known_id or call_id, known_name or name, parts)
+            joined = known_name
+            if name and (name_in_pieces or not known_name):
+                joined = (known_name or "") + name
+            if (call_id and not known_id) or joined != known_name:
+                self._calls[index] = (known_id or call_id, joined, parts)
         return ToolCallDelta(index=index, id=call_id, name=name, arguments=arguments)
 
     @staticmethod
@@ -593,7 +607,11 @@ class OpenAIStreamDecoder(StreamDecoder):
                 raise self._invalid("delta.tool_calls[] id and function.name must be strings")
             if not isinstance(arguments, str | None):
                 raise self._invalid("delta.tool_calls[].function.arguments must be a string")
-            out.append(self._call_piece(call.get("index", 0), call_id, name, arguments or ""))
+            out.append(
+                self._call_piece(
+                    call.get("index", 0), call_id, name, arguments or "", name_in_pieces=True
+                )
+            )
 
 
 class AnthropicStreamDecoder(StreamDecoder):
@@ -633,10 +651,12 @@ class AnthropicStreamDecoder(StreamDecoder):
                     raise self._invalid("a tool_use block needs an id and a name (strings)")
                 if not _index(index):
                     raise self._invalid("content_block_start.index must be an integer")
-                given = block.get("input")
+                given = block.get("input", {})
+                if not isinstance(given, dict):
+                    raise self._invalid("a tool_use block's input must be an object")
                 # the input arrives as input_json_delta pieces; a non-empty one given
                 # here whole (a server that does not stream it) is kept as its text
-                start = json_text(given) if isinstance(given, dict) and given else ""
+                start = json_text(given) if given else ""
                 out.append(self._call_piece(index, call_id, name, start))
         elif kind == "message_start":
             message = body.get("message")

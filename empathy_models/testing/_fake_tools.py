@@ -104,8 +104,9 @@ def apply_reply(api: str, payload: dict[str, Any], reply: FakeReply, default_tex
         for call in reply.tool_calls:
             arguments = call.get("arguments", {})
             if isinstance(arguments, str):
-                # a malformed one is sent as the string it is: not an object
-                with contextlib.suppress(ValueError):
+                # a malformed one (or one nested too deeply to parse) is sent as the
+                # string it is: not an object
+                with contextlib.suppress(ValueError, RecursionError):
                     arguments = json.loads(arguments)
             blocks.append(
                 {
