@@ -171,6 +171,24 @@ class Settler:
             raise asyncio.CancelledError("cancelled during the circuit-breaker admission")
         return admission
 
+    async def keeping_lease(
+        self,
+        step: Awaitable[object],
+        store: CircuitStateStore,
+        admission: Admission,
+        policy: BreakerPolicy,
+    ) -> None:
+        """
+        ``await step`` (what follows an admission: its listeners), giving back the
+        probe lease the admission granted if ``step`` raises (a cancellation landing in
+        an async listener), before re-raising: nobody would report that ticket.
+        """
+        try:
+            await step
+        except BaseException:
+            await self._give_back_lease(store, admission, policy)
+            raise
+
     async def _give_back_lease(
         self, store: CircuitStateStore, admission: Admission, policy: BreakerPolicy
     ) -> None:
