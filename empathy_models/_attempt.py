@@ -87,6 +87,7 @@ class Failed:
         return f"Failed(called={self.called}, overflow={self.overflow})"
 
 
+_NO_TICKETS: Final[tuple[Ticket | None, Ticket | None]] = (None, None)
 _NOT_CALLED: Final = Failed(False)
 _CALLED: Final = Failed(True)
 _OVERFLOWED: Final = Failed(True, overflow=True)
@@ -256,7 +257,7 @@ class Attempts:
                 ):
                     return True
             except Exception:
-                ex._hint_failed(later.id)
+                ex._fb.hint_failed(later.id)
                 return True
         return False
 
@@ -285,10 +286,8 @@ class Attempts:
                 if limiter is not None:
                     hold = await self._admit(info, limiter)
                 attempt = len(run.attempts) + 1
-                ticket: Ticket | None = None
-                scope_ticket: Ticket | None = None
-                if key is not None:
-                    assert breaker is not None
+                ticket, scope_ticket = _NO_TICKETS
+                if key is not None and breaker is not None:
                     try:
                         if scope_key is not None:
                             scope_ticket = await breaker.admit(scope_key)
@@ -296,6 +295,9 @@ class Attempts:
                     except CircuitOpenError as exc:
                         await self._rejected(info, exc, attempt, key, scope_ticket)
                         return _CALLED if called else _NOT_CALLED
+                    except BaseException:  # a cancel: the provider key's probe lease back
+                        await fb.give_back(scope_ticket)
+                        raise
                 if obs is not None:
                     obs.attempt_started(run, info, request, attempt, (scope_ticket, ticket), trace)
                 remaining = None if deadline_at is None else deadline_at - clock()

@@ -85,7 +85,6 @@ import logging
 import os
 import time
 import warnings
-import weakref
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import MappingProxyType, TracebackType
@@ -95,6 +94,7 @@ import anyio
 
 from ._attempt import Attempts
 from ._feedback import _Feedback
+from ._inflight import InFlight
 from ._planner import _Planner
 from ._request_options import (
     required_capabilities,
@@ -380,6 +380,7 @@ class EmpathyLLMExecutor:
         self._owned: tuple[AbstractAsyncContextManager[Any], ...] = ()
         self._stack: AsyncExitStack | None = None
         self._state = "new"
+        self._inflight = InFlight()  # the runs and streams `aclose` ends first
         self._fb = _Feedback(
             registry=self._registry,
             router=self._router,
@@ -409,14 +410,7 @@ class EmpathyLLMExecutor:
         _warn_once(self._providers, self._keyless, self._telemetry)
 
     def _new_planner(self) -> _Planner:
-        """The executor's planner (reporting a failed breaker hint without a cycle)."""
-        hint_failed = weakref.WeakMethod(self._hint_failed)  # no cycle through the planner
-
-        def on_hint_error(model_id: str) -> None:
-            method = hint_failed()
-            if method is not None:
-                method(model_id)
-
+        """The executor's planner (a failed breaker hint is counted by the feedback)."""
         return _Planner(
             registry=self._registry,
             providers=self._providers,
@@ -425,7 +419,7 @@ class EmpathyLLMExecutor:
             breaker=self._breaker,
             limiter=self._limiter,
             escalate=self._fallback.escalate,
-            on_hint_error=on_hint_error,
+            on_hint_error=self._fb.hint_failed,  # no cycle through the planner
         )
 
     @classmethod
@@ -544,7 +538,7 @@ class EmpathyLLMExecutor:
                 if self._owns_telemetry:
                     await stack.enter_async_context(self._telemetry)
                 else:
-                    stack.push_async_callback(self._flush_borrowed)
+                    stack.push_async_callback(self._fb.flush_telemetry)
             if self._owns_breaker:
                 assert isinstance(self._breaker, CircuitBreaker)
                 await stack.enter_async_context(self._breaker)
@@ -588,13 +582,24 @@ class EmpathyLLMExecutor:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Unbind providers, close the session and owned backends.  Safe to call twice."""
+        """
+        End the runs and streams still in flight, then unbind providers, close the
+        session and owned backends.  Safe to call twice.
+
+        Each run or stream in flight raises `NotOpenError` (at once; a stream nobody is
+        reading, at its next read) after its attempt is recorded as cancelled, its
+        breaker lease and budget reservation given back: that bookkeeping is waited for
+        (at most 10 s) before anything is closed.
+        """
         if self._state == "closed":
             return
         self._state = "closed"
         stack, self._stack = self._stack, None
-        if stack is not None:
-            await stack.aclose()
+        try:
+            await self._inflight.end()
+        finally:
+            if stack is not None:
+                await stack.aclose()
 
     def __del__(self) -> None:
         # an executor left open holds an HTTP session and, for URLs it was given, backends
@@ -615,19 +620,6 @@ class EmpathyLLMExecutor:
             )
         except Exception:  # pragma: no cover - interpreter shutdown: modules torn down
             pass
-
-    def _hint_failed(self, model_id: str) -> None:
-        """The breaker's ``available_hint`` raised while planning (called in ``except``)."""
-        self.feedback_errors += 1
-        logger.exception("breaker.available_hint failed for %s", model_id)
-
-    async def _flush_borrowed(self) -> None:
-        assert self._telemetry is not None
-        try:
-            await self._telemetry.flush()
-        except Exception:
-            self.telemetry_errors += 1
-            logger.exception("flushing the telemetry backend on exit failed")
 
     # ------------------------------------------------------------------ the call
 
@@ -678,45 +670,46 @@ class EmpathyLLMExecutor:
             InvalidRequestError: the provider's (400, content policy, or a context window no
                 remaining route can hold), at once.
             NoModelMeetsConstraintsError: the router's policy says so.
-            RuntimeError: outside ``async with``.
+            NotOpenError: outside ``async with``, or `aclose` ended the run (a RuntimeError).
         """
         self._check_open()
-        ctx = _DEFAULT_CONTEXT if context is None else context
-        if not isinstance(ctx, ExecutionContext):
-            raise ConfigurationError(f"context must be an ExecutionContext, got {shown(ctx)}")
-        messages, system = _to_messages(prompt, ctx.system)
-        options = run_options(
-            tools=tools,
-            tool_choice=tool_choice,
-            response_format=response_format,
-            stop=stop,
-            top_p=top_p,
-            seed=seed,
-            extra_body=extra_body,
-        )
-        start = self._clock()
-        deadline_at = None if ctx.deadline is None else start + ctx.deadline
-        task_type, task_tier = self._planner.task(ctx.task_type)
-        needs = required_capabilities(messages, options)
-        cache_key: str | None = None
-        if ctx.cache_ttl is not None and self._cache is not None:
-            cached = _cached_module()
-            cache_key = cached.cache_key_of(ctx, task_type, messages, system, options)
+        with self._inflight.track("run"):  # `aclose` ends it with NotOpenError
+            ctx = _DEFAULT_CONTEXT if context is None else context
+            if not isinstance(ctx, ExecutionContext):
+                raise ConfigurationError(f"context must be an ExecutionContext, got {shown(ctx)}")
+            messages, system = _to_messages(prompt, ctx.system)
+            options = run_options(
+                tools=tools,
+                tool_choice=tool_choice,
+                response_format=response_format,
+                stop=stop,
+                top_p=top_p,
+                seed=seed,
+                extra_body=extra_body,
+            )
+            start = self._clock()
+            deadline_at = None if ctx.deadline is None else start + ctx.deadline
+            task_type, task_tier = self._planner.task(ctx.task_type)
+            needs = required_capabilities(messages, options)
+            cache_key: str | None = None
+            if ctx.cache_ttl is not None and self._cache is not None:
+                cached = _cached_module()
+                cache_key = cached.cache_key_of(ctx, task_type, messages, system, options)
+                if cache_key is not None:
+                    hit = await cached.lookup(
+                        self, cache_key, ctx, task_type, messages, system, options, start
+                    )
+                    if hit is not None:
+                        return cast(LLMResponse, hit)
+            routes, decision = self._planner.plan(ctx, messages, system, task_tier, needs)
+            run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
+            if self._obs is not None:
+                self._obs.planned(run)
+            info, reply = await Attempts(self, run, deadline_at).walk(routes)
+            answer = self._fb.response(run, info, cast(Completion, reply), start, run.attempts_cost)
             if cache_key is not None:
-                hit = await cached.lookup(
-                    self, cache_key, ctx, task_type, messages, system, options, start
-                )
-                if hit is not None:
-                    return cast(LLMResponse, hit)
-        routes, decision = self._planner.plan(ctx, messages, system, task_tier, needs)
-        run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
-        if self._obs is not None:
-            self._obs.planned(run)
-        info, reply = await Attempts(self, run, deadline_at).walk(routes)
-        answer = self._fb.response(run, info, cast(Completion, reply), start, run.attempts_cost)
-        if cache_key is not None:
-            await _cached_module().store(self, cache_key, answer, ctx)
-        return answer
+                await _cached_module().store(self, cache_key, answer, ctx)
+            return answer
 
     def stream(
         self,

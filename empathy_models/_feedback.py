@@ -10,6 +10,7 @@ the cost is finite.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -124,33 +125,27 @@ class _Feedback:
         breaker_outcome: Outcome | None = None,
         scope: tuple[Ticket, Outcome] | None = None,
     ) -> None:
-        if ticket is not None and self._breaker is not None:
-            try:
-                await self._breaker.report(
-                    ticket,
-                    record.outcome if breaker_outcome is None else breaker_outcome,
-                    retry_after=retry_after,
-                    error=error,
-                )
-            except Exception:
-                self.feedback_errors += 1
-                logger.exception("breaker.report failed for %s", ticket.key)
-        if scope is not None and self._breaker is not None:
-            # the provider-wide key hears only what concerns the whole provider
-            try:
-                await self._breaker.report(scope[0], scope[1], error=error)
-            except Exception:
-                self.feedback_errors += 1
-                logger.exception("breaker.report failed for %s", scope[0].key)
+        """
+        ``record`` to the router and to telemetry, then its outcome to the breaker (for
+        ``ticket`` and the provider-wide ``scope`` ticket).
+
+        A cancellation arriving in one step does not skip the others: it is raised once
+        they are done.  The record goes first, since a write-behind backend (the SQLite
+        default, PostgreSQL) queues it without suspending, so no cancellation can lose
+        it; the breaker's store operations are carried to their end (see `_settled`).
+        """
         if self._router is not None:
             try:
                 self._router.record_outcome(record)
             except Exception:
                 self.feedback_errors += 1
                 logger.exception("router.record_outcome failed for %s", record.model)
+        cancelled: asyncio.CancelledError | None = None
         if self._telemetry is not None:
             try:
                 await self._telemetry.record(record)
+            except asyncio.CancelledError as exc:
+                cancelled = exc
             except Exception:
                 self.telemetry_errors += 1
                 logger.exception(
@@ -158,6 +153,61 @@ class _Feedback:
                     record.call_id,
                     record.request_id,
                 )
+        breaker = self._breaker
+        if breaker is not None:  # (inlined twice: this is every call's path)
+            if ticket is not None:
+                try:
+                    await breaker.report(
+                        ticket,
+                        record.outcome if breaker_outcome is None else breaker_outcome,
+                        retry_after=retry_after,
+                        error=error,
+                    )
+                except asyncio.CancelledError as exc:
+                    cancelled = cancelled or exc
+                except Exception:
+                    self.feedback_errors += 1
+                    logger.exception("breaker.report failed for %s", ticket.key)
+            if scope is not None:
+                # the provider-wide key hears only what concerns the whole provider
+                try:
+                    await breaker.report(scope[0], scope[1], error=error)
+                except asyncio.CancelledError as exc:
+                    cancelled = cancelled or exc
+                except Exception:
+                    self.feedback_errors += 1
+                    logger.exception("breaker.report failed for %s", scope[0].key)
+        if cancelled is not None:
+            raise cancelled
+
+    async def give_back(self, ticket: Ticket | None) -> None:
+        """
+        A probe lease ``ticket`` holds (if any) comes back, reported cancelled: its call
+        will not be made.  Shielded from anyio's cancellation; the breaker carries its
+        store operation through asyncio's.
+        """
+        if ticket is None or ticket.lease_id is None or self._breaker is None:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._breaker.report(ticket, Outcome.CANCELLED)
+            except Exception:
+                self.feedback_errors += 1
+                logger.exception("breaker.report failed for %s", ticket.key)
+
+    def hint_failed(self, model_id: str) -> None:
+        """The breaker's ``available_hint`` raised while planning (called in ``except``)."""
+        self.feedback_errors += 1
+        logger.exception("breaker.available_hint failed for %s", model_id)
+
+    async def flush_telemetry(self) -> None:
+        """Flush the (borrowed) telemetry backend on the executor's exit; never raises."""
+        assert self._telemetry is not None
+        try:
+            await self._telemetry.flush()
+        except Exception:
+            self.telemetry_errors += 1
+            logger.exception("flushing the telemetry backend on exit failed")
 
     # ------------------------------------------------------------------ attempt ends
 
@@ -173,15 +223,6 @@ class _Feedback:
         An open circuit refused ``info`` (``scope_ticket``: the provider's key admitted
         it first, and hears the rejection when it holds a probe lease).
         """
-        if scope_ticket is not None and scope_ticket.lease_id is not None:
-            assert self._breaker is not None
-            # the provider's probe slot comes back: this call never ran
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._breaker.report(scope_ticket, Outcome.REJECTED)
-                except Exception:
-                    self.feedback_errors += 1
-                    logger.exception("breaker.report failed for %s", scope_ticket.key)
         record = self.record(
             run,
             info,
@@ -194,8 +235,13 @@ class _Feedback:
         )
         run.errors.append(exc)
         run.attempts.append(self.summary(record, exc))
-        with anyio.CancelScope(shield=True):  # the record survives a cancel
-            await self.give(record, None, None, None)
+        # the provider's probe slot comes back (this call never ran); the record
+        # survives a cancel
+        scope = None
+        if scope_ticket is not None and scope_ticket.lease_id is not None:
+            scope = (scope_ticket, Outcome.REJECTED)
+        with anyio.CancelScope(shield=True):
+            await self.give(record, None, None, None, None, scope)
 
     async def failed(
         self,

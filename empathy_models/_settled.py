@@ -3,9 +3,12 @@ Store operations carried to their end although the calling task is cancelled.
 
 A failure must count and a probe lease must come back even when the caller is being
 cancelled, and a batch of written-behind successes taken from memory must reach the
-store; but a hung store must not hold the caller forever.  `Settler` runs such an
-operation in a task of its own and waits for it, bounded, before the cancellation is
-raised; operations still running then are kept in ``releases`` for `aclose` to await.
+store; likewise a budget reservation must be settled (or, granted to a caller already
+cancelled, given back) in the quota store.  But a hung store must not hold the caller
+forever.  `Settler` runs such an operation in a task of its own and waits for it,
+bounded, before the cancellation is raised; operations still running then are kept in
+``releases`` for `aclose` to await.  A breaker has one, and so has the executor's
+limiter (`empathy_models.limits.guard.Limiter`).
 
 In exact mode (``local_view_ttl=0``) the successes of CLOSED tickets are sent to the store
 right after the call, by a task per key (``behind``), so the caller does not wait for the
@@ -36,7 +39,7 @@ is being cancelled."""
 
 class Settler:
     """
-    Runs store operations to their end for one breaker.
+    Runs store operations to their end for one breaker (or one limiter).
 
     ``releases`` holds the operations still running after their caller gave up waiting;
     ``behind`` the task sending each key's successes in exact mode (`send_behind`).
@@ -170,6 +173,24 @@ class Settler:
             await self._give_back_lease(store, admission, policy)
             raise asyncio.CancelledError("cancelled during the circuit-breaker admission")
         return admission
+
+    async def keeping_lease(
+        self,
+        step: Awaitable[object],
+        store: CircuitStateStore,
+        admission: Admission,
+        policy: BreakerPolicy,
+    ) -> None:
+        """
+        ``await step`` (what follows an admission: its listeners), giving back the
+        probe lease the admission granted if ``step`` raises (a cancellation landing in
+        an async listener), before re-raising: nobody would report that ticket.
+        """
+        try:
+            await step
+        except BaseException:
+            await self._give_back_lease(store, admission, policy)
+            raise
 
     async def _give_back_lease(
         self, store: CircuitStateStore, admission: Admission, policy: BreakerPolicy

@@ -628,7 +628,9 @@ class CircuitBreaker(AsyncResource):
             admission = await self._settler.admit(self._stores, key, policy)
         else:  # an in-process store never suspends: nothing can interrupt it
             admission = await self._stores.admit(key, policy)
-        await self._observe(admission.state, epoch=epoch)
+        # a cancel landing in an async listener must not keep a probe lease taken
+        observed = self._observe(admission.state, epoch=epoch)
+        await self._settler.keeping_lease(observed, self._stores, admission, policy)
         if admission.admitted and admission.ticket is not None:
             return admission.ticket
         await self._reject(admission.state, admission.retry_after)

@@ -26,7 +26,9 @@ What happens, in order:
    bounds the whole stream, the caller's reading included.
 4. **Leaving early** (``break``, an exception, a cancelled task): the HTTP response is
    closed (the connection is not reused), the attempt is recorded as ``cancelled`` with
-   the tokens seen, and a half-open breaker probe lease is returned.
+   the tokens seen, and a half-open breaker probe lease is returned, even when a
+   cancellation lands while the response is being closed.  `EmpathyLLMExecutor.aclose`
+   ends a stream in flight the same way; its reader gets `NotOpenError`.
 5. **Records**: every attempt gets one `LLMCallRecord`, as in `run`; a streamed
    attempt's ``ttft_ms`` is the time from sending the request to its first delta.  The
    response's ``ttft_ms`` is the time from entering ``async with`` to the first delta
@@ -46,15 +48,17 @@ end; the executor asks for it with ``stream_options.include_usage``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import anyio
 
 from ._attempt import _SLACK, Attempts, Opened, _timeout_error
+from ._inflight import Abort, closed_error
 from ._request_options import required_capabilities
 from ._run import _describe, _Run, _to_messages
 from ._validators import shown
@@ -72,8 +76,6 @@ from .outcomes import classify_error, retry_after_of
 from .records import LLMCallRecord, Outcome, Ticket
 
 if TYPE_CHECKING:
-    import asyncio
-
     from ._executor import EmpathyLLMExecutor
     from ._run import Prompt
     from ._values import AttemptSummary, LLMResponse
@@ -127,6 +129,7 @@ class LLMStream:
     """
 
     __slots__ = (
+        "_abort",
         "_attempt",
         "_deadline_at",
         "_error",
@@ -137,6 +140,7 @@ class LLMStream:
         "_parts",
         "_per_attempt",
         "_pieces",
+        "_reader",
         "_ready",
         "_response",
         "_routes",
@@ -183,6 +187,8 @@ class LLMStream:
         self._ttft: float | None = None
         self._run_ttft: float | None = None
         self._trace: _RunTrace | None = None  # the OpenTelemetry run span's state, when on
+        self._reader: asyncio.Task[Any] | None = None  # the task reading, while it reads
+        self._abort: Abort | None = None  # the cancellation `_end_for_close` sent the reader
 
     def __repr__(self) -> str:
         model = None if self._info is None else self._info.id
@@ -269,21 +275,57 @@ class LLMStream:
         if not ready:
             stream = self._stream
             assert stream is not None
+            self._reader = asyncio.current_task()
             try:
                 ready.extend(await stream.next_pieces())
-            except StopAsyncIteration:
-                await self._finish()
-                raise
-            except Exception as exc:
-                raise await self._interrupted(exc) from exc
-            except BaseException:
-                await self._close("cancelled")
-                raise
+            except BaseException as exc:
+                self._reader = None
+                await self._read_failed(exc)
+            self._reader = None
+            if self._abort is not None:  # `_end_for_close` cancelled the read; it went on
+                await self._read_failed(asyncio.CancelledError())
             if not ready:
                 raise await self._interrupted(
                     RuntimeError(f"{type(stream).__name__}.next_pieces() returned no piece")
                 )
         return self._delivered(ready.popleft())
+
+    async def _read_failed(self, exc: BaseException) -> NoReturn:
+        """The read raised ``exc``: the stream ended, failed or was cancelled."""
+        abort = self._abort
+        if abort is not None:  # by `_end_for_close`: the executor is closing
+            await self._close("the executor closed")
+            if abort.taken():
+                self._error = closed_error("stream")  # later reads raise it too
+                raise self._error from None
+            raise exc
+        if isinstance(exc, StopAsyncIteration):
+            await self._finish()
+            raise exc
+        if isinstance(exc, Exception):
+            raise await self._interrupted(exc) from exc
+        await self._close("cancelled")
+        raise exc
+
+    def _end_for_close(self) -> Awaitable[None] | None:
+        """
+        End the stream because the executor is closing (`InFlight.end`): the task
+        reading it is cancelled (its read raises `NotOpenError`); a stream nobody is
+        reading is closed by the awaitable returned, and its next read raises that
+        error.  None for a stream already ending (its report is under way).
+        """
+        if self._state != "streaming":
+            return None
+        reader = self._reader
+        if reader is not None:
+            self._abort = abort = Abort(reader)
+            abort.send()
+            return None
+        self._state = "cancelled"
+        self._error = closed_error("stream")
+        self._first = None
+        self._ready.clear()
+        return self._closed("the executor closed")
 
     def _delivered(self, piece: str | ToolCallDelta) -> str | ToolCallDelta:
         self._pieces += 1
@@ -319,14 +361,17 @@ class LLMStream:
         """Try the routes, as `run` does, until one streams its first delta."""
         if self._state != "new":
             raise RuntimeError("an LLMStream can be entered only once")
-        obs = self._ex._obs
+        ex = self._ex
+        ex._check_open()
+        obs = ex._obs
         if obs is not None:
             ctx = self._run.context
             self._trace = trace = obs.stream_started(ctx.workflow, ctx.stage)
             if trace is not None:
                 obs.planned(self._run, trace)
         try:
-            await self._open_routes()
+            with ex._inflight.track("stream"):  # `aclose` ends it with NotOpenError
+                await self._open_routes()
         except BaseException as exc:
             if obs is not None and self._trace is not None:
                 obs.stream_ended(self._trace, error=exc)
@@ -366,6 +411,7 @@ class LLMStream:
             self._ttft = (opened.at - opened.t0) * 1000.0
             self._run_ttft = (opened.at - self._start) * 1000.0
         self._state = "streaming"
+        self._ex._inflight.streams.add(self)  # until `_report` gives back what it holds
 
     # ------------------------------------------------------------------ ending
 
@@ -437,8 +483,12 @@ class LLMStream:
                 # the provider says a limit is exhausted: every worker waits it out
                 hold.pushback = completion.rate_limit_reset
                 assert ex._limiter is not None
-                with anyio.CancelScope(shield=True):
+                try:  # carried through a cancellation, raised after
                     await ex._limiter.settle(hold, failed=False)
+                finally:
+                    ex._inflight.ended(self)
+            else:
+                ex._inflight.ended(self)
         if outcome is not Outcome.SUCCESS:
             return None
         run.attempts_cost = record.cost_usd
@@ -489,7 +539,7 @@ class LLMStream:
         info = self._info
         stream = self._stream
         assert info is not None and stream is not None
-        await stream.aclose()
+        closing = await _closing(stream)  # reported even if this is cancelled
         deadline_at = self._deadline_at
         by_deadline = (
             isinstance(raised, TimeoutError)
@@ -526,19 +576,40 @@ class LLMStream:
         if self._ex._obs is not None and self._trace is not None:
             self._ex._obs.stream_ended(self._trace, error=interrupted)
         logger.info("%s/%s: %s", self._run.context.workflow, self._run.context.stage, interrupted)
+        if closing is not None:
+            raise closing
         return interrupted
 
     async def _close(self, why: str) -> None:
         """The caller stopped reading: close the connection, record ``cancelled``."""
         self._state = "cancelled"
+        await self._closed(why)
+
+    async def _closed(self, why: str) -> None:
         stream = self._stream
         assert stream is not None
+        closing = await _closing(stream)  # the attempt is reported even if this is cancelled
         with anyio.CancelScope(shield=True):
-            await stream.aclose()
             await self._report(Outcome.CANCELLED, None, self._partial())
             if self._ex._obs is not None and self._trace is not None:
                 self._ex._obs.stream_ended(self._trace)
         logger.debug("stream of %s closed early (%s)", self.model, why)
+        if closing is not None:
+            raise closing
+
+
+async def _closing(stream: CompletionStream) -> BaseException | None:
+    """
+    ``stream.aclose()`` (shielded from anyio's cancellation) and what it raised, if
+    anything: an asyncio cancellation, or a custom stream's own error, for the caller
+    to raise once the attempt is reported.
+    """
+    try:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+    except BaseException as exc:
+        return exc
+    return None
 
 
 _STREAMING: Final = frozenset({"streaming"})

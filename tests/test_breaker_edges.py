@@ -10,7 +10,9 @@ import contextlib
 import gc
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio.to_thread
@@ -43,6 +45,41 @@ async def test_a_cancel_during_a_half_open_admission_never_leaks_the_probe_lease
     assert result.cancelled_before_the_body >= 10  # the window under test was hit
     assert result.leaked == 0
     assert result.ran_after_cancel == 0
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_a_cancel_in_an_async_listener_after_a_probe_admission_gives_the_lease_back(
+    tmp_path: Path, store: str
+) -> None:
+    # listeners run in the caller's task after the store's answer: a cancel landing in
+    # one must not keep the probe lease that answer granted
+    fired = False
+
+    async def cancel_at_half_open(event: BreakerEvent) -> None:
+        nonlocal fired
+        if event.new_state is CircuitState.HALF_OPEN and not fired:
+            fired = True
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)  # the cancel lands here, in the listener
+
+    async def call(breaker: CircuitBreaker) -> None:
+        async with breaker.guard("k"):
+            raise AssertionError("the guarded call ran although it was cancelled")
+
+    url = None if store == "memory" else f"sqlite:///{tmp_path / 'state.db'}"
+    policy = BreakerPolicy(probe_lease_seconds=120)
+    async with CircuitBreaker(
+        store=url, policy=policy, local_view_ttl=0, listeners=[cancel_at_half_open]
+    ) as breaker:
+        await breaker.force_open("k", until=datetime.now(UTC) - timedelta(seconds=1))
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.ensure_future(call(breaker))
+        assert fired
+        state = await breaker.get_status("k")
+        assert [lease for lease in state.leases if lease[1] > time.time()] == []
+        assert await breaker.is_available("k")
 
 
 # --------------------------------------------------------------------------- item 8

@@ -13,14 +13,16 @@ the shared store again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 
+from .._settled import SHIELD_SECONDS, Settler
 from .._validators import check, failure, number, shown
 from ..abc import QuotaStore
 from ..circuit import BreakerPolicy
@@ -106,11 +108,16 @@ def quota_store_from_url(url: str | QuotaStore, **options: Any) -> QuotaStore:
 
 
 class Hold:
-    """What one admitted call holds: budget reservations and rate-limit places."""
+    """
+    What one admitted call holds: budget reservations and rate-limit places.  ``closed``
+    once settled: a reservation landing later (its caller was cancelled and stopped
+    waiting for it) is given back by the task that made it.
+    """
 
-    __slots__ = ("budgets", "cost_usd", "est_tokens", "pushback", "rates", "tokens")
+    __slots__ = ("budgets", "closed", "cost_usd", "est_tokens", "pushback", "rates", "tokens")
 
     def __init__(self) -> None:
+        self.closed = False
         # (store, key, window start, window end, nano-dollars held)
         self.budgets: list[tuple[QuotaStore, str, float, float, int]] = []
         # (store, key, seconds per token) of every tpm schedule taken
@@ -305,6 +312,9 @@ class Limiter:
         # rate key -> monotonic time until which a provider's reset pushed it back
         self._pushed: dict[str, float] = {}
         self._from_registry: dict[str, RateLimit] = {}
+        # reservations and settlements carried to their end through a cancellation of
+        # their caller (see `_carry`)
+        self._settler = Settler()
         self.degraded_events = 0
         """Outages of the quota store (one per outage, logged once)."""
         self.store_errors = 0
@@ -317,8 +327,22 @@ class Limiter:
             await self.store.__aenter__()
 
     async def aclose(self) -> None:
+        releases = self._settler.releases
+        if releases:  # settlements whose cancelled caller stopped waiting land first
+            await asyncio.wait(set(releases), timeout=SHIELD_SECONDS)
         if self.owns_store:
             await self.store.aclose()
+
+    def _carry(self, operation: Coroutine[Any, Any, _G]) -> Awaitable[_G]:
+        """
+        ``operation`` carried to its end when the caller is cancelled meanwhile
+        (asyncio-natively too, which anyio's shields do not stop): a reservation the
+        store committed is then in the hold, and a settlement is done, before the
+        cancellation is raised.  A `MemoryQuotaStore` never suspends: nothing to carry.
+        """
+        if type(self.store) is MemoryQuotaStore:
+            return operation
+        return self._settler.run(operation)
 
     # ------------------------------------------------------------------ the store
 
@@ -489,8 +513,7 @@ class Limiter:
             if rates:
                 await self._admit_rates(hold, rates, info, time_left)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self.settle(hold, failed=True)
+            await self.settle(hold, failed=True)  # carried through a cancellation
             raise
         return hold
 
@@ -509,7 +532,7 @@ class Limiter:
         for budget, key in covered:
             ws, we = budget.window_bounds(now)
             limit = self._overrides.get(key, to_nano(budget.limit_usd))
-            store, grant = await self._reserve(key, ws, we, amount, limit)
+            grant = await self._carry(self._reserve_into(hold, key, ws, we, amount, limit))
             if not grant.granted:
                 usage: BudgetUsage = grant.usage
                 raise BudgetExceededError(
@@ -520,7 +543,17 @@ class Limiter:
                     resets_at=we,
                     model=info.id,
                 )
+
+    async def _reserve_into(
+        self, hold: Hold, key: str, ws: float, we: float, amount: int, limit: int
+    ) -> BudgetGrant:
+        """A reservation, kept in ``hold`` once granted (given back if ``hold`` is closed)."""
+        store, grant = await self._reserve(key, ws, we, amount, limit)
+        if grant.granted:
             hold.budgets.append((store, key, ws, we, amount))
+            if hold.closed:  # settled already: its caller stopped waiting for this
+                await self._settle(hold, True)
+        return grant
 
     async def _admit_rates(
         self,
@@ -564,50 +597,55 @@ class Limiter:
         """
         Charge each budget what the call cost and give back the tokens it did not use.
 
-        Never raises a store's error: a failure is logged and counted.
+        Never raises a store's error: a failure is logged and counted.  A cancellation
+        of the caller (an anyio scope, ``Task.cancel``, ``asyncio.timeout``) arriving
+        meanwhile is raised once the settlement is done (see `_carry`).
 
         Args:
             hold: from `admit`; it is charged ``hold.cost_usd``.
             failed: the call failed: it is charged 0, as its record says.
         """
-        with anyio.CancelScope(shield=True):
-            actual = to_nano(hold.cost_usd)
-            for store, key, ws, we, held in hold.budgets:
-                try:
-                    await store.settle(
-                        key, window_start=ws, window_end=we, held=held, actual=actual
-                    )
-                except BackendError as exc:
-                    self._failed(exc)
-                    logger.warning(
-                        "settling budget %s failed; its hold of $%.6f stays until the window ends",
-                        key,
-                        held / 1e9,
-                    )
-            pushback = _pushback(hold)
-            for store, key, interval in hold.rates:
-                if pushback is not None:
-                    # calls ending together all carry the same reset: the schedule is
-                    # moved to it once, not once per call
-                    now = self._mono()
-                    ends = now + pushback
-                    pushed = self._pushed.get(key, -math.inf)
-                    if ends > pushed:
-                        self._pushed[key] = ends
-                        await self._adjust(store, key, ends - max(pushed, now))
-                if interval < 0:
-                    if failed and not hold.tokens:
-                        # never sent (refused or cancelled before the call): free the slot
-                        await self._adjust(store, key, interval)
-                    continue
-                used = hold.tokens
-                if used is None:
-                    used = 0 if failed else hold.est_tokens
-                delta = (used - hold.est_tokens) * interval
-                if delta != 0:
-                    await self._adjust(store, key, delta)
-            hold.budgets.clear()
-            hold.rates.clear()
+        hold.closed = True
+        if hold.budgets or hold.rates:
+            await self._carry(self._settle(hold, failed))
+
+    async def _settle(self, hold: Hold, failed: bool) -> None:
+        # what the hold has now: a reservation landing later is given back by its task
+        budgets, rates, pushback = hold.budgets[:], hold.rates[:], _pushback(hold)
+        hold.budgets.clear()
+        hold.rates.clear()
+        actual = to_nano(hold.cost_usd)
+        for store, key, ws, we, held in budgets:
+            try:
+                await store.settle(key, window_start=ws, window_end=we, held=held, actual=actual)
+            except BackendError as exc:
+                self._failed(exc)
+                logger.warning(
+                    "settling budget %s failed; its hold of $%.6f stays until the window ends",
+                    key,
+                    held / 1e9,
+                )
+        for store, key, interval in rates:
+            if pushback is not None:
+                # calls ending together all carry the same reset: the schedule is
+                # moved to it once, not once per call
+                now = self._mono()
+                ends = now + pushback
+                pushed = self._pushed.get(key, -math.inf)
+                if ends > pushed:
+                    self._pushed[key] = ends
+                    await self._adjust(store, key, ends - max(pushed, now))
+            if interval < 0:
+                if failed and not hold.tokens:
+                    # never sent (refused or cancelled before the call): free the slot
+                    await self._adjust(store, key, interval)
+                continue
+            used = hold.tokens
+            if used is None:
+                used = 0 if failed else hold.est_tokens
+            delta = (used - hold.est_tokens) * interval
+            if delta != 0:
+                await self._adjust(store, key, delta)
 
     async def _adjust(self, store: QuotaStore, key: str, delta: float) -> None:
         try:
