@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -247,30 +248,42 @@ class _Database:
     # ------------------------------------------------------------------ opening
 
     def _prepare_file(self) -> None:
+        """
+        Create the file (0600) if it is missing; check that it is a writable regular file.
+
+        The file is never opened here, only looked at: this process may hold SQLite
+        connections to it already (another backend on the same file), and closing any
+        descriptor of a file releases every POSIX lock the process holds on it,
+        SQLite's included (https://www.sqlite.org/howtocorrupt.html, 2.2).  Another
+        process closing the file would then take itself for its last user, checkpoint
+        and delete the WAL this process's connections still commit into.
+        """
         path = self.path
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                _create_private(path)
+                st = os.stat(path)
         except FileNotFoundError as exc:
             raise self._fail(
                 f"the directory {os.path.dirname(path) or '.'} does not exist", exc
             ) from exc
-        except IsADirectoryError as exc:
-            raise self._fail("the path is a directory, not a database file", exc) from exc
         except PermissionError as exc:
             raise self._fail(
                 "permission denied: the file or its directory is read-only for this user", exc
             ) from exc
         except OSError as exc:
             raise self._fail(f"cannot create or open the file ({exc.strerror})", exc) from exc
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise self._fail("the path is a directory, not a database file")
         if not stat.S_ISREG(st.st_mode):
             raise self._fail("the path is not a regular file")
         if st.st_mode & 0o222 == 0:
             # root can write anyway; honour the file's read-only mode all the same
             raise self._fail(f"the file is read-only (mode {stat.S_IMODE(st.st_mode):04o})")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise self._fail("permission denied: the file is read-only for this user")
 
     def _check_readable(self) -> None:
         if not os.path.isfile(self.path):
@@ -538,6 +551,41 @@ class _Database:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.stop()
+
+
+def _create_private(path: str) -> None:
+    """
+    Create ``path`` as an empty 0600 file unless a file is there by now, without ever
+    opening ``path`` (see `_Database._prepare_file`): the file is made under a name of
+    its own and hard-linked to ``path``; a link, unlike a rename, never replaces a file
+    another backend or process created meanwhile.
+    """
+    # a short name of its own (``path``'s name may be as long as names can be)
+    spare = os.path.join(os.path.dirname(path), f".empathy-new-{secrets.token_hex(8)}")
+    # a file of our own that nothing else has open: closing it releases nobody's lock
+    os.close(os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o600))
+    try:
+        os.link(spare, path)
+    except FileExistsError:
+        pass  # created meanwhile: used as it is
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        # a file system without hard links: create it in place.  Nothing in this
+        # process can have a file opened that did not exist an instant ago, bar an
+        # open made in between by another backend's thread.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o600))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(spare)
+
+
+_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
+_NO_LINKS: Final = frozenset(
+    code for code in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK) if code
+)
+"""What `os.link` raises on a file system that has no hard links."""
 
 
 _seconds = number(failure(ConfigurationError), low=0, why="must be a finite number of seconds >= 0")
