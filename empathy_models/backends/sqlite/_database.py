@@ -15,6 +15,7 @@ import random
 import secrets
 import sqlite3
 import stat
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -344,23 +345,28 @@ class _Database:
         The connection to use for a write: ``conn``, or a new one when the file at
         ``path`` was deleted or replaced since it was opened.
 
-        What the old file held is still readable through ``conn``: it is copied out
-        first (``VACUUM INTO`` a 0600 file next to it), the file is recreated (or the
-        replacing file used), and the copy's calls and circuit states are merged in
-        (rows already there win), so nothing is lost.
+        What the old file held is still readable through ``conn``, its only copy once
+        the file is deleted: ``conn`` is kept until the file is recreated (or the
+        replacing file opened).  While that fails (the path cannot be used for now)
+        this raises and ``conn`` stays, to try again on the next write.  Then the old
+        file is copied out (``VACUUM INTO`` a 0600 file next to it, or in the temporary
+        directory) and the copy's calls and circuit states merged in (rows already
+        there win), so nothing is lost; ``conn`` is closed after.
         """
         if self.path == MEMORY or self._ident is None:
             return conn
         now = await anyio.to_thread.run_sync(self._identity)
         if now == self._ident:
             return conn
-        self.recreated += 1
-        rescue = await self._rescue(conn)
-        self._conn = None
-        await self._discard(conn)
         await anyio.to_thread.run_sync(self._remove_orphans)
-        conn = await self._open()
-        merged = 0 if rescue is None else await self._merge(conn, rescue)
+        new = await self._open()  # raises, keeping conn, while the path cannot be used
+        self.recreated += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                rescue = await self._rescue(conn)
+                merged = 0 if rescue is None else await self._merge(new, rescue)
+        finally:
+            await self._discard(conn)
         logger.warning(
             "SQLite database %s was %s while open; %s it with the %d calls the old file held%s",
             self.path,
@@ -369,23 +375,29 @@ class _Database:
             merged,
             "" if rescue is not None else " (the old file could not be copied: they are lost)",
         )
-        return conn
+        return new
 
     async def _rescue(self, conn: aiosqlite.Connection) -> str | None:
         """Copy the (deleted) database ``conn`` still holds open; the copy's path or None."""
-        rescue = f"{self.path}.rescued-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            # VACUUM INTO fills an empty file and keeps its mode: create it 0600 first
-            os.close(os.open(rescue, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            await conn.execute("VACUUM INTO ?", (rescue,))
-        except (OSError, sqlite3.Error):
-            logger.warning(
-                "copying the deleted SQLite database %s failed", self.path, exc_info=True
-            )
-            with contextlib.suppress(OSError):
-                os.unlink(rescue)
-            return None
-        return rescue
+        name = f"{os.path.basename(self.path)}.rescued-{os.getpid()}-{secrets.token_hex(4)}"
+        for directory in (os.path.dirname(self.path), tempfile.gettempdir()):
+            rescue = os.path.join(directory, name)
+            try:
+                # VACUUM INTO fills an empty file and keeps its mode: create it 0600 first
+                os.close(os.open(rescue, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o600))
+                await conn.execute("VACUUM INTO ?", (rescue,))
+            except (OSError, sqlite3.Error):
+                logger.warning(
+                    "copying the deleted SQLite database %s to %s failed",
+                    self.path,
+                    directory,
+                    exc_info=True,
+                )
+                with contextlib.suppress(OSError):
+                    os.unlink(rescue)
+                continue
+            return rescue
+        return None
 
     async def _merge(self, conn: aiosqlite.Connection, rescue: str) -> int:
         """Merge the rescued copy into the file ``conn`` has open; the calls added."""
