@@ -40,13 +40,22 @@ class SwitchableStore(CircuitStateStore):
         self.inner = MemoryStateStore(clock=clock)
         self.error: BaseException | None = None
         self.hang = False
+        # set: a hung operation, once cancelled, cleans up until this is set (asyncpg
+        # waits for the server to confirm a cancel request before it gives a
+        # connection back to its pool)
+        self.cleanup: anyio.Event | None = None
         self.attempts = 0
 
     async def _gate(self) -> None:
         self.attempts += 1
         await anyio.lowlevel.checkpoint()  # a real store suspends on I/O
         if self.hang:
-            await anyio.sleep_forever()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                if self.cleanup is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self.cleanup.wait()
         if self.error is not None:
             raise self.error
 
@@ -264,6 +273,20 @@ async def test_a_hung_store_counts_as_down_after_store_timeout(clock: FakeClock)
         assert breaker.degraded
     assert [e.kind for e in events] == [BreakerEventKind.STORE_DEGRADED]
     assert events[0].error is not None and events[0].error.startswith("TimeoutError")
+
+
+async def test_a_hung_store_slow_to_clean_up_still_holds_a_call_only_store_timeout(
+    clock: FakeClock,
+) -> None:
+    store = SwitchableStore(clock)
+    store.hang = True
+    store.cleanup = anyio.Event()  # the cleanup ends only after the call has returned
+    breaker = CircuitBreaker(store, POLICY, clock=clock, store_timeout=0.05)
+    async with breaker:
+        with anyio.fail_after(10):
+            await succeed(breaker)
+        assert breaker.degraded
+        store.cleanup.set()
 
 
 async def test_concurrent_calls_degrade_once(

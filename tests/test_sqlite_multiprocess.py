@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+from empathy_models.backends.sqlite import SQLiteStateStore, SQLiteTelemetryBackend
+from empathy_models.records import LLMCallRecord
 from tests._workers import Child
 
 pytestmark = pytest.mark.multiprocess
@@ -253,3 +254,45 @@ def test_writers_killed_mid_stream_leave_every_committed_batch(tmp_path: Path) -
             return len(await backend.recent(limit=1_000_000))
 
     assert asyncio.run(reopen()) == len(ids)
+
+
+# --------------------------------------------------------------------------- one file, two backends
+
+
+def _calls(prefix: str, n: int) -> list[LLMCallRecord]:
+    return [
+        LLMCallRecord(provider="prov", model="m", outcome="success", call_id=f"{prefix}-{i}")
+        for i in range(n)
+    ]
+
+
+def _quit(worker: Child) -> None:
+    worker.send({"op": "quit"})
+    worker.finish()
+
+
+async def test_telemetry_and_circuit_state_in_one_file_lose_no_commit_to_other_processes(
+    tmp_path: Path,
+) -> None:
+    # Opening a second backend on the file must not drop the POSIX locks this process's
+    # first connection holds on it (closing any descriptor of the file drops them all):
+    # another process closing the file would then take itself for the last user,
+    # checkpoint and delete the WAL this process still commits into.
+    db = tmp_path / "shared.db"
+    async with SQLiteTelemetryBackend(db, batch=False) as telemetry:
+        await telemetry.record_many(_calls("before", 10))
+        async with SQLiteStateStore(db) as store:  # the same file, the same process
+            await store.snapshot("prov")
+        with children(["breaker", str(db)]) as (other,):  # another process opens, closes
+            _quit(other)
+        await telemetry.record_many(_calls("after", 10))
+        # a third process has the file open while this one closes (any worker of a fleet)
+        with children(["breaker", str(db)]) as (holder,):
+            await telemetry.aclose()
+            _quit(holder)
+    conn = sqlite3.connect(db)
+    try:
+        ids = {row[0] for row in conn.execute("SELECT call_id FROM llm_calls")}
+    finally:
+        conn.close()
+    assert ids == {f"{p}-{i}" for p in ("before", "after") for i in range(10)}

@@ -9,7 +9,9 @@ seeded with the states the owner last saw (``known``), and so is every operation
 it until the primary answers again.  The primary is tried again by at most one
 operation every ``retry_interval`` seconds; when it answers, the fallback is dropped
 and the primary's state is the truth again (what was changed in the fallback is not
-pushed to the primary).
+pushed to the primary).  An operation that did not answer in time is cancelled and
+not waited for (see `_within`): the caller is held ``timeout`` seconds at most, however
+long the client takes to clean up after it.
 
 A `StateStoreError` naming the key of the operation (the primary cannot read that
 key's stored state) sends only that key to a fallback of its own, tried again on the
@@ -26,7 +28,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._breaker_events import describe
 from ..abc import CircuitStateStore
@@ -46,6 +49,69 @@ T = TypeVar("T")
 
 Op = Callable[[CircuitStateStore], Awaitable[T]]
 """One store operation, to run on the primary or on a fallback."""
+
+
+STRAY_SECONDS = 1.0
+"""How long `FailoverStateStore.aclose` waits for primary operations it gave up on to
+end (their client cleaning up) before it cancels them once more."""
+
+
+async def _within(operation: Awaitable[T], seconds: float, strays: set[asyncio.Task[Any]]) -> T:
+    """
+    ``await operation``, in a task of its own, for at most ``seconds``.
+
+    When the time is up (or the caller is cancelled) the task is cancelled and not
+    waited for: a client may take far longer to clean up after a cancelled command
+    than the command was allowed (asyncpg gives a connection back to its pool only
+    once the server confirmed a cancel request sent on a new connection, which a
+    network partition holds up for its ``command_timeout``).  Such a task is kept in
+    ``strays`` until it ends, and its exception retrieved.
+
+    Raises:
+        TimeoutError: ``operation`` did not end within ``seconds``.
+    """
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(_awaited(operation))
+    woken = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    task.add_done_callback(wake)
+    timer = loop.call_later(seconds, wake)
+    try:
+        await woken
+    except BaseException:
+        _let_go(task, strays)
+        raise
+    finally:
+        timer.cancel()
+    if not task.done():
+        _let_go(task, strays)
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    return task.result()
+
+
+async def _awaited(operation: Awaitable[T]) -> T:
+    return await operation
+
+
+def _let_go(task: asyncio.Task[Any], strays: set[asyncio.Task[Any]]) -> None:
+    """Stop ``task`` without waiting for it (see `_within`)."""
+    if task.done():
+        if not task.cancelled():
+            task.exception()  # nobody awaits it: asyncio need not log it as lost
+        return
+    task.cancel()
+    strays.add(task)
+    task.add_done_callback(partial(_ended, strays))
+
+
+def _ended(strays: set[asyncio.Task[Any]], task: asyncio.Task[Any]) -> None:
+    strays.discard(task)
+    if not task.cancelled():
+        task.exception()  # nobody awaits it: asyncio need not log it as lost
 
 
 def unreadable_key(exc: BaseException) -> str | None:
@@ -91,7 +157,7 @@ class FailoverStateStore(CircuitStateStore):
         self.shared = primary.shared  # type: ignore[misc]
         self._clock = clock
         self._retry_interval = retry_interval
-        # cancel scopes cost microseconds: only a primary doing I/O gets a timeout
+        # a task per operation costs microseconds: only a primary doing I/O gets a timeout
         self._timeout = None if primary.in_process else timeout
         self._owns_primary = owns_primary
         self._known = known
@@ -103,6 +169,8 @@ class FailoverStateStore(CircuitStateStore):
         # the fallback each of them runs on meanwhile
         self._unreadable: dict[str, float] = {}
         self._key_fallbacks: dict[str, MemoryStateStore] = {}
+        # primary operations given up on (timed out or cancelled) until they end
+        self._strays: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
         mode = " degraded" if self._fallback is not None else ""
@@ -163,7 +231,10 @@ class FailoverStateStore(CircuitStateStore):
     async def _aopen(self) -> None:
         """Enter the primary; a primary that cannot be opened starts the fallback."""
         try:
-            await self._on_primary(lambda store: store.__aenter__())
+            # in this task, not one of its own (`_within`): a store may enter a context
+            # on entry that must be left from the same task
+            async with asyncio.timeout(self._timeout):
+                await self._primary.__aenter__()
         except BackendClosedError:
             raise
         except (BackendError, OSError) as exc:
@@ -177,6 +248,11 @@ class FailoverStateStore(CircuitStateStore):
             if self._owns_primary:
                 await self._primary.aclose()
         finally:
+            strays = self._strays
+            if strays:  # operations given up on, still cleaning up: a bounded wait
+                await asyncio.wait(set(strays), timeout=STRAY_SECONDS)
+                for task in strays:
+                    task.cancel()
             if self._fallback is not None:
                 await self._fallback.aclose()
             for fallback in self._key_fallbacks.values():
@@ -241,8 +317,7 @@ class FailoverStateStore(CircuitStateStore):
     async def _on_primary(self, op: Op[T]) -> T:
         if self._timeout is None:
             return await op(self._primary)
-        async with asyncio.timeout(self._timeout):
-            return await op(self._primary)
+        return await _within(op(self._primary), self._timeout, self._strays)
 
     def _seeded(self, key: str | None) -> MemoryStateStore:
         """A fallback holding what the owner last saw (of ``key``, or of every key)."""

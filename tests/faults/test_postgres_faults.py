@@ -13,8 +13,9 @@ import time
 import anyio
 import asyncpg
 import pytest
-from empathy_models_postgres import PostgresTelemetryBackend
+from empathy_models_postgres import PostgresCircuitStateStore, PostgresTelemetryBackend
 
+from empathy_models import CircuitBreaker
 from empathy_models.backends.batching import BatchingTelemetryBackend
 
 from ._load import Producer
@@ -110,3 +111,34 @@ async def test_a_partition_never_stalls_a_call_and_close_is_bounded(
     assert closing < close_timeout + 1.0 + 5.0 + 1.0
     assert backend.spooled > 0
     assert stored == load.produced
+
+
+async def test_a_partitioned_state_store_holds_a_call_no_longer_than_store_timeout(
+    postgres_dsn: str, postgres_schema: str, proxy: TcpProxy
+) -> None:
+    # asyncpg gives a connection back to its pool, after a query was cancelled, only
+    # once the server confirmed the cancel request (sent on a new connection): in a
+    # partition that takes its command_timeout (30 s by default).  The breaker must
+    # stop waiting at store_timeout and answer from its per-process fallback.
+    store = PostgresCircuitStateStore(through(postgres_dsn, proxy, postgres_schema))
+    now = [time.time()]
+
+    async def ok() -> int:
+        return 1
+
+    try:
+        async with CircuitBreaker(
+            store, store_timeout=STORE_TIMEOUT, local_view_ttl=0.05, clock=lambda: now[0]
+        ) as b:
+            assert await b.call("pg:model", ok) == 1  # the store answers
+            proxy.partition()
+            now[0] += 1.0  # the local view expired: the next call asks the store
+            start = time.monotonic()
+            assert await b.call("pg:model", ok) == 1
+            took = time.monotonic() - start
+            assert b.degraded
+            await proxy.restore()
+    finally:
+        await proxy.restore()
+        await store.aclose()
+    assert took < STORE_TIMEOUT + 3.0, f"one call took {took:.1f} s"

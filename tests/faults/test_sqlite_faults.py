@@ -64,3 +64,31 @@ async def test_a_deleted_file_is_recreated_with_everything_it_held(
         "was deleted while open; recreated it with the 1000 calls" in r.getMessage()
         for r in caplog.records
     )
+
+
+async def test_a_deleted_file_whose_path_is_taken_for_a_while_loses_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the open connection is the only copy of what the deleted file held: it is kept
+    # until a new file could be made at the path, and that copy merged into it
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db) as backend:
+        await backend.record_many([record("before", i) for i in range(1000)])
+        await backend.flush()
+        for suffix in ("", "-wal", "-shm"):
+            os.unlink(f"{db}{suffix}")
+        db.mkdir()  # the path cannot be recreated for now
+        await backend.record_many([record("during", i) for i in range(500)])
+        await backend.flush()
+        assert backend.recreated == 0 and backend.pending == 500
+        db.rmdir()
+        with caplog.at_level(logging.WARNING):
+            await backend.record_many([record("after", i) for i in range(500)])
+            await backend.flush()
+        assert backend.recreated == 1 and backend.failed == 0 and backend.pending == 0
+    assert sqlite_rows(db) == 2000
+    assert not [n for n in os.listdir(tmp_path) if ".rescued-" in n], "the copy is removed"
+    assert any(
+        "was deleted while open; recreated it with the 1000 calls" in r.getMessage()
+        for r in caplog.records
+    )

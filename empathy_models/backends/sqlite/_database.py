@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import random
 import secrets
 import sqlite3
 import stat
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -247,30 +249,42 @@ class _Database:
     # ------------------------------------------------------------------ opening
 
     def _prepare_file(self) -> None:
+        """
+        Create the file (0600) if it is missing; check that it is a writable regular file.
+
+        The file is never opened here, only looked at: this process may hold SQLite
+        connections to it already (another backend on the same file), and closing any
+        descriptor of a file releases every POSIX lock the process holds on it,
+        SQLite's included (https://www.sqlite.org/howtocorrupt.html, 2.2).  Another
+        process closing the file would then take itself for its last user, checkpoint
+        and delete the WAL this process's connections still commit into.
+        """
         path = self.path
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                _create_private(path)
+                st = os.stat(path)
         except FileNotFoundError as exc:
             raise self._fail(
                 f"the directory {os.path.dirname(path) or '.'} does not exist", exc
             ) from exc
-        except IsADirectoryError as exc:
-            raise self._fail("the path is a directory, not a database file", exc) from exc
         except PermissionError as exc:
             raise self._fail(
                 "permission denied: the file or its directory is read-only for this user", exc
             ) from exc
         except OSError as exc:
             raise self._fail(f"cannot create or open the file ({exc.strerror})", exc) from exc
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise self._fail("the path is a directory, not a database file")
         if not stat.S_ISREG(st.st_mode):
             raise self._fail("the path is not a regular file")
         if st.st_mode & 0o222 == 0:
             # root can write anyway; honour the file's read-only mode all the same
             raise self._fail(f"the file is read-only (mode {stat.S_IMODE(st.st_mode):04o})")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise self._fail("permission denied: the file is read-only for this user")
 
     def _check_readable(self) -> None:
         if not os.path.isfile(self.path):
@@ -331,23 +345,28 @@ class _Database:
         The connection to use for a write: ``conn``, or a new one when the file at
         ``path`` was deleted or replaced since it was opened.
 
-        What the old file held is still readable through ``conn``: it is copied out
-        first (``VACUUM INTO`` a 0600 file next to it), the file is recreated (or the
-        replacing file used), and the copy's calls and circuit states are merged in
-        (rows already there win), so nothing is lost.
+        What the old file held is still readable through ``conn``, its only copy once
+        the file is deleted: ``conn`` is kept until the file is recreated (or the
+        replacing file opened).  While that fails (the path cannot be used for now)
+        this raises and ``conn`` stays, to try again on the next write.  Then the old
+        file is copied out (``VACUUM INTO`` a 0600 file next to it, or in the temporary
+        directory) and the copy's calls and circuit states merged in (rows already
+        there win), so nothing is lost; ``conn`` is closed after.
         """
         if self.path == MEMORY or self._ident is None:
             return conn
         now = await anyio.to_thread.run_sync(self._identity)
         if now == self._ident:
             return conn
-        self.recreated += 1
-        rescue = await self._rescue(conn)
-        self._conn = None
-        await self._discard(conn)
         await anyio.to_thread.run_sync(self._remove_orphans)
-        conn = await self._open()
-        merged = 0 if rescue is None else await self._merge(conn, rescue)
+        new = await self._open()  # raises, keeping conn, while the path cannot be used
+        self.recreated += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                rescue = await self._rescue(conn)
+                merged = 0 if rescue is None else await self._merge(new, rescue)
+        finally:
+            await self._discard(conn)
         logger.warning(
             "SQLite database %s was %s while open; %s it with the %d calls the old file held%s",
             self.path,
@@ -356,23 +375,29 @@ class _Database:
             merged,
             "" if rescue is not None else " (the old file could not be copied: they are lost)",
         )
-        return conn
+        return new
 
     async def _rescue(self, conn: aiosqlite.Connection) -> str | None:
         """Copy the (deleted) database ``conn`` still holds open; the copy's path or None."""
-        rescue = f"{self.path}.rescued-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            # VACUUM INTO fills an empty file and keeps its mode: create it 0600 first
-            os.close(os.open(rescue, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            await conn.execute("VACUUM INTO ?", (rescue,))
-        except (OSError, sqlite3.Error):
-            logger.warning(
-                "copying the deleted SQLite database %s failed", self.path, exc_info=True
-            )
-            with contextlib.suppress(OSError):
-                os.unlink(rescue)
-            return None
-        return rescue
+        name = f"{os.path.basename(self.path)}.rescued-{os.getpid()}-{secrets.token_hex(4)}"
+        for directory in (os.path.dirname(self.path), tempfile.gettempdir()):
+            rescue = os.path.join(directory, name)
+            try:
+                # VACUUM INTO fills an empty file and keeps its mode: create it 0600 first
+                os.close(os.open(rescue, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o600))
+                await conn.execute("VACUUM INTO ?", (rescue,))
+            except (OSError, sqlite3.Error):
+                logger.warning(
+                    "copying the deleted SQLite database %s to %s failed",
+                    self.path,
+                    directory,
+                    exc_info=True,
+                )
+                with contextlib.suppress(OSError):
+                    os.unlink(rescue)
+                continue
+            return rescue
+        return None
 
     async def _merge(self, conn: aiosqlite.Connection, rescue: str) -> int:
         """Merge the rescued copy into the file ``conn`` has open; the calls added."""
@@ -538,6 +563,41 @@ class _Database:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.stop()
+
+
+def _create_private(path: str) -> None:
+    """
+    Create ``path`` as an empty 0600 file unless a file is there by now, without ever
+    opening ``path`` (see `_Database._prepare_file`): the file is made under a name of
+    its own and hard-linked to ``path``; a link, unlike a rename, never replaces a file
+    another backend or process created meanwhile.
+    """
+    # a short name of its own (``path``'s name may be as long as names can be)
+    spare = os.path.join(os.path.dirname(path), f".empathy-new-{secrets.token_hex(8)}")
+    # a file of our own that nothing else has open: closing it releases nobody's lock
+    os.close(os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o600))
+    try:
+        os.link(spare, path)
+    except FileExistsError:
+        pass  # created meanwhile: used as it is
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+        # a file system without hard links: create it in place.  Nothing in this
+        # process can have a file opened that did not exist an instant ago, bar an
+        # open made in between by another backend's thread.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o600))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(spare)
+
+
+_CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
+_NO_LINKS: Final = frozenset(
+    code for code in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK) if code
+)
+"""What `os.link` raises on a file system that has no hard links."""
 
 
 _seconds = number(failure(ConfigurationError), low=0, why="must be a finite number of seconds >= 0")
