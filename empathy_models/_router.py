@@ -560,6 +560,8 @@ class AdaptiveModelRouter:
     async def _seed_rings(self) -> None:
         # One ``recent`` call per workflow stage with evidence (and one per workflow for
         # ``stage=None``), so a low-traffic stage is not starved by a busy one.  At start.
+        # A workflow's calls without a stage count as one more of its stages (the limit
+        # included): they have no window of their own to read, but their workflow's has.
         store = self._store
         limit = self.policy.seed_stage_limit
         if store is None or limit == 0:
@@ -567,8 +569,9 @@ class AdaptiveModelRouter:
         now = self._clock()
         since = _since(window_floor(now, self.policy.window_days))
         every = {(wf, st) for wf, st, _ in self._memory.arms if wf}
-        stages = sorted((wf, st) for wf, st in every if st)[:limit]
-        targets: list[tuple[str, str | None]] = [*stages, *sorted({(wf, None) for wf, _ in stages})]
+        chosen = sorted(every, key=lambda key: (key[0], key[1] or ""))[:limit]
+        stages = [(wf, st) for wf, st in chosen if st]
+        targets: list[tuple[str, str | None]] = [*stages, *sorted({(wf, None) for wf, _ in chosen})]
         # a workflow whose every stage was read: its own window is the latest of theirs
         # (one query without a stage can scan the whole table: ~0.85 s at 1M calls)
         read = set(stages)
