@@ -617,8 +617,11 @@ class AdaptiveModelRouter:
         if not record.outcome.is_sample:
             return
         ts = record.timestamp.timestamp()
-        if ts >= self._window.due:
-            self._window.move()
+        window = self._window
+        # the window's start moves with the clock: an outcome stamped ahead of it (past
+        # ``due`` while the clock is not) moves nothing, and must not scan every arm
+        if ts >= window.due and self._clock() >= window.due:
+            window.move()
         self._recent.add(record, ts)
         if not self._memory.add(record, ts) and self._store is None:
             self._window.dropped(ts)
