@@ -301,10 +301,18 @@ class _StorelessWindow:
         except Exception:
             logger.exception("router could not move its evidence window")
 
-    async def settle(self) -> None:
-        """Move the window's start if it is due, and wait for a slide under way."""
+    def follow(self) -> None:
+        """
+        Move the window's start if the clock says it is due (an outcome stamped at or
+        after ``due`` while the clock is not, ahead of it, moves nothing and costs no
+        look at every arm).
+        """
         if self.clock() >= self.due:
             self.move()
+
+    async def settle(self) -> None:
+        """Move the window's start if it is due, and wait for a slide under way."""
+        self.follow()
         task = self.task
         if task is not None:
             await asyncio.wait({task})
@@ -560,8 +568,7 @@ class AdaptiveModelRouter:
     async def _seed_rings(self) -> None:
         # One ``recent`` call per workflow stage with evidence (and one per workflow for
         # ``stage=None``), so a low-traffic stage is not starved by a busy one.  At start.
-        # A workflow's calls without a stage count as one more of its stages (the limit
-        # included): they have no window of their own to read, but their workflow's has.
+        # A workflow's calls without a stage count as one of its stages (for the limit).
         store = self._store
         limit = self.policy.seed_stage_limit
         if store is None or limit == 0:
@@ -617,11 +624,8 @@ class AdaptiveModelRouter:
         if not record.outcome.is_sample:
             return
         ts = record.timestamp.timestamp()
-        window = self._window
-        # the window's start moves with the clock: an outcome stamped ahead of it (past
-        # ``due`` while the clock is not) moves nothing, and must not scan every arm
-        if ts >= window.due and self._clock() >= window.due:
-            window.move()
+        if ts >= self._window.due:
+            self._window.follow()
         self._recent.add(record, ts)
         if not self._memory.add(record, ts) and self._store is None:
             self._window.dropped(ts)
