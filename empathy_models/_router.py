@@ -301,10 +301,18 @@ class _StorelessWindow:
         except Exception:
             logger.exception("router could not move its evidence window")
 
-    async def settle(self) -> None:
-        """Move the window's start if it is due, and wait for a slide under way."""
+    def follow(self) -> None:
+        """
+        Move the window's start if the clock says it is due (an outcome stamped at or
+        after ``due`` while the clock is not, ahead of it, moves nothing and costs no
+        look at every arm).
+        """
         if self.clock() >= self.due:
             self.move()
+
+    async def settle(self) -> None:
+        """Move the window's start if it is due, and wait for a slide under way."""
+        self.follow()
         task = self.task
         if task is not None:
             await asyncio.wait({task})
@@ -560,6 +568,7 @@ class AdaptiveModelRouter:
     async def _seed_rings(self) -> None:
         # One ``recent`` call per workflow stage with evidence (and one per workflow for
         # ``stage=None``), so a low-traffic stage is not starved by a busy one.  At start.
+        # A workflow's calls without a stage count as one of its stages (for the limit).
         store = self._store
         limit = self.policy.seed_stage_limit
         if store is None or limit == 0:
@@ -567,8 +576,9 @@ class AdaptiveModelRouter:
         now = self._clock()
         since = _since(window_floor(now, self.policy.window_days))
         every = {(wf, st) for wf, st, _ in self._memory.arms if wf}
-        stages = sorted((wf, st) for wf, st in every if st)[:limit]
-        targets: list[tuple[str, str | None]] = [*stages, *sorted({(wf, None) for wf, _ in stages})]
+        chosen = sorted(every, key=lambda key: (key[0], key[1] or ""))[:limit]
+        stages = [(wf, st) for wf, st in chosen if st]
+        targets: list[tuple[str, str | None]] = [*stages, *sorted({(wf, None) for wf, _ in chosen})]
         # a workflow whose every stage was read: its own window is the latest of theirs
         # (one query without a stage can scan the whole table: ~0.85 s at 1M calls)
         read = set(stages)
@@ -615,7 +625,7 @@ class AdaptiveModelRouter:
             return
         ts = record.timestamp.timestamp()
         if ts >= self._window.due:
-            self._window.move()
+            self._window.follow()
         self._recent.add(record, ts)
         if not self._memory.add(record, ts) and self._store is None:
             self._window.dropped(ts)

@@ -143,7 +143,9 @@ class TelemetryBackend(AsyncResource):
     Contract (checked by `empathy_models.testing.contracts`):
 
     * `record_many` stores every record it is given, exactly once, or raises
-      `TelemetryError` having stored none of them in the failing batch.
+      `TelemetryError` having stored none of them in the failing batch.  Writes are
+      idempotent by ``call_id``: a record whose ``call_id`` is stored is skipped (the
+      first written is kept), so a replayed or retried batch counts once.
     * `aggregate` groups sample records (see `Outcome.is_sample`) per (workflow, stage,
       model), or per (workflow, model) with ``per_stage=False``.  Latency (p50, p95
       nearest-rank, and the average) and average tokens are over successful calls;

@@ -1,6 +1,7 @@
 """
 MemoryTelemetryBackend's evidence: records are rolled into minute buckets when the
-evidence is read, and what eviction drops from the ring stays in the buckets.
+evidence is read, and what eviction drops from the ring stays in the buckets.  Its
+writes are idempotent by call_id over the records it holds.
 """
 
 from __future__ import annotations
@@ -11,8 +12,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from empathy_models import LLMCallRecord, Outcome
+from empathy_models import (
+    AdaptiveModelRouter,
+    LLMCallRecord,
+    ModelInfo,
+    ModelRegistry,
+    Outcome,
+)
 from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.testing.clock import FakeClock
 
 
 def _record(i: int, outcome: Outcome = Outcome.SUCCESS) -> LLMCallRecord:
@@ -93,3 +101,56 @@ async def test_a_record_whose_rollup_fails_leaves_the_rest_of_its_batch_in_the_e
     assert len(backend) == 11  # the record itself is kept
     await backend.record(_record(10))
     assert sum(b.samples for b in (await backend.evidence()).buckets) == 11
+
+
+async def test_a_replayed_call_is_stored_and_counted_once() -> None:
+    # writes are idempotent by call_id, as in SQLite and PostgreSQL: a call reported
+    # again (a replay) after a refresh is counted once by the router, live and restarted
+    clock = FakeClock(datetime(2026, 1, 1, tzinfo=UTC).timestamp())
+    registry = ModelRegistry(
+        models=(
+            ModelInfo(
+                id="gpt-x",
+                provider="openai",
+                tier="cheap",
+                input_price_per_mtok=0.4,
+                output_price_per_mtok=1.6,
+                context_window=128_000,
+                max_output_tokens=8192,
+            ),
+        ),
+        price_version="dup-test",
+    )
+    call = _record(1)  # stamped after the first refresh begins
+    async with (
+        MemoryTelemetryBackend() as store,
+        AdaptiveModelRouter(registry, store, clock=clock, refresh_interval=None) as live,
+    ):
+        for _ in range(2):
+            await store.record(call)
+            live.record_outcome(call)
+            await live.refresh()
+            clock.advance(5.0)
+        assert len(await store.recent(limit=10)) == 1
+        sizes = [live.get_best_model("wf", "s").candidates[0].sample_size]
+        async with AdaptiveModelRouter(registry, store, clock=clock, refresh_interval=None) as new:
+            sizes.append(new.get_best_model("wf", "s").candidates[0].sample_size)
+    assert sizes == [1, 1]
+
+
+async def test_only_the_ids_of_the_records_held_are_kept() -> None:
+    # the ids are bounded by the capacity: a call written again once its first record
+    # was dropped from the ring, or purged, is stored again
+    backend = MemoryTelemetryBackend(capacity=3)
+    records = [_record(i) for i in range(5)]
+    await backend.record_many(records[:3])
+    await backend.record_many([records[0], records[2]])
+    assert len(backend) == 3 and backend.evicted == 0
+    with pytest.warns(ResourceWarning, match="full"):
+        await backend.record_many(records[3:])  # drops records 0 and 1
+    await backend.record(records[0])
+    assert [r.call_id for r in await backend.recent()] == [records[i].call_id for i in (4, 3, 0)]
+    assert backend.evicted == 3  # record 2 made room for record 0 again
+    assert await backend.purge(before=records[4].timestamp) == 2
+    await backend.record_many([records[3], records[4]])
+    assert [r.call_id for r in await backend.recent()] == [records[i].call_id for i in (4, 3)]

@@ -188,3 +188,38 @@ async def test_a_running_router_learns_from_another_process_on_refresh(tmp_path:
     assert learned.model == "mini" and learned.constraints_met and not learned.exploration
     sizes = {c.model: c.sample_size for c in learned.candidates}
     assert sizes == {m: s + f for m, s, f, _ in HISTORY}
+
+
+async def test_tier_advice_for_calls_without_a_stage_survives_a_restart(tmp_path: Path) -> None:
+    # recommend_tier_upgrade(workflow, None) judges a workflow's calls whatever their
+    # stage: a restarted router over the same file sees what the live one saw, also for
+    # a workflow whose calls carry no stage (alone, or next to staged ones)
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    clock = FakeClock()
+    shapes: dict[str, list[str | None]] = {"unstaged": [None], "mixed": [None, "draft"]}
+    live: dict[str, tuple[int, int, bool]] = {}
+    async with (
+        telemetry_from_url(url) as store,
+        AdaptiveModelRouter(registry(), store, clock=clock, refresh_interval=None) as router,
+    ):
+        for workflow, stages in shapes.items():
+            for i in range(20):
+                clock.advance(1.0)
+                record = LLMCallRecord(
+                    provider="openai",
+                    model="mini",
+                    outcome=Outcome.SUCCESS if i % 2 else Outcome.FAILURE,
+                    timestamp=datetime.fromtimestamp(clock(), UTC),
+                    workflow=workflow,
+                    stage=stages[i % len(stages)],
+                )
+                await store.record(record)
+                router.record_outcome(record)
+            advice = router.recommend_tier_upgrade(workflow, None)
+            live[workflow] = (advice.window, advice.failures, advice.should_upgrade)
+    assert live == {"unstaged": (20, 10, True), "mixed": (20, 10, True)}
+    clock.advance(60.0)
+    async with AdaptiveModelRouter(registry(), url, clock=clock, refresh_interval=None) as fresh:
+        for workflow in shapes:
+            advice = fresh.recommend_tier_upgrade(workflow, None)
+            assert (advice.window, advice.failures, advice.should_upgrade) == live[workflow]

@@ -857,6 +857,25 @@ def test_a_router_without_a_store_says_when_it_ignores_an_outcome_before_its_win
     assert {c.model: c.sample_size for c in decision.candidates}["nano"] == 1
 
 
+def test_an_outcome_stamped_ahead_of_the_clock_does_not_move_the_window() -> None:
+    # without a store the window's start moves with the router's clock, not with the
+    # outcomes' timestamps: one stamped ahead of the clock costs what a current one does
+    # (it does not go over every arm to move the window) and moves nothing, not even
+    # back to where the clock is after a step back (an NTP step), which would let in
+    # outcomes from before the start the window has moved to
+    clock = FakeClock()
+    start = clock()
+    router = AdaptiveModelRouter(registry(), clock=clock, policy=RoutingPolicy(window_days=1.0))
+    router.record_outcome(rec(start, "nano", True))
+    clock.advance(3600.0)
+    router.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]  # the window moves on
+    clock.set(start)  # the clock is stepped back an hour
+    router.record_outcome(rec(start + 7200.0, "nano", True))  # stamped ahead of the clock
+    router.record_outcome(rec(start - 86400.0 + 60.0, "nano", True))  # before the window
+    decision = router.get_best_model(WF, ST, **ASK)  # type: ignore[arg-type]
+    assert {c.model: c.sample_size for c in decision.candidates}["nano"] == 2
+
+
 async def test_a_start_leaves_the_event_loop_free_and_takes_outcomes_meanwhile() -> None:
     # a start over thousands of buckets groups and builds its arms in a worker thread:
     # other tasks run meanwhile, and the outcomes they report are kept; a refresh

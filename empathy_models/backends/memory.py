@@ -2,9 +2,10 @@
 In-process backends: fast, exact, and gone when the process exits.
 
 `MemoryTelemetryBackend` keeps at most ``capacity`` records (default 100,000); when full
-it drops the oldest, counts them in `evicted`, and warns once.  `MemoryStateStore`
-keeps breaker state in a dict; every operation runs without an ``await`` between read
-and write, so it is atomic within the event loop without a lock.
+it drops the oldest, counts them in `evicted`, and warns once.  Like the SQLite and
+PostgreSQL backends it keeps one record per ``call_id`` (the first written).
+`MemoryStateStore` keeps breaker state in a dict; every operation runs without an
+``await`` between read and write, so it is atomic within the event loop without a lock.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class MemoryTelemetryBackend(TelemetryBackend):
     """
     Records in a bounded in-memory ring; exact aggregation by scanning.
 
+    Writes are idempotent by ``call_id``, as in the SQLite and PostgreSQL backends: a
+    record whose ``call_id`` the ring holds is skipped (the first written is kept, a
+    replay counts once).  Only the ring's ids are kept: a record written again after
+    its first was dropped (past ``capacity``) or purged is stored again.
+
     Args:
         capacity: the most records kept; past it the oldest are dropped, counted in
             `evicted` (a warning once); their evidence rollups are kept.
@@ -70,6 +76,7 @@ class MemoryTelemetryBackend(TelemetryBackend):
         self.capacity = check(_capacity, "capacity", capacity)
         self.evicted = 0
         self._records: deque[LLMCallRecord] = deque()
+        self._ids: set[str] = set()  # the call_id of every record in the ring
         # evidence rollups survive eviction: they are small and the router needs them
         self._buckets: dict[tuple[str | None, str | None, str, datetime], EvidenceBucket] = {}
         self._version = 0
@@ -87,6 +94,12 @@ class MemoryTelemetryBackend(TelemetryBackend):
         for r in batch:
             if not isinstance(r, LLMCallRecord):
                 raise RecordValidationError(f"expected an LLMCallRecord, got {type(r).__name__}")
+        ids = self._ids
+        new = {r.call_id for r in batch}
+        if len(new) == len(batch) and ids.isdisjoint(new):
+            ids |= new
+        else:  # a call_id held, or twice in the batch: the first of each, if new
+            batch = _first_new(batch, ids)
         self._records.extend(batch)
         # rolled into the evidence buckets when they are next read (or before eviction):
         # one rollup per read instead of one per record
@@ -101,8 +114,9 @@ class MemoryTelemetryBackend(TelemetryBackend):
                     ResourceWarning,
                     stacklevel=2,
                 )
+            popleft, discard = self._records.popleft, ids.discard
             for _ in range(overflow):
-                self._records.popleft()
+                discard(popleft().call_id)
             self.evicted += overflow
 
     def _roll_up(self) -> None:
@@ -186,7 +200,20 @@ class MemoryTelemetryBackend(TelemetryBackend):
         kept = deque(r for r in self._records if r.timestamp >= before)
         removed = len(self._records) - len(kept)
         self._records = kept
+        if removed:
+            self._ids = {r.call_id for r in kept}
         return removed
+
+
+def _first_new(batch: list[LLMCallRecord], ids: set[str]) -> list[LLMCallRecord]:
+    """The records of ``batch`` whose ``call_id`` is not in ``ids``, the first of each;
+    their ids are added to ``ids``."""
+    kept = []
+    for r in batch:
+        if r.call_id not in ids:
+            ids.add(r.call_id)
+            kept.append(r)
+    return kept
 
 
 def _rollup_each(batch: list[LLMCallRecord]) -> list[EvidenceBucket]:

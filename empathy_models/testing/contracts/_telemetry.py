@@ -18,6 +18,7 @@ import pytest_asyncio
 
 from ...abc import TelemetryBackend
 from ...backends import telemetry_from_url
+from ...evidence import rollup
 from ...exceptions import BackendClosedError, BackendError, RecordValidationError
 from ...records import LLMCallRecord, Outcome
 from ._aggregate import _AggregateTests
@@ -29,7 +30,7 @@ from ._base import (
     _rich_record,
     _TelemetryTests,
 )
-from ._evidence import _EvidenceTests
+from ._evidence import _EvidenceTests, assert_same_buckets
 
 __all__ = ["TelemetryBackendContract"]
 
@@ -137,6 +138,28 @@ class _StorageTests(_TelemetryTests):
         (perf,) = await telemetry.aggregate()
         assert perf.sample_size == 6
 
+    async def test_a_call_written_again_is_stored_once(self, telemetry: TelemetryBackend) -> None:
+        # writes are idempotent by call_id (a replayed spool, a retried batch): a record
+        # whose call_id is stored is skipped, the first written kept; in one batch too
+        self._needs_records()
+        base = _base_time()
+        first = _record(base, call_id="once-a", latency_ms=10.0)
+        other = _record(base + timedelta(seconds=1), call_id="once-b", outcome=Outcome.FAILURE)
+        await telemetry.record(first)
+        await telemetry.flush()
+        again = attrs.evolve(first, outcome=Outcome.FAILURE, latency_ms=99.0)
+        await telemetry.record_many([other, again, other])
+        await telemetry.record(first)
+        await telemetry.flush()
+        got = await telemetry.recent(limit=10)
+        assert [r.call_id for r in got] == ["once-b", "once-a"]
+        _assert_same_record(got[1], first)
+        (perf,) = await telemetry.aggregate()
+        assert (perf.sample_size, perf.successes) == (2, 1)
+        if self.keeps_evidence:
+            buckets = (await telemetry.evidence()).buckets
+            assert_same_buckets(buckets, rollup([first, other]), "a call written again")
+
     async def test_concurrent_writers_are_counted_exactly(
         self, telemetry: TelemetryBackend
     ) -> None:
@@ -217,10 +240,11 @@ class TelemetryBackendContract(_EvidenceTests, _StorageTests, _AggregateTests, _
     Covers: every field surviving record -> recent; newest-first order, limit and
     filters; aggregation against a brute-force computation (sample outcomes only,
     nearest-rank p50/p95 over successes, averages, per-stage or not, ``since``
-    inclusive and ``until`` exclusive); purge; 100 concurrent writers with exact
-    counts; flush then read; idempotent close; use after close; naive datetimes;
-    evidence rollups (equal to `empathy_models.evidence.rollup` of every record stored,
-    incremental reads with one or two writers, windows, purge, NULL workflow / stage).
+    inclusive and ``until`` exclusive); purge; writes idempotent by ``call_id``; 100
+    concurrent writers with exact counts; flush then read; idempotent close; use after
+    close; naive datetimes; evidence rollups (equal to `empathy_models.evidence.rollup`
+    of every record stored, incremental reads with one or two writers, windows, purge,
+    NULL workflow / stage).
 
     Capabilities are the class attributes ``stores_records`` and ``keeps_evidence``
     (see the package doc).
