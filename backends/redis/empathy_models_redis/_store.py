@@ -35,6 +35,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
+from empathy_models._validators import shown
 from empathy_models.abc import ChangeFeed, CircuitStateStore
 from empathy_models.backends import redact_url
 from empathy_models.circuit import BreakerPolicy
@@ -307,6 +308,13 @@ class RedisCircuitStateStore(CircuitStateStore):
         connection_kwargs = self._client.connection_pool.connection_kwargs
         self._encoding: str = connection_kwargs.get("encoding", "utf-8")
         self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
+        try:
+            self._prefix_bytes = prefix.encode(self._encoding, self._encoding_errors)
+        except (UnicodeError, LookupError) as exc:
+            raise ConfigurationError(
+                f"prefix must be text the client's encoding ({self._encoding}) can write, "
+                f"got {shown(prefix)}"
+            ) from exc
         # EVALSHA <sha> 1 (the count of keys), then per call the key and arguments
         self._command_head = b"".join(
             bulk(x) for x in (b"EVALSHA", self._sha.encode("ascii"), b"1")
