@@ -34,6 +34,7 @@ from empathy_models import (
 from empathy_models.abc import CompletionRequest
 from empathy_models.auth import AuthStrategy
 from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.cache import MemoryResponseCache, SQLiteResponseCache
 from empathy_models.cli import main as cli_main
 from empathy_models.exceptions import (
     AuthFileError,
@@ -43,7 +44,7 @@ from empathy_models.exceptions import (
     TelemetryError,
 )
 from empathy_models.limits import RateLimit
-from empathy_models.providers import AnthropicProvider
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.records import CandidateEvaluation
 from empathy_models.testing import FakeLLMServer
 
@@ -382,3 +383,85 @@ async def test_the_largest_rate_limits_leave_calls_unhindered(server: FakeLLMSer
         for _ in range(3):
             assert (await executor.run("hello", CHEAP)).content
     assert server.requests() == 3
+
+
+# --------------------------------------------------------------------------- sizes
+
+LARGEST_SIZE = 2**63 - 1  # the largest byte or entry count, concurrency a size may name
+
+
+def _sized(kind: str, value: object, tmp_path: Path) -> object:
+    anthropic = AnthropicProvider(api_key=KEY, base_url="http://127.0.0.1:1")
+    if kind == "openai.max_response_bytes":
+        return OpenAIProvider(api_key=KEY, max_response_bytes=_anything(value))
+    if kind == "anthropic.max_response_bytes":
+        return AnthropicProvider(api_key=KEY, max_response_bytes=_anything(value))
+    if kind == "concurrency_per_provider":
+        return EmpathyLLMExecutor(
+            [anthropic], registry=REGISTRY, concurrency_per_provider=_anything(value)
+        )
+    if kind == "concurrency_per_provider-mapping":
+        limits = _anything({"anthropic": value})
+        return EmpathyLLMExecutor([anthropic], registry=REGISTRY, concurrency_per_provider=limits)
+    cls, field = kind.split(".")
+    options = {field: _anything(value)}
+    if cls == "memory":
+        return MemoryResponseCache(**options)
+    return SQLiteResponseCache(tmp_path / "cache.db", **options)
+
+
+SIZES = [
+    "openai.max_response_bytes",
+    "anthropic.max_response_bytes",
+    "concurrency_per_provider",
+    "concurrency_per_provider-mapping",
+    "memory.max_entries",
+    "memory.max_value_bytes",
+    "sqlite.max_entries",
+    "sqlite.max_value_bytes",
+]
+
+
+@pytest.mark.parametrize("kind", SIZES)
+@pytest.mark.parametrize(
+    "value", [LARGEST_SIZE + 1, HUGE, GIANT], ids=["2**63", "10**400", "giant"]
+)
+def test_a_size_past_the_largest_is_refused_naming_the_bound(
+    kind: str, value: int, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"must be < 2\*\*63, got ") as caught:
+        _sized(kind, value, tmp_path)
+    if value > 10**30:
+        assert "bits" in str(caught.value)  # an absurd integer is shown by its size
+    assert not (tmp_path / "cache.db").exists()
+
+
+@pytest.mark.parametrize("kind", SIZES)
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, None])
+def test_a_size_that_is_not_a_whole_number_above_0_is_refused(
+    kind: str, value: object, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"must be an integer >= 1"):
+        _sized(kind, value, tmp_path)
+
+
+async def test_the_largest_sizes_leave_calls_and_the_cache_unhindered(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    provider = AnthropicProvider(
+        api_key=KEY, base_url=server.anthropic_base_url, max_response_bytes=LARGEST_SIZE
+    )
+    cache = SQLiteResponseCache(
+        tmp_path / "cache.db", max_entries=LARGEST_SIZE, max_value_bytes=LARGEST_SIZE
+    )
+    async with EmpathyLLMExecutor(
+        [provider],
+        registry=REGISTRY,
+        telemetry_store=MemoryTelemetryBackend(),
+        concurrency_per_provider=LARGEST_SIZE,
+        cache=cache,
+    ) as executor:
+        cached = ExecutionContext(tier="cheap", temperature=0, cache_ttl=600)
+        for prompt in ("hello", "again", "hello"):
+            assert (await executor.run(prompt, cached)).content
+    assert server.requests() == 2  # the third answer came from the cache

@@ -6,6 +6,7 @@ import hashlib
 import math
 from typing import Any, Final
 
+from empathy_models._validators import shown
 from empathy_models.abc import ResponseCache
 from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES
 from empathy_models.exceptions import ConfigurationError, StateStoreError
@@ -94,8 +95,11 @@ class PostgresResponseCache(ResponseCache):
         **pool_options: Any,
     ) -> None:
         for name, value in (("max_entries", max_entries), ("max_value_bytes", max_value_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
+            # PostgreSQL binds a bigint: a larger bound would fail every write
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+                raise ConfigurationError(
+                    f"{name} must be an integer >= 1 and < 2**63, got {shown(value)}"
+                )
         self.max_entries = max_entries
         self.max_value_bytes = max_value_bytes
         self._db = Database(

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
 from redis.exceptions import RedisError
 
+from empathy_models._validators import shown
 from empathy_models.abc import ResponseCache
 from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES
 from empathy_models.exceptions import ConfigurationError, StateStoreError
@@ -55,9 +56,13 @@ class RedisResponseCache(ResponseCache):
         **client_options: Any,
     ) -> None:
         if isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int):
-            raise ConfigurationError(f"max_value_bytes must be an integer, got {max_value_bytes!r}")
-        if max_value_bytes < 1:
-            raise ConfigurationError(f"max_value_bytes must be >= 1, got {max_value_bytes!r}")
+            raise ConfigurationError(
+                f"max_value_bytes must be an integer, got {shown(max_value_bytes)}"
+            )
+        if not 1 <= max_value_bytes < 2**63:
+            raise ConfigurationError(
+                f"max_value_bytes must be >= 1 and < 2**63, got {shown(max_value_bytes)}"
+            )
         plumbing = RedisCircuitStateStore(connection, prefix=prefix, **client_options)
         self._client = plumbing._client
         self._owns_client = plumbing._owns_client

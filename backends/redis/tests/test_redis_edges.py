@@ -118,3 +118,11 @@ async def test_the_cache_reads_bytes_from_any_client(
             assert await cache.get("k") is None
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "bound", [0, 2**63, 10**400, 10**5000], ids=["0", "2**63", "10**400", "giant"]
+)
+def test_a_cache_value_bound_past_the_largest_is_refused(bound: int) -> None:
+    with pytest.raises(ConfigurationError, match=r"max_value_bytes must be >= 1 and < 2\*\*63"):
+        RedisResponseCache("redis://127.0.0.1:6379/15", max_value_bytes=bound)
