@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -126,3 +127,14 @@ async def test_the_cache_reads_bytes_from_any_client(
 def test_a_cache_value_bound_past_the_largest_is_refused(bound: int) -> None:
     with pytest.raises(ConfigurationError, match=r"max_value_bytes must be >= 1 and < 2\*\*63"):
         RedisResponseCache("redis://127.0.0.1:6379/15", max_value_bytes=bound)
+
+
+@pytest.mark.parametrize(
+    "key_ttl",
+    ["60", None, True, 0, 0.5, float("nan"), float("inf"), 10**400],
+    ids=["text", "None", "bool", "0", "0.5", "nan", "inf", "10**400"],
+)
+def test_a_key_ttl_that_is_no_number_of_seconds_is_refused(key_ttl: object) -> None:
+    options: dict[str, Any] = {"key_ttl": key_ttl}
+    with pytest.raises(ConfigurationError, match="key_ttl must be a number of seconds >= 1"):
+        RedisCircuitStateStore("redis://127.0.0.1:6379/15", **options)
