@@ -294,8 +294,8 @@ class EmpathyLLMExecutor:
             cap, jitter).
         fallback: where to go when a route fails (default `FallbackPolicy()`).
         concurrency_per_provider: the most calls in flight per provider (an int for
-            all, or a mapping by provider name; default 64).  Further calls wait for a
-            slot.
+            all, or a mapping by provider name; default 64; 1 to ``2**63 - 1``).
+            Further calls wait for a slot.
         session: an ``aiohttp.ClientSession`` to borrow (not closed by the executor);
             by default one is created on enter and closed on exit.
         sleep: the coroutine used to wait between retries (tests inject a recorder).

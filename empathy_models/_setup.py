@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar, cast
 
 from ._planner import _key_hint
-from ._validators import check, failure, integer, shown
+from ._validators import MAX_SIZE, check, failure, integer, shown
 from .abc import Provider, QuotaStore
 from .exceptions import ConfigurationError
 from .limits.guard import Limiter
@@ -30,7 +30,13 @@ NO_TELEMETRY = (
 )
 
 
-_slots = integer(failure(ConfigurationError), low=1, why="must be an integer >= 1")
+_slots = integer(
+    failure(ConfigurationError),
+    low=1,
+    high=MAX_SIZE,
+    why="must be an integer >= 1",
+    high_why="must be < 2**63",
+)
 
 
 def checked(value: _T | None, default: Callable[[], _T], kind: type[_T], name: str) -> _T:

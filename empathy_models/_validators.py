@@ -31,6 +31,7 @@ from typing import Any, Final, Literal, Protocol, TypeVar
 from .exceptions import RecordValidationError
 
 __all__ = [
+    "MAX_SIZE",
     "Failure",
     "Named",
     "SHOWN_MAX",
@@ -47,6 +48,10 @@ __all__ = [
 ]
 
 _MAX_FLOAT: Final = sys.float_info.max
+
+MAX_SIZE: Final = 2**63 - 1
+"""The largest size, count or concurrency an argument may name: what a 64-bit signed
+integer (SQLite's INTEGER, PostgreSQL's bigint) holds; a larger one means nothing more."""
 
 T = TypeVar("T")
 

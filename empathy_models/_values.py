@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 import attrs
 from attrs import field, frozen
@@ -28,6 +28,7 @@ __all__ = ["AttemptSummary", "ExecutionContext", "FallbackPolicy", "LLMResponse"
 
 
 _ctx_fail = failure(ConfigurationError, owner="ExecutionContext")
+_INT64: Final = 2**63
 _fb_fail = failure(ConfigurationError, owner="FallbackPolicy")
 
 
@@ -121,6 +122,9 @@ def _copy_metadata(value: Mapping[str, Any] | None) -> Mapping[str, JSONScalar]:
         flaw = _text_flaw(key) or (_text_flaw(item) if isinstance(item, str) else None)
         if isinstance(item, float) and not math.isfinite(item):
             flaw = "must be a finite number"
+        elif isinstance(item, int) and not -_INT64 <= item < _INT64:
+            # what every telemetry store keeps as given (a larger one it would clamp)
+            flaw = "must be an integer from -2**63 to 2**63 - 1"
         if flaw is not None:
             raise ConfigurationError(
                 f"ExecutionContext.metadata[{shown(key)}] {flaw}, got {shown(item)}"
@@ -162,7 +166,8 @@ class ExecutionContext:
             timeout still applies, so raise both for longer generations.
         deadline: seconds allowed for the whole run (every attempt and every retry wait);
             ``None`` for no overall limit.
-        metadata: JSON scalars copied into every record; the mapping is copied, so later
+        metadata: JSON scalars copied into every record (integers from -2**63 to
+            2**63 - 1, what every store keeps as given); the mapping is copied, so later
             changes to the caller's dict do not leak in.
         user_id, session_id: copied into every record.
         record_text: keep prompt and response text in the records (off by default).

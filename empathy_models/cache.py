@@ -46,7 +46,7 @@ from typing import Any, Final
 
 import aiosqlite
 
-from ._validators import check, failure, integer, shown
+from ._validators import MAX_SIZE, check, failure, integer, shown
 from .abc import Message, ResponseCache
 from .exceptions import ConfigurationError, StateStoreError
 
@@ -62,7 +62,13 @@ DEFAULT_MAX_VALUE_BYTES: Final = 1 << 20
 """The largest answer a cache stores (1 MiB of serialized JSON)."""
 
 
-_bound = integer(failure(ConfigurationError), low=1, why="must be an integer >= 1")
+_bound = integer(
+    failure(ConfigurationError),
+    low=1,
+    high=MAX_SIZE,  # what SQLite (and PostgreSQL, a bigint) binds
+    why="must be an integer >= 1",
+    high_why="must be < 2**63",
+)
 
 
 def _check_bound(name: str, value: int) -> int:

@@ -31,6 +31,7 @@ import binascii
 import json
 import math
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal, TypeAlias
 
@@ -83,17 +84,35 @@ and comparing it never reaches Python's recursion limit.
 """
 
 
+_JSON_INT_MAX: Final = int(sys.float_info.max)
+"""
+The largest magnitude of an integer in a JSON value here (about 1.8e308, 309 digits):
+what a float64 holds, so every JSON decoder (the APIs', ``JSON.parse``) reads it as a
+number, and far below the 640 digits Python's int-to-text limit can be lowered to
+(``sys.set_int_max_str_digits``; 4,300 by default), so writing the request body never
+fails on it.  Unsigned 64-bit values (a schema's ``"maximum": 2**64 - 1``) pass.
+"""
+
+
 def _json_copy(value: object, path: str, depth: int = 1, root: str | None = None) -> Any:
     """
     A deep copy of a JSON value as plain dicts and lists (anything else is refused, as
-    is nesting deeper than `_MAX_NESTING`, a cycle included: that error names ``root``,
-    the value's own path, not the deepest one).
+    are a number past what JSON holds, see `_JSON_INT_MAX`, and nesting deeper than
+    `_MAX_NESTING`, a cycle included: that error names ``root``, the value's own path,
+    not the deepest one).
     """
     if value is None or isinstance(value, bool | str):
         return value
     if isinstance(value, int | float):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise _fail(f"{path} must be JSON: {shown(value)} is not a finite number", path)
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise _fail(f"{path} must be JSON: {shown(value)} is not a finite number", path)
+        elif not -_JSON_INT_MAX <= value <= _JSON_INT_MAX:
+            raise _fail(
+                f"{path} must be JSON: {shown(value)} is past what a JSON number holds "
+                "(at most about 1.8e308 in magnitude, as a float64)",
+                path,
+            )
         return value
     if root is None:
         root = path
@@ -654,7 +673,14 @@ def to_extra_body(value: object) -> Mapping[str, Any] | None:
 _top_p = number(
     _field_fail, low=0, high=1, finite=False, optional=True, why="must be a number between 0 and 1"
 )
-_seed = integer(_field_fail, optional=True, why="must be an integer")
+_seed = integer(
+    _field_fail,
+    low=-(2**63),
+    high=2**63 - 1,  # a 64-bit integer, what the APIs take
+    optional=True,
+    type_why="must be an integer",
+    why="must be an integer from -2**63 to 2**63 - 1",
+)
 
 
 def check_options(

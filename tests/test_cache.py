@@ -310,20 +310,3 @@ async def test_no_cache_stores_a_ttl_that_is_not_a_finite_number_above_0(
         assert await cache.get(_key(1)) is None
         await cache.set(_key(1), b"answer", 1e9)
         assert await cache.get(_key(1)) == b"answer"
-
-
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
-async def test_every_cache_keeps_keys_utf8_cannot_encode_apart(kind: str, tmp_path: Path) -> None:
-    # lone surrogates (no request_key digest holds one, a caller's own key may); a pair of
-    # them is not the character they would encode together
-    keys = ["k", "k\ud800", "k\udc80", "\ud800\udc00", "\U00010000", "\x00"]
-    cache = cache_from_url("memory://" if kind == "memory" else f"sqlite:///{tmp_path}/u.db")
-    async with cache:
-        for i, key in enumerate(keys):
-            await cache.set(key, f"answer {i}".encode(), 600)
-        assert [await cache.get(key) for key in keys] == [
-            f"answer {i}".encode() for i in range(len(keys))
-        ]
-        assert await cache.delete("k\ud800") and not await cache.delete("k\ud800")
-        assert await cache.get("k\ud800") is None and await cache.get("k") == b"answer 0"
-        assert await cache.clear() == len(keys) - 1

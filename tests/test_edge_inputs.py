@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ from empathy_models import (
 from empathy_models.abc import CompletionRequest
 from empathy_models.auth import AuthStrategy
 from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.cache import MemoryResponseCache, SQLiteResponseCache
 from empathy_models.cli import main as cli_main
+from empathy_models.content import ResponseFormat, Tool, ToolCall
 from empathy_models.exceptions import (
     AuthFileError,
     EmpathyModelsError,
@@ -43,7 +46,7 @@ from empathy_models.exceptions import (
     TelemetryError,
 )
 from empathy_models.limits import RateLimit
-from empathy_models.providers import AnthropicProvider
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.records import CandidateEvaluation
 from empathy_models.testing import FakeLLMServer
 
@@ -382,3 +385,173 @@ async def test_the_largest_rate_limits_leave_calls_unhindered(server: FakeLLMSer
         for _ in range(3):
             assert (await executor.run("hello", CHEAP)).content
     assert server.requests() == 3
+
+
+# --------------------------------------------------------------------------- sizes
+
+LARGEST_SIZE = 2**63 - 1  # the largest byte or entry count, concurrency a size may name
+
+
+def _sized(kind: str, value: object, tmp_path: Path) -> object:
+    anthropic = AnthropicProvider(api_key=KEY, base_url="http://127.0.0.1:1")
+    if kind == "openai.max_response_bytes":
+        return OpenAIProvider(api_key=KEY, max_response_bytes=_anything(value))
+    if kind == "anthropic.max_response_bytes":
+        return AnthropicProvider(api_key=KEY, max_response_bytes=_anything(value))
+    if kind == "concurrency_per_provider":
+        return EmpathyLLMExecutor(
+            [anthropic], registry=REGISTRY, concurrency_per_provider=_anything(value)
+        )
+    if kind == "concurrency_per_provider-mapping":
+        limits = _anything({"anthropic": value})
+        return EmpathyLLMExecutor([anthropic], registry=REGISTRY, concurrency_per_provider=limits)
+    cls, field = kind.split(".")
+    options = {field: _anything(value)}
+    if cls == "memory":
+        return MemoryResponseCache(**options)
+    return SQLiteResponseCache(tmp_path / "cache.db", **options)
+
+
+SIZES = [
+    "openai.max_response_bytes",
+    "anthropic.max_response_bytes",
+    "concurrency_per_provider",
+    "concurrency_per_provider-mapping",
+    "memory.max_entries",
+    "memory.max_value_bytes",
+    "sqlite.max_entries",
+    "sqlite.max_value_bytes",
+]
+
+
+@pytest.mark.parametrize("kind", SIZES)
+@pytest.mark.parametrize(
+    "value", [LARGEST_SIZE + 1, HUGE, GIANT], ids=["2**63", "10**400", "giant"]
+)
+def test_a_size_past_the_largest_is_refused_naming_the_bound(
+    kind: str, value: int, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"must be < 2\*\*63, got ") as caught:
+        _sized(kind, value, tmp_path)
+    if value > 10**30:
+        assert "bits" in str(caught.value)  # an absurd integer is shown by its size
+    assert not (tmp_path / "cache.db").exists()
+
+
+@pytest.mark.parametrize("kind", SIZES)
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, None])
+def test_a_size_that_is_not_a_whole_number_above_0_is_refused(
+    kind: str, value: object, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigurationError, match=r"must be an integer >= 1"):
+        _sized(kind, value, tmp_path)
+
+
+async def test_the_largest_sizes_leave_calls_and_the_cache_unhindered(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    provider = AnthropicProvider(
+        api_key=KEY, base_url=server.anthropic_base_url, max_response_bytes=LARGEST_SIZE
+    )
+    cache = SQLiteResponseCache(
+        tmp_path / "cache.db", max_entries=LARGEST_SIZE, max_value_bytes=LARGEST_SIZE
+    )
+    async with EmpathyLLMExecutor(
+        [provider],
+        registry=REGISTRY,
+        telemetry_store=MemoryTelemetryBackend(),
+        concurrency_per_provider=LARGEST_SIZE,
+        cache=cache,
+    ) as executor:
+        cached = ExecutionContext(tier="cheap", temperature=0, cache_ttl=600)
+        for prompt in ("hello", "again", "hello"):
+            assert (await executor.run(prompt, cached)).content
+    assert server.requests() == 2  # the third answer came from the cache
+
+
+# --------------------------------------------------------------------------- JSON integers
+
+# an integer past what a float holds: no JSON decoder reads it as a number, and one past
+# 4,300 digits Python's JSON encoder refuses (ValueError) when the body is written
+PAST_JSON = [10**400, -(10**400), GIANT]
+LARGEST_JSON = int(sys.float_info.max)  # what a float64 holds; 2**64 - 1 and such pass
+
+
+def _schema_with(number: int) -> dict[str, Any]:
+    return {"type": "object", "properties": {"n": {"type": "integer", "maximum": number}}}
+
+
+def _options_with(option: str, number: int) -> dict[str, Any]:
+    if option == "extra_body":
+        return {"extra_body": {"metadata": {"deep": [number]}}}
+    if option == "response_format":
+        return {"response_format": {"name": "answer", "schema": _schema_with(number)}}
+    if option == "tools":
+        return {"tools": [{"name": "lookup", "parameters": _schema_with(number)}]}
+    return {"seed": number}
+
+
+@pytest.mark.parametrize("option", ["extra_body", "response_format", "tools", "seed"])
+@pytest.mark.parametrize("number", PAST_JSON, ids=["10**400", "-10**400", "giant"])
+async def test_an_integer_past_json_numbers_is_refused_before_anything_is_sent(
+    server: FakeLLMServer, option: str, number: int
+) -> None:
+    telemetry = MemoryTelemetryBackend()
+    executor = EmpathyLLMExecutor(
+        [AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)],
+        registry=REGISTRY,
+        telemetry_store=telemetry,
+    )
+    async with executor:
+        with pytest.raises(ConfigurationError, match=r"integer of \d+ bits") as caught:
+            await executor.run("hello", CHEAP, **_options_with(option, number))
+        assert "JSON" in str(caught.value) or "seed" in str(caught.value)
+        assert (await executor.run("hello", CHEAP)).content  # nothing was held against it
+    assert server.requests() == 1
+    assert [r.outcome.value for r in await telemetry.recent()] == ["success"]
+
+
+@pytest.mark.parametrize("number", PAST_JSON, ids=["10**400", "-10**400", "giant"])
+def test_an_integer_past_json_numbers_is_refused_by_the_request_values(number: int) -> None:
+    with pytest.raises(RecordValidationError, match=r"parameters\.properties\.n\.maximum"):
+        Tool(name="lookup", parameters=_schema_with(number))
+    with pytest.raises(RecordValidationError, match=r"response_format\.schema\.properties"):
+        ResponseFormat(schema=_schema_with(number))
+    with pytest.raises(RecordValidationError, match=r"arguments\.n"):
+        ToolCall(id="call_1", name="lookup", arguments={"n": number})
+    with pytest.raises(RecordValidationError, match=r"extra_body\.x\[0\]"):
+        CompletionRequest(model="m", messages="hi", extra_body={"x": [number]})
+    with pytest.raises(RecordValidationError, match=r"seed"):
+        CompletionRequest(model="m", messages="hi", seed=number)
+
+
+async def test_the_largest_json_integers_are_sent(server: FakeLLMServer) -> None:
+    async with executor_for(server) as executor:
+        for number in (LARGEST_JSON, -LARGEST_JSON, 2**64 - 1):
+            tools = [{"name": "lookup", "parameters": _schema_with(number)}]
+            assert (await executor.run("hello", CHEAP, tools=tools)).content
+            assert (await executor.run("hello", CHEAP, extra_body={"x": number})).content
+    assert server.requests() == 6
+
+
+@pytest.mark.parametrize(
+    "number", [2**63, -(2**63) - 1, HUGE, GIANT], ids=["2**63", "-2**63-1", "10**400", "giant"]
+)
+def test_a_metadata_integer_no_store_keeps_is_refused(number: int) -> None:
+    with pytest.raises(ConfigurationError, match=r"metadata\['n'\] must be an integer from -2"):
+        ExecutionContext(metadata={"n": number})
+
+
+async def test_the_largest_metadata_integers_are_recorded_as_given(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    metadata = {"top": 2**63 - 1, "bottom": -(2**63), "flag": True}
+    async with EmpathyLLMExecutor(
+        [AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)],
+        registry=REGISTRY,
+        telemetry_store=f"sqlite:///{tmp_path}/calls.db",
+    ) as executor:
+        await executor.run("hello", ExecutionContext(tier="cheap", metadata=metadata))
+    async with telemetry_from_url(f"sqlite:///{tmp_path}/calls.db") as telemetry:
+        [record] = await telemetry.recent()
+    assert dict(record.metadata) == metadata

@@ -517,3 +517,20 @@ def test_a_base_url_that_does_not_parse_is_a_configuration_error(
     with pytest.raises(ConfigurationError, match=r"base_url is not a valid URL") as info:
         provider_class(api_key=KEY, name="x", base_url=url)
     assert repr(url) in str(info.value)
+
+
+@pytest.mark.parametrize("number", ["1" + "0" * 400, "1e400"], ids=["integer", "float"])
+async def test_tool_arguments_past_json_numbers_are_an_invalid_response(
+    raw: RawServer, number: str
+) -> None:
+    # what no JSON decoder of the next request reads as a number: refused as the
+    # provider's malformed answer, naming where, as a float past the largest is
+    body = anthropic_ok().replace(
+        b'[{"type": "text", "text": "fine"}]',
+        b'[{"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {"n": '
+        + number.encode()
+        + b"}}]",
+    )
+    raw.reply = Reply(body=body)
+    with pytest.raises(InvalidResponseError, match=r"arguments\.n must be JSON"):
+        await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))

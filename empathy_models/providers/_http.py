@@ -51,7 +51,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from .._propagation import outgoing_headers
-from .._validators import check, failure, number, shown
+from .._validators import MAX_SIZE, check, failure, integer, number, shown
 from .._version import __version__
 from ..abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
 from ..exceptions import (
@@ -135,6 +135,14 @@ _timeout = number(
     low_open=True,
     finite=False,
     why="must be a number of seconds > 0",
+)
+
+_body_bound = integer(
+    failure(ConfigurationError),
+    low=1,
+    high=MAX_SIZE,  # no larger body can be held
+    why="must be an integer >= 1",
+    high_why="must be < 2**63",
 )
 
 
@@ -244,8 +252,8 @@ class HTTPProvider(Provider):
     (``Bearer <token>``) alone, whatever the status.  A value or credential shorter than
     8 characters is not scrubbed (it would mangle messages; no credential is so short).
 
-    **Body size.**  A response body larger than ``max_response_bytes`` (default 16 MiB)
-    is not read further: `InvalidResponseError` says so.
+    **Body size.**  A response body larger than ``max_response_bytes`` (default 16 MiB;
+    1 to ``2**63 - 1``) is not read further: `InvalidResponseError` says so.
 
     Sessions: `bind` lends one (the executor's); ``async with provider:`` creates and
     closes one of its own.  Either way ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
@@ -320,15 +328,7 @@ class HTTPProvider(Provider):
         self.name = name
         self.base_url = base_url.rstrip("/")
         self._timeout = _to_timeout(timeout)
-        if (
-            isinstance(max_response_bytes, bool)
-            or not isinstance(max_response_bytes, int)
-            or max_response_bytes < 1
-        ):
-            raise ConfigurationError(
-                f"max_response_bytes must be an integer >= 1, got {shown(max_response_bytes)}"
-            )
-        self._max_body = max_response_bytes
+        self._max_body = check(_body_bound, "max_response_bytes", max_response_bytes)
         self._url = self.base_url + self._endpoint()
         self._bound: aiohttp.ClientSession | None = None
         self._own: aiohttp.ClientSession | None = None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Final
 
+from empathy_models._validators import shown
 from empathy_models.abc import ResponseCache
 from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES
 from empathy_models.exceptions import ConfigurationError, StateStoreError
@@ -26,6 +28,37 @@ _MIGRATIONS: Final = (
 CACHE_SCHEMA_VERSION: Final = len(_MIGRATIONS)
 """The schema version of the response-cache table this code writes."""
 
+_ESCAPE: Final = "\x01"
+"""The first character of every key stored in another form than itself (`_stored_key`)."""
+
+_RAW_MAX: Final = 1000
+"""The most UTF-8 bytes of a key stored as itself or spelled in hex: below what one
+entry of the primary-key index holds (2,704 bytes), whatever the key's characters."""
+
+
+def _stored_key(key: str) -> str:
+    """
+    The ``key`` column of ``key``, one to one: the key itself when PostgreSQL text holds
+    it (no NUL, no lone surrogate, which no `request_key` digest holds but a caller's own
+    key may), it is at most `_RAW_MAX` bytes and does not begin with `_ESCAPE`;
+    otherwise `_ESCAPE` and the hex of its UTF-8 bytes (lone surrogates kept, as
+    ``surrogatepass``), or, past `_RAW_MAX` bytes, ``#`` and their SHA-256 (as
+    `request_key` itself is a digest, two keys meet only if SHA-256 collides).
+    """
+    if key.isascii():  # every request_key digest
+        fits = len(key) <= _RAW_MAX
+    else:
+        try:
+            fits = len(key.encode("utf-8")) <= _RAW_MAX
+        except UnicodeEncodeError:
+            fits = False
+    if fits and "\x00" not in key and not key.startswith(_ESCAPE):
+        return key
+    raw = key.encode("utf-8", "surrogatepass")
+    if len(raw) <= _RAW_MAX:
+        return _ESCAPE + raw.hex()
+    return _ESCAPE + "#" + hashlib.sha256(raw).hexdigest()
+
 
 class PostgresResponseCache(ResponseCache):
     """
@@ -33,7 +66,10 @@ class PostgresResponseCache(ResponseCache):
 
     In ``<table_prefix>response_cache``.  Expiry is checked against the database's
     clock; one write in a hundred also deletes expired rows and, past ``max_entries``,
-    the rows closest to expiry.
+    the rows closest to expiry.  Any string is a key, as in `MemoryResponseCache`: one
+    a text column cannot hold as itself (a NUL, a lone surrogate, over 1,000 bytes, or
+    beginning with ``\x01``) is stored in a form of its own, kept apart from every
+    other key's.
 
     Args:
         dsn, schema, table_prefix, create, **pool_options: as for the other PostgreSQL
@@ -59,8 +95,11 @@ class PostgresResponseCache(ResponseCache):
         **pool_options: Any,
     ) -> None:
         for name, value in (("max_entries", max_entries), ("max_value_bytes", max_value_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"{name} must be an integer >= 1, got {value!r}")
+            # PostgreSQL binds a bigint: a larger bound would fail every write
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+                raise ConfigurationError(
+                    f"{name} must be an integer >= 1 and < 2**63, got {shown(value)}"
+                )
         self.max_entries = max_entries
         self.max_value_bytes = max_value_bytes
         self._db = Database(
@@ -94,7 +133,7 @@ class PostgresResponseCache(ResponseCache):
                 "fetchval",
                 f"SELECT value FROM {self._table} "
                 "WHERE key = $1 AND expires_at > clock_timestamp()",
-                key,
+                _stored_key(key),
             )
         return None if value is None else bytes(value)
 
@@ -110,7 +149,7 @@ class PostgresResponseCache(ResponseCache):
                 "($1, $2, clock_timestamp() + make_interval(secs => $3)) "
                 "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, "
                 "expires_at = EXCLUDED.expires_at",
-                key,
+                _stored_key(key),
                 value,
                 float(ttl),
             )
@@ -128,7 +167,9 @@ class PostgresResponseCache(ResponseCache):
         self._check_open()
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("delete"):
-            status: str = await pool.execute(f"DELETE FROM {self._table} WHERE key = $1", key)
+            status: str = await pool.execute(
+                f"DELETE FROM {self._table} WHERE key = $1", _stored_key(key)
+            )
         return status.endswith(" 1")
 
     async def clear(self) -> int:

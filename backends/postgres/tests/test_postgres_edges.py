@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import anyio
 import pytest
+from empathy_models_postgres import PostgresResponseCache
 
 from empathy_models import CircuitBreaker, ConfigurationError, Outcome, state_store_from_url
 from tests._cancel_trials import cancel_during_admission
@@ -42,3 +44,14 @@ async def test_leaving_the_breaker_returns_while_the_database_is_unreachable() -
                 ticket = await breaker.admit("openai:gpt")
                 await breaker.report(ticket, Outcome.FAILURE)
                 assert breaker.degraded
+
+
+@pytest.mark.parametrize("field", ["max_entries", "max_value_bytes"])
+@pytest.mark.parametrize(
+    "bound", [0, 2**63, 10**400, 10**5000], ids=["0", "2**63", "10**400", "giant"]
+)
+def test_a_cache_bound_past_the_largest_is_refused(field: str, bound: int) -> None:
+    # a max_entries past a bigint used to fail every write of the cache
+    options: dict[str, Any] = {field: bound}
+    with pytest.raises(ConfigurationError, match=rf"{field} must be an integer >= 1 and < 2\*\*63"):
+        PostgresResponseCache("postgresql://postgres@127.0.0.1:5432/test", **options)

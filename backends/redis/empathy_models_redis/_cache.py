@@ -6,8 +6,10 @@ import math
 from typing import Any, Final
 
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 from redis.exceptions import RedisError
 
+from empathy_models._validators import shown
 from empathy_models.abc import ResponseCache
 from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES
 from empathy_models.exceptions import ConfigurationError, StateStoreError
@@ -19,13 +21,20 @@ __all__ = ["DEFAULT_CACHE_PREFIX", "RedisResponseCache"]
 DEFAULT_CACHE_PREFIX: Final = "empathy:cache:"
 """Prefix of every Redis key the response cache writes."""
 
+_RAW: Final = {NEVER_DECODE: True}
+"""redis-py's option to leave a reply as bytes, whatever the client decodes."""
+
 
 class RedisResponseCache(ResponseCache):
     """
     Answers shared by every process using the same Redis, with Redis's own expiry.
 
     One string per key under ``prefix`` (``SET ... PX``).  Redis bounds the memory
-    (``maxmemory`` with an eviction policy).
+    (``maxmemory`` with an eviction policy).  Any string is a key, as in
+    `MemoryResponseCache`: the Redis key is the prefix then the key's UTF-8 bytes, or,
+    for a key UTF-8 cannot encode (a lone surrogate, which no `request_key` digest
+    holds but a caller's own key may), its ``surrogatepass`` bytes, which no other key
+    has.  Values and keys are read as bytes, also from a client that decodes responses.
 
     Args:
         connection, **client_options: as for `RedisCircuitStateStore`.
@@ -47,15 +56,21 @@ class RedisResponseCache(ResponseCache):
         **client_options: Any,
     ) -> None:
         if isinstance(max_value_bytes, bool) or not isinstance(max_value_bytes, int):
-            raise ConfigurationError(f"max_value_bytes must be an integer, got {max_value_bytes!r}")
-        if max_value_bytes < 1:
-            raise ConfigurationError(f"max_value_bytes must be >= 1, got {max_value_bytes!r}")
+            raise ConfigurationError(
+                f"max_value_bytes must be an integer, got {shown(max_value_bytes)}"
+            )
+        if not 1 <= max_value_bytes < 2**63:
+            raise ConfigurationError(
+                f"max_value_bytes must be >= 1 and < 2**63, got {shown(max_value_bytes)}"
+            )
         plumbing = RedisCircuitStateStore(connection, prefix=prefix, **client_options)
         self._client = plumbing._client
         self._owns_client = plumbing._owns_client
         self._target = plumbing._target
         self.prefix = plumbing.prefix
         self.max_value_bytes = max_value_bytes
+        # the prefix as the client writes it (its encoding), then the key's own bytes
+        self._prefix_bytes = plumbing._prefix_bytes
 
     def __repr__(self) -> str:
         return f"RedisResponseCache({self._target!r}, prefix={self.prefix!r})"
@@ -73,29 +88,33 @@ class RedisResponseCache(ResponseCache):
             except (RedisError, OSError) as exc:
                 raise self._error("close", exc) from exc
 
+    def _key(self, key: str) -> bytes:
+        """The Redis key of ``key``: one to one (UTF-8 with lone surrogates kept)."""
+        return self._prefix_bytes + key.encode("utf-8", "surrogatepass")
+
     async def get(self, key: str) -> bytes | None:
         self._check_open()
+        client: Any = self._client  # redis-py leaves execute_command untyped
         try:
-            value = await self._client.get(self.prefix + key)
+            # never decoded, even by a client with decode_responses: values are bytes
+            value = await client.execute_command("GET", self._key(key), **_RAW)
         except (RedisError, OSError) as exc:
             raise self._error("get", exc) from exc
-        if value is None:
-            return None
-        return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        return None if value is None else bytes(value)
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._check_open()
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
             return
         try:
-            await self._client.set(self.prefix + key, value, px=max(1, round(ttl * 1000)))
+            await self._client.set(self._key(key), value, px=max(1, round(ttl * 1000)))
         except (RedisError, OSError) as exc:
             raise self._error("set", exc) from exc
 
     async def delete(self, key: str) -> bool:
         self._check_open()
         try:
-            return bool(await self._client.delete(self.prefix + key))
+            return bool(await self._client.delete(self._key(key)))
         except (RedisError, OSError) as exc:
             raise self._error("delete", exc) from exc
 
@@ -103,7 +122,9 @@ class RedisResponseCache(ResponseCache):
         self._check_open()
         pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix) + "*"
         try:
-            keys = [k async for k in self._client.scan_iter(match=pattern, count=500)]
+            # the keys as bytes (some are no UTF-8 a decoding client could read)
+            client: Any = self._client
+            keys = [k async for k in client.scan_iter(match=pattern, count=500, **_RAW)]
             if keys:
                 await self._client.delete(*keys)
         except (RedisError, OSError) as exc:

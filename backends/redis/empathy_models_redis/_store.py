@@ -8,9 +8,9 @@ import difflib
 import functools
 import hashlib
 import inspect
-import math
 import os
 import re
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from importlib.resources import files
@@ -35,6 +35,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
+from empathy_models._validators import shown
 from empathy_models.abc import ChangeFeed, CircuitStateStore
 from empathy_models.backends import redact_url
 from empathy_models.circuit import BreakerPolicy
@@ -255,12 +256,8 @@ class RedisCircuitStateStore(CircuitStateStore):
         if isinstance(connection, str):
             url, url_options = _split_url(connection)
             prefix = str(url_options.get("prefix", prefix))
-            try:
-                key_ttl = float(url_options.get("key_ttl", key_ttl))
-            except ValueError as exc:
-                raise ConfigurationError(
-                    f"key_ttl in the Redis URL must be a number of seconds: {exc}"
-                ) from exc
+            if "key_ttl" in url_options:  # text: a number as written
+                key_ttl = _url_seconds(str(url_options["key_ttl"]))
             _check_option_names(client_options, "client", connection)
             self._target = redact_url(url)
             options: dict[str, Any] = {
@@ -296,10 +293,10 @@ class RedisCircuitStateStore(CircuitStateStore):
                 f"RedisCircuitStateStore needs a redis:// URL or a redis.asyncio.Redis, "
                 f"got {type(connection).__name__}"
             )
-        if not isinstance(prefix, str) or not prefix:
-            raise ConfigurationError(f"prefix must be a non-empty string, got {prefix!r}")
-        if isinstance(key_ttl, bool) or not math.isfinite(key_ttl) or key_ttl < 1:
-            raise ConfigurationError(f"key_ttl must be a number of seconds >= 1, got {key_ttl!r}")
+        if not _is_number(key_ttl) or not 1 <= key_ttl <= sys.float_info.max:  # NaN too
+            raise ConfigurationError(
+                f"key_ttl must be a number of seconds >= 1, got {shown(key_ttl)}"
+            )
         self.prefix = prefix
         self.key_ttl = float(key_ttl)
         self._source = source = breaker_script()
@@ -307,6 +304,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         connection_kwargs = self._client.connection_pool.connection_kwargs
         self._encoding: str = connection_kwargs.get("encoding", "utf-8")
         self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
+        self._prefix_bytes = _prefix_bytes(prefix, self._encoding, self._encoding_errors)
         # EVALSHA <sha> 1 (the count of keys), then per call the key and arguments
         self._command_head = b"".join(
             bulk(x) for x in (b"EVALSHA", self._sha.encode("ascii"), b"1")
@@ -690,6 +688,31 @@ class RedisCircuitStateStore(CircuitStateStore):
         arg = _policy_arg(policy)
         self._last_policy = (policy, arg)
         return arg
+
+
+def _url_seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"key_ttl in the Redis URL must be a number of seconds: {exc}"
+        ) from exc
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _prefix_bytes(prefix: object, encoding: str, errors: str) -> bytes:
+    """``prefix`` as the client writes it, or `ConfigurationError` saying why it cannot be."""
+    if not isinstance(prefix, str) or not prefix:
+        raise ConfigurationError(f"prefix must be a non-empty string, got {shown(prefix)}")
+    try:
+        return prefix.encode(encoding, errors)
+    except (UnicodeError, LookupError) as exc:
+        raise ConfigurationError(
+            f"prefix must be text the client's encoding ({encoding}) can write, got {shown(prefix)}"
+        ) from exc
 
 
 def _client_option_names() -> frozenset[str]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
-from empathy_models_redis import RedisCircuitStateStore
+import redis.asyncio as aioredis
+from empathy_models_redis import RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache
 
 from empathy_models import CircuitBreaker, ConfigurationError, state_store_from_url
 from tests._cancel_trials import cancel_during_admission
@@ -83,3 +87,54 @@ async def test_keys_and_texts_with_the_replys_separator_characters_round_trip(
         assert status.state.value == "forced_open"
         await breaker.reset(key)
         assert (await breaker.get_status(key)).state.value == "closed"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [RedisCircuitStateStore, RedisResponseCache, RedisQuotaStore],
+    ids=["state", "cache", "quota"],
+)
+def test_a_prefix_redis_cannot_be_written_is_refused_at_construction(
+    redis_url: str, make: Callable[..., object]
+) -> None:
+    with pytest.raises(ConfigurationError, match="prefix must be text"):
+        make(redis_url, prefix="empathy\ud800:")
+
+
+@pytest.mark.parametrize("decode_responses", [False, True], ids=["bytes", "decoding"])
+async def test_the_cache_reads_bytes_from_any_client(
+    redis_url: str, redis_prefix: str, decode_responses: bool
+) -> None:
+    # keys UTF-8 cannot encode are written as their surrogatepass bytes and values are
+    # any bytes: a client that decodes responses must not try to decode either
+    client = aioredis.Redis.from_url(redis_url, decode_responses=decode_responses)
+    try:
+        async with RedisResponseCache(client, prefix=redis_prefix) as cache:
+            await cache.set("k\udc80", bytes(range(256)), 60)
+            await cache.set("k", "réponse".encode(), 60)
+            assert await cache.get("k\udc80") == bytes(range(256))
+            assert await cache.get("k") == "réponse".encode()
+            assert await client.exists(redis_prefix.encode() + b"k\xed\xb2\x80")
+            assert await cache.clear() == 2
+            assert await cache.get("k") is None
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize(
+    "bound", [0, 2**63, 10**400, 10**5000], ids=["0", "2**63", "10**400", "giant"]
+)
+def test_a_cache_value_bound_past_the_largest_is_refused(bound: int) -> None:
+    with pytest.raises(ConfigurationError, match=r"max_value_bytes must be >= 1 and < 2\*\*63"):
+        RedisResponseCache("redis://127.0.0.1:6379/15", max_value_bytes=bound)
+
+
+@pytest.mark.parametrize(
+    "key_ttl",
+    ["60", None, True, 0, 0.5, float("nan"), float("inf"), 10**400],
+    ids=["text", "None", "bool", "0", "0.5", "nan", "inf", "10**400"],
+)
+def test_a_key_ttl_that_is_no_number_of_seconds_is_refused(key_ttl: object) -> None:
+    options: dict[str, Any] = {"key_ttl": key_ttl}
+    with pytest.raises(ConfigurationError, match="key_ttl must be a number of seconds >= 1"):
+        RedisCircuitStateStore("redis://127.0.0.1:6379/15", **options)

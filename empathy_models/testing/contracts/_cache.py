@@ -33,8 +33,9 @@ class ResponseCacheContract:
     The contract of `ResponseCache`.  Override the ``cache_url`` fixture.
 
     Covers: get after set; a miss reads None; replacing a value; expiry; values over
-    ``max_value_bytes`` not stored; delete and clear; concurrent writers; a shared
-    cache showing one instance's entries to another; close and use after close.
+    ``max_value_bytes`` not stored; delete and clear; any string a key, kept apart from
+    every other; concurrent writers; a shared cache showing one instance's entries to
+    another; close and use after close.
     """
 
     @pytest.fixture
@@ -90,6 +91,37 @@ class ResponseCacheContract:
         assert await cache.get(keys[0]) is None
         assert await cache.clear() == 2
         assert [await cache.get(k) for k in keys] == [None, None, None]
+
+    async def test_any_string_is_a_key_kept_apart(self, cache: ResponseCache) -> None:
+        # a caller's own key (no request_key digest) may hold what UTF-8 cannot encode
+        # (lone surrogates; a pair of them is not the character they would encode
+        # together), a NUL, or be long; and it may be spelled like another key's bytes
+        base = _key()
+        odd = base + "\ud800"
+        long = os.urandom(2048).hex()
+        keys = [
+            *(base, odd, base + "\udc80", base + "\ud800\udc00", base + "\U00010000"),
+            *(base + "\x00", "\x00", "\udfff", "", "\x01" + base, "\\" + base),
+            *(
+                odd.encode("utf-8", "surrogatepass").hex(),
+                "\x01" + odd.encode("utf-8", "surrogatepass").hex(),
+            ),
+            *(long, long + "\ud800", long[:-1]),
+        ]
+        assert len(set(keys)) == len(keys)
+        for i, key in enumerate(keys):
+            await cache.set(key, f"answer {i}".encode(), 600)
+        assert [await cache.get(key) for key in keys] == [
+            f"answer {i}".encode() for i in range(len(keys))
+        ]
+        assert await cache.delete(odd) is True
+        assert await cache.delete(odd) is False
+        assert await cache.get(odd) is None and await cache.get(base) == b"answer 0"
+        await cache.set(long + "\ud800", b"replaced", 600)
+        assert await cache.get(long + "\ud800") == b"replaced"
+        assert await cache.get(long) == f"answer {keys.index(long)}".encode()
+        assert await cache.clear() == len(keys) - 1
+        assert [await cache.get(key) for key in keys] == [None] * len(keys)
 
     async def test_concurrent_writers_leave_every_entry(self, cache: ResponseCache) -> None:
         keys = [_key() for _ in range(50)]
