@@ -337,3 +337,41 @@ async def test_the_store_writer_warns_once_per_outage_and_once_on_recovery(
     assert sum("is unavailable" in m for m in messages) == 1
     assert sum("is back after" in m for m in messages) == 1
     assert (ledger.written, ledger.failed) == (0, 0)
+
+
+class FlakySQLite(SQLiteTelemetryBackend):
+    """An unbatched SQLite backend whose ``fail_on``-th write (1-based) fails once."""
+
+    def __init__(self, path: Path, fail_on: int) -> None:
+        super().__init__(path, batch=False)
+        self.fail_on = fail_on
+        self.writes = 0
+
+    @property
+    def spool_target(self) -> str:
+        return f"flaky:{self.path}"
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        self.writes += 1
+        if self.writes == self.fail_on:
+            raise TelemetryError("the disk hiccuped", target=self.path)
+        await super().record_many(records)
+
+
+async def test_a_replay_failing_partway_counts_every_record_once(
+    tmp_path: Path, empathy_home: Path
+) -> None:
+    inner = FlakySQLite(tmp_path / "calls.db", fail_on=2)  # the replay's second chunk
+    spool = Spool(inner.spool_target)
+    records = _records(30)
+    spool.write(records)
+    (path,) = spool.files()
+    with path.open("a", encoding="utf-8") as f:
+        f.write("not a record\n")
+    async with BatchingTelemetryBackend(inner, max_batch=10) as batching:
+        with anyio.fail_after(30):
+            while spool.files() or batching.pending:
+                await batching.flush()
+        assert inner.writes == 4  # the chunk written before the failure was not written again
+        assert (batching.written, batching.failed) == (30, 1)
+        assert len(await inner.recent(limit=100)) == 30

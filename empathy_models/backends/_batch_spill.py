@@ -199,6 +199,19 @@ class _Spiller:
             self.replaying = False
             self._ledger.signal_progress()
 
+    async def _give_back(self, spool: Spool, claimed: Path, rest: list[LLMCallRecord]) -> None:
+        """Give ``claimed`` back holding ``rest``; as it was, if it cannot be rewritten."""
+        try:
+            await anyio.to_thread.run_sync(spool.give_back, claimed, rest)
+        except (OSError, ValueError) as exc:
+            logger.warning(
+                "%s: cannot rewrite spool file %s (%s); it is replayed whole again",
+                self._ledger.owner,
+                claimed.name,
+                _describe(exc),
+            )
+            await anyio.to_thread.run_sync(spool.release, claimed)
+
     async def _replay_file(self, spool: Spool, claimed: Path) -> bool:
         """Replay one claimed spool file; False when the store failed (it is released)."""
         ledger = self._ledger
@@ -216,7 +229,8 @@ class _Spiller:
             rest = await writer.deliver(chunk)
             ledger.replayed += len(chunk) - len(rest)
             if rest:
-                await anyio.to_thread.run_sync(spool.release, claimed)
+                # given back without what was written (or unreadable): counted once
+                await self._give_back(spool, claimed, rest + records[start + len(chunk) :])
                 self.replay_due = True
                 writer.fault()
                 return False

@@ -7,10 +7,11 @@ Every spill is one new file of JSON lines (the versioned dicts of
 `empathy_models.serialization`), written to a temporary name, flushed to disk and
 renamed, so a file is either complete or absent; files are mode 0600.  Replaying
 claims a file by renaming it (two processes never replay the same file at once),
-writes its records and deletes it.  Replay is idempotent: the stores ignore a record
-whose ``call_id`` they already hold, so a file replayed twice after a crash stores
-nothing twice.  Everything here is synchronous; the batching engine runs it on a
-worker thread, or directly at interpreter exit.
+writes its records and deletes it; one that fails partway gives the file back
+holding only the records it did not write.  Replay is idempotent: the stores ignore a
+record whose ``call_id`` they already hold, so a file replayed twice after a crash
+stores nothing twice.  Everything here is synchronous; the batching engine runs it on
+a worker thread, or directly at interpreter exit.
 """
 
 from __future__ import annotations
@@ -77,6 +78,23 @@ class Spool:
 
     def write(self, records: Iterable[LLMCallRecord]) -> int:
         """Write ``records`` to a new spool file; return how many were written."""
+        directory = self.directory
+        name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
+        return self._write(records, directory / f"{name}{_SUFFIX}")
+
+    def give_back(self, claimed: Path, rest: list[LLMCallRecord]) -> None:
+        """
+        Give a claimed file back holding only ``rest``: the records its replay did not
+        write (those it wrote, and lines it could not read, are not replayed again).
+        """
+        if rest:
+            self._write(rest, claimed)
+            self.release(claimed)
+        else:
+            self.remove(claimed)
+
+    def _write(self, records: Iterable[LLMCallRecord], target: Path) -> int:
+        """Write ``records`` as the file ``target`` (replaced at once); how many were."""
         lines = []
         for record in records:
             safe, _ = storable(record)  # what is spooled must read back
@@ -85,8 +103,7 @@ class Spool:
             return 0
         directory = self.directory
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp = directory / f".{name}.tmp"
+        tmp = directory / f".{target.name}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -94,7 +111,7 @@ class Spool:
                 out.write("\n")
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, directory / f"{name}{_SUFFIX}")
+            os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -1,18 +1,22 @@
 """
 SQLite under faults: the disk full for seconds (in a process of its own:
-``RLIMIT_FSIZE``), the file deleted while in use.
+``RLIMIT_FSIZE``), the file deleted while in use, its header overwritten for a while.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import rollup
+from empathy_models.exceptions import TelemetryError
 from empathy_models.testing.contracts import assert_same_buckets
 
 from .._workers import Child
@@ -92,3 +96,40 @@ async def test_a_deleted_file_whose_path_is_taken_for_a_while_loses_nothing(
         "was deleted while open; recreated it with the 1000 calls" in r.getMessage()
         for r in caplog.records
     )
+
+
+_SWAP_HEADER = """
+import sys
+with open(sys.argv[1], "r+b") as f:
+    old = f.read(100)
+    f.seek(0)
+    f.write(bytes.fromhex(sys.argv[2]) if len(sys.argv) > 2 else bytes(100))
+print(old.hex())
+"""
+
+
+def _swap_header(db: Path, header: str | None = None) -> str:
+    """Overwrite the file's 100-byte header (zeros, or ``header`` in hex) from another
+    process (closing a descriptor of the file here would drop this process's SQLite
+    locks); the header it held, in hex."""
+    argv = [sys.executable, "-c", _SWAP_HEADER, str(db), *([header] if header else [])]
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
+
+
+async def test_a_header_overwritten_for_a_while_stops_writes_only_while_it_is(
+    tmp_path: Path,
+) -> None:
+    # once SQLite found the file "not a database", that connection kept saying so after
+    # the header was back: only a new connection reads it again
+    db = tmp_path / "calls.db"
+    async with SQLiteTelemetryBackend(db, batch=False) as backend:
+        await backend.record_many([record("before", i) for i in range(10)])
+        checkpoint = sqlite3.connect(db)  # the header is read from the file, not the WAL
+        checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        checkpoint.close()
+        header = _swap_header(db)
+        with pytest.raises(TelemetryError, match="not a SQLite database"):
+            await backend.record_many([record("during", i) for i in range(10)])
+        _swap_header(db, header)
+        await backend.record_many([record("after", i) for i in range(10)])
+    assert sqlite_rows(db) == 20

@@ -522,7 +522,8 @@ class _Database:
         `close` still runs, one begun after raises ``error`` ("the connection is
         closed").  Native errors are mapped to ``error``.  With ``check_file``, a file
         deleted or replaced since it was opened is detected (by inode), logged, and
-        recreated (or the new file used) before ``op`` runs.
+        recreated (or the new file used) before ``op`` runs.  A connection that found
+        the file "not a database" is closed, and the next operation opens the file anew.
         """
         if self._stopped:
             raise self._fail("the connection is closed")
@@ -535,7 +536,18 @@ class _Database:
                     conn = await self._open()
                 elif check_file:
                     conn = await self._reopen_if_replaced(conn)
-                return await op(conn)
+                try:
+                    return await op(conn)
+                except sqlite3.DatabaseError as exc:
+                    if (
+                        getattr(exc, "sqlite_errorcode", None) == _SQLITE_NOTADB
+                        and self._conn is conn
+                    ):
+                        # that connection stays "not a database" after the file is
+                        # repaired: the next operation opens a new one
+                        self._conn = None
+                        await self._discard(conn)
+                    raise
         except Exception as exc:
             mapped = self._map(exc)
             if mapped is exc:
@@ -594,6 +606,8 @@ def _create_private(path: str) -> None:
 
 
 _CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)
+_SQLITE_NOTADB: Final = 26
+"""SQLite's result code for "file is not a database"."""
 _NO_LINKS: Final = frozenset(
     code for code in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK) if code
 )
