@@ -66,6 +66,7 @@ from .routing._args import (
     candidate_names,
     check_names,
     decision_limits,
+    plain_name,
     positive_number,
 )
 from .routing._explain import Decider
@@ -325,6 +326,20 @@ class _StorelessWindow:
             await asyncio.gather(task, return_exceptions=True)
 
 
+def _store_of(telemetry_store: object) -> tuple[TelemetryBackend | None, bool]:
+    """The router's backend, and whether the router owns it (built from a URL)."""
+    if isinstance(telemetry_store, str):
+        from .backends import telemetry_from_url
+
+        return telemetry_from_url(telemetry_store), True
+    if telemetry_store is None or isinstance(telemetry_store, TelemetryBackend):
+        return telemetry_store, False
+    raise ConfigurationError(
+        "telemetry_store must be a TelemetryBackend, a URL string or None, "
+        f"got {type(telemetry_store).__name__}"
+    )
+
+
 class AdaptiveModelRouter:
     """
     Chooses the model for each call from in-memory, per-arm evidence.
@@ -384,20 +399,7 @@ class AdaptiveModelRouter:
         self._rng = rng if rng is not None else random.Random(seed)
         self._clock = clock
         self._sleep = sleep
-        self._owns_store = False
-        store: TelemetryBackend | None
-        if isinstance(telemetry_store, str):
-            from .backends import telemetry_from_url
-
-            store = telemetry_from_url(telemetry_store)
-            self._owns_store = True
-        elif telemetry_store is None or isinstance(telemetry_store, TelemetryBackend):
-            store = telemetry_store
-        else:
-            raise ConfigurationError(
-                "telemetry_store must be a TelemetryBackend, a URL string or None, "
-                f"got {type(telemetry_store).__name__}"
-            )
+        store, self._owns_store = _store_of(telemetry_store)
         self._null_store = store is not None and not store.stores_records
         self._store_obj = store
         self._store: TelemetryBackend | None = None if self._null_store else store
@@ -620,7 +622,11 @@ class AdaptiveModelRouter:
         cancelled and rejected attempts are dropped.  A record timestamped before the
         last refresh began is not added (the backend holds it, or will); without a
         store, one from before the window's start is not (a warning says so, once).
+        A workflow or stage no store keeps as given (with a NUL or a lone surrogate, as
+        `ExecutionContext` refuses) is a `ConfigurationError`.
         """
+        if not (plain_name(record.workflow or "") and plain_name(record.stage or "")):
+            check_names(record.workflow or "", record.stage)
         if not record.outcome.is_sample:
             return
         ts = record.timestamp.timestamp()
@@ -684,7 +690,7 @@ class AdaptiveModelRouter:
                 with every candidate unavailable (even on ``"relax"``).
             ConfigurationError: invalid arguments.
         """
-        if workflow.__class__ is not str or (stage is not None and stage.__class__ is not str):
+        if not (plain_name(workflow) and (stage is None or plain_name(stage))):
             check_names(workflow, stage)
         limits, input_tokens = decision_limits(
             self.policy.default_min_success_rate if min_success_rate is None else min_success_rate,

@@ -45,6 +45,7 @@ __all__ = [
     "optional_str",
     "shown",
     "text",
+    "text_flaw",
 ]
 
 _MAX_FLOAT: Final = sys.float_info.max
@@ -94,6 +95,22 @@ def shown(value: object) -> str:
         return text
     size = f" ({len(value):,} characters)" if isinstance(value, str) else ""
     return f"{text[: SHOWN_MAX - 3]}...{size}"
+
+
+def text_flaw(value: str) -> str | None:
+    """
+    Why ``value`` cannot be stored as given by every store (a NUL, which PostgreSQL
+    refuses; a lone surrogate, which UTF-8 cannot encode), as the end of an error
+    message, or None.
+    """
+    if "\x00" in value:
+        return "must not contain a NUL character"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "must be valid text (it holds a lone surrogate)"
+    return None
 
 
 def _type_name(value: object) -> str:

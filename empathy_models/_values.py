@@ -15,7 +15,7 @@ import attrs
 from attrs import field, frozen
 
 from ._fast import trusted_constructor
-from ._validators import failure, instance_of, integer, number, shown
+from ._validators import failure, instance_of, integer, number, shown, text_flaw
 from .abc import MAX_TOKENS_LIMIT
 from .content import ToolCall
 from .exceptions import ConfigurationError
@@ -32,29 +32,17 @@ _INT64: Final = 2**63
 _fb_fail = failure(ConfigurationError, owner="FallbackPolicy")
 
 
-def _text_flaw(value: str) -> str | None:
-    """Why ``value`` cannot be stored as text (a NUL, a lone surrogate), or None."""
-    if "\x00" in value:
-        return "must not contain a NUL character"
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return "must be valid text (it holds a lone surrogate)"
-    return None
-
-
 def _ctx_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str) or not value.strip():
         raise _ctx_fail(attribute.name, value, "must be a non-empty string")
-    if (flaw := _text_flaw(value)) is not None:
+    if (flaw := text_flaw(value)) is not None:
         raise _ctx_fail(attribute.name, value, flaw)
 
 
 def _ctx_opt_str(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None and not isinstance(value, str):
         raise _ctx_fail(attribute.name, value, "must be a string or None")
-    if value is not None and (flaw := _text_flaw(value)) is not None:
+    if value is not None and (flaw := text_flaw(value)) is not None:
         raise _ctx_fail(attribute.name, value, flaw)
 
 
@@ -119,7 +107,7 @@ def _copy_metadata(value: Mapping[str, Any] | None) -> Mapping[str, JSONScalar]:
                 f"ExecutionContext.metadata[{shown(key)}] must be a str, int, float, bool or None, "
                 f"got {type(item).__name__}"
             )
-        flaw = _text_flaw(key) or (_text_flaw(item) if isinstance(item, str) else None)
+        flaw = text_flaw(key) or (text_flaw(item) if isinstance(item, str) else None)
         if isinstance(item, float) and not math.isfinite(item):
             flaw = "must be a finite number"
         elif isinstance(item, int) and not -_INT64 <= item < _INT64:

@@ -50,7 +50,7 @@ from typing import Any, Final, cast
 
 from attrs import evolve
 
-from ._validators import check, failure, integer, number, shown, text
+from ._validators import check, failure, integer, number, shown, text, text_flaw
 from ._whatif_fit import _FALLBACK_SIGMA, _Z95, _fit, _interval, _mixture_p95
 from ._whatif_replay import (
     _coarsen,
@@ -108,7 +108,11 @@ def _check_days(days: float) -> float:
 
 
 def _check_name(what: str, value: str) -> str:
-    return check(_name, what, value)
+    # as the router checks it: text every store keeps as given
+    check(_name, what, value)
+    if (flaw := text_flaw(value)) is not None:
+        raise ConfigurationError(f"{what} {flaw}, got {shown(value)}")
+    return value
 
 
 async def load_stage_evidence(

@@ -955,3 +955,40 @@ def test_exploring_because_nothing_is_proven_is_logged_once_per_stage(
     assert len(lines) == 2, lines
     assert f"{WF}/{ST}" in lines[0] and f"{WF}/other" in lines[1]
     assert "constraints_met=False" in lines[0]
+
+
+# --------------------------------------------------------------------------- names
+
+
+@pytest.mark.parametrize("odd", ["caf\udce9", "n\x00ul"], ids=["lone-surrogate", "nul"])
+async def test_a_name_no_store_keeps_as_given_is_refused_as_execution_context_refuses_it(
+    clock: FakeClock, tmp_path: Path, odd: str
+) -> None:
+    # a store keeps such a workflow or stage escaped (SQLite a lone surrogate,
+    # PostgreSQL a NUL too), so what the router learned of it live would vanish at the
+    # next refresh: the router refuses it as ExecutionContext does
+    async with (
+        SQLiteTelemetryBackend(tmp_path / "calls.db") as store,
+        make(clock, telemetry_store=store, refresh_interval=None) as router,
+    ):
+        for workflow, stage, field in ((odd, ST, "workflow"), (WF, odd, "stage")):
+            call = rec(clock, "nano", workflow=workflow, stage=stage)
+            with pytest.raises(ConfigurationError, match=f"^{field} must"):
+                router.record_outcome(call)
+            with pytest.raises(ConfigurationError, match=f"^{field} must"):
+                router.get_best_model(workflow, stage, candidates=CHEAP)
+            with pytest.raises(ConfigurationError, match=f"^{field} must"):
+                router.recommend_tier_upgrade(workflow, stage)
+            with pytest.raises(ConfigurationError, match=f"^{field} must"):
+                await router.get_routing_stats(workflow, stage)
+        # any other text is kept as given: learned live and after a refresh alike
+        name = "wf-\U0001f600-\u00fc"
+        for _ in range(12):
+            clock.advance(1.0)
+            call = rec(clock, "nano", workflow=name, stage=name)
+            await store.record(call)
+            router.record_outcome(call)
+        sizes = [by_model(router.get_best_model(name, name, candidates=CHEAP))["nano"]]
+        assert await router.refresh()
+        sizes.append(by_model(router.get_best_model(name, name, candidates=CHEAP))["nano"])
+    assert [s.sample_size for s in sizes] == [12, 12]  # type: ignore[attr-defined]

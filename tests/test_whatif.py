@@ -176,6 +176,11 @@ async def test_invalid_arguments_are_configuration_errors(tmp_path: Path) -> Non
             await load_stage_evidence(backend, WF, ST, days=0)
         with pytest.raises(ConfigurationError, match="workflow"):
             await load_stage_evidence(backend, "", ST)
+        # names the router refuses (no store keeps them as given) are refused at once
+        with pytest.raises(ConfigurationError, match=r"^stage must be valid text"):
+            await load_stage_evidence(backend, WF, "caf\udce9")
+        with pytest.raises(ConfigurationError, match=r"^workflow must not contain a NUL"):
+            await load_stage_evidence(backend, "n\x00ul", ST)
         with pytest.raises(ConfigurationError, match="not other/stage"):
             await evaluate_policy(backend, "other", "stage", evidence=evidence)
         with pytest.raises(ConfigurationError, match="ipw_limit"):

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Collection, Sequence
 from typing import Final
 
-from .._validators import check, failure, integer, number, shown
+from .._validators import check, failure, integer, number, shown, text_flaw
 from ..exceptions import ConfigurationError
 from ._verdicts import Limits
 
@@ -18,6 +18,7 @@ __all__ = [
     "decision_limits",
     "opt_int",
     "opt_number",
+    "plain_name",
     "positive_number",
 ]
 
@@ -156,8 +157,22 @@ def blocked_set(unavailable: Collection[str]) -> Collection[str]:
 
 
 def check_names(workflow: object, stage: object) -> None:
-    """Raise `ConfigurationError` unless ``workflow`` is a string and ``stage`` one or None."""
+    """
+    Raise `ConfigurationError` unless ``workflow`` is a string and ``stage`` one or None,
+    each text every store keeps as given (no NUL, no lone surrogate: `text_flaw`), as
+    `ExecutionContext` requires.  A store keeps such a name escaped, so the evidence the
+    router learned of it live would not be found in the store's again.
+    """
     if not isinstance(workflow, str):
         raise ConfigurationError(f"workflow must be a string, got {shown(workflow)}")
     if stage is not None and not isinstance(stage, str):
         raise ConfigurationError(f"stage must be a string or None, got {shown(stage)}")
+    for name, value in (("workflow", workflow), ("stage", stage)):
+        if value is not None and (flaw := text_flaw(value)) is not None:
+            raise ConfigurationError(f"{name} {flaw}, got {shown(value)}")
+
+
+def plain_name(value: object) -> bool:
+    """Whether ``value`` is a string of ASCII without NUL: a name `check_names` passes,
+    told at once (the common case)."""
+    return isinstance(value, str) and value.isascii() and "\x00" not in value
