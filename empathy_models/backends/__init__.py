@@ -26,6 +26,8 @@ must match to find the records written with it (stored as given, or made safe).
 `gc_paused` holds the cyclic garbage collector off for a short block that builds many
 objects at once (the evidence rows of a router's start, which a backend hands over as
 they are: `empathy_models.evidence.EvidenceBatch.from_rows`).
+`shown` gives a value for an error message about it, never failing and never long (an
+enormous integer by its size, a long repr cut).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "gc_paused",
     "redact_url",
     "refusals",
+    "shown",
     "state_store_from_url",
     "stored_forms",
     "telemetry_from_url",

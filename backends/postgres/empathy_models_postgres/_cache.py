@@ -6,8 +6,8 @@ import hashlib
 import math
 from typing import Any, Final
 
-from empathy_models._validators import shown
 from empathy_models.abc import ResponseCache
+from empathy_models.backends import shown
 from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 

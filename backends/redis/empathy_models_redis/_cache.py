@@ -9,8 +9,8 @@ import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
 from redis.exceptions import RedisError
 
-from empathy_models._validators import shown
 from empathy_models.abc import ResponseCache
+from empathy_models.backends import shown
 from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 

@@ -35,9 +35,8 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-from empathy_models._validators import shown
 from empathy_models.abc import ChangeFeed, CircuitStateStore
-from empathy_models.backends import redact_url
+from empathy_models.backends import redact_url, shown
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.exceptions import (
     ConfigurationError,
