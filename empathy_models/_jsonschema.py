@@ -36,7 +36,7 @@ from urllib.parse import unquote
 
 from ._validators import shown
 
-__all__ = ["parse_structured", "schema_errors", "schema_problem"]
+__all__ = ["parse_structured", "resolve_ref", "schema_errors", "schema_problem", "value_problem"]
 
 _TYPES: dict[str, Callable[[Any], bool]] = {
     "object": lambda v: isinstance(v, dict),
@@ -414,6 +414,23 @@ def _errors(value: Any, schema: Mapping[str, Any]) -> str | None:
         return _check(value, schema, schema, "$", 0)
     except RecursionError:  # a deep value below the limit, on a small stack
         return "$: nested too deeply to check"
+
+
+def value_problem(value: Any, schema: Any, root: Mapping[str, Any]) -> str | None:
+    """
+    The first way ``value`` breaks ``schema``, a subschema of ``root`` (one `schema_problem`
+    found nothing wrong with), or None.
+    """
+    try:
+        return _check(value, schema, root, "$", 0)
+    except RecursionError:
+        return "$: nested too deeply to check"
+
+
+def resolve_ref(ref: str, root: Mapping[str, Any]) -> Any:
+    """The schema ``ref`` (``#`` or ``#/`` and a JSON pointer) points to in ``root``, or None."""
+    target = _resolve(ref, root)
+    return None if target is _MISSING else target
 
 
 def schema_errors(value: Any, schema: Mapping[str, Any]) -> str | None:

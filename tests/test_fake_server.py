@@ -6,7 +6,10 @@ fault injection as the real APIs shape them), and the in-process `FakeProvider`.
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import random
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -234,6 +237,184 @@ async def test_error_statuses_with_retry_after(session: aiohttp.ClientSession) -
     assert "retry-after" not in h4
     assert "request-id" in h1
     assert "x-request-id" in h3
+
+
+# ------------------------------------------------------------------ hostile requests
+
+A_PATH, O_PATH = "/v1/messages", "/v1/chat/completions"
+
+
+async def post_raw(
+    session: aiohttp.ClientSession, server: FakeLLMServer, api: str, data: bytes | io.BytesIO
+) -> tuple[int, str, Any]:
+    """POST ``data`` as it is: (status, content type, the JSON body)."""
+    path, headers = (A_PATH, A_HEADERS) if api == "a" else (O_PATH, O_HEADERS)
+    async with session.post(server.url + path, data=data, headers=headers) as response:
+        return response.status, response.content_type, await response.json(content_type=None)
+
+
+def assert_error_shape(api: str, data: Any, kind: str = "invalid_request_error") -> None:
+    if api == "a":
+        assert data["type"] == "error" and data["error"]["type"] == kind
+        assert isinstance(data["error"]["message"], str)
+    else:
+        assert set(data["error"]) == {"message", "type", "param", "code"}
+
+
+def aiohttp_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("aiohttp")]
+
+
+@pytest.mark.parametrize("api", ["a", "o"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than the parser's stack
+        b'{"model": "m", "max_tokens": 5, "temperature": NaN, "messages": []}',  # not JSON
+        b'{"model": "m", "max_tokens": Infinity, "messages": []}',
+    ],
+    ids=["deep", "nan", "infinity"],
+)
+async def test_bodies_that_are_not_json_are_a_400_and_nothing_is_logged(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture, api: str, data: bytes
+) -> None:
+    async with FakeLLMServer(api_key=KEY) as server:
+        status, content_type, body = await post_raw(session, server, api, data)
+    assert (status, content_type) == (400, "application/json")
+    assert_error_shape(api, body)
+    assert "not valid JSON" in (body["error"]["message"])
+    assert aiohttp_logged(caplog) == []
+
+
+async def raw_status(server: FakeLLMServer, path: bytes, header: bytes) -> tuple[bytes, Any]:
+    """A request with ``header`` sent as raw bytes: (status line, JSON body)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    body = b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}'
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST " + path + b" HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n"
+        b"anthropic-version: 2023-06-01\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+    )
+    answer = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], json.loads(rest)
+
+
+async def test_a_key_header_that_is_not_utf8_is_a_401(caplog: pytest.LogCaptureFixture) -> None:
+    async with FakeLLMServer(api_key=KEY) as server:
+        o_line, o_body = await raw_status(
+            server, b"/v1/chat/completions", b"Authorization: Bearer \xff\xfe"
+        )
+        a_line, a_body = await raw_status(server, b"/v1/messages", b"x-api-key: \xff")
+    assert o_line == a_line == b"HTTP/1.1 401 Unauthorized"
+    assert o_body["error"]["code"] == "invalid_api_key"
+    assert a_body["error"]["type"] == "authentication_error"
+    assert aiohttp_logged(caplog) == []
+
+
+async def test_a_body_over_the_size_limit_is_a_413_in_each_shape(
+    session: aiohttp.ClientSession,
+) -> None:
+    big = b'{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"'
+    big += b"a" * (64 * 1024 * 1024) + b'"}]}'
+    async with FakeLLMServer(api_key=KEY) as server:
+        a_status, a_type, a_data = await post_raw(session, server, "a", io.BytesIO(big))
+        o_status, o_type, o_data = await post_raw(session, server, "o", io.BytesIO(big))
+    assert (a_status, a_type, o_status, o_type) == (413, "application/json") * 2
+    assert_error_shape("a", a_data, kind="request_too_large")
+    assert_error_shape("o", o_data)
+
+
+ODD_SCHEMAS: list[tuple[str, bytes]] = [
+    ("properties a list", b'{"type": "object", "properties": [1]}'),
+    ("minItems a string", b'{"type": "array", "minItems": "a"}'),
+    ("minLength a string", b'{"type": "string", "minLength": "a"}'),
+    ("minimum a string", b'{"type": "integer", "minimum": "a"}'),
+    ("minimum 1e400", b'{"type": "integer", "minimum": 1e400}'),
+    ("a property not a schema", b'{"type": "object", "properties": {"a": 5}}'),
+]
+
+
+def odd_bodies(schema: bytes) -> list[tuple[str, str, bytes]]:
+    """(api, where the schema is, the body) for each place a request carries a schema."""
+    user = b'"messages": [{"role": "user", "content": "hi"}]'
+    obj = (
+        schema
+        if b'"object"' in schema
+        else b'{"type": "object", "properties": {"x": ' + schema + b"}}"
+    )
+    return [
+        (
+            "o",
+            "response_format",
+            b'{"model": "m", ' + user + b', "response_format": {"type": "json_schema", '
+            b'"json_schema": {"name": "x", "schema": ' + schema + b"}}}",
+        ),
+        (
+            "o",
+            "tools[0].function.parameters",
+            b'{"model": "m", ' + user + b', "tools": [{"type": "function", "function": '
+            b'{"name": "t", "parameters": ' + obj + b"}}]}",
+        ),
+        (
+            "a",
+            "tools.0.custom.input_schema",
+            b'{"model": "m", "max_tokens": 5, ' + user + b', "tools": [{"name": "t", '
+            b'"input_schema": ' + obj + b'}], "tool_choice": {"type": "any"}}',
+        ),
+        (
+            "a",
+            "output_config.format.schema",
+            b'{"model": "m", "max_tokens": 5, ' + user + b', "output_config": {"format": '
+            b'{"type": "json_schema", "schema": ' + schema + b"}}}",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("api", "where", "data"),
+    [case for _, schema in ODD_SCHEMAS for case in odd_bodies(schema)],
+    ids=[f"{name}-{api}-{where}" for name, s in ODD_SCHEMAS for api, where, _ in odd_bodies(s)],
+)
+async def test_schemas_that_are_not_json_schema_are_a_400_in_each_shape(
+    session: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    api: str,
+    where: str,
+    data: bytes,
+) -> None:
+    async with FakeLLMServer(api_key=KEY) as server:
+        status, content_type, body = await post_raw(session, server, api, data)
+        assert server.requests("m") == 0
+    assert (status, content_type) == (400, "application/json")
+    assert_error_shape(api, body)
+    if api == "o":
+        assert body["error"]["param"] == where
+        assert body["error"]["message"].startswith("Invalid schema for ")
+    else:
+        assert body["error"]["message"].startswith(f"{where}: JSON schema is invalid")
+    assert aiohttp_logged(caplog) == []
+
+
+async def test_context_length_fault_numbers_add_up(session: aiohttp.ClientSession) -> None:
+    """However short the prompt, the window the message states is below what was asked."""
+    async with FakeLLMServer({"m": ModelBehavior.always("context_length")}) as server:
+        messages = []
+        extras: list[dict[str, Any]] = [{}, {"max_tokens": 5}]
+        for extra in extras:
+            _, o_data, _ = await openai(session, server, o_body(text="hi", **extra))
+            messages.append(o_data["error"]["message"])
+        _, a_data, _ = await anthropic(session, server, a_body(text="hi"))
+    for message in messages:
+        window, asked = (int(n) for n in re.findall(r"(\d+) tokens", message)[:2])
+        assert asked > window, message
+    assert "your messages resulted in 1 tokens" in messages[0]
+    assert "(1 in the messages, 5 in the completion)" in messages[1]
+    a_numbers = [int(n) for n in re.findall(r"\d+", a_data["error"]["message"])]
+    assert sum(a_numbers[:-1]) > a_numbers[-1]  # input (+ max_tokens) > the limit
 
 
 # ------------------------------------------------------------------ scripting

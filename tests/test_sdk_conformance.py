@@ -1,22 +1,27 @@
 """
 The official ``openai`` and ``anthropic`` SDKs, configured the ordinary way
 (``api_key=...``, ``base_url=...``), against `FakeLLMServer` over real HTTP: a tool call
-round trip, image input, JSON-schema output, and errors raised as each SDK's own
-exception classes with its request ids.
+round trip, image input, JSON-schema output (the SDKs' ``parse()`` of pydantic models),
+the content blocks and parts each API takes, fields of the wrong type refused, and
+errors raised as each SDK's own exception classes with its request ids.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
+import ipaddress
 import json
+import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import openai
+import pydantic
 import pytest
 
-from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior
+from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior, StreamBehavior
 
 from ._fakes import KEY
 
@@ -409,3 +414,330 @@ async def test_anthropic_sdk_unknown_route_and_headers(
     assert raw.headers["request-id"].startswith("req_")
     assert raw.headers["anthropic-ratelimit-requests-limit"] == "1000"
     assert raw.headers["anthropic-ratelimit-tokens-reset"].endswith("Z")
+
+
+# --------------------------------------------------------------------------- generated answers
+
+
+class _Street(pydantic.BaseModel):
+    line: str = pydantic.Field(min_length=3, max_length=5)
+    zip: str = pydantic.Field(pattern=r"^\d{5}(-\d{4})?$")
+
+
+class _Tree(pydantic.BaseModel):
+    name: str = pydantic.Field(min_length=1)
+    children: list[_Tree]
+
+
+class _Constrained(pydantic.BaseModel):
+    """What pydantic writes into a schema for ordinary constraints and types."""
+
+    name: str = pydantic.Field(min_length=1, max_length=20)
+    when: datetime.datetime
+    day: datetime.date
+    at: datetime.time
+    id: uuid.UUID
+    url: pydantic.HttpUrl
+    ip: ipaddress.IPv4Address
+    below: int = pydantic.Field(le=-1)
+    under: int = pydantic.Field(lt=-5)
+    ratio: float = pydantic.Field(gt=0, lt=1)
+    step: int = pydantic.Field(multiple_of=7, gt=10)
+    tags: list[str] = pydantic.Field(min_length=2, max_length=3)
+    none: list[int] = pydantic.Field(max_length=0)
+    distinct: set[int] = pydantic.Field(min_length=3)
+    pair: tuple[int, str]
+    kind: Literal["a", "b"]
+    maybe: int | None
+    street: _Street
+    tree: _Tree
+
+
+async def test_openai_sdk_parse_gets_values_its_own_schema_accepts(
+    oai: openai.AsyncOpenAI,
+) -> None:
+    response = await oai.chat.completions.parse(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Fill it in."}],
+        response_format=_Constrained,
+    )
+    parsed = response.choices[0].message.parsed
+    assert isinstance(parsed, _Constrained)
+    assert parsed.name and parsed.below <= -1 and 0 < parsed.ratio < 1 and parsed.step % 7 == 0
+    assert len(parsed.distinct) == 3 and parsed.none == []
+    assert parsed.when.tzinfo is not None
+
+
+class _Hinted(pydantic.BaseModel):
+    """Constraints the anthropic SDK moves into descriptions (its API does not take them)."""
+
+    name: str = pydantic.Field(min_length=1, max_length=4)
+    below: int = pydantic.Field(le=-1)
+    when: datetime.datetime
+    id: uuid.UUID
+
+
+async def test_anthropic_sdk_parse_gets_values_its_own_schema_accepts(
+    ant: anthropic.AsyncAnthropic,
+) -> None:
+    message = await ant.messages.parse(
+        model="claude-haiku-4-5",
+        max_tokens=256,
+        messages=[{"role": "user", "content": "Fill it in."}],
+        output_format=_Hinted,
+    )
+    parsed = message.parsed_output
+    assert isinstance(parsed, _Hinted)
+    assert 1 <= len(parsed.name) <= 4 and parsed.below <= -1
+
+
+async def test_openai_sdk_json_object_gets_a_json_object(oai: openai.AsyncOpenAI) -> None:
+    response = await oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Answer in JSON."}],
+        response_format={"type": "json_object"},
+    )
+    content = response.choices[0].message.content
+    assert content is not None and isinstance(json.loads(content), dict)
+    with pytest.raises(openai.BadRequestError) as raised:  # as the API: JSON must be asked for
+        await oai.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Answer."}],
+            response_format={"type": "json_object"},
+        )
+    assert "'json'" in raised.value.message
+
+
+@pytest.mark.parametrize("count", [1500, 200_000])
+async def test_sdks_schema_whose_value_is_too_large_is_a_bad_request(
+    oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic, count: int
+) -> None:
+    schema = {
+        "type": "array",
+        "minItems": count,
+        "items": {"type": "array", "minItems": count, "items": {"type": "string"}},
+    }
+    with pytest.raises(openai.BadRequestError) as raised:
+        await oai.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "hi"}],
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )
+    assert "over 1,000,000 characters" in raised.value.message
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await ant.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[
+                {
+                    "name": "t",
+                    "input_schema": {
+                        "type": "object",
+                        "properties": {"x": schema},
+                        "required": ["x"],
+                    },
+                }
+            ],
+            tool_choice={"type": "any"},
+        )
+    assert "over 1,000,000 characters" in refused.value.message
+    bounded = {"type": "array", "minItems": 2000, "items": {"type": "integer", "minimum": 3}}
+    response = await oai.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hi"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": bounded}},
+    )
+    content = response.choices[0].message.content
+    assert content is not None and json.loads(content) == [3] * 2000
+
+
+# --------------------------------------------------------------------------- valid requests
+
+
+async def test_anthropic_sdk_accepts_documents_thinking_search_results_files_and_server_tools(
+    ant: anthropic.AsyncAnthropic,
+) -> None:
+    pdf = base64.b64encode(b"%PDF-1.4 fake").decode()
+    user: Any = {
+        "role": "user",
+        "content": [
+            {
+                "type": "document",
+                "source": {"type": "text", "media_type": "text/plain", "data": "a"},
+            },
+            {
+                "type": "document",
+                "source": {"type": "base64", "media_type": "application/pdf", "data": pdf},
+                "title": "t",
+            },
+            {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}},
+            {"type": "document", "source": {"type": "file", "file_id": "file_1"}},
+            {
+                "type": "document",
+                "source": {"type": "content", "content": [{"type": "text", "text": "c"}]},
+            },
+            {
+                "type": "search_result",
+                "source": "https://example.com",
+                "title": "r",
+                "content": [{"type": "text", "text": "found"}],
+            },
+            {"type": "image", "source": {"type": "file", "file_id": "file_2"}},
+            {"type": "text", "text": "Summarize."},
+        ],
+    }
+    assistant: Any = {
+        "role": "assistant",
+        "content": [
+            {"type": "thinking", "thinking": "hm", "signature": "sig"},
+            {"type": "redacted_thinking", "data": "opaque"},
+            {"type": "text", "text": "Done."},
+        ],
+    }
+    tools: Any = [
+        {"type": "web_search_20250305", "name": "web_search", "max_uses": 2},
+        {"name": "get_weather", "input_schema": WEATHER},
+    ]
+    message = await ant.messages.create(
+        model="claude-haiku-4-5",
+        max_tokens=64,
+        messages=[user, assistant, {"role": "user", "content": "And?"}],
+        tools=tools,
+        tool_choice={"type": "any"},
+    )
+    # the server tool is the API's to run: the forced call is the custom one
+    (call,) = [b for b in message.content if b.type == "tool_use"]
+    assert call.name == "get_weather"
+    with pytest.raises(anthropic.BadRequestError) as raised:  # thinking is the assistant's
+        await ant.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=64,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [{"type": "thinking", "thinking": "x", "signature": "s"}],
+                }
+            ],
+        )
+    assert "assistant" in raised.value.message
+
+
+async def test_anthropic_sdk_tool_choice_needs_tools(ant: anthropic.AsyncAnthropic) -> None:
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await ant.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=64,
+            messages=[{"role": "user", "content": "hi"}],
+            tool_choice={"type": "any"},
+        )
+    assert "tool_choice" in raised.value.message
+
+
+async def test_openai_sdk_accepts_audio_file_and_refusal_parts(oai: openai.AsyncOpenAI) -> None:
+    messages: Any = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+                {"type": "file", "file": {"file_id": "file-abc"}},
+                {
+                    "type": "file",
+                    "file": {"file_data": "data:application/pdf;base64,JVBE", "filename": "a.pdf"},
+                },
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+        {"role": "user", "content": "Please?"},
+    ]
+    response = await oai.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    assert response.choices[0].message.content
+    bad_messages: list[Any] = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "ogg"}}
+            ],
+        },
+        {
+            "role": "system",
+            "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png"}}],
+        },
+        {"role": "user", "content": [{"type": "file", "file": {}}]},
+    ]
+    for bad in bad_messages:
+        with pytest.raises(openai.BadRequestError):
+            await oai.chat.completions.create(model="gpt-4o-mini", messages=[bad])
+
+
+# --------------------------------------------------------------------------- field types
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"stream": "yes"}, "stream"),
+        ({"n": "x"}, "n"),
+        ({"top_p": True}, "top_p"),
+        ({"stop": 5}, "stop"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.[0].content"),
+    ],
+)
+async def test_openai_sdk_fields_of_the_wrong_type_are_bad_requests(
+    server: FakeLLMServer, oai: openai.AsyncOpenAI, extra: dict[str, Any], param: str
+) -> None:
+    kwargs: Any = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]} | extra
+    with pytest.raises(openai.BadRequestError) as raised:
+        await oai.chat.completions.create(**kwargs)
+    body = raised.value.body
+    assert isinstance(body, dict) and body["param"] == param
+    assert server.requests("gpt-4o-mini") == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"system": 5}, "system"),
+        ({"stop_sequences": 5}, "stop_sequences"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 1.5}, "temperature"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"stream": "yes"}, "stream"),
+    ],
+)
+async def test_anthropic_sdk_fields_of_the_wrong_type_are_bad_requests(
+    server: FakeLLMServer, ant: anthropic.AsyncAnthropic, extra: dict[str, Any], fragment: str
+) -> None:
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await ant.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=16,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body=extra,
+        )
+    body = raised.value.body
+    assert isinstance(body, dict) and body["error"]["message"].startswith(fragment)
+    assert server.requests("claude-haiku-4-5") == 0
+
+
+# --------------------------------------------------------------------------- streams
+
+
+async def test_anthropic_sdk_sees_a_malformed_stream_event() -> None:
+    behavior = ModelBehavior(stream=StreamBehavior(fault_after=1, fault="malformed"))
+    async with (
+        FakeLLMServer({"claude-haiku-4-5": behavior}) as server,
+        anthropic.AsyncAnthropic(
+            api_key=KEY, base_url=server.anthropic_base_url, max_retries=0
+        ) as client,
+    ):
+        with pytest.raises(ValueError):  # the SDK's JSON decoding of the event's data
+            async with client.messages.stream(
+                model="claude-haiku-4-5",
+                max_tokens=64,
+                messages=[{"role": "user", "content": "hi"}],
+            ) as stream:
+                async for _ in stream.text_stream:
+                    pass

@@ -5,6 +5,7 @@ over real HTTP to `FakeLLMServer` with the real providers, on both wire formats.
 
 from __future__ import annotations
 
+import asyncio
 import decimal
 import json
 import random
@@ -840,9 +841,13 @@ async def test_a_schema_spoilt_after_it_was_built_is_a_parse_error(
     """The check refuses to run on a schema it cannot read, rather than raise."""
     fmt = ResponseFormat(schema={"type": "object", "properties": {"n": {"minimum": 5}}})
     spoilt: Any = fmt.schema
-    spoilt["properties"]["n"]["minimum"] = "5"
     async with make(server) as executor:
-        response = await _answer(executor, server, model, '{"n": 3}', fmt)
+        # spoilt once the request is sent (an API refuses such a schema with a 400), before
+        # the answer is read: the server counts the request before it answers
+        answer = asyncio.create_task(_answer(executor, server, model, '{"n": 3}', fmt))
+        await server.wait_for_requests(1, model)
+        spoilt["properties"]["n"]["minimum"] = "5"
+        response = await answer
     assert response.content == '{"n": 3}' and response.parsed is None
     assert response.parse_error == (
         "the schema cannot be checked: .properties.n.minimum must be a number, got '5'"

@@ -82,8 +82,11 @@ async def serve_fault(
             request.transport.close()
         return web.Response(status=500)
     if action == "context_length":
-        window = max(1, input_tokens - 1)
-        return replies.context_error(api, input_tokens, max_tokens or 0, window)
+        # a window just too small: for the prompt, or (a one-token prompt) with the
+        # completion too; the numbers in the message always add up
+        completion = max_tokens or 0
+        window = input_tokens - 1 if input_tokens > 1 else input_tokens + completion - 1
+        return replies.context_error(api, input_tokens, completion, window)
     if action == "content_policy":
         return _content_policy(replies, api)
     good = replies.success(api, model, "x" * 40, input_tokens, 16, False)

@@ -8,15 +8,19 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from attrs import frozen
 
-from ._fake_tools import check_anthropic, check_openai
+from ._fake_checks import check_anthropic, check_openai
+from ._fake_fields import anthropic_field_problem, openai_field_problem
 from ._fake_wire import ANTHROPIC, OPENAI, Api, text_of
 
-__all__ = ["Accepted", "Reject", "read_anthropic", "read_openai"]
+__all__ = ["MAX_BODY_BYTES", "Accepted", "Reject", "read_anthropic", "read_openai"]
+
+MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+"""The largest request body the server reads; a larger one gets 413."""
 
 
 class Reject(Exception):
@@ -24,7 +28,7 @@ class Reject(Exception):
     A request the server refuses: the arguments of `Replies.error` for its answer.
 
     Args:
-        status: The HTTP status (400 or 401).
+        status: The HTTP status (400, 401 or 413).
         message: The API's message.
         param: OpenAI's ``param``.
         code: OpenAI's ``code``.
@@ -52,7 +56,11 @@ class Accepted:
 
 
 def _check_key(api: Api, key: str, api_key: str | None) -> None:
-    if api_key is not None and not hmac.compare_digest(key.encode(), api_key.encode()):
+    # a header that is not UTF-8 arrives with its bytes as surrogates: compare it as
+    # it came, never failing on them
+    if api_key is not None and not hmac.compare_digest(
+        key.encode("utf-8", "surrogatepass"), api_key.encode("utf-8", "surrogatepass")
+    ):
         message = (
             "invalid x-api-key"
             if api == ANTHROPIC
@@ -61,10 +69,25 @@ def _check_key(api: Api, key: str, api_key: str | None) -> None:
         raise Reject(401, message)
 
 
-async def _read_json(request: web.Request) -> dict[str, Any]:
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _read_json(request: web.Request, api: Api) -> dict[str, Any]:
     try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        message = (
+            "Request exceeds the maximum allowed number of bytes."
+            if api == ANTHROPIC
+            else f"Request too large: the body is over {MAX_BODY_BYTES:,} bytes."
+        )
+        raise Reject(413, message) from None
+    try:
+        # NaN and Infinity are not JSON (Python's parser would take them); a body nested
+        # deeper than the parser's stack is refused like any other it cannot read
+        body = json.loads(raw, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise Reject(400, "The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise Reject(400, "The request body must be a JSON object.")
@@ -107,7 +130,7 @@ async def read_anthropic(request: web.Request, api_key: str | None) -> Accepted:
     _check_key(ANTHROPIC, key, api_key)
     if not request.headers.get("anthropic-version"):
         raise Reject(400, "anthropic-version: header is required")
-    body = await _read_json(request)
+    body = await _read_json(request, ANTHROPIC)
     model = _require_str(ANTHROPIC, body, "model")
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
@@ -124,7 +147,7 @@ async def read_anthropic(request: web.Request, api_key: str | None) -> Accepted:
         if "content" not in message:
             raise Reject(400, f"messages.{index}.content: Field required")
         text += text_of(message["content"])
-    if problem := check_anthropic(body):
+    if problem := anthropic_field_problem(body) or check_anthropic(body):
         raise Reject(400, problem)
     return Accepted(model, body, text, max_tokens)
 
@@ -156,7 +179,7 @@ async def read_openai(request: web.Request, api_key: str | None) -> Accepted:
             "Authorization header using Bearer auth.",
         )
     _check_key(OPENAI, key.strip(), api_key)
-    body = await _read_json(request)
+    body = await _read_json(request, OPENAI)
     model = _require_str(OPENAI, body, "model")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -175,6 +198,6 @@ async def read_openai(request: web.Request, api_key: str | None) -> Accepted:
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
     ):
         raise Reject(400, "Invalid 'max_tokens': must be >= 1.", param="max_tokens")
-    if problem_param := check_openai(body):
-        raise Reject(400, problem_param[0], param=problem_param[1])
+    if found := openai_field_problem(body) or check_openai(body):
+        raise Reject(400, found[0], param=found[1], code=found[2])
     return Accepted(model, body, text, max_tokens)

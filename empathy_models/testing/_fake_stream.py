@@ -88,7 +88,8 @@ class StreamBehavior:
         fault: ``"error"`` (an ``error`` event: an ``overloaded_error`` in Anthropic's
             format, a ``server_error`` object in OpenAI's), ``"reset"`` (the connection
             is dropped), ``"hang"`` (nothing more is sent until the client gives up or
-            the server stops), ``"malformed"`` (an event whose data is not JSON),
+            the server stops), ``"malformed"`` (an event whose data is not JSON; in
+            Anthropic's format a ``content_block_delta`` event),
             ``"incomplete"`` (the body ends without ``message_stop`` / ``[DONE]``).
     """
 
@@ -299,6 +300,19 @@ def _anthropic_events(
     return opening, chunks, closing, error
 
 
+def _malformed(api: str, number: int) -> bytes:
+    """
+    A malformed event: its data is cut off mid-JSON (Anthropic's names its event, as its
+    SDK skips an event without a name).
+    """
+    if api == "anthropic":
+        return (
+            b"event: content_block_delta\n"
+            b'data: {"type":"content_block_delta","index":0,"delta":{"ty\n\n'
+        )
+    return b'data: {"id":"chatcmpl-' + str(number).encode() + b'","object":"chat.comp\n\n'
+
+
 async def serve_stream(
     request: web.Request,
     *,
@@ -344,6 +358,7 @@ async def serve_stream(
             stop_reason,
         )
         headers = {"x-request-id": f"req_{number:024d}"}
+    malformed = _malformed(api, number)
     fault_after = behavior.fault_after
     what: str = behavior.fault
     if fault is not None:
@@ -363,12 +378,12 @@ async def serve_stream(
     interval = behavior.chunk_interval_ms / 1000
     for sent, chunk in enumerate(chunks):
         if sent == fault_after:
-            return await _fail(request, response, what, error, closing)
+            return await _fail(request, response, what, (error, malformed), closing)
         if sent and interval:
             await asyncio.sleep(interval)
         await response.write(chunk)
     if fault_after is not None and fault_after >= len(chunks):
-        return await _fail(request, response, what, error, closing)
+        return await _fail(request, response, what, (error, malformed), closing)
     await response.write(ending)
     await response.write_eof()
     return response
@@ -378,13 +393,15 @@ async def _fail(
     request: web.Request,
     response: web.StreamResponse,
     fault: str,
-    error: bytes,
+    events: tuple[bytes, bytes],
     closing: asyncio.Event,
 ) -> web.StreamResponse:
+    """Send ``fault``; ``events`` are the error event and the malformed one."""
+    error, malformed = events
     if fault == "error":
         await response.write(error)
     elif fault == "malformed":
-        await response.write(b'data: {"type":"content_block_delta","index":0,"delta":{"ty\n\n')
+        await response.write(malformed)
     elif fault == "hang":
         await closing.wait()
     elif fault == "reset":

@@ -217,7 +217,10 @@ class Replies:
     def context_error(
         self, api: Api, input_tokens: int, max_tokens: int, window: int
     ) -> web.Response:
-        """The 400 each API sends for a prompt and max tokens over the context window."""
+        """
+        The 400 each API sends for a prompt and max tokens (0: none asked) over the
+        context window.
+        """
         if api == ANTHROPIC:
             if input_tokens > window:
                 message = f"prompt is too long: {input_tokens} tokens > {window} maximum"
@@ -228,12 +231,21 @@ class Replies:
                     "again"
                 )
             return self.error(api, 400, message)
+        if max_tokens:
+            asked = (
+                f"you requested {input_tokens + max_tokens} tokens ({input_tokens} in the "
+                f"messages, {max_tokens} in the completion). Please reduce the length of the "
+                "messages or completion."
+            )
+        else:
+            asked = (
+                f"your messages resulted in {input_tokens} tokens. Please reduce the length "
+                "of the messages."
+            )
         return self.error(
             api,
             400,
-            f"This model's maximum context length is {window} tokens. However, you requested "
-            f"{input_tokens + max_tokens} tokens ({input_tokens} in the messages, {max_tokens} "
-            "in the completion). Please reduce the length of the messages or completion.",
+            f"This model's maximum context length is {window} tokens. However, {asked}",
             param="messages",
             code="context_length_exceeded",
         )

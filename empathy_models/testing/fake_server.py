@@ -18,12 +18,19 @@ OpenAI Chat Completions wire formats, with scripted faults per model.
 Endpoints: ``POST /v1/messages`` (Anthropic: ``x-api-key`` or ``Authorization: Bearer``,
 and ``anthropic-version``) and ``POST /v1/chat/completions`` (OpenAI: ``Authorization:
 Bearer``).
-Requests are validated as the real APIs do (missing fields -> 400, missing or wrong key
--> 401, unknown model -> 404 when no default behaviour is set) and errors come back in
-each API's own body shape; so are tools, tool choices, images and the pairing of tool
-calls with their results.  Scripts may hold `FakeReply` answers (text, tool calls,
-JSON); a request that forces a tool or asks for a JSON schema gets a value generated
-from the schema.  The official ``openai`` and ``anthropic`` SDKs work against it as
+Requests are validated as the real APIs do (missing fields, and fields of the wrong
+type or out of range -> 400, missing or wrong key -> 401, unknown model -> 404 when no
+default behaviour is set) and errors come back in each API's own body shape; so are
+tools and their JSON schemas (one that is not JSON Schema -> 400), tool choices, the
+content blocks and parts each API takes (images, documents, search results, thinking
+blocks and server tools in Anthropic's; audio, file and refusal parts in OpenAI's) and
+the pairing of tool calls with their results.  A body that is not JSON (``NaN``, or
+nested deeper than the parser goes) gets 400, one over 64 MiB 413, both in the API's
+shape.  Scripts may hold `FakeReply` answers (text, tool calls, JSON); a request that
+forces a tool or asks for a JSON schema gets a value the schema accepts, generated from
+it (OpenAI's ``json_object`` gets ``{}``); a schema with no value the fake can make, or
+whose smallest value is over 1 MB of JSON, gets 400 instead (script a `FakeReply` for
+such a request).  The official ``openai`` and ``anthropic`` SDKs work against it as
 configured for the real services (``api_key=...``, ``base_url=...``): every response
 carries a request id and rate-limit headers, and unknown routes answer with JSON
 errors.  Usage is estimated: input tokens ``len(text) // 4 + 1``,
@@ -32,7 +39,8 @@ output tokens drawn from the behaviour.
 What happens to one request, in order: authentication and validation; model lookup;
 the context-window check (when the behaviour has one); the latency draw (sleeping that
 long); then the first of: an outage for the model or its API, the model's script, a
-failure drawn with ``failure_rate``, or success.
+failure drawn with ``failure_rate``, or success (where a value is generated for a
+forced tool or a JSON schema, and a schema the fake cannot answer gets its 400).
 
 Fault actions (in ``failures``, scripts and outages): an HTTP status (400-599; 429,
 503 and 529 carry ``Retry-After`` when the behaviour sets ``retry_after``; 502 and 504
@@ -45,8 +53,9 @@ whose body stops before its Content-Length), ``"reset"`` (the connection is clos
 without an answer), ``"context_length"`` and ``"content_policy"`` (400 with the body
 each API sends for those).
 
-The server logs nothing per request and keeps only counters and the last request per
-model, so it can serve thousands of requests in a benchmark.  It is single-loop: use it
+The server logs nothing per request (only a fault in the fake itself would: aiohttp's
+500 with a traceback) and keeps only counters and the last request per model, so it
+can serve thousands of requests in a benchmark.  It is single-loop: use it
 from the event loop that entered it.
 """
 
@@ -72,10 +81,10 @@ from ._fake_behavior import (
 )
 from ._fake_controls import Controls
 from ._fake_faults import serve_fault
-from ._fake_requests import Accepted, Reject, read_anthropic, read_openai
+from ._fake_requests import MAX_BODY_BYTES, Accepted, Reject, read_anthropic, read_openai
 from ._fake_rpm import RpmBucket
 from ._fake_stream import StreamBehavior, serve_stream
-from ._fake_tools import FakeReply, apply_reply, auto_reply, streamed_calls
+from ._fake_tools import AutoReplyRefused, FakeReply, apply_reply, auto_reply, streamed_calls
 from ._fake_wire import ANTHROPIC, OPENAI, Api, Replies, api_of, json_response
 
 __all__ = [
@@ -161,7 +170,7 @@ class FakeLLMServer(Controls):
     async def __aenter__(self) -> Self:
         if self._runner is not None:
             raise ConfigurationError("FakeLLMServer is already running")
-        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._json_errors])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._json_errors])
         app.on_response_prepare.append(self._stamp)
         app.router.add_post("/v1/messages", self._anthropic)
         app.router.add_post("/v1/chat/completions", self._openai)
@@ -244,13 +253,15 @@ class FakeLLMServer(Controls):
     async def _json_errors(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """Unknown routes and methods answer in the API's JSON error shape."""
+        """Unknown routes and methods (and any other 4xx) answer in the API's JSON error shape."""
         try:
             return await handler(request)
         except web.HTTPException as exc:
-            if exc.status not in (404, 405):
+            if not 400 <= exc.status < 500:
                 raise
             api = api_of(request)
+            if exc.status not in (404, 405):
+                return self._replies.error(api, exc.status, exc.reason)
             if api == ANTHROPIC:
                 message = "Not Found" if exc.status == 404 else "Method Not Allowed"
                 return self._replies.error(api, exc.status, message)
@@ -323,13 +334,16 @@ class FakeLLMServer(Controls):
             or (streamed and isinstance(action, str) and action in _STREAMED_FAULTS)
         ):
             out, truncated = self._output_tokens(behavior, rng, max_tokens)
+            try:
+                reply = action if isinstance(action, FakeReply) else auto_reply(api, body)
+            except AutoReplyRefused as refused:  # a schema the fake cannot answer
+                return self._replies.error(api, 400, refused.message, param=refused.param)
             if streamed:  # Server-Sent Events, never a plain JSON body
                 return await self._stream(
-                    api, request, accepted, behavior, action, input_tokens, out, truncated
+                    api, request, accepted, behavior, action, reply, input_tokens, out, truncated
                 )
             content = behavior.content if behavior.content is not None else f"Reply from {model}."
             payload = self._replies.success(api, model, content, input_tokens, out, truncated)
-            reply = action if isinstance(action, FakeReply) else auto_reply(api, body)
             if reply is not None:
                 apply_reply(api, payload, reply, content)
             return json_response(payload)
@@ -352,6 +366,7 @@ class FakeLLMServer(Controls):
         accepted: Accepted,
         behavior: ModelBehavior,
         action: Action,
+        reply: FakeReply | None,
         input_tokens: int,
         output_tokens: int,
         truncated: bool,
@@ -359,7 +374,6 @@ class FakeLLMServer(Controls):
         """Answer a streamed request: the reply's text and tool calls, or a stream fault."""
         model, body = accepted.model, accepted.body
         content = behavior.content if behavior.content is not None else f"Reply from {model}."
-        reply = action if isinstance(action, FakeReply) else auto_reply(api, body)
         calls: list[tuple[str, str, str]] = []
         if reply is not None:
             content = reply.text(content) or ""

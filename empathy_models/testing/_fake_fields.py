@@ -1,0 +1,184 @@
+"""
+The types and ranges of a request's plain fields (``temperature``, ``stream``,
+``stop``, ...) as `FakeLLMServer` checks them, with each real API's message for a value
+of the wrong type or out of range.  A field that is absent or ``null`` passes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Final, Literal, TypeAlias
+
+from .._validators import shown
+from ._fake_checks import Problem, json_type
+
+__all__ = ["anthropic_field_problem", "openai_field_problem"]
+
+_Kind: TypeAlias = Literal["number", "integer", "boolean", "string", "object", "list"]
+_Field: TypeAlias = tuple[str, _Kind, float | None, float | None]
+
+_OPENAI_FIELDS: Final[tuple[_Field, ...]] = (
+    ("temperature", "number", 0, 2),
+    ("top_p", "number", 0, 1),
+    ("frequency_penalty", "number", -2, 2),
+    ("presence_penalty", "number", -2, 2),
+    ("n", "integer", 1, 128),
+    ("seed", "integer", None, None),
+    ("top_logprobs", "integer", 0, 20),
+    ("stream", "boolean", None, None),
+    ("logprobs", "boolean", None, None),
+    ("store", "boolean", None, None),
+    ("parallel_tool_calls", "boolean", None, None),
+    ("user", "string", None, None),
+    ("prompt_cache_key", "string", None, None),
+    ("safety_identifier", "string", None, None),
+    ("reasoning_effort", "string", None, None),
+    ("service_tier", "string", None, None),
+    ("verbosity", "string", None, None),
+    ("metadata", "object", None, None),
+    ("logit_bias", "object", None, None),
+    ("stream_options", "object", None, None),
+    ("response_format", "object", None, None),
+    ("modalities", "list", None, None),
+)
+_ANTHROPIC_FIELDS: Final[tuple[_Field, ...]] = (
+    ("temperature", "number", 0, 1),
+    ("top_p", "number", 0, 1),
+    ("top_k", "integer", 0, None),
+    ("stream", "boolean", None, None),
+    ("service_tier", "string", None, None),
+    ("metadata", "object", None, None),
+    ("thinking", "object", None, None),
+    ("output_config", "object", None, None),
+)
+_OPENAI_NAMES: Final = {
+    "number": "a decimal",
+    "integer": "an integer",
+    "boolean": "a boolean",
+    "string": "a string",
+    "object": "an object",
+    "list": "an array",
+}
+_ANTHROPIC_NAMES: Final = {
+    "number": "a valid number",
+    "integer": "a valid integer",
+    "boolean": "a valid boolean",
+    "string": "a valid string",
+    "object": "a valid dictionary",
+    "list": "a valid list",
+}
+
+
+def _is(kind: _Kind, value: object) -> bool:
+    if kind in ("number", "integer"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        return isinstance(value, int) or (kind == "number" and math.isfinite(value))
+    types: dict[str, type | tuple[type, ...]] = {
+        "boolean": bool,
+        "string": str,
+        "object": Mapping,
+        "list": list,
+    }
+    return isinstance(value, types[kind])
+
+
+def _openai_field(
+    name: str, kind: _Kind, low: float | None, high: float | None, value: Any
+) -> Problem | None:
+    if not _is(kind, value):
+        return (
+            f"Invalid type for '{name}': expected {_OPENAI_NAMES[kind]}, but got "
+            f"{json_type(value)} instead.",
+            name,
+            "invalid_type",
+        )
+    word = "decimal" if kind == "number" else "integer"
+    if low is not None and value < low:
+        return (
+            f"Invalid '{name}': {word} below minimum value. Expected a value >= {low:g}, but "
+            f"got {shown(value)} instead.",
+            name,
+            f"{word}_below_min_value",
+        )
+    if high is not None and value > high:
+        return (
+            f"Invalid '{name}': {word} above maximum value. Expected a value <= {high:g}, but "
+            f"got {shown(value)} instead.",
+            name,
+            f"{word}_above_max_value",
+        )
+    return None
+
+
+def openai_field_problem(body: Mapping[str, Any]) -> Problem | None:
+    """Chat Completions' 400 (message, param, code) for a field of the wrong type or range."""
+    for name, kind, low, high in _OPENAI_FIELDS:
+        value = body.get(name)
+        if value is not None and (problem := _openai_field(name, kind, low, high, value)):
+            return problem
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str):
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            return (
+                "Invalid type for 'stop': expected one of a string or array of strings, but got "
+                f"{json_type(stop)} instead.",
+                "stop",
+                "invalid_type",
+            )
+        if len(stop) > 4:
+            return (
+                f"Invalid 'stop': array too long. Expected an array with maximum length 4, but "
+                f"got an array with length {len(stop)} instead.",
+                "stop",
+                "array_above_max_length",
+            )
+    if body.get("stream_options") is not None and body.get("stream") is not True:
+        return (
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            "stream_options",
+            None,
+        )
+    return None
+
+
+def _anthropic_field(
+    name: str, kind: _Kind, low: float | None, high: float | None, value: Any
+) -> str | None:
+    if not _is(kind, value):
+        return f"{name}: Input should be {_ANTHROPIC_NAMES[kind]}"
+    if low is not None and value < low:
+        return f"{name}: Input should be greater than or equal to {low:g}"
+    if high is not None and value > high:
+        return f"{name}: Input should be less than or equal to {high:g}"
+    return None
+
+
+def anthropic_field_problem(body: Mapping[str, Any]) -> str | None:
+    """The Messages API's 400 message for a field of the wrong type or range; None if fine."""
+    for name, kind, low, high in _ANTHROPIC_FIELDS:
+        value = body.get(name)
+        if value is not None and (problem := _anthropic_field(name, kind, low, high, value)):
+            return problem
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        if not isinstance(system, list):
+            return "system: Input should be a valid string or a list of text blocks"
+        for index, block in enumerate(system):
+            if not isinstance(block, Mapping) or block.get("type") != "text":
+                return f"system.{index}.type: Input should be 'text'"
+            if not isinstance(block.get("text"), str):
+                return f"system.{index}.text: Field required"
+    stop = body.get("stop_sequences")
+    if stop is not None:
+        if not isinstance(stop, list):
+            return "stop_sequences: Input should be a valid list"
+        for index, item in enumerate(stop):
+            if not isinstance(item, str):
+                return f"stop_sequences.{index}: Input should be a valid string"
+    metadata = body.get("metadata")
+    user_id = metadata.get("user_id") if isinstance(metadata, Mapping) else None
+    if user_id is not None and not isinstance(user_id, str):
+        return "metadata.user_id: Input should be a valid string"
+    return None
