@@ -33,6 +33,7 @@ from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.content import ToolCallDelta
 from empathy_models.exceptions import InvalidResponseError
 from empathy_models.testing import FakeLLMServer, FakeReply
+from tests._serving import serving
 
 from ._fakes import CHEAP_ONLY, KEY, NoSleep
 
@@ -357,18 +358,8 @@ async def _sse_server(body: bytes) -> AsyncIterator[str]:
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    app.router.add_post("/v1/messages", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}/v1"
-    finally:
-        await runner.cleanup()
+    async with serving("/{tail:.*}", handler) as url:
+        yield f"{url}/v1"
 
 
 def _chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:

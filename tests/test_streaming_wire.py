@@ -6,10 +6,8 @@ fake, and the providers' `stream` over real HTTP on 127.0.0.1.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +32,7 @@ from empathy_models.providers._sse import (
     SSEDecoder,
 )
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from tests._serving import serving
 
 KEY = "test-key-0123"
 DATA = Path(__file__).parent / "data"
@@ -505,22 +502,6 @@ async def test_a_stall_raises_the_idle_timeout() -> None:
                 await stream.__anext__()
 
 
-@contextlib.asynccontextmanager
-async def _serving(path: str, handler: Handler) -> AsyncIterator[str]:
-    """A server on 127.0.0.1 answering POSTs to ``path`` with ``handler``; its base URL."""
-    app = web.Application()
-    app.router.add_post(path, handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
-
-
 async def test_a_key_echoed_in_an_error_event_is_scrubbed() -> None:
     secret = "tok-0123456789-very-secret"
 
@@ -532,7 +513,7 @@ async def test_a_key_echoed_in_an_error_event_is_scrubbed() -> None:
         await response.write_eof()
         return response
 
-    async with _serving("/v1/messages", handler) as url:
+    async with serving("/v1/messages", handler) as url:
         provider = AnthropicProvider(api_key=secret, base_url=url)
         async with provider:
             with pytest.raises(ServerError) as caught:
@@ -580,7 +561,7 @@ async def test_an_error_status_maps_alike_whether_streamed_or_not(
         await request.read()
         return web.Response(status=status, body=body, headers=headers)
 
-    async with _serving("/{tail:.*}", handler) as url:
+    async with serving("/{tail:.*}", handler) as url:
         for provider in (
             OpenAIProvider(api_key=KEY, base_url=f"{url}/v1"),
             AnthropicProvider(api_key=KEY, base_url=url),
@@ -609,7 +590,7 @@ async def test_a_key_echoed_in_a_malformed_event_is_scrubbed_before_the_quote_is
         await response.write_eof()
         return response
 
-    async with _serving("/v1/chat/completions", handler) as url:
+    async with serving("/v1/chat/completions", handler) as url:
         provider = OpenAIProvider(base_url=f"{url}/v1", headers={"api-key": secret})
         async with provider:
             with pytest.raises(InvalidResponseError, match="not JSON") as caught:
