@@ -470,17 +470,20 @@ def test_message_of_takes_either_apis_dicts() -> None:
 # --------------------------------------------------------------------------- responses
 
 
+def _provider(server: FakeLLMServer, api: str) -> AnthropicProvider | OpenAIProvider:
+    """A provider of ``api``'s wire format on ``server``."""
+    if api == "anthropic":
+        return AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
+    return OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
+
+
 @pytest.mark.parametrize(("model", "api"), MODELS)
 async def test_malformed_tool_arguments_are_an_invalid_response_with_the_raw_text(
     server: FakeLLMServer, model: str, api: str
 ) -> None:
     raw = '{"city": "Oslo"'
     server.script(model, [FakeReply(tool_calls=[{"name": "get_weather", "arguments": raw}])])
-    provider: Any = (
-        AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
-        if api == "anthropic"
-        else OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
-    )
+    provider = _provider(server, api)
     async with provider:
         with pytest.raises(InvalidResponseError, match="get_weather") as raised:
             await provider.complete(CompletionRequest(model=model, messages="Hi", tools=[WEATHER]))
@@ -677,11 +680,7 @@ async def test_tool_arguments_nested_too_deeply_are_an_invalid_response(
     """Deep enough to parse, too deep to copy by recursion: a malformed answer."""
     deep = '{"a": ' + "[" * 400 + "]" * 400 + "}"
     server.script(model, [FakeReply(tool_calls=[{"name": "get_weather", "arguments": deep}])])
-    provider: Any = (
-        AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
-        if api == "anthropic"
-        else OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
-    )
+    provider = _provider(server, api)
     async with provider:
         with pytest.raises(InvalidResponseError, match="nested at most 100 levels deep"):
             await provider.complete(CompletionRequest(model=model, messages="Hi", tools=[WEATHER]))
@@ -1108,11 +1107,7 @@ async def test_the_fake_answers_scripted_arguments_too_deep_to_parse(
     """It answered a 500 with a RecursionError; the client now sees malformed arguments."""
     deep = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
     server.script(model, [FakeReply(tool_calls=[{"name": "get_weather", "arguments": deep}])])
-    provider: Any = (
-        AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
-        if api == "anthropic"
-        else OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
-    )
+    provider = _provider(server, api)
     async with provider:
         with pytest.raises(InvalidResponseError) as raised:
             await provider.complete(CompletionRequest(model=model, messages="Hi", tools=[WEATHER]))
