@@ -246,20 +246,9 @@ def test_close_from_inside_a_call_is_refused(server: FakeLLMServer) -> None:
         async def close_inside() -> None:
             llm.close()
 
-        raised: list[BaseException] = []
-
-        def worker() -> None:
-            try:
-                llm.call(close_inside)
-            except BaseException as exc:
-                raised.append(exc)
-
-        thread = threading.Thread(target=worker, daemon=True)
-        thread.start()
-        thread.join(10)
-        assert not thread.is_alive(), "close() from the loop thread deadlocked"
-        assert len(raised) == 1 and isinstance(raised[0], ConfigurationError), raised
-        assert "after that call has returned" in str(raised[0])
+        error = _call_from_a_thread(llm, close_inside)
+        assert isinstance(error, ConfigurationError), error
+        assert "after that call has returned" in str(error)
         assert not llm.closed
         assert llm.run("still there?", CHEAP).content
     assert llm.closed
