@@ -6,14 +6,19 @@ change test that does not read a lucky start as a later degradation.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime
+
+import pytest
 
 from empathy_models import (
     AdaptiveModelRouter,
     LLMCallRecord,
     ModelInfo,
     ModelRegistry,
+    NoModelMeetsConstraintsError,
     Outcome,
+    RoutingDecision,
     RoutingPolicy,
 )
 from empathy_models.routing.book import Arm, ChangeTest
@@ -208,3 +213,75 @@ def test_a_degraded_model_reported_thousands_of_successes_in_a_row_is_still_judg
         for _ in range(50)
     ]
     assert "re-probe" in kinds  # at the shortest wait: its recovery is being measured
+
+
+def _stranded(clock: FakeClock, seed: int) -> AdaptiveModelRouter:
+    # both models just had a bad streak (an outage) that rules them out of a 0.95 gate:
+    # nothing is eligible or unproven, so without re-probes no decision would ever
+    # route a call again and the stage would fail until the window forgot the streak
+    router = AdaptiveModelRouter(REGISTRY, clock=clock, seed=seed)
+    for model, failures in (("cheap", 16), ("dear", 12)):
+        for k in range(80):
+            clock.advance(1.0)
+            router.record_outcome(_record(clock, model, k < 80 - failures))
+    with pytest.raises(NoModelMeetsConstraintsError):
+        _decide(router)
+    return router
+
+
+def _decide(router: AdaptiveModelRouter) -> RoutingDecision:
+    return router.get_best_model(
+        WF, ST, candidates=["cheap", "dear"], input_tokens=500, min_success_rate=0.95
+    )
+
+
+def _serve(
+    router: AdaptiveModelRouter, clock: FakeClock, n: int, ok: Callable[[str, int], bool]
+) -> tuple[list[str], list[RoutingDecision]]:
+    # n requests; each answered by its decision's model (outcome ``ok(model, k)`` for
+    # that model's k-th call) or "" when the router raised
+    served: list[str] = []
+    probes: list[RoutingDecision] = []
+    calls = {"cheap": 0, "dear": 0}
+    for _ in range(n):
+        clock.advance(1.0)
+        try:
+            d = _decide(router)
+        except NoModelMeetsConstraintsError:
+            served.append("")
+            continue
+        served.append(d.model)
+        if d.exploration_kind == "re-probe":
+            probes.append(d)
+        calls[d.model] += 1
+        router.record_outcome(_record(clock, d.model, ok(d.model, calls[d.model])))
+    return served, probes
+
+
+def test_a_stage_whose_every_model_was_ruled_out_by_a_bad_streak_recovers() -> None:
+    # both models truly succeed 99% of the time (one failure in a hundred from here on)
+    # but a bad streak ruled both out: re-probes measure them again while nothing else
+    # can be routed, and the stage answers >= 90% of its requests again within 1,000
+    for seed in range(5):
+        clock = FakeClock()
+        router = _stranded(clock, seed)
+        served, probes = _serve(router, clock, 3_000, lambda _m, k: k % 100 != 50)
+        assert probes, seed
+        assert all(not p.constraints_met and p.exploration for p in probes)
+        assert "no candidate meets the constraints" in probes[0].reason
+        for start in range(1_000, 3_000, 100):
+            block = served[start : start + 100]
+            answered = sum(1 for m in block if m)
+            assert answered >= 90, (seed, start, answered)
+
+
+def test_a_stage_whose_models_stay_bad_is_re_probed_at_a_bounded_rate() -> None:
+    # both models truly fail half their calls: the re-probes go on (a recovery would be
+    # found) but back off, each model taking at most 1% of the stage's requests
+    for seed in range(3):
+        clock = FakeClock()
+        router = _stranded(clock, seed)
+        served, probes = _serve(router, clock, 5_000, lambda _m, k: k % 2 == 0)
+        late = sum(1 for m in served[1_000:] if m)
+        assert 2 <= late <= 2 * 0.01 * 4_000, (seed, late)
+        assert len(probes) == sum(1 for m in served if m)

@@ -75,6 +75,12 @@ class ModelFacts:
 REPROBE_REASON: Final = "re-probe: measuring a rejected or degraded model that would be cheaper"
 """The reason of a decision that re-probes a rejected or degraded model."""
 
+STRANDED_REASON: Final = (
+    "re-probe: no candidate meets the constraints; measuring a rejected model again so "
+    "that a recovery is found"
+)
+"""The reason of a re-probe made while no candidate is eligible or unproven."""
+
 Pick = tuple[int, str | None, str]
 """A selection: (candidate index, exploration kind or ``None``, why)."""
 
@@ -327,6 +333,7 @@ class Exploration:
     tokens: float = 0.0
     decisions: int = 0
     waits: dict[int, int] = field(factory=dict)  # candidate -> decision it last waited from
+    stranded: set[int] = field(factory=set)  # re-probed while nothing else could be picked
 
 
 @define(slots=True, eq=False)
@@ -518,7 +525,11 @@ def select(
     once something is eligible.
     """
     if not eligible:
-        return _explore_unproven(ctx, costs, explorable, rng, policy) if explorable else None
+        if explorable:
+            return _explore_unproven(ctx, costs, explorable, rng, policy)
+        if not budget or policy.explore_rate <= 0.0 or not probeable:
+            return None
+        return _reprobe_stranded(ctx, probeable, policy)
     index, why = _exploit(eligible, costs, ctx.verdicts, rng, policy)
     if not budget or policy.explore_rate <= 0.0 or not (explorable or probeable):
         return (index, None, why)
@@ -579,6 +590,43 @@ def _reprobe(
                 "re-probe",
                 REPROBE_REASON,
             )
+    return None
+
+
+def _reprobe_stranded(ctx: Context, probeable: Sequence[int], policy: RoutingPolicy) -> Pick | None:
+    # nothing is eligible or unproven: a decision not spent on a re-probe raises (or
+    # relaxes, or pins), and no evidence would ever arrive to undo a rejection that a bad
+    # streak or an outage caused.  Each rejected candidate within the cost limit is
+    # first re-probed reprobe_min decisions after the stage ran out of candidates, then
+    # after reprobe_interval / 2**streak decisions (its live successes in a row), down
+    # to every decision: the calls it takes would otherwise fail, while a failure puts it
+    # back to one re-probe per reprobe_interval.  One too slow waits four times that:
+    # successes in a row say nothing of its speed
+    exploration = ctx.exploration
+    exploration.decisions += 1
+    decisions = exploration.decisions
+    waits = exploration.waits
+    stranded = exploration.stranded
+    arms = ctx.arms
+    verdicts = ctx.verdicts
+    for i in probeable:
+        since = waits.get(i)
+        if since is None:
+            waits[i] = decisions
+            continue
+        v = verdicts[i]
+        if v.latency is REJECTED or v.ttft is REJECTED:
+            wait = 4.0 * policy.reprobe_interval
+        elif i in stranded:
+            arm = arms[i]
+            streak = arm.streak if arm is not None else 0
+            wait = max(1.0, math.ldexp(policy.reprobe_interval, -streak))
+        else:
+            wait = policy.reprobe_min
+        if decisions - since >= wait:
+            waits[i] = decisions
+            stranded.add(i)
+            return (i, "re-probe", STRANDED_REASON)
     return None
 
 

@@ -135,6 +135,13 @@ class RoutingPolicy:
             rejected on latency or time to first token.  A degraded candidate whose
             recovery was noticed in its newest minute is re-probed the same way until a
             later minute holds an outcome of it, when the recovery is acted on.
+            While no candidate is eligible or unproven (a decision would raise,
+            relax or pin), every rejected candidate within the cost limit is
+            re-probed: first ``reprobe_min`` decisions after that began, then after
+            ``reprobe_interval`` halved per success in a row, down to every decision
+            (the calls it takes would otherwise fail); one rejected on latency or
+            time to first token waits four times ``reprobe_interval``.  Not when
+            ``explore_rate`` is 0.
         reprobe_min: the shortest that wait gets (default 4).
         warmup_min_calls: before the exploration budget applies, a cheaper candidate
             with fewer calls than this is given them whatever they showed (default 20: a
