@@ -44,7 +44,7 @@ from typing import Any, Final, Self, cast
 import attrs
 from attrs import field, frozen
 
-from ._validators import check, failure, integer, number, shown, text
+from ._validators import check, failure, integer, number, shown, text, text_flaw
 from .exceptions import ConfigurationError, ModelNotFoundError, RecordValidationError
 from .records import _INT_LIMIT, ModelTier
 
@@ -97,6 +97,16 @@ def _to_capabilities(value: object) -> frozenset[str]:
 
 _fail = failure(RecordValidationError)
 _non_empty_str = text(_fail)
+
+
+def _name(_: object, attribute: Any, value: Any) -> None:
+    # a non-empty id or provider that every store keeps as given: records, breaker keys
+    # and routing evidence are read back by it
+    _non_empty_str(_, attribute, value)
+    flaw = text_flaw(value)
+    if flaw is not None:
+        raise _fail(attribute.name, value, flaw)
+
 _price = number(
     _fail,
     low=0,
@@ -180,12 +190,12 @@ class ModelInfo:
 
     Raises:
         RecordValidationError: naming the field and value, when an id or provider is
-            empty, a price is negative or not finite, a window, ``rpm`` or ``tpm`` is not
+            empty or holds a NUL or a lone surrogate (no store keeps it as given), a price is negative or not finite, a window, ``rpm`` or ``tpm`` is not
             an integer from 1 to 2**63 - 1, or a capability is not one of `CAPABILITIES`.
     """
 
-    id: str = field(validator=_non_empty_str)
-    provider: str = field(validator=_non_empty_str)
+    id: str = field(validator=_name)
+    provider: str = field(validator=_name)
     tier: ModelTier = field(converter=_to_tier)
     input_price_per_mtok: float = field(converter=_to_float, validator=_price)
     output_price_per_mtok: float = field(converter=_to_float, validator=_price)

@@ -65,6 +65,10 @@ def test_cost_rejects_bad_token_counts(tokens: object) -> None:
         ("max_output_tokens", 2**64),
         ("id", ""),
         ("provider", "  "),
+        # ids and providers every store keeps as given (telemetry, breaker keys)
+        ("id", "gpt\udce9"),
+        ("id", "gpt\x00mini"),
+        ("provider", "open\ud800ai"),
         ("tier", "gold"),
     ],
 )
