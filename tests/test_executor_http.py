@@ -37,6 +37,7 @@ from empathy_models import (
     ModelInfo,
     ModelRegistry,
     ModelTier,
+    NoModelMeetsConstraintsError,
     Outcome,
     RetryPolicy,
     RoutingPolicy,
@@ -324,6 +325,55 @@ async def test_a_failed_re_probe_falls_back_at_once_rather_than_retrying(
     else:  # nowhere else to go: retried, then the run failed (the outage)
         assert not probes
         assert {r.attempt for r in reprobed} >= {1, 2}
+
+
+async def test_a_stage_an_outage_ruled_out_entirely_is_re_probed_once_it_ends(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    An outage of every model rules a stage's candidates out, and the stage raises
+    `NoModelMeetsConstraintsError` while nothing can be routed; the router keeps
+    re-probing them meanwhile, so once the outage ends requests are answered again
+    (before, no call was routed again until the window forgot the outage).  The
+    recovery itself is acted on once a later minute holds an outcome of the model
+    (`tests/test_routing_exploration.py`, on a clock that moves).
+    """
+    for provider in ("anthropic", "openai"):
+        server.set_outage(provider, action=500)
+    router = AdaptiveModelRouter(REGISTRY, telemetry, seed=3)
+    context = attrs.evolve(CHEAP, min_success_rate=0.9)
+    patient = CircuitBreaker(
+        policy=BreakerPolicy(consecutive_failures=10_000, minimum_calls=10_000)
+    )
+    retry = RetryPolicy(max_attempts=1)
+    errors = (AllRoutesFailedError, NoModelMeetsConstraintsError)
+    async with patient, router, make(
+        server, telemetry, sleep, router=router, retry=retry, breaker=patient
+    ) as executor:
+        ruled_out = 0
+        for _ in range(80):
+            with pytest.raises(errors) as failed:
+                await executor.run("hello", context)
+            ruled_out += isinstance(failed.value, NoModelMeetsConstraintsError)
+        assert ruled_out > 0
+        for provider in ("anthropic", "openai"):
+            server.set_outage(provider, enabled=False)
+        answered: list[int] = []
+        kinds: list[str | None] = []
+        for i in range(400):
+            try:
+                response = await executor.run("hello", context)
+            except NoModelMeetsConstraintsError:
+                continue
+            answered.append(i)
+            decision = response.routing_decision
+            assert decision is not None and response.model == decision.model
+            kinds.append(decision.exploration_kind)
+    # the re-probes that failed in the outage backed off to one per reprobe_interval
+    # (200) decisions; they come faster while they succeed
+    assert answered and answered[0] <= 200, answered
+    assert kinds[0] == "re-probe", kinds
+    assert len(answered) >= 10, answered
 
 
 # --------------------------------------------------------------------------- retry and errors
