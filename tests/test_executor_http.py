@@ -347,9 +347,11 @@ async def test_a_stage_an_outage_ruled_out_entirely_is_re_probed_once_it_ends(
     )
     retry = RetryPolicy(max_attempts=1)
     errors = (AllRoutesFailedError, NoModelMeetsConstraintsError)
-    async with patient, router, make(
-        server, telemetry, sleep, router=router, retry=retry, breaker=patient
-    ) as executor:
+    async with (
+        patient,
+        router,
+        make(server, telemetry, sleep, router=router, retry=retry, breaker=patient) as executor,
+    ):
         ruled_out = 0
         for _ in range(80):
             with pytest.raises(errors) as failed:
