@@ -107,6 +107,7 @@ def _name(_: object, attribute: Any, value: Any) -> None:
     if flaw is not None:
         raise _fail(attribute.name, value, flaw)
 
+
 _price = number(
     _fail,
     low=0,
@@ -190,8 +191,9 @@ class ModelInfo:
 
     Raises:
         RecordValidationError: naming the field and value, when an id or provider is
-            empty or holds a NUL or a lone surrogate (no store keeps it as given), a price is negative or not finite, a window, ``rpm`` or ``tpm`` is not
-            an integer from 1 to 2**63 - 1, or a capability is not one of `CAPABILITIES`.
+            empty or holds a NUL or a lone surrogate (no store keeps it as given), a
+            price is negative or not finite, a window, ``rpm`` or ``tpm`` is not an
+            integer from 1 to 2**63 - 1, or a capability is not one of `CAPABILITIES`.
     """
 
     id: str = field(validator=_name)

@@ -442,6 +442,26 @@ def test_exploration_never_breaks_the_cost_limit(clock: FakeClock) -> None:
         assert d.expected_cost_usd is not None and d.expected_cost_usd <= limit
 
 
+def test_a_call_whose_max_tokens_caps_its_output_is_costed_at_the_cap(clock: FakeClock) -> None:
+    # the model's answers so far were long (2,000 output tokens), but this call's
+    # max_tokens caps its output at 5: its expected cost is the capped one, so a
+    # max_cost that fits the cap admits it (judging it on the mean refused it)
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
+    feed(router, clock, "mini", 100, output_tokens=2_000)
+    capped = 1000 * 0.4e-6 + 5 * 1.6e-6
+    d = router.get_best_model(
+        WF, ST, candidates=["mini"], input_tokens=1000, max_tokens=5, max_cost=capped * 1.01
+    )
+    assert d.constraints_met
+    assert d.expected_cost_usd == pytest.approx(capped)
+    # a cap above the mean leaves the mean
+    d = router.get_best_model(WF, ST, candidates=["mini"], input_tokens=1000, max_tokens=4_000)
+    assert d.expected_cost_usd == pytest.approx(1000 * 0.4e-6 + 2_000 * 1.6e-6)
+    # a model costed on the stage's prior (not measured yet) is capped the same way
+    d = router.get_best_model(WF, ST, candidates=["nano"], input_tokens=1000, max_tokens=5)
+    assert d.expected_cost_usd == pytest.approx(1000 * 0.1e-6 + 5 * 0.4e-6)
+
+
 def test_strict_cost_judges_the_worst_case(clock: FakeClock) -> None:
     router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
     feed(router, clock, "nano", 100, output_tokens=10)

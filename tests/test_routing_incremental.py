@@ -192,7 +192,8 @@ def _stage_call(model: str, ok: bool, output_tokens: int, stage: str = "s") -> L
 
 def test_an_untried_model_is_costed_on_the_stage_mean_after_every_outcome() -> None:
     # the stage's mean output tokens changes with every success on the other models;
-    # the untried model's row must show it at once (its evidence did not change)
+    # the untried model's row must show it at once (its evidence did not change), up to
+    # the call's max_tokens, where its output stops
     registry = priced_registry([("a", 1.0), ("b", 2.0), ("x", 0.5)], "test")
     router = AdaptiveModelRouter(registry, seed=3, refresh_interval=None)
     rng = random.Random(4)
@@ -215,7 +216,9 @@ def test_an_untried_model_is_costed_on_the_stage_mean_after_every_outcome() -> N
         (row,) = [c for c in decision.candidates if c.model == "x"]
         mean = sum(outputs) / len(outputs)
         assert row.cost_basis == "prior"
-        assert row.expected_cost_usd == pytest.approx((100 * 0.5 + mean * 2.0) / 1e6, rel=1e-12)
+        assert row.expected_cost_usd == pytest.approx(
+            (100 * 0.5 + min(mean, 400) * 2.0) / 1e6, rel=1e-12
+        )
 
 
 @pytest.mark.parametrize("stated_prior", [None, 300.0])
@@ -252,4 +255,6 @@ def test_an_untried_model_moves_from_its_first_costing_to_the_stage_mean(
         row = row_of_x()
         mean = sum(seen) / len(seen)
         assert row.cost_basis == "prior"
-        assert row.expected_cost_usd == pytest.approx((100 * 0.5 + mean * 2.0) / 1e6, rel=1e-12)
+        assert row.expected_cost_usd == pytest.approx(
+            (100 * 0.5 + min(mean, 400) * 2.0) / 1e6, rel=1e-12
+        )

@@ -202,13 +202,26 @@ class VerdictCache:
         ctx.arm_versions = sibling.arm_versions[:]
         ctx.caches = [{} for _ in ctx.models]
         ctx.verdicts = sibling.verdicts[:]
-        if ctx.cons.max_tokens != sibling.cons.max_tokens:
-            # only a verdict costed on the worst case (or not costed: no max_tokens then)
-            # depends on max_tokens; one costed on its own or the stage's mean does not
+        cap, other = ctx.cons.max_tokens, sibling.cons.max_tokens
+        if cap != other:
+            # a verdict depends on max_tokens when costed on the worst case (or not
+            # costed: no max_tokens then), on the stage prior, or on a mean of output
+            # tokens above either cap (the output stops at max_tokens)
+            low = other if cap is None else cap if other is None else min(cap, other)
             tokens = prior.mean() if prior is not None else None
             verdicts = ctx.verdicts
             for i, v in enumerate(verdicts):
-                if v.basis is None or v.basis == "worst_case":
+                basis = v.basis
+                if (
+                    basis is None
+                    or basis == "worst_case"
+                    or basis == "prior"
+                    or (
+                        low is not None
+                        and (out := v.summary.mean_output_tokens) is not None
+                        and out > low
+                    )
+                ):
                     verdicts[i] = recost(v, ctx.cons, self.policy, prior_output_tokens=tokens)
 
     def _rejudge(
@@ -332,6 +345,9 @@ def classify(
         ]
     else:  # some are costed on the stage prior's current value (NaN: none, never here)
         prior = ctx.prior_tokens if ctx.prior_tokens is not None else math.nan
+        cap = ctx.cons.max_tokens
+        if cap is not None and prior > cap:
+            prior = cap  # the call's output stops at max_tokens
         costs = [
             None
             if (slope := v.slope) is None

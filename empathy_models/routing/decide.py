@@ -297,10 +297,13 @@ def _cost_terms(
     out: float | None = summary.mean_output_tokens
     basis: str | None = "estimate"
     prior_price: float | None = None
+    cap = cons.max_tokens
     if out is None and prior is not None:
         out, basis, prior_price = prior, "prior", out_price
-    if out is None and cons.max_tokens is not None:
-        out, basis = float(cons.max_tokens), "worst_case"
+    if out is None and cap is not None:
+        out, basis = float(cap), "worst_case"
+    elif out is not None and cap is not None and out > cap:
+        out = float(cap)  # the call's output stops at max_tokens, however long the mean
     slope: float | None = in_price if out is not None else None
     const = out * out_price if out is not None else 0.0
     const_ni: float | None = None
