@@ -373,6 +373,7 @@ def cache_from_url(url: str | ResponseCache, **options: Any) -> ResponseCache:
     if scheme == "sqlite":
         from .backends.sqlite._url import _COMMON_OPTIONS, parse_sqlite_url
 
+        _plugin_for(url)  # the same checks as every sqlite:// URL (an option given twice)
         allowed = {k: v for k, v in _COMMON_OPTIONS.items() if k != "read_only"}
         path, query = parse_sqlite_url(url, allowed)
         built: ResponseCache = _build(

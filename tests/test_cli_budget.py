@@ -50,9 +50,11 @@ def test_budget_status_set_and_reset(tmp_path: Path) -> None:
     reset = run_cli(home, "budget", "reset", "global/day", "--db", str(db))
     assert reset.returncode == 0 and "1 window" in reset.stdout
     again = run_cli(home, "budget", "reset", "global/day", "--db", str(db))
-    assert again.returncode == 1 and "nothing was reset" in again.stderr
+    assert again.returncode == 0 and "already zero" in again.stdout  # the limit set stays
     cleared = run_cli(home, "budget", "set", "global/day", "--clear", "--db", str(db))
     assert cleared.returncode == 0
+    gone = run_cli(home, "budget", "reset", "global/day", "--db", str(db))
+    assert gone.returncode == 1 and "nothing was reset" in gone.stderr
     missing = run_cli(home, "budget", "status", "global/day", "--db", str(db))
     assert missing.returncode == 1 and "no budget 'global/day'" in missing.stderr
 
@@ -104,3 +106,30 @@ def test_budget_status_shows_a_window_no_date_can_hold(tmp_path: Path) -> None:
     assert status.returncode == 0, status.stderr
     (row,) = json.loads(status.stdout)["budgets"]
     assert row["window_start"] == "1970-01-01T00:00:00+00:00" and row["resets_at"] is None
+
+
+def test_budget_keys_are_checked_and_set_reset_status_agree(tmp_path: Path) -> None:
+    home, db = tmp_path / "home", tmp_path / "quota.db"
+    _charge(db, "user_id=bob/day", 20_000_000, 10_000_000)
+    for bad in ("globl/day", "global/dya", "user=bob/day", "global/0s"):
+        for command in (("set", bad, "--limit", "5"), ("reset", bad), ("status", bad)):
+            result = run_cli(home, "budget", *command, "--db", str(db))
+            assert result.returncode == 1, (command, result.stdout)
+            assert "is not a budget key" in result.stderr and "global/day" in result.stderr
+    overrides = json.loads(run_cli(home, "budget", "status", "--db", str(db), "--json").stdout)
+    assert overrides["overrides"] == {}  # nothing was set
+
+    assert (
+        run_cli(home, "budget", "set", "global/day", "--limit", "5", "--db", str(db)).returncode
+        == 0
+    )
+    assert run_cli(home, "budget", "set", "team-a", "--limit", "7", "--db", str(db)).returncode == 0
+    table = run_cli(home, "budget", "status", "--db", str(db)).stdout
+    assert "global/day *" in table and "$5.0000" in table and "team-a *" in table, table
+    one = run_cli(home, "budget", "status", "global/day", "--db", str(db))
+    assert one.returncode == 0 and "global/day *" in one.stdout, one.stderr
+    reset = run_cli(home, "budget", "reset", "global/day", "--db", str(db))
+    assert reset.returncode == 0, reset.stderr
+    assert "already zero" in reset.stdout and "$5.0000" in reset.stdout
+    unknown = run_cli(home, "budget", "reset", "global/hour", "--db", str(db))
+    assert unknown.returncode == 1 and "no budget 'global/hour'" in unknown.stderr

@@ -126,17 +126,17 @@ def test_read_only_commands_never_create_a_misspelt_schema(
 # --------------------------------------------------------------------------- output
 
 
-def test_tables_fit_the_width_without_cutting_numbers() -> None:
+def test_tables_fit_the_width_without_cutting_identifiers_or_numbers() -> None:
     out = io.StringIO()
-    rows = [("claude-" + "x" * 60, "a" * 50, 123456.5), ("short", "b", 7.0)]
-    print_table(["model", "note", "cost"], rows, file=out, width=60)
+    rows = [("claude-" + "x" * 30, "a" * 50, 123456.5), ("short", "b", 7.0)]
+    print_table(["model", "note", "cost"], rows, file=out, width=60, cut=("note",))
     lines = out.getvalue().splitlines()
     assert all(len(line) <= 60 for line in lines), lines
-    assert "123456.5" in out.getvalue() or "1.235e+05" in out.getvalue()
-    assert "…" in lines[2]
+    assert "claude-" + "x" * 30 in lines[2] and "1.235e+05" in lines[2]
+    assert "…" in lines[2]  # only the free text gave way
     unlimited = io.StringIO()
-    print_table(["model", "note", "cost"], rows, file=unlimited)
-    assert "x" * 60 in unlimited.getvalue()  # a file or a pipe gets every character
+    print_table(["model", "note", "cost"], rows, file=unlimited, cut=("note",))
+    assert "a" * 50 in unlimited.getvalue()  # a file or a pipe gets every character
 
 
 class Terminal(io.StringIO):
@@ -190,3 +190,20 @@ def test_a_provider_named_after_no_registry_model_says_how_to_fix_it() -> None:
     message = str(info.value)
     assert "'fake' has no models in the registry" in message
     assert "FakeProvider(name=" in message and "registry=" in message
+
+
+@needs_postgres
+def test_budget_status_on_postgresql_without_budgets_reads_as_empty_like_sqlite(
+    tmp_path: Path, pg_schema: tuple[str, str, str]
+) -> None:
+    dsn, schema, url = pg_schema
+    missing = cli(tmp_path, "budget", "status", "--db", url)  # no empathy-models tables at all
+    assert missing.returncode == 1 and "no empathy-models tables" in missing.stderr
+    assert not _schema_exists(dsn, schema)
+    assert cli(tmp_path, "demo", "--calls", "20", "--yes", "--db", url).returncode == 0
+    for db in (url, str(tmp_path / "demo.db")):
+        if not db.startswith("postgres"):
+            assert cli(tmp_path, "demo", "--calls", "20", "--db", db).returncode == 0
+        status = cli(tmp_path, "budget", "status", "--db", db)
+        assert status.returncode == 0, (db, status.stderr)
+        assert "(no rows)" in status.stdout

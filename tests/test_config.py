@@ -314,3 +314,29 @@ async def test_without_a_file_the_executor_writes_where_the_cli_reads(
     summary = cli(project, home, "telemetry", "summary", "--json")
     assert summary.returncode == 0, summary.stderr
     assert sum(m["calls"] for m in json.loads(summary.stdout)["models"]) == 1
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        'telemetry = "foo://x"',
+        'registry = "nofile.toml"',
+        'state = "redis://127.0.0.1:6379/0?socket_timout=1"',
+        '[providers.house]\ntype = "openai"\nbase_url = "localhost:8000/v1"\napi_key = "k"',
+        '[providers.nomodels]\ntype = "openai"\nbase_url = "http://127.0.0.1:9/v1"\napi_key = "k"',
+    ],
+)
+def test_config_show_refuses_what_from_config_refuses(
+    project: Path, tmp_path: Path, toml: str
+) -> None:
+    (project / "empathy.toml").write_text(toml + "\n")
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyLLMExecutor.from_config()
+    home = tmp_path / "cli-home"  # (from_config above made the directory of its own home)
+    shown = cli(project, home, "config", "show")
+    assert shown.returncode == 1, shown.stdout
+    assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
+    assert str(project / "empathy.toml") in shown.stdout  # still shows what it can
+    data = json.loads(cli(project, home, "config", "show", "--json").stdout)
+    assert data["error"]["message"] == str(refused.value) and data["settings"]
+    assert not home.exists()  # nothing created, nothing connected

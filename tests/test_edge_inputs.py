@@ -29,6 +29,8 @@ from empathy_models import (
     ModelRegistry,
     RetryPolicy,
     RoutingPolicy,
+    cache_from_url,
+    quota_store_from_url,
     state_store_from_url,
     telemetry_from_url,
 )
@@ -99,6 +101,10 @@ def test_a_repeated_url_option_is_an_error_naming_it(tmp_path: Any) -> None:
         telemetry_from_url(url)
     with pytest.raises(ConfigurationError, match="'busy_timeout' is given more than once"):
         state_store_from_url(url)
+    with pytest.raises(ConfigurationError, match="'read_only' is given more than once"):
+        quota_store_from_url(f"sqlite:///{tmp_path}/x.db?read_only=true&read_only=false")
+    with pytest.raises(ConfigurationError, match="'busy_timeout' is given more than once"):
+        cache_from_url(url)
     assert not (tmp_path / "x.db").exists()
 
 

@@ -357,6 +357,20 @@ async def test_budgets_rate_limits_and_cache_recipe(
     assert (tmp_path / "quota.db").exists()
 
 
+async def test_budgets_recipe_prints_when_a_spent_budget_resets(
+    keys: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = block("limits").replace("Budget(limit_usd=50,", "Budget(limit_usd=0,")
+    async with FakeLLMServer(api_key="test-key") as server:
+        monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+        monkeypatch.setenv("OPENAI_BASE_URL", server.openai_base_url)
+        await _run_main(code)
+        assert server.requests() == 0
+    out = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"global/day: \$0\.0000 left until \d{4}-\d\d-\d\d 00:00 UTC", out), out
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     dsn = os.environ.get("EMPATHY_TEST_POSTGRES_DSN")

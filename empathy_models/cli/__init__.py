@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import io
 import logging
 import os
 import sys
@@ -24,7 +25,7 @@ from typing import Any, NoReturn, cast
 
 from empathy_models import EmpathyModelsError, NoModelMeetsConstraintsError, __version__
 
-from ._common import CliError, Register, emit_json
+from ._common import CliError, Register, emit_json, printable
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -125,6 +126,11 @@ def _error_json(exc: BaseException, code: int) -> dict[str, Any]:
     return {"error": error}
 
 
+def _lines(message: str) -> str:
+    """An error message for the terminal: each line's control characters escaped."""
+    return "\n".join(printable(line) for line in message.split("\n"))
+
+
 def _not_utf8(words: Sequence[str]) -> str | None:
     """
     The first of ``words`` that is not valid UTF-8, shown as its bytes, or None.
@@ -175,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except _UsageError as exc:
         exc.parser.print_usage(sys.stderr)
-        print(f"{exc.parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{exc.parser.prog}: error: {_lines(str(exc))}", file=sys.stderr)
         if "--json" in words:
             emit_json({"error": {"type": "UsageError", "message": str(exc), "exit_code": 2}})
         return 2
@@ -184,10 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         with _library_logs(args):
-            return int(args.func(args))
+            code = int(args.func(args))
+        sys.stdout.flush()  # a full disk shows here, not at exit
+        return code
     except (CliError, EmpathyModelsError) as exc:
         code = exc.code if isinstance(exc, CliError) else 1
-        print(f"empathy-models: error: {exc}", file=sys.stderr)
+        print(f"empathy-models: error: {_lines(str(exc))}", file=sys.stderr)
         if getattr(args, "json", False):
             emit_json(_error_json(exc, code))
         return code
@@ -196,6 +204,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         # the reader went away (`| head`): not an error worth a traceback
+        _discard_stdout()
+        return 0
+    except OSError as exc:
+        if exc.filename is not None:  # a file a command opened: not the output
+            raise
+        # the output could not be written (a full disk, a closed terminal): say so once
+        why = exc.strerror or str(exc)
+        print(f"empathy-models: error: cannot write the output: {why}", file=sys.stderr)
+        _discard_stdout()
+        return 1
+
+
+def _discard_stdout() -> None:
+    """
+    Point stdout at the null device, so that what is left in its buffer cannot fail
+    again when the interpreter exits.
+    """
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
+    try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        return 0
+    except (OSError, ValueError, io.UnsupportedOperation):  # not a file (a test's buffer)
+        pass

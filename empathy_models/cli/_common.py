@@ -10,7 +10,8 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+import unicodedata
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -32,12 +33,14 @@ __all__ = [
     "configured_url",
     "number_arg",
     "db_url",
+    "display_width",
     "emit_json",
     "fmt_ms",
     "fmt_pct",
     "fmt_usd",
     "print_pairs",
     "print_table",
+    "printable",
     "read_only",
     "run_async",
     "sqlite_url",
@@ -143,6 +146,12 @@ def _sqlite_path(url: str) -> str | None:
     return None if path in ("", ":memory:") else path
 
 
+def _in_memory(url: str) -> bool:
+    """True for ``sqlite://:memory:`` and ``sqlite:///:memory:`` (with or without options)."""
+    rest = url.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
+    return unquote(rest.removeprefix("/")) == ":memory:"
+
+
 def expanded(path: str | Path) -> Path:
     """
     ``path`` with a leading ``~`` or ``~user`` expanded.
@@ -202,14 +211,23 @@ def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry
     without ``--db``, the configuration's ``telemetry`` (or, with ``kind="state"``,
     ``state``) URL.
 
-    With ``must_exist`` a SQLite file that does not exist raises `CliError` (so a
-    read command never creates an empty database behind the user's back).
+    With ``must_exist`` a SQLite file that does not exist, or an in-memory SQLite
+    database (new and empty), raises `CliError` (so a read command never creates an
+    empty database behind the user's back).
     """
     raw = value if value is not None else configured_url(kind)
     if "://" in raw:
         url = raw
-        scheme = urlsplit(raw).scheme.lower()
+        try:
+            scheme = urlsplit(raw).scheme.lower()
+        except ValueError:  # the backend factory names what is wrong with it
+            scheme = ""
         path = _sqlite_path(raw) if scheme == "sqlite" else None
+        if must_exist and scheme == "sqlite" and _in_memory(raw):
+            raise CliError(
+                f"{printable(raw)} is an in-memory database, new and empty: this command "
+                "reads a database file (pass --db PATH, or a sqlite:///path URL)"
+            )
     else:
         path = str(expanded(raw).absolute())
         url = sqlite_url(Path(path))
@@ -229,6 +247,57 @@ def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry
 # --------------------------------------------------------------------------- output
 
 
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+"""Characters that reorder the text around them on a terminal (a name could spoof another)."""
+
+_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escaped(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def printable(text: str) -> str:
+    """
+    ``text`` safe to print on a terminal: control characters (``ESC``, ``CR``, newlines,
+    tabs, ``DEL``, C1 codes), line and paragraph separators, bidirectional controls and
+    lone surrogates are shown as ``repr`` shows them (``\\x1b``, ``\\r``, ``\\n``,
+    ``\\u202e``), so a recorded name can neither colour, overwrite nor split a line.
+    Every other character, wide or accented, is kept.  ``--json`` output is never
+    escaped this way (JSON has escapes of its own).
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        _escaped(c)
+        if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI_CONTROLS
+        else c
+        for c in text
+    )
+
+
+def display_width(text: str) -> int:
+    """
+    The columns ``text`` takes on a terminal: East Asian wide and fullwidth characters
+    take two, combining marks and zero-width format characters none.
+    """
+    if text.isascii():
+        return len(text)
+    width = 0
+    for char in text:
+        if unicodedata.combining(char) or unicodedata.category(char) in ("Me", "Cf"):
+            continue
+        width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    return width
+
+
 def _cell(value: object) -> str:
     if value is None:
         return "-"
@@ -236,21 +305,26 @@ def _cell(value: object) -> str:
         return f"{value:.4g}"
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
+    return printable(str(value))
 
 
 _MIN_COLUMN = 8
-"""A text column is never narrowed below this many characters to fit the terminal."""
+"""A column that may be cut is never narrowed below this many columns (or its header)."""
 
 
-def _fit(widths: list[int], numeric: Sequence[bool], limit: int) -> list[int]:
-    """Narrow the widest text columns until the row fits ``limit`` characters."""
+def _fit(widths: list[int], floors: Sequence[int | None], limit: int) -> list[int] | None:
+    """
+    Narrow the widest columns that may be cut (a ``floors`` entry that is not None: the
+    narrowest each may get) until the row fits ``limit`` columns; None when it cannot.
+    """
     fitted = list(widths)
     total = sum(fitted) + 2 * (len(fitted) - 1)
     while total > limit:
-        candidates = [i for i, w in enumerate(fitted) if not numeric[i] and w > _MIN_COLUMN]
+        candidates = [
+            i for i, w in enumerate(fitted) if (floor := floors[i]) is not None and w > floor
+        ]
         if not candidates:
-            break
+            return None
         widest = max(candidates, key=lambda i: fitted[i])
         fitted[widest] -= 1
         total -= 1
@@ -258,7 +332,21 @@ def _fit(widths: list[int], numeric: Sequence[bool], limit: int) -> list[int]:
 
 
 def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+    if display_width(text) <= width:
+        return text
+    kept, used = [], 0
+    for char in text:
+        w = display_width(char)
+        if used + w > width - 1:
+            break
+        kept.append(char)
+        used += w
+    return "".join(kept) + "…"
+
+
+def _pad(text: str, width: int, *, right: bool) -> str:
+    room = " " * max(0, width - display_width(text))
+    return room + text if right else text + room
 
 
 def print_table(
@@ -268,23 +356,28 @@ def print_table(
     title: str | None = None,
     file: IO[str] | None = None,
     width: int | None = None,
+    cut: Collection[str] = (),
 ) -> None:
     """
     Print ``rows`` under ``headers`` in aligned columns; numbers are right-aligned.
 
-    ``None`` prints as ``-``.  An empty table prints the headers and ``(no rows)``.
-    Rows fit ``width`` characters (default: the terminal's width when printing to a
-    terminal, unlimited otherwise, so pipes and files get every character): the widest
-    text columns are narrowed and their long cells end in ``…``; numbers are never cut.
+    ``None`` prints as ``-``; control characters in cells are escaped (`printable`);
+    wide characters count as two columns.  An empty table prints the headers and
+    ``(no rows)``.  Rows fit ``width`` columns (default: the terminal's width when
+    printing to a terminal, unlimited otherwise, so pipes and files get every
+    character).  Only the free-text columns named in ``cut`` (an error, a reason) may
+    be shortened to fit, their long cells ending in ``…``; identifiers, numbers, times
+    and headers are never cut.  When the row cannot fit that way, each row is printed
+    as a block of ``header  value`` lines instead (as ``psql``'s expanded display).
     """
     out = file if file is not None else sys.stdout
     if width is None and _isatty(out):
         width = shutil.get_terminal_size().columns
     cells = [[_cell(v) for v in row] for row in rows]
-    widths = [len(h) for h in headers]
+    widths = [display_width(h) for h in headers]
     for row in cells:
         for i, text in enumerate(row):
-            widths[i] = max(widths[i], len(text))
+            widths[i] = max(widths[i], display_width(text))
     numeric = [
         bool(rows)
         and all(
@@ -293,19 +386,24 @@ def print_table(
         )
         for i in range(len(headers))
     ]
-    if width is not None:
-        widths = _fit(widths, numeric, width)
+    if width is not None and cells:
+        floors = [
+            max(display_width(h), min(_MIN_COLUMN, widths[i])) if h in cut else None
+            for i, h in enumerate(headers)
+        ]
+        fitted = _fit(widths, floors, width)
+        if fitted is None:
+            _print_expanded(headers, cells, cut, title=title, out=out, width=width)
+            return
+        widths = fitted
         cells = [[_clip(text, widths[i]) for i, text in enumerate(row)] for row in cells]
-        headers = [_clip(h, widths[i]) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
-        parts = [
-            v.rjust(widths[i]) if numeric[i] else v.ljust(widths[i]) for i, v in enumerate(values)
-        ]
+        parts = [_pad(v, widths[i], right=numeric[i]) for i, v in enumerate(values)]
         return "  ".join(parts).rstrip()
 
     if title:
-        print(title, file=out)
+        print(printable(title), file=out)
     print(line(headers), file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for row in cells:
@@ -314,16 +412,37 @@ def print_table(
         print("(no rows)", file=out)
 
 
+def _print_expanded(
+    headers: Sequence[str],
+    cells: Sequence[Sequence[str]],
+    cut: Collection[str],
+    *,
+    title: str | None,
+    out: IO[str],
+    width: int,
+) -> None:
+    """Each row as a block of ``header  value`` lines (for a table wider than ``width``)."""
+    label = max(display_width(h) for h in headers)
+    room = max(_MIN_COLUMN, width - label - 2)
+    if title:
+        print(printable(title), file=out)
+    for n, row in enumerate(cells, 1):
+        print(f"-[ {n} ]".ljust(min(width, label + 2 + room), "-"), file=out)
+        for h, text in zip(headers, row, strict=True):
+            value = _clip(text, room) if h in cut else text
+            print(f"{_pad(h, label, right=False)}  {value}".rstrip(), file=out)
+
+
 def print_pairs(
     rows: Sequence[tuple[str, object]], *, title: str | None = None, file: IO[str] | None = None
 ) -> None:
-    """Print ``label  value`` lines with the labels aligned."""
+    """Print ``label  value`` lines with the labels aligned (values escaped as in tables)."""
     out = file if file is not None else sys.stdout
     if title:
-        print(title, file=out)
-    width = max((len(label) for label, _ in rows), default=0)
+        print(printable(title), file=out)
+    width = max((display_width(label) for label, _ in rows), default=0)
     for label, value in rows:
-        print(f"  {label.ljust(width)}  {_cell(value)}".rstrip(), file=out)
+        print(f"  {_pad(label, width, right=False)}  {_cell(value)}".rstrip(), file=out)
 
 
 def _looks_numeric(text: str) -> bool:

@@ -35,6 +35,7 @@ from ._common import (
     fmt_usd,
     print_pairs,
     print_table,
+    printable,
     stdin_is_terminal,
 )
 
@@ -184,7 +185,7 @@ def cmd_auth_setup(args: argparse.Namespace) -> int:
         emit_json({"config_file": str(file), **updated.to_dict()})
         return 0
     verb = "Updated" if existing is not None else "Created"
-    print(f"{verb} {file}")
+    print(f"{verb} {printable(str(file))}")
     _print_strategy(updated)
     return 0
 
@@ -258,7 +259,7 @@ def cmd_auth_status(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    print(f"Auth strategy: {file}" + ("" if configured else " (not created yet)"))
+    print(f"Auth strategy: {printable(str(file))}" + ("" if configured else " (not created yet)"))
     _print_strategy(strategy, configured=configured)
     print()
     rows = [
@@ -275,12 +276,15 @@ def cmd_auth_status(args: argparse.Namespace) -> int:
         for r in _size_rows(strategy)
     ]
     print_table(
-        ["size", "lines", "recommended", "why"], rows, title="Recommendation by module size"
+        ["size", "lines", "recommended", "why"],
+        rows,
+        title="Recommendation by module size",
+        cut=("why",),
     )
     backups = list_auth_strategy_backups(file)
     if backups:
         print()
-        print(f"{len(backups)} backup(s); newest: {backups[0]}")
+        print(f"{len(backups)} backup(s); newest: {printable(str(backups[0]))}")
     return 0
 
 
@@ -298,18 +302,18 @@ def cmd_auth_reset(args: argparse.Namespace) -> int:
     """
     file = _file(args)
     if not os.path.lexists(file):
-        print(f"Nothing to reset: {file} does not exist")
+        print(f"Nothing to reset: {printable(str(file))} does not exist")
         return 0
     if not args.yes:
         if not stdin_is_terminal():
             print(
-                f"empathy-models: refusing to reset {file} without --yes "
+                f"empathy-models: refusing to reset {printable(str(file))} without --yes "
                 "(stdin is not a terminal); nothing was changed",
                 file=sys.stderr,
             )
             return 1
         try:
-            answer = input(f"Remove {file}? A backup is kept next to it. [y/N]: ")
+            answer = input(f"Remove {printable(str(file))}? A backup is kept next to it. [y/N]: ")
         except EOFError:
             answer = ""
         if answer.strip().lower() not in ("y", "yes"):
@@ -317,10 +321,10 @@ def cmd_auth_reset(args: argparse.Namespace) -> int:
             return 1
     backup = reset_auth_strategy(file)
     if backup is None:
-        print(f"Nothing to reset: {file} does not exist")
+        print(f"Nothing to reset: {printable(str(file))} does not exist")
         return 0
-    print(f"Removed {file}")
-    print(f"Backup: {backup}")
+    print(f"Removed {printable(str(file))}")
+    print(f"Backup: {printable(str(backup))}")
     print("Undo with: empathy-models auth restore" + (f" --file {file}" if args.file else ""))
     return 0
 
@@ -329,9 +333,9 @@ def cmd_auth_restore(args: argparse.Namespace) -> int:
     """Copy the newest backup (or ``--backup``) into place, backing up the current file first."""
     file = _file(args)
     source, previous = restore_auth_strategy(file, backup=args.backup)
-    print(f"Restored {file} from {source}")
+    print(f"Restored {printable(str(file))} from {printable(str(source))}")
     if previous is not None:
-        print(f"The file it replaced was backed up to {previous}")
+        print(f"The file it replaced was backed up to {printable(str(previous))}")
     return 0
 
 
@@ -399,5 +403,5 @@ def cmd_auth_recommend(args: argparse.Namespace) -> int:
     ]
     print_pairs(rows, title=f"Recommendation for {args.path}")
     for warning in report.warnings:
-        print(f"warning: {warning}")
+        print(f"warning: {printable(str(warning))}")
     return 0

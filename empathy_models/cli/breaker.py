@@ -19,6 +19,7 @@ from ._common import (
     emit_json,
     number_arg,
     print_table,
+    printable,
     read_only,
     run_async,
 )
@@ -128,6 +129,7 @@ def _print_states(states: list[CircuitBreakerState]) -> None:
             )
             for s in states
         ],
+        cut=("last error",),
     )
 
 
@@ -185,7 +187,7 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
             {"reset": "all" if args.all else args.key, "breakers": [state_row(s) for s in states]}
         )
     else:
-        print(f"Reset {'every key' if args.all else args.key}")
+        print(f"Reset {'every key' if args.all else printable(args.key)}")
         _print_states(states)
     return 0
 

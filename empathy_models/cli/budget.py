@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
-from empathy_models.limits import NANO, BudgetUsage, quota_store_from_url
+from empathy_models.limits import MAX_WINDOW, NANO, SCOPES, BudgetUsage, quota_store_from_url
 
 from ._common import (
     CliError,
@@ -17,6 +18,7 @@ from ._common import (
     db_url,
     emit_json,
     print_table,
+    printable,
     read_only,
     run_async,
 )
@@ -40,6 +42,53 @@ def _key(text: str) -> str:
             f"expected a budget, e.g. global/day or user_id=bob/day, got {text!r}"
         )
     return text
+
+
+_KEY_SHAPES = (
+    "budget keys look like global/day, workflow=docs/hour, user_id=bob/month or "
+    f"global/3600s (a scope: {', '.join(SCOPES)}; a window: hour, day, month or whole "
+    "seconds), or a Budget's own name"
+)
+
+
+def _window_label(text: str) -> bool:
+    if text in ("hour", "day", "month"):
+        return True
+    try:
+        seconds = float(text.removesuffix("s"))
+    except ValueError:
+        return False
+    return text.endswith("s") and 1 <= seconds <= MAX_WINDOW and f"{seconds:g}s" == text
+
+
+def key_flaw(key: str) -> str | None:
+    """
+    Why ``key`` cannot be a budget's key in the store, or None.
+
+    A key with ``/`` or ``=`` must be one a `Budget` without a name makes:
+    ``global/<window>`` or ``<scope>=<value>/<window>``; any other text is a name (a
+    `Budget` given ``name=``).
+    """
+    if "/" not in key and "=" not in key:
+        return None
+    head, _, window = key.rpartition("/")
+    if not head or not _window_label(window):
+        return f"{window!r} is not a window" if head else "no /window at the end"
+    if head == "global":
+        return None
+    scope, eq, value = head.partition("=")
+    if not eq:
+        return f"{head!r} is neither global nor scope=value"
+    if scope not in SCOPES or scope == "global":
+        return f"{scope!r} is not a scope"
+    return None if value else f"{scope}= has no value"
+
+
+def _check_key(key: str, known: Collection[str]) -> None:
+    """Refuse a malformed ``key`` the store does not hold (a named budget may be odd)."""
+    flaw = key_flaw(key)
+    if flaw is not None and key not in known:
+        raise CliError(f"{printable(repr(key))} is not a budget key ({flaw}): {_KEY_SHAPES}")
 
 
 def register(subparsers: SubParsers) -> None:
@@ -151,9 +200,14 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
 
     usages, overrides = run_async(body)
     if args.key is not None:
+        _check_key(args.key, {u.key for u in usages} | set(overrides))
         usages = [u for u in usages if u.key == args.key]
-        if not usages and args.key not in overrides:
-            raise CliError(f"no budget {args.key!r} in this store (nothing charged to it yet)")
+        overrides = {k: v for k, v in overrides.items() if k == args.key}
+        if not usages and not overrides:
+            raise CliError(
+                f"no budget {printable(repr(args.key))} in this store (nothing charged to it "
+                "yet, no limit set)"
+            )
     if not args.history:
         latest: dict[str, BudgetUsage] = {}
         for u in usages:
@@ -164,23 +218,39 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"budgets": rows, "overrides": {k: v / NANO for k, v in overrides.items()}})
         return 0
-    print_table(
-        ["budget", "limit", "spent", "held", "left", "calls", "refused", "resets (UTC)"],
-        [
-            (
-                r["key"] + (" *" if r["limit_overridden"] else ""),
-                f"${r['limit_usd']:,.4f}",
-                f"${r['spent_usd']:,.4f}",
-                f"${r['held_usd']:,.4f}",
-                f"${r['remaining_usd']:,.4f}",
-                r["calls"],
-                r["refused"],
-                _when(u.window_end) + (" (ended)" if u.window_end <= now else ""),
-            )
-            for r, u in zip(rows, usages, strict=True)
-        ],
+    table: list[tuple[object, ...]] = [
+        (
+            r["key"] + (" *" if r["limit_overridden"] else ""),
+            f"${r['limit_usd']:,.4f}",
+            f"${r['spent_usd']:,.4f}",
+            f"${r['held_usd']:,.4f}",
+            f"${r['remaining_usd']:,.4f}",
+            r["calls"],
+            r["refused"],
+            _when(u.window_end) + (" (ended)" if u.window_end <= now else ""),
+        )
+        for r, u in zip(rows, usages, strict=True)
+    ]
+    # a limit set for a budget nothing was charged to yet: no window, nothing spent
+    charged = {u.key for u in usages}
+    table.extend(
+        (
+            f"{key} *",
+            f"${limit / NANO:,.4f}",
+            "$0.0000",
+            "$0.0000",
+            f"${limit / NANO:,.4f}",
+            0,
+            0,
+            None,
+        )
+        for key, limit in sorted(overrides.items())
+        if key not in charged
     )
-    if any(r["limit_overridden"] for r in rows):
+    print_table(
+        ["budget", "limit", "spent", "held", "left", "calls", "refused", "resets (UTC)"], table
+    )
+    if overrides:
         print("* limit set in the store (`empathy-models budget set`)")
     return 0
 
@@ -192,15 +262,18 @@ def cmd_budget_set(args: argparse.Namespace) -> int:
 
     async def body() -> None:
         async with quota_store_from_url(url) as store:
+            if key_flaw(args.key) is not None:  # only a budget the store holds by that name
+                known = {u.key for u in await store.usages()} | set(await store.limit_overrides())
+                _check_key(args.key, known)
             await store.set_limit(args.key, limit)
 
     run_async(body)
     if args.json:
         emit_json({"key": args.key, "limit_usd": None if limit is None else limit / NANO})
     elif limit is None:
-        print(f"Cleared the limit override of {args.key}: workers use their own again")
+        print(f"Cleared the limit override of {printable(args.key)}: workers use their own again")
     else:
-        print(f"Set the limit of {args.key} to ${limit / NANO:,.4f} for every worker")
+        print(f"Set the limit of {printable(args.key)} to ${limit / NANO:,.4f} for every worker")
     return 0
 
 
@@ -208,15 +281,23 @@ def cmd_budget_reset(args: argparse.Namespace) -> int:
     """Forget every window of a budget."""
     url = _store(args)
 
-    async def body() -> int:
+    async def body() -> tuple[int, int | None]:
         async with quota_store_from_url(url) as store:
-            return await store.reset_budget(args.key)
+            overrides = await store.limit_overrides()
+            if key_flaw(args.key) is not None:
+                _check_key(args.key, {u.key for u in await store.usages()} | set(overrides))
+            return await store.reset_budget(args.key), overrides.get(args.key)
 
-    count = run_async(body)
-    if count == 0:
-        raise CliError(f"no budget {args.key!r} in this store; nothing was reset")
+    count, override = run_async(body)
+    if count == 0 and override is None:
+        raise CliError(f"no budget {printable(repr(args.key))} in this store; nothing was reset")
     if args.json:
         emit_json({"reset": args.key, "windows": count})
-    else:
-        print(f"Reset {args.key}: {count} window(s) forgotten, spend starts from zero")
+    elif count:
+        print(f"Reset {printable(args.key)}: {count} window(s) forgotten, spend starts from zero")
+    elif override is not None:
+        print(
+            f"Nothing spent on {printable(args.key)} yet: its spend is already zero (its limit "
+            f"of ${override / NANO:,.4f} set in the store stays; `budget set --clear` drops it)"
+        )
     return 0

@@ -68,6 +68,7 @@ from ._common import (
     fmt_usd,
     number_arg,
     print_table,
+    printable,
     run_async,
     sqlite_url,
     stdin_is_terminal,
@@ -723,7 +724,7 @@ def _confirm_writing(target: str, why: str, *, assume_yes: bool) -> None:
             f"--db {target} {why}: the demo would add fake calls to it; pass --yes to do so, "
             "or choose a new file"
         )
-    answer = input(f"--db {target} {why}. Write fake demo calls into it? [y/N] ")
+    answer = input(f"--db {printable(target)} {why}. Write fake demo calls into it? [y/N] ")
     if answer.strip().lower() not in ("y", "yes"):
         raise CliError("demo cancelled; nothing was written")
 
@@ -891,6 +892,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         elif "://" in args.db:
             url = args.db
             kept = None
+            # a URL the demo's stores cannot use (redis:// holds no telemetry, a typo) is
+            # refused before asking (building a store connects nowhere)
+            telemetry_from_url(url)
+            state_store_from_url(url)
             if backend_label(url) != "in-memory":
                 _confirm_writing(
                     redact_url(url),

@@ -33,6 +33,7 @@ from ._common import (
     number_arg,
     print_pairs,
     print_table,
+    printable,
     read_only,
     run_async,
 )
@@ -65,7 +66,7 @@ def register(subparsers: SubParsers) -> None:
     """Add the ``routing`` command group."""
     group = subparsers.add_parser(
         "routing",
-        help="adaptive routing from recorded telemetry: stats, best model, tier upgrades",
+        help="adaptive routing from recorded telemetry: stats, best model, what-if, tier upgrades",
         description="What the adaptive router sees in the telemetry database.",
     )
     sub = group.add_subparsers(dest="routing_command", metavar="SUBCOMMAND")
@@ -320,9 +321,9 @@ def _print_stats(stats: dict[str, Any]) -> None:
         title=title,
     )
     if stats["message"]:
-        print(f"note: {stats['message']}")
+        print(f"note: {printable(stats['message'])}")
     for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"warning: {printable(warning)}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- best
@@ -453,6 +454,7 @@ def _print_best(args: argparse.Namespace, decision: RoutingDecision) -> None:
             )
             for c in decision.candidates
         ],
+        cut=("notes",),
     )
 
 
@@ -694,7 +696,7 @@ def _print_whatif(r: Any) -> None:
             f"success {_ci(r.ipw.success_rate, fmt_pct)}"
         )
     for note in r.notes:
-        print(f"note: {note}")
+        print(f"note: {printable(note)}")
 
 
 def _plot_sweep(swept: list[Any], report: Any, path: Path, fmt: str) -> None:
@@ -781,5 +783,6 @@ def cmd_routing_upgrades(args: argparse.Namespace) -> int:
             )
             for r in rows
         ],
+        cut=("reason",),
     )
     return 0

@@ -93,6 +93,8 @@ def quota_store_from_url(url: str | QuotaStore, **options: Any) -> QuotaStore:
     if isinstance(url, str) and url.split("://", 1)[0].lower() == "sqlite":
         from .sqlite import quota_store
 
+        _plugin_for(url)  # the same checks as every sqlite:// URL (an option given twice)
+
         store = _build(quota_store, url, "quota store", options)
     else:
         plugin = _plugin_for(url)

@@ -148,6 +148,7 @@ class Database:
         component: str,
         pool_options: dict[str, Any],
         create: bool = True,
+        empty_when_missing: bool = False,
     ) -> None:
         url, options = split_dsn(dsn)
         schema = options.get("schema", schema)
@@ -168,6 +169,10 @@ class Database:
         self.error_type = error_type
         self.component = component
         self.create = bool(create)
+        # without ``create``: whether this component's tables may be missing from a schema
+        # that holds others' (then `missing` is set and the component reads as empty)
+        self.empty_when_missing = empty_when_missing
+        self.missing = False
         self.pool_options: dict[str, Any] = {
             "min_size": 1,
             "max_size": 10,
@@ -329,6 +334,9 @@ class Database:
                 current = await conn.fetchval(
                     f"SELECT version FROM {version_table} WHERE component = $1", self.component
                 )
+        if current is None and exists and self.empty_when_missing:
+            self.missing = True  # empathy-models tables, but never this component's
+            return
         if current is None:
             raise self.error_type(
                 f"PostgreSQL {self.component} {self.target}: no empathy-models tables {where}: "

@@ -69,6 +69,10 @@ class PostgresQuotaStore(TransactionalQuotaStore):
             component="quota",
             pool_options=pool_options,
             create=create,
+            # read-only, a schema whose quota table was never made (no budget used) reads
+            # as empty, as a SQLite file without it does; a schema with no empathy-models
+            # tables at all is still refused (a misspelt ``?schema=``)
+            empty_when_missing=True,
         )
         self._table = self._db.table("quota")
         self._migrations = build_migrations(self._db, _MIGRATIONS)
@@ -144,6 +148,8 @@ class PostgresQuotaStore(TransactionalQuotaStore):
 
     async def _load(self, key: str) -> dict[str, Any] | None:
         pool = await self._db.pool(self._migrations)
+        if self._db.missing:
+            return None
         async with self._db.errors(f"read {key!r}"):
             raw = await self._db.statement(
                 pool, "fetchval", f"SELECT data::text FROM {self._table} WHERE key = $1", key
@@ -152,6 +158,8 @@ class PostgresQuotaStore(TransactionalQuotaStore):
 
     async def _scan(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
         pool = await self._db.pool(self._migrations)
+        if self._db.missing:
+            return []
         async with self._db.errors("scan"):
             rows = await pool.fetch(
                 f"SELECT key, data::text AS data FROM {self._table} "
