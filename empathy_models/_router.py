@@ -666,9 +666,9 @@ class AdaptiveModelRouter:
             workflow, stage: the stage the call is for.
             candidates: model ids, in any order (default: every model in the registry); ids
                 missing from the registry are excluded (``"not in the model registry"``).
-            input_tokens, max_tokens: feed the expected cost: a model's mean output tokens,
-                the stage's for a model not yet measured, ``max_tokens`` when nothing is known
-                (a mean above ``max_tokens`` counts as ``max_tokens``: the output stops there).
+            input_tokens, max_tokens: feed the expected cost: a model's mean output tokens
+                (the stage's if unmeasured; ``max_tokens`` if nothing is known), at most
+                ``max_tokens``, where the output stops.
             max_cost, max_latency_ms, min_success_rate: the constraints (the last defaults to
                 the policy's ``default_min_success_rate``).
             on_no_match: with no candidate eligible or explorable: ``"raise"``; ``"relax"``
