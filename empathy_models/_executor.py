@@ -55,6 +55,8 @@ What `EmpathyLLMExecutor.run` does, in order:
    no API key configured (local; only a    next route at once; recorded as
    pinned model gets here)                 ``not_sent``, which neither the router nor
                                            the breaker counts (not the provider's fault)
+   request not built (local: aiohttp       next route at once; a `ConfigurationError`,
+   refused it, nothing sent)               recorded as ``not_sent`` like a missing key
    malformed response, unknown error       next route at once (no retry)
    breaker open                            next route, provider not called
    400, content policy                     raised at once: a bad request stays bad

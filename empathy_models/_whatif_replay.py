@@ -349,10 +349,14 @@ class _Question:
             return None
 
 
-def _no_model_qualified(decision: RoutingDecision) -> bool:
-    """True when the decision was relaxed, pinned, or explored because nothing was eligible."""
-    return decision.policy_applied is not None or (
-        decision.exploration
+def _none_proven(decision: RoutingDecision) -> bool:
+    """
+    True when the router answered by exploring while no candidate was proven to meet
+    every constraint (an unproven model, or a re-probe): ``on_no_match`` did not apply.
+    """
+    return (
+        decision.policy_applied is None
+        and decision.exploration
         and not any(c.status is ConstraintStatus.ELIGIBLE for c in decision.candidates)
     )
 
@@ -364,7 +368,8 @@ class _Replicate:
     draws: dict[str, _Draw]
     picks: dict[str, int]  # requests served per model
     served: int
-    unmatched: int  # requests where no model met every constraint
+    unmatched: int  # requests no model qualified for: on_no_match raised, relaxed or pinned
+    unproven: int  # requests answered by exploring while no model was proven
     expected_cost: float  # sum over served requests of the expected cost
     expected_successes: float
 
@@ -423,6 +428,7 @@ class _Simulation:
         picks: dict[str, int] = {}
         served = 0
         unmatched = 0
+        unproven = 0
         exp_cost = 0.0
         exp_success = 0.0
         async with router:
@@ -432,8 +438,10 @@ class _Simulation:
                 if decision is None:
                     unmatched += 1
                     continue
-                if _no_model_qualified(decision):
+                if decision.policy_applied is not None:
                     unmatched += 1
+                elif _none_proven(decision):
+                    unproven += 1
                 model = decision.model
                 d = draws.get(model)
                 if d is None:  # a pinned model outside the candidates
@@ -448,6 +456,7 @@ class _Simulation:
             picks=picks,
             served=served,
             unmatched=unmatched,
+            unproven=unproven,
             expected_cost=exp_cost,
             expected_successes=exp_success,
         )
@@ -494,14 +503,16 @@ class _Replicates:
     p95s: list[float | None] = field(factory=list)
     ttft_p95s: list[float | None] = field(factory=list)
     no_match: list[float] = field(factory=list)
+    unproven: list[float] = field(factory=list)
 
     def add(self, r: _Replicate) -> None:
-        """Add replicate ``r``'s cost, success, p95s, no-match and traffic shares."""
+        """Add replicate ``r``'s cost, success, p95s, no-match, unproven and traffic shares."""
         for m in r.picks:
             self.shares.setdefault(m, [0.0] * len(self.costs))
         self.costs.append(r.expected_cost / self.requests)
         self.success.append(r.expected_successes / r.served if r.served else None)
         self.no_match.append(r.unmatched / self.requests)
+        self.unproven.append(r.unproven / self.requests)
         self.p95s.append(
             _mixture_p95(
                 [

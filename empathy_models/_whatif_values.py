@@ -203,10 +203,13 @@ class WhatIfReport:
     Simulated figures are `Interval` s (mean over replicates, 95% interval):
     ``cost_per_request`` (USD per simulated request; a request no model served costs
     nothing), ``success_rate`` (of served requests), ``latency_p95_ms`` (of successful
-    calls), ``no_match_share`` (requests where no model met every constraint: raised,
-    relaxed, pinned, or explored because nothing was eligible), ``ttft_p95_ms`` (time
-    to first token of the successful calls of models that streamed; all ``None`` when
-    none did).  ``recorded_*`` are what the recorded calls in the window did, per attempt.
+    calls), ``no_match_share`` (requests no model qualified for, so that ``on_no_match``
+    applied: raised and not answered, or answered relaxed or pinned),
+    ``unproven_share`` (requests answered while no model was proven to meet every
+    constraint: the router explored an unproven model, or re-probed, instead of applying
+    ``on_no_match``; not counted in ``no_match_share``), ``ttft_p95_ms`` (time to first
+    token of the successful calls of models that streamed; all ``None`` when none did).
+    ``recorded_*`` are what the recorded calls in the window did, per attempt.
     """
 
     workflow: str
@@ -233,6 +236,7 @@ class WhatIfReport:
     evidence_source: str = "rollups"
     recorded_ttft_p95_ms: float | None = None
     ttft_p95_ms: Interval = field(factory=Interval.none)
+    unproven_share: Interval = field(factory=Interval.none)
 
     @property
     def cost_per_1k(self) -> Interval:
@@ -269,6 +273,7 @@ class WhatIfReport:
             "latency_p95_ms": self.latency_p95_ms.to_dict(),
             "ttft_p95_ms": self.ttft_p95_ms.to_dict(),
             "no_match_share": self.no_match_share.to_dict(),
+            "unproven_share": self.unproven_share.to_dict(),
             "traffic": [t.to_dict() for t in self.traffic],
             "models": [m.to_dict() for m in self.models],
             "unknown_models": list(self.unknown_models),

@@ -21,8 +21,10 @@ How:
    `AdaptiveModelRouter` with the proposed constraints and routing policy: the router
    starts from the recorded evidence, as a deployed one would, decides, and learns
    from the outcomes drawn from the replicate's truth.  Every figure (cost per request,
-   success rate, p95 latency, share of requests where no model qualifies, traffic per
-   model) is the mean over replicates with a 95% interval from their spread.
+   success rate, p95 latency, share of requests where no model qualifies (so that
+   ``on_no_match`` applies: no answer, relaxed or pinned), share answered by exploring
+   while no model is proven to meet the constraints, traffic per model) is the mean
+   over replicates with a 95% interval from their spread.
 3. **Unknown is not good.**  A candidate without data in the window is reported as
    unknown; when the router sends simulated traffic to it, its success rate is drawn
    from the uniform prior (anything from 0 to 1), its tokens and latency from the
@@ -393,6 +395,7 @@ def _report(simulation: _Simulation, runs: _Replicates, *, replicates: int) -> W
         success_rate=_interval(runs.success, upper=1.0),
         latency_p95_ms=_interval(runs.p95s),
         no_match_share=_interval(runs.no_match, upper=1.0),
+        unproven_share=_interval(runs.unproven, upper=1.0),
         traffic=_traffic(runs.shares, fits, total),
         models=tuple(fits[m] for m in sorted(fits)),
         unknown_models=tuple(n for n in names if not fits[n].known),

@@ -7,6 +7,7 @@ environment (a tiny aiohttp proxy in the test), ``OPENAI_BASE_URL`` /
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,10 @@ import pytest
 from aiohttp import web
 
 from empathy_models import (
+    AllRoutesFailedError,
     AnthropicProvider,
+    BreakerPolicy,
+    CircuitBreaker,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
@@ -23,6 +27,7 @@ from empathy_models import (
     ModelInfo,
     ModelRegistry,
     OpenAIProvider,
+    Outcome,
     __version__,
 )
 from empathy_models.abc import CompletionRequest
@@ -347,3 +352,119 @@ async def test_a_stream_without_a_key_says_why_the_environment_key_was_withheld(
             with pytest.raises(MissingAPIKeyError, match="only sent to the official endpoint"):
                 await provider.stream(req())
         assert local.requests() == 0
+
+
+# --------------------------------------------------------------------------- credentials in URLs
+
+
+async def test_a_proxy_variable_that_is_no_url_is_a_configuration_error(
+    server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://gw:SECRETPW-proxy@[::1")
+    provider = OpenAIProvider(name="gw", api_key=KEY, base_url=server.openai_base_url)
+    with pytest.raises(ConfigurationError, match="HTTP_PROXY") as info:
+        async with provider:
+            pass
+    assert "SECRETPW-proxy" not in str(info.value)
+
+
+PASSWORD = "SECRETPW-gateway-4242"
+
+
+def gateway_session() -> aiohttp.ClientSession:
+    """A session with a gateway's basic auth of its own (deprecated in aiohttp, still there)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return aiohttp.ClientSession(auth=aiohttp.BasicAuth("gw", PASSWORD))
+
+
+@pytest.mark.parametrize("provider_class", [OpenAIProvider, AnthropicProvider])
+@pytest.mark.parametrize("userinfo", [f"gw:{PASSWORD}@", f":{PASSWORD}@", f"{PASSWORD}@"])
+def test_credentials_in_the_base_url_are_refused_and_never_shown(
+    provider_class: type[OpenAIProvider] | type[AnthropicProvider], userinfo: str
+) -> None:
+    # aiohttp cannot send them beside the key's header; the official SDKs silently send
+    # them instead of the key: refused when the provider is built, saying what to do
+    with pytest.raises(ConfigurationError, match=r"must not hold credentials.*headers=") as info:
+        provider_class(api_key="k", base_url=f"https://{userinfo}gateway.internal/v1")
+    assert PASSWORD not in str(info.value)
+    assert "gateway.internal" in str(info.value)
+
+
+def test_credentials_in_the_base_url_from_the_environment_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://gw:{PASSWORD}@gateway.internal/v1")
+    with pytest.raises(ConfigurationError, match="OPENAI_BASE_URL") as info:
+        OpenAIProvider(api_key="k")
+    assert PASSWORD not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"ftp://gw:{PASSWORD}@gateway.internal/",
+        f"gw:{PASSWORD}@gateway.internal/v1",
+        f"http://gw:{PASSWORD}@[::1/v1",
+        f"http://gw:{PASSWORD}@gateway.internal:port/v1",
+    ],
+)
+def test_a_bad_base_url_is_named_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="base_url") as info:
+        OpenAIProvider(api_key="k", base_url=url)
+    assert PASSWORD not in str(info.value)
+    assert "gw:***@" in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["http:///v1", "https://:443/v1"])
+def test_a_base_url_without_a_host_is_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="base_url has no host"):
+        OpenAIProvider(api_key="k", base_url=url)
+
+
+async def test_a_request_that_cannot_be_built_is_a_configuration_error_not_sent(
+    server: FakeLLMServer,
+) -> None:
+    # a borrowed session with basic auth of its own: aiohttp refuses to build a request
+    # that also carries the key's Authorization header, before anything is sent
+    async with gateway_session() as session:
+        provider = OpenAIProvider(name="gw", api_key=KEY, base_url=server.openai_base_url)
+        await provider.bind(session)
+        with pytest.raises(ConfigurationError, match="nothing was sent") as info:
+            await provider.complete(req())
+        assert not isinstance(info.value, MissingAPIKeyError)
+        with pytest.raises(ConfigurationError, match="nothing was sent"):
+            await provider.stream(req())
+    assert server.requests() == 0
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "stream"])
+async def test_a_request_that_cannot_be_built_counts_against_no_model(
+    server: FakeLLMServer, streamed: bool
+) -> None:
+    telemetry = MemoryTelemetryBackend()
+    breaker = CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1))
+    async with gateway_session() as session:
+        provider = OpenAIProvider(name="gw", api_key=KEY, base_url=server.openai_base_url)
+        executor = EmpathyLLMExecutor(
+            [provider],
+            registry=one_model("m", "gw"),
+            telemetry_store=telemetry,
+            breaker=breaker,
+            session=session,
+        )
+        async with executor, breaker:
+            for _ in range(2):  # the second run is not refused by an opened circuit
+                with pytest.raises(AllRoutesFailedError) as info:
+                    if streamed:
+                        async with executor.stream("hello", ExecutionContext(tier="cheap")):
+                            pass
+                    else:
+                        await executor.run("hello", ExecutionContext(tier="cheap"))
+                (error,) = info.value.exceptions
+                assert isinstance(error, ConfigurationError)
+                assert "nothing was sent" in str(error)
+            records = await telemetry.recent(limit=10)
+    assert [r.outcome for r in records] == [Outcome.NOT_SENT, Outcome.NOT_SENT]
+    assert all(PASSWORD not in (r.error_message or "") for r in records)
+    assert server.requests() == 0

@@ -168,6 +168,30 @@ async def test_the_share_of_requests_no_model_would_qualify_for(tmp_path: Path) 
     assert fine.no_match_share.estimate == 0.0
 
 
+async def test_requests_answered_while_no_model_is_proven_are_not_unmatched(
+    tmp_path: Path,
+) -> None:
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
+        await backend.record_many(history(2, 2_000))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    # no model proves 99.9% on this evidence, yet some may meet it: the router answers
+    # by exploring them instead of raising (on_no_match="raise" never applies)
+    report = await simulate_policy(
+        evidence, registry=REGISTRY, min_success_rate=0.999, requests=50, replicates=4
+    )
+    served = sum(t.share.estimate or 0.0 for t in report.traffic)
+    assert served == pytest.approx(1.0)
+    assert report.cost_per_request.estimate and report.success_rate.estimate
+    assert report.no_match_share.estimate == 0.0  # the figures agree: none went unanswered
+    assert (report.unproven_share.estimate or 0.0) > 0.5  # and they say why it is so
+    assert report.to_dict()["unproven_share"] == report.unproven_share.to_dict()
+    # where no model qualifies, none is answered unproven: the shares never overlap
+    raised = await simulate_policy(
+        evidence, registry=REGISTRY, max_latency_ms=50.0, requests=50, replicates=4
+    )
+    assert raised.no_match_share.estimate == 1.0 and raised.unproven_share.estimate == 0.0
+
+
 async def test_invalid_arguments_are_configuration_errors(tmp_path: Path) -> None:
     async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
         await backend.record_many(history(3, 300))
@@ -466,6 +490,7 @@ def test_cli_table_and_json(tmp_path: Path, synth_db: tuple[Path, Path]) -> None
     for text in ("cost per request", "cost per 1,000", "success rate", "p95 latency ms"):
         assert text in out
     assert "no model qualifies" in out and "oracle" in out and "synth-1" in out
+    assert "answered, none proven" in out
     result = run_cli(home, *args, "--min-success-rate", "0.95", "--requests", "100", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)

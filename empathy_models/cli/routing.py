@@ -617,6 +617,7 @@ def _whatif_json(
                 "cost_per_request": r.cost_per_request.to_dict(),
                 "success_rate": r.success_rate.to_dict(),
                 "no_match_share": r.no_match_share.to_dict(),
+                "unproven_share": r.unproven_share.to_dict(),
             }
             for r in swept
         ]
@@ -668,6 +669,7 @@ def _print_whatif(r: Any) -> None:
                 else []
             ),
             ("no model qualifies", _ci(r.no_match_share, fmt_pct), "-"),
+            ("answered, none proven", _ci(r.unproven_share, fmt_pct), "-"),
         ],
     )
     print()

@@ -26,6 +26,9 @@ proxy refusing the tunnel
 truncated body, malformed JSON, missing    `InvalidResponseError`
 fields, unexpected status (a 3xx: redirects
 are never followed, they would carry the key)
+aiohttp refuses to build the request       `ConfigurationError` (nothing was sent:
+(a session's ``auth=`` beside the key's    recorded ``not_sent``, counted by no
+``Authorization``; a URL it cannot use)    model's statistics or breaker)
 ``asyncio.CancelledError``                 re-raised untouched
 =========================================  ======================================
 
@@ -56,6 +59,7 @@ from .._version import __version__
 from ..abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
 from ..exceptions import (
     ConfigurationError,
+    EmpathyModelsError,
     InvalidResponseError,
     MissingAPIKeyError,
     NotOpenError,
@@ -68,8 +72,10 @@ from ._wire import (
     _Secret,
     _Secrets,
     _without_request,
+    error_from_local,
     error_from_response,
     error_from_transport,
+    masked_url,
     parse_ratelimit_reset,
     parse_retry_after,
 )
@@ -110,6 +116,9 @@ def _env_proxy(url: str) -> _Proxy:
 
     Returns:
         ``(proxy, auth)``; ``(None, None)`` when no proxy applies.
+
+    Raises:
+        ConfigurationError: the proxy variable holds no valid URL (its password masked).
     """
     from aiohttp.helpers import get_env_proxy_for_url
     from yarl import URL
@@ -118,6 +127,11 @@ def _env_proxy(url: str) -> _Proxy:
         return get_env_proxy_for_url(URL(url))
     except LookupError:
         return (None, None)
+    except ValueError as exc:  # yarl refused the variable's value
+        raise ConfigurationError(
+            "the proxy named by HTTPS_PROXY / HTTP_PROXY / ALL_PROXY is not a valid URL "
+            f"({masked_url(str(exc))})"
+        ) from None
 
 
 def _host(url: str) -> str | None:
@@ -238,7 +252,10 @@ class HTTPProvider(Provider):
     ``OpenAIProvider(name="ollama", base_url="http://localhost:11434/v1")`` never sends
     ``OPENAI_API_KEY``.  The key is held in a wrapper that never prints and is never
     logged or put in a repr or an error.  A missing key raises `MissingAPIKeyError` (an
-    `AuthenticationError`) from `complete` before any request.
+    `AuthenticationError`) from `complete` before any request.  A ``base_url`` holding
+    credentials (``user:password@``) is refused with a `ConfigurationError` (the
+    password masked): aiohttp cannot send them beside the key's header; give them as
+    ``headers=`` instead (``Authorization: Basic ...``, or the header a gateway reads).
 
     **Headers.**  Every request carries ``User-Agent: empathy-models/<version>``.
     ``headers`` are added to every request and win over the defaults (names compare
@@ -287,19 +304,7 @@ class HTTPProvider(Provider):
             configured = os.environ.get(self.base_url_env_var, "").strip()
             from_env = bool(configured) and bool(self.base_url_env_var)
             base_url = configured if from_env else self.default_base_url
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            where = f" (from {self.base_url_env_var})" if from_env else ""
-            raise ConfigurationError(
-                f"base_url must be an http(s) URL, got {shown(base_url)}{where}"
-            )
-        try:
-            parts = urlsplit(base_url)
-            parts.port  # noqa: B018 -- parsed on access: refuses a port that is no number
-        except ValueError as exc:  # an unclosed IPv6 bracket, a port out of range
-            where = f" (from {self.base_url_env_var})" if from_env else ""
-            raise ConfigurationError(
-                f"base_url is not a valid URL ({exc}): {shown(base_url)}{where}"
-            ) from None
+        base_url = self._checked_base_url(base_url, from_env)
         official = _host(base_url) == _host(self.default_base_url)
         env_allowed = api_key_from_env if api_key_from_env is not None else official or from_env
         key = api_key
@@ -335,6 +340,36 @@ class HTTPProvider(Provider):
         self._headers_cache: dict[str, str] | None = None
         self._proxy: _Proxy = (None, None)
         self._exact_cache: tuple[float, aiohttp.ClientTimeout] | None = None
+
+    def _checked_base_url(self, base_url: object, from_env: bool) -> str:
+        """
+        ``base_url``, or a `ConfigurationError` (never showing a password) for one that
+        is no http(s) URL, does not parse, holds credentials or names no host.
+        """
+        where = f" (from {self.base_url_env_var})" if from_env else ""
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            given = shown(masked_url(base_url)) if isinstance(base_url, str) else shown(base_url)
+            raise ConfigurationError(f"base_url must be an http(s) URL, got {given}{where}")
+        given = shown(masked_url(base_url))
+        try:
+            parts = urlsplit(base_url)
+            parts.port  # noqa: B018 -- parsed on access: refuses a port that is no number
+        except ValueError as exc:  # an unclosed IPv6 bracket, a port out of range
+            raise ConfigurationError(
+                f"base_url is not a valid URL ({masked_url(str(exc))}): {given}{where}"
+            ) from None
+        if "@" in parts.netloc:
+            # aiohttp cannot send them beside the key's Authorization header (and the
+            # official SDKs send them *instead of* the key): say how to give them
+            raise ConfigurationError(
+                f"base_url must not hold credentials (user:password@), got {given}{where}; "
+                "pass a gateway's credentials as headers= instead (such as "
+                "{'Authorization': 'Basic <base64 of user:password>'}, or the header the "
+                "gateway reads), and a proxy's in HTTPS_PROXY / HTTP_PROXY"
+            )
+        if not parts.hostname:
+            raise ConfigurationError(f"base_url has no host, got {given}{where}")
+        return base_url
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, base_url={self.base_url!r})"
@@ -515,6 +550,7 @@ class HTTPProvider(Provider):
         if trace_headers is not None:
             headers = {**headers, **trace_headers}
         payload = _ENCODER.encode(self._payload(request)).encode()
+        answered = False
         try:
             # never follow a redirect: it would carry the key (x-api-key survives a
             # cross-origin hop) to wherever it points; a 3xx is an unexpected status
@@ -527,6 +563,7 @@ class HTTPProvider(Provider):
                 proxy=self._proxy[0],
                 proxy_auth=self._proxy[1],
             ) as response:
+                answered = True
                 status = response.status
                 response_headers = response.headers
                 length = response.content_length
@@ -534,8 +571,14 @@ class HTTPProvider(Provider):
                     body = await response.read()  # aiohttp reads no more than Content-Length
                 else:
                     body = await self._read_bounded(response, length, model, status)
+        except aiohttp.InvalidURL as exc:  # a ClientError too, but nothing was sent
+            raise self._not_built(exc, model) from _without_request(exc)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._transport_failed(exc, model, budget_ends)
+        except (ValueError, TypeError) as exc:
+            if answered or isinstance(exc, EmpathyModelsError):
+                raise
+            raise self._not_built(exc, model) from _without_request(exc)
         del response  # it holds the body too; from here only `body` does
         if not 200 <= status < 300:
             error = error_from_response(
@@ -606,6 +649,13 @@ class HTTPProvider(Provider):
             provider=self.name,
             model=model,
         )
+
+    def _not_built(self, exc: BaseException, model: str) -> ConfigurationError:
+        """
+        The error of a request aiohttp refused to build (nothing was sent): a
+        `ConfigurationError`, recorded as ``not_sent``, scrubbed like every message.
+        """
+        return error_from_local(exc, provider=self.name, model=model, secret=self._redacted)
 
     def _transport_failed(
         self, exc: BaseException, model: str, budget_ends: float | None

@@ -26,6 +26,7 @@ from .._propagation import outgoing_headers
 from ..abc import Completion, CompletionRequest, CompletionStream, whole_answer_pieces
 from ..content import ToolCall, ToolCallDelta
 from ..exceptions import (
+    EmpathyModelsError,
     InvalidResponseError,
     ProviderError,
     ProviderTimeoutError,
@@ -137,10 +138,16 @@ async def open_http_stream(
         )
     except TimeoutError as exc:
         raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
+    except aiohttp.InvalidURL as exc:  # a ClientError too, but nothing was sent
+        raise provider._not_built(exc, model) from None
     except (aiohttp.ClientError, OSError) as exc:
         raise error_from_transport(
             exc, provider=name, model=model, secret=provider._redacted
         ) from None
+    except (ValueError, TypeError) as exc:  # aiohttp refused to build the request
+        if isinstance(exc, EmpathyModelsError):
+            raise
+        raise provider._not_built(exc, model) from None
     try:
         status = response.status
         if not 200 <= status < 300 or response.content_type == "application/json":

@@ -2,7 +2,8 @@
 What crosses the wire, below the HTTP client: request bodies encoded (`_ENCODER`),
 answers read field by field (`ResponseReader`), and a provider's failure mapped to the
 error tree (`error_from_response`, with the ``Retry-After`` and rate-limit reset headers
-read; `error_from_transport`), every message scrubbed of the key.  A leaf of the
+read; `error_from_transport`; `error_from_local` for a request that could not be built),
+every message scrubbed of the key and of any password in a URL (`masked_url`).  A leaf of the
 providers package: the HTTP client, the SSE decoder, the stream reader and the format
 converters build on it.
 """
@@ -20,6 +21,7 @@ from typing import Any, Final, NoReturn
 
 from ..exceptions import (
     AuthenticationError,
+    ConfigurationError,
     ContentPolicyError,
     ContextWindowExceededError,
     InvalidRequestError,
@@ -36,9 +38,11 @@ from ..exceptions import (
 __all__ = [
     "MAX_TOKEN_COUNT",
     "ResponseReader",
+    "error_from_local",
     "error_from_response",
     "error_from_transport",
     "json_text",
+    "masked_url",
     "shown_count",
     "parse_ratelimit_reset",
     "parse_retry_after",
@@ -48,6 +52,8 @@ _MAX_MESSAGE: Final = 300
 MAX_TOKEN_COUNT: Final = 2**63 - 1
 """The largest usage count read: what an `LLMCallRecord` holds (no real count is larger)."""
 _KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
+_URL_PASSWORD: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)[^/?#@\s]*@")
+"""The password of a ``scheme://user:password@`` in a message (a proxy URL quoted back)."""
 _CONTEXT_MARKERS: Final = (
     "context_length_exceeded",
     "maximum context length",
@@ -110,6 +116,7 @@ def _scrub(text: str, secret: _Secrets | None) -> str:
     if secret is not None:
         text = secret.scrub(text)
     text = _KEY_PATTERN.sub("sk-***", text)
+    text = _URL_PASSWORD.sub(r"\1***@", text)
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
@@ -347,6 +354,47 @@ def error_from_transport(
         provider=provider,
         model=model,
     )
+
+
+def error_from_local(
+    exc: BaseException, *, provider: str, model: str, secret: _Secrets | None = None
+) -> ConfigurationError:
+    """
+    The error for an exception aiohttp raised while building the request, before
+    anything was sent (a session's own ``auth=`` beside the key's ``Authorization``
+    header, a URL it cannot use): a `ConfigurationError`, which the executor records
+    as ``not_sent`` and no model's statistics or breaker count, scrubbed of ``secret``.
+    """
+    detail = _scrub(str(exc) or type(exc).__name__, secret)
+    hint = ""
+    if "AUTHORIZATION" in str(exc):
+        hint = (
+            "; a session's auth= cannot be sent beside the provider's Authorization header: "
+            "give the credential as the provider's headers= instead"
+        )
+    return ConfigurationError(
+        f"{provider}: the request could not be built, nothing was sent "
+        f"({type(exc).__name__}: {detail}){hint} [model {model}]"
+    )
+
+
+def masked_url(url: str) -> str:
+    """
+    ``url`` for a message: a ``user:password@`` before its host shown ``user:***@``, a
+    lone ``user@`` (it may be a token) ``***@``.  Needs no parsing, so an unparseable URL
+    is masked too.
+    """
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    authority = rest[:end]
+    if "@" not in authority:
+        return url
+    userinfo, host = authority.rsplit("@", 1)
+    user, colon, _ = userinfo.partition(":")
+    shown_userinfo = f"{user}:***" if colon else "***"
+    return f"{head}{sep}{shown_userinfo}@{host}{rest[end:]}"
 
 
 def _without_request(exc: BaseException) -> BaseException:
