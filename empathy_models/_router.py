@@ -666,9 +666,8 @@ class AdaptiveModelRouter:
             workflow, stage: the stage the call is for.
             candidates: model ids, in any order (default: every model in the registry); ids
                 missing from the registry are excluded (``"not in the model registry"``).
-            input_tokens, max_tokens: feed the expected cost: a model's mean output tokens
-                (the stage's if unmeasured; ``max_tokens`` if nothing is known), at most
-                ``max_tokens``, where the output stops.
+            input_tokens, max_tokens: the expected cost's: a model's mean output tokens (the
+                stage's if unmeasured, else ``max_tokens``), at most ``max_tokens``.
             max_cost, max_latency_ms, min_success_rate: the constraints (the last defaults to
                 the policy's ``default_min_success_rate``).
             on_no_match: with no candidate eligible or explorable: ``"raise"``; ``"relax"``
