@@ -15,7 +15,7 @@ from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import BudgetGrant, BudgetUsage, RateGrant
 from empathy_models.limits.meter import hold_bucket, usage_of
 
-from ._store import _GLOB_SPECIAL, RedisCircuitStateStore, _num, _text
+from ._store import _GLOB_SPECIAL, URL_PREFIX_KINDS, RedisCircuitStateStore, _num, _text
 
 __all__ = ["DEFAULT_QUOTA_PREFIX", "RedisQuotaStore", "quota_script"]
 
@@ -71,7 +71,8 @@ class RedisQuotaStore(QuotaStore):
 
     Args:
         connection: as for `RedisCircuitStateStore`.
-        prefix: of the quota keys (also from the URL's query).
+        prefix: of the quota keys; a URL's ``prefix`` is the root, under which the
+            quota keys go in ``prefix + "quota:"`` (see `RedisCircuitStateStore`).
         **client_options: as for `RedisCircuitStateStore`.
 
     Raises:
@@ -88,7 +89,9 @@ class RedisQuotaStore(QuotaStore):
         **client_options: Any,
     ) -> None:
         # the circuit-state store parses and checks the URL and builds the client
-        plumbing = RedisCircuitStateStore(connection, prefix=prefix, **client_options)
+        plumbing = RedisCircuitStateStore(
+            connection, prefix=prefix, _kind=URL_PREFIX_KINDS["quota"], **client_options
+        )
         self._client = plumbing._client
         self._owns_client = plumbing._owns_client
         self._target = plumbing._target
