@@ -554,9 +554,7 @@ class Limiter:
         try:
             if covered:
                 lapses_at = self._wall() + self.lease(context, time_left, streamed)
-                await self._admit_budgets(
-                    hold, covered, info, input_tokens, max_tokens, lapses_at
-                )
+                await self._admit_budgets(hold, covered, info, input_tokens, max_tokens, lapses_at)
             if rates:
                 await self._admit_rates(hold, rates, info, time_left)
         except BaseException:
@@ -679,8 +677,7 @@ class Limiter:
             except BackendError as exc:
                 self._failed(exc)
                 logger.warning(
-                    "settling budget %s failed; its hold of $%.6f stays until it lapses "
-                    "at %s",
+                    "settling budget %s failed; its hold of $%.6f stays until it lapses at %s",
                     key,
                     held / 1e9,
                     time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lapses_at)),

@@ -129,7 +129,9 @@ class QuotaStoreContract:
         now = time.time()
         past, future = now - 600.0, now + 3600.0
         kw: dict[str, Any] = {"window_start": WS, "window_end": WE}
-        assert (await quota_store.reserve("b", **kw, amount=300, limit=1000, lapses_at=past)).granted
+        assert (
+            await quota_store.reserve("b", **kw, amount=300, limit=1000, lapses_at=past)
+        ).granted
         grant = await quota_store.reserve("b", **kw, amount=200, limit=1000, lapses_at=future)
         assert grant.granted
         assert (grant.usage.held, grant.usage.lapsed) == (200, 300)
@@ -139,7 +141,9 @@ class QuotaStoreContract:
         _balanced(u)
         assert [x.held for x in await quota_store.usages()] == [200]
         # what lapsed no longer counts against the limit
-        assert (await quota_store.reserve("b", **kw, amount=800, limit=1000, lapses_at=future)).granted
+        assert (
+            await quota_store.reserve("b", **kw, amount=800, limit=1000, lapses_at=future)
+        ).granted
         # the lapsed hold's late settlement charges the cost and releases nothing
         u = await quota_store.settle("b", **kw, held=300, actual=100, lapses_at=past)
         assert (u.spent, u.held, u.settled, u.released, u.overrun, u.lapsed) == (
