@@ -437,6 +437,7 @@ class Attempts:
             _estimate_tokens(run.messages, run.system),
             run.context.max_tokens,
             None if deadline_at is None else deadline_at - self.ex._clock(),
+            streamed=self.streamed,
         )
 
     async def _rejected(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -589,15 +590,38 @@ class QuotaStore(AsyncResource):
 
     @abc.abstractmethod
     async def reserve(
-        self, key: str, *, window_start: float, window_end: float, amount: int, limit: int
+        self,
+        key: str,
+        *,
+        window_start: float,
+        window_end: float,
+        amount: int,
+        limit: int,
+        lapses_at: float | None = None,
     ) -> BudgetGrant:
-        """Hold ``amount`` in ``key``'s window if ``spent + held + amount <= limit``."""
+        """
+        Hold ``amount`` in ``key``'s window if ``spent + held + amount <= limit``, until
+        it is settled or ``lapses_at`` (UTC epoch seconds, rounded up to a whole minute;
+        None: the window's end) passes, whichever comes first.  Holds that lapsed are
+        released (counted in ``lapsed``) by the store's next operation on the window,
+        and reads show them released.
+        """
 
     @abc.abstractmethod
     async def settle(
-        self, key: str, *, window_start: float, window_end: float, held: int, actual: int
+        self,
+        key: str,
+        *,
+        window_start: float,
+        window_end: float,
+        held: int,
+        actual: int,
+        lapses_at: float | None = None,
     ) -> BudgetUsage:
-        """Release a hold of ``held`` from ``key``'s window and charge ``actual``."""
+        """
+        Release a hold of ``held`` from ``key``'s window, reserved with ``lapses_at``,
+        and charge ``actual``; a hold that lapsed already has nothing left to release.
+        """
 
     @abc.abstractmethod
     async def usage(self, key: str, *, window_start: float, window_end: float) -> BudgetUsage:
@@ -674,39 +698,64 @@ class TransactionalQuotaStore(QuotaStore):
     async def _delete(self, keys: Sequence[str]) -> None:
         """Delete ``keys``."""
 
+    def _now(self) -> float:
+        """
+        UTC epoch seconds at which reads (`usage`, `usages`) release lapsed holds; the
+        wall clock unless overridden (operations take ``now`` from `_transact`).
+        """
+        return time.time()
+
     async def reserve(
-        self, key: str, *, window_start: float, window_end: float, amount: int, limit: int
+        self,
+        key: str,
+        *,
+        window_start: float,
+        window_end: float,
+        amount: int,
+        limit: int,
+        lapses_at: float | None = None,
     ) -> BudgetGrant:
         self._check_open()
         from .limits.meter import reserve_step
 
         return await self._transact(
             _window_key(key, window_start),
-            lambda data, _now: reserve_step(
+            lambda data, now: reserve_step(
                 key,
                 data,
                 window_start=window_start,
                 window_end=window_end,
                 amount=amount,
                 limit=limit,
+                now=now,
+                lapses_at=lapses_at,
             ),
         )
 
     async def settle(
-        self, key: str, *, window_start: float, window_end: float, held: int, actual: int
+        self,
+        key: str,
+        *,
+        window_start: float,
+        window_end: float,
+        held: int,
+        actual: int,
+        lapses_at: float | None = None,
     ) -> BudgetUsage:
         self._check_open()
         from .limits.meter import settle_step
 
         return await self._transact(
             _window_key(key, window_start),
-            lambda data, _now: settle_step(
+            lambda data, now: settle_step(
                 key,
                 data,
                 window_start=window_start,
                 window_end=window_end,
                 held=held,
                 actual=actual,
+                now=now,
+                lapses_at=lapses_at,
             ),
         )
 
@@ -715,16 +764,18 @@ class TransactionalQuotaStore(QuotaStore):
         from .limits.meter import usage_of
 
         data = await self._load(_window_key(key, window_start))
-        return usage_of(key, data, window_start, window_end)
+        return usage_of(key, data, window_start, window_end, self._now())
 
     async def usages(self) -> list[BudgetUsage]:
         self._check_open()
         from .limits.meter import usage_of
 
         out = []
+        now = self._now()
         for stored, data in await self._scan("b|"):
             key = stored[2:].rsplit("@", 1)[0]
-            out.append(usage_of(key, data, float(data["window_start"]), float(data["window_end"])))
+            ws, we = float(data["window_start"]), float(data["window_end"])
+            out.append(usage_of(key, data, ws, we, now))
         return sorted(out, key=lambda u: (u.key, u.window_start))
 
     async def reset_budget(self, key: str) -> int:

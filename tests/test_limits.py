@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import pickle
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -328,6 +329,44 @@ async def test_failed_and_cancelled_calls_settle_at_what_they_cost(
     assert usage.calls == 3 and usage.held == 0
     assert usage.spent_usd == pytest.approx(ok.cost_usd, abs=1e-9)
     assert usage.reserved == usage.settled + usage.released
+
+
+async def test_a_hold_its_worker_cannot_settle_lapses_after_the_calls_bound(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    # a worker whose call hangs holds its estimate until the call's bound (timeout 20 s,
+    # a rate-limit wait of 30 s, 120 s to settle), not until the window ends: another
+    # worker whose clock is past that (as a killed worker's would be) sees it lapsed
+    path = tmp_path / "quota.db"
+    server.script("gpt-cheap", ["hang"])
+    pinned = ExecutionContext(model="gpt-cheap", max_tokens=1000, timeout=20)
+    async with make(
+        server,
+        budgets=[Budget(limit_usd=1.0, window="month")],
+        quota_store=f"sqlite:///{path}",
+        fallback=FallbackPolicy.none(),
+    ) as executor:
+        before = time.time()
+        task = asyncio.create_task(executor.run("hello", pinned))
+        await server.wait_for_requests(1)
+        after = time.time()
+        try:
+            async with SQLiteQuotaStore(path) as now_store:
+                (during,) = await now_store.usages()
+            async with SQLiteQuotaStore(path, clock=lambda: time.time() + 300) as later:
+                (lapsed,) = await later.usages()
+                ws, we = lapsed.window_start, lapsed.window_end
+                grant = await later.reserve(
+                    during.key, window_start=ws, window_end=we, amount=10**9, limit=10**9
+                )
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert during.held > 0 and during.held_until is not None
+    assert before + 170 <= during.held_until <= after + 170 + 60  # a whole minute up
+    assert (lapsed.held, lapsed.lapsed, lapsed.held_until) == (0, during.held, None)
+    assert grant.granted  # the whole dollar: nothing of the hung call's counts
 
 
 async def test_per_user_budgets_are_separate_and_a_limit_set_in_the_store_wins(

@@ -110,7 +110,8 @@ def register(subparsers: SubParsers) -> None:
         "status",
         help="spend of every budget (or one) in its current window",
         description="Show each budget the store holds: its latest window, limit, spent, "
-        "held by calls in flight, left, and when it resets.",
+        "held by calls in flight and when that hold lapses if no call settles it (a "
+        "killed worker's), left, and when it resets.",
     )
     add_common(status, db_help=db_help)
     status.add_argument("key", nargs="?", help="one budget, e.g. global/day or user_id=bob/day")
@@ -181,6 +182,8 @@ def usage_row(u: BudgetUsage, override: int | None = None) -> dict[str, Any]:
         "settled_usd": u.settled / NANO,
         "released_usd": u.released / NANO,
         "overrun_usd": u.overrun / NANO,
+        "lapsed_usd": u.lapsed / NANO,
+        "held_until": None if u.held_until is None else _iso(u.held_until),
         "calls": u.calls,
         "refused": u.refused,
     }
@@ -224,6 +227,7 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
             f"${r['limit_usd']:,.4f}",
             f"${r['spent_usd']:,.4f}",
             f"${r['held_usd']:,.4f}",
+            "-" if u.held_until is None or not u.held else _when(u.held_until),
             f"${r['remaining_usd']:,.4f}",
             r["calls"],
             r["refused"],
@@ -239,6 +243,7 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
             f"${limit / NANO:,.4f}",
             "$0.0000",
             "$0.0000",
+            "-",
             f"${limit / NANO:,.4f}",
             0,
             0,
@@ -248,7 +253,18 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
         if key not in charged
     )
     print_table(
-        ["budget", "limit", "spent", "held", "left", "calls", "refused", "resets (UTC)"], table
+        [
+            "budget",
+            "limit",
+            "spent",
+            "held",
+            "held until (UTC)",
+            "left",
+            "calls",
+            "refused",
+            "resets (UTC)",
+        ],
+        table,
     )
     if overrides:
         print("* limit set in the store (`empathy-models budget set`)")

@@ -49,7 +49,14 @@ _G = TypeVar("_G")  # what a quota store's operation grants
 if TYPE_CHECKING:
     from ..registry import ModelInfo
 
-__all__ = ["Hold", "Limiter", "LocalRateLimitError", "quota_store_from_url"]
+__all__ = [
+    "HOLD_GRACE",
+    "UNBOUNDED_HOLD",
+    "Hold",
+    "Limiter",
+    "LocalRateLimitError",
+    "quota_store_from_url",
+]
 
 logger = logging.getLogger("empathy_models.limits")
 
@@ -61,6 +68,15 @@ The longest one answer (a 429's Retry-After, an exhausted limit's reset header) 
 a rate-limit schedule back: the breaker's own cap on such a hint (10 minutes), so one
 answer cannot close a provider for a day.
 """
+
+UNBOUNDED_HOLD: Final = 3600.0
+"""
+Seconds a budget hold lasts for a call that neither a deadline nor (unless streamed) a
+timeout bounds, before it lapses (`Limiter.lease`).
+"""
+
+HOLD_GRACE: Final = 120.0
+"""Seconds a budget hold outlasts its call's bound: time to settle it."""
 
 
 class LocalRateLimitError(RateLimitedError):
@@ -120,8 +136,8 @@ class Hold:
 
     def __init__(self) -> None:
         self.closed = False
-        # (store, key, window start, window end, nano-dollars held)
-        self.budgets: list[tuple[QuotaStore, str, float, float, int]] = []
+        # (store, key, window start, window end, nano-dollars held, when the hold lapses)
+        self.budgets: list[tuple[QuotaStore, str, float, float, int, float]] = []
         # (store, key, seconds per token) of every tpm schedule taken
         self.rates: list[tuple[QuotaStore, str, float]] = []
         self.est_tokens = 0
@@ -394,11 +410,16 @@ class Limiter:
         return self._local, await operation(self._local)
 
     def _reserve(
-        self, key: str, ws: float, we: float, amount: int, limit: int
+        self, key: str, ws: float, we: float, amount: int, limit: int, lapses_at: float
     ) -> Awaitable[tuple[QuotaStore, BudgetGrant]]:
         return self._on_store(
             lambda store: store.reserve(
-                key, window_start=ws, window_end=we, amount=amount, limit=limit
+                key,
+                window_start=ws,
+                window_end=we,
+                amount=amount,
+                limit=limit,
+                lapses_at=lapses_at,
             )
         )
 
@@ -474,6 +495,20 @@ class Limiter:
 
     # ------------------------------------------------------------------ admission
 
+    def lease(self, context: Any, time_left: float | None, streamed: bool) -> float:
+        """
+        Seconds a call's budget holds may last: the longest the call may take (the
+        deadline's ``time_left``, and the context's ``timeout`` unless ``streamed``;
+        `UNBOUNDED_HOLD` when neither bounds it), its longest rate-limit wait, and
+        `HOLD_GRACE` for its settlement.
+        """
+        bound = time_left
+        timeout = None if streamed else getattr(context, "timeout", None)
+        if timeout is not None:
+            bound = timeout if bound is None else min(bound, timeout)
+        wait = self.max_wait if time_left is None else max(0.0, min(self.max_wait, time_left))
+        return max(0.0, UNBOUNDED_HOLD if bound is None else bound) + wait + HOLD_GRACE
+
     async def admit(
         self,
         context: Any,
@@ -481,10 +516,18 @@ class Limiter:
         input_tokens: int,
         max_tokens: int,
         time_left: float | None,
+        *,
+        streamed: bool = False,
     ) -> Hold | None:
         """
         Reserve the call's estimate in every budget covering it and take its places in the
         rate-limit schedules, waiting for them.
+
+        The budgets' holds lapse (`QuotaStore.reserve`'s ``lapses_at``) once the call
+        can no longer be running: after the longest it may take (the run's deadline,
+        or its ``timeout`` unless streamed; `UNBOUNDED_HOLD` seconds when neither
+        bounds it) plus the longest rate-limit wait and `HOLD_GRACE`.  A process killed
+        or cut off from the store mid-call thus holds its budgets no longer than that.
 
         Args:
             context: the run's `ExecutionContext` (its workflow, stage, user).
@@ -494,6 +537,7 @@ class Limiter:
                 a token per UTF-8 byte of its text, plus framing and images): budgets
                 reserve the worst case (`estimate`), rate limits count the estimate.
             time_left: seconds left of the run's deadline (None: no deadline).
+            streamed: the call is a stream (its ``timeout`` is an idle timeout).
 
         Returns:
             The `Hold` to settle, or None when no limit applies.
@@ -511,7 +555,8 @@ class Limiter:
         hold.est_tokens = input_tokens + max_tokens
         try:
             if covered:
-                await self._admit_budgets(hold, covered, info, input_tokens, max_tokens)
+                lapses_at = self._wall() + self.lease(context, time_left, streamed)
+                await self._admit_budgets(hold, covered, info, input_tokens, max_tokens, lapses_at)
             if rates:
                 await self._admit_rates(hold, rates, info, time_left)
         except BaseException:
@@ -526,6 +571,7 @@ class Limiter:
         info: ModelInfo,
         input_tokens: int,
         max_tokens: int,
+        lapses_at: float,
     ) -> None:
         await self._refresh_overrides()
         estimate = self.estimate(info, input_tokens, max_tokens)
@@ -534,7 +580,9 @@ class Limiter:
         for budget, key in covered:
             ws, we = budget.window_bounds(now)
             limit = self._overrides.get(key, to_nano(budget.limit_usd))
-            grant = await self._carry(self._reserve_into(hold, key, ws, we, amount, limit))
+            grant = await self._carry(
+                self._reserve_into(hold, key, (ws, we, lapses_at), amount, limit)
+            )
             if not grant.granted:
                 usage: BudgetUsage = grant.usage
                 raise BudgetExceededError(
@@ -547,12 +595,13 @@ class Limiter:
                 )
 
     async def _reserve_into(
-        self, hold: Hold, key: str, ws: float, we: float, amount: int, limit: int
+        self, hold: Hold, key: str, times: tuple[float, float, float], amount: int, limit: int
     ) -> BudgetGrant:
         """A reservation, kept in ``hold`` once granted (given back if ``hold`` is closed)."""
-        store, grant = await self._reserve(key, ws, we, amount, limit)
+        ws, we, lapses_at = times
+        store, grant = await self._reserve(key, ws, we, amount, limit, lapses_at)
         if grant.granted:
-            hold.budgets.append((store, key, ws, we, amount))
+            hold.budgets.append((store, key, ws, we, amount, lapses_at))
             if hold.closed:  # settled already: its caller stopped waiting for this
                 await self._settle(hold, True)
         return grant
@@ -617,15 +666,23 @@ class Limiter:
         hold.budgets.clear()
         hold.rates.clear()
         actual = to_nano(hold.cost_usd)
-        for store, key, ws, we, held in budgets:
+        for store, key, ws, we, held, lapses_at in budgets:
             try:
-                await store.settle(key, window_start=ws, window_end=we, held=held, actual=actual)
+                await store.settle(
+                    key,
+                    window_start=ws,
+                    window_end=we,
+                    held=held,
+                    actual=actual,
+                    lapses_at=lapses_at,
+                )
             except BackendError as exc:
                 self._failed(exc)
                 logger.warning(
-                    "settling budget %s failed; its hold of $%.6f stays until the window ends",
+                    "settling budget %s failed; its hold of $%.6f stays until it lapses at %s",
                     key,
                     held / 1e9,
+                    time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lapses_at)),
                 )
         for store, key, interval in rates:
             if pushback is not None:

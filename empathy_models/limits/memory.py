@@ -60,6 +60,9 @@ class MemoryQuotaStore(TransactionalQuotaStore):
             del data[key]
         self._sweep_at = newest + 3600.0
 
+    def _now(self) -> float:
+        return self._clock()
+
     async def _load(self, key: str) -> dict[str, Any] | None:
         data = self._data.get(key)
         return None if data is None else copy.copy(data)

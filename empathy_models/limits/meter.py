@@ -2,26 +2,97 @@
 The pure steps every quota store applies atomically: budget reservations and
 settlements, and GCRA rate-limit scheduling.  No I/O and no clock: the store passes
 its own notion of now.  `empathy_models_redis` holds a Lua port of these steps.
+
+A hold lapses: each reservation names when (``lapses_at``, UTC epoch seconds, rounded
+up to a whole `HOLD_BUCKET`), and a window keeps its holds per lapse time (``holds``,
+lapse time -> nano-dollars).  Every step first releases the holds whose time has come
+(counted in ``lapsed``), so a hold its process can no longer settle (killed, or cut off
+from the store) stops counting against the limit.  A settlement of a hold that lapsed
+already charges what the call cost (all of it counted as ``overrun``) and releases
+nothing.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Final
 
 from .values import BudgetGrant, BudgetUsage, RateGrant
 
-__all__ = ["adjust_step", "gcra_step", "reserve_step", "settle_step", "usage_of"]
+__all__ = [
+    "HOLD_BUCKET",
+    "adjust_step",
+    "gcra_step",
+    "hold_bucket",
+    "lapse_step",
+    "reserve_step",
+    "settle_step",
+    "usage_of",
+]
 
 Data = dict[str, Any]
 
-_COUNTERS = ("limit", "spent", "held", "reserved", "settled", "released", "overrun", "calls")
+_COUNTERS = (
+    "limit",
+    "spent",
+    "held",
+    "reserved",
+    "settled",
+    "released",
+    "overrun",
+    "lapsed",
+    "calls",
+)
+
+HOLD_BUCKET: Final = 60
+"""Seconds to which a hold's lapse time is rounded up (one bucket per minute at most)."""
 
 
-def usage_of(key: str, data: Data | None, window_start: float, window_end: float) -> BudgetUsage:
-    """The `BudgetUsage` a stored dict holds (a missing one reads as an empty window)."""
+def hold_bucket(lapses_at: float | None, window_end: float) -> str:
+    """
+    The bucket a hold lapsing at ``lapses_at`` is kept in: that time rounded up to a
+    whole `HOLD_BUCKET`, as an integer's text; a hold without one lapses when its
+    window ends.
+    """
+    at = window_end if lapses_at is None else lapses_at
+    return str(math.ceil(at / HOLD_BUCKET) * HOLD_BUCKET)
+
+
+def lapse_step(data: Data, now: float) -> Data:
+    """``data`` (a copy, when anything lapsed) with the holds lapsed by ``now`` released."""
+    holds: dict[str, int] | None = data.get("holds")
+    if not holds or min(int(t) for t in holds) > now:
+        return data
+    new = dict(data)
+    kept = {}
+    for at, amount in holds.items():
+        if int(at) <= now:
+            new["held"] = max(0, new["held"] - amount)
+            new["lapsed"] = new.get("lapsed", 0) + amount
+        else:
+            kept[at] = amount
+    new["holds"] = kept
+    return new
+
+
+def usage_of(
+    key: str,
+    data: Data | None,
+    window_start: float,
+    window_end: float,
+    now: float | None = None,
+) -> BudgetUsage:
+    """
+    The `BudgetUsage` a stored dict holds (a missing one reads as an empty window), with
+    the holds lapsed by ``now`` released when it is given.
+    """
     if data is None:
         return BudgetUsage(key=key, window_start=window_start, window_end=window_end)
-    return BudgetUsage.from_json({"key": key, **data})
+    if now is not None:
+        data = lapse_step(data, now)
+    holds = data.get("holds")
+    until = max((float(t) for t, n in holds.items() if n), default=None) if holds else None
+    return BudgetUsage.from_json({"key": key, **data, "held_until": until})
 
 
 def _fresh(window_start: float, window_end: float) -> Data:
@@ -30,6 +101,7 @@ def _fresh(window_start: float, window_end: float) -> Data:
         "window_end": window_end,
         **dict.fromkeys(_COUNTERS, 0),
         "refused": 0,
+        "holds": {},
     }
 
 
@@ -41,12 +113,21 @@ def reserve_step(
     window_end: float,
     amount: int,
     limit: int,
+    now: float,
+    lapses_at: float | None = None,
 ) -> tuple[Data, BudgetGrant]:
-    """Hold ``amount`` if ``spent + held + amount <= limit``; count a refusal otherwise."""
-    new = dict(data) if data is not None else _fresh(window_start, window_end)
+    """
+    Hold ``amount`` until ``lapses_at`` if ``spent + held + amount <= limit`` (the holds
+    lapsed by ``now`` released first); count a refusal otherwise.
+    """
+    new = dict(lapse_step(data, now)) if data is not None else _fresh(window_start, window_end)
     new["limit"] = limit
     if new["spent"] + new["held"] + amount <= limit:
         new["held"] += amount
+        holds = dict(new.get("holds") or {})
+        bucket = hold_bucket(lapses_at, window_end)
+        holds[bucket] = holds.get(bucket, 0) + amount
+        new["holds"] = holds
         new["reserved"] += amount
         new["calls"] += 1
         granted = True
@@ -64,9 +145,23 @@ def settle_step(
     window_end: float,
     held: int,
     actual: int,
+    now: float,
+    lapses_at: float | None = None,
 ) -> tuple[Data, BudgetUsage]:
-    """Release a hold of ``held`` and charge ``actual`` (which may exceed it)."""
-    new = dict(data) if data is not None else _fresh(window_start, window_end)
+    """
+    Release a hold of ``held`` reserved to lapse at ``lapses_at`` and charge ``actual``
+    (which may exceed it); of a hold that lapsed already nothing is left to release.
+    """
+    new = dict(lapse_step(data, now)) if data is not None else _fresh(window_start, window_end)
+    holds = dict(new.get("holds") or {})
+    bucket = hold_bucket(lapses_at, window_end)
+    if "holds" in new:  # else a window stored before holds lapsed
+        held = min(held, holds.get(bucket, 0))  # 0 once lapsed
+        if holds.get(bucket, 0) > held:
+            holds[bucket] -= held
+        else:
+            holds.pop(bucket, None)
+        new["holds"] = holds
     new["held"] = max(0, new["held"] - held)
     new["spent"] += actual
     new["settled"] += min(actual, held)

@@ -164,6 +164,9 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
         )
         self._sweep_at = newest + 3600.0
 
+    def _now(self) -> float:
+        return self._clock()
+
     async def _load(self, key: str) -> dict[str, Any] | None:
         async def job(conn: aiosqlite.Connection) -> sqlite3.Row | None:
             await self._prepare(conn)

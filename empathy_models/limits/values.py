@@ -269,9 +269,13 @@ class BudgetUsage:
 
     ``held`` is reserved by calls still in flight; ``reserved`` the sum of every
     reservation granted, ``settled`` the part of them calls turned out to cost,
-    ``released`` the part given back, ``overrun`` what calls cost beyond their
-    reservation: ``reserved == settled + released + held`` and ``spent == settled +
-    overrun`` always.  ``limit`` is the limit the last reservation was checked against.
+    ``released`` the part given back, ``lapsed`` the part of holds that lapsed before
+    their call settled them (their process killed or cut off from the store),
+    ``overrun`` what calls cost beyond what they still held: ``reserved == settled +
+    released + lapsed + held`` and ``spent == settled + overrun`` always.  ``limit`` is
+    the limit the last reservation was checked against.  ``held_until``: when the last
+    of the holds lapses if no call settles it (UTC epoch seconds; None when nothing is
+    held).
     """
 
     key: str
@@ -286,6 +290,8 @@ class BudgetUsage:
     overrun: int = 0
     calls: int = 0
     refused: int = 0
+    lapsed: int = 0
+    held_until: float | None = None
 
     @property
     def limit_usd(self) -> float:
@@ -317,6 +323,8 @@ class BudgetUsage:
             "overrun": self.overrun,
             "calls": self.calls,
             "refused": self.refused,
+            "lapsed": self.lapsed,
+            "held_until": self.held_until,
         }
 
     @classmethod
@@ -337,8 +345,10 @@ class BudgetUsage:
                     "overrun",
                     "calls",
                     "refused",
+                    "lapsed",
                 )
             },
+            held_until=None if data.get("held_until") is None else float(data["held_until"]),
         )
 
 

@@ -119,7 +119,7 @@ class PostgresResponseCache(ResponseCache):
         return f"PostgresResponseCache({self._db.target!r}, schema={self._db.schema!r})"
 
     async def _aopen(self) -> None:
-        await self._db.pool(self._migrations)
+        await self._db.open(self._migrations)
 
     async def _aclose(self) -> None:
         await self._db.close()

@@ -59,6 +59,9 @@ _DRIVER_ERRORS: Final = (
 
 logger = logging.getLogger("empathy_models.backends.postgres")
 
+OPEN_TIMEOUT: Final = 2.0
+"""Seconds a store's open waits for the database before leaving it to the first use."""
+
 CLOSE_TIMEOUT: Final = 5.0
 """Seconds `Database.close` waits for the pool to close cleanly before terminating it."""
 
@@ -193,11 +196,45 @@ class Database:
 
     def error(self, what: str, exc: BaseException) -> BackendError:
         message = str(exc).replace(self.dsn, self.target)
+        if not message.strip() and isinstance(exc, TimeoutError):
+            # asyncio's timeouts carry no text: say what timed out, and after how long
+            option = "timeout" if what == "connect" else "command_timeout"
+            limit = self.pool_options.get(option)
+            message = "timed out" + ("" if limit is None else f" after {limit:g} s")
+        elif not message.strip():
+            message = "(no message)"
         return self.error_type(
             f"PostgreSQL {self.component} {self.target}: {what} failed: "
             f"{type(exc).__name__}: {message}",
             target=self.target,
         )
+
+    async def open(self, migrations: Sequence[Migration]) -> None:
+        """
+        Create the pool at open if the database answers within `OPEN_TIMEOUT` seconds;
+        if it cannot be reached, warn
+        and leave it to the first operation (which raises the backend's error until the
+        database is back), so a worker starts during an outage and runs degraded, as
+        with Redis.  A schema newer than this code still fails the open.
+        """
+        try:
+            await asyncio.wait_for(self.pool(migrations), OPEN_TIMEOUT)
+        except TimeoutError:
+            logger.warning(
+                "PostgreSQL %s %s: no answer within %g s at open; trying again at the "
+                "first operation",
+                self.component,
+                self.target,
+                OPEN_TIMEOUT,
+            )
+        except SchemaVersionError:
+            raise
+        except self.error_type as exc:
+            if not isinstance(exc.__cause__, _DRIVER_ERRORS) or isinstance(
+                exc.__cause__, asyncpg.PostgresError
+            ):
+                raise  # the server answered: a bad DSN, password or schema is not an outage
+            logger.warning("%s; trying again at the first operation", exc)
 
     @asynccontextmanager
     async def errors(self, what: str) -> AsyncIterator[None]:

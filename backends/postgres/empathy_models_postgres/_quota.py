@@ -85,7 +85,7 @@ class PostgresQuotaStore(TransactionalQuotaStore):
         )
 
     async def _aopen(self) -> None:
-        await self._db.pool(self._migrations)
+        await self._db.open(self._migrations)
 
     async def _aclose(self) -> None:
         await self._db.close()

@@ -377,7 +377,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         return True
 
     async def _aopen(self) -> None:
-        await self._db.pool(self._migrations)
+        await self._db.open(self._migrations)
 
     async def _aclose(self) -> None:
         await self._db.close()

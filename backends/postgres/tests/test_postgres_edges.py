@@ -55,3 +55,29 @@ def test_a_cache_bound_past_the_largest_is_refused(field: str, bound: int) -> No
     options: dict[str, Any] = {field: bound}
     with pytest.raises(ConfigurationError, match=rf"{field} must be an integer >= 1 and < 2\*\*63"):
         PostgresResponseCache("postgresql://postgres@127.0.0.1:5432/test", **options)
+
+
+async def test_an_executor_starts_while_the_database_is_unreachable_and_runs_degraded(
+    postgres_dsn: str,
+) -> None:
+    from empathy_models import Budget, EmpathyLLMExecutor, ExecutionContext, OpenAIProvider
+    from empathy_models.testing import FakeLLMServer
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = f"postgresql://postgres@127.0.0.1:{port}/nowhere"
+    async with (
+        FakeLLMServer() as server,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key="k", base_url=server.openai_base_url)],
+            telemetry_store=down,
+            breaker=down,
+            quota_store=down,
+            cache=down,
+            budgets=[Budget(limit_usd=10.0, window="day")],
+        ) as executor,
+    ):
+        ctx = ExecutionContext(model="gpt-4o-mini", temperature=0, cache_ttl=60)
+        response = await executor.run("hello", ctx)
+    assert response.model == "gpt-4o-mini" and not response.cached

@@ -14,7 +14,7 @@ from empathy_models.backends import shown
 from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 
-from ._store import _GLOB_SPECIAL, RedisCircuitStateStore
+from ._store import _GLOB_SPECIAL, URL_PREFIX_KINDS, RedisCircuitStateStore
 
 __all__ = ["DEFAULT_CACHE_PREFIX", "RedisResponseCache"]
 
@@ -38,7 +38,8 @@ class RedisResponseCache(ResponseCache):
 
     Args:
         connection, **client_options: as for `RedisCircuitStateStore`.
-        prefix: of the cache keys.
+        prefix: of the cache keys; a URL's ``prefix`` is the root, under which the
+            cache keys go in ``prefix + "cache:"`` (see `RedisCircuitStateStore`).
         max_value_bytes: larger values are not stored.
 
     Raises:
@@ -63,7 +64,9 @@ class RedisResponseCache(ResponseCache):
             raise ConfigurationError(
                 f"max_value_bytes must be >= 1 and < 2**63, got {shown(max_value_bytes)}"
             )
-        plumbing = RedisCircuitStateStore(connection, prefix=prefix, **client_options)
+        plumbing = RedisCircuitStateStore(
+            connection, prefix=prefix, _kind=URL_PREFIX_KINDS["cache"], **client_options
+        )
         self._client = plumbing._client
         self._owns_client = plumbing._owns_client
         self._target = plumbing._target

@@ -13,8 +13,9 @@ from redis.exceptions import RedisError
 from empathy_models.abc import QuotaStore
 from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import BudgetGrant, BudgetUsage, RateGrant
+from empathy_models.limits.meter import hold_bucket, usage_of
 
-from ._store import _GLOB_SPECIAL, RedisCircuitStateStore, _num, _text
+from ._store import _GLOB_SPECIAL, URL_PREFIX_KINDS, RedisCircuitStateStore, _num, _text
 
 __all__ = ["DEFAULT_QUOTA_PREFIX", "RedisQuotaStore", "quota_script"]
 
@@ -32,6 +33,7 @@ _FIELDS: Final = (
     "settled",
     "released",
     "overrun",
+    "lapsed",
     "calls",
     "refused",
 )
@@ -62,11 +64,15 @@ class RedisQuotaStore(QuotaStore):
     atomic on the server; rate limits take ``now`` from the server's ``TIME``, so hosts
     never disagree about time.  A budget window is a hash at ``prefix + "b|" + key + "@"
     + window start`` that expires a week after the window ends; a rate-limit schedule is
-    one string that expires a minute after it runs empty.
+    one string that expires a minute after it runs empty.  The window's holds are kept
+    per lapse time (hash fields ``h:<epoch seconds>``); each reservation or settlement
+    first releases those whose time came by the server's clock, and reads show them
+    released by this host's clock.
 
     Args:
         connection: as for `RedisCircuitStateStore`.
-        prefix: of the quota keys (also from the URL's query).
+        prefix: of the quota keys; a URL's ``prefix`` is the root, under which the
+            quota keys go in ``prefix + "quota:"`` (see `RedisCircuitStateStore`).
         **client_options: as for `RedisCircuitStateStore`.
 
     Raises:
@@ -83,7 +89,9 @@ class RedisQuotaStore(QuotaStore):
         **client_options: Any,
     ) -> None:
         # the circuit-state store parses and checks the URL and builds the client
-        plumbing = RedisCircuitStateStore(connection, prefix=prefix, **client_options)
+        plumbing = RedisCircuitStateStore(
+            connection, prefix=prefix, _kind=URL_PREFIX_KINDS["quota"], **client_options
+        )
         self._client = plumbing._client
         self._owns_client = plumbing._owns_client
         self._target = plumbing._target
@@ -111,13 +119,16 @@ class RedisQuotaStore(QuotaStore):
         return [_text(x) for x in raw]
 
     @staticmethod
-    def _usage(key: str, fields: Mapping[str, str], ws: float, we: float) -> BudgetUsage:
-        return BudgetUsage(
-            key=key,
-            window_start=float(fields.get("window_start", ws)),
-            window_end=float(fields.get("window_end", we)),
+    def _usage(
+        key: str, fields: Mapping[str, str], ws: float, we: float, now: float | None = None
+    ) -> BudgetUsage:
+        data: dict[str, Any] = {
+            "window_start": float(fields.get("window_start", ws)),
+            "window_end": float(fields.get("window_end", we)),
             **{name: int(float(fields.get(name, "0"))) for name in _FIELDS},
-        )
+            "holds": {f[2:]: int(v) for f, v in fields.items() if f.startswith("h:")},
+        }
+        return usage_of(key, data, data["window_start"], data["window_end"], now)
 
     def _reply(self, key: str, reply: list[str], ws: float, we: float) -> BudgetGrant:
         fields = dict(zip(reply[1::2], reply[2::2], strict=True))
@@ -137,18 +148,32 @@ class RedisQuotaStore(QuotaStore):
     # ------------------------------------------------------------------ budgets
 
     async def reserve(
-        self, key: str, *, window_start: float, window_end: float, amount: int, limit: int
+        self,
+        key: str,
+        *,
+        window_start: float,
+        window_end: float,
+        amount: int,
+        limit: int,
+        lapses_at: float | None = None,
     ) -> BudgetGrant:
         args = ["reserve", _num(window_start), _num(window_end), str(int(amount))]
-        args += [str(int(limit)), self._ttl(window_end)]
+        args += [str(int(limit)), self._ttl(window_end), hold_bucket(lapses_at, window_end)]
         reply = await self._run(f"reserve {key!r}", self._window(key, window_start), args)
         return self._reply(key, reply, window_start, window_end)
 
     async def settle(
-        self, key: str, *, window_start: float, window_end: float, held: int, actual: int
+        self,
+        key: str,
+        *,
+        window_start: float,
+        window_end: float,
+        held: int,
+        actual: int,
+        lapses_at: float | None = None,
     ) -> BudgetUsage:
         args = ["settle", _num(window_start), _num(window_end), str(int(held))]
-        args += [str(int(actual)), self._ttl(window_end)]
+        args += [str(int(actual)), self._ttl(window_end), hold_bucket(lapses_at, window_end)]
         reply = await self._run(f"settle {key!r}", self._window(key, window_start), args)
         return self._reply(key, reply, window_start, window_end).usage
 
@@ -159,7 +184,7 @@ class RedisQuotaStore(QuotaStore):
         except (RedisError, OSError) as exc:
             raise self._error(f"read {key!r}", exc) from exc
         fields = {_text(k): _text(v) for k, v in raw.items()}
-        return self._usage(key, fields, window_start, window_end)
+        return self._usage(key, fields, window_start, window_end, time.time())
 
     async def _keys(self, pattern: str) -> list[str]:
         try:
@@ -170,6 +195,7 @@ class RedisQuotaStore(QuotaStore):
     async def usages(self) -> list[BudgetUsage]:
         self._check_open()
         out = []
+        now = time.time()
         start = len(self.prefix) + 2
         for redis_key in await self._keys(_glob(self.prefix + "b|") + "*"):
             try:
@@ -180,7 +206,7 @@ class RedisQuotaStore(QuotaStore):
                 continue
             fields = {_text(k): _text(v) for k, v in raw.items()}
             key = redis_key[start:].rsplit("@", 1)[0]
-            out.append(self._usage(key, fields, 0.0, 0.0))
+            out.append(self._usage(key, fields, 0.0, 0.0, now))
         return sorted(out, key=lambda u: (u.key, u.window_start))
 
     async def reset_budget(self, key: str) -> int:

@@ -54,7 +54,16 @@ from empathy_models.records import (
 from ._feed import watch
 from ._resp import bulk
 
-__all__ = ["DEFAULT_KEY_TTL", "DEFAULT_PREFIX", "RedisCircuitStateStore", "breaker_script"]
+__all__ = [
+    "DEFAULT_KEY_TTL",
+    "DEFAULT_PREFIX",
+    "URL_PREFIX_KINDS",
+    "RedisCircuitStateStore",
+    "breaker_script",
+]
+
+URL_PREFIX_KINDS: Final = {"breaker": "cb:", "quota": "quota:", "cache": "cache:"}
+"""What each store kind appends to a URL's ``prefix`` (the root of all their keys)."""
 
 DEFAULT_PREFIX: Final = "empathy:cb:"
 """Prefix of every Redis key the store writes (one hash per breaker key)."""
@@ -228,7 +237,11 @@ class RedisCircuitStateStore(CircuitStateStore):
             most ``max_connections`` (64) connections, waiting up to ``timeout`` (5 s)
             for one; socket timeouts of 2 s and a single quick retry keep a dead server
             from stalling callers (the breaker then runs degraded).
-        prefix: each breaker key is one hash at ``prefix + key``.
+        prefix: each breaker key is one hash at ``prefix + key``.  A URL's ``prefix``
+            is the root of every store sharing it: the breaker's keys go under
+            ``prefix + "cb:"``, the quota store's under ``prefix + "quota:"`` and the
+            cache's under ``prefix + "cache:"`` (as the defaults do under
+            ``"empathy:"``), so one URL serves all three.
         key_ttl: every write sets a key's TTL to this many seconds plus whatever remains
             of an open period, so keys of breakers nobody uses expire on their own; a
             FORCED_OPEN without an end never expires, nor does a DISABLED key (both hold
@@ -250,11 +263,13 @@ class RedisCircuitStateStore(CircuitStateStore):
         *,
         prefix: str = DEFAULT_PREFIX,
         key_ttl: float = DEFAULT_KEY_TTL,
+        _kind: str = URL_PREFIX_KINDS["breaker"],
         **client_options: Any,
     ) -> None:
         if isinstance(connection, str):
             url, url_options = _split_url(connection)
-            prefix = str(url_options.get("prefix", prefix))
+            if "prefix" in url_options:  # the root of every store kind's keys
+                prefix = str(url_options["prefix"]) + _kind
             if "key_ttl" in url_options:  # text: a number as written
                 key_ttl = _url_seconds(str(url_options["key_ttl"]))
             _check_option_names(client_options, "client", connection)
@@ -662,15 +677,21 @@ class RedisCircuitStateStore(CircuitStateStore):
         return self._parse(key, {_text(k): _text(v) for k, v in raw.items()})
 
     async def snapshot_all(self) -> list[CircuitBreakerState]:
-        """Every key under the prefix (``SCAN`` then ``HGETALL`` each), sorted by key."""
+        """
+        Every key under the prefix (``SCAN`` then ``HGETALL`` each), sorted by key; keys
+        there that hold no breaker state (another store's, given the same prefix) are
+        passed over.
+        """
         self._check_open()
         pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix) + "*"
         out: list[CircuitBreakerState] = []
         try:
             async with self._using_pool():
                 async for redis_key in self._client.scan_iter(match=pattern, count=500):
+                    if await self._client.type(redis_key) not in (b"hash", "hash"):
+                        continue
                     raw = await self._client.hgetall(redis_key)
-                    if raw:
+                    if raw and (b"generation" in raw or "generation" in raw):
                         name = _text(redis_key)[len(self.prefix) :]
                         fields = {_text(k): _text(v) for k, v in raw.items()}
                         out.append(self._parse(name, fields))

@@ -2,15 +2,18 @@
 -- A port of empathy_models/limits/meter.py (money in integer nano-dollars).
 --
 -- reserve: KEYS[1] a budget window hash; ARGV: op, window_start, window_end, amount,
---          limit, ttl.  Returns {granted, field, value, ...}.
--- settle:  ARGV: op, window_start, window_end, held, actual, ttl.  Same reply.
+--          limit, ttl, bucket.  Returns {granted, field, value, ...}.
+-- settle:  ARGV: op, window_start, window_end, held, actual, ttl, bucket.  Same reply.
+-- A hold is kept in its bucket, the hash field "h:" .. the time it lapses (whole
+-- seconds, from meter.hold_bucket); each budget step first releases the buckets whose
+-- time (from TIME) has come, counting them in "lapsed".
 -- acquire: KEYS[1] a GCRA schedule (a string: the theoretical arrival time); ARGV: op,
 --          cost, interval, burst, max_wait.  Returns {granted, wait}; time from TIME.
 -- adjust:  ARGV: op, delta (seconds).  Returns {1, 0}.
 
 local OP = ARGV[1]
 local COUNTERS = {"limit", "spent", "held", "reserved", "settled", "released",
-                  "overrun", "calls", "refused"}
+                  "overrun", "lapsed", "calls", "refused"}
 
 local function now()
   local t = redis.call("TIME")
@@ -36,6 +39,21 @@ local function load(ws, we)
   for _, name in ipairs(COUNTERS) do
     out[name] = tonumber(st[name] or "0")
   end
+  local t = now()
+  out.holds = {}
+  out.gone = {}
+  for field, value in pairs(st) do
+    if string.sub(field, 1, 2) == "h:" then
+      local amount = tonumber(value)
+      if tonumber(string.sub(field, 3)) <= t then
+        out.held = math.max(0, out.held - amount)
+        out.lapsed = out.lapsed + amount
+        out.gone[#out.gone + 1] = field
+      else
+        out.holds[field] = amount
+      end
+    end
+  end
   return out
 end
 
@@ -44,6 +62,17 @@ local function save_and_reply(st, granted, ttl)
   for _, name in ipairs(COUNTERS) do
     flat[#flat + 1] = name
     flat[#flat + 1] = int(st[name])
+  end
+  for field, amount in pairs(st.holds) do
+    if amount > 0 then
+      flat[#flat + 1] = field
+      flat[#flat + 1] = int(amount)
+    else
+      st.gone[#st.gone + 1] = field
+    end
+  end
+  if #st.gone > 0 then
+    redis.call("HDEL", KEYS[1], unpack(st.gone))
   end
   redis.call("HSET", KEYS[1], unpack(flat))
   redis.call("PEXPIRE", KEYS[1], math.floor(ttl * 1000))
@@ -57,10 +86,12 @@ end
 if OP == "reserve" then
   local ws, we = tonumber(ARGV[2]), tonumber(ARGV[3])
   local amount, limit, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  local bucket = "h:" .. ARGV[7]
   local st = load(ws, we)
   st.limit = limit
   local granted = st.spent + st.held + amount <= limit
   if granted then
+    st.holds[bucket] = (st.holds[bucket] or 0) + amount
     st.held = st.held + amount
     st.reserved = st.reserved + amount
     st.calls = st.calls + 1
@@ -71,7 +102,12 @@ if OP == "reserve" then
 elseif OP == "settle" then
   local ws, we = tonumber(ARGV[2]), tonumber(ARGV[3])
   local held, actual, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+  local bucket = "h:" .. ARGV[7]
   local st = load(ws, we)
+  held = math.min(held, st.holds[bucket] or 0)  -- 0 once lapsed
+  if st.holds[bucket] ~= nil then
+    st.holds[bucket] = st.holds[bucket] - held
+  end
   st.held = math.max(0, st.held - held)
   st.spent = st.spent + actual
   st.settled = st.settled + math.min(actual, held)

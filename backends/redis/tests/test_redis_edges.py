@@ -138,3 +138,40 @@ def test_a_key_ttl_that_is_no_number_of_seconds_is_refused(key_ttl: object) -> N
     options: dict[str, Any] = {"key_ttl": key_ttl}
     with pytest.raises(ConfigurationError, match="key_ttl must be a number of seconds >= 1"):
         RedisCircuitStateStore("redis://127.0.0.1:6379/15", **options)
+
+
+async def test_one_prefixed_url_holds_breakers_budgets_and_the_cache_apart(
+    redis_store_url: str, redis_prefix: str
+) -> None:
+    from empathy_models import Budget, EmpathyLLMExecutor, ExecutionContext, OpenAIProvider
+    from empathy_models.limits import quota_store_from_url
+    from empathy_models.testing import FakeLLMServer
+
+    async with (
+        FakeLLMServer() as server,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key="k", base_url=server.openai_base_url)],
+            telemetry_store="null://",
+            breaker=redis_store_url,
+            quota_store=redis_store_url,
+            cache=redis_store_url,
+            budgets=[Budget(limit_usd=1.0, window="day", name="daily")],
+        ) as executor,
+    ):
+        for i in range(2):
+            ctx = ExecutionContext(model="gpt-4o", temperature=0, cache_ttl=60)
+            await executor.run(f"q{i}", ctx)
+    async with CircuitBreaker(store=redis_store_url) as breaker:
+        keys = [s.key for s in await breaker.snapshot()]
+        await breaker.reset()  # every breaker key, and nothing else
+    assert keys and all(not k.startswith(("b|", "l|", "r|")) for k in keys), keys
+    async with quota_store_from_url(redis_store_url) as quota:
+        (usage,) = await quota.usages()
+    assert usage.key == "daily" and usage.calls == 2 and usage.spent > 0
+    client = aioredis.Redis.from_url(redis_store_url.split("?")[0])
+    try:
+        found = [k.decode() async for k in client.scan_iter(match=redis_prefix + "*")]
+    finally:
+        await client.aclose()
+    kinds = {k[len(redis_prefix) :].split(":", 1)[0] for k in found}
+    assert kinds == {"cb", "quota", "cache"}, found

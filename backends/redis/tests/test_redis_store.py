@@ -74,7 +74,8 @@ async def test_url_options_prefix_and_key_ttl(redis_url: str, redis_prefix: str)
     url = f"{redis_url}?prefix={redis_prefix}&key_ttl=77"
     store = state_store_from_url(url)
     assert isinstance(store, RedisCircuitStateStore)
-    assert (store.prefix, store.key_ttl) == (redis_prefix, 77.0)
+    # the URL's prefix is the root of every store kind's keys: the breaker's under "cb:"
+    assert (store.prefix, store.key_ttl) == (redis_prefix + "cb:", 77.0)
     await store.aclose()
     default = RedisCircuitStateStore(redis_url)
     assert default.key_ttl == DEFAULT_KEY_TTL

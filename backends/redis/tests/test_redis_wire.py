@@ -75,7 +75,7 @@ async def test_a_key_deleted_and_written_again_is_read_in_full(
             )
             known = (await store.admit("k", POLICY)).state
             assert known.consecutive_failures == 1
-            await client.delete(redis_prefix + "k")
+            await client.delete(redis_prefix + "cb:k")
             after = await store.admit("k", POLICY)
             assert after.state.consecutive_failures == 0
             assert after.state == await store.snapshot("k")
@@ -213,7 +213,7 @@ async def test_a_hash_written_without_a_revision_is_read_in_full(
             admission = await store.admit("k", POLICY)
             assert admission.ticket is not None
             await store.admit("k", POLICY)
-            stored_before = await client.hgetall(redis_prefix + "k")
+            stored_before = await client.hgetall(redis_prefix + "cb:k")
             fields: dict[EncodableT, EncodableT] = {
                 str(k): str(v) for k, v in stored_before.items()
             }
@@ -221,8 +221,8 @@ async def test_a_hash_written_without_a_revision_is_read_in_full(
             del fields["rev"]
             fields["consecutive_failures"] = "1"
             fields["last_error"] = "=from before"
-            await client.delete(redis_prefix + "k")
-            await client.hset(redis_prefix + "k", mapping=fields)
+            await client.delete(redis_prefix + "cb:k")
+            await client.hset(redis_prefix + "cb:k", mapping=fields)
             seen = await store.admit("k", POLICY)
             assert seen.state.consecutive_failures == 1
             assert seen.state.last_error == "from before"
@@ -231,7 +231,7 @@ async def test_a_hash_written_without_a_revision_is_read_in_full(
             )
             assert state.consecutive_failures == 0
             assert state == await store.snapshot("k")
-            stored = await client.hgetall(redis_prefix + "k")
+            stored = await client.hgetall(redis_prefix + "cb:k")
             assert "rev" in stored and stored["last_error"] == "=from before"
     finally:
         await client.aclose()
@@ -244,7 +244,7 @@ async def test_an_error_reply_fails_the_run_and_the_connection_goes_on(
     # one connection answers the next run with that run's reply
     client = aioredis.Redis.from_url(redis_url)
     try:
-        await client.set(redis_prefix + "wrong", "a string, not a hash")
+        await client.set(redis_prefix + "cb:wrong", "a string, not a hash")
         async with RedisCircuitStateStore(redis_store_url, max_connections=1) as store:
             await store.admit("k", POLICY)
             with pytest.raises(StateStoreError, match="WRONGTYPE"):

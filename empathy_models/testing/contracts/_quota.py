@@ -16,6 +16,8 @@ between operations (a few milliseconds) but never sleep.
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,7 +37,7 @@ DOLLAR = 1_000_000_000
 
 
 def _balanced(u: BudgetUsage) -> None:
-    assert u.reserved == u.settled + u.released + u.held, u
+    assert u.reserved == u.settled + u.released + u.lapsed + u.held, u
     assert u.spent == u.settled + u.overrun, u
 
 
@@ -45,7 +47,8 @@ class QuotaStoreContract:
     The contract of `QuotaStore`.  Override the ``quota_store_url`` fixture.
 
     Covers: reservations granted up to the limit and refused past it (and counted);
-    settlement that releases and charges exactly; windows and keys kept apart; 200
+    settlement that releases and charges exactly; holds that lapse at their time (a
+    killed worker's) and late settlements of them; windows and keys kept apart; 200
     concurrent reservations granting exactly what fits; usages, reset and limit
     overrides; GCRA schedules (burst, refusal past ``max_wait`` without booking,
     concurrent places all distinct, capacity given back); a shared store showing one
@@ -117,6 +120,48 @@ class QuotaStoreContract:
         assert (
             await quota_store.reserve("b", window_start=WS, window_end=WE, amount=830, limit=1000)
         ).granted
+
+    async def test_a_hold_lapses_at_its_time_and_is_settled_late_for_nothing(
+        self, quota_store: QuotaStore
+    ) -> None:
+        # the store's clock is the host's (or its server's, on this host): a hold that
+        # lapsed ten minutes ago (a killed worker's) and one lapsing in an hour
+        now = time.time()
+        past, future = now - 600.0, now + 3600.0
+        kw: dict[str, Any] = {"window_start": WS, "window_end": WE}
+        assert (
+            await quota_store.reserve("b", **kw, amount=300, limit=1000, lapses_at=past)
+        ).granted
+        grant = await quota_store.reserve("b", **kw, amount=200, limit=1000, lapses_at=future)
+        assert grant.granted
+        assert (grant.usage.held, grant.usage.lapsed) == (200, 300)
+        u = await quota_store.usage("b", **kw)
+        assert (u.held, u.lapsed, u.reserved, u.calls) == (200, 300, 500, 2)
+        assert u.held_until == math.ceil(future / 60) * 60
+        _balanced(u)
+        assert [x.held for x in await quota_store.usages()] == [200]
+        # what lapsed no longer counts against the limit
+        assert (
+            await quota_store.reserve("b", **kw, amount=800, limit=1000, lapses_at=future)
+        ).granted
+        # the lapsed hold's late settlement charges the cost and releases nothing
+        u = await quota_store.settle("b", **kw, held=300, actual=100, lapses_at=past)
+        assert (u.spent, u.held, u.settled, u.released, u.overrun, u.lapsed) == (
+            100,
+            1000,
+            0,
+            0,
+            100,
+            300,
+        )
+        u = await quota_store.settle("b", **kw, held=200, actual=50, lapses_at=future)
+        assert (u.spent, u.held, u.settled, u.released) == (150, 800, 50, 150)
+        _balanced(u)
+        # without a time, a hold lapses when its window ends
+        grant = await quota_store.reserve("c", **kw, amount=5, limit=10)
+        assert grant.usage.held_until == WE
+        u = await quota_store.settle("c", **kw, held=5, actual=5)
+        assert (u.held, u.spent, u.held_until) == (0, 5, None)
 
     async def test_windows_and_keys_are_kept_apart(self, quota_store: QuotaStore) -> None:
         await quota_store.reserve("a", window_start=WS, window_end=WE, amount=10, limit=10)
