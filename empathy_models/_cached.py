@@ -174,7 +174,7 @@ async def _read(executor: EmpathyLLMExecutor, key: str) -> _Entry | None:
         key: The request's cache key.
 
     Returns:
-        The entry's fields, decoded once per stored value (see `_DECODED`), or None.
+        The entry's fields, decoded once per stored value (see `_Memo`), or None.
     """
     cache = executor._cache
     assert cache is not None
@@ -186,7 +186,8 @@ async def _read(executor: EmpathyLLMExecutor, key: str) -> _Entry | None:
         return None
     if raw is None:
         return None
-    entry = _DECODED.get(raw)
+    memo: _Memo | None = cache._decoded
+    entry = None if memo is None else memo.entries.get(raw)
     if entry is None:
         entry = _decode(raw)
         if entry is None:
@@ -195,9 +196,9 @@ async def _read(executor: EmpathyLLMExecutor, key: str) -> _Entry | None:
                 "response cache entry %s is unreadable; calling a model instead", key[:12]
             )
             return None
-        if len(_DECODED) >= _DECODED_MAX:
-            _DECODED.clear()
-        _DECODED[raw] = entry
+        if memo is None:
+            memo = cache._decoded = _Memo()
+        memo.add(raw, entry)
     return entry
 
 
@@ -253,9 +254,37 @@ def _hit_record(
 
 
 _Entry = tuple[str, str, str, ModelTier, int, int, float, dict[str, Any]]
-_DECODED: dict[bytes, _Entry] = {}
-"""Entries decoded lately, by their stored bytes (a memory cache hands back the same)."""
-_DECODED_MAX = 1024
+
+_MEMO_MAX = 1024
+"""The most entries one cache's memo holds."""
+_MEMO_BYTES = 8 * 2**20
+"""The most bytes one cache's memo holds (counted as twice the stored bytes of each
+entry, for the bytes and the decoded text): beyond, it starts again empty."""
+
+
+class _Memo:
+    """
+    Entries decoded lately from one cache, by their stored bytes (a memory cache hands
+    back the very object, others equal bytes), so a hit decodes no JSON.  Held by the
+    cache (`ResponseCache._decoded`), which drops it on `clear` and `aclose`; the
+    executor drops it on its own `aclose`.
+    """
+
+    __slots__ = ("entries", "size")
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, _Entry] = {}
+        self.size = 0
+
+    def add(self, raw: bytes, entry: _Entry) -> None:
+        cost = 2 * len(raw)
+        if cost > _MEMO_BYTES:
+            return
+        if self.size + cost > _MEMO_BYTES or len(self.entries) >= _MEMO_MAX:
+            self.entries.clear()
+            self.size = 0
+        self.entries[raw] = entry
+        self.size += cost
 
 
 def _decode(raw: bytes) -> _Entry | None:

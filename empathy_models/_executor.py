@@ -586,7 +586,8 @@ class EmpathyLLMExecutor:
     async def aclose(self) -> None:
         """
         End the runs and streams still in flight, then unbind providers, close the
-        session and owned backends.  Safe to call twice.
+        session and owned backends, and let go of the cached answers decoded for hits.
+        Safe to call twice.
 
         Each run or stream in flight raises `NotOpenError` (at once; a stream nobody is
         reading, at its next read) after its attempt is recorded as cancelled, its
@@ -600,6 +601,8 @@ class EmpathyLLMExecutor:
         try:
             await self._inflight.end()
         finally:
+            if self._cache is not None:
+                self._cache._decoded = None  # the answers decoded for its hits (`_cached`)
             if stack is not None:
                 await stack.aclose()
 

@@ -28,6 +28,9 @@ __all__ = ["TIER_ORDER"]
 
 logger = logging.getLogger("empathy_models.executor")
 
+_WARNED_MAX = 1024
+"""The most unknown task types warned about, one warning each (then one saying so)."""
+
 TIER_ORDER: tuple[ModelTier, ...] = (ModelTier.CHEAP, ModelTier.CAPABLE, ModelTier.PREMIUM)
 
 
@@ -126,6 +129,8 @@ class _Planner:
         }
         self._tier_notes: dict[ModelTier, tuple[ModelTier, str]] = {}
         self._tasks: dict[str, tuple[str, ModelTier]] = {}
+        self._warned: set[str] = set()  # the unknown task types warned about
+        self._warned_full = False  # past `_WARNED_MAX` of them: no more warnings
 
     def task(self, task_type: str) -> tuple[str, ModelTier]:
         """``task_type``'s normalized name and tier (memoized: task names are few)."""
@@ -136,15 +141,34 @@ class _Planner:
             known = (normalize_task_type(task_type) or "unknown", get_tier_for_task(task_type))
             self._tasks[task_type] = known
             if known[0] != "unknown" and not is_known_task(task_type):
-                # visible, once per name: an unknown task must not silently cost a
-                # capable model
-                logger.warning(
-                    "unknown task type %r: using the %s tier (see "
-                    "empathy_models.tasks.TaskType, or pass ExecutionContext(tier=...))",
-                    task_type,
-                    known[1].value,
-                )
+                self._warn_unknown(task_type, known[1])
         return known
+
+    def _warn_unknown(self, task_type: str, tier: ModelTier) -> None:
+        """
+        Warn once per name (an unknown task must not silently cost a capable model):
+        for the first `_WARNED_MAX` names, then once that no more warnings come (the
+        names warned about are kept apart from the `task` memo, which starts over).
+        """
+        warned = self._warned
+        if task_type in warned or self._warned_full:
+            return
+        if len(warned) >= _WARNED_MAX:
+            self._warned_full = True
+            warned.clear()
+            logger.warning(
+                "more than %d task types unknown to empathy_models.tasks: no more warnings "
+                "about them from this executor",
+                _WARNED_MAX,
+            )
+            return
+        warned.add(task_type)
+        logger.warning(
+            "unknown task type %r: using the %s tier (see "
+            "empathy_models.tasks.TaskType, or pass ExecutionContext(tier=...))",
+            task_type,
+            tier.value,
+        )
 
     def breaker_key(self, info: ModelInfo) -> str:
         assert self._breaker is not None

@@ -532,7 +532,8 @@ class AdaptiveModelRouter:
 
         Returns:
             ``True`` on success; ``False`` without a store, or on a backend error, which is
-            logged as a warning and counted in `refresh_errors` (the evidence is kept).
+            logged as a warning and counted in `refresh_errors` (the evidence is kept,
+            but for what fell out of the window, which goes as on success).
         """
         store = self._store
         if store is None:
@@ -555,6 +556,8 @@ class AdaptiveModelRouter:
                     type(exc).__name__,
                     exc,
                 )
+                if floor is not None:  # what fell out of the window goes all the same
+                    await _slide(self._memory, floor)
                 return False
             walked = await _walk_new(self._memory, by_arm)
             with gc_paused():

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import functools
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Self, TypeVar
@@ -835,6 +836,26 @@ class ResponseCache(AsyncResource):
 
     shared: ClassVar[bool] = False
 
+    _decoded: Any = None
+    """
+    Internal: the executor's memo of the answers it decoded lately from this cache
+    (`empathy_models._cached`), bounded in bytes; `clear`, `aclose` and the executor's
+    `aclose` let go of it, so no answer stays in memory through them.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        clear = cls.__dict__.get("clear")
+        if clear is not None and not getattr(clear, "_lets_go", False):
+            setattr(cls, "clear", _letting_go(clear))  # noqa: B010
+
+    async def aclose(self) -> None:
+        """Release resources (and the answers decoded from this cache).  Safe to call twice."""
+        try:
+            await super().aclose()
+        finally:
+            self._decoded = None
+
     @abc.abstractmethod
     async def get(self, key: str) -> bytes | None:
         """The value stored under ``key`` and not expired, or None."""
@@ -849,7 +870,24 @@ class ResponseCache(AsyncResource):
 
     @abc.abstractmethod
     async def clear(self) -> int:
-        """Remove every entry; how many were held."""
+        """
+        Remove every entry; how many were held.  (Every subclass's `clear` also lets go
+        of the answers the executor decoded from the cache: no override needs to.)
+        """
+
+
+def _letting_go(clear: Callable[[Any], Awaitable[int]]) -> Callable[[Any], Awaitable[int]]:
+    """``clear`` that also drops the cache's decoded answers (`ResponseCache._decoded`)."""
+
+    @functools.wraps(clear)
+    async def cleared(self: ResponseCache) -> int:
+        try:
+            return await clear(self)
+        finally:
+            self._decoded = None
+
+    cleared._lets_go = True  # type: ignore[attr-defined]
+    return cleared
 
 
 # --------------------------------------------------------------------------- providers

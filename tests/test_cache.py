@@ -5,11 +5,13 @@ and that a cached answer never counts as a model's success for the router.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +312,65 @@ async def test_no_cache_stores_a_ttl_that_is_not_a_finite_number_above_0(
         assert await cache.get(_key(1)) is None
         await cache.set(_key(1), b"answer", 1e9)
         assert await cache.get(_key(1)) == b"answer"
+
+
+def _big(tag: str) -> FakeLLMServer:
+    """A server of ~300 kB answers, its own per test (no test sees another's answers)."""
+    content = f"a long cached answer {tag} " * 12_000
+    return FakeLLMServer(default=ModelBehavior(content=content, output_tokens=(1, 100_000)))
+
+
+BIG_CTX = ExecutionContext(temperature=0, cache_ttl=600, max_tokens=100_000)
+
+
+async def _big_hits(executor: EmpathyLLMExecutor, n: int) -> None:
+    """``n`` distinct ~300 kB answers, each a miss and then a hit."""
+    for i in range(n):
+        await executor.run(f"prompt {i}", BIG_CTX)
+        assert (await executor.run(f"prompt {i}", BIG_CTX)).cached
+
+
+def _traced() -> int:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0]
+
+
+@pytest.fixture
+def traced() -> Iterator[None]:
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.usefixtures("traced")
+async def test_hits_of_large_answers_hold_a_bounded_amount_of_memory(tmp_path: Path) -> None:
+    # 60 answers of ~300 kB read back from SQLite: ~36 MB if every decoded hit were kept
+    async with _big("bounded") as big, make(big, cache=f"sqlite:///{tmp_path}/c.db") as ex:
+        base = _traced()
+        await _big_hits(ex, 60)
+        assert _traced() - base < 16_000_000
+
+
+@pytest.mark.usefixtures("traced")
+async def test_no_cached_answer_is_held_once_the_executor_is_closed(tmp_path: Path) -> None:
+    async with _big("closed") as big:
+        base = _traced()
+        async with make(big, cache=f"sqlite:///{tmp_path}/c.db") as ex:
+            await _big_hits(ex, 20)
+        del ex
+        assert _traced() - base < 3_000_000
+
+
+@pytest.mark.usefixtures("traced")
+async def test_clearing_the_cache_lets_go_of_the_answers_it_served(tmp_path: Path) -> None:
+    async with (
+        _big("cleared") as big,
+        SQLiteResponseCache(tmp_path / "c.db") as cache,
+        make(big, cache=cache) as ex,
+    ):
+        base = _traced()
+        await _big_hits(ex, 20)
+        assert await cache.clear() == 20
+        assert _traced() - base < 3_000_000

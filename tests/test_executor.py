@@ -353,6 +353,27 @@ async def test_an_unknown_task_type_is_logged_once_per_name(
     ]
 
 
+async def test_unknown_task_types_are_never_warned_about_twice(
+    alpha: ScriptedProvider,
+    telemetry: MemoryTelemetryBackend,
+    sleep: SleepRecorder,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # more names than are remembered: one warning each up to 1,024 names, then one
+    # saying no more come, and never a second one about a name
+    caplog.set_level(logging.WARNING, logger="empathy_models.executor")
+    async with make([alpha], telemetry, sleep) as executor:
+        for i in [*range(1100), *range(20)]:
+            await executor.run("x", ExecutionContext(task_type=f"job {i}"))
+    warned = [r.getMessage() for r in caplog.records if "unknown task type" in r.getMessage()]
+    assert len(warned) == len(set(warned)) == 1024
+    stop = [r.getMessage() for r in caplog.records if "no more warnings" in r.getMessage()]
+    assert stop == [
+        "more than 1024 task types unknown to empathy_models.tasks: no more warnings "
+        "about them from this executor"
+    ]
+
+
 async def test_tier_override_beats_the_task(
     alpha: ScriptedProvider, telemetry: MemoryTelemetryBackend, sleep: SleepRecorder
 ) -> None:

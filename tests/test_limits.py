@@ -498,6 +498,53 @@ async def test_a_store_drops_a_budget_window_a_week_after_it_ended(
     assert len(starts) <= WINDOW_RETENTION / 600 + 7
 
 
+def _quota_store(kind: str, tmp_path: Path) -> Any:
+    if kind == "memory":
+        return MemoryQuotaStore()
+    if kind == "sqlite":
+        return SQLiteQuotaStore(tmp_path / "q.db")
+    dsn = os.environ.get("EMPATHY_TEST_POSTGRES_DSN")
+    if not dsn:
+        pytest.skip("EMPATHY_TEST_POSTGRES_DSN is not set")
+    sep = "&" if "?" in dsn else "?"
+    return quota_store_from_url(f"{dsn}{sep}table_prefix=q{uuid.uuid4().hex[:12]}_")
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
+async def test_a_monthly_window_goes_a_week_after_it_ended(kind: str, tmp_path: Path) -> None:
+    # monthly windows only: the newest window start written is this month's first day,
+    # yet last month's windows, which ended more than a week ago, must go
+    day = 86_400.0
+    now = time.time()
+    this_month = now - 8 * day  # began 8 days ago: last month's ended then
+    async with _quota_store(kind, tmp_path) as store:
+        for u in range(20):
+            await store.reserve(
+                f"user_id=u{u}/month",
+                window_start=this_month - 30 * day,
+                window_end=this_month,
+                amount=1,
+                limit=10**9,
+            )
+        ended_6_days_ago = now - 6 * day  # a 30-day window a user of a later cycle had
+        await store.reserve(
+            "user_id=v/month",
+            window_start=ended_6_days_ago - 30 * day,
+            window_end=ended_6_days_ago,
+            amount=1,
+            limit=10**9,
+        )
+        await store.reserve(
+            "user_id=w/month",
+            window_start=this_month,
+            window_end=this_month + 30 * day,
+            amount=1,
+            limit=10**9,
+        )
+        held = {u.key for u in await store.usages()}
+    assert held == {"user_id=v/month", "user_id=w/month"}
+
+
 # --------------------------------------------------------------------------- rate limits
 
 

@@ -20,6 +20,7 @@ from empathy_models import (
     Outcome,
 )
 from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.exceptions import ConfigurationError
 from empathy_models.testing.clock import FakeClock
 
 
@@ -154,3 +155,68 @@ async def test_only_the_ids_of_the_records_held_are_kept() -> None:
     assert await backend.purge(before=records[4].timestamp) == 2
     await backend.record_many([records[3], records[4]])
     assert [r.call_id for r in await backend.recent()] == [records[i].call_id for i in (4, 3)]
+
+
+def _minute(m: int) -> LLMCallRecord:
+    return LLMCallRecord(
+        provider="openai",
+        model="gpt-x",
+        outcome=Outcome.SUCCESS,
+        workflow="wf",
+        stage="s",
+        latency_ms=100.0,
+        input_tokens=10,
+        output_tokens=20,
+        cost_usd=0.001,
+        timestamp=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=m),
+    )
+
+
+async def _per_minute(backend: MemoryTelemetryBackend, days: int) -> list[LLMCallRecord]:
+    """One call a minute for ``days`` days from 2026-01-01; the last day's returned."""
+    last: list[LLMCallRecord] = []
+    for day in range(days):
+        last = [_minute(day * 1440 + m) for m in range(1440)]
+        await backend.record_many(last)
+    return last
+
+
+async def test_evidence_older_than_the_retention_is_dropped_once_the_ring_is_full() -> None:
+    # one bucket a minute: without a horizon the buckets outgrow the ring for ever
+    backend = MemoryTelemetryBackend(capacity=1000, evidence_days=1)
+    with pytest.warns(ResourceWarning, match="full"):
+        last_day = await _per_minute(backend, 10)
+    buckets = (await backend.evidence()).buckets
+    # the last day (the retention) and at most two rings' worth of older minutes
+    assert 1440 <= len(buckets) <= 1440 + 2 * 1000
+    # what a window within the retention asks for is all there
+    since = last_day[-1].timestamp - timedelta(days=1) + timedelta(minutes=1)
+    window = (await backend.evidence(since=since)).buckets
+    assert [b.bucket_start for b in window] == [r.timestamp for r in last_day]
+
+
+async def test_the_default_retention_is_a_month() -> None:
+    backend = MemoryTelemetryBackend(capacity=1000)
+    assert backend.evidence_days == 31
+    with pytest.warns(ResourceWarning, match="full"):
+        await _per_minute(backend, 40)
+    assert 31 * 1440 <= len((await backend.evidence()).buckets) <= 31 * 1440 + 2 * 1000
+
+
+async def test_a_held_record_keeps_its_evidence_whatever_its_age() -> None:
+    backend = MemoryTelemetryBackend(capacity=1000, evidence_days=1)
+    old = _minute(0)  # day 0's first minute, written after day 2: held for 999 more writes
+    with pytest.warns(ResourceWarning, match="full"):
+        await _per_minute(backend, 3)
+        await backend.record(old)
+        for m in range(999):
+            await backend.record(_minute(3 * 1440 + m))
+    buckets = (await backend.evidence()).buckets
+    assert (buckets[0].bucket_start, buckets[0].samples) == (old.timestamp, 1)
+    assert buckets[1].bucket_start > old.timestamp + timedelta(days=1)
+
+
+def test_evidence_days_is_checked() -> None:
+    with pytest.raises(ConfigurationError, match="evidence_days must be"):
+        MemoryTelemetryBackend(evidence_days=0)
+    assert MemoryTelemetryBackend(evidence_days=None).evidence_days is None

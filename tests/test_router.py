@@ -637,6 +637,21 @@ async def test_refresh_errors_are_logged_and_counted(
         assert by_model(d)["mini"].sample_size == 100  # type: ignore[attr-defined]
 
 
+async def test_the_window_slides_while_the_store_cannot_be_read(clock: FakeClock) -> None:
+    # an outage must not keep evidence older than the window counting
+    store = CountingBackend()
+    policy = RoutingPolicy(window_days=1.0)
+    async with make(clock, telemetry_store=store, refresh_interval=None, policy=policy) as router:
+        store.fail = True
+        feed(router, clock, "mini", 0, 50)  # failures, then two days on: out of the window
+        clock.advance(2 * 86400.0)
+        feed(router, clock, "mini", 30)
+        assert await router.refresh() is False
+        d = router.get_best_model(WF, ST, candidates=["mini"], input_tokens=1, max_tokens=1)
+        mini = by_model(d)["mini"]
+        assert (mini.sample_size, mini.success_rate) == (30, 1.0)  # type: ignore[attr-defined]
+
+
 async def test_periodic_refresh_task_is_owned_and_cancelled(clock: FakeClock) -> None:
     store = CountingBackend()
     router = make(clock, telemetry_store=store, refresh_interval=60.0, sleep=clock.sleep)

@@ -8,7 +8,9 @@ afresh, also when the log is trimmed.
 
 from __future__ import annotations
 
+import gc
 import random
+import tracemalloc
 from datetime import UTC, datetime
 from typing import Any
 
@@ -258,3 +260,34 @@ def test_an_untried_model_moves_from_its_first_costing_to_the_stage_mean(
         assert row.expected_cost_usd == pytest.approx(
             (100 * 0.5 + min(mean, 400) * 2.0) / 1e6, rel=1e-12
         )
+
+
+def test_candidate_ids_outside_the_registry_are_not_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a new custom id in every call: whatever is kept of them must stay bounded (the
+    # contexts and streams that hold them too: 4 of each here)
+    monkeypatch.setattr(verdicts_module, "MAX_CONTEXTS", 4)
+    monkeypatch.setattr(verdicts_module, "MAX_STREAMS", 4)
+    router = AdaptiveModelRouter(
+        priced_registry([("a", 1.0)], "test"), seed=3, refresh_interval=None
+    )
+
+    def decide(i: int) -> None:
+        router.get_best_model(
+            "wf", "s", candidates=["a", f"custom-model-{i:08d}"], on_no_match="relax"
+        )
+
+    tracemalloc.start()
+    try:
+        for i in range(5_000):
+            decide(i)
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(5_000, 25_000):
+            decide(i)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 300_000  # ~2.5 MB if every id were kept

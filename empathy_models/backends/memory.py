@@ -2,7 +2,9 @@
 In-process backends: fast, exact, and gone when the process exits.
 
 `MemoryTelemetryBackend` keeps at most ``capacity`` records (default 100,000); when full
-it drops the oldest, counts them in `evicted`, and warns once.  Like the SQLite and
+it drops the oldest, counts them in `evicted`, and warns once.  The evidence rollups of
+the records it dropped are kept for ``evidence_days`` (default 31) back from the newest
+record, so its memory stays bounded.  Like the SQLite and
 PostgreSQL backends it keeps one record per ``call_id`` (the first written).
 `MemoryStateStore` keeps breaker state in a dict; every operation runs without an
 ``await`` between read and write, so it is atomic within the event loop without a lock.
@@ -22,7 +24,7 @@ from typing import TypeVar
 import attrs
 
 from .._stats import aggregate_records, matches
-from .._validators import check, failure, integer
+from .._validators import check, failure, integer, number
 from ..abc import TelemetryBackend, TransactionalStateStore
 from ..circuit import BreakerPolicy, _closed_success_runs, _closed_successes, initial_state
 from ..evidence import (
@@ -53,6 +55,14 @@ _MAX_RUNS = 8
 
 
 _capacity = integer(failure(ConfigurationError), low=1, why="must be an integer >= 1")
+_evidence_days = number(
+    failure(ConfigurationError),
+    low=0.0,
+    low_open=True,
+    optional=True,
+    why="must be a finite number of days > 0, or None",
+)
+_MAX_DAYS = 999_999_999  # timedelta's largest number of days: further keeps everything
 
 
 class MemoryTelemetryBackend(TelemetryBackend):
@@ -67,13 +77,30 @@ class MemoryTelemetryBackend(TelemetryBackend):
     Args:
         capacity: the most records kept; past it the oldest are dropped, counted in
             `evicted` (a warning once); their evidence rollups are kept.
+        evidence_days: how long the evidence rollups of dropped records are kept, in
+            days back from the newest record written (default 31: a router whose
+            ``RoutingPolicy.window_days`` is up to 30 finds all it asks for); ``None``
+            keeps them all (memory then grows by one rollup per workflow, stage, model
+            and minute for ever).  The evidence of records still held is kept whatever
+            their age.  Older rollups go a while after they fall out (every
+            ``capacity // 2`` records dropped), so at most about that many minutes,
+            and the ring's own, are held beyond the retention per key.
 
     Raises:
-        ConfigurationError: ``capacity`` not an integer >= 1.
+        ConfigurationError: ``capacity`` not an integer >= 1, or ``evidence_days`` not
+            a number > 0 or ``None``.
     """
 
-    def __init__(self, *, capacity: int = 100_000) -> None:
+    def __init__(self, *, capacity: int = 100_000, evidence_days: float | None = 31) -> None:
         self.capacity = check(_capacity, "capacity", capacity)
+        self.evidence_days = check(_evidence_days, "evidence_days", evidence_days)
+        self._keep = (
+            None
+            if evidence_days is None or evidence_days > _MAX_DAYS
+            else timedelta(days=evidence_days)
+        )
+        self._newest: datetime | None = None  # the newest bucket rolled up
+        self._prune_at = max(1, self.capacity // 2)  # `evicted` at the next prune
         self.evicted = 0
         self._records: deque[LLMCallRecord] = deque()
         self._ids: set[str] = set()  # the call_id of every record in the ring
@@ -118,6 +145,28 @@ class MemoryTelemetryBackend(TelemetryBackend):
             for _ in range(overflow):
                 discard(popleft().call_id)
             self.evicted += overflow
+            if self.evicted >= self._prune_at:
+                self._prune()
+
+    def _prune(self) -> None:
+        """
+        Drop the evidence buckets that ended ``evidence_days`` or more before the newest
+        one and hold no record of the ring (every record in a bucket that ended by the
+        ring's oldest timestamp has been dropped).  Runs once every ``capacity // 2``
+        records dropped: it reads the whole ring.
+        """
+        self._prune_at = self.evicted + max(1, self.capacity // 2)
+        if self._keep is None or self._newest is None:
+            return
+        try:
+            cut = self._newest - self._keep
+            cut = min(cut, min(r.timestamp for r in self._records))
+        except (OverflowError, TypeError):  # before year 1, or a naive record: keep all
+            return
+        buckets = self._buckets
+        old = [k for k, b in buckets.items() if cut - b.bucket_start >= _BUCKET]
+        for k in old:
+            del buckets[k]
 
     def _roll_up(self) -> None:
         """
@@ -133,6 +182,9 @@ class MemoryTelemetryBackend(TelemetryBackend):
         except Exception:
             partials = _rollup_each(batch)
         if partials:
+            newest = max(p.bucket_start for p in partials)
+            if self._newest is None or newest > self._newest:
+                self._newest = newest
             self._version += 1
             version = self._version
             buckets = self._buckets
@@ -465,8 +517,10 @@ class MemoryStateStore(TransactionalStateStore):
         return new
 
 
-def _telemetry(url: str, *, capacity: int = 100_000) -> TelemetryBackend:
-    return MemoryTelemetryBackend(capacity=capacity)
+def _telemetry(
+    url: str, *, capacity: int = 100_000, evidence_days: float | None = 31
+) -> TelemetryBackend:
+    return MemoryTelemetryBackend(capacity=capacity, evidence_days=evidence_days)
 
 
 def _store(url: str, *, clock: Callable[[], float] = time.time) -> MemoryStateStore:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from .._validators import shown
 from ..abc import TransactionalQuotaStore
 from ..exceptions import ConfigurationError
-from .values import WINDOW_RETENTION
+from .values import WINDOW_RETENTION, sweep_time
 
 __all__ = ["MemoryQuotaStore"]
 
@@ -25,8 +25,10 @@ class MemoryQuotaStore(TransactionalQuotaStore):
 
     Not shared between processes (``shared`` is false): every process that uses one has
     budgets and rate limits of its own.  A budget's window is dropped a week
-    (`WINDOW_RETENTION`) after it ended, as the Redis store expires it; the time is
-    the newest window start written (the callers' clock), checked once an hour of it.
+    (`WINDOW_RETENTION`) after it ended, as the Redis store expires it, checked once an
+    hour; the time is the store's clock when a budget write's window holds it (the
+    callers' clock agrees), else the newest such window's start (then a long window
+    may be kept up to its length longer).
 
     Args:
         clock: UTC epoch seconds (default `time.time`); times the rate limits.
@@ -45,15 +47,18 @@ class MemoryQuotaStore(TransactionalQuotaStore):
     async def _transact(
         self, key: str, fn: Callable[[dict[str, Any] | None, float], tuple[Any, T]]
     ) -> T:
-        new, result = fn(self._data.get(key), self._clock())
+        now = self._clock()
+        new, result = fn(self._data.get(key), now)
         if new is not None:
             self._data[key] = new
-            if key.startswith("b|") and new["window_start"] >= self._sweep_at:
-                self._sweep(new["window_start"])
+            if key.startswith("b|"):
+                newest = sweep_time(new, now)
+                if newest >= self._sweep_at:
+                    self._sweep(newest)
         return result
 
     def _sweep(self, newest: float) -> None:
-        # drop the budget windows that ended a week before ``newest``, a window's start
+        # drop the budget windows that ended a week before ``newest`` (`sweep_time`)
         cutoff = newest - WINDOW_RETENTION
         data = self._data
         for key in [k for k, v in data.items() if k[:2] == "b|" and v["window_end"] < cutoff]:

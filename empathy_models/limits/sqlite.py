@@ -8,8 +8,8 @@ telemetry backend and the circuit-state store: its one table, ``quota``, is crea
 on first use.  Each operation is one ``BEGIN IMMEDIATE`` transaction that reads the
 key's row, applies the pure step of `empathy_models.limits.meter` with the UTC wall
 clock read after the write lock is held, and writes the row back.  A budget's window
-is dropped a week (`WINDOW_RETENTION`) after it ended, as in the other stores; the time
-is the newest window start written, checked once an hour of it in each process.
+is dropped a week (`WINDOW_RETENTION`) after it ended, as in the other stores, checked
+once an hour in each process (the time: `values.sweep_time`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ..backends.sqlite._conn import _fetchone
 from ..backends.sqlite._database import MEMORY, _Database
 from ..backends.sqlite._url import _COMMON_OPTIONS, parse_sqlite_url
 from ..exceptions import ConfigurationError, StateStoreError
-from .values import WINDOW_RETENTION
+from .values import WINDOW_RETENTION, sweep_time
 
 __all__ = ["SQLiteQuotaStore"]
 
@@ -136,7 +136,8 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
         async def body(conn: aiosqlite.Connection) -> T:
             row = await _fetchone(conn, "SELECT data FROM quota WHERE key = ?", (key,))
             current = None if row is None else self._decode(key, row[0])
-            new, result = fn(current, clock())
+            now = clock()
+            new, result = fn(current, now)
             if new is not None:
                 await conn.execute(
                     "INSERT INTO quota (key, data, updated_at) VALUES (?, ?, ?) "
@@ -144,8 +145,8 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
                     "updated_at = excluded.updated_at",
                     (key, json.dumps(new, separators=(",", ":")), time.time()),
                 )
-                if key.startswith("b|") and new["window_start"] >= self._sweep_at:
-                    await self._sweep(conn, float(new["window_start"]))
+                if key.startswith("b|") and sweep_time(new, now) >= self._sweep_at:
+                    await self._sweep(conn, sweep_time(new, now))
             return result
 
         async def job(conn: aiosqlite.Connection) -> T:
@@ -155,8 +156,8 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
         return await db.run(job)
 
     async def _sweep(self, conn: aiosqlite.Connection, newest: float) -> None:
-        # drop the budget windows that ended a week before ``newest``, a window's start
-        # (as `MemoryQuotaStore` does; one scan of the table an hour of it per process)
+        # drop the budget windows that ended a week before ``newest`` (`sweep_time`), as
+        # `MemoryQuotaStore` does (one scan of the table an hour of it per process)
         await conn.execute(
             "DELETE FROM quota WHERE substr(key, 1, 2) = 'b|' "
             "AND json_extract(data, '$.window_end') < ?",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from calendar import monthrange
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -80,6 +81,19 @@ MAX_WINDOW: Final = 36_525 * 86_400.0
 
 WINDOW_RETENTION: Final = 7 * 86_400.0
 """How long a quota store keeps a budget's window after it ended: a week."""
+
+
+def sweep_time(window: Mapping[str, Any], now: float) -> float:
+    """
+    The time a budget window just written tells a quota store it is, for dropping the
+    windows that ended `WINDOW_RETENTION` before it: the store's ``now`` when the
+    window holds it (the callers' clock, which chose the window, agrees with the
+    store's), else the window's start (a time the callers' clock has reached: a window
+    longer than the retention, a month, would otherwise be kept until a window starting
+    a week after its end is written).
+    """
+    start = float(window["window_start"])
+    return now if start <= now < float(window["window_end"]) else start
 
 
 def _window(value: object) -> str | float:

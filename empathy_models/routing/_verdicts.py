@@ -71,7 +71,10 @@ class VerdictCache:
         # the newest context of each (workflow, stage, candidates, judging constraints):
         # what a context that differs from it in max_cost / max_tokens only starts from
         self._latest: dict[tuple[Any, ...], Context] = {}
-        self._facts: dict[str, ModelFacts | None] = {}
+        # the registry's models only: an id outside it is looked up each time a context
+        # is made, never kept here (and past twice the registry's size plus
+        # MAX_CONTEXTS ids, as spelt in as many cases, it starts over)
+        self._facts: dict[str, ModelFacts] = {}
 
     def model_facts(self, model: str) -> ModelFacts | None:
         """What the registry says of ``model`` (``None``: not in it); cached."""
@@ -79,17 +82,18 @@ class VerdictCache:
             return self._facts[model]
         except KeyError:
             pass
-        facts: ModelFacts | None = None
-        if model in self.registry:
-            info = self.registry.get(model)
-            facts = ModelFacts(
-                provider=info.provider,
-                tier=info.tier,
-                input_price=info.input_price_per_mtok / 1e6,
-                output_price=info.output_price_per_mtok / 1e6,
-                max_output_tokens=info.max_output_tokens,
-            )
-        self._facts[model] = facts
+        if model not in self.registry:
+            return None
+        info = self.registry.get(model)
+        if len(self._facts) >= 2 * len(self.registry) + MAX_CONTEXTS:
+            self._facts.clear()
+        facts = self._facts[model] = ModelFacts(
+            provider=info.provider,
+            tier=info.tier,
+            input_price=info.input_price_per_mtok / 1e6,
+            output_price=info.output_price_per_mtok / 1e6,
+            max_output_tokens=info.max_output_tokens,
+        )
         return facts
 
     def _new(

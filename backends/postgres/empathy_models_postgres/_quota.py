@@ -35,8 +35,9 @@ class PostgresQuotaStore(TransactionalQuotaStore):
     Spend budgets and rate-limit schedules shared by every process using the database.
 
     One row per key in ``<table_prefix>quota``; a budget's window is dropped a week
-    (`empathy_models.limits.WINDOW_RETENTION`) after it ended, the time being the newest
-    window start written, checked once an hour of it in each process.  Every operation
+    (`empathy_models.limits.WINDOW_RETENTION`) after it ended, checked once an hour in
+    each process, the time being the database's when a budget write's window holds it
+    (the callers' clock agrees), else the newest such window's start.  Every operation
     is one transaction: the row is inserted if absent, locked with ``SELECT ... FOR
     UPDATE``, the pure step of `empathy_models.limits.meter` runs with ``now`` from the
     database's ``clock_timestamp()`` read after the lock is held, and the row is written
@@ -127,7 +128,8 @@ class PostgresQuotaStore(TransactionalQuotaStore):
                     f"PostgreSQL quota {self._db.target}: row for {key!r} vanished",
                     target=self._db.target,
                 )
-            new, result = fn(self._decode(row["data"]), float(row["now"]))
+            now = float(row["now"])
+            new, result = fn(self._decode(row["data"]), now)
             if new is not None:
                 await conn.execute(
                     f"UPDATE {self._table} SET data = $2::jsonb, "
@@ -135,15 +137,16 @@ class PostgresQuotaStore(TransactionalQuotaStore):
                     key,
                     json.dumps(new, separators=(",", ":")),
                 )
-                if key.startswith("b|") and new["window_start"] >= self._sweep_at:
-                    # the budget windows that ended a week before this one began go, as
-                    # in the other stores (one scan of the table an hour of it)
+                if key.startswith("b|") and _sweep_time(new, now) >= self._sweep_at:
+                    # the budget windows that ended a week before go, as in the other
+                    # stores (one scan of the table an hour)
+                    newest = _sweep_time(new, now)
                     await conn.execute(
                         f"DELETE FROM {self._table} WHERE left(key, 2) = 'b|' "
                         "AND (data->>'window_end')::float8 < $1",
-                        float(new["window_start"]) - WINDOW_RETENTION,
+                        newest - WINDOW_RETENTION,
                     )
-                    self._sweep_at = float(new["window_start"]) + 3600.0
+                    self._sweep_at = newest + 3600.0
         return result
 
     async def _load(self, key: str) -> dict[str, Any] | None:
@@ -179,3 +182,12 @@ class PostgresQuotaStore(TransactionalQuotaStore):
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("delete"):
             await pool.execute(f"DELETE FROM {self._table} WHERE key = ANY($1::text[])", list(keys))
+
+
+def _sweep_time(window: dict[str, Any], now: float) -> float:
+    """
+    The time a budget window just written tells (as `empathy_models.limits.values.
+    sweep_time`): the database's ``now`` when the window holds it, else its start.
+    """
+    start = float(window["window_start"])
+    return now if start <= now < float(window["window_end"]) else start
