@@ -154,15 +154,17 @@ def _flush_all(why: str) -> None:
 
 
 def _at_exit() -> None:
-    for batcher in list(_live):
-        if not batcher.closed:
-            warnings.warn(
-                f"{batcher.owner} was never closed; flushing it at interpreter exit "
-                "(use 'async with' or aclose())",
-                ResourceWarning,
-                stacklevel=1,
-            )
+    # flush first, warn after: under ``-W error`` (pytest's filterwarnings=error) the
+    # warning raises, and must not cost the records
+    unclosed = [batcher.owner for batcher in list(_live) if not batcher.closed]
     _flush_all("interpreter exit")
+    for owner in unclosed:
+        warnings.warn(
+            f"{owner} was never closed; its queued telemetry was flushed at interpreter "
+            "exit (use 'async with' or aclose())",
+            ResourceWarning,
+            stacklevel=1,
+        )
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -246,17 +248,18 @@ class _Batcher:
         if getattr(self, "closed", True) or getattr(self, "_task", None) is None:
             return
         pending = len(self.queue) + len(self._spill.overflow) + len(self.inflight or ())
-        warnings.warn(
-            f"{self.owner} was garbage collected without aclose() ({pending} telemetry "
-            "records still queued are flushed now); use 'async with' or aclose()",
-            ResourceWarning,
-            stacklevel=1,
-            source=self,
-        )
+        # flush before warning: under ``-W error`` the warning raises
         try:
             self.exit_flush("garbage collection")
         except Exception:
             logger.exception("%s: flushing telemetry at garbage collection failed", self.owner)
+        warnings.warn(
+            f"{self.owner} was garbage collected without aclose() ({pending} telemetry "
+            "records still queued were flushed); use 'async with' or aclose()",
+            ResourceWarning,
+            stacklevel=1,
+            source=self,
+        )
 
     # ------------------------------------------------------------------ counts
 
