@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -53,6 +54,7 @@ class _LoopThread:
     """A private event loop on a daemon thread; never refers back to its owner."""
 
     def __init__(self, name: str) -> None:
+        self.pid = os.getpid()  # a forked child has the loop object, not its thread
         self.loop = asyncio.new_event_loop()
         self.stack: AsyncExitStack | None = None
         self.closed = False
@@ -71,6 +73,16 @@ class _LoopThread:
 
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self.thread.ident
+
+    def check_process(self) -> None:
+        """Raise `NotOpenError` in a forked child: the loop thread did not survive the fork."""
+        if os.getpid() != self.pid:
+            raise NotOpenError(
+                f"this SyncExecutor was created in process {self.pid}, and this is process "
+                f"{os.getpid()} (a fork of it), where its event loop thread does not run; "
+                "make a new one in this process (e.g. in gunicorn's post_fork hook, or in "
+                "the multiprocessing target), and do not close the parent's here"
+            )
 
     def call(self, make: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
         if self.on_loop_thread():
@@ -93,6 +105,7 @@ class _LoopThread:
             finally:
                 self._tasks.discard(task)
 
+        self.check_process()
         with self._lock:
             if self.closed:
                 raise NotOpenError("SyncExecutor is closed")
@@ -131,7 +144,12 @@ class _LoopThread:
         Idempotent.  Each call in flight is cancelled on the loop, and its caller gets
         `NotOpenError`; a call that does not end within `_CANCEL_GRACE` seconds is left
         behind (its caller is released all the same) and the executor closed regardless.
+        In a forked child (its finalizer runs at the child's exit) it only marks the
+        copy closed: the loop thread, and what it holds, belong to the parent.
         """
+        if os.getpid() != self.pid:
+            self.closed = True  # no lock: a thread of the parent may have held it at the fork
+            return
         with self._lock:
             if self.closed:
                 return
@@ -181,6 +199,11 @@ class SyncExecutor:
     still running in another thread when `close` is called: `close` cancels it first.
     Code running on the private loop (a coroutine given to `call`) cannot use `run`,
     `call` or `close`, which would wait for it: they raise `ConfigurationError` there.
+
+    It belongs to the process that built it: its loop thread does not survive
+    `os.fork`, so in a forked child (``gunicorn --preload``, multiprocessing's
+    ``fork``) `run`, `call` and `executor` raise `NotOpenError` at once, and the
+    child's exit (or `close`) leaves it to the parent.  Build one per process.
 
     Args:
         providers: as for `EmpathyLLMExecutor`.
@@ -248,6 +271,7 @@ class SyncExecutor:
         return self._worker.closed
 
     def _open(self) -> EmpathyLLMExecutor:
+        self._worker.check_process()
         if self._worker.closed or self._executor is None:
             raise NotOpenError("SyncExecutor is closed")
         return self._executor

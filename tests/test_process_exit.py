@@ -6,6 +6,7 @@ a process holding a `SyncExecutor` (the ``gunicorn --preload`` pattern).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -16,12 +17,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# a child script's prelude: the fake server on a daemon thread (left running at exit),
-# two providers on it, and the records of the fault tests
+# a child script's prelude: the fake server on a daemon thread, a provider on it, and
+# the records of the fault tests
 PRELUDE = f"""
 import asyncio, atexit, gc, json, os, sys, threading, time
 sys.path.insert(0, {str(ROOT)!r})
-from tests._threaded_server import threaded_fake_server
+from empathy_models.testing import FakeLLMServer
 from tests.faults._load import record
 from empathy_models import AnthropicProvider, ExecutionContext, EmpathyLLMExecutor
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
@@ -29,13 +30,18 @@ from empathy_models.sync import SyncExecutor
 
 CTX = ExecutionContext(workflow="w", stage="s", tier="cheap")
 
-SERVERS = []
+def serve():  # a FakeLLMServer on a daemon thread's loop, stopped at exit (not in a fork)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server = FakeLLMServer(api_key="k", seed=1)
+    asyncio.run_coroutine_threadsafe(server.__aenter__(), loop).result(30)
+    parent = os.getpid()
 
-def serve():
-    manager = threaded_fake_server(api_key="k", seed=1)
-    server = manager.__enter__()
-    SERVERS.append(manager)
-    atexit.register(manager.__exit__, None, None, None)  # the last exit hook to run
+    def stop():  # the last exit hook to run (registered first)
+        if os.getpid() == parent:
+            asyncio.run_coroutine_threadsafe(server.__aexit__(None, None, None), loop).result(30)
+
+    atexit.register(stop)
     return [AnthropicProvider(api_key="k", base_url=server.anthropic_base_url)]
 """
 
@@ -106,3 +112,49 @@ def test_an_executor_left_open_stores_every_call_under_w_error(tmp_path: Path) -
     done = run_child(body, str(db), flags=("-W", "error::ResourceWarning"))
     assert "answered" in done.stdout, done.stderr
     assert stored(db) == 50, done.stderr
+
+
+# ---------------------------------------------------------------- fork
+
+FORK = """
+llm = SyncExecutor(serve(), telemetry_store="sqlite:///" + sys.argv[1])
+llm.run("q", CTX)
+pid = os.fork()
+if pid == 0:
+    if sys.argv[2] == "use":
+        try:
+            llm.run("q", CTX, timeout=20)
+            print("child: ran", flush=True)
+        except Exception as exc:
+            print("child:", type(exc).__module__, type(exc).__name__, exc, flush=True)
+    sys.exit(0)  # a normal exit: atexit hooks and finalizers run
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("parent: child exited with", os.waitstatus_to_exitcode(status), flush=True)
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("parent: child hung", flush=True)
+llm.run("q", CTX)
+llm.close()
+print("parent: closed", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+@pytest.mark.parametrize("mode", ["idle", "use"])
+def test_a_forked_child_never_hangs_on_the_parents_sync_executor(tmp_path: Path, mode: str) -> None:
+    db = tmp_path / "calls.db"
+    done = run_child(FORK, str(db), mode, flags=("-W", "ignore::DeprecationWarning"))
+    assert "parent: child exited with 0" in done.stdout, done.stdout + done.stderr
+    assert "parent: closed" in done.stdout, done.stderr
+    if mode == "use":
+        said = [line for line in done.stdout.splitlines() if line.startswith("child:")]
+        assert len(said) == 1, done.stdout
+        assert "empathy_models.exceptions NotOpenError" in said[0]
+        assert "created in process" in said[0] and "make a new one" in said[0]
+    assert stored(db) == 2  # the parent's two calls, each stored once

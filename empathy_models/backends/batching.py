@@ -145,6 +145,16 @@ _live: weakref.WeakSet[_Batcher] = weakref.WeakSet()
 _hooks_installed = False
 
 
+def _forget_after_fork() -> None:
+    # a forked child holds copies of its parent's queues: they are the parent's to
+    # write, not the child's (at its exit, or on SIGTERM)
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def _flush_all(why: str) -> None:
     for batcher in list(_live):
         try:
@@ -241,12 +251,15 @@ class _Batcher:
         self.closed = False
         self._urgent = False
         self._task: asyncio.Task[None] | None = None
+        self._pid = os.getpid()  # the process whose exit paths flush this queue
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
 
     def __del__(self) -> None:
         if getattr(self, "closed", True) or getattr(self, "_task", None) is None:
             return
+        if getattr(self, "_pid", None) != os.getpid():
+            return  # a forked child's copy: the parent writes these records
         pending = len(self.queue) + len(self._spill.overflow) + len(self.inflight or ())
         # flush before warning: under ``-W error`` the warning raises
         try:
@@ -295,6 +308,7 @@ class _Batcher:
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"empathy-models telemetry flusher for {self.owner}"
             )
+            self._pid = os.getpid()
             if self.exit_flush_enabled:
                 _live.add(self)
                 _install_exit_hooks()
@@ -505,7 +519,7 @@ class _Batcher:
 
     def exit_flush(self, why: str) -> None:
         """Synchronously write (or spool) every record still in memory; for exit paths."""
-        if self.closed:
+        if self.closed or self._pid != os.getpid():
             return
         records = self._take_all()
         if not records:
