@@ -20,6 +20,7 @@ thread, concurrently; in a notebook whose own loop is running, `run` works as we
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import os
 import threading
@@ -38,6 +39,7 @@ from ._executor import (
     _Router,
 )
 from .abc import Provider, TelemetryBackend
+from .backends.batching import install_exit_hooks_from_caller
 from .exceptions import ConfigurationError, NotOpenError
 
 __all__ = ["SyncExecutor"]
@@ -189,8 +191,10 @@ class SyncExecutor:
 
     Building it starts a daemon thread running a private event loop and opens the
     executor there.  Use it as a context manager or call `close`; an instance still open
-    at interpreter exit is closed then (telemetry queued for writing is flushed), and one
-    that is garbage-collected unclosed is closed too.
+    at interpreter exit is closed then, before the telemetry backends' exit flush (so
+    what it queued is written by its own close, without a warning), and one that is
+    garbage-collected unclosed is closed too.  Built in the main thread, it installs
+    the backends' SIGTERM handler (see `empathy_models.backends.batching`).
 
     `run` takes the same arguments as `EmpathyLLMExecutor.run` (and a ``timeout``),
     blocks until the answer, and raises what it raises.  `call` runs any other coroutine
@@ -230,6 +234,7 @@ class SyncExecutor:
         # at exit (or when collected unclosed) the loop thread still closes what it holds
         self._finalizer = weakref.finalize(self, self._worker.close_from_anywhere)
         self._executor: EmpathyLLMExecutor | None = None
+        self._hooks_pending = True  # the SIGTERM handler not settled yet (see below)
 
         async def open_all() -> EmpathyLLMExecutor:
             stack = AsyncExitStack()
@@ -260,6 +265,14 @@ class SyncExecutor:
         except BaseException:
             self.close()
             raise
+        # the backends started on the loop thread: their SIGTERM handler is installed from
+        # here (signal handlers need the main thread), and this instance closes itself at
+        # exit before their exit flush runs (atexit runs the last registered first), so
+        # what it queued is written by its own close, not flushed as "never closed"
+        # (a backend the executor does not own starts at its first record: the next
+        # `run` or `call` from the main thread installs the handler then)
+        self._hooks_pending = not install_exit_hooks_from_caller()
+        atexit.register(self._finalizer)
 
     @property
     def executor(self) -> EmpathyLLMExecutor:
@@ -307,6 +320,8 @@ class SyncExecutor:
             Exception: whatever `EmpathyLLMExecutor.run` raises.
         """
         executor = self._open()
+        if self._hooks_pending:
+            self._hooks_pending = not install_exit_hooks_from_caller()
         return self._worker.call(lambda: executor.run(prompt, context, **options), timeout)
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
@@ -320,6 +335,8 @@ class SyncExecutor:
                 ``fn(*args, **kwargs)`` there instead.
         """
         self._open()
+        if self._hooks_pending:
+            self._hooks_pending = not install_exit_hooks_from_caller()
         return self._worker.call(lambda: fn(*args, **kwargs))
 
     def close(self) -> None:
@@ -341,6 +358,7 @@ class SyncExecutor:
                 "after that call has returned"
             )
         self._finalizer()
+        atexit.unregister(self._finalizer)
 
     def __enter__(self) -> Self:
         self._open()

@@ -6,14 +6,19 @@ a process holding a `SyncExecutor` (the ``gunicorn --preload`` pattern).
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import anyio
 import pytest
+
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +59,18 @@ def stored(db: Path) -> int:
         return int(conn.execute("SELECT count(*) FROM llm_calls").fetchone()[0])
     finally:
         conn.close()
+
+
+def stored_after_replay(db: Path) -> int:
+    """`stored`, once the next open replayed what an exit path spooled (lock not had)."""
+
+    async def replay() -> None:
+        async with SQLiteTelemetryBackend(db) as again:
+            with anyio.fail_after(30):
+                await again.flush()
+
+    anyio.run(replay)
+    return stored(db)
 
 
 def run_child(
@@ -112,6 +129,89 @@ def test_an_executor_left_open_stores_every_call_under_w_error(tmp_path: Path) -
     done = run_child(body, str(db), flags=("-W", "error::ResourceWarning"))
     assert "answered" in done.stdout, done.stderr
     assert stored(db) == 50, done.stderr
+
+
+# ---------------------------------------------------------------- SyncExecutor at exit
+
+
+def test_a_sync_executor_left_open_closes_itself_before_the_backends_exit_flush(
+    tmp_path: Path,
+) -> None:
+    """No "never closed" warning for the backend it owns: it is closed first, in order."""
+    db = tmp_path / "calls.db"
+    body = """
+    llm = SyncExecutor(serve(), telemetry_store="sqlite:///" + sys.argv[1])
+    for i in range(30):
+        llm.run("q", CTX)
+    print("runs done", flush=True)
+    """
+    done = run_child(body, str(db), flags=("-X", "dev", "-W", "error::ResourceWarning"))
+    assert done.returncode == 0, done.stderr
+    assert "never closed" not in done.stderr, done.stderr
+    assert stored(db) == 30, done.stderr
+
+
+# ---------------------------------------------------------------- SIGTERM
+
+SIGTERM_SYNC = """
+telemetry = SQLiteTelemetryBackend(sys.argv[1], flush_interval=60, max_batch=1000)
+llm = SyncExecutor(serve(), telemetry_store=telemetry)
+llm.call(telemetry.recent)  # the file created: exit paths write into an existing one
+for i in range(20):
+    llm.run("q", CTX)
+print(json.dumps({"ready": 20}), flush=True)
+time.sleep(60)
+"""
+
+SIGTERM_ASYNC_AFTER_THREAD = """
+def elsewhere():
+    async def touch():
+        async with SQLiteTelemetryBackend(sys.argv[1] + ".other") as other:
+            await other.record(record("other", 0))
+    asyncio.run(touch())
+thread = threading.Thread(target=elsewhere)
+thread.start()
+thread.join()
+providers = serve()
+async def main():
+    telemetry = SQLiteTelemetryBackend(sys.argv[1], flush_interval=60, max_batch=1000)
+    async with EmpathyLLMExecutor(providers, telemetry_store=telemetry) as ex:
+        await telemetry.recent()  # the file created: exit paths write into an existing one
+        for i in range(20):
+            await ex.run("q", CTX)
+        print(json.dumps({"ready": 20}), flush=True)
+        await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize(
+    "body", [SIGTERM_SYNC, SIGTERM_ASYNC_AFTER_THREAD], ids=["sync", "async-after-thread"]
+)
+def test_sigterm_writes_the_queued_records_when_a_backend_started_off_the_main_thread(
+    tmp_path: Path, body: str
+) -> None:
+    db = tmp_path / "calls.db"
+    script = PRELUDE + textwrap.dedent(body)
+    with subprocess.Popen(
+        [sys.executable, "-c", script, str(db)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            line = proc.stdout.readline()
+            assert json.loads(line) == {"ready": 20}, proc.stderr.read()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert stored_after_replay(db) == 20
 
 
 # ---------------------------------------------------------------- fork
