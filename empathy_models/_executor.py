@@ -529,7 +529,14 @@ class EmpathyLLMExecutor:
 
     async def __aenter__(self) -> Self:
         if self._state != "new":
-            raise RuntimeError(f"EmpathyLLMExecutor cannot be entered twice (it is {self._state})")
+            if self._state == "open":
+                raise NotOpenError(
+                    "EmpathyLLMExecutor is already open: enter it once (one 'async with' "
+                    "block), and share it, or build another for another block"
+                )
+            raise NotOpenError(
+                "EmpathyLLMExecutor is closed and cannot be entered again; build a new one"
+            )
         stack = AsyncExitStack()
         try:
             for resource in self._owned:

@@ -52,6 +52,7 @@ from empathy_models.exceptions import (
     InvalidRequestError,
     InvalidResponseError,
     ModelNotFoundError,
+    NotOpenError,
     ProviderConnectionError,
     ProviderTimeoutError,
     ServerError,
@@ -1100,8 +1101,16 @@ async def test_run_outside_async_with_raises(
         pass
     with pytest.raises(RuntimeError, match="closed"):
         await executor.run("x")
-    with pytest.raises(RuntimeError, match="entered twice"):
+    with pytest.raises(NotOpenError, match="cannot be entered again"):
         await executor.__aenter__()
+
+
+async def test_entering_an_open_executor_again_raises_the_librarys_error(
+    alpha: ScriptedProvider, telemetry: MemoryTelemetryBackend, sleep: SleepRecorder
+) -> None:
+    async with make([alpha], telemetry, sleep) as executor:
+        with pytest.raises(NotOpenError, match="already open"):
+            await executor.__aenter__()
 
 
 async def test_owned_session_is_created_bound_and_closed(
