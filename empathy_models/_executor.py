@@ -169,6 +169,9 @@ __all__ = [
 
 logger = logging.getLogger("empathy_models.executor")
 
+# the running event loop, or None (``asyncio.get_running_loop`` without the exception)
+_running_loop = asyncio._get_running_loop
+
 _ERROR_MESSAGE_LIMIT = 300
 
 JSONScalar = str | int | float | bool | None
@@ -380,6 +383,7 @@ class EmpathyLLMExecutor:
         self._owned: tuple[AbstractAsyncContextManager[Any], ...] = ()
         self._stack: AsyncExitStack | None = None
         self._state = "new"
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it was opened in
         self._inflight = InFlight()  # the runs and streams `aclose` ends first
         self._fb = _Feedback(
             registry=self._registry,
@@ -577,6 +581,7 @@ class EmpathyLLMExecutor:
             await stack.aclose()
             raise
         self._stack = stack
+        self._loop = _running_loop()
         self._state = "open"
         return self
 
@@ -631,11 +636,23 @@ class EmpathyLLMExecutor:
     # ------------------------------------------------------------------ the call
 
     def _check_open(self) -> None:
+        # one identity check: the loop it was opened in (its HTTP session, its backends'
+        # tasks and connections belong to that loop)
+        if self._state != "open" or _running_loop() is not self._loop:
+            raise self._not_open_error()
+
+    def _not_open_error(self) -> NotOpenError:
         if self._state != "open":
-            raise NotOpenError(
+            return NotOpenError(
                 "EmpathyLLMExecutor is not open; use 'async with EmpathyLLMExecutor(...) as "
                 f"executor:' (it is {self._state})"
             )
+        return NotOpenError(
+            "EmpathyLLMExecutor was opened in another event loop and can only be used in "
+            "that one (its HTTP session and stores are bound to it): open one per event "
+            "loop, e.g. inside each asyncio.run(), or use empathy_models.sync.SyncExecutor, "
+            "whose loop outlives the calls"
+        )
 
     async def run(
         self,
@@ -677,7 +694,8 @@ class EmpathyLLMExecutor:
             InvalidRequestError: the provider's (400, content policy, or a context window no
                 remaining route can hold), at once.
             NoModelMeetsConstraintsError: the router's policy says so.
-            NotOpenError: outside ``async with``, or `aclose` ended the run (a RuntimeError).
+            NotOpenError: outside ``async with``, in an event loop other than the one
+                it was opened in, or `aclose` ended the run (a RuntimeError).
         """
         self._check_open()
         with self._inflight.track("run"):  # `aclose` ends it with NotOpenError

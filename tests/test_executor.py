@@ -1105,6 +1105,33 @@ async def test_run_outside_async_with_raises(
         await executor.__aenter__()
 
 
+def test_an_executor_used_in_another_event_loop_refuses_before_any_attempt(
+    alpha: ScriptedProvider, telemetry: MemoryTelemetryBackend, sleep: SleepRecorder
+) -> None:
+    """The notebook / pytest-asyncio pattern: opened in one asyncio.run(), used in the next."""
+    executor = make([alpha], telemetry, sleep)
+
+    async def first() -> None:
+        await executor.__aenter__()
+        await executor.run("x")
+
+    async def second() -> None:
+        with pytest.raises(NotOpenError, match="opened in another event loop"):
+            await executor.run("x")
+        with pytest.raises(NotOpenError, match="opened in another event loop"):
+            async with executor.stream("x"):
+                pass
+
+    opened_in = asyncio.new_event_loop()
+    try:
+        opened_in.run_until_complete(first())
+        asyncio.run(second())
+        assert len(alpha.calls) == 1  # nothing attempted in the second loop
+    finally:
+        opened_in.run_until_complete(executor.aclose())
+        opened_in.close()
+
+
 async def test_entering_an_open_executor_again_raises_the_librarys_error(
     alpha: ScriptedProvider, telemetry: MemoryTelemetryBackend, sleep: SleepRecorder
 ) -> None:
