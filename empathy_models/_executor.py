@@ -171,6 +171,9 @@ __all__ = [
 
 logger = logging.getLogger("empathy_models.executor")
 
+# the running event loop, or None (``asyncio.get_running_loop`` without the exception)
+_running_loop = asyncio._get_running_loop
+
 _ERROR_MESSAGE_LIMIT = 300
 
 JSONScalar = str | int | float | bool | None
@@ -382,6 +385,7 @@ class EmpathyLLMExecutor:
         self._owned: tuple[AbstractAsyncContextManager[Any], ...] = ()
         self._stack: AsyncExitStack | None = None
         self._state = "new"
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it was opened in
         self._inflight = InFlight()  # the runs and streams `aclose` ends first
         self._fb = _Feedback(
             registry=self._registry,
@@ -531,7 +535,14 @@ class EmpathyLLMExecutor:
 
     async def __aenter__(self) -> Self:
         if self._state != "new":
-            raise RuntimeError(f"EmpathyLLMExecutor cannot be entered twice (it is {self._state})")
+            if self._state == "open":
+                raise NotOpenError(
+                    "EmpathyLLMExecutor is already open: enter it once (one 'async with' "
+                    "block), and share it, or build another for another block"
+                )
+            raise NotOpenError(
+                "EmpathyLLMExecutor is closed and cannot be entered again; build a new one"
+            )
         stack = AsyncExitStack()
         try:
             for resource in self._owned:
@@ -572,6 +583,7 @@ class EmpathyLLMExecutor:
             await stack.aclose()
             raise
         self._stack = stack
+        self._loop = _running_loop()
         self._state = "open"
         return self
 
@@ -629,11 +641,23 @@ class EmpathyLLMExecutor:
     # ------------------------------------------------------------------ the call
 
     def _check_open(self) -> None:
+        # one identity check: the loop it was opened in (its HTTP session, its backends'
+        # tasks and connections belong to that loop)
+        if self._state != "open" or _running_loop() is not self._loop:
+            raise self._not_open_error()
+
+    def _not_open_error(self) -> NotOpenError:
         if self._state != "open":
-            raise NotOpenError(
+            return NotOpenError(
                 "EmpathyLLMExecutor is not open; use 'async with EmpathyLLMExecutor(...) as "
                 f"executor:' (it is {self._state})"
             )
+        return NotOpenError(
+            "EmpathyLLMExecutor was opened in another event loop and can only be used in "
+            "that one (its HTTP session and stores are bound to it): open one per event "
+            "loop, e.g. inside each asyncio.run(), or use empathy_models.sync.SyncExecutor, "
+            "whose loop outlives the calls"
+        )
 
     async def run(
         self,
@@ -675,7 +699,8 @@ class EmpathyLLMExecutor:
             InvalidRequestError: the provider's (400, content policy, or a context window no
                 remaining route can hold), at once.
             NoModelMeetsConstraintsError: the router's policy says so.
-            NotOpenError: outside ``async with``, or `aclose` ended the run (a RuntimeError).
+            NotOpenError: outside ``async with``, in an event loop other than the one
+                it was opened in, or `aclose` ended the run (a RuntimeError).
         """
         self._check_open()
         with self._inflight.track("run"):  # `aclose` ends it with NotOpenError

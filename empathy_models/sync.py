@@ -20,7 +20,9 @@ thread, concurrently; in a notebook whose own loop is running, `run` works as we
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -37,6 +39,7 @@ from ._executor import (
     _Router,
 )
 from .abc import Provider, TelemetryBackend
+from .backends.batching import install_exit_hooks_from_caller
 from .exceptions import ConfigurationError, NotOpenError
 
 __all__ = ["SyncExecutor"]
@@ -53,6 +56,7 @@ class _LoopThread:
     """A private event loop on a daemon thread; never refers back to its owner."""
 
     def __init__(self, name: str) -> None:
+        self.pid = os.getpid()  # a forked child has the loop object, not its thread
         self.loop = asyncio.new_event_loop()
         self.stack: AsyncExitStack | None = None
         self.closed = False
@@ -71,6 +75,16 @@ class _LoopThread:
 
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self.thread.ident
+
+    def check_process(self) -> None:
+        """Raise `NotOpenError` in a forked child: the loop thread did not survive the fork."""
+        if os.getpid() != self.pid:
+            raise NotOpenError(
+                f"this SyncExecutor was created in process {self.pid}, and this is process "
+                f"{os.getpid()} (a fork of it), where its event loop thread does not run; "
+                "make a new one in this process (e.g. in gunicorn's post_fork hook, or in "
+                "the multiprocessing target), and do not close the parent's here"
+            )
 
     def call(self, make: Callable[[], Awaitable[T]], timeout: float | None = None) -> T:
         if self.on_loop_thread():
@@ -93,6 +107,7 @@ class _LoopThread:
             finally:
                 self._tasks.discard(task)
 
+        self.check_process()
         with self._lock:
             if self.closed:
                 raise NotOpenError("SyncExecutor is closed")
@@ -131,7 +146,12 @@ class _LoopThread:
         Idempotent.  Each call in flight is cancelled on the loop, and its caller gets
         `NotOpenError`; a call that does not end within `_CANCEL_GRACE` seconds is left
         behind (its caller is released all the same) and the executor closed regardless.
+        In a forked child (its finalizer runs at the child's exit) it only marks the
+        copy closed: the loop thread, and what it holds, belong to the parent.
         """
+        if os.getpid() != self.pid:
+            self.closed = True  # no lock: a thread of the parent may have held it at the fork
+            return
         with self._lock:
             if self.closed:
                 return
@@ -171,8 +191,10 @@ class SyncExecutor:
 
     Building it starts a daemon thread running a private event loop and opens the
     executor there.  Use it as a context manager or call `close`; an instance still open
-    at interpreter exit is closed then (telemetry queued for writing is flushed), and one
-    that is garbage-collected unclosed is closed too.
+    at interpreter exit is closed then, before the telemetry backends' exit flush (so
+    what it queued is written by its own close, without a warning), and one that is
+    garbage-collected unclosed is closed too.  Built in the main thread, it installs
+    the backends' SIGTERM handler (see `empathy_models.backends.batching`).
 
     `run` takes the same arguments as `EmpathyLLMExecutor.run` (and a ``timeout``),
     blocks until the answer, and raises what it raises.  `call` runs any other coroutine
@@ -181,6 +203,11 @@ class SyncExecutor:
     still running in another thread when `close` is called: `close` cancels it first.
     Code running on the private loop (a coroutine given to `call`) cannot use `run`,
     `call` or `close`, which would wait for it: they raise `ConfigurationError` there.
+
+    It belongs to the process that built it: its loop thread does not survive
+    `os.fork`, so in a forked child (``gunicorn --preload``, multiprocessing's
+    ``fork``) `run`, `call` and `executor` raise `NotOpenError` at once, and the
+    child's exit (or `close`) leaves it to the parent.  Build one per process.
 
     Args:
         providers: as for `EmpathyLLMExecutor`.
@@ -207,6 +234,7 @@ class SyncExecutor:
         # at exit (or when collected unclosed) the loop thread still closes what it holds
         self._finalizer = weakref.finalize(self, self._worker.close_from_anywhere)
         self._executor: EmpathyLLMExecutor | None = None
+        self._hooks_pending = True  # the SIGTERM handler not settled yet (see below)
 
         async def open_all() -> EmpathyLLMExecutor:
             stack = AsyncExitStack()
@@ -237,6 +265,14 @@ class SyncExecutor:
         except BaseException:
             self.close()
             raise
+        # the backends started on the loop thread: their SIGTERM handler is installed from
+        # here (signal handlers need the main thread), and this instance closes itself at
+        # exit before their exit flush runs (atexit runs the last registered first), so
+        # what it queued is written by its own close, not flushed as "never closed"
+        # (a backend the executor does not own starts at its first record: the next
+        # `run` or `call` from the main thread installs the handler then)
+        self._hooks_pending = not install_exit_hooks_from_caller()
+        atexit.register(self._finalizer)
 
     @property
     def executor(self) -> EmpathyLLMExecutor:
@@ -248,6 +284,7 @@ class SyncExecutor:
         return self._worker.closed
 
     def _open(self) -> EmpathyLLMExecutor:
+        self._worker.check_process()
         if self._worker.closed or self._executor is None:
             raise NotOpenError("SyncExecutor is closed")
         return self._executor
@@ -283,6 +320,8 @@ class SyncExecutor:
             Exception: whatever `EmpathyLLMExecutor.run` raises.
         """
         executor = self._open()
+        if self._hooks_pending:
+            self._hooks_pending = not install_exit_hooks_from_caller()
         return self._worker.call(lambda: executor.run(prompt, context, **options), timeout)
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
@@ -296,6 +335,8 @@ class SyncExecutor:
                 ``fn(*args, **kwargs)`` there instead.
         """
         self._open()
+        if self._hooks_pending:
+            self._hooks_pending = not install_exit_hooks_from_caller()
         return self._worker.call(lambda: fn(*args, **kwargs))
 
     def close(self) -> None:
@@ -317,6 +358,7 @@ class SyncExecutor:
                 "after that call has returned"
             )
         self._finalizer()
+        atexit.unregister(self._finalizer)
 
     def __enter__(self) -> Self:
         self._open()

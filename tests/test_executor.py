@@ -52,6 +52,7 @@ from empathy_models.exceptions import (
     InvalidRequestError,
     InvalidResponseError,
     ModelNotFoundError,
+    NotOpenError,
     ProviderConnectionError,
     ProviderTimeoutError,
     ServerError,
@@ -1121,8 +1122,43 @@ async def test_run_outside_async_with_raises(
         pass
     with pytest.raises(RuntimeError, match="closed"):
         await executor.run("x")
-    with pytest.raises(RuntimeError, match="entered twice"):
+    with pytest.raises(NotOpenError, match="cannot be entered again"):
         await executor.__aenter__()
+
+
+def test_an_executor_used_in_another_event_loop_refuses_before_any_attempt(
+    alpha: ScriptedProvider, telemetry: MemoryTelemetryBackend, sleep: SleepRecorder
+) -> None:
+    """The notebook / pytest-asyncio pattern: opened in one asyncio.run(), used in the next."""
+    executor = make([alpha], telemetry, sleep)
+
+    async def first() -> None:
+        await executor.__aenter__()
+        await executor.run("x")
+
+    async def second() -> None:
+        with pytest.raises(NotOpenError, match="opened in another event loop"):
+            await executor.run("x")
+        with pytest.raises(NotOpenError, match="opened in another event loop"):
+            async with executor.stream("x"):
+                pass
+
+    opened_in = asyncio.new_event_loop()
+    try:
+        opened_in.run_until_complete(first())
+        asyncio.run(second())
+        assert len(alpha.calls) == 1  # nothing attempted in the second loop
+    finally:
+        opened_in.run_until_complete(executor.aclose())
+        opened_in.close()
+
+
+async def test_entering_an_open_executor_again_raises_the_librarys_error(
+    alpha: ScriptedProvider, telemetry: MemoryTelemetryBackend, sleep: SleepRecorder
+) -> None:
+    async with make([alpha], telemetry, sleep) as executor:
+        with pytest.raises(NotOpenError, match="already open"):
+            await executor.__aenter__()
 
 
 async def test_owned_session_is_created_bound_and_closed(

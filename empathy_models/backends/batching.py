@@ -35,10 +35,13 @@ microsecond), whatever state the store is in.
   (a write still in flight is spooled too; the replay skips it if it was committed).
 * Exit paths: unless ``exit_flush=False``, a backend still open at interpreter exit or
   on SIGTERM has its queued records written synchronously (SQLite) or spooled,
-  within a bounded time.  The SIGTERM handler is installed only when SIGTERM still
-  has its default action, in the main thread; it flushes, then ends the process with
-  status 143 at once, as the default action would.  A backend garbage
-  collected while open emits a ``ResourceWarning`` and is flushed the same way.
+  within a bounded time, and only then warned about (``-W error`` loses nothing).  The
+  SIGTERM handler is installed only when SIGTERM still has its default action, from
+  the main thread (a backend started on another thread leaves it to the next backend
+  start in the main thread, or to `SyncExecutor`, which installs it from its caller's
+  thread); it flushes, then ends the process with status 143 at once, as the default
+  action would.  A backend garbage collected while open is flushed the same way, then
+  emits a ``ResourceWarning``.
   SIGKILL (and a power cut) loses what is in memory: at most ``max_queue`` queued
   records and a batch in flight (``max_batch``), plus, while the store is failing or
   slower than the producer, two spills (``max_queue`` each) not yet on disk.
@@ -142,7 +145,18 @@ def _check_records(records: Sequence[LLMCallRecord]) -> list[LLMCallRecord]:
 # --------------------------------------------------------------------------- exit hooks
 
 _live: weakref.WeakSet[_Batcher] = weakref.WeakSet()
-_hooks_installed = False
+_atexit_registered = False
+_sigterm_settled = False  # the handler installed, or SIGTERM found taken by someone else
+
+
+def _forget_after_fork() -> None:
+    # a forked child holds copies of its parent's queues: they are the parent's to
+    # write, not the child's (at its exit, or on SIGTERM)
+    _live.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def _flush_all(why: str) -> None:
@@ -154,15 +168,17 @@ def _flush_all(why: str) -> None:
 
 
 def _at_exit() -> None:
-    for batcher in list(_live):
-        if not batcher.closed:
-            warnings.warn(
-                f"{batcher.owner} was never closed; flushing it at interpreter exit "
-                "(use 'async with' or aclose())",
-                ResourceWarning,
-                stacklevel=1,
-            )
+    # flush first, warn after: under ``-W error`` (pytest's filterwarnings=error) the
+    # warning raises, and must not cost the records
+    unclosed = [batcher.owner for batcher in list(_live) if not batcher.closed]
     _flush_all("interpreter exit")
+    for owner in unclosed:
+        warnings.warn(
+            f"{owner} was never closed; its queued telemetry was flushed at interpreter "
+            "exit (use 'async with' or aclose())",
+            ResourceWarning,
+            stacklevel=1,
+        )
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -176,19 +192,39 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     os._exit(128 + signum)
 
 
-def _install_exit_hooks() -> None:
-    """Register the atexit flush, and the SIGTERM handler if SIGTERM is at its default."""
-    global _hooks_installed
-    if _hooks_installed:
-        return
-    _hooks_installed = True
-    atexit.register(_at_exit)
-    if threading.current_thread() is threading.main_thread():
-        try:
-            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-                signal.signal(signal.SIGTERM, _on_sigterm)
-        except (ValueError, OSError):  # no signals here (embedded interpreter)
-            pass
+def _install_exit_hooks(*, sigterm: bool = True) -> bool:
+    """
+    Register the atexit flush, and the SIGTERM handler if SIGTERM is at its default;
+    return True once the SIGTERM handler is settled (installed, or SIGTERM found taken).
+
+    Signal handlers can only be installed from the main thread: called from another
+    thread (a backend first started on a `SyncExecutor`'s loop thread, or in
+    ``asyncio.run`` on a worker thread), it registers the atexit flush and leaves the
+    handler to the next call from the main thread.
+    """
+    global _atexit_registered, _sigterm_settled
+    if not _atexit_registered:
+        _atexit_registered = True
+        atexit.register(_at_exit)
+    if _sigterm_settled or not sigterm or threading.current_thread() is not threading.main_thread():
+        return _sigterm_settled
+    _sigterm_settled = True
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):  # no signals here (embedded interpreter)
+        pass
+    return True
+
+
+def install_exit_hooks_from_caller() -> bool:
+    """
+    For `SyncExecutor`, whose backends start on its loop thread: from the caller's
+    thread (often the main one), register the atexit flush (so that it runs after the
+    SyncExecutor's own exit hook, registered later) and, once a backend needs it, the
+    SIGTERM handler (from the main thread only).  True once the handler is settled.
+    """
+    return _install_exit_hooks(sigterm=bool(_live))
 
 
 class _Batcher:
@@ -239,24 +275,28 @@ class _Batcher:
         self.closed = False
         self._urgent = False
         self._task: asyncio.Task[None] | None = None
+        self._pid = os.getpid()  # the process whose exit paths flush this queue
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
 
     def __del__(self) -> None:
         if getattr(self, "closed", True) or getattr(self, "_task", None) is None:
             return
+        if getattr(self, "_pid", None) != os.getpid():
+            return  # a forked child's copy: the parent writes these records
         pending = len(self.queue) + len(self._spill.overflow) + len(self.inflight or ())
-        warnings.warn(
-            f"{self.owner} was garbage collected without aclose() ({pending} telemetry "
-            "records still queued are flushed now); use 'async with' or aclose()",
-            ResourceWarning,
-            stacklevel=1,
-            source=self,
-        )
+        # flush before warning: under ``-W error`` the warning raises
         try:
             self.exit_flush("garbage collection")
         except Exception:
             logger.exception("%s: flushing telemetry at garbage collection failed", self.owner)
+        warnings.warn(
+            f"{self.owner} was garbage collected without aclose() ({pending} telemetry "
+            "records still queued were flushed); use 'async with' or aclose()",
+            ResourceWarning,
+            stacklevel=1,
+            source=self,
+        )
 
     # ------------------------------------------------------------------ counts
 
@@ -292,6 +332,7 @@ class _Batcher:
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"empathy-models telemetry flusher for {self.owner}"
             )
+            self._pid = os.getpid()
             if self.exit_flush_enabled:
                 _live.add(self)
                 _install_exit_hooks()
@@ -502,7 +543,7 @@ class _Batcher:
 
     def exit_flush(self, why: str) -> None:
         """Synchronously write (or spool) every record still in memory; for exit paths."""
-        if self.closed:
+        if self.closed or self._pid != os.getpid():
             return
         records = self._take_all()
         if not records:
