@@ -277,6 +277,30 @@ def _cached_module() -> Any:
 # --------------------------------------------------------------------------- the executor
 
 
+def _entered_again(state: str) -> NotOpenError:
+    if state == "open":
+        return NotOpenError(
+            "EmpathyLLMExecutor is already open: enter it once (one 'async with' block), "
+            "and share it, or build another for another block"
+        )
+    return NotOpenError("EmpathyLLMExecutor is closed and cannot be entered again; build a new one")
+
+
+def _not_open(state: str) -> NotOpenError:
+    # outside ``async with`` (``state`` is not "open"), or in another event loop
+    if state != "open":
+        return NotOpenError(
+            "EmpathyLLMExecutor is not open; use 'async with EmpathyLLMExecutor(...) as "
+            f"executor:' (it is {state})"
+        )
+    return NotOpenError(
+        "EmpathyLLMExecutor was opened in another event loop and can only be used in that "
+        "one (its HTTP session and stores are bound to it): open one per event loop, e.g. "
+        "inside each asyncio.run(), or use empathy_models.sync.SyncExecutor, whose loop "
+        "outlives the calls"
+    )
+
+
 class EmpathyLLMExecutor:
     """
     Routes, guards, retries, falls back and records LLM calls.
@@ -535,14 +559,7 @@ class EmpathyLLMExecutor:
 
     async def __aenter__(self) -> Self:
         if self._state != "new":
-            if self._state == "open":
-                raise NotOpenError(
-                    "EmpathyLLMExecutor is already open: enter it once (one 'async with' "
-                    "block), and share it, or build another for another block"
-                )
-            raise NotOpenError(
-                "EmpathyLLMExecutor is closed and cannot be entered again; build a new one"
-            )
+            raise _entered_again(self._state)
         stack = AsyncExitStack()
         try:
             for resource in self._owned:
@@ -644,20 +661,7 @@ class EmpathyLLMExecutor:
         # one identity check: the loop it was opened in (its HTTP session, its backends'
         # tasks and connections belong to that loop)
         if self._state != "open" or _running_loop() is not self._loop:
-            raise self._not_open_error()
-
-    def _not_open_error(self) -> NotOpenError:
-        if self._state != "open":
-            return NotOpenError(
-                "EmpathyLLMExecutor is not open; use 'async with EmpathyLLMExecutor(...) as "
-                f"executor:' (it is {self._state})"
-            )
-        return NotOpenError(
-            "EmpathyLLMExecutor was opened in another event loop and can only be used in "
-            "that one (its HTTP session and stores are bound to it): open one per event "
-            "loop, e.g. inside each asyncio.run(), or use empathy_models.sync.SyncExecutor, "
-            "whose loop outlives the calls"
-        )
+            raise _not_open(self._state)
 
     async def run(
         self,
@@ -699,8 +703,7 @@ class EmpathyLLMExecutor:
             InvalidRequestError: the provider's (400, content policy, or a context window no
                 remaining route can hold), at once.
             NoModelMeetsConstraintsError: the router's policy says so.
-            NotOpenError: outside ``async with``, in an event loop other than the one
-                it was opened in, or `aclose` ended the run (a RuntimeError).
+            NotOpenError: outside ``async with``, in another event loop, or ended by `aclose`.
         """
         self._check_open()
         with self._inflight.track("run"):  # `aclose` ends it with NotOpenError
