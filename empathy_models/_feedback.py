@@ -14,18 +14,21 @@ import asyncio
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Final
 
 import anyio
+import attrs
 
 from ._propensity import routing_propensity
 from ._request_options import structured_result
-from ._run import _describe, _plain_non_negative, _Run, _status_of
+from ._run import _describe, _estimate_tokens, _plain_non_negative, _Run, _status_of
 from ._values import AttemptSummary, LLMResponse, _new_response, _new_summary
 from .abc import Completion, TelemetryBackend
 from .breaker import provider_outcome
+from .limits.values import WORST_PER_ESTIMATE
 from .outcomes import classify_error, retry_after_of
 from .records import (
     _INT_LIMIT,
@@ -41,12 +44,19 @@ if TYPE_CHECKING:
     from ._executor import _Breaker, _Router
     from .exceptions import CircuitOpenError
     from .limits.guard import Hold
+    from .serialization import JSONScalar
 
 __all__: list[str] = []
 
 logger = logging.getLogger("empathy_models.executor")
 
 _ERROR_MESSAGE_LIMIT = 300
+
+INPUT_ESTIMATED: Final = "empathy_models.input_tokens_estimated"
+"""
+The metadata key set (to True) on the record of a streamed attempt whose input tokens
+are the request's estimate (`_run._estimate_tokens`): the provider never reported them.
+"""
 
 
 def _is_count(value: object) -> bool:
@@ -89,6 +99,37 @@ def _spent(info: ModelInfo, completion: Completion | None) -> tuple[int, int, fl
     if not (_is_count(input_tokens) and _is_count(output_tokens)):
         input_tokens, output_tokens = _usage(info, completion)
     return input_tokens, output_tokens, info.cost(input_tokens, output_tokens)
+
+
+def streamed_usage(run: _Run, completion: Completion) -> tuple[Completion, bool]:
+    """
+    The usage of a streamed attempt whose stream opened (the request was sent and
+    accepted, so the provider bills its prompt), and whether its input is estimated.
+
+    A stream's input tokens stay 0 until the provider reports them
+    (`CompletionStream.completion`), and OpenAI-format servers report them only in the
+    last chunk: a stream left early or cut short counts the prompt as the request's
+    estimate, the one the router and rate limits use.
+    """
+    if completion.input_tokens != 0:
+        return completion, False
+    return attrs.evolve(completion, input_tokens=_estimate_tokens(run.messages, run.system)), True
+
+
+def charge(hold: Hold, info: ModelInfo, record: LLMCallRecord, estimated: bool) -> None:
+    """
+    What the limiter's ``hold`` settles for ``record``'s call: its cost, or, when its
+    input tokens are an estimate (``estimated``), the prompt's worst case, which its
+    budgets reserved, so that what they charge never falls short of what the provider
+    bills; rate limits count the tokens recorded.
+    """
+    input_tokens, output_tokens = record.input_tokens, record.output_tokens
+    hold.cost_usd = (
+        info.cost(input_tokens * WORST_PER_ESTIMATE, output_tokens)
+        if estimated
+        else record.cost_usd
+    )
+    hold.tokens = input_tokens + output_tokens
 
 
 class _Feedback:
@@ -382,7 +423,9 @@ class _Feedback:
         exc: BaseException | None = None,
         completion: Completion | None = None,
         circuit_state: CircuitState | None = None,
+        input_estimated: bool = False,
     ) -> LLMCallRecord:
+        """The attempt's record; ``input_estimated`` is flagged (`INPUT_ESTIMATED`)."""
         ctx = run.context
         input_tokens, output_tokens, cost = _spent(info, completion)
         message = None if exc is None else (str(exc)[:_ERROR_MESSAGE_LIMIT] or None)
@@ -443,7 +486,7 @@ class _Feedback:
             circuit_state=circuit_state,
             user_id=ctx.user_id,
             session_id=ctx.session_id,
-            metadata=ctx.metadata,
+            metadata=_flagged(ctx.metadata) if input_estimated else ctx.metadata,
             prompt_text=run.prompt_text,
             response_text=response_text,
         )
@@ -503,3 +546,8 @@ class _Feedback:
             retry_after=None if exc is None else retry_after_of(exc),
             delay_s=delay,
         )
+
+
+def _flagged(metadata: Mapping[str, JSONScalar]) -> Mapping[str, JSONScalar]:
+    """A record's ``metadata`` saying its input tokens are estimated (`INPUT_ESTIMATED`)."""
+    return MappingProxyType({**metadata, INPUT_ESTIMATED: True})

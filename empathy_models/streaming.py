@@ -26,9 +26,10 @@ What happens, in order:
    bounds the whole stream, the caller's reading included.
 4. **Leaving early** (``break``, an exception, a cancelled task): the HTTP response is
    closed (the connection is not reused), the attempt is recorded as ``cancelled`` with
-   the tokens seen, and a half-open breaker probe lease is returned, even when a
-   cancellation lands while the response is being closed.  `EmpathyLLMExecutor.aclose`
-   ends a stream in flight the same way; its reader gets `NotOpenError`.
+   the tokens seen (input tokens as below), and a half-open breaker probe lease is
+   returned, even when a cancellation lands while the response is being closed.
+   `EmpathyLLMExecutor.aclose` ends a stream in flight the same way; its reader gets
+   `NotOpenError`.
 5. **Records**: every attempt gets one `LLMCallRecord`, as in `run`; a streamed
    attempt's ``ttft_ms`` is the time from sending the request to its first delta.  The
    response's ``ttft_ms`` is the time from entering ``async with`` to the first delta
@@ -43,7 +44,15 @@ What happens, in order:
 The provider slot (``concurrency_per_provider``) is held until the stream ends or is
 left, since the connection is in use until then.  Usage: output tokens count one per
 delta until the provider reports them (OpenAI-format servers report usage only at the
-end; the executor asks for it with ``stream_options.include_usage``).
+end; the executor asks for it with ``stream_options.include_usage``).  Input tokens are
+the provider's count when it gave one (Anthropic's ``message_start`` does, before the
+first delta); a stream that opened and ended without one (an OpenAI-format stream left
+early or cut short, before its first delta too) records the request's estimate of the
+prompt (the one the router and rate limits use), with
+``metadata["empathy_models.input_tokens_estimated"] = True``, and its budgets are
+charged the prompt's worst case (what they reserved for it), so that they never charge
+less than the provider bills.  An error answered before the stream opened (an HTTP
+error status, a refused connection) records no tokens, as in `run`.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 import anyio
 
 from ._attempt import _SLACK, Attempts, Opened, _timeout_error
+from ._feedback import charge, streamed_usage
 from ._inflight import Abort, closed_error
 from ._request_options import required_capabilities
 from ._run import _describe, _Run, _to_messages
@@ -415,11 +425,14 @@ class LLMStream:
 
     # ------------------------------------------------------------------ ending
 
-    def _partial(self) -> Completion:
-        """The attempt's completion so far, with its ttft."""
+    def _partial(self) -> tuple[Completion, bool]:
+        """
+        The attempt's completion so far, with its ttft, and whether its input tokens
+        are the request's estimate (the provider had not reported them: `streamed_usage`).
+        """
         assert self._stream is not None and self._info is not None
-        got = self._stream.completion()
-        return Completion(
+        got, estimated = streamed_usage(self._run, self._stream.completion())
+        completion = Completion(
             content=got.content,
             model=got.model,
             input_tokens=got.input_tokens,
@@ -431,6 +444,7 @@ class LLMStream:
             response_id=got.response_id,
             rate_limit_reset=got.rate_limit_reset,
         )
+        return completion, estimated
 
     def _release(self) -> None:
         semaphore, self._semaphore = self._semaphore, None
@@ -441,12 +455,16 @@ class LLMStream:
         self,
         outcome: Outcome,
         error: BaseException | None,
-        completion: Completion,
+        usage: tuple[Completion, bool],
         *,
         breaker_outcome: Outcome | None = None,
         scope_outcome: Outcome | None = None,
     ) -> LLMResponse | None:
-        """Record the attempt, tell the breaker, router and telemetry, free the slot."""
+        """
+        Record the attempt, tell the breaker, router and telemetry, free the slot.
+        ``usage``: the completion so far and whether its input is estimated (`_partial`).
+        """
+        completion, estimated = usage
         ex = self._ex
         run = self._run
         info = self._info
@@ -462,6 +480,7 @@ class LLMStream:
                 ticket=self._ticket,
                 exc=error,
                 completion=completion,
+                input_estimated=estimated,
             )
             run.attempts.append(ex._fb.summary(record, error))
             await self._give(record, outcome, error, breaker_outcome, scope_outcome)
@@ -477,9 +496,8 @@ class LLMStream:
             self._release()
             hold, self._hold = self._hold, None
             if hold is not None:
-                if record is not None:
-                    hold.cost_usd = record.cost_usd
-                    hold.tokens = record.input_tokens + record.output_tokens
+                if record is not None:  # an estimated prompt is charged its worst case
+                    charge(hold, info, record, estimated)
                 # the provider says a limit is exhausted: every worker waits it out
                 hold.pushback = completion.rate_limit_reset
                 assert ex._limiter is not None
@@ -548,12 +566,13 @@ class LLMStream:
         )
         error = _timeout_error(raised, info, self._per_attempt, by_deadline)
         outcome = classify_error(error)
-        completion = self._partial()
+        usage = self._partial()
+        completion = usage[0]
         self._run.errors.append(error)
         await self._report(
             outcome,
             error,
-            completion,
+            usage,
             scope_outcome=provider_outcome(outcome, error),
         )
         interrupted = StreamInterruptedError(

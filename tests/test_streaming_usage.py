@@ -1,0 +1,222 @@
+"""
+The usage a streamed attempt records when it does not finish: OpenAI-format servers send
+the prompt's token count only in the last chunk, so a stream left early or cut short
+records the request's own estimate of the prompt (flagged in the record's metadata) and
+charges budgets the prompt's worst case; Anthropic's ``message_start`` count is kept,
+before the first delta too.  Real HTTP against `FakeLLMServer` on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import pytest
+
+from empathy_models import (
+    AllRoutesFailedError,
+    Budget,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    FallbackPolicy,
+    LLMCallRecord,
+    ModelInfo,
+    ModelRegistry,
+    Outcome,
+    RetryPolicy,
+    StreamInterruptedError,
+)
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.limits import MemoryQuotaStore
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
+
+pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
+
+KEY = "test-key-0123"
+ESTIMATED = "empathy_models.input_tokens_estimated"
+PROMPT = "word " * 4000  # 20,000 bytes: the fake counts 5,001 tokens
+
+REGISTRY = ModelRegistry(
+    models=[
+        ModelInfo(
+            id="claude-usage",
+            provider="anthropic",
+            tier="cheap",
+            input_price_per_mtok=1.0,
+            output_price_per_mtok=5.0,
+            context_window=200_000,
+            max_output_tokens=8192,
+        ),
+        ModelInfo(
+            id="gpt-usage",
+            provider="openai",
+            tier="cheap",
+            input_price_per_mtok=2.5,
+            output_price_per_mtok=10.0,
+            context_window=128_000,
+            max_output_tokens=16384,
+        ),
+    ],
+    price_version="usage-test-1",
+)
+INFO = {m.id: m for m in REGISTRY.models}
+
+
+def estimate(prompt: str) -> int:
+    # the executor's documented estimate of a one-message prompt: a quarter of its worst
+    # case (a token per UTF-8 byte, plus 8 for the message and 8 for the reply), rounded up
+    return -(-(len(prompt.encode()) + 16) // 4)
+
+
+def fake_count(prompt: str) -> int:
+    return len(prompt) // 4 + 1  # what FakeLLMServer reports (and bills)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    # chunks 5 ms apart: a stream left after its first deltas has not seen the end
+    behavior = ModelBehavior(
+        output_tokens=50, stream=StreamBehavior(chunk_chars=3, chunk_interval_ms=5)
+    )
+    async with FakeLLMServer(
+        {"claude-usage": behavior, "gpt-usage": behavior}, api_key=KEY, seed=3
+    ) as fake:
+        yield fake
+
+
+def make(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, **options: Any
+) -> EmpathyLLMExecutor:
+    options.setdefault("retry", RetryPolicy(jitter=False, base_delay=0.0, max_attempts=1))
+    options.setdefault("fallback", FallbackPolicy(max_routes=1))
+    return EmpathyLLMExecutor(
+        [
+            AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+            OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+        ],
+        registry=REGISTRY,
+        telemetry_store=telemetry,
+        **options,
+    )
+
+
+def context(model: str) -> ExecutionContext:
+    return ExecutionContext(workflow="w", stage="s", model=model, max_tokens=100, timeout=0.5)
+
+
+Fault = Literal["error", "reset", "hang", "malformed", "incomplete"]
+
+
+def faulty(fault: Fault, after: int) -> ModelBehavior:
+    return ModelBehavior(
+        output_tokens=50, stream=StreamBehavior(chunk_chars=3, fault_after=after, fault=fault)
+    )
+
+
+async def only_record(telemetry: MemoryTelemetryBackend) -> LLMCallRecord:
+    (record,) = await telemetry.recent(limit=10)
+    return record
+
+
+async def spent(quota: MemoryQuotaStore) -> float:
+    (usage,) = await quota.usages()
+    return usage.spent_usd
+
+
+# --------------------------------------------------------------------------- OpenAI format
+
+
+async def test_an_openai_stream_left_early_records_the_prompts_estimate_and_charges_its_worst(
+    server: FakeLLMServer,
+) -> None:
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with (
+        make(server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota) as executor,
+        executor.stream(PROMPT, context("gpt-usage")) as stream,
+    ):
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 2:
+                break
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.CANCELLED and record.output_tokens == 2
+    assert record.input_tokens == estimate(PROMPT)  # not 0: the prompt was sent
+    assert record.metadata[ESTIMATED] is True
+    info = INFO["gpt-usage"]
+    assert math.isclose(record.cost_usd, info.cost(estimate(PROMPT), 2))
+    # the budget is charged the worst case the reservation held for the prompt: never
+    # less than the provider bills, whatever the real count
+    charged = await spent(quota)
+    assert math.isclose(charged, info.cost(4 * estimate(PROMPT), 2), rel_tol=1e-6)
+    assert charged >= info.cost(fake_count(PROMPT), 2)
+
+
+@pytest.mark.parametrize("fault", ["error", "reset", "hang", "malformed", "incomplete"])
+async def test_an_openai_stream_cut_short_records_the_prompts_estimate(
+    server: FakeLLMServer, fault: Fault
+) -> None:
+    server.set_behavior("gpt-usage", faulty(fault, 3))
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with make(
+        server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota
+    ) as executor:
+        with pytest.raises(StreamInterruptedError) as caught:
+            async with executor.stream(PROMPT, context("gpt-usage")) as stream:
+                async for _ in stream:
+                    pass
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.FAILURE and record.output_tokens == 3
+    assert record.input_tokens == estimate(PROMPT) == caught.value.input_tokens
+    assert record.metadata[ESTIMATED] is True
+    assert await spent(quota) >= INFO["gpt-usage"].cost(fake_count(PROMPT), 3)
+
+
+async def test_a_finished_openai_stream_records_the_reported_count_unflagged(
+    server: FakeLLMServer,
+) -> None:
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with (
+        make(server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota) as executor,
+        executor.stream(PROMPT, context("gpt-usage")) as stream,
+    ):
+        response = await stream.get_final_response()
+    record = await only_record(telemetry)
+    assert record.input_tokens == response.input_tokens == fake_count(PROMPT)
+    assert ESTIMATED not in record.metadata
+    assert math.isclose(await spent(quota), record.cost_usd, rel_tol=1e-6)
+
+
+async def test_an_http_error_before_the_stream_opens_records_no_tokens(
+    server: FakeLLMServer,
+) -> None:
+    server.script("gpt-usage", [500])  # answered with an error status: nothing billed
+    telemetry = MemoryTelemetryBackend()
+    async with make(server, telemetry) as executor:
+        with pytest.raises(AllRoutesFailedError):
+            async with executor.stream(PROMPT, context("gpt-usage")):
+                pass
+    record = await only_record(telemetry)
+    assert (record.input_tokens, record.output_tokens, record.cost_usd) == (0, 0, 0.0)
+    assert ESTIMATED not in record.metadata
+
+
+# --------------------------------------------------------------------------- Anthropic format
+
+
+async def test_an_anthropic_stream_left_early_keeps_the_reported_count(
+    server: FakeLLMServer,
+) -> None:
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with (
+        make(server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota) as executor,
+        executor.stream(PROMPT, context("claude-usage")) as stream,
+    ):
+        async for _ in stream:
+            break
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.CANCELLED
+    assert record.input_tokens == fake_count(PROMPT) and ESTIMATED not in record.metadata
+    assert math.isclose(await spent(quota), record.cost_usd, rel_tol=1e-6)
