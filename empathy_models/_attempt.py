@@ -103,7 +103,7 @@ class Attempts:
     shared between runs.
     """
 
-    __slots__ = ("deadline_at", "ex", "obs", "run", "streamed", "trace")
+    __slots__ = ("deadline_at", "ex", "obs", "partial", "run", "streamed", "trace")
 
     def __init__(
         self,
@@ -120,6 +120,9 @@ class Attempts:
         self.streamed = streamed
         # a stream's hooks need its trace: without one (tracing failed) there are none
         self.obs = ex._obs if trace is not None or not streamed else None
+        # what a stream that opened had when it failed before its first delta (its usage
+        # is recorded): set by `_first_delta`, taken by the attempt's record
+        self.partial: Completion | None = None
 
     async def walk(self, routes: list[ModelInfo]) -> tuple[ModelInfo, Completion | Opened]:
         """
@@ -303,20 +306,19 @@ class Attempts:
                 remaining = None if deadline_at is None else deadline_at - clock()
                 budget, by_deadline = _within(per_attempt, remaining, streamed)  # the time limit
                 called = True
-                t0 = clock()
+                t0, held = clock(), (ticket, scope_ticket, hold)
                 try:
                     if streamed:
-                        opening = await _first_delta(provider, request, per_attempt, budget)
+                        opening = await _first_delta(provider, request, per_attempt, budget, self)
                     else:
                         completion = await provider.complete(request, timeout=budget)
                 except Exception as raised:
                     latency_ms = (clock() - t0) * 1000.0
                     error, deadline_hit = self._restated(raised, info, budget, by_deadline)
-                    held = (ticket, scope_ticket, hold)
                     record = await self._failed(info, error, attempt, latency_ms, key, held)
                 except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
                     latency_ms = (clock() - t0) * 1000.0
-                    await self._cancelled(info, raised, attempt, latency_ms, ticket, scope_ticket)
+                    await self._cancelled(info, raised, attempt, latency_ms, held)
                     raise
                 else:
                     if streamed:
@@ -355,9 +357,11 @@ class Attempts:
     ) -> LLMCallRecord:
         """
         A call that raised ``error`` (restated): its feedback; the record.  ``held``:
-        the attempt's ticket, scope ticket and the limiter's hold.
+        the attempt's ticket, scope ticket and the limiter's hold.  A stream that opened
+        before failing (`partial`) has its usage recorded and charged.
         """
         ticket, scope_ticket, hold = held
+        partial, self.partial = self.partial, None
         planner = self.ex._planner
         # a 404 names one model: it must not force open a key every model of the provider
         # shares (the record still says fatal)
@@ -367,7 +371,7 @@ class Attempts:
             and key == planner.provider_key(info.provider)
         )
         record = await self.ex._fb.failed(
-            self.run, info, error, attempt, latency_ms, ticket, scope_ticket, hold, ignored
+            self.run, info, error, attempt, latency_ms, ticket, scope_ticket, hold, ignored, partial
         )
         if self.obs is not None:
             self.obs.attempt_ended(record, None, error, self.trace)
@@ -379,13 +383,17 @@ class Attempts:
         raised: BaseException,
         attempt: int,
         latency_ms: float,
-        ticket: Ticket | None,
-        scope_ticket: Ticket | None,
+        held: tuple[Ticket | None, Ticket | None, Hold | None],
     ) -> None:
-        """A cancelled call (or an interrupt): recorded, its leases returned."""
+        """
+        A cancelled call (or an interrupt): recorded, its leases returned; ``held`` as
+        for `_failed`, and a stream that opened has its usage recorded and charged.
+        """
+        ticket, scope_ticket, hold = held
+        partial, self.partial = self.partial, None
         fb = self.ex._fb
         record = await fb.cancelled(
-            self.run, info, raised, attempt, latency_ms, ticket, scope_ticket
+            self.run, info, raised, attempt, latency_ms, ticket, scope_ticket, partial, hold
         )
         if self.obs is not None:
             self.obs.attempt_ended(record, None, raised, self.trace)
@@ -588,10 +596,13 @@ async def _first_delta(
     request: CompletionRequest,
     idle_timeout: float | None,
     total_timeout: float | None,
+    attempts: Attempts,
 ) -> tuple[CompletionStream, str | ToolCallDelta | None]:
     """
     Open the stream and read up to its first delta (None: the answer is empty, complete
-    already).  The stream is closed when that fails (shielded from a cancel).
+    already).  The stream is closed when that fails (shielded from a cancel), and what
+    it had is left in ``attempts.partial``: the request was sent and accepted, and the
+    usage reported so far (Anthropic's ``message_start``) is the attempt's.
     """
     stream = await provider.stream(request, idle_timeout=idle_timeout, total_timeout=total_timeout)
     try:
@@ -599,13 +610,24 @@ async def _first_delta(
     except StopAsyncIteration:
         first = None
     except Exception:
+        attempts.partial = _partial_of(stream)
         await stream.aclose()
         raise
     except BaseException:
+        attempts.partial = _partial_of(stream)
         with anyio.CancelScope(shield=True):
             await stream.aclose()
         raise
     return stream, first
+
+
+def _partial_of(stream: CompletionStream) -> Completion | None:
+    """``stream.completion()``; None when a provider's own stream cannot give it."""
+    try:
+        return stream.completion()
+    except Exception:
+        logger.exception("%s.completion() failed; no usage recorded", type(stream).__name__)
+        return None
 
 
 def _timeout_error(

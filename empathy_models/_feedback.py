@@ -295,16 +295,19 @@ class _Feedback:
         scope_ticket: Ticket | None,
         hold: Hold | None,
         ignored: bool,
+        partial: Completion | None = None,
     ) -> LLMCallRecord:
         """
         A call that raised ``error`` (added to ``run.errors``; its summary is the
         caller's, which knows whether a retry follows).  ``ignored``: the breaker key
         hears `Outcome.IGNORED`, whatever the record says; the provider-wide key hears
         `provider_outcome`.  A 429's Retry-After goes to the limiter's ``hold``.
+        ``partial``: a stream that opened and failed before its first delta, what it
+        had (its usage is recorded and charged, see `streamed_usage`).
         """
         outcome = classify_error(error)
-        record = self.record(
-            run, info, outcome, attempt=attempt, latency_ms=latency_ms, ticket=ticket, exc=error
+        record = _unanswered(
+            self, run, info, outcome, (attempt, latency_ms, ticket, error), partial, hold
         )
         retry_after = retry_after_of(error)
         if hold is not None and outcome is Outcome.RATE_LIMITED:
@@ -333,16 +336,15 @@ class _Feedback:
         latency_ms: float,
         ticket: Ticket | None,
         scope_ticket: Ticket | None,
+        partial: Completion | None = None,
+        hold: Hold | None = None,
     ) -> LLMCallRecord:
-        """A call cancelled (or interrupted): recorded, its leases returned, shielded."""
-        record = self.record(
-            run,
-            info,
-            Outcome.CANCELLED,
-            attempt=attempt,
-            latency_ms=latency_ms,
-            ticket=ticket,
-            exc=raised,
+        """
+        A call cancelled (or interrupted): recorded, its leases returned, shielded.
+        ``partial``, ``hold``: as for `failed`.
+        """
+        record = _unanswered(
+            self, run, info, Outcome.CANCELLED, (attempt, latency_ms, ticket, raised), partial, hold
         )
         run.attempts.append(self.summary(record, raised))
         with anyio.CancelScope(shield=True):
@@ -551,3 +553,37 @@ class _Feedback:
 def _flagged(metadata: Mapping[str, JSONScalar]) -> Mapping[str, JSONScalar]:
     """A record's ``metadata`` saying its input tokens are estimated (`INPUT_ESTIMATED`)."""
     return MappingProxyType({**metadata, INPUT_ESTIMATED: True})
+
+
+def _unanswered(
+    fb: _Feedback,
+    run: _Run,
+    info: ModelInfo,
+    outcome: Outcome,
+    attempt: tuple[int, float, Ticket | None, BaseException],
+    partial: Completion | None,
+    hold: Hold | None,
+) -> LLMCallRecord:
+    """
+    The record of a call that ended without an answer (``attempt``: its number,
+    latency, ticket and error); with the ``partial`` answer of a stream that opened, its
+    usage (`streamed_usage`), charged to ``hold`` (`charge`).
+    """
+    number, latency_ms, ticket, exc = attempt
+    estimated = False
+    if partial is not None:
+        partial, estimated = streamed_usage(run, partial)
+    record = fb.record(
+        run,
+        info,
+        outcome,
+        attempt=number,
+        latency_ms=latency_ms,
+        ticket=ticket,
+        exc=exc,
+        completion=partial,
+        input_estimated=estimated,
+    )
+    if partial is not None and hold is not None:
+        charge(hold, info, record, estimated)
+    return record

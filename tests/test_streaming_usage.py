@@ -174,6 +174,24 @@ async def test_an_openai_stream_cut_short_records_the_prompts_estimate(
     assert await spent(quota) >= INFO["gpt-usage"].cost(fake_count(PROMPT), 3)
 
 
+async def test_an_openai_stream_failing_before_its_first_delta_records_the_estimate(
+    server: FakeLLMServer,
+) -> None:
+    server.set_behavior("gpt-usage", faulty("error", 0))
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with make(
+        server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota
+    ) as executor:
+        with pytest.raises(AllRoutesFailedError):
+            async with executor.stream(PROMPT, context("gpt-usage")):
+                pass
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.FAILURE and record.error_type == "ServerError"
+    assert record.input_tokens == estimate(PROMPT) and record.metadata[ESTIMATED] is True
+    assert record.cost_usd > 0
+    assert await spent(quota) >= INFO["gpt-usage"].cost(fake_count(PROMPT), 0)
+
+
 async def test_a_finished_openai_stream_records_the_reported_count_unflagged(
     server: FakeLLMServer,
 ) -> None:
@@ -204,6 +222,26 @@ async def test_an_http_error_before_the_stream_opens_records_no_tokens(
 
 
 # --------------------------------------------------------------------------- Anthropic format
+
+
+@pytest.mark.parametrize("fault", ["error", "incomplete"])
+async def test_an_anthropic_stream_failing_before_its_first_delta_keeps_message_starts_count(
+    server: FakeLLMServer, fault: Fault
+) -> None:
+    server.set_behavior("claude-usage", faulty(fault, 0))
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with make(
+        server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota
+    ) as executor:
+        with pytest.raises(AllRoutesFailedError):
+            async with executor.stream(PROMPT, context("claude-usage")):
+                pass
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.FAILURE
+    assert record.input_tokens == fake_count(PROMPT)  # message_start's count
+    assert ESTIMATED not in record.metadata
+    assert record.cost_usd > 0
+    assert math.isclose(await spent(quota), record.cost_usd, rel_tol=1e-6)
 
 
 async def test_an_anthropic_stream_left_early_keeps_the_reported_count(
