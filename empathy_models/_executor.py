@@ -95,6 +95,7 @@ import anyio
 from ._attempt import Attempts
 from ._feedback import _Feedback
 from ._inflight import InFlight
+from ._outage import Outage
 from ._planner import _Planner
 from ._request_options import (
     required_capabilities,
@@ -168,6 +169,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("empathy_models.executor")
+_cache_logger = logging.getLogger("empathy_models.cache")
+_SKIP = "calls skip the cache"
 
 _ERROR_MESSAGE_LIMIT = 300
 
@@ -396,7 +399,11 @@ class EmpathyLLMExecutor:
         self._owns_cache = isinstance(cache, str)
         self._cache: ResponseCache | None = None if cache is None else cache_from_url(cache)
         self.cache_errors = 0
-        """Response-cache reads or writes that failed (logged; the call went on)."""
+        """Response-cache reads or writes that failed or were late (the call went on)."""
+        self.cache_skipped = 0
+        """Response-cache reads and writes skipped while the cache store was degraded."""
+        self._cache_outage = Outage(_cache_logger, f"response cache {self._cache!r}", _SKIP)
+        self._cache_pending: dict[str, bytes] = {}  # written behind, not yet in the store
         self._limiter = limiter_for(
             self._registry,
             budgets,
@@ -589,7 +596,8 @@ class EmpathyLLMExecutor:
         Each run or stream in flight raises `NotOpenError` (at once; a stream nobody is
         reading, at its next read) after its attempt is recorded as cancelled, its
         breaker lease and budget reservation given back: that bookkeeping is waited for
-        (at most 10 s) before anything is closed.
+        (at most 10 s) before anything is closed, and so are the response cache's writes
+        behind and the store operations runs stopped waiting for at their deadline.
         """
         if self._state == "closed":
             return
@@ -597,6 +605,7 @@ class EmpathyLLMExecutor:
         stack, self._stack = self._stack, None
         try:
             await self._inflight.end()
+            await self._fb.behind.drain()  # cache writes behind, feedback past a deadline
         finally:
             if stack is not None:
                 await stack.aclose()

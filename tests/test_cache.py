@@ -219,9 +219,10 @@ async def test_a_failing_cache_never_fails_a_call(
     async with make(server, cache=Broken()) as executor:
         first = await executor.run("hello", CTX)
         second = await executor.run("hello", CTX)
-        errors = executor.cache_errors
+        errors, skipped = executor.cache_errors, executor.cache_skipped
     assert not first.cached and not second.cached
-    assert errors == 4  # two reads and two writes failed, each logged
+    # the first read failed: the cache is degraded for a while, the rest skip it
+    assert (errors, skipped) == (1, 3)
 
 
 async def test_an_sqlite_cache_is_shared_by_executors(
