@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import anyio
 import attrs
 
 from ._planner import TIER_ORDER
 from ._run import _DeadlineExceeded, _describe, _estimate_tokens, _request_for, _Run
+from ._settled import Expired
 from .abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
 from .exceptions import (
     AllRoutesFailedError,
@@ -32,14 +33,15 @@ from .exceptions import (
     ModelNotFoundError,
     ProviderTimeoutError,
 )
-from .limits.guard import Hold, Limiter, LocalRateLimitError
+from .limits.guard import DeadlineRanOut, Hold, Limiter, LocalRateLimitError
 from .outcomes import retry_after_of
 from .records import LLMCallRecord, Outcome, Ticket
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Awaitable
 
-    from ._executor import EmpathyLLMExecutor
+    from ._executor import EmpathyLLMExecutor, _Breaker
+    from ._feedback import _Feedback
     from .content import ToolCallDelta
     from .observability import _RunTrace
     from .registry import ModelInfo
@@ -269,7 +271,7 @@ class Attempts:
         ``info``'s attempts, retried unless a ``probe``; an `Opened` answer keeps the slot.
 
         Raises:
-            _DeadlineExceeded: the deadline passed.
+            _DeadlineExceeded: the deadline passed (before the call too: not sent).
             InvalidRequestError: the provider's, at once: a bad request stays bad.
             BudgetExceededError, LocalRateLimitError: the limiter's, before any call.
         """
@@ -288,19 +290,20 @@ class Attempts:
             try:
                 if limiter is not None:
                     hold = await self._admit(info, limiter)
-                attempt = len(run.attempts) + 1
-                ticket, scope_ticket = _NO_TICKETS
+                attempt, (ticket, scope_ticket) = len(run.attempts) + 1, _NO_TICKETS
                 if key is not None and breaker is not None:
                     try:
                         if scope_key is not None:
-                            scope_ticket = await breaker.admit(scope_key)
-                        ticket = await breaker.admit(key)
+                            scope_ticket = await _admitted(self, breaker, scope_key, info)
+                        ticket = await _admitted(self, breaker, key, info)
                     except CircuitOpenError as exc:
                         await self._rejected(info, exc, attempt, key, scope_ticket)
                         return _CALLED if called else _NOT_CALLED
                     except BaseException:  # a cancel: the provider key's probe lease back
                         await fb.give_back(scope_ticket)
                         raise
+                if deadline_at is not None and deadline_at - clock() <= 0:  # not sent: raises
+                    await _unsent(self, info, attempt, ticket, scope_ticket)
                 if obs is not None:
                     obs.attempt_started(run, info, request, attempt, (scope_ticket, ticket), trace)
                 remaining = None if deadline_at is None else deadline_at - clock()
@@ -326,7 +329,7 @@ class Attempts:
                         return self._opened(opening, ticket, scope_ticket, hold, attempt, t0)
                     latency_ms = (clock() - t0) * 1000.0
                     record = fb.succeeded(run, info, completion, attempt, latency_ms, ticket, hold)
-                    await fb.answered(record, ticket, scope_ticket)
+                    await fb.answered(record, ticket, scope_ticket, deadline_at)
                     if obs is not None:
                         obs.attempt_ended(record, completion, None, trace)
                     return completion
@@ -334,8 +337,7 @@ class Attempts:
                 if holding:
                     semaphore.release()
                     if hold is not None:
-                        assert limiter is not None
-                        await limiter.settle(hold, failed=not called)
+                        await _settle(self, hold, called)
             delay = self._after_failure(info, record, error, route_attempt, deadline_hit, probe)
             if isinstance(delay, Failed):
                 return delay
@@ -435,18 +437,28 @@ class Attempts:
             )
         )
 
-    def _admit(self, info: ModelInfo, limiter: Limiter) -> Coroutine[Any, Any, Hold | None]:
-        """The limiter's admission (the awaitable itself: no frame of its own)."""
+    async def _admit(self, info: ModelInfo, limiter: Limiter) -> Hold | None:
+        """
+        The limiter's admission, within the deadline.
+
+        Raises:
+            _DeadlineExceeded: the deadline ran out while the quota store answered.
+        """
         run = self.run
         deadline_at = self.deadline_at
-        return limiter.admit(
-            run.context,
-            info,
-            _estimate_tokens(run.messages, run.system),
-            run.context.max_tokens,
-            None if deadline_at is None else deadline_at - self.ex._clock(),
-            streamed=self.streamed,
-        )
+        try:
+            return await limiter.admit(
+                run.context,
+                info,
+                _estimate_tokens(run.messages, run.system),
+                run.context.max_tokens,
+                None if deadline_at is None else deadline_at - self.ex._clock(),
+                streamed=self.streamed,
+            )
+        except DeadlineRanOut:
+            raise self._deadline_error(
+                info, f"waiting for the quota store before calling {info.id}"
+            ) from None
 
     async def _rejected(
         self,
@@ -589,6 +601,77 @@ def _within(
     if remaining is None or (per_attempt is not None and remaining >= per_attempt):
         return per_attempt, False
     return remaining, True
+
+
+def _admitted(self: Attempts, breaker: _Breaker, key: str, info: ModelInfo) -> Awaitable[Ticket]:
+    """
+    The breaker's admission through ``key``, within the deadline: past it the
+    admission goes on in the background (`EmpathyLLMExecutor.aclose` waits for it)
+    and a probe lease it grants is given back.
+
+    Raises:
+        _DeadlineExceeded: the deadline ran out while the breaker's store answered.
+        CircuitOpenError: the breaker's.
+    """
+    if self.deadline_at is None:
+        return breaker.admit(key)
+    return _admitted_within(self, breaker, key, info, self.deadline_at)
+
+
+async def _admitted_within(
+    self: Attempts, breaker: _Breaker, key: str, info: ModelInfo, deadline_at: float
+) -> Ticket:
+    ex = self.ex
+    late: list[bool] = []
+    try:
+        return await ex._fb.behind.run(
+            _admission(breaker, key, ex._fb, late), deadline_at - ex._clock()
+        )
+    except Expired:
+        late.append(True)  # its lease, if any, comes back when it lands
+        raise self._deadline_error(
+            info, f"waiting for the circuit breaker's store before calling {info.id}"
+        ) from None
+
+
+async def _unsent(
+    self: Attempts,
+    info: ModelInfo,
+    attempt: int,
+    ticket: Ticket | None,
+    scope_ticket: Ticket | None,
+) -> NoReturn:
+    """
+    The deadline ran out before ``info`` was sent (admitted by the limiter and the
+    breaker, which took the time): recorded as not sent, the leases given back.
+
+    Raises:
+        _DeadlineExceeded: always.
+    """
+    error = ProviderTimeoutError(
+        f"deadline of {self.run.context.deadline}s ran out before the call to "
+        f"{info.provider}/{info.id} was sent",
+        provider=info.provider,
+        model=info.id,
+    )
+    await self.ex._fb.unsent(self.run, info, error, attempt, ticket, scope_ticket)
+    raise _DeadlineExceeded(None)  # the error is in run.errors
+
+
+async def _settle(self: Attempts, hold: Hold, called: bool) -> None:
+    """The limiter settles ``hold`` (in the background past the run's deadline)."""
+    limiter, deadline_at = self.ex._limiter, self.deadline_at
+    assert limiter is not None
+    left = None if deadline_at is None else deadline_at - self.ex._clock()
+    await limiter.settle(hold, failed=not called, time_left=left)
+
+
+async def _admission(breaker: _Breaker, key: str, fb: _Feedback, late: list[bool]) -> Ticket:
+    """``breaker.admit(key)``; a probe lease given back when its caller gave up (``late``)."""
+    ticket = await breaker.admit(key)
+    if late:
+        await fb.give_back(ticket)
+    return ticket
 
 
 async def _first_delta(

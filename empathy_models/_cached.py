@@ -2,6 +2,14 @@
 The executor's side of the response cache (see `empathy_models.cache`): the key of a
 request, serving a hit, storing an answer.  Imported by `EmpathyLLMExecutor.run` only
 for contexts that set ``cache_ttl``.
+
+A miss is always a correct answer, so the cache never holds a call up: a read is waited
+for at most `STORE_TIMEOUT` seconds and half the time left of the run's deadline; an
+answer is written behind (in a task `EmpathyLLMExecutor.aclose` waits for), at most
+`STORE_TIMEOUT` seconds.  A read or write that fails or does not answer in time puts
+the cache in a degraded mode (`empathy_models._outage.Outage`, one warning per outage):
+for ``RETRY_INTERVAL`` seconds calls skip it (``cache_skipped``), then it is tried again.
+An in-process `MemoryResponseCache` is used as is.
 """
 
 from __future__ import annotations
@@ -18,20 +26,27 @@ import attrs
 
 from ._request_options import structured_result
 from ._run import _prompt_text
+from ._settled import Expired
 from ._values import ExecutionContext, LLMResponse, _new_response
 from .abc import Completion, Message
-from .cache import request_key
+from .cache import MemoryResponseCache, request_key
 from .content import ToolCall
 from .records import LLMCallRecord, ModelTier, Outcome, _trusted_call_record
 
 if TYPE_CHECKING:
     from ._executor import EmpathyLLMExecutor
 
-__all__ = ["cache_key_of", "lookup", "store"]
+__all__ = ["RETRY_INTERVAL", "STORE_TIMEOUT", "cache_key_of", "lookup", "store"]
 
 logger = logging.getLogger("empathy_models.cache")
 
 _VERSION = 1
+
+STORE_TIMEOUT = 1.0
+"""Seconds a read or a write of a cache store may take before it counts as failed."""
+
+RETRY_INTERVAL = 5.0
+"""Seconds calls skip a cache store after it failed, before it is tried again."""
 
 
 def cache_key_of(
@@ -108,8 +123,13 @@ async def lookup(
     options: Mapping[str, Any],
     start: float,
 ) -> LLMResponse | None:
-    """The cached answer for ``key`` as an `LLMResponse` (recorded as a hit), or None."""
-    entry = await _read(executor, key)
+    """
+    The cached answer for ``key`` as an `LLMResponse` (recorded as a hit), or None (a
+    miss, or no answer from the store within its time: see the module docstring).
+    ``start``: when the run started (the executor's clock; its deadline counts from it).
+    """
+    deadline_at = None if ctx.deadline is None else start + ctx.deadline
+    entry = await _read(executor, key, deadline_at)
     if entry is None:
         return None
     content, model, provider, tier, input_tokens, output_tokens, saved, extra = entry
@@ -164,28 +184,63 @@ async def lookup(
     return response
 
 
-async def _read(executor: EmpathyLLMExecutor, key: str) -> _Entry | None:
+async def _get(executor: EmpathyLLMExecutor, key: str, deadline_at: float | None) -> bytes | None:
     """
-    The decoded entry stored under ``key``, or None (a miss, or a failed or unreadable
-    read, counted in ``executor.cache_errors``).
+    The value stored under ``key``, or None: a miss, or a read that failed or did not
+    answer within `STORE_TIMEOUT` and half the time left (counted in ``cache_errors``),
+    or skipped while the cache is degraded (``cache_skipped``).
+    """
+    cache = executor._cache
+    assert cache is not None
+    if type(cache) is MemoryResponseCache:  # in-process: never held up
+        return await cache.get(key)
+    written = executor._cache_pending.get(key)
+    if written is not None:  # written behind, in flight: this process reads its writes
+        return written
+    outage = executor._cache_outage
+    if outage.skip():
+        executor.cache_skipped += 1
+        return None
+    within = STORE_TIMEOUT
+    if deadline_at is not None:
+        within = min(within, max(deadline_at - executor._clock(), 0.0) / 2)
+    try:
+        return await executor._fb.behind.run(cache.get(key), within)
+    except Expired:
+        executor.cache_errors += 1
+        outage.failed(TimeoutError(f"no answer within {within:.3g} s"))
+    except Exception as exc:
+        executor.cache_errors += 1
+        outage.failed(exc)
+        logger.debug("response cache read failed", exc_info=True)
+    return None
+
+
+async def _read(
+    executor: EmpathyLLMExecutor, key: str, deadline_at: float | None = None
+) -> _Entry | None:
+    """
+    The decoded entry stored under ``key``, or None (a miss, or a failed, late or
+    unreadable read, counted in ``executor.cache_errors``; see `_get`).
 
     Args:
         executor: The executor whose cache is read (it has one).
         key: The request's cache key.
+        deadline_at: When the run's deadline runs out (the executor's clock), if any.
 
     Returns:
         The entry's fields, decoded once per stored value (see `_Memo`), or None.
     """
-    cache = executor._cache
-    assert cache is not None
     try:
-        raw = await cache.get(key)
-    except Exception:
+        raw = await _get(executor, key, deadline_at)
+    except Exception:  # an in-process cache's
         executor.cache_errors += 1
         logger.exception("response cache read failed; calling a model instead")
         return None
     if raw is None:
         return None
+    cache = executor._cache
+    assert cache is not None
     memo: _Memo | None = cache._decoded
     entry = None if memo is None else memo.entries.get(raw)
     if entry is None:
@@ -321,7 +376,10 @@ def _tool_calls(raw: object) -> tuple[ToolCall, ...] | None:
 async def store(
     executor: EmpathyLLMExecutor, key: str, response: LLMResponse, ctx: ExecutionContext
 ) -> None:
-    """Keep ``response`` under ``key`` for ``ctx.cache_ttl`` seconds; failures are logged."""
+    """
+    Keep ``response`` under ``key`` for ``ctx.cache_ttl`` seconds: written behind (see
+    the module docstring; an in-process cache at once).  Failures are logged, counted.
+    """
     cache = executor._cache
     assert cache is not None and ctx.cache_ttl is not None
     payload = {
@@ -344,8 +402,36 @@ async def store(
     value = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode(
         "utf-8", "surrogatepass"
     )
+    if type(cache) is not MemoryResponseCache:
+        if executor._cache_outage.skip():
+            executor.cache_skipped += 1
+        else:
+            executor._cache_pending[key] = value
+            executor._fb.behind.background(_write(executor, key, value, ctx.cache_ttl))
+        return
     try:
         await cache.set(key, value, ctx.cache_ttl)
     except Exception:
         executor.cache_errors += 1
         logger.exception("response cache write failed (the answer is returned all the same)")
+
+
+async def _write(executor: EmpathyLLMExecutor, key: str, value: bytes, ttl: float) -> None:
+    """
+    A write behind: at most `STORE_TIMEOUT` seconds (it lands later, if ever); until
+    then this process's reads of ``key`` get ``value`` (``_cache_pending``).
+    """
+    cache = executor._cache
+    assert cache is not None
+    try:
+        await executor._fb.behind.run(cache.set(key, value, ttl), STORE_TIMEOUT)
+    except Expired:
+        executor.cache_errors += 1
+        executor._cache_outage.failed(TimeoutError(f"no answer within {STORE_TIMEOUT:g} s"))
+    except Exception as exc:
+        executor.cache_errors += 1
+        executor._cache_outage.failed(exc)
+        logger.debug("response cache write failed", exc_info=True)
+    finally:
+        if executor._cache_pending.get(key) is value:
+            del executor._cache_pending[key]

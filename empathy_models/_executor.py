@@ -97,6 +97,7 @@ import anyio
 from ._attempt import Attempts
 from ._feedback import _Feedback
 from ._inflight import InFlight
+from ._outage import Outage
 from ._planner import _Planner
 from ._request_options import (
     required_capabilities,
@@ -170,6 +171,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("empathy_models.executor")
+_cache_logger = logging.getLogger("empathy_models.cache")
+_SKIP = "calls skip the cache"
 
 # the running event loop, or None (``asyncio.get_running_loop`` without the exception)
 _running_loop = asyncio._get_running_loop
@@ -425,8 +428,11 @@ class EmpathyLLMExecutor:
             self.__dict__["run"] = self._obs.wrap(self.run)
         self._owns_cache = isinstance(cache, str)
         self._cache: ResponseCache | None = None if cache is None else cache_from_url(cache)
-        self.cache_errors = 0
-        """Response-cache reads or writes that failed (logged; the call went on)."""
+        # response-cache reads or writes that failed or were late (the call went on), and
+        # those skipped while the cache store was degraded
+        self.cache_errors = self.cache_skipped = 0
+        self._cache_outage = Outage(_cache_logger, f"response cache {self._cache!r}", _SKIP)
+        self._cache_pending: dict[str, bytes] = {}  # written behind, not yet in the store
         self._limiter = limiter_for(
             self._registry,
             budgets,
@@ -614,14 +620,13 @@ class EmpathyLLMExecutor:
 
     async def aclose(self) -> None:
         """
-        End the runs and streams still in flight, then unbind providers, close the
-        session and owned backends, and let go of the cached answers decoded for hits.
-        Safe to call twice.
+        End the runs and streams in flight, then unbind providers, close the session and
+        owned backends, and drop the answers decoded for cache hits.  Safe to call twice.
 
         Each run or stream in flight raises `NotOpenError` (at once; a stream nobody is
-        reading, at its next read) after its attempt is recorded as cancelled, its
-        breaker lease and budget reservation given back: that bookkeeping is waited for
-        (at most 10 s) before anything is closed.
+        reading, at its next read) after its attempt is recorded as cancelled, its breaker
+        lease and budget reservation given back: that bookkeeping (at most 10 s), the
+        cache's writes behind and store operations left at a deadline are waited for first.
         """
         if self._state == "closed":
             return
@@ -629,6 +634,7 @@ class EmpathyLLMExecutor:
         stack, self._stack = self._stack, None
         try:
             await self._inflight.end()
+            await self._fb.behind.drain()  # cache writes behind, feedback past a deadline
         finally:
             if self._cache is not None:
                 self._cache._decoded = None  # the answers decoded for its hits (`_cached`)

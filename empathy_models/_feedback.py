@@ -11,13 +11,14 @@ the cost is finite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import attrs
@@ -25,6 +26,7 @@ import attrs
 from ._propensity import routing_propensity
 from ._request_options import structured_result
 from ._run import _describe, _estimate_tokens, _plain_non_negative, _Run, _status_of
+from ._settled import Expired, Settler
 from ._values import AttemptSummary, LLMResponse, _new_response, _new_summary
 from .abc import Completion, TelemetryBackend
 from .breaker import provider_outcome
@@ -156,6 +158,9 @@ class _Feedback:
         self._wall_clock = wall_clock
         self.feedback_errors = 0
         self.telemetry_errors = 0
+        # feedback and store operations no run waits for any more (past its deadline;
+        # the executor's cache writes behind): the executor's `aclose` waits for them
+        self.behind = Settler()
 
     async def give(
         self,
@@ -358,6 +363,36 @@ class _Feedback:
             )
         return record
 
+    async def unsent(
+        self,
+        run: _Run,
+        info: ModelInfo,
+        error: Exception,
+        attempt: int,
+        ticket: Ticket | None,
+        scope_ticket: Ticket | None,
+    ) -> LLMCallRecord:
+        """
+        An admitted call that was not sent (the run's deadline ran out first): recorded
+        as ``not_sent``, which neither the router nor the breaker counts; its leases
+        returned, shielded.  ``error`` joins ``run.errors``.
+        """
+        record = self.record(
+            run, info, Outcome.NOT_SENT, attempt=attempt, latency_ms=0.0, ticket=ticket, exc=error
+        )
+        run.errors.append(error)
+        run.attempts.append(self.summary(record, error))
+        with anyio.CancelScope(shield=True):
+            await self.give(
+                record,
+                ticket,
+                None,
+                _describe(error),
+                None,
+                None if scope_ticket is None else (scope_ticket, Outcome.NOT_SENT),
+            )
+        return record
+
     def succeeded(
         self,
         run: _Run,
@@ -391,19 +426,33 @@ class _Feedback:
         return record
 
     def answered(
-        self, record: LLMCallRecord, ticket: Ticket | None, scope_ticket: Ticket | None
+        self,
+        record: LLMCallRecord,
+        ticket: Ticket | None,
+        scope_ticket: Ticket | None,
+        deadline_at: float | None = None,
     ) -> Awaitable[None]:
         """
         `give` for a success (the awaitable itself, no frame of its own); shielded when
         a ticket holds a half-open probe lease, whose success must reach the breaker
         (the shield costs a few microseconds, so the closed-circuit path skips it).
+        With the run's ``deadline_at``, waited for until then at most: a breaker store
+        that stalls does not hold the answer, the feedback goes on in the background.
         """
         scope = None if scope_ticket is None else (scope_ticket, Outcome.SUCCESS)
         if (ticket is not None and ticket.lease_id is not None) or (
             scope_ticket is not None and scope_ticket.lease_id is not None
         ):
-            return self._shielded(record, ticket, scope)
-        return self.give(record, ticket, None, None, None, scope)
+            given = self._shielded(record, ticket, scope)
+        else:
+            given = self.give(record, ticket, None, None, None, scope)
+        if deadline_at is None or ticket is None:
+            return given
+        return self._until(given, deadline_at)
+
+    async def _until(self, given: Coroutine[Any, Any, None], deadline_at: float) -> None:
+        with contextlib.suppress(Expired):  # it goes on in the background
+            await self.behind.run(given, max(deadline_at - self._clock(), 0.0))
 
     async def _shielded(
         self, record: LLMCallRecord, ticket: Ticket | None, scope: tuple[Ticket, Outcome] | None

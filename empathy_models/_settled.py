@@ -100,15 +100,20 @@ class Settler:
         if tasks:
             await asyncio.wait(tasks)
 
-    async def run(self, operation: Coroutine[Any, Any, T]) -> T:
+    async def run(self, operation: Coroutine[Any, Any, T], within: float | None = None) -> T:
         """
         ``await operation``, carried to its end even when the caller is cancelled
         (asyncio-natively or by an anyio scope) meanwhile: it runs in a task of its own
         and the caller waits for it, for at most `SHIELD_SECONDS`, before the
         cancellation is raised (with the result, if any, as ``_empathy_result``).
 
+        With ``within``, the caller waits at most that many seconds: then `Expired` is
+        raised and the operation goes on in the background, kept in ``releases`` until
+        it ends (a stalled store does not hold the caller; what it does still lands).
+
         Raises:
             asyncio.CancelledError: The caller was cancelled meanwhile.
+            Expired: ``within`` seconds passed first.
         """
         loop = asyncio.get_running_loop()
         # the caller waits for a future the task resolves as it ends: a cancellation of
@@ -116,8 +121,14 @@ class Settler:
         # arrange, one turn of the event loop later)
         answer: asyncio.Future[T] = loop.create_future()
         task = loop.create_task(_answering(operation, answer))
+        timer = None if within is None else loop.call_later(max(within, 0.0), _expire, answer)
         try:
             return await answer
+        except Expired:
+            if not task.done():
+                self.releases.add(task)
+                task.add_done_callback(self._released)
+            raise
         except asyncio.CancelledError as exc:
             deadline = loop.time() + SHIELD_SECONDS
             while not task.done() and loop.time() < deadline:
@@ -137,6 +148,20 @@ class Settler:
             if task.done() and not task.cancelled():
                 task.exception()  # raised here: retrieved, so asyncio does not log it
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def background(self, operation: Coroutine[Any, Any, object]) -> None:
+        """``operation`` in a task of its own, not waited for: in ``releases`` until it ends."""
+        task = asyncio.get_running_loop().create_task(operation)
+        self.releases.add(task)
+        task.add_done_callback(self._released)
+
+    async def drain(self, seconds: float = SHIELD_SECONDS) -> None:
+        """Wait, at most ``seconds``, for the operations their callers stopped waiting for."""
+        if self.releases:
+            await asyncio.wait(set(self.releases), timeout=seconds)
 
     def _released(self, task: asyncio.Future[Any]) -> None:
         """An operation its caller stopped waiting for has ended."""
@@ -201,6 +226,15 @@ class Settler:
         report = OutcomeReport(ticket=ticket, outcome=Outcome.CANCELLED)
         with contextlib.suppress(asyncio.CancelledError):
             await self.run(store.record(ticket.key, policy, [report]))
+
+
+class Expired(TimeoutError):
+    """`Settler.run`'s ``within`` passed before the operation ended (it goes on)."""
+
+
+def _expire(answer: asyncio.Future[Any]) -> None:
+    if not answer.done():
+        answer.set_exception(Expired())
 
 
 async def _answering(operation: Coroutine[Any, Any, T], answer: asyncio.Future[T]) -> T:

@@ -152,8 +152,9 @@ class ExecutionContext:
             counts against ``deadline`` only); ``None`` leaves only the provider's own
             timeout.  Default 60, the HTTP providers' own default; the provider's
             timeout still applies, so raise both for longer generations.
-        deadline: seconds allowed for the whole run (every attempt and every retry wait);
-            ``None`` for no overall limit.
+        deadline: seconds allowed for the whole run (every attempt and every retry wait,
+            and every wait for a shared store: the cache, budgets and rate limits, the
+            breaker); ``None`` for no overall limit.
         metadata: JSON scalars copied into every record (integers from -2**63 to
             2**63 - 1, what every store keeps as given); the mapping is copied, so later
             changes to the caller's dict do not leak in.

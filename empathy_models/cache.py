@@ -28,8 +28,11 @@ Backends: `MemoryResponseCache` (one process; ``max_entries`` LRU, default 10,00
 `cache_from_url` builds one.  Every backend refuses values over ``max_value_bytes``
 (default 1 MiB), and a TTL that is not a finite number of seconds above 0 (what
 `ExecutionContext.cache_ttl` accepts): ``set`` stores nothing then.  A cache that
-fails never fails a call: the error is logged on ``empathy_models.cache`` and the call
-goes to a model.
+fails never fails a call, and one that stalls never holds it up: the executor waits for
+a read at most a second (and half the time left of the run's deadline), writes answers
+behind, and skips a store that failed or stalled for a few seconds (one warning per
+outage on ``empathy_models.cache``; ``cache_errors`` and ``cache_skipped`` count); the
+call goes to a model.
 """
 
 from __future__ import annotations

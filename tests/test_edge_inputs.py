@@ -462,13 +462,16 @@ async def test_the_largest_sizes_leave_calls_and_the_cache_unhindered(
     cache = SQLiteResponseCache(
         tmp_path / "cache.db", max_entries=LARGEST_SIZE, max_value_bytes=LARGEST_SIZE
     )
-    async with EmpathyLLMExecutor(
-        [provider],
-        registry=REGISTRY,
-        telemetry_store=MemoryTelemetryBackend(),
-        concurrency_per_provider=LARGEST_SIZE,
-        cache=cache,
-    ) as executor:
+    async with (
+        cache,
+        EmpathyLLMExecutor(  # a cache passed in is borrowed: ours to close
+            [provider],
+            registry=REGISTRY,
+            telemetry_store=MemoryTelemetryBackend(),
+            concurrency_per_provider=LARGEST_SIZE,
+            cache=cache,
+        ) as executor,
+    ):
         cached = ExecutionContext(tier="cheap", temperature=0, cache_ttl=600)
         for prompt in ("hello", "again", "hello"):
             assert (await executor.run(prompt, cached)).content

@@ -37,7 +37,7 @@ one from a URL.  ``empathy-models budget status|set|reset`` inspects and changes
 from __future__ import annotations
 
 from ..exceptions import BudgetExceededError
-from .guard import Limiter, LocalRateLimitError, quota_store_from_url
+from .guard import DeadlineRanOut, Limiter, LocalRateLimitError, quota_store_from_url
 from .memory import MemoryQuotaStore
 from .sqlite import SQLiteQuotaStore
 from .values import (
@@ -62,6 +62,7 @@ __all__ = [
     "BudgetExceededError",
     "BudgetGrant",
     "BudgetUsage",
+    "DeadlineRanOut",
     "Limiter",
     "LocalRateLimitError",
     "MemoryQuotaStore",

@@ -8,21 +8,31 @@ A quota store that fails does not fail calls: the limiter logs one warning per o
 on ``empathy_models.limits``, counts it in ``degraded_events``, and for the next
 ``retry_interval`` seconds keeps budgets and rate limits in a per-process
 `MemoryQuotaStore` (each process then enforces the full limits on its own), then tries
-the shared store again.
+the shared store again.  A store operation that does not answer within
+``store_timeout`` seconds counts as such a failure.
+
+No store operation holds a call past its run's deadline: when the deadline runs out
+while the store is answering, `Limiter.admit` raises `DeadlineRanOut` (the call is not
+made) and `Limiter.settle` returns.  The operation itself goes on in the background and
+its bookkeeping lands (a reservation granted late is given back, a settlement is made);
+`Limiter.aclose` waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 
-from .._settled import SHIELD_SECONDS, Settler
+from .._outage import STORE_TIMEOUT, Outage
+from .._settled import Expired, Settler
 from .._validators import check, failure, number, shown
 from ..abc import QuotaStore
 from ..circuit import BreakerPolicy
@@ -52,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HOLD_GRACE",
     "UNBOUNDED_HOLD",
+    "DeadlineRanOut",
     "Hold",
     "Limiter",
     "LocalRateLimitError",
@@ -84,6 +95,14 @@ class LocalRateLimitError(RateLimitedError):
     A configured `RateLimit` has no capacity within the time the call may wait; the
     provider was not called.  ``retry_after`` is when the next place comes.  The
     executor moves to the next route (a cheaper or another provider's model).
+    """
+
+
+class DeadlineRanOut(TimeoutError):
+    """
+    The run's deadline ran out while the quota store was answering `Limiter.admit`: the
+    call is not to be made.  What the store was doing goes on in the background, and a
+    reservation or a place it grants is given back.
     """
 
 
@@ -292,6 +311,8 @@ class Limiter:
             bounds it too); a call that would wait longer moves to the next route.
         retry_interval: seconds a failed store is replaced by a per-process
             `MemoryQuotaStore` before it is tried again.
+        store_timeout: seconds one store operation may take before it counts as a
+            failure (None: no limit but the run's deadline).
         sleep: how a call waits for its place in a schedule.
         wall_clock: UTC epoch seconds, for budget windows and the per-process store.
         monotonic: monotonic seconds, for waits and retries.
@@ -308,6 +329,7 @@ class Limiter:
         *,
         max_wait: float = 30.0,
         retry_interval: float = 5.0,
+        store_timeout: float | None = STORE_TIMEOUT,
         sleep: Sleep = anyio.sleep,
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -318,11 +340,17 @@ class Limiter:
         self.owns_store = store is None or isinstance(store, str)
         self.store: QuotaStore = quota_store_from_url("memory://" if store is None else store)
         self._local = MemoryQuotaStore(clock=wall_clock)
-        self._retry_interval = retry_interval
+        self._store_timeout = store_timeout
         self._sleep = sleep
         self._wall = wall_clock
         self._mono = monotonic
-        self._degraded_until: float | None = None
+        self._outage = Outage(
+            logger,
+            f"quota store {self.store!r}",
+            "budgets and rate limits are kept per process",
+            retry_interval=retry_interval,
+            monotonic=monotonic,
+        )
         self._overrides: dict[str, int] = {}
         self._overrides_at = -math.inf
         # rate key -> monotonic time its schedule was last seen to be booked until
@@ -331,12 +359,22 @@ class Limiter:
         self._pushed: dict[str, float] = {}
         self._from_registry: dict[str, RateLimit] = {}
         # reservations and settlements carried to their end through a cancellation of
-        # their caller (see `_carry`)
+        # their caller (see `_carry`), or in the background past the store's timeout or
+        # the run's deadline (see `_bounded`)
         self._settler = Settler()
-        self.degraded_events = 0
+
+    @property
+    def degraded_events(self) -> int:
         """Outages of the quota store (one per outage, logged once)."""
-        self.store_errors = 0
-        """Quota store operations that failed (each served by the local store instead)."""
+        return self._outage.events
+
+    @property
+    def store_errors(self) -> int:
+        """
+        Quota store operations that failed or did not answer within ``store_timeout``
+        (each served by the local store instead).
+        """
+        return self._outage.errors
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -345,9 +383,8 @@ class Limiter:
             await self.store.__aenter__()
 
     async def aclose(self) -> None:
-        releases = self._settler.releases
-        if releases:  # settlements whose cancelled caller stopped waiting land first
-            await asyncio.wait(set(releases), timeout=SHIELD_SECONDS)
+        # operations whose caller stopped waiting (cancelled, out of time) land first
+        await self._settler.drain()
         if self.owns_store:
             await self.store.aclose()
 
@@ -367,30 +404,22 @@ class Limiter:
     @property
     def degraded(self) -> bool:
         """True while the limiter runs on per-process limits after a store failure."""
-        return self._degraded_until is not None and self._mono() < self._degraded_until
+        return self._outage.down
 
     def _current(self) -> QuotaStore:
-        if self._degraded_until is None:
-            return self.store
-        if self._mono() < self._degraded_until:
-            return self._local
-        self._degraded_until = None
-        logger.info("trying the quota store %r again", self.store)
-        return self.store
+        return self._local if self._outage.skip() else self.store
 
     def _failed(self, exc: BaseException) -> None:
-        self.store_errors += 1
-        if self._degraded_until is None:
-            self.degraded_events += 1
-            logger.warning(
-                "quota store %r failed (%s: %s); budgets and rate limits are kept per "
-                "process for %.0f s",
-                self.store,
-                type(exc).__name__,
-                str(exc)[:200],
-                self._retry_interval,
-            )
-        self._degraded_until = self._mono() + self._retry_interval
+        self._outage.failed(exc)
+
+    async def _or_local(
+        self, make: Callable[[], Coroutine[Any, Any, _G]], until: float | None
+    ) -> _G:
+        """`_bounded`, made again on the per-process store when the store timed out."""
+        try:
+            return await _bounded(self, make, until)
+        except Expired:
+            return await self._carry(make())  # degraded now: on the per-process store
 
     async def _on_store(
         self, operation: Callable[[QuotaStore], Awaitable[_G]]
@@ -432,13 +461,15 @@ class Limiter:
             )
         )
 
-    async def _refresh_overrides(self) -> None:
+    async def _refresh_overrides(self, until: float | None) -> None:
         now = self._mono()
         if now - self._overrides_at < 5.0 or self.degraded:
             return
         self._overrides_at = now
         try:
-            self._overrides = await self.store.limit_overrides()
+            self._overrides = await _bounded(self, self.store.limit_overrides, until)
+        except Expired:
+            pass  # counted: the limits last read stay
         except BackendClosedError:
             raise
         except BackendError as exc:
@@ -536,7 +567,8 @@ class Limiter:
                 The estimate is a quarter of the prompt's worst case (the executor's:
                 a token per UTF-8 byte of its text, plus framing and images): budgets
                 reserve the worst case (`estimate`), rate limits count the estimate.
-            time_left: seconds left of the run's deadline (None: no deadline).
+            time_left: seconds left of the run's deadline (None: no deadline); no store
+                operation is waited for longer.
             streamed: the call is a stream (its ``timeout`` is an idle timeout).
 
         Returns:
@@ -546,6 +578,8 @@ class Limiter:
             BudgetExceededError: a budget cannot hold the estimate (nothing is left held).
             LocalRateLimitError: no place in a schedule within ``max_wait`` or ``time_left``
                 (nothing is left held).
+            DeadlineRanOut: ``time_left`` ran out while the store was answering (what it
+                grants later is given back).
         """
         covered = self.covers(context, info) if self.budgets else []
         rates = self._rates_for(info)
@@ -553,14 +587,19 @@ class Limiter:
             return None
         hold = Hold()
         hold.est_tokens = input_tokens + max_tokens
+        until = None if time_left is None else self._mono() + time_left
         try:
             if covered:
                 lapses_at = self._wall() + self.lease(context, time_left, streamed)
-                await self._admit_budgets(hold, covered, info, input_tokens, max_tokens, lapses_at)
+                await self._admit_budgets(
+                    hold, covered, info, input_tokens, max_tokens, lapses_at, until
+                )
             if rates:
-                await self._admit_rates(hold, rates, info, time_left)
+                await self._admit_rates(hold, rates, info, until)
         except BaseException:
-            await self.settle(hold, failed=True)  # carried through a cancellation
+            # carried through a cancellation; in the background past the deadline
+            left = None if until is None else until - self._mono()
+            await self.settle(hold, failed=True, time_left=left)
             raise
         return hold
 
@@ -572,16 +611,17 @@ class Limiter:
         input_tokens: int,
         max_tokens: int,
         lapses_at: float,
+        until: float | None,
     ) -> None:
-        await self._refresh_overrides()
+        await self._refresh_overrides(until)
         estimate = self.estimate(info, input_tokens, max_tokens)
         amount = to_nano(estimate, up=True)
         now = self._wall()
         for budget, key in covered:
             ws, we = budget.window_bounds(now)
             limit = self._overrides.get(key, to_nano(budget.limit_usd))
-            grant = await self._carry(
-                self._reserve_into(hold, key, (ws, we, lapses_at), amount, limit)
+            grant = await self._or_local(
+                partial(self._reserve_into, hold, key, (ws, we, lapses_at), amount, limit), until
             )
             if not grant.granted:
                 usage: BudgetUsage = grant.usage
@@ -611,9 +651,11 @@ class Limiter:
         hold: Hold,
         rates: list[tuple[str, RateLimit]],
         info: ModelInfo,
-        time_left: float | None,
+        until: float | None,
     ) -> None:
-        allowed = self.max_wait if time_left is None else max(0.0, min(self.max_wait, time_left))
+        allowed = self.max_wait
+        if until is not None:
+            allowed = max(0.0, min(allowed, until - self._mono()))
         wait = 0.0
         for target, limit in rates:
             for kind, per_minute, cost, burst in (
@@ -624,7 +666,12 @@ class Limiter:
                     continue
                 key = f"{kind}:{target}"
                 interval = 60.0 / per_minute
-                store, grant = await self._acquire(key, cost, interval, float(burst), allowed)
+                # a request slot's interval is negative in the hold (see `_settle`)
+                held = -interval if kind == "rpm" else interval
+                grant = await self._or_local(
+                    partial(self._acquire_into, hold, key, cost, interval, burst, allowed, held),
+                    until,
+                )
                 self._booked[key] = self._mono() + grant.wait
                 if not grant.granted:
                     raise LocalRateLimitError(
@@ -634,31 +681,53 @@ class Limiter:
                         model=info.id,
                         retry_after=grant.wait,
                     )
-                if kind == "rpm":
-                    hold.rates.append((store, key, -interval))  # negative: a request slot
-                else:
-                    hold.rates.append((store, key, interval))
                 wait = max(wait, grant.wait)
         if wait > 0:
             await self._sleep(wait)
 
+    async def _acquire_into(
+        self,
+        hold: Hold,
+        key: str,
+        cost: float,
+        interval: float,
+        burst: int,
+        allowed: float,
+        held: float,
+    ) -> RateGrant:
+        """A place in ``key``'s schedule, kept in ``hold`` once granted (given back if
+        ``hold`` is closed)."""
+        store, grant = await self._acquire(key, cost, interval, float(burst), allowed)
+        if grant.granted:
+            hold.rates.append((store, key, held))
+            if hold.closed:  # settled already: its caller stopped waiting for this
+                await self._settle(hold, True)
+        return grant
+
     # ------------------------------------------------------------------ settlement
 
-    async def settle(self, hold: Hold, *, failed: bool = False) -> None:
+    async def settle(
+        self, hold: Hold, *, failed: bool = False, time_left: float | None = None
+    ) -> None:
         """
         Charge each budget what the call cost and give back the tokens it did not use.
 
         Never raises a store's error: a failure is logged and counted.  A cancellation
         of the caller (an anyio scope, ``Task.cancel``, ``asyncio.timeout``) arriving
-        meanwhile is raised once the settlement is done (see `_carry`).
+        meanwhile is raised once the settlement is done (see `_carry`).  A store that
+        does not answer within ``store_timeout`` (a failure) or ``time_left`` is not
+        waited for: the settlement lands in the background (`aclose` waits for it).
 
         Args:
             hold: from `admit`; it is charged ``hold.cost_usd``.
             failed: the call failed: it is charged 0, as its record says.
+            time_left: seconds left of the run's deadline (None: no deadline).
         """
         hold.closed = True
         if hold.budgets or hold.rates:
-            await self._carry(self._settle(hold, failed))
+            until = None if time_left is None else self._mono() + time_left
+            with contextlib.suppress(DeadlineRanOut, Expired):  # it lands in the background
+                await _bounded(self, partial(self._settle, hold, failed), until)
 
     async def _settle(self, hold: Hold, failed: bool) -> None:
         # what the hold has now: a reservation landing later is given back by its task
@@ -711,3 +780,69 @@ class Limiter:
             await store.adjust(key, delta=delta)
         except BackendError as exc:
             self._failed(exc)
+
+
+def _within(limiter: Limiter, until: float | None) -> tuple[float | None, bool]:
+    """
+    How long a store operation may be waited for: the store's timeout, or less when
+    the deadline ``until`` (monotonic; None: none) is nearer; and whether it is.
+    """
+    within = limiter._store_timeout
+    if until is not None:
+        left = max(until - limiter._mono(), 0.0)
+        if within is None or left < within:
+            return left, True
+    return within, False
+
+
+async def _bounded(
+    limiter: Limiter, make: Callable[[], Coroutine[Any, Any, _G]], until: float | None
+) -> _G:
+    """
+    ``make()``'s store operation carried to its end (`_carry`), waited for at most the
+    store's timeout and until ``until``; it goes on in the background past that
+    (`Settler.releases`, awaited by `aclose`).
+
+    Raises:
+        DeadlineRanOut: the deadline came first (the operation still counts as a
+            store failure if it has not ended within the store's timeout).
+        Expired: the store's timeout came first (counted as a store failure: the
+            limiter is degraded now).
+    """
+    if type(limiter.store) is MemoryQuotaStore:
+        return await make()  # in-process: never held up
+    within, by_deadline = _within(limiter, until)
+    ended: list[bool] = []
+    try:
+        return await limiter._settler.run(_noting(make(), ended), within)
+    except Expired:
+        if by_deadline:
+            _watch(limiter, ended, within or 0.0)
+            raise DeadlineRanOut("the run's deadline ran out waiting for the quota store") from None
+        limiter._failed(TimeoutError(f"no answer within {within:g} s"))
+        raise
+
+
+def _watch(limiter: Limiter, ended: list[bool], waited: float) -> None:
+    """
+    An operation given up on at a deadline, ``waited`` seconds after it began, counts
+    as a store failure if it has not ``ended`` within the store's timeout: a store
+    that stalls puts the limiter in degraded mode, however short the deadlines.
+    """
+    timeout = limiter._store_timeout
+    if timeout is None:
+        return
+
+    def check() -> None:
+        if not ended:
+            limiter._failed(TimeoutError(f"no answer within {timeout:g} s"))
+
+    asyncio.get_running_loop().call_later(max(timeout - waited, 0.0), check)
+
+
+async def _noting(operation: Coroutine[Any, Any, _G], ended: list[bool]) -> _G:
+    """``await operation``, noting in ``ended`` that it ended (whichever way)."""
+    try:
+        return await operation
+    finally:
+        ended.append(True)

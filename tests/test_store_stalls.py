@@ -1,0 +1,294 @@
+"""
+A shared store that stalls (a partitioned Redis or PostgreSQL, a SQLite file another
+process holds locked) neither fails calls it need not fail nor holds them past their
+deadline: the response cache is skipped, the limiter and the breaker give up at the
+run's deadline, and an attempt whose deadline ran out before it was sent is recorded as
+not sent, never as the model's failure.
+
+The stores here are the library's in-process stores behind a gate the test opens: a
+store operation waits until then (a store that does not answer).  Each run is guarded
+by a generous `asyncio.wait_for` so that a regression fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+import pytest
+
+from empathy_models import (
+    AllRoutesFailedError,
+    Budget,
+    CircuitBreaker,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    ModelInfo,
+    ModelRegistry,
+    RetryPolicy,
+)
+from empathy_models.backends import MemoryStateStore, MemoryTelemetryBackend
+from empathy_models.cache import MemoryResponseCache
+from empathy_models.circuit import BreakerPolicy
+from empathy_models.limits import DeadlineRanOut, Limiter, MemoryQuotaStore
+from empathy_models.limits.values import BudgetGrant
+from empathy_models.providers import OpenAIProvider
+from empathy_models.records import Admission, Outcome
+from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior
+
+KEY = "test-key-stalls"
+REGISTRY = ModelRegistry(
+    models=[
+        ModelInfo(
+            id="gpt-a",
+            provider="openai",
+            tier="cheap",
+            input_price_per_mtok=1.0,
+            output_price_per_mtok=4.0,
+            context_window=64_000,
+            max_output_tokens=4096,
+        )
+    ],
+    price_version="stalls-test-1",
+)
+GUARD = 30.0  # seconds before a run that should have returned counts as hung
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    async with FakeLLMServer({"gpt-a": ModelBehavior(content="ok")}, api_key=KEY) as fake:
+        yield fake
+
+
+def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
+    options.setdefault("telemetry_store", MemoryTelemetryBackend())
+    return EmpathyLLMExecutor(
+        [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+        registry=REGISTRY,
+        retry=RetryPolicy.none(),
+        **options,
+    )
+
+
+class Gate:
+    """Store operations wait at the gate until the test opens it."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.waiting = 0
+
+    async def wait(self) -> None:
+        self.waiting += 1
+        await self.opened.wait()
+
+
+class StalledCache(MemoryResponseCache):
+    def __init__(self, gate: Gate, *, reads: bool = True) -> None:
+        super().__init__()
+        self.gate = gate
+        self.reads = reads
+
+    async def get(self, key: str) -> bytes | None:
+        if self.reads:
+            await self.gate.wait()
+        return await super().get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        await self.gate.wait()
+        await super().set(key, value, ttl)
+
+
+class StalledQuota(MemoryQuotaStore):
+    def __init__(self, gate: Gate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def reserve(self, key: str, **kw: Any) -> BudgetGrant:
+        await self.gate.wait()
+        return await super().reserve(key, **kw)
+
+
+class StalledState(MemoryStateStore):
+    """A state store the breaker treats as remote (it does I/O), stalling admissions."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    @property
+    def in_process(self) -> bool:
+        return False
+
+    async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        await self.gate.wait()
+        return await super().admit(key, policy)
+
+
+CACHED = ExecutionContext(temperature=0, cache_ttl=60)
+
+
+@pytest.mark.parametrize("deadline", [None, 30.0])
+async def test_a_stalled_cache_store_neither_fails_nor_holds_calls(
+    server: FakeLLMServer, deadline: float | None
+) -> None:
+    gate = Gate()
+    ctx = attrs.evolve(CACHED, deadline=deadline)
+    async with make(server, cache=StalledCache(gate)) as executor:
+        answers = [await asyncio.wait_for(executor.run("hello", ctx), GUARD) for _ in range(3)]
+        errors, skipped = executor.cache_errors, executor.cache_skipped
+        gate.opened.set()  # the read given up on ends; aclose waits for it
+    assert [a.content for a in answers] == ["ok"] * 3
+    assert server.requests() == 3
+    # the first read timed out: the cache is degraded, the rest skip it
+    assert (errors, skipped) == (1, 5)
+
+
+async def test_a_deadline_is_kept_while_the_cache_store_stalls(server: FakeLLMServer) -> None:
+    gate = Gate()
+    async with make(server, cache=StalledCache(gate)) as executor:
+        answer = await asyncio.wait_for(
+            executor.run("hello", attrs.evolve(CACHED, deadline=0.5)), GUARD
+        )
+        gate.opened.set()
+    assert answer.content == "ok" and not answer.cached
+
+
+async def test_an_answer_is_written_to_the_cache_behind(server: FakeLLMServer) -> None:
+    gate = Gate()
+    cache = StalledCache(gate, reads=False)
+    async with make(server, cache=cache) as executor:
+        first = await asyncio.wait_for(executor.run("hello", CACHED), GUARD)
+        assert gate.waiting == 1  # the write waits at the gate; the answer did not
+        gate.opened.set()
+    # aclose waited for the write behind
+    async with make(server, cache=cache) as executor:
+        again = await executor.run("hello", CACHED)
+    assert not first.cached and again.cached and server.requests() == 1
+
+
+async def test_a_deadline_is_kept_while_the_quota_store_stalls(server: FakeLLMServer) -> None:
+    gate = Gate()
+    store = StalledQuota(gate)
+    budget = Budget(limit_usd=10, window="day", name="stall")
+    telemetry = MemoryTelemetryBackend()
+    async with make(
+        server, quota_store=store, budgets=[budget], telemetry_store=telemetry
+    ) as executor:
+        with pytest.raises(AllRoutesFailedError, match="deadline") as raised:
+            await asyncio.wait_for(executor.run("hello", ExecutionContext(deadline=0.5)), GUARD)
+        gate.opened.set()  # the reservation lands now, and is given back
+    assert "waiting for the quota store" in str(raised.value.exceptions[0])
+    assert server.requests() == 0
+    assert await telemetry.recent(limit=10) == []  # no attempt was made
+    usage = await store.usage("stall", window_start=0, window_end=1e12)
+    assert (usage.reserved, usage.held) == (usage.released, 0)
+
+
+async def test_a_deadline_is_kept_while_the_breaker_store_stalls(server: FakeLLMServer) -> None:
+    gate = Gate()
+    async with (
+        CircuitBreaker(store=StalledState(gate), store_timeout=None) as breaker,
+        make(server, breaker=breaker) as executor,
+    ):
+        with pytest.raises(AllRoutesFailedError, match="deadline") as raised:
+            await asyncio.wait_for(executor.run("hello", ExecutionContext(deadline=0.5)), GUARD)
+        gate.opened.set()  # the admission lands; its lease, if any, comes back
+    assert "circuit breaker's store" in str(raised.value.exceptions[0])
+    assert server.requests() == 0
+
+
+async def test_a_deadline_that_ran_out_before_sending_is_not_the_models_failure(
+    server: FakeLLMServer,
+) -> None:
+    clock = FakeClock()
+
+    class SlowQuota(MemoryQuotaStore):
+        async def reserve(self, key: str, **kw: Any) -> BudgetGrant:
+            clock.advance(3.0)  # the store took 3 s of the run's 2
+            return await super().reserve(key, **kw)
+
+    telemetry = MemoryTelemetryBackend()
+    async with (
+        CircuitBreaker(store="memory://") as breaker,
+        make(
+            server,
+            clock=clock,
+            breaker=breaker,
+            telemetry_store=telemetry,
+            quota_store=SlowQuota(),
+            budgets=[Budget(limit_usd=10, window="day", name="slow")],
+        ) as executor,
+    ):
+        with pytest.raises(AllRoutesFailedError, match="deadline") as raised:
+            await executor.run("hello", ExecutionContext(deadline=2.0, timeout=1.0))
+        status = await breaker.get_status(breaker.key_for("openai", "gpt-a"))
+    assert server.requests() == 0
+    [record] = await telemetry.recent(limit=10)
+    assert record.outcome is Outcome.NOT_SENT
+    message = str(raised.value.exceptions[0])
+    assert "before the call to openai/gpt-a was sent" in message and "within -" not in message
+    assert (status.consecutive_failures, status.window_failures) == (0, 0)
+
+
+async def test_a_quota_store_stalling_past_short_deadlines_is_left_for_a_while() -> None:
+    gate = Gate()
+    budget = Budget(limit_usd=10, window="day", name="short")
+    limiter = Limiter([budget], None, StalledQuota(gate), store_timeout=0.2)
+    await limiter.open()
+    try:
+        with pytest.raises(DeadlineRanOut):
+            await asyncio.wait_for(limiter.admit(None, REGISTRY.get("gpt-a"), 10, 10, 0.05), GUARD)
+        # the reservation given up on at the deadline has not ended within the store's
+        # timeout: a store failure, so the limiter is degraded (it never would be if
+        # every deadline were shorter than the store's timeout)
+        for _ in range(int(GUARD / 0.05)):
+            if limiter.degraded:
+                break
+            await asyncio.sleep(0.05)
+        hold = await asyncio.wait_for(
+            limiter.admit(None, REGISTRY.get("gpt-a"), 10, 10, 0.05), GUARD
+        )
+        assert hold is not None and limiter.degraded_events == 1
+        await limiter.settle(hold)
+    finally:
+        gate.opened.set()
+        await limiter.aclose()
+
+
+class StalledRecords(MemoryStateStore):
+    """A remote-like state store whose outcome reports stall (admissions answer)."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    @property
+    def in_process(self) -> bool:
+        return False
+
+    async def record(self, key: str, policy: BreakerPolicy, reports: Any) -> Any:
+        await self.gate.wait()
+        return await super().record(key, policy, reports)
+
+
+async def test_an_answer_is_not_held_past_the_deadline_by_the_breakers_report(
+    server: FakeLLMServer,
+) -> None:
+    gate = Gate()
+    clock = FakeClock()
+    async with (
+        CircuitBreaker(store=StalledRecords(gate), clock=clock, store_timeout=None) as breaker,
+        make(server, breaker=breaker) as executor,
+    ):
+        try:
+            await asyncio.wait_for(executor.run("one", ExecutionContext(deadline=30)), GUARD)
+            clock.advance(0.7)  # the success written behind is due (the view is still fresh)
+            answer = await asyncio.wait_for(
+                executor.run("two", ExecutionContext(deadline=0.5)), GUARD
+            )
+            waiting = gate.waiting  # the report waits at the gate; the answer did not
+        finally:
+            gate.opened.set()  # the report lands; aclose waits for it
+    assert answer.content == "ok" and server.requests() == 2 and waiting >= 1
