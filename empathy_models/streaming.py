@@ -202,27 +202,8 @@ class LLMStream:
         return f"LLMStream(model={model!r}, state={self._state!r}, chars={len(self.text)})"
 
     def __del__(self) -> None:
-        # a stream dropped while it holds its provider slot: say so, like an unclosed
-        # file, and close it on the executor's loop (this object lives on until then)
-        if getattr(self, "_state", None) != "streaming":
-            return
-        try:  # noqa: SIM105 - a __del__ must not raise (modules torn down at exit)
-            warnings.warn(
-                f"unclosed {self!r}: use 'async with executor.stream(...) as stream:' or "
-                "'await stream.aclose()'; closing it now (its attempt recorded as cancelled)",
-                ResourceWarning,
-                stacklevel=1,
-                source=self,
-            )
-        except Exception:  # pragma: no cover - interpreter shutdown
-            pass
-        loop = self._ex._loop
-        try:
-            if loop is None:
-                raise RuntimeError("no loop")
-            loop.call_soon_threadsafe(_close_dropped, self)
-        except RuntimeError:  # the loop is closed: nothing to record on, the slot freed
-            self._release()
+        if getattr(self, "_state", None) == "streaming":  # dropped holding its slot
+            _dropped(self)
 
     # ------------------------------------------------------------------ public
 
@@ -626,6 +607,30 @@ class LLMStream:
         logger.debug("stream of %s closed early (%s)", self.model, why)
         if closing is not None:
             raise closing
+
+
+def _dropped(stream: LLMStream) -> None:
+    """
+    ``stream``, collected while it holds its provider slot: say so, like an unclosed
+    file, and close it on the executor's loop (the stream lives on until then).
+    """
+    try:  # noqa: SIM105 - a finalizer must not raise (modules torn down at exit)
+        warnings.warn(
+            f"unclosed {stream!r}: use 'async with executor.stream(...) as stream:' or "
+            "'await stream.aclose()'; closing it now (its attempt recorded as cancelled)",
+            ResourceWarning,
+            stacklevel=2,
+            source=stream,
+        )
+    except Exception:  # pragma: no cover - interpreter shutdown
+        pass
+    loop = stream._ex._loop
+    try:
+        if loop is None:
+            raise RuntimeError("never opened")
+        loop.call_soon_threadsafe(_close_dropped, stream)
+    except RuntimeError:  # the loop is closed: nothing to record on, the slot freed
+        stream._release()
 
 
 _DROPPED: set[asyncio.Task[None]] = set()
