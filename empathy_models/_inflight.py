@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Awaitable
 from types import TracebackType
 from typing import Final, Protocol
@@ -131,14 +132,15 @@ class Ending(Protocol):
 class InFlight:
     """
     The executor's runs (``runs``: `Tracked`) and the streams holding a provider slot
-    (``streams``, from their first delta until their attempt is reported).
+    (``streams``, from their first delta until their attempt is reported; held weakly,
+    so a stream dropped without being closed is collected, and its finalizer closes it).
     """
 
     __slots__ = ("closing", "idle", "runs", "streams")
 
     def __init__(self) -> None:
         self.runs: set[Tracked] = set()
-        self.streams: set[Ending] = set()
+        self.streams: weakref.WeakSet[Ending] = weakref.WeakSet()
         self.idle: asyncio.Event | None = None  # while `end` waits
         self.closing: set[asyncio.Future[None]] = set()  # streams `end` closes itself
 

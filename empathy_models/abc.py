@@ -651,8 +651,15 @@ class QuotaStore(AsyncResource):
         """Take the next place in ``key``'s schedule if it comes within ``max_wait`` s."""
 
     @abc.abstractmethod
-    async def adjust(self, key: str, *, delta: float) -> None:
-        """Move ``key``'s schedule by ``delta`` seconds (negative gives capacity back)."""
+    async def adjust(self, key: str, *, delta: float, place: float | None = None) -> None:
+        """
+        Move ``key``'s schedule by ``delta`` seconds (negative gives capacity back).
+
+        With ``place`` (a `RateGrant`'s), only if the schedule still ends exactly there,
+        that is no later place was taken since: a place given back while later ones
+        keep their times would let the next call share one of their instants.  The
+        limiter passes ``place`` only when `acquire` returned one.
+        """
 
 
 def _window_key(key: str, window_start: float) -> str:
@@ -810,12 +817,13 @@ class TransactionalQuotaStore(QuotaStore):
             ),
         )
 
-    async def adjust(self, key: str, *, delta: float) -> None:
+    async def adjust(self, key: str, *, delta: float, place: float | None = None) -> None:
         self._check_open()
         from .limits.meter import adjust_step
 
         await self._transact(
-            f"r|{key}", lambda data, now: (adjust_step(data, now, delta=delta), None)
+            f"r|{key}",
+            lambda data, now: (adjust_step(data, now, delta=delta, place=place), None),
         )
 
 

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from collections import deque
 from collections.abc import Awaitable, Mapping, Sequence
 from types import TracebackType
@@ -135,10 +136,16 @@ class LLMStream:
     ``text`` is the text delivered so far; ``model`` / ``provider`` name the model
     answering; ``attempts`` lists the attempts so far; ``response`` is the
     `LLMResponse` once the stream has finished (None before).  Use it only inside the
-    ``async with`` block that produced it.
+    ``async with`` block that produced it.  A stream dropped while it holds its
+    provider slot (entered without ``async with`` and never closed) emits a
+    `ResourceWarning` when collected, and is closed then as `aclose` would: on the
+    executor's event loop, which records the attempt as cancelled and gives back the
+    slot and the budget hold (if that loop is closed already, only the slot is given
+    back: nothing is recorded, and the hold lapses at its time).
     """
 
     __slots__ = (
+        "__weakref__",
         "_abort",
         "_attempt",
         "_deadline_at",
@@ -203,6 +210,10 @@ class LLMStream:
     def __repr__(self) -> str:
         model = None if self._info is None else self._info.id
         return f"LLMStream(model={model!r}, state={self._state!r}, chars={len(self.text)})"
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) == "streaming":  # dropped holding its slot
+            _dropped(self)
 
     # ------------------------------------------------------------------ public
 
@@ -615,6 +626,50 @@ class LLMStream:
         logger.debug("stream of %s closed early (%s)", self.model, why)
         if closing is not None:
             raise closing
+
+
+def _dropped(stream: LLMStream) -> None:
+    """
+    ``stream``, collected while it holds its provider slot: say so, like an unclosed
+    file, and close it on the executor's loop (the stream lives on until then).
+    """
+    try:  # noqa: SIM105 - a finalizer must not raise (modules torn down at exit)
+        warnings.warn(
+            f"unclosed {stream!r}: use 'async with executor.stream(...) as stream:' or "
+            "'await stream.aclose()'; closing it now (its attempt recorded as cancelled)",
+            ResourceWarning,
+            stacklevel=2,
+            source=stream,
+        )
+    except Exception:  # pragma: no cover - interpreter shutdown
+        pass
+    loop = stream._ex._loop
+    try:
+        if loop is None:
+            raise RuntimeError("never opened")
+        loop.call_soon_threadsafe(_close_dropped, stream)
+    except RuntimeError:  # the loop is closed: nothing to record on, the slot freed
+        stream._release()
+
+
+_DROPPED: set[asyncio.Task[None]] = set()
+"""The closings of streams dropped unclosed (`LLMStream.__del__`), kept until done."""
+
+
+def _close_dropped(stream: LLMStream) -> None:
+    """Close ``stream``, dropped while streaming, in a task of the running loop."""
+    if stream._state != "streaming":  # the executor's aclose got to it first
+        return
+    stream._ex._inflight.streams.add(stream)  # the executor's aclose waits for it
+    task = asyncio.get_running_loop().create_task(stream._close("dropped unclosed"))
+    _DROPPED.add(task)
+    task.add_done_callback(_dropped_closed)
+
+
+def _dropped_closed(task: asyncio.Task[None]) -> None:
+    _DROPPED.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("closing a stream dropped unclosed failed: %r", task.exception())
 
 
 async def _closing(stream: CompletionStream) -> BaseException | None:

@@ -672,3 +672,34 @@ async def test_fake_provider_outage_unknown_model_and_hang() -> None:
         await task
     assert provider.requests() == 3
     assert provider.requests("m") == 2
+
+
+@pytest.mark.parametrize("deltas_read", [1, 2])
+async def test_a_client_leaving_a_stream_is_not_logged_as_a_server_error(
+    caplog: pytest.LogCaptureFixture, deltas_read: int
+) -> None:
+    from empathy_models import EmpathyLLMExecutor, ExecutionContext, RetryPolicy
+    from empathy_models.backends import MemoryTelemetryBackend
+    from empathy_models.providers import OpenAIProvider
+    from empathy_models.testing import StreamBehavior
+
+    # three deltas 20 ms apart: the client leaves mid-stream, or just before its end
+    behavior = ModelBehavior(output_tokens=3, stream=StreamBehavior(chunk_interval_ms=20))
+    caplog.set_level("DEBUG", logger="aiohttp")
+    async with (
+        FakeLLMServer({"gpt-4o-mini": behavior}, api_key=KEY) as server,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+            telemetry_store=MemoryTelemetryBackend(),
+            retry=RetryPolicy.none(),
+        ) as executor,
+    ):
+        ctx = ExecutionContext(model="gpt-4o-mini", max_tokens=300)
+        async with executor.stream("hi", ctx) as stream:
+            async for _ in stream:
+                deltas_read -= 1
+                if deltas_read == 0:
+                    break
+        await asyncio.sleep(0.3)  # the server goes on writing to the client that left
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert errors == [], [r.getMessage() for r in errors]

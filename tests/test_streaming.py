@@ -395,6 +395,25 @@ async def test_breaking_out_records_cancelled_and_releases_the_connection(
     gc.collect()  # an unclosed response or session would warn now (warnings are errors)
 
 
+async def test_a_half_read_stream_dropped_unclosed_warns_records_cancelled_and_frees_its_slot(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    server.set_behavior("claude-fake-haiku", stream_behavior(chunk_interval_ms=200))
+    async with make(server, telemetry, concurrency_per_provider=1) as executor:
+        stream = await executor.stream("hi", CHEAP).__aenter__()  # never exited
+        assert await stream.__anext__() == PIECES[0]
+        with pytest.warns(ResourceWarning, match="unclosed LLMStream"):
+            del stream
+            gc.collect()
+        # the one anthropic slot is given back: the next call is not kept waiting for it
+        with anyio.fail_after(10):
+            response = await executor.run("hi", CHEAP)
+    assert response.content == TEXT
+    cancelled, answered = await records_of(telemetry)
+    assert cancelled.outcome is Outcome.CANCELLED and cancelled.output_tokens == 1
+    assert answered.outcome is Outcome.SUCCESS
+
+
 async def test_a_cancelled_task_records_cancelled_and_reraises(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:

@@ -151,7 +151,16 @@ class Hold:
     waiting for it) is given back by the task that made it.
     """
 
-    __slots__ = ("budgets", "closed", "cost_usd", "est_tokens", "pushback", "rates", "tokens")
+    __slots__ = (
+        "budgets",
+        "closed",
+        "cost_usd",
+        "est_tokens",
+        "places",
+        "pushback",
+        "rates",
+        "tokens",
+    )
 
     def __init__(self) -> None:
         self.closed = False
@@ -159,6 +168,9 @@ class Hold:
         self.budgets: list[tuple[QuotaStore, str, float, float, int, float]] = []
         # (store, key, seconds per token) of every tpm schedule taken
         self.rates: list[tuple[QuotaStore, str, float]] = []
+        # rate key -> where its schedule ended once this hold's place was taken (the
+        # grant's ``place``): capacity is given back only while it still ends there
+        self.places: dict[str, float | None] = {}
         self.est_tokens = 0
         self.cost_usd = 0.0  # set by the executor when the call answered
         self.tokens: int | None = None  # likewise: the tokens the call used
@@ -700,6 +712,7 @@ class Limiter:
         store, grant = await self._acquire(key, cost, interval, float(burst), allowed)
         if grant.granted:
             hold.rates.append((store, key, held))
+            hold.places[key] = grant.place
             if hold.closed:  # settled already: its caller stopped waiting for this
                 await self._settle(hold, True)
         return grant
@@ -766,20 +779,42 @@ class Limiter:
             if interval < 0:
                 if failed and not hold.tokens:
                     # never sent (refused or cancelled before the call): free the slot
-                    await self._adjust(store, key, interval)
+                    await _give_back(self, hold, store, key, interval)
                 continue
             used = hold.tokens
             if used is None:
                 used = 0 if failed else hold.est_tokens
             delta = (used - hold.est_tokens) * interval
-            if delta != 0:
+            if delta > 0:
                 await self._adjust(store, key, delta)
+            elif delta < 0:
+                await _give_back(self, hold, store, key, delta)
 
-    async def _adjust(self, store: QuotaStore, key: str, delta: float) -> None:
+    async def _adjust(
+        self, store: QuotaStore, key: str, delta: float, place: float | None = None
+    ) -> None:
         try:
-            await store.adjust(key, delta=delta)
+            if place is None:
+                await store.adjust(key, delta=delta)
+            else:
+                await store.adjust(key, delta=delta, place=place)
         except BackendError as exc:
             self._failed(exc)
+
+
+async def _give_back(
+    limiter: Limiter, hold: Hold, store: QuotaStore, key: str, delta: float
+) -> None:
+    """
+    Move ``key``'s schedule back by ``-delta`` only while ``hold``'s place is still
+    its last: once a later place is taken, those calls keep their times, and moving
+    the schedule back would give the next call one of their instants (a burst past
+    the limit).  The place is then kept: a little capacity is lost, never exceeded.
+    A store that names no place (a `RateGrant` without one) gets nothing back.
+    """
+    place = hold.places.get(key)
+    if place is not None:
+        await limiter._adjust(store, key, delta, place)
 
 
 def _within(limiter: Limiter, until: float | None) -> tuple[float | None, bool]:

@@ -182,18 +182,27 @@ def gcra_step(
     """
     Take the next place in a GCRA schedule: ``interval`` seconds per unit, ``burst``
     units at once.  Granted when the place comes within ``max_wait`` seconds (the
-    caller waits that long); else nothing is stored and the wait is reported.
+    caller waits that long), with the schedule's end after it as its ``place``; else
+    nothing is stored and the wait is reported.
     """
     tat = now if data is None else max(float(data["tat"]), now)
     new_tat = tat + cost * interval
     wait = max(0.0, new_tat - burst * interval - now)
     if wait > max_wait:
         return None, RateGrant(granted=False, wait=wait)
-    return {"tat": new_tat}, RateGrant(granted=True, wait=wait)
+    return {"tat": new_tat}, RateGrant(granted=True, wait=wait, place=new_tat)
 
 
-def adjust_step(data: Data | None, now: float, *, delta: float) -> Data | None:
-    """Move a schedule by ``delta`` seconds (negative: capacity given back)."""
+def adjust_step(
+    data: Data | None, now: float, *, delta: float, place: float | None = None
+) -> Data | None:
+    """
+    Move a schedule by ``delta`` seconds (negative: capacity given back); with
+    ``place``, only while the schedule still ends there (no later place taken since:
+    else nothing changes, and None is returned).
+    """
+    if place is not None and (data is None or float(data["tat"]) != place):
+        return None
     if data is None:
         return None if delta <= 0 else {"tat": now + delta}
     tat = float(data["tat"]) + delta

@@ -238,7 +238,11 @@ class RateLimit:
     call takes its place in the schedule atomically and waits for its turn, so workers
     never race and never burst past the limit.  A call counts its prompt estimate plus
     ``max_tokens`` against ``tpm``; the difference from the tokens actually used is
-    given back (or taken) when it ends.
+    taken when it used more, and given back when it used fewer, as is the place of a
+    call that never went out (cancelled while waiting for its turn, refused after
+    admission), but only while no later place was taken: calls already given a later
+    place keep their times, so the next call can never share one of their instants.
+    Under load a little capacity is thus lost, never exceeded.
 
     Args:
         rpm: requests per minute.
@@ -379,8 +383,12 @@ class RateGrant:
     """
     The answer to a rate-limit acquisition: ``granted`` (a place in the schedule was
     taken) and ``wait``, the seconds until that place comes (or, when not granted,
-    until it would have).
+    until it would have).  ``place``: where the schedule ends once this place is taken
+    (the store's own time), to give the place back with `QuotaStore.adjust` only while
+    no later place was taken; None when the store does not say (such a place is never
+    given back).
     """
 
     granted: bool
     wait: float
+    place: float | None = None

@@ -372,20 +372,23 @@ async def serve_stream(
         },
     )
     await response.prepare(request)
-    await response.write(opening)
-    if behavior.first_chunk_ms:
-        await asyncio.sleep(behavior.first_chunk_ms / 1000)
-    interval = behavior.chunk_interval_ms / 1000
-    for sent, chunk in enumerate(chunks):
-        if sent == fault_after:
+    try:
+        await response.write(opening)
+        if behavior.first_chunk_ms:
+            await asyncio.sleep(behavior.first_chunk_ms / 1000)
+        interval = behavior.chunk_interval_ms / 1000
+        for sent, chunk in enumerate(chunks):
+            if sent == fault_after:
+                return await _fail(request, response, what, (error, malformed), closing)
+            if sent and interval:
+                await asyncio.sleep(interval)
+            await response.write(chunk)
+        if fault_after is not None and fault_after >= len(chunks):
             return await _fail(request, response, what, (error, malformed), closing)
-        if sent and interval:
-            await asyncio.sleep(interval)
-        await response.write(chunk)
-    if fault_after is not None and fault_after >= len(chunks):
-        return await _fail(request, response, what, (error, malformed), closing)
-    await response.write(ending)
-    await response.write_eof()
+        await response.write(ending)
+        await response.write_eof()
+    except ConnectionError:  # the client left (a normal end): nothing to log
+        pass
     return response
 
 

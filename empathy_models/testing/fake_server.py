@@ -54,8 +54,9 @@ without an answer), ``"context_length"`` and ``"content_policy"`` (400 with the 
 each API sends for those).
 
 The server logs nothing per request (only a fault in the fake itself would: aiohttp's
-500 with a traceback) and keeps only counters and the last request per model, so it
-can serve thousands of requests in a benchmark.  It is single-loop: use it
+500 with a traceback; a client leaving a stream before its end is normal and quiet)
+and keeps only counters and the last request per model, so it can serve thousands of
+requests in a benchmark.  It is single-loop: use it
 from the event loop that entered it.
 """
 

@@ -252,7 +252,11 @@ class RedisQuotaStore(QuotaStore):
         args = ["acquire", _num(float(cost)), _num(float(interval))]
         args += [_num(float(burst)), _num(float(max_wait))]
         reply = await self._run(f"acquire {key!r}", f"{self.prefix}r|{key}", args)
-        return RateGrant(granted=reply[0] == "1", wait=float(reply[1]))
+        place = float(reply[2]) if len(reply) > 2 else None
+        return RateGrant(granted=reply[0] == "1", wait=float(reply[1]), place=place)
 
-    async def adjust(self, key: str, *, delta: float) -> None:
-        await self._run(f"adjust {key!r}", f"{self.prefix}r|{key}", ["adjust", _num(float(delta))])
+    async def adjust(self, key: str, *, delta: float, place: float | None = None) -> None:
+        args = ["adjust", _num(float(delta))]
+        if place is not None:
+            args.append(_num(float(place)))
+        await self._run(f"adjust {key!r}", f"{self.prefix}r|{key}", args)

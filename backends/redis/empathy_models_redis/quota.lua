@@ -8,8 +8,10 @@
 -- seconds, from meter.hold_bucket); each budget step first releases the buckets whose
 -- time (from TIME) has come, counting them in "lapsed".
 -- acquire: KEYS[1] a GCRA schedule (a string: the theoretical arrival time); ARGV: op,
---          cost, interval, burst, max_wait.  Returns {granted, wait}; time from TIME.
--- adjust:  ARGV: op, delta (seconds).  Returns {1, 0}.
+--          cost, interval, burst, max_wait.  Returns {granted, wait, place}: place is
+--          the schedule's end once the place is taken; time from TIME.
+-- adjust:  ARGV: op, delta (seconds)[, place].  With a place, only while the schedule
+--          still ends there (no later place taken since).  Returns {1, 0}.
 
 local OP = ARGV[1]
 local COUNTERS = {"limit", "spent", "held", "reserved", "settled", "released",
@@ -126,11 +128,14 @@ elseif OP == "acquire" then
     return {"0", num(wait)}
   end
   redis.call("SET", KEYS[1], num(new_tat), "PX", math.floor((new_tat - t + 60) * 1000))
-  return {"1", num(wait)}
+  return {"1", num(wait), num(new_tat)}
 elseif OP == "adjust" then
   local delta = tonumber(ARGV[2])
   local t = now()
   local raw = redis.call("GET", KEYS[1])
+  if ARGV[3] ~= nil and (raw == false or raw == nil or tonumber(raw) ~= tonumber(ARGV[3])) then
+    return {"1", "0"}
+  end
   if raw == false or raw == nil then
     if delta <= 0 then return {"1", "0"} end
     raw = num(t)

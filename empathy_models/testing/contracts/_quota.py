@@ -272,6 +272,26 @@ class QuotaStoreContract:
         await quota_store.adjust("taken", delta=50.0)  # a call used more than it said
         assert not (await quota_store.acquire("taken", **{**args, "cost": 1.0})).granted
 
+    async def test_a_place_is_given_back_only_while_no_later_one_was_taken(
+        self, quota_store: QuotaStore
+    ) -> None:
+        args = {"cost": 1.0, "interval": 10.0, "burst": 1.0, "max_wait": 100.0}
+        first = await quota_store.acquire("p", **args)
+        second = await quota_store.acquire("p", **args)
+        assert first.place is not None and second.place is not None
+        assert second.place == pytest.approx(first.place + 10.0)
+        # the first place is no longer the last: giving it back would let the next
+        # call share the second's instant, so the schedule stays where it is
+        await quota_store.adjust("p", delta=-10.0, place=first.place)
+        third = await quota_store.acquire("p", **args)
+        assert third.place == pytest.approx(second.place + 10.0)
+        # the last place given back: the next call takes it
+        await quota_store.adjust("p", delta=-10.0, place=third.place)
+        fourth = await quota_store.acquire("p", **args)
+        assert fourth.place == pytest.approx(third.place)
+        await quota_store.adjust("empty", delta=-10.0, place=first.place)  # no schedule
+        assert (await quota_store.acquire("empty", **args)).wait == 0.0
+
     # -- sharing and lifecycle -------------------------------------------------------------
 
     async def test_a_shared_store_shows_one_instance_to_another(
