@@ -129,7 +129,6 @@ def reserve_step(
         holds[bucket] = holds.get(bucket, 0) + amount
         new["holds"] = holds
         new["reserved"] += amount
-        new["calls"] += 1
         granted = True
     else:
         new["refused"] = new.get("refused", 0) + 1
@@ -167,6 +166,8 @@ def settle_step(
     new["settled"] += min(actual, held)
     new["released"] += max(0, held - actual)
     new["overrun"] += max(0, actual - held)
+    if actual > 0:
+        new["calls"] += 1
     return new, usage_of(key, new, window_start, window_end)
 
 

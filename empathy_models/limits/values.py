@@ -293,7 +293,8 @@ class BudgetUsage:
     released + lapsed + held`` and ``spent == settled + overrun`` always.  ``limit`` is
     the limit the last reservation was checked against.  ``held_until``: when the last
     of the holds lapses if no call settles it (UTC epoch seconds; None when nothing is
-    held).
+    held).  ``calls``: the calls charged to the window (settled at a cost above zero:
+    sent, and billed); ``refused``: the reservations it refused.
     """
 
     key: str

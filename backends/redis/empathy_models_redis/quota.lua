@@ -96,7 +96,6 @@ if OP == "reserve" then
     st.holds[bucket] = (st.holds[bucket] or 0) + amount
     st.held = st.held + amount
     st.reserved = st.reserved + amount
-    st.calls = st.calls + 1
   else
     st.refused = st.refused + 1
   end
@@ -115,6 +114,9 @@ elseif OP == "settle" then
   st.settled = st.settled + math.min(actual, held)
   st.released = st.released + math.max(0, held - actual)
   st.overrun = st.overrun + math.max(0, actual - held)
+  if actual > 0 then
+    st.calls = st.calls + 1
+  end
   return save_and_reply(st, true, ttl)
 elseif OP == "acquire" then
   local cost, interval = tonumber(ARGV[2]), tonumber(ARGV[3])

@@ -88,10 +88,11 @@ class QuotaStoreContract:
         ]
         assert [g.granted for g in grants] == [True, True, True, False]
         last = grants[-1].usage
+        # ``calls`` counts calls charged (settled at a cost), not reservations
         assert (last.held, last.reserved, last.calls, last.refused, last.limit) == (
             9 * DOLLAR // 10,
             9 * DOLLAR // 10,
-            3,
+            0,
             1,
             DOLLAR,
         )
@@ -112,6 +113,7 @@ class QuotaStoreContract:
         u = await quota_store.settle("b", window_start=WS, window_end=WE, held=100, actual=0)
         assert (u.spent, u.held, u.settled, u.released, u.overrun) == (170, 0, 140, 160, 30)
         _balanced(u)
+        assert u.calls == 2  # the calls charged: the one settled at 0 cost nothing
         # what was spent counts against the limit: 170 + 831 > 1000
         refused = await quota_store.reserve(
             "b", window_start=WS, window_end=WE, amount=831, limit=1000
@@ -136,7 +138,7 @@ class QuotaStoreContract:
         assert grant.granted
         assert (grant.usage.held, grant.usage.lapsed) == (200, 300)
         u = await quota_store.usage("b", **kw)
-        assert (u.held, u.lapsed, u.reserved, u.calls) == (200, 300, 500, 2)
+        assert (u.held, u.lapsed, u.reserved, u.calls) == (200, 300, 500, 0)
         assert u.held_until == math.ceil(future / 60) * 60
         _balanced(u)
         assert [x.held for x in await quota_store.usages()] == [200]
