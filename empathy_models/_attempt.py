@@ -300,7 +300,7 @@ class Attempts:
                         await self._rejected(info, exc, attempt, key, scope_ticket)
                         return _CALLED if called else _NOT_CALLED
                     except BaseException:  # a cancel: the provider key's probe lease back
-                        await fb.give_back(scope_ticket)
+                        await fb.give_back(scope_ticket, deadline_at)
                         raise
                 if deadline_at is not None and deadline_at - clock() <= 0:  # not sent: raises
                     await _unsent(self, info, attempt, ticket, scope_ticket)
@@ -321,7 +321,7 @@ class Attempts:
                     record = await self._failed(info, error, attempt, latency_ms, key, held)
                 except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
                     latency_ms = (clock() - t0) * 1000.0
-                    await self._cancelled(info, raised, attempt, latency_ms, held)
+                    await _cancelled(self, info, raised, attempt, latency_ms, held)
                     raise
                 else:
                     if streamed:
@@ -373,32 +373,21 @@ class Attempts:
             and key == planner.provider_key(info.provider)
         )
         record = await self.ex._fb.failed(
-            self.run, info, error, attempt, latency_ms, ticket, scope_ticket, hold, ignored, partial
+            self.run,
+            info,
+            error,
+            attempt,
+            latency_ms,
+            ticket,
+            scope_ticket,
+            hold,
+            ignored,
+            partial,
+            self.deadline_at,
         )
         if self.obs is not None:
             self.obs.attempt_ended(record, None, error, self.trace)
         return record
-
-    async def _cancelled(
-        self,
-        info: ModelInfo,
-        raised: BaseException,
-        attempt: int,
-        latency_ms: float,
-        held: tuple[Ticket | None, Ticket | None, Hold | None],
-    ) -> None:
-        """
-        A cancelled call (or an interrupt): recorded, its leases returned; ``held`` as
-        for `_failed`, and a stream that opened has its usage recorded and charged.
-        """
-        ticket, scope_ticket, hold = held
-        partial, self.partial = self.partial, None
-        fb = self.ex._fb
-        record = await fb.cancelled(
-            self.run, info, raised, attempt, latency_ms, ticket, scope_ticket, partial, hold
-        )
-        if self.obs is not None:
-            self.obs.attempt_ended(record, None, raised, self.trace)
 
     def _opened(
         self,
@@ -470,7 +459,7 @@ class Attempts:
     ) -> None:
         """An open circuit refused ``info``: recorded, said, the provider not called."""
         run = self.run
-        await self.ex._fb.rejected(run, info, exc, attempt, scope_ticket)
+        await self.ex._fb.rejected(run, info, exc, attempt, scope_ticket, self.deadline_at)
         logger.info(
             "%s/%s: circuit %s is %s, %s not called",
             run.context.workflow,
@@ -634,6 +623,37 @@ async def _admitted_within(
         ) from None
 
 
+async def _cancelled(
+    self: Attempts,
+    info: ModelInfo,
+    raised: BaseException,
+    attempt: int,
+    latency_ms: float,
+    held: tuple[Ticket | None, Ticket | None, Hold | None],
+) -> None:
+    """
+    A cancelled call (or an interrupt): recorded, its leases returned; ``held`` as
+    for `_failed`, and a stream that opened has its usage recorded and charged.
+    """
+    ticket, scope_ticket, hold = held
+    partial, self.partial = self.partial, None
+    fb = self.ex._fb
+    record = await fb.cancelled(
+        self.run,
+        info,
+        raised,
+        attempt,
+        latency_ms,
+        ticket,
+        scope_ticket,
+        partial,
+        hold,
+        self.deadline_at,
+    )
+    if self.obs is not None:
+        self.obs.attempt_ended(record, None, raised, self.trace)
+
+
 async def _unsent(
     self: Attempts,
     info: ModelInfo,
@@ -654,7 +674,7 @@ async def _unsent(
         provider=info.provider,
         model=info.id,
     )
-    await self.ex._fb.unsent(self.run, info, error, attempt, ticket, scope_ticket)
+    await self.ex._fb.unsent(self.run, info, error, attempt, ticket, scope_ticket, self.deadline_at)
     raise _DeadlineExceeded(None)  # the error is in run.errors
 
 

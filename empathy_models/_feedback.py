@@ -226,20 +226,37 @@ class _Feedback:
         if cancelled is not None:
             raise cancelled
 
-    async def give_back(self, ticket: Ticket | None) -> None:
+    async def give_back(self, ticket: Ticket | None, deadline_at: float | None = None) -> None:
         """
         A probe lease ``ticket`` holds (if any) comes back, reported cancelled: its call
         will not be made.  Shielded from anyio's cancellation; the breaker carries its
-        store operation through asyncio's.
+        store operation through asyncio's.  With the run's ``deadline_at``, waited for
+        until then at most (`bounded`).
         """
         if ticket is None or ticket.lease_id is None or self._breaker is None:
             return
         with anyio.CancelScope(shield=True):
-            try:
-                await self._breaker.report(ticket, Outcome.CANCELLED)
-            except Exception:
-                self.feedback_errors += 1
-                logger.exception("breaker.report failed for %s", ticket.key)
+            await self.bounded(self._returned(ticket), deadline_at)
+
+    async def _returned(self, ticket: Ticket) -> None:
+        assert self._breaker is not None
+        try:
+            await self._breaker.report(ticket, Outcome.CANCELLED)
+        except Exception:
+            self.feedback_errors += 1
+            logger.exception("breaker.report failed for %s", ticket.key)
+
+    def bounded(
+        self, given: Coroutine[Any, Any, None], deadline_at: float | None
+    ) -> Awaitable[None]:
+        """
+        ``given`` (feedback that reports to the breaker), waited for until the run's
+        ``deadline_at`` at most: a breaker store that stalls does not hold the run past
+        it, the feedback goes on in the background (in ``behind``, which the executor's
+        `aclose` waits for), so the breaker's counts stay exact.  Without a deadline,
+        ``given`` itself.
+        """
+        return given if deadline_at is None else self._until(given, deadline_at)
 
     def hint_failed(self, model_id: str) -> None:
         """The breaker's ``available_hint`` raised while planning (called in ``except``)."""
@@ -264,10 +281,12 @@ class _Feedback:
         exc: CircuitOpenError,
         attempt: int,
         scope_ticket: Ticket | None,
+        deadline_at: float | None = None,
     ) -> None:
         """
         An open circuit refused ``info`` (``scope_ticket``: the provider's key admitted
-        it first, and hears the rejection when it holds a probe lease).
+        it first, and hears the rejection when it holds a probe lease).  ``deadline_at``:
+        the run's, which the breaker's report waits for at most (`bounded`).
         """
         record = self.record(
             run,
@@ -287,7 +306,7 @@ class _Feedback:
         if scope_ticket is not None and scope_ticket.lease_id is not None:
             scope = (scope_ticket, Outcome.REJECTED)
         with anyio.CancelScope(shield=True):
-            await self.give(record, None, None, None, None, scope)
+            await self.bounded(self.give(record, None, None, None, None, scope), deadline_at)
 
     async def failed(
         self,
@@ -301,6 +320,7 @@ class _Feedback:
         hold: Hold | None,
         ignored: bool,
         partial: Completion | None = None,
+        deadline_at: float | None = None,
     ) -> LLMCallRecord:
         """
         A call that raised ``error`` (added to ``run.errors``; its summary is the
@@ -308,7 +328,8 @@ class _Feedback:
         hears `Outcome.IGNORED`, whatever the record says; the provider-wide key hears
         `provider_outcome`.  A 429's Retry-After goes to the limiter's ``hold``.
         ``partial``: a stream that opened and failed before its first delta, what it
-        had (its usage is recorded and charged, see `streamed_usage`).
+        had (its usage is recorded and charged, see `streamed_usage`).  ``deadline_at``:
+        the run's, which the breaker's report waits for at most (`bounded`).
         """
         outcome = classify_error(error)
         record = _unanswered(
@@ -321,14 +342,12 @@ class _Feedback:
         run.errors.append(error)
         # a cancel arriving now must not lose the record or the breaker's report (a
         # half-open lease); it is delivered right after
+        scope = None if scope_ticket is None else (scope_ticket, provider_outcome(outcome, error))
+        breaker_outcome = Outcome.IGNORED if ignored else None
         with anyio.CancelScope(shield=True):
-            await self.give(
-                record,
-                ticket,
-                retry_after,
-                _describe(error),
-                Outcome.IGNORED if ignored else None,
-                None if scope_ticket is None else (scope_ticket, provider_outcome(outcome, error)),
+            await self.bounded(
+                self.give(record, ticket, retry_after, _describe(error), breaker_outcome, scope),
+                deadline_at,
             )
         return record
 
@@ -343,23 +362,20 @@ class _Feedback:
         scope_ticket: Ticket | None,
         partial: Completion | None = None,
         hold: Hold | None = None,
+        deadline_at: float | None = None,
     ) -> LLMCallRecord:
         """
         A call cancelled (or interrupted): recorded, its leases returned, shielded.
-        ``partial``, ``hold``: as for `failed`.
+        ``partial``, ``hold``, ``deadline_at``: as for `failed`.
         """
         record = _unanswered(
             self, run, info, Outcome.CANCELLED, (attempt, latency_ms, ticket, raised), partial, hold
         )
         run.attempts.append(self.summary(record, raised))
+        scope = None if scope_ticket is None else (scope_ticket, Outcome.CANCELLED)
         with anyio.CancelScope(shield=True):
-            await self.give(
-                record,
-                ticket,
-                None,
-                "cancelled",
-                None,
-                None if scope_ticket is None else (scope_ticket, Outcome.CANCELLED),
+            await self.bounded(
+                self.give(record, ticket, None, "cancelled", None, scope), deadline_at
             )
         return record
 
@@ -371,25 +387,23 @@ class _Feedback:
         attempt: int,
         ticket: Ticket | None,
         scope_ticket: Ticket | None,
+        deadline_at: float | None = None,
     ) -> LLMCallRecord:
         """
         An admitted call that was not sent (the run's deadline ran out first): recorded
         as ``not_sent``, which neither the router nor the breaker counts; its leases
-        returned, shielded.  ``error`` joins ``run.errors``.
+        returned, shielded, and in the background once the run's ``deadline_at`` (past
+        already) is (`bounded`).  ``error`` joins ``run.errors``.
         """
         record = self.record(
             run, info, Outcome.NOT_SENT, attempt=attempt, latency_ms=0.0, ticket=ticket, exc=error
         )
         run.errors.append(error)
         run.attempts.append(self.summary(record, error))
+        scope = None if scope_ticket is None else (scope_ticket, Outcome.NOT_SENT)
         with anyio.CancelScope(shield=True):
-            await self.give(
-                record,
-                ticket,
-                None,
-                _describe(error),
-                None,
-                None if scope_ticket is None else (scope_ticket, Outcome.NOT_SENT),
+            await self.bounded(
+                self.give(record, ticket, None, _describe(error), None, scope), deadline_at
             )
         return record
 

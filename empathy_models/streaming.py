@@ -537,24 +537,22 @@ class LLMStream:
         fb = self._ex._fb
         if error is None and outcome is Outcome.SUCCESS and breaker_outcome is None:
             # as `run` gives a success: shielded only where a probe lease rides on it
-            await fb.answered(record, self._ticket, self._scope_ticket)
+            await fb.answered(record, self._ticket, self._scope_ticket, self._deadline_at)
             return
         scope = (
             None
             if self._scope_ticket is None
             else (self._scope_ticket, scope_outcome if scope_outcome is not None else outcome)
         )
-        with anyio.CancelScope(shield=True):  # the record survives a cancel
-            await fb.give(
-                record,
-                self._ticket,
-                None if error is None else retry_after_of(error),
-                None
-                if error is None
-                else ("cancelled" if outcome is Outcome.CANCELLED else _describe(error)),
-                breaker_outcome,
-                scope,
-            )
+        retry_after, why = None, None
+        if error is not None:
+            retry_after = retry_after_of(error)
+            why = "cancelled" if outcome is Outcome.CANCELLED else _describe(error)
+        given = fb.give(record, self._ticket, retry_after, why, breaker_outcome, scope)
+        # the record survives a cancel; a stalled breaker store holds the stream's end no
+        # longer than the run's deadline (the report goes on in the background)
+        with anyio.CancelScope(shield=True):
+            await fb.bounded(given, self._deadline_at)
 
     async def _finish(self) -> None:
         self._state = "done"

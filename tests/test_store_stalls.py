@@ -28,6 +28,7 @@ from empathy_models import (
     ModelInfo,
     ModelRegistry,
     RetryPolicy,
+    StreamInterruptedError,
 )
 from empathy_models.backends import MemoryStateStore, MemoryTelemetryBackend
 from empathy_models.cache import MemoryResponseCache
@@ -36,7 +37,7 @@ from empathy_models.limits import DeadlineRanOut, Limiter, MemoryQuotaStore
 from empathy_models.limits.values import BudgetGrant
 from empathy_models.providers import OpenAIProvider
 from empathy_models.records import Admission, Outcome
-from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior
+from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
 
 KEY = "test-key-stalls"
 REGISTRY = ModelRegistry(
@@ -292,3 +293,79 @@ async def test_an_answer_is_not_held_past_the_deadline_by_the_breakers_report(
         finally:
             gate.opened.set()  # the report lands; aclose waits for it
     assert answer.content == "ok" and server.requests() == 2 and waiting >= 1
+
+
+async def _failures(breaker: CircuitBreaker) -> int:
+    status = await breaker.get_status(breaker.key_for("openai", "gpt-a"))
+    return status.consecutive_failures
+
+
+async def test_a_failed_attempt_is_not_held_past_the_deadline_by_the_breakers_report(
+    server: FakeLLMServer,
+) -> None:
+    server.set_behavior("gpt-a", ModelBehavior.always(500))
+    gate = Gate()
+    async with CircuitBreaker(store=StalledRecords(gate), store_timeout=None) as breaker:
+        async with make(server, breaker=breaker) as executor:
+            try:
+                with pytest.raises(AllRoutesFailedError):
+                    await asyncio.wait_for(
+                        executor.run("hello", ExecutionContext(deadline=2.0)), GUARD
+                    )
+                waiting = gate.waiting  # the failure waits at the gate; the run did not
+            finally:
+                gate.opened.set()  # the failure lands; aclose waits for it
+        failures = await _failures(breaker)
+    assert server.requests() == 1 and waiting == 1
+    assert failures == 1  # counted, once the store answered
+
+
+async def test_an_interrupted_stream_is_not_held_past_the_deadline_by_the_breakers_report(
+    server: FakeLLMServer,
+) -> None:
+    stream_behavior = StreamBehavior(fault_after=1, fault="error")
+    server.set_behavior("gpt-a", ModelBehavior(content="one two three", stream=stream_behavior))
+    gate = Gate()
+
+    async def read() -> list[str]:
+        deltas: list[str] = []
+        async with executor.stream("hello", ExecutionContext(deadline=2.0)) as stream:
+            async for delta in stream:
+                deltas.append(delta)  # noqa: PERF401 - keeps the deltas before the error
+        return deltas
+
+    async with CircuitBreaker(store=StalledRecords(gate), store_timeout=None) as breaker:
+        async with make(server, breaker=breaker) as executor:
+            try:
+                with pytest.raises(StreamInterruptedError):
+                    await asyncio.wait_for(read(), GUARD)
+                waiting = gate.waiting
+            finally:
+                gate.opened.set()
+        failures = await _failures(breaker)
+    assert server.requests() == 1 and waiting == 1
+    assert failures == 1
+
+
+async def test_a_streamed_answer_is_not_held_past_the_deadline_by_the_breakers_report(
+    server: FakeLLMServer,
+) -> None:
+    gate = Gate()
+    clock = FakeClock()
+
+    async def read(prompt: str, deadline: float) -> str:
+        async with executor.stream(prompt, ExecutionContext(deadline=deadline)) as stream:
+            return "".join([delta async for delta in stream if isinstance(delta, str)])
+
+    async with (
+        CircuitBreaker(store=StalledRecords(gate), clock=clock, store_timeout=None) as breaker,
+        make(server, breaker=breaker) as executor,
+    ):
+        try:
+            await asyncio.wait_for(read("one", 30.0), GUARD)
+            clock.advance(0.7)  # the success written behind is due (the view is still fresh)
+            text = await asyncio.wait_for(read("two", 0.5), GUARD)
+            waiting = gate.waiting  # the report waits at the gate; the answer did not
+        finally:
+            gate.opened.set()  # the report lands; aclose waits for it
+    assert text == "ok" and server.requests() == 2 and waiting >= 1
