@@ -512,8 +512,10 @@ class LLMStream:
                 # the provider says a limit is exhausted: every worker waits it out
                 hold.pushback = completion.rate_limit_reset
                 assert ex._limiter is not None
-                try:  # carried through a cancellation, raised after
-                    await ex._limiter.settle(hold, failed=False)
+                deadline_at = self._deadline_at
+                left = None if deadline_at is None else deadline_at - ex._clock()
+                try:  # carried through a cancellation, raised after; past the deadline behind
+                    await ex._limiter.settle(hold, failed=False, time_left=left)
                 finally:
                     ex._inflight.ended(self)
             else:

@@ -34,7 +34,7 @@ from empathy_models.backends import MemoryStateStore, MemoryTelemetryBackend
 from empathy_models.cache import MemoryResponseCache
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.limits import DeadlineRanOut, Limiter, MemoryQuotaStore
-from empathy_models.limits.values import BudgetGrant
+from empathy_models.limits.values import BudgetGrant, BudgetUsage
 from empathy_models.providers import OpenAIProvider
 from empathy_models.records import Admission, Outcome
 from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
@@ -183,8 +183,8 @@ async def test_a_deadline_is_kept_while_the_quota_store_stalls(server: FakeLLMSe
     assert "waiting for the quota store" in str(raised.value.exceptions[0])
     assert server.requests() == 0
     assert await telemetry.recent(limit=10) == []  # no attempt was made
-    usage = await store.usage("stall", window_start=0, window_end=1e12)
-    assert (usage.reserved, usage.held) == (usage.released, 0)
+    [usage] = await store.usages()
+    assert usage.reserved > 0 and (usage.reserved, usage.held) == (usage.released, 0)
 
 
 async def test_a_deadline_is_kept_while_the_breaker_store_stalls(server: FakeLLMServer) -> None:
@@ -369,3 +369,42 @@ async def test_a_streamed_answer_is_not_held_past_the_deadline_by_the_breakers_r
         finally:
             gate.opened.set()  # the report lands; aclose waits for it
     assert text == "ok" and server.requests() == 2 and waiting >= 1
+
+
+class StalledSettle(MemoryQuotaStore):
+    """A quota store whose settlements wait at the gate."""
+
+    def __init__(self, gate: Gate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def settle(self, key: str, **kw: Any) -> BudgetUsage:
+        await self.gate.wait()
+        return await super().settle(key, **kw)
+
+
+async def test_a_streams_settlement_is_not_held_past_the_deadline(
+    server: FakeLLMServer,
+) -> None:
+    # the stream's budget settlement waits at most the time left: the stream ends while
+    # the settlement still waits (before, it waited the limiter's whole store timeout,
+    # 5 s, and left the limiter degraded), and lands once the store answers
+    gate = Gate()
+    store = StalledSettle(gate)
+    budget = Budget(limit_usd=10, window="day", name="stall")
+    async with make(server, quota_store=store, budgets=[budget]) as executor:
+        assert executor.limiter is not None
+        try:
+
+            async def read() -> str:
+                context = ExecutionContext(deadline=0.5)
+                async with executor.stream("hello", context) as stream:
+                    return "".join([d async for d in stream if isinstance(d, str)])
+
+            text = await asyncio.wait_for(read(), GUARD)
+            waiting, degraded = gate.waiting, executor.limiter.degraded
+        finally:
+            gate.opened.set()
+    assert text == "ok" and waiting == 1 and not degraded
+    [usage] = await store.usages()
+    assert usage.held == 0 and usage.spent > 0
