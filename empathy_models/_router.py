@@ -55,6 +55,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Final, Self, TypeVar
 
 from ._fast import gc_paused
+from ._loops import close_at_home, dropped, elsewhere, other_loop_error, running_loop
 from ._validators import shown
 from .abc import TelemetryBackend
 from .evidence import EvidenceBatch, rollup
@@ -340,6 +341,37 @@ def _store_of(telemetry_store: object) -> tuple[TelemetryBackend | None, bool]:
     )
 
 
+def _bound_loop(store: TelemetryBackend | None) -> asyncio.AbstractEventLoop | None:
+    """The running loop, for a store doing I/O (bound to the loop it is opened in)."""
+    from .backends.memory import MemoryTelemetryBackend
+    from .backends.null import NullTelemetryBackend
+
+    if isinstance(store, MemoryTelemetryBackend | NullTelemetryBackend | None):
+        return None
+    return running_loop()
+
+
+async def _close_elsewhere(router: AdaptiveModelRouter) -> bool:
+    """
+    ``router.aclose()`` from another event loop than the one it started in: in that loop
+    if it still runs (another thread), else the refresh task is dropped and the store
+    closed as far as it can be from here (a `ResourceWarning` says so).  False: the
+    running loop is the router's own.
+    """
+    home = router._loop
+    if home is None or not elsewhere(home):
+        return False
+    if await close_at_home(home, router.aclose):
+        return True
+    router._closed = True
+    task, router._task = router._task, None
+    if router._owns_store and router._store_obj is not None:
+        await router._store_obj.aclose()
+    if task is not None:
+        dropped("AdaptiveModelRouter", "its refresh task")
+    return True
+
+
 class AdaptiveModelRouter:
     """
     Chooses the model for each call from in-memory, per-arm evidence.
@@ -415,6 +447,7 @@ class AdaptiveModelRouter:
         self._task: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._warned_not_started = False
         self.refresh_errors = 0
         """How many reads of the backend failed."""
@@ -469,6 +502,7 @@ class AdaptiveModelRouter:
         if self._started:
             return
         self._started = True
+        self._loop = _bound_loop(self._store_obj)
         if self._owns_store and self._store_obj is not None:
             await self._store_obj.__aenter__()
         if self._store is None:
@@ -485,8 +519,8 @@ class AdaptiveModelRouter:
             )
 
     async def aclose(self) -> None:
-        """Stop the refresh task (cancelled and awaited) and close an owned store."""
-        if self._closed:
+        """Stop the refresh task (awaited), close an owned store (see `_close_elsewhere`)."""
+        if self._closed or (self._loop is not None and await _close_elsewhere(self)):
             return
         self._closed = True
         task, self._task = self._task, None
@@ -535,6 +569,8 @@ class AdaptiveModelRouter:
             logged as a warning and counted in `refresh_errors` (the evidence is kept,
             but for what fell out of the window, which goes as on success).
         """
+        if elsewhere(self._loop):
+            raise other_loop_error("AdaptiveModelRouter")
         store = self._store
         if store is None:
             await self._window.settle()
@@ -794,6 +830,8 @@ class AdaptiveModelRouter:
         """
         check_names(workflow, stage)
         positive_number("days", days)
+        if elsewhere(self._loop):
+            raise other_loop_error("AdaptiveModelRouter")
         shown = stage if stage is not None else "all"
         store = self._store
         if store is None:

@@ -130,6 +130,7 @@ from ._breaker_events import (
     ts,
 )
 from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
+from ._loops import close_at_home, dropped, elsewhere
 from ._settled import SHIELD_SECONDS, Settler
 from ._validators import check, failure, integer, number, shown as shown_value
 from .abc import AsyncResource, CircuitStateStore
@@ -342,6 +343,34 @@ def _failover(
     )
 
 
+async def _close_elsewhere(
+    breaker: CircuitBreaker, stores: FailoverStateStore, local: LocalView
+) -> bool:
+    """
+    A breaker's close from another event loop than its store's: in that loop if it still
+    runs (another thread; True), else what is bound to it (the flusher, the successes
+    written behind, the store's connections) is dropped, and a `ResourceWarning` says so
+    (True).  False: the running loop is the store's own.
+    """
+    home = stores.loop
+    if home is None or not elsewhere(home):
+        return False
+    if await close_at_home(home, breaker._aclose):
+        return True
+    pending = len(local.pending)
+    local.flusher = local.feed = None
+    try:
+        await stores.aclose()
+    finally:
+        local.close()
+    dropped(
+        repr(breaker),
+        f"its flusher, {pending} written-behind successes (not reported) and the store's "
+        "connections",
+    )
+    return True
+
+
 def _open_error(state: CircuitBreakerState, retry_after: float | None) -> CircuitOpenError:
     """The error a call rejected in ``state`` raises."""
     return CircuitOpenError(
@@ -517,9 +546,10 @@ class CircuitBreaker(AsyncResource):
 
     async def _aclose(self) -> None:
         """Stop the flusher, flush every written-behind success, close an owned store."""
-        releases = self._settler.releases
+        if await _close_elsewhere(self, self._stores, self._local):
+            return
         try:
-            if releases:  # leases being given back must reach the store first
+            if releases := self._settler.releases:  # leases given back reach the store first
                 with anyio.CancelScope(shield=True):
                     await asyncio.wait(set(releases), timeout=SHIELD_SECONDS)
             await self._local.stop()
@@ -527,8 +557,7 @@ class CircuitBreaker(AsyncResource):
                 await self._flush_all()
         finally:
             await self._stores.aclose()  # the fallbacks, and the store if it is owned
-            # from here on every admission and report takes the general path, which
-            # refuses admissions and drops outcomes once closed
+            # then admissions and reports take the general path: refused, outcomes dropped
             self._local.close()
 
     # ------------------------------------------------------------------ admission

@@ -32,6 +32,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._breaker_events import describe
+from .._loops import close_at_home, elsewhere, other_loop_error, running_loop
 from ..abc import CircuitStateStore
 from ..circuit import shown
 from ..exceptions import BackendClosedError, BackendError, StateStoreError
@@ -171,6 +172,10 @@ class FailoverStateStore(CircuitStateStore):
         self._key_fallbacks: dict[str, MemoryStateStore] = {}
         # primary operations given up on (timed out or cancelled) until they end
         self._strays: set[asyncio.Task[Any]] = set()
+        # a primary doing I/O works in the event loop it was opened (or first used) in
+        self._bound = not primary.in_process
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The event loop the primary is bound to (None: not yet, or in-process)."""
 
     def __repr__(self) -> str:
         mode = " degraded" if self._fallback is not None else ""
@@ -230,6 +235,8 @@ class FailoverStateStore(CircuitStateStore):
 
     async def _aopen(self) -> None:
         """Enter the primary; a primary that cannot be opened starts the fallback."""
+        if self._bound:
+            self.loop = running_loop()
         try:
             # in this task, not one of its own (`_within`): a store may enter a context
             # on entry that must be left from the same task
@@ -244,6 +251,12 @@ class FailoverStateStore(CircuitStateStore):
                 await self._degrade(None, exc)
 
     async def _aclose(self) -> None:
+        home = self.loop
+        if home is not None and elsewhere(home):
+            if await close_at_home(home, self._aclose):
+                return
+            await self._drop()
+            return
         try:
             if self._owns_primary:
                 await self._primary.aclose()
@@ -258,9 +271,35 @@ class FailoverStateStore(CircuitStateStore):
             for fallback in self._key_fallbacks.values():
                 await fallback.aclose()
 
+    async def _drop(self) -> None:
+        """
+        Closed from another event loop than the primary's, which no longer runs: close
+        the primary as far as that can be done from here (what is bound to that loop,
+        its connections, is dropped) and the fallbacks; the operations given up on ended
+        with their loop.
+        """
+        self._strays.clear()
+        try:
+            if self._owns_primary:
+                await self._primary.aclose()
+        except (RuntimeError, BackendError, OSError):  # bound to the loop that is gone
+            self._primary._closed = True
+        for fallback in (self._fallback, *self._key_fallbacks.values()):
+            if fallback is not None:
+                await fallback.aclose()
+
     # ------------------------------------------------------------------ routing
 
+    def _check_loop(self) -> None:
+        loop = running_loop()
+        if loop is not self.loop:
+            if self.loop is not None:
+                raise other_loop_error(repr(self._primary))
+            self.loop = loop  # a store opened on first use
+
     async def _run(self, key: str | None, op: Op[T]) -> T:
+        if self._bound:
+            self._check_loop()
         if key is not None:
             self.checked_key(key)  # before any store, primary or fallback, sees it
         if key is not None and key in self._unreadable:

@@ -73,6 +73,7 @@ from typing import Final, Literal
 import anyio
 import anyio.to_thread
 
+from .._loops import close_at_home, elsewhere
 from .._validators import check, failure, instance_of, integer, number, shown
 from ..abc import TelemetryBackend
 from ..evidence import EvidenceBatch
@@ -510,7 +511,19 @@ class _Batcher:
         """
         Write everything waiting within ``close_timeout`` seconds, spool the rest, and
         stop the flusher and spill tasks.
+
+        From another event loop than the flusher's (which no longer runs there), what
+        is queued is written synchronously, as at exit (`exit_flush`), and the tasks are
+        dropped.
         """
+        task = self._task
+        if task is not None and elsewhere(home := task.get_loop()):
+            if await close_at_home(home, self.aclose):
+                return
+            self.exit_flush("close from another event loop")
+            self.closing = self.closed = True
+            _live.discard(self)
+            return
         self.closing = True
         if self._task is None and self.queue:
             self.start()

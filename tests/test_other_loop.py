@@ -1,0 +1,117 @@
+"""A breaker or router opened in one event loop, used and closed from another."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+from empathy_models import AdaptiveModelRouter, CircuitBreaker, ModelRegistry
+from empathy_models.exceptions import NotOpenError
+
+
+# a Redis connection bound to the closed loop is dropped, and its socket closed by the
+# garbage collector (asyncio warns "unclosed transport"): the warning is the dropping
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_breaker_used_and_closed_from_another_loop(tmp_path: Path, kind: str) -> None:
+    url = os.environ.get("EMPATHY_TEST_REDIS_URL") if kind == "redis" else None
+    if kind == "redis" and not url:
+        pytest.skip("EMPATHY_TEST_REDIS_URL not set")
+    _across_loops(url or f"sqlite:///{tmp_path / 'state.db'}")
+    gc.collect()  # the dropped connections' sockets, within this test
+
+
+def _across_loops(store: str) -> None:
+    breaker = CircuitBreaker(store=store)
+
+    async def first() -> None:
+        await breaker.__aenter__()
+        await breaker.admit("anthropic")
+
+    async def second() -> None:
+        with pytest.raises(NotOpenError, match="another event loop"):
+            await breaker.admit("openai")
+        with pytest.raises(NotOpenError, match="another event loop"):
+            await breaker.get_status("anthropic")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            await breaker.aclose()
+        assert any("another event loop" in str(w.message) for w in caught)
+
+    asyncio.run(first())
+    asyncio.run(second())
+    assert breaker.closed
+    assert breaker.store.closed
+
+
+def test_memory_breaker_works_from_any_loop() -> None:
+    breaker = CircuitBreaker()
+
+    async def use() -> None:
+        async with breaker.guard("anthropic"):
+            pass
+        await breaker.admit("openai")
+
+    async def first() -> None:
+        await breaker.__aenter__()
+        await use()
+
+    asyncio.run(first())
+    asyncio.run(use())
+
+    async def close() -> None:
+        await breaker.aclose()
+
+    asyncio.run(close())
+    assert breaker.closed
+
+
+def test_router_used_and_closed_from_another_loop(tmp_path: Path) -> None:
+    router = AdaptiveModelRouter(
+        ModelRegistry.default(), telemetry_store=f"sqlite:///{tmp_path / 't.db'}"
+    )
+    asyncio.run(router.start())
+
+    async def second() -> None:
+        with pytest.raises(NotOpenError, match="another event loop"):
+            await router.refresh()
+        with pytest.raises(NotOpenError, match="another event loop"):
+            await router.get_routing_stats("w")
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            await router.aclose()
+
+    asyncio.run(second())
+    assert router._store_obj is not None and router._store_obj.closed
+
+
+def test_breaker_closed_from_another_thread_closes_in_its_own_loop(tmp_path: Path) -> None:
+    import threading
+
+    breaker = CircuitBreaker(store=f"sqlite:///{tmp_path / 'state.db'}")
+    opened, done = threading.Event(), threading.Event()
+
+    def home() -> None:
+        async def main() -> None:
+            await breaker.__aenter__()
+            opened.set()
+            await asyncio.to_thread(done.wait)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=home)
+    thread.start()
+    try:
+        assert opened.wait(30)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # closed in its loop: nothing dropped
+            asyncio.run(breaker.aclose())
+        assert breaker.closed and breaker.store.closed
+    finally:
+        done.set()
+        thread.join(30)
