@@ -37,8 +37,9 @@ async def close_at_home(
     loop: asyncio.AbstractEventLoop, close: Callable[[], Awaitable[None]]
 ) -> bool:
     """
-    Run ``close()`` in ``loop`` (still running, in another thread) and wait for it;
-    False when ``loop`` no longer runs (nothing was done).
+    Run ``close()`` in ``loop`` (still running, in another thread) and wait for it, at
+    most `HOME_CLOSE_SECONDS`; False when ``loop`` no longer runs, or did not finish
+    the close in that time (a loop stopped meanwhile never will).
     """
     if loop.is_closed() or not loop.is_running():
         return False
@@ -50,8 +51,16 @@ async def close_at_home(
         future = asyncio.run_coroutine_threadsafe(run(), loop)
     except RuntimeError:  # closed meanwhile
         return False
-    await asyncio.wrap_future(future)
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(future), HOME_CLOSE_SECONDS)
+    except TimeoutError:
+        future.cancel()
+        return False
     return True
+
+
+HOME_CLOSE_SECONDS = 10.0
+"""The longest a close waits for the event loop an object belongs to (another thread's)."""
 
 
 def dropped(what: str, lost: str) -> None:
