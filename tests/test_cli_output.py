@@ -22,7 +22,7 @@ import pytest
 from empathy_models import LLMCallRecord, Outcome, state_store_from_url, telemetry_from_url
 from empathy_models.cli import main
 from empathy_models.cli._common import print_table
-from tests._cli import run_cli
+from tests._cli import _environment, run_cli
 
 FULL = Path("/dev/full")
 
@@ -107,18 +107,13 @@ class Terminal(io.StringIO):
 def _on_terminal(home: Path, columns: int, *args: str) -> str:
     """Run the CLI in this process with stdout a terminal of ``columns`` columns."""
     out, err = Terminal(), io.StringIO()
-    saved = {k: os.environ.get(k) for k in ("COLUMNS", "EMPATHY_HOME", "EMPATHY_CONFIG")}
-    os.environ.update(COLUMNS=str(columns), EMPATHY_HOME=str(home))
-    os.environ.pop("EMPATHY_CONFIG", None)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(list(args))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    changes = {"COLUMNS": str(columns), "EMPATHY_HOME": str(home), "EMPATHY_CONFIG": None}
+    with (
+        _environment(changes),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        code = main(list(args))
     assert code == 0, err.getvalue()
     return out.getvalue()
 
