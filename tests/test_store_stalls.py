@@ -161,7 +161,13 @@ async def test_an_answer_is_written_to_the_cache_behind(server: FakeLLMServer) -
     cache = StalledCache(gate, reads=False)
     async with make(server, cache=cache) as executor:
         first = await asyncio.wait_for(executor.run("hello", CACHED), GUARD)
-        assert gate.waiting == 1  # the write waits at the gate; the answer did not
+        # the answer came back with the gate shut: the write waits behind (its task
+        # reaches the gate within a few turns of the loop)
+        for _ in range(100):
+            if gate.waiting:
+                break
+            await asyncio.sleep(0)
+        assert gate.waiting == 1
         gate.opened.set()
     # aclose waited for the write behind
     async with make(server, cache=cache) as executor:
