@@ -102,29 +102,50 @@ class StalledCache(MemoryResponseCache):
 
 
 class StalledQuota(MemoryQuotaStore):
-    def __init__(self, gate: Gate) -> None:
+    """A quota store whose reservations (or settlements) wait at the gate."""
+
+    def __init__(self, gate: Gate, *, reserves: bool = True, settles: bool = False) -> None:
         super().__init__()
         self.gate = gate
+        self.reserves = reserves
+        self.settles = settles
 
     async def reserve(self, key: str, **kw: Any) -> BudgetGrant:
-        await self.gate.wait()
+        if self.reserves:
+            await self.gate.wait()
         return await super().reserve(key, **kw)
+
+    async def settle(self, key: str, **kw: Any) -> BudgetUsage:
+        if self.settles:
+            await self.gate.wait()
+        return await super().settle(key, **kw)
 
 
 class StalledState(MemoryStateStore):
-    """A state store the breaker treats as remote (it does I/O), stalling admissions."""
+    """
+    A state store the breaker treats as remote (it does I/O) whose admissions (or
+    outcome reports) wait at the gate.
+    """
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, *, admissions: bool = True, records: bool = False) -> None:
         super().__init__()
         self.gate = gate
+        self.admissions = admissions
+        self.records = records
 
     @property
     def in_process(self) -> bool:
         return False
 
     async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
-        await self.gate.wait()
+        if self.admissions:
+            await self.gate.wait()
         return await super().admit(key, policy)
+
+    async def record(self, key: str, policy: BreakerPolicy, reports: Any) -> Any:
+        if self.records:
+            await self.gate.wait()
+        return await super().record(key, policy, reports)
 
 
 CACHED = ExecutionContext(temperature=0, cache_ttl=60)
@@ -264,29 +285,17 @@ async def test_a_quota_store_stalling_past_short_deadlines_is_left_for_a_while()
         await limiter.aclose()
 
 
-class StalledRecords(MemoryStateStore):
-    """A remote-like state store whose outcome reports stall (admissions answer)."""
-
-    def __init__(self, gate: Gate) -> None:
-        super().__init__()
-        self.gate = gate
-
-    @property
-    def in_process(self) -> bool:
-        return False
-
-    async def record(self, key: str, policy: BreakerPolicy, reports: Any) -> Any:
-        await self.gate.wait()
-        return await super().record(key, policy, reports)
-
-
 async def test_an_answer_is_not_held_past_the_deadline_by_the_breakers_report(
     server: FakeLLMServer,
 ) -> None:
     gate = Gate()
     clock = FakeClock()
     async with (
-        CircuitBreaker(store=StalledRecords(gate), clock=clock, store_timeout=None) as breaker,
+        CircuitBreaker(
+            store=StalledState(gate, admissions=False, records=True),
+            clock=clock,
+            store_timeout=None,
+        ) as breaker,
         make(server, breaker=breaker) as executor,
     ):
         try:
@@ -311,7 +320,9 @@ async def test_a_failed_attempt_is_not_held_past_the_deadline_by_the_breakers_re
 ) -> None:
     server.set_behavior("gpt-a", ModelBehavior.always(500))
     gate = Gate()
-    async with CircuitBreaker(store=StalledRecords(gate), store_timeout=None) as breaker:
+    async with CircuitBreaker(
+        store=StalledState(gate, admissions=False, records=True), store_timeout=None
+    ) as breaker:
         async with make(server, breaker=breaker) as executor:
             try:
                 with pytest.raises(AllRoutesFailedError):
@@ -340,7 +351,9 @@ async def test_an_interrupted_stream_is_not_held_past_the_deadline_by_the_breake
                 deltas.append(delta)  # noqa: PERF401 - keeps the deltas before the error
         return deltas
 
-    async with CircuitBreaker(store=StalledRecords(gate), store_timeout=None) as breaker:
+    async with CircuitBreaker(
+        store=StalledState(gate, admissions=False, records=True), store_timeout=None
+    ) as breaker:
         async with make(server, breaker=breaker) as executor:
             try:
                 with pytest.raises(StreamInterruptedError):
@@ -364,7 +377,11 @@ async def test_a_streamed_answer_is_not_held_past_the_deadline_by_the_breakers_r
             return "".join([delta async for delta in stream if isinstance(delta, str)])
 
     async with (
-        CircuitBreaker(store=StalledRecords(gate), clock=clock, store_timeout=None) as breaker,
+        CircuitBreaker(
+            store=StalledState(gate, admissions=False, records=True),
+            clock=clock,
+            store_timeout=None,
+        ) as breaker,
         make(server, breaker=breaker) as executor,
     ):
         try:
@@ -377,18 +394,6 @@ async def test_a_streamed_answer_is_not_held_past_the_deadline_by_the_breakers_r
     assert text == "ok" and server.requests() == 2 and waiting >= 1
 
 
-class StalledSettle(MemoryQuotaStore):
-    """A quota store whose settlements wait at the gate."""
-
-    def __init__(self, gate: Gate) -> None:
-        super().__init__()
-        self.gate = gate
-
-    async def settle(self, key: str, **kw: Any) -> BudgetUsage:
-        await self.gate.wait()
-        return await super().settle(key, **kw)
-
-
 async def test_a_streams_settlement_is_not_held_past_the_deadline(
     server: FakeLLMServer,
 ) -> None:
@@ -396,7 +401,7 @@ async def test_a_streams_settlement_is_not_held_past_the_deadline(
     # the settlement still waits (before, it waited the limiter's whole store timeout,
     # 5 s, and left the limiter degraded), and lands once the store answers
     gate = Gate()
-    store = StalledSettle(gate)
+    store = StalledQuota(gate, reserves=False, settles=True)
     budget = Budget(limit_usd=10, window="day", name="stall")
     async with make(server, quota_store=store, budgets=[budget]) as executor:
         assert executor.limiter is not None
