@@ -54,6 +54,13 @@ logger = logging.getLogger("empathy_models.executor")
 
 _ERROR_MESSAGE_LIMIT = 300
 
+FAILURE_REPORT_WAIT: Final = 1.0
+"""
+Seconds at most (and half the run's time left at most) that a failed or rejected
+attempt waits for the breaker's report before the next attempt may start: a store that
+stalls does not spend the fallback's time; the report lands in the background.
+"""
+
 INPUT_ESTIMATED: Final = "empathy_models.input_tokens_estimated"
 """
 The metadata key set (to True) on the record of a streamed attempt whose input tokens
@@ -258,6 +265,17 @@ class _Feedback:
         """
         return given if deadline_at is None else self._until(given, deadline_at)
 
+    def _before_next(self, deadline_at: float | None) -> float | None:
+        """
+        The wait's end for the report of an attempt another may follow: at most
+        `FAILURE_REPORT_WAIT` seconds and half the time left of the run's ``deadline_at``
+        (``None`` without a deadline: the report's own store timeout bounds it).
+        """
+        if deadline_at is None:
+            return None
+        now = self._clock()
+        return now + min(FAILURE_REPORT_WAIT, max(deadline_at - now, 0.0) / 2)
+
     def hint_failed(self, model_id: str) -> None:
         """The breaker's ``available_hint`` raised while planning (called in ``except``)."""
         self.feedback_errors += 1
@@ -286,7 +304,8 @@ class _Feedback:
         """
         An open circuit refused ``info`` (``scope_ticket``: the provider's key admitted
         it first, and hears the rejection when it holds a probe lease).  ``deadline_at``:
-        the run's, which the breaker's report waits for at most (`bounded`).
+        the run's: the breaker's report is waited for at most `FAILURE_REPORT_WAIT`
+        seconds and half the time left (`bounded`), then goes on in the background.
         """
         record = self.record(
             run,
@@ -306,7 +325,9 @@ class _Feedback:
         if scope_ticket is not None and scope_ticket.lease_id is not None:
             scope = (scope_ticket, Outcome.REJECTED)
         with anyio.CancelScope(shield=True):
-            await self.bounded(self.give(record, None, None, None, None, scope), deadline_at)
+            await self.bounded(
+                self.give(record, None, None, None, None, scope), self._before_next(deadline_at)
+            )
 
     async def failed(
         self,
@@ -329,7 +350,8 @@ class _Feedback:
         `provider_outcome`.  A 429's Retry-After goes to the limiter's ``hold``.
         ``partial``: a stream that opened and failed before its first delta, what it
         had (its usage is recorded and charged, see `streamed_usage`).  ``deadline_at``:
-        the run's, which the breaker's report waits for at most (`bounded`).
+        the run's, as for `rejected`: a retry or the next route does not wait for a
+        stalled breaker store.
         """
         outcome = classify_error(error)
         record = _unanswered(
@@ -347,7 +369,7 @@ class _Feedback:
         with anyio.CancelScope(shield=True):
             await self.bounded(
                 self.give(record, ticket, retry_after, _describe(error), breaker_outcome, scope),
-                deadline_at,
+                self._before_next(deadline_at),
             )
         return record
 

@@ -439,7 +439,7 @@ class AdaptiveModelRouter:
         self._window = _StorelessWindow(
             self._memory, clock, self.policy.window_days, self._store is None
         )
-        self._verdicts = VerdictCache(registry, self.policy, self._memory)
+        self._verdicts = VerdictCache(registry, self.policy, self._memory, clock)
         self._decider = Decider(self._verdicts, self.policy, self._rng)
         self._recent = RecentWindows(self.RECENT_WINDOW_SIZE, self._verdicts.model_facts)
         self._rollups = True  # False: the backend keeps none, read records instead

@@ -285,3 +285,31 @@ def test_a_stage_whose_models_stay_bad_is_re_probed_at_a_bounded_rate() -> None:
         late = sum(1 for m in served[1_000:] if m)
         assert 2 <= late <= 2 * 0.01 * 4_000, (seed, late)
         assert len(probes) == sum(1 for m in served if m)
+
+
+def test_a_stranded_stage_with_little_traffic_is_re_probed_within_minutes() -> None:
+    # an outage keeps both models failing while the stage is stranded, so the re-probes
+    # back off to one per reprobe_interval (200) decisions; once it ends, requests come
+    # once every 30 s: a re-probe is due STRANDED_PROBE_SECONDS (120 s) after the last
+    # one, so the stage answers within minutes, not after 200 requests (100 minutes)
+    for seed in range(3):
+        clock = FakeClock()
+        router = _stranded(clock, seed)
+        for _ in range(250):
+            _serve(router, clock, 1, lambda _m, _k: False)
+        # up to a re-probe (it failed) and the other model's right after it: the next
+        # ones wait 200 decisions
+        while not _serve(router, clock, 1, lambda _m, _k: False)[1]:
+            pass
+        _serve(router, clock, 5, lambda _m, _k: False)
+        answered_at = None
+        for k in range(40):
+            clock.advance(30.0)
+            try:
+                d = _decide(router)
+            except NoModelMeetsConstraintsError:
+                continue
+            assert d.exploration_kind == "re-probe", (seed, d)
+            answered_at = k
+            break
+        assert answered_at is not None and answered_at <= 5, (seed, answered_at)

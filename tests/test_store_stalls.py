@@ -337,6 +337,41 @@ async def test_a_failed_attempt_is_not_held_past_the_deadline_by_the_breakers_re
     assert failures == 1  # counted, once the store answered
 
 
+async def test_a_failed_attempt_falls_back_without_waiting_for_a_stalled_breaker_report(
+    server: FakeLLMServer,
+) -> None:
+    """
+    The first route fails while the breaker store stalls: the next route answers within
+    the deadline instead of the run waiting for the report until the deadline.
+    """
+    second = attrs.evolve(REGISTRY.models[0], id="gpt-b", input_price_per_mtok=2.0)
+    registry = ModelRegistry(models=[*REGISTRY.models, second], price_version="stalls-test-2")
+    server.set_behavior("gpt-a", ModelBehavior.always(500))
+    server.set_behavior("gpt-b", ModelBehavior(content="from b"))
+    gate = Gate()
+    async with CircuitBreaker(
+        store=StalledState(gate, admissions=False, records=True), store_timeout=None
+    ) as breaker:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+            registry=registry,
+            retry=RetryPolicy.none(),
+            breaker=breaker,
+            telemetry_store=MemoryTelemetryBackend(),
+        )
+        async with executor:
+            try:
+                answer = await asyncio.wait_for(
+                    executor.run("hello", ExecutionContext(tier="cheap", deadline=4.0)), GUARD
+                )
+                waiting = gate.waiting  # the failure's report waits at the gate
+            finally:
+                gate.opened.set()
+        failures = await _failures(breaker)
+    assert answer.content == "from b" and answer.fallback_chain == ("gpt-a", "gpt-b")
+    assert waiting >= 1 and failures == 1  # counted, once the store answered
+
+
 async def test_an_interrupted_stream_is_not_held_past_the_deadline_by_the_breakers_report(
     server: FakeLLMServer,
 ) -> None:

@@ -8,7 +8,7 @@ small constant.  Pure: reads the in-memory evidence only.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, Final
 
 from .._validators import shown
@@ -54,15 +54,21 @@ class VerdictCache:
         "_explorations",
         "_facts",
         "_latest",
+        "clock",
         "memory",
         "policy",
         "registry",
     )
 
     def __init__(
-        self, registry: ModelRegistry, policy: RoutingPolicy, memory: EvidenceMemory
+        self,
+        registry: ModelRegistry,
+        policy: RoutingPolicy,
+        memory: EvidenceMemory,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.registry = registry
+        self.clock = clock
         self.policy = policy
         self.memory = memory
         self._contexts: dict[tuple[Any, ...], Context] = {}
@@ -117,7 +123,7 @@ class VerdictCache:
                 self._explorations.clear()
                 self._contexts.clear()
                 self._latest.clear()
-            exploration = self._explorations[stream] = Exploration()
+            exploration = self._explorations[stream] = Exploration(clock=self.clock)
         facts = [self.model_facts(m) for m in models]
         return _context(stream[2], facts, exploration, limits, self.policy.prior_output_tokens)
 

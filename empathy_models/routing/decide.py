@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final
@@ -337,6 +337,8 @@ class Exploration:
     decisions: int = 0
     waits: dict[int, int] = field(factory=dict)  # candidate -> decision it last waited from
     stranded: set[int] = field(factory=set)  # re-probed while nothing else could be picked
+    clock: Callable[[], float] | None = None  # the router's: stranded re-probes' time pace
+    probed_at: dict[int, float] = field(factory=dict)  # candidate -> its last stranded re-probe
 
 
 @define(slots=True, eq=False)
@@ -604,7 +606,8 @@ def _reprobe_stranded(ctx: Context, probeable: Sequence[int], policy: RoutingPol
     # after reprobe_interval / 2**streak decisions (its live successes in a row), down
     # to every decision: the calls it takes would otherwise fail, while a failure puts it
     # back to one re-probe per reprobe_interval.  One too slow waits four times that:
-    # successes in a row say nothing of its speed
+    # successes in a row say nothing of its speed.  Whatever the wait in decisions, a
+    # candidate re-probed before is re-probed again STRANDED_PROBE_SECONDS after
     exploration = ctx.exploration
     exploration.decisions += 1
     decisions = exploration.decisions
@@ -626,11 +629,28 @@ def _reprobe_stranded(ctx: Context, probeable: Sequence[int], policy: RoutingPol
             wait = max(1.0, math.ldexp(policy.reprobe_interval, -streak))
         else:
             wait = policy.reprobe_min
-        if decisions - since >= wait:
+        if decisions - since >= wait or _overdue(exploration, i):
             waits[i] = decisions
             stranded.add(i)
+            if exploration.clock is not None:
+                exploration.probed_at[i] = exploration.clock()
             return (i, "re-probe", STRANDED_REASON)
     return None
+
+
+STRANDED_PROBE_SECONDS: Final = 120.0
+"""
+While a stage is stranded, each candidate re-probed before is re-probed again once this
+long has passed since, however few decisions came meanwhile: after an outage that ruled
+out every model ends, a stage with little traffic answers again within this long, not
+only after ``reprobe_interval`` decisions.
+"""
+
+
+def _overdue(exploration: Exploration, i: int) -> bool:
+    clock = exploration.clock
+    last = exploration.probed_at.get(i)
+    return clock is not None and last is not None and clock() - last >= STRANDED_PROBE_SECONDS
 
 
 def _warming(s: ArmSummary, min_sr: float | None) -> bool:

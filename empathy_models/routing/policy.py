@@ -140,8 +140,11 @@ class RoutingPolicy:
             re-probed: first ``reprobe_min`` decisions after that began, then after
             ``reprobe_interval`` halved per success in a row, down to every decision
             (the calls it takes would otherwise fail); one rejected on latency or
-            time to first token waits four times ``reprobe_interval``.  Not when
-            ``explore_rate`` is 0.
+            time to first token waits four times ``reprobe_interval``.  Whatever the
+            wait, a candidate re-probed while stranded is re-probed again two minutes
+            later (`decide.STRANDED_PROBE_SECONDS`, on the router's clock), so a stage
+            with little traffic answers again within minutes of an outage's end.  Not
+            when ``explore_rate`` is 0.
         reprobe_min: the shortest that wait gets (default 4).
         warmup_min_calls: before the exploration budget applies, a cheaper candidate
             with fewer calls than this is given them whatever they showed (default 20: a
