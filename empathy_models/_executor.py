@@ -97,6 +97,7 @@ import anyio
 from ._attempt import Attempts
 from ._feedback import _Feedback
 from ._inflight import InFlight
+from ._loops import close_at_home, dropped, elsewhere
 from ._outage import Outage
 from ._planner import _Planner
 from ._request_options import (
@@ -302,6 +303,31 @@ def _not_open(state: str) -> NotOpenError:
         "inside each asyncio.run(), or use empathy_models.sync.SyncExecutor, whose loop "
         "outlives the calls"
     )
+
+
+async def _close_elsewhere(executor: EmpathyLLMExecutor) -> bool:
+    """
+    ``executor.aclose()`` from another event loop than the one it was opened in: in that
+    loop if it still runs (another thread); else the runs in flight there are gone with
+    it, and the session and owned backends are closed as far as they can be from here
+    (the session's connections, bound to the dead loop, are dropped: a `ResourceWarning`
+    says so).  Always True (closed).
+    """
+    home = executor._loop
+    assert home is not None
+    if await close_at_home(home, executor.aclose):
+        return True
+    executor._state = "closed"
+    stack, executor._stack = executor._stack, None
+    if executor._cache is not None:
+        executor._cache._let_go()
+    if stack is not None:
+        try:
+            await stack.aclose()
+        except Exception:  # what is bound to the dead loop cannot be closed from here
+            logger.debug("closing from another event loop", exc_info=True)
+    dropped("EmpathyLLMExecutor", "its HTTP connections and the runs in flight")
+    return True
 
 
 class EmpathyLLMExecutor:
@@ -628,7 +654,7 @@ class EmpathyLLMExecutor:
         lease and budget reservation given back: that bookkeeping (at most 10 s), the
         cache's writes behind and store operations left at a deadline are waited for first.
         """
-        if self._state == "closed":
+        if self._state == "closed" or (elsewhere(self._loop) and await _close_elsewhere(self)):
             return
         self._state = "closed"
         stack, self._stack = self._stack, None
@@ -637,7 +663,7 @@ class EmpathyLLMExecutor:
             await self._fb.behind.drain()  # cache writes behind, feedback past a deadline
         finally:
             if self._cache is not None:
-                self._cache._decoded = None  # the answers decoded for its hits (`_cached`)
+                self._cache._let_go()  # the answers decoded for its hits (`_cached`)
             if stack is not None:
                 await stack.aclose()
 

@@ -862,7 +862,11 @@ class ResponseCache(AsyncResource):
         try:
             await super().aclose()
         finally:
-            self._decoded = None
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """Internal: drop the executor's memo of answers decoded from this cache."""
+        self._decoded = None
 
     @abc.abstractmethod
     async def get(self, key: str) -> bytes | None:
@@ -892,7 +896,7 @@ def _letting_go(clear: Callable[[Any], Awaitable[int]]) -> Callable[[Any], Await
         try:
             return await clear(self)
         finally:
-            self._decoded = None
+            self._let_go()
 
     cleared._lets_go = True  # type: ignore[attr-defined]
     return cleared

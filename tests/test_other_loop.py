@@ -1,4 +1,4 @@
-"""A breaker or router opened in one event loop, used and closed from another."""
+"""A breaker, router or executor opened in one event loop, used and closed from another."""
 
 from __future__ import annotations
 
@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from empathy_models import AdaptiveModelRouter, CircuitBreaker, ModelRegistry
+from empathy_models import (
+    AdaptiveModelRouter,
+    CircuitBreaker,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    ModelRegistry,
+)
 from empathy_models.exceptions import NotOpenError
+from empathy_models.providers import OpenAIProvider
+from empathy_models.testing import FakeLLMServer, ModelBehavior
 
 
 # a Redis connection bound to the closed loop is dropped, and its socket closed by the
@@ -112,6 +120,77 @@ def test_breaker_closed_from_another_thread_closes_in_its_own_loop(tmp_path: Pat
             warnings.simplefilter("error")  # closed in its loop: nothing dropped
             asyncio.run(breaker.aclose())
         assert breaker.closed and breaker.store.closed
+    finally:
+        done.set()
+        thread.join(30)
+
+
+def _executor(server: FakeLLMServer, tmp_path: Path) -> EmpathyLLMExecutor:
+    return EmpathyLLMExecutor(
+        [OpenAIProvider(api_key="k-loops", base_url=server.openai_base_url)],
+        telemetry_store=f"sqlite:///{tmp_path / 'calls.db'}",
+    )
+
+
+async def _answered(executor: EmpathyLLMExecutor) -> None:
+    await executor.__aenter__()
+    response = await executor.run("hello", ExecutionContext(model="gpt-4o-mini"))
+    assert response.content == "ok"
+
+
+# the HTTP connection bound to the closed loop is dropped, its socket closed by the
+# garbage collector (asyncio and aiohttp warn): the warning is the dropping
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_executor_closed_from_another_loop_after_its_own_ended(tmp_path: Path) -> None:
+    server = FakeLLMServer({"gpt-4o-mini": ModelBehavior(content="ok")}, api_key="k-loops")
+    home = asyncio.new_event_loop()
+    home.run_until_complete(server.__aenter__())
+    executor = _executor(server, tmp_path)
+    try:
+        home.run_until_complete(_answered(executor))
+    finally:
+        home.run_until_complete(server.__aexit__(None, None, None))
+        home.close()
+
+    async def second() -> None:
+        with pytest.raises(NotOpenError, match="another event loop"):
+            await executor.run("again", ExecutionContext(model="gpt-4o-mini"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            await executor.aclose()
+        assert any("another event loop" in str(w.message) for w in caught)
+        await executor.aclose()  # closed: a second close does nothing
+
+    asyncio.run(second())
+    assert "state=closed" in repr(executor)
+    gc.collect()  # the dropped connection's socket, within this test
+
+
+def test_executor_closed_from_another_thread_closes_in_its_own_loop(tmp_path: Path) -> None:
+    import threading
+
+    server = FakeLLMServer({"gpt-4o-mini": ModelBehavior(content="ok")}, api_key="k-loops")
+    executors: list[EmpathyLLMExecutor] = []
+    opened, done = threading.Event(), threading.Event()
+
+    def home() -> None:
+        async def main() -> None:
+            async with server:
+                executors.append(_executor(server, tmp_path))
+                await _answered(executors[0])
+                opened.set()
+                await asyncio.to_thread(done.wait)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=home)
+    thread.start()
+    try:
+        assert opened.wait(30)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # closed in its loop: nothing dropped
+            asyncio.run(executors[0].aclose())
+        assert "state=closed" in repr(executors[0])
     finally:
         done.set()
         thread.join(30)
