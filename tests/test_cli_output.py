@@ -193,6 +193,14 @@ def test_control_characters_in_names_are_escaped(tmp_path: Path, command: tuple[
     assert "\\u001b[31mRED" in data and json.loads(data)  # JSON keeps the exact names
 
 
+def test_a_typed_backslash_and_a_real_newline_are_told_apart(tmp_path: Path) -> None:
+    db = tmp_path / "calls.db"
+    _record_calls(db, ["real\nbreak", "typed\\nslash"], ["gpt-4o-mini"])
+    result = run_cli(tmp_path / "home", "telemetry", "summary", "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    assert "real\\nbreak" in result.stdout and "typed\\\\nslash" in result.stdout
+
+
 def test_a_control_character_in_an_argument_is_escaped_in_messages(tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     anyio.run(_open_state, db)

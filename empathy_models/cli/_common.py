@@ -252,7 +252,7 @@ _BIDI_CONTROLS = frozenset(
 )
 """Characters that reorder the text around them on a terminal (a name could spoof another)."""
 
-_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r", "\\": "\\\\"}
 
 
 def _escaped(char: str) -> str:
@@ -269,15 +269,16 @@ def printable(text: str) -> str:
     ``text`` safe to print on a terminal: control characters (``ESC``, ``CR``, newlines,
     tabs, ``DEL``, C1 codes), line and paragraph separators, bidirectional controls and
     lone surrogates are shown as ``repr`` shows them (``\\x1b``, ``\\r``, ``\\n``,
-    ``\\u202e``), so a recorded name can neither colour, overwrite nor split a line.
+    ``\\u202e``), so a recorded name can neither colour, overwrite nor split a line;
+    a backslash is doubled, so a typed ``\\n`` and a real newline look different.
     Every other character, wide or accented, is kept.  ``--json`` output is never
     escaped this way (JSON has escapes of its own).
     """
-    if text.isprintable():
+    if text.isprintable() and "\\" not in text:
         return text
     return "".join(
         _escaped(c)
-        if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI_CONTROLS
+        if c == "\\" or unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI_CONTROLS
         else c
         for c in text
     )
