@@ -28,7 +28,7 @@ from ._request_options import structured_result
 from ._run import _prompt_text
 from ._settled import Expired
 from ._values import ExecutionContext, LLMResponse, _new_response
-from .abc import Completion, Message
+from .abc import Completion, Message, ResponseCache
 from .cache import MemoryResponseCache, request_key
 from .content import ToolCall
 from .records import LLMCallRecord, ModelTier, Outcome, _trusted_call_record
@@ -195,8 +195,8 @@ async def _get(executor: EmpathyLLMExecutor, key: str, deadline_at: float | None
     if type(cache) is MemoryResponseCache:  # in-process: never held up
         return await cache.get(key)
     written = executor._cache_pending.get(key)
-    if written is not None:  # written behind, in flight: this process reads its writes
-        return written
+    if written is not None and written[0] == cache._generation:
+        return written[1]  # written behind, in flight: this process reads its writes
     outage = executor._cache_outage
     if outage.skip():
         executor.cache_skipped += 1
@@ -406,8 +406,9 @@ async def store(
         if executor._cache_outage.skip():
             executor.cache_skipped += 1
         else:
-            executor._cache_pending[key] = value
-            executor._fb.behind.background(_write(executor, key, value, ctx.cache_ttl))
+            generation = cache._generation
+            executor._cache_pending[key] = (generation, value)
+            executor._fb.behind.background(_write(executor, key, value, ctx.cache_ttl, generation))
         return
     try:
         await cache.set(key, value, ctx.cache_ttl)
@@ -416,15 +417,22 @@ async def store(
         logger.exception("response cache write failed (the answer is returned all the same)")
 
 
-async def _write(executor: EmpathyLLMExecutor, key: str, value: bytes, ttl: float) -> None:
+async def _write(
+    executor: EmpathyLLMExecutor, key: str, value: bytes, ttl: float, generation: int
+) -> None:
     """
     A write behind: at most `STORE_TIMEOUT` seconds (it lands later, if ever); until
-    then this process's reads of ``key`` get ``value`` (``_cache_pending``).
+    then this process's reads of ``key`` get ``value`` (``_cache_pending``).  Not made
+    when the cache was cleared since the answer came, and undone when it was cleared
+    while the write was under way (`ResponseCache._let_go`).
     """
     cache = executor._cache
     assert cache is not None
     try:
-        await executor._fb.behind.run(cache.set(key, value, ttl), STORE_TIMEOUT)
+        if cache._generation == generation:
+            await executor._fb.behind.run(
+                _set_in(cache, key, value, ttl, generation), STORE_TIMEOUT
+            )
     except Expired:
         executor.cache_errors += 1
         executor._cache_outage.failed(TimeoutError(f"no answer within {STORE_TIMEOUT:g} s"))
@@ -433,5 +441,15 @@ async def _write(executor: EmpathyLLMExecutor, key: str, value: bytes, ttl: floa
         executor._cache_outage.failed(exc)
         logger.debug("response cache write failed", exc_info=True)
     finally:
-        if executor._cache_pending.get(key) is value:
+        pending = executor._cache_pending.get(key)
+        if pending is not None and pending[1] is value:
             del executor._cache_pending[key]
+
+
+async def _set_in(
+    cache: ResponseCache, key: str, value: bytes, ttl: float, generation: int
+) -> None:
+    # a clear that came while the write was under way must not be undone by it
+    await cache.set(key, value, ttl)
+    if cache._generation != generation:
+        await cache.delete(key)

@@ -458,7 +458,8 @@ class EmpathyLLMExecutor:
         # those skipped while the cache store was degraded
         self.cache_errors = self.cache_skipped = 0
         self._cache_outage = Outage(_cache_logger, f"response cache {self._cache!r}", _SKIP)
-        self._cache_pending: dict[str, bytes] = {}  # written behind, not yet in the store
+        # written behind, not yet in the store: (the cache's generation then, the value)
+        self._cache_pending: dict[str, tuple[int, bytes]] = {}
         self._limiter = limiter_for(
             self._registry,
             budgets,

@@ -845,6 +845,7 @@ class ResponseCache(AsyncResource):
     shared: ClassVar[bool] = False
 
     _decoded: Any = None
+    _generation: int = 0
     """
     Internal: the executor's memo of the answers it decoded lately from this cache
     (`empathy_models._cached`), bounded in bytes; `clear`, `aclose` and the executor's
@@ -865,8 +866,14 @@ class ResponseCache(AsyncResource):
             self._let_go()
 
     def _let_go(self) -> None:
-        """Internal: drop the executor's memo of answers decoded from this cache."""
+        """
+        Internal: drop the executor's memo of answers decoded from this cache, and start
+        a new generation: an answer an executor writes behind from before it is not
+        stored (or is deleted again if its write was under way), so a `clear` is not
+        undone by a write landing after it.
+        """
         self._decoded = None
+        self._generation += 1
 
     @abc.abstractmethod
     async def get(self, key: str) -> bytes | None:

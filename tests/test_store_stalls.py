@@ -177,23 +177,42 @@ async def test_a_deadline_is_kept_while_the_cache_store_stalls(server: FakeLLMSe
     assert answer.content == "ok" and not answer.cached
 
 
+async def _at_gate(gate: Gate) -> None:
+    # a write behind reaches the gate within a few turns of the loop
+    for _ in range(100):
+        if gate.waiting:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the write behind never reached the gate")
+
+
 async def test_an_answer_is_written_to_the_cache_behind(server: FakeLLMServer) -> None:
     gate = Gate()
     cache = StalledCache(gate, reads=False)
     async with make(server, cache=cache) as executor:
         first = await asyncio.wait_for(executor.run("hello", CACHED), GUARD)
-        # the answer came back with the gate shut: the write waits behind (its task
-        # reaches the gate within a few turns of the loop)
-        for _ in range(100):
-            if gate.waiting:
-                break
-            await asyncio.sleep(0)
+        await _at_gate(gate)  # the answer came back with the gate shut: its write waits
         assert gate.waiting == 1
         gate.opened.set()
     # aclose waited for the write behind
     async with make(server, cache=cache) as executor:
         again = await executor.run("hello", CACHED)
     assert not first.cached and again.cached and server.requests() == 1
+
+
+async def test_a_clear_is_not_undone_by_an_answer_written_behind(server: FakeLLMServer) -> None:
+    # the answer's write is under way (at the gate) when the cache is cleared: this
+    # process does not read it back, and it is not in the store once the write is done
+    gate = Gate()
+    cache = StalledCache(gate, reads=False)
+    async with make(server, cache=cache) as executor:
+        await asyncio.wait_for(executor.run("hello", CACHED), GUARD)
+        await _at_gate(gate)
+        assert await cache.clear() == 0
+        again = await asyncio.wait_for(executor.run("hello", CACHED), GUARD)
+        gate.opened.set()
+    assert not again.cached and server.requests() == 2
+    assert await cache.clear() == 1  # the second answer's; the first one's is gone
 
 
 async def test_a_deadline_is_kept_while_the_quota_store_stalls(server: FakeLLMServer) -> None:
