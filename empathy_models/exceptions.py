@@ -18,7 +18,7 @@ bad input a `ValueError`)::
     │   ├── RateLimitedError                     429, with retry_after
     │   ├── AuthenticationError (PermissionError) 401 / 402 / 403, quota exhausted
     │   │   └── MissingAPIKeyError (also a ConfigurationError) no key configured: never sent
-    │   ├── ModelNotFoundError (LookupError)     404 / unknown model
+    │   ├── ModelNotFoundError (LookupError)     404 / unknown model / 403 model_not_found
     │   ├── InvalidRequestError (ValueError)     400
     │   │   ├── ContextWindowExceededError       the prompt does not fit
     │   │   └── ContentPolicyError               refused by the provider's policy
@@ -190,7 +190,10 @@ class MissingAPIKeyError(AuthenticationError, ConfigurationError):
 
 
 class ModelNotFoundError(ProviderError, LookupError):
-    """HTTP 404 or an unknown model id."""
+    """
+    HTTP 404, an unknown model id, or a 403 ``model_not_found`` (OpenAI: the project
+    may not use this model): one model is out of reach, not the provider.
+    """
 
 
 class InvalidRequestError(ProviderError, ValueError):

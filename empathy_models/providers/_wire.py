@@ -285,6 +285,8 @@ def error_from_response(
         cls = AuthenticationError  # OpenAI's "no credit left": waiting will not help
     elif status == 429:
         cls = RateLimitedError
+    elif status == 403 and code == "model_not_found":
+        cls = ModelNotFoundError  # OpenAI: the project may not use this one model
     elif status in (401, 402, 403):  # 402: the account cannot pay, not a bad request
         cls = AuthenticationError
     elif status == 404:
