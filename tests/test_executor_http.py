@@ -47,6 +47,7 @@ from empathy_models import (
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
 from empathy_models.exceptions import (
+    AuthenticationError,
     ContextWindowExceededError,
     InvalidRequestError,
     InvalidResponseError,
@@ -764,6 +765,55 @@ async def test_a_403_naming_one_inaccessible_model_blocks_only_that_model(
     assert (refused.status_code, refused.error_type, refused.outcome) == (
         403,
         ModelNotFoundError.__name__,
+        Outcome.FATAL,
+    )
+    assert sleep.delays == []
+
+
+# Anthropic's account errors, sent as 400 invalid_request_error
+ACCOUNT_400S = [
+    "Your credit balance is too low to access the Anthropic API. Please go to Plans & "
+    "Billing to upgrade or purchase credits.",
+    "This organization has been disabled.",
+]
+
+
+@pytest.mark.parametrize("message", ACCOUNT_400S, ids=["credit", "disabled"])
+async def test_an_anthropic_account_error_sent_as_a_400_falls_back_to_another_provider(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep, message: str
+) -> None:
+    """
+    Out of credit or a disabled organization is the account, not the request: the next
+    provider answers and the Anthropic provider is forced open, as for a 402.
+    """
+    error = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(error, status=400)
+
+    async with serving("/v1/messages", answer) as url, CircuitBreaker() as breaker:
+        executor = EmpathyLLMExecutor(
+            [
+                AnthropicProvider(api_key=KEY, base_url=url),
+                OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+            ],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            sleep=sleep,
+            breaker=breaker,
+        )
+        async with executor:
+            first = await executor.run("hello", CHEAP)
+            second = await executor.run("hello", CHEAP)
+            status = await breaker.get_status(breaker.key_for("anthropic"))
+    assert first.fallback_chain == ("claude-fake-haiku", "gpt-fake-mini")
+    assert second.fallback_chain == ("gpt-fake-mini",)
+    assert status.state is CircuitState.FORCED_OPEN
+    refused = (await records_of(telemetry))[0]
+    assert (refused.status_code, refused.error_type, refused.outcome) == (
+        400,
+        AuthenticationError.__name__,
         Outcome.FATAL,
     )
     assert sleep.delays == []
