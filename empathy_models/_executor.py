@@ -48,10 +48,10 @@ What `EmpathyLLMExecutor.run` does, in order:
    ======================================  ==============================================
    timeout, connection, 5xx, 429           retried on the route, then the next route
    429 whose Retry-After exceeds the cap   next route at once (no sleeping)
-   401, 402, 403, 404                      next route at once (no retry); a 404 names
-                                           one model, so it is reported to a breaker
-                                           key shared by the provider's models as
-                                           ignored, not fatal
+   401, 402, 403, 404                      next route at once (no retry); a 404 (or a
+                                           403 ``model_not_found``) names one model, so
+                                           it is reported to a breaker key shared by
+                                           the provider's models as ignored, not fatal
    no API key configured (local; only a    next route at once; recorded as
    pinned model gets here)                 ``not_sent``, which neither the router nor
                                            the breaker counts (not the provider's fault)

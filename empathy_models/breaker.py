@@ -180,9 +180,10 @@ def provider_outcome(outcome: Outcome, exc: BaseException | None) -> Outcome:
 
     Only what is provider-wide counts there: a success is a success (it ends a streak and
     closes a half-open provider key); an account error (401, 402, 403, OpenAI's
-    ``insufficient_quota``: `AuthenticationError`) is fatal; a connection-level failure
-    (refused, reset, DNS: `ProviderConnectionError`) is a failure; a cancellation stays
-    a cancellation (a probe gets its lease back).  Everything else that names one model
+    ``insufficient_quota``, Anthropic's out-of-credit or disabled-organization 400:
+    `AuthenticationError`) is fatal; a connection-level failure (refused, reset, DNS:
+    `ProviderConnectionError`) is a failure; a cancellation stays a cancellation (a
+    probe gets its lease back).  Everything else that names one model
     (a 5xx, a timeout, a 429, a 404, a bad answer) is ``ignored`` by the provider key and
     counts only on the model's own key.
 

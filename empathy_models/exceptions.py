@@ -16,9 +16,9 @@ bad input a `ValueError`)::
     │   ├── ProviderTimeoutError (TimeoutError)  no answer before the deadline
     │   ├── ProviderConnectionError (ConnectionError)
     │   ├── RateLimitedError                     429, with retry_after
-    │   ├── AuthenticationError (PermissionError) 401 / 402 / 403, quota exhausted
+    │   ├── AuthenticationError (PermissionError) 401 / 402 / 403, no credit, account disabled
     │   │   └── MissingAPIKeyError (also a ConfigurationError) no key configured: never sent
-    │   ├── ModelNotFoundError (LookupError)     404 / unknown model
+    │   ├── ModelNotFoundError (LookupError)     404 / unknown model / 403 model_not_found
     │   ├── InvalidRequestError (ValueError)     400
     │   │   ├── ContextWindowExceededError       the prompt does not fit
     │   │   └── ContentPolicyError               refused by the provider's policy
@@ -176,7 +176,11 @@ class RateLimitedError(ProviderError):
 
 
 class AuthenticationError(ProviderError, PermissionError):
-    """HTTP 401 or 403: the key is missing, wrong or not allowed to use the model."""
+    """
+    HTTP 401, 402 or 403, or an account out of credit or disabled (OpenAI's 429
+    ``insufficient_quota``; Anthropic's 400 "Your credit balance is too low ..." and
+    "This organization has been disabled."): the key or the account cannot be used.
+    """
 
 
 class MissingAPIKeyError(AuthenticationError, ConfigurationError):
@@ -190,7 +194,10 @@ class MissingAPIKeyError(AuthenticationError, ConfigurationError):
 
 
 class ModelNotFoundError(ProviderError, LookupError):
-    """HTTP 404 or an unknown model id."""
+    """
+    HTTP 404, an unknown model id, or a 403 ``model_not_found`` (OpenAI: the project
+    may not use this model): one model is out of reach, not the provider.
+    """
 
 
 class InvalidRequestError(ProviderError, ValueError):

@@ -47,15 +47,18 @@ from empathy_models import (
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
 from empathy_models.exceptions import (
+    AuthenticationError,
     ContextWindowExceededError,
     InvalidRequestError,
     InvalidResponseError,
+    ModelNotFoundError,
     ProviderTimeoutError,
     ServerError,
 )
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
 from tests._fakes import HintBreaker
+from tests._serving import serving
 
 KEY = "test-key-0123"
 
@@ -694,6 +697,126 @@ async def test_a_404_still_forces_open_a_per_model_key(
         await executor.run("hello", CHEAP)
         status = await breaker.get_status(breaker.key_for("anthropic", "claude-fake-haiku"))
     assert status.state is CircuitState.FORCED_OPEN
+
+
+# a 403 for one model the project may not use, as OpenAI sends it
+NO_ACCESS = {
+    "error": {
+        "message": "Project `proj_9KoeXdtHe0YQ` does not have access to model `gpt-fake-4o`",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "model_not_found",
+    }
+}
+TWO_OPENAI_MODELS = ModelRegistry(
+    models=[
+        attrs.evolve(
+            REGISTRY.get("gpt-fake-4o"),
+            tier="cheap",
+            input_price_per_mtok=0.5,
+            output_price_per_mtok=2.0,
+        ),
+        REGISTRY.get("gpt-fake-mini"),
+    ],
+    price_version="http-test-403",
+)
+
+
+async def test_a_403_naming_one_inaccessible_model_blocks_only_that_model(
+    telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    OpenAI answers a model the project may not use with 403 ``model_not_found``: like a
+    404 it names one model, so the next route answers and the project's other models of
+    the provider stay usable.
+    """
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["model"] == "gpt-fake-4o":
+            return web.json_response(NO_ACCESS, status=403)
+        message = {"role": "assistant", "content": "hi", "refusal": None}
+        return web.json_response(
+            {
+                "id": "chatcmpl-1",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 1},
+            }
+        )
+
+    async with serving("/v1/chat/completions", answer) as url, CircuitBreaker() as breaker:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+            registry=TWO_OPENAI_MODELS,
+            telemetry_store=telemetry,
+            sleep=sleep,
+            breaker=breaker,
+        )
+        async with executor:
+            first = await executor.run("hello", CHEAP)
+            second = await executor.run("hello", CHEAP)
+            provider_key = await breaker.get_status(breaker.key_for("openai"))
+            model_key = await breaker.get_status(breaker.key_for("openai", "gpt-fake-4o"))
+    assert first.fallback_chain == ("gpt-fake-4o", "gpt-fake-mini")
+    assert second.fallback_chain == ("gpt-fake-mini",)
+    assert provider_key.state is CircuitState.CLOSED
+    assert model_key.state is CircuitState.FORCED_OPEN
+    refused = (await records_of(telemetry))[0]
+    assert (refused.status_code, refused.error_type, refused.outcome) == (
+        403,
+        ModelNotFoundError.__name__,
+        Outcome.FATAL,
+    )
+    assert sleep.delays == []
+
+
+# Anthropic's account errors, sent as 400 invalid_request_error
+ACCOUNT_400S = [
+    "Your credit balance is too low to access the Anthropic API. Please go to Plans & "
+    "Billing to upgrade or purchase credits.",
+    "This organization has been disabled.",
+]
+
+
+@pytest.mark.parametrize("message", ACCOUNT_400S, ids=["credit", "disabled"])
+async def test_an_anthropic_account_error_sent_as_a_400_falls_back_to_another_provider(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep, message: str
+) -> None:
+    """
+    Out of credit or a disabled organization is the account, not the request: the next
+    provider answers and the Anthropic provider is forced open, as for a 402.
+    """
+    error = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(error, status=400)
+
+    async with serving("/v1/messages", answer) as url, CircuitBreaker() as breaker:
+        executor = EmpathyLLMExecutor(
+            [
+                AnthropicProvider(api_key=KEY, base_url=url),
+                OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+            ],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            sleep=sleep,
+            breaker=breaker,
+        )
+        async with executor:
+            first = await executor.run("hello", CHEAP)
+            second = await executor.run("hello", CHEAP)
+            status = await breaker.get_status(breaker.key_for("anthropic"))
+    assert first.fallback_chain == ("claude-fake-haiku", "gpt-fake-mini")
+    assert second.fallback_chain == ("gpt-fake-mini",)
+    assert status.state is CircuitState.FORCED_OPEN
+    refused = (await records_of(telemetry))[0]
+    assert (refused.status_code, refused.error_type, refused.outcome) == (
+        400,
+        AuthenticationError.__name__,
+        Outcome.FATAL,
+    )
+    assert sleep.delays == []
 
 
 # --------------------------------------------------------------------------- absurd usage

@@ -613,6 +613,51 @@ def test_openai_insufficient_quota_429_is_an_account_error_not_a_rate_limit() ->
     assert type(limited) is RateLimitedError and limited.retry_after == 2.0
 
 
+def test_a_403_naming_a_model_the_project_may_not_use_is_model_not_found() -> None:
+    """
+    OpenAI's 403 ``model_not_found`` names one model (a `ModelNotFoundError`, like a
+    404); any other 403 is the key's (an `AuthenticationError`).
+    """
+    body = (
+        b'{"error":{"message":"Project `proj_1` does not have access to model `gpt-4o`",'
+        b'"type":"invalid_request_error","param":null,"code":"model_not_found"}}'
+    )
+    exc = error_from_response(403, body, {}, provider="openai", model="gpt-4o")
+    assert type(exc) is ModelNotFoundError and exc.status == 403
+    denied = error_from_response(
+        403,
+        b'{"error":{"message":"not allowed","type":"permission_error"}}',
+        {},
+        provider="openai",
+        model="gpt-4o",
+    )
+    assert type(denied) is AuthenticationError
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "Your credit balance is too low to access the Anthropic API. Please go to "
+            "Plans & Billing to upgrade or purchase credits.",
+            AuthenticationError,
+        ),
+        ("This organization has been disabled.", AuthenticationError),
+        ("max_tokens: 100000 > 8192, the maximum for this model", InvalidRequestError),
+        ("messages: the credit balance field is unknown", InvalidRequestError),
+    ],
+)
+def test_anthropic_account_errors_sent_as_a_400_are_account_errors(
+    message: str, expected: type[Exception]
+) -> None:
+    """Out of credit and a disabled organization come as 400s; other 400s stay requests'."""
+    body = json.dumps(
+        {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    ).encode()
+    exc = error_from_response(400, body, {}, provider="anthropic", model="m")
+    assert type(exc) is expected and exc.status == 400
+
+
 async def test_a_redirect_is_not_followed_so_the_key_never_reaches_another_host(
     wire: str,
 ) -> None:

@@ -468,3 +468,124 @@ async def test_a_streamed_answer_the_check_refuses_is_a_parse_error(
             assert "the answer is not JSON" in (response.parse_error or "")
         records = await telemetry.recent(limit=5)
     assert [r.outcome for r in records] == [Outcome.SUCCESS] * 3
+
+
+# a web search the server runs itself, then a client tool call (Anthropic's documented
+# shapes): the server tool's block is not a call the caller answers
+SEARCH_INPUT = {"query": "weather in Oslo"}
+SERVER_TOOL_BLOCKS: list[dict[str, Any]] = [
+    {"type": "text", "text": "I'll search for that."},
+    {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": SEARCH_INPUT},
+    {
+        "type": "web_search_tool_result",
+        "tool_use_id": "srvtoolu_1",
+        "content": [
+            {
+                "type": "web_search_result",
+                "title": "Oslo weather",
+                "url": "https://example.com/oslo",
+                "encrypted_content": "x",
+                "page_age": None,
+            }
+        ],
+    },
+    {"type": "text", "text": " It is mild."},
+    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": OSLO},
+]
+
+
+def _anthropic_answer(blocks: list[dict[str, Any]], stop: str | None) -> dict[str, Any]:
+    return {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": CLAUDE,
+        "content": blocks,
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 25, "output_tokens": 40},
+    }
+
+
+def _anthropic_events(blocks: list[dict[str, Any]], stop: str) -> bytes:
+    """``blocks`` streamed as the Messages API streams them (inputs as input_json_delta)."""
+
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
+
+    start = _anthropic_answer([], None)
+    out = [event("message_start", {"message": start | {"usage": {"input_tokens": 25}}})]
+    for index, block in enumerate(blocks):
+        opened, delta = block, None
+        if block["type"] == "text":
+            opened = {"type": "text", "text": ""}
+            delta = {"type": "text_delta", "text": block["text"]}
+        elif "input" in block:
+            opened = block | {"input": {}}
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        out.append(event("content_block_start", {"index": index, "content_block": opened}))
+        if delta is not None:
+            out.append(event("content_block_delta", {"index": index, "delta": delta}))
+        out.append(event("content_block_stop", {"index": index}))
+    delta = {"delta": {"stop_reason": stop, "stop_sequence": None}, "usage": {"output_tokens": 40}}
+    out += [event("message_delta", delta), event("message_stop", {})]
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("client_call", [False, True], ids=["search-only", "search-then-call"])
+async def test_a_server_tool_streams_as_it_answers_whole_and_is_no_call_to_answer(
+    client_call: bool,
+) -> None:
+    """
+    A server tool (web search) sends ``server_tool_use`` and its ``input_json_delta``
+    pieces: the stream reads them as the official SDK does, and, as in a whole answer,
+    only ``tool_use`` blocks are calls the caller must answer.
+    """
+    blocks = SERVER_TOOL_BLOCKS if client_call else SERVER_TOOL_BLOCKS[:-1]
+    stop = "tool_use" if client_call else "end_turn"
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            return web.json_response(_anthropic_answer(blocks, stop))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_anthropic_events(blocks, stop))
+        await response.write_eof()
+        return response
+
+    search = {"type": "web_search_20250305", "name": "web_search", "max_uses": 3}
+    async with serving("/v1/messages", handler) as url:
+        executor = EmpathyLLMExecutor(
+            [AnthropicProvider(api_key=KEY, base_url=url)],
+            registry=CHEAP_ONLY,
+            telemetry_store="null://",
+            retry=RetryPolicy.none(),
+            sleep=NoSleep(),
+        )
+        async with executor:
+            whole = await executor.run(
+                "Weather?", pinned(CLAUDE), tools=[WEATHER], extra_body={"tools": [search]}
+            )
+            async with executor.stream(
+                "Weather?", pinned(CLAUDE), tools=[WEATHER], extra_body={"tools": [search]}
+            ) as stream:
+                events = [e async for e in stream.events()]
+                streamed = await stream.get_final_response()
+        async with (
+            anthropic.AsyncAnthropic(api_key=KEY, base_url=url, max_retries=0) as client,
+            client.messages.stream(
+                model=CLAUDE, max_tokens=100, messages=[{"role": "user", "content": "Weather?"}]
+            ) as sdk_stream,
+        ):
+            final = await sdk_stream.get_final_message()
+    assert [b.type for b in final.content] == [b["type"] for b in blocks]
+    assert final.content[1].input == SEARCH_INPUT  # type: ignore[union-attr]
+    text = "I'll search for that. It is mild."
+    assert streamed.content == whole.content == text
+    assert "".join(e for e in events if isinstance(e, str)) == text
+    assert streamed.stop_reason == whole.stop_reason == stop
+    calls = [(c.id, c.name, dict(c.arguments)) for c in streamed.tool_calls]
+    assert calls == [(c.id, c.name, dict(c.arguments)) for c in whole.tool_calls]
+    assert calls == ([("toolu_1", "get_weather", OSLO)] if client_call else [])
+    pieces = [e for e in events if isinstance(e, ToolCallDelta)]
+    assert {p.index for p in pieces} == ({0} if client_call else set())

@@ -453,6 +453,84 @@ async def test_a_providers_stream_matches_its_whole_answer(api: str) -> None:
     assert streamed.stop_reason == whole.stop_reason
 
 
+# OpenAI-format answers with no content and no call: (message, streamed delta, finish)
+NO_CONTENT = {
+    "filtered": ({"role": "assistant", "content": None}, {}, "content_filter"),  # Azure
+    "reasoned-out": (  # vLLM: a reasoning model spent max_tokens thinking
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": "Let me think",
+            "tool_calls": [],
+        },
+        {"reasoning_content": "Let me think"},
+        "length",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", NO_CONTENT)
+async def test_an_openai_answer_without_content_reads_alike_whether_streamed_or_not(
+    case: str,
+) -> None:
+    """
+    Null content with a finish reason and no call (Azure's output filter, a reasoning
+    model out of tokens) is an empty answer with that stop reason, streamed or not.
+    """
+    message, delta, finish = NO_CONTENT[case]
+    usage = {"prompt_tokens": 12, "completion_tokens": 64}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        base = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m"}
+        if not (await request.json()).get("stream"):
+            choice = {"index": 0, "message": message, "finish_reason": finish}
+            return web.json_response(base | {"choices": [choice], "usage": usage})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for choices, extra in (
+            ([{"index": 0, "delta": {"role": "assistant", **delta}, "finish_reason": None}], {}),
+            ([{"index": 0, "delta": {}, "finish_reason": finish}], {}),
+            ([], {"usage": usage}),
+        ):
+            chunk = base | {"object": "chat.completion.chunk", "choices": choices, **extra}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async with (
+        serving("/v1/chat/completions", handler) as url,
+        OpenAIProvider(api_key=KEY, base_url=f"{url}/v1") as provider,
+    ):
+        whole = await provider.complete(request("m"))
+        stream = await provider.stream(request("m"))
+        assert [delta async for delta in stream] == []
+        streamed = stream.completion()
+    for answer in (whole, streamed):
+        assert (answer.content, answer.stop_reason, answer.tool_calls) == ("", finish, ())
+        assert (answer.input_tokens, answer.output_tokens) == (12, 64)
+
+
+async def test_an_openai_answer_without_content_or_a_finish_reason_is_malformed() -> None:
+    """Null content with no call, no refusal and no finish reason says nothing: refused."""
+    answer = {
+        "id": "chatcmpl-1",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": None}}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 0},
+    }
+
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(answer)
+
+    async with (
+        serving("/v1/chat/completions", handler) as url,
+        OpenAIProvider(api_key=KEY, base_url=f"{url}/v1") as provider,
+    ):
+        with pytest.raises(InvalidResponseError, match="content is missing"):
+            await provider.complete(request("m"))
+
+
 @pytest.mark.parametrize(
     ("api", "error"), [("openai", ServerError), ("anthropic", OverloadedError)]
 )

@@ -13,8 +13,14 @@ what happened                              raised
 400 (body says content policy)             `ContentPolicyError`
 400, 413, 422 and other 4xx                `InvalidRequestError`
 401, 403, 402 (billing: out of credit)     `AuthenticationError`
+400 saying the account is out of credit    `AuthenticationError`
+or disabled (Anthropic: "Your credit
+balance is too low ...", "This
+organization has been disabled.")
 404, or a 400 naming an unknown model      `ModelNotFoundError`
-("Invalid model name", as from LiteLLM)
+("Invalid model name", as from LiteLLM),
+or a 403 ``model_not_found`` (OpenAI: a
+model the project may not use)
 408                                        `ProviderTimeoutError`
 429                                        `RateLimitedError` (``retry_after`` set)
 429 ``insufficient_quota`` (no credit)     `AuthenticationError`

@@ -14,9 +14,10 @@ adds before ``data: [DONE]``, and an ``{"error": ...}`` object sent mid-stream).
 ``content_block_start`` / ``content_block_delta`` / ``content_block_stop``,
 ``message_delta``, ``message_stop``, ``ping``, and ``error`` mid-stream).  Both return
 the text deltas (`str`) and tool-call pieces (`ToolCallDelta`: OpenAI's
-``delta.tool_calls[]``, Anthropic's ``tool_use`` block start and ``input_json_delta``)
-of each piece fed to them and keep the usage, stop reason, ids and the tool calls seen
-so far; an ``error`` event raises the `ProviderError` its type maps to (an
+``delta.tool_calls[]``, Anthropic's ``tool_use`` block start and ``input_json_delta``;
+a server tool's block, ``server_tool_use`` or ``mcp_tool_use``, is no call: its input
+is read and dropped) of each piece fed to them and keep the usage, stop reason, ids
+and the tool calls seen so far; an ``error`` event raises the `ProviderError` its type maps to (an
 ``overloaded_error`` is an `OverloadedError`, as a 529 would be).
 """
 
@@ -51,6 +52,9 @@ _scan: Final = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 _SLIPS: Final = (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError)
 """What reading an odd event may raise beyond the checks: a malformed event, like the rest."""
+
+_SERVER_TOOL_BLOCKS: Final = frozenset({"server_tool_use", "mcp_tool_use"})
+"""Anthropic's blocks of a tool the API runs itself: input deltas follow, no call does."""
 
 DEFAULT_MAX_EVENT_BYTES: Final = 1024 * 1024
 """The longest SSE line or event a decoder buffers (1 MiB; a chunk is well under 1 KiB)."""
@@ -615,10 +619,30 @@ class OpenAIStreamDecoder(StreamDecoder):
 
 
 class AnthropicStreamDecoder(StreamDecoder):
-    """Anthropic Messages events (``content_block_delta`` text; usage in start and delta)."""
+    """
+    Anthropic Messages events (``content_block_delta`` text; usage in start and delta).
 
-    __slots__ = ()
+    A ``tool_use`` block is a tool call; a server tool's block (``server_tool_use``,
+    ``mcp_tool_use``: the API runs the tool itself) is not one the caller answers, so
+    its ``input_json_delta`` pieces are read and dropped, as a whole answer drops the
+    block.
+    """
+
+    __slots__ = ("_server_blocks",)
     api = "anthropic"
+
+    def __init__(
+        self,
+        *,
+        provider: str,
+        model: str,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        secret: _Secrets | None = None,
+    ) -> None:
+        super().__init__(
+            provider=provider, model=model, max_event_bytes=max_event_bytes, secret=secret
+        )
+        self._server_blocks: set[int] = set()  # the wire's indexes of server tool blocks
 
     def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
         if event == "ping":
@@ -636,28 +660,19 @@ class AnthropicStreamDecoder(StreamDecoder):
             elif isinstance(delta, dict) and delta.get("type") == "input_json_delta":
                 partial = delta.get("partial_json")
                 block = body.get("index")
-                if not isinstance(partial, str) or not _index(block) or block not in self._slots:
+                if (
+                    not isinstance(partial, str)
+                    or not _index(block)
+                    or (block not in self._slots and block not in self._server_blocks)
+                ):
                     raise self._invalid(
                         "input_json_delta needs partial_json (a string) and the index of a "
-                        "tool_use block started before it"
+                        "tool_use or server tool block started before it"
                     )
-                if partial:
+                if partial and block in self._slots:  # a server tool's input is dropped
                     out.append(self._call_piece(block, None, None, partial))
         elif kind == "content_block_start":
-            block = body.get("content_block")
-            if isinstance(block, dict) and block.get("type") == "tool_use":
-                call_id, name, index = block.get("id"), block.get("name"), body.get("index")
-                if not isinstance(call_id, str) or not isinstance(name, str):
-                    raise self._invalid("a tool_use block needs an id and a name (strings)")
-                if not _index(index):
-                    raise self._invalid("content_block_start.index must be an integer")
-                given = block.get("input", {})
-                if not isinstance(given, dict):
-                    raise self._invalid("a tool_use block's input must be an object")
-                # the input arrives as input_json_delta pieces; a non-empty one given
-                # here whole (a server that does not stream it) is kept as its text
-                start = json_text(given) if given else ""
-                out.append(self._call_piece(index, call_id, name, start))
+            self._block_start(body, out)
         elif kind == "message_start":
             message = body.get("message")
             if not isinstance(message, dict):
@@ -685,5 +700,30 @@ class AnthropicStreamDecoder(StreamDecoder):
             self.finished = True
         elif kind == "error":
             raise self._stream_error(body.get("error"))
-        # content_block_stop, text blocks' content_block_start and new event types
-        # carry nothing to keep
+        # content_block_stop and new event types carry nothing to keep
+
+    def _block_start(self, body: dict[str, Any], out: list[str | ToolCallDelta]) -> None:
+        """
+        ``content_block_start``: a ``tool_use`` block starts a call, a server tool's
+        block is remembered (its input pieces are dropped), any other carries nothing.
+        """
+        block = body.get("content_block")
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind in _SERVER_TOOL_BLOCKS:
+            index = body.get("index")
+            if not _index(index):
+                raise self._invalid("content_block_start.index must be an integer")
+            self._server_blocks.add(index)
+        elif isinstance(block, dict) and kind == "tool_use":
+            call_id, name, index = block.get("id"), block.get("name"), body.get("index")
+            if not isinstance(call_id, str) or not isinstance(name, str):
+                raise self._invalid("a tool_use block needs an id and a name (strings)")
+            if not _index(index):
+                raise self._invalid("content_block_start.index must be an integer")
+            given = block.get("input", {})
+            if not isinstance(given, dict):
+                raise self._invalid("a tool_use block's input must be an object")
+            # the input arrives as input_json_delta pieces; a non-empty one given
+            # here whole (a server that does not stream it) is kept as its text
+            start = json_text(given) if given else ""
+            out.append(self._call_piece(index, call_id, name, start))

@@ -63,6 +63,12 @@ _CONTEXT_MARKERS: Final = (
 )
 _POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
 _POLICY_MARKERS: Final = ("content filtering policy", "usage policy", "content policy")
+# a 400 that is the account's, not the request's (Anthropic sends these as
+# invalid_request_error): no credit left, or the organization disabled
+_ACCOUNT_MARKERS: Final = (
+    "your credit balance is too low to access the anthropic api",
+    "this organization has been disabled",
+)
 # a 400 that names an unknown model (LiteLLM's proxy: "Invalid model name passed in
 # model=..."; OpenAI-compatible servers: "model ... does not exist" / "model_not_found")
 _UNKNOWN_MODEL_MARKERS: Final = (
@@ -285,8 +291,12 @@ def error_from_response(
         cls = AuthenticationError  # OpenAI's "no credit left": waiting will not help
     elif status == 429:
         cls = RateLimitedError
+    elif status == 403 and code == "model_not_found":
+        cls = ModelNotFoundError  # OpenAI: the project may not use this one model
     elif status in (401, 402, 403):  # 402: the account cannot pay, not a bad request
         cls = AuthenticationError
+    elif status == 400 and any(marker in lowered for marker in _ACCOUNT_MARKERS):
+        cls = AuthenticationError  # Anthropic's account errors, sent as a 400
     elif status == 404:
         cls = ModelNotFoundError
     elif status == 408:

@@ -28,9 +28,10 @@ class AnthropicProvider(HTTPProvider):
     response's ``usage.input_tokens`` / ``usage.output_tokens`` (cache reads and writes
     are not included); ``request_id`` is the ``request-id`` header.  The ``model`` of the
     `Completion` is the id that was asked for, so it matches the registry.  Tool calls
-    are the ``tool_use`` blocks; a ``response_format`` is sent as the API's structured
-    outputs parameter ``output_config.format``; ``seed`` has no counterpart and is not
-    sent (see ``empathy_models.providers._convert``).
+    are the ``tool_use`` blocks (a server tool's ``server_tool_use`` block, run by the
+    API itself, is none, streamed or not); a ``response_format`` is sent as the API's
+    structured outputs parameter ``output_config.format``; ``seed`` has no counterpart
+    and is not sent (see ``empathy_models.providers._convert``).
 
     Args:
         api_key: defaults to ``ANTHROPIC_API_KEY`` (read at construction) only for

@@ -31,8 +31,11 @@ class OpenAIProvider(HTTPProvider):
     ``usage.prompt_tokens`` / ``usage.completion_tokens``; ``request_id`` is the
     ``x-request-id`` header.  The ``model`` of the `Completion` is the id asked for.
     Tool calls are read from ``message.tool_calls`` (``content`` is then ``""`` when the
-    server sent null); tools, images, tool results and ``response_format`` are sent as
-    the API documents them (see ``empathy_models.providers._convert``).
+    server sent null); a null ``content`` with a ``finish_reason`` and no call (Azure's
+    output filter: ``"content_filter"``; a reasoning model out of tokens: ``"length"``)
+    is ``""`` with that stop reason, as the same answer streamed is; tools, images, tool
+    results and ``response_format`` are sent as the API documents them (see
+    ``empathy_models.providers._convert``).
 
     Args:
         api_key: defaults to ``OPENAI_API_KEY`` (read at construction) only for
@@ -130,12 +133,14 @@ class OpenAIProvider(HTTPProvider):
         content = message.get("content")
         stop_reason = reader.optional_str(choice, "finish_reason")
         tool_calls = openai_tool_calls(reader, message, "response.choices[0].message")
-        if content is None and tool_calls:
-            content = ""
-        elif content is None:
-            if not isinstance(message.get("refusal"), str):
-                reader.fail("response.choices[0].message.content is missing")
+        if content is None and isinstance(message.get("refusal"), str) and not tool_calls:
             content, stop_reason = "", "refusal"
+        elif content is None:
+            # a call, or a finish reason saying why nothing was written (an output
+            # filter's "content_filter", "length" after reasoning): empty, as streamed
+            if not tool_calls and stop_reason is None:
+                reader.fail("response.choices[0].message.content is missing")
+            content = ""
         elif not isinstance(content, str):
             reader.fail("response.choices[0].message.content must be a string")
         usage = reader.get(data, "usage", dict, "response")
