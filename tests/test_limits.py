@@ -611,6 +611,55 @@ async def test_a_providers_429_pushes_the_shared_schedule_back(server: FakeLLMSe
     assert not grant.granted and 19.0 < grant.wait <= 20.1
 
 
+async def test_a_429_after_a_slow_call_holds_the_schedule_from_when_it_came(
+    server: FakeLLMServer,
+) -> None:
+    from empathy_models.testing import ModelBehavior
+
+    server.set_behavior("gpt-cheap", ModelBehavior(retry_after=20))
+    server.script("gpt-cheap", [429])
+    slow = [0.0]  # the store's clock runs 100 s on once the call has its place
+
+    def clock() -> float:
+        now = time.time() + slow[0]
+        slow[0] = 100.0
+        return now
+
+    store = MemoryQuotaStore(clock=clock)
+    limits = {"openai": RateLimit(rpm=6000)}
+    async with (
+        store,
+        make(server, rate_limits=limits, quota_store=store, rate_limit_wait=1.0) as executor,
+    ):
+        await executor.run("hello", ExecutionContext(model="gpt-cheap"))
+        # the call took 100 s, then its 429 said "come back in 20 s": 20 s from then
+        grant = await store.acquire("rpm:openai", cost=1.0, interval=0.01, burst=1.0, max_wait=0.0)
+    assert not grant.granted and 19.0 < grant.wait <= 20.1
+
+
+async def test_workers_told_the_same_reset_together_push_the_schedule_back_once(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    from empathy_models.testing import ModelBehavior
+
+    server.set_behavior("gpt-cheap", ModelBehavior(retry_after=20))
+    server.script("gpt-cheap", [429, 429, 429])
+    url = f"sqlite:///{tmp_path}/quota.db"
+    limits = {"openai": RateLimit(rpm=6000)}
+    workers = [make(server, rate_limits=limits, quota_store=url) for _ in range(3)]
+    async with contextlib.AsyncExitStack() as stack:
+        for worker in workers:
+            await stack.enter_async_context(worker)
+        answers = await asyncio.gather(
+            *(w.run("hello", ExecutionContext(model="gpt-cheap")) for w in workers)
+        )
+    assert [a.model for a in answers] == ["claude-other"] * 3  # each 429 fell back
+    async with SQLiteQuotaStore(tmp_path / "quota.db") as store:
+        grant = await store.acquire("rpm:openai", cost=1.0, interval=0.01, burst=1.0, max_wait=0.0)
+    # every worker's 429 said "20 s from now": the schedule moved to that time once
+    assert not grant.granted and 19.0 < grant.wait <= 20.1
+
+
 async def test_a_providers_wait_pushes_the_schedule_back_ten_minutes_at_most(
     server: FakeLLMServer, caplog: pytest.LogCaptureFixture
 ) -> None:
