@@ -84,13 +84,14 @@ async def server() -> AsyncIterator[FakeLLMServer]:
 
 
 def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
+    options.setdefault("registry", REGISTRY)
     providers = [
         OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
         AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
     ]
     options.setdefault("retry", RetryPolicy.none())
     options.setdefault("telemetry_store", MemoryTelemetryBackend())
-    return EmpathyLLMExecutor(providers, registry=REGISTRY, **options)
+    return EmpathyLLMExecutor(providers, **options)
 
 
 # --------------------------------------------------------------------------- values
@@ -289,6 +290,87 @@ async def test_a_budget_too_small_for_the_model_goes_to_a_cheaper_one_that_fits(
     assert response.model == "gpt-cheap"
     assert response.fallback_chain == ("gpt-cheap",)  # gpt-dear was never called
     assert server.requests("gpt-dear") == 0
+
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP4//8/AAX+Av6n1qSFAAAAAElFTkSuQmCC"
+SCHEMA = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+
+
+def _with_plain(*others: ModelInfo) -> ModelRegistry:
+    """REGISTRY's gpt-dear and claude-other, and gpt-plain: cheaper, no capabilities."""
+    plain = attrs.evolve(_model("gpt-plain", "openai", 8.0), capabilities=[])
+    dear = [m for m in REGISTRY.models if m.id != "gpt-cheap"]
+    return ModelRegistry(models=[*dear, plain, *others], price_version="plain-1")
+
+
+@pytest.mark.parametrize("needs", ["tools", "json_schema", "images", "streaming"])
+async def test_a_budgets_cheaper_model_is_one_that_can_serve_the_request(
+    server: FakeLLMServer, needs: str
+) -> None:
+    from empathy_models import Message
+    from empathy_models.content import ImageBlock, TextBlock, Tool
+
+    registry = _with_plain(_model("gpt-cheap", "openai", 5.0))
+    prompt: Any = "hello"
+    options: dict[str, Any] = {}
+    if needs == "tools":
+        options["tools"] = [Tool(name="f", description="d", parameters={"type": "object"})]
+    elif needs == "json_schema":
+        options["response_format"] = SCHEMA
+    elif needs == "images":
+        image = ImageBlock.from_base64(PNG, "image/png")
+        prompt = [Message(role="user", content=[TextBlock(text="what is it?"), image])]
+    # gpt-dear may cost $0.05, gpt-plain $0.008, gpt-cheap $0.005: $0.01 covers the two
+    ctx = ExecutionContext(model="gpt-dear", max_tokens=1000)
+    async with make(server, registry=registry, budgets=[Budget(limit_usd=0.01)]) as executor:
+        plain = await executor.run("hello", ctx)  # gpt-plain serves a plain request
+        if needs == "streaming":
+            async with executor.stream(prompt, ctx) as stream:
+                response = await stream.get_final_response()
+        else:
+            response = await executor.run(prompt, ctx, **options)
+    assert plain.model == "gpt-plain"
+    assert response.model == "gpt-cheap"  # gpt-plain cannot serve this request
+    assert server.requests("gpt-plain") == 1 and server.requests("gpt-dear") == 0
+
+
+async def test_a_budgets_cheaper_model_is_one_whose_context_did_not_overflow(
+    server: FakeLLMServer,
+) -> None:
+    def model(model_id: str, tier: str, output_price: float, window: int) -> ModelInfo:
+        return attrs.evolve(
+            _model(model_id, "openai", output_price), tier=tier, context_window=window
+        )
+
+    registry = ModelRegistry(
+        models=[
+            model("gpt-small", "capable", 1.0, 8_000),
+            model("gpt-big", "capable", 50.0, 64_000),
+            model("gpt-mid", "cheap", 8.0, 8_000),
+            model("gpt-wide", "cheap", 5.0, 64_000),
+            *(m for m in REGISTRY.models if m.provider == "anthropic"),
+        ],
+        price_version="windows-1",
+    )
+    server.script("gpt-small", ["context_length"])
+    # gpt-small's window overflowed; gpt-big may cost $0.05: of the cheaper ones that
+    # fit $0.01, gpt-mid's window is gpt-small's, so gpt-wide answers
+    ctx = ExecutionContext(model="gpt-small", max_tokens=1000)
+    async with make(server, registry=registry, budgets=[Budget(limit_usd=0.01)]) as executor:
+        response = await executor.run("a long prompt", ctx)
+    assert response.model == "gpt-wide"
+    assert response.fallback_chain == ("gpt-small", "gpt-wide")
+    assert server.requests("gpt-mid") == 0
+
+
+async def test_no_cheaper_model_that_can_serve_the_request_raises_the_budgets_refusal(
+    server: FakeLLMServer,
+) -> None:
+    ctx = ExecutionContext(model="gpt-dear", max_tokens=1000)
+    async with make(server, registry=_with_plain(), budgets=[Budget(limit_usd=0.01)]) as executor:
+        with pytest.raises(BudgetExceededError):
+            await executor.run("hello", ctx, response_format=SCHEMA)
+    assert server.requests() == 0
 
 
 async def test_no_cheaper_candidate_raises_naming_the_budget(server: FakeLLMServer) -> None:
