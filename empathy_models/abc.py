@@ -878,10 +878,11 @@ class ResponseCache(AsyncResource):
     under hashed keys, each with a time to live.
 
     Contract (`empathy_models.testing.contracts.ResponseCacheContract`): `get` returns
-    what `set` stored until its TTL has passed, then ``None``; a value larger than the
-    backend's ``max_value_bytes`` is not stored; backends with ``max_entries`` evict
-    (oldest first) past it.  Keys are hex digests: the executor never puts a prompt in
-    a key.  ``shared`` backends show one process's entries to the others.
+    what `set` stored until its TTL (`empathy_models.cache.MAX_TTL` at most) has
+    passed, then ``None``; a value larger than the backend's ``max_value_bytes`` is not
+    stored; backends with ``max_entries`` evict (oldest first) past it.  Keys are hex
+    digests: the executor never puts a prompt in a key.  ``shared`` backends show one
+    process's entries to the others.
     """
 
     shared: ClassVar[bool] = False
@@ -916,7 +917,11 @@ class ResponseCache(AsyncResource):
 
     @abc.abstractmethod
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        """Store ``value`` under ``key`` for ``ttl`` seconds (replacing any value)."""
+        """
+        Store ``value`` under ``key`` for ``ttl`` seconds (replacing any value), at
+        most `empathy_models.cache.MAX_TTL` (100 years): a longer finite ``ttl`` is
+        stored for that long, never refused.
+        """
 
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:

@@ -31,7 +31,12 @@ from empathy_models import (
     Tool,
 )
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.cache import MemoryResponseCache, SQLiteResponseCache, cache_from_url
+from empathy_models.cache import (
+    MAX_TTL,
+    MemoryResponseCache,
+    SQLiteResponseCache,
+    cache_from_url,
+)
 from empathy_models.exceptions import StateStoreError
 from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior
@@ -367,6 +372,16 @@ async def test_no_cache_stores_a_ttl_that_is_not_a_finite_number_above_0(
         assert await cache.get(_key(1)) is None
         await cache.set(_key(1), b"answer", 1e9)
         assert await cache.get(_key(1)) == b"answer"
+
+
+async def test_a_ttl_past_max_ttl_keeps_the_entry_max_ttl() -> None:
+    now = [1_800_000_000.0]
+    async with MemoryResponseCache(clock=lambda: now[0]) as cache:
+        await cache.set(_key(1), b"for good", 1e300)
+        now[0] += MAX_TTL - 1
+        assert await cache.get(_key(1)) == b"for good"
+        now[0] += 2
+        assert await cache.get(_key(1)) is None
 
 
 def _big(tag: str) -> FakeLLMServer:
