@@ -21,6 +21,7 @@ import anyio
 import attrs
 
 from ._planner import TIER_ORDER
+from ._request_options import required_capabilities
 from ._run import _DeadlineExceeded, _describe, _estimate_tokens, _request_for, _Run
 from ._settled import Expired
 from .abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
@@ -200,7 +201,8 @@ class Attempts:
     ) -> bool:
         """
         Put the most capable candidate cheaper than ``refused`` whose estimate fits what
-        the budget has left next in ``routes`` (the decision says why).
+        the budget has left next in ``routes`` (the decision says why): one that can
+        serve the request (`_needs_of`).
 
         Returns:
             False when no candidate fits.
@@ -211,10 +213,11 @@ class Attempts:
         tokens = _estimate_tokens(run.messages, run.system)
         max_tokens = run.context.max_tokens
         tried = {*run.chain, refused.id}
+        needs, overflowed = _needs_of(self, routes)
         best: tuple[float, ModelInfo] | None = None
         for tier in TIER_ORDER:
             for m in ex._planner.candidates[tier]:
-                if m.id in tried:
+                if m.id in tried or not needs <= m.capabilities or m.context_window <= overflowed:
                     continue
                 estimate = limiter.estimate(m, tokens, max_tokens)
                 fits = estimate < error.needed_usd and estimate <= error.remaining_usd
@@ -772,3 +775,23 @@ def _all_failed(run: _Run) -> Exception:
         f"last error: {_describe(last)}: {str(last)[:_ERROR_MESSAGE_LIMIT]}",
         run.errors,
     )
+
+
+def _needs_of(attempts: Attempts, routes: list[ModelInfo]) -> tuple[frozenset[str], int]:
+    """
+    What a model needs to serve ``attempts``' run, as its routes were planned: the
+    request's capabilities (`required_capabilities`; ``"streaming"`` for a stream, as
+    `empathy_models.streaming` plans one), and a context window larger than the
+    largest of ``routes`` that overflowed in the run (0: none did).
+    """
+    run = attempts.run
+    needs = required_capabilities(run.messages, run.options)
+    if attempts.streamed:
+        needs |= {"streaming"}
+    windows = {m.id: m.context_window for m in routes}
+    overflowed = [
+        windows.get(error.model or "", 0)
+        for error in run.errors
+        if isinstance(error, ContextWindowExceededError)
+    ]
+    return needs, max(overflowed, default=0)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import attrs
 
@@ -343,22 +344,46 @@ class _Memo:
 
 
 def _decode(raw: bytes) -> _Entry | None:
+    """The fields of a well-formed entry (see `_well_formed`), or None."""
     try:
-        data: dict[str, Any] = json.loads(raw)
-        if data.get("v") != _VERSION:
+        data = json.loads(raw)
+        if not _well_formed(data):
             return None
-        return (
-            str(data["content"]),
-            str(data["model"]),
-            str(data["provider"]),
-            ModelTier(data["tier"]),
-            int(data["input_tokens"]),
-            int(data["output_tokens"]),
-            float(data["cost_usd"]),
-            data,
-        )
-    except (ValueError, KeyError, TypeError):
+        tier = ModelTier(data["tier"])
+    except (ValueError, TypeError, RecursionError):  # not JSON (nor UTF-8), or not a tier
         return None
+    return (
+        data["content"],
+        data["model"],
+        data["provider"],
+        tier,
+        data["input_tokens"],
+        data["output_tokens"],
+        float(data["cost_usd"]),
+        data,
+    )
+
+
+def _well_formed(data: object) -> TypeGuard[dict[str, Any]]:
+    """
+    True for an entry of this version as `store` writes it: an object whose texts are
+    strings, token counts whole numbers and cost a number, none negative or infinite
+    (a garbled one, `[]` or ``"input_tokens": 1e400``, is a miss).
+    """
+    if not isinstance(data, dict) or data.get("v") != _VERSION:
+        return False
+    texts = (data.get("content"), data.get("model"), data.get("provider"))
+    counts = (data.get("input_tokens"), data.get("output_tokens"))
+    cost = data.get("cost_usd")
+    optional = (data.get("response_model"), data.get("price_version"), data.get("stop_reason"))
+    return (
+        all(isinstance(t, str) for t in texts)
+        and all(type(n) is int and n >= 0 for n in counts)
+        and isinstance(cost, int | float)
+        and not isinstance(cost, bool)
+        and 0 <= cost < math.inf
+        and all(t is None or isinstance(t, str) for t in optional)
+    )
 
 
 def _tool_calls(raw: object) -> tuple[ToolCall, ...] | None:

@@ -162,7 +162,8 @@ class ExecutionContext:
         record_text: keep prompt and response text in the records (off by default).
         cache_ttl: answer from the executor's response cache when the same request was
             answered less than this many seconds ago, and store this answer for that
-            long (see `empathy_models.cache`; needs ``cache=`` on the executor).  Only
+            long (100 years at most, `empathy_models.cache.MAX_TTL`; see
+            `empathy_models.cache`; needs ``cache=`` on the executor).  Only
             ``temperature=0`` calls are cached unless ``cache_sampled`` is true.
         cache_sampled: cache sampled output too (``temperature`` unset or above 0).
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -582,7 +583,8 @@ class QuotaStore(AsyncResource):
     the limit, `settle` releases the hold and charges what the call cost.  Rate limits
     (`empathy_models.limits.RateLimit`) are GCRA schedules: `acquire` takes the next
     place and says how long to wait for it, `adjust` moves the schedule when a call
-    used fewer (or more) tokens than it reserved.  ``shared`` stores take time for
+    used fewer (or more) tokens than it reserved, `push_back` holds it until a
+    provider's reset time.  ``shared`` stores take time for
     rate limits from the store's side (or the UTC wall clock on one host).  Contract
     suite: `empathy_models.testing.contracts.QuotaStoreContract`.
     """
@@ -660,6 +662,38 @@ class QuotaStore(AsyncResource):
         keep their times would let the next call share one of their instants.  The
         limiter passes ``place`` only when `acquire` returned one.
         """
+
+    async def push_back(self, key: str, *, seconds: float) -> None:
+        """
+        Move ``key``'s schedule end to the store's now plus ``seconds`` unless it ends
+        later already: no place comes before then (a provider's reset time).  Workers
+        pushing back the same reset together move the schedule once, not once each.
+
+        The default is built on `acquire` (a place of cost 0 reads where the schedule
+        ends) and `adjust` with that ``place``, read again while other places move the
+        schedule in between; stores override it with one atomic step.  A store whose
+        grants name no place, or a schedule still moving on the last try, is moved by
+        the difference (not atomic: it may end a little later).
+        """
+        target: float | None = None
+        for tries_left in reversed(range(_PUSH_BACK_TRIES)):
+            grant = await self.acquire(key, cost=0.0, interval=1.0, burst=0.0, max_wait=math.inf)
+            if grant.place is None:  # the wait is how far the schedule's end is
+                if grant.wait < seconds:
+                    await self.adjust(key, delta=seconds - grant.wait)
+                return
+            if target is None:  # the store's now plus ``seconds``
+                target = grant.place - grant.wait + seconds
+            if grant.place >= target - _PUSH_BACK_SLACK:
+                return
+            place = grant.place if tries_left else None
+            await self.adjust(key, delta=target - grant.place, place=place)
+
+
+_PUSH_BACK_TRIES: Final = 8
+"""How many times the default `QuotaStore.push_back` reads the schedule's end."""
+_PUSH_BACK_SLACK: Final = 0.001
+"""Seconds short of its target at which the default `QuotaStore.push_back` is done."""
 
 
 def _window_key(key: str, window_start: float) -> str:
@@ -826,6 +860,14 @@ class TransactionalQuotaStore(QuotaStore):
             lambda data, now: (adjust_step(data, now, delta=delta, place=place), None),
         )
 
+    async def push_back(self, key: str, *, seconds: float) -> None:
+        self._check_open()
+        from .limits.meter import push_back_step
+
+        await self._transact(
+            f"r|{key}", lambda data, now: (push_back_step(data, now, seconds=seconds), None)
+        )
+
 
 # --------------------------------------------------------------------------- response cache
 
@@ -836,10 +878,11 @@ class ResponseCache(AsyncResource):
     under hashed keys, each with a time to live.
 
     Contract (`empathy_models.testing.contracts.ResponseCacheContract`): `get` returns
-    what `set` stored until its TTL has passed, then ``None``; a value larger than the
-    backend's ``max_value_bytes`` is not stored; backends with ``max_entries`` evict
-    (oldest first) past it.  Keys are hex digests: the executor never puts a prompt in
-    a key.  ``shared`` backends show one process's entries to the others.
+    what `set` stored until its TTL (`empathy_models.cache.MAX_TTL` at most) has
+    passed, then ``None``; a value larger than the backend's ``max_value_bytes`` is not
+    stored; backends with ``max_entries`` evict (oldest first) past it.  Keys are hex
+    digests: the executor never puts a prompt in a key.  ``shared`` backends show one
+    process's entries to the others.
     """
 
     shared: ClassVar[bool] = False
@@ -881,7 +924,11 @@ class ResponseCache(AsyncResource):
 
     @abc.abstractmethod
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        """Store ``value`` under ``key`` for ``ttl`` seconds (replacing any value)."""
+        """
+        Store ``value`` under ``key`` for ``ttl`` seconds (replacing any value), at
+        most `empathy_models.cache.MAX_TTL` (100 years): a longer finite ``ttl`` is
+        stored for that long, never refused.
+        """
 
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:

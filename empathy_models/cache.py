@@ -27,7 +27,8 @@ Backends: `MemoryResponseCache` (one process; ``max_entries`` LRU, default 10,00
 `SQLiteResponseCache` (one host), and the ``redis://`` and ``postgresql://`` plugins;
 `cache_from_url` builds one.  Every backend refuses values over ``max_value_bytes``
 (default 1 MiB), and a TTL that is not a finite number of seconds above 0 (what
-`ExecutionContext.cache_ttl` accepts): ``set`` stores nothing then.  A cache that
+`ExecutionContext.cache_ttl` accepts): ``set`` stores nothing then.  A longer TTL than
+`MAX_TTL` (100 years) keeps the entry `MAX_TTL`, in every backend.  A cache that
 fails never fails a call, and one that stalls never holds it up: the executor waits for
 a read at most a second (and half the time left of the run's deadline), writes answers
 behind, and skips a store that failed or stalled for a few seconds (one warning per
@@ -55,6 +56,7 @@ from .exceptions import ConfigurationError, StateStoreError
 
 __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
+    "MAX_TTL",
     "MemoryResponseCache",
     "SQLiteResponseCache",
     "cache_from_url",
@@ -63,6 +65,11 @@ __all__ = [
 
 DEFAULT_MAX_VALUE_BYTES: Final = 1 << 20
 """The largest answer a cache stores (1 MiB of serialized JSON)."""
+
+MAX_TTL: Final = 100 * 365.25 * 86_400.0
+"""The longest a cache keeps an entry (100 years, in seconds): every backend keeps one
+set with a longer TTL this long, so a huge one ("keep it for good") is stored alike
+everywhere, not refused by a store whose time type it overflows."""
 
 
 _bound = integer(
@@ -141,7 +148,7 @@ class MemoryResponseCache(ResponseCache):
         self._check_open()
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
             return
-        self._data[key] = (self._clock() + ttl, value)
+        self._data[key] = (self._clock() + min(ttl, MAX_TTL), value)
         self._data.move_to_end(key)
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
@@ -313,7 +320,7 @@ class SQLiteResponseCache(ResponseCache):
 
         async def body(conn: aiosqlite.Connection) -> None:
             now = time.time()
-            await conn.execute(_UPSERT, (_sql_key(key), value, now + ttl))
+            await conn.execute(_UPSERT, (_sql_key(key), value, now + min(ttl, MAX_TTL)))
             await conn.execute(_TRIM, (self.max_entries,))
             if sweep:  # one write in a hundred also drops what expired
                 await conn.execute("DELETE FROM response_cache WHERE expires_at <= ?", (now,))

@@ -31,7 +31,12 @@ from empathy_models import (
     Tool,
 )
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.cache import MemoryResponseCache, SQLiteResponseCache, cache_from_url
+from empathy_models.cache import (
+    MAX_TTL,
+    MemoryResponseCache,
+    SQLiteResponseCache,
+    cache_from_url,
+)
 from empathy_models.exceptions import StateStoreError
 from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior
@@ -239,6 +244,60 @@ async def test_an_sqlite_cache_is_shared_by_executors(
     assert (tmp_path / "cache.db").stat().st_mode & 0o777 == 0o600
 
 
+_ENTRY = (
+    '{"v":1,"content":"x","model":"gpt-a","provider":"openai","tier":"cheap",'
+    '"input_tokens":%s,"output_tokens":1,"cost_usd":%s}'
+)
+
+
+@pytest.mark.parametrize(
+    "garbled",
+    [
+        b"[]",
+        b"null",
+        b"5",
+        b'"x"',
+        b"\xff\xfe not JSON",
+        b"[" * 100_000 + b"]" * 100_000,
+        (_ENTRY % ("Infinity", "0")).encode(),
+        (_ENTRY % ("1e400", "0")).encode(),
+        (_ENTRY % ("-3", "0")).encode(),
+        (_ENTRY % ("1", "NaN")).encode(),
+        (_ENTRY % ("1", '"free"')).encode(),
+    ],
+    ids=[
+        "list",
+        "null",
+        "number",
+        "string",
+        "bytes",
+        "deep",
+        "inf",
+        "1e400",
+        "negative",
+        "nan",
+        "text",
+    ],
+)
+async def test_a_garbled_cache_entry_is_a_miss_and_counted(
+    server: FakeLLMServer, tmp_path: Path, garbled: bytes
+) -> None:
+    path = tmp_path / "cache.db"
+    async with make(server, cache=f"sqlite:///{path}") as one:
+        await one.run("hello", CTX)
+    conn = sqlite3.connect(path)  # another writer, or a disk, garbled the stored answer
+    try:
+        assert conn.execute("UPDATE response_cache SET value = ?", (garbled,)).rowcount == 1
+        conn.commit()
+    finally:
+        conn.close()
+    async with make(server, cache=f"sqlite:///{path}") as two:
+        again = await two.run("hello", CTX)
+        errors = two.cache_errors
+    assert not again.cached and again.content == "The answer."
+    assert errors == 1 and server.requests() == 2
+
+
 def test_cache_options_are_checked(server: FakeLLMServer) -> None:
     with pytest.raises(ConfigurationError):
         ExecutionContext(cache_ttl=0)
@@ -313,6 +372,16 @@ async def test_no_cache_stores_a_ttl_that_is_not_a_finite_number_above_0(
         assert await cache.get(_key(1)) is None
         await cache.set(_key(1), b"answer", 1e9)
         assert await cache.get(_key(1)) == b"answer"
+
+
+async def test_a_ttl_past_max_ttl_keeps_the_entry_max_ttl() -> None:
+    now = [1_800_000_000.0]
+    async with MemoryResponseCache(clock=lambda: now[0]) as cache:
+        await cache.set(_key(1), b"for good", 1e300)
+        now[0] += MAX_TTL - 1
+        assert await cache.get(_key(1)) == b"for good"
+        now[0] += 2
+        assert await cache.get(_key(1)) is None
 
 
 def _big(tag: str) -> FakeLLMServer:

@@ -84,13 +84,14 @@ async def server() -> AsyncIterator[FakeLLMServer]:
 
 
 def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
+    options.setdefault("registry", REGISTRY)
     providers = [
         OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
         AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
     ]
     options.setdefault("retry", RetryPolicy.none())
     options.setdefault("telemetry_store", MemoryTelemetryBackend())
-    return EmpathyLLMExecutor(providers, registry=REGISTRY, **options)
+    return EmpathyLLMExecutor(providers, **options)
 
 
 # --------------------------------------------------------------------------- values
@@ -289,6 +290,87 @@ async def test_a_budget_too_small_for_the_model_goes_to_a_cheaper_one_that_fits(
     assert response.model == "gpt-cheap"
     assert response.fallback_chain == ("gpt-cheap",)  # gpt-dear was never called
     assert server.requests("gpt-dear") == 0
+
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP4//8/AAX+Av6n1qSFAAAAAElFTkSuQmCC"
+SCHEMA = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+
+
+def _with_plain(*others: ModelInfo) -> ModelRegistry:
+    """REGISTRY's gpt-dear and claude-other, and gpt-plain: cheaper, no capabilities."""
+    plain = attrs.evolve(_model("gpt-plain", "openai", 8.0), capabilities=[])
+    dear = [m for m in REGISTRY.models if m.id != "gpt-cheap"]
+    return ModelRegistry(models=[*dear, plain, *others], price_version="plain-1")
+
+
+@pytest.mark.parametrize("needs", ["tools", "json_schema", "images", "streaming"])
+async def test_a_budgets_cheaper_model_is_one_that_can_serve_the_request(
+    server: FakeLLMServer, needs: str
+) -> None:
+    from empathy_models import Message
+    from empathy_models.content import ImageBlock, TextBlock, Tool
+
+    registry = _with_plain(_model("gpt-cheap", "openai", 5.0))
+    prompt: Any = "hello"
+    options: dict[str, Any] = {}
+    if needs == "tools":
+        options["tools"] = [Tool(name="f", description="d", parameters={"type": "object"})]
+    elif needs == "json_schema":
+        options["response_format"] = SCHEMA
+    elif needs == "images":
+        image = ImageBlock.from_base64(PNG, "image/png")
+        prompt = [Message(role="user", content=[TextBlock(text="what is it?"), image])]
+    # gpt-dear may cost $0.05, gpt-plain $0.008, gpt-cheap $0.005: $0.01 covers the two
+    ctx = ExecutionContext(model="gpt-dear", max_tokens=1000)
+    async with make(server, registry=registry, budgets=[Budget(limit_usd=0.01)]) as executor:
+        plain = await executor.run("hello", ctx)  # gpt-plain serves a plain request
+        if needs == "streaming":
+            async with executor.stream(prompt, ctx) as stream:
+                response = await stream.get_final_response()
+        else:
+            response = await executor.run(prompt, ctx, **options)
+    assert plain.model == "gpt-plain"
+    assert response.model == "gpt-cheap"  # gpt-plain cannot serve this request
+    assert server.requests("gpt-plain") == 1 and server.requests("gpt-dear") == 0
+
+
+async def test_a_budgets_cheaper_model_is_one_whose_context_did_not_overflow(
+    server: FakeLLMServer,
+) -> None:
+    def model(model_id: str, tier: str, output_price: float, window: int) -> ModelInfo:
+        return attrs.evolve(
+            _model(model_id, "openai", output_price), tier=tier, context_window=window
+        )
+
+    registry = ModelRegistry(
+        models=[
+            model("gpt-small", "capable", 1.0, 8_000),
+            model("gpt-big", "capable", 50.0, 64_000),
+            model("gpt-mid", "cheap", 8.0, 8_000),
+            model("gpt-wide", "cheap", 5.0, 64_000),
+            *(m for m in REGISTRY.models if m.provider == "anthropic"),
+        ],
+        price_version="windows-1",
+    )
+    server.script("gpt-small", ["context_length"])
+    # gpt-small's window overflowed; gpt-big may cost $0.05: of the cheaper ones that
+    # fit $0.01, gpt-mid's window is gpt-small's, so gpt-wide answers
+    ctx = ExecutionContext(model="gpt-small", max_tokens=1000)
+    async with make(server, registry=registry, budgets=[Budget(limit_usd=0.01)]) as executor:
+        response = await executor.run("a long prompt", ctx)
+    assert response.model == "gpt-wide"
+    assert response.fallback_chain == ("gpt-small", "gpt-wide")
+    assert server.requests("gpt-mid") == 0
+
+
+async def test_no_cheaper_model_that_can_serve_the_request_raises_the_budgets_refusal(
+    server: FakeLLMServer,
+) -> None:
+    ctx = ExecutionContext(model="gpt-dear", max_tokens=1000)
+    async with make(server, registry=_with_plain(), budgets=[Budget(limit_usd=0.01)]) as executor:
+        with pytest.raises(BudgetExceededError):
+            await executor.run("hello", ctx, response_format=SCHEMA)
+    assert server.requests() == 0
 
 
 async def test_no_cheaper_candidate_raises_naming_the_budget(server: FakeLLMServer) -> None:
@@ -608,6 +690,55 @@ async def test_a_providers_429_pushes_the_shared_schedule_back(server: FakeLLMSe
         # the 429 said "come back in 20 s": openai's schedule moved 20 s on for everyone
         grant = await store.acquire("rpm:openai", cost=1.0, interval=0.01, burst=1.0, max_wait=0.0)
     assert first.model == "claude-other"  # the 429 (no retries) fell back
+    assert not grant.granted and 19.0 < grant.wait <= 20.1
+
+
+async def test_a_429_after_a_slow_call_holds_the_schedule_from_when_it_came(
+    server: FakeLLMServer,
+) -> None:
+    from empathy_models.testing import ModelBehavior
+
+    server.set_behavior("gpt-cheap", ModelBehavior(retry_after=20))
+    server.script("gpt-cheap", [429])
+    slow = [0.0]  # the store's clock runs 100 s on once the call has its place
+
+    def clock() -> float:
+        now = time.time() + slow[0]
+        slow[0] = 100.0
+        return now
+
+    store = MemoryQuotaStore(clock=clock)
+    limits = {"openai": RateLimit(rpm=6000)}
+    async with (
+        store,
+        make(server, rate_limits=limits, quota_store=store, rate_limit_wait=1.0) as executor,
+    ):
+        await executor.run("hello", ExecutionContext(model="gpt-cheap"))
+        # the call took 100 s, then its 429 said "come back in 20 s": 20 s from then
+        grant = await store.acquire("rpm:openai", cost=1.0, interval=0.01, burst=1.0, max_wait=0.0)
+    assert not grant.granted and 19.0 < grant.wait <= 20.1
+
+
+async def test_workers_told_the_same_reset_together_push_the_schedule_back_once(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    from empathy_models.testing import ModelBehavior
+
+    server.set_behavior("gpt-cheap", ModelBehavior(retry_after=20))
+    server.script("gpt-cheap", [429, 429, 429])
+    url = f"sqlite:///{tmp_path}/quota.db"
+    limits = {"openai": RateLimit(rpm=6000)}
+    workers = [make(server, rate_limits=limits, quota_store=url) for _ in range(3)]
+    async with contextlib.AsyncExitStack() as stack:
+        for worker in workers:
+            await stack.enter_async_context(worker)
+        answers = await asyncio.gather(
+            *(w.run("hello", ExecutionContext(model="gpt-cheap")) for w in workers)
+        )
+    assert [a.model for a in answers] == ["claude-other"] * 3  # each 429 fell back
+    async with SQLiteQuotaStore(tmp_path / "quota.db") as store:
+        grant = await store.acquire("rpm:openai", cost=1.0, interval=0.01, burst=1.0, max_wait=0.0)
+    # every worker's 429 said "20 s from now": the schedule moved to that time once
     assert not grant.granted and 19.0 < grant.wait <= 20.1
 
 

@@ -768,14 +768,13 @@ class Limiter:
                 )
         for store, key, interval in rates:
             if pushback is not None:
-                # calls ending together all carry the same reset: the schedule is
-                # moved to it once, not once per call
-                now = self._mono()
-                ends = now + pushback
-                pushed = self._pushed.get(key, -math.inf)
-                if ends > pushed:
+                # the schedule ends at the store's now plus the provider's wait, or
+                # later (`QuotaStore.push_back`); calls ending together all carry the
+                # same reset, so a later one asks the store again only when it is later
+                ends = self._mono() + pushback
+                if ends > self._pushed.get(key, -math.inf):
                     self._pushed[key] = ends
-                    await self._adjust(store, key, ends - max(pushed, now))
+                    await self._push_back(store, key, pushback)
             if interval < 0:
                 if failed and not hold.tokens:
                     # never sent (refused or cancelled before the call): free the slot
@@ -789,6 +788,12 @@ class Limiter:
                 await self._adjust(store, key, delta)
             elif delta < 0:
                 await _give_back(self, hold, store, key, delta)
+
+    async def _push_back(self, store: QuotaStore, key: str, seconds: float) -> None:
+        try:
+            await store.push_back(key, seconds=seconds)
+        except BackendError as exc:
+            self._failed(exc)
 
     async def _adjust(
         self, store: QuotaStore, key: str, delta: float, place: float | None = None

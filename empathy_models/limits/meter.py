@@ -25,6 +25,7 @@ __all__ = [
     "gcra_step",
     "hold_bucket",
     "lapse_step",
+    "push_back_step",
     "reserve_step",
     "settle_step",
     "usage_of",
@@ -208,3 +209,15 @@ def adjust_step(
         return None if delta <= 0 else {"tat": now + delta}
     tat = float(data["tat"]) + delta
     return {"tat": max(tat, now) if delta < 0 else tat}
+
+
+def push_back_step(data: Data | None, now: float, *, seconds: float) -> Data | None:
+    """
+    Move a schedule's end to ``now + seconds`` unless it ends later already (then
+    nothing changes, and None is returned): no place comes before that time, and the
+    same push applied twice moves it once.
+    """
+    until = now + seconds
+    if data is not None and float(data["tat"]) >= until:
+        return None
+    return {"tat": until}

@@ -8,7 +8,7 @@ from typing import Any, Final
 
 from empathy_models.abc import ResponseCache
 from empathy_models.backends import shown
-from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES
+from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 
 from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
@@ -151,7 +151,7 @@ class PostgresResponseCache(ResponseCache):
                 "expires_at = EXCLUDED.expires_at",
                 _stored_key(key),
                 value,
-                float(ttl),
+                float(min(ttl, MAX_TTL)),
             )
             if self._writes % 100 == 1:
                 await conn.execute(

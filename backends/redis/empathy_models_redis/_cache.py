@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from empathy_models.abc import ResponseCache
 from empathy_models.backends import shown
-from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES
+from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 
 from ._store import _GLOB_SPECIAL, URL_PREFIX_KINDS, RedisCircuitStateStore
@@ -110,7 +110,8 @@ class RedisResponseCache(ResponseCache):
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
             return
         try:
-            await self._client.set(self._key(key), value, px=max(1, round(ttl * 1000)))
+            px = max(1, round(min(ttl, MAX_TTL) * 1000))
+            await self._client.set(self._key(key), value, px=px)
         except (RedisError, OSError) as exc:
             raise self._error("set", exc) from exc
 

@@ -260,3 +260,7 @@ class RedisQuotaStore(QuotaStore):
         if place is not None:
             args.append(_num(float(place)))
         await self._run(f"adjust {key!r}", f"{self.prefix}r|{key}", args)
+
+    async def push_back(self, key: str, *, seconds: float) -> None:
+        args = ["push_back", _num(float(seconds))]
+        await self._run(f"push back {key!r}", f"{self.prefix}r|{key}", args)

@@ -12,6 +12,8 @@
 --          the schedule's end once the place is taken; time from TIME.
 -- adjust:  ARGV: op, delta (seconds)[, place].  With a place, only while the schedule
 --          still ends there (no later place taken since).  Returns {1, 0}.
+-- push_back: ARGV: op, seconds.  The schedule ends at TIME + seconds unless it ends
+--          later already.  Returns {1, 0}.
 
 local OP = ARGV[1]
 local COUNTERS = {"limit", "spent", "held", "reserved", "settled", "released",
@@ -144,6 +146,15 @@ elseif OP == "adjust" then
   end
   local tat = tonumber(raw) + delta
   if delta < 0 and tat < t then tat = t end
+  redis.call("SET", KEYS[1], num(tat), "PX", math.floor((math.max(tat - t, 0) + 60) * 1000))
+  return {"1", "0"}
+elseif OP == "push_back" then
+  local t = now()
+  local tat = t + tonumber(ARGV[2])
+  local raw = redis.call("GET", KEYS[1])
+  if raw ~= false and raw ~= nil and tonumber(raw) >= tat then
+    return {"1", "0"}
+  end
   redis.call("SET", KEYS[1], num(tat), "PX", math.floor((math.max(tat - t, 0) + 60) * 1000))
   return {"1", "0"}
 end

@@ -9,6 +9,7 @@ time (stores expire by their own clock).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 import pytest_asyncio
 
 from ...abc import ResponseCache
-from ...cache import cache_from_url
+from ...cache import MAX_TTL, cache_from_url
 from ...exceptions import BackendClosedError, BackendError
 
 __all__ = ["ResponseCacheContract"]
@@ -32,7 +33,8 @@ class ResponseCacheContract:
     """
     The contract of `ResponseCache`.  Override the ``cache_url`` fixture.
 
-    Covers: get after set; a miss reads None; replacing a value; expiry; values over
+    Covers: get after set; a miss reads None; replacing a value; expiry; any finite TTL
+    above 0 stored (kept `empathy_models.cache.MAX_TTL` at most); values over
     ``max_value_bytes`` not stored; delete and clear; any string a key, kept apart from
     every other; concurrent writers; a shared cache showing one instance's entries to
     another; close and use after close.
@@ -71,6 +73,16 @@ class ResponseCacheContract:
         await anyio.sleep(1.2)
         assert await cache.get(short) is None
         assert await cache.get(long) == b"long"
+
+    async def test_any_finite_ttl_is_stored_kept_max_ttl_at_most(
+        self, cache: ResponseCache
+    ) -> None:
+        # "keep it for good": stored alike by every backend (kept `MAX_TTL` at most),
+        # never an error
+        for ttl in (MAX_TTL, MAX_TTL * 2, 1e13, 1e17, 1e300, sys.float_info.max):
+            key = _key()
+            await cache.set(key, b"for good", ttl)
+            assert await cache.get(key) == b"for good", ttl
 
     async def test_values_over_the_bound_are_not_stored(self, cache: ResponseCache) -> None:
         limit = getattr(cache, "max_value_bytes", None)

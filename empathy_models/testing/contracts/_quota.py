@@ -51,7 +51,8 @@ class QuotaStoreContract:
     killed worker's) and late settlements of them; windows and keys kept apart; 200
     concurrent reservations granting exactly what fits; usages, reset and limit
     overrides; GCRA schedules (burst, refusal past ``max_wait`` without booking,
-    concurrent places all distinct, capacity given back); a shared store showing one
+    concurrent places all distinct, capacity given back, a push back to a reset time
+    that concurrent workers apply once); a shared store showing one
     instance's quotas to another; idempotent close and use after close.
     """
 
@@ -293,6 +294,28 @@ class QuotaStoreContract:
         assert fourth.place == pytest.approx(third.place)
         await quota_store.adjust("empty", delta=-10.0, place=first.place)  # no schedule
         assert (await quota_store.acquire("empty", **args)).wait == 0.0
+
+    async def test_push_back_holds_the_schedule_until_a_reset_however_often_told(
+        self, quota_store: QuotaStore
+    ) -> None:
+        args = {"cost": 1.0, "interval": 10.0, "burst": 1.0, "max_wait": 0.0}
+        await quota_store.push_back("new", seconds=20.0)  # no schedule yet
+        refused = await quota_store.acquire("new", **args)
+        assert not refused.granted and 19.0 < refused.wait <= 20.0
+        # a schedule ending 10 s ahead moves to the reset 20 s ahead, not 20 s on
+        assert (await quota_store.acquire("r", **args)).granted
+        await quota_store.push_back("r", seconds=20.0)
+        # every worker reporting the same reset, at once: the schedule moves once
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(lambda: quota_store.push_back("r", seconds=20.0))
+        refused = await quota_store.acquire("r", **args)
+        assert not refused.granted and 19.0 < refused.wait <= 20.0
+        # a schedule booked past the reset stays where it is
+        assert (await quota_store.acquire("far", **{**args, "interval": 50.0})).granted
+        await quota_store.push_back("far", seconds=20.0)
+        refused = await quota_store.acquire("far", **{**args, "interval": 50.0})
+        assert not refused.granted and 49.0 < refused.wait <= 50.0
 
     # -- sharing and lifecycle -------------------------------------------------------------
 
