@@ -458,8 +458,7 @@ class EmpathyLLMExecutor:
         # those skipped while the cache store was degraded
         self.cache_errors = self.cache_skipped = 0
         self._cache_outage = Outage(_cache_logger, f"response cache {self._cache!r}", _SKIP)
-        # written behind, not yet in the store: (the cache's generation then, the value)
-        self._cache_pending: dict[str, tuple[int, bytes]] = {}
+        self._cache_pending: dict[str, tuple[int, bytes]] = {}  # (generation, value): `_cached`
         self._limiter = limiter_for(
             self._registry,
             budgets,
