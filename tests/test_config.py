@@ -143,6 +143,22 @@ async def test_config_show_names_every_source_and_no_secret(
     assert sources["telemetry"] == str(project / "empathy.toml")
 
 
+def test_config_show_masks_a_password_with_an_unencoded_delimiter(
+    project: Path, tmp_path: Path
+) -> None:
+    # generated passwords hold '/', '#', '?': the URL no longer parses, and must still
+    # be shown (and refused) masked
+    (project / "empathy.toml").write_text(
+        'telemetry = "postgresql://app:Xy7/Qz+9@db.internal:5432/llm"\n'
+        'state = "redis://default:Xy7#Qz9@cache:6379/0"\n'
+    )
+    shown = cli(project, tmp_path / "home", "config", "show")
+    assert "Xy7" not in shown.stdout + shown.stderr and "Qz" not in shown.stdout + shown.stderr
+    assert "postgresql://app:***@db.internal:5432/llm" in shown.stdout
+    assert "redis://default:***@cache:6379/0" in shown.stdout
+    assert shown.returncode == 1 and "port" in shown.stderr
+
+
 def test_the_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
     work = tmp_path / "work"

@@ -776,6 +776,20 @@ async def test_a_secret_header_echoed_reaches_no_record_or_log(
     assert TOKEN not in caplog.text
 
 
+@pytest.mark.parametrize("password", ["Xy7/Qz+9", "Xy7#Qz9", "Xy7?Qz9", "Xy7@Qz/9"])
+async def test_a_url_password_with_an_unencoded_delimiter_quoted_back_is_scrubbed(
+    password: str,
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return await _text_answer(f"upstream http://alice:{password}@proxy:3128 refused", 502)
+
+    async with echo_server(handler) as url, OpenAIProvider(api_key=KEY, base_url=url) as provider:
+        error = await failure(provider, req())
+    assert "Xy7" not in str(error) and "Qz" not in str(error), str(error)
+    assert "http://alice:***@proxy:3128 refused" in str(error)
+
+
 async def test_short_secret_header_values_are_not_scrubbed() -> None:
     """Scrubbing ``on`` everywhere would mangle messages; no credential is that short."""
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
 
+from .._urls import userinfo_end
 from ..exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -52,8 +53,11 @@ _MAX_MESSAGE: Final = 300
 MAX_TOKEN_COUNT: Final = 2**63 - 1
 """The largest usage count read: what an `LLMCallRecord` holds (no real count is larger)."""
 _KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
-_URL_PASSWORD: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)[^/?#@\s]*@")
-"""The password of a ``scheme://user:password@`` in a message (a proxy URL quoted back)."""
+_URL_PASSWORD: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)\S{0,512}@")
+"""
+The password of a ``scheme://user:password@`` in a message (a proxy URL quoted back),
+up to the last '@' before a space: a password may hold an unencoded '/', '?', '#', '@'.
+"""
 _CONTEXT_MARKERS: Final = (
     "context_length_exceeded",
     "maximum context length",
@@ -381,20 +385,19 @@ def error_from_local(
 def masked_url(url: str) -> str:
     """
     ``url`` for a message: a ``user:password@`` before its host shown ``user:***@``, a
-    lone ``user@`` (it may be a token) ``***@``.  Needs no parsing, so an unparseable URL
-    is masked too.
+    lone ``user@`` (it may be a token) ``***@``; a password holding an unencoded '/',
+    '?', '#' or '@' is masked whole (`userinfo_end`).  Needs no parsing, so an
+    unparseable URL is masked too.
     """
     head, sep, rest = url.partition("://")
     if not sep:
         head, rest = "", url
-    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    authority = rest[:end]
-    if "@" not in authority:
+    at = userinfo_end(rest)
+    if at < 0:
         return url
-    userinfo, host = authority.rsplit("@", 1)
-    user, colon, _ = userinfo.partition(":")
+    user, colon, _ = rest[:at].partition(":")
     shown_userinfo = f"{user}:***" if colon else "***"
-    return f"{head}{sep}{shown_userinfo}@{host}{rest[end:]}"
+    return f"{head}{sep}{shown_userinfo}{rest[at:]}"
 
 
 def _without_request(exc: BaseException) -> BaseException:
