@@ -13,6 +13,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 import pytest
@@ -774,6 +775,40 @@ async def test_a_secret_header_echoed_reaches_no_record_or_log(
     assert "gateway rejected ***" in (record.error_message or "")
     assert TOKEN not in str(caught.value.exceptions[0])
     assert TOKEN not in caplog.text
+
+
+GATEWAY_KEY = "gw-tok/AbC+dEf=GhIjKlMnOp"  # a gateway token: base64, with '/', '+', '='
+
+
+@pytest.mark.parametrize("echo", list(ECHOES))
+@pytest.mark.parametrize(
+    "encode",
+    [lambda k: k, lambda k: quote(k, safe=""), quote_plus, lambda k: quote(k)],
+    ids=["raw", "percent-encoded", "form-encoded", "path-encoded"],
+)
+async def test_a_key_echoed_url_encoded_is_scrubbed(
+    wire: str, echo: str, encode: Callable[[str], str]
+) -> None:
+    # a gateway that quotes the token back as it read it from a query or a form
+    streamed, answer = ECHOES[echo]
+    echoed = encode(GATEWAY_KEY)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return await answer(request, echoed)
+
+    async with echo_server(handler) as url:
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key=GATEWAY_KEY, base_url=f"{url}/v1") as provider:
+            with pytest.raises(ProviderError) as caught:
+                if streamed:
+                    stream = await provider.stream(req())
+                    await stream.__anext__()
+                else:
+                    await provider.complete(req())
+    text = str(caught.value)
+    assert "***" in text
+    assert "AbC" not in text and "GhIjKlMnOp" not in text, text
 
 
 @pytest.mark.parametrize("password", ["Xy7/Qz+9", "Xy7#Qz9", "Xy7?Qz9", "Xy7@Qz/9"])

@@ -18,6 +18,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
+from urllib.parse import quote, quote_plus
 
 from .._urls import userinfo_end
 from ..exceptions import (
@@ -80,18 +81,21 @@ _UNKNOWN_MODEL_MARKERS: Final = (
 class _Secrets:
     """
     Texts that every message is scrubbed of (a provider's key, the values of its
-    secret-looking headers); its repr and str never show them.
+    secret-looking headers), each also as a URL would carry it (percent-encoded, with
+    and without its '/', and form-encoded: a gateway may quote a token back as it read
+    it from a query); its repr and str never show them.
     """
 
     __slots__ = ("_values", "longest")
 
     def __init__(self, *values: str) -> None:
+        forms = {form for v in values if v for form in (v, *_url_forms(v))}
         # longest first: a value that holds another ("Bearer <token>") goes whole
-        self._values = tuple(sorted({v for v in values if v}, key=len, reverse=True))
+        self._values = tuple(sorted(forms, key=len, reverse=True))
         self.longest = len(self._values[0]) if self._values else 0
 
     def scrub(self, text: str) -> str:
-        """``text`` with each of the values replaced by ``***``."""
+        """``text`` with each of the values (in each of its forms) replaced by ``***``."""
         for value in self._values:
             if value in text:
                 text = text.replace(value, "***")
@@ -101,6 +105,11 @@ class _Secrets:
         return "<secret>"
 
     __str__ = __repr__
+
+
+def _url_forms(value: str) -> tuple[str, str, str]:
+    """``value`` percent-encoded (with and without its '/') and form-encoded."""
+    return quote(value, safe=""), quote(value), quote_plus(value)
 
 
 class _Secret(_Secrets):
