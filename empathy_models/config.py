@@ -46,7 +46,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from attrs import field, frozen
 
-from ._paths import empathy_home
+from ._paths import empathy_home, make_private_dirs
 from ._validators import check, failure, number, shown
 from .backends import redact_url
 from .exceptions import ConfigurationError
@@ -139,10 +139,13 @@ def _sqlite_file(url: str, where: str | None = None) -> Path | None:
 
 
 def ensure_sqlite_parent(url: str) -> None:
-    """Create the directory of a SQLite file URL (``$EMPATHY_HOME`` on first use), 0700."""
+    """
+    Create the directory of a SQLite file URL (``$EMPATHY_HOME`` on first use) and its
+    missing parents, each 0700.
+    """
     file = _sqlite_file(url)
     if file is not None:
-        file.absolute().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(file.absolute().parent)
 
 
 def _resolve_url(value: str, base: Path, where: str) -> str:

@@ -8,6 +8,8 @@ directory, with no flags, and must read the same database and registry.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -157,6 +159,24 @@ def test_config_show_masks_a_password_with_an_unencoded_delimiter(
     assert "postgresql://app:***@db.internal:5432/llm" in shown.stdout
     assert "redis://default:***@cache:6379/0" in shown.stdout
     assert shown.returncode == 1 and "port" in shown.stderr
+
+
+async def test_the_directories_made_for_the_database_are_private_under_any_umask(
+    project: Path, server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "a" / "b" / "home"  # three directories to make, not one
+    monkeypatch.setenv("EMPATHY_HOME", str(home))
+    old = os.umask(0)
+    try:
+        async with EmpathyLLMExecutor.from_config(
+            providers=[OpenAIProvider(KEY, base_url=server.openai_base_url)], router=False
+        ):
+            pass
+    finally:
+        os.umask(old)
+    assert (home / "empathy.db").is_file()
+    for directory in (tmp_path / "a", tmp_path / "a" / "b", home):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
 
 
 def test_the_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
