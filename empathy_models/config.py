@@ -149,7 +149,10 @@ def ensure_sqlite_parent(url: str) -> None:
 
 
 def _resolve_url(value: str, base: Path, where: str) -> str:
-    """A URL, with a relative SQLite path made absolute against ``base``; a path -> URL."""
+    """
+    A URL, a SQLite file's path in it made absolute (a leading ``~`` expanded, a
+    relative path taken against ``base``); a path -> URL.
+    """
     if "://" not in value:
         path = _expand_home(value, where)
         if not path.is_absolute():
@@ -160,9 +163,11 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
     except ValueError as exc:
         raise ConfigurationError(f"{where}: not a URL: {exc}") from None
     file = _sqlite_file(value, where)
-    if file is None or file.is_absolute():
+    if file is None:
         return value
-    return "sqlite:///" + quote(str(base / file)) + (f"?{query}" if query else "")
+    # the path as it will be opened: a leading ~ expanded, a relative one made absolute
+    path = file if file.is_absolute() else base / file
+    return "sqlite:///" + quote(str(path)) + (f"?{query}" if query else "")
 
 
 def _env_name_flaw(value: object) -> str | None:

@@ -179,6 +179,26 @@ async def test_the_directories_made_for_the_database_are_private_under_any_umask
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
 
 
+async def test_a_tilde_in_a_sqlite_url_is_the_home_directory_where_it_is_opened(
+    project: Path, server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "user-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    (project / "empathy.toml").write_text('telemetry = "sqlite:///~/calls.db?busy_timeout=5"\n')
+    assert EmpathyConfig.load().telemetry_url == f"sqlite:///{home / 'calls.db'}?busy_timeout=5"
+    async with EmpathyLLMExecutor.from_config(
+        providers=[OpenAIProvider(KEY, base_url=server.openai_base_url)], router=False
+    ) as executor:
+        await executor.run("hello", ExecutionContext(workflow="w", stage="s"))
+    assert (home / "calls.db").is_file()
+    assert not (project / "~").exists()
+    for db in ([], ["--db", "sqlite:///~/calls.db"]):  # the CLI reads the same file
+        summary = cli(project, tmp_path / "home", "telemetry", "summary", "--json", *db)
+        assert summary.returncode == 0, summary.stderr
+        assert sum(m["calls"] for m in json.loads(summary.stdout)["models"]) == 1
+
+
 def test_the_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
     work = tmp_path / "work"

@@ -245,6 +245,25 @@ async def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     await unbatched.aclose()
 
 
+async def test_a_leading_tilde_is_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as in empathy.toml: "sqlite:///~/calls.db" is the home directory's calls.db, not a
+    # directory named "~" under the working directory
+    home, work = tmp_path / "home", tmp_path / "work"
+    os.mkdir(home)
+    os.mkdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    backend = telemetry_from_url("sqlite:///~/calls.db?batch=false")
+    assert backend.path == str(home / "calls.db")
+    async with backend:
+        await backend.record(_records(1)[0])
+    assert os.listdir(home) == ["calls.db"] and os.listdir(work) == []
+    with pytest.raises(ConfigurationError, match="no home directory"):
+        telemetry_from_url("sqlite:///~no-such-user-4242/calls.db")
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
