@@ -112,6 +112,7 @@ from ._run import (
 from ._setup import (
     NO_TELEMETRY,
     checked,
+    checked_breaker,
     index_limits,
     index_providers,
     keyless_message,
@@ -423,7 +424,7 @@ class EmpathyLLMExecutor:
         self._router = router
         self._owns_breaker = isinstance(breaker, str)
         self._breaker: _Breaker | None = (
-            CircuitBreaker(store=breaker) if isinstance(breaker, str) else breaker
+            CircuitBreaker(store=breaker) if isinstance(breaker, str) else checked_breaker(breaker)
         )
         self._session = session
         self._sleep = sleep

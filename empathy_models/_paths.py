@@ -1,6 +1,7 @@
 """
 Where empathy-models keeps its files: `empathy_home` (``$EMPATHY_HOME``, default
-``~/.empathy``), resolved at call time.
+``~/.empathy``), resolved at call time, and `make_private_dirs`, which creates a
+directory and its missing parents, each 0700.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from .exceptions import ConfigurationError
 
-__all__ = ["empathy_home"]
+__all__ = ["empathy_home", "make_private_dirs"]
 
 
 def empathy_home() -> Path:
@@ -32,3 +33,23 @@ def empathy_home() -> Path:
             if configured
             else "cannot find a home directory for ~/.empathy: set EMPATHY_HOME to a full path"
         ) from None
+
+
+def make_private_dirs(directory: Path) -> None:
+    """
+    Create ``directory`` and each of its missing parents, every one of them mode 0700
+    (``Path.mkdir(mode=..., parents=True)`` gives the mode to the last only, the
+    parents getting what the umask leaves of 0777).  A directory that exists is left
+    as it is; `OSError` when one cannot be made.
+    """
+    missing = []
+    path = directory
+    while not path.is_dir() and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:  # made meanwhile (by another process), or not a directory
+            if not path.is_dir():
+                raise

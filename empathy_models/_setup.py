@@ -1,8 +1,9 @@
 """
 What `EmpathyLLMExecutor.__init__` checks and derives from its arguments: the providers
 by name (each must have models in the registry), the concurrency limit per provider,
-the policies' types, the providers without an API key, the limiter when any budget or
-rate limit applies, and the words of the warnings it gives once.
+the policies' types, that the breaker is one (not a state store), the providers without
+an API key, the limiter when any budget or rate limit applies, and the words of the
+warnings it gives once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TypeVar, cast
 
 from ._planner import _key_hint
 from ._validators import MAX_SIZE, check, failure, integer, shown
-from .abc import Provider, QuotaStore
+from .abc import CircuitStateStore, Provider, QuotaStore
 from .exceptions import ConfigurationError
 from .limits.guard import Limiter
 from .limits.values import Budget, RateLimit
@@ -50,6 +51,35 @@ def checked(value: _T | None, default: Callable[[], _T], kind: type[_T], name: s
     if not isinstance(out, kind):
         raise ConfigurationError(f"{name} must be a {kind.__name__}, got {shown(value)}")
     return out
+
+
+_BREAKER_METHODS = ("key_for", "admit", "report", "available_hint")
+
+
+def checked_breaker(breaker: _T) -> _T:
+    """
+    ``breaker`` when it is None, a state-store URL, or has what the executor calls on a
+    breaker (`CircuitBreaker`'s ``key_for``, ``admit``, ``report``, ``available_hint``).
+
+    Raises:
+        ConfigurationError: it has not; a `CircuitStateStore` is told to be passed as
+            ``CircuitBreaker(store=...)``.
+    """
+    if breaker is None or isinstance(breaker, str):
+        return breaker
+    missing = [name for name in _BREAKER_METHODS if not callable(getattr(breaker, name, None))]
+    if not missing:
+        return breaker
+    hint = (
+        "; it is a state store, which holds circuit state for a breaker: pass "
+        "breaker=CircuitBreaker(store=<the store>) (or the store's URL as breaker=)"
+        if isinstance(breaker, CircuitStateStore)
+        else ""
+    )
+    raise ConfigurationError(
+        f"breaker must be a CircuitBreaker (or have {', '.join(_BREAKER_METHODS)}), got "
+        f"{shown(breaker)}, which has no {', '.join(missing)}{hint}"
+    )
 
 
 def index_providers(

@@ -46,7 +46,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from attrs import field, frozen
 
-from ._paths import empathy_home
+from ._paths import empathy_home, make_private_dirs
 from ._validators import check, failure, number, shown
 from .backends import redact_url
 from .exceptions import ConfigurationError
@@ -139,14 +139,20 @@ def _sqlite_file(url: str, where: str | None = None) -> Path | None:
 
 
 def ensure_sqlite_parent(url: str) -> None:
-    """Create the directory of a SQLite file URL (``$EMPATHY_HOME`` on first use), 0700."""
+    """
+    Create the directory of a SQLite file URL (``$EMPATHY_HOME`` on first use) and its
+    missing parents, each 0700.
+    """
     file = _sqlite_file(url)
     if file is not None:
-        file.absolute().parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(file.absolute().parent)
 
 
 def _resolve_url(value: str, base: Path, where: str) -> str:
-    """A URL, with a relative SQLite path made absolute against ``base``; a path -> URL."""
+    """
+    A URL, a SQLite file's path in it made absolute (a leading ``~`` expanded, a
+    relative path taken against ``base``); a path -> URL.
+    """
     if "://" not in value:
         path = _expand_home(value, where)
         if not path.is_absolute():
@@ -157,9 +163,11 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
     except ValueError as exc:
         raise ConfigurationError(f"{where}: not a URL: {exc}") from None
     file = _sqlite_file(value, where)
-    if file is None or file.is_absolute():
+    if file is None:
         return value
-    return "sqlite:///" + quote(str(base / file)) + (f"?{query}" if query else "")
+    # the path as it will be opened: a leading ~ expanded, a relative one made absolute
+    path = file if file.is_absolute() else base / file
+    return "sqlite:///" + quote(str(path)) + (f"?{query}" if query else "")
 
 
 def _env_name_flaw(value: object) -> str | None:

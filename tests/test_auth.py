@@ -404,6 +404,20 @@ def test_save_then_load_through_empathy_home(home: Path) -> None:
     assert json.loads(written.read_text())["v"] == 1
 
 
+def test_save_makes_every_missing_directory_private_under_any_umask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "a" / "b" / "home"  # three directories to make, not one
+    monkeypatch.setenv("EMPATHY_HOME", str(home))
+    old = os.umask(0)
+    try:
+        AuthStrategy().save()
+    finally:
+        os.umask(old)
+    for directory in (tmp_path / "a", tmp_path / "a" / "b", home):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+
 def test_save_is_private_and_leaves_no_temp_files(home: Path) -> None:
     AuthStrategy().save()
     file = home / "auth_strategy.json"

@@ -164,10 +164,43 @@ def test_credentials_stay_out_of_option_errors() -> None:
         ("null://", "null://"),
         ("redis://cache:6379/0?db=1", "redis://cache:6379/0?db=1"),
         (f"user:{SECRET}@host", "***@host"),
+        # a password holding an unencoded delimiter: the userinfo runs to the last '@'
+        ("redis://default:Xy7/Qz+9@127.0.0.1:6379/13", "redis://default:***@127.0.0.1:6379/13"),
+        ("rediss://:Xy7#Qz9@cache:6380/0", "rediss://:***@cache:6380/0"),
+        ("redis://u:Xy7?Qz9@cache/0?db=1", "redis://u:***@cache/0?db=1"),
+        (
+            "postgresql://app:Xy7@Q/z9@db/calls?password=p",
+            "postgresql://app:***@db/calls?password=***",
+        ),
+        ("postgresql://app@db:5432/calls", "postgresql://app@db:5432/calls"),
+        ("sqlite:///data/team@work/calls.db", "sqlite:///data/team@work/calls.db"),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("password", ["Xy7/Qz+9", "Xy7#Qz9", "Xy7?Qz9"])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "redis://default:{}@127.0.0.1:6379/13",
+        "rediss://:{}@cache.example:6380/0",
+        "postgresql://app:{}@db.example:5432/calls",
+        "mongodb://admin:{}@db.example:27017/calls",
+    ],
+)
+def test_a_password_with_an_unencoded_delimiter_never_appears_in_errors(
+    template: str, password: str
+) -> None:
+    # a generated password holding '/', '#' or '?' leaves a URL whose port does not
+    # parse: the error says so without quoting the parser (it quotes the password)
+    for factory in (state_store_from_url, telemetry_from_url):
+        with pytest.raises(ConfigurationError) as info:
+            factory(template.format(password))
+        message = str(info.value)
+        assert "Xy7" not in message and "Qz" not in message, message
+        assert ":***@" in message
 
 
 # --------------------------------------------------------------------------- plugins

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import stat
 from collections.abc import AsyncIterator, Sequence
@@ -15,7 +16,7 @@ import attrs
 import pytest
 import pytest_asyncio
 
-from empathy_models import ConfigurationError, LLMCallRecord
+from empathy_models import ConfigurationError, LLMCallRecord, telemetry_from_url
 from empathy_models.abc import TelemetryBackend
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.backends._spool import Spool
@@ -337,6 +338,50 @@ async def test_the_store_writer_warns_once_per_outage_and_once_on_recovery(
     assert sum("is unavailable" in m for m in messages) == 1
     assert sum("is back after" in m for m in messages) == 1
     assert (ledger.written, ledger.failed) == (0, 0)
+
+
+async def _spill_under_umask_0(tmp_path: Path) -> None:
+    """Spool five records with a umask that narrows nothing: the database's directory is
+    missing, every write fails and aclose() spools them."""
+    telemetry = telemetry_from_url(
+        f"sqlite:///{tmp_path / 'missing' / 'calls.db'}", close_timeout=0.5
+    )
+    old = os.umask(0)
+    try:
+        await telemetry.record_many(_records(5))  # queued: opening the store would fail
+        await telemetry.aclose()
+    finally:
+        os.umask(old)
+
+
+def _modes(home: Path) -> tuple[dict[str, int], set[int]]:
+    """The modes of ``home`` and the directories under it (by path), and of its files."""
+    made = [home, *home.rglob("*")]
+    directories = {p.relative_to(home).as_posix(): p for p in made if p.is_dir()}
+    files = {stat.S_IMODE(p.stat().st_mode) for p in made if p.is_file()}
+    return {k: stat.S_IMODE(p.stat().st_mode) for k, p in directories.items()}, files
+
+
+async def test_every_directory_the_spool_creates_is_private_under_any_umask(
+    tmp_path: Path, empathy_home: Path
+) -> None:
+    # $EMPATHY_HOME, its spool/ and the store's directory (mkdir's mode= reaches the last)
+    await _spill_under_umask_0(tmp_path)
+    directories, files = _modes(empathy_home)
+    assert len(directories) == 3 and {".", "spool"} <= set(directories)
+    assert set(directories.values()) == {0o700}
+    assert files == {0o600}
+
+
+async def test_the_spool_leaves_an_existing_home_as_it_is(
+    tmp_path: Path, empathy_home: Path
+) -> None:
+    os.mkdir(empathy_home)
+    os.chmod(empathy_home, 0o755)  # the user's own choice for a directory they made
+    await _spill_under_umask_0(tmp_path)
+    directories, _ = _modes(empathy_home)
+    assert directories.pop(".") == 0o755
+    assert set(directories.values()) == {0o700}
 
 
 class FlakySQLite(SQLiteTelemetryBackend):

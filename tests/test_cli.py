@@ -421,6 +421,17 @@ def test_telemetry_export_csv_and_jsonl(home: Path, db: Path, tmp_path: Path) ->
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
+def test_telemetry_export_onto_an_existing_file_makes_it_private(
+    home: Path, db: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "calls.csv"
+    target.write_text("an older export\n")
+    target.chmod(0o644)
+    ok(cli(home, "telemetry", "export", "--format", "csv", "--db", str(db), "-o", str(target)))
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert len(target.read_text().splitlines()) == _RECORDS + 1
+
+
 # --------------------------------------------------------------------------- routing
 
 

@@ -8,6 +8,8 @@ directory, with no flags, and must read the same database and registry.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -141,6 +143,60 @@ async def test_config_show_names_every_source_and_no_secret(
     sources = {row["setting"]: row["source"] for row in data["settings"]}
     assert sources["state"] == "default (the telemetry database)"
     assert sources["telemetry"] == str(project / "empathy.toml")
+
+
+def test_config_show_masks_a_password_with_an_unencoded_delimiter(
+    project: Path, tmp_path: Path
+) -> None:
+    # generated passwords hold '/', '#', '?': the URL no longer parses, and must still
+    # be shown (and refused) masked
+    (project / "empathy.toml").write_text(
+        'telemetry = "postgresql://app:Xy7/Qz+9@db.internal:5432/llm"\n'
+        'state = "redis://default:Xy7#Qz9@cache:6379/0"\n'
+    )
+    shown = cli(project, tmp_path / "home", "config", "show")
+    assert "Xy7" not in shown.stdout + shown.stderr and "Qz" not in shown.stdout + shown.stderr
+    assert "postgresql://app:***@db.internal:5432/llm" in shown.stdout
+    assert "redis://default:***@cache:6379/0" in shown.stdout
+    assert shown.returncode == 1 and "port" in shown.stderr
+
+
+async def test_the_directories_made_for_the_database_are_private_under_any_umask(
+    project: Path, server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "a" / "b" / "home"  # three directories to make, not one
+    monkeypatch.setenv("EMPATHY_HOME", str(home))
+    old = os.umask(0)
+    try:
+        async with EmpathyLLMExecutor.from_config(
+            providers=[OpenAIProvider(KEY, base_url=server.openai_base_url)], router=False
+        ):
+            pass
+    finally:
+        os.umask(old)
+    assert (home / "empathy.db").is_file()
+    for directory in (tmp_path / "a", tmp_path / "a" / "b", home):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+
+async def test_a_tilde_in_a_sqlite_url_is_the_home_directory_where_it_is_opened(
+    project: Path, server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "user-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    (project / "empathy.toml").write_text('telemetry = "sqlite:///~/calls.db?busy_timeout=5"\n')
+    assert EmpathyConfig.load().telemetry_url == f"sqlite:///{home / 'calls.db'}?busy_timeout=5"
+    async with EmpathyLLMExecutor.from_config(
+        providers=[OpenAIProvider(KEY, base_url=server.openai_base_url)], router=False
+    ) as executor:
+        await executor.run("hello", ExecutionContext(workflow="w", stage="s"))
+    assert (home / "calls.db").is_file()
+    assert not (project / "~").exists()
+    for db in ([], ["--db", "sqlite:///~/calls.db"]):  # the CLI reads the same file
+        summary = cli(project, tmp_path / "home", "telemetry", "summary", "--json", *db)
+        assert summary.returncode == 0, summary.stderr
+        assert sum(m["calls"] for m in json.loads(summary.stdout)["models"]) == 1
 
 
 def test_the_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

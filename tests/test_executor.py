@@ -43,7 +43,11 @@ from empathy_models import (
     TelemetryDisabledWarning,
 )
 from empathy_models.abc import Completion, CompletionRequest, Provider, TelemetryBackend
-from empathy_models.backends import MemoryTelemetryBackend, NullTelemetryBackend
+from empathy_models.backends import (
+    MemoryTelemetryBackend,
+    NullTelemetryBackend,
+    state_store_from_url,
+)
 from empathy_models.breaker import CircuitBreaker
 from empathy_models.exceptions import (
     AuthenticationError,
@@ -1217,6 +1221,19 @@ def test_configuration_errors_are_explicit(sleep: SleepRecorder) -> None:
         make([ScriptedProvider("alpha")], "memory://", sleep, concurrency_per_provider=0)
     with pytest.raises(ConfigurationError, match="unknown providers: zeta"):
         make([ScriptedProvider("alpha")], "memory://", sleep, concurrency_per_provider={"zeta": 1})
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite://:memory:"])
+def test_a_state_store_as_the_breaker_is_refused_saying_what_to_pass(
+    sleep: SleepRecorder, url: str
+) -> None:
+    # a store holds circuit state; the executor calls a breaker (which runs over one)
+    store = state_store_from_url(url)
+    with pytest.raises(ConfigurationError, match=r"CircuitBreaker\(store=") as info:
+        make([ScriptedProvider("alpha")], "memory://", sleep, breaker=store)
+    assert "state store" in str(info.value)
+    with pytest.raises(ConfigurationError, match="key_for, admit, report, available_hint"):
+        make([ScriptedProvider("alpha")], "memory://", sleep, breaker=object())
 
 
 async def test_a_tier_without_models_for_the_configured_providers_is_an_error(

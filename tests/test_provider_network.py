@@ -416,6 +416,25 @@ def test_a_bad_base_url_is_named_without_its_password(url: str) -> None:
     assert "gw:***@" in str(info.value)
 
 
+@pytest.mark.parametrize("password", ["Xy7/Qz+9", "Xy7#Qz9", "Xy7?Qz9", "Xy7@Qz/9"])
+@pytest.mark.parametrize("from_env", [False, True], ids=["argument", "OPENAI_BASE_URL"])
+def test_a_base_url_password_with_an_unencoded_delimiter_is_never_shown(
+    monkeypatch: pytest.MonkeyPatch, password: str, from_env: bool
+) -> None:
+    # "gw:Xy7" is no host:port: the error names the URL masked, without the parser's
+    # message (which quotes the text it took for a port)
+    url = f"https://gw:{password}@gateway.internal/v1"
+    with pytest.raises(ConfigurationError, match="base_url") as info:
+        if from_env:
+            monkeypatch.setenv("OPENAI_BASE_URL", url)
+            OpenAIProvider(api_key="k")
+        else:
+            OpenAIProvider(api_key="k", base_url=url)
+    message = str(info.value)
+    assert "Xy7" not in message and "Qz" not in message, message
+    assert "gw:***@gateway.internal" in message
+
+
 @pytest.mark.parametrize("url", ["http:///v1", "https://:443/v1"])
 def test_a_base_url_without_a_host_is_refused(url: str) -> None:
     with pytest.raises(ConfigurationError, match="base_url has no host"):

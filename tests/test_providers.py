@@ -13,6 +13,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 import pytest
@@ -819,6 +820,54 @@ async def test_a_secret_header_echoed_reaches_no_record_or_log(
     assert "gateway rejected ***" in (record.error_message or "")
     assert TOKEN not in str(caught.value.exceptions[0])
     assert TOKEN not in caplog.text
+
+
+GATEWAY_KEY = "gw-tok/AbC+dEf=GhIjKlMnOp"  # a gateway token: base64, with '/', '+', '='
+
+
+@pytest.mark.parametrize("echo", list(ECHOES))
+@pytest.mark.parametrize(
+    "encode",
+    [lambda k: k, lambda k: quote(k, safe=""), quote_plus, lambda k: quote(k)],
+    ids=["raw", "percent-encoded", "form-encoded", "path-encoded"],
+)
+async def test_a_key_echoed_url_encoded_is_scrubbed(
+    wire: str, echo: str, encode: Callable[[str], str]
+) -> None:
+    # a gateway that quotes the token back as it read it from a query or a form
+    streamed, answer = ECHOES[echo]
+    echoed = encode(GATEWAY_KEY)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return await answer(request, echoed)
+
+    async with echo_server(handler) as url:
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key=GATEWAY_KEY, base_url=f"{url}/v1") as provider:
+            with pytest.raises(ProviderError) as caught:
+                if streamed:
+                    stream = await provider.stream(req())
+                    await stream.__anext__()
+                else:
+                    await provider.complete(req())
+    text = str(caught.value)
+    assert "***" in text
+    assert "AbC" not in text and "GhIjKlMnOp" not in text, text
+
+
+@pytest.mark.parametrize("password", ["Xy7/Qz+9", "Xy7#Qz9", "Xy7?Qz9", "Xy7@Qz/9"])
+async def test_a_url_password_with_an_unencoded_delimiter_quoted_back_is_scrubbed(
+    password: str,
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return await _text_answer(f"upstream http://alice:{password}@proxy:3128 refused", 502)
+
+    async with echo_server(handler) as url, OpenAIProvider(api_key=KEY, base_url=url) as provider:
+        error = await failure(provider, req())
+    assert "Xy7" not in str(error) and "Qz" not in str(error), str(error)
+    assert "http://alice:***@proxy:3128 refused" in str(error)
 
 
 async def test_short_secret_header_values_are_not_scrubbed() -> None:

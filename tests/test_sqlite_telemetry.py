@@ -245,6 +245,25 @@ async def test_url_forms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     await unbatched.aclose()
 
 
+async def test_a_leading_tilde_is_the_home_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # as in empathy.toml: "sqlite:///~/calls.db" is the home directory's calls.db, not a
+    # directory named "~" under the working directory
+    home, work = tmp_path / "home", tmp_path / "work"
+    os.mkdir(home)
+    os.mkdir(work)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    backend = telemetry_from_url("sqlite:///~/calls.db?batch=false")
+    assert backend.path == str(home / "calls.db")
+    async with backend:
+        await backend.record(_records(1)[0])
+    assert os.listdir(home) == ["calls.db"] and os.listdir(work) == []
+    with pytest.raises(ConfigurationError, match="no home directory"):
+        telemetry_from_url("sqlite:///~no-such-user-4242/calls.db")
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
@@ -274,6 +293,40 @@ async def test_files_are_created_private(tmp_path: Path) -> None:
         os.umask(old)
     assert set(modes) == {"calls.db", "calls.db-wal", "calls.db-shm"}
     assert modes == dict.fromkeys(modes, 0o600)
+
+
+def _make_file(path: Path, mode: int) -> None:
+    path.touch()
+    path.chmod(mode)
+
+
+@pytest.mark.parametrize("existing", [("calls.db",), ("calls.db", "calls.db-wal", "calls.db-shm")])
+async def test_an_existing_database_of_ours_is_made_private(
+    tmp_path: Path, existing: tuple[str, ...]
+) -> None:
+    # an empty 0644 file (as `touch` makes it), and its WAL files left by an earlier run:
+    # narrowed before SQLite opens the file, whose mode its new WAL files copy
+    for name in existing:
+        _make_file(tmp_path / name, 0o644)
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db", batch=False) as backend:
+        await backend.record(_records(1)[0])
+        modes = _modes(tmp_path, "calls.db")
+    assert set(modes) == {"calls.db", "calls.db-wal", "calls.db-shm"}
+    assert modes == dict.fromkeys(modes, 0o600)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to give a file away"
+)
+async def test_another_users_database_keeps_its_mode(tmp_path: Path) -> None:
+    # shared with us on purpose (0666): not ours to narrow
+    db = tmp_path / "calls.db"
+    _make_file(db, 0o666)
+    os.chown(db, 4242, 4242)
+    async with SQLiteTelemetryBackend(db, batch=False) as backend:
+        await backend.record(_records(1)[0])
+        modes = _modes(tmp_path, "calls.db")
+    assert modes["calls.db"] == 0o666
 
 
 async def test_schema_is_versioned_and_a_newer_file_is_refused(tmp_path: Path) -> None:

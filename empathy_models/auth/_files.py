@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from .._paths import empathy_home
+from .._paths import empathy_home, make_private_dirs
 from ..exceptions import AuthFileError
 
 __all__ = ["auth_strategy_file"]
@@ -105,7 +105,7 @@ def _ensure_private_dir(directory: Path) -> None:
     if directory.is_dir():
         return
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(directory)
         os.chmod(directory, 0o700)
     except OSError as exc:
         raise AuthFileError(

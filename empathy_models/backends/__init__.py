@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .._fast import gc_paused
+from .._urls import url_flaw, userinfo_end
 from .._validators import shown
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
@@ -61,6 +62,7 @@ __all__ = [
     "state_store_from_url",
     "stored_forms",
     "telemetry_from_url",
+    "url_flaw",
 ]
 
 ENTRY_POINT_GROUP = "empathy_models.backends"
@@ -89,22 +91,25 @@ def redact_url(url: str) -> str:
     Return ``url`` safe to log or show.
 
     A password in the authority part and the value of secret-looking query parameters
-    (``password=``, ``token=``, ``api_key=``...) are replaced by ``***``.  A string
-    without ``scheme://`` that holds an ``@`` has everything before the last ``@``
-    masked, since it may be ``user:password``.
+    (``password=``, ``token=``, ``api_key=``...) are replaced by ``***``; a password
+    holding an unencoded '/', '?', '#' or '@' is masked whole (the userinfo runs to
+    the last '@' a host follows).  A string without ``scheme://`` that holds an ``@``
+    has everything before the last ``@`` masked, since it may be ``user:password``.
     """
     if "://" not in url:
         return f"***@{url.rsplit('@', 1)[1]}" if "@" in url else url
+    head, _, rest = url.partition("://")
+    at = userinfo_end(rest)
+    userinfo = ""
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        userinfo = f"{user}:***@" if colon else f"{rest[:at]}@"
+        rest = rest[at + 1 :]
     try:
-        parts = urlsplit(url)
-        password = parts.password
+        parts = urlsplit(f"{head}://{rest}")
     except ValueError:
         return "<unparseable url>"
-    changed = password is not None
-    if password is not None:
-        userinfo, hostport = parts.netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        parts = parts._replace(netloc=f"{user}:***@{hostport}")
+    changed = userinfo.endswith(":***@")
     if parts.query:
         query = "&".join(
             f"{name}=***"
@@ -119,7 +124,7 @@ def redact_url(url: str) -> str:
     # not urlunsplit: it drops an empty authority ("sqlite:///x" -> "sqlite:/x")
     query = f"?{parts.query}" if parts.query else ""
     fragment = f"#{parts.fragment}" if parts.fragment else ""
-    return f"{parts.scheme}://{parts.netloc}{parts.path}{query}{fragment}"
+    return f"{parts.scheme}://{userinfo}{parts.netloc}{parts.path}{query}{fragment}"
 
 
 def _build(factory: Any, url: str, kind: str, options: dict[str, Any]) -> Any:
@@ -161,7 +166,9 @@ def _plugin_for(url: str) -> BackendPlugin:
     try:
         scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     except ValueError as exc:
-        raise ConfigurationError(f"{redact_url(url)!r} is not a valid URL: {exc}") from exc
+        raise ConfigurationError(
+            f"{redact_url(url)!r} is not a valid URL: {url_flaw(exc)}"
+        ) from exc
     if not scheme:
         raise ConfigurationError(
             f"{redact_url(url)!r} is not a backend URL; expected scheme://..., "

@@ -2,7 +2,8 @@
 The local spool: records a telemetry store could not take yet, kept on disk.
 
 Each store has its own directory, ``$EMPATHY_HOME/spool/<digest of the store>``
-(mode 0700), so records are only ever replayed into the store they were meant for.
+(mode 0700, as is each parent the spool creates), so records are only ever replayed
+into the store they were meant for.
 Every spill is one new file of JSON lines (the versioned dicts of
 `empathy_models.serialization`), written to a temporary name, flushed to disk and
 renamed, so a file is either complete or absent; files are mode 0600.  Replaying
@@ -27,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
+from .._paths import make_private_dirs
 from ..exceptions import RecordValidationError
 from ..records import LLMCallRecord
 from ..serialization import from_dict, to_dict
@@ -102,7 +104,7 @@ class Spool:
         if not lines:
             return 0
         directory = self.directory
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(directory)
         tmp = directory / f".{target.name}.{secrets.token_hex(4)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -135,7 +136,10 @@ def add_common(
 
 
 def _sqlite_path(url: str) -> str | None:
-    """The file path of a ``sqlite://`` URL, None for ``:memory:`` (or unparseable)."""
+    """
+    The file path of a ``sqlite://`` URL (a leading ``~`` expanded), None for
+    ``:memory:`` (or unparseable).
+    """
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -143,7 +147,8 @@ def _sqlite_path(url: str) -> str | None:
     if parts.netloc:
         return None
     path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    return None if path in ("", ":memory:") else path
+    # a leading ~ expanded, as the backend expands it (a ~user it cannot: the backend says so)
+    return None if path in ("", ":memory:") else os.path.expanduser(path)
 
 
 def _in_memory(url: str) -> bool:

@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import os
+import stat
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -194,6 +195,16 @@ def _write(records: list[LLMCallRecord], fmt: str, out: IO[str]) -> None:
             bar.advance()
 
 
+def _make_private(fd: int) -> None:
+    """
+    Take group and other permissions off the export file open as ``fd`` (0600 only
+    applies to a file the open creates) when it is a regular file of this user's.
+    """
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o077)
+
+
 def cmd_telemetry_export(args: argparse.Namespace) -> int:
     """Write the matching records, oldest first, as CSV (with a header) or JSON lines."""
     url = db_url(args.db)
@@ -214,6 +225,7 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
     try:
         fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with open(fd, "w", encoding="utf-8", newline="") as out:
+            _make_private(fd)
             _write(records, args.format, out)
     except OSError as exc:
         raise CliError(f"cannot write {args.output}: {exc.strerror}") from exc

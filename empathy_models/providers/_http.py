@@ -60,6 +60,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from .._propagation import outgoing_headers
+from .._urls import url_flaw
 from .._validators import MAX_SIZE, check, failure, integer, number, shown
 from .._version import __version__
 from ..abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
@@ -362,7 +363,7 @@ class HTTPProvider(Provider):
             parts.port  # noqa: B018 -- parsed on access: refuses a port that is no number
         except ValueError as exc:  # an unclosed IPv6 bracket, a port out of range
             raise ConfigurationError(
-                f"base_url is not a valid URL ({masked_url(str(exc))}): {given}{where}"
+                f"base_url is not a valid URL ({url_flaw(exc)}): {given}{where}"
             ) from None
         if "@" in parts.netloc:
             # aiohttp cannot send them beside the key's Authorization header (and the

@@ -18,7 +18,9 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
+from urllib.parse import quote, quote_plus
 
+from .._urls import userinfo_end
 from ..exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -52,8 +54,11 @@ _MAX_MESSAGE: Final = 300
 MAX_TOKEN_COUNT: Final = 2**63 - 1
 """The largest usage count read: what an `LLMCallRecord` holds (no real count is larger)."""
 _KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
-_URL_PASSWORD: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)[^/?#@\s]*@")
-"""The password of a ``scheme://user:password@`` in a message (a proxy URL quoted back)."""
+_URL_PASSWORD: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)\S{0,512}@")
+"""
+The password of a ``scheme://user:password@`` in a message (a proxy URL quoted back),
+up to the last '@' before a space: a password may hold an unencoded '/', '?', '#', '@'.
+"""
 _CONTEXT_MARKERS: Final = (
     "context_length_exceeded",
     "maximum context length",
@@ -82,18 +87,21 @@ _UNKNOWN_MODEL_MARKERS: Final = (
 class _Secrets:
     """
     Texts that every message is scrubbed of (a provider's key, the values of its
-    secret-looking headers); its repr and str never show them.
+    secret-looking headers), each also as a URL would carry it (percent-encoded, with
+    and without its '/', and form-encoded: a gateway may quote a token back as it read
+    it from a query); its repr and str never show them.
     """
 
     __slots__ = ("_values", "longest")
 
     def __init__(self, *values: str) -> None:
+        forms = {form for v in values if v for form in (v, *_url_forms(v))}
         # longest first: a value that holds another ("Bearer <token>") goes whole
-        self._values = tuple(sorted({v for v in values if v}, key=len, reverse=True))
+        self._values = tuple(sorted(forms, key=len, reverse=True))
         self.longest = len(self._values[0]) if self._values else 0
 
     def scrub(self, text: str) -> str:
-        """``text`` with each of the values replaced by ``***``."""
+        """``text`` with each of the values (in each of its forms) replaced by ``***``."""
         for value in self._values:
             if value in text:
                 text = text.replace(value, "***")
@@ -103,6 +111,11 @@ class _Secrets:
         return "<secret>"
 
     __str__ = __repr__
+
+
+def _url_forms(value: str) -> tuple[str, str, str]:
+    """``value`` percent-encoded (with and without its '/') and form-encoded."""
+    return quote(value, safe=""), quote(value), quote_plus(value)
 
 
 class _Secret(_Secrets):
@@ -391,20 +404,19 @@ def error_from_local(
 def masked_url(url: str) -> str:
     """
     ``url`` for a message: a ``user:password@`` before its host shown ``user:***@``, a
-    lone ``user@`` (it may be a token) ``***@``.  Needs no parsing, so an unparseable URL
-    is masked too.
+    lone ``user@`` (it may be a token) ``***@``; a password holding an unencoded '/',
+    '?', '#' or '@' is masked whole (`userinfo_end`).  Needs no parsing, so an
+    unparseable URL is masked too.
     """
     head, sep, rest = url.partition("://")
     if not sep:
         head, rest = "", url
-    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    authority = rest[:end]
-    if "@" not in authority:
+    at = userinfo_end(rest)
+    if at < 0:
         return url
-    userinfo, host = authority.rsplit("@", 1)
-    user, colon, _ = userinfo.partition(":")
+    user, colon, _ = rest[:at].partition(":")
     shown_userinfo = f"{user}:***" if colon else "***"
-    return f"{head}{sep}{shown_userinfo}@{host}{rest[end:]}"
+    return f"{head}{sep}{shown_userinfo}{rest[at:]}"
 
 
 def _without_request(exc: BaseException) -> BaseException:

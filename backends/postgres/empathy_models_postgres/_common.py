@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
 
-from empathy_models.backends import redact_url
+from empathy_models.backends import redact_url, url_flaw
 from empathy_models.exceptions import (
     BackendError,
     ConfigurationError,
@@ -121,7 +121,7 @@ def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
         parts.port  # noqa: B018 - raises ValueError for a port that is not 0-65535
     except ValueError as exc:
         raise ConfigurationError(
-            f"{redact_url(dsn)!r} is not a valid PostgreSQL DSN: {exc}"
+            f"{redact_url(dsn)!r} is not a valid PostgreSQL DSN: {url_flaw(exc)}"
         ) from exc
     query = parse_qsl(parts.query, keep_blank_values=True)
     ours = {k: v for k, v in query if k in _URL_OPTIONS}

@@ -95,6 +95,17 @@ async def test_errors_are_state_store_errors_without_the_password() -> None:
     await store.aclose()
 
 
+async def test_a_password_with_an_unencoded_at_and_slash_is_masked_whole() -> None:
+    # "app:s3cr@et/pw@host" parses as user "app", host "et": the repr still hides all of
+    # the password, up to the '@' the host follows
+    store = PostgresCircuitStateStore("postgresql://app:s3cr@et/pw@127.0.0.1:1/test")
+    assert repr(store).startswith(
+        "PostgresCircuitStateStore('postgresql://app:***@127.0.0.1:1/test'"
+    )
+    assert "et/pw" not in repr(store)
+    await store.aclose()
+
+
 async def test_a_unix_socket_dsn_with_plugin_options_still_connects(
     postgres_schema: str, postgres_dsn: str
 ) -> None:

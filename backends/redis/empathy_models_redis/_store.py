@@ -36,7 +36,7 @@ from redis.exceptions import (
 )
 
 from empathy_models.abc import ChangeFeed, CircuitStateStore
-from empathy_models.backends import redact_url, shown
+from empathy_models.backends import redact_url, shown, url_flaw
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.exceptions import (
     ConfigurationError,
@@ -787,7 +787,9 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError as exc:
-        raise ConfigurationError(f"{redact_url(url)!r} is not a valid Redis URL: {exc}") from exc
+        raise ConfigurationError(
+            f"{redact_url(url)!r} is not a valid Redis URL: {url_flaw(exc)}"
+        ) from exc
     query = parse_qsl(parts.query, keep_blank_values=True)
     _check_option_names((name for name, _ in query), "URL", url)
     _check_db(url, parts)

@@ -250,7 +250,8 @@ class _Database:
 
     def _prepare_file(self) -> None:
         """
-        Create the file (0600) if it is missing; check that it is a writable regular file.
+        Create the file (0600) if it is missing; check that it is a writable regular file;
+        take group and other permissions off it (and off its WAL files) when it is ours.
 
         The file is never opened here, only looked at: this process may hold SQLite
         connections to it already (another backend on the same file), and closing any
@@ -285,6 +286,7 @@ class _Database:
             raise self._fail(f"the file is read-only (mode {stat.S_IMODE(st.st_mode):04o})")
         if not os.access(path, os.R_OK | os.W_OK):
             raise self._fail("permission denied: the file is read-only for this user")
+        _make_private(path, st)
 
     def _check_readable(self) -> None:
         if not os.path.isfile(self.path):
@@ -603,6 +605,36 @@ def _create_private(path: str) -> None:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(spare)
+
+
+_NOT_NARROWED: set[str] = set()
+"""The database files whose mode could not be narrowed, each warned about once."""
+
+
+def _make_private(path: str, st: os.stat_result) -> None:
+    """
+    Take group and other permissions off the database file ``path`` (``st``: its
+    stat) and off its ``-wal`` and ``-shm`` files, when this user owns them: SQLite
+    gives the WAL files it creates the database's mode.  Only ``chmod``, never an open
+    (see `_Database._prepare_file`); a file that cannot be changed is used as it is,
+    with one warning.
+    """
+    for name, stats in ((path, st), (f"{path}-wal", None), (f"{path}-shm", None)):
+        try:
+            stats = stats or os.stat(name)
+            mode = stat.S_IMODE(stats.st_mode)
+            if mode & 0o077 and stats.st_uid == os.geteuid():
+                os.chmod(name, mode & ~0o077)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if name not in _NOT_NARROWED:
+                _NOT_NARROWED.add(name)
+                logger.warning(
+                    "SQLite file %s stays readable by others: cannot change its mode (%s)",
+                    name,
+                    exc.strerror,
+                )
 
 
 _CLOEXEC: Final = getattr(os, "O_CLOEXEC", 0)

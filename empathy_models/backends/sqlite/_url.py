@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -59,6 +60,19 @@ _TELEMETRY_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
 }
 
 
+def _expand_home(path: str, url: str) -> str:
+    """``path`` with a leading ``~`` or ``~user`` expanded."""
+    if not path.startswith("~"):
+        return path
+    try:
+        return str(Path(path).expanduser())
+    except RuntimeError:  # the user does not exist, or has no home directory
+        raise ConfigurationError(
+            f"sqlite URL {url!r}: cannot expand {path!r}: no home directory for that user; "
+            "write the path in full"
+        ) from None
+
+
 def parse_sqlite_url(
     url: str, allowed: Mapping[str, Callable[[str, str], Any]] = _TELEMETRY_OPTIONS
 ) -> tuple[str, dict[str, Any]]:
@@ -66,9 +80,11 @@ def parse_sqlite_url(
     Split a ``sqlite://`` URL into a path and keyword options.
 
     ``sqlite:///rel.db`` -> ``rel.db`` (relative to the working directory),
-    ``sqlite:////abs/x.db`` -> ``/abs/x.db``, ``sqlite://:memory:`` and
+    ``sqlite:////abs/x.db`` -> ``/abs/x.db``, ``sqlite:///~/x.db`` -> ``$HOME/x.db`` (a
+    leading ``~`` or ``~user`` expanded, as in ``empathy.toml``), ``sqlite://:memory:`` and
     ``sqlite:///:memory:`` -> ``:memory:``.  Raises `ConfigurationError` for another
-    scheme, a host part, an empty path or an unknown option.
+    scheme, a host part, an empty path, a ``~user`` without a home directory or an
+    unknown option.
     """
     try:
         parts = urlsplit(url)
@@ -90,6 +106,7 @@ def parse_sqlite_url(
                 f"sqlite URL {url!r} names no file; use sqlite:///relative.db, "
                 "sqlite:////absolute/path.db or sqlite://:memory:"
             )
+        path = _expand_home(path, url)
     options: dict[str, Any] = {}
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name not in allowed:
