@@ -614,8 +614,9 @@ class Instrumentation:
         state: _RunTrace | None = None,
     ) -> None:
         """
-        The attempt of ``record`` ended (its feedback already given): with its
-        ``completion``, its ``error``, or neither (a stream the caller left: cancelled).
+        The attempt of ``record`` ended (its feedback given, or cut short by a
+        cancellation): with its ``completion``, its ``error``, or neither (a stream the
+        caller left: cancelled).
         """
         state = state or self._state()
         if state is None:

@@ -6,11 +6,15 @@ spans as `run()`, ended when the stream ends however it ends, the streamed reque
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from empathy_models import AllRoutesFailedError, RetryPolicy, StreamInterruptedError
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.records import LLMCallRecord
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 
 from .test_observability import (
@@ -150,3 +154,47 @@ async def test_no_stream_content_or_key_reaches_opentelemetry_unless_opted_in(
         await s.get_final_response()
     texts = " ".join(every_text(otel))
     assert "secret" not in texts and "sk-ant-test" not in texts
+
+
+class StalledTelemetry(MemoryTelemetryBackend):
+    """Memory telemetry whose writes wait until released (says when one has begun)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def record(self, record: LLMCallRecord) -> None:
+        self.entered.set()
+        await self.release.wait()
+        await super().record(record)
+
+
+async def test_a_stream_cancelled_while_its_answer_is_reported_still_ends_its_spans(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # the last delta is read, the answer is being reported, and the reader is cancelled
+    telemetry = StalledTelemetry()
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+
+        async def read() -> None:
+            async with executor.stream(PROMPT, CTX) as stream:
+                async for _ in stream:
+                    pass
+
+        task = asyncio.create_task(read())
+        await telemetry.entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        telemetry.release.set()
+    run = otel.span("run support/answer")
+    (attempt,) = attempts_of(otel)
+    assert run.end_time is not None and attempt.end_time is not None
+    # the provider answered in full: the attempt is a success, measured as one
+    assert attempt.attributes is not None
+    assert attempt.attributes["empathy_models.outcome"] == "success"
+    assert attempt.status.status_code is StatusCode.UNSET
+    assert sum(p.count for p in otel.points("gen_ai.client.token.usage")) == 2
+    # ... but the caller never had it
+    assert run.attributes is not None and run.attributes["empathy_models.outcome"] == "cancelled"
