@@ -79,11 +79,13 @@ instrument                                     unit       attributes
 =============================================  =========  ====================================
 
 The duration, tokens and cost are per provider call (an attempt); rejected routes are
-not operations and are not measured.  Breaker state and transitions are recorded once per
-breaker even when several executors share it.  The cost and pick counters are summed in
-process and reported as observable counters when a reader collects (the same cumulative
-sums a synchronous counter gives, with no SDK measurement on the call path and so no
-exemplars).
+not operations and are not measured.  The tokens are those of answered attempts; the cost
+is that of every attempt, answered or not (a stream cut short or left by its caller is
+charged what its call record says), so it sums to the records' ``cost_usd``.  Breaker
+state and transitions are recorded once per breaker even when several executors share
+it.  The cost and pick counters are summed in process and reported as observable counters
+when a reader collects (the same cumulative sums a synchronous counter gives, with no SDK
+measurement on the call path and so no exemplars).
 """
 
 from __future__ import annotations
@@ -642,9 +644,7 @@ class Instrumentation:
                 meters.tokens.record(record.output_tokens, output_attrs)
                 if record.ttft_ms is not None:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, response)
-                cost = meters.cost
-                key = (record.provider, record.model, state.workflow, state.stage)
-                cost[key] = cost.get(key, 0.0) + record.cost_usd
+                self._cost(state, record)
                 return
             if error is None:  # a stream left early by its caller: not an error
                 if state.recording:
@@ -653,6 +653,8 @@ class Instrumentation:
                 meters.duration.record(seconds, attributes)
                 if record.ttft_ms is not None:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, attributes)
+                if record.cost_usd > 0:  # what was streamed before the caller left
+                    self._cost(state, record)
                 return
             error_type = record.error_type or type(error).__name__
             span.set_attributes(_failed_attributes(record, error_type))
@@ -665,10 +667,18 @@ class Instrumentation:
                 meters.first_chunk.record(
                     record.ttft_ms / 1000.0, {**attributes, _ERROR_TYPE: error_type}
                 )
+            if record.cost_usd > 0:  # e.g. the tokens of a stream cut short
+                self._cost(state, record)
             # ended when the executor has decided whether to wait and retry
             state.ended = (span, time.time_ns())
         except Exception:
             self._failed("ending an attempt span")
+
+    def _cost(self, state: _RunTrace, record: LLMCallRecord) -> None:
+        """Add what ``record``'s attempt cost (answered or not) to the cost counter."""
+        cost = self._meters.cost
+        key = (record.provider, record.model, state.workflow, state.stage)
+        cost[key] = cost.get(key, 0.0) + record.cost_usd
 
     def _response_sets(
         self, provider: str, model: str, response_model: str, common: _Attrs

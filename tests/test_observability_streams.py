@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+import attrs
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
@@ -198,3 +199,31 @@ async def test_a_stream_cancelled_while_its_answer_is_reported_still_ends_its_sp
     assert sum(p.count for p in otel.points("gen_ai.client.token.usage")) == 2
     # ... but the caller never had it
     assert run.attributes is not None and run.attributes["empathy_models.outcome"] == "cancelled"
+
+
+async def test_the_cost_counter_counts_attempts_that_failed_or_were_left(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # a stream left after its first delta and a streamed attempt cut short are charged
+    # (their records say so): the cost counter agrees with the records, model by model
+    telemetry = MemoryTelemetryBackend()
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content="one two three four five"))
+    server.script("gpt-fake-mini", ["truncated"])
+    pinned = attrs.evolve(CTX, model="gpt-fake-mini")
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+        async with executor.stream(PROMPT, CTX) as stream:
+            async for _ in stream:
+                break
+        async with executor.stream(PROMPT, pinned) as stream:
+            await stream.get_final_response()
+    records = await telemetry.recent()
+    outcomes = {(r.model, r.outcome.value) for r in records if r.cost_usd > 0}
+    assert {("claude-fake-haiku", "cancelled"), ("gpt-fake-mini", "failure")} <= outcomes
+    recorded: dict[str, float] = {}
+    for r in records:
+        recorded[r.model] = recorded.get(r.model, 0.0) + r.cost_usd
+    counted = {
+        p.attributes["gen_ai.request.model"]: p.value
+        for p in otel.points("empathy_models.client.cost")
+    }
+    assert counted == pytest.approx(recorded)
