@@ -138,6 +138,8 @@ from ._version import __version__
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from opentelemetry.context import Context
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Span, TracerProvider
@@ -373,15 +375,33 @@ class Instrumentation:
                 try:
                     if state.attempt is not None or state.ended is not None:
                         self._finish_attempts(state)
-                    self._detach(context_token)
-                    _current.reset(run_token)
-                    span.end()
                 except Exception:
                     self._failed("ending the run span")
+                finally:  # the caller's context back, whatever OpenTelemetry raised
+                    self._restore(context_token, run_token)
+                self._end(span)
 
         functools.update_wrapper(traced, method)
         traced.__dict__.pop("__wrapped__", None)  # a strong reference to the executor
         return traced
+
+    def _restore(self, context_token: Token[Context], run_token: Token[_RunTrace | None]) -> None:
+        """Make the context of before a run current again (the run's end)."""
+        try:
+            self._detach(context_token)
+        except Exception:
+            self._failed("restoring the caller's context")
+        _current.reset(run_token)
+
+    def _end(self, span: Span, end_time: int | None = None) -> None:
+        """
+        End ``span``.  A span processor that raises in ``on_end`` (the span is ended
+        before it is called) is logged, and whatever follows the end still happens.
+        """
+        try:
+            span.end(end_time)
+        except Exception:
+            self._failed("ending a span (a span processor raised)")
 
     # ------------------------------------------------------------------ streams
 
@@ -417,8 +437,8 @@ class Instrumentation:
         Args:
             state: the run's trace state.
             response: the answer, when there was one.
-            error: every route failed before the first chunk, or `StreamInterruptedError`
-                after it.
+            error: every route failed before the first chunk, `StreamInterruptedError`
+                after it, or what reporting the answer raised.
         """
         try:
             if state.attempt is not None or state.ended is not None:
@@ -431,9 +451,9 @@ class Instrumentation:
                 else:
                     state.run_attrs["empathy_models.outcome"] = "cancelled"
                     state.span.set_attributes(state.run_attrs)
-            state.span.end()
         except Exception:
             self._failed("ending the stream span")
+        self._end(state.span)
 
     def _run_succeeded(self, state: _RunTrace, response: object) -> None:
         try:
@@ -638,23 +658,23 @@ class Instrumentation:
                 )
                 if state.recording:
                     span.set_attributes(_answered_attributes(record, completion, state.capture))
-                span.end()
                 meters.duration.record(seconds, response)
                 meters.tokens.record(record.input_tokens, input_attrs)
                 meters.tokens.record(record.output_tokens, output_attrs)
                 if record.ttft_ms is not None:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, response)
                 self._cost(state, record)
+                self._end(span)
                 return
             if error is None:  # a stream left early by its caller: not an error
                 if state.recording:
                     span.set_attributes(_left_attributes(record))
-                span.end()
                 meters.duration.record(seconds, attributes)
                 if record.ttft_ms is not None:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, attributes)
                 if record.cost_usd > 0:  # what was streamed before the caller left
                     self._cost(state, record)
+                self._end(span)
                 return
             error_type = record.error_type or type(error).__name__
             span.set_attributes(_failed_attributes(record, error_type))
@@ -706,9 +726,9 @@ class Instrumentation:
         state.ended = None
         try:
             span.add_event("empathy_models.retry", {"empathy_models.retry.delay_s": delay}, at)
-            span.end(at)
         except Exception:
             self._failed("recording a retry")
+        self._end(span, at)
 
     def _release(self, state: _RunTrace) -> None:
         """Stop sending the attempt's trace context and make the run span current again."""
@@ -722,10 +742,10 @@ class Instrumentation:
     def _finish_attempts(self, state: _RunTrace) -> None:
         ended, state.ended = state.ended, None
         if ended is not None:
-            ended[0].end(ended[1])
+            self._end(*ended)
         span, state.attempt = state.attempt, None
         if span is not None:  # left open by an error the executor did not expect
             self._release(state)
             span.set_attribute(_ERROR_TYPE, "_OTHER")
             span.set_status(self._status(self._error, "the attempt did not finish"))
-            span.end()
+            self._end(span)

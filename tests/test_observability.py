@@ -26,7 +26,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
@@ -45,6 +45,7 @@ from empathy_models import (
 )
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
+from empathy_models.exceptions import InvalidRequestError
 from empathy_models.observability import DURATION_BUCKETS, TOKEN_BUCKETS
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer
@@ -528,6 +529,38 @@ async def test_a_failing_tracer_never_fails_a_run(
         response = await ex.run(PROMPT, CTX)
     assert response.content
     assert "OpenTelemetry instrumentation failed" in caplog.text
+
+
+class FailingProcessor(SpanProcessor):
+    """A span processor whose backend is down: ending a run or attempt span raises."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.name.startswith(("run ", "chat ")):
+            raise ConnectionError("collector unreachable")
+
+
+async def test_a_span_processor_that_raises_leaves_the_callers_context_and_metrics(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    otel.tracer_provider.add_span_processor(FailingProcessor())
+    app = otel.tracer_provider.get_tracer("app")
+    async with make(server, otel, retry=RetryPolicy.none()) as executor:
+        with app.start_as_current_span("request") as mine:
+            answered = await executor.run(PROMPT, CTX)
+            assert trace.get_current_span() is mine
+            server.set_outage("*", action=400)
+            with pytest.raises(InvalidRequestError):
+                await executor.run(PROMPT, CTX)
+            # the caller's span is current again, whatever the processor did
+            assert trace.get_current_span() is mine
+    # the answered attempt is measured in full, the failed ones timed
+    tokens = otel.points("gen_ai.client.token.usage")
+    assert sum(p.sum for p in tokens) == answered.input_tokens + answered.output_tokens
+    (cost,) = otel.points("empathy_models.client.cost")
+    assert cost.value == pytest.approx(answered.cost_usd)
+    assert sum(p.count for p in otel.points("gen_ai.client.operation.duration")) == 2
+    # every span was still ended and exported
+    assert len([s for s in otel.spans() if s.name == "run support/answer"]) == 2
 
 
 @pytest.mark.parametrize(
