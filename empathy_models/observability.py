@@ -255,13 +255,34 @@ def instrumentation_for(
     )
 
 
+def _log_failure(warned: set[str], where: str) -> None:
+    """
+    Log a failure inside OpenTelemetry (called in an ``except`` block): the first one in
+    each ``where`` as a warning with its traceback, the others at DEBUG (a broken span
+    processor or exporter fails on every call).  ``warned``: the places warned about.
+    """
+    first = where not in warned
+    if first:
+        if len(warned) > 64:  # the places are a fixed few; bounded all the same
+            warned.clear()
+        warned.add(where)
+    logger.log(
+        logging.WARNING if first else logging.DEBUG,
+        "OpenTelemetry instrumentation failed in %s (the call goes on%s)",
+        where,
+        "; further failures there are logged at DEBUG" if first else "",
+        exc_info=True,
+    )
+
+
 class Instrumentation:
     """
     The OpenTelemetry side of one executor (built by `instrumentation_for`).
 
     The executor calls its hooks at the points of a run; each hook does nothing unless
     the run is traced by this instrumentation, and none raises: a failure inside
-    OpenTelemetry is logged on ``empathy_models.observability`` and counted in
+    OpenTelemetry is logged on ``empathy_models.observability`` (the first at each place
+    as a warning with its traceback, the next ones there at DEBUG) and counted in
     ``errors``, never raised into a request.
     """
 
@@ -282,6 +303,7 @@ class Instrumentation:
         self.meter_provider = meter_provider
         self.capture_content = capture_content
         self.errors = 0
+        self._warned: set[str] = set()  # where a failure was logged as a warning
         self.telemetry: object | None = None
         self._tracer = tracer_provider.get_tracer(SCOPE, __version__)
         self._meters = _meters_for(meter_provider, __version__)
@@ -316,8 +338,9 @@ class Instrumentation:
         )
 
     def _failed(self, where: str) -> None:
+        """Count a failure inside OpenTelemetry and log it (`_log_failure`)."""
         self.errors += 1
-        logger.exception("OpenTelemetry instrumentation failed in %s (the call goes on)", where)
+        _log_failure(self._warned, where)
 
     # ------------------------------------------------------------------ lifecycle
 

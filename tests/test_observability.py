@@ -10,6 +10,7 @@ import ast
 import asyncio
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -561,6 +562,29 @@ async def test_a_span_processor_that_raises_leaves_the_callers_context_and_metri
     assert sum(p.count for p in otel.points("gen_ai.client.operation.duration")) == 2
     # every span was still ended and exported
     assert len([s for s in otel.spans() if s.name == "run support/answer"]) == 2
+
+
+async def test_a_span_processor_that_keeps_failing_is_warned_about_once(
+    server: FakeLLMServer, otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    otel.tracer_provider.add_span_processor(FailingProcessor())
+    caplog.set_level(logging.DEBUG, logger="empathy_models.observability")
+    async with make(server, otel) as executor:
+        for _ in range(5):
+            await executor.run(PROMPT, CTX)
+    failures = [
+        r
+        for r in caplog.records
+        if r.name == "empathy_models.observability"
+        and "OpenTelemetry instrumentation failed" in r.getMessage()
+    ]
+    warnings = [r for r in failures if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert warnings[0].exc_info is not None  # the first one with its traceback
+    assert "ConnectionError: collector unreachable" in caplog.text
+    # the others (a run span and an attempt span each run) only at DEBUG
+    assert len(failures) == 10
+    assert all(r.levelno == logging.DEBUG for r in failures if r is not warnings[0])
 
 
 @pytest.mark.parametrize(
