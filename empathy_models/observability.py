@@ -45,10 +45,13 @@ trip or a recovery this call's outcome caused) and ``empathy_models.retry`` (the
 before the same model is tried again, ``empathy_models.retry.delay_s``).
 
 **Content** (``gen_ai.input.messages``, ``gen_ai.system_instructions``,
-``gen_ai.output.messages``, as JSON in the conventions' message schema) is recorded only
-for runs with ``ExecutionContext(record_text=True)``, or for every run when
-``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true`` (or ``span_only`` /
-``span_and_event``) when the executor is built.  API keys are never recorded: no
+``gen_ai.output.messages``, as JSON in the conventions' message schema: ``text``,
+``uri`` / ``blob`` (images), ``tool_call`` and ``tool_call_response`` parts, and the
+output's ``finish_reason`` in the conventions' words: ``stop``, ``length``,
+``tool_call``, ``content_filter``; ``gen_ai.response.finish_reasons`` keeps the
+provider's) is recorded only for runs with ``ExecutionContext(record_text=True)``, or
+for every run when ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true``
+(or ``span_only`` / ``span_and_event``) when the executor is built.  API keys are never recorded: no
 attribute, event or status holds a header or a URL with credentials.
 
 **Propagation.**  While an attempt span is open, the HTTP providers add the W3C

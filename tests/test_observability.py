@@ -40,12 +40,14 @@ from empathy_models import (
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
+    Message,
     ModelInfo,
     ModelRegistry,
     RetryPolicy,
 )
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
+from empathy_models.content import ImageBlock, TextBlock, Tool, ToolCall, ToolResult
 from empathy_models.exceptions import InvalidRequestError
 from empathy_models.observability import DURATION_BUCKETS, TOKEN_BUCKETS
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
@@ -424,7 +426,103 @@ async def test_record_text_puts_the_messages_on_the_attempt_span(
         {
             "role": "assistant",
             "parts": [{"type": "text", "content": response.content}],
-            "finish_reason": "end_turn",
+            "finish_reason": "stop",  # Anthropic's "end_turn", in the conventions' words
+        }
+    ]
+
+
+async def test_recorded_messages_follow_the_conventions_message_schema(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # content blocks, images, the calls an assistant made and the tool's answer, each in
+    # the part type the GenAI conventions give it
+    pixel = ImageBlock.from_bytes(b"\x89PNG-not-really", "image/png")
+    messages = [
+        Message(
+            role="user",
+            content=[
+                TextBlock(text="What is the weather?"),
+                ImageBlock.from_url("https://example.com/a.png"),
+                pixel,
+            ],
+        ),
+        Message(
+            role="assistant",
+            content="Let me look.",
+            tool_calls=[
+                ToolCall(id="c1", name="weather", arguments={"city": "Paris"}),
+                ToolCall(id="c2", name="weather", arguments={"city": "Oslo"}),
+            ],
+        ),
+        Message(role="tool", content="sunny", tool_call_id="c1"),
+        Message(role="user", content=[ToolResult(tool_call_id="c2", content="rainy")]),
+    ]
+    tool = Tool(
+        name="weather",
+        parameters={"type": "object", "properties": {"city": {"type": "string"}}},
+    )
+    ctx = attrs.evolve(CTX, record_text=True)
+    async with make(server, otel) as executor:
+        await executor.run(messages, attrs.evolve(ctx, model="gpt-fake-mini"))
+        called = await executor.run(
+            "Weather in Paris?",
+            attrs.evolve(ctx, model="claude-fake-haiku"),
+            tools=[tool],
+            tool_choice="required",
+        )
+    attempt = otel.span("chat gpt-fake-mini")
+    assert attempt.attributes is not None
+    assert json.loads(str(attempt.attributes["gen_ai.input.messages"])) == [
+        {
+            "role": "user",
+            "parts": [
+                {"type": "text", "content": "What is the weather?"},
+                {"type": "uri", "modality": "image", "uri": "https://example.com/a.png"},
+                {
+                    "type": "blob",
+                    "modality": "image",
+                    "mime_type": "image/png",
+                    "content": pixel.data,
+                },
+            ],
+        },
+        {
+            "role": "assistant",
+            "parts": [
+                {"type": "text", "content": "Let me look."},
+                {
+                    "type": "tool_call",
+                    "id": "c1",
+                    "name": "weather",
+                    "arguments": {"city": "Paris"},
+                },
+                {
+                    "type": "tool_call",
+                    "id": "c2",
+                    "name": "weather",
+                    "arguments": {"city": "Oslo"},
+                },
+            ],
+        },
+        {
+            "role": "tool",
+            "parts": [{"type": "tool_call_response", "id": "c1", "response": "sunny"}],
+        },
+        {
+            "role": "user",
+            "parts": [{"type": "tool_call_response", "id": "c2", "response": "rainy"}],
+        },
+    ]
+    (call,) = called.tool_calls
+    attempt = otel.span("chat claude-fake-haiku")
+    assert attempt.attributes is not None
+    assert json.loads(str(attempt.attributes["gen_ai.output.messages"])) == [
+        {
+            "role": "assistant",
+            "parts": [
+                {"type": "tool_call", "id": call.id, "name": "weather", "arguments": call.arguments}
+            ],
+            "finish_reason": "tool_call",  # Anthropic's "tool_use"
         }
     ]
 
