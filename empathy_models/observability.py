@@ -258,6 +258,34 @@ def instrumentation_for(
     )
 
 
+_ResponseSets = tuple[_Attrs, _Attrs, _Attrs]
+
+
+def _response_sets(
+    cache: dict[tuple[str, str, str], _ResponseSets],
+    record: LLMCallRecord,
+    response_model: str,
+    common: _Attrs,
+) -> _ResponseSets:
+    """
+    The metric attribute sets of an answered attempt of ``record``'s model: with the
+    response model, and that with each token type; made once per model (in ``cache``).
+    """
+    key = (record.provider, record.model, response_model)
+    sets = cache.get(key)
+    if sets is None:
+        response = {**common, _RESPONSE_MODEL: response_model}
+        sets = (
+            response,
+            {**response, "gen_ai.token.type": "input"},
+            {**response, "gen_ai.token.type": "output"},
+        )
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = sets
+    return sets
+
+
 def _log_failure(warned: set[str], where: str) -> None:
     """
     Log a failure inside OpenTelemetry (called in an ``except`` block): the first one in
@@ -327,7 +355,7 @@ class Instrumentation:
         self._response_type = LLMResponse
         # attribute sets reused by every attempt (metric attributes are never mutated)
         self._common: dict[tuple[str, str], _Attrs] = {}
-        self._response_attrs: dict[tuple[str, str, str], tuple[_Attrs, _Attrs, _Attrs]] = {}
+        self._response_attrs: dict[tuple[str, str, str], _ResponseSets] = {}
         self._textmap: object = None
         self._textmap_is_default = False
         self._get_textmap = propagate.get_global_textmap
@@ -679,8 +707,8 @@ class Instrumentation:
             meters = self._meters
             seconds = record.latency_ms / 1000.0
             if completion is not None:
-                response, input_attrs, output_attrs = self._response_sets(
-                    record.provider, record.model, completion.model, attributes
+                response, input_attrs, output_attrs = _response_sets(
+                    self._response_attrs, record, completion.model, attributes
                 )
                 if state.recording:
                     span.set_attributes(_answered_attributes(record, completion, state.capture))
@@ -725,23 +753,6 @@ class Instrumentation:
         cost = self._meters.cost
         key = (record.provider, record.model, state.workflow, state.stage)
         cost[key] = cost.get(key, 0.0) + record.cost_usd
-
-    def _response_sets(
-        self, provider: str, model: str, response_model: str, common: _Attrs
-    ) -> tuple[_Attrs, _Attrs, _Attrs]:
-        key = (provider, model, response_model)
-        sets = self._response_attrs.get(key)
-        if sets is None:
-            response = {**common, _RESPONSE_MODEL: response_model}
-            sets = (
-                response,
-                {**response, "gen_ai.token.type": "input"},
-                {**response, "gen_ai.token.type": "output"},
-            )
-            if len(self._response_attrs) > 4096:
-                self._response_attrs.clear()
-            self._response_attrs[key] = sets
-        return sets
 
     def retry(self, delay: float, state: _RunTrace | None = None) -> None:
         """The executor waits ``delay`` seconds, then calls the same model again."""
