@@ -20,17 +20,19 @@ instrumentations that still default to v1.36).  Everything the conventions do no
 is under the ``empathy_models.`` namespace.
 
 **Traces.**  Each ``run()`` is one INTERNAL span named ``run {workflow}/{stage}``
-(the parent is whatever span is current when ``run`` is called), carrying the routing
-decision (``empathy_models.route.model``, ``.reason``, ``.exploration`` and, for an
-exploration pick, ``.exploration_kind``, ``.relaxed``, ``.policy``,
-``.constraints_met``), the outcome (``empathy_models.model``, ``.fallback_chain``,
-``.attempts``, ``.cost_usd``) and, when it fails,
-``error.type`` and an ERROR status.  Its events: ``empathy_models.fallback`` (moving
-to the next model), ``empathy_models.breaker.rejected`` (a route skipped because its
-circuit is open; the provider was not called) and breaker state changes seen while
-admitting.  Each call of a provider is a CLIENT child span named
-``chat {gen_ai.request.model}`` with ``gen_ai.operation.name``,
-``gen_ai.provider.name``, ``gen_ai.request.model``, ``gen_ai.request.max_tokens``,
+(the parent is whatever span is current when ``run`` is called), carrying the run's
+``empathy_models.request_id``, ``.task_type`` and ``.tier``, the routing decision
+(``empathy_models.route.model``, ``.reason``, ``.exploration`` and, for an exploration
+pick, ``.exploration_kind``, ``.relaxed``, ``.policy``, ``.constraints_met``), the
+outcome (``empathy_models.model``, ``.fallback_chain``, ``.attempts``, ``.cost_usd``; an
+answer from the response cache: ``empathy_models.outcome`` ``cache_hit`` and its request
+id, with no routing decision and no attempt spans) and, when it fails, ``error.type`` and
+an ERROR status.  Its events: ``empathy_models.fallback`` (moving to the next model),
+``empathy_models.breaker.rejected`` (a route skipped because its circuit is open; the
+provider was not called) and breaker state changes seen while admitting.  Each call of
+a provider is a CLIENT child span named ``chat {gen_ai.request.model}`` with
+``gen_ai.operation.name``, ``gen_ai.provider.name``, ``gen_ai.request.model``,
+``gen_ai.request.max_tokens``,
 ``gen_ai.request.temperature`` (when set), ``server.address`` / ``server.port`` (HTTP
 providers; the host only, never the URL), ``gen_ai.conversation.id`` (the context's
 ``session_id``), and on success ``gen_ai.response.model``, ``gen_ai.response.id``,
@@ -51,8 +53,8 @@ output's ``finish_reason`` in the conventions' words: ``stop``, ``length``,
 ``tool_call``, ``content_filter``; ``gen_ai.response.finish_reasons`` keeps the
 provider's) is recorded only for runs with ``ExecutionContext(record_text=True)``, or
 for every run when ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true``
-(or ``span_only`` / ``span_and_event``) when the executor is built.  API keys are never recorded: no
-attribute, event or status holds a header or a URL with credentials.
+(or ``span_only`` / ``span_and_event``) when the executor is built.  API keys are never
+recorded: no attribute, event or status holds a header or a URL with credentials.
 
 **Propagation.**  While an attempt span is open, the HTTP providers add the W3C
 ``traceparent`` (and whatever else the configured propagator writes, by default
@@ -516,6 +518,9 @@ class Instrumentation:
                 state.span.set_attributes(attributes)
                 return
             r: LLMResponse = response
+            if r.cached:  # no routes were planned: the request id is the answer's
+                attributes["empathy_models.outcome"] = "cache_hit"
+                attributes["empathy_models.request_id"] = r.request_id
             attributes["empathy_models.model"] = r.model
             attributes["empathy_models.provider"] = r.provider
             attributes["empathy_models.fallback_chain"] = list(r.fallback_chain)
