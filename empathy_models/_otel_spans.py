@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 from ._otel_names import _ERROR_TYPE, _KEY, _RESPONSE_MODEL, _TEXT_LIMIT, _TTFC, _Attrs
+from .content import ImageBlock, TextBlock, ToolCall, ToolResult
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -92,30 +93,105 @@ def _server_of(provider: Provider) -> tuple[str, int] | None:
     return host, port
 
 
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else str(value)
+# the conventions' finish reasons, from each provider's words (others are kept as they are)
+_FINISH_REASONS: Final[Mapping[str, str]] = {
+    "end_turn": "stop",  # Anthropic
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_call",
+    "refusal": "content_filter",
+    "tool_calls": "tool_call",  # OpenAI
+    "function_call": "tool_call",
+}
+
+
+def _image_part(block: ImageBlock) -> dict[str, object]:
+    """An image as the conventions' ``uri`` part (by URL) or ``blob`` part (inline)."""
+    if block.url is not None:
+        part: dict[str, object] = {"type": "uri", "modality": "image", "uri": block.url}
+    else:
+        part = {"type": "blob", "modality": "image", "content": block.data}
+    if block.media_type is not None:
+        part["mime_type"] = block.media_type
+    return part
+
+
+def _call_part(call: ToolCall) -> dict[str, object]:
+    return {"type": "tool_call", "id": call.id, "name": call.name, "arguments": call.arguments}
+
+
+def _parts(content: str | Sequence[object]) -> list[dict[str, object]]:
+    """
+    A message's content as the conventions' message parts: ``text``, ``uri`` / ``blob``
+    (images), ``tool_call`` and ``tool_call_response`` (a `ToolResult`, its content a
+    string or the parts of its blocks).
+    """
+    if isinstance(content, str):
+        return [{"type": "text", "content": content}] if content else []
+    parts: list[dict[str, object]] = []
+    for block in content:
+        if isinstance(block, TextBlock):
+            parts.append({"type": "text", "content": block.text})
+        elif isinstance(block, ImageBlock):
+            parts.append(_image_part(block))
+        elif isinstance(block, ToolCall):
+            parts.append(_call_part(block))
+        elif isinstance(block, ToolResult):
+            response = block.content
+            parts.append(
+                {
+                    "type": "tool_call_response",
+                    "id": block.tool_call_id,
+                    "response": response if isinstance(response, str) else _parts(response),
+                }
+            )
+        else:  # pragma: no cover - `Message` holds no other block
+            parts.append({"type": str(getattr(block, "type", "unknown"))})
+    return parts
+
+
+def _message_parts(message: Message) -> list[dict[str, object]]:
+    """The parts of one input message: a tool's answer, or its content and calls."""
+    if message.role == "tool" and message.tool_call_id is not None:
+        content = message.content
+        response = content if isinstance(content, str) else _parts(content)
+        return [{"type": "tool_call_response", "id": message.tool_call_id, "response": response}]
+    parts = _parts(message.content)
+    parts.extend(_call_part(call) for call in message.tool_calls)
+    return parts or [{"type": "text", "content": ""}]
 
 
 def _input_messages(messages: Iterable[Message]) -> str:
+    """``gen_ai.input.messages``: the request's messages in the conventions' schema."""
     return json.dumps(
-        [
-            {"role": m.role, "parts": [{"type": "text", "content": _text(m.content)}]}
-            for m in messages
-        ],
+        [{"role": m.role, "parts": _message_parts(m)} for m in messages],
         ensure_ascii=False,
+        default=str,
     )
 
 
+def _finish_reason(completion: Completion) -> str:
+    """The answer's finish reason in the conventions' words, where it has one."""
+    reason = completion.stop_reason
+    if reason is None:
+        return "tool_call" if completion.tool_calls else "stop"
+    return _FINISH_REASONS.get(reason, reason)
+
+
 def _output_messages(completion: Completion) -> str:
+    """``gen_ai.output.messages``: the answer's text and tool calls, and why it ended."""
+    parts = _parts(completion.content)
+    parts.extend(_call_part(call) for call in completion.tool_calls)
     return json.dumps(
         [
             {
                 "role": "assistant",
-                "parts": [{"type": "text", "content": _text(completion.content)}],
-                "finish_reason": completion.stop_reason or "stop",
+                "parts": parts or [{"type": "text", "content": ""}],
+                "finish_reason": _finish_reason(completion),
             }
         ],
         ensure_ascii=False,
+        default=str,
     )
 
 

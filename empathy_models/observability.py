@@ -20,17 +20,19 @@ instrumentations that still default to v1.36).  Everything the conventions do no
 is under the ``empathy_models.`` namespace.
 
 **Traces.**  Each ``run()`` is one INTERNAL span named ``run {workflow}/{stage}``
-(the parent is whatever span is current when ``run`` is called), carrying the routing
-decision (``empathy_models.route.model``, ``.reason``, ``.exploration`` and, for an
-exploration pick, ``.exploration_kind``, ``.relaxed``, ``.policy``,
-``.constraints_met``), the outcome (``empathy_models.model``, ``.fallback_chain``,
-``.attempts``, ``.cost_usd``) and, when it fails,
-``error.type`` and an ERROR status.  Its events: ``empathy_models.fallback`` (moving
-to the next model), ``empathy_models.breaker.rejected`` (a route skipped because its
-circuit is open; the provider was not called) and breaker state changes seen while
-admitting.  Each call of a provider is a CLIENT child span named
-``chat {gen_ai.request.model}`` with ``gen_ai.operation.name``,
-``gen_ai.provider.name``, ``gen_ai.request.model``, ``gen_ai.request.max_tokens``,
+(the parent is whatever span is current when ``run`` is called), carrying the run's
+``empathy_models.request_id``, ``.task_type`` and ``.tier``, the routing decision
+(``empathy_models.route.model``, ``.reason``, ``.exploration`` and, for an exploration
+pick, ``.exploration_kind``, ``.relaxed``, ``.policy``, ``.constraints_met``), the
+outcome (``empathy_models.model``, ``.fallback_chain``, ``.attempts``, ``.cost_usd``; an
+answer from the response cache: ``empathy_models.outcome`` ``cache_hit`` and its request
+id, with no routing decision and no attempt spans) and, when it fails, ``error.type`` and
+an ERROR status.  Its events: ``empathy_models.fallback`` (moving to the next model),
+``empathy_models.breaker.rejected`` (a route skipped because its circuit is open; the
+provider was not called) and breaker state changes seen while admitting.  Each call of
+a provider is a CLIENT child span named ``chat {gen_ai.request.model}`` with
+``gen_ai.operation.name``, ``gen_ai.provider.name``, ``gen_ai.request.model``,
+``gen_ai.request.max_tokens``,
 ``gen_ai.request.temperature`` (when set), ``server.address`` / ``server.port`` (HTTP
 providers; the host only, never the URL), ``gen_ai.conversation.id`` (the context's
 ``session_id``), and on success ``gen_ai.response.model``, ``gen_ai.response.id``,
@@ -45,11 +47,14 @@ trip or a recovery this call's outcome caused) and ``empathy_models.retry`` (the
 before the same model is tried again, ``empathy_models.retry.delay_s``).
 
 **Content** (``gen_ai.input.messages``, ``gen_ai.system_instructions``,
-``gen_ai.output.messages``, as JSON in the conventions' message schema) is recorded only
-for runs with ``ExecutionContext(record_text=True)``, or for every run when
-``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true`` (or ``span_only`` /
-``span_and_event``) when the executor is built.  API keys are never recorded: no
-attribute, event or status holds a header or a URL with credentials.
+``gen_ai.output.messages``, as JSON in the conventions' message schema: ``text``,
+``uri`` / ``blob`` (images), ``tool_call`` and ``tool_call_response`` parts, and the
+output's ``finish_reason`` in the conventions' words: ``stop``, ``length``,
+``tool_call``, ``content_filter``; ``gen_ai.response.finish_reasons`` keeps the
+provider's) is recorded only for runs with ``ExecutionContext(record_text=True)``, or
+for every run when ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true``
+(or ``span_only`` / ``span_and_event``) when the executor is built.  API keys are never
+recorded: no attribute, event or status holds a header or a URL with credentials.
 
 **Propagation.**  While an attempt span is open, the HTTP providers add the W3C
 ``traceparent`` (and whatever else the configured propagator writes, by default
@@ -79,11 +84,13 @@ instrument                                     unit       attributes
 =============================================  =========  ====================================
 
 The duration, tokens and cost are per provider call (an attempt); rejected routes are
-not operations and are not measured.  Breaker state and transitions are recorded once per
-breaker even when several executors share it.  The cost and pick counters are summed in
-process and reported as observable counters when a reader collects (the same cumulative
-sums a synchronous counter gives, with no SDK measurement on the call path and so no
-exemplars).
+not operations and are not measured.  The tokens are those of answered attempts; the cost
+is that of every attempt, answered or not (a stream cut short or left by its caller is
+charged what its call record says), so it sums to the records' ``cost_usd``.  Breaker
+state and transitions are recorded once per breaker even when several executors share
+it.  The cost and pick counters are summed in process and reported as observable counters
+when a reader collects (the same cumulative sums a synchronous counter gives, with no SDK
+measurement on the call path and so no exemplars).
 """
 
 from __future__ import annotations
@@ -136,6 +143,8 @@ from ._version import __version__
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
+    from contextvars import Token
+
     from opentelemetry.context import Context
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Span, TracerProvider
@@ -251,13 +260,62 @@ def instrumentation_for(
     )
 
 
+_ResponseSets = tuple[_Attrs, _Attrs, _Attrs]
+
+
+def _response_sets(
+    cache: dict[tuple[str, str, str], _ResponseSets],
+    record: LLMCallRecord,
+    response_model: str,
+    common: _Attrs,
+) -> _ResponseSets:
+    """
+    The metric attribute sets of an answered attempt of ``record``'s model: with the
+    response model, and that with each token type; made once per model (in ``cache``).
+    """
+    key = (record.provider, record.model, response_model)
+    sets = cache.get(key)
+    if sets is None:
+        response = {**common, _RESPONSE_MODEL: response_model}
+        sets = (
+            response,
+            {**response, "gen_ai.token.type": "input"},
+            {**response, "gen_ai.token.type": "output"},
+        )
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = sets
+    return sets
+
+
+def _log_failure(warned: set[str], where: str) -> None:
+    """
+    Log a failure inside OpenTelemetry (called in an ``except`` block): the first one in
+    each ``where`` as a warning with its traceback, the others at DEBUG (a broken span
+    processor or exporter fails on every call).  ``warned``: the places warned about.
+    """
+    first = where not in warned
+    if first:
+        if len(warned) > 64:  # the places are a fixed few; bounded all the same
+            warned.clear()
+        warned.add(where)
+    logger.log(
+        logging.WARNING if first else logging.DEBUG,
+        "OpenTelemetry instrumentation failed in %s (the call goes on%s)",
+        where,
+        "; further failures there are logged at DEBUG" if first else "",
+        exc_info=True,
+    )
+
+
 class Instrumentation:
     """
     The OpenTelemetry side of one executor (built by `instrumentation_for`).
 
     The executor calls its hooks at the points of a run; each hook does nothing unless
     the run is traced by this instrumentation, and none raises: a failure inside
-    OpenTelemetry is logged on ``empathy_models.observability`` and counted in
+    OpenTelemetry is logged on ``empathy_models.observability`` (the first at each place
+    as a warning with its traceback, the next ones there at DEBUG) and counted in
     ``errors``, never raised into a request.
     """
 
@@ -278,6 +336,7 @@ class Instrumentation:
         self.meter_provider = meter_provider
         self.capture_content = capture_content
         self.errors = 0
+        self._warned: set[str] = set()  # where a failure was logged as a warning
         self.telemetry: object | None = None
         self._tracer = tracer_provider.get_tracer(SCOPE, __version__)
         self._meters = _meters_for(meter_provider, __version__)
@@ -298,7 +357,7 @@ class Instrumentation:
         self._response_type = LLMResponse
         # attribute sets reused by every attempt (metric attributes are never mutated)
         self._common: dict[tuple[str, str], _Attrs] = {}
-        self._response_attrs: dict[tuple[str, str, str], tuple[_Attrs, _Attrs, _Attrs]] = {}
+        self._response_attrs: dict[tuple[str, str, str], _ResponseSets] = {}
         self._textmap: object = None
         self._textmap_is_default = False
         self._get_textmap = propagate.get_global_textmap
@@ -312,8 +371,9 @@ class Instrumentation:
         )
 
     def _failed(self, where: str) -> None:
+        """Count a failure inside OpenTelemetry and log it (`_log_failure`)."""
         self.errors += 1
-        logger.exception("OpenTelemetry instrumentation failed in %s (the call goes on)", where)
+        _log_failure(self._warned, where)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -371,15 +431,33 @@ class Instrumentation:
                 try:
                     if state.attempt is not None or state.ended is not None:
                         self._finish_attempts(state)
-                    self._detach(context_token)
-                    _current.reset(run_token)
-                    span.end()
                 except Exception:
                     self._failed("ending the run span")
+                finally:  # the caller's context back, whatever OpenTelemetry raised
+                    self._restore(context_token, run_token)
+                self._end(span)
 
         functools.update_wrapper(traced, method)
         traced.__dict__.pop("__wrapped__", None)  # a strong reference to the executor
         return traced
+
+    def _restore(self, context_token: Token[Context], run_token: Token[_RunTrace | None]) -> None:
+        """Make the context of before a run current again (the run's end)."""
+        try:
+            self._detach(context_token)
+        except Exception:
+            self._failed("restoring the caller's context")
+        _current.reset(run_token)
+
+    def _end(self, span: Span, end_time: int | None = None) -> None:
+        """
+        End ``span``.  A span processor that raises in ``on_end`` (the span is ended
+        before it is called) is logged, and whatever follows the end still happens.
+        """
+        try:
+            span.end(end_time)
+        except Exception:
+            self._failed("ending a span (a span processor raised)")
 
     # ------------------------------------------------------------------ streams
 
@@ -415,8 +493,8 @@ class Instrumentation:
         Args:
             state: the run's trace state.
             response: the answer, when there was one.
-            error: every route failed before the first chunk, or `StreamInterruptedError`
-                after it.
+            error: every route failed before the first chunk, `StreamInterruptedError`
+                after it, or what reporting the answer raised.
         """
         try:
             if state.attempt is not None or state.ended is not None:
@@ -429,9 +507,9 @@ class Instrumentation:
                 else:
                     state.run_attrs["empathy_models.outcome"] = "cancelled"
                     state.span.set_attributes(state.run_attrs)
-            state.span.end()
         except Exception:
             self._failed("ending the stream span")
+        self._end(state.span)
 
     def _run_succeeded(self, state: _RunTrace, response: object) -> None:
         try:
@@ -440,6 +518,9 @@ class Instrumentation:
                 state.span.set_attributes(attributes)
                 return
             r: LLMResponse = response
+            if r.cached:  # no routes were planned: the request id is the answer's
+                attributes["empathy_models.outcome"] = "cache_hit"
+                attributes["empathy_models.request_id"] = r.request_id
             attributes["empathy_models.model"] = r.model
             attributes["empathy_models.provider"] = r.provider
             attributes["empathy_models.fallback_chain"] = list(r.fallback_chain)
@@ -614,8 +695,9 @@ class Instrumentation:
         state: _RunTrace | None = None,
     ) -> None:
         """
-        The attempt of ``record`` ended (its feedback already given): with its
-        ``completion``, its ``error``, or neither (a stream the caller left: cancelled).
+        The attempt of ``record`` ended (its feedback given, or cut short by a
+        cancellation): with its ``completion``, its ``error``, or neither (a stream the
+        caller left: cancelled).
         """
         state = state or self._state()
         if state is None:
@@ -630,28 +712,28 @@ class Instrumentation:
             meters = self._meters
             seconds = record.latency_ms / 1000.0
             if completion is not None:
-                response, input_attrs, output_attrs = self._response_sets(
-                    record.provider, record.model, completion.model, attributes
+                response, input_attrs, output_attrs = _response_sets(
+                    self._response_attrs, record, completion.model, attributes
                 )
                 if state.recording:
                     span.set_attributes(_answered_attributes(record, completion, state.capture))
-                span.end()
                 meters.duration.record(seconds, response)
                 meters.tokens.record(record.input_tokens, input_attrs)
                 meters.tokens.record(record.output_tokens, output_attrs)
                 if record.ttft_ms is not None:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, response)
-                cost = meters.cost
-                key = (record.provider, record.model, state.workflow, state.stage)
-                cost[key] = cost.get(key, 0.0) + record.cost_usd
+                self._cost(state, record)
+                self._end(span)
                 return
             if error is None:  # a stream left early by its caller: not an error
                 if state.recording:
                     span.set_attributes(_left_attributes(record))
-                span.end()
                 meters.duration.record(seconds, attributes)
                 if record.ttft_ms is not None:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, attributes)
+                if record.cost_usd > 0:  # what was streamed before the caller left
+                    self._cost(state, record)
+                self._end(span)
                 return
             error_type = record.error_type or type(error).__name__
             span.set_attributes(_failed_attributes(record, error_type))
@@ -664,27 +746,18 @@ class Instrumentation:
                 meters.first_chunk.record(
                     record.ttft_ms / 1000.0, {**attributes, _ERROR_TYPE: error_type}
                 )
+            if record.cost_usd > 0:  # e.g. the tokens of a stream cut short
+                self._cost(state, record)
             # ended when the executor has decided whether to wait and retry
             state.ended = (span, time.time_ns())
         except Exception:
             self._failed("ending an attempt span")
 
-    def _response_sets(
-        self, provider: str, model: str, response_model: str, common: _Attrs
-    ) -> tuple[_Attrs, _Attrs, _Attrs]:
-        key = (provider, model, response_model)
-        sets = self._response_attrs.get(key)
-        if sets is None:
-            response = {**common, _RESPONSE_MODEL: response_model}
-            sets = (
-                response,
-                {**response, "gen_ai.token.type": "input"},
-                {**response, "gen_ai.token.type": "output"},
-            )
-            if len(self._response_attrs) > 4096:
-                self._response_attrs.clear()
-            self._response_attrs[key] = sets
-        return sets
+    def _cost(self, state: _RunTrace, record: LLMCallRecord) -> None:
+        """Add what ``record``'s attempt cost (answered or not) to the cost counter."""
+        cost = self._meters.cost
+        key = (record.provider, record.model, state.workflow, state.stage)
+        cost[key] = cost.get(key, 0.0) + record.cost_usd
 
     def retry(self, delay: float, state: _RunTrace | None = None) -> None:
         """The executor waits ``delay`` seconds, then calls the same model again."""
@@ -695,9 +768,9 @@ class Instrumentation:
         state.ended = None
         try:
             span.add_event("empathy_models.retry", {"empathy_models.retry.delay_s": delay}, at)
-            span.end(at)
         except Exception:
             self._failed("recording a retry")
+        self._end(span, at)
 
     def _release(self, state: _RunTrace) -> None:
         """Stop sending the attempt's trace context and make the run span current again."""
@@ -711,10 +784,10 @@ class Instrumentation:
     def _finish_attempts(self, state: _RunTrace) -> None:
         ended, state.ended = state.ended, None
         if ended is not None:
-            ended[0].end(ended[1])
+            self._end(*ended)
         span, state.attempt = state.attempt, None
         if span is not None:  # left open by an error the executor did not expect
             self._release(state)
             span.set_attribute(_ERROR_TYPE, "_OTHER")
             span.set_status(self._status(self._error, "the attempt did not finish"))
-            span.end()
+            self._end(span)

@@ -494,15 +494,10 @@ class LLMStream:
                 input_estimated=estimated,
             )
             run.attempts.append(ex._fb.summary(record, error))
-            await self._give(record, outcome, error, breaker_outcome, scope_outcome)
-            obs = ex._obs
-            if obs is not None and self._trace is not None:
-                obs.attempt_ended(
-                    record,
-                    completion if outcome is Outcome.SUCCESS else None,
-                    None if outcome is Outcome.CANCELLED else error,
-                    self._trace,
-                )
+            try:  # the attempt's span ends even when the feedback is cancelled
+                await self._give(record, outcome, error, breaker_outcome, scope_outcome)
+            finally:
+                _attempt_ended(self, record, outcome, completion, error)
         finally:
             self._release()
             hold, self._hold = self._hold, None
@@ -557,10 +552,14 @@ class LLMStream:
             await fb.bounded(given, self._deadline_at)
 
     async def _finish(self) -> None:
+        """The stream is complete: report the answer, end the run span (`_ended`)."""
         self._state = "done"
-        self._response = await self._report(Outcome.SUCCESS, None, self._partial())
-        if self._ex._obs is not None and self._trace is not None:
-            self._ex._obs.stream_ended(self._trace, response=self._response)
+        try:
+            self._response = await self._report(Outcome.SUCCESS, None, self._partial())
+        except BaseException as exc:
+            _ended(self, error=exc)
+            raise
+        _ended(self, response=self._response)
 
     async def _interrupted(self, raised: Exception) -> StreamInterruptedError:
         """Record a failure after the first delta; the error to raise."""
@@ -580,12 +579,6 @@ class LLMStream:
         usage = self._partial()
         completion = usage[0]
         self._run.errors.append(error)
-        await self._report(
-            outcome,
-            error,
-            usage,
-            scope_outcome=provider_outcome(outcome, error),
-        )
         interrupted = StreamInterruptedError(
             f"{info.provider}/{info.id}: the stream failed after "
             f"{self._pieces} delta(s): {_describe(error)}: "
@@ -603,8 +596,12 @@ class LLMStream:
         )
         interrupted.__cause__ = error
         self._error = interrupted
-        if self._ex._obs is not None and self._trace is not None:
-            self._ex._obs.stream_ended(self._trace, error=interrupted)
+        try:
+            await self._report(
+                outcome, error, usage, scope_outcome=provider_outcome(outcome, error)
+            )
+        finally:  # the run span ends even when the report is cancelled
+            _ended(self, error=interrupted)
         logger.info("%s/%s: %s", self._run.context.workflow, self._run.context.stage, interrupted)
         if closing is not None:
             raise closing
@@ -621,11 +618,43 @@ class LLMStream:
         closing = await _closing(stream)  # the attempt is reported even if this is cancelled
         with anyio.CancelScope(shield=True):
             await self._report(Outcome.CANCELLED, None, self._partial())
-            if self._ex._obs is not None and self._trace is not None:
-                self._ex._obs.stream_ended(self._trace)
+            _ended(self)
         logger.debug("stream of %s closed early (%s)", self.model, why)
         if closing is not None:
             raise closing
+
+
+def _attempt_ended(
+    stream: LLMStream,
+    record: LLMCallRecord,
+    outcome: Outcome,
+    completion: Completion,
+    error: BaseException | None,
+) -> None:
+    """``stream``'s attempt span ended with ``record`` (when traced): `attempt_ended`."""
+    obs, trace = stream._ex._obs, stream._trace
+    if obs is not None and trace is not None:
+        obs.attempt_ended(
+            record,
+            completion if outcome is Outcome.SUCCESS else None,
+            None if outcome is Outcome.CANCELLED else error,
+            trace,
+        )
+
+
+def _ended(
+    stream: LLMStream, response: LLMResponse | None = None, error: BaseException | None = None
+) -> None:
+    """
+    ``stream``'s run span ended (when traced): answered with ``response``, failed with
+    ``error``, or left by its caller (neither; a cancellation of the reader is that too).
+    """
+    obs, trace = stream._ex._obs, stream._trace
+    if obs is None or trace is None:
+        return
+    if isinstance(error, asyncio.CancelledError):
+        error = None
+    obs.stream_ended(trace, response, error)
 
 
 def _dropped(stream: LLMStream) -> None:

@@ -10,6 +10,7 @@ import ast
 import asyncio
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
@@ -39,12 +40,15 @@ from empathy_models import (
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
+    Message,
     ModelInfo,
     ModelRegistry,
     RetryPolicy,
 )
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.breaker import CircuitBreaker
+from empathy_models.content import ImageBlock, TextBlock, Tool, ToolCall, ToolResult
+from empathy_models.exceptions import InvalidRequestError
 from empathy_models.observability import DURATION_BUCKETS, TOKEN_BUCKETS
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer
@@ -422,7 +426,103 @@ async def test_record_text_puts_the_messages_on_the_attempt_span(
         {
             "role": "assistant",
             "parts": [{"type": "text", "content": response.content}],
-            "finish_reason": "end_turn",
+            "finish_reason": "stop",  # Anthropic's "end_turn", in the conventions' words
+        }
+    ]
+
+
+async def test_recorded_messages_follow_the_conventions_message_schema(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # content blocks, images, the calls an assistant made and the tool's answer, each in
+    # the part type the GenAI conventions give it
+    pixel = ImageBlock.from_bytes(b"\x89PNG-not-really", "image/png")
+    messages = [
+        Message(
+            role="user",
+            content=[
+                TextBlock(text="What is the weather?"),
+                ImageBlock.from_url("https://example.com/a.png"),
+                pixel,
+            ],
+        ),
+        Message(
+            role="assistant",
+            content="Let me look.",
+            tool_calls=[
+                ToolCall(id="c1", name="weather", arguments={"city": "Paris"}),
+                ToolCall(id="c2", name="weather", arguments={"city": "Oslo"}),
+            ],
+        ),
+        Message(role="tool", content="sunny", tool_call_id="c1"),
+        Message(role="user", content=[ToolResult(tool_call_id="c2", content="rainy")]),
+    ]
+    tool = Tool(
+        name="weather",
+        parameters={"type": "object", "properties": {"city": {"type": "string"}}},
+    )
+    ctx = attrs.evolve(CTX, record_text=True)
+    async with make(server, otel) as executor:
+        await executor.run(messages, attrs.evolve(ctx, model="gpt-fake-mini"))
+        called = await executor.run(
+            "Weather in Paris?",
+            attrs.evolve(ctx, model="claude-fake-haiku"),
+            tools=[tool],
+            tool_choice="required",
+        )
+    attempt = otel.span("chat gpt-fake-mini")
+    assert attempt.attributes is not None
+    assert json.loads(str(attempt.attributes["gen_ai.input.messages"])) == [
+        {
+            "role": "user",
+            "parts": [
+                {"type": "text", "content": "What is the weather?"},
+                {"type": "uri", "modality": "image", "uri": "https://example.com/a.png"},
+                {
+                    "type": "blob",
+                    "modality": "image",
+                    "mime_type": "image/png",
+                    "content": pixel.data,
+                },
+            ],
+        },
+        {
+            "role": "assistant",
+            "parts": [
+                {"type": "text", "content": "Let me look."},
+                {
+                    "type": "tool_call",
+                    "id": "c1",
+                    "name": "weather",
+                    "arguments": {"city": "Paris"},
+                },
+                {
+                    "type": "tool_call",
+                    "id": "c2",
+                    "name": "weather",
+                    "arguments": {"city": "Oslo"},
+                },
+            ],
+        },
+        {
+            "role": "tool",
+            "parts": [{"type": "tool_call_response", "id": "c1", "response": "sunny"}],
+        },
+        {
+            "role": "user",
+            "parts": [{"type": "tool_call_response", "id": "c2", "response": "rainy"}],
+        },
+    ]
+    (call,) = called.tool_calls
+    attempt = otel.span("chat claude-fake-haiku")
+    assert attempt.attributes is not None
+    assert json.loads(str(attempt.attributes["gen_ai.output.messages"])) == [
+        {
+            "role": "assistant",
+            "parts": [
+                {"type": "tool_call", "id": call.id, "name": "weather", "arguments": call.arguments}
+            ],
+            "finish_reason": "tool_call",  # Anthropic's "tool_use"
         }
     ]
 
@@ -530,6 +630,61 @@ async def test_a_failing_tracer_never_fails_a_run(
     assert "OpenTelemetry instrumentation failed" in caplog.text
 
 
+class FailingProcessor(SpanProcessor):
+    """A span processor whose backend is down: ending a run or attempt span raises."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.name.startswith(("run ", "chat ")):
+            raise ConnectionError("collector unreachable")
+
+
+async def test_a_span_processor_that_raises_leaves_the_callers_context_and_metrics(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    otel.tracer_provider.add_span_processor(FailingProcessor())
+    app = otel.tracer_provider.get_tracer("app")
+    async with make(server, otel, retry=RetryPolicy.none()) as executor:
+        with app.start_as_current_span("request") as mine:
+            answered = await executor.run(PROMPT, CTX)
+            assert trace.get_current_span() is mine
+            server.set_outage("*", action=400)
+            with pytest.raises(InvalidRequestError):
+                await executor.run(PROMPT, CTX)
+            # the caller's span is current again, whatever the processor did
+            assert trace.get_current_span() is mine
+    # the answered attempt is measured in full, the failed ones timed
+    tokens = otel.points("gen_ai.client.token.usage")
+    assert sum(p.sum for p in tokens) == answered.input_tokens + answered.output_tokens
+    (cost,) = otel.points("empathy_models.client.cost")
+    assert cost.value == pytest.approx(answered.cost_usd)
+    assert sum(p.count for p in otel.points("gen_ai.client.operation.duration")) == 2
+    # every span was still ended and exported
+    assert len([s for s in otel.spans() if s.name == "run support/answer"]) == 2
+
+
+async def test_a_span_processor_that_keeps_failing_is_warned_about_once(
+    server: FakeLLMServer, otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    otel.tracer_provider.add_span_processor(FailingProcessor())
+    caplog.set_level(logging.DEBUG, logger="empathy_models.observability")
+    async with make(server, otel) as executor:
+        for _ in range(5):
+            await executor.run(PROMPT, CTX)
+    failures = [
+        r
+        for r in caplog.records
+        if r.name == "empathy_models.observability"
+        and "OpenTelemetry instrumentation failed" in r.getMessage()
+    ]
+    warnings = [r for r in failures if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert warnings[0].exc_info is not None  # the first one with its traceback
+    assert "ConnectionError: collector unreachable" in caplog.text
+    # the others (a run span and an attempt span each run) only at DEBUG
+    assert len(failures) == 10
+    assert all(r.levelno == logging.DEBUG for r in failures if r is not warnings[0])
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -631,6 +786,27 @@ async def test_a_cancelled_call_ends_its_spans_with_cancelled_error(
     assert attempt.status.status_code is StatusCode.ERROR
     run = otel.span("run support/answer")
     assert run.attributes is not None and run.attributes["error.type"] == "CancelledError"
+
+
+async def test_a_run_answered_from_the_cache_says_so_on_its_span(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    ctx = attrs.evolve(CTX, temperature=0, cache_ttl=60)
+    async with make(server, otel, cache="memory://") as executor:
+        called = await executor.run(PROMPT, ctx)
+        hit = await executor.run(PROMPT, ctx)
+    assert not called.cached and hit.cached
+    first, second = sorted(
+        (s for s in otel.spans() if s.name == "run support/answer"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert first.attributes is not None and second.attributes is not None
+    assert first.attributes["empathy_models.request_id"] == called.request_id
+    assert "empathy_models.outcome" not in first.attributes
+    assert second.attributes["empathy_models.outcome"] == "cache_hit"
+    assert second.attributes["empathy_models.request_id"] == hit.request_id
+    assert second.attributes["empathy_models.attempts"] == 0
+    assert len([s for s in otel.spans() if s.name.startswith("chat ")]) == 1
 
 
 async def test_a_sampled_out_run_still_propagates_its_trace_context_and_counts(

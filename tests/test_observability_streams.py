@@ -6,11 +6,16 @@ spans as `run()`, ended when the stream ends however it ends, the streamed reque
 
 from __future__ import annotations
 
+import asyncio
+
+import attrs
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from empathy_models import AllRoutesFailedError, RetryPolicy, StreamInterruptedError
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.records import LLMCallRecord
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 
 from .test_observability import (
@@ -150,3 +155,75 @@ async def test_no_stream_content_or_key_reaches_opentelemetry_unless_opted_in(
         await s.get_final_response()
     texts = " ".join(every_text(otel))
     assert "secret" not in texts and "sk-ant-test" not in texts
+
+
+class StalledTelemetry(MemoryTelemetryBackend):
+    """Memory telemetry whose writes wait until released (says when one has begun)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def record(self, record: LLMCallRecord) -> None:
+        self.entered.set()
+        await self.release.wait()
+        await super().record(record)
+
+
+async def test_a_stream_cancelled_while_its_answer_is_reported_still_ends_its_spans(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # the last delta is read, the answer is being reported, and the reader is cancelled
+    telemetry = StalledTelemetry()
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+
+        async def read() -> None:
+            async with executor.stream(PROMPT, CTX) as stream:
+                async for _ in stream:
+                    pass
+
+        task = asyncio.create_task(read())
+        await telemetry.entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        telemetry.release.set()
+    run = otel.span("run support/answer")
+    (attempt,) = attempts_of(otel)
+    assert run.end_time is not None and attempt.end_time is not None
+    # the provider answered in full: the attempt is a success, measured as one
+    assert attempt.attributes is not None
+    assert attempt.attributes["empathy_models.outcome"] == "success"
+    assert attempt.status.status_code is StatusCode.UNSET
+    assert sum(p.count for p in otel.points("gen_ai.client.token.usage")) == 2
+    # ... but the caller never had it
+    assert run.attributes is not None and run.attributes["empathy_models.outcome"] == "cancelled"
+
+
+async def test_the_cost_counter_counts_attempts_that_failed_or_were_left(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # a stream left after its first delta and a streamed attempt cut short are charged
+    # (their records say so): the cost counter agrees with the records, model by model
+    telemetry = MemoryTelemetryBackend()
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content="one two three four five"))
+    server.script("gpt-fake-mini", ["truncated"])
+    pinned = attrs.evolve(CTX, model="gpt-fake-mini")
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+        async with executor.stream(PROMPT, CTX) as stream:
+            async for _ in stream:
+                break
+        async with executor.stream(PROMPT, pinned) as stream:
+            await stream.get_final_response()
+    records = await telemetry.recent()
+    outcomes = {(r.model, r.outcome.value) for r in records if r.cost_usd > 0}
+    assert {("claude-fake-haiku", "cancelled"), ("gpt-fake-mini", "failure")} <= outcomes
+    recorded: dict[str, float] = {}
+    for r in records:
+        recorded[r.model] = recorded.get(r.model, 0.0) + r.cost_usd
+    counted = {
+        p.attributes["gen_ai.request.model"]: p.value
+        for p in otel.points("empathy_models.client.cost")
+    }
+    assert counted == pytest.approx(recorded)
