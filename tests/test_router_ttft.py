@@ -167,9 +167,11 @@ def test_a_pinned_model_cannot_be_held_to_a_ttft_limit() -> None:
 
 async def test_streams_learn_ttft_and_the_context_limit_routes_to_the_fast_model() -> None:
     registry = ModelRegistry(models=(info("slow", 0.2), info("fast", 1.0)), price_version="t2")
+    # far apart, and the fast one not at 0 ms, so that a loaded machine's delays (tens
+    # of ms) neither blur the gap nor spread the fast model's few samples
     behaviors = {
-        "slow": ModelBehavior(stream=StreamBehavior(first_chunk_ms=300.0)),
-        "fast": ModelBehavior(stream=StreamBehavior(first_chunk_ms=0.0)),
+        "slow": ModelBehavior(stream=StreamBehavior(first_chunk_ms=1000.0)),
+        "fast": ModelBehavior(stream=StreamBehavior(first_chunk_ms=60.0)),
     }
     policy = RoutingPolicy(explore_rate=0.0, latency_min_samples=3)
     async with FakeLLMServer(behaviors, api_key=KEY) as server:
@@ -185,12 +187,12 @@ async def test_streams_learn_ttft_and_the_context_limit_routes_to_the_fast_model
                 for _ in range(5):
                     async with executor.stream("hi", ExecutionContext(model=model)) as stream:
                         await stream.get_final_response()
-            ctx = ExecutionContext(min_success_rate=0.0, max_ttft_ms=150.0)
+            ctx = ExecutionContext(min_success_rate=0.0, max_ttft_ms=400.0)
             async with executor.stream("hi", ctx) as stream:
                 response = await stream.get_final_response()
             plain = await executor.run("hi", ExecutionContext(min_success_rate=0.0))
     decision = response.routing_decision
-    assert decision is not None and decision.max_ttft_ms == 150.0
+    assert decision is not None and decision.max_ttft_ms == 400.0
     assert response.model == "fast" and decision.constraints_met
     assert statuses(decision) == {
         "slow": ConstraintStatus.REJECTED,
