@@ -53,6 +53,7 @@ from ._whatif_synth import BY_ID, NOW, REGISTRY, ST, WF, history
         (["pricey", "premium"], "pricey", 10, 200),
     ],
 )
+@pytest.mark.timeout(600)  # 20 seeds of 30 replicates: ~15 s alone, minutes on a loaded machine
 async def test_cost_estimate_is_within_5_percent_and_its_interval_covers_the_truth(
     tmp_path: Path, candidates: list[str] | None, chosen: str, seeds: int, requests: int
 ) -> None:
