@@ -273,7 +273,8 @@ class Attempts:
         Raises:
             _DeadlineExceeded: the deadline passed (before the call too: not sent).
             InvalidRequestError: the provider's, at once: a bad request stays bad.
-            BudgetExceededError, LocalRateLimitError: the limiter's, before any call.
+            BudgetExceededError, LocalRateLimitError: the limiter's, before any call (a
+                retry it refuses ends the route as called).
         """
         ex, run, obs, trace, streamed = self.ex, self.run, self.obs, self.trace, self.streamed
         breaker, limiter, fb, clock = ex._breaker, ex._limiter, ex._fb, ex._clock
@@ -281,15 +282,15 @@ class Attempts:
         request, (key, scope_key) = _request_for(info.id, run), ex._planner.route_keys(info)
         deadline_at, per_attempt, called = self.deadline_at, run.context.timeout, False
         for route_attempt in range(1, ex._retry.max_attempts + 1):
-            if deadline_at is None:
-                await semaphore.acquire()
-            else:
-                await self._slot(info, semaphore, deadline_at - clock())
+            await self._slot(info, semaphore)
             holding = True  # an opened stream keeps the slot until it ends
             hold: Hold | None = None
             try:
                 if limiter is not None:
-                    hold = await self._admit(info, limiter)
+                    admitted = await self._admit(info, limiter, called)
+                    if isinstance(admitted, Failed):
+                        return admitted
+                    hold = admitted
                 attempt, (ticket, scope_ticket) = len(run.attempts) + 1, _NO_TICKETS
                 if key is not None and breaker is not None:
                     try:
@@ -316,12 +317,10 @@ class Attempts:
                     else:
                         completion = await provider.complete(request, timeout=budget)
                 except Exception as raised:
-                    latency_ms = (clock() - t0) * 1000.0
                     error, deadline_hit = self._restated(raised, info, budget, by_deadline)
-                    record = await self._failed(info, error, attempt, latency_ms, key, held)
+                    record = await self._failed(info, error, attempt, t0, key, held)
                 except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
-                    latency_ms = (clock() - t0) * 1000.0
-                    await _cancelled(self, info, raised, attempt, latency_ms, held)
+                    await _cancelled(self, info, raised, attempt, t0, held)
                     raise
                 else:
                     if streamed:
@@ -353,15 +352,16 @@ class Attempts:
         info: ModelInfo,
         error: Exception,
         attempt: int,
-        latency_ms: float,
+        t0: float,
         key: str | None,
         held: tuple[Ticket | None, Ticket | None, Hold | None],
     ) -> LLMCallRecord:
         """
-        A call that raised ``error`` (restated): its feedback; the record.  ``held``:
-        the attempt's ticket, scope ticket and the limiter's hold.  A stream that opened
-        before failing (`partial`) has its usage recorded and charged.
+        A call sent at ``t0`` that raised ``error`` (restated): its feedback; the
+        record.  ``held``: the attempt's ticket, scope ticket and the limiter's hold.  A
+        stream that opened before failing (`partial`) has its usage recorded and charged.
         """
+        latency_ms = (self.ex._clock() - t0) * 1000.0
         ticket, scope_ticket, hold = held
         partial, self.partial = self.partial, None
         planner = self.ex._planner
@@ -406,8 +406,17 @@ class Attempts:
             self.obs.stream_opened(self.trace)
         return opened
 
-    async def _slot(self, info: ModelInfo, semaphore: asyncio.Semaphore, remaining: float) -> None:
+    def _slot(self, info: ModelInfo, semaphore: asyncio.Semaphore) -> Awaitable[object]:
         """A provider slot, waited for no longer than the deadline allows."""
+        deadline_at = self.deadline_at
+        if deadline_at is None:
+            return semaphore.acquire()
+        return self._slot_within(info, semaphore, deadline_at - self.ex._clock())
+
+    async def _slot_within(
+        self, info: ModelInfo, semaphore: asyncio.Semaphore, remaining: float
+    ) -> None:
+        """`_slot` with the deadline ``remaining`` seconds away."""
         if remaining <= 0:
             raise self._deadline_error(info, f"before calling {info.id}")
         try:
@@ -426,12 +435,15 @@ class Attempts:
             )
         )
 
-    async def _admit(self, info: ModelInfo, limiter: Limiter) -> Hold | None:
+    async def _admit(self, info: ModelInfo, limiter: Limiter, called: bool) -> Hold | Failed | None:
         """
-        The limiter's admission, within the deadline.
+        The limiter's admission, within the deadline.  A retry it refuses (``called``:
+        the route was called already) ends the route, which counts as called: its error
+        joins the run's and the route comes to `Failed`.
 
         Raises:
             _DeadlineExceeded: the deadline ran out while the quota store answered.
+            BudgetExceededError, LocalRateLimitError: the limiter's, before any call.
         """
         run = self.run
         deadline_at = self.deadline_at
@@ -448,6 +460,12 @@ class Attempts:
             raise self._deadline_error(
                 info, f"waiting for the quota store before calling {info.id}"
             ) from None
+        except (BudgetExceededError, LocalRateLimitError) as refused:
+            if not called:
+                raise
+            run.errors.append(refused)
+            logger.info("%s not retried: %s", info.id, str(refused)[:_ERROR_MESSAGE_LIMIT])
+            return _CALLED
 
     async def _rejected(
         self,
@@ -628,13 +646,15 @@ async def _cancelled(
     info: ModelInfo,
     raised: BaseException,
     attempt: int,
-    latency_ms: float,
+    t0: float,
     held: tuple[Ticket | None, Ticket | None, Hold | None],
 ) -> None:
     """
-    A cancelled call (or an interrupt): recorded, its leases returned; ``held`` as
-    for `_failed`, and a stream that opened has its usage recorded and charged.
+    A call sent at ``t0``, cancelled (or interrupted): recorded, its leases returned;
+    ``held`` as for `_failed`, and a stream that opened has its usage recorded and
+    charged.
     """
+    latency_ms = (self.ex._clock() - t0) * 1000.0
     ticket, scope_ticket, hold = held
     partial, self.partial = self.partial, None
     fb = self.ex._fb

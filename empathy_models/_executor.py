@@ -33,7 +33,8 @@ What `EmpathyLLMExecutor.run` does, in order:
 4. **Fallback order** (always towards *more* capable, never cheaper): the remaining
    candidates of the same tier, cheapest first, then, with ``FallbackPolicy.escalate``,
    the models of each higher tier (cheap -> capable -> premium).  A model is never
-   tried twice in one run, and at most ``FallbackPolicy.max_routes`` models are called.
+   tried twice in one run, and at most ``FallbackPolicy.max_routes`` models are called
+   (a model counts once a call to it was sent, a retry the limiter refused included).
 5. **Per route.** The breaker admits through the model's key and, when keys are per
    model (the default), the provider's key too (a `CircuitOpenError` from either moves
    to the next route without calling the provider; the provider key hears only

@@ -39,6 +39,7 @@ from empathy_models import (
     ModelTier,
     NoModelMeetsConstraintsError,
     Outcome,
+    RateLimit,
     RetryPolicy,
     RoutingPolicy,
     StreamInterruptedError,
@@ -53,6 +54,7 @@ from empathy_models.exceptions import (
     ProviderTimeoutError,
     ServerError,
 )
+from empathy_models.limits import LocalRateLimitError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
 from tests._fakes import HintBreaker
@@ -396,6 +398,69 @@ async def test_retry_after_from_the_wire_is_honoured(
         (Outcome.FAILURE, 529),
         (Outcome.SUCCESS, None),
     ]
+
+
+async def test_a_route_whose_retry_the_rate_limit_refused_counts_as_tried(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    ``FallbackPolicy.none()`` calls one model: a route that was called and failed, and
+    whose retry then finds no capacity within ``rate_limit_wait``, was tried; no other
+    model is called.
+    """
+    server.set_outage("claude-fake-haiku", action=500)
+    async with make(
+        server,
+        telemetry,
+        sleep,
+        fallback=FallbackPolicy.none(),
+        rate_limits={"claude-fake-haiku": RateLimit(rpm=1)},
+        rate_limit_wait=0.1,
+    ) as executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await executor.run("hello", CHEAP)
+    assert server.requests("claude-fake-haiku") == 1
+    assert server.requests("gpt-fake-mini") == 0
+    assert [type(e) for e in caught.value.exceptions] == [ServerError, LocalRateLimitError]
+    assert "claude-fake-haiku" in str(caught.value)
+
+
+async def test_a_route_whose_retry_the_budget_refused_counts_as_tried(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    """
+    As with a rate limit: a route that was called and failed, and whose retry the
+    budget then refuses (another run spent it meanwhile), was tried; with
+    ``FallbackPolicy.none()`` no cheaper model is called instead.
+    """
+    server.script("gpt-fake-mini", [500])
+    server.set_behavior("gpt-fake-4o", ModelBehavior(output_tokens=1000))
+    pinned = attrs.evolve(CHEAP, model="gpt-fake-mini", tier=None, max_tokens=1000)
+    spent: list[float] = []
+
+    async def spend_while_waiting(delay: float) -> None:
+        # about $0.01 of the $0.0145: what is left covers claude-fake-haiku's estimate
+        # (about $0.004 for 1000 tokens), not gpt-fake-mini's (about $0.005)
+        if not spent:
+            other = await executor.run("hello", attrs.evolve(pinned, model="gpt-fake-4o"))
+            spent.append(other.cost_usd)
+
+    executor = EmpathyLLMExecutor(
+        providers(server),
+        registry=REGISTRY,
+        telemetry_store=telemetry,
+        fallback=FallbackPolicy.none(),
+        budgets=[Budget(limit_usd=0.0145)],
+        retry=RetryPolicy(jitter=False),
+        sleep=spend_while_waiting,
+    )
+    async with executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await executor.run("hello", pinned)
+    assert spent and spent[0] > 0.01
+    assert server.requests("gpt-fake-mini") == 1
+    assert server.requests("claude-fake-haiku") == 0
+    assert [type(e) for e in caught.value.exceptions] == [ServerError, BudgetExceededError]
 
 
 @pytest.mark.parametrize(
