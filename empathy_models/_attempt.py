@@ -317,8 +317,8 @@ class Attempts:
                     else:
                         completion = await provider.complete(request, timeout=budget)
                 except Exception as raised:
-                    error, deadline_hit = self._restated(raised, info, budget, by_deadline)
-                    record = await self._failed(info, error, attempt, t0, key, held)
+                    error, cut = self._restated(raised, info, budget, by_deadline)
+                    record = await self._failed(info, error, attempt, t0, key, held, cut)
                 except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
                     await _cancelled(self, info, raised, attempt, t0, held)
                     raise
@@ -337,7 +337,7 @@ class Attempts:
                     semaphore.release()
                     if hold is not None:
                         await _settle(self, hold, called)
-            delay = self._after_failure(info, record, error, route_attempt, deadline_hit, probe)
+            delay = self._after_failure(info, record, error, route_attempt, cut, probe)
             if isinstance(delay, Failed):
                 return delay
             if obs is not None:
@@ -355,11 +355,14 @@ class Attempts:
         t0: float,
         key: str | None,
         held: tuple[Ticket | None, Ticket | None, Hold | None],
+        cut: bool,
     ) -> LLMCallRecord:
         """
         A call sent at ``t0`` that raised ``error`` (restated): its feedback; the
-        record.  ``held``: the attempt's ticket, scope ticket and the limiter's hold.  A
-        stream that opened before failing (`partial`) has its usage recorded and charged.
+        record.  ``held``: the attempt's ticket, scope ticket and the limiter's hold.
+        ``cut``: the run's deadline ended it, which says nothing about the model: it is
+        recorded as cancelled (`_Feedback.failed`).  A stream that opened before failing
+        (`partial`) has its usage recorded and charged.
         """
         latency_ms = (self.ex._clock() - t0) * 1000.0
         ticket, scope_ticket, hold = held
@@ -384,6 +387,7 @@ class Attempts:
             ignored,
             partial,
             self.deadline_at,
+            cut,
         )
         if self.obs is not None:
             self.obs.attempt_ended(record, None, error, self.trace)
@@ -497,12 +501,7 @@ class Attempts:
         whether the run's deadline ended the attempt.
         """
         if self.streamed:
-            deadline_at = self.deadline_at
-            by_deadline = (
-                isinstance(raised, TimeoutError)
-                and deadline_at is not None
-                and self.ex._clock() >= deadline_at - _SLACK
-            )
+            by_deadline = _deadline_ended(raised, self.deadline_at, self.ex._clock())
             return _timeout_error(raised, info, self.run.context.timeout, by_deadline), by_deadline
         if not isinstance(raised, AttemptTimeout):
             return raised, False
@@ -751,6 +750,20 @@ def _partial_of(stream: CompletionStream) -> Completion | None:
     except Exception:
         logger.exception("%s.completion() failed; no usage recorded", type(stream).__name__)
         return None
+
+
+def _deadline_ended(raised: BaseException, deadline_at: float | None, now: float) -> bool:
+    """
+    Whether the run's deadline (``deadline_at``, passed at ``now``) is what ended a
+    stream that raised ``raised``: a timeout of our own making (a server's HTTP 408 is
+    the server's), raised once the deadline has come.
+    """
+    return (
+        isinstance(raised, TimeoutError)
+        and getattr(raised, "status", None) is None
+        and deadline_at is not None
+        and now >= deadline_at - _SLACK
+    )
 
 
 def _timeout_error(

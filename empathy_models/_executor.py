@@ -64,7 +64,9 @@ What `EmpathyLLMExecutor.run` does, in order:
    context window exceeded                 next route with a larger context window,
                                            if ``FallbackPolicy.larger_context_on_overflow``
                                            and one remains; else raised at once
-   overall deadline passed                 `AllRoutesFailedError` at once
+   overall deadline passed                 `AllRoutesFailedError` at once; a call the
+                                           deadline cut short (not the per-attempt
+                                           timeout) is recorded as ``cancelled``
    every route failed                      `AllRoutesFailedError` with every error
    ======================================  ==============================================
 

@@ -552,6 +552,56 @@ async def test_deadline_against_a_hanging_server(
     assert record.error_type == "ProviderTimeoutError"
 
 
+@pytest.mark.parametrize("limit", ["deadline", "timeout"])
+async def test_a_call_the_runs_deadline_cut_short_is_not_held_against_the_model(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep, limit: str
+) -> None:
+    """
+    The primary fails and the fallback gets what is left of the run's deadline, which
+    runs out: that says nothing about the fallback, so its attempt is recorded as
+    ``cancelled``, which neither the breaker nor the router counts.  When the model's
+    own per-attempt timeout is what ran out, that is its failure.
+    """
+    server.script("claude-fake-haiku", [500])
+    server.script("gpt-fake-mini", ["hang"])
+    pinned = attrs.evolve(CHEAP, model="claude-fake-haiku")
+    context = attrs.evolve(
+        pinned, **({"deadline": 0.3} if limit == "deadline" else {"timeout": 0.3})
+    )
+    router = AdaptiveModelRouter(REGISTRY, telemetry, seed=3)
+    async with (
+        router,
+        CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1)) as breaker,
+        make(
+            server,
+            telemetry,
+            sleep,
+            breaker=breaker,
+            router=router,
+            retry=RetryPolicy.none(),
+            fallback=FallbackPolicy(max_routes=2),
+        ) as executor,
+    ):
+        with pytest.raises(AllRoutesFailedError):
+            await executor.run("hello", context)
+        status = await breaker.get_status(breaker.key_for("openai", "gpt-fake-mini"))
+        decision = router.get_best_model(
+            "support", "triage", candidates=["claude-fake-haiku", "gpt-fake-mini"]
+        )
+    evidence = {c.model: c for c in decision.candidates}
+    failed, cut = await records_of(telemetry)
+    assert (failed.model, failed.outcome) == ("claude-fake-haiku", Outcome.FAILURE)
+    assert (cut.model, cut.error_type) == ("gpt-fake-mini", "ProviderTimeoutError")
+    if limit == "deadline":
+        assert cut.outcome is Outcome.CANCELLED
+        assert status.state is CircuitState.CLOSED and status.consecutive_failures == 0
+        assert evidence["gpt-fake-mini"].sample_size == 0
+    else:
+        assert cut.outcome is Outcome.FAILURE
+        assert status.state is CircuitState.OPEN
+        assert evidence["gpt-fake-mini"].sample_size == 1
+
+
 async def test_cancel_mid_request_leaves_no_task_and_records_cancelled(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
 ) -> None:
