@@ -105,7 +105,7 @@ class Attempts:
     shared between runs.
     """
 
-    __slots__ = ("deadline_at", "ex", "obs", "partial", "run", "streamed", "trace")
+    __slots__ = ("deadline_at", "ex", "obs", "partial", "run", "streamed", "trace", "walked")
 
     def __init__(
         self,
@@ -125,6 +125,8 @@ class Attempts:
         # what a stream that opened had when it failed before its first delta (its usage
         # is recorded): set by `_first_delta`, taken by the attempt's record
         self.partial: Completion | None = None
+        # the routes `walk` tries and how many it called before the one being tried
+        self.walked: tuple[list[ModelInfo], int] = ([], 0)
 
     async def walk(self, routes: list[ModelInfo]) -> tuple[ModelInfo, Completion | Opened]:
         """
@@ -165,6 +167,7 @@ class Attempts:
                 # a re-probe that fails is not retried when another route can answer: the
                 # request does not wait for the router's measurement of a degraded model
                 probe = info.id == reprobed and self._can_fall_back(info, routes, called_routes)
+                self.walked = (routes, called_routes)
                 try:
                     tried = await self.route(info, probe=probe)
                 except BudgetExceededError as refused:
@@ -574,6 +577,9 @@ class Attempts:
                     retry_after,
                     retry.retry_after_limit,
                 )
+            elif _circuit_opened(self, info):
+                logger.info("%s's circuit is open: falling back instead of retrying it", info.id)
+                delay = None
         deadline_at = self.deadline_at
         if delay is None or (deadline_at is not None and ex._clock() + delay >= deadline_at):
             # no retry, or a wait that would outlast the run: the next route uses the time left
@@ -590,6 +596,31 @@ class Attempts:
             retry.max_attempts,
         )
         return delay
+
+
+def _circuit_opened(self: Attempts, info: ModelInfo) -> bool:
+    """
+    Whether the breaker's local view shows ``info``'s circuit (its key, or the
+    provider-wide key) open after its failed attempt was reported, while a later route
+    may be tried: a retry would be refused once its wait was over, so the next route
+    answers at once instead.  With no route left the retry waits (the circuit may let
+    a probe through by then).  A hint that fails is counted and logged, and the circuit
+    taken as closed.
+    """
+    ex = self.ex
+    breaker = ex._breaker
+    key, scope_key = ex._planner.route_keys(info)
+    if breaker is None or key is None:
+        return False
+    try:
+        opened = not breaker.available_hint(key) or (
+            scope_key is not None and not breaker.available_hint(scope_key)
+        )
+    except Exception:
+        ex._fb.hint_failed(info.id)
+        return False
+    routes, called = self.walked
+    return opened and self._can_fall_back(info, routes, called)
 
 
 def _within(

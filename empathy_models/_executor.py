@@ -49,6 +49,9 @@ What `EmpathyLLMExecutor.run` does, in order:
    ======================================  ==============================================
    timeout, connection, 5xx, 429           retried on the route, then the next route
    429 whose Retry-After exceeds the cap   next route at once (no sleeping)
+   any retryable failure after which the   next route at once (no sleeping): the
+   route's circuit is open (a 429's        breaker would refuse the retry; retried
+   Retry-After opens it)                   when no later route may be tried
    401, 402, 403, 404                      next route at once (no retry); a 404 names
                                            one model, so it is reported to a breaker
                                            key shared by the provider's models as

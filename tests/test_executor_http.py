@@ -400,6 +400,91 @@ async def test_retry_after_from_the_wire_is_honoured(
     ]
 
 
+@pytest.mark.parametrize(
+    ("action", "policy", "retried"),
+    [
+        (429, BreakerPolicy(), False),
+        (500, BreakerPolicy(consecutive_failures=1), False),
+        (500, BreakerPolicy(), True),
+    ],
+    ids=["a 429's Retry-After opens it", "the failure trips it", "it stays closed"],
+)
+async def test_a_failure_that_opens_the_routes_circuit_falls_back_without_waiting(
+    server: FakeLLMServer,
+    telemetry: MemoryTelemetryBackend,
+    sleep: RecordingSleep,
+    action: int,
+    policy: BreakerPolicy,
+    retried: bool,
+) -> None:
+    """
+    A retry of a route whose circuit the failed attempt has just opened would be
+    refused by the breaker once its wait (a 429's Retry-After, 3 s here) was over: the
+    next route answers at once instead.  A route whose circuit stays closed is retried.
+    """
+    server.set_behavior("claude-fake-haiku", ModelBehavior(retry_after=3))
+    server.script("claude-fake-haiku", [action])
+    async with (
+        CircuitBreaker(policy=policy) as breaker,
+        make(server, telemetry, sleep, breaker=breaker) as executor,
+    ):
+        response = await executor.run("hello", CHEAP)
+    assert response.model == ("claude-fake-haiku" if retried else "gpt-fake-mini")
+    assert len(sleep.delays) == retried
+    assert server.requests("claude-fake-haiku") == 1 + retried
+    records = await records_of(telemetry)
+    assert Outcome.REJECTED not in {r.outcome for r in records}
+    assert len(records) == len(response.attempts) == 2
+
+
+class BreakerClock:
+    """A breaker's clock that the executor's injected sleep moves on."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+        self.delays: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.delays.append(delay)
+        self.now += delay
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_with_no_other_route_the_route_whose_circuit_opened_is_still_retried(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    """
+    Without fallback the retry is the run's only chance: it waits the Retry-After, by
+    when the circuit the 429 opened for as long lets a probe through, which answers.
+    """
+    server.set_behavior("claude-fake-haiku", ModelBehavior(retry_after=3))
+    server.script("claude-fake-haiku", [429])
+    clock = BreakerClock()
+    policy = BreakerPolicy(recovery_seconds=1)
+    async with (
+        CircuitBreaker(policy=policy, clock=clock) as breaker,
+        EmpathyLLMExecutor(
+            providers(server),
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            breaker=breaker,
+            fallback=FallbackPolicy.none(),
+            retry=RetryPolicy(jitter=False),
+            sleep=clock.sleep,
+        ) as executor,
+    ):
+        response = await executor.run("hello", CHEAP)
+    assert response.model == "claude-fake-haiku"
+    assert clock.delays == [3.0]
+    assert [r.outcome for r in await records_of(telemetry)] == [
+        Outcome.RATE_LIMITED,
+        Outcome.SUCCESS,
+    ]
+
+
 async def test_a_route_whose_retry_the_rate_limit_refused_counts_as_tried(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
 ) -> None:
