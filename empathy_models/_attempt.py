@@ -54,6 +54,14 @@ logger = logging.getLogger("empathy_models.executor")
 _ERROR_MESSAGE_LIMIT: Final = 300
 _SLACK: Final = 0.002  # a timer may fire up to the loop's clock resolution early
 
+STARVED_SECONDS: Final = 5.0
+"""
+A call the run's deadline cut short after less than this is recorded as cancelled, which
+neither the breaker nor the router counts: what it was left says nothing of the model
+(a fallback left a few milliseconds).  Cut after this long or more, it is the model's
+timeout, so a model that hangs is still found out by runs whose deadline is short.
+"""
+
 
 @attrs.define(slots=True, eq=False)
 class Opened:
@@ -106,7 +114,7 @@ class Attempts:
     shared between runs.
     """
 
-    __slots__ = ("deadline_at", "ex", "obs", "partial", "run", "streamed", "trace")
+    __slots__ = ("deadline_at", "ex", "obs", "partial", "run", "streamed", "trace", "walked")
 
     def __init__(
         self,
@@ -126,6 +134,8 @@ class Attempts:
         # what a stream that opened had when it failed before its first delta (its usage
         # is recorded): set by `_first_delta`, taken by the attempt's record
         self.partial: Completion | None = None
+        # the routes `walk` tries and how many it called before the one being tried
+        self.walked: tuple[list[ModelInfo], int] = ([], 0)
 
     async def walk(self, routes: list[ModelInfo]) -> tuple[ModelInfo, Completion | Opened]:
         """
@@ -166,6 +176,7 @@ class Attempts:
                 # a re-probe that fails is not retried when another route can answer: the
                 # request does not wait for the router's measurement of a degraded model
                 probe = info.id == reprobed and self._can_fall_back(info, routes, called_routes)
+                self.walked = (routes, called_routes)
                 try:
                     tried = await self.route(info, probe=probe)
                 except BudgetExceededError as refused:
@@ -276,7 +287,8 @@ class Attempts:
         Raises:
             _DeadlineExceeded: the deadline passed (before the call too: not sent).
             InvalidRequestError: the provider's, at once: a bad request stays bad.
-            BudgetExceededError, LocalRateLimitError: the limiter's, before any call.
+            BudgetExceededError, LocalRateLimitError: the limiter's, before any call (a
+                retry it refuses ends the route as called).
         """
         ex, run, obs, trace, streamed = self.ex, self.run, self.obs, self.trace, self.streamed
         breaker, limiter, fb, clock = ex._breaker, ex._limiter, ex._fb, ex._clock
@@ -284,15 +296,15 @@ class Attempts:
         request, (key, scope_key) = _request_for(info.id, run), ex._planner.route_keys(info)
         deadline_at, per_attempt, called = self.deadline_at, run.context.timeout, False
         for route_attempt in range(1, ex._retry.max_attempts + 1):
-            if deadline_at is None:
-                await semaphore.acquire()
-            else:
-                await self._slot(info, semaphore, deadline_at - clock())
+            await self._slot(info, semaphore)
             holding = True  # an opened stream keeps the slot until it ends
             hold: Hold | None = None
             try:
                 if limiter is not None:
-                    hold = await self._admit(info, limiter)
+                    admitted = await self._admit(info, limiter, called)
+                    if isinstance(admitted, Failed):
+                        return admitted
+                    hold = admitted
                 attempt, (ticket, scope_ticket) = len(run.attempts) + 1, _NO_TICKETS
                 if key is not None and breaker is not None:
                     try:
@@ -319,12 +331,10 @@ class Attempts:
                     else:
                         completion = await provider.complete(request, timeout=budget)
                 except Exception as raised:
-                    latency_ms = (clock() - t0) * 1000.0
-                    error, deadline_hit = self._restated(raised, info, budget, by_deadline)
-                    record = await self._failed(info, error, attempt, latency_ms, key, held)
+                    error, cut = self._restated(raised, info, budget, by_deadline)
+                    record = await self._failed(info, error, attempt, t0, key, held, cut)
                 except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
-                    latency_ms = (clock() - t0) * 1000.0
-                    await _cancelled(self, info, raised, attempt, latency_ms, held)
+                    await _cancelled(self, info, raised, attempt, t0, held)
                     raise
                 else:
                     if streamed:
@@ -341,7 +351,7 @@ class Attempts:
                     semaphore.release()
                     if hold is not None:
                         await _settle(self, hold, called)
-            delay = self._after_failure(info, record, error, route_attempt, deadline_hit, probe)
+            delay = self._after_failure(info, record, error, route_attempt, cut, probe)
             if isinstance(delay, Failed):
                 return delay
             if obs is not None:
@@ -356,15 +366,19 @@ class Attempts:
         info: ModelInfo,
         error: Exception,
         attempt: int,
-        latency_ms: float,
+        t0: float,
         key: str | None,
         held: tuple[Ticket | None, Ticket | None, Hold | None],
+        cut: bool,
     ) -> LLMCallRecord:
         """
-        A call that raised ``error`` (restated): its feedback; the record.  ``held``:
-        the attempt's ticket, scope ticket and the limiter's hold.  A stream that opened
-        before failing (`partial`) has its usage recorded and charged.
+        A call sent at ``t0`` that raised ``error`` (restated): its feedback; the
+        record.  ``held``: the attempt's ticket, scope ticket and the limiter's hold.
+        ``cut``: the run's deadline ended it, before `STARVED_SECONDS`: recorded as
+        cancelled (`_Feedback.failed`).  A stream that opened first has its usage charged.
         """
+        latency_ms = (self.ex._clock() - t0) * 1000.0
+        cut = cut and latency_ms < STARVED_SECONDS * 1000.0
         ticket, scope_ticket, hold = held
         partial, self.partial = self.partial, None
         planner = self.ex._planner
@@ -387,6 +401,7 @@ class Attempts:
             ignored,
             partial,
             self.deadline_at,
+            cut,
         )
         if self.obs is not None:
             self.obs.attempt_ended(record, None, error, self.trace)
@@ -409,8 +424,17 @@ class Attempts:
             self.obs.stream_opened(self.trace)
         return opened
 
-    async def _slot(self, info: ModelInfo, semaphore: asyncio.Semaphore, remaining: float) -> None:
+    def _slot(self, info: ModelInfo, semaphore: asyncio.Semaphore) -> Awaitable[object]:
         """A provider slot, waited for no longer than the deadline allows."""
+        deadline_at = self.deadline_at
+        if deadline_at is None:
+            return semaphore.acquire()
+        return self._slot_within(info, semaphore, deadline_at - self.ex._clock())
+
+    async def _slot_within(
+        self, info: ModelInfo, semaphore: asyncio.Semaphore, remaining: float
+    ) -> None:
+        """`_slot` with the deadline ``remaining`` seconds away."""
         if remaining <= 0:
             raise self._deadline_error(info, f"before calling {info.id}")
         try:
@@ -429,12 +453,15 @@ class Attempts:
             )
         )
 
-    async def _admit(self, info: ModelInfo, limiter: Limiter) -> Hold | None:
+    async def _admit(self, info: ModelInfo, limiter: Limiter, called: bool) -> Hold | Failed | None:
         """
-        The limiter's admission, within the deadline.
+        The limiter's admission, within the deadline.  A retry it refuses (``called``:
+        the route was called already) ends the route, which counts as called: its error
+        joins the run's and the route comes to `Failed`.
 
         Raises:
             _DeadlineExceeded: the deadline ran out while the quota store answered.
+            BudgetExceededError, LocalRateLimitError: the limiter's, before any call.
         """
         run = self.run
         deadline_at = self.deadline_at
@@ -451,6 +478,12 @@ class Attempts:
             raise self._deadline_error(
                 info, f"waiting for the quota store before calling {info.id}"
             ) from None
+        except (BudgetExceededError, LocalRateLimitError) as refused:
+            if not called:
+                raise
+            run.errors.append(refused)
+            logger.info("%s not retried: %s", info.id, str(refused)[:_ERROR_MESSAGE_LIMIT])
+            return _CALLED
 
     async def _rejected(
         self,
@@ -482,12 +515,7 @@ class Attempts:
         whether the run's deadline ended the attempt.
         """
         if self.streamed:
-            deadline_at = self.deadline_at
-            by_deadline = (
-                isinstance(raised, TimeoutError)
-                and deadline_at is not None
-                and self.ex._clock() >= deadline_at - _SLACK
-            )
+            by_deadline = _deadline_ended(raised, self.deadline_at, self.ex._clock())
             return _timeout_error(raised, info, self.run.context.timeout, by_deadline), by_deadline
         if not isinstance(raised, AttemptTimeout):
             return raised, False
@@ -560,6 +588,9 @@ class Attempts:
                     retry_after,
                     retry.retry_after_limit,
                 )
+            elif _circuit_opened(self, info):
+                logger.info("%s's circuit is open: falling back instead of retrying it", info.id)
+                delay = None
         deadline_at = self.deadline_at
         if delay is None or (deadline_at is not None and ex._clock() + delay >= deadline_at):
             # no retry, or a wait that would outlast the run: the next route uses the time left
@@ -576,6 +607,31 @@ class Attempts:
             retry.max_attempts,
         )
         return delay
+
+
+def _circuit_opened(self: Attempts, info: ModelInfo) -> bool:
+    """
+    Whether the breaker's local view shows ``info``'s circuit (its key, or the
+    provider-wide key) open after its failed attempt was reported, while a later route
+    may be tried: a retry would be refused once its wait was over, so the next route
+    answers at once instead.  With no route left the retry waits (the circuit may let
+    a probe through by then).  A hint that fails is counted and logged, and the circuit
+    taken as closed.
+    """
+    ex = self.ex
+    breaker = ex._breaker
+    key, scope_key = ex._planner.route_keys(info)
+    if breaker is None or key is None:
+        return False
+    try:
+        opened = not breaker.available_hint(key) or (
+            scope_key is not None and not breaker.available_hint(scope_key)
+        )
+    except Exception:
+        ex._fb.hint_failed(info.id)
+        return False
+    routes, called = self.walked
+    return opened and self._can_fall_back(info, routes, called)
 
 
 def _within(
@@ -631,13 +687,15 @@ async def _cancelled(
     info: ModelInfo,
     raised: BaseException,
     attempt: int,
-    latency_ms: float,
+    t0: float,
     held: tuple[Ticket | None, Ticket | None, Hold | None],
 ) -> None:
     """
-    A cancelled call (or an interrupt): recorded, its leases returned; ``held`` as
-    for `_failed`, and a stream that opened has its usage recorded and charged.
+    A call sent at ``t0``, cancelled (or interrupted): recorded, its leases returned;
+    ``held`` as for `_failed`, and a stream that opened has its usage recorded and
+    charged.
     """
+    latency_ms = (self.ex._clock() - t0) * 1000.0
     ticket, scope_ticket, hold = held
     partial, self.partial = self.partial, None
     fb = self.ex._fb
@@ -734,6 +792,20 @@ def _partial_of(stream: CompletionStream) -> Completion | None:
     except Exception:
         logger.exception("%s.completion() failed; no usage recorded", type(stream).__name__)
         return None
+
+
+def _deadline_ended(raised: BaseException, deadline_at: float | None, now: float) -> bool:
+    """
+    Whether the run's deadline (``deadline_at``, passed at ``now``) is what ended a
+    stream that raised ``raised``: a timeout of our own making (a server's HTTP 408 is
+    the server's), raised once the deadline has come.
+    """
+    return (
+        isinstance(raised, TimeoutError)
+        and getattr(raised, "status", None) is None
+        and deadline_at is not None
+        and now >= deadline_at - _SLACK
+    )
 
 
 def _timeout_error(

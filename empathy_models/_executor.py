@@ -33,7 +33,8 @@ What `EmpathyLLMExecutor.run` does, in order:
 4. **Fallback order** (always towards *more* capable, never cheaper): the remaining
    candidates of the same tier, cheapest first, then, with ``FallbackPolicy.escalate``,
    the models of each higher tier (cheap -> capable -> premium).  A model is never
-   tried twice in one run, and at most ``FallbackPolicy.max_routes`` models are called.
+   tried twice in one run, and at most ``FallbackPolicy.max_routes`` models are called
+   (a model counts once a call to it was sent, a retry the limiter refused included).
 5. **Per route.** The breaker admits through the model's key and, when keys are per
    model (the default), the provider's key too (a `CircuitOpenError` from either moves
    to the next route without calling the provider; the provider key hears only
@@ -48,6 +49,9 @@ What `EmpathyLLMExecutor.run` does, in order:
    ======================================  ==============================================
    timeout, connection, 5xx, 429           retried on the route, then the next route
    429 whose Retry-After exceeds the cap   next route at once (no sleeping)
+   any retryable failure after which the   next route at once (no sleeping): the
+   route's circuit is open (a 429's        breaker would refuse the retry; retried
+   Retry-After opens it)                   when no later route may be tried
    401, 402, 403, 404                      next route at once (no retry); a 404 (or a
                                            403 ``model_not_found``) names one model, so
                                            it is reported to a breaker key shared by
@@ -63,7 +67,9 @@ What `EmpathyLLMExecutor.run` does, in order:
    context window exceeded                 next route with a larger context window,
                                            if ``FallbackPolicy.larger_context_on_overflow``
                                            and one remains; else raised at once
-   overall deadline passed                 `AllRoutesFailedError` at once
+   overall deadline passed                 `AllRoutesFailedError` at once; a call the
+                                           deadline cut short (not the per-attempt
+                                           timeout) is recorded as ``cancelled``
    every route failed                      `AllRoutesFailedError` with every error
    ======================================  ==============================================
 

@@ -342,6 +342,7 @@ class _Feedback:
         ignored: bool,
         partial: Completion | None = None,
         deadline_at: float | None = None,
+        cut: bool = False,
     ) -> LLMCallRecord:
         """
         A call that raised ``error`` (added to ``run.errors``; its summary is the
@@ -351,9 +352,12 @@ class _Feedback:
         ``partial``: a stream that opened and failed before its first delta, what it
         had (its usage is recorded and charged, see `streamed_usage`).  ``deadline_at``:
         the run's, as for `rejected`: a retry or the next route does not wait for a
-        stalled breaker store.
+        stalled breaker store.  ``cut``: the run's deadline, not the model's own
+        timeout, ended the call before it had `_attempt.STARVED_SECONDS`, which says
+        nothing about the model: it is recorded as `Outcome.CANCELLED`, which neither
+        the router nor the breaker counts.
         """
-        outcome = classify_error(error)
+        outcome = Outcome.CANCELLED if cut else classify_error(error)
         record = _unanswered(
             self, run, info, outcome, (attempt, latency_ms, ticket, error), partial, hold
         )

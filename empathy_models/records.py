@@ -71,7 +71,9 @@ class Outcome(enum.StrEnum):
     ``rate_limited``          429                                failure (+ Retry-After)
     ``fatal``                 401, 403, 404 model not found      failure; breaker forced open
     ``ignored``               400, context window, policy        neither
-    ``cancelled``             the caller cancelled               neither
+    ``cancelled``             the caller cancelled; the run's    neither
+                              deadline cut the call short
+                              before it had 5 s
     ``rejected``              the circuit breaker said no        neither
     ``not_sent``              failed on our side before sending  neither
                               (no API key, local configuration)
@@ -82,7 +84,11 @@ class Outcome(enum.StrEnum):
     Only the first four are *samples* (`is_sample`): the router's statistics and the
     breaker learn from them alone.  ``not_sent`` exists so that a worker's own
     misconfiguration is recorded without lowering a model's success rate for every
-    worker that routes on the same telemetry.
+    worker that routes on the same telemetry; a call the run's deadline cut short
+    (rather than the model's own per-attempt timeout) before it had 5 s is
+    ``cancelled`` for the same reason: a fallback model left a sliver of a deadline is
+    not blamed for it.  Cut after 5 s or more it is a ``failure`` (a timeout): a model
+    that hangs is found out by runs whose deadline is short.
     """
 
     SUCCESS = "success"

@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import anyio
 
-from ._attempt import _SLACK, Attempts, Opened, _timeout_error
+from ._attempt import Attempts, Opened, _deadline_ended, _timeout_error
 from ._feedback import charge, streamed_usage
 from ._inflight import Abort, closed_error
 from ._request_options import required_capabilities
@@ -568,14 +568,10 @@ class LLMStream:
         stream = self._stream
         assert info is not None and stream is not None
         closing = await _closing(stream)  # reported even if this is cancelled
-        deadline_at = self._deadline_at
-        by_deadline = (
-            isinstance(raised, TimeoutError)
-            and deadline_at is not None
-            and self._ex._clock() >= deadline_at - _SLACK
-        )
+        by_deadline = _deadline_ended(raised, self._deadline_at, self._ex._clock())
         error = _timeout_error(raised, info, self._per_attempt, by_deadline)
-        outcome = classify_error(error)
+        # the run's deadline is the caller's limit: its end says nothing about the model
+        outcome = Outcome.CANCELLED if by_deadline else classify_error(error)
         usage = self._partial()
         completion = usage[0]
         self._run.errors.append(error)
@@ -637,7 +633,7 @@ def _attempt_ended(
         obs.attempt_ended(
             record,
             completion if outcome is Outcome.SUCCESS else None,
-            None if outcome is Outcome.CANCELLED else error,
+            error,  # None for a stream its caller left
             trace,
         )
 

@@ -39,6 +39,7 @@ from empathy_models import (
     ModelTier,
     NoModelMeetsConstraintsError,
     Outcome,
+    RateLimit,
     RetryPolicy,
     RoutingPolicy,
     StreamInterruptedError,
@@ -55,6 +56,7 @@ from empathy_models.exceptions import (
     ProviderTimeoutError,
     ServerError,
 )
+from empathy_models.limits import LocalRateLimitError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
 from tests._fakes import HintBreaker
@@ -402,6 +404,154 @@ async def test_retry_after_from_the_wire_is_honoured(
 
 
 @pytest.mark.parametrize(
+    ("action", "policy", "retried"),
+    [
+        (429, BreakerPolicy(), False),
+        (500, BreakerPolicy(consecutive_failures=1), False),
+        (500, BreakerPolicy(), True),
+    ],
+    ids=["a 429's Retry-After opens it", "the failure trips it", "it stays closed"],
+)
+async def test_a_failure_that_opens_the_routes_circuit_falls_back_without_waiting(
+    server: FakeLLMServer,
+    telemetry: MemoryTelemetryBackend,
+    sleep: RecordingSleep,
+    action: int,
+    policy: BreakerPolicy,
+    retried: bool,
+) -> None:
+    """
+    A retry of a route whose circuit the failed attempt has just opened would be
+    refused by the breaker once its wait (a 429's Retry-After, 3 s here) was over: the
+    next route answers at once instead.  A route whose circuit stays closed is retried.
+    """
+    server.set_behavior("claude-fake-haiku", ModelBehavior(retry_after=3))
+    server.script("claude-fake-haiku", [action])
+    async with (
+        CircuitBreaker(policy=policy) as breaker,
+        make(server, telemetry, sleep, breaker=breaker) as executor,
+    ):
+        response = await executor.run("hello", CHEAP)
+    assert response.model == ("claude-fake-haiku" if retried else "gpt-fake-mini")
+    assert len(sleep.delays) == retried
+    assert server.requests("claude-fake-haiku") == 1 + retried
+    records = await records_of(telemetry)
+    assert Outcome.REJECTED not in {r.outcome for r in records}
+    assert len(records) == len(response.attempts) == 2
+
+
+class BreakerClock:
+    """A breaker's clock that the executor's injected sleep moves on."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+        self.delays: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.delays.append(delay)
+        self.now += delay
+        await anyio.lowlevel.checkpoint()
+
+
+async def test_with_no_other_route_the_route_whose_circuit_opened_is_still_retried(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    """
+    Without fallback the retry is the run's only chance: it waits the Retry-After, by
+    when the circuit the 429 opened for as long lets a probe through, which answers.
+    """
+    server.set_behavior("claude-fake-haiku", ModelBehavior(retry_after=3))
+    server.script("claude-fake-haiku", [429])
+    clock = BreakerClock()
+    policy = BreakerPolicy(recovery_seconds=1)
+    async with (
+        CircuitBreaker(policy=policy, clock=clock) as breaker,
+        EmpathyLLMExecutor(
+            providers(server),
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            breaker=breaker,
+            fallback=FallbackPolicy.none(),
+            retry=RetryPolicy(jitter=False),
+            sleep=clock.sleep,
+        ) as executor,
+    ):
+        response = await executor.run("hello", CHEAP)
+    assert response.model == "claude-fake-haiku"
+    assert clock.delays == [3.0]
+    assert [r.outcome for r in await records_of(telemetry)] == [
+        Outcome.RATE_LIMITED,
+        Outcome.SUCCESS,
+    ]
+
+
+async def test_a_route_whose_retry_the_rate_limit_refused_counts_as_tried(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    ``FallbackPolicy.none()`` calls one model: a route that was called and failed, and
+    whose retry then finds no capacity within ``rate_limit_wait``, was tried; no other
+    model is called.
+    """
+    server.set_outage("claude-fake-haiku", action=500)
+    async with make(
+        server,
+        telemetry,
+        sleep,
+        fallback=FallbackPolicy.none(),
+        rate_limits={"claude-fake-haiku": RateLimit(rpm=1)},
+        rate_limit_wait=0.1,
+    ) as executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await executor.run("hello", CHEAP)
+    assert server.requests("claude-fake-haiku") == 1
+    assert server.requests("gpt-fake-mini") == 0
+    assert [type(e) for e in caught.value.exceptions] == [ServerError, LocalRateLimitError]
+    assert "claude-fake-haiku" in str(caught.value)
+
+
+async def test_a_route_whose_retry_the_budget_refused_counts_as_tried(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    """
+    As with a rate limit: a route that was called and failed, and whose retry the
+    budget then refuses (another run spent it meanwhile), was tried; with
+    ``FallbackPolicy.none()`` no cheaper model is called instead.
+    """
+    server.script("gpt-fake-mini", [500])
+    server.set_behavior("gpt-fake-4o", ModelBehavior(output_tokens=1000))
+    pinned = attrs.evolve(CHEAP, model="gpt-fake-mini", tier=None, max_tokens=1000)
+    spent: list[float] = []
+
+    async def spend_while_waiting(delay: float) -> None:
+        # about $0.01 of the $0.0145: what is left covers claude-fake-haiku's estimate
+        # (about $0.004 for 1000 tokens), not gpt-fake-mini's (about $0.005)
+        if not spent:
+            other = await executor.run("hello", attrs.evolve(pinned, model="gpt-fake-4o"))
+            spent.append(other.cost_usd)
+
+    executor = EmpathyLLMExecutor(
+        providers(server),
+        registry=REGISTRY,
+        telemetry_store=telemetry,
+        fallback=FallbackPolicy.none(),
+        budgets=[Budget(limit_usd=0.0145)],
+        retry=RetryPolicy(jitter=False),
+        sleep=spend_while_waiting,
+    )
+    async with executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await executor.run("hello", pinned)
+    assert spent and spent[0] > 0.01
+    assert server.requests("gpt-fake-mini") == 1
+    assert server.requests("claude-fake-haiku") == 0
+    assert [type(e) for e in caught.value.exceptions] == [ServerError, BudgetExceededError]
+
+
+@pytest.mark.parametrize(
     ("action", "falls_back", "sleeps"),
     [
         (401, True, 0),
@@ -488,6 +638,78 @@ async def test_deadline_against_a_hanging_server(
     assert server.requests("gpt-fake-mini") == 0
     [record] = await records_of(telemetry)
     assert record.error_type == "ProviderTimeoutError"
+
+
+@pytest.mark.parametrize("limit", ["deadline", "timeout"])
+async def test_a_call_the_runs_deadline_cut_short_is_not_held_against_the_model(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep, limit: str
+) -> None:
+    """
+    The primary fails and the fallback gets what is left of the run's deadline, which
+    runs out: that says nothing about the fallback, so its attempt is recorded as
+    ``cancelled``, which neither the breaker nor the router counts.  When the model's
+    own per-attempt timeout is what ran out, that is its failure.
+    """
+    server.script("claude-fake-haiku", [500])
+    server.script("gpt-fake-mini", ["hang"])
+    pinned = attrs.evolve(CHEAP, model="claude-fake-haiku")
+    context = attrs.evolve(
+        pinned, **({"deadline": 0.3} if limit == "deadline" else {"timeout": 0.3})
+    )
+    router = AdaptiveModelRouter(REGISTRY, telemetry, seed=3)
+    async with (
+        router,
+        CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1)) as breaker,
+        make(
+            server,
+            telemetry,
+            sleep,
+            breaker=breaker,
+            router=router,
+            retry=RetryPolicy.none(),
+            fallback=FallbackPolicy(max_routes=2),
+        ) as executor,
+    ):
+        with pytest.raises(AllRoutesFailedError):
+            await executor.run("hello", context)
+        status = await breaker.get_status(breaker.key_for("openai", "gpt-fake-mini"))
+        decision = router.get_best_model(
+            "support", "triage", candidates=["claude-fake-haiku", "gpt-fake-mini"]
+        )
+    evidence = {c.model: c for c in decision.candidates}
+    failed, cut = await records_of(telemetry)
+    assert (failed.model, failed.outcome) == ("claude-fake-haiku", Outcome.FAILURE)
+    assert (cut.model, cut.error_type) == ("gpt-fake-mini", "ProviderTimeoutError")
+    if limit == "deadline":
+        assert cut.outcome is Outcome.CANCELLED
+        assert status.state is CircuitState.CLOSED and status.consecutive_failures == 0
+        assert evidence["gpt-fake-mini"].sample_size == 0
+    else:
+        assert cut.outcome is Outcome.FAILURE
+        assert status.state is CircuitState.OPEN
+        assert evidence["gpt-fake-mini"].sample_size == 1
+
+
+async def test_a_model_that_hangs_through_a_long_deadline_is_still_its_failure(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    A call the run's deadline cut short after 5 s or more (`_attempt.STARVED_SECONDS`)
+    is the model's timeout: a model that hangs is found out by runs whose deadline is shorter
+    than the per-attempt timeout (60 s by default).
+    """
+    server.script("gpt-fake-mini", ["hang"])
+    pinned = attrs.evolve(CHEAP, model="gpt-fake-mini", deadline=5.3)
+    async with (
+        CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1)) as breaker,
+        make(server, telemetry, sleep, breaker=breaker, retry=RetryPolicy.none()) as executor,
+    ):
+        with pytest.raises(AllRoutesFailedError):
+            await executor.run("hello", pinned)
+        status = await breaker.get_status(breaker.key_for("openai", "gpt-fake-mini"))
+    [record] = await records_of(telemetry)
+    assert (record.outcome, record.error_type) == (Outcome.FAILURE, "ProviderTimeoutError")
+    assert status.state is CircuitState.OPEN
 
 
 async def test_cancel_mid_request_leaves_no_task_and_records_cancelled(

@@ -77,10 +77,13 @@ def executor(server: FakeLLMServer, telemetry: MemoryTelemetryBackend) -> Empath
 
 
 async def read_all(
-    server: FakeLLMServer, context: ExecutionContext, behavior: StreamBehavior
+    server: FakeLLMServer,
+    context: ExecutionContext,
+    behavior: StreamBehavior,
+    telemetry: MemoryTelemetryBackend | None = None,
 ) -> tuple[str, MemoryTelemetryBackend]:
     server.set_behavior(MODEL, ModelBehavior(content=TEXT, stream=behavior))
-    telemetry = MemoryTelemetryBackend()
+    telemetry = MemoryTelemetryBackend() if telemetry is None else telemetry
     async with executor(server, telemetry) as llm:
         with anyio.fail_after(30):
             async with llm.stream("hi", context) as stream:
@@ -160,6 +163,43 @@ async def test_before_the_first_delta_the_error_names_the_limit_that_ended_the_w
     if limit == DEADLINE:
         assert f"deadline of {deadline}s exceeded" in str(caught.value)
         assert IDLE not in str(error)
+
+
+@pytest.mark.parametrize(
+    ("per_attempt", "deadline", "behavior", "outcome"),
+    [
+        (0.3, None, STALL_BEFORE_FIRST, Outcome.FAILURE),
+        (None, 0.5, STALL_BEFORE_FIRST, Outcome.CANCELLED),
+        (30.0, 0.5, STALL_BEFORE_FIRST, Outcome.CANCELLED),
+        (0.3, None, STALL_AFTER_TWO, Outcome.FAILURE),
+        (30.0, 0.5, STEADY, Outcome.CANCELLED),
+    ],
+    ids=[
+        "no first delta within the timeout",
+        "no first delta by the deadline",
+        "no first delta by a deadline nearer than the timeout",
+        "a stall after the first delta",
+        "a steady stream past the deadline",
+    ],
+)
+async def test_a_stream_the_runs_deadline_ended_is_not_recorded_as_the_models_failure(
+    server: FakeLLMServer,
+    per_attempt: float | None,
+    deadline: float | None,
+    behavior: StreamBehavior,
+    outcome: Outcome,
+) -> None:
+    """
+    The run's deadline is the caller's limit, not the model's: a stream it ended is
+    recorded as ``cancelled``, which neither the breaker nor the router counts.  The
+    idle timeout running out is the model's failure.
+    """
+    context = ExecutionContext(tier="cheap", timeout=per_attempt, deadline=deadline)
+    telemetry = MemoryTelemetryBackend()
+    with pytest.raises((AllRoutesFailedError, StreamInterruptedError)):
+        await read_all(server, context, behavior, telemetry)
+    (record,) = await telemetry.recent(limit=10)
+    assert (record.error_type, record.outcome) == ("ProviderTimeoutError", outcome)
 
 
 class _GatewayTimeout(Provider):
