@@ -484,7 +484,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
         """
         Per-model performance from one SQL query: sample outcomes only, nearest-rank
         p50/p95 of latency and of the time to first token over successes
-        (``percentile_disc``), sorted by (workflow, stage, model).
+        (``percentile_disc``), sorted by (workflow, stage, model).  The latency and cost
+        averages are capped sums over counts: ``avg(float8)`` also sums squares, which
+        overflow for a value past about 1e154 beside a different one.
         """
         where, args = self._where(
             workflow=workflow, stage=stage, since=since, until=until, samples_only=True
@@ -501,10 +503,11 @@ class PostgresTelemetryBackend(TelemetryBackend):
             f"count(*) {ok} AS ok, "
             f"percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms) {ok} AS p50, "
             f"percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms) {ok} AS p95, "
-            f"avg(least(latency_ms, {_CAP}) ORDER BY latency_ms) {ok} AS avg_latency, "
+            f"sum(least(latency_ms, {_CAP}) ORDER BY latency_ms) {ok}"
+            f" / nullif(count(*) {ok}, 0) AS avg_latency, "
             f"percentile_disc(0.5) WITHIN GROUP (ORDER BY {ttft}) {ok_ttft} AS t50, "
             f"percentile_disc(0.95) WITHIN GROUP (ORDER BY {ttft}) {ok_ttft} AS t95, "
-            f"avg(least(cost_usd, {_CAP}) ORDER BY seq) AS avg_cost, "
+            f"sum(least(cost_usd, {_CAP}) ORDER BY seq) / count(*) AS avg_cost, "
             f"avg(input_tokens::float8) {ok} AS avg_in, "
             f"avg(output_tokens::float8) {ok} AS avg_out, "
             "min(ts) AS first_seen, max(ts) AS last_seen, "
