@@ -48,6 +48,11 @@ _KEY: Final = (
     "bucket_start, (workflow IS NULL), coalesce(workflow, ''), "
     "(stage IS NULL), coalesce(stage, ''), model"
 )
+_CAP: Final = "1e300::double precision"
+"""
+The most one latency or cost counts for in the averages and one cost in an evidence
+bucket's sum, as `_stats.AVERAGE_CAP`.
+"""
 _MIN_MS: Final = "1e-3"  # empathy_models.evidence.log_ms floors durations at 1 microsecond
 _SAMPLE_LIST: Final = ", ".join(f"'{o.value}'" for o in Outcome if o.is_sample)
 _FINITE_TS: Final = "least(greatest(ts, '0001-01-01 00:00:00+00'), '9999-12-31 23:59:59.999999+00')"
@@ -124,7 +129,7 @@ _MIGRATIONS: Final = (
         " coalesce(sum(tt) FILTER (WHERE ok), 0), coalesce(sum(tt * tt) FILTER (WHERE ok), 0),"
         " coalesce(sum(input_tokens) FILTER (WHERE ok), 0),"
         " coalesce(sum(output_tokens) FILTER (WHERE ok), 0),"
-        " sum(cost_usd), 1 "
+        f" sum(least(cost_usd, {_CAP})), 1 "
         f"FROM (SELECT extract(epoch FROM date_trunc('second', {_FINITE_TS}))::bigint AS s,"
         " workflow, stage, model, outcome = 'success' AS ok,"
         f" ln(greatest(latency_ms, {_MIN_MS})) AS lat,"
@@ -233,8 +238,6 @@ _EVIDENCE_TYPES: Final = (
     "float8",
 )
 
-_CAP: Final = "1e300::double precision"
-"""The most one latency or cost counts for in the averages, as `_stats.AVERAGE_CAP`."""
 
 
 def _evidence_columns(rows: list[LLMCallRecord]) -> list[list[Any]]:

@@ -161,7 +161,14 @@ async def test_version_1_tables_gain_evidence_built_from_their_calls(
             datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
         )
     ]
-    records = random_records(5, 600) + ends
+    # and two costs of $1.7e308 in one arm and minute, whose sum must not overflow
+    huge = [
+        LLMCallRecord(
+            provider="p", model="m-huge", outcome="success", timestamp=T0, cost_usd=1.7e308
+        )
+        for _ in range(2)
+    ]
+    records = random_records(5, 600) + ends + huge
     async with PostgresTelemetryBackend(postgres_url) as backend:
         await backend.record_many(records)
     # take the tables back to what version 1 created: the calls table only
