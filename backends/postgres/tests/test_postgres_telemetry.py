@@ -87,6 +87,16 @@ async def test_url_factory_gives_a_persistent_batched_backend(postgres_url: str)
         assert await backend.recent() == []
 
 
+async def test_batching_a_url_wraps_the_store_once(postgres_url: str) -> None:
+    # the URL's backend comes batched already: one queue and one spool, not two
+    backend = BatchingTelemetryBackend(postgres_url, max_batch=7)
+    assert isinstance(backend.inner, PostgresTelemetryBackend)
+    async with backend:
+        await backend.record_many(random_records(12, 20))
+        assert len(await backend.recent(limit=100)) == 20
+        assert backend.written == 20
+
+
 async def test_url_factory_can_write_directly(postgres_url: str) -> None:
     backend = telemetry_from_url(postgres_url, batch=False)
     assert isinstance(backend, PostgresTelemetryBackend)
