@@ -16,7 +16,9 @@ each change once, and the cost of a refresh depends on what is new, not on the h
 
 Latency and time to first token are kept as sums of natural logs of milliseconds
 (floored at 1 microsecond) and of their squares: a log-normal sketch that is additive.
-Tokens are summed over successful calls; cost over every sample.
+Tokens are summed over successful calls; cost over every sample, each counting for at
+most `empathy_models._stats.AVERAGE_CAP` (1e300, as in `TelemetryBackend.aggregate`'s
+averages), so that no valid cost can overflow a bucket's sum, in memory or in a store.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any, Final, cast
 from attrs import frozen
 
 from ._fast import trusted_constructor
+from ._stats import AVERAGE_CAP
 from ._validators import check, failure, integer
 from .exceptions import ConfigurationError
 from .records import LLMCallRecord
@@ -323,7 +326,8 @@ def sorted_buckets(buckets: Iterable[EvidenceBucket]) -> list[EvidenceBucket]:
 
 def rollup(records: Iterable[LLMCallRecord]) -> list[EvidenceBucket]:
     """
-    Partial buckets (``version`` 0) for ``records``; records that are not samples are skipped.
+    Partial buckets (``version`` 0) for ``records``; records that are not samples are skipped
+    (a cost counts for at most ``AVERAGE_CAP``: see the module).
 
     Sorted like `EvidenceBatch.buckets`.  Backends add these to their stored buckets in
     the transaction that stores the records.
@@ -337,7 +341,7 @@ def rollup(records: Iterable[LLMCallRecord]) -> list[EvidenceBucket]:
         if a is None:
             a = acc[k] = [0.0] * 11
         a[0] += 1
-        a[10] += r.cost_usd
+        a[10] += min(r.cost_usd, AVERAGE_CAP)
         if r.outcome.is_failure:
             continue
         a[1] += 1

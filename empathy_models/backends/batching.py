@@ -589,7 +589,8 @@ class BatchingTelemetryBackend(TelemetryBackend):
     `spooled` and `pending`.  Reads flush first.
 
     Args:
-        inner: the wrapped backend, or a URL for one.
+        inner: the wrapped backend, or a URL for one (a URL whose backend comes
+            batched, such as ``postgresql://``, has that backend wrapped instead).
         max_batch, flush_interval: when a batch is written (see the module docstring).
         max_queue: the most records queued in memory.
         on_full: what a full queue does: ``"spill"``, ``"wait"`` or ``"drop"``.
@@ -622,6 +623,8 @@ class BatchingTelemetryBackend(TelemetryBackend):
             from . import telemetry_from_url
 
             inner = telemetry_from_url(inner)
+            if isinstance(inner, BatchingTelemetryBackend):
+                inner = inner.inner  # the URL's backend comes batched: one queue, not two
         if not isinstance(inner, TelemetryBackend):
             raise ConfigurationError(
                 f"inner must be a TelemetryBackend or a URL, got {shown(inner)}"

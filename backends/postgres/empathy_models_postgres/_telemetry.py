@@ -1,6 +1,7 @@
 """
-Telemetry in PostgreSQL: idempotent batched writes, SQL aggregation on a covering index, and
-evidence rollups kept in the writing transaction.
+Telemetry in PostgreSQL: idempotent batched writes, SQL aggregation on an index of the
+arms, and evidence rollups kept in the writing transaction.  Names and ids of any length
+are stored: the indexes hold a prefix or a digest of them (see migration version 4).
 
 Evidence versions follow commit order.  Each write transaction that changes buckets
 takes the next number from a one-row counter table (``UPDATE ... RETURNING``) after its
@@ -44,10 +45,46 @@ from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
 
 __all__ = ["PostgresTelemetryBackend", "TELEMETRY_SCHEMA_VERSION"]
 
-_KEY: Final = (
+
+def _digest(text: str) -> str:
+    """
+    SQL for the SHA-256 digest of the text expression ``text`` (its bytes as stored):
+    what an index keys a text on when the text may be longer than a btree entry can
+    hold (about 2,700 bytes).  ``decode(..., 'escape')`` with the backslashes doubled
+    gives the text's own bytes and, unlike ``convert_to``, may be used in an index.
+    """
+    return f"sha256(decode(replace({text}, chr(92), chr(92) || chr(92)), 'escape'))"
+
+
+_PREFIX: Final = 200
+"""
+Characters of workflow and stage that the calls' index on them holds (at most 800
+bytes each, so any name fits a btree entry); queries compare the whole names too.
+"""
+_KEY_V2: Final = (
     "bucket_start, (workflow IS NULL), coalesce(workflow, ''), "
     "(stage IS NULL), coalesce(stage, ''), model"
 )
+"""The evidence key of schema versions 2 and 3 (whole names: long ones did not fit)."""
+_KEY: Final = ", ".join(
+    (
+        "bucket_start",
+        "(workflow IS NULL)",
+        _digest("coalesce(workflow, '')"),
+        "(stage IS NULL)",
+        _digest("coalesce(stage, '')"),
+        _digest("model"),
+    )
+)
+"""
+One evidence bucket per key: its start and its names' digests (names of any length;
+a NULL workflow or stage is its own key).
+"""
+_CAP: Final = "1e300::double precision"
+"""
+The most one latency or cost counts for in the averages and one cost in an evidence
+bucket's sum, as `_stats.AVERAGE_CAP`.
+"""
 _MIN_MS: Final = "1e-3"  # empathy_models.evidence.log_ms floors durations at 1 microsecond
 _SAMPLE_LIST: Final = ", ".join(f"'{o.value}'" for o in Outcome if o.is_sample)
 _FINITE_TS: Final = "least(greatest(ts, '0001-01-01 00:00:00+00'), '9999-12-31 23:59:59.999999+00')"
@@ -76,7 +113,8 @@ _MIGRATIONS: Final = (
         " input_tokens bigint NOT NULL,"
         " output_tokens bigint NOT NULL,"
         " record jsonb NOT NULL)",
-        # the router's aggregation reads only this index (filters, then the columns it sums)
+        # the router's aggregation read only this index (filters, then the columns it
+        # summed); replaced in version 4
         "CREATE INDEX IF NOT EXISTS {i_calls_aggregate} ON {t_calls}"
         " (workflow, stage, ts) INCLUDE"
         " (model, outcome, latency_ms, cost_usd, input_tokens, output_tokens, provider, tier,"
@@ -105,7 +143,7 @@ _MIGRATIONS: Final = (
         " version bigint NOT NULL)",
         # one row per key (a NULL workflow or stage is its own key, on any PostgreSQL
         # version); also the range index of since / until and purge
-        f"CREATE UNIQUE INDEX IF NOT EXISTS {{i_evidence_key}} ON {{t_evidence}} ({_KEY})",
+        f"CREATE UNIQUE INDEX IF NOT EXISTS {{i_evidence_key}} ON {{t_evidence}} ({_KEY_V2})",
         # evidence(after_version=v) is a range scan on version
         "CREATE INDEX IF NOT EXISTS {i_evidence_by_version} ON {t_evidence} (version)",
         "CREATE TABLE IF NOT EXISTS {t_evidence_version} ("
@@ -124,7 +162,7 @@ _MIGRATIONS: Final = (
         " coalesce(sum(tt) FILTER (WHERE ok), 0), coalesce(sum(tt * tt) FILTER (WHERE ok), 0),"
         " coalesce(sum(input_tokens) FILTER (WHERE ok), 0),"
         " coalesce(sum(output_tokens) FILTER (WHERE ok), 0),"
-        " sum(cost_usd), 1 "
+        f" sum(least(cost_usd, {_CAP})), 1 "
         f"FROM (SELECT extract(epoch FROM date_trunc('second', {_FINITE_TS}))::bigint AS s,"
         " workflow, stage, model, outcome = 'success' AS ok,"
         f" ln(greatest(latency_ms, {_MIN_MS})) AS lat,"
@@ -142,6 +180,20 @@ _MIGRATIONS: Final = (
         "DELETE FROM {t_calls} AS a USING {t_calls} AS b"
         " WHERE a.call_id = b.call_id AND a.seq > b.seq",
         "CREATE UNIQUE INDEX IF NOT EXISTS {i_calls_call_id} ON {t_calls} (call_id)",
+    ),
+    # version 4: names of any length.  A btree entry holds about 2,700 bytes, and the
+    # indexes held whole names: one long workflow, stage, model, provider or call_id
+    # made the server refuse its record.  The calls are found by arm on a prefix of
+    # workflow and stage, and kept unique by a digest of call_id; the evidence is keyed
+    # on digests.  ({t_...} also qualifies an index's name, as DROP INDEX needs.)
+    (
+        "DROP INDEX IF EXISTS {t_calls_aggregate}",
+        f"CREATE INDEX IF NOT EXISTS {{i_calls_by_arm}} ON {{t_calls}}"
+        f" (left(workflow, {_PREFIX}), left(stage, {_PREFIX}), ts)",
+        "DROP INDEX IF EXISTS {t_calls_call_id}",
+        f"CREATE UNIQUE INDEX {{i_calls_call_id}} ON {{t_calls}} ({_digest('call_id')})",
+        "DROP INDEX IF EXISTS {t_evidence_key}",
+        f"CREATE UNIQUE INDEX {{i_evidence_key}} ON {{t_evidence}} ({_KEY})",
     ),
 )
 
@@ -183,11 +235,13 @@ _ARRAY_TYPES: Final = (
 )
 
 # what building or sending a row raises when a record holds a value PostgreSQL cannot
-# take (NUL or a lone surrogate in text, an integer past 64 bits, NaN in JSON): the
-# records are refused, the database is fine
+# take (NUL or a lone surrogate in text, an integer past 64 bits, NaN in JSON, a value
+# past one of the server's limits, such as an index entry's size in an index an
+# operator added): the records are refused, the database is fine
 _REFUSED: Final = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
     UnicodeError,
     OverflowError,
     ValueError,
@@ -232,9 +286,6 @@ _EVIDENCE_TYPES: Final = (
     "float8",
     "float8",
 )
-
-_CAP: Final = "1e300::double precision"
-"""The most one latency or cost counts for in the averages, as `_stats.AVERAGE_CAP`."""
 
 
 def _evidence_columns(rows: list[LLMCallRecord]) -> list[list[Any]]:
@@ -281,10 +332,11 @@ class PostgresTelemetryBackend(TelemetryBackend):
     advisory lock, so several processes may start at once.  `record_many` writes its
     records in one transaction: all of them or none.  A record whose ``call_id`` is
     already stored is skipped (writes are idempotent, so a replayed spool stores nothing
-    twice).  `aggregate` runs one SQL query over the covering index
-    (``percentile_disc`` over successes is the nearest-rank percentile of the in-memory
-    backends).  `purge` deletes by time, for retention.  Safe to share between tasks:
-    each operation takes its own pooled connection.
+    twice).  Names and ids of any length are stored.  `aggregate` runs one SQL query,
+    filtered on the index of (workflow, stage, ts) (``percentile_disc`` over successes
+    is the nearest-rank percentile of the in-memory backends).  `purge` deletes by
+    time, for retention.  Safe to share between tasks: each operation takes its own
+    pooled connection.
 
     Args:
         dsn: a ``postgresql://`` (or ``postgres://``) URL as asyncpg takes it.
@@ -302,7 +354,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
     Raises:
         SchemaVersionError: tables written by a newer version.
         TelemetryRejectedError: a record holding a value PostgreSQL refuses (NUL or a
-            lone surrogate in text, an integer past 64 bits, NaN in the metadata).
+            lone surrogate in text, an integer past 64 bits, NaN in the metadata, a
+            value past one of the server's limits, such as an index entry's size).
         TelemetryError: driver errors, with the password removed from the DSN.
     """
 
@@ -356,7 +409,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
             f"INSERT INTO {self._calls} ({', '.join(_COLUMNS)}) "
             f"SELECT {values}, c{len(_COLUMNS) - 1}::jsonb "
             f"FROM unnest({params}) AS u({names}) "
-            "ON CONFLICT (call_id) DO NOTHING RETURNING call_id"
+            f"ON CONFLICT ({_digest('call_id')}) DO NOTHING RETURNING call_id"
         )
 
     def __repr__(self) -> str:
@@ -454,13 +507,16 @@ class PostgresTelemetryBackend(TelemetryBackend):
                 continue
             # a record PostgreSQL refused (a NUL, a lone surrogate) was stored made safe:
             # a filter finds it by that form (`stored_forms`), never sends one it refuses
-            forms = [f for f in stored_forms(value) if "\x00" not in f]
-            if len(forms) == 1:
-                args.append(forms[0])
-                clauses.append(f"{column} = ${len(args)}")
-            else:
-                args.append(forms)
-                clauses.append(f"{column} = ANY(${len(args)}::text[])")
+            params = []
+            for form in stored_forms(value):
+                if "\x00" not in form:
+                    args.append(form)
+                    params.append(f"${len(args)}::text")
+            clauses.append(f"{column} IN ({', '.join(params)})")
+            if column != "model":
+                # what the index on (workflow, stage) prefixes can look up
+                prefixes = ", ".join(f"left({p}, {_PREFIX})" for p in params)
+                clauses.append(f"left({column}, {_PREFIX}) IN ({prefixes})")
         if since is not None:
             args.append(since)
             clauses.append(f"ts >= ${len(args)}")
@@ -484,7 +540,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
         """
         Per-model performance from one SQL query: sample outcomes only, nearest-rank
         p50/p95 of latency and of the time to first token over successes
-        (``percentile_disc``), sorted by (workflow, stage, model).
+        (``percentile_disc``), sorted by (workflow, stage, model).  The latency and cost
+        averages are capped sums over counts: ``avg(float8)`` also sums squares, which
+        overflow for a value past about 1e154 beside a different one.
         """
         where, args = self._where(
             workflow=workflow, stage=stage, since=since, until=until, samples_only=True
@@ -501,10 +559,11 @@ class PostgresTelemetryBackend(TelemetryBackend):
             f"count(*) {ok} AS ok, "
             f"percentile_disc(0.5) WITHIN GROUP (ORDER BY latency_ms) {ok} AS p50, "
             f"percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms) {ok} AS p95, "
-            f"avg(least(latency_ms, {_CAP}) ORDER BY latency_ms) {ok} AS avg_latency, "
+            f"sum(least(latency_ms, {_CAP}) ORDER BY latency_ms) {ok}"
+            f" / nullif(count(*) {ok}, 0) AS avg_latency, "
             f"percentile_disc(0.5) WITHIN GROUP (ORDER BY {ttft}) {ok_ttft} AS t50, "
             f"percentile_disc(0.95) WITHIN GROUP (ORDER BY {ttft}) {ok_ttft} AS t95, "
-            f"avg(least(cost_usd, {_CAP}) ORDER BY seq) AS avg_cost, "
+            f"sum(least(cost_usd, {_CAP}) ORDER BY seq) / count(*) AS avg_cost, "
             f"avg(input_tokens::float8) {ok} AS avg_in, "
             f"avg(output_tokens::float8) {ok} AS avg_out, "
             "min(ts) AS first_seen, max(ts) AS last_seen, "

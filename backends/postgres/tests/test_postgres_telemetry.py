@@ -6,11 +6,13 @@ import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import anyio
 import asyncpg
 import pytest
 from empathy_models_postgres import TELEMETRY_SCHEMA_VERSION, PostgresTelemetryBackend
 
 from empathy_models.backends import MemoryTelemetryBackend, telemetry_from_url
+from empathy_models.backends._spool import Spool
 from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.evidence import rollup
 from empathy_models.exceptions import SchemaVersionError, TelemetryError, TelemetryRejectedError
@@ -41,6 +43,20 @@ def random_records(seed: int, n: int) -> list[LLMCallRecord]:
     ]
 
 
+def long_text(seed: int, n: int = 3_000) -> str:
+    """``n`` random CJK characters (3 bytes each in UTF-8): long, and not compressible."""
+    rng = random.Random(seed)
+    return "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(n))
+
+
+async def execute(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 def assert_same_performance(got: list[ModelPerformance], want: list[ModelPerformance]) -> None:
     assert [(p.workflow, p.stage, p.model) for p in got] == [
         (p.workflow, p.stage, p.model) for p in want
@@ -69,6 +85,16 @@ async def test_url_factory_gives_a_persistent_batched_backend(postgres_url: str)
     assert backend.persistent
     async with backend:
         assert await backend.recent() == []
+
+
+async def test_batching_a_url_wraps_the_store_once(postgres_url: str) -> None:
+    # the URL's backend comes batched already: one queue and one spool, not two
+    backend = BatchingTelemetryBackend(postgres_url, max_batch=7)
+    assert isinstance(backend.inner, PostgresTelemetryBackend)
+    async with backend:
+        await backend.record_many(random_records(12, 20))
+        assert len(await backend.recent(limit=100)) == 20
+        assert backend.written == 20
 
 
 async def test_url_factory_can_write_directly(postgres_url: str) -> None:
@@ -161,7 +187,14 @@ async def test_version_1_tables_gain_evidence_built_from_their_calls(
             datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
         )
     ]
-    records = random_records(5, 600) + ends
+    # and two costs of $1.7e308 in one arm and minute, whose sum must not overflow
+    huge = [
+        LLMCallRecord(
+            provider="p", model="m-huge", outcome="success", timestamp=T0, cost_usd=1.7e308
+        )
+        for _ in range(2)
+    ]
+    records = random_records(5, 600) + ends + huge
     async with PostgresTelemetryBackend(postgres_url) as backend:
         await backend.record_many(records)
     # take the tables back to what version 1 created: the calls table only
@@ -181,7 +214,7 @@ async def test_version_1_tables_gain_evidence_built_from_their_calls(
         await backend.record_many(more)
         newer = await backend.evidence(after_version=migrated.version)
         assert {b.key for b in newer.buckets} == {b.key for b in rollup(more)}
-    assert TELEMETRY_SCHEMA_VERSION == 3
+    assert TELEMETRY_SCHEMA_VERSION == 4
 
 
 async def test_incremental_evidence_reads_the_version_index(
@@ -245,3 +278,107 @@ async def test_errors_name_the_server_without_the_password(postgres_dsn: str) ->
     assert "127.0.0.1:1" in text
     await backend.aclose()
     assert "s3cret-pw" not in repr(backend)
+
+
+async def test_a_record_past_a_server_limit_is_given_up_and_holds_up_no_other(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    # an index an operator added on a text that a record may make long: the server
+    # refuses that record for its size (ProgramLimitExceededError), a property of the
+    # record, not an outage; it is given up and counted, the others are stored
+    async with BatchingTelemetryBackend(PostgresTelemetryBackend(postgres_url)) as backend:
+        assert await backend.recent() == []  # the tables exist
+        await execute(
+            postgres_dsn,
+            f"CREATE INDEX ON \"{postgres_schema}\".empathy_calls ((record->>'error_message'))",
+        )
+        good = random_records(7, 6)
+        refused = LLMCallRecord(
+            provider="p", model="m", outcome="failure", timestamp=T0, error_message=long_text(1)
+        )
+        await backend.record_many([*good[:3], refused, *good[3:]])
+        await backend.flush()
+        assert (backend.written, backend.failed, backend.pending) == (6, 1, 0)
+        later = random_records(8, 4)
+        await backend.record_many(later)
+        await backend.flush()
+        stored = {r.call_id for r in await backend.recent(limit=100)}
+        assert stored == {r.call_id for r in [*good, *later]}
+
+
+async def test_a_spool_with_long_names_and_a_refused_record_is_replayed_to_the_end(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    # what a process that could not store them left in the spool: records with long
+    # names and one the server refuses (an operator's index, as above); the next
+    # process stores each record it can, gives the refused one up and goes on
+    async with PostgresTelemetryBackend(postgres_url) as inner:
+        assert await inner.recent() == []
+        target = inner.spool_target
+    await execute(
+        postgres_dsn,
+        f"CREATE INDEX ON \"{postgres_schema}\".empathy_calls ((record->>'error_message'))",
+    )
+    long_names = LLMCallRecord(
+        provider="p",
+        model=long_text(2),
+        outcome="success",
+        timestamp=T0,
+        workflow=long_text(3),
+        stage=long_text(4),
+    )
+    refused = LLMCallRecord(
+        provider="p", model="m", outcome="failure", timestamp=T0, error_message=long_text(5)
+    )
+    good = random_records(9, 4)
+    spool = Spool(target)
+    spool.write([good[0], long_names, refused, *good[1:]])
+    async with BatchingTelemetryBackend(PostgresTelemetryBackend(postgres_url)) as backend:
+        own = random_records(10, 3)
+        await backend.record_many(own)
+        with anyio.fail_after(20):
+            while spool.files() or backend.pending:
+                await backend.flush()
+        assert backend.failed == 1
+        stored = {r.call_id for r in await backend.recent(limit=100)}
+        assert stored == {r.call_id for r in [*good, long_names, *own]}
+
+
+async def test_version_3_tables_take_long_names_once_migrated(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    first = random_records(11, 50)
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        await backend.record_many(first)
+    # take the indexes back to what version 3 created: on whole names
+    s = f'"{postgres_schema}"'
+    await execute(
+        postgres_dsn,
+        f"DROP INDEX {s}.empathy_calls_by_arm, {s}.empathy_calls_call_id, "
+        f"{s}.empathy_evidence_key; "
+        f"CREATE INDEX empathy_calls_aggregate ON {s}.empathy_calls (workflow, stage, ts)"
+        " INCLUDE (model, outcome, latency_ms, cost_usd, input_tokens, output_tokens,"
+        " provider, tier, seq); "
+        f"CREATE UNIQUE INDEX empathy_calls_call_id ON {s}.empathy_calls (call_id); "
+        f"CREATE UNIQUE INDEX empathy_evidence_key ON {s}.empathy_evidence (bucket_start,"
+        " (workflow IS NULL), coalesce(workflow, ''), (stage IS NULL), coalesce(stage, ''),"
+        " model); "
+        f"UPDATE {s}.empathy_schema_version SET version = 3 WHERE component = 'telemetry'",
+    )
+    long_names = LLMCallRecord(
+        provider=long_text(6),
+        model=long_text(7),
+        outcome="success",
+        timestamp=first[0].timestamp,
+        workflow=first[0].workflow,
+        stage=long_text(8),
+        call_id=long_text(9),
+    )
+    async with PostgresTelemetryBackend(postgres_url) as backend:
+        # the first ten again (stored once), then the long names, twice
+        await backend.record_many([*first[:10], long_names, long_names])
+        assert len(await backend.recent(limit=1000)) == 51
+        buckets = (await backend.evidence()).buckets
+        assert_same_buckets(buckets, rollup([*first, long_names]), "after the migration")
+        found = await backend.recent(stage=long_names.stage)
+        assert [r.call_id for r in found] == [long_names.call_id]

@@ -132,7 +132,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
                total(CASE WHEN ok THEN tt END), total(CASE WHEN ok THEN tt * tt END),
                sum(CASE WHEN ok THEN input_tokens ELSE 0 END),
                sum(CASE WHEN ok THEN output_tokens ELSE 0 END),
-               total(cost_usd), 1
+               total(min(cost_usd, 1e300)), 1
         FROM (
             SELECT (ts_us - ((ts_us % {BUCKET_SECONDS * 1_000_000}) + {BUCKET_SECONDS * 1_000_000})
                     % {BUCKET_SECONDS * 1_000_000}) / 1000000 AS b,

@@ -267,8 +267,23 @@ class _AggregateTests(_TelemetryTests):
                 for i in range(2)
             ]
         )
+        # an ordinary value beside an extreme one (no running sum of squares may
+        # overflow either), in an arm of its own
+        await telemetry.record_many(
+            [
+                _record(base, model="model-b", latency_ms=5.0, cost_usd=huge),
+                _record(base, model="model-b", latency_ms=huge, cost_usd=0.5),
+                _record(base, model="model-c", latency_ms=5.0, cost_usd=1e160),
+                _record(base, model="model-c", latency_ms=1e160, cost_usd=0.5),
+            ]
+        )
         await telemetry.flush()
-        (perf,) = await telemetry.aggregate()
+        perf, mixed, moderate = await telemetry.aggregate()
+        assert (mixed.model, moderate.model) == ("model-b", "model-c")
+        assert math.isclose(mixed.avg_latency_ms or 0.0, 5e299)
+        assert math.isclose(mixed.avg_cost_usd, 5e299)
+        assert math.isclose(moderate.avg_latency_ms or 0.0, 5e159)
+        assert math.isclose(moderate.avg_cost_usd, 5e159)
         assert (perf.sample_size, perf.successes) == (2, 2)
         assert perf.latency_p95_ms == huge and perf.ttft_p95_ms == huge
         assert perf.avg_latency_ms == 1e300 and perf.avg_cost_usd == 1e300

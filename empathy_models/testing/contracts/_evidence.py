@@ -219,6 +219,27 @@ class _EvidenceTests(_TelemetryTests):
         assert (bucket.samples, bucket.successes, bucket.latency_n) == (1, 0, 0)
         assert bucket.cost_usd == 0.5 and bucket.latency_log_sum == 0.0
 
+    async def test_huge_costs_in_one_minute_are_kept_and_summed_finite(
+        self, telemetry: TelemetryBackend
+    ) -> None:
+        # $1.7e308 is a valid cost: several in one arm and minute, written apart and
+        # together, are all stored, and the bucket's cost sum stays finite (a cost counts
+        # for at most 1e300 in it, as in the aggregate's averages)
+        self._needs_evidence()
+        minute = _base_time().replace(second=10)
+        records = [
+            _record(minute + timedelta(seconds=i), cost_usd=1.7e308, call_id=f"huge-{i}")
+            for i in range(3)
+        ]
+        await telemetry.record(records[0])
+        await telemetry.flush()
+        await telemetry.record_many(records[1:])
+        await telemetry.flush()
+        assert len(await telemetry.recent(limit=10)) == 3
+        (bucket,) = (await telemetry.evidence()).buckets
+        assert bucket.samples == 3 and math.isclose(bucket.cost_usd, 3e300)
+        assert_same_buckets([bucket], rollup(records), "huge costs")
+
     async def test_evidence_keeps_null_and_empty_workflows_and_stages_apart(
         self, telemetry: TelemetryBackend
     ) -> None:

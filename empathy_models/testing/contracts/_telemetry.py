@@ -160,6 +160,48 @@ class _StorageTests(_TelemetryTests):
             buckets = (await telemetry.evidence()).buckets
             assert_same_buckets(buckets, rollup([first, other]), "a call written again")
 
+    async def test_long_names_are_stored_and_hold_up_no_other_record(
+        self, telemetry: TelemetryBackend
+    ) -> None:
+        # nothing bounds a name's length (an ExecutionContext takes a 3,000-character
+        # stage): a record whose names are long and incompressible is stored and found
+        # like any other, and the records written with it are stored too (a database
+        # index entry has a size limit).  A twin differing in the last character only
+        # is another arm and another call.
+        self._needs_records()
+        base = _base_time()
+        rng = random.Random(11)
+        fields = ("workflow", "stage", "model", "provider", "call_id")
+        names: dict[str, Any] = {
+            f: f + "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(3_000)) for f in fields
+        }
+        long_one = attrs.evolve(_record(base + timedelta(seconds=1), ttft_ms=5.0), **names)
+        twin = attrs.evolve(
+            _record(base + timedelta(seconds=2)),
+            **{f: v[:-1] + "x" for f, v in names.items()},
+        )
+        before = _record(base, call_id="short-before")
+        after = _record(base + timedelta(seconds=3), call_id="short-after")
+        await telemetry.record_many([before, long_one, twin, after])
+        await telemetry.record(attrs.evolve(long_one, latency_ms=99.0))  # again: stored once
+        await telemetry.flush()
+        got = await telemetry.recent(limit=10)
+        assert [r.call_id for r in got] == [r.call_id for r in (after, twin, long_one, before)]
+        _assert_same_record(got[2], long_one)
+        _assert_same_record(got[1], twin)
+        found = await telemetry.recent(
+            workflow=names["workflow"], stage=names["stage"], model=names["model"]
+        )
+        assert [r.call_id for r in found] == [long_one.call_id]
+        perf = await telemetry.aggregate(workflow=names["workflow"], stage=names["stage"])
+        assert [(p.model, p.provider, p.sample_size) for p in perf] == [
+            (names["model"], names["provider"], 1)
+        ]
+        assert len(await telemetry.aggregate()) == 3
+        if self.keeps_evidence:
+            buckets = (await telemetry.evidence()).buckets
+            assert_same_buckets(buckets, rollup([before, long_one, twin, after]), "long names")
+
     async def test_concurrent_writers_are_counted_exactly(
         self, telemetry: TelemetryBackend
     ) -> None:
@@ -240,11 +282,12 @@ class TelemetryBackendContract(_EvidenceTests, _StorageTests, _AggregateTests, _
     Covers: every field surviving record -> recent; newest-first order, limit and
     filters; aggregation against a brute-force computation (sample outcomes only,
     nearest-rank p50/p95 over successes, averages, per-stage or not, ``since``
-    inclusive and ``until`` exclusive); purge; writes idempotent by ``call_id``; 100
+    inclusive and ``until`` exclusive, extreme values); purge; writes idempotent by
+    ``call_id``; names and ids of any length stored among other records; 100
     concurrent writers with exact counts; flush then read; idempotent close; use after
     close; naive datetimes; evidence rollups (equal to `empathy_models.evidence.rollup`
     of every record stored, incremental reads with one or two writers, windows, purge,
-    NULL workflow / stage).
+    NULL workflow / stage, huge costs summed finite).
 
     Capabilities are the class attributes ``stores_records`` and ``keeps_evidence``
     (see the package doc).
