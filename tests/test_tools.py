@@ -299,6 +299,52 @@ async def test_tool_results_as_blocks_with_an_error_flag(
         assert last == {"role": "tool", "tool_call_id": "toolu_1", "content": "service down"}
 
 
+@pytest.mark.parametrize("form", ["blocks", "tool messages"])
+async def test_a_tool_results_images_follow_all_the_turns_tool_messages(
+    server: FakeLLMServer, form: str
+) -> None:
+    # OpenAI wants every call of an assistant message answered by the tool messages
+    # right after it: the first result's image must not come between them
+    photo = [TextBlock(text="a photo"), ImageBlock.from_base64(PNG, "image/png")]
+    history: list[Message] = [
+        Message(role="user", content="Weather in Oslo and Rome?"),
+        Message(
+            role="assistant",
+            content="",
+            tool_calls=[
+                ToolCall(id="call_1", name="get_weather", arguments={"city": "Oslo"}),
+                ToolCall(id="call_2", name="get_weather", arguments={"city": "Rome"}),
+            ],
+        ),
+    ]
+    if form == "blocks":
+        history.append(
+            Message(
+                role="user",
+                content=[
+                    ToolResult(tool_call_id="call_1", content=photo),
+                    ToolResult(tool_call_id="call_2", content="20 C"),
+                ],
+            )
+        )
+    else:
+        history += [
+            Message(role="tool", tool_call_id="call_1", content=photo),
+            Message(role="tool", tool_call_id="call_2", content="20 C"),
+        ]
+    async with make(server) as executor:
+        response = await executor.run(history, pinned(GPT), tools=[WEATHER])
+    assert response.content
+    sent = server.last_request(GPT)
+    assert sent is not None
+    messages = sent.body["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool", "user"]
+    assert [m["tool_call_id"] for m in messages[2:4]] == ["call_1", "call_2"]
+    assert messages[2]["content"] == [{"type": "text", "text": "a photo"}]
+    note, image = messages[4]["content"]
+    assert "call_1" in note["text"] and image["type"] == "image_url"
+
+
 # --------------------------------------------------------------------------- options
 
 
