@@ -381,6 +381,20 @@ async def test_tool_choice_maps_and_a_forced_tool_is_called(
 
 
 @pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_tool_choice_none_without_tools(server: FakeLLMServer, model: str, api: str) -> None:
+    # OpenAI refuses a tool_choice without tools (400); Anthropic takes {"type": "none"}
+    async with make(server) as executor:
+        response = await executor.run("Weather?", pinned(model), tool_choice="none")
+    assert response.content and response.tool_calls == ()
+    sent = server.last_request(model)
+    assert sent is not None and "tools" not in sent.body
+    if api == "anthropic":
+        assert sent.body["tool_choice"] == {"type": "none"}
+    else:
+        assert "tool_choice" not in sent.body
+
+
+@pytest.mark.parametrize(("model", "api"), MODELS)
 async def test_structured_output_is_parsed_when_it_validates(
     server: FakeLLMServer, model: str, api: str
 ) -> None:

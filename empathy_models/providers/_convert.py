@@ -26,7 +26,8 @@ in one user message after all the ``tool`` messages answering that turn's calls;
 has OpenAI an error flag for a result (``is_error`` is not sent there).  Anthropic tool
 ids must match ``[A-Za-z0-9_-]+``: an id from another provider with other characters
 has them as ``_`` and a hash of the whole id appended (the same every time, so calls
-and results still pair up, and distinct ids stay distinct).
+and results still pair up, and distinct ids stay distinct).  A ``tool_choice`` without
+tools (only ``"none"`` is allowed so) is not sent to OpenAI, which refuses one.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def openai_body(request: CompletionRequest, max_tokens_field: str) -> dict[str, 
             tools.append({"type": "function", "function": function})
         payload["tools"] = tools
     choice = request.tool_choice
-    if choice is not None:
+    if choice is not None and request.tools:  # OpenAI refuses a tool_choice without tools
         payload["tool_choice"] = (
             choice
             if choice in ("auto", "none", "required")
