@@ -67,6 +67,14 @@ The metadata key set (to True) on the record of a streamed attempt whose input t
 are the request's estimate (`_run._estimate_tokens`): the provider never reported them.
 """
 
+OUTPUT_ESTIMATED: Final = "empathy_models.output_tokens_estimated"
+"""
+The metadata key set (to True) on the record of a streamed attempt whose output tokens
+are the count of its deltas, one token each (`CompletionStream.output_estimated`): the
+provider had not reported them (a server ignoring ``stream_options.include_usage``
+never does; OpenAI-format servers report them only at the end).
+"""
+
 
 def _is_count(value: object) -> bool:
     """Whether ``value`` can be a token count: an int from 0 to 2**63 - 1 (what records hold)."""
@@ -511,8 +519,9 @@ class _Feedback:
         completion: Completion | None = None,
         circuit_state: CircuitState | None = None,
         input_estimated: bool = False,
+        output_estimated: bool = False,
     ) -> LLMCallRecord:
-        """The attempt's record; ``input_estimated`` is flagged (`INPUT_ESTIMATED`)."""
+        """The attempt's record; counts ``*_estimated`` are flagged (`_flagged`)."""
         ctx = run.context
         input_tokens, output_tokens, cost = _spent(info, completion)
         message = None if exc is None else (str(exc)[:_ERROR_MESSAGE_LIMIT] or None)
@@ -573,7 +582,7 @@ class _Feedback:
             circuit_state=circuit_state,
             user_id=ctx.user_id,
             session_id=ctx.session_id,
-            metadata=_flagged(ctx.metadata) if input_estimated else ctx.metadata,
+            metadata=_flagged(ctx.metadata, input_estimated, output_estimated),
             prompt_text=run.prompt_text,
             response_text=response_text,
         )
@@ -635,9 +644,19 @@ class _Feedback:
         )
 
 
-def _flagged(metadata: Mapping[str, JSONScalar]) -> Mapping[str, JSONScalar]:
-    """A record's ``metadata`` saying its input tokens are estimated (`INPUT_ESTIMATED`)."""
-    return MappingProxyType({**metadata, INPUT_ESTIMATED: True})
+def _flagged(
+    metadata: Mapping[str, JSONScalar], input_estimated: bool, output_estimated: bool
+) -> Mapping[str, JSONScalar]:
+    """
+    A record's ``metadata``, saying which of its token counts are estimated
+    (`INPUT_ESTIMATED`, `OUTPUT_ESTIMATED`); as it is when neither is.
+    """
+    if not (input_estimated or output_estimated):
+        return metadata
+    flags = {INPUT_ESTIMATED: True} if input_estimated else {}
+    if output_estimated:
+        flags[OUTPUT_ESTIMATED] = True
+    return MappingProxyType({**metadata, **flags})
 
 
 def _unanswered(

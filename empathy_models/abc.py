@@ -1361,6 +1361,15 @@ class CompletionStream(abc.ABC):
         tokens count one per delta until it reports them; input tokens 0 until then).
         """
 
+    @property
+    def output_estimated(self) -> bool:
+        """
+        True when `completion`'s output tokens are the count of its deltas, not the
+        provider's (it reported none, or fewer than the deltas before the end); the
+        attempt's record is flagged then.  This default: False.
+        """
+        return False
+
 
 def whole_answer_pieces(completion: Completion) -> list[str | ToolCallDelta]:
     """A whole answer as the pieces a stream of it yields: its text, then each call."""

@@ -44,10 +44,14 @@ What happens, in order:
 The provider slot (``concurrency_per_provider``) is held until the stream ends or is
 left, since the connection is in use until then.  Usage: output tokens count one per
 delta until the provider reports them (OpenAI-format servers report usage only at the
-end; the executor asks for it with ``stream_options.include_usage``).  Input tokens are
-the provider's count when it gave one (Anthropic's ``message_start`` does, before the
-first delta); a stream that opened and ended without one (an OpenAI-format stream left
-early or cut short, before its first delta too) records the request's estimate of the
+end; the executor asks for it with ``stream_options.include_usage``); a record whose
+output tokens are that count (a stream that did not finish, or one from a server that
+ignores ``include_usage``) has
+``metadata["empathy_models.output_tokens_estimated"] = True``.  Input tokens are the
+provider's count when it gave one (Anthropic's ``message_start`` does, before the
+first delta); a stream that opened and ended without
+one (an OpenAI-format stream left early or cut short, before its first delta too, or
+from a server that ignores ``include_usage``) records the request's estimate of the
 prompt (the one the router and rate limits use), with
 ``metadata["empathy_models.input_tokens_estimated"] = True``, and its budgets are
 charged the prompt's worst case (what they reserved for it), so that they never charge
@@ -492,6 +496,7 @@ class LLMStream:
                 exc=error,
                 completion=completion,
                 input_estimated=estimated,
+                output_estimated=self._stream is not None and self._stream.output_estimated,
             )
             run.attempts.append(ex._fb.summary(record, error))
             await self._give(record, outcome, error, breaker_outcome, scope_outcome)

@@ -384,18 +384,32 @@ class HTTPCompletionStream(CompletionStream):
     def finished(self) -> bool:
         return self._closed and self._failed is None and self._decoder.finished
 
+    @property
+    def output_estimated(self) -> bool:
+        return self._output_tokens()[1]
+
+    def _output_tokens(self) -> tuple[int, bool]:
+        """
+        The output tokens so far, and whether they are the count of deltas (one token
+        each) rather than the provider's: when it reported none (a server that ignores
+        ``stream_options.include_usage`` never does), or, before the end, fewer than
+        the deltas seen (a count then may be a placeholder: Anthropic's message_start
+        says 1).
+        """
+        decoder = self._decoder
+        reported, deltas = decoder.output_tokens, self._deltas
+        if reported is None or (not decoder.finished and reported < deltas):
+            return deltas, deltas > 0
+        return reported, False
+
     def completion(self) -> Completion:
         decoder = self._decoder
-        output = decoder.output_tokens
-        if not decoder.finished:
-            # until the end, a reported count may be a placeholder (Anthropic's
-            # message_start says 1): count at least one token per delta seen
-            output = max(output or 0, self._deltas)
+        output = self._output_tokens()[0]
         return Completion(
             content="".join(self._parts),
             model=self._model,
             input_tokens=decoder.input_tokens or 0,
-            output_tokens=output or 0,
+            output_tokens=output,
             stop_reason=decoder.stop_reason,
             request_id=self._request_id or decoder.response_id,
             tool_calls=self._tool_calls,
