@@ -595,8 +595,12 @@ class _Feedback:
         start: float,
         cost: float,
         ttft_ms: float | None = None,
+        end: float | None = None,
     ) -> LLMResponse:
-        """The run's answer from ``info``'s ``completion`` (``ttft_ms``: a stream's)."""
+        """
+        The run's answer from ``info``'s ``completion`` (``ttft_ms``: a stream's; ``end``:
+        when a stream's answer was seen whole, the end of its latency; default now).
+        """
         parsed, parse_error = (
             (None, None) if not run.options else structured_result(completion, run.options)
         )
@@ -611,7 +615,7 @@ class _Feedback:
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cost_usd=cost,
-            latency_ms=max(0.0, (self._clock() - start) * 1000.0),
+            latency_ms=max(0.0, ((self._clock() if end is None else end) - start) * 1000.0),
             attempts=tuple(run.attempts),
             fallback_chain=tuple(run.chain),
             fallback_used=info.id != run.original.id,

@@ -1352,7 +1352,10 @@ class CompletionStream(abc.ABC):
     @property
     @abc.abstractmethod
     def finished(self) -> bool:
-        """True once the whole answer has arrived."""
+        """
+        True once the whole answer has arrived (its pieces may still wait to be taken):
+        a streamed attempt's latency ends when the executor first sees it True.
+        """
 
     @abc.abstractmethod
     def completion(self) -> Completion:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import attrs
@@ -33,7 +34,7 @@ from empathy_models.abc import Completion, CompletionRequest, CompletionStream, 
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.exceptions import ProviderTimeoutError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
-from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
+from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
 from tests._serving import serving
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
@@ -295,3 +296,54 @@ async def test_an_answer_is_complete_at_its_end_marker_though_the_body_stays_ope
     )
     (record,) = await telemetry.recent(limit=5)
     assert record.outcome is Outcome.SUCCESS and record.error_type is None
+
+
+async def _whole_answer_at_once(request: web.Request) -> web.StreamResponse:
+    """The whole OpenAI answer in one write: read whole by the second delta."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b"".join(_openai_answer()))
+    await response.write_eof()
+    return response
+
+
+def _fake_clocked(url: str, clock: FakeClock, telemetry: MemoryTelemetryBackend) -> Any:
+    return EmpathyLLMExecutor(
+        [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+        registry=REGISTRY,
+        telemetry_store=telemetry,
+        retry=RetryPolicy.none(),
+        clock=clock,
+    )
+
+
+async def test_a_slow_readers_time_after_the_answer_arrived_is_not_the_models_latency() -> None:
+    # the executor's clock moves only while the caller reads: a minute after each delta
+    # from the second on, by when the whole answer had been read (it came in one piece)
+    clock, telemetry = FakeClock(1000.0), MemoryTelemetryBackend()
+    async with serving("/v1/chat/completions", _whole_answer_at_once) as url:
+        llm = _fake_clocked(url, clock, telemetry)
+        async with llm, llm.stream("hi", ExecutionContext(model=MODEL)) as stream:
+            async for _ in stream:
+                if stream.text != "Hello":
+                    clock.advance(60.0)
+            response = await stream.get_final_response()
+    (record,) = await telemetry.recent(limit=5)
+    assert record.outcome is Outcome.SUCCESS and response.content == "Hello world"
+    assert record.latency_ms < 60_000 and response.latency_ms < 60_000
+
+
+async def test_the_deadline_bounds_the_callers_reading_of_pieces_already_read() -> None:
+    clock, telemetry = FakeClock(1000.0), MemoryTelemetryBackend()
+    async with serving("/v1/chat/completions", _whole_answer_at_once) as url:
+        llm = _fake_clocked(url, clock, telemetry)
+        async with llm:
+            with pytest.raises(StreamInterruptedError) as caught:
+                context = ExecutionContext(model=MODEL, deadline=30.0)
+                async with llm.stream("hi", context) as stream:
+                    async for _ in stream:
+                        clock.advance(60.0)  # past the deadline after the first delta
+    assert DEADLINE in str(caught.value)
+    assert caught.value.partial_text == "Hello"
+    (record,) = await telemetry.recent(limit=5)
+    assert record.error_type == "ProviderTimeoutError"

@@ -412,7 +412,8 @@ class HTTPCompletionStream(CompletionStream):
 
     @property
     def finished(self) -> bool:
-        return self._closed and self._failed is None and self._decoder.finished
+        """True once the end marker came (its pieces may still wait to be taken)."""
+        return self._failed is None and self._decoder.finished
 
     @property
     def output_estimated(self) -> bool:
