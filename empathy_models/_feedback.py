@@ -67,6 +67,14 @@ The metadata key set (to True) on the record of a streamed attempt whose input t
 are the request's estimate (`_run._estimate_tokens`): the provider never reported them.
 """
 
+OUTPUT_ESTIMATED: Final = "empathy_models.output_tokens_estimated"
+"""
+The metadata key set (to True) on the record of a streamed attempt whose output tokens
+are the count of its deltas, one token each (`CompletionStream.output_estimated`): the
+provider had not reported them (a server ignoring ``stream_options.include_usage``
+never does; OpenAI-format servers report them only at the end).
+"""
+
 
 def _is_count(value: object) -> bool:
     """Whether ``value`` can be a token count: an int from 0 to 2**63 - 1 (what records hold)."""
@@ -267,9 +275,8 @@ class _Feedback:
 
     def _before_next(self, deadline_at: float | None) -> float | None:
         """
-        The wait's end for the report of an attempt another may follow: at most
-        `FAILURE_REPORT_WAIT` seconds and half the time left of the run's ``deadline_at``
-        (``None`` without a deadline: the report's own store timeout bounds it).
+        The wait's end for the report of an attempt another may follow: `FAILURE_REPORT_WAIT`
+        and half the time left at most (``None`` without a deadline: the store's timeout).
         """
         if deadline_at is None:
             return None
@@ -515,8 +522,9 @@ class _Feedback:
         completion: Completion | None = None,
         circuit_state: CircuitState | None = None,
         input_estimated: bool = False,
+        output_estimated: bool = False,
     ) -> LLMCallRecord:
-        """The attempt's record; ``input_estimated`` is flagged (`INPUT_ESTIMATED`)."""
+        """The attempt's record; counts ``*_estimated`` are flagged (`_flagged`)."""
         ctx = run.context
         input_tokens, output_tokens, cost = _spent(info, completion)
         message = None if exc is None else (str(exc)[:_ERROR_MESSAGE_LIMIT] or None)
@@ -577,7 +585,7 @@ class _Feedback:
             circuit_state=circuit_state,
             user_id=ctx.user_id,
             session_id=ctx.session_id,
-            metadata=_flagged(ctx.metadata) if input_estimated else ctx.metadata,
+            metadata=_flagged(ctx.metadata, input_estimated, output_estimated),
             prompt_text=run.prompt_text,
             response_text=response_text,
         )
@@ -590,8 +598,12 @@ class _Feedback:
         start: float,
         cost: float,
         ttft_ms: float | None = None,
+        end: float | None = None,
     ) -> LLMResponse:
-        """The run's answer from ``info``'s ``completion`` (``ttft_ms``: a stream's)."""
+        """
+        The run's answer from ``info``'s ``completion`` (``ttft_ms``: a stream's; ``end``:
+        when a stream's answer was seen whole, the end of its latency; default now).
+        """
         parsed, parse_error = (
             (None, None) if not run.options else structured_result(completion, run.options)
         )
@@ -606,7 +618,7 @@ class _Feedback:
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cost_usd=cost,
-            latency_ms=max(0.0, (self._clock() - start) * 1000.0),
+            latency_ms=max(0.0, ((self._clock() if end is None else end) - start) * 1000.0),
             attempts=tuple(run.attempts),
             fallback_chain=tuple(run.chain),
             fallback_used=info.id != run.original.id,
@@ -639,9 +651,19 @@ class _Feedback:
         )
 
 
-def _flagged(metadata: Mapping[str, JSONScalar]) -> Mapping[str, JSONScalar]:
-    """A record's ``metadata`` saying its input tokens are estimated (`INPUT_ESTIMATED`)."""
-    return MappingProxyType({**metadata, INPUT_ESTIMATED: True})
+def _flagged(
+    metadata: Mapping[str, JSONScalar], input_estimated: bool, output_estimated: bool
+) -> Mapping[str, JSONScalar]:
+    """
+    A record's ``metadata``, saying which of its token counts are estimated
+    (`INPUT_ESTIMATED`, `OUTPUT_ESTIMATED`); as it is when neither is.
+    """
+    if not (input_estimated or output_estimated):
+        return metadata
+    flags = {INPUT_ESTIMATED: True} if input_estimated else {}
+    if output_estimated:
+        flags[OUTPUT_ESTIMATED] = True
+    return MappingProxyType({**metadata, **flags})
 
 
 def _unanswered(

@@ -274,7 +274,8 @@ class LLMResponse:
     (``response_model`` is the id the provider reported, which may be a dated alias).
     Tokens and ``cost_usd`` are the successful call's, priced with the registry
     entry of the model called (``price_version`` says which table).  ``latency_ms`` is
-    the whole run, retries and waits included.  ``fallback_chain`` lists every model
+    the whole run, retries and waits included (a stream's ends when its answer had been
+    read whole, the caller's reading after that not included).  ``fallback_chain`` lists every model
     tried, in order, the answering one last; ``fallback_used`` is true when that is not
     the first.  ``ttft_ms`` (streamed runs only) is the time from the start of the
     stream to its first delta, retries and fallbacks included.  ``cached`` is true for

@@ -1399,7 +1399,10 @@ class CompletionStream(abc.ABC):
     @property
     @abc.abstractmethod
     def finished(self) -> bool:
-        """True once the whole answer has arrived."""
+        """
+        True once the whole answer has arrived (its pieces may still wait to be taken):
+        a streamed attempt's latency ends when the executor first sees it True.
+        """
 
     @abc.abstractmethod
     def completion(self) -> Completion:
@@ -1407,6 +1410,15 @@ class CompletionStream(abc.ABC):
         What has arrived so far: the text, and the usage the provider reported (output
         tokens count one per delta until it reports them; input tokens 0 until then).
         """
+
+    @property
+    def output_estimated(self) -> bool:
+        """
+        True when `completion`'s output tokens are the count of its deltas, not the
+        provider's (it reported none, or fewer than the deltas before the end); the
+        attempt's record is flagged then.  This default: False.
+        """
+        return False
 
 
 def whole_answer_pieces(completion: Completion) -> list[str | ToolCallDelta]:

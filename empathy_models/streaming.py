@@ -23,7 +23,8 @@ What happens, in order:
    it) with its ``ttft_ms``.  Nothing is retried or sent to another model.
 3. **Timeouts**: ``context.timeout`` bounds the wait for the first byte and every gap
    between chunks (an idle timeout, not a limit on a long answer); ``context.deadline``
-   bounds the whole stream, the caller's reading included.
+   bounds the whole stream, the caller's reading included: a read past it raises
+   `StreamInterruptedError` even when the pieces had arrived.
 4. **Leaving early** (``break``, an exception, a cancelled task): the HTTP response is
    closed (the connection is not reused), the attempt is recorded as ``cancelled`` with
    the tokens seen (input tokens as below), and a half-open breaker probe lease is
@@ -33,7 +34,10 @@ What happens, in order:
 5. **Records**: every attempt gets one `LLMCallRecord`, as in `run`; a streamed
    attempt's ``ttft_ms`` is the time from sending the request to its first delta.  The
    response's ``ttft_ms`` is the time from entering ``async with`` to the first delta
-   (retries and fallbacks included): what the caller waited.
+   (retries and fallbacks included): what the caller waited.  A streamed attempt's
+   ``latency_ms`` (and the response's, from entering ``async with``) ends when the
+   stream has read its answer whole (the end marker, or the body's end): the caller's
+   reading of pieces already read is not the model's time.
 
 6. **Tool calls**: with ``tools``, ``stream.events()`` yields the pieces of each tool
    call (`ToolCallDelta`) beside the text deltas, in order; a piece counts as a delta
@@ -44,10 +48,14 @@ What happens, in order:
 The provider slot (``concurrency_per_provider``) is held until the stream ends or is
 left, since the connection is in use until then.  Usage: output tokens count one per
 delta until the provider reports them (OpenAI-format servers report usage only at the
-end; the executor asks for it with ``stream_options.include_usage``).  Input tokens are
-the provider's count when it gave one (Anthropic's ``message_start`` does, before the
-first delta); a stream that opened and ended without one (an OpenAI-format stream left
-early or cut short, before its first delta too) records the request's estimate of the
+end; the executor asks for it with ``stream_options.include_usage``); a record whose
+output tokens are that count (a stream that did not finish, or one from a server that
+ignores ``include_usage``) has
+``metadata["empathy_models.output_tokens_estimated"] = True``.  Input tokens are the
+provider's count when it gave one (Anthropic's ``message_start`` does, before the
+first delta); a stream that opened and ended without
+one (an OpenAI-format stream left early or cut short, before its first delta too, or
+from a server that ignores ``include_usage``) records the request's estimate of the
 prompt (the one the router and rate limits use), with
 ``metadata["empathy_models.input_tokens_estimated"] = True``, and its budgets are
 charged the prompt's worst case (what they reserved for it), so that they never charge
@@ -141,7 +149,9 @@ class LLMStream:
     `ResourceWarning` when collected, and is closed then as `aclose` would: on the
     executor's event loop, which records the attempt as cancelled and gives back the
     slot and the budget hold (if that loop is closed already, only the slot is given
-    back: nothing is recorded, and the hold lapses at its time).
+    back: nothing is recorded, and the hold lapses at its time).  Read it from one task
+    at a time: a read while another task's read waits raises `RuntimeError`, and the
+    stream goes on.
     """
 
     __slots__ = (
@@ -149,6 +159,7 @@ class LLMStream:
         "_abort",
         "_attempt",
         "_deadline_at",
+        "_ended_at",
         "_error",
         "_ex",
         "_first",
@@ -185,6 +196,7 @@ class LLMStream:
         self._routes = routes
         self._start = 0.0
         self._deadline_at: float | None = None
+        self._ended_at: float | None = None  # when the stream was seen whole (`finished`)
         self._per_attempt = run.context.timeout
         self._state = "new"  # new -> streaming -> done | failed | cancelled
         self._parts: list[str] = []
@@ -253,7 +265,7 @@ class LLMStream:
     async def __anext__(self) -> str:
         ready = self._ready
         while True:
-            if ready and self._state == "streaming":
+            if ready and self._state == "streaming" and self._deadline_at is None:
                 # the common case, without a coroutine per piece (`_delivered`, inlined)
                 piece = ready.popleft()
                 self._pieces += 1
@@ -292,8 +304,14 @@ class LLMStream:
             if self._error is not None:
                 raise self._error
             raise StopAsyncIteration
+        deadline_at = self._deadline_at
+        if deadline_at is not None and self._ex._clock() >= deadline_at:
+            # it bounds the caller's reading too, with pieces taken and not delivered
+            raise await self._interrupted(TimeoutError("the run's deadline passed"))
         ready = self._ready
         if not ready:
+            if self._reader is not None:  # its read is under way: this one would spoil it
+                raise RuntimeError("another task is reading this stream; read it from one")
             stream = self._stream
             assert stream is not None
             self._reader = asyncio.current_task()
@@ -301,32 +319,17 @@ class LLMStream:
                 ready.extend(await stream.next_pieces())
             except BaseException as exc:
                 self._reader = None
-                await self._read_failed(exc)
+                await _read_failed(self, exc)
             self._reader = None
+            if self._ended_at is None and stream.finished:  # the latency ends here
+                self._ended_at = self._ex._clock()
             if self._abort is not None:  # `_end_for_close` cancelled the read; it went on
-                await self._read_failed(asyncio.CancelledError())
+                await _read_failed(self, asyncio.CancelledError())
             if not ready:
                 raise await self._interrupted(
                     RuntimeError(f"{type(stream).__name__}.next_pieces() returned no piece")
                 )
         return self._delivered(ready.popleft())
-
-    async def _read_failed(self, exc: BaseException) -> NoReturn:
-        """The read raised ``exc``: the stream ended, failed or was cancelled."""
-        abort = self._abort
-        if abort is not None:  # by `_end_for_close`: the executor is closing
-            await self._close("the executor closed")
-            if abort.taken():
-                self._error = closed_error("stream")  # later reads raise it too
-                raise self._error from None
-            raise exc
-        if isinstance(exc, StopAsyncIteration):
-            await self._finish()
-            raise exc
-        if isinstance(exc, Exception):
-            raise await self._interrupted(exc) from exc
-        await self._close("cancelled")
-        raise exc
 
     def _end_for_close(self) -> Awaitable[None] | None:
         """
@@ -487,11 +490,12 @@ class LLMStream:
                 info,
                 outcome,
                 attempt=self._attempt,
-                latency_ms=(ex._clock() - self._t0) * 1000.0,
+                latency_ms=(_end_time(self) - self._t0) * 1000.0,
                 ticket=self._ticket,
                 exc=error,
                 completion=completion,
                 input_estimated=estimated,
+                output_estimated=self._stream is not None and self._stream.output_estimated,
             )
             run.attempts.append(ex._fb.summary(record, error))
             try:  # the attempt's span ends even when the feedback is cancelled
@@ -518,8 +522,9 @@ class LLMStream:
         if outcome is not Outcome.SUCCESS:
             return None
         run.attempts_cost = record.cost_usd
+        end = _end_time(self)
         return ex._fb.response(
-            run, info, completion, self._start, record.cost_usd, ttft_ms=self._run_ttft
+            run, info, completion, self._start, record.cost_usd, ttft_ms=self._run_ttft, end=end
         )
 
     async def _give(
@@ -653,6 +658,30 @@ def _ended(
     obs.stream_ended(trace, response, error)
 
 
+async def _read_failed(stream: LLMStream, exc: BaseException) -> NoReturn:
+    """``stream``'s read raised ``exc``: the stream ended, failed or was cancelled."""
+    abort = stream._abort
+    if abort is not None:  # by `_end_for_close`: the executor is closing
+        await stream._close("the executor closed")
+        if abort.taken():
+            stream._error = closed_error("stream")  # later reads raise it too
+            raise stream._error from None
+        raise exc
+    if isinstance(exc, StopAsyncIteration):
+        await stream._finish()
+        raise exc
+    if isinstance(exc, Exception):
+        raise await stream._interrupted(exc) from exc
+    await stream._close("cancelled")
+    raise exc
+
+
+def _end_time(stream: LLMStream) -> float:
+    """When ``stream`` was read whole (the caller's reading after it not counted), or now."""
+    ended_at = stream._ended_at
+    return stream._ex._clock() if ended_at is None else ended_at
+
+
 def _dropped(stream: LLMStream) -> None:
     """
     ``stream``, collected while it holds its provider slot: say so, like an unclosed
@@ -757,6 +786,7 @@ class StreamEvents:
 
     async def __anext__(self) -> str | ToolCallDelta:
         stream = self._stream
-        if stream._ready and stream._state == "streaming":  # as in `LLMStream.__anext__`
+        if stream._ready and stream._state == "streaming" and stream._deadline_at is None:
+            # as in `LLMStream.__anext__`
             return stream._delivered(stream._ready.popleft())
         return await stream._next_piece()

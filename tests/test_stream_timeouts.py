@@ -9,11 +9,16 @@ server, with wide margins between a gap and the limit it must not reach.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import attrs
 import pytest
+from aiohttp import web
 
 from empathy_models import (
     AllRoutesFailedError,
@@ -28,8 +33,9 @@ from empathy_models import (
 from empathy_models.abc import Completion, CompletionRequest, CompletionStream, Provider
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.exceptions import ProviderTimeoutError
-from empathy_models.providers import OpenAIProvider
-from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
+from tests._serving import serving
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
 
@@ -237,3 +243,147 @@ async def test_a_servers_408_is_not_reported_as_the_per_attempt_timeout() -> Non
     (error,) = caught.value.exceptions
     assert isinstance(error, ProviderTimeoutError) and error.status == 408
     assert str(error) == "gateway HTTP 408: request timeout"
+
+
+def _openai_answer() -> list[bytes]:
+    def chunk(delta: dict[str, str], reason: str | None = None) -> dict[str, object]:
+        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        return {"id": "c1", "object": "chat.completion.chunk", "choices": [choice]}
+
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    events: list[object] = [
+        chunk({"content": "Hello"}),
+        chunk({"content": " world"}),
+        chunk({}, "stop"),
+        {"id": "c1", "object": "chat.completion.chunk", "choices": [], "usage": usage},
+    ]
+    return [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
+
+
+def _anthropic_answer() -> list[bytes]:
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "content": []}
+    events: list[dict[str, object]] = [
+        {"type": "message_start", "message": {**message, "usage": {"input_tokens": 5}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}},
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": "Hello"},
+        },
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": " world"},
+        },
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"output_tokens": 2},
+        },
+        {"type": "message_stop"},
+    ]
+    return [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_an_answer_is_complete_at_its_end_marker_though_the_body_stays_open(
+    api: str,
+) -> None:
+    # a proxy that keeps the response open after [DONE] / message_stop: the answer is
+    # whole, so the idle timeout that runs out while the body stays open is no failure
+    done = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in _openai_answer() if api == "openai" else _anthropic_answer():
+            await response.write(event)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 10)  # open until the client is done
+        with contextlib.suppress(ConnectionError):  # the client may have closed it
+            await response.write_eof()
+        return response
+
+    registry = ModelRegistry(
+        models=[
+            REGISTRY.get(MODEL),
+            attrs.evolve(REGISTRY.get(MODEL), id="claude-fake", provider="anthropic"),
+        ],
+        price_version="stream-timeouts-2",
+    )
+    model = MODEL if api == "openai" else "claude-fake"
+    telemetry = MemoryTelemetryBackend()
+    async with serving("/{tail:.*}", handler) as url:
+        llm = EmpathyLLMExecutor(
+            [
+                OpenAIProvider(api_key=KEY, base_url=f"{url}/v1"),
+                AnthropicProvider(api_key=KEY, base_url=url),
+            ],
+            registry=registry,
+            telemetry_store=telemetry,
+            retry=RetryPolicy.none(),
+        )
+        try:
+            async with llm, llm.stream("hi", ExecutionContext(model=model, timeout=0.2)) as stream:
+                response = await stream.get_final_response()
+        finally:
+            done.set()
+    assert (response.content, response.input_tokens, response.output_tokens) == (
+        "Hello world",
+        5,
+        2,
+    )
+    (record,) = await telemetry.recent(limit=5)
+    assert record.outcome is Outcome.SUCCESS and record.error_type is None
+
+
+async def _whole_answer_at_once(request: web.Request) -> web.StreamResponse:
+    """The whole OpenAI answer in one write: read whole by the second delta."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b"".join(_openai_answer()))
+    await response.write_eof()
+    return response
+
+
+def _fake_clocked(url: str, clock: FakeClock, telemetry: MemoryTelemetryBackend) -> Any:
+    return EmpathyLLMExecutor(
+        [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+        registry=REGISTRY,
+        telemetry_store=telemetry,
+        retry=RetryPolicy.none(),
+        clock=clock,
+    )
+
+
+async def test_a_slow_readers_time_after_the_answer_arrived_is_not_the_models_latency() -> None:
+    # the executor's clock moves only while the caller reads: a minute after each delta
+    # from the second on, by when the whole answer had been read (it came in one piece)
+    clock, telemetry = FakeClock(1000.0), MemoryTelemetryBackend()
+    async with serving("/v1/chat/completions", _whole_answer_at_once) as url:
+        llm = _fake_clocked(url, clock, telemetry)
+        async with llm, llm.stream("hi", ExecutionContext(model=MODEL)) as stream:
+            async for _ in stream:
+                if stream.text != "Hello":
+                    clock.advance(60.0)
+            response = await stream.get_final_response()
+    (record,) = await telemetry.recent(limit=5)
+    assert record.outcome is Outcome.SUCCESS and response.content == "Hello world"
+    assert record.latency_ms < 60_000 and response.latency_ms < 60_000
+
+
+async def test_the_deadline_bounds_the_callers_reading_of_pieces_already_read() -> None:
+    clock, telemetry = FakeClock(1000.0), MemoryTelemetryBackend()
+    async with serving("/v1/chat/completions", _whole_answer_at_once) as url:
+        llm = _fake_clocked(url, clock, telemetry)
+        async with llm:
+            with pytest.raises(StreamInterruptedError) as caught:
+                context = ExecutionContext(model=MODEL, deadline=30.0)
+                async with llm.stream("hi", context) as stream:
+                    async for _ in stream:
+                        clock.advance(60.0)  # past the deadline after the first delta
+    assert DEADLINE in str(caught.value)
+    assert caught.value.partial_text == "Hello"
+    (record,) = await telemetry.recent(limit=5)
+    assert record.error_type == "ProviderTimeoutError"

@@ -363,6 +363,29 @@ async def test_the_deadline_bounds_the_whole_stream(
     assert 0 < len(caught.value.partial_text) < len(TEXT)
 
 
+async def test_a_second_task_reading_the_stream_gets_a_runtime_error_and_spoils_nothing(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    server.set_behavior("gpt-fake-mini", stream_behavior(chunk_interval_ms=20))
+    context = ExecutionContext(model="gpt-fake-mini")
+
+    async def read(stream: Any) -> str | BaseException:
+        try:
+            return "".join([delta async for delta in stream])
+        except Exception as exc:
+            return exc
+
+    async with make(server, telemetry) as executor, executor.stream("hi", context) as stream:
+        first, second = await asyncio.gather(read(stream), read(stream))
+        response = await stream.get_final_response()
+    # the first reader took the first delta and waits for the next when the second comes
+    assert isinstance(second, RuntimeError) and "another task" in str(second)
+    assert first == TEXT  # it read on as if alone
+    assert stream.text == response.content == TEXT
+    (record,) = await telemetry.recent(limit=10)
+    assert record.outcome is Outcome.SUCCESS
+
+
 # --------------------------------------------------------------------------- leaving early
 
 

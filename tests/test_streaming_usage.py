@@ -8,11 +8,13 @@ before the first delta too.  Real HTTP against `FakeLLMServer` on 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import pytest
+from aiohttp import web
 
 from empathy_models import (
     AllRoutesFailedError,
@@ -31,11 +33,13 @@ from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.limits import MemoryQuotaStore
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
+from tests._serving import serving
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
 
 KEY = "test-key-0123"
 ESTIMATED = "empathy_models.input_tokens_estimated"
+OUTPUT_ESTIMATED = "empathy_models.output_tokens_estimated"
 PROMPT = "word " * 4000  # 20,000 bytes: the fake counts 5,001 tokens
 
 REGISTRY = ModelRegistry(
@@ -144,7 +148,7 @@ async def test_an_openai_stream_left_early_records_the_prompts_estimate_and_char
     record = await only_record(telemetry)
     assert record.outcome is Outcome.CANCELLED and record.output_tokens == 2
     assert record.input_tokens == estimate(PROMPT)  # not 0: the prompt was sent
-    assert record.metadata[ESTIMATED] is True
+    assert record.metadata[ESTIMATED] is True and record.metadata[OUTPUT_ESTIMATED] is True
     info = INFO["gpt-usage"]
     assert math.isclose(record.cost_usd, info.cost(estimate(PROMPT), 2))
     # the budget is charged the worst case the reservation held for the prompt: never
@@ -203,8 +207,52 @@ async def test_a_finished_openai_stream_records_the_reported_count_unflagged(
         response = await stream.get_final_response()
     record = await only_record(telemetry)
     assert record.input_tokens == response.input_tokens == fake_count(PROMPT)
-    assert ESTIMATED not in record.metadata
+    assert record.output_tokens == response.output_tokens == 50
+    assert ESTIMATED not in record.metadata and OUTPUT_ESTIMATED not in record.metadata
     assert math.isclose(await spent(quota), record.cost_usd, rel_tol=1e-6)
+
+
+async def test_a_finished_openai_stream_without_usage_counts_a_token_per_delta(
+    server: FakeLLMServer,
+) -> None:
+    # some OpenAI-compatible servers ignore stream_options.include_usage: the answer ends
+    # with [DONE] and no usage chunk
+    words = [f" word{i}" for i in range(20)]
+
+    def chunk(delta: dict[str, str], reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        body = {"id": "c1", "object": "chat.completion.chunk", "choices": [choice]}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for word in words:
+            await response.write(chunk({"content": word}))
+        await response.write(chunk({}, "stop") + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with serving("/v1/chat/completions", handler) as url:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=100)],
+            quota_store=quota,
+        )
+        async with executor, executor.stream(PROMPT, context("gpt-usage")) as stream:
+            response = await stream.get_final_response()
+    assert response.content == "".join(words)
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.SUCCESS
+    assert record.output_tokens == response.output_tokens == len(words)  # not 0
+    assert record.metadata[OUTPUT_ESTIMATED] is True
+    assert record.input_tokens == estimate(PROMPT) and record.metadata[ESTIMATED] is True
+    info = INFO["gpt-usage"]
+    assert math.isclose(record.cost_usd, info.cost(estimate(PROMPT), len(words)))
+    assert await spent(quota) >= info.cost(4 * estimate(PROMPT), len(words)) * (1 - 1e-6)
 
 
 async def test_an_http_error_before_the_stream_opens_records_no_tokens(

@@ -299,6 +299,52 @@ async def test_tool_results_as_blocks_with_an_error_flag(
         assert last == {"role": "tool", "tool_call_id": "toolu_1", "content": "service down"}
 
 
+@pytest.mark.parametrize("form", ["blocks", "tool messages"])
+async def test_a_tool_results_images_follow_all_the_turns_tool_messages(
+    server: FakeLLMServer, form: str
+) -> None:
+    # OpenAI wants every call of an assistant message answered by the tool messages
+    # right after it: the first result's image must not come between them
+    photo = [TextBlock(text="a photo"), ImageBlock.from_base64(PNG, "image/png")]
+    history: list[Message] = [
+        Message(role="user", content="Weather in Oslo and Rome?"),
+        Message(
+            role="assistant",
+            content="",
+            tool_calls=[
+                ToolCall(id="call_1", name="get_weather", arguments={"city": "Oslo"}),
+                ToolCall(id="call_2", name="get_weather", arguments={"city": "Rome"}),
+            ],
+        ),
+    ]
+    if form == "blocks":
+        history.append(
+            Message(
+                role="user",
+                content=[
+                    ToolResult(tool_call_id="call_1", content=photo),
+                    ToolResult(tool_call_id="call_2", content="20 C"),
+                ],
+            )
+        )
+    else:
+        history += [
+            Message(role="tool", tool_call_id="call_1", content=photo),
+            Message(role="tool", tool_call_id="call_2", content="20 C"),
+        ]
+    async with make(server) as executor:
+        response = await executor.run(history, pinned(GPT), tools=[WEATHER])
+    assert response.content
+    sent = server.last_request(GPT)
+    assert sent is not None
+    messages = sent.body["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "tool", "user"]
+    assert [m["tool_call_id"] for m in messages[2:4]] == ["call_1", "call_2"]
+    assert messages[2]["content"] == [{"type": "text", "text": "a photo"}]
+    note, image = messages[4]["content"]
+    assert "call_1" in note["text"] and image["type"] == "image_url"
+
+
 # --------------------------------------------------------------------------- options
 
 
@@ -332,6 +378,20 @@ async def test_tool_choice_maps_and_a_forced_tool_is_called(
                 assert call.name == "get_weather" and isinstance(call.arguments["city"], str)
             else:
                 assert response.tool_calls == ()
+
+
+@pytest.mark.parametrize(("model", "api"), MODELS)
+async def test_tool_choice_none_without_tools(server: FakeLLMServer, model: str, api: str) -> None:
+    # OpenAI refuses a tool_choice without tools (400); Anthropic takes {"type": "none"}
+    async with make(server) as executor:
+        response = await executor.run("Weather?", pinned(model), tool_choice="none")
+    assert response.content and response.tool_calls == ()
+    sent = server.last_request(model)
+    assert sent is not None and "tools" not in sent.body
+    if api == "anthropic":
+        assert sent.body["tool_choice"] == {"type": "none"}
+    else:
+        assert "tool_choice" not in sent.body
 
 
 @pytest.mark.parametrize(("model", "api"), MODELS)

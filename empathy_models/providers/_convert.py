@@ -22,10 +22,12 @@ extra_body            merged into the body                merged into the body
 ====================  ==================================  ===================================
 
 A tool result's images cannot go in an OpenAI ``tool`` message (text only): they follow
-in a user message; nor has OpenAI an error flag for a result (``is_error`` is not sent
-there).  Anthropic tool ids must match ``[A-Za-z0-9_-]+``: an id from another provider
-with other characters has them as ``_`` and a hash of the whole id appended (the same
-every time, so calls and results still pair up, and distinct ids stay distinct).
+in one user message after all the ``tool`` messages answering that turn's calls; nor
+has OpenAI an error flag for a result (``is_error`` is not sent there).  Anthropic tool
+ids must match ``[A-Za-z0-9_-]+``: an id from another provider with other characters
+has them as ``_`` and a hash of the whole id appended (the same every time, so calls
+and results still pair up, and distinct ids stay distinct).  A ``tool_choice`` without
+tools (only ``"none"`` is allowed so) is not sent to OpenAI, which refuses one.
 """
 
 from __future__ import annotations
@@ -60,27 +62,30 @@ def _openai_part(block: TextBlock | ImageBlock) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": block.data_url}}
 
 
-def _openai_tool_messages(
-    tool_call_id: str, content: str | Sequence[TextBlock | ImageBlock]
-) -> list[dict[str, Any]]:
-    """One ``tool`` message, and a user message with the result's images if it has any."""
+def _openai_tool_message(
+    tool_call_id: str,
+    content: str | Sequence[TextBlock | ImageBlock],
+    images: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """
+    The ``tool`` message of one result; its images (a ``tool`` message holds text only)
+    go to ``images``, for the user message that follows the turn's tool messages.
+    """
     if isinstance(content, str):
-        return [{"role": "tool", "tool_call_id": tool_call_id, "content": content}]
+        return {"role": "tool", "tool_call_id": tool_call_id, "content": content}
     texts = [{"type": "text", "text": b.text} for b in content if isinstance(b, TextBlock)]
-    images = [_openai_part(b) for b in content if isinstance(b, ImageBlock)]
-    out: list[dict[str, Any]] = [
-        {"role": "tool", "tool_call_id": tool_call_id, "content": texts or ""}
-    ]
-    if images:
+    pictures = [_openai_part(b) for b in content if isinstance(b, ImageBlock)]
+    if pictures:
         note = {"type": "text", "text": f"(images returned by tool call {tool_call_id})"}
-        out.append({"role": "user", "content": [note, *images]})
-    return out
+        images += [note, *pictures]
+    return {"role": "tool", "tool_call_id": tool_call_id, "content": texts or ""}
 
 
-def _openai_message(message: Message) -> list[dict[str, Any]]:
+def _openai_message(message: Message, images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``message`` on the wire; tool results' images go to ``images`` (`openai_body`)."""
     if message.role == "tool":
         assert message.tool_call_id is not None
-        return _openai_tool_messages(message.tool_call_id, message.content)  # type: ignore[arg-type]
+        return [_openai_tool_message(message.tool_call_id, message.content, images)]  # type: ignore[arg-type]
     if message.role == "assistant":
         calls = message.calls
         text = message.text
@@ -102,7 +107,7 @@ def _openai_message(message: Message) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     for block in message.content:
         if isinstance(block, ToolResult):
-            messages.extend(_openai_tool_messages(block.tool_call_id, block.content))
+            messages.append(_openai_tool_message(block.tool_call_id, block.content, images))
         elif isinstance(block, TextBlock | ImageBlock):
             parts.append(_openai_part(block))
     if parts:
@@ -110,16 +115,32 @@ def _openai_message(message: Message) -> list[dict[str, Any]]:
     return messages
 
 
-def openai_body(request: CompletionRequest, max_tokens_field: str) -> dict[str, Any]:
-    """The Chat Completions body for ``request``."""
+def _openai_messages(request: CompletionRequest) -> list[dict[str, Any]]:
+    """
+    The wire messages of ``request``.  The images of a turn's tool results follow all
+    its ``tool`` messages, in one user message: OpenAI wants every call of an assistant
+    message answered by the ``tool`` messages right after it.
+    """
     messages: list[dict[str, Any]] = []
     if request.system is not None:
         messages.append({"role": "system", "content": request.system})
+    images: list[dict[str, Any]] = []
     for message in request.messages:
-        messages.extend(_openai_message(message))
+        for wire in _openai_message(message, images):
+            if images and wire["role"] != "tool":
+                messages.append({"role": "user", "content": [*images]})
+                images.clear()
+            messages.append(wire)
+    if images:
+        messages.append({"role": "user", "content": images})
+    return messages
+
+
+def openai_body(request: CompletionRequest, max_tokens_field: str) -> dict[str, Any]:
+    """The Chat Completions body for ``request``."""
     payload: dict[str, Any] = {
         "model": request.model,
-        "messages": messages,
+        "messages": _openai_messages(request),
         max_tokens_field: request.max_tokens,
     }
     if request.temperature is not None:
@@ -142,7 +163,7 @@ def openai_body(request: CompletionRequest, max_tokens_field: str) -> dict[str, 
             tools.append({"type": "function", "function": function})
         payload["tools"] = tools
     choice = request.tool_choice
-    if choice is not None:
+    if choice is not None and request.tools:  # OpenAI refuses a tool_choice without tools
         payload["tool_choice"] = (
             choice
             if choice in ("auto", "none", "required")

@@ -8,12 +8,16 @@ transport is paused, so a slow reader is not a stalled server); the total timeou
 aiohttp's ``total``, which covers the body too.  Both raise `ProviderTimeoutError`.
 Errors are mapped exactly as for a whole response (`error_from_response`,
 `error_from_transport`); an ``error`` event inside the stream maps like the status its
-type stands for.  The connection goes back to the pool when the stream ends, and is
-closed when it is left early or fails.
+type stands for.  The answer is complete at its format's end marker (``data: [DONE]``,
+``message_stop``), as the official SDKs read it: a body still open after it is waited
+for a moment at most (`_EOF_GRACE`), and its stall or failure then is no failure of
+the answer.  The connection goes back to the pool when the body ended, and is closed
+when it did not, or the stream is left early or fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -47,6 +51,9 @@ if TYPE_CHECKING:
 __all__ = ["HTTPCompletionStream", "open_http_stream"]
 
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
+
+_EOF_GRACE: Final = 0.05
+"""Seconds a stream waits for the body's end after its end marker (`_await_eof`)."""
 
 
 def _timeout_error(
@@ -303,6 +310,10 @@ class HTTPCompletionStream(CompletionStream):
                 self._fail(failure)
                 raise failure
             decoder = self._decoder
+            if decoder.finished:  # the end marker came: the answer is whole
+                await self._await_eof()
+                self._end()
+                continue
             chunk = b""
             if not decoder.queued:
                 try:
@@ -341,8 +352,27 @@ class HTTPCompletionStream(CompletionStream):
                 else:
                     self._parts += deltas  # type: ignore[arg-type]  # text only: no call yet
 
+    async def _await_eof(self) -> None:
+        """
+        After the end marker: wait up to `_EOF_GRACE` for the body's end, which lets
+        the connection go back to the pool.  What comes is not decoded, and a stall or
+        a failure costs nothing: `_end` closes a connection whose body did not end.
+        """
+        content = self._response.content
+        if content.at_eof():
+            return
+        try:
+            async with asyncio.timeout(_EOF_GRACE):
+                while await content.readany():
+                    pass
+        except _TRANSPORT_ERRORS:
+            pass
+
     def _end(self) -> None:
-        """The body ended: complete when the format's end marker came, else cut short."""
+        """
+        The body ended, or its format's end marker came (the rest is not read): complete
+        when the marker came, else cut short.
+        """
         self._closed = True
         decoder = self._decoder
         if decoder.finished:
@@ -382,20 +412,35 @@ class HTTPCompletionStream(CompletionStream):
 
     @property
     def finished(self) -> bool:
-        return self._closed and self._failed is None and self._decoder.finished
+        """True once the end marker came (its pieces may still wait to be taken)."""
+        return self._failed is None and self._decoder.finished
+
+    @property
+    def output_estimated(self) -> bool:
+        return self._output_tokens()[1]
+
+    def _output_tokens(self) -> tuple[int, bool]:
+        """
+        The output tokens so far, and whether they are the count of deltas (one token
+        each) rather than the provider's: when it reported none (a server that ignores
+        ``stream_options.include_usage`` never does), or, before the end, fewer than
+        the deltas seen (a count then may be a placeholder: Anthropic's message_start
+        says 1).
+        """
+        decoder = self._decoder
+        reported, deltas = decoder.output_tokens, self._deltas
+        if reported is None or (not decoder.finished and reported < deltas):
+            return deltas, deltas > 0
+        return reported, False
 
     def completion(self) -> Completion:
         decoder = self._decoder
-        output = decoder.output_tokens
-        if not decoder.finished:
-            # until the end, a reported count may be a placeholder (Anthropic's
-            # message_start says 1): count at least one token per delta seen
-            output = max(output or 0, self._deltas)
+        output = self._output_tokens()[0]
         return Completion(
             content="".join(self._parts),
             model=self._model,
             input_tokens=decoder.input_tokens or 0,
-            output_tokens=output or 0,
+            output_tokens=output,
             stop_reason=decoder.stop_reason,
             request_id=self._request_id or decoder.response_id,
             tool_calls=self._tool_calls,
