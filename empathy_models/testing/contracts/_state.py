@@ -180,7 +180,8 @@ class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks):
 
     Covers: unseen keys read CLOSED; tripping at the threshold; stale tickets dropped;
     generation strictly increasing on transitions; OPEN -> HALF_OPEN after the recovery
-    time; probe lease exclusivity under 100 concurrent admits; lease expiry; force,
+    time; a 429 opening for exactly its Retry-After without counting a trip; probe
+    lease exclusivity under 100 concurrent admits; lease expiry; force,
     snapshot, snapshot_all and reset (which outdates every ticket issued before it, by
     the store or by a breaker's view, of a key admitted, read or never written);
     isolation between keys; 100 concurrent outcome reports counted exactly; idempotent
@@ -410,6 +411,51 @@ class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks):
         assert reopened.generation == granted[0].generation + 1
         late = await state_store.record("k", policy, [_report(granted[1], Outcome.SUCCESS)])
         assert late.state is CircuitState.OPEN and late.generation == reopened.generation
+
+    async def test_a_429_opens_for_exactly_its_retry_after_and_is_not_a_trip(
+        self, state_store: CircuitStateStore, advance_clock: AdvanceClock
+    ) -> None:
+        self._needs_state()
+        policy = _policy(recovery_seconds=60.0, max_recovery_seconds=600.0)
+        policy = attrs.evolve(policy, min_retry_after_open=0.2)
+
+        def limited(ticket: Ticket, retry_after: float) -> OutcomeReport:
+            return OutcomeReport(
+                ticket=ticket, outcome=Outcome.RATE_LIMITED, retry_after=retry_after, error="429"
+            )
+
+        for _ in range(3):  # each 429 after a closing probe: the same short open time
+            ticket = await _admitted(state_store, "k", policy)
+            held = await state_store.record("k", policy, [limited(ticket, 0.3)])
+            assert held.state is CircuitState.OPEN and held.open_count == 0, held
+            assert held.opened_at_ts is not None and held.open_until_ts is not None
+            assert held.open_until_ts - held.opened_at_ts == pytest.approx(0.3), held
+            rejected = await state_store.admit("k", policy)
+            assert rejected.retry_after is not None and 0 < rejected.retry_after <= 0.3 + 1e-6
+            probe = await _wait_for_probe(state_store, "k", policy, rejected, advance_clock)
+            # a probe's 429 re-opens for its Retry-After too, still without a trip
+            reheld = await state_store.record("k", policy, [limited(probe, 0.3)])
+            assert reheld.state is CircuitState.OPEN and reheld.open_count == 0, reheld
+            assert reheld.open_until_ts is not None and reheld.opened_at_ts is not None
+            assert reheld.open_until_ts - reheld.opened_at_ts == pytest.approx(0.3), reheld
+            probe = await _wait_for_probe(
+                state_store, "k", policy, await state_store.admit("k", policy), advance_clock
+            )
+            closed = await state_store.record("k", policy, [_report(probe, Outcome.SUCCESS)])
+            assert closed.state is CircuitState.CLOSED
+
+        # a streak trip by the same 429 is a trip: the longer of the two open times
+        early = await _admitted(state_store, "streak", policy)
+        await _fail(state_store, "streak", policy, 2)
+        tripped = await state_store.record(
+            "streak", policy, [limited(await _admitted(state_store, "streak", policy), 0.3)]
+        )
+        assert tripped.state is CircuitState.OPEN and tripped.open_count == 1, tripped
+        assert tripped.open_until_ts is not None and tripped.opened_at_ts is not None
+        assert tripped.open_until_ts - tripped.opened_at_ts == pytest.approx(60.0), tripped
+        # a shorter 429 reported late never shortens the open period
+        late = await state_store.record("streak", policy, [limited(early, 0.3)])
+        assert late.open_until_ts == pytest.approx(tripped.open_until_ts), late
 
     async def test_an_expired_probe_lease_frees_its_slot(
         self, state_store: CircuitStateStore, advance_clock: AdvanceClock
