@@ -492,9 +492,12 @@ class LocalView:
         self.stale()
 
 
-def _hint(exc: BaseException) -> float | None:
-    """The Retry-After hint ``exc`` carries, if usable (an infinite one is capped later)."""
-    retry_after = retry_after_of(exc)
+def _hint(breaker: CircuitBreaker, exc: BaseException) -> float | None:
+    """
+    The Retry-After hint ``exc`` carries, if usable (an infinite one is capped later);
+    an exception group's from the leaves that decide its class (`CircuitBreaker.classify`).
+    """
+    retry_after = retry_after_of(exc, breaker._classify)
     return None if retry_after is not None and math.isnan(retry_after) else retry_after
 
 
@@ -506,7 +509,7 @@ async def report_error(breaker: CircuitBreaker, ticket: Ticket, exc: BaseExcepti
         if ticket.lease_id is not None:
             await breaker.report(ticket, outcome)
         return
-    await breaker.report(ticket, outcome, retry_after=_hint(exc), error=describe(exc))
+    await breaker.report(ticket, outcome, retry_after=_hint(breaker, exc), error=describe(exc))
 
 
 class Guard:

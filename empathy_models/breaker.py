@@ -527,10 +527,10 @@ class CircuitBreaker(AsyncResource):
     def classify(self, exc: BaseException) -> Outcome:
         """
         The outcome class of a call that raised ``exc``: the ``classify`` predicate
-        first, then `classify_error`.  Interrupts that are not exceptions
-        (`KeyboardInterrupt`, `SystemExit`, `GeneratorExit`) count as cancelled.
+        first, then `classify_error` (a group by its leaves).  Interrupts that are not
+        exceptions (`KeyboardInterrupt`, `SystemExit`, `GeneratorExit`) count as cancelled.
         """
-        if isinstance(exc, Exception):
+        if isinstance(exc, Exception | BaseExceptionGroup):
             return classify_error(exc, self._classify)
         outcome = classify_error(exc, self._classify)
         return Outcome.CANCELLED if outcome is Outcome.FAILURE else outcome
@@ -565,7 +565,7 @@ class CircuitBreaker(AsyncResource):
     def guard(self, key: str) -> Guard:
         """
         ``async with breaker.guard(key):`` admits one call for ``key``, runs the block,
-        classifies how it ended and reports it; the context value is the `Ticket`.
+        classifies how it ended (`classify`) and reports it; the context value is the `Ticket`.
 
         The block's own exceptions propagate unchanged; a cancelled block (asyncio or anyio
         cancel scope) is recorded as nothing, and a half-open probe gets its lease back.
