@@ -127,7 +127,6 @@ from ._breaker_events import (
     BreakerListener,
     Events,
     encodable,
-    ts,
 )
 from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
 from ._loops import close_at_home, dropped, elsewhere
@@ -380,6 +379,13 @@ def _open_error(state: CircuitBreakerState, retry_after: float | None) -> Circui
         last_error=state.last_error,
         reason=state.reason,
     )
+
+
+def _force_for(
+    store: CircuitStateStore, key: str, reason: str, seconds: float
+) -> Awaitable[CircuitBreakerState]:
+    """Force ``key`` open for ``seconds`` of the store's clock."""
+    return store.force(key, _FORCED_OPEN, reason=reason, for_seconds=seconds)
 
 
 def _admits(state: CircuitBreakerState, policy: BreakerPolicy, now: Callable[[], float]) -> bool:
@@ -891,7 +897,6 @@ class CircuitBreaker(AsyncResource):
         reason = self._local.provider_trip(
             self._provider_of, provider, now, self.provider_open_models
         )
-        if reason is not None:
-            until = ts(now + self.policy.recovery_seconds)
-            state = await self._stores.force(provider, _FORCED_OPEN, until=until, reason=reason)
-            await self._observe(state)
+        if reason is not None:  # recovery_seconds on the store's clock
+            span = self.policy.recovery_seconds
+            await self._observe(await _force_for(self._stores, provider, reason, span))

@@ -503,6 +503,12 @@ def test_breaker_status_open_and_reset(home: Path, db: Path, tmp_path: Path) -> 
     assert states["openai"]["reason"] == "maintenance window"
     out = ok(cli(home, "breaker", "open", "anthropic", "--for", "60", "--db", str(copy)))
     assert "anthropic" in out and "forced_open" in out
+    # --for counts from the store's own now (the time it stamps as opened_at)
+    held = json.loads(
+        ok(cli(home, "breaker", "open", "mistral", "--for", "60", "--db", str(copy), "--json"))
+    )
+    span = datetime.fromisoformat(held["open_until"]) - datetime.fromisoformat(held["opened_at"])
+    assert span.total_seconds() == pytest.approx(60.0)
     ok(cli(home, "breaker", "reset", "openai", "--db", str(copy)))
     table = ok(cli(home, "breaker", "status", "--db", str(copy)))
     lines = {line.split()[0]: line for line in table.splitlines()[2:] if line.strip()}

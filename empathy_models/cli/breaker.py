@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from empathy_models import CircuitState, state_store_from_url
+from empathy_models.abc import force_for
 from empathy_models.exceptions import StateStoreError
 from empathy_models.records import CircuitBreakerState
 
@@ -195,14 +196,18 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
 def cmd_breaker_open(args: argparse.Namespace) -> int:
     """Force a key open: every worker sharing the store rejects it until the time or a reset."""
     url = db_url(args.db, kind="state")
-    until = None if args.seconds is None else datetime.now(UTC) + timedelta(seconds=args.seconds)
     if not args.key.strip():
         raise CliError("the key must not be empty", code=2)
 
     async def body() -> CircuitBreakerState:
         async with state_store_from_url(url) as store:
-            return await store.force(
-                args.key, CircuitState.FORCED_OPEN, until=until, reason=args.reason
+            # --for counts on the store's clock, as every other time in it
+            return await force_for(
+                store,
+                args.key,
+                CircuitState.FORCED_OPEN,
+                for_seconds=args.seconds,
+                reason=args.reason,
             )
 
     state = run_async(body)
@@ -211,7 +216,11 @@ def cmd_breaker_open(args: argparse.Namespace) -> int:
     else:
         print(
             f"Forced {args.key} open"
-            + (f" until {_when(state.open_until_ts)} UTC" if until else " until reset")
+            + (
+                f" until {_when(state.open_until_ts)} UTC"
+                if args.seconds is not None
+                else " until reset"
+            )
         )
         _print_states([state])
     return 0

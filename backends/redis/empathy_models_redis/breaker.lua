@@ -753,7 +753,13 @@ elseif OP == "force" then
   if state == nil then
     state = initial_state(NOW)
   end
-  state = force(state, ARGV[6], NOW, opt_num(ARGV[7]), opt_str(ARGV[8]))
+  -- ARGV[7] an end (UTC epoch seconds) or ARGV[9] a span from the server's TIME
+  local untl = opt_num(ARGV[7])
+  local span = opt_num(ARGV[9])
+  if span ~= nil then
+    untl = NOW + span
+  end
+  state = force(state, ARGV[6], NOW, untl, opt_str(ARGV[8]))
   changed = true
 elseif OP == "reset" then
   state = reset(state, NOW)
