@@ -136,7 +136,7 @@ from .abc import AsyncResource, CircuitStateStore
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
 from .backends.memory import MemoryStateStore
-from .circuit import BreakerPolicy, checked_key, shown
+from .circuit import BreakerPolicy, as_of, checked_key, shown
 from .exceptions import (
     AuthenticationError,
     CircuitOpenError,
@@ -793,18 +793,16 @@ class CircuitBreaker(AsyncResource):
 
     async def get_status(self, key: str) -> CircuitBreakerState:
         """
-        The store's state of ``key`` (after its written-behind successes are flushed);
-        a key never seen reads as CLOSED, generation 0.
-
-        The returned `CircuitBreakerState` also offers convenience properties:
-        ``failure_count`` (consecutive failures), ``is_open`` (OPEN, FORCED_OPEN or
-        HALF_OPEN) and ``opened_at`` (aware UTC datetime).
+        The store's state of ``key`` (after its written-behind successes are flushed)
+        as of now (`empathy_models.circuit.as_of`: expired probe leases and failures
+        out of the window not shown; `CircuitBreakerState.open_ended` tells an OPEN
+        whose time is up); a key never seen reads as CLOSED, generation 0.
         """
         self._check_open()
         await self._flush_key(checked_key(key))
         state = await self._stores.snapshot(key)
         await self._observe(state)
-        return state
+        return as_of(state, self.policy, self._clock())
 
     async def is_available(self, key: str) -> bool:
         """
@@ -815,10 +813,11 @@ class CircuitBreaker(AsyncResource):
         return _admits(await self.get_status(key), self.policy, self._clock)
 
     async def snapshot(self) -> list[CircuitBreakerState]:
-        """Every key's state in the store (after flushing), sorted by key."""
+        """Every key's state in the store (after flushing) as of now, sorted by key."""
         self._check_open()
         await self._flush_all()
-        return await self._stores.snapshot_all()
+        now, policy = self._clock(), self.policy
+        return [as_of(state, policy, now) for state in await self._stores.snapshot_all()]
 
     async def reset(self, key: str | None = None) -> None:
         """

@@ -65,6 +65,7 @@ __all__ = [
     "admit",
     "apply_outcome",
     "apply_outcomes",
+    "as_of",
     "checked_key",
     "extends_open",
     "force",
@@ -642,6 +643,21 @@ def force(
     raise ConfigurationError(
         f"cannot force a circuit to {target.value!r}; use forced_open, disabled or closed"
     )
+
+
+def as_of(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> CircuitBreakerState:
+    """
+    ``state`` as a status shows it at ``now``: probe leases that expired and window
+    buckets that left ``policy``'s window dropped, as the store's next operation on the
+    key drops them.  Everything else is as stored: the state and generation (an OPEN
+    circuit whose end has come reads OPEN, `CircuitBreakerState.open_ended`), the
+    failure streak, the open end.  ``state`` itself when nothing is dropped.
+    """
+    leases = tuple(lease for lease in state.leases if lease[1] > now)
+    window = _live_window(state, policy, now)
+    if leases == state.leases and window == state.window:
+        return state
+    return _trusted_state_evolve(state, leases=leases, window=window)
 
 
 def reset(state: CircuitBreakerState | None, now: float, *, key: str) -> CircuitBreakerState:

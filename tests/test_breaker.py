@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 import anyio.lowlevel
+import attrs
 import pytest
 
 from empathy_models import (
@@ -30,6 +31,7 @@ from empathy_models.exceptions import (
     ServerError,
 )
 from empathy_models.outcomes import classify_error, retry_after_of
+from empathy_models.records import CircuitBreakerState
 from empathy_models.testing.clock import FakeClock
 
 KEY = "anthropic"
@@ -428,6 +430,42 @@ async def test_rejection_events_are_opt_in(clock: FakeClock) -> None:
 
 
 # --------------------------------------------------------------------------- inspection and control
+
+
+async def test_status_shows_live_figures_and_leaves_the_stored_state_as_it_is(
+    clock: FakeClock,
+) -> None:
+    """Expired probe leases and failures that left the window are not shown as current."""
+    breaker, store = make(clock)
+    async with breaker:
+        await fail(breaker, key="quiet")
+        await fail(breaker, key="quiet")
+        for _ in range(3):
+            await fail(breaker)
+        clock.advance(60)
+        probe = await breaker.admit(KEY)  # a probe whose caller never reports
+        assert (await breaker.get_status(KEY)).probes_in_flight == 1
+        clock.advance(POLICY.probe_lease_seconds)
+        status = await breaker.get_status(KEY)
+        assert (status.state, status.probes_in_flight) == (CircuitState.HALF_OPEN, 0)
+        assert await breaker.is_available(KEY)
+        quiet = await breaker.get_status("quiet")  # two failures, long out of the window
+        assert (quiet.failure_count, quiet.window_calls, quiet.window_failures) == (2, 0, 0)
+        assert [s.window_calls for s in await breaker.snapshot() if s.key == "quiet"] == [0]
+        # the store keeps what it holds; the next operation drops it as it always did
+        assert (await store.snapshot(KEY)).leases != ()
+        assert (await store.snapshot("quiet")).window_calls == 2
+        assert probe.lease_id is not None
+
+
+def test_an_open_circuit_whose_time_is_up_says_so() -> None:
+    state = CircuitBreakerState(
+        key=KEY, state=CircuitState.OPEN, generation=1, opened_at_ts=100.0, open_until_ts=160.0
+    )
+    assert not state.open_ended(159.0) and state.open_ended(160.0)
+    held = attrs.evolve(state, state=CircuitState.FORCED_OPEN, open_until_ts=None)
+    assert not held.open_ended(1e12), "held until a reset"
+    assert not attrs.evolve(state, state=CircuitState.CLOSED).open_ended(1e12)
 
 
 async def test_available_hint_follows_the_local_view(clock: FakeClock) -> None:
