@@ -793,10 +793,10 @@ class CircuitBreaker(AsyncResource):
 
     async def get_status(self, key: str) -> CircuitBreakerState:
         """
-        The store's state of ``key`` (after its written-behind successes are flushed)
-        as of now (`empathy_models.circuit.as_of`: expired probe leases and failures
-        out of the window not shown; `CircuitBreakerState.open_ended` tells an OPEN
-        whose time is up); a key never seen reads as CLOSED, generation 0.
+        The store's state of ``key`` (its written-behind successes flushed) as of the
+        breaker's clock (`empathy_models.circuit.as_of`: expired probe leases and failures
+        out of the window not shown; `CircuitBreakerState.open_ended` tells an OPEN whose
+        time is up); a key never seen reads as CLOSED, generation 0.
         """
         self._check_open()
         await self._flush_key(checked_key(key))
