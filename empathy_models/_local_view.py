@@ -439,21 +439,35 @@ class LocalView:
         of its models (``provider_of`` maps model keys to providers) are OPEN (tripped by
         failures, not forced) in these views, and a fresh view of the provider's key
         shows it neither open already nor DISABLED (an operator said: never trip it).
+
+        Open periods end on the store's clock, which need not be this one (``now``, the
+        views' freshness): they are judged at the latest time the store stamped on the
+        views of the provider and its models, a time the store has reached.
         """
         views = self.views
+        models = [
+            (key, view)
+            for key, owner in provider_of.items()
+            if owner == provider and (view := views.get(key)) is not None
+        ]
+        current = self.fresh(provider, now)
+        store_now = max(
+            (
+                at
+                for view in [*(view for _, view in models), current]
+                if view is not None and (at := view.state.updated_at_ts) is not None
+            ),
+            default=-math.inf,
+        )
         open_models = sorted(
             key
-            for key, owner in provider_of.items()
-            if owner == provider
-            and (view := views.get(key)) is not None
-            and view.state.state is _OPEN
-            and _open_at(view.state, now)
+            for key, view in models
+            if view.state.state is _OPEN and _open_at(view.state, store_now)
         )
         if len(open_models) < threshold:
             return None
-        current = self.fresh(provider, now)
         if current is not None and (
-            _open_at(current.state, now) or current.state.state is _DISABLED
+            _open_at(current.state, store_now) or current.state.state is _DISABLED
         ):
             return None
         shown = ", ".join(key.removeprefix(f"{provider}:") for key in open_models)
@@ -492,9 +506,12 @@ class LocalView:
         self.stale()
 
 
-def _hint(exc: BaseException) -> float | None:
-    """The Retry-After hint ``exc`` carries, if usable (an infinite one is capped later)."""
-    retry_after = retry_after_of(exc)
+def _hint(breaker: CircuitBreaker, exc: BaseException) -> float | None:
+    """
+    The Retry-After hint ``exc`` carries, if usable (an infinite one is capped later);
+    an exception group's from the leaves that decide its class (`CircuitBreaker.classify`).
+    """
+    retry_after = retry_after_of(exc, breaker._classify)
     return None if retry_after is not None and math.isnan(retry_after) else retry_after
 
 
@@ -506,7 +523,7 @@ async def report_error(breaker: CircuitBreaker, ticket: Ticket, exc: BaseExcepti
         if ticket.lease_id is not None:
             await breaker.report(ticket, outcome)
         return
-    await breaker.report(ticket, outcome, retry_after=_hint(exc), error=describe(exc))
+    await breaker.report(ticket, outcome, retry_after=_hint(breaker, exc), error=describe(exc))
 
 
 class Guard:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
+import inspect
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Self, TypeVar
 
@@ -338,6 +339,36 @@ class CircuitStateStore(AsyncResource):
     ) -> CircuitBreakerState:
         """Apply ``reports`` to ``key`` in order, atomically; stale tickets are dropped."""
 
+    @staticmethod
+    def checked_force_end(
+        until: datetime | None, for_seconds: float | None
+    ) -> tuple[float | None, float | None]:
+        """
+        `force`'s end as ``(until, for_seconds)``: ``until`` as UTC epoch seconds, or the
+        span to add to the store's own now; both ``None`` for an end at a reset.
+
+        Raises:
+            RecordValidationError: a naive ``until``, a ``for_seconds`` that is not a
+                finite number of seconds >= 0, or both given.
+        """
+        check_aware("until", until)
+        if for_seconds is None:
+            return (None if until is None else until.timestamp()), None
+        if until is not None:
+            raise RecordValidationError(
+                "give force() until or for_seconds, not both", path="for_seconds"
+            )
+        if (
+            not isinstance(for_seconds, int | float)
+            or isinstance(for_seconds, bool)
+            or not 0 <= for_seconds < math.inf
+        ):
+            raise RecordValidationError(
+                f"for_seconds must be a finite number of seconds >= 0, got {shown(for_seconds)}",
+                path="for_seconds",
+            )
+        return None, float(for_seconds)
+
     @abc.abstractmethod
     async def force(
         self,
@@ -346,8 +377,14 @@ class CircuitStateStore(AsyncResource):
         *,
         until: datetime | None = None,
         reason: str | None = None,
+        for_seconds: float | None = None,
     ) -> CircuitBreakerState:
-        """Force ``key`` into FORCED_OPEN (until ``until`` or a reset), DISABLED or CLOSED."""
+        """
+        Force ``key`` into FORCED_OPEN, DISABLED or CLOSED.  FORCED_OPEN holds until
+        ``until``, for ``for_seconds`` from the store's own now (the clock every other
+        time in the store comes from; give this rather than an ``until`` computed on a
+        worker's clock), or until a reset when neither is given (`checked_force_end`).
+        """
 
     @abc.abstractmethod
     async def snapshot(self, key: str) -> CircuitBreakerState:
@@ -380,6 +417,39 @@ class CircuitStateStore(AsyncResource):
         ``local_view_ttl`` while the feed proves nothing changed (see `ChangeFeed`).
         """
         return None
+
+
+def force_for(
+    store: CircuitStateStore,
+    key: str,
+    state: CircuitState,
+    *,
+    for_seconds: float | None,
+    reason: str | None = None,
+) -> Awaitable[CircuitBreakerState]:
+    """
+    ``store.force(key, state, reason=reason, for_seconds=for_seconds)``.  A store whose
+    `CircuitStateStore.force` predates ``for_seconds`` (its signature has no such
+    parameter) is given the end on this process's clock as ``until`` instead.
+    """
+    if for_seconds is None:
+        return store.force(key, state, reason=reason)
+    if _takes_for_seconds(type(store)):
+        return store.force(key, state, reason=reason, for_seconds=for_seconds)
+    _, span = CircuitStateStore.checked_force_end(None, for_seconds)
+    assert span is not None
+    try:
+        until = datetime.now(UTC) + timedelta(seconds=span)
+    except OverflowError:
+        until = datetime.max.replace(tzinfo=UTC)
+    return store.force(key, state, until=until, reason=reason)
+
+
+@functools.cache
+def _takes_for_seconds(store_type: type[CircuitStateStore]) -> bool:
+    """Whether ``store_type.force`` takes ``for_seconds`` (by name or ``**kwargs``)."""
+    parameters = inspect.signature(store_type.force).parameters.values()
+    return any(p.name == "for_seconds" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 class TransactionalStateStore(CircuitStateStore):
@@ -530,17 +600,17 @@ class TransactionalStateStore(CircuitStateStore):
         *,
         until: datetime | None = None,
         reason: str | None = None,
+        for_seconds: float | None = None,
     ) -> CircuitBreakerState:
         self._check_open()
         self.checked_key(key)
-        if until is not None and (until.tzinfo is None or until.utcoffset() is None):
-            raise RecordValidationError("until must be a timezone-aware datetime", path="until")
-        until_ts = None if until is None else until.timestamp()
+        until_ts, span = self.checked_force_end(until, for_seconds)
 
         def step(
             current: CircuitBreakerState | None, now: float
         ) -> tuple[CircuitBreakerState, CircuitBreakerState]:
-            new = circuit.force(current, state, now, key=key, until=until_ts, reason=reason)
+            end = until_ts if span is None else now + span
+            new = circuit.force(current, state, now, key=key, until=end, reason=reason)
             return new, new
 
         return await self._apply(key, step)

@@ -127,7 +127,6 @@ from ._breaker_events import (
     BreakerListener,
     Events,
     encodable,
-    ts,
 )
 from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
 from ._loops import close_at_home, dropped, elsewhere
@@ -137,7 +136,7 @@ from .abc import AsyncResource, CircuitStateStore
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
 from .backends.memory import MemoryStateStore
-from .circuit import BreakerPolicy, checked_key, shown
+from .circuit import BreakerPolicy, as_of, checked_key, shown
 from .exceptions import (
     AuthenticationError,
     CircuitOpenError,
@@ -383,6 +382,13 @@ def _open_error(state: CircuitBreakerState, retry_after: float | None) -> Circui
     )
 
 
+def _force_for(
+    store: CircuitStateStore, key: str, reason: str, seconds: float
+) -> Awaitable[CircuitBreakerState]:
+    """Force ``key`` open for ``seconds`` of the store's clock."""
+    return store.force(key, _FORCED_OPEN, reason=reason, for_seconds=seconds)
+
+
 def _admits(state: CircuitBreakerState, policy: BreakerPolicy, now: Callable[[], float]) -> bool:
     """Whether ``state`` would admit a call (``now`` is read only when it matters)."""
     s = state.state
@@ -528,10 +534,10 @@ class CircuitBreaker(AsyncResource):
     def classify(self, exc: BaseException) -> Outcome:
         """
         The outcome class of a call that raised ``exc``: the ``classify`` predicate
-        first, then `classify_error`.  Interrupts that are not exceptions
-        (`KeyboardInterrupt`, `SystemExit`, `GeneratorExit`) count as cancelled.
+        first, then `classify_error` (a group by its leaves).  Interrupts that are not
+        exceptions (`KeyboardInterrupt`, `SystemExit`, `GeneratorExit`) count as cancelled.
         """
-        if isinstance(exc, Exception):
+        if isinstance(exc, Exception | BaseExceptionGroup):
             return classify_error(exc, self._classify)
         outcome = classify_error(exc, self._classify)
         return Outcome.CANCELLED if outcome is Outcome.FAILURE else outcome
@@ -566,7 +572,7 @@ class CircuitBreaker(AsyncResource):
     def guard(self, key: str) -> Guard:
         """
         ``async with breaker.guard(key):`` admits one call for ``key``, runs the block,
-        classifies how it ended and reports it; the context value is the `Ticket`.
+        classifies how it ended (`classify`) and reports it; the context value is the `Ticket`.
 
         The block's own exceptions propagate unchanged; a cancelled block (asyncio or anyio
         cancel scope) is recorded as nothing, and a half-open probe gets its lease back.
@@ -788,18 +794,16 @@ class CircuitBreaker(AsyncResource):
 
     async def get_status(self, key: str) -> CircuitBreakerState:
         """
-        The store's state of ``key`` (after its written-behind successes are flushed);
-        a key never seen reads as CLOSED, generation 0.
-
-        The returned `CircuitBreakerState` also offers convenience properties:
-        ``failure_count`` (consecutive failures), ``is_open`` (OPEN, FORCED_OPEN or
-        HALF_OPEN) and ``opened_at`` (aware UTC datetime).
+        The store's state of ``key`` (its written-behind successes flushed) as of the
+        breaker's clock (`empathy_models.circuit.as_of`: expired probe leases and failures
+        out of the window not shown; `CircuitBreakerState.open_ended` tells an OPEN whose
+        time is up); a key never seen reads as CLOSED, generation 0.
         """
         self._check_open()
         await self._flush_key(checked_key(key))
         state = await self._stores.snapshot(key)
         await self._observe(state)
-        return state
+        return as_of(state, self.policy, self._clock())
 
     async def is_available(self, key: str) -> bool:
         """
@@ -810,10 +814,11 @@ class CircuitBreaker(AsyncResource):
         return _admits(await self.get_status(key), self.policy, self._clock)
 
     async def snapshot(self) -> list[CircuitBreakerState]:
-        """Every key's state in the store (after flushing), sorted by key."""
+        """Every key's state in the store (after flushing) as of now, sorted by key."""
         self._check_open()
         await self._flush_all()
-        return await self._stores.snapshot_all()
+        now, policy = self._clock(), self.policy
+        return [as_of(state, policy, now) for state in await self._stores.snapshot_all()]
 
     async def reset(self, key: str | None = None) -> None:
         """
@@ -892,7 +897,6 @@ class CircuitBreaker(AsyncResource):
         reason = self._local.provider_trip(
             self._provider_of, provider, now, self.provider_open_models
         )
-        if reason is not None:
-            until = ts(now + self.policy.recovery_seconds)
-            state = await self._stores.force(provider, _FORCED_OPEN, until=until, reason=reason)
-            await self._observe(state)
+        if reason is not None:  # recovery_seconds on the store's clock
+            span = self.policy.recovery_seconds
+            await self._observe(await _force_for(self._stores, provider, reason, span))

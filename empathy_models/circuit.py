@@ -17,8 +17,12 @@ fallback" table says what each error does to a call):
   ``minimum_calls`` calls and the failure rate is at least ``failure_rate_threshold``.
 * OPEN rejects until ``open_until``.  The open time is ``recovery_seconds`` times the
   (decayed) number of recent trips, linear or exponential, capped at
-  ``max_recovery_seconds``, and never shorter than a 429's Retry-After.  Re-opening an
-  open circuit only ever extends ``open_until``.
+  ``max_recovery_seconds``, and never shorter than the Retry-After of the 429 that
+  tripped it.  A 429 whose Retry-After is at least ``min_retry_after_open`` (in CLOSED
+  or from a half-open probe) opens the circuit at once for exactly that Retry-After and
+  is not counted as a trip: rate limiting is not ill health, so routine 429s never
+  lengthen later open times.  Re-opening an open circuit only ever extends
+  ``open_until``.
 * The first admission at or after ``open_until`` moves to HALF_OPEN (lazily: no timers)
   and takes a probe lease.  At most ``half_open_probes`` leases are out at once; a
   lease not reported within ``probe_lease_seconds`` expires and returns its slot.  A
@@ -61,6 +65,7 @@ __all__ = [
     "admit",
     "apply_outcome",
     "apply_outcomes",
+    "as_of",
     "checked_key",
     "extends_open",
     "force",
@@ -131,7 +136,12 @@ class BreakerPolicy:
     fatal_open_seconds: float = field(default=300.0, validator=_positive)
     """How long a 401/403/404 holds the circuit in FORCED_OPEN."""
     min_retry_after_open: float = field(default=1.0, validator=_non_negative)
-    """A 429 whose Retry-After is at least this opens the circuit for that long at once."""
+    """
+    A 429 whose Retry-After is at least this opens the circuit at once for exactly that
+    long, without counting a trip (if the same 429 completes a failure streak or rate,
+    the circuit trips and opens for the longer of the two).  A shorter one is an
+    ordinary failure.
+    """
     max_retry_after_open: float = field(default=600.0, validator=_positive)
     """
     The longest a 429's Retry-After holds a circuit open: `CircuitBreaker` caps longer
@@ -235,6 +245,15 @@ def _decayed_trips(state: CircuitBreakerState, policy: BreakerPolicy, now: float
     return state.open_count - math.floor(forgotten)
 
 
+def _holds_off(policy: BreakerPolicy, outcome: Outcome, retry_after: float | None) -> bool:
+    """True for a 429 whose Retry-After (at least ``min_retry_after_open``) opens at once."""
+    return (
+        outcome is Outcome.RATE_LIMITED
+        and retry_after is not None
+        and retry_after >= policy.min_retry_after_open
+    )
+
+
 def _open(
     state: CircuitBreakerState,
     policy: BreakerPolicy,
@@ -243,11 +262,23 @@ def _open(
     retry_after: float | None,
     error: str | None,
     reason: str,
+    trip: bool = True,
 ) -> CircuitBreakerState:
-    trips = _decayed_trips(state, policy, now) + 1
-    until = now + policy.open_seconds(trips)
-    if retry_after is not None:
-        until = max(until, now + retry_after)
+    """
+    OPEN from ``now``.  A trip (``trip=True``) counts one more recent trip and opens for
+    `BreakerPolicy.open_seconds` of them, or for ``retry_after`` if that is longer; a
+    rate limit alone (``trip=False``) opens for exactly ``retry_after`` and leaves the
+    trip count as it is (decayed), so routine 429s never lengthen later open times.
+    """
+    trips = _decayed_trips(state, policy, now)
+    if trip:
+        trips += 1
+        until = now + policy.open_seconds(trips)
+        if retry_after is not None:
+            until = max(until, now + retry_after)
+    else:
+        assert retry_after is not None
+        until = now + retry_after
     return attrs.evolve(
         state,
         state=CircuitState.OPEN,
@@ -460,13 +491,19 @@ def _half_open_outcome(
     if outcome is Outcome.FATAL:
         return _fatal(state, policy, report, now)
     if outcome.is_failure:
+        held_off = _holds_off(policy, outcome, report.retry_after)
         return _open(
             attrs.evolve(state, last_failure_ts=now),
             policy,
             now,
             retry_after=report.retry_after,
             error=report.error,
-            reason="half-open probe failed",
+            reason=(
+                f"half-open probe rate limited (Retry-After {report.retry_after:g}s)"
+                if held_off
+                else "half-open probe failed"
+            ),
+            trip=not held_off,
         )
     # ignored / cancelled / rejected / not_sent: return the lease, learn nothing
     return attrs.evolve(state, leases=remaining, updated_at_ts=now)
@@ -493,32 +530,30 @@ def _closed_outcome(
         last_error=report.error if report.error is not None else state.last_error,
         updated_at_ts=now,
     )
-    reason = _trip_reason(policy, outcome, report.retry_after, streak, window)
-    if reason is None:
-        return state
-    return _open(
-        state, policy, now, retry_after=report.retry_after, error=report.error, reason=reason
-    )
+    retry_after = report.retry_after
+    reason = _trip_reason(policy, streak, window)
+    if reason is not None:
+        return _open(state, policy, now, retry_after=retry_after, error=report.error, reason=reason)
+    if _holds_off(policy, outcome, retry_after):
+        return _open(
+            state,
+            policy,
+            now,
+            retry_after=retry_after,
+            error=report.error,
+            reason=f"rate limited (Retry-After {retry_after:g}s)",
+            trip=False,
+        )
+    return state
 
 
 def _trip_reason(
-    policy: BreakerPolicy,
-    outcome: Outcome,
-    retry_after: float | None,
-    streak: int,
-    window: tuple[tuple[int, int, int], ...],
+    policy: BreakerPolicy, streak: int, window: tuple[tuple[int, int, int], ...]
 ) -> str | None:
     """
-    Why a CLOSED circuit that just counted a failure opens, or ``None`` if it stays
-    closed: a long enough Retry-After, the failure streak, or the window's failure rate
-    (checked in this order).
+    Why a CLOSED circuit that just counted a failure trips, or ``None`` if no rule says
+    so: the failure streak, or the window's failure rate (checked in this order).
     """
-    if (
-        outcome is Outcome.RATE_LIMITED
-        and retry_after is not None
-        and retry_after >= policy.min_retry_after_open
-    ):
-        return f"rate limited (Retry-After {retry_after:g}s)"
     if streak >= policy.consecutive_failures:
         return f"{streak} consecutive failures"
     calls = sum(b[1] for b in window)
@@ -608,6 +643,21 @@ def force(
     raise ConfigurationError(
         f"cannot force a circuit to {target.value!r}; use forced_open, disabled or closed"
     )
+
+
+def as_of(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> CircuitBreakerState:
+    """
+    ``state`` as a status shows it at ``now``: probe leases that expired and window
+    buckets that left ``policy``'s window dropped, as the store's next operation on the
+    key drops them.  Everything else is as stored: the state and generation (an OPEN
+    circuit whose end has come reads OPEN, `CircuitBreakerState.open_ended`), the
+    failure streak, the open end.  ``state`` itself when nothing is dropped.
+    """
+    leases = tuple(lease for lease in state.leases if lease[1] > now)
+    window = _live_window(state, policy, now)
+    if leases == state.leases and window == state.window:
+        return state
+    return _trusted_state_evolve(state, leases=leases, window=window)
 
 
 def reset(state: CircuitBreakerState | None, now: float, *, key: str) -> CircuitBreakerState:

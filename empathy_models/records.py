@@ -625,17 +625,35 @@ class CircuitBreakerState:
     def last_failure(self) -> datetime | None:
         return _ts_to_datetime(self.last_failure_ts)
 
+    def open_ended(self, now: float) -> bool:
+        """
+        True when an OPEN or FORCED_OPEN circuit's end has come at ``now`` (UTC epoch
+        seconds): it still reads as open, and its next admission moves it to HALF_OPEN
+        and takes a probe lease (the step is lazy).  False for one held until a reset.
+        """
+        return (
+            (self.state is CircuitState.OPEN or self.state is CircuitState.FORCED_OPEN)
+            and self.open_until_ts is not None
+            and self.open_until_ts <= now
+        )
+
     @property
     def probes_in_flight(self) -> int:
-        """Half-open probe leases granted and not yet reported or expired."""
+        """
+        Half-open probe leases granted and not yet reported (nor dropped as expired by
+        the store's next operation on the key; `CircuitBreaker.get_status` shows live
+        ones only).
+        """
         return len(self.leases)
 
     @property
     def window_calls(self) -> int:
+        """Calls in the failure-rate window as stored (`CircuitBreaker.get_status`: as of now)."""
         return sum(b[1] for b in self.window)
 
     @property
     def window_failures(self) -> int:
+        """Failures among `window_calls`."""
         return sum(b[2] for b in self.window)
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 import anyio.lowlevel
+import attrs
 import pytest
 
 from empathy_models import (
@@ -29,6 +30,8 @@ from empathy_models.exceptions import (
     InvalidRequestError,
     ServerError,
 )
+from empathy_models.outcomes import classify_error, retry_after_of
+from empathy_models.records import CircuitBreakerState
 from empathy_models.testing.clock import FakeClock
 
 KEY = "anthropic"
@@ -180,6 +183,90 @@ async def test_rate_limit_opens_for_its_retry_after(clock: FakeClock) -> None:
             await breaker.admit(KEY)
         assert info.value.state is CircuitState.OPEN
         assert info.value.retry_after == pytest.approx(300.0)
+
+
+async def _bad_request() -> None:
+    raise InvalidRequestError("bad tool schema", status=400)
+
+
+async def test_errors_from_a_task_group_are_classified_by_their_leaves(clock: FakeClock) -> None:
+    """A fan-out's ExceptionGroup counts as its most telling leaf, not as a failure."""
+    breaker, _ = make(clock)
+    async with breaker:
+        for _ in range(5):  # 400s raised in a TaskGroup: neither success nor failure
+            with pytest.raises(ExceptionGroup):
+                async with breaker.guard(KEY), asyncio.TaskGroup() as tg:
+                    tg.create_task(_bad_request())
+        status = await breaker.get_status(KEY)
+        assert (status.state, status.failure_count, status.window_calls) == (
+            CircuitState.CLOSED,
+            0,
+            0,
+        )
+        # any failing leaf makes the group a failure
+        await fail(breaker, ExceptionGroup("fan-out", [_invalid(), ServerError("x", status=503)]))
+        assert (await breaker.get_status(KEY)).failure_count == 1
+        # rate limits keep the longest Retry-After, however deep in the group
+        limited = ExceptionGroup(
+            "fan-out",
+            [
+                RateLimitedError("slow down", status=429, retry_after=30.0),
+                ExceptionGroup("inner", [RateLimitedError("later", status=429, retry_after=300.0)]),
+                _invalid(),
+            ],
+        )
+        await fail(breaker, limited)
+        with pytest.raises(CircuitOpenError) as info:
+            await breaker.admit(KEY)
+        assert info.value.state is CircuitState.OPEN
+        assert info.value.retry_after == pytest.approx(300.0)
+
+
+def _invalid() -> InvalidRequestError:
+    return InvalidRequestError("bad request", status=400)
+
+
+def test_a_group_is_classified_by_its_most_telling_leaf() -> None:
+    server, auth = ServerError("down", status=503), AuthenticationError("key", status=401)
+    slow = RateLimitedError("slow", status=429, retry_after=5.0)
+    cases: list[tuple[list[BaseException], Outcome, float | None]] = [
+        ([_invalid(), _invalid()], Outcome.IGNORED, None),
+        ([_invalid(), server], Outcome.FAILURE, None),
+        ([slow, server], Outcome.FAILURE, None),
+        ([server, auth, slow], Outcome.FATAL, None),
+        ([_invalid(), slow, RateLimitedError("x", status=429)], Outcome.RATE_LIMITED, 5.0),
+        (
+            [CircuitOpenError("k", state=CircuitState.OPEN, retry_after=99.0), _invalid()],
+            Outcome.IGNORED,
+            None,
+        ),
+        (
+            [CircuitOpenError("k", state=CircuitState.OPEN, retry_after=99.0)],
+            Outcome.REJECTED,
+            99.0,
+        ),
+    ]
+    for leaves, outcome, retry_after in cases:
+        group = ExceptionGroup("g", [ExceptionGroup("nested", leaves)])
+        assert (classify_error(group), retry_after_of(group)) == (outcome, retry_after), leaves
+    # a user predicate sees the group first, then each leaf
+    assert classify_error(ExceptionGroup("g", [server]), lambda e: Outcome.IGNORED) is (
+        Outcome.IGNORED
+    )
+    leaf_rule = lambda e: Outcome.IGNORED if isinstance(e, ServerError) else None  # noqa: E731
+    assert classify_error(ExceptionGroup("g", [server, _invalid()]), leaf_rule) is Outcome.IGNORED
+
+
+async def test_an_interrupt_beside_a_failure_in_a_group_still_counts_the_failure(
+    clock: FakeClock,
+) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        assert breaker.classify(KeyboardInterrupt()) is Outcome.CANCELLED
+        alone = BaseExceptionGroup("g", [KeyboardInterrupt()])
+        assert breaker.classify(alone) is Outcome.CANCELLED
+        both = BaseExceptionGroup("g", [KeyboardInterrupt(), ServerError("down", status=503)])
+        assert breaker.classify(both) is Outcome.FAILURE
 
 
 async def test_user_predicate_overrides_the_default_class(clock: FakeClock) -> None:
@@ -343,6 +430,42 @@ async def test_rejection_events_are_opt_in(clock: FakeClock) -> None:
 
 
 # --------------------------------------------------------------------------- inspection and control
+
+
+async def test_status_shows_live_figures_and_leaves_the_stored_state_as_it_is(
+    clock: FakeClock,
+) -> None:
+    """Expired probe leases and failures that left the window are not shown as current."""
+    breaker, store = make(clock)
+    async with breaker:
+        await fail(breaker, key="quiet")
+        await fail(breaker, key="quiet")
+        for _ in range(3):
+            await fail(breaker)
+        clock.advance(60)
+        probe = await breaker.admit(KEY)  # a probe whose caller never reports
+        assert (await breaker.get_status(KEY)).probes_in_flight == 1
+        clock.advance(POLICY.probe_lease_seconds)
+        status = await breaker.get_status(KEY)
+        assert (status.state, status.probes_in_flight) == (CircuitState.HALF_OPEN, 0)
+        assert await breaker.is_available(KEY)
+        quiet = await breaker.get_status("quiet")  # two failures, long out of the window
+        assert (quiet.failure_count, quiet.window_calls, quiet.window_failures) == (2, 0, 0)
+        assert [s.window_calls for s in await breaker.snapshot() if s.key == "quiet"] == [0]
+        # the store keeps what it holds; the next operation drops it as it always did
+        assert (await store.snapshot(KEY)).leases != ()
+        assert (await store.snapshot("quiet")).window_calls == 2
+        assert probe.lease_id is not None
+
+
+def test_an_open_circuit_whose_time_is_up_says_so() -> None:
+    state = CircuitBreakerState(
+        key=KEY, state=CircuitState.OPEN, generation=1, opened_at_ts=100.0, open_until_ts=160.0
+    )
+    assert not state.open_ended(159.0) and state.open_ended(160.0)
+    held = attrs.evolve(state, state=CircuitState.FORCED_OPEN, open_until_ts=None)
+    assert not held.open_ended(1e12), "held until a reset"
+    assert not attrs.evolve(state, state=CircuitState.CLOSED).open_ended(1e12)
 
 
 async def test_available_hint_follows_the_local_view(clock: FakeClock) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import anyio.lowlevel
@@ -226,6 +227,33 @@ async def test_several_models_of_one_provider_open_open_the_provider() -> None:
         assert probe.lease_id is not None
         await breaker.report(probe, Outcome.SUCCESS)
         assert (await breaker.get_status("gateway")).state is CircuitState.CLOSED
+
+
+class StoreWithoutSpans(MemoryStateStore):
+    """A store written before ``force(for_seconds=...)``: it takes only an ``until``."""
+
+    async def force(  # type: ignore[override]
+        self,
+        key: str,
+        state: CircuitState,
+        *,
+        until: datetime | None = None,
+        reason: str | None = None,
+    ) -> CircuitBreakerState:
+        return await super().force(key, state, until=until, reason=reason)
+
+
+async def test_the_several_models_rule_works_on_a_store_without_force_spans() -> None:
+    policy = BreakerPolicy(consecutive_failures=1, recovery_seconds=30)
+    async with CircuitBreaker(StoreWithoutSpans(), policy) as breaker:
+        for i in range(3):
+            with pytest.raises(ServerError):
+                async with breaker.guard(breaker.key_for("gateway", f"m{i}")):
+                    raise ServerError("boom", status=503)
+        provider = await breaker.get_status("gateway")
+        assert provider.state is CircuitState.FORCED_OPEN
+        assert provider.open_until_ts is not None and provider.updated_at_ts is not None
+        assert provider.open_until_ts - provider.updated_at_ts == pytest.approx(30, abs=5)
 
 
 async def test_the_several_models_rule_can_be_turned_off() -> None:

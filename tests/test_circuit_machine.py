@@ -234,14 +234,51 @@ CASES: list[tuple[str, dict[str, Any], list[tuple[Any, ...]]]] = [
     ("class rejected", {}, [(Outcome.REJECTED,), ("expect", {"window_calls": 0})]),
     # ------------------------------------------------------------ 429 and Retry-After
     (
-        "429 with Retry-After equal to min_retry_after_open opens at once",
+        "429 with Retry-After equal to min_retry_after_open opens at once for exactly that",
         {"min_retry_after_open": 1.0},
         [
             (Outcome.RATE_LIMITED, 1.0),
             (
                 "expect",
-                {"state": OPEN, "open_until": 60.0, "reason": "rate limited (Retry-After 1s)"},
+                {
+                    "state": OPEN,
+                    "open_until": 1.0,
+                    "open_count": 0,
+                    "reason": "rate limited (Retry-After 1s)",
+                },
             ),
+            ("t", 1.0),
+            ("admit", True),
+            ("expect", {"state": HALF_OPEN}),
+        ],
+    ),
+    (
+        "routine 429s never lengthen the open time",
+        {"min_retry_after_open": 1.0},
+        [
+            (Outcome.RATE_LIMITED, 1.0),
+            ("t", 1.0),
+            OK,  # the probe closes it
+            ("t", 5.0),
+            (Outcome.RATE_LIMITED, 1.0),
+            ("expect", {"state": OPEN, "open_until": 7.0, "open_count": 0}),
+            ("t", 1.0),
+            OK,
+            ("t", 5.0),
+            (Outcome.RATE_LIMITED, 2.0),
+            ("expect", {"state": OPEN, "open_until": 14.0, "open_count": 0}),
+        ],
+    ),
+    (
+        "a 429 open keeps the earlier trips for the next trip",
+        {"consecutive_failures": 1, "min_retry_after_open": 1.0},
+        [
+            FAIL,  # first trip: 60 s
+            ("t", 60.0),
+            OK,  # closed at 60 with open_count 1
+            (Outcome.RATE_LIMITED, 30.0),  # a streak of one: a trip, max(120, 30)
+            ("expect", {"state": OPEN, "open_count": 2, "open_until": 180.0}),
+            ("expect", {"reason": "1 consecutive failures"}),
         ],
     ),
     (
@@ -385,9 +422,28 @@ CASES: list[tuple[str, dict[str, Any], list[tuple[Any, ...]]]] = [
         ],
     ),
     (
-        "a probe's 429 re-opens for at least its Retry-After",
+        "a probe's 429 re-opens for its Retry-After without counting a trip",
         ONE,
-        [FAIL, ("t", 60.0), (Outcome.RATE_LIMITED, 500.0), ("expect", {"open_until": 560.0})],
+        [
+            FAIL,
+            ("t", 60.0),
+            (Outcome.RATE_LIMITED, 500.0),
+            ("expect", {"open_until": 560.0, "open_count": 1, "generation": 3}),
+            ("expect", {"reason": "half-open probe rate limited (Retry-After 500s)"}),
+            ("t", 500.0),
+            (Outcome.RATE_LIMITED, 2.0),
+            ("expect", {"state": OPEN, "open_until": 562.0, "open_count": 1}),
+        ],
+    ),
+    (
+        "a probe's 429 under min_retry_after_open is a probe failure",
+        {"consecutive_failures": 1, "min_retry_after_open": 1.0},
+        [
+            FAIL,
+            ("t", 60.0),
+            (Outcome.RATE_LIMITED, 0.5),
+            ("expect", {"open_count": 2, "open_until": 180.0, "reason": "half-open probe failed"}),
+        ],
     ),
     (
         "a probe's fatal error forces open",

@@ -13,6 +13,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import anyio
 import pytest
 
 from empathy_models import (
+    BreakerPolicy,
     CircuitState,
     LLMCallRecord,
     ModelTier,
@@ -28,7 +30,9 @@ from empathy_models import (
     telemetry_from_url,
 )
 from empathy_models.auth import AuthStrategy, list_auth_strategy_backups, reset_auth_strategy
+from empathy_models.backends.sqlite import SQLiteStateStore
 from empathy_models.exceptions import AuthFileError
+from empathy_models.records import OutcomeReport
 from tests._cli import run_cli, run_cli_process
 
 
@@ -514,6 +518,12 @@ def test_breaker_status_open_and_reset(home: Path, db: Path, tmp_path: Path) -> 
     assert states["openai"]["reason"] == "maintenance window"
     out = ok(cli(home, "breaker", "open", "anthropic", "--for", "60", "--db", str(copy)))
     assert "anthropic" in out and "forced_open" in out
+    # --for counts from the store's own now (the time it stamps as opened_at)
+    held = json.loads(
+        ok(cli(home, "breaker", "open", "mistral", "--for", "60", "--db", str(copy), "--json"))
+    )
+    span = datetime.fromisoformat(held["open_until"]) - datetime.fromisoformat(held["opened_at"])
+    assert span.total_seconds() == pytest.approx(60.0)
     ok(cli(home, "breaker", "reset", "openai", "--db", str(copy)))
     table = ok(cli(home, "breaker", "status", "--db", str(copy)))
     lines = {line.split()[0]: line for line in table.splitlines()[2:] if line.strip()}
@@ -522,6 +532,38 @@ def test_breaker_status_open_and_reset(home: Path, db: Path, tmp_path: Path) -> 
     ok(cli(home, "breaker", "reset", "--all", "--db", str(copy)))
     after = json.loads(ok(cli(home, "breaker", "status", "--db", str(copy), "--json")))
     assert {b["state"] for b in after["breakers"]} <= {"closed"}
+
+
+def test_breaker_status_shows_live_figures_as_of_now(home: Path, tmp_path: Path) -> None:
+    """A lease that expired, an open time that ended and failures out of the window."""
+    url = "sqlite:///" + str(tmp_path / "state.db")
+    policy = BreakerPolicy(consecutive_failures=3, minimum_calls=100)
+
+    async def fill() -> None:
+        long_ago = time.time() - 3_600  # every lease, open time and window has ended since
+        store = SQLiteStateStore(tmp_path / "state.db", clock=lambda: long_ago)
+        async with store:
+            for key, failures in (("p:window", 2), ("p:probe", 3), ("p:open", 3)):
+                for _ in range(failures):
+                    ticket = (await store.admit(key, policy)).ticket
+                    assert ticket is not None
+                    await store.record(
+                        key, policy, [OutcomeReport(ticket=ticket, outcome=Outcome.FAILURE)]
+                    )
+            long_ago += 60
+            assert (await store.admit("p:probe", policy)).ticket is not None
+
+    anyio.run(fill)
+    data = json.loads(ok(cli(home, "breaker", "status", "--db", url, "--json")))
+    rows = {b["key"]: b for b in data["breakers"]}
+    assert (rows["p:probe"]["state"], rows["p:probe"]["probes_in_flight"]) == ("half_open", 0)
+    assert (rows["p:open"]["state"], rows["p:open"]["open_ended"]) == ("open", True)
+    assert (rows["p:window"]["window_calls"], rows["p:window"]["window_failures"]) == (0, 0)
+    assert rows["p:window"]["consecutive_failures"] == 2
+    table = ok(cli(home, "breaker", "status", "--db", url))
+    lines = {line.split()[0]: line for line in table.splitlines()[2:] if line.strip()}
+    assert "open (ended: half-open at next call)" in lines["p:open"]
+    assert " 0/0 " in lines["p:window"]
 
 
 def test_breaker_reset_of_a_key_the_store_does_not_hold_says_so(

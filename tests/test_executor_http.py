@@ -59,6 +59,7 @@ from empathy_models.exceptions import (
 from empathy_models.limits import LocalRateLimitError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
+from empathy_models.testing.clock import FakeClock
 from tests._fakes import HintBreaker
 from tests._serving import serving
 
@@ -401,6 +402,38 @@ async def test_retry_after_from_the_wire_is_honoured(
         (Outcome.FAILURE, 529),
         (Outcome.SUCCESS, None),
     ]
+
+
+async def test_a_routine_429_leaves_the_model_open_only_for_its_retry_after(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    """
+    ``Retry-After: 1`` opens the model's circuit for that one second, no trip counted:
+    the retry after the wait is the probe that closes it, and later routine 429s do
+    not hold the model out any longer.
+    """
+    clock = FakeClock()
+    server.set_behavior("claude-fake-haiku", ModelBehavior(retry_after=1))
+    server.script("claude-fake-haiku", [429, "ok", 429, "ok", 429, "ok"])
+    ctx = attrs.evolve(CHEAP, model="claude-fake-haiku")
+    async with (
+        CircuitBreaker(clock=clock) as breaker,
+        make(
+            server, telemetry, clock.sleep, breaker=breaker, fallback=FallbackPolicy.none()
+        ) as executor,
+    ):
+        key = breaker.key_for("anthropic", "claude-fake-haiku")
+        for _ in range(3):
+            response = await executor.run("hello", ctx)
+            assert response.model == "claude-fake-haiku"
+            assert [a.outcome for a in response.attempts] == [
+                Outcome.RATE_LIMITED,
+                Outcome.SUCCESS,
+            ]
+            status = await breaker.get_status(key)
+            assert (status.state, status.open_count) == (CircuitState.CLOSED, 0)
+            clock.advance(5)
+    assert server.requests("claude-fake-haiku") == 6
 
 
 @pytest.mark.parametrize(

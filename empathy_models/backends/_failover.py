@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .._breaker_events import describe
 from .._loops import close_at_home, elsewhere, other_loop_error, running_loop
-from ..abc import CircuitStateStore
+from ..abc import CircuitStateStore, force_for
 from ..circuit import shown
 from ..exceptions import BackendClosedError, BackendError, StateStoreError
 from ..records import Admission, CircuitBreakerState, CircuitState, OutcomeReport
@@ -217,9 +217,16 @@ class FailoverStateStore(CircuitStateStore):
         *,
         until: datetime | None = None,
         reason: str | None = None,
+        for_seconds: float | None = None,
     ) -> CircuitBreakerState:
+        if for_seconds is None or until is not None:
+            self.checked_force_end(until, for_seconds)  # both given: refused here
+            return await self._run(
+                key, lambda store: store.force(key, state, until=until, reason=reason)
+            )
+        # through force_for: a store written before for_seconds still takes the call
         return await self._run(
-            key, lambda store: store.force(key, state, until=until, reason=reason)
+            key, lambda store: force_for(store, key, state, for_seconds=for_seconds, reason=reason)
         )
 
     async def snapshot(self, key: str) -> CircuitBreakerState:

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from .. import circuit
-from .._stats import check_aware
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..circuit import BreakerPolicy
 from ..evidence import EvidenceBatch
@@ -112,10 +111,11 @@ class NullStateStore(CircuitStateStore):
         *,
         until: datetime | None = None,
         reason: str | None = None,
+        for_seconds: float | None = None,
     ) -> CircuitBreakerState:
         self._check_open()
         self.checked_key(key)
-        check_aware("until", until)
+        self.checked_force_end(until, for_seconds)
         return circuit.initial_state(key)
 
     async def snapshot(self, key: str) -> CircuitBreakerState:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime, timedelta
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from empathy_models import CircuitState, state_store_from_url
-from empathy_models.exceptions import StateStoreError
+from empathy_models.abc import force_for
+from empathy_models.circuit import BreakerPolicy, as_of
+from empathy_models.exceptions import ConfigurationError, StateStoreError
 from empathy_models.records import CircuitBreakerState
 
 from ._common import (
@@ -37,6 +40,11 @@ _seconds = number_arg(
 )
 
 
+_DEFAULT = BreakerPolicy()
+_window_seconds = number_arg(float, minimum=0, strict=True, what="seconds")
+_buckets = number_arg(int, minimum=1, maximum=1_000_000, what="an integer")
+
+
 def register(subparsers: SubParsers) -> None:
     """Add the ``breaker`` command group."""
     group = subparsers.add_parser(
@@ -50,11 +58,28 @@ def register(subparsers: SubParsers) -> None:
     status = sub.add_parser(
         "status",
         help="state of every key (or one)",
-        description="Show each breaker key the store holds: state, failures, trips and "
-        "when it opened; an unknown key is an error that lists the keys held.",
+        description="Show each breaker key the store holds as of now: state, failures, "
+        "trips and when it opened (expired probe leases and failures out of the window "
+        "are not counted; an open key whose time is up says so); an unknown key is an "
+        "error that lists the keys held.",
     )
     add_common(status)
     status.add_argument("key", nargs="?", help="one key (provider or provider:model)")
+    status.add_argument(
+        "--window",
+        type=_window_seconds,
+        default=_DEFAULT.window_seconds,
+        metavar="SECONDS",
+        help="the breakers' BreakerPolicy.window_seconds, to count the failure-rate "
+        f"window as of now (default {_DEFAULT.window_seconds:g})",
+    )
+    status.add_argument(
+        "--buckets",
+        type=_buckets,
+        default=_DEFAULT.window_buckets,
+        metavar="N",
+        help=f"their BreakerPolicy.window_buckets (default {_DEFAULT.window_buckets})",
+    )
     status.set_defaults(func=cmd_breaker_status)
 
     reset = sub.add_parser(
@@ -95,11 +120,38 @@ def _when(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def state_row(s: CircuitBreakerState) -> dict[str, Any]:
-    """A `CircuitBreakerState` as the JSON the CLI prints."""
+def _policy(args: argparse.Namespace) -> BreakerPolicy:
+    """The window the states are judged by: ``--window`` and ``--buckets`` (status)."""
+    window = getattr(args, "window", _DEFAULT.window_seconds)
+    buckets = getattr(args, "buckets", _DEFAULT.window_buckets)
+    try:
+        return BreakerPolicy(window_seconds=window, window_buckets=buckets)
+    except ConfigurationError as exc:
+        raise CliError(str(exc), code=2) from None
+
+
+def _live(states: list[CircuitBreakerState], args: argparse.Namespace) -> list[CircuitBreakerState]:
+    """``states`` as of now (`empathy_models.circuit.as_of`), as `CircuitBreaker.get_status`."""
+    policy, now = _policy(args), time.time()
+    return [as_of(s, policy, now) for s in states]
+
+
+def _state_text(s: CircuitBreakerState, now: float) -> str:
+    """The state column: an open circuit whose time is up says what its next call does."""
+    if s.open_ended(now):
+        return f"{s.state.value} (ended: half-open at next call)"
+    return s.state.value
+
+
+def state_row(s: CircuitBreakerState, now: float | None = None) -> dict[str, Any]:
+    """
+    A `CircuitBreakerState` as the JSON the CLI prints; ``open_ended`` (at ``now``,
+    default the current time) tells an open circuit whose time is up.
+    """
     return {
         "key": s.key,
         "state": s.state.value,
+        "open_ended": s.open_ended(time.time() if now is None else now),
         "consecutive_failures": s.consecutive_failures,
         "window_calls": s.window_calls,
         "window_failures": s.window_failures,
@@ -114,12 +166,13 @@ def state_row(s: CircuitBreakerState) -> dict[str, Any]:
 
 
 def _print_states(states: list[CircuitBreakerState]) -> None:
+    now = time.time()
     print_table(
         ["key", "state", "failures", "window", "trips", "opened at", "open until", "last error"],
         [
             (
                 s.key,
-                s.state.value,
+                _state_text(s, now),
                 s.consecutive_failures,
                 f"{s.window_failures}/{s.window_calls}",
                 s.open_count,
@@ -150,7 +203,7 @@ def cmd_breaker_status(args: argparse.Namespace) -> int:
                 )
             return [s for s in held if s.key == args.key]
 
-    states = run_async(body)
+    states = _live(run_async(body), args)
     if args.json:
         emit_json({"breakers": [state_row(s) for s in states]})
     else:
@@ -181,7 +234,7 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
             await store.reset(args.key)
             return [await store.snapshot(args.key)]
 
-    states = run_async(body)
+    states = _live(run_async(body), args)
     if args.json:
         emit_json(
             {"reset": "all" if args.all else args.key, "breakers": [state_row(s) for s in states]}
@@ -195,23 +248,31 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
 def cmd_breaker_open(args: argparse.Namespace) -> int:
     """Force a key open: every worker sharing the store rejects it until the time or a reset."""
     url = db_url(args.db, kind="state")
-    until = None if args.seconds is None else datetime.now(UTC) + timedelta(seconds=args.seconds)
     if not args.key.strip():
         raise CliError("the key must not be empty", code=2)
 
     async def body() -> CircuitBreakerState:
         async with state_store_from_url(url) as store:
-            return await store.force(
-                args.key, CircuitState.FORCED_OPEN, until=until, reason=args.reason
+            # --for counts on the store's clock, as every other time in it
+            return await force_for(
+                store,
+                args.key,
+                CircuitState.FORCED_OPEN,
+                for_seconds=args.seconds,
+                reason=args.reason,
             )
 
-    state = run_async(body)
+    [state] = _live([run_async(body)], args)
     if args.json:
         emit_json(state_row(state))
     else:
         print(
             f"Forced {args.key} open"
-            + (f" until {_when(state.open_until_ts)} UTC" if until else " until reset")
+            + (
+                f" until {_when(state.open_until_ts)} UTC"
+                if args.seconds is not None
+                else " until reset"
+            )
         )
         _print_states([state])
     return 0

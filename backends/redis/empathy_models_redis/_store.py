@@ -638,19 +638,20 @@ class RedisCircuitStateStore(CircuitStateStore):
         *,
         until: datetime | None = None,
         reason: str | None = None,
+        for_seconds: float | None = None,
     ) -> CircuitBreakerState:
-        """Force ``key`` to FORCED_OPEN (until ``until`` or a reset), DISABLED or CLOSED."""
+        """Force ``key`` to FORCED_OPEN (``for_seconds`` counts from TIME), DISABLED or CLOSED."""
         target = CircuitState(state)
         if target not in _FORCE_TARGETS:
             raise ConfigurationError(
                 f"cannot force a circuit to {target.value!r}; use forced_open, disabled or closed"
             )
-        if until is not None and (until.tzinfo is None or until.utcoffset() is None):
-            raise RecordValidationError("until must be a timezone-aware datetime", path="until")
+        until_ts, span = self.checked_force_end(until, for_seconds)
         extra = [
             target.value,
-            "" if until is None else _num(until.timestamp()),
+            "" if until_ts is None else _num(until_ts),
             _opt_text(reason),
+            "" if span is None else _num(span),
         ]
         _, _, new = await self._run("force", key, _DEFAULT_POLICY_ARG, extra)
         return new

@@ -400,11 +400,26 @@ local function decayed_trips(st, now)
   return math.max(0, st.open_count - math.floor(healthy / P.healthy_decay_seconds))
 end
 
-local function do_open(st, now, retry_after, err, reason)
-  local trips = decayed_trips(st, now) + 1
-  local untl = now + open_seconds(trips)
-  if retry_after ~= nil then
-    untl = math.max(untl, now + retry_after)
+-- a 429 whose Retry-After (at least min_retry_after_open) opens at once
+local function holds_off(outcome, retry_after)
+  return outcome == "rate_limited" and retry_after ~= nil
+    and retry_after >= P.min_retry_after_open
+end
+
+-- OPEN from now: a trip counts one more recent trip and opens for open_seconds of them
+-- (or retry_after if longer); a rate limit alone (trip false) opens for exactly
+-- retry_after and leaves the (decayed) trip count as it is
+local function do_open(st, now, retry_after, err, reason, trip)
+  local trips = decayed_trips(st, now)
+  local untl
+  if trip then
+    trips = trips + 1
+    untl = now + open_seconds(trips)
+    if retry_after ~= nil then
+      untl = math.max(untl, now + retry_after)
+    end
+  else
+    untl = now + retry_after
   end
   local n = copy(st)
   n.state = "open"
@@ -582,7 +597,11 @@ local function apply_outcome(st, r, now)
     if is_failure(outcome) then
       local n = copy(st)
       n.last_failure_ts = now
-      return do_open(n, now, r.retry_after, r.error, "half-open probe failed"), true
+      if holds_off(outcome, r.retry_after) then
+        return do_open(n, now, r.retry_after, r.error, string.format(
+          "half-open probe rate limited (Retry-After %gs)", r.retry_after), false), true
+      end
+      return do_open(n, now, r.retry_after, r.error, "half-open probe failed", true), true
     end
     -- ignored / cancelled / rejected / not_sent: return the lease, learn nothing
     local n = copy(st)
@@ -621,13 +640,9 @@ local function apply_outcome(st, r, now)
   n.updated_at_ts = now
   st = n
   local retry_after = r.retry_after
-  if outcome == "rate_limited" and retry_after ~= nil and retry_after >= P.min_retry_after_open then
-    return do_open(st, now, retry_after, r.error,
-      string.format("rate limited (Retry-After %gs)", retry_after)), true
-  end
   if streak >= P.consecutive_failures then
     return do_open(st, now, retry_after, r.error,
-      string.format("%d consecutive failures", streak)), true
+      string.format("%d consecutive failures", streak), true), true
   end
   local calls = 0
   local failures = 0
@@ -637,7 +652,11 @@ local function apply_outcome(st, r, now)
   end
   if calls >= P.minimum_calls and failures / calls >= P.failure_rate_threshold then
     return do_open(st, now, retry_after, r.error,
-      string.format("failure rate %d/%d over %gs", failures, calls, P.window_seconds)), true
+      string.format("failure rate %d/%d over %gs", failures, calls, P.window_seconds), true), true
+  end
+  if holds_off(outcome, retry_after) then
+    return do_open(st, now, retry_after, r.error,
+      string.format("rate limited (Retry-After %gs)", retry_after), false), true
   end
   return st, true
 end
@@ -734,7 +753,13 @@ elseif OP == "force" then
   if state == nil then
     state = initial_state(NOW)
   end
-  state = force(state, ARGV[6], NOW, opt_num(ARGV[7]), opt_str(ARGV[8]))
+  -- ARGV[7] an end (UTC epoch seconds) or ARGV[9] a span from the server's TIME
+  local untl = opt_num(ARGV[7])
+  local span = opt_num(ARGV[9])
+  if span ~= nil then
+    untl = NOW + span
+  end
+  state = force(state, ARGV[6], NOW, untl, opt_str(ARGV[8]))
   changed = true
 elseif OP == "reset" then
   state = reset(state, NOW)

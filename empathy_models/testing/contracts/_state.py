@@ -6,6 +6,8 @@ tripping, generations, recovery and probes, manual control, isolation, concurren
 from __future__ import annotations
 
 import itertools
+import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -174,17 +176,126 @@ class _KeyChecks:
 
 
 @pytest.mark.asyncio
-class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks):
+class _OpenTimes:
+    """
+    How long a circuit stays open, on the store's clock (a part of
+    `CircuitStateStoreContract`): a 429's Retry-After, a forced span, the provider rule.
+    """
+
+    def _needs_state(self) -> None:
+        """Skip a store that keeps no state (`CircuitStateStoreContract` overrides it)."""
+
+    async def test_a_429_opens_for_exactly_its_retry_after_and_is_not_a_trip(
+        self, state_store: CircuitStateStore, advance_clock: AdvanceClock
+    ) -> None:
+        self._needs_state()
+        policy = _policy(recovery_seconds=60.0, max_recovery_seconds=600.0)
+        policy = attrs.evolve(policy, min_retry_after_open=0.2)
+
+        def limited(ticket: Ticket, retry_after: float) -> OutcomeReport:
+            return OutcomeReport(
+                ticket=ticket, outcome=Outcome.RATE_LIMITED, retry_after=retry_after, error="429"
+            )
+
+        for _ in range(3):  # each 429 after a closing probe: the same short open time
+            ticket = await _admitted(state_store, "k", policy)
+            held = await state_store.record("k", policy, [limited(ticket, 0.3)])
+            assert held.state is CircuitState.OPEN and held.open_count == 0, held
+            assert held.opened_at_ts is not None and held.open_until_ts is not None
+            assert held.open_until_ts - held.opened_at_ts == pytest.approx(0.3), held
+            rejected = await state_store.admit("k", policy)
+            assert rejected.retry_after is not None and 0 < rejected.retry_after <= 0.3 + 1e-6
+            probe = await _wait_for_probe(state_store, "k", policy, rejected, advance_clock)
+            # a probe's 429 re-opens for its Retry-After too, still without a trip
+            reheld = await state_store.record("k", policy, [limited(probe, 0.3)])
+            assert reheld.state is CircuitState.OPEN and reheld.open_count == 0, reheld
+            assert reheld.open_until_ts is not None and reheld.opened_at_ts is not None
+            assert reheld.open_until_ts - reheld.opened_at_ts == pytest.approx(0.3), reheld
+            probe = await _wait_for_probe(
+                state_store, "k", policy, await state_store.admit("k", policy), advance_clock
+            )
+            closed = await state_store.record("k", policy, [_report(probe, Outcome.SUCCESS)])
+            assert closed.state is CircuitState.CLOSED
+
+        # a streak trip by the same 429 is a trip: the longer of the two open times
+        early = await _admitted(state_store, "streak", policy)
+        await _fail(state_store, "streak", policy, 2)
+        tripped = await state_store.record(
+            "streak", policy, [limited(await _admitted(state_store, "streak", policy), 0.3)]
+        )
+        assert tripped.state is CircuitState.OPEN and tripped.open_count == 1, tripped
+        assert tripped.open_until_ts is not None and tripped.opened_at_ts is not None
+        assert tripped.open_until_ts - tripped.opened_at_ts == pytest.approx(60.0), tripped
+        # a shorter 429 reported late never shortens the open period
+        late = await state_store.record("streak", policy, [limited(early, 0.3)])
+        assert late.open_until_ts == pytest.approx(tripped.open_until_ts), late
+
+    async def test_forced_open_for_seconds_counts_from_the_store_clock(
+        self, state_store: CircuitStateStore, advance_clock: AdvanceClock
+    ) -> None:
+        self._needs_state()
+        timed = await state_store.force("k", CircuitState.FORCED_OPEN, for_seconds=0.2)
+        assert timed.state is CircuitState.FORCED_OPEN
+        assert timed.open_until_ts is not None and timed.updated_at_ts is not None
+        assert timed.open_until_ts - timed.updated_at_ts == pytest.approx(0.2), timed
+        # never shortened: a shorter span keeps the end, a longer one moves it later
+        same = await state_store.force("k", CircuitState.FORCED_OPEN, for_seconds=0.0)
+        assert same.open_until_ts == pytest.approx(timed.open_until_ts)
+        rejected = await state_store.admit("k", _TRIP3)
+        assert not rejected.admitted and rejected.retry_after is not None
+        assert 0 < rejected.retry_after <= 0.2 + 1e-6
+        probe = await _wait_for_probe(state_store, "k", _TRIP3, rejected, advance_clock)
+        assert probe.lease_id is not None
+        longer = await state_store.force("long", CircuitState.FORCED_OPEN, for_seconds=3_600.0)
+        assert longer.open_until_ts is not None and longer.updated_at_ts is not None
+        assert longer.open_until_ts - longer.updated_at_ts == pytest.approx(3_600.0)
+        until = datetime.fromtimestamp(longer.updated_at_ts + 60, UTC)
+        for bad in (-1.0, math.nan, math.inf):
+            with pytest.raises(RecordValidationError, match="for_seconds"):
+                await state_store.force("k2", CircuitState.FORCED_OPEN, for_seconds=bad)
+        with pytest.raises(RecordValidationError, match="until or for_seconds"):
+            await state_store.force("k2", CircuitState.FORCED_OPEN, until=until, for_seconds=1.0)
+        assert (await state_store.snapshot("k2")).generation == 0
+
+    async def test_the_provider_rule_holds_for_a_worker_whose_clock_is_off(
+        self, state_store: CircuitStateStore
+    ) -> None:
+        self._needs_state()
+        if not state_store.shared:
+            pytest.skip(f"{type(state_store).__name__} is not shared between instances")
+        policy = _policy(consecutive_failures=1, recovery_seconds=60.0, max_recovery_seconds=60.0)
+        for skew in (-90.0, 90.0):  # a worker behind the store's clock, then one ahead
+            await state_store.reset()
+
+            def clock(skew: float = skew) -> float:
+                return time.time() + skew
+
+            async with CircuitBreaker(state_store, policy, clock=clock) as worker:
+                for model in ("a", "b", "c"):  # three models open: the provider rule
+                    ticket = await worker.admit(worker.key_for("prov", model))
+                    await worker.report(ticket, Outcome.FAILURE, error="503 (contract)")
+            held = await state_store.snapshot("prov")
+            assert held.state is CircuitState.FORCED_OPEN, (skew, held)
+            assert held.open_until_ts is not None and held.updated_at_ts is not None
+            assert held.open_until_ts - held.updated_at_ts == pytest.approx(60.0), (skew, held)
+            rejected = await state_store.admit("prov", policy)
+            assert not rejected.admitted and rejected.retry_after is not None, (skew, rejected)
+            assert rejected.retry_after > 30.0, (skew, rejected)
+
+
+class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks, _OpenTimes):
     """
     The contract of `CircuitStateStore`.  Override the ``state_store_url`` fixture.
 
     Covers: unseen keys read CLOSED; tripping at the threshold; stale tickets dropped;
     generation strictly increasing on transitions; OPEN -> HALF_OPEN after the recovery
-    time; probe lease exclusivity under 100 concurrent admits; lease expiry; force,
-    snapshot, snapshot_all and reset (which outdates every ticket issued before it, by
-    the store or by a breaker's view, of a key admitted, read or never written);
-    isolation between keys; 100 concurrent outcome reports counted exactly; idempotent
-    close; use after close; naive datetimes.
+    time; a 429 opening for exactly its Retry-After without counting a trip; probe
+    lease exclusivity under 100 concurrent admits; lease expiry; forcing open for a
+    span of the store's clock, and the provider rule for a worker whose clock is off
+    it; force, snapshot, snapshot_all and reset (which outdates every ticket issued
+    before it, by the store or by a breaker's view, of a key admitted, read or never
+    written); isolation between keys; 100 concurrent outcome reports counted exactly;
+    idempotent close; use after close; naive datetimes.
     """
 
     keeps_state: ClassVar[bool] = True
