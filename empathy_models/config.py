@@ -192,6 +192,17 @@ def _check_env_name(_: object, attribute: Any, value: object) -> None:
         raise ConfigurationError(f"ProviderConfig.{attribute.name} {flaw}, got {shown(value)}")
 
 
+def _read_from(provider: HTTPProvider, env_name: str) -> None:
+    """
+    Make ``provider`` (built with ``api_key_from_env=False``) name ``env_name`` as the
+    variable its key comes from, in the `MissingAPIKeyWarning` and `MissingAPIKeyError`
+    hints, instead of its kind's default variable.
+    """
+    provider.env_var = env_name
+    # the default variable was not withheld from this endpoint: it is not this key's source
+    provider._env_key_withheld = False
+
+
 @frozen(kw_only=True)
 class ProviderConfig:
     """
@@ -217,23 +228,34 @@ class ProviderConfig:
     timeout: float | None = None
 
     def build(self) -> HTTPProvider:
-        """The provider this table describes (keys read from the environment now)."""
+        """
+        The provider this table describes (keys read from the environment now).
+
+        With ``api_key_env`` (and no ``api_key``) the variable it names is the only
+        source of the key: unset, the provider is keyless (and its hints name that
+        variable), never keyed by the kind's default variable (``OPENAI_API_KEY``,
+        ``ANTHROPIC_API_KEY``).
+        """
         from .providers import AnthropicProvider, OpenAIProvider
 
         key = self.api_key
-        if key is None and self.api_key_env is not None:
-            key = os.environ.get(self.api_key_env) or None
+        named = self.api_key_env if key is None else None
+        if named is not None:
+            key = os.environ.get(named) or None
         options: dict[str, Any] = {
             "name": self.name,
             "base_url": self.base_url,
             "headers": dict(self.headers) or None,
-            "api_key_from_env": self.api_key_from_env,
+            # the variable api_key_env names replaces the default one
+            "api_key_from_env": False if named is not None else self.api_key_from_env,
         }
         if self.timeout is not None:
             options["timeout"] = self.timeout
-        if self.kind == "anthropic":
-            return AnthropicProvider(key, **options)
-        return OpenAIProvider(key, **options)
+        cls = AnthropicProvider if self.kind == "anthropic" else OpenAIProvider
+        provider = cls(key, **options)
+        if named is not None:
+            _read_from(provider, named)
+        return provider
 
     def describe(self) -> str:
         """A one-line, secret-free description for ``config show``."""

@@ -19,9 +19,11 @@ import pytest
 
 from empathy_models import (
     AdaptiveModelRouter,
+    AllRoutesFailedError,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
+    MissingAPIKeyWarning,
     OpenAIProvider,
 )
 from empathy_models.config import EmpathyConfig, ProviderConfig, find_config_file
@@ -292,6 +294,38 @@ timeout = 120
         True,
     )
     assert "gw-secret" not in repr(EmpathyConfig.load(path))
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["base_url_from_env", "api_key_from_env"],
+)
+async def test_an_unset_api_key_env_leaves_the_provider_keyless(
+    project: Path, server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The variable ``api_key_env`` names is the only source: never the default one."""
+    monkeypatch.delenv("TEAM_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # the server's key: sending it would work
+    (project / "models.toml").write_text(MODELS)
+    table = '[providers.house]\ntype = "openai"\napi_key_env = "TEAM_KEY"\n'
+    if where == "base_url_from_env":
+        monkeypatch.setenv("OPENAI_BASE_URL", server.openai_base_url)
+    else:
+        table += f'base_url = "{server.openai_base_url}"\napi_key_from_env = true\n'
+    (project / "empathy.toml").write_text(f'registry = "models.toml"\n{table}')
+    [provider] = EmpathyConfig.load().build_providers()
+    assert not provider.has_api_key
+    with pytest.warns(MissingAPIKeyWarning, match=r"house \(set TEAM_KEY or pass api_key="):
+        executor = EmpathyLLMExecutor.from_config(router=False)
+    async with executor:
+        with pytest.raises(AllRoutesFailedError, match=r"MissingAPIKeyError: .*set TEAM_KEY"):
+            await executor.run("hello", ExecutionContext(model="house-small"))
+    assert server.requests() == 0
+
+    monkeypatch.setenv("TEAM_KEY", KEY)
+    async with EmpathyLLMExecutor.from_config(router=False) as executor:
+        response = await executor.run("hello", ExecutionContext(model="house-small"))
+    assert response.model == "house-small" and server.requests() == 1
 
 
 @pytest.mark.parametrize(
