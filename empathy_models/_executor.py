@@ -119,6 +119,7 @@ from ._setup import (
     NO_TELEMETRY,
     checked,
     checked_breaker,
+    config_arguments,
     index_limits,
     index_providers,
     keyless_message,
@@ -496,7 +497,7 @@ class EmpathyLLMExecutor:
         cls,
         path: str | os.PathLike[str] | None = None,
         *,
-        router: bool = True,
+        router: bool | _Router | None = True,
         **options: Any,
     ) -> EmpathyLLMExecutor:
         """
@@ -510,37 +511,17 @@ class EmpathyLLMExecutor:
             path: the file; by default found like the CLI finds it (``EMPATHY_CONFIG``,
                 ``./empathy.toml``, ``$EMPATHY_HOME/empathy.toml``; none: the defaults,
                 telemetry and breaker state in ``$EMPATHY_HOME/empathy.db``).
-            router: whether to build the router.
+            router: ``True`` builds the router; ``False`` or ``None``: no router; a
+                router object (an `AdaptiveModelRouter`) is used as given, borrowed
+                like every object passed in (the caller opens and closes it).
             **options: constructor arguments (``retry=``, ``fallback=``, ...); they win.
 
         Raises:
             ConfigurationError: an invalid file.
         """
-        from ._router import AdaptiveModelRouter
-        from .config import EmpathyConfig, ensure_sqlite_parent
-
-        config = EmpathyConfig.load(path)
-        registry = options.pop("registry", None)
-        if registry is None:
-            registry = config.registry()
-        providers = options.pop("providers", None)
-        if providers is None:
-            providers = config.build_providers()
-        telemetry = options.pop("telemetry_store", None)
-        owned: list[AbstractAsyncContextManager[Any]] = []
-        if telemetry is None:
-            ensure_sqlite_parent(config.telemetry_url)
-            telemetry = telemetry_from_url(config.telemetry_url)
-            owned.append(telemetry)
-        if router and "router" not in options:
-            built = AdaptiveModelRouter(registry, telemetry)
-            options["router"] = built
-            owned.append(built)
-        if "breaker" not in options:
-            ensure_sqlite_parent(config.state_url)
-            options["breaker"] = config.state_url
-        executor = cls(providers, registry=registry, telemetry_store=telemetry, **options)
-        executor._owned = tuple(owned)
+        providers, arguments, owned = config_arguments(path, router, options)
+        executor = cls(providers, **arguments)
+        executor._owned = owned
         return executor
 
     # ------------------------------------------------------------------ properties

@@ -3,13 +3,16 @@ What `EmpathyLLMExecutor.__init__` checks and derives from its arguments: the pr
 by name (each must have models in the registry), the concurrency limit per provider,
 the policies' types, that the breaker is one (not a state store), the providers without
 an API key, the limiter when any budget or rate limit applies, and the words of the
-warnings it gives once.
+warnings it gives once; and what `EmpathyLLMExecutor.from_config` builds from
+``empathy.toml``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TypeVar, cast
+from contextlib import AbstractAsyncContextManager
+from typing import Any, TypeVar, cast
 
 from ._planner import _key_hint
 from ._validators import MAX_SIZE, check, failure, integer, shown
@@ -173,6 +176,54 @@ def keyless_message(providers: Mapping[str, Provider], keyless: frozenset[str]) 
         + ("its" if len(keyless) == 1 else "their")
         + " models are not routed to"
     )
+
+
+def config_arguments(
+    path: str | os.PathLike[str] | None, router: object, options: dict[str, Any]
+) -> tuple[Any, dict[str, Any], tuple[AbstractAsyncContextManager[Any], ...]]:
+    """
+    For `EmpathyLLMExecutor.from_config`: the providers, the other constructor arguments
+    and what the executor owns (the telemetry backend and router built here), from
+    ``empathy.toml`` at ``path`` and ``options`` (which win).  ``router=True`` builds an
+    `AdaptiveModelRouter` over the same telemetry; ``False`` / ``None`` means none; any
+    other value is the router itself, borrowed (`ConfigurationError` if it is none).
+    """
+    from ._router import AdaptiveModelRouter
+    from .backends import telemetry_from_url
+    from .config import EmpathyConfig, ensure_sqlite_parent
+
+    config = EmpathyConfig.load(path)
+    arguments = dict(options)
+    registry = arguments.pop("registry", None)
+    if registry is None:
+        registry = config.registry()
+    providers = arguments.pop("providers", None)
+    if providers is None:
+        providers = config.build_providers()
+    telemetry = arguments.pop("telemetry_store", None)
+    owned: list[AbstractAsyncContextManager[Any]] = []
+    if telemetry is None:
+        ensure_sqlite_parent(config.telemetry_url)
+        telemetry = telemetry_from_url(config.telemetry_url)
+        owned.append(telemetry)
+    if router is True:
+        router = AdaptiveModelRouter(registry, telemetry)
+        owned.append(router)
+    elif router is False:
+        router = None
+    elif router is not None and not all(
+        callable(getattr(router, name, None)) for name in ("get_best_model", "record_outcome")
+    ):
+        raise ConfigurationError(
+            "from_config(router=) must be True, False, None or a router (an "
+            f"AdaptiveModelRouter), got {shown(router)}"
+        )
+    arguments["router"] = router
+    if "breaker" not in arguments:
+        ensure_sqlite_parent(config.state_url)
+        arguments["breaker"] = config.state_url
+    arguments.update(registry=registry, telemetry_store=telemetry)
+    return providers, arguments, tuple(owned)
 
 
 def limiter_for(

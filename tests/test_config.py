@@ -23,6 +23,7 @@ from empathy_models import (
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
+    LLMCallRecord,
     MissingAPIKeyWarning,
     OpenAIProvider,
 )
@@ -404,6 +405,36 @@ async def test_without_a_file_the_executor_writes_where_the_cli_reads(
     summary = cli(project, home, "telemetry", "summary", "--json")
     assert summary.returncode == 0, summary.stderr
     assert sum(m["calls"] for m in json.loads(summary.stdout)["models"]) == 1
+
+
+class CountingRouter(AdaptiveModelRouter):
+    """An `AdaptiveModelRouter` that counts the outcomes it is told."""
+
+    told = 0
+
+    def record_outcome(self, record: LLMCallRecord) -> None:
+        self.told += 1
+        super().record_outcome(record)
+
+
+async def test_from_config_uses_the_router_it_is_given(
+    project: Path, server: FakeLLMServer
+) -> None:
+    """``router=<a router>`` is used as given, and left open (borrowed), as **options win."""
+    write_config(project, server)
+    config = EmpathyConfig.load()
+    context = ExecutionContext(workflow="support", stage="triage", tier="cheap")
+    async with CountingRouter(config.registry(), seed=1) as mine:
+        for _ in range(2):
+            async with EmpathyLLMExecutor.from_config(router=mine) as executor:
+                assert (await executor.run("hello", context)).model == "house-small"
+        # borrowed: the first executor's exit left it working for the second
+        assert mine.told == 2
+    async with EmpathyLLMExecutor.from_config(router=None) as executor:
+        await executor.run("hello", context)
+    assert mine.told == 2 and server.requests() == 3
+    with pytest.raises(ConfigurationError, match=r"router=\) must be True, False, None or a"):
+        EmpathyLLMExecutor.from_config(router="yes")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
