@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import logging
 import os
 import threading
 import weakref
@@ -45,6 +46,8 @@ from .exceptions import ConfigurationError, NotOpenError
 __all__ = ["SyncExecutor"]
 
 T = TypeVar("T")
+
+logger = logging.getLogger("empathy_models.sync")
 
 
 # how long `close` waits for the calls it cancelled to finish unwinding (a coroutine
@@ -70,8 +73,22 @@ class _LoopThread:
         self.thread.start()
 
     def _serve(self) -> None:
+        """Run the loop until `close` stops it, whatever escapes one of its callbacks."""
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        while True:
+            try:
+                self.loop.run_forever()
+            except (SystemExit, KeyboardInterrupt) as exc:
+                # asyncio lets these out of run_forever (a callback or task of the code
+                # given to `call` raised one): the loop serves on, the calls wait for it
+                logger.error(
+                    "%s raised on the SyncExecutor's event loop (not by a call, which "
+                    "would have raised it in its caller); the loop goes on",
+                    type(exc).__name__,
+                    exc_info=exc,
+                )
+                continue
+            return  # stopped by `close`
 
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self.thread.ident
@@ -104,6 +121,10 @@ class _LoopThread:
             self._tasks.add(task)
             try:
                 return await make()
+            except (SystemExit, KeyboardInterrupt) as exc:
+                # asyncio would let these out of the loop (ending its thread), never to
+                # reach the caller: carried as an ordinary exception, raised there
+                raise _Carried(exc) from None
             finally:
                 self._tasks.discard(task)
 
@@ -115,6 +136,8 @@ class _LoopThread:
             self._futures.add(future)
         try:
             return future.result(timeout)
+        except _Carried as carried:
+            raise carried.exc from None
         except concurrent.futures.CancelledError:
             if self.closed:
                 raise _closed_during_call() from None
@@ -176,6 +199,14 @@ class _LoopThread:
             threading.Thread(target=self.close, name=self.thread.name + "-close").start()
         else:
             self.close()
+
+
+class _Carried(Exception):
+    """A `SystemExit` or `KeyboardInterrupt` of a call, carried from the loop to its caller."""
+
+    def __init__(self, exc: SystemExit | KeyboardInterrupt) -> None:
+        super().__init__(exc)
+        self.exc = exc
 
 
 def _closed_during_call() -> NotOpenError:
@@ -327,6 +358,9 @@ class SyncExecutor:
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """
         Run ``fn(*args, **kwargs)`` on the private loop and return its result.
+
+        What it raises is raised here, `SystemExit` and `KeyboardInterrupt` included
+        (the loop serves on).
 
         Raises:
             NotOpenError: (a `RuntimeError`) after `close`.

@@ -7,6 +7,7 @@ every call, concurrent callers from threads, a timeout that cancels, and a clean
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import subprocess
 import sys
@@ -252,3 +253,25 @@ def test_close_from_inside_a_call_is_refused(server: FakeLLMServer) -> None:
         assert not llm.closed
         assert llm.run("still there?", CHEAP).content
     assert llm.closed
+
+
+def test_system_exit_or_ctrl_c_in_a_call_reaches_its_caller_and_the_loop_serves_on(
+    server: FakeLLMServer,
+) -> None:
+    """``sys.exit`` in a coroutine given to `call` is raised in the caller, not on the loop."""
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
+        for fatal in (SystemExit(3), KeyboardInterrupt()):
+
+            async def bail(fatal: BaseException = fatal) -> None:
+                raise fatal
+
+            assert _call_from_a_thread(llm, bail) is fatal
+            assert llm.run("still there?", CHEAP).content
+
+        async def exit_later() -> None:
+            # raised by a callback of its own on the loop, after this call returned
+            asyncio.get_running_loop().call_soon(sys.exit, 4)
+
+        llm.call(exit_later)
+        assert llm.run("and now?", CHEAP).content
+    assert llm.closed and server.requests() == 3
