@@ -91,7 +91,8 @@ class _LoopThread:
             return  # stopped by `close`
 
     def on_loop_thread(self) -> bool:
-        return threading.get_ident() == self.thread.ident
+        # the thread itself, not its id: a thread started after this one ended may get it
+        return threading.current_thread() is self.thread
 
     def check_process(self) -> None:
         """Raise `NotOpenError` in a forked child: the loop thread did not survive the fork."""

@@ -275,3 +275,36 @@ def test_system_exit_or_ctrl_c_in_a_call_reaches_its_caller_and_the_loop_serves_
         llm.call(exit_later)
         assert llm.run("and now?", CHEAP).content
     assert llm.closed and server.requests() == 3
+
+
+def test_after_close_a_thread_reusing_the_loop_threads_id_is_not_taken_for_it(
+    server: FakeLLMServer,
+) -> None:
+    """A new thread may get the ended loop thread's id: ``close`` is still a no-op there."""
+    before = set(threading.enumerate())
+    llm = SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://")
+    [loop_thread] = [
+        t for t in threading.enumerate() if t not in before and t.name == "empathy-models-sync"
+    ]
+    loop_id = loop_thread.ident
+    llm.close()
+    assert not loop_thread.is_alive()
+    seen: list[tuple[bool, BaseException | None]] = []
+
+    def close_again() -> None:
+        same = threading.get_ident() == loop_id
+        try:
+            llm.close()
+            llm.run("hi", CHEAP)
+        except BaseException as exc:
+            seen.append((same, exc))
+
+    for _ in range(50):  # the OS reuses a joined thread's id at once, as a rule
+        thread = threading.Thread(target=close_again)
+        thread.start()
+        thread.join(10)
+        if seen[-1][0]:
+            break
+    else:
+        pytest.skip("no new thread got the ended loop thread's id")
+    assert isinstance(seen[-1][1], NotOpenError), seen[-1][1]
