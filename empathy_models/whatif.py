@@ -446,7 +446,12 @@ def _notes(simulation: _Simulation) -> list[str]:
         )
     for m in names:
         f = fits[m]
-        if f.known and not f.in_registry:
+        if not f.known and not f.in_registry:
+            notes.append(
+                f"{m}: not in the model registry either: no price, so its simulated calls "
+                "cost $0 (a typo? pass the registry that lists it)"
+            )
+        elif f.known and not f.in_registry:
             notes.append(f"{m}: not in the model registry: the router cannot choose it")
         elif f.known and f.samples < 30:
             notes.append(f"{m}: only {f.samples} calls in the window: its figures are uncertain")

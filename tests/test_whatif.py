@@ -141,6 +141,24 @@ async def test_a_tighter_policy_costs_more_and_a_model_without_data_is_unknown(
     assert width > narrow
 
 
+async def test_a_candidate_neither_registered_nor_recorded_is_noted_as_unpriced(
+    tmp_path: Path,
+) -> None:
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
+        await backend.record_many(history(1, 500))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    report = await simulate_policy(
+        evidence,
+        registry=REGISTRY,
+        candidates=["oracle", "oracel"],
+        requests=50,
+        replicates=2,
+    )
+    assert report.unknown_models == ("oracel",)
+    [note] = [n for n in report.notes if "oracel" in n and "registry" in n]
+    assert "no price" in note and "$0" in note
+
+
 async def test_the_share_of_requests_no_model_would_qualify_for(tmp_path: Path) -> None:
     async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
         await backend.record_many(history(2, 2_000))
@@ -516,6 +534,9 @@ def test_cli_errors_are_clear(tmp_path: Path, synth_db: tuple[Path, Path]) -> No
     for bad in (("--replicates", "1"), ("--requests", "0"), ("--min-success-rate", "2")):
         usage = run_cli(home, *base, ST, *bad)
         assert usage.returncode == 2 and "usage:" in usage.stderr, bad
+    typo = run_cli(home, *base, ST, "--candidates", "oracle,oracel")  # as routing best says
+    assert typo.returncode == 2, typo.stderr
+    assert "unknown model id(s) in --candidates: oracel (known: " in typo.stderr
     sweep = run_cli(home, *base, ST, "--sweep", "0.8,0.9")  # what it sweeps is only plotted
     assert sweep.returncode == 2 and "pass --plot" in sweep.stderr
     try:

@@ -171,8 +171,8 @@ def _register_whatif(sub: SubParsers) -> None:
     whatif.add_argument(
         "--candidates",
         metavar="MODEL[,MODEL...]",
-        help="candidate model ids (default: the models that served this stage); one "
-        "without data in the window is reported as unknown",
+        help="candidate model ids, from the registry (default: the models that served "
+        "this stage); one without data in the window is reported as unknown",
     )
     whatif.add_argument(
         "--input-tokens", type=_tokens, help="prompt size (default: the stage's mean)"
@@ -465,11 +465,10 @@ def cmd_routing_whatif(args: argparse.Namespace) -> int:
     """`empathy_models.whatif.evaluate_policy` for one stage: a table, JSON, or a plot."""
     url = db_url(args.db)
     registry = _registry(args)
-    candidates: list[str] | None = None
-    if args.candidates is not None:
-        candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
-        if not candidates:
-            raise CliError("--candidates needs at least one model id", code=2)
+    # checked as `routing best` checks them (whatif has no --tier): known ids only
+    candidates = _best_candidates(
+        argparse.Namespace(tier=None, candidates=args.candidates), registry
+    )
     sweep = _whatif_sweep(args)
     plot = _plot_file(args.plot) if args.plot is not None else None
     options: dict[str, Any] = {
