@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -318,6 +319,33 @@ def test_reset_yes_backs_up_and_restore_brings_back_every_field(home: Path) -> N
     assert stat.S_IMODE(backup.stat().st_mode) == 0o600
     ok(cli(home, "auth", "restore"))
     assert AuthStrategy.load(file) == custom
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"v": 1, "small_module_threshold": "five hundred"}', "{not json", "null"],
+    ids=["invalid-value", "not-json", "null"],
+)
+def test_the_hint_for_a_corrupt_file_resets_that_file(
+    home: Path, tmp_path: Path, content: str
+) -> None:
+    """``status --file F`` on a corrupt F: following its hint moves F away, not the default."""
+    ok(cli(home, "auth", "setup", "--tier", "max"))
+    default = home / "auth_strategy.json"
+    kept = default.read_bytes()
+    team = tmp_path / "team dir" / "team.json"
+    team.parent.mkdir()
+    team.write_text(content)
+    failed = cli(home, "auth", "status", "--file", str(team))
+    assert failed.returncode == 1
+    hint = failed.stderr.split("`")[1]
+    assert hint == f"empathy-models auth reset --yes --file '{team}'", failed.stderr
+    ok(cli(home, *shlex.split(hint)[1:]))
+    assert not team.exists() and default.read_bytes() == kept
+    # for the default file the hint needs no --file
+    default.write_text(content)
+    failed = cli(home, "auth", "status")
+    assert "`empathy-models auth reset --yes` keeps a backup" in failed.stderr
 
 
 def test_reset_with_nothing_to_reset_is_fine(home: Path) -> None:

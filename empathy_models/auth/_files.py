@@ -8,13 +8,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from .._paths import empathy_home, make_private_dirs
-from ..exceptions import AuthFileError
+from ..exceptions import AuthFileError, ConfigurationError
 
 __all__ = ["auth_strategy_file"]
 
@@ -33,7 +34,28 @@ def auth_strategy_file() -> Path:
 # --------------------------------------------------------------------------- file helpers
 
 
-_MOVE_AWAY: Final = "fix it, or move it away (`empathy-models auth reset --yes` keeps a backup)"
+def _reset_hint(file: Path) -> str:
+    """
+    The command that moves ``file`` away, keeping a backup, quoted for the messages:
+    ``--file`` names ``file`` unless it is the default one (`auth_strategy_file`).
+    """
+    command = "empathy-models auth reset --yes"
+    try:
+        default = os.path.abspath(file) == os.path.abspath(auth_strategy_file())
+    except (ConfigurationError, ValueError):  # no home directory, a NUL byte in the path
+        default = False
+    if not default:
+        command += f" --file {shlex.quote(str(file))}"
+    return f"`{command}` keeps a backup"
+
+
+def _corrupt(file: Path, why: str) -> AuthFileError:
+    """The error for a corrupt ``file``, saying ``why`` and how to move it away."""
+    return AuthFileError(
+        f"{file}: corrupt auth strategy file ({why}); fix it, or move it away "
+        f"({_reset_hint(file)})",
+        path=file,
+    )
 
 
 def _lexists(file: Path) -> bool:
@@ -74,30 +96,18 @@ def _read_json(file: Path) -> Any:
     try:
         data = json.loads(raw.decode("utf-8"))
     except RecursionError as exc:
-        raise AuthFileError(
-            f"{file}: corrupt auth strategy file (JSON nested too deeply); {_MOVE_AWAY}",
-            path=file,
-        ) from exc
+        raise _corrupt(file, "JSON nested too deeply") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         where = (
             f"line {exc.lineno} column {exc.colno}"
             if isinstance(exc, json.JSONDecodeError)
             else f"byte {exc.start}"
         )
-        raise AuthFileError(
-            f"{file}: corrupt auth strategy file (not valid UTF-8 JSON at {where}); {_MOVE_AWAY}",
-            path=file,
-        ) from exc
+        raise _corrupt(file, f"not valid UTF-8 JSON at {where}") from exc
     except ValueError as exc:  # an integer past Python's digit limit
-        raise AuthFileError(
-            f"{file}: corrupt auth strategy file (a number too long to read); {_MOVE_AWAY}",
-            path=file,
-        ) from exc
+        raise _corrupt(file, "a number too long to read") from exc
     if data is None:
-        raise AuthFileError(
-            f"{file}: corrupt auth strategy file (it holds JSON null, not an object); {_MOVE_AWAY}",
-            path=file,
-        )
+        raise _corrupt(file, "it holds JSON null, not an object")
     return data
 
 

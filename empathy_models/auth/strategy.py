@@ -22,7 +22,14 @@ from .._validators import check, failure, instance_of, integer, number, shown
 from ..exceptions import AuthFileError, ConfigurationError, RecordValidationError
 from ..records import ModelTier
 from ..registry import ModelRegistry
-from ._files import _atomic_write, _lexists, _locked, _read_json, auth_strategy_file
+from ._files import (
+    _atomic_write,
+    _lexists,
+    _locked,
+    _read_json,
+    _reset_hint,
+    auth_strategy_file,
+)
 
 __all__ = [
     "API_CONTEXT_TOKENS",
@@ -530,7 +537,7 @@ class AuthStrategy:
         except RecordValidationError as exc:
             raise AuthFileError(
                 f"{file}: invalid auth strategy ({exc}); fix the value, or move the file "
-                "away (`empathy-models auth reset --yes` keeps a backup)",
+                f"away ({_reset_hint(file)})",
                 path=file,
             ) from exc
 
