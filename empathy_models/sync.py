@@ -23,6 +23,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import logging
+import math
 import os
 import threading
 import weakref
@@ -39,6 +40,7 @@ from ._executor import (
     _Breaker,
     _Router,
 )
+from ._validators import check, failure, number
 from .abc import Provider, TelemetryBackend
 from .backends.batching import install_exit_hooks_from_caller
 from .exceptions import ConfigurationError, NotOpenError
@@ -49,6 +51,16 @@ T = TypeVar("T")
 
 logger = logging.getLogger("empathy_models.sync")
 
+
+_timeout = number(
+    failure(ConfigurationError),
+    low=0,
+    low_open=True,
+    finite=False,
+    optional=True,
+    type_why="must be a number > 0 or None",
+    why="must be a number > 0 (None or inf: no limit)",
+)
 
 # how long `close` waits for the calls it cancelled to finish unwinding (a coroutine
 # given to `SyncExecutor.call` may ignore the cancellation) before closing the executor
@@ -139,6 +151,13 @@ class _LoopThread:
             return future.result(timeout)
         except _Carried as carried:
             raise carried.exc from None
+        except concurrent.futures.TimeoutError:
+            if timeout is None or future.done():
+                raise  # the call's own TimeoutError, not the wait's
+            future.cancel()  # the call is cancelled on the loop as well
+            raise TimeoutError(
+                f"no answer within timeout={timeout:g} s: the call was cancelled"
+            ) from None
         except concurrent.futures.CancelledError:
             if self.closed:
                 raise _closed_during_call() from None
@@ -335,8 +354,9 @@ class SyncExecutor:
         Args:
             prompt: as for `EmpathyLLMExecutor.run`.
             context: as for `EmpathyLLMExecutor.run`.
-            timeout: seconds to wait; on expiry (or Ctrl-C) the call is cancelled on the
-                loop and recorded as cancelled.
+            timeout: seconds to wait, a number > 0 (``None`` or ``inf``: no limit); on
+                expiry (or Ctrl-C) the call is cancelled on the loop and recorded as
+                cancelled.
             **options: ``tools``, ``tool_choice``, ``response_format``, ``stop``, ``top_p``,
                 ``seed``, ``extra_body``, passed on.
 
@@ -345,16 +365,20 @@ class SyncExecutor:
 
         Raises:
             TimeoutError: when ``timeout`` expires (`KeyboardInterrupt` on Ctrl-C).
+            ConfigurationError: ``timeout`` is not a number > 0 or None (before anything
+                is sent).
             NotOpenError: (a `RuntimeError`) after `close`.
             ConfigurationError: when called from code running on the executor's own
                 loop (a coroutine given to `call`), where it would wait for itself; await
                 ``self.executor.run(...)`` there instead.
             Exception: whatever `EmpathyLLMExecutor.run` raises.
         """
+        check(_timeout, "timeout", timeout)
         executor = self._open()
         if self._hooks_pending:
             self._hooks_pending = not install_exit_hooks_from_caller()
-        return self._worker.call(lambda: executor.run(prompt, context, **options), timeout)
+        limit = None if timeout is None or math.isinf(timeout) else timeout
+        return self._worker.call(lambda: executor.run(prompt, context, **options), limit)
 
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """

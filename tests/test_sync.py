@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import subprocess
 import sys
 import textwrap
@@ -115,11 +116,22 @@ def test_a_timeout_cancels_the_call_on_the_loop(server: FakeLLMServer, tmp_path:
     pinned = ExecutionContext(workflow="script", stage="ask", model="claude-fake-haiku")
     url = f"sqlite:///{tmp_path / 'calls.db'}"
     with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store=url) as llm:
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match=r"^no answer within timeout=0.3 s"):
             llm.run("hello", pinned, timeout=0.3)
         assert llm.run("hello", CHEAP, timeout=30).content  # the loop is still serving
     outcomes = [r.outcome for r in _records(tmp_path / "calls.db")]
     assert Outcome.CANCELLED in outcomes
+
+
+def test_an_invalid_timeout_is_refused_before_anything_is_sent(server: FakeLLMServer) -> None:
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
+        for bad in (-1, 0, 0.0, math.nan, -math.inf, "5", True):
+            with pytest.raises(ConfigurationError, match=r"^timeout must be a number > 0"):
+                llm.run("hello", CHEAP, timeout=bad)  # type: ignore[arg-type]
+        assert server.requests() == 0
+        assert llm.run("hello", CHEAP, timeout=math.inf).content  # no limit, as None
+        assert llm.run("hello", CHEAP, timeout=30).content
+    assert server.requests() == 2
 
 
 def test_an_executor_left_open_warns() -> None:
@@ -274,6 +286,11 @@ def test_system_exit_or_ctrl_c_in_a_call_reaches_its_caller_and_the_loop_serves_
 
         llm.call(exit_later)
         assert llm.run("and now?", CHEAP).content
+
+        async def time_out() -> None:
+            raise TimeoutError("the call's own")
+
+        assert str(_call_from_a_thread(llm, time_out)) == "the call's own"
     assert llm.closed and server.requests() == 3
 
 
