@@ -124,10 +124,20 @@ class RoutingPolicy:
             untried models are costed on the stage's mean output tokens.
         default_min_success_rate: the floor used when a decision gives none (default
             0.8); ``None`` for no floor.
-        objective: ``"cheapest"`` (default) or ``"most_reliable"`` among eligible
-            candidates.
-        cost_tie_tolerance: relative cost difference treated as a tie (default 5%),
-            broken by a Thompson draw on the success rate.
+        objective: how the pick is made among eligible candidates.  ``"cheapest"``
+            (default): the one of least expected cost; those within
+            ``cost_tie_tolerance`` of it tie, and the tie goes to the highest Thompson
+            draw of the success rate (a draw from Beta(``prior_alpha`` + successes,
+            ``prior_beta`` + failures)) less 0.01 times the model's median latency
+            over the slowest tied one's.  ``"most_reliable"``: the highest such draw
+            less 0.001 times the model's expected cost over the dearest eligible one's
+            and 0.001 times its median latency over the slowest one's (a model without
+            a cost estimate or a measured latency counts as the dearest or the
+            slowest): cost and latency, together at most 0.2 percentage points, only
+            decide between models whose draws are that close, so a clearly more
+            reliable model is picked whatever it costs.
+        cost_tie_tolerance: relative cost difference treated as a tie under
+            ``"cheapest"`` (default 5%).
         explore_rate: exploration budget, as a share of decisions (default 0.005); ``0``
             disables exploration once something is proven.
         explore_burst: the most the budget accrues, in decisions' worth (default 10).
