@@ -634,7 +634,7 @@ class AdaptiveModelRouter:
                     records = merged[-size:]
                 else:
                     records = await store.recent(
-                        limit=size, workflow=workflow, stage=stage, since=since
+                        limit=size, workflow=workflow, stage=stage, since=since, samples_only=True
                     )
                     if stage is not None:
                         by_stage.setdefault(workflow, []).extend(records)

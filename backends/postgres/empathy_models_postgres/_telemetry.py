@@ -607,9 +607,12 @@ class PostgresTelemetryBackend(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        samples_only: bool,
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first (ties: last written first)."""
-        where, args = self._where(workflow=workflow, stage=stage, since=since, model=model)
+        where, args = self._where(
+            workflow=workflow, stage=stage, since=since, model=model, samples_only=samples_only
+        )
         args.append(min(limit, 2**63 - 1))  # no table holds more rows: the same answer
         query = (
             f"SELECT record FROM {self._calls}{where} ORDER BY ts DESC, seq DESC LIMIT ${len(args)}"

@@ -43,6 +43,7 @@ from ._database import MEMORY, _Database
 from ._schema import (
     _EVIDENCE_VERSION,
     _REFUSED,
+    _SAMPLES_ONLY,
     _SELECT_CALLS,
     SCHEMA_VERSION,
     _add_evidence,
@@ -360,12 +361,15 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        samples_only: bool,
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first (flushes first)."""
         await self.flush()
         if limit == 0:
             return []
         where, params = self._filters(workflow=workflow, stage=stage, model=model, since=since)
+        if samples_only:
+            where += f" AND {_SAMPLES_ONLY}"
         params["limit"] = min(limit, INT64_MAX)  # no table holds more rows: the same answer
         sql = f"{_SELECT_CALLS} WHERE 1{where} ORDER BY ts_us DESC, id DESC LIMIT :limit"
 
