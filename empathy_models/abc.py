@@ -155,12 +155,13 @@ class TelemetryBackend(AsyncResource):
       model), or per (workflow, model) with ``per_stage=False``.  Latency (p50, p95
       nearest-rank, and the average) and average tokens are over successful calls;
       ``avg_cost_usd`` is over all samples.  ``first_seen`` / ``last_seen`` span the
-      group's samples.  Records with ``workflow`` or ``stage`` ``None`` form their own
-      groups; where such groups sort is up to the backend.
+      group's samples.  Records without a ``workflow`` or ``stage`` (``None`` or ``""``)
+      form their own groups, reported as ``None``; where they sort is up to the backend.
     * `recent` returns the newest records first, ordered by timestamp; with
       ``samples_only`` only sample records (see `Outcome.is_sample`).
-    * Filters given as ``None`` match everything.  ``since`` is inclusive, ``until``
-      exclusive; both must be aware datetimes.
+    * Filters given as ``None`` match everything.  A ``workflow`` or ``stage`` filter of
+      ``""`` matches the records without one (``None`` or ``""``).  ``since`` is
+      inclusive, ``until`` exclusive; both must be aware datetimes.
     """
 
     async def record(self, record: LLMCallRecord) -> None:

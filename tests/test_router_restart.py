@@ -255,3 +255,44 @@ async def test_tier_advice_after_a_restart_skips_newer_calls_that_are_not_sample
     clock.advance(60.0)
     async with AdaptiveModelRouter(registry(), url, clock=clock, refresh_interval=None) as fresh:
         assert [fresh.recommend_tier_upgrade(WF, st) for st in (ST, None)] == live
+
+
+async def test_tier_advice_for_calls_without_a_workflow_or_stage_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    # calls without a workflow (all failed), a workflow's calls without a stage (all
+    # fine) and one of its stages (all failed): every window a restarted router holds
+    # is the live one's, the stage-less ones ("") included
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    clock = FakeClock()
+    groups = [(None, None, Outcome.FAILURE), ("wf", None, Outcome.SUCCESS)]
+    groups += [("wf", "s1", Outcome.FAILURE), ("", "", Outcome.FAILURE)]
+    asked = [("", ""), ("", None), ("wf", ""), ("wf", None), ("wf", "s1")]
+    async with (
+        telemetry_from_url(url) as store,
+        AdaptiveModelRouter(registry(), store, clock=clock, refresh_interval=None) as router,
+    ):
+        for workflow, stage, outcome in groups:
+            for _ in range(12):
+                clock.advance(1.0)
+                record = LLMCallRecord(
+                    provider="openai",
+                    model="nano",
+                    outcome=outcome,
+                    timestamp=datetime.fromtimestamp(clock(), UTC),
+                    workflow=workflow,
+                    stage=stage,
+                )
+                await store.record(record)
+                router.record_outcome(record)
+        live = [router.recommend_tier_upgrade(wf, st) for wf, st in asked]
+    assert [(a.window, a.failures) for a in live] == [
+        (20, 20),
+        (20, 20),
+        (12, 0),
+        (20, 12),
+        (12, 12),
+    ]
+    clock.advance(60.0)
+    async with AdaptiveModelRouter(registry(), url, clock=clock, refresh_interval=None) as fresh:
+        assert [fresh.recommend_tier_upgrade(wf, st) for wf, st in asked] == live

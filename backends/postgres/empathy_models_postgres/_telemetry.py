@@ -505,6 +505,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
         for column, value in (("workflow", workflow), ("stage", stage), ("model", model)):
             if value is None:
                 continue
+            if not value and column != "model":  # none: recorded as NULL or ""
+                clauses.append(f"({column} IS NULL OR {column} = '')")
+                continue
             # a record PostgreSQL refused (a NUL, a lone surrogate) was stored made safe:
             # a filter finds it by that form (`stored_forms`), never sends one it refuses
             params = []

@@ -290,6 +290,9 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         for name, value in (("workflow", workflow), ("stage", stage), ("model", model)):
             if value is None:
                 continue
+            if not value and name != "model":  # none: recorded as NULL or ""
+                clauses.append(f"({name} IS NULL OR {name} = '')")
+                continue
             # a record SQLite refused (a lone surrogate) was stored made safe (`storable`)
             forms = stored_forms(value)
             if len(forms) == 1:
