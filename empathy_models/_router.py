@@ -108,6 +108,25 @@ def _since(floor: int | None) -> datetime:
     return _EARLIEST if floor is None else datetime.fromtimestamp(floor, UTC)
 
 
+def _seed_targets(
+    arms: Iterable[tuple[str | None, str | None, str]], limit: int
+) -> tuple[list[tuple[str, str | None]], set[str]]:
+    """
+    The recent-outcome windows a router's start reads: the first ``limit`` (workflow,
+    stage) pairs of ``arms``, then each of their workflows (stage ``None``); and the
+    workflows whose every stage is read, whose own window is the latest of theirs (one
+    query without a stage can scan the whole table: ~0.85 s at 1M calls).  Calls
+    without a workflow or stage are those of workflow or stage ``""`` (the store's
+    filter ``""`` finds them, recorded as ``None`` or ``""``), as `RecentWindows` keys
+    them; a workflow's calls without a stage count as one of its stages.
+    """
+    every = {(wf or "", st or "") for wf, st, _ in arms}
+    stages = sorted(every)[:limit]
+    read = set(stages)
+    whole = {wf for wf, _ in stages if all((w, st) in read for w, st in every if w == wf)}
+    return [*stages, *sorted({(wf, None) for wf, _ in stages})], whole
+
+
 def window_step(days: float) -> float:
     """How far the window's start moves at once: 1/168 of it in whole minutes, at least one."""
     return max(float(BUCKET), math.floor(days * 86400.0 / WINDOW_STEPS / BUCKET) * BUCKET)
@@ -608,22 +627,15 @@ class AdaptiveModelRouter:
 
     async def _seed_rings(self) -> None:
         # One ``recent`` call per workflow stage with evidence (and one per workflow for
-        # ``stage=None``), so a low-traffic stage is not starved by a busy one.  At start.
-        # A workflow's calls without a stage count as one of its stages (for the limit).
+        # ``stage=None``, see `_seed_targets`), so a low-traffic stage is not starved by
+        # a busy one.  At start.
         store = self._store
         limit = self.policy.seed_stage_limit
         if store is None or limit == 0:
             return
         now = self._clock()
         since = _since(window_floor(now, self.policy.window_days))
-        every = {(wf, st) for wf, st, _ in self._memory.arms if wf}
-        chosen = sorted(every, key=lambda key: (key[0], key[1] or ""))[:limit]
-        stages = [(wf, st) for wf, st in chosen if st]
-        targets: list[tuple[str, str | None]] = [*stages, *sorted({(wf, None) for wf, _ in chosen})]
-        # a workflow whose every stage was read: its own window is the latest of theirs
-        # (one query without a stage can scan the whole table: ~0.85 s at 1M calls)
-        read = set(stages)
-        whole = {wf for wf, _ in stages if all((w, st) in read for w, st in every if w == wf)}
+        targets, whole = _seed_targets(self._memory.arms, limit)
         by_stage: dict[str, list[LLMCallRecord]] = {}
         size = self.RECENT_WINDOW_SIZE
         for workflow, stage in targets:
@@ -634,7 +646,7 @@ class AdaptiveModelRouter:
                     records = merged[-size:]
                 else:
                     records = await store.recent(
-                        limit=size, workflow=workflow, stage=stage, since=since
+                        limit=size, workflow=workflow, stage=stage, since=since, samples_only=True
                     )
                     if stage is not None:
                         by_stage.setdefault(workflow, []).extend(records)
@@ -796,7 +808,8 @@ class AdaptiveModelRouter:
 
     def recommend_tier_upgrade(self, workflow: str, stage: str | None) -> TierRecommendation:
         """
-        Advise moving ``workflow``/``stage`` (``None``: every stage) up a tier.
+        Advise moving ``workflow``/``stage`` (``None``: every stage; ``""``: the calls
+        without a stage, and workflow ``""`` those without a workflow) up a tier.
 
         Looks at the last `RECENT_WINDOW_SIZE` (20) sample outcomes this router has seen
         (read from the backend at start, then live).  With fewer than
@@ -820,7 +833,8 @@ class AdaptiveModelRouter:
         Per-model `RoutingStats` of ``workflow`` from the backend (whose errors propagate).
 
         Args:
-            workflow, stage: the workflow and one stage (``None``: every stage, ``"all"``).
+            workflow, stage: the workflow and one stage (``None``: every stage, ``"all"``;
+                ``""``: the calls recorded without one).
             days: the window, in days back from the router's clock (positive).
 
         Returns:
@@ -854,7 +868,7 @@ class AdaptiveModelRouter:
         perfs = await store.aggregate(
             workflow=workflow, stage=stage, since=since, per_stage=stage is not None
         )
-        perfs = [p for p in perfs if p.workflow == workflow]
+        perfs = [p for p in perfs if (p.workflow or "") == workflow]
         if not perfs:
             ever = await store.recent(limit=1)
             return RoutingStats(

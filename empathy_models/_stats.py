@@ -91,8 +91,9 @@ def matches(
     model: str | None = None,
 ) -> bool:
     return (
-        (workflow is None or record.workflow == workflow)
-        and (stage is None or record.stage == stage)
+        # "" finds the records without one, recorded as None or ""
+        (workflow is None or (record.workflow or "") == workflow)
+        and (stage is None or (record.stage or "") == stage)
         and (model is None or record.model == model)
         and (since is None or record.timestamp >= since)
         and (until is None or record.timestamp < until)

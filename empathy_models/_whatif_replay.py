@@ -77,6 +77,7 @@ class _FrozenEvidence(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        samples_only: bool,
     ) -> list[LLMCallRecord]:
         return []
 

@@ -27,7 +27,7 @@ from attrs import field, frozen
 from . import circuit
 from ._change_feed import ChangeFeed
 from ._stats import check_aware
-from ._validators import check, failure, integer, one_of, shown, text
+from ._validators import check, failure, instance_of, integer, one_of, shown, text
 from .content import (
     ContentBlock,
     ImageBlock,
@@ -87,6 +87,7 @@ MAX_TOKENS_LIMIT: Final = 1_000_000
 
 
 _limit = integer(failure(ConfigurationError), low=0, why="must be an integer >= 0")
+_flag = instance_of(failure(ConfigurationError), bool, why="must be True or False")
 
 
 class AsyncResource(abc.ABC):
@@ -154,11 +155,13 @@ class TelemetryBackend(AsyncResource):
       model), or per (workflow, model) with ``per_stage=False``.  Latency (p50, p95
       nearest-rank, and the average) and average tokens are over successful calls;
       ``avg_cost_usd`` is over all samples.  ``first_seen`` / ``last_seen`` span the
-      group's samples.  Records with ``workflow`` or ``stage`` ``None`` form their own
-      groups; where such groups sort is up to the backend.
-    * `recent` returns the newest records first, ordered by timestamp.
-    * Filters given as ``None`` match everything.  ``since`` is inclusive, ``until``
-      exclusive; both must be aware datetimes.
+      group's samples.  Records without a ``workflow`` or ``stage`` (``None`` or ``""``)
+      form their own groups, reported as ``None``; where they sort is up to the backend.
+    * `recent` returns the newest records first, ordered by timestamp; with
+      ``samples_only`` only sample records (see `Outcome.is_sample`).
+    * Filters given as ``None`` match everything.  A ``workflow`` or ``stage`` filter of
+      ``""`` matches the records without one (``None`` or ``""``).  ``since`` is
+      inclusive, ``until`` exclusive; both must be aware datetimes.
     """
 
     async def record(self, record: LLMCallRecord) -> None:
@@ -203,14 +206,35 @@ class TelemetryBackend(AsyncResource):
         stage: str | None = None,
         model: str | None = None,
         since: datetime | None = None,
+        samples_only: bool = False,
     ) -> list[LLMCallRecord]:
-        """The ``limit`` newest matching records, newest first."""
+        """
+        The ``limit`` newest matching records, newest first.
+
+        ``samples_only``: only sample outcomes (`Outcome.is_sample`), so the ``limit``
+        newest samples come back however many other records (cache hits, cancelled or
+        refused calls) are newer.  A backend whose `_recent` predates ``samples_only``
+        (its signature has no such parameter) is read in pages of growing size until
+        enough samples are found or no older record matches.
+        """
         self._check_open()
         check(_limit, "limit", limit)
         check_aware("since", since)
-        return await self._recent(
-            limit=limit, workflow=workflow, stage=stage, model=model, since=since
-        )
+        check(_flag, "samples_only", samples_only)
+        if _takes_samples_only(type(self)):
+            return await self._recent(
+                limit=limit,
+                workflow=workflow,
+                stage=stage,
+                model=model,
+                since=since,
+                samples_only=samples_only,
+            )
+        if not samples_only:
+            return await _legacy_recent(self)(
+                limit=limit, workflow=workflow, stage=stage, model=model, since=since
+            )
+        return await _paged_samples(self, limit, workflow, stage, model, since)
 
     async def evidence(
         self,
@@ -272,6 +296,7 @@ class TelemetryBackend(AsyncResource):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        samples_only: bool,
     ) -> list[LLMCallRecord]:
         """`recent` for arguments already checked."""
 
@@ -298,6 +323,42 @@ class TelemetryBackend(AsyncResource):
         """True when the records given to `record_many` are kept and can be read back
         (false for the null backend: then nothing reads from it)."""
         return True
+
+
+@functools.cache
+def _takes_samples_only(backend_type: type[TelemetryBackend]) -> bool:
+    """Whether ``backend_type._recent`` takes ``samples_only`` (by name or ``**kwargs``)."""
+    parameters = inspect.signature(backend_type._recent).parameters.values()
+    return any(p.name == "samples_only" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _legacy_recent(backend: TelemetryBackend) -> Callable[..., Awaitable[list[LLMCallRecord]]]:
+    """The `_recent` of a backend whose signature predates ``samples_only``."""
+    return backend._recent
+
+
+async def _paged_samples(
+    backend: TelemetryBackend,
+    limit: int,
+    workflow: str | None,
+    stage: str | None,
+    model: str | None,
+    since: datetime | None,
+) -> list[LLMCallRecord]:
+    """
+    ``recent(samples_only=True)`` from a `_recent` that cannot filter on the outcome:
+    the newest records are read, four times as many each time, until ``limit`` of them
+    are samples or no older record matches.
+    """
+    size = limit
+    while True:
+        records = await _legacy_recent(backend)(
+            limit=size, workflow=workflow, stage=stage, model=model, since=since
+        )
+        samples = [r for r in records if r.outcome.is_sample]
+        if len(samples) >= limit or len(records) < size:
+            return samples[:limit]
+        size *= 4
 
 
 # --------------------------------------------------------------------------- circuit state

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,17 @@ async def test_valid_arguments_reach_the_implementation_with_every_keyword() -> 
             "aggregate",
             {"workflow": "w", "stage": None, "since": AWARE, "until": None, "per_stage": True},
         ),
-        ("recent", {"limit": 0, "workflow": None, "stage": None, "model": "m", "since": None}),
+        (
+            "recent",
+            {
+                "limit": 0,
+                "workflow": None,
+                "stage": None,
+                "model": "m",
+                "since": None,
+                "samples_only": False,
+            },
+        ),
         ("purge", {"before": AWARE}),
     ]
 
@@ -71,6 +81,7 @@ async def test_valid_arguments_reach_the_implementation_with_every_keyword() -> 
         (lambda b: b.recent(limit=-1), ConfigurationError, "limit"),
         (lambda b: b.recent(limit=True), ConfigurationError, "limit"),
         (lambda b: b.recent(since=NAIVE), RecordValidationError, "since"),
+        (lambda b: b.recent(samples_only=1), ConfigurationError, "samples_only"),
         (lambda b: b.evidence(after_version=-1), ConfigurationError, "after_version"),
         (lambda b: b.evidence(until=NAIVE), RecordValidationError, "until"),
         (lambda b: b.purge(before=NAIVE), RecordValidationError, "before"),
@@ -95,6 +106,47 @@ async def test_a_backend_without_rollups_says_so_and_a_closed_one_refuses() -> N
         with pytest.raises(BackendClosedError):
             await call
     assert backend.calls == []
+
+
+class BeforeSamplesOnly(Minimal):
+    """A backend written before ``recent(samples_only=)``: it keeps records in a list."""
+
+    def __init__(self, records: Sequence[LLMCallRecord]) -> None:
+        super().__init__()
+        self.records = list(records)
+
+    async def _recent(
+        self,
+        *,
+        limit: int,
+        workflow: str | None,
+        stage: str | None,
+        model: str | None,
+        since: datetime | None,
+    ) -> list[LLMCallRecord]:
+        self.calls.append(("recent", {"limit": limit}))
+        return sorted(self.records, key=lambda r: r.timestamp, reverse=True)[:limit]
+
+
+async def test_a_backend_without_samples_only_is_read_until_enough_samples_are_found() -> None:
+    # 12 calls, then 50 answers from the cache: the newest 10 samples lie behind them
+    records = [
+        LLMCallRecord(
+            provider="p",
+            model="m",
+            outcome="success" if i < 12 else "cache_hit",
+            timestamp=AWARE + timedelta(seconds=i),
+            call_id=f"c{i:02d}",
+        )
+        for i in range(62)
+    ]
+    async with BeforeSamplesOnly(records) as backend:
+        got = await backend.recent(limit=10, samples_only=True)
+        every = await backend.recent(limit=100, samples_only=True)
+        plain = await backend.recent(limit=3)
+    assert [r.call_id for r in got] == [f"c{i:02d}" for i in range(11, 1, -1)]
+    assert [r.call_id for r in every] == [f"c{i:02d}" for i in range(11, -1, -1)]
+    assert [r.call_id for r in plain] == ["c61", "c60", "c59"]
 
 
 async def test_the_built_in_backends_refuse_the_same_arguments() -> None:

@@ -486,6 +486,73 @@ def test_routing_stats_of_a_stage_without_calls_claims_no_success_rate(
     assert "success -" in out
 
 
+@pytest.fixture(scope="module")
+def unnamed_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 failed calls without a workflow, 12 fine ones of "wf" without a stage, and 12
+    failed ones of "wf"/"s1"."""
+    path = tmp_path_factory.mktemp("unnamed") / "calls.db"
+    start = datetime.now(UTC) - timedelta(minutes=10)
+    groups = [(None, None, Outcome.FAILURE), ("wf", None, Outcome.SUCCESS)]
+    groups.append(("wf", "s1", Outcome.FAILURE))
+    records = [
+        LLMCallRecord(
+            provider="openai",
+            model="gpt-4o-mini",
+            tier=ModelTier.CHEAP,
+            outcome=outcome,
+            workflow=workflow,
+            stage=stage,
+            latency_ms=50.0,
+            timestamp=start + timedelta(seconds=20 * g + i),
+        )
+        for g, (workflow, stage, outcome) in enumerate(groups)
+        for i in range(12)
+    ]
+
+    async def fill() -> None:
+        async with telemetry_from_url("sqlite:///" + str(path)) as telemetry:
+            await telemetry.record_many(records)
+
+    anyio.run(fill)
+    return path
+
+
+def test_routing_upgrades_judges_calls_without_a_workflow_or_stage_on_their_own(
+    home: Path, unnamed_db: Path
+) -> None:
+    args = ("routing", "upgrades", "--db", str(unnamed_db))
+    data = json.loads(ok(cli(home, *args, "--json")))
+    rows = {
+        (r["workflow"], r["stage"]): (r["window"], r["failures"], r["should_upgrade"])
+        for r in data["stages"]
+    }
+    # the stage-less calls of "wf" all succeeded: not the failures of its stage s1
+    assert rows == {
+        ("", ""): (12, 12, True),
+        ("wf", ""): (12, 0, False),
+        ("wf", "s1"): (12, 12, True),
+    }
+    lines = ok(cli(home, *args)).splitlines()[2:]
+    assert [line.split()[:5] for line in lines] == [
+        ["(none)", "(none)", "12", "100.0%", "yes"],
+        ["wf", "(none)", "12", "0.0%", "no"],
+        ["wf", "s1", "12", "100.0%", "yes"],
+    ]
+
+
+def test_routing_stats_count_the_calls_without_a_workflow_or_stage(
+    home: Path, unnamed_db: Path
+) -> None:
+    args = ("routing", "stats", "--db", str(unnamed_db))
+    data = json.loads(ok(cli(home, *args, "--json")))
+    assert {s["workflow"]: s["total_calls"] for s in data["workflows"]} == {"": 12, "wf": 24}
+    out = ok(cli(home, *args))
+    assert "no calls recorded" not in out and "(none) / stage all: 12 calls" in out
+    stageless = json.loads(ok(cli(home, *args[:2], "wf", "--stage", "", *args[2:], "--json")))
+    (stats,) = stageless["workflows"]
+    assert (stats["total_calls"], stats["avg_success_rate"]) == (12, 1.0)
+
+
 def test_routing_best_explains_the_choice(home: Path, db: Path) -> None:
     data = json.loads(
         ok(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,6 +148,43 @@ def test_cheapest_model_that_meets_the_constraints_is_chosen(clock: FakeClock) -
     assert nano.success_rate_upper < 0.9  # type: ignore[attr-defined]
     assert any("below 0.9" in r for r in nano.reasons)  # type: ignore[attr-defined]
     assert d.expected_cost_usd == pytest.approx(500 * 0.4e-6 + 200 * 1.6e-6)
+
+
+def feed_rate(
+    router: AdaptiveModelRouter, clock: FakeClock, model: str, calls: int, every: int, **kw: object
+) -> None:
+    # one failure every ``every`` calls, spread evenly (a steady rate, no change to detect)
+    for i in range(calls):
+        clock.advance(1.0)
+        router.record_outcome(rec(clock, model, i % every != every - 1, **kw))  # type: ignore[arg-type]
+
+
+def test_most_reliable_picks_the_clearly_more_reliable_model_whatever_it_costs(
+    clock: FakeClock,
+) -> None:
+    # 99.0% against 99.9% over 5,000 calls each (bounds far apart): the dearer, slower
+    # model is the more reliable one, and cost and latency must not outweigh that
+    router = make(clock, policy=RoutingPolicy(objective="most_reliable", explore_rate=0.0))
+    feed_rate(router, clock, "nano", 5000, 100)
+    feed_rate(router, clock, "big", 5000, 1000, latency_ms=300.0)
+    picks = Counter(
+        router.get_best_model(WF, ST, candidates=["nano", "big"], input_tokens=500).model
+        for _ in range(1000)
+    )
+    assert picks["big"] >= 990
+
+
+def test_most_reliable_breaks_a_tie_in_reliability_toward_the_cheaper_model(
+    clock: FakeClock,
+) -> None:
+    router = make(clock, policy=RoutingPolicy(objective="most_reliable", explore_rate=0.0))
+    feed_rate(router, clock, "nano", 5000, 100)
+    feed_rate(router, clock, "big", 5000, 100)  # the same evidence, 150 times the price
+    picks = Counter(
+        router.get_best_model(WF, ST, candidates=["nano", "big"], input_tokens=500).model
+        for _ in range(1000)
+    )
+    assert picks["nano"] > 600
 
 
 def test_decision_lists_every_candidate_with_its_evidence(clock: FakeClock) -> None:

@@ -223,3 +223,76 @@ async def test_tier_advice_for_calls_without_a_stage_survives_a_restart(tmp_path
         for workflow in shapes:
             advice = fresh.recommend_tier_upgrade(workflow, None)
             assert (advice.window, advice.failures, advice.should_upgrade) == live[workflow]
+
+
+async def test_tier_advice_after_a_restart_skips_newer_calls_that_are_not_samples(
+    tmp_path: Path,
+) -> None:
+    # 20 calls (8 failed), then 15 answers from the response cache and 5 cancelled
+    # calls: the live router's window holds the 20 calls, and so must a restarted one's
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    clock = FakeClock()
+    outcomes = [Outcome.FAILURE if i % 5 < 2 else Outcome.SUCCESS for i in range(20)]
+    outcomes += [Outcome.CACHE_HIT] * 15 + [Outcome.CANCELLED] * 5
+    async with (
+        telemetry_from_url(url) as store,
+        AdaptiveModelRouter(registry(), store, clock=clock, refresh_interval=None) as router,
+    ):
+        for outcome in outcomes:
+            clock.advance(1.0)
+            record = LLMCallRecord(
+                provider="openai",
+                model="nano",
+                outcome=outcome,
+                timestamp=datetime.fromtimestamp(clock(), UTC),
+                workflow=WF,
+                stage=ST,
+            )
+            await store.record(record)
+            router.record_outcome(record)
+        live = [router.recommend_tier_upgrade(WF, st) for st in (ST, None)]
+    assert [(a.window, a.failures, a.should_upgrade) for a in live] == [(20, 8, True)] * 2
+    clock.advance(60.0)
+    async with AdaptiveModelRouter(registry(), url, clock=clock, refresh_interval=None) as fresh:
+        assert [fresh.recommend_tier_upgrade(WF, st) for st in (ST, None)] == live
+
+
+async def test_tier_advice_for_calls_without_a_workflow_or_stage_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    # calls without a workflow (all failed), a workflow's calls without a stage (all
+    # fine) and one of its stages (all failed): every window a restarted router holds
+    # is the live one's, the stage-less ones ("") included
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    clock = FakeClock()
+    groups = [(None, None, Outcome.FAILURE), ("wf", None, Outcome.SUCCESS)]
+    groups += [("wf", "s1", Outcome.FAILURE), ("", "", Outcome.FAILURE)]
+    asked = [("", ""), ("", None), ("wf", ""), ("wf", None), ("wf", "s1")]
+    async with (
+        telemetry_from_url(url) as store,
+        AdaptiveModelRouter(registry(), store, clock=clock, refresh_interval=None) as router,
+    ):
+        for workflow, stage, outcome in groups:
+            for _ in range(12):
+                clock.advance(1.0)
+                record = LLMCallRecord(
+                    provider="openai",
+                    model="nano",
+                    outcome=outcome,
+                    timestamp=datetime.fromtimestamp(clock(), UTC),
+                    workflow=workflow,
+                    stage=stage,
+                )
+                await store.record(record)
+                router.record_outcome(record)
+        live = [router.recommend_tier_upgrade(wf, st) for wf, st in asked]
+    assert [(a.window, a.failures) for a in live] == [
+        (20, 20),
+        (20, 20),
+        (12, 0),
+        (20, 12),
+        (12, 12),
+    ]
+    clock.advance(60.0)
+    async with AdaptiveModelRouter(registry(), url, clock=clock, refresh_interval=None) as fresh:
+        assert [fresh.recommend_tier_upgrade(wf, st) for wf, st in asked] == live

@@ -119,6 +119,16 @@ def test_a_record_names_the_field_and_the_value(build: Any, message: str) -> Non
             lambda: RoutingPolicy(objective="fastest"),  # type: ignore[arg-type]
             "objective must be 'cheapest' or 'most_reliable', got 'fastest'",
         ),
+        # counts are integers: a float (even a whole one) is refused here, not by a
+        # router's start
+        (
+            lambda: RoutingPolicy(seed_stage_limit=1000.0),  # type: ignore[arg-type]
+            "seed_stage_limit must be an integer >= 0, got 1000.0",
+        ),
+        (
+            lambda: RoutingPolicy(latency_min_samples=2.5),  # type: ignore[arg-type]
+            "latency_min_samples must be an integer >= 1, got 2.5",
+        ),
         (
             lambda: RetryPolicy(max_retry_after=-1),
             "RetryPolicy.max_retry_after must be a finite number of seconds >= 0, got -1.0",

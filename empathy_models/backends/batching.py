@@ -734,10 +734,16 @@ class BatchingTelemetryBackend(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        samples_only: bool,
     ) -> list[LLMCallRecord]:
         await self.flush()
         return await self._inner.recent(
-            limit=limit, workflow=workflow, stage=stage, model=model, since=since
+            limit=limit,
+            workflow=workflow,
+            stage=stage,
+            model=model,
+            since=since,
+            samples_only=samples_only,
         )
 
     async def _evidence(

@@ -220,11 +220,13 @@ class MemoryTelemetryBackend(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        samples_only: bool,
     ) -> list[LLMCallRecord]:
         rows = [
             (r.timestamp, i, r)
             for i, r in enumerate(self._records)
             if matches(r, workflow=workflow, stage=stage, since=since, until=None, model=model)
+            and (not samples_only or r.outcome.is_sample)
         ]
         rows.sort(key=lambda t: (t[0], t[1]), reverse=True)
         return [r for _, _, r in rows[:limit]]

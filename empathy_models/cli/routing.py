@@ -223,17 +223,19 @@ def _registry(args: argparse.Namespace) -> ModelRegistry:
 
 async def _stages(
     backend: TelemetryBackend, days: float, workflow: str | None, stage: str | None
-) -> list[tuple[str, str | None, list[str]]]:
-    """(workflow, stage, models) seen in the window, sorted."""
+) -> list[tuple[str, str, list[str]]]:
+    """(workflow, stage, models) seen in the window, sorted; "" for calls without one."""
     since = datetime.now(UTC) - timedelta(days=days)
     perfs = await backend.aggregate(workflow=workflow, stage=stage, since=since)
-    found: dict[tuple[str, str | None], list[str]] = {}
+    found: dict[tuple[str, str], list[str]] = {}
     for p in perfs:
-        found.setdefault((p.workflow or "", p.stage), []).append(p.model)
-    return [
-        (w, s, sorted(set(m)))
-        for (w, s), m in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
-    ]
+        found.setdefault((p.workflow or "", p.stage or ""), []).append(p.model)
+    return [(w, s, sorted(set(m))) for (w, s), m in sorted(found.items())]
+
+
+def _name(name: str) -> str:
+    """A workflow or stage as a table shows it: "(none)" for calls without one."""
+    return name or "(none)"
 
 
 # --------------------------------------------------------------------------- stats
@@ -274,7 +276,8 @@ def _print_stats(stats: dict[str, Any]) -> None:
     """One workflow's routing stats: a row per model, the note, sample-size warnings."""
     called = stats["total_calls"] > 0  # no calls: no success rate or cost to show
     title = (
-        f"{stats['workflow']} / stage {stats['stage']}: {stats['total_calls']} calls in "
+        f"{_name(stats['workflow'])} / stage {_name(stats['stage'])}: "
+        f"{stats['total_calls']} calls in "
         f"{stats['days_analyzed']:g} day(s), "
         f"success {fmt_pct(stats['avg_success_rate'] if called else None)}, "
         f"avg cost {fmt_usd(stats['avg_cost'] if called else None)}"
@@ -774,8 +777,8 @@ def cmd_routing_upgrades(args: argparse.Namespace) -> int:
         ["workflow", "stage", "recent", "failure", "upgrade", "to", "reason"],
         [
             (
-                r["workflow"],
-                r["stage"],
+                _name(r["workflow"]),
+                _name(r["stage"]),
                 r["window"],
                 fmt_pct(r["failure_rate"]),
                 "yes" if r["should_upgrade"] else "no",

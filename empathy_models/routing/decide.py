@@ -60,6 +60,13 @@ _CODE: Final = {ELIGIBLE: 0, UNPROVEN: 1, REJECTED: 2}
 NOT_IN_REGISTRY: Final = "not in the model registry"
 CIRCUIT_OPEN: Final = "circuit open"
 
+RELIABLE_COST_WEIGHT: Final = 0.001
+"""``objective="most_reliable"``: what the dearest eligible model's cost takes off its draw."""
+RELIABLE_LATENCY_WEIGHT: Final = 0.001
+"""``objective="most_reliable"``: what the slowest eligible model's p50 takes off its draw."""
+TIE_LATENCY_WEIGHT: Final = 0.01
+"""``objective="cheapest"``: what the slowest model of a cost tie's p50 takes off its draw."""
+
 
 @frozen(slots=True)
 class ModelFacts:
@@ -391,13 +398,15 @@ def _exploit(
             group = [i for i in eligible if (c := costs[i]) is not None and c <= limit]
         if len(group) == 1:
             return (group[0], f"cheapest of {len(eligible)} eligible models")
-        best = _best_by_draw(group, costs, verdicts, rng, policy, 0.0)
+        best = _best_by_draw(group, costs, verdicts, rng, policy, 0.0, TIE_LATENCY_WEIGHT)
         return (
             best,
             f"cheapest of {len(eligible)} eligible models (near-tie of {len(group)} on cost "
             "broken by a Thompson draw on success rate)",
         )
-    best = _best_by_draw(eligible, costs, verdicts, rng, policy, 0.01)
+    best = _best_by_draw(
+        eligible, costs, verdicts, rng, policy, RELIABLE_COST_WEIGHT, RELIABLE_LATENCY_WEIGHT
+    )
     return (best, f"most reliable (Thompson draw) of {len(eligible)} eligible models")
 
 
@@ -408,7 +417,11 @@ def _best_by_draw(
     rng: random.Random,
     policy: RoutingPolicy,
     cost_weight: float,
+    latency_weight: float,
 ) -> int:
+    # the highest Thompson draw of the success rate, less ``cost_weight`` times the
+    # expected cost over the group's dearest and ``latency_weight`` times the median
+    # latency over its slowest (an unknown one counts as the dearest, the slowest)
     max_p50 = max((verdicts[i].summary.p50 or 0.0) for i in group) or 1.0
     max_cost = max((costs[i] or 0.0) for i in group) or 1.0
     best = -1
@@ -420,7 +433,7 @@ def _best_by_draw(
             rng.betavariate(
                 policy.prior_alpha + s.successes, policy.prior_beta + s.samples - s.successes
             )
-            - 0.01 * ((s.p50 or max_p50) / max_p50)
+            - latency_weight * ((s.p50 or max_p50) / max_p50)
             - cost_weight * ((cost if cost is not None else max_cost) / max_cost)
         )
         if u > best_u:

@@ -7,7 +7,7 @@ from typing import Any, Final, Literal
 import attrs
 from attrs import field, frozen
 
-from .._validators import Validator, failure, number, one_of, shown
+from .._validators import Validator, failure, integer, number, one_of, shown
 from ..exceptions import ConfigurationError
 from .book import ChangeTest
 
@@ -48,6 +48,10 @@ _check_positive = _number(0.0, strict=True)
 _check_positive_opt = _number(0.0, strict=True, optional=True)
 _check_non_negative = _number(0.0, strict=False)
 _check_at_least_one = _number(1.0, strict=False)
+# counts the router slices or counts to: an ``int`` (``bool`` and floats, even whole
+# ones, refused)
+_check_count = integer(_fail, low=0, why="must be an integer >= 0")
+_check_count_positive = integer(_fail, low=1, why="must be an integer >= 1")
 _check_objective = one_of(
     _fail, ("cheapest", "most_reliable"), why="must be 'cheapest' or 'most_reliable'"
 )
@@ -113,17 +117,27 @@ class RoutingPolicy:
         reject_min_samples: calls needed before a success rate can be REJECTED
             (default 10).
         latency_min_samples: measured successful calls needed before the latency
-            constraint can be judged (default 5).
+            constraint can be judged (an integer, default 5).
         prior_output_tokens: output tokens assumed for a model not yet measured in a
             stage where no model has been measured either (default ``None``: the call's
             ``max_tokens``, the worst case).  Once any model has served the stage,
             untried models are costed on the stage's mean output tokens.
         default_min_success_rate: the floor used when a decision gives none (default
             0.8); ``None`` for no floor.
-        objective: ``"cheapest"`` (default) or ``"most_reliable"`` among eligible
-            candidates.
-        cost_tie_tolerance: relative cost difference treated as a tie (default 5%),
-            broken by a Thompson draw on the success rate.
+        objective: how the pick is made among eligible candidates.  ``"cheapest"``
+            (default): the one of least expected cost; those within
+            ``cost_tie_tolerance`` of it tie, and the tie goes to the highest Thompson
+            draw of the success rate (a draw from Beta(``prior_alpha`` + successes,
+            ``prior_beta`` + failures)) less 0.01 times the model's median latency
+            over the slowest tied one's.  ``"most_reliable"``: the highest such draw
+            less 0.001 times the model's expected cost over the dearest eligible one's
+            and 0.001 times its median latency over the slowest one's (a model without
+            a cost estimate or a measured latency counts as the dearest or the
+            slowest): cost and latency, together at most 0.2 percentage points, only
+            decide between models whose draws are that close, so a clearly more
+            reliable model is picked whatever it costs.
+        cost_tie_tolerance: relative cost difference treated as a tie under
+            ``"cheapest"`` (default 5%).
         explore_rate: exploration budget, as a share of decisions (default 0.005); ``0``
             disables exploration once something is proven.
         explore_burst: the most the budget accrues, in decisions' worth (default 10).
@@ -163,7 +177,8 @@ class RoutingPolicy:
         prior_alpha, prior_beta: Beta prior of the Thompson draws (never counted toward
             a verdict).
         seed_stage_limit: how many workflow stages get their recent-outcome window (for
-            `AdaptiveModelRouter.recommend_tier_upgrade`) filled at start (default 1000).
+            `AdaptiveModelRouter.recommend_tier_upgrade`) filled at start (an integer,
+            default 1000; 0: none).
 
     Raises:
         ConfigurationError: an invalid value, naming the field.
@@ -175,7 +190,7 @@ class RoutingPolicy:
     reject_z: float = field(default=3.0, validator=_check_positive)
     keep_z: float = field(default=1.0, validator=_check_positive)
     reject_min_samples: float = field(default=10.0, validator=_check_positive)
-    latency_min_samples: int = field(default=5, validator=_check_positive)
+    latency_min_samples: int = field(default=5, validator=_check_count_positive)
     prior_output_tokens: float | None = field(default=None, validator=_check_positive_opt)
     default_min_success_rate: float | None = field(default=0.8, validator=_check_unit_opt)
     objective: Objective = field(default="cheapest", validator=_check_objective)
@@ -195,7 +210,7 @@ class RoutingPolicy:
     )
     prior_alpha: float = field(default=1.0, validator=_check_positive)
     prior_beta: float = field(default=1.0, validator=_check_positive)
-    seed_stage_limit: int = field(default=1000, validator=_check_non_negative)
+    seed_stage_limit: int = field(default=1000, validator=_check_count)
 
     @property
     def change_test(self) -> ChangeTest:

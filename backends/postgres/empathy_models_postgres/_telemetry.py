@@ -505,6 +505,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
         for column, value in (("workflow", workflow), ("stage", stage), ("model", model)):
             if value is None:
                 continue
+            if not value and column != "model":  # none: recorded as NULL or ""
+                clauses.append(f"({column} IS NULL OR {column} = '')")
+                continue
             # a record PostgreSQL refused (a NUL, a lone surrogate) was stored made safe:
             # a filter finds it by that form (`stored_forms`), never sends one it refuses
             params = []
@@ -607,9 +610,12 @@ class PostgresTelemetryBackend(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        samples_only: bool,
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first (ties: last written first)."""
-        where, args = self._where(workflow=workflow, stage=stage, since=since, model=model)
+        where, args = self._where(
+            workflow=workflow, stage=stage, since=since, model=model, samples_only=samples_only
+        )
         args.append(min(limit, 2**63 - 1))  # no table holds more rows: the same answer
         query = (
             f"SELECT record FROM {self._calls}{where} ORDER BY ts DESC, seq DESC LIMIT ${len(args)}"

@@ -19,7 +19,7 @@ from ...evidence import (
     EvidenceBatch,
     rollup,
 )
-from ...records import LLMCallRecord
+from ...records import LLMCallRecord, Outcome
 from ._conn import _fetchone
 
 # --------------------------------------------------------------------------- schema
@@ -213,6 +213,10 @@ _INSERT_CALL: Final = (
     "ON CONFLICT (call_id) DO NOTHING"
 )
 _SELECT_CALLS: Final = f"SELECT {', '.join(_CALL_COLUMNS)} FROM llm_calls"
+# the sample outcomes (`Outcome.is_sample`), as an SQL condition
+_SAMPLES_ONLY: Final = "outcome IN ({})".format(
+    ", ".join(f"'{o.value}'" for o in Outcome if o.is_sample)
+)
 
 # the counter is bumped once per write transaction that changes buckets; SQLite runs one
 # writer at a time, so versions follow commit order across every process

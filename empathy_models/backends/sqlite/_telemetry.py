@@ -43,6 +43,7 @@ from ._database import MEMORY, _Database
 from ._schema import (
     _EVIDENCE_VERSION,
     _REFUSED,
+    _SAMPLES_ONLY,
     _SELECT_CALLS,
     SCHEMA_VERSION,
     _add_evidence,
@@ -289,6 +290,9 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         for name, value in (("workflow", workflow), ("stage", stage), ("model", model)):
             if value is None:
                 continue
+            if not value and name != "model":  # none: recorded as NULL or ""
+                clauses.append(f"({name} IS NULL OR {name} = '')")
+                continue
             # a record SQLite refused (a lone surrogate) was stored made safe (`storable`)
             forms = stored_forms(value)
             if len(forms) == 1:
@@ -360,12 +364,15 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        samples_only: bool,
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first (flushes first)."""
         await self.flush()
         if limit == 0:
             return []
         where, params = self._filters(workflow=workflow, stage=stage, model=model, since=since)
+        if samples_only:
+            where += f" AND {_SAMPLES_ONLY}"
         params["limit"] = min(limit, INT64_MAX)  # no table holds more rows: the same answer
         sql = f"{_SELECT_CALLS} WHERE 1{where} ORDER BY ts_us DESC, id DESC LIMIT :limit"
 

@@ -120,6 +120,77 @@ class _RecordTests(_TelemetryTests):
                         )
         assert await telemetry.recent(workflow="no-such-workflow") == []
 
+    async def test_recent_samples_only_reads_past_records_that_are_not_samples(
+        self, telemetry: TelemetryBackend
+    ) -> None:
+        # the ``limit`` newest samples (success, failure, rate_limited, fatal), however
+        # many cache hits, cancelled or refused calls are newer
+        self._needs_records()
+        base = _base_time()
+        kinds = list(Outcome)
+        records = [
+            _record(
+                base + timedelta(seconds=i),
+                outcome=kinds[i % len(kinds)] if i < 40 else Outcome.CACHE_HIT,
+                stage=("plan", "write")[i % 2],
+                call_id=f"s{i:02d}",
+            )
+            for i in range(70)
+        ]
+        await telemetry.record_many(records)
+        await telemetry.flush()
+        for stage in (None, "write"):
+            for limit in (0, 3, 100):
+                want = [
+                    r.call_id
+                    for r in reversed(records)
+                    if r.outcome.is_sample and (stage is None or r.stage == stage)
+                ][:limit]
+                got = await telemetry.recent(
+                    limit=limit, workflow="wf", stage=stage, samples_only=True
+                )
+                assert [r.call_id for r in got] == want, f"stage={stage!r}, limit={limit}"
+        every = await telemetry.recent(limit=100, samples_only=False)
+        assert len(every) == 70
+
+    async def test_an_empty_workflow_or_stage_filter_finds_the_records_without_one(
+        self, telemetry: TelemetryBackend
+    ) -> None:
+        # a call without a workflow (or stage) may be recorded with None or "": both
+        # are the one group `aggregate` reports as None, and the filter "" finds both
+        self._needs_records()
+        base = _base_time()
+        names = (None, "", "x")
+        records = [
+            _record(
+                base + timedelta(seconds=i),
+                workflow=names[i % 3],
+                stage=names[(i // 3) % 3],
+                outcome=Outcome.FAILURE if i % 2 else Outcome.SUCCESS,
+                call_id=f"e{i:02d}",
+            )
+            for i in range(36)
+        ]
+        await telemetry.record_many(records)
+        await telemetry.flush()
+        for workflow in (None, "", "x"):
+            for stage in (None, "", "x"):
+                want = [
+                    r
+                    for r in reversed(records)
+                    if (workflow is None or (r.workflow or "") == workflow)
+                    and (stage is None or (r.stage or "") == stage)
+                ]
+                got = await telemetry.recent(limit=100, workflow=workflow, stage=stage)
+                where = f"workflow={workflow!r}, stage={stage!r}"
+                assert [r.call_id for r in got] == [r.call_id for r in want], where
+                perfs = await telemetry.aggregate(
+                    workflow=workflow, stage=stage, per_stage=stage is not None
+                )
+                assert sum(p.sample_size for p in perfs) == len(want), where
+                if workflow is not None:
+                    assert {p.workflow or "" for p in perfs} == {workflow}, where
+
 
 class _StorageTests(_TelemetryTests):
     """Purge, concurrent writers, flush, and a persistent backend's reopen."""
