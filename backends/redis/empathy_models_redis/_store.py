@@ -26,7 +26,6 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.client import NEVER_DECODE
 from redis.exceptions import (
     ConnectionError as RedisConnectionError,
     NoScriptError,
@@ -235,8 +234,10 @@ class RedisCircuitStateStore(CircuitStateStore):
             ``redis.asyncio.Redis`` client, which the store uses but does not close.
             From a URL the store builds and owns a client over a blocking pool of at
             most ``max_connections`` (64) connections, waiting up to ``timeout`` (5 s)
-            for one; socket timeouts of 2 s and a single quick retry keep a dead server
-            from stalling callers (the breaker then runs degraded).
+            for one; socket timeouts of 2 s and a single quick retry of connecting keep
+            a dead server from stalling callers (the breaker then runs degraded).  A
+            script run is never sent twice: Redis may have run one whose answer timed
+            out, so that operation fails (and the breaker runs degraded for it).
         prefix: each breaker key is one hash at ``prefix + key``.  A URL's ``prefix``
             is the root of every store sharing it: the breaker's keys go under
             ``prefix + "cb:"``, the quota store's under ``prefix + "quota:"`` and the
@@ -432,22 +433,8 @@ class RedisCircuitStateStore(CircuitStateStore):
     async def _evalsha_by_client(
         self, key: str, op: str, policy_arg: bytes, known_rev: bytes, extra: list[bytes]
     ) -> bytes:
-        args = [
-            self._redis_key(key),
-            op,
-            key,
-            _num(self.key_ttl),
-            policy_arg,
-            known_rev,
-            *extra,
-        ]
-        client: Any = self._client  # redis-py leaves execute_command untyped
-        options = {NEVER_DECODE: True}
-        try:
-            raw = await client.execute_command("EVALSHA", self._sha, 1, *args, **options)
-        except NoScriptError:
-            await client.script_load(self._source)
-            raw = await client.execute_command("EVALSHA", self._sha, 1, *args, **options)
+        args = [1, self._redis_key(key), op, key, _num(self.key_ttl), policy_arg, known_rev]
+        raw = await evalsha_once(self._client, self._sha, self._source, args + extra, raw=True)
         return self._check_reply(raw)
 
     def _check_reply(self, reply: object) -> bytes:
@@ -469,10 +456,14 @@ class RedisCircuitStateStore(CircuitStateStore):
 
     async def _roundtrip(self, command: bytes) -> bytes:
         """
-        One exchange on a connection, under its retry policy (a failed try disconnects
-        it; the next reconnects).  With a client the store owns, the connection is kept
-        for the next run instead of going back to the pool, unless someone waits for
-        the pool; a caller's client gets each connection back at once.
+        One exchange on a connection, the command written at most once: a failure after
+        it was written (above all a timeout: Redis may run the script and answer late)
+        is raised, never retried, as a script run twice would count twice.  Connecting
+        (and the health check) before it follow the client's retry policy, and a kept
+        connection the server closed meanwhile is connected again before the command is
+        written.  With a client the store owns, the connection is kept for the next run
+        instead of going back to the pool, unless someone waits for the pool; a
+        caller's client gets each connection back at once.
         """
         pool: Any = self._client.connection_pool  # get_connection is untyped
         idle = self._idle
@@ -482,14 +473,14 @@ class RedisCircuitStateStore(CircuitStateStore):
             self._idle_pid = os.getpid()
         if idle:
             conn = idle.pop()
+            if _closed_by_server(conn):
+                await conn.disconnect()  # `_exchange` connects it again first
         else:
             async with self._using_pool():
                 conn = await pool.get_connection()
         done = False
         try:
-            reply = await conn.retry.call_with_retry(
-                lambda: self._exchange(conn, command), lambda _error: conn.disconnect()
-            )
+            reply = await self._exchange(conn, command)
             done = True
         finally:
             # read_response and send_packed_command disconnect a connection on any
@@ -524,8 +515,9 @@ class RedisCircuitStateStore(CircuitStateStore):
         if not isinstance(reader, asyncio.StreamReader) or not isinstance(
             writer, asyncio.StreamWriter
         ):
-            # not connected (redis-py connects, then checks health), or a connection
-            # class whose streams are not asyncio's: redis-py's own command path
+            # not connected (redis-py connects, then checks health, both under the
+            # retry policy, before it writes), or a connection class whose streams are
+            # not asyncio's: redis-py's own command path
             await conn.send_packed_command(command)
             return await conn.read_response(disable_decoding=True)
         interval = conn.health_check_interval
@@ -816,7 +808,7 @@ async def _bulk_exchange(
     boundary before and after, so the two paths share a connection.  As there, a
     timeout, a broken connection or an interruption (cancellation) disconnects the
     connection (no reply is ever left unread on it), and they are raised as redis-py's
-    `TimeoutError` / `ConnectionError`, which its retry policy retries.
+    `TimeoutError` / `ConnectionError` (never retried: the command may have run).
     """
     try:
         async with asyncio.timeout(conn.socket_timeout):
@@ -850,3 +842,54 @@ async def _bulk_exchange(
     # any other reply (a null, an array, a push message): of unknown length here
     await conn.disconnect(nowait=True)
     raise ResponseError(f"unexpected reply {line[:40]!r} to a script run")
+
+
+def _closed_by_server(conn: Any) -> bool:
+    """Whether a connected connection's server closed it (nothing can be sent on it)."""
+    reader = getattr(conn, "_reader", None)
+    writer = getattr(conn, "_writer", None)
+    if not isinstance(reader, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
+        return False
+    return reader.at_eof() or writer.transport.is_closing()
+
+
+async def evalsha_once(
+    client: aioredis.Redis, sha: str, source: str, args: Sequence[Any], *, raw: bool = False
+) -> Any:
+    """
+    ``EVALSHA sha *args`` on a connection of ``client`` and its reply (bytes left
+    undecoded with ``raw``); when Redis does not know the script (NOSCRIPT: it did not
+    run), ``source`` is loaded and the command sent again.
+
+    Unlike ``client.execute_command``, which re-sends a command under the client's
+    retry policy after a timeout, the command is written at most once: a script Redis
+    received may run and answer late (a stall past the socket timeout), and running it
+    again would apply it twice.  Connecting and the health check before the command is
+    written follow the retry policy.
+    """
+    try:
+        return await _command_once(client, ("EVALSHA", sha, *args), raw)
+    except NoScriptError:
+        await client.script_load(source)
+        return await _command_once(client, ("EVALSHA", sha, *args), raw)
+
+
+async def _command_once(client: aioredis.Redis, args: Sequence[Any], raw: bool) -> Any:
+    """``args`` written once on a connection of ``client`` (see `evalsha_once`); the reply."""
+    plain: Any = client  # redis-py leaves these attributes untyped
+    if client.single_connection_client:
+        await client.initialize()
+        async with plain._single_conn_lock:
+            return await _write_once(plain.connection, args, raw)
+    pool: Any = client.connection_pool
+    conn = await pool.get_connection()
+    try:
+        return await _write_once(conn, args, raw)
+    finally:
+        await pool.release(conn)
+
+
+async def _write_once(conn: Any, args: Sequence[Any], raw: bool) -> Any:
+    # send_command connects first if needed; a failure disconnects the connection
+    await conn.send_command(*args)
+    return await conn.read_response(disable_decoding=raw)
