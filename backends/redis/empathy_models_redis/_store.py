@@ -275,24 +275,7 @@ class RedisCircuitStateStore(CircuitStateStore):
                 key_ttl = _url_seconds(str(url_options["key_ttl"]))
             _check_option_names(client_options, "client", connection)
             self._target = redact_url(url)
-            options: dict[str, Any] = {
-                "socket_connect_timeout": 2.0,
-                "socket_timeout": 2.0,
-                "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
-                "health_check_interval": 30,
-                "max_connections": 64,
-                "timeout": 5.0,
-            }
-            options.update(client_options)
-            try:
-                # a blocking pool: a burst of concurrent calls waits for a connection
-                # (up to ``timeout`` seconds) instead of failing with "Too many connections"
-                pool = aioredis.BlockingConnectionPool.from_url(url, **options)
-                self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)
-            except (ValueError, TypeError) as exc:
-                raise ConfigurationError(
-                    f"cannot use {self._target!r} as a Redis URL: {exc}"
-                ) from exc
+            self._client: aioredis.Redis = _owned_client(url, client_options)
             self._owns_client = True
         elif isinstance(connection, aioredis.Redis):
             if client_options:
@@ -320,6 +303,10 @@ class RedisCircuitStateStore(CircuitStateStore):
         self._encoding: str = connection_kwargs.get("encoding", "utf-8")
         self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
         self._prefix_bytes = _prefix_bytes(prefix, self._encoding, self._encoding_errors)
+        self.channel = f"{prefix}@db{int(connection_kwargs.get('db') or 0)}"
+        """The pub/sub channel of the store's announcements: the prefix and the database
+        (Redis's channels are the server's, not a database's)."""
+        self._channel_arg = self._bulk_text(self.channel)
         # EVALSHA <sha> 1 (the count of keys), then per call the key and arguments
         self._command_head = b"".join(
             bulk(x) for x in (b"EVALSHA", self._sha.encode("ascii"), b"1")
@@ -390,7 +377,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         known_state: CircuitBreakerState | None = entry[3]
         extra_args = [value.encode(self._encoding, self._encoding_errors) for value in extra]
         parts = [
-            b"*%d\r\n" % (9 + len(extra_args)),
+            b"*%d\r\n" % (10 + len(extra_args)),
             self._command_head,
             entry[0],
             _OPS[op],
@@ -398,6 +385,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             self._ttl_arg,
             bulk(policy_arg),
             bulk(known_rev),
+            self._channel_arg,
         ]
         parts.extend(map(bulk, extra_args))
         command = b"".join(parts)
@@ -434,6 +422,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         self, key: str, op: str, policy_arg: bytes, known_rev: bytes, extra: list[bytes]
     ) -> bytes:
         args = [1, self._redis_key(key), op, key, _num(self.key_ttl), policy_arg, known_rev]
+        args.append(self.channel)
         raw = await evalsha_once(self._client, self._sha, self._source, args + extra, raw=True)
         return self._check_reply(raw)
 
@@ -541,11 +530,13 @@ class RedisCircuitStateStore(CircuitStateStore):
 
     def change_feed(self) -> ChangeFeed:
         """
-        The script's announcements of new generations, read by a subscription to the
-        channel named by ``prefix`` (one connection of its own while a breaker listens).
+        The script's announcements of new generations, read by a subscription to
+        `channel` (one connection of its own while a breaker listens).
         """
         if self._feed is None:
-            self._feed = ChangeFeed(functools.partial(watch, self._client, self.prefix), repr(self))
+            self._feed = ChangeFeed(
+                functools.partial(watch, self._client, self.channel), repr(self)
+            )
         return self._feed
 
     async def _aclose(self) -> None:
@@ -701,6 +692,26 @@ class RedisCircuitStateStore(CircuitStateStore):
         arg = _policy_arg(policy)
         self._last_policy = (policy, arg)
         return arg
+
+
+def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis:
+    """A client of the store's own over a blocking pool: a burst of concurrent calls
+    waits for a connection (up to ``timeout`` seconds) instead of failing with "Too
+    many connections"."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 2.0,
+        "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        "health_check_interval": 30,
+        "max_connections": 64,
+        "timeout": 5.0,
+    }
+    options.update(client_options)
+    try:
+        pool = aioredis.BlockingConnectionPool.from_url(url, **options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"cannot use {redact_url(url)!r} as a Redis URL: {exc}") from exc
+    return aioredis.Redis.from_pool(pool)
 
 
 def _url_seconds(text: str) -> float:
