@@ -274,6 +274,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             if "key_ttl" in url_options:  # text: a number as written
                 key_ttl = _url_seconds(str(url_options["key_ttl"]))
             _check_option_names(client_options, "client", connection)
+            _check_db(connection, urlsplit(connection), client_options)
             self._target = redact_url(url)
             self._client: aioredis.Redis = _owned_client(url, client_options)
             self._owns_client = True
@@ -769,8 +770,12 @@ def _check_option_names(names: Iterable[str], where: str, url: str) -> None:
             )
 
 
-def _check_db(url: str, parts: SplitResult) -> None:
-    """The path of a redis:// URL must be empty or ``/<database number>``."""
+def _check_db(url: str, parts: SplitResult, options: Iterable[str]) -> None:
+    """
+    The path of a redis:// URL must be empty or ``/<database number>``, and a database
+    in the path must not be given again among ``options`` (the query's or the client's
+    option names; redis-py would let one of them win).
+    """
     if parts.scheme.lower() not in ("redis", "rediss"):
         return
     db = unquote(parts.path).strip("/")
@@ -778,6 +783,11 @@ def _check_db(url: str, parts: SplitResult) -> None:
         raise ConfigurationError(
             f"{redact_url(url)!r}: the path must be a database number (redis://host:6379/0), "
             f"got {db!r}"
+        )
+    if db and "db" in options:
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: the database is given twice, in the path and as db=; "
+            "give it once"
         )
 
 
@@ -796,7 +806,7 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
         ) from exc
     query = parse_qsl(parts.query, keep_blank_values=True)
     _check_option_names((name for name, _ in query), "URL", url)
-    _check_db(url, parts)
+    _check_db(url, parts, [name for name, _ in query])
     ours = {k: v for k, v in query if k in _URL_OPTIONS}
     if not ours:
         return url, ours
