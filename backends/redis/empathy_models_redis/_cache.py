@@ -30,11 +30,13 @@ class RedisResponseCache(ResponseCache):
     Answers shared by every process using the same Redis, with Redis's own expiry.
 
     One string per key under ``prefix`` (``SET ... PX``).  Redis bounds the memory
-    (``maxmemory`` with an eviction policy).  Any string is a key, as in
-    `MemoryResponseCache`: the Redis key is the prefix then the key's UTF-8 bytes, or,
-    for a key UTF-8 cannot encode (a lone surrogate, which no `request_key` digest
-    holds but a caller's own key may), its ``surrogatepass`` bytes, which no other key
-    has.  Values and keys are read as bytes, also from a client that decodes responses.
+    (``maxmemory`` with an eviction policy), on a server of its own: the policy applies
+    to every key of the server, budgets and breaker state in any database included.
+    Any string is a key, as in `MemoryResponseCache`: the Redis key is the prefix then
+    the key's UTF-8 bytes, or, for a key UTF-8 cannot encode (a lone surrogate, which
+    no `request_key` digest holds but a caller's own key may), its ``surrogatepass``
+    bytes, which no other key has.  Values and keys are read as bytes, also from a
+    client that decodes responses.
 
     Args:
         connection, **client_options: as for `RedisCircuitStateStore`.

@@ -1,8 +1,9 @@
 """
 The Redis store's change feed: the breaker script's announcements, read by pub/sub.
 
-The script PUBLISHes ``"<generation> <key>"`` on the channel named by the store's
-prefix whenever a key gets a new generation.  `watch` subscribes to it on a connection
+The script PUBLISHes ``"<generation> <key>"`` on the store's channel (its prefix and
+database, ``<prefix>@db<n>``: Redis's channels are the server's, not a database's)
+whenever a key gets a new generation.  `watch` subscribes to it on a connection
 of its own (made and authenticated like the pool's, not taken from it, so a dead
 subscription never holds a pool slot), reads what arrives in one task and proves it is
 in sync with PINGs: every ``feed.interval`` seconds and whenever a breaker asks

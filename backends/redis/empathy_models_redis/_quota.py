@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from importlib.resources import files
@@ -15,7 +16,14 @@ from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import BudgetGrant, BudgetUsage, RateGrant
 from empathy_models.limits.meter import hold_bucket, usage_of
 
-from ._store import _GLOB_SPECIAL, URL_PREFIX_KINDS, RedisCircuitStateStore, _num, _text
+from ._store import (
+    _GLOB_SPECIAL,
+    URL_PREFIX_KINDS,
+    RedisCircuitStateStore,
+    _num,
+    _text,
+    evalsha_once,
+)
 
 __all__ = ["DEFAULT_QUOTA_PREFIX", "RedisQuotaStore", "quota_script"]
 
@@ -61,13 +69,14 @@ class RedisQuotaStore(QuotaStore):
     Spend budgets and rate-limit schedules shared by every process using the same Redis.
 
     `reserve`, `settle`, `acquire` and `adjust` are each one Lua script (``EVALSHA``),
-    atomic on the server; rate limits take ``now`` from the server's ``TIME``, so hosts
-    never disagree about time.  A budget window is a hash at ``prefix + "b|" + key + "@"
-    + window start`` that expires a week after the window ends; a rate-limit schedule is
-    one string that expires a minute after it runs empty.  The window's holds are kept
-    per lapse time (hash fields ``h:<epoch seconds>``); each reservation or settlement
-    first releases those whose time came by the server's clock, and reads show them
-    released by this host's clock.
+    atomic on the server and sent at most once (a run whose answer timed out is not
+    sent again: it may have run, and would count twice); rate limits take ``now`` from
+    the server's ``TIME``, so hosts never disagree about time.  A budget window is a
+    hash at ``prefix + "b|" + key + "@" + window start`` that expires a week after the
+    window ends; a rate-limit schedule is one string that expires a minute after it
+    runs empty.  The window's holds are kept per lapse time (hash fields ``h:<epoch
+    seconds>``); each reservation or settlement first releases those whose time came
+    by the server's clock, and reads show them released by this host's clock.
 
     Args:
         connection: as for `RedisCircuitStateStore`.
@@ -96,7 +105,8 @@ class RedisQuotaStore(QuotaStore):
         self._owns_client = plumbing._owns_client
         self._target = plumbing._target
         self.prefix = plumbing.prefix
-        self._script = self._client.register_script(quota_script())
+        self._source = quota_script()
+        self._sha = hashlib.sha1(self._source.encode("utf-8")).hexdigest()
 
     def __repr__(self) -> str:
         return f"RedisQuotaStore({self._target!r}, prefix={self.prefix!r})"
@@ -113,7 +123,7 @@ class RedisQuotaStore(QuotaStore):
     async def _run(self, what: str, redis_key: str, args: Sequence[str]) -> list[str]:
         self._check_open()
         try:
-            raw = await self._script(keys=[redis_key], args=list(args))
+            raw = await evalsha_once(self._client, self._sha, self._source, [1, redis_key, *args])
         except (RedisError, OSError) as exc:
             raise self._error(what, exc) from exc
         return [_text(x) for x in raw]

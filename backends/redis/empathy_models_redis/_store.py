@@ -26,7 +26,6 @@ from redis.asyncio.connection import (
 )
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.client import NEVER_DECODE
 from redis.exceptions import (
     ConnectionError as RedisConnectionError,
     NoScriptError,
@@ -235,8 +234,10 @@ class RedisCircuitStateStore(CircuitStateStore):
             ``redis.asyncio.Redis`` client, which the store uses but does not close.
             From a URL the store builds and owns a client over a blocking pool of at
             most ``max_connections`` (64) connections, waiting up to ``timeout`` (5 s)
-            for one; socket timeouts of 2 s and a single quick retry keep a dead server
-            from stalling callers (the breaker then runs degraded).
+            for one; socket timeouts of 2 s and a single quick retry of connecting keep
+            a dead server from stalling callers (the breaker then runs degraded).  A
+            script run is never sent twice: Redis may have run one whose answer timed
+            out, so that operation fails (and the breaker runs degraded for it).
         prefix: each breaker key is one hash at ``prefix + key``.  A URL's ``prefix``
             is the root of every store sharing it: the breaker's keys go under
             ``prefix + "cb:"``, the quota store's under ``prefix + "quota:"`` and the
@@ -273,25 +274,9 @@ class RedisCircuitStateStore(CircuitStateStore):
             if "key_ttl" in url_options:  # text: a number as written
                 key_ttl = _url_seconds(str(url_options["key_ttl"]))
             _check_option_names(client_options, "client", connection)
+            _check_db(connection, urlsplit(connection), client_options)
             self._target = redact_url(url)
-            options: dict[str, Any] = {
-                "socket_connect_timeout": 2.0,
-                "socket_timeout": 2.0,
-                "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
-                "health_check_interval": 30,
-                "max_connections": 64,
-                "timeout": 5.0,
-            }
-            options.update(client_options)
-            try:
-                # a blocking pool: a burst of concurrent calls waits for a connection
-                # (up to ``timeout`` seconds) instead of failing with "Too many connections"
-                pool = aioredis.BlockingConnectionPool.from_url(url, **options)
-                self._client: aioredis.Redis = aioredis.Redis.from_pool(pool)
-            except (ValueError, TypeError) as exc:
-                raise ConfigurationError(
-                    f"cannot use {self._target!r} as a Redis URL: {exc}"
-                ) from exc
+            self._client: aioredis.Redis = _owned_client(url, client_options)
             self._owns_client = True
         elif isinstance(connection, aioredis.Redis):
             if client_options:
@@ -319,6 +304,10 @@ class RedisCircuitStateStore(CircuitStateStore):
         self._encoding: str = connection_kwargs.get("encoding", "utf-8")
         self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
         self._prefix_bytes = _prefix_bytes(prefix, self._encoding, self._encoding_errors)
+        self.channel = f"{prefix}@db{int(connection_kwargs.get('db') or 0)}"
+        """The pub/sub channel of the store's announcements: the prefix and the database
+        (Redis's channels are the server's, not a database's)."""
+        self._channel_arg = self._bulk_text(self.channel)
         # EVALSHA <sha> 1 (the count of keys), then per call the key and arguments
         self._command_head = b"".join(
             bulk(x) for x in (b"EVALSHA", self._sha.encode("ascii"), b"1")
@@ -389,7 +378,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         known_state: CircuitBreakerState | None = entry[3]
         extra_args = [value.encode(self._encoding, self._encoding_errors) for value in extra]
         parts = [
-            b"*%d\r\n" % (9 + len(extra_args)),
+            b"*%d\r\n" % (10 + len(extra_args)),
             self._command_head,
             entry[0],
             _OPS[op],
@@ -397,6 +386,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             self._ttl_arg,
             bulk(policy_arg),
             bulk(known_rev),
+            self._channel_arg,
         ]
         parts.extend(map(bulk, extra_args))
         command = b"".join(parts)
@@ -432,22 +422,9 @@ class RedisCircuitStateStore(CircuitStateStore):
     async def _evalsha_by_client(
         self, key: str, op: str, policy_arg: bytes, known_rev: bytes, extra: list[bytes]
     ) -> bytes:
-        args = [
-            self._redis_key(key),
-            op,
-            key,
-            _num(self.key_ttl),
-            policy_arg,
-            known_rev,
-            *extra,
-        ]
-        client: Any = self._client  # redis-py leaves execute_command untyped
-        options = {NEVER_DECODE: True}
-        try:
-            raw = await client.execute_command("EVALSHA", self._sha, 1, *args, **options)
-        except NoScriptError:
-            await client.script_load(self._source)
-            raw = await client.execute_command("EVALSHA", self._sha, 1, *args, **options)
+        args = [1, self._redis_key(key), op, key, _num(self.key_ttl), policy_arg, known_rev]
+        args.append(self.channel)
+        raw = await evalsha_once(self._client, self._sha, self._source, args + extra, raw=True)
         return self._check_reply(raw)
 
     def _check_reply(self, reply: object) -> bytes:
@@ -469,10 +446,14 @@ class RedisCircuitStateStore(CircuitStateStore):
 
     async def _roundtrip(self, command: bytes) -> bytes:
         """
-        One exchange on a connection, under its retry policy (a failed try disconnects
-        it; the next reconnects).  With a client the store owns, the connection is kept
-        for the next run instead of going back to the pool, unless someone waits for
-        the pool; a caller's client gets each connection back at once.
+        One exchange on a connection, the command written at most once: a failure after
+        it was written (above all a timeout: Redis may run the script and answer late)
+        is raised, never retried, as a script run twice would count twice.  Connecting
+        (and the health check) before it follow the client's retry policy, and a kept
+        connection the server closed meanwhile is connected again before the command is
+        written.  With a client the store owns, the connection is kept for the next run
+        instead of going back to the pool, unless someone waits for the pool; a
+        caller's client gets each connection back at once.
         """
         pool: Any = self._client.connection_pool  # get_connection is untyped
         idle = self._idle
@@ -482,14 +463,14 @@ class RedisCircuitStateStore(CircuitStateStore):
             self._idle_pid = os.getpid()
         if idle:
             conn = idle.pop()
+            if _closed_by_server(conn):
+                await conn.disconnect()  # `_exchange` connects it again first
         else:
             async with self._using_pool():
                 conn = await pool.get_connection()
         done = False
         try:
-            reply = await conn.retry.call_with_retry(
-                lambda: self._exchange(conn, command), lambda _error: conn.disconnect()
-            )
+            reply = await self._exchange(conn, command)
             done = True
         finally:
             # read_response and send_packed_command disconnect a connection on any
@@ -524,8 +505,9 @@ class RedisCircuitStateStore(CircuitStateStore):
         if not isinstance(reader, asyncio.StreamReader) or not isinstance(
             writer, asyncio.StreamWriter
         ):
-            # not connected (redis-py connects, then checks health), or a connection
-            # class whose streams are not asyncio's: redis-py's own command path
+            # not connected (redis-py connects, then checks health, both under the
+            # retry policy, before it writes), or a connection class whose streams are
+            # not asyncio's: redis-py's own command path
             await conn.send_packed_command(command)
             return await conn.read_response(disable_decoding=True)
         interval = conn.health_check_interval
@@ -549,11 +531,13 @@ class RedisCircuitStateStore(CircuitStateStore):
 
     def change_feed(self) -> ChangeFeed:
         """
-        The script's announcements of new generations, read by a subscription to the
-        channel named by ``prefix`` (one connection of its own while a breaker listens).
+        The script's announcements of new generations, read by a subscription to
+        `channel` (one connection of its own while a breaker listens).
         """
         if self._feed is None:
-            self._feed = ChangeFeed(functools.partial(watch, self._client, self.prefix), repr(self))
+            self._feed = ChangeFeed(
+                functools.partial(watch, self._client, self.channel), repr(self)
+            )
         return self._feed
 
     async def _aclose(self) -> None:
@@ -711,6 +695,26 @@ class RedisCircuitStateStore(CircuitStateStore):
         return arg
 
 
+def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis:
+    """A client of the store's own over a blocking pool: a burst of concurrent calls
+    waits for a connection (up to ``timeout`` seconds) instead of failing with "Too
+    many connections"."""
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 2.0,
+        "retry": Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        "health_check_interval": 30,
+        "max_connections": 64,
+        "timeout": 5.0,
+    }
+    options.update(client_options)
+    try:
+        pool = aioredis.BlockingConnectionPool.from_url(url, **options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"cannot use {redact_url(url)!r} as a Redis URL: {exc}") from exc
+    return aioredis.Redis.from_pool(pool)
+
+
 def _url_seconds(text: str) -> float:
     try:
         return float(text)
@@ -766,8 +770,12 @@ def _check_option_names(names: Iterable[str], where: str, url: str) -> None:
             )
 
 
-def _check_db(url: str, parts: SplitResult) -> None:
-    """The path of a redis:// URL must be empty or ``/<database number>``."""
+def _check_db(url: str, parts: SplitResult, options: Iterable[str]) -> None:
+    """
+    The path of a redis:// URL must be empty or ``/<database number>``, and a database
+    in the path must not be given again among ``options`` (the query's or the client's
+    option names; redis-py would let one of them win).
+    """
     if parts.scheme.lower() not in ("redis", "rediss"):
         return
     db = unquote(parts.path).strip("/")
@@ -775,6 +783,11 @@ def _check_db(url: str, parts: SplitResult) -> None:
         raise ConfigurationError(
             f"{redact_url(url)!r}: the path must be a database number (redis://host:6379/0), "
             f"got {db!r}"
+        )
+    if db and "db" in options:
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: the database is given twice, in the path and as db=; "
+            "give it once"
         )
 
 
@@ -793,7 +806,7 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
         ) from exc
     query = parse_qsl(parts.query, keep_blank_values=True)
     _check_option_names((name for name, _ in query), "URL", url)
-    _check_db(url, parts)
+    _check_db(url, parts, [name for name, _ in query])
     ours = {k: v for k, v in query if k in _URL_OPTIONS}
     if not ours:
         return url, ours
@@ -816,7 +829,7 @@ async def _bulk_exchange(
     boundary before and after, so the two paths share a connection.  As there, a
     timeout, a broken connection or an interruption (cancellation) disconnects the
     connection (no reply is ever left unread on it), and they are raised as redis-py's
-    `TimeoutError` / `ConnectionError`, which its retry policy retries.
+    `TimeoutError` / `ConnectionError` (never retried: the command may have run).
     """
     try:
         async with asyncio.timeout(conn.socket_timeout):
@@ -850,3 +863,54 @@ async def _bulk_exchange(
     # any other reply (a null, an array, a push message): of unknown length here
     await conn.disconnect(nowait=True)
     raise ResponseError(f"unexpected reply {line[:40]!r} to a script run")
+
+
+def _closed_by_server(conn: Any) -> bool:
+    """Whether a connected connection's server closed it (nothing can be sent on it)."""
+    reader = getattr(conn, "_reader", None)
+    writer = getattr(conn, "_writer", None)
+    if not isinstance(reader, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
+        return False
+    return reader.at_eof() or writer.transport.is_closing()
+
+
+async def evalsha_once(
+    client: aioredis.Redis, sha: str, source: str, args: Sequence[Any], *, raw: bool = False
+) -> Any:
+    """
+    ``EVALSHA sha *args`` on a connection of ``client`` and its reply (bytes left
+    undecoded with ``raw``); when Redis does not know the script (NOSCRIPT: it did not
+    run), ``source`` is loaded and the command sent again.
+
+    Unlike ``client.execute_command``, which re-sends a command under the client's
+    retry policy after a timeout, the command is written at most once: a script Redis
+    received may run and answer late (a stall past the socket timeout), and running it
+    again would apply it twice.  Connecting and the health check before the command is
+    written follow the retry policy.
+    """
+    try:
+        return await _command_once(client, ("EVALSHA", sha, *args), raw)
+    except NoScriptError:
+        await client.script_load(source)
+        return await _command_once(client, ("EVALSHA", sha, *args), raw)
+
+
+async def _command_once(client: aioredis.Redis, args: Sequence[Any], raw: bool) -> Any:
+    """``args`` written once on a connection of ``client`` (see `evalsha_once`); the reply."""
+    plain: Any = client  # redis-py leaves these attributes untyped
+    if client.single_connection_client:
+        await client.initialize()
+        async with plain._single_conn_lock:
+            return await _write_once(plain.connection, args, raw)
+    pool: Any = client.connection_pool
+    conn = await pool.get_connection()
+    try:
+        return await _write_once(conn, args, raw)
+    finally:
+        await pool.release(conn)
+
+
+async def _write_once(conn: Any, args: Sequence[Any], raw: bool) -> Any:
+    # send_command connects first if needed; a failure disconnects the connection
+    await conn.send_command(*args)
+    return await conn.read_response(disable_decoding=raw)

@@ -5,9 +5,11 @@
 --   1 op ("admit" | "record" | "force" | "reset")   2 breaker key   3 key TTL (s)
 --   4 the BreakerPolicy's 13 values joined by "," (see P below)
 --   5 the revision of the state the caller last read for this key ("" for none)
---   6.. op arguments (record: six per report, the last a repeat count, see the dispatch)
--- A write that gives the key a new generation PUBLISHes "<generation> <key>" on the
--- channel named by the prefix (KEYS[1] without the key).
+--   6 the channel of announcements (the prefix and the database: pub/sub channels are
+--     the server's, not a database's)
+--   7.. op arguments (record: six per report, the last a repeat count, see the dispatch)
+-- A write that gives the key a new generation PUBLISHes "<generation> <key>" on that
+-- channel.
 -- Time is the server's TIME.  Every write stores a new revision in the hash's "rev"
 -- field ("<counter>/<TIME>": the counter grows by one a write; a key that expired or
 -- was deleted starts again at 1, at a later TIME).  The reply is one string, the values
@@ -35,6 +37,7 @@ local KEY = ARGV[2]
 local KEY_TTL = tonumber(ARGV[3])
 
 local KNOWN_REV = ARGV[5]
+local CHANNEL = ARGV[6]
 
 local POLICY_PATTERN = "^" .. string.rep("([^,]+),", 12) .. "([^,]+)$"
 
@@ -705,7 +708,7 @@ if OP == "admit" then
   if state == nil then
     state = initial_state(NOW)
   end
-  state, changed, admitted, retry_after, lease_id, lease_expires = admit(state, NOW, ARGV[6])
+  state, changed, admitted, retry_after, lease_id, lease_expires = admit(state, NOW, ARGV[7])
 elseif OP == "record" then
   if state == nil then
     state = initial_state(NOW)
@@ -713,7 +716,7 @@ elseif OP == "record" then
   -- each report is (generation, lease, outcome, retry_after, error, count): ``count``
   -- identical reports in a row, as the store sends a written-behind batch of successes
   local reports = {}
-  for i = 6, #ARGV - 5, 6 do
+  for i = 7, #ARGV - 5, 6 do
     reports[#reports + 1] = {
       generation = tonumber(ARGV[i]),
       lease_id = opt_str(ARGV[i + 1]),
@@ -753,13 +756,13 @@ elseif OP == "force" then
   if state == nil then
     state = initial_state(NOW)
   end
-  -- ARGV[7] an end (UTC epoch seconds) or ARGV[9] a span from the server's TIME
-  local untl = opt_num(ARGV[7])
-  local span = opt_num(ARGV[9])
+  -- ARGV[8] an end (UTC epoch seconds) or ARGV[10] a span from the server's TIME
+  local untl = opt_num(ARGV[8])
+  local span = opt_num(ARGV[10])
   if span ~= nil then
     untl = NOW + span
   end
-  state = force(state, ARGV[6], NOW, untl, opt_str(ARGV[8]))
+  state = force(state, ARGV[7], NOW, untl, opt_str(ARGV[9]))
   changed = true
 elseif OP == "reset" then
   state = reset(state, NOW)
@@ -777,11 +780,11 @@ if changed or current == nil then
   rev, written, gone = save(state, NOW, current, current_rev, stored)
   if current == nil or current.generation ~= state.generation then
     -- a new generation (every transition, and a key created): announced as
-    -- "<generation> <key>" on the channel named by the prefix, for the local views
+    -- "<generation> <key>" on the store's channel (ARGV[6]), for the local views
     -- of every process (see the store's change feed); pcall: a user whose ACL grants
     -- no channels (Redis 7's default for new users) still writes, and its breakers'
     -- views, whose feed cannot subscribe either, expire by their TTL
-    redis.pcall("PUBLISH", string.sub(KEYS[1], 1, #KEYS[1] - #KEY), fmt(state.generation) .. " " .. KEY)
+    redis.pcall("PUBLISH", CHANNEL, fmt(state.generation) .. " " .. KEY)
   end
   if not caller_holds_current then
     flat = encode(state)

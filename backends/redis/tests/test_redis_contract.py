@@ -34,7 +34,7 @@ class TestRedisChangeFeed(ChangeFeedContract):
     def cut_change_feed(self, redis_url: str) -> CutChangeFeed:
         async def cut(store: CircuitStateStore) -> None:
             assert isinstance(store, RedisCircuitStateStore)
-            name = client_name(store.prefix)
+            name = client_name(store.channel)
             client = aioredis.Redis.from_url(redis_url)
             try:
                 clients = [c for c in await client.client_list() if c.get("name") == name]

@@ -43,6 +43,33 @@ def test_a_database_that_is_not_a_number_is_refused(path: str) -> None:
         state_store_from_url(f"redis://127.0.0.1:6379{path}")
 
 
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/13?db=3", "redis://127.0.0.1/0?db=0"])
+def test_a_database_given_in_the_path_and_the_query_is_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="database is given twice"):
+        state_store_from_url(url)
+    with pytest.raises(ConfigurationError, match="database is given twice"):
+        RedisQuotaStore(url)
+    with pytest.raises(ConfigurationError, match="database is given twice"):
+        RedisResponseCache(url)
+
+
+def test_a_database_given_in_the_path_and_as_an_option_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="database is given twice"):
+        RedisCircuitStateStore("redis://127.0.0.1:6379/13", db=3)
+
+
+async def test_a_database_given_once_is_used() -> None:
+    # in the path, in the query of a URL without one, or as an option
+    for store, database in (
+        (RedisCircuitStateStore("redis://127.0.0.1:6379/13"), 13),
+        (RedisCircuitStateStore("redis://127.0.0.1:6379?db=3"), 3),
+        (RedisCircuitStateStore("redis://127.0.0.1:6379/?db=4"), 4),
+        (RedisCircuitStateStore("redis://127.0.0.1:6379", db=5), 5),
+    ):
+        async with store:
+            assert store.channel == f"empathy:cb:@db{database}"
+
+
 def test_a_port_that_is_not_a_number_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="not a valid Redis URL"):
         state_store_from_url("redis://127.0.0.1:notaport/0")

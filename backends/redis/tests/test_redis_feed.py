@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -70,3 +71,51 @@ async def test_leaving_the_breaker_while_its_feed_connects_returns(redis_store_u
         with anyio.fail_after(10):  # a hang guard: leaving returns at once
             async with CircuitBreaker(store=redis_store_url):
                 await asyncio.sleep((i % 20) * 0.0005)  # moments within the connection
+
+
+class _Heard:
+    """A feed listener that writes down the announcements it is told."""
+
+    def __init__(self) -> None:
+        self.generations: list[tuple[str, int]] = []
+
+    def announced(self, key: str, generation: int) -> None:
+        self.generations.append((key, generation))
+
+    def restarted(self) -> None:
+        pass
+
+
+async def test_another_databases_announcements_are_not_heard(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # pub/sub channels are server-wide, not per database: a staging app in another
+    # database with the same prefix must not stale this database's views
+    parts = urlsplit(redis_url)
+    database = int(parts.path.strip("/") or 0)
+    other_url = urlunsplit(parts._replace(path=f"/{(database + 1) % 16}"))
+    async with (
+        RedisCircuitStateStore(redis_url, prefix=redis_prefix) as store,
+        RedisCircuitStateStore(redis_url, prefix=redis_prefix) as same,
+        RedisCircuitStateStore(other_url, prefix=redis_prefix) as elsewhere,
+    ):
+        feed = store.change_feed()
+        heard = _Heard()
+        feed.listen(heard, 0.2)
+        try:
+            mark = time.monotonic()
+            with anyio.fail_after(10):
+                while feed.synced_at <= mark:  # noqa: ASYNC110  # a feed signals no event
+                    await anyio.sleep(0.005)
+            await elsewhere.reset("k")
+            await elsewhere.reset("k")
+            assert await feed.sync()
+            assert heard.generations == []
+            await same.reset("k")  # what this database announces is still heard
+            assert await feed.sync()
+            assert heard.generations == [("k", (await same.snapshot("k")).generation)]
+        finally:
+            await feed.unlisten(heard)
+            client = aioredis.Redis.from_url(other_url)
+            await client.delete(*[k async for k in client.scan_iter(match=redis_prefix + "*")])
+            await client.aclose()
