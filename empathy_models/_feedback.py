@@ -92,11 +92,16 @@ CACHE_READ_TOKENS: Final = "empathy_models.cache_read_tokens"
 WEB_SEARCH_REQUESTS: Final = "empathy_models.web_search_requests"
 """The metadata key of the server-side web searches a call ran."""
 
+CACHED_INPUT_TOKENS: Final = "empathy_models.cached_input_tokens"
+"""The metadata key of the input tokens a call's provider served from its prompt cache
+(among ``input_tokens``; OpenAI's ``cached_tokens``)."""
+
 _EXTRAS: Final = (
     ("cache_write_tokens", CACHE_WRITE_TOKENS),
     ("cache_write_1h_tokens", CACHE_WRITE_1H_TOKENS),
     ("cache_read_tokens", CACHE_READ_TOKENS),
     ("web_search_requests", WEB_SEARCH_REQUESTS),
+    ("cached_input_tokens", CACHED_INPUT_TOKENS),
 )
 """The `Completion` counts beyond input and output that a call is billed for, and the
 record metadata key of each."""

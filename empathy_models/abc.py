@@ -1314,6 +1314,9 @@ class Completion:
             `ModelInfo.cost`.
         web_search_requests: the server-side web searches the model ran (Anthropic's
             ``usage.server_tool_use.web_search_requests``), billed per search.
+        cached_input_tokens: those of ``input_tokens`` the provider served from its
+            prompt cache (OpenAI's ``usage.prompt_tokens_details.cached_tokens``), billed
+            at the model's cached input price.
     """
 
     content: str
@@ -1330,6 +1333,7 @@ class Completion:
     cache_write_1h_tokens: int = 0
     cache_read_tokens: int = 0
     web_search_requests: int = 0
+    cached_input_tokens: int = 0
 
 
 class AttemptTimeout(TimeoutError):

@@ -70,6 +70,7 @@ _MODEL_FIELDS = (
 _OPTIONAL_MODEL_FIELDS = ("rpm", "tpm")
 """Fields a registry entry may leave out: the provider's requests and tokens per minute."""
 _OPTIONAL_PRICE_FIELDS = (
+    "cached_input_price_per_mtok",
     "cache_write_price_per_mtok",
     "cache_write_1h_price_per_mtok",
     "cache_read_price_per_mtok",
@@ -234,6 +235,10 @@ class ModelInfo:
             ``cache_creation_input_tokens`` and ``cache_read_input_tokens``); when left
             out, `CACHE_WRITE_MULTIPLIER`, `CACHE_WRITE_1H_MULTIPLIER` and
             `CACHE_READ_MULTIPLIER` times the input price.
+        cached_input_price_per_mtok: USD per million input tokens the provider served
+            from its prompt cache and counts among the input tokens (OpenAI's
+            ``prompt_tokens_details.cached_tokens``); when left out, the input price
+            (no discount).
 
     Raises:
         RecordValidationError: naming the field and value, when an id or provider is
@@ -252,6 +257,9 @@ class ModelInfo:
     capabilities: frozenset[str] = field(default=None, converter=_to_capabilities)
     rpm: int | None = field(default=None, validator=_per_minute)
     tpm: int | None = field(default=None, validator=_per_minute)
+    cached_input_price_per_mtok: float | None = field(
+        default=None, converter=_to_float, validator=_optional_price
+    )
     cache_write_price_per_mtok: float | None = field(
         default=None, converter=_to_float, validator=_optional_price
     )
@@ -271,6 +279,7 @@ class ModelInfo:
         cache_write_1h_tokens: int = 0,
         cache_read_tokens: int = 0,
         web_search_requests: int = 0,
+        cached_input_tokens: int = 0,
     ) -> float:
         """
         The list-price cost in USD of a call that used these tokens: always finite (at
@@ -280,17 +289,26 @@ class ModelInfo:
         prompt tokens written to the 5-minute and the 1-hour prompt cache and read from
         it, reported apart from ``input_tokens`` (as Anthropic reports them), each at its
         price (see the class); ``web_search_requests`` server-side web searches, at
-        `WEB_SEARCH_REQUEST_USD` each.
+        `WEB_SEARCH_REQUEST_USD` each; ``cached_input_tokens`` those of ``input_tokens``
+        the provider served from its cache (as OpenAI reports them; at most
+        ``input_tokens`` count), at the cached input price.
 
         Raises:
             ValueError: a count is negative, 2**63 or more, or not an integer.
         """
-        if cache_write_tokens or cache_write_1h_tokens or cache_read_tokens or web_search_requests:
+        if (
+            cache_write_tokens
+            or cache_write_1h_tokens
+            or cache_read_tokens
+            or web_search_requests
+            or cached_input_tokens
+        ):
             return self._cost_with_extras(
                 input_tokens,
                 output_tokens,
                 (cache_write_tokens, cache_write_1h_tokens, cache_read_tokens),
                 web_search_requests,
+                cached_input_tokens,
             )
         # plain ints in range (every call's record) pass without the validators' calls
         if not (
@@ -312,8 +330,9 @@ class ModelInfo:
         output_tokens: int,
         cache: tuple[int, int, int],
         web_search_requests: int,
+        cached_input_tokens: int,
     ) -> float:
-        """`cost` of a call that also wrote or read the prompt cache or searched the web."""
+        """`cost` of a call that also used the prompt cache or searched the web."""
         for name, value in zip(
             ("cache_write_tokens", "cache_write_1h_tokens", "cache_read_tokens"),
             cache,
@@ -321,11 +340,18 @@ class ModelInfo:
         ):
             _check_tokens(name, value)
         _check_tokens("web_search_requests", web_search_requests)
-        prices = self.cache_prices
-        cost = self.cost(input_tokens, output_tokens) + (
-            sum(count * price for count, price in zip(cache, prices, strict=True)) / 1_000_000
-            + web_search_requests * WEB_SEARCH_REQUEST_USD
+        _check_tokens("cached_input_tokens", cached_input_tokens)
+        _check_tokens("input_tokens", input_tokens)
+        _check_tokens("output_tokens", output_tokens)
+        cached = min(cached_input_tokens, input_tokens)
+        cached_price = self.cached_input_price_per_mtok
+        per_mtok = (
+            (input_tokens - cached) * self.input_price_per_mtok
+            + cached * (self.input_price_per_mtok if cached_price is None else cached_price)
+            + output_tokens * self.output_price_per_mtok
+            + sum(count * price for count, price in zip(cache, self.cache_prices, strict=True))
         )
+        cost = per_mtok / 1_000_000 + web_search_requests * WEB_SEARCH_REQUEST_USD
         return cost if cost < math.inf else sys.float_info.max
 
     @property

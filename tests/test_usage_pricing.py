@@ -27,7 +27,7 @@ from empathy_models import (
 )
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.limits import MemoryQuotaStore
-from empathy_models.providers import AnthropicProvider
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from tests._serving import serving
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -210,3 +210,101 @@ def test_a_registry_entry_may_give_its_own_cache_prices() -> None:
     assert CLAUDE.cost(0, 0, cache_read_tokens=1_000_000) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="cache_read_tokens"):
         CLAUDE.cost(0, 0, cache_read_tokens=-1)
+
+
+# --------------------------------------------------------------------------- OpenAI format
+
+# OpenAI's usage of a call 99,968 of whose 100,000 prompt tokens came from the cache:
+# prompt_tokens includes them
+OPENAI_USAGE: dict[str, Any] = {
+    "prompt_tokens": 100_000,
+    "completion_tokens": 20,
+    "total_tokens": 100_020,
+    "prompt_tokens_details": {"cached_tokens": 99_968},
+}
+
+
+async def _openai(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    base = {"id": "chatcmpl-1", "model": body["model"]}
+    if not body.get("stream"):
+        return web.json_response(
+            {
+                **base,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "hi there"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": OPENAI_USAGE,
+            }
+        )
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    chunk = {**base, "object": "chat.completion.chunk"}
+    for data in [
+        {**chunk, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**chunk, "choices": [], "usage": OPENAI_USAGE},
+    ]:
+        await response.write(f"data: {json.dumps(data)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_openai_cached_input_is_priced_at_the_cached_rate(streamed: bool) -> None:
+    # gpt-5 in the default table: input $1.25/MTok, cached input $0.125/MTok, output $10
+    billed = ((100_000 - 99_968) * 1.25 + 99_968 * 0.125 + 20 * 10.0) / 1e6
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    context = ExecutionContext(workflow="w", stage="s", model="gpt-5", max_tokens=50)
+    async with (
+        serving("/v1/chat/completions", _openai) as url,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=url + "/v1")],
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=100)],
+            quota_store=quota,
+        ) as executor,
+    ):
+        if streamed:
+            async with executor.stream("hello", context) as stream:
+                async for _ in stream:
+                    pass
+                response = await stream.get_final_response()
+        else:
+            response = await executor.run("hello", context)
+    (record,) = await telemetry.recent(limit=10)
+    (usage,) = await quota.usages()
+    assert response.input_tokens == record.input_tokens == 100_000  # cached ones included
+    assert math.isclose(response.cost_usd, billed, rel_tol=1e-9)
+    assert math.isclose(record.cost_usd, billed, rel_tol=1e-9)
+    assert math.isclose(usage.spent_usd, billed, rel_tol=1e-6)
+    assert record.metadata["empathy_models.cached_input_tokens"] == 99_968
+
+
+def test_cached_input_costs_the_input_price_unless_the_entry_says_otherwise() -> None:
+    plain = ModelInfo(
+        id="vllm-model",
+        provider="openai",
+        tier="cheap",
+        input_price_per_mtok=2.0,
+        output_price_per_mtok=8.0,
+        context_window=32_000,
+        max_output_tokens=4096,
+    )
+    assert plain.cost(1000, 10, cached_input_tokens=900) == plain.cost(1000, 10)
+    cheaper = ModelInfo(**{**plain.to_dict(), "cached_input_price_per_mtok": 0.5})
+    assert math.isclose(
+        cheaper.cost(1000, 10, cached_input_tokens=900),
+        (100 * 2.0 + 900 * 0.5 + 10 * 8.0) / 1e6,
+        rel_tol=1e-12,
+    )
+    # a cached count above the input's is the whole input, never a negative cost
+    assert math.isclose(
+        cheaper.cost(1000, 0, cached_input_tokens=5000), 1000 * 0.5 / 1e6, rel_tol=1e-12
+    )
+    assert ModelRegistry.default().get("gpt-4o").cached_input_price_per_mtok == 1.25

@@ -38,6 +38,7 @@ from ._wire import (
     anthropic_usage_extras,
     error_from_response,
     json_text,
+    openai_cached_tokens,
     shown_count,
 )
 
@@ -253,8 +254,8 @@ class StreamDecoder:
     failure after some of them waits in ``error``); the decoder keeps ``input_tokens``
     / ``output_tokens`` (None until reported), the prompt-cache and web-search counts
     (``cache_write_tokens``, ``cache_write_1h_tokens``, ``cache_read_tokens``,
-    ``web_search_requests``: 0 until reported), ``stop_reason``, ``response_id`` and
-    ``finished`` (the format's end marker seen).
+    ``web_search_requests``, ``cached_input_tokens``: 0 until reported),
+    ``stop_reason``, ``response_id`` and ``finished`` (the format's end marker seen).
     """
 
     __slots__ = (
@@ -271,6 +272,7 @@ class StreamDecoder:
         "cache_read_tokens",
         "cache_write_1h_tokens",
         "cache_write_tokens",
+        "cached_input_tokens",
         "error",
         "finished",
         "input_tokens",
@@ -300,6 +302,7 @@ class StreamDecoder:
         self.cache_write_1h_tokens = 0
         self.cache_read_tokens = 0
         self.web_search_requests = 0
+        self.cached_input_tokens = 0
         self.stop_reason: str | None = None
         self.response_id: str | None = None
         self.finished = False
@@ -603,6 +606,9 @@ class OpenAIStreamDecoder(StreamDecoder):
         if isinstance(usage, dict):
             self.input_tokens = self._tokens(usage, "prompt_tokens")
             self.output_tokens = self._tokens(usage, "completion_tokens")
+            self.cached_input_tokens = openai_cached_tokens(
+                usage, lambda data, key, _: self._tokens(data, key), ""
+            )
 
     def _openai_calls(self, calls: object, out: list[str | ToolCallDelta]) -> None:
         """``delta.tool_calls``: the first piece of a call has its id and name."""

@@ -452,4 +452,5 @@ class HTTPCompletionStream(CompletionStream):
             cache_write_1h_tokens=decoder.cache_write_1h_tokens,
             cache_read_tokens=decoder.cache_read_tokens,
             web_search_requests=decoder.web_search_requests,
+            cached_input_tokens=decoder.cached_input_tokens,
         )

@@ -41,6 +41,7 @@ __all__ = [
     "MAX_TOKEN_COUNT",
     "ResponseReader",
     "anthropic_usage_extras",
+    "openai_cached_tokens",
     "error_from_local",
     "error_from_response",
     "error_from_transport",
@@ -579,6 +580,20 @@ def anthropic_usage_extras(
         if searches is not None:
             found["web_search_requests"] = searches
     return found
+
+
+def openai_cached_tokens(
+    usage: Mapping[str, Any], count: Callable[[Mapping[str, Any], str, str], int | None], path: str
+) -> int:
+    """
+    The prompt tokens an OpenAI ``usage`` object says came from the prompt cache
+    (``prompt_tokens_details.cached_tokens``; 0 when absent); ``count`` and ``path`` as
+    for `anthropic_usage_extras`.
+    """
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, Mapping):
+        return 0
+    return count(details, "cached_tokens", f"{path}.prompt_tokens_details") or 0
 
 
 # --------------------------------------------------------------------------- the base class
