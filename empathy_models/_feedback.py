@@ -411,8 +411,8 @@ class _Feedback:
         caller's, which knows whether a retry follows).  ``ignored``: the breaker key
         hears `Outcome.IGNORED`, whatever the record says; the provider-wide key hears
         `provider_outcome`.  A 429's Retry-After goes to the limiter's ``hold``.
-        ``partial``: a stream that opened and failed before its first delta, what it
-        had (its usage is recorded and charged, see `streamed_usage`).  ``deadline_at``:
+        ``partial``: what a stream that opened had, or a malformed 2xx answer's usage
+        (recorded and charged, see `streamed_usage`).  ``deadline_at``:
         the run's, as for `rejected`: a retry or the next route does not wait for a
         stalled breaker store.  ``cut``: the run's deadline, not the model's own
         timeout, ended the call before it had `_attempt.STARVED_SECONDS`, which says

@@ -17,15 +17,21 @@ import pytest
 from aiohttp import web
 
 from empathy_models import (
+    AllRoutesFailedError,
     Budget,
     EmpathyLLMExecutor,
     ExecutionContext,
+    FallbackPolicy,
     LLMCallRecord,
     LLMResponse,
     ModelInfo,
     ModelRegistry,
+    Outcome,
+    RetryPolicy,
+    Tool,
 )
 from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.exceptions import InvalidResponseError
 from empathy_models.limits import MemoryQuotaStore
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from tests._serving import serving
@@ -308,3 +314,72 @@ def test_cached_input_costs_the_input_price_unless_the_entry_says_otherwise() ->
         cheaper.cost(1000, 0, cached_input_tokens=5000), 1000 * 0.5 / 1e6, rel_tol=1e-12
     )
     assert ModelRegistry.default().get("gpt-4o").cached_input_price_per_mtok == 1.25
+
+
+# --------------------------------------------------------------------------- billed, refused
+
+CUT_USAGE = {"prompt_tokens": 20_000, "completion_tokens": 1024, "total_tokens": 21_024}
+
+
+async def _cut_tool_call(request: web.Request) -> web.StreamResponse:
+    # a tool call cut off by max_tokens: its arguments are not JSON, the usage is billed
+    body = await request.json()
+    call = {"name": "write", "arguments": '{"text": "a very long argu'}
+    return web.json_response(
+        {
+            "id": "chatcmpl-2",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "length",
+                    "message": {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"id": "call_1", "type": "function", "function": call}],
+                    },
+                }
+            ],
+            "usage": CUT_USAGE,
+        }
+    )
+
+
+async def test_an_answer_refused_as_malformed_is_recorded_and_charged_its_usage() -> None:
+    gpt = ModelInfo(
+        id="gpt-cut",
+        provider="openai",
+        tier="cheap",
+        input_price_per_mtok=2.5,
+        output_price_per_mtok=10.0,
+        context_window=128_000,
+        max_output_tokens=16_384,
+    )
+    per_call = (20_000 * 2.5 + 1024 * 10.0) / 1e6
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    tool = Tool(name="write", description="write", parameters={"type": "object"})
+    async with (
+        serving("/v1/chat/completions", _cut_tool_call) as url,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=url + "/v1")],
+            registry=ModelRegistry(models=[gpt], price_version="cut-1"),
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=100)],
+            quota_store=quota,
+            retry=RetryPolicy(max_attempts=2, base_delay=0.0, jitter=False),
+            fallback=FallbackPolicy(max_routes=1),
+        ) as executor,
+    ):
+        context = ExecutionContext(workflow="w", stage="s", model="gpt-cut", max_tokens=1024)
+        with pytest.raises(AllRoutesFailedError) as raised:
+            await executor.run("write a long essay", context, tools=[tool])
+    assert all(isinstance(e, InvalidResponseError) for e in raised.value.exceptions)
+    records = await telemetry.recent(limit=10)
+    assert records  # each attempt is billed
+    for record in records:
+        assert record.outcome is Outcome.FAILURE
+        assert (record.input_tokens, record.output_tokens) == (20_000, 1024)
+        assert math.isclose(record.cost_usd, per_call, rel_tol=1e-9)
+    (usage,) = await quota.usages()
+    assert math.isclose(usage.spent_usd, len(records) * per_call, rel_tol=1e-6)

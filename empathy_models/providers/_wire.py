@@ -28,6 +28,7 @@ from ..exceptions import (
     ContextWindowExceededError,
     InvalidRequestError,
     InvalidResponseError,
+    MissingAPIKeyError,
     ModelNotFoundError,
     OverloadedError,
     ProviderConnectionError,
@@ -47,6 +48,7 @@ __all__ = [
     "error_from_transport",
     "json_text",
     "masked_url",
+    "missing_key",
     "shown_count",
     "parse_ratelimit_reset",
     "parse_retry_after",
@@ -580,6 +582,34 @@ def anthropic_usage_extras(
         if searches is not None:
             found["web_search_requests"] = searches
     return found
+
+
+def missing_key(
+    name: str, env_var: str, base_url: str, withheld: bool, model: str
+) -> MissingAPIKeyError:
+    """
+    The error for a request made without any credential, saying how to give one.
+
+    Args:
+        name: The provider's name.
+        env_var: The variable its key is read from ("": none).
+        base_url: Where it sends requests.
+        withheld: The variable is set but not sent to ``base_url``.
+        model: The requested model, named in the message.
+
+    Returns:
+        The `MissingAPIKeyError` to raise (before any request is sent).
+    """
+    if withheld:
+        hint = (
+            f"{env_var} is set but only sent to the official endpoint, not to "
+            f"{base_url}; pass api_key=, or api_key_from_env=True to send it there"
+        )
+    else:
+        hint = f"pass api_key= or set {env_var or 'the API key variable'}"
+    return MissingAPIKeyError(
+        f"{name}: no API key; {hint} [model {model}]", provider=name, model=model
+    )
 
 
 def openai_cached_tokens(

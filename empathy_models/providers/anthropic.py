@@ -114,15 +114,20 @@ class AnthropicProvider(HTTPProvider):
                 reader.fail(f"response.content[{index}] must be an object")
             if block.get("type") == "text":
                 parts.append(reader.get(block, "text", str, f"response.content[{index}]"))
-        usage = reader.get(data, "usage", dict, "response")
         return Completion(
             content="".join(parts),
             model=request.model,
-            input_tokens=reader.tokens(usage, "input_tokens", "response.usage"),
-            output_tokens=reader.tokens(usage, "output_tokens", "response.usage"),
             stop_reason=reader.optional_str(data, "stop_reason"),
             request_id=headers.get("request-id") or reader.optional_str(data, "id"),
             tool_calls=anthropic_tool_calls(reader, blocks, "response.content"),
             response_id=reader.optional_str(data, "id"),
-            **anthropic_usage_extras(usage, reader.count, "response.usage"),
+            **self._usage(reader, data),
         )
+
+    def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any]:
+        usage = reader.get(data, "usage", dict, "response")
+        return {
+            "input_tokens": reader.tokens(usage, "input_tokens", "response.usage"),
+            "output_tokens": reader.tokens(usage, "output_tokens", "response.usage"),
+            **anthropic_usage_extras(usage, reader.count, "response.usage"),
+        }

@@ -146,15 +146,20 @@ class OpenAIProvider(HTTPProvider):
             content = ""
         elif not isinstance(content, str):
             reader.fail("response.choices[0].message.content must be a string")
-        usage = reader.get(data, "usage", dict, "response")
         return Completion(
             content=content,
             model=request.model,
-            input_tokens=reader.tokens(usage, "prompt_tokens", "response.usage"),
-            output_tokens=reader.tokens(usage, "completion_tokens", "response.usage"),
             stop_reason=stop_reason,
             request_id=headers.get("x-request-id") or reader.optional_str(data, "id"),
             tool_calls=tool_calls,
             response_id=reader.optional_str(data, "id"),
-            cached_input_tokens=openai_cached_tokens(usage, reader.count, "response.usage"),
+            **self._usage(reader, data),
         )
+
+    def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any]:
+        usage = reader.get(data, "usage", dict, "response")
+        return {
+            "input_tokens": reader.tokens(usage, "prompt_tokens", "response.usage"),
+            "output_tokens": reader.tokens(usage, "completion_tokens", "response.usage"),
+            "cached_input_tokens": openai_cached_tokens(usage, reader.count, "response.usage"),
+        }
