@@ -560,7 +560,8 @@ class ModelRegistry:
         Build a registry from ``{"price_version": ..., "models": [{...}, ...]}``.
 
         With ``"extends": "default"`` the models are laid over the default table (same id
-        replaces, new ids are added).
+        replaces, new ids are added); an id listed twice in ``models`` is refused either
+        way.
 
         Args:
             data: the table.
@@ -599,6 +600,7 @@ class ModelRegistry:
         models = [
             _model_from_dict(entry, f"{source}: models[{i}]") for i, entry in enumerate(raw_models)
         ]
+        _refuse_duplicates(models, source)
         try:
             if extends == "default":
                 return _default_registry().with_models(*models, price_version=version)
@@ -649,6 +651,23 @@ class ModelRegistry:
             "price_version": self.price_version,
             "models": [m.to_dict() for m in self.models],
         }
+
+
+def _refuse_duplicates(models: list[ModelInfo], source: str) -> None:
+    """
+    Raise `ConfigurationError` naming the two indexes when ``models`` (a file's own
+    entries) hold an id twice, compared case-insensitively: with ``extends`` too, where
+    one would silently replace the other.
+    """
+    first: dict[str, int] = {}
+    for index, model in enumerate(models):
+        key = model.id.lower()
+        if key in first:
+            raise ConfigurationError(
+                f"{source}: duplicate model id {model.id!r} "
+                f"(models[{first[key]}] and models[{index}])"
+            )
+        first[key] = index
 
 
 def _model_from_dict(entry: object, where: str) -> ModelInfo:
