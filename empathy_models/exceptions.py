@@ -231,7 +231,19 @@ class InvalidResponseError(ProviderError):
     content: the provider bills it, and the executor records and charges it; else None.
     """
 
-    billed: Completion | None = None
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(
+            message, provider=provider, model=model, status=status, retry_after=retry_after
+        )
+        self.billed: Completion | None = None
 
 
 class StreamInterruptedError(ProviderError):
