@@ -31,6 +31,7 @@ from .exceptions import (
     CircuitOpenError,
     ConfigurationError,
     ContextWindowExceededError,
+    InvalidResponseError,
     ModelNotFoundError,
     ProviderTimeoutError,
 )
@@ -375,12 +376,12 @@ class Attempts:
         A call sent at ``t0`` that raised ``error`` (restated): its feedback; the
         record.  ``held``: the attempt's ticket, scope ticket and the limiter's hold.
         ``cut``: the run's deadline ended it, before `STARVED_SECONDS`: recorded as
-        cancelled (`_Feedback.failed`).  A stream that opened first has its usage charged.
+        cancelled (`_Feedback.failed`).  The usage known (`_charged`) is charged.
         """
         latency_ms = (self.ex._clock() - t0) * 1000.0
         cut = cut and latency_ms < STARVED_SECONDS * 1000.0
         ticket, scope_ticket, hold = held
-        partial, self.partial = self.partial, None
+        partial, self.partial = _charged(self.partial, error), None
         planner = self.ex._planner
         # a 404 names one model: it must not force open a key every model of the provider
         # shares (the record still says fatal)
@@ -783,6 +784,17 @@ async def _first_delta(
             await stream.aclose()
         raise
     return stream, first
+
+
+def _charged(partial: Completion | None, error: Exception) -> Completion | None:
+    """
+    What a failed call is recorded and charged for: ``partial``, what a stream that
+    opened had; else, for a 2xx answer refused as malformed, the usage it reported
+    (`InvalidResponseError.billed`: the provider bills it all the same); else None.
+    """
+    if partial is None and isinstance(error, InvalidResponseError):
+        return error.billed
+    return partial
 
 
 def _partial_of(stream: CompletionStream) -> Completion | None:

@@ -76,6 +76,52 @@ never does; OpenAI-format servers report them only at the end).
 """
 
 
+CACHE_WRITE_TOKENS: Final = "empathy_models.cache_write_tokens"
+"""
+The metadata key of a record whose call wrote prompt tokens to the 5-minute prompt
+cache (Anthropic's ``cache_creation_input_tokens``): how many (not in ``input_tokens``;
+``cost_usd`` includes them).  The keys below are set the same way, only when not 0.
+"""
+
+CACHE_WRITE_1H_TOKENS: Final = "empathy_models.cache_write_1h_tokens"
+"""The metadata key of the prompt tokens a call wrote to the 1-hour prompt cache."""
+
+CACHE_READ_TOKENS: Final = "empathy_models.cache_read_tokens"
+"""The metadata key of the prompt tokens a call read from the prompt cache."""
+
+WEB_SEARCH_REQUESTS: Final = "empathy_models.web_search_requests"
+"""The metadata key of the server-side web searches a call ran."""
+
+CACHED_INPUT_TOKENS: Final = "empathy_models.cached_input_tokens"
+"""The metadata key of the input tokens a call's provider served from its prompt cache
+(among ``input_tokens``; OpenAI's ``cached_tokens``)."""
+
+_EXTRAS: Final = (
+    ("cache_write_tokens", CACHE_WRITE_TOKENS),
+    ("cache_write_1h_tokens", CACHE_WRITE_1H_TOKENS),
+    ("cache_read_tokens", CACHE_READ_TOKENS),
+    ("web_search_requests", WEB_SEARCH_REQUESTS),
+    ("cached_input_tokens", CACHED_INPUT_TOKENS),
+)
+"""The `Completion` counts beyond input and output that a call is billed for, and the
+record metadata key of each."""
+
+
+def _extras(completion: Completion | None) -> dict[str, int]:
+    """
+    ``completion``'s counts beyond input and output tokens (`_EXTRAS`) that are not 0,
+    by field name; one that is no count (see `_is_count`) is left out.
+    """
+    if completion is None:
+        return {}
+    found = {}
+    for name, _ in _EXTRAS:
+        value = getattr(completion, name, 0)
+        if value and _is_count(value):
+            found[name] = value
+    return found
+
+
 def _is_count(value: object) -> bool:
     """Whether ``value`` can be a token count: an int from 0 to 2**63 - 1 (what records hold)."""
     return type(value) is int and 0 <= value < _INT_LIMIT
@@ -108,14 +154,20 @@ def _usage(info: ModelInfo, completion: Completion, *, quiet: bool = False) -> t
     return (given[0] if _is_count(given[0]) else 0, given[1] if _is_count(given[1]) else 0)
 
 
-def _spent(info: ModelInfo, completion: Completion | None) -> tuple[int, int, float]:
-    """The input and output tokens and the cost (finite) a call's record says it spent."""
+def _spent(
+    info: ModelInfo, completion: Completion | None
+) -> tuple[int, int, float, dict[str, int]]:
+    """
+    The input and output tokens, the cost (finite) and the cache and web-search counts
+    (`_extras`, priced too) a call's record says it spent.
+    """
     if completion is None:
-        return 0, 0, 0.0
+        return 0, 0, 0.0, {}
     input_tokens, output_tokens = completion.input_tokens, completion.output_tokens
     if not (_is_count(input_tokens) and _is_count(output_tokens)):
         input_tokens, output_tokens = _usage(info, completion)
-    return input_tokens, output_tokens, info.cost(input_tokens, output_tokens)
+    extras = _extras(completion)
+    return input_tokens, output_tokens, info.cost(input_tokens, output_tokens, **extras), extras
 
 
 def streamed_usage(run: _Run, completion: Completion) -> tuple[Completion, bool]:
@@ -133,16 +185,19 @@ def streamed_usage(run: _Run, completion: Completion) -> tuple[Completion, bool]
     return attrs.evolve(completion, input_tokens=_estimate_tokens(run.messages, run.system)), True
 
 
-def charge(hold: Hold, info: ModelInfo, record: LLMCallRecord, estimated: bool) -> None:
+def charge(
+    hold: Hold, info: ModelInfo, record: LLMCallRecord, estimated: bool, completion: Completion
+) -> None:
     """
-    What the limiter's ``hold`` settles for ``record``'s call: its cost, or, when its
-    input tokens are an estimate (``estimated``), the prompt's worst case, which its
-    budgets reserved, so that what they charge never falls short of what the provider
-    bills; rate limits count the tokens recorded.
+    What the limiter's ``hold`` settles for ``record``'s call (whose answer so far is
+    ``completion``): its cost, or, when its input tokens are an estimate
+    (``estimated``), the prompt's worst case, which its budgets reserved, so that what
+    they charge never falls short of what the provider bills; rate limits count the
+    tokens recorded.
     """
     input_tokens, output_tokens = record.input_tokens, record.output_tokens
     hold.cost_usd = (
-        info.cost(input_tokens * WORST_PER_ESTIMATE, output_tokens)
+        info.cost(input_tokens * WORST_PER_ESTIMATE, output_tokens, **_extras(completion))
         if estimated
         else record.cost_usd
     )
@@ -356,8 +411,8 @@ class _Feedback:
         caller's, which knows whether a retry follows).  ``ignored``: the breaker key
         hears `Outcome.IGNORED`, whatever the record says; the provider-wide key hears
         `provider_outcome`.  A 429's Retry-After goes to the limiter's ``hold``.
-        ``partial``: a stream that opened and failed before its first delta, what it
-        had (its usage is recorded and charged, see `streamed_usage`).  ``deadline_at``:
+        ``partial``: what a stream that opened had, or a malformed 2xx answer's usage
+        (recorded and charged, see `streamed_usage`).  ``deadline_at``:
         the run's, as for `rejected`: a retry or the next route does not wait for a
         stalled breaker store.  ``cut``: the run's deadline, not the model's own
         timeout, ended the call before it had `_attempt.STARVED_SECONDS`, which says
@@ -526,7 +581,7 @@ class _Feedback:
     ) -> LLMCallRecord:
         """The attempt's record; counts ``*_estimated`` are flagged (`_flagged`)."""
         ctx = run.context
-        input_tokens, output_tokens, cost = _spent(info, completion)
+        input_tokens, output_tokens, cost, extras = _spent(info, completion)
         message = None if exc is None else (str(exc)[:_ERROR_MESSAGE_LIMIT] or None)
         if circuit_state is None and ticket is not None and ticket.lease_id is not None:
             circuit_state = CircuitState.HALF_OPEN
@@ -585,7 +640,7 @@ class _Feedback:
             circuit_state=circuit_state,
             user_id=ctx.user_id,
             session_id=ctx.session_id,
-            metadata=_flagged(ctx.metadata, input_estimated, output_estimated),
+            metadata=_flagged(ctx.metadata, input_estimated, output_estimated, extras),
             prompt_text=run.prompt_text,
             response_text=response_text,
         )
@@ -652,17 +707,24 @@ class _Feedback:
 
 
 def _flagged(
-    metadata: Mapping[str, JSONScalar], input_estimated: bool, output_estimated: bool
+    metadata: Mapping[str, JSONScalar],
+    input_estimated: bool,
+    output_estimated: bool,
+    extras: Mapping[str, int],
 ) -> Mapping[str, JSONScalar]:
     """
     A record's ``metadata``, saying which of its token counts are estimated
-    (`INPUT_ESTIMATED`, `OUTPUT_ESTIMATED`); as it is when neither is.
+    (`INPUT_ESTIMATED`, `OUTPUT_ESTIMATED`) and what cache and web-search counts its
+    call was billed for (``extras``, under the keys of `_EXTRAS`); as it is when none.
     """
-    if not (input_estimated or output_estimated):
+    if not (input_estimated or output_estimated or extras):
         return metadata
-    flags = {INPUT_ESTIMATED: True} if input_estimated else {}
+    flags: dict[str, JSONScalar] = {INPUT_ESTIMATED: True} if input_estimated else {}
     if output_estimated:
         flags[OUTPUT_ESTIMATED] = True
+    for name, key in _EXTRAS:
+        if name in extras:
+            flags[key] = extras[name]
     return MappingProxyType({**metadata, **flags})
 
 
@@ -696,5 +758,5 @@ def _unanswered(
         input_estimated=estimated,
     )
     if partial is not None and hold is not None:
-        charge(hold, info, record, estimated)
+        charge(hold, info, record, estimated, partial)
     return record

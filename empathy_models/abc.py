@@ -1368,6 +1368,16 @@ class Completion:
         rate_limit_reset: set when the provider's rate-limit headers on this answer said
             a limit is exhausted (remaining 0): the seconds until it resets, which the
             executor's rate limits wait out.
+        cache_write_tokens, cache_write_1h_tokens, cache_read_tokens: prompt tokens
+            written to the 5-minute and the 1-hour prompt cache and read from it, as
+            reported apart from ``input_tokens`` (Anthropic's
+            ``cache_creation_input_tokens`` and ``cache_read_input_tokens``); priced by
+            `ModelInfo.cost`.
+        web_search_requests: the server-side web searches the model ran (Anthropic's
+            ``usage.server_tool_use.web_search_requests``), billed per search.
+        cached_input_tokens: those of ``input_tokens`` the provider served from its
+            prompt cache (OpenAI's ``usage.prompt_tokens_details.cached_tokens``), billed
+            at the model's cached input price.
     """
 
     content: str
@@ -1380,6 +1390,11 @@ class Completion:
     tool_calls: tuple[ToolCall, ...] = ()
     response_id: str | None = None
     rate_limit_reset: float | None = None
+    cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+    cache_read_tokens: int = 0
+    web_search_requests: int = 0
+    cached_input_tokens: int = 0
 
 
 class AttemptTimeout(TimeoutError):

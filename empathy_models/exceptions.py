@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .abc import Completion
     from .records import CircuitState
 
 __all__ = [
@@ -221,7 +222,28 @@ class OverloadedError(ServerError):
 
 
 class InvalidResponseError(ProviderError):
-    """The answer could not be understood: malformed JSON, missing fields, truncated body."""
+    """
+    The answer could not be understood: malformed JSON, missing fields, truncated body.
+
+    ``billed``: when the provider answered with a status of success and its usage could
+    still be read (an answer refused for another flaw, e.g. a tool call cut off by
+    ``max_tokens`` whose arguments are not JSON), a `Completion` with that usage and no
+    content: the provider bills it, and the executor records and charges it; else None.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(
+            message, provider=provider, model=model, status=status, retry_after=retry_after
+        )
+        self.billed: Completion | None = None
 
 
 class StreamInterruptedError(ProviderError):

@@ -48,7 +48,15 @@ from ._validators import check, failure, integer, number, shown, text, text_flaw
 from .exceptions import ConfigurationError, ModelNotFoundError, RecordValidationError
 from .records import _INT_LIMIT, ModelTier
 
-__all__ = ["CAPABILITIES", "ModelInfo", "ModelRegistry"]
+__all__ = [
+    "CACHE_READ_MULTIPLIER",
+    "CACHE_WRITE_1H_MULTIPLIER",
+    "CACHE_WRITE_MULTIPLIER",
+    "CAPABILITIES",
+    "ModelInfo",
+    "ModelRegistry",
+    "WEB_SEARCH_REQUEST_USD",
+]
 
 _MODEL_FIELDS = (
     "id",
@@ -61,6 +69,31 @@ _MODEL_FIELDS = (
 )
 _OPTIONAL_MODEL_FIELDS = ("rpm", "tpm")
 """Fields a registry entry may leave out: the provider's requests and tokens per minute."""
+_OPTIONAL_PRICE_FIELDS = (
+    "cached_input_price_per_mtok",
+    "cache_write_price_per_mtok",
+    "cache_write_1h_price_per_mtok",
+    "cache_read_price_per_mtok",
+)
+"""Prices a registry entry may leave out (each then follows from the input price)."""
+_OPTIONAL_ENTRY_FIELDS = _OPTIONAL_MODEL_FIELDS + _OPTIONAL_PRICE_FIELDS
+
+CACHE_WRITE_MULTIPLIER: Final = 1.25
+"""A prompt token written to the 5-minute prompt cache costs this times the input price
+(Anthropic's published rate), unless the entry gives ``cache_write_price_per_mtok``."""
+
+CACHE_WRITE_1H_MULTIPLIER: Final = 2.0
+"""A prompt token written to the 1-hour prompt cache costs this times the input price
+(Anthropic's published rate), unless the entry gives ``cache_write_1h_price_per_mtok``."""
+
+CACHE_READ_MULTIPLIER: Final = 0.1
+"""A prompt token read from the prompt cache, reported apart from the input tokens
+(Anthropic's ``cache_read_input_tokens``), costs this times the input price (Anthropic's
+published rate), unless the entry gives ``cache_read_price_per_mtok``."""
+
+WEB_SEARCH_REQUEST_USD: Final = 0.01
+"""The fee of one server-side web search a model ran (Anthropic's
+``usage.server_tool_use.web_search_requests``): $10 per 1,000 searches."""
 _TOP_LEVEL_KEYS = frozenset({"price_version", "models", "source", "extends"})
 
 CAPABILITIES: Final = frozenset({"tools", "images", "json_schema", "streaming"})
@@ -111,6 +144,13 @@ def _name(_: object, attribute: Any, value: Any) -> None:
 _price = number(
     _fail,
     low=0,
+    type_why="must be a number (USD per million tokens)",
+    why="must be a finite number >= 0",
+)
+_optional_price = number(
+    _fail,
+    low=0,
+    optional=True,
     type_why="must be a number (USD per million tokens)",
     why="must be a finite number >= 0",
 )
@@ -188,6 +228,17 @@ class ModelInfo:
             (integers from 1 to 2**63 - 1): the executor enforces them as an
             `empathy_models.limits.RateLimit` (one given to the executor for the model
             wins).
+        cache_write_price_per_mtok, cache_write_1h_price_per_mtok,
+            cache_read_price_per_mtok: USD per million prompt tokens written to the
+            5-minute prompt cache, written to the 1-hour cache, and read from the cache
+            when the provider reports them apart from the input tokens (Anthropic's
+            ``cache_creation_input_tokens`` and ``cache_read_input_tokens``); when left
+            out, `CACHE_WRITE_MULTIPLIER`, `CACHE_WRITE_1H_MULTIPLIER` and
+            `CACHE_READ_MULTIPLIER` times the input price.
+        cached_input_price_per_mtok: USD per million input tokens the provider served
+            from its prompt cache and counts among the input tokens (OpenAI's
+            ``prompt_tokens_details.cached_tokens``); when left out, the input price
+            (no discount).
 
     Raises:
         RecordValidationError: naming the field and value, when an id or provider is
@@ -206,15 +257,59 @@ class ModelInfo:
     capabilities: frozenset[str] = field(default=None, converter=_to_capabilities)
     rpm: int | None = field(default=None, validator=_per_minute)
     tpm: int | None = field(default=None, validator=_per_minute)
+    cached_input_price_per_mtok: float | None = field(
+        default=None, converter=_to_float, validator=_optional_price
+    )
+    cache_write_price_per_mtok: float | None = field(
+        default=None, converter=_to_float, validator=_optional_price
+    )
+    cache_write_1h_price_per_mtok: float | None = field(
+        default=None, converter=_to_float, validator=_optional_price
+    )
+    cache_read_price_per_mtok: float | None = field(
+        default=None, converter=_to_float, validator=_optional_price
+    )
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
+    def cost(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        *,
+        cache_write_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
+        cache_read_tokens: int = 0,
+        web_search_requests: int = 0,
+        cached_input_tokens: int = 0,
+    ) -> float:
         """
         The list-price cost in USD of a call that used these tokens: always finite (at
         most the largest float, which counts near 2**63 at an absurd price would pass).
 
+        ``cache_write_tokens``, ``cache_write_1h_tokens`` and ``cache_read_tokens`` are
+        prompt tokens written to the 5-minute and the 1-hour prompt cache and read from
+        it, reported apart from ``input_tokens`` (as Anthropic reports them), each at its
+        price (see the class); ``web_search_requests`` server-side web searches, at
+        `WEB_SEARCH_REQUEST_USD` each; ``cached_input_tokens`` those of ``input_tokens``
+        the provider served from its cache (as OpenAI reports them; at most
+        ``input_tokens`` count), at the cached input price.
+
         Raises:
-            ValueError: a token count is negative, 2**63 or more, or not an integer.
+            ValueError: a count is negative, 2**63 or more, or not an integer.
         """
+        if (
+            cache_write_tokens
+            or cache_write_1h_tokens
+            or cache_read_tokens
+            or web_search_requests
+            or cached_input_tokens
+        ):
+            return self._cost_with_extras(
+                input_tokens,
+                output_tokens,
+                (cache_write_tokens, cache_write_1h_tokens, cache_read_tokens),
+                web_search_requests,
+                cached_input_tokens,
+            )
         # plain ints in range (every call's record) pass without the validators' calls
         if not (
             type(input_tokens) is int
@@ -228,6 +323,57 @@ class ModelInfo:
             input_tokens * self.input_price_per_mtok + output_tokens * self.output_price_per_mtok
         ) / 1_000_000
         return cost if cost < math.inf else sys.float_info.max
+
+    def _cost_with_extras(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cache: tuple[int, int, int],
+        web_search_requests: int,
+        cached_input_tokens: int,
+    ) -> float:
+        """`cost` of a call that also used the prompt cache or searched the web."""
+        for name, value in zip(
+            ("cache_write_tokens", "cache_write_1h_tokens", "cache_read_tokens"),
+            cache,
+            strict=True,
+        ):
+            _check_tokens(name, value)
+        _check_tokens("web_search_requests", web_search_requests)
+        _check_tokens("cached_input_tokens", cached_input_tokens)
+        _check_tokens("input_tokens", input_tokens)
+        _check_tokens("output_tokens", output_tokens)
+        cached = min(cached_input_tokens, input_tokens)
+        cached_price = self.cached_input_price_per_mtok
+        per_mtok = (
+            (input_tokens - cached) * self.input_price_per_mtok
+            + cached * (self.input_price_per_mtok if cached_price is None else cached_price)
+            + output_tokens * self.output_price_per_mtok
+            + sum(count * price for count, price in zip(cache, self.cache_prices, strict=True))
+        )
+        cost = per_mtok / 1_000_000 + web_search_requests * WEB_SEARCH_REQUEST_USD
+        return cost if cost < math.inf else sys.float_info.max
+
+    @property
+    def cache_prices(self) -> tuple[float, float, float]:
+        """
+        USD per million prompt tokens written to the 5-minute cache, written to the
+        1-hour cache and read from it: the entry's prices, or the default multipliers of
+        the input price.
+        """
+        given = (
+            self.cache_write_price_per_mtok,
+            self.cache_write_1h_price_per_mtok,
+            self.cache_read_price_per_mtok,
+        )
+        multipliers = (CACHE_WRITE_MULTIPLIER, CACHE_WRITE_1H_MULTIPLIER, CACHE_READ_MULTIPLIER)
+        return cast(
+            tuple[float, float, float],
+            tuple(
+                self.input_price_per_mtok * multiplier if price is None else price
+                for price, multiplier in zip(given, multipliers, strict=True)
+            ),
+        )
 
     @property
     def price_per_mtok(self) -> float:
@@ -250,6 +396,11 @@ class ModelInfo:
                 else {"capabilities": sorted(self.capabilities)}
             ),
             **{name: getattr(self, name) for name in _OPTIONAL_MODEL_FIELDS if getattr(self, name)},
+            **{
+                name: getattr(self, name)
+                for name in _OPTIONAL_PRICE_FIELDS
+                if getattr(self, name) is not None
+            },
         }
 
 
@@ -409,7 +560,8 @@ class ModelRegistry:
         Build a registry from ``{"price_version": ..., "models": [{...}, ...]}``.
 
         With ``"extends": "default"`` the models are laid over the default table (same id
-        replaces, new ids are added).
+        replaces, new ids are added); an id listed twice in ``models`` is refused either
+        way.
 
         Args:
             data: the table.
@@ -448,6 +600,7 @@ class ModelRegistry:
         models = [
             _model_from_dict(entry, f"{source}: models[{i}]") for i, entry in enumerate(raw_models)
         ]
+        _refuse_duplicates(models, source)
         try:
             if extends == "default":
                 return _default_registry().with_models(*models, price_version=version)
@@ -500,23 +653,40 @@ class ModelRegistry:
         }
 
 
+def _refuse_duplicates(models: list[ModelInfo], source: str) -> None:
+    """
+    Raise `ConfigurationError` naming the two indexes when ``models`` (a file's own
+    entries) hold an id twice, compared case-insensitively: with ``extends`` too, where
+    one would silently replace the other.
+    """
+    first: dict[str, int] = {}
+    for index, model in enumerate(models):
+        key = model.id.lower()
+        if key in first:
+            raise ConfigurationError(
+                f"{source}: duplicate model id {model.id!r} "
+                f"(models[{first[key]}] and models[{index}])"
+            )
+        first[key] = index
+
+
 def _model_from_dict(entry: object, where: str) -> ModelInfo:
     if not isinstance(entry, Mapping):
         raise ConfigurationError(f"{where}: expected a table, got {type(entry).__name__}")
     unknown = sorted(
-        set(entry) - set(_MODEL_FIELDS) - set(_OPTIONAL_MODEL_FIELDS) - {"capabilities"}
+        set(entry) - set(_MODEL_FIELDS) - set(_OPTIONAL_ENTRY_FIELDS) - {"capabilities"}
     )
     if unknown:
         raise ConfigurationError(
             f"{where}: unknown field(s) {', '.join(map(repr, unknown))} "
             f"(expected: {', '.join(_MODEL_FIELDS)}; optional: "
-            f"{', '.join(_OPTIONAL_MODEL_FIELDS)})"
+            f"{', '.join(_OPTIONAL_ENTRY_FIELDS)})"
         )
     missing = [name for name in _MODEL_FIELDS if name not in entry]
     if missing:
         raise ConfigurationError(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
     try:
-        optional = {name: entry[name] for name in _OPTIONAL_MODEL_FIELDS if name in entry}
+        optional = {name: entry[name] for name in _OPTIONAL_ENTRY_FIELDS if name in entry}
         return ModelInfo(
             **{name: entry[name] for name in _MODEL_FIELDS},
             capabilities=entry.get("capabilities"),

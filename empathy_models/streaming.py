@@ -74,6 +74,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import anyio
+import attrs
 
 from ._attempt import Attempts, Opened, _deadline_ended, _timeout_error
 from ._feedback import charge, streamed_usage
@@ -446,19 +447,7 @@ class LLMStream:
         """
         assert self._stream is not None and self._info is not None
         got, estimated = streamed_usage(self._run, self._stream.completion())
-        completion = Completion(
-            content=got.content,
-            model=got.model,
-            input_tokens=got.input_tokens,
-            output_tokens=got.output_tokens,
-            stop_reason=got.stop_reason,
-            request_id=got.request_id,
-            ttft_ms=self._ttft,
-            tool_calls=got.tool_calls,
-            response_id=got.response_id,
-            rate_limit_reset=got.rate_limit_reset,
-        )
-        return completion, estimated
+        return attrs.evolve(got, ttft_ms=self._ttft), estimated
 
     def _release(self) -> None:
         semaphore, self._semaphore = self._semaphore, None
@@ -507,7 +496,7 @@ class LLMStream:
             hold, self._hold = self._hold, None
             if hold is not None:
                 if record is not None:  # an estimated prompt is charged its worst case
-                    charge(hold, info, record, estimated)
+                    charge(hold, info, record, estimated, completion)
                 # the provider says a limit is exhausted: every worker waits it out
                 hold.pushback = completion.rate_limit_reset
                 assert ex._limiter is not None

@@ -158,6 +158,24 @@ def test_duplicate_ids_are_rejected_case_insensitively() -> None:
         ModelRegistry(models=[_model("m"), _model("M")], price_version="v1")
 
 
+@pytest.mark.parametrize("ids", [("x", "X"), ("gpt-4o", "GPT-4o"), ("new-one", "new-one")])
+def test_a_file_extending_the_default_that_lists_an_id_twice_is_refused(
+    ids: tuple[str, str],
+) -> None:
+    # overriding a default model twice, or adding one twice: refused, naming the file's
+    # own indexes (not the merged table's), as without ``extends``
+    document = {
+        "price_version": "v",
+        "extends": "default",
+        "models": [_entry(id=ids[0]), _entry(id=ids[1], input_price_per_mtok=0.01)],
+    }
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"^<dict>: duplicate model id '{ids[1]}' \(models\[0\] and models\[1\]\)$",
+    ):
+        ModelRegistry.from_dict(document)
+
+
 def test_non_model_entries_are_rejected() -> None:
     with pytest.raises(ConfigurationError, match=r"models\[0\] must be a ModelInfo"):
         ModelRegistry(models=[{"id": "x"}], price_version="v1")  # type: ignore[list-item]

@@ -83,6 +83,7 @@ from ._wire import (
     error_from_response,
     error_from_transport,
     masked_url,
+    missing_key,
     parse_ratelimit_reset,
     parse_retry_after,
 )
@@ -240,6 +241,28 @@ def _custom_headers(headers: Mapping[str, str] | None) -> tuple[tuple[str, str |
             )
         out.append((name.strip(), _Secret(value) if secret else value))
     return tuple(out)
+
+
+_SLIPS: Final = (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError)
+"""What reading an odd body may raise beyond the checks: a malformed answer, like the rest."""
+
+
+def _billed(
+    provider: HTTPProvider,
+    reader: ResponseReader,
+    data: dict[str, Any],
+    request: CompletionRequest,
+) -> Completion | None:
+    """
+    A `Completion` with no content and the usage of a 2xx body the provider's `_parse`
+    refused (`HTTPProvider._usage`), which the provider bills whatever else is wrong;
+    None when that cannot be read either.
+    """
+    try:
+        usage = provider._usage(reader, data)
+    except (ProviderError, *_SLIPS):
+        return None
+    return None if usage is None else Completion(content="", model=request.model, **usage)
 
 
 class HTTPProvider(Provider):
@@ -625,37 +648,32 @@ class HTTPProvider(Provider):
     ) -> Completion:
         """
         `_parse`, with a slip the subclass's reading did not foresee (a ``KeyError``, a
-        ``TypeError`` of an odd value, nesting too deep) raised as `InvalidResponseError`.
+        ``TypeError`` of an odd value, nesting too deep) raised as `InvalidResponseError`;
+        that error carries the usage the body reports as its ``billed`` (`_billed`).
         """
         try:
             return self._parse(reader, data, request, headers)
+        except InvalidResponseError as exc:
+            exc.billed = _billed(self, reader, data, request)
+            raise
         except ProviderError:
             raise
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RecursionError) as exc:
-            raise reader.error(f"{type(exc).__name__}: {exc}") from exc
+        except _SLIPS as exc:
+            error = reader.error(f"{type(exc).__name__}: {exc}")
+            error.billed = _billed(self, reader, data, request)
+            raise error from exc
+
+    def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any] | None:
+        """
+        The usage of a 2xx body as `Completion` fields (``input_tokens``,
+        ``output_tokens``, the cache counts), failing through ``reader``; None (the
+        default) when the wire format has no reading of it here.
+        """
+        return None
 
     def _missing_key(self, model: str) -> MissingAPIKeyError:
-        """
-        The error for a request made without any credential, saying how to give one.
-
-        Args:
-            model: The requested model, named in the message.
-
-        Returns:
-            The `MissingAPIKeyError` to raise (before any request is sent).
-        """
-        if self._env_key_withheld:
-            hint = (
-                f"{self.env_var} is set but only sent to the official endpoint, not to "
-                f"{self.base_url}; pass api_key=, or api_key_from_env=True to send it there"
-            )
-        else:
-            hint = f"pass api_key= or set {self.env_var or 'the API key variable'}"
-        return MissingAPIKeyError(
-            f"{self.name}: no API key; {hint} [model {model}]",
-            provider=self.name,
-            model=model,
-        )
+        """The error for a request made without any credential (`missing_key`)."""
+        return missing_key(self.name, self.env_var, self.base_url, self._env_key_withheld, model)
 
     def _not_built(self, exc: BaseException, model: str) -> ConfigurationError:
         """

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Mapping
 from typing import Any, ClassVar, Final, TypeGuard
 
 from ..content import ToolCallDelta
@@ -34,8 +35,10 @@ from ._wire import (
     _quote,
     _scrub,
     _Secrets,
+    anthropic_usage_extras,
     error_from_response,
     json_text,
+    openai_cached_tokens,
     shown_count,
 )
 
@@ -249,8 +252,10 @@ class StreamDecoder:
 
     `feed` returns the non-empty text deltas completed by a piece of the body (a
     failure after some of them waits in ``error``); the decoder keeps ``input_tokens``
-    / ``output_tokens`` (None until reported), ``stop_reason``, ``response_id`` and
-    ``finished`` (the format's end marker seen).
+    / ``output_tokens`` (None until reported), the prompt-cache and web-search counts
+    (``cache_write_tokens``, ``cache_write_1h_tokens``, ``cache_read_tokens``,
+    ``web_search_requests``, ``cached_input_tokens``: 0 until reported),
+    ``stop_reason``, ``response_id`` and ``finished`` (the format's end marker seen).
     """
 
     __slots__ = (
@@ -264,12 +269,17 @@ class StreamDecoder:
         "_slots",
         "_sse",
         "_started",
+        "cache_read_tokens",
+        "cache_write_1h_tokens",
+        "cache_write_tokens",
+        "cached_input_tokens",
         "error",
         "finished",
         "input_tokens",
         "output_tokens",
         "response_id",
         "stop_reason",
+        "web_search_requests",
     )
 
     api: ClassVar[str] = ""
@@ -288,6 +298,11 @@ class StreamDecoder:
         self._model = model
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
+        self.cache_write_tokens = 0
+        self.cache_write_1h_tokens = 0
+        self.cache_read_tokens = 0
+        self.web_search_requests = 0
+        self.cached_input_tokens = 0
         self.stop_reason: str | None = None
         self.response_id: str | None = None
         self.finished = False
@@ -512,7 +527,7 @@ class StreamDecoder:
             model=self._model,
         )
 
-    def _tokens(self, usage: dict[str, Any], key: str) -> int | None:
+    def _tokens(self, usage: Mapping[str, Any], key: str) -> int | None:
         value = usage.get(key)
         if value is None:
             return None
@@ -591,6 +606,9 @@ class OpenAIStreamDecoder(StreamDecoder):
         if isinstance(usage, dict):
             self.input_tokens = self._tokens(usage, "prompt_tokens")
             self.output_tokens = self._tokens(usage, "completion_tokens")
+            self.cached_input_tokens = openai_cached_tokens(
+                usage, lambda data, key, _: self._tokens(data, key), ""
+            )
 
     def _openai_calls(self, calls: object, out: list[str | ToolCallDelta]) -> None:
         """``delta.tool_calls``: the first piece of a call has its id and name."""
@@ -683,6 +701,7 @@ class AnthropicStreamDecoder(StreamDecoder):
             if isinstance(usage, dict):
                 self.input_tokens = self._tokens(usage, "input_tokens")
                 self.output_tokens = self._tokens(usage, "output_tokens")
+                self._extras(usage)
         elif kind == "message_delta":
             delta = body.get("delta")
             if isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str):
@@ -696,11 +715,18 @@ class AnthropicStreamDecoder(StreamDecoder):
                 given = self._tokens(usage, "input_tokens")
                 if given is not None:
                     self.input_tokens = given
+                self._extras(usage)
         elif kind == "message_stop":
             self.finished = True
         elif kind == "error":
             raise self._stream_error(body.get("error"))
         # content_block_stop and new event types carry nothing to keep
+
+    def _extras(self, usage: dict[str, Any]) -> None:
+        """The cache and web-search counts ``usage`` reports (cumulative: they replace)."""
+        found = anthropic_usage_extras(usage, lambda data, key, _: self._tokens(data, key), "")
+        for name, value in found.items():
+            setattr(self, name, value)
 
     def _block_start(self, body: dict[str, Any], out: list[str | ToolCallDelta]) -> None:
         """

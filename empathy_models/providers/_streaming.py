@@ -448,4 +448,9 @@ class HTTPCompletionStream(CompletionStream):
             rate_limit_reset=None
             if self._headers is None
             else parse_ratelimit_reset(self._headers),
+            cache_write_tokens=decoder.cache_write_tokens,
+            cache_write_1h_tokens=decoder.cache_write_1h_tokens,
+            cache_read_tokens=decoder.cache_read_tokens,
+            web_search_requests=decoder.web_search_requests,
+            cached_input_tokens=decoder.cached_input_tokens,
         )

@@ -15,7 +15,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
 from urllib.parse import quote, quote_plus
@@ -28,6 +28,7 @@ from ..exceptions import (
     ContextWindowExceededError,
     InvalidRequestError,
     InvalidResponseError,
+    MissingAPIKeyError,
     ModelNotFoundError,
     OverloadedError,
     ProviderConnectionError,
@@ -40,11 +41,14 @@ from ..exceptions import (
 __all__ = [
     "MAX_TOKEN_COUNT",
     "ResponseReader",
+    "anthropic_usage_extras",
+    "openai_cached_tokens",
     "error_from_local",
     "error_from_response",
     "error_from_transport",
     "json_text",
     "masked_url",
+    "missing_key",
     "shown_count",
     "parse_ratelimit_reset",
     "parse_retry_after",
@@ -531,6 +535,10 @@ class ResponseReader:
         value = data.get(key)
         return value if isinstance(value, str) else None
 
+    def count(self, data: Mapping[str, Any], key: str, path: str) -> int | None:
+        """An optional usage count: None when absent or null, else as `tokens` reads it."""
+        return None if data.get(key) is None else self.tokens(data, key, path)
+
     def tokens(self, data: Mapping[str, Any], key: str, path: str) -> int:
         """A usage count: an integer >= 0 and at most `MAX_TOKEN_COUNT`, else it fails."""
         value = self.get(data, key, int, path)
@@ -539,6 +547,83 @@ class ResponseReader:
         if value > MAX_TOKEN_COUNT:
             self.fail(f"{path}.{key} must be < 2**63, got {shown_count(value)}")
         return int(value)
+
+
+def anthropic_usage_extras(
+    usage: Mapping[str, Any], count: Callable[[Mapping[str, Any], str, str], int | None], path: str
+) -> dict[str, int]:
+    """
+    The prompt-cache and server-tool counts an Anthropic ``usage`` object reports, as
+    `Completion` fields (those it leaves out are not in the result): the cache writes
+    (``cache_creation_input_tokens``, of which ``cache_creation.ephemeral_1h_input_tokens``
+    went to the 1-hour cache, the rest to the 5-minute one), the cache reads
+    (``cache_read_input_tokens``) and ``server_tool_use.web_search_requests``.  ``count``
+    reads one count (None when absent) or fails; ``path`` names ``usage`` in its errors.
+    """
+    found: dict[str, int] = {}
+    written = count(usage, "cache_creation_input_tokens", path)
+    detail = usage.get("cache_creation")
+    hour = five = None
+    if isinstance(detail, Mapping):
+        hour = count(detail, "ephemeral_1h_input_tokens", f"{path}.cache_creation")
+        five = count(detail, "ephemeral_5m_input_tokens", f"{path}.cache_creation")
+    if written is None and (hour is not None or five is not None):
+        written = (hour or 0) + (five or 0)
+    if written is not None:
+        hour = min(hour or 0, written)
+        found["cache_write_tokens"] = written - hour
+        found["cache_write_1h_tokens"] = hour
+    read = count(usage, "cache_read_input_tokens", path)
+    if read is not None:
+        found["cache_read_tokens"] = read
+    tools = usage.get("server_tool_use")
+    if isinstance(tools, Mapping):
+        searches = count(tools, "web_search_requests", f"{path}.server_tool_use")
+        if searches is not None:
+            found["web_search_requests"] = searches
+    return found
+
+
+def missing_key(
+    name: str, env_var: str, base_url: str, withheld: bool, model: str
+) -> MissingAPIKeyError:
+    """
+    The error for a request made without any credential, saying how to give one.
+
+    Args:
+        name: The provider's name.
+        env_var: The variable its key is read from ("": none).
+        base_url: Where it sends requests.
+        withheld: The variable is set but not sent to ``base_url``.
+        model: The requested model, named in the message.
+
+    Returns:
+        The `MissingAPIKeyError` to raise (before any request is sent).
+    """
+    if withheld:
+        hint = (
+            f"{env_var} is set but only sent to the official endpoint, not to "
+            f"{base_url}; pass api_key=, or api_key_from_env=True to send it there"
+        )
+    else:
+        hint = f"pass api_key= or set {env_var or 'the API key variable'}"
+    return MissingAPIKeyError(
+        f"{name}: no API key; {hint} [model {model}]", provider=name, model=model
+    )
+
+
+def openai_cached_tokens(
+    usage: Mapping[str, Any], count: Callable[[Mapping[str, Any], str, str], int | None], path: str
+) -> int:
+    """
+    The prompt tokens an OpenAI ``usage`` object says came from the prompt cache
+    (``prompt_tokens_details.cached_tokens``; 0 when absent); ``count`` and ``path`` as
+    for `anthropic_usage_extras`.
+    """
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, Mapping):
+        return 0
+    return count(details, "cached_tokens", f"{path}.prompt_tokens_details") or 0
 
 
 # --------------------------------------------------------------------------- the base class

@@ -9,7 +9,7 @@ from ..abc import Completion, CompletionRequest
 from ._convert import anthropic_body, anthropic_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import AnthropicStreamDecoder
-from ._wire import ResponseReader
+from ._wire import ResponseReader, anthropic_usage_extras
 
 if TYPE_CHECKING:
     import aiohttp
@@ -26,8 +26,11 @@ class AnthropicProvider(HTTPProvider):
 
     The completion's ``content`` is the concatenated text blocks; tokens are the
     response's ``usage.input_tokens`` / ``usage.output_tokens`` (cache reads and writes
-    are not included); ``request_id`` is the ``request-id`` header.  The ``model`` of the
-    `Completion` is the id that was asked for, so it matches the registry.  Tool calls
+    are not included: they are the completion's ``cache_write_tokens``,
+    ``cache_write_1h_tokens`` and ``cache_read_tokens``, and the server's web searches
+    its ``web_search_requests``, each priced by `ModelInfo.cost`); ``request_id`` is the
+    ``request-id`` header.  The ``model`` of the `Completion` is the id that was asked
+    for, so it matches the registry.  Tool calls
     are the ``tool_use`` blocks (a server tool's ``server_tool_use`` block, run by the
     API itself, is none, streamed or not); a ``response_format`` is sent as the API's
     structured outputs parameter ``output_config.format``; ``seed`` has no counterpart
@@ -111,14 +114,20 @@ class AnthropicProvider(HTTPProvider):
                 reader.fail(f"response.content[{index}] must be an object")
             if block.get("type") == "text":
                 parts.append(reader.get(block, "text", str, f"response.content[{index}]"))
-        usage = reader.get(data, "usage", dict, "response")
         return Completion(
             content="".join(parts),
             model=request.model,
-            input_tokens=reader.tokens(usage, "input_tokens", "response.usage"),
-            output_tokens=reader.tokens(usage, "output_tokens", "response.usage"),
             stop_reason=reader.optional_str(data, "stop_reason"),
             request_id=headers.get("request-id") or reader.optional_str(data, "id"),
             tool_calls=anthropic_tool_calls(reader, blocks, "response.content"),
             response_id=reader.optional_str(data, "id"),
+            **self._usage(reader, data),
         )
+
+    def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any]:
+        usage = reader.get(data, "usage", dict, "response")
+        return {
+            "input_tokens": reader.tokens(usage, "input_tokens", "response.usage"),
+            "output_tokens": reader.tokens(usage, "output_tokens", "response.usage"),
+            **anthropic_usage_extras(usage, reader.count, "response.usage"),
+        }

@@ -12,7 +12,7 @@ from ..exceptions import ConfigurationError
 from ._convert import openai_body, openai_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import OpenAIStreamDecoder
-from ._wire import ResponseReader
+from ._wire import ResponseReader, openai_cached_tokens
 
 if TYPE_CHECKING:
     import aiohttp
@@ -28,7 +28,10 @@ class OpenAIProvider(HTTPProvider):
 
     The completion's ``content`` is the first choice's message content (``""`` when the
     model refused; ``stop_reason`` is then ``"refusal"``); tokens are
-    ``usage.prompt_tokens`` / ``usage.completion_tokens``; ``request_id`` is the
+    ``usage.prompt_tokens`` / ``usage.completion_tokens`` (of the prompt tokens,
+    ``usage.prompt_tokens_details.cached_tokens`` came from the prompt cache: the
+    completion's ``cached_input_tokens``, priced at the model's cached input price);
+    ``request_id`` is the
     ``x-request-id`` header.  The ``model`` of the `Completion` is the id asked for.
     Tool calls are read from ``message.tool_calls`` (``content`` is then ``""`` when the
     server sent null); a null ``content`` with a ``finish_reason`` and no call (Azure's
@@ -143,14 +146,20 @@ class OpenAIProvider(HTTPProvider):
             content = ""
         elif not isinstance(content, str):
             reader.fail("response.choices[0].message.content must be a string")
-        usage = reader.get(data, "usage", dict, "response")
         return Completion(
             content=content,
             model=request.model,
-            input_tokens=reader.tokens(usage, "prompt_tokens", "response.usage"),
-            output_tokens=reader.tokens(usage, "completion_tokens", "response.usage"),
             stop_reason=stop_reason,
             request_id=headers.get("x-request-id") or reader.optional_str(data, "id"),
             tool_calls=tool_calls,
             response_id=reader.optional_str(data, "id"),
+            **self._usage(reader, data),
         )
+
+    def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any]:
+        usage = reader.get(data, "usage", dict, "response")
+        return {
+            "input_tokens": reader.tokens(usage, "prompt_tokens", "response.usage"),
+            "output_tokens": reader.tokens(usage, "completion_tokens", "response.usage"),
+            "cached_input_tokens": openai_cached_tokens(usage, reader.count, "response.usage"),
+        }

@@ -1,0 +1,385 @@
+"""
+What a call costs beyond its plain input and output tokens: Anthropic's prompt-cache
+writes (5-minute and 1-hour) and reads and its server-side web searches, which
+``usage.input_tokens`` leaves out, are priced into records, responses and budgets,
+streamed or not.  Real HTTP against a bare aiohttp server on 127.0.0.1 that answers
+with the APIs' own usage shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from empathy_models import (
+    AllRoutesFailedError,
+    Budget,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    FallbackPolicy,
+    LLMCallRecord,
+    LLMResponse,
+    ModelInfo,
+    ModelRegistry,
+    Outcome,
+    RetryPolicy,
+    Tool,
+)
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.exceptions import InvalidResponseError
+from empathy_models.limits import MemoryQuotaStore
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from tests._serving import serving
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+KEY = "test-key-0123"
+CLAUDE = ModelInfo(
+    id="claude-cache",
+    provider="anthropic",
+    tier="cheap",
+    input_price_per_mtok=1.0,
+    output_price_per_mtok=5.0,
+    context_window=200_000,
+    max_output_tokens=8192,
+)
+REGISTRY = ModelRegistry(models=[CLAUDE], price_version="usage-pricing-1")
+
+# Anthropic's usage of a call that wrote 100,000 prompt tokens to the cache (60,000 to
+# the 1-hour cache), read 40,000 from it and ran 2 web searches: input_tokens excludes
+# every cache token
+ANTHROPIC_USAGE: dict[str, Any] = {
+    "input_tokens": 12,
+    "cache_creation_input_tokens": 100_000,
+    "cache_read_input_tokens": 40_000,
+    "cache_creation": {"ephemeral_5m_input_tokens": 40_000, "ephemeral_1h_input_tokens": 60_000},
+    "output_tokens": 20,
+    "server_tool_use": {"web_search_requests": 2},
+}
+# as Anthropic bills it: input $1/MTok, 5-minute writes 1.25x, 1-hour writes 2x, reads
+# 0.1x, output $5/MTok, $10 per 1,000 searches
+BILLED = (12 * 1.0 + 40_000 * 1.25 + 60_000 * 2.0 + 40_000 * 0.1 + 20 * 5.0) / 1e6 + 2 * 0.01
+
+
+def _event(kind: str, data: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def _anthropic(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"]}
+    if not body.get("stream"):
+        return web.json_response(
+            {
+                **message,
+                "content": [{"type": "text", "text": "hi there"}],
+                "stop_reason": "end_turn",
+                "usage": ANTHROPIC_USAGE,
+            }
+        )
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    start = {**ANTHROPIC_USAGE, "output_tokens": 1}
+    for kind, data in [
+        ("message_start", {"message": {**message, "content": [], "usage": start}}),
+        ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
+        ("content_block_stop", {"index": 0}),
+        ("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": ANTHROPIC_USAGE}),
+        ("message_stop", {}),
+    ]:
+        await response.write(_event(kind, {"type": kind, **data}))
+    return response
+
+
+@pytest.fixture
+async def anthropic_url() -> AsyncIterator[str]:
+    async with serving("/v1/messages", _anthropic) as url:
+        yield url
+
+
+def _executor(
+    url: str, telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore
+) -> EmpathyLLMExecutor:
+    return EmpathyLLMExecutor(
+        [AnthropicProvider(api_key=KEY, base_url=url)],
+        registry=REGISTRY,
+        telemetry_store=telemetry,
+        budgets=[Budget(limit_usd=100)],
+        quota_store=quota,
+    )
+
+
+CONTEXT = ExecutionContext(workflow="w", stage="s", model="claude-cache", max_tokens=50)
+
+
+def _check_billed(response: LLMResponse, record: LLMCallRecord, spent: float) -> None:
+    assert response.input_tokens == record.input_tokens == 12  # the uncached input, as reported
+    assert math.isclose(response.cost_usd, BILLED, rel_tol=1e-9)
+    assert math.isclose(record.cost_usd, BILLED, rel_tol=1e-9)
+    assert math.isclose(spent, BILLED, rel_tol=1e-6)
+    assert record.metadata["empathy_models.cache_write_tokens"] == 40_000
+    assert record.metadata["empathy_models.cache_write_1h_tokens"] == 60_000
+    assert record.metadata["empathy_models.cache_read_tokens"] == 40_000
+    assert record.metadata["empathy_models.web_search_requests"] == 2
+
+
+async def test_anthropic_cache_tokens_and_web_searches_are_priced_in_run(
+    anthropic_url: str,
+) -> None:
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with _executor(anthropic_url, telemetry, quota) as executor:
+        response = await executor.run("hello", CONTEXT)
+    (record,) = await telemetry.recent(limit=10)
+    (usage,) = await quota.usages()
+    _check_billed(response, record, usage.spent_usd)
+
+
+async def test_anthropic_cache_tokens_and_web_searches_are_priced_in_stream(
+    anthropic_url: str,
+) -> None:
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with (
+        _executor(anthropic_url, telemetry, quota) as executor,
+        executor.stream("hello", CONTEXT) as stream,
+    ):
+        async for _ in stream:
+            pass
+        response = await stream.get_final_response()
+    (record,) = await telemetry.recent(limit=10)
+    (usage,) = await quota.usages()
+    _check_billed(response, record, usage.spent_usd)
+
+
+async def test_a_cache_write_without_its_split_is_priced_as_the_5_minute_cache() -> None:
+    usage = {"input_tokens": 10, "cache_creation_input_tokens": 1000, "output_tokens": 5}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        return web.json_response(
+            {
+                "id": "msg_2",
+                "type": "message",
+                "role": "assistant",
+                "model": body["model"],
+                "content": [{"type": "text", "text": "ok"}],
+                "stop_reason": "end_turn",
+                "usage": usage,
+            }
+        )
+
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with (
+        serving("/v1/messages", handler) as url,
+        _executor(url, telemetry, quota) as executor,
+    ):
+        response = await executor.run("hello", CONTEXT)
+    (record,) = await telemetry.recent(limit=10)
+    assert math.isclose(response.cost_usd, (10 + 1000 * 1.25 + 5 * 5.0) / 1e6, rel_tol=1e-9)
+    assert record.metadata["empathy_models.cache_write_tokens"] == 1000
+    assert "empathy_models.cache_write_1h_tokens" not in record.metadata
+    assert "empathy_models.cache_read_tokens" not in record.metadata
+
+
+def test_a_registry_entry_may_give_its_own_cache_prices() -> None:
+    registry = ModelRegistry.from_dict(
+        {
+            "price_version": "x",
+            "models": [
+                {
+                    **CLAUDE.to_dict(),
+                    "cache_write_price_per_mtok": 3.0,
+                    "cache_write_1h_price_per_mtok": 4.0,
+                    "cache_read_price_per_mtok": 0.0,
+                }
+            ],
+        }
+    )
+    model = registry.get("claude-cache")
+    cost = model.cost(
+        10,
+        5,
+        cache_write_tokens=1000,
+        cache_write_1h_tokens=100,
+        cache_read_tokens=5000,
+        web_search_requests=1,
+    )
+    assert math.isclose(cost, (10 + 5 * 5.0 + 1000 * 3.0 + 100 * 4.0) / 1e6 + 0.01, rel_tol=1e-9)
+    assert model.to_dict()["cache_read_price_per_mtok"] == 0.0  # a free read is kept
+    assert ModelRegistry.from_dict(registry.to_dict()) == registry
+    assert "cache_read_price_per_mtok" not in CLAUDE.to_dict()  # the default multiplier
+    assert CLAUDE.cost(0, 0, cache_read_tokens=1_000_000) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="cache_read_tokens"):
+        CLAUDE.cost(0, 0, cache_read_tokens=-1)
+
+
+# --------------------------------------------------------------------------- OpenAI format
+
+# OpenAI's usage of a call 99,968 of whose 100,000 prompt tokens came from the cache:
+# prompt_tokens includes them
+OPENAI_USAGE: dict[str, Any] = {
+    "prompt_tokens": 100_000,
+    "completion_tokens": 20,
+    "total_tokens": 100_020,
+    "prompt_tokens_details": {"cached_tokens": 99_968},
+}
+
+
+async def _openai(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    base = {"id": "chatcmpl-1", "model": body["model"]}
+    if not body.get("stream"):
+        return web.json_response(
+            {
+                **base,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "hi there"},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": OPENAI_USAGE,
+            }
+        )
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    chunk = {**base, "object": "chat.completion.chunk"}
+    for data in [
+        {**chunk, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**chunk, "choices": [], "usage": OPENAI_USAGE},
+    ]:
+        await response.write(f"data: {json.dumps(data)}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_openai_cached_input_is_priced_at_the_cached_rate(streamed: bool) -> None:
+    # gpt-5 in the default table: input $1.25/MTok, cached input $0.125/MTok, output $10
+    billed = ((100_000 - 99_968) * 1.25 + 99_968 * 0.125 + 20 * 10.0) / 1e6
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    context = ExecutionContext(workflow="w", stage="s", model="gpt-5", max_tokens=50)
+    async with (
+        serving("/v1/chat/completions", _openai) as url,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=url + "/v1")],
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=100)],
+            quota_store=quota,
+        ) as executor,
+    ):
+        if streamed:
+            async with executor.stream("hello", context) as stream:
+                async for _ in stream:
+                    pass
+                response = await stream.get_final_response()
+        else:
+            response = await executor.run("hello", context)
+    (record,) = await telemetry.recent(limit=10)
+    (usage,) = await quota.usages()
+    assert response.input_tokens == record.input_tokens == 100_000  # cached ones included
+    assert math.isclose(response.cost_usd, billed, rel_tol=1e-9)
+    assert math.isclose(record.cost_usd, billed, rel_tol=1e-9)
+    assert math.isclose(usage.spent_usd, billed, rel_tol=1e-6)
+    assert record.metadata["empathy_models.cached_input_tokens"] == 99_968
+
+
+def test_cached_input_costs_the_input_price_unless_the_entry_says_otherwise() -> None:
+    plain = ModelInfo(
+        id="vllm-model",
+        provider="openai",
+        tier="cheap",
+        input_price_per_mtok=2.0,
+        output_price_per_mtok=8.0,
+        context_window=32_000,
+        max_output_tokens=4096,
+    )
+    assert plain.cost(1000, 10, cached_input_tokens=900) == plain.cost(1000, 10)
+    cheaper = ModelInfo(**{**plain.to_dict(), "cached_input_price_per_mtok": 0.5})
+    assert math.isclose(
+        cheaper.cost(1000, 10, cached_input_tokens=900),
+        (100 * 2.0 + 900 * 0.5 + 10 * 8.0) / 1e6,
+        rel_tol=1e-12,
+    )
+    # a cached count above the input's is the whole input, never a negative cost
+    assert math.isclose(
+        cheaper.cost(1000, 0, cached_input_tokens=5000), 1000 * 0.5 / 1e6, rel_tol=1e-12
+    )
+    assert ModelRegistry.default().get("gpt-4o").cached_input_price_per_mtok == 1.25
+
+
+# --------------------------------------------------------------------------- billed, refused
+
+CUT_USAGE = {"prompt_tokens": 20_000, "completion_tokens": 1024, "total_tokens": 21_024}
+
+
+async def _cut_tool_call(request: web.Request) -> web.StreamResponse:
+    # a tool call cut off by max_tokens: its arguments are not JSON, the usage is billed
+    body = await request.json()
+    call = {"name": "write", "arguments": '{"text": "a very long argu'}
+    return web.json_response(
+        {
+            "id": "chatcmpl-2",
+            "object": "chat.completion",
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "length",
+                    "message": {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"id": "call_1", "type": "function", "function": call}],
+                    },
+                }
+            ],
+            "usage": CUT_USAGE,
+        }
+    )
+
+
+async def test_an_answer_refused_as_malformed_is_recorded_and_charged_its_usage() -> None:
+    gpt = ModelInfo(
+        id="gpt-cut",
+        provider="openai",
+        tier="cheap",
+        input_price_per_mtok=2.5,
+        output_price_per_mtok=10.0,
+        context_window=128_000,
+        max_output_tokens=16_384,
+    )
+    per_call = (20_000 * 2.5 + 1024 * 10.0) / 1e6
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    tool = Tool(name="write", description="write", parameters={"type": "object"})
+    async with (
+        serving("/v1/chat/completions", _cut_tool_call) as url,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=url + "/v1")],
+            registry=ModelRegistry(models=[gpt], price_version="cut-1"),
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=100)],
+            quota_store=quota,
+            retry=RetryPolicy(max_attempts=2, base_delay=0.0, jitter=False),
+            fallback=FallbackPolicy(max_routes=1),
+        ) as executor,
+    ):
+        context = ExecutionContext(workflow="w", stage="s", model="gpt-cut", max_tokens=1024)
+        with pytest.raises(AllRoutesFailedError) as raised:
+            await executor.run("write a long essay", context, tools=[tool])
+    assert all(isinstance(e, InvalidResponseError) for e in raised.value.exceptions)
+    records = await telemetry.recent(limit=10)
+    assert records  # each attempt is billed
+    for record in records:
+        assert record.outcome is Outcome.FAILURE
+        assert (record.input_tokens, record.output_tokens) == (20_000, 1024)
+        assert math.isclose(record.cost_usd, per_call, rel_tol=1e-9)
+    (usage,) = await quota.usages()
+    assert math.isclose(usage.spent_usd, len(records) * per_call, rel_tol=1e-6)
