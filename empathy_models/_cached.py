@@ -32,7 +32,7 @@ from ._values import ExecutionContext, LLMResponse, _new_response
 from .abc import Completion, Message, ResponseCache
 from .cache import MemoryResponseCache, request_key
 from .content import ToolCall
-from .records import LLMCallRecord, ModelTier, Outcome, _trusted_call_record
+from .records import _INT_LIMIT, LLMCallRecord, ModelTier, Outcome, _trusted_call_record
 
 if TYPE_CHECKING:
     from ._executor import EmpathyLLMExecutor
@@ -367,8 +367,8 @@ def _decode(raw: bytes) -> _Entry | None:
 def _well_formed(data: object) -> TypeGuard[dict[str, Any]]:
     """
     True for an entry of this version as `store` writes it: an object whose texts are
-    strings, token counts whole numbers and cost a number, none negative or infinite
-    (a garbled one, `[]` or ``"input_tokens": 1e400``, is a miss).
+    strings, token counts whole numbers a record can hold and cost a number, none
+    negative or infinite (a garbled one, `[]` or ``"input_tokens": 1e400``, is a miss).
     """
     if not isinstance(data, dict) or data.get("v") != _VERSION:
         return False
@@ -378,7 +378,7 @@ def _well_formed(data: object) -> TypeGuard[dict[str, Any]]:
     optional = (data.get("response_model"), data.get("price_version"), data.get("stop_reason"))
     return (
         all(isinstance(t, str) for t in texts)
-        and all(type(n) is int and n >= 0 for n in counts)
+        and all(type(n) is int and 0 <= n < _INT_LIMIT for n in counts)
         and isinstance(cost, int | float)
         and not isinstance(cost, bool)
         and 0 <= cost < math.inf
