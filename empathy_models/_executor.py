@@ -69,7 +69,8 @@ What `EmpathyLLMExecutor.run` does, in order:
                                            and one remains; else raised at once
    overall deadline passed                 `AllRoutesFailedError` at once; a call the
                                            deadline cut short (not the per-attempt
-                                           timeout) is recorded as ``cancelled``
+                                           timeout) before it had 5 s is recorded as
+                                           ``cancelled``, later as its timeout
    every route failed                      `AllRoutesFailedError` with every error
    ======================================  ==============================================
 
