@@ -1356,7 +1356,9 @@ class Completion:
 
     Args:
         content: its text.
-        model: the model id of the request.
+        model: the model id the provider reported for its answer (often a dated
+            snapshot of the one asked for), else the request's; what
+            `LLMResponse.response_model` and ``gen_ai.response.model`` show.
         input_tokens, output_tokens: the usage it reported.
         stop_reason: why it stopped, in the provider's words.
         request_id: identifies the HTTP exchange (the provider's request-id header, for

@@ -66,13 +66,17 @@ ANTHROPIC_USAGE: dict[str, Any] = {
 BILLED = (12 * 1.0 + 40_000 * 1.25 + 60_000 * 2.0 + 40_000 * 0.1 + 20 * 5.0) / 1e6 + 2 * 0.01
 
 
+DATED = "claude-cache-20251001"
+
+
 def _event(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 async def _anthropic(request: web.Request) -> web.StreamResponse:
     body = await request.json()
-    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"]}
+    # the model id reported is a dated snapshot of the one asked for, as the API's is
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": DATED}
     if not body.get("stream"):
         return web.json_response(
             {
@@ -120,6 +124,7 @@ CONTEXT = ExecutionContext(workflow="w", stage="s", model="claude-cache", max_to
 
 def _check_billed(response: LLMResponse, record: LLMCallRecord, spent: float) -> None:
     assert response.input_tokens == record.input_tokens == 12  # the uncached input, as reported
+    assert response.response_model == DATED and record.model == "claude-cache"
     assert math.isclose(response.cost_usd, BILLED, rel_tol=1e-9)
     assert math.isclose(record.cost_usd, BILLED, rel_tol=1e-9)
     assert math.isclose(spent, BILLED, rel_tol=1e-6)
@@ -232,7 +237,7 @@ OPENAI_USAGE: dict[str, Any] = {
 
 async def _openai(request: web.Request) -> web.StreamResponse:
     body = await request.json()
-    base = {"id": "chatcmpl-1", "model": body["model"]}
+    base = {"id": "chatcmpl-1", "model": f"{body['model']}-2025-08-07"}
     if not body.get("stream"):
         return web.json_response(
             {
@@ -286,6 +291,7 @@ async def test_openai_cached_input_is_priced_at_the_cached_rate(streamed: bool) 
     (record,) = await telemetry.recent(limit=10)
     (usage,) = await quota.usages()
     assert response.input_tokens == record.input_tokens == 100_000  # cached ones included
+    assert response.response_model == "gpt-5-2025-08-07" and record.model == "gpt-5"
     assert math.isclose(response.cost_usd, billed, rel_tol=1e-9)
     assert math.isclose(record.cost_usd, billed, rel_tol=1e-9)
     assert math.isclose(usage.spent_usd, billed, rel_tol=1e-6)

@@ -278,6 +278,7 @@ class StreamDecoder:
         "input_tokens",
         "output_tokens",
         "response_id",
+        "response_model",
         "stop_reason",
         "web_search_requests",
     )
@@ -305,6 +306,7 @@ class StreamDecoder:
         self.cached_input_tokens = 0
         self.stop_reason: str | None = None
         self.response_id: str | None = None
+        self.response_model: object = None  # the model id the stream reported, as sent
         self.finished = False
         self.error: ProviderError | None = None
         self._queue: deque[tuple[str, str]] = deque()  # events framed, not yet decoded
@@ -578,6 +580,8 @@ class OpenAIStreamDecoder(StreamDecoder):
             raise self._stream_error(chunk["error"])
         if self.response_id is None and isinstance(chunk.get("id"), str):
             self.response_id = chunk["id"]
+        if self.response_model is None:
+            self.response_model = chunk.get("model")
         choices = chunk.get("choices")
         if choices:
             if not isinstance(choices, list):
@@ -697,6 +701,7 @@ class AnthropicStreamDecoder(StreamDecoder):
                 raise self._invalid("message_start.message must be an object")
             if isinstance(message.get("id"), str):
                 self.response_id = message["id"]
+            self.response_model = message.get("model")
             usage = message.get("usage")
             if isinstance(usage, dict):
                 self.input_tokens = self._tokens(usage, "input_tokens")

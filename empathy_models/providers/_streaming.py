@@ -43,6 +43,7 @@ from ._wire import (
     error_from_response,
     error_from_transport,
     parse_ratelimit_reset,
+    reported_model,
 )
 
 if TYPE_CHECKING:
@@ -438,7 +439,7 @@ class HTTPCompletionStream(CompletionStream):
         output = self._output_tokens()[0]
         return Completion(
             content="".join(self._parts),
-            model=self._model,
+            model=reported_model(decoder.response_model, self._model),
             input_tokens=decoder.input_tokens or 0,
             output_tokens=output,
             stop_reason=decoder.stop_reason,

@@ -448,6 +448,20 @@ def _without_request(exc: BaseException) -> BaseException:
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 
 
+_MODEL_ID_LIMIT: Final = 256
+
+
+def reported_model(value: object, requested: str) -> str:
+    """
+    The model id a provider reported for its answer (often a dated snapshot of the one
+    asked for, ``gpt-4o-2024-08-06``): a printable string of 1 to 256 characters, else
+    ``requested``.
+    """
+    if isinstance(value, str) and 0 < len(value) <= _MODEL_ID_LIMIT and value.isprintable():
+        return value
+    return requested
+
+
 def shown_count(value: int) -> str:
     """``value`` as a message shows it: an absurd integer by its size, not its digits."""
     if -MAX_TOKEN_COUNT <= value <= MAX_TOKEN_COUNT:

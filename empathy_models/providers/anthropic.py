@@ -9,7 +9,7 @@ from ..abc import Completion, CompletionRequest
 from ._convert import anthropic_body, anthropic_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import AnthropicStreamDecoder
-from ._wire import ResponseReader, anthropic_usage_extras
+from ._wire import ResponseReader, anthropic_usage_extras, reported_model
 
 if TYPE_CHECKING:
     import aiohttp
@@ -116,7 +116,7 @@ class AnthropicProvider(HTTPProvider):
                 parts.append(reader.get(block, "text", str, f"response.content[{index}]"))
         return Completion(
             content="".join(parts),
-            model=request.model,
+            model=reported_model(data.get("model"), request.model),
             stop_reason=reader.optional_str(data, "stop_reason"),
             request_id=headers.get("request-id") or reader.optional_str(data, "id"),
             tool_calls=anthropic_tool_calls(reader, blocks, "response.content"),

@@ -12,7 +12,7 @@ from ..exceptions import ConfigurationError
 from ._convert import openai_body, openai_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import OpenAIStreamDecoder
-from ._wire import ResponseReader, openai_cached_tokens
+from ._wire import ResponseReader, openai_cached_tokens, reported_model
 
 if TYPE_CHECKING:
     import aiohttp
@@ -148,7 +148,7 @@ class OpenAIProvider(HTTPProvider):
             reader.fail("response.choices[0].message.content must be a string")
         return Completion(
             content=content,
-            model=request.model,
+            model=reported_model(data.get("model"), request.model),
             stop_reason=stop_reason,
             request_id=headers.get("x-request-id") or reader.optional_str(data, "id"),
             tool_calls=tool_calls,
