@@ -247,7 +247,7 @@ def test_a_group_is_classified_by_its_most_telling_leaf() -> None:
         ),
     ]
     for leaves, outcome, retry_after in cases:
-        group = ExceptionGroup("g", [ExceptionGroup("nested", leaves)])
+        group = BaseExceptionGroup("g", [BaseExceptionGroup("nested", leaves)])
         assert (classify_error(group), retry_after_of(group)) == (outcome, retry_after), leaves
     # a user predicate sees the group first, then each leaf
     assert classify_error(ExceptionGroup("g", [server]), lambda e: Outcome.IGNORED) is (

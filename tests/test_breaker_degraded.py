@@ -76,9 +76,12 @@ class SwitchableStore(CircuitStateStore):
         *,
         until: datetime | None = None,
         reason: str | None = None,
+        for_seconds: float | None = None,
     ) -> CircuitBreakerState:
         await self._gate()
-        return await self.inner.force(key, state, until=until, reason=reason)
+        return await self.inner.force(
+            key, state, until=until, reason=reason, for_seconds=for_seconds
+        )
 
     async def snapshot(self, key: str) -> CircuitBreakerState:
         await self._gate()

@@ -492,7 +492,10 @@ def unnamed_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     failed ones of "wf"/"s1"."""
     path = tmp_path_factory.mktemp("unnamed") / "calls.db"
     start = datetime.now(UTC) - timedelta(minutes=10)
-    groups = [(None, None, Outcome.FAILURE), ("wf", None, Outcome.SUCCESS)]
+    groups: list[tuple[str | None, str | None, Outcome]] = [
+        (None, None, Outcome.FAILURE),
+        ("wf", None, Outcome.SUCCESS),
+    ]
     groups.append(("wf", "s1", Outcome.FAILURE))
     records = [
         LLMCallRecord(

@@ -13,7 +13,7 @@ import json
 import random
 import sys
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -145,7 +145,7 @@ def providers(server: FakeLLMServer) -> list[Any]:
 def make(
     server: FakeLLMServer,
     telemetry: MemoryTelemetryBackend | None,
-    sleep: RecordingSleep,
+    sleep: Callable[[float], Awaitable[None]],
     **options: Any,
 ) -> EmpathyLLMExecutor:
     options.setdefault("retry", RetryPolicy(jitter=False))
@@ -686,9 +686,10 @@ async def test_a_call_the_runs_deadline_cut_short_is_not_held_against_the_model(
     server.script("claude-fake-haiku", [500])
     server.script("gpt-fake-mini", ["hang"])
     pinned = attrs.evolve(CHEAP, model="claude-fake-haiku")
-    context = attrs.evolve(
-        pinned, **({"deadline": 0.3} if limit == "deadline" else {"timeout": 0.3})
-    )
+    if limit == "deadline":
+        context = attrs.evolve(pinned, deadline=0.3)
+    else:
+        context = attrs.evolve(pinned, timeout=0.3)
     router = AdaptiveModelRouter(REGISTRY, telemetry, seed=3)
     async with (
         router,

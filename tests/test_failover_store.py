@@ -90,9 +90,12 @@ class DownStore(CircuitStateStore):
         *,
         until: datetime | None = None,
         reason: str | None = None,
+        for_seconds: float | None = None,
     ) -> CircuitBreakerState:
         if self.up is not None:
-            return await self.up.force(key, state, until=until, reason=reason)
+            return await self.up.force(
+                key, state, until=until, reason=reason, for_seconds=for_seconds
+            )
         self._down()
 
     async def snapshot(self, key: str) -> CircuitBreakerState:

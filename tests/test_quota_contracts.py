@@ -45,7 +45,7 @@ class TestDefaultPushBackQuotaStore(QuotaStoreContract):
         return "memory://"
 
     @pytest_asyncio.fixture(loop_scope="function")
-    async def quota_store(self) -> AsyncIterator[QuotaStore]:
+    async def quota_store(self) -> AsyncIterator[QuotaStore]:  # type: ignore[override]
         async with DefaultPushBack() as store:
             yield store
 

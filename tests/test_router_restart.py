@@ -265,7 +265,10 @@ async def test_tier_advice_for_calls_without_a_workflow_or_stage_survives_a_rest
     # is the live one's, the stage-less ones ("") included
     url = f"sqlite:///{tmp_path / 'calls.db'}"
     clock = FakeClock()
-    groups = [(None, None, Outcome.FAILURE), ("wf", None, Outcome.SUCCESS)]
+    groups: list[tuple[str | None, str | None, Outcome]] = [
+        (None, None, Outcome.FAILURE),
+        ("wf", None, Outcome.SUCCESS),
+    ]
     groups += [("wf", "s1", Outcome.FAILURE), ("", "", Outcome.FAILURE)]
     asked = [("", ""), ("", None), ("wf", ""), ("wf", None), ("wf", "s1")]
     async with (

@@ -256,6 +256,7 @@ async def test_a_leading_tilde_is_the_home_directory(
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(work)
     backend = telemetry_from_url("sqlite:///~/calls.db?batch=false")
+    assert isinstance(backend, SQLiteTelemetryBackend)
     assert backend.path == str(home / "calls.db")
     async with backend:
         await backend.record(_records(1)[0])

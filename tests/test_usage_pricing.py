@@ -89,14 +89,15 @@ async def _anthropic(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
     start = {**ANTHROPIC_USAGE, "output_tokens": 1}
-    for kind, data in [
+    events: list[tuple[str, dict[str, Any]]] = [
         ("message_start", {"message": {**message, "content": [], "usage": start}}),
         ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
         ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
         ("content_block_stop", {"index": 0}),
         ("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": ANTHROPIC_USAGE}),
         ("message_stop", {}),
-    ]:
+    ]
+    for kind, data in events:
         await response.write(_event(kind, {"type": kind, **data}))
     return response
 
