@@ -174,6 +174,7 @@ class LocalView:
         "latest",
         "memory",
         "pending",
+        "refusing",
         "ttl",
         "views",
     )
@@ -190,6 +191,8 @@ class LocalView:
         self._flush_interval = flush_interval
         self.memory = memory
         self.views: dict[str, View] = {}
+        self.refusing: set[str] = set()
+        """Keys whose view's state may refuse a call (neither CLOSED nor DISABLED)."""
         self.pending: dict[str, Pending] = {}
         self.feed: ChangeFeed | None = None
         self.flusher: asyncio.Task[None] | None = None
@@ -367,6 +370,10 @@ class LocalView:
         if old is not None:
             old.pending = None  # guards admitted from the old view take the general path
         view = self.views[key] = View(state, now, now + self.ttl, pending, epoch)
+        if state.state is _CLOSED or state.state is _DISABLED:
+            self.refusing.discard(key)
+        else:
+            self.refusing.add(key)
         announced = self.latest.get(key)
         if announced is not None and announced != state.generation:
             # the feed announced another generation: an answer that was on its way when

@@ -15,6 +15,8 @@ from ._request_options import capable
 from ._run import _estimate_tokens
 from ._values import ExecutionContext
 from .abc import Message, Provider
+from .breaker import CircuitBreaker
+from .circuit import checked_key
 from .exceptions import ConfigurationError
 from .records import CandidateEvaluation, ModelTier, RoutingDecision
 from .registry import ModelInfo, ModelRegistry
@@ -105,6 +107,12 @@ class _Planner:
         self.keyless = keyless
         self._router = router
         self._breaker = breaker
+        # a breaker whose hints are `CircuitBreaker`'s says at once when none refuses
+        self._all_available: Callable[[], bool] | None = (
+            getattr(breaker, "all_available_hint", None)
+            if getattr(type(breaker), "available_hint", None) is CircuitBreaker.available_hint
+            else None
+        )
         self._limiter = limiter
         self._escalate = escalate
         self._on_hint_error = on_hint_error
@@ -238,10 +246,10 @@ class _Planner:
                 try:
                     pairs: list[tuple[str, str]] = []
                     for m in (*same_tier, *higher):
-                        pairs.append((m.id, self.breaker_key(m)))
+                        pairs.append((m.id, checked_key(self.breaker_key(m))))
                         scope = self.scope_key(m)
                         if scope is not None:
-                            pairs.append((m.id, scope))
+                            pairs.append((m.id, checked_key(scope)))
                     hint_keys = tuple(pairs)
                 except Exception:
                     hint_keys = None  # `_known_open` reports the failure on every call
@@ -324,6 +332,8 @@ class _Planner:
         keys = plan.hint_keys
         if keys is None:
             return self.known_open([*plan.same_tier, *plan.higher])
+        if self._all_available is not None and self._all_available():
+            return _NO_IDS  # the keys were checked when the plan was made
         hint = self._breaker.available_hint
         out: set[str] | None = None
         for model_id, key in keys:

@@ -512,8 +512,7 @@ class CircuitBreaker(AsyncResource):
         breaker is per model (the default), else ``provider`` (the provider-wide key).
 
         Raises:
-            ConfigurationError: an empty provider, or a key no store can hold (see
-                `admit`).
+            ConfigurationError: an empty provider, or a key no store can hold (`admit`).
         """
         checked_key(provider, "provider")
         if self.per_model and model:
@@ -781,16 +780,19 @@ class CircuitBreaker(AsyncResource):
 
     def available_hint(self, key: str) -> bool:
         """
-        Whether ``key`` would likely admit a call, from the local view only (no I/O).
-
-        True for a key never seen, CLOSED or DISABLED; for OPEN and FORCED_OPEN, true
-        once ``open_until`` has passed (the next call may probe); for HALF_OPEN, true
-        while the view shows a free probe slot.  The view may be up to
-        ``local_view_ttl`` old (older for keys not used lately); use `is_available` for
-        the store's answer.
+        Whether ``key`` would likely admit a call, from the local view only (no I/O):
+        true for a key never seen, CLOSED or DISABLED; OPEN and FORCED_OPEN once
+        ``open_until`` has passed (the next call may probe); HALF_OPEN while the view
+        shows a free probe slot.  The view may be up to ``local_view_ttl`` old (older
+        for keys not used lately); `is_available` gives the store's answer.
         """
         view = _view_of(self._views, key)
         return view is None or _admits(view.state, self.policy, self._clock)
+
+    def all_available_hint(self) -> bool:
+        """True when no local view shows a key OPEN, FORCED_OPEN or HALF_OPEN: then
+        `available_hint` is true for every key (no I/O, however many keys)."""
+        return not self._local.refusing
 
     async def get_status(self, key: str) -> CircuitBreakerState:
         """

@@ -486,6 +486,26 @@ async def test_available_hint_follows_the_local_view(clock: FakeClock) -> None:
         assert breaker.available_hint(KEY)
 
 
+async def test_all_available_hint_says_when_no_view_can_refuse(clock: FakeClock) -> None:
+    breaker, _ = make(clock)
+    async with breaker:
+        assert breaker.all_available_hint()
+        await succeed(breaker, "openai")
+        for _ in range(3):
+            await fail(breaker)
+        assert not breaker.all_available_hint()
+        assert not breaker.available_hint(KEY) and breaker.available_hint("openai")
+        clock.advance(60)
+        probe = await breaker.admit(KEY)  # HALF_OPEN, its only probe slot taken
+        assert not breaker.all_available_hint()
+        await breaker.report(probe, Outcome.SUCCESS)
+        assert breaker.all_available_hint()
+        await breaker.force_open("openai")
+        assert not breaker.all_available_hint()
+        await breaker.reset("openai")
+        assert breaker.all_available_hint()
+
+
 async def test_is_available_snapshot_and_reset(clock: FakeClock) -> None:
     breaker, _ = make(clock)
     async with breaker:
