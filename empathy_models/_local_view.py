@@ -113,7 +113,7 @@ class View:
     view's), the store holds this view's state, without a lookup.
     """
 
-    __slots__ = ("at", "epoch", "pending", "state", "tail", "ticket", "until")
+    __slots__ = ("at", "entered", "epoch", "exited", "pending", "state", "tail", "ticket", "until")
 
     def __init__(
         self,
@@ -128,6 +128,9 @@ class View:
         self.until = until
         self.epoch = epoch
         self.ticket = view_ticket(state)
+        # completed futures of the ticket and of None: what Guard's fast path hands out
+        self.entered: asyncio.Future[Ticket] | None = None
+        self.exited: asyncio.Future[None] | None = None
         self.pending = pending
         self.tail: _Tail | None = None
 
@@ -554,7 +557,10 @@ class Guard:
         self._breaker = breaker
         self._key = key
 
-    async def __aenter__(self) -> Ticket:
+    def __aenter__(self) -> Awaitable[Ticket]:
+        # A plain method: on the CLOSED path it hands back the view's already-completed
+        # future of its ticket (awaiting one is C code all through), a coroutine only
+        # when the store must be asked.
         breaker = self._breaker
         key = self._key
         try:
@@ -567,68 +573,91 @@ class Guard:
                 # the in-process store holds the view's (CLOSED) state: its live tail says
                 # so (a closed store or breaker has killed every tail)
                 self._view = view
-                return view.ticket  # type: ignore[return-value]  # CLOSED views hand one out
+                return view.entered or _entered(view)
             memory = breaker._local.memory
             if memory is not None:
                 # MemoryStateStore._holds, inlined
-                if memory._states.get(key) is view.state and not memory._closed:
-                    ticket = view.ticket
-                    if ticket is not None:
-                        self._view = view
-                        return ticket
+                if (
+                    memory._states.get(key) is view.state
+                    and not memory._closed
+                    and view.ticket is not None
+                ):
+                    self._view = view
+                    return view.entered or _entered(view)
             else:
                 now = breaker._clock()
-                if view.at <= now < view.until:
-                    ticket = view.ticket
-                    if ticket is not None:
-                        self._view = view
-                        self._now = now
-                        return ticket
+                if view.at <= now < view.until and view.ticket is not None:
+                    self._view = view
+                    self._now = now
+                    return view.entered or _entered(view)
         self._view = None
-        self.ticket = ticket = await breaker.admit(key)
+        return self._admit()
+
+    async def _admit(self) -> Ticket:
+        self.ticket = ticket = await self._breaker.admit(self._key)
         return ticket
 
-    async def __aexit__(
+    def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> None:
-        # (no __aexit__ without a successful __aenter__, so _view is set)
+    ) -> Awaitable[None]:
+        # (no __aexit__ without a successful __aenter__, so _view is set); a plain method
+        # like __aenter__: a success counted in memory ends with a completed future
         view = self._view
-        breaker = self._breaker
-        if view is None:
-            ticket = self.ticket
-        else:
-            ticket = view.ticket  # type: ignore[assignment]  # fast-path views hand one out
-            if exc is None:
-                tail = view.tail
-                if tail is not None and tail.state is view.state:
-                    # MemoryStateStore._add_successes' common case, inlined: one more
-                    # success in the bucket of the live tail's last run (the tail's state
-                    # is the view's, of the ticket's generation, under this policy)
-                    now = tail.clock()
-                    if tail.lo <= now < tail.end:
-                        tail.count += 1
-                        tail.now = now
-                        return
-                memory = breaker._local.memory  # unset once the breaker is closed
-                if memory is not None:
-                    if breaker._local.added(view, ticket, breaker.policy):
-                        return
-                else:
-                    pending = view.pending
-                    if pending is not None:
-                        # LocalView.write_behind, inlined; the flush deadline is checked
-                        # against the admission time (the one clock read of this call)
-                        count = pending.count = pending.count + 1
-                        if count >= MAX_PENDING or self._now >= pending.due:
-                            await breaker._flush_key(self._key)
-                        return
+        if view is not None and exc is None:
+            tail = view.tail
+            if tail is not None and tail.state is view.state:
+                # MemoryStateStore._add_successes' common case, inlined: one more
+                # success in the bucket of the live tail's last run (the tail's state
+                # is the view's, of the ticket's generation, under this policy)
+                now = tail.clock()
+                if tail.lo <= now < tail.end:
+                    tail.count += 1
+                    tail.now = now
+                    return view.exited  # type: ignore[return-value]  # set with entered
+            local = self._breaker._local
+            memory = local.memory  # unset once the breaker is closed
+            if memory is not None:
+                if local.added(view, view.ticket, self._breaker.policy):  # type: ignore[arg-type]
+                    return view.exited  # type: ignore[return-value]  # set with entered
+            else:
+                pending = view.pending
+                if pending is not None:
+                    # LocalView.write_behind, inlined; the flush deadline is checked
+                    # against the admission time (the one clock read of this call)
+                    count = pending.count = pending.count + 1
+                    if count < MAX_PENDING and self._now < pending.due:
+                        return view.exited  # type: ignore[return-value]  # set with entered
+                    return self._flush()
+        return self._report(exc)
+
+    async def _flush(self) -> None:
+        await self._breaker._flush_key(self._key)
+
+    async def _report(self, exc: BaseException | None) -> None:
+        view = self._view
+        # fast-path views hand out a ticket
+        ticket = self.ticket if view is None else view.ticket
+        assert ticket is not None
         if exc is None:
-            await breaker.report(ticket, _SUCCESS)
+            await self._breaker.report(ticket, _SUCCESS)
         else:
-            await report_error(breaker, ticket, exc)
+            await report_error(self._breaker, ticket, exc)
+
+
+def _entered(view: View) -> asyncio.Future[Ticket]:
+    """
+    ``view``'s completed future of its ticket (and ``exited``, of ``None``), made the
+    first time a guard enters through it.
+    """
+    loop = asyncio.get_running_loop()
+    view.exited = loop.create_future()
+    view.exited.set_result(None)
+    entered = view.entered = loop.create_future()
+    entered.set_result(view.ticket)
+    return entered
 
 
 def protected(

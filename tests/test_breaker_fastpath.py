@@ -10,6 +10,7 @@ counted in the new state, cancellation counts nothing, and a closed breaker refu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 
 import anyio
 import pytest
@@ -359,3 +360,31 @@ async def test_a_flush_on_the_call_path_survives_the_callers_cancellation(
     assert (await store.snapshot(KEY)).window_calls == 4
     await breaker.aclose()
     await store.aclose()
+
+
+@pytest.mark.parametrize("write_behind", [False, True])
+async def test_a_guard_entered_by_an_exit_stack_acts_as_with_async_with(
+    clock: FakeClock, write_behind: bool
+) -> None:
+    # the CLOSED path answers __aenter__ / __aexit__ with completed futures, not
+    # coroutines: the protocol's other users see the same values and exceptions
+    breaker, store = make(clock, write_behind=write_behind)
+    async with breaker:
+        for _ in range(3):  # the first admission asks the store, the others its view
+            async with AsyncExitStack() as stack:
+                ticket = await stack.enter_async_context(breaker.guard(KEY))
+                assert ticket.key == KEY
+        guard = breaker.guard(KEY)
+        assert (await guard.__aenter__()).key == KEY
+        assert await guard.__aexit__(None, None, None) is None
+        await breaker.flush()
+        assert (await store.snapshot(KEY)).window_calls == 4
+        for _ in range(3):
+            with pytest.raises(ServerError):
+                async with AsyncExitStack() as stack:
+                    await stack.enter_async_context(breaker.guard(KEY))
+                    raise ServerError("boom", status=503)
+        assert (await store.snapshot(KEY)).state is CircuitState.OPEN
+        with pytest.raises(CircuitOpenError):
+            async with AsyncExitStack() as stack:
+                await stack.enter_async_context(breaker.guard(KEY))
