@@ -557,8 +557,8 @@ class Guard:
         self._breaker = breaker
         self._key = key
 
-    def __aenter__(self) -> Awaitable[Ticket]:
-        # A plain method: on the CLOSED path it hands back the view's already-completed
+    def _enter(self) -> Awaitable[Ticket]:
+        # __aenter__, a plain method: on the CLOSED path it hands back the view's already-completed
         # future of its ticket (awaiting one is C code all through), a coroutine only
         # when the store must be asked.
         breaker = self._breaker
@@ -597,14 +597,14 @@ class Guard:
         self.ticket = ticket = await self._breaker.admit(self._key)
         return ticket
 
-    def __aexit__(
+    def _exit(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Awaitable[None]:
-        # (no __aexit__ without a successful __aenter__, so _view is set); a plain method
-        # like __aenter__: a success counted in memory ends with a completed future
+        # __aexit__ (none without a successful __aenter__, so _view is set); a plain
+        # method like __aenter__: a success counted in memory ends with a completed future
         view = self._view
         if view is not None and exc is None:
             tail = view.tail
@@ -632,6 +632,21 @@ class Guard:
                         return view.exited  # type: ignore[return-value]  # set with entered
                     return self._flush()
         return self._report(exc)
+
+    if TYPE_CHECKING:  # the protocol as `async with` and its other users see it
+
+        async def __aenter__(self) -> Ticket: ...
+
+        async def __aexit__(
+            self,
+            exc_type: type[BaseException] | None,
+            exc: BaseException | None,
+            tb: TracebackType | None,
+        ) -> None: ...
+
+    else:
+        __aenter__ = _enter
+        __aexit__ = _exit
 
     async def _flush(self) -> None:
         await self._breaker._flush_key(self._key)

@@ -376,7 +376,7 @@ async def test_a_guard_entered_by_an_exit_stack_acts_as_with_async_with(
                 assert ticket.key == KEY
         guard = breaker.guard(KEY)
         assert (await guard.__aenter__()).key == KEY
-        assert await guard.__aexit__(None, None, None) is None
+        assert await guard.__aexit__(None, None, None) is None  # type: ignore[func-returns-value]
         await breaker.flush()
         assert (await store.snapshot(KEY)).window_calls == 4
         for _ in range(3):
