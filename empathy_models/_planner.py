@@ -39,7 +39,7 @@ TIER_ORDER: tuple[ModelTier, ...] = (ModelTier.CHEAP, ModelTier.CAPABLE, ModelTi
 def _key_hint(provider: Provider) -> str:
     """What to do about a provider without a key (its variable may be set but withheld)."""
     env_var = getattr(provider, "env_var", "") or "its API key variable"
-    if getattr(provider, "_env_key_withheld", False):
+    if getattr(provider, "env_key_withheld", False):
         # the variable is set, but sent only to the official endpoint, not to this one
         return f"{env_var} is only sent to the official endpoint; pass api_key="
     return f"set {env_var} or pass api_key="

@@ -16,8 +16,11 @@ __all__ = ["url_flaw", "userinfo_end"]
 # what may follow the '@' that ends a userinfo, up to the next '/', '?' or '#': a host
 # (a name, an address, a bracketed IPv6 address, a comma-separated list of them) and a
 # numeric port
-_HOST: Final = r"(?:\[[^\]/?#@]*\]|[^\[\]/?#@:,]*)(?::[0-9]*)?"
+_NAME: Final = r"(?:\[[^\]/?#@]*\]|[^\[\]/?#@:,]*)"
+_HOST: Final = rf"{_NAME}(?::[0-9]*)?"
 _HOST_PORT: Final = re.compile(rf"{_HOST}(?:,{_HOST})*")
+# the same with a port given (on one of its hosts at least)
+_PORTED: Final = re.compile(rf"(?:{_HOST},)*{_NAME}:[0-9]+(?:,{_HOST})*")
 
 
 def _delimiter(text: str, start: int = 0) -> int:
@@ -32,22 +35,32 @@ def userinfo_end(rest: str) -> int:
     its ``scheme://``), or -1 when it has none.
 
     A userinfo without a password ends at the last '@' before the first '/', '?' or
-    '#'.  Once a ``user:`` starts it, the password may hold an unencoded '/', '?', '#'
-    or '@' (generated passwords do): the userinfo then runs to the last '@' that a
-    host[:port] follows, or to the last '@' at all when none does.  A later '@' of the
-    path or query is taken for it too, which hides more than the password but never
-    shows part of one.
+    '#' (a ':' after that '@' is the port's).  Once a ``user:`` starts it, the
+    password may hold an unencoded '/', '?', '#' or '@' (generated passwords do), and
+    the path or query an '@' of its own (an e-mail address in a parameter).  The
+    userinfo then ends at an '@' that a host[:port] follows: the first one whose host
+    has a port (a password is not likely to hold ``@host:port`` and a delimiter, a path
+    or query with an '@' after a port is); else the last one.  A URL whose text up to
+    the first delimiter is itself a ``host:port``, with every '@' after its '?' or
+    '#', has no userinfo (``redis://cache:6379/0?x=a@b``).  When no '@' is followed by
+    a host[:port], the userinfo runs to the last '@'.  Where it cannot tell, it hides
+    more than the password (``redis://u:pw@cache/0?x=a@b`` shows ``u:***@b``), never
+    part of one.
     """
     end = _delimiter(rest)
+    last = rest.rfind("@", 0, end)
     colon = rest.find(":", 0, end)
-    if colon >= 0:
-        ats = [i for i, c in enumerate(rest) if c == "@" and i > colon]
-        for at in reversed(ats):
-            if _HOST_PORT.fullmatch(rest, at + 1, _delimiter(rest, at + 1)):
-                return at
-        if ats:
-            return ats[-1]
-    return rest.rfind("@", 0, end)
+    if colon < 0 or colon > last >= 0:  # no password: a colon after the '@' is a port's
+        return last
+    ats = [i for i, c in enumerate(rest) if c == "@" and i > colon]
+    hosts = [at for at in ats if _HOST_PORT.fullmatch(rest, at + 1, _delimiter(rest, at + 1))]
+    for at in hosts:
+        if _PORTED.fullmatch(rest, at + 1, _delimiter(rest, at + 1)):
+            return at
+    query = min((i for i in (rest.find("?", end), rest.find("#", end)) if i >= 0), default=-1)
+    if ats and 0 <= query < ats[0] and _PORTED.fullmatch(rest, 0, end):
+        return -1  # host:port, then a query or fragment holding every '@'
+    return hosts[-1] if hosts else ats[-1] if ats else last
 
 
 def url_flaw(exc: ValueError) -> str:

@@ -50,7 +50,7 @@ from ._paths import empathy_home, make_private_dirs
 from ._validators import check, failure, number, shown
 from .backends import redact_url
 from .exceptions import ConfigurationError
-from .providers._http import HTTPProvider, _looks_secret
+from .providers._http import HTTPProvider, _looks_secret, env_name_flaw
 from .registry import ModelRegistry
 
 __all__ = [
@@ -170,37 +170,9 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
     return "sqlite:///" + quote(str(path)) + (f"?{query}" if query else "")
 
 
-def _env_name_flaw(value: object) -> str | None:
-    """
-    Why ``value`` cannot name an environment variable (for ``api_key_env``), or None
-    when it can: an empty string, an ``=`` or a NUL character (the environment's
-    separators) or a character the environment cannot encode can name none.
-    """
-    if not isinstance(value, str) or not value:
-        return "must be a non-empty string"
-    if "=" in value or "\0" in value:
-        return "must name an environment variable: it holds a '=' or a NUL character"
-    try:
-        os.fsencode(value)
-    except UnicodeError:
-        return "must name an environment variable: it holds a character the OS cannot encode"
-    return None
-
-
 def _check_env_name(_: object, attribute: Any, value: object) -> None:
-    if value is not None and (flaw := _env_name_flaw(value)) is not None:
+    if value is not None and (flaw := env_name_flaw(value)) is not None:
         raise ConfigurationError(f"ProviderConfig.{attribute.name} {flaw}, got {shown(value)}")
-
-
-def _read_from(provider: HTTPProvider, env_name: str) -> None:
-    """
-    Make ``provider`` (built with ``api_key_from_env=False``) name ``env_name`` as the
-    variable its key comes from, in the `MissingAPIKeyWarning` and `MissingAPIKeyError`
-    hints, instead of its kind's default variable.
-    """
-    provider.env_var = env_name
-    # the default variable was not withheld from this endpoint: it is not this key's source
-    provider._env_key_withheld = False
 
 
 @frozen(kw_only=True)
@@ -238,24 +210,19 @@ class ProviderConfig:
         """
         from .providers import AnthropicProvider, OpenAIProvider
 
-        key = self.api_key
-        named = self.api_key_env if key is None else None
-        if named is not None:
-            key = os.environ.get(named) or None
+        named = self.api_key_env if self.api_key is None else None
         options: dict[str, Any] = {
             "name": self.name,
             "base_url": self.base_url,
             "headers": dict(self.headers) or None,
-            # the variable api_key_env names replaces the default one
-            "api_key_from_env": False if named is not None else self.api_key_from_env,
+            # the variable api_key_env names replaces the default one, for any base URL
+            "api_key_env": named,
+            "api_key_from_env": None if named is not None else self.api_key_from_env,
         }
         if self.timeout is not None:
             options["timeout"] = self.timeout
         cls = AnthropicProvider if self.kind == "anthropic" else OpenAIProvider
-        provider = cls(key, **options)
-        if named is not None:
-            _read_from(provider, named)
-        return provider
+        return cls(self.api_key, **options)
 
     def describe(self) -> str:
         """A one-line, secret-free description for ``config show``."""
@@ -309,7 +276,7 @@ def _provider(name: str, table: object, where: str) -> ProviderConfig:
                 f"{where}: [providers.{name}] {key} must be a non-empty string, got {given}"
             )
     env_name = table.get("api_key_env")
-    if env_name is not None and (flaw := _env_name_flaw(env_name)) is not None:
+    if env_name is not None and (flaw := env_name_flaw(env_name)) is not None:
         raise ConfigurationError(
             f"{where}: [providers.{name}] api_key_env {flaw}, got {shown(env_name)}"
         )

@@ -231,19 +231,11 @@ class InvalidResponseError(ProviderError):
     content: the provider bills it, and the executor records and charges it; else None.
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        provider: str | None = None,
-        model: str | None = None,
-        status: int | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(
-            message, provider=provider, model=model, status=status, retry_after=retry_after
-        )
-        self.billed: Completion | None = None
+    # annotated for type checkers alone: `Completion` is imported only for them, so an
+    # annotation at run time would break `typing.get_type_hints` on the class
+    if TYPE_CHECKING:
+        billed: Completion | None
+    billed = None
 
 
 class StreamInterruptedError(ProviderError):

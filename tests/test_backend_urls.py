@@ -24,6 +24,7 @@ from empathy_models.backends import (
     available_schemes,
     redact_url,
 )
+from empathy_models.providers import OpenAIProvider
 from empathy_models.testing.clock import FakeClock
 
 SECRET = "hunter2-s3cret"
@@ -178,6 +179,34 @@ def test_credentials_stay_out_of_option_errors() -> None:
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+# (url, as shown): only the userinfo's password is masked, also when an '@' of the path
+# or the query comes after a port, or a password holds an unencoded delimiter
+EXACT_MASKING = [
+    ("postgresql://u:pw@host:5432/db?options=a@b", "postgresql://u:***@host:5432/db?options=a@b"),
+    ("redis://u:pw@[::1]:6379/0?x=a@b", "redis://u:***@[::1]:6379/0?x=a@b"),
+    ("postgresql://u:pw@h1:5432,h2:5433/db?to=a@b", "postgresql://u:***@h1:5432,h2:5433/db?to=a@b"),
+    ("redis://u:Xy7@Q/z9@cache:6379/0?to=a@b", "redis://u:***@cache:6379/0?to=a@b"),
+    ("redis://u:Xy7/Q@z9@cache:6379/0", "redis://u:***@cache:6379/0"),
+    ("postgresql://app@db:5432/calls?to=a@b", "postgresql://app@db:5432/calls?to=a@b"),
+    ("redis://host:6379/0?x=@", "redis://host:6379/0?x=@"),
+    ("redis://host:6379/0?to=a@b#c@d", "redis://host:6379/0?to=a@b#c@d"),
+    (
+        "https://gw:pw@gateway.internal:8443/v1?to=a@b",
+        "https://gw:***@gateway.internal:8443/v1?to=a@b",
+    ),
+]
+
+
+@pytest.mark.parametrize(("url", "shown"), EXACT_MASKING)
+def test_masking_hides_the_password_and_nothing_else(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    if ":***@" in shown:  # a provider refuses a base URL with credentials, masked alike
+        https = "https://" + url.partition("://")[2]
+        with pytest.raises(ConfigurationError) as info:
+            OpenAIProvider(api_key="k", base_url=https)
+        assert "https://" + shown.partition("://")[2] in str(info.value)
 
 
 @pytest.mark.parametrize("password", ["Xy7/Qz+9", "Xy7#Qz9", "Xy7?Qz9"])

@@ -664,6 +664,45 @@ def test_breaker_status_shows_live_figures_as_of_now(home: Path, tmp_path: Path)
     assert " 0/0 " in lines["p:window"]
 
 
+def test_breaker_status_says_which_failure_rate_window_it_counts(
+    home: Path, tmp_path: Path
+) -> None:
+    """
+    The stores keep a key's window buckets, not the policy they were written with:
+    without --window / --buckets the status counts BreakerPolicy's default window and
+    says it assumed it.
+    """
+    url = "sqlite:///" + str(tmp_path / "state.db")
+    policy = BreakerPolicy(window_seconds=600, window_buckets=2, minimum_calls=100)
+
+    async def fill() -> None:
+        two_minutes_ago = time.time() - 120  # out of the default 60 s, within 600 s
+        store = SQLiteStateStore(tmp_path / "state.db", clock=lambda: two_minutes_ago)
+        async with store:
+            for _ in range(2):
+                ticket = (await store.admit("p:slow", policy)).ticket
+                assert ticket is not None
+                report = OutcomeReport(ticket=ticket, outcome=Outcome.FAILURE)
+                await store.record("p:slow", policy, [report])
+
+    anyio.run(fill)
+    assumed = json.loads(ok(cli(home, "breaker", "status", "--db", url, "--json")))
+    assert assumed["window"] == {"seconds": 60.0, "buckets": 6, "assumed": True}
+    [row] = assumed["breakers"]
+    assert (row["window_failures"], row["window_calls"]) == (0, 0)  # out of the 60 s
+    table = ok(cli(home, "breaker", "status", "--db", url))
+    assert "window: 60s in 6 buckets (assumed: the default;" in table
+    given = ("--window", "600", "--buckets", "2")
+    counted = json.loads(ok(cli(home, "breaker", "status", *given, "--db", url, "--json")))
+    assert counted["window"] == {"seconds": 600.0, "buckets": 2, "assumed": False}
+    assert counted["breakers"][0]["window_failures"] == 2
+    table = ok(cli(home, "breaker", "status", *given, "--db", url))
+    assert "window: 600s in 2 buckets (--window, --buckets)" in table
+    assert "assumed" not in table
+    table = ok(cli(home, "breaker", "status", "--window", "600", "--db", url))
+    assert "window: 600s in 6 buckets (--window; buckets assumed: the default)" in table
+
+
 def test_breaker_reset_of_a_key_the_store_does_not_hold_says_so(
     home: Path, db: Path, tmp_path: Path
 ) -> None:

@@ -33,6 +33,7 @@ from empathy_models import (
     ExecutionContext,
     FallbackPolicy,
     LLMCallRecord,
+    LLMResponse,
     MissingAPIKeyWarning,
     ModelInfo,
     ModelRegistry,
@@ -58,6 +59,7 @@ from empathy_models.exceptions import (
 )
 from empathy_models.limits import LocalRateLimitError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.records import CircuitBreakerState
 from empathy_models.testing import FakeLLMServer, Latency, ModelBehavior
 from empathy_models.testing.clock import FakeClock
 from tests._fakes import HintBreaker
@@ -978,6 +980,35 @@ TWO_OPENAI_MODELS = ModelRegistry(
 )
 
 
+async def run_twice(
+    providers: list[Any],
+    registry: ModelRegistry,
+    telemetry: MemoryTelemetryBackend,
+    sleep: RecordingSleep,
+    *keys: tuple[str, ...],
+) -> tuple[LLMResponse, LLMResponse, list[CircuitBreakerState]]:
+    """
+    Two runs of `CHEAP` through ``providers`` with a breaker of their own, and then the
+    breaker's status of each of ``keys`` (the arguments of its ``key_for``).
+    """
+    async with (
+        CircuitBreaker() as breaker,
+        EmpathyLLMExecutor(
+            providers, registry=registry, telemetry_store=telemetry, sleep=sleep, breaker=breaker
+        ) as executor,
+    ):
+        first = await executor.run("hello", CHEAP)
+        second = await executor.run("hello", CHEAP)
+        statuses = [await breaker.get_status(breaker.key_for(*key)) for key in keys]
+    return first, second, statuses
+
+
+async def refusal(telemetry: MemoryTelemetryBackend) -> tuple[int | None, str | None, Outcome]:
+    """The first record's status code, error type and outcome."""
+    first = (await records_of(telemetry))[0]
+    return first.status_code, first.error_type, first.outcome
+
+
 async def test_a_403_naming_one_inaccessible_model_blocks_only_that_model(
     telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
 ) -> None:
@@ -1000,29 +1031,20 @@ async def test_a_403_naming_one_inaccessible_model_blocks_only_that_model(
             }
         )
 
-    async with serving("/v1/chat/completions", answer) as url, CircuitBreaker() as breaker:
-        executor = EmpathyLLMExecutor(
+    async with serving("/v1/chat/completions", answer) as url:
+        first, second, (provider_key, model_key) = await run_twice(
             [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
-            registry=TWO_OPENAI_MODELS,
-            telemetry_store=telemetry,
-            sleep=sleep,
-            breaker=breaker,
+            TWO_OPENAI_MODELS,
+            telemetry,
+            sleep,
+            ("openai",),
+            ("openai", "gpt-fake-4o"),
         )
-        async with executor:
-            first = await executor.run("hello", CHEAP)
-            second = await executor.run("hello", CHEAP)
-            provider_key = await breaker.get_status(breaker.key_for("openai"))
-            model_key = await breaker.get_status(breaker.key_for("openai", "gpt-fake-4o"))
     assert first.fallback_chain == ("gpt-fake-4o", "gpt-fake-mini")
     assert second.fallback_chain == ("gpt-fake-mini",)
     assert provider_key.state is CircuitState.CLOSED
     assert model_key.state is CircuitState.FORCED_OPEN
-    refused = (await records_of(telemetry))[0]
-    assert (refused.status_code, refused.error_type, refused.outcome) == (
-        403,
-        ModelNotFoundError.__name__,
-        Outcome.FATAL,
-    )
+    assert await refusal(telemetry) == (403, ModelNotFoundError.__name__, Outcome.FATAL)
     assert sleep.delays == []
 
 
@@ -1048,30 +1070,21 @@ async def test_an_anthropic_account_error_sent_as_a_400_falls_back_to_another_pr
         await request.read()
         return web.json_response(error, status=400)
 
-    async with serving("/v1/messages", answer) as url, CircuitBreaker() as breaker:
-        executor = EmpathyLLMExecutor(
+    async with serving("/v1/messages", answer) as url:
+        first, second, (status,) = await run_twice(
             [
                 AnthropicProvider(api_key=KEY, base_url=url),
                 OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
             ],
-            registry=REGISTRY,
-            telemetry_store=telemetry,
-            sleep=sleep,
-            breaker=breaker,
+            REGISTRY,
+            telemetry,
+            sleep,
+            ("anthropic",),
         )
-        async with executor:
-            first = await executor.run("hello", CHEAP)
-            second = await executor.run("hello", CHEAP)
-            status = await breaker.get_status(breaker.key_for("anthropic"))
     assert first.fallback_chain == ("claude-fake-haiku", "gpt-fake-mini")
     assert second.fallback_chain == ("gpt-fake-mini",)
     assert status.state is CircuitState.FORCED_OPEN
-    refused = (await records_of(telemetry))[0]
-    assert (refused.status_code, refused.error_type, refused.outcome) == (
-        400,
-        AuthenticationError.__name__,
-        Outcome.FATAL,
-    )
+    assert await refusal(telemetry) == (400, AuthenticationError.__name__, Outcome.FATAL)
     assert sleep.delays == []
 
 
@@ -1108,16 +1121,8 @@ async def usage_server(prompt_tokens: int) -> AsyncIterator[tuple[str, list[int]
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1", hits
-    finally:
-        await runner.cleanup()
+    async with serving("/v1/chat/completions", answer) as url:
+        yield f"{url}/v1", hits
 
 
 async def test_an_absurd_usage_count_is_a_malformed_answer_with_its_record(

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
+import threading
 import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -46,15 +50,48 @@ def _across_loops(store: str) -> None:
             await breaker.admit("openai")
         with pytest.raises(NotOpenError, match="another event loop"):
             await breaker.get_status("anthropic")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            await breaker.aclose()
-        assert any("another event loop" in str(w.message) for w in caught)
+        await _closed_from_another_loop(breaker)
 
     asyncio.run(first())
     asyncio.run(second())
     assert breaker.closed
     assert breaker.store.closed
+
+
+async def _closed_from_another_loop(closable: CircuitBreaker | EmpathyLLMExecutor) -> None:
+    """Close ``closable`` from a loop it was not opened in: it warns that it was."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await closable.aclose()
+    assert any("another event loop" in str(w.message) for w in caught)
+
+
+@contextlib.contextmanager
+def _opened_in_another_thread(
+    opened: Callable[[], AbstractAsyncContextManager[object]],
+) -> Iterator[None]:
+    """
+    Enter ``opened()`` in another thread's event loop, which then runs on until the
+    block ends (and exits it then).
+    """
+    entered, done = threading.Event(), threading.Event()
+
+    def home() -> None:
+        async def main() -> None:
+            async with opened():
+                entered.set()
+                await asyncio.to_thread(done.wait)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=home)
+    thread.start()
+    try:
+        assert entered.wait(30)
+        yield
+    finally:
+        done.set()
+        thread.join(30)
 
 
 def test_memory_breaker_works_from_any_loop() -> None:
@@ -99,30 +136,18 @@ def test_router_used_and_closed_from_another_loop(tmp_path: Path) -> None:
 
 
 def test_breaker_closed_from_another_thread_closes_in_its_own_loop(tmp_path: Path) -> None:
-    import threading
-
     breaker = CircuitBreaker(store=f"sqlite:///{tmp_path / 'state.db'}")
-    opened, done = threading.Event(), threading.Event()
 
-    def home() -> None:
-        async def main() -> None:
-            await breaker.__aenter__()
-            opened.set()
-            await asyncio.to_thread(done.wait)
+    @contextlib.asynccontextmanager
+    async def opened() -> AsyncIterator[None]:
+        await breaker.__aenter__()
+        yield
 
-        asyncio.run(main())
-
-    thread = threading.Thread(target=home)
-    thread.start()
-    try:
-        assert opened.wait(30)
+    with _opened_in_another_thread(opened):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # closed in its loop: nothing dropped
             asyncio.run(breaker.aclose())
         assert breaker.closed and breaker.store.closed
-    finally:
-        done.set()
-        thread.join(30)
 
 
 def _executor(server: FakeLLMServer, tmp_path: Path) -> EmpathyLLMExecutor:
@@ -155,10 +180,7 @@ def test_executor_closed_from_another_loop_after_its_own_ended(tmp_path: Path) -
     async def second() -> None:
         with pytest.raises(NotOpenError, match="another event loop"):
             await executor.run("again", ExecutionContext(model="gpt-4o-mini"))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            await executor.aclose()
-        assert any("another event loop" in str(w.message) for w in caught)
+        await _closed_from_another_loop(executor)
         await executor.aclose()  # closed: a second close does nothing
 
     asyncio.run(second())
@@ -167,30 +189,18 @@ def test_executor_closed_from_another_loop_after_its_own_ended(tmp_path: Path) -
 
 
 def test_executor_closed_from_another_thread_closes_in_its_own_loop(tmp_path: Path) -> None:
-    import threading
-
     server = FakeLLMServer({"gpt-4o-mini": ModelBehavior(content="ok")}, api_key="k-loops")
     executors: list[EmpathyLLMExecutor] = []
-    opened, done = threading.Event(), threading.Event()
 
-    def home() -> None:
-        async def main() -> None:
-            async with server:
-                executors.append(_executor(server, tmp_path))
-                await _answered(executors[0])
-                opened.set()
-                await asyncio.to_thread(done.wait)
+    @contextlib.asynccontextmanager
+    async def opened() -> AsyncIterator[None]:
+        async with server:
+            executors.append(_executor(server, tmp_path))
+            await _answered(executors[0])
+            yield
 
-        asyncio.run(main())
-
-    thread = threading.Thread(target=home)
-    thread.start()
-    try:
-        assert opened.wait(30)
+    with _opened_in_another_thread(opened):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # closed in its loop: nothing dropped
             asyncio.run(executors[0].aclose())
         assert "state=closed" in repr(executors[0])
-    finally:
-        done.set()
-        thread.join(30)

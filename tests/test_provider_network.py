@@ -274,6 +274,60 @@ def test_api_key_from_env_false_never_reads_the_environment(
     assert not OpenAIProvider(api_key_from_env=False).has_api_key
 
 
+def test_env_key_withheld_tells_a_provider_whose_variable_is_not_sent_to_its_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    local = "http://127.0.0.1:9/v1"
+    assert OpenAIProvider(name="ollama", base_url=local).env_key_withheld
+    assert not OpenAIProvider(name="ollama", base_url=local, api_key_from_env=True).env_key_withheld
+    assert not OpenAIProvider().env_key_withheld  # the official host: read
+    assert not OpenAIProvider("k", name="ollama", base_url=local).env_key_withheld
+    monkeypatch.delenv("OPENAI_API_KEY")
+    assert not OpenAIProvider(name="ollama", base_url=local).env_key_withheld  # not set
+
+
+@pytest.mark.parametrize("provider_class", [OpenAIProvider, AnthropicProvider])
+async def test_api_key_env_names_the_variable_the_key_is_read_from(
+    monkeypatch: pytest.MonkeyPatch,
+    provider_class: type[OpenAIProvider] | type[AnthropicProvider],
+) -> None:
+    """A variable named for the provider is read for its base URL, whatever the host."""
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", ENV_KEY)
+    monkeypatch.delenv("TEAM_GATEWAY_KEY", raising=False)
+    async with FakeLLMServer(api_key=KEY) as gateway:
+        url = (
+            gateway.openai_base_url
+            if provider_class is OpenAIProvider
+            else gateway.anthropic_base_url
+        )
+        keyless = provider_class(name="gw", base_url=url, api_key_env="TEAM_GATEWAY_KEY")
+        assert not keyless.has_api_key and not keyless.env_key_withheld
+        assert keyless.env_var == "TEAM_GATEWAY_KEY"
+        async with keyless:
+            with pytest.raises(MissingAPIKeyError, match="set TEAM_GATEWAY_KEY") as info:
+                await keyless.complete(req())
+        assert ENV_KEY not in str(info.value)
+        monkeypatch.setenv("TEAM_GATEWAY_KEY", KEY)
+        async with provider_class(name="gw", base_url=url, api_key_env="TEAM_GATEWAY_KEY") as keyed:
+            answer = await keyed.complete(req())
+        assert answer.content and gateway.requests() == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"api_key_env": ""}, "api_key_env must be a non-empty string"),
+        ({"api_key_env": "A=B"}, "api_key_env must name an environment variable"),
+        ({"api_key_env": "TEAM_KEY", "api_key_from_env": False}, "one or the other"),
+    ],
+)
+def test_an_api_key_env_that_cannot_be_read_is_refused(options: Any, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        OpenAIProvider(name="gw", base_url="http://127.0.0.1:9/v1", **options)
+
+
 # --------------------------------------------------------------------------- headers
 
 

@@ -20,6 +20,7 @@ from empathy_models import (
     RoutingPolicy,
     telemetry_from_url,
 )
+from empathy_models.routing import TierRecommendation
 from empathy_models.testing.clock import FakeClock
 from tests._fakes import priced_registry
 
@@ -225,36 +226,55 @@ async def test_tier_advice_for_calls_without_a_stage_survives_a_restart(tmp_path
             assert (advice.window, advice.failures, advice.should_upgrade) == live[workflow]
 
 
-async def test_tier_advice_after_a_restart_skips_newer_calls_that_are_not_samples(
-    tmp_path: Path,
-) -> None:
-    # 20 calls (8 failed), then 15 answers from the response cache and 5 cancelled
-    # calls: the live router's window holds the 20 calls, and so must a restarted one's
+Call = tuple[str | None, str | None, Outcome]
+"""A call's workflow, stage and outcome."""
+
+
+async def advice_live_and_restarted(
+    tmp_path: Path, calls: list[Call], asked: list[tuple[str, str | None]]
+) -> tuple[list[TierRecommendation], list[TierRecommendation]]:
+    """
+    ``calls`` of one model, a second apart, recorded into a SQLite store and told to a
+    live router (as the executor does); the tier advice for each (workflow, stage) of
+    ``asked``: the live router's, then a router's restarted a minute later over the
+    same file.
+    """
     url = f"sqlite:///{tmp_path / 'calls.db'}"
     clock = FakeClock()
-    outcomes = [Outcome.FAILURE if i % 5 < 2 else Outcome.SUCCESS for i in range(20)]
-    outcomes += [Outcome.CACHE_HIT] * 15 + [Outcome.CANCELLED] * 5
     async with (
         telemetry_from_url(url) as store,
         AdaptiveModelRouter(registry(), store, clock=clock, refresh_interval=None) as router,
     ):
-        for outcome in outcomes:
+        for workflow, stage, outcome in calls:
             clock.advance(1.0)
             record = LLMCallRecord(
                 provider="openai",
                 model="nano",
                 outcome=outcome,
                 timestamp=datetime.fromtimestamp(clock(), UTC),
-                workflow=WF,
-                stage=ST,
+                workflow=workflow,
+                stage=stage,
             )
             await store.record(record)
             router.record_outcome(record)
-        live = [router.recommend_tier_upgrade(WF, st) for st in (ST, None)]
-    assert [(a.window, a.failures, a.should_upgrade) for a in live] == [(20, 8, True)] * 2
+        live = [router.recommend_tier_upgrade(wf, st) for wf, st in asked]
     clock.advance(60.0)
     async with AdaptiveModelRouter(registry(), url, clock=clock, refresh_interval=None) as fresh:
-        assert [fresh.recommend_tier_upgrade(WF, st) for st in (ST, None)] == live
+        return live, [fresh.recommend_tier_upgrade(wf, st) for wf, st in asked]
+
+
+async def test_tier_advice_after_a_restart_skips_newer_calls_that_are_not_samples(
+    tmp_path: Path,
+) -> None:
+    # 20 calls (8 failed), then 15 answers from the response cache and 5 cancelled
+    # calls: the live router's window holds the 20 calls, and so must a restarted one's
+    outcomes = [Outcome.FAILURE if i % 5 < 2 else Outcome.SUCCESS for i in range(20)]
+    outcomes += [Outcome.CACHE_HIT] * 15 + [Outcome.CANCELLED] * 5
+    live, restarted = await advice_live_and_restarted(
+        tmp_path, [(WF, ST, outcome) for outcome in outcomes], [(WF, ST), (WF, None)]
+    )
+    assert [(a.window, a.failures, a.should_upgrade) for a in live] == [(20, 8, True)] * 2
+    assert restarted == live
 
 
 async def test_tier_advice_for_calls_without_a_workflow_or_stage_survives_a_restart(
@@ -263,32 +283,21 @@ async def test_tier_advice_for_calls_without_a_workflow_or_stage_survives_a_rest
     # calls without a workflow (all failed), a workflow's calls without a stage (all
     # fine) and one of its stages (all failed): every window a restarted router holds
     # is the live one's, the stage-less ones ("") included
-    url = f"sqlite:///{tmp_path / 'calls.db'}"
-    clock = FakeClock()
-    groups: list[tuple[str | None, str | None, Outcome]] = [
+    groups: list[Call] = [
         (None, None, Outcome.FAILURE),
         ("wf", None, Outcome.SUCCESS),
     ]
     groups += [("wf", "s1", Outcome.FAILURE), ("", "", Outcome.FAILURE)]
-    asked = [("", ""), ("", None), ("wf", ""), ("wf", None), ("wf", "s1")]
-    async with (
-        telemetry_from_url(url) as store,
-        AdaptiveModelRouter(registry(), store, clock=clock, refresh_interval=None) as router,
-    ):
-        for workflow, stage, outcome in groups:
-            for _ in range(12):
-                clock.advance(1.0)
-                record = LLMCallRecord(
-                    provider="openai",
-                    model="nano",
-                    outcome=outcome,
-                    timestamp=datetime.fromtimestamp(clock(), UTC),
-                    workflow=workflow,
-                    stage=stage,
-                )
-                await store.record(record)
-                router.record_outcome(record)
-        live = [router.recommend_tier_upgrade(wf, st) for wf, st in asked]
+    asked: list[tuple[str, str | None]] = [
+        ("", ""),
+        ("", None),
+        ("wf", ""),
+        ("wf", None),
+        ("wf", "s1"),
+    ]
+    live, restarted = await advice_live_and_restarted(
+        tmp_path, [group for group in groups for _ in range(12)], asked
+    )
     assert [(a.window, a.failures) for a in live] == [
         (20, 20),
         (20, 20),
@@ -296,6 +305,4 @@ async def test_tier_advice_for_calls_without_a_workflow_or_stage_survives_a_rest
         (20, 12),
         (12, 12),
     ]
-    clock.advance(60.0)
-    async with AdaptiveModelRouter(registry(), url, clock=clock, refresh_interval=None) as fresh:
-        assert [fresh.recommend_tier_upgrade(wf, st) for wf, st in asked] == live
+    assert restarted == live

@@ -13,7 +13,7 @@ by a generous `asyncio.wait_for` so that a regression fails instead of hanging.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -146,6 +146,40 @@ class StalledState(MemoryStateStore):
         if self.records:
             await self.gate.wait()
         return await super().record(key, policy, reports)
+
+
+def reports_stalled(gate: Gate, **options: Any) -> CircuitBreaker:
+    """A breaker whose outcome reports wait at ``gate`` (its admissions do not)."""
+    return CircuitBreaker(
+        store=StalledState(gate, admissions=False, records=True), store_timeout=None, **options
+    )
+
+
+Ask = Callable[[EmpathyLLMExecutor, str, float], Awaitable[str]]
+"""Asks an executor a prompt within a deadline (run or stream): the answer's text."""
+
+
+async def answered_while_reports_stall(server: FakeLLMServer, ask: Ask) -> tuple[str, int]:
+    """
+    ``ask`` twice through an executor whose breaker's reports stall: the first run's
+    success is written behind (within a generous deadline); once that write is due, the
+    second run (a 0.5 s deadline) answers while its report waits.  Its answer, and the
+    reports waiting at the gate when it came back.
+    """
+    gate = Gate()
+    clock = FakeClock()
+    async with (
+        reports_stalled(gate, clock=clock) as breaker,
+        make(server, breaker=breaker) as executor,
+    ):
+        try:
+            await asyncio.wait_for(ask(executor, "one", 30.0), GUARD)
+            clock.advance(0.7)  # the success written behind is due (the view is still fresh)
+            answer = await asyncio.wait_for(ask(executor, "two", 0.5), GUARD)
+            waiting = gate.waiting  # the report waits at the gate; the answer did not
+        finally:
+            gate.opened.set()  # the report lands; aclose waits for it
+    return answer, waiting
 
 
 CACHED = ExecutionContext(temperature=0, cache_ttl=60)
@@ -307,26 +341,11 @@ async def test_a_quota_store_stalling_past_short_deadlines_is_left_for_a_while()
 async def test_an_answer_is_not_held_past_the_deadline_by_the_breakers_report(
     server: FakeLLMServer,
 ) -> None:
-    gate = Gate()
-    clock = FakeClock()
-    async with (
-        CircuitBreaker(
-            store=StalledState(gate, admissions=False, records=True),
-            clock=clock,
-            store_timeout=None,
-        ) as breaker,
-        make(server, breaker=breaker) as executor,
-    ):
-        try:
-            await asyncio.wait_for(executor.run("one", ExecutionContext(deadline=30)), GUARD)
-            clock.advance(0.7)  # the success written behind is due (the view is still fresh)
-            answer = await asyncio.wait_for(
-                executor.run("two", ExecutionContext(deadline=0.5)), GUARD
-            )
-            waiting = gate.waiting  # the report waits at the gate; the answer did not
-        finally:
-            gate.opened.set()  # the report lands; aclose waits for it
-    assert answer.content == "ok" and server.requests() == 2 and waiting >= 1
+    async def run(executor: EmpathyLLMExecutor, prompt: str, deadline: float) -> str:
+        return (await executor.run(prompt, ExecutionContext(deadline=deadline))).content
+
+    answer, waiting = await answered_while_reports_stall(server, run)
+    assert answer == "ok" and server.requests() == 2 and waiting >= 1
 
 
 async def _failures(breaker: CircuitBreaker) -> int:
@@ -339,9 +358,7 @@ async def test_a_failed_attempt_is_not_held_past_the_deadline_by_the_breakers_re
 ) -> None:
     server.set_behavior("gpt-a", ModelBehavior.always(500))
     gate = Gate()
-    async with CircuitBreaker(
-        store=StalledState(gate, admissions=False, records=True), store_timeout=None
-    ) as breaker:
+    async with reports_stalled(gate) as breaker:
         async with make(server, breaker=breaker) as executor:
             try:
                 with pytest.raises(AllRoutesFailedError):
@@ -368,9 +385,7 @@ async def test_a_failed_attempt_falls_back_without_waiting_for_a_stalled_breaker
     server.set_behavior("gpt-a", ModelBehavior.always(500))
     server.set_behavior("gpt-b", ModelBehavior(content="from b"))
     gate = Gate()
-    async with CircuitBreaker(
-        store=StalledState(gate, admissions=False, records=True), store_timeout=None
-    ) as breaker:
+    async with reports_stalled(gate) as breaker:
         executor = EmpathyLLMExecutor(
             [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
             registry=registry,
@@ -405,9 +420,7 @@ async def test_an_interrupted_stream_is_not_held_past_the_deadline_by_the_breake
                 deltas.append(delta)  # noqa: PERF401 - keeps the deltas before the error
         return deltas
 
-    async with CircuitBreaker(
-        store=StalledState(gate, admissions=False, records=True), store_timeout=None
-    ) as breaker:
+    async with reports_stalled(gate) as breaker:
         async with make(server, breaker=breaker) as executor:
             try:
                 with pytest.raises(StreamInterruptedError):
@@ -423,28 +436,11 @@ async def test_an_interrupted_stream_is_not_held_past_the_deadline_by_the_breake
 async def test_a_streamed_answer_is_not_held_past_the_deadline_by_the_breakers_report(
     server: FakeLLMServer,
 ) -> None:
-    gate = Gate()
-    clock = FakeClock()
-
-    async def read(prompt: str, deadline: float) -> str:
+    async def read(executor: EmpathyLLMExecutor, prompt: str, deadline: float) -> str:
         async with executor.stream(prompt, ExecutionContext(deadline=deadline)) as stream:
             return "".join([delta async for delta in stream if isinstance(delta, str)])
 
-    async with (
-        CircuitBreaker(
-            store=StalledState(gate, admissions=False, records=True),
-            clock=clock,
-            store_timeout=None,
-        ) as breaker,
-        make(server, breaker=breaker) as executor,
-    ):
-        try:
-            await asyncio.wait_for(read("one", 30.0), GUARD)
-            clock.advance(0.7)  # the success written behind is due (the view is still fresh)
-            text = await asyncio.wait_for(read("two", 0.5), GUARD)
-            waiting = gate.waiting  # the report waits at the gate; the answer did not
-        finally:
-            gate.opened.set()  # the report lands; aclose waits for it
+    text, waiting = await answered_while_reports_stall(server, read)
     assert text == "ok" and server.requests() == 2 and waiting >= 1
 
 

@@ -106,6 +106,24 @@ def make(
     )
 
 
+@pytest.fixture
+def telemetry() -> MemoryTelemetryBackend:
+    return MemoryTelemetryBackend()
+
+
+@pytest.fixture
+def quota() -> MemoryQuotaStore:
+    return MemoryQuotaStore()
+
+
+@pytest.fixture
+def budgeted(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore
+) -> EmpathyLLMExecutor:
+    """An executor (not open yet) recording into ``telemetry``, a $100 budget in ``quota``."""
+    return make(server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota)
+
+
 def context(model: str) -> ExecutionContext:
     return ExecutionContext(workflow="w", stage="s", model=model, max_tokens=100, timeout=0.5)
 
@@ -133,13 +151,9 @@ async def spent(quota: MemoryQuotaStore) -> float:
 
 
 async def test_an_openai_stream_left_early_records_the_prompts_estimate_and_charges_its_worst(
-    server: FakeLLMServer,
+    budgeted: EmpathyLLMExecutor, telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore
 ) -> None:
-    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
-    async with (
-        make(server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota) as executor,
-        executor.stream(PROMPT, context("gpt-usage")) as stream,
-    ):
+    async with budgeted as executor, executor.stream(PROMPT, context("gpt-usage")) as stream:
         seen = 0
         async for _ in stream:
             seen += 1
@@ -160,13 +174,14 @@ async def test_an_openai_stream_left_early_records_the_prompts_estimate_and_char
 
 @pytest.mark.parametrize("fault", ["error", "reset", "hang", "malformed", "incomplete"])
 async def test_an_openai_stream_cut_short_records_the_prompts_estimate(
-    server: FakeLLMServer, fault: Fault
+    server: FakeLLMServer,
+    budgeted: EmpathyLLMExecutor,
+    telemetry: MemoryTelemetryBackend,
+    quota: MemoryQuotaStore,
+    fault: Fault,
 ) -> None:
     server.set_behavior("gpt-usage", faulty(fault, 3))
-    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
-    async with make(
-        server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota
-    ) as executor:
+    async with budgeted as executor:
         with pytest.raises(StreamInterruptedError) as caught:
             async with executor.stream(PROMPT, context("gpt-usage")) as stream:
                 async for _ in stream:
@@ -180,12 +195,12 @@ async def test_an_openai_stream_cut_short_records_the_prompts_estimate(
 
 async def test_an_openai_stream_failing_before_its_first_delta_records_the_estimate(
     server: FakeLLMServer,
+    budgeted: EmpathyLLMExecutor,
+    telemetry: MemoryTelemetryBackend,
+    quota: MemoryQuotaStore,
 ) -> None:
     server.set_behavior("gpt-usage", faulty("error", 0))
-    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
-    async with make(
-        server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota
-    ) as executor:
+    async with budgeted as executor:
         with pytest.raises(AllRoutesFailedError):
             async with executor.stream(PROMPT, context("gpt-usage")):
                 pass
@@ -197,13 +212,9 @@ async def test_an_openai_stream_failing_before_its_first_delta_records_the_estim
 
 
 async def test_a_finished_openai_stream_records_the_reported_count_unflagged(
-    server: FakeLLMServer,
+    budgeted: EmpathyLLMExecutor, telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore
 ) -> None:
-    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
-    async with (
-        make(server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota) as executor,
-        executor.stream(PROMPT, context("gpt-usage")) as stream,
-    ):
+    async with budgeted as executor, executor.stream(PROMPT, context("gpt-usage")) as stream:
         response = await stream.get_final_response()
     record = await only_record(telemetry)
     assert record.input_tokens == response.input_tokens == fake_count(PROMPT)
@@ -213,7 +224,7 @@ async def test_a_finished_openai_stream_records_the_reported_count_unflagged(
 
 
 async def test_a_finished_openai_stream_without_usage_counts_a_token_per_delta(
-    server: FakeLLMServer,
+    telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore
 ) -> None:
     # some OpenAI-compatible servers ignore stream_options.include_usage: the answer ends
     # with [DONE] and no usage chunk
@@ -233,7 +244,6 @@ async def test_a_finished_openai_stream_without_usage_counts_a_token_per_delta(
         await response.write_eof()
         return response
 
-    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
     async with serving("/v1/chat/completions", handler) as url:
         executor = EmpathyLLMExecutor(
             [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
@@ -256,10 +266,9 @@ async def test_a_finished_openai_stream_without_usage_counts_a_token_per_delta(
 
 
 async def test_an_http_error_before_the_stream_opens_records_no_tokens(
-    server: FakeLLMServer,
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
     server.script("gpt-usage", [500])  # answered with an error status: nothing billed
-    telemetry = MemoryTelemetryBackend()
     async with make(server, telemetry) as executor:
         with pytest.raises(AllRoutesFailedError):
             async with executor.stream(PROMPT, context("gpt-usage")):
@@ -274,13 +283,14 @@ async def test_an_http_error_before_the_stream_opens_records_no_tokens(
 
 @pytest.mark.parametrize("fault", ["error", "incomplete"])
 async def test_an_anthropic_stream_failing_before_its_first_delta_keeps_message_starts_count(
-    server: FakeLLMServer, fault: Fault
+    server: FakeLLMServer,
+    budgeted: EmpathyLLMExecutor,
+    telemetry: MemoryTelemetryBackend,
+    quota: MemoryQuotaStore,
+    fault: Fault,
 ) -> None:
     server.set_behavior("claude-usage", faulty(fault, 0))
-    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
-    async with make(
-        server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota
-    ) as executor:
+    async with budgeted as executor:
         with pytest.raises(AllRoutesFailedError):
             async with executor.stream(PROMPT, context("claude-usage")):
                 pass
@@ -293,13 +303,9 @@ async def test_an_anthropic_stream_failing_before_its_first_delta_keeps_message_
 
 
 async def test_an_anthropic_stream_left_early_keeps_the_reported_count(
-    server: FakeLLMServer,
+    budgeted: EmpathyLLMExecutor, telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore
 ) -> None:
-    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
-    async with (
-        make(server, telemetry, budgets=[Budget(limit_usd=100)], quota_store=quota) as executor,
-        executor.stream(PROMPT, context("claude-usage")) as stream,
-    ):
+    async with budgeted as executor, executor.stream(PROMPT, context("claude-usage")) as stream:
         async for _ in stream:
             break
     record = await only_record(telemetry)

@@ -61,24 +61,26 @@ def register(subparsers: SubParsers) -> None:
         description="Show each breaker key the store holds as of now: state, failures, "
         "trips and when it opened (expired probe leases and failures out of the window "
         "are not counted; an open key whose time is up says so); an unknown key is an "
-        "error that lists the keys held.",
+        "error that lists the keys held.  The store does not keep the breakers' policy: "
+        "the failure-rate window is --window/--buckets, else BreakerPolicy's default, and "
+        "the output says which it assumed.",
     )
     add_common(status)
     status.add_argument("key", nargs="?", help="one key (provider or provider:model)")
     status.add_argument(
         "--window",
         type=_window_seconds,
-        default=_DEFAULT.window_seconds,
+        default=None,
         metavar="SECONDS",
         help="the breakers' BreakerPolicy.window_seconds, to count the failure-rate "
-        f"window as of now (default {_DEFAULT.window_seconds:g})",
+        f"window as of now (default {_DEFAULT.window_seconds:g}, assumed)",
     )
     status.add_argument(
         "--buckets",
         type=_buckets,
-        default=_DEFAULT.window_buckets,
+        default=None,
         metavar="N",
-        help=f"their BreakerPolicy.window_buckets (default {_DEFAULT.window_buckets})",
+        help=f"their BreakerPolicy.window_buckets (default {_DEFAULT.window_buckets}, assumed)",
     )
     status.set_defaults(func=cmd_breaker_status)
 
@@ -121,9 +123,14 @@ def _when(ts: float | None) -> str | None:
 
 
 def _policy(args: argparse.Namespace) -> BreakerPolicy:
-    """The window the states are judged by: ``--window`` and ``--buckets`` (status)."""
-    window = getattr(args, "window", _DEFAULT.window_seconds)
-    buckets = getattr(args, "buckets", _DEFAULT.window_buckets)
+    """
+    The window the states are judged by: ``--window`` and ``--buckets`` (status), each
+    `BreakerPolicy`'s default when not given.
+    """
+    window = getattr(args, "window", None)
+    buckets = getattr(args, "buckets", None)
+    window = _DEFAULT.window_seconds if window is None else window
+    buckets = _DEFAULT.window_buckets if buckets is None else buckets
     try:
         return BreakerPolicy(window_seconds=window, window_buckets=buckets)
     except ConfigurationError as exc:
@@ -204,11 +211,40 @@ def cmd_breaker_status(args: argparse.Namespace) -> int:
             return [s for s in held if s.key == args.key]
 
     states = _live(run_async(body), args)
+    window = _window(args)
     if args.json:
-        emit_json({"breakers": [state_row(s) for s in states]})
+        emit_json({"breakers": [state_row(s) for s in states], "window": window})
     else:
         _print_states(states)
+        if states:
+            print(_window_text(args, window))
     return 0
+
+
+def _window(args: argparse.Namespace) -> dict[str, Any]:
+    """
+    The failure-rate window ``status`` counts by, and whether it is assumed: the stores
+    keep each key's window buckets, not the policy (length, bucket count) they were
+    written with, so a value not given is `BreakerPolicy`'s default.
+    """
+    policy = _policy(args)
+    return {
+        "seconds": policy.window_seconds,
+        "buckets": policy.window_buckets,
+        "assumed": args.window is None or args.buckets is None,
+    }
+
+
+def _window_text(args: argparse.Namespace, window: dict[str, Any]) -> str:
+    """The line under the status table that says which window it counts, and why."""
+    text = f"window: {window['seconds']:g}s in {window['buckets']} buckets"
+    if args.window is None and args.buckets is None:
+        return f"{text} (assumed: the default; set --window, --buckets)"
+    if args.buckets is None:
+        return f"{text} (--window; buckets assumed: the default)"
+    if args.window is None:
+        return f"{text} (--buckets; length assumed: the default)"
+    return f"{text} (--window, --buckets)"
 
 
 def cmd_breaker_reset(args: argparse.Namespace) -> int:

@@ -265,6 +265,48 @@ def _billed(
     return None if usage is None else Completion(content="", model=request.model, **usage)
 
 
+def env_name_flaw(value: object) -> str | None:
+    """
+    Why ``value`` cannot name an environment variable (``api_key_env``), or None when
+    it can: an empty string, an ``=`` or a NUL character (the environment's
+    separators) or a character the environment cannot encode can name none.
+    """
+    if not isinstance(value, str) or not value:
+        return "must be a non-empty string"
+    if "=" in value or "\0" in value:
+        return "must name an environment variable: it holds a '=' or a NUL character"
+    try:
+        os.fsencode(value)
+    except UnicodeError:
+        return "must name an environment variable: it holds a character the OS cannot encode"
+    return None
+
+
+def _key_variable(env_var: str, api_key_env: str | None, api_key_from_env: object) -> str:
+    """The variable a provider reads its key from: ``api_key_env``, else ``env_var``."""
+    if api_key_from_env not in (None, True, False):
+        raise ConfigurationError(
+            f"api_key_from_env must be True, False or None, got {shown(api_key_from_env)}"
+        )
+    if api_key_env is None:
+        return env_var
+    if (flaw := env_name_flaw(api_key_env)) is not None:
+        raise ConfigurationError(f"api_key_env {flaw}, got {shown(api_key_env)}")
+    if api_key_from_env is False:
+        raise ConfigurationError(
+            f"api_key_env={api_key_env!r} names the variable to read the key from, and "
+            "api_key_from_env=False reads none: pass one or the other"
+        )
+    return api_key_env
+
+
+def _env_key(env_var: str, allowed: bool) -> tuple[str | None, bool]:
+    """The key ``env_var`` holds when ``allowed`` to read it; whether one set was withheld."""
+    if allowed:
+        return os.environ.get(env_var), False
+    return None, bool(os.environ.get(env_var))
+
+
 class HTTPProvider(Provider):
     """
     A provider that POSTs JSON to ``base_url`` with aiohttp.
@@ -280,8 +322,10 @@ class HTTPProvider(Provider):
     from the environment next to the key (``api_key_from_env=None``, the default);
     ``api_key_from_env=True`` reads it for any base URL, ``False`` never.  So
     ``OpenAIProvider(name="ollama", base_url="http://localhost:11434/v1")`` never sends
-    ``OPENAI_API_KEY``.  The key is held in a wrapper that never prints and is never
-    logged or put in a repr or an error.  A missing key raises `MissingAPIKeyError` (an
+    ``OPENAI_API_KEY`` (`env_key_withheld` says so).  ``api_key_env`` names the variable
+    to read instead (then the ``env_var``), for any base URL.  The key is held in a
+    wrapper that never prints and is never logged or put in a repr or an error.  A
+    missing key raises `MissingAPIKeyError` (an
     `AuthenticationError`) from `complete` before any request.  A ``base_url`` holding
     credentials (``user:password@``) is refused with a `ConfigurationError` (the
     password masked): aiohttp cannot send them beside the key's header; give them as
@@ -322,13 +366,11 @@ class HTTPProvider(Provider):
         headers: Mapping[str, str] | None = None,
         api_key_from_env: bool | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        api_key_env: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"name must be a non-empty string, got {shown(name)}")
-        if api_key_from_env not in (None, True, False):
-            raise ConfigurationError(
-                f"api_key_from_env must be True, False or None, got {shown(api_key_from_env)}"
-            )
+        self.env_var = _key_variable(self.env_var, api_key_env, api_key_from_env)
         from_env = False
         if base_url is None:
             configured = os.environ.get(self.base_url_env_var, "").strip()
@@ -336,14 +378,13 @@ class HTTPProvider(Provider):
             base_url = configured if from_env else self.default_base_url
         base_url = self._checked_base_url(base_url, from_env)
         official = _host(base_url) == _host(self.default_base_url)
-        env_allowed = api_key_from_env if api_key_from_env is not None else official or from_env
-        key = api_key
-        self._env_key_withheld = False
-        if key is None:
-            if env_allowed:
-                key = os.environ.get(self.env_var)
-            else:
-                self._env_key_withheld = bool(os.environ.get(self.env_var))
+        # the kind's variable only where it cannot leak; one named for the provider anywhere
+        allowed = official or from_env or api_key_env is not None
+        key, self._withheld = (
+            (api_key, False)
+            if api_key is not None
+            else _env_key(self.env_var, allowed if api_key_from_env is None else api_key_from_env)
+        )
         self._secret: _Secret | None = _Secret(key) if key else None
         self._extra_headers = _custom_headers(headers)
         auth = [v for n, v in self._extra_headers if n.lower() in _AUTH_HEADERS]
@@ -408,6 +449,11 @@ class HTTPProvider(Provider):
     def has_api_key(self) -> bool:
         """True when a key was given, found in the environment, or set as a header."""
         return self._secret is not None or self._header_secret is not None
+
+    @property
+    def env_key_withheld(self) -> bool:
+        """True when `env_var` is set but not read for this base URL (see the class)."""
+        return self._withheld
 
     @property
     def header_names(self) -> tuple[str, ...]:
@@ -673,7 +719,7 @@ class HTTPProvider(Provider):
 
     def _missing_key(self, model: str) -> MissingAPIKeyError:
         """The error for a request made without any credential (`missing_key`)."""
-        return missing_key(self.name, self.env_var, self.base_url, self._env_key_withheld, model)
+        return missing_key(self.name, self.env_var, self.base_url, self._withheld, model)
 
     def _not_built(self, exc: BaseException, model: str) -> ConfigurationError:
         """

@@ -53,6 +53,8 @@ class AnthropicProvider(HTTPProvider):
         headers: sent with every request (see `HTTPProvider`).
         api_key_from_env: ``True`` reads ``ANTHROPIC_API_KEY`` for any base URL,
             ``False`` never (see `HTTPProvider`).
+        api_key_env: the environment variable to read the key from instead of
+            ``ANTHROPIC_API_KEY``, for any base URL (see `HTTPProvider`).
     """
 
     env_var = "ANTHROPIC_API_KEY"
@@ -70,6 +72,7 @@ class AnthropicProvider(HTTPProvider):
         anthropic_version: str = ANTHROPIC_VERSION,
         headers: Mapping[str, str] | None = None,
         api_key_from_env: bool | None = None,
+        api_key_env: str | None = None,
     ) -> None:
         self._version = anthropic_version
         super().__init__(
@@ -80,6 +83,7 @@ class AnthropicProvider(HTTPProvider):
             headers=headers,
             api_key_from_env=api_key_from_env,
             max_response_bytes=max_response_bytes,
+            api_key_env=api_key_env,
         )
 
     _stream_decoder = AnthropicStreamDecoder

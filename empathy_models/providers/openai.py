@@ -61,6 +61,8 @@ class OpenAIProvider(HTTPProvider):
             ``headers={"api-key": ...}`` and no ``api_key``.
         api_key_from_env: ``True`` reads ``OPENAI_API_KEY`` for any base URL, ``False``
             never (see `HTTPProvider`).
+        api_key_env: the environment variable to read the key from instead of
+            ``OPENAI_API_KEY``, for any base URL (see `HTTPProvider`).
 
     Raises:
         ConfigurationError: a ``max_tokens_field`` other than those two.
@@ -82,6 +84,7 @@ class OpenAIProvider(HTTPProvider):
         max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None,
         headers: Mapping[str, str] | None = None,
         api_key_from_env: bool | None = None,
+        api_key_env: str | None = None,
     ) -> None:
         if max_tokens_field not in (None, "max_tokens", "max_completion_tokens"):
             raise ConfigurationError(
@@ -97,6 +100,7 @@ class OpenAIProvider(HTTPProvider):
             headers=headers,
             api_key_from_env=api_key_from_env,
             max_response_bytes=max_response_bytes,
+            api_key_env=api_key_env,
         )
         if max_tokens_field is None:
             official = urlsplit(self.base_url).hostname == "api.openai.com"
