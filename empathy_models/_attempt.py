@@ -22,7 +22,7 @@ import attrs
 
 from ._planner import TIER_ORDER
 from ._request_options import required_capabilities
-from ._run import _DeadlineExceeded, _describe, _estimate_tokens, _request_for, _Run
+from ._run import _DeadlineExceeded, _describe, _request_for, _Run
 from ._settled import Expired
 from .abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
 from .exceptions import (
@@ -222,7 +222,7 @@ class Attempts:
         ex, run = self.ex, self.run
         limiter = ex._limiter
         assert limiter is not None
-        tokens = _estimate_tokens(run.messages, run.system)
+        tokens = run.estimate()
         max_tokens = run.context.max_tokens
         tried = {*run.chain, refused.id}
         needs, overflowed = _needs_of(self, routes)
@@ -231,7 +231,7 @@ class Attempts:
             for m in ex._planner.candidates[tier]:
                 if m.id in tried or not needs <= m.capabilities or m.context_window <= overflowed:
                     continue
-                estimate = limiter.estimate(m, tokens, max_tokens)
+                estimate = limiter.estimate(m, tokens, max_tokens, cache_write=run.cache_write)
                 fits = estimate < error.needed_usd and estimate <= error.remaining_usd
                 if fits and (best is None or estimate > best[0]):
                     best = (estimate, m)
@@ -464,16 +464,16 @@ class Attempts:
             _DeadlineExceeded: the deadline ran out while the quota store answered.
             BudgetExceededError, LocalRateLimitError: the limiter's, before any call.
         """
-        run = self.run
-        deadline_at = self.deadline_at
+        run, deadline_at = self.run, self.deadline_at
         try:
             return await limiter.admit(
                 run.context,
                 info,
-                _estimate_tokens(run.messages, run.system),
+                run.estimate(),
                 run.context.max_tokens,
                 None if deadline_at is None else deadline_at - self.ex._clock(),
                 streamed=self.streamed,
+                cache_write=run.cache_write,
             )
         except DeadlineRanOut:
             raise self._deadline_error(

@@ -755,7 +755,7 @@ class EmpathyLLMExecutor:
                     )
                     if hit is not None:
                         return cast(LLMResponse, hit)
-            routes, decision = self._planner.plan(ctx, messages, system, task_tier, needs)
+            routes, decision = self._planner.plan(ctx, messages, system, task_tier, needs, options)
             run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
             if self._obs is not None:
                 self._obs.planned(run)

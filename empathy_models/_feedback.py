@@ -25,12 +25,12 @@ import attrs
 
 from ._propensity import routing_propensity
 from ._request_options import structured_result
-from ._run import _describe, _estimate_tokens, _plain_non_negative, _Run, _status_of
+from ._run import _describe, _plain_non_negative, _Run, _status_of
 from ._settled import Expired, Settler
 from ._values import AttemptSummary, LLMResponse, _new_response, _new_summary
 from .abc import Completion, TelemetryBackend
 from .breaker import provider_outcome
-from .limits.values import WORST_PER_ESTIMATE
+from .limits.values import WORST_PER_ESTIMATE, CacheWrite, worst_cost
 from .outcomes import classify_error, retry_after_of
 from .records import (
     _INT_LIMIT,
@@ -178,29 +178,39 @@ def streamed_usage(run: _Run, completion: Completion) -> tuple[Completion, bool]
     A stream's input tokens stay 0 until the provider reports them
     (`CompletionStream.completion`), and OpenAI-format servers report them only in the
     last chunk: a stream left early or cut short counts the prompt as the request's
-    estimate, the one the router and rate limits use.
+    estimate (`_Run.estimate`: its tool definitions and schema included), the one the
+    router and rate limits use.
     """
     if completion.input_tokens != 0:
         return completion, False
-    return attrs.evolve(completion, input_tokens=_estimate_tokens(run.messages, run.system)), True
+    return attrs.evolve(completion, input_tokens=run.estimate()), True
 
 
 def charge(
-    hold: Hold, info: ModelInfo, record: LLMCallRecord, estimated: bool, completion: Completion
+    hold: Hold,
+    info: ModelInfo,
+    record: LLMCallRecord,
+    estimated: bool,
+    completion: Completion,
+    cache_write: CacheWrite = None,
 ) -> None:
     """
     What the limiter's ``hold`` settles for ``record``'s call (whose answer so far is
     ``completion``): its cost, or, when its input tokens are an estimate
-    (``estimated``), the prompt's worst case, which its budgets reserved, so that what
-    they charge never falls short of what the provider bills; rate limits count the
-    tokens recorded.
+    (``estimated``), the prompt's worst case as its budgets reserved it (at the cache
+    write price when the request asked for ``cache_write``s: `worst_cost`), with the
+    output recorded (a stream's deltas so far, never ``max_tokens``), so that what they
+    charge never falls short of what the provider bills for the prompt; rate limits
+    count the tokens recorded.
     """
     input_tokens, output_tokens = record.input_tokens, record.output_tokens
-    hold.cost_usd = (
-        info.cost(input_tokens * WORST_PER_ESTIMATE, output_tokens, **_extras(completion))
-        if estimated
-        else record.cost_usd
-    )
+    if estimated:
+        extras = _extras(completion)
+        hold.cost_usd = worst_cost(
+            info, input_tokens * WORST_PER_ESTIMATE, output_tokens, cache_write
+        ) + (info.cost(0, 0, **extras) if extras else 0.0)
+    else:
+        hold.cost_usd = record.cost_usd
     hold.tokens = input_tokens + output_tokens
 
 
@@ -758,5 +768,5 @@ def _unanswered(
         input_estimated=estimated,
     )
     if partial is not None and hold is not None:
-        charge(hold, info, record, estimated, partial)
+        charge(hold, info, record, estimated, partial, run.cache_write)
     return record

@@ -8,10 +8,10 @@ policy escalates.  Per-tier facts are computed once; the common case is a cached
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._request_options import capable
+from ._request_options import NO_OPTIONS, capable
 from ._run import _estimate_tokens
 from ._values import ExecutionContext
 from .abc import Message, Provider
@@ -355,6 +355,7 @@ class _Planner:
         system: str | None,
         task_tier: ModelTier,
         needs: frozenset[str] = frozenset(),
+        options: Mapping[str, Any] = NO_OPTIONS,
     ) -> tuple[list[ModelInfo], RoutingDecision | None]:
         pinned = None if context.model is None else self.pinned(context.model, needs)
         if context.tier is not None:
@@ -385,16 +386,16 @@ class _Planner:
         first: ModelInfo | None = pinned
         all_open = all(m.id in open_ids for m in same_tier) if open_ids else not same_tier
         if first is None and self._router is not None and not all_open:
-            options: dict[str, Any] = {}
+            extra: dict[str, Any] = {}
             if context.on_no_match is not None:
-                options["on_no_match"] = context.on_no_match
+                extra["on_no_match"] = context.on_no_match
             if context.max_ttft_ms is not None:
-                options["max_ttft_ms"] = context.max_ttft_ms
+                extra["max_ttft_ms"] = context.max_ttft_ms
             decision = self._router.get_best_model(
                 context.workflow,
                 context.stage,
                 candidates=[m.id for m in same_tier],
-                input_tokens=_estimate_tokens(messages, system),
+                input_tokens=_estimate_tokens(messages, system, options),
                 max_tokens=context.max_tokens,
                 max_cost=context.max_cost,
                 max_latency_ms=context.max_latency_ms,
@@ -402,7 +403,7 @@ class _Planner:
                 unavailable=(
                     frozenset(m.id for m in same_tier if m.id in open_ids) if open_ids else _NO_IDS
                 ),
-                **options,
+                **extra,
             )
             if plan.keyless or substituted is not None:
                 decision = annotated(decision, plan.keyless, substituted)

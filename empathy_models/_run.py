@@ -5,8 +5,10 @@ request per model, the helpers `EmpathyLLMExecutor.run` and `stream` share.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from types import MappingProxyType
@@ -16,9 +18,9 @@ from ._fast import trusted_constructor
 from ._request_options import NO_OPTIONS
 from ._values import AttemptSummary, ExecutionContext
 from .abc import CompletionRequest, Message, split_system
-from .content import ImageBlock, TextBlock, ToolCall, ToolResult
+from .content import ImageBlock, ResponseFormat, TextBlock, Tool, ToolCall, ToolResult, to_json
 from .exceptions import ConfigurationError, RecordValidationError
-from .limits.values import WORST_PER_ESTIMATE
+from .limits.values import WORST_PER_ESTIMATE, CacheWrite
 from .records import RoutingDecision
 from .registry import ModelInfo
 
@@ -108,7 +110,17 @@ resizes a larger image).  A model that counts an image as more tokens at a lower
 """
 
 
-def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
+_TOOL_USE_TOKENS: Final = 600
+"""
+Tokens allowed for the system prompt a provider adds to a request that offers tools or
+asks for a JSON schema: Anthropic lists up to 530 for its tool use ("Tool use pricing
+and tokens": Claude 3 Opus, ``tool_choice`` auto), beside the definitions themselves.
+"""
+
+
+def _estimate_tokens(
+    messages: Sequence[Message], system: str | None, options: Mapping[str, Any] = NO_OPTIONS
+) -> int:
     """
     The prompt's token estimate: a quarter of its worst case, rounded up, so that
     `WORST_PER_ESTIMATE` (4) times it is the worst case.
@@ -116,10 +128,11 @@ def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
     The worst case counts a token per UTF-8 byte of the text sent (a byte-level
     tokenizer never makes more: text, tool calls' names, arguments and ids, the system
     prompt), plus `_FRAME_TOKENS` per message, for the system prompt and for the reply,
-    and `_IMAGE_TOKENS` per image.  A quarter of it is about what providers count for
-    English text (four bytes a token): the router and rate limits use the estimate,
-    budgets reserve the worst case.  Tool definitions are not counted (they are not
-    passed here).
+    and `_IMAGE_TOKENS` per image; and, from the request ``options`` (`run_options`),
+    what the provider counts as input beside the messages (`_options_worst`): the tool
+    definitions, a structured-output schema and ``extra_body``.  A quarter of it is
+    about what providers count for English text (four bytes a token): the router and
+    rate limits use the estimate, budgets reserve the worst case.
     """
     worst = _FRAME_TOKENS * (len(messages) + 1)
     if system:
@@ -131,7 +144,95 @@ def _estimate_tokens(messages: Sequence[Message], system: str | None) -> int:
             worst += sum(map(_block_worst, m.tool_calls))
         if m.tool_call_id is not None:
             worst += _utf8_len(m.tool_call_id)
+    if options:
+        worst += _options_worst(options)
     return -(-worst // WORST_PER_ESTIMATE)
+
+
+def _options_worst(options: Mapping[str, Any]) -> int:
+    """
+    The worst case in tokens of what a request sends as input beside its messages: each
+    tool's name, description and parameters' JSON (a token per UTF-8 byte) with
+    `_FRAME_TOKENS`, a structured-output schema's name and JSON likewise, and
+    `_TOOL_USE_TOKENS` once when there is either (the provider's own system prompt for
+    them); ``extra_body``'s JSON whole, since what it holds is sent (a system prompt in
+    blocks marked for caching, say).
+    """
+    worst = 0
+    tools = options.get("tools")
+    if tools:
+        worst += _TOOL_USE_TOKENS + sum(map(_definition_worst, tools))
+    fmt = options.get("response_format")
+    if fmt is not None:
+        worst += _definition_worst(fmt) + (0 if tools else _TOOL_USE_TOKENS)
+    extra = options.get("extra_body")
+    if extra:
+        worst += _json_len(extra)
+    return worst
+
+
+_DEFINITIONS: dict[int, tuple[weakref.ref[Tool | ResponseFormat], int]] = {}
+"""
+Each live tool's and schema's worst case by its id, dropped when it is collected: runs
+reuse their tools (by identity: their equality compares the JSON this spares).
+"""
+
+
+def _definition_worst(item: Tool | ResponseFormat) -> int:
+    # a tool's or a schema's worst case in tokens (see `_options_worst`), computed once
+    key = id(item)
+    known = _DEFINITIONS.get(key)
+    if known is not None and known[0]() is item:
+        return known[1]
+    if isinstance(item, Tool):
+        worst = _utf8_len(item.name) + _utf8_len(item.description or "")
+        worst += _json_len(item.parameters)
+    else:
+        worst = _utf8_len(item.name) + _json_len(item.schema)
+    worst += _FRAME_TOKENS
+    _DEFINITIONS[key] = (weakref.ref(item, partial(_forget, key)), worst)
+    return worst
+
+
+def _forget(key: int, ref: weakref.ref[Tool | ResponseFormat]) -> None:
+    # an item collected: its entry goes, unless a newer item under its id replaced it
+    known = _DEFINITIONS.get(key)
+    if known is not None and known[0] is ref:
+        del _DEFINITIONS[key]
+
+
+def _json_len(value: object) -> int:
+    # the UTF-8 bytes of a JSON value's compact text, as the provider reads it
+    return _utf8_len(json.dumps(to_json(value), ensure_ascii=False, separators=(",", ":")))
+
+
+def _cache_write(options: Mapping[str, Any]) -> CacheWrite:
+    """
+    The prompt-cache writes ``options`` ask for, which a call is billed at the cache
+    write price (Anthropic's ``cache_control``; a request can mark parts only in its
+    ``extra_body``): "1h" when a ``cache_control`` there asks for the 1-hour cache
+    (``"ttl": "1h"``), "5m" when one asks for any other; None when none does.
+    """
+    extra = options.get("extra_body")
+    if not extra:
+        return None
+    found: CacheWrite = None
+    pending: list[object] = [extra]
+    while pending:  # not recursive: the body may be nested as deep as JSON goes
+        value = pending.pop()
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                if key != "cache_control":
+                    pending.append(item)
+                elif item is None:  # JSON null: nothing marked
+                    continue
+                elif isinstance(item, Mapping) and item.get("ttl") == "1h":
+                    return "1h"
+                else:
+                    found = "5m"
+        elif isinstance(value, list | tuple):
+            pending.extend(value)
+    return found
 
 
 def _utf8_len(text: str) -> int:
@@ -186,8 +287,10 @@ class _Run:
     """Everything one `run` call accumulates; never shared between calls."""
 
     __slots__ = (
+        "_estimate",
         "attempts",
         "attempts_cost",
+        "cache_write",
         "chain",
         "context",
         "decision",
@@ -224,6 +327,17 @@ class _Run:
         self.task_type = task_type
         self.system = system
         self.prompt_text = _prompt_text(messages, system) if context.record_text else None
+        # the prompt-cache writes the request asks for: its prompt's worst case is
+        # reserved at the cache write price (`Limiter.estimate`)
+        self.cache_write = None if options is NO_OPTIONS else _cache_write(options)
+        self._estimate: int | None = None
+
+    def estimate(self) -> int:
+        """The request's input token estimate (`_estimate_tokens`), computed once."""
+        estimate = self._estimate
+        if estimate is None:
+            estimate = self._estimate = _estimate_tokens(self.messages, self.system, self.options)
+        return estimate
 
 
 class _DeadlineExceeded(Exception):

@@ -58,9 +58,11 @@ one (an OpenAI-format stream left early or cut short, before its first delta too
 from a server that ignores ``include_usage``) records the request's estimate of the
 prompt (the one the router and rate limits use), with
 ``metadata["empathy_models.input_tokens_estimated"] = True``, and its budgets are
-charged the prompt's worst case (what they reserved for it), so that they never charge
-less than the provider bills.  An error answered before the stream opened (an HTTP
-error status, a refused connection) records no tokens, as in `run`.
+charged the prompt's worst case (what they reserved for it, its tool definitions and
+schema included) and the output counted so far (not ``max_tokens``), so that they
+never charge less than the provider bills for the prompt.  An error answered before
+the stream opened (an HTTP error status, a refused connection) records no tokens, as
+in `run`.
 """
 
 from __future__ import annotations
@@ -496,7 +498,7 @@ class LLMStream:
             hold, self._hold = self._hold, None
             if hold is not None:
                 if record is not None:  # an estimated prompt is charged its worst case
-                    charge(hold, info, record, estimated, completion)
+                    charge(hold, info, record, estimated, completion, run.cache_write)
                 # the provider says a limit is exhausted: every worker waits it out
                 hold.pushback = completion.rate_limit_reset
                 assert ex._limiter is not None
@@ -757,7 +759,7 @@ def open_stream(
     needs = required_capabilities(messages, options)
     if _some_model_cannot_stream(executor):
         needs |= _STREAMING
-    routes, decision = executor._planner.plan(ctx, messages, system, task_tier, needs)
+    routes, decision = executor._planner.plan(ctx, messages, system, task_tier, needs, options)
     run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
     return StreamManager(LLMStream(executor, run, routes))
 

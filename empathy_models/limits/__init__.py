@@ -16,11 +16,14 @@ Spend budgets and rate limits shared by every worker through a quota store.
         ...
 
 Before a call the executor reserves its worst case (``max_tokens`` of output and a
-token per UTF-8 byte of the prompt's text, with allowances for framing and images, at
-the registry's list prices) atomically in every `Budget` covering it; after the call it
-settles at what the call cost and releases the rest (a failed or cancelled call costs
-nothing, as its record says; one that cost more than it reserved, through images or
-tool definitions, is charged in full and its excess counted in `BudgetUsage.overrun`).
+token per UTF-8 byte of what the request sends as input: the prompt's text, the tool
+definitions, a structured-output schema and ``extra_body``, with allowances for
+framing, the provider's tool-use prompt and images; at the registry's list prices, the
+input at the cache write price when the request marks parts for Anthropic's prompt
+cache) atomically in every `Budget` covering it; after the call it settles at what the
+call cost and releases the rest (a failed or cancelled call costs nothing, as its
+record says; one that cost more than it reserved, through images or web searches, is
+charged in full and its excess counted in `BudgetUsage.overrun`).
 A budget that cannot cover a call sends it to the most capable cheaper candidate that
 fits, else raises `BudgetExceededError` naming the budget, what is left and when it
 resets.  Rate limits (`RateLimit`) are GCRA schedules

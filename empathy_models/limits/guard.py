@@ -49,9 +49,11 @@ from .values import (
     Budget,
     BudgetGrant,
     BudgetUsage,
+    CacheWrite,
     RateGrant,
     RateLimit,
     to_nano,
+    worst_cost,
 )
 
 _G = TypeVar("_G")  # what a quota store's operation grants
@@ -489,13 +491,16 @@ class Limiter:
 
     # ------------------------------------------------------------------ planning aids
 
-    def estimate(self, info: ModelInfo, input_tokens: int, max_tokens: int) -> float:
+    def estimate(
+        self, info: ModelInfo, input_tokens: int, max_tokens: int, *, cache_write: CacheWrite = None
+    ) -> float:
         """
-        The most a call can cost, what budgets reserve: the prompt's worst case
-        (`WORST_PER_ESTIMATE` times its estimate ``input_tokens``) plus ``max_tokens``
-        of output.
+        The most a call can cost, what budgets reserve (`worst_cost`): the prompt's worst
+        case (`WORST_PER_ESTIMATE` times its estimate ``input_tokens``, at the cache
+        write price when the request asks for prompt-cache writes: ``cache_write``
+        "5m" or "1h") plus ``max_tokens`` of output.
         """
-        return info.cost(input_tokens * WORST_PER_ESTIMATE, max_tokens)
+        return worst_cost(info, input_tokens * WORST_PER_ESTIMATE, max_tokens, cache_write)
 
     def covers(self, context: Any, info: ModelInfo) -> list[tuple[Budget, str]]:
         """
@@ -561,6 +566,7 @@ class Limiter:
         time_left: float | None,
         *,
         streamed: bool = False,
+        cache_write: CacheWrite = None,
     ) -> Hold | None:
         """
         Reserve the call's estimate in every budget covering it and take its places in the
@@ -577,11 +583,13 @@ class Limiter:
             info: the model called.
             input_tokens, max_tokens: the prompt's estimate and the output asked for.
                 The estimate is a quarter of the prompt's worst case (the executor's:
-                a token per UTF-8 byte of its text, plus framing and images): budgets
-                reserve the worst case (`estimate`), rate limits count the estimate.
+                a token per UTF-8 byte of its text and of the tool definitions and
+                schema sent, plus framing and images): budgets reserve the worst case
+                (`estimate`), rate limits count the estimate.
             time_left: seconds left of the run's deadline (None: no deadline); no store
                 operation is waited for longer.
             streamed: the call is a stream (its ``timeout`` is an idle timeout).
+            cache_write: the prompt-cache writes the request asks for (`estimate`).
 
         Returns:
             The `Hold` to settle, or None when no limit applies.
@@ -603,9 +611,8 @@ class Limiter:
         try:
             if covered:
                 lapses_at = self._wall() + self.lease(context, time_left, streamed)
-                await self._admit_budgets(
-                    hold, covered, info, input_tokens, max_tokens, lapses_at, until
-                )
+                worst = self.estimate(info, input_tokens, max_tokens, cache_write=cache_write)
+                await self._admit_budgets(hold, covered, info, worst, lapses_at, until)
             if rates:
                 await self._admit_rates(hold, rates, info, until)
         except BaseException:
@@ -620,13 +627,11 @@ class Limiter:
         hold: Hold,
         covered: list[tuple[Budget, str]],
         info: ModelInfo,
-        input_tokens: int,
-        max_tokens: int,
+        estimate: float,
         lapses_at: float,
         until: float | None,
     ) -> None:
         await self._refresh_overrides(until)
-        estimate = self.estimate(info, input_tokens, max_tokens)
         amount = to_nano(estimate, up=True)
         now = self._wall()
         for budget, key in covered:
@@ -774,7 +779,7 @@ class Limiter:
                 ends = self._mono() + pushback
                 if ends > self._pushed.get(key, -math.inf):
                     self._pushed[key] = ends
-                    await self._push_back(store, key, pushback)
+                    await _push_back(self, store, key, pushback)
             if interval < 0:
                 if failed and not hold.tokens:
                     # never sent (refused or cancelled before the call): free the slot
@@ -785,26 +790,28 @@ class Limiter:
                 used = 0 if failed else hold.est_tokens
             delta = (used - hold.est_tokens) * interval
             if delta > 0:
-                await self._adjust(store, key, delta)
+                await _adjust(self, store, key, delta)
             elif delta < 0:
                 await _give_back(self, hold, store, key, delta)
 
-    async def _push_back(self, store: QuotaStore, key: str, seconds: float) -> None:
-        try:
-            await store.push_back(key, seconds=seconds)
-        except BackendError as exc:
-            self._failed(exc)
 
-    async def _adjust(
-        self, store: QuotaStore, key: str, delta: float, place: float | None = None
-    ) -> None:
-        try:
-            if place is None:
-                await store.adjust(key, delta=delta)
-            else:
-                await store.adjust(key, delta=delta, place=place)
-        except BackendError as exc:
-            self._failed(exc)
+async def _push_back(limiter: Limiter, store: QuotaStore, key: str, seconds: float) -> None:
+    try:
+        await store.push_back(key, seconds=seconds)
+    except BackendError as exc:
+        limiter._failed(exc)
+
+
+async def _adjust(
+    limiter: Limiter, store: QuotaStore, key: str, delta: float, place: float | None = None
+) -> None:
+    try:
+        if place is None:
+            await store.adjust(key, delta=delta)
+        else:
+            await store.adjust(key, delta=delta, place=place)
+    except BackendError as exc:
+        limiter._failed(exc)
 
 
 async def _give_back(
@@ -819,7 +826,7 @@ async def _give_back(
     """
     place = hold.places.get(key)
     if place is not None:
-        await limiter._adjust(store, key, delta, place)
+        await _adjust(limiter, store, key, delta, place)
 
 
 def _within(limiter: Limiter, until: float | None) -> tuple[float | None, bool]:

@@ -13,13 +13,16 @@ import math
 from calendar import monthrange
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import attrs
 from attrs import field, frozen
 
 from .._validators import failure, integer, number, shown
 from ..exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from ..registry import ModelInfo
 
 __all__ = [
     "MAX_WINDOW",
@@ -30,9 +33,11 @@ __all__ = [
     "Budget",
     "BudgetGrant",
     "BudgetUsage",
+    "CacheWrite",
     "RateGrant",
     "RateLimit",
     "to_nano",
+    "worst_cost",
 ]
 
 NANO: Final = 1_000_000_000
@@ -41,10 +46,37 @@ NANO: Final = 1_000_000_000
 WORST_PER_ESTIMATE: Final = 4
 """
 How many times the executor's estimate of a prompt's tokens its worst case is: the
-estimate is a quarter of the worst case (a token per UTF-8 byte of its text, framing
-and images; see `Limiter.admit`), about what providers count for English.  Budgets
-reserve the worst case, rate limits count the estimate.
+estimate is a quarter of the worst case (a token per UTF-8 byte of its text and of the
+tool definitions and schema sent, framing and images; see `Limiter.admit`), about what
+providers count for English.  Budgets reserve the worst case, rate limits count the
+estimate.
 """
+
+CacheWrite = Literal["5m", "1h"] | None
+"""
+The prompt-cache writes a request asks for (Anthropic's ``cache_control``): "1h" when
+one asks for the 1-hour cache, "5m" for the 5-minute one, None when none is asked for.
+Budgets reserve its prompt at the cache write price (`Limiter.estimate`).
+"""
+
+
+def worst_cost(
+    info: ModelInfo, prompt_tokens: int, output_tokens: int, cache_write: CacheWrite = None
+) -> float:
+    """
+    The most a call of ``prompt_tokens`` and ``output_tokens`` can cost at ``info``'s list
+    prices: the prompt at the input price, or, when the request asks for prompt-cache
+    writes (``cache_write``: "5m", or "1h" for the 1-hour cache too), at the dearest of
+    the input price and the write prices it may be billed (`ModelInfo.cache_prices`).
+    """
+    cost = info.cost(prompt_tokens, output_tokens)
+    if cache_write is None:
+        return cost
+    kinds: tuple[str, ...] = ("cache_write_tokens",)
+    if cache_write == "1h":
+        kinds += ("cache_write_1h_tokens",)
+    return max(cost, *(info.cost(0, output_tokens, **{kind: prompt_tokens}) for kind in kinds))
+
 
 Scope = Literal["global", "workflow", "stage", "user_id", "provider", "model"]
 SCOPES: Final[tuple[str, ...]] = ("global", "workflow", "stage", "user_id", "provider", "model")

@@ -15,7 +15,8 @@ from attrs import frozen
 
 from ._fake_checks import check_anthropic, check_openai
 from ._fake_fields import anthropic_field_problem, openai_field_problem
-from ._fake_wire import ANTHROPIC, OPENAI, Api, text_of
+from ._fake_prompt import Marks, anthropic_prompt, openai_prompt
+from ._fake_wire import ANTHROPIC, OPENAI, Api
 
 __all__ = ["MAX_BODY_BYTES", "Accepted", "Reject", "read_anthropic", "read_openai"]
 
@@ -51,8 +52,13 @@ class Accepted:
     model: str
     body: dict[str, Any]
     text: str
-    """The prompt's text (system and messages), for the token estimate."""
+    """
+    The prompt's text (tool definitions, a structured-output schema, system and
+    messages), for the token estimate (`_fake_prompt`).
+    """
     max_tokens: int | None
+    cache_marks: Marks = ()
+    """Where the parts of ``text`` marked for caching end, and their TTLs."""
 
 
 def _check_key(api: Api, key: str, api_key: str | None) -> None:
@@ -140,16 +146,15 @@ async def read_anthropic(request: web.Request, api_key: str | None) -> Accepted:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise Reject(400, "messages: Field required")
-    text = text_of(body.get("system"))
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping) or message.get("role") not in ("user", "assistant"):
             raise Reject(400, f"messages.{index}.role: Input should be 'user' or 'assistant'")
         if "content" not in message:
             raise Reject(400, f"messages.{index}.content: Field required")
-        text += text_of(message["content"])
     if problem := anthropic_field_problem(body) or check_anthropic(body):
         raise Reject(400, problem)
-    return Accepted(model, body, text, max_tokens)
+    text, marks = anthropic_prompt(body)
+    return Accepted(model, body, text, max_tokens, marks)
 
 
 _OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -184,7 +189,6 @@ async def read_openai(request: web.Request, api_key: str | None) -> Accepted:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise Reject(400, "Missing required parameter: 'messages'.", param="messages")
-    text = ""
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping) or message.get("role") not in _OPENAI_ROLES:
             raise Reject(
@@ -192,7 +196,6 @@ async def read_openai(request: web.Request, api_key: str | None) -> Accepted:
                 f"Invalid value for 'messages[{index}].role'.",
                 param=f"messages.[{index}].role",
             )
-        text += text_of(message.get("content"))
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
@@ -200,4 +203,4 @@ async def read_openai(request: web.Request, api_key: str | None) -> Accepted:
         raise Reject(400, "Invalid 'max_tokens': must be >= 1.", param="max_tokens")
     if found := openai_field_problem(body) or check_openai(body):
         raise Reject(400, found[0], param=found[1], code=found[2])
-    return Accepted(model, body, text, max_tokens)
+    return Accepted(model, body, openai_prompt(body, messages), max_tokens)

@@ -37,6 +37,7 @@ from attrs import field, frozen
 
 from .._validators import Validator, failure, integer, number, one_of
 from ..exceptions import RecordValidationError
+from ._fake_wire import anthropic_usage
 
 __all__ = ["STREAM_FAULTS", "StreamBehavior", "StreamedCall", "serve_stream", "split_text"]
 
@@ -233,13 +234,16 @@ def _anthropic_events(
     model: str,
     number: int,
     pieces: list[str],
-    input_tokens: int,
-    output_tokens: int,
+    usage: tuple[int, int, tuple[int, int, int] | None],
     truncated: bool,
     calls: list[StreamedCall] | None = None,
     stop_reason: str | None = None,
 ) -> tuple[bytes, list[bytes], bytes, bytes]:
-    """(opening, one event per piece, closing, the error event) for Anthropic."""
+    """
+    (opening, one event per piece, closing, the error event) for Anthropic; ``usage``:
+    the input and output tokens and the prompt cache's counts (`anthropic_usage`).
+    """
+    input_tokens, output_tokens, cache = usage
     message: dict[str, Any] = {
         "id": f"msg_{number:024d}",
         "type": "message",
@@ -248,7 +252,7 @@ def _anthropic_events(
         "model": model,
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {"input_tokens": input_tokens, "output_tokens": 1},
+        "usage": anthropic_usage(input_tokens, 1, cache),
     }
     calls = calls or []
     text_block = bool(pieces) or not calls  # an answer of tool calls only has no text block
@@ -321,8 +325,7 @@ async def serve_stream(
     number: int,
     body: Mapping[str, Any],
     content: str,
-    input_tokens: int,
-    output_tokens: int,
+    usage: tuple[int, int, tuple[int, int, int] | None],
     truncated: bool,
     behavior: StreamBehavior | None,
     closing: asyncio.Event,
@@ -332,7 +335,8 @@ async def serve_stream(
 ) -> web.StreamResponse:
     """
     Answer ``request`` with the events of ``content`` and then ``calls`` (tool calls,
-    their arguments in pieces) in ``api``'s format.  ``fault`` (one of
+    their arguments in pieces) in ``api``'s format, with ``usage`` (the input and output
+    tokens and the prompt cache's counts, see `anthropic_usage`).  ``fault`` (one of
     `STREAM_FAULTS`) overrides the behaviour's, right after the opening events; a
     behaviour's ``fault_after`` counts every event after the opening ones.
     """
@@ -340,7 +344,7 @@ async def serve_stream(
     pieces = split_text(content, behavior.chunk_chars)
     if api == "anthropic":
         opening, chunks, ending, error = _anthropic_events(
-            model, number, pieces, input_tokens, output_tokens, truncated, calls, stop_reason
+            model, number, pieces, usage, truncated, calls, stop_reason
         )
         headers = {"request-id": f"req_{number:024d}"}
     else:
@@ -350,8 +354,8 @@ async def serve_stream(
             model,
             number,
             pieces,
-            input_tokens,
-            output_tokens,
+            usage[0],
+            usage[1],
             truncated,
             include_usage,
             calls,

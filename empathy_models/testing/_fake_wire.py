@@ -85,6 +85,22 @@ def text_of(content: Any) -> str:
     return ""
 
 
+def anthropic_usage(
+    input_tokens: int, output_tokens: int, cache: tuple[int, int, int] | None
+) -> dict[str, Any]:
+    """A Messages API ``usage``; with the prompt cache's counts when ``cache`` is given."""
+    usage: dict[str, Any] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    if cache is not None:
+        write_5m, write_1h, read = cache
+        usage["cache_creation_input_tokens"] = write_5m + write_1h
+        usage["cache_read_input_tokens"] = read
+        usage["cache_creation"] = {
+            "ephemeral_5m_input_tokens": write_5m,
+            "ephemeral_1h_input_tokens": write_1h,
+        }
+    return usage
+
+
 def api_of(request: web.Request) -> Api:
     """The wire format a request speaks, by its path or its Anthropic headers."""
     if (
@@ -180,8 +196,13 @@ class Replies:
         input_tokens: int,
         output_tokens: int,
         truncated: bool,
+        *,
+        cache: tuple[int, int, int] | None = None,
     ) -> dict[str, Any]:
-        """The body of a plain text answer (``truncated``: stopped at max tokens)."""
+        """
+        The body of a plain text answer (``truncated``: stopped at max tokens; ``cache``:
+        the prompt tokens written to the 5-minute and 1-hour cache and read from it).
+        """
         n = self.number()
         if api == ANTHROPIC:
             return {
@@ -192,7 +213,7 @@ class Replies:
                 "model": model,
                 "stop_reason": "max_tokens" if truncated else "end_turn",
                 "stop_sequence": None,
-                "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+                "usage": anthropic_usage(input_tokens, output_tokens, cache),
             }
         return {
             "id": f"chatcmpl-{n:024d}",

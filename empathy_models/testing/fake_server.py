@@ -33,8 +33,15 @@ whose smallest value is over 1 MB of JSON, gets 400 instead (script a `FakeReply
 such a request).  The official ``openai`` and ``anthropic`` SDKs work against it as
 configured for the real services (``api_key=...``, ``base_url=...``): every response
 carries a request id and rate-limit headers, and unknown routes answer with JSON
-errors.  Usage is estimated: input tokens ``len(text) // 4 + 1``,
-output tokens drawn from the behaviour.
+errors.  Usage is estimated: input tokens ``len(text) // 4 + 1`` of what the real APIs
+bill as input (the tool definitions' and a structured-output schema's JSON, the system
+prompt and the messages' text), output tokens drawn from the behaviour.  An Anthropic
+request that marks parts for prompt caching (``cache_control``, e.g. through
+``extra_body``) has them billed apart as the real API does: the first request with a
+marked prefix writes it (``cache_creation_input_tokens``, split by TTL in
+``cache_creation``), a later one for the same model reads it
+(``cache_read_input_tokens``), the rest is ``input_tokens`` (no minimum length, no
+expiry).
 
 What happens to one request, in order: authentication and validation; model lookup;
 the context-window check (when the behaviour has one); the latency draw (sleeping that
@@ -82,6 +89,7 @@ from ._fake_behavior import (
 )
 from ._fake_controls import Controls
 from ._fake_faults import serve_fault
+from ._fake_prompt import CacheUsage, PromptCache
 from ._fake_requests import MAX_BODY_BYTES, Accepted, Reject, read_anthropic, read_openai
 from ._fake_rpm import RpmBucket
 from ._fake_stream import StreamBehavior, serve_stream
@@ -159,6 +167,7 @@ class FakeLLMServer(Controls):
         self._host = host
         self._last: dict[str, RecordedRequest] = {}
         self._replies = Replies()
+        self._cache = PromptCache()
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
         self._url: str | None = None
@@ -339,12 +348,25 @@ class FakeLLMServer(Controls):
                 reply = action if isinstance(action, FakeReply) else auto_reply(api, body)
             except AutoReplyRefused as refused:  # a schema the fake cannot answer
                 return self._replies.error(api, 400, refused.message, param=refused.param)
+            cache = None
+            if accepted.cache_marks:  # the cached part of the prompt is billed apart
+                cache = self._cache.use(model, accepted.text, accepted.cache_marks)
+                input_tokens -= sum(cache)
             if streamed:  # Server-Sent Events, never a plain JSON body
                 return await self._stream(
-                    api, request, accepted, behavior, action, reply, input_tokens, out, truncated
+                    api,
+                    request,
+                    accepted,
+                    (behavior, action, reply),
+                    input_tokens,
+                    out,
+                    truncated,
+                    cache,
                 )
             content = behavior.content if behavior.content is not None else f"Reply from {model}."
-            payload = self._replies.success(api, model, content, input_tokens, out, truncated)
+            payload = self._replies.success(
+                api, model, content, input_tokens, out, truncated, cache=cache
+            )
             if reply is not None:
                 apply_reply(api, payload, reply, content)
             return json_response(payload)
@@ -365,14 +387,17 @@ class FakeLLMServer(Controls):
         api: Api,
         request: web.Request,
         accepted: Accepted,
-        behavior: ModelBehavior,
-        action: Action,
-        reply: FakeReply | None,
+        answer: tuple[ModelBehavior, Action, FakeReply | None],
         input_tokens: int,
         output_tokens: int,
         truncated: bool,
+        cache: CacheUsage | None,
     ) -> web.StreamResponse:
-        """Answer a streamed request: the reply's text and tool calls, or a stream fault."""
+        """
+        Answer a streamed request: the reply's text and tool calls, or a stream fault
+        (``answer``: the model's behaviour, the action drawn and the reply).
+        """
+        behavior, action, reply = answer
         model, body = accepted.model, accepted.body
         content = behavior.content if behavior.content is not None else f"Reply from {model}."
         calls: list[tuple[str, str, str]] = []
@@ -386,8 +411,7 @@ class FakeLLMServer(Controls):
             number=self._replies.number(),
             body=body,
             content=content,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
+            usage=(input_tokens, output_tokens, cache),
             truncated=truncated,
             behavior=behavior.stream,
             closing=self._closing,

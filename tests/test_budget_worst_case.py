@@ -1,0 +1,333 @@
+"""
+What a budget reserves for a call is the most it can cost: beside the prompt's text,
+the request's tool definitions and structured-output schema (which providers bill as
+input) and ``extra_body``, and, when the request marks parts for Anthropic's prompt
+cache, the prompt at the cache write price; rate limits count the same estimate.  Real
+HTTP against `FakeLLMServer` on 127.0.0.1, which bills tools and schemas as input and
+prompt-cache writes and reads as the real APIs report them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from empathy_models import (
+    AllRoutesFailedError,
+    Budget,
+    BudgetExceededError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    ModelInfo,
+    ModelRegistry,
+    RateLimit,
+    RetryPolicy,
+    Tool,
+)
+from empathy_models.abc import CompletionRequest
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.limits import LocalRateLimitError, MemoryQuotaStore
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
+from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
+from empathy_models.testing.fake_server import estimate_tokens
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+KEY = "test-key-0123"
+PROMPT = "Summarize the ticket."
+MAX_TOKENS = 100
+MODELS = {
+    "openai": ModelInfo(
+        id="gpt-worst",
+        provider="openai",
+        tier="cheap",
+        input_price_per_mtok=2.5,
+        output_price_per_mtok=10.0,
+        context_window=128_000,
+        max_output_tokens=16_384,
+    ),
+    "anthropic": ModelInfo(
+        id="claude-worst",
+        provider="anthropic",
+        tier="cheap",
+        input_price_per_mtok=3.0,
+        output_price_per_mtok=15.0,
+        context_window=200_000,
+        max_output_tokens=8192,
+    ),
+}
+REGISTRY = ModelRegistry(models=list(MODELS.values()), price_version="worst-case-1")
+
+# five tools of about 2.6 KB of JSON each: some 3,300 tokens the provider bills as input
+TOOLS = [
+    Tool(
+        name=f"lookup_{i}",
+        description="Look up one record of the ledger by its fields. " * 4,
+        parameters={
+            "type": "object",
+            "properties": {
+                f"field_{j}": {"type": "string", "description": "A field of the record. " * 4}
+                for j in range(25)
+            },
+        },
+    )
+    for i in range(5)
+]
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        f"answer_{j}": {"type": "string", "description": "One part of the answer. " * 6}
+        for j in range(80)
+    },
+}
+# a system prompt of about 2,000 tokens, in blocks marked for Anthropic's prompt cache
+MANUAL = "The manual says what each ledger field means and how to read it. " * 125
+
+
+def estimate(prompt: str, extra_body: dict[str, Any] | None = None) -> int:
+    # the executor's documented estimate of a one-message prompt: a quarter of its worst
+    # case (a token per UTF-8 byte, 8 for the message and 8 for the reply, and the JSON
+    # of extra_body), rounded up
+    extra = 0 if extra_body is None else len(json.dumps(extra_body, separators=(",", ":")))
+    return -(-(len(prompt.encode()) + 16 + extra) // 4)
+
+
+def cached_system(ttl: str | None = None) -> dict[str, Any]:
+    control: dict[str, Any] = {"type": "ephemeral"}
+    if ttl is not None:
+        control["ttl"] = ttl
+    return {"system": [{"type": "text", "text": MANUAL, "cache_control": control}]}
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeLLMServer]:
+    # chunks 5 ms apart: a stream left after its first deltas has not seen the end
+    behavior = ModelBehavior(
+        output_tokens=50, stream=StreamBehavior(chunk_chars=3, chunk_interval_ms=5)
+    )
+    async with FakeLLMServer(default=behavior, api_key=KEY) as fake:
+        yield fake
+
+
+def make(server: FakeLLMServer, api: str, **options: Any) -> EmpathyLLMExecutor:
+    # one provider only: no cheaper route for a budget to send a call to
+    provider = (
+        OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
+        if api == "openai"
+        else AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
+    )
+    options.setdefault("telemetry_store", MemoryTelemetryBackend())
+    return EmpathyLLMExecutor([provider], registry=REGISTRY, retry=RetryPolicy.none(), **options)
+
+
+def context(api: str) -> ExecutionContext:
+    return ExecutionContext(model=MODELS[api].id, max_tokens=MAX_TOKENS, timeout=5.0)
+
+
+# --------------------------------------------------------------------------- tools, schemas
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+@pytest.mark.parametrize("option", ["tools", "response_format"])
+async def test_a_budget_reserves_the_tool_definitions_and_schema_a_request_sends(
+    server: FakeLLMServer, api: str, option: str
+) -> None:
+    info = MODELS[api]
+    options: dict[str, Any] = {"tools": TOOLS} if option == "tools" else {"response_format": SCHEMA}
+    without = info.cost(4 * estimate(PROMPT), MAX_TOKENS)  # the worst case of the text alone
+    quota = MemoryQuotaStore()
+    budget = Budget(limit_usd=without * 1.5)
+    async with make(server, api, budgets=[budget], quota_store=quota) as executor:
+        with pytest.raises(BudgetExceededError) as refused:
+            await executor.run(PROMPT, context(api), **options)
+        assert refused.value.needed_usd > without * 1.5
+        # the same budget covers the prompt without them
+        answer = await executor.run(PROMPT, context(api))
+    assert server.requests(info.id) == 1  # the refused call was never sent
+    (usage,) = await quota.usages()
+    assert usage.overrun == 0 and usage.spent_usd == pytest.approx(answer.cost_usd, abs=1e-9)
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_a_call_with_tools_costs_no_more_than_it_reserved(
+    server: FakeLLMServer, api: str
+) -> None:
+    quota = MemoryQuotaStore()
+    async with make(server, api, budgets=[Budget(limit_usd=10)], quota_store=quota) as executor:
+        answer = await executor.run(PROMPT, context(api), tools=TOOLS)
+    body = server.last_request(MODELS[api].id)
+    assert body is not None
+    # the fake bills the tool definitions as input, as the real APIs do
+    assert answer.input_tokens > len(json.dumps(body.body["tools"])) // 5
+    (usage,) = await quota.usages()
+    assert usage.overrun == 0 and usage.held == 0
+    assert usage.settled == usage.spent and usage.spent_usd == pytest.approx(answer.cost_usd)
+
+
+async def test_a_rate_limit_counts_the_tool_definitions(server: FakeLLMServer) -> None:
+    # room in the minute for the prompt's estimate and max_tokens, not for the tools too
+    limits = {"gpt-worst": RateLimit(tpm=estimate(PROMPT) + MAX_TOKENS + 50)}
+    async with make(server, "openai", rate_limits=limits, rate_limit_wait=0.0) as executor:
+        with pytest.raises(AllRoutesFailedError) as refused:
+            await executor.run(PROMPT, context("openai"), tools=TOOLS)
+        assert all(isinstance(e, LocalRateLimitError) for e in refused.value.exceptions)
+        await executor.run(PROMPT, context("openai"))  # without them it fits
+    assert server.requests("gpt-worst") == 1
+
+
+async def test_an_openai_stream_with_tools_left_early_charges_them_and_the_deltas_seen(
+    server: FakeLLMServer,
+) -> None:
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with (
+        make(
+            server,
+            "openai",
+            budgets=[Budget(limit_usd=10)],
+            quota_store=quota,
+            telemetry_store=telemetry,
+        ) as executor,
+        executor.stream(PROMPT, context("openai"), tools=TOOLS) as stream,
+    ):
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 2:
+                break
+    (record,) = await telemetry.recent(limit=10)
+    assert record.metadata["empathy_models.input_tokens_estimated"] is True
+    assert record.output_tokens == 2  # the deltas seen, never max_tokens
+    body = server.last_request("gpt-worst")
+    assert body is not None
+    billed = estimate_tokens(json.dumps(body.body["tools"], separators=(",", ":")) + PROMPT)
+    info = MODELS["openai"]
+    charged = (await quota.usages())[0].spent_usd
+    # the prompt (tools included) at its worst case, the output seen: never less than
+    # the provider bills for what was seen, and not max_tokens of output
+    assert math.isclose(charged, info.cost(4 * record.input_tokens, 2), rel_tol=1e-6)
+    assert charged >= info.cost(billed, 2)
+    assert charged < info.cost(4 * record.input_tokens, MAX_TOKENS)
+
+
+# --------------------------------------------------------------------------- prompt caching
+
+
+async def test_a_request_marked_for_caching_reserves_its_prompt_at_the_cache_write_price(
+    server: FakeLLMServer,
+) -> None:
+    info = MODELS["anthropic"]
+    extra = cached_system()
+    tokens = estimate(PROMPT, extra)
+    plain = info.cost(4 * tokens, MAX_TOKENS)  # the worst case at the plain input price
+    quota = MemoryQuotaStore()
+    async with make(
+        server, "anthropic", budgets=[Budget(limit_usd=plain * 1.1)], quota_store=quota
+    ) as executor:
+        with pytest.raises(BudgetExceededError) as refused:
+            await executor.run(PROMPT, context("anthropic"), extra_body=extra)
+    # 1.25 times the input price for the 5-minute cache
+    needed = info.cost(0, MAX_TOKENS, cache_write_tokens=4 * tokens)
+    assert refused.value.needed_usd == pytest.approx(needed)
+    assert server.requests("claude-worst") == 0
+
+
+async def test_a_cached_prompt_costs_no_more_than_it_reserved_then_reads_cheaper(
+    server: FakeLLMServer,
+) -> None:
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    extra = cached_system()
+    async with make(
+        server,
+        "anthropic",
+        budgets=[Budget(limit_usd=10)],
+        quota_store=quota,
+        telemetry_store=telemetry,
+    ) as executor:
+        first = await executor.run(PROMPT, context("anthropic"), extra_body=extra)
+        (usage,) = await quota.usages()
+        assert usage.overrun == 0 and usage.spent_usd == pytest.approx(first.cost_usd)
+        again = await executor.run(PROMPT, context("anthropic"), extra_body=extra)
+    wrote, read = sorted(await telemetry.recent(limit=10), key=lambda r: r.timestamp)
+    written = wrote.metadata["empathy_models.cache_write_tokens"]
+    assert written == len(MANUAL) // 4 and "empathy_models.cache_read_tokens" not in wrote.metadata
+    assert read.metadata["empathy_models.cache_read_tokens"] == written
+    assert again.cost_usd < first.cost_usd  # a read is 0.1 times the input price
+    (usage,) = await quota.usages()
+    assert usage.overrun == 0 and usage.held == 0
+
+
+async def test_the_one_hour_cache_is_reserved_at_its_own_price(server: FakeLLMServer) -> None:
+    info = MODELS["anthropic"]
+    tokens = estimate(PROMPT, cached_system("1h"))
+    # room for the 5-minute write price (1.25x), not for the 1-hour one (2x)
+    budget = Budget(limit_usd=info.cost(0, MAX_TOKENS, cache_write_tokens=4 * tokens) * 1.2)
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with make(
+        server, "anthropic", budgets=[budget], quota_store=quota, telemetry_store=telemetry
+    ) as executor:
+        with pytest.raises(BudgetExceededError):
+            await executor.run(PROMPT, context("anthropic"), extra_body=cached_system("1h"))
+        await executor.run(PROMPT, context("anthropic"), extra_body=cached_system("5m"))
+    (record,) = await telemetry.recent(limit=10)
+    assert record.metadata["empathy_models.cache_write_tokens"] == len(MANUAL) // 4
+    (usage,) = await quota.usages()
+    assert usage.overrun == 0
+
+
+async def test_a_streamed_cached_prompt_reports_its_writes_at_the_start(
+    server: FakeLLMServer,
+) -> None:
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    extra = cached_system("1h")
+    async with (
+        make(
+            server,
+            "anthropic",
+            budgets=[Budget(limit_usd=10)],
+            quota_store=quota,
+            telemetry_store=telemetry,
+        ) as executor,
+        executor.stream(PROMPT, context("anthropic"), extra_body=extra) as stream,
+    ):
+        async for _ in stream:
+            break  # left early: message_start has reported the prompt already
+    (record,) = await telemetry.recent(limit=10)
+    assert record.metadata["empathy_models.cache_write_1h_tokens"] == len(MANUAL) // 4
+    assert "empathy_models.input_tokens_estimated" not in record.metadata
+    (usage,) = await quota.usages()
+    assert usage.overrun == 0 and usage.spent_usd == pytest.approx(record.cost_usd)
+
+
+async def test_the_fake_bills_marked_prefixes_apart_in_cache_order(server: FakeLLMServer) -> None:
+    # tools, then system, then messages: the marked system prompt caches the tools too
+    provider = AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
+    async with provider:
+        plain = await provider.complete(
+            CompletionRequest(model="claude-worst", messages=PROMPT, system=MANUAL, tools=TOOLS[:1])
+        )
+        marked = CompletionRequest(
+            model="claude-worst",
+            messages=PROMPT,
+            tools=TOOLS[:1],
+            extra_body={
+                "system": [
+                    {
+                        "type": "text",
+                        "text": MANUAL,
+                        "cache_control": {"type": "ephemeral", "ttl": "1h"},
+                    }
+                ]
+            },
+        )
+        first = await provider.complete(marked)
+        second = await provider.complete(marked)
+    total = plain.input_tokens
+    assert first.cache_write_1h_tokens > len(MANUAL) // 4 and first.cache_read_tokens == 0
+    assert first.input_tokens + first.cache_write_1h_tokens == total
+    assert second.cache_read_tokens == first.cache_write_1h_tokens
+    assert second.cache_write_tokens == second.cache_write_1h_tokens == 0
+    assert second.input_tokens == first.input_tokens
