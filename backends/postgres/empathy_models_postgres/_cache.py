@@ -143,7 +143,7 @@ class PostgresResponseCache(ResponseCache):
             return
         pool = await self._db.pool(self._migrations)
         self._writes += 1
-        async with self._db.errors("set"), pool.acquire() as conn, conn.transaction():
+        async with self._db.errors("set"), self._db.connection(pool) as conn, conn.transaction():
             await conn.execute(
                 f"INSERT INTO {self._table} (key, value, expires_at) VALUES "
                 "($1, $2, clock_timestamp() + make_interval(secs => $3)) "
@@ -167,8 +167,8 @@ class PostgresResponseCache(ResponseCache):
         self._check_open()
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("delete"):
-            status: str = await pool.execute(
-                f"DELETE FROM {self._table} WHERE key = $1", _stored_key(key)
+            status: str = await self._db.run(
+                pool, "execute", f"DELETE FROM {self._table} WHERE key = $1", _stored_key(key)
             )
         return status.endswith(" 1")
 
@@ -176,5 +176,5 @@ class PostgresResponseCache(ResponseCache):
         self._check_open()
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("clear"):
-            status: str = await pool.execute(f"DELETE FROM {self._table}")
+            status: str = await self._db.run(pool, "execute", f"DELETE FROM {self._table}")
         return int(status.rsplit(" ", 1)[1])

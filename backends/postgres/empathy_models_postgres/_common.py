@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -53,6 +54,9 @@ _POOL_ONLY: Final = frozenset(
 _DRIVER_ERRORS: Final = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # a query on a connection whose session the server has just ended (its last message
+    # read, not yet its end): asyncpg finds its protocol in a state it cannot leave
+    asyncpg.InternalClientError,
     OSError,
     TimeoutError,
 )
@@ -101,6 +105,46 @@ class _OneWarningPerOutage(logging.Filter):
 
 _POOL_LOG_FILTER: Final = _OneWarningPerOutage()
 logging.getLogger("asyncpg.pool").addFilter(_POOL_LOG_FILTER)
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A done callback: take the outcome of a task nobody awaits any more (asyncio would
+    log an exception left there as never retrieved)."""
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("an abandoned operation failed: %r", task.exception())
+
+
+def _retrieve_unawaited_negotiations() -> None:
+    """
+    Take the failure asyncpg leaves in its SSL negotiation's future when nobody awaits
+    it any more, which asyncio would log as "Future exception was never retrieved".
+
+    With ``sslmode=prefer`` (the default) every connect, and every cancel request of an
+    interrupted query, first asks the server for SSL (``connect_utils.TLSUpgradeProto``);
+    its ``connection_lost`` fails that future when the socket closes before the answer.
+    A connect cancelled just after its socket was set up (a caller's deadline passing
+    while the pool reconnects after a restart), or a cancel request that asyncpg
+    cancels because its connection was lost meanwhile, leaves it failed and unawaited.
+    The wrapped ``connection_lost`` marks it retrieved (a waiter still gets it).
+    Nothing changes where asyncpg has no such class.
+    """
+    proto = getattr(getattr(asyncpg, "connect_utils", None), "TLSUpgradeProto", None)
+    lost = getattr(proto, "connection_lost", None)
+    if proto is None or lost is None or getattr(lost, "empathy_retrieves", False):
+        return
+
+    @functools.wraps(lost)
+    def connection_lost(self: Any, exc: Exception | None) -> None:
+        lost(self, exc)
+        future = getattr(self, "on_data", None)
+        if isinstance(future, asyncio.Future) and future.done() and not future.cancelled():
+            future.exception()
+
+    connection_lost.empathy_retrieves = True  # type: ignore[attr-defined]
+    proto.connection_lost = connection_lost
+
+
+_retrieve_unawaited_negotiations()
 
 Migration = Sequence[str]
 """The SQL statements that take a component from one version to the next."""
@@ -271,6 +315,53 @@ class Database:
         async with self.errors("connect"):
             return await asyncpg.connect(self.dsn, **{**options, "server_settings": settings})
 
+    @asynccontextmanager
+    async def connection(self, pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+        """A connection from ``pool`` for the block, given back by `release`."""
+        conn = await pool.acquire()
+        try:
+            yield conn
+        finally:
+            await self.release(pool, conn)
+
+    async def run(
+        self,
+        pool: asyncpg.Pool,
+        method: Literal["execute", "fetch", "fetchrow", "fetchval"],
+        query: str,
+        *args: object,
+    ) -> Any:
+        """``connection.<method>(query, *args)`` on a connection from ``pool``, as
+        ``pool.<method>`` does, given back by `release`."""
+        async with self.connection(pool) as conn:
+            return await getattr(conn, method)(query, *args)
+
+    async def release(self, pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+        """
+        Give ``conn`` back to ``pool``.  The release (asyncpg's reset of the session) is
+        carried to its end when the caller is cancelled meanwhile, and its outcome taken:
+        asyncpg runs it shielded, and a caller gone leaves its failure to nobody, which
+        asyncio logs as "Task exception was never retrieved".  A release that fails (the
+        session ended: asyncpg closes the connection, the pool opens another) does not
+        fail the operation, which is over.  A connection still inside a transaction (its
+        commit or rollback was interrupted) is closed, not reset.
+        """
+        try:
+            in_transaction = conn.is_in_transaction()
+        except asyncpg.InterfaceError:
+            return  # already back in the pool: the session ended (see `statement`)
+        if in_transaction:
+            conn.terminate()  # gives it back; a reset would log an "active transaction"
+            return
+        task = asyncio.get_running_loop().create_task(pool.release(conn))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_retrieved)
+            raise
+        except Exception as exc:  # any failure: asyncpg has closed the connection
+            logger.debug("PostgreSQL %s: a connection's release failed: %r", self.component, exc)
+
     async def statement(
         self,
         pool: asyncpg.Pool,
@@ -302,18 +393,18 @@ class Database:
                 conn = await pool.acquire()
             else:
                 if closed:
-                    await pool.release(conn)
+                    await self.release(pool, conn)
                     conn = await pool.acquire()
         try:
             result = await getattr(conn, method)(query, *args)
         except BaseException:
-            await pool.release(conn)
+            await self.release(pool, conn)
             raise
         self._kept_uses += 1
         if self._kept is None and self._kept_uses % KEPT_STATEMENTS and self._keeps(pool):
             self._kept = conn
         else:
-            await pool.release(conn)
+            await self.release(pool, conn)
         return result
 
     def _keeps(self, pool: asyncpg.Pool) -> bool:
@@ -326,7 +417,7 @@ class Database:
         if not self.create:
             await self._check_tables(pool, version_table, latest)
             return
-        async with self.errors("migrate"), pool.acquire() as conn, conn.transaction():
+        async with self.errors("migrate"), self.connection(pool) as conn, conn.transaction():
             # one migrator at a time for this schema and prefix, across processes
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1))",
@@ -364,7 +455,7 @@ class Database:
     async def _check_tables(self, pool: asyncpg.Pool, version_table: str, latest: int) -> None:
         """Without ``create``: refuse, rather than create, missing or outdated tables."""
         where = f"(prefix {self.table_prefix!r}, schema {self.schema or 'search_path'})"
-        async with self.errors("check the tables"), pool.acquire() as conn:
+        async with self.errors("check the tables"), self.connection(pool) as conn:
             exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", version_table)
             current = None
             if exists:
@@ -406,7 +497,7 @@ class Database:
             async with self.errors("close"):
                 if kept is not None:
                     # the pool's close waits for every connection to come back
-                    await asyncio.wait_for(pool.release(kept), CLOSE_TIMEOUT)
+                    await asyncio.wait_for(self.release(pool, kept), CLOSE_TIMEOUT)
                 await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT)
         except self.error_type as exc:
             if not isinstance(exc.__cause__, TimeoutError):

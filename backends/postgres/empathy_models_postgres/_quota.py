@@ -109,7 +109,7 @@ class PostgresQuotaStore(TransactionalQuotaStore):
         pool = await self._db.pool(self._migrations)
         async with (
             self._db.errors(f"update {key!r}"),
-            pool.acquire() as conn,
+            self._db.connection(pool) as conn,
             conn.transaction(),
         ):
             await conn.execute(
@@ -164,7 +164,9 @@ class PostgresQuotaStore(TransactionalQuotaStore):
         if self._db.missing:
             return []
         async with self._db.errors("scan"):
-            rows = await pool.fetch(
+            rows = await self._db.run(
+                pool,
+                "fetch",
                 f"SELECT key, data::text AS data FROM {self._table} "
                 "WHERE left(key, length($1)) = $1 AND data IS NOT NULL ORDER BY key",
                 prefix,
@@ -181,7 +183,12 @@ class PostgresQuotaStore(TransactionalQuotaStore):
             return
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("delete"):
-            await pool.execute(f"DELETE FROM {self._table} WHERE key = ANY($1::text[])", list(keys))
+            await self._db.run(
+                pool,
+                "execute",
+                f"DELETE FROM {self._table} WHERE key = ANY($1::text[])",
+                list(keys),
+            )
 
 
 def _sweep_time(window: dict[str, Any], now: float) -> float:

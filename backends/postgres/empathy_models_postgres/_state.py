@@ -181,7 +181,7 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         pool = await self._db.pool(self._migrations)
         async with (
             self._db.errors(f"update {key!r}"),
-            pool.acquire() as conn,
+            self._db.connection(pool) as conn,
             conn.transaction(),
         ):
             await conn.execute(
@@ -255,8 +255,10 @@ class PostgresCircuitStateStore(TransactionalStateStore):
     async def _load_all(self) -> list[CircuitBreakerState]:
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("read all"):
-            rows = await pool.fetch(
-                f"SELECT state::text AS state FROM {self._table} WHERE state IS NOT NULL"
+            rows = await self._db.run(
+                pool,
+                "fetch",
+                f"SELECT state::text AS state FROM {self._table} WHERE state IS NOT NULL",
             )
         out = [self._decode(row["state"]) for row in rows]
         return [s for s in out if s is not None]
@@ -265,7 +267,7 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         """Drop this store's table (for tests and decommissioning); irreversible."""
         self._check_open()
         pool = await self._db.pool(self._migrations)
-        async with self._db.errors("drop"), pool.acquire() as conn, conn.transaction():
+        async with self._db.errors("drop"), self._db.connection(pool) as conn, conn.transaction():
             await conn.execute(f"DROP TABLE IF EXISTS {self._table}")
             await conn.execute(
                 f"DELETE FROM {self._db.table('schema_version')} WHERE component = $1",

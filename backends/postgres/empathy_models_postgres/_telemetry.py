@@ -453,7 +453,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         with refusals(_REFUSED, self._db.target, where):
             async with (
                 self._db.errors(f"writing {len(rows)} records"),
-                pool.acquire() as conn,
+                self._db.connection(pool) as conn,
                 conn.transaction(),
             ):
                 inserted = await self._insert_calls(conn, list(records), rows)
@@ -578,7 +578,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         )
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("aggregate"):
-            rows = await pool.fetch(query, *args)
+            rows = await self._db.run(pool, "fetch", query, *args)
         return [
             ModelPerformance(
                 model=row["model"],
@@ -622,7 +622,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         )
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("recent"):
-            rows = await pool.fetch(query, *args)
+            rows = await self._db.run(pool, "fetch", query, *args)
         try:
             return [from_dict(json.loads(row["record"]), LLMCallRecord) for row in rows]
         except (ValueError, RecordValidationError) as exc:
@@ -653,7 +653,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         pool = await self._db.pool(self._migrations)
         async with (
             self._db.errors("evidence"),
-            pool.acquire() as conn,
+            self._db.connection(pool) as conn,
             # one snapshot for the counter and the buckets
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
@@ -673,7 +673,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         # in whole seconds: exact, defined within year 1's first minute, and never the
         # infinity asyncpg sends for the last datetime (whose bucket ends after it)
         last_start = (before - _EPOCH) // _SECOND - BUCKET_SECONDS
-        async with self._db.errors("purge"), pool.acquire() as conn, conn.transaction():
+        async with self._db.errors("purge"), self._db.connection(pool) as conn, conn.transaction():
             status = await conn.execute(f"DELETE FROM {self._calls} WHERE ts < $1", before)
             await conn.execute(
                 f"DELETE FROM {self._evidence_table} WHERE bucket_start <= to_timestamp($1)",
@@ -685,7 +685,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         """Drop this backend's tables (for tests and decommissioning); irreversible."""
         self._check_open()
         pool = await self._db.pool(self._migrations)
-        async with self._db.errors("drop"), pool.acquire() as conn, conn.transaction():
+        async with self._db.errors("drop"), self._db.connection(pool) as conn, conn.transaction():
             await conn.execute(f"DROP TABLE IF EXISTS {self._calls}")
             await conn.execute(f"DROP TABLE IF EXISTS {self._evidence_table}")
             await conn.execute(f"DROP TABLE IF EXISTS {self._evidence_version}")

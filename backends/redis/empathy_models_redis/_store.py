@@ -51,6 +51,7 @@ from empathy_models.records import (
 )
 
 from ._feed import watch
+from ._late import LateAdmissions, sent, was_sent
 from ._resp import bulk
 
 __all__ = [
@@ -117,7 +118,9 @@ def _policy_arg(policy: BreakerPolicy) -> bytes:
 _DEFAULT_POLICY_ARG: Final = _policy_arg(BreakerPolicy())
 """The policy argument for operations whose result does not depend on the policy."""
 
-_OPS: Final = {op: bulk(op.encode("ascii")) for op in ("admit", "record", "force", "reset")}
+_OPS: Final = {
+    op: bulk(op.encode("ascii")) for op in ("admit", "record", "force", "reset", "release")
+}
 _KEY_CACHE_SIZE: Final = 4096
 """Keys whose last read state (and encoded name) a store keeps, the oldest dropped first."""
 _HEADER_SIZE: Final = 7
@@ -237,7 +240,8 @@ class RedisCircuitStateStore(CircuitStateStore):
             for one; socket timeouts of 2 s and a single quick retry of connecting keep
             a dead server from stalling callers (the breaker then runs degraded).  A
             script run is never sent twice: Redis may have run one whose answer timed
-            out, so that operation fails (and the breaker runs degraded for it).
+            out, so that operation fails (and the breaker runs degraded for it); an
+            admission given up on so strands no probe lease (see `admit`).
         prefix: each breaker key is one hash at ``prefix + key``.  A URL's ``prefix``
             is the root of every store sharing it: the breaker's keys go under
             ``prefix + "cb:"``, the quota store's under ``prefix + "quota:"`` and the
@@ -325,6 +329,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         """Callers waiting for (or using) a connection of the pool itself."""
         self.last_server_time: float | None = None
         """Redis ``TIME`` (epoch seconds) seen by the last script run; for diagnostics."""
+        self._late = LateAdmissions(connection_kwargs.get("socket_timeout"))
 
     def __repr__(self) -> str:
         return f"RedisCircuitStateStore({self._target!r}, prefix={self.prefix!r})"
@@ -417,6 +422,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             entry[3] = state
         now = float(header[0])
         self.last_server_time = now
+        self._late.seen(now)
         return now, header, state
 
     async def _evalsha_by_client(
@@ -509,7 +515,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             # retry policy, before it writes), or a connection class whose streams are
             # not asyncio's: redis-py's own command path
             await conn.send_packed_command(command)
-            return await conn.read_response(disable_decoding=True)
+            return await _read_sent(conn, True)
         interval = conn.health_check_interval
         if interval and asyncio.get_running_loop().time() > conn.next_health_check:
             await conn.check_health()
@@ -541,6 +547,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         return self._feed
 
     async def _aclose(self) -> None:
+        self._late.cancel()
         if self._feed is not None:
             await self._feed.aclose()
         if self._owns_client:
@@ -556,12 +563,22 @@ class RedisCircuitStateStore(CircuitStateStore):
     async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
         """
         One atomic admission (lazy OPEN -> HALF_OPEN, probe leases) with Redis's time.
+        One the store stops waiting for after writing it strands no probe lease (`_late`).
 
         Raises:
             StateStoreError: Redis cannot be reached or fails.
         """
         lease_id = os.urandom(16).hex()  # uuid4's randomness, a quarter of its cost
-        _, header, state = await self._run("admit", key, self._policy(policy), [lease_id])
+        deadline, passed_at = self._late.deadline()
+        try:
+            _, header, state = await self._run(
+                "admit", key, self._policy(policy), [lease_id, deadline]
+            )
+        except BaseException as exc:
+            if was_sent(exc):  # it may run, or have run, with nobody waiting: give back by id
+                release = functools.partial(self._run, "release", key, _DEFAULT_POLICY_ARG)
+                self._late.give_back(functools.partial(release, [lease_id]), passed_at)
+            raise
         admitted = header[1] == "1"
         if not admitted:
             return Admission(admitted=False, state=state, retry_after=_opt_float(header[2]))
@@ -831,11 +848,13 @@ async def _bulk_exchange(
     connection (no reply is ever left unread on it), and they are raised as redis-py's
     `TimeoutError` / `ConnectionError` (never retried: the command may have run).
     """
+    written = False
     try:
         async with asyncio.timeout(conn.socket_timeout):
             if writer.transport.is_closing():
                 raise ConnectionResetError("the connection is closed")
             writer.write(command)
+            written = True
             line = await reader.readuntil(b"\r\n")
             kind = line[:1]
             if kind == b"$":
@@ -852,13 +871,16 @@ async def _bulk_exchange(
         raise
     except TimeoutError:
         await conn.disconnect(nowait=True)
-        raise RedisTimeoutError("Timeout reading from Redis") from None
+        raise sent(RedisTimeoutError("Timeout reading from Redis")) from None
     except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
         # EOFError: asyncio.IncompleteReadError (the server closed the connection)
         await conn.disconnect(nowait=True)
-        raise RedisConnectionError(f"Error while talking to Redis: {exc!r}") from exc
-    except BaseException:
+        error = RedisConnectionError(f"Error while talking to Redis: {exc!r}")
+        raise (sent(error) if written else error) from exc
+    except BaseException as exc:
         await conn.disconnect(nowait=True)
+        if written:
+            sent(exc)  # a cancellation: the script may still run
         raise
     # any other reply (a null, an array, a push message): of unknown length here
     await conn.disconnect(nowait=True)
@@ -913,4 +935,15 @@ async def _command_once(client: aioredis.Redis, args: Sequence[Any], raw: bool) 
 async def _write_once(conn: Any, args: Sequence[Any], raw: bool) -> Any:
     # send_command connects first if needed; a failure disconnects the connection
     await conn.send_command(*args)
-    return await conn.read_response(disable_decoding=raw)
+    return await _read_sent(conn, raw)
+
+
+async def _read_sent(conn: Any, raw: bool) -> Any:
+    """The reply to a command written on ``conn``; a failure is marked `sent` (it may run)."""
+    try:
+        return await conn.read_response(disable_decoding=raw)
+    except ResponseError:
+        raise  # the command ran, or was refused, and said so
+    except BaseException as exc:
+        sent(exc)
+        raise

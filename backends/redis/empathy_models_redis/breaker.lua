@@ -7,7 +7,8 @@
 --   5 the revision of the state the caller last read for this key ("" for none)
 --   6 the channel of announcements (the prefix and the database: pub/sub channels are
 --     the server's, not a database's)
---   7.. op arguments (record: six per report, the last a repeat count, see the dispatch)
+--   7.. op arguments (record: six per report, the last a repeat count, see the dispatch;
+--     admit: the lease id to grant, then a deadline: see admit below)
 -- A write that gives the key a new generation PUBLISHes "<generation> <key>" on that
 -- channel.
 -- Time is the server's TIME.  Every write stores a new revision in the hash's "rev"
@@ -491,8 +492,12 @@ local function to_half_open(st, now)
   return n
 end
 
--- returns new_state, changed, admitted, retry_after, lease_id, lease_expires
-local function admit(st, now, new_lease_id)
+-- returns new_state, changed, admitted, retry_after, lease_id, lease_expires.
+-- ``deadline`` (TIME, or nil): when the caller stops waiting for this admission.  Run
+-- after it (the command reached Redis late: a stall, a congested link), the admission
+-- takes no probe lease: nobody would use or report it, and it would hold the slot for
+-- probe_lease_seconds as a crashed prober does
+local function admit(st, now, new_lease_id, deadline)
   local s = st.state
   if s == "closed" or s == "disabled" then
     return st, false, true, nil, nil, nil
@@ -517,7 +522,8 @@ local function admit(st, now, new_lease_id)
       live[#live + 1] = l
     end
   end
-  if #live < P.half_open_probes then
+  local late = deadline ~= nil and now > deadline
+  if #live < P.half_open_probes and not late then
     local expires = now + P.probe_lease_seconds
     local n = copy(st)
     live[#live + 1] = { new_lease_id, expires }
@@ -530,6 +536,10 @@ local function admit(st, now, new_lease_id)
     st.leases = live
     st.updated_at_ts = now
     changed = true
+  end
+  if #live == 0 then
+    -- late, and a slot free: refused, with nothing to wait for
+    return st, changed, false, nil, nil, nil
   end
   local earliest = live[1][2]
   for _, l in ipairs(live) do
@@ -664,6 +674,24 @@ local function apply_outcome(st, r, now)
   return st, true
 end
 
+-- the probe lease ``id`` given back (an admission whose caller gave up on it); none
+-- held: nothing changes
+local function release(st, id, now)
+  local kept = {}
+  for _, l in ipairs(st.leases) do
+    if l[1] ~= id then
+      kept[#kept + 1] = l
+    end
+  end
+  if #kept == #st.leases then
+    return st, false
+  end
+  local n = copy(st)
+  n.leases = kept
+  n.updated_at_ts = now
+  return n, true
+end
+
 local function force(st, target, now, untl, reason)
   if target == "forced_open" then
     return do_force_open(st, now, untl, py_or(reason, "forced open"), nil)
@@ -708,7 +736,13 @@ if OP == "admit" then
   if state == nil then
     state = initial_state(NOW)
   end
-  state, changed, admitted, retry_after, lease_id, lease_expires = admit(state, NOW, ARGV[7])
+  -- ARGV[8]: the deadline, in whole milliseconds of TIME ("" for none)
+  local deadline = opt_num(ARGV[8])
+  if deadline ~= nil then
+    deadline = deadline / 1000
+  end
+  state, changed, admitted, retry_after, lease_id, lease_expires =
+    admit(state, NOW, ARGV[7], deadline)
 elseif OP == "record" then
   if state == nil then
     state = initial_state(NOW)
@@ -767,6 +801,13 @@ elseif OP == "force" then
 elseif OP == "reset" then
   state = reset(state, NOW)
   changed = true
+elseif OP == "release" then
+  -- ARGV[7] the lease id of an admission its caller gave up on (see the store's admit)
+  if state == nil then
+    state = initial_state(NOW)  -- replied, never written: there is nothing to give back
+  else
+    state, changed = release(state, ARGV[7], NOW)
+  end
 else
   return redis.error_reply("unknown breaker operation " .. tostring(OP))
 end
@@ -775,7 +816,7 @@ local flat
 local rev = current_rev
 local form = "f"
 local caller_holds_current = current ~= nil and current_rev ~= "" and current_rev == KNOWN_REV
-if changed or current == nil then
+if changed or (current == nil and OP ~= "release") then
   local written, gone
   rev, written, gone = save(state, NOW, current, current_rev, stored)
   if current == nil or current.generation ~= state.generation then

@@ -1,12 +1,16 @@
 """
-Redis stalls past the socket timeout: a script Redis received runs once, never twice.
+Redis stalls past the socket timeout: a script Redis received runs once, never twice,
+and an admission nobody waits for any more strands no probe lease.
 
 Between the stores and the test Redis sits a small TCP proxy that forwards every
 command at once but, while the test says so, holds Redis's replies back.  So a script
 runs on the server while its caller waits past ``socket_timeout`` for the answer, as
 in a stall of the server, a paused VM or a congested link.  The proxy lets the replies
 through once the call has ended or the client has reconnected (what a retry does
-first), so a store that sent the script again would have it run a second time.
+first), so a store that sent the script again would have it run a second time.  Told
+to hold the commands instead, it delivers them once released, after their caller gave
+up and closed its connection: Redis runs the script late, as after a stall of the
+server or of the link.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 from empathy_models_redis import RedisCircuitStateStore, RedisQuotaStore
@@ -25,17 +30,19 @@ from redis.backoff import ExponentialBackoff
 
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.exceptions import StateStoreError
-from empathy_models.records import Outcome, OutcomeReport
+from empathy_models.records import CircuitState, Outcome, OutcomeReport
 
 POLICY = BreakerPolicy(consecutive_failures=5)
 WINDOW = (time.time() - 60.0, time.time() + 3600.0)
 
 
 class StallingProxy:
-    """A TCP proxy to one Redis that holds the server's replies while `stalled` is set."""
+    """A TCP proxy to one Redis that holds the server's replies (or, with ``hold=
+    "commands"``, the clients' commands) while `stalled` is set."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, hold: str = "replies") -> None:
         self.upstream = (host, port)
+        self.hold = hold
         self.stalled = False
         self.released = asyncio.Event()
         self.connections = 0
@@ -73,8 +80,8 @@ class StallingProxy:
             self.reconnected.set()
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         pumps = {
-            asyncio.create_task(self._pump(reader, up_writer, hold=False)),
-            asyncio.create_task(self._pump(up_reader, writer, hold=True)),
+            asyncio.create_task(self._pump(reader, up_writer, hold=self.hold == "commands")),
+            asyncio.create_task(self._pump(up_reader, writer, hold=self.hold == "replies")),
         }
         self._tasks |= pumps
         try:
@@ -97,25 +104,43 @@ class StallingProxy:
                 await writer.drain()
 
 
-@pytest.fixture
-async def proxy(redis_url: str) -> AsyncIterator[StallingProxy]:
+async def _started(redis_url: str, hold: str) -> StallingProxy:
     parts = urlsplit(redis_url)
     if parts.scheme != "redis":
         pytest.skip("the stall proxy forwards plain redis:// connections only")
-    stalling = StallingProxy(parts.hostname or "127.0.0.1", parts.port or 6379)
+    stalling = StallingProxy(parts.hostname or "127.0.0.1", parts.port or 6379, hold=hold)
     await stalling.start()
+    return stalling
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[StallingProxy]:
+    stalling = await _started(redis_url, "replies")
     yield stalling
     await stalling.close()
 
 
 @pytest.fixture
-def proxied_url(proxy: StallingProxy, redis_store_url: str) -> str:
-    """The test's store URL through the proxy, with a short socket timeout."""
+async def command_proxy(redis_url: str) -> AsyncIterator[StallingProxy]:
+    """A proxy that holds the commands (they reach Redis once released)."""
+    stalling = await _started(redis_url, "commands")
+    yield stalling
+    await stalling.close()
+
+
+def _through(proxy: StallingProxy, redis_store_url: str) -> str:
+    """The test's store URL through ``proxy``, with a short socket timeout."""
     parts = urlsplit(redis_store_url)
     netloc = parts.netloc.rpartition("@")[0]
     netloc = (netloc + "@" if netloc else "") + f"127.0.0.1:{proxy.port}"
     query = parts.query + "&socket_timeout=0.5"
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+@pytest.fixture
+def proxied_url(proxy: StallingProxy, redis_store_url: str) -> str:
+    """The test's store URL through the proxy, with a short socket timeout."""
+    return _through(proxy, redis_store_url)
 
 
 async def during_a_stall(proxy: StallingProxy, call: Callable[[], Awaitable[object]]) -> None:
@@ -188,6 +213,73 @@ async def test_the_only_probe_admitted_during_a_stall_takes_one_lease(
     # one run of the script took the slot; a second one would have been refused
     assert len(held) == 1
     assert leases in ([], [held[0][0]])
+
+
+PROBING = BreakerPolicy(
+    consecutive_failures=1, recovery_seconds=0.01, half_open_probes=1, probe_lease_seconds=60.0
+)
+"""One probe at a time, whose lease a stranded admission would hold for a minute."""
+
+
+async def _opened(store: RedisCircuitStateStore, key: str) -> None:
+    """Trip ``key`` (open for 10 ms) and wait until a probe may be admitted."""
+    admission = await store.admit(key, PROBING)
+    assert admission.ticket is not None
+    report = OutcomeReport(ticket=admission.ticket, outcome=Outcome.FAILURE, error="503")
+    assert (await store.record(key, PROBING, [report])).state is CircuitState.OPEN
+    await asyncio.sleep(0.05)  # the open period (10 ms by Redis's clock) runs out
+
+
+async def test_an_admission_that_reaches_redis_after_its_caller_gave_up_takes_no_probe(
+    command_proxy: StallingProxy, redis_store_url: str
+) -> None:
+    async with (
+        RedisCircuitStateStore(_through(command_proxy, redis_store_url)) as late,
+        RedisCircuitStateStore(redis_store_url) as other,
+    ):
+        await late.admit("p", PROBING)  # connected; the key is CLOSED
+        await _opened(other, "p")
+        command_proxy.stall()
+        with pytest.raises(StateStoreError, match=r"[Tt]imeout"):
+            await late.admit("p", PROBING)  # written, held: the store stops waiting
+        command_proxy.release()  # Redis runs that admission now, with nobody waiting
+        with anyio.fail_after(10):
+            while (await other.snapshot("p")).state is not CircuitState.HALF_OPEN:  # noqa: ASYNC110  # Redis's state
+                await asyncio.sleep(0.01)
+        # it opened the half-open period but took no lease: another worker probes
+        probe = await other.admit("p", PROBING)
+        assert probe.admitted
+        assert probe.ticket is not None and probe.ticket.lease_id is not None
+
+
+@pytest.mark.parametrize("gave_up", ["socket timeout", "cancelled"])
+async def test_a_probe_lease_whose_answer_was_lost_comes_back_long_before_it_expires(
+    proxy: StallingProxy, proxied_url: str, redis_store_url: str, gave_up: str
+) -> None:
+    async with (
+        RedisCircuitStateStore(proxied_url) as lost,
+        RedisCircuitStateStore(redis_store_url) as other,
+    ):
+        await lost.admit("p", PROBING)  # connected; the key is CLOSED
+        await _opened(other, "p")
+
+        async def probe() -> None:
+            if gave_up == "cancelled":  # as a breaker's store_timeout cancels it
+                with anyio.move_on_after(0.1):
+                    await lost.admit("p", PROBING)
+            else:
+                await lost.admit("p", PROBING)
+
+        await during_a_stall(proxy, probe)
+        # the script ran at once and took the only lease; its answer never arrived
+        assert len((await other.snapshot("p")).leases) == 1
+        with anyio.fail_after(10):  # the lease is for 60 s
+            while not (admission := await other.admit("p", PROBING)).admitted:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert admission.ticket is not None and admission.ticket.lease_id is not None
+        assert [lease for lease, _ in (await other.snapshot("p")).leases] == [
+            admission.ticket.lease_id
+        ]
 
 
 @pytest.fixture
