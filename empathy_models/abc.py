@@ -796,15 +796,21 @@ class QuotaStore(AsyncResource):
 
     async def push_back(self, key: str, *, seconds: float) -> None:
         """
-        Move ``key``'s schedule end to the store's now plus ``seconds`` unless it ends
-        later already: no place comes before then (a provider's reset time).  Workers
-        pushing back the same reset together move the schedule once, not once each.
+        Hold ``key``'s schedule until the store's now plus ``seconds`` (a provider's
+        reset time): no place comes before then, whatever the burst of the `acquire`
+        calls that follow (a schedule with room for a burst would otherwise let that
+        many places in before the end), and the schedule ends then at the earliest, so
+        at the reset the burst is whole again.  Workers pushing back the same reset
+        together move the schedule once, not once each.
 
-        The default is built on `acquire` (a place of cost 0 reads where the schedule
-        ends) and `adjust` with that ``place``, read again while other places move the
-        schedule in between; stores override it with one atomic step.  A store whose
-        grants name no place, or a schedule still moving on the last try, is moved by
-        the difference (not atomic: it may end a little later).
+        The stores of this package keep the reset time with the schedule until it has
+        passed (`empathy_models.limits.meter.push_back_step`).  The default here is
+        built on `acquire` (a place of cost 0 reads where the schedule ends) and
+        `adjust` with that ``place``, read again while other places move the schedule
+        in between: it moves the schedule's end only, so with a burst above 1 up to
+        burst - 1 places may still come before the reset; stores override it with one
+        atomic step.  A store whose grants name no place, or a schedule still moving on
+        the last try, is moved by the difference (not atomic: it may end a little later).
         """
         target: float | None = None
         for tries_left in reversed(range(_PUSH_BACK_TRIES)):
