@@ -465,8 +465,7 @@ class EmpathyLLMExecutor:
             self.__dict__["run"] = self._obs.wrap(self.run)
         self._owns_cache = isinstance(cache, str)
         self._cache: ResponseCache | None = None if cache is None else cache_from_url(cache)
-        # response-cache reads or writes that failed or were late (the call went on), and
-        # those skipped while the cache store was degraded
+        # cache reads or writes failed or late (the call went on); skipped while degraded
         self.cache_errors = self.cache_skipped = 0
         self._cache_outage = Outage(_cache_logger, f"response cache {self._cache!r}", _SKIP)
         self._cache_pending: dict[str, tuple[int, bytes]] = {}  # (generation, value): `_cached`
