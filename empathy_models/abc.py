@@ -468,6 +468,25 @@ class CircuitStateStore(AsyncResource):
         """
         return False
 
+    async def now(self) -> float | None:
+        """
+        The store's clock: UTC epoch seconds as the store reads them to time its states
+        (``open_until_ts``, probe leases, ``updated_at_ts``); None when the store does
+        not say (the default), and breakers then take their own clock for it.
+
+        A `CircuitBreaker` keeps the difference between its clock and its store's,
+        measured with this (a round trip at most once a minute, while it sees circuits
+        that are not CLOSED), and judges open periods and leases by the store's clock:
+        a worker whose clock is S seconds off would otherwise reject S seconds too long,
+        or let calls through to the store S seconds too early.  Stores of this package
+        answer with the clock their operations read (SQLite and memory: the store's
+        ``clock``; Redis: ``TIME``; PostgreSQL: ``clock_timestamp()``).
+
+        Raises:
+            BackendError: the store cannot be read (the breaker then keeps its estimate).
+        """
+        return None
+
     def change_feed(self) -> ChangeFeed | None:
         """
         The store's announcements of changed keys, if it can make them (default: none).
@@ -513,6 +532,10 @@ def _takes_for_seconds(store_type: type[CircuitStateStore]) -> bool:
     return any(p.name == "for_seconds" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
+_CLOCK_KEY: Final = "empathy-models:clock"
+"""The key `TransactionalStateStore.now` reads (nothing is ever written to it)."""
+
+
 class TransactionalStateStore(CircuitStateStore):
     """
     A store that can run a function on one key's state atomically.
@@ -539,6 +562,22 @@ class TransactionalStateStore(CircuitStateStore):
         store's notion of now (UTC epoch seconds), save the returned state if it is not
         ``None`` and not the very object passed in, and return the second element.
         """
+
+    async def now(self) -> float | None:
+        """
+        The ``now`` `_transact` passes (`_peek`'s, when the store has one), read with
+        an operation that saves nothing; stores with a cheaper read of their clock
+        override it.
+        """
+        self._check_open()
+        peeked = await self._peek(_CLOCK_KEY)
+        if peeked is not None:
+            return peeked[1]
+
+        def read(state: CircuitBreakerState | None, now: float) -> tuple[None, float]:
+            return None, now
+
+        return await self._transact(_CLOCK_KEY, read)
 
     async def _load(self, key: str) -> CircuitBreakerState | None:
         """Read one key's state (by default a transaction that saves nothing)."""

@@ -661,6 +661,16 @@ class RedisCircuitStateStore(CircuitStateStore):
             return CircuitBreakerState(key=key)
         return self._parse(key, {_text(k): _text(v) for k, v in raw.items()})
 
+    async def now(self) -> float:
+        """The Redis server's clock (``TIME``), which every script times states by."""
+        self._check_open()
+        try:
+            async with self._using_pool():
+                seconds, micros = await self._client.time()
+        except (RedisError, OSError) as exc:
+            raise self._error("read the clock", exc) from exc
+        return float(seconds) + float(micros) / 1e6
+
     async def snapshot_all(self) -> list[CircuitBreakerState]:
         """
         Every key under the prefix (``SCAN`` then ``HGETALL`` each), sorted by key; keys
