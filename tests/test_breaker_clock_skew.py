@@ -49,9 +49,7 @@ async def _trip(breaker: CircuitBreaker, key: str) -> None:
 async def test_a_worker_whose_clock_is_off_probes_when_the_stores_open_time_ends(
     store: CircuitStateStore, fake_clock: FakeClock, skew: float
 ) -> None:
-    breaker = CircuitBreaker(
-        store, POLICY, clock=lambda: fake_clock() + skew, local_view_ttl=600.0
-    )
+    breaker = CircuitBreaker(store, POLICY, clock=lambda: fake_clock() + skew, local_view_ttl=600.0)
     async with breaker:
         await _trip(breaker, "k")
         fake_clock.advance(59.0)

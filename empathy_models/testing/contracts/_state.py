@@ -283,7 +283,6 @@ class _OpenTimes:
             assert not rejected.admitted and rejected.retry_after is not None, (skew, rejected)
             assert rejected.retry_after > 30.0, (skew, rejected)
 
-
     async def test_a_worker_whose_clock_is_off_judges_open_ends_by_the_stores(
         self, state_store: CircuitStateStore
     ) -> None:
