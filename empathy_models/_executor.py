@@ -365,8 +365,10 @@ class EmpathyLLMExecutor:
             Further calls wait for a slot.
         session: an ``aiohttp.ClientSession`` to borrow (not closed by the executor);
             by default one is created on enter and closed on exit.
-        sleep: the coroutine used to wait between retries (tests inject a recorder).
-        clock: monotonic seconds, for latencies and the deadline.
+        sleep: the coroutine used to wait between retries and for rate-limit places
+            (tests inject a recorder).
+        clock: monotonic seconds, for latencies, the deadline and rate-limit waits
+            (give it the time ``sleep`` keeps).
         wall_clock: UTC epoch seconds, for the records' timestamps (default
             `time.time`); give it the router's clock when that is not the real time,
             since the router buckets evidence by record timestamp.
@@ -463,8 +465,7 @@ class EmpathyLLMExecutor:
             self.__dict__["run"] = self._obs.wrap(self.run)
         self._owns_cache = isinstance(cache, str)
         self._cache: ResponseCache | None = None if cache is None else cache_from_url(cache)
-        # response-cache reads or writes that failed or were late (the call went on), and
-        # those skipped while the cache store was degraded
+        # cache reads or writes failed or late (the call went on); skipped while degraded
         self.cache_errors = self.cache_skipped = 0
         self._cache_outage = Outage(_cache_logger, f"response cache {self._cache!r}", _SKIP)
         self._cache_pending: dict[str, tuple[int, bytes]] = {}  # (generation, value): `_cached`
@@ -476,6 +477,7 @@ class EmpathyLLMExecutor:
             max_wait=rate_limit_wait,
             sleep=sleep,
             wall_clock=wall_clock,
+            clock=clock,
         )
         self._planner = self._new_planner()
         _warn_once(self._providers, self._keyless, self._telemetry)

@@ -422,21 +422,24 @@ class LocalView:
         success of ``ticket`` was counted in the key's batch (or dropped: DISABLED)."""
         return view is not None and self.write_behind(view, ticket) is not None
 
-    def outdated(self, ticket: Ticket, outcome: Outcome, retry_after: float | None) -> bool:
+    def outdated(
+        self, ticket: Ticket, outcome: Outcome, retry_after: float | None, skew: float = 0.0
+    ) -> bool:
         """
         Whether the store would drop ``outcome`` of ``ticket`` anyway, as the key's view
-        tells: a fresh view of a later generation (unless a 429 holds it open longer),
-        or a DISABLED view of the ticket's generation.
+        tells: a fresh view of a later generation (unless a 429 holds it open longer, by
+        the store's clock: this one plus ``skew``), or a DISABLED view of the ticket's
+        generation.
         """
         view = self.views.get(ticket.key)
         if view is None:
             return False
         state = view.state
-        fresh = self.current(view, self.clock())
+        now = self.clock()
         if (
-            fresh
+            self.current(view, now)
             and ticket.generation < state.generation
-            and not extends_open(state, outcome, retry_after, self.clock())
+            and not extends_open(state, outcome, retry_after, now + skew)
         ):
             return True  # the store's generation is at least the view's
         return state.state is _DISABLED and state.generation == ticket.generation

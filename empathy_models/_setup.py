@@ -235,10 +235,20 @@ def limiter_for(
     max_wait: float,
     sleep: Callable[[float], Awaitable[object]],
     wall_clock: Callable[[], float],
+    clock: Callable[[], float],
 ) -> Limiter | None:
-    """A `Limiter` when a budget or a rate limit (given, or a model's) applies; else None."""
+    """
+    A `Limiter` when a budget or a rate limit (given, or a model's) applies; else None.
+    It times its waits and the run's deadline by the executor's ``clock``.
+    """
     if budgets or rate_limits or any(m.rpm or m.tpm for m in registry):
         return Limiter(
-            budgets, rate_limits, quota_store, max_wait=max_wait, sleep=sleep, wall_clock=wall_clock
+            budgets,
+            rate_limits,
+            quota_store,
+            max_wait=max_wait,
+            sleep=sleep,
+            wall_clock=wall_clock,
+            monotonic=clock,
         )
     return None

@@ -468,6 +468,25 @@ class CircuitStateStore(AsyncResource):
         """
         return False
 
+    async def now(self) -> float | None:
+        """
+        The store's clock: UTC epoch seconds as the store reads them to time its states
+        (``open_until_ts``, probe leases, ``updated_at_ts``); None when the store does
+        not say (the default), and breakers then take their own clock for it.
+
+        A `CircuitBreaker` keeps the difference between its clock and its store's,
+        measured with this (a round trip at most once a minute, while it sees circuits
+        that are not CLOSED), and judges open periods and leases by the store's clock:
+        a worker whose clock is S seconds off would otherwise reject S seconds too long,
+        or let calls through to the store S seconds too early.  Stores of this package
+        answer with the clock their operations read (SQLite and memory: the store's
+        ``clock``; Redis: ``TIME``; PostgreSQL: ``clock_timestamp()``).
+
+        Raises:
+            BackendError: the store cannot be read (the breaker then keeps its estimate).
+        """
+        return None
+
     def change_feed(self) -> ChangeFeed | None:
         """
         The store's announcements of changed keys, if it can make them (default: none).
@@ -513,6 +532,10 @@ def _takes_for_seconds(store_type: type[CircuitStateStore]) -> bool:
     return any(p.name == "for_seconds" or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
+_CLOCK_KEY: Final = "empathy-models:clock"
+"""The key `TransactionalStateStore.now` reads (nothing is ever written to it)."""
+
+
 class TransactionalStateStore(CircuitStateStore):
     """
     A store that can run a function on one key's state atomically.
@@ -539,6 +562,22 @@ class TransactionalStateStore(CircuitStateStore):
         store's notion of now (UTC epoch seconds), save the returned state if it is not
         ``None`` and not the very object passed in, and return the second element.
         """
+
+    async def now(self) -> float | None:
+        """
+        The ``now`` `_transact` passes (`_peek`'s, when the store has one), read with
+        an operation that saves nothing; stores with a cheaper read of their clock
+        override it.
+        """
+        self._check_open()
+        peeked = await self._peek(_CLOCK_KEY)
+        if peeked is not None:
+            return peeked[1]
+
+        def read(state: CircuitBreakerState | None, now: float) -> tuple[None, float]:
+            return None, now
+
+        return await self._transact(_CLOCK_KEY, read)
 
     async def _load(self, key: str) -> CircuitBreakerState | None:
         """Read one key's state (by default a transaction that saves nothing)."""
@@ -796,15 +835,21 @@ class QuotaStore(AsyncResource):
 
     async def push_back(self, key: str, *, seconds: float) -> None:
         """
-        Move ``key``'s schedule end to the store's now plus ``seconds`` unless it ends
-        later already: no place comes before then (a provider's reset time).  Workers
-        pushing back the same reset together move the schedule once, not once each.
+        Hold ``key``'s schedule until the store's now plus ``seconds`` (a provider's
+        reset time): no place comes before then, whatever the burst of the `acquire`
+        calls that follow (a schedule with room for a burst would otherwise let that
+        many places in before the end), and the schedule ends then at the earliest, so
+        at the reset the burst is whole again.  Workers pushing back the same reset
+        together move the schedule once, not once each.
 
-        The default is built on `acquire` (a place of cost 0 reads where the schedule
-        ends) and `adjust` with that ``place``, read again while other places move the
-        schedule in between; stores override it with one atomic step.  A store whose
-        grants name no place, or a schedule still moving on the last try, is moved by
-        the difference (not atomic: it may end a little later).
+        The stores of this package keep the reset time with the schedule until it has
+        passed (`empathy_models.limits.meter.push_back_step`).  The default here is
+        built on `acquire` (a place of cost 0 reads where the schedule ends) and
+        `adjust` with that ``place``, read again while other places move the schedule
+        in between: it moves the schedule's end only, so with a burst above 1 up to
+        burst - 1 places may still come before the reset; stores override it with one
+        atomic step.  A store whose grants name no place, or a schedule still moving on
+        the last try, is moved by the difference (not atomic: it may end a little later).
         """
         target: float | None = None
         for tries_left in reversed(range(_PUSH_BACK_TRIES)):

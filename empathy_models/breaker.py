@@ -23,7 +23,9 @@ state a store returned and when it got it.  While that view is younger than
 
 * a CLOSED (or DISABLED) view admits locally, without a store round trip, with a ticket
   of the viewed generation;
-* an OPEN or FORCED_OPEN view rejects locally until its ``open_until``;
+* an OPEN or FORCED_OPEN view rejects locally until its ``open_until``, by the
+  store's clock (the breaker's plus the difference it measured, `CircuitStateStore.now`,
+  so a worker whose clock is off neither rejects longer nor stops rejecting early);
 * successes of CLOSED tickets are written behind: counted in memory and sent to the
   store in one batch on the next store interaction for that key, every
   ``flush_interval`` seconds (by the breaker's background task when it is used as
@@ -131,6 +133,7 @@ from ._breaker_events import (
 from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
 from ._loops import close_at_home, dropped, elsewhere
 from ._settled import SHIELD_SECONDS, Settler
+from ._store_clock import StoreClock
 from ._validators import check, failure, integer, number, shown as shown_value
 from .abc import AsyncResource, CircuitStateStore
 from .backends import state_store_from_url
@@ -389,17 +392,16 @@ def _force_for(
     return store.force(key, _FORCED_OPEN, reason=reason, for_seconds=seconds)
 
 
-def _admits(state: CircuitBreakerState, policy: BreakerPolicy, now: Callable[[], float]) -> bool:
-    """Whether ``state`` would admit a call (``now`` is read only when it matters)."""
+def _admits(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> bool:
+    """Whether ``state`` would admit a call at ``now`` (the store's clock)."""
     s = state.state
     if s is _CLOSED or s is _DISABLED:
         return True
-    at = now()
     if s is _HALF_OPEN:
-        live = sum(1 for lease in state.leases if lease[1] > at)
+        live = sum(1 for lease in state.leases if lease[1] > now)
         return live < policy.half_open_probes
     until = state.open_until_ts
-    return until is not None and at >= until
+    return until is not None and now >= until
 
 
 class CircuitBreaker(AsyncResource):
@@ -449,13 +451,8 @@ class CircuitBreaker(AsyncResource):
         rejection_events: bool = False,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
-        _check_durations(
-            local_view_ttl,
-            flush_interval,
-            store_retry_interval,
-            store_timeout,
-            provider_open_models,
-        )
+        durations = (local_view_ttl, flush_interval, store_retry_interval, store_timeout)
+        _check_durations(*durations, provider_open_models)
         self.policy = _checked_policy(policy)
         self._store, self._owns_store = _store_of(store, clock)
         self.per_model = bool(per_model)
@@ -484,6 +481,8 @@ class CircuitBreaker(AsyncResource):
             store_timeout,
         )
         self._settler = Settler()
+        # the store's clock, which times its states' open ends and leases
+        self._store_clock = StoreClock(self._stores, clock)
 
     def __repr__(self) -> str:
         mode = " degraded" if self._stores.degraded else ""
@@ -641,8 +640,11 @@ class CircuitBreaker(AsyncResource):
                 state = view.state
                 if state.state is _OPEN or state.state is _FORCED_OPEN:
                     until = state.open_until_ts
-                    if until is None or now < until:
-                        await self._reject(state, None if until is None else until - now)
+                    if until is None:
+                        await self._reject(state, None)
+                    now += self._store_clock.skew(key)  # the store's now: it times open ends
+                    if now < until:
+                        await self._reject(state, until - now)
             elif (ticket := await self._local.vouched(view)) is not None:
                 return ticket  # the exact mode on a store that announces changes
         return await self._admit_from_store(key)
@@ -738,7 +740,9 @@ class CircuitBreaker(AsyncResource):
         key = ticket.key
         if ticket.lease_id is None and not outcome.is_sample:
             return  # the machine learns nothing from it outside a probe
-        if self._ttl > 0 and self._local.outdated(ticket, outcome, retry_after):
+        if self._ttl > 0 and self._local.outdated(
+            ticket, outcome, retry_after, self._store_clock.skew(key)
+        ):
             return
         if error is not None:
             error = encodable(error)
@@ -783,11 +787,17 @@ class CircuitBreaker(AsyncResource):
         Whether ``key`` would likely admit a call, from the local view only (no I/O):
         true for a key never seen, CLOSED or DISABLED; OPEN and FORCED_OPEN once
         ``open_until`` has passed (the next call may probe); HALF_OPEN while the view
-        shows a free probe slot.  The view may be up to ``local_view_ttl`` old (older
-        for keys not used lately); `is_available` gives the store's answer.
+        shows a free probe slot (times judged by the store's clock, as the breaker last
+        measured it).  The view may be up to ``local_view_ttl`` old (older for keys not
+        used lately); `is_available` gives the store's answer.
         """
         view = _view_of(self._views, key)
-        return view is None or _admits(view.state, self.policy, self._clock)
+        if view is None:
+            return True
+        state = view.state
+        if state.state is _CLOSED or state.state is _DISABLED:
+            return True
+        return _admits(state, self.policy, self._clock() + self._store_clock.skew(key))
 
     def all_available_hint(self) -> bool:
         """True when no local view shows a key OPEN, FORCED_OPEN or HALF_OPEN: then
@@ -797,15 +807,16 @@ class CircuitBreaker(AsyncResource):
     async def get_status(self, key: str) -> CircuitBreakerState:
         """
         The store's state of ``key`` (its written-behind successes flushed) as of the
-        breaker's clock (`empathy_models.circuit.as_of`: expired probe leases and failures
-        out of the window not shown; `CircuitBreakerState.open_ended` tells an OPEN whose
-        time is up); a key never seen reads as CLOSED, generation 0.
+        store's clock, as the breaker estimates it (`empathy_models.circuit.as_of`:
+        expired probe leases and failures out of the window not shown;
+        `CircuitBreakerState.open_ended` tells an OPEN whose time is up); a key never
+        seen reads as CLOSED, generation 0.
         """
         self._check_open()
         await self._flush_key(checked_key(key))
         state = await self._stores.snapshot(key)
         await self._observe(state)
-        return as_of(state, self.policy, self._clock())
+        return as_of(state, self.policy, self._clock() + self._store_clock.skew(key))
 
     async def is_available(self, key: str) -> bool:
         """
@@ -813,14 +824,16 @@ class CircuitBreaker(AsyncResource):
         and DISABLED yes; HALF_OPEN if a probe slot is free; OPEN and FORCED_OPEN once
         ``open_until`` has passed.  Takes no lease and changes nothing.
         """
-        return _admits(await self.get_status(key), self.policy, self._clock)
+        status = await self.get_status(key)
+        return _admits(status, self.policy, self._clock() + self._store_clock.skew(key))
 
     async def snapshot(self) -> list[CircuitBreakerState]:
         """Every key's state in the store (after flushing) as of now, sorted by key."""
         self._check_open()
         await self._flush_all()
+        states = await self._stores.snapshot_all()
         now, policy = self._clock(), self.policy
-        return [as_of(state, policy, now) for state in await self._stores.snapshot_all()]
+        return [as_of(state, policy, now + self._store_clock.skew(state.key)) for state in states]
 
     async def reset(self, key: str | None = None) -> None:
         """
@@ -831,19 +844,11 @@ class CircuitBreaker(AsyncResource):
         for pending_key in list(self._local.pending) if key is None else [checked_key(key)]:
             self._local.drop(pending_key)
         await self._stores.reset(key)
-        if key is not None:
-            state = await self._stores.snapshot(key)
-            await self._observe(state, reason="reset", newer_only=False)
+        if key is None:
+            await _reset_all(self)
             return
-        keys = list(self._views)
-        states = await self._stores.snapshot_all()
-        for state in states:
-            await self._observe(state, reason="reset", newer_only=False)
-        listed = {state.key for state in states}
-        for key in (key for key in keys if key not in listed):
-            # a key the store no longer lists reads as fresh CLOSED
-            fresh = CircuitBreakerState(key=key, closed_at_ts=self._clock())
-            await self._observe(fresh, reason="reset", newer_only=False)
+        state = await self._stores.snapshot(key)
+        await self._observe(state, reason="reset", newer_only=False)
 
     async def force_open(
         self, key: str, until: datetime | None = None, reason: str = "forced open by operator"
@@ -882,23 +887,40 @@ class CircuitBreaker(AsyncResource):
         epoch: int = -1,
     ) -> None:
         """Adopt ``state`` as its key's view (see `LocalView.adopt` for ``epoch``); tell
-        of a change and apply the provider rule."""
+        of a change and apply the provider rule; measure the store's clock when due and
+        ``state`` holds times to judge (`StoreClock`)."""
         now = self._clock()
         old_state = self._local.adopt(state, now, newer_only=newer_only, epoch=epoch)
-        if old_state is None or old_state is state.state:
-            return
-        await self._events.changed(state, old_state, reason or state.reason)
-        if state.state is _OPEN and self.provider_open_models is not None:
-            provider = self._provider_of.get(state.key)
-            if provider is not None:
-                await self._maybe_open_provider(provider, now)
+        if old_state is not None and old_state is not state.state:
+            await self._events.changed(state, old_state, reason or state.reason)
+            if state.state is _OPEN and self.provider_open_models is not None:
+                provider = self._provider_of.get(state.key)
+                if provider is not None:
+                    await _maybe_open_provider(self, provider, now)
+        s = state.state
+        if s is not _CLOSED and s is not _DISABLED and self._store_clock.due(now):
+            await self._store_clock.measure()
 
-    async def _maybe_open_provider(self, provider: str, now: float) -> None:
-        """Force ``provider``'s key open when the provider rule says so (see the class)."""
-        assert self.provider_open_models is not None
-        reason = self._local.provider_trip(
-            self._provider_of, provider, now, self.provider_open_models
-        )
-        if reason is not None:  # recovery_seconds on the store's clock
-            span = self.policy.recovery_seconds
-            await self._observe(await _force_for(self._stores, provider, reason, span))
+
+async def _maybe_open_provider(breaker: CircuitBreaker, provider: str, now: float) -> None:
+    """Force ``provider``'s key open when the provider rule says so (see the class)."""
+    threshold = breaker.provider_open_models
+    assert threshold is not None
+    reason = breaker._local.provider_trip(breaker._provider_of, provider, now, threshold)
+    if reason is not None:  # recovery_seconds on the store's clock
+        span = breaker.policy.recovery_seconds
+        await breaker._observe(await _force_for(breaker._stores, provider, reason, span))
+
+
+async def _reset_all(breaker: CircuitBreaker) -> None:
+    """`CircuitBreaker.reset` of every key, once the store has reset them."""
+    keys = list(breaker._views)
+    states = await breaker._stores.snapshot_all()
+    for state in states:
+        await breaker._observe(state, reason="reset", newer_only=False)
+    listed = {state.key for state in states}
+    for key in (key for key in keys if key not in listed):
+        # a key the store no longer lists reads as fresh CLOSED
+        at = breaker._clock() + breaker._store_clock.skew(key)
+        fresh = CircuitBreakerState(key=key, closed_at_ts=at)
+        await breaker._observe(fresh, reason="reset", newer_only=False)

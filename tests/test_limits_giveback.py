@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from empathy_models import EmpathyLLMExecutor, ExecutionContext, RateLimit, RetryPolicy
+from empathy_models import (
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    LLMResponse,
+    RateLimit,
+    RetryPolicy,
+)
 from empathy_models.abc import QuotaStore
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.limits import MemoryQuotaStore, SQLiteQuotaStore
@@ -110,6 +116,7 @@ async def calls(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
             quota_store=store,
             retry=RetryPolicy.none(),
             sleep=vt.sleep,
+            clock=vt.clock,
             wall_clock=vt.clock,
         ) as executor,
     ):
@@ -167,3 +174,85 @@ async def test_cancellations_under_load_never_exceed_the_limit_in_any_window(
     await calls.finish()
     assert len(calls.starts) > 20
     assert min(_gaps(calls.starts)) >= 0.1, _gaps(calls.starts)
+
+
+@pytest.mark.parametrize("kind", sorted(STORES))
+async def test_tokens_calls_did_not_use_let_the_calls_queued_behind_them_go(
+    kind: str, tmp_path: Path
+) -> None:
+    # 2,000 tokens a minute; each call counts its prompt and max_tokens=500 (some 505
+    # tokens) and uses a few: counted as reserved, 16 calls take three minutes;
+    # counted as used, they fit in the first minute's tokens
+    vt = VirtualTime()
+    async with (
+        FakeLLMServer(api_key=KEY) as server,
+        STORES[kind](vt, tmp_path) as store,
+        EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+            telemetry_store=MemoryTelemetryBackend(),
+            rate_limits={"openai": RateLimit(tpm=2000)},
+            quota_store=store,
+            retry=RetryPolicy.none(),
+            sleep=vt.sleep,
+            clock=vt.clock,
+            wall_clock=vt.clock,
+            rate_limit_wait=600.0,
+        ) as executor,
+    ):
+        calls = Calls(server, executor, vt)
+        ctx = ExecutionContext(model=MODEL, max_tokens=500)
+        calls.tasks = [asyncio.create_task(executor.run("hi", ctx)) for _ in range(16)]
+        await calls.finish()
+        results = [task.result() for task in calls.tasks]
+    answers = [r for r in results if isinstance(r, LLMResponse)]
+    assert len(answers) == 16
+    assert sum(r.input_tokens + r.output_tokens for r in answers) < 2000
+    assert len(calls.starts) == 16
+    # as each answer gives back what it did not use, the calls queued behind it move
+    # up: the whole queue goes out within seconds, not in the third minute
+    assert max(calls.starts) - min(calls.starts) < 10.0, calls.starts
+
+
+@pytest.mark.parametrize("kind", sorted(STORES))
+async def test_a_give_back_moves_up_only_this_workers_calls_queued_behind_it(
+    kind: str, tmp_path: Path
+) -> None:
+    vt = VirtualTime()
+
+    def executor(server: FakeLLMServer, store: QuotaStore) -> EmpathyLLMExecutor:
+        return EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+            telemetry_store=MemoryTelemetryBackend(),
+            rate_limits={"openai": RateLimit(rpm=600)},  # a place every 100 ms
+            quota_store=store,
+            retry=RetryPolicy.none(),
+            sleep=vt.sleep,
+            clock=vt.clock,
+            wall_clock=vt.clock,
+        )
+
+    # two workers sharing one store (as two processes share a SQLite file)
+    async with (
+        FakeLLMServer(api_key=KEY) as server,
+        STORES[kind](vt, tmp_path) as store,
+        executor(server, store) as one,
+        executor(server, store) as other,
+    ):
+        calls = Calls(server, one, vt)
+        for _ in range(3):
+            calls.start()  # places at 0, 0.1 and 0.2
+        await calls.idle()
+        calls.executor = other
+        calls.start()  # the other worker's place at 0.3
+        await calls.idle()
+        calls.executor = one
+        calls.start()  # 0.4
+        await calls.idle()
+        calls.tasks[1].cancel()  # its place at 0.1 is given back
+        await calls.idle()
+        calls.start()  # a newcomer: after the last place taken
+        await calls.finish()
+    offsets = sorted(round(start - calls.starts[0], 6) for start in calls.starts)
+    # the third call moved up to the place given back; the other worker's call and
+    # the one queued after it kept theirs, and the newcomer came after them
+    assert offsets == [0.0, 0.1, 0.3, 0.4, 0.5], offsets

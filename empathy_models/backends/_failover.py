@@ -232,6 +232,10 @@ class FailoverStateStore(CircuitStateStore):
     async def snapshot(self, key: str) -> CircuitBreakerState:
         return await self._run(key, lambda store: store.snapshot(key))
 
+    async def now(self) -> float | None:
+        """The primary's clock; the fallbacks' (``clock``) while degraded."""
+        return await self._run(None, lambda store: store.now())
+
     async def snapshot_all(self) -> list[CircuitBreakerState]:
         return await self._run(None, lambda store: store.snapshot_all())
 

@@ -380,6 +380,11 @@ class MemoryStateStore(TransactionalStateStore):
     def __repr__(self) -> str:
         return f"MemoryStateStore(keys={len(self._states)})"
 
+    async def now(self) -> float:
+        """The store's ``clock``, which times its states."""
+        self._check_open()
+        return self._clock()
+
     @property
     def in_process(self) -> bool:
         """

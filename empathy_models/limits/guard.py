@@ -2,7 +2,8 @@
 What the executor calls around each provider call when it has budgets or rate limits:
 `Limiter.admit` before (reserve the estimate in every budget that covers the call, then
 take a place in each rate-limit schedule and wait for it), `Limiter.settle` after
-(charge what the call cost, give back unused tokens).
+(charge what the call cost, give back unused tokens: the calls this process queued
+right behind the call move up, see `_places`).
 
 A quota store that fails does not fail calls: the limiter logs one warning per outage
 on ``empathy_models.limits``, counts it in ``degraded_events``, and for the next
@@ -43,6 +44,7 @@ from ..exceptions import (
     ConfigurationError,
     RateLimitedError,
 )
+from ._places import Places, give_back, wait_for_places
 from .memory import MemoryQuotaStore
 from .values import (
     WORST_PER_ESTIMATE,
@@ -157,22 +159,31 @@ class Hold:
         "budgets",
         "closed",
         "cost_usd",
+        "done",
+        "due",
         "est_tokens",
         "places",
         "pushback",
         "rates",
         "tokens",
+        "waking",
     )
 
     def __init__(self) -> None:
         self.closed = False
+        self.done = False  # settled, and the capacity it gives back given
         # (store, key, window start, window end, nano-dollars held, when the hold lapses)
         self.budgets: list[tuple[QuotaStore, str, float, float, int, float]] = []
         # (store, key, seconds per token) of every tpm schedule taken
         self.rates: list[tuple[QuotaStore, str, float]] = []
         # rate key -> where its schedule ended once this hold's place was taken (the
-        # grant's ``place``): capacity is given back only while it still ends there
+        # grant's ``place``; moved up with the place, `_places`)
         self.places: dict[str, float | None] = {}
+        # rate key -> when its place comes (the limiter's monotonic clock), earlier once
+        # a call ahead gives capacity back (`_places`), which then cancels ``waking``,
+        # the scope of the sleep waiting for the places
+        self.due: dict[str, float] = {}
+        self.waking: anyio.CancelScope | None = None
         self.est_tokens = 0
         self.cost_usd = 0.0  # set by the executor when the call answered
         self.tokens: int | None = None  # likewise: the tokens the call used
@@ -371,6 +382,8 @@ class Limiter:
         self._booked: dict[str, float] = {}
         # rate key -> monotonic time until which a provider's reset pushed it back
         self._pushed: dict[str, float] = {}
+        # rate key -> this process's places in its schedule (`_places`)
+        self._places: dict[str, Places] = {}
         self._from_registry: dict[str, RateLimit] = {}
         # reservations and settlements carried to their end through a cancellation of
         # their caller (see `_carry`), or in the background past the store's timeout or
@@ -699,8 +712,7 @@ class Limiter:
                         retry_after=grant.wait,
                     )
                 wait = max(wait, grant.wait)
-        if wait > 0:
-            await self._sleep(wait)
+        await wait_for_places(hold, wait, self._sleep, self._mono)
 
     async def _acquire_into(
         self,
@@ -718,6 +730,12 @@ class Limiter:
         if grant.granted:
             hold.rates.append((store, key, held))
             hold.places[key] = grant.place
+            hold.due[key] = self._mono() + grant.wait
+            if grant.place is not None:
+                places = self._places.get(key)
+                if places is None:
+                    places = self._places[key] = Places()
+                places.taken(store, hold, grant.place, cost * interval)
             if hold.closed:  # settled already: its caller stopped waiting for this
                 await self._settle(hold, True)
         return grant
@@ -771,28 +789,10 @@ class Limiter:
                     held / 1e9,
                     time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(lapses_at)),
                 )
-        for store, key, interval in rates:
-            if pushback is not None:
-                # the schedule ends at the store's now plus the provider's wait, or
-                # later (`QuotaStore.push_back`); calls ending together all carry the
-                # same reset, so a later one asks the store again only when it is later
-                ends = self._mono() + pushback
-                if ends > self._pushed.get(key, -math.inf):
-                    self._pushed[key] = ends
-                    await _push_back(self, store, key, pushback)
-            if interval < 0:
-                if failed and not hold.tokens:
-                    # never sent (refused or cancelled before the call): free the slot
-                    await _give_back(self, hold, store, key, interval)
-                continue
-            used = hold.tokens
-            if used is None:
-                used = 0 if failed else hold.est_tokens
-            delta = (used - hold.est_tokens) * interval
-            if delta > 0:
-                await _adjust(self, store, key, delta)
-            elif delta < 0:
-                await _give_back(self, hold, store, key, delta)
+        try:
+            await _settle_rates(self, hold, rates, pushback, failed)
+        finally:
+            hold.done = True
 
 
 async def _push_back(limiter: Limiter, store: QuotaStore, key: str, seconds: float) -> None:
@@ -814,19 +814,55 @@ async def _adjust(
         limiter._failed(exc)
 
 
-async def _give_back(
-    limiter: Limiter, hold: Hold, store: QuotaStore, key: str, delta: float
+async def _settle_rates(
+    limiter: Limiter,
+    hold: Hold,
+    rates: list[tuple[QuotaStore, str, float]],
+    pushback: float | None,
+    failed: bool,
 ) -> None:
     """
-    Move ``key``'s schedule back by ``-delta`` only while ``hold``'s place is still
-    its last: once a later place is taken, those calls keep their times, and moving
-    the schedule back would give the next call one of their instants (a burst past
-    the limit).  The place is then kept: a little capacity is lost, never exceeded.
-    A store that names no place (a `RateGrant` without one) gets nothing back.
+    ``hold``'s rate-limit places settled: each schedule pushed back to the provider's
+    reset, the tokens the call used beyond
+    its estimate taken, those it did not use given back, and the place of a call that
+    never went out given back.
     """
-    place = hold.places.get(key)
-    if place is not None:
-        await _adjust(limiter, store, key, delta, place)
+    for store, key, interval in rates:
+        if pushback is not None:
+            # the schedule ends at the store's now plus the provider's wait, or
+            # later (`QuotaStore.push_back`); calls ending together all carry the
+            # same reset, so a later one asks the store again only when it is later
+            ends = limiter._mono() + pushback
+            if ends > limiter._pushed.get(key, -math.inf):
+                limiter._pushed[key] = ends
+                await _push_back(limiter, store, key, pushback)
+        if interval < 0:
+            if failed and not hold.tokens:
+                # never sent (refused or cancelled before the call): free the slot
+                await _give_back(limiter, hold, store, key, interval)
+            continue
+        used = hold.tokens
+        if used is None:
+            used = 0 if failed else hold.est_tokens
+        delta = (used - hold.est_tokens) * interval
+        if delta > 0:
+            await _adjust(limiter, store, key, delta)
+        elif delta < 0:
+            await _give_back(limiter, hold, store, key, delta)
+
+
+def _give_back(
+    limiter: Limiter, hold: Hold, store: QuotaStore, key: str, delta: float
+) -> Awaitable[None]:
+    """
+    Give ``-delta`` seconds of ``key``'s schedule back for ``hold`` (`_places.give_back`):
+    the calls this process queued right behind it move up with the schedule's end;
+    when another worker's place came after it, nothing moves (those calls keep their
+    times, and moving the end back would give the next call one of their instants: a
+    burst past the limit).  A little capacity is then lost, never exceeded.  A store
+    that names no place (a `RateGrant` without one) gets nothing back.
+    """
+    return give_back(limiter._places.get(key), partial(_adjust, limiter), hold, store, key, delta)
 
 
 def _within(limiter: Limiter, until: float | None) -> tuple[float | None, bool]:

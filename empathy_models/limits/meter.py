@@ -172,6 +172,16 @@ def settle_step(
     return new, usage_of(key, new, window_start, window_end)
 
 
+def _floor(data: Data | None, now: float) -> float | None:
+    """The reset time a push back holds ``data``'s schedule to, while it is to come."""
+    until = None if data is None else data.get("until")
+    return None if until is None or float(until) <= now else float(until)
+
+
+def _schedule(tat: float, until: float | None) -> Data:
+    return {"tat": tat} if until is None else {"tat": tat, "until": until}
+
+
 def gcra_step(
     data: Data | None,
     now: float,
@@ -183,16 +193,20 @@ def gcra_step(
 ) -> tuple[Data | None, RateGrant]:
     """
     Take the next place in a GCRA schedule: ``interval`` seconds per unit, ``burst``
-    units at once.  Granted when the place comes within ``max_wait`` seconds (the
-    caller waits that long), with the schedule's end after it as its ``place``; else
-    nothing is stored and the wait is reported.
+    units at once, none before the reset time a push back set (``until``).  Granted
+    when the place comes within ``max_wait`` seconds (the caller waits that long), with
+    the schedule's end after it as its ``place``; else nothing is stored and the wait
+    is reported.
     """
     tat = now if data is None else max(float(data["tat"]), now)
     new_tat = tat + cost * interval
     wait = max(0.0, new_tat - burst * interval - now)
+    until = _floor(data, now)
+    if until is not None:
+        wait = max(wait, until - now)
     if wait > max_wait:
         return None, RateGrant(granted=False, wait=wait)
-    return {"tat": new_tat}, RateGrant(granted=True, wait=wait, place=new_tat)
+    return _schedule(new_tat, until), RateGrant(granted=True, wait=wait, place=new_tat)
 
 
 def adjust_step(
@@ -201,23 +215,29 @@ def adjust_step(
     """
     Move a schedule by ``delta`` seconds (negative: capacity given back); with
     ``place``, only while the schedule still ends there (no later place taken since:
-    else nothing changes, and None is returned).
+    else nothing changes, and None is returned).  A push back's reset time stays.
     """
     if place is not None and (data is None or float(data["tat"]) != place):
         return None
     if data is None:
         return None if delta <= 0 else {"tat": now + delta}
     tat = float(data["tat"]) + delta
-    return {"tat": max(tat, now) if delta < 0 else tat}
+    return _schedule(max(tat, now) if delta < 0 else tat, _floor(data, now))
 
 
 def push_back_step(data: Data | None, now: float, *, seconds: float) -> Data | None:
     """
-    Move a schedule's end to ``now + seconds`` unless it ends later already (then
-    nothing changes, and None is returned): no place comes before that time, and the
-    same push applied twice moves it once.
+    Hold a schedule until ``now + seconds`` (a provider's reset): no place comes before
+    that time, whatever the burst (the reset time is kept as ``until`` until it has
+    passed), and the schedule ends then at the earliest, so the burst is whole again
+    at that time.  Nothing changes (None is returned) when the schedule is held that
+    long already: the same push applied twice moves it once.
     """
     until = now + seconds
-    if data is not None and float(data["tat"]) >= until:
+    if data is None:
+        return _schedule(until, until)
+    tat = float(data["tat"])
+    floor = _floor(data, now)
+    if tat >= until and floor is not None and floor >= until:
         return None
-    return {"tat": until}
+    return _schedule(max(tat, until), until if floor is None else max(floor, until))

@@ -269,12 +269,17 @@ class RateLimit:
     Enforced with GCRA (a token bucket kept as one timestamp) in the quota store: each
     call takes its place in the schedule atomically and waits for its turn, so workers
     never race and never burst past the limit.  A call counts its prompt estimate plus
-    ``max_tokens`` against ``tpm``; the difference from the tokens actually used is
-    taken when it used more, and given back when it used fewer, as is the place of a
-    call that never went out (cancelled while waiting for its turn, refused after
-    admission), but only while no later place was taken: calls already given a later
-    place keep their times, so the next call can never share one of their instants.
-    Under load a little capacity is thus lost, never exceeded.
+    ``max_tokens`` against ``tpm`` up front (as providers' own limiters count
+    ``max_tokens``); when it ends, the difference from the tokens actually used is
+    taken if it used more, and given back if it used fewer, as is the place of a call
+    that never went out (cancelled while waiting for its turn, refused after
+    admission).  Capacity given back moves up the calls this process queued right
+    behind it (those waiting go earlier), and the schedule's end with them unless
+    another worker took a place after them: places of other workers keep their times,
+    so no call ever shares one of their instants, and capacity given back in front of
+    them is used by this process's queue or lost, never exceeded.  A push back to a
+    provider's reset time (a 429, an exhausted limit) holds every place taken after
+    it until that time, whatever the burst.
 
     Args:
         rpm: requests per minute.

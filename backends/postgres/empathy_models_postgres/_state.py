@@ -36,6 +36,9 @@ async def _keep_session(conn: object) -> None:
     """The pool's reset: nothing to undo (asyncpg has already ended any transaction)."""
 
 
+_NOW_SQL: Final = "SELECT extract(epoch FROM clock_timestamp())::float8"
+
+
 class PostgresCircuitStateStore(TransactionalStateStore):
     """
     Circuit-breaker state shared by every process that uses the same database.
@@ -143,6 +146,14 @@ class PostgresCircuitStateStore(TransactionalStateStore):
 
     async def _aopen(self) -> None:
         await self._db.pool(self._migrations)
+
+    async def now(self) -> float:
+        """The database's ``clock_timestamp()``, which times every operation's states."""
+        self._check_open()
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("read the clock"):
+            value = await self._db.statement(pool, "fetchval", _NOW_SQL)
+        return float(value)
 
     async def _aclose(self) -> None:
         if self._feed is not None:

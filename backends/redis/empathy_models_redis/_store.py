@@ -476,7 +476,7 @@ class RedisCircuitStateStore(CircuitStateStore):
                 conn = await pool.get_connection()
         done = False
         try:
-            reply = await self._exchange(conn, command)
+            reply = await _exchange(conn, command)
             done = True
         finally:
             # read_response and send_packed_command disconnect a connection on any
@@ -503,26 +503,6 @@ class RedisCircuitStateStore(CircuitStateStore):
             yield
         finally:
             self._pool_users -= 1
-
-    @staticmethod
-    async def _exchange(conn: Any, command: bytes) -> Any:
-        reader = getattr(conn, "_reader", None)
-        writer = getattr(conn, "_writer", None)
-        if not isinstance(reader, asyncio.StreamReader) or not isinstance(
-            writer, asyncio.StreamWriter
-        ):
-            # not connected (redis-py connects, then checks health, both under the
-            # retry policy, before it writes), or a connection class whose streams are
-            # not asyncio's: redis-py's own command path
-            await conn.send_packed_command(command)
-            return await _read_sent(conn, True)
-        interval = conn.health_check_interval
-        if interval and asyncio.get_running_loop().time() > conn.next_health_check:
-            await conn.check_health()
-        reply = await _bulk_exchange(conn, reader, writer, command)
-        if interval:
-            conn.next_health_check = asyncio.get_running_loop().time() + interval
-        return reply
 
     def _parse(
         self, key: str, fields: Mapping[str, str], base: CircuitBreakerState | None = None
@@ -678,6 +658,16 @@ class RedisCircuitStateStore(CircuitStateStore):
             return CircuitBreakerState(key=key)
         return self._parse(key, {_text(k): _text(v) for k, v in raw.items()})
 
+    async def now(self) -> float:
+        """The Redis server's clock (``TIME``), which every script times states by."""
+        self._check_open()
+        try:
+            async with self._using_pool():
+                seconds, micros = await self._client.time()
+        except (RedisError, OSError) as exc:
+            raise self._error("read the clock", exc) from exc
+        return float(seconds) + float(micros) / 1e6
+
     async def snapshot_all(self) -> list[CircuitBreakerState]:
         """
         Every key under the prefix (``SCAN`` then ``HGETALL`` each), sorted by key; keys
@@ -830,6 +820,25 @@ def _split_url(url: str) -> tuple[str, dict[str, str]]:
     rest = urlencode([(k, v) for k, v in query if k not in _URL_OPTIONS])
     tail = (f"?{rest}" if rest else "") + (f"#{parts.fragment}" if parts.fragment else "")
     return f"{parts.scheme}://{parts.netloc}{parts.path}{tail}", ours
+
+
+async def _exchange(conn: Any, command: bytes) -> Any:
+    """``command`` on ``conn`` (a connection of the pool), its reply read by the store."""
+    reader = getattr(conn, "_reader", None)
+    writer = getattr(conn, "_writer", None)
+    if not isinstance(reader, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
+        # not connected (redis-py connects, then checks health, both under the
+        # retry policy, before it writes), or a connection class whose streams are
+        # not asyncio's: redis-py's own command path
+        await conn.send_packed_command(command)
+        return await _read_sent(conn, True)
+    interval = conn.health_check_interval
+    if interval and asyncio.get_running_loop().time() > conn.next_health_check:
+        await conn.check_health()
+    reply = await _bulk_exchange(conn, reader, writer, command)
+    if interval:
+        conn.next_health_check = asyncio.get_running_loop().time() + interval
+    return reply
 
 
 async def _bulk_exchange(

@@ -7,13 +7,15 @@
 -- A hold is kept in its bucket, the hash field "h:" .. the time it lapses (whole
 -- seconds, from meter.hold_bucket); each budget step first releases the buckets whose
 -- time (from TIME) has come, counting them in "lapsed".
--- acquire: KEYS[1] a GCRA schedule (a string: the theoretical arrival time); ARGV: op,
---          cost, interval, burst, max_wait.  Returns {granted, wait, place}: place is
---          the schedule's end once the place is taken; time from TIME.
+-- acquire: KEYS[1] a GCRA schedule (a string: the theoretical arrival time, and the
+--          reset time of a push back while it is to come); ARGV: op, cost, interval,
+--          burst, max_wait.  Returns {granted, wait, place}: place is the schedule's
+--          end once the place is taken; time from TIME.
 -- adjust:  ARGV: op, delta (seconds)[, place].  With a place, only while the schedule
 --          still ends there (no later place taken since).  Returns {1, 0}.
--- push_back: ARGV: op, seconds.  The schedule ends at TIME + seconds unless it ends
---          later already.  Returns {1, 0}.
+-- push_back: ARGV: op, seconds.  No place comes before TIME + seconds (the reset time
+--          is kept with the schedule until it passes), and the schedule ends then at
+--          the earliest.  Returns {1, 0}.
 
 local OP = ARGV[1]
 local COUNTERS = {"limit", "spent", "held", "reserved", "settled", "released",
@@ -30,6 +32,32 @@ end
 
 local function num(x)
   return string.format("%.17g", x)
+end
+
+-- A rate-limit schedule: "<tat>", or "<tat> <until>" while a push back holds it until
+-- a reset time (no place before it, whatever the burst).  The reset time is dropped
+-- once it has passed.
+local function load_schedule(t)
+  local raw = redis.call("GET", KEYS[1])
+  if raw == false or raw == nil then
+    return nil, nil
+  end
+  local tat, floor = string.match(raw, "^(%S+) (%S+)$")
+  if tat == nil then
+    return tonumber(raw), nil
+  end
+  floor = tonumber(floor)
+  if floor ~= nil and floor <= t then floor = nil end
+  return tonumber(tat), floor
+end
+
+local function save_schedule(tat, floor, t)
+  local value, ends = num(tat), tat
+  if floor ~= nil then
+    value = value .. " " .. num(floor)
+    ends = math.max(tat, floor)
+  end
+  redis.call("SET", KEYS[1], value, "PX", math.floor((math.max(ends - t, 0) + 60) * 1000))
 end
 
 local function load(ws, we)
@@ -124,38 +152,41 @@ elseif OP == "acquire" then
   local cost, interval = tonumber(ARGV[2]), tonumber(ARGV[3])
   local burst, max_wait = tonumber(ARGV[4]), tonumber(ARGV[5])
   local t = now()
-  local tat = tonumber(redis.call("GET", KEYS[1]) or "0") or 0
-  if tat < t then tat = t end
+  local tat, floor = load_schedule(t)
+  if tat == nil or tat < t then tat = t end
   local new_tat = tat + cost * interval
   local wait = math.max(0, new_tat - burst * interval - t)
+  if floor ~= nil then wait = math.max(wait, floor - t) end
   if wait > max_wait then
     return {"0", num(wait)}
   end
-  redis.call("SET", KEYS[1], num(new_tat), "PX", math.floor((new_tat - t + 60) * 1000))
+  save_schedule(new_tat, floor, t)
   return {"1", num(wait), num(new_tat)}
 elseif OP == "adjust" then
   local delta = tonumber(ARGV[2])
   local t = now()
-  local raw = redis.call("GET", KEYS[1])
-  if ARGV[3] ~= nil and (raw == false or raw == nil or tonumber(raw) ~= tonumber(ARGV[3])) then
+  local tat, floor = load_schedule(t)
+  if ARGV[3] ~= nil and (tat == nil or tat ~= tonumber(ARGV[3])) then
     return {"1", "0"}
   end
-  if raw == false or raw == nil then
+  if tat == nil then
     if delta <= 0 then return {"1", "0"} end
-    raw = num(t)
+    tat = t
   end
-  local tat = tonumber(raw) + delta
+  tat = tat + delta
   if delta < 0 and tat < t then tat = t end
-  redis.call("SET", KEYS[1], num(tat), "PX", math.floor((math.max(tat - t, 0) + 60) * 1000))
+  save_schedule(tat, floor, t)
   return {"1", "0"}
 elseif OP == "push_back" then
   local t = now()
-  local tat = t + tonumber(ARGV[2])
-  local raw = redis.call("GET", KEYS[1])
-  if raw ~= false and raw ~= nil and tonumber(raw) >= tat then
+  local reset = t + tonumber(ARGV[2])
+  local tat, floor = load_schedule(t)
+  if tat ~= nil and tat >= reset and floor ~= nil and floor >= reset then
     return {"1", "0"}
   end
-  redis.call("SET", KEYS[1], num(tat), "PX", math.floor((math.max(tat - t, 0) + 60) * 1000))
+  if tat == nil or tat < reset then tat = reset end
+  if floor == nil or floor < reset then floor = reset end
+  save_schedule(tat, floor, t)
   return {"1", "0"}
 end
 return redis.error_reply("unknown op " .. tostring(OP))

@@ -113,6 +113,14 @@ class SQLiteStateStore(TransactionalStateStore):
     def __repr__(self) -> str:
         return f"SQLiteStateStore({self._path!r})"
 
+    async def now(self) -> float:
+        """
+        The store's ``clock``, which times the states this process writes (every
+        process on a host writing the file reads the same clock, unless given another).
+        """
+        self._check_open()
+        return self._clock()
+
     @property
     def path(self) -> str:
         """The absolute path of the database file, or ``":memory:"``."""

@@ -52,7 +52,8 @@ class QuotaStoreContract:
     concurrent reservations granting exactly what fits; usages, reset and limit
     overrides; GCRA schedules (burst, refusal past ``max_wait`` without booking,
     concurrent places all distinct, capacity given back, a push back to a reset time
-    that concurrent workers apply once); a shared store showing one
+    that concurrent workers apply once and that no place precedes, however large the
+    burst); a shared store showing one
     instance's quotas to another; idempotent close and use after close.
     """
 
@@ -316,6 +317,32 @@ class QuotaStoreContract:
         await quota_store.push_back("far", seconds=20.0)
         refused = await quota_store.acquire("far", **{**args, "interval": 50.0})
         assert not refused.granted and 49.0 < refused.wait <= 50.0
+
+    async def test_after_a_push_back_not_even_the_burst_comes_before_the_reset(
+        self, quota_store: QuotaStore
+    ) -> None:
+        if type(quota_store).push_back is QuotaStore.push_back:
+            pytest.skip("QuotaStore's default push_back moves the schedule's end only")
+        args = {"cost": 1.0, "interval": 10.0, "burst": 4.0, "max_wait": 100.0}
+        # a fresh schedule (its whole burst free) pushed back to a reset 20 s ahead
+        await quota_store.push_back("fresh", seconds=20.0)
+        refused = await quota_store.acquire("fresh", **{**args, "max_wait": 0.0})
+        assert not refused.granted and 19.0 < refused.wait <= 20.0
+        waits = [(await quota_store.acquire("fresh", **args)).wait for _ in range(5)]
+        # the burst goes at the reset, not before it; then one place per interval
+        assert all(19.0 < w <= 20.0 for w in waits[:4]), waits
+        assert 29.0 < waits[4] <= 30.0, waits
+        # a schedule booked past the reset, whose burst would let a place in before it
+        for _ in range(3):
+            assert (await quota_store.acquire("booked", **args)).wait == 0.0
+        await quota_store.push_back("booked", seconds=20.0)
+        grant = await quota_store.acquire("booked", **args)
+        assert grant.granted and 19.0 < grant.wait <= 20.0, grant
+        # a place given back (the last one) keeps the reset
+        assert grant.place is not None
+        await quota_store.adjust("booked", delta=-10.0, place=grant.place)
+        again = await quota_store.acquire("booked", **args)
+        assert again.granted and 19.0 < again.wait <= 20.0, again
 
     # -- sharing and lifecycle -------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from ...circuit import BreakerPolicy
 from ...exceptions import (
     BackendClosedError,
     BackendError,
+    CircuitOpenError,
     ConfigurationError,
     RecordValidationError,
 )
@@ -282,6 +283,32 @@ class _OpenTimes:
             assert not rejected.admitted and rejected.retry_after is not None, (skew, rejected)
             assert rejected.retry_after > 30.0, (skew, rejected)
 
+    async def test_a_worker_whose_clock_is_off_judges_open_ends_by_the_stores(
+        self, state_store: CircuitStateStore
+    ) -> None:
+        self._needs_state()
+        if await state_store.now() is None:
+            pytest.skip(f"{type(state_store).__name__} does not tell its clock")
+        policy = _policy(consecutive_failures=1, recovery_seconds=60.0, max_recovery_seconds=60.0)
+        for skew in (-3600.0, 3600.0):  # a worker an hour behind the store, then ahead
+            await state_store.reset()
+
+            def clock(skew: float = skew) -> float:
+                return time.time() + skew
+
+            async with CircuitBreaker(state_store, policy, clock=clock) as worker:
+                ticket = await worker.admit("k")
+                await worker.report(ticket, Outcome.FAILURE, error="503 (contract)")
+                # open for 60 s of the store's clock, whatever the worker's says: its
+                # view neither rejects an hour longer nor shows the circuit free
+                assert not worker.available_hint("k"), skew
+                with pytest.raises(CircuitOpenError) as raised:
+                    await worker.admit("k")
+                retry_after = raised.value.retry_after
+                assert retry_after is not None and 50.0 < retry_after <= 60.0, (skew, retry_after)
+                assert not await worker.is_available("k"), skew
+                assert (await worker.get_status("k")).state is CircuitState.OPEN, skew
+
 
 class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks, _OpenTimes):
     """
@@ -289,13 +316,14 @@ class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks, _OpenTimes):
 
     Covers: unseen keys read CLOSED; tripping at the threshold; stale tickets dropped;
     generation strictly increasing on transitions; OPEN -> HALF_OPEN after the recovery
-    time; a 429 opening for exactly its Retry-After without counting a trip; probe
-    lease exclusivity under 100 concurrent admits; lease expiry; forcing open for a
-    span of the store's clock, and the provider rule for a worker whose clock is off
-    it; force, snapshot, snapshot_all and reset (which outdates every ticket issued
-    before it, by the store or by a breaker's view, of a key admitted, read or never
-    written); isolation between keys; 100 concurrent outcome reports counted exactly;
-    idempotent close; use after close; naive datetimes.
+    time; a 429 opening for exactly its Retry-After without counting a trip; probe lease
+    exclusivity under 100 concurrent admits; lease expiry; forcing open for a span of
+    the store's clock, and the provider rule and the open ends a breaker's view judges
+    for a worker whose clock is off it (`CircuitStateStore.now`); force, snapshot,
+    snapshot_all and reset (which outdates every ticket issued before it, by the store
+    or by a breaker's view, of a key admitted, read or never written); isolation between
+    keys; 100 concurrent outcome reports counted exactly; idempotent close; use after
+    close; naive datetimes.
     """
 
     keeps_state: ClassVar[bool] = True
