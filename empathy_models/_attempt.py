@@ -334,6 +334,10 @@ class Attempts:
                 except Exception as raised:
                     error, cut = self._restated(raised, info, budget, by_deadline)
                     record = await self._failed(info, error, attempt, t0, key, held, cut)
+                    if record.outcome is Outcome.NOT_SENT and route_attempt == 1:
+                        # nothing sent: the route does not count against max_routes and
+                        # the limiter frees its hold (an attempt retried before was sent)
+                        called = False
                 except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
                     await _cancelled(self, info, raised, attempt, t0, held)
                     raise
@@ -354,7 +358,7 @@ class Attempts:
                         await _settle(self, hold, called)
             delay = self._after_failure(info, record, error, route_attempt, cut, probe)
             if isinstance(delay, Failed):
-                return delay
+                return delay if called else _NOT_CALLED
             if obs is not None:
                 obs.retry(delay, trace)
             await ex._sleep(delay)
