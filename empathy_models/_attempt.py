@@ -156,7 +156,7 @@ class Attempts:
         ctx = run.context
         called_routes = 0
         min_context = 0
-        reprobed = self._reprobed()
+        reprobed = _reprobed(self)
         try:
             for info in routes:
                 if called_routes >= ex._fallback.max_routes:
@@ -250,13 +250,6 @@ class Attempts:
             run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
         return True
 
-    def _reprobed(self) -> str | None:
-        """The model the run's routing decision re-probes, if it is a re-probe."""
-        decision = self.run.decision
-        if decision is None or decision.exploration_kind != "re-probe":
-            return None
-        return decision.model
-
     def _can_fall_back(self, info: ModelInfo, routes: list[ModelInfo], called: int) -> bool:
         """
         Whether a route after ``info`` may be tried and its circuit looks closed (a
@@ -334,10 +327,8 @@ class Attempts:
                 except Exception as raised:
                     error, cut = self._restated(raised, info, budget, by_deadline)
                     record = await self._failed(info, error, attempt, t0, key, held, cut)
-                    if record.outcome is Outcome.NOT_SENT and route_attempt == 1:
-                        # nothing sent: the route does not count against max_routes and
-                        # the limiter frees its hold (an attempt retried before was sent)
-                        called = False
+                    # nothing sent: not counted against max_routes, the hold freed whole
+                    called = route_attempt > 1 or record.outcome is not Outcome.NOT_SENT
                 except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
                     await _cancelled(self, info, raised, attempt, t0, held)
                     raise
@@ -612,6 +603,14 @@ class Attempts:
             retry.max_attempts,
         )
         return delay
+
+
+def _reprobed(self: Attempts) -> str | None:
+    """The model the run's routing decision re-probes, if it is a re-probe."""
+    decision = self.run.decision
+    if decision is None or decision.exploration_kind != "re-probe":
+        return None
+    return decision.model
 
 
 def _circuit_opened(self: Attempts, info: ModelInfo) -> bool:

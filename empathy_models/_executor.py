@@ -387,8 +387,8 @@ class EmpathyLLMExecutor:
             (``"sqlite:///state.db"``, ``"redis://..."``, ``"postgresql://..."``) shared
             by every worker; default ``memory://`` (this process only).
         cache: a `ResponseCache` or URL (``"memory://"``, ``"sqlite:///cache.db"``,
-            ``"redis://..."``) for calls whose context sets ``cache_ttl``; see
-            `empathy_models.cache`.
+            ``"redis://..."``) for runs and streams whose context sets ``cache_ttl``;
+            see `empathy_models.cache`.
 
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
     neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
@@ -788,10 +788,12 @@ class EmpathyLLMExecutor:
                     print(delta, end="")
                 response = await stream.get_final_response()
 
-        Same routing, breaker, retries, fallback, deadline and records as `run`: failures
-        before the first delta are retried or fall back; leaving the block early closes the
-        response and records the attempt as ``cancelled``.  ``context.timeout`` bounds the
-        first byte and each gap between chunks.
+        Same routing, breaker, retries, fallback, deadline, records and response cache
+        as `run`: failures before the first delta are retried or fall back; leaving the
+        block early closes the response and records the attempt as ``cancelled``.
+        ``context.timeout`` bounds the first byte and each gap between chunks.  With
+        ``context.cache_ttl``, a cached answer is replayed as a stream, and a stream
+        that ended whole is stored.
 
         Args:
             prompt, context, tools, ...: `run`'s, checked the same way; with ``tools``,

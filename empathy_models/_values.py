@@ -165,6 +165,8 @@ class ExecutionContext:
             long (100 years at most, `empathy_models.cache.MAX_TTL`; see
             `empathy_models.cache`; needs ``cache=`` on the executor).  Only
             ``temperature=0`` calls are cached unless ``cache_sampled`` is true.
+            Streams too: a hit is replayed as a stream, and a stream that ended whole
+            stores its answer (one left early or interrupted, never).
         cache_sampled: cache sampled output too (``temperature`` unset or above 0).
 
     Raises:
