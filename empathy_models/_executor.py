@@ -394,8 +394,12 @@ class EmpathyLLMExecutor:
     neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
     What it builds from a URL it owns and closes.  Use it as ``async with``; `run`
     raises `RuntimeError` outside that block.  An executor garbage-collected while
-    still open emits a `ResourceWarning`: close it (``async with`` or `aclose`), since
-    an open SQLite backend's worker thread keeps the interpreter from exiting.
+    still open emits a `ResourceWarning`: close it (``async with`` or `aclose`).  Left
+    open, its HTTP session is never closed and the work it does behind (cache writes,
+    store operations past a deadline) is lost if the event loop ends first; telemetry
+    still queued is written at interpreter exit (`empathy_models.backends.batching`),
+    and an SQLite backend's worker thread, a daemon, does not keep the interpreter from
+    exiting.
     Synchronous code uses `empathy_models.sync.SyncExecutor`, which closes itself.
     """
 
@@ -658,8 +662,8 @@ class EmpathyLLMExecutor:
 
     def __del__(self) -> None:
         # an executor left open holds an HTTP session and, for URLs it was given, backends
-        # whose worker threads can keep the interpreter from exiting: say so, like an
-        # unclosed file (shown with `python -X dev` or `-W default`, errors under pytest)
+        # whose pending work is only written at interpreter exit, if at all: say so, like
+        # an unclosed file (shown with `python -X dev` or `-W default`, errors under pytest)
         if getattr(self, "_state", None) != "open":
             return
         # a plain try (not contextlib.suppress): at interpreter shutdown module globals
