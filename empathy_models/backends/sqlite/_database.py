@@ -479,8 +479,8 @@ class _Database:
                 )
             return
         if self.path != MEMORY:
-            # ours (or adopted): narrowed only now, after the checks, and before the
-            # first change, so the WAL files SQLite creates next copy the narrowed mode
+            # ours (or adopted): narrowed only now, after the checks, before the first
+            # change (its WAL files too; those SQLite creates later copy the new mode)
             await anyio.to_thread.run_sync(_make_private, self.path)
             row = await _fetchone(conn, "PRAGMA journal_mode")
             if row is None or str(row[0]).lower() != "wal":
@@ -617,10 +617,10 @@ _NOT_NARROWED: set[str] = set()
 def _make_private(path: str) -> None:
     """
     Take group and other permissions off the database file ``path`` and off its
-    ``-wal`` and ``-shm`` files, when this user owns them: SQLite
-    gives the WAL files it creates the database's mode.  Only ``chmod``, never an open
-    (see `_Database._prepare_file`); a file that cannot be changed is used as it is,
-    with one warning.
+    ``-wal`` and ``-shm`` files, when this user owns them: SQLite gives the WAL files
+    it creates the database's mode.  Only ``chmod``, never an open (see
+    `_Database._prepare_file`); a file that cannot be changed is used as it is, with
+    one warning.  Called only once the file is known to be ours (`_Database._setup`).
     """
     for name in (path, f"{path}-wal", f"{path}-shm"):
         try:
