@@ -156,7 +156,7 @@ class Attempts:
         ctx = run.context
         called_routes = 0
         min_context = 0
-        reprobed = self._reprobed()
+        reprobed = _reprobed(self)
         try:
             for info in routes:
                 if called_routes >= ex._fallback.max_routes:
@@ -250,13 +250,6 @@ class Attempts:
             run.decision = attrs.evolve(run.decision, reason=f"{run.decision.reason}; {note}")
         return True
 
-    def _reprobed(self) -> str | None:
-        """The model the run's routing decision re-probes, if it is a re-probe."""
-        decision = self.run.decision
-        if decision is None or decision.exploration_kind != "re-probe":
-            return None
-        return decision.model
-
     def _can_fall_back(self, info: ModelInfo, routes: list[ModelInfo], called: int) -> bool:
         """
         Whether a route after ``info`` may be tried and its circuit looks closed (a
@@ -334,6 +327,8 @@ class Attempts:
                 except Exception as raised:
                     error, cut = self._restated(raised, info, budget, by_deadline)
                     record = await self._failed(info, error, attempt, t0, key, held, cut)
+                    # nothing sent: not counted against max_routes, the hold freed whole
+                    called = route_attempt > 1 or record.outcome is not Outcome.NOT_SENT
                 except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
                     await _cancelled(self, info, raised, attempt, t0, held)
                     raise
@@ -354,7 +349,7 @@ class Attempts:
                         await _settle(self, hold, called)
             delay = self._after_failure(info, record, error, route_attempt, cut, probe)
             if isinstance(delay, Failed):
-                return delay
+                return delay if called else _NOT_CALLED
             if obs is not None:
                 obs.retry(delay, trace)
             await ex._sleep(delay)
@@ -608,6 +603,14 @@ class Attempts:
             retry.max_attempts,
         )
         return delay
+
+
+def _reprobed(self: Attempts) -> str | None:
+    """The model the run's routing decision re-probes, if it is a re-probe."""
+    decision = self.run.decision
+    if decision is None or decision.exploration_kind != "re-probe":
+        return None
+    return decision.model
 
 
 def _circuit_opened(self: Attempts, info: ModelInfo) -> bool:

@@ -1,7 +1,8 @@
 """
 The executor's side of the response cache (see `empathy_models.cache`): the key of a
-request, serving a hit, storing an answer.  Imported by `EmpathyLLMExecutor.run` only
-for contexts that set ``cache_ttl``.
+request, serving a hit, storing an answer.  Imported by `EmpathyLLMExecutor.run` and
+`EmpathyLLMExecutor.stream` (`empathy_models.streaming`, which replays a hit as a stream)
+only for contexts that set ``cache_ttl``.
 
 A miss is always a correct answer, so the cache never holds a call up: a read is waited
 for at most `STORE_TIMEOUT` seconds and half the time left of the run's deadline; an

@@ -389,15 +389,19 @@ class EmpathyLLMExecutor:
             (``"sqlite:///state.db"``, ``"redis://..."``, ``"postgresql://..."``) shared
             by every worker; default ``memory://`` (this process only).
         cache: a `ResponseCache` or URL (``"memory://"``, ``"sqlite:///cache.db"``,
-            ``"redis://..."``) for calls whose context sets ``cache_ttl``; see
-            `empathy_models.cache`.
+            ``"redis://..."``) for runs and streams whose context sets ``cache_ttl``;
+            see `empathy_models.cache`.
 
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
     neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
     What it builds from a URL it owns and closes.  Use it as ``async with``; `run`
     raises `RuntimeError` outside that block.  An executor garbage-collected while
-    still open emits a `ResourceWarning`: close it (``async with`` or `aclose`), since
-    an open SQLite backend's worker thread keeps the interpreter from exiting.
+    still open emits a `ResourceWarning`: close it (``async with`` or `aclose`).  Left
+    open, its HTTP session is never closed and the work it does behind (cache writes,
+    store operations past a deadline) is lost if the event loop ends first; telemetry
+    still queued is written at interpreter exit (`empathy_models.backends.batching`),
+    and an SQLite backend's worker thread, a daemon, does not keep the interpreter from
+    exiting.
     Synchronous code uses `empathy_models.sync.SyncExecutor`, which closes itself.
     """
 
@@ -660,8 +664,8 @@ class EmpathyLLMExecutor:
 
     def __del__(self) -> None:
         # an executor left open holds an HTTP session and, for URLs it was given, backends
-        # whose worker threads can keep the interpreter from exiting: say so, like an
-        # unclosed file (shown with `python -X dev` or `-W default`, errors under pytest)
+        # whose pending work is only written at interpreter exit, if at all: say so, like
+        # an unclosed file (shown with `python -X dev` or `-W default`, errors under pytest)
         if getattr(self, "_state", None) != "open":
             return
         # a plain try (not contextlib.suppress): at interpreter shutdown module globals
@@ -790,10 +794,12 @@ class EmpathyLLMExecutor:
                     print(delta, end="")
                 response = await stream.get_final_response()
 
-        Same routing, breaker, retries, fallback, deadline and records as `run`: failures
-        before the first delta are retried or fall back; leaving the block early closes the
-        response and records the attempt as ``cancelled``.  ``context.timeout`` bounds the
-        first byte and each gap between chunks.
+        Same routing, breaker, retries, fallback, deadline, records and response cache
+        as `run`: failures before the first delta are retried or fall back; leaving the
+        block early closes the response and records the attempt as ``cancelled``.
+        ``context.timeout`` bounds the first byte and each gap between chunks.  With
+        ``context.cache_ttl``, a cached answer is replayed as a stream, and a stream
+        that ended whole is stored.
 
         Args:
             prompt, context, tools, ...: `run`'s, checked the same way; with ``tools``,

@@ -135,6 +135,7 @@ class _Planner:
         self._models_by_id: dict[str, ModelInfo] = {
             m.id: m for tier in TIER_ORDER for m in self.candidates[tier]
         }
+        # per tier without a model: the tier used instead, and the reason after the task
         self._tier_notes: dict[ModelTier, tuple[ModelTier, str]] = {}
         self._tasks: dict[str, tuple[str, ModelTier]] = {}
         self._warned: set[str] = set()  # the unknown task types warned about
@@ -274,22 +275,25 @@ class _Planner:
         The tier to use when the task's ``tier`` has no routable model, and why.
 
         More capable tiers first (capable -> premium), then the nearest less capable
-        one; `ConfigurationError` when no tier has a model.  Logged once per tier.
+        one; `ConfigurationError` when no tier has a model.  The reason names the run's
+        ``task_type``; logged once per tier (naming the first task that needed it).
         """
         known = self._tier_notes.get(tier)
         if known is not None:
-            return known
+            other, rest = known
+            return other, f"task {task_type!r} {rest}"
         index = TIER_ORDER.index(tier)
         order = [*TIER_ORDER[index + 1 :], *reversed(TIER_ORDER[:index])]
         for other in order:
             if self.candidates[other]:
-                note = (
-                    f"task {task_type!r} asks for the {tier.value} tier, which has no model "
+                rest = (
+                    f"asks for the {tier.value} tier, which has no model "
                     f"{self.served_by()}; using the {other.value} tier instead "
                     "(pass ExecutionContext(tier=...), task_type=... or model=... to choose)"
                 )
+                note = f"task {task_type!r} {rest}"
                 logger.warning("%s", note)
-                self._tier_notes[tier] = (other, note)
+                self._tier_notes[tier] = (other, rest)
                 return other, note
         raise ConfigurationError(self.no_model_message(tier, explicit=False))
 

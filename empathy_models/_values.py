@@ -165,6 +165,8 @@ class ExecutionContext:
             long (100 years at most, `empathy_models.cache.MAX_TTL`; see
             `empathy_models.cache`; needs ``cache=`` on the executor).  Only
             ``temperature=0`` calls are cached unless ``cache_sampled`` is true.
+            Streams too: a hit is replayed as a stream, and a stream that ended whole
+            stores its answer (one left early or interrupted, never).
         cache_sampled: cache sampled output too (``temperature`` unset or above 0).
 
     Raises:
@@ -223,7 +225,8 @@ class FallbackPolicy:
 
     Args:
         max_routes: the most distinct models called in one run (routes rejected by an
-            open breaker, which cost nothing, do not count).  ``1`` disables fallback.
+            open breaker, and routes whose request was never sent, recorded
+            ``not_sent``, cost nothing and do not count).  ``1`` disables fallback.
         escalate: after the candidates of the run's tier, try the models of the higher
             tiers (cheap -> capable -> premium), cheapest first within each.
         larger_context_on_overflow: on `ContextWindowExceededError`, skip to the next
@@ -239,7 +242,11 @@ class FallbackPolicy:
 
     @classmethod
     def none(cls) -> FallbackPolicy:
-        """One route only: the first choice, retried per the `RetryPolicy`, no fallback."""
+        """
+        One model called only: the first choice, retried per the `RetryPolicy`, no
+        fallback once it was called (a route an open circuit refused, or whose request
+        was never sent, costs nothing: the next one is tried).
+        """
         return cls(max_routes=1, escalate=False, larger_context_on_overflow=False)
 
 

@@ -17,7 +17,9 @@ temperature samples).  A hit returns the stored answer as an `LLMResponse` with
 ``cached=True``, ``cost_usd=0`` and no attempts; it is recorded with outcome
 ``cache_hit`` (cost 0, the cost saved in the record's metadata as
 ``cache_cost_saved_usd``) and is never reported to the router or the breaker, so it
-never counts as a model's success.
+never counts as a model's success.  `EmpathyLLMExecutor.stream` reads and fills the same
+entries: a hit is replayed as a stream (the text as one delta, then each tool call as
+one `ToolCallDelta`), and only a stream that ended whole is stored.
 
 Privacy: keys are SHA-256 digests of the request; prompts are never stored.  Setting
 ``cache_ttl`` is the consent to store the *answers* in the cache backend (in a file

@@ -39,7 +39,13 @@ What happens, in order:
    stream has read its answer whole (the end marker, or the body's end): the caller's
    reading of pieces already read is not the model's time.
 
-6. **Tool calls**: with ``tools``, ``stream.events()`` yields the pieces of each tool
+6. **Response cache**: a context that sets ``cache_ttl`` (the executor having a
+   ``cache``) reads the cache on entering, as `run` does: a hit is replayed (its text as
+   one delta, then each tool call as one `ToolCallDelta`; the final response has
+   ``cached=True``; recorded as a hit, no route tried).  A stream that ended whole
+   stores its answer; one left early or interrupted stores nothing.
+
+7. **Tool calls**: with ``tools``, ``stream.events()`` yields the pieces of each tool
    call (`ToolCallDelta`) beside the text deltas, in order; a piece counts as a delta
    for the rules above.  The final response has the calls parsed (arguments that are
    not a JSON object end the stream with `StreamInterruptedError` carrying an
@@ -68,6 +74,7 @@ in `run`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import warnings
 from collections import deque
@@ -161,6 +168,8 @@ class LLMStream:
         "__weakref__",
         "_abort",
         "_attempt",
+        "_cache_key",
+        "_cached",
         "_deadline_at",
         "_ended_at",
         "_error",
@@ -193,10 +202,13 @@ class LLMStream:
         executor: EmpathyLLMExecutor,
         run: _Run,
         routes: Sequence[ModelInfo],
+        cache_key: str | None = None,
     ) -> None:
         self._ex = executor
         self._run = run
         self._routes = routes
+        self._cache_key = cache_key  # the response cache's key (the context's cache_ttl)
+        self._cached: LLMResponse | None = None  # the answer the cache held, replayed
         self._start = 0.0
         self._deadline_at: float | None = None
         self._ended_at: float | None = None  # when the stream was seen whole (`finished`)
@@ -240,12 +252,16 @@ class LLMStream:
     @property
     def model(self) -> str | None:
         """The registry id of the model answering (None before entering)."""
-        return None if self._info is None else self._info.id
+        if self._info is None:
+            return None if self._cached is None else self._cached.model
+        return self._info.id
 
     @property
     def provider(self) -> str | None:
         """The provider of the model answering (None before entering)."""
-        return None if self._info is None else self._info.provider
+        if self._info is None:
+            return None if self._cached is None else self._cached.provider
+        return self._info.provider
 
     @property
     def attempts(self) -> tuple[AttemptSummary, ...]:
@@ -302,6 +318,8 @@ class LLMStream:
             self._first = None
             return self._delivered(first)
         if self._state != "streaming":
+            if self._state == "cached":
+                return _replayed(self)
             if self._state == "new":
                 raise RuntimeError("use the stream inside `async with executor.stream(...)`")
             if self._error is not None:
@@ -381,11 +399,14 @@ class LLMStream:
         """Stop reading: close the connection and record the attempt as cancelled."""
         if self._state == "streaming":
             await self._close("cancelled")
+        elif self._state == "cached":  # a cached answer left unread: nothing to close
+            self._state = "cancelled"
+            self._ready.clear()
 
     # ------------------------------------------------------------------ opening
 
     async def _open(self) -> None:
-        """Try the routes, as `run` does, until one streams its first delta."""
+        """The cached answer (`_from_cache`), or the routes tried until one streams."""
         if self._state != "new":
             raise RuntimeError("an LLMStream can be entered only once")
         ex = self._ex
@@ -393,11 +414,14 @@ class LLMStream:
         obs = ex._obs
         if obs is not None:
             ctx = self._run.context
-            self._trace = trace = obs.stream_started(ctx.workflow, ctx.stage)
-            if trace is not None:
-                obs.planned(self._run, trace)
+            self._trace = obs.stream_started(ctx.workflow, ctx.stage)
+        self._start = ex._clock()
         try:
             with ex._inflight.track("stream"):  # `aclose` ends it with NotOpenError
+                if self._cache_key is not None and await _from_cache(self, self._cache_key):
+                    return
+                if obs is not None and self._trace is not None:
+                    obs.planned(self._run, self._trace)
                 await self._open_routes()
         except BaseException as exc:
             if obs is not None and self._trace is not None:
@@ -408,7 +432,6 @@ class LLMStream:
         """Walk the routes with the executor's `Attempts`; adopt the one that opened."""
         self._state = "opening"
         ex = self._ex
-        self._start = ex._clock()
         deadline = self._run.context.deadline
         self._deadline_at = None if deadline is None else self._start + deadline
         attempts = Attempts(ex, self._run, self._deadline_at, self._trace, streamed=True)
@@ -548,7 +571,7 @@ class LLMStream:
             await fb.bounded(given, self._deadline_at)
 
     async def _finish(self) -> None:
-        """The stream is complete: report the answer, end the run span (`_ended`)."""
+        """The stream is complete: report the answer, end the run span (`_ended`), cache it."""
         self._state = "done"
         try:
             self._response = await self._report(Outcome.SUCCESS, None, self._partial())
@@ -556,6 +579,8 @@ class LLMStream:
             _ended(self, error=exc)
             raise
         _ended(self, response=self._response)
+        if self._cache_key is not None:
+            await _to_cache(self, self._cache_key)
 
     async def _interrupted(self, raised: Exception) -> StreamInterruptedError:
         """Record a failure after the first delta; the error to raise."""
@@ -667,6 +692,50 @@ async def _read_failed(stream: LLMStream, exc: BaseException) -> NoReturn:
     raise exc
 
 
+async def _from_cache(stream: LLMStream, key: str) -> bool:
+    """
+    Whether the response cache held ``stream``'s answer (`_cached.lookup`, recorded as
+    `run` records a hit: outcome ``cache_hit``, cost 0), which it then replays: its text
+    as one delta, then each tool call as one `ToolCallDelta`.  The run span ends here.
+    """
+    from ._cached import lookup
+
+    ex, run = stream._ex, stream._run
+    hit = await lookup(
+        ex, key, run.context, run.task_type, run.messages, run.system, run.options, stream._start
+    )
+    if hit is None:
+        return False
+    run.request_id = hit.request_id  # the hit's record's
+    pieces = stream._ready
+    if hit.content:
+        pieces.append(hit.content)
+    for index, call in enumerate(hit.tool_calls):
+        arguments = json.dumps(dict(call.arguments), separators=(",", ":"), ensure_ascii=False)
+        pieces.append(ToolCallDelta(index=index, id=call.id, name=call.name, arguments=arguments))
+    stream._cached = hit
+    stream._state = "cached"
+    _ended(stream, response=hit)
+    return True
+
+
+async def _to_cache(stream: LLMStream, key: str) -> None:
+    """Keep the answer of ``stream``, which ended whole, in the response cache."""
+    from ._cached import store
+
+    if stream._response is not None:
+        await store(stream._ex, key, stream._response, stream._run.context)
+
+
+def _replayed(stream: LLMStream) -> str | ToolCallDelta:
+    """The next piece of a cached answer; at its end, the answer is the response."""
+    if stream._ready:
+        return stream._delivered(stream._ready.popleft())
+    stream._state = "done"
+    stream._response = stream._cached
+    raise StopAsyncIteration
+
+
 def _end_time(stream: LLMStream) -> float:
     """When ``stream`` was read whole (the caller's reading after it not counted), or now."""
     ended_at = stream._ended_at
@@ -761,7 +830,12 @@ def open_stream(
         needs |= _STREAMING
     routes, decision = executor._planner.plan(ctx, messages, system, task_tier, needs, options)
     run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
-    return StreamManager(LLMStream(executor, run, routes))
+    key: str | None = None
+    if ctx.cache_ttl is not None and executor._cache is not None:
+        from ._cached import cache_key_of
+
+        key = cache_key_of(ctx, task_type, messages, system, options)
+    return StreamManager(LLMStream(executor, run, routes, key))
 
 
 class StreamEvents:

@@ -203,8 +203,8 @@ async def test_a_keyless_attempt_leaves_every_models_statistics_unchanged(
 ) -> None:
     """
     Two workers share one SQLite file.  Worker A (both keys) builds history; worker B
-    (no Anthropic key) makes keyless attempts.  Every model's statistics, as any router
-    reading the file (and as B's own live router) sees them, are unchanged.
+    (Anthropic only, without its key) makes keyless attempts.  Every model's statistics,
+    as any router reading the file (and as B's own live router) sees them, are unchanged.
     """
     url = f"sqlite:///{tmp_path / 'calls.db'}"
     candidates = [m.id for m in REGISTRY.models]
@@ -236,15 +236,20 @@ async def test_a_keyless_attempt_leaves_every_models_statistics_unchanged(
     assert before.performance_by_model["claude-fake-haiku"].successes == 2
     assert before.performance_by_model["claude-fake-sonnet"].calls == 4
 
-    async with (
-        AdaptiveModelRouter(REGISTRY, url, refresh_interval=None) as router_b,
-        keyless_executor(
-            server,
+    # worker B has no other provider: a keyless attempt, not sent, does not count against
+    # max_routes, and no other model may answer in its place here
+    router_b = AdaptiveModelRouter(REGISTRY, url, refresh_interval=None)
+    with pytest.warns(MissingAPIKeyWarning):
+        worker_b = EmpathyLLMExecutor(
+            [AnthropicProvider(base_url=server.anthropic_base_url)],
+            registry=REGISTRY,
             telemetry_store=url,
             router=router_b,
             fallback=FallbackPolicy.none(),
-        ) as worker_b,
-    ):
+            retry=RetryPolicy(jitter=False),
+            sleep=NoSleep(),
+        )
+    async with router_b, worker_b:
         live_before = stats(router_b.get_best_model("support", "triage", candidates=candidates))
         for model in ("claude-fake-haiku", "claude-fake-sonnet"):
             for _ in range(3):
@@ -283,6 +288,27 @@ async def test_default_context_with_only_cheap_models_uses_the_cheap_tier_and_sa
     assert "using the cheap tier" in first.routing_decision.reason
     notes = [r.getMessage() for r in caplog.records if "using the cheap tier" in r.getMessage()]
     assert len(notes) == 1  # once per tier, not per call
+
+
+async def test_the_tier_substitution_names_each_runs_own_task(
+    server: FakeLLMServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = AdaptiveModelRouter(CHEAP_ONLY, seed=1)
+    tasks = ("final_review", "coordinate", "critical_decision")  # premium tier tasks
+    reasons = []
+    with caplog.at_level(logging.WARNING, logger="empathy_models.executor"):
+        async with EmpathyLLMExecutor(
+            both_keys(server), registry=CHEAP_ONLY, telemetry_store="null://", router=router
+        ) as executor:
+            for task in tasks:
+                response = await executor.run("hello", ExecutionContext(task_type=task))
+                assert response.routing_decision is not None
+                reasons.append(response.routing_decision.reason)
+    for task, reason in zip(tasks, reasons, strict=True):
+        assert f"task {task!r} asks for the premium tier" in reason, reason
+        assert "using the cheap tier" in reason
+    notes = [r.getMessage() for r in caplog.records if "using the cheap tier" in r.getMessage()]
+    assert len(notes) == 1 and "'final_review'" in notes[0]  # logged once per tier
 
 
 async def test_a_missing_tier_moves_towards_more_capability_first(server: FakeLLMServer) -> None:

@@ -809,6 +809,30 @@ async def test_a_run_answered_from_the_cache_says_so_on_its_span(
     assert len([s for s in otel.spans() if s.name.startswith("chat ")]) == 1
 
 
+async def test_a_stream_answered_from_the_cache_says_so_on_its_span(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    ctx = attrs.evolve(CTX, temperature=0, cache_ttl=60)
+    answers = []
+    async with make(server, otel, cache="memory://") as executor:
+        for _ in range(2):
+            async with executor.stream(PROMPT, ctx) as stream:
+                answers.append(await stream.get_final_response())
+    called, hit = answers
+    assert not called.cached and hit.cached
+    first, second = sorted(
+        (s for s in otel.spans() if s.name == "run support/answer"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert first.attributes is not None and second.attributes is not None
+    assert "empathy_models.outcome" not in first.attributes
+    assert second.attributes["empathy_models.stream"] is True
+    assert second.attributes["empathy_models.outcome"] == "cache_hit"
+    assert second.attributes["empathy_models.request_id"] == hit.request_id
+    assert second.attributes["empathy_models.attempts"] == 0
+    assert len([s for s in otel.spans() if s.name.startswith("chat ")]) == 1
+
+
 async def test_a_sampled_out_run_still_propagates_its_trace_context_and_counts(
     server: FakeLLMServer,
 ) -> None:

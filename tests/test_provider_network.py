@@ -541,3 +541,51 @@ async def test_a_request_that_cannot_be_built_counts_against_no_model(
     assert [r.outcome for r in records] == [Outcome.NOT_SENT, Outcome.NOT_SENT]
     assert all(PASSWORD not in (r.error_message or "") for r in records)
     assert server.requests() == 0
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "stream"])
+async def test_routes_where_nothing_was_sent_leave_max_routes_to_the_models_called(
+    server: FakeLLMServer, streamed: bool
+) -> None:
+    # three OpenAI routes whose requests cannot be built (the borrowed session's auth=),
+    # then an Anthropic one that can: the default FallbackPolicy (max_routes=3) reaches it
+    def cheap(model_id: str, provider: str, price: float) -> ModelInfo:
+        return ModelInfo(
+            id=model_id,
+            provider=provider,
+            tier="cheap",
+            input_price_per_mtok=price,
+            output_price_per_mtok=price,
+            context_window=10_000,
+            max_output_tokens=1000,
+        )
+
+    registry = ModelRegistry(
+        models=[
+            cheap("o-1", "openai", 0.1),
+            cheap("o-2", "openai", 0.2),
+            cheap("o-3", "openai", 0.3),
+            cheap("a-1", "anthropic", 1.0),
+        ],
+        price_version="network-test",
+    )
+    telemetry = MemoryTelemetryBackend()
+    async with gateway_session() as session:
+        providers = [
+            OpenAIProvider(api_key=KEY, base_url=server.openai_base_url),
+            AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url),
+        ]
+        executor = EmpathyLLMExecutor(
+            providers, registry=registry, telemetry_store=telemetry, session=session
+        )
+        async with executor:
+            if streamed:
+                async with executor.stream("hello", ExecutionContext(tier="cheap")) as stream:
+                    response = await stream.get_final_response()
+            else:
+                response = await executor.run("hello", ExecutionContext(tier="cheap"))
+            records = await telemetry.recent(limit=10)
+    assert response.model == "a-1"
+    assert response.fallback_chain == ("o-1", "o-2", "o-3", "a-1")
+    assert sorted(r.outcome.value for r in records) == ["not_sent"] * 3 + ["success"]
+    assert server.request_counts() == {"a-1": 1}

@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -37,6 +38,7 @@ from empathy_models import (
     Outcome,
     telemetry_from_url,
 )
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.cli import main as cli_main
 from empathy_models.providers import AnthropicProvider
 from empathy_models.testing import FakeLLMServer
@@ -114,6 +116,28 @@ def test_the_readme_starts_with_the_two_commands() -> None:
     head = README.read_text(encoding="utf-8")[:1500]
     assert "empathy-models demo" in head
     assert "python -m pytest" in head
+
+
+def test_the_constants_the_readme_names_are_public() -> None:
+    # `limits.UNBOUNDED_HOLD`, `cache.MAX_TTL`, ...: each a name in its module's __all__
+    text = README.read_text(encoding="utf-8")
+    named = set(re.findall(r"`(?:empathy_models\.)?([a-z_.]+)\.([A-Z][A-Z0-9_]+)`", text))
+    assert ("limits", "UNBOUNDED_HOLD") in named
+    for module, name in sorted(named):
+        public = importlib.import_module(f"empathy_models.{module}").__all__
+        assert name in public, f"README names {module}.{name}, not in its __all__"
+
+
+async def test_the_sqlite_worker_thread_is_a_daemon_as_the_readme_says(tmp_path: Path) -> None:
+    before = set(threading.enumerate())
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
+        await backend.recent(limit=1)
+        started = [t for t in threading.enumerate() if t not in before]
+        workers = [t for t in started if "connection_worker" in t.name]  # aiosqlite's
+        assert workers and all(t.daemon for t in workers)
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    assert "its worker thread is a daemon" in text
+    assert "not a daemon" not in text and "waits for it at exit" not in text
 
 
 async def _run_main(code: str, namespace: dict[str, Any] | None = None) -> dict[str, Any]:

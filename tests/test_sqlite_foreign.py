@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import anyio.to_thread
@@ -23,12 +24,14 @@ def _foreign(path: Path, *, user_version: int = 0) -> Path:
         conn.execute("INSERT INTO invoices (total) VALUES (12.5)")
         conn.execute(f"PRAGMA user_version = {user_version}")
     conn.close()
+    path.chmod(0o644)  # as another application may share its file with its group
     return path
 
 
-def _fingerprint(path: Path) -> tuple[str, list[str]]:
+def _fingerprint(path: Path) -> tuple[str, list[str], int]:
     siblings = sorted(p.name for p in path.parent.iterdir())
-    return hashlib.sha256(path.read_bytes()).hexdigest(), siblings
+    mode = stat.S_IMODE(path.stat().st_mode)
+    return hashlib.sha256(path.read_bytes()).hexdigest(), siblings, mode
 
 
 def _journal_mode(path: Path) -> str:
@@ -57,11 +60,32 @@ async def test_a_foreign_file_is_refused_and_left_untouched(
     assert _journal_mode(db) == "delete"
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["breaker", "reset", "--all"],
+        ["breaker", "open", "openai"],
+        ["budget", "reset", "global/day"],
+        ["budget", "set", "global/day", "--limit", "5"],
+    ],
+)
+async def test_write_commands_refuse_a_foreign_file_and_leave_it_untouched(
+    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = _foreign(tmp_path / "app.db")
+    before = _fingerprint(db)
+    assert await anyio.to_thread.run_sync(cli_main, [*command, "--db", str(db)]) != 0
+    assert "belongs to another application" in capsys.readouterr().err
+    assert _fingerprint(db) == before  # its mode included
+    assert _journal_mode(db) == "delete"
+
+
 async def test_allow_foreign_adds_the_tables_when_asked(tmp_path: Path) -> None:
     db = _foreign(tmp_path / "app.db")
     async with telemetry_from_url(f"sqlite:///{db}?allow_foreign=true") as backend:
         await backend.record(LLMCallRecord(provider="p", model="m", outcome="success"))
         assert len(await backend.recent()) == 1
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600  # adopted: made private like ours
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT total FROM invoices").fetchone() == (12.5,)
     conn.close()

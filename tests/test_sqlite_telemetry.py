@@ -306,7 +306,7 @@ async def test_an_existing_database_of_ours_is_made_private(
     tmp_path: Path, existing: tuple[str, ...]
 ) -> None:
     # an empty 0644 file (as `touch` makes it), and its WAL files left by an earlier run:
-    # narrowed before SQLite opens the file, whose mode its new WAL files copy
+    # narrowed once the file is known to be ours, before anything is written to it
     for name in existing:
         _make_file(tmp_path / name, 0o644)
     async with SQLiteTelemetryBackend(tmp_path / "calls.db", batch=False) as backend:

@@ -40,7 +40,14 @@ one from a URL.  ``empathy-models budget status|set|reset`` inspects and changes
 from __future__ import annotations
 
 from ..exceptions import BudgetExceededError
-from .guard import DeadlineRanOut, Limiter, LocalRateLimitError, quota_store_from_url
+from .guard import (
+    HOLD_GRACE,
+    UNBOUNDED_HOLD,
+    DeadlineRanOut,
+    Limiter,
+    LocalRateLimitError,
+    quota_store_from_url,
+)
 from .memory import MemoryQuotaStore
 from .sqlite import SQLiteQuotaStore
 from .values import (
@@ -57,9 +64,11 @@ from .values import (
 )
 
 __all__ = [
+    "HOLD_GRACE",
     "MAX_WINDOW",
     "NANO",
     "SCOPES",
+    "UNBOUNDED_HOLD",
     "WINDOW_RETENTION",
     "Budget",
     "BudgetExceededError",

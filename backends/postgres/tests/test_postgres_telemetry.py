@@ -150,7 +150,7 @@ async def test_aggregate_matches_the_in_memory_semantics(
 
 async def test_a_failing_batch_stores_nothing(postgres_url: str) -> None:
     good = random_records(3, 10)
-    # PostgreSQL text cannot hold NUL: this record makes the COPY fail
+    # PostgreSQL text cannot hold NUL: this record makes the INSERT fail
     bad = LLMCallRecord(provider="p", model="m\x00", outcome="success", timestamp=T0)
     async with PostgresTelemetryBackend(postgres_url) as backend:
         with pytest.raises(TelemetryRejectedError) as info:

@@ -250,8 +250,9 @@ class _Database:
 
     def _prepare_file(self) -> None:
         """
-        Create the file (0600) if it is missing; check that it is a writable regular file;
-        take group and other permissions off it (and off its WAL files) when it is ours.
+        Create the file (0600) if it is missing; check that it is a writable regular file.
+        Its mode is left as it is here: `_setup` narrows it once the file is known to be
+        ours (a refused file keeps its mode, like everything else in it).
 
         The file is never opened here, only looked at: this process may hold SQLite
         connections to it already (another backend on the same file), and closing any
@@ -286,7 +287,6 @@ class _Database:
             raise self._fail(f"the file is read-only (mode {stat.S_IMODE(st.st_mode):04o})")
         if not os.access(path, os.R_OK | os.W_OK):
             raise self._fail("permission denied: the file is read-only for this user")
-        _make_private(path, st)
 
     def _check_readable(self) -> None:
         if not os.path.isfile(self.path):
@@ -479,6 +479,9 @@ class _Database:
                 )
             return
         if self.path != MEMORY:
+            # ours (or adopted): narrowed only now, after the checks, before the first
+            # change (its WAL files too; those SQLite creates later copy the new mode)
+            await anyio.to_thread.run_sync(_make_private, self.path)
             row = await _fetchone(conn, "PRAGMA journal_mode")
             if row is None or str(row[0]).lower() != "wal":
                 await conn.execute_fetchall("PRAGMA journal_mode=WAL")
@@ -611,17 +614,17 @@ _NOT_NARROWED: set[str] = set()
 """The database files whose mode could not be narrowed, each warned about once."""
 
 
-def _make_private(path: str, st: os.stat_result) -> None:
+def _make_private(path: str) -> None:
     """
-    Take group and other permissions off the database file ``path`` (``st``: its
-    stat) and off its ``-wal`` and ``-shm`` files, when this user owns them: SQLite
-    gives the WAL files it creates the database's mode.  Only ``chmod``, never an open
-    (see `_Database._prepare_file`); a file that cannot be changed is used as it is,
-    with one warning.
+    Take group and other permissions off the database file ``path`` and off its
+    ``-wal`` and ``-shm`` files, when this user owns them: SQLite gives the WAL files
+    it creates the database's mode.  Only ``chmod``, never an open (see
+    `_Database._prepare_file`); a file that cannot be changed is used as it is, with
+    one warning.  Called only once the file is known to be ours (`_Database._setup`).
     """
-    for name, stats in ((path, st), (f"{path}-wal", None), (f"{path}-shm", None)):
+    for name in (path, f"{path}-wal", f"{path}-shm"):
         try:
-            stats = stats or os.stat(name)
+            stats = os.stat(name)
             mode = stat.S_IMODE(stats.st_mode)
             if mode & 0o077 and stats.st_uid == os.geteuid():
                 os.chmod(name, mode & ~0o077)
