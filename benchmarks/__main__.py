@@ -22,6 +22,7 @@ from benchmarks import (
     bench_executor,
     bench_limits,
     bench_otel,
+    bench_pattern_cost,
     bench_router_start,
     bench_routing,
     bench_routing_quality,
@@ -46,6 +47,7 @@ SCRIPTS: dict[str, Callable[[bool], Coroutine[Any, Any, BenchResult]]] = {
     "limits": bench_limits.run,
     "cache": bench_cache.run,
     "whatif": bench_whatif.run,
+    "pattern_cost": bench_pattern_cost.run,
 }
 
 

@@ -12,6 +12,17 @@ JSON Schema 2020-12 has it),
 and ``multipleOf``.  Other keywords (``format``, ``description``, ...) are accepted and
 not checked.
 
+The strings a pattern is searched in (values and property names) come from the model,
+and ``re`` has no timeout, so `empathy_models._regex_cost` reads each pattern first.
+`schema_problem` refuses one whose search time can grow exponentially with the string
+(``(a+)+$``), or faster than its cube, and a ``minLength`` over what a pattern is
+searched in.  A pattern whose time grows as a power of the length (the email pattern
+``^[^@\\s]+@[^@\\s]+\\.[^@\\s]+$``: the square) is searched only in strings up to a
+length (`length_limit`: 3,162 characters for the square, 215 for the cube), and the
+strings of one answer share a budget (`MATCH_BUDGET`: *length* ** *power* summed); a
+string not searched makes the answer a mismatch, unless ``anyOf`` / ``oneOf`` settle
+without it.  A linear pattern is searched in any string.
+
 `schema_problem` finds a keyword above whose value JSON Schema does not allow (a
 ``minimum`` that is a string, a ``pattern`` that does not compile, a ``$ref`` that points
 nowhere, ``$ref`` / ``allOf`` / ``anyOf`` / ``oneOf`` leading back to the same schema,
@@ -34,6 +45,7 @@ from fractions import Fraction
 from typing import Any, Final
 from urllib.parse import unquote
 
+from ._regex_cost import MATCH_BUDGET, length_limit, pattern_cost
 from ._validators import shown
 
 __all__ = ["parse_structured", "resolve_ref", "schema_errors", "schema_problem", "value_problem"]
@@ -171,6 +183,28 @@ def _node_problem(schema: Mapping[str, Any], where: str) -> tuple[str, str] | No
     for name in schema.get("patternProperties", {}):
         if not _compiles(name):
             return f"{where}.patternProperties", f"{shown(name)} is not a regular expression"
+    if "pattern" in schema and (problem := _pattern_problem(schema, where)) is not None:
+        return problem
+    for name in schema.get("patternProperties", {}):
+        refused = pattern_cost(name)[1]
+        if refused is not None:
+            return f"{where}.patternProperties", f"{shown(name)} {refused}"
+    return None
+
+
+def _pattern_problem(schema: Mapping[str, Any], where: str) -> tuple[str, str] | None:
+    """Why ``schema``'s ``pattern`` (which compiles) is refused: see `pattern_cost`."""
+    pattern = schema["pattern"]
+    exponent, refused = pattern_cost(pattern)
+    if refused is not None:
+        return f"{where}.pattern", f"{shown(pattern)} {refused}"
+    low = schema.get("minLength", 0)
+    if low > length_limit(exponent):  # no string would be searched with it
+        return f"{where}.minLength", (
+            f"{shown(low)} is over the {length_limit(exponent):,} characters a string is "
+            f"searched with {shown(pattern)} in (its search time can grow as the length to "
+            f"the power {exponent})"
+        )
     return None
 
 
@@ -268,7 +302,9 @@ def _json_equal(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b  # strings and null
 
 
-def _check(value: Any, schema: Any, root: Mapping[str, Any], path: str, depth: int) -> str | None:
+def _check(
+    value: Any, schema: Any, root: Mapping[str, Any], path: str, depth: int, budget: _Budget
+) -> str | None:
     if schema is True:
         return None
     if schema is False:
@@ -280,7 +316,7 @@ def _check(value: Any, schema: Any, root: Mapping[str, Any], path: str, depth: i
         target = _resolve(ref, root)
         if target is _MISSING:
             return f"{path}: cannot resolve $ref {ref!r}"
-        problem = _check(value, target, root, path, depth + 1)
+        problem = _check(value, target, root, path, depth + 1, budget)
         if problem:
             return problem
     kind = schema.get("type")
@@ -293,38 +329,56 @@ def _check(value: Any, schema: Any, root: Mapping[str, Any], path: str, depth: i
     enum = schema.get("enum")
     if enum is not None and not any(_json_equal(value, option) for option in enum):
         return f"{path}: must be one of {shown(enum)}"
-    problem = _check_combined(value, schema, root, path, depth)
+    problem = _check_combined(value, schema, root, path, depth, budget)
     if problem:
         return problem
     if isinstance(value, dict):
-        return _check_object(value, schema, root, path, depth)
+        return _check_object(value, schema, root, path, depth, budget)
     if isinstance(value, list):
-        return _check_array(value, schema, root, path, depth)
+        return _check_array(value, schema, root, path, depth, budget)
     if isinstance(value, str):
-        return _check_string(value, schema, path)
+        return _check_string(value, schema, path, budget)
     if isinstance(value, int | float) and not isinstance(value, bool):
         return _check_number(value, schema, path)
     return None
 
 
 def _check_combined(
-    value: Any, schema: Mapping[str, Any], root: Mapping[str, Any], path: str, depth: int
+    value: Any,
+    schema: Mapping[str, Any],
+    root: Mapping[str, Any],
+    path: str,
+    depth: int,
+    budget: _Budget,
 ) -> str | None:
     for key in ("anyOf", "oneOf"):
         options = schema.get(key)
         if options:
-            matches = sum(_check(value, o, root, path, depth + 1) is None for o in options)
+            matches = 0
+            unchecked: _Unchecked | None = None  # an option that could not be checked
+            for option in options:
+                try:
+                    matches += _check(value, option, root, path, depth + 1, budget) is None
+                except _Unchecked as exc:
+                    unchecked = unchecked or exc
+            if unchecked is not None and (matches == 0 or (key == "oneOf" and matches == 1)):
+                raise unchecked  # it could change the outcome
             if matches == 0 or (key == "oneOf" and matches > 1):
                 return f"{path}: matches {matches} of the {key} options"
     for option in schema.get("allOf", ()):
-        problem = _check(value, option, root, path, depth + 1)
+        problem = _check(value, option, root, path, depth + 1, budget)
         if problem:
             return problem
     return None
 
 
 def _check_object(
-    value: dict[str, Any], schema: Mapping[str, Any], root: Mapping[str, Any], path: str, depth: int
+    value: dict[str, Any],
+    schema: Mapping[str, Any],
+    root: Mapping[str, Any],
+    path: str,
+    depth: int,
+    budget: _Budget,
 ) -> str | None:
     for name in schema.get("required", ()):
         if name not in value:
@@ -335,20 +389,30 @@ def _check_object(
     for name, item in value.items():
         where = f"{path}.{name}"
         subschemas = [properties[name]] if name in properties else []
-        subschemas += [sub for pattern, sub in patterns.items() if re.search(pattern, name)]
+        for pattern, sub in patterns.items():
+            unchecked = _unchecked(pattern, name, budget)
+            if unchecked is not None:
+                raise _Unchecked(f"{path}: the property name {shown(name)} is {unchecked}")
+            if re.search(pattern, name):
+                subschemas.append(sub)
         if not subschemas:
             if extra is False:
                 return f"{path}: unexpected property {name!r}"
             subschemas = [extra]
         for sub in subschemas:
-            problem = _check(item, sub, root, where, depth + 1)
+            problem = _check(item, sub, root, where, depth + 1, budget)
             if problem:
                 return problem
     return None
 
 
 def _check_array(
-    value: list[Any], schema: Mapping[str, Any], root: Mapping[str, Any], path: str, depth: int
+    value: list[Any],
+    schema: Mapping[str, Any],
+    root: Mapping[str, Any],
+    path: str,
+    depth: int,
+    budget: _Budget,
 ) -> str | None:
     if len(value) < schema.get("minItems", 0):
         return f"{path}: fewer than {shown(schema['minItems'])} items"
@@ -357,21 +421,70 @@ def _check_array(
     prefix = schema.get("prefixItems", ())
     for index, item in enumerate(value):
         sub = prefix[index] if index < len(prefix) else schema.get("items", True)
-        problem = _check(item, sub, root, f"{path}[{index}]", depth + 1)
+        problem = _check(item, sub, root, f"{path}[{index}]", depth + 1, budget)
         if problem:
             return problem
     return None
 
 
-def _check_string(value: str, schema: Mapping[str, Any], path: str) -> str | None:
+def _check_string(value: str, schema: Mapping[str, Any], path: str, budget: _Budget) -> str | None:
     if len(value) < schema.get("minLength", 0):
         return f"{path}: shorter than {shown(schema['minLength'])} characters"
     if "maxLength" in schema and len(value) > schema["maxLength"]:
         return f"{path}: longer than {shown(schema['maxLength'])} characters"
     pattern = schema.get("pattern")
-    if pattern is not None and re.search(pattern, value) is None:
+    if pattern is None:
+        return None
+    unchecked = _unchecked(pattern, value, budget)
+    if unchecked is not None:
+        raise _Unchecked(f"{path}: {unchecked}")
+    if re.search(pattern, value) is None:
         return f"{path}: does not match {pattern!r}"
     return None
+
+
+class _Unchecked(Exception):
+    """
+    A string not searched with a pattern (see `_unchecked`): the check ends there, as
+    the answer is neither shown to match nor not to (``anyOf`` / ``oneOf`` go on when
+    their other options settle it).
+    """
+
+
+class _Budget:
+    """What one check has left of `MATCH_BUDGET` (see `_unchecked`)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MATCH_BUDGET
+
+
+def _unchecked(pattern: str, text: str, budget: _Budget) -> str | None:
+    """
+    Why ``text`` is not searched with ``pattern`` (a phrase), or None having charged
+    ``budget`` with the search's worst cost: *length* ** *exponent* when ``pattern``'s
+    search time can grow faster than the length (`pattern_cost`).
+    """
+    exponent, refused = pattern_cost(pattern)
+    if refused is not None:  # a schema `schema_problem` refuses: not searched at all
+        return f"not checked: {shown(pattern)} {refused}"
+    if exponent < 2:
+        return None
+    cost = len(text) ** exponent
+    if cost <= budget.left:
+        budget.left -= cost
+        return None
+    limit = length_limit(exponent)
+    if len(text) > limit:
+        return (
+            f"{len(text):,} characters, over the {limit:,} searched with {shown(pattern)} "
+            f"(its search time can grow as the length to the power {exponent})"
+        )
+    return (
+        f"not searched with {shown(pattern)}: the answer's strings for patterns whose "
+        "search time grows faster than their length are too long in all"
+    )
 
 
 def _exact(number: int | float) -> Fraction | int:
@@ -410,10 +523,7 @@ def _schemashown(problem: tuple[str, str]) -> str:
 
 
 def _errors(value: Any, schema: Mapping[str, Any]) -> str | None:
-    try:
-        return _check(value, schema, schema, "$", 0)
-    except RecursionError:  # a deep value below the limit, on a small stack
-        return "$: nested too deeply to check"
+    return value_problem(value, schema, schema)
 
 
 def value_problem(value: Any, schema: Any, root: Mapping[str, Any]) -> str | None:
@@ -422,8 +532,10 @@ def value_problem(value: Any, schema: Any, root: Mapping[str, Any]) -> str | Non
     found nothing wrong with), or None.
     """
     try:
-        return _check(value, schema, root, "$", 0)
-    except RecursionError:
+        return _check(value, schema, root, "$", 0, _Budget())
+    except _Unchecked as exc:
+        return str(exc)
+    except RecursionError:  # a deep value below the limit, on a small stack
         return "$: nested too deeply to check"
 
 

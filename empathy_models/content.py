@@ -569,7 +569,10 @@ class ResponseFormat:
             ``anyOf`` / ``oneOf`` / ``allOf``, ``$ref``, the length, item-count and number
             bounds, ``pattern`` and ``multipleOf``; others are sent and not checked) must
             have the values JSON Schema 2020-12 gives them, and a ``$ref`` must point
-            into the schema (``#/$defs/...``).
+            into the schema (``#/$defs/...``).  A ``pattern`` (or ``patternProperties``
+            key) whose search time can grow exponentially with the string, such as
+            ``^(a+)+$``, is refused: the answer is text the model wrote, and ``re`` has
+            no timeout (see the README's "Patterns in a JSON schema").
         name: the schema's name sent to OpenAI (1-64 letters, digits, ``_`` or ``-``).
         strict: (default true) asks OpenAI for exact adherence, which needs
             ``additionalProperties: false`` and every property required.

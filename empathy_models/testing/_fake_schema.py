@@ -39,6 +39,7 @@ from fractions import Fraction
 from typing import Any, Final
 
 from .._jsonschema import resolve_ref, schema_problem, value_problem
+from .._regex_cost import length_limit, pattern_cost
 from .._validators import shown
 
 __all__ = ["MAX_EXAMPLE_CHARS", "SchemaRefused", "example_for"]
@@ -236,6 +237,9 @@ def _pattern_examples(pattern: str, low: int, high: int | None) -> list[str]:
     """Distinct strings ``pattern`` finds a match in, their lengths in [low, high]."""
     if _RE_PARSER is None:
         return []
+    exponent = pattern_cost(pattern)[0]
+    if exponent >= 2:  # a longer string is not searched with it (see _regex_cost)
+        high = length_limit(exponent) if high is None else min(high, length_limit(exponent))
     try:
         parsed = _RE_PARSER.parse(pattern)
         compiled = re.compile(pattern)
