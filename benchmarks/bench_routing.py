@@ -105,37 +105,42 @@ def _profiles(ids: list[str], rng: random.Random) -> dict[str, tuple[float, floa
     return {m: (rng.uniform(0.85, 0.999), rng.uniform(100, 2_000)) for m in ids}
 
 
-def make_pool(ids: list[str]) -> dict[str, list[LLMCallRecord]]:
+def make_pool(registry: ModelRegistry) -> dict[str, list[LLMCallRecord]]:
     """A few distinct records per model, re-used: we time the router, not record creation."""
     rng = random.Random(7)
     now = datetime.now(UTC)
+    ids = [m.id for m in registry.models]
     profiles = _profiles(ids, rng)
     pool: dict[str, list[LLMCallRecord]] = {}
     for m in ids:
-        pool[m] = [_outcome(m, profiles[m], rng, now) for _ in range(16)]
+        pool[m] = [_outcome(registry.get(m), profiles[m], rng, now) for _ in range(16)]
     return pool
 
 
 def _outcome(
-    model: str, profile: tuple[float, float], rng: random.Random, at: datetime
+    info: ModelInfo, profile: tuple[float, float], rng: random.Random, at: datetime
 ) -> LLMCallRecord:
-    # one outcome of ``model`` at ``at``, drawn from its (success rate, latency) profile
+    # one outcome of ``info``'s model at ``at``, drawn from its (success rate, latency)
+    # profile; a success costs its tokens' list price, a failure nothing (as recorded)
     ok, lat = profile
+    success = rng.random() < ok
+    latency_ms = rng.lognormvariate(0, 0.3) * lat
+    output_tokens = rng.randint(100, 400)
     return LLMCallRecord(
         provider="openai",
-        model=model,
-        outcome=Outcome.SUCCESS if rng.random() < ok else Outcome.FAILURE,
+        model=info.id,
+        outcome=Outcome.SUCCESS if success else Outcome.FAILURE,
         workflow="bench",
         stage="answer",
-        latency_ms=rng.lognormvariate(0, 0.3) * lat,
+        latency_ms=latency_ms,
         input_tokens=500,
-        output_tokens=rng.randint(100, 400),
-        cost_usd=0.001,
+        output_tokens=output_tokens,
+        cost_usd=info.cost(500, output_tokens) if success else 0.0,
         timestamp=at,
     )
 
 
-def week_of_outcomes(ids: list[str], per_model: int) -> Iterator[LLMCallRecord]:
+def week_of_outcomes(registry: ModelRegistry, per_model: int) -> Iterator[LLMCallRecord]:
     """
     ``per_model`` outcomes of each model spread evenly over the last 7 days, in time
     order (the models in turn), drawn from the same profiles as `make_pool`'s: what a
@@ -143,13 +148,14 @@ def week_of_outcomes(ids: list[str], per_model: int) -> Iterator[LLMCallRecord]:
     change test finds in them), unlike outcomes all reported in the same minute.
     """
     rng = random.Random(7)
-    profiles = _profiles(ids, rng)
+    models = registry.models
+    profiles = _profiles([m.id for m in models], rng)
     now = time.time()
     step = WEEK_S / per_model
     for i in range(per_model):
         ts = datetime.fromtimestamp(now - WEEK_S + (i + 0.5) * step, UTC)
-        for m in ids:
-            yield _outcome(m, profiles[m], rng, ts)
+        for m in models:
+            yield _outcome(m, profiles[m.id], rng, ts)
 
 
 def feed(
@@ -189,14 +195,14 @@ def setup_ours(histories: tuple[int, ...], week_per_model: int) -> list[OurCase]
     for n in CANDIDATES:
         registry = make_registry(n)
         ids = [m.id for m in registry.models]
-        pool = make_pool(ids)
+        pool = make_pool(registry)
         for history in histories:
             router = AdaptiveModelRouter(registry, seed=1, refresh_interval=None)
             fed = feed(router, ids, pool, history)
             cases.append(OurCase(n, history, router, ids, pool, fed))
         router = AdaptiveModelRouter(registry, seed=1, refresh_interval=None)
         t0 = time.perf_counter()
-        for record in week_of_outcomes(ids, week_per_model):
+        for record in week_of_outcomes(registry, week_per_model):
             router.record_outcome(record)
         fed = time.perf_counter() - t0
         cases.append(OurCase(n, week_per_model * n, router, ids, pool, fed, week=True))

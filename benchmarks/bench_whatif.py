@@ -5,9 +5,10 @@ right it is where the truth is known.
 **Time.**  One workflow stage with 10k and 100k recorded calls (four models, spread over
 7 days, in a real SQLite file); `empathy_models.whatif.evaluate_policy` with its
 defaults (30 replicates x 400 simulated requests through the real router, plus the
-off-policy check over the newest 5,000 calls).  Bar: under 5 s at 100k
-calls.  For scale, the same run reads the evidence rollups, not the rows: reading every
-row of the stage (``recent(limit=calls)``) is timed beside it.
+off-policy check over the newest 5,000 calls, and ``aggregate()`` over the window for
+each model's recorded p95).  Bar: under 5 s at 100k calls.  For scale, the same run
+reads the evidence rollups, not the rows: reading every row of the stage
+(``recent(limit=calls)``) is timed beside it.
 
 **Accuracy.**  The known-truth store of ``tests/test_whatif.py`` (3,000 calls over a
 week; min_success_rate 0.95): the cheaper model is truly below the gate, so the policy's

@@ -720,7 +720,7 @@ class AdaptiveModelRouter:
             input_tokens, max_tokens: the expected cost's: a model's mean output tokens (the
                 stage's if unmeasured, else ``max_tokens``), at most ``max_tokens``.
             max_cost, max_latency_ms, min_success_rate: the constraints (the last defaults to
-                the policy's ``default_min_success_rate``).
+                the policy's ``default_min_success_rate``); cost: `decide.cost_factor`.
             on_no_match: with no candidate eligible or explorable: ``"raise"``; ``"relax"``
                 drops constraints in the policy's ``relax_order`` until one qualifies (listed
                 in ``relaxed``); any other string is a pinned model id, returned with

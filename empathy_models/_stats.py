@@ -18,12 +18,29 @@ The most one latency or cost counts for in an aggregate's averages (every backen
 """
 
 __all__ = [
+    "Spend",
     "aggregate_records",
     "check_aware",
     "interpolated_quantile",
     "matches",
     "nearest_rank",
+    "spend_of",
 ]
+
+Spend = dict[tuple[str | None, str | None, str], float]
+"""What `TelemetryBackend.spend` returns: USD per (workflow, stage, model)."""
+
+
+def spend_of(records: Iterable[LLMCallRecord]) -> Spend:
+    """
+    The cost of ``records`` per (workflow, stage, model), every outcome counted, each
+    cost at most `AVERAGE_CAP`; no workflow or stage (``None`` or ``""``) keyed ``None``.
+    """
+    out: Spend = {}
+    for r in records:
+        key = (r.workflow or None, r.stage or None, r.model)
+        out[key] = out.get(key, 0.0) + min(r.cost_usd, AVERAGE_CAP)
+    return out
 
 
 def nearest_rank(sorted_values: Sequence[float], p: float) -> float | None:

@@ -127,6 +127,39 @@ def _overdispersion(buckets: Sequence[EvidenceBucket], rate: float, samples: int
     return 1.0
 
 
+_SAME_PRICE: Final = 1e-9  # a ratio of costs this close to 1 is 1 (float sums' rounding)
+
+
+def _cost_split(cost: float, samples: int, successes: int, listed: float) -> tuple[float, float]:
+    """
+    How a model's recorded cost splits between its successful and failed attempts, each
+    as a multiple of ``listed`` (the list price of a successful call's mean tokens).
+
+    A bucket sums the cost of every attempt but the tokens of successful ones only, so
+    the split is an assumption, the one that needs the fewest: successes cost their list
+    price and failed attempts what is left, up to what a success costs; a recorded cost
+    below the successes' list price (a prompt cache's discount) lowers the successes'
+    price, failures then costing nothing; one above what every attempt would cost at
+    list price (prompt-cache writes and reads, which ``input_tokens`` leave out) raises
+    both alike.  With nothing recorded as spent (calls never priced) or no list price:
+    successes at list price, failures free.
+
+    Returns:
+        (cost of a success, cost of a failure), as multiples of ``listed``.
+    """
+    if not (cost > 0.0 and listed > 0.0 and successes > 0):
+        return 1.0, 0.0
+    at_list = successes * listed
+    if cost <= at_list * (1.0 + _SAME_PRICE):
+        ratio = cost / at_list
+        return (1.0 if ratio >= 1.0 - _SAME_PRICE else ratio), 0.0
+    failures = samples - successes
+    if failures > 0 and cost <= samples * listed:
+        return 1.0, (cost - at_list) / (failures * listed)
+    ratio = cost / (samples * listed)
+    return ratio, ratio if failures > 0 else 0.0
+
+
 def _fit(model: str, buckets: Sequence[EvidenceBucket], registry: ModelRegistry) -> ModelFit:
     """
     One model's `ModelFit` from its evidence buckets in the window.
@@ -162,12 +195,13 @@ def _fit(model: str, buckets: Sequence[EvidenceBucket], registry: ModelRegistry)
         mean_in, se_in = _token_mean(lat_ns, [b.input_tokens for b in buckets], latency)
         mean_out, se_out = _token_mean(lat_ns, [b.output_tokens for b in buckets], latency)
     per_call: float | None = None
+    success_cost = 1.0
+    failure_cost = 0.0
     if in_registry and mean_in is not None and mean_out is not None:
         info = registry.get(model)
-        per_success = (
-            mean_in * info.input_price_per_mtok + mean_out * info.output_price_per_mtok
-        ) / 1e6
-        per_call = rate * per_success
+        listed = (mean_in * info.input_price_per_mtok + mean_out * info.output_price_per_mtok) / 1e6
+        success_cost, failure_cost = _cost_split(cost, samples, successes, listed)
+        per_call = (rate * success_cost + (1.0 - rate) * failure_cost) * listed
     elif not in_registry:
         per_call = cost / samples
     return ModelFit(
@@ -186,6 +220,8 @@ def _fit(model: str, buckets: Sequence[EvidenceBucket], registry: ModelRegistry)
         recorded_cost_usd=cost,
         cost_per_call_usd=per_call,
         in_registry=in_registry,
+        success_cost_factor=success_cost,
+        failure_cost_factor=failure_cost,
         overdispersion=_overdispersion(buckets, rate, samples),
         latency_mu=None if latency is None else latency.mu,
         latency_sigma=None if latency is None else latency.sigma,

@@ -40,7 +40,7 @@ from .records import (
     RoutingDecision,
     _trusted_call_record,
 )
-from .registry import ModelRegistry
+from .registry import ModelInfo, ModelRegistry
 from .routing.policy import RoutingPolicy
 
 __all__: list[str] = []
@@ -77,6 +77,7 @@ class _FrozenEvidence(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        until: datetime | None,
         samples_only: bool,
     ) -> list[LLMCallRecord]:
         return []
@@ -155,6 +156,7 @@ class _Draw:
     mu: float
     sigma: float
     cost_per_success: float
+    cost_per_failure: float = 0.0
     # log-normal time to first token; None: no streamed call to learn it from
     ttft_mu: float | None = None
     ttft_sigma: float = _FALLBACK_SIGMA
@@ -207,14 +209,16 @@ def _draw(
     pooled: tuple[float, float, float, float],
     rng: random.Random,
     pooled_ttft: tuple[float, float] | None = None,
+    max_tokens: int | None = None,
 ) -> _Draw:
     """
     One replicate's truth for ``fit``'s model, drawn from the fit's uncertainty.
 
     A model unknown or never successful in the window has its success rate drawn from
     the uniform prior (updated by what little it did) and the stage's pooled tokens and
-    latency; its cost per success is priced from the registry, else from what was
-    recorded.
+    latency.  Output tokens stop at ``max_tokens``.  A success costs the list price of
+    the drawn tokens times the fit's ``success_cost_factor``, a failure times its
+    ``failure_cost_factor`` (`_cost`).
     """
     info = registry.get(fit.model) if fit.model in registry else None
     provider = info.provider if info is not None else "unknown"
@@ -238,13 +242,9 @@ def _draw(
             sigma = fit.latency_sigma * math.sqrt(rng.gammavariate((n - 1) / 2.0, 2.0) / (n - 1))
         else:
             sigma = fit.latency_sigma if fit.latency_sigma is not None else _FALLBACK_SIGMA
-    if info is not None:
-        per_success = (
-            mean_in * info.input_price_per_mtok + mean_out * info.output_price_per_mtok
-        ) / 1e6
-    else:
-        rate = fit.success_rate or 0.0
-        per_success = fit.recorded_cost_usd / max(1, fit.samples) / rate if rate > 0 else 0.0
+    if max_tokens is not None and mean_out > max_tokens:
+        mean_out = float(max_tokens)  # the call's output stops there, as the router costs it
+    per_success, per_failure = _cost(fit, info, mean_in, mean_out)
     ttft_mu, ttft_sigma = _draw_ttft(fit, pooled_ttft, rng)
     return _Draw(
         provider=provider,
@@ -254,9 +254,29 @@ def _draw(
         mu=mu,
         sigma=max(sigma, 1e-6),
         cost_per_success=per_success,
+        cost_per_failure=per_failure,
         ttft_mu=ttft_mu,
         ttft_sigma=ttft_sigma,
     )
+
+
+def _cost(
+    fit: ModelFit, info: ModelInfo | None, mean_in: float, mean_out: float
+) -> tuple[float, float]:
+    """
+    What one simulated success and one failure of ``fit``'s model cost, its calls
+    having ``mean_in`` / ``mean_out`` tokens: their list price times the fit's cost
+    factors.  A model with recorded failures but no success: failures cost what they
+    were recorded to.  Outside the registry (no price): every attempt costs the recorded
+    cost per attempt.
+    """
+    recorded = fit.recorded_cost_usd / fit.samples if fit.samples else 0.0
+    if info is None:
+        return recorded, recorded
+    listed = (mean_in * info.input_price_per_mtok + mean_out * info.output_price_per_mtok) / 1e6
+    if fit.successes == 0:
+        return listed, recorded
+    return listed * fit.success_cost_factor, listed * fit.failure_cost_factor
 
 
 def _record(
@@ -371,7 +391,7 @@ class _Replicate:
     served: int
     unmatched: int  # requests no model qualified for: on_no_match raised, relaxed or pinned
     unproven: int  # requests answered by exploring while no model was proven
-    expected_cost: float  # sum over served requests of the expected cost
+    expected_cost: float  # sum over served requests of the expected cost (failures' too)
     expected_successes: float
 
 
@@ -409,8 +429,9 @@ class _Simulation:
             What its requests did.
         """
         rng = random.Random(self.seed * 1_000_003 + rep)
+        cap = self.question.max_tokens
         draws = {
-            n: _draw(self.fits[n], self.registry, self.pooled, rng, self.pooled_ttft)
+            n: _draw(self.fits[n], self.registry, self.pooled, rng, self.pooled_ttft, cap)
             for n in self.question.candidates
         }
         now = [self.evidence.until.timestamp()]
@@ -449,7 +470,7 @@ class _Simulation:
                     d = draws[model] = self._draw_pinned(model, rng)
                 served += 1
                 picks[model] = picks.get(model, 0) + 1
-                exp_cost += d.success * d.cost_per_success
+                exp_cost += d.success * d.cost_per_success + (1.0 - d.success) * d.cost_per_failure
                 exp_success += d.success
                 router.record_outcome(self._outcome(model, d, now[0], rng))
         return _Replicate(
@@ -467,7 +488,14 @@ class _Simulation:
         self.fits.setdefault(
             model, self.evidence.fits.get(model) or ModelFit(model=model, known=False)
         )
-        return _draw(self.fits[model], self.registry, self.pooled, rng, self.pooled_ttft)
+        return _draw(
+            self.fits[model],
+            self.registry,
+            self.pooled,
+            rng,
+            self.pooled_ttft,
+            self.question.max_tokens,
+        )
 
     def _outcome(self, model: str, d: _Draw, timestamp: float, rng: random.Random) -> LLMCallRecord:
         """One simulated attempt on ``model``: success, tokens and timings drawn from ``d``."""
@@ -482,7 +510,7 @@ class _Simulation:
             stage=self.evidence.stage,
             input_tokens=round(d.input_tokens) if ok else 0,
             output_tokens=out,
-            cost_usd=d.cost_per_success if ok else 0.0,
+            cost_usd=d.cost_per_success if ok else d.cost_per_failure,
             latency_ms=rng.lognormvariate(d.mu, d.sigma),
             ttft_ms=None if d.ttft_mu is None else rng.lognormvariate(d.ttft_mu, d.ttft_sigma),
         )

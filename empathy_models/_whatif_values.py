@@ -57,9 +57,20 @@ class ModelFit:
 
     ``known`` is false for a candidate without a single sample in the window: its
     success rate is then unknown (reported as ``None``), never assumed.  Latency is
-    log-normal over successful calls; ``cost_per_call_usd`` prices the mean tokens of a
-    successful call at the registry's current prices and weighs it by the success rate
-    (failed attempts cost nothing).
+    log-normal over successful calls: ``latency_p50_ms`` / ``latency_p95_ms`` are the
+    fit's, ``recorded_latency_p95_ms`` the recorded calls' own (nearest rank, as
+    `TelemetryBackend.aggregate` computes it; likewise for the time to first token), so
+    a tail the fit misses shows as a gap between the two.
+
+    ``cost_per_call_usd`` is what an attempt costs: the list price of a successful
+    call's mean tokens (the registry's current prices) times ``success_cost_factor``
+    for a success and ``failure_cost_factor`` for a failure, weighed by the success
+    rate.  The factors split what the model's calls were recorded to cost (every
+    attempt's, the failed ones that were billed included; see
+    `empathy_models.whatif`, *Costs*): 1 and 0 when they cost their list price and failures
+    nothing; a prompt cache's discount or surcharge and billed failures move them, so
+    at the recorded success rate ``cost_per_call_usd`` is the recorded cost per attempt.
+    A model outside the registry is costed at its recorded cost per attempt.
     """
 
     model: str
@@ -77,6 +88,11 @@ class ModelFit:
     recorded_cost_usd: float = 0.0
     cost_per_call_usd: float | None = None
     in_registry: bool = True
+    # what a success and a failure cost, as multiples of the list price of a success
+    success_cost_factor: float = 1.0
+    failure_cost_factor: float = 0.0
+    recorded_latency_p95_ms: float | None = None
+    recorded_ttft_p95_ms: float | None = None
     # what the replicates draw from (cluster-robust standard errors)
     overdispersion: float = 1.0
     latency_mu: float | None = None
@@ -108,8 +124,12 @@ class ModelFit:
             "ttft_p95_ms": self.ttft_p95_ms,
             "mean_input_tokens": self.mean_input_tokens,
             "mean_output_tokens": self.mean_output_tokens,
+            "recorded_latency_p95_ms": self.recorded_latency_p95_ms,
+            "recorded_ttft_p95_ms": self.recorded_ttft_p95_ms,
             "recorded_cost_usd": self.recorded_cost_usd,
             "cost_per_call_usd": self.cost_per_call_usd,
+            "success_cost_factor": self.success_cost_factor,
+            "failure_cost_factor": self.failure_cost_factor,
             "in_registry": self.in_registry,
             "overdispersion": self.overdispersion,
         }
@@ -209,7 +229,14 @@ class WhatIfReport:
     constraint: the router explored an unproven model, or re-probed, instead of applying
     ``on_no_match``; not counted in ``no_match_share``), ``ttft_p95_ms`` (time to first
     token of the successful calls of models that streamed; all ``None`` when none did).
-    ``recorded_*`` are what the recorded calls in the window did, per attempt.
+    ``recorded_*`` are what the recorded calls in the window did, per attempt:
+    ``recorded_latency_p95_ms`` / ``recorded_ttft_p95_ms`` as the store computes them
+    (nearest rank, `TelemetryBackend.aggregate`) when one model served the stage, and
+    across several models the p95 of the mix of their log-normal fits, each moved to
+    its recorded p95.  ``fitted_latency_p95_ms`` / ``fitted_ttft_p95_ms`` are the p95
+    of the mix of the fits themselves, what the simulation draws from: a recorded p95
+    well above it means a heavier tail than a log-normal (noted in ``notes``), which
+    the simulated p95 understates.
     """
 
     workflow: str
@@ -237,6 +264,8 @@ class WhatIfReport:
     recorded_ttft_p95_ms: float | None = None
     ttft_p95_ms: Interval = field(factory=Interval.none)
     unproven_share: Interval = field(factory=Interval.none)
+    fitted_latency_p95_ms: float | None = None
+    fitted_ttft_p95_ms: float | None = None
 
     @property
     def cost_per_1k(self) -> Interval:
@@ -266,6 +295,10 @@ class WhatIfReport:
                 "success_rate": self.recorded_success_rate,
                 "latency_p95_ms": self.recorded_latency_p95_ms,
                 "ttft_p95_ms": self.recorded_ttft_p95_ms,
+            },
+            "fitted": {
+                "latency_p95_ms": self.fitted_latency_p95_ms,
+                "ttft_p95_ms": self.fitted_ttft_p95_ms,
             },
             "cost_per_request": self.cost_per_request.to_dict(),
             "cost_per_1k": self.cost_per_1k.to_dict(),

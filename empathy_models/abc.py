@@ -26,7 +26,7 @@ from attrs import field, frozen
 
 from . import circuit
 from ._change_feed import ChangeFeed
-from ._stats import check_aware
+from ._stats import Spend, check_aware, spend_of
 from ._validators import check, failure, instance_of, integer, one_of, shown, text
 from .content import (
     ContentBlock,
@@ -87,6 +87,7 @@ MAX_TOKENS_LIMIT: Final = 1_000_000
 
 
 _limit = integer(failure(ConfigurationError), low=0, why="must be an integer >= 0")
+_EVERY: Final = 2**63 - 1  # a limit no store reaches: every matching record
 _flag = instance_of(failure(ConfigurationError), bool, why="must be True or False")
 
 
@@ -158,7 +159,10 @@ class TelemetryBackend(AsyncResource):
       group's samples.  Records without a ``workflow`` or ``stage`` (``None`` or ``""``)
       form their own groups, reported as ``None``; where they sort is up to the backend.
     * `recent` returns the newest records first, ordered by timestamp; with
-      ``samples_only`` only sample records (see `Outcome.is_sample`).
+      ``samples_only`` only sample records (see `Outcome.is_sample`); with ``until``
+      only records before it, however many later ones there are.
+    * `spend` sums the cost of every matching record, whatever its outcome, per
+      (workflow, stage, model), grouped as `aggregate` groups.
     * Filters given as ``None`` match everything.  A ``workflow`` or ``stage`` filter of
       ``""`` matches the records without one (``None`` or ``""``).  ``since`` is
       inclusive, ``until`` exclusive; both must be aware datetimes.
@@ -206,6 +210,7 @@ class TelemetryBackend(AsyncResource):
         stage: str | None = None,
         model: str | None = None,
         since: datetime | None = None,
+        until: datetime | None = None,
         samples_only: bool = False,
     ) -> list[LLMCallRecord]:
         """
@@ -213,28 +218,33 @@ class TelemetryBackend(AsyncResource):
 
         ``samples_only``: only sample outcomes (`Outcome.is_sample`), so the ``limit``
         newest samples come back however many other records (cache hits, cancelled or
-        refused calls) are newer.  A backend whose `_recent` predates ``samples_only``
-        (its signature has no such parameter) is read in pages of growing size until
-        enough samples are found or no older record matches.
+        refused calls) are newer.  ``until`` (exclusive, as ``since`` is inclusive):
+        only records before it, so the ``limit`` newest of an earlier window come back
+        however many later records there are.  A backend whose `_recent` predates
+        ``samples_only`` or ``until`` (its signature has no such parameter) is read in
+        pages of growing size until enough matching records are found or no older
+        record matches.
         """
         self._check_open()
         check(_limit, "limit", limit)
         check_aware("since", since)
+        check_aware("until", until)
         check(_flag, "samples_only", samples_only)
-        if _takes_samples_only(type(self)):
+        if _takes(type(self), "until"):
             return await self._recent(
                 limit=limit,
                 workflow=workflow,
                 stage=stage,
                 model=model,
                 since=since,
+                until=until,
                 samples_only=samples_only,
             )
-        if not samples_only:
-            return await _legacy_recent(self)(
-                limit=limit, workflow=workflow, stage=stage, model=model, since=since
+        if until is None:
+            return await _recent_without_until(
+                self, limit, workflow, stage, model, since, samples_only
             )
-        return await _paged_samples(self, limit, workflow, stage, model, since)
+        return await _paged_until(self, limit, workflow, stage, model, since, samples_only, until)
 
     async def evidence(
         self,
@@ -263,6 +273,31 @@ class TelemetryBackend(AsyncResource):
         check_aware("until", until)
         check_after_version(after_version)
         return await self._evidence(since=since, until=until, after_version=after_version)
+
+    async def spend(
+        self,
+        *,
+        workflow: str | None = None,
+        stage: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Spend:
+        """
+        What the matching calls cost in USD, per (workflow, stage, model), whatever their
+        outcome: the samples `aggregate` averages over, and the attempts it leaves out
+        (a stream the caller abandoned or a deadline cut short is billed for what it
+        used; cache hits, breaker rejections and calls never sent cost 0).
+
+        Keys are as `aggregate` groups: ``None`` for a record without a workflow or
+        stage (``None`` or ``""``).  A cost counts for at most 1e300
+        (``_stats.AVERAGE_CAP``), as in `aggregate`'s averages; backends sum in their own
+        order, so two agree to a relative 1e-9.  A backend that does not implement
+        `_spend` is read through `recent` (every matching record).
+        """
+        self._check_open()
+        check_aware("since", since)
+        check_aware("until", until)
+        return await self._spend(workflow=workflow, stage=stage, since=since, until=until)
 
     async def purge(self, *, before: datetime) -> int:
         """Delete records older than ``before``; return how many were deleted."""
@@ -296,9 +331,25 @@ class TelemetryBackend(AsyncResource):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        until: datetime | None,
         samples_only: bool,
     ) -> list[LLMCallRecord]:
         """`recent` for arguments already checked."""
+
+    async def _spend(
+        self,
+        *,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> Spend:
+        """`spend` for arguments already checked (default: every matching record read)."""
+        return spend_of(
+            await self.recent(
+                limit=_EVERY, workflow=workflow, stage=stage, since=since, until=until
+            )
+        )
 
     async def _evidence(
         self, *, since: datetime | None, until: datetime | None, after_version: int
@@ -326,15 +377,69 @@ class TelemetryBackend(AsyncResource):
 
 
 @functools.cache
-def _takes_samples_only(backend_type: type[TelemetryBackend]) -> bool:
-    """Whether ``backend_type._recent`` takes ``samples_only`` (by name or ``**kwargs``)."""
+def _takes(backend_type: type[TelemetryBackend], name: str) -> bool:
+    """Whether ``backend_type._recent`` takes ``name`` (by name or ``**kwargs``)."""
     parameters = inspect.signature(backend_type._recent).parameters.values()
-    return any(p.name == "samples_only" or p.kind is p.VAR_KEYWORD for p in parameters)
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
 
 
 def _legacy_recent(backend: TelemetryBackend) -> Callable[..., Awaitable[list[LLMCallRecord]]]:
-    """The `_recent` of a backend whose signature predates ``samples_only``."""
+    """The `_recent` of a backend whose signature predates ``until`` or ``samples_only``."""
     return backend._recent
+
+
+async def _recent_without_until(
+    backend: TelemetryBackend,
+    limit: int,
+    workflow: str | None,
+    stage: str | None,
+    model: str | None,
+    since: datetime | None,
+    samples_only: bool,
+) -> list[LLMCallRecord]:
+    """``recent`` (without ``until``) from a `_recent` that predates ``until``."""
+    if _takes(type(backend), "samples_only"):
+        return await _legacy_recent(backend)(
+            limit=limit,
+            workflow=workflow,
+            stage=stage,
+            model=model,
+            since=since,
+            samples_only=samples_only,
+        )
+    if not samples_only:
+        return await _legacy_recent(backend)(
+            limit=limit, workflow=workflow, stage=stage, model=model, since=since
+        )
+    return await _paged_samples(backend, limit, workflow, stage, model, since)
+
+
+async def _paged_until(
+    backend: TelemetryBackend,
+    limit: int,
+    workflow: str | None,
+    stage: str | None,
+    model: str | None,
+    since: datetime | None,
+    samples_only: bool,
+    until: datetime,
+) -> list[LLMCallRecord]:
+    """
+    ``recent(until=...)`` from a `_recent` that predates ``until``: the newest records
+    are read, four times as many each time, until ``limit`` of them are before
+    ``until`` or no older record matches.
+    """
+    if limit == 0:
+        return []
+    size = limit
+    while True:
+        records = await _recent_without_until(
+            backend, size, workflow, stage, model, since, samples_only
+        )
+        before = [r for r in records if r.timestamp < until]
+        if len(before) >= limit or len(records) < size:
+            return before[:limit]
+        size *= 4
 
 
 async def _paged_samples(

@@ -762,8 +762,10 @@ class CandidateEvaluation:
     #: 95% upper confidence bound of the p95 latency (what ``max_latency_ms`` is held to)
     latency_p95_upper_ms: float | None = field(default=None, validator=_non_negative)
     #: how ``expected_cost_usd`` was obtained: "estimate" (the model's own mean output
-    #: tokens), "prior" (the stage's mean, for a model not yet measured), "worst_case"
-    #: or "observed"
+    #: tokens, its list prices scaled by what its calls were recorded to cost, billed
+    #: failures and prompt caches included: `routing.decide.cost_factor`), "prior" (the
+    #: stage's mean, for a model not yet measured, at list prices), "worst_case" or
+    #: "observed"
     cost_basis: str | None = None
     #: a change the router detected in this model's success rate, which restarted its
     #: evidence (e.g. "degraded (success rate 0.990 -> 0.812)"); None when none did

@@ -4,8 +4,10 @@ What-if: evaluate a routing policy on recorded telemetry before deploying it.
 "If I raise ``min_success_rate`` to 0.97 for docs/write, what will it cost, and how
 often will nothing qualify?"  `evaluate_policy` answers from the evidence rollups the
 telemetry backend already keeps (`TelemetryBackend.evidence`, one additive bucket per
-model and minute), never from the individual calls, so a stage with 100,000 recorded
-calls is evaluated in about a second.
+model and minute), not from the individual calls (only those of the two minutes the
+window ``[now - days, now)`` starts and ends within are read, and rolled up alike, so
+the window is exact), so a stage with 100,000 recorded calls is evaluated in seconds
+(on SQLite about half of it `TelemetryBackend.aggregate`, for the recorded p95s).
 
 How:
 
@@ -14,8 +16,10 @@ How:
    uncertainty comes from resampling the evidence: the minute buckets are the units
    (a cluster-robust variance of each mean over buckets), so a model whose failures
    came in bursts (an outage) is known less precisely than the same count of
-   independent failures would suggest.  Prices are the registry's current ones (its
-   ``price_version`` is reported), not the prices the calls were recorded at.
+   independent failures would suggest.  Costs: see *Costs* below.  Each model's
+   recorded p95 latency and time to first token (nearest rank, `TelemetryBackend.
+   aggregate`) are reported beside the fit's: a log-normal misses a heavy second mode,
+   and the report notes a recorded p95 far above the fit's.
 2. **Replicates.**  Each replicate draws one plausible truth for every model from that
    uncertainty and replays ``requests`` simulated requests through the real
    `AdaptiveModelRouter` with the proposed constraints and routing policy: the router
@@ -31,12 +35,30 @@ How:
    stage's pooled evidence, so the intervals widen instead of assuming it works.
 4. **Off-policy check.**  When the recorded calls carry the router's selection
    probability (``LLMCallRecord.routing_propensity``), an inverse-propensity-weighted
-   estimate over the most recent calls (`ipw_limit`, the one step that reads rows) is
-   reported beside the simulation, with its effective sample size.
+   estimate over the window's newest calls (`ipw_limit` of them, read back as records,
+   however many were recorded after the window) is reported beside the simulation,
+   with its effective sample size.
 
 One simulated request is one routed attempt: retries and fallbacks are not simulated,
-failed attempts are costed at zero (as the executor records them: nothing billed), and
-"what was actually spent" is likewise the recorded cost per attempt.
+and "what was actually spent" is the recorded cost per attempt.
+
+**Costs.**  A bucket sums the recorded cost of every attempt, failed ones included (a
+stream cut off mid-answer, a malformed answer: billed, and recorded so by the
+executor), but the tokens of successful ones only.  So a model's recorded cost is
+split, with the fewest assumptions, between its successes and failures as multiples of
+the list price of a successful call's mean tokens (`ModelFit.success_cost_factor`,
+``failure_cost_factor``): successes at their list price and failures what is left, up
+to what a success costs; a cost below the successes' list price (a prompt cache's
+discount: OpenAI counts cached tokens among the input) lowers the successes' price,
+failures then costing nothing; a cost above what every attempt would cost at list
+price (prompt-cache writes and reads, which Anthropic's input tokens leave out) raises
+both alike.  A simulated success costs the list price of its drawn tokens (output
+capped at ``max_tokens``, as the router costs a call) times the success factor, a
+failure times the failure factor, so the policy in force is costed at what was recorded
+per attempt.  Calls recorded without a cost (never priced) are costed at list price,
+failures free; a model outside the registry at its recorded cost per attempt.  The
+factors carry the prices the calls were recorded at: the registry's (its
+``price_version`` is reported) only scale them.
 
 This module holds the entry points and assembles the report; the values live in
 `_whatif_values` (re-exported here), the fits and intervals in `_whatif_fit`, the
@@ -53,7 +75,7 @@ from typing import Any, Final, cast
 from attrs import evolve
 
 from ._validators import check, failure, integer, number, shown, text, text_flaw
-from ._whatif_fit import _FALLBACK_SIGMA, _Z95, _fit, _interval, _mixture_p95
+from ._whatif_fit import _FALLBACK_SIGMA, _P95_Z, _Z95, _fit, _interval, _mixture_p95
 from ._whatif_replay import (
     _coarsen,
     _FrozenEvidence,
@@ -72,7 +94,7 @@ from ._whatif_values import (
     WhatIfReport,
 )
 from .abc import TelemetryBackend
-from .evidence import EvidenceBucket, rollup
+from .evidence import BUCKET_SECONDS, EvidenceBucket, bucket_start_of, rollup
 from .exceptions import ConfigurationError
 from .records import LLMCallRecord
 from .registry import ModelRegistry
@@ -109,7 +131,9 @@ def _check_days(days: float) -> float:
     return float(check(_days, "days", days))
 
 
-def _check_name(what: str, value: str) -> str:
+def _check_name(what: str, value: str, *, empty: bool = False) -> str:
+    if empty and isinstance(value, str) and not value:
+        return value  # the calls recorded without one (None or ""), as aggregate() finds them
     # as the router checks it: text every store keeps as given
     check(_name, what, value)
     if (flaw := text_flaw(value)) is not None:
@@ -127,14 +151,21 @@ async def load_stage_evidence(
     now: datetime | None = None,
 ) -> StageEvidence:
     """
-    Read the evidence buckets of ``workflow``/``stage`` and fit each model seen.
+    Read the evidence of ``workflow``/``stage`` in the window and fit each model seen.
 
-    The backend is flushed first, then read once (``evidence()``); a backend that keeps
-    no rollups has its newest records (up to 100,000) rolled up in memory instead.
+    The window is ``[now - days, now)``, exactly.  The backend is flushed first; the
+    whole minutes in the window are read from its evidence rollups (``evidence()``),
+    and the calls of the two minutes the window starts and ends within are read one by
+    one (``recent()``) and rolled up, so no call after ``now`` counts and none of the
+    first minute is left out.  A backend that keeps no rollups has the window's newest
+    records (up to 100,000) rolled up instead.  Each model's recorded p95 latency and
+    time to first token are read beside them (``aggregate()`` over the same window:
+    nearest rank, as the store computes them), to show next to the fits' log-normal
+    ones.
 
     Args:
         backend: the telemetry backend to read.
-        workflow, stage: the stage.
+        workflow, stage: the stage (stage ``""``: the calls recorded without one).
         registry: prices the fits (default `ModelRegistry.default`).
         days: the window, in days before ``now``.
         now: the window's end, an aware datetime (default: the current time).
@@ -147,7 +178,7 @@ async def load_stage_evidence(
             for ``days`` before it.
     """
     _check_name("workflow", workflow)
-    _check_name("stage", stage)
+    _check_name("stage", stage, empty=True)
     days = _check_days(days)
     registry = ModelRegistry.default() if registry is None else registry
     until = now if now is not None else datetime.now(UTC)
@@ -160,22 +191,26 @@ async def load_stage_evidence(
             f"now={until.isoformat()} with days={days:g}: the window would start before "
             "the year 1; pass a later now or fewer days"
         ) from None
-    source = "rollups"
     await backend.flush()  # what this process handed to a batching backend counts too
-    try:
-        batch = await backend.evidence(since=since, until=until)
-        found: Iterable[EvidenceBucket] = batch.buckets
-    except NotImplementedError:
-        source = "records"
-        recent = await backend.recent(
-            limit=_RECENT_FALLBACK, workflow=workflow, stage=stage, since=since
-        )
-        found = rollup(r for r in recent if r.timestamp < until)
-    mine = tuple(b for b in found if b.workflow == workflow and b.stage == stage)
+    found, source = await _read_window(backend, workflow, stage, since, until)
+    # "" finds the calls without a workflow or stage, recorded as None or ""
+    mine = tuple(b for b in found if (b.workflow or "") == workflow and (b.stage or "") == stage)
     per_model: dict[str, list[EvidenceBucket]] = {}
     for b in mine:
         per_model.setdefault(b.model, []).append(b)
-    fits = {m: _fit(m, bs, registry) for m, bs in sorted(per_model.items())}
+    recorded = {
+        p.model: p
+        for p in await backend.aggregate(workflow=workflow, stage=stage, since=since, until=until)
+    }
+    fits = {}
+    for m, bs in sorted(per_model.items()):
+        fits[m] = fit = _fit(m, bs, registry)
+        if (perf := recorded.get(m)) is not None:
+            fits[m] = evolve(
+                fit,
+                recorded_latency_p95_ms=perf.latency_p95_ms,
+                recorded_ttft_p95_ms=perf.ttft_p95_ms,
+            )
     return StageEvidence(
         workflow=workflow,
         stage=stage,
@@ -186,6 +221,37 @@ async def load_stage_evidence(
         fits=fits,
         source=source,
     )
+
+
+async def _read_window(
+    backend: TelemetryBackend, workflow: str, stage: str, since: datetime, until: datetime
+) -> tuple[list[EvidenceBucket], str]:
+    """
+    The evidence of ``[since, until)``: the stored buckets of its whole minutes and the
+    rollup of the calls of the minutes it starts and ends within; and where they came
+    from (``"rollups"``, or ``"records"`` from a backend that keeps no rollups).
+    """
+    first = bucket_start_of(since)
+    if first < since:
+        first = until if until - first <= _MINUTE else first + _MINUTE
+    last = max(first, bucket_start_of(until))
+    try:
+        batch = await backend.evidence(since=first, until=last)
+    except NotImplementedError:
+        records = await backend.recent(
+            limit=_RECENT_FALLBACK, workflow=workflow, stage=stage, since=since, until=until
+        )
+        return rollup(records), "records"
+    edges: list[LLMCallRecord] = []
+    for start, end in ((since, min(first, until)), (last, until)):
+        if start < end:
+            edges += await backend.recent(
+                limit=_RECENT_FALLBACK, workflow=workflow, stage=stage, since=start, until=end
+            )
+    return [*batch.buckets, *rollup(edges)], "rollups"
+
+
+_MINUTE: Final = timedelta(seconds=BUCKET_SECONDS)
 
 
 # --------------------------------------------------------------------------- simulation
@@ -244,8 +310,9 @@ def _check_simulation(
         )
     if not names:
         raise ConfigurationError(
-            f"no calls recorded for {evidence.workflow}/{evidence.stage} since "
-            f"{evidence.since.isoformat()}, and no candidates given: nothing to evaluate"
+            f"no calls recorded for {evidence.workflow}/{evidence.stage} from "
+            f"{evidence.since.isoformat()} to {evidence.until.isoformat()} (days="
+            f"{evidence.days:g} before now), and no candidates given: nothing to evaluate"
         )
     return names
 
@@ -390,7 +457,8 @@ def _report(simulation: _Simulation, runs: _Replicates, *, replicates: int) -> W
         recorded_success_rate=(sum(f.successes for f in evidence.fits.values()) / total)
         if total
         else None,
-        recorded_latency_p95_ms=_recorded_latency_p95(evidence),
+        recorded_latency_p95_ms=_recorded_p95(_latency_parts(evidence)),
+        fitted_latency_p95_ms=_fitted_p95(_latency_parts(evidence)),
         cost_per_request=_interval(runs.costs),
         success_rate=_interval(runs.success, upper=1.0),
         latency_p95_ms=_interval(runs.p95s),
@@ -402,7 +470,8 @@ def _report(simulation: _Simulation, runs: _Replicates, *, replicates: int) -> W
         ipw=None,
         notes=tuple(_notes(simulation)),
         evidence_source=evidence.source,
-        recorded_ttft_p95_ms=_recorded_ttft_p95(evidence),
+        recorded_ttft_p95_ms=_recorded_p95(_ttft_parts(evidence)),
+        fitted_ttft_p95_ms=_fitted_p95(_ttft_parts(evidence)),
         ttft_p95_ms=_interval(runs.ttft_p95s),
     )
 
@@ -455,37 +524,86 @@ def _notes(simulation: _Simulation) -> list[str]:
             notes.append(f"{m}: not in the model registry: the router cannot choose it")
         elif f.known and f.samples < 30:
             notes.append(f"{m}: only {f.samples} calls in the window: its figures are uncertain")
+    notes.extend(_tail_notes(simulation.evidence))
     return notes
 
 
-def _recorded_latency_p95(evidence: StageEvidence) -> float | None:
-    """The p95 latency of the recorded successful calls (a mix of the models' fits)."""
+_Part = tuple[float, float, float, float | None]
+"""One model's calls: (how many, log-mean, log-sd, recorded p95 or None)."""
+
+
+def _latency_parts(evidence: StageEvidence) -> list[_Part]:
+    """Each model's successful calls, for the stage's p95 latency."""
+    return [
+        (
+            f.latency_n,
+            f.latency_mu,
+            f.latency_sigma if f.latency_sigma is not None else _FALLBACK_SIGMA,
+            f.recorded_latency_p95_ms,
+        )
+        for f in evidence.fits.values()
+        if f.latency_mu is not None
+    ]
+
+
+def _ttft_parts(evidence: StageEvidence) -> list[_Part]:
+    """Each model's streamed successful calls, for the stage's p95 time to first token."""
+    return [
+        (
+            f.ttft_n,
+            f.ttft_mu,
+            f.ttft_sigma if f.ttft_sigma is not None else _FALLBACK_SIGMA,
+            f.recorded_ttft_p95_ms,
+        )
+        for f in evidence.fits.values()
+        if f.ttft_mu is not None
+    ]
+
+
+def _fitted_p95(parts: Sequence[_Part]) -> float | None:
+    """The p95 of the mix of the models' log-normal fits (``None``: nothing measured)."""
+    return _mixture_p95([(n, mu, sigma) for n, mu, sigma, _ in parts])
+
+
+def _recorded_p95(parts: Sequence[_Part]) -> float | None:
+    """
+    The recorded p95 of the stage's calls: one model's is its own (nearest rank, from
+    ``aggregate()``); several models' is that of the mix of their fits, each moved so
+    that its p95 is the model's recorded one (the recorded calls are not read one by
+    one, so the mix's tail is each model's recorded tail, its spread the fit's).
+    """
+    parts = [p for p in parts if p[0] > 0]
+    if len(parts) == 1 and parts[0][3] is not None:
+        return parts[0][3]
     return _mixture_p95(
         [
-            (
-                f.successes,
-                f.latency_mu,
-                f.latency_sigma if f.latency_sigma is not None else _FALLBACK_SIGMA,
-            )
-            for f in evidence.fits.values()
-            if f.latency_mu is not None
+            (n, mu if p95 is None else math.log(max(p95, 1e-3)) - _P95_Z * sigma, sigma)
+            for n, mu, sigma, p95 in parts
         ]
     )
 
 
-def _recorded_ttft_p95(evidence: StageEvidence) -> float | None:
-    """The p95 time to first token of the recorded streamed calls; ``None``: none streamed."""
-    return _mixture_p95(
-        [
-            (
-                f.ttft_n,
-                f.ttft_mu,
-                f.ttft_sigma if f.ttft_sigma is not None else _FALLBACK_SIGMA,
-            )
-            for f in evidence.fits.values()
-            if f.ttft_mu is not None
-        ]
-    )
+_HEAVY_TAIL: Final = 1.5
+"""A recorded p95 this many times the fit's (or more) is noted: the fit misses a tail."""
+
+
+def _tail_notes(evidence: StageEvidence) -> list[str]:
+    """Where a model's recorded p95 is far above its log-normal fit's: a heavier tail."""
+    notes = []
+    for f in evidence.fits.values():
+        for what, recorded, fitted in (
+            ("latency", f.recorded_latency_p95_ms, f.latency_p95_ms),
+            ("time to first token", f.recorded_ttft_p95_ms, f.ttft_p95_ms),
+        ):
+            if recorded is not None and fitted is not None and recorded > _HEAVY_TAIL * fitted:
+                notes.append(
+                    f"{f.model}: its recorded p95 {what} ({recorded:.0f} ms) is "
+                    f"{recorded / fitted:.1f}x its log-normal fit's ({fitted:.0f} ms): a "
+                    "heavier tail than the fit, which the simulated p95 and the router's "
+                    f"max_{'latency' if what == 'latency' else 'ttft'}_ms verdicts (judged "
+                    "on the fit) understate"
+                )
+    return notes
 
 
 # --------------------------------------------------------------------------- off-policy
@@ -574,8 +692,8 @@ async def evaluate_policy(
 
     Args:
         backend, workflow, stage, registry, days, now: as for `load_stage_evidence`.
-        ipw_limit: the off-policy estimate is over the newest this many calls of the
-            stage (0: skip it).
+        ipw_limit: the off-policy estimate is over the newest this many sample calls of
+            the stage in the evidence's window (0: skip it).
         evidence: already loaded for this stage, used instead of reading it again.
         **options: `simulate_policy`'s keywords.
 
@@ -596,21 +714,32 @@ async def evaluate_policy(
     if ipw_limit == 0 or not evidence.samples:
         return report
     recent = await backend.recent(
-        limit=ipw_limit, workflow=workflow, stage=stage, since=evidence.since
+        limit=ipw_limit,
+        workflow=workflow,
+        stage=stage,
+        since=evidence.since,
+        until=evidence.until,
+        samples_only=True,
     )
     target = {t.model: t.share.estimate or 0.0 for t in report.traffic}
-    ipw = ipw_estimate((r for r in recent if r.timestamp < evidence.until), target)
-    note = _ipw_note(ipw, target)
+    ipw = ipw_estimate(recent, target)
+    note = _ipw_note(ipw, target, read=len(recent))
     notes = report.notes if note is None else (*report.notes, note)
     return evolve(report, ipw=ipw, notes=notes)
 
 
-def _ipw_note(ipw: IPWEstimate | None, target: Mapping[str, float]) -> str | None:
-    """Why the report has no off-policy estimate (None: it has one)."""
+def _ipw_note(ipw: IPWEstimate | None, target: Mapping[str, float], *, read: int) -> str | None:
+    """Why the report has no off-policy estimate (None: it has one); ``read``: calls read."""
     if ipw is None:
+        if not read:
+            return (
+                "no off-policy (IPW) estimate: no recorded call of the window could be read "
+                "back (purged since, or a store that keeps only the rollups)"
+            )
         return (
-            "no off-policy (IPW) estimate: the recorded calls carry no routing_propensity "
-            "(recorded before this version, or without a router)"
+            f"no off-policy (IPW) estimate: none of the {read} newest recorded calls of "
+            "the window carries a routing_propensity (recorded before this version, or "
+            "without a router)"
         )
     if ipw.cost_per_request.estimate is not None:
         return None

@@ -55,6 +55,20 @@ class NoSleep:
         await anyio.lowlevel.checkpoint()
 
 
+def list_cost(
+    registry: ModelRegistry, model: str, ok: bool, input_tokens: int, output_tokens: int
+) -> float:
+    """
+    What the executor records as a call's cost: a success at its tokens' list price, a
+    failure at nothing (not billed); 0 for a model outside ``registry`` (never priced).
+    The router scales list prices by what calls were recorded to cost
+    (`empathy_models.routing.decide.cost_factor`), so a record's cost must be its price.
+    """
+    if not ok or model not in registry:
+        return 0.0
+    return registry.get(model).cost(input_tokens, output_tokens)
+
+
 def priced_registry(models: list[tuple[str, float]], price_version: str) -> ModelRegistry:
     """One cheap-tier OpenAI model per (id, input price per Mtok); output costs 4x input."""
     return ModelRegistry(
@@ -78,7 +92,7 @@ def spread_calls(
     model: str, calls: int, successes: int, start: float, workflow: str, stage: str
 ) -> list[LLMCallRecord]:
     """``calls`` records of ``model`` one second apart from ``start``, the failures
-    spread evenly among them (300 ms, 500 tokens in, 300 out)."""
+    spread evenly among them (300 ms, 500 tokens in, 300 out; never priced: cost 0)."""
     failures = calls - successes
     return [
         LLMCallRecord(
@@ -94,7 +108,6 @@ def spread_calls(
             latency_ms=300.0,
             input_tokens=500,
             output_tokens=300,
-            cost_usd=0.001,
             timestamp=datetime.fromtimestamp(start + i, UTC),
         )
         for i in range(calls)

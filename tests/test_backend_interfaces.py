@@ -66,6 +66,7 @@ async def test_valid_arguments_reach_the_implementation_with_every_keyword() -> 
                 "stage": None,
                 "model": "m",
                 "since": None,
+                "until": None,
                 "samples_only": False,
             },
         ),
@@ -81,6 +82,7 @@ async def test_valid_arguments_reach_the_implementation_with_every_keyword() -> 
         (lambda b: b.recent(limit=-1), ConfigurationError, "limit"),
         (lambda b: b.recent(limit=True), ConfigurationError, "limit"),
         (lambda b: b.recent(since=NAIVE), RecordValidationError, "since"),
+        (lambda b: b.recent(until=NAIVE), RecordValidationError, "until"),
         (lambda b: b.recent(samples_only=1), ConfigurationError, "samples_only"),
         (lambda b: b.evidence(after_version=-1), ConfigurationError, "after_version"),
         (lambda b: b.evidence(until=NAIVE), RecordValidationError, "until"),
@@ -148,6 +150,57 @@ async def test_a_backend_without_samples_only_is_read_until_enough_samples_are_f
     assert [r.call_id for r in got] == [f"c{i:02d}" for i in range(11, 1, -1)]
     assert [r.call_id for r in every] == [f"c{i:02d}" for i in range(11, -1, -1)]
     assert [r.call_id for r in plain] == ["c61", "c60", "c59"]
+
+
+class BeforeUntil(Minimal):
+    """A backend written before ``recent(until=)`` (it takes ``samples_only``)."""
+
+    def __init__(self, records: Sequence[LLMCallRecord]) -> None:
+        super().__init__()
+        self.records = list(records)
+
+    # the signature of a backend written before until, on purpose
+    async def _recent(  # type: ignore[override]
+        self,
+        *,
+        limit: int,
+        workflow: str | None,
+        stage: str | None,
+        model: str | None,
+        since: datetime | None,
+        samples_only: bool,
+    ) -> list[LLMCallRecord]:
+        self.calls.append(("recent", {"limit": limit}))
+        kept = [r for r in self.records if not samples_only or r.outcome.is_sample]
+        return sorted(kept, key=lambda r: r.timestamp, reverse=True)[:limit]
+
+
+@pytest.mark.parametrize("backend_type", [BeforeUntil, BeforeSamplesOnly])
+async def test_a_backend_without_until_is_read_until_enough_earlier_records_are_found(
+    backend_type: type[BeforeUntil] | type[BeforeSamplesOnly],
+) -> None:
+    # 20 calls before ``until`` (every third a cache hit), then 100 after it: the newest
+    # 5 before ``until`` lie behind those
+    records = [
+        LLMCallRecord(
+            provider="p",
+            model="m",
+            outcome="cache_hit" if i % 3 == 2 else "success",
+            timestamp=AWARE + timedelta(seconds=i),
+            call_id=f"c{i:03d}",
+        )
+        for i in range(120)
+    ]
+    until = records[20].timestamp
+    async with backend_type(records) as backend:
+        got = await backend.recent(limit=5, until=until)
+        samples = await backend.recent(limit=5, until=until, samples_only=True)
+        every = await backend.recent(limit=1000, until=until)
+        none = await backend.recent(limit=0, until=until)
+    assert [r.call_id for r in got] == [f"c{i:03d}" for i in range(19, 14, -1)]
+    assert [r.call_id for r in samples] == ["c019", "c018", "c016", "c015", "c013"]
+    assert [r.call_id for r in every] == [f"c{i:03d}" for i in range(19, -1, -1)]
+    assert none == []
 
 
 async def test_the_built_in_backends_refuse_the_same_arguments() -> None:

@@ -35,6 +35,7 @@ from empathy_models.exceptions import TelemetryError
 from empathy_models.records import CandidateEvaluation, ConstraintStatus
 from empathy_models.routing import TierRecommendation
 from empathy_models.testing.clock import FakeClock
+from tests._fakes import list_cost
 
 WF, ST = "docs", "outline"
 
@@ -76,17 +77,18 @@ def rec(
     output_tokens: int = 200,
     tier: ModelTier | None = None,
 ) -> LLMCallRecord:
+    outcome = outcome or (Outcome.SUCCESS if ok else Outcome.FAILURE)
     return LLMCallRecord(
         provider="openai",
         model=model,
-        outcome=outcome or (Outcome.SUCCESS if ok else Outcome.FAILURE),
+        outcome=outcome,
         timestamp=datetime.fromtimestamp(clock(), UTC),
         workflow=workflow,
         stage=stage,
         tier=tier,
         input_tokens=1000,
         output_tokens=output_tokens,
-        cost_usd=0.001,
+        cost_usd=list_cost(REGISTRY, model, outcome is Outcome.SUCCESS, 1000, output_tokens),
         latency_ms=latency_ms,
     )
 

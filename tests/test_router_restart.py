@@ -22,7 +22,7 @@ from empathy_models import (
 )
 from empathy_models.routing import TierRecommendation
 from empathy_models.testing.clock import FakeClock
-from tests._fakes import priced_registry
+from tests._fakes import list_cost, priced_registry
 
 pytest.importorskip("empathy_models.backends.sqlite", reason="the SQLite backend has not landed")
 
@@ -41,6 +41,9 @@ ASK: dict[str, object] = {
 
 def registry() -> ModelRegistry:
     return priced_registry(MODELS, "restart-test")
+
+
+PRICES = registry()
 
 
 def summary(d: RoutingDecision) -> dict[str, object]:
@@ -74,7 +77,7 @@ async def run_before_restart(url: str, clock: FakeClock) -> dict[str, object]:
                 stage=ST,
                 input_tokens=800,
                 output_tokens=120,
-                cost_usd=0.0005,
+                cost_usd=list_cost(PRICES, model, ok, 800, 120),
                 latency_ms=latency,
             )
             await store.record(record)

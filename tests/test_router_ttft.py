@@ -35,7 +35,7 @@ from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 from empathy_models.testing.clock import FakeClock
 
 from ._cli import run_cli
-from ._fakes import KEY
+from ._fakes import KEY, list_cost
 
 WF, ST = "chat", "reply"
 
@@ -72,7 +72,7 @@ def rec(clock: FakeClock, model: str, k: int) -> LLMCallRecord:
         stage=ST,
         input_tokens=500,
         output_tokens=100,
-        cost_usd=0.0001,
+        cost_usd=list_cost(REGISTRY, model, True, 500, 100),
         latency_ms=1500.0 + k % 7,
         ttft_ms=None if ttft is None else ttft * (1.0 + 0.05 * (k % 5)),
     )

@@ -47,7 +47,7 @@ from empathy_models.routing.stats import (
     wilson_upper,
 )
 from empathy_models.testing.clock import FakeClock
-from tests._fakes import priced_registry
+from tests._fakes import list_cost, priced_registry
 
 WF, ST = "docs", "outline"
 # (id, input price per Mtok): output price is four times it
@@ -64,6 +64,9 @@ def registry() -> ModelRegistry:
     return priced_registry(MODELS, "evidence-test")
 
 
+_PRICES = registry()
+
+
 def rec(ts: float, model: str, ok: bool, *, output_tokens: int = 100) -> LLMCallRecord:
     return LLMCallRecord(
         provider="openai",
@@ -74,7 +77,7 @@ def rec(ts: float, model: str, ok: bool, *, output_tokens: int = 100) -> LLMCall
         stage=ST,
         input_tokens=500,
         output_tokens=output_tokens if ok else 0,
-        cost_usd=0.0001,
+        cost_usd=list_cost(_PRICES, model, ok, 500, output_tokens),
         latency_ms=100.0 + (ts % 7),
     )
 

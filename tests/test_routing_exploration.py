@@ -23,6 +23,7 @@ from empathy_models import (
 )
 from empathy_models.routing.book import Arm, ChangeTest
 from empathy_models.testing.clock import FakeClock
+from tests._fakes import list_cost
 
 WF, ST = "wf", "stage"
 
@@ -55,7 +56,7 @@ def _record(clock: FakeClock, model: str, ok: bool) -> LLMCallRecord:
         stage=ST,
         input_tokens=500,
         output_tokens=200 if ok else 0,
-        cost_usd=0.001,
+        cost_usd=list_cost(REGISTRY, model, ok, 500, 200),
         latency_ms=100.0,
     )
 

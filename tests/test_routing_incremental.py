@@ -28,7 +28,7 @@ from empathy_models import (
     Outcome,
     RoutingPolicy,
 )
-from tests._fakes import priced_registry
+from tests._fakes import list_cost, priced_registry
 
 START = 1_767_225_600.0
 
@@ -66,17 +66,22 @@ def _run(full_scan: bool) -> list[Any]:
         model = rng.choice(ids)
         if i == 700:
             quality = {m: q * 0.8 for m, q in quality.items()}  # a change to detect
+        ok = rng.random() < quality[model]
+        stage = rng.choice(("a", "b"))
+        latency_ms = rng.uniform(100, 3_000)
+        tokens_in = rng.randint(10, 2_000)
+        output_tokens = rng.randint(1, 800)
         router.record_outcome(
             LLMCallRecord(
                 provider="openai",
                 model=model,
-                outcome=Outcome.SUCCESS if rng.random() < quality[model] else Outcome.FAILURE,
+                outcome=Outcome.SUCCESS if ok else Outcome.FAILURE,
                 workflow="wf",
-                stage=rng.choice(("a", "b")),
-                latency_ms=rng.uniform(100, 3_000),
-                input_tokens=rng.randint(10, 2_000),
-                output_tokens=rng.randint(1, 800),
-                cost_usd=0.001,
+                stage=stage,
+                latency_ms=latency_ms,
+                input_tokens=tokens_in,
+                output_tokens=output_tokens,
+                cost_usd=list_cost(registry, model, ok, tokens_in, output_tokens),
                 timestamp=datetime.fromtimestamp(now[0], UTC),
             )
         )
@@ -178,7 +183,7 @@ def test_many_streams_keep_their_exploration_and_re_probes(
 
 
 def _stage_call(model: str, ok: bool, output_tokens: int, stage: str = "s") -> LLMCallRecord:
-    """One call of stage wf/``stage``: 100 tokens in, ``output_tokens`` out."""
+    """One call of stage wf/``stage``: 100 tokens in, ``output_tokens`` out (never priced)."""
     return LLMCallRecord(
         provider="openai",
         model=model,
@@ -188,7 +193,6 @@ def _stage_call(model: str, ok: bool, output_tokens: int, stage: str = "s") -> L
         latency_ms=200.0,
         input_tokens=100,
         output_tokens=output_tokens,
-        cost_usd=0.001,
     )
 
 

@@ -19,6 +19,7 @@ from empathy_models.cli.demo import DemoResult, run_demo
 from empathy_models.whatif import load_stage_evidence, simulate_policy
 
 from ._cli import run_cli
+from ._fakes import list_cost
 from .test_router_ttft import ST, WF, info
 
 # "slow" is the cheaper model but starts streaming late
@@ -40,7 +41,7 @@ def history(now: datetime, *, streamed: bool, per_model: int = 200) -> list[LLMC
                     stage=ST,
                     input_tokens=500,
                     output_tokens=100,
-                    cost_usd=0.0001,
+                    cost_usd=list_cost(REGISTRY, model, True, 500, 100),
                     latency_ms=1500.0 + k % 7,
                     ttft_ms=ttft * (1.0 + 0.05 * (k % 5)) if streamed else None,
                 )

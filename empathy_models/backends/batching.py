@@ -74,6 +74,7 @@ import anyio
 import anyio.to_thread
 
 from .._loops import close_at_home, elsewhere
+from .._stats import Spend
 from .._validators import check, failure, instance_of, integer, number, shown
 from ..abc import TelemetryBackend
 from ..evidence import EvidenceBatch
@@ -734,6 +735,7 @@ class BatchingTelemetryBackend(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        until: datetime | None,
         samples_only: bool,
     ) -> list[LLMCallRecord]:
         await self.flush()
@@ -743,8 +745,20 @@ class BatchingTelemetryBackend(TelemetryBackend):
             stage=stage,
             model=model,
             since=since,
+            until=until,
             samples_only=samples_only,
         )
+
+    async def _spend(
+        self,
+        *,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> Spend:
+        await self.flush()
+        return await self._inner.spend(workflow=workflow, stage=stage, since=since, until=until)
 
     async def _evidence(
         self, *, since: datetime | None, until: datetime | None, after_version: int

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import attrs
 
-from .._stats import aggregate_records, matches
+from .._stats import Spend, aggregate_records, matches, spend_of
 from .._validators import check, failure, integer, number
 from ..abc import TelemetryBackend, TransactionalStateStore
 from ..circuit import BreakerPolicy, _closed_success_runs, _closed_successes, initial_state
@@ -220,16 +220,31 @@ class MemoryTelemetryBackend(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        until: datetime | None,
         samples_only: bool,
     ) -> list[LLMCallRecord]:
         rows = [
             (r.timestamp, i, r)
             for i, r in enumerate(self._records)
-            if matches(r, workflow=workflow, stage=stage, since=since, until=None, model=model)
+            if matches(r, workflow=workflow, stage=stage, since=since, until=until, model=model)
             and (not samples_only or r.outcome.is_sample)
         ]
         rows.sort(key=lambda t: (t[0], t[1]), reverse=True)
         return [r for _, _, r in rows[:limit]]
+
+    async def _spend(
+        self,
+        *,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> Spend:
+        return spend_of(
+            r
+            for r in self._records
+            if matches(r, workflow=workflow, stage=stage, since=since, until=until)
+        )
 
     async def _evidence(
         self, *, since: datetime | None, until: datetime | None, after_version: int

@@ -68,6 +68,7 @@ class NullTelemetryBackend(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        until: datetime | None,
         samples_only: bool,
     ) -> list[LLMCallRecord]:
         return []

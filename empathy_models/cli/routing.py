@@ -633,6 +633,13 @@ def _ci(value: Any, fmt: Any) -> str:
     return f"{fmt(value.estimate)} ({fmt(value.low)}-{fmt(value.high)})"
 
 
+def _with_fit(recorded: float | None, fitted: float | None) -> str:
+    """A recorded p95, and the log-normal fit's beside it (what the simulation draws from)."""
+    if fitted is None:
+        return fmt_ms(recorded)
+    return f"{fmt_ms(recorded)} (fit {fmt_ms(fitted)})"
+
+
 def _print_whatif(r: Any) -> None:
     c = r.constraints
     policy = ", ".join(
@@ -651,7 +658,7 @@ def _print_whatif(r: Any) -> None:
             ),
             ("simulated", f"{r.replicates} replicates x {r.requests} requests (95% intervals)"),
         ],
-        title=f"What if {r.workflow}/{r.stage} were routed with this policy",
+        title=f"What if {_name(r.workflow)}/{_name(r.stage)} were routed with this policy",
     )
     print()
     print_table(
@@ -664,9 +671,19 @@ def _print_whatif(r: Any) -> None:
             ),
             ("cost per 1,000", _ci(r.cost_per_1k, fmt_usd), fmt_usd(r.recorded_cost_per_1k)),
             ("success rate", _ci(r.success_rate, fmt_pct), fmt_pct(r.recorded_success_rate)),
-            ("p95 latency ms", _ci(r.latency_p95_ms, fmt_ms), fmt_ms(r.recorded_latency_p95_ms)),
+            (
+                "p95 latency ms",
+                _ci(r.latency_p95_ms, fmt_ms),
+                _with_fit(r.recorded_latency_p95_ms, r.fitted_latency_p95_ms),
+            ),
             *(
-                [("p95 ttft ms", _ci(r.ttft_p95_ms, fmt_ms), fmt_ms(r.recorded_ttft_p95_ms))]
+                [
+                    (
+                        "p95 ttft ms",
+                        _ci(r.ttft_p95_ms, fmt_ms),
+                        _with_fit(r.recorded_ttft_p95_ms, r.fitted_ttft_p95_ms),
+                    )
+                ]
                 if r.recorded_ttft_p95_ms is not None or r.ttft_p95_ms.estimate is not None
                 else []
             ),

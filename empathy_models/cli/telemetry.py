@@ -47,7 +47,9 @@ _days = number_arg(int, minimum=1, maximum=MAX_DAYS, what="a whole number", too_
 _COUNTED = (
     "Calls counts the attempts the router learns from (success, failure, rate_limited, "
     "fatal); breaker rejections, cancellations, ignored and not-sent attempts are left "
-    "out (`telemetry export` lists every attempt)."
+    "out (`telemetry export` lists every attempt). Cost is what every attempt in the "
+    "window cost, those left out of Calls included (a stream abandoned or cut short is "
+    "billed for what it used)."
 )
 
 
@@ -93,9 +95,13 @@ def _since(days: int | None) -> datetime | None:
     return None if days is None else datetime.now(UTC) - timedelta(days=days)
 
 
-def performance_row(p: ModelPerformance) -> dict[str, Any]:
-    """A `ModelPerformance` as the JSON the CLI prints."""
+def performance_row(p: ModelPerformance, spent: float | None = None) -> dict[str, Any]:
+    """
+    A `ModelPerformance` as the JSON the CLI prints; ``spent``: what every attempt of
+    its group cost (`TelemetryBackend.spend`; default: its samples' cost).
+    """
     low, high = p.success_rate_bounds
+    samples_cost = p.avg_cost_usd * p.sample_size
     return {
         "workflow": p.workflow,
         "stage": p.stage,
@@ -112,24 +118,66 @@ def performance_row(p: ModelPerformance) -> dict[str, Any]:
         "ttft_p50_ms": p.ttft_p50_ms,
         "ttft_p95_ms": p.ttft_p95_ms,
         "avg_cost_usd": p.avg_cost_usd,
-        "total_cost_usd": p.avg_cost_usd * p.sample_size,
+        "samples_cost_usd": samples_cost,
+        "total_cost_usd": samples_cost if spent is None else spent,
     }
+
+
+def _spend_only_row(key: tuple[str | None, str | None, str], spent: float) -> dict[str, Any]:
+    """The row of a (workflow, stage, model) whose attempts in the window were none samples."""
+    workflow, stage, model = key
+    return {
+        "workflow": workflow,
+        "stage": stage,
+        "model": model,
+        "provider": None,
+        "tier": None,
+        "calls": 0,
+        "successes": 0,
+        "success_rate": None,
+        "success_rate_lower": None,
+        "success_rate_upper": None,
+        "latency_p50_ms": None,
+        "latency_p95_ms": None,
+        "ttft_p50_ms": None,
+        "ttft_p95_ms": None,
+        "avg_cost_usd": None,
+        "samples_cost_usd": 0.0,
+        "total_cost_usd": spent,
+    }
+
+
+def _summary_rows(
+    perf: list[ModelPerformance], spend: dict[tuple[str | None, str | None, str], float]
+) -> list[dict[str, Any]]:
+    """Each group's row, its cost every attempt's; groups of no sample get a row too."""
+    rows = [performance_row(p, spend.pop((p.workflow, p.stage, p.model), None)) for p in perf]
+    rows.extend(_spend_only_row(key, spent) for key, spent in spend.items())
+    rows.sort(key=lambda r: (r["workflow"] or "", r["stage"] or "", r["model"]))
+    return rows
 
 
 def cmd_telemetry_summary(args: argparse.Namespace) -> int:
     """Aggregate the window per (workflow, stage, model) and print it."""
     url = db_url(args.db)
 
-    async def body() -> list[ModelPerformance]:
+    async def body() -> list[dict[str, Any]]:
+        since = _since(args.days)
         async with telemetry_from_url(url, **read_only(url)) as backend:
-            return await backend.aggregate(
-                workflow=args.workflow, stage=args.stage, since=_since(args.days)
-            )
+            perf = await backend.aggregate(workflow=args.workflow, stage=args.stage, since=since)
+            spend = await backend.spend(workflow=args.workflow, stage=args.stage, since=since)
+        return _summary_rows(perf, spend)
 
-    perf = run_async(body)
-    rows = [performance_row(p) for p in perf]
+    rows = run_async(body)
     if args.json:
-        emit_json({"days": args.days, "counted": _COUNTED, "models": rows})
+        emit_json(
+            {
+                "days": args.days,
+                "counted": _COUNTED,
+                "models": rows,
+                "total_cost_usd": sum(r["total_cost_usd"] for r in rows),
+            }
+        )
         return 0
     # time-to-first-token columns only when some call in the window was streamed
     streamed = any(r["ttft_p50_ms"] is not None for r in rows)
@@ -140,7 +188,9 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
             r["model"],
             r["calls"],
             fmt_pct(r["success_rate"]),
-            f"{fmt_pct(r['success_rate_lower'])}-{fmt_pct(r['success_rate_upper'])}",
+            f"{fmt_pct(r['success_rate_lower'])}-{fmt_pct(r['success_rate_upper'])}"
+            if r["calls"]
+            else "-",
             fmt_ms(r["latency_p50_ms"]),
             fmt_ms(r["latency_p95_ms"]),
             *((fmt_ms(r["ttft_p50_ms"]), fmt_ms(r["ttft_p95_ms"])) if streamed else ()),

@@ -18,7 +18,12 @@ Verdicts and selection: how one decision judges its candidates and picks one.
 * ``max_cost`` against the expected cost of *this* call: ``input_tokens * input_price +
   E[output_tokens] * output_price``, ``E[output_tokens]`` being the arm's mean, or for
   an arm not yet measured the stage's mean (basis ``"prior"``), or ``max_tokens`` when
-  nothing is known (``"worst_case"``); strict mode always uses the worst case.
+  nothing is known (``"worst_case"``); strict mode always uses the worst case.  For an
+  arm with successful calls both prices are scaled by its `cost_factor`: what its calls
+  were recorded to cost over what their tokens cost at list price, so a prompt cache's
+  discount or surcharge and the failed attempts that were billed count, and the
+  estimate is what an answer costs (the billed failures on the way included).  An arm
+  without a success, and strict mode, use the list prices.
   Estimate <= max -> ELIGIBLE, > max -> REJECTED, no estimate -> UNPROVEN.
 
 A `Verdict` holds everything but the call's cost, which is ``input_tokens * slope +
@@ -51,7 +56,16 @@ from .book import EMPTY_SUMMARY, Arm, ArmSummary
 from .policy import COST, LATENCY, SUCCESS, TTFT, Constraints, RoutingPolicy
 from .stats import bounded_exp, wilson_bounds
 
-__all__ = ["Context", "ModelFacts", "Verdict", "build_candidates", "judge", "recost", "select"]
+__all__ = [
+    "Context",
+    "ModelFacts",
+    "Verdict",
+    "build_candidates",
+    "cost_factor",
+    "judge",
+    "recost",
+    "select",
+]
 
 ELIGIBLE: Final = ConstraintStatus.ELIGIBLE
 UNPROVEN: Final = ConstraintStatus.UNPROVEN
@@ -289,6 +303,36 @@ def recost(
     )  # fmt: skip
 
 
+def cost_factor(facts: ModelFacts | None, summary: ArmSummary) -> float:
+    """
+    What the arm's recorded calls cost over what their tokens cost at list price: the
+    recorded cost of every sample (failed attempts that were billed included) over the
+    list price of the successful calls' input and output tokens.  Below 1 when a prompt
+    cache discounted the input (OpenAI counts cached tokens among the input), above 1
+    when cache writes and reads were billed beside the input (Anthropic counts them
+    apart) or failed attempts were billed (a stream cut off, a malformed answer), and it
+    carries any price change since the calls were recorded.  1 when the arm has no
+    successful call, no price, or no recorded cost (records that were never priced).
+    O(1): the summary's sums.
+    """
+    cost = summary.mean_cost
+    mean_in = summary.mean_input_tokens
+    mean_out = summary.mean_output_tokens
+    if facts is None or cost is None or mean_in is None or mean_out is None or not cost > 0.0:
+        return 1.0
+    listed = (mean_in * facts.input_price + mean_out * facts.output_price) * summary.successes
+    if not listed > 0.0:
+        return 1.0
+    factor = cost * summary.samples / listed
+    if not 0.0 < factor < math.inf or abs(factor - 1.0) <= _SAME_PRICE:
+        return 1.0  # recorded at the list price, but for rounding
+    return factor
+
+
+_SAME_PRICE: Final = 1e-9
+"""A cost factor this close to 1 is 1: the calls were recorded at the list price."""
+
+
 def _cost_terms(
     facts: ModelFacts | None, summary: ArmSummary, cons: Constraints, prior: float | None
 ) -> tuple[float | None, float, str | None, float | None, str | None, float | None]:
@@ -305,6 +349,12 @@ def _cost_terms(
     basis: str | None = "estimate"
     prior_price: float | None = None
     cap = cons.max_tokens
+    if out is not None:
+        # a measured arm: list prices scaled to what its calls were recorded to cost
+        factor = cost_factor(facts, summary)
+        if factor != 1.0:
+            in_price *= factor
+            out_price *= factor
     if out is None and prior is not None:
         out, basis, prior_price = prior, "prior", out_price
     if out is None and cap is not None:

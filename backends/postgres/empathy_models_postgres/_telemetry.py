@@ -610,11 +610,17 @@ class PostgresTelemetryBackend(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        until: datetime | None,
         samples_only: bool,
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first (ties: last written first)."""
         where, args = self._where(
-            workflow=workflow, stage=stage, since=since, model=model, samples_only=samples_only
+            workflow=workflow,
+            stage=stage,
+            since=since,
+            until=until,
+            model=model,
+            samples_only=samples_only,
         )
         args.append(min(limit, 2**63 - 1))  # no table holds more rows: the same answer
         query = (
@@ -630,6 +636,27 @@ class PostgresTelemetryBackend(TelemetryBackend):
                 f"PostgreSQL telemetry {self._db.target}: unreadable record: {exc}",
                 target=self._db.target,
             ) from exc
+
+    async def _spend(
+        self,
+        *,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> dict[tuple[str | None, str | None, str], float]:
+        """What the matching calls cost, every outcome, summed in SQL."""
+        where, args = self._where(workflow=workflow, stage=stage, since=since, until=until)
+        query = (
+            "SELECT coalesce(workflow, '') AS wf, coalesce(stage, '') AS st, model, "
+            f"sum(least(cost_usd, {_CAP})) AS cost FROM {self._calls}{where} GROUP BY 1, 2, 3"
+        )
+        pool = await self._db.pool(self._migrations)
+        async with self._db.errors("spend"):
+            rows = await pool.fetch(query, *args)
+        return {
+            (row["wf"] or None, row["st"] or None, row["model"]): float(row["cost"]) for row in rows
+        }
 
     async def _evidence(
         self, *, since: datetime | None, until: datetime | None, after_version: int

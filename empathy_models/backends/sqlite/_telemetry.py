@@ -17,6 +17,7 @@ from urllib.parse import quote
 import aiosqlite
 
 from ..._fast import gc_paused
+from ..._stats import Spend
 from ..._validators import shown
 from ...abc import TelemetryBackend
 from ...evidence import (
@@ -364,13 +365,16 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         stage: str | None,
         model: str | None,
         since: datetime | None,
+        until: datetime | None,
         samples_only: bool,
     ) -> list[LLMCallRecord]:
         """The ``limit`` newest matching records, newest first (flushes first)."""
         await self.flush()
         if limit == 0:
             return []
-        where, params = self._filters(workflow=workflow, stage=stage, model=model, since=since)
+        where, params = self._filters(
+            workflow=workflow, stage=stage, model=model, since=since, until=until
+        )
         if samples_only:
             where += f" AND {_SAMPLES_ONLY}"
         params["limit"] = min(limit, INT64_MAX)  # no table holds more rows: the same answer
@@ -380,6 +384,29 @@ class SQLiteTelemetryBackend(TelemetryBackend):
             return await self._db.retrying(partial(conn.execute_fetchall, sql, params))
 
         return [self._record(row) for row in await self._db.run(job)]
+
+    async def _spend(
+        self,
+        *,
+        workflow: str | None,
+        stage: str | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> Spend:
+        """What the matching calls cost, every outcome, summed in SQL (flushes first)."""
+        await self.flush()
+        where, params = self._filters(workflow=workflow, stage=stage, since=since, until=until)
+        sql = (
+            "SELECT ifnull(workflow, ''), ifnull(stage, ''), model, "
+            f"TOTAL(min(cost_usd, 1e300)) FROM llm_calls WHERE 1{where} GROUP BY 1, 2, 3"
+        )
+
+        async def job(conn: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
+            return await self._db.retrying(partial(conn.execute_fetchall, sql, params))
+
+        return {
+            (wf or None, st or None, model): cost for wf, st, model, cost in await self._db.run(job)
+        }
 
     def _record(self, row: Sequence[Any]) -> LLMCallRecord:
         """The record of one row, or `TelemetryError` naming the row that cannot be read."""

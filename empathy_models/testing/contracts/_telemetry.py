@@ -120,6 +120,95 @@ class _RecordTests(_TelemetryTests):
                         )
         assert await telemetry.recent(workflow="no-such-workflow") == []
 
+    async def test_recent_until_reads_the_newest_records_before_it(
+        self, telemetry: TelemetryBackend
+    ) -> None:
+        # ``until`` is exclusive: the ``limit`` newest records before it come back however
+        # many later ones there are (a what-if over a past window reads them)
+        self._needs_records()
+        base = _base_time()
+        records = [
+            _record(
+                base + timedelta(seconds=10 * i),
+                outcome=Outcome.CACHE_HIT if i % 5 == 4 else Outcome.SUCCESS,
+                stage=("plan", "write")[i % 2],
+                call_id=f"u{i:02d}",
+            )
+            for i in range(60)
+        ]
+        await telemetry.record_many(records)
+        await telemetry.flush()
+        until = records[20].timestamp
+        since = records[5].timestamp
+        for stage in (None, "write"):
+            for start in (None, since):
+                for samples_only in (False, True):
+                    for limit in (0, 3, 100):
+                        want = [
+                            r.call_id
+                            for r in reversed(records)
+                            if r.timestamp < until
+                            and (start is None or r.timestamp >= start)
+                            and (stage is None or r.stage == stage)
+                            and (not samples_only or r.outcome.is_sample)
+                        ][:limit]
+                        got = await telemetry.recent(
+                            limit=limit,
+                            stage=stage,
+                            since=start,
+                            until=until,
+                            samples_only=samples_only,
+                        )
+                        assert [r.call_id for r in got] == want, (
+                            f"recent(limit={limit}, stage={stage!r}, since={start}, "
+                            f"until={until}, samples_only={samples_only})"
+                        )
+        assert await telemetry.recent(until=records[0].timestamp) == []
+        assert len(await telemetry.recent(limit=100, until=base + timedelta(days=1))) == 60
+
+    async def test_spend_sums_the_cost_of_every_outcome(self, telemetry: TelemetryBackend) -> None:
+        # what the calls cost, cancelled streams and other attempts `aggregate` leaves
+        # out included, per (workflow, stage, model); "" and None are the same group
+        self._needs_records()
+        base = _base_time()
+        kinds = list(Outcome)
+        records = [
+            _record(
+                base + timedelta(seconds=i),
+                outcome=kinds[i % len(kinds)],
+                workflow=(None, "", "wf")[i % 3],
+                stage=("write", None, "")[(i // 3) % 3],
+                model=("m1", "m2")[i % 2],
+                cost_usd=0.001 * (i % 7),
+                call_id=f"p{i:02d}",
+            )
+            for i in range(90)
+        ]
+        records.append(_record(base + timedelta(seconds=95), cost_usd=1.7e308, call_id="huge"))
+        await telemetry.record_many(records)
+        await telemetry.flush()
+        times = (None, records[30].timestamp, records[70].timestamp)
+        for workflow in (None, "", "wf"):
+            for stage in (None, "", "write"):
+                for since, until in ((None, None), (times[1], times[2]), (times[2], None)):
+                    want: dict[tuple[str | None, str | None, str], float] = {}
+                    for r in records:
+                        if (
+                            (workflow is None or (r.workflow or "") == workflow)
+                            and (stage is None or (r.stage or "") == stage)
+                            and (since is None or r.timestamp >= since)
+                            and (until is None or r.timestamp < until)
+                        ):
+                            key = (r.workflow or None, r.stage or None, r.model)
+                            want[key] = want.get(key, 0.0) + min(r.cost_usd, 1e300)
+                    got = await telemetry.spend(
+                        workflow=workflow, stage=stage, since=since, until=until
+                    )
+                    where = f"spend({workflow=}, {stage=}, {since=}, {until=})"
+                    assert set(got) == set(want), where
+                    for key, cost in want.items():
+                        assert got[key] == pytest.approx(cost, rel=1e-9, abs=1e-15), where
+
     async def test_recent_samples_only_reads_past_records_that_are_not_samples(
         self, telemetry: TelemetryBackend
     ) -> None:
@@ -412,6 +501,8 @@ class TelemetryBackendContract(_EvidenceTests, _StorageTests, _AggregateTests, _
             ("since", lambda: telemetry.aggregate(since=naive)),
             ("until", lambda: telemetry.aggregate(until=naive)),
             ("since", lambda: telemetry.recent(since=naive)),
+            ("until", lambda: telemetry.recent(until=naive)),
+            ("since", lambda: telemetry.spend(since=naive)),
             ("before", lambda: telemetry.purge(before=naive)),
         ]
         for name, call in calls:
