@@ -684,6 +684,13 @@ async def _admitted_within(
         raise self._deadline_error(
             info, f"waiting for the circuit breaker's store before calling {info.id}"
         ) from None
+    except asyncio.CancelledError as exc:  # nobody will report the ticket: its lease back
+        granted = getattr(exc, "_empathy_result", None)
+        if granted is None:
+            late.append(True)  # still in flight: given back when it lands
+        else:
+            await ex._fb.give_back(granted, deadline_at)
+        raise
 
 
 async def _cancelled(

@@ -5,9 +5,10 @@ request, serving a hit, storing an answer.  Imported by `EmpathyLLMExecutor.run`
 only for contexts that set ``cache_ttl``.
 
 A miss is always a correct answer, so the cache never holds a call up: a read is waited
-for at most `STORE_TIMEOUT` seconds and half the time left of the run's deadline; an
-answer is written behind (in a task `EmpathyLLMExecutor.aclose` waits for), at most
-`STORE_TIMEOUT` seconds.  A read or write that fails or does not answer in time puts
+for at most `STORE_TIMEOUT` seconds and half the time left of the run's deadline (a
+cancelled run not at all: its read ends in the background); an answer is written behind
+(in a task `EmpathyLLMExecutor.aclose` waits for), at most `STORE_TIMEOUT` seconds.  A
+read or write that fails or does not answer in time (a cancelled run's read too) puts
 the cache in a degraded mode (`empathy_models._outage.Outage`, one warning per outage):
 for ``RETRY_INTERVAL`` seconds calls skip it (``cache_skipped``), then it is tried again.
 An in-process `MemoryResponseCache` is used as is.
@@ -21,6 +22,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -207,15 +209,24 @@ async def _get(executor: EmpathyLLMExecutor, key: str, deadline_at: float | None
     if deadline_at is not None:
         within = min(within, max(deadline_at - executor._clock(), 0.0) / 2)
     try:
-        return await executor._fb.behind.run(cache.get(key), within)
+        # a cancelled caller does not wait for the read: it goes on in the background,
+        # and counts as a failure if it has not ended within its time (`_late_read`)
+        return await executor._fb.behind.run(
+            cache.get(key), within, carried=False, late=partial(_late_read, executor, within)
+        )
     except Expired:
-        executor.cache_errors += 1
-        outage.failed(TimeoutError(f"no answer within {within:.3g} s"))
+        _late_read(executor, within)
     except Exception as exc:
         executor.cache_errors += 1
         outage.failed(exc)
         logger.debug("response cache read failed", exc_info=True)
     return None
+
+
+def _late_read(executor: EmpathyLLMExecutor, within: float) -> None:
+    """A read of the cache store did not answer within ``within`` seconds: a failure."""
+    executor.cache_errors += 1
+    executor._cache_outage.failed(TimeoutError(f"no answer within {within:.3g} s"))
 
 
 async def _read(

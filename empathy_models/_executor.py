@@ -103,7 +103,7 @@ import anyio
 
 from ._attempt import Attempts
 from ._feedback import _Feedback
-from ._inflight import InFlight
+from ._inflight import CLOSE_WAIT, InFlight
 from ._loops import close_at_home, dropped, elsewhere
 from ._outage import Outage
 from ._planner import _Planner
@@ -337,6 +337,43 @@ async def _close_elsewhere(executor: EmpathyLLMExecutor) -> bool:
             logger.debug("closing from another event loop", exc_info=True)
     dropped("EmpathyLLMExecutor", "its HTTP connections and the runs in flight")
     return True
+
+
+async def _wind_down(executor: EmpathyLLMExecutor) -> None:
+    """
+    End the runs and streams in flight and wait for the store operations left in the
+    background, `CLOSE_WAIT` seconds in all (the owned breaker's and the limiter's own
+    waits as they close included).
+    """
+    drain_by = asyncio.get_running_loop().time() + CLOSE_WAIT
+    executor._fb.behind.drain_by = drain_by
+    if executor._limiter is not None:
+        executor._limiter._settler.drain_by = drain_by
+    breaker = executor._breaker
+    if executor._owns_breaker and isinstance(breaker, CircuitBreaker):
+        breaker._settler.drain_by = drain_by
+    await executor._inflight.end(drain_by - asyncio.get_running_loop().time())
+    await executor._fb.behind.drain()  # cache writes behind, feedback past a deadline
+
+
+async def _close_together(closers: list[Callable[[], Awaitable[None]]]) -> None:
+    """
+    Call every closer at once (an owned store each: the total is the longest close, not
+    the sum); one that raises does not stop the others.
+
+    Raises:
+        BaseException: the first closer's error (the others' are logged).
+    """
+    if len(closers) < 2:
+        for close in closers:
+            await close()
+        return
+    ended = await asyncio.gather(*(close() for close in closers), return_exceptions=True)
+    errors = [e for e in ended if isinstance(e, BaseException)]
+    for error in errors[1:]:
+        logger.error("closing a store failed", exc_info=error)
+    if errors:
+        raise errors[0]
 
 
 class EmpathyLLMExecutor:
@@ -596,14 +633,18 @@ class EmpathyLLMExecutor:
                     await stack.enter_async_context(self._telemetry)
                 else:
                     stack.push_async_callback(self._fb.flush_telemetry)
+            stores: list[Callable[[], Awaitable[None]]] = []  # closed together, at close
+            stack.push_async_callback(_close_together, stores)
             if self._owns_breaker:
                 assert isinstance(self._breaker, CircuitBreaker)
-                await stack.enter_async_context(self._breaker)
+                await self._breaker.__aenter__()
+                stores.append(self._breaker.aclose)
             if self._limiter is not None:
                 await self._limiter.open()
-                stack.push_async_callback(self._limiter.aclose)
+                stores.append(self._limiter.aclose)
             if self._cache is not None and self._owns_cache:
-                await stack.enter_async_context(self._cache)
+                await self._cache.__aenter__()
+                stores.append(self._cache.aclose)
             session = self._session
             if session is None:
                 import aiohttp  # loaded here, not by `import empathy_models`
@@ -646,21 +687,26 @@ class EmpathyLLMExecutor:
 
         Each run or stream in flight raises `NotOpenError` (at once; a stream nobody is
         reading, at its next read) after its attempt is recorded as cancelled, its breaker
-        lease and budget reservation given back: that bookkeeping (at most 10 s), the
-        cache's writes behind and store operations left at a deadline are waited for first.
+        lease and budget reservation given back: that bookkeeping, the cache's writes
+        behind and store operations left at a deadline or by a cancelled run are waited
+        for first, `CLOSE_WAIT` seconds (10) in all.  Then the owned breaker, quota and
+        cache stores close together, each within its own bound (a stalled store adds its
+        close timeout once, not once per store), and the telemetry backend last (it
+        flushes within its ``close_timeout``).  A cancelled anyio scope around the
+        ``async with`` does not stop these steps halfway (each is bounded).
         """
         if self._state == "closed" or (elsewhere(self._loop) and await _close_elsewhere(self)):
             return
         self._state = "closed"
         stack, self._stack = self._stack, None
-        try:
-            await self._inflight.end()
-            await self._fb.behind.drain()  # cache writes behind, feedback past a deadline
-        finally:
-            if self._cache is not None:
-                self._cache._let_go()  # the answers decoded for its hits (`_cached`)
-            if stack is not None:
-                await stack.aclose()
+        with anyio.CancelScope(shield=True):
+            try:
+                await _wind_down(self)
+            finally:
+                if self._cache is not None:
+                    self._cache._let_go()  # the answers decoded for its hits (`_cached`)
+                if stack is not None:
+                    await stack.aclose()
 
     def __del__(self) -> None:
         # an executor left open holds an HTTP session and, for URLs it was given, backends

@@ -8,7 +8,8 @@ it, with a cancellation that the run itself turns into `NotOpenError` (as
 recorded as cancelled, its breaker lease and budget reservation are given back, and its
 record is written, all while the stores are still open.  A stream entered but not being
 read is closed by `aclose` itself; its next read raises the same error.  `aclose` waits
-for that bookkeeping for at most `CLOSE_WAIT` seconds, then closes the stores anyway.
+for that bookkeeping (and the store operations left in flight) for at most `CLOSE_WAIT`
+seconds in all, then closes the stores anyway.
 
 Tracking costs a set insertion and removal per run and an attribute per stream read.
 """
@@ -29,7 +30,10 @@ __all__: list[str] = []
 logger = logging.getLogger("empathy_models.executor")
 
 CLOSE_WAIT: Final = 10.0
-"""How long `EmpathyLLMExecutor.aclose` waits for the runs and streams it ended."""
+"""
+How long `EmpathyLLMExecutor.aclose` waits, in all, for the runs and streams it ended
+and for the store operations still in flight, before it closes the stores.
+"""
 
 
 def closed_error(what: str) -> NotOpenError:
@@ -162,10 +166,10 @@ class InFlight:
         if not self.runs and not self.streams:
             self.idle.set()
 
-    async def end(self) -> None:
+    async def end(self, seconds: float = CLOSE_WAIT) -> None:
         """
         Cancel every run and stream in flight (but those of the calling task) and wait,
-        at most `CLOSE_WAIT` seconds, until each has done its bookkeeping.
+        at most ``seconds``, until each has done its bookkeeping.
         """
         current = asyncio.current_task()
         for run in [run for run in self.runs if run.task is current]:
@@ -182,14 +186,14 @@ class InFlight:
             return
         self.idle = idle = asyncio.Event()
         try:
-            await asyncio.wait_for(idle.wait(), CLOSE_WAIT)
+            await asyncio.wait_for(idle.wait(), max(seconds, 0.0))
         except TimeoutError:
             logger.warning(
                 "aclose(): %d run(s) and %d stream(s) still in flight after %.0f s; closing "
                 "the executor's resources under them",
                 len(self.runs),
                 len(self.streams),
-                CLOSE_WAIT,
+                seconds,
             )
         finally:
             self.idle = None

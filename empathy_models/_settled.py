@@ -5,10 +5,13 @@ A failure must count and a probe lease must come back even when the caller is be
 cancelled, and a batch of written-behind successes taken from memory must reach the
 store; likewise a budget reservation must be settled (or, granted to a caller already
 cancelled, given back) in the quota store.  But a hung store must not hold the caller
-forever.  `Settler` runs such an operation in a task of its own and waits for it,
-bounded, before the cancellation is raised; operations still running then are kept in
-``releases`` for `aclose` to await.  A breaker has one, and so has the executor's
-limiter (`empathy_models.limits.guard.Limiter`).
+forever, nor past the time it had (its deadline, the store's timeout).  `Settler` runs
+such an operation in a task of its own and waits for it, bounded by that time too,
+before the cancellation is raised (a read nobody needs once its caller is gone is not
+waited for at all); operations still running then are kept in ``releases`` for
+`aclose` to await, and a stall that outlasts that time still reaches the caller's
+bookkeeping (``late``).  A breaker has one, and so has the executor's limiter
+(`empathy_models.limits.guard.Limiter`).
 
 In exact mode (``local_view_ttl=0``) the successes of CLOSED tickets are sent to the store
 right after the call, by a task per key (``behind``), so the caller does not wait for the
@@ -45,11 +48,14 @@ class Settler:
     ``behind`` the task sending each key's successes in exact mode (`send_behind`).
     """
 
-    __slots__ = ("behind", "releases")
+    __slots__ = ("behind", "drain_by", "releases")
 
     def __init__(self) -> None:
         self.releases: set[asyncio.Future[Any]] = set()
         self.behind: dict[str, asyncio.Task[None]] = {}
+        # the event loop's time `drain` waits until at most (its owner's close, which
+        # has one budget for all its waits, sets it)
+        self.drain_by: float | None = None
 
     def send_behind(
         self, key: str, flush: Callable[[str], Awaitable[object]], pending: Container[str]
@@ -100,16 +106,29 @@ class Settler:
         if tasks:
             await asyncio.wait(tasks)
 
-    async def run(self, operation: Coroutine[Any, Any, T], within: float | None = None) -> T:
+    async def run(
+        self,
+        operation: Coroutine[Any, Any, T],
+        within: float | None = None,
+        *,
+        carried: bool = True,
+        late: Callable[[], object] | None = None,
+    ) -> T:
         """
         ``await operation``, carried to its end even when the caller is cancelled
         (asyncio-natively or by an anyio scope) meanwhile: it runs in a task of its own
-        and the caller waits for it, for at most `SHIELD_SECONDS`, before the
-        cancellation is raised (with the result, if any, as ``_empathy_result``).
+        and the caller waits for it, for at most `SHIELD_SECONDS` (and what is left of
+        ``within``), before the cancellation is raised (with the result, if any, as
+        ``_empathy_result``).  Not ``carried`` (a read nobody needs once its caller is
+        gone), the cancellation is raised at once.  An operation still running then goes
+        on in the background, kept in ``releases`` until it ends.
 
         With ``within``, the caller waits at most that many seconds: then `Expired` is
         raised and the operation goes on in the background, kept in ``releases`` until
         it ends (a stalled store does not hold the caller; what it does still lands).
+        When the caller was cancelled first, ``late`` (if any) is called instead, once
+        ``within`` has passed with the operation still running: the store stalled
+        although nobody is left to see `Expired`.
 
         Raises:
             asyncio.CancelledError: The caller was cancelled meanwhile.
@@ -121,28 +140,23 @@ class Settler:
         # arrange, one turn of the event loop later)
         answer: asyncio.Future[T] = loop.create_future()
         task = loop.create_task(_answering(operation, answer))
-        timer = None if within is None else loop.call_later(max(within, 0.0), _expire, answer)
+        timer = None
+        if within is not None:
+            timer = loop.call_later(max(within, 0.0), _expire, answer, task, late)
         try:
             return await answer
         except Expired:
-            if not task.done():
-                self.releases.add(task)
-                task.add_done_callback(self._released)
+            self._keep(task)
             raise
         except asyncio.CancelledError as exc:
-            deadline = loop.time() + SHIELD_SECONDS
-            while not task.done() and loop.time() < deadline:
-                try:
-                    await asyncio.wait({task}, timeout=deadline - loop.time())
-                except asyncio.CancelledError:
-                    continue  # delivered again (an anyio scope): keep waiting, raise after
-            if task.done() and not task.cancelled() and task.exception() is None:
+            if carried:
+                await _carried(task, timer)
+            if not task.done():
+                self._keep(task)
+                if late is not None:
+                    timer = None  # left to call ``late`` if ``within`` passes first
+            elif not task.cancelled() and task.exception() is None:
                 exc._empathy_result = task.result()  # type: ignore[attr-defined]
-            elif not task.done():
-                self.releases.add(task)
-                task.add_done_callback(self._released)
-            elif not task.cancelled():
-                task.exception()  # retrieved, so asyncio does not log it as lost
             raise
         except BaseException:
             if task.done() and not task.cancelled():
@@ -152,15 +166,25 @@ class Settler:
             if timer is not None:
                 timer.cancel()
 
+    def _keep(self, task: asyncio.Future[Any]) -> None:
+        """``task``, which its caller stopped waiting for, in ``releases`` until it ends."""
+        if not task.done():
+            self.releases.add(task)
+            task.add_done_callback(self._released)
+
     def background(self, operation: Coroutine[Any, Any, object]) -> None:
         """``operation`` in a task of its own, not waited for: in ``releases`` until it ends."""
-        task = asyncio.get_running_loop().create_task(operation)
-        self.releases.add(task)
-        task.add_done_callback(self._released)
+        self._keep(asyncio.get_running_loop().create_task(operation))
 
     async def drain(self, seconds: float = SHIELD_SECONDS) -> None:
-        """Wait, at most ``seconds``, for the operations their callers stopped waiting for."""
+        """
+        Wait, at most ``seconds`` (and until ``drain_by``, if set), for the operations
+        their callers stopped waiting for.
+        """
         if self.releases:
+            if self.drain_by is not None:
+                left = self.drain_by - asyncio.get_running_loop().time()
+                seconds = min(seconds, max(left, 0.0))
             await asyncio.wait(set(self.releases), timeout=seconds)
 
     def _released(self, task: asyncio.Future[Any]) -> None:
@@ -232,9 +256,30 @@ class Expired(TimeoutError):
     """`Settler.run`'s ``within`` passed before the operation ended (it goes on)."""
 
 
-def _expire(answer: asyncio.Future[Any]) -> None:
+def _expire(
+    answer: asyncio.Future[Any], task: asyncio.Future[Any], late: Callable[[], object] | None
+) -> None:
+    """``within`` has passed: `Expired` for the caller, or ``late`` if it was cancelled."""
     if not answer.done():
         answer.set_exception(Expired())
+    elif late is not None and not task.done():
+        late()  # the caller was cancelled (the task resolves ``answer`` as it ends)
+
+
+async def _carried(task: asyncio.Future[Any], timer: asyncio.TimerHandle | None) -> None:
+    """
+    Wait, through cancellations, until ``task`` ends, at most `SHIELD_SECONDS` and
+    until ``timer`` (its ``within``) is due.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + SHIELD_SECONDS
+    if timer is not None:
+        end = min(end, timer.when())
+    while not task.done() and loop.time() < end:
+        try:
+            await asyncio.wait({task}, timeout=end - loop.time())
+        except asyncio.CancelledError:
+            continue  # delivered again (an anyio scope): keep waiting, raise after
 
 
 async def _answering(operation: Coroutine[Any, Any, T], answer: asyncio.Future[T]) -> T:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Self, TypeVar
 
+import anyio
 import attrs
 from attrs import field, frozen
 
@@ -95,8 +96,9 @@ class AsyncResource(abc.ABC):
     """
     Base of every backend: ``async with`` support and an idempotent ``aclose()``.
 
-    Subclasses implement `_aclose` (called at most once) and may override `_aopen`
-    (called by ``__aenter__``, and lazily by backends that connect on first use).
+    Subclasses implement `_aclose` (called at most once, shielded from anyio's
+    cancellation: it must end in a bounded time) and may override `_aopen` (called by
+    ``__aenter__``, and lazily by backends that connect on first use).
     """
 
     _closed: bool = False
@@ -117,11 +119,18 @@ class AsyncResource(abc.ABC):
         """Release everything; called once."""
 
     async def aclose(self) -> None:
-        """Flush what must be flushed and release resources.  Safe to call twice."""
+        """
+        Flush what must be flushed and release resources.  Safe to call twice.
+
+        A cancelled anyio cancel scope around the call (``anyio.move_on_after`` fired)
+        does not stop `_aclose` halfway, which would leave connections and threads open
+        while the backend says it is closed: `_aclose` is to end in a bounded time.
+        """
         if self._closed:
             return
         try:
-            await self._aclose()
+            with anyio.CancelScope(shield=True):
+                await self._aclose()
         finally:
             self._closed = True
 

@@ -113,7 +113,6 @@ short.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -132,7 +131,7 @@ from ._breaker_events import (
 )
 from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
 from ._loops import close_at_home, dropped, elsewhere
-from ._settled import SHIELD_SECONDS, Settler
+from ._settled import Settler
 from ._store_clock import StoreClock
 from ._validators import check, failure, integer, number, shown as shown_value
 from .abc import AsyncResource, CircuitStateStore
@@ -554,9 +553,9 @@ class CircuitBreaker(AsyncResource):
         if await _close_elsewhere(self, self._stores, self._local):
             return
         try:
-            if releases := self._settler.releases:  # leases given back reach the store first
+            if self._settler.releases:  # leases given back reach the store first
                 with anyio.CancelScope(shield=True):
-                    await asyncio.wait(set(releases), timeout=SHIELD_SECONDS)
+                    await self._settler.drain()
             await self._local.stop()
             with anyio.CancelScope(shield=True):
                 await self._flush_all()

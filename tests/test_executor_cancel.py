@@ -262,6 +262,50 @@ async def test_a_cancel_during_the_model_keys_admission_gives_back_the_provider_
     assert answer.model == "m"
 
 
+@pytest.mark.parametrize("half_open", ["openai:m", "openai"])
+@pytest.mark.parametrize("kind", ["run", "stream"])
+async def test_a_run_with_a_deadline_cancelled_at_its_admission_gives_back_the_lease(
+    server: FakeLLMServer, tmp_path: Path, half_open: str, kind: str
+) -> None:
+    # with a deadline each admission (the provider key's, then the model key's) runs
+    # in a task of its own, which the cancelled run waits for: the probe lease it was
+    # granted must come back, not block the key for probe_lease_seconds in every worker
+    ctx = ExecutionContext(workflow="w", stage="s", model="m", max_tokens=100, deadline=30.0)
+    calls: list[asyncio.Task[object]] = []
+
+    def cancel_at_half_open(event: BreakerEvent) -> None:
+        if calls and event.key == half_open and event.new_state is CircuitState.HALF_OPEN:
+            calls.pop().cancel()  # the run waiting for this admission (in its own task)
+
+    async def call() -> object:
+        if kind == "run":
+            return await executor.run("probe", ctx)
+        async with executor.stream("probe", ctx) as stream:
+            return await stream.get_final_response()
+
+    policy = BreakerPolicy(recovery_seconds=0.05, probe_lease_seconds=120)
+    async with (
+        CircuitBreaker(
+            store=f"sqlite:///{tmp_path}/state.db",
+            policy=policy,
+            listeners=[cancel_at_half_open],
+            local_view_ttl=0,
+        ) as breaker,
+        make(server, breaker=breaker) as executor,
+    ):
+        await executor.run("warm up", ctx)
+        await breaker.force_open(half_open, until=datetime.now(UTC) - timedelta(seconds=1))
+        task = asyncio.ensure_future(call())
+        calls.append(task)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not calls  # the cancel came at the half-open admission
+        state = await breaker.get_status(half_open)
+        assert [lease for lease in state.leases if lease[1] > time.time()] == []
+        answer = await executor.run("after", ctx)  # the key admits a probe again
+    assert answer.model == "m"
+
+
 # --------------------------------------------------------------------------- records
 
 

@@ -883,8 +883,8 @@ async def _bounded(
 ) -> _G:
     """
     ``make()``'s store operation carried to its end (`_carry`), waited for at most the
-    store's timeout and until ``until``; it goes on in the background past that
-    (`Settler.releases`, awaited by `aclose`).
+    store's timeout and until ``until`` (a cancelled caller too); it goes on in the
+    background past that (`Settler.releases`, awaited by `aclose`).
 
     Raises:
         DeadlineRanOut: the deadline came first (the operation still counts as a
@@ -896,8 +896,11 @@ async def _bounded(
         return await make()  # in-process: never held up
     within, by_deadline = _within(limiter, until)
     ended: list[bool] = []
+    # ``late``: a caller cancelled meanwhile waits until ``within`` at most, and the
+    # store's stall still counts (as it does below, for a caller waiting)
+    late = None if within is None else partial(_watch, limiter, ended, within)
     try:
-        return await limiter._settler.run(_noting(make(), ended), within)
+        return await limiter._settler.run(_noting(make(), ended), within, late=late)
     except Expired:
         if by_deadline:
             _watch(limiter, ended, within or 0.0)
@@ -908,9 +911,10 @@ async def _bounded(
 
 def _watch(limiter: Limiter, ended: list[bool], waited: float) -> None:
     """
-    An operation given up on at a deadline, ``waited`` seconds after it began, counts
-    as a store failure if it has not ``ended`` within the store's timeout: a store
-    that stalls puts the limiter in degraded mode, however short the deadlines.
+    An operation given up on at a deadline (or by a cancelled caller), ``waited``
+    seconds after it began, counts as a store failure if it has not ``ended`` within
+    the store's timeout: a store that stalls puts the limiter in degraded mode, however
+    short the deadlines.
     """
     timeout = limiter._store_timeout
     if timeout is None:

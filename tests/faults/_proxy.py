@@ -4,7 +4,9 @@
 ``refuse()`` stops listening and resets every open connection (the server looks down:
 connections are refused); ``partition()`` keeps every connection open but forwards
 nothing in either direction, and new connections are accepted and then hang (packets
-dropped, as in a network partition); ``restore()`` ends either fault.
+dropped, as in a network partition); ``restore()`` ends either fault.  ``dropped`` counts
+the bytes a partition dropped, ``clients`` the connections open on the client's side
+(accepted, not yet closed by the client nor reset here) and ``closed`` those that ended.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ class TcpProxy:
         self.target_port = target_port
         self.port = 0
         self.partitioned = False
+        self.dropped = 0
+        self.clients = 0
+        self.closed = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -37,15 +42,19 @@ class TcpProxy:
             writer.transport.abort()
             return
         self._writers.add(up_writer)
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
+        self.clients += 1
+        for src, dst, client in ((reader, up_writer, True), (up_reader, writer, False)):
+            task = asyncio.create_task(self._pipe(src, dst, client))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, client: bool
+    ) -> None:
         try:
             while data := await src.read(65536):
                 if self.partitioned:
+                    self.dropped += len(data)
                     continue  # dropped on the floor
                 dst.write(data)
                 await dst.drain()
@@ -53,6 +62,9 @@ class TcpProxy:
             pass
         finally:
             dst.transport.abort()
+            if client:  # the client closed its connection (or it was reset here)
+                self.clients -= 1
+                self.closed += 1
 
     def _reset_all(self) -> None:
         for writer in list(self._writers):
