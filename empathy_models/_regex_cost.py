@@ -57,6 +57,7 @@ import functools
 import importlib
 import re
 import warnings
+from collections.abc import Callable
 from typing import Any, Final
 
 __all__ = ["MATCH_BUDGET", "MAX_EXPONENT", "UNKNOWN_EXPONENT", "length_limit", "pattern_cost"]
@@ -214,26 +215,47 @@ def _char(code: int) -> str:
 
 def _set_source(op: str, arg: Any) -> str:
     """A pattern matching one character as ``(op, arg)`` does (with the same flags)."""
+    text, parts = _set_text(op, arg, _char, _unknown_item)
+    if parts is None:
+        return text
+    return f"[{text}]" if parts else "[^\\s\\S]"
+
+
+def _unknown_item(name: str, item: Any) -> str:
+    raise _Unknown(name)
+
+
+def _set_text(
+    op: str,
+    arg: Any,
+    char: Callable[[int], str],
+    unknown: Callable[[str, Any], str],
+) -> tuple[str, int | None]:
+    """
+    ``(op, arg)``, a one-character item, written with ``char`` for each code point: the
+    text and, for a set (``IN``), its number of parts (``None`` otherwise, the text then
+    whole); an item of a set it cannot write is ``unknown(name, item)``'s.
+    """
     if op == "LITERAL":
-        return _char(arg)
+        return char(arg), None
     if op == "NOT_LITERAL":
-        return f"[^{_char(arg)}]"
+        return f"[^{char(arg)}]", None
     if op == "ANY":
-        return "."
+        return ".", None
     parts: list[str] = []
     for item_op, item in arg:
         name = str(item_op)
         if name == "NEGATE":
             parts.insert(0, "^")
         elif name == "LITERAL":
-            parts.append(_char(item))
+            parts.append(char(item))
         elif name == "RANGE":
-            parts.append(f"{_char(item[0])}-{_char(item[1])}")
+            parts.append(f"{char(item[0])}-{char(item[1])}")
         elif name == "CATEGORY" and str(item) in _CATEGORIES:
             parts.append(_CATEGORIES[str(item)])
         else:
-            raise _Unknown(name)
-    return f"[{''.join(parts)}]" if parts else "[^\\s\\S]"
+            parts.append(unknown(name, item))
+    return "".join(parts), len(parts)
 
 
 def _children(op: str, arg: Any) -> list[Any]:
@@ -856,25 +878,14 @@ def _culprit(machine: _Automaton, pairs: set[tuple[int, int]]) -> Any:
 
 
 def _unparse_set(op: str, arg: Any) -> str:
-    if op == "LITERAL":
-        return re.escape(chr(arg))
-    if op == "NOT_LITERAL":
-        return f"[^{re.escape(chr(arg))}]"
-    if op == "ANY":
-        return "."
-    parts: list[str] = []
-    for item_op, item in arg:
-        name = str(item_op)
-        if name == "NEGATE":
-            parts.insert(0, "^")
-        elif name == "LITERAL":
-            parts.append(re.escape(chr(item)))
-        elif name == "RANGE":
-            parts.append(f"{re.escape(chr(item[0]))}-{re.escape(chr(item[1]))}")
-        else:
-            parts.append(_CATEGORIES.get(str(item), "?"))
-    text = "".join(parts)
+    text, parts = _set_text(op, arg, _escaped, lambda name, item: "?")
+    if parts is None:
+        return text
     return text if len(arg) == 1 and text.startswith("\\") and len(text) == 2 else f"[{text}]"
+
+
+def _escaped(code: int) -> str:
+    return re.escape(chr(code))
 
 
 def _quantifier(op: str, low: int, high: int) -> str:
