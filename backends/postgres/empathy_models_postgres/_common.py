@@ -220,6 +220,7 @@ class Database:
         # that holds others' (then `missing` is set and the component reads as empty)
         self.empty_when_missing = empty_when_missing
         self.missing = False
+        self._lost_releases = 0  # releases that failed (`release`): sessions ended
         self.pool_options: dict[str, Any] = {
             "min_size": 1,
             "max_size": 10,
@@ -283,11 +284,15 @@ class Database:
     @asynccontextmanager
     async def errors(self, what: str) -> AsyncIterator[None]:
         """Map driver errors raised inside the block to the backend's error type."""
+        lost = self._lost_releases
         try:
             yield
         except _DRIVER_ERRORS as exc:
             raise self.error(what, exc) from exc
-        _POOL_LOG_FILTER.outage = False  # the database answered: warn again next outage
+        if lost == self._lost_releases:
+            # the database answered (a release that failed meanwhile says a session
+            # ended, as an outage begins): warn again at the next outage
+            _POOL_LOG_FILTER.outage = False
 
     async def pool(self, migrations: Sequence[Migration]) -> asyncpg.Pool:
         """The pool, created (and the schema migrated) on first use."""
@@ -360,6 +365,7 @@ class Database:
             task.add_done_callback(_retrieved)
             raise
         except Exception as exc:  # any failure: asyncpg has closed the connection
+            self._lost_releases += 1
             logger.debug("PostgreSQL %s: a connection's release failed: %r", self.component, exc)
 
     async def statement(
