@@ -589,3 +589,16 @@ async def test_routes_where_nothing_was_sent_leave_max_routes_to_the_models_call
     assert response.fallback_chain == ("o-1", "o-2", "o-3", "a-1")
     assert sorted(r.outcome.value for r in records) == ["not_sent"] * 3 + ["success"]
     assert server.request_counts() == {"a-1": 1}
+
+
+async def test_a_key_variable_turned_off_at_the_official_host_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the variable is set and the host is the official one: only the caller's choice
+    # kept the key unread, which is what the error must say
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    provider = OpenAIProvider(api_key_from_env=False)
+    assert not provider.has_api_key and not provider.env_key_withheld
+    with pytest.raises(MissingAPIKeyError, match="api_key_from_env=False") as info:
+        await provider.complete(req())
+    assert "official endpoint" not in str(info.value)

@@ -599,7 +599,7 @@ def anthropic_usage_extras(
 
 
 def missing_key(
-    name: str, env_var: str, base_url: str, withheld: bool, model: str
+    name: str, env_var: str, base_url: str, withheld: bool, model: str, env_off: bool = False
 ) -> MissingAPIKeyError:
     """
     The error for a request made without any credential, saying how to give one.
@@ -610,6 +610,7 @@ def missing_key(
         base_url: Where it sends requests.
         withheld: The variable is set but not sent to ``base_url``.
         model: The requested model, named in the message.
+        env_off: The caller turned reading the variable off (``api_key_from_env=False``).
 
     Returns:
         The `MissingAPIKeyError` to raise (before any request is sent).
@@ -619,6 +620,8 @@ def missing_key(
             f"{env_var} is set but only sent to the official endpoint, not to "
             f"{base_url}; pass api_key=, or api_key_from_env=True to send it there"
         )
+    elif env_off:
+        hint = "api_key_from_env=False reads no variable: pass api_key="
     else:
         hint = f"pass api_key= or set {env_var or 'the API key variable'}"
     return MissingAPIKeyError(
