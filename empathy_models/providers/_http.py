@@ -380,14 +380,12 @@ class HTTPProvider(Provider):
         official = _host(base_url) == _host(self.default_base_url)
         # the kind's variable only where it cannot leak; one named for the provider anywhere
         allowed = official or from_env or api_key_env is not None
+        self._env_off = api_key_from_env is False  # the caller's choice, not the URL's rule
         key, self._withheld = (
             (api_key, False)
-            if api_key is not None
-            else _env_key(self.env_var, allowed if api_key_from_env is None else api_key_from_env)
+            if api_key is not None or self._env_off
+            else _env_key(self.env_var, allowed or api_key_from_env is True)
         )
-        # the variable withheld by the caller's choice, not by the base URL's rule
-        self._env_off = api_key_from_env is False
-        self._withheld = self._withheld and not self._env_off
         self._secret: _Secret | None = _Secret(key) if key else None
         self._extra_headers = _custom_headers(headers)
         auth = [v for n, v in self._extra_headers if n.lower() in _AUTH_HEADERS]
@@ -722,9 +720,8 @@ class HTTPProvider(Provider):
 
     def _missing_key(self, model: str) -> MissingAPIKeyError:
         """The error for a request made without any credential (`missing_key`)."""
-        return missing_key(
-            self.name, self.env_var, self.base_url, self._withheld, model, self._env_off
-        )
+        off = self._env_off
+        return missing_key(self.name, self.env_var, self.base_url, self._withheld, model, off)
 
     def _not_built(self, exc: BaseException, model: str) -> ConfigurationError:
         """
