@@ -703,6 +703,38 @@ def test_breaker_status_says_which_failure_rate_window_it_counts(
     assert "window: 600s in 6 buckets (--window; buckets assumed: the default)" in table
 
 
+def test_breaker_open_and_reset_count_the_window_they_are_given(home: Path, tmp_path: Path) -> None:
+    """`open` and `reset` print states too: they take --window / --buckets like `status`."""
+    url = "sqlite:///" + str(tmp_path / "state.db")
+    policy = BreakerPolicy(window_seconds=600, window_buckets=2, minimum_calls=100)
+
+    async def fill() -> None:
+        two_minutes_ago = time.time() - 120  # out of the default 60 s, within 600 s
+        store = SQLiteStateStore(tmp_path / "state.db", clock=lambda: two_minutes_ago)
+        async with store:
+            for key in ("p:a", "p:b"):
+                ticket = (await store.admit(key, policy)).ticket
+                assert ticket is not None
+                report = OutcomeReport(ticket=ticket, outcome=Outcome.FAILURE)
+                await store.record(key, policy, [report])
+
+    anyio.run(fill)
+    given = ("--window", "600", "--buckets", "2")
+    opened = json.loads(ok(cli(home, "breaker", "open", "p:a", *given, "--db", url, "--json")))
+    assert opened["state"] == "forced_open"
+    assert (opened["window_failures"], opened["window_calls"]) == (1, 1)
+    assert opened["window"] == {"seconds": 600.0, "buckets": 2, "assumed": False}
+    table = ok(cli(home, "breaker", "open", "p:b", "--db", url))
+    assert "window: 60s in 6 buckets (assumed: the default;" in table
+    table = ok(cli(home, "breaker", "open", "p:b", *given, "--db", url))
+    assert " 1/1 " in table and "window: 600s in 2 buckets (--window, --buckets)" in table
+    reset = json.loads(ok(cli(home, "breaker", "reset", "p:a", *given, "--db", url, "--json")))
+    assert reset["window"] == {"seconds": 600.0, "buckets": 2, "assumed": False}
+    assert reset["breakers"][0]["state"] == "closed"
+    table = ok(cli(home, "breaker", "reset", "--all", "--db", url))
+    assert "window: 60s in 6 buckets (assumed: the default;" in table
+
+
 def test_breaker_reset_of_a_key_the_store_does_not_hold_says_so(
     home: Path, db: Path, tmp_path: Path
 ) -> None:

@@ -67,21 +67,7 @@ def register(subparsers: SubParsers) -> None:
     )
     add_common(status)
     status.add_argument("key", nargs="?", help="one key (provider or provider:model)")
-    status.add_argument(
-        "--window",
-        type=_window_seconds,
-        default=None,
-        metavar="SECONDS",
-        help="the breakers' BreakerPolicy.window_seconds, to count the failure-rate "
-        f"window as of now (default {_DEFAULT.window_seconds:g}, assumed)",
-    )
-    status.add_argument(
-        "--buckets",
-        type=_buckets,
-        default=None,
-        metavar="N",
-        help=f"their BreakerPolicy.window_buckets (default {_DEFAULT.window_buckets}, assumed)",
-    )
+    _add_window(status)
     status.set_defaults(func=cmd_breaker_status)
 
     reset = sub.add_parser(
@@ -94,6 +80,7 @@ def register(subparsers: SubParsers) -> None:
     target = reset.add_mutually_exclusive_group(required=True)
     target.add_argument("key", nargs="?", help="the key to reset")
     target.add_argument("--all", action="store_true", help="reset every key")
+    _add_window(reset)
     reset.set_defaults(func=cmd_breaker_reset)
 
     force = sub.add_parser(
@@ -113,7 +100,27 @@ def register(subparsers: SubParsers) -> None:
         help="open for this many seconds (default: until reset)",
     )
     force.add_argument("--reason", default="forced open from the CLI", help="shown in status")
+    _add_window(force)
     force.set_defaults(func=cmd_breaker_open)
+
+
+def _add_window(parser: argparse.ArgumentParser) -> None:
+    """``--window`` and ``--buckets``: the failure-rate window the printed states count."""
+    parser.add_argument(
+        "--window",
+        type=_window_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="the breakers' BreakerPolicy.window_seconds, to count the failure-rate "
+        f"window as of now (default {_DEFAULT.window_seconds:g}, assumed)",
+    )
+    parser.add_argument(
+        "--buckets",
+        type=_buckets,
+        default=None,
+        metavar="N",
+        help=f"their BreakerPolicy.window_buckets (default {_DEFAULT.window_buckets}, assumed)",
+    )
 
 
 def _when(ts: float | None) -> str | None:
@@ -124,7 +131,7 @@ def _when(ts: float | None) -> str | None:
 
 def _policy(args: argparse.Namespace) -> BreakerPolicy:
     """
-    The window the states are judged by: ``--window`` and ``--buckets`` (status), each
+    The window the states are judged by: ``--window`` and ``--buckets``, each
     `BreakerPolicy`'s default when not given.
     """
     window = getattr(args, "window", None)
@@ -223,7 +230,7 @@ def cmd_breaker_status(args: argparse.Namespace) -> int:
 
 def _window(args: argparse.Namespace) -> dict[str, Any]:
     """
-    The failure-rate window ``status`` counts by, and whether it is assumed: the stores
+    The failure-rate window the printed states count by, and whether it is assumed: the stores
     keep each key's window buckets, not the policy (length, bucket count) they were
     written with, so a value not given is `BreakerPolicy`'s default.
     """
@@ -271,13 +278,20 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
             return [await store.snapshot(args.key)]
 
     states = _live(run_async(body), args)
+    window = _window(args)
     if args.json:
         emit_json(
-            {"reset": "all" if args.all else args.key, "breakers": [state_row(s) for s in states]}
+            {
+                "reset": "all" if args.all else args.key,
+                "breakers": [state_row(s) for s in states],
+                "window": window,
+            }
         )
     else:
         print(f"Reset {'every key' if args.all else printable(args.key)}")
         _print_states(states)
+        if states:
+            print(_window_text(args, window))
     return 0
 
 
@@ -299,8 +313,9 @@ def cmd_breaker_open(args: argparse.Namespace) -> int:
             )
 
     [state] = _live([run_async(body)], args)
+    window = _window(args)
     if args.json:
-        emit_json(state_row(state))
+        emit_json({**state_row(state), "window": window})
     else:
         print(
             f"Forced {args.key} open"
@@ -311,4 +326,5 @@ def cmd_breaker_open(args: argparse.Namespace) -> int:
             )
         )
         _print_states([state])
+        print(_window_text(args, window))
     return 0
