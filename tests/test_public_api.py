@@ -166,13 +166,16 @@ def test_nothing_in_the_repository_imports_a_moved_name_from_the_top_level() -> 
     texts += [(f"README.md block {i}", code) for i, code in enumerate(blocks)]
     found = []
     for where, text in texts:
+        if not any(name in text for name in moved):
+            continue  # a text that never spells a moved name cannot import one
         aliases = {"empathy_models"}
-        for node in ast.walk(ast.parse(text)):
+        nodes = list(ast.walk(ast.parse(text)))
+        for node in nodes:
             if isinstance(node, ast.Import):
                 aliases.update(
                     a.asname for a in node.names if a.name == "empathy_models" and a.asname
                 )
-        for node in ast.walk(ast.parse(text)):
+        for node in nodes:
             if isinstance(node, ast.ImportFrom) and node.module == "empathy_models":
                 found += [f"{where}: {a.name}" for a in node.names if a.name in moved]
             if (

@@ -217,6 +217,10 @@ async def test_quick_start_with_only_one_providers_key_answers_every_time(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    sys.version_info[:2] != (3, 11),
+    reason="checked with --python-version 3.11 whichever Python runs it: once, on 3.11",
+)
 def test_the_python_blocks_pass_mypy_strict(tmp_path: Path) -> None:
     for name in MARKERS:
         if name not in FRAGMENTS:

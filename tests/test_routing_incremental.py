@@ -284,14 +284,14 @@ def test_candidate_ids_outside_the_registry_are_not_kept(
 
     tracemalloc.start()
     try:
-        for i in range(5_000):
+        for i in range(3_000):
             decide(i)
         gc.collect()
         before = tracemalloc.get_traced_memory()[0]
-        for i in range(5_000, 25_000):
+        for i in range(3_000, 13_000):
             decide(i)
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert grown < 300_000  # ~2.5 MB if every id were kept
+    assert grown < 300_000  # ~1.25 MB if every id were kept
