@@ -795,7 +795,7 @@ class EmpathyLLMExecutor:
             )
             start = self._clock()
             deadline_at = None if ctx.deadline is None else start + ctx.deadline
-            task_type, task_tier = self._planner.task(ctx.task_type)
+            task_type, tier = self._planner.task(ctx.task_type)
             needs = required_capabilities(messages, options)
             cache_key: str | None = None
             if ctx.cache_ttl is not None and self._cache is not None:
@@ -807,8 +807,8 @@ class EmpathyLLMExecutor:
                     )
                     if hit is not None:
                         return cast(LLMResponse, hit)
-            routes, decision = self._planner.plan(ctx, messages, system, task_tier, needs, options)
-            run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
+            run = _Run(ctx, messages, task_type, system, options)
+            routes = run.planned(self._planner.plan(ctx, messages, system, tier, needs, options))
             if self._obs is not None:
                 self._obs.planned(run)
             info, reply = await Attempts(self, run, deadline_at).walk(routes)
@@ -844,8 +844,8 @@ class EmpathyLLMExecutor:
         as `run`: failures before the first delta are retried or fall back; leaving the
         block early closes the response and records the attempt as ``cancelled``.
         ``context.timeout`` bounds the first byte and each gap between chunks.  With
-        ``context.cache_ttl``, a cached answer is replayed as a stream, and a stream
-        that ended whole is stored.
+        ``context.cache_ttl``, the cache is read before any routing, as by `run`: a hit is
+        replayed as a stream, no routing decision made; a stream that ended whole is stored.
 
         Args:
             prompt, context, tools, ...: `run`'s, checked the same way; with ``tools``,
@@ -854,6 +854,9 @@ class EmpathyLLMExecutor:
 
         Raises:
             ConfigurationError: bad input, here, before anything is sent.
+            NoModelMeetsConstraintsError, ConfigurationError: no route (the router's policy,
+                no model able): here, or from ``async with`` after a cache miss when the
+                cache may answer (see `empathy_models.streaming`).
             AllRoutesFailedError: from ``async with``, when no route answers.
             StreamInterruptedError: a failure after the first delta (with the partial text).
         """

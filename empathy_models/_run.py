@@ -284,7 +284,12 @@ def _describe(exc: BaseException) -> str:
 
 
 class _Run:
-    """Everything one `run` call accumulates; never shared between calls."""
+    """
+    Everything one `run` or `stream` call accumulates; never shared between calls.
+
+    Its routes come from `planned` (after the response cache missed, when it is read): a
+    run answered from the cache has no route and no routing decision (``original`` unset).
+    """
 
     __slots__ = (
         "_estimate",
@@ -304,12 +309,13 @@ class _Run:
         "task_type",
     )
 
+    original: ModelInfo
+    """The first route planned (`planned`)."""
+
     def __init__(
         self,
         context: ExecutionContext,
         messages: tuple[Message, ...],
-        original: ModelInfo,
-        decision: RoutingDecision | None,
         task_type: str,
         system: str | None,
         options: Mapping[str, Any] = NO_OPTIONS,
@@ -317,8 +323,7 @@ class _Run:
         self.options = options
         self.context = context
         self.messages = messages
-        self.original = original
-        self.decision = decision
+        self.decision: RoutingDecision | None = None
         self.request_id = os.urandom(16).hex()
         self.attempts: list[AttemptSummary] = []
         self.attempts_cost = 0.0  # the answering attempt's cost, as its record has it
@@ -331,6 +336,12 @@ class _Run:
         # reserved at the cache write price (`Limiter.estimate`)
         self.cache_write = None if options is NO_OPTIONS else _cache_write(options)
         self._estimate: int | None = None
+
+    def planned(self, plan: tuple[list[ModelInfo], RoutingDecision | None]) -> list[ModelInfo]:
+        """The planner's routes (never empty) and decision, taken as this run's; the routes."""
+        routes, self.decision = plan
+        self.original = routes[0]
+        return routes
 
     def estimate(self) -> int:
         """The request's input token estimate (`_estimate_tokens`), computed once."""

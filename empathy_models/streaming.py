@@ -40,10 +40,15 @@ What happens, in order:
    reading of pieces already read is not the model's time.
 
 6. **Response cache**: a context that sets ``cache_ttl`` (the executor having a
-   ``cache``) reads the cache on entering, as `run` does: a hit is replayed (its text as
-   one delta, then each tool call as one `ToolCallDelta`; the final response has
-   ``cached=True``; recorded as a hit, no route tried).  A stream that ended whole
-   stores its answer; one left early or interrupted stores nothing.
+   ``cache``) reads the cache on entering, before any routing, as `run` does: a hit is
+   replayed (its text as one delta, then each tool call as one `ToolCallDelta`; the
+   final response has ``cached=True``; recorded as a hit) with no routing decision
+   made, so it is served even when routing would fail (no model meeting the router's
+   constraints, none able to serve the request).  The routes are planned on a miss, so
+   such a stream's routing errors raise from ``async with``; a stream the cache cannot
+   answer (no ``cache_ttl``, or a sampled answer) is planned by ``stream()``, which
+   raises them.  A stream that ended whole stores its answer; one left early or
+   interrupted stores nothing.
 
 7. **Tool calls**: with ``tools``, ``stream.events()`` yields the pieces of each tool
    call (`ToolCallDelta`) beside the text deltas, in order; a piece counts as a delta
@@ -109,6 +114,7 @@ if TYPE_CHECKING:
     from ._run import Prompt
     from ._values import AttemptSummary, LLMResponse
     from .observability import _RunTrace
+    from .records import ModelTier
     from .registry import ModelInfo
 
 __all__ = ["LLMStream", "StreamEvents", "StreamManager"]
@@ -193,6 +199,7 @@ class LLMStream:
         "_stream",
         "_t0",
         "_ticket",
+        "_tier",
         "_trace",
         "_ttft",
     )
@@ -201,12 +208,13 @@ class LLMStream:
         self,
         executor: EmpathyLLMExecutor,
         run: _Run,
-        routes: Sequence[ModelInfo],
+        tier: ModelTier,
         cache_key: str | None = None,
     ) -> None:
         self._ex = executor
         self._run = run
-        self._routes = routes
+        self._tier = tier  # the task type's, for `_plan`
+        self._routes: Sequence[ModelInfo] = ()  # planned by `_plan`
         self._cache_key = cache_key  # the response cache's key (the context's cache_ttl)
         self._cached: LLMResponse | None = None  # the answer the cache held, replayed
         self._start = 0.0
@@ -419,11 +427,15 @@ class LLMStream:
         try:
             with ex._inflight.track("stream"):  # `aclose` ends it with NotOpenError
                 if self._cache_key is not None and await _from_cache(self, self._cache_key):
-                    return
+                    return  # no routing decision made, as `run` makes none for a hit
+                if not self._routes:  # the cache missed: planned now, as `run` plans
+                    _plan(self)
                 if obs is not None and self._trace is not None:
                     obs.planned(self._run, self._trace)
                 await self._open_routes()
         except BaseException as exc:
+            if self._state == "new":  # a failed lookup or plan: entered once all the same
+                self._state = "failed"
             if obs is not None and self._trace is not None:
                 obs.stream_ended(self._trace, error=exc)
             raise
@@ -812,30 +824,52 @@ def _some_model_cannot_stream(executor: EmpathyLLMExecutor) -> bool:
     return known
 
 
+def _plan(stream: LLMStream) -> None:
+    """
+    ``stream``'s routes and the router's decision (`_Planner.plan`, models that cannot
+    stream left out).
+
+    Raises:
+        ConfigurationError: no configured model can serve the request.
+        NoModelMeetsConstraintsError: the router's policy says so.
+    """
+    ex, run = stream._ex, stream._run
+    needs = required_capabilities(run.messages, run.options)
+    if _some_model_cannot_stream(ex):
+        needs |= _STREAMING
+    stream._routes = run.planned(
+        ex._planner.plan(run.context, run.messages, run.system, stream._tier, needs, run.options)
+    )
+
+
 def open_stream(
     executor: EmpathyLLMExecutor,
     prompt: Prompt,
     context: ExecutionContext | None,
     options: Mapping[str, Any],
 ) -> StreamManager:
-    """`EmpathyLLMExecutor.stream`'s body (see there); ``options`` from `run_options`."""
+    """
+    `EmpathyLLMExecutor.stream`'s body (see there); ``options`` from `run_options`.
+
+    The input is checked here.  A stream the response cache may answer is planned only
+    on entering, after the cache missed, as `EmpathyLLMExecutor.run` plans; any other
+    is planned here, so that its routing errors raise from ``stream()``.
+    """
     executor._check_open()
     ctx = _DEFAULT_CONTEXT if context is None else context
     if not isinstance(ctx, ExecutionContext):
         raise ConfigurationError(f"context must be an ExecutionContext, got {shown(ctx)}")
     messages, system = _to_messages(prompt, ctx.system)
     task_type, task_tier = executor._planner.task(ctx.task_type)
-    needs = required_capabilities(messages, options)
-    if _some_model_cannot_stream(executor):
-        needs |= _STREAMING
-    routes, decision = executor._planner.plan(ctx, messages, system, task_tier, needs, options)
-    run = _Run(ctx, messages, routes[0], decision, task_type, system, options)
     key: str | None = None
     if ctx.cache_ttl is not None and executor._cache is not None:
         from ._cached import cache_key_of
 
         key = cache_key_of(ctx, task_type, messages, system, options)
-    return StreamManager(LLMStream(executor, run, routes, key))
+    stream = LLMStream(executor, _Run(ctx, messages, task_type, system, options), task_tier, key)
+    if key is None:
+        _plan(stream)
+    return StreamManager(stream)
 
 
 class StreamEvents:

@@ -1,8 +1,9 @@
 """
 The response cache through `EmpathyLLMExecutor.stream`: a stream whose context sets
-``cache_ttl`` is served from the cache as `run` is (the answer replayed as a stream,
-recorded as a hit), and a stream that ended whole fills it; one that did not, never.
-Real HTTP to `FakeLLMServer`, a memory and an SQLite cache.
+``cache_ttl`` is served from the cache as `run` is (the cache read before any routing,
+the answer replayed as a stream, recorded as a hit), and a stream that ended whole
+fills it; one that did not, never.  Real HTTP to `FakeLLMServer`, a memory and an
+SQLite cache, real routers.
 """
 
 from __future__ import annotations
@@ -12,19 +13,25 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from empathy_models import (
+    AdaptiveModelRouter,
+    ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
     ModelInfo,
     ModelRegistry,
+    NoModelMeetsConstraintsError,
     Outcome,
     RetryPolicy,
+    RoutingDecision,
     StreamInterruptedError,
     Tool,
 )
 from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.cache import MemoryResponseCache
 from empathy_models.content import ToolCallDelta
 from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
@@ -62,9 +69,9 @@ def cache_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
     options.setdefault("telemetry_store", MemoryTelemetryBackend())
     options.setdefault("cache", "memory://")
+    options.setdefault("registry", REGISTRY)
     return EmpathyLLMExecutor(
         [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
-        registry=REGISTRY,
         retry=RetryPolicy.none(),
         **options,
     )
@@ -166,3 +173,138 @@ async def test_a_cached_stream_left_unread_is_closed(server: FakeLLMServer) -> N
             await stream.get_final_response()
         assert stream.text == ""
     assert server.requests() == 1
+
+
+# --------------------------------------------------------------------------- no routing for a hit
+
+
+class CountingRouter(AdaptiveModelRouter):
+    """The real router, counting the routing decisions asked of it."""
+
+    decisions = 0
+
+    def get_best_model(self, *args: Any, **kwargs: Any) -> RoutingDecision:
+        self.decisions += 1
+        return super().get_best_model(*args, **kwargs)
+
+
+def priced(input_price: float, output_price: float, **fields: Any) -> ModelRegistry:
+    """`REGISTRY`'s one model at other prices (and with other ``fields``)."""
+    model = attrs.evolve(
+        REGISTRY.models[0],
+        input_price_per_mtok=input_price,
+        output_price_per_mtok=output_price,
+        **fields,
+    )
+    return ModelRegistry(models=[model], price_version=f"cache-stream-{output_price}")
+
+
+BOUNDED = attrs.evolve(CTX, max_cost=0.001, max_tokens=100)
+"""A context whose cost bound the cheap registry meets and the dear one never does."""
+
+
+async def test_a_cached_stream_makes_no_routing_decision(
+    server: FakeLLMServer, cache_url: str
+) -> None:
+    router = CountingRouter(REGISTRY, seed=1)
+    async with router, make(server, router=router, cache=cache_url) as executor:
+        _, first = await streamed(executor, "What is GCRA?")
+        decided = router.decisions
+        _, again = await streamed(executor, "What is GCRA?")
+        await executor.run("What is GCRA?", CTX)
+    assert decided == 1 and first.routing_decision is not None
+    assert again.cached and again.routing_decision is None
+    assert router.decisions == decided  # neither the stream's hit nor the run's routed
+    assert server.requests() == 1
+
+
+async def test_a_cached_stream_is_served_when_the_router_rules_every_model_out(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """
+    Two executors share a cache; the second's prices put its only model over the
+    context's ``max_cost``: a run or stream it must route fails, a hit does not.
+    """
+    url = f"sqlite:///{tmp_path}/cache.db"
+    cheap, dear = priced(0.0, 0.0), priced(1_000.0, 1_000.0)
+    async with (
+        AdaptiveModelRouter(cheap, seed=1) as filler_router,
+        make(server, router=filler_router, cache=url, registry=cheap) as filler,
+    ):
+        _, filled = await streamed_in(filler, "What is GCRA?", BOUNDED)
+    telemetry = MemoryTelemetryBackend()
+    async with (
+        CountingRouter(dear, seed=1) as router,
+        make(server, router=router, cache=url, registry=dear, telemetry_store=telemetry) as ex,
+    ):
+        with pytest.raises(NoModelMeetsConstraintsError):
+            await ex.run("Another question?", BOUNDED)  # a miss is routed: nothing fits
+        ruled_out = router.decisions
+        pieces, again = await streamed_in(ex, "What is GCRA?", BOUNDED)
+        run_hit = await ex.run("What is GCRA?", BOUNDED)
+        records = await telemetry.recent(limit=10)
+    assert ruled_out == 1 and router.decisions == ruled_out
+    assert again.cached and run_hit.cached and again.content == filled.content == ANSWER
+    assert pieces == [ANSWER]
+    assert [r.outcome for r in records] == [Outcome.CACHE_HIT, Outcome.CACHE_HIT]
+    assert server.requests() == 1
+
+
+async def test_a_cached_stream_is_served_when_no_model_can_stream(
+    server: FakeLLMServer, cache_url: str
+) -> None:
+    """
+    The registry's only model cannot stream: `run` fills the cache, a stream of the same
+    request replays it; one the cache cannot answer fails to route, from ``async with``.
+    """
+    registry = priced(1.0, 4.0, capabilities=["tools", "images", "json_schema"])
+    async with make(server, registry=registry, cache=cache_url) as executor:
+        ran = await executor.run("What is GCRA?", CTX)
+        pieces, again = await streamed(executor, "What is GCRA?")
+        with pytest.raises(ConfigurationError, match="streaming"):
+            async with executor.stream("Not cached yet", CTX):
+                pass
+        with pytest.raises(ConfigurationError, match="streaming"):
+            executor.stream("Not cacheable", attrs.evolve(CTX, temperature=0.7))
+    assert not ran.cached and again.cached and pieces == [ANSWER]
+    assert again.content == ran.content
+    assert server.requests() == 1
+
+
+async def test_a_cached_stream_is_served_to_constraints_without_a_router(
+    server: FakeLLMServer, cache_url: str
+) -> None:
+    cache = MemoryResponseCache() if cache_url == "memory://" else cache_url
+    router = AdaptiveModelRouter(REGISTRY, seed=1)
+    async with router, make(server, router=router, cache=cache) as filler:
+        _, filled = await streamed_in(filler, "What is GCRA?", BOUNDED)
+    async with make(server, cache=cache) as executor:  # no router for the constraints
+        _, again = await streamed_in(executor, "What is GCRA?", BOUNDED)
+        with pytest.raises(ConfigurationError, match="no router"):
+            async with executor.stream("Not cached yet", BOUNDED):
+                pass
+    assert again.cached and again.content == filled.content
+    assert server.requests() == 1
+
+
+async def test_a_bad_input_raises_from_stream_even_with_the_answer_cached(
+    server: FakeLLMServer,
+) -> None:
+    async with make(server) as executor:
+        await executor.run("What is GCRA?", CTX)
+        with pytest.raises(ConfigurationError, match="top_p"):
+            executor.stream("What is GCRA?", CTX, top_p=2.0)
+        with pytest.raises(ConfigurationError, match="ExecutionContext"):
+            executor.stream("What is GCRA?", {"temperature": 0})  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="prompt"):
+            executor.stream([{"role": "user"}], CTX)
+    assert server.requests() == 1
+
+
+async def streamed_in(
+    executor: EmpathyLLMExecutor, prompt: str, context: ExecutionContext
+) -> tuple[list[str | ToolCallDelta], Any]:
+    """`streamed` with another context."""
+    async with executor.stream(prompt, context) as stream:
+        pieces = [piece async for piece in stream.events()]
+        return pieces, await stream.get_final_response()

@@ -833,6 +833,30 @@ async def test_a_stream_answered_from_the_cache_says_so_on_its_span(
     assert len([s for s in otel.spans() if s.name.startswith("chat ")]) == 1
 
 
+async def test_a_stream_whose_routing_fails_after_a_cache_miss_ends_its_span_with_it(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # constraints and no router to judge them: routing fails once the cache has missed
+    ctx = attrs.evolve(CTX, temperature=0, cache_ttl=60, max_cost=0.5)
+    async with make(server, otel, cache="memory://") as executor:
+        with pytest.raises(ConfigurationError, match="no router"):
+            await executor.run(PROMPT, ctx)
+        with pytest.raises(ConfigurationError, match="no router"):
+            async with executor.stream(PROMPT, ctx):
+                pass
+    ran, streamed = sorted(
+        (s for s in otel.spans() if s.name == "run support/answer"),
+        key=lambda s: s.start_time or 0,
+    )
+    for span in (ran, streamed):
+        assert span.attributes is not None
+        assert span.attributes["error.type"] == "ConfigurationError"
+        assert span.status.status_code is StatusCode.ERROR
+    assert streamed.attributes is not None and streamed.attributes["empathy_models.stream"]
+    assert not [s for s in otel.spans() if s.name.startswith("chat ")]
+    assert server.requests() == 0
+
+
 async def test_a_sampled_out_run_still_propagates_its_trace_context_and_counts(
     server: FakeLLMServer,
 ) -> None:
