@@ -4,9 +4,12 @@
 ``refuse()`` stops listening and resets every open connection (the server looks down:
 connections are refused); ``partition()`` keeps every connection open but forwards
 nothing in either direction, and new connections are accepted and then hang (packets
-dropped, as in a network partition); ``restore()`` ends either fault.  ``dropped`` counts
-the bytes a partition dropped, ``clients`` the connections open on the client's side
-(accepted, not yet closed by the client nor reset here) and ``closed`` those that ended.
+dropped, as in a network partition); ``partition_after_reply()`` starts a partition
+once the server's next reply has reached the client (a partition that begins between an
+operation's answer and what the client sends next); ``restore()`` ends any fault.
+``dropped`` counts the bytes a partition dropped, ``clients`` the connections open on
+the client's side (accepted, not yet closed by the client nor reset here) and
+``closed`` those that ended (`wait_closed` waits for the first).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ class TcpProxy:
         self.target_port = target_port
         self.port = 0
         self.partitioned = False
+        self.cut_after_reply = False
         self.dropped = 0
         self.clients = 0
         self.closed = 0
+        self._ended = asyncio.Event()  # set when ``closed`` leaves 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -58,6 +63,9 @@ class TcpProxy:
                     continue  # dropped on the floor
                 dst.write(data)
                 await dst.drain()
+                if self.cut_after_reply and not client:  # the server's reply went through
+                    self.cut_after_reply = False
+                    self.partitioned = True
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -65,6 +73,7 @@ class TcpProxy:
             if client:  # the client closed its connection (or it was reset here)
                 self.clients -= 1
                 self.closed += 1
+                self._ended.set()
 
     def _reset_all(self) -> None:
         for writer in list(self._writers):
@@ -82,8 +91,17 @@ class TcpProxy:
         """Forward nothing from now on, in either direction (connections stay open)."""
         self.partitioned = True
 
+    async def wait_closed(self) -> None:
+        """Wait until a connection has ended (``closed`` is at least 1)."""
+        await self._ended.wait()
+
+    def partition_after_reply(self) -> None:
+        """Forward the server's next reply (on any connection), then nothing: `partition`."""
+        self.cut_after_reply = True
+
     async def restore(self) -> None:
         """End a refusal or a partition (connections cut by a partition are reset)."""
+        self.cut_after_reply = False
         if self.partitioned:
             self.partitioned = False
             self._reset_all()

@@ -3,12 +3,18 @@ PostgreSQL behind a `TcpProxy`: refused for seconds, partitioned, and the asyncp
 pool's log during an outage.  Every record
 accepted is in the table at the end, no ``record()`` call waits on the database, and
 `aclose` during a partition returns in bounded time, spooling what it could not write.
+A partition that begins as a read's answer arrives, with the caller's deadline passing
+while the connection goes back to the pool, leaves nothing for asyncio to report as
+never retrieved.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import asyncpg
@@ -17,6 +23,8 @@ from empathy_models_postgres import PostgresCircuitStateStore, PostgresTelemetry
 
 from empathy_models import CircuitBreaker
 from empathy_models.backends.batching import BatchingTelemetryBackend
+from empathy_models.exceptions import TelemetryError
+from empathy_models.records import LLMCallRecord, Outcome
 
 from ._load import Producer
 from ._proxy import TcpProxy
@@ -142,3 +150,61 @@ async def test_a_partitioned_state_store_holds_a_call_no_longer_than_store_timeo
         await proxy.restore()
         await store.aclose()
     assert took < STORE_TIMEOUT + 3.0, f"one call took {took:.1f} s"
+
+
+READS: dict[str, Callable[[PostgresTelemetryBackend], Awaitable[Any]]] = {
+    "recent": lambda t: t.recent(),
+    "aggregate": lambda t: t.aggregate(workflow="cut"),
+    "spend": lambda t: t.spend(workflow="cut"),
+    "evidence": lambda t: t.evidence(),
+}
+
+
+@pytest.mark.parametrize("read", sorted(READS))
+async def test_a_partition_as_a_read_is_answered_leaves_nothing_unretrieved(
+    read: str,
+    postgres_dsn: str,
+    postgres_schema: str,
+    proxy: TcpProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The read's answer arrives, then the partition begins: asyncpg's release (its
+    # session reset) gets no answer until command_timeout, and the caller's deadline
+    # passes before that, while the connection is being given back.  asyncpg runs the
+    # release under asyncio.shield, which, once its caller is cancelled, leaves the
+    # release's failure to nobody: asyncio logs it as never retrieved when collected.
+    # (evidence reads in a transaction: the cut follows its BEGIN, the next statement
+    # gets no answer, and the interrupted transaction's connection is closed instead)
+    caplog.set_level(logging.DEBUG, logger="asyncio")
+    operation = READS[read]
+    telemetry = PostgresTelemetryBackend(
+        through(postgres_dsn, proxy, postgres_schema),
+        timeout=STORE_TIMEOUT,
+        command_timeout=STORE_TIMEOUT,
+    )
+    call = LLMCallRecord(
+        provider="p", model="m", outcome=Outcome.SUCCESS, latency_ms=5.0, workflow="cut"
+    )
+    async with telemetry:
+        await telemetry.record_many([call])
+        await operation(telemetry)  # prepared: the next run is one round trip
+        before = await operation(telemetry)
+        assert proxy.closed == 0  # the one below is the session the partition cut
+        proxy.partition_after_reply()
+        with anyio.move_on_after(STORE_TIMEOUT / 4):
+            await operation(telemetry)
+        with anyio.fail_after(10 * STORE_TIMEOUT):
+            await proxy.wait_closed()  # asyncpg gave up on the session and cut it
+        gc.collect()  # futures in reference cycles report when collected
+        await proxy.restore()
+        with anyio.fail_after(20):  # the pool connects again once the network is back
+            while True:
+                try:
+                    after = await operation(telemetry)
+                    break
+                except TelemetryError:
+                    await anyio.sleep(0.05)
+    gc.collect()
+    lost = [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert not lost, lost[:3]
+    assert after == before

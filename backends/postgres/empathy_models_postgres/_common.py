@@ -182,7 +182,11 @@ class Database:
     One lazily created asyncpg pool, the tables' qualified names, and migrations.
 
     The pool is created on first use inside the running event loop; `close` closes it.
-    Errors from the driver are raised as ``error_type`` with the DSN redacted.
+    Errors from the driver are raised as ``error_type`` with the DSN redacted.  Every
+    operation takes its connection through `connection`, `run` or `statement`, which
+    give it back with `release`, never through the pool's own ``fetch`` / ``execute`` /
+    ``async with pool.acquire()``: those give it back in the caller's task, and a
+    caller cancelled meanwhile leaves the release's failure unretrieved (see `release`).
     """
 
     def __init__(
@@ -344,12 +348,17 @@ class Database:
     async def release(self, pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
         """
         Give ``conn`` back to ``pool``.  The release (asyncpg's reset of the session) is
-        carried to its end when the caller is cancelled meanwhile, and its outcome taken:
-        asyncpg runs it shielded, and a caller gone leaves its failure to nobody, which
-        asyncio logs as "Task exception was never retrieved".  A release that fails (the
-        session ended: asyncpg closes the connection, the pool opens another) does not
-        fail the operation, which is over.  A connection still inside a transaction (its
-        commit or rollback was interrupted) is closed, not reset.
+        carried to its end when the caller is cancelled meanwhile, and its outcome taken.
+        asyncpg's ``Pool.release`` runs the holder's release under ``asyncio.shield``;
+        when the task awaiting that shield is cancelled, the shield drops its callback
+        on the release, and a failure after that (a reset that gets no answer, as in a
+        partition, fails at ``command_timeout``) is logged by asyncio as "Task exception
+        was never retrieved".  So ``Pool.release`` runs here in a task of its own, which
+        nothing cancels; the caller waits for it through a shield of its own and, when
+        cancelled, leaves a done callback that takes its outcome.  A release that fails
+        (the session ended: asyncpg closes the connection, the pool opens another) does
+        not fail the operation, which is over.  A connection still inside a transaction
+        (its commit or rollback was interrupted) is closed, not reset.
         """
         try:
             in_transaction = conn.is_in_transaction()

@@ -653,7 +653,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
         )
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("spend"):
-            rows = await pool.fetch(query, *args)
+            rows = await self._db.run(pool, "fetch", query, *args)
         return {
             (row["wf"] or None, row["st"] or None, row["model"]): float(row["cost"]) for row in rows
         }
