@@ -70,9 +70,10 @@ are the request's estimate (`_run._estimate_tokens`): the provider never reporte
 OUTPUT_ESTIMATED: Final = "empathy_models.output_tokens_estimated"
 """
 The metadata key set (to True) on the record of a streamed attempt whose output tokens
-are the count of its deltas, one token each (`CompletionStream.output_estimated`): the
-provider had not reported them (a server ignoring ``stream_options.include_usage``
-never does; OpenAI-format servers report them only at the end).
+are an estimate (`CompletionStream.output_estimated`; the HTTP providers': a quarter of
+the pieces' UTF-8 bytes, at least one token per delta): the provider had not reported
+them (a server ignoring ``stream_options.include_usage`` never does; OpenAI-format
+servers report them only at the end).
 """
 
 

@@ -1708,22 +1708,38 @@ class CompletionStream(abc.ABC):
     def finished(self) -> bool:
         """
         True once the whole answer has arrived (its pieces may still wait to be taken):
-        a streamed attempt's latency ends when the executor first sees it True.
+        a streamed attempt's latency ends at `ended_at`, or, when that is None, when the
+        executor first sees this True.
         """
+
+    @property
+    def ended_at(self) -> float | None:
+        """
+        When the whole answer arrived, as a `time.perf_counter` reading; None when not
+        known (or not arrived yet).  The executor ends a streamed attempt's latency
+        there, so that the time its caller took to read pieces that had arrived is not
+        counted as the model's: a stream whose caller pauses reads the network late,
+        and only a time taken as the bytes arrive says when the model ended.  This
+        default: None (the latency then ends when the executor first sees `finished`).
+        """
+        return None
 
     @abc.abstractmethod
     def completion(self) -> Completion:
         """
         What has arrived so far: the text, and the usage the provider reported (output
-        tokens count one per delta until it reports them; input tokens 0 until then).
+        tokens estimated until it reports them, see `output_estimated`; input tokens 0
+        until then).
         """
 
     @property
     def output_estimated(self) -> bool:
         """
-        True when `completion`'s output tokens are the count of its deltas, not the
-        provider's (it reported none, or fewer than the deltas before the end); the
-        attempt's record is flagged then.  This default: False.
+        True when `completion`'s output tokens are an estimate, not the provider's (it
+        reported none, or, before the end, fewer than the estimate); the attempt's
+        record is flagged then.  The HTTP providers estimate a quarter of the UTF-8
+        bytes of the text and tool-call pieces, rounded up, and at least one token per
+        piece, as the executor estimates a prompt.  This default: False.
         """
         return False
 
@@ -1745,6 +1761,7 @@ class _CompletedStream(CompletionStream):
         self._completion = completion
         self._pieces = whole_answer_pieces(completion)
         self._closed = False
+        self._ended_at = time.perf_counter()  # the whole answer is here
 
     async def __anext__(self) -> str | ToolCallDelta:
         if not self._pieces or self._closed:
@@ -1757,6 +1774,10 @@ class _CompletedStream(CompletionStream):
     @property
     def finished(self) -> bool:
         return not self._pieces
+
+    @property
+    def ended_at(self) -> float:
+        return self._ended_at
 
     def completion(self) -> Completion:
         if not self._pieces:

@@ -244,11 +244,11 @@ class StreamInterruptedError(ProviderError):
 
     Nothing is retried or sent elsewhere then (the caller already holds part of this
     model's answer).  ``partial_text`` is the text delivered so far; ``input_tokens`` /
-    ``output_tokens`` the usage known so far (output counted one per delta until the
-    provider reports it); ``ttft_ms`` the time to the first delta of the attempt;
-    ``request_id`` the run's id.  The underlying error (a `ProviderTimeoutError` for a
-    stall, a `ServerError` for an error event, ...) is the ``__cause__`` and also
-    ``error``.
+    ``output_tokens`` the usage known so far (output estimated from the text's size
+    until the provider reports it); ``ttft_ms`` the time to the first delta of the
+    attempt; ``request_id`` the run's id.  The underlying error (a
+    `ProviderTimeoutError` for a stall, a `ServerError` for an error event, ...) is the
+    ``__cause__`` and also ``error``.
     """
 
     def __init__(

@@ -34,10 +34,13 @@ What happens, in order:
 5. **Records**: every attempt gets one `LLMCallRecord`, as in `run`; a streamed
    attempt's ``ttft_ms`` is the time from sending the request to its first delta.  The
    response's ``ttft_ms`` is the time from entering ``async with`` to the first delta
-   (retries and fallbacks included): what the caller waited.  A streamed attempt's
-   ``latency_ms`` (and the response's, from entering ``async with``) ends when the
-   stream has read its answer whole (the end marker, or the body's end): the caller's
-   reading of pieces already read is not the model's time.
+   (retries and fallbacks included): what the caller waited; the first delta is read
+   inside ``async with``, so neither depends on the caller's reading.  A streamed
+   attempt's ``latency_ms`` (and the response's, from entering ``async with``) ends
+   when its answer arrived whole (`CompletionStream.ended_at`: for the HTTP providers
+   the body's end as it arrived, or the network read that carried the end marker),
+   however long the caller then took to read it: a caller that pauses between deltas
+   does not make the model look slow to the router or in the records.
 
 6. **Response cache**: a context that sets ``cache_ttl`` (the executor having a
    ``cache``) reads the cache on entering, before any routing, as `run` does: a hit is
@@ -57,11 +60,12 @@ What happens, in order:
    `InvalidResponseError`).
 
 The provider slot (``concurrency_per_provider``) is held until the stream ends or is
-left, since the connection is in use until then.  Usage: output tokens count one per
-delta until the provider reports them (OpenAI-format servers report usage only at the
-end; the executor asks for it with ``stream_options.include_usage``); a record whose
-output tokens are that count (a stream that did not finish, or one from a server that
-ignores ``include_usage``) has
+left, since the connection is in use until then.  Usage: output tokens are estimated
+until the provider reports them (OpenAI-format servers report usage only at the end;
+the executor asks for it with ``stream_options.include_usage``): a quarter of the UTF-8
+bytes of the text and tool-call pieces so far, rounded up, as the prompt is estimated,
+and at least one token per delta; a record whose output tokens are that estimate (a
+stream that did not finish, or one from a server that ignores ``include_usage``) has
 ``metadata["empathy_models.output_tokens_estimated"] = True``.  Input tokens are the
 provider's count when it gave one (Anthropic's ``message_start`` does, before the
 first delta); a stream that opened and ended without
@@ -81,6 +85,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import warnings
 from collections import deque
 from collections.abc import Awaitable, Mapping, Sequence
@@ -181,6 +186,7 @@ class LLMStream:
         "_error",
         "_ex",
         "_first",
+        "_first_at",
         "_hold",
         "_info",
         "_parts",
@@ -236,6 +242,7 @@ class LLMStream:
         self._hold: Hold | None = None
         self._attempt = 0
         self._t0 = 0.0
+        self._first_at = 0.0  # when the attempt's first delta was read (else when sent)
         self._ttft: float | None = None
         self._run_ttft: float | None = None
         self._trace: _RunTrace | None = None  # the OpenTelemetry run span's state, when on
@@ -350,7 +357,7 @@ class LLMStream:
                 self._reader = None
                 await _read_failed(self, exc)
             self._reader = None
-            if self._ended_at is None and stream.finished:  # the latency ends here
+            if self._ended_at is None and stream.finished:  # seen whole (`_end_time`)
                 self._ended_at = self._ex._clock()
             if self._abort is not None:  # `_end_for_close` cancelled the read; it went on
                 await _read_failed(self, asyncio.CancelledError())
@@ -467,9 +474,10 @@ class LLMStream:
         self._semaphore = self._ex._semaphores[info.provider]
         self._hold = opened.hold
         self._attempt = opened.attempt
-        self._t0 = opened.t0
+        self._t0 = self._first_at = opened.t0
         self._first = opened.first
         if opened.first is not None:
+            self._first_at = opened.at
             self._ttft = (opened.at - opened.t0) * 1000.0
             self._run_ttft = (opened.at - self._start) * 1000.0
         self._state = "streaming"
@@ -509,6 +517,7 @@ class LLMStream:
         run = self._run
         info = self._info
         assert info is not None
+        end = _end_time(self)
         record: LLMCallRecord | None = None
         try:  # whatever fails from here on, the slot and the hold are given back
             record = ex._fb.record(
@@ -516,7 +525,7 @@ class LLMStream:
                 info,
                 outcome,
                 attempt=self._attempt,
-                latency_ms=(_end_time(self) - self._t0) * 1000.0,
+                latency_ms=(end - self._t0) * 1000.0,
                 ticket=self._ticket,
                 exc=error,
                 completion=completion,
@@ -548,7 +557,6 @@ class LLMStream:
         if outcome is not Outcome.SUCCESS:
             return None
         run.attempts_cost = record.cost_usd
-        end = _end_time(self)
         return ex._fb.response(
             run, info, completion, self._start, record.cost_usd, ttft_ms=self._run_ttft, end=end
         )
@@ -749,9 +757,23 @@ def _replayed(stream: LLMStream) -> str | ToolCallDelta:
 
 
 def _end_time(stream: LLMStream) -> float:
-    """When ``stream`` was read whole (the caller's reading after it not counted), or now."""
-    ended_at = stream._ended_at
-    return stream._ex._clock() if ended_at is None else ended_at
+    """
+    When ``stream``'s answer arrived whole, on the executor's clock: the provider's
+    stream's `CompletionStream.ended_at` when it gives one, else when the stream was
+    first seen whole; now when it was not (the caller's pauses are not the model's time).
+    """
+    clock = stream._ex._clock
+    seen = stream._ended_at
+    end = clock() if seen is None else seen
+    provider = stream._stream
+    arrived = None if provider is None else provider.ended_at
+    if arrived is None:
+        return end
+    if clock is not time.perf_counter:  # the same instant, as long before now
+        arrived = clock() - max(0.0, time.perf_counter() - arrived)
+    # neither after it was seen nor before the first delta was (read with it, or clocks
+    # apart: the first delta is timed once decoded, the end as its bytes came)
+    return max(stream._first_at, min(arrived, end))
 
 
 def _dropped(stream: LLMStream) -> None:

@@ -3,7 +3,9 @@ The usage a streamed attempt records when it does not finish: OpenAI-format serv
 the prompt's token count only in the last chunk, so a stream left early or cut short
 records the request's own estimate of the prompt (flagged in the record's metadata) and
 charges budgets the prompt's worst case; Anthropic's ``message_start`` count is kept,
-before the first delta too.  Real HTTP against `FakeLLMServer` on 127.0.0.1.
+before the first delta too.  Output tokens the provider did not report are estimated
+from the text's size, as the prompt is (a quarter of its UTF-8 bytes, rounded up), and
+at least one per delta.  Real HTTP against `FakeLLMServer` on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from empathy_models import (
     Outcome,
     RetryPolicy,
     StreamInterruptedError,
+    Tool,
 )
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.limits import MemoryQuotaStore
@@ -76,6 +79,15 @@ def estimate(prompt: str) -> int:
 
 def fake_count(prompt: str) -> int:
     return len(prompt) // 4 + 1  # what FakeLLMServer reports (and bills)
+
+
+def output_estimate(deltas: list[str]) -> int:
+    # the documented estimate of output the provider did not count: a quarter of the
+    # deltas' UTF-8 bytes, rounded up, and at least one token per delta
+    return max(len(deltas), -(-len("".join(deltas).encode()) // 4))
+
+
+LONG_TEXT = "The quick brown fox jumps over the lazy dog; " * 6  # 270 characters
 
 
 @pytest.fixture
@@ -223,7 +235,7 @@ async def test_a_finished_openai_stream_records_the_reported_count_unflagged(
     assert math.isclose(await spent(quota), record.cost_usd, rel_tol=1e-6)
 
 
-async def test_a_finished_openai_stream_without_usage_counts_a_token_per_delta(
+async def test_a_finished_openai_stream_without_usage_estimates_its_output_by_size(
     telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore
 ) -> None:
     # some OpenAI-compatible servers ignore stream_options.include_usage: the answer ends
@@ -257,12 +269,96 @@ async def test_a_finished_openai_stream_without_usage_counts_a_token_per_delta(
     assert response.content == "".join(words)
     record = await only_record(telemetry)
     assert record.outcome is Outcome.SUCCESS
-    assert record.output_tokens == response.output_tokens == len(words)  # not 0
+    output = output_estimate(words)
+    assert output == 33 > len(words)  # 130 bytes: a delta of 6 or 7 holds more than a token
+    assert record.output_tokens == response.output_tokens == output
     assert record.metadata[OUTPUT_ESTIMATED] is True
     assert record.input_tokens == estimate(PROMPT) and record.metadata[ESTIMATED] is True
     info = INFO["gpt-usage"]
-    assert math.isclose(record.cost_usd, info.cost(estimate(PROMPT), len(words)))
-    assert await spent(quota) >= info.cost(4 * estimate(PROMPT), len(words)) * (1 - 1e-6)
+    assert math.isclose(record.cost_usd, info.cost(estimate(PROMPT), output))
+    assert await spent(quota) >= info.cost(4 * estimate(PROMPT), output) * (1 - 1e-6)
+
+
+async def test_an_openai_stream_cut_short_estimates_its_output_by_the_texts_size(
+    server: FakeLLMServer,
+    budgeted: EmpathyLLMExecutor,
+    telemetry: MemoryTelemetryBackend,
+    quota: MemoryQuotaStore,
+) -> None:
+    # deltas of 40 characters, several tokens each, and no usage: the body ends after
+    # three of them without the usage chunk
+    server.set_behavior(
+        "gpt-usage",
+        ModelBehavior(
+            content=LONG_TEXT,
+            output_tokens=68,
+            stream=StreamBehavior(chunk_chars=40, fault_after=3, fault="incomplete"),
+        ),
+    )
+    async with budgeted as executor:
+        with pytest.raises(StreamInterruptedError) as caught:
+            async with executor.stream(PROMPT, context("gpt-usage")) as stream:
+                async for _ in stream:
+                    pass
+    pieces = [LONG_TEXT[i : i + 40] for i in range(0, 120, 40)]
+    assert caught.value.partial_text == "".join(pieces)
+    output = output_estimate(pieces)
+    assert output == 30  # not 3, one per delta
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.FAILURE
+    assert record.output_tokens == caught.value.output_tokens == output
+    assert record.metadata[OUTPUT_ESTIMATED] is True
+    info = INFO["gpt-usage"]
+    assert math.isclose(record.cost_usd, info.cost(estimate(PROMPT), output))
+    charged = await spent(quota)  # the prompt's worst case and the output's estimate
+    assert math.isclose(charged, info.cost(4 * estimate(PROMPT), output), rel_tol=1e-6)
+
+
+async def test_a_tool_calls_streamed_pieces_are_estimated_by_their_size(
+    telemetry: MemoryTelemetryBackend,
+) -> None:
+    # an OpenAI-compatible server that ignores include_usage, answering with a tool call
+    # whose arguments come in two pieces: the name and the arguments' bytes are counted
+    arguments = json.dumps(
+        {"city": "Lisbon, Portugal", "units": "metric", "days": 7}, separators=(",", ":")
+    )
+    call = {"index": 0, "id": "call_1", "type": "function"}
+
+    def chunk(delta: dict[str, Any], reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": reason}
+        body = {"id": "c1", "object": "chat.completion.chunk", "choices": [choice]}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        first = {**call, "function": {"name": "get_weather", "arguments": arguments[:30]}}
+        await response.write(chunk({"tool_calls": [first]}))
+        rest = {"index": 0, "function": {"arguments": arguments[30:]}}
+        await response.write(chunk({"tool_calls": [rest]}))
+        await response.write(chunk({}, "tool_calls") + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    tool = Tool(
+        name="get_weather",
+        description="The weather forecast",
+        parameters={"type": "object", "properties": {"city": {"type": "string"}}},
+    )
+    async with serving("/v1/chat/completions", handler) as url:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+        )
+        async with executor, executor.stream("hi", context("gpt-usage"), tools=[tool]) as stream:
+            response = await stream.get_final_response()
+    assert response.tool_calls[0].arguments_json == arguments
+    output = -(-len(("get_weather" + arguments).encode()) // 4)
+    assert output > 2  # two pieces
+    record = await only_record(telemetry)
+    assert record.output_tokens == response.output_tokens == output
+    assert record.metadata[OUTPUT_ESTIMATED] is True
 
 
 async def test_an_http_error_before_the_stream_opens_records_no_tokens(
@@ -300,6 +396,29 @@ async def test_an_anthropic_stream_failing_before_its_first_delta_keeps_message_
     assert ESTIMATED not in record.metadata
     assert record.cost_usd > 0
     assert math.isclose(await spent(quota), record.cost_usd, rel_tol=1e-6)
+
+
+async def test_an_anthropic_stream_left_early_estimates_its_output_past_the_placeholder(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    # message_start says 1 output token, a placeholder: the deltas seen hold more
+    behavior = ModelBehavior(
+        content=LONG_TEXT,
+        output_tokens=68,
+        stream=StreamBehavior(chunk_chars=40, chunk_interval_ms=50),
+    )
+    server.set_behavior("claude-usage", behavior)
+    async with (
+        make(server, telemetry) as executor,
+        executor.stream(PROMPT, context("claude-usage")) as stream,
+    ):
+        async for _ in stream:
+            break
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.CANCELLED
+    # each delta read is 40 bytes: 10 tokens (how many came before the break may vary)
+    assert record.output_tokens in (10, 20, 30, 40, 50, 60)
+    assert record.metadata[OUTPUT_ESTIMATED] is True
 
 
 async def test_an_anthropic_stream_left_early_keeps_the_reported_count(

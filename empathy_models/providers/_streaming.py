@@ -13,12 +13,18 @@ type stands for.  The answer is complete at its format's end marker (``data: [DO
 for a moment at most (`_EOF_GRACE`), and its stall or failure then is no failure of
 the answer.  The connection goes back to the pool when the body ended, and is closed
 when it did not, or the stream is left early or fails.
+
+The stream reads the network only when its caller asks for pieces, so it notes when
+the answer arrived as the bytes come (`HTTPCompletionStream.ended_at`), for the
+attempt's latency; and, until the provider reports the output tokens, it estimates them
+from the pieces' size (`HTTPCompletionStream._estimate`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
@@ -55,6 +61,13 @@ _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
 
 _EOF_GRACE: Final = 0.05
 """Seconds a stream waits for the body's end after its end marker (`_await_eof`)."""
+
+_BYTES_PER_TOKEN: Final = 4
+"""
+The UTF-8 bytes of output counted as one token when the provider reported no count
+(`HTTPCompletionStream._output_tokens`): what the executor's prompt estimate assumes
+too (``limits.values.WORST_PER_ESTIMATE``), about what providers count for English.
+"""
 
 
 def _timeout_error(
@@ -218,6 +231,7 @@ class _WholeBody(CompletionStream):
     def __init__(self, completion: Completion) -> None:
         self._completion = completion
         self._pieces = deque(whole_answer_pieces(completion))
+        self._ended_at = time.perf_counter()  # the body was read whole
 
     async def __anext__(self) -> str | ToolCallDelta:
         if not self._pieces:
@@ -231,6 +245,10 @@ class _WholeBody(CompletionStream):
     def finished(self) -> bool:
         return not self._pieces
 
+    @property
+    def ended_at(self) -> float:
+        return self._ended_at
+
     def completion(self) -> Completion:
         return self._completion
 
@@ -242,16 +260,20 @@ class HTTPCompletionStream(CompletionStream):
         "_closed",
         "_decoder",
         "_deltas",
+        "_eof_at",
         "_failed",
         "_headers",
         "_idle",
+        "_marker_at",
         "_model",
         "_parts",
         "_pending",
         "_provider",
         "_read",
+        "_read_at",
         "_request_id",
         "_response",
+        "_tool_bytes",
         "_tool_calls",
         "_total",
     )
@@ -279,10 +301,20 @@ class HTTPCompletionStream(CompletionStream):
         self._idle = idle_timeout
         self._total = total_timeout
         self._pending: deque[str | ToolCallDelta] = deque()
-        self._parts: list[str] = []
+        self._parts: list[str] = []  # the text deltas, one item each
         self._deltas = 0
+        self._tool_bytes = 0  # the UTF-8 bytes of the tool-call pieces' names and arguments
         self._closed = False
         self._failed: ProviderError | None = None
+        # when the answer arrived (`ended_at`), on `time.perf_counter`: the last network
+        # read (the headers' at first), the read that carried the end marker, and the
+        # body's end, which aiohttp reports as it arrives, whether or not it is read
+        self._read_at = time.perf_counter()
+        self._marker_at: float | None = None
+        self._eof_at: float | None = None
+        on_eof = getattr(response.content, "on_eof", None)  # aiohttp's own response uses it
+        if on_eof is not None:
+            on_eof(self._body_ended)
 
     async def __anext__(self) -> str | ToolCallDelta:
         pending = self._pending
@@ -319,6 +351,7 @@ class HTTPCompletionStream(CompletionStream):
             if not decoder.queued:
                 try:
                     chunk = await self._read()
+                    self._read_at = time.perf_counter()
                 except _TRANSPORT_ERRORS as exc:
                     if isinstance(exc, TimeoutError):
                         error: ProviderError = _timeout_error(
@@ -345,11 +378,16 @@ class HTTPCompletionStream(CompletionStream):
             except ProviderError as exc:
                 self._fail(exc)
                 raise
+            if self._decoder.finished and self._marker_at is None:  # `more` decoded it
+                # it came in the bytes read so far: by the last read, maybe long before
+                # it was decoded (events are decoded when the caller asks for pieces)
+                self._marker_at = self._read_at
             if deltas:
                 pending.extend(deltas)
                 self._deltas += len(deltas)
                 if decoder.has_tool_calls:  # tool-call pieces among the text
                     self._parts.extend(d for d in deltas if isinstance(d, str))
+                    self._tool_bytes += sum(_tool_bytes(d) for d in deltas)
                 else:
                     self._parts += deltas  # type: ignore[arg-type]  # text only: no call yet
 
@@ -400,6 +438,11 @@ class HTTPCompletionStream(CompletionStream):
         )
         raise self._failed
 
+    def _body_ended(self) -> None:
+        """aiohttp's callback: the body's end arrived (read or not)."""
+        if self._eof_at is None:
+            self._eof_at = time.perf_counter()
+
     def _fail(self, error: ProviderError) -> None:
         self._closed = True
         self._failed = error
@@ -417,22 +460,52 @@ class HTTPCompletionStream(CompletionStream):
         return self._failed is None and self._decoder.finished
 
     @property
+    def ended_at(self) -> float | None:
+        """
+        When the end marker arrived, as nearly as the stream saw it without reading
+        ahead of its caller: the body's end, when it came right after the marker (as the
+        APIs send it; aiohttp reports it as it arrives, during the caller's pauses too),
+        else the network read that carried the marker; None before the marker.
+        """
+        marker_at = self._marker_at
+        if marker_at is None:
+            return None
+        eof_at = self._eof_at
+        return marker_at if eof_at is None or eof_at > marker_at else eof_at
+
+    @property
     def output_estimated(self) -> bool:
         return self._output_tokens()[1]
 
     def _output_tokens(self) -> tuple[int, bool]:
         """
-        The output tokens so far, and whether they are the count of deltas (one token
-        each) rather than the provider's: when it reported none (a server that ignores
+        The output tokens so far, and whether they are the estimate (`_estimate`)
+        rather than the provider's count: when it reported none (a server that ignores
         ``stream_options.include_usage`` never does), or, before the end, fewer than
-        the deltas seen (a count then may be a placeholder: Anthropic's message_start
+        the estimate (a count then may be a placeholder: Anthropic's message_start
         says 1).
         """
         decoder = self._decoder
-        reported, deltas = decoder.output_tokens, self._deltas
-        if reported is None or (not decoder.finished and reported < deltas):
-            return deltas, deltas > 0
+        reported = decoder.output_tokens
+        if reported is not None and decoder.finished:
+            return reported, False
+        estimate = self._estimate()
+        if reported is None or reported < estimate:
+            return estimate, estimate > 0
         return reported, False
+
+    def _estimate(self) -> int:
+        """
+        The output tokens of the pieces so far by their size: a quarter of the UTF-8
+        bytes of the text and of the tool calls' names and arguments (`_BYTES_PER_TOKEN`),
+        rounded up, and at least one per piece (a piece holds one token or more).
+        """
+        deltas = self._deltas
+        if not deltas:
+            return 0
+        size = self._tool_bytes + sum(map(_utf8_len, self._parts))
+        by_size = -(-size // _BYTES_PER_TOKEN)
+        return by_size if by_size > deltas else deltas
 
     def completion(self) -> Completion:
         decoder = self._decoder
@@ -455,3 +528,15 @@ class HTTPCompletionStream(CompletionStream):
             web_search_requests=decoder.web_search_requests,
             cached_input_tokens=decoder.cached_input_tokens,
         )
+
+
+def _utf8_len(text: str) -> int:
+    # lone surrogates (JSON can carry them) count as the 3 bytes they would take
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _tool_bytes(piece: str | ToolCallDelta) -> int:
+    # the UTF-8 bytes a tool-call piece's model wrote (its name and arguments); 0 for text
+    if isinstance(piece, str):
+        return 0
+    return _utf8_len(piece.name or "") + _utf8_len(piece.arguments)
