@@ -405,9 +405,7 @@ class EmpathyLLMExecutor:
         sleep: the coroutine used to wait between retries and for rate-limit places
             (tests inject a recorder).
         clock: monotonic seconds, for latencies, the deadline and rate-limit waits
-            (give it the time ``sleep`` keeps).  A streamed answer's arrival, which the
-            provider's stream times on `time.perf_counter`, is carried over to it as
-            the time since then.
+            (give it the time ``sleep`` keeps; a stream's end is carried over).
         wall_clock: UTC epoch seconds, for the records' timestamps (default
             `time.time`); give it the router's clock when that is not the real time,
             since the router buckets evidence by record timestamp.

@@ -485,15 +485,6 @@ class LLMStream:
 
     # ------------------------------------------------------------------ ending
 
-    def _partial(self) -> tuple[Completion, bool]:
-        """
-        The attempt's completion so far, with its ttft, and whether its input tokens
-        are the request's estimate (the provider had not reported them: `streamed_usage`).
-        """
-        assert self._stream is not None and self._info is not None
-        got, estimated = streamed_usage(self._run, self._stream.completion())
-        return attrs.evolve(got, ttft_ms=self._ttft), estimated
-
     def _release(self) -> None:
         semaphore, self._semaphore = self._semaphore, None
         if semaphore is not None:
@@ -594,7 +585,7 @@ class LLMStream:
         """The stream is complete: report the answer, end the run span (`_ended`), cache it."""
         self._state = "done"
         try:
-            self._response = await self._report(Outcome.SUCCESS, None, self._partial())
+            self._response = await self._report(Outcome.SUCCESS, None, _partial(self))
         except BaseException as exc:
             _ended(self, error=exc)
             raise
@@ -613,7 +604,7 @@ class LLMStream:
         error = _timeout_error(raised, info, self._per_attempt, by_deadline)
         # the run's deadline is the caller's limit: its end says nothing about the model
         outcome = Outcome.CANCELLED if by_deadline else classify_error(error)
-        usage = self._partial()
+        usage = _partial(self)
         completion = usage[0]
         self._run.errors.append(error)
         interrupted = StreamInterruptedError(
@@ -654,11 +645,21 @@ class LLMStream:
         assert stream is not None
         closing = await _closing(stream)  # the attempt is reported even if this is cancelled
         with anyio.CancelScope(shield=True):
-            await self._report(Outcome.CANCELLED, None, self._partial())
+            await self._report(Outcome.CANCELLED, None, _partial(self))
             _ended(self)
         logger.debug("stream of %s closed early (%s)", self.model, why)
         if closing is not None:
             raise closing
+
+
+def _partial(stream: LLMStream) -> tuple[Completion, bool]:
+    """
+    The attempt's completion so far, with its ttft, and whether its input tokens are
+    the request's estimate (the provider had not reported them: `streamed_usage`).
+    """
+    assert stream._stream is not None and stream._info is not None
+    got, estimated = streamed_usage(stream._run, stream._stream.completion())
+    return attrs.evolve(got, ttft_ms=stream._ttft), estimated
 
 
 def _attempt_ended(
