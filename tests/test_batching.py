@@ -420,3 +420,151 @@ async def test_a_replay_failing_partway_counts_every_record_once(
         assert inner.writes == 4  # the chunk written before the failure was not written again
         assert (batching.written, batching.failed) == (30, 1)
         assert len(await inner.recent(limit=100)) == 30
+
+
+# ------------------------------------------- a record the store fails on, not a refusal
+
+
+def _fails_on_poison(records: Sequence[LLMCallRecord]) -> None:
+    # a third-party backend's own error, which says neither "refused" nor "store down"
+    if any(r.call_id.startswith("poison") for r in records):
+        raise RuntimeError("the driver cannot encode this record")
+
+
+class ChokingSQLite(SQLiteTelemetryBackend):
+    """An unbatched SQLite backend whose writes fail for any batch holding a poison record."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, batch=False)
+
+    @property
+    def spool_target(self) -> str:
+        return f"choking:{self.path}"
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        _fails_on_poison(records)
+        await super().record_many(records)
+
+
+class ChokingMemory(MemoryTelemetryBackend):
+    """A memory backend (no spool) that fails likewise, and keeps the order of its writes;
+    with ``down`` set it fails every write, as a store that is down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[str] = []
+        self.down = False
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        if self.down:
+            raise RuntimeError("connection lost")
+        _fails_on_poison(records)
+        self.order.extend(r.call_id for r in records)
+        await super().record_many(records)
+
+
+def _given_up(caplog: pytest.LogCaptureFixture, call_id: str) -> list[str]:
+    return [
+        m
+        for m in (r.getMessage() for r in caplog.records)
+        if f"record {call_id} failed alone" in m and "given up" in m
+    ]
+
+
+async def test_a_spooled_record_the_store_keeps_failing_on_holds_up_no_new_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "calls.db"
+    async with BatchingTelemetryBackend(
+        ChokingSQLite(db), max_batch=10, close_timeout=0.5
+    ) as first:
+        await first.record_many([*_records(1, "poison"), *_records(9, "old")])
+        await first.flush()
+    assert first.spooled >= 1  # the poison record waits in the spool for the next open
+    inner = ChokingSQLite(db)
+    new = _records(60, "new")
+    caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
+    async with BatchingTelemetryBackend(inner, max_batch=10, max_queue=20) as batching:
+        with anyio.fail_after(60):
+            for k in range(0, len(new), 10):
+                await batching.record_many(new[k : k + 10])
+                await batching.flush()  # the spool is replayed first, and fails
+                stored = {r.call_id for r in await inner.recent(limit=1000)}
+                assert {r.call_id for r in new[: k + 10]} <= stored, "new records held up"
+        # nothing spilled behind it; the poison record was given up, visibly, once
+        assert (batching.spooled, batching.failed) == (0, 1)
+    assert Spool(inner.spool_target).files() == []
+    (message,) = _given_up(caplog, "poison0")
+    assert "RuntimeError: the driver cannot encode this record" in message
+    async with SQLiteTelemetryBackend(db) as reader:
+        stored = {r.call_id for r in await reader.recent(limit=1000)}
+    assert stored == {r.call_id for r in _records(9, "old") + new}
+
+
+async def test_a_replay_writes_the_rest_of_a_spool_file_past_a_record_the_store_fails_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    inner = ChokingSQLite(tmp_path / "calls.db")
+    spool = Spool(inner.spool_target)
+    spooled = _records(25, "old")
+    spooled[7] = attrs.evolve(spooled[7], call_id="poison7")
+    spool.write(spooled)  # as a process that met the store down left it
+    caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
+    async with BatchingTelemetryBackend(inner, max_batch=10) as batching:
+        await batching.record_many(_records(5, "new"))
+        await batching.flush()
+        stored = {r.call_id for r in await inner.recent(limit=1000)}
+        assert stored == {r.call_id for r in spooled + _records(5, "new")} - {"poison7"}
+        assert [r.call_id for r in spool.read(spool.files()[0])[0]] == ["poison7"]
+        with anyio.fail_after(60):
+            k = 0
+            while batching.failed == 0:
+                await batching.record(_records(1, f"more{k}-")[0])
+                await batching.flush()
+                k += 1
+    assert spool.files() == [] and len(_given_up(caplog, "poison7")) == 1
+
+
+async def test_without_a_spool_the_queue_goes_on_past_a_record_the_store_keeps_failing_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inner = ChokingMemory()  # not persistent: no spool, the record is held in the queue
+    records = _records(30)
+    records[12] = attrs.evolve(records[12], call_id="poison12")
+    caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
+    async with BatchingTelemetryBackend(inner, max_batch=10) as batching:
+        with anyio.fail_after(60):
+            for k in range(0, len(records), 5):
+                await batching.record_many(records[k : k + 5])
+                await batching.flush()
+        assert (batching.failed, batching.written) == (1, 29)
+    # every other record written, in the order accepted
+    assert inner.order == [r.call_id for r in records if r.call_id != "poison12"]
+    assert len(_given_up(caplog, "poison12")) == 1
+
+
+async def test_a_store_down_with_errors_of_its_own_loses_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # every write fails, with the same kind of error as a poison record, for a while:
+    # an outage, not records to give up
+    inner = ChokingMemory()
+    records = _records(40)
+    caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
+    async with BatchingTelemetryBackend(inner, max_batch=10) as batching:
+        await batching.record_many(records[:10])
+        await batching.flush()
+        inner.down = True
+        for k in range(10, len(records), 5):
+            await batching.record_many(records[k : k + 5])
+            await batching.flush()
+        assert batching.written == 10
+        inner.down = False
+        with anyio.fail_after(60):
+            while batching.written < len(records):
+                await batching.flush()
+        assert batching.failed == 0
+    assert inner.order == [r.call_id for r in records]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable (RuntimeError: connection lost)" in m for m in messages) == 1
+    assert sum("is back after" in m for m in messages) == 1

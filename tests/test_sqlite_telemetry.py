@@ -8,6 +8,7 @@ import random
 import re
 import sqlite3
 import stat
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -351,9 +352,25 @@ async def test_schema_is_versioned_and_a_newer_file_is_refused(tmp_path: Path) -
     assert _rows(db) == 1, "the newer file must be left as it was"
 
 
-async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Path) -> None:
+def _version_1_file(db: Path, records: list[LLMCallRecord]) -> None:
+    """Write ``db`` as version 1 of the schema wrote it, holding ``records`` (copies too)."""
     from empathy_models.backends.sqlite._schema import _INSERT_CALL, _MIGRATIONS, _to_row
 
+    conn = sqlite3.connect(db)
+    try:
+        for statement in _MIGRATIONS[0]:  # version 1's tables and indexes
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        # version 1 had no unique call_id to conflict on, nor routing_propensity (v5)
+        plain_insert = _INSERT_CALL.removesuffix(" ON CONFLICT (call_id) DO NOTHING")
+        plain_insert = plain_insert.replace(", routing_propensity)", ")").replace(", ?)", ")")
+        conn.executemany(plain_insert, (_to_row(r)[:-1] for r in records))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Path) -> None:
     db = tmp_path / "v1.db"
     # with the calendar's first and last microseconds: the SQL buckets them as rollup() does
     records = _records(800) + [
@@ -370,18 +387,7 @@ async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Pa
             )
         )
     ]
-    conn = sqlite3.connect(db)
-    try:
-        for statement in _MIGRATIONS[0]:  # a file as version 1 wrote it
-            conn.execute(statement)
-        conn.execute("PRAGMA user_version = 1")
-        # version 1 had no unique call_id to conflict on, nor routing_propensity (v5)
-        plain_insert = _INSERT_CALL.removesuffix(" ON CONFLICT (call_id) DO NOTHING")
-        plain_insert = plain_insert.replace(", routing_propensity)", ")").replace(", ?)", ")")
-        conn.executemany(plain_insert, (_to_row(r)[:-1] for r in records))
-        conn.commit()
-    finally:
-        conn.close()
+    _version_1_file(db, records)
     async with SQLiteTelemetryBackend(db) as backend:
         migrated = await backend.evidence()
         assert_same_buckets(migrated.buckets, rollup(records), "evidence after migration")
@@ -397,6 +403,56 @@ async def test_a_version_1_file_gains_evidence_built_from_its_calls(tmp_path: Pa
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     finally:
         conn.close()
+
+
+async def test_migrating_a_version_1_file_counts_each_cost_for_at_most_1e300(
+    tmp_path: Path,
+) -> None:
+    # the largest valid cost, five times in one minute (and on a call that is no sample):
+    # summed as stored they are past any float; each counts for at most 1e300 in a
+    # bucket (evidence.py), in the rollups the migration builds as in those a write adds
+    db = tmp_path / "v1.db"
+    huge = [
+        attrs.evolve(
+            r,
+            call_id=f"huge{i}",
+            model="m-huge",
+            workflow="wf",
+            stage="s1",
+            timestamp=BASE + timedelta(seconds=i),
+            outcome=[Outcome.SUCCESS, Outcome.FAILURE, Outcome.CANCELLED][i % 3],
+            cost_usd=sys.float_info.max,
+        )
+        for i, r in enumerate(_records(6, seed=5))
+    ]
+    records = _records(100, seed=6) + huge
+    _version_1_file(db, records)
+    async with SQLiteTelemetryBackend(db) as backend:
+        migrated = await backend.evidence()
+        assert_same_buckets(migrated.buckets, rollup(records), "evidence after migration")
+        (bucket,) = [b for b in migrated.buckets if b.model == "m-huge"]
+        assert bucket.samples == 4 and bucket.cost_usd == pytest.approx(4e300, rel=1e-9)
+        await backend.record_many(
+            [attrs.evolve(huge[0], call_id="huge-later", timestamp=BASE + timedelta(seconds=30))]
+        )
+        (bucket,) = [b for b in (await backend.evidence()).buckets if b.model == "m-huge"]
+        assert bucket.samples == 5 and bucket.cost_usd == pytest.approx(5e300, rel=1e-9)
+
+
+async def test_migrating_a_version_1_file_counts_a_copied_call_once_in_the_evidence(
+    tmp_path: Path,
+) -> None:
+    # version 1 had no unique call_id: a replay could store a call twice.  Migrating keeps
+    # the first copy (version 3) and the rollups count what is kept (version 2)
+    db = tmp_path / "v1.db"
+    records = _records(200, seed=9)
+    copies = [attrs.evolve(r, cost_usd=r.cost_usd + 1.0) for r in records[::7]]
+    _version_1_file(db, records + copies)
+    async with SQLiteTelemetryBackend(db) as backend:
+        assert len(await backend.recent(limit=1000)) == len(records)
+        assert_same_buckets(
+            (await backend.evidence()).buckets, rollup(records), "evidence after migration"
+        )
 
 
 async def test_incremental_evidence_reads_the_version_index(tmp_path: Path) -> None:

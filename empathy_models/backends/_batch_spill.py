@@ -7,24 +7,37 @@ Spills run on a worker thread from a spill task of their own, so the caller that
 found the queue full never waits; the exit paths spill synchronously.  A backend
 without a spool (it keeps nothing across processes) counts what it would have
 spilled as given up.
+
+A replay that leaves records in the spool (the store failed, or held records back:
+see `empathy_models.backends._batch_writer`) is tried again after a backoff of its
+own, so the flusher writes the queue meanwhile; records held back stay in the spool,
+the rest of it is replayed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
+import time
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import anyio.to_thread
 
 from ..records import LLMCallRecord
-from ._batch_writer import _describe, _Ledger, _StoreWriter
+from ._batch_writer import MAX_BACKOFF, MIN_BACKOFF, _describe, _Ledger, _StoreWriter
 from ._spool import Spool
 
 logger = logging.getLogger("empathy_models.telemetry")
 
 _QUEUE_FULL = "the queue was full"
+
+_Replayed = Literal["written", "held", "failed"]
+"""How a spool file's replay ended: all written (or given up), records held back, or the
+store failed."""
 
 
 class _Spiller:
@@ -34,10 +47,12 @@ class _Spiller:
     ``overflow`` holds the records handed over and waiting for the spill task;
     ``spilling`` the ones it is writing.  ``replay_due`` says the spool may hold
     records for the store (set at start, after a spill and when an outage ends);
-    ``replaying`` is true while `replay` runs.
+    ``replaying`` is true while `replay` runs.  A replay that left records waits
+    until ``replay_at`` (monotonic) before the next; ``setbacks`` counts those replays.
     """
 
     __slots__ = (
+        "_backoff",
         "_ledger",
         "_spool",
         "_wake",
@@ -46,8 +61,10 @@ class _Spiller:
         "closing",
         "max_batch",
         "overflow",
+        "replay_at",
         "replay_due",
         "replaying",
+        "setbacks",
         "spilling",
         "task",
     )
@@ -71,6 +88,9 @@ class _Spiller:
         self.spilling: list[LLMCallRecord] | None = None  # the records being spooled
         self.replay_due = spool is not None
         self.replaying = False
+        self.replay_at = 0.0
+        self.setbacks = 0
+        self._backoff = MIN_BACKOFF
         self.closing = False
         self._warned = False
         self.task: asyncio.Task[None] | None = None
@@ -108,9 +128,32 @@ class _Spiller:
         self._wake.set()
 
     def outage_over(self) -> None:
-        """The store is back: replay the spool if records were spooled."""
+        """The store is back: replay the spool now if records were spooled."""
         if self._spool is not None and self._ledger.spooled:
             self.replay_due = True
+            self.replay_at = 0.0
+
+    def replay_wait(self) -> float:
+        """Seconds until a replay is to be tried (0: now; infinite: none is due)."""
+        if not self.replay_due:
+            return math.inf
+        return max(0.0, self.replay_at - time.monotonic())
+
+    def hurry(self) -> None:
+        """Cut the replay's backoff short (a flush)."""
+        self.replay_at = 0.0
+
+    def defer(self) -> None:
+        """Records held back were just spooled: replay them after the backoff."""
+        delay = self._backoff * random.uniform(0.5, 1.0)
+        self.replay_at = max(self.replay_at, time.monotonic() + delay)
+
+    def _set_back(self) -> None:
+        """The replay left records in the spool: try again after a growing backoff."""
+        self.replay_due = True
+        self.setbacks += 1
+        self.replay_at = time.monotonic() + self._backoff * random.uniform(0.5, 1.0)
+        self._backoff = min(self._backoff * 2.0, MAX_BACKOFF)
 
     async def _run(self) -> None:
         while True:
@@ -169,32 +212,38 @@ class _Spiller:
         if records:
             self.account(len(records), self.write(records), why)
 
-    async def replay(self) -> bool:
+    async def replay(self) -> None:
         """
-        Write the spool's files to the store.
-
-        Returns:
-            False when the store failed meanwhile (the file being replayed is released
-            for a later replay), True otherwise.
+        Write the spool's files to the store, oldest first.  When the store fails, the
+        file being replayed is released and the replay stops; records held back stay in
+        their file while the others are replayed.  Either way the next replay is due
+        after the backoff (`replay_wait`).
         """
         self.replay_due = False
         spool = self._spool
         if spool is None:
-            return True
+            return
         self.replaying = True
+        held = False
         try:
             try:
                 paths = await anyio.to_thread.run_sync(spool.files)
             except OSError as exc:
                 logger.warning("%s: cannot read the spool (%s)", self._ledger.owner, _describe(exc))
-                return True
+                return
             for path in paths:
                 claimed = await anyio.to_thread.run_sync(spool.claim, path)
                 if claimed is None:
                     continue
-                if not await self._replay_file(spool, claimed):
-                    return False
-            return True
+                replayed = await self._replay_file(spool, claimed)
+                if replayed == "failed":
+                    self._set_back()
+                    return
+                held = held or replayed == "held"
+            if held:
+                self._set_back()
+            else:
+                self._backoff = MIN_BACKOFF
         finally:
             self.replaying = False
             self._ledger.signal_progress()
@@ -212,8 +261,8 @@ class _Spiller:
             )
             await anyio.to_thread.run_sync(spool.release, claimed)
 
-    async def _replay_file(self, spool: Spool, claimed: Path) -> bool:
-        """Replay one claimed spool file; False when the store failed (it is released)."""
+    async def _replay_file(self, spool: Spool, claimed: Path) -> _Replayed:
+        """Replay one claimed spool file (released, or given back, with what is left)."""
         ledger = self._ledger
         writer = self._writer
         try:
@@ -222,19 +271,23 @@ class _Spiller:
             logger.warning(
                 "%s: cannot read spool file %s (%s)", ledger.owner, claimed, _describe(exc)
             )
-            return True
+            return "written"
         ledger.failed += bad
+        held: list[LLMCallRecord] = []
         for start in range(0, len(records), self.max_batch):
             chunk = records[start : start + self.max_batch]
             rest = await writer.deliver(chunk)
             ledger.replayed += len(chunk) - len(rest)
-            if rest:
+            if rest and not writer.held:
                 # given back without what was written (or unreadable): counted once
-                await self._give_back(spool, claimed, rest + records[start + len(chunk) :])
-                self.replay_due = True
+                await self._give_back(spool, claimed, held + rest + records[start + len(chunk) :])
                 writer.fault()
-                return False
-        await anyio.to_thread.run_sync(spool.remove, claimed)
-        if writer.recovered():
+                return "failed"
+            held += rest
+        if held:
+            await self._give_back(spool, claimed, held)
+        else:
+            await anyio.to_thread.run_sync(spool.remove, claimed)
+        if writer.recovered(held=bool(held)):
             self.outage_over()
-        return True
+        return "held" if held else "written"

@@ -9,6 +9,16 @@ batch to the wrapped store, and what happens when the store cannot take it.
   (`empathy_models.backends._storable`) or given up.  A store fault (down, locked,
   full...) hands the unwritten records back; the writer counts the fault, warns once
   per outage and once on recovery, and paces the retries with exponential backoff.
+
+An error that says the store failed (`BackendError`, which the built-in backends raise
+for a fault, `ConfigurationError`, `OSError`) is always taken for a store fault.  Any
+other (a third-party backend's own exception, say) is too, unless the store took the
+write just before: then the batch is written in halves, down to the records the store
+fails on alone while it takes the others.  Those are *held* (handed back, the store
+known to be up); one that fails alone `STRIKES` times, the store having taken other
+records between, is treated as refused: retried made storable, or given up.  A failure
+right after a failure outside that descent (the store itself failing), or one that
+says the store failed, ends the halving, and what is left is handed back as a fault.
 """
 
 from __future__ import annotations
@@ -37,6 +47,11 @@ MIN_BACKOFF: Final = 0.05
 """Seconds before the first retry of a batch the store failed to take."""
 MAX_BACKOFF: Final = 2.0
 """The longest wait between two retries during a store outage."""
+STRIKES: Final = 3
+"""How often a record may fail alone, the store taking other records between, before it
+is treated as refused (made storable, or given up)."""
+_MAX_SUSPECTS: Final = 1024
+"""The most records whose failures alone are remembered (the oldest is forgotten first)."""
 
 
 def _is_rejection(exc: BaseException) -> bool:
@@ -46,6 +61,11 @@ def _is_rejection(exc: BaseException) -> bool:
     if isinstance(exc, BackendError | ConfigurationError):
         return False
     return isinstance(exc, ValueError | TypeError)
+
+
+def _store_failed(exc: BaseException | None) -> bool:
+    """True when ``exc`` says the store failed, whatever the records (see the module)."""
+    return isinstance(exc, BackendError | ConfigurationError | OSError)
 
 
 def _describe(exc: BaseException) -> str:
@@ -98,17 +118,26 @@ class _StoreWriter:
     ``faults`` counts failed write attempts; ``outage_since`` is the monotonic time the
     current outage began (None while the store takes records); ``last_fault`` is the
     error of the latest failed attempt.  Setting ``kick`` cuts a `pause` short.
+
+    ``live`` is true while the store answered the latest attempt (took its records, or
+    refused them for their content), or held records back in the latest `deliver`;
+    ``took`` counts the attempts it answered; ``held`` says that the records the latest
+    `deliver` handed back are held back (they failed alone), not left by a store fault.
     """
 
     __slots__ = (
         "_backoff",
         "_ledger",
         "_max_queue",
+        "_suspects",
         "_write",
         "faults",
+        "held",
         "kick",
         "last_fault",
+        "live",
         "outage_since",
+        "took",
     )
 
     def __init__(
@@ -131,6 +160,11 @@ class _StoreWriter:
         self.outage_since: float | None = None
         self.last_fault: BaseException | None = None
         self.kick = asyncio.Event()  # flush or close: stop waiting between retries
+        self.live = True  # taken to take records until it fails
+        self.took = 0
+        self.held = False
+        # call_id -> [failures alone counted, ``took`` at its latest failure alone]
+        self._suspects: dict[str, list[int]] = {}
 
     async def pause(self) -> None:
         """Wait before the next retry (exponential backoff); a flush or close cuts it short."""
@@ -155,14 +189,16 @@ class _StoreWriter:
             )
         self._ledger.signal_progress()
 
-    def recovered(self) -> bool:
+    def recovered(self, *, held: bool = False) -> bool:
         """
-        The store took a batch: reset the backoff, and end the outage if there was one.
+        The store took records: end the outage if there was one, and reset the backoff
+        unless records were held back (they are retried at the growing pace).
 
         Returns:
             True when an outage ended here (the spool may hold records to replay).
         """
-        self._backoff = MIN_BACKOFF
+        if not held:
+            self._backoff = MIN_BACKOFF
         if self.outage_since is None:
             return False
         logger.warning(
@@ -175,37 +211,130 @@ class _StoreWriter:
 
     async def deliver(self, batch: list[LLMCallRecord]) -> list[LLMCallRecord]:
         """
-        Write ``batch``; return the records not written because the store failed.
+        Write ``batch``; return the records not written.
 
         A batch refused for its content is split until each refused record is alone;
-        that record is retried made safe, or given up.
+        that record is retried made safe, or given up.  A batch that fails with an
+        error that does not say the store failed, right after the store took a write,
+        is written in halves, down to the records that fail alone (see the module).
 
         Args:
             batch: The records, in order.
 
         Returns:
-            The records left unwritten by a store fault (``last_fault``), in order;
+            The records left, in order: held back when ``held`` (every one failed alone
+            while the store took records), else left by a store fault (``last_fault``);
             empty when every record was written or given up.
         """
+        live = self.live
+        self.held = False
+        rest = await self._split(batch)
+        if not rest or not live or _store_failed(self.last_fault):
+            return rest
+        rest, stalled = await self._isolate(rest)
+        if rest and not stalled:
+            self.held = self.live = True  # the store took the records around them
+        return rest
+
+    async def _attempt(self, batch: list[LLMCallRecord]) -> BaseException | None:
+        """One write of ``batch``; the error, if it failed (``live``, ``took`` kept)."""
         try:
             await self._write(batch)
         except Exception as exc:
-            if not _is_rejection(exc):
+            if _is_rejection(exc):
+                self.live = True
+                self.took += 1
+            else:
+                self.live = False
                 self.last_fault = exc
-                return batch
-            if len(batch) > 1:
-                mid = len(batch) // 2
-                rest = await self.deliver(batch[:mid])
-                if rest:
-                    return rest + batch[mid:]
-                return await self.deliver(batch[mid:])
-            return await self._deliver_made_safe(batch[0], exc)
+            return exc
+        self.live = True
+        self.took += 1
         self._ledger.written += len(batch)
-        return []
+        if self._suspects:
+            for record in batch:
+                self._suspects.pop(record.call_id, None)
+        return None
 
-    async def _deliver_made_safe(
-        self, record: LLMCallRecord, exc: BaseException
+    async def _split(self, batch: list[LLMCallRecord]) -> list[LLMCallRecord]:
+        """Write ``batch``, halving it around refused records; what a fault left, in order."""
+        exc = await self._attempt(batch)
+        if exc is None:
+            return []
+        if not _is_rejection(exc):
+            return batch
+        if len(batch) > 1:
+            mid = len(batch) // 2
+            rest = await self._split(batch[:mid])
+            if rest:
+                return rest + batch[mid:]
+            return await self._split(batch[mid:])
+        return await self._made_safe(batch[0], exc)
+
+    async def _isolate(self, records: list[LLMCallRecord]) -> tuple[list[LLMCallRecord], bool]:
+        """
+        Write ``records``, which just failed together, in halves down to the records
+        that fail alone; a half is tried right after its failed parent, and its sibling
+        after it.  A sibling failing right after a failure, or an error that says so,
+        means the store itself failed.
+
+        Returns:
+            The records left, in order, and whether the store itself failed (else every
+            record left failed alone and is held back).
+        """
+        if len(records) == 1:
+            return await self._failed_alone(records[0]), False
+        mid = len(records) // 2
+        second = records[mid:]
+        left = await self._split(records[:mid])
+        if left:
+            if _store_failed(self.last_fault):
+                return left + second, True
+            left, stalled = await self._isolate(left)
+            if stalled:
+                return left + second, True
+        live = self.live
+        more = await self._split(second)
+        if not more:
+            return left, False
+        if not live or _store_failed(self.last_fault):
+            return left + more, True
+        more, stalled = await self._isolate(more)
+        return left + more, stalled
+
+    async def _failed_alone(self, record: LLMCallRecord) -> list[LLMCallRecord]:
+        """
+        Count a failure of ``record`` alone: its first, or one after the store took other
+        records since its previous; at `STRIKES` it is treated as refused.
+
+        Returns:
+            ``[record]`` while it is held back, else empty (stored made safe, or given up).
+        """
+        suspects = self._suspects
+        entry = suspects.get(record.call_id)
+        if entry is None:
+            if len(suspects) >= _MAX_SUSPECTS:
+                del suspects[next(iter(suspects))]
+            suspects[record.call_id] = [1, self.took]
+            return [record]
+        if entry[1] != self.took:
+            entry[0] += 1
+            entry[1] = self.took
+        if entry[0] < STRIKES:
+            return [record]
+        del suspects[record.call_id]
+        return await self._made_safe(record, self.last_fault or RuntimeError(), final=True)
+
+    async def _made_safe(
+        self, record: LLMCallRecord, exc: BaseException, *, final: bool = False
     ) -> list[LLMCallRecord]:
+        """
+        Retry ``record`` made storable, or give it up; ``final``: it failed alone
+        `STRIKES` times, so a failure of the retry gives it up too.
+
+        Returns:
+            ``[record]`` when the retry failed for a store fault (not ``final``), else empty.
+        """
         ledger = self._ledger
         fields: tuple[str, ...] = ()
         try:
@@ -213,15 +342,8 @@ class _StoreWriter:
         except RecordValidationError as invalid:
             exc = invalid
         if fields:
-            try:
-                await self._write([fixed])
-            except Exception as again:
-                if not _is_rejection(again):
-                    self.last_fault = again
-                    return [record]
-                exc = again
-            else:
-                ledger.written += 1
+            again = await self._attempt([fixed])
+            if again is None:
                 ledger.sanitized += 1
                 logger.warning(
                     "%s: record %s was refused by the store and stored with %s escaped or "
@@ -232,11 +354,20 @@ class _StoreWriter:
                     "empathy_models.sanitized",
                 )
                 return []
+            if not (final or _is_rejection(again)):
+                return [record]
+            exc = again
         ledger.failed += 1
+        how = (
+            f"failed alone {STRIKES} times while the store took other records, and was given up"
+            if final
+            else "was refused by the store and given up"
+        )
         logger.warning(
-            "%s: record %s was refused by the store and given up (%s); %d records given up so far",
+            "%s: record %s %s (%s); %d records given up so far",
             ledger.owner,
             record.call_id,
+            how,
             _describe(exc),
             ledger.failed,
         )

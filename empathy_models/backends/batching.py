@@ -25,12 +25,24 @@ microsecond), whatever state the store is in.
   logged per outage and one when the store is back; then the spool is replayed.
   Writes are idempotent by ``call_id``, so a record written twice (a replay after a
   crash) is stored once.
+* The spool is replayed before the queue is written (its records are the older), but
+  a replay that leaves records in it (the store failed, or records were held back,
+  below) is retried after a backoff of its own, while the queue goes on being written.
 * A batch the store refuses for its content (`TelemetryRejectedError`, or a
   ``ValueError`` / ``TypeError`` from the backend) is split in halves until the
   refused record is alone, so the others are stored; that record is retried with its
   values escaped or clamped (`empathy_models.backends._storable`, flagged in its
   metadata), and given up only if it is still refused.  `failed` counts the records
   truly given up, each with a warning.
+* A batch that fails with an error that is neither a refusal nor a store fault
+  (`BackendError`, `OSError`), a third-party backend's own exception say, is taken
+  for a store fault, unless the store took the write just before: then it is written
+  in halves, so the other records are stored.  A record the store fails on alone is
+  held back: spooled (without a spool, kept at the head of the queue) and retried
+  after the backoff; one that fails alone ``STRIKES`` (3) times, the store taking
+  other records between, is treated as refused (retried made storable, or given up,
+  counted in `failed` with a warning).  Two failures in a row outside the halving are
+  a store fault: nothing is held back or given up.
 * `aclose` writes what it can within ``close_timeout`` seconds, then spools the rest
   (a write still in flight is spooled too; the replay skips it if it was committed).
 * Exit paths: unless ``exit_flush=False``, a backend still open at interpreter exit or
@@ -272,6 +284,7 @@ class _Batcher:
         self.queue: list[LLMCallRecord] = []
         self.inflight: list[LLMCallRecord] | None = None  # the batch being written
         self.enqueued = 0
+        self.setbacks = 0  # queue writes that left records in the queue
         self.dropped = 0
         self.closing = False
         self.closed = False
@@ -415,17 +428,17 @@ class _Batcher:
         spill = self._spill
         try:
             while True:
-                if spill.replay_due:
-                    if not await spill.replay():
-                        if self.closing:
-                            return
-                        await writer.pause()
+                if spill.replay_wait() == 0.0:
+                    # the spool before the queue, its records being the older; a replay
+                    # that leaves records backs off on its own while the queue is written
+                    await spill.replay()
                     continue
                 if not self.queue:
                     if self.closing:
                         return
                     self._wake.clear()
-                    await self._wake.wait()
+                    with anyio.move_on_after(spill.replay_wait()):
+                        await self._wake.wait()
                     continue
                 if (
                     not (self._urgent or self.closing)
@@ -448,7 +461,10 @@ class _Batcher:
             self._space.set()
 
     async def _drain(self) -> bool:
-        """Write the queue; False when the store failed (the rest is back in the queue)."""
+        """
+        Write the queue; False when records are back at its head: the store failed, or
+        (without a spool) it failed on them alone (see `_StoreWriter.deliver`).
+        """
         ledger = self._ledger
         writer = self._writer
         while self.queue:
@@ -458,33 +474,62 @@ class _Batcher:
             space, self._space = self._space, asyncio.Event()
             space.set()
             rest = await writer.deliver(batch)
-            self.inflight = None
             ledger.settled += len(batch) - len(rest)
+            if rest and writer.held and self._spill.has_spool:
+                await self._spool_held(rest)  # settled there: spooled, or given up
+                rest = []
+            self.inflight = None
             if rest:
                 self.queue[:0] = rest
-                writer.fault()
+                self.setbacks += 1
+                if writer.held:
+                    # no spool: held at the head of the queue, retried after the backoff
+                    if writer.recovered(held=True):
+                        self._spill.outage_over()
+                    ledger.signal_progress()
+                else:
+                    writer.fault()
                 return False
             if writer.recovered():
                 self._spill.outage_over()
             ledger.signal_progress()
         return True
 
+    async def _spool_held(self, held: list[LLMCallRecord]) -> None:
+        """
+        Spool the records the store failed on alone while it took the rest of their
+        batch: the queue goes on, the replay retries them after its backoff.
+        """
+        spill = self._spill
+        self.inflight = held  # the exit hooks spool them if the process ends meanwhile
+        failure = await anyio.to_thread.run_sync(spill.write, held)
+        spill.account(
+            len(held),
+            failure,
+            "the store failed on them alone, taking the rest of their batch: "
+            + _describe(self._writer.last_fault or RuntimeError()),
+        )
+        spill.defer()
+
     # ------------------------------------------------------------------ flush / close
 
     async def flush(self) -> None:
         """
         Wait until every record enqueued before this call is written (or spooled, or
-        given up), or until a write attempt fails: during a store outage, flush makes
-        one attempt and returns, the records staying queued for the next.
+        given up), or until a write of the queue fails; and, when the spool holds
+        records, until a replay has written them or one has failed.  During a store
+        outage flush makes one attempt of each and returns, the records staying queued
+        (or spooled) for the next; a replay's backoff is cut short.
         """
         ledger = self._ledger
-        writer = self._writer
         spill = self._spill
         target = self.enqueued
-        faults = writer.faults
-        while (
-            ledger.settled < target or spill.replay_due or spill.replaying
-        ) and writer.faults == faults:
+        setbacks = self.setbacks
+        replays = spill.setbacks
+        spill.hurry()
+        while (ledger.settled < target and self.setbacks == setbacks) or (
+            (spill.replay_due or spill.replaying) and spill.setbacks == replays
+        ):
             task = self._task
             if task is None or task.done():
                 # never started, or stopped by cancellation from outside: (re)start it
@@ -492,7 +537,7 @@ class _Batcher:
                 self.start()
             self._urgent = True
             self._wake.set()
-            writer.kick.set()
+            self._writer.kick.set()
             progress = ledger.progress
             await progress.wait()
 

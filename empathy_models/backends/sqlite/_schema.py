@@ -90,6 +90,9 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         """,
     ),
     # version 2: evidence rollups (see `empathy_models.evidence`), built from the calls
+    # as `rollup` builds them: each cost counts for at most 1e300 (`_stats.AVERAGE_CAP`),
+    # and of the copies of one call_id (version 1 kept them) only the first, the row
+    # version 3 keeps
     (
         """
         CREATE TABLE evidence_buckets (
@@ -142,6 +145,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
                    input_tokens, output_tokens, cost_usd
             FROM llm_calls
             WHERE outcome IN ('success', 'failure', 'rate_limited', 'fatal')
+              AND id IN (SELECT min(id) FROM llm_calls GROUP BY call_id)
         )
         GROUP BY b, workflow, stage, model
         """,
