@@ -1,4 +1,7 @@
-"""Models, a non-waiting sleep and a breaker double shared by the executor's tests."""
+"""
+Models, a tool, executors over a `FakeLLMServer`, a non-waiting sleep and a breaker
+double shared by the executor's tests.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,27 @@ from typing import Any
 
 import anyio.lowlevel
 
-from empathy_models import LLMCallRecord, ModelInfo, ModelRegistry, Outcome
+from empathy_models import (
+    EmpathyLLMExecutor,
+    LLMCallRecord,
+    ModelInfo,
+    ModelRegistry,
+    Outcome,
+    RetryPolicy,
+    Tool,
+)
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.records import Ticket
+from empathy_models.testing import FakeLLMServer
 
 KEY = "test-key-0123"
 """The key the tests' `FakeLLMServer(api_key=KEY)` accepts."""
 
 
-def fake_model(model_id: str, provider: str, tier: str, price: float) -> ModelInfo:
+def fake_model(
+    model_id: str, provider: str, tier: str, price: float, *, max_output_tokens: int = 8192
+) -> ModelInfo:
     """A registry entry for the fake server (output priced at five times the input)."""
     return ModelInfo(
         id=model_id,
@@ -23,7 +39,7 @@ def fake_model(model_id: str, provider: str, tier: str, price: float) -> ModelIn
         input_price_per_mtok=price,
         output_price_per_mtok=price * 5,
         context_window=128_000,
-        max_output_tokens=8192,
+        max_output_tokens=max_output_tokens,
     )
 
 
@@ -42,6 +58,41 @@ TWO_TIERS = ModelRegistry(
     price_version="fakes-two-tiers-1",
 )
 CHEAP_ONLY = ModelRegistry(models=list(CHEAP_PAIR), price_version="fakes-cheap-only-1")
+
+WEATHER = Tool(
+    name="get_weather",
+    description="Current weather for a city",
+    parameters={
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+)
+"""A tool of one required string argument."""
+
+
+def http_provider(server: FakeLLMServer, api: str) -> AnthropicProvider | OpenAIProvider:
+    """The provider of ``api`` (``"openai"`` or ``"anthropic"``) on ``server``, with `KEY`."""
+    if api == "openai":
+        return OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
+    if api == "anthropic":
+        return AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
+    raise ValueError(f"no provider for {api!r}")
+
+
+def http_executor(
+    server: FakeLLMServer, registry: ModelRegistry, *apis: str, **options: Any
+) -> EmpathyLLMExecutor:
+    """
+    An executor over ``server``'s ``apis`` in that order (OpenAI's alone when none is
+    named) and ``registry``; no retries and records kept in memory unless ``options``
+    say otherwise.
+    """
+    options.setdefault("retry", RetryPolicy.none())
+    options.setdefault("telemetry_store", MemoryTelemetryBackend())
+    providers = [http_provider(server, api) for api in apis or ("openai",)]
+    return EmpathyLLMExecutor(providers, registry=registry, **options)
 
 
 class NoSleep:

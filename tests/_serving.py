@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -24,3 +25,23 @@ async def serving(path: str, handler: Handler) -> AsyncIterator[str]:
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+def anthropic_answering(usage: Mapping[str, Any]) -> Handler:
+    """A Messages API handler: every request answered "ok" by the model it names, with ``usage``."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        return web.json_response(
+            {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": body["model"],
+                "content": [{"type": "text", "text": "ok"}],
+                "stop_reason": "end_turn",
+                "usage": dict(usage),
+            }
+        )
+
+    return handler

@@ -25,19 +25,18 @@ from empathy_models import (
     ModelInfo,
     ModelRegistry,
     RateLimit,
-    RetryPolicy,
     Tool,
 )
 from empathy_models.abc import CompletionRequest
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.limits import LocalRateLimitError, MemoryQuotaStore
-from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 from empathy_models.testing.fake_server import estimate_tokens
 
+from ._fakes import KEY, http_executor, http_provider
+
 pytestmark = pytest.mark.filterwarnings("error")
 
-KEY = "test-key-0123"
 PROMPT = "Summarize the ticket."
 MAX_TOKENS = 100
 MODELS = {
@@ -115,13 +114,23 @@ async def server() -> AsyncIterator[FakeLLMServer]:
 
 def make(server: FakeLLMServer, api: str, **options: Any) -> EmpathyLLMExecutor:
     # one provider only: no cheaper route for a budget to send a call to
-    provider = (
-        OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)
-        if api == "openai"
-        else AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
+    return http_executor(server, REGISTRY, api, **options)
+
+
+def with_ample_budget(
+    server: FakeLLMServer,
+    api: str,
+    quota: MemoryQuotaStore,
+    telemetry: MemoryTelemetryBackend | None = None,
+) -> EmpathyLLMExecutor:
+    """`make` with a $10 budget, far more than any call here costs, kept in ``quota``."""
+    return make(
+        server,
+        api,
+        budgets=[Budget(limit_usd=10)],
+        quota_store=quota,
+        telemetry_store=MemoryTelemetryBackend() if telemetry is None else telemetry,
     )
-    options.setdefault("telemetry_store", MemoryTelemetryBackend())
-    return EmpathyLLMExecutor([provider], registry=REGISTRY, retry=RetryPolicy.none(), **options)
 
 
 def context(api: str) -> ExecutionContext:
@@ -157,7 +166,7 @@ async def test_a_call_with_tools_costs_no_more_than_it_reserved(
     server: FakeLLMServer, api: str
 ) -> None:
     quota = MemoryQuotaStore()
-    async with make(server, api, budgets=[Budget(limit_usd=10)], quota_store=quota) as executor:
+    async with with_ample_budget(server, api, quota) as executor:
         answer = await executor.run(PROMPT, context(api), tools=TOOLS)
     body = server.last_request(MODELS[api].id)
     assert body is not None
@@ -184,13 +193,7 @@ async def test_an_openai_stream_with_tools_left_early_charges_them_and_the_delta
 ) -> None:
     telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
     async with (
-        make(
-            server,
-            "openai",
-            budgets=[Budget(limit_usd=10)],
-            quota_store=quota,
-            telemetry_store=telemetry,
-        ) as executor,
+        with_ample_budget(server, "openai", quota, telemetry) as executor,
         executor.stream(PROMPT, context("openai"), tools=TOOLS) as stream,
     ):
         seen = 0
@@ -240,13 +243,7 @@ async def test_a_cached_prompt_costs_no_more_than_it_reserved_then_reads_cheaper
 ) -> None:
     telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
     extra = cached_system()
-    async with make(
-        server,
-        "anthropic",
-        budgets=[Budget(limit_usd=10)],
-        quota_store=quota,
-        telemetry_store=telemetry,
-    ) as executor:
+    async with with_ample_budget(server, "anthropic", quota, telemetry) as executor:
         first = await executor.run(PROMPT, context("anthropic"), extra_body=extra)
         (usage,) = await quota.usages()
         assert usage.overrun == 0 and usage.spent_usd == pytest.approx(first.cost_usd)
@@ -284,13 +281,7 @@ async def test_a_streamed_cached_prompt_reports_its_writes_at_the_start(
     telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
     extra = cached_system("1h")
     async with (
-        make(
-            server,
-            "anthropic",
-            budgets=[Budget(limit_usd=10)],
-            quota_store=quota,
-            telemetry_store=telemetry,
-        ) as executor,
+        with_ample_budget(server, "anthropic", quota, telemetry) as executor,
         executor.stream(PROMPT, context("anthropic"), extra_body=extra) as stream,
     ):
         async for _ in stream:
@@ -304,8 +295,7 @@ async def test_a_streamed_cached_prompt_reports_its_writes_at_the_start(
 
 async def test_the_fake_bills_marked_prefixes_apart_in_cache_order(server: FakeLLMServer) -> None:
     # tools, then system, then messages: the marked system prompt caches the tools too
-    provider = AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url)
-    async with provider:
+    async with http_provider(server, "anthropic") as provider:
         plain = await provider.complete(
             CompletionRequest(model="claude-worst", messages=PROMPT, system=MANUAL, tools=TOOLS[:1])
         )

@@ -24,11 +24,7 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     Message,
-    ModelInfo,
-    ModelRegistry,
     Outcome,
-    RetryPolicy,
-    Tool,
 )
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.cache import (
@@ -38,25 +34,11 @@ from empathy_models.cache import (
     cache_from_url,
 )
 from empathy_models.exceptions import StateStoreError
-from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior
 
-KEY = "test-key-0123"
-REGISTRY = ModelRegistry(
-    models=[
-        ModelInfo(
-            id=m,
-            provider="openai",
-            tier="cheap",
-            input_price_per_mtok=1.0,
-            output_price_per_mtok=4.0,
-            context_window=64_000,
-            max_output_tokens=4096,
-        )
-        for m in ("gpt-a", "gpt-b")
-    ],
-    price_version="cache-test-1",
-)
+from ._fakes import KEY, WEATHER, http_executor, priced_registry
+
+REGISTRY = priced_registry([("gpt-a", 1.0), ("gpt-b", 1.0)], "cache-test-1")
 CTX = ExecutionContext(workflow="faq", stage="answer", temperature=0, cache_ttl=600)
 
 
@@ -68,14 +50,8 @@ async def server() -> AsyncIterator[FakeLLMServer]:
 
 
 def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
-    options.setdefault("telemetry_store", MemoryTelemetryBackend())
     options.setdefault("cache", "memory://")
-    return EmpathyLLMExecutor(
-        [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
-        registry=REGISTRY,
-        retry=RetryPolicy.none(),
-        **options,
-    )
+    return http_executor(server, REGISTRY, **options)
 
 
 async def test_a_repeated_request_is_answered_from_the_cache(server: FakeLLMServer) -> None:
@@ -130,32 +106,23 @@ async def test_what_the_key_covers(server: FakeLLMServer) -> None:
 
 
 async def test_tool_calls_and_structured_answers_are_cached_whole(server: FakeLLMServer) -> None:
-    weather = Tool(
-        name="get_weather",
-        description="The weather in a city",
-        parameters={
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    )
     schema = {
         "type": "object",
         "properties": {"answer": {"type": "string"}},
         "required": ["answer"],
     }
     async with make(server) as executor:
-        called = await executor.run("weather?", CTX, tools=[weather], tool_choice="required")
-        again = await executor.run("weather?", CTX, tools=[weather], tool_choice="required")
+        called = await executor.run("weather?", CTX, tools=[WEATHER], tool_choice="required")
+        again = await executor.run("weather?", CTX, tools=[WEATHER], tool_choice="required")
         # the tool's result sent back: a different conversation, a different key
         history = [
             Message(role="user", content="weather?"),
             Message(role="assistant", content=called.content, tool_calls=called.tool_calls),
             Message(role="tool", tool_call_id=called.tool_calls[0].id, content="sunny"),
         ]
-        follow = await executor.run(history, CTX, tools=[weather])
-        follow_again = await executor.run(history, CTX, tools=[weather])
-        other_tool = attrs.evolve(weather, description="Weather, in Celsius")
+        follow = await executor.run(history, CTX, tools=[WEATHER])
+        follow_again = await executor.run(history, CTX, tools=[WEATHER])
+        other_tool = attrs.evolve(WEATHER, description="Weather, in Celsius")
         not_same = await executor.run("weather?", CTX, tools=[other_tool], tool_choice="required")
         structured = await executor.run("answer", CTX, response_format=schema)
         structured_again = await executor.run("answer", CTX, response_format=schema)

@@ -21,36 +21,20 @@ from empathy_models import (
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
-    ModelInfo,
     ModelRegistry,
     NoModelMeetsConstraintsError,
     Outcome,
-    RetryPolicy,
     RoutingDecision,
     StreamInterruptedError,
-    Tool,
 )
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.cache import MemoryResponseCache
 from empathy_models.content import ToolCallDelta
-from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 
-KEY = "test-key-0123"
-REGISTRY = ModelRegistry(
-    models=[
-        ModelInfo(
-            id="gpt-a",
-            provider="openai",
-            tier="cheap",
-            input_price_per_mtok=1.0,
-            output_price_per_mtok=4.0,
-            context_window=64_000,
-            max_output_tokens=4096,
-        )
-    ],
-    price_version="cache-stream-test-1",
-)
+from ._fakes import KEY, WEATHER, http_executor, priced_registry
+
+REGISTRY = priced_registry([("gpt-a", 1.0)], "cache-stream-test-1")
 CTX = ExecutionContext(workflow="faq", stage="answer", temperature=0, cache_ttl=600)
 ANSWER = "The answer is in three words."
 
@@ -67,14 +51,8 @@ def cache_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
-    options.setdefault("telemetry_store", MemoryTelemetryBackend())
     options.setdefault("cache", "memory://")
-    options.setdefault("registry", REGISTRY)
-    return EmpathyLLMExecutor(
-        [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
-        retry=RetryPolicy.none(),
-        **options,
-    )
+    return http_executor(server, options.pop("registry", REGISTRY), **options)
 
 
 async def streamed(
@@ -120,16 +98,7 @@ async def test_a_repeated_stream_is_answered_from_the_cache(
 
 
 async def test_a_cached_stream_replays_its_tool_calls(server: FakeLLMServer) -> None:
-    weather = Tool(
-        name="get_weather",
-        description="The weather in a city",
-        parameters={
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    )
-    options: dict[str, Any] = {"tools": [weather], "tool_choice": "required"}
+    options: dict[str, Any] = {"tools": [WEATHER], "tool_choice": "required"}
     async with make(server) as executor:
         _, called = await streamed(executor, "weather?", **options)
         pieces, again = await streamed(executor, "weather?", **options)

@@ -37,6 +37,7 @@ from empathy_models import (
 from empathy_models.abc import CompletionRequest
 from empathy_models.auth import AuthStrategy
 from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.backends.sqlite import SQLiteStateStore
 from empathy_models.cache import MemoryResponseCache, SQLiteResponseCache
 from empathy_models.cli import main as cli_main
 from empathy_models.content import ResponseFormat, Tool, ToolCall
@@ -45,9 +46,10 @@ from empathy_models.exceptions import (
     EmpathyModelsError,
     ModelNotFoundError,
     RecordValidationError,
+    StateStoreError,
     TelemetryError,
 )
-from empathy_models.limits import RateLimit
+from empathy_models.limits import RateLimit, SQLiteQuotaStore
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.records import CandidateEvaluation
 from empathy_models.testing import FakeLLMServer
@@ -106,6 +108,33 @@ def test_a_repeated_url_option_is_an_error_naming_it(tmp_path: Any) -> None:
     with pytest.raises(ConfigurationError, match="'busy_timeout' is given more than once"):
         cache_from_url(url)
     assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("store_type", [SQLiteStateStore, SQLiteQuotaStore])
+async def test_the_sqlite_stores_check_the_clock_first_and_raise_state_store_errors(
+    tmp_path: Path, store_type: type[SQLiteStateStore] | type[SQLiteQuotaStore]
+) -> None:
+    # the circuit-state and the quota store open their file alike: the clock is checked
+    # before the path, and a file that cannot be used is a StateStoreError naming it
+    for path in (tmp_path / "x.db", ""):
+        with pytest.raises(ConfigurationError, match="clock must be callable, got 5"):
+            store_type(path, clock=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="path must be a non-empty file path"):
+        store_type("", clock=lambda: 0.0)
+    assert not (tmp_path / "x.db").exists()
+    for path, shared in ((":memory:", False), (tmp_path / "x.db", True)):
+        kept = store_type(path)
+        assert kept.shared is shared
+        await kept.aclose()
+    (tmp_path / "dir.db").mkdir()
+    store = store_type(tmp_path / "dir.db")
+    with pytest.raises(StateStoreError, match="directory") as info:
+        if isinstance(store, SQLiteStateStore):
+            await store.snapshot("k")
+        else:
+            await store.usages()
+    await store.aclose()
+    assert info.value.target == str(tmp_path / "dir.db")
 
 
 # --------------------------------------------------------------------------- prompts (16, 18)

@@ -30,7 +30,6 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMCallRecord,
-    ModelInfo,
     ModelRegistry,
     Outcome,
     RetryPolicy,
@@ -46,19 +45,10 @@ from empathy_models.providers import OpenAIProvider
 from empathy_models.records import Ticket
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 
-KEY = "test-key-0123"
+from ._fakes import KEY, fake_model, http_executor
+
 REGISTRY = ModelRegistry(
-    models=[
-        ModelInfo(
-            id="m",
-            provider="openai",
-            tier="cheap",
-            input_price_per_mtok=1.0,
-            output_price_per_mtok=5.0,
-            context_window=128_000,
-            max_output_tokens=4096,
-        )
-    ],
+    models=[fake_model("m", "openai", "cheap", 1.0, max_output_tokens=4096)],
     price_version="cancel-test-1",
 )
 CTX = ExecutionContext(workflow="w", stage="s", model="m", max_tokens=100)
@@ -72,11 +62,7 @@ async def server() -> AsyncIterator[FakeLLMServer]:
 
 
 def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
-    options.setdefault("retry", RetryPolicy.none())
-    options.setdefault("telemetry_store", MemoryTelemetryBackend())
-    return EmpathyLLMExecutor(
-        [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)], registry=REGISTRY, **options
-    )
+    return http_executor(server, REGISTRY, **options)
 
 
 class Cancelled:
@@ -225,6 +211,20 @@ async def test_a_cancel_at_any_point_of_a_reservation_leaves_nothing_held(
 # --------------------------------------------------------------------------- breaker leases
 
 
+def probing_breaker(tmp_path: Path, listener: Callable[[BreakerEvent], None]) -> CircuitBreaker:
+    """
+    A breaker on an SQLite file that it reads at every admission (no local view), calling
+    ``listener`` on each event; a tripped key half-opens after 50 ms, and its probe
+    leases last two minutes: a lease not given back is still held when the test looks.
+    """
+    return CircuitBreaker(
+        store=f"sqlite:///{tmp_path}/state.db",
+        policy=BreakerPolicy(recovery_seconds=0.05, probe_lease_seconds=120),
+        listeners=[listener],
+        local_view_ttl=0,
+    )
+
+
 async def test_a_cancel_during_the_model_keys_admission_gives_back_the_provider_keys_lease(
     server: FakeLLMServer, tmp_path: Path
 ) -> None:
@@ -240,14 +240,8 @@ async def test_a_cancel_during_the_model_keys_admission_gives_back_the_provider_
             assert task is not None
             task.cancel()  # delivered at the next suspension: the model key's admission
 
-    policy = BreakerPolicy(recovery_seconds=0.05, probe_lease_seconds=120)
     async with (
-        CircuitBreaker(
-            store=f"sqlite:///{tmp_path}/state.db",
-            policy=policy,
-            listeners=[cancel_at_half_open],
-            local_view_ttl=0,
-        ) as breaker,
+        probing_breaker(tmp_path, cancel_at_half_open) as breaker,
         make(server, breaker=breaker) as executor,
     ):
         await executor.run("warm up", CTX)
@@ -283,14 +277,8 @@ async def test_a_run_with_a_deadline_cancelled_at_its_admission_gives_back_the_l
         async with executor.stream("probe", ctx) as stream:
             return await stream.get_final_response()
 
-    policy = BreakerPolicy(recovery_seconds=0.05, probe_lease_seconds=120)
     async with (
-        CircuitBreaker(
-            store=f"sqlite:///{tmp_path}/state.db",
-            policy=policy,
-            listeners=[cancel_at_half_open],
-            local_view_ttl=0,
-        ) as breaker,
+        probing_breaker(tmp_path, cancel_at_half_open) as breaker,
         make(server, breaker=breaker) as executor,
     ):
         await executor.run("warm up", ctx)

@@ -33,7 +33,7 @@ from empathy_models import (
 )
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.whatif import evaluate_policy
-from tests._serving import serving
+from tests._serving import anthropic_answering, serving
 
 KEY = "test-key-0123"
 
@@ -74,19 +74,7 @@ OPENAI_USAGE = {
 GPT_BILLED = GPT.cost(50_000, 200, cached_input_tokens=48_000)
 
 
-async def _anthropic(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
-    return web.json_response(
-        {
-            "id": "msg_1",
-            "type": "message",
-            "role": "assistant",
-            "model": body["model"],
-            "content": [{"type": "text", "text": "ok"}],
-            "stop_reason": "end_turn",
-            "usage": ANTHROPIC_USAGE,
-        }
-    )
+_anthropic = anthropic_answering(ANTHROPIC_USAGE)
 
 
 async def _openai(request: web.Request) -> web.StreamResponse:

@@ -25,9 +25,7 @@ from empathy_models import (
     CircuitBreaker,
     EmpathyLLMExecutor,
     ExecutionContext,
-    ModelInfo,
     ModelRegistry,
-    RetryPolicy,
     StreamInterruptedError,
 )
 from empathy_models.backends import MemoryStateStore, MemoryTelemetryBackend
@@ -35,25 +33,12 @@ from empathy_models.cache import MemoryResponseCache
 from empathy_models.circuit import BreakerPolicy
 from empathy_models.limits import DeadlineRanOut, Limiter, MemoryQuotaStore
 from empathy_models.limits.values import BudgetGrant, BudgetUsage
-from empathy_models.providers import OpenAIProvider
 from empathy_models.records import Admission, Outcome
 from empathy_models.testing import FakeClock, FakeLLMServer, ModelBehavior, StreamBehavior
 
-KEY = "test-key-stalls"
-REGISTRY = ModelRegistry(
-    models=[
-        ModelInfo(
-            id="gpt-a",
-            provider="openai",
-            tier="cheap",
-            input_price_per_mtok=1.0,
-            output_price_per_mtok=4.0,
-            context_window=64_000,
-            max_output_tokens=4096,
-        )
-    ],
-    price_version="stalls-test-1",
-)
+from ._fakes import KEY, http_executor, priced_registry
+
+REGISTRY = priced_registry([("gpt-a", 1.0)], "stalls-test-1")
 GUARD = 30.0  # seconds before a run that should have returned counts as hung
 
 
@@ -64,13 +49,7 @@ async def server() -> AsyncIterator[FakeLLMServer]:
 
 
 def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
-    options.setdefault("telemetry_store", MemoryTelemetryBackend())
-    return EmpathyLLMExecutor(
-        [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
-        registry=REGISTRY,
-        retry=RetryPolicy.none(),
-        **options,
-    )
+    return http_executor(server, REGISTRY, **options)
 
 
 class Gate:
@@ -386,14 +365,7 @@ async def test_a_failed_attempt_falls_back_without_waiting_for_a_stalled_breaker
     server.set_behavior("gpt-b", ModelBehavior(content="from b"))
     gate = Gate()
     async with reports_stalled(gate) as breaker:
-        executor = EmpathyLLMExecutor(
-            [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
-            registry=registry,
-            retry=RetryPolicy.none(),
-            breaker=breaker,
-            telemetry_store=MemoryTelemetryBackend(),
-        )
-        async with executor:
+        async with http_executor(server, registry, breaker=breaker) as executor:
             try:
                 answer = await asyncio.wait_for(
                     executor.run("hello", ExecutionContext(tier="cheap", deadline=4.0)), GUARD

@@ -43,19 +43,9 @@ from empathy_models.exceptions import (
 )
 from empathy_models.testing import FakeLLMServer, FakeReply
 
-from ._fakes import CHEAP_ONLY, KEY, NoSleep
+from ._fakes import CHEAP_ONLY, KEY, WEATHER, NoSleep
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP4//8/AAX+Av6n1qSFAAAAAElFTkSuQmCC"
-WEATHER = Tool(
-    name="get_weather",
-    description="Current weather for a city",
-    parameters={
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-)
 PERSON: dict[str, Any] = {
     "type": "object",
     "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},

@@ -34,7 +34,7 @@ from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.exceptions import InvalidResponseError
 from empathy_models.limits import MemoryQuotaStore
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
-from tests._serving import serving
+from tests._serving import anthropic_answering, serving
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -164,24 +164,9 @@ async def test_anthropic_cache_tokens_and_web_searches_are_priced_in_stream(
 
 async def test_a_cache_write_without_its_split_is_priced_as_the_5_minute_cache() -> None:
     usage = {"input_tokens": 10, "cache_creation_input_tokens": 1000, "output_tokens": 5}
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        return web.json_response(
-            {
-                "id": "msg_2",
-                "type": "message",
-                "role": "assistant",
-                "model": body["model"],
-                "content": [{"type": "text", "text": "ok"}],
-                "stop_reason": "end_turn",
-                "usage": usage,
-            }
-        )
-
     telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
     async with (
-        serving("/v1/messages", handler) as url,
+        serving("/v1/messages", anthropic_answering(usage)) as url,
         _executor(url, telemetry, quota) as executor,
     ):
         response = await executor.run("hello", CONTEXT)

@@ -25,12 +25,11 @@ from typing import Any, Final, TypeVar
 
 import aiosqlite
 
-from .._validators import shown
 from ..abc import TransactionalQuotaStore
 from ..backends.sqlite._conn import _fetchone
-from ..backends.sqlite._database import MEMORY, _Database
+from ..backends.sqlite._database import MEMORY, _store_database
 from ..backends.sqlite._url import _COMMON_OPTIONS, parse_sqlite_url
-from ..exceptions import ConfigurationError, StateStoreError
+from ..exceptions import StateStoreError
 from .values import WINDOW_RETENTION, sweep_time
 
 __all__ = ["SQLiteQuotaStore"]
@@ -70,17 +69,15 @@ class SQLiteQuotaStore(TransactionalQuotaStore):
         read_only: bool = False,
         allow_foreign: bool = False,
     ) -> None:
-        if not callable(clock):
-            raise ConfigurationError(f"clock must be callable, got {shown(clock)}")
-        self._clock = clock
-        self._db = _Database(
+        self._db = _store_database(
             path,
-            error=StateStoreError,
+            clock,
             busy_timeout=busy_timeout,
             lock_timeout=lock_timeout,
             read_only=read_only,
             allow_foreign=allow_foreign,
         )
+        self._clock = clock
         self._path = self._db.path
         if self._path == MEMORY:
             self.shared = False  # type: ignore[misc]

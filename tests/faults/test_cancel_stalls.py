@@ -33,34 +33,20 @@ from empathy_models import (
     CircuitBreaker,
     EmpathyLLMExecutor,
     ExecutionContext,
-    ModelInfo,
     ModelRegistry,
     Outcome,
-    RetryPolicy,
 )
-from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.limits import quota_store_from_url
-from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior
+from tests._fakes import KEY, fake_model, http_executor
 
 from ._proxy import TcpProxy
 from .conftest import POSTGRES_DSN_ENV, through
 
 REDIS_URL_ENV = "EMPATHY_TEST_REDIS_URL"
-KEY = "test-key-0123"
 REGISTRY = ModelRegistry(
-    models=[
-        ModelInfo(
-            id="m",
-            provider="openai",
-            tier="cheap",
-            input_price_per_mtok=1.0,
-            output_price_per_mtok=5.0,
-            context_window=128_000,
-            max_output_tokens=4096,
-        )
-    ],
+    models=[fake_model("m", "openai", "cheap", 1.0, max_output_tokens=4096)],
     price_version="cancel-stalls-1",
 )
 CACHED = ExecutionContext(
@@ -141,13 +127,7 @@ async def server() -> AsyncIterator[FakeLLMServer]:
 
 
 def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
-    options.setdefault("telemetry_store", MemoryTelemetryBackend())
-    return EmpathyLLMExecutor(
-        [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
-        registry=REGISTRY,
-        retry=RetryPolicy.none(),
-        **options,
-    )
+    return http_executor(server, REGISTRY, **options)
 
 
 async def _until(condition: Callable[[], object]) -> None:

@@ -1,4 +1,7 @@
-"""Shared plumbing: DSN options, the connection pool, error mapping, migrations."""
+"""
+Shared plumbing: DSN options, the connection pool, error mapping, migrations, and the
+row lock the circuit-state and quota stores' transactions begin with (`Database.lock_row`).
+"""
 
 from __future__ import annotations
 
@@ -332,6 +335,31 @@ class Database:
             yield conn
         finally:
             await self.release(pool, conn)
+
+    async def lock_row(
+        self, conn: asyncpg.Connection, table: str, column: str, key: str
+    ) -> tuple[str | None, float]:
+        """
+        Inside ``conn``'s transaction, lock ``key``'s row of ``table`` (``SELECT ... FOR
+        UPDATE``; inserted with ``column`` NULL when absent): its ``column`` as JSON text,
+        and the server's clock read after the lock is granted (the outer query).
+        """
+        await conn.execute(
+            f"INSERT INTO {table} (key, {column}) VALUES ($1, NULL) ON CONFLICT (key) DO NOTHING",
+            key,
+        )
+        row = await conn.fetchrow(
+            f"SELECT locked.{column}::text AS {column}, "
+            "extract(epoch FROM clock_timestamp())::float8 AS now "
+            f"FROM (SELECT {column} FROM {table} WHERE key = $1 FOR UPDATE) AS locked",
+            key,
+        )
+        if row is None:  # pragma: no cover - the insert above guarantees a row
+            raise self.error_type(
+                f"PostgreSQL {self.component} {self.target}: row for {key!r} vanished",
+                target=self.target,
+            )
+        return row[column], float(row["now"])
 
     async def run(
         self,

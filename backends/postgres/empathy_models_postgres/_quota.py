@@ -112,24 +112,8 @@ class PostgresQuotaStore(TransactionalQuotaStore):
             self._db.connection(pool) as conn,
             conn.transaction(),
         ):
-            await conn.execute(
-                f"INSERT INTO {self._table} (key, data) VALUES ($1, NULL) "
-                "ON CONFLICT (key) DO NOTHING",
-                key,
-            )
-            row = await conn.fetchrow(
-                "SELECT locked.data::text AS data, "
-                "extract(epoch FROM clock_timestamp())::float8 AS now "
-                f"FROM (SELECT data FROM {self._table} WHERE key = $1 FOR UPDATE) AS locked",
-                key,
-            )
-            if row is None:  # pragma: no cover - the insert above guarantees a row
-                raise StateStoreError(
-                    f"PostgreSQL quota {self._db.target}: row for {key!r} vanished",
-                    target=self._db.target,
-                )
-            now = float(row["now"])
-            new, result = fn(self._decode(row["data"]), now)
+            raw, now = await self._db.lock_row(conn, self._table, "data", key)
+            new, result = fn(self._decode(raw), now)
             if new is not None:
                 await conn.execute(
                     f"UPDATE {self._table} SET data = $2::jsonb, "

@@ -195,25 +195,9 @@ class PostgresCircuitStateStore(TransactionalStateStore):
             self._db.connection(pool) as conn,
             conn.transaction(),
         ):
-            await conn.execute(
-                f"INSERT INTO {self._table} (key, state) VALUES ($1, NULL) "
-                "ON CONFLICT (key) DO NOTHING",
-                key,
-            )
-            # the clock is read after the row lock is granted (outer query)
-            row = await conn.fetchrow(
-                "SELECT locked.state::text AS state, "
-                "extract(epoch FROM clock_timestamp())::float8 AS now "
-                f"FROM (SELECT state FROM {self._table} WHERE key = $1 FOR UPDATE) AS locked",
-                key,
-            )
-            if row is None:  # pragma: no cover - the insert above guarantees a row
-                raise StateStoreError(
-                    f"PostgreSQL circuit_state {self._db.target}: row for {key!r} vanished",
-                    target=self._db.target,
-                )
-            current = self._decode(row["state"])
-            new, result = fn(current, float(row["now"]))
+            raw, now = await self._db.lock_row(conn, self._table, "state", key)
+            current = self._decode(raw)
+            new, result = fn(current, now)
             if new is not None and new is not current:
                 await conn.execute(
                     f"UPDATE {self._table} SET state = $2::jsonb, "

@@ -1,7 +1,7 @@
 """
 One SQLite file shared by processes: the aiosqlite connection, transactions with retries
 on a busy lock, cancellation, migrations, 0600 files; shared with the quota store and
-the response cache.
+the response cache (`_store_database`: the circuit-state and quota stores' database).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from ...exceptions import (
     BackendError,
     ConfigurationError,
     SchemaVersionError,
+    StateStoreError,
 )
 from ._conn import _Busy, _fetchone, _is_busy, _rollback
 from ._schema import (
@@ -580,6 +581,32 @@ class _Database:
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.stop()
+
+
+def _store_database(
+    path: str | os.PathLike[str],
+    clock: object,
+    *,
+    busy_timeout: float,
+    lock_timeout: float,
+    read_only: bool,
+    allow_foreign: bool,
+) -> _Database:
+    """
+    The database of a store whose operations read ``clock`` (the circuit-state and the
+    quota store): ``clock`` checked first, then the file's options; its errors are
+    `StateStoreError`.
+    """
+    if not callable(clock):
+        raise ConfigurationError(f"clock must be callable, got {shown(clock)}")
+    return _Database(
+        path,
+        error=StateStoreError,
+        busy_timeout=busy_timeout,
+        lock_timeout=lock_timeout,
+        read_only=read_only,
+        allow_foreign=allow_foreign,
+    )
 
 
 def _create_private(path: str) -> None:

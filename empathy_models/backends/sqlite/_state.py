@@ -17,16 +17,14 @@ from typing import Final, TypeVar, cast
 import aiosqlite
 import anyio.lowlevel
 
-from ..._validators import shown
 from ...abc import TransactionalStateStore
 from ...exceptions import (
-    ConfigurationError,
     StateStoreError,
 )
 from ...records import CircuitBreakerState
 from ...serialization import from_dict, to_dict
 from ._conn import _execute, _fetchone, _nothing
-from ._database import MEMORY, _Database
+from ._database import MEMORY, _store_database
 from ._inloop import MISS, InLoop
 from ._schema import _json
 
@@ -93,17 +91,15 @@ class SQLiteStateStore(TransactionalStateStore):
         read_only: bool = False,
         allow_foreign: bool = False,
     ) -> None:
-        if not callable(clock):
-            raise ConfigurationError(f"clock must be callable, got {shown(clock)}")
-        self._clock = clock
-        self._db = _Database(
+        self._db = _store_database(
             path,
-            error=StateStoreError,
+            clock,
             busy_timeout=busy_timeout,
             lock_timeout=lock_timeout,
             read_only=read_only,
             allow_foreign=allow_foreign,
         )
+        self._clock = clock
         self._path = self._db.path
         if self._path == MEMORY:
             # each :memory: store is a private database: nothing is shared with another
