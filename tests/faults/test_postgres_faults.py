@@ -83,7 +83,7 @@ async def test_refused_for_seconds_loses_nothing_and_warns_once_per_outage(
         f"{load.produced - stored} lost; longest record() {load.worst * 1e3:.2f} ms"
     )
     assert stored == load.produced
-    assert load.worst < STORE_TIMEOUT
+    assert load.suspended == 0, "record() waited for something: it must only queue or spill"
     ours = [r.getMessage() for r in caplog.records if r.name == "empathy_models.telemetry"]
     assert sum("store is unavailable" in m for m in ours) == 1, ours
     assert sum("store is back" in m for m in ours) == 1, ours
@@ -114,7 +114,7 @@ async def test_a_partition_never_stalls_a_call_and_close_is_bounded(
         f"longest record() {load.worst * 1e3:.2f} ms; aclose() in the partition "
         f"{closing:.2f} s (close_timeout={close_timeout:g} s), {backend.spooled} spooled"
     )
-    assert load.worst < STORE_TIMEOUT
+    assert load.suspended == 0, "record() waited for something: it must only queue or spill"
     # close_timeout for the flusher, 1 s to cancel it, 5 s at most to close the pool
     assert closing < close_timeout + 1.0 + 5.0 + 1.0
     assert backend.spooled > 0
