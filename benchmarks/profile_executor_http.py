@@ -4,6 +4,10 @@ Where the client's CPU goes in ``executor.run()`` over HTTP: the same calls as
 client CPU per call (`time.process_time`) for each:
 
 - ``bare``: `bench_executor`'s bare aiohttp POST (``json=`` body, ``resp.json()``);
+- ``floor``: the same POST through `_MinimalClient`, a keep-alive HTTP/1.1 client of a
+  few lines on `asyncio.Protocol` (Content-Length answers only, no TLS, proxies,
+  redirects, timeouts or errors): what the transport alone could cost the client, for
+  weighing a transport of the project's own against aiohttp's;
 - ``transport``: the POST as `HTTPProvider` makes it, without the provider's own code
   (a body encoded once, ``read()``, ``json.loads``, a session like the executor's);
 - ``provider``: ``OpenAIProvider.complete()`` on a bound session (encoding the body,
@@ -31,6 +35,7 @@ import statistics
 import warnings
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -50,6 +55,7 @@ PROMPT = "Summarize the release notes."
 # layer -> the layer its difference is taken against
 BASES = {
     "bare": None,
+    "floor": "bare",
     "transport": "bare",
     "provider": "transport",
     "run: core": "provider",
@@ -58,6 +64,74 @@ BASES = {
     "run: +telemetry": "run: core",
     "run: full": "provider",
 }
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection of `_MinimalClient`: one request in flight at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.WriteTransport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.head = -1  # the length of the answer's head, once read
+        self.end = -1  # where the answer's body ends in the buffer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if self.head < 0:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buffer[:end]).lower()
+            at = head.index(b"\r\ncontent-length:") + 17
+            stop = head.find(b"\r\n", at)
+            self.head = end + 4
+            self.end = self.head + int(head[at : stop if stop > 0 else None])
+        if len(buffer) >= self.end and self.waiter is not None:
+            status, body = int(buffer[9:12]), bytes(buffer[self.head : self.end])
+            del buffer[: self.end]
+            self.head = self.end = -1
+            waiter, self.waiter = self.waiter, None
+            waiter.set_result((status, body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("closed"))
+
+
+class _MinimalClient:
+    """A keep-alive HTTP/1.1 POST over `_Connection`s (the ``floor`` layer)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.idle: list[_Connection] = []
+
+    async def post(self, path: str, body: bytes, headers: str) -> tuple[int, bytes]:
+        loop = asyncio.get_running_loop()
+        if self.idle:
+            conn = self.idle.pop()
+        else:
+            _, conn = await loop.create_connection(_Connection, self.host, self.port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{headers}"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        conn.waiter = loop.create_future()
+        assert conn.transport is not None
+        conn.transport.write(head.encode() + body)
+        answer = await conn.waiter
+        self.idle.append(conn)
+        return answer
+
+    def close(self) -> None:
+        for conn in self.idle:
+            if conn.transport is not None:
+                conn.transport.close()
 
 
 async def measure(concurrency: int, calls: int, repeats: int) -> dict[str, list[float]]:
@@ -81,6 +155,18 @@ async def measure(concurrency: int, calls: int, repeats: int) -> dict[str, list[
                 async with plain.post(url, json=body, headers=headers) as resp:
                     await resp.json()
 
+            split = urlsplit(url)
+            minimal = _MinimalClient(split.hostname or "127.0.0.1", split.port or 80)
+            stack.callback(minimal.close)
+            minimal_headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+            async def floor() -> None:
+                status, raw = await minimal.post(
+                    split.path, json.dumps(body).encode(), minimal_headers
+                )
+                assert status == 200, status
+                json.loads(raw)
+
             # the executor's session: its connector limit is the provider's 64 slots
             like_executor = await stack.enter_async_context(
                 aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
@@ -102,7 +188,7 @@ async def measure(concurrency: int, calls: int, repeats: int) -> dict[str, list[
             async def complete() -> None:
                 await provider.complete(request)
 
-            layers.update(bare=bare, transport=transport, provider=complete)
+            layers.update(bare=bare, floor=floor, transport=transport, provider=complete)
 
             async def executor_with(
                 name: str, router: bool, breaker: bool, telemetry: bool
