@@ -336,8 +336,7 @@ class Attempts:
                     if streamed:
                         holding = False  # the stream has them now
                         return self._opened(opening, ticket, scope_ticket, hold, attempt, t0)
-                    latency_ms = (clock() - t0) * 1000.0
-                    record = fb.succeeded(run, info, completion, attempt, latency_ms, ticket, hold)
+                    record, completion = fb.succeeded(run, info, completion, attempt, t0, held)
                     await fb.answered(record, ticket, scope_ticket, deadline_at)
                     if obs is not None:
                         obs.attempt_ended(record, completion, None, trace)

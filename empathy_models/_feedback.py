@@ -63,8 +63,9 @@ stalls does not spend the fallback's time; the report lands in the background.
 
 INPUT_ESTIMATED: Final = "empathy_models.input_tokens_estimated"
 """
-The metadata key set (to True) on the record of a streamed attempt whose input tokens
-are the request's estimate (`_run._estimate_tokens`): the provider never reported them.
+The metadata key set (to True) on the record of an attempt whose input tokens are the
+request's estimate (`_run._estimate_tokens`): the provider never reported them (a stream
+that did not get to its usage, an answer without usage: `Completion.usage_reported`).
 """
 
 OUTPUT_ESTIMATED: Final = "empathy_models.output_tokens_estimated"
@@ -73,7 +74,9 @@ The metadata key set (to True) on the record of a streamed attempt whose output 
 are an estimate (`CompletionStream.output_estimated`; the HTTP providers': a quarter of
 the pieces' UTF-8 bytes, at least one token per delta): the provider had not reported
 them (a server ignoring ``stream_options.include_usage`` never does; OpenAI-format
-servers report them only at the end).
+servers report them only at the end); and on the record of a whole answer that carried
+no usage, whose output tokens the provider estimated (`Completion.usage_reported`; the
+HTTP providers: `providers._wire.estimated_output_tokens`).
 """
 
 
@@ -183,8 +186,20 @@ def streamed_usage(run: _Run, completion: Completion) -> tuple[Completion, bool]
     router and rate limits use.
     """
     if completion.input_tokens != 0:
-        return completion, False
+        return completion, not completion.usage_reported
     return attrs.evolve(completion, input_tokens=run.estimate()), True
+
+
+def answered_usage(run: _Run, completion: Completion) -> tuple[Completion, bool]:
+    """
+    The usage of a whole answer, and whether it is estimated: as reported, or, for an
+    answer that carried none (`Completion.usage_reported` False: its output tokens the
+    provider's estimate), with the request's estimate of the prompt for its input
+    tokens, as a stream without usage has it (`streamed_usage`).
+    """
+    if completion.usage_reported:
+        return completion, False
+    return streamed_usage(run, completion)
 
 
 def charge(
@@ -512,31 +527,30 @@ class _Feedback:
         info: ModelInfo,
         completion: Completion,
         attempt: int,
-        latency_ms: float,
-        ticket: Ticket | None,
-        hold: Hold | None,
-    ) -> LLMCallRecord:
+        t0: float,
+        held: tuple[Ticket | None, Ticket | None, Hold | None],
+    ) -> tuple[LLMCallRecord, Completion]:
         """
-        A call that answered: its record and summary, its cost for the run and the
-        limiter's ``hold``.  `answered` then gives the record.
+        A call sent at ``t0`` that answered: its record, summary and cost (charged to the
+        hold in ``held``), and its completion as recorded (`answered_usage`).
         """
+        completion, estimated = answered_usage(run, completion)
         record = self.record(
             run,
             info,
             Outcome.SUCCESS,
             attempt=attempt,
-            latency_ms=latency_ms,
-            ticket=ticket,
+            latency_ms=(self._clock() - t0) * 1000.0,
+            ticket=held[0],
             completion=completion,
+            input_estimated=estimated,
         )
         run.attempts.append(self.summary(record, None))
         run.attempts_cost = record.cost_usd
-        if hold is not None:
-            hold.cost_usd = record.cost_usd
-            hold.tokens = record.input_tokens + record.output_tokens
-            # the provider says a limit is exhausted: every worker waits it out
-            hold.pushback = completion.rate_limit_reset
-        return record
+        if (hold := held[2]) is not None:
+            charge(hold, info, record, estimated, completion, run.cache_write)
+            hold.pushback = completion.rate_limit_reset  # a limit is exhausted: every worker waits
+        return record, completion
 
     def answered(
         self,
@@ -651,7 +665,7 @@ class _Feedback:
             circuit_state=circuit_state,
             user_id=ctx.user_id,
             session_id=ctx.session_id,
-            metadata=_flagged(ctx.metadata, input_estimated, output_estimated, extras),
+            metadata=_flagged(ctx.metadata, input_estimated, output_estimated, extras, completion),
             prompt_text=run.prompt_text,
             response_text=response_text,
         )
@@ -722,12 +736,16 @@ def _flagged(
     input_estimated: bool,
     output_estimated: bool,
     extras: Mapping[str, int],
+    completion: Completion | None,
 ) -> Mapping[str, JSONScalar]:
     """
     A record's ``metadata``, saying which of its token counts are estimated
-    (`INPUT_ESTIMATED`, `OUTPUT_ESTIMATED`) and what cache and web-search counts its
-    call was billed for (``extras``, under the keys of `_EXTRAS`); as it is when none.
+    (`INPUT_ESTIMATED`, `OUTPUT_ESTIMATED`: also the output of a ``completion`` that
+    carried no usage, `Completion.usage_reported`) and what cache and web-search counts
+    its call was billed for (``extras``, under the keys of `_EXTRAS`); as it is when none.
     """
+    if completion is not None and not completion.usage_reported:
+        output_estimated = True
     if not (input_estimated or output_estimated or extras):
         return metadata
     flags: dict[str, JSONScalar] = {INPUT_ESTIMATED: True} if input_estimated else {}

@@ -1518,7 +1518,7 @@ class Completion:
         model: the model id the provider reported for its answer (often a dated
             snapshot of the one asked for), else the request's; what
             `LLMResponse.response_model` and ``gen_ai.response.model`` show.
-        input_tokens, output_tokens: the usage it reported.
+        input_tokens, output_tokens: the usage it reported (see ``usage_reported``).
         stop_reason: why it stopped, in the provider's words.
         request_id: identifies the HTTP exchange (the provider's request-id header, for
             support tickets).
@@ -1539,6 +1539,14 @@ class Completion:
         cached_input_tokens: those of ``input_tokens`` the provider served from its
             prompt cache (OpenAI's ``usage.prompt_tokens_details.cached_tokens``), billed
             at the model's cached input price.
+        usage_reported: False when the answer carried no usage (some OpenAI-compatible
+            servers leave ``usage`` out or send null): ``output_tokens`` is then an
+            estimate (the HTTP providers': a quarter of the UTF-8 bytes of the text and
+            the tool calls' names and arguments, rounded up) and ``input_tokens`` 0 (or
+            the provider's own estimate); the executor records the request's estimate
+            of the prompt for a 0, flags both counts as estimated in the record's
+            metadata and charges budgets the prompt's worst case, as for a stream
+            without usage.
     """
 
     content: str
@@ -1556,6 +1564,7 @@ class Completion:
     cache_read_tokens: int = 0
     web_search_requests: int = 0
     cached_input_tokens: int = 0
+    usage_reported: bool = True
 
 
 class AttemptTimeout(TimeoutError):

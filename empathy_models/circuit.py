@@ -49,6 +49,7 @@ from attrs import field, frozen
 from ._validators import failure, integer, number, shown as shown_value
 from .exceptions import ConfigurationError
 from .records import (
+    _MAX_KEY_LENGTH,
     Admission,
     CircuitBreakerState,
     CircuitState,
@@ -684,11 +685,12 @@ def shown(key: object) -> str:
     return f"{text[: SHOWN_KEY - 3]}...{size}"
 
 
-MAX_KEY_LENGTH = 500
+MAX_KEY_LENGTH = _MAX_KEY_LENGTH
 """
 The longest breaker key, in characters (a ``provider:model`` key is far shorter): every
 store holds and announces a key this long (PostgreSQL indexes at most about 2,700 bytes;
-a character is up to 4 bytes in UTF-8).
+a character is up to 4 bytes in UTF-8).  `ModelInfo` refuses a model whose
+``provider:id`` would be longer.
 """
 
 

@@ -142,6 +142,7 @@ class ConstraintStatus(enum.StrEnum):
 _fail = failure(RecordValidationError)
 
 _INT_LIMIT: Final = 2**63  # SQLite INTEGER and PostgreSQL BIGINT hold less than this
+_MAX_KEY_LENGTH: Final = 500  # the longest breaker key: `circuit.MAX_KEY_LENGTH` says why
 
 _non_negative = number(
     _fail, low=0, optional=True, type_why="must be a number", why="must be a finite number >= 0"

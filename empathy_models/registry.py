@@ -46,7 +46,7 @@ from attrs import field, frozen
 
 from ._validators import check, failure, integer, number, shown, text, text_flaw
 from .exceptions import ConfigurationError, ModelNotFoundError, RecordValidationError
-from .records import _INT_LIMIT, ModelTier
+from .records import _INT_LIMIT, _MAX_KEY_LENGTH, ModelTier
 
 __all__ = [
     "CACHE_READ_MULTIPLIER",
@@ -139,6 +139,28 @@ def _name(_: object, attribute: Any, value: Any) -> None:
     flaw = text_flaw(value)
     if flaw is not None:
         raise _fail(attribute.name, value, flaw)
+
+
+def _provider(instance: ModelInfo, attribute: Any, value: Any) -> None:
+    # a name (as `_name`) that with the id makes a breaker key ("provider:id") every
+    # store holds: refused here, where it is written, not by the first run's breaker
+    _name(instance, attribute, value)
+    room = _MAX_KEY_LENGTH - 1 - len(value)
+    if room < 1:
+        raise _fail(
+            "provider",
+            value,
+            f"must be at most {_MAX_KEY_LENGTH - 2} characters (a breaker key, "
+            f"provider:model, is at most {_MAX_KEY_LENGTH})",
+        )
+    if len(instance.id) > room:
+        raise _fail(
+            "id",
+            instance.id,
+            f"must be at most {room} characters with provider {shown(value)}: its breaker "
+            f"key, provider:id, would be {len(value) + 1 + len(instance.id):,} characters "
+            f"and no circuit-state store holds one over {_MAX_KEY_LENGTH}",
+        )
 
 
 _price = number(
@@ -242,13 +264,17 @@ class ModelInfo:
 
     Raises:
         RecordValidationError: naming the field and value, when an id or provider is
-            empty or holds a NUL or a lone surrogate (no store keeps it as given), a
-            price is negative or not finite, a window, ``rpm`` or ``tpm`` is not an
-            integer from 1 to 2**63 - 1, or a capability is not one of `CAPABILITIES`.
+            empty or holds a NUL or a lone surrogate (no store keeps it as given), its
+            breaker key ``provider:id`` would be over
+            `empathy_models.circuit.MAX_KEY_LENGTH` (500) characters, more than a
+            circuit-state store holds (a registry file says so as a
+            `ConfigurationError` naming the entry), a price is negative or not
+            finite, a window, ``rpm`` or ``tpm`` is not an integer from 1 to
+            2**63 - 1, or a capability is not one of `CAPABILITIES`.
     """
 
     id: str = field(validator=_name)
-    provider: str = field(validator=_name)
+    provider: str = field(validator=_provider)
     tier: ModelTier = field(converter=_to_tier)
     input_price_per_mtok: float = field(converter=_to_float, validator=_price)
     output_price_per_mtok: float = field(converter=_to_float, validator=_price)

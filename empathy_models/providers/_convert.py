@@ -41,13 +41,14 @@ from typing import Any, Final
 from ..abc import CompletionRequest, Message
 from ..content import ImageBlock, TextBlock, ToolCall, ToolResult, to_json
 from ..exceptions import InvalidResponseError, RecordValidationError
-from ._wire import ResponseReader, json_text
+from ._wire import ResponseReader, estimated_output_tokens, json_text, utf8_size
 
 __all__ = [
     "anthropic_body",
     "anthropic_tool_calls",
     "openai_body",
     "openai_tool_calls",
+    "unreported_usage",
 ]
 
 _BAD_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9_-]")
@@ -411,3 +412,20 @@ def anthropic_tool_calls(
             )
         calls.append(_tool_call(reader, call_id, name, arguments, where))
     return tuple(calls)
+
+
+# --------------------------------------------------------------------------- usage
+
+
+def unreported_usage(content: str, tool_calls: Sequence[ToolCall]) -> dict[str, Any]:
+    """
+    The `Completion` usage fields of a whole answer that carried no usage (``usage``
+    left out, or null): the output tokens estimated from its text and its tool calls'
+    names and arguments (`estimated_output_tokens`, as for a stream without usage),
+    the input tokens 0 (the executor records the request's estimate of the prompt) and
+    ``usage_reported`` False.
+    """
+    size = utf8_size(content)
+    for call in tool_calls:
+        size += utf8_size(call.name) + utf8_size(call.arguments_json)
+    return {"output_tokens": estimated_output_tokens(size), "usage_reported": False}

@@ -712,9 +712,9 @@ class HTTPProvider(Provider):
 
     def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any] | None:
         """
-        The usage of a 2xx body as `Completion` fields (``input_tokens``,
-        ``output_tokens``, the cache counts), failing through ``reader``; None (the
-        default) when the wire format has no reading of it here.
+        The usage of a 2xx body as `Completion` fields (``input_tokens``, ``output_tokens``,
+        the cache counts), failing through ``reader``; None when it reports none (`_parse`
+        estimates it then) or, the default, when the wire format has no reading of it.
         """
         return None
 

@@ -40,6 +40,7 @@ from ._wire import (
     json_text,
     openai_cached_tokens,
     shown_count,
+    whole_count,
 )
 
 __all__ = [
@@ -530,7 +531,8 @@ class StreamDecoder:
         )
 
     def _tokens(self, usage: Mapping[str, Any], key: str) -> int | None:
-        value = usage.get(key)
+        # a whole number sent as a JSON float (10.0) counts as that integer
+        value = whole_count(usage.get(key))
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

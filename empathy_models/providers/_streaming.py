@@ -48,8 +48,10 @@ from ._wire import (
     ResponseReader,
     error_from_response,
     error_from_transport,
+    estimated_output_tokens,
     parse_ratelimit_reset,
     reported_model,
+    utf8_size,
 )
 
 if TYPE_CHECKING:
@@ -61,13 +63,6 @@ _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, TimeoutError, OSError)
 
 _EOF_GRACE: Final = 0.05
 """Seconds a stream waits for the body's end after its end marker (`_await_eof`)."""
-
-_BYTES_PER_TOKEN: Final = 4
-"""
-The UTF-8 bytes of output counted as one token when the provider reported no count
-(`HTTPCompletionStream._output_tokens`): what the executor's prompt estimate assumes
-too (``limits.values.WORST_PER_ESTIMATE``), about what providers count for English.
-"""
 
 
 def _timeout_error(
@@ -496,16 +491,14 @@ class HTTPCompletionStream(CompletionStream):
 
     def _estimate(self) -> int:
         """
-        The output tokens of the pieces so far by their size: a quarter of the UTF-8
-        bytes of the text and of the tool calls' names and arguments (`_BYTES_PER_TOKEN`),
-        rounded up, and at least one per piece (a piece holds one token or more).
+        The output tokens of the pieces so far by their size
+        (`estimated_output_tokens`: a quarter of the UTF-8 bytes of the text and of the
+        tool calls' names and arguments, rounded up, and at least one per piece).
         """
         deltas = self._deltas
         if not deltas:
             return 0
-        size = self._tool_bytes + sum(map(_utf8_len, self._parts))
-        by_size = -(-size // _BYTES_PER_TOKEN)
-        return by_size if by_size > deltas else deltas
+        return estimated_output_tokens(self._tool_bytes + sum(map(utf8_size, self._parts)), deltas)
 
     def completion(self) -> Completion:
         decoder = self._decoder
@@ -530,13 +523,8 @@ class HTTPCompletionStream(CompletionStream):
         )
 
 
-def _utf8_len(text: str) -> int:
-    # lone surrogates (JSON can carry them) count as the 3 bytes they would take
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
 def _tool_bytes(piece: str | ToolCallDelta) -> int:
     # the UTF-8 bytes a tool-call piece's model wrote (its name and arguments); 0 for text
     if isinstance(piece, str):
         return 0
-    return _utf8_len(piece.name or "") + _utf8_len(piece.arguments)
+    return utf8_size(piece.name or "") + utf8_size(piece.arguments)

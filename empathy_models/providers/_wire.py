@@ -40,23 +40,33 @@ from ..exceptions import (
 
 __all__ = [
     "MAX_TOKEN_COUNT",
+    "OUTPUT_BYTES_PER_TOKEN",
     "ResponseReader",
     "anthropic_usage_extras",
     "openai_cached_tokens",
     "error_from_local",
     "error_from_response",
     "error_from_transport",
+    "estimated_output_tokens",
     "json_text",
     "masked_url",
     "missing_key",
     "shown_count",
     "parse_ratelimit_reset",
     "parse_retry_after",
+    "utf8_size",
+    "whole_count",
 ]
 
 _MAX_MESSAGE: Final = 300
 MAX_TOKEN_COUNT: Final = 2**63 - 1
 """The largest usage count read: what an `LLMCallRecord` holds (no real count is larger)."""
+OUTPUT_BYTES_PER_TOKEN: Final = 4
+"""
+The UTF-8 bytes of an answer counted as one output token when the provider reported no
+count (`estimated_output_tokens`): about what providers count for English, what the
+executor's estimate of a prompt assumes too (``limits.values.WORST_PER_ESTIMATE``).
+"""
 _KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
 _URL_PASSWORD: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)\S{0,512}@")
 """
@@ -554,13 +564,50 @@ class ResponseReader:
         return None if data.get(key) is None else self.tokens(data, key, path)
 
     def tokens(self, data: Mapping[str, Any], key: str, path: str) -> int:
-        """A usage count: an integer >= 0 and at most `MAX_TOKEN_COUNT`, else it fails."""
-        value = self.get(data, key, int, path)
+        """
+        A usage count: an integer >= 0 and at most `MAX_TOKEN_COUNT` (a whole number
+        written as a JSON float, ``10.0``, as some servers send it, counts as that
+        integer), else it fails.
+        """
+        value = whole_count(data.get(key))
+        if isinstance(value, float):  # fractional, inf or nan
+            self.fail(f"{path}.{key} must be a whole number, got {value!r}")
+        if value is None or not isinstance(value, int) or isinstance(value, bool):
+            shown = "missing" if value is None else f"a {type(value).__name__}"
+            self.fail(f"{path}.{key} must be int, got {shown}")
         if value < 0:
             self.fail(f"{path}.{key} must be >= 0, got {shown_count(value)}")
         if value > MAX_TOKEN_COUNT:
             self.fail(f"{path}.{key} must be < 2**63, got {shown_count(value)}")
         return int(value)
+
+
+def whole_count(value: object) -> object:
+    """
+    ``value`` as a usage count is read: a JSON float holding a whole number (``10.0``)
+    as that integer, anything else as it is (left for the reader to accept or refuse;
+    ``inf`` and ``nan`` are no whole numbers).
+    """
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+def utf8_size(text: str) -> int:
+    """The UTF-8 bytes of ``text`` (a lone surrogate as the 3 it would take)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def estimated_output_tokens(size: int, pieces: int = 0) -> int:
+    """
+    The output tokens of an answer whose provider reported none: a quarter of its
+    ``size`` (the UTF-8 bytes of its text and of its tool calls' names and arguments,
+    `utf8_size`), rounded up (`OUTPUT_BYTES_PER_TOKEN`), and at least ``pieces`` (a
+    stream's deltas: each holds a token or more).  The one estimate of output tokens,
+    for a whole answer and a stream alike.
+    """
+    by_size = -(-size // OUTPUT_BYTES_PER_TOKEN)
+    return by_size if by_size > pieces else pieces
 
 
 def anthropic_usage_extras(

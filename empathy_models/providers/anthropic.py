@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from ..abc import Completion, CompletionRequest
-from ._convert import anthropic_body, anthropic_tool_calls
+from ._convert import anthropic_body, anthropic_tool_calls, unreported_usage
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import AnthropicStreamDecoder
 from ._wire import ResponseReader, anthropic_usage_extras, reported_model
@@ -28,7 +28,10 @@ class AnthropicProvider(HTTPProvider):
     response's ``usage.input_tokens`` / ``usage.output_tokens`` (cache reads and writes
     are not included: they are the completion's ``cache_write_tokens``,
     ``cache_write_1h_tokens`` and ``cache_read_tokens``, and the server's web searches
-    its ``web_search_requests``, each priced by `ModelInfo.cost`); ``request_id`` is the
+    its ``web_search_requests``, each priced by `ModelInfo.cost`; a count sent as a
+    whole-number float, ``10.0``, is that integer; an answer without ``usage``, or with
+    null, has the output estimated and ``usage_reported`` False, see `Completion`);
+    ``request_id`` is the
     ``request-id`` header.  The ``model`` of the `Completion` is the id that was asked
     for, so it matches the registry.  Tool calls
     are the ``tool_use`` blocks (a server tool's ``server_tool_use`` block, run by the
@@ -118,17 +121,22 @@ class AnthropicProvider(HTTPProvider):
                 reader.fail(f"response.content[{index}] must be an object")
             if block.get("type") == "text":
                 parts.append(reader.get(block, "text", str, f"response.content[{index}]"))
+        content = "".join(parts)
+        tool_calls = anthropic_tool_calls(reader, blocks, "response.content")
+        usage = self._usage(reader, data)
         return Completion(
-            content="".join(parts),
+            content=content,
             model=reported_model(data.get("model"), request.model),
             stop_reason=reader.optional_str(data, "stop_reason"),
             request_id=headers.get("request-id") or reader.optional_str(data, "id"),
-            tool_calls=anthropic_tool_calls(reader, blocks, "response.content"),
+            tool_calls=tool_calls,
             response_id=reader.optional_str(data, "id"),
-            **self._usage(reader, data),
+            **(unreported_usage(content, tool_calls) if usage is None else usage),
         )
 
-    def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any]:
+    def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any] | None:
+        if data.get("usage") is None:  # left out or null: none reported
+            return None
         usage = reader.get(data, "usage", dict, "response")
         return {
             "input_tokens": reader.tokens(usage, "input_tokens", "response.usage"),

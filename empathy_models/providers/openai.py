@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from .._validators import shown
 from ..abc import Completion, CompletionRequest
 from ..exceptions import ConfigurationError
-from ._convert import openai_body, openai_tool_calls
+from ._convert import openai_body, openai_tool_calls, unreported_usage
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import OpenAIStreamDecoder
 from ._wire import ResponseReader, openai_cached_tokens, reported_model
@@ -30,8 +30,10 @@ class OpenAIProvider(HTTPProvider):
     model refused; ``stop_reason`` is then ``"refusal"``); tokens are
     ``usage.prompt_tokens`` / ``usage.completion_tokens`` (of the prompt tokens,
     ``usage.prompt_tokens_details.cached_tokens`` came from the prompt cache: the
-    completion's ``cached_input_tokens``, priced at the model's cached input price);
-    ``request_id`` is the
+    completion's ``cached_input_tokens``, priced at the model's cached input price; a
+    count sent as a whole-number float, ``10.0``, is that integer; an answer without
+    ``usage``, or with null, has the output estimated and ``usage_reported`` False, see
+    `Completion`); ``request_id`` is the
     ``x-request-id`` header.  The ``model`` of the `Completion` is the id asked for.
     Tool calls are read from ``message.tool_calls`` (``content`` is then ``""`` when the
     server sent null); a null ``content`` with a ``finish_reason`` and no call (Azure's
@@ -150,6 +152,7 @@ class OpenAIProvider(HTTPProvider):
             content = ""
         elif not isinstance(content, str):
             reader.fail("response.choices[0].message.content must be a string")
+        usage = self._usage(reader, data)
         return Completion(
             content=content,
             model=reported_model(data.get("model"), request.model),
@@ -157,10 +160,12 @@ class OpenAIProvider(HTTPProvider):
             request_id=headers.get("x-request-id") or reader.optional_str(data, "id"),
             tool_calls=tool_calls,
             response_id=reader.optional_str(data, "id"),
-            **self._usage(reader, data),
+            **(unreported_usage(content, tool_calls) if usage is None else usage),
         )
 
-    def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any]:
+    def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any] | None:
+        if data.get("usage") is None:  # left out or null: none reported
+            return None
         usage = reader.get(data, "usage", dict, "response")
         return {
             "input_tokens": reader.tokens(usage, "prompt_tokens", "response.usage"),
