@@ -27,6 +27,7 @@ __all__ = [
     "build_migrations",
     "quote_ident",
     "split_dsn",
+    "text_digest",
 ]
 
 DEFAULT_TABLE_PREFIX: Final = "empathy_"
@@ -153,6 +154,16 @@ Migration = Sequence[str]
 def quote_ident(name: str) -> str:
     """Quote a SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def text_digest(text: str) -> str:
+    """
+    SQL for the SHA-256 digest of the text expression ``text`` (its bytes as stored):
+    what an index keys a text on when the text may be longer than a btree entry can
+    hold (about 2,700 bytes).  ``decode(..., 'escape')`` with the backslashes doubled
+    gives the text's own bytes and, unlike ``convert_to``, may be used in an index.
+    """
+    return f"sha256(decode(replace({text}, chr(92), chr(92) || chr(92)), 'escape'))"
 
 
 def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:

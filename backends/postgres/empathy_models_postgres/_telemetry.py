@@ -41,19 +41,9 @@ from empathy_models.exceptions import (
 from empathy_models.records import LLMCallRecord, ModelPerformance, Outcome
 from empathy_models.serialization import from_dict, to_dict
 
-from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
+from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations, text_digest as _digest
 
 __all__ = ["PostgresTelemetryBackend", "TELEMETRY_SCHEMA_VERSION"]
-
-
-def _digest(text: str) -> str:
-    """
-    SQL for the SHA-256 digest of the text expression ``text`` (its bytes as stored):
-    what an index keys a text on when the text may be longer than a btree entry can
-    hold (about 2,700 bytes).  ``decode(..., 'escape')`` with the backslashes doubled
-    gives the text's own bytes and, unlike ``convert_to``, may be used in an index.
-    """
-    return f"sha256(decode(replace({text}, chr(92), chr(92) || chr(92)), 'escape'))"
 
 
 _PREFIX: Final = 200
