@@ -535,7 +535,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
         p50/p95 of latency and of the time to first token over successes
         (``percentile_disc``), sorted by (workflow, stage, model).  The latency and cost
         averages are capped sums over counts: ``avg(float8)`` also sums squares, which
-        overflow for a value past about 1e154 beside a different one.
+        overflow for a value past about 1e154 beside a different one.  First and last
+        seen are read as finite times (`_FINITE_TS`): asyncpg reads the infinities it
+        stores for the calendar's ends back as naive datetimes.
         """
         where, args = self._where(
             workflow=workflow, stage=stage, since=since, until=until, samples_only=True
@@ -559,7 +561,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
             f"sum(least(cost_usd, {_CAP}) ORDER BY seq) / count(*) AS avg_cost, "
             f"avg(input_tokens::float8) {ok} AS avg_in, "
             f"avg(output_tokens::float8) {ok} AS avg_out, "
-            "min(ts) AS first_seen, max(ts) AS last_seen, "
+            f"min({_FINITE_TS}) AS first_seen, max({_FINITE_TS}) AS last_seen, "
             "(array_agg(provider ORDER BY ts DESC, seq ASC))[1] AS provider, "
             "(array_agg(tier ORDER BY ts DESC, seq ASC))[1] AS tier "
             f"FROM {self._calls}{where} "
