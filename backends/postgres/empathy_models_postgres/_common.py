@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -166,6 +167,18 @@ def text_digest(text: str) -> str:
     return f"sha256(decode(replace({text}, chr(92), chr(92) || chr(92)), 'escape'))"
 
 
+@functools.cache
+def pool_option_names() -> frozenset[str]:
+    """The keyword options `asyncpg.create_pool` takes: its own and, passed on,
+    `asyncpg.connect`'s."""
+    return frozenset(
+        parameter.name
+        for function in (asyncpg.create_pool, asyncpg.connect)
+        for parameter in inspect.signature(function).parameters.values()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    )
+
+
 def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
     """Take the plugin's own options (``schema``, ``table_prefix``) out of the DSN query."""
     if not isinstance(dsn, str) or "://" not in dsn:
@@ -212,6 +225,13 @@ class Database:
         create: bool = True,
         empty_when_missing: bool = False,
     ) -> None:
+        unknown = sorted(set(pool_options) - pool_option_names())
+        if unknown:
+            # refused here, not by asyncpg at the first connection
+            raise ConfigurationError(
+                f"PostgreSQL {component}: unknown options {unknown}; options other than "
+                "the backend's own go to asyncpg.create_pool, which does not take these"
+            )
         url, options = split_dsn(dsn)
         schema = options.get("schema", schema)
         table_prefix = options.get("table_prefix", table_prefix)

@@ -342,6 +342,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
             ``command_timeout``...).
 
     Raises:
+        ConfigurationError: at construction, a bad argument, or an option that neither
+            the backend nor ``asyncpg.create_pool`` takes.
         SchemaVersionError: tables written by a newer version.
         TelemetryRejectedError: a record holding a value PostgreSQL refuses (NUL or a
             lone surrogate in text, an integer past 64 bits, NaN in the metadata, a
