@@ -15,11 +15,13 @@ See `PostgresTelemetryBackend` and `PostgresCircuitStateStore`.
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Final
 
 from empathy_models.abc import TelemetryBackend
-from empathy_models.backends import BackendPlugin
+from empathy_models.backends import BackendPlugin, shown
 from empathy_models.backends.batching import BatchingTelemetryBackend
+from empathy_models.exceptions import ConfigurationError
 
 from ._cache import (
     CACHE_SCHEMA_VERSION as CACHE_SCHEMA_VERSION,
@@ -53,15 +55,30 @@ __all__ = [
 ]
 
 
+_BATCHING: Final = frozenset(inspect.signature(BatchingTelemetryBackend).parameters) - {"inner"}
+"""The options of `BatchingTelemetryBackend` (``max_queue``, ``flush_interval``...)."""
+
+
 def _telemetry(url: str, *, batch: bool = True, **options: Any) -> TelemetryBackend:
     """
     ``telemetry_from_url("postgresql://...")``: write-behind batched by default, so the
-    call path never waits on the database (``batch=False`` for direct writes).
+    call path never waits on the database (``batch=False`` for direct writes).  The
+    batching options (``max_batch``, ``flush_interval``, ``max_queue``, ``on_full``,
+    ``spool``, ``close_timeout``, ``exit_flush``) go to `BatchingTelemetryBackend`, the
+    others to `PostgresTelemetryBackend`.
     """
+    if not isinstance(batch, bool):
+        raise ConfigurationError(f"batch must be True or False, got {shown(batch)}")
+    batching = {name: options.pop(name) for name in sorted(_BATCHING & set(options))}
+    if batching and not batch:
+        raise ConfigurationError(
+            f"the options {sorted(batching)} are for the write-behind batching, "
+            "which batch=False turns off"
+        )
     backend = PostgresTelemetryBackend(url, **options)
     if not batch:
         return backend
-    return BatchingTelemetryBackend(backend)
+    return BatchingTelemetryBackend(backend, **batching)
 
 
 def _state_store(url: str, **options: Any) -> PostgresCircuitStateStore:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
@@ -16,7 +17,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
 
-from empathy_models.backends import redact_url, url_flaw
+from empathy_models.backends import redact_url, shown, url_flaw
 from empathy_models.exceptions import (
     BackendError,
     ConfigurationError,
@@ -30,6 +31,7 @@ __all__ = [
     "build_migrations",
     "quote_ident",
     "split_dsn",
+    "text_digest",
 ]
 
 DEFAULT_TABLE_PREFIX: Final = "empathy_"
@@ -158,6 +160,28 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def text_digest(text: str) -> str:
+    """
+    SQL for the SHA-256 digest of the text expression ``text`` (its bytes as stored):
+    what an index keys a text on when the text may be longer than a btree entry can
+    hold (about 2,700 bytes).  ``decode(..., 'escape')`` with the backslashes doubled
+    gives the text's own bytes and, unlike ``convert_to``, may be used in an index.
+    """
+    return f"sha256(decode(replace({text}, chr(92), chr(92) || chr(92)), 'escape'))"
+
+
+@functools.cache
+def pool_option_names() -> frozenset[str]:
+    """The keyword options `asyncpg.create_pool` takes: its own and, passed on,
+    `asyncpg.connect`'s."""
+    return frozenset(
+        parameter.name
+        for function in (asyncpg.create_pool, asyncpg.connect)
+        for parameter in inspect.signature(function).parameters.values()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    )
+
+
 def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
     """Take the plugin's own options (``schema``, ``table_prefix``) out of the DSN query."""
     if not isinstance(dsn, str) or "://" not in dsn:
@@ -204,6 +228,13 @@ class Database:
         create: bool = True,
         empty_when_missing: bool = False,
     ) -> None:
+        unknown = sorted(set(pool_options) - pool_option_names())
+        if unknown:
+            # refused here, not by asyncpg at the first connection
+            raise ConfigurationError(
+                f"PostgreSQL {component}: unknown options {unknown}; options other than "
+                "the backend's own go to asyncpg.create_pool, which does not take these"
+            )
         url, options = split_dsn(dsn)
         schema = options.get("schema", schema)
         table_prefix = options.get("table_prefix", table_prefix)
@@ -337,26 +368,36 @@ class Database:
             await self.release(pool, conn)
 
     async def lock_row(
-        self, conn: asyncpg.Connection, table: str, column: str, key: str
+        self,
+        conn: asyncpg.Connection,
+        table: str,
+        column: str,
+        key: str,
+        *,
+        unique: str = "key",
+        match: str = "key = $1",
     ) -> tuple[str | None, float]:
         """
         Inside ``conn``'s transaction, lock ``key``'s row of ``table`` (``SELECT ... FOR
         UPDATE``; inserted with ``column`` NULL when absent): its ``column`` as JSON text,
         and the server's clock read after the lock is granted (the outer query).
+        ``unique`` is what the table's unique index holds (the key, or an expression of
+        it) and ``match`` the condition that finds key ``$1``'s row on that index.
         """
         await conn.execute(
-            f"INSERT INTO {table} (key, {column}) VALUES ($1, NULL) ON CONFLICT (key) DO NOTHING",
+            f"INSERT INTO {table} (key, {column}) VALUES ($1, NULL) "
+            f"ON CONFLICT ({unique}) DO NOTHING",
             key,
         )
         row = await conn.fetchrow(
             f"SELECT locked.{column}::text AS {column}, "
             "extract(epoch FROM clock_timestamp())::float8 AS now "
-            f"FROM (SELECT {column} FROM {table} WHERE key = $1 FOR UPDATE) AS locked",
+            f"FROM (SELECT {column} FROM {table} WHERE {match} FOR UPDATE) AS locked",
             key,
         )
         if row is None:  # pragma: no cover - the insert above guarantees a row
             raise self.error_type(
-                f"PostgreSQL {self.component} {self.target}: row for {key!r} vanished",
+                f"PostgreSQL {self.component} {self.target}: row for {shown(key)} vanished",
                 target=self.target,
             )
         return row[column], float(row["now"])

@@ -8,14 +8,21 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar
 
 from empathy_models.abc import TransactionalQuotaStore
+from empathy_models.backends import shown
 from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import WINDOW_RETENTION
 
-from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
+from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations, text_digest
 
 __all__ = ["QUOTA_SCHEMA_VERSION", "PostgresQuotaStore"]
 
 T = TypeVar("T")
+
+_KEY: Final = text_digest("key")
+"""What the quota table's unique index holds: the SHA-256 digest of a row's key."""
+
+_MATCH: Final = f"{_KEY} = {text_digest('$1::text')} AND key = $1::text"
+"""The row of key ``$1``, looked up on the index of digests."""
 
 _MIGRATIONS: Final = (
     (
@@ -23,6 +30,20 @@ _MIGRATIONS: Final = (
         " key text PRIMARY KEY,"
         " data jsonb,"
         " updated_at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    ),
+    # version 2: keys of any length.  A btree entry holds about 2,700 bytes, and the
+    # primary key held whole keys, which hold the names of a budget's scope (a
+    # workflow, a user): the server refused a long one's every operation.  The rows
+    # stay; the key is unique by its digest.  (The primary key's name is looked up:
+    # PostgreSQL shortens a long table name's ``<table>_pkey``.)
+    (
+        "DO $$ DECLARE pkey text; BEGIN"
+        " SELECT conname INTO pkey FROM pg_constraint"
+        " WHERE conrelid = '{t_quota}'::regclass AND contype = 'p';"
+        " IF pkey IS NOT NULL THEN"
+        " EXECUTE format('ALTER TABLE {t_quota} DROP CONSTRAINT %I', pkey);"
+        " END IF; END $$",
+        f"CREATE UNIQUE INDEX IF NOT EXISTS {{i_quota_key}} ON {{t_quota}} ({_KEY})",
     ),
 )
 
@@ -34,7 +55,9 @@ class PostgresQuotaStore(TransactionalQuotaStore):
     """
     Spend budgets and rate-limit schedules shared by every process using the database.
 
-    One row per key in ``<table_prefix>quota``; a budget's window is dropped a week
+    One row per key in ``<table_prefix>quota``, found by the key's SHA-256 digest: a
+    key holds the names of a budget's scope (a workflow, a user), which may be longer
+    than a btree entry holds (about 2,700 bytes).  A budget's window is dropped a week
     (`empathy_models.limits.WINDOW_RETENTION`) after it ended, checked once an hour in
     each process, the time being the database's when a budget write's window holds it
     (the callers' clock agrees), else the newest such window's start.  Every operation
@@ -108,16 +131,18 @@ class PostgresQuotaStore(TransactionalQuotaStore):
     ) -> T:
         pool = await self._db.pool(self._migrations)
         async with (
-            self._db.errors(f"update {key!r}"),
+            self._db.errors(f"update {shown(key)}"),
             self._db.connection(pool) as conn,
             conn.transaction(),
         ):
-            raw, now = await self._db.lock_row(conn, self._table, "data", key)
+            raw, now = await self._db.lock_row(
+                conn, self._table, "data", key, unique=_KEY, match=_MATCH
+            )
             new, result = fn(self._decode(raw), now)
             if new is not None:
                 await conn.execute(
                     f"UPDATE {self._table} SET data = $2::jsonb, "
-                    "updated_at = clock_timestamp() WHERE key = $1",
+                    f"updated_at = clock_timestamp() WHERE {_MATCH}",
                     key,
                     json.dumps(new, separators=(",", ":")),
                 )
@@ -137,9 +162,9 @@ class PostgresQuotaStore(TransactionalQuotaStore):
         pool = await self._db.pool(self._migrations)
         if self._db.missing:
             return None
-        async with self._db.errors(f"read {key!r}"):
+        async with self._db.errors(f"read {shown(key)}"):
             raw = await self._db.statement(
-                pool, "fetchval", f"SELECT data::text FROM {self._table} WHERE key = $1", key
+                pool, "fetchval", f"SELECT data::text FROM {self._table} WHERE {_MATCH}", key
             )
         return self._decode(raw)
 
@@ -170,7 +195,9 @@ class PostgresQuotaStore(TransactionalQuotaStore):
             await self._db.run(
                 pool,
                 "execute",
-                f"DELETE FROM {self._table} WHERE key = ANY($1::text[])",
+                f"DELETE FROM {self._table} WHERE {_KEY} = ANY(ARRAY("
+                f"SELECT {text_digest('k')} FROM unnest($1::text[]) AS k)) "
+                "AND key = ANY($1::text[])",
                 list(keys),
             )
 

@@ -41,19 +41,9 @@ from empathy_models.exceptions import (
 from empathy_models.records import LLMCallRecord, ModelPerformance, Outcome
 from empathy_models.serialization import from_dict, to_dict
 
-from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
+from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations, text_digest as _digest
 
 __all__ = ["PostgresTelemetryBackend", "TELEMETRY_SCHEMA_VERSION"]
-
-
-def _digest(text: str) -> str:
-    """
-    SQL for the SHA-256 digest of the text expression ``text`` (its bytes as stored):
-    what an index keys a text on when the text may be longer than a btree entry can
-    hold (about 2,700 bytes).  ``decode(..., 'escape')`` with the backslashes doubled
-    gives the text's own bytes and, unlike ``convert_to``, may be used in an index.
-    """
-    return f"sha256(decode(replace({text}, chr(92), chr(92) || chr(92)), 'escape'))"
 
 
 _PREFIX: Final = 200
@@ -352,6 +342,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
             ``command_timeout``...).
 
     Raises:
+        ConfigurationError: at construction, a bad argument, or an option that neither
+            the backend nor ``asyncpg.create_pool`` takes.
         SchemaVersionError: tables written by a newer version.
         TelemetryRejectedError: a record holding a value PostgreSQL refuses (NUL or a
             lone surrogate in text, an integer past 64 bits, NaN in the metadata, a
@@ -545,7 +537,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
         p50/p95 of latency and of the time to first token over successes
         (``percentile_disc``), sorted by (workflow, stage, model).  The latency and cost
         averages are capped sums over counts: ``avg(float8)`` also sums squares, which
-        overflow for a value past about 1e154 beside a different one.
+        overflow for a value past about 1e154 beside a different one.  First and last
+        seen are read as finite times (`_FINITE_TS`): asyncpg reads the infinities it
+        stores for the calendar's ends back as naive datetimes.
         """
         where, args = self._where(
             workflow=workflow, stage=stage, since=since, until=until, samples_only=True
@@ -569,7 +563,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
             f"sum(least(cost_usd, {_CAP}) ORDER BY seq) / count(*) AS avg_cost, "
             f"avg(input_tokens::float8) {ok} AS avg_in, "
             f"avg(output_tokens::float8) {ok} AS avg_out, "
-            "min(ts) AS first_seen, max(ts) AS last_seen, "
+            f"min({_FINITE_TS}) AS first_seen, max({_FINITE_TS}) AS last_seen, "
             "(array_agg(provider ORDER BY ts DESC, seq ASC))[1] AS provider, "
             "(array_agg(tier ORDER BY ts DESC, seq ASC))[1] AS tier "
             f"FROM {self._calls}{where} "

@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
-import pytest
+import random
+from collections.abc import Callable
+from typing import Any
 
+import anyio
+import asyncpg
+import pytest
+from empathy_models_postgres import QUOTA_SCHEMA_VERSION, PostgresQuotaStore
+
+from empathy_models import (
+    Budget,
+    BudgetExceededError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    OpenAIProvider,
+    RetryPolicy,
+)
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.testing import FakeLLMServer, ModelBehavior
 from empathy_models.testing.contracts import QuotaStoreContract, ResponseCacheContract
+
+WS, WE = 1_800_000_000.0, 1_800_086_400.0
 
 
 class TestPostgresQuotaStore(QuotaStoreContract):
@@ -19,3 +38,102 @@ class TestPostgresResponseCache(ResponseCacheContract):
     @pytest.fixture
     def cache_url(self, postgres_url: str) -> str:
         return postgres_url
+
+
+def long_name(seed: int, n: int = 1_000) -> str:
+    """``n`` random CJK characters (3 bytes each in UTF-8): long, and not compressible."""
+    rng = random.Random(seed)
+    return "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(n))
+
+
+async def test_a_long_workflow_budget_holds_across_workers(postgres_url: str) -> None:
+    # two workers sharing the store, a per-workflow budget that covers one call, and a
+    # workflow name of 3,000 bytes: the second worker is refused, as with a short name
+    def worker(server: FakeLLMServer) -> EmpathyLLMExecutor:
+        return EmpathyLLMExecutor(
+            [OpenAIProvider(api_key="k", base_url=server.openai_base_url)],
+            telemetry_store=MemoryTelemetryBackend(),
+            retry=RetryPolicy.none(),
+            budgets=[Budget(limit_usd=0.001, scope="workflow")],
+            quota_store=postgres_url,
+        )
+
+    ctx = ExecutionContext(workflow=long_name(1), model="gpt-4o-mini", max_tokens=1000)
+    behavior = ModelBehavior(output_tokens=1000)  # about $0.0006 a call
+    async with (
+        FakeLLMServer(default=behavior) as server,
+        worker(server) as a,
+        worker(server) as b,
+    ):
+        response = await a.run("hello", ctx)
+        assert response.cost_usd == pytest.approx(0.0006, rel=0.01)
+        with pytest.raises(BudgetExceededError):
+            await b.run("hello", ctx)
+        assert server.requests() == 1  # the refused call reached no provider
+    async with PostgresQuotaStore(postgres_url) as store:
+        (usage,) = await store.usages()
+    assert usage.key == f"workflow={ctx.workflow}/day"
+    assert usage.spent_usd == pytest.approx(response.cost_usd)
+    assert (usage.held, usage.refused) == (0, 1)
+
+
+@pytest.mark.parametrize("prefix", ["empathy_", "p" * 55 + "_"], ids=["default", "long"])
+async def test_version_1_quota_tables_keep_their_rows_and_take_long_keys_once_migrated(
+    postgres_url: str,
+    postgres_dsn: str,
+    postgres_schema: str,
+    prefix: str,
+    with_query: Callable[..., str],
+) -> None:
+    # (with a prefix of 56 characters, PostgreSQL names the old primary key otherwise
+    # than <table>_pkey, and shortens the new index's name)
+    url = with_query(postgres_url, table_prefix=prefix)
+    kw: dict[str, Any] = {"window_start": WS, "window_end": WE, "amount": 6, "limit": 10}
+    rate: dict[str, Any] = {"cost": 1.0, "interval": 3600.0, "burst": 1.0, "max_wait": 0.0}
+    async with PostgresQuotaStore(url) as store:
+        assert (await store.reserve("b", **kw)).granted
+        await store.set_limit("b", 10)
+        assert (await store.acquire("r", **rate)).granted
+    # take the table back to what version 1 created: the whole key as its primary key
+    s, table = f'"{postgres_schema}"', f'"{postgres_schema}"."{prefix}quota"'
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute(
+            f'DROP INDEX {s}."{(prefix + "quota_key")[:63]}"; '
+            f"ALTER TABLE {table} ADD PRIMARY KEY (key); "
+            f'UPDATE {s}."{prefix}schema_version" SET version = 1 WHERE component = $$quota$$'
+        )
+    finally:
+        await conn.close()
+    # four processes' stores opening at once: one migrates, the others wait for it
+    stores = [PostgresQuotaStore(url) for _ in range(4)]
+    async with anyio.create_task_group() as tg:
+        for store in stores:
+            tg.start_soon(store.__aenter__)
+    try:
+        first, second = stores[:2]
+        # the rows written before the migration are still the keys' rows
+        refused = await first.reserve("b", **kw)
+        assert not refused.granted and refused.usage.held == 6
+        assert await second.limit_overrides() == {"b": 10}
+        assert not (await second.acquire("r", **rate)).granted
+        long_key = long_name(2)
+        assert (await first.reserve(long_key, **kw)).granted
+        assert not (await second.reserve(long_key, **kw)).granted
+        assert [u.key for u in await second.usages()] == sorted(["b", long_key])
+    finally:
+        for store in stores:
+            await store.aclose()
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        version = await conn.fetchval(
+            f'SELECT version FROM {s}."{prefix}schema_version" WHERE component = $1', "quota"
+        )
+        keys = await conn.fetch(
+            "SELECT conname FROM pg_constraint WHERE conrelid = to_regclass($1) AND contype = 'p'",
+            table,
+        )
+    finally:
+        await conn.close()
+    assert version == QUOTA_SCHEMA_VERSION == 2
+    assert keys == []

@@ -5,17 +5,24 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 import asyncpg
 import pytest
 from empathy_models_postgres import TELEMETRY_SCHEMA_VERSION, PostgresTelemetryBackend
 
+from empathy_models import cache_from_url, quota_store_from_url, state_store_from_url
 from empathy_models.backends import MemoryTelemetryBackend, telemetry_from_url
 from empathy_models.backends._spool import Spool
 from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.evidence import rollup
-from empathy_models.exceptions import SchemaVersionError, TelemetryError, TelemetryRejectedError
+from empathy_models.exceptions import (
+    ConfigurationError,
+    SchemaVersionError,
+    TelemetryError,
+    TelemetryRejectedError,
+)
 from empathy_models.records import LLMCallRecord, ModelPerformance, ModelTier, Outcome
 from empathy_models.testing.contracts import assert_same_buckets
 
@@ -102,6 +109,43 @@ async def test_url_factory_can_write_directly(postgres_url: str) -> None:
     assert isinstance(backend, PostgresTelemetryBackend)
     async with backend:
         assert await backend.recent() == []
+
+
+async def test_url_factory_gives_the_batching_options_to_the_batching(
+    postgres_url: str,
+) -> None:
+    backend = telemetry_from_url(
+        postgres_url, max_queue=10, flush_interval=0.5, on_full="drop", batch_size=64
+    )
+    assert isinstance(backend, BatchingTelemetryBackend)
+    assert isinstance(backend.inner, PostgresTelemetryBackend)
+    assert backend.inner.batch_size == 64
+    assert "flush_interval=0.5, max_queue=10, on_full='drop'" in repr(backend)
+    async with backend:
+        await backend.record_many(random_records(13, 5))
+        assert len(await backend.recent()) == 5
+    # a bad value is refused as the batching refuses it, before anything opens
+    with pytest.raises(ConfigurationError, match="max_queue"):
+        telemetry_from_url(postgres_url, max_queue=0)
+    with pytest.raises(ConfigurationError, match=r"\['flush_interval', 'max_queue'\].*batch=False"):
+        telemetry_from_url(postgres_url, batch=False, max_queue=10, flush_interval=1.0)
+    with pytest.raises(ConfigurationError, match="batch must be True or False"):
+        telemetry_from_url(postgres_url, batch="no")
+
+
+@pytest.mark.parametrize(
+    "factory", [telemetry_from_url, state_store_from_url, quota_store_from_url, cache_from_url]
+)
+def test_an_unknown_option_is_refused_at_construction(factory: Callable[..., Any]) -> None:
+    # no server needed: nothing connects before the first operation
+    dsn = "postgresql://app:s3cret-pw@127.0.0.1:1/test"
+    with pytest.raises(
+        ConfigurationError, match=r"unknown options \['max_queu', 'sizes'\]"
+    ) as info:
+        factory(dsn, max_queu=10, sizes=2, max_size=3)
+    assert "s3cret-pw" not in str(info.value)
+    # asyncpg's own options, the pool's and the connections', are taken
+    factory(dsn, max_size=3, command_timeout=5.0, server_settings={"search_path": "x"})
 
 
 async def test_records_round_trip_and_recent_is_newest_first(postgres_url: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ...abc import TelemetryBackend
@@ -223,6 +223,39 @@ class _AggregateTests(_TelemetryTests):
         (everything,) = await telemetry.aggregate(since=t[0])
         assert everything.sample_size == 3
         assert [r.timestamp for r in await telemetry.recent(since=t[1])] == [t[2], t[1]]
+
+    async def test_aggregate_at_the_first_and_last_microseconds_of_the_calendar(
+        self, telemetry: TelemetryBackend
+    ) -> None:
+        # valid timestamps (a store may write them as -infinity and infinity): the
+        # groups holding them report them as first and last seen, like any other time
+        self._needs_records()
+        first = datetime(1, 1, 1, tzinfo=UTC)
+        last = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+        base = _base_time()
+        records = [
+            _record(first, workflow="early", latency_ms=10.0),
+            _record(base, workflow="early", latency_ms=20.0),
+            _record(base, workflow="late", latency_ms=30.0),
+            _record(last, workflow="late", latency_ms=40.0, outcome=Outcome.FAILURE),
+            _record(last, workflow="both", stage="s2", latency_ms=50.0),
+            _record(first, workflow="both", stage="s1", latency_ms=60.0),
+        ]
+        await telemetry.record_many(records)
+        await telemetry.flush()
+        queries: list[dict[str, Any]] = [
+            {},
+            {"workflow": "late"},
+            {"per_stage": False},
+            {"since": base},
+            {"until": base},
+            {"since": first, "until": last},
+        ]
+        for query in queries:
+            got = await telemetry.aggregate(**query)
+            _assert_aggregate(got, _brute_force(records, **query), f"aggregate({query})")
+        (both,) = await telemetry.aggregate(workflow="both", per_stage=False)
+        assert (both.first_seen, both.last_seen) == (first, last)
 
     async def test_aggregate_of_no_successes_has_no_latency(
         self, telemetry: TelemetryBackend

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -50,11 +51,11 @@ class QuotaStoreContract:
     settlement that releases and charges exactly; holds that lapse at their time (a
     killed worker's) and late settlements of them; windows and keys kept apart; 200
     concurrent reservations granting exactly what fits; usages, reset and limit
-    overrides; GCRA schedules (burst, refusal past ``max_wait`` without booking,
-    concurrent places all distinct, capacity given back, a push back to a reset time
-    that concurrent workers apply once and that no place precedes, however large the
-    burst); a shared store showing one
-    instance's quotas to another; idempotent close and use after close.
+    overrides; keys of any length (over 3 KB); GCRA schedules (burst, refusal past
+    ``max_wait`` without booking, concurrent places all distinct, capacity given back,
+    a push back to a reset time that concurrent workers apply once and that no place
+    precedes, however large the burst); a shared store showing one instance's quotas
+    to another; idempotent close and use after close.
     """
 
     @pytest.fixture
@@ -224,6 +225,34 @@ class QuotaStoreContract:
         assert await quota_store.limit_overrides() == {"a": 123, "c": 0}
         await quota_store.set_limit("a", None)
         assert await quota_store.limit_overrides() == {"c": 0}
+
+    async def test_a_key_of_any_length_is_kept(self, quota_store: QuotaStore) -> None:
+        # a key holds the names of a budget's scope (a workflow, a user), of any length:
+        # over 3 KB here (past what one btree index entry holds), random (not shortened
+        # by compression), and two keys that differ in their last character only
+        rng = random.Random(3)
+        name = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(1_200))
+        a, b = f"workflow={name}/a", f"workflow={name}/b"
+        assert len(a.encode()) > 3_000
+        kw: dict[str, Any] = {"window_start": WS, "window_end": WE}
+        assert (await quota_store.reserve(a, **kw, amount=6, limit=10)).granted
+        assert not (await quota_store.reserve(a, **kw, amount=6, limit=10)).granted
+        assert (await quota_store.reserve(b, **kw, amount=6, limit=10)).granted
+        u = await quota_store.settle(a, **kw, held=6, actual=4)
+        assert (u.key, u.spent, u.held, u.refused) == (a, 4, 0, 1)
+        assert await quota_store.usage(a, **kw) == u
+        stored = [(x.key, x.spent, x.held) for x in await quota_store.usages()]
+        assert stored == [(a, 4, 0), (b, 0, 6)]
+        await quota_store.set_limit(a, 5)
+        assert await quota_store.limit_overrides() == {a: 5}
+        assert await quota_store.reset_budget(a) == 1
+        assert [x.key for x in await quota_store.usages()] == [b]
+        await quota_store.set_limit(a, None)
+        assert await quota_store.limit_overrides() == {}
+        args = {"cost": 1.0, "interval": 10.0, "burst": 1.0, "max_wait": 0.0}
+        assert (await quota_store.acquire(a, **args)).granted
+        assert not (await quota_store.acquire(a, **args)).granted
+        assert (await quota_store.acquire(b, **args)).granted
 
     # -- rate limits -----------------------------------------------------------------------
 
