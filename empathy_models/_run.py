@@ -344,7 +344,10 @@ class _Run:
         return routes
 
     def estimate(self) -> int:
-        """The request's input token estimate (`_estimate_tokens`), computed once."""
+        """
+        The request's input token estimate (`_estimate_tokens`), computed once: the
+        router's decision (`_Planner.plan`) and the budgets' reservations see one value.
+        """
         estimate = self._estimate
         if estimate is None:
             estimate = self._estimate = _estimate_tokens(self.messages, self.system, self.options)
