@@ -808,7 +808,7 @@ class EmpathyLLMExecutor:
                     if hit is not None:
                         return cast(LLMResponse, hit)
             run = _Run(ctx, messages, task_type, system, options)
-            routes = run.planned(self._planner.plan(ctx, messages, system, tier, needs, options))
+            routes = run.planned(self._planner.plan(run, tier, needs))
             if self._obs is not None:
                 self._obs.planned(run)
             info, reply = await Attempts(self, run, deadline_at).walk(routes)

@@ -569,12 +569,16 @@ def _float(text: str) -> float:
     return number
 
 
-def parse_structured(text: str, schema: Mapping[str, Any]) -> tuple[Any, str | None]:
+def parse_structured(
+    text: str, schema: Mapping[str, Any], *, checked: bool = False
+) -> tuple[Any, str | None]:
     """
     ``(value, None)`` when ``text`` is JSON matching ``schema``, else ``(None, why)``
-    (never an exception: a schema that cannot be checked is a reason too).
+    (never an exception: a schema that cannot be checked is a reason too).  ``checked``:
+    the caller knows ``schema`` passed `schema_problem` and has not changed since, so
+    it is not checked again.
     """
-    problem = schema_problem(schema)
+    problem = None if checked else schema_problem(schema)
     if problem is not None:
         return None, _schemashown(problem)
     try:

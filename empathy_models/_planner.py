@@ -8,13 +8,12 @@ policy escalates.  Per-tier facts are computed once; the common case is a cached
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._request_options import NO_OPTIONS, capable
-from ._run import _estimate_tokens
-from ._values import ExecutionContext
-from .abc import Message, Provider
+from ._request_options import capable
+from ._run import _Run
+from .abc import Provider
 from .breaker import CircuitBreaker
 from .circuit import checked_key
 from .exceptions import ConfigurationError
@@ -353,14 +352,14 @@ class _Planner:
         return _NO_IDS if out is None else out
 
     def plan(
-        self,
-        context: ExecutionContext,
-        messages: tuple[Message, ...],
-        system: str | None,
-        task_tier: ModelTier,
-        needs: frozenset[str] = frozenset(),
-        options: Mapping[str, Any] = NO_OPTIONS,
+        self, run: _Run, task_tier: ModelTier, needs: frozenset[str] = frozenset()
     ) -> tuple[list[ModelInfo], RoutingDecision | None]:
+        """
+        The routes ``run`` tries, in order (``needs``: what a model must support), and the
+        router's decision (None when it was not asked), made with the request's input
+        estimate (`_Run.estimate`, which the budgets and rate limits read after it).
+        """
+        context = run.context
         pinned = None if context.model is None else self.pinned(context.model, needs)
         if context.tier is not None:
             tier = context.tier
@@ -399,7 +398,7 @@ class _Planner:
                 context.workflow,
                 context.stage,
                 candidates=[m.id for m in same_tier],
-                input_tokens=_estimate_tokens(messages, system, options),
+                input_tokens=run.estimate(),
                 max_tokens=context.max_tokens,
                 max_cost=context.max_cost,
                 max_latency_ms=context.max_latency_ms,

@@ -32,6 +32,20 @@ __all__ = ["NO_OPTIONS", "capable", "required_capabilities", "run_options", "str
 NO_OPTIONS: Final[Mapping[str, Any]] = {}
 
 
+class _RunOptions(dict[str, Any]):
+    """
+    `run_options`' result: the request's keyword arguments, and ``schema_checked``, true
+    when its ``response_format`` was built there from the caller's dict: its schema, a
+    copy only the run and its requests hold, passed `schema_problem` then, and
+    `structured_result` does not check it again.  (A `ResponseFormat` the caller passed
+    is checked again: the caller may have changed its schema since it was built.)
+    """
+
+    __slots__ = ("schema_checked",)
+
+    schema_checked: bool
+
+
 def run_options(
     *,
     tools: object,
@@ -54,15 +68,15 @@ def run_options(
     ):
         return NO_OPTIONS
     try:
-        options: dict[str, Any] = {
-            "tools": to_tools(tools),
-            "tool_choice": tool_choice,
-            "response_format": to_response_format(response_format),
-            "stop": to_stop(stop),
-            "top_p": top_p,
-            "seed": seed,
-            "extra_body": to_extra_body(extra_body),
-        }
+        options = _RunOptions(
+            tools=to_tools(tools),
+            tool_choice=tool_choice,
+            response_format=to_response_format(response_format),
+            stop=to_stop(stop),
+            top_p=top_p,
+            seed=seed,
+            extra_body=to_extra_body(extra_body),
+        )
         check_options(tools=options["tools"], tool_choice=tool_choice, top_p=top_p, seed=seed)
     except RecordValidationError as exc:
         raise ConfigurationError(str(exc)) from None
@@ -72,6 +86,8 @@ def run_options(
             raise ConfigurationError(
                 f"extra_body must not set {', '.join(clash)}: the executor sets them per route"
             )
+    fmt = options["response_format"]
+    options.schema_checked = fmt is not None and fmt is not response_format
     return options
 
 
@@ -129,10 +145,14 @@ def capable(
 
 
 def structured_result(completion: Completion, options: Mapping[str, Any]) -> tuple[Any, str | None]:
-    """``(parsed, parse_error)`` for a completion of a run with a ``response_format``."""
+    """
+    ``(parsed, parse_error)`` for a completion of a run with a ``response_format``
+    (``options`` from `run_options`, whose schema check is not repeated).
+    """
     fmt = options.get("response_format")
     if not isinstance(fmt, ResponseFormat):
         return None, None
     if completion.tool_calls and not completion.content:
         return None, "the model called a tool instead of answering"
-    return parse_structured(completion.content, fmt.schema)
+    checked = isinstance(options, _RunOptions) and options.schema_checked
+    return parse_structured(completion.content, fmt.schema, checked=checked)

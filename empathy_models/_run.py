@@ -18,7 +18,7 @@ from ._fast import trusted_constructor
 from ._request_options import NO_OPTIONS
 from ._values import AttemptSummary, ExecutionContext
 from .abc import CompletionRequest, Message, split_system
-from .content import ImageBlock, ResponseFormat, TextBlock, Tool, ToolCall, ToolResult, to_json
+from .content import ImageBlock, ResponseFormat, TextBlock, Tool, ToolCall, ToolResult
 from .exceptions import ConfigurationError, RecordValidationError
 from .limits.values import WORST_PER_ESTIMATE, CacheWrite
 from .records import RoutingDecision
@@ -201,9 +201,26 @@ def _forget(key: int, ref: weakref.ref[Tool | ResponseFormat]) -> None:
         del _DEFINITIONS[key]
 
 
+def _as_dict(value: object) -> dict[Any, Any]:
+    # `_COMPACT`'s reading of what is not a dict, list or tuple: a mapping as a dict,
+    # anything else refused as `json.dumps` refuses it
+    if isinstance(value, Mapping):
+        return dict(value.items())
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_COMPACT: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_as_dict)
+"""
+A JSON value's compact text, as the provider reads it.  The values it measures are
+plain JSON already, copied when they were converted (a `Tool`'s parameters and a
+`ResponseFormat`'s schema when it was built, ``extra_body`` by `run_options`), so it
+encodes them as they are, without a copy of its own.
+"""
+
+
 def _json_len(value: object) -> int:
-    # the UTF-8 bytes of a JSON value's compact text, as the provider reads it
-    return _utf8_len(json.dumps(to_json(value), ensure_ascii=False, separators=(",", ":")))
+    # the UTF-8 bytes of a JSON value's compact text (`_COMPACT`)
+    return _utf8_len(_COMPACT.encode(value))
 
 
 def _cache_write(options: Mapping[str, Any]) -> CacheWrite:
@@ -344,7 +361,10 @@ class _Run:
         return routes
 
     def estimate(self) -> int:
-        """The request's input token estimate (`_estimate_tokens`), computed once."""
+        """
+        The request's input token estimate (`_estimate_tokens`), computed once: the
+        router's decision (`_Planner.plan`) and the budgets' reservations see one value.
+        """
         estimate = self._estimate
         if estimate is None:
             estimate = self._estimate = _estimate_tokens(self.messages, self.system, self.options)

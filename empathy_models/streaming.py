@@ -860,9 +860,7 @@ def _plan(stream: LLMStream) -> None:
     needs = required_capabilities(run.messages, run.options)
     if _some_model_cannot_stream(ex):
         needs |= _STREAMING
-    stream._routes = run.planned(
-        ex._planner.plan(run.context, run.messages, run.system, stream._tier, needs, run.options)
-    )
+    stream._routes = run.planned(ex._planner.plan(run, stream._tier, needs))
 
 
 def open_stream(

@@ -17,19 +17,24 @@ from typing import Any
 import pytest
 
 from empathy_models import (
+    AdaptiveModelRouter,
     AllRoutesFailedError,
     Budget,
     BudgetExceededError,
     EmpathyLLMExecutor,
     ExecutionContext,
+    Message,
     ModelInfo,
     ModelRegistry,
+    ModelTier,
     RateLimit,
+    RoutingDecision,
     Tool,
 )
 from empathy_models.abc import CompletionRequest
 from empathy_models.backends import MemoryTelemetryBackend
-from empathy_models.limits import LocalRateLimitError, MemoryQuotaStore
+from empathy_models.content import ImageBlock, TextBlock
+from empathy_models.limits import NANO, LocalRateLimitError, MemoryQuotaStore
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 from empathy_models.testing.fake_server import estimate_tokens
 
@@ -321,3 +326,110 @@ async def test_the_fake_bills_marked_prefixes_apart_in_cache_order(server: FakeL
     assert second.cache_read_tokens == first.cache_write_1h_tokens
     assert second.cache_write_tokens == second.cache_write_1h_tokens == 0
     assert second.input_tokens == first.input_tokens
+
+
+# --------------------------------------------------------------------------- one estimate
+
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP4//8/AAX+Av6n1qSFAAAAAElFTkSuQmCC"
+SYSTEM = "Answer from the ledger only."
+
+
+class EstimateSeen(AdaptiveModelRouter):
+    """The real router, keeping the input estimate each decision was asked with."""
+
+    def __init__(self) -> None:
+        super().__init__(REGISTRY, refresh_interval=None, seed=1)
+        self.input_tokens: list[int | None] = []
+
+    def get_best_model(self, *args: Any, **kwargs: Any) -> RoutingDecision:
+        self.input_tokens.append(kwargs.get("input_tokens"))
+        return super().get_best_model(*args, **kwargs)
+
+
+def everything(api: str) -> tuple[list[Any], dict[str, Any], int]:
+    """
+    A prompt with a system message and an image, with tools, a schema and an
+    ``extra_body`` (for Anthropic a system prompt marked for its prompt cache), and its
+    documented estimate: a quarter of the worst case, rounded up.
+    """
+    prompt: list[Any] = [
+        {"role": "system", "content": SYSTEM},
+        Message(
+            role="user",
+            content=[TextBlock(text=PROMPT), ImageBlock.from_base64(PNG, "image/png")],
+        ),
+    ]
+    tools = TOOLS[:2]
+    extra = cached_system() if api == "anthropic" else {"metadata": {"team": "ledger"}}
+
+    def compact(value: object) -> int:
+        return len(json.dumps(value, separators=(",", ":")).encode())
+
+    worst = 8 * 2 + (8 + len(SYSTEM)) + len(PROMPT) + 1600  # frames, system, text, image
+    # each tool's name, description and parameters, 8 more each, 600 once for tool use
+    worst += 600 + sum(
+        len(t.name) + len(t.description or "") + compact(t.parameters) + 8 for t in tools
+    )
+    worst += len("response") + compact(SCHEMA) + 8  # the schema, under its default name
+    worst += compact(extra)
+    options = {"tools": tools, "response_format": SCHEMA, "extra_body": extra}
+    return prompt, options, -(-worst // 4)
+
+
+def routed() -> ExecutionContext:
+    # not pinned: the router decides (among the one model of the provider)
+    return ExecutionContext(tier=ModelTier.CHEAP, max_tokens=MAX_TOKENS, timeout=5.0)
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_the_router_and_the_budget_read_the_same_input_estimate(
+    server: FakeLLMServer, api: str
+) -> None:
+    info = MODELS[api]
+    router, quota = EstimateSeen(), MemoryQuotaStore()
+    prompt, options, expected = everything(api)
+    async with make(
+        server, api, router=router, budgets=[Budget(limit_usd=10)], quota_store=quota
+    ) as executor:
+        answer = await executor.run(prompt, routed(), **options)
+    assert answer.model == info.id and answer.routing_decision is not None
+    # the router decided with the estimate of everything the request sends
+    assert router.input_tokens == [expected]
+    # and the budget reserved the worst case of that same estimate: at the cache write
+    # price where extra_body marks the prompt for Anthropic's cache
+    if api == "anthropic":
+        reserved = info.cost(0, MAX_TOKENS, cache_write_tokens=4 * expected)
+    else:
+        reserved = info.cost(4 * expected, MAX_TOKENS)
+    (usage,) = await quota.usages()
+    assert usage.reserved / NANO == pytest.approx(reserved, abs=1e-9)
+    assert usage.overrun == 0 and usage.held == 0
+
+
+async def test_a_stream_left_early_is_charged_the_estimate_the_router_read(
+    server: FakeLLMServer,
+) -> None:
+    # an OpenAI stream left early reports no usage: its record carries the estimate
+    info = MODELS["openai"]
+    router, quota, telemetry = EstimateSeen(), MemoryQuotaStore(), MemoryTelemetryBackend()
+    prompt, options, expected = everything("openai")
+    async with (
+        make(
+            server,
+            "openai",
+            router=router,
+            budgets=[Budget(limit_usd=10)],
+            quota_store=quota,
+            telemetry_store=telemetry,
+        ) as executor,
+        executor.stream(prompt, routed(), **options) as stream,
+    ):
+        async for _ in stream.events():
+            break
+    assert router.input_tokens == [expected]
+    (record,) = await telemetry.recent(limit=10)
+    assert record.metadata["empathy_models.input_tokens_estimated"] is True
+    assert record.input_tokens == expected
+    (usage,) = await quota.usages()
+    assert usage.reserved / NANO == pytest.approx(info.cost(4 * expected, MAX_TOKENS), abs=1e-9)
+    assert usage.spent_usd == pytest.approx(info.cost(4 * expected, record.output_tokens))
