@@ -245,12 +245,12 @@ async def _slide(memory: EvidenceMemory, floor: int) -> None:
     arrive meanwhile are applied to the walked copy when it is taken over.
     """
     behind = memory.behind(floor)
-    for arm in behind:
+    for key, arm in behind:
         snapshot = arm.window_from(floor)
         fresh = await asyncio.to_thread(_paused, partial(Arm.walked, arm.test, snapshot))
-        memory.adopt(arm, fresh, snapshot, floor)
+        memory.adopt(key, arm, fresh, snapshot, floor)
     if behind:
-        memory.rebuild_priors()
+        memory.settle()  # arms left with nothing in the window go
 
 
 class _StorelessWindow:
@@ -259,15 +259,22 @@ class _StorelessWindow:
     first outcome or decision after the start has moved on (``due``) stops taking
     outcomes older than it and drops the older buckets, judging each arm that held some
     again (as `_slide` does), in a task when an event loop is running, else at once.
-    A router with a store never is due (its refresh moves the window).
+    A router with a store never is due (its refresh moves the window).  The
+    recent-outcome windows older than the start go at once (`RecentWindows.expire`).
     """
 
-    __slots__ = ("clock", "days", "due", "memory", "task", "warned")
+    __slots__ = ("clock", "days", "due", "memory", "recent", "task", "warned")
 
     def __init__(
-        self, memory: EvidenceMemory, clock: Callable[[], float], days: float, active: bool
+        self,
+        memory: EvidenceMemory,
+        recent: RecentWindows,
+        clock: Callable[[], float],
+        days: float,
+        active: bool,
     ) -> None:
         self.memory = memory
+        self.recent = recent
         self.clock = clock
         self.days = days
         self.due = -math.inf if active else math.inf
@@ -296,6 +303,7 @@ class _StorelessWindow:
         self.due = floor + self.days * 86400.0 + window_step(self.days)
         memory = self.memory
         memory.cutoff = floor
+        self.recent.expire(floor)
         if self.task is not None and not self.task.done():
             return  # the running slide moves on to the new start when it ends
         behind = memory.behind(floor)
@@ -305,9 +313,9 @@ class _StorelessWindow:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             with gc_paused():
-                for arm in behind:
-                    memory.rebase(arm, floor)
-                memory.rebuild_priors()
+                for key, arm in behind:
+                    memory.rebase(key, arm, floor)
+                memory.settle()
             return
         self.task = loop.create_task(self._run(floor), name="empathy-models-router-window")
 
@@ -455,12 +463,12 @@ class AdaptiveModelRouter:
         self._store_obj = store
         self._store: TelemetryBackend | None = None if self._null_store else store
         self._memory = EvidenceMemory(self.policy.change_test)
-        self._window = _StorelessWindow(
-            self._memory, clock, self.policy.window_days, self._store is None
-        )
         self._verdicts = VerdictCache(registry, self.policy, self._memory, clock)
         self._decider = Decider(self._verdicts, self.policy, self._rng)
         self._recent = RecentWindows(self.RECENT_WINDOW_SIZE, self._verdicts.model_facts)
+        self._window = _StorelessWindow(
+            self._memory, self._recent, clock, self.policy.window_days, self._store is None
+        )
         self._rollups = True  # False: the backend keeps none, read records instead
         self._refresh_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -613,6 +621,7 @@ class AdaptiveModelRouter:
                 )
                 if floor is not None:  # what fell out of the window goes all the same
                     await _slide(self._memory, floor)
+                    self._recent.expire(floor)
                 return False
             walked = await _walk_new(self._memory, by_arm)
             with gc_paused():
@@ -623,6 +632,7 @@ class AdaptiveModelRouter:
             )
             if floor is not None:
                 await _slide(self._memory, floor)
+                self._recent.expire(floor)
             return True
 
     async def _seed_rings(self) -> None:
@@ -812,7 +822,8 @@ class AdaptiveModelRouter:
         without a stage, and workflow ``""`` those without a workflow) up a tier.
 
         Looks at the last `RECENT_WINDOW_SIZE` (20) sample outcomes this router has seen
-        (read from the backend at start, then live).  With fewer than
+        (read from the backend at start, then live), forgotten once all of them are
+        older than the evidence window (`RoutingPolicy.window_days`).  With fewer than
         `MIN_SAMPLE_SIZE` (10) it declines for lack of data; a failure rate strictly above
         `FAILURE_RATE_THRESHOLD` (20%) advises the next tier above the highest one
         that served the calls.  Pure read of memory; never modifies routing.

@@ -1,12 +1,15 @@
 """
 The recent outcomes per workflow stage that `recommend_tier_upgrade` judges: a window
 of the last ``size`` sample outcomes per (workflow, stage) and per workflow (stage
-``None``), seeded from the store at start, then fed live.  Pure: the router reads the
-store and passes the records in.
+``None``), seeded from the store at start, then fed live, and dropped once all its
+outcomes are older than the router's evidence window (as a router started then, whose
+seed reads the window only, would not hold it).  Pure: the router reads the store and
+passes the records and the window's start in.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -25,17 +28,21 @@ class RecentWindows:
 
     ``facts`` gives a model's tier when a record has none.  ``cutoff``: when the
     windows were seeded (``None``: not yet); a record timestamped before it was in the
-    store the seed read, so it is not added again.
+    store the seed read, so it is not added again.  ``floor``: the evidence window's
+    start at the last `expire`.
     """
 
-    __slots__ = ("_facts", "_pairs", "_rings", "cutoff", "size")
+    __slots__ = ("_facts", "_newest", "_pairs", "_rings", "cutoff", "floor", "size")
 
     def __init__(self, size: int, facts: Callable[[str], ModelFacts | None]) -> None:
         self.size = size
         self._facts = facts
         self._rings: dict[tuple[str, str | None], RecentOutcomes] = {}
+        # the newest timestamp each ring holds an outcome of (epoch seconds)
+        self._newest: dict[tuple[str, str | None], float] = {}
         self._pairs: dict[tuple[str, str], tuple[RecentOutcomes, RecentOutcomes]] = {}
         self.cutoff: float | None = None
+        self.floor = -math.inf
 
     def window(self, workflow: str, stage: str | None) -> list[_Item]:
         """The outcomes of ``workflow``/``stage`` (``None``: every stage), oldest first."""
@@ -70,13 +77,43 @@ class RecentWindows:
         item = self._item(record)
         rings[0].append(item)
         rings[1].append(item)
+        newest = self._newest
+        for key in ((workflow, stage), (workflow, None)):
+            if newest.get(key, -math.inf) < ts:
+                newest[key] = ts
 
     def seed(self, workflow: str, stage: str | None, records: Iterable[LLMCallRecord]) -> None:
         """Put the store's ``records`` of one window before what was reported live."""
-        items = [
-            self._item(r) for r in sorted(records, key=lambda r: r.timestamp) if r.outcome.is_sample
-        ]
+        ordered = sorted(records, key=lambda r: r.timestamp)
+        items = [self._item(r) for r in ordered if r.outcome.is_sample]
+        key = (workflow, stage)
         ring: RecentOutcomes = deque(items, maxlen=self.size)
-        ring.extend(self._ring(workflow, stage))
-        self._rings[(workflow, stage)] = ring
+        live = self._rings.get(key)
+        if live is not None:
+            ring.extend(live)
+        self._pairs.clear()
+        if not ring:
+            return
+        self._rings[key] = ring
+        if ordered:
+            ts = ordered[-1].timestamp.timestamp()
+            if self._newest.get(key, -math.inf) < ts:
+                self._newest[key] = ts
+
+    def expire(self, floor: float) -> None:
+        """
+        Drop the windows whose every outcome is older than ``floor``, the evidence
+        window's new start: O(windows), when ``floor`` moved on since the last call.
+        """
+        if floor <= self.floor:
+            return
+        self.floor = floor
+        newest = self._newest
+        old = [key for key, ts in newest.items() if ts < floor]
+        if not old:
+            return
+        rings = self._rings
+        for key in old:
+            del newest[key]
+            rings.pop(key, None)
         self._pairs.clear()

@@ -269,10 +269,18 @@ class VerdictCache:
                     ctx.on_prior = any(v.summary.mean_output_tokens is None for v in verdicts)
 
     def _attach(self, ctx: Context, workflow: str | None, stage: str | None) -> None:
-        # (re)read the context's arms after arms were added; judge them the first time
+        # (re)read the context's arms after arms were added or dropped; judge them the
+        # first time
         memory = self.memory
         arms = memory.arms
+        old = ctx.arms
         ctx.arms = [arms.get((workflow, stage, m)) for m in ctx.models]
+        if old and ctx.arm_versions:
+            # a dropped arm's successor starts its versions over: judged anew
+            versions = ctx.arm_versions
+            for i, arm in enumerate(ctx.arms):
+                if arm is not old[i]:
+                    versions[i] = -2
         ctx.arms_epoch = memory.epoch
         ctx.index = {arm: i for i, arm in enumerate(ctx.arms) if arm is not None}
         ctx.seen = -1  # every arm is looked at next
