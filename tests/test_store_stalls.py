@@ -463,7 +463,7 @@ class LandingWithTheDeadline(MemoryStateStore):
         admission = await super().admit(key, policy)
         busy, self.busy = self.busy, None
         if busy is not None:
-            time.sleep(busy)  # the loop is busy: the deadline passes meanwhile
+            time.sleep(busy)  # noqa: ASYNC251 - the loop is busy: the deadline passes meanwhile
             await asyncio.sleep(0)  # this step is due before the deadline's timer
         return admission
 
