@@ -126,6 +126,8 @@ class Settler:
         With ``within``, the caller waits at most that many seconds: then `Expired` is
         raised and the operation goes on in the background, kept in ``releases`` until
         it ends (a stalled store does not hold the caller; what it does still lands).
+        An operation that ended in the very turn of the event loop in which ``within``
+        passed answers as if in time (its result returned, its error raised).
         When the caller was cancelled first, ``late`` (if any) is called instead, once
         ``within`` has passed with the operation still running: the store stalled
         although nobody is left to see `Expired`.
@@ -146,8 +148,9 @@ class Settler:
         try:
             return await answer
         except Expired:
-            self._keep(task)
-            raise
+            if not task.done() or task.cancelled():
+                self._keep(task)
+                raise
         except asyncio.CancelledError as exc:
             if carried:
                 await _carried(task, timer)
@@ -165,6 +168,10 @@ class Settler:
         finally:
             if timer is not None:
                 timer.cancel()
+        # the operation ended in the turn of the event loop in which ``within`` passed,
+        # before its caller saw `Expired`: its outcome is the answer (what it granted,
+        # a probe lease or a reservation, is not dropped on the way)
+        return task.result()
 
     def _keep(self, task: asyncio.Future[Any]) -> None:
         """``task``, which its caller stopped waiting for, in ``releases`` until it ends."""

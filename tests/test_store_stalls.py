@@ -13,7 +13,9 @@ by a generous `asyncio.wait_for` so that a regression fails instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
@@ -441,3 +443,50 @@ async def test_a_streams_settlement_is_not_held_past_the_deadline(
     assert text == "ok" and waiting == 1 and not degraded
     [usage] = await store.usages()
     assert usage.held == 0 and usage.spent > 0
+
+
+class LandingWithTheDeadline(MemoryStateStore):
+    """
+    A state store the breaker treats as remote whose admission, once ``busy`` is set,
+    answers in the turn of the event loop in which the run's deadline passes: the loop
+    is busy (another task hogging it, a long GC pause) for ``busy`` seconds while the
+    admission is under way, and the admission's step comes before the deadline's.
+    """
+
+    busy: float | None = None
+
+    @property
+    def in_process(self) -> bool:
+        return False
+
+    async def admit(self, key: str, policy: BreakerPolicy) -> Admission:
+        admission = await super().admit(key, policy)
+        busy, self.busy = self.busy, None
+        if busy is not None:
+            time.sleep(busy)  # noqa: ASYNC251 - the loop is busy: the deadline passes meanwhile
+            await asyncio.sleep(0)  # this step is due before the deadline's timer
+        return admission
+
+
+async def test_a_probe_lease_answered_as_the_deadline_passes_comes_back(
+    server: FakeLLMServer,
+) -> None:
+    # the admission lands in the same turn of the loop as the run's deadline: the run
+    # gives up at its deadline all the same, and the probe lease the admission took
+    # must come back (before, the answer was dropped and the lease kept the key
+    # half-open for probe_lease_seconds in every worker)
+    store = LandingWithTheDeadline()
+    async with (
+        CircuitBreaker(store=store, store_timeout=None) as breaker,
+        make(server, breaker=breaker) as executor,
+    ):
+        await executor.run("warm up", ExecutionContext())
+        key = "openai:gpt-a"
+        await breaker.force_open(key, until=datetime.now(UTC) - timedelta(seconds=1))
+        store.busy = 1.0
+        with pytest.raises(AllRoutesFailedError, match="deadline"):
+            await asyncio.wait_for(executor.run("probe", ExecutionContext(deadline=0.5)), GUARD)
+        state = await breaker.get_status(key)
+        assert [lease for lease in state.leases if lease[1] > time.time()] == []
+        answer = await executor.run("after", ExecutionContext())  # the key admits a probe
+    assert answer.content == "ok" and server.requests() == 2  # the probe was never sent
