@@ -216,12 +216,15 @@ def unstepped(state: CircuitBreakerState, now: float) -> CircuitBreakerState:
     when that is more than `CLOCK_STEP` (the wall clock stepped back since): the open
     end, probe leases' ends, when it opened, closed and last failed, and
     ``updated_at_ts`` set to ``now``; an end thus keeps the time it had left at that
-    write.  ``state`` itself otherwise (and for CLOSED and DISABLED, which hold no end).
-    The window's buckets stay as they are.
+    write.  ``state`` itself otherwise, and when it holds no end to move (CLOSED,
+    DISABLED, FORCED_OPEN until a reset, HALF_OPEN without a lease out).  The window's
+    buckets stay as they are.
     """
     last = state.updated_at_ts
+    if last is None or not last - now > CLOCK_STEP:
+        return state
     s = state.state
-    if last is None or not last - now > CLOCK_STEP or s is _CLOSED or s is _DISABLED:
+    if s is _CLOSED or s is _DISABLED or (state.open_until_ts is None and not state.leases):
         return state
     back = last - now
 

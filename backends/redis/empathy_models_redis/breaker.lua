@@ -494,14 +494,18 @@ end
 
 -- circuit.unstepped: a key last written more than CLOCK_STEP seconds ahead of now (the
 -- server's clock stepped back since) has its times moved back by that much, so an end
--- keeps the time it had left then; CLOSED and DISABLED keys hold no end.  Returns the
--- state and whether it changed
+-- keeps the time it had left then; a key with no end to move (CLOSED, DISABLED,
+-- FORCED_OPEN until a reset, HALF_OPEN without a lease out) stays.  Returns the state
+-- and whether it changed
 local CLOCK_STEP = 1.0
 
 local function unstepped(st, now)
   local last = st.updated_at_ts
-  if last == nil or not (last - now > CLOCK_STEP) or st.state == "closed"
-      or st.state == "disabled" then
+  if last == nil or not (last - now > CLOCK_STEP) then
+    return st, false
+  end
+  if st.state == "closed" or st.state == "disabled"
+      or (st.open_until_ts == nil and #st.leases == 0) then
     return st, false
   end
   local back = last - now
