@@ -138,7 +138,7 @@ from .abc import AsyncResource, CircuitStateStore
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
 from .backends.memory import MemoryStateStore
-from .circuit import BreakerPolicy, as_of, checked_key, shown
+from .circuit import BreakerPolicy, as_of, checked_key, shown, unstepped
 from .exceptions import (
     AuthenticationError,
     CircuitOpenError,
@@ -393,6 +393,7 @@ def _force_for(
 
 def _admits(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> bool:
     """Whether ``state`` would admit a call at ``now`` (the store's clock)."""
+    state = unstepped(state, now)
     s = state.state
     if s is _CLOSED or s is _DISABLED:
         return True
@@ -642,7 +643,8 @@ class CircuitBreaker(AsyncResource):
                     if until is None:
                         await self._reject(state, None)
                     now += self._store_clock.skew(key)  # the store's now: it times open ends
-                    if now < until:
+                    # a clock stepped back (`circuit.unstepped`): the store moves the end
+                    if now < until and unstepped(state, now) is state:
                         await self._reject(state, until - now)
             elif (ticket := await self._local.vouched(view)) is not None:
                 return ticket  # the exact mode on a store that announces changes

@@ -32,6 +32,15 @@ fallback" table says what each error does to a call):
   holds until `reset`.  DISABLED admits everything and never trips.
 * ``ignored``, ``cancelled``, ``rejected`` and ``not_sent`` outcomes count as neither
   success nor failure; in HALF_OPEN they return the probe lease.
+* The times are wall-clock times, and a wall clock can step back (an NTP correction, a
+  virtual machine resumed).  An end is then not to be waited for as long as the step:
+  when a key's last write (``updated_at_ts``) lies more than `CLOCK_STEP` seconds ahead
+  of ``now``, the clock stepped back by at least that much, and `unstepped` moves the
+  key's times (open end, probe leases, when it opened, closed, last failed) back by
+  it: an open end keeps the time it had left at that write, whatever the step.
+  `admit` writes the moved times (no transition: the generation stays), so the
+  circuit's remaining time then runs on the new clock.  A clock stepped forward ends
+  open periods and leases early, as any lost time would.
 * Every transition increases ``generation`` by one.  An outcome whose ticket carries
   another generation is dropped; so is a probe outcome whose lease already expired.
 """
@@ -41,7 +50,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Callable, Iterable
-from typing import Literal
+from typing import Final, Literal
 
 import attrs
 from attrs import field, frozen
@@ -59,9 +68,13 @@ from .records import (
     _trusted_state_evolve,
 )
 
+_CLOSED: Final = CircuitState.CLOSED
+_DISABLED: Final = CircuitState.DISABLED
+
 __all__ = [
     "MAX_KEY_LENGTH",
     "SHOWN_KEY",
+    "CLOCK_STEP",
     "BreakerPolicy",
     "admit",
     "apply_outcome",
@@ -73,6 +86,7 @@ __all__ = [
     "initial_state",
     "reset",
     "shown",
+    "unstepped",
 ]
 
 
@@ -186,6 +200,46 @@ class BreakerPolicy:
 def initial_state(key: str, now: float | None = None) -> CircuitBreakerState:
     """The state of a key never seen: CLOSED, generation 0."""
     return CircuitBreakerState(key=key, updated_at_ts=now)
+
+
+CLOCK_STEP: Final = 1.0
+"""
+Seconds a key's last write (``updated_at_ts``) may lie ahead of ``now`` before it is
+taken for a wall clock stepped back (`unstepped`); less is the jitter of clocks read by
+processes that share a store, waiting their turn for its lock.
+"""
+
+
+def unstepped(state: CircuitBreakerState, now: float) -> CircuitBreakerState:
+    """
+    ``state`` with its times moved back by how far its last write lies ahead of ``now``
+    when that is more than `CLOCK_STEP` (the wall clock stepped back since): the open
+    end, probe leases' ends, when it opened, closed and last failed, and
+    ``updated_at_ts`` set to ``now``; an end thus keeps the time it had left at that
+    write.  ``state`` itself otherwise, and when it holds no end to move (CLOSED,
+    DISABLED, FORCED_OPEN until a reset, HALF_OPEN without a lease out).  The window's
+    buckets stay as they are.
+    """
+    last = state.updated_at_ts
+    if last is None or not last - now > CLOCK_STEP:
+        return state
+    s = state.state
+    if s is _CLOSED or s is _DISABLED or (state.open_until_ts is None and not state.leases):
+        return state
+    back = last - now
+
+    def moved(t: float | None) -> float | None:
+        return None if t is None else max(0.0, t - back)
+
+    return _trusted_state_evolve(
+        state,
+        opened_at_ts=moved(state.opened_at_ts),
+        open_until_ts=moved(state.open_until_ts),
+        closed_at_ts=moved(state.closed_at_ts),
+        last_failure_ts=moved(state.last_failure_ts),
+        leases=tuple((lease_id, max(0.0, ends - back)) for lease_id, ends in state.leases),
+        updated_at_ts=now,
+    )
 
 
 def _bucket(policy: BreakerPolicy, now: float) -> int:
@@ -362,12 +416,15 @@ def admit(
     an end rejects with ``retry_after=None``); the first call at or after it moves the
     circuit to HALF_OPEN.  HALF_OPEN first drops expired leases, then grants a lease if
     fewer than ``half_open_probes`` are out, else rejects until the earliest lease
-    expires.
+    expires.  Times a wall clock stepped back left ahead of ``now`` are moved back first
+    (`unstepped`).
     """
     if state is None:
         if key is None:
             raise ValueError("admit() needs a state or a key")
         state = initial_state(key, now)
+    else:
+        state = unstepped(state, now)
     s = state.state
     if s is CircuitState.CLOSED or s is CircuitState.DISABLED:
         return state, Admission(
@@ -648,16 +705,19 @@ def force(
 
 def as_of(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> CircuitBreakerState:
     """
-    ``state`` as a status shows it at ``now``: probe leases that expired and window
-    buckets that left ``policy``'s window dropped, as the store's next operation on the
-    key drops them.  Everything else is as stored: the state and generation (an OPEN
-    circuit whose end has come reads OPEN, `CircuitBreakerState.open_ended`), the
-    failure streak, the open end.  ``state`` itself when nothing is dropped.
+    ``state`` as a status shows it at ``now``: its times moved back by a wall clock's
+    step back (`unstepped`), probe leases that expired and window buckets that left
+    ``policy``'s window dropped, as the store's next operation on the key does.
+    Everything else is as stored: the state and generation (an OPEN circuit whose end
+    has come reads OPEN, `CircuitBreakerState.open_ended`), the failure streak, the
+    open end.  ``state`` itself when nothing is moved or dropped.
     """
-    leases = tuple(lease for lease in state.leases if lease[1] > now)
-    window = _live_window(state, policy, now)
-    if leases == state.leases and window == state.window:
+    moved = unstepped(state, now)
+    leases = tuple(lease for lease in moved.leases if lease[1] > now)
+    window = _live_window(moved, policy, now)
+    if moved is state and leases == state.leases and window == state.window:
         return state
+    state = moved
     return _trusted_state_evolve(state, leases=leases, window=window)
 
 

@@ -10,6 +10,14 @@ lapse time -> nano-dollars).  Every step first releases the holds whose time has
 from the store) stops counting against the limit.  A settlement of a hold that lapsed
 already charges what the call cost (all of it counted as ``overrun``) and releases
 nothing.
+
+A rate-limit schedule keeps the store's now of its last write (``at``).  When that lies
+more than `CLOCK_STEP` seconds ahead of the now a step is given, the wall clock stepped
+back since (an NTP correction): the schedule's times are moved back by that much
+(`unstepped`), so it stays as far ahead of the clock as it was at that write, however
+long the step, and the moved schedule is stored by the step that saw it, a refusal
+included.  A clock stepped forward finds the schedule behind: the burst is whole, as
+after an idle time.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any, Final
 from .values import BudgetGrant, BudgetUsage, RateGrant
 
 __all__ = [
+    "CLOCK_STEP",
     "HOLD_BUCKET",
     "adjust_step",
     "gcra_step",
@@ -28,6 +37,7 @@ __all__ = [
     "push_back_step",
     "reserve_step",
     "settle_step",
+    "unstepped",
     "usage_of",
 ]
 
@@ -172,14 +182,44 @@ def settle_step(
     return new, usage_of(key, new, window_start, window_end)
 
 
+CLOCK_STEP: Final = 1.0
+"""
+Seconds a schedule's last write (``at``) may lie ahead of the store's now before it is
+taken for a wall clock stepped back (`unstepped`); less is the jitter of the clocks of
+processes sharing a store, read before they get its lock.
+"""
+
+
+def unstepped(data: Data | None, now: float) -> Data | None:
+    """
+    ``data``, a schedule, with its end and reset time moved back by how far its last
+    write (``at``) lies ahead of ``now``, when that is more than `CLOCK_STEP`: the wall
+    clock stepped back since.  ``data`` itself otherwise (and for a schedule written
+    without ``at``).
+    """
+    at = None if data is None else data.get("at")
+    if at is None or not float(at) - now > CLOCK_STEP:
+        return data
+    assert data is not None
+    back = float(at) - now
+    until = data.get("until")
+    moved: Data = {"tat": float(data["tat"]) - back, "at": now}
+    if until is not None:
+        moved["until"] = float(until) - back
+    return moved
+
+
 def _floor(data: Data | None, now: float) -> float | None:
     """The reset time a push back holds ``data``'s schedule to, while it is to come."""
     until = None if data is None else data.get("until")
     return None if until is None or float(until) <= now else float(until)
 
 
-def _schedule(tat: float, until: float | None) -> Data:
-    return {"tat": tat} if until is None else {"tat": tat, "until": until}
+def _schedule(tat: float, until: float | None, now: float) -> Data:
+    """A schedule ending at ``tat``, held until ``until`` (None: none), written at ``now``."""
+    if until is None:
+        return {"tat": tat, "at": now}
+    return {"tat": tat, "until": until, "at": now}
 
 
 def gcra_step(
@@ -196,17 +236,19 @@ def gcra_step(
     units at once, none before the reset time a push back set (``until``).  Granted
     when the place comes within ``max_wait`` seconds (the caller waits that long), with
     the schedule's end after it as its ``place``; else nothing is stored and the wait
-    is reported.
+    is reported (but a schedule moved back by a clock's step, `unstepped`, is stored).
     """
-    tat = now if data is None else max(float(data["tat"]), now)
+    moved = unstepped(data, now)
+    tat = now if moved is None else max(float(moved["tat"]), now)
     new_tat = tat + cost * interval
     wait = max(0.0, new_tat - burst * interval - now)
-    until = _floor(data, now)
+    until = _floor(moved, now)
     if until is not None:
         wait = max(wait, until - now)
     if wait > max_wait:
-        return None, RateGrant(granted=False, wait=wait)
-    return _schedule(new_tat, until), RateGrant(granted=True, wait=wait, place=new_tat)
+        kept = None if moved is data else moved
+        return kept, RateGrant(granted=False, wait=wait)
+    return _schedule(new_tat, until, now), RateGrant(granted=True, wait=wait, place=new_tat)
 
 
 def adjust_step(
@@ -215,14 +257,16 @@ def adjust_step(
     """
     Move a schedule by ``delta`` seconds (negative: capacity given back); with
     ``place``, only while the schedule still ends there (no later place taken since:
-    else nothing changes, and None is returned).  A push back's reset time stays.
+    else nothing changes, and None is returned; a place taken before a clock's step
+    back, `unstepped`, is not there any more).  A push back's reset time stays.
     """
-    if place is not None and (data is None or float(data["tat"]) != place):
+    moved = unstepped(data, now)
+    if place is not None and (moved is None or float(moved["tat"]) != place):
         return None
-    if data is None:
-        return None if delta <= 0 else {"tat": now + delta}
-    tat = float(data["tat"]) + delta
-    return _schedule(max(tat, now) if delta < 0 else tat, _floor(data, now))
+    if moved is None:
+        return None if delta <= 0 else _schedule(now + delta, None, now)
+    tat = float(moved["tat"]) + delta
+    return _schedule(max(tat, now) if delta < 0 else tat, _floor(moved, now), now)
 
 
 def push_back_step(data: Data | None, now: float, *, seconds: float) -> Data | None:
@@ -234,10 +278,11 @@ def push_back_step(data: Data | None, now: float, *, seconds: float) -> Data | N
     long already: the same push applied twice moves it once.
     """
     until = now + seconds
-    if data is None:
-        return _schedule(until, until)
-    tat = float(data["tat"])
-    floor = _floor(data, now)
+    moved = unstepped(data, now)
+    if moved is None:
+        return _schedule(until, until, now)
+    tat = float(moved["tat"])
+    floor = _floor(moved, now)
     if tat >= until and floor is not None and floor >= until:
-        return None
-    return _schedule(max(tat, until), until if floor is None else max(floor, until))
+        return None if moved is data else moved
+    return _schedule(max(tat, until), until if floor is None else max(floor, until), now)

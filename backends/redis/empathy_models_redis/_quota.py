@@ -74,7 +74,8 @@ class RedisQuotaStore(QuotaStore):
     the server's ``TIME``, so hosts never disagree about time.  A budget window is a
     hash at ``prefix + "b|" + key + "@" + window start`` that expires a week after the
     window ends; a rate-limit schedule is one string (its end, and while a push back
-    holds it, the reset time: ``"<end> <reset>"``) that expires a minute after it runs
+    holds it, the reset time, and the server time it was written: ``"<end> [<reset>]
+    @<written>"``) that expires a minute after it runs
     empty.  The window's holds are kept per lapse time (hash fields ``h:<epoch
     seconds>``); each reservation or settlement first releases those whose time came
     by the server's clock, and reads show them released by this host's clock.

@@ -492,6 +492,43 @@ local function to_half_open(st, now)
   return n
 end
 
+-- circuit.unstepped: a key last written more than CLOCK_STEP seconds ahead of now (the
+-- server's clock stepped back since) has its times moved back by that much, so an end
+-- keeps the time it had left then; a key with no end to move (CLOSED, DISABLED,
+-- FORCED_OPEN until a reset, HALF_OPEN without a lease out) stays.  Returns the state
+-- and whether it changed
+local CLOCK_STEP = 1.0
+
+local function unstepped(st, now)
+  local last = st.updated_at_ts
+  if last == nil or not (last - now > CLOCK_STEP) then
+    return st, false
+  end
+  if st.state == "closed" or st.state == "disabled"
+      or (st.open_until_ts == nil and #st.leases == 0) then
+    return st, false
+  end
+  local back = last - now
+  local function moved(t)
+    if t == nil then
+      return nil
+    end
+    return math.max(0.0, t - back)
+  end
+  local n = copy(st)
+  n.opened_at_ts = moved(st.opened_at_ts)
+  n.open_until_ts = moved(st.open_until_ts)
+  n.closed_at_ts = moved(st.closed_at_ts)
+  n.last_failure_ts = moved(st.last_failure_ts)
+  local leases = {}
+  for _, l in ipairs(st.leases) do
+    leases[#leases + 1] = { l[1], math.max(0.0, l[2] - back) }
+  end
+  n.leases = leases
+  n.updated_at_ts = now
+  return n, true
+end
+
 -- returns new_state, changed, admitted, retry_after, lease_id, lease_expires.
 -- ``deadline`` (TIME, or nil): when the caller stops waiting for this admission.  Run
 -- after it (the command reached Redis late: a stall, a congested link), the admission
@@ -502,7 +539,8 @@ local function admit(st, now, new_lease_id, deadline)
   if s == "closed" or s == "disabled" then
     return st, false, true, nil, nil, nil
   end
-  local changed = false
+  local changed
+  st, changed = unstepped(st, now)
   if s == "open" or s == "forced_open" then
     local untl = st.open_until_ts
     if untl == nil or now < untl then
@@ -510,7 +548,7 @@ local function admit(st, now, new_lease_id, deadline)
       if untl ~= nil then
         retry = untl - now
       end
-      return st, false, false, retry, nil, nil
+      return st, changed, false, retry, nil, nil
     end
     st = to_half_open(st, now)
     changed = true

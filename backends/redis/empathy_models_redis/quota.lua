@@ -7,8 +7,8 @@
 -- A hold is kept in its bucket, the hash field "h:" .. the time it lapses (whole
 -- seconds, from meter.hold_bucket); each budget step first releases the buckets whose
 -- time (from TIME) has come, counting them in "lapsed".
--- acquire: KEYS[1] a GCRA schedule (a string: the theoretical arrival time, and the
---          reset time of a push back while it is to come); ARGV: op, cost, interval,
+-- acquire: KEYS[1] a GCRA schedule (a string: the theoretical arrival time, the
+--          reset time of a push back while it is to come, and when it was written); ARGV: op, cost, interval,
 --          burst, max_wait.  Returns {granted, wait, place}: place is the schedule's
 --          end once the place is taken; time from TIME.
 -- adjust:  ARGV: op, delta (seconds)[, place].  With a place, only while the schedule
@@ -34,21 +34,38 @@ local function num(x)
   return string.format("%.17g", x)
 end
 
--- A rate-limit schedule: "<tat>", or "<tat> <until>" while a push back holds it until
--- a reset time (no place before it, whatever the burst).  The reset time is dropped
--- once it has passed.
+-- A rate-limit schedule: "<tat> @<at>", or "<tat> <until> @<at>" while a push back
+-- holds it until a reset time (no place before it, whatever the burst); <at> is TIME
+-- when it was written.  The reset time is dropped once it has passed.  A schedule
+-- written more than CLOCK_STEP seconds after TIME now (the server's clock stepped back
+-- since: meter.unstepped) has its times moved back by that much, and load_schedule says
+-- so (its third value), for the step to store it.  Read without "@<at>" (written by an
+-- older version), nothing is moved.
+local CLOCK_STEP = 1.0
+
 local function load_schedule(t)
   local raw = redis.call("GET", KEYS[1])
   if raw == false or raw == nil then
-    return nil, nil
+    return nil, nil, false
   end
-  local tat, floor = string.match(raw, "^(%S+) (%S+)$")
+  local body, at = string.match(raw, "^(.-) @(%S+)$")
+  if body == nil then
+    body = raw
+  end
+  local tat, floor = string.match(body, "^(%S+) (%S+)$")
   if tat == nil then
-    return tonumber(raw), nil
+    tat = body
   end
-  floor = tonumber(floor)
+  tat, floor, at = tonumber(tat), tonumber(floor), tonumber(at)
+  local moved = false
+  if tat ~= nil and at ~= nil and at - t > CLOCK_STEP then
+    local back = at - t
+    tat = tat - back
+    if floor ~= nil then floor = floor - back end
+    moved = true
+  end
   if floor ~= nil and floor <= t then floor = nil end
-  return tonumber(tat), floor
+  return tat, floor, moved
 end
 
 local function save_schedule(tat, floor, t)
@@ -57,6 +74,7 @@ local function save_schedule(tat, floor, t)
     value = value .. " " .. num(floor)
     ends = math.max(tat, floor)
   end
+  value = value .. " @" .. num(t)
   redis.call("SET", KEYS[1], value, "PX", math.floor((math.max(ends - t, 0) + 60) * 1000))
 end
 
@@ -152,7 +170,10 @@ elseif OP == "acquire" then
   local cost, interval = tonumber(ARGV[2]), tonumber(ARGV[3])
   local burst, max_wait = tonumber(ARGV[4]), tonumber(ARGV[5])
   local t = now()
-  local tat, floor = load_schedule(t)
+  local tat, floor, moved = load_schedule(t)
+  if moved then
+    save_schedule(tat, floor, t)  -- kept as moved, whatever the answer
+  end
   if tat == nil or tat < t then tat = t end
   local new_tat = tat + cost * interval
   local wait = math.max(0, new_tat - burst * interval - t)
@@ -180,8 +201,9 @@ elseif OP == "adjust" then
 elseif OP == "push_back" then
   local t = now()
   local reset = t + tonumber(ARGV[2])
-  local tat, floor = load_schedule(t)
+  local tat, floor, moved = load_schedule(t)
   if tat ~= nil and tat >= reset and floor ~= nil and floor >= reset then
+    if moved then save_schedule(tat, floor, t) end
     return {"1", "0"}
   end
   if tat == nil or tat < reset then tat = reset end
