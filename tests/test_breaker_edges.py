@@ -287,7 +287,10 @@ async def test_leaving_the_breaker_ends_a_watcher_that_swallowed_its_cancellatio
         assert not store.change_feed().listening
 
 
-async def test_a_watcher_that_swallows_one_cancellation_is_cancelled_again() -> None:
+async def test_a_watcher_that_swallows_one_cancellation_is_cancelled_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("empathy_models._change_feed.RECANCEL_INTERVAL", 0.1)  # 1 s
     running = anyio.Event()
     cancellations: list[int] = []
 
@@ -309,8 +312,12 @@ async def test_a_watcher_that_swallows_one_cancellation_is_cancelled_again() -> 
 
 
 async def test_a_watcher_that_never_ends_is_left_running_and_leaving_returns(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # leaving waits STOP_TIMEOUT (5 s) for the watcher, cancelling it again every
+    # RECANCEL_INTERVAL (1 s): a tenth of each shows the same
+    monkeypatch.setattr("empathy_models._change_feed.STOP_TIMEOUT", 0.5)
+    monkeypatch.setattr("empathy_models._change_feed.RECANCEL_INTERVAL", 0.1)
     running = anyio.Event()
     released = asyncio.Event()
     watchers: list[asyncio.Task[object]] = []
@@ -326,7 +333,7 @@ async def test_a_watcher_that_never_ends_is_left_running_and_leaving_returns(
 
     store = _AnnouncingStore(watch)
     try:
-        # a hang guard: leaving returns after STOP_TIMEOUT (5 s)
+        # a hang guard: leaving returns after STOP_TIMEOUT
         with anyio.fail_after(20), caplog.at_level(logging.WARNING, "empathy_models.breaker"):
             async with store, CircuitBreaker(store):
                 await running.wait()

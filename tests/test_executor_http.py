@@ -727,15 +727,20 @@ async def test_a_call_the_runs_deadline_cut_short_is_not_held_against_the_model(
 
 
 async def test_a_model_that_hangs_through_a_long_deadline_is_still_its_failure(
-    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+    server: FakeLLMServer,
+    telemetry: MemoryTelemetryBackend,
+    sleep: RecordingSleep,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """
     A call the run's deadline cut short after 5 s or more (`_attempt.STARVED_SECONDS`)
     is the model's timeout: a model that hangs is found out by runs whose deadline is shorter
-    than the per-attempt timeout (60 s by default).
+    than the per-attempt timeout (60 s by default).  Here the bound is 0.5 s (and the
+    deadline 1 s) so the test does not wait 5 s.
     """
+    monkeypatch.setattr("empathy_models._attempt.STARVED_SECONDS", 0.5)
     server.script("gpt-fake-mini", ["hang"])
-    pinned = attrs.evolve(CHEAP, model="gpt-fake-mini", deadline=5.3)
+    pinned = attrs.evolve(CHEAP, model="gpt-fake-mini", deadline=1.0)
     async with (
         CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1)) as breaker,
         make(server, telemetry, sleep, breaker=breaker, retry=RetryPolicy.none()) as executor,

@@ -729,7 +729,8 @@ async def test_workers_told_the_same_reset_together_push_the_schedule_back_once(
 ) -> None:
     from empathy_models.testing import ModelBehavior
 
-    server.set_behavior("gpt-cheap", ModelBehavior(retry_after=20))
+    # each 429 comes 0.5 s after its request, by when all three requests were sent
+    server.set_behavior("gpt-cheap", ModelBehavior(retry_after=20, latency=500))
     server.script("gpt-cheap", [429, 429, 429])
     url = f"sqlite:///{tmp_path}/quota.db"
     limits = {"openai": RateLimit(rpm=6000)}
@@ -741,6 +742,7 @@ async def test_workers_told_the_same_reset_together_push_the_schedule_back_once(
             *(w.run("hello", ExecutionContext(model="gpt-cheap")) for w in workers)
         )
     assert [a.model for a in answers] == ["claude-other"] * 3  # each 429 fell back
+    assert server.requests("gpt-cheap") == 3
     async with SQLiteQuotaStore(tmp_path / "quota.db") as store:
         grant = await store.acquire("rpm:openai", cost=1.0, interval=0.01, burst=1.0, max_wait=0.0)
     # every worker's 429 said "20 s from now": the schedule moved to that time once

@@ -6,6 +6,7 @@ and through `ExecutionContext` and `executor.stream` over real HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from datetime import UTC, datetime
@@ -183,10 +184,13 @@ async def test_streams_learn_ttft_and_the_context_limit_routes_to_the_fast_model
             telemetry_store="memory://",
             retry=RetryPolicy.none(),
         ) as executor:
-            for model in ("slow", "fast"):  # each streamed a few times, pinned
-                for _ in range(5):
-                    async with executor.stream("hi", ExecutionContext(model=model)) as stream:
-                        await stream.get_final_response()
+
+            async def pinned(model: str) -> None:
+                async with executor.stream("hi", ExecutionContext(model=model)) as stream:
+                    await stream.get_final_response()
+
+            for model in ("slow", "fast"):  # each streamed five times at once, pinned
+                await asyncio.gather(*(pinned(model) for _ in range(5)))
             ctx = ExecutionContext(min_success_rate=0.0, max_ttft_ms=400.0)
             async with executor.stream("hi", ctx) as stream:
                 response = await stream.get_final_response()

@@ -242,12 +242,15 @@ async def test_a_cancelled_anyio_scope_around_the_executor_still_closes_every_st
 
 
 async def test_aclose_closes_its_stalled_stores_together(
-    server: FakeLLMServer, tmp_path: Path
+    server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # one PostgreSQL proxy per store: each store's close, in a partition, sends its
     # goodbye (dropped) and then waits for the pool's close timeout before it cuts the
     # connections; closed together, both have begun before either has ended
     quota, cache = await _proxied("postgresql"), await _proxied("postgresql")
+    # the pools' close timeout is 5 s; 2 s is still far longer than both closes take
+    # to begin (milliseconds apart)
+    monkeypatch.setattr("empathy_models_postgres._common.CLOSE_TIMEOUT", 2.0)
     try:
         budget = Budget(limit_usd=10, window="day", name=f"close-{quota.schema}")
         executor = make(server, budgets=[budget], quota_store=quota.url(), cache=cache.url())
