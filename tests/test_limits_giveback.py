@@ -29,7 +29,7 @@ from empathy_models.abc import QuotaStore
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.limits import MemoryQuotaStore, SQLiteQuotaStore
 from empathy_models.providers import OpenAIProvider
-from empathy_models.testing import FakeClock, FakeLLMServer
+from empathy_models.testing import FakeClock, FakeLLMServer, FakeProvider, ModelBehavior
 
 KEY = "test-key-0123"
 MODEL = "gpt-4o-mini"
@@ -256,3 +256,43 @@ async def test_a_give_back_moves_up_only_this_workers_calls_queued_behind_it(
     # the third call moved up to the place given back; the other worker's call and
     # the one queued after it kept theirs, and the newcomer came after them
     assert offsets == [0.0, 0.1, 0.3, 0.4, 0.5], offsets
+
+
+async def test_one_long_call_in_flight_keeps_no_place_of_the_calls_settled_after_it() -> None:
+    # a ten-minute stream in flight while a thousand fast calls come and go: the places
+    # the limiter keeps (to move up the calls queued behind a give-back) stay those of
+    # the calls waiting or in flight, not one per call since the long one began
+    released = asyncio.Event()
+
+    async def sleep(_seconds: float) -> None:  # only the long call has a latency
+        await released.wait()
+
+    provider = FakeProvider(name="openai", sleep=sleep)
+    provider.set_behavior("gpt-4.1-mini", ModelBehavior(latency=600_000))
+    fast = ExecutionContext(model="gpt-4.1-nano", max_tokens=16)
+    async with EmpathyLLMExecutor(
+        [provider],
+        telemetry_store=MemoryTelemetryBackend(),
+        rate_limits={"openai": RateLimit(rpm=10_000_000, tpm=10_000_000_000)},
+    ) as executor:
+        limiter = executor.limiter
+        assert limiter is not None
+
+        def kept() -> dict[str, int]:
+            return {key: len(places.places) for key, places in limiter._places.items()}
+
+        long = asyncio.create_task(
+            executor.run("hi", ExecutionContext(model="gpt-4.1-mini", max_tokens=16))
+        )
+        async with asyncio.timeout(30):
+            while not provider.requests("gpt-4.1-mini"):  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+        for _ in range(1000):
+            await executor.run("hi", fast)
+        assert sorted(kept()) == ["rpm:openai", "tpm:openai"]
+        assert max(kept().values()) <= 20, kept()
+        released.set()  # the long call answers and gives back what it did not use
+        assert isinstance(await long, LLMResponse)
+        for _ in range(50):
+            await executor.run("hi", fast)
+        assert max(kept().values()) <= 20, kept()

@@ -16,6 +16,12 @@ while no one else took a place after it); calls of the run still waiting are wok
 to wait less (`wait_for_places`).  When another worker's place follows the run, the
 end stays: the run moves up into capacity nobody else was given, and the places after
 it keep their times, so no call ever shares one of their instants.
+
+The places of settled calls are let go wherever they are (`Places.let_go`): a long
+call in flight (a stream of minutes) keeps no place of the calls that came and went
+behind it, and a give-back finds its place by index and moves only the run after it,
+so what `Places` keeps, and the work of each call, stay within the calls waiting or in
+flight.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ if TYPE_CHECKING:
     from .guard import Hold
 
 __all__ = ["Place", "Places", "give_back", "wait_for_places"]
+
+_SLACK = 8
+"""Places taken beyond twice those kept before `Places.let_go` looks again."""
 
 Adjust = Callable[[QuotaStore, str, float, float | None], Awaitable[None]]
 """``guard._adjust`` for one limiter: `QuotaStore.adjust`, a failure logged and counted."""
@@ -58,15 +67,21 @@ class Places:
     This process's places in one schedule of one store, in the order taken: runs of
     places each taken right after the one before (its segment begins where the
     previous one ended; another worker's place, or the schedule running empty, begins
-    a new run).  Places of calls settled (all they give back given) at the front are
-    let go: no place before them is left to give anything back.
+    a new run).  Places of calls settled (all they give back given) are let go
+    wherever they are, the run re-linked around them: nothing is left for them to give
+    back, and the places after them move with the run's earlier ones all the same.  The
+    last place is kept (the next one taken joins its run or not).  The places kept
+    are at most twice those of calls waiting or in flight when last let go, plus
+    ``_SLACK``.
     """
 
-    __slots__ = ("lock", "places", "store")
+    __slots__ = ("index", "kept", "lock", "places", "store")
 
     def __init__(self) -> None:
         self.store: QuotaStore | None = None
         self.places: list[Place] = []
+        self.index: dict[Hold, int] = {}  # hold -> the position of its place in ``places``
+        self.kept = 0  # places ``let_go`` last kept
         self.lock = asyncio.Lock()  # one give-back at a time: each moves a run's end
 
     def taken(self, store: QuotaStore, hold: Hold, end: float, length: float) -> None:
@@ -75,25 +90,50 @@ class Places:
         if store is not self.store:
             self.store = store  # the limiter went degraded, or back
             places.clear()
+            self.index.clear()
         joined = bool(places) and places[-1].end + length == end
+        self.index.setdefault(hold, len(places))
         places.append(Place(hold, end, length, joined))
-        self.let_go()
+        if len(places) > 2 * self.kept + _SLACK:
+            self.let_go()
 
     def let_go(self) -> None:
+        """
+        Drop the places of settled calls but the last, each run re-linked around them:
+        the place after one dropped joins the run the dropped one was in, if it joined
+        the dropped one.  Called once the places doubled since the last time, so each
+        place taken costs a constant share of it.
+        """
         places = self.places
-        while len(places) > 1 and places[0].hold.done:
-            del places[0]
+        kept: list[Place] = []
+        joined = True  # whether a place dropped since ``kept[-1]`` was joined to it
+        for place in places[:-1]:
+            if place.hold.done:
+                joined = joined and place.joined
+                continue
+            place.joined = place.joined and joined
+            kept.append(place)
+            joined = True
+        if places:
+            last = places[-1]
+            last.joined = last.joined and joined
+            kept.append(last)
+        self.places = kept
+        self.index = {}
+        for i, place in enumerate(kept):
+            self.index.setdefault(place.hold, i)
+        self.kept = len(kept)
 
     def run_from(self, hold: Hold) -> list[Place] | None:
         """``hold``'s place and those of its run after it (None: not known here)."""
+        i = self.index.get(hold)
+        if i is None:
+            return None
         places = self.places
-        for i, place in enumerate(places):
-            if place.hold is hold:
-                end = i + 1
-                while end < len(places) and places[end].joined:
-                    end += 1
-                return places[i:end]
-        return None
+        end = i + 1
+        while end < len(places) and places[end].joined:
+            end += 1
+        return places[i:end]
 
 
 async def give_back(
@@ -126,7 +166,6 @@ async def give_back(
         else:
             await adjust(store, key, delta, run[-1].end)
             _move_up(run, key, delta)
-        places.let_go()
 
 
 def _move_up(run: list[Place], key: str, delta: float) -> None:

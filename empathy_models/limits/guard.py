@@ -673,6 +673,7 @@ class Limiter:
         if grant.granted:
             hold.budgets.append((store, key, ws, we, amount, lapses_at))
             if hold.closed:  # settled already: its caller stopped waiting for this
+                hold.done = False  # this place is not given back yet (`Places.let_go`)
                 await self._settle(hold, True)
         return grant
 
@@ -737,6 +738,7 @@ class Limiter:
                     places = self._places[key] = Places()
                 places.taken(store, hold, grant.place, cost * interval)
             if hold.closed:  # settled already: its caller stopped waiting for this
+                hold.done = False  # this place is not given back yet (`Places.let_go`)
                 await self._settle(hold, True)
         return grant
 
