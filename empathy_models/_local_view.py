@@ -21,7 +21,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Container, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -56,6 +56,12 @@ MAX_PENDING = 1000
 
 MAX_ANNOUNCED = 100_000
 """Generations announced by a store's feed that a local view remembers (then forgets all)."""
+
+SWEEP_VIEWS = 4096
+"""Views a breaker holds before it first forgets the idle ones (`LocalView.sweep`)."""
+
+IDLE_SECONDS = 60.0
+"""How long a key must have gone unused (past its view's freshness) for its view to be forgotten."""
 
 
 def view_ticket(state: CircuitBreakerState) -> Ticket | None:
@@ -139,6 +145,17 @@ class View:
         self.at = self.until = -math.inf
 
 
+def _idle_in_store(view: View, before: float) -> bool:
+    """
+    On the in-process store, whether no success of ``view``'s key was added since
+    ``before`` (the store's clock) as far as the view shows: neither in the tail it
+    last saw nor in its state (a tail folded into the state stamps it).
+    """
+    tail = view.tail
+    updated = view.state.updated_at_ts
+    return (tail is None or tail.now < before) and (updated is None or updated < before)
+
+
 def _open_at(state: CircuitBreakerState, now: float) -> bool:
     """OPEN or FORCED_OPEN, and not past its end at ``now``."""
     return (state.state is _OPEN or state.state is _FORCED_OPEN) and (
@@ -166,10 +183,16 @@ class LocalView:
         ttl: Seconds a view stays fresh (``local_view_ttl``).
         flush_interval: Seconds a written-behind success may wait.
         memory: The breaker's store when it is a `MemoryStateStore` (exactly that class).
+        busy: The keys whose successes are on their way to the store in exact mode
+            (the breaker's `Settler.behind`): their views are never forgotten.
+
+    The views are bounded by the keys in use: past `SWEEP_VIEWS` views, adding one for a
+    new key first forgets the views that are safe to forget (`sweep`).
     """
 
     __slots__ = (
         "_flush_interval",
+        "busy",
         "clock",
         "epoch",
         "feed",
@@ -178,6 +201,7 @@ class LocalView:
         "memory",
         "pending",
         "refusing",
+        "sweep_at",
         "ttl",
         "views",
     )
@@ -188,12 +212,16 @@ class LocalView:
         ttl: float,
         flush_interval: float,
         memory: MemoryStateStore | None = None,
+        busy: Container[str] = (),
     ) -> None:
         self.clock = clock
         self.ttl = ttl
         self._flush_interval = flush_interval
         self.memory = memory
+        self.busy = busy
         self.views: dict[str, View] = {}
+        self.sweep_at = SWEEP_VIEWS
+        """How many views there may be before a new key's view sweeps first."""
         self.refusing: set[str] = set()
         """Keys whose view's state may refuse a call (neither CLOSED nor DISABLED)."""
         self.pending: dict[str, Pending] = {}
@@ -372,6 +400,8 @@ class LocalView:
                 pending = None
         if old is not None:
             old.pending = None  # guards admitted from the old view take the general path
+        elif len(self.views) >= self.sweep_at:
+            self.sweep(now)
         view = self.views[key] = View(state, now, now + self.ttl, pending, epoch)
         if state.state is _CLOSED or state.state is _DISABLED:
             self.refusing.discard(key)
@@ -383,6 +413,43 @@ class LocalView:
             # that change was made (or one made since, whose announcement is on its way)
             view.stale()
         return _CLOSED if old is None else old.state.state
+
+    def sweep(self, now: float) -> int:
+        """
+        Forget the views that are safe to forget at ``now``; return how many.
+
+        Such a view is CLOSED (a key without a view reads as CLOSED: to events, hints,
+        `all_available_hint` and the provider rule it makes no difference), its key has
+        no batch written behind nor successes on their way to the store (``busy``), and
+        the key is idle: its view neither fetched nor confirmed by a change feed within
+        `IDLE_SECONDS` before ``now`` (past its freshness, so an expired view only), and
+        on the in-process store no success of the key added in that time either (the
+        tail's and the state's last times, by the store's clock).  The next call of a
+        forgotten key asks the store, as one whose view expired does; a guard still in
+        flight from a forgotten view reports through the breaker's general path, which
+        counts its success all the same.  The store keeps what it holds of the key.
+
+        The next sweep comes when the views have doubled (and at `SWEEP_VIEWS` at the
+        earliest): each sweep's cost is spread over at least as many new keys as views
+        it kept.
+        """
+        before = now - IDLE_SECONDS
+        memory = self.memory
+        store_before = -math.inf if memory is None else memory._clock() - IDLE_SECONDS
+        views, pending, busy = self.views, self.pending, self.busy
+        idle = [
+            key
+            for key, view in views.items()
+            if view.state.state is _CLOSED
+            and view.until < before
+            and key not in pending
+            and key not in busy
+            and (memory is None or _idle_in_store(view, store_before))
+        ]
+        for key in idle:
+            del views[key]
+        self.sweep_at = max(SWEEP_VIEWS, 2 * len(views))
+        return len(idle)
 
     def write_behind(self, view: View, ticket: Ticket) -> bool | None:
         """

@@ -61,6 +61,14 @@ reads the store's state as of a moment within the admission, as asking the store
 When the subscription breaks, views fetched before it are never confirmed again: they
 expire by their TTL, and the exact mode asks the store, as without a feed.
 
+**The views stay bounded by the keys in use.**  Past `SWEEP_VIEWS` (4096) views, the
+first view of a new key forgets, first, the views of keys idle for `IDLE_SECONDS` (60 s)
+past their freshness that are safe to forget: CLOSED ones (a key without a view reads as
+CLOSED) without successes written behind or on their way to the store.  Such a key's next
+call asks the store, as one whose view expired does; views that refuse calls stay.  The
+next sweep comes when the views have doubled, so a breaker keyed per tenant holds views
+of the tenants of the last minute or so, not of every tenant it ever saw.
+
 **On an in-process `MemoryStateStore`** (that class itself, given or the default),
 there is nothing to gain from a local view or write-behind, and the breaker keeps
 neither, whatever ``local_view_ttl``: every admission reads the stored state (a view
@@ -463,7 +471,9 @@ class CircuitBreaker(AsyncResource):
         self._ttl = float(local_view_ttl)
         self._flush_interval = float(flush_interval)
         memory = self._store if type(self._store) is MemoryStateStore else None
-        self._local = LocalView(clock, self._ttl, self._flush_interval, memory)
+        self._settler = Settler()
+        busy = self._settler.behind  # keys whose views a sweep keeps (exact mode's sends)
+        self._local = LocalView(clock, self._ttl, self._flush_interval, memory, busy)
         self._views = self._local.views  # read by the hot path (Guard, protected)
         self._classify = classify
         self._events = Events(listeners, clock)
@@ -480,7 +490,6 @@ class CircuitBreaker(AsyncResource):
             store_retry_interval,
             store_timeout,
         )
-        self._settler = Settler()
         # the store's clock, which times its states' open ends and leases
         self._store_clock = StoreClock(self._stores, clock)
 
