@@ -75,6 +75,8 @@ from empathy_models import (
 )
 from empathy_models.abc import TelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+from empathy_models.records import RoutingDecision
+from empathy_models.routing._explain import _decision
 
 CANDIDATES = (4, 16, 64)
 WEEK_S = 7 * 86_400.0
@@ -209,6 +211,50 @@ def setup_ours(histories: tuple[int, ...], week_per_model: int) -> list[OurCase]
     return cases
 
 
+class FloorRouter:
+    """
+    What CPython allows a decision to cost: the same call as ``get_best_model`` (the
+    same keyword arguments) answered by the least work a cost-based pick can do: one
+    dict lookup for the candidates' cost terms, every candidate's expected cost, the
+    cheapest, and a `RoutingDecision` built without validation (as ours is), with its
+    explanation left to a thunk.  No evidence, no constraint, no exploration: a bound
+    from below on any router's decision in this language, not a router.
+    """
+
+    def __init__(self, ids: list[str], pool: dict[str, list[LLMCallRecord]]) -> None:
+        slopes = [pool[m][0].cost_usd / 1_000.0 for m in ids]
+        key = ("bench", "answer", tuple(ids))
+        self.terms: dict[tuple[str, str | None, tuple[str, ...]], Any] = {
+            key: (tuple(ids), slopes, slopes[::-1])
+        }
+
+    def get_best_model(
+        self,
+        workflow: str,
+        stage: str | None,
+        *,
+        candidates: list[str],
+        input_tokens: int,
+        max_tokens: int | None = None,
+        max_cost: float | None = None,
+        max_latency_ms: float | None = None,
+        min_success_rate: float | None = None,
+        on_no_match: str = "raise",
+        unavailable: tuple[str, ...] = (),
+        strict_cost: bool = False,
+        max_ttft_ms: float | None = None,
+    ) -> RoutingDecision:
+        models, slopes, consts = self.terms[(workflow, stage, tuple(candidates))]
+        costs = [input_tokens * a + b for a, b in zip(slopes, consts, strict=True)]
+        best = min(range(len(costs)), key=costs.__getitem__)
+        return _decision(
+            models[best], "openai", ModelTier.CAPABLE, workflow, stage, True,
+            "cheapest", False, (), None, datetime.fromtimestamp(time.time(), UTC),
+            costs[best], max_cost, max_latency_ms, min_success_rate, strict_cost, None,
+            max_ttft_ms, None, partial(tuple, ()),
+        )  # fmt: skip
+
+
 def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]]:
     """One repeat: ``calls`` timed decisions per case, three ways (see the module doc)."""
     out: dict[str, dict[str, float]] = {}
@@ -228,6 +274,7 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
         steady: list[float] = []
         recorded: list[float] = []
         varying: list[float] = []
+        floor: list[float] = []
         sizes = random.Random(n)
         for i in range(calls + 200):  # the first 200 warm up
             t0 = clock()
@@ -248,6 +295,12 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
             t0 = clock()
             decide("bench", "answer", candidates=ids, input_tokens=500, **options)
             steady.append((clock() - t0) / 1000.0)
+        floor_decide = FloorRouter(ids, pool).get_best_model
+        for _ in range(calls + 200):
+            tokens = sizes.randint(*PROMPT_TOKENS)
+            t0 = clock()
+            floor_decide("bench", "answer", candidates=ids, input_tokens=tokens, **options)
+            floor.append((clock() - t0) / 1000.0)
         # each call with its own max_tokens and max_cost (an ExecutionContext per request)
         for i in range(calls + 200):
             record(pool[ids[i % n]][(i // n) % 16])
@@ -266,6 +319,7 @@ def measure_ours(cases: list[OurCase], calls: int) -> dict[str, dict[str, float]
         out[f"{key}/unchanged"] = summarize(steady[200:])
         out[f"{key}/record"] = summarize(recorded[200:])
         out[f"{key}/varying"] = summarize(varying[200:])
+        out[f"{key}/floor"] = summarize(floor[200:])
     return out
 
 
@@ -490,6 +544,10 @@ async def run(quick: bool = False) -> BenchResult:
         **{f"{n} candidates": cell(ours[f"{n}/{small}/unchanged"]) for n in CANDIDATES},
     )
     result.add(
+        "CPython's floor: the least work a cost-based pick can do, unchanged state (FloorRouter)",
+        **{f"{n} candidates": cell(ours[f"{n}/{small}/floor"]) for n in CANDIDATES},
+    )
+    result.add(
         "empathy-models, record_outcome (the outcome reported before each decision)",
         **{f"{n} candidates": cell(ours[f"{n}/{small}/record"]) for n in CANDIDATES},
     )
@@ -521,6 +579,16 @@ async def run(quick: bool = False) -> BenchResult:
         result.notes.append(
             f"LiteLLM {data['version']} ({label}, Python {data['python']}) fastest: "
             + ", ".join(f"{fastest[n][1]} at {n}" for n in CANDIDATES)
+        )
+    if peers:
+        goal = {n: min(_fastest(d["results"])[n][0] for d in peers.values()) for n in CANDIDATES}
+        result.notes.append(
+            "the 10x goal against both generations leaves "
+            + ", ".join(f"{goal[n] / GOAL_SPEEDUP:.1f} µs at {n}" for n in CANDIDATES)
+            + "; CPython's floor (FloorRouter: no evidence, no constraint, no exploration) "
+            + "takes "
+            + ", ".join(f"{ours[f'{n}/{small}/floor']['median']:.1f}" for n in CANDIDATES)
+            + " µs"
         )
     result.notes.extend(f"cannot run: {k} {v}" for k, v in sorted(unsupported.items()))
     result.notes.append(
