@@ -34,7 +34,7 @@ environment for the current one.  A generation that cannot run is reported as sk
 with the reason.  Every figure is timed per call (``perf_counter_ns`` around the call
 alone, garbage collector left on for both sides): medians and p99 over all calls.
 
-Run: ``python -m benchmarks.bench_routing [--quick] [--history]``
+Run: ``python -m benchmarks.bench_routing [--quick] [--history | --decisions]``
 """
 
 from __future__ import annotations
@@ -909,10 +909,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--history", action="store_true", help="only router start/refresh vs stored calls"
     )
+    parser.add_argument(
+        "--decisions", action="store_true", help="only decision latency (no stored history)"
+    )
     args = parser.parse_args(argv)
     if not args.history:
         write_result(asyncio.run(run(quick=args.quick)))
-    write_result(asyncio.run(run_history(quick=args.quick)))
+    if not args.decisions:
+        write_result(asyncio.run(run_history(quick=args.quick)))
 
 
 if __name__ == "__main__":
