@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from ._fast import trusted_constructor
 from ._request_options import NO_OPTIONS
+from ._text import utf8_size
 from ._values import AttemptSummary, ExecutionContext
 from .abc import CompletionRequest, Message, split_system
 from .content import ImageBlock, ResponseFormat, TextBlock, Tool, ToolCall, ToolResult
@@ -136,14 +137,14 @@ def _estimate_tokens(
     """
     worst = _FRAME_TOKENS * (len(messages) + 1)
     if system:
-        worst += _FRAME_TOKENS + _utf8_len(system)
+        worst += _FRAME_TOKENS + utf8_size(system)
     for m in messages:
         content = m.content
-        worst += _utf8_len(content) if isinstance(content, str) else sum(map(_block_worst, content))
+        worst += utf8_size(content) if isinstance(content, str) else sum(map(_block_worst, content))
         if m.tool_calls:
             worst += sum(map(_block_worst, m.tool_calls))
         if m.tool_call_id is not None:
-            worst += _utf8_len(m.tool_call_id)
+            worst += utf8_size(m.tool_call_id)
     if options:
         worst += _options_worst(options)
     return -(-worst // WORST_PER_ESTIMATE)
@@ -185,10 +186,10 @@ def _definition_worst(item: Tool | ResponseFormat) -> int:
     if known is not None and known[0]() is item:
         return known[1]
     if isinstance(item, Tool):
-        worst = _utf8_len(item.name) + _utf8_len(item.description or "")
+        worst = utf8_size(item.name) + utf8_size(item.description or "")
         worst += _json_len(item.parameters)
     else:
-        worst = _utf8_len(item.name) + _json_len(item.schema)
+        worst = utf8_size(item.name) + _json_len(item.schema)
     worst += _FRAME_TOKENS
     _DEFINITIONS[key] = (weakref.ref(item, partial(_forget, key)), worst)
     return worst
@@ -220,7 +221,7 @@ encodes them as they are, without a copy of its own.
 
 def _json_len(value: object) -> int:
     # the UTF-8 bytes of a JSON value's compact text (`_COMPACT`)
-    return _utf8_len(_COMPACT.encode(value))
+    return utf8_size(_COMPACT.encode(value))
 
 
 def _cache_write(options: Mapping[str, Any]) -> CacheWrite:
@@ -252,23 +253,18 @@ def _cache_write(options: Mapping[str, Any]) -> CacheWrite:
     return found
 
 
-def _utf8_len(text: str) -> int:
-    # lone surrogates (which no provider accepts) count as the 3 bytes they would take
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
 def _block_worst(block: object) -> int:
     # the worst case in tokens of one content block (see `_estimate_tokens`)
     if isinstance(block, TextBlock):
-        return _utf8_len(block.text)
+        return utf8_size(block.text)
     if isinstance(block, ImageBlock):
         return _IMAGE_TOKENS
     if isinstance(block, ToolCall):
-        return _utf8_len(block.id) + _utf8_len(block.name) + _utf8_len(block.arguments_json)
+        return utf8_size(block.id) + utf8_size(block.name) + utf8_size(block.arguments_json)
     if isinstance(block, ToolResult):
         content = block.content
-        inner = _utf8_len(content) if isinstance(content, str) else sum(map(_block_worst, content))
-        return _utf8_len(block.tool_call_id) + inner
+        inner = utf8_size(content) if isinstance(content, str) else sum(map(_block_worst, content))
+        return utf8_size(block.tool_call_id) + inner
     return 0
 
 

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, Final, NoReturn
 from urllib.parse import quote, quote_plus
 
+from .._text import utf8_size
 from .._urls import userinfo_end
 from ..exceptions import (
     AuthenticationError,
@@ -591,11 +592,6 @@ def whole_count(value: object) -> object:
     if type(value) is float and value.is_integer():
         return int(value)
     return value
-
-
-def utf8_size(text: str) -> int:
-    """The UTF-8 bytes of ``text`` (a lone surrogate as the 3 it would take)."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 def estimated_output_tokens(size: int, pieces: int = 0) -> int:
