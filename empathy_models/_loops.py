@@ -4,16 +4,26 @@ Objects bound to the event loop they were opened in: the check, and closing from
 An object opened in one event loop (its tasks, locks, sockets) can only be used in that
 loop.  `elsewhere` is the check; `close_at_home` runs a close in the loop it belongs to
 when that loop still runs (in another thread); otherwise what is bound to it is dropped
-and `dropped` says so in one warning.
+and `dropped` says so in one warning.  `submit` hands a coroutine to another thread's
+loop (`close_at_home`, `SyncExecutor`'s calls) so that however it ends, after its
+caller gave up on it or not, the end is taken and an error is never left unretrieved.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import logging
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from .exceptions import NotOpenError
+
+T = TypeVar("T")
+
+logger = logging.getLogger("empathy_models.loops")
 
 # the running event loop, or None (``asyncio.get_running_loop`` without the exception)
 running_loop = asyncio._get_running_loop
@@ -33,30 +43,103 @@ def other_loop_error(what: str) -> NotOpenError:
     )
 
 
+def submit(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], what: str, log: logging.Logger
+) -> concurrent.futures.Future[T]:
+    """
+    Run ``coro`` as a task of ``loop`` (running in another thread), as
+    `asyncio.run_coroutine_threadsafe` does, with every end of it taken.  Cancelling the
+    returned future cancels the task (or keeps the coroutine from starting).  A task
+    that fails after its future was cancelled, its caller no longer waiting (it gave
+    up, or was interrupted), has its error logged to ``log`` as ``what`` failing: it is
+    never left to the loop's "Task exception was never retrieved".
+
+    Raises:
+        RuntimeError: ``loop`` is closed (``coro`` is closed, never run).
+    """
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def settle(task: asyncio.Task[T]) -> None:
+        if task.cancelled():
+            future.cancel()
+            return
+        error = task.exception()  # taken here, whoever hears of it
+        try:
+            if error is None:
+                future.set_result(task.result())
+            else:
+                future.set_exception(error)
+        except concurrent.futures.InvalidStateError:  # cancelled: nobody waits
+            if error is not None:
+                _late(what, error, log)
+
+    def start() -> None:
+        if future.cancelled():
+            coro.close()
+            return
+        task = loop.create_task(coro)
+        task.add_done_callback(settle)
+        future.add_done_callback(lambda _: _cancel_soon(loop, task))
+
+    try:
+        loop.call_soon_threadsafe(start)
+    except RuntimeError:
+        coro.close()
+        raise
+    return future
+
+
+def _cancel_soon(loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]) -> None:
+    # from the thread that cancelled the future (the task's own, or its caller's)
+    if task.done() or loop.is_closed():
+        return
+    with contextlib.suppress(RuntimeError):  # closed meanwhile
+        loop.call_soon_threadsafe(task.cancel)
+
+
+def _late(what: str, error: BaseException, log: logging.Logger) -> None:
+    """Log ``error``, which ``what`` ended with once its caller no longer waited for it."""
+    log.error("%s failed after its caller stopped waiting for it", what, exc_info=error)
+
+
 async def close_at_home(
     loop: asyncio.AbstractEventLoop, close: Callable[[], Awaitable[None]]
 ) -> bool:
     """
     Run ``close()`` in ``loop`` (still running, in another thread) and wait for it, at
-    most `HOME_CLOSE_SECONDS`; False when ``loop`` no longer runs, or did not finish
-    the close in that time (a loop stopped meanwhile never will).
+    most `HOME_CLOSE_SECONDS`: True once it is done, the error it raised raised here.
+    False when ``loop`` no longer runs, or did not finish the close in that time (a
+    loop stopped meanwhile never will): the close is then cancelled, and an error it
+    still ends with is logged (as is one it ends with while the caller is cancelled).
     """
     if loop.is_closed() or not loop.is_running():
         return False
+    what = f"{getattr(close, '__qualname__', 'close')}() in its own event loop"
 
     async def run() -> None:
         await close()
 
     try:
-        future = asyncio.run_coroutine_threadsafe(run(), loop)
+        future = submit(loop, run(), what, logger)
     except RuntimeError:  # closed meanwhile
         return False
+    waited = asyncio.wrap_future(future)
+    waited.add_done_callback(_taken)  # the outcome is read from ``future``
     try:
-        await asyncio.wait_for(asyncio.wrap_future(future), HOME_CLOSE_SECONDS)
-    except TimeoutError:
-        future.cancel()
+        await asyncio.wait({waited}, timeout=HOME_CLOSE_SECONDS)
+    except BaseException:  # cancelled: a close that is over is not to be heard here
+        if not future.cancel() and (error := future.exception()) is not None:
+            _late(what, error, logger)
+        raise
+    if future.cancel():  # not over in time: the close is cancelled
         return False
+    future.result()  # over: its error raised here
     return True
+
+
+def _taken(waited: asyncio.Future[None]) -> None:
+    if not waited.cancelled():
+        waited.exception()
 
 
 HOME_CLOSE_SECONDS = 10.0

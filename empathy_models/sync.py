@@ -40,6 +40,7 @@ from ._executor import (
     _Breaker,
     _Router,
 )
+from ._loops import submit
 from ._validators import check, failure, number
 from .abc import Provider, TelemetryBackend
 from .backends.batching import install_exit_hooks_from_caller
@@ -145,7 +146,8 @@ class _LoopThread:
         with self._lock:
             if self.closed:
                 raise NotOpenError("SyncExecutor is closed")
-            future = asyncio.run_coroutine_threadsafe(body(), self.loop)
+            # a call its caller gave up on (a timeout, Ctrl-C) that then fails is logged
+            future = submit(self.loop, body(), "a SyncExecutor call", logger)
             self._futures.add(future)
         try:
             return future.result(timeout)
@@ -356,7 +358,8 @@ class SyncExecutor:
             context: as for `EmpathyLLMExecutor.run`.
             timeout: seconds to wait, a number > 0 (``None`` or ``inf``: no limit); on
                 expiry (or Ctrl-C) the call is cancelled on the loop and recorded as
-                cancelled.
+                cancelled (an error it still ends with is logged on
+                ``empathy_models.sync``).
             **options: ``tools``, ``tool_choice``, ``response_format``, ``stop``, ``top_p``,
                 ``seed``, ``extra_body``, passed on.
 
@@ -385,7 +388,8 @@ class SyncExecutor:
         Run ``fn(*args, **kwargs)`` on the private loop and return its result.
 
         What it raises is raised here, `SystemExit` and `KeyboardInterrupt` included
-        (the loop serves on).
+        (the loop serves on).  On Ctrl-C while it waits, the coroutine is cancelled on
+        the loop; an error it still ends with is logged on ``empathy_models.sync``.
 
         Raises:
             NotOpenError: (a `RuntimeError`) after `close`.

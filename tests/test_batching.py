@@ -29,6 +29,7 @@ from empathy_models.exceptions import (
     TelemetryError,
     TelemetryRejectedError,
 )
+from empathy_models.records import ModelPerformance
 from empathy_models.testing.contracts import TelemetryBackendContract, assert_same_buckets
 
 BASE = datetime(2026, 2, 1, tzinfo=UTC)
@@ -525,14 +526,15 @@ async def test_a_replay_writes_the_rest_of_a_spool_file_past_a_record_the_store_
     assert spool.files() == [] and len(_given_up(caplog, "poison7")) == 1
 
 
+@pytest.mark.parametrize("max_batch", [10, 1])  # 1: a batch of the held record and one more
 async def test_without_a_spool_the_queue_goes_on_past_a_record_the_store_keeps_failing_on(
-    caplog: pytest.LogCaptureFixture,
+    max_batch: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     inner = ChokingMemory()  # not persistent: no spool, the record is held in the queue
     records = _records(30)
     records[12] = attrs.evolve(records[12], call_id="poison12")
     caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
-    async with BatchingTelemetryBackend(inner, max_batch=10) as batching:
+    async with BatchingTelemetryBackend(inner, max_batch=max_batch) as batching:
         with anyio.fail_after(60):
             for k in range(0, len(records), 5):
                 await batching.record_many(records[k : k + 5])
@@ -568,3 +570,84 @@ async def test_a_store_down_with_errors_of_its_own_loses_nothing(
     messages = [r.getMessage() for r in caplog.records]
     assert sum("unavailable (RuntimeError: connection lost)" in m for m in messages) == 1
     assert sum("is back after" in m for m in messages) == 1
+
+
+class StoreDriverError(Exception):
+    """A third-party driver's one error type, for the store down and a record it cannot take."""
+
+
+class OwnErrorStore(TelemetryBackend):
+    """
+    A store written against the public ABC that raises `StoreDriverError` for everything:
+    with ``down`` set for every write (the store unreachable), else for a batch holding a
+    poison record.  ``writes`` lists each record as written, in order.
+    """
+
+    def __init__(self) -> None:
+        self.down = False
+        self.writes: list[str] = []
+
+    @property
+    def persistent(self) -> bool:
+        return True
+
+    @property
+    def spool_target(self) -> str:
+        return f"own-error-store:{id(self)}"
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        if self.down:
+            raise StoreDriverError("connection lost")
+        if any(r.call_id.startswith("poison") for r in records):
+            raise StoreDriverError("cannot encode the record")
+        self.writes.extend(r.call_id for r in records if r.call_id not in self.writes)
+
+    async def _aggregate(self, **filters: Any) -> list[ModelPerformance]:
+        raise NotImplementedError  # never read here
+
+    async def _recent(self, **filters: Any) -> list[LLMCallRecord]:
+        raise NotImplementedError
+
+    async def _purge(self, *, before: datetime) -> int:
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("spool", [False, True])
+@pytest.mark.parametrize("max_batch", [10, 1])
+async def test_a_store_back_with_records_it_fails_on_at_the_head_writes_every_other(
+    max_batch: int, spool: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The store fails with its own error while it is down, and then, back, with the same
+    # error for the first and the newest record of the head batch: that is no proof the
+    # store is up, yet the queue has to move on, the two counted as records the store
+    # fails on alone (given up at their third failure alone).
+    inner = OwnErrorStore()
+    before, during = _records(10, "before"), _records(8, "during")
+    poison = _records(2, "poison")
+    accepted = before + during
+    caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
+    async with BatchingTelemetryBackend(inner, max_batch=max_batch, spool=spool) as batching:
+        await batching.record_many(before)
+        await batching.flush()
+        inner.down = True
+        await batching.record_many([poison[0], *during, poison[1]])
+        await batching.flush()
+        await batching.flush()
+        inner.down = False  # back, a record it cannot take first in the queue
+        with anyio.fail_after(60):
+            for k in range(30):  # bounded: a queue held up fails the counts below
+                new = _records(5, f"after{k}-")
+                accepted += new
+                await batching.record_many(new)
+                await batching.flush()
+                if batching.failed == 2:
+                    break
+            await batching.flush()
+        counts = (batching.written, batching.failed, batching.pending)
+        assert counts == (len(accepted), 2, 0), "records held up behind the head record"
+    assert sorted(inner.writes) == sorted(r.call_id for r in accepted)  # each once, none lost
+    assert len(_given_up(caplog, "poison0")) == len(_given_up(caplog, "poison1")) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable (StoreDriverError: connection lost)" in m for m in messages) == 1
+    if spool:
+        assert Spool(inner.spool_target).files() == []

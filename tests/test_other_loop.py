@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import threading
+import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -20,10 +23,13 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     ModelRegistry,
+    _loops,
 )
 from empathy_models.exceptions import NotOpenError
 from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior
+
+T = TypeVar("T")
 
 
 # a Redis connection bound to the closed loop is dropped, and its socket closed by the
@@ -204,3 +210,154 @@ def test_executor_closed_from_another_thread_closes_in_its_own_loop(tmp_path: Pa
             warnings.simplefilter("error")  # closed in its loop: nothing dropped
             asyncio.run(executors[0].aclose())
         assert "state=closed" in repr(executors[0])
+
+
+# ------------------------------------------- a close in its own loop that ends with an error
+
+
+class GoodbyeError(Exception):
+    """A provider's own error: its goodbye to the server failed."""
+
+
+class SlowGoodbye(OpenAIProvider):
+    """
+    An OpenAI provider whose `unbind` waits until ``go`` is set (from any thread), then
+    raises `GoodbyeError`; cancelled while it waits, it raises `GoodbyeError` as well.
+    ``waiting`` is set once it waits.
+    """
+
+    def __init__(self, base_url: str) -> None:
+        super().__init__(api_key="k-loops", base_url=base_url)
+        self.waiting, self.go = threading.Event(), threading.Event()
+
+    async def unbind(self) -> None:
+        await super().unbind()
+        self.waiting.set()
+        try:
+            await asyncio.to_thread(self.go.wait)
+        except asyncio.CancelledError:
+            raise GoodbyeError("the goodbye was cut short") from None
+        raise GoodbyeError("the server refused the goodbye")
+
+
+class _Home:
+    """An event loop run by another thread, with its exception handler's messages."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.unhandled: list[str] = []
+        self.loop.set_exception_handler(
+            lambda _, context: self.unhandled.append(context["message"])
+        )
+        self.thread = threading.Thread(target=self.loop.run_forever)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def collect(self) -> None:
+        """Collect the garbage in the loop's thread (a task left with an unretrieved
+        error says so to the loop's exception handler when collected)."""
+
+        async def collect() -> None:
+            gc.collect()
+
+        self.run(collect())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def _executor_at_home(tmp_path: Path) -> Iterator[tuple[_Home, EmpathyLLMExecutor, SlowGoodbye]]:
+    """An executor opened, and used once, in a `_Home` loop, with a `SlowGoodbye` provider."""
+    home = _Home()
+    server = FakeLLMServer({"gpt-4o-mini": ModelBehavior(content="ok")}, api_key="k-loops")
+    home.run(server.__aenter__())
+    provider = SlowGoodbye(server.openai_base_url)
+    executor = EmpathyLLMExecutor([provider], telemetry_store=f"sqlite:///{tmp_path / 'calls.db'}")
+    try:
+        home.run(_answered(executor))
+        yield home, executor, provider
+    finally:
+        provider.go.set()
+        home.run(server.__aexit__(None, None, None))
+        home.close()
+
+
+def _until(home: _Home, ended: Callable[[], bool]) -> None:
+    """Wait until ``ended()``, collecting the garbage in ``home`` meanwhile."""
+    for _ in range(600):
+        home.collect()
+        if ended():
+            return
+        time.sleep(0.05)
+
+
+async def _given_up(executor: EmpathyLLMExecutor) -> None:
+    # the close in the executor's loop outlasts the wait: the caller is told it could
+    # not close it there (the warning), and the close is cancelled
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await executor.aclose()
+    assert any("another event loop" in str(w.message) for w in caught)
+
+
+async def _cancelled(executor: EmpathyLLMExecutor, provider: SlowGoodbye) -> None:
+    # the caller's own close is cancelled while the executor's loop runs it
+    closing = asyncio.ensure_future(executor.aclose())
+    await asyncio.to_thread(provider.waiting.wait, 30)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+
+
+@pytest.mark.parametrize("how", ["given up", "cancelled"])
+def test_a_close_in_its_own_loop_failing_after_its_caller_left_is_logged_not_unretrieved(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="empathy_models.loops")
+    if how == "given up":
+        monkeypatch.setattr(_loops, "HOME_CLOSE_SECONDS", 0.05)
+    caller_unhandled: list[str] = []
+
+    async def close(executor: EmpathyLLMExecutor, provider: SlowGoodbye) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, ctx: caller_unhandled.append(ctx["message"]))
+        if how == "given up":
+            await _given_up(executor)
+        else:
+            await _cancelled(executor, provider)
+
+    def failures() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "empathy_models.loops"]
+
+    with _executor_at_home(tmp_path) as (home, executor, provider):
+        asyncio.run(close(executor, provider))
+        _until(home, lambda: bool(failures() or home.unhandled))
+        gc.collect()  # the caller's loop's futures
+        assert home.unhandled == caller_unhandled == []  # nothing "never retrieved"
+        (record,) = failures()  # the close's error, said once
+        assert record.getMessage() == (
+            "EmpathyLLMExecutor.aclose() in its own event loop failed after its caller "
+            "stopped waiting for it"
+        )
+        assert record.exc_info is not None and isinstance(record.exc_info[1], GoodbyeError)
+
+
+def test_a_close_in_its_own_loop_failing_in_time_raises_its_error_to_the_caller(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="empathy_models.loops")
+    with _executor_at_home(tmp_path) as (home, executor, provider):
+        provider.go.set()
+        with pytest.raises(GoodbyeError, match="refused"):
+            asyncio.run(executor.aclose())
+        home.collect()
+        assert home.unhandled == [] and caplog.records == []
+        assert "state=closed" in repr(executor)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import math
 import subprocess
 import sys
@@ -325,3 +326,78 @@ def test_after_close_a_thread_reusing_the_loop_threads_id_is_not_taken_for_it(
     else:
         pytest.skip("no new thread got the ended loop thread's id")
     assert isinstance(seen[-1][1], NotOpenError), seen[-1][1]
+
+
+def test_a_call_given_up_by_ctrl_c_that_then_fails_is_logged_not_left_unretrieved() -> None:
+    """
+    Ctrl-C while waiting for `call` cancels the coroutine on the loop; one that fails on
+    its way out (here: its cleanup raises) has its error logged once, never left to the
+    loop's "Task exception was never retrieved".  In a child process: a real SIGINT.
+    """
+    script = textwrap.dedent(
+        f"""
+        import asyncio, gc, json, logging, os, signal, sys, threading, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from tests._threaded_server import threaded_fake_server
+        from empathy_models import AnthropicProvider
+        from empathy_models.sync import SyncExecutor
+
+        class CleanupError(Exception):
+            pass
+
+        logged = []
+        handler = logging.Handler()
+        handler.emit = lambda record: logged.append(
+            [record.getMessage(), type(record.exc_info[1]).__name__]
+        )
+        logging.getLogger("empathy_models").addHandler(handler)
+        started, unhandled = threading.Event(), []
+
+        async def watch():
+            asyncio.get_running_loop().set_exception_handler(
+                lambda _, context: unhandled.append(context["message"])
+            )
+
+        async def stubborn():
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise CleanupError("the cleanup failed") from None
+
+        async def collect():
+            gc.collect()
+
+        def interrupt():
+            started.wait(30)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        with threaded_fake_server(api_key="k") as server:
+            provider = AnthropicProvider(api_key="k", base_url=server.anthropic_base_url)
+            with SyncExecutor([provider], telemetry_store="null://") as llm:
+                llm.call(watch)
+                threading.Thread(target=interrupt).start()
+                try:
+                    llm.call(stubborn)
+                except KeyboardInterrupt:
+                    print("interrupted")
+                for _ in range(600):  # until the coroutine's end is heard of, either way
+                    llm.call(collect)
+                    if logged or unhandled:
+                        break
+                    time.sleep(0.05)
+        print(json.dumps({{"logged": logged, "unhandled": unhandled}}))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    interrupted, outcome = done.stdout.strip().splitlines()
+    assert interrupted == "interrupted"
+    assert json.loads(outcome) == {
+        "logged": [
+            ["a SyncExecutor call failed after its caller stopped waiting for it", "CleanupError"]
+        ],
+        "unhandled": [],
+    }

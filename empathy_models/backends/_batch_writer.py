@@ -19,6 +19,10 @@ known to be up); one that fails alone `STRIKES` times, the store having taken ot
 records between, is treated as refused: retried made storable, or given up.  A failure
 right after a failure outside that descent (the store itself failing), or one that
 says the store failed, ends the halving, and what is left is handed back as a fault.
+While the store fails so, nothing proves it down rather than failing on the records at
+the head of the batch: each retry, after the batch, *probes* it with one of its records
+alone (`_StoreWriter._probe`), and the store taking it is back, the batch then written
+in halves.
 """
 
 from __future__ import annotations
@@ -120,7 +124,8 @@ class _StoreWriter:
     error of the latest failed attempt.  Setting ``kick`` cuts a `pause` short.
 
     ``live`` is true while the store answered the latest attempt (took its records, or
-    refused them for their content), or held records back in the latest `deliver`;
+    refused them for their content), or took the records around those the latest
+    `deliver` held back;
     ``took`` counts the attempts it answered; ``held`` says that the records the latest
     `deliver` handed back are held back (they failed alone), not left by a store fault.
     """
@@ -129,6 +134,7 @@ class _StoreWriter:
         "_backoff",
         "_ledger",
         "_max_queue",
+        "_probes",
         "_suspects",
         "_write",
         "faults",
@@ -163,6 +169,7 @@ class _StoreWriter:
         self.live = True  # taken to take records until it fails
         self.took = 0
         self.held = False
+        self._probes = 0  # probes failed since the store last took records
         # call_id -> [failures alone counted, ``took`` at its latest failure alone]
         self._suspects: dict[str, list[int]] = {}
 
@@ -216,7 +223,8 @@ class _StoreWriter:
         A batch refused for its content is split until each refused record is alone;
         that record is retried made safe, or given up.  A batch that fails with an
         error that does not say the store failed, right after the store took a write,
-        is written in halves, down to the records that fail alone (see the module).
+        is written in halves, down to the records that fail alone (see the module); one
+        failing so while the store failed before it is followed by a probe (`_probe`).
 
         Args:
             batch: The records, in order.
@@ -227,14 +235,46 @@ class _StoreWriter:
             empty when every record was written or given up.
         """
         live = self.live
+        took = self.took
         self.held = False
         rest = await self._split(batch)
+        if rest and self.probing and not live:
+            rest, live = await self._probe(rest)
         if not rest or not live or _store_failed(self.last_fault):
             return rest
         rest, stalled = await self._isolate(rest)
         if rest and not stalled:
-            self.held = self.live = True  # the store took the records around them
+            self.held = True
+            # live when the store took the records around them (a record alone took none)
+            self.live = self.took != took
         return rest
+
+    @property
+    def probing(self) -> bool:
+        """
+        Whether the store is failing with errors that do not say it failed: a batch
+        failing so may fail on its own records (see `_probe`).
+        """
+        return not self.live and not _store_failed(self.last_fault)
+
+    async def _probe(self, records: list[LLMCallRecord]) -> tuple[list[LLMCallRecord], bool]:
+        """
+        Write one of ``records`` alone: they just failed together, and so did the write
+        before them, with errors that do not say the store failed, so the store may be
+        back, failing on some of them.  Taking the record proves it up.  The record is
+        the newest first, then, each time a probe fails, the one before it, so that a
+        record the store fails on cannot be the one probed every time.
+
+        Returns:
+            The records left, and whether the store took the probe (else all are left).
+        """
+        if len(records) < 2:
+            return records, False
+        at = len(records) - 1 - self._probes % len(records)
+        self._probes += 1
+        if await self._split([records[at]]):
+            return records, False
+        return records[:at] + records[at + 1 :], True
 
     async def _attempt(self, batch: list[LLMCallRecord]) -> BaseException | None:
         """One write of ``batch``; the error, if it failed (``live``, ``took`` kept)."""
@@ -250,6 +290,7 @@ class _StoreWriter:
             return exc
         self.live = True
         self.took += 1
+        self._probes = 0
         self._ledger.written += len(batch)
         if self._suspects:
             for record in batch:

@@ -42,7 +42,12 @@ microsecond), whatever state the store is in.
   after the backoff; one that fails alone ``STRIKES`` (3) times, the store taking
   other records between, is treated as refused (retried made storable, or given up,
   counted in `failed` with a warning).  Two failures in a row outside the halving are
-  a store fault: nothing is held back or given up.
+  a store fault: nothing is held back or given up.  While the store fails so, each
+  retry writes the batch, then one of its records alone (the newest first, then, as
+  probes fail, earlier ones): the store taking it is back, and the batch is written in
+  halves as above, so a record it fails on at the head of the queue holds up nothing.
+  A batch holds at least one record behind those held back at the head of the queue
+  and, while probing, two (either can take it past ``max_batch``).
 * `aclose` writes what it can within ``close_timeout`` seconds, then spools the rest
   (a write still in flight is spooled too; the replay skips it if it was committed).
 * Exit paths: unless ``exit_flush=False``, a backend still open at interpreter exit or
@@ -285,6 +290,7 @@ class _Batcher:
         self.inflight: list[LLMCallRecord] | None = None  # the batch being written
         self.enqueued = 0
         self.setbacks = 0  # queue writes that left records in the queue
+        self._held = 0  # records at the head of the queue held back (without a spool)
         self.dropped = 0
         self.closing = False
         self.closed = False
@@ -468,7 +474,11 @@ class _Batcher:
         ledger = self._ledger
         writer = self._writer
         while self.queue:
-            batch = self.queue[: self.max_batch]
+            # a batch holds a record behind those held back at the head of the queue,
+            # and, while the store fails with errors of its own, one to probe it with
+            # beside the head record: records the store took between their failures
+            size = max(self.max_batch, self._held + 1, 2 if writer.probing else 1)
+            batch = self.queue[:size]
             self.inflight = batch  # before the records leave the queue (exit hooks)
             del self.queue[: len(batch)]
             space, self._space = self._space, asyncio.Event()
@@ -479,6 +489,8 @@ class _Batcher:
                 await self._spool_held(rest)  # settled there: spooled, or given up
                 rest = []
             self.inflight = None
+            # the records held back at the head of the queue (a fault leaves them there)
+            self._held = len(rest) if writer.held else min(self._held, len(rest))
             if rest:
                 self.queue[:0] = rest
                 self.setbacks += 1
@@ -551,6 +563,7 @@ class _Batcher:
         self.queue = []
         records.extend(spill.overflow)
         spill.overflow = []
+        self._held = 0
         return records
 
     async def aclose(self) -> None:
