@@ -338,8 +338,8 @@ class Attempts:
                         return self._opened(opening, ticket, scope_ticket, hold, attempt, t0)
                     record, completion = fb.succeeded(run, info, completion, attempt, t0, held)
                     await fb.answered(record, ticket, scope_ticket, deadline_at)
-                    if obs is not None:
-                        obs.attempt_ended(record, completion, None, trace)
+                    if obs is not None:  # the span ends where the latency did, before `answered`
+                        obs.attempt_ended(record, completion, None, trace, sent=t0)
                     return completion
             finally:
                 if holding:
@@ -399,7 +399,7 @@ class Attempts:
             cut,
         )
         if self.obs is not None:
-            self.obs.attempt_ended(record, None, error, self.trace)
+            self.obs.attempt_ended(record, None, error, self.trace, sent=t0)
         return record
 
     def _opened(
@@ -722,7 +722,7 @@ async def _cancelled(
         self.deadline_at,
     )
     if self.obs is not None:
-        self.obs.attempt_ended(record, None, raised, self.trace)
+        self.obs.attempt_ended(record, None, raised, self.trace, sent=t0)
 
 
 async def _unsent(

@@ -662,7 +662,7 @@ class EmpathyLLMExecutor:
                 name: asyncio.Semaphore(limit) for name, limit in self._limits.items()
             }
             if self._obs is not None:
-                self._obs.bind(self._breaker, self._telemetry)
+                self._obs.bind(self._breaker, self._telemetry, self._clock)
                 stack.callback(self._obs.unbind)
         except BaseException:
             await stack.aclose()
@@ -793,7 +793,7 @@ class EmpathyLLMExecutor:
                 seed=seed,
                 extra_body=extra_body,
             )
-            start = self._clock()
+            start = self._clock() if self._obs is None else self._obs.began()
             deadline_at = None if ctx.deadline is None else start + ctx.deadline
             task_type, tier = self._planner.task(ctx.task_type)
             needs = required_capabilities(messages, options)

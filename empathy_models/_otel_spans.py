@@ -9,7 +9,9 @@ Plain functions over plain values: the `Instrumentation` hooks call them, and
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
@@ -22,17 +24,25 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from ._run import _Run
+    from ._values import LLMResponse
     from .abc import Completion, CompletionRequest, Message, Provider
     from .observability import Instrumentation
     from .records import LLMCallRecord, Ticket
 
 
 class _RunTrace:
-    """One traced run: its span, the attempt span in flight, and what to record."""
+    """
+    One traced run: its span, the attempt span in flight, and what to record.
+
+    The spans start at the wall time they are made, and end where the latency they stand
+    for ends, on the executor's clock (the run's from `start`, an attempt's from when it
+    was sent): ``start_ns`` and ``attempt_ns``, their start times, bound those ends.
+    """
 
     __slots__ = (
         "attempt",
         "attempt_attrs",
+        "attempt_ns",
         "capture",
         "context",
         "context_token",
@@ -43,15 +53,26 @@ class _RunTrace:
         "run_attrs",
         "span",
         "stage",
+        "start",
+        "start_ns",
         "valid",
         "workflow",
     )
 
     def __init__(
-        self, obs: Instrumentation, span: Span, context: Context, workflow: str, stage: str
+        self,
+        obs: Instrumentation,
+        span: Span,
+        context: Context,
+        workflow: str,
+        stage: str,
+        start_ns: int,
     ) -> None:
         self.obs = obs
         self.span = span
+        self.start_ns = start_ns  # the run span's start time (ns since the epoch)
+        # where the run's latency starts, on the executor's clock (`Instrumentation.began`)
+        self.start: float | None = None
         self.context = context  # the run span's, the attempts' parent
         # false for a span sampled out or a no-op tracer's: no attributes or events then
         self.recording = span.is_recording()
@@ -62,18 +83,40 @@ class _RunTrace:
         self.stage = stage
         self.capture = obs.capture_content
         self.attempt: Span | None = None  # the attempt span in flight (current)
+        self.attempt_ns = start_ns  # its start time
         self.attempt_attrs: _Attrs = {}
         # the run span's attributes gathered during the run, set once when it ends
         self.run_attrs: _Attrs = {}
         self.context_token: Token[Context] | None = None
         self.headers_token: Token[Mapping[str, str] | None] | None = None
         # a failed attempt's span, kept until the executor decides to retry (the wait
-        # is an event of that span) or moves on; ended with the time it failed
+        # is an event of that span) or moves on; ended at the time its latency ended
         self.ended: tuple[Span, int] | None = None
 
 
 _current: ContextVar[_RunTrace | None] = ContextVar("empathy_models_run_trace", default=None)
 """The run traced in this task (set while a wrapped ``run`` is awaited)."""
+
+
+def _wall_ns(clock: Callable[[], float], moment: float, floor: int) -> int:
+    """
+    A moment of the executor's clock as a span's time.
+
+    Args:
+        clock: The executor's clock.
+        moment: A reading of it, now or before.
+        floor: The span's start (ns since the epoch).
+
+    Returns:
+        Now, less how long ago ``moment`` was on ``clock`` (read first, so that a pause
+        between the two readings can only make the time later), in ns since the epoch;
+        never before ``floor`` (where a clock that is not the real time may put it).
+    """
+    ago = clock() - moment
+    now = time.time_ns()
+    if 0.0 < ago < math.inf:
+        now -= int(ago * 1e9)
+    return max(now, floor)
 
 
 def _server_of(provider: Provider) -> tuple[str, int] | None:
@@ -268,6 +311,51 @@ def _route_attributes(run: _Run) -> _Attrs:
         attributes["empathy_models.route.reason"] = "pinned by ExecutionContext.model"
     else:
         attributes["empathy_models.route.reason"] = "cheapest available candidate"
+    return attributes
+
+
+def _answer_attributes(response: LLMResponse) -> _Attrs:
+    """
+    The run span's attributes for the run's answer.
+
+    Args:
+        response: The answer (from a model, or from the response cache).
+
+    Returns:
+        The model and provider, the fallback chain, the attempts' count and cost; for
+        a cached answer, the outcome ``cache_hit`` and its request id (no routes were
+        planned: the request id is the answer's).
+    """
+    attributes: _Attrs = {}
+    if response.cached:
+        attributes["empathy_models.outcome"] = "cache_hit"
+        attributes["empathy_models.request_id"] = response.request_id
+    attributes["empathy_models.model"] = response.model
+    attributes["empathy_models.provider"] = response.provider
+    attributes["empathy_models.fallback_chain"] = list(response.fallback_chain)
+    attributes["empathy_models.fallback_used"] = response.fallback_used
+    attributes["empathy_models.attempts"] = len(response.attempts)
+    attributes["empathy_models.cost_usd"] = response.cost_usd
+    return attributes
+
+
+def _run_error_attributes(exc: BaseException) -> _Attrs:
+    """
+    The run span's attributes for a run that raised ``exc``.
+
+    Args:
+        exc: What the run raised.
+
+    Returns:
+        ``error.type`` (the class name) and, for `AllRoutesFailedError`, the number of
+        attempts and each one's error class.
+    """
+    from .exceptions import AllRoutesFailedError
+
+    attributes: _Attrs = {_ERROR_TYPE: type(exc).__name__}
+    if isinstance(exc, AllRoutesFailedError):
+        attributes["empathy_models.attempts"] = len(exc.exceptions)
+        attributes["empathy_models.errors"] = [type(e).__name__ for e in exc.exceptions]
     return attributes
 
 

@@ -1726,10 +1726,11 @@ class CompletionStream(abc.ABC):
         """
         When the whole answer arrived, as a `time.perf_counter` reading; None when not
         known (or not arrived yet).  The executor ends a streamed attempt's latency
-        there, so that the time its caller took to read pieces that had arrived is not
-        counted as the model's: a stream whose caller pauses reads the network late,
-        and only a time taken as the bytes arrive says when the model ended.  This
-        default: None (the latency then ends when the executor first sees `finished`).
+        (and its OpenTelemetry span) there, so that the time its caller took to read
+        pieces that had arrived is not counted as the model's: a stream whose caller
+        pauses reads the network late, and only a time taken as the bytes arrive says
+        when the model ended.  This default: None (the latency then ends when the
+        executor first sees `finished`).
         """
         return None
 

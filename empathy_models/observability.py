@@ -46,6 +46,17 @@ whether the call is a half-open probe), ``empathy_models.breaker.state_changed``
 trip or a recovery this call's outcome caused) and ``empathy_models.retry`` (the wait
 before the same model is tried again, ``empathy_models.retry.delay_s``).
 
+**Span ends.**  A span ends where the latency it stands for ends, on the executor's
+``clock``.  An attempt span: where its call record's ``latency_ms`` ends (what
+``gen_ai.client.operation.duration`` records; ``time_to_first_chunk`` is the record's
+``ttft_ms``), before the feedback on the call (the telemetry write, the breaker's
+report); for a streamed call, when its answer arrived (`CompletionStream.ended_at`, or
+when the executor first saw it whole), however long the caller then took to read it.  A
+run span that answered (``run()``, a stream read to its end, an answer from the cache):
+where the response's ``latency_ms`` ends.  Opened just before their clocks start, spans
+last at least those latencies.  A run that failed, or a stream left early, ends its
+span when the executor is done with it.
+
 **Content** (``gen_ai.input.messages``, ``gen_ai.system_instructions``,
 ``gen_ai.output.messages``, as JSON in the conventions' message schema: ``text``,
 ``uri`` / ``blob`` (images), ``tool_call`` and ``tool_call_response`` parts, and the
@@ -125,6 +136,7 @@ from ._otel_names import (
 )
 from ._otel_spans import (
     _admitted_event,
+    _answer_attributes,
     _answered_attributes,
     _attempt_attributes,
     _current,
@@ -132,9 +144,11 @@ from ._otel_spans import (
     _is_default_textmap,
     _left_attributes,
     _route_attributes,
+    _run_error_attributes,
     _RunTrace as _RunTrace,  # the state a stream passes to each hook (streaming.py)
     _server_of,
     _w3c_headers,
+    _wall_ns,
 )
 from ._propagation import outgoing_headers
 from ._validators import shown
@@ -337,6 +351,8 @@ class Instrumentation:
         self.capture_content = capture_content
         self.errors = 0
         self._warned: set[str] = set()  # where a failure was logged as a warning
+        # the executor's clock, which its latencies are measured on (given by `bind`)
+        self._clock: Callable[[], float] = time.perf_counter
         self.telemetry: object | None = None
         self._tracer = tracer_provider.get_tracer(SCOPE, __version__)
         self._meters = _meters_for(meter_provider, __version__)
@@ -377,8 +393,12 @@ class Instrumentation:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def bind(self, breaker: object, telemetry: object) -> None:
-        """Listen to ``breaker``'s events and report ``telemetry``'s counters (on enter)."""
+    def bind(self, breaker: object, telemetry: object, clock: Callable[[], float]) -> None:
+        """
+        Listen to ``breaker``'s events, report ``telemetry``'s counters and end spans
+        where the latencies measured on ``clock`` end (on enter).
+        """
+        self._clock = clock
         self._meters.live.add(self)
         self.telemetry = telemetry
         self._breakers.attach(breaker)
@@ -405,18 +425,21 @@ class Instrumentation:
                 raise RuntimeError("the executor this run belonged to was garbage-collected")
             ctx = context if isinstance(context, self._context_type) else self._default_context
             try:
+                start_ns = time.time_ns()
                 span = self._tracer.start_span(
                     f"run {ctx.workflow}/{ctx.stage}",
                     kind=self._internal,
                     attributes={_WORKFLOW: ctx.workflow, _STAGE: ctx.stage},
+                    start_time=start_ns,
                 )
                 run_context = self._in_context(span)
-                state = _RunTrace(self, span, run_context, ctx.workflow, ctx.stage)
+                state = _RunTrace(self, span, run_context, ctx.workflow, ctx.stage, start_ns)
                 run_token = _current.set(state)
                 context_token = self._attach(run_context)
             except Exception:
                 self._failed("starting the run span")
                 return await method(prompt, context, *args, **kwargs)
+            end: int | None = None
             try:
                 response = await method(prompt, context, *args, **kwargs)
             except BaseException as exc:
@@ -425,7 +448,7 @@ class Instrumentation:
                 raise
             else:
                 if state.recording:
-                    self._run_succeeded(state, response)
+                    end = self._run_succeeded(state, response)
                 return response
             finally:
                 try:
@@ -435,7 +458,7 @@ class Instrumentation:
                     self._failed("ending the run span")
                 finally:  # the caller's context back, whatever OpenTelemetry raised
                     self._restore(context_token, run_token)
-                self._end(span)
+                self._end(span, end)
 
         functools.update_wrapper(traced, method)
         traced.__dict__.pop("__wrapped__", None)  # a strong reference to the executor
@@ -451,13 +474,20 @@ class Instrumentation:
 
     def _end(self, span: Span, end_time: int | None = None) -> None:
         """
-        End ``span``.  A span processor that raises in ``on_end`` (the span is ended
-        before it is called) is logged, and whatever follows the end still happens.
+        End ``span`` at ``end_time`` (ns; None: now).  A span processor that raises in
+        ``on_end`` (the span is ended before it is called) is logged; what follows happens.
         """
         try:
             span.end(end_time)
         except Exception:
             self._failed("ending a span (a span processor raised)")
+
+    def began(self, state: _RunTrace | None = None) -> float:
+        """The executor's clock now: the run's start, where its answer's latency starts."""
+        start = self._clock()
+        if (state := state or self._state()) is not None:
+            state.start = start
+        return start
 
     # ------------------------------------------------------------------ streams
 
@@ -467,12 +497,14 @@ class Instrumentation:
         caller's own code, so the stream passes its state to each hook instead).
         """
         try:
+            start_ns = time.time_ns()
             span = self._tracer.start_span(
                 f"run {workflow}/{stage}",
                 kind=self._internal,
                 attributes={_WORKFLOW: workflow, _STAGE: stage, "empathy_models.stream": True},
+                start_time=start_ns,
             )
-            return _RunTrace(self, span, self._in_context(span), workflow, stage)
+            return _RunTrace(self, span, self._in_context(span), workflow, stage, start_ns)
         except Exception:
             self._failed("starting the stream span")
             return None
@@ -488,7 +520,8 @@ class Instrumentation:
         self, state: _RunTrace, response: object = None, error: BaseException | None = None
     ) -> None:
         """
-        The stream is over: answered, failed, or left by its caller (neither given).
+        The stream is over: answered (its span ends where the response's latency ends),
+        failed, or left by its caller (neither given).
 
         Args:
             state: the run's trace state.
@@ -496,6 +529,7 @@ class Instrumentation:
             error: every route failed before the first chunk, `StreamInterruptedError`
                 after it, or what reporting the answer raised.
         """
+        end: int | None = None
         try:
             if state.attempt is not None or state.ended is not None:
                 self._finish_attempts(state)
@@ -503,48 +537,37 @@ class Instrumentation:
                 if error is not None:
                     self._run_failed(state, error)
                 elif response is not None:
-                    self._run_succeeded(state, response)
+                    end = self._run_succeeded(state, response)
                 else:
                     state.run_attrs["empathy_models.outcome"] = "cancelled"
                     state.span.set_attributes(state.run_attrs)
         except Exception:
             self._failed("ending the stream span")
-        self._end(state.span)
+        self._end(state.span, end)
 
-    def _run_succeeded(self, state: _RunTrace, response: object) -> None:
+    def _run_succeeded(self, state: _RunTrace, response: object) -> int | None:
+        """
+        The run answered: its span's attributes; its end, where the answer's
+        ``latency_ms`` ends (None, now: not an answer, or a run `began` did not time).
+        """
         try:
-            attributes = state.run_attrs
-            if not isinstance(response, self._response_type):
-                state.span.set_attributes(attributes)
-                return
-            r: LLMResponse = response
-            if r.cached:  # no routes were planned: the request id is the answer's
-                attributes["empathy_models.outcome"] = "cache_hit"
-                attributes["empathy_models.request_id"] = r.request_id
-            attributes["empathy_models.model"] = r.model
-            attributes["empathy_models.provider"] = r.provider
-            attributes["empathy_models.fallback_chain"] = list(r.fallback_chain)
-            attributes["empathy_models.fallback_used"] = r.fallback_used
-            attributes["empathy_models.attempts"] = len(r.attempts)
-            attributes["empathy_models.cost_usd"] = r.cost_usd
-            state.span.set_attributes(attributes)
+            answer = response if isinstance(response, self._response_type) else None
+            if answer is not None:
+                state.run_attrs.update(_answer_attributes(answer))
+            state.span.set_attributes(state.run_attrs)
+            if answer is None or state.start is None:
+                return None
+            return _wall_ns(self._clock, state.start + answer.latency_ms / 1e3, state.start_ns)
         except Exception:
             self._failed("ending the run span")
+            return None
 
     def _run_failed(self, state: _RunTrace, exc: BaseException) -> None:
-        from .exceptions import AllRoutesFailedError
-
         try:
-            span = state.span
-            error_type = type(exc).__name__
-            attributes = state.run_attrs
-            attributes[_ERROR_TYPE] = error_type
-            if isinstance(exc, AllRoutesFailedError):
-                attributes["empathy_models.attempts"] = len(exc.exceptions)
-                attributes["empathy_models.errors"] = [type(e).__name__ for e in exc.exceptions]
-            span.set_attributes(attributes)
-            message = str(exc)[:_TEXT_LIMIT]
-            span.set_status(self._status(self._error, f"{error_type}: {message}"))
+            state.run_attrs.update(_run_error_attributes(exc))
+            state.span.set_attributes(state.run_attrs)
+            message = f"{type(exc).__name__}: {str(exc)[:_TEXT_LIMIT]}"
+            state.span.set_status(self._status(self._error, message))
         except Exception:
             self._failed("ending the run span")
 
@@ -645,8 +668,9 @@ class Instrumentation:
                 state.attempt = state.span
                 return
             attributes = _attempt_attributes(common, run, request, attempt, state.capture)
+            state.attempt_ns = start_ns = time.time_ns()
             span = self._tracer.start_span(
-                f"chat {info.id}", context=state.context, kind=self._client, attributes=attributes
+                f"chat {info.id}", state.context, self._client, attributes, start_time=start_ns
             )
             state.attempt = span
             admitted = [t for t in tickets if t is not None]
@@ -693,11 +717,14 @@ class Instrumentation:
         completion: Completion | None = None,
         error: BaseException | None = None,
         state: _RunTrace | None = None,
+        sent: float | None = None,
     ) -> None:
         """
         The attempt of ``record`` ended (its feedback given, or cut short by a
         cancellation): with its ``completion``, its ``error``, or neither (a stream the
-        caller left: cancelled).
+        caller left: cancelled).  ``sent``: when the call was sent (the executor's clock):
+        the span ends where the record's latency ends, as the duration metric measures
+        it (a stream's when its answer arrived, not when read; before the feedback).
         """
         state = state or self._state()
         if state is None:
@@ -711,6 +738,7 @@ class Instrumentation:
             attributes = state.attempt_attrs
             meters = self._meters
             seconds = record.latency_ms / 1000.0
+            end = None if sent is None else _wall_ns(self._clock, sent + seconds, state.attempt_ns)
             if completion is not None:
                 response, input_attrs, output_attrs = _response_sets(
                     self._response_attrs, record, completion.model, attributes
@@ -723,7 +751,7 @@ class Instrumentation:
                 if record.ttft_ms is not None:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, response)
                 self._cost(state, record)
-                self._end(span)
+                self._end(span, end)
                 return
             if error is None:  # a stream left early by its caller: not an error
                 if state.recording:
@@ -733,7 +761,7 @@ class Instrumentation:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, attributes)
                 if record.cost_usd > 0:  # what was streamed before the caller left
                     self._cost(state, record)
-                self._end(span)
+                self._end(span, end)
                 return
             error_type = record.error_type or type(error).__name__
             span.set_attributes(_failed_attributes(record, error_type))
@@ -748,8 +776,8 @@ class Instrumentation:
                 )
             if record.cost_usd > 0:  # e.g. the tokens of a stream cut short
                 self._cost(state, record)
-            # ended when the executor has decided whether to wait and retry
-            state.ended = (span, time.time_ns())
+            # ended when the executor has decided whether to wait and retry (at `end`)
+            state.ended = (span, time.time_ns() if end is None else end)
         except Exception:
             self._failed("ending an attempt span")
 

@@ -40,7 +40,8 @@ What happens, in order:
    when its answer arrived whole (`CompletionStream.ended_at`: for the HTTP providers
    the body's end as it arrived, or the network read that carried the end marker),
    however long the caller then took to read it: a caller that pauses between deltas
-   does not make the model look slow to the router or in the records.
+   does not make the model look slow to the router or in the records.  The
+   OpenTelemetry spans end there too (`empathy_models.observability`).
 
 6. **Response cache**: a context that sets ``cache_ttl`` (the executor having a
    ``cache``) reads the cache on entering, before any routing, as `run` does: a hit is
@@ -430,7 +431,8 @@ class LLMStream:
         if obs is not None:
             ctx = self._run.context
             self._trace = obs.stream_started(ctx.workflow, ctx.stage)
-        self._start = ex._clock()
+        trace = self._trace  # the run span ends where the latency from `_start` does
+        self._start = ex._clock() if obs is None or trace is None else obs.began(trace)
         try:
             with ex._inflight.track("stream"):  # `aclose` ends it with NotOpenError
                 if self._cache_key is not None and await _from_cache(self, self._cache_key):
@@ -669,7 +671,10 @@ def _attempt_ended(
     completion: Completion,
     error: BaseException | None,
 ) -> None:
-    """``stream``'s attempt span ended with ``record`` (when traced): `attempt_ended`."""
+    """
+    ``stream``'s attempt span ended with ``record`` (when traced): `attempt_ended`, the
+    span ending where the record's latency does (when the answer arrived, `_end_time`).
+    """
     obs, trace = stream._ex._obs, stream._trace
     if obs is not None and trace is not None:
         obs.attempt_ended(
@@ -677,6 +682,7 @@ def _attempt_ended(
             completion if outcome is Outcome.SUCCESS else None,
             error,  # None for a stream its caller left
             trace,
+            sent=stream._t0,
         )
 
 
