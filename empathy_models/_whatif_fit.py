@@ -16,7 +16,7 @@ from typing import Final
 
 from attrs import frozen
 
-from ._stats import interpolated_quantile
+from ._stats import AVERAGE_CAP, interpolated_quantile
 from ._whatif_values import Interval, ModelFit
 from .evidence import EvidenceBucket
 from .records import wilson_interval
@@ -267,9 +267,11 @@ def _interval(values: Sequence[float | None], *, upper: float | None = None) -> 
     The mean of the replicates and a 95% interval that holds both the normal one (mean
     +- 1.96 sd) and the replicates' own 2.5-97.5% range: when the router's choice
     splits the replicates (a model proven in some, not in others) the figures are
-    bimodal, and the interval must reach both modes.
+    bimodal, and the interval must reach both modes.  A value counts for at most
+    `AVERAGE_CAP` (1e300), as in the telemetry's averages, so that no valid one can
+    overflow the mean.
     """
-    xs = [v for v in values if v is not None]
+    xs = [min(v, AVERAGE_CAP) for v in values if v is not None]
     if not xs:
         return Interval.none()
     mean = statistics.fmean(xs)

@@ -587,6 +587,17 @@ _HEAVY_TAIL: Final = 1.5
 """A recorded p95 this many times the fit's (or more) is noted: the fit misses a tail."""
 
 
+def _ms(value: float) -> str:
+    """Milliseconds in a note: whole, or ``1.7e+308`` from a billion on (never 300 digits)."""
+    return f"{value:.0f}" if value < 1e9 else f"{value:.4g}"
+
+
+def _times(recorded: float, fitted: float) -> str:
+    """How many times the fit's p95 the recorded one is (``"2.1x"``), readable at any size."""
+    ratio = recorded / fitted if fitted > 0 else math.inf
+    return f"{ratio:.1f}x" if ratio < 1e9 else "over 1e9 times"
+
+
 def _tail_notes(evidence: StageEvidence) -> list[str]:
     """Where a model's recorded p95 is far above its log-normal fit's: a heavier tail."""
     notes = []
@@ -597,8 +608,8 @@ def _tail_notes(evidence: StageEvidence) -> list[str]:
         ):
             if recorded is not None and fitted is not None and recorded > _HEAVY_TAIL * fitted:
                 notes.append(
-                    f"{f.model}: its recorded p95 {what} ({recorded:.0f} ms) is "
-                    f"{recorded / fitted:.1f}x its log-normal fit's ({fitted:.0f} ms): a "
+                    f"{f.model}: its recorded p95 {what} ({_ms(recorded)} ms) is "
+                    f"{_times(recorded, fitted)} its log-normal fit's ({_ms(fitted)} ms): a "
                     "heavier tail than the fit, which the simulated p95 and the router's "
                     f"max_{'latency' if what == 'latency' else 'ttft'}_ms verdicts (judged "
                     "on the fit) understate"

@@ -550,7 +550,7 @@ def test_routing_stats_count_the_calls_without_a_workflow_or_stage(
     data = json.loads(ok(cli(home, *args, "--json")))
     assert {s["workflow"]: s["total_calls"] for s in data["workflows"]} == {"": 12, "wf": 24}
     out = ok(cli(home, *args))
-    assert "no calls recorded" not in out and "(none) / stage all: 12 calls" in out
+    assert "no calls recorded" not in out and "(none) / all stages: 12 calls" in out
     stageless = json.loads(ok(cli(home, *args[:2], "wf", "--stage", "", *args[2:], "--json")))
     (stats,) = stageless["workflows"]
     assert (stats["total_calls"], stats["avg_success_rate"]) == (12, 1.0)

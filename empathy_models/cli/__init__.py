@@ -195,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except (CliError, EmpathyModelsError) as exc:
         code = exc.code if isinstance(exc, CliError) else 1
-        print(f"empathy-models: error: {_lines(str(exc))}", file=sys.stderr)
+        shown = str(exc) if isinstance(exc, CliError) and exc.shown else _lines(str(exc))
+        print(f"empathy-models: error: {shown}", file=sys.stderr)
         if getattr(args, "json", False):
             emit_json(_error_json(exc, code))
         return code

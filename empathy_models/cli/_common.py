@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import math
@@ -29,6 +30,8 @@ __all__ = [
     "Register",
     "SubParsers",
     "MAX_DAYS",
+    "NO_NAME",
+    "Shown",
     "add_common",
     "configured_registry_file",
     "configured_url",
@@ -44,8 +47,11 @@ __all__ = [
     "printable",
     "read_only",
     "run_async",
+    "shown_name",
     "sqlite_url",
     "stdin_is_terminal",
+    "typed_key",
+    "typed_name",
 ]
 
 T = TypeVar("T")
@@ -96,11 +102,16 @@ class Register(Protocol):
 
 
 class CliError(Exception):
-    """An error to show as ``empathy-models: error: <message>`` with exit ``code``."""
+    """
+    An error to show as ``empathy-models: error: <message>`` with exit ``code``;
+    ``shown``: the message is already safe to print (its names made so by `shown_name`
+    or ``repr``), so it is not escaped again.
+    """
 
-    def __init__(self, message: str, code: int = 1) -> None:
+    def __init__(self, message: str, code: int = 1, *, shown: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.shown = shown
 
 
 # --------------------------------------------------------------------------- options
@@ -289,6 +300,73 @@ def printable(text: str) -> str:
     )
 
 
+NO_NAME = "(none)"
+"""How a table shows the workflow or stage of calls recorded without one."""
+
+_QUOTES = ("'", '"')
+
+
+def _plain(name: str) -> bool:
+    """
+    True when ``name`` can be shown as it is: every character visible or a plain space
+    (`str.isprintable`), no space at either end, no backslash, not starting with a
+    quote (a shown name in quotes is always a quoted one) and not `NO_NAME`.
+    """
+    return (
+        name.isprintable()
+        and "\\" not in name
+        and not name[0].isspace()
+        and not name[-1].isspace()
+        and not name.startswith(_QUOTES)
+        and name != NO_NAME
+    )
+
+
+class Shown(str):
+    """Text already made safe to print (`shown_name`): tables print it as it is, left-aligned."""
+
+    __slots__ = ()
+
+
+def shown_name(name: str | None) -> Shown:
+    """
+    A name (breaker key, workflow, stage, model) as the CLI shows it, told apart from
+    every other: as it is when that is unambiguous, `NO_NAME` for ``None`` or ``""``
+    (the calls recorded without one), otherwise quoted as ``repr`` quotes it, so that
+    spaces at either end, non-breaking and zero-width spaces, control and bidirectional
+    characters and backslashes are visible (``'openai '``, ``'open\\u200bai'``).
+    `typed_name` reads every form back.
+    """
+    if not name:
+        return Shown(NO_NAME)
+    return Shown(name if _plain(name) else repr(name))
+
+
+def typed_name(text: str) -> str:
+    """
+    The name a command-line argument means: ``text`` as it is, ``""`` for `NO_NAME`,
+    and the name a quoted form (``'openai '``, as `shown_name` shows it, or in double
+    quotes) stands for, when that name needs quoting.  Any other argument in quotes is
+    taken as it is.
+    """
+    if text == NO_NAME:
+        return ""
+    if len(text) < 2 or not text.startswith(_QUOTES) or not text.endswith(text[0]):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    if isinstance(value, str) and value and not _plain(value):
+        return value
+    return text
+
+
+def typed_key(text: str) -> str:
+    """A breaker key as typed (`typed_name`; a key is never empty, so `NO_NAME` is itself)."""
+    return text if text == NO_NAME else typed_name(text)
+
+
 def display_width(text: str) -> int:
     """
     The columns ``text`` takes on a terminal: East Asian wide and fullwidth characters
@@ -304,7 +382,14 @@ def display_width(text: str) -> int:
     return width
 
 
+def _title(title: str) -> str:
+    """A table's title, escaped unless it is `Shown` (built from names already shown)."""
+    return str(title) if isinstance(title, Shown) else printable(title)
+
+
 def _cell(value: object) -> str:
+    if isinstance(value, Shown):
+        return str(value)
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -367,14 +452,16 @@ def print_table(
     """
     Print ``rows`` under ``headers`` in aligned columns; numbers are right-aligned.
 
-    ``None`` prints as ``-``; control characters in cells are escaped (`printable`);
-    wide characters count as two columns.  An empty table prints the headers and
-    ``(no rows)``.  Rows fit ``width`` columns (default: the terminal's width when
-    printing to a terminal, unlimited otherwise, so pipes and files get every
-    character).  Only the free-text columns named in ``cut`` (an error, a reason) may
-    be shortened to fit, their long cells ending in ``…``; identifiers, numbers, times
-    and headers are never cut.  When the row cannot fit that way, each row is printed
-    as a block of ``header  value`` lines instead (as ``psql``'s expanded display).
+    ``None`` prints as ``-``; control characters in cells are escaped (`printable`),
+    but for `Shown` cells (names as `shown_name` shows them), printed as they are and
+    never right-aligned as numbers; wide characters count as two columns.  An empty
+    table prints the headers and ``(no rows)``.  Rows fit ``width`` columns (default:
+    the terminal's width when printing to a terminal, unlimited otherwise, so pipes
+    and files get every character).  Only the free-text columns named in ``cut`` (an
+    error, a reason) may be shortened to fit, their long cells ending in ``…``;
+    identifiers, numbers, times and headers are never cut.  When the row cannot fit
+    that way, each row is printed as a block of ``header  value`` lines instead (as
+    ``psql``'s expanded display).
     """
     out = file if file is not None else sys.stdout
     if width is None and _isatty(out):
@@ -387,7 +474,9 @@ def print_table(
     numeric = [
         bool(rows)
         and all(
-            isinstance(row[i], int | float) or row[i] is None or _looks_numeric(cells[r][i])
+            isinstance(row[i], int | float)
+            or row[i] is None
+            or (not isinstance(row[i], Shown) and _looks_numeric(cells[r][i]))
             for r, row in enumerate(rows)
         )
         for i in range(len(headers))
@@ -409,7 +498,7 @@ def print_table(
         return "  ".join(parts).rstrip()
 
     if title:
-        print(printable(title), file=out)
+        print(_title(title), file=out)
     print(line(headers), file=out)
     print("  ".join("-" * w for w in widths), file=out)
     for row in cells:
@@ -431,7 +520,7 @@ def _print_expanded(
     label = max(display_width(h) for h in headers)
     room = max(_MIN_COLUMN, width - label - 2)
     if title:
-        print(printable(title), file=out)
+        print(_title(title), file=out)
     for n, row in enumerate(cells, 1):
         print(f"-[ {n} ]".ljust(min(width, label + 2 + room), "-"), file=out)
         for h, text in zip(headers, row, strict=True):
@@ -445,7 +534,7 @@ def print_pairs(
     """Print ``label  value`` lines with the labels aligned (values escaped as in tables)."""
     out = file if file is not None else sys.stdout
     if title:
-        print(printable(title), file=out)
+        print(_title(title), file=out)
     width = max((display_width(label) for label, _ in rows), default=0)
     for label, value in rows:
         print(f"  {_pad(label, width, right=False)}  {_cell(value)}".rstrip(), file=out)
@@ -484,17 +573,37 @@ def emit_json(data: object, *, file: IO[str] | None = None) -> None:
     out.write("\n")
 
 
+FIXED_BELOW = 1e9
+"""
+Numbers of this size or more (and infinities) print in the short scientific form of
+``{:.4g}`` (``1e+300``, ``$1.798e+308``): a valid recorded cost or latency can be as
+large as a float gets, and its 300 digits would push every other column off the screen.
+Below it, each number prints in its column's fixed format.
+"""
+
+
+def _short(value: float) -> str | None:
+    """``value`` in the short form when it is too large for a fixed format, else None."""
+    return None if abs(value) < FIXED_BELOW else f"{value:.4g}"
+
+
 def fmt_pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.1f}%"
+    if value is None:
+        return "-"
+    return f"{_short(value * 100) or f'{value * 100:.1f}'}%"
 
 
 def fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    if value is None:
+        return "-"
+    return _short(value) or f"{value:.1f}"
 
 
 def fmt_usd(value: float | None) -> str:
     if value is None:
         return "-"
+    if (short := _short(value)) is not None:
+        return f"${short}"
     if value and abs(value) < 0.01:
         return f"${value:.6f}"
     return f"${value:,.4f}"

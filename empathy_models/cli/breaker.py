@@ -22,9 +22,10 @@ from ._common import (
     emit_json,
     number_arg,
     print_table,
-    printable,
     read_only,
     run_async,
+    shown_name,
+    typed_key,
 )
 
 __all__ = ["cmd_breaker_open", "cmd_breaker_reset", "cmd_breaker_status", "register"]
@@ -43,6 +44,11 @@ _seconds = number_arg(
 _DEFAULT = BreakerPolicy()
 _window_seconds = number_arg(float, minimum=0, strict=True, what="seconds")
 _buckets = number_arg(int, minimum=1, maximum=1_000_000, what="an integer")
+
+
+_AS_SHOWN = (
+    ", as the table shows it (a key shown in quotes, such as 'openai ', is typed with its quotes)"
+)
 
 
 def register(subparsers: SubParsers) -> None:
@@ -66,7 +72,9 @@ def register(subparsers: SubParsers) -> None:
         "the output says which it assumed.",
     )
     add_common(status)
-    status.add_argument("key", nargs="?", help="one key (provider or provider:model)")
+    status.add_argument(
+        "key", nargs="?", type=typed_key, help=f"one key (provider or provider:model){_AS_SHOWN}"
+    )
     _add_window(status)
     status.set_defaults(func=cmd_breaker_status)
 
@@ -78,7 +86,7 @@ def register(subparsers: SubParsers) -> None:
     )
     add_common(reset)
     target = reset.add_mutually_exclusive_group(required=True)
-    target.add_argument("key", nargs="?", help="the key to reset")
+    target.add_argument("key", nargs="?", type=typed_key, help=f"the key to reset{_AS_SHOWN}")
     target.add_argument("--all", action="store_true", help="reset every key")
     _add_window(reset)
     reset.set_defaults(func=cmd_breaker_reset)
@@ -90,7 +98,7 @@ def register(subparsers: SubParsers) -> None:
         "it until `breaker reset` or, with --for, until the time is up.",
     )
     add_common(force)
-    force.add_argument("key", help="the key to open")
+    force.add_argument("key", type=typed_key, help=f"the key to open{_AS_SHOWN}")
     force.add_argument(
         "--for",
         dest="seconds",
@@ -121,6 +129,11 @@ def _add_window(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"their BreakerPolicy.window_buckets (default {_DEFAULT.window_buckets}, assumed)",
     )
+
+
+def _listed(keys: list[str]) -> str:
+    """Keys for a message, each as the table shows it (`shown_name`)."""
+    return ", ".join(shown_name(k) for k in keys) if keys else "none"
 
 
 def _when(ts: float | None) -> str | None:
@@ -185,7 +198,7 @@ def _print_states(states: list[CircuitBreakerState]) -> None:
         ["key", "state", "failures", "window", "trips", "opened at", "open until", "last error"],
         [
             (
-                s.key,
+                shown_name(s.key),
                 _state_text(s, now),
                 s.consecutive_failures,
                 f"{s.window_failures}/{s.window_calls}",
@@ -213,7 +226,8 @@ def cmd_breaker_status(args: argparse.Namespace) -> int:
             if args.key not in known:
                 raise CliError(
                     f"unknown breaker key {args.key!r}: this store holds no state for it "
-                    f"(keys held: {', '.join(known) if known else 'none'})"
+                    f"(keys held: {_listed(known)})",
+                    shown=True,
                 )
             return [s for s in held if s.key == args.key]
 
@@ -272,7 +286,8 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
             if args.key not in known:
                 raise CliError(
                     f"no breaker state for {args.key!r} in this store; nothing was reset "
-                    f"(keys held: {', '.join(known) if known else 'none'})"
+                    f"(keys held: {_listed(known)})",
+                    shown=True,
                 )
             await store.reset(args.key)
             return [await store.snapshot(args.key)]
@@ -288,7 +303,7 @@ def cmd_breaker_reset(args: argparse.Namespace) -> int:
             }
         )
     else:
-        print(f"Reset {'every key' if args.all else printable(args.key)}")
+        print(f"Reset {'every key' if args.all else shown_name(args.key)}")
         _print_states(states)
         if states:
             print(_window_text(args, window))
@@ -318,7 +333,7 @@ def cmd_breaker_open(args: argparse.Namespace) -> int:
         emit_json({**state_row(state), "window": window})
     else:
         print(
-            f"Forced {args.key} open"
+            f"Forced {shown_name(args.key)} open"
             + (
                 f" until {_when(state.open_until_ts)} UTC"
                 if args.seconds is not None

@@ -22,6 +22,7 @@ from empathy_models.abc import TelemetryBackend
 from ._common import (
     MAX_DAYS,
     CliError,
+    Shown,
     SubParsers,
     add_common,
     configured_registry_file,
@@ -36,7 +37,10 @@ from ._common import (
     printable,
     read_only,
     run_async,
+    shown_name,
+    typed_name,
 )
+from ._window import Ahead, stamped_ahead, whatif_window
 
 if TYPE_CHECKING:
     from empathy_models.whatif import WhatIfReport
@@ -57,6 +61,8 @@ _rate = number_arg(float, minimum=0, maximum=1)
 _tokens = number_arg(int, minimum=0, what="a whole number")
 _count = number_arg(int, minimum=1, maximum=1_000_000, what="a whole number")
 _replicates = number_arg(int, minimum=2, maximum=10_000, what="a whole number")
+
+_AS_SHOWN = " (as the tables show it: (none) for calls without one, a quoted name in its quotes)"
 
 _SWEEP = "0.8,0.85,0.9,0.93,0.95,0.97,0.98,0.99"
 """The ``min_success_rate`` values ``routing whatif --plot`` draws without ``--sweep``."""
@@ -108,16 +114,20 @@ def _leaf(sub: SubParsers, name: str, help_text: str) -> argparse.ArgumentParser
 def _register_stats(sub: SubParsers) -> None:
     """Add ``routing stats``."""
     stats = _leaf(sub, "stats", "per-model calls, success rate with 95%% bounds, latency and cost")
-    stats.add_argument("workflow", nargs="?", help="one workflow (default: every workflow)")
-    stats.add_argument("--stage", help="one stage (default: all stages together)")
+    stats.add_argument(
+        "workflow", nargs="?", type=typed_name, help=f"one workflow{_AS_SHOWN} (default: every)"
+    )
+    stats.add_argument(
+        "--stage", type=typed_name, help=f"one stage{_AS_SHOWN} (default: all stages together)"
+    )
     stats.set_defaults(func=cmd_routing_stats)
 
 
 def _register_best(sub: SubParsers) -> None:
     """Add ``routing best``."""
     best = _leaf(sub, "best", "the model the router would pick now for a workflow stage, and why")
-    best.add_argument("workflow", help="the workflow to route")
-    best.add_argument("stage", help="its stage")
+    best.add_argument("workflow", type=typed_name, help=f"the workflow to route{_AS_SHOWN}")
+    best.add_argument("stage", type=typed_name, help=f"its stage{_AS_SHOWN}")
     best.add_argument("--max-cost", type=_non_negative_float, help="USD per call")
     best.add_argument("--max-latency-ms", type=_positive_float, help="p95 latency bound")
     best.add_argument(
@@ -154,8 +164,8 @@ def _register_whatif(sub: SubParsers) -> None:
         "what a routing policy would cost and deliver on a stage, estimated from its "
         "recorded telemetry before you deploy it",
     )
-    whatif.add_argument("workflow", help="the workflow")
-    whatif.add_argument("stage", help="its stage")
+    whatif.add_argument("workflow", type=typed_name, help=f"the workflow{_AS_SHOWN}")
+    whatif.add_argument("stage", type=typed_name, help=f"its stage{_AS_SHOWN}")
     whatif.add_argument("--max-cost", type=_non_negative_float, help="USD per call")
     whatif.add_argument("--max-latency-ms", type=_positive_float, help="p95 latency bound")
     whatif.add_argument(
@@ -209,8 +219,10 @@ def _register_upgrades(sub: SubParsers) -> None:
     upgrades = _leaf(
         sub, "upgrades", "stages whose recent failure rate advises a more capable tier"
     )
-    upgrades.add_argument("workflow", nargs="?", help="one workflow (default: every workflow)")
-    upgrades.add_argument("--stage", help="one stage")
+    upgrades.add_argument(
+        "workflow", nargs="?", type=typed_name, help=f"one workflow{_AS_SHOWN} (default: every)"
+    )
+    upgrades.add_argument("--stage", type=typed_name, help=f"one stage{_AS_SHOWN}")
     upgrades.set_defaults(func=cmd_routing_upgrades)
 
 
@@ -233,9 +245,9 @@ async def _stages(
     return [(w, s, sorted(set(m))) for (w, s), m in sorted(found.items())]
 
 
-def _name(name: str) -> str:
-    """A workflow or stage as a table shows it: "(none)" for calls without one."""
-    return name or "(none)"
+def _stage_name(args: argparse.Namespace) -> str:
+    """``workflow/stage`` of the arguments, each name as the tables show it."""
+    return f"{shown_name(args.workflow)}/{shown_name(args.stage)}"
 
 
 # --------------------------------------------------------------------------- stats
@@ -246,37 +258,51 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
     url = db_url(args.db)
     registry = _registry(args)
 
-    async def body() -> list[dict[str, Any]]:
+    async def body() -> list[tuple[dict[str, Any], Ahead]]:
         async with telemetry_from_url(url, **read_only(url)) as backend:
             router = AdaptiveModelRouter(registry, backend, refresh_interval=None)
             if args.workflow is not None:
                 workflows = [args.workflow]
             else:
                 workflows = sorted({w for w, _, _ in await _stages(backend, args.days, None, None)})
+            now = datetime.now(UTC)
             return [
-                (await router.get_routing_stats(w, stage=args.stage, days=args.days)).to_dict()
+                (
+                    (await router.get_routing_stats(w, stage=args.stage, days=args.days)).to_dict(),
+                    await stamped_ahead(backend, now, workflow=w, stage=args.stage),
+                )
                 for w in workflows
             ]
 
     results = run_async(body)
     if args.json:
-        emit_json({"workflows": results})
+        emit_json(
+            {
+                "workflows": [
+                    {**stats, "stamped_after_now": ahead.to_dict()} for stats, ahead in results
+                ]
+            }
+        )
         return 0
     if not results:
         print(f"No calls recorded in the last {args.days:g} day(s).")
         return 0
-    for i, stats in enumerate(results):
+    for i, (stats, ahead) in enumerate(results):
         if i:
             print()
-        _print_stats(stats)
+        _print_stats(stats, args.stage, ahead)
     return 0
 
 
-def _print_stats(stats: dict[str, Any]) -> None:
-    """One workflow's routing stats: a row per model, the note, sample-size warnings."""
+def _print_stats(stats: dict[str, Any], stage: str | None, ahead: Ahead) -> None:
+    """
+    One workflow's routing stats (of ``stage``; None: all its stages): a row per model,
+    the notes, sample-size warnings.
+    """
     called = stats["total_calls"] > 0  # no calls: no success rate or cost to show
     title = (
-        f"{_name(stats['workflow'])} / stage {_name(stats['stage'])}: "
+        f"{shown_name(stats['workflow'])} / "
+        f"{'all stages' if stage is None else f'stage {shown_name(stage)}'}: "
         f"{stats['total_calls']} calls in "
         f"{stats['days_analyzed']:g} day(s), "
         f"success {fmt_pct(stats['avg_success_rate'] if called else None)}, "
@@ -290,7 +316,7 @@ def _print_stats(stats: dict[str, Any]) -> None:
         ttft = (fmt_ms(m["ttft_p50"]), fmt_ms(m["ttft_p95"])) if streamed else ()
         rows.append(
             (
-                model,
+                shown_name(model),
                 m["tier"],
                 m["calls"],
                 fmt_pct(m["success_rate"]),
@@ -304,8 +330,8 @@ def _print_stats(stats: dict[str, Any]) -> None:
         if m["sample_size_warning"]:
             calls = m["calls"]
             warnings.append(
-                f"{model}: only {calls} call{'' if calls == 1 else 's'}: the success rate "
-                f"is known only to within {fmt_pct(m['success_rate_lower'])}-"
+                f"{shown_name(model)}: only {calls} call{'' if calls == 1 else 's'}: the "
+                f"success rate is known only to within {fmt_pct(m['success_rate_lower'])}-"
                 f"{fmt_pct(m['success_rate_upper'])} (95%)"
             )
     print_table(
@@ -321,12 +347,14 @@ def _print_stats(stats: dict[str, Any]) -> None:
             "avg cost",
         ],
         rows,
-        title=title,
+        title=Shown(title),
     )
     if stats["message"]:
         print(f"note: {printable(stats['message'])}")
+    if (note := ahead.note()) is not None:
+        print(f"note: {note}")
     for warning in warnings:
-        print(f"warning: {printable(warning)}", file=sys.stderr)
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- best
@@ -401,9 +429,10 @@ async def _best_decision(
             chosen = sorted({m for _, _, models in seen for m in models})
             if not chosen:
                 raise CliError(
-                    f"no calls recorded for {args.workflow}/{args.stage} in the last "
+                    f"no calls recorded for {_stage_name(args)} in the last "
                     f"{args.days:g} day(s); pass --tier or --candidates to choose among "
-                    "models without history"
+                    "models without history",
+                    shown=True,
                 )
         async with AdaptiveModelRouter(
             registry, backend, policy=policy, refresh_interval=None, seed=0
@@ -426,13 +455,13 @@ def _print_best(args: argparse.Namespace, decision: RoutingDecision) -> None:
     """The decision and its candidates, as tables."""
     print_pairs(
         [
-            ("model", decision.model),
+            ("model", shown_name(decision.model)),
             ("constraints met", "yes" if decision.constraints_met else "no"),
             ("reason", decision.reason),
             ("policy applied", decision.policy_applied or "-"),
             ("relaxed", ", ".join(decision.relaxed) or "-"),
         ],
-        title=f"Best model for {args.workflow}/{args.stage}",
+        title=Shown(f"Best model for {_stage_name(args)}"),
     )
     print()
     # the time-to-first-token column only where some candidate streamed or it is asked for
@@ -445,7 +474,7 @@ def _print_best(args: argparse.Namespace, decision: RoutingDecision) -> None:
         headers,
         [
             (
-                c.model,
+                shown_name(c.model),
                 c.status.value,
                 c.sample_size,
                 fmt_pct(c.success_rate),
@@ -486,13 +515,16 @@ def cmd_routing_whatif(args: argparse.Namespace) -> int:
         "replicates": args.replicates,
         "seed": args.seed,
     }
-    report, swept = run_async(lambda: _whatif_reports(args, url, registry, sweep, options))
+    report, swept, ahead = run_async(lambda: _whatif_reports(args, url, registry, sweep, options))
     if plot is not None:
         _plot_sweep(swept, report, *plot)
     if args.json:
-        emit_json(_whatif_json(report, swept, None if plot is None else plot[0]))
+        out = _whatif_json(report, swept, None if plot is None else plot[0])
+        emit_json({**out, "stamped_after_now": ahead.to_dict()})
         return 0
     _print_whatif(report)
+    if (note := ahead.note()) is not None:
+        print(f"note: {note}")
     if plot is not None:
         print(f"\nplot: cost per request against min_success_rate written to {plot[0]}")
     return 0
@@ -557,9 +589,11 @@ async def _whatif_reports(
     registry: ModelRegistry,
     sweep: list[float],
     options: dict[str, Any],
-) -> tuple[WhatIfReport, list[WhatIfReport]]:
+) -> tuple[WhatIfReport, list[WhatIfReport], Ahead]:
     """
     The stage's evidence read once, evaluated under the asked policy and over ``sweep``.
+    The window is the ``--days`` before now and, as the router counts them, the calls
+    stamped after now, up to the newest (`whatif_window`).
 
     Args:
         args: the parsed ``routing whatif`` arguments.
@@ -569,7 +603,7 @@ async def _whatif_reports(
         options: `simulate_policy` keywords shared by every evaluation.
 
     Returns:
-        The `WhatIfReport` and one report per swept rate.
+        The `WhatIfReport`, one report per swept rate, and the calls stamped after now.
 
     Raises:
         CliError: no call recorded for the stage in the window and no candidates given.
@@ -581,14 +615,18 @@ async def _whatif_reports(
     )
 
     async with telemetry_from_url(url, **read_only(url)) as backend:
+        now = datetime.now(UTC)
+        ahead = await stamped_ahead(backend, now, workflow=args.workflow, stage=args.stage)
+        end, days = whatif_window(now, args.days, ahead)
         evidence = await load_stage_evidence(
-            backend, args.workflow, args.stage, registry=registry, days=args.days
+            backend, args.workflow, args.stage, registry=registry, days=days, now=end
         )
         if not evidence.samples and options["candidates"] is None:
             raise CliError(
-                f"no calls recorded for {args.workflow}/{args.stage} in the last "
+                f"no calls recorded for {_stage_name(args)} in the last "
                 f"{args.days:g} day(s); pass --candidates to evaluate models without "
-                "history (they will be reported as unknown)"
+                "history (they will be reported as unknown)",
+                shown=True,
             )
         report = await evaluate_policy(
             backend,
@@ -602,7 +640,7 @@ async def _whatif_reports(
         swept: list[WhatIfReport] = []
         if sweep:
             swept = await sweep_min_success_rate(evidence, sweep, registry=registry, **options)
-        return report, swept
+        return report, swept, ahead
 
 
 def _whatif_json(
@@ -658,7 +696,9 @@ def _print_whatif(r: Any) -> None:
             ),
             ("simulated", f"{r.replicates} replicates x {r.requests} requests (95% intervals)"),
         ],
-        title=f"What if {_name(r.workflow)}/{_name(r.stage)} were routed with this policy",
+        title=Shown(
+            f"What if {shown_name(r.workflow)}/{shown_name(r.stage)} were routed with this policy"
+        ),
     )
     print()
     print_table(
@@ -697,7 +737,7 @@ def _print_whatif(r: Any) -> None:
         ["model", "traffic (95% interval)", "recorded", "calls", "success", "cost/call"],
         [
             (
-                t.model,
+                shown_name(t.model),
                 _ci(t.share, fmt_pct),
                 fmt_pct(recorded_share.get(t.model)),
                 fits[t.model].samples if t.model in fits else 0,
@@ -757,9 +797,12 @@ def cmd_routing_upgrades(args: argparse.Namespace) -> int:
     registry = _registry(args)
     policy = RoutingPolicy(window_days=args.days)
 
-    async def body() -> list[dict[str, Any]]:
+    async def body() -> tuple[list[dict[str, Any]], Ahead]:
         async with telemetry_from_url(url, **read_only(url)) as backend:
             seen = await _stages(backend, args.days, args.workflow, args.stage)
+            ahead = await stamped_ahead(
+                backend, datetime.now(UTC), workflow=args.workflow, stage=args.stage
+            )
             async with AdaptiveModelRouter(
                 registry, backend, policy=policy, refresh_interval=None
             ) as router:
@@ -781,11 +824,11 @@ def cmd_routing_upgrades(args: argparse.Namespace) -> int:
                             "reason": rec.reason,
                         }
                     )
-                return out
+                return out, ahead
 
-    rows = run_async(body)
+    rows, ahead = run_async(body)
     if args.json:
-        emit_json({"stages": rows})
+        emit_json({"stages": rows, "stamped_after_now": ahead.to_dict()})
         return 0
     if not rows:
         print(f"No calls recorded in the last {args.days:g} day(s).")
@@ -794,8 +837,8 @@ def cmd_routing_upgrades(args: argparse.Namespace) -> int:
         ["workflow", "stage", "recent", "failure", "upgrade", "to", "reason"],
         [
             (
-                _name(r["workflow"]),
-                _name(r["stage"]),
+                shown_name(r["workflow"]),
+                shown_name(r["stage"]),
                 r["window"],
                 fmt_pct(r["failure_rate"]),
                 "yes" if r["should_upgrade"] else "no",
@@ -806,4 +849,6 @@ def cmd_routing_upgrades(args: argparse.Namespace) -> int:
         ],
         cut=("reason",),
     )
+    if (note := ahead.note()) is not None:
+        print(f"note: {note}")
     return 0

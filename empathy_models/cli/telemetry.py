@@ -30,7 +30,10 @@ from ._common import (
     print_table,
     read_only,
     run_async,
+    shown_name,
+    typed_name,
 )
+from ._window import Ahead, stamped_ahead
 
 __all__ = ["cmd_telemetry_export", "cmd_telemetry_summary", "register"]
 
@@ -49,8 +52,11 @@ _COUNTED = (
     "fatal); breaker rejections, cancellations, ignored and not-sent attempts are left "
     "out (`telemetry export` lists every attempt). Cost is what every attempt in the "
     "window cost, those left out of Calls included (a stream abandoned or cut short is "
-    "billed for what it used)."
+    "billed for what it used). The window is the days before now and the calls stamped "
+    "after now, as the router counts them."
 )
+
+_NAME_HELP = " (as the table shows it: (none) for calls without one, a quoted name in its quotes)"
 
 
 def register(subparsers: SubParsers) -> None:
@@ -70,8 +76,8 @@ def register(subparsers: SubParsers) -> None:
         f"latency and cost. {_COUNTED}",
     )
     add_common(summary)
-    summary.add_argument("--workflow", help="only this workflow")
-    summary.add_argument("--stage", help="only this stage")
+    summary.add_argument("--workflow", type=typed_name, help=f"only this workflow{_NAME_HELP}")
+    summary.add_argument("--stage", type=typed_name, help=f"only this stage{_NAME_HELP}")
     summary.add_argument("--days", type=_days, default=7, help="window in days (default 7)")
     summary.set_defaults(func=cmd_telemetry_summary)
 
@@ -84,8 +90,8 @@ def register(subparsers: SubParsers) -> None:
     add_common(export, json_flag=False)
     export.add_argument("--format", choices=("csv", "jsonl"), required=True, help="output format")
     export.add_argument("--output", "-o", type=Path, default=None, help="file (default: stdout)")
-    export.add_argument("--workflow", help="only this workflow")
-    export.add_argument("--stage", help="only this stage")
+    export.add_argument("--workflow", type=typed_name, help=f"only this workflow{_NAME_HELP}")
+    export.add_argument("--stage", type=typed_name, help=f"only this stage{_NAME_HELP}")
     export.add_argument("--days", type=_days, default=None, help="only the last N days")
     export.add_argument("--limit", type=_limit, default=1_000_000, help="at most N newest records")
     export.set_defaults(func=cmd_telemetry_export)
@@ -161,14 +167,17 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
     """Aggregate the window per (workflow, stage, model) and print it."""
     url = db_url(args.db)
 
-    async def body() -> list[dict[str, Any]]:
-        since = _since(args.days)
+    async def body() -> tuple[list[dict[str, Any]], Ahead]:
+        now = datetime.now(UTC)
+        since = now - timedelta(days=args.days)
+        names = {"workflow": args.workflow, "stage": args.stage}
         async with telemetry_from_url(url, **read_only(url)) as backend:
-            perf = await backend.aggregate(workflow=args.workflow, stage=args.stage, since=since)
-            spend = await backend.spend(workflow=args.workflow, stage=args.stage, since=since)
-        return _summary_rows(perf, spend)
+            perf = await backend.aggregate(**names, since=since)
+            spend = await backend.spend(**names, since=since)
+            ahead = await stamped_ahead(backend, now, **names)
+        return _summary_rows(perf, spend), ahead
 
-    rows = run_async(body)
+    rows, ahead = run_async(body)
     if args.json:
         emit_json(
             {
@@ -176,6 +185,7 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
                 "counted": _COUNTED,
                 "models": rows,
                 "total_cost_usd": sum(r["total_cost_usd"] for r in rows),
+                "stamped_after_now": ahead.to_dict(),
             }
         )
         return 0
@@ -183,9 +193,9 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
     streamed = any(r["ttft_p50_ms"] is not None for r in rows)
     table = [
         (
-            r["workflow"],
-            r["stage"],
-            r["model"],
+            shown_name(r["workflow"]),
+            shown_name(r["stage"]),
+            shown_name(r["model"]),
             r["calls"],
             fmt_pct(r["success_rate"]),
             f"{fmt_pct(r['success_rate_lower'])}-{fmt_pct(r['success_rate_upper'])}"
@@ -218,6 +228,8 @@ def cmd_telemetry_summary(args: argparse.Namespace) -> int:
         calls = sum(r["calls"] for r in rows)
         cost = sum(r["total_cost_usd"] for r in rows)
         print(f"total: {calls} call{'' if calls == 1 else 's'}, {fmt_usd(cost)}")
+    if (note := ahead.note()) is not None:
+        print(f"note: {note}")
     print(f"note: {_COUNTED}")
     return 0
 
