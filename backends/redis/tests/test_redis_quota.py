@@ -3,8 +3,34 @@
 from __future__ import annotations
 
 import pytest
+import redis.asyncio as aioredis
 
-from empathy_models.testing.contracts import QuotaStoreContract, ResponseCacheContract
+from empathy_models.testing.contracts import (
+    QuotaStoreContract,
+    ResponseCacheContract,
+    StepQuotaClock,
+)
+
+
+def _later(text: str, seconds: float) -> str:
+    return repr(float(text) + seconds)
+
+
+async def _move_window(client: aioredis.Redis, key: str, later: float) -> None:
+    """A budget window's holds (fields ``h:<time>``, ``l:<time>``) and write time."""
+    fields = await client.hgetall(key)
+    gone, moved = [], {}
+    for name, value in fields.items():
+        if name == "at":
+            moved[name] = _later(value, later)
+        elif name[:2] in ("h:", "l:"):
+            gone.append(name)
+            bucket = int(name[2:]) + int(later)
+            moved[f"{name[:2]}{bucket}"] = value if name[0] == "h" else _later(value, later)
+    if gone:
+        await client.hdel(key, *gone)
+    if moved:
+        await client.hset(key, mapping=moved)
 
 
 class TestRedisQuotaStore(QuotaStoreContract):
@@ -13,6 +39,31 @@ class TestRedisQuotaStore(QuotaStoreContract):
     @pytest.fixture
     def quota_store_url(self, redis_store_url: str) -> str:
         return redis_store_url
+
+    @pytest.fixture
+    def step_quota_clock(self, redis_url: str, redis_prefix: str) -> StepQuotaClock:
+        """TIME cannot be stepped: every time the store holds moves later by the step."""
+
+        async def step(seconds: float) -> float:
+            later = -seconds
+            assert later % 60 == 0, "holds are kept per whole minute"
+            client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+            try:
+                async for key in client.scan_iter(match=redis_prefix + "quota:*"):
+                    if await client.type(key) == "hash":
+                        await _move_window(client, key, later)
+                    else:  # a schedule: "<end> [<reset>] @<written>"
+                        parts = (await client.get(key) or "").split(" ")
+                        moved = [
+                            "@" + _later(p[1:], later) if p[:1] == "@" else _later(p, later)
+                            for p in parts
+                        ]
+                        await client.set(key, " ".join(moved), keepttl=True)
+            finally:
+                await client.aclose()
+            return later
+
+        return step
 
 
 class TestRedisResponseCache(ResponseCacheContract):
