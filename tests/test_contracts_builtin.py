@@ -15,8 +15,8 @@ from empathy_models.testing.clock import DEFAULT_START, FakeClock
 from empathy_models.testing.contracts import (
     AdvanceClock,
     CircuitStateStoreContract,
-    TelemetryBackendContract,
     StepStateClock,
+    TelemetryBackendContract,
     stepping,
 )
 

@@ -74,14 +74,16 @@ class DefaultPushBack(MemoryQuotaStore):
     push_back = QuotaStore.push_back
 
 
-class TestDefaultPushBackQuotaStore(QuotaStoreContract):
+class TestDefaultPushBackQuotaStore(_WallClocked):
     @pytest.fixture
     def quota_store_url(self) -> str:
         return "memory://"
 
     @pytest_asyncio.fixture(loop_scope="function")
-    async def quota_store(self) -> AsyncIterator[QuotaStore]:  # type: ignore[override]
-        async with DefaultPushBack() as store:
+    async def quota_store(  # type: ignore[override]
+        self, wall_clock: SteppedWallClock
+    ) -> AsyncIterator[QuotaStore]:
+        async with DefaultPushBack(clock=wall_clock) as store:
             yield store
 
 

@@ -22,15 +22,20 @@ from empathy_models.testing.contracts import (
     TelemetryBackendContract,
 )
 
-_TIMES = ("opened_at_ts", "open_until_ts", "closed_at_ts", "last_failure_ts", "updated_at_ts")
-
 
 def _later(state: CircuitBreakerState, seconds: float, buckets: int) -> CircuitBreakerState:
     """``state`` as a clock ``seconds`` ahead would have written it."""
-    times = {name: getattr(state, name) for name in _TIMES}
+
+    def moved(t: float | None) -> float | None:
+        return None if t is None else t + seconds
+
     return attrs.evolve(
         state,
-        **{name: None if t is None else t + seconds for name, t in times.items()},
+        opened_at_ts=moved(state.opened_at_ts),
+        open_until_ts=moved(state.open_until_ts),
+        closed_at_ts=moved(state.closed_at_ts),
+        last_failure_ts=moved(state.last_failure_ts),
+        updated_at_ts=moved(state.updated_at_ts),
         leases=tuple((lease, ends + seconds) for lease, ends in state.leases),
         window=tuple((b + buckets, calls, failed) for b, calls, failed in state.window),
     )
@@ -52,9 +57,7 @@ class TestPostgresStateStore(CircuitStateStoreContract):
         return postgres_url
 
     @pytest.fixture
-    def step_state_clock(
-        self, state_store: CircuitStateStore, postgres_dsn: str
-    ) -> StepStateClock:
+    def step_state_clock(self, state_store: CircuitStateStore, postgres_dsn: str) -> StepStateClock:
         """clock_timestamp() cannot be stepped: every key's times move later instead."""
         assert isinstance(state_store, PostgresCircuitStateStore)
         table = state_store._table

@@ -20,9 +20,9 @@ from empathy_models import (
     OpenAIProvider,
     RetryPolicy,
 )
+from empathy_models.abc import QuotaStore
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.testing import FakeLLMServer, ModelBehavior
-from empathy_models.abc import QuotaStore
 from empathy_models.testing.contracts import (
     QuotaStoreContract,
     ResponseCacheContract,
@@ -41,7 +41,8 @@ def _later(data: dict[str, Any], seconds: float) -> dict[str, Any]:
     if "holds" in out:
         out["holds"] = {str(int(t) + int(seconds)): n for t, n in out["holds"].items()}
     if "lapses" in out:
-        out["lapses"] = {str(int(t) + int(seconds)): at + seconds for t, at in out["lapses"].items()}
+        lapses = out["lapses"].items()
+        out["lapses"] = {str(int(t) + int(seconds)): at + seconds for t, at in lapses}
     return out
 
 

@@ -6,6 +6,7 @@ import pytest
 import redis.asyncio as aioredis
 from empathy_models_redis import RedisCircuitStateStore
 from empathy_models_redis._feed import client_name
+from redis.typing import EncodableT, FieldT
 
 from empathy_models import BreakerPolicy
 from empathy_models.abc import CircuitStateStore
@@ -17,6 +18,10 @@ from empathy_models.testing.contracts import (
 )
 
 _TIMES = ("opened_at_ts", "open_until_ts", "closed_at_ts", "last_failure_ts", "updated_at_ts")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _later(text: str, seconds: float) -> str:
@@ -48,11 +53,14 @@ class TestRedisStateStore(CircuitStateStoreContract):
             later = -seconds
             buckets = round(later / policy.bucket_seconds)
             assert buckets * policy.bucket_seconds == pytest.approx(later)
-            client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+            client = aioredis.Redis.from_url(redis_url)
             try:
                 async for key in client.scan_iter(match=redis_prefix + "cb:*"):
-                    fields = await client.hgetall(key)
-                    moved = {f: _later(fields[f], later) for f in _TIMES if fields.get(f)}
+                    raw = await client.hgetall(key)
+                    fields = {_text(f): _text(v) for f, v in raw.items()}
+                    moved: dict[FieldT, EncodableT] = {
+                        f: _later(fields[f], later) for f in _TIMES if fields.get(f)
+                    }
                     moved["window"] = _moved_window(fields.get("window", ""), buckets)
                     moved["leases"] = _moved_leases(fields.get("leases", ""), later)
                     # without a revision, the next operation answers with every field

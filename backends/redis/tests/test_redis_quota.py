@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 from empathy_models.testing.contracts import (
     QuotaStoreContract,
@@ -12,14 +13,19 @@ from empathy_models.testing.contracts import (
 )
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _later(text: str, seconds: float) -> str:
     return repr(float(text) + seconds)
 
 
-async def _move_window(client: aioredis.Redis, key: str, later: float) -> None:
+async def _move_window(client: aioredis.Redis, key: bytes, later: float) -> None:
     """A budget window's holds (fields ``h:<time>``, ``l:<time>``) and write time."""
-    fields = await client.hgetall(key)
-    gone, moved = [], {}
+    fields = {_text(f): _text(v) for f, v in (await client.hgetall(key)).items()}
+    gone: list[str] = []
+    moved: dict[FieldT, EncodableT] = {}
     for name, value in fields.items():
         if name == "at":
             moved[name] = _later(value, later)
@@ -47,13 +53,13 @@ class TestRedisQuotaStore(QuotaStoreContract):
         async def step(seconds: float) -> float:
             later = -seconds
             assert later % 60 == 0, "holds are kept per whole minute"
-            client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+            client = aioredis.Redis.from_url(redis_url)
             try:
                 async for key in client.scan_iter(match=redis_prefix + "quota:*"):
-                    if await client.type(key) == "hash":
+                    if _text(await client.type(key)) == "hash":
                         await _move_window(client, key, later)
                     else:  # a schedule: "<end> [<reset>] @<written>"
-                        parts = (await client.get(key) or "").split(" ")
+                        parts = _text(await client.get(key) or b"").split(" ")
                         moved = [
                             "@" + _later(p[1:], later) if p[:1] == "@" else _later(p, later)
                             for p in parts

@@ -71,14 +71,14 @@ stepped, so a test of a server store moves every time the store holds instead.
 from __future__ import annotations
 
 from ._cache import ResponseCacheContract as ResponseCacheContract
+from ._change_feed import (
+    ChangeFeedContract as ChangeFeedContract,
+    CutChangeFeed as CutChangeFeed,
+)
 from ._clock_step import (
     StepQuotaClock as StepQuotaClock,
     StepStateClock as StepStateClock,
     stepping as stepping,
-)
-from ._change_feed import (
-    ChangeFeedContract as ChangeFeedContract,
-    CutChangeFeed as CutChangeFeed,
 )
 from ._evidence import assert_same_buckets as assert_same_buckets
 from ._quota import QuotaStoreContract as QuotaStoreContract

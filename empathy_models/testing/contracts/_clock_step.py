@@ -8,6 +8,7 @@ step its store's clock (the ``step_state_clock`` and ``step_quota_clock`` fixtur
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -252,8 +253,11 @@ class QuotaClockSteps:
         kw: dict[str, Any] = {"window_start": 1_800_000_000.0, "window_end": 1_800_086_400.0}
         now = time.time()  # the store's clock, until it steps
         dead, live = now + 240.0, now + 600.0  # a killed worker's hold; a call in flight
-        assert (await quota_store.reserve("b", **kw, amount=300, limit=1000, lapses_at=dead)).granted
-        assert (await quota_store.reserve("b", **kw, amount=200, limit=1000, lapses_at=live)).granted
+        for key, amount, lapses_at in (("b", 300, dead), ("b", 200, live), ("c", 1, dead)):
+            grant = await quota_store.reserve(
+                key, **kw, amount=amount, limit=1000, lapses_at=lapses_at
+            )
+            assert grant.granted, grant
         later = await step(-HOUR)
         u = await quota_store.usage("b", **kw)
         assert u.held == 500 and u.held_until is not None, u
@@ -262,6 +266,10 @@ class QuotaClockSteps:
         # the call in flight through the step settles its hold as before
         u = await quota_store.settle("b", **kw, held=200, actual=150, lapses_at=live + later)
         assert (u.held, u.spent, u.settled, u.released, u.overrun) == (300, 150, 150, 50, 0), u
+        # a hold reserved after the step into a bucket whose hold was moved lapses at
+        # the bucket's own time, with the moved one: never early
+        joined = await quota_store.reserve("c", **kw, amount=1, limit=1000, lapses_at=dead + later)
+        assert joined.usage.held_until == math.ceil(dead / 60) * 60 + later, joined.usage
         # the dead worker's hold lapses when its time has passed: 6 minutes on
         await step(360.0)
         grant = await quota_store.reserve("b", **kw, amount=850, limit=1000)
