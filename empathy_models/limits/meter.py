@@ -225,9 +225,9 @@ def settle_step(
 
 CLOCK_STEP: Final = 1.0
 """
-Seconds a schedule's last write (``at``) may lie ahead of the store's now before it is
-taken for a wall clock stepped back (`unstepped`); less is the jitter of the clocks of
-processes sharing a store, read before they get its lock.
+Seconds a schedule's or a budget window's last write (``at``) may lie ahead of the
+store's now before it is taken for a wall clock stepped back (`unstepped`); less is the
+jitter of the clocks of processes sharing a store, read before they get its lock.
 """
 
 
