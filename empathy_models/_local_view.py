@@ -29,7 +29,7 @@ import anyio
 
 from ._breaker_events import describe
 from ._settled import SHIELD_SECONDS
-from .circuit import extends_open
+from .circuit import CLOCK_STEP, extends_open, unstepped
 from .outcomes import retry_after_of
 from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
 
@@ -495,8 +495,8 @@ class LocalView:
         """
         Whether the store would drop ``outcome`` of ``ticket`` anyway, as the key's view
         tells: a fresh view of a later generation (unless a 429 holds it open longer, by
-        the store's clock: this one plus ``skew``), or a DISABLED view of the ticket's
-        generation.
+        the store's clock: this one plus ``skew``, and the open end a clock stepped back
+        leaves, `unstepped`), or a DISABLED view of the ticket's generation.
         """
         view = self.views.get(ticket.key)
         if view is None:
@@ -506,7 +506,7 @@ class LocalView:
         if (
             self.current(view, now)
             and ticket.generation < state.generation
-            and not extends_open(state, outcome, retry_after, now + skew)
+            and not extends_open(unstepped(state, now + skew), outcome, retry_after, now + skew)
         ):
             return True  # the store's generation is at least the view's
         return state.state is _DISABLED and state.generation == ticket.generation
@@ -681,9 +681,10 @@ class Guard:
             if tail is not None and tail.state is view.state:
                 # MemoryStateStore._add_successes' common case, inlined: one more
                 # success in the bucket of the live tail's last run (the tail's state
-                # is the view's, of the ticket's generation, under this policy)
+                # is the view's, of the ticket's generation, under this policy), and
+                # no clock stepped back since the last (`circuit.unstepped`)
                 now = tail.clock()
-                if tail.lo <= now < tail.end:
+                if tail.lo <= now < tail.end and now + CLOCK_STEP >= tail.now:
                     tail.count += 1
                     tail.now = now
                     return view.exited  # type: ignore[return-value]  # set with entered
@@ -775,7 +776,7 @@ def protected(
                     tail = view.tail  # as in Guard.__aexit__
                     if tail is not None and tail.state is view.state:
                         now = tail.clock()
-                        if tail.lo <= now < tail.end:
+                        if tail.lo <= now < tail.end and now + CLOCK_STEP >= tail.now:
                             tail.count += 1
                             tail.now = now
                             return result

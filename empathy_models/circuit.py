@@ -33,14 +33,18 @@ fallback" table says what each error does to a call):
 * ``ignored``, ``cancelled``, ``rejected`` and ``not_sent`` outcomes count as neither
   success nor failure; in HALF_OPEN they return the probe lease.
 * The times are wall-clock times, and a wall clock can step back (an NTP correction, a
-  virtual machine resumed).  An end is then not to be waited for as long as the step:
-  when a key's last write (``updated_at_ts``) lies more than `CLOCK_STEP` seconds ahead
-  of ``now``, the clock stepped back by at least that much, and `unstepped` moves the
-  key's times (open end, probe leases, when it opened, closed, last failed) back by
-  it: an open end keeps the time it had left at that write, whatever the step.
-  `admit` writes the moved times (no transition: the generation stays), so the
-  circuit's remaining time then runs on the new clock.  A clock stepped forward ends
-  open periods and leases early, as any lost time would.
+  virtual machine resumed).  An end is then not to be waited for as long as the step,
+  nor an outcome counted that long: when a key's last write (``updated_at_ts``) lies
+  more than `CLOCK_STEP` seconds ahead of ``now``, the clock stepped back by at least
+  that much, and `unstepped` moves the key's times (open end, probe leases, when it
+  opened, closed, last failed, the window's buckets) back by it: each keeps the age,
+  and an end the time left, it had at that write, whatever the step (the time between
+  that write and the step is not known, and counts as none).  Every operation that
+  writes moves them first (`admit` but for CLOSED and DISABLED keys, whose admission
+  writes nothing; `apply_outcome`, `apply_outcomes`, `force`), without a transition:
+  the generation stays, and the key's remaining times then run on the new clock.  A
+  clock stepped forward ends open periods and leases early and ages the window, as
+  any lost time would.
 * Every transition increases ``generation`` by one.  An outcome whose ticket carries
   another generation is dropped; so is a probe outcome whose lease already expired.
 """
@@ -210,29 +214,39 @@ processes that share a store, waiting their turn for its lock.
 """
 
 
-def unstepped(state: CircuitBreakerState, now: float) -> CircuitBreakerState:
+def unstepped(
+    state: CircuitBreakerState, now: float, policy: BreakerPolicy | None = None
+) -> CircuitBreakerState:
     """
     ``state`` with its times moved back by how far its last write lies ahead of ``now``
     when that is more than `CLOCK_STEP` (the wall clock stepped back since): the open
-    end, probe leases' ends, when it opened, closed and last failed, and
-    ``updated_at_ts`` set to ``now``; an end thus keeps the time it had left at that
-    write.  ``state`` itself otherwise, and when it holds no end to move (CLOSED,
-    DISABLED, FORCED_OPEN until a reset, HALF_OPEN without a lease out).  The window's
-    buckets stay as they are.
+    end, probe leases' ends, when it opened, closed and last failed, and, given the
+    ``policy`` it was written under, the window's buckets (by as many buckets as lie
+    between the last write's and ``now``'s); ``updated_at_ts`` is set to ``now``.  Each
+    time thus keeps the age, or an end the time left, it had at that write.  ``state``
+    itself otherwise, and when it holds no time to move (DISABLED, FORCED_OPEN until a
+    reset, HALF_OPEN without a lease out, CLOSED without a ``policy``).
     """
     last = state.updated_at_ts
     if last is None or not last - now > CLOCK_STEP:
         return state
     s = state.state
-    if s is _CLOSED or s is _DISABLED or (state.open_until_ts is None and not state.leases):
+    if s is _DISABLED or (s is _CLOSED and policy is None):
+        return state
+    if s is not _CLOSED and state.open_until_ts is None and not state.leases:
         return state
     back = last - now
 
     def moved(t: float | None) -> float | None:
         return None if t is None else max(0.0, t - back)
 
+    window = state.window
+    if policy is not None and window:
+        buckets = _bucket(policy, last) - _bucket(policy, now)
+        window = tuple((b - buckets, calls, failed) for b, calls, failed in window)
     return _trusted_state_evolve(
         state,
+        window=window,
         opened_at_ts=moved(state.opened_at_ts),
         open_until_ts=moved(state.open_until_ts),
         closed_at_ts=moved(state.closed_at_ts),
@@ -417,21 +431,22 @@ def admit(
     circuit to HALF_OPEN.  HALF_OPEN first drops expired leases, then grants a lease if
     fewer than ``half_open_probes`` are out, else rejects until the earliest lease
     expires.  Times a wall clock stepped back left ahead of ``now`` are moved back first
-    (`unstepped`).
+    (`unstepped`; a CLOSED key's are moved by its next outcome, as admitting it writes
+    nothing).
     """
     if state is None:
         if key is None:
             raise ValueError("admit() needs a state or a key")
         state = initial_state(key, now)
-    else:
-        state = unstepped(state, now)
     s = state.state
     if s is CircuitState.CLOSED or s is CircuitState.DISABLED:
+        # admitting writes nothing here: the window moves with the next outcome
         return state, Admission(
             admitted=True,
             state=state,
             ticket=Ticket(key=state.key, generation=state.generation),
         )
+    state = unstepped(state, now, policy)
     if s is CircuitState.OPEN or s is CircuitState.FORCED_OPEN:
         until = state.open_until_ts
         if until is None or now < until:
@@ -489,11 +504,12 @@ def apply_outcome(
     before the circuit opened still says how long the provider wants callers away, so
     an OPEN (or time-limited FORCED_OPEN) circuit is held until at least
     ``now + retry_after`` (never shortened; no transition, the generation stays).  See
-    the module docstring for what each outcome class does in each state.
+    the module docstring for what each outcome class does in each state.  Times a wall
+    clock stepped back left ahead of ``now`` are moved back first (`unstepped`), so the
+    outcome is judged, and the state written, by the times the key had left.
     """
     ticket = report.ticket
-    if state is None:
-        state = initial_state(ticket.key, now)
+    state = initial_state(ticket.key, now) if state is None else unstepped(state, now, policy)
     if ticket.generation != state.generation:
         return _other_generation(state, report, now)
     s = state.state
@@ -638,6 +654,8 @@ def apply_outcomes(
         if not reports:
             raise ValueError("apply_outcomes() needs a state or at least one report")
         state = initial_state(reports[0].ticket.key, now)
+    else:
+        state = unstepped(state, now, policy)
     i, n = 0, len(reports)
     while i < n:
         report = reports[i]
@@ -682,6 +700,8 @@ def force(
         if key is None:
             raise ValueError("force() needs a state or a key")
         state = initial_state(key, now)
+    else:
+        state = unstepped(state, now)  # a forced end is never shortened: by the time left
     if target is CircuitState.FORCED_OPEN:
         return _force_open(state, now, until, reason or "forced open", None)
     if target is CircuitState.CLOSED:
@@ -712,7 +732,7 @@ def as_of(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> Circ
     has come reads OPEN, `CircuitBreakerState.open_ended`), the failure streak, the
     open end.  ``state`` itself when nothing is moved or dropped.
     """
-    moved = unstepped(state, now)
+    moved = unstepped(state, now, policy)
     leases = tuple(lease for lease in moved.leases if lease[1] > now)
     window = _live_window(moved, policy, now)
     if moved is state and leases == state.leases and window == state.window:

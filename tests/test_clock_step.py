@@ -1,8 +1,10 @@
 """
 A wall clock stepped back (an NTP correction) neither blocks rate limits nor holds
-circuits open for the size of the step: schedules and open ends keep the time they had
-left when last written (`limits.meter.unstepped`, `circuit.unstepped`), on the memory
-and SQLite stores.  The Redis ports are checked in the plugin's tests.
+circuits open for the size of the step: schedules, open ends and windows keep the time
+they had left when last written (`limits.meter.unstepped`, `circuit.unstepped`), on
+the memory and SQLite stores, through the executor and the breaker.  Every store runs
+the same cases at the store's interface in the contracts (`testing.contracts`:
+``step_state_clock``, ``step_quota_clock``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from empathy_models import (
     ModelInfo,
     ModelRegistry,
     OpenAIProvider,
+    Outcome,
     RateLimit,
     RetryPolicy,
 )
@@ -176,3 +179,62 @@ async def test_a_probe_lease_keeps_its_time_when_the_clock_steps_back(
         assert refused.value.retry_after == pytest.approx(120.0)
         clock.advance(120.0)
         assert (await br.admit(key)).lease_id is not None  # the lease expired: a new probe
+
+
+async def _succeed(key: str, breaker: CircuitBreaker) -> None:
+    async def fine() -> None:
+        return None
+
+    await breaker.call(key, fine)
+
+
+@pytest.mark.parametrize("make_store", [_memory_state, _sqlite_state], ids=["memory", "sqlite"])
+async def test_failures_leave_the_window_in_its_span_after_the_clock_steps_back(
+    tmp_path: Path, make_store: Callable[[FakeClock, Path], CircuitStateStore]
+) -> None:
+    clock = FakeClock(1_800_000_000.0)
+    policy = BreakerPolicy(
+        consecutive_failures=100,
+        minimum_calls=10,
+        failure_rate_threshold=0.5,
+        window_seconds=60.0,
+        window_buckets=6,
+    )
+    key = "openai:gpt-step"
+    store = make_store(clock, tmp_path)
+    async with store, CircuitBreaker(store=store, clock=clock, policy=policy) as br:
+        for _ in range(4):  # 4 failures in 9 calls: under the minimum of 10
+            await _fail(key, br)
+            await _succeed(key, br)
+        await _succeed(key, br)
+        clock.set(clock() - HOUR)  # NTP steps the wall clock back an hour
+        await _succeed(key, br)
+        await br.flush()  # as the background flusher does: the window keeps its age
+        clock.advance(61.0)
+        # the 4 failures are a minute old and out of the window: one more failure is
+        # 1 in 1 call (before the fix, 5 in 10 for an hour: the circuit opened)
+        await _fail(key, br)
+        status = await br.get_status(key)
+        assert status.state is CircuitState.CLOSED, status
+        assert [(calls, failed) for _, calls, failed in status.window] == [(1, 1)]
+
+
+async def test_a_late_429_after_the_clock_steps_back_holds_the_circuit_its_retry_after(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock(1_800_000_000.0)
+    policy = BreakerPolicy(consecutive_failures=1, recovery_seconds=60.0)
+    key = "openai:gpt-step"
+    async with (
+        SQLiteStateStore(str(tmp_path / "state.db"), clock=clock) as store,
+        CircuitBreaker(store=store, clock=clock, policy=policy) as br,
+    ):
+        early = await br.admit(key)  # a call made before the circuit opened
+        await _fail(key, br)
+        clock.set(clock() - HOUR)
+        # its 429 asks for 2 minutes, more than the minute the circuit has left: the
+        # breaker's view, an hour ahead, must not drop it as holding nothing longer
+        await br.report(early, Outcome.RATE_LIMITED, retry_after=120.0, error="429")
+        with pytest.raises(CircuitOpenError) as refused:
+            await br.admit(key)
+        assert refused.value.retry_after == pytest.approx(120.0)

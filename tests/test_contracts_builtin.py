@@ -15,7 +15,9 @@ from empathy_models.testing.clock import DEFAULT_START, FakeClock
 from empathy_models.testing.contracts import (
     AdvanceClock,
     CircuitStateStoreContract,
+    StepStateClock,
     TelemetryBackendContract,
+    stepping,
 )
 
 
@@ -47,6 +49,10 @@ class TestMemoryStateStore(CircuitStateStoreContract):
     @pytest.fixture
     def advance_clock(self, fake_clock: FakeClock) -> AdvanceClock:
         return fake_clock.sleep
+
+    @pytest.fixture
+    def step_state_clock(self, fake_clock: FakeClock) -> StepStateClock:
+        return stepping(fake_clock)
 
 
 class TestNullStateStore(CircuitStateStoreContract):

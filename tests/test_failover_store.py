@@ -22,7 +22,12 @@ from empathy_models.backends._failover import FailoverStateStore
 from empathy_models.exceptions import StateStoreError
 from empathy_models.records import Admission, CircuitBreakerState, OutcomeReport
 from empathy_models.testing.clock import FakeClock
-from empathy_models.testing.contracts import AdvanceClock, CircuitStateStoreContract
+from empathy_models.testing.contracts import (
+    AdvanceClock,
+    CircuitStateStoreContract,
+    StepStateClock,
+    stepping,
+)
 
 
 class _Decorated(CircuitStateStoreContract):
@@ -35,6 +40,10 @@ class _Decorated(CircuitStateStoreContract):
     @pytest.fixture
     def advance_clock(self, fake_clock: FakeClock) -> AdvanceClock:
         return fake_clock.sleep
+
+    @pytest.fixture
+    def step_state_clock(self, fake_clock: FakeClock) -> StepStateClock:
+        return stepping(fake_clock)
 
     @pytest_asyncio.fixture(loop_scope="function")
     async def state_store(
@@ -128,6 +137,10 @@ class TestFailoverOverADownStore(CircuitStateStoreContract):
     @pytest.fixture
     def advance_clock(self, fake_clock: FakeClock) -> AdvanceClock:
         return fake_clock.sleep
+
+    @pytest.fixture
+    def step_state_clock(self, fake_clock: FakeClock) -> StepStateClock:
+        return stepping(fake_clock)
 
     @pytest_asyncio.fixture(loop_scope="function")
     async def state_store(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,22 +13,56 @@ import pytest_asyncio
 
 from empathy_models.abc import QuotaStore
 from empathy_models.limits import MemoryQuotaStore, RateGrant
-from empathy_models.testing.contracts import QuotaStoreContract, ResponseCacheContract
+from empathy_models.testing.contracts import (
+    QuotaStoreContract,
+    ResponseCacheContract,
+    StepQuotaClock,
+    stepping,
+)
 
 
-class TestMemoryQuotaStore(QuotaStoreContract):
+class SteppedWallClock:
+    """The wall clock, stepped when a test says so (`set` moves it, as NTP would)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def set(self, now: float) -> None:
+        self.offset += now - self()
+
+
+class _WallClocked(QuotaStoreContract):
+    """A store on the wall clock, built with one that the clock-step tests step."""
+
+    @pytest.fixture
+    def wall_clock(self) -> SteppedWallClock:
+        return SteppedWallClock()
+
+    @pytest.fixture
+    def quota_store_options(self, wall_clock: SteppedWallClock) -> dict[str, Any]:
+        return {"clock": wall_clock}
+
+    @pytest.fixture
+    def step_quota_clock(self, wall_clock: SteppedWallClock) -> StepQuotaClock:
+        return stepping(wall_clock)
+
+
+class TestMemoryQuotaStore(_WallClocked):
     @pytest.fixture
     def quota_store_url(self) -> str:
         return "memory://"
 
 
-class TestSQLiteQuotaStore(QuotaStoreContract):
+class TestSQLiteQuotaStore(_WallClocked):
     @pytest.fixture
     def quota_store_url(self, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/quota.db"
 
 
-class TestSQLiteMemoryQuotaStore(QuotaStoreContract):
+class TestSQLiteMemoryQuotaStore(_WallClocked):
     @pytest.fixture
     def quota_store_url(self) -> str:
         return "sqlite://:memory:"
@@ -39,14 +74,16 @@ class DefaultPushBack(MemoryQuotaStore):
     push_back = QuotaStore.push_back
 
 
-class TestDefaultPushBackQuotaStore(QuotaStoreContract):
+class TestDefaultPushBackQuotaStore(_WallClocked):
     @pytest.fixture
     def quota_store_url(self) -> str:
         return "memory://"
 
     @pytest_asyncio.fixture(loop_scope="function")
-    async def quota_store(self) -> AsyncIterator[QuotaStore]:  # type: ignore[override]
-        async with DefaultPushBack() as store:
+    async def quota_store(  # type: ignore[override]
+        self, wall_clock: SteppedWallClock
+    ) -> AsyncIterator[QuotaStore]:
+        async with DefaultPushBack(clock=wall_clock) as store:
             yield store
 
 

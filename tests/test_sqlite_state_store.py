@@ -23,7 +23,12 @@ from empathy_models.backends.sqlite import SQLiteStateStore
 from empathy_models.exceptions import SchemaVersionError, StateStoreError
 from empathy_models.records import CircuitBreakerState, OutcomeReport
 from empathy_models.testing.clock import FakeClock
-from empathy_models.testing.contracts import AdvanceClock, CircuitStateStoreContract
+from empathy_models.testing.contracts import (
+    AdvanceClock,
+    CircuitStateStoreContract,
+    StepStateClock,
+    stepping,
+)
 
 
 class TestSQLiteFileStateStore(CircuitStateStoreContract):
@@ -39,6 +44,10 @@ class TestSQLiteFileStateStore(CircuitStateStoreContract):
     def advance_clock(self, fake_clock: FakeClock) -> AdvanceClock:
         return fake_clock.sleep
 
+    @pytest.fixture
+    def step_state_clock(self, fake_clock: FakeClock) -> StepStateClock:
+        return stepping(fake_clock)
+
 
 class TestSQLiteMemoryStateStore(CircuitStateStoreContract):
     @pytest.fixture
@@ -52,6 +61,10 @@ class TestSQLiteMemoryStateStore(CircuitStateStoreContract):
     @pytest.fixture
     def advance_clock(self, fake_clock: FakeClock) -> AdvanceClock:
         return fake_clock.sleep
+
+    @pytest.fixture
+    def step_state_clock(self, fake_clock: FakeClock) -> StepStateClock:
+        return stepping(fake_clock)
 
 
 # --------------------------------------------------------------------------- specifics

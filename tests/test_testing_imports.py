@@ -16,8 +16,11 @@ def test_contracts_exports_exactly_its_public_names() -> None:
         "CutChangeFeed",
         "QuotaStoreContract",
         "ResponseCacheContract",
+        "StepQuotaClock",
+        "StepStateClock",
         "TelemetryBackendContract",
         "assert_same_buckets",
+        "stepping",
     ]
     for name in contracts.__all__:
         assert hasattr(contracts, name), name

@@ -16,7 +16,12 @@ import pytest_asyncio
 from empathy_models.abc import CircuitStateStore, TransactionalStateStore
 from empathy_models.records import CircuitBreakerState
 from empathy_models.testing.clock import FakeClock
-from empathy_models.testing.contracts import AdvanceClock, CircuitStateStoreContract
+from empathy_models.testing.contracts import (
+    AdvanceClock,
+    CircuitStateStoreContract,
+    StepStateClock,
+    stepping,
+)
 
 T = TypeVar("T")
 
@@ -54,6 +59,10 @@ class TestMinimalTransactionalStore(CircuitStateStoreContract):
     @pytest.fixture
     def advance_clock(self, fake_clock: FakeClock) -> AdvanceClock:
         return fake_clock.sleep
+
+    @pytest.fixture
+    def step_state_clock(self, fake_clock: FakeClock) -> StepStateClock:
+        return stepping(fake_clock)
 
     @pytest.fixture
     def state_store_options(self, fake_clock: FakeClock) -> dict[str, Any]:

@@ -26,7 +26,14 @@ import attrs
 from .._stats import Spend, aggregate_records, matches, spend_of
 from .._validators import check, failure, integer, number
 from ..abc import TelemetryBackend, TransactionalStateStore
-from ..circuit import BreakerPolicy, _closed_success_runs, _closed_successes, initial_state
+from ..circuit import (
+    CLOCK_STEP,
+    BreakerPolicy,
+    _closed_success_runs,
+    _closed_successes,
+    initial_state,
+    unstepped,
+)
 from ..evidence import (
     BUCKET_SECONDS,
     EvidenceBatch,
@@ -493,7 +500,8 @@ class MemoryStateStore(TransactionalStateStore):
         if tail is not None and tail.policy is policy and tail.generation == generation:
             # the common case: one more success in the last run's bucket
             now = self._clock()
-            if tail.lo <= now < tail.end and not self._closed:  # in the last run's bucket
+            # in the last run's bucket, and no clock stepped back since (`circuit.unstepped`)
+            if tail.lo <= now < tail.end and now + CLOCK_STEP >= tail.now and not self._closed:
                 tail.count += count
                 tail.now = now
                 return tail.state
@@ -516,7 +524,13 @@ class MemoryStateStore(TransactionalStateStore):
         elif state.state is _CLOSED and state.generation == generation:
             bucket = _floor(now / policy.bucket_seconds)  # as circuit._bucket
             tail = self._tails.get(key)
+            if tail is not None and tail.now - now > CLOCK_STEP:
+                state, tail = self._fold(key), None  # the clock stepped back since
             if tail is None:
+                # times a clock stepped back left ahead move first, as `record` moves them
+                moved = unstepped(state, now, policy)
+                if moved is not state:
+                    state = self._states[key] = moved
                 self._tails[key] = _Tail(state, policy, bucket, count, now, self._clock)
                 return state
             if tail.policy is policy:
@@ -535,6 +549,7 @@ class MemoryStateStore(TransactionalStateStore):
             state = self._fold(key)
         if state.state is not CircuitState.CLOSED or state.generation != generation:
             return None
+        state = unstepped(state, now, policy)
         new = self._states[key] = _closed_successes(state, policy, count, now)
         return new
 

@@ -11,13 +11,18 @@ from the store) stops counting against the limit.  A settlement of a hold that l
 already charges what the call cost (all of it counted as ``overrun``) and releases
 nothing.
 
-A rate-limit schedule keeps the store's now of its last write (``at``).  When that lies
-more than `CLOCK_STEP` seconds ahead of the now a step is given, the wall clock stepped
-back since (an NTP correction): the schedule's times are moved back by that much
-(`unstepped`), so it stays as far ahead of the clock as it was at that write, however
-long the step, and the moved schedule is stored by the step that saw it, a refusal
-included.  A clock stepped forward finds the schedule behind: the burst is whole, as
-after an idle time.
+A rate-limit schedule and a budget window keep the store's now of their last write
+(``at``).  When that lies more than `CLOCK_STEP` seconds ahead of the now a step is
+given, the wall clock stepped back since (an NTP correction): the schedule's times, or
+the window's holds' lapse times, are moved back by that much (`unstepped`), so each
+stays as far ahead of the clock as it was at that write, however long the step (the
+time between that write and the step is not known, and counts as none), and what was
+moved is stored by the step that saw it, a refusal included.  A moved hold stays in
+its bucket, where its settlement finds it, and its lapse time is kept apart
+(``lapses``, bucket -> lapse time); a hold reserved into that bucket after the step
+lapses at the bucket's own time, with what it joins (never early).  A clock stepped
+forward finds the schedule behind (the burst is whole, as after an idle time) and the
+holds lapsed early, as any lost time would.
 """
 
 from __future__ import annotations
@@ -69,20 +74,31 @@ def hold_bucket(lapses_at: float | None, window_end: float) -> str:
     return str(math.ceil(at / HOLD_BUCKET) * HOLD_BUCKET)
 
 
+def _lapse_times(data: Data) -> dict[str, float]:
+    """When each hold of ``data`` lapses: its bucket's time, or the time it was moved to."""
+    moved: dict[str, float] = data.get("lapses") or {}
+    return {t: float(moved[t]) if t in moved else float(int(t)) for t in data.get("holds") or {}}
+
+
 def lapse_step(data: Data, now: float) -> Data:
     """``data`` (a copy, when anything lapsed) with the holds lapsed by ``now`` released."""
     holds: dict[str, int] | None = data.get("holds")
-    if not holds or min(int(t) for t in holds) > now:
+    if not holds:
+        return data
+    times = _lapse_times(data)
+    if min(times.values()) > now:
         return data
     new = dict(data)
     kept = {}
     for at, amount in holds.items():
-        if int(at) <= now:
+        if times[at] <= now:
             new["held"] = max(0, new["held"] - amount)
             new["lapsed"] = new.get("lapsed", 0) + amount
         else:
             kept[at] = amount
     new["holds"] = kept
+    if "lapses" in new:
+        new["lapses"] = {t: at for t, at in new["lapses"].items() if t in kept}
     return new
 
 
@@ -95,15 +111,34 @@ def usage_of(
 ) -> BudgetUsage:
     """
     The `BudgetUsage` a stored dict holds (a missing one reads as an empty window), with
-    the holds lapsed by ``now`` released when it is given.
+    the holds lapsed by ``now`` released when it is given (their times moved back
+    first by a clock's step back, `unstepped`).
     """
     if data is None:
         return BudgetUsage(key=key, window_start=window_start, window_end=window_end)
     if now is not None:
-        data = lapse_step(data, now)
-    holds = data.get("holds")
-    until = max((float(t) for t, n in holds.items() if n), default=None) if holds else None
+        moved = unstepped(data, now)
+        assert moved is not None
+        data = lapse_step(moved, now)
+    holds = data.get("holds") or {}
+    times = _lapse_times(data)
+    until = max((times[t] for t, n in holds.items() if n), default=None)
     return BudgetUsage.from_json({"key": key, **data, "held_until": until})
+
+
+def _current(data: Data | None, now: float, window_start: float, window_end: float) -> Data:
+    """
+    A budget step's copy of ``data``, stamped with ``now`` (``at``): its holds' times
+    moved back by a clock's step back (`unstepped`), then those lapsed released.
+    """
+    if data is None:
+        new = _fresh(window_start, window_end)
+    else:
+        moved = unstepped(data, now)
+        assert moved is not None
+        new = dict(lapse_step(moved, now))
+    new["at"] = now
+    return new
 
 
 def _fresh(window_start: float, window_end: float) -> Data:
@@ -129,9 +164,10 @@ def reserve_step(
 ) -> tuple[Data, BudgetGrant]:
     """
     Hold ``amount`` until ``lapses_at`` if ``spent + held + amount <= limit`` (the holds
-    lapsed by ``now`` released first); count a refusal otherwise.
+    lapsed by ``now`` released first, their times moved back by a clock's step back
+    first, `unstepped`); count a refusal otherwise.
     """
-    new = dict(lapse_step(data, now)) if data is not None else _fresh(window_start, window_end)
+    new = _current(data, now, window_start, window_end)
     new["limit"] = limit
     if new["spent"] + new["held"] + amount <= limit:
         new["held"] += amount
@@ -139,6 +175,8 @@ def reserve_step(
         bucket = hold_bucket(lapses_at, window_end)
         holds[bucket] = holds.get(bucket, 0) + amount
         new["holds"] = holds
+        if bucket in new.get("lapses", ()):  # moved by a step: never lapse this one early
+            new["lapses"] = {t: at for t, at in new["lapses"].items() if t != bucket}
         new["reserved"] += amount
         granted = True
     else:
@@ -160,9 +198,10 @@ def settle_step(
 ) -> tuple[Data, BudgetUsage]:
     """
     Release a hold of ``held`` reserved to lapse at ``lapses_at`` and charge ``actual``
-    (which may exceed it); of a hold that lapsed already nothing is left to release.
+    (which may exceed it); of a hold that lapsed already nothing is left to release.  A
+    hold moved by a clock's step back (`unstepped`) is found in its bucket as before.
     """
-    new = dict(lapse_step(data, now)) if data is not None else _fresh(window_start, window_end)
+    new = _current(data, now, window_start, window_end)
     holds = dict(new.get("holds") or {})
     bucket = hold_bucket(lapses_at, window_end)
     if "holds" in new:  # else a window stored before holds lapsed
@@ -171,6 +210,8 @@ def settle_step(
             holds[bucket] -= held
         else:
             holds.pop(bucket, None)
+            if bucket in new.get("lapses", ()):
+                new["lapses"] = {t: at for t, at in new["lapses"].items() if t != bucket}
         new["holds"] = holds
     new["held"] = max(0, new["held"] - held)
     new["spent"] += actual
@@ -184,24 +225,29 @@ def settle_step(
 
 CLOCK_STEP: Final = 1.0
 """
-Seconds a schedule's last write (``at``) may lie ahead of the store's now before it is
-taken for a wall clock stepped back (`unstepped`); less is the jitter of the clocks of
-processes sharing a store, read before they get its lock.
+Seconds a schedule's or a budget window's last write (``at``) may lie ahead of the
+store's now before it is taken for a wall clock stepped back (`unstepped`); less is the
+jitter of the clocks of processes sharing a store, read before they get its lock.
 """
 
 
 def unstepped(data: Data | None, now: float) -> Data | None:
     """
-    ``data``, a schedule, with its end and reset time moved back by how far its last
-    write (``at``) lies ahead of ``now``, when that is more than `CLOCK_STEP`: the wall
-    clock stepped back since.  ``data`` itself otherwise (and for a schedule written
-    without ``at``).
+    ``data``, a schedule or a budget window, with its times moved back by how far its
+    last write (``at``) lies ahead of ``now``, when that is more than `CLOCK_STEP`: the
+    wall clock stepped back since.  A schedule's end and reset time move; a window's
+    holds move their lapse times (``lapses``, per bucket: the holds stay in their
+    buckets, where settlements find them), and ``at`` becomes ``now``.  ``data`` itself
+    otherwise (and for a key written without ``at``).
     """
     at = None if data is None else data.get("at")
     if at is None or not float(at) - now > CLOCK_STEP:
         return data
     assert data is not None
     back = float(at) - now
+    if "tat" not in data:  # a budget window
+        lapses = {t: lapse - back for t, lapse in _lapse_times(data).items()}
+        return {**data, "lapses": lapses, "at": now}
     until = data.get("until")
     moved: Data = {"tat": float(data["tat"]) - back, "at": now}
     if until is not None:

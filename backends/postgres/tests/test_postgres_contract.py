@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
+import json
+
 import asyncpg
+import attrs
 import pytest
 from empathy_models_postgres import PostgresCircuitStateStore
 from empathy_models_postgres._feed import application_name, channel_of
 
+from empathy_models import BreakerPolicy
 from empathy_models.abc import CircuitStateStore
+from empathy_models.records import CircuitBreakerState
+from empathy_models.serialization import from_dict, to_dict
 from empathy_models.testing.contracts import (
     ChangeFeedContract,
     CircuitStateStoreContract,
     CutChangeFeed,
+    StepStateClock,
     TelemetryBackendContract,
 )
+
+
+def _later(state: CircuitBreakerState, seconds: float, buckets: int) -> CircuitBreakerState:
+    """``state`` as a clock ``seconds`` ahead would have written it."""
+
+    def moved(t: float | None) -> float | None:
+        return None if t is None else t + seconds
+
+    return attrs.evolve(
+        state,
+        opened_at_ts=moved(state.opened_at_ts),
+        open_until_ts=moved(state.open_until_ts),
+        closed_at_ts=moved(state.closed_at_ts),
+        last_failure_ts=moved(state.last_failure_ts),
+        updated_at_ts=moved(state.updated_at_ts),
+        leases=tuple((lease, ends + seconds) for lease, ends in state.leases),
+        window=tuple((b + buckets, calls, failed) for b, calls, failed in state.window),
+    )
 
 
 class TestPostgresTelemetry(TelemetryBackendContract):
@@ -30,6 +55,30 @@ class TestPostgresStateStore(CircuitStateStoreContract):
     @pytest.fixture
     def state_store_url(self, postgres_url: str) -> str:
         return postgres_url
+
+    @pytest.fixture
+    def step_state_clock(self, state_store: CircuitStateStore, postgres_dsn: str) -> StepStateClock:
+        """clock_timestamp() cannot be stepped: every key's times move later instead."""
+        assert isinstance(state_store, PostgresCircuitStateStore)
+        table = state_store._table
+
+        async def step(seconds: float, policy: BreakerPolicy) -> float:
+            later = -seconds
+            buckets = round(later / policy.bucket_seconds)
+            assert buckets * policy.bucket_seconds == pytest.approx(later)
+            conn = await asyncpg.connect(postgres_dsn)
+            try:
+                for row in await conn.fetch(f"SELECT key, state::text FROM {table}"):
+                    state = from_dict(json.loads(row["state"]), CircuitBreakerState)
+                    moved = json.dumps(to_dict(_later(state, later, buckets)))
+                    await conn.execute(
+                        f"UPDATE {table} SET state = $2::jsonb WHERE key = $1", row["key"], moved
+                    )
+            finally:
+                await conn.close()
+            return later
+
+        return step
 
 
 class TestPostgresChangeFeed(ChangeFeedContract):

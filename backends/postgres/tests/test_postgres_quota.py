@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from typing import Any
@@ -19,11 +20,30 @@ from empathy_models import (
     OpenAIProvider,
     RetryPolicy,
 )
+from empathy_models.abc import QuotaStore
 from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.testing import FakeLLMServer, ModelBehavior
-from empathy_models.testing.contracts import QuotaStoreContract, ResponseCacheContract
+from empathy_models.testing.contracts import (
+    QuotaStoreContract,
+    ResponseCacheContract,
+    StepQuotaClock,
+)
 
 WS, WE = 1_800_000_000.0, 1_800_086_400.0
+
+
+def _later(data: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """A budget window or a schedule as a clock ``seconds`` ahead would have written it."""
+    out = dict(data)
+    for name in ("at", "tat", "until"):
+        if out.get(name) is not None:
+            out[name] = float(out[name]) + seconds
+    if "holds" in out:
+        out["holds"] = {str(int(t) + int(seconds)): n for t, n in out["holds"].items()}
+    if "lapses" in out:
+        lapses = out["lapses"].items()
+        out["lapses"] = {str(int(t) + int(seconds)): at + seconds for t, at in lapses}
+    return out
 
 
 class TestPostgresQuotaStore(QuotaStoreContract):
@@ -32,6 +52,28 @@ class TestPostgresQuotaStore(QuotaStoreContract):
     @pytest.fixture
     def quota_store_url(self, postgres_url: str) -> str:
         return postgres_url
+
+    @pytest.fixture
+    def step_quota_clock(self, quota_store: QuotaStore, postgres_dsn: str) -> StepQuotaClock:
+        """clock_timestamp() cannot be stepped: every time the store holds moves later."""
+        assert isinstance(quota_store, PostgresQuotaStore)
+        table = quota_store._table
+
+        async def step(seconds: float) -> float:
+            later = -seconds
+            assert later % 60 == 0, "holds are kept per whole minute"
+            conn = await asyncpg.connect(postgres_dsn)
+            try:
+                for row in await conn.fetch(f"SELECT key, data::text FROM {table}"):
+                    moved = json.dumps(_later(json.loads(row["data"]), later))
+                    await conn.execute(
+                        f"UPDATE {table} SET data = $2::jsonb WHERE key = $1", row["key"], moved
+                    )
+            finally:
+                await conn.close()
+            return later
+
+        return step
 
 
 class TestPostgresResponseCache(ResponseCacheContract):

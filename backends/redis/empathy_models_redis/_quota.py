@@ -78,7 +78,10 @@ class RedisQuotaStore(QuotaStore):
     @<written>"``) that expires a minute after it runs
     empty.  The window's holds are kept per lapse time (hash fields ``h:<epoch
     seconds>``); each reservation or settlement first releases those whose time came
-    by the server's clock, and reads show them released by this host's clock.
+    by the server's clock, and reads show them released by this host's clock.  A
+    window also keeps the server time it was written (``at``): after the server's
+    clock stepped back, its holds' lapse times move back by the step (fields
+    ``l:<epoch seconds>``, `empathy_models.limits.meter.unstepped`).
 
     Args:
         connection: as for `RedisCircuitStateStore`.
@@ -139,7 +142,10 @@ class RedisQuotaStore(QuotaStore):
             "window_end": float(fields.get("window_end", we)),
             **{name: int(float(fields.get(name, "0"))) for name in _FIELDS},
             "holds": {f[2:]: int(v) for f, v in fields.items() if f.startswith("h:")},
+            "lapses": {f[2:]: float(v) for f, v in fields.items() if f.startswith("l:")},
         }
+        if "at" in fields:
+            data["at"] = float(fields["at"])
         return usage_of(key, data, data["window_start"], data["window_end"], now)
 
     def _reply(self, key: str, reply: list[str], ws: float, we: float) -> BudgetGrant:

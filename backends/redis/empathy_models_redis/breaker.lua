@@ -493,19 +493,23 @@ local function to_half_open(st, now)
 end
 
 -- circuit.unstepped: a key last written more than CLOCK_STEP seconds ahead of now (the
--- server's clock stepped back since) has its times moved back by that much, so an end
--- keeps the time it had left then; a key with no end to move (CLOSED, DISABLED,
--- FORCED_OPEN until a reset, HALF_OPEN without a lease out) stays.  Returns the state
--- and whether it changed
+-- server's clock stepped back since) has its times moved back by that much, so each
+-- keeps the age, and an end the time left, it had then: the open end, leases, when it
+-- opened, closed and last failed, and (``window`` true: the policy is the key's) the
+-- window's buckets, by as many buckets as lie between the write's and now's.  A key
+-- with nothing to move (DISABLED, FORCED_OPEN until a reset, HALF_OPEN without a lease
+-- out, CLOSED without ``window``) stays.  Returns the state and whether it changed
 local CLOCK_STEP = 1.0
 
-local function unstepped(st, now)
+local function unstepped(st, now, window)
   local last = st.updated_at_ts
   if last == nil or not (last - now > CLOCK_STEP) then
     return st, false
   end
-  if st.state == "closed" or st.state == "disabled"
-      or (st.open_until_ts == nil and #st.leases == 0) then
+  if st.state == "disabled" or (st.state == "closed" and not window) then
+    return st, false
+  end
+  if st.state ~= "closed" and st.open_until_ts == nil and #st.leases == 0 then
     return st, false
   end
   local back = last - now
@@ -516,6 +520,14 @@ local function unstepped(st, now)
     return math.max(0.0, t - back)
   end
   local n = copy(st)
+  if window and #st.window > 0 then
+    local buckets = bucket(last) - bucket(now)
+    local rows = {}
+    for i, b in ipairs(st.window) do
+      rows[i] = { b[1] - buckets, b[2], b[3] }
+    end
+    n.window = rows
+  end
   n.opened_at_ts = moved(st.opened_at_ts)
   n.open_until_ts = moved(st.open_until_ts)
   n.closed_at_ts = moved(st.closed_at_ts)
@@ -540,7 +552,7 @@ local function admit(st, now, new_lease_id, deadline)
     return st, false, true, nil, nil, nil
   end
   local changed
-  st, changed = unstepped(st, now)
+  st, changed = unstepped(st, now, true)
   if s == "open" or s == "forced_open" then
     local untl = st.open_until_ts
     if untl == nil or now < untl then
@@ -715,14 +727,19 @@ end
 -- the probe lease ``id`` given back (an admission whose caller gave up on it); none
 -- held: nothing changes
 local function release(st, id, now)
+  local held = false
+  for _, l in ipairs(st.leases) do
+    held = held or l[1] == id
+  end
+  if not held then
+    return st, false
+  end
+  st = unstepped(st, now, false)  -- the other leases keep their time left
   local kept = {}
   for _, l in ipairs(st.leases) do
     if l[1] ~= id then
       kept[#kept + 1] = l
     end
-  end
-  if #kept == #st.leases then
-    return st, false
   end
   local n = copy(st)
   n.leases = kept
@@ -731,6 +748,7 @@ local function release(st, id, now)
 end
 
 local function force(st, target, now, untl, reason)
+  st = unstepped(st, now, false)  -- a forced end is never shortened: by the time left
   if target == "forced_open" then
     return do_force_open(st, now, untl, py_or(reason, "forced open"), nil)
   end
@@ -798,6 +816,8 @@ elseif OP == "record" then
       count = tonumber(ARGV[i + 5]),
     }
   end
+  -- times a clock stepped back left ahead move first: the outcomes are judged by them
+  state, changed = unstepped(state, NOW, true)
   local i, n = 1, #reports
   while i <= n do
     local r = reports[i]

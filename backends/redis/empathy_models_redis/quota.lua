@@ -6,7 +6,12 @@
 -- settle:  ARGV: op, window_start, window_end, held, actual, ttl, bucket.  Same reply.
 -- A hold is kept in its bucket, the hash field "h:" .. the time it lapses (whole
 -- seconds, from meter.hold_bucket); each budget step first releases the buckets whose
--- time (from TIME) has come, counting them in "lapsed".
+-- time (from TIME) has come, counting them in "lapsed".  "at" is TIME at the window's
+-- last write: a window written more than CLOCK_STEP seconds after TIME now (the
+-- server's clock stepped back since: meter.unstepped) has its holds' lapse times moved
+-- back by that much, kept as "l:" .. bucket (the hold stays in its bucket, where its
+-- settlement finds it); a reservation into a bucket with such a time drops it (never
+-- lapsing early).
 -- acquire: KEYS[1] a GCRA schedule (a string: the theoretical arrival time, the
 --          reset time of a push back while it is to come, and when it was written); ARGV: op, cost, interval,
 --          burst, max_wait.  Returns {granted, wait, place}: place is the schedule's
@@ -90,17 +95,35 @@ local function load(ws, we)
     out[name] = tonumber(st[name] or "0")
   end
   local t = now()
+  out.t = t
+  local at = tonumber(st.at)
+  local back = nil
+  if at ~= nil and at - t > CLOCK_STEP then
+    back = at - t
+  end
   out.holds = {}
+  out.lapses = {}  -- bucket -> lapse time, for holds moved by a step back
   out.gone = {}
   for field, value in pairs(st) do
-    if string.sub(field, 1, 2) == "h:" then
+    local kind = string.sub(field, 1, 2)
+    if kind == "l:" then
+      out.gone[#out.gone + 1] = field  -- written again below while its hold stays
+    elseif kind == "h:" then
       local amount = tonumber(value)
-      if tonumber(string.sub(field, 3)) <= t then
+      local b = string.sub(field, 3)
+      local lapse = tonumber(st["l:" .. b]) or tonumber(b)
+      if back ~= nil then
+        lapse = lapse - back
+      end
+      if lapse <= t then
         out.held = math.max(0, out.held - amount)
         out.lapsed = out.lapsed + amount
         out.gone[#out.gone + 1] = field
       else
         out.holds[field] = amount
+        if back ~= nil or st["l:" .. b] ~= nil then
+          out.lapses[b] = lapse
+        end
       end
     end
   end
@@ -108,7 +131,8 @@ local function load(ws, we)
 end
 
 local function save_and_reply(st, granted, ttl)
-  local flat = {"window_start", num(st.window_start), "window_end", num(st.window_end)}
+  local flat = {"window_start", num(st.window_start), "window_end", num(st.window_end),
+                "at", num(st.t)}
   for _, name in ipairs(COUNTERS) do
     flat[#flat + 1] = name
     flat[#flat + 1] = int(st[name])
@@ -117,6 +141,11 @@ local function save_and_reply(st, granted, ttl)
     if amount > 0 then
       flat[#flat + 1] = field
       flat[#flat + 1] = int(amount)
+      local lapse = st.lapses[string.sub(field, 3)]
+      if lapse ~= nil then
+        flat[#flat + 1] = "l:" .. string.sub(field, 3)
+        flat[#flat + 1] = num(lapse)
+      end
     else
       st.gone[#st.gone + 1] = field
     end
@@ -142,6 +171,7 @@ if OP == "reserve" then
   local granted = st.spent + st.held + amount <= limit
   if granted then
     st.holds[bucket] = (st.holds[bucket] or 0) + amount
+    st.lapses[ARGV[7]] = nil  -- moved by a step back: never lapse this one early
     st.held = st.held + amount
     st.reserved = st.reserved + amount
   else

@@ -6,13 +6,36 @@ import pytest
 import redis.asyncio as aioredis
 from empathy_models_redis import RedisCircuitStateStore
 from empathy_models_redis._feed import client_name
+from redis.typing import EncodableT, FieldT
 
+from empathy_models import BreakerPolicy
 from empathy_models.abc import CircuitStateStore
 from empathy_models.testing.contracts import (
     ChangeFeedContract,
     CircuitStateStoreContract,
     CutChangeFeed,
+    StepStateClock,
 )
+
+_TIMES = ("opened_at_ts", "open_until_ts", "closed_at_ts", "last_failure_ts", "updated_at_ts")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _later(text: str, seconds: float) -> str:
+    return repr(float(text) + seconds)
+
+
+def _moved_window(text: str, buckets: int) -> str:
+    rows = (row.split(":") for row in text.split(";") if row)
+    return ";".join(f"{int(float(b)) + buckets}:{c}:{f}" for b, c, f in rows)
+
+
+def _moved_leases(text: str, seconds: float) -> str:
+    pairs = (pair.rsplit(":", 1) for pair in text.split(";") if pair)
+    return ";".join(f"{lease}:{_later(ends, seconds)}" for lease, ends in pairs)
 
 
 class TestRedisStateStore(CircuitStateStoreContract):
@@ -21,6 +44,33 @@ class TestRedisStateStore(CircuitStateStoreContract):
     @pytest.fixture
     def state_store_url(self, redis_store_url: str) -> str:
         return redis_store_url
+
+    @pytest.fixture
+    def step_state_clock(self, redis_url: str, redis_prefix: str) -> StepStateClock:
+        """TIME cannot be stepped: every key's times move later by the step instead."""
+
+        async def step(seconds: float, policy: BreakerPolicy) -> float:
+            later = -seconds
+            buckets = round(later / policy.bucket_seconds)
+            assert buckets * policy.bucket_seconds == pytest.approx(later)
+            client = aioredis.Redis.from_url(redis_url)
+            try:
+                async for key in client.scan_iter(match=redis_prefix + "cb:*"):
+                    raw = await client.hgetall(key)
+                    fields = {_text(f): _text(v) for f, v in raw.items()}
+                    moved: dict[FieldT, EncodableT] = {
+                        f: _later(fields[f], later) for f in _TIMES if fields.get(f)
+                    }
+                    moved["window"] = _moved_window(fields.get("window", ""), buckets)
+                    moved["leases"] = _moved_leases(fields.get("leases", ""), later)
+                    # without a revision, the next operation answers with every field
+                    await client.hdel(key, "rev")
+                    await client.hset(key, mapping=moved)
+            finally:
+                await client.aclose()
+            return later
+
+        return step
 
 
 class TestRedisChangeFeed(ChangeFeedContract):

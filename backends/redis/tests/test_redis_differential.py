@@ -16,8 +16,10 @@ import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import attrs
 import pytest
 from empathy_models_redis import RedisCircuitStateStore
+from redis.typing import EncodableT, FieldT
 
 from empathy_models import circuit
 from empathy_models.backends import state_store_from_url
@@ -78,6 +80,41 @@ def _granted_lease(admission: Admission) -> Callable[[], str]:
     return new_lease_id
 
 
+_TIMES = ("opened_at_ts", "open_until_ts", "closed_at_ts", "last_failure_ts", "updated_at_ts")
+
+
+async def _step_back(
+    store: RedisCircuitStateStore, state: CircuitBreakerState, seconds: float, buckets: int
+) -> CircuitBreakerState:
+    """
+    ``state`` as a clock ``seconds`` ahead (``buckets`` window buckets) would have
+    written it, stored over the key: what the server's clock stepped back finds.
+    """
+
+    def moved(t: float | None) -> float | None:
+        return None if t is None else t + seconds
+
+    later = attrs.evolve(
+        state,
+        opened_at_ts=moved(state.opened_at_ts),
+        open_until_ts=moved(state.open_until_ts),
+        closed_at_ts=moved(state.closed_at_ts),
+        last_failure_ts=moved(state.last_failure_ts),
+        updated_at_ts=moved(state.updated_at_ts),
+        leases=tuple((lease, ends + seconds) for lease, ends in state.leases),
+        window=tuple((b + buckets, calls, failed) for b, calls, failed in state.window),
+    )
+    fields: dict[FieldT, EncodableT] = {
+        n: repr(getattr(later, n)) for n in _TIMES if getattr(later, n) is not None
+    }
+    fields["window"] = ";".join(f"{b}:{c}:{f}" for b, c, f in later.window)
+    fields["leases"] = ";".join(f"{lease}:{ends!r}" for lease, ends in later.leases)
+    redis_key = store._redis_key(state.key)
+    await store._client.hdel(redis_key, "rev")  # the next reply carries every field
+    await store._client.hset(redis_key, mapping=fields)
+    return later
+
+
 def _expected_snapshot(state: CircuitBreakerState | None, key: str) -> CircuitBreakerState:
     return state if state is not None else circuit.initial_state(key)
 
@@ -90,8 +127,15 @@ async def run_sequence(store: RedisCircuitStateStore, seed: int, steps: int) -> 
     tickets: list[Ticket] = []
     seen: dict[str, int] = {}
     for _ in range(steps):
-        op = rng.choices(["admit", "record", "force", "reset"], weights=[10, 8, 1, 0.5])[0]
-        if op == "admit":
+        ops = ["admit", "record", "force", "reset", "step"]
+        op = rng.choices(ops, weights=[10, 8, 1, 0.5, 0.7])[0]
+        if op == "step":
+            if model is None:
+                continue
+            # the server's clock steps back: the key as a clock that far ahead wrote it
+            seconds = rng.choice([0.5, 1.5, 30.0, 3600.0])
+            model = await _step_back(store, model, seconds, round(seconds / policy.bucket_seconds))
+        elif op == "admit":
             adm = await store.admit(key, policy)
             now = store.last_server_time
             assert now is not None

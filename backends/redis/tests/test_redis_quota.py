@@ -3,8 +3,40 @@
 from __future__ import annotations
 
 import pytest
+import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
-from empathy_models.testing.contracts import QuotaStoreContract, ResponseCacheContract
+from empathy_models.testing.contracts import (
+    QuotaStoreContract,
+    ResponseCacheContract,
+    StepQuotaClock,
+)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _later(text: str, seconds: float) -> str:
+    return repr(float(text) + seconds)
+
+
+async def _move_window(client: aioredis.Redis, key: bytes, later: float) -> None:
+    """A budget window's holds (fields ``h:<time>``, ``l:<time>``) and write time."""
+    fields = {_text(f): _text(v) for f, v in (await client.hgetall(key)).items()}
+    gone: list[str] = []
+    moved: dict[FieldT, EncodableT] = {}
+    for name, value in fields.items():
+        if name == "at":
+            moved[name] = _later(value, later)
+        elif name[:2] in ("h:", "l:"):
+            gone.append(name)
+            bucket = int(name[2:]) + int(later)
+            moved[f"{name[:2]}{bucket}"] = value if name[0] == "h" else _later(value, later)
+    if gone:
+        await client.hdel(key, *gone)
+    if moved:
+        await client.hset(key, mapping=moved)
 
 
 class TestRedisQuotaStore(QuotaStoreContract):
@@ -13,6 +45,31 @@ class TestRedisQuotaStore(QuotaStoreContract):
     @pytest.fixture
     def quota_store_url(self, redis_store_url: str) -> str:
         return redis_store_url
+
+    @pytest.fixture
+    def step_quota_clock(self, redis_url: str, redis_prefix: str) -> StepQuotaClock:
+        """TIME cannot be stepped: every time the store holds moves later by the step."""
+
+        async def step(seconds: float) -> float:
+            later = -seconds
+            assert later % 60 == 0, "holds are kept per whole minute"
+            client = aioredis.Redis.from_url(redis_url)
+            try:
+                async for key in client.scan_iter(match=redis_prefix + "quota:*"):
+                    if _text(await client.type(key)) == "hash":
+                        await _move_window(client, key, later)
+                    else:  # a schedule: "<end> [<reset>] @<written>"
+                        parts = _text(await client.get(key) or b"").split(" ")
+                        moved = [
+                            "@" + _later(p[1:], later) if p[:1] == "@" else _later(p, later)
+                            for p in parts
+                        ]
+                        await client.set(key, " ".join(moved), keepttl=True)
+            finally:
+                await client.aclose()
+            return later
+
+        return step
 
 
 class TestRedisResponseCache(ResponseCacheContract):

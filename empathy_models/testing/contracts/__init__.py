@@ -59,6 +59,13 @@ tests use policies of 0.2 s and call the ``advance_clock`` fixture, an async cal
 ``advance(seconds)`` that by default waits that long (`anyio.sleep`); a subclass whose
 store has an injected `FakeClock` overrides it to move that clock instead, so those
 tests take no time at all.
+
+A clock stepped back (an NTP correction): the clock-step tests (open ends, probe
+leases, closed windows and healthy time; budget holds) run where the subclass says how
+to step its store's clock, in the ``step_state_clock`` / ``step_quota_clock`` fixture
+(`StepStateClock`, `StepQuotaClock`; ``None`` by default, and the tests skip).  A store
+built with an injected clock returns ``stepping(clock)``; a server's clock cannot be
+stepped, so a test of a server store moves every time the store holds instead.
 """
 
 from __future__ import annotations
@@ -67,6 +74,11 @@ from ._cache import ResponseCacheContract as ResponseCacheContract
 from ._change_feed import (
     ChangeFeedContract as ChangeFeedContract,
     CutChangeFeed as CutChangeFeed,
+)
+from ._clock_step import (
+    StepQuotaClock as StepQuotaClock,
+    StepStateClock as StepStateClock,
+    stepping as stepping,
 )
 from ._evidence import assert_same_buckets as assert_same_buckets
 from ._quota import QuotaStoreContract as QuotaStoreContract
@@ -83,6 +95,9 @@ __all__ = [
     "CutChangeFeed",
     "QuotaStoreContract",
     "ResponseCacheContract",
+    "StepQuotaClock",
+    "StepStateClock",
     "TelemetryBackendContract",
     "assert_same_buckets",
+    "stepping",
 ]

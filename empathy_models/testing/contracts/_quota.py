@@ -30,6 +30,7 @@ from ...abc import QuotaStore
 from ...exceptions import BackendClosedError, BackendError
 from ...limits.guard import quota_store_from_url
 from ...limits.values import BudgetUsage
+from ._clock_step import QuotaClockSteps
 
 __all__ = ["QuotaStoreContract"]
 
@@ -43,7 +44,7 @@ def _balanced(u: BudgetUsage) -> None:
 
 
 @pytest.mark.asyncio
-class QuotaStoreContract:
+class QuotaStoreContract(QuotaClockSteps):
     """
     The contract of `QuotaStore`.  Override the ``quota_store_url`` fixture.
 

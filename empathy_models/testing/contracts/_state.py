@@ -37,6 +37,7 @@ from ...records import (
     Ticket,
 )
 from ._base import _fail_override
+from ._clock_step import StateClockSteps
 
 __all__ = ["AdvanceClock", "CircuitStateStoreContract"]
 
@@ -310,7 +311,7 @@ class _OpenTimes:
                 assert (await worker.get_status("k")).state is CircuitState.OPEN, skew
 
 
-class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks, _OpenTimes):
+class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks, _OpenTimes, StateClockSteps):
     """
     The contract of `CircuitStateStore`.  Override the ``state_store_url`` fixture.
 
