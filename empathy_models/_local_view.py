@@ -29,7 +29,7 @@ import anyio
 
 from ._breaker_events import describe
 from ._settled import SHIELD_SECONDS
-from .circuit import CLOCK_STEP, extends_open, unstepped
+from .circuit import extends_open, unstepped
 from .outcomes import retry_after_of
 from .records import CircuitBreakerState, CircuitState, Outcome, OutcomeReport, Ticket
 
@@ -681,10 +681,11 @@ class Guard:
             if tail is not None and tail.state is view.state:
                 # MemoryStateStore._add_successes' common case, inlined: one more
                 # success in the bucket of the live tail's last run (the tail's state
-                # is the view's, of the ticket's generation, under this policy), and
-                # no clock stepped back since the last (`circuit.unstepped`)
+                # is the view's, of the ticket's generation, under this policy), the
+                # clock not stepped back since the tail's last write (a time in that
+                # bucket; a step back of any size goes to the store: `circuit.unstepped`)
                 now = tail.clock()
-                if tail.lo <= now < tail.end and now + CLOCK_STEP >= tail.now:
+                if tail.now <= now < tail.end:
                     tail.count += 1
                     tail.now = now
                     return view.exited  # type: ignore[return-value]  # set with entered
@@ -776,7 +777,7 @@ def protected(
                     tail = view.tail  # as in Guard.__aexit__
                     if tail is not None and tail.state is view.state:
                         now = tail.clock()
-                        if tail.lo <= now < tail.end and now + CLOCK_STEP >= tail.now:
+                        if tail.now <= now < tail.end:
                             tail.count += 1
                             tail.now = now
                             return result

@@ -500,8 +500,9 @@ class MemoryStateStore(TransactionalStateStore):
         if tail is not None and tail.policy is policy and tail.generation == generation:
             # the common case: one more success in the last run's bucket
             now = self._clock()
-            # in the last run's bucket, and no clock stepped back since (`circuit.unstepped`)
-            if tail.lo <= now < tail.end and now + CLOCK_STEP >= tail.now and not self._closed:
+            # in the last run's bucket, and the clock not stepped back since the tail's last
+            # write (a time in that bucket): a step back of any size takes the path below
+            if tail.now <= now < tail.end and not self._closed:
                 tail.count += count
                 tail.now = now
                 return tail.state
