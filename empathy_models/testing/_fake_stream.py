@@ -134,10 +134,8 @@ def _openai_events(
     stop_reason: str | None = None,
     scripted: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, list[bytes], bytes, bytes]:
-    """
-    (opening, one event per piece, closing, the error event) for OpenAI; ``scripted``:
-    the usage object to send instead of the counts (`FakeReply.usage`).
-    """
+    """(opening, one event per piece, closing, the error event) for OpenAI; ``scripted``:
+    the usage object to send instead of the counts (`FakeReply.usage`)."""
     created = int(time.time())
 
     def chunk(choices: list[Any], **extra: Any) -> bytes:
