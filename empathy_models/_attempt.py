@@ -375,7 +375,7 @@ class Attempts:
         latency_ms = (self.ex._clock() - t0) * 1000.0
         cut = cut and latency_ms < STARVED_SECONDS * 1000.0
         ticket, scope_ticket, hold = held
-        partial, self.partial = _charged(self.partial, error), None
+        partial, self.partial = _charged(self.partial, error, info.id), None
         planner = self.ex._planner
         # a 404 names one model: it must not force open a key every model of the provider
         # shares (the record still says fatal)
@@ -795,15 +795,23 @@ async def _first_delta(
     return stream, first
 
 
-def _charged(partial: Completion | None, error: Exception) -> Completion | None:
+def _charged(partial: Completion | None, error: Exception, model: str) -> Completion | None:
     """
-    What a failed call is recorded and charged for: ``partial``, what a stream that
-    opened had; else, for a 2xx answer refused as malformed, the usage it reported
-    (`InvalidResponseError.billed`: the provider bills it all the same); else None.
+    What a failed call to ``model`` is recorded and charged for: ``partial``, what a
+    stream that opened had; else, for a 2xx answer refused as malformed (the request
+    was sent and accepted: the provider bills it all the same), the usage it reported
+    (`InvalidResponseError.billed`), or, with none to read, an empty answer, whose
+    input tokens are then the request's estimate, as for a stream cut off before its
+    usage (`_feedback.streamed_usage`); else None.
     """
-    if partial is None and isinstance(error, InvalidResponseError):
+    if partial is not None or not isinstance(error, InvalidResponseError):
+        return partial
+    if error.billed is not None:
         return error.billed
-    return partial
+    status = error.status
+    if status is not None and 200 <= status < 300:
+        return Completion(content="", model=model)
+    return None
 
 
 def _partial_of(stream: CompletionStream) -> Completion | None:

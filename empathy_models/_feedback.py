@@ -65,7 +65,8 @@ INPUT_ESTIMATED: Final = "empathy_models.input_tokens_estimated"
 """
 The metadata key set (to True) on the record of an attempt whose input tokens are the
 request's estimate (`_run._estimate_tokens`): the provider never reported them (a stream
-that did not get to its usage, an answer without usage: `Completion.usage_reported`).
+that did not get to its usage, an answer whose usage left them out:
+`Completion.usage_reported`, a 2xx answer refused as malformed with no usage to read).
 """
 
 OUTPUT_ESTIMATED: Final = "empathy_models.output_tokens_estimated"
@@ -74,9 +75,10 @@ The metadata key set (to True) on the record of a streamed attempt whose output 
 are an estimate (`CompletionStream.output_estimated`; the HTTP providers': a quarter of
 the pieces' UTF-8 bytes, at least one token per delta): the provider had not reported
 them (a server ignoring ``stream_options.include_usage`` never does; OpenAI-format
-servers report them only at the end); and on the record of a whole answer that carried
-no usage, whose output tokens the provider estimated (`Completion.usage_reported`; the
-HTTP providers: `providers._wire.estimated_output_tokens`).
+servers report them only at the end); and on the record of a whole answer whose usage
+was not all reported (`Completion.usage_reported`), whose output tokens the provider
+estimated when they were left out (the HTTP providers:
+`providers._wire.estimated_output_tokens`).
 """
 
 
@@ -183,19 +185,20 @@ def streamed_usage(run: _Run, completion: Completion) -> tuple[Completion, bool]
     (`CompletionStream.completion`), and OpenAI-format servers report them only in the
     last chunk: a stream left early or cut short counts the prompt as the request's
     estimate (`_Run.estimate`: its tool definitions and schema included), the one the
-    router and rate limits use.
+    router and rate limits use.  Input tokens that are not 0 are the provider's, kept.
     """
     if completion.input_tokens != 0:
-        return completion, not completion.usage_reported
+        return completion, False
     return attrs.evolve(completion, input_tokens=run.estimate()), True
 
 
 def answered_usage(run: _Run, completion: Completion) -> tuple[Completion, bool]:
     """
-    The usage of a whole answer, and whether it is estimated: as reported, or, for an
-    answer that carried none (`Completion.usage_reported` False: its output tokens the
-    provider's estimate), with the request's estimate of the prompt for its input
-    tokens, as a stream without usage has it (`streamed_usage`).
+    The usage of a whole answer, and whether its input is estimated: as reported, or,
+    for an answer whose usage was not all reported (`Completion.usage_reported` False:
+    the output tokens it left out the provider's estimate), with the request's estimate
+    of the prompt for input tokens it left out (0), as a stream without usage has it
+    (`streamed_usage`).
     """
     if completion.usage_reported:
         return completion, False
@@ -740,8 +743,8 @@ def _flagged(
 ) -> Mapping[str, JSONScalar]:
     """
     A record's ``metadata``, saying which of its token counts are estimated
-    (`INPUT_ESTIMATED`, `OUTPUT_ESTIMATED`: also the output of a ``completion`` that
-    carried no usage, `Completion.usage_reported`) and what cache and web-search counts
+    (`INPUT_ESTIMATED`, `OUTPUT_ESTIMATED`: also the output of a ``completion`` whose
+    usage was not all reported, `Completion.usage_reported`) and what cache and web-search counts
     its call was billed for (``extras``, under the keys of `_EXTRAS`); as it is when none.
     """
     if completion is not None and not completion.usage_reported:

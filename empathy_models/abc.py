@@ -1539,14 +1539,16 @@ class Completion:
         cached_input_tokens: those of ``input_tokens`` the provider served from its
             prompt cache (OpenAI's ``usage.prompt_tokens_details.cached_tokens``), billed
             at the model's cached input price.
-        usage_reported: False when the answer carried no usage (some OpenAI-compatible
-            servers leave ``usage`` out or send null): ``output_tokens`` is then an
-            estimate (the HTTP providers': a quarter of the UTF-8 bytes of the text and
-            the tool calls' names and arguments, rounded up) and ``input_tokens`` 0 (or
-            the provider's own estimate); the executor records the request's estimate
-            of the prompt for a 0, flags both counts as estimated in the record's
-            metadata and charges budgets the prompt's worst case, as for a stream
-            without usage.
+        usage_reported: False when the answer did not report all of its usage (some
+            OpenAI-compatible servers leave ``usage`` out or send null, or leave one of
+            its counts out or null): a count it gave is kept, one it left out is
+            estimated: ``output_tokens`` by the provider (the HTTP providers': a quarter
+            of the UTF-8 bytes of the text and the tool calls' names and arguments,
+            rounded up), ``input_tokens`` left 0, for which the executor records the
+            request's estimate of the prompt and charges budgets the prompt's worst
+            case, as for a stream without usage.  The record's metadata flags its
+            output tokens as estimated then, and its input tokens when they are the
+            request's estimate (a nonzero ``input_tokens`` is recorded as given).
     """
 
     content: str

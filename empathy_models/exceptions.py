@@ -229,6 +229,10 @@ class InvalidResponseError(ProviderError):
     still be read (an answer refused for another flaw, e.g. a tool call cut off by
     ``max_tokens`` whose arguments are not JSON), a `Completion` with that usage and no
     content: the provider bills it, and the executor records and charges it; else None.
+    An error with a 2xx ``status`` and no ``billed`` (a body that is not JSON, JSON
+    without the answer or its usage) is billed too: the executor records the request's
+    estimate of the prompt for it, flagged as estimated, and charges budgets the
+    prompt's worst case, as for a stream cut off before its usage.
     """
 
     # annotated for type checkers alone: `Completion` is imported only for them, so an

@@ -78,7 +78,8 @@ charged the prompt's worst case (what they reserved for it, its tool definitions
 schema included) and the output counted so far (not ``max_tokens``), so that they
 never charge less than the provider bills for the prompt.  An error answered before
 the stream opened (an HTTP error status, a refused connection) records no tokens, as
-in `run`.
+in `run`; a 2xx answer refused as malformed records the prompt's estimate, as in
+`run`, when it has no usage to read.
 """
 
 from __future__ import annotations

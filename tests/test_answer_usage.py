@@ -5,7 +5,9 @@ output from the answer's size) and flagged, as a stream without usage is; whole-
 counts written as JSON floats (``10.0``) are read as integers; fractional, negative and
 non-finite counts are still a malformed answer.  Both wire formats, `run` and `stream`.
 
-A bare aiohttp server answers (`FakeLLMServer` always reports integer usage).
+A bare aiohttp server answers: unlike `FakeLLMServer`, it can answer a streamed request
+with a whole JSON body, as a server ignoring ``"stream": true`` does
+(``tests/test_partial_usage.py`` drives partial usage through `FakeLLMServer`).
 """
 
 from __future__ import annotations
@@ -192,11 +194,16 @@ class Server:
         self.calls = 0
         self.streamed_whole = False
         """Answer a streamed request with a whole JSON body (a server ignoring ``stream``)."""
+        self.not_json = False
+        """Answer with a 200 whose JSON body is cut in half."""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.calls += 1
         body = await request.json()
         model = body["model"]
+        if self.not_json:
+            whole = json.dumps(_whole(self.api, model, self.usage, self.call)).encode()
+            return web.Response(body=whole[: len(whole) // 2], content_type="application/json")
         if not body.get("stream") or self.streamed_whole:
             return web.json_response(_whole(self.api, model, self.usage, self.call))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -342,6 +349,41 @@ async def test_a_stream_answered_whole_without_usage_is_estimated_as_run_is(
     )
     assert record.metadata[INPUT_ESTIMATED] is True
     assert record.metadata[OUTPUT_ESTIMATED] is True
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_a_stream_answered_whole_with_a_count_left_out_keeps_the_other(
+    served: Served, telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore, api: Api
+) -> None:
+    server = Server(api, {"prompt_tokens": 12} if api == "openai" else {"input_tokens": 12})
+    server.streamed_whole = True
+    response = await answer(await served(server), api, "stream")
+    assert response.content == TEXT and server.calls == 1
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.SUCCESS
+    assert (record.input_tokens, record.output_tokens) == (12, output_estimate(TEXT))
+    assert INPUT_ESTIMATED not in record.metadata  # the prompt's count was reported
+    assert record.metadata[OUTPUT_ESTIMATED] is True
+    assert math.isclose(await spent(quota), record.cost_usd, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_a_stream_answered_whole_with_a_body_that_is_not_json_records_the_prompt(
+    served: Served, telemetry: MemoryTelemetryBackend, quota: MemoryQuotaStore, api: Api
+) -> None:
+    server = Server(api, MISSING)
+    server.streamed_whole = server.not_json = True
+    with pytest.raises(AllRoutesFailedError) as caught:
+        await answer(await served(server), api, "stream")
+    (error,) = caught.value.exceptions
+    assert isinstance(error, InvalidResponseError) and error.status == 200
+    record = await only_record(telemetry)
+    assert record.outcome is Outcome.FAILURE and record.error_type == "InvalidResponseError"
+    assert (record.input_tokens, record.output_tokens) == (estimate(PROMPT), 0)
+    assert record.metadata[INPUT_ESTIMATED] is True
+    info = REGISTRY.get(MODEL[api])
+    assert math.isclose(record.cost_usd, info.cost(estimate(PROMPT), 0))
+    assert await spent(quota) >= info.cost(4 * estimate(PROMPT), 0) * (1 - 1e-9)
 
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])

@@ -29,7 +29,13 @@ from empathy_models.exceptions import (
     RecordValidationError,
     ServerError,
 )
-from empathy_models.testing import FakeLLMServer, FakeProvider, Latency, ModelBehavior
+from empathy_models.testing import (
+    FakeLLMServer,
+    FakeProvider,
+    FakeReply,
+    Latency,
+    ModelBehavior,
+)
 from empathy_models.testing.clock import FakeClock
 
 KEY = "server-key"
@@ -431,6 +437,49 @@ async def test_scripts_run_in_order_then_the_behaviour_resumes(
         assert server.requests("m") == 4
         assert server.request_counts() == {"m": 4}
     assert statuses == [500, 200, 429, 200]
+
+
+async def _sse_usages(
+    session: aiohttp.ClientSession, url: str, body: Any, headers: Any
+) -> list[Any]:
+    # the "usage" of every SSE event that carries one (Anthropic's inside message_start)
+    async with session.post(url, json=body, headers=headers) as response:
+        text = (await response.read()).decode()
+    found = []
+    for line in text.splitlines():
+        if not line.startswith("data: {"):
+            continue
+        event = json.loads(line[len("data: ") :])
+        holder = event.get("message", event)
+        if "usage" in holder:
+            found.append(holder["usage"])
+    return found
+
+
+async def test_a_scripted_usage_object_is_sent_as_given_whole_and_streamed(
+    session: aiohttp.ClientSession,
+) -> None:
+    odd = {"prompt_tokens": 7, "completion_tokens": None, "extra": "x"}
+    async with FakeLLMServer() as server:
+        server.script("m", [FakeReply(usage=odd), FakeReply(content="hi", usage={})])
+        _, whole, _ = await openai(session, server)
+        _, plain, _ = await anthropic(session, server)
+        server.script("m", [FakeReply(usage=odd)] * 2)
+        streamed = o_body(stream=True, stream_options={"include_usage": True})
+        openai_events = await _sse_usages(
+            session, server.url + "/v1/chat/completions", streamed, O_HEADERS
+        )
+        anthropic_events = await _sse_usages(
+            session, server.url + "/v1/messages", a_body(stream=True), A_HEADERS
+        )
+        _, counted, _ = await openai(session, server)  # the script is used up
+    assert whole["usage"] == odd and whole["choices"][0]["message"]["content"]
+    assert plain["usage"] == {} and plain["content"] == [{"type": "text", "text": "hi"}]
+    assert openai_events == [odd]
+    assert anthropic_events == [odd, odd]  # message_start's and message_delta's
+    assert set(counted["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    with pytest.raises(RecordValidationError, match="usage"):
+        FakeReply(usage=[1, 2])  # type: ignore[arg-type]
 
 
 async def test_outages_switch_on_and_off_by_model_api_and_everything(

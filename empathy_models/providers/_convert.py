@@ -47,8 +47,8 @@ __all__ = [
     "anthropic_body",
     "anthropic_tool_calls",
     "openai_body",
+    "answer_usage",
     "openai_tool_calls",
-    "unreported_usage",
 ]
 
 _BAD_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9_-]")
@@ -417,15 +417,31 @@ def anthropic_tool_calls(
 # --------------------------------------------------------------------------- usage
 
 
-def unreported_usage(content: str, tool_calls: Sequence[ToolCall]) -> dict[str, Any]:
+def answer_usage(
+    reported: Mapping[str, Any] | None, content: str, tool_calls: Sequence[ToolCall]
+) -> dict[str, Any]:
     """
-    The `Completion` usage fields of a whole answer that carried no usage (``usage``
-    left out, or null): the output tokens estimated from its text and its tool calls'
-    names and arguments (`estimated_output_tokens`, as for a stream without usage),
-    the input tokens 0 (the executor records the request's estimate of the prompt) and
-    ``usage_reported`` False.
+    The `Completion` usage fields of a whole answer, from the usage it reported
+    (``reported``: `HTTPProvider._usage`'s fields, a count left out or null as None;
+    None when the answer carried no usage, ``usage`` left out or null).  The counts it
+    reported are kept; one it left out is estimated, and ``usage_reported`` is False
+    then: the output tokens from its text and its tool calls' names and arguments
+    (`estimated_output_tokens`, as for a stream without usage), the input tokens 0
+    (the executor records the request's estimate of the prompt).
     """
-    size = utf8_size(content)
-    for call in tool_calls:
-        size += utf8_size(call.name) + utf8_size(call.arguments_json)
-    return {"output_tokens": estimated_output_tokens(size), "usage_reported": False}
+    fields = dict(reported or {})
+    input_tokens = fields.pop("input_tokens", None)
+    output_tokens = fields.pop("output_tokens", None)
+    if input_tokens is not None and output_tokens is not None:
+        return {**fields, "input_tokens": input_tokens, "output_tokens": output_tokens}
+    if output_tokens is None:
+        size = utf8_size(content)
+        for call in tool_calls:
+            size += utf8_size(call.name) + utf8_size(call.arguments_json)
+        output_tokens = estimated_output_tokens(size)
+    return {
+        **fields,
+        "input_tokens": input_tokens or 0,
+        "output_tokens": output_tokens,
+        "usage_reported": False,
+    }

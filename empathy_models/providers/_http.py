@@ -72,6 +72,7 @@ from ..exceptions import (
     NotOpenError,
     ProviderError,
 )
+from ._convert import answer_usage
 from ._sse import StreamDecoder
 from ._wire import (
     _ENCODER,
@@ -255,14 +256,17 @@ def _billed(
 ) -> Completion | None:
     """
     A `Completion` with no content and the usage of a 2xx body the provider's `_parse`
-    refused (`HTTPProvider._usage`), which the provider bills whatever else is wrong;
-    None when that cannot be read either.
+    refused (`HTTPProvider._usage`), which the provider bills whatever else is wrong (a
+    count it left out as for an answer, `answer_usage`: the output then 0, there being
+    no answer to measure); None when it reports none or that cannot be read either.
     """
     try:
         usage = provider._usage(reader, data)
     except (ProviderError, *_SLIPS):
         return None
-    return None if usage is None else Completion(content="", model=request.model, **usage)
+    if usage is None:
+        return None
+    return Completion(content="", model=request.model, **answer_usage(usage, "", ()))
 
 
 def env_name_flaw(value: object) -> str | None:
@@ -712,9 +716,9 @@ class HTTPProvider(Provider):
 
     def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any] | None:
         """
-        The usage of a 2xx body as `Completion` fields (``input_tokens``, ``output_tokens``,
-        the cache counts), failing through ``reader``; None when it reports none (`_parse`
-        estimates it then) or, the default, when the wire format has no reading of it.
+        The usage of a 2xx body as `Completion` fields (``input_tokens``, ``output_tokens``:
+        None when left out or null, `answer_usage`; the cache counts), failing through
+        ``reader``; None when it reports none or (the default) the format has no reading.
         """
         return None
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from ..abc import Completion, CompletionRequest
-from ._convert import anthropic_body, anthropic_tool_calls, unreported_usage
+from ._convert import answer_usage, anthropic_body, anthropic_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import AnthropicStreamDecoder
 from ._wire import ResponseReader, anthropic_usage_extras, reported_model
@@ -30,11 +30,12 @@ class AnthropicProvider(HTTPProvider):
     ``cache_write_1h_tokens`` and ``cache_read_tokens``, and the server's web searches
     its ``web_search_requests``, each priced by `ModelInfo.cost`; a count sent as a
     whole-number float, ``10.0``, is that integer; an answer without ``usage``, or with
-    null, has the output estimated and ``usage_reported`` False, see `Completion`);
-    ``request_id`` is the
-    ``request-id`` header.  The ``model`` of the `Completion` is the id that was asked
-    for, so it matches the registry.  Tool calls
-    are the ``tool_use`` blocks (a server tool's ``server_tool_use`` block, run by the
+    null, or with one of the two counts left out or null, has what it left out
+    estimated, what it gave kept, and ``usage_reported`` False, see `Completion`; a
+    count that is there but no count (negative, fractional, a string, a bool) makes the
+    answer malformed); ``request_id`` is the ``request-id`` header.  The ``model`` of
+    the `Completion` is the id that was asked for, so it matches the registry.  Tool
+    calls are the ``tool_use`` blocks (a server tool's ``server_tool_use`` block, run by the
     API itself, is none, streamed or not); a ``response_format`` is sent as the API's
     structured outputs parameter ``output_config.format``; ``seed`` has no counterpart
     and is not sent (see ``empathy_models.providers._convert``).
@@ -123,7 +124,7 @@ class AnthropicProvider(HTTPProvider):
                 parts.append(reader.get(block, "text", str, f"response.content[{index}]"))
         content = "".join(parts)
         tool_calls = anthropic_tool_calls(reader, blocks, "response.content")
-        usage = self._usage(reader, data)
+        usage = answer_usage(self._usage(reader, data), content, tool_calls)
         return Completion(
             content=content,
             model=reported_model(data.get("model"), request.model),
@@ -131,7 +132,7 @@ class AnthropicProvider(HTTPProvider):
             request_id=headers.get("request-id") or reader.optional_str(data, "id"),
             tool_calls=tool_calls,
             response_id=reader.optional_str(data, "id"),
-            **(unreported_usage(content, tool_calls) if usage is None else usage),
+            **usage,
         )
 
     def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any] | None:
@@ -139,7 +140,7 @@ class AnthropicProvider(HTTPProvider):
             return None
         usage = reader.get(data, "usage", dict, "response")
         return {
-            "input_tokens": reader.tokens(usage, "input_tokens", "response.usage"),
-            "output_tokens": reader.tokens(usage, "output_tokens", "response.usage"),
+            "input_tokens": reader.count(usage, "input_tokens", "response.usage"),
+            "output_tokens": reader.count(usage, "output_tokens", "response.usage"),
             **anthropic_usage_extras(usage, reader.count, "response.usage"),
         }

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from .._validators import shown
 from ..abc import Completion, CompletionRequest
 from ..exceptions import ConfigurationError
-from ._convert import openai_body, openai_tool_calls, unreported_usage
+from ._convert import answer_usage, openai_body, openai_tool_calls
 from ._http import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HTTPProvider
 from ._sse import OpenAIStreamDecoder
 from ._wire import ResponseReader, openai_cached_tokens, reported_model
@@ -32,9 +32,11 @@ class OpenAIProvider(HTTPProvider):
     ``usage.prompt_tokens_details.cached_tokens`` came from the prompt cache: the
     completion's ``cached_input_tokens``, priced at the model's cached input price; a
     count sent as a whole-number float, ``10.0``, is that integer; an answer without
-    ``usage``, or with null, has the output estimated and ``usage_reported`` False, see
-    `Completion`); ``request_id`` is the
-    ``x-request-id`` header.  The ``model`` of the `Completion` is the id asked for.
+    ``usage``, or with null, or with one of the two counts left out or null, has what
+    it left out estimated, what it gave kept, and ``usage_reported`` False, see
+    `Completion`; a count that is there but no count (negative, fractional, a string, a
+    bool) makes the answer malformed); ``request_id`` is the ``x-request-id`` header.
+    The ``model`` of the `Completion` is the id asked for.
     Tool calls are read from ``message.tool_calls`` (``content`` is then ``""`` when the
     server sent null); a null ``content`` with a ``finish_reason`` and no call (Azure's
     output filter: ``"content_filter"``; a reasoning model out of tokens: ``"length"``)
@@ -152,7 +154,7 @@ class OpenAIProvider(HTTPProvider):
             content = ""
         elif not isinstance(content, str):
             reader.fail("response.choices[0].message.content must be a string")
-        usage = self._usage(reader, data)
+        usage = answer_usage(self._usage(reader, data), content, tool_calls)
         return Completion(
             content=content,
             model=reported_model(data.get("model"), request.model),
@@ -160,7 +162,7 @@ class OpenAIProvider(HTTPProvider):
             request_id=headers.get("x-request-id") or reader.optional_str(data, "id"),
             tool_calls=tool_calls,
             response_id=reader.optional_str(data, "id"),
-            **(unreported_usage(content, tool_calls) if usage is None else usage),
+            **usage,
         )
 
     def _usage(self, reader: ResponseReader, data: dict[str, Any]) -> dict[str, Any] | None:
@@ -168,7 +170,7 @@ class OpenAIProvider(HTTPProvider):
             return None
         usage = reader.get(data, "usage", dict, "response")
         return {
-            "input_tokens": reader.tokens(usage, "prompt_tokens", "response.usage"),
-            "output_tokens": reader.tokens(usage, "completion_tokens", "response.usage"),
+            "input_tokens": reader.count(usage, "prompt_tokens", "response.usage"),
+            "output_tokens": reader.count(usage, "completion_tokens", "response.usage"),
             "cached_input_tokens": openai_cached_tokens(usage, reader.count, "response.usage"),
         }

@@ -132,8 +132,10 @@ def _openai_events(
     include_usage: bool,
     calls: list[StreamedCall] | None = None,
     stop_reason: str | None = None,
+    scripted: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, list[bytes], bytes, bytes]:
-    """(opening, one event per piece, closing, the error event) for OpenAI."""
+    """(opening, one event per piece, closing, the error event) for OpenAI; ``scripted``:
+    the usage object to send instead of the counts (`FakeReply.usage`)."""
     created = int(time.time())
 
     def chunk(choices: list[Any], **extra: Any) -> bytes:
@@ -180,14 +182,12 @@ def _openai_events(
     reason = "length" if truncated else ("tool_calls" if calls else "stop")
     closing = chunk(choice({}, stop_reason or reason))
     if include_usage:
-        closing += chunk(
-            [],
-            usage={
-                "prompt_tokens": input_tokens,
-                "completion_tokens": output_tokens,
-                "total_tokens": input_tokens + output_tokens,
-            },
-        )
+        usage = {
+            "prompt_tokens": input_tokens,
+            "completion_tokens": output_tokens,
+            "total_tokens": input_tokens + output_tokens,
+        }
+        closing += chunk([], usage=usage if scripted is None else dict(scripted))
     closing += b"data: [DONE]\n\n"
     error = _data(
         {
@@ -238,10 +238,13 @@ def _anthropic_events(
     truncated: bool,
     calls: list[StreamedCall] | None = None,
     stop_reason: str | None = None,
+    scripted: Mapping[str, Any] | None = None,
 ) -> tuple[bytes, list[bytes], bytes, bytes]:
     """
     (opening, one event per piece, closing, the error event) for Anthropic; ``usage``:
-    the input and output tokens and the prompt cache's counts (`anthropic_usage`).
+    the input and output tokens and the prompt cache's counts (`anthropic_usage`);
+    ``scripted``: the usage object ``message_start`` and ``message_delta`` send instead
+    (`FakeReply.usage`).
     """
     input_tokens, output_tokens, cache = usage
     message: dict[str, Any] = {
@@ -252,7 +255,7 @@ def _anthropic_events(
         "model": model,
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": anthropic_usage(input_tokens, 1, cache),
+        "usage": anthropic_usage(input_tokens, 1, cache) if scripted is None else dict(scripted),
     }
     calls = calls or []
     text_block = bool(pieces) or not calls  # an answer of tool calls only has no text block
@@ -292,7 +295,7 @@ def _anthropic_events(
                     "stop_reason": stop_reason or reason,
                     "stop_sequence": None,
                 },
-                "usage": {"output_tokens": output_tokens},
+                "usage": {"output_tokens": output_tokens} if scripted is None else dict(scripted),
             },
             "message_delta",
         )
@@ -332,11 +335,13 @@ async def serve_stream(
     fault: str | None = None,
     calls: list[StreamedCall] | None = None,
     stop_reason: str | None = None,
+    scripted: Mapping[str, Any] | None = None,
 ) -> web.StreamResponse:
     """
     Answer ``request`` with the events of ``content`` and then ``calls`` (tool calls,
     their arguments in pieces) in ``api``'s format, with ``usage`` (the input and output
-    tokens and the prompt cache's counts, see `anthropic_usage`).  ``fault`` (one of
+    tokens and the prompt cache's counts, see `anthropic_usage`; ``scripted``: the usage
+    object sent instead, `FakeReply.usage`).  ``fault`` (one of
     `STREAM_FAULTS`) overrides the behaviour's, right after the opening events; a
     behaviour's ``fault_after`` counts every event after the opening ones.
     """
@@ -344,7 +349,7 @@ async def serve_stream(
     pieces = split_text(content, behavior.chunk_chars)
     if api == "anthropic":
         opening, chunks, ending, error = _anthropic_events(
-            model, number, pieces, usage, truncated, calls, stop_reason
+            model, number, pieces, usage, truncated, calls, stop_reason, scripted
         )
         headers = {"request-id": f"req_{number:024d}"}
     else:
@@ -360,6 +365,7 @@ async def serve_stream(
             include_usage,
             calls,
             stop_reason,
+            scripted,
         )
         headers = {"x-request-id": f"req_{number:024d}"}
     malformed = _malformed(api, number)

@@ -17,7 +17,7 @@ from typing import Any
 
 from attrs import field, frozen
 
-from .._validators import failure, optional_str, shown
+from .._validators import failure, instance_of, optional_str, shown
 from ..abc import Completion
 from ..content import ToolCall
 from ..exceptions import RecordValidationError
@@ -48,6 +48,12 @@ def _to_calls(value: Iterable[Mapping[str, Any]] | None) -> tuple[Mapping[str, A
 
 
 _opt_str = optional_str(failure(RecordValidationError))
+_opt_usage = instance_of(
+    failure(RecordValidationError),
+    Mapping,
+    why="must be a dict (the usage object) or None",
+    optional=True,
+)
 
 
 @frozen(kw_only=True)
@@ -63,12 +69,19 @@ class FakeReply:
         json: any JSON value, sent as the text instead.
         stop_reason: overrides the stop reason (default: ``"tool_use"`` /
             ``"tool_calls"`` with tool calls, else ``"end_turn"`` / ``"stop"``).
+        usage: the ``usage`` object sent instead of the counted one, as given (so a
+            partial or malformed usage can be tested): a whole answer's ``usage``; in a
+            stream, OpenAI's usage chunk (sent when the request asks for it with
+            ``stream_options.include_usage``) and the ``usage`` of Anthropic's
+            ``message_start`` and ``message_delta`` alike.  None: the counted usage.
+            `FakeLLMServer` only (`FakeProvider`, which returns a `Completion`, ignores it).
     """
 
     content: str | None = field(default=None, validator=_opt_str)
     tool_calls: tuple[Mapping[str, Any], ...] = field(default=(), converter=_to_calls)
     json: Any = None
     stop_reason: str | None = field(default=None, validator=_opt_str)
+    usage: Mapping[str, Any] | None = field(default=None, validator=_opt_usage)
 
     def text(self, default: str) -> str | None:
         """The text to send (``default`` when nothing else is set and no tool is called)."""
@@ -117,6 +130,8 @@ def apply_reply(api: str, payload: dict[str, Any], reply: FakeReply, default_tex
             payload["stop_reason"] = "tool_use"
         if reply.stop_reason is not None:
             payload["stop_reason"] = reply.stop_reason
+        if reply.usage is not None:
+            payload["usage"] = dict(reply.usage)
         return
     choice = payload["choices"][0]
     message = choice["message"]
@@ -141,6 +156,8 @@ def apply_reply(api: str, payload: dict[str, Any], reply: FakeReply, default_tex
             choice["finish_reason"] = "tool_calls"
     if reply.stop_reason is not None:
         choice["finish_reason"] = reply.stop_reason
+    if reply.usage is not None:
+        payload["usage"] = dict(reply.usage)
 
 
 def streamed_calls(api: str, reply: FakeReply) -> list[tuple[str, str, str]]:

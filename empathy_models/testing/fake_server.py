@@ -26,13 +26,14 @@ content blocks and parts each API takes (images, documents, search results, thin
 blocks and server tools in Anthropic's; audio, file and refusal parts in OpenAI's) and
 the pairing of tool calls with their results.  A body that is not JSON (``NaN``, or
 nested deeper than the parser goes) gets 400, one over 64 MiB 413, both in the API's
-shape.  Scripts may hold `FakeReply` answers (text, tool calls, JSON); a request that
-forces a tool or asks for a JSON schema gets a value the schema accepts, generated from
-it (OpenAI's ``json_object`` gets ``{}``); a schema with no value the fake can make, or
-whose smallest value is over 1 MB of JSON, gets 400 instead (script a `FakeReply` for
-such a request).  The official ``openai`` and ``anthropic`` SDKs work against it as
-configured for the real services (``api_key=...``, ``base_url=...``): every response
-carries a request id and rate-limit headers, and unknown routes answer with JSON
+shape.  Scripts may hold `FakeReply` answers (text, tool calls, JSON, a ``usage``
+object sent as given); a request that forces a tool or asks for a JSON schema gets a
+value the schema accepts, generated from it (OpenAI's ``json_object`` gets ``{}``); a
+schema with no value the fake can make, or whose smallest value is over 1 MB of JSON,
+gets 400 instead (script a `FakeReply` for such a request).  The official ``openai``
+and ``anthropic`` SDKs work against it as configured for the real services
+(``api_key=...``, ``base_url=...``): every response carries a request id and
+rate-limit headers, and unknown routes answer with JSON
 errors.  Usage is estimated: input tokens ``len(text) // 4 + 1`` of what the real APIs
 bill as input (the tool definitions' and a structured-output schema's JSON, the system
 prompt and the messages' text), output tokens drawn from the behaviour.  An Anthropic
@@ -418,4 +419,5 @@ class FakeLLMServer(Controls):
             fault=_STREAMED_FAULTS.get(action) if isinstance(action, str) else None,
             calls=calls,
             stop_reason=None if reply is None else reply.stop_reason,
+            scripted=None if reply is None else reply.usage,
         )
