@@ -885,3 +885,22 @@ async def test_short_secret_header_values_are_not_scrubbed() -> None:
     ):
         error = await failure(provider, req())
     assert "turned on: mode on" in str(error)
+
+
+@pytest.mark.parametrize("key", ["k", "test", "sk-1"])
+async def test_a_very_short_key_is_scrubbed_where_it_stands_alone_not_inside_words(
+    key: str,
+) -> None:
+    """A local server's key ``k`` must not turn ``tokens`` into ``to***ens``."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        message = f"too many tokens, latest request: key {key} rejected ({key})"
+        return web.json_response({"error": {"message": message}}, status=500)
+
+    async with (
+        echo_server(handler) as url,
+        OpenAIProvider(api_key=key, base_url=f"{url}/v1") as provider,
+    ):
+        error = await failure(provider, req())
+    assert "too many tokens, latest request: key *** rejected (***)" in str(error), str(error)

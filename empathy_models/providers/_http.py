@@ -213,7 +213,8 @@ def _scrubbed_texts(value: str) -> tuple[str, ...]:
     value, and for a scheme and a credential (``Bearer <token>``) the credential alone
     too, since a server may echo just that.  A text shorter than 8 characters is left
     out: replacing ``on`` or ``1`` everywhere would mangle messages, and no credential is
-    that short.  (The ``api_key`` itself is always scrubbed, whatever its length.)
+    that short.  (The ``api_key`` itself is always scrubbed, whatever its length; one
+    under 8 characters where no letter or digit touches it.)
     """
     scheme = _SCHEME.fullmatch(value)
     texts = (value,) if scheme is None else (value, scheme.group(1).strip())

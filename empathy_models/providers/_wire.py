@@ -99,6 +99,10 @@ _UNKNOWN_MODEL_MARKERS: Final = (
 )
 
 
+_ANYWHERE_FROM: Final = 8
+"""A secret this long or longer is scrubbed wherever it appears, even inside a word."""
+
+
 class _Secrets:
     """
     Texts that every message is scrubbed of (a provider's key, the values of its
@@ -107,19 +111,32 @@ class _Secrets:
     it from a query); its repr and str never show them.
     """
 
-    __slots__ = ("_values", "longest")
+    __slots__ = ("_short", "_values", "longest")
 
     def __init__(self, *values: str) -> None:
         forms = {form for v in values if v for form in (v, *_url_forms(v))}
         # longest first: a value that holds another ("Bearer <token>") goes whole
-        self._values = tuple(sorted(forms, key=len, reverse=True))
-        self.longest = len(self._values[0]) if self._values else 0
+        ordered = sorted(forms, key=len, reverse=True)
+        self._values = tuple(v for v in ordered if len(v) >= _ANYWHERE_FROM)
+        # a very short value (a local server's key "k") only where it stands alone:
+        # replaced anywhere, it would turn "tokens" into "to***ens"
+        short = [re.escape(v) for v in ordered if len(v) < _ANYWHERE_FROM]
+        self._short = (
+            re.compile(rf"(?<![A-Za-z0-9])(?:{'|'.join(short)})(?![A-Za-z0-9])") if short else None
+        )
+        self.longest = len(ordered[0]) if ordered else 0
 
     def scrub(self, text: str) -> str:
-        """``text`` with each of the values (in each of its forms) replaced by ``***``."""
+        """
+        ``text`` with each of the values (in each of its forms) replaced by ``***``: a
+        value of 8 characters or more wherever it appears, a shorter one where no letter
+        or digit touches it.
+        """
         for value in self._values:
             if value in text:
                 text = text.replace(value, "***")
+        if self._short is not None:
+            text = self._short.sub("***", text)
         return text
 
     def __repr__(self) -> str:
