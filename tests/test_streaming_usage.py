@@ -431,3 +431,47 @@ async def test_an_anthropic_stream_left_early_keeps_the_reported_count(
     assert record.outcome is Outcome.CANCELLED
     assert record.input_tokens == fake_count(PROMPT) and ESTIMATED not in record.metadata
     assert math.isclose(await spent(quota), record.cost_usd, rel_tol=1e-6)
+
+
+async def test_a_later_openai_usage_chunk_leaving_a_count_out_keeps_the_earlier_one(
+    telemetry: MemoryTelemetryBackend,
+) -> None:
+    # servers that report usage on several chunks (vLLM's continuous usage, gateways
+    # that split it) may leave the prompt's count out of the last one
+    def chunk(delta: dict[str, str], usage: dict[str, Any] | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": None if delta else "stop"}
+        body: dict[str, Any] = {"id": "c1", "object": "chat.completion.chunk"}
+        body["choices"] = [choice]
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    first_usage = {
+        "prompt_tokens": 41,
+        "completion_tokens": 1,
+        "prompt_tokens_details": {"cached_tokens": 32},
+    }
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(chunk({"content": "Hello"}, first_usage))
+        await response.write(chunk({"content": " there"}, {"completion_tokens": 2}))
+        await response.write(chunk({}, {"completion_tokens": 2}) + b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async with serving("/v1/chat/completions", handler) as url:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+        )
+        async with executor, executor.stream(PROMPT, context("gpt-usage")) as stream:
+            response = await stream.get_final_response()
+    assert (response.input_tokens, response.output_tokens) == (41, 2)
+    record = await only_record(telemetry)
+    assert (record.input_tokens, record.output_tokens) == (41, 2)
+    # the later chunks give no prompt_tokens_details: the cache count stands
+    assert record.metadata["empathy_models.cached_input_tokens"] == 32
+    assert ESTIMATED not in record.metadata and OUTPUT_ESTIMATED not in record.metadata

@@ -610,11 +610,17 @@ class OpenAIStreamDecoder(StreamDecoder):
                     self.stop_reason = reason
         usage = chunk.get("usage")
         if isinstance(usage, dict):
-            self.input_tokens = self._tokens(usage, "prompt_tokens")
-            self.output_tokens = self._tokens(usage, "completion_tokens")
-            self.cached_input_tokens = openai_cached_tokens(
-                usage, lambda data, key, _: self._tokens(data, key), ""
-            )
+            # a count a later usage chunk leaves out keeps the one reported before it
+            given = self._tokens(usage, "prompt_tokens")
+            if given is not None:
+                self.input_tokens = given
+            given = self._tokens(usage, "completion_tokens")
+            if given is not None:
+                self.output_tokens = given
+            if isinstance(usage.get("prompt_tokens_details"), dict):
+                self.cached_input_tokens = openai_cached_tokens(
+                    usage, lambda data, key, _: self._tokens(data, key), ""
+                )
 
     def _openai_calls(self, calls: object, out: list[str | ToolCallDelta]) -> None:
         """``delta.tool_calls``: the first piece of a call has its id and name."""
