@@ -304,7 +304,9 @@ async def test_a_streamed_count_that_is_there_but_wrong_is_still_malformed(
 # --------------------------------------------------------------------------- malformed 2xx
 
 
-@pytest.mark.parametrize("action", ["malformed", "incomplete"], ids=["not-json", "no-answer"])
+@pytest.mark.parametrize(
+    "action", ["malformed", "incomplete", "truncated"], ids=["not-json", "no-answer", "cut-off"]
+)
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
 async def test_a_malformed_2xx_answer_records_the_prompt_it_was_billed_for(
     server: FakeLLMServer,
@@ -313,8 +315,9 @@ async def test_a_malformed_2xx_answer_records_the_prompt_it_was_billed_for(
     api: Api,
     action: str,
 ) -> None:
-    # a 200 whose body is cut in half (not JSON), or JSON without the answer and usage:
-    # the prompt was sent and accepted, so the provider bills it
+    # a 200 whose body is cut in half (not JSON), JSON without the answer and usage, or
+    # a body the connection dropped before its Content-Length: the prompt was sent and
+    # accepted, so the provider bills it
     server.script(MODEL[api], [action])
     with pytest.raises(AllRoutesFailedError) as caught:
         await answer(executor(server, api, telemetry, quota), api, "run")

@@ -656,7 +656,7 @@ class HTTPProvider(Provider):
         except aiohttp.InvalidURL as exc:  # a ClientError too, but nothing was sent
             raise self._not_built(exc, model) from _without_request(exc)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self._transport_failed(exc, model, budget_ends)
+            self._transport_failed(exc, model, budget_ends, status if answered else None)
         except (ValueError, TypeError) as exc:
             if answered or isinstance(exc, EmpathyModelsError):
                 raise
@@ -736,15 +736,17 @@ class HTTPProvider(Provider):
         return error_from_local(exc, provider=self.name, model=model, secret=self._redacted)
 
     def _transport_failed(
-        self, exc: BaseException, model: str, budget_ends: float | None
+        self, exc: BaseException, model: str, budget_ends: float | None, status: int | None
     ) -> NoReturn:
         """
-        Raise the error of a request that got no answer (the connection, a timeout).
+        Raise the error of a request that got no answer, or no whole body (the
+        connection, a timeout).
 
         Args:
             exc: The aiohttp, timeout or OS error the POST raised.
             model: The requested model.
             budget_ends: The loop time the caller's time budget ends, or None.
+            status: The answer's status when it was read before ``exc``, else None.
 
         Raises:
             AttemptTimeout: When ``exc`` is a timeout and the caller's budget is spent.
@@ -757,7 +759,7 @@ class HTTPProvider(Provider):
         ):
             raise AttemptTimeout(f"{self.name}: the time budget ran out [model {model}]") from exc
         raise error_from_transport(
-            exc, provider=self.name, model=model, secret=self._redacted
+            exc, provider=self.name, model=model, secret=self._redacted, status=status
         ) from _without_request(exc)
 
     async def _read_bounded(

@@ -366,11 +366,18 @@ def error_from_response(
 
 
 def error_from_transport(
-    exc: BaseException, *, provider: str, model: str, secret: _Secrets | None = None
+    exc: BaseException,
+    *,
+    provider: str,
+    model: str,
+    secret: _Secrets | None = None,
+    status: int | None = None,
 ) -> ProviderError:
     """
     The error for an exception raised while sending or reading (never for
     `asyncio.CancelledError`, which callers must let through), scrubbed of ``secret``.
+    ``status``: the answer's, when it was read before the body failed; a 2xx body cut
+    short keeps it (the request was accepted, and is billed: see `InvalidResponseError`).
     """
     import aiohttp  # loaded by whoever sent the request
 
@@ -395,6 +402,7 @@ def error_from_transport(
             f"{provider}: the response body was cut short: {detail} {where}",
             provider=provider,
             model=model,
+            status=status if status is not None and 200 <= status < 300 else None,
         )
     if isinstance(exc, aiohttp.ClientResponseError):
         return InvalidResponseError(
