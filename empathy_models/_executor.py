@@ -335,7 +335,7 @@ async def _close_elsewhere(executor: EmpathyLLMExecutor) -> bool:
             await stack.aclose()
         except Exception:  # what is bound to the dead loop cannot be closed from here
             logger.debug("closing from another event loop", exc_info=True)
-    dropped("EmpathyLLMExecutor", "its HTTP connections and the runs in flight")
+    dropped("EmpathyLLMExecutor", "its HTTP connections and the runs in flight", home)
     return True
 
 

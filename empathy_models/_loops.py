@@ -146,12 +146,20 @@ HOME_CLOSE_SECONDS = 10.0
 """The longest a close waits for the event loop an object belongs to (another thread's)."""
 
 
-def dropped(what: str, lost: str) -> None:
-    """The one warning of a close from another event loop: what could not be closed."""
+def dropped(what: str, lost: str, home: asyncio.AbstractEventLoop) -> None:
+    """
+    The one warning of a close from another event loop (``home``, the one ``what`` was
+    opened in) that `close_at_home` could not do there: what could not be closed.
+    """
+    why = (
+        f"which did not finish closing it within {HOME_CLOSE_SECONDS:g} s"
+        if home.is_running() and not home.is_closed()
+        else "which no longer runs"
+    )
     warnings.warn(
-        f"{what} was closed from another event loop than the one it was opened in, which "
-        f"no longer runs: {lost} bound to that loop could not be closed and were dropped; "
-        "close it in the event loop it was opened in",
+        f"{what} was closed from another event loop than the one it was opened in, {why}: "
+        f"{lost} bound to that loop could not be closed and were dropped; close it in the "
+        "event loop it was opened in",
         ResourceWarning,
         stacklevel=3,
     )

@@ -395,7 +395,7 @@ async def _close_elsewhere(router: AdaptiveModelRouter) -> bool:
     if router._owns_store and router._store_obj is not None:
         await router._store_obj.aclose()
     if task is not None:
-        dropped("AdaptiveModelRouter", "its refresh task")
+        dropped("AdaptiveModelRouter", "its refresh task", home)
     return True
 
 

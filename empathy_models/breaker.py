@@ -377,6 +377,7 @@ async def _close_elsewhere(
         repr(breaker),
         f"its flusher, {pending} written-behind successes (not reported) and the store's "
         "connections",
+        home,
     )
     return True
 
