@@ -323,7 +323,7 @@ async def test_the_store_writer_warns_once_per_outage_and_once_on_recovery(
         raise TelemetryError("the store is down")
 
     ledger = _Ledger("test-owner")
-    writer = _StoreWriter(down, ledger, max_queue=10)
+    writer = _StoreWriter(down, ledger, kept="in memory up to 10")
     batch = _records(3)
     caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
     assert await writer.deliver(batch) == batch
@@ -651,3 +651,38 @@ async def test_a_store_back_with_records_it_fails_on_at_the_head_writes_every_ot
     assert sum("unavailable (StoreDriverError: connection lost)" in m for m in messages) == 1
     if spool:
         assert Spool(inner.spool_target).files() == []
+
+
+@pytest.mark.parametrize(
+    ("on_full", "spool", "said"),
+    [
+        ("spill", True, "(in memory up to 10, then in the spool)"),
+        ("spill", False, "(in memory up to 10; past that the caller waits for room)"),
+        ("wait", True, "(in memory up to 10; past that the caller waits for room)"),
+        ("drop", True, "(in memory up to 10; past that new records are dropped)"),
+    ],
+)
+async def test_the_outage_warning_says_what_happens_past_the_queue(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    on_full: Any,
+    spool: bool,
+    said: str,
+) -> None:
+    monkeypatch.setenv("EMPATHY_HOME", str(tmp_path / "home"))
+
+    class Failing(SQLiteTelemetryBackend):  # persistent: it may have a spool
+        async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+            raise TelemetryError("disk on fire")
+
+    inner = Failing(str(tmp_path / "calls.db"))
+    batching = BatchingTelemetryBackend(
+        inner, max_queue=10, on_full=on_full, spool=spool, close_timeout=0.05
+    )
+    with caplog.at_level(logging.WARNING, logger="empathy_models.telemetry"):
+        await batching.record_many(_records(3))
+        await batching.flush()
+        (warning,) = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+        assert warning.endswith(f"records are kept and retried {said}"), warning
+        await batching.aclose()  # the store is down for good: the records are given up

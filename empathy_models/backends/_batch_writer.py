@@ -133,7 +133,7 @@ class _StoreWriter:
     __slots__ = (
         "_backoff",
         "_ledger",
-        "_max_queue",
+        "_kept",
         "_probes",
         "_suspects",
         "_write",
@@ -150,17 +150,18 @@ class _StoreWriter:
         self,
         write: Callable[[list[LLMCallRecord]], Awaitable[None]],
         ledger: _Ledger,
-        max_queue: int,
+        kept: str,
     ) -> None:
         """
         Args:
             write: The wrapped store's ``record_many``.
             ledger: The batcher's counts.
-            max_queue: The batcher's queue bound (named in the outage warning).
+            kept: Where records wait during an outage, for the outage warning ("in
+                memory up to 10000, then in the spool").
         """
         self._write = write
         self._ledger = ledger
-        self._max_queue = max_queue
+        self._kept = kept
         self._backoff = MIN_BACKOFF
         self.faults = 0
         self.outage_since: float | None = None
@@ -188,11 +189,10 @@ class _StoreWriter:
             self.outage_since = time.monotonic()
             exc = self.last_fault
             logger.warning(
-                "%s: the telemetry store is unavailable (%s); records are kept and retried "
-                "(in memory up to %d, then in the spool)",
+                "%s: the telemetry store is unavailable (%s); records are kept and retried (%s)",
                 self._ledger.owner,
                 "unknown error" if exc is None else _describe(exc),
-                self._max_queue,
+                self._kept,
             )
         self._ledger.signal_progress()
 

@@ -284,7 +284,14 @@ class _Batcher:
         self._sync_write = sync_write
         self.owner = owner
         self._ledger = _Ledger(owner)
-        self._writer = _StoreWriter(write, self._ledger, self.max_queue)
+        if self.on_full == "drop":
+            past = "; past that new records are dropped"
+        elif self.on_full == "spill" and spool is not None:
+            past = ", then in the spool"
+        else:
+            past = "; past that the caller waits for room"
+        kept = f"in memory up to {self.max_queue}{past}"
+        self._writer = _StoreWriter(write, self._ledger, kept)
         self._spill = _Spiller(spool, self._ledger, self._writer, self.max_batch)
         self.queue: list[LLMCallRecord] = []
         self.inflight: list[LLMCallRecord] | None = None  # the batch being written
