@@ -133,3 +133,27 @@ def test_budget_keys_are_checked_and_set_reset_status_agree(tmp_path: Path) -> N
     assert "already zero" in reset.stdout and "$5.0000" in reset.stdout
     unknown = run_cli(home, "budget", "reset", "global/hour", "--db", str(db))
     assert unknown.returncode == 1 and "no budget 'global/hour'" in unknown.stderr
+
+
+def test_an_odd_budget_key_is_shown_quoted_and_typed_back_the_way_it_is_shown(
+    tmp_path: Path,
+) -> None:
+    # a named budget whose name ends in a space, one whose user id holds a line break
+    home, db = tmp_path / "home", tmp_path / "quota.db"
+    _charge(db, "nightly ", 20_000_000, 10_000_000)
+    _charge(db, "user_id=bob\n/day", 20_000_000, 10_000_000)
+    table = run_cli(home, "budget", "status", "--db", str(db))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert any(line.startswith("'nightly '  ") for line in lines), table.stdout
+    assert any(line.startswith("'user_id=bob\\n/day'  ") for line in lines), table.stdout
+    # what the table shows is what the commands take
+    one = run_cli(home, "budget", "status", "'nightly '", "--db", str(db), "--json")
+    assert one.returncode == 0, one.stderr
+    assert [r["key"] for r in json.loads(one.stdout)["budgets"]] == ["nightly "]
+    set_ = run_cli(home, "budget", "set", "'nightly '", "--limit", "3", "--db", str(db))
+    assert set_.returncode == 0, set_.stderr
+    shown = run_cli(home, "budget", "status", "'nightly '", "--db", str(db)).stdout
+    assert "'nightly ' *" in shown and "$3.0000" in shown
+    reset = run_cli(home, "budget", "reset", "'user_id=bob\\n/day'", "--db", str(db))
+    assert reset.returncode == 0 and "1 window" in reset.stdout, reset.stderr

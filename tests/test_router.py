@@ -1067,3 +1067,31 @@ async def test_a_name_no_store_keeps_as_given_is_refused_as_execution_context_re
         assert await router.refresh()
         sizes.append(by_model(router.get_best_model(name, name, candidates=CHEAP))["nano"])
     assert [s.sample_size for s in sizes] == [12, 12]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("workflow", "stage", "where"),
+    [
+        ("review", "draft", "review/draft"),
+        ("code\nreview", "draft", "'code\\nreview'/draft"),
+        ("a/b", "c", "'a/b'/c"),
+        ("review", " draft", "review/' draft'"),
+    ],
+)
+def test_tier_advice_names_odd_workflows_and_stages_quoted_on_one_line(
+    clock: FakeClock, workflow: str, stage: str, where: str
+) -> None:
+    router = make(clock)
+    feed(router, clock, "nano", 2, 8, workflow=workflow, stage=stage)
+    advice = router.recommend_tier_upgrade(workflow, stage)
+    assert advice.should_upgrade
+    assert advice.reason.startswith(f"High failure rate for {where}: 80.0%"), advice.reason
+    assert "\n" not in advice.reason
+
+
+def test_tier_advice_names_an_odd_model_quoted(clock: FakeClock) -> None:
+    registry = ModelRegistry(models=(info("nano\n2", "cheap", 0.1, 0.4),), price_version="t")
+    router = AdaptiveModelRouter(registry, clock=clock)
+    feed(router, clock, "nano\n2", 2, 8)
+    advice = router.recommend_tier_upgrade(WF, ST)
+    assert "worst model 'nano\\n2'" in advice.reason and "\n" not in advice.reason

@@ -338,8 +338,8 @@ class _Tail:
     stored for them one by one.  ``state`` is the stored state the
     tail belongs to (every change of it folds the tail first; ``None`` once folded:
     a breaker's view may keep the tail as a hint), ``generation`` its generation,
-    ``width`` the policy's bucket length, ``clock`` the store's; every time from ``lo``
-    (a time of the last run) up to ``end`` (exclusive) is in the last run's bucket.
+    ``width`` the policy's bucket length, ``clock`` the store's; every time from ``now``
+    up to ``end`` (exclusive) is in the last run's bucket.
     """
 
     __slots__ = (
@@ -348,7 +348,6 @@ class _Tail:
         "count",
         "end",
         "generation",
-        "lo",
         "now",
         "policy",
         "runs",
@@ -373,7 +372,6 @@ class _Tail:
         self.bucket = bucket
         self.count = count
         self.runs: list[tuple[int, int]] = []
-        self.lo = now
         self.end = _bucket_end(bucket, self.width)
         self.now = now
 
@@ -541,7 +539,6 @@ class MemoryStateStore(TransactionalStateStore):
                     tail.runs.append((tail.bucket, tail.count))
                     tail.bucket = bucket
                     tail.count = count
-                    tail.lo = now
                     tail.end = _bucket_end(bucket, tail.width)
                 else:
                     return self._fold_with(key, tail, bucket, count, now)

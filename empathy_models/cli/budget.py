@@ -13,6 +13,7 @@ from empathy_models.limits import MAX_WINDOW, NANO, SCOPES, BudgetUsage, quota_s
 
 from ._common import (
     CliError,
+    Shown,
     SubParsers,
     add_common,
     db_url,
@@ -21,6 +22,8 @@ from ._common import (
     printable,
     read_only,
     run_async,
+    shown_name,
+    typed_key,
 )
 
 __all__ = ["cmd_budget_reset", "cmd_budget_set", "cmd_budget_status", "register"]
@@ -37,11 +40,12 @@ def _dollars(text: str) -> float:
 
 
 def _key(text: str) -> str:
+    """A budget key as typed: as the tables show it (an odd one quoted, `shown_name`)."""
     if not text.strip():
         raise argparse.ArgumentTypeError(
             f"expected a budget, e.g. global/day or user_id=bob/day, got {text!r}"
         )
-    return text
+    return typed_key(text)
 
 
 _KEY_SHAPES = (
@@ -114,7 +118,9 @@ def register(subparsers: SubParsers) -> None:
         "killed worker's), left, and when it resets.",
     )
     add_common(status, db_help=db_help)
-    status.add_argument("key", nargs="?", help="one budget, e.g. global/day or user_id=bob/day")
+    status.add_argument(
+        "key", nargs="?", type=_key, help="one budget, e.g. global/day or user_id=bob/day"
+    )
     status.add_argument("--history", action="store_true", help="every window kept, not the latest")
     status.set_defaults(func=cmd_budget_status)
 
@@ -223,7 +229,7 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
         return 0
     table: list[tuple[object, ...]] = [
         (
-            r["key"] + (" *" if r["limit_overridden"] else ""),
+            Shown(shown_name(r["key"]) + (" *" if r["limit_overridden"] else "")),
             f"${r['limit_usd']:,.4f}",
             f"${r['spent_usd']:,.4f}",
             f"${r['held_usd']:,.4f}",
@@ -239,7 +245,7 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
     charged = {u.key for u in usages}
     table.extend(
         (
-            f"{key} *",
+            Shown(f"{shown_name(key)} *"),
             f"${limit / NANO:,.4f}",
             "$0.0000",
             "$0.0000",
@@ -287,9 +293,9 @@ def cmd_budget_set(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"key": args.key, "limit_usd": None if limit is None else limit / NANO})
     elif limit is None:
-        print(f"Cleared the limit override of {printable(args.key)}: workers use their own again")
+        print(f"Cleared the limit override of {shown_name(args.key)}: workers use their own again")
     else:
-        print(f"Set the limit of {printable(args.key)} to ${limit / NANO:,.4f} for every worker")
+        print(f"Set the limit of {shown_name(args.key)} to ${limit / NANO:,.4f} for every worker")
     return 0
 
 
@@ -310,10 +316,10 @@ def cmd_budget_reset(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"reset": args.key, "windows": count})
     elif count:
-        print(f"Reset {printable(args.key)}: {count} window(s) forgotten, spend starts from zero")
+        print(f"Reset {shown_name(args.key)}: {count} window(s) forgotten, spend starts from zero")
     elif override is not None:
         print(
-            f"Nothing spent on {printable(args.key)} yet: its spend is already zero (its limit "
+            f"Nothing spent on {shown_name(args.key)} yet: its spend is already zero (its limit "
             f"of ${override / NANO:,.4f} set in the store stays; `budget set --clear` drops it)"
         )
     return 0

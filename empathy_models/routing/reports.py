@@ -211,7 +211,7 @@ def recommend(
         if tier is not None:
             tiers.add(tier)
     current = tuple(t for t in TIER_ORDER if t in tiers)
-    where = f"{workflow}/{stage if stage is not None else '*'}"
+    where = f"{_named(workflow)}/{_named(stage) if stage is not None else '*'}"
     common: dict[str, Any] = {
         "workflow": workflow,
         "stage": stage,
@@ -253,9 +253,26 @@ def recommend(
         should_upgrade=suggested is not None,
         reason=(
             f"High failure rate for {where}: {rate:.1%} ({failures}/{n} failed in recent "
-            f"calls; worst model {worst}){tail}"
+            f"calls; worst model {_named(worst)}){tail}"
         ),
         failure_rate=rate,
         suggested_tier=suggested,
         **common,
     )
+
+
+def _named(name: str) -> str:
+    """
+    A workflow, stage or model as a reason names it: as it is when that cannot be
+    misread, else quoted as ``repr`` quotes it (a line break, a space at either end, a
+    '/' that would blur where the workflow ends, a quote or backslash, an invisible or
+    control character).
+    """
+    plain = (
+        name
+        and name.isprintable()
+        and not name[0].isspace()
+        and not name[-1].isspace()
+        and not any(c in name for c in "/\\'\"*")
+    )
+    return name if plain else repr(name)
