@@ -132,8 +132,8 @@ class _StoreWriter:
 
     __slots__ = (
         "_backoff",
-        "_ledger",
         "_kept",
+        "_ledger",
         "_probes",
         "_suspects",
         "_write",
