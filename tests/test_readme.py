@@ -549,8 +549,10 @@ async def test_configuration_blocks(
     async with FakeLLMServer() as server:
         toml = toml.replace("http://localhost:11434/v1", server.openai_base_url)
         redis_url = os.environ.get("EMPATHY_TEST_REDIS_URL")
+        prefix = f"empathy-test-readme-{uuid.uuid4().hex}:"  # its keys, deleted after
         if redis_url:
-            toml = toml.replace("redis://cache:6379/0", redis_url)
+            joined = "&" if "?" in redis_url else "?"
+            toml = toml.replace("redis://cache:6379/0", f"{redis_url}{joined}prefix={prefix}")
         else:
             toml = toml.replace('"redis://cache:6379/0"', '"calls.db"')
         registry = ModelRegistry.default()
@@ -577,3 +579,13 @@ async def test_configuration_blocks(
         if namespace["response"].provider == "ollama":
             assert last.headers.get("X-Team") == "search"
     assert (tmp_path / "calls.db").exists()
+    if redis_url:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            written = [k async for k in client.scan_iter(match=f"{prefix}*")]
+            assert written  # the breaker's state went to the test's own keys
+            await client.delete(*written)
+        finally:
+            await client.aclose()
