@@ -751,14 +751,14 @@ def protected(
     breaker: CircuitBreaker, key: str, fn: Callable[P, Awaitable[T]]
 ) -> Callable[P, Coroutine[Any, Any, T]]:
     """``fn`` guarded by ``breaker`` for ``key``, with `Guard`'s hot path inlined."""
-    views = breaker._views
+    view_of = breaker._views.get  # the dict is the breaker's for its lifetime
     clock = breaker._clock
     local = breaker._local
     policy = breaker.policy
 
     @functools.wraps(fn)
     async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
-        view = views.get(key)
+        view = view_of(key)
         if view is not None:
             tail = view.tail
             if (tail is not None and tail.state is view.state) or (
@@ -770,7 +770,8 @@ def protected(
                 ticket = view.ticket
                 if ticket is not None:
                     try:
-                        result = await fn(*args, **kwargs)
+                        # without keywords, the call skips unpacking an empty dict
+                        result = await (fn(*args, **kwargs) if kwargs else fn(*args))
                     except BaseException as exc:
                         await report_error(breaker, ticket, exc)
                         raise
@@ -790,7 +791,7 @@ def protected(
                     ticket = view.ticket
                     if ticket is not None:
                         try:
-                            result = await fn(*args, **kwargs)
+                            result = await (fn(*args, **kwargs) if kwargs else fn(*args))
                         except BaseException as exc:
                             await report_error(breaker, ticket, exc)
                             raise
