@@ -752,6 +752,7 @@ def protected(
 ) -> Callable[P, Coroutine[Any, Any, T]]:
     """``fn`` guarded by ``breaker`` for ``key``, with `Guard`'s hot path inlined."""
     view_of = breaker._views.get  # the dict is the breaker's for its lifetime
+    positional: Callable[..., Awaitable[T]] = fn  # ``fn`` called without keywords
     clock = breaker._clock
     local = breaker._local
     policy = breaker.policy
@@ -771,7 +772,7 @@ def protected(
                 if ticket is not None:
                     try:
                         # without keywords, the call skips unpacking an empty dict
-                        result = await (fn(*args, **kwargs) if kwargs else fn(*args))
+                        result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                     except BaseException as exc:
                         await report_error(breaker, ticket, exc)
                         raise
@@ -791,7 +792,7 @@ def protected(
                     ticket = view.ticket
                     if ticket is not None:
                         try:
-                            result = await (fn(*args, **kwargs) if kwargs else fn(*args))
+                            result = await (fn(*args, **kwargs) if kwargs else positional(*args))
                         except BaseException as exc:
                             await report_error(breaker, ticket, exc)
                             raise

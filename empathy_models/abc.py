@@ -875,6 +875,25 @@ class QuotaStore(AsyncResource):
 
     shared: ClassVar[bool] = False
 
+    async def now(self) -> float | None:
+        """
+        The store's clock: UTC epoch seconds by which it lapses budget holds
+        (``lapses_at``) and reads show them released; None when the store does not say
+        (the default), and limiters then take their own clock for it.
+
+        A limiter on a `shared` store keeps the difference between its wall clock and
+        the store's, measured with this (a round trip at most once a minute), and gives
+        its holds lapse times and budget windows by the store's clock: a worker whose
+        clock is an hour behind would otherwise ask for holds that lapse at once, and
+        another worker could spend what they hold.  Stores of this package answer with
+        the clock their operations read (memory and SQLite: the store's ``clock``;
+        Redis: ``TIME``; PostgreSQL: ``clock_timestamp()``).
+
+        Raises:
+            BackendError: the store cannot be read (the limiter keeps its estimate).
+        """
+        return None
+
     @abc.abstractmethod
     async def reserve(
         self,
@@ -1037,6 +1056,15 @@ class TransactionalQuotaStore(QuotaStore):
         """
         return time.time()
 
+    async def now(self) -> float | None:
+        """The clock reads release lapsed holds by (`_now`; a server store its own)."""
+        self._check_open()
+        return self._now()
+
+    async def _read_now(self) -> float:
+        told = await self.now()
+        return self._now() if told is None else told
+
     async def reserve(
         self,
         key: str,
@@ -1096,14 +1124,14 @@ class TransactionalQuotaStore(QuotaStore):
         from .limits.meter import usage_of
 
         data = await self._load(_window_key(key, window_start))
-        return usage_of(key, data, window_start, window_end, self._now())
+        return usage_of(key, data, window_start, window_end, await self._read_now())
 
     async def usages(self) -> list[BudgetUsage]:
         self._check_open()
         from .limits.meter import usage_of
 
         out = []
-        now = self._now()
+        now = await self._read_now()
         for stored, data in await self._scan("b|"):
             key = stored[2:].rsplit("@", 1)[0]
             ws, we = float(data["window_start"]), float(data["window_end"])

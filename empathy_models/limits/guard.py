@@ -93,6 +93,12 @@ timeout bounds, before it lapses (`Limiter.lease`).
 HOLD_GRACE: Final = 120.0
 """Seconds a budget hold outlasts its call's bound: time to settle it."""
 
+REMEASURE_SKEW: Final = 60.0
+"""
+Seconds between two measurements of a shared quota store's clock against the limiter's
+wall clock (`QuotaStore.now`), taken before a budget reservation that finds it due.
+"""
+
 
 class LocalRateLimitError(RateLimitedError):
     """
@@ -378,6 +384,10 @@ class Limiter:
         )
         self._overrides: dict[str, int] = {}
         self._overrides_at = -math.inf
+        # the shared store's clock minus the wall clock, and the monotonic time it was
+        # last measured (`_skew_for`)
+        self._skew = 0.0
+        self._skew_at = -math.inf
         # rate key -> monotonic time its schedule was last seen to be booked until
         self._booked: dict[str, float] = {}
         # rate key -> monotonic time until which a provider's reset pushed it back
@@ -466,8 +476,9 @@ class Limiter:
         return self._local, await operation(self._local)
 
     def _reserve(
-        self, key: str, ws: float, we: float, amount: int, limit: int, lapses_at: float
+        self, key: str, ws: float, we: float, amount: int, limit: int, lapse: tuple[float, float]
     ) -> Awaitable[tuple[QuotaStore, BudgetGrant]]:
+        lapses_at, skew = lapse
         return self._on_store(
             lambda store: store.reserve(
                 key,
@@ -475,7 +486,7 @@ class Limiter:
                 window_end=we,
                 amount=amount,
                 limit=limit,
-                lapses_at=lapses_at,
+                lapses_at=lapses_at if store is self.store else lapses_at - skew,
             )
         )
 
@@ -623,9 +634,10 @@ class Limiter:
         until = None if time_left is None else self._mono() + time_left
         try:
             if covered:
-                lapses_at = self._wall() + self.lease(context, time_left, streamed)
+                skew = await _skew_for(self, until)
+                lease = self.lease(context, time_left, streamed)
                 worst = self.estimate(info, input_tokens, max_tokens, cache_write=cache_write)
-                await self._admit_budgets(hold, covered, info, worst, lapses_at, until)
+                await self._admit_budgets(hold, covered, info, worst, (lease, skew), until)
             if rates:
                 await self._admit_rates(hold, rates, info, until)
         except BaseException:
@@ -641,17 +653,24 @@ class Limiter:
         covered: list[tuple[Budget, str]],
         info: ModelInfo,
         estimate: float,
-        lapses_at: float,
+        times: tuple[float, float],
         until: float | None,
     ) -> None:
+        """
+        Reserve ``estimate`` in each budget of ``covered``; ``times`` is the hold's lease
+        (seconds) and the store's clock minus the wall clock (`_skew_for`): windows and
+        lapse times are taken by the store's clock.
+        """
         await self._refresh_overrides(until)
         amount = to_nano(estimate, up=True)
-        now = self._wall()
+        lease, skew = times
+        now = self._wall() + skew
         for budget, key in covered:
             ws, we = budget.window_bounds(now)
             limit = self._overrides.get(key, to_nano(budget.limit_usd))
             grant = await self._or_local(
-                partial(self._reserve_into, hold, key, (ws, we, lapses_at), amount, limit), until
+                partial(self._reserve_into, hold, key, (ws, we, now + lease, skew), amount, limit),
+                until,
             )
             if not grant.granted:
                 usage: BudgetUsage = grant.usage
@@ -665,11 +684,22 @@ class Limiter:
                 )
 
     async def _reserve_into(
-        self, hold: Hold, key: str, times: tuple[float, float, float], amount: int, limit: int
+        self,
+        hold: Hold,
+        key: str,
+        times: tuple[float, float, float, float],
+        amount: int,
+        limit: int,
     ) -> BudgetGrant:
-        """A reservation, kept in ``hold`` once granted (given back if ``hold`` is closed)."""
-        ws, we, lapses_at = times
-        store, grant = await self._reserve(key, ws, we, amount, limit, lapses_at)
+        """
+        A reservation, kept in ``hold`` once granted (given back if ``hold`` is closed);
+        ``times``: the window, the lapse time by the store's clock and its skew (taken
+        off on the per-process store, which the wall clock times).
+        """
+        ws, we, lapses_at, skew = times
+        store, grant = await self._reserve(key, ws, we, amount, limit, (lapses_at, skew))
+        if store is not self.store:
+            lapses_at -= skew
         if grant.granted:
             hold.budgets.append((store, key, ws, we, amount, lapses_at))
             if hold.closed:  # settled already: its caller stopped waiting for this
@@ -878,6 +908,36 @@ def _within(limiter: Limiter, until: float | None) -> tuple[float | None, bool]:
         if within is None or left < within:
             return left, True
     return within, False
+
+
+async def _skew_for(limiter: Limiter, until: float | None) -> float:
+    """
+    ``limiter``'s shared store's clock minus its wall clock, measured again
+    (`QuotaStore.now`, one round trip within the store's timeout and ``until``) when
+    `REMEASURE_SKEW` seconds have passed; 0 for a store that is not shared or while
+    degraded.  A failed measurement keeps the last one (logged at DEBUG, tried again
+    later).
+    """
+    store = limiter.store
+    if not store.shared or limiter._current() is not store:
+        return 0.0
+    start = limiter._mono()
+    if limiter._skew_at <= start < limiter._skew_at + REMEASURE_SKEW:
+        return limiter._skew
+    limiter._skew_at = start
+    within = limiter._store_timeout
+    if until is not None:
+        within = until - start if within is None else min(within, until - start)
+    before = limiter._wall()
+    try:
+        with anyio.fail_after(within) if within is not None else contextlib.nullcontext():
+            told = await store.now()
+    except Exception as exc:  # a failed measurement must not fail a call
+        logger.debug("reading the quota store's clock failed: %r", exc)
+        return limiter._skew
+    if told is not None:
+        limiter._skew = told - (before + limiter._wall()) / 2
+    return limiter._skew
 
 
 async def _bounded(

@@ -738,15 +738,13 @@ class HTTPProvider(Provider):
     def _transport_failed(
         self, exc: BaseException, model: str, budget_ends: float | None, status: int | None
     ) -> NoReturn:
-        """
-        Raise the error of a request that got no answer, or no whole body (the
-        connection, a timeout).
+        """Raise the error of a request that got no answer, or no whole body.
 
         Args:
             exc: The aiohttp, timeout or OS error the POST raised.
             model: The requested model.
             budget_ends: The loop time the caller's time budget ends, or None.
-            status: The answer's status when it was read before ``exc``, else None.
+            status: The answer's status, read before ``exc`` (None: not read).
 
         Raises:
             AttemptTimeout: When ``exc`` is a timeout and the caller's budget is spent.

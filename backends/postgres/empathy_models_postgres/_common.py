@@ -27,6 +27,7 @@ from empathy_models.exceptions import (
 __all__ = [
     "DEFAULT_TABLE_PREFIX",
     "Database",
+    "NOW_SQL",
     "Migration",
     "build_migrations",
     "quote_ident",
@@ -36,6 +37,9 @@ __all__ = [
 
 DEFAULT_TABLE_PREFIX: Final = "empathy_"
 """Prefix of every table the plugin creates."""
+
+NOW_SQL: Final = "SELECT extract(epoch FROM clock_timestamp())::float8"
+"""The database's clock, which times every store's operations (UTC epoch seconds)."""
 
 _IDENT: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _URL_OPTIONS: Final = frozenset({"schema", "table_prefix"})

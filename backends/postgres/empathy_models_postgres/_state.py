@@ -12,7 +12,7 @@ from empathy_models.exceptions import RecordValidationError, StateStoreError
 from empathy_models.records import CircuitBreakerState
 from empathy_models.serialization import from_dict, to_dict
 
-from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
+from ._common import DEFAULT_TABLE_PREFIX, NOW_SQL, Database, build_migrations
 from ._feed import channel_of, payload, watch
 
 __all__ = ["STATE_SCHEMA_VERSION", "PostgresCircuitStateStore"]
@@ -34,9 +34,6 @@ STATE_SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 async def _keep_session(conn: object) -> None:
     """The pool's reset: nothing to undo (asyncpg has already ended any transaction)."""
-
-
-_NOW_SQL: Final = "SELECT extract(epoch FROM clock_timestamp())::float8"
 
 
 class PostgresCircuitStateStore(TransactionalStateStore):
@@ -152,7 +149,7 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         self._check_open()
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("read the clock"):
-            value = await self._db.statement(pool, "fetchval", _NOW_SQL)
+            value = await self._db.statement(pool, "fetchval", NOW_SQL)
         return float(value)
 
     async def _aclose(self) -> None:

@@ -78,7 +78,7 @@ class RedisQuotaStore(QuotaStore):
     @<written>"``) that expires a minute after it runs
     empty.  The window's holds are kept per lapse time (hash fields ``h:<epoch
     seconds>``); each reservation or settlement first releases those whose time came
-    by the server's clock, and reads show them released by this host's clock.  A
+    by the server's clock, and reads show them released by it too.  A
     window also keeps the server time it was written (``at``): after the server's
     clock stepped back, its holds' lapse times move back by the step (fields
     ``l:<epoch seconds>``, `empathy_models.limits.meter.unstepped`).
@@ -195,14 +195,23 @@ class RedisQuotaStore(QuotaStore):
         reply = await self._run(f"settle {key!r}", self._window(key, window_start), args)
         return self._reply(key, reply, window_start, window_end).usage
 
-    async def usage(self, key: str, *, window_start: float, window_end: float) -> BudgetUsage:
+    async def now(self) -> float:
+        """The Redis server's clock (``TIME``), by which every script lapses holds."""
         self._check_open()
+        try:
+            seconds, micros = await self._client.time()
+        except (RedisError, OSError) as exc:
+            raise self._error("read the clock", exc) from exc
+        return float(seconds) + float(micros) / 1e6
+
+    async def usage(self, key: str, *, window_start: float, window_end: float) -> BudgetUsage:
+        now = await self.now()  # holds are shown released by the server's clock
         try:
             raw = await self._client.hgetall(self._window(key, window_start))
         except (RedisError, OSError) as exc:
             raise self._error(f"read {key!r}", exc) from exc
         fields = {_text(k): _text(v) for k, v in raw.items()}
-        return self._usage(key, fields, window_start, window_end, time.time())
+        return self._usage(key, fields, window_start, window_end, now)
 
     async def _keys(self, pattern: str) -> list[str]:
         try:
@@ -211,9 +220,8 @@ class RedisQuotaStore(QuotaStore):
             raise self._error("scan", exc) from exc
 
     async def usages(self) -> list[BudgetUsage]:
-        self._check_open()
         out = []
-        now = time.time()
+        now = await self.now()
         start = len(self.prefix) + 2
         for redis_key in await self._keys(_glob(self.prefix + "b|") + "*"):
             try:

@@ -1,0 +1,101 @@
+"""
+Budgets on a shared Redis or PostgreSQL quota store, used by a worker whose clock is an
+hour off the server's: its holds must last as long as its calls may run by the server's
+clock (it lapses them), so that another worker cannot spend what they hold.  Runs when
+``EMPATHY_TEST_REDIS_URL`` / ``EMPATHY_TEST_POSTGRES_DSN`` name a server (a namespace of
+its own, dropped afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+from empathy_models import (
+    Budget,
+    BudgetExceededError,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    OpenAIProvider,
+    RetryPolicy,
+)
+from empathy_models.backends import NullTelemetryBackend
+from empathy_models.limits import BudgetUsage, quota_store_from_url
+from empathy_models.testing import FakeLLMServer, ModelBehavior
+from tests._workers.limits_worker import KEY, MAX_TOKENS, MODEL, PROMPT, REGISTRY
+from tests.test_breaker_multiprocess import _drop_namespace, _private
+
+HOUR = 3600.0
+
+
+@pytest.fixture(params=["redis", "postgresql"])
+def quota_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    env = "EMPATHY_TEST_REDIS_URL" if request.param == "redis" else "EMPATHY_TEST_POSTGRES_DSN"
+    base = os.environ.get(env)
+    if not base:
+        pytest.skip(f"{env} is not set")
+    url = _private(base)
+    try:
+        yield url
+    finally:
+        _drop_namespace(url)
+
+
+def _executor(server: FakeLLMServer, quota_url: str, offset: float) -> EmpathyLLMExecutor:
+    return EmpathyLLMExecutor(
+        [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+        registry=REGISTRY,
+        telemetry_store=NullTelemetryBackend(),
+        budgets=[Budget(limit_usd=1.0)],
+        quota_store=quota_url,
+        retry=RetryPolicy.none(),
+        wall_clock=lambda: time.time() + offset,
+    )
+
+
+@pytest.mark.parametrize("offset", [-HOUR, HOUR], ids=["an-hour-behind", "an-hour-ahead"])
+async def test_a_worker_whose_clock_is_off_holds_its_budget_by_the_servers_clock(
+    quota_url: str, offset: float
+) -> None:
+    context = ExecutionContext(workflow="w", stage="s", model=MODEL, max_tokens=MAX_TOKENS)
+    async with (
+        FakeLLMServer(api_key=KEY) as server,
+        quota_store_from_url(quota_url) as store,
+        _executor(server, quota_url, offset) as skewed,
+        _executor(server, quota_url, 0.0) as punctual,
+    ):
+        server.set_behavior(MODEL, ModelBehavior(latency=1500.0))  # a call in flight
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(skewed.run, PROMPT, context)
+            with anyio.fail_after(10):
+                # the hold is in the store, written by another executor: polled
+                while not (usages := await store.usages()) or usages[0].held == 0:  # noqa: ASYNC110
+                    await anyio.sleep(0.02)
+            (usage,) = usages
+            server_now = await store.now()
+            assert server_now is not None
+            # the hold lapses when the call may have ended by the server's clock: its
+            # timeout, the longest rate-limit wait (30 s) and the grace to settle it
+            # (120 s), rounded up to a minute; not an hour early or late
+            assert usage.held_until is not None and context.timeout is not None
+            lease = context.timeout + 30.0 + 120.0
+            lapses_in = usage.held_until - server_now
+            assert lease - 5.0 < lapses_in <= lease + 65.0, lapses_in
+            # the window is the server's day too
+            assert usage.window_start <= server_now < usage.window_end
+            # room for one more call's hold, not two: the punctual worker is refused
+            # while the skewed one's call runs
+            await store.set_limit(usage.key, usage.held * 3 // 2)
+            with pytest.raises(BudgetExceededError, match="cannot cover the call"):
+                await punctual.run(PROMPT, context)
+    (after,) = await _usages(quota_url)
+    assert after.held == 0 and after.spent > 0  # the skewed call settled its own hold
+
+
+async def _usages(quota_url: str) -> list[BudgetUsage]:
+    async with quota_store_from_url(quota_url) as store:
+        return list(await store.usages())
