@@ -28,6 +28,7 @@ from empathy_models import (
 from empathy_models.exceptions import NotOpenError
 from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior
+from tests.test_breaker_multiprocess import _drop_namespace, _private
 
 T = TypeVar("T")
 
@@ -40,7 +41,14 @@ def test_breaker_used_and_closed_from_another_loop(tmp_path: Path, kind: str) ->
     url = os.environ.get("EMPATHY_TEST_REDIS_URL") if kind == "redis" else None
     if kind == "redis" and not url:
         pytest.skip("EMPATHY_TEST_REDIS_URL not set")
-    _across_loops(url or f"sqlite:///{tmp_path / 'state.db'}")
+    if url is None:
+        _across_loops(f"sqlite:///{tmp_path / 'state.db'}")
+    else:
+        url = _private(url)  # keys of its own on the shared server, deleted after
+        try:
+            _across_loops(url)
+        finally:
+            _drop_namespace(url)
     gc.collect()  # the dropped connections' sockets, within this test
 
 
