@@ -27,6 +27,7 @@ import pytest
 
 from empathy_models import CircuitState, state_store_from_url
 from empathy_models.records import CircuitBreakerState
+from tests._namespaces import drop_namespace, private_url
 from tests._workers import Child
 
 pytestmark = pytest.mark.multiprocess
@@ -91,43 +92,6 @@ def _stores() -> list[Any]:
     ]
 
 
-def _private(url: str) -> str:
-    """The shared server's URL narrowed to a namespace of this test run (dropped after)."""
-    tag = uuid.uuid4().hex[:12]
-    sep = "&" if "?" in url else "?"
-    if url.startswith(("redis://", "rediss://")):
-        return f"{url}{sep}prefix=empathy-test-{tag}:"
-    return f"{url}{sep}schema=empathy_test_{tag}"
-
-
-def _drop_namespace(url: str) -> None:
-    """Remove what the test wrote on a shared Redis or PostgreSQL server."""
-    query = dict(part.split("=", 1) for part in url.split("?", 1)[1].split("&"))
-    base = url.split("?", 1)[0]
-    if url.startswith(("redis://", "rediss://")):
-        import redis
-
-        client = redis.Redis.from_url(base)
-        try:
-            keys = list(client.scan_iter(match=f"{query['prefix']}*"))
-            if keys:
-                client.delete(*keys)
-        finally:
-            client.close()
-        return
-
-    async def drop() -> None:
-        import asyncpg
-
-        conn = await asyncpg.connect(base)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{query["schema"]}" CASCADE')
-        finally:
-            await conn.close()
-
-    anyio.run(drop)
-
-
 @pytest.mark.parametrize("url", _stores())
 def test_three_processes_share_one_breaker(url: str, tmp_path: Path) -> None:
     fake = url == "sqlite"
@@ -135,11 +99,11 @@ def test_three_processes_share_one_breaker(url: str, tmp_path: Path) -> None:
         url = f"sqlite:///{tmp_path / 'state.db'}"
         _check_three_processes(url, fake)
         return
-    url = _private(url)
+    url = private_url(url)
     try:
         _check_three_processes(url, fake)
     finally:
-        _drop_namespace(url)
+        drop_namespace(url)
 
 
 def _check_three_processes(url: str, fake: bool) -> None:

@@ -20,9 +20,9 @@ import pytest
 
 from empathy_models.backends import telemetry_from_url
 from empathy_models.evidence import EvidenceBucket, rollup, sorted_buckets
+from tests._namespaces import drop_namespace, private_url
 from tests._workers import Child
 from tests._workers.evidence_worker import records_for
-from tests.test_breaker_multiprocess import _drop_namespace, _private
 
 pytestmark = pytest.mark.multiprocess
 
@@ -101,8 +101,8 @@ def test_processes_writing_one_sqlite_file_and_an_incremental_reader(tmp_path: P
 )
 def test_processes_writing_one_postgres_schema_and_an_incremental_reader() -> None:
     pytest.importorskip("empathy_models_postgres")
-    url = _private(os.environ["EMPATHY_TEST_POSTGRES_DSN"])
+    url = private_url(os.environ["EMPATHY_TEST_POSTGRES_DSN"])
     try:
         _check(url)
     finally:
-        _drop_namespace(url)
+        drop_namespace(url)

@@ -17,7 +17,6 @@ name a server (a namespace of their own, dropped afterwards).  The workers are
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,9 @@ import pytest
 
 from empathy_models.limits import quota_store_from_url, window_bounds
 from empathy_models.testing import FakeLLMServer
+from tests._namespaces import quota_url_of
 from tests._workers import Child
 from tests._workers.limits_worker import KEY, MAX_TOKENS, PROMPT, REGISTRY
-from tests.test_breaker_multiprocess import _drop_namespace, _private
 
 pytestmark = pytest.mark.multiprocess
 
@@ -40,18 +39,8 @@ PROCESSES = 4
 
 @pytest.fixture(params=["sqlite", "redis", "postgresql"])
 def quota_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/quota.db"
-        return
-    env = "EMPATHY_TEST_REDIS_URL" if request.param == "redis" else "EMPATHY_TEST_POSTGRES_DSN"
-    base = os.environ.get(env)
-    if not base:
-        pytest.skip(f"{env} is not set")
-    url = _private(base)
-    try:
+    with quota_url_of(request.param, tmp_path) as url:
         yield url
-    finally:
-        _drop_namespace(url)
 
 
 async def _run_workers(config: dict[str, Any], server: FakeLLMServer) -> list[dict[str, Any]]:

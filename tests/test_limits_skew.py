@@ -1,16 +1,16 @@
 """
-Budgets on a shared Redis or PostgreSQL quota store, used by a worker whose clock is an
-hour off the server's: its holds must last as long as its calls may run by the server's
-clock (it lapses them), so that another worker cannot spend what they hold.  Runs when
-``EMPATHY_TEST_REDIS_URL`` / ``EMPATHY_TEST_POSTGRES_DSN`` name a server (a namespace of
-its own, dropped afterwards).
+Budgets on a shared quota store (SQLite, Redis, PostgreSQL), used by a worker whose clock
+is an hour off the store's: its holds must last as long as its calls may run by the
+store's clock (it lapses them), so that another worker cannot spend what they hold.
+Redis and PostgreSQL run when ``EMPATHY_TEST_REDIS_URL`` / ``EMPATHY_TEST_POSTGRES_DSN``
+name a server (a namespace of its own, dropped afterwards).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -26,23 +26,16 @@ from empathy_models import (
 from empathy_models.backends import NullTelemetryBackend
 from empathy_models.limits import BudgetUsage, quota_store_from_url
 from empathy_models.testing import FakeLLMServer, ModelBehavior
+from tests._namespaces import quota_url_of
 from tests._workers.limits_worker import KEY, MAX_TOKENS, MODEL, PROMPT, REGISTRY
-from tests.test_breaker_multiprocess import _drop_namespace, _private
 
 HOUR = 3600.0
 
 
-@pytest.fixture(params=["redis", "postgresql"])
-def quota_url(request: pytest.FixtureRequest) -> Iterator[str]:
-    env = "EMPATHY_TEST_REDIS_URL" if request.param == "redis" else "EMPATHY_TEST_POSTGRES_DSN"
-    base = os.environ.get(env)
-    if not base:
-        pytest.skip(f"{env} is not set")
-    url = _private(base)
-    try:
+@pytest.fixture(params=["sqlite", "redis", "postgresql"])
+def quota_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with quota_url_of(request.param, tmp_path) as url:
         yield url
-    finally:
-        _drop_namespace(url)
 
 
 def _executor(server: FakeLLMServer, quota_url: str, offset: float) -> EmpathyLLMExecutor:

@@ -28,7 +28,7 @@ from empathy_models import (
 from empathy_models.exceptions import NotOpenError
 from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior
-from tests.test_breaker_multiprocess import _drop_namespace, _private
+from tests._namespaces import drop_namespace, private_url
 
 T = TypeVar("T")
 
@@ -44,11 +44,11 @@ def test_breaker_used_and_closed_from_another_loop(tmp_path: Path, kind: str) ->
     if url is None:
         _across_loops(f"sqlite:///{tmp_path / 'state.db'}")
     else:
-        url = _private(url)  # keys of its own on the shared server, deleted after
+        url = private_url(url)  # keys of its own on the shared server, deleted after
         try:
             _across_loops(url)
         finally:
-            _drop_namespace(url)
+            drop_namespace(url)
     gc.collect()  # the dropped connections' sockets, within this test
 
 

@@ -90,6 +90,17 @@ def output_estimate(deltas: list[str]) -> int:
 LONG_TEXT = "The quick brown fox jumps over the lazy dog; " * 6  # 270 characters
 
 
+def chunk(
+    delta: dict[str, Any], reason: str | None = None, *, usage: dict[str, Any] | None = None
+) -> bytes:
+    """One OpenAI ``chat.completion.chunk`` as an SSE event."""
+    choice = {"index": 0, "delta": delta, "finish_reason": reason}
+    body: dict[str, Any] = {"id": "c1", "object": "chat.completion.chunk", "choices": [choice]}
+    if usage is not None:
+        body["usage"] = usage
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[FakeLLMServer]:
     # chunks 5 ms apart: a stream left after its first deltas has not seen the end
@@ -242,11 +253,6 @@ async def test_a_finished_openai_stream_without_usage_estimates_its_output_by_si
     # with [DONE] and no usage chunk
     words = [f" word{i}" for i in range(20)]
 
-    def chunk(delta: dict[str, str], reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": reason}
-        body = {"id": "c1", "object": "chat.completion.chunk", "choices": [choice]}
-        return f"data: {json.dumps(body)}\n\n".encode()
-
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -323,11 +329,6 @@ async def test_a_tool_calls_streamed_pieces_are_estimated_by_their_size(
         {"city": "Lisbon, Portugal", "units": "metric", "days": 7}, separators=(",", ":")
     )
     call = {"index": 0, "id": "call_1", "type": "function"}
-
-    def chunk(delta: dict[str, Any], reason: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": reason}
-        body = {"id": "c1", "object": "chat.completion.chunk", "choices": [choice]}
-        return f"data: {json.dumps(body)}\n\n".encode()
 
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -438,14 +439,6 @@ async def test_a_later_openai_usage_chunk_leaving_a_count_out_keeps_the_earlier_
 ) -> None:
     # servers that report usage on several chunks (vLLM's continuous usage, gateways
     # that split it) may leave the prompt's count out of the last one
-    def chunk(delta: dict[str, str], usage: dict[str, Any] | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": None if delta else "stop"}
-        body: dict[str, Any] = {"id": "c1", "object": "chat.completion.chunk"}
-        body["choices"] = [choice]
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n".encode()
-
     first_usage = {
         "prompt_tokens": 41,
         "completion_tokens": 1,
@@ -455,9 +448,10 @@ async def test_a_later_openai_usage_chunk_leaving_a_count_out_keeps_the_earlier_
     async def handler(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(chunk({"content": "Hello"}, first_usage))
-        await response.write(chunk({"content": " there"}, {"completion_tokens": 2}))
-        await response.write(chunk({}, {"completion_tokens": 2}) + b"data: [DONE]\n\n")
+        await response.write(chunk({"content": "Hello"}, usage=first_usage))
+        await response.write(chunk({"content": " there"}, usage={"completion_tokens": 2}))
+        done = chunk({}, "stop", usage={"completion_tokens": 2})
+        await response.write(done + b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 

@@ -27,7 +27,6 @@ from empathy_models.exceptions import (
 __all__ = [
     "DEFAULT_TABLE_PREFIX",
     "Database",
-    "NOW_SQL",
     "Migration",
     "build_migrations",
     "quote_ident",
@@ -38,7 +37,7 @@ __all__ = [
 DEFAULT_TABLE_PREFIX: Final = "empathy_"
 """Prefix of every table the plugin creates."""
 
-NOW_SQL: Final = "SELECT extract(epoch FROM clock_timestamp())::float8"
+_NOW_SQL: Final = "SELECT extract(epoch FROM clock_timestamp())::float8"
 """The database's clock, which times every store's operations (UTC epoch seconds)."""
 
 _IDENT: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -449,6 +448,13 @@ class Database:
         except Exception as exc:  # any failure: asyncpg has closed the connection
             self._lost_releases += 1
             logger.debug("PostgreSQL %s: a connection's release failed: %r", self.component, exc)
+
+    async def clock(self, migrations: Sequence[Migration]) -> float:
+        """The database's ``clock_timestamp()`` (UTC epoch seconds), one round trip."""
+        pool = await self.pool(migrations)
+        async with self.errors("read the clock"):
+            value = await self.statement(pool, "fetchval", _NOW_SQL)
+        return float(value)
 
     async def statement(
         self,

@@ -12,7 +12,7 @@ from empathy_models.backends import shown
 from empathy_models.exceptions import StateStoreError
 from empathy_models.limits import WINDOW_RETENTION
 
-from ._common import DEFAULT_TABLE_PREFIX, NOW_SQL, Database, build_migrations, text_digest
+from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations, text_digest
 
 __all__ = ["QUOTA_SCHEMA_VERSION", "PostgresQuotaStore"]
 
@@ -161,10 +161,7 @@ class PostgresQuotaStore(TransactionalQuotaStore):
     async def now(self) -> float:
         """The database's ``clock_timestamp()``, by which every operation lapses holds."""
         self._check_open()
-        pool = await self._db.pool(self._migrations)
-        async with self._db.errors("read the clock"):
-            value = await self._db.statement(pool, "fetchval", NOW_SQL)
-        return float(value)
+        return await self._db.clock(self._migrations)
 
     async def _load(self, key: str) -> dict[str, Any] | None:
         pool = await self._db.pool(self._migrations)

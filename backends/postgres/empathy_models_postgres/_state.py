@@ -12,7 +12,7 @@ from empathy_models.exceptions import RecordValidationError, StateStoreError
 from empathy_models.records import CircuitBreakerState
 from empathy_models.serialization import from_dict, to_dict
 
-from ._common import DEFAULT_TABLE_PREFIX, NOW_SQL, Database, build_migrations
+from ._common import DEFAULT_TABLE_PREFIX, Database, build_migrations
 from ._feed import channel_of, payload, watch
 
 __all__ = ["STATE_SCHEMA_VERSION", "PostgresCircuitStateStore"]
@@ -147,10 +147,7 @@ class PostgresCircuitStateStore(TransactionalStateStore):
     async def now(self) -> float:
         """The database's ``clock_timestamp()``, which times every operation's states."""
         self._check_open()
-        pool = await self._db.pool(self._migrations)
-        async with self._db.errors("read the clock"):
-            value = await self._db.statement(pool, "fetchval", NOW_SQL)
-        return float(value)
+        return await self._db.clock(self._migrations)
 
     async def _aclose(self) -> None:
         if self._feed is not None:
