@@ -86,6 +86,12 @@ def submit(
     except RuntimeError:
         coro.close()
         raise
+    except BaseException:
+        # interrupted (a Ctrl-C) while scheduling, once ``start`` may be scheduled and
+        # even running (the wake-up's send lets the loop's thread in): nobody will wait
+        # for the future, so the call is cancelled wherever it got to
+        future.cancel()
+        raise
     return future
 
 

@@ -143,18 +143,20 @@ class _LoopThread:
                 self._tasks.discard(task)
 
         self.check_process()
-        with self._lock:
-            if self.closed:
-                raise NotOpenError("SyncExecutor is closed")
-            # a call its caller gave up on (a timeout, Ctrl-C) that then fails is logged
-            future = submit(self.loop, body(), "a SyncExecutor call", logger)
-            self._futures.add(future)
+        future: concurrent.futures.Future[T] | None = None
         try:
+            # a Ctrl-C as soon as the call is submitted cancels it too (the `except`)
+            with self._lock:
+                if self.closed:
+                    raise NotOpenError("SyncExecutor is closed")
+                # a call its caller gave up on (a timeout, Ctrl-C) that then fails is logged
+                future = submit(self.loop, body(), "a SyncExecutor call", logger)
+                self._futures.add(future)
             return future.result(timeout)
         except _Carried as carried:
             raise carried.exc from None
         except concurrent.futures.TimeoutError:
-            if timeout is None or future.done():
+            if timeout is None or future is None or future.done():
                 raise  # the call's own TimeoutError, not the wait's
             future.cancel()  # the call is cancelled on the loop as well
             raise TimeoutError(
@@ -166,11 +168,13 @@ class _LoopThread:
             raise
         except BaseException:
             # a timeout or Ctrl-C here cancels the call on the loop as well
-            future.cancel()
+            if future is not None:
+                future.cancel()
             raise
         finally:
-            with self._lock:
-                self._futures.discard(future)
+            if future is not None:
+                with self._lock:
+                    self._futures.discard(future)
 
     async def _shut_down(self) -> None:
         """On the loop: cancel the calls in flight, wait for them, close the stack."""
