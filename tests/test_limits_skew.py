@@ -92,3 +92,38 @@ async def test_a_worker_whose_clock_is_off_holds_its_budget_by_the_servers_clock
 async def _usages(quota_url: str) -> list[BudgetUsage]:
     async with quota_store_from_url(quota_url) as store:
         return list(await store.usages())
+
+
+async def test_a_store_whose_clock_cannot_be_read_still_holds_budgets(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from empathy_models.exceptions import StateStoreError
+    from empathy_models.limits.sqlite import SQLiteQuotaStore
+
+    class Unclocked(SQLiteQuotaStore):
+        reads = 0
+
+        async def now(self) -> float | None:
+            Unclocked.reads += 1
+            raise StateStoreError("the clock is unreadable", target="test")
+
+    context = ExecutionContext(workflow="w", stage="s", model=MODEL, max_tokens=MAX_TOKENS)
+    store = Unclocked(tmp_path / "quota.db")
+    caplog.set_level("DEBUG", logger="empathy_models.limits")
+    async with FakeLLMServer(api_key=KEY) as server, store:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=server.openai_base_url)],
+            registry=REGISTRY,
+            telemetry_store=NullTelemetryBackend(),
+            budgets=[Budget(limit_usd=1.0)],
+            quota_store=store,
+            retry=RetryPolicy.none(),
+        )
+        async with executor:
+            for _ in range(3):
+                await executor.run(PROMPT, context)
+    async with SQLiteQuotaStore(tmp_path / "quota.db") as reader:
+        (usage,) = await reader.usages()
+    assert usage.calls == 3 and usage.held == 0 and usage.spent > 0
+    assert Unclocked.reads == 1  # tried once, then not again within the minute
+    assert "reading the quota store's clock failed" in caplog.text
