@@ -29,7 +29,6 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     FallbackPolicy,
-    LLMCallRecord,
     LLMResponse,
     ModelInfo,
     ModelRegistry,
@@ -43,12 +42,11 @@ from empathy_models.exceptions import InvalidResponseError
 from empathy_models.limits import MemoryQuotaStore
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from tests._serving import serving
+from tests._usage import INPUT_ESTIMATED, OUTPUT_ESTIMATED, estimate, only_record, spent
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
 
 KEY = "test-key-0123"
-INPUT_ESTIMATED = "empathy_models.input_tokens_estimated"
-OUTPUT_ESTIMATED = "empathy_models.output_tokens_estimated"
 PROMPT = "word " * 400  # 2,000 bytes
 TEXT = "Paris is the capital of France; its river is the Seine."  # 55 bytes
 
@@ -75,12 +73,6 @@ REGISTRY = ModelRegistry(
     models=[_info(MODEL["openai"], "openai"), _info(MODEL["anthropic"], "anthropic")],
     price_version="odd-usage-1",
 )
-
-
-def estimate(prompt: str) -> int:
-    # the executor's documented estimate of a one-message prompt: a quarter of its worst
-    # case (a token per UTF-8 byte, plus 8 for the message and 8 for the reply), rounded up
-    return -(-(len(prompt.encode()) + 16) // 4)
 
 
 def output_estimate(*texts: str) -> int:
@@ -269,16 +261,6 @@ async def answer(executor: EmpathyLLMExecutor, api: Api, mode: str, **options: A
             return await executor.run(PROMPT, context(api), **options)
         async with executor.stream(PROMPT, context(api), **options) as stream:
             return await stream.get_final_response()
-
-
-async def only_record(telemetry: MemoryTelemetryBackend) -> LLMCallRecord:
-    (record,) = await telemetry.recent(limit=10)
-    return record
-
-
-async def spent(quota: MemoryQuotaStore) -> float:
-    (usage,) = await quota.usages()
-    return usage.spent_usd
 
 
 # --------------------------------------------------------------------------- no usage

@@ -29,7 +29,6 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     FallbackPolicy,
-    LLMCallRecord,
     LLMResponse,
     ModelInfo,
     ModelRegistry,
@@ -42,12 +41,11 @@ from empathy_models.exceptions import InvalidResponseError
 from empathy_models.limits import MemoryQuotaStore
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior
+from tests._usage import INPUT_ESTIMATED, OUTPUT_ESTIMATED, estimate, only_record, spent
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
 
 KEY = "test-key-0123"
-INPUT_ESTIMATED = "empathy_models.input_tokens_estimated"
-OUTPUT_ESTIMATED = "empathy_models.output_tokens_estimated"
 PROMPT = "word " * 400  # 2,000 bytes
 TEXT = "Paris is the capital of France; its river is the Seine."  # 55 bytes, 10 words
 
@@ -72,12 +70,6 @@ INFO: dict[Api, ModelInfo] = {
     "anthropic": _info(MODEL["anthropic"], "anthropic"),
 }
 REGISTRY = ModelRegistry(models=list(INFO.values()), price_version="partial-usage-1")
-
-
-def estimate(prompt: str) -> int:
-    # the executor's documented estimate of a one-message prompt: a quarter of its worst
-    # case (a token per UTF-8 byte, plus 8 for the message and 8 for the reply), rounded up
-    return -(-(len(prompt.encode()) + 16) // 4)
 
 
 def output_estimate(text: str) -> int:
@@ -141,16 +133,6 @@ async def answer(ex: EmpathyLLMExecutor, api: Api, mode: str) -> LLMResponse:
             return await ex.run(PROMPT, context(api))
         async with ex.stream(PROMPT, context(api)) as stream:
             return await stream.get_final_response()
-
-
-async def only_record(telemetry: SQLiteTelemetryBackend) -> LLMCallRecord:
-    (record,) = await telemetry.recent(limit=10)
-    return record
-
-
-async def spent(quota: MemoryQuotaStore) -> float:
-    (usage,) = await quota.usages()
-    return usage.spent_usd
 
 
 # --------------------------------------------------------------------------- partial usage

@@ -24,7 +24,6 @@ from empathy_models import (
     EmpathyLLMExecutor,
     ExecutionContext,
     FallbackPolicy,
-    LLMCallRecord,
     ModelInfo,
     ModelRegistry,
     Outcome,
@@ -37,12 +36,17 @@ from empathy_models.limits import MemoryQuotaStore
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 from tests._serving import serving
+from tests._usage import (
+    INPUT_ESTIMATED as ESTIMATED,
+    OUTPUT_ESTIMATED,
+    estimate,
+    only_record,
+    spent,
+)
 
 pytestmark = pytest.mark.filterwarnings("error")  # an unclosed response would warn
 
 KEY = "test-key-0123"
-ESTIMATED = "empathy_models.input_tokens_estimated"
-OUTPUT_ESTIMATED = "empathy_models.output_tokens_estimated"
 PROMPT = "word " * 4000  # 20,000 bytes: the fake counts 5,001 tokens
 
 REGISTRY = ModelRegistry(
@@ -68,13 +72,8 @@ REGISTRY = ModelRegistry(
     ],
     price_version="usage-test-1",
 )
+
 INFO = {m.id: m for m in REGISTRY.models}
-
-
-def estimate(prompt: str) -> int:
-    # the executor's documented estimate of a one-message prompt: a quarter of its worst
-    # case (a token per UTF-8 byte, plus 8 for the message and 8 for the reply), rounded up
-    return -(-(len(prompt.encode()) + 16) // 4)
 
 
 def fake_count(prompt: str) -> int:
@@ -158,16 +157,6 @@ def faulty(fault: Fault, after: int) -> ModelBehavior:
     return ModelBehavior(
         output_tokens=50, stream=StreamBehavior(chunk_chars=3, fault_after=after, fault=fault)
     )
-
-
-async def only_record(telemetry: MemoryTelemetryBackend) -> LLMCallRecord:
-    (record,) = await telemetry.recent(limit=10)
-    return record
-
-
-async def spent(quota: MemoryQuotaStore) -> float:
-    (usage,) = await quota.usages()
-    return usage.spent_usd
 
 
 # --------------------------------------------------------------------------- OpenAI format
