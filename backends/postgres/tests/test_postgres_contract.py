@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import asyncpg
-import attrs
 import pytest
 from empathy_models_postgres import PostgresCircuitStateStore
 from empathy_models_postgres._feed import application_name, channel_of
@@ -20,25 +19,8 @@ from empathy_models.testing.contracts import (
     CutChangeFeed,
     StepStateClock,
     TelemetryBackendContract,
+    written_ahead,
 )
-
-
-def _later(state: CircuitBreakerState, seconds: float, buckets: int) -> CircuitBreakerState:
-    """``state`` as a clock ``seconds`` ahead would have written it."""
-
-    def moved(t: float | None) -> float | None:
-        return None if t is None else t + seconds
-
-    return attrs.evolve(
-        state,
-        opened_at_ts=moved(state.opened_at_ts),
-        open_until_ts=moved(state.open_until_ts),
-        closed_at_ts=moved(state.closed_at_ts),
-        last_failure_ts=moved(state.last_failure_ts),
-        updated_at_ts=moved(state.updated_at_ts),
-        leases=tuple((lease, ends + seconds) for lease, ends in state.leases),
-        window=tuple((b + buckets, calls, failed) for b, calls, failed in state.window),
-    )
 
 
 class TestPostgresTelemetry(TelemetryBackendContract):
@@ -70,7 +52,7 @@ class TestPostgresStateStore(CircuitStateStoreContract):
             try:
                 for row in await conn.fetch(f"SELECT key, state::text FROM {table}"):
                     state = from_dict(json.loads(row["state"]), CircuitBreakerState)
-                    moved = json.dumps(to_dict(_later(state, later, buckets)))
+                    moved = json.dumps(to_dict(written_ahead(state, later, buckets)))
                     await conn.execute(
                         f"UPDATE {table} SET state = $2::jsonb WHERE key = $1", row["key"], moved
                     )

@@ -16,7 +16,6 @@ import random
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import attrs
 import pytest
 from empathy_models_redis import RedisCircuitStateStore
 from redis.typing import EncodableT, FieldT
@@ -32,6 +31,7 @@ from empathy_models.records import (
     OutcomeReport,
     Ticket,
 )
+from empathy_models.testing.contracts import written_ahead
 
 
 def _duration(rng: random.Random) -> float:
@@ -91,19 +91,7 @@ async def _step_back(
     written it, stored over the key: what the server's clock stepped back finds.
     """
 
-    def moved(t: float | None) -> float | None:
-        return None if t is None else t + seconds
-
-    later = attrs.evolve(
-        state,
-        opened_at_ts=moved(state.opened_at_ts),
-        open_until_ts=moved(state.open_until_ts),
-        closed_at_ts=moved(state.closed_at_ts),
-        last_failure_ts=moved(state.last_failure_ts),
-        updated_at_ts=moved(state.updated_at_ts),
-        leases=tuple((lease, ends + seconds) for lease, ends in state.leases),
-        window=tuple((b + buckets, calls, failed) for b, calls, failed in state.window),
-    )
+    later = written_ahead(state, seconds, buckets)
     fields: dict[FieldT, EncodableT] = {
         n: repr(getattr(later, n)) for n in _TIMES if getattr(later, n) is not None
     }

@@ -65,7 +65,8 @@ leases, closed windows and healthy time; budget holds) run where the subclass sa
 to step its store's clock, in the ``step_state_clock`` / ``step_quota_clock`` fixture
 (`StepStateClock`, `StepQuotaClock`; ``None`` by default, and the tests skip).  A store
 built with an injected clock returns ``stepping(clock)``; a server's clock cannot be
-stepped, so a test of a server store moves every time the store holds instead.
+stepped, so a test of a server store moves every time the store holds instead
+(`written_ahead` gives a breaker state as a clock that far ahead would have written it).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from ._clock_step import (
     StepQuotaClock as StepQuotaClock,
     StepStateClock as StepStateClock,
     stepping as stepping,
+    written_ahead as written_ahead,
 )
 from ._evidence import assert_same_buckets as assert_same_buckets
 from ._quota import QuotaStoreContract as QuotaStoreContract
@@ -100,4 +102,5 @@ __all__ = [
     "TelemetryBackendContract",
     "assert_same_buckets",
     "stepping",
+    "written_ahead",
 ]

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import attrs
 import pytest
 
 from ...abc import CircuitStateStore, QuotaStore
@@ -61,6 +62,29 @@ def stepping(clock: FakeClock | _Clocked) -> Callable[..., Awaitable[float]]:
         return 0.0
 
     return step
+
+
+def written_ahead(state: CircuitBreakerState, seconds: float, buckets: int) -> CircuitBreakerState:
+    """
+    ``state`` as a clock ``seconds`` (``buckets`` window buckets) ahead would have
+    written it: every time in it and its window's buckets moved on.  What a server
+    store's ``step_state_clock`` stores over a key, since a server's clock cannot be
+    stepped back: the store then finds times ahead of its clock, as after a step back.
+    """
+
+    def moved(t: float | None) -> float | None:
+        return None if t is None else t + seconds
+
+    return attrs.evolve(
+        state,
+        opened_at_ts=moved(state.opened_at_ts),
+        open_until_ts=moved(state.open_until_ts),
+        closed_at_ts=moved(state.closed_at_ts),
+        last_failure_ts=moved(state.last_failure_ts),
+        updated_at_ts=moved(state.updated_at_ts),
+        leases=tuple((lease, ends + seconds) for lease, ends in state.leases),
+        window=tuple((b + buckets, calls, failed) for b, calls, failed in state.window),
+    )
 
 
 def _report(ticket: Ticket | None, outcome: Outcome = Outcome.FAILURE, **kw: Any) -> OutcomeReport:
