@@ -21,6 +21,7 @@ def test_contracts_exports_exactly_its_public_names() -> None:
         "TelemetryBackendContract",
         "assert_same_buckets",
         "stepping",
+        "written_ahead",
     ]
     for name in contracts.__all__:
         assert hasattr(contracts, name), name
