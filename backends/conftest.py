@@ -18,11 +18,15 @@ tests need only that plugin installed.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import sys
+import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -78,6 +82,47 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
 def redis_store_url(redis_url: str, redis_prefix: str) -> str:
     """A redis:// URL whose store writes only under this test's prefix."""
     return _with_query(redis_url, prefix=redis_prefix)
+
+
+@contextlib.contextmanager
+def _scripts_lock(redis_url: str, *, exclusive: bool) -> Iterator[None]:
+    # a file lock per Redis server, taken by every test process (pytest-xdist's workers
+    # included): ``SCRIPT FLUSH`` empties the script cache of the whole server
+    if sys.platform == "win32":  # no flock: the few tests involved may then collide
+        yield
+        return
+    import fcntl
+
+    parts = urlsplit(redis_url)
+    socket = parts.path if parts.scheme == "unix" else ""
+    server = f"{parts.hostname}:{parts.port or 6379}:{socket}"
+    name = "empathy-test-redis-scripts-" + hashlib.sha256(server.encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"{name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture
+def redis_scripts_kept(redis_url: str) -> Iterator[None]:
+    """
+    No test flushes the Redis server's scripts meanwhile (`redis_scripts_flushed`).
+
+    For a test whose script call reaches Redis after its caller stopped waiting: a
+    store re-sends a script Redis answered NOSCRIPT to, but nobody is left to re-send
+    that one, so a flush by a test in another process would leave it not run.
+    """
+    with _scripts_lock(redis_url, exclusive=False):
+        yield
+
+
+@pytest.fixture
+def redis_scripts_flushed(redis_url: str) -> Iterator[None]:
+    """For a test that runs ``SCRIPT FLUSH``: none of `redis_scripts_kept`'s runs meanwhile."""
+    with _scripts_lock(redis_url, exclusive=True):
+        yield
 
 
 # --------------------------------------------------------------------------- PostgreSQL

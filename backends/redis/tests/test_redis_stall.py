@@ -33,6 +33,13 @@ from empathy_models.exceptions import StateStoreError
 from empathy_models.records import CircuitState, Outcome, OutcomeReport
 
 POLICY = BreakerPolicy(consecutive_failures=5)
+
+
+@pytest.fixture(autouse=True)
+def _scripts_kept(redis_scripts_kept: None) -> None:
+    """A script held here reaches Redis with nobody left to load it again after a flush."""
+
+
 WINDOW = (time.time() - 60.0, time.time() + 3600.0)
 
 

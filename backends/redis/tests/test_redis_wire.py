@@ -115,7 +115,9 @@ async def test_every_reply_equals_the_stored_state(redis_store_url: str) -> None
             assert state == await store.snapshot(key)
 
 
-async def test_a_flushed_script_is_loaded_again(redis_url: str, redis_store_url: str) -> None:
+async def test_a_flushed_script_is_loaded_again(
+    redis_url: str, redis_store_url: str, redis_scripts_flushed: None
+) -> None:
     client = aioredis.Redis.from_url(redis_url)
     try:
         async with RedisCircuitStateStore(redis_store_url) as store:
@@ -153,7 +155,7 @@ async def test_a_cancelled_call_leaves_its_connection_clean(redis_store_url: str
     ids=["pooled", "decoding", "single-connection"],
 )
 async def test_a_client_given_by_the_caller_is_used(
-    redis_url: str, redis_prefix: str, options: dict[str, bool]
+    redis_url: str, redis_prefix: str, options: dict[str, bool], redis_scripts_flushed: None
 ) -> None:
     client = aioredis.Redis.from_url(redis_url, **options)
     try:
