@@ -15,6 +15,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import threading
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -73,7 +74,13 @@ def submit(
             if error is not None:
                 _late(what, error, log)
 
+    # whichever of `start` (in the loop's thread) and an interrupted caller (below)
+    # takes it first owns ``coro``: the other leaves it alone
+    owner = threading.Lock()
+
     def start() -> None:
+        if not owner.acquire(blocking=False):
+            return  # the caller was interrupted before this ran, and closed ``coro``
         if future.cancelled():
             coro.close()
             return
@@ -87,10 +94,13 @@ def submit(
         coro.close()
         raise
     except BaseException:
-        # interrupted (a Ctrl-C) while scheduling, once ``start`` may be scheduled and
-        # even running (the wake-up's send lets the loop's thread in): nobody will wait
-        # for the future, so the call is cancelled wherever it got to
+        # interrupted (a Ctrl-C) while scheduling: ``start`` may not be scheduled, or be
+        # and even be running (the wake-up's send lets the loop's thread in).  Nobody
+        # will wait for the future, so the call is cancelled wherever it got to, and
+        # ``coro`` closed here if ``start`` has not taken it (it never will)
         future.cancel()
+        if owner.acquire(blocking=False):
+            coro.close()
         raise
     return future
 

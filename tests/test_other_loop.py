@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import logging
 import os
 import threading
@@ -372,3 +373,45 @@ def test_a_close_in_its_own_loop_failing_in_time_raises_its_error_to_the_caller(
         home.collect()
         assert home.unhandled == [] and caplog.records == []
         assert "state=closed" in repr(executor)
+
+
+class _InterruptedScheduling:
+    """A loop whose ``call_soon_threadsafe`` is interrupted by a Ctrl-C (a
+    `KeyboardInterrupt`) before it schedules the callback, or just after."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, scheduled: bool) -> None:
+        self.loop = loop
+        self.scheduled = scheduled
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: object) -> None:
+        if self.scheduled:
+            self.loop.call_soon_threadsafe(callback, *args)
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("scheduled", [False, True], ids=["before", "after"])
+def test_a_call_interrupted_while_handed_to_another_loop_never_runs_and_is_closed(
+    scheduled: bool,
+) -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    ran: list[bool] = []
+
+    async def call() -> None:
+        ran.append(True)
+
+    coro = call()
+    try:
+        interrupted: Any = _InterruptedScheduling(loop, scheduled=scheduled)
+        with pytest.raises(KeyboardInterrupt):
+            _loops.submit(interrupted, coro, "a call", logging.getLogger(__name__))
+        # whatever the loop had scheduled has run
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.01), loop).result(10)
+        assert ran == []
+        # closed: never "was never awaited"
+        assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
