@@ -60,6 +60,12 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def _seconds(clock: Any) -> float:
+    """Redis's ``TIME`` reply, ``(seconds, microseconds)`` as redis-py gives it, in seconds."""
+    seconds, micros = clock
+    return float(seconds) + float(micros) / 1e6
+
+
 def _glob(text: str) -> str:
     return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
 
@@ -199,19 +205,24 @@ class RedisQuotaStore(QuotaStore):
         """The Redis server's clock (``TIME``), by which every script lapses holds."""
         self._check_open()
         try:
-            seconds, micros = await self._client.time()
+            clock = await self._client.time()
         except (RedisError, OSError) as exc:
             raise self._error("read the clock", exc) from exc
-        return float(seconds) + float(micros) / 1e6
+        return _seconds(clock)
 
     async def usage(self, key: str, *, window_start: float, window_end: float) -> BudgetUsage:
-        now = await self.now()  # holds are shown released by the server's clock
+        self._check_open()
         try:
-            raw = await self._client.hgetall(self._window(key, window_start))
+            # one round trip: the window and the server's clock, by which its holds are
+            # shown released, read together
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.time()
+                pipe.hgetall(self._window(key, window_start))
+                clock, raw = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise self._error(f"read {key!r}", exc) from exc
         fields = {_text(k): _text(v) for k, v in raw.items()}
-        return self._usage(key, fields, window_start, window_end, now)
+        return self._usage(key, fields, window_start, window_end, _seconds(clock))
 
     async def _keys(self, pattern: str) -> list[str]:
         try:
@@ -220,14 +231,21 @@ class RedisQuotaStore(QuotaStore):
             raise self._error("scan", exc) from exc
 
     async def usages(self) -> list[BudgetUsage]:
+        self._check_open()
+        found = await self._keys(_glob(self.prefix + "b|") + "*")
+        try:
+            # one round trip for every window found and the server's clock
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.time()
+                for redis_key in found:
+                    pipe.hgetall(redis_key)
+                clock, *windows = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self._error("read", exc) from exc
+        now = _seconds(clock)
         out = []
-        now = await self.now()
         start = len(self.prefix) + 2
-        for redis_key in await self._keys(_glob(self.prefix + "b|") + "*"):
-            try:
-                raw = await self._client.hgetall(redis_key)
-            except (RedisError, OSError) as exc:
-                raise self._error("read", exc) from exc
+        for redis_key, raw in zip(found, windows, strict=True):
             if not raw:
                 continue
             fields = {_text(k): _text(v) for k, v in raw.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import redis.asyncio as aioredis
 from empathy_models_redis import RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache
 
 from empathy_models import CircuitBreaker, ConfigurationError, state_store_from_url
+from empathy_models.limits import BudgetUsage
 from tests._cancel_trials import cancel_during_admission
 
 
@@ -146,6 +148,34 @@ async def test_the_cache_reads_bytes_from_any_client(
             assert await cache.get("k") is None
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize("decode_responses", [False, True], ids=["bytes", "decoding"])
+async def test_budget_usage_is_read_through_any_client(
+    redis_url: str, redis_prefix: str, decode_responses: bool
+) -> None:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=decode_responses)
+    start = time.time() - 60.0
+    end = start + 3_600.0
+    try:
+        async with RedisQuotaStore(client, prefix=redis_prefix) as quota:
+            for key, amount in (("daily", 5), ("team\nb", 7)):
+                grant = await quota.reserve(
+                    key, window_start=start, window_end=end, amount=amount, limit=100
+                )
+                assert grant.granted
+            usage = await quota.usage("daily", window_start=start, window_end=end)
+            listed = await quota.usages()
+            assert await quota.usage("none", window_start=start, window_end=end) == BudgetUsage(
+                key="none", window_start=start, window_end=end
+            )
+    finally:
+        await client.aclose()
+    assert (usage.key, usage.held, usage.reserved) == ("daily", 5, 5)
+    assert [(u.key, u.held, u.window_start) for u in listed] == [
+        ("daily", 5, start),
+        ("team\nb", 7, start),
+    ]
 
 
 @pytest.mark.parametrize(
