@@ -16,7 +16,16 @@ from ..exceptions import ConfigurationError
 from ..registry import ModelRegistry
 from ._memory import EvidenceMemory
 from .book import StagePrior
-from .decide import EMPTY_SUMMARY, Context, Exploration, ModelFacts, Verdict, judge, recost
+from .decide import (
+    EMPTY_SUMMARY,
+    Context,
+    Exploration,
+    ModelFacts,
+    Terms,
+    Verdict,
+    judge,
+    recost,
+)
 from .policy import Constraints, RoutingPolicy
 
 __all__ = ["Limits", "VerdictCache", "classify", "limits_of"]
@@ -209,6 +218,7 @@ class VerdictCache:
         ctx.on_prior = sibling.on_prior
         ctx.changed = sibling.changed
         ctx.groups = sibling.groups
+        ctx.degraded = sibling.degraded
         ctx.arm_versions = sibling.arm_versions[:]
         ctx.caches = [{} for _ in ctx.models]
         ctx.verdicts = sibling.verdicts[:]
@@ -249,10 +259,12 @@ class VerdictCache:
             if version == versions[i]:
                 if stale_prior and verdicts[i].summary.mean_output_tokens is None:
                     # the same evidence costed on the new prior: only the cost changes
-                    verdicts[i] = recost(
+                    new = verdicts[i] = recost(
                         verdicts[i], ctx.cons, self.policy, prior_output_tokens=prior_tokens
                     )
                     ctx.caches[i] = {}
+                    if ctx.terms is not None:
+                        _reterm(ctx.terms, i, new)
             else:
                 old = verdicts[i]
                 new = verdicts[i] = self.judge(ctx, i, prior)
@@ -260,6 +272,11 @@ class VerdictCache:
                 versions[i] = version
                 if new.code != old.code:
                     ctx.groups = None
+                    ctx.terms = None
+                elif ctx.terms is not None:
+                    _reterm(ctx.terms, i, new)
+                if new.degraded:
+                    ctx.degraded = True  # (cleared only when the groups are made again)
                 if (new.summary.change is None) != (old.summary.change is None):
                     ctx.changed = tuple(j for j, v in enumerate(verdicts) if v.summary.change)
                 if (new.summary.mean_output_tokens is None) != (
@@ -287,6 +304,7 @@ class VerdictCache:
         if not ctx.verdicts:
             ctx.verdicts = [self.judge(ctx, i, None) for i in range(len(ctx.models))]
             ctx.groups = None
+            ctx.terms = None
             ctx.caches = [{} for _ in ctx.models]
             ctx.arm_versions = [-1] * len(ctx.models)
             # exactly: a verdict with output tokens of its own never uses the prior
@@ -342,6 +360,43 @@ def _groups(verdicts: list[Verdict]) -> tuple[list[int], list[int], list[int]]:
     return groups[0], groups[1], groups[2]
 
 
+def _terms(verdicts: list[Verdict]) -> Terms:
+    # the verdicts' cost terms (see `Terms`), their groups by their codes
+    terms = Terms(
+        slopes=[math.nan if (s := v.slope) is None else s for v in verdicts],
+        consts=[v.const for v in verdicts],
+        group_of=[v.code for v in verdicts],
+        top_slope=[0.0, 0.0, 0.0, 0.0],
+        top_const=[0.0, 0.0, 0.0, 0.0],
+    )
+    for i, s in enumerate(terms.slopes):
+        _raise_top(terms, i, s, terms.consts[i])
+    return terms
+
+
+def _reterm(terms: Terms, i: int, v: Verdict) -> None:
+    # candidate ``i``'s verdict is now ``v``, of the same code as before
+    slope = math.nan if v.slope is None else v.slope
+    const = v.const
+    was_bad = terms.slopes[i] != terms.slopes[i] or terms.consts[i] != terms.consts[i]
+    terms.slopes[i] = slope
+    terms.consts[i] = const
+    terms.bad -= was_bad
+    _raise_top(terms, i, slope, const)
+
+
+def _raise_top(terms: Terms, i: int, slope: float, const: float) -> None:
+    # count a bad term, or raise the top terms of i's group to i's (NaN is never larger)
+    if slope != slope or const != const:
+        terms.bad += 1
+        return
+    g = terms.group_of[i]
+    if slope > terms.top_slope[g]:
+        terms.top_slope[g] = slope
+    if const > terms.top_const[g]:
+        terms.top_const[g] = const
+
+
 def classify(
     ctx: Context, input_tokens: int | None, blocked: Collection[str]
 ) -> tuple[list[float | None], list[int], list[int], list[int]]:
@@ -354,9 +409,21 @@ def classify(
     the three lists: the budget is a hard limit, for exploration too.
     """
     verdicts = ctx.verdicts
+    groups = ctx.groups
+    if groups is None:
+        groups = ctx.groups = _groups(verdicts)
+        ctx.degraded = any(v.degraded for v in verdicts)
+        ctx.terms = None
+    terms = ctx.terms
+    if terms is None:
+        terms = ctx.terms = _terms(verdicts)
+    # the two lists give the same costs as the verdicts (the same operations in order)
+    fast = input_tokens is not None and terms.bad == 0 and not ctx.on_prior
     costs: list[float | None]
     if input_tokens is None:
         costs = [v.const_no_input for v in verdicts]
+    elif fast:
+        costs = [input_tokens * s + c for s, c in zip(terms.slopes, terms.consts, strict=True)]
     elif not ctx.on_prior:
         costs = [
             None if (slope := v.slope) is None else input_tokens * slope + v.const for v in verdicts
@@ -373,9 +440,6 @@ def classify(
             + (v.const if (price := v.prior_price) is None else prior * price)
             for v in verdicts
         ]
-    groups = ctx.groups
-    if groups is None:
-        groups = ctx.groups = _groups(verdicts)
     eligible, explorable, probeable = groups
     if blocked:
         models = ctx.models
@@ -385,12 +449,32 @@ def classify(
     max_cost = ctx.cons.max_cost
     if max_cost is None:
         return costs, eligible[:], explorable[:], probeable[:]
+    if fast:
+        x: Any = input_tokens
+        return (
+            costs,
+            _within_top(eligible, costs, max_cost, x, terms, 0),
+            _within_top(explorable, costs, max_cost, x, terms, 1),
+            _within_top(probeable, costs, max_cost, x, terms, 2),
+        )
     return (
         costs,
         _within(eligible, costs, max_cost) if eligible else [],
         _within(explorable, costs, max_cost) if explorable else [],
         _within(probeable, costs, max_cost) if probeable else [],
     )
+
+
+def _within_top(
+    group: list[int], costs: list[float | None], max_cost: float, x: int, terms: Terms, g: int
+) -> list[int]:
+    # `_within`, for group ``g``, seen at once when its top terms cost at most max_cost
+    # for ``x`` input tokens (x >= 0: a cost grows with its terms, rounded or not)
+    if not group:
+        return []
+    if x * terms.top_slope[g] + terms.top_const[g] <= max_cost:
+        return group[:]
+    return _within(group, costs, max_cost)
 
 
 def _within(group: list[int], costs: list[float | None], max_cost: float) -> list[int]:

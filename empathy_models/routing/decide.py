@@ -399,6 +399,25 @@ class Exploration:
 
 
 @define(slots=True, eq=False)
+class Terms:
+    """
+    A context's cost terms in candidate order, used while every verdict has a slope and
+    no term is NaN (``bad == 0``): a call's costs computed from two lists, and per group
+    (eligible, unproven, rejected) the largest slope and constant, so that a cost limit
+    all of a group's calls are within is seen without computing each one's.  The
+    largest terms may be larger than the current ones (a verdict's new terms only raise
+    them), never smaller: an upper bound.
+    """
+
+    slopes: list[float]  # NaN for a verdict without a slope
+    consts: list[float]
+    group_of: list[int]  # each candidate's verdict code (its group; 3: in none)
+    top_slope: list[float]  # per group
+    top_const: list[float]  # per group
+    bad: int = 0  # candidates without a slope or with a NaN term: unusable while > 0
+
+
+@define(slots=True, eq=False)
 class Context:
     """
     Cached verdicts of one (workflow, stage, candidate list, constraints), and the
@@ -425,6 +444,8 @@ class Context:
     seen: int = -1
     resets: int = -1
     groups: tuple[list[int], list[int], list[int]] | None = None
+    degraded: bool = False  # some verdict is degraded (set with ``groups``)
+    terms: Terms | None = None  # built with ``groups`` (see `_verdicts.classify`)
 
 
 # --------------------------------------------------------------------------- selection
@@ -625,6 +646,8 @@ def _reprobe(
 ) -> Pick | None:
     # re-probes of rejected or degraded candidates that would be cheaper: each waits
     # reprobe_interval decisions, halved per success in a row of its own
+    if not ctx.degraded:
+        return None  # (no candidate is degraded: nothing to re-probe)
     verdicts = ctx.verdicts
     cheapest = policy.objective == "cheapest"
     arms = ctx.arms
@@ -754,7 +777,12 @@ def _warm_up(
             for i in explorable
             if verdicts[i].warm and (c := costs[i]) is not None and c < current
         ]
-    young.sort(key=lambda i: (costs[i] or 0.0, ctx.models[i]))
+    # by cost, then by id: two stable sorts (with "cheapest", keys of C: every cost here
+    # is a number)
+    young.sort(key=ctx.models.__getitem__)
+    cheapest = policy.objective == "cheapest"
+    by_cost: Callable[[int], Any] = costs.__getitem__ if cheapest else lambda i: costs[i] or 0.0
+    young.sort(key=by_cost)
     for i in young:
         s = verdicts[i].summary
         if s.samples < policy.warmup_min_calls:
