@@ -8,7 +8,8 @@ optional::
 
     # empathy.toml
     telemetry = "sqlite:///calls.db"    # telemetry URL, or a path to a SQLite file
-    state = "sqlite:///calls.db"        # circuit-breaker state URL (default: = telemetry)
+    state = "sqlite:///calls.db"        # circuit-breaker state URL (default: = telemetry,
+                                        # without its batching options, ?max_queue=...)
     registry = "models.toml"            # models and prices (default: the built-in table)
 
     [providers.openai]                  # default: openai and anthropic, keys from the env
@@ -42,7 +43,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from attrs import field, frozen
 
@@ -168,6 +169,27 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
     # the path as it will be opened: a leading ~ expanded, a relative one made absolute
     path = file if file.is_absolute() else base / file
     return "sqlite:///" + quote(str(path)) + (f"?{query}" if query else "")
+
+
+def _state_default(telemetry_url: str) -> str:
+    """
+    The telemetry URL as the state URL, without the telemetry's own options in its query
+    (``batch`` and the write-behind's: ``max_queue``, ``flush_interval``...), which a
+    state store refuses; the others (``busy_timeout``, ``schema``...) kept as written.
+    """
+    from .backends.sqlite._url import TELEMETRY_ONLY
+
+    try:
+        query = urlsplit(telemetry_url).query
+    except ValueError:
+        return telemetry_url  # refused, saying why, when the stores are built
+    pairs = query.split("&") if query else []
+    kept = [p for p in pairs if unquote_plus(p.partition("=")[0]) not in TELEMETRY_ONLY]
+    if len(kept) == len(pairs):
+        return telemetry_url
+    head, _, rest = telemetry_url.partition("?")
+    _, hash_, fragment = rest.partition("#")
+    return head + (f"?{'&'.join(kept)}" if kept else "") + hash_ + fragment
 
 
 def _check_env_name(_: object, attribute: Any, value: object) -> None:
@@ -409,7 +431,7 @@ class EmpathyConfig:
             state_url = _resolve_url(state, base, f"{where}: state")
             sources["state"] = where
         else:
-            state_url = telemetry_url
+            state_url = _state_default(telemetry_url)
             sources["state"] = "default (the telemetry database)"
         registry = text("registry")
         registry_file: Path | None = None

@@ -202,6 +202,26 @@ async def test_a_tilde_in_a_sqlite_url_is_the_home_directory_where_it_is_opened(
         assert sum(m["calls"] for m in json.loads(summary.stdout)["models"]) == 1
 
 
+async def test_the_default_state_leaves_the_telemetry_only_options_out(
+    project: Path, server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """The breaker state defaults to the telemetry database, not to its batching."""
+    (project / "empathy.toml").write_text(
+        'telemetry = "sqlite:///calls.db?max_queue=50000&busy_timeout=5&flush_interval=0.5"\n'
+    )
+    config = EmpathyConfig.load()
+    db = project / "calls.db"
+    assert config.telemetry_url.endswith("?max_queue=50000&busy_timeout=5&flush_interval=0.5")
+    assert config.state_url == f"sqlite:///{db}?busy_timeout=5"
+    async with EmpathyLLMExecutor.from_config(
+        providers=[OpenAIProvider(KEY, base_url=server.openai_base_url)], router=False
+    ) as executor:
+        await executor.run("hello", ExecutionContext(workflow="w", stage="s"))
+    breakers = cli(project, tmp_path / "home", "breaker", "status", "--json")
+    assert breakers.returncode == 0, breakers.stderr
+    assert any(b["key"].startswith("openai:") for b in json.loads(breakers.stdout)["breakers"])
+
+
 def test_the_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
     work = tmp_path / "work"

@@ -58,6 +58,9 @@ _TELEMETRY_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
     "close_timeout": _parse_number(float),
     "exit_flush": _parse_bool,
 }
+TELEMETRY_ONLY: Final = frozenset(_TELEMETRY_OPTIONS) - frozenset(_COMMON_OPTIONS)
+"""The telemetry's own options (``batch`` and the write-behind's), which a ``sqlite://``
+or ``postgresql://`` telemetry URL takes and a state store's URL does not."""
 
 
 def _expand_home(path: str, url: str) -> str:
