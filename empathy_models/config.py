@@ -40,9 +40,10 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from attrs import field, frozen
@@ -53,6 +54,9 @@ from .backends import redact_url
 from .exceptions import ConfigurationError
 from .providers._http import HTTPProvider, _looks_secret, env_name_flaw
 from .registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from .abc import CircuitStateStore, TelemetryBackend
 
 __all__ = [
     "CONFIG_FILE_NAME",
@@ -467,6 +471,42 @@ class EmpathyConfig:
         if self.registry_file is None:
             return ModelRegistry.default()
         return ModelRegistry.from_file(self.registry_file)
+
+    def telemetry_store(self) -> TelemetryBackend:
+        """
+        The telemetry backend of ``telemetry_url``, not opened.
+
+        Raises:
+            ConfigurationError: the URL's, after the file and key it came from.
+        """
+        from .backends import telemetry_from_url
+
+        with self._naming("telemetry"):
+            return telemetry_from_url(self.telemetry_url)
+
+    def state_store(self) -> CircuitStateStore:
+        """
+        The circuit-state store of ``state_url``, not opened.
+
+        Raises:
+            ConfigurationError: the URL's, after the file and key it came from (the
+                telemetry's, when the state is the telemetry database by default).
+        """
+        from .backends import state_store_from_url
+
+        with self._naming("state" if self.sources["state"] == str(self.path) else "telemetry"):
+            return state_store_from_url(self.state_url)
+
+    @contextmanager
+    def _naming(self, key: str) -> Iterator[None]:
+        """A `ConfigurationError` raised inside, with the file and ``key`` before its
+        message when the value of ``key`` came from the file."""
+        try:
+            yield
+        except ConfigurationError as exc:
+            if self.path is None or self.sources[key] != str(self.path):
+                raise
+            raise ConfigurationError(f"{self.path}: {key}: {exc}") from exc
 
     def build_providers(self) -> list[HTTPProvider]:
         """One provider per ``[providers.*]`` table (keys read from the environment now)."""

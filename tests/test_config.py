@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 from collections.abc import AsyncIterator
@@ -455,6 +456,30 @@ async def test_from_config_uses_the_router_it_is_given(
     assert mine.told == 2 and server.requests() == 3
     with pytest.raises(ConfigurationError, match=r"router=\) must be True, False, None or a"):
         EmpathyLLMExecutor.from_config(router="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('telemetry = "foo://x"', "telemetry: unknown backend scheme 'foo'"),
+        ('telemetry = "sqlite:///c.db?max_batc=1"', "telemetry: unknown sqlite URL option"),
+        ('state = "redis://127.0.0.1:6379/0?socket_timout=1"', "state: unknown Redis URL"),
+        ('state = "postgresql://u:s3cret@h:99999/db"', "state: 'postgresql://u:\\*\\*\\*@h"),
+        ('telemetry = "sqlite:///c.db"\nstate = "memory://x"', "state: 'memory://x': a memory"),
+    ],
+)
+def test_a_store_url_refused_names_the_file_and_the_key(
+    project: Path, tmp_path: Path, toml: str, message: str
+) -> None:
+    path = project / "empathy.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyLLMExecutor.from_config()
+    assert str(refused.value).startswith(f"{path}: "), refused.value
+    assert re.search(message, str(refused.value)), refused.value
+    assert "s3cret" not in str(refused.value)
+    shown = cli(project, tmp_path / "cli-home", "config", "show")
+    assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
 
 
 @pytest.mark.parametrize(
