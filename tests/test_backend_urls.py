@@ -6,6 +6,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,8 @@ from empathy_models import (
     CircuitState,
     ConfigurationError,
     backends as backends_module,
+    cache_from_url,
+    quota_store_from_url,
     state_store_from_url,
     telemetry_from_url,
 )
@@ -143,6 +146,17 @@ def test_credentials_never_appear_in_error_messages(url: str) -> None:
         telemetry_from_url(url)
     assert SECRET not in str(info.value)
     assert "***" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "factory", [telemetry_from_url, state_store_from_url, quota_store_from_url, cache_from_url]
+)
+def test_a_sqlite_url_with_credentials_is_refused_without_them(factory: Any) -> None:
+    # a server database's URL written with sqlite:// (or a password in a file URL)
+    with pytest.raises(ConfigurationError, match="has a host part") as info:
+        factory(f"sqlite://admin:{SECRET}@db.example/calls.db")
+    assert SECRET not in str(info.value)
+    assert "admin:***@db.example" in str(info.value)
 
 
 def test_credentials_stay_out_of_option_errors() -> None:
