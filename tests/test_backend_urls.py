@@ -61,6 +61,10 @@ def test_unknown_options_are_a_configuration_error() -> None:
         telemetry_from_url("memory://", colour="blue")
     with pytest.raises(ConfigurationError, match=r"\['clock'\]"):
         state_store_from_url("null://", clock=FakeClock())
+    # the quota store's and the cache's too, as their other URLs' options are
+    for factory in (quota_store_from_url, cache_from_url):
+        with pytest.raises(ConfigurationError, match=r"does not accept the options \['colour'\]"):
+            factory("memory://", colour="blue")
 
 
 def test_objects_pass_through_unchanged() -> None:
