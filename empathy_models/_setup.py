@@ -189,7 +189,6 @@ def config_arguments(
     other value is the router itself, borrowed (`ConfigurationError` if it is none).
     """
     from ._router import AdaptiveModelRouter
-    from .backends import telemetry_from_url
     from .config import EmpathyConfig, ensure_sqlite_parent
 
     config = EmpathyConfig.load(path)
@@ -203,8 +202,8 @@ def config_arguments(
     telemetry = arguments.pop("telemetry_store", None)
     owned: list[AbstractAsyncContextManager[Any]] = []
     if telemetry is None:
+        telemetry = config.telemetry_store()  # refused naming the file and key
         ensure_sqlite_parent(config.telemetry_url)
-        telemetry = telemetry_from_url(config.telemetry_url)
         owned.append(telemetry)
     if router is True:
         router = AdaptiveModelRouter(registry, telemetry)
@@ -220,6 +219,7 @@ def config_arguments(
         )
     arguments["router"] = router
     if "breaker" not in arguments:
+        config.state_store()  # refused naming the file and key; the executor builds its own
         ensure_sqlite_parent(config.state_url)
         arguments["breaker"] = config.state_url
     arguments.update(registry=registry, telemetry_store=telemetry)

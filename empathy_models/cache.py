@@ -381,7 +381,8 @@ def cache_from_url(url: str | ResponseCache, **options: Any) -> ResponseCache:
     scheme = url.split("://", 1)[0].lower() if isinstance(url, str) else ""
     if scheme == "memory":
         _plugin_for(url)
-        return MemoryResponseCache(**options)
+        memory: ResponseCache = _build(_memory, url, "response cache", options)
+        return memory
     if scheme == "sqlite":
         from .backends.sqlite._url import _COMMON_OPTIONS, parse_sqlite_url
 
@@ -402,6 +403,10 @@ def cache_from_url(url: str | ResponseCache, **options: Any) -> ResponseCache:
     if not isinstance(cache, ResponseCache):
         raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {shown(cache)}")
     return cache
+
+
+def _memory(_url: str, **options: Any) -> MemoryResponseCache:
+    return MemoryResponseCache(**options)
 
 
 def _sqlite(path: str, _url: str, **options: Any) -> SQLiteResponseCache:

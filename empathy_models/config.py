@@ -8,7 +8,8 @@ optional::
 
     # empathy.toml
     telemetry = "sqlite:///calls.db"    # telemetry URL, or a path to a SQLite file
-    state = "sqlite:///calls.db"        # circuit-breaker state URL (default: = telemetry)
+    state = "sqlite:///calls.db"        # circuit-breaker state URL (default: = telemetry,
+                                        # without its batching options, ?max_queue=...)
     registry = "models.toml"            # models and prices (default: the built-in table)
 
     [providers.openai]                  # default: openai and anthropic, keys from the env
@@ -39,10 +40,11 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import quote, unquote, urlsplit
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from attrs import field, frozen
 
@@ -52,6 +54,9 @@ from .backends import redact_url
 from .exceptions import ConfigurationError
 from .providers._http import HTTPProvider, _looks_secret, env_name_flaw
 from .registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from .abc import CircuitStateStore, TelemetryBackend
 
 __all__ = [
     "CONFIG_FILE_NAME",
@@ -168,6 +173,27 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
     # the path as it will be opened: a leading ~ expanded, a relative one made absolute
     path = file if file.is_absolute() else base / file
     return "sqlite:///" + quote(str(path)) + (f"?{query}" if query else "")
+
+
+def _state_default(telemetry_url: str) -> str:
+    """
+    The telemetry URL as the state URL, without the telemetry's own options in its query
+    (``batch`` and the write-behind's: ``max_queue``, ``flush_interval``...), which a
+    state store refuses; the others (``busy_timeout``, ``schema``...) kept as written.
+    """
+    from .backends.sqlite._url import TELEMETRY_ONLY
+
+    try:
+        query = urlsplit(telemetry_url).query
+    except ValueError:
+        return telemetry_url  # refused, saying why, when the stores are built
+    pairs = query.split("&") if query else []
+    kept = [p for p in pairs if unquote_plus(p.partition("=")[0]) not in TELEMETRY_ONLY]
+    if len(kept) == len(pairs):
+        return telemetry_url
+    head, _, rest = telemetry_url.partition("?")
+    _, hash_, fragment = rest.partition("#")
+    return head + (f"?{'&'.join(kept)}" if kept else "") + hash_ + fragment
 
 
 def _check_env_name(_: object, attribute: Any, value: object) -> None:
@@ -409,7 +435,7 @@ class EmpathyConfig:
             state_url = _resolve_url(state, base, f"{where}: state")
             sources["state"] = where
         else:
-            state_url = telemetry_url
+            state_url = _state_default(telemetry_url)
             sources["state"] = "default (the telemetry database)"
         registry = text("registry")
         registry_file: Path | None = None
@@ -445,6 +471,42 @@ class EmpathyConfig:
         if self.registry_file is None:
             return ModelRegistry.default()
         return ModelRegistry.from_file(self.registry_file)
+
+    def telemetry_store(self) -> TelemetryBackend:
+        """
+        The telemetry backend of ``telemetry_url``, not opened.
+
+        Raises:
+            ConfigurationError: the URL's, after the file and key it came from.
+        """
+        from .backends import telemetry_from_url
+
+        with self._naming("telemetry"):
+            return telemetry_from_url(self.telemetry_url)
+
+    def state_store(self) -> CircuitStateStore:
+        """
+        The circuit-state store of ``state_url``, not opened.
+
+        Raises:
+            ConfigurationError: the URL's, after the file and key it came from (the
+                telemetry's, when the state is the telemetry database by default).
+        """
+        from .backends import state_store_from_url
+
+        with self._naming("state" if self.sources["state"] == str(self.path) else "telemetry"):
+            return state_store_from_url(self.state_url)
+
+    @contextmanager
+    def _naming(self, key: str) -> Iterator[None]:
+        """A `ConfigurationError` raised inside, with the file and ``key`` before its
+        message when the value of ``key`` came from the file."""
+        try:
+            yield
+        except ConfigurationError as exc:
+            if self.path is None or self.sources[key] != str(self.path):
+                raise
+            raise ConfigurationError(f"{self.path}: {key}: {exc}") from exc
 
     def build_providers(self) -> list[HTTPProvider]:
         """One provider per ``[providers.*]`` table (keys read from the environment now)."""

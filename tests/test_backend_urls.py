@@ -6,6 +6,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,8 @@ from empathy_models import (
     CircuitState,
     ConfigurationError,
     backends as backends_module,
+    cache_from_url,
+    quota_store_from_url,
     state_store_from_url,
     telemetry_from_url,
 )
@@ -58,6 +61,10 @@ def test_unknown_options_are_a_configuration_error() -> None:
         telemetry_from_url("memory://", colour="blue")
     with pytest.raises(ConfigurationError, match=r"\['clock'\]"):
         state_store_from_url("null://", clock=FakeClock())
+    # the quota store's and the cache's too, as their other URLs' options are
+    for factory in (quota_store_from_url, cache_from_url):
+        with pytest.raises(ConfigurationError, match=r"does not accept the options \['colour'\]"):
+            factory("memory://", colour="blue")
 
 
 def test_objects_pass_through_unchanged() -> None:
@@ -143,6 +150,17 @@ def test_credentials_never_appear_in_error_messages(url: str) -> None:
         telemetry_from_url(url)
     assert SECRET not in str(info.value)
     assert "***" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "factory", [telemetry_from_url, state_store_from_url, quota_store_from_url, cache_from_url]
+)
+def test_a_sqlite_url_with_credentials_is_refused_without_them(factory: Any) -> None:
+    # a server database's URL written with sqlite:// (or a password in a file URL)
+    with pytest.raises(ConfigurationError, match="has a host part") as info:
+        factory(f"sqlite://admin:{SECRET}@db.example/calls.db")
+    assert SECRET not in str(info.value)
+    assert "admin:***@db.example" in str(info.value)
 
 
 def test_credentials_stay_out_of_option_errors() -> None:

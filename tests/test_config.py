@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 from collections.abc import AsyncIterator
@@ -200,6 +201,26 @@ async def test_a_tilde_in_a_sqlite_url_is_the_home_directory_where_it_is_opened(
         summary = cli(project, tmp_path / "home", "telemetry", "summary", "--json", *db)
         assert summary.returncode == 0, summary.stderr
         assert sum(m["calls"] for m in json.loads(summary.stdout)["models"]) == 1
+
+
+async def test_the_default_state_leaves_the_telemetry_only_options_out(
+    project: Path, server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """The breaker state defaults to the telemetry database, not to its batching."""
+    (project / "empathy.toml").write_text(
+        'telemetry = "sqlite:///calls.db?max_queue=50000&busy_timeout=5&flush_interval=0.5"\n'
+    )
+    config = EmpathyConfig.load()
+    db = project / "calls.db"
+    assert config.telemetry_url.endswith("?max_queue=50000&busy_timeout=5&flush_interval=0.5")
+    assert config.state_url == f"sqlite:///{db}?busy_timeout=5"
+    async with EmpathyLLMExecutor.from_config(
+        providers=[OpenAIProvider(KEY, base_url=server.openai_base_url)], router=False
+    ) as executor:
+        await executor.run("hello", ExecutionContext(workflow="w", stage="s"))
+    breakers = cli(project, tmp_path / "home", "breaker", "status", "--json")
+    assert breakers.returncode == 0, breakers.stderr
+    assert any(b["key"].startswith("openai:") for b in json.loads(breakers.stdout)["breakers"])
 
 
 def test_the_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -435,6 +456,30 @@ async def test_from_config_uses_the_router_it_is_given(
     assert mine.told == 2 and server.requests() == 3
     with pytest.raises(ConfigurationError, match=r"router=\) must be True, False, None or a"):
         EmpathyLLMExecutor.from_config(router="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('telemetry = "foo://x"', "telemetry: unknown backend scheme 'foo'"),
+        ('telemetry = "sqlite:///c.db?max_batc=1"', "telemetry: unknown sqlite URL option"),
+        ('state = "redis://127.0.0.1:6379/0?socket_timout=1"', "state: unknown Redis URL"),
+        ('state = "postgresql://u:s3cret@h:99999/db"', "state: 'postgresql://u:\\*\\*\\*@h"),
+        ('telemetry = "sqlite:///c.db"\nstate = "memory://x"', "state: 'memory://x': a memory"),
+    ],
+)
+def test_a_store_url_refused_names_the_file_and_the_key(
+    project: Path, tmp_path: Path, toml: str, message: str
+) -> None:
+    path = project / "empathy.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyLLMExecutor.from_config()
+    assert str(refused.value).startswith(f"{path}: "), refused.value
+    assert re.search(message, str(refused.value)), refused.value
+    assert "s3cret" not in str(refused.value)
+    shown = cli(project, tmp_path / "cli-home", "config", "show")
+    assert shown.stderr.strip() == f"empathy-models: error: {refused.value}"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,6 @@ from empathy_models import (
     AdaptiveModelRouter,
     EmpathyLLMExecutor,
     EmpathyModelsError,
-    telemetry_from_url,
 )
 from empathy_models.config import EmpathyConfig
 
@@ -55,7 +54,8 @@ def check_config(config: EmpathyConfig) -> None:
         warnings.simplefilter("ignore")
         registry = config.registry()
         providers = config.build_providers()
-        telemetry = telemetry_from_url(config.telemetry_url)
+        telemetry = config.telemetry_store()
+        config.state_store()  # as from_config() checks it, naming the file and key
         EmpathyLLMExecutor(
             providers,
             registry=registry,

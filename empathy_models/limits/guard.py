@@ -134,7 +134,8 @@ def quota_store_from_url(url: str | QuotaStore, **options: Any) -> QuotaStore:
 
     if isinstance(url, str) and url.split("://", 1)[0].lower() == "memory":
         _plugin_for(url)  # the same checks as every memory:// URL
-        return MemoryQuotaStore(**options)
+        memory: QuotaStore = _build(_memory_quota, url, "quota store", options)
+        return memory
     if isinstance(url, str) and url.split("://", 1)[0].lower() == "sqlite":
         from .sqlite import quota_store
 
@@ -152,6 +153,10 @@ def quota_store_from_url(url: str | QuotaStore, **options: Any) -> QuotaStore:
     if not isinstance(store, QuotaStore):
         raise ConfigurationError(f"the plugin for {redact_url(url)!r} returned {shown(store)}")
     return store
+
+
+def _memory_quota(_url: str, **options: Any) -> MemoryQuotaStore:
+    return MemoryQuotaStore(**options)
 
 
 class Hold:

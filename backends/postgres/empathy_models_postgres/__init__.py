@@ -16,7 +16,9 @@ See `PostgresTelemetryBackend` and `PostgresCircuitStateStore`.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Mapping
 from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from empathy_models.abc import TelemetryBackend
 from empathy_models.backends import BackendPlugin, shown
@@ -59,14 +61,70 @@ _BATCHING: Final = frozenset(inspect.signature(BatchingTelemetryBackend).paramet
 """The options of `BatchingTelemetryBackend` (``max_queue``, ``flush_interval``...)."""
 
 
-def _telemetry(url: str, *, batch: bool = True, **options: Any) -> TelemetryBackend:
+def _flag(value: str) -> bool:
+    low = value.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+_QUERY_OPTIONS: Final[Mapping[str, tuple[Callable[[str], Any], str]]] = {
+    "batch": (_flag, "true or false"),
+    "max_batch": (int, "an integer"),
+    "flush_interval": (float, "a number"),
+    "max_queue": (int, "an integer"),
+    "on_full": (str, "a string"),
+    "spool": (_flag, "true or false"),
+    "close_timeout": (float, "a number"),
+    "exit_flush": (_flag, "true or false"),
+}
+"""The telemetry options a URL's query may give (``batch`` and the batching's), as in a
+``sqlite://`` URL, each with its conversion from the query's text."""
+
+
+def _query_options(url: str) -> tuple[str, dict[str, Any]]:
+    """
+    ``url`` without the telemetry options of its query, and those options converted; a
+    URL the parser refuses is returned as it is (`PostgresTelemetryBackend` says why).
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url, {}
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options: dict[str, Any] = {}
+    for name, value in query:
+        if name in _QUERY_OPTIONS:
+            convert, kind = _QUERY_OPTIONS[name]
+            try:
+                options[name] = convert(value)
+            except ValueError:
+                raise ConfigurationError(
+                    f"postgresql URL option {name}={value!r} must be {kind}"
+                ) from None
+    if not options:
+        return url, options
+    rest = urlencode([(k, v) for k, v in query if k not in _QUERY_OPTIONS])
+    # not urlunsplit: it turns an empty host ("postgresql:///db") into "postgresql:/db"
+    tail = (f"?{rest}" if rest else "") + (f"#{parts.fragment}" if parts.fragment else "")
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{tail}", options
+
+
+def _telemetry(url: str, **options: Any) -> TelemetryBackend:
     """
     ``telemetry_from_url("postgresql://...")``: write-behind batched by default, so the
     call path never waits on the database (``batch=False`` for direct writes).  The
     batching options (``max_batch``, ``flush_interval``, ``max_queue``, ``on_full``,
     ``spool``, ``close_timeout``, ``exit_flush``) go to `BatchingTelemetryBackend`, the
-    others to `PostgresTelemetryBackend`.
+    others to `PostgresTelemetryBackend`.  ``batch`` and the batching options may also
+    be given in the URL's query (``?max_queue=50000``), taken out of it before
+    connecting; a keyword argument wins over the query.
     """
+    url, query = _query_options(url)
+    options = {**query, **options}
+    batch = options.pop("batch", True)
     if not isinstance(batch, bool):
         raise ConfigurationError(f"batch must be True or False, got {shown(batch)}")
     batching = {name: options.pop(name) for name in sorted(_BATCHING & set(options))}

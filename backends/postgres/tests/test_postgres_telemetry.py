@@ -133,6 +133,31 @@ async def test_url_factory_gives_the_batching_options_to_the_batching(
         telemetry_from_url(postgres_url, batch="no")
 
 
+async def test_the_batching_options_in_the_url_query_go_to_the_batching(
+    postgres_url: str, with_query: Callable[..., str]
+) -> None:
+    """As a ``sqlite://`` URL's: ``empathy.toml`` can give them only in the URL."""
+    url = with_query(postgres_url, max_queue="10", flush_interval="0.5", on_full="drop")
+    backend = telemetry_from_url(url)
+    assert isinstance(backend, BatchingTelemetryBackend)
+    assert "flush_interval=0.5, max_queue=10, on_full='drop'" in repr(backend)
+    async with backend:  # the options are not sent to the server as its settings
+        await backend.record_many(random_records(14, 5))
+        assert len(await backend.recent()) == 5
+    # a keyword argument wins over the query
+    assert "max_queue=20" in repr(telemetry_from_url(url, max_queue=20))
+    direct = telemetry_from_url(with_query(postgres_url, batch="false"))
+    assert isinstance(direct, PostgresTelemetryBackend)
+    async with direct:  # reads what the batched backend wrote to the same tables
+        assert len(await direct.recent()) == 5
+    with pytest.raises(ConfigurationError, match=r"max_queue='ten'.*an integer"):
+        telemetry_from_url(with_query(postgres_url, max_queue="ten"))
+    with pytest.raises(ConfigurationError, match=r"batch='maybe'.*true or false"):
+        telemetry_from_url(with_query(postgres_url, batch="maybe"))
+    with pytest.raises(ConfigurationError, match=r"\['max_queue'\].*batch=False"):
+        telemetry_from_url(with_query(postgres_url, batch="false", max_queue="10"))
+
+
 @pytest.mark.parametrize(
     "factory", [telemetry_from_url, state_store_from_url, quota_store_from_url, cache_from_url]
 )

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from ...exceptions import (
     ConfigurationError,
 )
+from .. import redact_url, url_flaw
 from .._plugin import BackendPlugin
 from ._database import MEMORY
 from ._state import SQLiteStateStore
@@ -58,6 +59,9 @@ _TELEMETRY_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
     "close_timeout": _parse_number(float),
     "exit_flush": _parse_bool,
 }
+TELEMETRY_ONLY: Final = frozenset(_TELEMETRY_OPTIONS) - frozenset(_COMMON_OPTIONS)
+"""The telemetry's own options (``batch`` and the write-behind's), which a ``sqlite://``
+or ``postgresql://`` telemetry URL takes and a state store's URL does not."""
 
 
 def _expand_home(path: str, url: str) -> str:
@@ -68,7 +72,8 @@ def _expand_home(path: str, url: str) -> str:
         return str(Path(path).expanduser())
     except RuntimeError:  # the user does not exist, or has no home directory
         raise ConfigurationError(
-            f"sqlite URL {url!r}: cannot expand {path!r}: no home directory for that user; "
+            f"sqlite URL {redact_url(url)!r}: cannot expand {path!r}: no home directory for "
+            "that user; "
             "write the path in full"
         ) from None
 
@@ -84,26 +89,27 @@ def parse_sqlite_url(
     leading ``~`` or ``~user`` expanded, as in ``empathy.toml``), ``sqlite://:memory:`` and
     ``sqlite:///:memory:`` -> ``:memory:``.  Raises `ConfigurationError` for another
     scheme, a host part, an empty path, a ``~user`` without a home directory or an
-    unknown option.
+    unknown option, the URL in it with any password masked.
     """
+    shown = redact_url(url)
     try:
         parts = urlsplit(url)
     except ValueError as exc:
-        raise ConfigurationError(f"not a valid sqlite:// URL: {url!r} ({exc})") from exc
+        raise ConfigurationError(f"not a valid sqlite:// URL: {shown!r} ({url_flaw(exc)})") from exc
     if parts.scheme.lower() != "sqlite":
-        raise ConfigurationError(f"not a sqlite:// URL: {url!r}")
+        raise ConfigurationError(f"not a sqlite:// URL: {shown!r}")
     if parts.netloc == MEMORY and parts.path in ("", "/"):
         path = MEMORY
     elif parts.netloc:
         raise ConfigurationError(
-            f"sqlite URL {url!r} has a host part {parts.netloc!r}; use sqlite:///relative.db, "
+            f"sqlite URL {shown!r} has a host part; use sqlite:///relative.db, "
             "sqlite:////absolute/path.db or sqlite://:memory:"
         )
     else:
         path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
         if not path:
             raise ConfigurationError(
-                f"sqlite URL {url!r} names no file; use sqlite:///relative.db, "
+                f"sqlite URL {shown!r} names no file; use sqlite:///relative.db, "
                 "sqlite:////absolute/path.db or sqlite://:memory:"
             )
         path = _expand_home(path, url)
