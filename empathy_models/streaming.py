@@ -711,6 +711,14 @@ async def _read_failed(stream: LLMStream, exc: BaseException) -> NoReturn:
             stream._error = closed_error("stream")  # later reads raise it too
             raise stream._error from None
         raise exc
+    if stream._state != "streaming":
+        # another task ended it under this read (its `aclose`), and reported it: the
+        # read ends as a read after that end does (a cancellation is raised as it is)
+        if not isinstance(exc, Exception):
+            raise exc
+        if stream._error is not None:
+            raise stream._error
+        raise StopAsyncIteration from None
     if isinstance(exc, StopAsyncIteration):
         await stream._finish()
         raise exc

@@ -15,10 +15,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import anyio
 import attrs
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 
 from empathy_models import (
     AllRoutesFailedError,
@@ -169,6 +171,56 @@ async def test_before_the_first_delta_the_error_names_the_limit_that_ended_the_w
     if limit == DEADLINE:
         assert f"deadline of {deadline}s exceeded" in str(caught.value)
         assert IDLE not in str(error)
+
+
+class _SilentResolver(AbstractResolver):
+    """A DNS resolver that never answers: no connection can be made (as to a host whose
+    packets are dropped), until `release`."""
+
+    def __init__(self) -> None:
+        self.released = asyncio.Event()
+
+    async def resolve(self, host: str, port: int = 0, family: int = 0) -> list[Any]:
+        await self.released.wait()
+        raise OSError(f"{host} was not resolved")
+
+    async def close(self) -> None:
+        self.released.set()
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_the_timeout_bounds_a_streams_wait_for_a_connection(api: str) -> None:
+    resolver = _SilentResolver()
+    base_url = "http://llm.invalid/v1" if api == "openai" else "http://llm.invalid"
+    provider = (OpenAIProvider if api == "openai" else AnthropicProvider)(
+        api_key=KEY, base_url=base_url
+    )
+    model = MODEL if api == "openai" else "claude-fake-haiku"
+    registry = ModelRegistry(
+        models=[attrs.evolve(REGISTRY.get(MODEL), id=model, provider=api)],
+        price_version="stream-timeouts-1",
+    )
+    telemetry = MemoryTelemetryBackend()
+    context = ExecutionContext(model=model, timeout=0.3)
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver)) as session,
+        EmpathyLLMExecutor(
+            [provider],
+            registry=registry,
+            telemetry_store=telemetry,
+            retry=RetryPolicy.none(),
+            session=session,
+        ) as llm,
+    ):
+        with anyio.fail_after(30), pytest.raises(AllRoutesFailedError) as caught:
+            async with llm.stream("hi", context) as stream:
+                async for _ in stream:
+                    pass
+        await resolver.close()
+    (error,) = caught.value.exceptions
+    assert isinstance(error, ProviderTimeoutError) and IDLE in str(error)
+    (record,) = await telemetry.recent(limit=10)
+    assert record.outcome is Outcome.FAILURE and record.error_type == "ProviderTimeoutError"
 
 
 @pytest.mark.parametrize(

@@ -464,6 +464,36 @@ async def test_a_cancelled_task_records_cancelled_and_reraises(
     assert record.outcome is Outcome.CANCELLED and record.output_tokens == 2
 
 
+@pytest.mark.parametrize("model", ["claude-fake-haiku", "gpt-fake-mini"])
+async def test_aclose_from_another_task_while_a_read_waits_records_one_cancelled_attempt(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, model: str
+) -> None:
+    server.set_behavior(model, stream_behavior(fault_after=2, fault="hang"))
+    got_two = asyncio.Event()
+    read: list[str] = []
+
+    async def consume(stream: Any) -> None:
+        async for delta in stream:
+            read.append(delta)
+            if len(read) == 2:
+                got_two.set()  # its next read waits: the server sends nothing more
+
+    async with make(server, telemetry) as executor:
+        async with executor.stream("hi", ExecutionContext(model=model)) as stream:
+            reader = asyncio.create_task(consume(stream))
+            with anyio.fail_after(10):
+                await got_two.wait()
+            await stream.aclose()  # as a handler does when its client goes away
+            with anyio.fail_after(10):
+                await reader  # the waiting read ends as a read after `aclose` does
+        with pytest.raises(RuntimeError, match="closed before it finished"):
+            await stream.get_final_response()
+    assert read == PIECES[:2]
+    (record,) = await records_of(telemetry)
+    assert record.outcome is Outcome.CANCELLED and record.output_tokens == 2
+    assert [a.outcome for a in stream.attempts] == [Outcome.CANCELLED]
+
+
 async def test_leaving_early_returns_a_half_open_probe_lease(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, fake_clock: FakeClock
 ) -> None:

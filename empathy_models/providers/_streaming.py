@@ -114,9 +114,12 @@ def _new_client_timeout(
     provider: HTTPProvider, idle: float | None, total: float | None
 ) -> aiohttp.ClientTimeout:
     own = provider._timeout
+    # the idle timeout bounds the wait for a connection too (a host whose packets are
+    # dropped, a DNS lookup that stalls): ``sock_read`` starts once the request is sent
+    connect = own.connect if idle is None or (own.connect or math.inf) <= idle else idle
     return aiohttp.ClientTimeout(
         total=total,
-        connect=own.connect,
+        connect=connect,
         sock_connect=own.sock_connect,
         sock_read=idle,
         ceil_threshold=math.inf,  # keep short budgets exact (aiohttp rounds long ones up)
