@@ -332,6 +332,23 @@ async def test_a_fault_after_three_chunks_raises_stream_interrupted_with_the_par
     assert record.output_tokens == 4 and record.request_id == error.request_id
 
 
+async def test_a_connection_reset_mid_stream_is_recorded_with_the_answers_status(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    # the request was accepted (200) and its answer had begun: the record says so, as
+    # for a whole answer's body cut short
+    server.set_behavior("claude-fake-haiku", stream_behavior(fault_after=2, fault="reset"))
+    async with make(server, telemetry) as executor:
+        with pytest.raises(StreamInterruptedError) as caught:
+            async with executor.stream("hi", CHEAP) as stream:
+                async for _ in stream:
+                    pass
+    assert caught.value.partial_text == "one two"
+    assert caught.value.error is not None and caught.value.error.status == 200
+    (record,) = await records_of(telemetry)
+    assert record.outcome is Outcome.FAILURE and record.status_code == 200
+
+
 async def test_a_stalled_stream_times_out_on_the_idle_timeout(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:

@@ -361,6 +361,7 @@ class HTTPCompletionStream(CompletionStream):
                             provider=self._provider,
                             model=self._model,
                             secret=self._decoder._secret,
+                            status=self._response.status,  # a 2xx: the answer had begun
                         )
                     self._fail(error)
                     raise error from None
