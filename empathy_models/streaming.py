@@ -97,11 +97,12 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 import anyio
 import attrs
 
-from ._attempt import Attempts, Opened, _deadline_ended, _timeout_error
+from ._attempt import Attempts, Opened, _deadline_ended, _partial_of, _timeout_error
 from ._feedback import charge, streamed_usage
 from ._inflight import Abort, closed_error
 from ._request_options import required_capabilities
 from ._run import _describe, _Run, _to_messages
+from ._text import utf8_size
 from ._validators import shown
 from ._values import _DEFAULT_CONTEXT, ExecutionContext
 from .abc import Completion, CompletionStream
@@ -661,8 +662,27 @@ def _partial(stream: LLMStream) -> tuple[Completion, bool]:
     the request's estimate (the provider had not reported them: `streamed_usage`).
     """
     assert stream._stream is not None and stream._info is not None
-    got, estimated = streamed_usage(stream._run, stream._stream.completion())
+    completion = _partial_of(stream._stream)
+    if completion is None:  # a provider's own stream could not give it (logged)
+        completion = _unreported(stream)
+    got, estimated = streamed_usage(stream._run, completion)
     return attrs.evolve(got, ttft_ms=stream._ttft), estimated
+
+
+def _unreported(stream: LLMStream) -> Completion:
+    """The completion of a stream whose provider could not give it: the text delivered,
+    its output tokens estimated as a provider that reported none has them (the input
+    is the request's estimate, `streamed_usage`)."""
+    from .providers._wire import estimated_output_tokens
+
+    assert stream._info is not None
+    text = stream.text
+    return Completion(
+        content=text,
+        model=stream._info.id,
+        output_tokens=estimated_output_tokens(utf8_size(text), stream._pieces),
+        usage_reported=False,
+    )
 
 
 def _attempt_ended(

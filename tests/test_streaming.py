@@ -683,11 +683,14 @@ class _OwnStream(CompletionStream):
     """A provider's own stream: pieces from ``__anext__`` (the default `next_pieces`),
     or, with ``empty_batch``, a `next_pieces` that hands over nothing after the first."""
 
-    def __init__(self, pieces: list[str], empty_batch: bool, input_tokens: int) -> None:
+    def __init__(
+        self, pieces: list[str], empty_batch: bool, input_tokens: int, broken: bool = False
+    ) -> None:
         self._pieces = list(pieces)
         self._taken: list[str] = []
         self._empty_batch = empty_batch
         self._input_tokens = input_tokens
+        self._broken = broken
         self.closed = False
 
     async def __anext__(self) -> str:
@@ -710,6 +713,8 @@ class _OwnStream(CompletionStream):
         return not self._pieces
 
     def completion(self) -> Completion:
+        if self._broken:
+            raise RuntimeError("this provider's stream cannot say its usage")
         text = "".join(self._taken)
         return Completion(
             content=text,
@@ -722,9 +727,12 @@ class _OwnStream(CompletionStream):
 class _OwnStreamProvider(Provider):
     name = "own"
 
-    def __init__(self, empty_batch: bool = False, input_tokens: int = 3) -> None:
+    def __init__(
+        self, empty_batch: bool = False, input_tokens: int = 3, broken: bool = False
+    ) -> None:
         self.empty_batch = empty_batch
         self.input_tokens = input_tokens
+        self.broken = broken
         self.streams: list[_OwnStream] = []
 
     async def _complete(self, request: CompletionRequest) -> Completion:
@@ -737,7 +745,9 @@ class _OwnStreamProvider(Provider):
         idle_timeout: float | None = None,
         total_timeout: float | None = None,
     ) -> CompletionStream:
-        stream = _OwnStream(["Hel", "lo", ", ", "world"], self.empty_batch, self.input_tokens)
+        stream = _OwnStream(
+            ["Hel", "lo", ", ", "world"], self.empty_batch, self.input_tokens, self.broken
+        )
         self.streams.append(stream)
         return stream
 
@@ -784,6 +794,30 @@ async def test_a_stream_whose_batch_is_empty_fails_instead_of_hanging() -> None:
                     pass
         assert provider.streams[0].closed
         assert [r.outcome for r in await telemetry.recent(limit=10)] == [Outcome.FAILURE]
+
+
+@pytest.mark.parametrize("reader", ["whole", "left early"])
+async def test_a_stream_whose_completion_fails_is_recorded_and_frees_its_slot(
+    reader: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider's own stream whose ``completion()`` raises: its usage is estimated."""
+    provider = _OwnStreamProvider(broken=True)
+    telemetry = MemoryTelemetryBackend()
+    context = ExecutionContext(workflow="w", stage="s", tier="cheap")
+    async with EmpathyLLMExecutor(
+        [provider], registry=OWN_REGISTRY, telemetry_store=telemetry, concurrency_per_provider=1
+    ) as ex:
+        for _ in range(2):  # the second stream needs the one slot the first held
+            with anyio.fail_after(30):
+                async with ex.stream("Hi", context) as stream:
+                    async for _ in stream:
+                        if reader == "left early":
+                            break
+    records = await telemetry.recent(limit=10)
+    expected = Outcome.SUCCESS if reader == "whole" else Outcome.CANCELLED
+    assert [r.outcome for r in records] == [expected] * 2
+    assert all(r.input_tokens > 0 and r.output_tokens > 0 for r in records)
+    assert "_OwnStream.completion() failed" in caplog.text
 
 
 async def test_a_usage_count_no_record_can_hold_keeps_the_record_and_frees_the_slot(
