@@ -17,7 +17,13 @@ import anyio
 import attrs
 import pytest
 
-from empathy_models import BackendError, ConfigurationError, LLMCallRecord, Outcome
+from empathy_models import (
+    BackendError,
+    ConfigurationError,
+    LLMCallRecord,
+    Outcome,
+    state_store_from_url,
+)
 from empathy_models._stats import aggregate_records, matches
 from empathy_models.backends import telemetry_from_url
 from empathy_models.backends.sqlite import SCHEMA_VERSION, SQLiteTelemetryBackend
@@ -282,6 +288,19 @@ async def test_a_leading_tilde_is_the_home_directory(
 def test_bad_urls_are_configuration_errors(url: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=re.escape(message)):
         telemetry_from_url(url)
+
+
+def test_a_mistyped_option_is_named_with_the_one_meant() -> None:
+    with pytest.raises(
+        ConfigurationError, match=re.escape("'max_queu' (did you mean 'max_queue'?)")
+    ):
+        telemetry_from_url("sqlite:///x.db?max_queu=5")
+    # a state store's URL given a telemetry option: said so, not guessed at
+    with pytest.raises(
+        ConfigurationError,
+        match=re.escape("'flush_interval' (a telemetry URL's option: this store does not take it)"),
+    ):
+        state_store_from_url("sqlite:///x.db?flush_interval=1")
 
 
 async def test_files_are_created_private(tmp_path: Path) -> None:

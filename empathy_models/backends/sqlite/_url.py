@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -116,8 +117,12 @@ def parse_sqlite_url(
     options: dict[str, Any] = {}
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if name in TELEMETRY_ONLY:
+                hint = " (a telemetry URL's option: this store does not take it)"
             raise ConfigurationError(
-                f"unknown sqlite URL option {name!r}; known: {', '.join(sorted(allowed))}"
+                f"unknown sqlite URL option {name!r}{hint}; known: {', '.join(sorted(allowed))}"
             )
         options[name] = allowed[name](name, value)
     return path, options
