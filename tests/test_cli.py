@@ -51,6 +51,33 @@ def test_the_entry_point_runs_as_a_process(home: Path) -> None:
     assert json.loads(result.stdout)["totals"]["requests"] == 20
 
 
+_INTERRUPTED_AT_START = """
+import os, signal, sys
+sent = []
+def hook(event, args):
+    # a real Ctrl-C while the commands are being loaded, before any command runs
+    code = args[0] if event == "exec" else None
+    if getattr(code, "co_filename", "").endswith(os.path.join("cli", "demo.py")) and not sent:
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGINT)
+sys.addaudithook(hook)
+from empathy_models.cli import main
+sys.exit(main(["telemetry", "summary"]))
+"""
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line_not_a_traceback(home: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_AT_START],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EMPATHY_HOME": str(home)},
+        timeout=110,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (130, "empathy-models: interrupted\n")
+
+
 def ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
