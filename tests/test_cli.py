@@ -419,6 +419,17 @@ def test_file_option_targets_another_strategy_file(home: Path, tmp_path: Path) -
     assert not (home / "auth_strategy.json").exists()
 
 
+def test_the_undo_hint_of_a_reset_runs_as_printed(home: Path, tmp_path: Path) -> None:
+    other = tmp_path / "my strategies" / "team's.json"
+    ok(cli(home, "auth", "setup", "--small", "42", "--file", str(other)))
+    out = ok(cli(home, "auth", "reset", "--yes", "--file", str(other)))
+    undo = next(line for line in out.splitlines() if line.startswith("Undo with: "))
+    words = shlex.split(undo.removeprefix("Undo with: "))
+    assert words[:3] == ["empathy-models", "auth", "restore"], undo
+    ok(cli(home, *words[1:]))
+    assert AuthStrategy.load(other).small_module_threshold == 42
+
+
 def test_recommend_explains_size_mode_and_cost(home: Path, tmp_path: Path) -> None:
     ok(cli(home, "auth", "setup", "--tier", "max", "--small", "50"))
     source = tmp_path / "mod.py"
