@@ -686,3 +686,47 @@ async def test_the_outage_warning_says_what_happens_past_the_queue(
         (warning,) = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
         assert warning.endswith(f"records are kept and retried {said}"), warning
         await batching.aclose()  # the store is down for good: the records are given up
+
+
+_FLUSH_AFTER_CANCEL = """
+import asyncio
+from datetime import UTC, datetime
+from empathy_models import LLMCallRecord
+from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.backends.batching import BatchingTelemetryBackend
+
+async def main():
+    inner = MemoryTelemetryBackend()
+    async with BatchingTelemetryBackend(inner, flush_interval=60) as backend:
+        await backend.record(LLMCallRecord(
+            provider="p", model="m", outcome="success", timestamp=datetime.now(UTC)
+        ))
+        for _ in range(5):  # the flusher waits for the batch to fill
+            await asyncio.sleep(0)
+        # what asyncio.run does on a second Ctrl-C: every other task cancelled
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.cancel()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await backend.flush()
+        print(len(await inner.recent()))
+
+asyncio.run(main())
+"""
+
+
+def test_a_flush_after_the_flusher_was_cancelled_from_outside_writes_and_returns() -> None:
+    # in a child process: the flush spun without ever yielding, so nothing in the
+    # event loop could time it out (a double Ctrl-C hung `empathy-models demo`)
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _FLUSH_AFTER_CANCEL],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, "1\n"), result.stderr

@@ -51,6 +51,33 @@ def test_the_entry_point_runs_as_a_process(home: Path) -> None:
     assert json.loads(result.stdout)["totals"]["requests"] == 20
 
 
+_INTERRUPTED_AT_START = """
+import os, signal, sys
+sent = []
+def hook(event, args):
+    # a real Ctrl-C while the commands are being loaded, before any command runs
+    code = args[0] if event == "exec" else None
+    if getattr(code, "co_filename", "").endswith(os.path.join("cli", "demo.py")) and not sent:
+        sent.append(True)
+        os.kill(os.getpid(), signal.SIGINT)
+sys.addaudithook(hook)
+from empathy_models.cli import main
+sys.exit(main(["telemetry", "summary"]))
+"""
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line_not_a_traceback(home: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_AT_START],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EMPATHY_HOME": str(home)},
+        timeout=110,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (130, "empathy-models: interrupted\n")
+
+
 def ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
@@ -390,6 +417,17 @@ def test_file_option_targets_another_strategy_file(home: Path, tmp_path: Path) -
     ok(cli(home, "auth", "setup", "--small", "42", "--file", str(other)))
     assert AuthStrategy.load(other).small_module_threshold == 42
     assert not (home / "auth_strategy.json").exists()
+
+
+def test_the_undo_hint_of_a_reset_runs_as_printed(home: Path, tmp_path: Path) -> None:
+    other = tmp_path / "my strategies" / "team's.json"
+    ok(cli(home, "auth", "setup", "--small", "42", "--file", str(other)))
+    out = ok(cli(home, "auth", "reset", "--yes", "--file", str(other)))
+    undo = next(line for line in out.splitlines() if line.startswith("Undo with: "))
+    words = shlex.split(undo.removeprefix("Undo with: "))
+    assert words[:3] == ["empathy-models", "auth", "restore"], undo
+    ok(cli(home, *words[1:]))
+    assert AuthStrategy.load(other).small_module_threshold == 42
 
 
 def test_recommend_explains_size_mode_and_cost(home: Path, tmp_path: Path) -> None:

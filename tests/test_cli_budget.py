@@ -64,6 +64,9 @@ def test_budget_set_refuses_a_bad_limit(tmp_path: Path) -> None:
     _charge(db, "global/day", 1, 1)
     bad = run_cli(tmp_path, "budget", "set", "global/day", "--limit", "-3", "--db", str(db))
     assert bad.returncode == 2 and "dollars" in bad.stderr and "Traceback" not in bad.stderr
+    # a limit past the largest a store counts exactly: the message says what the most is
+    big = run_cli(tmp_path, "budget", "set", "global/day", "--limit", "10000000", "--db", str(db))
+    assert big.returncode == 2 and "at most $9,007,199" in big.stderr, big.stderr
     for command in (["set", " ", "--limit", "5"], ["reset", ""]):
         empty = run_cli(tmp_path, "budget", *command, "--db", str(db))
         assert empty.returncode == 2 and "expected a budget" in empty.stderr

@@ -238,3 +238,39 @@ def test_the_top_level_help_names_whatif() -> None:
     commands = " ".join(out.getvalue().split())
     routing = commands.split(" routing ", 1)[1].split(" breaker ", 1)[0]
     assert "what-if" in routing, routing
+
+
+SECRET = "Zq8-not-for-your-eyes"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        # a password option of the drivers, under a name of their own
+        ("telemetry", "summary", "--db", f"redis://127.0.0.1:1/0?ssl_password={SECRET}"),
+        ("breaker", "status", "--db", f"redis://127.0.0.1:1/0?ssl_password={SECRET}&x=1"),
+        # a password option misspelt (refused by name before any connection)
+        ("breaker", "status", "--db", f"redis://127.0.0.1:1/0?pasword={SECRET}"),
+        ("budget", "status", "--db", f"redis://127.0.0.1:1/0?passwrd={SECRET}"),
+    ],
+)
+def test_a_secret_option_of_a_url_is_never_printed(tmp_path: Path, args: tuple[str, ...]) -> None:
+    for json_flag in ((), ("--json",)):
+        result = run_cli(tmp_path, *args, *json_flag)
+        assert result.returncode == 1, result
+        assert "***" in result.stderr, result.stderr
+        assert SECRET not in result.stdout + result.stderr, result
+
+
+def test_config_show_prints_no_secret_option_of_a_url(tmp_path: Path) -> None:
+    (tmp_path / "empathy.toml").write_text(
+        f'telemetry = "postgresql://app@db/calls?sslpassword={SECRET}&sslmode=require"\n'
+        f'state = "redis://cache:6379/0?ssl_password={SECRET}"\n'
+        "[providers.openai]\n"
+        f'base_url = "https://example.openai.azure.com/openai/v1?api-key={SECRET}"\n'
+        'api_key = "placeholder"\n'
+    )
+    for json_flag in ((), ("--json",)):
+        result = run_cli(tmp_path, "config", "show", *json_flag, cwd=tmp_path)
+        assert "sslpassword=***" in result.stdout, result
+        assert SECRET not in result.stdout + result.stderr, result

@@ -33,9 +33,10 @@ enormous integer by its size, a long repr cut).
 from __future__ import annotations
 
 import importlib
+from difflib import get_close_matches
 from importlib.metadata import entry_points
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from .._fast import gc_paused
 from .._urls import url_flaw, userinfo_end
@@ -81,9 +82,27 @@ _KNOWN_PLUGINS: dict[str, str] = {
 }
 
 
-_SECRET_PARAMS = frozenset(
-    {"password", "passwd", "pwd", "secret", "token", "access_token", "api_key", "apikey", "key"}
-)
+_SECRET_WORDS = ("password", "passwd", "pwd", "secret", "token", "key", "auth", "credential")
+"""
+A query option whose name holds one of these, in any case, may hold a secret: the
+drivers' own (``password``, ``sslpassword``, ``ssl_password``) and a gateway's
+(``api-key``, ``client_secret``, ``access_token``), as a header's name may.
+"""
+
+
+def _secret_param(name: str) -> bool:
+    """
+    Whether the query option ``name`` may hold a secret: its name (percent-decoded)
+    holds one of `_SECRET_WORDS`, is ``sig`` (a signed URL's signature), or is a
+    misspelling of one of them (``pasword=``, ``passwrd=``: refused as unknown options,
+    but what follows is the password all the same).
+    """
+    lowered = unquote_plus(name).lower()
+    return (
+        lowered == "sig"
+        or any(word in lowered for word in _SECRET_WORDS)
+        or bool(get_close_matches(lowered, _SECRET_WORDS, n=1, cutoff=0.8))
+    )
 
 
 def redact_url(url: str) -> str:
@@ -91,7 +110,8 @@ def redact_url(url: str) -> str:
     Return ``url`` safe to log or show.
 
     A password in the authority part and the value of secret-looking query parameters
-    (``password=``, ``token=``, ``api_key=``...) are replaced by ``***``; a password
+    (``password=``, ``sslpassword=``, ``token=``, ``api-key=``, a misspelt ``pasword=``:
+    `_secret_param`) are replaced by ``***``; a password
     holding an unencoded '/', '?', '#' or '@' is masked whole (the userinfo runs to
     the last '@' a host follows).  A string without ``scheme://`` that holds an ``@``
     has everything before the last ``@`` masked, since it may be ``user:password``.
@@ -112,9 +132,7 @@ def redact_url(url: str) -> str:
     changed = userinfo.endswith(":***@")
     if parts.query:
         query = "&".join(
-            f"{name}=***"
-            if (name := pair.split("=", 1)[0]).lower() in _SECRET_PARAMS and "=" in pair
-            else pair
+            f"{name}=***" if "=" in pair and _secret_param(name := pair.split("=", 1)[0]) else pair
             for pair in parts.query.split("&")
         )
         changed = changed or query != parts.query

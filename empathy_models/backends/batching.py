@@ -469,8 +469,10 @@ class _Batcher:
                         return
                     await writer.pause()
         finally:
-            # wake every waiter so none can hang on a stopped flusher
-            self._ledger.progress.set()
+            # wake every waiter so none can hang on a stopped flusher, and arm a new
+            # event: a flush that restarts the flusher waits on it (a set one would
+            # let that flush spin without ever yielding to the flusher it started)
+            self._ledger.signal_progress()
             self._space.set()
 
     async def _drain(self) -> bool:

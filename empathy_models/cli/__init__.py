@@ -161,8 +161,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``--json``, an error is also printed on stdout as ``{"error": {"type", "message",
     "exit_code", ...}}`` (a routing no-match adds ``workflow``, ``stage`` and the
     ``reasons`` of every candidate).  A command group without a subcommand, or no
-    command at all, prints its help.
+    command at all, prints its help.  Ctrl-C anywhere in here, also while the
+    commands' modules load, prints ``empathy-models: interrupted`` and returns 130.
     """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("empathy-models: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """`main` but for Ctrl-C, which reaches its caller."""
     parser = build_parser()
     words = list(sys.argv[1:] if argv is None else argv)
     bad = _not_utf8(words)
@@ -200,9 +210,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "json", False):
             emit_json(_error_json(exc, code))
         return code
-    except KeyboardInterrupt:
-        print("empathy-models: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # the reader went away (`| head`): not an error worth a traceback
         _discard_stdout()

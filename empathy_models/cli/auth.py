@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -325,7 +326,8 @@ def cmd_auth_reset(args: argparse.Namespace) -> int:
         return 0
     print(f"Removed {printable(str(file))}")
     print(f"Backup: {printable(str(backup))}")
-    print("Undo with: empathy-models auth restore" + (f" --file {file}" if args.file else ""))
+    again = f" --file {printable(shlex.quote(str(file)))}" if args.file else ""
+    print(f"Undo with: empathy-models auth restore{again}")
     return 0
 
 

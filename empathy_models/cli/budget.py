@@ -34,8 +34,13 @@ def _dollars(text: str) -> float:
         value = float(text.strip().lstrip("$"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of dollars, got {text!r}") from None
-    if not math.isfinite(value) or value < 0 or value * NANO > 2**53:
+    if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a number of dollars >= 0, got {text!r}")
+    if value * NANO > 2**53:  # the most a store counts exactly in nano-dollars
+        raise argparse.ArgumentTypeError(
+            f"expected at most ${math.floor(2**53 / NANO):,} (the largest budget a store "
+            f"counts exactly), got {text!r}"
+        )
     return value
 
 
