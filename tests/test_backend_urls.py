@@ -193,6 +193,15 @@ def test_credentials_stay_out_of_option_errors() -> None:
         ),
         ("postgresql://app@db:5432/calls", "postgresql://app@db:5432/calls"),
         ("sqlite:///data/team@work/calls.db", "sqlite:///data/team@work/calls.db"),
+        # options named like a secret whose values are none: shown
+        (
+            "redis://cache/0?key_ttl=60&ssl_keyfile=/tls/k.pem&ssl_password=p",
+            "redis://cache/0?key_ttl=60&ssl_keyfile=/tls/k.pem&ssl_password=***",
+        ),
+        (
+            "postgresql://db/c?sslkey=/tls/k&sslpassword=p",
+            "postgresql://db/c?sslkey=/tls/k&sslpassword=***",
+        ),
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:

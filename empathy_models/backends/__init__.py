@@ -90,14 +90,21 @@ drivers' own (``password``, ``sslpassword``, ``ssl_password``) and a gateway's
 """
 
 
+_NOT_SECRET = frozenset({"key_ttl", "ssl_keyfile", "sslkey", "sslcert", "ssl_certfile"})
+"""Options whose names hold a `_SECRET_WORDS` word but whose values are no secret: the
+Redis stores' key lifetime, and paths to a TLS key or certificate file."""
+
+
 def _secret_param(name: str) -> bool:
     """
     Whether the query option ``name`` may hold a secret: its name (percent-decoded)
-    holds one of `_SECRET_WORDS`, is ``sig`` (a signed URL's signature), or is a
-    misspelling of one of them (``pasword=``, ``passwrd=``: refused as unknown options,
-    but what follows is the password all the same).
+    holds one of `_SECRET_WORDS` (but for `_NOT_SECRET`'s), is ``sig`` (a signed URL's
+    signature), or is a misspelling of one of them (``pasword=``, ``passwrd=``: refused
+    as unknown options, but what follows is the password all the same).
     """
     lowered = unquote_plus(name).lower()
+    if lowered in _NOT_SECRET:
+        return False
     return (
         lowered == "sig"
         or any(word in lowered for word in _SECRET_WORDS)
