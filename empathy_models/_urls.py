@@ -1,7 +1,8 @@
 """
 URLs that may hold credentials, for messages: where a URL's userinfo ends
-(`userinfo_end`), and what is wrong with a URL `urllib.parse` refused (`url_flaw`),
-said without quoting the URL.
+(`userinfo_end`), which query options may hold a secret (`secret_param`, `masked_query`),
+and what is wrong with a URL `urllib.parse` refused (`url_flaw`), said without quoting
+the URL.
 
 A leaf: imports nothing from the package.
 """
@@ -9,9 +10,11 @@ A leaf: imports nothing from the package.
 from __future__ import annotations
 
 import re
+from difflib import get_close_matches
 from typing import Final
+from urllib.parse import unquote_plus
 
-__all__ = ["url_flaw", "userinfo_end"]
+__all__ = ["masked_query", "secret_param", "url_flaw", "userinfo_end"]
 
 # what may follow the '@' that ends a userinfo, up to the next '/', '?' or '#': a host
 # (a name, an address, a bracketed IPv6 address, a comma-separated list of them) and a
@@ -21,6 +24,45 @@ _HOST: Final = rf"{_NAME}(?::[0-9]*)?"
 _HOST_PORT: Final = re.compile(rf"{_HOST}(?:,{_HOST})*")
 # the same with a port given (on one of its hosts at least)
 _PORTED: Final = re.compile(rf"(?:{_HOST},)*{_NAME}:[0-9]+(?:,{_HOST})*")
+
+
+SECRET_WORDS: Final = ("password", "passwd", "pwd", "secret", "token", "key", "auth", "credential")
+"""
+A query option whose name holds one of these, in any case, may hold a secret: the
+drivers' own (``password``, ``sslpassword``, ``ssl_password``) and a gateway's
+(``api-key``, ``client_secret``, ``access_token``), as a header's name may.
+"""
+
+
+NOT_SECRET: Final = frozenset({"key_ttl", "ssl_keyfile", "sslkey", "sslcert", "ssl_certfile"})
+"""Options whose names hold a `SECRET_WORDS` word but whose values are no secret: the
+Redis stores' key lifetime, and paths to a TLS key or certificate file."""
+
+
+def secret_param(name: str) -> bool:
+    """
+    Whether the query option ``name`` may hold a secret: its name (percent-decoded)
+    holds one of `SECRET_WORDS` (but for `NOT_SECRET`'s), is ``sig`` (a signed URL's
+    signature), or is a misspelling of one of them (``pasword=``, ``passwrd=``: refused
+    as unknown options, but what follows is the password all the same).
+    """
+    lowered = unquote_plus(name).lower()
+    if lowered in NOT_SECRET:
+        return False
+    return (
+        lowered == "sig"
+        or any(word in lowered for word in SECRET_WORDS)
+        or bool(get_close_matches(lowered, SECRET_WORDS, n=1, cutoff=0.8))
+    )
+
+
+def masked_query(query: str) -> str:
+    """A URL's ``query`` with the value of every option that may hold a secret
+    (`secret_param`) shown ``***``."""
+    return "&".join(
+        f"{name}=***" if "=" in pair and secret_param(name := pair.split("=", 1)[0]) else pair
+        for pair in query.split("&")
+    )
 
 
 def _delimiter(text: str, start: int = 0) -> int:

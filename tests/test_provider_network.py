@@ -389,6 +389,19 @@ def test_secret_looking_header_values_stay_out_of_reprs_and_errors() -> None:
     assert "value-secret" not in str(info.value)
 
 
+def test_a_secret_in_the_base_urls_query_stays_out_of_reprs_and_errors() -> None:
+    # a gateway that takes its key in the query (?api-key=, ?key=, ?sig=)
+    provider = OpenAIProvider(
+        name="gw", base_url="http://gateway.internal/v1?api-key=qs-very-secret&team=a", api_key="k"
+    )
+    assert repr(provider) == (
+        "OpenAIProvider(name='gw', base_url='http://gateway.internal/v1?api-key=***&team=a')"
+    )
+    with pytest.raises(ConfigurationError) as info:
+        OpenAIProvider(api_key="k", base_url="http://gateway.internal:port/v1?sig=qs-very-secret")
+    assert "qs-very-secret" not in str(info.value) and "sig=***" in str(info.value)
+
+
 @pytest.mark.parametrize("headers", [{"": "x"}, {"a:b": "x"}, {"X": 3}])
 def test_malformed_headers_are_refused(headers: Any) -> None:
     with pytest.raises(ConfigurationError, match="header"):

@@ -33,13 +33,12 @@ enormous integer by its size, a long repr cut).
 from __future__ import annotations
 
 import importlib
-from difflib import get_close_matches
 from importlib.metadata import entry_points
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from .._fast import gc_paused
-from .._urls import url_flaw, userinfo_end
+from .._urls import masked_query, url_flaw, userinfo_end
 from .._validators import shown
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
@@ -82,43 +81,13 @@ _KNOWN_PLUGINS: dict[str, str] = {
 }
 
 
-_SECRET_WORDS = ("password", "passwd", "pwd", "secret", "token", "key", "auth", "credential")
-"""
-A query option whose name holds one of these, in any case, may hold a secret: the
-drivers' own (``password``, ``sslpassword``, ``ssl_password``) and a gateway's
-(``api-key``, ``client_secret``, ``access_token``), as a header's name may.
-"""
-
-
-_NOT_SECRET = frozenset({"key_ttl", "ssl_keyfile", "sslkey", "sslcert", "ssl_certfile"})
-"""Options whose names hold a `_SECRET_WORDS` word but whose values are no secret: the
-Redis stores' key lifetime, and paths to a TLS key or certificate file."""
-
-
-def _secret_param(name: str) -> bool:
-    """
-    Whether the query option ``name`` may hold a secret: its name (percent-decoded)
-    holds one of `_SECRET_WORDS` (but for `_NOT_SECRET`'s), is ``sig`` (a signed URL's
-    signature), or is a misspelling of one of them (``pasword=``, ``passwrd=``: refused
-    as unknown options, but what follows is the password all the same).
-    """
-    lowered = unquote_plus(name).lower()
-    if lowered in _NOT_SECRET:
-        return False
-    return (
-        lowered == "sig"
-        or any(word in lowered for word in _SECRET_WORDS)
-        or bool(get_close_matches(lowered, _SECRET_WORDS, n=1, cutoff=0.8))
-    )
-
-
 def redact_url(url: str) -> str:
     """
     Return ``url`` safe to log or show.
 
     A password in the authority part and the value of secret-looking query parameters
     (``password=``, ``sslpassword=``, ``token=``, ``api-key=``, a misspelt ``pasword=``:
-    `_secret_param`) are replaced by ``***``; a password
+    `_urls.secret_param`) are replaced by ``***``; a password
     holding an unencoded '/', '?', '#' or '@' is masked whole (the userinfo runs to
     the last '@' a host follows).  A string without ``scheme://`` that holds an ``@``
     has everything before the last ``@`` masked, since it may be ``user:password``.
@@ -138,10 +107,7 @@ def redact_url(url: str) -> str:
         return "<unparseable url>"
     changed = userinfo.endswith(":***@")
     if parts.query:
-        query = "&".join(
-            f"{name}=***" if "=" in pair and _secret_param(name := pair.split("=", 1)[0]) else pair
-            for pair in parts.query.split("&")
-        )
+        query = masked_query(parts.query)
         changed = changed or query != parts.query
         parts = parts._replace(query=query)
     if not changed:

@@ -449,7 +449,7 @@ class HTTPProvider(Provider):
         return base_url
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, base_url={self.base_url!r})"
+        return f"{type(self).__name__}(name={self.name!r}, base_url={masked_url(self.base_url)!r})"
 
     @property
     def has_api_key(self) -> bool:

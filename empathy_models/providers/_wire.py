@@ -21,7 +21,7 @@ from typing import Any, Final, NoReturn
 from urllib.parse import quote, quote_plus
 
 from .._text import utf8_size
-from .._urls import userinfo_end
+from .._urls import masked_query, userinfo_end
 from ..exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -445,18 +445,22 @@ def masked_url(url: str) -> str:
     """
     ``url`` for a message: a ``user:password@`` before its host shown ``user:***@``, a
     lone ``user@`` (it may be a token) ``***@``; a password holding an unencoded '/',
-    '?', '#' or '@' is masked whole (`userinfo_end`).  Needs no parsing, so an
-    unparseable URL is masked too.
+    '?', '#' or '@' is masked whole (`userinfo_end`); the value of a query option that
+    may hold a secret (``?api-key=``: `masked_query`) shown ``***``.  Needs no parsing,
+    so an unparseable URL is masked too.
     """
     head, sep, rest = url.partition("://")
     if not sep:
         head, rest = "", url
     at = userinfo_end(rest)
-    if at < 0:
-        return url
-    user, colon, _ = rest[:at].partition(":")
-    shown_userinfo = f"{user}:***" if colon else "***"
-    return f"{head}{sep}{shown_userinfo}{rest[at:]}"
+    if at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        rest = (f"{user}:***" if colon else "***") + rest[at:]
+    before, question, query = rest.partition("?")
+    if question:
+        query, hash_, fragment = query.partition("#")
+        rest = f"{before}?{masked_query(query)}{hash_}{fragment}"
+    return f"{head}{sep}{rest}"
 
 
 def _without_request(exc: BaseException) -> BaseException:
