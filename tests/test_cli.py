@@ -502,6 +502,15 @@ def test_telemetry_export_onto_an_existing_file_makes_it_private(
     assert len(target.read_text().splitlines()) == _RECORDS + 1
 
 
+def test_telemetry_export_to_dash_writes_to_stdout(home: Path, db: Path, tmp_path: Path) -> None:
+    args = ("telemetry", "export", "--format", "jsonl", "--db", str(db), "-o", "-")
+    assert len(ok(cli(home, *args, cwd=tmp_path)).splitlines()) == _RECORDS
+    assert not (tmp_path / "-").exists()
+    odd = tmp_path / "calls\nexport.csv"  # a path is shown quoted when it needs it
+    result = cli(home, "telemetry", "export", "--format", "csv", "--db", str(db), "-o", str(odd))
+    assert f"to {str(odd)!r}" in result.stderr
+
+
 # --------------------------------------------------------------------------- routing
 
 

@@ -89,7 +89,9 @@ def register(subparsers: SubParsers) -> None:
     )
     add_common(export, json_flag=False)
     export.add_argument("--format", choices=("csv", "jsonl"), required=True, help="output format")
-    export.add_argument("--output", "-o", type=Path, default=None, help="file (default: stdout)")
+    export.add_argument(
+        "--output", "-o", type=Path, default=None, help="file (default, or '-': stdout)"
+    )
     export.add_argument("--workflow", type=typed_name, help=f"only this workflow{_NAME_HELP}")
     export.add_argument("--stage", type=typed_name, help=f"only this stage{_NAME_HELP}")
     export.add_argument("--days", type=_days, default=None, help="only the last N days")
@@ -281,7 +283,7 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
             )
 
     records = list(reversed(run_async(body)))
-    if args.output is None:
+    if args.output is None or str(args.output) == "-":  # ("./-" names a file)
         _write(records, args.format, sys.stdout)
         return 0
     try:
@@ -290,6 +292,6 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
             _make_private(fd)
             _write(records, args.format, out)
     except OSError as exc:
-        raise CliError(f"cannot write {args.output}: {exc.strerror}") from exc
-    print(f"Wrote {len(records)} record(s) to {args.output}", file=sys.stderr)
+        raise CliError(f"cannot write {shown_name(str(args.output))}: {exc.strerror}") from exc
+    print(f"Wrote {len(records)} record(s) to {shown_name(str(args.output))}", file=sys.stderr)
     return 0
