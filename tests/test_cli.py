@@ -256,6 +256,13 @@ def test_a_missing_database_is_a_clear_error(home: Path, args: tuple[str, ...]) 
     assert not (home / "empathy.db").exists()  # a read never creates the file
 
 
+@pytest.mark.parametrize("db", ["", "  "])
+def test_an_empty_db_option_is_refused_as_such(home: Path, tmp_path: Path, db: str) -> None:
+    result = cli(home, "telemetry", "summary", "--db", db, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--db is empty" in result.stderr and "directory" not in result.stderr
+
+
 @pytest.mark.parametrize("args", [("telemetry", "summary"), ("breaker", "status")])
 def test_a_corrupt_database_is_a_clear_error(tmp_path: Path, args: tuple[str, ...]) -> None:
     bad = tmp_path / "bad.db"

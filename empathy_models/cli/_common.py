@@ -231,6 +231,8 @@ def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry
     database (new and empty), raises `CliError` (so a read command never creates an
     empty database behind the user's back).
     """
+    if value is not None and not value.strip():
+        raise CliError("--db is empty: pass a database file or a backend URL", 2)
     raw = value if value is not None else configured_url(kind)
     if "://" in raw:
         url = raw

@@ -292,6 +292,6 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
             _make_private(fd)
             _write(records, args.format, out)
     except OSError as exc:
-        raise CliError(f"cannot write {shown_name(str(args.output))}: {exc.strerror}") from exc
+        raise CliError(f"cannot write {args.output}: {exc.strerror}") from exc
     print(f"Wrote {len(records)} record(s) to {shown_name(str(args.output))}", file=sys.stderr)
     return 0
