@@ -163,6 +163,21 @@ def test_json_usage_errors_are_json_objects_too(capsys: pytest.CaptureFixture[st
     assert code == 2 and out == "" and "must be > 0" in err
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("routing", "best", "docs", "write", "--max-cost", "inf"),
+        ("routing", "best", "docs", "write", "--max-latency-ms", "Infinity"),
+        ("routing", "stats", "--days", "inf"),
+    ],
+)
+def test_an_infinite_number_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], args: tuple[str, ...]
+) -> None:
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "expected a finite number" in err
+
+
 def test_routing_best_no_match_json_has_every_reason_and_prints_it_once(
     capsys: pytest.CaptureFixture[str], db: Path
 ) -> None:

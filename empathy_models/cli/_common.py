@@ -73,8 +73,8 @@ def number_arg(
     too_big: str = "",
 ) -> Callable[[str], Any]:
     """
-    An argparse ``type=`` that parses ``kind`` and checks its range, so a bad value is a
-    usage error (exit 2) naming the value, never a traceback.  ``strict`` makes the
+    An argparse ``type=`` that parses ``kind`` and checks its range (a float finite), so
+    a bad value is a usage error (exit 2) naming the value, never a traceback.  ``strict`` makes the
     minimum exclusive; ``maximum`` is inclusive (``too_big`` adds a hint to its message).
     """
 
@@ -83,6 +83,8 @@ def number_arg(
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value in (math.inf, -math.inf):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
         if strict and not value > minimum:
             raise argparse.ArgumentTypeError(f"must be > {minimum:g}, got {text}")
         if not strict and not value >= minimum:
