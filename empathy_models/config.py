@@ -105,6 +105,11 @@ def find_config_file(cwd: Path | None = None) -> tuple[Path | None, str]:
     named = os.environ.get("EMPATHY_CONFIG", "").strip()
     if named:
         path = _expand_home(named, "EMPATHY_CONFIG")
+        if path.is_dir():
+            raise ConfigurationError(
+                f"EMPATHY_CONFIG={named!r} is a directory: name the file "
+                f"(e.g. {str(path / CONFIG_FILE_NAME)!r})"
+            )
         if not path.is_file():
             raise ConfigurationError(f"EMPATHY_CONFIG={named!r}: no such file")
         return path.absolute(), "EMPATHY_CONFIG"

@@ -258,6 +258,9 @@ def test_the_file_is_found_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("EMPATHY_CONFIG", str(tmp_path / "missing.toml"))
     with pytest.raises(ConfigurationError, match=r"EMPATHY_CONFIG=.*missing\.toml"):
         find_config_file()
+    monkeypatch.setenv("EMPATHY_CONFIG", str(work))  # a directory: said so
+    with pytest.raises(ConfigurationError, match=r"is a directory: name the file .*empathy\.toml"):
+        find_config_file()
 
 
 @pytest.mark.parametrize(
