@@ -99,6 +99,7 @@ from .exceptions import ConfigurationError
 from .records import LLMCallRecord
 from .registry import ModelRegistry
 from .routing.policy import RoutingPolicy
+from .routing.reports import named
 
 __all__ = [
     "IPWEstimate",
@@ -503,8 +504,8 @@ def _notes(simulation: _Simulation) -> list[str]:
     fits = simulation.fits
     names = simulation.question.candidates
     notes: list[str] = [
-        f"{m}: no calls in the window: its success rate is unknown (drawn from 0..1 in "
-        "the simulation), its tokens and latency taken from the stage's other models"
+        f"{named(m)}: no calls in the window: its success rate is unknown (drawn from 0..1 "
+        "in the simulation), its tokens and latency taken from the stage's other models"
         for m in names
         if not fits[m].known
     ]
@@ -517,13 +518,16 @@ def _notes(simulation: _Simulation) -> list[str]:
         f = fits[m]
         if not f.known and not f.in_registry:
             notes.append(
-                f"{m}: not in the model registry either: no price, so its simulated calls "
+                f"{named(m)}: not in the model registry either: no price, so its simulated "
+                "calls "
                 "cost $0 (a typo? pass the registry that lists it)"
             )
         elif f.known and not f.in_registry:
-            notes.append(f"{m}: not in the model registry: the router cannot choose it")
+            notes.append(f"{named(m)}: not in the model registry: the router cannot choose it")
         elif f.known and f.samples < 30:
-            notes.append(f"{m}: only {f.samples} calls in the window: its figures are uncertain")
+            notes.append(
+                f"{named(m)}: only {f.samples} calls in the window: its figures are uncertain"
+            )
     notes.extend(_tail_notes(simulation.evidence))
     return notes
 
@@ -608,7 +612,7 @@ def _tail_notes(evidence: StageEvidence) -> list[str]:
         ):
             if recorded is not None and fitted is not None and recorded > _HEAVY_TAIL * fitted:
                 notes.append(
-                    f"{f.model}: its recorded p95 {what} ({_ms(recorded)} ms) is "
+                    f"{named(f.model)}: its recorded p95 {what} ({_ms(recorded)} ms) is "
                     f"{_times(recorded, fitted)} its log-normal fit's ({_ms(fitted)} ms): a "
                     "heavier tail than the fit, which the simulated p95 and the router's "
                     f"max_{'latency' if what == 'latency' else 'ttft'}_ms verdicts (judged "

@@ -159,6 +159,18 @@ async def test_a_candidate_neither_registered_nor_recorded_is_noted_as_unpriced(
     assert "no price" in note and "$0" in note
 
 
+async def test_a_note_quotes_a_model_name_that_could_be_misread(tmp_path: Path) -> None:
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
+        await backend.record_many(history(1, 500))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    odd = "new\nmodel"
+    report = await simulate_policy(
+        evidence, registry=REGISTRY, candidates=["oracle", odd], requests=50, replicates=2
+    )
+    notes = [n for n in report.notes if "registry" in n]
+    assert notes and all(n.startswith(f"{odd!r}: ") for n in notes)
+
+
 async def test_the_share_of_requests_no_model_would_qualify_for(tmp_path: Path) -> None:
     async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
         await backend.record_many(history(2, 2_000))

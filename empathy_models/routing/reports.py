@@ -16,7 +16,14 @@ from attrs import field, frozen
 from ..records import ModelPerformance, ModelTier
 from .stats import wilson_bounds
 
-__all__ = ["ModelStats", "RecentOutcomes", "RoutingStats", "TierRecommendation", "recommend"]
+__all__ = [
+    "ModelStats",
+    "RecentOutcomes",
+    "RoutingStats",
+    "TierRecommendation",
+    "named",
+    "recommend",
+]
 
 TIER_ORDER: Final = (ModelTier.CHEAP, ModelTier.CAPABLE, ModelTier.PREMIUM)
 
@@ -211,7 +218,7 @@ def recommend(
         if tier is not None:
             tiers.add(tier)
     current = tuple(t for t in TIER_ORDER if t in tiers)
-    where = f"{_named(workflow)}/{_named(stage) if stage is not None else '*'}"
+    where = f"{named(workflow)}/{named(stage) if stage is not None else '*'}"
     common: dict[str, Any] = {
         "workflow": workflow,
         "stage": stage,
@@ -253,7 +260,7 @@ def recommend(
         should_upgrade=suggested is not None,
         reason=(
             f"High failure rate for {where}: {rate:.1%} ({failures}/{n} failed in recent "
-            f"calls; worst model {_named(worst)}){tail}"
+            f"calls; worst model {named(worst)}){tail}"
         ),
         failure_rate=rate,
         suggested_tier=suggested,
@@ -261,7 +268,7 @@ def recommend(
     )
 
 
-def _named(name: str) -> str:
+def named(name: str) -> str:
     """
     A workflow, stage or model as a reason names it: as it is when that cannot be
     misread, else quoted as ``repr`` quotes it (a line break, a space at either end, a
