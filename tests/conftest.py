@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from empathy_models.testing.clock import FakeClock
+
+from ._namespaces import drop_namespace, private_url
 
 
 @pytest.fixture(autouse=True)
@@ -21,3 +25,24 @@ def empathy_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def fake_clock() -> FakeClock:
     """A `FakeClock` at 2026-01-01T00:00:00Z that moves only when the test moves it."""
     return FakeClock()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[Callable[[], str | None]]:
+    """
+    ``make()``: a URL of the server ``EMPATHY_TEST_POSTGRES_DSN`` names, narrowed to a
+    schema of this test's own (each call a new one, all dropped afterwards), or ``None``
+    when the variable is not set.
+    """
+    made: list[str] = []
+
+    def make() -> str | None:
+        dsn = os.environ.get("EMPATHY_TEST_POSTGRES_DSN")
+        if not dsn:
+            return None
+        made.append(private_url(dsn))
+        return made[-1]
+
+    yield make
+    for url in made:
+        drop_namespace(url)

@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import pickle
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -552,7 +550,7 @@ async def test_a_failing_quota_store_degrades_to_local_limits(
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
 async def test_a_store_drops_a_budget_window_a_week_after_it_ended(
-    kind: str, tmp_path: Path
+    kind: str, tmp_path: Path, private_postgres: Callable[[], str | None]
 ) -> None:
     # (Redis expires a window a week after it ended, on its own clock)
     first = 1_800_000_000.0
@@ -561,11 +559,7 @@ async def test_a_store_drops_a_budget_window_a_week_after_it_ended(
     elif kind == "sqlite":
         store = SQLiteQuotaStore(tmp_path / "q.db")
     else:
-        dsn = os.environ.get("EMPATHY_TEST_POSTGRES_DSN")
-        if not dsn:
-            pytest.skip("EMPATHY_TEST_POSTGRES_DSN is not set")
-        sep = "&" if "?" in dsn else "?"
-        store = quota_store_from_url(f"{dsn}{sep}table_prefix=q{uuid.uuid4().hex[:12]}_")
+        store = _quota_store(kind, tmp_path, private_postgres)
     width, count = 1800, 1000  # half-hour windows for about three weeks
     async with store:
         for i in range(count):
@@ -586,26 +580,27 @@ async def test_a_store_drops_a_budget_window_a_week_after_it_ended(
     assert len(starts) <= WINDOW_RETENTION / width + 3
 
 
-def _quota_store(kind: str, tmp_path: Path) -> Any:
+def _quota_store(kind: str, tmp_path: Path, private_postgres: Callable[[], str | None]) -> Any:
     if kind == "memory":
         return MemoryQuotaStore()
     if kind == "sqlite":
         return SQLiteQuotaStore(tmp_path / "q.db")
-    dsn = os.environ.get("EMPATHY_TEST_POSTGRES_DSN")
-    if not dsn:
+    url = private_postgres()  # a schema of this test's own, dropped afterwards
+    if url is None:
         pytest.skip("EMPATHY_TEST_POSTGRES_DSN is not set")
-    sep = "&" if "?" in dsn else "?"
-    return quota_store_from_url(f"{dsn}{sep}table_prefix=q{uuid.uuid4().hex[:12]}_")
+    return quota_store_from_url(url)
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
-async def test_a_monthly_window_goes_a_week_after_it_ended(kind: str, tmp_path: Path) -> None:
+async def test_a_monthly_window_goes_a_week_after_it_ended(
+    kind: str, tmp_path: Path, private_postgres: Callable[[], str | None]
+) -> None:
     # monthly windows only: the newest window start written is this month's first day,
     # yet last month's windows, which ended more than a week ago, must go
     day = 86_400.0
     now = time.time()
     this_month = now - 8 * day  # began 8 days ago: last month's ended then
-    async with _quota_store(kind, tmp_path) as store:
+    async with _quota_store(kind, tmp_path, private_postgres) as store:
         for u in range(20):
             await store.reserve(
                 f"user_id=u{u}/month",

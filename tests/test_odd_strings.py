@@ -7,8 +7,7 @@ a record's text as given or made it safe.
 
 from __future__ import annotations
 
-import os
-import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,14 +23,13 @@ SURROGATE = "caf\udce9"
 NUL = "n\x00ul"
 
 
-def _urls(tmp_path: Path) -> list[str]:
-    # every backend at hand: PostgreSQL when EMPATHY_TEST_POSTGRES_DSN names one (tables
-    # of this test's own)
+def _urls(tmp_path: Path, private_postgres: Callable[[], str | None]) -> list[str]:
+    # every backend at hand: PostgreSQL when EMPATHY_TEST_POSTGRES_DSN names one (a
+    # schema of this test's own, dropped afterwards)
     urls = ["memory://", f"sqlite:///{tmp_path}/calls.db"]
-    dsn = os.environ.get("EMPATHY_TEST_POSTGRES_DSN")
-    if dsn:
-        sep = "&" if "?" in dsn else "?"
-        urls.append(f"{dsn}{sep}table_prefix=odd_{uuid.uuid4().hex[:12]}_")
+    postgres = private_postgres()
+    if postgres is not None:
+        urls.append(postgres)
     return urls
 
 
@@ -71,9 +69,13 @@ RECORDS = [
     ],
 )
 async def test_a_filter_on_unstorable_text_finds_the_records_written_with_it(
-    tmp_path: Path, field: str, value: str, expected: set[str]
+    tmp_path: Path,
+    private_postgres: Callable[[], str | None],
+    field: str,
+    value: str,
+    expected: set[str],
 ) -> None:
-    for url in _urls(tmp_path):
+    for url in _urls(tmp_path, private_postgres):
         async with telemetry_from_url(url) as backend:
             await backend.record_many(RECORDS)
             await backend.flush()
@@ -90,8 +92,10 @@ async def test_a_filter_on_unstorable_text_finds_the_records_written_with_it(
             assert sum(p.sample_size for p in perf) == len(expected), url
 
 
-async def test_a_limit_past_64_bits_reads_every_record(tmp_path: Path) -> None:
-    for url in _urls(tmp_path):
+async def test_a_limit_past_64_bits_reads_every_record(
+    tmp_path: Path, private_postgres: Callable[[], str | None]
+) -> None:
+    for url in _urls(tmp_path, private_postgres):
         async with telemetry_from_url(url) as backend:
             await backend.record_many(RECORDS[:1])
             assert [r.call_id for r in await backend.recent(limit=2**64)] == ["c0"], url
