@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -730,3 +731,22 @@ def test_a_flush_after_the_flusher_was_cancelled_from_outside_writes_and_returns
         check=False,
     )
     assert (result.returncode, result.stdout) == (0, "1\n"), result.stderr
+
+
+async def test_a_flush_after_the_flusher_was_cancelled_in_the_middle_of_a_batch_writes_it() -> None:
+    # a flusher cancelled from outside while writing (as asyncio.run cancels every task
+    # at a second Ctrl-C) left its batch neither queued nor written: a flush (the one
+    # an executor's close makes) restarted the flusher and waited for it for ever
+    inner = GatedBackend()
+    inner.close_gate()
+    async with BatchingTelemetryBackend(inner, flush_interval=0.01) as batching:
+        await batching.record_many(_records(3))
+        await inner.entered.wait()  # the flusher is writing the batch
+        for task in asyncio.all_tasks():
+            if task.get_name().startswith("empathy-models telemetry flusher"):
+                task.cancel()
+        await asyncio.sleep(0)
+        inner.gate.set()
+        with anyio.fail_after(10):
+            await batching.flush()
+        assert sorted(r.call_id for r in await inner.recent()) == ["r0", "r1", "r2"]

@@ -6,11 +6,14 @@ The ``empathy-models`` CLI, run in this process (`tests._cli.run_cli`) with
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import shlex
+import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -76,6 +79,64 @@ def test_ctrl_c_while_the_commands_load_is_one_line_not_a_traceback(home: Path) 
         check=False,
     )
     assert (result.returncode, result.stderr) == (130, "empathy-models: interrupted\n")
+
+
+def _calls_written(db: Path) -> int:
+    """The calls the demo has committed to ``db`` so far (0 while it is being set up)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return int(conn.execute("SELECT count(*) FROM llm_calls").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def _interrupted_demo(home: Path, db: Path, gaps: tuple[float, ...]) -> tuple[int | None, str]:
+    """
+    ``empathy-models demo`` as users start it, sent a real SIGINT once it has written
+    calls, then one more after each of ``gaps`` seconds: its exit code (None: still
+    running 20 s later) and stderr.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "EMPATHY_CONFIG"}
+    env["EMPATHY_HOME"] = str(home)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "empathy_models", "demo", "--calls", "1000000", "--db", str(db)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while _calls_written(db) < 200 and child.poll() is None:
+            assert time.monotonic() < deadline, "the demo wrote no calls in 90 s"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        for gap in gaps:
+            time.sleep(gap)
+            child.send_signal(signal.SIGINT)
+        try:
+            _, err = child.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            return None, ""
+        return child.returncode, err
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+def test_ctrl_c_pressed_again_while_the_demo_closes_ends_it_with_one_line(
+    home: Path, tmp_path: Path
+) -> None:
+    # asyncio's handler raised KeyboardInterrupt at the second Ctrl-C wherever the loop
+    # was (a task's lost wake-up hung the process for ever, or a flusher cancelled in
+    # the middle of a batch hung the executor's close), printed tracebacks, or let the
+    # interpreter die of the signal while it exited (-2); each run below hit one of
+    # these about a time in four
+    gaps = [(0.02,), (0.01,), (0.03,), (0.01, 0.01, 0.01), (0.02,), (0.015,)]
+    ends = [_interrupted_demo(home, tmp_path / f"demo{i}.db", g) for i, g in enumerate(gaps)]
+    assert ends == [(130, "empathy-models: interrupted\n")] * len(gaps)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:

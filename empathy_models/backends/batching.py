@@ -469,6 +469,12 @@ class _Batcher:
                         return
                     await writer.pause()
         finally:
+            if self.inflight is not None:
+                # cancelled from outside in the middle of a batch: back to the head of
+                # the queue (the writes are idempotent), where a flush that restarts
+                # the flusher finds it; left in `inflight`, no flush could ever settle it
+                self.queue[:0] = self.inflight
+                self.inflight = None
             # wake every waiter so none can hang on a stopped flusher, and arm a new
             # event: a flush that restarts the flusher waits on it (a set one would
             # let that flush spin without ever yielding to the flusher it started)

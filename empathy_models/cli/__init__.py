@@ -19,7 +19,9 @@ import importlib
 import io
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, cast
 
@@ -162,13 +164,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     "exit_code", ...}}`` (a routing no-match adds ``workflow``, ``stage`` and the
     ``reasons`` of every candidate).  A command group without a subcommand, or no
     command at all, prints its help.  Ctrl-C anywhere in here, also while the
-    commands' modules load, prints ``empathy-models: interrupted`` and returns 130.
+    commands' modules load, prints ``empathy-models: interrupted`` and returns 130
+    (in a command's event loop, each Ctrl-C cancels the command, `run_async`; once it
+    has ended, further ones are ignored).
     """
     try:
         return _main(argv)
     except KeyboardInterrupt:
+        _ignore_interrupts()
         print("empathy-models: interrupted", file=sys.stderr)
         return 130
+
+
+def _ignore_interrupts() -> None:
+    """
+    After a Ctrl-C the process is ending: one more, while it exits (the telemetry exit
+    flush, the interpreter joining threads), must neither cut that short nor print a
+    traceback (from the main thread only: a caller's thread cannot set handlers).
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _main(argv: Sequence[str] | None) -> int:

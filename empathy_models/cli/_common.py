@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
 import json
 import logging
 import math
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import IO, Any, Protocol, TypeAlias, TypeVar
 from urllib.parse import quote, unquote, urlsplit
 
@@ -716,10 +719,83 @@ def stdin_is_terminal() -> bool:
 # --------------------------------------------------------------------------- async
 
 
+class _Interrupts:
+    """
+    Ctrl-C while `run_async` runs: each one cancels the task running the command, from
+    the event loop (``call_soon_threadsafe``), never in the middle of it.
+
+    asyncio's own handler raises KeyboardInterrupt at the second Ctrl-C wherever the
+    main thread is: inside the loop's machinery that can drop a task's wake-up, and
+    ``asyncio.run`` then waits for ever for that task; and it cancels every other task
+    (a telemetry flusher in the middle of a batch) under the command's own close.  Here
+    the first cancellation lets the command close what it opened (each close bounded),
+    a further one cuts the close short (the exit flush writes the telemetry left).
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._task: asyncio.Task[Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def install(self) -> bool:
+        """Take over SIGINT, when it is at Python's default in the main thread."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return False
+        signal.signal(signal.SIGINT, self._on_sigint)
+        return True
+
+    def uninstall(self) -> None:
+        """
+        Give SIGINT back; after a Ctrl-C, ignored from now on: the process is ending,
+        and one more must not cut its exit flush short or end it with a traceback.
+        """
+        signal.signal(signal.SIGINT, signal.SIG_IGN if self.count else signal.default_int_handler)
+
+    def attach(self) -> None:
+        """In the task running the command: the one each Ctrl-C cancels."""
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        if self.count and self._task is not None:
+            self._task.cancel()  # a Ctrl-C before the command started
+
+    def detach(self) -> None:
+        self._task = self._loop = None
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        task, loop = self._task, self._loop
+        if task is not None and loop is not None:
+            loop.call_soon_threadsafe(task.cancel)
+
+
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run ``fn()`` on a fresh asyncio event loop and return its result."""
+    """
+    Run ``fn()`` on a fresh asyncio event loop and return its result.
+
+    Raises:
+        KeyboardInterrupt: after a Ctrl-C (any number of them), once ``fn`` has ended.
+    """
+    interrupts = _Interrupts()
 
     async def body() -> T:
-        return await fn()
+        interrupts.attach()
+        try:
+            return await fn()
+        finally:
+            interrupts.detach()
 
-    return anyio.run(body, backend="asyncio")
+    if not interrupts.install():
+        return anyio.run(body, backend="asyncio")
+    try:
+        result = anyio.run(body, backend="asyncio")
+    except BaseException:
+        if interrupts.count:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        interrupts.uninstall()
+    if interrupts.count:
+        raise KeyboardInterrupt
+    return result
