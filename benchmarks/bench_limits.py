@@ -84,12 +84,16 @@ async def run(quick: bool = False) -> BenchResult:
     tmp = Path(tempfile.mkdtemp(prefix="empathy-bench-"))
     tag = uuid.uuid4().hex[:10]
     stores: dict[str, str] = {"memory": "memory://", "SQLite": f"sqlite:///{tmp / 'q.db'}"}
-    if peer_version("empathy-models-redis") and await _reachable(REDIS_URL):
-        stores["Redis"] = f"{REDIS_URL}?prefix=empathy-bench-{tag}:"
+    # each probed where it will be used (a probe opens the store, which creates its
+    # tables): under this run's prefix and in its schema, removed at the end
+    redis = f"{REDIS_URL}?prefix=empathy-bench-{tag}:"
+    if peer_version("empathy-models-redis") and await _reachable(redis):
+        stores["Redis"] = redis
     else:
         result.skipped["Redis"] = "Redis or empathy-models-redis unavailable"
-    if peer_version("empathy-models-postgres") and await _reachable(POSTGRES_DSN):
-        stores["PostgreSQL"] = f"{POSTGRES_DSN}?schema=empathy_bench_{tag}"
+    postgres = f"{POSTGRES_DSN}?schema=empathy_bench_{tag}"
+    if peer_version("empathy-models-postgres") and await _reachable(postgres):
+        stores["PostgreSQL"] = postgres
     else:
         result.skipped["PostgreSQL"] = "PostgreSQL or empathy-models-postgres unavailable"
 
