@@ -186,14 +186,14 @@ def _state_default(telemetry_url: str) -> str:
     (``batch`` and the write-behind's: ``max_queue``, ``flush_interval``...), which a
     state store refuses; the others (``busy_timeout``, ``schema``...) kept as written.
     """
-    from .backends.sqlite._url import TELEMETRY_ONLY
+    from .backends.batching import URL_OPTIONS
 
     try:
         query = urlsplit(telemetry_url).query
     except ValueError:
         return telemetry_url  # refused, saying why, when the stores are built
     pairs = query.split("&") if query else []
-    kept = [p for p in pairs if unquote_plus(p.partition("=")[0]) not in TELEMETRY_ONLY]
+    kept = [p for p in pairs if unquote_plus(p.partition("=")[0]) not in URL_OPTIONS]
     if len(kept) == len(pairs):
         return telemetry_url
     head, _, rest = telemetry_url.partition("?")

@@ -280,7 +280,7 @@ async def test_a_leading_tilde_is_the_home_directory(
         ("sqlite://host/x.db", "host part"),
         ("sqlite:///x.db?colour=blue", "unknown sqlite URL option 'colour'"),
         ("sqlite:///x.db?batch=maybe", "batch='maybe' must be true or false"),
-        ("sqlite:///x.db?max_batch=lots", "max_batch='lots' must be a int"),
+        ("sqlite:///x.db?max_batch=lots", "max_batch='lots' must be an integer"),
         ("sqlite:///x.db?on_full=explode", "on_full must be 'spill', 'wait' or 'drop'"),
         ("sqlite:///x.db?busy_timeout=-1", "busy_timeout must be"),
     ],

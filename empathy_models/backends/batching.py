@@ -82,10 +82,10 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from types import FrameType
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import anyio
 import anyio.to_thread
@@ -111,7 +111,7 @@ from ._batch_writer import (
 )
 from ._spool import Spool
 
-__all__ = ["BatchingTelemetryBackend"]
+__all__ = ["URL_OPTIONS", "BatchingTelemetryBackend", "url_flag", "url_number"]
 
 logger = logging.getLogger("empathy_models.telemetry")
 
@@ -123,6 +123,46 @@ DEFAULT_MAX_QUEUE: Final = 10_000
 DEFAULT_CLOSE_TIMEOUT: Final = 5.0
 _CANCEL_GRACE: Final = 1.0
 
+
+def url_flag(scheme: str, name: str, value: str) -> bool:
+    """A backend URL's query option ``name=value`` that is true or false (``1``/``0``,
+    ``true``/``false``, ``yes``/``no``, ``on``/``off``)."""
+    low = value.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{scheme} URL option {name}={value!r} must be true or false")
+
+
+def url_number(kind: type[int] | type[float]) -> Callable[[str, str, str], float]:
+    """A converter like `url_flag` for a query option that is an integer or a number."""
+    what = "an integer" if kind is int else "a number"
+
+    def convert(scheme: str, name: str, value: str) -> float:
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigurationError(
+                f"{scheme} URL option {name}={value!r} must be {what}"
+            ) from None
+
+    return convert
+
+
+URL_OPTIONS: Final[Mapping[str, Callable[[str, str, str], Any]]] = {
+    "batch": url_flag,
+    "max_batch": url_number(int),
+    "flush_interval": url_number(float),
+    "max_queue": url_number(int),
+    "on_full": lambda scheme, name, value: value,
+    "spool": url_flag,
+    "close_timeout": url_number(float),
+    "exit_flush": url_flag,
+}
+"""``batch`` and the batching's options as a telemetry URL's query gives them
+(``sqlite:///calls.db?max_queue=50000``, and the same in a ``postgresql://`` URL), each
+with its converter ``(scheme, name, text)``; a state store's URL takes none of them."""
 
 _fail = failure(ConfigurationError)
 _count = integer(_fail, low=1, why="must be an integer >= 1")

@@ -16,13 +16,12 @@ See `PostgresTelemetryBackend` and `PostgresCircuitStateStore`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from empathy_models.abc import TelemetryBackend
 from empathy_models.backends import BackendPlugin, shown
-from empathy_models.backends.batching import BatchingTelemetryBackend
+from empathy_models.backends.batching import URL_OPTIONS, BatchingTelemetryBackend
 from empathy_models.exceptions import ConfigurationError
 
 from ._cache import (
@@ -61,29 +60,6 @@ _BATCHING: Final = frozenset(inspect.signature(BatchingTelemetryBackend).paramet
 """The options of `BatchingTelemetryBackend` (``max_queue``, ``flush_interval``...)."""
 
 
-def _flag(value: str) -> bool:
-    low = value.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(value)
-
-
-_QUERY_OPTIONS: Final[Mapping[str, tuple[Callable[[str], Any], str]]] = {
-    "batch": (_flag, "true or false"),
-    "max_batch": (int, "an integer"),
-    "flush_interval": (float, "a number"),
-    "max_queue": (int, "an integer"),
-    "on_full": (str, "a string"),
-    "spool": (_flag, "true or false"),
-    "close_timeout": (float, "a number"),
-    "exit_flush": (_flag, "true or false"),
-}
-"""The telemetry options a URL's query may give (``batch`` and the batching's), as in a
-``sqlite://`` URL, each with its conversion from the query's text."""
-
-
 def _query_options(url: str) -> tuple[str, dict[str, Any]]:
     """
     ``url`` without the telemetry options of its query, and those options converted; a
@@ -96,17 +72,11 @@ def _query_options(url: str) -> tuple[str, dict[str, Any]]:
     query = parse_qsl(parts.query, keep_blank_values=True)
     options: dict[str, Any] = {}
     for name, value in query:
-        if name in _QUERY_OPTIONS:
-            convert, kind = _QUERY_OPTIONS[name]
-            try:
-                options[name] = convert(value)
-            except ValueError:
-                raise ConfigurationError(
-                    f"postgresql URL option {name}={value!r} must be {kind}"
-                ) from None
+        if name in URL_OPTIONS:  # batch and the batching's, as in a sqlite:// URL
+            options[name] = URL_OPTIONS[name]("postgresql", name, value)
     if not options:
         return url, options
-    rest = urlencode([(k, v) for k, v in query if k not in _QUERY_OPTIONS])
+    rest = urlencode([(k, v) for k, v in query if k not in URL_OPTIONS])
     # not urlunsplit: it turns an empty host ("postgresql:///db") into "postgresql:/db"
     tail = (f"?{rest}" if rest else "") + (f"#{parts.fragment}" if parts.fragment else "")
     return f"{parts.scheme}://{parts.netloc}{parts.path}{tail}", options

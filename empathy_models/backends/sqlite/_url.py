@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -15,6 +16,7 @@ from ...exceptions import (
 )
 from .. import redact_url, url_flaw
 from .._plugin import BackendPlugin
+from ..batching import URL_OPTIONS, url_flag, url_number
 from ._database import MEMORY
 from ._state import SQLiteStateStore
 from ._telemetry import SQLiteTelemetryBackend
@@ -22,47 +24,16 @@ from ._telemetry import SQLiteTelemetryBackend
 # --------------------------------------------------------------------------- URLs
 
 
-def _parse_bool(name: str, value: str) -> bool:
-    low = value.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError(f"sqlite URL option {name}={value!r} must be true or false")
-
-
-def _parse_number(kind: Callable[[str], Any]) -> Callable[[str, str], Any]:
-    def parse(name: str, value: str) -> Any:
-        try:
-            return kind(value)
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"sqlite URL option {name}={value!r} must be a {kind.__name__}"
-            ) from exc
-
-    return parse
-
-
 _COMMON_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
-    "busy_timeout": _parse_number(float),
-    "lock_timeout": _parse_number(float),
-    "read_only": _parse_bool,
-    "allow_foreign": _parse_bool,
+    "busy_timeout": partial(url_number(float), "sqlite"),
+    "lock_timeout": partial(url_number(float), "sqlite"),
+    "read_only": partial(url_flag, "sqlite"),
+    "allow_foreign": partial(url_flag, "sqlite"),
 }
 _TELEMETRY_OPTIONS: Final[Mapping[str, Callable[[str, str], Any]]] = {
     **_COMMON_OPTIONS,
-    "batch": _parse_bool,
-    "max_batch": _parse_number(int),
-    "flush_interval": _parse_number(float),
-    "max_queue": _parse_number(int),
-    "on_full": lambda name, value: value,
-    "spool": _parse_bool,
-    "close_timeout": _parse_number(float),
-    "exit_flush": _parse_bool,
+    **{name: partial(convert, "sqlite") for name, convert in URL_OPTIONS.items()},
 }
-TELEMETRY_ONLY: Final = frozenset(_TELEMETRY_OPTIONS) - frozenset(_COMMON_OPTIONS)
-"""The telemetry's own options (``batch`` and the write-behind's), which a ``sqlite://``
-or ``postgresql://`` telemetry URL takes and a state store's URL does not."""
 
 
 def _expand_home(path: str, url: str) -> str:
@@ -119,7 +90,7 @@ def parse_sqlite_url(
         if name not in allowed:
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            if name in TELEMETRY_ONLY:
+            if name in URL_OPTIONS:
                 hint = " (a telemetry URL's option: this store does not take it)"
             raise ConfigurationError(
                 f"unknown sqlite URL option {name!r}{hint}; known: {', '.join(sorted(allowed))}"
