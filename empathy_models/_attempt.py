@@ -430,23 +430,22 @@ class Attempts:
         self, info: ModelInfo, semaphore: asyncio.Semaphore, remaining: float
     ) -> None:
         """`_slot` with the deadline ``remaining`` seconds away."""
-        if remaining <= 0:
-            raise self._deadline_error(info, f"before calling {info.id}")
+        if remaining <= 0:  # spent by the attempts before, which their records account for
+            raise _DeadlineExceeded(
+                ProviderTimeoutError(
+                    f"deadline of {self.run.context.deadline}s exceeded before calling {info.id}",
+                    provider=info.provider,
+                    model=info.id,
+                )
+            )
         try:
             async with asyncio.timeout(remaining):
                 await semaphore.acquire()
         except TimeoutError:
-            raise self._deadline_error(info, f"waiting for a {info.provider} slot") from None
-
-    def _deadline_error(self, info: ModelInfo, why: str) -> _DeadlineExceeded:
-        """The deadline passed ``why`` (before ``info`` was called)."""
-        return _DeadlineExceeded(
-            ProviderTimeoutError(
-                f"deadline of {self.run.context.deadline}s exceeded {why}",
-                provider=info.provider,
-                model=info.id,
-            )
-        )
+            pass
+        else:
+            return
+        await _ran_out(self, info, f"waiting for a {info.provider} slot")
 
     async def _admit(self, info: ModelInfo, limiter: Limiter, called: bool) -> Hold | Failed | None:
         """
@@ -470,15 +469,14 @@ class Attempts:
                 cache_write=run.cache_write,
             )
         except DeadlineRanOut:
-            raise self._deadline_error(
-                info, f"waiting for the quota store before calling {info.id}"
-            ) from None
+            pass
         except (BudgetExceededError, LocalRateLimitError) as refused:
             if not called:
                 raise
             run.errors.append(refused)
             logger.info("%s not retried: %s", info.id, str(refused)[:_ERROR_MESSAGE_LIMIT])
             return _CALLED
+        await _ran_out(self, info, f"waiting for the quota store before calling {info.id}")
 
     async def _rejected(
         self,
@@ -680,9 +678,6 @@ async def _admitted_within(
         )
     except Expired:
         late.append(True)  # its lease, if any, comes back when it lands
-        raise self._deadline_error(
-            info, f"waiting for the circuit breaker's store before calling {info.id}"
-        ) from None
     except asyncio.CancelledError as exc:  # nobody will report the ticket: its lease back
         granted = getattr(exc, "_empathy_result", None)
         if granted is None:
@@ -690,6 +685,7 @@ async def _admitted_within(
         else:
             await ex._fb.give_back(granted, deadline_at)
         raise
+    await _ran_out(self, info, f"waiting for the circuit breaker's store before calling {info.id}")
 
 
 async def _cancelled(
@@ -723,6 +719,26 @@ async def _cancelled(
     )
     if self.obs is not None:
         self.obs.attempt_ended(record, None, raised, self.trace, sent=t0)
+
+
+async def _ran_out(self: Attempts, info: ModelInfo, why: str) -> NoReturn:
+    """
+    The deadline passed ``why``, while ``info``'s attempt waited to be admitted: it
+    is recorded as not sent, like one admitted too late (`_unsent`), so that the time
+    the run spent waiting shows in its telemetry.
+
+    Raises:
+        _DeadlineExceeded: always (the error is in ``run.errors``).
+    """
+    run = self.run
+    error = ProviderTimeoutError(
+        f"deadline of {run.context.deadline}s exceeded {why}",
+        provider=info.provider,
+        model=info.id,
+    )
+    attempt = len(run.attempts) + 1
+    await self.ex._fb.unsent(run, info, error, attempt, None, None, self.deadline_at)
+    raise _DeadlineExceeded(None)
 
 
 async def _unsent(

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import anyio
 import attrs
 import pytest
 
@@ -243,22 +244,58 @@ async def test_a_deadline_is_kept_while_the_quota_store_stalls(server: FakeLLMSe
         gate.opened.set()  # the reservation lands now, and is given back
     assert "waiting for the quota store" in str(raised.value.exceptions[0])
     assert server.requests() == 0
-    assert await telemetry.recent(limit=10) == []  # no attempt was made
+    await _assert_one_not_sent(telemetry, "waiting for the quota store")
     [usage] = await store.usages()
     assert usage.reserved > 0 and (usage.reserved, usage.held) == (usage.released, 0)
 
 
 async def test_a_deadline_is_kept_while_the_breaker_store_stalls(server: FakeLLMServer) -> None:
     gate = Gate()
+    telemetry = MemoryTelemetryBackend()
     async with (
         CircuitBreaker(store=StalledState(gate), store_timeout=None) as breaker,
-        make(server, breaker=breaker) as executor,
+        make(server, breaker=breaker, telemetry_store=telemetry) as executor,
     ):
         with pytest.raises(AllRoutesFailedError, match="deadline") as raised:
             await asyncio.wait_for(executor.run("hello", ExecutionContext(deadline=0.5)), GUARD)
         gate.opened.set()  # the admission lands; its lease, if any, comes back
     assert "circuit breaker's store" in str(raised.value.exceptions[0])
     assert server.requests() == 0
+    await _assert_one_not_sent(telemetry, "circuit breaker's store")
+
+
+async def _assert_one_not_sent(telemetry: MemoryTelemetryBackend, why: str) -> None:
+    """
+    The run that ran out of time before its call was sent left one record of it:
+    ``not_sent`` (no model's failure), saying what it waited for.
+    """
+    [record] = await telemetry.recent(limit=10)
+    assert (record.outcome, record.model, record.attempt) == (Outcome.NOT_SENT, "gpt-a", 1)
+    assert record.error_type == "ProviderTimeoutError" and why in (record.error_message or "")
+
+
+async def test_a_deadline_that_ran_out_waiting_for_a_provider_slot_is_recorded_not_sent(
+    server: FakeLLMServer,
+) -> None:
+    # the only slot is held by a call the server keeps for 2 s; a second call whose
+    # deadline (0.3 s) runs out while it waits for that slot leaves a record of it
+    server.set_behavior("gpt-a", ModelBehavior(content="ok", latency=2_000))
+    telemetry = MemoryTelemetryBackend()
+    async with make(server, telemetry_store=telemetry, concurrency_per_provider=1) as executor:
+        first = asyncio.ensure_future(executor.run("slow", ExecutionContext(stage="first")))
+        with anyio.fail_after(GUARD):  # until the first call holds the slot
+            while server.requests() == 0:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        with pytest.raises(AllRoutesFailedError, match="deadline") as raised:
+            await asyncio.wait_for(
+                executor.run("hello", ExecutionContext(stage="second", deadline=0.3)), GUARD
+            )
+        assert "waiting for a openai slot" in str(raised.value.exceptions[0])
+        second = [r for r in await telemetry.recent(limit=10) if r.stage == "second"]
+        await asyncio.wait_for(first, GUARD)
+    assert server.requests() == 1
+    assert [(r.outcome, r.attempt) for r in second] == [(Outcome.NOT_SENT, 1)]
+    assert "waiting for a openai slot" in (second[0].error_message or "")
 
 
 async def test_a_deadline_that_ran_out_before_sending_is_not_the_models_failure(
