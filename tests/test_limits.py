@@ -47,7 +47,7 @@ from empathy_models.limits import (
     window_bounds,
 )
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
-from empathy_models.testing import FakeLLMServer
+from empathy_models.testing import FakeClock, FakeLLMServer
 
 KEY = "test-key-0123"
 
@@ -665,14 +665,23 @@ async def test_calls_wait_for_their_place_and_unused_tokens_are_given_back(
     async def sleep(seconds: float) -> None:
         waits.append(seconds)
 
+    # the clocks stand still (a call under load can take a large part of a second, which
+    # would shorten the next wait), and the sleep above does not wait
+    clock, wall = FakeClock(start=1_000.0), FakeClock(start=1_800_000_000.0)
     limits = {"gpt-cheap": RateLimit(rpm=60, tpm=100_000)}
-    async with make(server, rate_limits=limits, sleep=sleep) as executor:
+    async with make(
+        server,
+        rate_limits=limits,
+        sleep=sleep,
+        clock=clock,
+        wall_clock=wall,
+        quota_store=MemoryQuotaStore(clock=wall),
+    ) as executor:
         for _ in range(3):
             await executor.run("hello", ExecutionContext(model="gpt-cheap", max_tokens=1000))
-    # one request a second, spaced evenly: the second and third wait about 1 s and 2 s
-    # (the sleep above does not wait, so each asks for its place at once)
-    assert len(waits) == 2
-    assert 0.9 < waits[0] <= 1.0 and 1.9 < waits[1] <= 2.0
+    # one request a second, spaced evenly: each asks for its place at the same instant,
+    # so the second and third wait 1 s and 2 s
+    assert waits == [pytest.approx(1.0), pytest.approx(2.0)]
 
 
 async def test_a_providers_429_pushes_the_shared_schedule_back(server: FakeLLMServer) -> None:

@@ -40,6 +40,7 @@ from empathy_models.sync import SyncExecutor
 from empathy_models.testing import FakeLLMServer
 
 from ._fakes import CHEAP_ONLY, KEY
+from ._signals import sigint_state
 from ._threaded_server import threaded_fake_server
 
 REGISTRY = CHEAP_ONLY
@@ -389,9 +390,13 @@ def test_a_call_given_up_by_ctrl_c_that_then_fails_is_logged_not_left_unretrieve
         print(json.dumps({{"logged": logged, "unhandled": unhandled}}))
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
-    )
+    state = sigint_state()  # what the child inherits
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the child was not interrupted within 60 s ({state})")
     assert done.returncode == 0, done.stderr
     interrupted, outcome = done.stdout.strip().splitlines()
     assert interrupted == "interrupted"
