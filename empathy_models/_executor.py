@@ -102,7 +102,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 import anyio
 
 from ._attempt import Attempts
-from ._feedback import _Feedback
+from ._feedback import _Feedback, flush_borrowed
 from ._inflight import CLOSE_WAIT, InFlight
 from ._loops import close_at_home, dropped, elsewhere
 from ._outage import Outage
@@ -430,7 +430,7 @@ class EmpathyLLMExecutor:
             see `empathy_models.cache`.
 
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
-    neither opens nor closes them (it flushes a borrowed telemetry backend on exit).
+    neither opens nor closes them (a borrowed telemetry backend is flushed on exit, bounded).
     What it builds from a URL it owns and closes.  Use it as ``async with``; `run`
     raises `RuntimeError` outside that block.  An executor garbage-collected while
     still open emits a `ResourceWarning`: close it (``async with`` or `aclose`).  Left
@@ -632,7 +632,7 @@ class EmpathyLLMExecutor:
                 if self._owns_telemetry:
                     await stack.enter_async_context(self._telemetry)
                 else:
-                    stack.push_async_callback(self._fb.flush_telemetry)
+                    stack.push_async_callback(flush_borrowed, self._fb)
             stores: list[Callable[[], Awaitable[None]]] = []  # closed together, at close
             stack.push_async_callback(_close_together, stores)
             if self._owns_breaker:

@@ -55,6 +55,9 @@ logger = logging.getLogger("empathy_models.executor")
 _ERROR_MESSAGE_LIMIT = 300
 
 FAILURE_REPORT_WAIT: Final = 1.0
+BORROWED_FLUSH_WAIT: Final = 1.0
+"""The least the executor's exit waits for a borrowed telemetry backend's flush (it
+waits for what is left of its close budget, `CLOSE_WAIT`, when that is longer)."""
 """
 Seconds at most (and half the run's time left at most) that a failed or rejected
 attempt waits for the breaker's report before the next attempt may start: a store that
@@ -371,15 +374,6 @@ class _Feedback:
         """The breaker's ``available_hint`` raised while planning (called in ``except``)."""
         self.feedback_errors += 1
         logger.exception("breaker.available_hint failed for %s", model_id)
-
-    async def flush_telemetry(self) -> None:
-        """Flush the (borrowed) telemetry backend on the executor's exit; never raises."""
-        assert self._telemetry is not None
-        try:
-            await self._telemetry.flush()
-        except Exception:
-            self.telemetry_errors += 1
-            logger.exception("flushing the telemetry backend on exit failed")
 
     # ------------------------------------------------------------------ attempt ends
 
@@ -792,3 +786,35 @@ def _unanswered(
     if partial is not None and hold is not None:
         charge(hold, info, record, estimated, partial, run.cache_write)
     return record
+
+
+async def flush_borrowed(self: _Feedback) -> None:
+    """
+    Flush the (borrowed) telemetry backend on the executor's exit, for what is left
+    of the close budget (``behind.drain_by``), at least `BORROWED_FLUSH_WAIT`
+    seconds; never raises.  A flush that takes longer is left (logged, counted in
+    ``telemetry_errors``): the records it had not written stay in the backend, which
+    its owner closes.
+    """
+    telemetry = self._telemetry
+    assert telemetry is not None
+    drain_by = self.behind.drain_by
+    seconds = BORROWED_FLUSH_WAIT
+    if drain_by is not None:
+        seconds = max(seconds, drain_by - asyncio.get_running_loop().time())
+    try:
+        with anyio.move_on_after(seconds) as waited:
+            await telemetry.flush()
+    except Exception:
+        self.telemetry_errors += 1
+        logger.exception("flushing the telemetry backend on exit failed")
+        return
+    if waited.cancelled_caught:
+        self.telemetry_errors += 1
+        logger.warning(
+            "the telemetry backend %r did not finish flushing within %.3g s of the "
+            "executor's exit: the records it has not written stay in it until it is "
+            "closed",
+            telemetry,
+            seconds,
+        )

@@ -1195,6 +1195,30 @@ async def test_borrowed_session_breaker_and_telemetry_stay_open(
         assert not breaker.closed
 
 
+async def test_a_borrowed_telemetry_backend_whose_flush_hangs_does_not_hold_the_exit(
+    alpha: ScriptedProvider, sleep: SleepRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """
+    The executor flushes a borrowed backend on exit, within its close budget (10 s): one
+    whose flush never ends (a store that stopped answering) is left with a warning,
+    its records still in it for its owner to write.
+    """
+
+    class HangingFlush(MemoryTelemetryBackend):
+        async def flush(self) -> None:
+            await asyncio.Event().wait()
+
+    telemetry = HangingFlush()
+    async with telemetry:
+        with anyio.fail_after(30):  # a guard: the exit takes the close budget, 10 s
+            async with make([alpha], telemetry, sleep) as executor:
+                await executor.run("x", CHEAP)
+        assert executor.telemetry_errors == 1
+        assert len(await telemetry.recent()) == 1  # the record stays, for its owner
+    [warning] = [r for r in caplog.records if "did not finish flushing" in r.getMessage()]
+    assert warning.levelname == "WARNING" and "within 10 s" in warning.getMessage()
+
+
 async def test_breaker_url_builds_an_owned_breaker(
     alpha: ScriptedProvider,
     beta: ScriptedProvider,
