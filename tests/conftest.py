@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,3 +47,20 @@ def private_postgres() -> Iterator[Callable[[], str | None]]:
     yield make
     for url in made:
         drop_namespace(url)
+
+
+@pytest.fixture
+def interruptible_children() -> Iterator[None]:
+    """
+    The child processes the test starts see Ctrl-C (SIGINT) even when this process
+    ignores it, as a POSIX shell makes a script's background job (``pytest ... &``) do:
+    an ignored SIGINT is inherited across ``exec``, and the children would ignore it too.
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -39,7 +39,6 @@ from empathy_models.backends.sqlite import SQLiteStateStore
 from empathy_models.exceptions import AuthFileError
 from empathy_models.records import OutcomeReport
 from tests._cli import run_cli, run_cli_process
-from tests._signals import sigint_state
 
 
 def cli(
@@ -71,8 +70,8 @@ sys.exit(main(["telemetry", "summary"]))
 """
 
 
+@pytest.mark.usefixtures("interruptible_children")
 def test_ctrl_c_while_the_commands_load_is_one_line_not_a_traceback(home: Path) -> None:
-    state = sigint_state()  # what the child inherits
     result = subprocess.run(
         [sys.executable, "-c", _INTERRUPTED_AT_START],
         capture_output=True,
@@ -81,7 +80,7 @@ def test_ctrl_c_while_the_commands_load_is_one_line_not_a_traceback(home: Path) 
         timeout=110,
         check=False,
     )
-    assert (result.returncode, result.stderr) == (130, "empathy-models: interrupted\n"), state
+    assert (result.returncode, result.stderr) == (130, "empathy-models: interrupted\n")
 
 
 def _calls_written(db: Path) -> int:
@@ -129,6 +128,7 @@ def _interrupted_demo(home: Path, db: Path, gaps: tuple[float, ...]) -> tuple[in
             child.communicate()
 
 
+@pytest.mark.usefixtures("interruptible_children")
 def test_ctrl_c_pressed_again_while_the_demo_closes_ends_it_with_one_line(
     home: Path, tmp_path: Path
 ) -> None:
@@ -138,7 +138,6 @@ def test_ctrl_c_pressed_again_while_the_demo_closes_ends_it_with_one_line(
     # interpreter die of the signal while it exited (-2); each run below hit one of
     # these about a time in four (four runs, side by side: the suite's time is CI's)
     gaps = [(0.02,), (0.01,), (0.01, 0.01, 0.01), (0.03,)]
-    state = sigint_state()  # what the children inherit
     with concurrent.futures.ThreadPoolExecutor(len(gaps)) as pool:
         ends = list(
             pool.map(
@@ -146,7 +145,7 @@ def test_ctrl_c_pressed_again_while_the_demo_closes_ends_it_with_one_line(
                 range(len(gaps)),
             )
         )
-    assert ends == [(130, "empathy-models: interrupted\n")] * len(gaps), state
+    assert ends == [(130, "empathy-models: interrupted\n")] * len(gaps)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
