@@ -148,6 +148,49 @@ def test_ctrl_c_pressed_again_while_the_demo_closes_ends_it_with_one_line(
     assert ends == [(130, "empathy-models: interrupted\n")] * len(gaps)
 
 
+_MAIN_CALLED_BY_A_PROGRAM = """
+import os, signal, sqlite3, sys, threading, time
+from empathy_models.cli import main
+
+db = sys.argv[1]
+
+def interrupt():
+    # a real Ctrl-C once the demo has written calls
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                if conn.execute("SELECT count(*) FROM llm_calls").fetchone()[0] >= 50:
+                    break
+        except sqlite3.Error:
+            pass
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=interrupt, daemon=True).start()
+code = main(["demo", "--calls", "1000000", "--db", db])
+print(code, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+"""
+
+
+@pytest.mark.usefixtures("interruptible_children")
+def test_main_called_by_a_program_gives_its_ctrl_c_back(home: Path, tmp_path: Path) -> None:
+    # the program that called main(argv) after a Ctrl-C can still be interrupted (and
+    # its own child processes too): SIGINT was left ignored for the rest of its life
+    result = subprocess.run(
+        [sys.executable, "-c", _MAIN_CALLED_BY_A_PROGRAM, str(tmp_path / "demo.db")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "EMPATHY_HOME": str(home)},
+        timeout=110,
+        check=False,
+    )
+    assert (result.stdout.split()[-2:], result.stderr) == (
+        ["130", "True"],
+        "empathy-models: interrupted\n",
+    ), (result.stdout[-500:], result.stderr)
+
+
 def ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr

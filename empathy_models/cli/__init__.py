@@ -166,14 +166,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     command at all, prints its help.  Ctrl-C anywhere in here, also while the
     commands' modules load, prints ``empathy-models: interrupted`` and returns 130
     (in a command's event loop, each Ctrl-C cancels the command, `run_async`; once it
-    has ended, further ones are ignored).
+    has ended, further ones are ignored until `main` returns).
+
+    Without ``argv`` (as the ``empathy-models`` program), after a Ctrl-C SIGINT stays
+    ignored: the process is exiting, and one more Ctrl-C must not cut its telemetry
+    flush short.  With ``argv`` (called from a program of yours), the SIGINT handler
+    it found is back when it returns.
     """
+    as_program = argv is None
+    found = signal.getsignal(signal.SIGINT) if _in_main_thread() else None
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        _ignore_interrupts()
+        if as_program:
+            _ignore_interrupts()
         print("empathy-models: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if not as_program and found is not None and _in_main_thread():
+            signal.signal(signal.SIGINT, found)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _ignore_interrupts() -> None:
@@ -182,7 +197,7 @@ def _ignore_interrupts() -> None:
     flush, the interpreter joining threads), must neither cut that short nor print a
     traceback (from the main thread only: a caller's thread cannot set handlers).
     """
-    if threading.current_thread() is threading.main_thread():
+    if _in_main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
