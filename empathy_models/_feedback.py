@@ -55,14 +55,15 @@ logger = logging.getLogger("empathy_models.executor")
 _ERROR_MESSAGE_LIMIT = 300
 
 FAILURE_REPORT_WAIT: Final = 1.0
-BORROWED_FLUSH_WAIT: Final = 1.0
-"""The least the executor's exit waits for a borrowed telemetry backend's flush (it
-waits for what is left of its close budget, `CLOSE_WAIT`, when that is longer)."""
 """
 Seconds at most (and half the run's time left at most) that a failed or rejected
 attempt waits for the breaker's report before the next attempt may start: a store that
 stalls does not spend the fallback's time; the report lands in the background.
 """
+
+BORROWED_FLUSH_WAIT: Final = 1.0
+"""The least the executor's exit waits for a borrowed telemetry backend's flush (it
+waits for what is left of its close budget, `CLOSE_WAIT`, when that is longer)."""
 
 INPUT_ESTIMATED: Final = "empathy_models.input_tokens_estimated"
 """
