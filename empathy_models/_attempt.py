@@ -431,20 +431,13 @@ class Attempts:
     ) -> None:
         """`_slot` with the deadline ``remaining`` seconds away."""
         if remaining <= 0:  # spent by the attempts before, which their records account for
-            raise _DeadlineExceeded(
-                ProviderTimeoutError(
-                    f"deadline of {self.run.context.deadline}s exceeded before calling {info.id}",
-                    provider=info.provider,
-                    model=info.id,
-                )
-            )
+            raise _DeadlineExceeded(_ran_out_error(self, info, f"before calling {info.id}"))
         try:
             async with asyncio.timeout(remaining):
                 await semaphore.acquire()
+                return
         except TimeoutError:
             pass
-        else:
-            return
         await _ran_out(self, info, f"waiting for a {info.provider} slot")
 
     async def _admit(self, info: ModelInfo, limiter: Limiter, called: bool) -> Hold | Failed | None:
@@ -730,15 +723,19 @@ async def _ran_out(self: Attempts, info: ModelInfo, why: str) -> NoReturn:
     Raises:
         _DeadlineExceeded: always (the error is in ``run.errors``).
     """
-    run = self.run
-    error = ProviderTimeoutError(
-        f"deadline of {run.context.deadline}s exceeded {why}",
-        provider=info.provider,
-        model=info.id,
-    )
+    run, error = self.run, _ran_out_error(self, info, why)
     attempt = len(run.attempts) + 1
     await self.ex._fb.unsent(run, info, error, attempt, None, None, self.deadline_at)
     raise _DeadlineExceeded(None)
+
+
+def _ran_out_error(self: Attempts, info: ModelInfo, why: str) -> ProviderTimeoutError:
+    """The run's deadline passed ``why`` (before ``info`` was sent)."""
+    return ProviderTimeoutError(
+        f"deadline of {self.run.context.deadline}s exceeded {why}",
+        provider=info.provider,
+        model=info.id,
+    )
 
 
 async def _unsent(

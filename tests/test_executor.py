@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import warnings
 from collections.abc import Collection, Sequence
 from datetime import datetime
@@ -1216,7 +1217,9 @@ async def test_a_borrowed_telemetry_backend_whose_flush_hangs_does_not_hold_the_
         assert executor.telemetry_errors == 1
         assert len(await telemetry.recent()) == 1  # the record stays, for its owner
     [warning] = [r for r in caplog.records if "did not finish flushing" in r.getMessage()]
-    assert warning.levelname == "WARNING" and "within 10 s" in warning.getMessage()
+    # what was left of the 10 s budget once the runs were ended (a few ms less under load)
+    assert warning.levelname == "WARNING"
+    assert re.search(r"within (9\.\d+|10) s", warning.getMessage()), warning.getMessage()
 
 
 async def test_breaker_url_builds_an_owned_breaker(

@@ -174,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     it found is back when it returns.
     """
     as_program = argv is None
-    found = signal.getsignal(signal.SIGINT) if _in_main_thread() else None
+    # the handler to give back (a caller's thread cannot set handlers, nor need to)
+    found = None if as_program or not _in_main_thread() else signal.getsignal(signal.SIGINT)
     try:
         return _main(argv)
     except KeyboardInterrupt:
@@ -183,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("empathy-models: interrupted", file=sys.stderr)
         return 130
     finally:
-        if not as_program and found is not None and _in_main_thread():
+        if found is not None:
             signal.signal(signal.SIGINT, found)
 
 
