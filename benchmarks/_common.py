@@ -215,3 +215,30 @@ def script_main(
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     write_result(asyncio.run(run(args.quick)))
+
+
+async def delete_redis_keys(url: str, prefix: str) -> None:
+    """Delete the keys under ``prefix`` that a run wrote on the Redis server at ``url``."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def drop_schemas(dsn: str, schemas: Sequence[str]) -> None:
+    """Drop the PostgreSQL ``schemas`` a run wrote into (at ``dsn``)."""
+    if not schemas:
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        for schema in schemas:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()

@@ -40,12 +40,14 @@ from typing import Any
 from benchmarks._common import (
     RESULTS_DIR,
     BenchResult,
+    delete_redis_keys,
+    drop_schemas,
     peer_version,
     script_main,
     summarize,
 )
 from benchmarks.bench_breaker import REDIS_URL, _noop_sync, _redis_reachable, noop
-from benchmarks.bench_telemetry import POSTGRES_DSN, _drop_schemas, _postgres_reachable
+from benchmarks.bench_telemetry import POSTGRES_DSN, _postgres_reachable
 from empathy_models import CircuitBreaker
 
 Guarded = Callable[[str], Awaitable[None]]
@@ -169,26 +171,13 @@ async def _purgatory(stack: contextlib.AsyncExitStack) -> Guarded:
     )
     await factory.initialize()
     prefix = uuid.uuid4().hex[:8]
-    stack.push_async_callback(_delete_redis_keys, f"cbr::{prefix}:")  # purgatory's keys
+    stack.push_async_callback(delete_redis_keys, REDIS_URL, f"cbr::{prefix}:")  # purgatory's keys
 
     async def guarded(key: str) -> None:
         async with await factory.get_breaker(f"{prefix}:{key}"):
             await noop()
 
     return guarded
-
-
-async def _delete_redis_keys(prefix: str) -> None:
-    """Delete what our Redis store wrote under ``prefix`` (at ``REDIS_URL``)."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=500)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 async def _cases(
@@ -206,13 +195,13 @@ async def _cases(
     if redis_ok and peer_version("empathy-models-redis"):
         prefix = f"empathy-bench-rates-{tag}:"
         stores.append(("Redis", f"{REDIS_URL}?prefix={prefix}"))
-        stack.push_async_callback(_delete_redis_keys, prefix)
+        stack.push_async_callback(delete_redis_keys, REDIS_URL, prefix)
     else:
         result.skipped["empathy-models, Redis store"] = "Redis or empathy-models-redis unavailable"
     if await _postgres_reachable() and peer_version("empathy-models-postgres"):
         schema = f"empathy_bench_rates_{tag}"
         stores.append(("PostgreSQL", f"{POSTGRES_DSN}?schema={schema}"))
-        stack.push_async_callback(_drop_schemas, [schema])
+        stack.push_async_callback(drop_schemas, POSTGRES_DSN, [schema])
     else:
         result.skipped["empathy-models, PostgreSQL store"] = "PostgreSQL or the plugin unavailable"
     for name, url in stores:
@@ -225,7 +214,7 @@ async def _cases(
     if not redis_ok:
         result.skipped["peers"] = "Redis unreachable"
         return cases, peers
-    stack.push_async_callback(_delete_redis_keys, namespace)  # the peers' keys
+    stack.push_async_callback(delete_redis_keys, REDIS_URL, namespace)  # the peers' keys
     makers: tuple[tuple[str, str, Callable[[str], Guarded]], ...] = (
         ("pybreaker, Redis storage", "pybreaker", _pybreaker),
         ("aiobreaker, Redis storage", "aiobreaker", _aiobreaker),

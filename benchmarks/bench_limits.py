@@ -33,6 +33,8 @@ from typing import Any
 from benchmarks._common import (
     BenchResult,
     async_timeit,
+    delete_redis_keys,
+    drop_schemas,
     peer_version,
     script_main,
     summarize,
@@ -184,25 +186,9 @@ async def run(quick: bool = False) -> BenchResult:
 async def _drop(stores: dict[str, str]) -> None:
     """Remove what the run wrote on the shared Redis and PostgreSQL servers."""
     if "Redis" in stores:
-        import redis.asyncio as aioredis
-
-        prefix = stores["Redis"].split("prefix=", 1)[1]
-        client = aioredis.Redis.from_url(REDIS_URL)
-        try:
-            keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await client.delete(*keys)
-        finally:
-            await client.aclose()
+        await delete_redis_keys(REDIS_URL, stores["Redis"].split("prefix=", 1)[1])
     if "PostgreSQL" in stores:
-        import asyncpg
-
-        schema = stores["PostgreSQL"].split("schema=", 1)[1]
-        conn = await asyncpg.connect(POSTGRES_DSN)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await drop_schemas(POSTGRES_DSN, [stores["PostgreSQL"].split("schema=", 1)[1]])
 
 
 def main(argv: list[str] | None = None) -> None:

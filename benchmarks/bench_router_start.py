@@ -50,9 +50,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import BenchResult, script_main
+from benchmarks._common import BenchResult, drop_schemas, script_main
 from benchmarks.bench_routing import make_registry
-from benchmarks.bench_telemetry import POSTGRES_DSN, _drop_schemas, _postgres_reachable
+from benchmarks.bench_telemetry import POSTGRES_DSN, _postgres_reachable
 from empathy_models import AdaptiveModelRouter, LLMCallRecord, Outcome
 from empathy_models._router import WINDOW_STEPS
 from empathy_models.abc import TelemetryBackend
@@ -411,7 +411,7 @@ async def run(quick: bool = False) -> BenchResult:
                     flush=True,
                 )
     finally:
-        await _drop_schemas(schemas)
+        await drop_schemas(POSTGRES_DSN, schemas)
         shutil.rmtree(tmp, ignore_errors=True)
     result.data = {"runs": data, "repeats": REPEATS, "new_calls": NEW_CALLS}
     result.notes += [

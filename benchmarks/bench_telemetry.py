@@ -89,12 +89,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import (
-    RESULTS_DIR,
-    BenchResult,
-    peer_version,
-    script_main,
-)
+from benchmarks._common import RESULTS_DIR, BenchResult, drop_schemas, peer_version, script_main
 from benchmarks._telemetry_writers import OnFull, WriterJob, WriterPool
 from empathy_models import LLMCallRecord, ModelTier, Outcome, telemetry_from_url
 from empathy_models.abc import TelemetryBackend
@@ -390,20 +385,6 @@ async def _postgres_reachable() -> bool:
         return False
 
 
-async def _drop_schemas(schemas: Sequence[str]) -> None:
-    """Drop the PostgreSQL schemas a benchmark wrote into (at ``POSTGRES_DSN``)."""
-    if not schemas:
-        return
-    import asyncpg
-
-    conn = await asyncpg.connect(POSTGRES_DSN)
-    try:
-        for schema in schemas:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
 @contextlib.contextmanager
 def _empathy_home(path: Path) -> Iterator[None]:
     """``$EMPATHY_HOME`` (where spools go) set to ``path`` for the block."""
@@ -527,7 +508,7 @@ async def _run(tmp: Path, quick: bool) -> BenchResult:
             )
     finally:
         if pg_schemas:
-            await _drop_schemas(pg_schemas)
+            await drop_schemas(POSTGRES_DSN, pg_schemas)
 
     seconds["record"] = time.perf_counter() - started
     # 3. writer processes sharing one SQLite file (spawned: run off the event loop)
