@@ -85,9 +85,9 @@ def redis_store_url(redis_url: str, redis_prefix: str) -> str:
 
 
 @contextlib.contextmanager
-def _scripts_lock(redis_url: str, *, exclusive: bool) -> Iterator[None]:
+def _server_lock(redis_url: str, *, exclusive: bool) -> Iterator[None]:
     # a file lock per Redis server, taken by every test process (pytest-xdist's workers
-    # included): ``SCRIPT FLUSH`` empties the script cache of the whole server
+    # included): ``SCRIPT FLUSH`` and ``CLIENT PAUSE`` act on the whole server
     if sys.platform == "win32":  # no flock: the few tests involved may then collide
         yield
         return
@@ -96,7 +96,7 @@ def _scripts_lock(redis_url: str, *, exclusive: bool) -> Iterator[None]:
     parts = urlsplit(redis_url)
     socket = parts.path if parts.scheme == "unix" else ""
     server = f"{parts.hostname}:{parts.port or 6379}:{socket}"
-    name = "empathy-test-redis-scripts-" + hashlib.sha256(server.encode()).hexdigest()[:16]
+    name = "empathy-test-redis-server-" + hashlib.sha256(server.encode()).hexdigest()[:16]
     with open(Path(tempfile.gettempdir()) / f"{name}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         try:
@@ -106,22 +106,26 @@ def _scripts_lock(redis_url: str, *, exclusive: bool) -> Iterator[None]:
 
 
 @pytest.fixture
-def redis_scripts_kept(redis_url: str) -> Iterator[None]:
+def redis_server_steady(redis_url: str) -> Iterator[None]:
     """
-    No test flushes the Redis server's scripts meanwhile (`redis_scripts_flushed`).
+    No test flushes the Redis server's scripts or pauses its clients meanwhile
+    (`redis_server_disturbed`).
 
-    For a test whose script call reaches Redis after its caller stopped waiting: a
-    store re-sends a script Redis answered NOSCRIPT to, but nobody is left to re-send
-    that one, so a flush by a test in another process would leave it not run.
+    For a test whose command reaches Redis after its caller stopped waiting: nobody is
+    left to load a flushed script again (Redis answers NOSCRIPT and runs nothing), and
+    a paused server drops the command when its connection closes before the pause ends.
     """
-    with _scripts_lock(redis_url, exclusive=False):
+    with _server_lock(redis_url, exclusive=False):
         yield
 
 
 @pytest.fixture
-def redis_scripts_flushed(redis_url: str) -> Iterator[None]:
-    """For a test that runs ``SCRIPT FLUSH``: none of `redis_scripts_kept`'s runs meanwhile."""
-    with _scripts_lock(redis_url, exclusive=True):
+def redis_server_disturbed(redis_url: str) -> Iterator[None]:
+    """
+    For a test that runs ``SCRIPT FLUSH`` or ``CLIENT PAUSE``: none of
+    `redis_server_steady`'s tests run meanwhile.
+    """
+    with _server_lock(redis_url, exclusive=True):
         yield
 
 

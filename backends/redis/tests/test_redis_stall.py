@@ -36,8 +36,11 @@ POLICY = BreakerPolicy(consecutive_failures=5)
 
 
 @pytest.fixture(autouse=True)
-def _scripts_kept(redis_scripts_kept: None) -> None:
-    """A script held here reaches Redis with nobody left to load it again after a flush."""
+def _server_steady(redis_server_steady: None) -> None:
+    """
+    A command held here reaches Redis with nobody waiting: a script flushed meanwhile
+    is not loaded again, and a paused server drops it as its connection closes.
+    """
 
 
 WINDOW = (time.time() - 60.0, time.time() + 3600.0)
@@ -57,6 +60,11 @@ class StallingProxy:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.log: list[str] = []
+        """What the proxy did, for a failure's message."""
+
+    def _note(self, what: str) -> None:
+        self.log.append(f"{time.monotonic():.3f} {what}")
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -64,12 +72,14 @@ class StallingProxy:
 
     def stall(self) -> int:
         """Hold replies from now on; the number of connections made so far."""
+        self._note("stalled")
         self.stalled = True
         self.released.clear()
         self.reconnected.clear()
         return self.connections
 
     def release(self) -> None:
+        self._note("released")
         self.stalled = False
         self.released.set()
 
@@ -83,16 +93,23 @@ class StallingProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        number = self.connections
+        self._note(f"connection {number} opened (stalled: {self.stalled})")
         if self.stalled:
             self.reconnected.set()
         up_reader, up_writer = await asyncio.open_connection(*self.upstream)
         pumps = {
-            asyncio.create_task(self._pump(reader, up_writer, hold=self.hold == "commands")),
-            asyncio.create_task(self._pump(up_reader, writer, hold=self.hold == "replies")),
+            asyncio.create_task(
+                self._pump(reader, up_writer, hold=self.hold == "commands", name=f"{number}>")
+            ),
+            asyncio.create_task(
+                self._pump(up_reader, writer, hold=self.hold == "replies", name=f"{number}<")
+            ),
         }
         self._tasks |= pumps
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            self._note(f"connection {number} closing")
         finally:
             for pump in pumps:
                 pump.cancel()
@@ -101,14 +118,21 @@ class StallingProxy:
                 w.close()
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, hold: bool
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, hold: bool, name: str
     ) -> None:
-        with suppress(OSError):
+        try:
             while data := await reader.read(65536):
                 if hold and self.stalled:
+                    self._note(f"{name} holds {data[:60]!r}")
                     await self.released.wait()
                 writer.write(data)
                 await writer.drain()
+                self._note(f"{name} passed {data[:60]!r}")
+            self._note(f"{name} read the end")
+        except BaseException as exc:  # a closed connection ends the pump quietly
+            self._note(f"{name} {exc!r}")
+            if not isinstance(exc, OSError):
+                raise
 
 
 async def _started(redis_url: str, hold: str) -> StallingProxy:
@@ -250,9 +274,15 @@ async def test_an_admission_that_reaches_redis_after_its_caller_gave_up_takes_no
         with pytest.raises(StateStoreError, match=r"[Tt]imeout"):
             await late.admit("p", PROBING)  # written, held: the store stops waiting
         command_proxy.release()  # Redis runs that admission now, with nobody waiting
-        with anyio.fail_after(10):
-            while (await other.snapshot("p")).state is not CircuitState.HALF_OPEN:  # noqa: ASYNC110  # Redis's state
-                await asyncio.sleep(0.01)
+        try:
+            with anyio.fail_after(10):
+                while (await other.snapshot("p")).state is not CircuitState.HALF_OPEN:  # noqa: ASYNC110  # Redis's state
+                    await asyncio.sleep(0.01)
+        except TimeoutError:
+            state = await other.snapshot("p")
+            raise AssertionError(
+                f"still {state.state} after 10 s; the proxy: " + "; ".join(command_proxy.log)
+            ) from None
         # it opened the half-open period but took no lease: another worker probes
         probe = await other.admit("p", PROBING)
         assert probe.admitted

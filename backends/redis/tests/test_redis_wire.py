@@ -116,7 +116,7 @@ async def test_every_reply_equals_the_stored_state(redis_store_url: str) -> None
 
 
 async def test_a_flushed_script_is_loaded_again(
-    redis_url: str, redis_store_url: str, redis_scripts_flushed: None
+    redis_url: str, redis_store_url: str, redis_server_disturbed: None
 ) -> None:
     client = aioredis.Redis.from_url(redis_url)
     try:
@@ -155,7 +155,7 @@ async def test_a_cancelled_call_leaves_its_connection_clean(redis_store_url: str
     ids=["pooled", "decoding", "single-connection"],
 )
 async def test_a_client_given_by_the_caller_is_used(
-    redis_url: str, redis_prefix: str, options: dict[str, bool], redis_scripts_flushed: None
+    redis_url: str, redis_prefix: str, options: dict[str, bool], redis_server_disturbed: None
 ) -> None:
     client = aioredis.Redis.from_url(redis_url, **options)
     try:
@@ -259,7 +259,7 @@ async def test_an_error_reply_fails_the_run_and_the_connection_goes_on(
 
 
 async def test_a_run_that_times_out_leaves_no_reply_behind(
-    redis_url: str, redis_store_url: str
+    redis_url: str, redis_store_url: str, redis_server_disturbed: None
 ) -> None:
     # Redis answers nothing while paused: the run times out (socket_timeout), and the
     # reply that arrives after it must not be read as the next run's
