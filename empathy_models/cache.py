@@ -305,7 +305,11 @@ class SQLiteResponseCache(ResponseCache):
                 partial(
                     _fetchone,
                     conn,
-                    "SELECT value FROM response_cache WHERE key = ? AND expires_at > ?",
+                    # a value another program wrote as TEXT or a number read as bytes
+                    # too (its UTF-8, its digits), for the caller to judge, never as a
+                    # Python str or int
+                    "SELECT CAST(value AS BLOB) FROM response_cache WHERE key = ? "
+                    "AND expires_at > ?",
                     (_sql_key(key), time.time()),
                 )
             )

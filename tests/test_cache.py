@@ -267,6 +267,39 @@ async def test_a_garbled_cache_entry_is_a_miss_and_counted(
     assert errors == 1 and server.requests() == 2
 
 
+@pytest.mark.parametrize("stored", ["not a blob", 2.5], ids=["text", "real"])
+async def test_an_sqlite_value_of_another_type_is_a_miss_not_an_outage(
+    server: FakeLLMServer, tmp_path: Path, stored: object
+) -> None:
+    path = tmp_path / "cache.db"
+    async with make(server, cache=f"sqlite:///{path}") as one:
+        await one.run("hello", CTX)
+    conn = sqlite3.connect(path)  # another program wrote the value as TEXT or a number
+    try:
+        assert conn.execute("UPDATE response_cache SET value = ?", (stored,)).rowcount == 1
+        conn.commit()
+    finally:
+        conn.close()
+    async with SQLiteResponseCache(path) as cache:
+        assert isinstance(await cache.get(_stored_key(path)), bytes)
+    async with make(server, cache=f"sqlite:///{path}") as two:
+        again = await two.run("hello", CTX)
+        third = await two.run("hello", CTX)  # the answer stored anew is served
+        errors, skipped = two.cache_errors, two.cache_skipped
+    assert not again.cached and third.cached
+    assert (errors, skipped) == (1, 0) and server.requests() == 2
+
+
+def _stored_key(path: Path) -> str:
+    """The one key the SQLite cache at ``path`` holds."""
+    conn = sqlite3.connect(path)
+    try:
+        (key,) = conn.execute("SELECT key FROM response_cache").fetchone()
+    finally:
+        conn.close()
+    return str(key)
+
+
 def test_cache_options_are_checked(server: FakeLLMServer) -> None:
     with pytest.raises(ConfigurationError):
         ExecutionContext(cache_ttl=0)
