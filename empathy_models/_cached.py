@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -379,8 +379,9 @@ def _decode(raw: bytes) -> _Entry | None:
 def _well_formed(data: object) -> TypeGuard[dict[str, Any]]:
     """
     True for an entry of this version as `store` writes it: an object whose texts are
-    strings, token counts whole numbers a record can hold and cost a number, none
-    negative or infinite (a garbled one, `[]` or ``"input_tokens": 1e400``, is a miss).
+    strings, token counts whole numbers a record can hold and cost a number a float
+    holds, none negative or infinite (a garbled one, `[]`, ``"input_tokens": 1e400`` or
+    a cost of 400 digits, is a miss).
     """
     if not isinstance(data, dict) or data.get("v") != _VERSION:
         return False
@@ -393,7 +394,7 @@ def _well_formed(data: object) -> TypeGuard[dict[str, Any]]:
         and all(type(n) is int and 0 <= n < _INT_LIMIT for n in counts)
         and isinstance(cost, int | float)
         and not isinstance(cost, bool)
-        and 0 <= cost < math.inf
+        and 0 <= cost <= sys.float_info.max  # an integer a float cannot hold is none
         and all(t is None or isinstance(t, str) for t in optional)
     )
 

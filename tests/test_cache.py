@@ -232,6 +232,7 @@ _ENTRY = (
         (_ENTRY % (str(2**63), "0")).encode(),
         (_ENTRY % ("1", "NaN")).encode(),
         (_ENTRY % ("1", '"free"')).encode(),
+        (_ENTRY % ("1", "1" + "0" * 400)).encode(),
     ],
     ids=[
         "list",
@@ -246,6 +247,7 @@ _ENTRY = (
         "past a record",
         "nan",
         "text",
+        "cost past a float",
     ],
 )
 async def test_a_garbled_cache_entry_is_a_miss_and_counted(
