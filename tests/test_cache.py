@@ -141,6 +141,29 @@ async def test_tool_calls_and_structured_answers_are_cached_whole(server: FakeLL
     assert server.requests() == 5
 
 
+async def test_a_hit_is_never_older_than_the_cache_ttl_of_the_run_reading_it(
+    server: FakeLLMServer,
+) -> None:
+    # "answer from the cache when the same request was answered less than cache_ttl
+    # seconds ago": the reader's cache_ttl, whatever the writer's kept the entry for
+    now = [1_800_000_000.0]
+    day, minute = attrs.evolve(CTX, cache_ttl=86_400), attrs.evolve(CTX, cache_ttl=60)
+    async with make(server, wall_clock=lambda: now[0]) as executor:
+        await executor.run("hello", day)
+        now[0] += 30
+        assert (await executor.run("hello", minute)).cached  # 30 s old
+        now[0] += 60
+        assert (await executor.run("hello", day)).cached  # 90 s old
+        assert not (await executor.run("hello", minute)).cached  # too old for a minute
+        assert (await executor.run("hello", minute)).cached  # the answer just stored
+        async with executor.stream("hello", minute) as stream:
+            assert (await stream.get_final_response()).cached
+        now[0] += 61
+        async with executor.stream("hello", minute) as stream:
+            assert not (await stream.get_final_response()).cached
+    assert server.requests() == 3
+
+
 async def test_sampled_output_is_not_cached_unless_asked(server: FakeLLMServer) -> None:
     sampled = ExecutionContext(workflow="faq", cache_ttl=600)  # the provider's temperature
     warm = ExecutionContext(workflow="faq", cache_ttl=600, temperature=0.7)
@@ -233,6 +256,8 @@ _ENTRY = (
         (_ENTRY % ("1", "NaN")).encode(),
         (_ENTRY % ("1", '"free"')).encode(),
         (_ENTRY % ("1", "1" + "0" * 400)).encode(),
+        (_ENTRY % ("1", '0,"at":"yesterday"')).encode(),
+        (_ENTRY % ("1", '0,"at":1e400')).encode(),
     ],
     ids=[
         "list",
@@ -248,6 +273,8 @@ _ENTRY = (
         "nan",
         "text",
         "cost past a float",
+        "time as text",
+        "time inf",
     ],
 )
 async def test_a_garbled_cache_entry_is_a_miss_and_counted(
