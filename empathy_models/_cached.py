@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
@@ -129,15 +129,21 @@ async def lookup(
 ) -> LLMResponse | None:
     """
     The cached answer for ``key`` as an `LLMResponse` (recorded as a hit), or None (a
-    miss, or no answer from the store within its time: see the module docstring).
+    miss, or no answer from the store within its time: see the module docstring).  An
+    answer stored ``ctx.cache_ttl`` seconds ago or longer (by the executor's wall
+    clock) is a miss, however long the run that stored it had it kept.
     ``start``: when the run started (the executor's clock; its deadline counts from it).
     """
+    assert ctx.cache_ttl is not None
     deadline_at = None if ctx.deadline is None else start + ctx.deadline
     entry = await _read(executor, key, deadline_at)
     if entry is None:
         return None
     content, model, provider, tier, input_tokens, output_tokens, saved, extra = entry
     data = extra
+    stored_at = data.get("at")
+    if stored_at is None or not executor._wall_clock() - stored_at < ctx.cache_ttl:
+        return None  # older than this run asks for (or of no known age)
     tool_calls = _tool_calls(data.get("tool_calls"))
     if tool_calls is None:
         executor.cache_errors += 1
@@ -379,8 +385,10 @@ def _decode(raw: bytes) -> _Entry | None:
 def _well_formed(data: object) -> TypeGuard[dict[str, Any]]:
     """
     True for an entry of this version as `store` writes it: an object whose texts are
-    strings, token counts whole numbers a record can hold and cost a number, none
-    negative or infinite (a garbled one, `[]` or ``"input_tokens": 1e400``, is a miss).
+    strings, token counts whole numbers a record can hold and cost a number a float
+    holds, none negative or infinite, and its time of storing (``at``, epoch seconds)
+    a finite number (a garbled one, `[]`, ``"input_tokens": 1e400`` or a cost of 400
+    digits, is a miss).
     """
     if not isinstance(data, dict) or data.get("v") != _VERSION:
         return False
@@ -388,13 +396,22 @@ def _well_formed(data: object) -> TypeGuard[dict[str, Any]]:
     counts = (data.get("input_tokens"), data.get("output_tokens"))
     cost = data.get("cost_usd")
     optional = (data.get("response_model"), data.get("price_version"), data.get("stop_reason"))
+    at = data.get("at")
     return (
         all(isinstance(t, str) for t in texts)
         and all(type(n) is int and 0 <= n < _INT_LIMIT for n in counts)
         and isinstance(cost, int | float)
         and not isinstance(cost, bool)
-        and 0 <= cost < math.inf
+        and 0 <= cost <= sys.float_info.max  # an integer a float cannot hold is none
         and all(t is None or isinstance(t, str) for t in optional)
+        and (
+            at is None
+            or (
+                isinstance(at, int | float)
+                and not isinstance(at, bool)
+                and -sys.float_info.max <= at <= sys.float_info.max
+            )
+        )
     )
 
 
@@ -414,13 +431,16 @@ async def store(
     executor: EmpathyLLMExecutor, key: str, response: LLMResponse, ctx: ExecutionContext
 ) -> None:
     """
-    Keep ``response`` under ``key`` for ``ctx.cache_ttl`` seconds: written behind (see
-    the module docstring; an in-process cache at once).  Failures are logged, counted.
+    Keep ``response`` under ``key`` for ``ctx.cache_ttl`` seconds, with the time it was
+    stored (``at``, the executor's wall clock), by which `lookup` tells its age: written
+    behind (see the module docstring; an in-process cache at once).  Failures are
+    logged, counted.
     """
     cache = executor._cache
     assert cache is not None and ctx.cache_ttl is not None
     payload = {
         "v": _VERSION,
+        "at": executor._wall_clock(),
         "content": response.content,
         "model": response.model,
         "provider": response.provider,

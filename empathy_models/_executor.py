@@ -329,7 +329,7 @@ async def _close_elsewhere(executor: EmpathyLLMExecutor) -> bool:
     executor._state = "closed"
     stack, executor._stack = executor._stack, None
     if executor._cache is not None:
-        executor._cache._let_go()
+        executor._cache._drop_memo()
     if stack is not None:
         try:
             await stack.aclose()
@@ -704,7 +704,7 @@ class EmpathyLLMExecutor:
                 await _wind_down(self)
             finally:
                 if self._cache is not None:
-                    self._cache._let_go()  # the answers decoded for its hits (`_cached`)
+                    self._cache._drop_memo()  # the answers decoded for its hits (`_cached`)
                 if stack is not None:
                     await stack.aclose()
 

@@ -1226,6 +1226,14 @@ class ResponseCache(AsyncResource):
         finally:
             self._let_go()
 
+    def _drop_memo(self) -> None:
+        """
+        Internal: drop the executor's memo of answers decoded from this cache (an
+        executor's `aclose`), in the same generation: the answers other executors
+        sharing the cache write behind still land.
+        """
+        self._decoded = None
+
     def _let_go(self) -> None:
         """
         Internal: drop the executor's memo of answers decoded from this cache, and start

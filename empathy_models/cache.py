@@ -13,7 +13,9 @@ What is matched: the pinned model or the routing inputs (workflow, stage, task t
 tier, constraints), the messages and system prompt, ``max_tokens`` and
 ``temperature``, exactly.  Sampled output is not cached: only calls with
 ``temperature=0`` are, unless ``cache_sampled=True`` asks for it (a provider's default
-temperature samples).  A hit returns the stored answer as an `LLMResponse` with
+temperature samples).  A hit is an answer stored less than the run's own ``cache_ttl``
+seconds ago (by the executor's wall clock), however long the run that stored it had it
+kept.  A hit returns the stored answer as an `LLMResponse` with
 ``cached=True``, ``cost_usd=0`` and no attempts; it is recorded with outcome
 ``cache_hit`` (cost 0, the cost saved in the record's metadata as
 ``cache_cost_saved_usd``) and is never reported to the router or the breaker, so it
@@ -305,7 +307,11 @@ class SQLiteResponseCache(ResponseCache):
                 partial(
                     _fetchone,
                     conn,
-                    "SELECT value FROM response_cache WHERE key = ? AND expires_at > ?",
+                    # a value another program wrote as TEXT or a number read as bytes
+                    # too (its UTF-8, its digits), for the caller to judge, never as a
+                    # Python str or int
+                    "SELECT CAST(value AS BLOB) FROM response_cache WHERE key = ? "
+                    "AND expires_at > ?",
                     (_sql_key(key), time.time()),
                 )
             )

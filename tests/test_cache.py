@@ -141,6 +141,29 @@ async def test_tool_calls_and_structured_answers_are_cached_whole(server: FakeLL
     assert server.requests() == 5
 
 
+async def test_a_hit_is_never_older_than_the_cache_ttl_of_the_run_reading_it(
+    server: FakeLLMServer,
+) -> None:
+    # "answer from the cache when the same request was answered less than cache_ttl
+    # seconds ago": the reader's cache_ttl, whatever the writer's kept the entry for
+    now = [1_800_000_000.0]
+    day, minute = attrs.evolve(CTX, cache_ttl=86_400), attrs.evolve(CTX, cache_ttl=60)
+    async with make(server, wall_clock=lambda: now[0]) as executor:
+        await executor.run("hello", day)
+        now[0] += 30
+        assert (await executor.run("hello", minute)).cached  # 30 s old
+        now[0] += 60
+        assert (await executor.run("hello", day)).cached  # 90 s old
+        assert not (await executor.run("hello", minute)).cached  # too old for a minute
+        assert (await executor.run("hello", minute)).cached  # the answer just stored
+        async with executor.stream("hello", minute) as stream:
+            assert (await stream.get_final_response()).cached
+        now[0] += 61
+        async with executor.stream("hello", minute) as stream:
+            assert not (await stream.get_final_response()).cached
+    assert server.requests() == 3
+
+
 async def test_sampled_output_is_not_cached_unless_asked(server: FakeLLMServer) -> None:
     sampled = ExecutionContext(workflow="faq", cache_ttl=600)  # the provider's temperature
     warm = ExecutionContext(workflow="faq", cache_ttl=600, temperature=0.7)
@@ -232,6 +255,9 @@ _ENTRY = (
         (_ENTRY % (str(2**63), "0")).encode(),
         (_ENTRY % ("1", "NaN")).encode(),
         (_ENTRY % ("1", '"free"')).encode(),
+        (_ENTRY % ("1", "1" + "0" * 400)).encode(),
+        (_ENTRY % ("1", '0,"at":"yesterday"')).encode(),
+        (_ENTRY % ("1", '0,"at":1e400')).encode(),
     ],
     ids=[
         "list",
@@ -246,6 +272,9 @@ _ENTRY = (
         "past a record",
         "nan",
         "text",
+        "cost past a float",
+        "time as text",
+        "time inf",
     ],
 )
 async def test_a_garbled_cache_entry_is_a_miss_and_counted(
@@ -265,6 +294,39 @@ async def test_a_garbled_cache_entry_is_a_miss_and_counted(
         errors = two.cache_errors
     assert not again.cached and again.content == "The answer."
     assert errors == 1 and server.requests() == 2
+
+
+@pytest.mark.parametrize("stored", ["not a blob", 2.5], ids=["text", "real"])
+async def test_an_sqlite_value_of_another_type_is_a_miss_not_an_outage(
+    server: FakeLLMServer, tmp_path: Path, stored: object
+) -> None:
+    path = tmp_path / "cache.db"
+    async with make(server, cache=f"sqlite:///{path}") as one:
+        await one.run("hello", CTX)
+    conn = sqlite3.connect(path)  # another program wrote the value as TEXT or a number
+    try:
+        assert conn.execute("UPDATE response_cache SET value = ?", (stored,)).rowcount == 1
+        conn.commit()
+    finally:
+        conn.close()
+    async with SQLiteResponseCache(path) as cache:
+        assert isinstance(await cache.get(_stored_key(path)), bytes)
+    async with make(server, cache=f"sqlite:///{path}") as two:
+        again = await two.run("hello", CTX)
+        third = await two.run("hello", CTX)  # the answer stored anew is served
+        errors, skipped = two.cache_errors, two.cache_skipped
+    assert not again.cached and third.cached
+    assert (errors, skipped) == (1, 0) and server.requests() == 2
+
+
+def _stored_key(path: Path) -> str:
+    """The one key the SQLite cache at ``path`` holds."""
+    conn = sqlite3.connect(path)
+    try:
+        (key,) = conn.execute("SELECT key FROM response_cache").fetchone()
+    finally:
+        conn.close()
+    return str(key)
 
 
 def test_cache_options_are_checked(server: FakeLLMServer) -> None:

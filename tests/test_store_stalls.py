@@ -231,6 +231,24 @@ async def test_a_clear_is_not_undone_by_an_answer_written_behind(server: FakeLLM
     assert await cache.clear() == 1  # the second answer's; the first one's is gone
 
 
+async def test_closing_one_executor_keeps_what_another_writes_to_a_shared_cache(
+    server: FakeLLMServer,
+) -> None:
+    # two executors borrow one cache; one closes while the other's write is under way
+    gate = Gate()
+    cache = StalledCache(gate, reads=False)
+    async with make(server, cache=cache) as writer:
+        await asyncio.wait_for(writer.run("hello", CACHED), GUARD)
+        await _at_gate(gate)
+        async with make(server, cache=cache):
+            pass
+        again = await asyncio.wait_for(writer.run("hello", CACHED), GUARD)
+        gate.opened.set()
+    async with make(server, cache=cache) as reader:
+        later = await reader.run("hello", CACHED)
+    assert again.cached and later.cached and server.requests() == 1
+
+
 async def test_a_deadline_is_kept_while_the_quota_store_stalls(server: FakeLLMServer) -> None:
     gate = Gate()
     store = StalledQuota(gate)
