@@ -8,21 +8,23 @@ A miss is always a correct answer, so the cache never holds a call up: a read is
 for at most `STORE_TIMEOUT` seconds and half the time left of the run's deadline (a
 cancelled run not at all: its read ends in the background); an answer is written behind
 (in a task `EmpathyLLMExecutor.aclose` waits for), at most `STORE_TIMEOUT` seconds.  A
-read or write that fails or does not answer in time (a cancelled run's read too) puts
-the cache in a degraded mode (`empathy_models._outage.Outage`, one warning per outage):
-for ``RETRY_INTERVAL`` seconds calls skip it (``cache_skipped``), then it is tried again.
+read or write that fails or does not answer within `STORE_TIMEOUT` (a read its run
+stopped waiting for too, judged when that time is up) puts the cache in a degraded mode
+(`empathy_models._outage.Outage`, one warning per outage): for ``RETRY_INTERVAL``
+seconds calls skip it (``cache_skipped``), then it is tried again.  A run whose deadline
+left it less time than the store took misses, and the store stays in use.
 An in-process `MemoryResponseCache` is used as is.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from datetime import UTC, datetime
-from functools import partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -196,8 +198,9 @@ async def lookup(
 
 async def _get(executor: EmpathyLLMExecutor, key: str, deadline_at: float | None) -> bytes | None:
     """
-    The value stored under ``key``, or None: a miss, or a read that failed or did not
-    answer within `STORE_TIMEOUT` and half the time left (counted in ``cache_errors``),
+    The value stored under ``key``, or None: a miss, a read that failed or did not
+    answer within `STORE_TIMEOUT` (counted in ``cache_errors``) or within half the time
+    left of the run's deadline (counted only if the store takes longer than its time),
     or skipped while the cache is degraded (``cache_skipped``).
     """
     cache = executor._cache
@@ -214,14 +217,16 @@ async def _get(executor: EmpathyLLMExecutor, key: str, deadline_at: float | None
     within = STORE_TIMEOUT
     if deadline_at is not None:
         within = min(within, max(deadline_at - executor._clock(), 0.0) / 2)
+    read = _Read(executor, within)
     try:
-        # a cancelled caller does not wait for the read: it goes on in the background,
-        # and counts as a failure if it has not ended within its time (`_late_read`)
+        # a caller that stops waiting (its share of the deadline ran out, or it was
+        # cancelled) leaves the read to go on in the background: it counts as a
+        # failure only if it has not ended within the store's own time (`_Read.late`)
         return await executor._fb.behind.run(
-            cache.get(key), within, carried=False, late=partial(_late_read, executor, within)
+            read.of(cache.get(key)), within, carried=False, late=read.late
         )
     except Expired:
-        _late_read(executor, within)
+        read.late()
     except Exception as exc:
         executor.cache_errors += 1
         outage.failed(exc)
@@ -229,10 +234,42 @@ async def _get(executor: EmpathyLLMExecutor, key: str, deadline_at: float | None
     return None
 
 
-def _late_read(executor: EmpathyLLMExecutor, within: float) -> None:
-    """A read of the cache store did not answer within ``within`` seconds: a failure."""
-    executor.cache_errors += 1
-    executor._cache_outage.failed(TimeoutError(f"no answer within {within:.3g} s"))
+class _Read:
+    """
+    One read of a cache store, judged on the store's time (`STORE_TIMEOUT` from when
+    the caller began to wait), not on how long its caller waited: a run whose deadline
+    left it less time misses, and the store is not degraded by a read that answers in
+    its time.
+    """
+
+    __slots__ = ("ended", "executor", "started", "waited")
+
+    def __init__(self, executor: EmpathyLLMExecutor, waited: float) -> None:
+        self.executor = executor
+        self.waited = waited
+        self.started = asyncio.get_running_loop().time()
+        self.ended = False
+
+    async def of(self, operation: Awaitable[bytes | None]) -> bytes | None:
+        try:
+            return await operation
+        finally:
+            self.ended = True
+
+    def late(self) -> None:
+        """Its caller stopped waiting with the read still out: judged at the store's time."""
+        left = self.started + STORE_TIMEOUT - asyncio.get_running_loop().time()
+        if self.waited < STORE_TIMEOUT and left > 0.0:
+            asyncio.get_running_loop().call_later(left, self._judge)
+        else:
+            self._judge()
+
+    def _judge(self) -> None:
+        if not self.ended:
+            self.executor.cache_errors += 1
+            self.executor._cache_outage.failed(
+                TimeoutError(f"no answer within {STORE_TIMEOUT:.3g} s")
+            )
 
 
 async def _read(

@@ -31,6 +31,7 @@ from empathy_models import (
     ModelRegistry,
     StreamInterruptedError,
 )
+from empathy_models._cached import STORE_TIMEOUT
 from empathy_models.backends import MemoryStateStore, MemoryTelemetryBackend
 from empathy_models.cache import MemoryResponseCache
 from empathy_models.circuit import BreakerPolicy
@@ -68,10 +69,11 @@ class Gate:
 
 
 class StalledCache(MemoryResponseCache):
-    def __init__(self, gate: Gate, *, reads: bool = True) -> None:
+    def __init__(self, gate: Gate, *, reads: bool = True, writes: bool = True) -> None:
         super().__init__()
         self.gate = gate
         self.reads = reads
+        self.writes = writes
 
     async def get(self, key: str) -> bytes | None:
         if self.reads:
@@ -79,7 +81,8 @@ class StalledCache(MemoryResponseCache):
         return await super().get(key)
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
-        await self.gate.wait()
+        if self.writes:
+            await self.gate.wait()
         await super().set(key, value, ttl)
 
 
@@ -191,6 +194,39 @@ async def test_a_deadline_is_kept_while_the_cache_store_stalls(server: FakeLLMSe
         )
         gate.opened.set()
     assert answer.content == "ok" and not answer.cached
+
+
+async def test_a_read_cut_short_by_one_runs_deadline_leaves_the_cache_in_use(
+    server: FakeLLMServer,
+) -> None:
+    # the store answers within its own time (STORE_TIMEOUT), only later than a run with
+    # a tight deadline waits for it: that run misses, and the cache is not degraded
+    gate = Gate()
+    async with make(server, cache=StalledCache(gate)) as executor:
+        hurried = attrs.evolve(CACHED, deadline=0.8)  # waits 0.4 s for the read
+        first = await asyncio.wait_for(executor.run("hello", hurried), GUARD)
+        gate.opened.set()  # the read answers, within the store's time
+        await asyncio.sleep(STORE_TIMEOUT)  # a read still out now would be late
+        second = await asyncio.wait_for(executor.run("hello", CACHED), GUARD)
+        errors, skipped = executor.cache_errors, executor.cache_skipped
+    assert not first.cached and second.cached
+    assert (errors, skipped) == (0, 0)
+
+
+async def test_a_read_still_out_after_the_stores_time_counts_once_the_time_is_up(
+    server: FakeLLMServer,
+) -> None:
+    gate = Gate()
+    async with make(server, cache=StalledCache(gate, writes=False)) as executor:
+        await asyncio.wait_for(executor.run("hello", attrs.evolve(CACHED, deadline=0.8)), GUARD)
+        before = executor.cache_errors  # the run stopped waiting; the store's time runs on
+        await asyncio.sleep(STORE_TIMEOUT)
+        after, skipped = executor.cache_errors, executor.cache_skipped
+        await asyncio.wait_for(executor.run("hello", CACHED), GUARD)
+        gate.opened.set()
+    assert (before, after) == (0, 1)
+    # degraded: the next run skips the store, for its read and its answer's write
+    assert executor.cache_skipped == skipped + 2
 
 
 async def _at_gate(gate: Gate) -> None:
