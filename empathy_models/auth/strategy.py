@@ -582,6 +582,29 @@ class AuthStrategy:
         with _locked(file):
             return self._save_locked(file)
 
+    @classmethod
+    def update(cls, path: str | os.PathLike[str] | None = None, **changes: Any) -> Self:
+        """
+        Apply ``changes`` to the strategy saved at ``path`` (default `auth_strategy_file`;
+        the defaults when there is no file), save the result and return it.  Blocking.
+
+        The file is read, changed and written under the lock `save` takes, so updates of
+        different fields made at the same time, from any process, all land (a
+        ``load().replace(...).save()`` of one would be overwritten by the other's).
+
+        Raises:
+            RecordValidationError: ``changes`` break an invariant (with the saved
+                strategy); the file is left as it was.
+            AuthFileError: as for `load` and `save`.
+        """
+        file = Path(path) if path is not None else auth_strategy_file()
+        _lexists(file)
+        with _locked(file):
+            existing = cls.load_existing(file)
+            updated = (existing if existing is not None else cls()).replace(**changes)
+            updated._save_locked(file)
+        return updated
+
     def _save_locked(self, file: Path) -> Path:
         data = self.to_dict()
         if _lexists(file):
