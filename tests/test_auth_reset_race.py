@@ -15,7 +15,12 @@ from typing import Any
 
 import pytest
 
-from empathy_models.auth import AuthStrategy, list_auth_strategy_backups, reset_auth_strategy
+from empathy_models.auth import (
+    AuthStrategy,
+    list_auth_strategy_backups,
+    reset_auth_strategy,
+    restore_auth_strategy,
+)
 from empathy_models.cli import main
 
 
@@ -129,3 +134,43 @@ def test_two_processes_setting_different_fields_both_land(tmp_path: Path) -> Non
         if (saved.small_module_threshold, saved.subscription_tier.value) != (300, "max"):
             lost.append(round_)
     assert lost == []
+
+
+def _save_and_reset(barrier: Any, file: str, rounds: int) -> None:
+    barrier.wait(timeout=60)
+    for i in range(rounds):
+        AuthStrategy(metadata={"m": f"r{i}"}).save(file)
+        reset_auth_strategy(file, keep_backups=1)
+
+
+def _restore(barrier: Any, file: str, rounds: int, report: str) -> None:
+    failures = []
+    barrier.wait(timeout=60)
+    for _ in range(rounds):
+        try:
+            restore_auth_strategy(file)
+        except Exception as exc:
+            failures.append(repr(exc))
+    Path(report).write_text(json.dumps(failures))
+
+
+@pytest.mark.multiprocess
+def test_a_restore_racing_resets_that_prune_backups_always_restores(tmp_path: Path) -> None:
+    # a reset keeping one backup prunes the others while a restore runs: the restore
+    # brings back a backup that is there (there always is one), it never fails
+    file = tmp_path / "auth_strategy.json"
+    AuthStrategy().save(file)
+    reset_auth_strategy(file)
+    report = tmp_path / "failures.json"
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    workers = [
+        context.Process(target=_save_and_reset, args=(barrier, str(file), 300)),
+        context.Process(target=_restore, args=(barrier, str(file), 300, str(report))),
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    assert json.loads(report.read_text()) == []
