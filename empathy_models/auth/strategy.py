@@ -526,7 +526,8 @@ class AuthStrategy:
 
         Raises:
             AuthFileError: naming the path, when the file exists but cannot be read, is not
-                JSON, or holds an invalid value (the message names the field).
+                JSON, or holds an invalid value (the message names the field, and says to
+                upgrade when a newer release wrote the file).
         """
         file = Path(path) if path is not None else auth_strategy_file()
         data = _read_json(file)
@@ -535,6 +536,16 @@ class AuthStrategy:
         try:
             return cls.from_dict(data)
         except RecordValidationError as exc:
+            version = data.get("v") if isinstance(data, Mapping) else None
+            if isinstance(version, int) and version > AUTH_SCHEMA_VERSION:
+                # a value a newer release added: editing or moving the file would drop
+                # that release's settings
+                raise AuthFileError(
+                    f"{file}: written by a newer empathy-models (format v{version}; this "
+                    f"one reads v{AUTH_SCHEMA_VERSION}) with a value this version does not "
+                    f"know ({exc}); upgrade empathy-models to use it",
+                    path=file,
+                ) from exc
             raise AuthFileError(
                 f"{file}: invalid auth strategy ({exc}); fix the value, or move the file "
                 f"away ({_reset_hint(file)})",
