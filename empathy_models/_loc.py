@@ -112,7 +112,9 @@ _DATA_LONGEST_LINE: Final = 5000
 _LONG_LINE: Final = 500
 _LONG_LINE_SHARE: Final = 0.2
 
-_STRING_RE: Final = re.compile(r"""[rbuRBUfF]{0,2}("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')""")
+_STRING_PREFIX: Final = frozenset("rbuRBUfF")
+_STRING_BODY: Final = {quote: re.compile(rf"(?:[^{quote}\\]|\\.)*{quote}") for quote in "'\""}
+_QUOTE_RE: Final = re.compile(r"[\"']")
 _NUMBER_RE: Final = re.compile(
     r"0[xX][0-9a-fA-F_]+|0[oO][0-7_]+|0[bB][01_]+|[-+]?(?:\d[\d_]*)?\.?\d[\d_]*(?:[eE][-+]?\d+)?j?"
 )
@@ -120,11 +122,42 @@ _CONSTANT_RE: Final = re.compile(r"\b(?:True|False|None|true|false|null|nil)\b")
 _LITERAL_REST_RE: Final = re.compile(r"[\s0,:;\[\](){}]*")
 
 
+def _without_strings(text: str) -> str:
+    """
+    ``text`` with each string literal replaced by ``0``: ``"..."`` or ``'...'`` with
+    backslash escapes, and up to two prefix letters of ``rbuf`` (any case) before it.
+    One pass: a quote that does not close is left as it is, and so is every later quote
+    of its kind (each is escaped, or it would have closed the first, so none can close);
+    trying each of them to the end of the line would be quadratic in a long line of
+    escaped quotes.
+    """
+    parts: list[str] = []
+    unclosed: set[str] = set()
+    done = pos = 0
+    while (found := _QUOTE_RE.search(text, pos)) is not None:
+        quote, at = found.group(), found.start()
+        pos = at + 1
+        if quote in unclosed:
+            continue
+        body = _STRING_BODY[quote].match(text, pos)
+        if body is None:
+            unclosed.add(quote)
+            continue
+        start = at
+        while start > max(done, at - 2) and text[start - 1] in _STRING_PREFIX:
+            start -= 1
+        parts.append(text[done:start])
+        parts.append("0")
+        done = pos = body.end()
+    parts.append(text[done:])
+    return "".join(parts)
+
+
 def _is_literal_line(text: str) -> bool:
     """True for a line made only of literals and punctuation: ``(1, "a", 0x2f),``."""
     if "#" in text:
         text = text.split("#", 1)[0]
-    reduced = _STRING_RE.sub("0", text)
+    reduced = _without_strings(text)
     reduced = _CONSTANT_RE.sub("0", reduced)
     reduced = _NUMBER_RE.sub("0", reduced)
     return "0" in reduced and _LITERAL_REST_RE.fullmatch(reduced) is not None

@@ -751,3 +751,31 @@ def test_a_multiplier_no_line_of_code_can_have_is_rejected_naming_the_field(
 def test_the_largest_multiplier_accepted_still_estimates() -> None:
     strategy = AuthStrategy(loc_to_tokens_multiplier=10_000)
     assert strategy.estimate_tokens(10**6) == 10**10
+
+
+def test_a_newer_file_with_a_value_this_version_does_not_know_says_to_upgrade(
+    tmp_path: Path,
+) -> None:
+    # a newer release added a tier: the fix is upgrading, not editing or moving the file
+    # away (which would drop the newer release's settings)
+    file = tmp_path / "auth_strategy.json"
+    file.write_text(json.dumps({"v": 2, "subscription_tier": "team", "future": 1}))
+    with pytest.raises(AuthFileError) as info:
+        AuthStrategy.load(file)
+    message = str(info.value)
+    assert str(file) in message and "subscription_tier" in message
+    assert "newer" in message and "upgrade empathy-models" in message
+    assert "move the file away" not in message
+    assert info.value.path == file
+
+
+def test_a_long_line_of_escaped_quotes_is_counted_not_stuck(tmp_path: Path) -> None:
+    # a line of escaped JSON whose opening quote is on an earlier line (inside a
+    # triple-quoted string, say): the literal check retried every escaped quote to the
+    # end of the line, quadratic (about 4 s for 40,000 characters, hours for this line);
+    # linear it is instant, so the suite's timeout is the failure here
+    source = tmp_path / "fixtures.py"
+    source.write_text('DATA = """\n{' + '\\"k\\": 1, ' * 100_000 + '}\n"""\n')
+    report = count_lines_of_code(source)
+    assert (report.total_lines, report.code_lines) == (3, 3)
+    assert report.looks_like_data

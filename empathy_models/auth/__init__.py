@@ -23,7 +23,8 @@ the same directory, fsync, ``os.replace``), creates the file 0600 and its direct
 File functions block on disk I/O.  From async code use `AuthStrategy.aload`,
 `AuthStrategy.asave` and `acount_lines_of_code`, which run them in a worker thread.
 Concurrent saves from several processes are last-writer-wins (each write is whole,
-never torn).
+never torn); `AuthStrategy.update` changes some fields of the saved strategy under the
+file's lock, so concurrent updates of different fields all land.
 """
 
 from __future__ import annotations

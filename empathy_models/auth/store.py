@@ -206,7 +206,9 @@ def restore_auth_strategy(
     Bring back the newest backup (or ``backup``) of the auth strategy file at ``path``.
 
     When a file is already in place it is itself backed up first, so a restore never
-    loses data.  The backup is copied atomically (0600) and left in place.  Blocking.
+    loses data.  The backup is copied atomically (0600) and left in place.  It is chosen
+    and read under the lock `reset_auth_strategy` takes, so a reset pruning backups at
+    the same time cannot remove it halfway.  Blocking.
 
     Args:
         path: the file (default `auth_strategy_file`).
@@ -220,18 +222,37 @@ def restore_auth_strategy(
             it).
     """
     file = Path(path) if path is not None else auth_strategy_file()
+    # checked before the lock too, so that nothing (the directory) is created for a
+    # restore that cannot happen
     if backup is not None:
-        source = Path(backup)
+        _backup_content(Path(backup))
     else:
-        backups = list_auth_strategy_backups(file)
-        if not backups:
-            raise AuthFileError(
-                f"{file}: no backup to restore (looked for {file.name}.*.bak)", path=file
-            )
-        source = backups[0]
+        _newest_backup(file)
+    with _locked(file):
+        # chosen and read under the lock, where a reset cannot prune it
+        source = Path(backup) if backup is not None else _newest_backup(file)
+        data = _backup_content(source)
+        previous = _backup(file) if file.exists() else None
+        _atomic_write(file, data)
+    return source, previous
+
+
+def _newest_backup(file: Path) -> Path:
+    backups = list_auth_strategy_backups(file)
+    if not backups:
+        raise AuthFileError(
+            f"{file}: no backup to restore (looked for {file.name}.*.bak)", path=file
+        )
+    return backups[0]
+
+
+def _backup_content(source: Path) -> bytes:
+    """The bytes of the backup ``source``, checked to hold a valid strategy."""
     if AuthStrategy.load_existing(source) is None:
         raise AuthFileError(f"{source}: backup not found", path=source)
-    with _locked(file):
-        previous = _backup(file) if file.exists() else None
-        _atomic_write(file, source.read_bytes())
-    return source, previous
+    try:
+        return source.read_bytes()
+    except FileNotFoundError as exc:
+        raise AuthFileError(f"{source}: backup not found", path=source) from exc
+    except OSError as exc:
+        raise AuthFileError(f"{source}: cannot read ({exc.strerror})", path=source) from exc

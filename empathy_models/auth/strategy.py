@@ -526,7 +526,8 @@ class AuthStrategy:
 
         Raises:
             AuthFileError: naming the path, when the file exists but cannot be read, is not
-                JSON, or holds an invalid value (the message names the field).
+                JSON, or holds an invalid value (the message names the field, and says to
+                upgrade when a newer release wrote the file).
         """
         file = Path(path) if path is not None else auth_strategy_file()
         data = _read_json(file)
@@ -535,6 +536,16 @@ class AuthStrategy:
         try:
             return cls.from_dict(data)
         except RecordValidationError as exc:
+            version = data.get("v") if isinstance(data, Mapping) else None
+            if isinstance(version, int) and version > AUTH_SCHEMA_VERSION:
+                # a value a newer release added: editing or moving the file would drop
+                # that release's settings
+                raise AuthFileError(
+                    f"{file}: written by a newer empathy-models (format v{version}; this "
+                    f"one reads v{AUTH_SCHEMA_VERSION}) with a value this version does not "
+                    f"know ({exc}); upgrade empathy-models to use it",
+                    path=file,
+                ) from exc
             raise AuthFileError(
                 f"{file}: invalid auth strategy ({exc}); fix the value, or move the file "
                 f"away ({_reset_hint(file)})",
@@ -581,6 +592,29 @@ class AuthStrategy:
         _lexists(file)
         with _locked(file):
             return self._save_locked(file)
+
+    @classmethod
+    def update(cls, path: str | os.PathLike[str] | None = None, **changes: Any) -> Self:
+        """
+        Apply ``changes`` to the strategy saved at ``path`` (default `auth_strategy_file`;
+        the defaults when there is no file), save the result and return it.  Blocking.
+
+        The file is read, changed and written under the lock `save` takes, so updates of
+        different fields made at the same time, from any process, all land (a
+        ``load().replace(...).save()`` of one would be overwritten by the other's).
+
+        Raises:
+            RecordValidationError: ``changes`` break an invariant (with the saved
+                strategy); the file is left as it was.
+            AuthFileError: as for `load` and `save`.
+        """
+        file = Path(path) if path is not None else auth_strategy_file()
+        _lexists(file)
+        with _locked(file):
+            existing = cls.load_existing(file)
+            updated = (existing if existing is not None else cls()).replace(**changes)
+            updated._save_locked(file)
+        return updated
 
     def _save_locked(self, file: Path) -> Path:
         data = self.to_dict()

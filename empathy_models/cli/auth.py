@@ -26,6 +26,7 @@ from empathy_models.auth import (
     reset_auth_strategy,
     restore_auth_strategy,
 )
+from empathy_models.exceptions import RecordValidationError
 
 from ._common import (
     CliError,
@@ -178,10 +179,11 @@ def cmd_auth_setup(args: argparse.Namespace) -> int:
         changes["default_mode"] = _ask("Default mode", _MODES, current.default_mode.value)
     changes["setup_completed"] = True
     try:
-        updated = current.replace(**changes)
-    except ValueError as exc:
+        # read, changed and written under the file's lock: a concurrent setup of another
+        # field is kept
+        updated = AuthStrategy.update(file, **changes)
+    except RecordValidationError as exc:
         raise CliError(f"invalid setting: {exc}", code=2) from exc
-    updated.save(file)
     if args.json:
         emit_json({"config_file": str(file), **updated.to_dict()})
         return 0
