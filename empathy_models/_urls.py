@@ -2,7 +2,7 @@
 URLs that may hold credentials, for messages: where a URL's userinfo ends
 (`userinfo_end`), which query options may hold a secret (`secret_param`, `masked_query`),
 and what is wrong with a URL `urllib.parse` refused (`url_flaw`), said without quoting
-the URL.
+the URL; and the API keys a message must not quote (`masked_keys`).
 
 A leaf: imports nothing from the package.
 """
@@ -14,7 +14,16 @@ from difflib import get_close_matches
 from typing import Final
 from urllib.parse import unquote_plus
 
-__all__ = ["masked_query", "secret_param", "url_flaw", "userinfo_end"]
+__all__ = ["KEY_PATTERN", "masked_keys", "masked_query", "secret_param", "url_flaw", "userinfo_end"]
+
+KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
+"""An API key as OpenAI and Anthropic issue them (``sk-...``, ``sk-ant-...``) in a text."""
+
+
+def masked_keys(text: str) -> str:
+    """``text`` with each API key in it (`KEY_PATTERN`) shown as ``sk-***``."""
+    return KEY_PATTERN.sub("sk-***", text) if "sk-" in text else text
+
 
 # what may follow the '@' that ends a userinfo, up to the next '/', '?' or '#': a host
 # (a name, an address, a bracketed IPv6 address, a comma-separated list of them) and a

@@ -18,7 +18,7 @@ anything else is explained in a fixed order: not a number (``bool`` is not one),
 finite or below ``low`` (NaN included), above ``high``; an infinity given a message of
 its own (``finite_why``) is told apart after the range check (so NaN is out of range).
 
-A leaf: imports only the error tree.
+A leaf: imports only the error tree and `_urls` (for `masked_keys`; stdlib only).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Collection
 from typing import Any, Final, Literal, Protocol, TypeVar
 
+from ._urls import masked_keys
 from .exceptions import RecordValidationError
 
 __all__ = [
@@ -83,12 +84,14 @@ def shown(value: object) -> str:
     and past 4,300 ``repr`` refuses it); a value whose ``repr`` fails (a list holding
     such an int, a cycle too deep, an object whose ``__repr__`` raises) by its type; a
     repr over `SHOWN_MAX` characters is cut, ending ``...`` (and, for a string, its
-    length).
+    length).  An API key in it is shown as ``sk-***`` (`masked_keys`).
     """
     if isinstance(value, int) and not isinstance(value, bool) and not -(10**30) < value < 10**30:
         return f"an integer of {value.bit_length()} bits"
     try:
-        text = repr(value)
+        # an API key given in the wrong place is not quoted (`masked_keys`): the message
+        # may be logged
+        text = masked_keys(repr(value))
     except Exception:  # whatever it raises, the message must still be made
         return f"a {type(value).__name__} that cannot be shown"
     if len(text) <= SHOWN_MAX:

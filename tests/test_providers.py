@@ -390,6 +390,28 @@ async def test_key_from_the_environment(
         assert (await provider.complete(req())).output_tokens == 7
 
 
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda key: OpenAIProvider(api_key="x", base_url=key),
+        lambda key: AnthropicProvider(api_key="x", base_url=key),
+        lambda key: ExecutionContext(temperature=key),
+        lambda key: ExecutionContext(max_tokens=key),
+    ],
+    ids=["openai base_url", "anthropic base_url", "temperature", "max_tokens"],
+)
+@pytest.mark.parametrize("key", ["sk-proj-Abc123_def456-ghi789", "sk-ant-api03-Abc123_def456"])
+def test_a_key_given_as_another_argument_is_not_quoted_by_its_error(
+    build: Callable[[str], object], key: str
+) -> None:
+    # an API key passed in the wrong place: the error (often logged) says what is wrong
+    # without the key
+    with pytest.raises(ConfigurationError) as raised:
+        build(key)
+    assert key not in str(raised.value) and key[:12] not in str(raised.value)
+    assert "sk-***" in str(raised.value)
+
+
 def test_repr_shows_name_and_url_but_never_the_key() -> None:
     anthropic = AnthropicProvider(api_key="sk-ant-secret-value")
     openai = OpenAIProvider(api_key="sk-secret-value", name="vllm", base_url="http://gpu:8000/v1/")

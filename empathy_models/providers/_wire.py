@@ -21,7 +21,7 @@ from typing import Any, Final, NoReturn
 from urllib.parse import quote, quote_plus
 
 from .._text import utf8_size
-from .._urls import masked_query, userinfo_end
+from .._urls import masked_keys, masked_query, userinfo_end
 from ..exceptions import (
     AuthenticationError,
     ConfigurationError,
@@ -68,7 +68,6 @@ The UTF-8 bytes of an answer counted as one output token when the provider repor
 count (`estimated_output_tokens`): about what providers count for English, what the
 executor's estimate of a prompt assumes too (``limits.values.WORST_PER_ESTIMATE``).
 """
-_KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
 _URL_PASSWORD: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)\S{0,512}@")
 """
 The password of a ``scheme://user:password@`` in a message (a proxy URL quoted back),
@@ -166,7 +165,7 @@ class _Secret(_Secrets):
 def _scrub(text: str, secret: _Secrets | None) -> str:
     if secret is not None:
         text = secret.scrub(text)
-    text = _KEY_PATTERN.sub("sk-***", text)
+    text = masked_keys(text)
     text = _URL_PASSWORD.sub(r"\1***@", text)
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
