@@ -779,3 +779,58 @@ def test_a_long_line_of_escaped_quotes_is_counted_not_stuck(tmp_path: Path) -> N
     report = count_lines_of_code(source)
     assert (report.total_lines, report.code_lines) == (3, 3)
     assert report.looks_like_data
+
+
+# --------------------------------------------------------------------------- not a regular file
+
+
+def _refused(file: Path, info: pytest.ExceptionInfo[AuthFileError]) -> None:
+    assert info.value.path == file
+    assert f"{file}: not a regular file" in str(info.value)
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_as_the_strategy_file_is_refused_not_waited_on(tmp_path: Path) -> None:
+    # nobody ever writes to the FIFO: reading it would wait forever
+    file = tmp_path / "auth_strategy.json"
+    os.mkfifo(file)
+    for call in (
+        lambda: AuthStrategy.load(file),
+        lambda: AuthStrategy.load_existing(file),
+        lambda: AuthStrategy().save(file),
+        lambda: AuthStrategy.update(file, small_module_threshold=7),
+    ):
+        with pytest.raises(AuthFileError) as info:
+            call()
+        _refused(file, info)
+    assert stat.S_ISFIFO(os.lstat(file).st_mode)  # left in place
+
+
+@pytest.mark.timeout(30)
+def test_restore_over_a_fifo_or_from_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    file = tmp_path / "auth_strategy.json"
+    AuthStrategy(small_module_threshold=7).save(file)
+    backup = reset_auth_strategy(file)
+    assert backup is not None
+    os.mkfifo(file)
+    with pytest.raises(AuthFileError) as info:
+        restore_auth_strategy(file)
+    _refused(file, info)
+    assert stat.S_ISFIFO(os.lstat(file).st_mode)
+    fifo_backup = tmp_path / "fifo.bak"
+    os.mkfifo(fifo_backup)
+    with pytest.raises(AuthFileError) as info:
+        restore_auth_strategy(tmp_path / "other.json", backup=fifo_backup)
+    _refused(fifo_backup, info)
+
+
+@pytest.mark.timeout(30)
+def test_reset_of_a_symlink_to_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "auth_strategy.json"
+    link.symlink_to(fifo)
+    with pytest.raises(AuthFileError) as info:
+        reset_auth_strategy(link)
+    assert "not a regular file" in str(info.value)
+    assert link.is_symlink() and list_auth_strategy_backups(link) == []

@@ -1009,3 +1009,16 @@ def test_recommend_prices_from_the_configured_registry_or_registry_option(
     (other / "mine.json").write_text(json.dumps({**data, "price_version": "mine"}))
     args = ("auth", "recommend", str(source), "--json", "--registry", str(other / "mine.json"))
     assert json.loads(ok(cli(home, *args, cwd=tmp_path)))["estimate"]["price_version"] == "mine"
+
+
+@pytest.mark.timeout(60)
+def test_auth_commands_on_a_fifo_fail_clearly_instead_of_waiting(
+    home: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "strategy.json"
+    os.mkfifo(fifo)
+    for args in (("status",), ("setup", "--tier", "max"), ("recommend", str(fifo))):
+        result = cli(home, "auth", *args, "--file", str(fifo))
+        assert result.returncode == 1, result
+        assert f"{fifo}: not a regular file" in result.stderr, result
+        assert "Traceback" not in result.stderr

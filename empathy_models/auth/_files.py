@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shlex
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,6 +77,27 @@ def _lexists(file: Path) -> bool:
     return True
 
 
+def _read_regular(file: Path) -> bytes:
+    """
+    The bytes of ``file``, following a symlink; `AuthFileError` when it is a directory
+    or not a regular file (a FIFO or a device, which a read could wait on forever).  It
+    is opened without blocking and checked through the descriptor, so a FIFO put in its
+    place meanwhile is refused too.  Other failures are `OSError`.
+    """
+    fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as stream:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise AuthFileError(f"{file}: is a directory, not an auth strategy file", path=file)
+        if not stat.S_ISREG(mode):
+            raise AuthFileError(
+                f"{file}: not a regular file (a FIFO, a socket or a device); the auth "
+                "strategy file must be a regular file",
+                path=file,
+            )
+        return stream.read()
+
+
 def _read_json(file: Path) -> Any:
     """
     Parsed JSON of ``file``; None if it does not exist; `AuthFileError` otherwise,
@@ -84,13 +106,9 @@ def _read_json(file: Path) -> Any:
     if not _lexists(file):
         return None
     try:
-        raw = file.read_bytes()
+        raw = _read_regular(file)
     except FileNotFoundError:
         return None
-    except IsADirectoryError as exc:
-        raise AuthFileError(
-            f"{file}: is a directory, not an auth strategy file", path=file
-        ) from exc
     except OSError as exc:
         raise AuthFileError(f"{file}: cannot read ({exc.strerror})", path=file) from exc
     try:

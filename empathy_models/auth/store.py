@@ -14,7 +14,14 @@ from typing import Final
 
 from .._validators import check, failure, integer
 from ..exceptions import AuthFileError, ConfigurationError
-from ._files import _atomic_write, _fsync_dir, _lexists, _locked, auth_strategy_file
+from ._files import (
+    _atomic_write,
+    _fsync_dir,
+    _lexists,
+    _locked,
+    _read_regular,
+    auth_strategy_file,
+)
 from .strategy import AuthStrategy
 
 __all__ = [
@@ -77,6 +84,10 @@ def _prune_backups(file: Path, keep: int) -> None:
 
 
 def _backup(file: Path) -> Path:
+    try:
+        data = _read_regular(file)
+    except OSError as exc:
+        raise AuthFileError(f"{file}: cannot back up ({exc.strerror})", path=file) from exc
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     target = file.with_name(f"{file.name}.{stamp}.bak")
     counter = 0
@@ -92,7 +103,6 @@ def _backup(file: Path) -> Path:
                 f"{target}: cannot create the backup ({exc.strerror})", path=target
             ) from exc
     try:
-        data = file.read_bytes()
         with os.fdopen(fd, "wb") as out:
             out.write(data)
             out.flush()
@@ -251,7 +261,7 @@ def _backup_content(source: Path) -> bytes:
     if AuthStrategy.load_existing(source) is None:
         raise AuthFileError(f"{source}: backup not found", path=source)
     try:
-        return source.read_bytes()
+        return _read_regular(source)
     except FileNotFoundError as exc:
         raise AuthFileError(f"{source}: backup not found", path=source) from exc
     except OSError as exc:
