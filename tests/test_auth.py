@@ -570,6 +570,23 @@ def test_restore_picks_the_newest_backup_and_keeps_the_current_file(home: Path) 
     assert previous is not None and AuthStrategy.load(previous).small_module_threshold == 3
 
 
+def test_restores_alone_keep_the_backups_within_the_limit(tmp_path: Path) -> None:
+    # each restore backs up the file it replaces; only resets used to prune
+    file = tmp_path / "auth_strategy.json"
+    AuthStrategy(small_module_threshold=1).save(file)
+    oldest = reset_auth_strategy(file)
+    assert oldest is not None
+    for i in range(25):
+        AuthStrategy(small_module_threshold=100 + i).save(file)
+        restore_auth_strategy(file, backup=oldest)
+    backups = list_auth_strategy_backups(file)
+    # the 20 newest (the default keep_backups, as for reset), and the one being
+    # restored, never pruned
+    assert len(backups) == 21 and backups[-1] == oldest
+    assert AuthStrategy.load(backups[0]).small_module_threshold == 124
+    assert AuthStrategy.load(file).small_module_threshold == 1
+
+
 def test_restore_without_backup_is_an_error(home: Path) -> None:
     with pytest.raises(AuthFileError, match="no backup"):
         restore_auth_strategy()

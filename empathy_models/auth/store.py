@@ -77,10 +77,18 @@ def _backup_target(file: Path) -> Path:
     return target
 
 
-def _prune_backups(file: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest backups of ``file``."""
+def _prune_backups(file: Path, keep: int, *, spare: Path | None = None) -> None:
+    """Delete all but the ``keep`` newest backups of ``file``, and never ``spare``."""
     for old in list_auth_strategy_backups(file)[keep:]:
-        old.unlink(missing_ok=True)
+        if spare is None or not _same_file(old, spare):
+            old.unlink(missing_ok=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _backup(file: Path) -> Path:
@@ -210,7 +218,10 @@ def _copy_link_to_backup(file: Path) -> Path:
 
 
 def restore_auth_strategy(
-    path: str | os.PathLike[str] | None = None, *, backup: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    *,
+    backup: str | os.PathLike[str] | None = None,
+    keep_backups: int = DEFAULT_KEEP_BACKUPS,
 ) -> tuple[Path, Path | None]:
     """
     Bring back the newest backup (or ``backup``) of the auth strategy file at ``path``.
@@ -218,11 +229,14 @@ def restore_auth_strategy(
     When a file is already in place it is itself backed up first, so a restore never
     loses data.  The backup is copied atomically (0600) and left in place.  It is chosen
     and read under the lock `reset_auth_strategy` takes, so a reset pruning backups at
-    the same time cannot remove it halfway.  Blocking.
+    the same time cannot remove it halfway.  Backups are then pruned as by a reset,
+    never the one restored.  Blocking.
 
     Args:
         path: the file (default `auth_strategy_file`).
         backup: the backup to restore (default: the newest).
+        keep_backups: only this many newest backups are kept (default 20), besides the
+            one restored; older ones are deleted.
 
     Returns:
         ``(restored_from, previous_file_backup_or_None)``.
@@ -231,6 +245,7 @@ def restore_auth_strategy(
         AuthFileError: there is no backup, or it does not hold a valid strategy (naming
             it).
     """
+    check(_keep_backups, "keep_backups", keep_backups)
     file = Path(path) if path is not None else auth_strategy_file()
     # checked before the lock too, so that nothing (the directory) is created for a
     # restore that cannot happen
@@ -244,6 +259,7 @@ def restore_auth_strategy(
         data = _backup_content(source)
         previous = _backup(file) if file.exists() else None
         _atomic_write(file, data)
+        _prune_backups(file, keep_backups, spare=source)
     return source, previous
 
 
