@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import operator
 import os
+import re
 import stat
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -585,6 +587,47 @@ def test_restores_alone_keep_the_backups_within_the_limit(tmp_path: Path) -> Non
     assert len(backups) == 21 and backups[-1] == oldest
     assert AuthStrategy.load(backups[0]).small_module_threshold == 124
     assert AuthStrategy.load(file).small_module_threshold == 1
+
+
+def test_backups_made_after_the_clock_stepped_back_are_still_the_newest(
+    tmp_path: Path,
+) -> None:
+    file = tmp_path / "auth_strategy.json"
+    AuthStrategy(small_module_threshold=1).save(file)
+    made = reset_auth_strategy(file)
+    assert made is not None
+    # the name this reset gets with the clock an hour ahead (it is then set back)
+    stamp = re.search(r"\d{8}T\d{12}Z", made.name)
+    assert stamp is not None
+    ahead = datetime.strptime(stamp.group(), "%Y%m%dT%H%M%S%fZ") + timedelta(hours=1)
+    first = made.with_name(made.name.replace(stamp.group(), ahead.strftime("%Y%m%dT%H%M%S%fZ")))
+    made.rename(first)
+    AuthStrategy(small_module_threshold=2).save(file)
+    second = reset_auth_strategy(file)
+    assert list_auth_strategy_backups(file) == [second, first]
+    source, _ = restore_auth_strategy(file)
+    assert source == second and AuthStrategy.load(file).small_module_threshold == 2
+    # pruning keeps the backup made last
+    AuthStrategy(small_module_threshold=3).save(file)
+    third = reset_auth_strategy(file, keep_backups=1)
+    assert list_auth_strategy_backups(file) == [third]
+    assert AuthStrategy.load(third).small_module_threshold == 3
+
+
+def test_backups_named_by_earlier_versions_are_listed_in_time_order(tmp_path: Path) -> None:
+    file = tmp_path / "auth_strategy.json"
+    names = [
+        "auth_strategy.json.20260101T120000000000Z.bak",
+        "auth_strategy.json.20260101T120000000000Z-1.bak",
+        "auth_strategy.json.20260102T000000000000Z.bak",
+    ]
+    for name in names:
+        AuthStrategy().save(tmp_path / name)
+    assert list_auth_strategy_backups(file) == [tmp_path / name for name in reversed(names)]
+    # a backup made now is newer than all of them
+    AuthStrategy(small_module_threshold=2).save(file)
+    made = reset_auth_strategy(file)
+    assert list_auth_strategy_backups(file)[0] == made
 
 
 def test_restore_without_backup_is_an_error(home: Path) -> None:

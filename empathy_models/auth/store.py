@@ -6,8 +6,10 @@ timestamped backup, `restore_auth_strategy` brings the newest (or a chosen) one 
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -31,7 +33,9 @@ __all__ = [
     "restore_auth_strategy",
 ]
 
-_BACKUP_RE: Final = re.compile(r"\.(\d{8}T\d{6}\d{6}Z)(?:-(\d+))?\.bak$")
+# <name>.<UTC timestamp>.<sequence number>.bak; earlier versions wrote
+# <name>.<UTC timestamp>[-<counter>].bak (no sequence number: older than any that has one)
+_BACKUP_RE: Final = re.compile(r"\.(\d{8}T\d{6}\d{6}Z)(?:-(\d+)|\.(\d+))?\.bak$")
 
 
 _keep_backups = integer(failure(ConfigurationError), low=1, why="must be an integer >= 1")
@@ -41,40 +45,55 @@ def list_auth_strategy_backups(path: str | os.PathLike[str] | None = None) -> li
     """
     Backups of the auth strategy file at ``path`` (default `auth_strategy_file`).
 
-    Backups sit next to the file as ``<name>.<UTC timestamp>.bak`` (for example
-    ``auth_strategy.json.20260101T120000123456Z.bak``).
+    Backups sit next to the file as ``<name>.<UTC timestamp>.<sequence number>.bak``
+    (for example ``auth_strategy.json.20260101T120000123456Z.7.bak``).  The sequence
+    number orders them, one more for each new backup, so a clock set back does not
+    change which is newest; backups named by earlier versions (no sequence number) are
+    older than any that has one, and ordered by their timestamp.
 
     Returns:
         Their paths, newest first.
     """
     file = Path(path) if path is not None else auth_strategy_file()
+    return [entry for _, entry in _backups(file)]
+
+
+def _backups(file: Path) -> list[tuple[tuple[int, str, int], Path]]:
+    """The backups of ``file`` with their order (sequence, timestamp, counter), newest first."""
     if not file.parent.is_dir():
         return []
-    found: list[tuple[str, int, Path]] = []
+    found: list[tuple[tuple[int, str, int], Path]] = []
     prefix = file.name
     for entry in file.parent.iterdir():
         if not entry.name.startswith(prefix + "."):
             continue
         match = _BACKUP_RE.fullmatch(entry.name[len(prefix) :])
         if match and entry.is_file():
-            found.append((match.group(1), int(match.group(2) or 0), entry))
+            order = (int(match.group(3) or 0), match.group(1), int(match.group(2) or 0))
+            found.append((order, entry))
     found.sort(reverse=True)
-    return [entry for _, _, entry in found]
+    return found
 
 
 DEFAULT_KEEP_BACKUPS: Final = 20
 """How many backups of the auth strategy file `reset_auth_strategy` keeps by default."""
 
 
+def _backup_names(file: Path) -> Iterator[Path]:
+    """
+    Names for a new backup of ``file``, to try in turn: the sequence number one more
+    than the newest backup's, then the next ones (called with the lock held).
+    """
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    found = _backups(file)
+    newest = found[0][0][0] if found else 0
+    for number in itertools.count(newest + 1):
+        yield file.with_name(f"{file.name}.{stamp}.{number}.bak")
+
+
 def _backup_target(file: Path) -> Path:
     """A backup name for ``file`` that does not exist yet (called with the lock held)."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    target = file.with_name(f"{file.name}.{stamp}.bak")
-    counter = 0
-    while target.exists() or target.is_symlink():
-        counter += 1
-        target = file.with_name(f"{file.name}.{stamp}-{counter}.bak")
-    return target
+    return next(t for t in _backup_names(file) if not (t.exists() or t.is_symlink()))
 
 
 def _prune_backups(file: Path, keep: int, *, spare: Path | None = None) -> None:
@@ -96,16 +115,12 @@ def _backup(file: Path) -> Path:
         data = _read_regular(file)
     except OSError as exc:
         raise AuthFileError(f"{file}: cannot back up ({exc.strerror})", path=file) from exc
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    target = file.with_name(f"{file.name}.{stamp}.bak")
-    counter = 0
-    while True:
+    for target in _backup_names(file):
         try:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             break
         except FileExistsError:
-            counter += 1
-            target = file.with_name(f"{file.name}.{stamp}-{counter}.bak")
+            continue
         except OSError as exc:
             raise AuthFileError(
                 f"{target}: cannot create the backup ({exc.strerror})", path=target
