@@ -20,11 +20,22 @@ def empathy_home() -> Path:
 
     ``$EMPATHY_HOME`` when set and non-empty (``~`` expanded), else ``~/.empathy``.
     The directory is not created here.
+
+    Raises:
+        ConfigurationError: ``$EMPATHY_HOME`` is a relative path (it would name another
+            directory in every working directory), or names a home directory that does
+            not exist (an unknown ``~user``).
     """
     configured = os.environ.get("EMPATHY_HOME", "").strip()
     try:
         if configured:
-            return Path(configured).expanduser()
+            home = Path(configured).expanduser()
+            if not home.is_absolute():
+                raise ConfigurationError(
+                    f"EMPATHY_HOME={configured!r} is a relative path: set EMPATHY_HOME to a "
+                    "full path"
+                )
+            return home
         return Path.home() / ".empathy"
     except RuntimeError:  # no home directory for that user (or for this one)
         raise ConfigurationError(

@@ -352,6 +352,22 @@ def test_auth_strategy_file_honours_empathy_home_at_call_time(
     assert auth_strategy_file() == Path.home() / ".empathy" / "auth_strategy.json"
 
 
+@pytest.mark.parametrize("relative", ["state", "./state", "sub/dir/.."])
+def test_a_relative_empathy_home_is_refused_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relative: str
+) -> None:
+    # it would name another directory in every working directory
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EMPATHY_HOME", relative)
+    for use in (auth_strategy_file, AuthStrategy.load, AuthStrategy().save):
+        with pytest.raises(empathy_models.ConfigurationError) as info:
+            use()
+        assert str(info.value) == (
+            f"EMPATHY_HOME={relative!r} is a relative path: set EMPATHY_HOME to a full path"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 _NO_SUCH_HOME = "~no_such_user_here/x"  # a ~user that does not exist: no home directory
 
 _USE_THE_PATH = """

@@ -1022,3 +1022,16 @@ def test_auth_commands_on_a_fifo_fail_clearly_instead_of_waiting(
         assert result.returncode == 1, result
         assert f"{fifo}: not a regular file" in result.stderr, result
         assert "Traceback" not in result.stderr
+
+
+def test_a_relative_empathy_home_is_an_error_wherever_the_cli_runs(tmp_path: Path) -> None:
+    # resolved against the working directory, it named another file in each one
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        result = cli(Path("state"), "auth", "setup", "--small", "42", cwd=tmp_path / where)
+        assert result.returncode == 1, result
+        assert result.stderr == (
+            "empathy-models: error: EMPATHY_HOME='state' is a relative path: set "
+            "EMPATHY_HOME to a full path\n"
+        )
+        assert list((tmp_path / where).iterdir()) == []
