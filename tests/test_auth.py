@@ -910,3 +910,22 @@ def test_reset_of_a_symlink_to_a_fifo_is_refused_not_waited_on(tmp_path: Path) -
         reset_auth_strategy(link)
     assert "not a regular file" in str(info.value)
     assert link.is_symlink() and list_auth_strategy_backups(link) == []
+
+
+@pytest.mark.parametrize("below", ["auth_strategy.json", "deeper/auth_strategy.json"])
+def test_a_file_where_the_directory_should_be_is_named_as_not_a_directory(
+    tmp_path: Path, below: str
+) -> None:
+    blocker = tmp_path / "home"
+    blocker.write_text("x")
+    file = blocker / below
+    for call in (
+        lambda: AuthStrategy.load(file),
+        lambda: AuthStrategy().save(file),
+        lambda: AuthStrategy.update(file, small_module_threshold=7),
+        lambda: reset_auth_strategy(file),
+    ):
+        with pytest.raises(AuthFileError) as info:
+            call()
+        assert f"{blocker} is not a directory" in str(info.value)
+    assert blocker.read_text() == "x"

@@ -59,6 +59,19 @@ def _corrupt(file: Path, why: str) -> AuthFileError:
     )
 
 
+def _not_a_directory(directory: Path) -> Path | None:
+    """
+    The first of ``directory`` and its parents that exists as something other than a
+    directory (a regular file, say), looking up to the first directory; None if none.
+    """
+    for path in (directory, *directory.parents):
+        if path.is_dir():
+            return None
+        if os.path.lexists(path):
+            return path
+    return None
+
+
 def _lexists(file: Path) -> bool:
     """
     Whether ``file`` exists (a symlink counts, even a dangling one); `AuthFileError` for a
@@ -66,8 +79,15 @@ def _lexists(file: Path) -> bool:
     """
     try:
         os.lstat(file)
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
         return False
+    except NotADirectoryError:
+        blocker = _not_a_directory(file.parent)
+        if blocker is None:  # the path changed meanwhile
+            return False
+        raise AuthFileError(
+            f"{file}: not a usable path ({blocker} is not a directory)", path=file
+        ) from None
     except ValueError as exc:  # "embedded null byte"
         raise AuthFileError(
             f"{str(file)!r}: not a usable auth strategy path (it contains a NUL byte)", path=file
@@ -136,8 +156,10 @@ def _ensure_private_dir(directory: Path) -> None:
         make_private_dirs(directory)
         os.chmod(directory, 0o700)
     except OSError as exc:
+        blocker = _not_a_directory(directory)
+        why = exc.strerror if blocker is None else f"{blocker} is not a directory"
         raise AuthFileError(
-            f"{directory}: cannot create the directory ({exc.strerror})", path=directory
+            f"{directory}: cannot create the directory ({why})", path=directory
         ) from exc
 
 
