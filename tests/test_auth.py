@@ -929,3 +929,48 @@ def test_a_file_where_the_directory_should_be_is_named_as_not_a_directory(
             call()
         assert f"{blocker} is not a directory" in str(info.value)
     assert blocker.read_text() == "x"
+
+
+# a save killed (SIGKILL) after writing its temporary file, before renaming it
+_KILLED_BEFORE_THE_RENAME = """
+import os, signal, sys
+from empathy_models.auth import AuthStrategy
+
+def hook(event, args):
+    if event == "os.rename" and str(args[0]).endswith(".tmp"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+sys.addaudithook(hook)
+AuthStrategy(small_module_threshold=7).save(sys.argv[1])
+"""
+
+
+def _killed_save(file: Path) -> Path:
+    before = set(file.parent.glob(f".{file.name}.*.tmp"))
+    result = subprocess.run(
+        [sys.executable, "-c", _KILLED_BEFORE_THE_RENAME, str(file)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert result.returncode == -9, result.stderr
+    (left,) = set(file.parent.glob(f".{file.name}.*.tmp")) - before
+    return left
+
+
+def test_temporary_files_of_killed_saves_are_removed_by_a_later_save(tmp_path: Path) -> None:
+    file = tmp_path / "auth_strategy.json"
+    AuthStrategy(small_module_threshold=1).save(file)
+    stale = _killed_save(file)
+    hour_ago = stale.stat().st_mtime - 3600
+    os.utime(stale, (hour_ago, hour_ago))  # as after an hour
+    recent = _killed_save(file)  # could still be a save in progress elsewhere: kept
+    others = [tmp_path / ".auth_strategy.json.notes.tmp", tmp_path / ".other.json.abcd1234.tmp"]
+    for other in others:
+        other.write_text("mine")
+        os.utime(other, (hour_ago, hour_ago))
+    AuthStrategy(small_module_threshold=2).save(file)
+    assert not stale.exists()
+    assert recent.exists() and all(other.exists() for other in others)
+    assert AuthStrategy.load(file).small_module_threshold == 2

@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from .._paths import empathy_home, make_private_dirs
 from ..exceptions import AuthFileError, ConfigurationError
@@ -176,9 +178,38 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# a temporary file of `_atomic_write` (``tempfile.mkstemp``'s 8 random characters) left
+# this long is one whose process died before the rename: every write holds the lock
+_STALE_TEMP_SECONDS: Final = 15 * 60
+
+
+def _remove_stale_temp_files(file: Path) -> None:
+    """
+    Delete the temporary files `_atomic_write` made for ``file`` that were left behind
+    (their process killed before the rename), regular files older than
+    `_STALE_TEMP_SECONDS` only.  Called with the lock held; failures are ignored.
+    """
+    pattern = re.compile(rf"\.{re.escape(file.name)}\.[a-z0-9_]{{8}}\.tmp")
+    cutoff = time.time() - _STALE_TEMP_SECONDS
+    try:
+        entries = list(os.scandir(file.parent))
+    except OSError:
+        return
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and info.st_mtime < cutoff:
+                os.unlink(entry.path)
+        except OSError:
+            continue
+
+
 def _atomic_write(file: Path, data: bytes) -> None:
     directory = file.parent
     _ensure_private_dir(directory)
+    _remove_stale_temp_files(file)
     try:
         fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{file.name}.", suffix=".tmp")
     except OSError as exc:
