@@ -29,6 +29,10 @@ LINE_EQUIVALENT_CHARS: Final = 120
 """A code line longer than this counts as ``ceil(len / LINE_EQUIVALENT_CHARS)`` lines
 in `LinesOfCodeReport.effective_lines`."""
 
+# the largest file counted: it is read whole and split into lines (the biggest
+# hand-written sources, SQLite's amalgamation say, are under 10 MiB)
+_MAX_BYTES: Final = 32 * 1024 * 1024
+
 
 # --------------------------------------------------------------------------- lines of code
 
@@ -242,8 +246,9 @@ def count_lines_of_code(path: str | os.PathLike[str]) -> LinesOfCodeReport:
 
     Raises:
         SourceFileError: naming the path, when it does not exist, is a directory or
-            another non-regular file (a FIFO would block), cannot be read, or is binary
-            (holds NUL bytes).
+            another non-regular file (a FIFO would block), cannot be read, is binary
+            (holds NUL bytes), or is larger than 32 MiB (the whole file is read and
+            split into lines: a multi-GB one would exhaust memory).
     """
     file = Path(path)
     try:
@@ -256,10 +261,21 @@ def count_lines_of_code(path: str | os.PathLike[str]) -> LinesOfCodeReport:
         raise SourceFileError(f"{file}: is a directory; pass a source file", path=file)
     if not stat.S_ISREG(info.st_mode):
         raise SourceFileError(f"{file}: is not a regular file", path=file)
-    try:
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise SourceFileError(f"{file}: cannot read ({exc.strerror})", path=file) from exc
+    size = info.st_size
+    raw = b""
+    if size <= _MAX_BYTES:
+        try:
+            with file.open("rb") as stream:
+                raw = stream.read(_MAX_BYTES + 1)  # at most: it may have grown since
+        except OSError as exc:
+            raise SourceFileError(f"{file}: cannot read ({exc.strerror})", path=file) from exc
+        size = max(size, len(raw))
+    if size > _MAX_BYTES:
+        raise SourceFileError(
+            f"{file}: too large to count ({size:,} bytes; the limit is {_MAX_BYTES:,}): "
+            "not a hand-written module",
+            path=file,
+        )
     if b"\x00" in raw[:65536]:
         raise SourceFileError(f"{file}: looks binary (NUL bytes), not source code", path=file)
     text = raw.decode("utf-8", errors="replace")

@@ -974,3 +974,20 @@ def test_temporary_files_of_killed_saves_are_removed_by_a_later_save(tmp_path: P
     assert not stale.exists()
     assert recent.exists() and all(other.exists() for other in others)
     assert AuthStrategy.load(file).small_module_threshold == 2
+
+
+def test_a_file_too_large_for_a_module_is_refused_before_it_is_read_whole(
+    tmp_path: Path,
+) -> None:
+    # counting reads the whole file and splits it into lines: a multi-GB file would
+    # exhaust memory
+    big = tmp_path / "huge.py"
+    line = b"x = 1\n"
+    big.write_bytes(line * ((32 * 1024 * 1024) // len(line) + 1))
+    with pytest.raises(SourceFileError) as info:
+        count_lines_of_code(big)
+    assert info.value.path == big
+    assert str(info.value) == (
+        f"{big}: too large to count ({big.stat().st_size:,} bytes; the limit is "
+        "33,554,432): not a hand-written module"
+    )
