@@ -991,3 +991,15 @@ def test_a_file_too_large_for_a_module_is_refused_before_it_is_read_whole(
         f"{big}: too large to count ({big.stat().st_size:,} bytes; the limit is "
         "33,554,432): not a hand-written module"
     )
+
+
+def test_reset_of_a_fifo_is_refused_leaving_it(tmp_path: Path) -> None:
+    # moved into a "backup" before, which no listing showed, no restore could read and
+    # no pruning removed
+    file = tmp_path / "auth_strategy.json"
+    os.mkfifo(file)
+    with pytest.raises(AuthFileError) as info:
+        reset_auth_strategy(file)
+    _refused(file, info)
+    assert stat.S_ISFIFO(os.lstat(file).st_mode)
+    assert os.listdir(tmp_path) == ["auth_strategy.json"]

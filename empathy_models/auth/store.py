@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,6 +200,13 @@ def _move_to_backup(file: Path) -> Path | None:
             return _copy_link_to_backup(file)
         raise AuthFileError(f"{file}: cannot open ({exc.strerror})", path=file) from exc
     try:
+        mode = (os.fstat(fd) if fd is not None else os.lstat(file)).st_mode
+        if not stat.S_ISREG(mode):
+            raise AuthFileError(
+                f"{file}: not a regular file (a FIFO, a socket or a device); nothing to "
+                "back up (remove it)",
+                path=file,
+            )
         if fd is not None:
             os.fchmod(fd, 0o600)
         else:
