@@ -271,10 +271,11 @@ def restore_auth_strategy(
     check(_keep_backups, "keep_backups", keep_backups)
     file = Path(path) if path is not None else auth_strategy_file()
     # checked before the lock too, so that nothing (the directory) is created for a
-    # restore that cannot happen
+    # restore that cannot happen; the newest backup only when there is no directory
+    # (a listing made while a reset renames and prunes backups can see none of them)
     if backup is not None:
         _backup_content(Path(backup))
-    else:
+    elif not file.parent.is_dir():
         _newest_backup(file)
     with _locked(file):
         # chosen and read under the lock, where a reset cannot prune it
