@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -66,6 +67,10 @@ _timeout = number(
 # how long `close` waits for the calls it cancelled to finish unwinding (a coroutine
 # given to `SyncExecutor.call` may ignore the cancellation) before closing the executor
 _CANCEL_GRACE = 10.0
+
+# how often the main thread, waiting for a call, wakes up: the kernel may give a Ctrl-C
+# (SIGINT) to any thread, and Python raises it in the main thread only when that runs
+_WAKE = 0.25
 
 
 class _LoopThread:
@@ -152,16 +157,14 @@ class _LoopThread:
                 # a call its caller gave up on (a timeout, Ctrl-C) that then fails is logged
                 future = submit(self.loop, body(), "a SyncExecutor call", logger)
                 self._futures.add(future)
-            return future.result(timeout)
+            if not _wait(future, timeout) and future.cancel():
+                # the call is cancelled on the loop as well
+                raise TimeoutError(
+                    f"no answer within timeout={timeout:g} s: the call was cancelled"
+                )
+            return future.result()
         except _Carried as carried:
             raise carried.exc from None
-        except concurrent.futures.TimeoutError:
-            if timeout is None or future is None or future.done():
-                raise  # the call's own TimeoutError, not the wait's
-            future.cancel()  # the call is cancelled on the loop as well
-            raise TimeoutError(
-                f"no answer within timeout={timeout:g} s: the call was cancelled"
-            ) from None
         except concurrent.futures.CancelledError:
             if self.closed:
                 raise _closed_during_call() from None
@@ -225,6 +228,21 @@ class _LoopThread:
             threading.Thread(target=self.close, name=self.thread.name + "-close").start()
         else:
             self.close()
+
+
+def _wait(future: concurrent.futures.Future[Any], timeout: float | None) -> bool:
+    """Whether ``future`` is done within ``timeout`` seconds (``None``: until it is)."""
+    done = threading.Event()  # `concurrent.futures.wait` misses a cancellation
+    future.add_done_callback(lambda _: done.set())
+    end = None if timeout is None else time.monotonic() + timeout
+    wake = _WAKE if threading.current_thread() is threading.main_thread() else None
+    while True:
+        left = None if end is None else end - time.monotonic()
+        if left is not None and left <= 0:
+            return future.done()
+        step = wake if left is None else left if wake is None else min(left, wake)
+        if done.wait(step):
+            return True
 
 
 class _Carried(Exception):

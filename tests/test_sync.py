@@ -402,3 +402,52 @@ def test_a_call_given_up_by_ctrl_c_that_then_fails_is_logged_not_left_unretrieve
         ],
         "unhandled": [],
     }
+
+
+@pytest.mark.usefixtures("interruptible_children")
+def test_ctrl_c_delivered_to_another_thread_still_interrupts_a_waiting_call() -> None:
+    """
+    The kernel may hand a process's SIGINT to any of its threads; Python then runs the
+    handler in the main thread at its next bytecode.  A caller waiting for `call` must
+    get to it: here the signal is sent to a helper thread while the call hangs.
+    """
+    script = textwrap.dedent(
+        f"""
+        import asyncio, signal, sys, threading
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from tests._threaded_server import threaded_fake_server
+        from empathy_models import AnthropicProvider, ExecutionContext
+        from empathy_models.sync import SyncExecutor
+
+        started, cancelled = threading.Event(), threading.Event()
+
+        async def hang():
+            started.set()
+            try:
+                await asyncio.sleep(20)  # a hang guard: the wait was never interrupted
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return "not interrupted"
+
+        def interrupt():
+            started.wait(30)
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+        with threaded_fake_server(api_key="k") as server:
+            provider = AnthropicProvider(api_key="k", base_url=server.anthropic_base_url)
+            with SyncExecutor([provider], telemetry_store="null://") as llm:
+                threading.Thread(target=interrupt).start()
+                try:
+                    print(llm.call(hang))
+                except KeyboardInterrupt:
+                    print("interrupted")
+                print("cancelled" if cancelled.wait(30) else "not cancelled")
+                print(bool(llm.run("still there?", ExecutionContext(tier="cheap")).content))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=90
+    )
+    assert done.stdout.split() == ["interrupted", "cancelled", "True"], done.stderr
+    assert done.returncode == 0, done.stderr
