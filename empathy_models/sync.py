@@ -81,6 +81,7 @@ class _LoopThread:
         self.loop = asyncio.new_event_loop()
         self.stack: AsyncExitStack | None = None
         self.closed = False
+        self._closed_all = threading.Event()  # set once the first `close` is over
         self._lock = threading.Lock()
         # the calls in flight: their futures (for the callers' threads) and their tasks
         # on the loop, which `close` cancels before it closes the executor
@@ -195,9 +196,10 @@ class _LoopThread:
         """
         End the calls in flight, close what was entered, stop the loop, join the thread.
 
-        Idempotent.  Each call in flight is cancelled on the loop, and its caller gets
-        `NotOpenError`; a call that does not end within `_CANCEL_GRACE` seconds is left
-        behind (its caller is released all the same) and the executor closed regardless.
+        Idempotent: a close racing another returns once that one is over.  Each call
+        in flight is cancelled on the loop, and its caller gets `NotOpenError`; a call
+        that does not end within `_CANCEL_GRACE` seconds is left behind (its caller is
+        released all the same) and the executor closed regardless.
         In a forked child (its finalizer runs at the child's exit) it only marks the
         copy closed: the loop thread, and what it holds, belong to the parent.
         """
@@ -205,22 +207,29 @@ class _LoopThread:
             self.closed = True  # no lock: a thread of the parent may have held it at the fork
             return
         with self._lock:
-            if self.closed:
-                return
+            closing = not self.closed
             self.closed = True
             futures = list(self._futures)
+        if not closing:
+            # on the loop thread the first close may be waiting for this very call
+            if not self.on_loop_thread():
+                self._closed_all.wait()
+            return
         try:
             if self.loop.is_running():
                 asyncio.run_coroutine_threadsafe(self._shut_down(), self.loop).result()
         finally:
-            # release any caller still waiting (a call that ignored its cancellation)
-            # while the loop can still take the cancellation
-            for future in futures:
-                future.cancel()
-            if self.loop.is_running():
-                self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join()
-            self.loop.close()
+            try:
+                # release any caller still waiting (a call that ignored its cancellation)
+                # while the loop can still take the cancellation
+                for future in futures:
+                    future.cancel()
+                if self.loop.is_running():
+                    self.loop.call_soon_threadsafe(self.loop.stop)
+                self.thread.join()
+                self.loop.close()
+            finally:
+                self._closed_all.set()
 
     def close_from_anywhere(self) -> None:
         """`close`, handed to a thread of its own when run on the loop thread (by GC)."""
@@ -443,6 +452,7 @@ class SyncExecutor:
                 "after that call has returned"
             )
         self._finalizer()
+        self._worker.close()  # when another thread's close came first: once that is over
         atexit.unregister(self._finalizer)
 
     def __enter__(self) -> Self:

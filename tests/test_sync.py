@@ -451,3 +451,33 @@ def test_ctrl_c_delivered_to_another_thread_still_interrupts_a_waiting_call() ->
     )
     assert done.stdout.split() == ["interrupted", "cancelled", "True"], done.stderr
     assert done.returncode == 0, done.stderr
+
+
+def test_a_close_racing_another_returns_once_the_executor_is_closed(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """Two threads closing at once: neither `close` returns before the records are written."""
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    llm = SyncExecutor(providers(server), registry=REGISTRY, telemetry_store=url)
+    assert llm.run("hello", CHEAP).content  # its record is queued until the close
+    running, unwinding = threading.Event(), threading.Event()
+
+    async def slow_to_cancel() -> None:
+        running.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            unwinding.set()
+            await asyncio.sleep(1)  # the first close waits for this
+            raise
+
+    caller = threading.Thread(target=_call_from_a_thread, args=(llm, slow_to_cancel))
+    caller.start()
+    assert running.wait(30)
+    first = threading.Thread(target=llm.close)
+    first.start()
+    assert unwinding.wait(30), "the first close did not cancel the call"
+    llm.close()  # the second close, while the first waits
+    assert len(_records(tmp_path / "calls.db")) == 1
+    first.join(30)
+    caller.join(30)
