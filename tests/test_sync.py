@@ -481,3 +481,44 @@ def test_a_close_racing_another_returns_once_the_executor_is_closed(
     assert len(_records(tmp_path / "calls.db")) == 1
     first.join(30)
     caller.join(30)
+
+
+def test_a_breaker_already_open_in_a_notebooks_loop_is_refused_not_deadlocked(
+    tmp_path: Path,
+) -> None:
+    """
+    A notebook cell (its loop running) opened a `CircuitBreaker` on a shared store and
+    gives it to `SyncExecutor`, whose loop cannot use it: a clear error at once.  Opened
+    again there, it was bound to both loops, and `close` waited for ever for its flusher.
+    In a child process, with a hang guard.
+    """
+    script = textwrap.dedent(
+        f"""
+        import asyncio, faulthandler, sys
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang guard
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from empathy_models import AnthropicProvider, CircuitBreaker
+        from empathy_models.sync import SyncExecutor
+
+        async def cell():
+            async with CircuitBreaker(store={f"sqlite:///{tmp_path / 'state.db'}"!r}) as breaker:
+                try:
+                    llm = SyncExecutor(
+                        [AnthropicProvider(api_key="k")], breaker=breaker, telemetry_store="null://"
+                    )
+                except Exception as exc:
+                    print(type(exc).__name__, exc)
+                else:
+                    print("opened", flush=True)
+                    llm.close()
+                    print("closed")
+
+        asyncio.run(cell())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("NotOpenError "), done.stdout + done.stderr
+    assert "opened in another event loop" in done.stdout
