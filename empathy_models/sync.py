@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -67,6 +68,10 @@ _timeout = number(
 # given to `SyncExecutor.call` may ignore the cancellation) before closing the executor
 _CANCEL_GRACE = 10.0
 
+# how often the main thread, waiting for a call, wakes up: the kernel may give a Ctrl-C
+# (SIGINT) to any thread, and Python raises it in the main thread only when that runs
+_WAKE = 0.25
+
 
 class _LoopThread:
     """A private event loop on a daemon thread; never refers back to its owner."""
@@ -76,6 +81,7 @@ class _LoopThread:
         self.loop = asyncio.new_event_loop()
         self.stack: AsyncExitStack | None = None
         self.closed = False
+        self._closed_all = threading.Event()  # set once the first `close` is over
         self._lock = threading.Lock()
         # the calls in flight: their futures (for the callers' threads) and their tasks
         # on the loop, which `close` cancels before it closes the executor
@@ -152,16 +158,14 @@ class _LoopThread:
                 # a call its caller gave up on (a timeout, Ctrl-C) that then fails is logged
                 future = submit(self.loop, body(), "a SyncExecutor call", logger)
                 self._futures.add(future)
-            return future.result(timeout)
+            if not _wait(future, timeout) and future.cancel():
+                # the call is cancelled on the loop as well
+                raise TimeoutError(
+                    f"no answer within timeout={timeout:g} s: the call was cancelled"
+                )
+            return future.result()
         except _Carried as carried:
             raise carried.exc from None
-        except concurrent.futures.TimeoutError:
-            if timeout is None or future is None or future.done():
-                raise  # the call's own TimeoutError, not the wait's
-            future.cancel()  # the call is cancelled on the loop as well
-            raise TimeoutError(
-                f"no answer within timeout={timeout:g} s: the call was cancelled"
-            ) from None
         except concurrent.futures.CancelledError:
             if self.closed:
                 raise _closed_during_call() from None
@@ -192,9 +196,10 @@ class _LoopThread:
         """
         End the calls in flight, close what was entered, stop the loop, join the thread.
 
-        Idempotent.  Each call in flight is cancelled on the loop, and its caller gets
-        `NotOpenError`; a call that does not end within `_CANCEL_GRACE` seconds is left
-        behind (its caller is released all the same) and the executor closed regardless.
+        Idempotent: a close racing another returns once that one is over.  Each call
+        in flight is cancelled on the loop, and its caller gets `NotOpenError`; a call
+        that does not end within `_CANCEL_GRACE` seconds is left behind (its caller is
+        released all the same) and the executor closed regardless.
         In a forked child (its finalizer runs at the child's exit) it only marks the
         copy closed: the loop thread, and what it holds, belong to the parent.
         """
@@ -202,22 +207,29 @@ class _LoopThread:
             self.closed = True  # no lock: a thread of the parent may have held it at the fork
             return
         with self._lock:
-            if self.closed:
-                return
+            closing = not self.closed
             self.closed = True
             futures = list(self._futures)
+        if not closing:
+            # on the loop thread the first close may be waiting for this very call
+            if not self.on_loop_thread():
+                self._closed_all.wait()
+            return
         try:
             if self.loop.is_running():
                 asyncio.run_coroutine_threadsafe(self._shut_down(), self.loop).result()
         finally:
-            # release any caller still waiting (a call that ignored its cancellation)
-            # while the loop can still take the cancellation
-            for future in futures:
-                future.cancel()
-            if self.loop.is_running():
-                self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join()
-            self.loop.close()
+            try:
+                # release any caller still waiting (a call that ignored its cancellation)
+                # while the loop can still take the cancellation
+                for future in futures:
+                    future.cancel()
+                if self.loop.is_running():
+                    self.loop.call_soon_threadsafe(self.loop.stop)
+                self.thread.join()
+                self.loop.close()
+            finally:
+                self._closed_all.set()
 
     def close_from_anywhere(self) -> None:
         """`close`, handed to a thread of its own when run on the loop thread (by GC)."""
@@ -225,6 +237,21 @@ class _LoopThread:
             threading.Thread(target=self.close, name=self.thread.name + "-close").start()
         else:
             self.close()
+
+
+def _wait(future: concurrent.futures.Future[Any], timeout: float | None) -> bool:
+    """Whether ``future`` is done within ``timeout`` seconds (``None``: until it is)."""
+    done = threading.Event()  # `concurrent.futures.wait` misses a cancellation
+    future.add_done_callback(lambda _: done.set())
+    end = None if timeout is None else time.monotonic() + timeout
+    wake = _WAKE if threading.current_thread() is threading.main_thread() else None
+    while True:
+        left = None if end is None else end - time.monotonic()
+        if left is not None and left <= 0:
+            return future.done()
+        step = wake if left is None else left if wake is None else min(left, wake)
+        if done.wait(step):
+            return True
 
 
 class _Carried(Exception):
@@ -425,6 +452,7 @@ class SyncExecutor:
                 "after that call has returned"
             )
         self._finalizer()
+        self._worker.close()  # when another thread's close came first: once that is over
         atexit.unregister(self._finalizer)
 
     def __enter__(self) -> Self:

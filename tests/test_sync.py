@@ -402,3 +402,123 @@ def test_a_call_given_up_by_ctrl_c_that_then_fails_is_logged_not_left_unretrieve
         ],
         "unhandled": [],
     }
+
+
+@pytest.mark.usefixtures("interruptible_children")
+def test_ctrl_c_delivered_to_another_thread_still_interrupts_a_waiting_call() -> None:
+    """
+    The kernel may hand a process's SIGINT to any of its threads; Python then runs the
+    handler in the main thread at its next bytecode.  A caller waiting for `call` must
+    get to it: here the signal is sent to a helper thread while the call hangs.
+    """
+    script = textwrap.dedent(
+        f"""
+        import asyncio, signal, sys, threading
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from tests._threaded_server import threaded_fake_server
+        from empathy_models import AnthropicProvider, ExecutionContext
+        from empathy_models.sync import SyncExecutor
+
+        started, cancelled = threading.Event(), threading.Event()
+
+        async def hang():
+            started.set()
+            try:
+                await asyncio.sleep(20)  # a hang guard: the wait was never interrupted
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            return "not interrupted"
+
+        def interrupt():
+            started.wait(30)
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+        with threaded_fake_server(api_key="k") as server:
+            provider = AnthropicProvider(api_key="k", base_url=server.anthropic_base_url)
+            with SyncExecutor([provider], telemetry_store="null://") as llm:
+                threading.Thread(target=interrupt).start()
+                try:
+                    print(llm.call(hang))
+                except KeyboardInterrupt:
+                    print("interrupted")
+                print("cancelled" if cancelled.wait(30) else "not cancelled")
+                print(bool(llm.run("still there?", ExecutionContext(tier="cheap")).content))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=90
+    )
+    assert done.stdout.split() == ["interrupted", "cancelled", "True"], done.stderr
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_close_racing_another_returns_once_the_executor_is_closed(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """Two threads closing at once: neither `close` returns before the records are written."""
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    llm = SyncExecutor(providers(server), registry=REGISTRY, telemetry_store=url)
+    assert llm.run("hello", CHEAP).content  # its record is queued until the close
+    running, unwinding = threading.Event(), threading.Event()
+
+    async def slow_to_cancel() -> None:
+        running.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            unwinding.set()
+            await asyncio.sleep(1)  # the first close waits for this
+            raise
+
+    caller = threading.Thread(target=_call_from_a_thread, args=(llm, slow_to_cancel))
+    caller.start()
+    assert running.wait(30)
+    first = threading.Thread(target=llm.close)
+    first.start()
+    assert unwinding.wait(30), "the first close did not cancel the call"
+    llm.close()  # the second close, while the first waits
+    assert len(_records(tmp_path / "calls.db")) == 1
+    first.join(30)
+    caller.join(30)
+
+
+def test_a_breaker_already_open_in_a_notebooks_loop_is_refused_not_deadlocked(
+    tmp_path: Path,
+) -> None:
+    """
+    A notebook cell (its loop running) opened a `CircuitBreaker` on a shared store and
+    gives it to `SyncExecutor`, whose loop cannot use it: a clear error at once.  Opened
+    again there, it was bound to both loops, and `close` waited for ever for its flusher.
+    In a child process, with a hang guard.
+    """
+    script = textwrap.dedent(
+        f"""
+        import asyncio, faulthandler, sys
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang guard
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from empathy_models import AnthropicProvider, CircuitBreaker
+        from empathy_models.sync import SyncExecutor
+
+        async def cell():
+            async with CircuitBreaker(store={f"sqlite:///{tmp_path / 'state.db'}"!r}) as breaker:
+                try:
+                    llm = SyncExecutor(
+                        [AnthropicProvider(api_key="k")], breaker=breaker, telemetry_store="null://"
+                    )
+                except Exception as exc:
+                    print(type(exc).__name__, exc)
+                else:
+                    print("opened", flush=True)
+                    llm.close()
+                    print("closed")
+
+        asyncio.run(cell())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("NotOpenError "), done.stdout + done.stderr
+    assert "opened in another event loop" in done.stdout

@@ -247,7 +247,9 @@ class FailoverStateStore(CircuitStateStore):
     async def _aopen(self) -> None:
         """Enter the primary; a primary that cannot be opened starts the fallback."""
         if self._bound:
-            self.loop = running_loop()
+            # opened again in another loop (a breaker given to `SyncExecutor`): refused,
+            # it stays bound to the first, where its close is run
+            self._check_loop()
         try:
             # in this task, not one of its own (`_within`): a store may enter a context
             # on entry that must be left from the same task
