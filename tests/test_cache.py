@@ -281,14 +281,7 @@ async def test_a_garbled_cache_entry_is_a_miss_and_counted(
     server: FakeLLMServer, tmp_path: Path, garbled: bytes
 ) -> None:
     path = tmp_path / "cache.db"
-    async with make(server, cache=f"sqlite:///{path}") as one:
-        await one.run("hello", CTX)
-    conn = sqlite3.connect(path)  # another writer, or a disk, garbled the stored answer
-    try:
-        assert conn.execute("UPDATE response_cache SET value = ?", (garbled,)).rowcount == 1
-        conn.commit()
-    finally:
-        conn.close()
+    await _stored_then_overwritten(server, path, garbled)  # by another writer, or a disk
     async with make(server, cache=f"sqlite:///{path}") as two:
         again = await two.run("hello", CTX)
         errors = two.cache_errors
@@ -301,14 +294,7 @@ async def test_an_sqlite_value_of_another_type_is_a_miss_not_an_outage(
     server: FakeLLMServer, tmp_path: Path, stored: object
 ) -> None:
     path = tmp_path / "cache.db"
-    async with make(server, cache=f"sqlite:///{path}") as one:
-        await one.run("hello", CTX)
-    conn = sqlite3.connect(path)  # another program wrote the value as TEXT or a number
-    try:
-        assert conn.execute("UPDATE response_cache SET value = ?", (stored,)).rowcount == 1
-        conn.commit()
-    finally:
-        conn.close()
+    await _stored_then_overwritten(server, path, stored)  # by another program, as TEXT or REAL
     async with SQLiteResponseCache(path) as cache:
         assert isinstance(await cache.get(_stored_key(path)), bytes)
     async with make(server, cache=f"sqlite:///{path}") as two:
@@ -317,6 +303,18 @@ async def test_an_sqlite_value_of_another_type_is_a_miss_not_an_outage(
         errors, skipped = two.cache_errors, two.cache_skipped
     assert not again.cached and third.cached
     assert (errors, skipped) == (1, 0) and server.requests() == 2
+
+
+async def _stored_then_overwritten(server: FakeLLMServer, path: Path, value: object) -> None:
+    """One answer stored in the SQLite cache at ``path``, then its value set to ``value``."""
+    async with make(server, cache=f"sqlite:///{path}") as one:
+        await one.run("hello", CTX)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("UPDATE response_cache SET value = ?", (value,)).rowcount == 1
+        conn.commit()
+    finally:
+        conn.close()
 
 
 def _stored_key(path: Path) -> str:
