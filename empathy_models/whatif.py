@@ -631,12 +631,15 @@ def ipw_estimate(
     Self-normalized inverse-propensity estimate of cost per request and success rate.
 
     Each recorded sample call with a ``routing_propensity`` weighs
-    ``target[model] / routing_propensity``.
+    ``target[model] / routing_propensity``.  The cost is per request, as the simulation
+    counts it: the weighted cost of an answered request times the share the policy
+    answers (the sum of ``target``, at most 1), a request it leaves unanswered costing
+    nothing; the success rate is of the answered requests.
 
     Args:
         records: the recorded calls.
         target: the proposed policy's probability of choosing each model (its simulated
-            traffic shares).
+            traffic shares; less than 1 in all when some requests go unanswered).
         min_ess: the smallest effective sample size worth an estimate.
 
     Returns:
@@ -678,11 +681,12 @@ def ipw_estimate(
         high = est + half if upper is None else min(upper, est + half)
         return Interval(estimate=est, low=max(0.0, est - half), high=high)
 
+    answered = min(1.0, sum(target.values()))
     return IPWEstimate(
         calls=calls,
         with_propensity=len(rows),
         effective_sample_size=ess,
-        cost_per_request=snips([c for _, c, _ in rows], None),
+        cost_per_request=snips([c for _, c, _ in rows], None).scaled(answered),
         success_rate=snips([s for _, _, s in rows], 1.0),
     )
 

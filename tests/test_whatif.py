@@ -322,6 +322,33 @@ async def test_inverse_propensity_estimate_from_recorded_propensities(tmp_path: 
     assert report.ipw.cost_per_request.estimate is not None
 
 
+def test_the_off_policy_cost_counts_unanswered_requests_as_free_as_the_simulation_does() -> None:
+    """
+    A policy that answers half the requests (with "a") and leaves the rest to
+    ``on_no_match="raise"``: per request it costs half of what an "a" call costs, as
+    the simulated ``cost_per_request`` counts it; its success rate is of answered ones.
+    """
+    records = [
+        LLMCallRecord(
+            provider="p",
+            model=model,
+            outcome="success" if i % 4 else "failure",
+            cost_usd=cost,
+            routing_propensity=0.5,  # the logging policy: a or b at random
+            call_id=f"{model}{i}",
+        )
+        for model, cost in (("a", 0.001), ("b", 0.004))
+        for i in range(100)
+    ]
+    half = ipw_estimate(records, {"a": 0.5})
+    assert half is not None and half.effective_sample_size == pytest.approx(100.0)
+    assert half.cost_per_request.estimate == pytest.approx(0.5 * 0.001)
+    assert half.success_rate.estimate == pytest.approx(0.75)
+    whole = ipw_estimate(records, {"a": 0.5, "b": 0.5})  # every request answered
+    assert whole is not None
+    assert whole.cost_per_request.estimate == pytest.approx((0.001 + 0.004) / 2)
+
+
 async def test_a_policy_without_overlap_says_why_it_has_no_off_policy_estimate() -> None:
     records = [attrs.evolve(r, routing_propensity=BY_ID[r.model].share) for r in history(5, 600)]
     unseen = ipw_estimate(records, {"untried": 1.0})
