@@ -126,6 +126,8 @@ _days = number(_fail, low=0, low_open=True, high=36_500, why="must be a number >
 _name = text(_fail)
 _positive_int = integer(_fail, low=1, why="must be an integer >= 1")
 _ipw_limit = integer(_fail, low=0, why="must be an integer >= 0")
+_max_tokens = integer(_fail, low=0, optional=True, why="must be an integer >= 0")
+_seed = integer(_fail, why="must be an integer")
 
 
 def _check_days(days: float) -> float:
@@ -267,10 +269,11 @@ def _check_simulation(
     evidence: StageEvidence,
     registry: object,
     candidates: Sequence[str] | None,
-    *,
     requests: object,
     replicates: object,
     min_success_rate: object,
+    max_tokens: object,
+    seed: object,
 ) -> list[str]:
     """
     Check `simulate_policy`'s arguments, in the order they are listed there.
@@ -294,6 +297,9 @@ def _check_simulation(
         ) from None
     if _check_positive_int("replicates", replicates) < 2:
         raise ConfigurationError("replicates must be at least 2 (the interval needs a spread)")
+    # both are used before the router sees the question (the draws, their seeds)
+    check(_seed, "seed", seed)
+    check(_max_tokens, "max_tokens", max_tokens)
     if isinstance(candidates, str):
         raise ConfigurationError("candidates must be a sequence of model ids, not a string")
     names = list(evidence.models) if candidates is None else list(dict.fromkeys(candidates))
@@ -359,12 +365,7 @@ async def simulate_policy(
     """
     registry = ModelRegistry.default() if registry is None else registry
     names = _check_simulation(
-        evidence,
-        registry,
-        candidates,
-        requests=requests,
-        replicates=replicates,
-        min_success_rate=min_success_rate,
+        evidence, registry, candidates, requests, replicates, min_success_rate, max_tokens, seed
     )
     if routing_policy is None:
         routing_policy = RoutingPolicy(window_days=evidence.days)

@@ -12,6 +12,7 @@ import shutil
 import statistics
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -249,6 +250,24 @@ async def test_invalid_arguments_are_configuration_errors(tmp_path: Path) -> Non
         await simulate_policy(empty, registry=REGISTRY)
     with pytest.raises(ConfigurationError, match="min_success_rate"):
         await simulate_policy(evidence, registry=REGISTRY, min_success_rate=1.5, replicates=2)
+
+
+async def test_a_seed_or_max_tokens_of_the_wrong_type_is_a_configuration_error() -> None:
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(history(3, 300))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    quick: dict[str, Any] = {"registry": REGISTRY, "requests": 5, "replicates": 2}
+    seeds: list[Any] = ["1", None, 1.5, True]
+    for seed in seeds:
+        with pytest.raises(ConfigurationError, match=r"^seed must be an integer"):
+            await simulate_policy(evidence, seed=seed, **quick)
+    caps: list[Any] = ["100", 1.5, -1]
+    for max_tokens in caps:
+        with pytest.raises(ConfigurationError, match=r"^max_tokens must be an integer >= 0"):
+            await simulate_policy(evidence, max_tokens=max_tokens, **quick)
+    with pytest.raises(ConfigurationError, match=r"^seed must be an integer"):
+        await sweep_min_success_rate(evidence, [0.9], seed="1", **quick)
+    assert (await simulate_policy(evidence, seed=-3, max_tokens=0, **quick)).requests == 5
 
 
 async def test_a_window_or_a_simulation_past_the_calendar_is_a_configuration_error() -> None:
