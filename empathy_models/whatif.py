@@ -443,7 +443,8 @@ def _report(simulation: _Simulation, runs: _Replicates, *, replicates: int) -> W
     """
     evidence = simulation.evidence
     fits = simulation.fits
-    names = simulation.question.candidates
+    # the candidates, then any model on_no_match pinned outside them
+    names = list(runs.shares)
     total = evidence.samples
     return WhatIfReport(
         workflow=evidence.workflow,
@@ -470,7 +471,7 @@ def _report(simulation: _Simulation, runs: _Replicates, *, replicates: int) -> W
         models=tuple(fits[m] for m in sorted(fits)),
         unknown_models=tuple(n for n in names if not fits[n].known),
         ipw=None,
-        notes=tuple(_notes(simulation)),
+        notes=tuple(_notes(simulation, names)),
         evidence_source=evidence.source,
         recorded_ttft_p95_ms=_recorded_p95(_ttft_parts(evidence)),
         fitted_ttft_p95_ms=_fitted_p95(_ttft_parts(evidence)),
@@ -500,10 +501,12 @@ def _traffic(
     )
 
 
-def _notes(simulation: _Simulation) -> list[str]:
-    """What the reader should know: unknown, unregistered and thinly recorded models."""
+def _notes(simulation: _Simulation, names: Sequence[str]) -> list[str]:
+    """
+    What the reader should know: unknown, unregistered and thinly recorded models among
+    ``names`` (the candidates and the models pinned outside them).
+    """
     fits = simulation.fits
-    names = simulation.question.candidates
     notes: list[str] = [
         f"{named(m)}: no calls in the window: its success rate is unknown (drawn from 0..1 "
         "in the simulation), its tokens and latency taken from the stage's other models"

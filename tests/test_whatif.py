@@ -160,6 +160,27 @@ async def test_a_candidate_neither_registered_nor_recorded_is_noted_as_unpriced(
     assert "no price" in note and "$0" in note
 
 
+async def test_a_model_pinned_by_on_no_match_without_calls_is_reported_unknown() -> None:
+    # "premium" never served the stage; nothing meets 1 ms, so every request is pinned to it
+    records = [r for r in history(1, 500) if r.model != "premium"]
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(records)
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    assert "premium" not in evidence.models
+    report = await simulate_policy(
+        evidence,
+        registry=REGISTRY,
+        max_latency_ms=1.0,
+        on_no_match="premium",
+        requests=50,
+        replicates=2,
+    )
+    traffic = {t.model: t for t in report.traffic}
+    assert traffic["premium"].share.estimate == 1.0 and traffic["premium"].known is False
+    assert report.unknown_models == ("premium",)
+    assert any(n.startswith("premium: no calls in the window") for n in report.notes)
+
+
 async def test_a_note_quotes_a_model_name_that_could_be_misread(tmp_path: Path) -> None:
     async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
         await backend.record_many(history(1, 500))
