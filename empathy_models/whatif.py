@@ -126,6 +126,8 @@ _days = number(_fail, low=0, low_open=True, high=36_500, why="must be a number >
 _name = text(_fail)
 _positive_int = integer(_fail, low=1, why="must be an integer >= 1")
 _ipw_limit = integer(_fail, low=0, why="must be an integer >= 0")
+_max_tokens = integer(_fail, low=0, optional=True, why="must be an integer >= 0")
+_seed = integer(_fail, why="must be an integer")
 
 
 def _check_days(days: float) -> float:
@@ -267,10 +269,11 @@ def _check_simulation(
     evidence: StageEvidence,
     registry: object,
     candidates: Sequence[str] | None,
-    *,
     requests: object,
     replicates: object,
     min_success_rate: object,
+    max_tokens: object,
+    seed: object,
 ) -> list[str]:
     """
     Check `simulate_policy`'s arguments, in the order they are listed there.
@@ -294,6 +297,9 @@ def _check_simulation(
         ) from None
     if _check_positive_int("replicates", replicates) < 2:
         raise ConfigurationError("replicates must be at least 2 (the interval needs a spread)")
+    # both are used before the router sees the question (the draws, their seeds)
+    check(_seed, "seed", seed)
+    check(_max_tokens, "max_tokens", max_tokens)
     if isinstance(candidates, str):
         raise ConfigurationError("candidates must be a sequence of model ids, not a string")
     names = list(evidence.models) if candidates is None else list(dict.fromkeys(candidates))
@@ -359,12 +365,7 @@ async def simulate_policy(
     """
     registry = ModelRegistry.default() if registry is None else registry
     names = _check_simulation(
-        evidence,
-        registry,
-        candidates,
-        requests=requests,
-        replicates=replicates,
-        min_success_rate=min_success_rate,
+        evidence, registry, candidates, requests, replicates, min_success_rate, max_tokens, seed
     )
     if routing_policy is None:
         routing_policy = RoutingPolicy(window_days=evidence.days)
@@ -442,7 +443,8 @@ def _report(simulation: _Simulation, runs: _Replicates, *, replicates: int) -> W
     """
     evidence = simulation.evidence
     fits = simulation.fits
-    names = simulation.question.candidates
+    # the candidates, then any model on_no_match pinned outside them
+    names = list(runs.shares)
     total = evidence.samples
     return WhatIfReport(
         workflow=evidence.workflow,
@@ -469,7 +471,7 @@ def _report(simulation: _Simulation, runs: _Replicates, *, replicates: int) -> W
         models=tuple(fits[m] for m in sorted(fits)),
         unknown_models=tuple(n for n in names if not fits[n].known),
         ipw=None,
-        notes=tuple(_notes(simulation)),
+        notes=tuple(_notes(simulation, names)),
         evidence_source=evidence.source,
         recorded_ttft_p95_ms=_recorded_p95(_ttft_parts(evidence)),
         fitted_ttft_p95_ms=_fitted_p95(_ttft_parts(evidence)),
@@ -499,10 +501,12 @@ def _traffic(
     )
 
 
-def _notes(simulation: _Simulation) -> list[str]:
-    """What the reader should know: unknown, unregistered and thinly recorded models."""
+def _notes(simulation: _Simulation, names: Sequence[str]) -> list[str]:
+    """
+    What the reader should know: unknown, unregistered and thinly recorded models among
+    ``names`` (the candidates and the models pinned outside them).
+    """
     fits = simulation.fits
-    names = simulation.question.candidates
     notes: list[str] = [
         f"{named(m)}: no calls in the window: its success rate is unknown (drawn from 0..1 "
         "in the simulation), its tokens and latency taken from the stage's other models"
@@ -631,12 +635,15 @@ def ipw_estimate(
     Self-normalized inverse-propensity estimate of cost per request and success rate.
 
     Each recorded sample call with a ``routing_propensity`` weighs
-    ``target[model] / routing_propensity``.
+    ``target[model] / routing_propensity``.  The cost is per request, as the simulation
+    counts it: the weighted cost of an answered request times the share the policy
+    answers (the sum of ``target``, at most 1), a request it leaves unanswered costing
+    nothing; the success rate is of the answered requests.
 
     Args:
         records: the recorded calls.
         target: the proposed policy's probability of choosing each model (its simulated
-            traffic shares).
+            traffic shares; less than 1 in all when some requests go unanswered).
         min_ess: the smallest effective sample size worth an estimate.
 
     Returns:
@@ -678,11 +685,12 @@ def ipw_estimate(
         high = est + half if upper is None else min(upper, est + half)
         return Interval(estimate=est, low=max(0.0, est - half), high=high)
 
+    answered = min(1.0, sum(target.values()))
     return IPWEstimate(
         calls=calls,
         with_propensity=len(rows),
         effective_sample_size=ess,
-        cost_per_request=snips([c for _, c, _ in rows], None),
+        cost_per_request=snips([c for _, c, _ in rows], None).scaled(answered),
         success_rate=snips([s for _, _, s in rows], 1.0),
     )
 

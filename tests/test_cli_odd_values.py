@@ -289,6 +289,28 @@ def test_json_says_how_many_calls_are_stamped_after_now(tmp_path: Path, ahead_db
         assert timedelta(hours=1) < newest - datetime.now(UTC) <= timedelta(hours=2)
 
 
+def test_whatif_names_a_call_stamped_centuries_ahead_not_a_days_it_was_not_given(
+    tmp_path: Path,
+) -> None:
+    # the window reaches up to the newest call stamped after now: 150 years ahead, it
+    # would span more than the 36,500 days a window can
+    now = datetime.now(UTC)
+    far = now.replace(year=now.year + 150)
+    db = _store(
+        tmp_path / "far.db",
+        [_call("wf", "s", now - timedelta(minutes=5)) for _ in range(20)] + [_call("wf", "s", far)],
+    )
+    args = ("routing", "whatif", "wf", "s", "--db", str(db), "--days", "7", "--replicates", "2")
+    table = run_cli(tmp_path, *args)
+    assert table.returncode == 1 and "Traceback" not in table.stderr
+    assert "days must be" not in table.stderr, table.stderr
+    assert "1 call of wf/s is stamped after now" in table.stderr
+    assert f"the newest at {far.isoformat()}" in table.stderr
+    data = json.loads(run_cli(tmp_path, *args, "--json").stdout)
+    assert data["error"]["exit_code"] == 1
+    assert "is stamped after now" in data["error"]["message"]
+
+
 def test_nothing_is_said_when_no_call_is_stamped_after_now(tmp_path: Path, huge_db: Path) -> None:
     out = ok(tmp_path, "telemetry", "summary", "--db", str(huge_db))
     assert "are stamped after now" not in out and "is stamped after now" not in out

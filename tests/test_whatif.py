@@ -12,6 +12,7 @@ import shutil
 import statistics
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -159,6 +160,27 @@ async def test_a_candidate_neither_registered_nor_recorded_is_noted_as_unpriced(
     assert "no price" in note and "$0" in note
 
 
+async def test_a_model_pinned_by_on_no_match_without_calls_is_reported_unknown() -> None:
+    # "premium" never served the stage; nothing meets 1 ms, so every request is pinned to it
+    records = [r for r in history(1, 500) if r.model != "premium"]
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(records)
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    assert "premium" not in evidence.models
+    report = await simulate_policy(
+        evidence,
+        registry=REGISTRY,
+        max_latency_ms=1.0,
+        on_no_match="premium",
+        requests=50,
+        replicates=2,
+    )
+    traffic = {t.model: t for t in report.traffic}
+    assert traffic["premium"].share.estimate == 1.0 and traffic["premium"].known is False
+    assert report.unknown_models == ("premium",)
+    assert any(n.startswith("premium: no calls in the window") for n in report.notes)
+
+
 async def test_a_note_quotes_a_model_name_that_could_be_misread(tmp_path: Path) -> None:
     async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
         await backend.record_many(history(1, 500))
@@ -251,6 +273,24 @@ async def test_invalid_arguments_are_configuration_errors(tmp_path: Path) -> Non
         await simulate_policy(evidence, registry=REGISTRY, min_success_rate=1.5, replicates=2)
 
 
+async def test_a_seed_or_max_tokens_of_the_wrong_type_is_a_configuration_error() -> None:
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(history(3, 300))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    quick: dict[str, Any] = {"registry": REGISTRY, "requests": 5, "replicates": 2}
+    seeds: list[Any] = ["1", None, 1.5, True]
+    for seed in seeds:
+        with pytest.raises(ConfigurationError, match=r"^seed must be an integer"):
+            await simulate_policy(evidence, seed=seed, **quick)
+    caps: list[Any] = ["100", 1.5, -1]
+    for max_tokens in caps:
+        with pytest.raises(ConfigurationError, match=r"^max_tokens must be an integer >= 0"):
+            await simulate_policy(evidence, max_tokens=max_tokens, **quick)
+    with pytest.raises(ConfigurationError, match=r"^seed must be an integer"):
+        await sweep_min_success_rate(evidence, [0.9], seed="1", **quick)
+    assert (await simulate_policy(evidence, seed=-3, max_tokens=0, **quick)).requests == 5
+
+
 async def test_a_window_or_a_simulation_past_the_calendar_is_a_configuration_error() -> None:
     async with telemetry_from_url("memory://") as backend:
         with pytest.raises(ConfigurationError, match="before the year 1"):
@@ -320,6 +360,33 @@ async def test_inverse_propensity_estimate_from_recorded_propensities(tmp_path: 
         )
     assert report.ipw is not None and report.ipw.with_propensity == report.ipw.calls
     assert report.ipw.cost_per_request.estimate is not None
+
+
+def test_the_off_policy_cost_counts_unanswered_requests_as_free_as_the_simulation_does() -> None:
+    """
+    A policy that answers half the requests (with "a") and leaves the rest to
+    ``on_no_match="raise"``: per request it costs half of what an "a" call costs, as
+    the simulated ``cost_per_request`` counts it; its success rate is of answered ones.
+    """
+    records = [
+        LLMCallRecord(
+            provider="p",
+            model=model,
+            outcome="success" if i % 4 else "failure",
+            cost_usd=cost,
+            routing_propensity=0.5,  # the logging policy: a or b at random
+            call_id=f"{model}{i}",
+        )
+        for model, cost in (("a", 0.001), ("b", 0.004))
+        for i in range(100)
+    ]
+    half = ipw_estimate(records, {"a": 0.5})
+    assert half is not None and half.effective_sample_size == pytest.approx(100.0)
+    assert half.cost_per_request.estimate == pytest.approx(0.5 * 0.001)
+    assert half.success_rate.estimate == pytest.approx(0.75)
+    whole = ipw_estimate(records, {"a": 0.5, "b": 0.5})  # every request answered
+    assert whole is not None
+    assert whole.cost_per_request.estimate == pytest.approx((0.001 + 0.004) / 2)
 
 
 async def test_a_policy_without_overlap_says_why_it_has_no_off_policy_estimate() -> None:

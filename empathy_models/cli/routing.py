@@ -606,7 +606,9 @@ async def _whatif_reports(
         The `WhatIfReport`, one report per swept rate, and the calls stamped after now.
 
     Raises:
-        CliError: no call recorded for the stage in the window and no candidates given.
+        CliError: no call recorded for the stage in the window and no candidates given,
+            or calls stamped so far after now that the window would span more than
+            `MAX_DAYS`.
     """
     from empathy_models.whatif import (
         evaluate_policy,
@@ -618,6 +620,15 @@ async def _whatif_reports(
         now = datetime.now(UTC)
         ahead = await stamped_ahead(backend, now, workflow=args.workflow, stage=args.stage)
         end, days = whatif_window(now, args.days, ahead)
+        if days > MAX_DAYS and ahead.newest is not None:
+            calls = "1 call of" if ahead.calls == 1 else f"{ahead.calls} calls of"
+            raise CliError(
+                f"{calls} {_stage_name(args)} {'is' if ahead.calls == 1 else 'are'} stamped "
+                f"after now, the newest at {ahead.newest.isoformat()}: the window, which "
+                f"reaches up to it as the router counts such calls, would span {days:.0f} "
+                f"days, more than the {MAX_DAYS} it can (a clock far ahead wrote them)",
+                shown=True,
+            )
         evidence = await load_stage_evidence(
             backend, args.workflow, args.stage, registry=registry, days=days, now=end
         )
