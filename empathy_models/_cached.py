@@ -42,7 +42,7 @@ from .records import _INT_LIMIT, LLMCallRecord, ModelTier, Outcome, _trusted_cal
 if TYPE_CHECKING:
     from ._executor import EmpathyLLMExecutor
 
-__all__ = ["RETRY_INTERVAL", "STORE_TIMEOUT", "cache_key_of", "lookup", "store"]
+__all__ = ["RETRY_INTERVAL", "STORE_TIMEOUT", "UNCACHED_STOPS", "cache_key_of", "lookup", "store"]
 
 logger = logging.getLogger("empathy_models.cache")
 
@@ -53,6 +53,10 @@ STORE_TIMEOUT = 1.0
 
 RETRY_INTERVAL = 5.0
 """Seconds calls skip a cache store after it failed, before it is tried again."""
+
+UNCACHED_STOPS = frozenset({"content_filter", "refusal"})
+"""Stop reasons of answers never cached: cut by OpenAI's (or Azure's) content filter, or
+refused (OpenAI's ``refusal`` message, Anthropic's ``refusal`` stop reason)."""
 
 
 def cache_key_of(
@@ -471,10 +475,13 @@ async def store(
     Keep ``response`` under ``key`` for ``ctx.cache_ttl`` seconds, with the time it was
     stored (``at``, the executor's wall clock), by which `lookup` tells its age: written
     behind (see the module docstring; an in-process cache at once).  Failures are
-    logged, counted.
+    logged, counted.  An answer a provider's safety system stopped (`UNCACHED_STOPS`)
+    is not kept: the same request asks the model again.
     """
     cache = executor._cache
     assert cache is not None and ctx.cache_ttl is not None
+    if response.stop_reason in UNCACHED_STOPS:
+        return
     payload = {
         "v": _VERSION,
         "at": executor._wall_clock(),

@@ -34,7 +34,7 @@ from empathy_models.cache import (
     cache_from_url,
 )
 from empathy_models.exceptions import StateStoreError
-from empathy_models.testing import FakeLLMServer, ModelBehavior
+from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior
 
 from ._fakes import KEY, WEATHER, http_executor, priced_registry
 
@@ -52,6 +52,26 @@ async def server() -> AsyncIterator[FakeLLMServer]:
 def make(server: FakeLLMServer, **options: Any) -> EmpathyLLMExecutor:
     options.setdefault("cache", "memory://")
     return http_executor(server, REGISTRY, **options)
+
+
+@pytest.mark.parametrize("how", ["run", "stream"])
+async def test_an_answer_cut_by_a_content_filter_is_not_cached(
+    server: FakeLLMServer, how: str
+) -> None:
+    # the provider's filter stopped the answer (OpenAI's "content_filter"): the next
+    # identical request asks the model again instead of replaying what was cut
+    server.script("gpt-a", [FakeReply(content="The ans", stop_reason="content_filter")])
+    async with make(server) as executor:
+        if how == "run":
+            cut = await executor.run("What is GCRA?", CTX)
+        else:
+            async with executor.stream("What is GCRA?", CTX) as stream:
+                cut = await stream.get_final_response()
+        again = await executor.run("What is GCRA?", CTX)
+        then = await executor.run("What is GCRA?", CTX)
+    assert cut.stop_reason == "content_filter" and not cut.cached
+    assert not again.cached and again.content == "The answer."
+    assert then.cached and server.requests() == 2
 
 
 async def test_a_repeated_request_is_answered_from_the_cache(server: FakeLLMServer) -> None:
