@@ -788,4 +788,9 @@ async def sweep_min_success_rate(
     """`simulate_policy` for each ``min_success_rate`` in ``values`` (same evidence)."""
     if not values:
         raise ConfigurationError("sweep needs at least one min_success_rate value")
+    if "min_success_rate" in options:
+        raise ConfigurationError(
+            "sweep_min_success_rate sets min_success_rate itself (one report per value "
+            "in values): leave it out of the options"
+        )
     return [await simulate_policy(evidence, min_success_rate=v, **options) for v in values]

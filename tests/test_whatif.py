@@ -291,6 +291,16 @@ async def test_a_seed_or_max_tokens_of_the_wrong_type_is_a_configuration_error()
     assert (await simulate_policy(evidence, seed=-3, max_tokens=0, **quick)).requests == 5
 
 
+async def test_a_sweep_given_min_success_rate_too_is_a_configuration_error() -> None:
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(history(3, 300))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    with pytest.raises(ConfigurationError, match=r"sets min_success_rate itself"):
+        await sweep_min_success_rate(
+            evidence, [0.9], min_success_rate=0.8, registry=REGISTRY, requests=5, replicates=2
+        )
+
+
 async def test_a_window_or_a_simulation_past_the_calendar_is_a_configuration_error() -> None:
     async with telemetry_from_url("memory://") as backend:
         with pytest.raises(ConfigurationError, match="before the year 1"):
