@@ -640,6 +640,27 @@ def test_cli_errors_are_clear(tmp_path: Path, synth_db: tuple[Path, Path]) -> No
         assert png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_refuses_an_unknown_on_no_match_as_a_usage_error(
+    tmp_path: Path, synth_db: tuple[Path, Path]
+) -> None:
+    db, registry = synth_db
+    home = tmp_path / "home"
+    base = ("routing", "whatif", WF, ST, "--db", str(db), "--registry", str(registry))
+    quick = ("--requests", "20", "--replicates", "2")
+    for given in ((), ("--candidates", "oracle,pricey")):
+        bogus = run_cli(home, *base, *quick, *given, "--on-no-match", "bogus")
+        assert bogus.returncode == 2, bogus.stderr
+        assert bogus.stderr.startswith("empathy-models: error: --on-no-match bogus"), bogus.stderr
+        assert "raise" in bogus.stderr and "relax" in bogus.stderr and "premium" in bogus.stderr
+        assert "on_no_match pins" not in bogus.stderr
+    # a registry model outside the candidates may be pinned, as the router allows
+    pinned = run_cli(
+        home, *base, *quick, "--candidates", "oracle", "--on-no-match", "premium", "--json"
+    )
+    assert pinned.returncode == 0, pinned.stderr
+    assert json.loads(pinned.stdout)["constraints"]["on_no_match"] == "premium"
+
+
 def test_cli_plot_names_the_file_it_wrote_and_refuses_one_it_cannot_write(
     tmp_path: Path, synth_db: tuple[Path, Path]
 ) -> None:
