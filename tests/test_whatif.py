@@ -20,6 +20,7 @@ import pytest
 from empathy_models import (
     ConfigurationError,
     LLMCallRecord,
+    Outcome,
     RoutingDecision,
     RoutingPolicy,
     telemetry_from_url,
@@ -179,6 +180,42 @@ async def test_a_model_pinned_by_on_no_match_without_calls_is_reported_unknown()
     assert traffic["premium"].share.estimate == 1.0 and traffic["premium"].known is False
     assert report.unknown_models == ("premium",)
     assert any(n.startswith("premium: no calls in the window") for n in report.notes)
+
+
+async def test_a_model_with_only_billed_failures_shows_what_the_simulation_charges() -> None:
+    # "premium" (in the registry) only failed, each attempt billed $0.002 (a stream cut off)
+    others = [r for r in history(1, 500) if r.model != "premium"]
+    failed = [
+        attrs.evolve(
+            others[0],
+            model="premium",
+            call_id=f"premium-{i}",
+            outcome=Outcome.FAILURE,
+            timestamp=NOW - timedelta(minutes=30 * (i + 1)),
+            input_tokens=0,
+            output_tokens=0,
+            cost_usd=0.002,
+        )
+        for i in range(200)
+    ]
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many([*others, *failed])
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    assert evidence.fits["premium"].successes == 0
+    # every request pinned to it: nothing meets a 1 ms p95
+    report = await simulate_policy(
+        evidence,
+        registry=REGISTRY,
+        max_latency_ms=1.0,
+        on_no_match="premium",
+        requests=50,
+        replicates=5,
+    )
+    [premium] = [t for t in report.traffic if t.model == "premium"]
+    assert premium.share.estimate == 1.0
+    # what each of its attempts was recorded to cost, as each simulated failure is charged
+    assert premium.cost_per_call_usd == pytest.approx(0.002)
+    assert report.cost_per_request.estimate == pytest.approx(0.002, rel=0.05)
 
 
 async def test_a_note_quotes_a_model_name_that_could_be_misread(tmp_path: Path) -> None:
