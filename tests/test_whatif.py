@@ -357,6 +357,31 @@ async def test_a_window_or_a_simulation_past_the_calendar_is_a_configuration_err
     assert report.recorded_calls == 300
 
 
+@pytest.mark.timeout(600)  # 100,000 calls recorded: seconds alone, more on a loaded machine
+async def test_a_window_edge_minute_with_more_than_100000_calls_is_read_whole() -> None:
+    # the window starts mid-minute: that minute's calls are read one by one
+    now = NOW + timedelta(seconds=30)
+    since = now - timedelta(days=1)
+    template = history(1, 1)[0]
+    calls = 100_007
+    records = [
+        attrs.evolve(
+            template,
+            call_id=f"edge-{i}",
+            timestamp=since + timedelta(seconds=i % 29),
+            outcome=Outcome.SUCCESS if i % 10 else Outcome.FAILURE,
+        )
+        for i in range(calls)
+    ]
+    backend = MemoryTelemetryBackend(capacity=2 * calls)
+    await backend.record_many(records)
+    evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, days=1, now=now)
+    assert evidence.source == "rollups"
+    assert evidence.samples == calls
+    [fit] = evidence.fits.values()
+    assert fit.successes == calls - len(range(0, calls, 10))
+
+
 async def test_a_backend_without_rollups_is_read_through_its_records() -> None:
     class NoRollups(MemoryTelemetryBackend):
         async def evidence(self, **_: object) -> EvidenceBatch:
