@@ -202,7 +202,9 @@ def _fit(model: str, buckets: Sequence[EvidenceBucket], registry: ModelRegistry)
         listed = (mean_in * info.input_price_per_mtok + mean_out * info.output_price_per_mtok) / 1e6
         success_cost, failure_cost = _cost_split(cost, samples, successes, listed)
         per_call = (rate * success_cost + (1.0 - rate) * failure_cost) * listed
-    elif not in_registry:
+    elif not in_registry or successes == 0:
+        # no price, or no success to price: the recorded cost per attempt (what the
+        # simulation charges a failure of a model that never succeeded)
         per_call = cost / samples
     return ModelFit(
         model=model,

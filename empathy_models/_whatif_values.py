@@ -70,7 +70,8 @@ class ModelFit:
     `empathy_models.whatif`, *Costs*): 1 and 0 when they cost their list price and failures
     nothing; a prompt cache's discount or surcharge and billed failures move them, so
     at the recorded success rate ``cost_per_call_usd`` is the recorded cost per attempt.
-    A model outside the registry is costed at its recorded cost per attempt.
+    A model outside the registry, or without a success in the window, is costed at its
+    recorded cost per attempt.
     """
 
     model: str

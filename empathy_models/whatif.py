@@ -116,6 +116,7 @@ __all__ = [
 ]
 
 _RECENT_FALLBACK: Final = 100_000
+_EVERY: Final = 2**63 - 1  # a limit no store reaches: every matching record
 
 
 # --------------------------------------------------------------------------- reading
@@ -247,9 +248,9 @@ async def _read_window(
         return rollup(records), "records"
     edges: list[LLMCallRecord] = []
     for start, end in ((since, min(first, until)), (last, until)):
-        if start < end:
+        if start < end:  # at most a minute's calls, every one of them
             edges += await backend.recent(
-                limit=_RECENT_FALLBACK, workflow=workflow, stage=stage, since=start, until=end
+                limit=_EVERY, workflow=workflow, stage=stage, since=start, until=end
             )
     return [*batch.buckets, *rollup(edges)], "rollups"
 
@@ -788,4 +789,9 @@ async def sweep_min_success_rate(
     """`simulate_policy` for each ``min_success_rate`` in ``values`` (same evidence)."""
     if not values:
         raise ConfigurationError("sweep needs at least one min_success_rate value")
+    if "min_success_rate" in options:
+        raise ConfigurationError(
+            "sweep_min_success_rate sets min_success_rate itself (one report per value "
+            "in values): leave it out of the options"
+        )
     return [await simulate_policy(evidence, min_success_rate=v, **options) for v in values]

@@ -20,6 +20,7 @@ import pytest
 from empathy_models import (
     ConfigurationError,
     LLMCallRecord,
+    Outcome,
     RoutingDecision,
     RoutingPolicy,
     telemetry_from_url,
@@ -181,6 +182,42 @@ async def test_a_model_pinned_by_on_no_match_without_calls_is_reported_unknown()
     assert any(n.startswith("premium: no calls in the window") for n in report.notes)
 
 
+async def test_a_model_with_only_billed_failures_shows_what_the_simulation_charges() -> None:
+    # "premium" (in the registry) only failed, each attempt billed $0.002 (a stream cut off)
+    others = [r for r in history(1, 500) if r.model != "premium"]
+    failed = [
+        attrs.evolve(
+            others[0],
+            model="premium",
+            call_id=f"premium-{i}",
+            outcome=Outcome.FAILURE,
+            timestamp=NOW - timedelta(minutes=30 * (i + 1)),
+            input_tokens=0,
+            output_tokens=0,
+            cost_usd=0.002,
+        )
+        for i in range(200)
+    ]
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many([*others, *failed])
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    assert evidence.fits["premium"].successes == 0
+    # every request pinned to it: nothing meets a 1 ms p95
+    report = await simulate_policy(
+        evidence,
+        registry=REGISTRY,
+        max_latency_ms=1.0,
+        on_no_match="premium",
+        requests=50,
+        replicates=5,
+    )
+    [premium] = [t for t in report.traffic if t.model == "premium"]
+    assert premium.share.estimate == 1.0
+    # what each of its attempts was recorded to cost, as each simulated failure is charged
+    assert premium.cost_per_call_usd == pytest.approx(0.002)
+    assert report.cost_per_request.estimate == pytest.approx(0.002, rel=0.05)
+
+
 async def test_a_note_quotes_a_model_name_that_could_be_misread(tmp_path: Path) -> None:
     async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
         await backend.record_many(history(1, 500))
@@ -291,6 +328,16 @@ async def test_a_seed_or_max_tokens_of_the_wrong_type_is_a_configuration_error()
     assert (await simulate_policy(evidence, seed=-3, max_tokens=0, **quick)).requests == 5
 
 
+async def test_a_sweep_given_min_success_rate_too_is_a_configuration_error() -> None:
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(history(3, 300))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    with pytest.raises(ConfigurationError, match=r"sets min_success_rate itself"):
+        await sweep_min_success_rate(
+            evidence, [0.9], min_success_rate=0.8, registry=REGISTRY, requests=5, replicates=2
+        )
+
+
 async def test_a_window_or_a_simulation_past_the_calendar_is_a_configuration_error() -> None:
     async with telemetry_from_url("memory://") as backend:
         with pytest.raises(ConfigurationError, match="before the year 1"):
@@ -308,6 +355,31 @@ async def test_a_window_or_a_simulation_past_the_calendar_is_a_configuration_err
             backend, WF, ST, registry=REGISTRY, now=late, requests=200, replicates=2
         )
     assert report.recorded_calls == 300
+
+
+@pytest.mark.timeout(600)  # 100,000 calls recorded: seconds alone, more on a loaded machine
+async def test_a_window_edge_minute_with_more_than_100000_calls_is_read_whole() -> None:
+    # the window starts mid-minute: that minute's calls are read one by one
+    now = NOW + timedelta(seconds=30)
+    since = now - timedelta(days=1)
+    template = history(1, 1)[0]
+    calls = 100_007
+    records = [
+        attrs.evolve(
+            template,
+            call_id=f"edge-{i}",
+            timestamp=since + timedelta(seconds=i % 29),
+            outcome=Outcome.SUCCESS if i % 10 else Outcome.FAILURE,
+        )
+        for i in range(calls)
+    ]
+    backend = MemoryTelemetryBackend(capacity=2 * calls)
+    await backend.record_many(records)
+    evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, days=1, now=now)
+    assert evidence.source == "rollups"
+    assert evidence.samples == calls
+    [fit] = evidence.fits.values()
+    assert fit.successes == calls - len(range(0, calls, 10))
 
 
 async def test_a_backend_without_rollups_is_read_through_its_records() -> None:
@@ -628,6 +700,27 @@ def test_cli_errors_are_clear(tmp_path: Path, synth_db: tuple[Path, Path]) -> No
         plot = run_cli(home, *base, ST, "--plot", str(png), "--sweep", "0.8,0.95")
         assert plot.returncode == 0, plot.stderr
         assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_refuses_an_unknown_on_no_match_as_a_usage_error(
+    tmp_path: Path, synth_db: tuple[Path, Path]
+) -> None:
+    db, registry = synth_db
+    home = tmp_path / "home"
+    base = ("routing", "whatif", WF, ST, "--db", str(db), "--registry", str(registry))
+    quick = ("--requests", "20", "--replicates", "2")
+    for given in ((), ("--candidates", "oracle,pricey")):
+        bogus = run_cli(home, *base, *quick, *given, "--on-no-match", "bogus")
+        assert bogus.returncode == 2, bogus.stderr
+        assert bogus.stderr.startswith("empathy-models: error: --on-no-match bogus"), bogus.stderr
+        assert "raise" in bogus.stderr and "relax" in bogus.stderr and "premium" in bogus.stderr
+        assert "on_no_match pins" not in bogus.stderr
+    # a registry model outside the candidates may be pinned, as the router allows
+    pinned = run_cli(
+        home, *base, *quick, "--candidates", "oracle", "--on-no-match", "premium", "--json"
+    )
+    assert pinned.returncode == 0, pinned.stderr
+    assert json.loads(pinned.stdout)["constraints"]["on_no_match"] == "premium"
 
 
 def test_cli_plot_names_the_file_it_wrote_and_refuses_one_it_cannot_write(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -501,6 +502,10 @@ def cmd_routing_whatif(args: argparse.Namespace) -> int:
     candidates = _best_candidates(
         argparse.Namespace(tier=None, candidates=args.candidates), registry
     )
+    # without --candidates, a model recorded for the stage may be pinned too: checked
+    # against them once the evidence is read (`_whatif_reports`)
+    if candidates is not None:
+        _check_on_no_match(args.on_no_match, registry, candidates)
     sweep = _whatif_sweep(args)
     plot = _plot_file(args.plot) if args.plot is not None else None
     options: dict[str, Any] = {
@@ -528,6 +533,24 @@ def cmd_routing_whatif(args: argparse.Namespace) -> int:
     if plot is not None:
         print(f"\nplot: cost per request against min_success_rate written to {plot[0]}")
     return 0
+
+
+def _check_on_no_match(value: str, registry: ModelRegistry, candidates: Sequence[str]) -> None:
+    """
+    ``--on-no-match``: ``raise``, ``relax``, or a model the router can pin (a candidate
+    or one of the registry's), checked before any simulated request.
+
+    Raises:
+        CliError: anything else, as a usage error naming the choices.
+    """
+    if value in ("raise", "relax") or value in candidates or value in registry:
+        return
+    known = sorted({*candidates, *(m.id for m in registry.models)})
+    raise CliError(
+        f"--on-no-match {value}: expected raise, relax or a model id of the candidates or "
+        f"the registry (known: {', '.join(known)}; pass --registry FILE for your own models)",
+        code=2,
+    )
 
 
 def _whatif_sweep(args: argparse.Namespace) -> list[float]:
@@ -607,8 +630,8 @@ async def _whatif_reports(
 
     Raises:
         CliError: no call recorded for the stage in the window and no candidates given,
-            or calls stamped so far after now that the window would span more than
-            `MAX_DAYS`.
+            an ``--on-no-match`` model neither recorded nor in the registry, or calls
+            stamped so far after now that the window would span more than `MAX_DAYS`.
     """
     from empathy_models.whatif import (
         evaluate_policy,
@@ -639,6 +662,8 @@ async def _whatif_reports(
                 "history (they will be reported as unknown)",
                 shown=True,
             )
+        if options["candidates"] is None:
+            _check_on_no_match(args.on_no_match, registry, evidence.models)
         report = await evaluate_policy(
             backend,
             args.workflow,
