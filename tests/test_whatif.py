@@ -723,6 +723,21 @@ def test_cli_refuses_an_unknown_on_no_match_as_a_usage_error(
     assert json.loads(pinned.stdout)["constraints"]["on_no_match"] == "premium"
 
 
+def test_routing_best_refuses_an_unknown_on_no_match_as_a_usage_error(
+    tmp_path: Path, synth_db: tuple[Path, Path]
+) -> None:
+    db, registry = synth_db
+    home = tmp_path / "home"
+    base = ("routing", "best", WF, ST, "--db", str(db), "--registry", str(registry))
+    for given in ((), ("--candidates", "oracle,pricey")):
+        bogus = run_cli(home, *base, *given, "--on-no-match", "bogus")
+        assert bogus.returncode == 2, bogus.stderr
+        assert bogus.stderr.startswith("empathy-models: error: --on-no-match bogus"), bogus.stderr
+        assert "on_no_match pins" not in bogus.stderr
+    pinned = run_cli(home, *base, "--candidates", "oracle", "--on-no-match", "premium")
+    assert pinned.returncode == 0, pinned.stderr
+
+
 def test_cli_plot_names_the_file_it_wrote_and_refuses_one_it_cannot_write(
     tmp_path: Path, synth_db: tuple[Path, Path]
 ) -> None:

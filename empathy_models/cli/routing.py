@@ -371,6 +371,8 @@ def cmd_routing_best(args: argparse.Namespace) -> int:
     url = db_url(args.db)
     registry = _registry(args)
     candidates = _best_candidates(args, registry)
+    if candidates is not None:  # else checked against the stage's models once read
+        _check_on_no_match(args.on_no_match, registry, candidates)
     decision = run_async(lambda: _best_decision(args, url, registry, candidates))
     if args.json:
         emit_json(decision_dict(decision))
@@ -420,7 +422,8 @@ async def _best_decision(
         The decision, without exploration.
 
     Raises:
-        CliError: no candidates given and no call recorded for the stage in the window.
+        CliError: no candidates given and no call recorded for the stage in the window,
+            or an ``--on-no-match`` model neither recorded nor in the registry.
     """
     policy = RoutingPolicy(explore_rate=0.0, window_days=args.days)
     async with telemetry_from_url(url, **read_only(url)) as backend:
@@ -435,6 +438,7 @@ async def _best_decision(
                     "models without history",
                     shown=True,
                 )
+            _check_on_no_match(args.on_no_match, registry, chosen)
         async with AdaptiveModelRouter(
             registry, backend, policy=policy, refresh_interval=None, seed=0
         ) as router:
