@@ -299,12 +299,19 @@ def _entered_again(state: str) -> NotOpenError:
     return NotOpenError("EmpathyLLMExecutor is closed and cannot be entered again; build a new one")
 
 
-def _not_open(state: str) -> NotOpenError:
+def _not_open(state: str, in_sync: bool = False) -> NotOpenError:
     # outside ``async with`` (``state`` is not "open"), or in another event loop
     if state != "open":
         return NotOpenError(
             "EmpathyLLMExecutor is not open; use 'async with EmpathyLLMExecutor(...) as "
             f"executor:' (it is {state})"
+        )
+    if in_sync:
+        return NotOpenError(
+            "EmpathyLLMExecutor is a SyncExecutor's, run on that SyncExecutor's own event "
+            "loop, and cannot be awaited in another (its HTTP session and stores are bound "
+            "to that loop): call the SyncExecutor instead, `llm.run(...)` (it blocks this "
+            "loop until the answer), or `llm.call(fn, ...)` for another coroutine"
         )
     return NotOpenError(
         "EmpathyLLMExecutor was opened in another event loop and can only be used in that "
@@ -491,6 +498,7 @@ class EmpathyLLMExecutor:
         self._stack: AsyncExitStack | None = None
         self._state = "new"
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop it was opened in
+        self._in_sync = False  # run by a `SyncExecutor` (its `executor`), which sets this
         self._inflight = InFlight()  # the runs and streams `aclose` ends first
         self._fb = _Feedback(
             registry=self._registry,
@@ -734,7 +742,7 @@ class EmpathyLLMExecutor:
         # one identity check: the loop it was opened in (its HTTP session, its backends'
         # tasks and connections belong to that loop)
         if self._state != "open" or _running_loop() is not self._loop:
-            raise _not_open(self._state)
+            raise _not_open(self._state, self._in_sync)
 
     async def run(
         self,

@@ -337,6 +337,7 @@ class SyncExecutor:
                     breaker=breaker,
                     **options,
                 )
+                executor._in_sync = True  # its other-loop error points to `run`
                 await stack.enter_async_context(executor)
             except BaseException:
                 await stack.aclose()

@@ -522,3 +522,16 @@ def test_a_breaker_already_open_in_a_notebooks_loop_is_refused_not_deadlocked(
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("NotOpenError "), done.stdout + done.stderr
     assert "opened in another event loop" in done.stdout
+
+
+def test_its_executor_awaited_from_another_loop_points_to_run_not_to_sync_executor(
+    server: FakeLLMServer,
+) -> None:
+    """
+    ``await llm.executor.run(...)`` in another event loop (a notebook cell's) cannot
+    work: the error points to ``llm.run``, not to the SyncExecutor the user already has.
+    """
+    llm = SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://")
+    with llm, pytest.raises(NotOpenError) as raised:
+        asyncio.run(llm.executor.run("hello", CHEAP))
+    assert "llm.run(" in str(raised.value), raised.value
