@@ -254,6 +254,13 @@ def _wait(future: concurrent.futures.Future[Any], timeout: float | None) -> bool
             return True
 
 
+def _not_opened_here(resource: object, exc: NotOpenError) -> NotOpenError:
+    return NotOpenError(
+        f"the {type(resource).__name__} given to SyncExecutor cannot be opened on its event "
+        f"loop ({exc}): pass it unopened, and SyncExecutor opens and closes it there"
+    )
+
+
 class _Carried(Exception):
     """A `SystemExit` or `KeyboardInterrupt` of a call, carried from the loop to its caller."""
 
@@ -327,9 +334,12 @@ class SyncExecutor:
                     # objects that are async context managers (AdaptiveModelRouter,
                     # CircuitBreaker) are opened here and closed with the executor
                     if hasattr(resource, "__aenter__") and hasattr(resource, "__aexit__"):
-                        await stack.enter_async_context(
-                            cast(AbstractAsyncContextManager[object], resource)
-                        )
+                        try:
+                            await stack.enter_async_context(
+                                cast(AbstractAsyncContextManager[object], resource)
+                            )
+                        except NotOpenError as exc:  # opened already, in another loop
+                            raise _not_opened_here(resource, exc) from exc
                 executor = EmpathyLLMExecutor(
                     providers,
                     telemetry_store=telemetry_store,

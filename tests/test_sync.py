@@ -535,3 +535,51 @@ def test_its_executor_awaited_from_another_loop_points_to_run_not_to_sync_execut
     with llm, pytest.raises(NotOpenError) as raised:
         asyncio.run(llm.executor.run("hello", CHEAP))
     assert "llm.run(" in str(raised.value), raised.value
+
+
+def test_a_router_already_started_in_a_notebooks_loop_is_refused_up_front(
+    tmp_path: Path,
+) -> None:
+    """
+    A notebook cell (its loop running) started an `AdaptiveModelRouter` on a SQLite
+    store and gives it to `SyncExecutor`, whose loop cannot use it: a clear error when
+    it is built, naming the router and saying to pass it unopened.  Accepted, its start
+    there did nothing, and `close` then waited twice `HOME_CLOSE_SECONDS` for the cell's
+    blocked loop.  In a child process, with a hang guard.
+    """
+    script = textwrap.dedent(
+        f"""
+        import asyncio, faulthandler, sys
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang guard
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from tests._fakes import CHEAP_ONLY
+        from empathy_models import AdaptiveModelRouter, AnthropicProvider
+        from empathy_models.sync import SyncExecutor
+
+        async def cell():
+            url = {f"sqlite:///{tmp_path / 'calls.db'}"!r}
+            async with AdaptiveModelRouter(CHEAP_ONLY, url) as router:
+                try:
+                    llm = SyncExecutor(
+                        [AnthropicProvider(api_key="k")],
+                        registry=CHEAP_ONLY,
+                        router=router,
+                        telemetry_store="null://",
+                    )
+                except Exception as exc:
+                    print(type(exc).__name__, exc)
+                else:
+                    print("opened", flush=True)
+                    llm.close()
+                    print("closed")
+
+        asyncio.run(cell())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("NotOpenError "), done.stdout + done.stderr
+    assert "AdaptiveModelRouter" in done.stdout
+    assert "unopened" in done.stdout, done.stdout
