@@ -407,8 +407,9 @@ class EmpathyLLMExecutor:
         concurrency_per_provider: the most calls in flight per provider (an int for
             all, or a mapping by provider name; default 64; 1 to ``2**63 - 1``).
             Further calls wait for a slot.
-        session: an ``aiohttp.ClientSession`` to borrow (not closed by the executor);
-            by default one is created on enter and closed on exit.
+        session: an ``aiohttp.ClientSession`` to borrow (not closed by the executor),
+            created in the event loop the executor is opened in (`ConfigurationError`
+            on enter otherwise); by default one is created on enter and closed on exit.
         sleep: the coroutine used to wait between retries and for rate-limit places
             (tests inject a recorder).
         clock: monotonic seconds, for latencies, the deadline and rate-limit waits
@@ -654,6 +655,15 @@ class EmpathyLLMExecutor:
                 await self._cache.__aenter__()
                 stores.append(self._cache.aclose)
             session = self._session
+            if session is not None and getattr(session, "_loop", None) is not _running_loop():
+                # its connector and timeouts are bound to that loop: every request would
+                # fail, as the model's failure
+                raise ConfigurationError(
+                    "session= is an aiohttp.ClientSession created in another event loop "
+                    "than the one the executor is opened in, where it cannot send requests: "
+                    "create it in that loop (for SyncExecutor: leave session= out, and "
+                    "it makes its own)"
+                )
             if session is None:
                 import aiohttp  # loaded here, not by `import empathy_models`
 

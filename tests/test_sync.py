@@ -583,3 +583,34 @@ def test_a_router_already_started_in_a_notebooks_loop_is_refused_up_front(
     assert done.stdout.startswith("NotOpenError "), done.stdout + done.stderr
     assert "AdaptiveModelRouter" in done.stdout
     assert "unopened" in done.stdout, done.stdout
+
+
+def test_a_session_made_in_another_loop_is_refused_when_built_not_charged_to_models(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """
+    ``session=`` an aiohttp session created in another event loop (a notebook cell's)
+    cannot serve the private loop's requests: `ConfigurationError` saying so when the
+    SyncExecutor is built.  Accepted, every run failed with "attached to a different
+    loop" recorded as the model's failure, counting against it and its breaker.
+    """
+    other = asyncio.new_event_loop()
+
+    async def make() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession()
+
+    session = other.run_until_complete(make())
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    try:
+        with pytest.raises(ConfigurationError, match="another event loop"):
+            llm = SyncExecutor(
+                providers(server), registry=REGISTRY, telemetry_store=url, session=session
+            )
+            try:
+                llm.run("hello", CHEAP)
+            finally:
+                llm.close()
+    finally:
+        other.run_until_complete(session.close())
+        other.close()
+    assert [r.outcome for r in _records(tmp_path / "calls.db")] == []
