@@ -614,3 +614,73 @@ def test_a_session_made_in_another_loop_is_refused_when_built_not_charged_to_mod
         other.run_until_complete(session.close())
         other.close()
     assert [r.outcome for r in _records(tmp_path / "calls.db")] == []
+
+
+@pytest.mark.usefixtures("interruptible_children")
+def test_one_ctrl_c_during_close_still_closes_the_executor_and_writes_its_records(
+    tmp_path: Path,
+) -> None:
+    """
+    Ctrl-C while `close` waits for a call that ignores its cancellation: the wait is
+    given up, the executor still closed (its queued record written) before the
+    `KeyboardInterrupt` is raised.  It stopped the loop part-way: nothing was closed,
+    the record left unwritten.  In a child process: a real SIGINT, with a hang guard.
+    """
+    script = textwrap.dedent(
+        f"""
+        import asyncio, faulthandler, os, signal, sys, threading
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang guard
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from tests._fakes import CHEAP_ONLY
+        from tests._threaded_server import threaded_fake_server
+        from empathy_models import AnthropicProvider, ExecutionContext
+        from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+        from empathy_models.sync import SyncExecutor
+
+        path = {str(tmp_path / "calls.db")!r}
+        running, cancelled = threading.Event(), threading.Event()
+
+        async def stubborn():
+            running.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                await asyncio.sleep(30)  # ignores its cancellation
+
+        def call(llm):
+            try:
+                llm.call(stubborn)
+            except BaseException:
+                pass
+
+        def interrupt():
+            cancelled.wait(30)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        async def count():
+            async with SQLiteTelemetryBackend(path) as backend:
+                return len(await backend.recent(limit=100))
+
+        with threaded_fake_server(api_key="k") as server:
+            provider = AnthropicProvider(api_key="k", base_url=server.anthropic_base_url)
+            llm = SyncExecutor(
+                [provider], registry=CHEAP_ONLY, telemetry_store="sqlite:///" + path
+            )
+            llm.run("hello", ExecutionContext(tier="cheap"))  # its record is queued
+            threading.Thread(target=call, args=(llm,), daemon=True).start()
+            running.wait(30)
+            threading.Thread(target=interrupt, daemon=True).start()
+            try:
+                llm.close()
+            except KeyboardInterrupt:
+                print("interrupted")
+            print("records", asyncio.run(count()), flush=True)
+            os._exit(0)  # no exit flush: only what close wrote counts
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["interrupted", "records", "1"], done.stdout + done.stderr
