@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
 from ._executor import (
+    SYNC_LOOPS,
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMResponse,
@@ -79,6 +80,7 @@ class _LoopThread:
     def __init__(self, name: str) -> None:
         self.pid = os.getpid()  # a forked child has the loop object, not its thread
         self.loop = asyncio.new_event_loop()
+        SYNC_LOOPS.add(self.loop)  # its executor's other-loop error points to `run`
         self.stack: AsyncExitStack | None = None
         self.closed = False
         self._closed_all = threading.Event()  # set once the first `close` is over
@@ -384,7 +386,6 @@ class SyncExecutor:
                     breaker=breaker,
                     **options,
                 )
-                executor._in_sync = True  # its other-loop error points to `run`
                 await stack.enter_async_context(executor)
             except BaseException:
                 await stack.aclose()
