@@ -94,6 +94,7 @@ import logging
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import MappingProxyType, TracebackType
@@ -299,12 +300,23 @@ def _entered_again(state: str) -> NotOpenError:
     return NotOpenError("EmpathyLLMExecutor is closed and cannot be entered again; build a new one")
 
 
-def _not_open(state: str) -> NotOpenError:
+SYNC_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+"""The event loops `SyncExecutor` runs (each its own executor's, opened there)."""
+
+
+def _not_open(state: str, home: asyncio.AbstractEventLoop | None = None) -> NotOpenError:
     # outside ``async with`` (``state`` is not "open"), or in another event loop
     if state != "open":
         return NotOpenError(
             "EmpathyLLMExecutor is not open; use 'async with EmpathyLLMExecutor(...) as "
             f"executor:' (it is {state})"
+        )
+    if home in SYNC_LOOPS:
+        return NotOpenError(
+            "EmpathyLLMExecutor is a SyncExecutor's, run on that SyncExecutor's own event "
+            "loop, and cannot be awaited in another (its HTTP session and stores are bound "
+            "to that loop): call the SyncExecutor instead, `llm.run(...)` (it blocks this "
+            "loop until the answer), or `llm.call(fn, ...)` for another coroutine"
         )
     return NotOpenError(
         "EmpathyLLMExecutor was opened in another event loop and can only be used in that "
@@ -312,6 +324,20 @@ def _not_open(state: str) -> NotOpenError:
         "inside each asyncio.run(), or use empathy_models.sync.SyncExecutor, whose loop "
         "outlives the calls"
     )
+
+
+def _session_here(session: aiohttp.ClientSession | None) -> aiohttp.ClientSession | None:
+    """A borrowed ``session``, refused when made in another loop than the running one."""
+    home = getattr(session, "_loop", None)  # aiohttp's; a session-like without it passes
+    if home is not None and home is not _running_loop():
+        # its connector and timeouts are bound to that loop: every request would fail,
+        # recorded as the model's failure
+        raise ConfigurationError(
+            "session= is an aiohttp.ClientSession created in another event loop than the "
+            "one the executor is opened in, where it cannot send requests: create it in "
+            "that loop (for SyncExecutor: leave session= out, and it makes its own)"
+        )
+    return session
 
 
 async def _close_elsewhere(executor: EmpathyLLMExecutor) -> bool:
@@ -400,8 +426,8 @@ class EmpathyLLMExecutor:
         concurrency_per_provider: the most calls in flight per provider (an int for
             all, or a mapping by provider name; default 64; 1 to ``2**63 - 1``).
             Further calls wait for a slot.
-        session: an ``aiohttp.ClientSession`` to borrow (not closed by the executor);
-            by default one is created on enter and closed on exit.
+        session: an ``aiohttp.ClientSession`` to borrow (not closed), made in the loop the
+            executor is opened in; by default one is created on enter, closed on exit.
         sleep: the coroutine used to wait between retries and for rate-limit places
             (tests inject a recorder).
         clock: monotonic seconds, for latencies, the deadline and rate-limit waits
@@ -645,7 +671,7 @@ class EmpathyLLMExecutor:
             if self._cache is not None and self._owns_cache:
                 await self._cache.__aenter__()
                 stores.append(self._cache.aclose)
-            session = self._session
+            session = _session_here(self._session)
             if session is None:
                 import aiohttp  # loaded here, not by `import empathy_models`
 
@@ -734,7 +760,7 @@ class EmpathyLLMExecutor:
         # one identity check: the loop it was opened in (its HTTP session, its backends'
         # tasks and connections belong to that loop)
         if self._state != "open" or _running_loop() is not self._loop:
-            raise _not_open(self._state)
+            raise _not_open(self._state, self._loop)
 
     async def run(
         self,

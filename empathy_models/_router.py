@@ -522,11 +522,13 @@ class AdaptiveModelRouter:
         Backend errors are logged, not raised.
 
         Raises:
-            NotOpenError: after `aclose`.
+            NotOpenError: after `aclose`, or started already in another event loop.
         """
         if self._closed:
             raise NotOpenError("AdaptiveModelRouter was used after aclose()")
         if self._started:
+            if elsewhere(self._loop):  # its refresh task and store are bound to that loop
+                raise other_loop_error("AdaptiveModelRouter")
             return
         self._started = True
         self._loop = _bound_loop(self._store_obj)

@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, cast
 
 from ._executor import (
+    SYNC_LOOPS,
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMResponse,
@@ -79,6 +80,7 @@ class _LoopThread:
     def __init__(self, name: str) -> None:
         self.pid = os.getpid()  # a forked child has the loop object, not its thread
         self.loop = asyncio.new_event_loop()
+        SYNC_LOOPS.add(self.loop)  # its executor's other-loop error points to `run`
         self.stack: AsyncExitStack | None = None
         self.closed = False
         self._closed_all = threading.Event()  # set once the first `close` is over
@@ -88,6 +90,9 @@ class _LoopThread:
         self._futures: set[concurrent.futures.Future[Any]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shutting_down = False  # set on the loop: calls starting later are refused
+        # on the loop: `close`'s wait for the cancelled calls, which a Ctrl-C cuts short
+        self._grace: asyncio.Task[Any] | None = None
+        self._hurried = False
         self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self.thread.start()
 
@@ -186,11 +191,40 @@ class _LoopThread:
         tasks = set(self._tasks)
         for task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=_CANCEL_GRACE)
+        if tasks and not self._hurried:
+            self._grace = asyncio.ensure_future(asyncio.wait(tasks, timeout=_CANCEL_GRACE))
+            await asyncio.wait({self._grace})  # done, or cancelled by `_hurry`
         stack, self.stack = self.stack, None
         if stack is not None:
             await stack.aclose()
+
+    def _hurry(self) -> None:
+        """On the loop: stop waiting for the cancelled calls (a Ctrl-C in `close`)."""
+        self._hurried = True
+        if self._grace is not None:
+            self._grace.cancel()
+
+    def _close_interruptibly(self) -> KeyboardInterrupt | None:
+        """
+        Run `_shut_down` and wait for it.  A first Ctrl-C only cuts short its wait for
+        the cancelled calls (the executor is still closed, bounded by its own close) and
+        is returned; a second one is raised.
+        """
+        shut = asyncio.run_coroutine_threadsafe(self._shut_down(), self.loop)
+        try:
+            _wait(shut, None)
+        except KeyboardInterrupt as exc:
+            logger.warning(
+                "Ctrl-C while the SyncExecutor closes: the calls still running are no "
+                "longer waited for; closing the executor and writing its records first "
+                "(Ctrl-C again to stop at once, leaving them)"
+            )
+            self.loop.call_soon_threadsafe(self._hurry)
+            _wait(shut, None)
+            shut.result()
+            return exc
+        shut.result()
+        return None
 
     def close(self) -> None:
         """
@@ -199,7 +233,9 @@ class _LoopThread:
         Idempotent: a close racing another returns once that one is over.  Each call
         in flight is cancelled on the loop, and its caller gets `NotOpenError`; a call
         that does not end within `_CANCEL_GRACE` seconds is left behind (its caller is
-        released all the same) and the executor closed regardless.
+        released all the same) and the executor closed regardless.  A Ctrl-C meanwhile
+        ends that wait at once, and is raised once the executor is closed (a second one
+        while it closes is raised at once, leaving it open).
         In a forked child (its finalizer runs at the child's exit) it only marks the
         copy closed: the loop thread, and what it holds, belong to the parent.
         """
@@ -215,9 +251,10 @@ class _LoopThread:
             if not self.on_loop_thread():
                 self._closed_all.wait()
             return
+        interrupted: KeyboardInterrupt | None = None
         try:
             if self.loop.is_running():
-                asyncio.run_coroutine_threadsafe(self._shut_down(), self.loop).result()
+                interrupted = self._close_interruptibly()
         finally:
             try:
                 # release any caller still waiting (a call that ignored its cancellation)
@@ -230,6 +267,8 @@ class _LoopThread:
                 self.loop.close()
             finally:
                 self._closed_all.set()
+        if interrupted is not None:
+            raise interrupted
 
     def close_from_anywhere(self) -> None:
         """`close`, handed to a thread of its own when run on the loop thread (by GC)."""
@@ -252,6 +291,13 @@ def _wait(future: concurrent.futures.Future[Any], timeout: float | None) -> bool
         step = wake if left is None else left if wake is None else min(left, wake)
         if done.wait(step):
             return True
+
+
+def _not_opened_here(resource: object, exc: NotOpenError) -> NotOpenError:
+    return NotOpenError(
+        f"the {type(resource).__name__} given to SyncExecutor cannot be opened on its event "
+        f"loop ({exc}): pass it unopened, and SyncExecutor opens and closes it there"
+    )
 
 
 class _Carried(Exception):
@@ -327,9 +373,12 @@ class SyncExecutor:
                     # objects that are async context managers (AdaptiveModelRouter,
                     # CircuitBreaker) are opened here and closed with the executor
                     if hasattr(resource, "__aenter__") and hasattr(resource, "__aexit__"):
-                        await stack.enter_async_context(
-                            cast(AbstractAsyncContextManager[object], resource)
-                        )
+                        try:
+                            await stack.enter_async_context(
+                                cast(AbstractAsyncContextManager[object], resource)
+                            )
+                        except NotOpenError as exc:  # opened already, in another loop
+                            raise _not_opened_here(resource, exc) from exc
                 executor = EmpathyLLMExecutor(
                     providers,
                     telemetry_store=telemetry_store,

@@ -522,3 +522,165 @@ def test_a_breaker_already_open_in_a_notebooks_loop_is_refused_not_deadlocked(
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("NotOpenError "), done.stdout + done.stderr
     assert "opened in another event loop" in done.stdout
+
+
+def test_its_executor_awaited_from_another_loop_points_to_run_not_to_sync_executor(
+    server: FakeLLMServer,
+) -> None:
+    """
+    ``await llm.executor.run(...)`` in another event loop (a notebook cell's) cannot
+    work: the error points to ``llm.run``, not to the SyncExecutor the user already has.
+    """
+    llm = SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://")
+    with llm, pytest.raises(NotOpenError) as raised:
+        asyncio.run(llm.executor.run("hello", CHEAP))
+    assert "llm.run(" in str(raised.value), raised.value
+
+
+def test_a_router_already_started_in_a_notebooks_loop_is_refused_up_front(
+    tmp_path: Path,
+) -> None:
+    """
+    A notebook cell (its loop running) started an `AdaptiveModelRouter` on a SQLite
+    store and gives it to `SyncExecutor`, whose loop cannot use it: a clear error when
+    it is built, naming the router and saying to pass it unopened.  Accepted, its start
+    there did nothing, and `close` then waited twice `HOME_CLOSE_SECONDS` for the cell's
+    blocked loop.  In a child process, with a hang guard.
+    """
+    script = textwrap.dedent(
+        f"""
+        import asyncio, faulthandler, sys
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang guard
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from tests._fakes import CHEAP_ONLY
+        from empathy_models import AdaptiveModelRouter, AnthropicProvider
+        from empathy_models.sync import SyncExecutor
+
+        async def cell():
+            url = {f"sqlite:///{tmp_path / 'calls.db'}"!r}
+            async with AdaptiveModelRouter(CHEAP_ONLY, url) as router:
+                try:
+                    llm = SyncExecutor(
+                        [AnthropicProvider(api_key="k")],
+                        registry=CHEAP_ONLY,
+                        router=router,
+                        telemetry_store="null://",
+                    )
+                except Exception as exc:
+                    print(type(exc).__name__, exc)
+                else:
+                    print("opened", flush=True)
+                    llm.close()
+                    print("closed")
+
+        asyncio.run(cell())
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("NotOpenError "), done.stdout + done.stderr
+    assert "AdaptiveModelRouter" in done.stdout
+    assert "unopened" in done.stdout, done.stdout
+
+
+def test_a_session_made_in_another_loop_is_refused_when_built_not_charged_to_models(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """
+    ``session=`` an aiohttp session created in another event loop (a notebook cell's)
+    cannot serve the private loop's requests: `ConfigurationError` saying so when the
+    SyncExecutor is built.  Accepted, every run failed with "attached to a different
+    loop" recorded as the model's failure, counting against it and its breaker.
+    """
+    other = asyncio.new_event_loop()
+
+    async def make() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession()
+
+    session = other.run_until_complete(make())
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    try:
+        with pytest.raises(ConfigurationError, match="another event loop"):
+            llm = SyncExecutor(
+                providers(server), registry=REGISTRY, telemetry_store=url, session=session
+            )
+            try:
+                llm.run("hello", CHEAP)
+            finally:
+                llm.close()
+    finally:
+        other.run_until_complete(session.close())
+        other.close()
+    assert [r.outcome for r in _records(tmp_path / "calls.db")] == []
+
+
+@pytest.mark.usefixtures("interruptible_children")
+def test_one_ctrl_c_during_close_still_closes_the_executor_and_writes_its_records(
+    tmp_path: Path,
+) -> None:
+    """
+    Ctrl-C while `close` waits for a call that ignores its cancellation: the wait is
+    given up, the executor still closed (its queued record written) before the
+    `KeyboardInterrupt` is raised.  It stopped the loop part-way: nothing was closed,
+    the record left unwritten.  In a child process: a real SIGINT, with a hang guard.
+    """
+    script = textwrap.dedent(
+        f"""
+        import asyncio, faulthandler, os, signal, sys, threading
+        faulthandler.dump_traceback_later(60, exit=True)  # a hang guard
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from tests._fakes import CHEAP_ONLY
+        from tests._threaded_server import threaded_fake_server
+        from empathy_models import AnthropicProvider, ExecutionContext
+        from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+        from empathy_models.sync import SyncExecutor
+
+        path = {str(tmp_path / "calls.db")!r}
+        running, cancelled = threading.Event(), threading.Event()
+
+        async def stubborn():
+            running.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                await asyncio.sleep(30)  # ignores its cancellation
+
+        def call(llm):
+            try:
+                llm.call(stubborn)
+            except BaseException:
+                pass
+
+        def interrupt():
+            cancelled.wait(30)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        async def count():
+            async with SQLiteTelemetryBackend(path) as backend:
+                return len(await backend.recent(limit=100))
+
+        with threaded_fake_server(api_key="k") as server:
+            provider = AnthropicProvider(api_key="k", base_url=server.anthropic_base_url)
+            llm = SyncExecutor(
+                [provider], registry=CHEAP_ONLY, telemetry_store="sqlite:///" + path
+            )
+            llm.run("hello", ExecutionContext(tier="cheap"))  # its record is queued
+            threading.Thread(target=call, args=(llm,), daemon=True).start()
+            running.wait(30)
+            threading.Thread(target=interrupt, daemon=True).start()
+            try:
+                llm.close()
+            except KeyboardInterrupt:
+                print("interrupted")
+            print("records", asyncio.run(count()), flush=True)
+            os._exit(0)  # no exit flush: only what close wrote counts
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["interrupted", "records", "1"], done.stdout + done.stderr
