@@ -93,6 +93,7 @@ class _LoopThread:
         # on the loop: `close`'s wait for the cancelled calls, which a Ctrl-C cuts short
         self._grace: asyncio.Task[Any] | None = None
         self._hurried = False
+        self._shutdown: asyncio.Future[None] | None = None  # `_shut_down`'s one run
         self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self.thread.start()
 
@@ -186,6 +187,15 @@ class _LoopThread:
                     self._futures.discard(future)
 
     async def _shut_down(self) -> None:
+        """
+        On the loop: `_shut_down_once`, which runs once however often this is scheduled
+        (again by a Ctrl-C that came while `close` was handing it over, its handle lost).
+        """
+        if self._shutdown is None:
+            self._shutdown = asyncio.ensure_future(self._shut_down_once())
+        await asyncio.shield(self._shutdown)
+
+    async def _shut_down_once(self) -> None:
         """On the loop: cancel the calls in flight, wait for them, close the stack."""
         self._shutting_down = True
         tasks = set(self._tasks)
@@ -210,8 +220,8 @@ class _LoopThread:
         the cancelled calls (the executor is still closed, bounded by its own close) and
         is returned; a second one is raised.
         """
-        shut = asyncio.run_coroutine_threadsafe(self._shut_down(), self.loop)
         try:
+            shut = asyncio.run_coroutine_threadsafe(self._shut_down(), self.loop)
             _wait(shut, None)
         except KeyboardInterrupt as exc:
             logger.warning(
@@ -220,6 +230,9 @@ class _LoopThread:
                 "(Ctrl-C again to stop at once, leaving them)"
             )
             self.loop.call_soon_threadsafe(self._hurry)
+            # the same shut-down (it runs once), whether or not the Ctrl-C came before
+            # it was handed over
+            shut = asyncio.run_coroutine_threadsafe(self._shut_down(), self.loop)
             _wait(shut, None)
             shut.result()
             return exc

@@ -616,20 +616,34 @@ def test_a_session_made_in_another_loop_is_refused_when_built_not_charged_to_mod
     assert [r.outcome for r in _records(tmp_path / "calls.db")] == []
 
 
+@pytest.mark.parametrize("when", ["waiting", "handing over"])
 @pytest.mark.usefixtures("interruptible_children")
 def test_one_ctrl_c_during_close_still_closes_the_executor_and_writes_its_records(
-    tmp_path: Path,
+    tmp_path: Path, when: str
 ) -> None:
     """
-    Ctrl-C while `close` waits for a call that ignores its cancellation: the wait is
-    given up, the executor still closed (its queued record written) before the
-    `KeyboardInterrupt` is raised.  It stopped the loop part-way: nothing was closed,
-    the record left unwritten.  In a child process: a real SIGINT, with a hang guard.
+    Ctrl-C while `close` waits for a call that ignores its cancellation (or the moment
+    it hands its shut-down to the loop, before it waits): the wait is given up, the
+    executor still closed (its queued record written) before the `KeyboardInterrupt`
+    is raised.  It stopped the loop part-way: nothing was closed, the record left
+    unwritten.  In a child process: a real SIGINT, with a hang guard.
     """
     script = textwrap.dedent(
         f"""
         import asyncio, faulthandler, os, signal, sys, threading
         faulthandler.dump_traceback_later(60, exit=True)  # a hang guard
+        if {when == "handing over"!r}:
+            # the SIGINT raised the moment close has handed its shut-down over
+            handed, raised = asyncio.run_coroutine_threadsafe, []
+
+            def handing(coro, loop):
+                future = handed(coro, loop)
+                if getattr(coro, "__name__", "") == "_shut_down" and not raised:
+                    raised.append(True)  # one Ctrl-C
+                    signal.raise_signal(signal.SIGINT)
+                return future
+
+            asyncio.run_coroutine_threadsafe = handing
         sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
         from tests._fakes import CHEAP_ONLY
         from tests._threaded_server import threaded_fake_server
@@ -670,7 +684,8 @@ def test_one_ctrl_c_during_close_still_closes_the_executor_and_writes_its_record
             llm.run("hello", ExecutionContext(tier="cheap"))  # its record is queued
             threading.Thread(target=call, args=(llm,), daemon=True).start()
             running.wait(30)
-            threading.Thread(target=interrupt, daemon=True).start()
+            if {when == "waiting"!r}:
+                threading.Thread(target=interrupt, daemon=True).start()
             try:
                 llm.close()
             except KeyboardInterrupt:
