@@ -33,6 +33,8 @@ from empathy_models.evidence import EvidenceBatch
 from empathy_models.records import wilson_interval
 from empathy_models.whatif import (
     Interval,
+    StageEvidence,
+    WhatIfReport,
     evaluate_policy,
     ipw_estimate,
     load_stage_evidence,
@@ -161,6 +163,18 @@ async def test_a_candidate_neither_registered_nor_recorded_is_noted_as_unpriced(
     assert "no price" in note and "$0" in note
 
 
+async def _all_pinned_to_premium(evidence: StageEvidence, *, replicates: int) -> WhatIfReport:
+    """50 requests simulated with every one pinned to "premium" (nothing meets a 1 ms p95)."""
+    return await simulate_policy(
+        evidence,
+        registry=REGISTRY,
+        max_latency_ms=1.0,
+        on_no_match="premium",
+        requests=50,
+        replicates=replicates,
+    )
+
+
 async def test_a_model_pinned_by_on_no_match_without_calls_is_reported_unknown() -> None:
     # "premium" never served the stage; nothing meets 1 ms, so every request is pinned to it
     records = [r for r in history(1, 500) if r.model != "premium"]
@@ -168,14 +182,7 @@ async def test_a_model_pinned_by_on_no_match_without_calls_is_reported_unknown()
         await backend.record_many(records)
         evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
     assert "premium" not in evidence.models
-    report = await simulate_policy(
-        evidence,
-        registry=REGISTRY,
-        max_latency_ms=1.0,
-        on_no_match="premium",
-        requests=50,
-        replicates=2,
-    )
+    report = await _all_pinned_to_premium(evidence, replicates=2)
     traffic = {t.model: t for t in report.traffic}
     assert traffic["premium"].share.estimate == 1.0 and traffic["premium"].known is False
     assert report.unknown_models == ("premium",)
@@ -202,15 +209,7 @@ async def test_a_model_with_only_billed_failures_shows_what_the_simulation_charg
         await backend.record_many([*others, *failed])
         evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
     assert evidence.fits["premium"].successes == 0
-    # every request pinned to it: nothing meets a 1 ms p95
-    report = await simulate_policy(
-        evidence,
-        registry=REGISTRY,
-        max_latency_ms=1.0,
-        on_no_match="premium",
-        requests=50,
-        replicates=5,
-    )
+    report = await _all_pinned_to_premium(evidence, replicates=5)
     [premium] = [t for t in report.traffic if t.model == "premium"]
     assert premium.share.estimate == 1.0
     # what each of its attempts was recorded to cost, as each simulated failure is charged
