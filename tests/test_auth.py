@@ -865,6 +865,25 @@ def _refused(file: Path, info: pytest.ExceptionInfo[AuthFileError]) -> None:
     assert f"{file}: not a regular file" in str(info.value)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_a_read_that_fails_once_the_file_is_open_leaves_no_descriptor_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = tmp_path / "auth_strategy.json"
+    AuthStrategy().save(file)
+
+    def no_memory(*args: object, **kwargs: object) -> object:
+        raise MemoryError
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fdopen", no_memory)
+    for _ in range(3):
+        with pytest.raises(MemoryError):
+            AuthStrategy.load(file)
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 @pytest.mark.timeout(30)
 def test_a_fifo_as_the_strategy_file_is_refused_not_waited_on(tmp_path: Path) -> None:
     # nobody ever writes to the FIFO: reading it would wait forever

@@ -1040,9 +1040,16 @@ def test_a_relative_empathy_home_is_an_error_wherever_the_cli_runs(tmp_path: Pat
 def test_an_empathy_home_that_is_a_file_is_reported_as_not_a_directory(tmp_path: Path) -> None:
     home = tmp_path / "empathy"
     home.write_text("not a directory\n")
-    for args in (("status",), ("status", "--json"), ("setup", "--tier", "max")):
+    for args in (
+        ("status",),
+        ("status", "--json"),
+        ("setup", "--tier", "max"),
+        ("reset", "--yes"),
+        ("restore",),
+    ):
         result = cli(home, "auth", *args)
         assert result.returncode == 1, result
         assert f"{home} is not a directory" in (result.stderr + result.stdout), result
         assert "not created yet" not in result.stdout and "File exists" not in result.stderr
+        assert "Nothing to reset" not in result.stdout, result
     assert home.read_text() == "not a directory\n"

@@ -107,7 +107,12 @@ def _read_regular(file: Path) -> bytes:
     place meanwhile is refused too.  Other failures are `OSError`.
     """
     fd = os.open(file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as stream:
+    try:
+        stream = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with stream:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise AuthFileError(f"{file}: is a directory, not an auth strategy file", path=file)

@@ -272,10 +272,12 @@ def restore_auth_strategy(
     file = Path(path) if path is not None else auth_strategy_file()
     # checked before the lock too, so that nothing (the directory) is created for a
     # restore that cannot happen; the newest backup only when there is no directory
-    # (a listing made while a reset renames and prunes backups can see none of them)
+    # (a listing made while a reset renames and prunes backups can see none of them),
+    # after a look-up of the file that names a part of its path that is not a directory
     if backup is not None:
         _backup_content(Path(backup))
     elif not file.parent.is_dir():
+        _lexists(file)
         _newest_backup(file)
     with _locked(file):
         # chosen and read under the lock, where a reset cannot prune it

@@ -294,6 +294,22 @@ def cmd_auth_status(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- reset / restore
 
 
+def _present(file: Path) -> bool:
+    """
+    Whether ``file`` exists (a symlink counts, even a dangling one).  A path the system
+    cannot look up (a directory on the way is a file) raises the library's
+    `AuthFileError` naming the part in the way, rather than reading as "no file".
+    """
+    try:
+        os.lstat(file)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        reset_auth_strategy(file)  # raises AuthFileError saying what is in the way
+        raise
+    return True
+
+
 def cmd_auth_reset(args: argparse.Namespace) -> int:
     """
     Back the strategy file up (timestamped, 0600, next to it), then remove it.
@@ -304,7 +320,7 @@ def cmd_auth_reset(args: argparse.Namespace) -> int:
     which refuses that one (exit 1, the link left in place).
     """
     file = _file(args)
-    if not os.path.lexists(file):
+    if not _present(file):
         print(f"Nothing to reset: {printable(str(file))} does not exist")
         return 0
     if not args.yes:
