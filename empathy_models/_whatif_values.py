@@ -143,7 +143,8 @@ class StageEvidence:
 
     ``buckets`` are the stage's evidence buckets (every model); ``fits`` one `ModelFit`
     per model seen.  ``source`` is ``"rollups"`` or, for a backend that keeps none,
-    ``"records"`` (the newest records rolled up in memory).
+    ``"records"`` (the newest records rolled up in memory); ``partial``: the window
+    held more records than were read (a backend without rollups; the report notes it).
     """
 
     workflow: str
@@ -154,6 +155,7 @@ class StageEvidence:
     buckets: tuple[EvidenceBucket, ...]
     fits: Mapping[str, ModelFit]
     source: str = "rollups"
+    partial: bool = False
 
     @property
     def models(self) -> list[str]:

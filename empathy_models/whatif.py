@@ -196,7 +196,7 @@ async def load_stage_evidence(
             "the year 1; pass a later now or fewer days"
         ) from None
     await backend.flush()  # what this process handed to a batching backend counts too
-    found, source = await _read_window(backend, workflow, stage, since, until)
+    found, source, partial = await _read_window(backend, workflow, stage, since, until)
     # "" finds the calls without a workflow or stage, recorded as None or ""
     mine = tuple(b for b in found if (b.workflow or "") == workflow and (b.stage or "") == stage)
     per_model: dict[str, list[EvidenceBucket]] = {}
@@ -224,16 +224,19 @@ async def load_stage_evidence(
         buckets=mine,
         fits=fits,
         source=source,
+        partial=partial,
     )
 
 
 async def _read_window(
     backend: TelemetryBackend, workflow: str, stage: str, since: datetime, until: datetime
-) -> tuple[list[EvidenceBucket], str]:
+) -> tuple[list[EvidenceBucket], str, bool]:
     """
     The evidence of ``[since, until)``: the stored buckets of its whole minutes and the
-    rollup of the calls of the minutes it starts and ends within; and where they came
-    from (``"rollups"``, or ``"records"`` from a backend that keeps no rollups).
+    rollup of the calls of the minutes it starts and ends within; where they came
+    from (``"rollups"``, or ``"records"`` from a backend that keeps no rollups); and
+    whether that backend held more calls in the window than its newest
+    `_RECENT_FALLBACK`, which alone were read.
     """
     first = bucket_start_of(since)
     if first < since:
@@ -243,16 +246,16 @@ async def _read_window(
         batch = await backend.evidence(since=first, until=last)
     except NotImplementedError:
         records = await backend.recent(
-            limit=_RECENT_FALLBACK, workflow=workflow, stage=stage, since=since, until=until
+            limit=_RECENT_FALLBACK + 1, workflow=workflow, stage=stage, since=since, until=until
         )
-        return rollup(records), "records"
+        return rollup(records[:_RECENT_FALLBACK]), "records", len(records) > _RECENT_FALLBACK
     edges: list[LLMCallRecord] = []
     for start, end in ((since, min(first, until)), (last, until)):
         if start < end:  # at most a minute's calls, every one of them
             edges += await backend.recent(
                 limit=_EVERY, workflow=workflow, stage=stage, since=start, until=end
             )
-    return [*batch.buckets, *rollup(edges)], "rollups"
+    return [*batch.buckets, *rollup(edges)], "rollups", False
 
 
 _MINUTE: Final = timedelta(seconds=BUCKET_SECONDS)
@@ -534,6 +537,11 @@ def _notes(simulation: _Simulation, names: Sequence[str]) -> list[str]:
                 f"{named(m)}: only {f.samples} calls in the window: its figures are uncertain"
             )
     notes.extend(_tail_notes(simulation.evidence))
+    if simulation.evidence.partial:
+        notes.append(
+            f"the telemetry backend keeps no evidence rollups: only its newest "
+            f"{_RECENT_FALLBACK:,} calls in the window were read, not the whole window"
+        )
     return notes
 
 

@@ -381,12 +381,37 @@ async def test_a_window_edge_minute_with_more_than_100000_calls_is_read_whole() 
     assert fit.successes == calls - len(range(0, calls, 10))
 
 
-async def test_a_backend_without_rollups_is_read_through_its_records() -> None:
-    class NoRollups(MemoryTelemetryBackend):
-        async def evidence(self, **_: object) -> EvidenceBatch:
-            raise NotImplementedError
+class _NoRollups(MemoryTelemetryBackend):
+    async def evidence(self, **_: object) -> EvidenceBatch:
+        raise NotImplementedError
 
-    backend = NoRollups()
+
+async def test_a_window_read_only_in_part_from_a_backend_without_rollups_says_so() -> None:
+    calls = 100_001
+    template = history(1, 1)[0]
+    records = [
+        attrs.evolve(
+            template,
+            call_id=f"c-{i}",
+            timestamp=NOW - timedelta(seconds=1 + i % 80_000),
+            outcome=Outcome.SUCCESS,
+        )
+        for i in range(calls)
+    ]
+    backend = _NoRollups(capacity=2 * calls)
+    await backend.record_many(records)
+    evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, days=1, now=NOW)
+    assert evidence.source == "records"
+    assert evidence.samples == 100_000
+    assert evidence.partial
+    report = await simulate_policy(
+        evidence, registry=REGISTRY, min_success_rate=0.95, requests=20, replicates=2
+    )
+    assert [n for n in report.notes if "newest 100,000 calls" in n], report.notes
+
+
+async def test_a_backend_without_rollups_is_read_through_its_records() -> None:
+    backend = _NoRollups()
     records = history(6, 1_000)
     await backend.record_many(records)
     evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
@@ -397,6 +422,7 @@ async def test_a_backend_without_rollups_is_read_through_its_records() -> None:
     )
     assert report.evidence_source == "records"
     assert report.recorded_calls == len(records)
+    assert not evidence.partial and not [n for n in report.notes if "newest" in n]
 
 
 # --------------------------------------------------------------------------- off-policy
