@@ -1263,8 +1263,10 @@ class ResponseCache(AsyncResource):
     @abc.abstractmethod
     async def clear(self) -> int:
         """
-        Remove every entry; how many were held.  (Every subclass's `clear` also lets go
-        of the answers the executor decoded from the cache: no override needs to.)
+        Remove every entry; how many it removed that had not expired (that `get` would
+        have returned), so two clears at once count each entry once between them.
+        (Every subclass's `clear` also lets go of the answers the executor decoded from
+        the cache: no override needs to.)
         """
 
 

@@ -21,6 +21,9 @@ __all__ = ["DEFAULT_CACHE_PREFIX", "RedisResponseCache"]
 DEFAULT_CACHE_PREFIX: Final = "empathy:cache:"
 """Prefix of every Redis key the response cache writes."""
 
+_CLEAR_BATCH: Final = 500
+"""The most keys `RedisResponseCache.clear` asks one SCAN page or one DEL for."""
+
 _RAW: Final = {NEVER_DECODE: True}
 """redis-py's option to leave a reply as bytes, whatever the client decodes."""
 
@@ -127,12 +130,23 @@ class RedisResponseCache(ResponseCache):
     async def clear(self) -> int:
         self._check_open()
         pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix) + "*"
+        deleted = 0
         try:
-            # the keys as bytes (some are no UTF-8 a decoding client could read)
+            # the keys as bytes (some are no UTF-8 a decoding client could read), deleted
+            # as they are found, at most _CLEAR_BATCH per DEL, so no one command holds
+            # Redis up for the whole cache (DEL rather than UNLINK, which needs Redis 4
+            # and frees a string, what the cache holds, at once all the same).  A key
+            # another client deleted meanwhile, or SCAN found twice, is not counted: DEL
+            # counts only what it removed.
             client: Any = self._client
-            keys = [k async for k in client.scan_iter(match=pattern, count=500, **_RAW)]
-            if keys:
-                await self._client.delete(*keys)
+            batch: list[bytes] = []
+            async for key in client.scan_iter(match=pattern, count=_CLEAR_BATCH, **_RAW):
+                batch.append(key)
+                if len(batch) == _CLEAR_BATCH:
+                    deleted += await self._client.delete(*batch)
+                    batch.clear()
+            if batch:
+                deleted += await self._client.delete(*batch)
         except (RedisError, OSError) as exc:
             raise self._error("clear", exc) from exc
-        return len(keys)
+        return deleted
