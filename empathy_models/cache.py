@@ -31,14 +31,14 @@ Backends: `MemoryResponseCache` (one process; ``max_entries`` LRU, default 10,00
 `SQLiteResponseCache` (one host), and the ``redis://`` and ``postgresql://`` plugins;
 `cache_from_url` builds one.  Every backend refuses values over ``max_value_bytes``
 (default 1 MiB), and a TTL that is not a finite number of seconds above 0 (what
-`ExecutionContext.cache_ttl` accepts): ``set`` stores nothing then.  A longer TTL than
-`MAX_TTL` (100 years) keeps the entry `MAX_TTL`, in every backend.  ``clear`` returns
-how many unexpired entries it removed.  A cache that
-fails never fails a call, and one that stalls never holds it up: the executor waits for
-a read at most a second (and half the time left of the run's deadline), writes answers
-behind, and skips a store that failed or stalled for a few seconds (one warning per
-outage on ``empathy_models.cache``; ``cache_errors`` and ``cache_skipped`` count); the
-call goes to a model.
+`ExecutionContext.cache_ttl` accepts): ``set`` stores nothing then, and removes the
+key's earlier value.  A longer TTL than `MAX_TTL` (100 years) keeps the entry
+`MAX_TTL`, in every backend.  ``clear`` returns how many unexpired entries it removed.
+A cache that fails never fails a call, and one that stalls never holds it up: the
+executor waits for a read at most a second (and half the time left of the run's
+deadline), writes answers behind, and skips a store that failed or stalled for a few
+seconds (one warning per outage on ``empathy_models.cache``; ``cache_errors`` and
+``cache_skipped`` count); the call goes to a model.
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ class MemoryResponseCache(ResponseCache):
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._check_open()
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            self._data.pop(key, None)  # refused: no earlier value is left to be served
             return
         self._data[key] = (self._clock() + min(ttl, MAX_TTL), value)
         self._data.move_to_end(key)
@@ -324,6 +325,7 @@ class SQLiteResponseCache(ResponseCache):
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._check_open()
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            await self.delete(key)  # refused: no earlier value is left to be served
             return
         self._writes += 1
         sweep = self._writes % 100 == 1

@@ -140,6 +140,7 @@ class PostgresResponseCache(ResponseCache):
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._check_open()
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            await self.delete(key)  # refused: no earlier value is left to be served
             return
         pool = await self._db.pool(self._migrations)
         self._writes += 1

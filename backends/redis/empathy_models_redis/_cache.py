@@ -113,6 +113,7 @@ class RedisResponseCache(ResponseCache):
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._check_open()
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            await self.delete(key)  # refused: no earlier value is left to be served
             return
         try:
             px = max(1, round(min(ttl, MAX_TTL) * 1000))

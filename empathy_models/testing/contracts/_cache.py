@@ -36,10 +36,10 @@ class ResponseCacheContract:
 
     Covers: get after set; a miss reads None; replacing a value; expiry; any finite TTL
     above 0 stored (kept `empathy_models.cache.MAX_TTL` at most); values over
-    ``max_value_bytes`` not stored; delete and clear (counting the unexpired entries it
-    removed, each once between concurrent clears); any string a key, kept apart from
-    every other; concurrent writers; a shared cache showing one instance's entries to
-    another; close and use after close.
+    ``max_value_bytes`` not stored; a refused set leaving no earlier value; delete and
+    clear (counting the unexpired entries it removed, each once between concurrent
+    clears); any string a key, kept apart from every other; concurrent writers; a
+    shared cache showing one instance's entries to another; close and use after close.
     """
 
     @pytest.fixture
@@ -98,6 +98,28 @@ class ResponseCacheContract:
         assert await cache.get(key) is None
         await cache.set(key, b"x" * limit, 60)
         assert await cache.get(key) == b"x" * limit
+
+    @pytest.mark.parametrize(
+        ("size", "ttl"),
+        [(1, 0), (1, -1), (1, float("nan")), (1, float("inf")), (None, 60)],
+        ids=["ttl 0", "ttl -1", "ttl nan", "ttl inf", "too large"],
+    )
+    async def test_a_refused_set_leaves_no_earlier_value(
+        self, cache: ResponseCache, size: int | None, ttl: float
+    ) -> None:
+        # set replaces any value: one it refuses (too large, a TTL that is no time to
+        # keep it) must not leave the earlier value to be served as its answer
+        if size is None:
+            limit = getattr(cache, "max_value_bytes", None)
+            if limit is None:
+                pytest.skip("the cache has no value bound")
+            size = limit + 1
+        key, other = _key(), _key()
+        await cache.set(key, b"earlier", 60)
+        await cache.set(other, b"kept", 60)
+        await cache.set(key, b"x" * size, ttl)
+        assert await cache.get(key) is None
+        assert await cache.get(other) == b"kept"
 
     async def test_clear_counts_each_entry_it_removed_once(
         self, cache: ResponseCache, cache_url: str, cache_options: dict[str, Any]
