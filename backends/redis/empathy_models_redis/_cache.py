@@ -7,7 +7,7 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from empathy_models.abc import ResponseCache
 from empathy_models.backends import shown
@@ -106,6 +106,12 @@ class RedisResponseCache(ResponseCache):
         try:
             # never decoded, even by a client with decode_responses: values are bytes
             value = await client.execute_command("GET", self._key(key), **_RAW)
+        except ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                # another program's key of another type (a hash, a list) where an answer
+                # would be: a miss, which `set` overwrites; not a failure of the store
+                return None
+            raise self._error("get", exc) from exc
         except (RedisError, OSError) as exc:
             raise self._error("get", exc) from exc
         return None if value is None else bytes(value)
