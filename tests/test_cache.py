@@ -233,7 +233,17 @@ async def test_sampled_output_is_not_cached_unless_asked(server: FakeLLMServer) 
             assert not (await executor.run("hello", ctx)).cached
         await executor.run("hello", asked)
         assert (await executor.run("hello", asked)).cached
-    assert server.requests() == 5
+        # extra_body's temperature is the one sent: it samples a temperature=0 context's
+        greedy = attrs.evolve(CTX, model="gpt-a")
+        for _ in range(2):
+            hot = await executor.run("hi", greedy, extra_body={"temperature": 0.7})
+            assert not hot.cached
+            sent = server.last_request("gpt-a")
+            assert sent is not None and sent.body["temperature"] == 0.7
+        cold = attrs.evolve(warm, model="gpt-a")
+        await executor.run("hi", cold, extra_body={"temperature": 0})
+        assert (await executor.run("hi", cold, extra_body={"temperature": 0})).cached
+    assert server.requests() == 8
 
 
 async def test_without_cache_ttl_nothing_is_cached(server: FakeLLMServer) -> None:
