@@ -68,13 +68,21 @@ def cache_key_of(
 ) -> str | None:
     """
     The request's cache key, or None when the answer is not to be cached (its output is
-    sampled).  The key covers the routing policy, the parameters, the messages whole
-    (content blocks, tool calls and results included) and the run options (tools,
-    tool choice, response format, stop, top_p, seed, extra_body).
+    sampled: by the context's temperature, or by a ``temperature`` in ``extra_body``,
+    which is the one sent).  The key covers the routing policy, the parameters, the
+    messages whole (content blocks, tool calls and results included) and the run
+    options (tools, tool choice, response format, stop, top_p, seed, extra_body) that
+    are sent: no tools, no stop sequences and an empty ``extra_body`` key as the option
+    not given.
     """
     temperature = ctx.temperature
-    if not ctx.cache_sampled and (temperature is None or temperature > 0):
-        return None
+    if not ctx.cache_sampled:
+        sent: object = temperature
+        extra = options.get("extra_body")
+        if extra and "temperature" in extra:
+            sent = extra["temperature"]  # what is sent: extra_body's replaces the context's
+        if isinstance(sent, bool) or not isinstance(sent, int | float) or not sent <= 0:
+            return None  # sampled (None: the provider's default temperature samples)
     parts: tuple[object, ...] = (
         _VERSION,
         ctx.model,
@@ -90,13 +98,14 @@ def cache_key_of(
         ctx.max_tokens,
         None if temperature is None else float(temperature),
     )
-    if options or any(
+    sent_options = _sent_options(options)
+    if sent_options or any(
         m.tool_calls or m.tool_call_id is not None or not isinstance(m.content, str)
         for m in messages
     ):
         # more than text: the messages and options in one canonical JSON part
         whole = json.dumps(
-            [_canonical(dict(options)), _canonical(list(messages))],
+            [_canonical(sent_options), _canonical(list(messages))],
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,
@@ -104,6 +113,21 @@ def cache_key_of(
         )
         return request_key((*parts, whole), (), system)
     return request_key(parts, messages, system)
+
+
+def _sent_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    The run options that make a request differ from one without them: an option left
+    unset (None), no tools, no stop sequences or an empty ``extra_body`` is sent as no
+    option at all, so it keys the same request.
+    """
+    return {k: v for k, v in options.items() if v is not None and not _empty(k, v)}
+
+
+def _empty(name: str, value: Any) -> bool:
+    if name in ("tools", "stop"):
+        return not value
+    return name == "extra_body" and isinstance(value, Mapping) and not value
 
 
 def _canonical(value: Any) -> Any:

@@ -1253,7 +1253,9 @@ class ResponseCache(AsyncResource):
         """
         Store ``value`` under ``key`` for ``ttl`` seconds (replacing any value), at
         most `empathy_models.cache.MAX_TTL` (100 years): a longer finite ``ttl`` is
-        stored for that long, never refused.
+        stored for that long, never refused.  A value larger than ``max_value_bytes``,
+        or a ``ttl`` that is not a finite number above 0, is not stored, and the key's
+        earlier value is removed: a later `get` never serves it as the newer answer.
         """
 
     @abc.abstractmethod
@@ -1263,8 +1265,10 @@ class ResponseCache(AsyncResource):
     @abc.abstractmethod
     async def clear(self) -> int:
         """
-        Remove every entry; how many were held.  (Every subclass's `clear` also lets go
-        of the answers the executor decoded from the cache: no override needs to.)
+        Remove every entry; how many it removed that had not expired (that `get` would
+        have returned), so two clears at once count each entry once between them.
+        (Every subclass's `clear` also lets go of the answers the executor decoded from
+        the cache: no override needs to.)
         """
 
 

@@ -31,13 +31,14 @@ Backends: `MemoryResponseCache` (one process; ``max_entries`` LRU, default 10,00
 `SQLiteResponseCache` (one host), and the ``redis://`` and ``postgresql://`` plugins;
 `cache_from_url` builds one.  Every backend refuses values over ``max_value_bytes``
 (default 1 MiB), and a TTL that is not a finite number of seconds above 0 (what
-`ExecutionContext.cache_ttl` accepts): ``set`` stores nothing then.  A longer TTL than
-`MAX_TTL` (100 years) keeps the entry `MAX_TTL`, in every backend.  A cache that
-fails never fails a call, and one that stalls never holds it up: the executor waits for
-a read at most a second (and half the time left of the run's deadline), writes answers
-behind, and skips a store that failed or stalled for a few seconds (one warning per
-outage on ``empathy_models.cache``; ``cache_errors`` and ``cache_skipped`` count); the
-call goes to a model.
+`ExecutionContext.cache_ttl` accepts): ``set`` stores nothing then, and removes the
+key's earlier value.  A longer TTL than `MAX_TTL` (100 years) keeps the entry
+`MAX_TTL`, in every backend.  ``clear`` returns how many unexpired entries it removed.
+A cache that fails never fails a call, and one that stalls never holds it up: the
+executor waits for a read at most a second (and half the time left of the run's
+deadline), writes answers behind, and skips a store that failed or stalled for a few
+seconds (one warning per outage on ``empathy_models.cache``; ``cache_errors`` and
+``cache_skipped`` count); the call goes to a model.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ class MemoryResponseCache(ResponseCache):
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._check_open()
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            self._data.pop(key, None)  # refused: no earlier value is left to be served
             return
         self._data[key] = (self._clock() + min(ttl, MAX_TTL), value)
         self._data.move_to_end(key)
@@ -163,7 +165,8 @@ class MemoryResponseCache(ResponseCache):
 
     async def clear(self) -> int:
         self._check_open()
-        count = len(self._data)
+        now = self._clock()
+        count = sum(1 for expires_at, _ in self._data.values() if expires_at > now)
         self._data.clear()
         return count
 
@@ -322,6 +325,7 @@ class SQLiteResponseCache(ResponseCache):
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._check_open()
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            await self.delete(key)  # refused: no earlier value is left to be served
             return
         self._writes += 1
         sweep = self._writes % 100 == 1
@@ -358,6 +362,8 @@ class SQLiteResponseCache(ResponseCache):
         self._check_open()
 
         async def body(conn: aiosqlite.Connection) -> int:
+            # the expired entries go uncounted, as every backend counts
+            await conn.execute("DELETE FROM response_cache WHERE expires_at <= ?", (time.time(),))
             cursor = await conn.execute("DELETE FROM response_cache")
             return cursor.rowcount
 

@@ -33,6 +33,7 @@ from empathy_models.cache import (
     SQLiteResponseCache,
     cache_from_url,
 )
+from empathy_models.content import ToolCall
 from empathy_models.exceptions import StateStoreError
 from empathy_models.testing import FakeLLMServer, FakeReply, ModelBehavior
 
@@ -125,6 +126,45 @@ async def test_what_the_key_covers(server: FakeLLMServer) -> None:
     assert server.requests() == 5
 
 
+async def test_empty_request_options_are_the_request_without_them(server: FakeLLMServer) -> None:
+    # no tools, no stop sequences, no extra body: what is sent is the same, so is the key
+    empty: list[dict[str, Any]] = [
+        {"tools": []},
+        {"stop": []},
+        {"extra_body": {}},
+        {"tools": (), "stop": (), "extra_body": {}, "top_p": None, "seed": None},
+    ]
+    history = [
+        Message(role="user", content="weather?"),
+        Message(
+            role="assistant",
+            content="",
+            tool_calls=(ToolCall(id="c1", name="get_weather", arguments={}),),
+        ),
+        Message(role="tool", tool_call_id="c1", content="sunny"),
+    ]
+    async with make(server) as executor:
+        await executor.run("hello", CTX, tools=[])  # stored with empty options
+        assert (await executor.run("hello", CTX)).cached
+        for options in empty:
+            assert (await executor.run("hello", CTX, **options)).cached, options
+        await executor.run(history, CTX)  # more than text: the other encoding of the key
+        for options in empty:
+            assert (await executor.run(history, CTX, **options)).cached, options
+        # options that are sent keep keys of their own
+        sent: list[dict[str, Any]] = [
+            {"stop": ["x"]},
+            {"tools": [WEATHER]},
+            {"tool_choice": "none"},  # sent to Anthropic even without tools
+            {"seed": 0},
+            {"top_p": 1.0},
+            {"extra_body": {"user": "u"}},
+        ]
+        for options in sent:
+            assert not (await executor.run("hello", CTX, **options)).cached, options
+    assert server.requests() == 2 + 6
+
+
 async def test_tool_calls_and_structured_answers_are_cached_whole(server: FakeLLMServer) -> None:
     schema = {
         "type": "object",
@@ -193,7 +233,17 @@ async def test_sampled_output_is_not_cached_unless_asked(server: FakeLLMServer) 
             assert not (await executor.run("hello", ctx)).cached
         await executor.run("hello", asked)
         assert (await executor.run("hello", asked)).cached
-    assert server.requests() == 5
+        # extra_body's temperature is the one sent: it samples a temperature=0 context's
+        greedy = attrs.evolve(CTX, model="gpt-a")
+        for _ in range(2):
+            hot = await executor.run("hi", greedy, extra_body={"temperature": 0.7})
+            assert not hot.cached
+            sent = server.last_request("gpt-a")
+            assert sent is not None and sent.body["temperature"] == 0.7
+        cold = attrs.evolve(warm, model="gpt-a")
+        await executor.run("hi", cold, extra_body={"temperature": 0})
+        assert (await executor.run("hi", cold, extra_body={"temperature": 0})).cached
+    assert server.requests() == 8
 
 
 async def test_without_cache_ttl_nothing_is_cached(server: FakeLLMServer) -> None:

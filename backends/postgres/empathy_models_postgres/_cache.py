@@ -140,6 +140,7 @@ class PostgresResponseCache(ResponseCache):
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._check_open()
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            await self.delete(key)  # refused: no earlier value is left to be served
             return
         pool = await self._db.pool(self._migrations)
         self._writes += 1
@@ -176,5 +177,11 @@ class PostgresResponseCache(ResponseCache):
         self._check_open()
         pool = await self._db.pool(self._migrations)
         async with self._db.errors("clear"):
-            status: str = await self._db.run(pool, "execute", f"DELETE FROM {self._table}")
-        return int(status.rsplit(" ", 1)[1])
+            # the expired rows go uncounted, as every backend counts
+            count: int = await self._db.run(
+                pool,
+                "fetchval",
+                f"WITH gone AS (DELETE FROM {self._table} RETURNING expires_at) "
+                "SELECT count(*) FROM gone WHERE expires_at > clock_timestamp()",
+            )
+        return int(count)

@@ -7,7 +7,7 @@ from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.client import NEVER_DECODE
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from empathy_models.abc import ResponseCache
 from empathy_models.backends import shown
@@ -20,6 +20,9 @@ __all__ = ["DEFAULT_CACHE_PREFIX", "RedisResponseCache"]
 
 DEFAULT_CACHE_PREFIX: Final = "empathy:cache:"
 """Prefix of every Redis key the response cache writes."""
+
+_CLEAR_BATCH: Final = 500
+"""The most keys `RedisResponseCache.clear` asks one SCAN page or one DEL for."""
 
 _RAW: Final = {NEVER_DECODE: True}
 """redis-py's option to leave a reply as bytes, whatever the client decodes."""
@@ -103,6 +106,12 @@ class RedisResponseCache(ResponseCache):
         try:
             # never decoded, even by a client with decode_responses: values are bytes
             value = await client.execute_command("GET", self._key(key), **_RAW)
+        except ResponseError as exc:
+            if str(exc).startswith("WRONGTYPE"):
+                # another program's key of another type (a hash, a list) where an answer
+                # would be: a miss, which `set` overwrites; not a failure of the store
+                return None
+            raise self._error("get", exc) from exc
         except (RedisError, OSError) as exc:
             raise self._error("get", exc) from exc
         return None if value is None else bytes(value)
@@ -110,6 +119,7 @@ class RedisResponseCache(ResponseCache):
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._check_open()
         if len(value) > self.max_value_bytes or not ttl > 0 or not math.isfinite(ttl):
+            await self.delete(key)  # refused: no earlier value is left to be served
             return
         try:
             px = max(1, round(min(ttl, MAX_TTL) * 1000))
@@ -127,12 +137,23 @@ class RedisResponseCache(ResponseCache):
     async def clear(self) -> int:
         self._check_open()
         pattern = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix) + "*"
+        deleted = 0
         try:
-            # the keys as bytes (some are no UTF-8 a decoding client could read)
+            # the keys as bytes (some are no UTF-8 a decoding client could read), deleted
+            # as they are found, at most _CLEAR_BATCH per DEL, so no one command holds
+            # Redis up for the whole cache (DEL rather than UNLINK, which needs Redis 4
+            # and frees a string, what the cache holds, at once all the same).  A key
+            # another client deleted meanwhile, or SCAN found twice, is not counted: DEL
+            # counts only what it removed.
             client: Any = self._client
-            keys = [k async for k in client.scan_iter(match=pattern, count=500, **_RAW)]
-            if keys:
-                await self._client.delete(*keys)
+            batch: list[bytes] = []
+            async for key in client.scan_iter(match=pattern, count=_CLEAR_BATCH, **_RAW):
+                batch.append(key)
+                if len(batch) == _CLEAR_BATCH:
+                    deleted += await self._client.delete(*batch)
+                    batch.clear()
+            if batch:
+                deleted += await self._client.delete(*batch)
         except (RedisError, OSError) as exc:
             raise self._error("clear", exc) from exc
-        return len(keys)
+        return deleted

@@ -8,6 +8,7 @@ time (stores expire by their own clock).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -35,9 +36,10 @@ class ResponseCacheContract:
 
     Covers: get after set; a miss reads None; replacing a value; expiry; any finite TTL
     above 0 stored (kept `empathy_models.cache.MAX_TTL` at most); values over
-    ``max_value_bytes`` not stored; delete and clear; any string a key, kept apart from
-    every other; concurrent writers; a shared cache showing one instance's entries to
-    another; close and use after close.
+    ``max_value_bytes`` not stored; a refused set leaving no earlier value; delete and
+    clear (counting the unexpired entries it removed, each once between concurrent
+    clears); any string a key, kept apart from every other; concurrent writers; a
+    shared cache showing one instance's entries to another; close and use after close.
     """
 
     @pytest.fixture
@@ -67,12 +69,15 @@ class ResponseCacheContract:
         assert await cache.get(_key()) is None
 
     async def test_entries_expire(self, cache: ResponseCache) -> None:
-        short, long = _key(), _key()
+        short, long, unread = _key(), _key(), _key()
         await cache.set(short, b"short", 0.5)
         await cache.set(long, b"long", 60)
+        await cache.set(unread, b"unread", 0.5)
         await anyio.sleep(1.2)
         assert await cache.get(short) is None
         assert await cache.get(long) == b"long"
+        # an expired entry the backend has not dropped yet is not counted by clear
+        assert await cache.clear() == 1
 
     async def test_any_finite_ttl_is_stored_kept_max_ttl_at_most(
         self, cache: ResponseCache
@@ -93,6 +98,53 @@ class ResponseCacheContract:
         assert await cache.get(key) is None
         await cache.set(key, b"x" * limit, 60)
         assert await cache.get(key) == b"x" * limit
+
+    @pytest.mark.parametrize(
+        ("size", "ttl"),
+        [(1, 0), (1, -1), (1, float("nan")), (1, float("inf")), (None, 60)],
+        ids=["ttl 0", "ttl -1", "ttl nan", "ttl inf", "too large"],
+    )
+    async def test_a_refused_set_leaves_no_earlier_value(
+        self, cache: ResponseCache, size: int | None, ttl: float
+    ) -> None:
+        # set replaces any value: one it refuses (too large, a TTL that is no time to
+        # keep it) must not leave the earlier value to be served as its answer
+        if size is None:
+            limit = getattr(cache, "max_value_bytes", None)
+            if limit is None:
+                pytest.skip("the cache has no value bound")
+            size = limit + 1
+        key, other = _key(), _key()
+        await cache.set(key, b"earlier", 60)
+        await cache.set(other, b"kept", 60)
+        await cache.set(key, b"x" * size, ttl)
+        assert await cache.get(key) is None
+        assert await cache.get(other) == b"kept"
+
+    async def test_clear_counts_each_entry_it_removed_once(
+        self, cache: ResponseCache, cache_url: str, cache_options: dict[str, Any]
+    ) -> None:
+        # two clears at once (two processes sharing the cache) remove each entry once
+        # between them, and count it once
+        keys = [_key() for _ in range(40)]
+        for k in keys:
+            await cache.set(k, b"v", 60)
+        other = cache_from_url(cache_url, **cache_options) if cache.shared else cache
+        async with contextlib.AsyncExitStack() as stack:
+            if other is not cache:
+                await stack.enter_async_context(other)
+                assert await other.get(keys[0]) == b"v"  # connected, as a process in use
+            counts: list[int] = []
+
+            async def clear(which: ResponseCache) -> None:
+                counts.append(await which.clear())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(clear, cache)
+                tg.start_soon(clear, other)
+        assert sum(counts) == len(keys), counts
+        assert [await cache.get(k) for k in keys] == [None] * len(keys)
+        assert await cache.clear() == 0
 
     async def test_delete_and_clear(self, cache: ResponseCache) -> None:
         keys = [_key() for _ in range(3)]
