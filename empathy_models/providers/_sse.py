@@ -736,8 +736,16 @@ class AnthropicStreamDecoder(StreamDecoder):
         # content_block_stop and new event types carry nothing to keep
 
     def _extras(self, usage: dict[str, Any]) -> None:
-        """The cache and web-search counts ``usage`` reports (cumulative: they replace)."""
+        """
+        The cache and web-search counts ``usage`` reports (cumulative: they replace).
+        A cache write's count without its split by TTL (``message_delta`` sends none:
+        ``message_start`` does) keeps the 1-hour share reported before it.
+        """
         found = anthropic_usage_extras(usage, lambda data, key, _: self._tokens(data, key), "")
+        if "cache_write_tokens" in found and not isinstance(usage.get("cache_creation"), dict):
+            written = found["cache_write_tokens"]  # all of it, with no split given
+            hour = min(self.cache_write_1h_tokens, written)
+            found["cache_write_tokens"], found["cache_write_1h_tokens"] = written - hour, hour
         for name, value in found.items():
             setattr(self, name, value)
 
