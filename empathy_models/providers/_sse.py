@@ -580,10 +580,12 @@ class OpenAIStreamDecoder(StreamDecoder):
         chunk = self._decode(data)
         if "error" in chunk and chunk["error"] is not None:
             raise self._stream_error(chunk["error"])
-        if self.response_id is None and isinstance(chunk.get("id"), str):
+        # the first chunk that names them (Azure's opening chunk, the prompt filter's
+        # results, has an empty id and model)
+        if self.response_id is None and isinstance(chunk.get("id"), str) and chunk["id"]:
             self.response_id = chunk["id"]
-        if self.response_model is None:
-            self.response_model = chunk.get("model")
+        if self.response_model is None and chunk.get("model"):
+            self.response_model = chunk["model"]
         choices = chunk.get("choices")
         if choices:
             if not isinstance(choices, list):
