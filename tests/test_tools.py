@@ -441,6 +441,17 @@ async def test_stop_top_p_seed_and_extra_body(server: FakeLLMServer, model: str,
     ("options", "message"),
     [
         ({"tools": [{"name": "bad name!"}]}, "Tool.name must be 1-64"),
+        # the APIs refuse a name with a line end (a regex '$' lets one through)
+        ({"tools": [{"name": "get_weather\n"}]}, "Tool.name must be 1-64"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "answer\n", "schema": {"type": "object"}},
+                }
+            },
+            "ResponseFormat.name must be 1-64",
+        ),
         ({"tools": [WEATHER, WEATHER]}, "used twice"),
         ({"tools": [{"name": "f", "parameters": {"type": "array"}}]}, "of type 'object'"),
         ({"tool_choice": "auto"}, "needs tools"),
