@@ -570,7 +570,10 @@ class OpenAIStreamDecoder(StreamDecoder):
     @staticmethod
     def prepare(payload: dict[str, Any]) -> dict[str, Any]:
         payload["stream"] = True
-        payload["stream_options"] = {"include_usage": True}
+        # the usage chunk asked for, beside any other option extra_body gave
+        options = payload.get("stream_options")
+        given = options if isinstance(options, dict) else {}
+        payload["stream_options"] = {**given, "include_usage": True}
         return payload
 
     def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
