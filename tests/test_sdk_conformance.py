@@ -754,6 +754,38 @@ async def test_anthropic_sdk_tool_name_the_api_refuses_is_a_bad_request(
     assert server.requests("claude-haiku-4-5") == 0
 
 
+@pytest.mark.parametrize(
+    ("messages", "index"),
+    [
+        ([{"role": "user", "content": ""}], 0),
+        ([{"role": "user", "content": []}], 0),
+        (
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": ""},
+                {"role": "user", "content": "and?"},
+            ],
+            1,
+        ),
+    ],
+)
+async def test_anthropic_sdk_message_without_content_is_a_bad_request(
+    server: FakeLLMServer, ant: anthropic.AsyncAnthropic, messages: Any, index: int
+) -> None:
+    """Every message needs content, but for a final assistant one (a prefill)."""
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await ant.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=messages)
+    body = raised.value.body
+    assert isinstance(body, dict)
+    assert body["error"]["message"] == (
+        f"messages.{index}: all messages must have non-empty content except for the "
+        "optional final assistant message"
+    )
+    assert server.requests("claude-haiku-4-5") == 0
+    prefill: Any = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    await ant.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=prefill)
+
+
 # --------------------------------------------------------------------------- streams
 
 

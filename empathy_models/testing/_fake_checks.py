@@ -327,6 +327,11 @@ def _anthropic_messages(messages: list[Any]) -> str | None:
         blocks: Sequence[Any] = content if isinstance(content, list) else ()
         if not isinstance(content, str | list):
             return f"messages.{index}.content: Input should be a valid string or list"
+        if not content and (role != "assistant" or index < len(messages) - 1):
+            return (
+                f"messages.{index}: all messages must have non-empty content except for the "
+                "optional final assistant message"
+            )
         for n, block in enumerate(blocks):
             problem = _block(block, f"messages.{index}.content.{n}", role)
             if problem:
