@@ -1502,7 +1502,7 @@ class CompletionRequest:
         response_format: a `ResponseFormat` or a JSON Schema dict.
         stop, top_p, seed: passed to the provider.
         extra_body: merged into the provider's JSON body, for what the library does not
-            model.
+            model (an object for a field the body sets too is merged into it key by key).
     """
 
     model: str = field(validator=_non_empty)

@@ -58,7 +58,7 @@ __all__ = [
 IMAGE_MEDIA_TYPES: Final = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 """The image media types both APIs accept."""
 
-_TOOL_NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 ToolChoice: TypeAlias = str
 """``"auto"``, ``"none"``, ``"required"``, or the name of one of the request's tools."""
@@ -446,7 +446,7 @@ def tool_call_of(item: object, path: str) -> ToolCall:
 
 
 def _tool_name(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str) or not _TOOL_NAME.match(value):
+    if not isinstance(value, str) or not _TOOL_NAME.fullmatch(value):
         raise _fail(
             f"Tool.name must be 1-64 letters, digits, '_' or '-' (as both APIs require), "
             f"got {shown(value)}",
@@ -544,7 +544,7 @@ class Tool:
 
 
 def _schema_name(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str) or not _TOOL_NAME.match(value):
+    if not isinstance(value, str) or not _TOOL_NAME.fullmatch(value):
         raise _fail(
             f"ResponseFormat.name must be 1-64 letters, digits, '_' or '-', got {shown(value)}",
             "name",

@@ -722,6 +722,70 @@ async def test_anthropic_sdk_fields_of_the_wrong_type_are_bad_requests(
     assert server.requests("claude-haiku-4-5") == 0
 
 
+@pytest.mark.parametrize("name", ["get weather", "get.weather", "get_weather\n", "f" * 65])
+async def test_openai_sdk_tool_name_the_api_refuses_is_a_bad_request(
+    server: FakeLLMServer, oai: openai.AsyncOpenAI, name: str
+) -> None:
+    """A function name is letters, digits, '_' and '-', at most 64 of them."""
+    tools: Any = [{"type": "function", "function": {"name": name, "parameters": WEATHER}}]
+    with pytest.raises(openai.BadRequestError) as raised:
+        await oai.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], tools=tools
+        )
+    body = raised.value.body
+    assert isinstance(body, dict) and body["param"] == "tools[0].function.name"
+    assert server.requests("gpt-4o-mini") == 0
+
+
+@pytest.mark.parametrize("name", ["get weather", "get.weather", "get_weather\n", "f" * 129])
+async def test_anthropic_sdk_tool_name_the_api_refuses_is_a_bad_request(
+    server: FakeLLMServer, ant: anthropic.AsyncAnthropic, name: str
+) -> None:
+    """A custom tool's name is letters, digits, '_' and '-', at most 128 of them."""
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await ant.messages.create(
+            model="claude-haiku-4-5",
+            max_tokens=16,
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[{"name": name, "input_schema": WEATHER}],
+        )
+    body = raised.value.body
+    assert isinstance(body, dict) and body["error"]["message"].startswith("tools.0.custom.name")
+    assert server.requests("claude-haiku-4-5") == 0
+
+
+@pytest.mark.parametrize(
+    ("messages", "index"),
+    [
+        ([{"role": "user", "content": ""}], 0),
+        ([{"role": "user", "content": []}], 0),
+        (
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": ""},
+                {"role": "user", "content": "and?"},
+            ],
+            1,
+        ),
+    ],
+)
+async def test_anthropic_sdk_message_without_content_is_a_bad_request(
+    server: FakeLLMServer, ant: anthropic.AsyncAnthropic, messages: Any, index: int
+) -> None:
+    """Every message needs content, but for a final assistant one (a prefill)."""
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await ant.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=messages)
+    body = raised.value.body
+    assert isinstance(body, dict)
+    assert body["error"]["message"] == (
+        f"messages.{index}: all messages must have non-empty content except for the "
+        "optional final assistant message"
+    )
+    assert server.requests("claude-haiku-4-5") == 0
+    prefill: Any = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    await ant.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=prefill)
+
+
 # --------------------------------------------------------------------------- streams
 
 

@@ -511,6 +511,49 @@ async def test_an_openai_answer_without_content_reads_alike_whether_streamed_or_
         assert (answer.input_tokens, answer.output_tokens) == (12, 64)
 
 
+async def test_azures_opening_chunk_without_id_or_model_leaves_the_answers_own() -> None:
+    """
+    Azure OpenAI opens a stream with a chunk of the prompt filter's results whose
+    ``id`` and ``model`` are empty: the answer's own id and reported model, in the
+    chunks after it, are read as from the whole answer.
+    """
+    usage = {"prompt_tokens": 12, "completion_tokens": 3}
+    base = {"id": "chatcmpl-9", "created": 1, "model": "gpt-4o-2024-11-20"}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            message = {"role": "assistant", "content": "Hi"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            body = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            return web.json_response(body)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        filters = [{"prompt_index": 0, "content_filter_results": {}}]
+        opening = {"id": "", "object": "", "created": 0, "model": "", "choices": []}
+        chunk = {**base, "object": "chat.completion.chunk"}
+        for data in (
+            {**opening, "prompt_filter_results": filters},
+            {**chunk, "choices": [{"index": 0, "delta": {"content": "Hi"}}]},
+            {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            {**chunk, "choices": [], "usage": usage},
+        ):
+            await response.write(f"data: {json.dumps(data)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async with (
+        serving("/v1/chat/completions", handler) as url,
+        OpenAIProvider(api_key=KEY, base_url=f"{url}/v1") as provider,
+    ):
+        whole = await provider.complete(request("gpt-4o"))
+        stream = await provider.stream(request("gpt-4o"))
+        assert [delta async for delta in stream] == ["Hi"]
+        streamed = stream.completion()
+    assert (whole.response_id, whole.model) == ("chatcmpl-9", "gpt-4o-2024-11-20")
+    assert (streamed.response_id, streamed.model) == (whole.response_id, whole.model)
+
+
 async def test_an_openai_answer_without_content_or_a_finish_reason_is_malformed() -> None:
     """Null content with no call, no refusal and no finish reason says nothing: refused."""
     answer = {

@@ -416,6 +416,46 @@ async def test_structured_output_is_parsed_when_it_validates(
         assert plain.parsed is None and plain.parse_error is None
 
 
+async def test_extra_body_objects_merge_into_those_the_library_sets(
+    server: FakeLLMServer,
+) -> None:
+    """
+    An object in ``extra_body`` for a field the request sets too (Anthropic's
+    ``output_config`` holds the structured output's ``format`` and ``effort``, its
+    ``tool_choice`` the choice and ``disable_parallel_tool_use``; OpenAI's
+    ``stream_options`` the usage the stream asks for) is merged into it, not put in
+    its place.
+    """
+    extra = {
+        "output_config": {"effort": "low"},
+        "tool_choice": {"disable_parallel_tool_use": True},
+    }
+    async with make(server) as executor:
+        await executor.run(
+            "A person.",
+            pinned(CLAUDE),
+            response_format=PERSON,
+            tools=[WEATHER],
+            tool_choice="auto",
+            extra_body=extra,
+        )
+        async with executor.stream(
+            "Hi", pinned(GPT), extra_body={"stream_options": {"include_obfuscation": False}}
+        ) as stream:
+            response = await stream.get_final_response()
+    sent = server.last_request(CLAUDE)
+    assert sent is not None
+    assert sent.body["output_config"] == {
+        "format": {"type": "json_schema", "schema": PERSON},
+        "effort": "low",
+    }
+    assert sent.body["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
+    sent = server.last_request(GPT)
+    assert sent is not None
+    assert sent.body["stream_options"] == {"include_obfuscation": False, "include_usage": True}
+    assert response.input_tokens > 0  # the usage the stream asked for came
+
+
 @pytest.mark.parametrize(("model", "api"), MODELS)
 async def test_stop_top_p_seed_and_extra_body(server: FakeLLMServer, model: str, api: str) -> None:
     async with make(server) as executor:
@@ -441,6 +481,17 @@ async def test_stop_top_p_seed_and_extra_body(server: FakeLLMServer, model: str,
     ("options", "message"),
     [
         ({"tools": [{"name": "bad name!"}]}, "Tool.name must be 1-64"),
+        # the APIs refuse a name with a line end (a regex '$' lets one through)
+        ({"tools": [{"name": "get_weather\n"}]}, "Tool.name must be 1-64"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "answer\n", "schema": {"type": "object"}},
+                }
+            },
+            "ResponseFormat.name must be 1-64",
+        ),
         ({"tools": [WEATHER, WEATHER]}, "used twice"),
         ({"tools": [{"name": "f", "parameters": {"type": "array"}}]}, "of type 'object'"),
         ({"tool_choice": "auto"}, "needs tools"),

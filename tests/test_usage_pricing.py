@@ -34,7 +34,7 @@ from empathy_models.backends import MemoryTelemetryBackend
 from empathy_models.exceptions import InvalidResponseError
 from empathy_models.limits import MemoryQuotaStore
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
-from tests._serving import anthropic_answering, serving
+from tests._serving import Handler, anthropic_answering, serving
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -73,33 +73,46 @@ def _event(kind: str, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def _anthropic(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
-    # the model id reported is a dated snapshot of the one asked for, as the API's is
-    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": DATED}
-    if not body.get("stream"):
-        return web.json_response(
-            {
-                **message,
-                "content": [{"type": "text", "text": "hi there"}],
-                "stop_reason": "end_turn",
-                "usage": ANTHROPIC_USAGE,
-            }
-        )
-    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
-    await response.prepare(request)
-    start = {**ANTHROPIC_USAGE, "output_tokens": 1}
-    events: list[tuple[str, dict[str, Any]]] = [
-        ("message_start", {"message": {**message, "content": [], "usage": start}}),
-        ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
-        ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
-        ("content_block_stop", {"index": 0}),
-        ("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": ANTHROPIC_USAGE}),
-        ("message_stop", {}),
-    ]
-    for kind, data in events:
-        await response.write(_event(kind, {"type": kind, **data}))
-    return response
+# what the API's message_delta reports: the cumulative counts, without the cache
+# write's split by TTL, which only message_start gives (its SDKs keep that one)
+DELTA_USAGE: dict[str, Any] = {k: v for k, v in ANTHROPIC_USAGE.items() if k != "cache_creation"}
+
+
+def _anthropic_answering(delta_usage: dict[str, Any]) -> Handler:
+    """Answers with ANTHROPIC_USAGE; streamed, with ``delta_usage`` in message_delta."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        # the model id reported is a dated snapshot of the one asked for, as the API's is
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": DATED}
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    **message,
+                    "content": [{"type": "text", "text": "hi there"}],
+                    "stop_reason": "end_turn",
+                    "usage": ANTHROPIC_USAGE,
+                }
+            )
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        start = {**ANTHROPIC_USAGE, "output_tokens": 1}
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"message": {**message, "content": [], "usage": start}}),
+            ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": "hi"}}),
+            ("content_block_stop", {"index": 0}),
+            ("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": delta_usage}),
+            ("message_stop", {}),
+        ]
+        for kind, data in events:
+            await response.write(_event(kind, {"type": kind, **data}))
+        return response
+
+    return handler
+
+
+_anthropic = _anthropic_answering(ANTHROPIC_USAGE)
 
 
 @pytest.fixture
@@ -146,12 +159,22 @@ async def test_anthropic_cache_tokens_and_web_searches_are_priced_in_run(
     _check_billed(response, record, usage.spent_usd)
 
 
+@pytest.mark.parametrize(
+    "delta_usage",
+    [ANTHROPIC_USAGE, DELTA_USAGE],
+    ids=["delta-with-split", "delta-as-the-api-sends"],
+)
 async def test_anthropic_cache_tokens_and_web_searches_are_priced_in_stream(
-    anthropic_url: str,
+    delta_usage: dict[str, Any],
 ) -> None:
+    """
+    The cache write's split by TTL comes in message_start; message_delta's cumulative
+    count without it keeps that split (1-hour writes cost 2x, 5-minute ones 1.25x).
+    """
     telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
     async with (
-        _executor(anthropic_url, telemetry, quota) as executor,
+        serving("/v1/messages", _anthropic_answering(delta_usage)) as url,
+        _executor(url, telemetry, quota) as executor,
         executor.stream("hello", CONTEXT) as stream,
     ):
         async for _ in stream:

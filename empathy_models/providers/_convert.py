@@ -21,6 +21,11 @@ top_p, seed           ``top_p``, ``seed``                 ``top_p`` (no seed: no
 extra_body            merged into the body                merged into the body
 ====================  ==================================  ===================================
 
+``extra_body`` is merged one level deep: an object for a field the request sets to an
+object too (Anthropic's ``output_config``, which holds ``format`` and ``effort``, or its
+``tool_choice``, which holds ``disable_parallel_tool_use``) is merged into it key by key,
+its keys winning; any other value takes the field's place.
+
 A tool result's images cannot go in an OpenAI ``tool`` message (text only): they follow
 in one user message after all the ``tool`` messages answering that turn's calls; nor
 has OpenAI an error flag for a result (``is_error`` is not sent there).  Anthropic tool
@@ -177,8 +182,21 @@ def openai_body(request: CompletionRequest, max_tokens_field: str) -> dict[str, 
             "json_schema": {"name": fmt.name, "schema": to_json(fmt.schema), "strict": fmt.strict},
         }
     if request.extra_body:
-        payload.update(to_json(request.extra_body))
+        _merge_extra(payload, request.extra_body)
     return payload
+
+
+def _merge_extra(payload: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    """
+    ``extra`` (``extra_body``) merged into ``payload``: an object for a key ``payload``
+    holds as an object too is merged into it (``extra``'s keys win), any other replaces.
+    """
+    for key, value in to_json(extra).items():
+        held = payload.get(key)
+        if isinstance(held, dict) and isinstance(value, dict):
+            payload[key] = {**held, **value}
+        else:
+            payload[key] = value
 
 
 def _bad_arguments(
@@ -386,7 +404,7 @@ def anthropic_body(request: CompletionRequest) -> dict[str, Any]:
             "format": {"type": "json_schema", "schema": to_json(request.response_format.schema)}
         }
     if request.extra_body:
-        payload.update(to_json(request.extra_body))
+        _merge_extra(payload, request.extra_body)
     return payload
 
 

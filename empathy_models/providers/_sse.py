@@ -570,7 +570,10 @@ class OpenAIStreamDecoder(StreamDecoder):
     @staticmethod
     def prepare(payload: dict[str, Any]) -> dict[str, Any]:
         payload["stream"] = True
-        payload["stream_options"] = {"include_usage": True}
+        # the usage chunk asked for, beside any other option extra_body gave
+        options = payload.get("stream_options")
+        given = options if isinstance(options, dict) else {}
+        payload["stream_options"] = {**given, "include_usage": True}
         return payload
 
     def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
@@ -580,10 +583,12 @@ class OpenAIStreamDecoder(StreamDecoder):
         chunk = self._decode(data)
         if "error" in chunk and chunk["error"] is not None:
             raise self._stream_error(chunk["error"])
-        if self.response_id is None and isinstance(chunk.get("id"), str):
+        # the first chunk that names them (Azure's opening chunk, the prompt filter's
+        # results, has an empty id and model)
+        if self.response_id is None and isinstance(chunk.get("id"), str) and chunk["id"]:
             self.response_id = chunk["id"]
-        if self.response_model is None:
-            self.response_model = chunk.get("model")
+        if self.response_model is None and chunk.get("model"):
+            self.response_model = chunk["model"]
         choices = chunk.get("choices")
         if choices:
             if not isinstance(choices, list):
@@ -736,8 +741,16 @@ class AnthropicStreamDecoder(StreamDecoder):
         # content_block_stop and new event types carry nothing to keep
 
     def _extras(self, usage: dict[str, Any]) -> None:
-        """The cache and web-search counts ``usage`` reports (cumulative: they replace)."""
+        """
+        The cache and web-search counts ``usage`` reports (cumulative: they replace).
+        A cache write's count without its split by TTL (``message_delta`` sends none:
+        ``message_start`` does) keeps the 1-hour share reported before it.
+        """
         found = anthropic_usage_extras(usage, lambda data, key, _: self._tokens(data, key), "")
+        if "cache_write_tokens" in found and not isinstance(usage.get("cache_creation"), dict):
+            written = found["cache_write_tokens"]  # all of it, with no split given
+            hour = min(self.cache_write_1h_tokens, written)
+            found["cache_write_tokens"], found["cache_write_1h_tokens"] = written - hour, hour
         for name, value in found.items():
             setattr(self, name, value)
 

@@ -34,7 +34,8 @@ class AnthropicProvider(HTTPProvider):
     estimated, what it gave kept, and ``usage_reported`` False, see `Completion`; a
     count that is there but no count (negative, fractional, a string, a bool) makes the
     answer malformed); ``request_id`` is the ``request-id`` header.  The ``model`` of
-    the `Completion` is the id that was asked for, so it matches the registry.  Tool
+    the `Completion` is the id the response reports (records keep the registry's id
+    asked for).  Tool
     calls are the ``tool_use`` blocks (a server tool's ``server_tool_use`` block, run by the
     API itself, is none, streamed or not); a ``response_format`` is sent as the API's
     structured outputs parameter ``output_config.format``; ``seed`` has no counterpart

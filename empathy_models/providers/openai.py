@@ -36,7 +36,8 @@ class OpenAIProvider(HTTPProvider):
     it left out estimated, what it gave kept, and ``usage_reported`` False, see
     `Completion`; a count that is there but no count (negative, fractional, a string, a
     bool) makes the answer malformed); ``request_id`` is the ``x-request-id`` header.
-    The ``model`` of the `Completion` is the id asked for.
+    The ``model`` of the `Completion` is the id the response reports (often a dated
+    snapshot of the one asked for), else the id asked for.
     Tool calls are read from ``message.tool_calls`` (``content`` is then ``""`` when the
     server sent null); a null ``content`` with a ``finish_reason`` and no call (Azure's
     output filter: ``"content_filter"``; a reasoning model out of tokens: ``"length"``)

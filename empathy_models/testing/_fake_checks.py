@@ -26,6 +26,10 @@ Problem: TypeAlias = tuple[str, str, str | None]
 _MEDIA_TYPES_TEXT: Final = "'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
 _SERVER_TOOL_TYPE: Final = re.compile(r"[a-z][a-z0-9_]*_[0-9]{8}")
 """A server tool's ``type``: its name and version date, such as ``web_search_20250305``."""
+_OPENAI_TOOL_NAME: Final = re.compile(r"[a-zA-Z0-9_-]+")
+"""A Chat Completions function's name (at most 64 characters, checked apart)."""
+_ANTHROPIC_TOOL_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+"""A Messages API custom tool's name."""
 _SCHEMA_INVALID: Final = (
     "JSON schema is invalid. It must match JSON Schema draft 2020-12 "
     "(https://json-schema.org/draft/2020-12)"
@@ -267,6 +271,11 @@ def _anthropic_tools(tools: object, names: list[str]) -> str | None:
             continue
         if not isinstance(tool.get("name"), str):
             return f"tools.{index}.custom.name: Field required"
+        if not _ANTHROPIC_TOOL_NAME.fullmatch(tool["name"]):
+            return (
+                f"tools.{index}.custom.name: String should match pattern "
+                f"'{_ANTHROPIC_TOOL_NAME.pattern.join('^$')}'"
+            )
         schema = tool.get("input_schema")
         if not isinstance(schema, Mapping):
             return f"tools.{index}.custom.input_schema: Field required"
@@ -318,6 +327,11 @@ def _anthropic_messages(messages: list[Any]) -> str | None:
         blocks: Sequence[Any] = content if isinstance(content, list) else ()
         if not isinstance(content, str | list):
             return f"messages.{index}.content: Input should be a valid string or list"
+        if not content and (role != "assistant" or index < len(messages) - 1):
+            return (
+                f"messages.{index}: all messages must have non-empty content except for the "
+                "optional final assistant message"
+            )
         for n, block in enumerate(blocks):
             problem = _block(block, f"messages.{index}.content.{n}", role)
             if problem:
@@ -440,6 +454,8 @@ def _openai_tools(tools: object, names: list[str]) -> Problem | None:
         name = function.get("name")
         if not isinstance(name, str):
             return f"Missing required parameter: 'tools[{index}].function.name'.", "tools", None
+        if problem := _openai_tool_name(name, f"tools[{index}].function.name"):
+            return problem
         param = f"tools[{index}].function.parameters"
         parameters = function.get("parameters", {})
         if not isinstance(parameters, Mapping):
@@ -448,6 +464,23 @@ def _openai_tools(tools: object, names: list[str]) -> Problem | None:
             message = f"Invalid schema for function {shown(name)}: {why}."
             return message, param, "invalid_function_parameters"
         names.append(name)
+    return None
+
+
+def _openai_tool_name(name: str, param: str) -> Problem | None:
+    """What the API says of a function name it refuses; None for a valid one."""
+    if len(name) > 64:
+        why = (
+            f"string too long. Expected a string with maximum length 64, but got a string "
+            f"with length {len(name)} instead."
+        )
+        return f"Invalid '{param}': {why}", param, "string_above_max_length"
+    if not _OPENAI_TOOL_NAME.fullmatch(name):
+        why = (
+            "string does not match pattern. Expected a string that matches the pattern "
+            f"'{_OPENAI_TOOL_NAME.pattern.join('^$')}'."
+        )
+        return f"Invalid '{param}': {why}", param, "invalid_value"
     return None
 
 

@@ -21,10 +21,12 @@ Bearer``).
 Requests are validated as the real APIs do (missing fields, and fields of the wrong
 type or out of range -> 400, missing or wrong key -> 401, unknown model -> 404 when no
 default behaviour is set) and errors come back in each API's own body shape; so are
-tools and their JSON schemas (one that is not JSON Schema -> 400), tool choices, the
+tools, their names (letters, digits, ``_`` and ``-``: at most 64 for OpenAI, 128 for
+Anthropic) and JSON schemas (one that is not JSON Schema -> 400), tool choices, the
 content blocks and parts each API takes (images, documents, search results, thinking
-blocks and server tools in Anthropic's; audio, file and refusal parts in OpenAI's) and
-the pairing of tool calls with their results.  A body that is not JSON (``NaN``, or
+blocks and server tools in Anthropic's; audio, file and refusal parts in OpenAI's; no
+Anthropic message without content but a final assistant one) and the pairing of tool
+calls with their results.  A body that is not JSON (``NaN``, or
 nested deeper than the parser goes) gets 400, one over 64 MiB 413, both in the API's
 shape.  Scripts may hold `FakeReply` answers (text, tool calls, JSON, a ``usage``
 object sent as given); a request that forces a tool or asks for a JSON schema gets a
