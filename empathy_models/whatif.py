@@ -162,10 +162,10 @@ async def load_stage_evidence(
     and the calls of the two minutes the window starts and ends within are read one by
     one (``recent()``) and rolled up, so no call after ``now`` counts and none of the
     first minute is left out.  A backend that keeps no rollups has the window's newest
-    records (up to 100,000) rolled up instead.  Each model's recorded p95 latency and
-    time to first token are read beside them (``aggregate()`` over the same window:
-    nearest rank, as the store computes them), to show next to the fits' log-normal
-    ones.
+    records (up to 100,000: ``partial`` when there were more) rolled up instead.
+    Each model's recorded p95 latency and time to first token are read beside them
+    (``aggregate()`` over the same window: nearest rank, as the store computes them),
+    to show next to the fits' log-normal ones.
 
     Args:
         backend: the telemetry backend to read.
@@ -202,10 +202,8 @@ async def load_stage_evidence(
     per_model: dict[str, list[EvidenceBucket]] = {}
     for b in mine:
         per_model.setdefault(b.model, []).append(b)
-    recorded = {
-        p.model: p
-        for p in await backend.aggregate(workflow=workflow, stage=stage, since=since, until=until)
-    }
+    rows = await backend.aggregate(workflow=workflow, stage=stage, since=since, until=until)
+    recorded = {p.model: p for p in rows}
     fits = {}
     for m, bs in sorted(per_model.items()):
         fits[m] = fit = _fit(m, bs, registry)
