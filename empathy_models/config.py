@@ -201,6 +201,11 @@ def _state_default(telemetry_url: str) -> str:
     return head + (f"?{'&'.join(kept)}" if kept else "") + hash_ + fragment
 
 
+def _url_repr(value: str | None) -> str:
+    """A URL field's repr: the URL with its password and secret-looking options masked."""
+    return repr(None if value is None else redact_url(value))
+
+
 def _check_env_name(_: object, attribute: Any, value: object) -> None:
     if value is not None and (flaw := env_name_flaw(value)) is not None:
         raise ConfigurationError(f"ProviderConfig.{attribute.name} {flaw}, got {shown(value)}")
@@ -211,9 +216,10 @@ class ProviderConfig:
     """
     One ``[providers.<name>]`` table: which wire format, where, and how it is keyed.
 
-    ``api_key`` (a literal, for placeholders) and secret-looking ``headers`` values are
-    kept out of the repr; ``api_key_env`` names the environment variable holding the
-    key.  `build` makes the provider.
+    ``api_key`` (a literal, for placeholders) and ``headers`` are kept out of the repr,
+    and ``base_url`` is shown with any password or secret-looking option masked;
+    ``api_key_env`` names the environment variable holding the key.  `build` makes the
+    provider.
 
     Raises:
         ConfigurationError: ``api_key_env`` is not a string that can name an
@@ -223,7 +229,7 @@ class ProviderConfig:
 
     name: str
     kind: Literal["openai", "anthropic"]
-    base_url: str | None = None
+    base_url: str | None = field(default=None, repr=_url_repr)
     api_key: str | None = field(default=None, repr=False)
     api_key_env: str | None = field(default=None, validator=_check_env_name)
     api_key_from_env: bool | None = None
@@ -394,15 +400,16 @@ class EmpathyConfig:
     The resolved configuration: what to use and where each value came from.
 
     ``telemetry_url`` and ``state_url`` are backend URLs (relative SQLite paths already
-    resolved); ``registry_file`` is None for the built-in table; ``sources`` maps
+    resolved; shown in the repr with any password or secret-looking option masked);
+    ``registry_file`` is None for the built-in table; ``sources`` maps
     ``"telemetry"``, ``"state"``, ``"registry"`` and ``"providers"`` to a description
     of their origin (the file, or ``"default"``).
     """
 
     path: Path | None
     found_by: str
-    telemetry_url: str
-    state_url: str
+    telemetry_url: str = field(repr=_url_repr)
+    state_url: str = field(repr=_url_repr)
     registry_file: Path | None
     providers: tuple[ProviderConfig, ...]
     sources: Mapping[str, str]

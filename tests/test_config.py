@@ -509,3 +509,26 @@ def test_config_show_refuses_what_from_config_refuses(
     data = json.loads(cli(project, home, "config", "show", "--json").stdout)
     assert data["error"]["message"] == str(refused.value) and data["settings"]
     assert not home.exists()  # nothing created, nothing connected
+
+
+def test_the_repr_of_a_configuration_shows_no_url_secret(tmp_path: Path) -> None:
+    # a password in a store URL, a key in a gateway's URL: printed or logged with the
+    # configuration (print(config), a debugger, an error report), they must not show
+    path = tmp_path / "empathy.toml"
+    path.write_text(
+        'telemetry = "postgresql://app:hunter2@db.example/app"\n'
+        'state = "redis://:hunter3@cache:6379/0"\n'
+        "[providers.azure]\n"
+        'type = "openai"\n'
+        'base_url = "https://x.openai.azure.com/openai?api-key=azsecret"\n'
+    )
+    config = EmpathyConfig.load(path)
+    assert config.telemetry_url == "postgresql://app:hunter2@db.example/app"  # still used
+    shown = repr(config)
+    for secret in ("hunter2", "hunter3", "azsecret"):
+        assert secret not in shown, shown
+    assert "postgresql://app:***@db.example/app" in shown
+    assert "api-key=***" in shown
+    provider = ProviderConfig(name="p", kind="openai", base_url="http://u:pw9@gw/v1")
+    assert "pw9" not in repr(provider) and "u:***@gw" in repr(provider)
+    assert "base_url=None" in repr(ProviderConfig(name="q", kind="openai"))
