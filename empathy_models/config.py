@@ -44,11 +44,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote, unquote, unquote_plus, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from attrs import field, frozen
 
-from ._paths import empathy_home, make_private_dirs
+from ._paths import empathy_home, make_private_dirs, quoted_path, unquoted_path
 from ._validators import check, failure, number, shown
 from .backends import redact_url
 from .exceptions import ConfigurationError
@@ -144,7 +144,7 @@ def _sqlite_file(url: str, where: str | None = None) -> Path | None:
         return None
     if parts.scheme.lower() != "sqlite" or parts.netloc:
         return None
-    raw = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    raw = unquoted_path(parts.path[1:] if parts.path.startswith("/") else parts.path)
     return None if raw in ("", ":memory:") else _expand_home(raw, where or url)
 
 
@@ -167,7 +167,7 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
         path = _expand_home(value, where)
         if not path.is_absolute():
             path = base / path
-        return "sqlite:///" + quote(str(path))
+        return "sqlite:///" + quoted_path(path)
     try:
         query = urlsplit(value).query
     except ValueError as exc:
@@ -177,7 +177,7 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
         return value
     # the path as it will be opened: a leading ~ expanded, a relative one made absolute
     path = file if file.is_absolute() else base / file
-    return "sqlite:///" + quote(str(path)) + (f"?{query}" if query else "")
+    return "sqlite:///" + quoted_path(path) + (f"?{query}" if query else "")
 
 
 def _state_default(telemetry_url: str) -> str:
@@ -440,7 +440,7 @@ class EmpathyConfig:
             telemetry_url = _resolve_url(telemetry, base, f"{where}: telemetry")
             sources["telemetry"] = where
         else:
-            telemetry_url = "sqlite:///" + quote(str((empathy_home() / "empathy.db").absolute()))
+            telemetry_url = "sqlite:///" + quoted_path((empathy_home() / "empathy.db").absolute())
             sources["telemetry"] = "default ($EMPATHY_HOME/empathy.db)"
         state = text("state")
         if state is not None:
