@@ -276,10 +276,10 @@ class ProviderConfig:
         if self.api_key is not None:
             parts.append("api_key=<set in file>")
         elif self.api_key_env is not None:
-            state = "set" if os.environ.get(self.api_key_env) else "not set"
+            state = "set" if os.environ.get(self.api_key_env, "").strip() else "not set"
             parts.append(f"key from ${self.api_key_env} ({state})")
         elif self.base_url is None or self.api_key_from_env:
-            state = "set" if os.environ.get(env_key) else "not set"
+            state = "set" if os.environ.get(env_key, "").strip() else "not set"
             parts.append(f"key from ${env_key} ({state})")
         if self.headers:
             shown = ", ".join(

@@ -579,3 +579,16 @@ async def test_a_home_and_a_project_named_in_latin1_work_end_to_end(
     async with loaded.telemetry_store() as store:
         assert await store.recent(limit=1) == []
     assert (latin1_project / "calls.db").is_file()
+
+
+def test_a_key_variable_of_blanks_is_shown_as_not_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the provider takes it for no key: config show must not say it is set
+    monkeypatch.setenv("OPENAI_API_KEY", " \n")
+    monkeypatch.setenv("TEAM_KEY", "  ")
+    assert (
+        "key from $OPENAI_API_KEY (not set)"
+        in ProviderConfig(name="openai", kind="openai").describe()
+    )
+    team = ProviderConfig(name="t", kind="openai", base_url="http://gw/v1", api_key_env="TEAM_KEY")
+    assert "key from $TEAM_KEY (not set)" in team.describe()
+    assert not team.build().has_api_key
