@@ -353,12 +353,9 @@ class HTTPProvider(Provider):
     ``api_key_from_env=True`` reads it for any base URL, ``False`` never.  So
     ``OpenAIProvider(name="ollama", base_url="http://localhost:11434/v1")`` never sends
     ``OPENAI_API_KEY`` (`env_key_withheld` says so).  ``api_key_env`` names the variable
-    to read instead (then the ``env_var``), for any base URL.  A key, given or read, is
-    taken without the whitespace around it (the line break a key file leaves); one of
-    blanks is no key, and one holding a line break or a NUL is refused with a
-    `ConfigurationError` (no header can carry it).  The key is held in a
-    wrapper that never prints and is never logged or put in a repr or an error.  A
-    missing key raises `MissingAPIKeyError` (an
+    to read instead (then the ``env_var``), for any base URL.  A key is stripped, one of
+    blanks is none (`_key_text`); it is held in a wrapper that never prints and is never
+    logged or put in a repr or an error.  A missing key raises `MissingAPIKeyError` (an
     `AuthenticationError`) from `complete` before any request.  A ``base_url`` holding
     credentials (``user:password@``) is refused with a `ConfigurationError` (the
     password masked): aiohttp cannot send them beside the key's header; give them as
