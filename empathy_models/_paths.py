@@ -1,17 +1,34 @@
 """
 Where empathy-models keeps its files: `empathy_home` (``$EMPATHY_HOME``, default
 ``~/.empathy``), resolved at call time, and `make_private_dirs`, which creates a
-directory and its missing parents, each 0700.
+directory and its missing parents, each 0700.  `quoted_path` and `unquoted_path` put a
+file's path in a URL (``sqlite:///...``, SQLite's ``file:`` URIs) and take it out again,
+byte for byte: a name that is not valid UTF-8 (a Latin-1 directory) included.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from .exceptions import ConfigurationError
 
-__all__ = ["empathy_home", "make_private_dirs"]
+__all__ = ["empathy_home", "make_private_dirs", "quoted_path", "unquoted_path"]
+
+
+def quoted_path(path: str | os.PathLike[str]) -> str:
+    """
+    ``path`` percent-encoded for a URL, from the bytes the file system names it by: a
+    name that is not valid UTF-8 (which Python holds with surrogates, ``caf\\udce9``)
+    becomes ``caf%E9`` where ``quote`` would raise `UnicodeEncodeError`.
+    """
+    return quote(os.fsencode(path))
+
+
+def unquoted_path(text: str) -> str:
+    """The path `quoted_path` encoded (``%E9`` -> the byte 0xE9 in the file's name)."""
+    return unquote(text, errors="surrogateescape")
 
 
 def empathy_home() -> Path:

@@ -44,11 +44,11 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote, unquote, unquote_plus, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from attrs import field, frozen
 
-from ._paths import empathy_home, make_private_dirs
+from ._paths import empathy_home, make_private_dirs, quoted_path, unquoted_path
 from ._validators import check, failure, number, shown
 from .backends import redact_url
 from .exceptions import ConfigurationError
@@ -144,7 +144,7 @@ def _sqlite_file(url: str, where: str | None = None) -> Path | None:
         return None
     if parts.scheme.lower() != "sqlite" or parts.netloc:
         return None
-    raw = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    raw = unquoted_path(parts.path[1:] if parts.path.startswith("/") else parts.path)
     return None if raw in ("", ":memory:") else _expand_home(raw, where or url)
 
 
@@ -167,7 +167,7 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
         path = _expand_home(value, where)
         if not path.is_absolute():
             path = base / path
-        return "sqlite:///" + quote(str(path))
+        return "sqlite:///" + quoted_path(path)
     try:
         query = urlsplit(value).query
     except ValueError as exc:
@@ -177,7 +177,7 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
         return value
     # the path as it will be opened: a leading ~ expanded, a relative one made absolute
     path = file if file.is_absolute() else base / file
-    return "sqlite:///" + quote(str(path)) + (f"?{query}" if query else "")
+    return "sqlite:///" + quoted_path(path) + (f"?{query}" if query else "")
 
 
 def _state_default(telemetry_url: str) -> str:
@@ -201,6 +201,11 @@ def _state_default(telemetry_url: str) -> str:
     return head + (f"?{'&'.join(kept)}" if kept else "") + hash_ + fragment
 
 
+def _url_repr(value: str | None) -> str:
+    """A URL field's repr: the URL with its password and secret-looking options masked."""
+    return repr(None if value is None else redact_url(value))
+
+
 def _check_env_name(_: object, attribute: Any, value: object) -> None:
     if value is not None and (flaw := env_name_flaw(value)) is not None:
         raise ConfigurationError(f"ProviderConfig.{attribute.name} {flaw}, got {shown(value)}")
@@ -211,9 +216,10 @@ class ProviderConfig:
     """
     One ``[providers.<name>]`` table: which wire format, where, and how it is keyed.
 
-    ``api_key`` (a literal, for placeholders) and secret-looking ``headers`` values are
-    kept out of the repr; ``api_key_env`` names the environment variable holding the
-    key.  `build` makes the provider.
+    ``api_key`` (a literal, for placeholders) and ``headers`` are kept out of the repr,
+    and ``base_url`` is shown with any password or secret-looking option masked;
+    ``api_key_env`` names the environment variable holding the key.  `build` makes the
+    provider.
 
     Raises:
         ConfigurationError: ``api_key_env`` is not a string that can name an
@@ -223,7 +229,7 @@ class ProviderConfig:
 
     name: str
     kind: Literal["openai", "anthropic"]
-    base_url: str | None = None
+    base_url: str | None = field(default=None, repr=_url_repr)
     api_key: str | None = field(default=None, repr=False)
     api_key_env: str | None = field(default=None, validator=_check_env_name)
     api_key_from_env: bool | None = None
@@ -270,10 +276,10 @@ class ProviderConfig:
         if self.api_key is not None:
             parts.append("api_key=<set in file>")
         elif self.api_key_env is not None:
-            state = "set" if os.environ.get(self.api_key_env) else "not set"
+            state = "set" if os.environ.get(self.api_key_env, "").strip() else "not set"
             parts.append(f"key from ${self.api_key_env} ({state})")
         elif self.base_url is None or self.api_key_from_env:
-            state = "set" if os.environ.get(env_key) else "not set"
+            state = "set" if os.environ.get(env_key, "").strip() else "not set"
             parts.append(f"key from ${env_key} ({state})")
         if self.headers:
             shown = ", ".join(
@@ -394,15 +400,16 @@ class EmpathyConfig:
     The resolved configuration: what to use and where each value came from.
 
     ``telemetry_url`` and ``state_url`` are backend URLs (relative SQLite paths already
-    resolved); ``registry_file`` is None for the built-in table; ``sources`` maps
+    resolved; shown in the repr with any password or secret-looking option masked);
+    ``registry_file`` is None for the built-in table; ``sources`` maps
     ``"telemetry"``, ``"state"``, ``"registry"`` and ``"providers"`` to a description
     of their origin (the file, or ``"default"``).
     """
 
     path: Path | None
     found_by: str
-    telemetry_url: str
-    state_url: str
+    telemetry_url: str = field(repr=_url_repr)
+    state_url: str = field(repr=_url_repr)
     registry_file: Path | None
     providers: tuple[ProviderConfig, ...]
     sources: Mapping[str, str]
@@ -433,7 +440,7 @@ class EmpathyConfig:
             telemetry_url = _resolve_url(telemetry, base, f"{where}: telemetry")
             sources["telemetry"] = where
         else:
-            telemetry_url = "sqlite:///" + quote(str((empathy_home() / "empathy.db").absolute()))
+            telemetry_url = "sqlite:///" + quoted_path((empathy_home() / "empathy.db").absolute())
             sources["telemetry"] = "default ($EMPATHY_HOME/empathy.db)"
         state = text("state")
         if state is not None:

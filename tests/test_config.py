@@ -509,3 +509,86 @@ def test_config_show_refuses_what_from_config_refuses(
     data = json.loads(cli(project, home, "config", "show", "--json").stdout)
     assert data["error"]["message"] == str(refused.value) and data["settings"]
     assert not home.exists()  # nothing created, nothing connected
+
+
+def test_the_repr_of_a_configuration_shows_no_url_secret(tmp_path: Path) -> None:
+    # a password in a store URL, a key in a gateway's URL: printed or logged with the
+    # configuration (print(config), a debugger, an error report), they must not show
+    path = tmp_path / "empathy.toml"
+    path.write_text(
+        'telemetry = "postgresql://app:hunter2@db.example/app"\n'
+        'state = "redis://:hunter3@cache:6379/0"\n'
+        "[providers.azure]\n"
+        'type = "openai"\n'
+        'base_url = "https://x.openai.azure.com/openai?api-key=azsecret"\n'
+    )
+    config = EmpathyConfig.load(path)
+    assert config.telemetry_url == "postgresql://app:hunter2@db.example/app"  # still used
+    shown = repr(config)
+    for secret in ("hunter2", "hunter3", "azsecret"):
+        assert secret not in shown, shown
+    assert "postgresql://app:***@db.example/app" in shown
+    assert "api-key=***" in shown
+    provider = ProviderConfig(name="p", kind="openai", base_url="http://u:pw9@gw/v1")
+    assert "pw9" not in repr(provider) and "u:***@gw" in repr(provider)
+    assert "base_url=None" in repr(ProviderConfig(name="q", kind="openai"))
+
+
+def _latin1_dir(parent: Path) -> Path:
+    """``parent/café`` named in Latin-1 (the byte 0xE9: not valid UTF-8), made."""
+    directory = parent / os.fsdecode(b"caf\xe9")
+    try:
+        directory.mkdir()
+    except OSError:  # a file system that takes UTF-8 names only (macOS)
+        pytest.skip("this file system refuses a name that is not valid UTF-8")
+    return directory
+
+
+async def test_a_home_and_a_project_named_in_latin1_work_end_to_end(
+    project: Path, server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a directory named in a legacy encoding: the URLs made for its files must still
+    # name them, byte for byte, for the SDK and the CLI alike
+    home = _latin1_dir(tmp_path)
+    monkeypatch.setenv("EMPATHY_HOME", str(home))
+    (project / "models.toml").write_text(MODELS)
+    from empathy_models import ModelRegistry
+
+    config = EmpathyConfig.load()
+    assert config.telemetry_url.endswith("/caf%E9/empathy.db"), config.telemetry_url
+    async with EmpathyLLMExecutor.from_config(
+        providers=[OpenAIProvider(KEY, name="house", base_url=server.openai_base_url)],
+        registry=ModelRegistry.from_file(project / "models.toml"),
+    ) as executor:
+        await executor.run("hello", ExecutionContext(workflow="w", stage="s", tier="cheap"))
+    assert (home / "empathy.db").is_file()
+    for args in (("telemetry", "summary"), ("breaker", "status"), ("config", "show")):
+        result = cli(project, home, *args, "--json")
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+    summary = json.loads(cli(project, home, "telemetry", "summary", "--json").stdout)
+    assert sum(m["calls"] for m in summary["models"]) == 1
+    breakers = json.loads(cli(project, home, "breaker", "status", "--json").stdout)
+    assert "house:house-small" in {b["key"] for b in breakers["breakers"]}
+
+    # an empathy.toml in such a directory, its database named relative to it
+    latin1_project = _latin1_dir(project)
+    (latin1_project / "empathy.toml").write_text('telemetry = "calls.db"\n')
+    monkeypatch.chdir(latin1_project)
+    loaded = EmpathyConfig.load()
+    async with loaded.telemetry_store() as store:
+        assert await store.recent(limit=1) == []
+    assert (latin1_project / "calls.db").is_file()
+
+
+def test_a_key_variable_of_blanks_is_shown_as_not_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the provider takes it for no key: config show must not say it is set
+    monkeypatch.setenv("OPENAI_API_KEY", " \n")
+    monkeypatch.setenv("TEAM_KEY", "  ")
+    assert (
+        "key from $OPENAI_API_KEY (not set)"
+        in ProviderConfig(name="openai", kind="openai").describe()
+    )
+    team = ProviderConfig(name="t", kind="openai", base_url="http://gw/v1", api_key_env="TEAM_KEY")
+    assert "key from $TEAM_KEY (not set)" in team.describe()
+    assert not team.build().has_api_key

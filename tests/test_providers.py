@@ -390,6 +390,56 @@ async def test_key_from_the_environment(
         assert (await provider.complete(req())).output_tokens == 7
 
 
+@pytest.mark.parametrize("wire", FORMATS)
+@pytest.mark.parametrize("written", [KEY + "\n", KEY + "\r\n", f"  {KEY}\r"])
+async def test_a_key_with_the_line_break_of_its_file_is_the_key(
+    server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch, wire: str, written: str
+) -> None:
+    # a key read from a file, a Kubernetes secret or a CRLF .env ends in a line break,
+    # which no request header may carry: every call failed, "the request could not be
+    # built", naming no key
+    monkeypatch.setenv("ANTHROPIC_API_KEY", written)
+    monkeypatch.setenv("OPENAI_API_KEY", written)
+    async with make_provider(wire, server, key=None, api_key_from_env=True) as from_env:
+        assert (await from_env.complete(req())).output_tokens == 7
+    async with make_provider(wire, server, key=written) as given:
+        assert (await given.complete(req())).output_tokens == 7
+
+
+KEYED = pytest.mark.parametrize(
+    ("factory", "env_var"),
+    [(AnthropicProvider, "ANTHROPIC_API_KEY"), (OpenAIProvider, "OPENAI_API_KEY")],
+)
+
+
+@KEYED
+def test_a_key_that_no_header_can_carry_is_refused_when_the_provider_is_made(
+    monkeypatch: pytest.MonkeyPatch, factory: Callable[..., HTTPProvider], env_var: str
+) -> None:
+    monkeypatch.setenv(env_var, "sk-first-half\nsk-second-half")
+    with pytest.raises(ConfigurationError, match=rf"\${env_var}\) holds a line break"):
+        factory()
+    for key, message in (
+        ("sk-abc\x00def", "holds a line break or a NUL"),
+        (b"sk-bytes-key", "must be a string, got bytes"),
+        (12345678, "must be a string, got int"),
+    ):
+        with pytest.raises(ConfigurationError, match=message) as refused:
+            factory(api_key=key)
+        assert "sk-" not in str(refused.value)
+
+
+@KEYED
+def test_a_key_of_blanks_is_no_key(
+    monkeypatch: pytest.MonkeyPatch, factory: Callable[..., HTTPProvider], env_var: str
+) -> None:
+    # as an empty variable: the provider is keyless (left out by the executor, with
+    # MissingAPIKeyWarning), not keyed with blanks every call of which fails with a 401
+    monkeypatch.setenv(env_var, "  ")
+    assert not factory().has_api_key
+    assert not factory(api_key=" \n").has_api_key
+
+
 @pytest.mark.parametrize(
     "build",
     [

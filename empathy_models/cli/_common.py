@@ -162,7 +162,10 @@ def _sqlite_path(url: str) -> str | None:
         return None
     if parts.netloc:
         return None
-    path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    # the file's bytes (a name not valid UTF-8 included), as the backend opens it
+    path = unquote(
+        parts.path[1:] if parts.path.startswith("/") else parts.path, "utf-8", "surrogateescape"
+    )
     # a leading ~ expanded, as the backend expands it (a ~user it cannot: the backend says so)
     return None if path in ("", ":memory:") else os.path.expanduser(path)
 
@@ -189,8 +192,9 @@ def expanded(path: str | Path) -> Path:
 
 
 def sqlite_url(path: Path) -> str:
-    """``sqlite:///`` + the absolute, percent-quoted path (``?`` and ``#`` survive)."""
-    return "sqlite:///" + quote(str(expanded(path).absolute()))
+    """``sqlite:///`` + the absolute, percent-quoted path (``?`` and ``#`` survive, and
+    the bytes of a name that is not valid UTF-8)."""
+    return "sqlite:///" + quote(os.fsencode(expanded(path).absolute()))
 
 
 def configured_url(kind: str = "telemetry") -> str:

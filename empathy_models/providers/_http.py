@@ -306,10 +306,35 @@ def _key_variable(env_var: str, api_key_env: str | None, api_key_from_env: objec
 
 
 def _env_key(env_var: str, allowed: bool) -> tuple[str | None, bool]:
-    """The key ``env_var`` holds when ``allowed`` to read it; whether one set was withheld."""
+    """The key ``env_var`` holds when ``allowed`` to read it (`_key_text`); whether one
+    set was withheld."""
     if allowed:
-        return os.environ.get(env_var), False
-    return None, bool(os.environ.get(env_var))
+        return _key_text(os.environ.get(env_var), f"${env_var}"), False
+    return None, bool(os.environ.get(env_var, "").strip())
+
+
+def _key_text(key: object, source: str) -> str | None:
+    """
+    An API key without the whitespace around it (the line break a key file, a
+    Kubernetes secret or a CRLF ``.env`` file leaves), None when nothing is left.
+
+    Raises:
+        ConfigurationError: not a string, or a line break or NUL inside it, which no
+            HTTP header can carry (the key is not shown).
+    """
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise ConfigurationError(
+            f"the API key ({source}) must be a string, got {type(key).__name__}"
+        )
+    key = key.strip()
+    if any(c in key for c in "\r\n\0"):
+        raise ConfigurationError(
+            f"the API key ({source}) holds a line break or a NUL character, which no "
+            "request header can carry: check how it was pasted or written"
+        )
+    return key or None
 
 
 class HTTPProvider(Provider):
@@ -328,9 +353,9 @@ class HTTPProvider(Provider):
     ``api_key_from_env=True`` reads it for any base URL, ``False`` never.  So
     ``OpenAIProvider(name="ollama", base_url="http://localhost:11434/v1")`` never sends
     ``OPENAI_API_KEY`` (`env_key_withheld` says so).  ``api_key_env`` names the variable
-    to read instead (then the ``env_var``), for any base URL.  The key is held in a
-    wrapper that never prints and is never logged or put in a repr or an error.  A
-    missing key raises `MissingAPIKeyError` (an
+    to read instead (then the ``env_var``), for any base URL.  A key is stripped, one of
+    blanks is none (`_key_text`); it is held in a wrapper that never prints and is never
+    logged or put in a repr or an error.  A missing key raises `MissingAPIKeyError` (an
     `AuthenticationError`) from `complete` before any request.  A ``base_url`` holding
     credentials (``user:password@``) is refused with a `ConfigurationError` (the
     password masked): aiohttp cannot send them beside the key's header; give them as
@@ -387,7 +412,7 @@ class HTTPProvider(Provider):
         allowed = official or from_env or api_key_env is not None
         self._env_off = api_key_from_env is False  # the caller's choice, not the URL's rule
         key, self._withheld = (
-            (api_key, False)
+            (_key_text(api_key, "api_key"), False)
             if api_key is not None or self._env_off
             else _env_key(self.env_var, allowed or api_key_from_env is True)
         )

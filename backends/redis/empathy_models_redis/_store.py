@@ -719,7 +719,33 @@ def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis
         pool = aioredis.BlockingConnectionPool.from_url(url, **options)
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"cannot use {redact_url(url)!r} as a Redis URL: {exc}") from exc
+    _check_seconds(url, pool)
     return aioredis.Redis.from_pool(pool)
+
+
+def _check_seconds(url: str, pool: aioredis.BlockingConnectionPool) -> None:
+    """
+    The pool's waits, from the URL's query or the options: redis-py takes any float, and
+    ``nan`` or ``inf`` makes a dead server stall every caller for good, ``0`` or less
+    fails every call at once.  ``None`` (given as an option: no limit) is left alone.
+    """
+    waits = {
+        "socket_timeout": pool.connection_kwargs.get("socket_timeout"),
+        "socket_connect_timeout": pool.connection_kwargs.get("socket_connect_timeout"),
+        "timeout": pool.timeout,
+    }
+    for name, value in waits.items():
+        if value is not None and (not _is_number(value) or not 0 < value <= sys.float_info.max):
+            raise ConfigurationError(
+                f"{redact_url(url)!r}: {name} must be a finite number of seconds > 0, "
+                f"got {shown(value)}"
+            )
+    interval = pool.connection_kwargs.get("health_check_interval", 0)
+    if not _is_number(interval) or not 0 <= interval <= sys.float_info.max:
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: health_check_interval must be a finite number of "
+            f"seconds >= 0, got {shown(interval)}"
+        )
 
 
 def _url_seconds(text: str) -> float:

@@ -77,6 +77,39 @@ def test_a_port_that_is_not_a_number_is_refused() -> None:
         state_store_from_url("redis://127.0.0.1:notaport/0")
 
 
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("socket_timeout=nan", "socket_timeout must be a finite number of seconds > 0, got nan"),
+        ("socket_timeout=inf", "socket_timeout must be .* got inf"),
+        ("socket_timeout=0", "socket_timeout must be .* got 0.0"),
+        ("socket_timeout=-1", "socket_timeout must be .* got -1.0"),
+        ("socket_connect_timeout=nan", "socket_connect_timeout must be .* got nan"),
+        ("timeout=nan", "timeout must be .* got nan"),
+        ("health_check_interval=-1", "health_check_interval must be .* >= 0, got -1"),
+    ],
+)
+def test_a_wait_that_is_no_number_of_seconds_is_refused(query: str, named: str) -> None:
+    # redis-py takes any float: nan or inf stalled every call on a server that does not
+    # answer for good (past any deadline), 0 or less failed every call at once
+    url = f"redis://:s3cret@127.0.0.1:6379/15?{query}"
+    for build in (state_store_from_url, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(ConfigurationError, match=named) as info:
+            build(url)
+        assert "s3cret" not in str(info.value)
+    name, _, value = query.partition("=")
+    options: dict[str, Any] = {name: float(value)}
+    with pytest.raises(ConfigurationError, match=named):
+        RedisCircuitStateStore("redis://127.0.0.1:6379/15", **options)
+
+
+def test_no_limit_on_a_wait_may_still_be_asked_for() -> None:
+    store = RedisCircuitStateStore(
+        "redis://127.0.0.1:6379/15", socket_timeout=None, socket_connect_timeout=None, timeout=None
+    )
+    assert store.shared
+
+
 async def test_valid_options_still_work_end_to_end(redis_store_url: str) -> None:
     url = redis_store_url + "&socket_timeout=1.5&health_check_interval=10"
     async with CircuitBreaker(store=url) as breaker:

@@ -18,7 +18,6 @@ import stat
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Final, TypeVar
@@ -27,6 +26,7 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
+from ..._paths import quoted_path
 from ..._validators import check, failure, number, shown
 from ...evidence import (
     log_ms,
@@ -296,7 +296,7 @@ class _Database:
     async def _open(self) -> aiosqlite.Connection:
         if self.read_only:
             await anyio.to_thread.run_sync(self._check_readable)
-            target = "file:" + urllib.parse.quote(self.path) + "?mode=ro"
+            target = "file:" + quoted_path(self.path) + "?mode=ro"
             connector = _Connector(target, self.busy_timeout, uri=True)
         else:
             if self.path != MEMORY:

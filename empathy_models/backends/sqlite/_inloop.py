@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -15,6 +14,7 @@ import aiosqlite
 import anyio
 import anyio.to_thread
 
+from ..._paths import quoted_path
 from ._database import MEMORY, _Database
 
 MISS: Final = object()
@@ -79,7 +79,7 @@ class InLoop:
     def _connect(self) -> sqlite3.Connection | None:
         db = self._db
         mode = "ro" if db.read_only else "rw"  # never creates a file: it exists by now
-        target = f"file:{urllib.parse.quote(db.path)}?mode={mode}"
+        target = f"file:{quoted_path(db.path)}?mode={mode}"
         try:
             conn = sqlite3.connect(
                 target, uri=True, timeout=0.0, isolation_level=None, check_same_thread=False

@@ -12,11 +12,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import partial
 from typing import Any
-from urllib.parse import quote
 
 import aiosqlite
 
 from ..._fast import gc_paused
+from ..._paths import quoted_path
 from ..._stats import Spend
 from ..._validators import shown
 from ...abc import TelemetryBackend
@@ -225,7 +225,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         The file must exist at the current schema version (it is never created here).
         """
         conn = sqlite3.connect(
-            f"file:{quote(self._path)}?mode=rw",
+            f"file:{quoted_path(self._path)}?mode=rw",
             uri=True,
             timeout=min(self._db.busy_timeout, 2.0),
             isolation_level=None,

@@ -9,8 +9,9 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
+from ..._paths import unquoted_path
 from ...exceptions import (
     ConfigurationError,
 )
@@ -78,7 +79,7 @@ def parse_sqlite_url(
             "sqlite:////absolute/path.db or sqlite://:memory:"
         )
     else:
-        path = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+        path = unquoted_path(parts.path[1:] if parts.path.startswith("/") else parts.path)
         if not path:
             raise ConfigurationError(
                 f"sqlite URL {shown!r} names no file; use sqlite:///relative.db, "
