@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -469,6 +470,25 @@ NO_CONTENT = {
 }
 
 
+def _openai_answer(
+    whole: dict[str, Any], chunks: list[dict[str, Any]]
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A chat completions handler: ``whole`` unstreamed, else ``chunks`` as SSE events."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if not (await request.json()).get("stream"):
+            return web.json_response(whole)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for data in chunks:
+            await response.write(f"data: {json.dumps(data)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    return handler
+
+
 @pytest.mark.parametrize("case", NO_CONTENT)
 async def test_an_openai_answer_without_content_reads_alike_whether_streamed_or_not(
     case: str,
@@ -480,24 +500,22 @@ async def test_an_openai_answer_without_content_reads_alike_whether_streamed_or_
     message, delta, finish = NO_CONTENT[case]
     usage = {"prompt_tokens": 12, "completion_tokens": 64}
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        base = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m"}
-        if not (await request.json()).get("stream"):
-            choice = {"index": 0, "message": message, "finish_reason": finish}
-            return web.json_response(base | {"choices": [choice], "usage": usage})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for choices, extra in (
-            ([{"index": 0, "delta": {"role": "assistant", **delta}, "finish_reason": None}], {}),
-            ([{"index": 0, "delta": {}, "finish_reason": finish}], {}),
-            ([], {"usage": usage}),
-        ):
-            chunk = base | {"object": "chat.completion.chunk", "choices": choices, **extra}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
+    base = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m"}
+    choice = {"index": 0, "message": message, "finish_reason": finish}
+    chunk = base | {"object": "chat.completion.chunk"}
+    handler = _openai_answer(
+        base | {"choices": [choice], "usage": usage},
+        [
+            chunk
+            | {
+                "choices": [
+                    {"index": 0, "delta": {"role": "assistant", **delta}, "finish_reason": None}
+                ]
+            },
+            chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]},
+            chunk | {"choices": [], "usage": usage},
+        ],
+    )
     async with (
         serving("/v1/chat/completions", handler) as url,
         OpenAIProvider(api_key=KEY, base_url=f"{url}/v1") as provider,
@@ -520,28 +538,20 @@ async def test_azures_opening_chunk_without_id_or_model_leaves_the_answers_own()
     usage = {"prompt_tokens": 12, "completion_tokens": 3}
     base = {"id": "chatcmpl-9", "created": 1, "model": "gpt-4o-2024-11-20"}
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        if not (await request.json()).get("stream"):
-            message = {"role": "assistant", "content": "Hi"}
-            choice = {"index": 0, "message": message, "finish_reason": "stop"}
-            body = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
-            return web.json_response(body)
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        filters = [{"prompt_index": 0, "content_filter_results": {}}]
-        opening = {"id": "", "object": "", "created": 0, "model": "", "choices": []}
-        chunk = {**base, "object": "chat.completion.chunk"}
-        for data in (
+    message = {"role": "assistant", "content": "Hi"}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    filters = [{"prompt_index": 0, "content_filter_results": {}}]
+    opening = {"id": "", "object": "", "created": 0, "model": "", "choices": []}
+    chunk = {**base, "object": "chat.completion.chunk"}
+    handler = _openai_answer(
+        {**base, "object": "chat.completion", "choices": [choice], "usage": usage},
+        [
             {**opening, "prompt_filter_results": filters},
             {**chunk, "choices": [{"index": 0, "delta": {"content": "Hi"}}]},
             {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
             {**chunk, "choices": [], "usage": usage},
-        ):
-            await response.write(f"data: {json.dumps(data)}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
-
+        ],
+    )
     async with (
         serving("/v1/chat/completions", handler) as url,
         OpenAIProvider(api_key=KEY, base_url=f"{url}/v1") as provider,
