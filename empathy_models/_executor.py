@@ -340,6 +340,34 @@ def _session_here(session: aiohttp.ClientSession | None) -> aiohttp.ClientSessio
     return session
 
 
+def _borrow_telemetry(stack: AsyncExitStack, fb: _Feedback) -> None:
+    """
+    Take the borrowed telemetry backend, flushed when ``stack`` closes: refused when
+    bound to another event loop than the running one.
+    """
+    backend = fb._telemetry
+    assert backend is not None
+    if not elsewhere(backend._home_loop()):
+        stack.push_async_callback(flush_borrowed, fb)
+        return
+    # its flusher runs there: records queued from here would wait for that loop (blocked,
+    # for a notebook cell that built a SyncExecutor), and so would the flush on exit
+    if _running_loop() in SYNC_LOOPS:
+        fix = (
+            "pass its URL instead (telemetry_store='sqlite:///calls.db'), and SyncExecutor "
+            "opens and closes it on its own event loop"
+        )
+    else:
+        fix = (
+            "open the executor in that loop, or pass the backend's URL, and the executor "
+            "opens and closes one of its own"
+        )
+    raise NotOpenError(
+        f"telemetry_store={backend!r} was opened in another event loop and can only be "
+        f"used in that one (its background flusher runs there): {fix}"
+    )
+
+
 async def _close_elsewhere(executor: EmpathyLLMExecutor) -> bool:
     """
     ``executor.aclose()`` from another event loop than the one it was opened in: in that
@@ -456,15 +484,15 @@ class EmpathyLLMExecutor:
             see `empathy_models.cache`.
 
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
-    neither opens nor closes them (a borrowed telemetry backend is flushed on exit, bounded).
-    What it builds from a URL it owns and closes.  Use it as ``async with``; `run`
-    raises `RuntimeError` outside that block.  An executor garbage-collected while
-    still open emits a `ResourceWarning`: close it (``async with`` or `aclose`).  Left
-    open, its HTTP session is never closed and the work it does behind (cache writes,
-    store operations past a deadline) is lost if the event loop ends first; telemetry
-    still queued is written at interpreter exit (`empathy_models.backends.batching`),
-    and an SQLite backend's worker thread, a daemon, does not keep the interpreter from
-    exiting.
+    neither opens nor closes them (a borrowed telemetry backend is flushed on exit,
+    bounded; one running in another event loop, its flusher there, is refused on enter
+    with `NotOpenError`).  What it builds from a URL it owns and closes.  Use it as
+    ``async with``; `run` raises `RuntimeError` outside that block.  An executor
+    garbage-collected while still open emits a `ResourceWarning`.  Left open, its HTTP
+    session is never closed and the work it does behind (cache writes, store operations
+    past a deadline) is lost if the event loop ends first; telemetry still queued is
+    written at interpreter exit (`empathy_models.backends.batching`), and an SQLite
+    backend's worker thread, a daemon, does not keep the interpreter from exiting.
     Synchronous code uses `empathy_models.sync.SyncExecutor`, which closes itself.
     """
 
@@ -658,7 +686,7 @@ class EmpathyLLMExecutor:
                 if self._owns_telemetry:
                     await stack.enter_async_context(self._telemetry)
                 else:
-                    stack.push_async_callback(flush_borrowed, self._fb)
+                    _borrow_telemetry(stack, self._fb)
             stores: list[Callable[[], Awaitable[None]]] = []  # closed together, at close
             stack.push_async_callback(_close_together, stores)
             if self._owns_breaker:

@@ -26,6 +26,7 @@ from empathy_models import (
     ModelRegistry,
     _loops,
 )
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.exceptions import NotOpenError
 from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior
@@ -219,6 +220,34 @@ def test_executor_closed_from_another_thread_closes_in_its_own_loop(tmp_path: Pa
             warnings.simplefilter("error")  # closed in its loop: nothing dropped
             asyncio.run(executors[0].aclose())
         assert "state=closed" in repr(executors[0])
+
+
+def test_a_borrowed_telemetry_backend_running_in_another_loop_is_refused_on_enter(
+    tmp_path: Path,
+) -> None:
+    """
+    A batching backend whose flusher runs in another thread's loop, given to an executor
+    opened in this one: `NotOpenError` on entering, saying to pass its URL.  Accepted,
+    its records were queued for that loop's flusher (woken from the wrong thread), and
+    the exit's flush waited on it for the whole close budget.
+    """
+    backend = SQLiteTelemetryBackend(str(tmp_path / "calls.db"))
+    executor = EmpathyLLMExecutor(
+        [OpenAIProvider(api_key="k-loops", base_url="http://127.0.0.1:9")],
+        telemetry_store=backend,
+    )
+
+    async def enter() -> None:
+        async with executor:
+            pass
+
+    with (
+        _opened_in_another_thread(lambda: backend),
+        pytest.raises(NotOpenError, match="another event loop") as raised,
+    ):
+        asyncio.run(enter())
+    assert "SQLiteTelemetryBackend" in str(raised.value)
+    assert "URL" in str(raised.value)
 
 
 # ------------------------------------------- a close in its own loop that ends with an error
