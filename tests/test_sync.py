@@ -483,13 +483,14 @@ def test_a_close_racing_another_returns_once_the_executor_is_closed(
     caller.join(30)
 
 
-def _in_a_notebook_cell(opened: str, given: str) -> str:
+def _in_a_notebook_cell(opened: str, given: str, *, opened_after: bool = False) -> str:
     """
-    A notebook cell, its event loop running (and blocked while SyncExecutor works):
-    ``async with {opened} as it:`` it builds ``SyncExecutor(..., {given})`` with ``it``
-    and, built, runs one call (its provider unreachable: a failed call, recorded) and
-    closes it.  In a child process, with a hang guard.  Its output: the error building
-    it raised (type and message), or "opened", then "closed" and any warning logged.
+    A notebook cell, its event loop running (and blocked while SyncExecutor works): it
+    opens ``it = {opened}`` and builds ``SyncExecutor(..., {given})`` with ``it`` (with
+    ``opened_after``, builds it first, then opens ``it``) and, built, runs one call (its
+    provider unreachable: a failed call, recorded), closes it, then closes ``it``.  In
+    a child process, with a hang guard.  Its output: the error building it raised (type
+    and message), or "opened", then "closed" and any warning logged.
     """
     script = textwrap.dedent(
         f"""
@@ -505,7 +506,10 @@ def _in_a_notebook_cell(opened: str, given: str) -> str:
         logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
 
         async def cell():
-            async with {opened} as it:
+            it = {opened}
+            try:
+                if not {opened_after}:
+                    await it.__aenter__()
                 try:
                     llm = SyncExecutor(
                         # a port nothing listens on: the call fails at once
@@ -517,12 +521,16 @@ def _in_a_notebook_cell(opened: str, given: str) -> str:
                     print(type(exc).__name__, exc)
                     return
                 print("opened", flush=True)
+                if {opened_after}:
+                    await it.__aenter__()
                 try:
                     llm.run("hello", ExecutionContext(workflow="w", stage="s", tier="cheap"))
                 except Exception:
                     pass
                 llm.close()
                 print("closed", flush=True)
+            finally:
+                await it.aclose()
 
         asyncio.run(cell())
         """
@@ -597,6 +605,26 @@ def test_a_telemetry_backend_already_open_in_a_notebooks_loop_is_refused_up_fron
     assert out.startswith("NotOpenError "), out
     assert "SQLiteTelemetryBackend" in out and "opened in another event loop" in out, out
     assert "sqlite:///" in out, out  # what to pass instead
+
+
+def test_a_telemetry_backend_opened_in_a_notebooks_loop_after_is_left_to_it_at_once(
+    tmp_path: Path,
+) -> None:
+    """
+    A `SQLiteTelemetryBackend` given unopened to `SyncExecutor` (accepted), then opened
+    in the notebook cell's loop: its flusher runs there, blocked while the cell waits,
+    so `close` cannot flush it.  It says so at once, in a warning naming that loop, and
+    leaves the records to the backend, which the cell's close writes.  It waited out
+    its whole budget (10 s), then warned that the flush did not finish in time.
+    """
+    path = tmp_path / "calls.db"
+    out = _in_a_notebook_cell(
+        f"SQLiteTelemetryBackend({str(path)!r})", "telemetry_store=it", opened_after=True
+    )
+    assert out.startswith("opened\n") and "closed" in out, out
+    assert "runs in another event loop" in out, out
+    # not lost: the call's attempts, written by the backend's own close
+    assert {r.outcome for r in _records(path)} == {Outcome.FAILURE}
 
 
 def test_a_session_made_in_another_loop_is_refused_when_built_not_charged_to_models(
