@@ -393,6 +393,34 @@ async def _close_elsewhere(executor: EmpathyLLMExecutor) -> bool:
     return True
 
 
+async def _close_here(executor: EmpathyLLMExecutor) -> None:
+    """`aclose` in the executor's own loop: end what is in flight, close what it holds."""
+    executor._state = "closed"
+    stack, executor._stack = executor._stack, None
+    over = executor._inflight.over = asyncio.get_running_loop().create_future()
+    with anyio.CancelScope(shield=True):
+        try:
+            await _wind_down(executor)
+        finally:
+            try:
+                if executor._cache is not None:
+                    executor._cache._drop_memo()  # the answers decoded for its hits (`_cached`)
+                if stack is not None:
+                    await stack.aclose()
+            finally:
+                over.set_result(None)
+
+
+async def _close_over(executor: EmpathyLLMExecutor) -> None:
+    """
+    `aclose` of an executor closed already: returns once the close under way (in this
+    loop) is over.  Cancelling the wait leaves that close alone.
+    """
+    over = executor._inflight.over
+    if over is not None and not over.done() and not elsewhere(over.get_loop()):
+        await asyncio.shield(over)
+
+
 async def _wind_down(executor: EmpathyLLMExecutor) -> None:
     """
     End the runs and streams in flight and wait for the store operations left in the
@@ -737,7 +765,8 @@ class EmpathyLLMExecutor:
     async def aclose(self) -> None:
         """
         End the runs and streams in flight, then unbind providers, close the session and
-        owned backends, and drop the answers decoded for cache hits.  Safe to call twice.
+        owned backends, and drop the answers decoded for cache hits.  Safe to call twice;
+        a call while another is closing the executor returns once that one is over.
 
         Each run or stream in flight raises `NotOpenError` (at once; a stream nobody is
         reading, at its next read) after its attempt is recorded as cancelled, its breaker
@@ -749,18 +778,10 @@ class EmpathyLLMExecutor:
         flushes within its ``close_timeout``).  A cancelled anyio scope around the
         ``async with`` does not stop these steps halfway (each is bounded).
         """
-        if self._state == "closed" or (elsewhere(self._loop) and await _close_elsewhere(self)):
-            return
-        self._state = "closed"
-        stack, self._stack = self._stack, None
-        with anyio.CancelScope(shield=True):
-            try:
-                await _wind_down(self)
-            finally:
-                if self._cache is not None:
-                    self._cache._drop_memo()  # the answers decoded for its hits (`_cached`)
-                if stack is not None:
-                    await stack.aclose()
+        if self._state == "closed":
+            await _close_over(self)
+        elif not (elsewhere(self._loop) and await _close_elsewhere(self)):
+            await _close_here(self)
 
     def __del__(self) -> None:
         # an executor left open holds an HTTP session and, for URLs it was given, backends
