@@ -340,6 +340,34 @@ def _session_here(session: aiohttp.ClientSession | None) -> aiohttp.ClientSessio
     return session
 
 
+def _borrow_telemetry(stack: AsyncExitStack, fb: _Feedback) -> None:
+    """
+    Take the borrowed telemetry backend, flushed when ``stack`` closes: refused when
+    bound to another event loop than the running one.
+    """
+    backend = fb._telemetry
+    assert backend is not None
+    if not elsewhere(backend._home_loop()):
+        stack.push_async_callback(flush_borrowed, fb)
+        return
+    # its flusher runs there: records queued from here would wait for that loop (blocked,
+    # for a notebook cell that built a SyncExecutor), and so would the flush on exit
+    if _running_loop() in SYNC_LOOPS:
+        fix = (
+            "pass its URL instead (telemetry_store='sqlite:///calls.db'), and SyncExecutor "
+            "opens and closes it on its own event loop"
+        )
+    else:
+        fix = (
+            "open the executor in that loop, or pass the backend's URL, and the executor "
+            "opens and closes one of its own"
+        )
+    raise NotOpenError(
+        f"telemetry_store={backend!r} was opened in another event loop and can only be "
+        f"used in that one (its background flusher runs there): {fix}"
+    )
+
+
 async def _close_elsewhere(executor: EmpathyLLMExecutor) -> bool:
     """
     ``executor.aclose()`` from another event loop than the one it was opened in: in that
@@ -363,6 +391,34 @@ async def _close_elsewhere(executor: EmpathyLLMExecutor) -> bool:
             logger.debug("closing from another event loop", exc_info=True)
     dropped("EmpathyLLMExecutor", "its HTTP connections and the runs in flight", home)
     return True
+
+
+async def _close_here(executor: EmpathyLLMExecutor) -> None:
+    """`aclose` in the executor's own loop: end what is in flight, close what it holds."""
+    executor._state = "closed"
+    stack, executor._stack = executor._stack, None
+    over = executor._inflight.over = asyncio.get_running_loop().create_future()
+    with anyio.CancelScope(shield=True):
+        try:
+            await _wind_down(executor)
+        finally:
+            try:
+                if executor._cache is not None:
+                    executor._cache._drop_memo()  # the answers decoded for its hits (`_cached`)
+                if stack is not None:
+                    await stack.aclose()
+            finally:
+                over.set_result(None)
+
+
+async def _close_over(executor: EmpathyLLMExecutor) -> None:
+    """
+    `aclose` of an executor closed already: returns once the close under way (in this
+    loop) is over.  Cancelling the wait leaves that close alone.
+    """
+    over = executor._inflight.over
+    if over is not None and not over.done() and not elsewhere(over.get_loop()):
+        await asyncio.shield(over)
 
 
 async def _wind_down(executor: EmpathyLLMExecutor) -> None:
@@ -456,15 +512,15 @@ class EmpathyLLMExecutor:
             see `empathy_models.cache`.
 
     Objects passed in (backend, router, breaker, session) are borrowed: the executor
-    neither opens nor closes them (a borrowed telemetry backend is flushed on exit, bounded).
-    What it builds from a URL it owns and closes.  Use it as ``async with``; `run`
-    raises `RuntimeError` outside that block.  An executor garbage-collected while
-    still open emits a `ResourceWarning`: close it (``async with`` or `aclose`).  Left
-    open, its HTTP session is never closed and the work it does behind (cache writes,
-    store operations past a deadline) is lost if the event loop ends first; telemetry
-    still queued is written at interpreter exit (`empathy_models.backends.batching`),
-    and an SQLite backend's worker thread, a daemon, does not keep the interpreter from
-    exiting.
+    neither opens nor closes them (a borrowed telemetry backend is flushed on exit,
+    bounded; one running in another event loop, its flusher there, is refused on enter
+    with `NotOpenError`).  What it builds from a URL it owns and closes.  Use it as
+    ``async with``; `run` raises `RuntimeError` outside that block.  An executor
+    garbage-collected while still open emits a `ResourceWarning`.  Left open, its HTTP
+    session is never closed and the work it does behind (cache writes, store operations
+    past a deadline) is lost if the event loop ends first; telemetry still queued is
+    written at interpreter exit (`empathy_models.backends.batching`), and an SQLite
+    backend's worker thread, a daemon, does not keep the interpreter from exiting.
     Synchronous code uses `empathy_models.sync.SyncExecutor`, which closes itself.
     """
 
@@ -658,7 +714,7 @@ class EmpathyLLMExecutor:
                 if self._owns_telemetry:
                     await stack.enter_async_context(self._telemetry)
                 else:
-                    stack.push_async_callback(flush_borrowed, self._fb)
+                    _borrow_telemetry(stack, self._fb)
             stores: list[Callable[[], Awaitable[None]]] = []  # closed together, at close
             stack.push_async_callback(_close_together, stores)
             if self._owns_breaker:
@@ -709,7 +765,8 @@ class EmpathyLLMExecutor:
     async def aclose(self) -> None:
         """
         End the runs and streams in flight, then unbind providers, close the session and
-        owned backends, and drop the answers decoded for cache hits.  Safe to call twice.
+        owned backends, and drop the answers decoded for cache hits.  Safe to call twice;
+        a call while another is closing the executor returns once that one is over.
 
         Each run or stream in flight raises `NotOpenError` (at once; a stream nobody is
         reading, at its next read) after its attempt is recorded as cancelled, its breaker
@@ -721,18 +778,10 @@ class EmpathyLLMExecutor:
         flushes within its ``close_timeout``).  A cancelled anyio scope around the
         ``async with`` does not stop these steps halfway (each is bounded).
         """
-        if self._state == "closed" or (elsewhere(self._loop) and await _close_elsewhere(self)):
-            return
-        self._state = "closed"
-        stack, self._stack = self._stack, None
-        with anyio.CancelScope(shield=True):
-            try:
-                await _wind_down(self)
-            finally:
-                if self._cache is not None:
-                    self._cache._drop_memo()  # the answers decoded for its hits (`_cached`)
-                if stack is not None:
-                    await stack.aclose()
+        if self._state == "closed":
+            await _close_over(self)
+        elif not (elsewhere(self._loop) and await _close_elsewhere(self)):
+            await _close_here(self)
 
     def __del__(self) -> None:
         # an executor left open holds an HTTP session and, for URLs it was given, backends

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import attrs
 
+from ._loops import elsewhere
 from ._propensity import routing_propensity
 from ._request_options import structured_result
 from ._run import _describe, _plain_non_negative, _Run, _status_of
@@ -795,10 +796,22 @@ async def flush_borrowed(self: _Feedback) -> None:
     of the close budget (``behind.drain_by``), at least `BORROWED_FLUSH_WAIT`
     seconds; never raises.  A flush that takes longer is left (logged, counted in
     ``telemetry_errors``): the records it had not written stay in the backend, which
-    its owner closes.
+    its owner closes.  So are they, at once, when the backend's background work runs
+    in another event loop (it was opened there after the executor was): a flush from
+    here would wait for that loop, which may be the caller's, blocked.
     """
     telemetry = self._telemetry
     assert telemetry is not None
+    if elsewhere(telemetry._home_loop()):
+        self.telemetry_errors += 1
+        logger.warning(
+            "the telemetry backend %r runs in another event loop (it was opened there "
+            "after the executor was), where the executor's exit cannot flush it: the "
+            "records it has not written stay in it until that loop writes them or "
+            "closes it",
+            telemetry,
+        )
+        return
     drain_by = self.behind.drain_by
     seconds = BORROWED_FLUSH_WAIT
     if drain_by is not None:

@@ -140,13 +140,16 @@ class InFlight:
     so a stream dropped without being closed is collected, and its finalizer closes it).
     """
 
-    __slots__ = ("closing", "idle", "runs", "streams")
+    __slots__ = ("closing", "idle", "over", "runs", "streams")
 
     def __init__(self) -> None:
         self.runs: set[Tracked] = set()
         self.streams: weakref.WeakSet[Ending] = weakref.WeakSet()
         self.idle: asyncio.Event | None = None  # while `end` waits
         self.closing: set[asyncio.Future[None]] = set()  # streams `end` closes itself
+        # the executor's close (`aclose`), done once it has closed everything: a later
+        # `aclose` waits for it
+        self.over: asyncio.Future[None] | None = None
 
     def track(self, what: str) -> Tracked | _Untracked:
         """A context manager around a run's (or a stream opening's) body."""

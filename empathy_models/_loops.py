@@ -16,6 +16,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -50,7 +51,8 @@ def submit(
     """
     Run ``coro`` as a task of ``loop`` (running in another thread), as
     `asyncio.run_coroutine_threadsafe` does, with every end of it taken.  Cancelling the
-    returned future cancels the task (or keeps the coroutine from starting).  A task
+    returned future cancels the task, or, before ``loop`` has started it (a loop that
+    stopped meanwhile never will), closes the coroutine there and then.  A task
     that fails after its future was cancelled, its caller no longer waiting (it gave
     up, or was interrupted), has its error logged to ``log`` as ``what`` failing: it is
     never left to the loop's "Task exception was never retrieved".
@@ -74,20 +76,25 @@ def submit(
             if error is not None:
                 _late(what, error, log)
 
-    # whichever of `start` (in the loop's thread) and an interrupted caller (below)
-    # takes it first owns ``coro``: the other leaves it alone
+    # whichever of `start` (in the loop's thread) and the future's cancellation (in the
+    # thread cancelling it) takes it first owns ``coro``: the other leaves it alone
     owner = threading.Lock()
 
     def start() -> None:
         if not owner.acquire(blocking=False):
-            return  # the caller was interrupted before this ran, and closed ``coro``
-        if future.cancelled():
+            return  # the future was cancelled before this ran, and ``coro`` closed
+        if future.cancelled():  # just now: its callback has not run yet
             coro.close()
             return
         task = loop.create_task(coro)
         task.add_done_callback(settle)
         future.add_done_callback(lambda _: _cancel_soon(loop, task))
 
+    def withdrawn(_: concurrent.futures.Future[T]) -> None:
+        if future.cancelled() and owner.acquire(blocking=False):
+            coro.close()  # not started: `start`, if it ever runs, will not
+
+    future.add_done_callback(withdrawn)
     try:
         loop.call_soon_threadsafe(start)
     except RuntimeError:
@@ -96,11 +103,9 @@ def submit(
     except BaseException:
         # interrupted (a Ctrl-C) while scheduling: ``start`` may not be scheduled, or be
         # and even be running (the wake-up's send lets the loop's thread in).  Nobody
-        # will wait for the future, so the call is cancelled wherever it got to, and
-        # ``coro`` closed here if ``start`` has not taken it (it never will)
+        # will wait for the future, so the call is cancelled wherever it got to (``coro``
+        # closed if ``start`` has not taken it)
         future.cancel()
-        if owner.acquire(blocking=False):
-            coro.close()
         raise
     return future
 
@@ -124,9 +129,10 @@ async def close_at_home(
     """
     Run ``close()`` in ``loop`` (still running, in another thread) and wait for it, at
     most `HOME_CLOSE_SECONDS`: True once it is done, the error it raised raised here.
-    False when ``loop`` no longer runs, or did not finish the close in that time (a
-    loop stopped meanwhile never will): the close is then cancelled, and an error it
-    still ends with is logged (as is one it ends with while the caller is cancelled).
+    False when ``loop`` no longer runs (or stops meanwhile: that is seen within
+    `_STOP_CHECK` seconds), or did not finish the close in that time: the close is
+    then cancelled (never started, if it had not), and an error it still ends with is
+    logged (as is one it ends with while the caller is cancelled).
     """
     if loop.is_closed() or not loop.is_running():
         return False
@@ -142,7 +148,7 @@ async def close_at_home(
     waited = asyncio.wrap_future(future)
     waited.add_done_callback(_taken)  # the outcome is read from ``future``
     try:
-        await asyncio.wait({waited}, timeout=HOME_CLOSE_SECONDS)
+        await _while_running(loop, waited)
     except BaseException:  # cancelled: a close that is over is not to be heard here
         if not future.cancel() and (error := future.exception()) is not None:
             _late(what, error, logger)
@@ -153,6 +159,17 @@ async def close_at_home(
     return True
 
 
+async def _while_running(loop: asyncio.AbstractEventLoop, waited: asyncio.Future[None]) -> None:
+    """Wait for ``waited`` at most `HOME_CLOSE_SECONDS`, and only while ``loop`` runs."""
+    end = time.monotonic() + HOME_CLOSE_SECONDS
+    while not waited.done() and loop.is_running():
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        # asyncio tells nobody that a loop stopped: looked at every `_STOP_CHECK` s
+        await asyncio.wait({waited}, timeout=min(left, _STOP_CHECK))
+
+
 def _taken(waited: asyncio.Future[None]) -> None:
     if not waited.cancelled():
         waited.exception()
@@ -160,6 +177,9 @@ def _taken(waited: asyncio.Future[None]) -> None:
 
 HOME_CLOSE_SECONDS = 10.0
 """The longest a close waits for the event loop an object belongs to (another thread's)."""
+
+_STOP_CHECK = 0.1
+"""How often a close waiting for another thread's loop looks whether that loop stopped."""
 
 
 def dropped(what: str, lost: str, home: asyncio.AbstractEventLoop) -> None:

@@ -384,6 +384,14 @@ class TelemetryBackend(AsyncResource):
         (false for the null backend: then nothing reads from it)."""
         return True
 
+    def _home_loop(self) -> asyncio.AbstractEventLoop | None:
+        """
+        The event loop this backend's background work runs in (a batching backend's
+        flusher task), to which it is bound while that runs; None when it has none
+        running, or is not bound to a loop.
+        """
+        return None
+
 
 @functools.cache
 def _takes(backend_type: type[TelemetryBackend], name: str) -> bool:

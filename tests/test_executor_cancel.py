@@ -392,6 +392,31 @@ async def test_aclose_ends_a_run_in_flight_with_its_bookkeeping_done_first(
     assert await _outcomes(tmp_path / "calls.db") == [Outcome.CANCELLED]
 
 
+async def test_an_aclose_while_another_is_closing_returns_once_the_executor_is_closed(
+    server: FakeLLMServer, tmp_path: Path
+) -> None:
+    """
+    A second `aclose` (an ``async with`` ending while a shutdown task closes the
+    executor) returns once the first has closed it: the run it ended recorded, the
+    stores closed.  It returned at once, before anything was closed or written.
+    """
+    server.script("m", ["hang"])
+    executor = _closing_executor(server, tmp_path)
+    await executor.__aenter__()
+    task = asyncio.ensure_future(executor.run("hello", CTX))
+    await server.wait_for_requests(1, "m")
+    first = asyncio.ensure_future(executor.aclose())
+    await asyncio.sleep(0)  # the first close has begun: it waits for the run to end
+    assert not first.done()
+    with anyio.fail_after(30):
+        await executor.aclose()
+    assert first.done() and first.exception() is None
+    assert executor.telemetry_store is not None and executor.telemetry_store.closed
+    assert await _outcomes(tmp_path / "calls.db") == [Outcome.CANCELLED]
+    with pytest.raises(NotOpenError):
+        await task
+
+
 async def test_aclose_ends_a_stream_being_read_with_its_bookkeeping_done_first(
     server: FakeLLMServer, tmp_path: Path
 ) -> None:

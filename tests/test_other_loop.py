@@ -26,6 +26,7 @@ from empathy_models import (
     ModelRegistry,
     _loops,
 )
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.exceptions import NotOpenError
 from empathy_models.providers import OpenAIProvider
 from empathy_models.testing import FakeLLMServer, ModelBehavior
@@ -219,6 +220,34 @@ def test_executor_closed_from_another_thread_closes_in_its_own_loop(tmp_path: Pa
             warnings.simplefilter("error")  # closed in its loop: nothing dropped
             asyncio.run(executors[0].aclose())
         assert "state=closed" in repr(executors[0])
+
+
+def test_a_borrowed_telemetry_backend_running_in_another_loop_is_refused_on_enter(
+    tmp_path: Path,
+) -> None:
+    """
+    A batching backend whose flusher runs in another thread's loop, given to an executor
+    opened in this one: `NotOpenError` on entering, saying to pass its URL.  Accepted,
+    its records were queued for that loop's flusher (woken from the wrong thread), and
+    the exit's flush waited on it for the whole close budget.
+    """
+    backend = SQLiteTelemetryBackend(str(tmp_path / "calls.db"))
+    executor = EmpathyLLMExecutor(
+        [OpenAIProvider(api_key="k-loops", base_url="http://127.0.0.1:9")],
+        telemetry_store=backend,
+    )
+
+    async def enter() -> None:
+        async with executor:
+            pass
+
+    with (
+        _opened_in_another_thread(lambda: backend),
+        pytest.raises(NotOpenError, match="another event loop") as raised,
+    ):
+        asyncio.run(enter())
+    assert "SQLiteTelemetryBackend" in str(raised.value)
+    assert "URL" in str(raised.value)
 
 
 # ------------------------------------------- a close in its own loop that ends with an error
@@ -421,3 +450,84 @@ def test_a_call_interrupted_while_handed_to_another_loop_never_runs_and_is_close
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+class _StopsBeforeStarting:
+    """A loop (running in another thread) that stops right after ``call_soon_threadsafe``
+    schedules a callback, before it runs it: the callback is left in its queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: object) -> None:
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:  # runs the loop's current round, which then stops it
+            held.set()
+            release.wait(30)
+            self.loop.stop()
+
+        self.loop.call_soon_threadsafe(hold)
+        assert held.wait(30)
+        self.loop.call_soon_threadsafe(callback, *args)  # for the round after: never run
+        release.set()
+
+    def __getattr__(self, name: str) -> Any:  # the rest is the loop's own
+        return getattr(self.loop, name)
+
+
+@contextlib.contextmanager
+def _stopping_loop() -> Iterator[Any]:
+    """A `_StopsBeforeStarting` loop; closed at the end (what it left queued is dropped)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield _StopsBeforeStarting(loop)
+    finally:
+        if loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_a_call_handed_to_a_loop_that_stops_before_starting_it_is_closed_when_cancelled() -> None:
+    ran: list[bool] = []
+
+    async def call() -> None:
+        ran.append(True)
+
+    coro = call()
+    with _stopping_loop() as stopping:
+        future = _loops.submit(stopping, coro, "a call", logging.getLogger(__name__))
+        assert future.cancel()  # the caller gives up: the call will never run
+        # closed at once, not left to the garbage collector's "never awaited"
+        assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+    assert ran == []
+
+
+def test_a_close_at_home_whose_loop_stops_before_starting_it_ends_at_once_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    `close_at_home` to a loop that stops before running the close: False (the loop no
+    longer runs) as soon as it has stopped, the close never started and closed.  It
+    waited the whole `HOME_CLOSE_SECONDS` (made an hour here), then left the close's
+    coroutine to "was never awaited" when the loop was closed.
+    """
+    monkeypatch.setattr(_loops, "HOME_CLOSE_SECONDS", 3600.0)
+    closed: list[bool] = []
+
+    async def close() -> None:
+        closed.append(True)
+
+    async def at_home(loop: Any) -> bool:
+        return await asyncio.wait_for(_loops.close_at_home(loop, close), 30)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _stopping_loop() as stopping:
+            done = asyncio.run(at_home(stopping))
+        gc.collect()
+    assert done is False and closed == []
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []

@@ -483,35 +483,54 @@ def test_a_close_racing_another_returns_once_the_executor_is_closed(
     caller.join(30)
 
 
-def test_a_breaker_already_open_in_a_notebooks_loop_is_refused_not_deadlocked(
-    tmp_path: Path,
-) -> None:
+def _in_a_notebook_cell(opened: str, given: str, *, opened_after: bool = False) -> str:
     """
-    A notebook cell (its loop running) opened a `CircuitBreaker` on a shared store and
-    gives it to `SyncExecutor`, whose loop cannot use it: a clear error at once.  Opened
-    again there, it was bound to both loops, and `close` waited for ever for its flusher.
-    In a child process, with a hang guard.
+    A notebook cell, its event loop running (and blocked while SyncExecutor works): it
+    opens ``it = {opened}`` and builds ``SyncExecutor(..., {given})`` with ``it`` (with
+    ``opened_after``, builds it first, then opens ``it``) and, built, runs one call (its
+    provider unreachable: a failed call, recorded), closes it, then closes ``it``.  In
+    a child process, with a hang guard.  Its output: the error building it raised (type
+    and message), or "opened", then "closed" and any warning logged.
     """
     script = textwrap.dedent(
         f"""
-        import asyncio, faulthandler, sys
+        import asyncio, faulthandler, logging, sys
         faulthandler.dump_traceback_later(60, exit=True)  # a hang guard
         sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-        from empathy_models import AnthropicProvider, CircuitBreaker
+        from tests._fakes import CHEAP_ONLY
+        from empathy_models import (
+            AdaptiveModelRouter, AnthropicProvider, CircuitBreaker, ExecutionContext
+        )
+        from empathy_models.backends.sqlite import SQLiteTelemetryBackend
         from empathy_models.sync import SyncExecutor
+        logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s")
 
         async def cell():
-            async with CircuitBreaker(store={f"sqlite:///{tmp_path / 'state.db'}"!r}) as breaker:
+            it = {opened}
+            try:
+                if not {opened_after}:
+                    await it.__aenter__()
                 try:
                     llm = SyncExecutor(
-                        [AnthropicProvider(api_key="k")], breaker=breaker, telemetry_store="null://"
+                        # a port nothing listens on: the call fails at once
+                        [AnthropicProvider(api_key="k", base_url="http://127.0.0.1:9")],
+                        registry=CHEAP_ONLY,
+                        {given},
                     )
                 except Exception as exc:
                     print(type(exc).__name__, exc)
-                else:
-                    print("opened", flush=True)
-                    llm.close()
-                    print("closed")
+                    return
+                print("opened", flush=True)
+                if {opened_after}:
+                    await it.__aenter__()
+                try:
+                    llm.run("hello", ExecutionContext(workflow="w", stage="s", tier="cheap"))
+                except Exception:
+                    pass
+                llm.close()
+                print("closed", flush=True)
+            finally:
+                await it.aclose()
 
         asyncio.run(cell())
         """
@@ -519,9 +538,24 @@ def test_a_breaker_already_open_in_a_notebooks_loop_is_refused_not_deadlocked(
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=90
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("NotOpenError "), done.stdout + done.stderr
-    assert "opened in another event loop" in done.stdout
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_a_breaker_already_open_in_a_notebooks_loop_is_refused_not_deadlocked(
+    tmp_path: Path,
+) -> None:
+    """
+    A notebook cell (its loop running) opened a `CircuitBreaker` on a shared store and
+    gives it to `SyncExecutor`, whose loop cannot use it: a clear error at once.  Opened
+    again there, it was bound to both loops, and `close` waited for ever for its flusher.
+    """
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    out = _in_a_notebook_cell(
+        f"CircuitBreaker(store={url!r})", 'breaker=it, telemetry_store="null://"'
+    )
+    assert out.startswith("NotOpenError "), out
+    assert "opened in another event loop" in out
 
 
 def test_its_executor_awaited_from_another_loop_points_to_run_not_to_sync_executor(
@@ -545,44 +579,52 @@ def test_a_router_already_started_in_a_notebooks_loop_is_refused_up_front(
     store and gives it to `SyncExecutor`, whose loop cannot use it: a clear error when
     it is built, naming the router and saying to pass it unopened.  Accepted, its start
     there did nothing, and `close` then waited twice `HOME_CLOSE_SECONDS` for the cell's
-    blocked loop.  In a child process, with a hang guard.
+    blocked loop.
     """
-    script = textwrap.dedent(
-        f"""
-        import asyncio, faulthandler, sys
-        faulthandler.dump_traceback_later(60, exit=True)  # a hang guard
-        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-        from tests._fakes import CHEAP_ONLY
-        from empathy_models import AdaptiveModelRouter, AnthropicProvider
-        from empathy_models.sync import SyncExecutor
-
-        async def cell():
-            url = {f"sqlite:///{tmp_path / 'calls.db'}"!r}
-            async with AdaptiveModelRouter(CHEAP_ONLY, url) as router:
-                try:
-                    llm = SyncExecutor(
-                        [AnthropicProvider(api_key="k")],
-                        registry=CHEAP_ONLY,
-                        router=router,
-                        telemetry_store="null://",
-                    )
-                except Exception as exc:
-                    print(type(exc).__name__, exc)
-                else:
-                    print("opened", flush=True)
-                    llm.close()
-                    print("closed")
-
-        asyncio.run(cell())
-        """
+    url = f"sqlite:///{tmp_path / 'calls.db'}"
+    out = _in_a_notebook_cell(
+        f"AdaptiveModelRouter(CHEAP_ONLY, {url!r})", 'router=it, telemetry_store="null://"'
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=90
+    assert out.startswith("NotOpenError "), out
+    assert "AdaptiveModelRouter" in out
+    assert "unopened" in out, out
+
+
+def test_a_telemetry_backend_already_open_in_a_notebooks_loop_is_refused_up_front(
+    tmp_path: Path,
+) -> None:
+    """
+    A notebook cell (its loop running) opened a `SQLiteTelemetryBackend` and gives it to
+    `SyncExecutor`, whose loop cannot use it (its flusher task runs in the cell's loop):
+    a clear error when it is built, naming the backend and saying to pass its URL.
+    Accepted, the records of its calls were queued for a flusher that the blocked cell
+    could not run, and `close` waited out its whole budget (10 s) flushing them.
+    """
+    path = tmp_path / "calls.db"
+    out = _in_a_notebook_cell(f"SQLiteTelemetryBackend({str(path)!r})", "telemetry_store=it")
+    assert out.startswith("NotOpenError "), out
+    assert "SQLiteTelemetryBackend" in out and "opened in another event loop" in out, out
+    assert "sqlite:///" in out, out  # what to pass instead
+
+
+def test_a_telemetry_backend_opened_in_a_notebooks_loop_after_is_left_to_it_at_once(
+    tmp_path: Path,
+) -> None:
+    """
+    A `SQLiteTelemetryBackend` given unopened to `SyncExecutor` (accepted), then opened
+    in the notebook cell's loop: its flusher runs there, blocked while the cell waits,
+    so `close` cannot flush it.  It says so at once, in a warning naming that loop, and
+    leaves the records to the backend, which the cell's close writes.  It waited out
+    its whole budget (10 s), then warned that the flush did not finish in time.
+    """
+    path = tmp_path / "calls.db"
+    out = _in_a_notebook_cell(
+        f"SQLiteTelemetryBackend({str(path)!r})", "telemetry_store=it", opened_after=True
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("NotOpenError "), done.stdout + done.stderr
-    assert "AdaptiveModelRouter" in done.stdout
-    assert "unopened" in done.stdout, done.stdout
+    assert out.startswith("opened\n") and "closed" in out, out
+    assert "runs in another event loop" in out, out
+    # not lost: the call's attempts, written by the backend's own close
+    assert {r.outcome for r in _records(path)} == {Outcome.FAILURE}
 
 
 def test_a_session_made_in_another_loop_is_refused_when_built_not_charged_to_models(

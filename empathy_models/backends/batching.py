@@ -405,6 +405,11 @@ class _Batcher:
                 _live.add(self)
                 _install_exit_hooks()
 
+    def home(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the flusher task runs in (None: not running)."""
+        task = self._task
+        return None if task is None or task.done() else task.get_loop()
+
     def put_nowait(self, record: LLMCallRecord) -> bool:
         """Append ``record`` if there is room; return False when the queue is full."""
         queue = self.queue
@@ -771,6 +776,9 @@ class BatchingTelemetryBackend(TelemetryBackend):
     def inner(self) -> TelemetryBackend:
         """The wrapped backend."""
         return self._inner
+
+    def _home_loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._batcher.home()
 
     @property
     def dropped(self) -> int:

@@ -5,6 +5,7 @@ up in the same transaction.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -198,6 +199,9 @@ class SQLiteTelemetryBackend(TelemetryBackend):
     def busy_retries(self) -> int:
         """How often an operation found the file locked and retried."""
         return self._db.busy_retries
+
+    def _home_loop(self) -> asyncio.AbstractEventLoop | None:
+        return None if self._batcher is None else self._batcher.home()
 
     async def _aopen(self) -> None:
         await self._db.run(_nothing)
