@@ -102,6 +102,8 @@ class AsyncResource(abc.ABC):
     """
 
     _closed: bool = False
+    _closing: asyncio.Future[None] | None = None
+    """Set while `_aclose` runs: a second `aclose` in its event loop waits for it."""
 
     @property
     def closed(self) -> bool:
@@ -120,7 +122,9 @@ class AsyncResource(abc.ABC):
 
     async def aclose(self) -> None:
         """
-        Flush what must be flushed and release resources.  Safe to call twice.
+        Flush what must be flushed and release resources.  Safe to call twice: a call
+        while another is closing the backend returns once that one is over (`_aclose`
+        runs once).
 
         A cancelled anyio cancel scope around the call (``anyio.move_on_after`` fired)
         does not stop `_aclose` halfway, which would leave connections and threads open
@@ -128,11 +132,18 @@ class AsyncResource(abc.ABC):
         """
         if self._closed:
             return
+        closing = self._closing
+        if closing is not None:
+            if closing.get_loop() is asyncio.get_running_loop():
+                await asyncio.shield(closing)  # cancelling this wait leaves that close alone
+            return
+        self._closing = closing = asyncio.get_running_loop().create_future()
         try:
             with anyio.CancelScope(shield=True):
                 await self._aclose()
         finally:
             self._closed = True
+            closing.set_result(None)
 
     async def __aenter__(self) -> Self:
         self._check_open()

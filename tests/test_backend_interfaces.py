@@ -7,6 +7,7 @@ arguments once, before an implementation sees them, and the plugins under
 from __future__ import annotations
 
 import ast
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -108,6 +109,34 @@ async def test_a_backend_without_rollups_says_so_and_a_closed_one_refuses() -> N
         with pytest.raises(BackendClosedError):
             await call
     assert backend.calls == []
+
+
+class SlowToClose(Minimal):
+    """A backend whose `_aclose` waits for ``let_go``, counting its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.let_go = asyncio.Event()
+        self.closes = 0
+
+    async def _aclose(self) -> None:
+        self.closes += 1
+        await self.let_go.wait()
+
+
+async def test_an_aclose_while_another_is_closing_waits_for_it_and_closes_once() -> None:
+    backend = SlowToClose()
+    await backend.__aenter__()
+    first = asyncio.create_task(backend.aclose())
+    await asyncio.sleep(0)
+    second = asyncio.create_task(backend.aclose())
+    await asyncio.sleep(0.05)
+    assert not second.done()  # returned only once the backend is closed
+    backend.let_go.set()
+    await asyncio.gather(first, second)
+    assert backend.closes == 1 and backend.closed
+    await backend.aclose()
+    assert backend.closes == 1
 
 
 class BeforeSamplesOnly(Minimal):
