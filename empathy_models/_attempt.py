@@ -223,7 +223,6 @@ class Attempts:
         limiter = ex._limiter
         assert limiter is not None
         tokens = run.estimate()
-        max_tokens = run.context.max_tokens
         tried = {*run.chain, refused.id}
         needs, overflowed = _needs_of(self, routes)
         best: tuple[float, ModelInfo] | None = None
@@ -231,7 +230,9 @@ class Attempts:
             for m in ex._planner.candidates[tier]:
                 if m.id in tried or not needs <= m.capabilities or m.context_window <= overflowed:
                     continue
-                estimate = limiter.estimate(m, tokens, max_tokens, cache_write=run.cache_write)
+                estimate = limiter.estimate(
+                    m, tokens, run.max_output(m), cache_write=run.cache_write
+                )
                 fits = estimate < error.needed_usd and estimate <= error.remaining_usd
                 if fits and (best is None or estimate > best[0]):
                     best = (estimate, m)
@@ -456,7 +457,7 @@ class Attempts:
                 run.context,
                 info,
                 run.estimate(),
-                run.context.max_tokens,
+                run.max_output(info),
                 None if deadline_at is None else deadline_at - self.ex._clock(),
                 streamed=self.streamed,
                 cache_write=run.cache_write,
