@@ -213,8 +213,9 @@ class Attempts:
     ) -> bool:
         """
         Put the most capable candidate cheaper than ``refused`` whose estimate fits what
-        the budget has left next in ``routes`` (the decision says why): one that can
-        serve the request (`_needs_of`).
+        the budget has left, or that the budget does not cover (one of a model, a
+        provider), next in ``routes`` (the decision says why): one that can serve the
+        request (`_needs_of`).  The budgets covering it judge it when it is admitted.
 
         Returns:
             False when no candidate fits.
@@ -233,7 +234,10 @@ class Attempts:
                 estimate = limiter.estimate(
                     m, tokens, run.max_output(m), cache_write=run.cache_write
                 )
-                fits = estimate < error.needed_usd and estimate <= error.remaining_usd
+                fits = estimate < error.needed_usd and (
+                    estimate <= error.remaining_usd
+                    or all(key != error.budget for _, key in limiter.covers(run.context, m))
+                )
                 if fits and (best is None or estimate > best[0]):
                     best = (estimate, m)
         if best is None:

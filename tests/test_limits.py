@@ -361,6 +361,26 @@ async def test_a_budgets_cheaper_model_is_one_whose_context_did_not_overflow(
     assert server.requests("gpt-mid") == 0
 
 
+@pytest.mark.parametrize(
+    "spent",
+    [
+        Budget(limit_usd=0.0, scope="model", value="gpt-dear"),
+        Budget(limit_usd=0.0, scope="provider", value="openai"),
+    ],
+    ids=["model", "provider"],
+)
+async def test_a_spent_budget_of_some_models_sends_the_call_to_a_cheaper_one_it_does_not_cover(
+    server: FakeLLMServer, spent: Budget
+) -> None:
+    # nothing is left of the budget that refused gpt-dear, but it does not cover
+    # claude-other ($0.02 at most), the most capable cheaper model
+    ctx = ExecutionContext(model="gpt-dear", max_tokens=1000)
+    async with make(server, budgets=[spent]) as executor:
+        response = await executor.run("hello", ctx)
+    assert response.model == "claude-other"
+    assert server.requests("gpt-dear") == 0
+
+
 async def test_no_cheaper_model_that_can_serve_the_request_raises_the_budgets_refusal(
     server: FakeLLMServer,
 ) -> None:
