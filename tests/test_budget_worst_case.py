@@ -477,3 +477,14 @@ async def test_concurrent_calls_whose_extra_body_raises_max_tokens_never_overspe
     assert any(isinstance(a, LLMResponse) and a.output_tokens == LONG_ANSWER for a in answers)
     (usage,) = await quota.usages()
     assert usage.spent <= usage.limit and usage.overrun == 0, usage
+
+
+async def test_a_rate_limit_counts_the_output_cap_extra_body_sends(verbose: FakeLLMServer) -> None:
+    # room in the minute for the prompt's estimate and max_tokens, not for the cap sent
+    limits = {"gpt-worst": RateLimit(tpm=estimate(PROMPT) + MAX_TOKENS + 50)}
+    body = {"max_completion_tokens": LONG_ANSWER}
+    async with make(verbose, "openai", rate_limits=limits, rate_limit_wait=0.0) as executor:
+        with pytest.raises(AllRoutesFailedError) as refused:
+            await executor.run(PROMPT, context("openai"), extra_body=body)
+        assert all(isinstance(e, LocalRateLimitError) for e in refused.value.exceptions)
+    assert verbose.requests("gpt-worst") == 0
