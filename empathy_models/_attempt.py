@@ -213,8 +213,9 @@ class Attempts:
     ) -> bool:
         """
         Put the most capable candidate cheaper than ``refused`` whose estimate fits what
-        the budget has left next in ``routes`` (the decision says why): one that can
-        serve the request (`_needs_of`).
+        the budget has left, or that the budget does not cover (one of a model, a
+        provider), next in ``routes`` (the decision says why): one that can serve the
+        request (`_needs_of`).  The budgets covering it judge it when it is admitted.
 
         Returns:
             False when no candidate fits.
@@ -223,7 +224,6 @@ class Attempts:
         limiter = ex._limiter
         assert limiter is not None
         tokens = run.estimate()
-        max_tokens = run.context.max_tokens
         tried = {*run.chain, refused.id}
         needs, overflowed = _needs_of(self, routes)
         best: tuple[float, ModelInfo] | None = None
@@ -231,8 +231,13 @@ class Attempts:
             for m in ex._planner.candidates[tier]:
                 if m.id in tried or not needs <= m.capabilities or m.context_window <= overflowed:
                     continue
-                estimate = limiter.estimate(m, tokens, max_tokens, cache_write=run.cache_write)
-                fits = estimate < error.needed_usd and estimate <= error.remaining_usd
+                estimate = limiter.estimate(
+                    m, tokens, run.max_output(m), cache_write=run.cache_write
+                )
+                fits = estimate < error.needed_usd and (
+                    estimate <= error.remaining_usd
+                    or all(key != error.budget for _, key in limiter.covers(run.context, m))
+                )
                 if fits and (best is None or estimate > best[0]):
                     best = (estimate, m)
         if best is None:
@@ -456,7 +461,7 @@ class Attempts:
                 run.context,
                 info,
                 run.estimate(),
-                run.context.max_tokens,
+                run.max_output(info),
                 None if deadline_at is None else deadline_at - self.ex._clock(),
                 streamed=self.streamed,
                 cache_write=run.cache_write,

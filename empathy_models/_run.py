@@ -253,6 +253,31 @@ def _cache_write(options: Mapping[str, Any]) -> CacheWrite:
     return found
 
 
+_OUTPUT_CAPS: Final = ("max_tokens", "max_completion_tokens")
+"""The body fields that cap a call's output (Anthropic's; OpenAI's two)."""
+
+
+def _output_cap(max_tokens: int, options: Mapping[str, Any]) -> int | None:
+    """
+    The most output tokens a request with ``options`` may be billed: ``max_tokens``
+    (the context's), or a larger cap ``extra_body`` sends (``max_tokens`` or
+    ``max_completion_tokens``: it is merged over the body, so its value is what the
+    provider reads); None when it sets one to what is no integer >= 1 (``null``: no
+    cap of the request's own, so as much as the model writes).
+    """
+    extra = options.get("extra_body")
+    if not extra:
+        return max_tokens
+    cap = max_tokens
+    for name in _OUTPUT_CAPS:
+        if name in extra:
+            value = extra[name]
+            if type(value) is not int or value < 1:
+                return None
+            cap = max(cap, value)
+    return cap
+
+
 def _block_worst(block: object) -> int:
     # the worst case in tokens of one content block (see `_estimate_tokens`)
     if isinstance(block, TextBlock):
@@ -316,6 +341,7 @@ class _Run:
         "messages",
         "options",
         "original",
+        "output_cap",
         "prompt_text",
         "request_id",
         "system",
@@ -348,6 +374,13 @@ class _Run:
         # the prompt-cache writes the request asks for: its prompt's worst case is
         # reserved at the cache write price (`Limiter.estimate`)
         self.cache_write = None if options is NO_OPTIONS else _cache_write(options)
+        # the output the request may be billed, when extra_body raises or lifts the
+        # context's max_tokens (`max_output`)
+        self.output_cap = (
+            context.max_tokens
+            if options is NO_OPTIONS
+            else _output_cap(context.max_tokens, options)
+        )
         self._estimate: int | None = None
 
     def planned(self, plan: tuple[list[ModelInfo], RoutingDecision | None]) -> list[ModelInfo]:
@@ -355,6 +388,18 @@ class _Run:
         routes, self.decision = plan
         self.original = routes[0]
         return routes
+
+    def max_output(self, info: ModelInfo) -> int:
+        """
+        The most output tokens a call of this request to ``info`` may be billed, what
+        budgets reserve and rate limits count: the context's ``max_tokens``, a larger
+        cap ``extra_body`` sends in its place, or, when ``extra_body`` lifts the cap
+        (``null``), the model's longest output (`_output_cap`).
+        """
+        cap = self.output_cap
+        if cap is None:
+            return max(self.context.max_tokens, info.max_output_tokens)
+        return cap
 
     def estimate(self) -> int:
         """

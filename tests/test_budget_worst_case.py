@@ -9,6 +9,7 @@ prompt-cache writes and reads as the real APIs report them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from empathy_models import (
     BudgetExceededError,
     EmpathyLLMExecutor,
     ExecutionContext,
+    LLMResponse,
     Message,
     ModelInfo,
     ModelRegistry,
@@ -433,3 +435,56 @@ async def test_a_stream_left_early_is_charged_the_estimate_the_router_read(
     (usage,) = await quota.usages()
     assert usage.reserved / NANO == pytest.approx(info.cost(4 * expected, MAX_TOKENS), abs=1e-9)
     assert usage.spent_usd == pytest.approx(info.cost(4 * expected, record.output_tokens))
+
+
+# --------------------------------------------------------------------------- output caps
+
+
+LONG_ANSWER = 4000
+"""Output tokens the fake answers with, up to the cap the request sends."""
+
+
+@pytest.fixture
+async def verbose() -> AsyncIterator[FakeLLMServer]:
+    async with FakeLLMServer(default=ModelBehavior(output_tokens=LONG_ANSWER), api_key=KEY) as fake:
+        yield fake
+
+
+@pytest.mark.parametrize(
+    ("api", "extra_body"),
+    [
+        ("anthropic", {"max_tokens": LONG_ANSWER}),
+        ("openai", {"max_completion_tokens": LONG_ANSWER}),
+        ("openai", {"max_tokens": LONG_ANSWER}),
+        # null: no cap of the request's own, so the model's longest output
+        ("openai", {"max_completion_tokens": None}),
+    ],
+)
+async def test_concurrent_calls_whose_extra_body_raises_max_tokens_never_overspend(
+    verbose: FakeLLMServer, api: str, extra_body: dict[str, Any]
+) -> None:
+    # extra_body is merged over the body: its output cap replaces the context's
+    info = MODELS[api]
+    cap = extra_body[next(iter(extra_body))] or info.max_output_tokens
+    quota = MemoryQuotaStore()
+    budget = Budget(limit_usd=info.cost(0, cap) * 2.5)  # two calls' output at that cap
+    async with http_executor(verbose, REGISTRY, api, budgets=[budget], quota_store=quota) as ex:
+        answers = await asyncio.gather(
+            *(ex.run(PROMPT, context(api), extra_body=extra_body) for _ in range(12)),
+            return_exceptions=True,
+        )
+    assert all(isinstance(a, LLMResponse | BudgetExceededError) for a in answers), answers
+    assert any(isinstance(a, LLMResponse) and a.output_tokens == LONG_ANSWER for a in answers)
+    (usage,) = await quota.usages()
+    assert usage.spent <= usage.limit and usage.overrun == 0, usage
+
+
+async def test_a_rate_limit_counts_the_output_cap_extra_body_sends(verbose: FakeLLMServer) -> None:
+    # room in the minute for the prompt's estimate and max_tokens, not for the cap sent
+    limits = {"gpt-worst": RateLimit(tpm=estimate(PROMPT) + MAX_TOKENS + 50)}
+    body = {"max_completion_tokens": LONG_ANSWER}
+    async with make(verbose, "openai", rate_limits=limits, rate_limit_wait=0.0) as executor:
+        with pytest.raises(AllRoutesFailedError) as refused:
+            await executor.run(PROMPT, context("openai"), extra_body=body)
+        assert all(isinstance(e, LocalRateLimitError) for e in refused.value.exceptions)
+    assert verbose.requests("gpt-worst") == 0

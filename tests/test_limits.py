@@ -361,6 +361,26 @@ async def test_a_budgets_cheaper_model_is_one_whose_context_did_not_overflow(
     assert server.requests("gpt-mid") == 0
 
 
+@pytest.mark.parametrize(
+    "spent",
+    [
+        Budget(limit_usd=0.0, scope="model", value="gpt-dear"),
+        Budget(limit_usd=0.0, scope="provider", value="openai"),
+    ],
+    ids=["model", "provider"],
+)
+async def test_a_spent_budget_of_some_models_sends_the_call_to_a_cheaper_one_it_does_not_cover(
+    server: FakeLLMServer, spent: Budget
+) -> None:
+    # nothing is left of the budget that refused gpt-dear, but it does not cover
+    # claude-other ($0.02 at most), the most capable cheaper model
+    ctx = ExecutionContext(model="gpt-dear", max_tokens=1000)
+    async with make(server, budgets=[spent]) as executor:
+        response = await executor.run("hello", ctx)
+    assert response.model == "claude-other"
+    assert server.requests("gpt-dear") == 0
+
+
 async def test_no_cheaper_model_that_can_serve_the_request_raises_the_budgets_refusal(
     server: FakeLLMServer,
 ) -> None:
@@ -626,6 +646,46 @@ async def test_a_monthly_window_goes_a_week_after_it_ended(
         )
         held = {u.key for u in await store.usages()}
     assert held == {"user_id=v/month", "user_id=w/month"}
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_a_named_budget_made_monthly_keeps_its_spend_all_month(
+    server: FakeLLMServer, kind: str, tmp_path: Path
+) -> None:
+    # a daily budget "team" ran on the 1st; from the 5th the same name is a monthly
+    # budget, whose window starts on the 1st too: the month's spend is kept until a week
+    # after the month ends, not dropped a week after the 1st's window ended
+    day = 86_400.0
+    wall = FakeClock(start=1_801_440_000.0 + 12 * 3600)  # 2027-02-01 12:00 UTC
+    store: Any = (
+        MemoryQuotaStore(clock=wall)
+        if kind == "memory"
+        else SQLiteQuotaStore(tmp_path / "q.db", clock=wall)
+    )
+    ctx = ExecutionContext(model="gpt-cheap", max_tokens=10)
+
+    def executor(*budgets: Budget) -> EmpathyLLMExecutor:
+        return make(server, budgets=list(budgets), quota_store=store, wall_clock=wall)
+
+    async with store:
+        async with executor(Budget(name="team", limit_usd=1.0, window="day")) as daily:
+            await daily.run("hello", ctx)
+        wall.advance(4 * day)  # the 5th
+        monthly = Budget(name="team", limit_usd=0.001, window="month")
+        async with executor(monthly) as ex:
+            with pytest.raises(BudgetExceededError):
+                for _ in range(100):
+                    await ex.run("hello", ctx)
+        spent = (await store.usages())[0]
+        wall.advance(5 * day)  # the 10th: another budget's call (the store's sweep)
+        async with executor(Budget(limit_usd=1.0, scope="user_id")) as other:
+            await other.run("hello", attrs.evolve(ctx, user_id="bob"))
+        async with executor(monthly) as ex:
+            with pytest.raises(BudgetExceededError):
+                await ex.run("hello", ctx)
+        (team,) = [u for u in await store.usages() if u.key == "team"]
+    assert team.window_end == 1_803_859_200.0  # 2027-03-01: the month's end
+    assert team.spent == spent.spent
 
 
 # --------------------------------------------------------------------------- rate limits

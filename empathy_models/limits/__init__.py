@@ -15,10 +15,11 @@ Spend budgets and rate limits shared by every worker through a quota store.
     ) as executor:
         ...
 
-Before a call the executor reserves its worst case (``max_tokens`` of output and a
-token per UTF-8 byte of what the request sends as input: the prompt's text, the tool
-definitions, a structured-output schema and ``extra_body``, with allowances for
-framing, the provider's tool-use prompt and images; at the registry's list prices, the
+Before a call the executor reserves its worst case (``max_tokens`` of output, or the
+larger cap ``extra_body`` sends in its place, and a token per UTF-8 byte of what the
+request sends as input: the prompt's text, the tool definitions, a structured-output
+schema and ``extra_body``, with allowances for framing, the provider's tool-use
+prompt and images; at the registry's list prices, the
 input at the cache write price when the request marks parts for Anthropic's prompt
 cache) atomically in every `Budget` covering it; after the call it settles at what the
 call cost and releases the rest (a failed or cancelled call costs nothing, as its

@@ -129,7 +129,11 @@ def usage_of(
 def _current(data: Data | None, now: float, window_start: float, window_end: float) -> Data:
     """
     A budget step's copy of ``data``, stamped with ``now`` (``at``): its holds' times
-    moved back by a clock's step back (`unstepped`), then those lapsed released.
+    moved back by a clock's step back (`unstepped`), then those lapsed released.  The
+    window ends at the later of its stored end and ``window_end``: a budget whose window
+    was made longer under the same name (a daily one made monthly) starts its windows
+    where the shorter one started one, and its window is kept (and shown) until its
+    own end, not dropped a week after the shorter one's.
     """
     if data is None:
         new = _fresh(window_start, window_end)
@@ -137,6 +141,8 @@ def _current(data: Data | None, now: float, window_start: float, window_end: flo
         moved = unstepped(data, now)
         assert moved is not None
         new = dict(lapse_step(moved, now))
+        if window_end > float(new["window_end"]):
+            new["window_end"] = window_end
     new["at"] = now
     return new
 

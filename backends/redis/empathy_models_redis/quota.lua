@@ -89,8 +89,10 @@ local function load(ws, we)
   for i = 1, #flat, 2 do
     st[flat[i]] = flat[i + 1]
   end
+  -- a window stored with an earlier end (a shorter window of the same budget name
+  -- that started here too) ends at the later one (meter._current)
   local out = {window_start = tonumber(st.window_start or ws),
-               window_end = tonumber(st.window_end or we)}
+               window_end = math.max(tonumber(st.window_end or we), we)}
   for _, name in ipairs(COUNTERS) do
     out[name] = tonumber(st[name] or "0")
   end
@@ -130,7 +132,10 @@ local function load(ws, we)
   return out
 end
 
-local function save_and_reply(st, granted, ttl)
+local function save_and_reply(st, granted, ttl, we)
+  -- ttl counts from the caller's window end: a window stored with a later one
+  -- (load) is kept as much longer
+  ttl = ttl + math.max(0, st.window_end - we)
   local flat = {"window_start", num(st.window_start), "window_end", num(st.window_end),
                 "at", num(st.t)}
   for _, name in ipairs(COUNTERS) do
@@ -177,7 +182,7 @@ if OP == "reserve" then
   else
     st.refused = st.refused + 1
   end
-  return save_and_reply(st, granted, ttl)
+  return save_and_reply(st, granted, ttl, we)
 elseif OP == "settle" then
   local ws, we = tonumber(ARGV[2]), tonumber(ARGV[3])
   local held, actual, ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -195,7 +200,7 @@ elseif OP == "settle" then
   if actual > 0 then
     st.calls = st.calls + 1
   end
-  return save_and_reply(st, true, ttl)
+  return save_and_reply(st, true, ttl, we)
 elseif OP == "acquire" then
   local cost, interval = tonumber(ARGV[2]), tonumber(ARGV[3])
   local burst, max_wait = tonumber(ARGV[4]), tonumber(ARGV[5])

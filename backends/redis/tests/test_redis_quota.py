@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis.asyncio as aioredis
+from empathy_models_redis import RedisQuotaStore
+from empathy_models_redis._quota import RETENTION
 from redis.typing import EncodableT, FieldT
 
 from empathy_models.testing.contracts import (
@@ -76,3 +80,22 @@ class TestRedisResponseCache(ResponseCacheContract):
     @pytest.fixture
     def cache_url(self, redis_store_url: str) -> str:
         return redis_store_url
+
+
+async def test_a_window_made_longer_expires_a_week_after_its_own_end(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # a daily budget's write after a monthly one of the same name and start (two
+    # executors, or one changed back) must not cut the monthly window's expiry short
+    start = time.time() - 60.0
+    day, month = start + 86_400.0, start + 31 * 86_400.0
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        async with RedisQuotaStore(client, prefix=redis_prefix) as quota:
+            for end in (month, day):
+                await quota.reserve("team", window_start=start, window_end=end, amount=1, limit=9)
+            (window,) = [k async for k in client.scan_iter(match=redis_prefix + "*")]
+            ttl = await client.pttl(window) / 1000
+    finally:
+        await client.aclose()
+    assert ttl >= month - time.time() + RETENTION - 60, ttl

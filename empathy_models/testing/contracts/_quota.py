@@ -50,7 +50,8 @@ class QuotaStoreContract(QuotaClockSteps):
 
     Covers: reservations granted up to the limit and refused past it (and counted);
     settlement that releases and charges exactly; holds that lapse at their time (a
-    killed worker's) and late settlements of them; windows and keys kept apart; 200
+    killed worker's) and late settlements of them; windows and keys kept apart; a
+    window written with a later end (a budget made longer) ending then; 200
     concurrent reservations granting exactly what fits; usages, reset and limit
     overrides; keys of any length (over 3 KB); GCRA schedules (burst, refusal past
     ``max_wait`` without booking, concurrent places all distinct, capacity given back,
@@ -184,6 +185,24 @@ class QuotaStoreContract(QuotaClockSteps):
         ).granted
         keys = [(u.key, u.window_start) for u in await quota_store.usages()]
         assert keys == [("a", WS), ("a", WE), ("a/b", WS)]
+
+    async def test_a_window_written_with_a_later_end_ends_then(
+        self, quota_store: QuotaStore
+    ) -> None:
+        # a budget name whose window was made longer (daily, then monthly) writes the
+        # window a shorter one started at the same time: it ends, and is kept, as the
+        # longer one, whichever writes it after
+        month = WS + 31 * 86400
+        await quota_store.reserve("a", window_start=WS, window_end=WE, amount=1, limit=10)
+        grant = await quota_store.reserve(
+            "a", window_start=WS, window_end=month, amount=2, limit=10
+        )
+        assert grant.granted and grant.usage.window_end == month, grant.usage
+        u = await quota_store.settle("a", window_start=WS, window_end=WE, held=1, actual=1)
+        assert (u.window_end, u.spent, u.held) == (month, 1, 2), u
+        u = await quota_store.usage("a", window_start=WS, window_end=WE)
+        assert (u.window_end, u.spent, u.held) == (month, 1, 2), u
+        assert [(u.key, u.window_end) for u in await quota_store.usages()] == [("a", month)]
 
     async def test_concurrent_reservations_grant_exactly_what_fits(
         self, quota_store: QuotaStore
