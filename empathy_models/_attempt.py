@@ -22,7 +22,7 @@ import attrs
 
 from ._planner import TIER_ORDER
 from ._request_options import required_capabilities
-from ._run import _DeadlineExceeded, _describe, _request_for, _Run
+from ._run import _DeadlineExceeded, _describe, _max_tokens_for, _request_for, _Run
 from ._settled import Expired
 from .abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
 from .exceptions import (
@@ -223,7 +223,6 @@ class Attempts:
         limiter = ex._limiter
         assert limiter is not None
         tokens = run.estimate()
-        max_tokens = run.context.max_tokens
         tried = {*run.chain, refused.id}
         needs, overflowed = _needs_of(self, routes)
         best: tuple[float, ModelInfo] | None = None
@@ -231,6 +230,7 @@ class Attempts:
             for m in ex._planner.candidates[tier]:
                 if m.id in tried or not needs <= m.capabilities or m.context_window <= overflowed:
                     continue
+                max_tokens = _max_tokens_for(m, run.context)
                 estimate = limiter.estimate(m, tokens, max_tokens, cache_write=run.cache_write)
                 fits = estimate < error.needed_usd and estimate <= error.remaining_usd
                 if fits and (best is None or estimate > best[0]):
@@ -287,7 +287,7 @@ class Attempts:
         ex, run, obs, trace, streamed = self.ex, self.run, self.obs, self.trace, self.streamed
         breaker, limiter, fb, clock = ex._breaker, ex._limiter, ex._fb, ex._clock
         provider, semaphore = ex._providers[info.provider], ex._semaphores[info.provider]
-        request, (key, scope_key) = _request_for(info.id, run), ex._planner.route_keys(info)
+        request, (key, scope_key) = _request_for(info, run), ex._planner.route_keys(info)
         deadline_at, per_attempt, called = self.deadline_at, run.context.timeout, False
         for route_attempt in range(1, ex._retry.max_attempts + 1):
             await self._slot(info, semaphore)
@@ -456,7 +456,7 @@ class Attempts:
                 run.context,
                 info,
                 run.estimate(),
-                run.context.max_tokens,
+                _max_tokens_for(info, run.context),
                 None if deadline_at is None else deadline_at - self.ex._clock(),
                 streamed=self.streamed,
                 cache_write=run.cache_write,

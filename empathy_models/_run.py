@@ -83,18 +83,30 @@ _request_with_defaults: Callable[..., CompletionRequest] = partial(
 )
 
 
-def _request_for(model: str, run: _Run) -> CompletionRequest:
+def _max_tokens_for(info: ModelInfo, context: ExecutionContext) -> int:
     """
-    ``run``'s request to ``model``, built without re-validating what is already valid:
-    the messages (system messages split off) from `_to_messages`, ``max_tokens`` and
-    ``temperature`` from the `ExecutionContext`, the options from `run_options`.
+    The output tokens ``info`` is asked for: ``context.max_tokens``, or the model's own
+    limit (`ModelInfo.max_output_tokens`) when that is lower, since a provider refuses a
+    request asking for more (a 400, which no retry or fallback would get past).
+    """
+    asked = context.max_tokens
+    most = info.max_output_tokens
+    return asked if asked <= most else most
+
+
+def _request_for(info: ModelInfo, run: _Run) -> CompletionRequest:
+    """
+    ``run``'s request to ``info``, built without re-validating what is already valid:
+    the messages (system messages split off) from `_to_messages`, ``max_tokens``
+    (`_max_tokens_for`) and ``temperature`` from the `ExecutionContext`, the options
+    from `run_options`.
     """
     ctx = run.context
     return _request_with_defaults(
-        model=model,
+        model=info.id,
         messages=run.messages,
         system=run.system,
-        max_tokens=ctx.max_tokens,
+        max_tokens=_max_tokens_for(info, ctx),
         temperature=ctx.temperature,
         **run.options,
     )
