@@ -292,7 +292,7 @@ class Attempts:
         ex, run, obs, trace, streamed = self.ex, self.run, self.obs, self.trace, self.streamed
         breaker, limiter, fb, clock = ex._breaker, ex._limiter, ex._fb, ex._clock
         provider, semaphore = ex._providers[info.provider], ex._semaphores[info.provider]
-        request, (key, scope_key) = _request_for(info.id, run), ex._planner.route_keys(info)
+        request, (key, scope_key) = _request_for(info, run), ex._planner.route_keys(info)
         deadline_at, per_attempt, called = self.deadline_at, run.context.timeout, False
         for route_attempt in range(1, ex._retry.max_attempts + 1):
             await self._slot(info, semaphore)

@@ -31,6 +31,13 @@ __all__ = ["NO_OPTIONS", "capable", "required_capabilities", "run_options", "str
 
 NO_OPTIONS: Final[Mapping[str, Any]] = {}
 
+_SET_BY_EXECUTOR: Final = frozenset({"model", "messages", "stream"})
+"""
+The body's keys ``extra_body`` may not set: a route's model and messages, and
+``stream``, which says how the answer is read (a ``run`` given an event stream would
+read it as a malformed answer, held against every model tried).
+"""
+
 
 class _RunOptions(dict[str, Any]):
     """
@@ -81,10 +88,11 @@ def run_options(
     except RecordValidationError as exc:
         raise ConfigurationError(str(exc)) from None
     if isinstance(extra_body := options["extra_body"], Mapping):
-        clash = sorted({"model", "messages"} & set(extra_body))
+        clash = sorted(_SET_BY_EXECUTOR & set(extra_body))
         if clash:
             raise ConfigurationError(
-                f"extra_body must not set {', '.join(clash)}: the executor sets them per route"
+                f"extra_body must not set {', '.join(clash)}: the executor sets model and "
+                "messages per route, and stream by the call (run() or stream())"
             )
     fmt = options["response_format"]
     options.schema_checked = fmt is not None and fmt is not response_format

@@ -83,18 +83,30 @@ _request_with_defaults: Callable[..., CompletionRequest] = partial(
 )
 
 
-def _request_for(model: str, run: _Run) -> CompletionRequest:
+def _max_tokens_for(info: ModelInfo, context: ExecutionContext) -> int:
     """
-    ``run``'s request to ``model``, built without re-validating what is already valid:
-    the messages (system messages split off) from `_to_messages`, ``max_tokens`` and
-    ``temperature`` from the `ExecutionContext`, the options from `run_options`.
+    The output tokens ``info`` is asked for: ``context.max_tokens``, or the model's own
+    limit (`ModelInfo.max_output_tokens`) when that is lower, since a provider refuses a
+    request asking for more (a 400, which no retry or fallback would get past).
+    """
+    asked = context.max_tokens
+    most = info.max_output_tokens
+    return asked if asked <= most else most
+
+
+def _request_for(info: ModelInfo, run: _Run) -> CompletionRequest:
+    """
+    ``run``'s request to ``info``, built without re-validating what is already valid:
+    the messages (system messages split off) from `_to_messages`, ``max_tokens``
+    (`_max_tokens_for`) and ``temperature`` from the `ExecutionContext`, the options
+    from `run_options`.
     """
     ctx = run.context
     return _request_with_defaults(
-        model=model,
+        model=info.id,
         messages=run.messages,
         system=run.system,
-        max_tokens=ctx.max_tokens,
+        max_tokens=_max_tokens_for(info, ctx),
         temperature=ctx.temperature,
         **run.options,
     )
@@ -392,14 +404,15 @@ class _Run:
     def max_output(self, info: ModelInfo) -> int:
         """
         The most output tokens a call of this request to ``info`` may be billed, what
-        budgets reserve and rate limits count: the context's ``max_tokens``, a larger
-        cap ``extra_body`` sends in its place, or, when ``extra_body`` lifts the cap
-        (``null``), the model's longest output (`_output_cap`).
+        budgets reserve and rate limits count: the ``max_tokens`` it is asked for
+        (`_max_tokens_for`), or a larger cap ``extra_body`` sends in its place, never
+        more than the model writes (a provider refuses to be asked for more); the
+        model's longest output when ``extra_body`` lifts the cap (``null``:
+        `_output_cap`).
         """
         cap = self.output_cap
-        if cap is None:
-            return max(self.context.max_tokens, info.max_output_tokens)
-        return cap
+        most = info.max_output_tokens
+        return most if cap is None or cap > most else cap
 
     def estimate(self) -> int:
         """

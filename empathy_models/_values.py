@@ -147,7 +147,9 @@ class ExecutionContext:
             (``FallbackPolicy.none()`` for strictness).
         on_no_match: passed to the router when set (``"raise"``, ``"relax"`` or a model
             id); ``None`` keeps the router's default.
-        max_tokens, temperature, system: passed to the provider.
+        max_tokens, temperature, system: passed to the provider (``max_tokens`` capped
+            at each model's registry ``max_output_tokens``, which a provider refuses to
+            exceed).
         timeout: seconds allowed for one provider call (waiting for a provider slot
             counts against ``deadline`` only); ``None`` leaves only the provider's own
             timeout.  Default 60, the HTTP providers' own default; the provider's

@@ -640,6 +640,64 @@ async def test_context_overflow_moves_only_to_a_larger_window(
     assert server.requests() == 1
 
 
+def output_limits(server: FakeLLMServer) -> None:
+    """Every model of `REGISTRY` refuses (a 400) more output tokens than its limit."""
+    for model in REGISTRY.models:
+        server.set_behavior(model.id, ModelBehavior(max_output_tokens=model.max_output_tokens))
+
+
+def sent_max_tokens(server: FakeLLMServer, model: str) -> int:
+    request = server.last_request(model)
+    assert request is not None
+    body = request.body
+    return int(body.get("max_completion_tokens", body.get("max_tokens")))
+
+
+@pytest.mark.parametrize(
+    ("model", "limit"), [("claude-fake-haiku", 8192), ("gpt-fake-mini", 16384)]
+)
+async def test_a_max_tokens_above_a_models_output_limit_asks_it_for_its_most(
+    server: FakeLLMServer,
+    telemetry: MemoryTelemetryBackend,
+    sleep: RecordingSleep,
+    model: str,
+    limit: int,
+) -> None:
+    """
+    A model refuses a max_tokens above its output limit with a 400, which is raised at
+    once: each model is asked for at most its registry ``max_output_tokens``.
+    """
+    output_limits(server)
+    context = ExecutionContext(workflow="long", stage="draft", model=model, max_tokens=50_000)
+    async with make(server, telemetry, sleep) as executor:
+        response = await executor.run("Write at length.", context)
+        assert sent_max_tokens(server, model) == limit
+        async with executor.stream("Write at length.", context) as stream:
+            streamed = await stream.get_final_response()
+        assert sent_max_tokens(server, model) == limit
+        # a model whose limit is above it is asked for max_tokens as given
+        small = attrs.evolve(context, max_tokens=limit - 1)
+        await executor.run("Write at length.", small)
+        assert sent_max_tokens(server, model) == limit - 1
+    assert response.model == streamed.model == model
+    assert [r.outcome for r in await records_of(telemetry)] == [Outcome.SUCCESS] * 3
+
+
+async def test_a_budget_reserves_a_models_output_limit_not_a_larger_max_tokens(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    claude-fake-haiku writes 8,192 tokens at most ($0.033 at $4/Mtok): a $0.05 budget
+    covers its call, though 50,000 tokens of output would cost $0.20.
+    """
+    output_limits(server)
+    context = ExecutionContext(model="claude-fake-haiku", max_tokens=50_000)
+    async with make(server, telemetry, sleep, budgets=[Budget(limit_usd=0.05)]) as executor:
+        response = await executor.run("Write at length.", context)
+    assert response.model == "claude-fake-haiku"
+    assert sent_max_tokens(server, "claude-fake-haiku") == 8192
+
+
 async def test_all_routes_failed_over_http_has_every_attempt(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
 ) -> None:

@@ -21,6 +21,7 @@ from empathy_models.abc import CompletionRequest
 from empathy_models.exceptions import (
     ContentPolicyError,
     ContextWindowExceededError,
+    InvalidRequestError,
     InvalidResponseError,
     ModelNotFoundError,
     OverloadedError,
@@ -226,6 +227,28 @@ async def test_context_window(session: aiohttp.ClientSession) -> None:
     assert a_data["error"]["message"].startswith("prompt is too long")
     assert o_data["error"]["code"] == "context_length_exceeded"
     assert fits[0] == 200
+
+
+async def test_max_output_tokens(session: aiohttp.ClientSession) -> None:
+    """A request for more output tokens than the model writes gets each API's 400."""
+    async with FakeLLMServer({"m": ModelBehavior(max_output_tokens=40)}) as server:
+        a_status, a_data, _ = await anthropic(session, server, a_body(max_tokens=41))
+        o_status, o_data, _ = await openai(session, server, o_body(max_completion_tokens=41))
+        fits = await anthropic(session, server, a_body(max_tokens=40))
+    assert a_status == o_status == 400
+    assert a_data["error"]["type"] == "invalid_request_error"
+    assert a_data["error"]["message"] == (
+        "max_tokens: 41 > 40, which is the maximum allowed number of output tokens for m"
+    )
+    assert (o_data["error"]["param"], o_data["error"]["code"]) == (
+        "max_completion_tokens",
+        "invalid_value",
+    )
+    assert fits[0] == 200
+    provider = FakeProvider({"m": ModelBehavior(max_output_tokens=40)}, name="fp")
+    with pytest.raises(InvalidRequestError, match="maximum allowed number of output tokens"):
+        await provider.complete(creq(max_tokens=41))
+    assert (await provider.complete(creq(max_tokens=40))).model == "m"
 
 
 async def test_error_statuses_with_retry_after(session: aiohttp.ClientSession) -> None:

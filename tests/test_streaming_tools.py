@@ -319,6 +319,8 @@ async def test_stream_options_are_checked_before_anything_is_sent(server: FakeLL
             executor.stream("hi", pinned(GPT), tools=[WEATHER], tool_choice="no_such_tool")
         with pytest.raises(ConfigurationError):
             executor.stream("hi", pinned(GPT), top_p=2.0)
+        with pytest.raises(ConfigurationError, match="extra_body must not set stream"):
+            executor.stream("hi", pinned(GPT), extra_body={"stream": False})
     assert server.requests() == 0
 
 

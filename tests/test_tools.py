@@ -502,6 +502,9 @@ async def test_stop_top_p_seed_and_extra_body(server: FakeLLMServer, model: str,
         ({"top_p": 1.5}, "top_p must be a number between 0 and 1"),
         ({"seed": "7"}, "seed must be an integer"),
         ({"extra_body": {"model": "other"}}, "extra_body must not set model"),
+        # run() would get an event stream it reads as a malformed answer, held against
+        # every model tried
+        ({"extra_body": {"stream": True}}, "extra_body must not set stream"),
         ({"extra_body": {"x": float("nan")}}, "not a finite number"),
     ],
 )

@@ -174,6 +174,8 @@ class ModelBehavior:
         content: the reply text (default: a short line naming the model).
         context_window: when set, prompts that do not fit fail with each API's
             context-length error.
+        max_output_tokens: when set, a request asking for more output tokens fails
+            with the 400 each API sends for it.
         stream: a `StreamBehavior`: the chunk timing and a fault after N chunks for
             requests with ``"stream": true``.
     """
@@ -185,6 +187,7 @@ class ModelBehavior:
     output_tokens: tuple[int, int] = field(default=(16, 16), converter=_to_token_range)
     content: str | None = None
     context_window: int | None = field(default=None, validator=_opt_positive_int)
+    max_output_tokens: int | None = field(default=None, validator=_opt_positive_int)
     stream: StreamBehavior | None = field(
         default=None,
         validator=attrs.validators.optional(attrs.validators.instance_of(StreamBehavior)),

@@ -271,6 +271,27 @@ class Replies:
             code="context_length_exceeded",
         )
 
+    def output_limit_error(
+        self, api: Api, model: str, body: Mapping[str, Any], max_tokens: int, most: int
+    ) -> web.Response:
+        """The 400 each API sends for ``max_tokens`` above the model's output limit."""
+        if api == ANTHROPIC:
+            return self.error(
+                api,
+                400,
+                f"max_tokens: {max_tokens} > {most}, which is the maximum allowed number "
+                f"of output tokens for {model}",
+            )
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        return self.error(
+            api,
+            400,
+            f"{name} is too large: {max_tokens}. This model supports at most {most} "
+            f"completion tokens, whereas you provided {max_tokens}.",
+            param=name,
+            code="invalid_value",
+        )
+
     def unknown_model(self, api: Api, model: str) -> web.Response:
         """The 404 for a model with no behaviour (and no default)."""
         if api == ANTHROPIC:

@@ -333,6 +333,9 @@ class FakeLLMServer(Controls):
         window = behavior.context_window
         if window is not None and input_tokens + (max_tokens or 0) > window:
             return self._replies.context_error(api, input_tokens, max_tokens or 0, window)
+        most = behavior.max_output_tokens
+        if most is not None and max_tokens is not None and max_tokens > most:
+            return self._replies.output_limit_error(api, model, body, max_tokens, most)
 
         rng = self._rng(model)
         delay_ms = behavior.latency.sample(rng)

@@ -119,6 +119,15 @@ class FakeProvider(Controls, Provider):
             raise self._http_error(
                 model, 400, f"prompt is too long: {input_tokens} tokens > {window} maximum", None
             )
+        most = behavior.max_output_tokens
+        if most is not None and request.max_tokens > most:
+            raise self._http_error(
+                model,
+                400,
+                f"max_tokens: {request.max_tokens} > {most}, which is the maximum allowed "
+                f"number of output tokens for {model}",
+                None,
+            )
         rng = self._rng(model)
         delay_ms = behavior.latency.sample(rng)
         if delay_ms > 0:
