@@ -698,6 +698,24 @@ async def test_a_budget_reserves_a_models_output_limit_not_a_larger_max_tokens(
     assert sent_max_tokens(server, "claude-fake-haiku") == 8192
 
 
+@pytest.mark.parametrize("extra", [{"max_completion_tokens": None}, {"max_tokens": 50_000}])
+async def test_a_budget_reserves_no_more_than_a_model_writes_whatever_extra_body_sends(
+    server: FakeLLMServer,
+    telemetry: MemoryTelemetryBackend,
+    sleep: RecordingSleep,
+    extra: dict[str, int | None],
+) -> None:
+    """
+    gpt-fake-mini writes 16,384 tokens at most ($0.082 at $5/Mtok): a $0.10 budget
+    covers its call, whether ``extra_body`` lifts the cap (null) or raises it past that
+    (the provider may refuse the request then, but never bills more).
+    """
+    context = ExecutionContext(model="gpt-fake-mini", max_tokens=50_000)
+    async with make(server, telemetry, sleep, budgets=[Budget(limit_usd=0.10)]) as executor:
+        response = await executor.run("Write at length.", context, extra_body=extra)
+    assert response.model == "gpt-fake-mini"
+
+
 async def test_all_routes_failed_over_http_has_every_attempt(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
 ) -> None:
