@@ -649,8 +649,10 @@ class LLMStream:
         assert stream is not None
         closing = await _closing(stream)  # the attempt is reported even if this is cancelled
         with anyio.CancelScope(shield=True):
-            await self._report(Outcome.CANCELLED, None, _partial(self))
-            _ended(self)
+            try:
+                await self._report(Outcome.CANCELLED, None, _partial(self))
+            finally:  # the run span ends even when the report is cancelled
+                _ended(self)
         logger.debug("stream of %s closed early (%s)", self.model, why)
         if closing is not None:
             raise closing

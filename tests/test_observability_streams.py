@@ -227,3 +227,31 @@ async def test_the_cost_counter_counts_attempts_that_failed_or_were_left(
         for p in otel.points("empathy_models.client.cost")
     }
     assert counted == pytest.approx(recorded)
+
+
+async def test_a_stream_left_early_whose_reader_is_cancelled_during_the_report_ends_its_run_span(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # the caller leaves after the first delta; while the left attempt is reported (the
+    # telemetry write stalls) its task is cancelled: both spans still end
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content="one two three four five"))
+    telemetry = StalledTelemetry()
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+
+        async def read() -> None:
+            async with executor.stream(PROMPT, CTX) as stream:
+                async for _ in stream:
+                    break
+
+        task = asyncio.create_task(read())
+        await telemetry.entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        telemetry.release.set()
+    run = otel.span("run support/answer")
+    (attempt,) = attempts_of(otel)
+    assert run.end_time is not None and attempt.end_time is not None
+    assert run.attributes is not None and run.attributes["empathy_models.outcome"] == "cancelled"
+    assert attempt.attributes is not None
+    assert attempt.attributes["empathy_models.outcome"] == "cancelled"
