@@ -49,6 +49,7 @@ class _RunTrace:
         "ended",
         "headers_token",
         "obs",
+        "over",
         "recording",
         "run_attrs",
         "span",
@@ -92,6 +93,9 @@ class _RunTrace:
         # a failed attempt's span, kept until the executor decides to retry (the wait
         # is an event of that span) or moves on; ended at the time its latency ended
         self.ended: tuple[Span, int] | None = None
+        # a stream's run span has ended (`Instrumentation.stream_ended`, which the
+        # stream's ways to end may reach twice: the first one ends it)
+        self.over = False
 
 
 _current: ContextVar[_RunTrace | None] = ContextVar("empathy_models_run_trace", default=None)

@@ -529,6 +529,9 @@ class Instrumentation:
             error: every route failed before the first chunk, `StreamInterruptedError`
                 after it, or what reporting the answer raised.
         """
+        if state.over:  # ended (an empty answer's failed report comes here twice)
+            return
+        state.over = True
         end: int | None = None
         try:
             if state.attempt is not None or state.ended is not None:

@@ -7,6 +7,7 @@ spans as `run()`, ended when the stream ends however it ends, the streamed reque
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import attrs
 import pytest
@@ -255,3 +256,30 @@ async def test_a_stream_left_early_whose_reader_is_cancelled_during_the_report_e
     assert run.attributes is not None and run.attributes["empathy_models.outcome"] == "cancelled"
     assert attempt.attributes is not None
     assert attempt.attributes["empathy_models.outcome"] == "cancelled"
+
+
+async def test_an_empty_streamed_answer_cancelled_while_reported_ends_its_run_span_once(
+    server: FakeLLMServer, otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an empty answer is complete inside `async with`: its report is cancelled there,
+    # and the run span, ended by the report's failure, is not ended again by `async with`
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content=""))
+    telemetry = StalledTelemetry()
+    caplog.set_level(logging.WARNING, logger="opentelemetry")
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+
+        async def read() -> None:
+            async with executor.stream(PROMPT, CTX):
+                pass
+
+        task = asyncio.create_task(read())
+        await telemetry.entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        telemetry.release.set()
+    run = otel.span("run support/answer")
+    assert run.attributes is not None and run.attributes["empathy_models.outcome"] == "cancelled"
+    assert run.status.status_code is StatusCode.UNSET
+    ended_spans = [r.getMessage() for r in caplog.records if "ended span" in r.getMessage()]
+    assert ended_spans == []
