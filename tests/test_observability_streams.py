@@ -14,8 +14,14 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from empathy_models import AllRoutesFailedError, RetryPolicy, StreamInterruptedError
+from empathy_models import (
+    AllRoutesFailedError,
+    BreakerPolicy,
+    RetryPolicy,
+    StreamInterruptedError,
+)
 from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.breaker import CircuitBreaker
 from empathy_models.records import LLMCallRecord
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 
@@ -283,3 +289,32 @@ async def test_an_empty_streamed_answer_cancelled_while_reported_ends_its_run_sp
     assert run.status.status_code is StatusCode.UNSET
     ended_spans = [r.getMessage() for r in caplog.records if "ended span" in r.getMessage()]
     assert ended_spans == []
+
+
+async def test_a_breaker_trip_is_an_event_of_the_streamed_attempt_that_caused_it(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # before the first chunk (haiku's 503) and after it (mini cut short): each trip is
+    # an event of its attempt's span, as for `run`
+    server.script("claude-fake-haiku", [503])
+    server.set_behavior(
+        "gpt-fake-mini",
+        ModelBehavior(content="one two three four five", stream=StreamBehavior(fault_after=2)),
+    )
+    breaker = CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1))
+    async with breaker, make(server, otel, breaker=breaker, retry=RetryPolicy.none()) as ex:
+        with pytest.raises(StreamInterruptedError):
+            async with ex.stream(PROMPT, CTX) as stream:
+                await stream.get_final_response()
+    for name, key in [
+        ("chat claude-fake-haiku", "anthropic:claude-fake-haiku"),
+        ("chat gpt-fake-mini", "openai:gpt-fake-mini"),
+    ]:
+        changed = [
+            dict(e.attributes or {})
+            for e in otel.span(name).events
+            if e.name == "empathy_models.breaker.state_changed"
+        ]
+        assert [
+            (c["empathy_models.breaker.key"], c["empathy_models.breaker.to"]) for c in changed
+        ] == [(key, "open")]
