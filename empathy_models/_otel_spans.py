@@ -421,7 +421,23 @@ def _admitted_event(admitted: Sequence[Ticket]) -> _Attrs:
     }
 
 
-def _answered_attributes(record: LLMCallRecord, completion: Completion, capture: bool) -> _Attrs:
+def _input_tokens(record: LLMCallRecord, completion: Completion) -> int:
+    """
+    ``gen_ai.usage.input_tokens`` of an answered attempt: every prompt token, those the
+    provider wrote to its prompt cache or read from it included (Anthropic counts them
+    apart from ``input_tokens``; OpenAI's ``cached_input_tokens`` are among them).
+    """
+    return (
+        record.input_tokens
+        + completion.cache_read_tokens
+        + completion.cache_write_tokens
+        + completion.cache_write_1h_tokens
+    )
+
+
+def _answered_attributes(
+    record: LLMCallRecord, completion: Completion, capture: bool, input_tokens: int
+) -> _Attrs:
     """
     The attributes an answered attempt's span ends with.
 
@@ -429,18 +445,26 @@ def _answered_attributes(record: LLMCallRecord, completion: Completion, capture:
         record: The attempt's call record.
         completion: The provider's answer.
         capture: Whether the answer is recorded.
+        input_tokens: Its prompt tokens, cached ones included (`_input_tokens`).
 
     Returns:
-        The outcome, response model and id, finish reason, token usage, cost, time to
-        the first chunk (streams) and, when ``capture``, the answer.
+        The outcome, response model and id, finish reason, token usage (with the
+        prompt tokens written to the provider's cache and read from it, when any), cost,
+        time to the first chunk (streams) and, when ``capture``, the answer.
     """
     extra: _Attrs = {
         "empathy_models.outcome": record.outcome.value,
         _RESPONSE_MODEL: completion.model,
-        "gen_ai.usage.input_tokens": record.input_tokens,
+        "gen_ai.usage.input_tokens": input_tokens,
         "gen_ai.usage.output_tokens": record.output_tokens,
         "empathy_models.cost_usd": record.cost_usd,
     }
+    written = completion.cache_write_tokens + completion.cache_write_1h_tokens
+    if written:
+        extra["gen_ai.usage.cache_creation.input_tokens"] = written
+    read = completion.cache_read_tokens + completion.cached_input_tokens
+    if read:
+        extra["gen_ai.usage.cache_read.input_tokens"] = read
     if completion.stop_reason is not None:
         extra["gen_ai.response.finish_reasons"] = [completion.stop_reason]
     if completion.response_id is not None:

@@ -37,10 +37,12 @@ a provider is a CLIENT child span named ``chat {gen_ai.request.model}`` with
 providers; the host only, never the URL), ``gen_ai.conversation.id`` (the context's
 ``session_id``), and on success ``gen_ai.response.model``, ``gen_ai.response.id``,
 ``gen_ai.response.finish_reasons`` and ``gen_ai.usage.input_tokens`` /
-``output_tokens``; a streamed call also ``gen_ai.response.time_to_first_chunk`` (s,
-from the request to the first chunk) once it had one; on failure ``error.type`` (the
-exception class, as ``LLMCallRecord.error_type``), ``http.response.status_code`` and an
-ERROR status.
+``output_tokens`` (every prompt token: those a provider's prompt cache wrote or read
+included, and counted apart in ``gen_ai.usage.cache_creation.input_tokens`` /
+``cache_read.input_tokens``, as the input token usage counts them); a streamed call
+also ``gen_ai.response.time_to_first_chunk`` (s, from the request to the first chunk)
+once it had one; on failure ``error.type`` (the exception class, as
+``LLMCallRecord.error_type``), ``http.response.status_code`` and an ERROR status.
 Its events: ``empathy_models.breaker.admitted`` (per breaker key, with the state and
 whether the call is a half-open probe), ``empathy_models.breaker.state_changed`` (a
 trip or a recovery this call's outcome caused) and ``empathy_models.retry`` (the wait
@@ -141,6 +143,7 @@ from ._otel_spans import (
     _attempt_attributes,
     _current,
     _failed_attributes,
+    _input_tokens,
     _is_default_textmap,
     _left_attributes,
     _route_attributes,
@@ -300,6 +303,30 @@ def _response_sets(
             cache.clear()
         cache[key] = sets
     return sets
+
+
+def _common_attrs(
+    cache: dict[tuple[str, str], _Attrs],
+    servers: Mapping[str, tuple[str, int] | None],
+    info: ModelInfo,
+) -> _Attrs:
+    """
+    The attributes every attempt of ``info`` and its metrics share (operation, provider,
+    model, server), made once per model (kept in ``cache``).
+    """
+    common: _Attrs = {
+        _OPERATION: "chat",
+        _PROVIDER: info.provider,
+        _REQUEST_MODEL: info.id,
+    }
+    server = servers.get(info.provider)
+    if server is not None:
+        common[_SERVER_ADDRESS] = server[0]
+        common[_SERVER_PORT] = server[1]
+    if len(cache) > 4096:
+        cache.clear()
+    cache[(info.provider, info.id)] = common
+    return common
 
 
 def _log_failure(warned: set[str], where: str) -> None:
@@ -665,7 +692,7 @@ class Instrumentation:
             self._finish_attempts(state)
             common = self._common.get((info.provider, info.id))
             if common is None:
-                common = self._common_attrs(info)
+                common = _common_attrs(self._common, self._servers, info)
             state.attempt_attrs = common
             if not state.valid:  # a no-op tracer: only the metrics need the attempt
                 state.attempt = state.span
@@ -686,21 +713,6 @@ class Instrumentation:
             state.headers_token = outgoing_headers.set(self._trace_headers(span, current))
         except Exception:
             self._failed("starting an attempt span")
-
-    def _common_attrs(self, info: ModelInfo) -> _Attrs:
-        common: _Attrs = {
-            _OPERATION: "chat",
-            _PROVIDER: info.provider,
-            _REQUEST_MODEL: info.id,
-        }
-        server = self._servers.get(info.provider)
-        if server is not None:
-            common[_SERVER_ADDRESS] = server[0]
-            common[_SERVER_PORT] = server[1]
-        if len(self._common) > 4096:
-            self._common.clear()
-        self._common[(info.provider, info.id)] = common
-        return common
 
     def _trace_headers(self, span: Span, current: Context) -> Mapping[str, str] | None:
         """The headers carrying ``span``'s context: the configured propagator's."""
@@ -746,10 +758,13 @@ class Instrumentation:
                 response, input_attrs, output_attrs = _response_sets(
                     self._response_attrs, record, completion.model, attributes
                 )
+                tokens = _input_tokens(record, completion)  # its cached prompt tokens too
                 if state.recording:
-                    span.set_attributes(_answered_attributes(record, completion, state.capture))
+                    span.set_attributes(
+                        _answered_attributes(record, completion, state.capture, tokens)
+                    )
                 meters.duration.record(seconds, response)
-                meters.tokens.record(record.input_tokens, input_attrs)
+                meters.tokens.record(tokens, input_attrs)
                 meters.tokens.record(record.output_tokens, output_attrs)
                 if record.ttft_ms is not None:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, response)

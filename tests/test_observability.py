@@ -596,6 +596,42 @@ async def test_genai_metrics_follow_the_conventions(
     assert "unproven" in kinds
 
 
+async def test_anthropic_prompt_cache_tokens_are_input_tokens(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # Anthropic reports the prompt tokens written to its cache and read from it apart
+    # from input_tokens; the conventions count them in gen_ai.usage.input_tokens (and the
+    # input token usage) and name them in their own attributes
+    manual = "Each ledger field, what it means and how to read it. " * 100
+    cached = {"system": [{"type": "text", "text": manual, "cache_control": {"type": "ephemeral"}}]}
+    telemetry = MemoryTelemetryBackend()
+    pinned = attrs.evolve(CTX, model="claude-fake-haiku")
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+        for _ in range(2):
+            await executor.run(PROMPT, pinned, extra_body=cached)
+    wrote, read = sorted(await telemetry.recent(limit=10), key=lambda r: r.timestamp)
+    written = wrote.metadata["empathy_models.cache_write_tokens"]
+    assert isinstance(written, int)
+    assert written > 0 and read.metadata["empathy_models.cache_read_tokens"] == written
+    first, second = sorted(
+        (s for s in otel.spans() if s.name == "chat claude-fake-haiku"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert first.attributes is not None and second.attributes is not None
+    assert first.attributes["gen_ai.usage.input_tokens"] == wrote.input_tokens + written
+    assert first.attributes["gen_ai.usage.cache_creation.input_tokens"] == written
+    assert "gen_ai.usage.cache_read.input_tokens" not in first.attributes
+    assert second.attributes["gen_ai.usage.input_tokens"] == read.input_tokens + written
+    assert second.attributes["gen_ai.usage.cache_read.input_tokens"] == written
+    assert "gen_ai.usage.cache_creation.input_tokens" not in second.attributes
+    inputs = [
+        p
+        for p in otel.points("gen_ai.client.token.usage")
+        if p.attributes["gen_ai.token.type"] == "input"
+    ]
+    assert sum(p.sum for p in inputs) == wrote.input_tokens + read.input_tokens + 2 * written
+
+
 async def test_telemetry_queue_and_record_counters_are_reported(
     server: FakeLLMServer, otel: Otel, tmp_path: Path
 ) -> None:
