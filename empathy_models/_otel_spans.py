@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar, Token
@@ -138,6 +139,15 @@ def _server_of(provider: Provider) -> tuple[str, int] | None:
     if port is None:
         port = 443 if parts.scheme == "https" else 80
     return host, port
+
+
+def _seedless(providers: Mapping[str, Provider]) -> frozenset[str]:
+    """The names of ``providers`` that send no ``seed`` (the Anthropic API has none)."""
+    module = sys.modules.get("empathy_models.providers.anthropic")  # none made unless imported
+    if module is None:
+        return frozenset()
+    anthropic = module.AnthropicProvider
+    return frozenset(n for n, p in providers.items() if isinstance(p, anthropic))
 
 
 # the conventions' finish reasons, from each provider's words (others are kept as they are)
@@ -367,7 +377,12 @@ def _run_error_attributes(exc: BaseException) -> _Attrs:
 
 
 def _attempt_attributes(
-    common: _Attrs, run: _Run, request: CompletionRequest, attempt: int, capture: bool
+    common: _Attrs,
+    run: _Run,
+    request: CompletionRequest,
+    attempt: int,
+    capture: bool,
+    seeded: bool,
 ) -> _Attrs:
     """
     An attempt span's attributes at its start.
@@ -379,14 +394,21 @@ def _attempt_attributes(
         request: The request sent to the provider.
         attempt: The attempt's number for this model (1 for the first).
         capture: Whether the prompt is recorded.
+        seeded: Whether the provider sends a request's ``seed`` (Anthropic's has none).
 
     Returns:
-        A new attribute dictionary.
+        A new attribute dictionary: with ``gen_ai.output.type`` when the request asks
+        for a JSON answer, and ``gen_ai.request.seed`` when it sends a seed (both
+        conditionally required by the conventions).
     """
     attributes = dict(common)
     attributes["gen_ai.request.max_tokens"] = request.max_tokens
     if request.temperature is not None:
         attributes["gen_ai.request.temperature"] = float(request.temperature)
+    if request.response_format is not None:
+        attributes["gen_ai.output.type"] = "json"
+    if request.seed is not None and seeded:
+        attributes["gen_ai.request.seed"] = request.seed
     attributes["empathy_models.attempt"] = attempt
     session = run.context.session_id
     if session is not None:

@@ -33,7 +33,9 @@ provider was not called) and breaker state changes seen while admitting.  Each c
 a provider is a CLIENT child span named ``chat {gen_ai.request.model}`` with
 ``gen_ai.operation.name``, ``gen_ai.provider.name``, ``gen_ai.request.model``,
 ``gen_ai.request.max_tokens``,
-``gen_ai.request.temperature`` (when set), ``server.address`` / ``server.port`` (HTTP
+``gen_ai.request.temperature`` (when set), ``gen_ai.output.type`` (``json``, when a
+``response_format`` asks for it), ``gen_ai.request.seed`` (when sent: Anthropic takes
+none), ``server.address`` / ``server.port`` (HTTP
 providers; the host only, never the URL), ``gen_ai.conversation.id`` (the context's
 ``session_id``), and on success ``gen_ai.response.model``, ``gen_ai.response.id``,
 ``gen_ai.response.finish_reasons`` and ``gen_ai.usage.input_tokens`` /
@@ -149,6 +151,7 @@ from ._otel_spans import (
     _route_attributes,
     _run_error_attributes,
     _RunTrace as _RunTrace,  # the state a stream passes to each hook (streaming.py)
+    _seedless,
     _server_of,
     _w3c_headers,
     _wall_ns,
@@ -395,6 +398,7 @@ class Instrumentation:
         self._servers: dict[str, tuple[str, int] | None] = {
             name: _server_of(p) for name, p in providers.items()
         }
+        self._seedless = _seedless(providers)  # those that send no `seed`
         self._context_type = ExecutionContext
         self._default_context = ExecutionContext()
         self._response_type = LLMResponse
@@ -697,7 +701,8 @@ class Instrumentation:
             if not state.valid:  # a no-op tracer: only the metrics need the attempt
                 state.attempt = state.span
                 return
-            attributes = _attempt_attributes(common, run, request, attempt, state.capture)
+            seeded = info.provider not in self._seedless
+            attributes = _attempt_attributes(common, run, request, attempt, state.capture, seeded)
             state.attempt_ns = start_ns = time.time_ns()
             span = self._tracer.start_span(
                 f"chat {info.id}", state.context, self._client, attributes, start_time=start_ns

@@ -301,6 +301,32 @@ async def test_without_instrumentation_no_trace_context_is_sent(server: FakeLLMS
     assert "traceparent" not in {name.lower() for name in sent.headers}
 
 
+async def test_a_requested_output_type_and_seed_are_on_the_attempt_span(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # conditionally required by the conventions: gen_ai.output.type when the request
+    # asks for a format, gen_ai.request.seed when it sends a seed (Anthropic takes none)
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    async with make(server, otel) as executor:
+        for model in ("gpt-fake-mini", "claude-fake-haiku"):
+            pinned = attrs.evolve(CTX, model=model)
+            await executor.run(PROMPT, pinned, response_format=schema, seed=42)
+        await executor.run(PROMPT, attrs.evolve(CTX, model="gpt-fake-mini"))
+    asked, plain = sorted(
+        (s for s in otel.spans() if s.name == "chat gpt-fake-mini"),
+        key=lambda s: s.start_time or 0,
+    )
+    anthropic = otel.span("chat claude-fake-haiku")
+    assert asked.attributes is not None and anthropic.attributes is not None
+    assert asked.attributes["gen_ai.output.type"] == "json"
+    assert asked.attributes["gen_ai.request.seed"] == 42
+    assert anthropic.attributes["gen_ai.output.type"] == "json"
+    assert "gen_ai.request.seed" not in anthropic.attributes  # not sent there
+    assert plain.attributes is not None
+    assert "gen_ai.output.type" not in plain.attributes
+    assert "gen_ai.request.seed" not in plain.attributes
+
+
 async def test_all_routes_failed_sets_error_status_and_error_type(
     server: FakeLLMServer, otel: Otel
 ) -> None:
