@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar, Token
@@ -49,6 +50,7 @@ class _RunTrace:
         "ended",
         "headers_token",
         "obs",
+        "over",
         "recording",
         "run_attrs",
         "span",
@@ -92,6 +94,9 @@ class _RunTrace:
         # a failed attempt's span, kept until the executor decides to retry (the wait
         # is an event of that span) or moves on; ended at the time its latency ended
         self.ended: tuple[Span, int] | None = None
+        # a stream's run span has ended (`Instrumentation.stream_ended`, which the
+        # stream's ways to end may reach twice: the first one ends it)
+        self.over = False
 
 
 _current: ContextVar[_RunTrace | None] = ContextVar("empathy_models_run_trace", default=None)
@@ -134,6 +139,15 @@ def _server_of(provider: Provider) -> tuple[str, int] | None:
     if port is None:
         port = 443 if parts.scheme == "https" else 80
     return host, port
+
+
+def _seedless(providers: Mapping[str, Provider]) -> frozenset[str]:
+    """The names of ``providers`` that send no ``seed`` (the Anthropic API has none)."""
+    module = sys.modules.get("empathy_models.providers.anthropic")  # none made unless imported
+    if module is None:
+        return frozenset()
+    anthropic = module.AnthropicProvider
+    return frozenset(n for n, p in providers.items() if isinstance(p, anthropic))
 
 
 # the conventions' finish reasons, from each provider's words (others are kept as they are)
@@ -363,7 +377,12 @@ def _run_error_attributes(exc: BaseException) -> _Attrs:
 
 
 def _attempt_attributes(
-    common: _Attrs, run: _Run, request: CompletionRequest, attempt: int, capture: bool
+    common: _Attrs,
+    run: _Run,
+    request: CompletionRequest,
+    attempt: int,
+    capture: bool,
+    seeded: bool,
 ) -> _Attrs:
     """
     An attempt span's attributes at its start.
@@ -375,14 +394,21 @@ def _attempt_attributes(
         request: The request sent to the provider.
         attempt: The attempt's number for this model (1 for the first).
         capture: Whether the prompt is recorded.
+        seeded: Whether the provider sends a request's ``seed`` (Anthropic's has none).
 
     Returns:
-        A new attribute dictionary.
+        A new attribute dictionary: with ``gen_ai.output.type`` when the request asks
+        for a JSON answer, and ``gen_ai.request.seed`` when it sends a seed (both
+        conditionally required by the conventions).
     """
     attributes = dict(common)
     attributes["gen_ai.request.max_tokens"] = request.max_tokens
     if request.temperature is not None:
         attributes["gen_ai.request.temperature"] = float(request.temperature)
+    if request.response_format is not None:
+        attributes["gen_ai.output.type"] = "json"
+    if request.seed is not None and seeded:
+        attributes["gen_ai.request.seed"] = request.seed
     attributes["empathy_models.attempt"] = attempt
     session = run.context.session_id
     if session is not None:
@@ -417,7 +443,23 @@ def _admitted_event(admitted: Sequence[Ticket]) -> _Attrs:
     }
 
 
-def _answered_attributes(record: LLMCallRecord, completion: Completion, capture: bool) -> _Attrs:
+def _input_tokens(record: LLMCallRecord, completion: Completion) -> int:
+    """
+    ``gen_ai.usage.input_tokens`` of an answered attempt: every prompt token, those the
+    provider wrote to its prompt cache or read from it included (Anthropic counts them
+    apart from ``input_tokens``; OpenAI's ``cached_input_tokens`` are among them).
+    """
+    return (
+        record.input_tokens
+        + completion.cache_read_tokens
+        + completion.cache_write_tokens
+        + completion.cache_write_1h_tokens
+    )
+
+
+def _answered_attributes(
+    record: LLMCallRecord, completion: Completion, capture: bool, input_tokens: int
+) -> _Attrs:
     """
     The attributes an answered attempt's span ends with.
 
@@ -425,18 +467,26 @@ def _answered_attributes(record: LLMCallRecord, completion: Completion, capture:
         record: The attempt's call record.
         completion: The provider's answer.
         capture: Whether the answer is recorded.
+        input_tokens: Its prompt tokens, cached ones included (`_input_tokens`).
 
     Returns:
-        The outcome, response model and id, finish reason, token usage, cost, time to
-        the first chunk (streams) and, when ``capture``, the answer.
+        The outcome, response model and id, finish reason, token usage (with the
+        prompt tokens written to the provider's cache and read from it, when any), cost,
+        time to the first chunk (streams) and, when ``capture``, the answer.
     """
     extra: _Attrs = {
         "empathy_models.outcome": record.outcome.value,
         _RESPONSE_MODEL: completion.model,
-        "gen_ai.usage.input_tokens": record.input_tokens,
+        "gen_ai.usage.input_tokens": input_tokens,
         "gen_ai.usage.output_tokens": record.output_tokens,
         "empathy_models.cost_usd": record.cost_usd,
     }
+    written = completion.cache_write_tokens + completion.cache_write_1h_tokens
+    if written:
+        extra["gen_ai.usage.cache_creation.input_tokens"] = written
+    read = completion.cache_read_tokens + completion.cached_input_tokens
+    if read:
+        extra["gen_ai.usage.cache_read.input_tokens"] = read
     if completion.stop_reason is not None:
         extra["gen_ai.response.finish_reasons"] = [completion.stop_reason]
     if completion.response_id is not None:

@@ -33,14 +33,18 @@ provider was not called) and breaker state changes seen while admitting.  Each c
 a provider is a CLIENT child span named ``chat {gen_ai.request.model}`` with
 ``gen_ai.operation.name``, ``gen_ai.provider.name``, ``gen_ai.request.model``,
 ``gen_ai.request.max_tokens``,
-``gen_ai.request.temperature`` (when set), ``server.address`` / ``server.port`` (HTTP
+``gen_ai.request.temperature`` (when set), ``gen_ai.output.type`` (``json``, when a
+``response_format`` asks for it), ``gen_ai.request.seed`` (when sent: Anthropic takes
+none), ``server.address`` / ``server.port`` (HTTP
 providers; the host only, never the URL), ``gen_ai.conversation.id`` (the context's
 ``session_id``), and on success ``gen_ai.response.model``, ``gen_ai.response.id``,
 ``gen_ai.response.finish_reasons`` and ``gen_ai.usage.input_tokens`` /
-``output_tokens``; a streamed call also ``gen_ai.response.time_to_first_chunk`` (s,
-from the request to the first chunk) once it had one; on failure ``error.type`` (the
-exception class, as ``LLMCallRecord.error_type``), ``http.response.status_code`` and an
-ERROR status.
+``output_tokens`` (every prompt token: those a provider's prompt cache wrote or read
+included, and counted apart in ``gen_ai.usage.cache_creation.input_tokens`` /
+``cache_read.input_tokens``, as the input token usage counts them); a streamed call
+also ``gen_ai.response.time_to_first_chunk`` (s, from the request to the first chunk)
+once it had one; on failure ``error.type`` (the exception class, as
+``LLMCallRecord.error_type``), ``http.response.status_code`` and an ERROR status.
 Its events: ``empathy_models.breaker.admitted`` (per breaker key, with the state and
 whether the call is a half-open probe), ``empathy_models.breaker.state_changed`` (a
 trip or a recovery this call's outcome caused) and ``empathy_models.retry`` (the wait
@@ -141,11 +145,13 @@ from ._otel_spans import (
     _attempt_attributes,
     _current,
     _failed_attributes,
+    _input_tokens,
     _is_default_textmap,
     _left_attributes,
     _route_attributes,
     _run_error_attributes,
     _RunTrace as _RunTrace,  # the state a stream passes to each hook (streaming.py)
+    _seedless,
     _server_of,
     _w3c_headers,
     _wall_ns,
@@ -302,6 +308,30 @@ def _response_sets(
     return sets
 
 
+def _common_attrs(
+    cache: dict[tuple[str, str], _Attrs],
+    servers: Mapping[str, tuple[str, int] | None],
+    info: ModelInfo,
+) -> _Attrs:
+    """
+    The attributes every attempt of ``info`` and its metrics share (operation, provider,
+    model, server), made once per model (kept in ``cache``).
+    """
+    common: _Attrs = {
+        _OPERATION: "chat",
+        _PROVIDER: info.provider,
+        _REQUEST_MODEL: info.id,
+    }
+    server = servers.get(info.provider)
+    if server is not None:
+        common[_SERVER_ADDRESS] = server[0]
+        common[_SERVER_PORT] = server[1]
+    if len(cache) > 4096:
+        cache.clear()
+    cache[(info.provider, info.id)] = common
+    return common
+
+
 def _log_failure(warned: set[str], where: str) -> None:
     """
     Log a failure inside OpenTelemetry (called in an ``except`` block): the first one in
@@ -368,6 +398,7 @@ class Instrumentation:
         self._servers: dict[str, tuple[str, int] | None] = {
             name: _server_of(p) for name, p in providers.items()
         }
+        self._seedless = _seedless(providers)  # those that send no `seed`
         self._context_type = ExecutionContext
         self._default_context = ExecutionContext()
         self._response_type = LLMResponse
@@ -529,6 +560,9 @@ class Instrumentation:
             error: every route failed before the first chunk, `StreamInterruptedError`
                 after it, or what reporting the answer raised.
         """
+        if state.over:  # ended (an empty answer's failed report comes here twice)
+            return
+        state.over = True
         end: int | None = None
         try:
             if state.attempt is not None or state.ended is not None:
@@ -662,12 +696,13 @@ class Instrumentation:
             self._finish_attempts(state)
             common = self._common.get((info.provider, info.id))
             if common is None:
-                common = self._common_attrs(info)
+                common = _common_attrs(self._common, self._servers, info)
             state.attempt_attrs = common
             if not state.valid:  # a no-op tracer: only the metrics need the attempt
                 state.attempt = state.span
                 return
-            attributes = _attempt_attributes(common, run, request, attempt, state.capture)
+            seeded = info.provider not in self._seedless
+            attributes = _attempt_attributes(common, run, request, attempt, state.capture, seeded)
             state.attempt_ns = start_ns = time.time_ns()
             span = self._tracer.start_span(
                 f"chat {info.id}", state.context, self._client, attributes, start_time=start_ns
@@ -683,21 +718,6 @@ class Instrumentation:
             state.headers_token = outgoing_headers.set(self._trace_headers(span, current))
         except Exception:
             self._failed("starting an attempt span")
-
-    def _common_attrs(self, info: ModelInfo) -> _Attrs:
-        common: _Attrs = {
-            _OPERATION: "chat",
-            _PROVIDER: info.provider,
-            _REQUEST_MODEL: info.id,
-        }
-        server = self._servers.get(info.provider)
-        if server is not None:
-            common[_SERVER_ADDRESS] = server[0]
-            common[_SERVER_PORT] = server[1]
-        if len(self._common) > 4096:
-            self._common.clear()
-        self._common[(info.provider, info.id)] = common
-        return common
 
     def _trace_headers(self, span: Span, current: Context) -> Mapping[str, str] | None:
         """The headers carrying ``span``'s context: the configured propagator's."""
@@ -743,10 +763,13 @@ class Instrumentation:
                 response, input_attrs, output_attrs = _response_sets(
                     self._response_attrs, record, completion.model, attributes
                 )
+                tokens = _input_tokens(record, completion)  # its cached prompt tokens too
                 if state.recording:
-                    span.set_attributes(_answered_attributes(record, completion, state.capture))
+                    span.set_attributes(
+                        _answered_attributes(record, completion, state.capture, tokens)
+                    )
                 meters.duration.record(seconds, response)
-                meters.tokens.record(record.input_tokens, input_attrs)
+                meters.tokens.record(tokens, input_attrs)
                 meters.tokens.record(record.output_tokens, output_attrs)
                 if record.ttft_ms is not None:
                     meters.first_chunk.record(record.ttft_ms / 1000.0, response)

@@ -100,6 +100,7 @@ import attrs
 from ._attempt import Attempts, Opened, _deadline_ended, _partial_of, _timeout_error
 from ._feedback import charge, streamed_usage
 from ._inflight import Abort, closed_error
+from ._otel_spans import _current
 from ._request_options import required_capabilities
 from ._run import _describe, _Run, _to_messages
 from ._text import utf8_size
@@ -435,6 +436,8 @@ class LLMStream:
             self._trace = obs.stream_started(ctx.workflow, ctx.stage)
         trace = self._trace  # the run span ends where the latency from `_start` does
         self._start = ex._clock() if obs is None or trace is None else obs.began(trace)
+        # current while the routes are tried: the breaker's events find the attempt's span
+        traced = None if trace is None else _current.set(trace)
         try:
             with ex._inflight.track("stream"):  # `aclose` ends it with NotOpenError
                 if self._cache_key is not None and await _from_cache(self, self._cache_key):
@@ -450,6 +453,9 @@ class LLMStream:
             if obs is not None and self._trace is not None:
                 obs.stream_ended(self._trace, error=exc)
             raise
+        finally:
+            if traced is not None:
+                _current.reset(traced)
 
     async def _open_routes(self) -> None:
         """Walk the routes with the executor's `Attempts`; adopt the one that opened."""
@@ -529,7 +535,7 @@ class LLMStream:
             )
             run.attempts.append(ex._fb.summary(record, error))
             try:  # the attempt's span ends even when the feedback is cancelled
-                await self._give(record, outcome, error, breaker_outcome, scope_outcome)
+                await _give(self, record, outcome, error, breaker_outcome, scope_outcome)
             finally:
                 _attempt_ended(self, record, outcome, completion, error)
         finally:
@@ -555,35 +561,6 @@ class LLMStream:
         return ex._fb.response(
             run, info, completion, self._start, record.cost_usd, ttft_ms=self._run_ttft, end=end
         )
-
-    async def _give(
-        self,
-        record: LLMCallRecord,
-        outcome: Outcome,
-        error: BaseException | None,
-        breaker_outcome: Outcome | None,
-        scope_outcome: Outcome | None,
-    ) -> None:
-        """The record to the breaker, the router and telemetry (`_Feedback.give`)."""
-        fb = self._ex._fb
-        if error is None and outcome is Outcome.SUCCESS and breaker_outcome is None:
-            # as `run` gives a success: shielded only where a probe lease rides on it
-            await fb.answered(record, self._ticket, self._scope_ticket, self._deadline_at)
-            return
-        scope = (
-            None
-            if self._scope_ticket is None
-            else (self._scope_ticket, scope_outcome if scope_outcome is not None else outcome)
-        )
-        retry_after, why = None, None
-        if error is not None:
-            retry_after = retry_after_of(error)
-            why = "cancelled" if outcome is Outcome.CANCELLED else _describe(error)
-        given = fb.give(record, self._ticket, retry_after, why, breaker_outcome, scope)
-        # the record survives a cancel; a stalled breaker store holds the stream's end no
-        # longer than the run's deadline (the report goes on in the background)
-        with anyio.CancelScope(shield=True):
-            await fb.bounded(given, self._deadline_at)
 
     async def _finish(self) -> None:
         """The stream is complete: report the answer, end the run span (`_ended`), cache it."""
@@ -649,11 +626,53 @@ class LLMStream:
         assert stream is not None
         closing = await _closing(stream)  # the attempt is reported even if this is cancelled
         with anyio.CancelScope(shield=True):
-            await self._report(Outcome.CANCELLED, None, _partial(self))
-            _ended(self)
+            try:
+                await self._report(Outcome.CANCELLED, None, _partial(self))
+            finally:  # the run span ends even when the report is cancelled
+                _ended(self)
         logger.debug("stream of %s closed early (%s)", self.model, why)
         if closing is not None:
             raise closing
+
+
+async def _give(
+    stream: LLMStream,
+    record: LLMCallRecord,
+    outcome: Outcome,
+    error: BaseException | None,
+    breaker_outcome: Outcome | None,
+    scope_outcome: Outcome | None,
+) -> None:
+    """
+    ``stream``'s record to the breaker, the router and telemetry (`_Feedback.give`);
+    its trace (when traced) current meanwhile, as while it opened, so that the
+    breaker's events find the attempt's span.
+    """
+    fb, ticket, scope_ticket = stream._ex._fb, stream._ticket, stream._scope_ticket
+    trace = stream._trace
+    traced = None if trace is None else _current.set(trace)
+    try:
+        if error is None and outcome is Outcome.SUCCESS and breaker_outcome is None:
+            # as `run` gives a success: shielded only where a probe lease rides on it
+            await fb.answered(record, ticket, scope_ticket, stream._deadline_at)
+            return
+        scope = (
+            None
+            if scope_ticket is None
+            else (scope_ticket, scope_outcome if scope_outcome is not None else outcome)
+        )
+        retry_after, why = None, None
+        if error is not None:
+            retry_after = retry_after_of(error)
+            why = "cancelled" if outcome is Outcome.CANCELLED else _describe(error)
+        given = fb.give(record, ticket, retry_after, why, breaker_outcome, scope)
+        # the record survives a cancel; a stalled breaker store holds the stream's end no
+        # longer than the run's deadline (the report goes on in the background)
+        with anyio.CancelScope(shield=True):
+            await fb.bounded(given, stream._deadline_at)
+    finally:
+        if traced is not None:
+            _current.reset(traced)
 
 
 def _partial(stream: LLMStream) -> tuple[Completion, bool]:

@@ -301,6 +301,32 @@ async def test_without_instrumentation_no_trace_context_is_sent(server: FakeLLMS
     assert "traceparent" not in {name.lower() for name in sent.headers}
 
 
+async def test_a_requested_output_type_and_seed_are_on_the_attempt_span(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # conditionally required by the conventions: gen_ai.output.type when the request
+    # asks for a format, gen_ai.request.seed when it sends a seed (Anthropic takes none)
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    async with make(server, otel) as executor:
+        for model in ("gpt-fake-mini", "claude-fake-haiku"):
+            pinned = attrs.evolve(CTX, model=model)
+            await executor.run(PROMPT, pinned, response_format=schema, seed=42)
+        await executor.run(PROMPT, attrs.evolve(CTX, model="gpt-fake-mini"))
+    asked, plain = sorted(
+        (s for s in otel.spans() if s.name == "chat gpt-fake-mini"),
+        key=lambda s: s.start_time or 0,
+    )
+    anthropic = otel.span("chat claude-fake-haiku")
+    assert asked.attributes is not None and anthropic.attributes is not None
+    assert asked.attributes["gen_ai.output.type"] == "json"
+    assert asked.attributes["gen_ai.request.seed"] == 42
+    assert anthropic.attributes["gen_ai.output.type"] == "json"
+    assert "gen_ai.request.seed" not in anthropic.attributes  # not sent there
+    assert plain.attributes is not None
+    assert "gen_ai.output.type" not in plain.attributes
+    assert "gen_ai.request.seed" not in plain.attributes
+
+
 async def test_all_routes_failed_sets_error_status_and_error_type(
     server: FakeLLMServer, otel: Otel
 ) -> None:
@@ -594,6 +620,42 @@ async def test_genai_metrics_follow_the_conventions(
     kinds = [(s.attributes or {}).get("empathy_models.route.exploration_kind") for s in runs]
     assert kinds == [r.routing_decision and r.routing_decision.exploration_kind for r in responses]
     assert "unproven" in kinds
+
+
+async def test_anthropic_prompt_cache_tokens_are_input_tokens(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # Anthropic reports the prompt tokens written to its cache and read from it apart
+    # from input_tokens; the conventions count them in gen_ai.usage.input_tokens (and the
+    # input token usage) and name them in their own attributes
+    manual = "Each ledger field, what it means and how to read it. " * 100
+    cached = {"system": [{"type": "text", "text": manual, "cache_control": {"type": "ephemeral"}}]}
+    telemetry = MemoryTelemetryBackend()
+    pinned = attrs.evolve(CTX, model="claude-fake-haiku")
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+        for _ in range(2):
+            await executor.run(PROMPT, pinned, extra_body=cached)
+    wrote, read = sorted(await telemetry.recent(limit=10), key=lambda r: r.timestamp)
+    written = wrote.metadata["empathy_models.cache_write_tokens"]
+    assert isinstance(written, int)
+    assert written > 0 and read.metadata["empathy_models.cache_read_tokens"] == written
+    first, second = sorted(
+        (s for s in otel.spans() if s.name == "chat claude-fake-haiku"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert first.attributes is not None and second.attributes is not None
+    assert first.attributes["gen_ai.usage.input_tokens"] == wrote.input_tokens + written
+    assert first.attributes["gen_ai.usage.cache_creation.input_tokens"] == written
+    assert "gen_ai.usage.cache_read.input_tokens" not in first.attributes
+    assert second.attributes["gen_ai.usage.input_tokens"] == read.input_tokens + written
+    assert second.attributes["gen_ai.usage.cache_read.input_tokens"] == written
+    assert "gen_ai.usage.cache_creation.input_tokens" not in second.attributes
+    inputs = [
+        p
+        for p in otel.points("gen_ai.client.token.usage")
+        if p.attributes["gen_ai.token.type"] == "input"
+    ]
+    assert sum(p.sum for p in inputs) == wrote.input_tokens + read.input_tokens + 2 * written
 
 
 async def test_telemetry_queue_and_record_counters_are_reported(

@@ -7,14 +7,21 @@ spans as `run()`, ended when the stream ends however it ends, the streamed reque
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import attrs
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from empathy_models import AllRoutesFailedError, RetryPolicy, StreamInterruptedError
+from empathy_models import (
+    AllRoutesFailedError,
+    BreakerPolicy,
+    RetryPolicy,
+    StreamInterruptedError,
+)
 from empathy_models.backends import MemoryTelemetryBackend
+from empathy_models.breaker import CircuitBreaker
 from empathy_models.records import LLMCallRecord
 from empathy_models.testing import FakeLLMServer, ModelBehavior, StreamBehavior
 
@@ -227,3 +234,87 @@ async def test_the_cost_counter_counts_attempts_that_failed_or_were_left(
         for p in otel.points("empathy_models.client.cost")
     }
     assert counted == pytest.approx(recorded)
+
+
+async def test_a_stream_left_early_whose_reader_is_cancelled_during_the_report_ends_its_run_span(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # the caller leaves after the first delta; while the left attempt is reported (the
+    # telemetry write stalls) its task is cancelled: both spans still end
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content="one two three four five"))
+    telemetry = StalledTelemetry()
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+
+        async def read() -> None:
+            async with executor.stream(PROMPT, CTX) as stream:
+                async for _ in stream:
+                    break
+
+        task = asyncio.create_task(read())
+        await telemetry.entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        telemetry.release.set()
+    run = otel.span("run support/answer")
+    (attempt,) = attempts_of(otel)
+    assert run.end_time is not None and attempt.end_time is not None
+    assert run.attributes is not None and run.attributes["empathy_models.outcome"] == "cancelled"
+    assert attempt.attributes is not None
+    assert attempt.attributes["empathy_models.outcome"] == "cancelled"
+
+
+async def test_an_empty_streamed_answer_cancelled_while_reported_ends_its_run_span_once(
+    server: FakeLLMServer, otel: Otel, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an empty answer is complete inside `async with`: its report is cancelled there,
+    # and the run span, ended by the report's failure, is not ended again by `async with`
+    server.set_behavior("claude-fake-haiku", ModelBehavior(content=""))
+    telemetry = StalledTelemetry()
+    caplog.set_level(logging.WARNING, logger="opentelemetry")
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+
+        async def read() -> None:
+            async with executor.stream(PROMPT, CTX):
+                pass
+
+        task = asyncio.create_task(read())
+        await telemetry.entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        telemetry.release.set()
+    run = otel.span("run support/answer")
+    assert run.attributes is not None and run.attributes["empathy_models.outcome"] == "cancelled"
+    assert run.status.status_code is StatusCode.UNSET
+    ended_spans = [r.getMessage() for r in caplog.records if "ended span" in r.getMessage()]
+    assert ended_spans == []
+
+
+async def test_a_breaker_trip_is_an_event_of_the_streamed_attempt_that_caused_it(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # before the first chunk (haiku's 503) and after it (mini cut short): each trip is
+    # an event of its attempt's span, as for `run`
+    server.script("claude-fake-haiku", [503])
+    server.set_behavior(
+        "gpt-fake-mini",
+        ModelBehavior(content="one two three four five", stream=StreamBehavior(fault_after=2)),
+    )
+    breaker = CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1))
+    async with breaker, make(server, otel, breaker=breaker, retry=RetryPolicy.none()) as ex:
+        with pytest.raises(StreamInterruptedError):
+            async with ex.stream(PROMPT, CTX) as stream:
+                await stream.get_final_response()
+    for name, key in [
+        ("chat claude-fake-haiku", "anthropic:claude-fake-haiku"),
+        ("chat gpt-fake-mini", "openai:gpt-fake-mini"),
+    ]:
+        changed = [
+            dict(e.attributes or {})
+            for e in otel.span(name).events
+            if e.name == "empathy_models.breaker.state_changed"
+        ]
+        assert [
+            (c["empathy_models.breaker.key"], c["empathy_models.breaker.to"]) for c in changed
+        ] == [(key, "open")]
