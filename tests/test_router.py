@@ -353,6 +353,8 @@ def test_invalid_arguments_raise_configuration_error(clock: FakeClock) -> None:
         {"candidates": ["mini", ""]},
         {"on_no_match": "not-a-model"},
         {"strict_cost": True, "max_cost": 0.1},  # strict without input_tokens
+        {"strict_cost": "no", "max_cost": 0.1, "input_tokens": 10},  # truthy, not a bool
+        {"strict_cost": None},
     ]
     for kwargs in bad:
         kwargs.setdefault("candidates", CHEAP)
