@@ -302,6 +302,27 @@ def test_models_missing_from_the_registry_are_excluded(clock: FakeClock) -> None
     assert by_model(d)["ghost"].reasons[0] == "not in the model registry"  # type: ignore[attr-defined]
 
 
+def test_a_model_missing_from_the_registry_has_no_cost_and_never_meets_max_cost(
+    clock: FakeClock,
+) -> None:
+    # it has no price: its row must not say it costs $0 and meets the cost limit, nor a
+    # pin of it claim max_cost is met
+    router = make(clock)
+    feed(router, clock, "mini", 100)
+    feed(router, clock, "ghost", 100)
+    d = router.get_best_model(WF, ST, candidates=["ghost", "mini"], input_tokens=10, max_cost=0.01)
+    ghost = by_model(d)["ghost"]
+    assert ghost.expected_cost_usd is None and ghost.cost_basis is None  # type: ignore[attr-defined]
+    assert ghost.constraints["max_cost"] is not ConstraintStatus.ELIGIBLE  # type: ignore[attr-defined]
+    assert "cost: no price (not in the model registry)" in ghost.reasons  # type: ignore[attr-defined]
+    pinned = router.get_best_model(
+        WF, ST, candidates=["ghost"], input_tokens=10, max_cost=0.01, on_no_match="ghost"
+    )
+    assert pinned.model == "ghost" and pinned.expected_cost_usd is None
+    assert pinned.reason.endswith("unmet: max_cost")
+    assert not pinned.constraints_met
+
+
 def test_outcomes_that_say_nothing_about_health_are_not_counted(clock: FakeClock) -> None:
     router = make(clock)
     for outcome in (Outcome.IGNORED, Outcome.CANCELLED, Outcome.REJECTED):
