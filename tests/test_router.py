@@ -33,7 +33,7 @@ from empathy_models.backends import MemoryTelemetryBackend, NullTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import EvidenceBatch
 from empathy_models.exceptions import TelemetryError
-from empathy_models.records import CandidateEvaluation, ConstraintStatus
+from empathy_models.records import CandidateEvaluation, ConstraintStatus, wilson_interval
 from empathy_models.routing import TierRecommendation
 from empathy_models.testing.clock import FakeClock
 from tests._fakes import list_cost
@@ -944,6 +944,30 @@ async def test_stats_report_per_model_with_bounds_and_warnings(clock: FakeClock)
     assert one["models_used"] == ["mini"] and one["stage"] == ST
     assert set(empty) == STATS_KEYS
     assert empty["telemetry"] == "ok" and "no calls recorded" in empty["message"]
+
+
+async def test_stats_warnings_name_the_confidence_of_the_bounds_they_quote(
+    clock: FakeClock,
+) -> None:
+    # the bounds are at the policy's z: a warning quoting them names that confidence
+    store = MemoryTelemetryBackend()
+    await store.record_many([rec(clock, "mini", True), rec(clock, "nano", True)])
+    await store.record_many([rec(clock, "nano", i != 0) for i in range(5)])
+    policies = {"95%": RoutingPolicy(), "99%": RoutingPolicy(z=2.576)}
+    for confidence, policy in policies.items():
+        async with make(clock, telemetry_store=store, policy=policy) as router:
+            stats = await router.get_routing_stats(WF, ST)
+        mini = stats.performance_by_model["mini"]
+        nano = stats.performance_by_model["nano"]
+        lo, hi = wilson_interval(1, 1, policy.z)
+        assert (mini.success_rate_lower, mini.success_rate_upper) == (lo, hi)
+        assert mini.sample_size_warning == (
+            f"only 1 call: the success rate is known only to within {lo:.2f}-{hi:.2f} "
+            f"({confidence})"
+        )
+        assert nano.sample_size_warning is not None
+        assert nano.sample_size_warning.startswith("only 6 calls:")
+        assert nano.sample_size_warning.endswith(f"({confidence})")
 
 
 # --------------------------------------------------------------------------- tier advice
