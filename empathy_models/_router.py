@@ -399,6 +399,84 @@ async def _close_elsewhere(router: AdaptiveModelRouter) -> bool:
     return True
 
 
+async def _start(router: AdaptiveModelRouter) -> None:
+    """
+    What `AdaptiveModelRouter.start` does: open an owned store, read the evidence, fill
+    the recent-outcome windows and start the periodic refresh.  Cut short (a
+    cancellation, a store that cannot be opened) it leaves the router unstarted, so that
+    the next start does it all again; once the router is closed meanwhile, it goes no
+    further (no refresh task outlives `aclose`).
+    """
+    router._started = True
+    router._loop = _bound_loop(router._store_obj)
+    try:
+        if router._owns_store and router._store_obj is not None:
+            await router._store_obj.__aenter__()
+        if router._store is None:
+            logger.info(
+                "router started without a telemetry store: routing uses only outcomes "
+                "reported to this process"
+            )
+            return
+        await router.refresh()
+        if not router._closed:
+            await _seed_rings(router)
+    except BaseException:
+        router._started = False
+        raise
+    if router.refresh_interval is not None and not router._closed:
+        router._task = asyncio.get_running_loop().create_task(
+            router._refresh_loop(router.refresh_interval), name="empathy-models-router-refresh"
+        )
+
+
+async def _seed_rings(router: AdaptiveModelRouter) -> None:
+    """
+    Fill the router's recent-outcome windows at start: one ``recent`` call per workflow
+    stage with evidence (and one per workflow for ``stage=None``, see `_seed_targets`),
+    so a low-traffic stage is not starved by a busy one.  What was read is applied after
+    the reads (up to the first that failed, which is logged and counted), so a start
+    cancelled among them seeds nothing and the next start seeds each window once.
+    """
+    store = router._store
+    limit = router.policy.seed_stage_limit
+    if store is None or limit == 0:
+        return
+    now = router._clock()
+    since = _since(window_floor(now, router.policy.window_days))
+    targets, whole = _seed_targets(router._memory.arms, limit)
+    by_stage: dict[str, list[LLMCallRecord]] = {}
+    size = router.RECENT_WINDOW_SIZE
+    read: list[tuple[str, str | None, list[LLMCallRecord]]] = []
+    for workflow, stage in targets:
+        try:
+            if stage is None and workflow in whole:
+                merged = by_stage.get(workflow, [])
+                merged.sort(key=lambda r: r.timestamp)
+                records = merged[-size:]
+            else:
+                records = await store.recent(
+                    limit=size, workflow=workflow, stage=stage, since=since, samples_only=True
+                )
+                if stage is not None:
+                    by_stage.setdefault(workflow, []).extend(records)
+        except Exception as exc:
+            router.refresh_errors += 1
+            logger.warning(
+                "router could not read recent calls from %r (%s: %s)",
+                store,
+                type(exc).__name__,
+                exc,
+            )
+            break
+        read.append((workflow, stage, records))
+    else:
+        router._recent.cutoff = now
+    for workflow, stage, records in read:
+        # seeded outcomes are older than anything already reported live
+        router._recent.seed(workflow, stage, records)
+
+
 class AdaptiveModelRouter:
     """
     Chooses the model for each call from in-memory, per-arm evidence.
@@ -471,6 +549,7 @@ class AdaptiveModelRouter:
         )
         self._rollups = True  # False: the backend keeps none, read records instead
         self._refresh_lock = asyncio.Lock()
+        self._start_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
@@ -517,35 +596,27 @@ class AdaptiveModelRouter:
 
     async def start(self) -> None:
         """
-        Read the backend's evidence and start the periodic refresh; idempotent.
+        Read the backend's evidence and start the periodic refresh; idempotent (a call
+        while another is starting the router waits for it).  A start cut short (cancelled,
+        or an owned store that could not be opened) leaves the router unstarted: the next
+        call starts it.
 
         Backend errors are logged, not raised.
 
         Raises:
-            NotOpenError: after `aclose`, or started already in another event loop.
+            NotOpenError: after `aclose` (also one while this call was starting the
+                router: no refresh is left running), or started already in another event
+                loop.
         """
         if self._closed:
             raise NotOpenError("AdaptiveModelRouter was used after aclose()")
-        if self._started:
-            if elsewhere(self._loop):  # its refresh task and store are bound to that loop
-                raise other_loop_error("AdaptiveModelRouter")
-            return
-        self._started = True
-        self._loop = _bound_loop(self._store_obj)
-        if self._owns_store and self._store_obj is not None:
-            await self._store_obj.__aenter__()
-        if self._store is None:
-            logger.info(
-                "router started without a telemetry store: routing uses only outcomes "
-                "reported to this process"
-            )
-            return
-        await self.refresh()
-        await self._seed_rings()
-        if self.refresh_interval is not None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._refresh_loop(self.refresh_interval), name="empathy-models-router-refresh"
-            )
+        if self._started and elsewhere(self._loop):  # its task and store are bound to it
+            raise other_loop_error("AdaptiveModelRouter")
+        async with self._start_lock:
+            if not self._started and not self._closed:
+                await _start(self)
+        if self._closed:
+            raise NotOpenError("AdaptiveModelRouter was closed while it was starting")
 
     async def aclose(self) -> None:
         """Stop the refresh task (awaited), close an owned store (see `_close_elsewhere`)."""
@@ -636,44 +707,6 @@ class AdaptiveModelRouter:
                 await _slide(self._memory, floor)
                 self._recent.expire(floor)
             return True
-
-    async def _seed_rings(self) -> None:
-        # One ``recent`` call per workflow stage with evidence (and one per workflow for
-        # ``stage=None``, see `_seed_targets`), so a low-traffic stage is not starved by
-        # a busy one.  At start.
-        store = self._store
-        limit = self.policy.seed_stage_limit
-        if store is None or limit == 0:
-            return
-        now = self._clock()
-        since = _since(window_floor(now, self.policy.window_days))
-        targets, whole = _seed_targets(self._memory.arms, limit)
-        by_stage: dict[str, list[LLMCallRecord]] = {}
-        size = self.RECENT_WINDOW_SIZE
-        for workflow, stage in targets:
-            try:
-                if stage is None and workflow in whole:
-                    merged = by_stage.get(workflow, [])
-                    merged.sort(key=lambda r: r.timestamp)
-                    records = merged[-size:]
-                else:
-                    records = await store.recent(
-                        limit=size, workflow=workflow, stage=stage, since=since, samples_only=True
-                    )
-                    if stage is not None:
-                        by_stage.setdefault(workflow, []).extend(records)
-            except Exception as exc:
-                self.refresh_errors += 1
-                logger.warning(
-                    "router could not read recent calls from %r (%s: %s)",
-                    store,
-                    type(exc).__name__,
-                    exc,
-                )
-                return
-            # seeded outcomes are older than anything already reported live
-            self._recent.seed(workflow, stage, records)
-        self._recent.cutoff = now
 
     # ------------------------------------------------------------------ learning
 

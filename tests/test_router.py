@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import attrs
 import pytest
@@ -32,7 +33,7 @@ from empathy_models.backends import MemoryTelemetryBackend, NullTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import EvidenceBatch
 from empathy_models.exceptions import TelemetryError
-from empathy_models.records import CandidateEvaluation, ConstraintStatus
+from empathy_models.records import CandidateEvaluation, ConstraintStatus, wilson_interval
 from empathy_models.routing import TierRecommendation
 from empathy_models.testing.clock import FakeClock
 from tests._fakes import list_cost
@@ -301,6 +302,27 @@ def test_models_missing_from_the_registry_are_excluded(clock: FakeClock) -> None
     assert by_model(d)["ghost"].reasons[0] == "not in the model registry"  # type: ignore[attr-defined]
 
 
+def test_a_model_missing_from_the_registry_has_no_cost_and_never_meets_max_cost(
+    clock: FakeClock,
+) -> None:
+    # it has no price: its row must not say it costs $0 and meets the cost limit, nor a
+    # pin of it claim max_cost is met
+    router = make(clock)
+    feed(router, clock, "mini", 100)
+    feed(router, clock, "ghost", 100)
+    d = router.get_best_model(WF, ST, candidates=["ghost", "mini"], input_tokens=10, max_cost=0.01)
+    ghost = by_model(d)["ghost"]
+    assert ghost.expected_cost_usd is None and ghost.cost_basis is None  # type: ignore[attr-defined]
+    assert ghost.constraints["max_cost"] is not ConstraintStatus.ELIGIBLE  # type: ignore[attr-defined]
+    assert "cost: no price (not in the model registry)" in ghost.reasons  # type: ignore[attr-defined]
+    pinned = router.get_best_model(
+        WF, ST, candidates=["ghost"], input_tokens=10, max_cost=0.01, on_no_match="ghost"
+    )
+    assert pinned.model == "ghost" and pinned.expected_cost_usd is None
+    assert pinned.reason.endswith("unmet: max_cost")
+    assert not pinned.constraints_met
+
+
 def test_outcomes_that_say_nothing_about_health_are_not_counted(clock: FakeClock) -> None:
     router = make(clock)
     for outcome in (Outcome.IGNORED, Outcome.CANCELLED, Outcome.REJECTED):
@@ -352,6 +374,8 @@ def test_invalid_arguments_raise_configuration_error(clock: FakeClock) -> None:
         {"candidates": ["mini", ""]},
         {"on_no_match": "not-a-model"},
         {"strict_cost": True, "max_cost": 0.1},  # strict without input_tokens
+        {"strict_cost": "no", "max_cost": 0.1, "input_tokens": 10},  # truthy, not a bool
+        {"strict_cost": None},
     ]
     for kwargs in bad:
         kwargs.setdefault("candidates", CHEAP)
@@ -710,6 +734,132 @@ async def test_periodic_refresh_task_is_owned_and_cancelled(clock: FakeClock) ->
         await router.start()
 
 
+class GatedBackend(MemoryTelemetryBackend):
+    """
+    A store whose evidence reads (``gate_evidence``) or recent-call reads from the
+    ``gate_recent``-th on wait for ``gate``; ``waiting`` is set once one waits.
+    """
+
+    def __init__(self, *, gate_evidence: bool = True, gate_recent: int | None = None) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.gate_evidence = gate_evidence
+        self.gate_recent = gate_recent
+        self.recent_reads = 0
+
+    async def _wait(self) -> None:
+        self.waiting.set()
+        await self.gate.wait()
+
+    async def evidence(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        after_version: int = 0,
+    ) -> EvidenceBatch:
+        if self.gate_evidence:
+            await self._wait()
+        return await super().evidence(since=since, until=until, after_version=after_version)
+
+    async def recent(self, **kw: Any) -> list[LLMCallRecord]:
+        self.recent_reads += 1
+        if self.gate_recent is not None and self.recent_reads >= self.gate_recent:
+            await self._wait()
+        return await super().recent(**kw)
+
+
+def _refresh_tasks() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "empathy-models-router-refresh"]
+
+
+async def test_a_start_cancelled_while_reading_is_made_again_by_the_next_start(
+    clock: FakeClock,
+) -> None:
+    # asyncio.wait_for(router.start(), timeout) on a slow store, then a retry: the
+    # router must read its evidence and refresh, not stay "started" with nothing
+    store = GatedBackend()
+    await store.record_many([rec(clock, "mini", True) for _ in range(30)])
+    router = make(clock, telemetry_store=store, refresh_interval=60.0, sleep=clock.sleep)
+    starting = asyncio.create_task(router.start())
+    await store.waiting.wait()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    store.gate.set()
+    async with router:
+        assert router.last_refresh is not None
+        d = router.get_best_model(WF, ST, candidates=["mini"], input_tokens=1, max_tokens=1)
+        assert by_model(d)["mini"].sample_size == 30  # type: ignore[attr-defined]
+        assert router.recommend_tier_upgrade(WF, ST).window == 20
+        assert len(_refresh_tasks()) == 1
+    assert _refresh_tasks() == []
+
+
+async def test_a_start_cancelled_while_seeding_seeds_each_window_once(clock: FakeClock) -> None:
+    # the tier-advice windows are read one stage at a time: a start cancelled between
+    # two reads and made again holds each recent call once
+    store = GatedBackend(gate_evidence=False, gate_recent=2)
+    await store.record_many(
+        [rec(clock, "mini", False, stage="a") for _ in range(10)]
+        + [rec(clock, "mini", True, stage="b") for _ in range(10)]
+    )
+    router = make(clock, telemetry_store=store, refresh_interval=None)
+    starting = asyncio.create_task(router.start())
+    await store.waiting.wait()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
+    store.gate.set()
+    async with router:
+        a, b, both = (router.recommend_tier_upgrade(WF, s) for s in ("a", "b", None))
+    assert (a.window, a.failures) == (10, 10)
+    assert (b.window, b.failures) == (10, 0)
+    assert (both.window, both.failures) == (20, 10)
+
+
+async def test_a_second_start_waits_for_the_first_to_read_the_evidence(clock: FakeClock) -> None:
+    store = GatedBackend()
+    await store.record_many([rec(clock, "mini", True) for _ in range(30)])
+    router = make(clock, telemetry_store=store, refresh_interval=None)
+    first = asyncio.create_task(router.start())
+    await store.waiting.wait()
+    second = asyncio.create_task(router.start())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not second.done()  # it would decide on no evidence
+    store.gate.set()
+    await asyncio.gather(first, second)
+    d = router.get_best_model(WF, ST, candidates=["mini"], input_tokens=1, max_tokens=1)
+    assert by_model(d)["mini"].sample_size == 30  # type: ignore[attr-defined]
+    await router.aclose()
+
+
+async def test_a_router_closed_while_it_starts_leaves_no_refresh_running(
+    clock: FakeClock,
+) -> None:
+    store = GatedBackend()
+    router = make(clock, telemetry_store=store, refresh_interval=60.0, sleep=clock.sleep)
+    starting = asyncio.create_task(router.start())
+    await store.waiting.wait()
+    await router.aclose()
+    store.gate.set()
+    with pytest.raises(NotOpenError, match="closed while it was starting"):
+        await starting
+    assert _refresh_tasks() == []
+
+
+async def test_an_owned_store_that_cannot_be_opened_fails_every_start(
+    clock: FakeClock, tmp_path: Path
+) -> None:
+    router = make(clock, telemetry_store=f"sqlite:///{tmp_path / 'missing' / 'calls.db'}")
+    for _ in range(2):  # the second start is no silent success over an unopened store
+        with pytest.raises(TelemetryError, match="does not exist"):
+            await router.start()
+    await router.aclose()
+
+
 async def test_router_owns_a_store_built_from_a_url(clock: FakeClock) -> None:
     async with make(clock, telemetry_store="memory://") as router:
         stats = (await router.get_routing_stats(WF)).to_dict()
@@ -794,6 +944,30 @@ async def test_stats_report_per_model_with_bounds_and_warnings(clock: FakeClock)
     assert one["models_used"] == ["mini"] and one["stage"] == ST
     assert set(empty) == STATS_KEYS
     assert empty["telemetry"] == "ok" and "no calls recorded" in empty["message"]
+
+
+async def test_stats_warnings_name_the_confidence_of_the_bounds_they_quote(
+    clock: FakeClock,
+) -> None:
+    # the bounds are at the policy's z: a warning quoting them names that confidence
+    store = MemoryTelemetryBackend()
+    await store.record_many([rec(clock, "mini", True), rec(clock, "nano", True)])
+    await store.record_many([rec(clock, "nano", i != 0) for i in range(5)])
+    policies = {"95%": RoutingPolicy(), "99%": RoutingPolicy(z=2.576)}
+    for confidence, policy in policies.items():
+        async with make(clock, telemetry_store=store, policy=policy) as router:
+            stats = await router.get_routing_stats(WF, ST)
+        mini = stats.performance_by_model["mini"]
+        nano = stats.performance_by_model["nano"]
+        lo, hi = wilson_interval(1, 1, policy.z)
+        assert (mini.success_rate_lower, mini.success_rate_upper) == (lo, hi)
+        assert mini.sample_size_warning == (
+            f"only 1 call: the success rate is known only to within {lo:.2f}-{hi:.2f} "
+            f"({confidence})"
+        )
+        assert nano.sample_size_warning is not None
+        assert nano.sample_size_warning.startswith("only 6 calls:")
+        assert nano.sample_size_warning.endswith(f"({confidence})")
 
 
 # --------------------------------------------------------------------------- tier advice

@@ -113,6 +113,8 @@ def decision_limits(
         raise ConfigurationError(
             f"on_no_match must be 'raise', 'relax' or a model id, got {shown(on_no_match)}"
         )
+    if strict_cost is not False and strict_cost is not True:
+        raise ConfigurationError(f"strict_cost must be True or False, got {shown(strict_cost)}")
     if strict_cost and max_cost is not None and input_tokens is None:
         raise ConfigurationError("strict_cost=True with max_cost needs input_tokens")
     limits = (min_success_rate, max_latency_ms, max_cost, strict_cost, max_tokens, max_ttft_ms)

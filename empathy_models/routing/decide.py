@@ -72,6 +72,7 @@ UNPROVEN: Final = ConstraintStatus.UNPROVEN
 REJECTED: Final = ConstraintStatus.REJECTED
 _CODE: Final = {ELIGIBLE: 0, UNPROVEN: 1, REJECTED: 2}
 NOT_IN_REGISTRY: Final = "not in the model registry"
+NO_PRICE: Final = "cost: no price (not in the model registry)"
 CIRCUIT_OPEN: Final = "circuit open"
 
 RELIABLE_COST_WEIGHT: Final = 0.001
@@ -336,14 +337,12 @@ _SAME_PRICE: Final = 1e-9
 def _cost_terms(
     facts: ModelFacts | None, summary: ArmSummary, cons: Constraints, prior: float | None
 ) -> tuple[float | None, float, str | None, float | None, str | None, float | None]:
-    in_price = facts.input_price if facts is not None else 0.0
-    out_price = facts.output_price if facts is not None else 0.0
+    if facts is None:  # not in the registry: no price, no cost estimate
+        return (None, 0.0, None, None, None, None)
+    in_price = facts.input_price
+    out_price = facts.output_price
     if cons.strict_cost:
-        worst = cons.max_tokens
-        if worst is None and facts is not None:
-            worst = facts.max_output_tokens
-        if worst is None:
-            return (None, 0.0, None, None, None, None)
+        worst = cons.max_tokens if cons.max_tokens is not None else facts.max_output_tokens
         return (in_price, worst * out_price, "worst_case", None, None, None)
     out: float | None = summary.mean_output_tokens
     basis: str | None = "estimate"
@@ -1027,7 +1026,9 @@ def _row(
         if cost is None:
             status = UNPROVEN
             reasons += (
-                "cost: no estimate (strict mode needs input_tokens and max_tokens)"
+                NO_PRICE
+                if v.facts is None
+                else "cost: no estimate (strict mode needs input_tokens and max_tokens)"
                 if cons.strict_cost
                 else "cost: no estimate (no observations, and input_tokens/max_tokens not given)",
             )

@@ -6,6 +6,7 @@ tier, from the recent outcomes the router has seen).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Final
@@ -61,7 +62,8 @@ class ModelStats:
     """
     One model's calls in a `RoutingStats` window.
 
-    ``success_rate_lower`` / ``_upper`` are the 95% Wilson bounds; latency figures are of
+    ``success_rate_lower`` / ``_upper`` are the Wilson bounds at the router policy's ``z``
+    (95% by default, the confidence ``sample_size_warning`` names); latency figures are of
     successful calls, ``ttft_p50`` / ``ttft_p95`` (time to first token) of streamed
     successful calls (None when the model never streamed); ``sample_size_warning`` says
     when the sample is too small to trust (``None`` otherwise).
@@ -153,6 +155,7 @@ def stats_from(
 ) -> RoutingStats:
     """`RoutingStats` of a backend's aggregate rows (at least one)."""
     merged = merge_performances(perfs)
+    level = f"{math.erf(z / math.sqrt(2.0)) * 100.0:.3g}%"  # the bounds' confidence
     total = sum(p.sample_size for p in merged.values())
     successes = sum(p.successes for p in merged.values())
     cost = sum(p.avg_cost_usd * p.sample_size for p in merged.values())
@@ -163,8 +166,8 @@ def stats_from(
         warning: str | None = None
         if p.sample_size < min_sample_size or hi - lo > 0.2:
             warning = (
-                f"only {p.sample_size} calls: the success rate is known only to within "
-                f"{lo:.2f}-{hi:.2f} (95%)"
+                f"only {p.sample_size} call{'' if p.sample_size == 1 else 's'}: the success "
+                f"rate is known only to within {lo:.2f}-{hi:.2f} ({level})"
             )
         per_model[model] = ModelStats(
             calls=p.sample_size,
