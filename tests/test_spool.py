@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import anyio
 
 from empathy_models import LLMCallRecord
 from empathy_models.abc import TelemetryBackend
@@ -87,3 +90,74 @@ async def test_a_third_party_store_replays_the_spool_another_instance_left(
     async with BatchingTelemetryBackend(ThirdPartyStore(db)) as again:  # the next process
         stored = await again.recent(limit=100)
     assert sorted(r.call_id for r in stored) == sorted(r.call_id for r in records)
+
+
+# ------------------------------------------- what a store takes is stored as given
+
+NUL = "a\x00b"  # SQLite stores a NUL as given (PostgreSQL refuses it: made safe there)
+
+
+def _as_given(stored: list[LLMCallRecord], written: list[LLMCallRecord]) -> None:
+    assert sorted(stored, key=lambda r: r.call_id) == sorted(written, key=lambda r: r.call_id)
+
+
+async def test_records_the_store_takes_go_through_the_spool_as_given(tmp_path: Path) -> None:
+    # a burst past max_queue goes through the spool; it escaped a NUL (as for a store
+    # that refuses it) and flagged the record made safe, though SQLite takes it: the
+    # same call was stored two ways, and its evidence split over two workflows
+    written = _records(6, workflow=NUL, metadata={"note": "v\x00"})
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db", max_queue=2) as telemetry:
+        await telemetry.record_many(written)
+        await telemetry.flush()
+        assert telemetry.spooled > 0
+        _as_given(await telemetry.recent(limit=100), written)
+        buckets = (await telemetry.evidence()).buckets
+    assert [(b.workflow, b.samples) for b in buckets] == [(NUL, 6)]
+
+
+EXIT_CHILD = """
+import asyncio, sys
+from datetime import UTC, datetime
+from empathy_models import LLMCallRecord
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+
+async def main():
+    telemetry = SQLiteTelemetryBackend(sys.argv[1], flush_interval=60, max_batch=1000)
+    await telemetry.recent()  # open: the file exists when the exit flush writes it
+    for i in range(3):
+        await telemetry.record(LLMCallRecord(
+            provider="p", model="m", outcome="success", call_id=f"r{i}",
+            workflow="a" + chr(0) + "b", timestamp=datetime(2026, 2, 1, 0, 0, i, tzinfo=UTC),
+            latency_ms=float(i), metadata={"note": "v" + chr(0)},
+        ))
+    if sys.argv[2] == "refused":  # a lone surrogate: SQLite refuses the record as given
+        await telemetry.record(LLMCallRecord(
+            provider="p", model="m", outcome="success", call_id="odd", response_text="x\\udcff",
+        ))
+
+asyncio.run(main())  # never closed: written at interpreter exit
+"""
+
+
+async def _exit_child(db: Path, mode: str) -> list[LLMCallRecord]:
+    child = await anyio.run_process(
+        [sys.executable, "-W", "ignore::ResourceWarning", "-c", EXIT_CHILD, str(db), mode],
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr.decode(errors="replace")
+    async with SQLiteTelemetryBackend(db) as telemetry:
+        return await telemetry.recent(limit=100)
+
+
+async def test_records_the_store_takes_are_written_as_given_at_exit(tmp_path: Path) -> None:
+    stored = await _exit_child(tmp_path / "calls.db", "taken")
+    _as_given(stored, _records(3, workflow=NUL, metadata={"note": "v\x00"}))
+
+
+async def test_a_record_the_store_refuses_at_exit_is_written_made_safe_with_the_others(
+    tmp_path: Path,
+) -> None:
+    stored = {r.call_id: r for r in await _exit_child(tmp_path / "calls.db", "refused")}
+    assert sorted(stored) == ["odd", "r0", "r1", "r2"]
+    assert stored["odd"].response_text == "x\\udcff"
+    assert stored["odd"].metadata["empathy_models.sanitized"] == "response_text"
