@@ -11,6 +11,7 @@ import anyio
 
 from empathy_models import LLMCallRecord
 from empathy_models.abc import TelemetryBackend
+from empathy_models.backends._spool import Spool
 from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import EvidenceBatch
@@ -18,6 +19,7 @@ from empathy_models.exceptions import TelemetryError
 from empathy_models.records import ModelPerformance
 
 BASE = datetime(2026, 2, 1, tzinfo=UTC)
+ROOT = str(Path(__file__).resolve().parent.parent)
 
 
 def _records(n: int, prefix: str = "r", **fields: object) -> list[LLMCallRecord]:
@@ -161,3 +163,59 @@ async def test_a_record_the_store_refuses_at_exit_is_written_made_safe_with_the_
     assert sorted(stored) == ["odd", "r0", "r1", "r2"]
     assert stored["odd"].response_text == "x\\udcff"
     assert stored["odd"].metadata["empathy_models.sanitized"] == "response_text"
+
+
+# ------------------------------------------- a replay cut short by aclose
+
+
+class StalledStore(ThirdPartyStore):
+    """`ThirdPartyStore` whose writes hang while ``stalled`` (a store that stopped answering)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.stalled = True
+        self.entered = anyio.Event()
+
+    @property
+    def spool_target(self) -> str:
+        return f"stalled:{self._db.path}"
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        self.entered.set()
+        if self.stalled:
+            await anyio.sleep_forever()
+        await super().record_many(records)
+
+
+REPLAY_CHILD = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[2])
+from tests.test_spool import StalledStore
+from empathy_models.backends.batching import BatchingTelemetryBackend
+
+async def main():
+    inner = StalledStore(sys.argv[1])
+    inner.stalled = False
+    async with BatchingTelemetryBackend(inner) as telemetry:
+        print(len(await telemetry.recent(limit=100)))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_replay_cut_short_by_aclose_leaves_the_spool_to_other_processes(
+    tmp_path: Path,
+) -> None:
+    # the claim of a replay that aclose cancelled stayed on the file under this
+    # process's id: while this process lived, no other process replayed those records
+    db = tmp_path / "calls.db"
+    inner = StalledStore(db)
+    Spool(inner.spool_target).write(_records(5))  # as a process that met an outage left it
+    telemetry = BatchingTelemetryBackend(inner, close_timeout=0.1)
+    async with telemetry:
+        await inner.entered.wait()  # replaying the spool; the store does not answer
+    child = await anyio.run_process(
+        [sys.executable, "-c", REPLAY_CHILD, str(db), ROOT], check=False
+    )
+    assert child.returncode == 0, child.stderr.decode(errors="replace")
+    assert child.stdout.decode().split() == ["5"]
