@@ -17,6 +17,7 @@ the rest of it is replayed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -235,7 +236,16 @@ class _Spiller:
                 claimed = await anyio.to_thread.run_sync(spool.claim, path)
                 if claimed is None:
                     continue
-                replayed = await self._replay_file(spool, claimed)
+                try:
+                    replayed = await self._replay_file(spool, claimed)
+                except BaseException:
+                    # cut short (aclose past close_timeout): give the file back, or its
+                    # claim, under this process's id, keeps every other process from
+                    # replaying it while this one lives (a chunk written meanwhile is
+                    # skipped by the next replay)
+                    with contextlib.suppress(OSError):
+                        spool.release(claimed)
+                    raise
                 if replayed == "failed":
                     self._set_back()
                     return

@@ -5,7 +5,8 @@ Each store has its own directory, ``$EMPATHY_HOME/spool/<digest of the store>``
 (mode 0700, as is each parent the spool creates), so records are only ever replayed
 into the store they were meant for.
 Every spill is one new file of JSON lines (the versioned dicts of
-`empathy_models.serialization`), written to a temporary name, flushed to disk and
+`empathy_models.serialization`, records as given: the store decides what it takes,
+as it does on the write path), written to a temporary name, flushed to disk and
 renamed, so a file is either complete or absent; files are mode 0600.  Replaying
 claims a file by renaming it (two processes never replay the same file at once),
 writes its records and deletes it; one that fails partway gives the file back
@@ -54,6 +55,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _line(record: LLMCallRecord) -> str:
+    """
+    ``record`` as a spool line: as given (JSON escapes a NUL or a lone surrogate, which
+    read back as they were, and the store decides whether it takes them), or made
+    storable when JSON cannot hold it (a metadata integer past 4,300 digits).
+    """
+    try:
+        return json.dumps(to_dict(record), separators=(",", ":"))
+    except ValueError:
+        safe, _ = storable(record)
+        return json.dumps(to_dict(safe), separators=(",", ":"))
+
+
 class Spool:
     """
     The spool directory of one store, named by ``target`` (a description without secrets).
@@ -97,10 +111,7 @@ class Spool:
 
     def _write(self, records: Iterable[LLMCallRecord], target: Path) -> int:
         """Write ``records`` as the file ``target`` (replaced at once); how many were."""
-        lines = []
-        for record in records:
-            safe, _ = storable(record)  # what is spooled must read back
-            lines.append(json.dumps(to_dict(safe), separators=(",", ":")))
+        lines = [_line(record) for record in records]
         if not lines:
             return 0
         directory = self.directory

@@ -698,6 +698,20 @@ class _Batcher:
         self._spill.spill_or_fail(records, f"flushed at {why}")
 
 
+def _spool_target(inner: TelemetryBackend) -> str:
+    """
+    What names ``inner``'s store for its spool (see `BatchingTelemetryBackend`).  Python's
+    default repr holds the object's address: a spool named after it would be one per
+    instance, which no later process replays.
+    """
+    target = getattr(inner, "spool_target", None)
+    if isinstance(target, str):
+        return target
+    cls = type(inner)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return name if cls.__repr__ is object.__repr__ else f"{name}:{inner!r}"
+
+
 class BatchingTelemetryBackend(TelemetryBackend):
     """
     Wrap any `TelemetryBackend` (or a URL for one) with write-behind batching.
@@ -719,6 +733,12 @@ class BatchingTelemetryBackend(TelemetryBackend):
         close_timeout: seconds `aclose` spends writing everything still queued; it
             spools the rest, then closes the wrapped backend.
         exit_flush: ``False`` opts out of the exit hooks.
+
+    The spool is named after the wrapped backend's store, so that the next process
+    opening that store replays it: its ``spool_target`` (a string naming the store
+    without secrets) when it has one, else its class and repr, or its class alone when
+    the repr is Python's default (which names the object, not the store).  A backend
+    class whose instances may keep different stores gives a ``spool_target``.
 
     Raises:
         ConfigurationError: a bad setting.
@@ -749,9 +769,6 @@ class BatchingTelemetryBackend(TelemetryBackend):
                 f"inner must be a TelemetryBackend or a URL, got {shown(inner)}"
             )
         self._inner = inner
-        target = getattr(inner, "spool_target", None)
-        if not isinstance(target, str):
-            target = f"{type(inner).__module__}.{type(inner).__qualname__}:{inner!r}"
         use_spool = _check_bool("spool", spool) and inner.persistent
         self._batcher = _Batcher(
             inner.record_many,
@@ -760,7 +777,7 @@ class BatchingTelemetryBackend(TelemetryBackend):
             flush_interval=flush_interval,
             max_queue=max_queue,
             on_full=on_full,
-            spool=Spool(target) if use_spool else None,
+            spool=Spool(_spool_target(inner)) if use_spool else None,
             close_timeout=close_timeout,
             exit_flush=exit_flush,
         )

@@ -64,6 +64,18 @@ from ._schema import (
 # --------------------------------------------------------------------------- telemetry
 
 
+def _store_now(conn: sqlite3.Connection, records: list[LLMCallRecord]) -> None:
+    """Insert ``records`` and their evidence in one transaction (rolled back on failure)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        inserted = _insert_calls_now(conn, records)
+        _add_evidence_now(conn, _evidence_rows(inserted))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.rollback()
+        raise
+
+
 class SQLiteTelemetryBackend(TelemetryBackend):
     """
     `LLMCallRecord`s in a SQLite file (or ``":memory:"``), shared by every process.
@@ -225,8 +237,10 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         """
         Store ``records`` synchronously in one transaction (exit paths: no event loop).
 
-        Values are made safe first (`storable`); waits at most 2 s for the write lock.
-        The file must exist at the current schema version (it is never created here).
+        Records are stored as given; when SQLite refuses one for a value it holds, the
+        transaction is written again with every record made safe (`storable`).  Waits
+        at most 2 s for the write lock.  The file must exist at the current schema
+        version (it is never created here).
         """
         conn = sqlite3.connect(
             f"file:{quoted_path(self._path)}?mode=rw",
@@ -238,14 +252,10 @@ class SQLiteTelemetryBackend(TelemetryBackend):
             row = conn.execute("PRAGMA user_version").fetchone()
             if row is None or int(row[0]) != SCHEMA_VERSION:
                 raise self._db._fail("the file is not at this version's schema")
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                inserted = _insert_calls_now(conn, [storable(r)[0] for r in records])
-                _add_evidence_now(conn, _evidence_rows(inserted))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.rollback()
-                raise
+                _store_now(conn, records)
+            except _REFUSED:
+                _store_now(conn, [storable(r)[0] for r in records])
         finally:
             conn.close()
 

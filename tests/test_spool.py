@@ -1,0 +1,221 @@
+"""The telemetry spool: what goes through it is replayed into its store, as written."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+
+from empathy_models import LLMCallRecord
+from empathy_models.abc import TelemetryBackend
+from empathy_models.backends._spool import Spool
+from empathy_models.backends.batching import BatchingTelemetryBackend
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+from empathy_models.evidence import EvidenceBatch
+from empathy_models.exceptions import TelemetryError
+from empathy_models.records import ModelPerformance
+
+BASE = datetime(2026, 2, 1, tzinfo=UTC)
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def _records(n: int, prefix: str = "r", **fields: object) -> list[LLMCallRecord]:
+    return [
+        LLMCallRecord(
+            provider="p",
+            model="m",
+            outcome="success",
+            call_id=f"{prefix}{i}",
+            timestamp=BASE + timedelta(seconds=i),
+            latency_ms=float(i),
+            **fields,  # type: ignore[arg-type]
+        )
+        for i in range(n)
+    ]
+
+
+class ThirdPartyStore(TelemetryBackend):
+    """
+    A persistent backend as a third party writes one: neither a ``spool_target`` nor a
+    ``__repr__`` of its own (the store is an unbatched SQLite file underneath).
+    """
+
+    def __init__(self, path: Path, *, down: bool = False) -> None:
+        self._db = SQLiteTelemetryBackend(path, batch=False)
+        self.down = down
+
+    @property
+    def persistent(self) -> bool:
+        return True
+
+    async def _aopen(self) -> None:
+        await self._db.__aenter__()
+
+    async def _aclose(self) -> None:
+        await self._db.aclose()
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        if self.down:
+            raise TelemetryError("the store is down", target="third-party")
+        await self._db.record_many(records)
+
+    async def _recent(self, **query: object) -> list[LLMCallRecord]:
+        return await self._db.recent(**query)  # type: ignore[arg-type]
+
+    async def _aggregate(self, **query: object) -> list[ModelPerformance]:
+        return await self._db.aggregate(**query)  # type: ignore[arg-type]
+
+    async def _spend(self, **query: object) -> dict[tuple[str | None, str | None, str], float]:
+        return await self._db.spend(**query)  # type: ignore[arg-type]
+
+    async def _evidence(self, **query: object) -> EvidenceBatch:
+        return await self._db.evidence(**query)  # type: ignore[arg-type]
+
+    async def _purge(self, **query: object) -> int:
+        return await self._db.purge(**query)  # type: ignore[arg-type]
+
+
+async def test_a_third_party_store_replays_the_spool_another_instance_left(
+    tmp_path: Path,
+) -> None:
+    # its default repr names the object ("<... object at 0x7f...>"), not the store: a
+    # spool named after it was one per instance, which no later process ever replayed
+    db = tmp_path / "calls.db"
+    records = _records(5)
+    first = BatchingTelemetryBackend(ThirdPartyStore(db, down=True), close_timeout=0.1)
+    async with first:
+        await first.record_many(records)
+    assert first.spooled == 5  # not written within close_timeout: spooled
+    async with BatchingTelemetryBackend(ThirdPartyStore(db)) as again:  # the next process
+        stored = await again.recent(limit=100)
+    assert sorted(r.call_id for r in stored) == sorted(r.call_id for r in records)
+
+
+# ------------------------------------------- what a store takes is stored as given
+
+NUL = "a\x00b"  # SQLite stores a NUL as given (PostgreSQL refuses it: made safe there)
+
+
+def _as_given(stored: list[LLMCallRecord], written: list[LLMCallRecord]) -> None:
+    assert sorted(stored, key=lambda r: r.call_id) == sorted(written, key=lambda r: r.call_id)
+
+
+async def test_records_the_store_takes_go_through_the_spool_as_given(tmp_path: Path) -> None:
+    # a burst past max_queue goes through the spool; it escaped a NUL (as for a store
+    # that refuses it) and flagged the record made safe, though SQLite takes it: the
+    # same call was stored two ways, and its evidence split over two workflows
+    written = _records(6, workflow=NUL, metadata={"note": "v\x00"})
+    async with SQLiteTelemetryBackend(tmp_path / "calls.db", max_queue=2) as telemetry:
+        await telemetry.record_many(written)
+        await telemetry.flush()
+        assert telemetry.spooled > 0
+        _as_given(await telemetry.recent(limit=100), written)
+        buckets = (await telemetry.evidence()).buckets
+    assert [(b.workflow, b.samples) for b in buckets] == [(NUL, 6)]
+
+
+EXIT_CHILD = """
+import asyncio, sys
+from datetime import UTC, datetime
+from empathy_models import LLMCallRecord
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+
+async def main():
+    telemetry = SQLiteTelemetryBackend(sys.argv[1], flush_interval=60, max_batch=1000)
+    await telemetry.recent()  # open: the file exists when the exit flush writes it
+    for i in range(3):
+        await telemetry.record(LLMCallRecord(
+            provider="p", model="m", outcome="success", call_id=f"r{i}",
+            workflow="a" + chr(0) + "b", timestamp=datetime(2026, 2, 1, 0, 0, i, tzinfo=UTC),
+            latency_ms=float(i), metadata={"note": "v" + chr(0)},
+        ))
+    if sys.argv[2] == "refused":  # a lone surrogate: SQLite refuses the record as given
+        await telemetry.record(LLMCallRecord(
+            provider="p", model="m", outcome="success", call_id="odd", response_text="x\\udcff",
+        ))
+
+asyncio.run(main())  # never closed: written at interpreter exit
+"""
+
+
+async def _exit_child(db: Path, mode: str) -> list[LLMCallRecord]:
+    child = await anyio.run_process(
+        [sys.executable, "-W", "ignore::ResourceWarning", "-c", EXIT_CHILD, str(db), mode],
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr.decode(errors="replace")
+    async with SQLiteTelemetryBackend(db) as telemetry:
+        return await telemetry.recent(limit=100)
+
+
+async def test_records_the_store_takes_are_written_as_given_at_exit(tmp_path: Path) -> None:
+    stored = await _exit_child(tmp_path / "calls.db", "taken")
+    _as_given(stored, _records(3, workflow=NUL, metadata={"note": "v\x00"}))
+
+
+async def test_a_record_the_store_refuses_at_exit_is_written_made_safe_with_the_others(
+    tmp_path: Path,
+) -> None:
+    stored = {r.call_id: r for r in await _exit_child(tmp_path / "calls.db", "refused")}
+    assert sorted(stored) == ["odd", "r0", "r1", "r2"]
+    assert stored["odd"].response_text == "x\\udcff"
+    assert stored["odd"].metadata["empathy_models.sanitized"] == "response_text"
+
+
+# ------------------------------------------- a replay cut short by aclose
+
+
+class StalledStore(ThirdPartyStore):
+    """`ThirdPartyStore` whose writes hang while ``stalled`` (a store that stopped answering)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.stalled = True
+        self.entered = anyio.Event()
+
+    @property
+    def spool_target(self) -> str:
+        return f"stalled:{self._db.path}"
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        self.entered.set()
+        if self.stalled:
+            await anyio.sleep_forever()
+        await super().record_many(records)
+
+
+REPLAY_CHILD = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[2])
+from tests.test_spool import StalledStore
+from empathy_models.backends.batching import BatchingTelemetryBackend
+
+async def main():
+    inner = StalledStore(sys.argv[1])
+    inner.stalled = False
+    async with BatchingTelemetryBackend(inner) as telemetry:
+        print(len(await telemetry.recent(limit=100)))
+
+asyncio.run(main())
+"""
+
+
+async def test_a_replay_cut_short_by_aclose_leaves_the_spool_to_other_processes(
+    tmp_path: Path,
+) -> None:
+    # the claim of a replay that aclose cancelled stayed on the file under this
+    # process's id: while this process lived, no other process replayed those records
+    db = tmp_path / "calls.db"
+    inner = StalledStore(db)
+    Spool(inner.spool_target).write(_records(5))  # as a process that met an outage left it
+    telemetry = BatchingTelemetryBackend(inner, close_timeout=0.1)
+    async with telemetry:
+        await inner.entered.wait()  # replaying the spool; the store does not answer
+    child = await anyio.run_process(
+        [sys.executable, "-c", REPLAY_CHILD, str(db), ROOT], check=False
+    )
+    assert child.returncode == 0, child.stderr.decode(errors="replace")
+    assert child.stdout.decode().split() == ["5"]
