@@ -107,8 +107,14 @@ async def _check(url: str, spawn: Callable[[str, str, dict[str, Any], float], _C
         "probe_lease_seconds": 3600.0,
     }
     ttl = 5.0
-    children = [spawn(url, key, policy, ttl) for _ in range(3)]
     store = state_store_from_url(url)
+    if not store.shared:
+        await store.aclose()
+        raise AssertionError(
+            "the fleet check needs a store shared between processes; "
+            f"{type(store).__name__} is not (its `shared` is false)"
+        )
+    children = [spawn(url, key, policy, ttl) for _ in range(3)]
     async with store:
         answers = _ask_all(children, {"op": "fail", "n": 2})
         assert [a["admitted"] for a in answers] == [2, 2, 2]
