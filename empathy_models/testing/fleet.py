@@ -26,7 +26,9 @@ What it checks:
   and admit after each reset.
 
 The children run ``python -m empathy_models.testing._fleet_worker`` with the running
-interpreter; a child that dies or stays silent for 60 s fails the check with its stderr.
+interpreter and read the URL from their standard input, never from their command line
+(which every user of the machine can read); a child that dies or stays silent for 60 s
+fails the check with its stderr.
 """
 
 from __future__ import annotations
@@ -84,8 +86,11 @@ async def breaker_fleet_check(url: str) -> None:
     children: list[_Child] = []
 
     def spawn(url: str, key: str, policy: dict[str, Any], ttl: float) -> _Child:
-        child = _Child(url, key, json.dumps(policy), str(ttl))
+        # the URL goes down the pipe: a command line (and a password in it) is
+        # visible to every user of the machine
+        child = _Child(key, json.dumps(policy), str(ttl))
         children.append(child)
+        child.send({"url": url})
         assert child.read() == {"ready": True}
         return child
 
