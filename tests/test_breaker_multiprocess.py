@@ -179,3 +179,49 @@ async def test_the_shipped_fleet_check_passes_on_a_shared_sqlite_file(tmp_path: 
     from empathy_models.testing.fleet import breaker_fleet_check
 
     await breaker_fleet_check(f"sqlite:///{tmp_path / 'state.db'}")
+
+
+# A store published under a scheme of its own whose URL holds a password; building it in
+# a process whose command line shows that password fails (as `ps` would show it).
+_SECRET_PLUGIN = """
+import sys
+from urllib.parse import urlsplit
+
+from empathy_models.backends import BackendPlugin
+from empathy_models.backends.sqlite import SQLiteStateStore
+
+
+def state_store(url, **options):
+    parts = urlsplit(url)
+    shown = " ".join(sys.argv) + " " + " ".join(sys.orig_argv)
+    if parts.password in shown:
+        raise RuntimeError("the store's password is on this process's command line")
+    return SQLiteStateStore(parts.path, **options)
+
+
+PLUGIN = BackendPlugin(schemes=("vault",), package="vault-store", state_store=state_store)
+"""
+
+
+async def test_the_fleet_check_keeps_the_store_url_off_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from empathy_models.testing.fleet import breaker_fleet_check
+
+    plugin_dir = tmp_path / "site"
+    plugin_dir.mkdir()
+    (plugin_dir / "vault_store.py").write_text(_SECRET_PLUGIN)
+    dist = plugin_dir / "vault_store-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vault-store\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[empathy_models.backends]\nvault = vault_store:PLUGIN\n"
+    )
+    monkeypatch.syspath_prepend(str(plugin_dir))  # this process; the children by PYTHONPATH
+    inherited = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(plugin_dir), *([inherited] if inherited else [])])
+    )
+    await breaker_fleet_check(
+        f"vault://operator:hunter2-{uuid.uuid4().hex}@localhost{tmp_path}/state.db"
+    )

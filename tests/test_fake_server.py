@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import math
 import random
 import re
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -619,6 +621,24 @@ async def test_url_before_enter_and_repr() -> None:
     await server.aclose()  # idempotent
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_an_ipv6_host_gives_urls_a_client_can_use(session: aiohttp.ClientSession) -> None:
+    async with FakeLLMServer(host="::1", api_key=KEY) as server:
+        assert server.url.startswith("http://[::1]:")
+        assert (await anthropic(session, server))[0] == 200
+        assert (await openai(session, server))[0] == 200
+        assert server.requests("m") == 2
+
+
 # ------------------------------------------------------------------ behaviours
 
 
@@ -668,6 +688,37 @@ def test_bad_latency_and_actions() -> None:
         server.set_outage("m", True, action="boom")
     with pytest.raises(ConfigurationError):
         FakeLLMServer({"m": "fast"})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Latency.fixed("5"),  # type: ignore[arg-type]
+        lambda: Latency.fixed(True),
+        lambda: Latency.uniform(1, "9"),  # type: ignore[arg-type]
+        lambda: Latency.uniform(math.nan, 5),
+        lambda: Latency.lognormal(40, math.inf),  # every draw forever or nothing
+        lambda: Latency.lognormal(40, "wide"),  # type: ignore[arg-type]
+        lambda: Latency.lognormal(math.nan),
+    ],
+    ids=["fixed str", "fixed bool", "uniform str", "uniform nan", "sigma inf", "sigma str", "nan"],
+)
+def test_a_latency_that_is_no_distribution_is_refused_by_name(build: Any) -> None:
+    with pytest.raises(RecordValidationError, match="latency") as info:
+        build()
+    assert info.value.path == "latency"
+
+
+@pytest.mark.parametrize("actions", ["hang", 503, FakeReply(content="x"), None])
+def test_a_script_that_is_not_a_list_of_actions_says_so(actions: Any) -> None:
+    # a string is iterable: "hang" was read as the actions "h", "a", "n", "g"
+    server = FakeLLMServer()
+    with pytest.raises(RecordValidationError, match="must be a list of actions") as info:
+        server.script("m", actions)
+    assert info.value.path == "actions"
+    assert server.pending("m") == 0
+    server.script("m", ("hang", 503))  # any iterable of actions
+    assert server.pending("m") == 2
 
 
 # ------------------------------------------------------------------ FakeProvider

@@ -4,6 +4,8 @@ Test helpers that ship with the package: the contract suites for backends
 wire formats), in-process fakes and a fake clock.
 """
 
+import sys
+
 from ._fake_tools import FakeReply as FakeReply
 from .clock import DEFAULT_START as DEFAULT_START, FakeClock as FakeClock
 from .fake_server import (
@@ -14,6 +16,14 @@ from .fake_server import (
     StreamBehavior as StreamBehavior,
 )
 from .fakes import FakeProvider as FakeProvider
+
+# Under pytest, the checks users run against their own backends report what failed
+# (the values compared) rather than a bare AssertionError: their modules are installed
+# code, which pytest rewrites only when asked before they are imported.
+if "pytest" in sys.modules:
+    sys.modules["pytest"].register_assert_rewrite(
+        "empathy_models.testing.contracts", "empathy_models.testing.fleet"
+    )
 
 __all__ = [
     "DEFAULT_START",

@@ -72,6 +72,13 @@ def check_action(value: object, where: str) -> Action:
     )
 
 
+def _ms(value: object) -> float | None:
+    """``value`` as a float when it is a finite real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 @frozen
 class Latency:
     """
@@ -86,30 +93,36 @@ class Latency:
     @classmethod
     def fixed(cls, ms: float) -> Latency:
         """Always ``ms`` milliseconds."""
-        if not math.isfinite(ms) or ms < 0:
-            raise RecordValidationError(f"latency must be >= 0 ms, got {shown(ms)}", path="latency")
-        return cls("fixed", float(ms))
+        value = _ms(ms)
+        if value is None or value < 0:
+            raise RecordValidationError(
+                f"latency must be a finite number >= 0 ms, got {shown(ms)}", path="latency"
+            )
+        return cls("fixed", value)
 
     @classmethod
     def uniform(cls, low_ms: float, high_ms: float) -> Latency:
         """Uniform between ``low_ms`` and ``high_ms``."""
-        if not (0 <= low_ms <= high_ms and math.isfinite(high_ms)):
+        low, high = _ms(low_ms), _ms(high_ms)
+        if low is None or high is None or not 0 <= low <= high:
             raise RecordValidationError(
-                f"latency needs 0 <= low <= high, got {shown(low_ms)}, {shown(high_ms)}",
+                "latency needs finite numbers 0 <= low <= high, "
+                f"got {shown(low_ms)}, {shown(high_ms)}",
                 path="latency",
             )
-        return cls("uniform", float(low_ms), float(high_ms))
+        return cls("uniform", low, high)
 
     @classmethod
     def lognormal(cls, median_ms: float, sigma: float = 0.5) -> Latency:
         """Log-normal with the given median and shape ``sigma`` (a long right tail)."""
-        if not (median_ms > 0 and math.isfinite(median_ms) and sigma >= 0):
+        median, shape = _ms(median_ms), _ms(sigma)
+        if median is None or shape is None or not (median > 0 and shape >= 0):
             raise RecordValidationError(
-                "lognormal latency needs median > 0 and sigma >= 0, "
+                "lognormal latency needs finite numbers median > 0 and sigma >= 0, "
                 f"got {shown(median_ms)}, {shown(sigma)}",
                 path="latency",
             )
-        return cls("lognormal", float(median_ms), float(sigma))
+        return cls("lognormal", median, shape)
 
     def sample(self, rng: random.Random) -> float:
         """One draw, in milliseconds."""

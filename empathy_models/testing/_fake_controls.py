@@ -11,8 +11,10 @@ import random
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
-from ..exceptions import ConfigurationError
+from .._validators import shown
+from ..exceptions import ConfigurationError, RecordValidationError
 from ._fake_behavior import Action, ModelBehavior, check_action
+from ._fake_tools import FakeReply
 
 __all__ = ["Controls"]
 
@@ -70,7 +72,20 @@ class Controls:
         return MappingProxyType(dict(self._outages))
 
     def script(self, model: str, actions: Iterable[Action]) -> None:
-        """Queue ``actions`` as ``model``'s next answers, after any already queued."""
+        """
+        Queue ``actions`` as ``model``'s next answers, after any already queued.
+
+        Raises:
+            RecordValidationError: ``actions`` not a list of actions (one action alone,
+                ``"hang"`` or ``503``, goes in a list: ``["hang"]``), or an action that
+                is not one.
+        """
+        if isinstance(actions, str | bytes | int | FakeReply) or not isinstance(actions, Iterable):
+            raise RecordValidationError(
+                f"actions must be a list of actions, got {shown(actions)}; "
+                f"for one action, give [{shown(actions)}]",
+                path="actions",
+            )
         checked = [check_action(a, f"actions[{i}]") for i, a in enumerate(actions)]
         self._scripts.setdefault(model, collections.deque()).extend(checked)
 

@@ -1,9 +1,11 @@
 """
 The child process of `empathy_models.testing.fleet.breaker_fleet_check`.
 
-Run as ``python -m empathy_models.testing._fleet_worker STORE_URL KEY POLICY_JSON
-LOCAL_VIEW_TTL``: one `CircuitBreaker` over the shared store named by STORE_URL
-(``redis://...``, ``postgresql://...``, or any shared store's URL), guarding KEY under
+Run as ``python -m empathy_models.testing._fleet_worker KEY POLICY_JSON LOCAL_VIEW_TTL``
+with ``{"url": STORE_URL}`` as the first line of its standard input (a URL may hold a
+password, which a command line would show to every user of the machine): one
+`CircuitBreaker` over the shared store named by STORE_URL (``redis://...``,
+``postgresql://...``, or any shared store's URL), guarding KEY under
 ``BreakerPolicy(**POLICY_JSON)``.  The breaker's own clock (which times its local view)
 starts at the wall clock and moves only by ``advance`` commands, so the check decides
 when a view goes stale; the store keeps its own (server) time.
@@ -107,7 +109,8 @@ async def serve(url: str, key: str, policy: BreakerPolicy, ttl: float) -> None:
 
 
 def main() -> None:
-    url, key, policy_json, ttl = sys.argv[1:5]
+    key, policy_json, ttl = sys.argv[1:4]
+    url = json.loads(sys.stdin.readline())["url"]
     policy = BreakerPolicy(**json.loads(policy_json))
     asyncio.run(serve(url, key, policy, float(ttl)))
 

@@ -204,7 +204,8 @@ class FakeLLMServer(Controls):
             raise
         self._runner = runner
         self._closing = asyncio.Event()
-        self._url = f"http://{host}:{port}"
+        # an IPv6 address goes in brackets: http://[::1]:8080
+        self._url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         return self
 
     async def __aexit__(
@@ -225,7 +226,10 @@ class FakeLLMServer(Controls):
 
     @property
     def url(self) -> str:
-        """``http://127.0.0.1:<port>``; raises `ConfigurationError` before enter."""
+        """
+        ``http://127.0.0.1:<port>`` (``http://[::1]:<port>`` on an IPv6 host); raises
+        `ConfigurationError` before enter.
+        """
         if self._url is None or self._runner is None:
             raise ConfigurationError("FakeLLMServer is not running; use `async with` first")
         return self._url

@@ -26,7 +26,9 @@ What it checks:
   and admit after each reset.
 
 The children run ``python -m empathy_models.testing._fleet_worker`` with the running
-interpreter; a child that dies or stays silent for 60 s fails the check with its stderr.
+interpreter and read the URL from their standard input, never from their command line
+(which every user of the machine can read); a child that dies or stays silent for 60 s
+fails the check with its stderr.
 """
 
 from __future__ import annotations
@@ -84,8 +86,11 @@ async def breaker_fleet_check(url: str) -> None:
     children: list[_Child] = []
 
     def spawn(url: str, key: str, policy: dict[str, Any], ttl: float) -> _Child:
-        child = _Child(url, key, json.dumps(policy), str(ttl))
+        # the URL goes down the pipe: a command line (and a password in it) is
+        # visible to every user of the machine
+        child = _Child(key, json.dumps(policy), str(ttl))
         children.append(child)
+        child.send({"url": url})
         assert child.read() == {"ready": True}
         return child
 
@@ -107,8 +112,14 @@ async def _check(url: str, spawn: Callable[[str, str, dict[str, Any], float], _C
         "probe_lease_seconds": 3600.0,
     }
     ttl = 5.0
-    children = [spawn(url, key, policy, ttl) for _ in range(3)]
     store = state_store_from_url(url)
+    if not store.shared:
+        await store.aclose()
+        raise AssertionError(
+            "the fleet check needs a store shared between processes; "
+            f"{type(store).__name__} is not (its `shared` is false)"
+        )
+    children = [spawn(url, key, policy, ttl) for _ in range(3)]
     async with store:
         answers = _ask_all(children, {"op": "fail", "n": 2})
         assert [a["admitted"] for a in answers] == [2, 2, 2]
