@@ -554,6 +554,31 @@ def test_strict_cost_judges_the_worst_case(clock: FakeClock) -> None:
     assert by_model(d)["nano"].cost_basis == "worst_case"  # type: ignore[attr-defined]
 
 
+def test_strict_cost_judges_no_more_output_than_the_model_writes(clock: FakeClock) -> None:
+    # the executor asks each model for at most its max_output_tokens (8,192 here): a
+    # larger max_tokens is never billed, so the worst case stops there
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
+    feed(router, clock, "nano", 100, output_tokens=10)
+    worst = 1000 * 0.1e-6 + 8192 * 0.4e-6
+    d = router.get_best_model(
+        WF,
+        ST,
+        candidates=["nano"],
+        input_tokens=1000,
+        max_tokens=50_000,
+        max_cost=worst + 1e-9,
+        strict_cost=True,
+    )
+    assert d.constraints_met and d.model == "nano"
+    assert d.expected_cost_usd == pytest.approx(worst)
+    # untried in a stage with no evidence, without strict cost: the same worst case
+    d = router.get_best_model(
+        WF, "fresh", candidates=["mini"], input_tokens=1000, max_tokens=50_000
+    )
+    assert by_model(d)["mini"].cost_basis == "worst_case"  # type: ignore[attr-defined]
+    assert d.expected_cost_usd == pytest.approx(1000 * 0.4e-6 + 8192 * 1.6e-6)
+
+
 def test_normal_decisions_are_logged_at_debug(
     clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:

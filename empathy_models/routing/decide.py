@@ -341,13 +341,16 @@ def _cost_terms(
         return (None, 0.0, None, None, None, None)
     in_price = facts.input_price
     out_price = facts.output_price
+    # no more output than the model writes: the executor asks it for no more
+    cap = cons.max_tokens
+    if cap is not None and cap > facts.max_output_tokens:
+        cap = facts.max_output_tokens
     if cons.strict_cost:
-        worst = cons.max_tokens if cons.max_tokens is not None else facts.max_output_tokens
+        worst = cap if cap is not None else facts.max_output_tokens
         return (in_price, worst * out_price, "worst_case", None, None, None)
     out: float | None = summary.mean_output_tokens
     basis: str | None = "estimate"
     prior_price: float | None = None
-    cap = cons.max_tokens
     if out is not None:
         # a measured arm: list prices scaled to what its calls were recorded to cost
         factor = cost_factor(facts, summary)
