@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -121,3 +122,17 @@ def test_the_text_summary_has_every_section(tmp_path: Path) -> None:
     ):
         assert section in out, section
     assert list(tmp_path.iterdir()) == []  # the default database was temporary
+
+
+def test_the_breaker_command_it_suggests_counts_the_demo_window(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    result = cli(tmp_path, "demo", "--calls", "100", "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    [line] = [x for x in result.stdout.splitlines() if "empathy-models breaker status" in x]
+    command = shlex.split(line)[1:]
+    # the store keeps the window's buckets, not the policy: the command names the demo's
+    status = cli(tmp_path, *command, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["window"] == {"seconds": 5.0, "buckets": 6, "assumed": False}
+    shown = cli(tmp_path, *command).stdout
+    assert "window: 5s in 6 buckets (--window, --buckets)" in shown, shown

@@ -877,9 +877,19 @@ def _print_totals(result: DemoResult, *, kept_db: Path | None, temporary: bool) 
         for command in (
             "telemetry summary",
             "routing stats support",
-            "breaker status",
+            f"breaker status{_window_options()}",
         ):
             print(f"  empathy-models {command} --db {shlex.quote(str(kept_db))}")
+
+
+def _window_options() -> str:
+    """
+    ``breaker status``'s options for the demo breakers' failure-rate window: the store
+    keeps each key's window buckets, not the policy that wrote them, so the command
+    counts them right only when told the demo's window.
+    """
+    policy = _breaker_policy()
+    return f" --window {policy.window_seconds:g} --buckets {policy.window_buckets}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
