@@ -107,6 +107,18 @@ def test_the_database_is_kept_for_the_other_commands(
     assert "openai" in {b["key"] for b in json.loads(breakers.stdout)["breakers"]}
 
 
+def test_the_totals_count_every_record_the_run_wrote(
+    run: tuple[Path, Path, dict[str, Any]],
+) -> None:
+    home, db, data = run
+    totals = data["totals"]
+    export = cli(home, "telemetry", "export", "--format", "jsonl", "--db", str(db))
+    outcomes = [json.loads(line)["outcome"] for line in export.stdout.splitlines()]
+    assert len(outcomes) == totals["attempts_recorded"] + totals.get("breaker_rejections", 0)
+    # the outage opens the OpenAI breakers: the calls they turn away are recorded too
+    assert outcomes.count("rejected") == totals["breaker_rejections"] > 0
+
+
 def test_the_text_summary_has_every_section(tmp_path: Path) -> None:
     result = cli(tmp_path, "demo", "--calls", "150")
     assert result.returncode == 0, result.stderr
