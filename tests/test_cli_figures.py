@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
+import attrs
 
 from empathy_models import (
     Budget,
@@ -164,3 +165,23 @@ def test_breaker_times_say_they_are_utc(tmp_path: Path) -> None:
     out = ok(tmp_path, "breaker", "status", "--db", str(db))
     header = out.splitlines()[0]
     assert "opened at (UTC)" in header and "open until (UTC)" in header, out
+
+
+# --------------------------------------------------------------------------- 4. latencies
+
+
+def test_the_summary_says_its_latencies_are_those_of_successful_calls(tmp_path: Path) -> None:
+    slow_failure = attrs.evolve(_call("gpt-4o", ok=False), latency_ms=5000.0)
+    db = _store(
+        tmp_path / "t.db",
+        [_call("gpt-4o") for _ in range(10)] + [attrs.evolve(slow_failure) for _ in range(10)],
+    )
+    out = ok(tmp_path, "telemetry", "summary", "--db", str(db))
+    assert _row(out, "gpt-4o")[6:8] == ["20.0", "20.0"], out  # the failures' 5 s left out
+    assert "Latencies (p50, p95, TTFT) are those of the successful calls" in out
+
+
+def test_the_demo_says_its_latencies_are_those_of_successful_calls(tmp_path: Path) -> None:
+    out = ok(tmp_path, "demo", "--calls", "60")
+    assert "attempts include failures, latencies are of the successful ones" in out
+    assert "TTFT p50 ms" in out  # every latency header has its unit

@@ -812,7 +812,7 @@ def _print_models(result: DemoResult, backend: str) -> None:
             for m in result.models
         ],
         title=f"Models chosen per workflow/stage (from {backend} telemetry; attempts include "
-        "failures)",
+        "failures, latencies are of the successful ones)",
     )
 
 
@@ -828,7 +828,7 @@ def _print_stages(result: DemoResult) -> None:
             "fallbacks",
             "p50 ms",
             "p95 ms",
-            "TTFT p50",
+            "TTFT p50 ms",
             "cost",
             "all-premium",
             "saved",
