@@ -87,7 +87,7 @@ def test_no_command_prints_the_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "usage: empathy-models" in out and "routing" in out and "demo" in out
 
 
-@pytest.mark.parametrize("group", ["auth", "routing", "breaker", "telemetry"])
+@pytest.mark.parametrize("group", ["auth", "routing", "breaker", "budget", "telemetry", "config"])
 def test_a_group_without_subcommand_prints_its_help(
     capsys: pytest.CaptureFixture[str], group: str
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,18 @@ def test_the_database_is_kept_for_the_other_commands(
     assert "openai" in {b["key"] for b in json.loads(breakers.stdout)["breakers"]}
 
 
+def test_the_totals_count_every_record_the_run_wrote(
+    run: tuple[Path, Path, dict[str, Any]],
+) -> None:
+    home, db, data = run
+    totals = data["totals"]
+    export = cli(home, "telemetry", "export", "--format", "jsonl", "--db", str(db))
+    outcomes = [json.loads(line)["outcome"] for line in export.stdout.splitlines()]
+    assert len(outcomes) == totals["attempts_recorded"] + totals.get("breaker_rejections", 0)
+    # the outage opens the OpenAI breakers: the calls they turn away are recorded too
+    assert outcomes.count("rejected") == totals["breaker_rejections"] > 0
+
+
 def test_the_text_summary_has_every_section(tmp_path: Path) -> None:
     result = cli(tmp_path, "demo", "--calls", "150")
     assert result.returncode == 0, result.stderr
@@ -121,3 +134,17 @@ def test_the_text_summary_has_every_section(tmp_path: Path) -> None:
     ):
         assert section in out, section
     assert list(tmp_path.iterdir()) == []  # the default database was temporary
+
+
+def test_the_breaker_command_it_suggests_counts_the_demo_window(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    result = cli(tmp_path, "demo", "--calls", "100", "--db", str(db))
+    assert result.returncode == 0, result.stderr
+    [line] = [x for x in result.stdout.splitlines() if "empathy-models breaker status" in x]
+    command = shlex.split(line)[1:]
+    # the store keeps the window's buckets, not the policy: the command names the demo's
+    status = cli(tmp_path, *command, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["window"] == {"seconds": 5.0, "buckets": 6, "assumed": False}
+    shown = cli(tmp_path, *command).stdout
+    assert "window: 5s in 6 buckets (--window, --buckets)" in shown, shown

@@ -598,10 +598,35 @@ def _short(value: float) -> str | None:
     return None if abs(value) < FIXED_BELOW else f"{value:.4g}"
 
 
+_PCT_DIGITS = 4
+"""The most decimals a percentage gets to stay off 0% or 100% (`fmt_pct`)."""
+
+_PCT_NOISE = 1e-9
+"""How close to 0% or 100% (in percent) a value is taken to be exactly that (float noise)."""
+
+
 def fmt_pct(value: float | None) -> str:
+    """
+    ``value`` (a fraction) as a percentage with one decimal, or the fewest more (up to
+    `_PCT_DIGITS`) that keep a value short of 100% from reading as 100.0% and one
+    above 0% from reading as 0.0% (``99.95%``, ``0.03%``): a rate of 1999 in 2000 is
+    not a perfect record.  Closer still, it is cut toward its side (``99.9999%``), or
+    shown in short scientific form near 0 (``1e-07%``).
+    """
     if value is None:
         return "-"
-    return f"{_short(value * 100) or f'{value * 100:.1f}'}%"
+    pct = value * 100
+    if (short := _short(pct)) is not None:
+        return f"{short}%"
+    for digits in range(1, _PCT_DIGITS + 1):
+        text = f"{pct:.{digits}f}"
+        shown = float(text)
+        # (a bound computed as 1 - 2e-16 is 100%: only float noise lies between them)
+        if shown not in (0.0, 100.0) or abs(shown - pct) <= _PCT_NOISE:
+            return f"{text}%"
+    if pct > 50:
+        return f"{math.floor(pct * 10**_PCT_DIGITS) / 10**_PCT_DIGITS:.{_PCT_DIGITS}f}%"
+    return f"{pct:.2g}%"
 
 
 def fmt_ms(value: float | None) -> str:
@@ -610,13 +635,24 @@ def fmt_ms(value: float | None) -> str:
     return _short(value) or f"{value:.1f}"
 
 
+_USD_DIGITS = 12
+"""The most decimals an amount under a cent gets (`fmt_usd`); smaller ones print short."""
+
+
 def fmt_usd(value: float | None) -> str:
+    """
+    ``value`` in dollars: four decimals, six under a cent, and more for an amount too
+    small for six (a cheap call's cost, ``$0.00000040``): at least two significant
+    digits, so an amount that is not zero never reads as ``$0``.  Past `_USD_DIGITS`
+    decimals, and from `FIXED_BELOW` on, the short scientific form (``$1e-15``).
+    """
     if value is None:
         return "-"
     if (short := _short(value)) is not None:
         return f"${short}"
     if value and abs(value) < 0.01:
-        return f"${value:.6f}"
+        digits = max(6, 1 - math.floor(math.log10(abs(value))))
+        return f"${value:.{digits}f}" if digits <= _USD_DIGITS else f"${value:.2g}"
     return f"${value:,.4f}"
 
 

@@ -195,7 +195,16 @@ def state_row(s: CircuitBreakerState, now: float | None = None) -> dict[str, Any
 def _print_states(states: list[CircuitBreakerState]) -> None:
     now = time.time()
     print_table(
-        ["key", "state", "failures", "window", "trips", "opened at", "open until", "last error"],
+        [
+            "key",
+            "state",
+            "failures",
+            "window",
+            "trips",
+            "opened at (UTC)",
+            "open until (UTC)",
+            "last error",
+        ],
         [
             (
                 shown_name(s.key),

@@ -18,6 +18,7 @@ from ._common import (
     add_common,
     db_url,
     emit_json,
+    fmt_usd,
     print_table,
     printable,
     read_only,
@@ -235,11 +236,11 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
     table: list[tuple[object, ...]] = [
         (
             Shown(shown_name(r["key"]) + (" *" if r["limit_overridden"] else "")),
-            f"${r['limit_usd']:,.4f}",
-            f"${r['spent_usd']:,.4f}",
-            f"${r['held_usd']:,.4f}",
+            fmt_usd(r["limit_usd"]),
+            fmt_usd(r["spent_usd"]),
+            fmt_usd(r["held_usd"]),
             "-" if u.held_until is None or not u.held else _when(u.held_until),
-            f"${r['remaining_usd']:,.4f}",
+            fmt_usd(r["remaining_usd"]),
             r["calls"],
             r["refused"],
             _when(u.window_end) + (" (ended)" if u.window_end <= now else ""),
@@ -251,11 +252,11 @@ def cmd_budget_status(args: argparse.Namespace) -> int:
     table.extend(
         (
             Shown(f"{shown_name(key)} *"),
-            f"${limit / NANO:,.4f}",
+            fmt_usd(limit / NANO),
             "$0.0000",
             "$0.0000",
             "-",
-            f"${limit / NANO:,.4f}",
+            fmt_usd(limit / NANO),
             0,
             0,
             None,
@@ -300,7 +301,9 @@ def cmd_budget_set(args: argparse.Namespace) -> int:
     elif limit is None:
         print(f"Cleared the limit override of {shown_name(args.key)}: workers use their own again")
     else:
-        print(f"Set the limit of {shown_name(args.key)} to ${limit / NANO:,.4f} for every worker")
+        print(
+            f"Set the limit of {shown_name(args.key)} to {fmt_usd(limit / NANO)} for every worker"
+        )
     return 0
 
 
@@ -325,6 +328,6 @@ def cmd_budget_reset(args: argparse.Namespace) -> int:
     elif override is not None:
         print(
             f"Nothing spent on {shown_name(args.key)} yet: its spend is already zero (its limit "
-            f"of ${override / NANO:,.4f} set in the store stays; `budget set --clear` drops it)"
+            f"of {fmt_usd(override / NANO)} set in the store stays; `budget set --clear` drops it)"
         )
     return 0

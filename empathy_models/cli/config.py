@@ -27,7 +27,8 @@ def register(subparsers: SubParsers) -> None:
         "come from: EMPATHY_CONFIG, ./empathy.toml, $EMPATHY_HOME/empathy.toml, or the "
         "defaults.",
     )
-    sub = group.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    sub = group.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    group.set_defaults(func=None, help_parser=group)
     show = sub.add_parser(
         "show",
         help="print every resolved setting and where it came from (never a secret)",

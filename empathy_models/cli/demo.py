@@ -46,6 +46,7 @@ from empathy_models import (
     ModelRegistry,
     ModelTier,
     OpenAIProvider,
+    Outcome,
     RetryPolicy,
     RoutingPolicy,
     state_store_from_url,
@@ -307,6 +308,10 @@ def _fake_behaviors() -> dict[str, ModelBehavior]:
     }
 
 
+_EVERY_RECORD = 2**63 - 1
+"""A `TelemetryBackend.recent` limit no run reaches: every record of the run."""
+
+
 def _breaker_policy() -> BreakerPolicy:
     """A breaker quick enough to trip, probe and close within a few-second demo."""
     return BreakerPolicy(
@@ -501,7 +506,7 @@ async def run_demo(
         started=started,
         progress=progress,
     )
-    performance, breakers, wall = await _send_through_the_sdk(
+    performance, rejected, breakers, wall = await _send_through_the_sdk(
         traffic,
         registry=registry,
         db_url=db_url,
@@ -518,6 +523,7 @@ async def run_demo(
         outage=traffic.outage_log,
         tallies=traffic.tallies,
         performance=performance,
+        rejected=rejected,
         transitions=transitions.entries,
         states=breakers,
     )
@@ -531,7 +537,7 @@ async def _send_through_the_sdk(
     seed: int,
     concurrency: int,
     transitions: _TransitionLog,
-) -> tuple[list[ModelPerformance], list[dict[str, Any]], float]:
+) -> tuple[list[ModelPerformance], int, list[dict[str, Any]], float]:
     """
     Start the fake, telemetry, breaker, router and executor, and send ``traffic``.
 
@@ -544,8 +550,9 @@ async def _send_through_the_sdk(
         transitions: the breaker listener.
 
     Returns:
-        What telemetry recorded per model and stage since the start, every breaker
-        key's state, and the seconds since ``traffic.started``.
+        What telemetry recorded per model and stage since the start, how many calls an
+        open breaker turned away (recorded as ``rejected``, not in the first), every
+        breaker key's state, and the seconds since ``traffic.started``.
     """
     # the default number of attempts per route, with waits short enough for the demo
     retry = RetryPolicy(base_delay=0.005, max_delay=0.05, rng=random.Random(seed + 1))
@@ -583,6 +590,8 @@ async def _send_through_the_sdk(
             await traffic.run(server, executor, concurrency)
         await telemetry.flush()
         performance = await telemetry.aggregate(since=run_start)
+        records = await telemetry.recent(since=run_start, limit=_EVERY_RECORD)
+        rejected = sum(r.outcome is Outcome.REJECTED for r in records)
         await breaker.flush()
         states = await breaker.snapshot()
         wall = time.perf_counter() - traffic.started
@@ -595,7 +604,7 @@ async def _send_through_the_sdk(
         }
         for s in states
     ]
-    return performance, breakers, wall
+    return performance, rejected, breakers, wall
 
 
 def _result(
@@ -608,6 +617,7 @@ def _result(
     outage: dict[str, Any],
     tallies: dict[tuple[str, str], _StageTally],
     performance: list[ModelPerformance],
+    rejected: int,
     transitions: list[dict[str, Any]],
     states: list[dict[str, Any]],
 ) -> DemoResult:
@@ -619,6 +629,7 @@ def _result(
         "answered": sum(t.answered for t in tallies.values()),
         "failed": sum(t.failed for t in tallies.values()),
         "attempts_recorded": sum(p.sample_size for p in performance),
+        "breaker_rejections": rejected,
         "cost_usd": total_cost,
         "premium_baseline_usd": total_baseline,
         "saving": (1.0 - total_cost / total_baseline) if total_baseline else None,
@@ -801,7 +812,7 @@ def _print_models(result: DemoResult, backend: str) -> None:
             for m in result.models
         ],
         title=f"Models chosen per workflow/stage (from {backend} telemetry; attempts include "
-        "failures)",
+        "failures, latencies are of the successful ones)",
     )
 
 
@@ -817,7 +828,7 @@ def _print_stages(result: DemoResult) -> None:
             "fallbacks",
             "p50 ms",
             "p95 ms",
-            "TTFT p50",
+            "TTFT p50 ms",
             "cost",
             "all-premium",
             "saved",
@@ -861,10 +872,13 @@ def _print_transitions(result: DemoResult) -> None:
 def _print_totals(result: DemoResult, *, kept_db: Path | None, temporary: bool) -> None:
     """The totals line, and how to keep or explore the database."""
     t = result.totals
+    rejected = t["breaker_rejections"]
+    turned_away = f" (and {rejected} calls an open breaker turned away)" if rejected else ""
     print()
     print(
         f"Total: {t['requests']} requests, {t['answered']} answered, {t['failed']} failed, "
-        f"{t['attempts_recorded']} attempts recorded; cost {fmt_usd(t['cost_usd'])} vs "
+        f"{t['attempts_recorded']} attempts recorded{turned_away}; cost "
+        f"{fmt_usd(t['cost_usd'])} vs "
         f"{fmt_usd(t['premium_baseline_usd'])} always-premium ({fmt_pct(t['saving'])} saved); "
         f"{result.wall_seconds:.1f} s"
     )
@@ -877,9 +891,19 @@ def _print_totals(result: DemoResult, *, kept_db: Path | None, temporary: bool) 
         for command in (
             "telemetry summary",
             "routing stats support",
-            "breaker status",
+            f"breaker status{_window_options()}",
         ):
             print(f"  empathy-models {command} --db {shlex.quote(str(kept_db))}")
+
+
+def _window_options() -> str:
+    """
+    ``breaker status``'s options for the demo breakers' failure-rate window: the store
+    keeps each key's window buckets, not the policy that wrote them, so the command
+    counts them right only when told the demo's window.
+    """
+    policy = _breaker_policy()
+    return f" --window {policy.window_seconds:g} --buckets {policy.window_buckets}"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

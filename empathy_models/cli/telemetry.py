@@ -50,7 +50,8 @@ _days = number_arg(int, minimum=1, maximum=MAX_DAYS, what="a whole number", too_
 _COUNTED = (
     "Calls counts the attempts the router learns from (success, failure, rate_limited, "
     "fatal); breaker rejections, cancellations, ignored and not-sent attempts are left "
-    "out (`telemetry export` lists every attempt). Cost is what every attempt in the "
+    "out (`telemetry export` lists every attempt). Latencies (p50, p95, TTFT) are those "
+    "of the successful calls. Cost is what every attempt in the "
     "window cost, those left out of Calls included (a stream abandoned or cut short is "
     "billed for what it used). The window is the days before now and the calls stamped "
     "after now, as the router counts them."
