@@ -7,6 +7,8 @@ key answers as before.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from empathy_models import BreakerPolicy, CircuitBreaker, CircuitOpenError, CircuitState
@@ -99,3 +101,67 @@ async def test_key_ttl_none_keeps_every_key_and_a_bad_one_is_refused() -> None:
     for bad in (0, -1.0, float("nan"), "7d", True):
         with pytest.raises(ConfigurationError, match="key_ttl"):
             MemoryStateStore(key_ttl=bad)  # type: ignore[arg-type]
+
+
+async def test_the_breaker_state_gauge_lets_go_of_keys_that_closed_long_ago() -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.metrics.view import View
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from empathy_models import EmpathyLLMExecutor, ExecutionContext
+    from empathy_models._otel_breaker import MAX_KEY_STATES
+    from empathy_models.backends import NullTelemetryBackend
+    from empathy_models.testing import FakeProvider
+
+    reader = InMemoryMetricReader()
+    # every series the gauge reports is exported (the SDK's default limit, 2,000 per
+    # metric, would fold the others into one overflow series)
+    whole = View(
+        instrument_name="empathy_models.breaker.state", aggregation_cardinality_limit=10**6
+    )
+    meters = MeterProvider(metric_readers=[reader], views=[whole])
+
+    def gauge() -> dict[str, int]:
+        data = reader.get_metrics_data()
+        assert data is not None
+        points: list[Any] = [
+            p
+            for r in data.resource_metrics
+            for s in r.scope_metrics
+            for m in s.metrics
+            if m.name == "empathy_models.breaker.state"
+            for p in m.data.data_points
+        ]
+        return {str(p.attributes["empathy_models.breaker.key"]): int(p.value) for p in points}
+
+    breaker = CircuitBreaker(policy=POLICY)
+    executor = EmpathyLLMExecutor(
+        [FakeProvider(name="openai")],
+        breaker=breaker,
+        telemetry_store=NullTelemetryBackend(),
+        otel=True,
+        meter_provider=meters,
+        tracer_provider=TracerProvider(),
+    )
+    context = ExecutionContext(workflow="svc", model="gpt-4.1-mini")
+    sizes = []
+    async with breaker, executor:
+        await executor.run("hi", context)
+        await breaker.force_open("tenant-held", reason="maintenance")
+        for week in range(3):
+            # the service's breaker, keyed per tenant, also guards the executor's model:
+            # each tenant of the week is shut off once by an operator, then let back in
+            for i in range(TENANTS):
+                key = f"tenant-{week}-{i}"
+                await breaker.force_open(key, reason="abuse")
+                await breaker.reset(key)
+            sizes.append(len(gauge()))
+        await executor.run("hi", context)
+        shown = gauge()
+    meters.shutdown()
+    # the old gauge reported every key that ever changed state, closed for weeks
+    assert max(sizes) <= 2 * MAX_KEY_STATES + 2, sizes
+    assert shown["tenant-held"] == 3  # forced open: kept
+    assert shown["openai:gpt-4.1-mini"] == 0  # in use: reported again once called
