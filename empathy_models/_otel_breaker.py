@@ -8,7 +8,7 @@ change is counted once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ._otel_names import _KEY, _TEXT_LIMIT, BREAKER_STATE_VALUES, _Attrs
 from ._otel_spans import _current
@@ -20,6 +20,33 @@ if TYPE_CHECKING:
     from ._otel_metrics import _Meters
     from .observability import Instrumentation
     from .records import Ticket
+
+
+MAX_KEY_STATES: Final = 4096
+"""How many keys' states the gauge holds before a new key lets go of the closed ones."""
+
+
+class KeyStates(dict[str, int]):
+    """
+    The gauge's state per breaker key.  A key seen closed is let go of when a new key
+    comes past `MAX_KEY_STATES` keys (then past twice the keys kept): a breaker keyed
+    per tenant reports its keys that are not closed and those of late, not every key
+    it ever saw.  A key in use comes back at its next admission or state change.
+    """
+
+    __slots__ = ("sweep_at",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sweep_at = MAX_KEY_STATES
+
+    def add(self, key: str, value: int) -> None:
+        """Hold ``key``, not held yet, at ``value``."""
+        if len(self) >= self.sweep_at:
+            for closed in [k for k, v in self.items() if v == 0]:
+                del self[closed]
+            self.sweep_at = max(MAX_KEY_STATES, 2 * len(self))
+        self[key] = value
 
 
 class _BreakerListener:
@@ -56,7 +83,7 @@ class _BreakerListener:
         try:
             if breaker not in meters.breaker_owner:
                 meters.breaker_owner[breaker] = self
-                meters.breaker_states.setdefault(breaker, {})
+                meters.breaker_states.setdefault(breaker, KeyStates())
         except TypeError:  # a breaker without weak references: no breaker metrics
             pass
 
@@ -82,7 +109,7 @@ class _BreakerListener:
         except TypeError:
             pass
 
-    def states(self) -> dict[str, int] | None:
+    def states(self) -> KeyStates | None:
         """The key states this listener records, or None (another one does, or none)."""
         breaker = self.breaker
         if breaker is None:
@@ -108,7 +135,10 @@ class _BreakerListener:
             return
         value = BREAKER_STATE_VALUES.get(circuit)
         if value is not None:
-            states[key] = value
+            if key in states:
+                states[key] = value
+            else:
+                states.add(key, value)
 
     def admitted(self, tickets: Iterable[Ticket]) -> None:
         """
@@ -122,7 +152,7 @@ class _BreakerListener:
         if states is not None:
             for t in tickets:
                 if t.key not in states:
-                    states[t.key] = 1 if t.lease_id is not None else 0
+                    states.add(t.key, 1 if t.lease_id is not None else 0)
 
     def on_event(self, event: BreakerEvent) -> None:
         """The breaker's listener: a span event, and for a state change its metrics."""

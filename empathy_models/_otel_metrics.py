@@ -25,7 +25,7 @@ from ._otel_names import (
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
-    from ._otel_breaker import _BreakerListener
+    from ._otel_breaker import KeyStates, _BreakerListener
     from .observability import Instrumentation
 
 
@@ -80,7 +80,7 @@ class _Meters:
         self.live: WeakSet[Instrumentation] = WeakSet()
         # per breaker: the listener that records its metrics, and its key states
         self.breaker_owner: WeakKeyDictionary[object, _BreakerListener] = WeakKeyDictionary()
-        self.breaker_states: WeakKeyDictionary[object, dict[str, int]] = WeakKeyDictionary()
+        self.breaker_states: WeakKeyDictionary[object, KeyStates] = WeakKeyDictionary()
         meter.create_observable_gauge(
             "empathy_models.breaker.state",
             callbacks=[self._observe_breakers],

@@ -376,13 +376,30 @@ class _Tail:
         self.now = now
 
 
+KEY_TTL = 7 * 86400.0
+"""How long `MemoryStateStore` keeps a key nothing was written to (plus what remains of
+an open period), as the Redis store's ``key_ttl`` does by default."""
+
+SWEEP_KEYS = 4096
+"""How many keys `MemoryStateStore` holds before a new key's first write sweeps the idle
+ones (then again when they have doubled)."""
+
+
 class MemoryStateStore(TransactionalStateStore):
     """
     Breaker state for one process.
 
+    A key nothing was written to for ``key_ttl`` seconds (plus whatever remained of an
+    open period at its last write) is forgotten, as a Redis key expires: it reads as
+    a fresh CLOSED key again, so a breaker keyed per tenant holds the tenants in use,
+    not every one it ever saw.  A FORCED_OPEN key without an end and a DISABLED key are
+    kept until a reset.  Forgotten keys go when a new key is written past `SWEEP_KEYS`
+    keys (then past twice the keys kept), so until then `snapshot_all` may list them.
+
     Args:
         clock: Returns UTC epoch seconds (default `time.time`); tests inject a fake one.
         states: States to start from, one per key (default: none, every key CLOSED).
+        key_ttl: seconds, `KEY_TTL` (a week) by default; ``None`` keeps every key.
     """
 
     def __init__(
@@ -390,12 +407,21 @@ class MemoryStateStore(TransactionalStateStore):
         *,
         clock: Callable[[], float] = time.time,
         states: Iterable[CircuitBreakerState] = (),
+        key_ttl: float | None = KEY_TTL,
     ) -> None:
+        if key_ttl is not None and not (
+            isinstance(key_ttl, int | float) and not isinstance(key_ttl, bool) and key_ttl > 0
+        ):
+            raise ConfigurationError(
+                f"key_ttl must be a number of seconds above 0 or None, got {key_ttl!r}"
+            )
         self._clock = clock
+        self._key_ttl = None if key_ttl is None else float(key_ttl)
         self._states: dict[str, CircuitBreakerState] = {state.key: state for state in states}
         # successes of the breaker's in-process path not yet folded into `_states`; every
         # operation but that path's two folds them first, so none of them sees a tail
         self._tails: dict[str, _Tail] = {}
+        self._sweep_at = SWEEP_KEYS  # keys held before a new key's write sweeps
 
     def __repr__(self) -> str:
         return f"MemoryStateStore(keys={len(self._states)})"
@@ -426,8 +452,29 @@ class MemoryStateStore(TransactionalStateStore):
         current = self._states.get(key) if key not in self._tails else self._fold(key)
         new, result = fn(current, self._clock())
         if new is not None and new is not current:
+            if current is None and len(self._states) >= self._sweep_at:
+                self._sweep()
             self._states[key] = new
         return result
+
+    def _sweep(self) -> None:
+        """
+        Forget the keys idle past ``key_ttl`` (see the class); the next sweep comes
+        when the keys kept have doubled, so each costs a constant share per new key.
+        """
+        ttl = self._key_ttl
+        states = self._states
+        if ttl is not None:
+            now = self._clock()
+            tails = self._tails
+            for key in [
+                k for k, state in states.items() if _expired(state, tails.get(k), ttl, now)
+            ]:
+                del states[key]
+                tail = tails.pop(key, None)
+                if tail is not None:
+                    tail.state = None  # a hint held elsewhere is no longer live
+        self._sweep_at = max(SWEEP_KEYS, 2 * len(states))
 
     async def _load(self, key: str) -> CircuitBreakerState | None:
         return self._states.get(key) if key not in self._tails else self._fold(key)
@@ -519,6 +566,8 @@ class MemoryStateStore(TransactionalStateStore):
         now = self._clock()
         state = self._states.get(key)
         if state is None:
+            if len(self._states) >= self._sweep_at:
+                self._sweep()
             state = initial_state(key, now)
         elif state.state is _CLOSED and state.generation == generation:
             bucket = _floor(now / policy.bucket_seconds)  # as circuit._bucket
@@ -550,6 +599,27 @@ class MemoryStateStore(TransactionalStateStore):
         state = unstepped(state, now, policy)
         new = self._states[key] = _closed_successes(state, policy, count, now)
         return new
+
+
+def _expired(state: CircuitBreakerState, tail: _Tail | None, ttl: float, now: float) -> bool:
+    """
+    Whether ``state`` (with successes in ``tail``, if any) was last written more than
+    ``ttl`` seconds before ``now``, plus what remained of its open period then: never
+    for a FORCED_OPEN key without an end, a DISABLED key, or a state without a time.
+    """
+    kind = state.state
+    if kind is CircuitState.DISABLED or (
+        kind is CircuitState.FORCED_OPEN and state.open_until_ts is None
+    ):
+        return False
+    last = state.updated_at_ts
+    if tail is not None and (last is None or tail.now > last):
+        last = tail.now
+    if last is None:
+        return False
+    until = state.open_until_ts
+    left = until - last if until is not None and until > last else 0.0
+    return now - last > ttl + left
 
 
 def _telemetry(
