@@ -770,9 +770,10 @@ class EmpathyLLMExecutor:
 
         Each run or stream in flight raises `NotOpenError` (at once; a stream nobody is
         reading, at its next read) after its attempt is recorded as cancelled, its breaker
-        lease and budget reservation given back: that bookkeeping, the cache's writes
-        behind and store operations left at a deadline or by a cancelled run are waited
-        for first, `CLOSE_WAIT` seconds (10) in all.  Then the owned breaker, quota and
+        lease and budget reservation given back; a run whose answer came already returns
+        it.  That bookkeeping, the cache's writes behind and store operations left at a
+        deadline or by a cancelled run are waited for first, `CLOSE_WAIT` seconds (10) in
+        all.  Then the owned breaker, quota and
         cache stores close together, each within its own bound (a stalled store adds its
         close timeout once, not once per store), and the telemetry backend last (it
         flushes within its ``close_timeout``).  A cancelled anyio scope around the
@@ -854,7 +855,7 @@ class EmpathyLLMExecutor:
             NotOpenError: outside ``async with``, in another event loop, or ended by `aclose`.
         """
         self._check_open()
-        with self._inflight.track("run"):  # `aclose` ends it with NotOpenError
+        with self._inflight.track("run") as tracked:  # `aclose` ends it with NotOpenError
             ctx = _DEFAULT_CONTEXT if context is None else context
             if not isinstance(ctx, ExecutionContext):
                 raise ConfigurationError(f"context must be an ExecutionContext, got {shown(ctx)}")
@@ -886,7 +887,7 @@ class EmpathyLLMExecutor:
             routes = run.planned(self._planner.plan(run, tier, needs))
             if self._obs is not None:
                 self._obs.planned(run)
-            info, reply = await Attempts(self, run, deadline_at).walk(routes)
+            info, reply = await Attempts(self, run, deadline_at, tracked=tracked).walk(routes)
             answer = self._fb.response(run, info, cast(Completion, reply), start, run.attempts_cost)
             if cache_key is not None:
                 await _cached_module().store(self, cache_key, answer, ctx)
