@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import anyio
 import attrs
 
+from ._inflight import UNTRACKED
 from ._planner import TIER_ORDER
 from ._request_options import required_capabilities
 from ._run import _DeadlineExceeded, _describe, _request_for, _Run
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
     from ._executor import EmpathyLLMExecutor, _Breaker
     from ._feedback import _Feedback
+    from ._inflight import Tracked, _Untracked
     from .content import ToolCallDelta
     from .observability import _RunTrace
     from .registry import ModelInfo
@@ -112,10 +114,21 @@ class Attempts:
     """
     One run's attempts: `walk` tries the routes, `route` one route with its retries.
     Made per run (``streamed`` for a stream's, whose hooks get its ``trace``); never
-    shared between runs.
+    shared between runs.  A run's ``tracked`` (`InFlight.track`) is told when its answer
+    came, so that `EmpathyLLMExecutor.aclose` lets it return that answer.
     """
 
-    __slots__ = ("deadline_at", "ex", "obs", "partial", "run", "streamed", "trace", "walked")
+    __slots__ = (
+        "deadline_at",
+        "ex",
+        "obs",
+        "partial",
+        "run",
+        "streamed",
+        "trace",
+        "tracked",
+        "walked",
+    )
 
     def __init__(
         self,
@@ -124,12 +137,14 @@ class Attempts:
         deadline_at: float | None,
         trace: _RunTrace | None = None,
         streamed: bool = False,
+        tracked: Tracked | _Untracked = UNTRACKED,
     ) -> None:
         self.ex = ex
         self.run = run
         self.deadline_at = deadline_at
         self.trace = trace
         self.streamed = streamed
+        self.tracked = tracked
         # a stream's hooks need its trace: without one (tracing failed) there are none
         self.obs = ex._obs if trace is not None or not streamed else None
         # what a stream that opened had when it failed before its first delta (its usage
@@ -330,7 +345,7 @@ class Attempts:
                     else:
                         completion = await provider.complete(request, timeout=budget)
                 except Exception as raised:
-                    error, cut = self._restated(raised, info, budget, by_deadline)
+                    error, cut = _restated(self, raised, info, budget, by_deadline)
                     record = await self._failed(info, error, attempt, t0, key, held, cut)
                     # nothing sent: not counted against max_routes, the hold freed whole
                     called = route_attempt > 1 or record.outcome is not Outcome.NOT_SENT
@@ -342,6 +357,7 @@ class Attempts:
                         holding = False  # the stream has them now
                         return self._opened(opening, ticket, scope_ticket, hold, attempt, t0)
                     record, completion = fb.succeeded(run, info, completion, attempt, t0, held)
+                    self.tracked.answered = True  # `aclose` waits for its bookkeeping
                     await fb.answered(record, ticket, scope_ticket, deadline_at)
                     if obs is not None:  # the span ends where the latency did, before `answered`
                         obs.attempt_ended(record, completion, None, trace, sent=t0)
@@ -498,28 +514,6 @@ class Attempts:
         if self.obs is not None:
             self.obs.rejected(info, key, exc, self.trace)
 
-    def _restated(
-        self, raised: Exception, info: ModelInfo, budget: float | None, by_deadline: bool
-    ) -> tuple[Exception, bool]:
-        """
-        The error to record for ``raised`` (a timeout says which limit ran out) and
-        whether the run's deadline ended the attempt.
-        """
-        if self.streamed:
-            by_deadline = _deadline_ended(raised, self.deadline_at, self.ex._clock())
-            return _timeout_error(raised, info, self.run.context.timeout, by_deadline), by_deadline
-        if not isinstance(raised, AttemptTimeout):
-            return raised, False
-        limit = "the run's deadline" if by_deadline else "the per-attempt timeout"
-        error = ProviderTimeoutError(
-            f"{info.provider}/{info.id} gave no answer within {budget:.3f}s ({limit})",
-            provider=info.provider,
-            model=info.id,
-        )
-        error.__cause__ = raised
-        error.__suppress_context__ = True
-        return error, by_deadline
-
     def _after_failure(
         self,
         info: ModelInfo,
@@ -631,6 +625,29 @@ def _circuit_opened(self: Attempts, info: ModelInfo) -> bool:
         return False
     routes, called = self.walked
     return opened and self._can_fall_back(info, routes, called)
+
+
+def _restated(
+    self: Attempts, raised: Exception, info: ModelInfo, budget: float | None, by_deadline: bool
+) -> tuple[Exception, bool]:
+    """
+    The error to record for ``raised`` (a timeout says which limit ran out) and
+    whether the run's deadline ended the attempt.
+    """
+    if self.streamed:
+        by_deadline = _deadline_ended(raised, self.deadline_at, self.ex._clock())
+        return _timeout_error(raised, info, self.run.context.timeout, by_deadline), by_deadline
+    if not isinstance(raised, AttemptTimeout):
+        return raised, False
+    limit = "the run's deadline" if by_deadline else "the per-attempt timeout"
+    error = ProviderTimeoutError(
+        f"{info.provider}/{info.id} gave no answer within {budget:.3f}s ({limit})",
+        provider=info.provider,
+        model=info.id,
+    )
+    error.__cause__ = raised
+    error.__suppress_context__ = True
+    return error, by_deadline
 
 
 def _within(

@@ -326,8 +326,14 @@ def _not_open(state: str, home: asyncio.AbstractEventLoop | None = None) -> NotO
     )
 
 
-def _session_here(session: aiohttp.ClientSession | None) -> aiohttp.ClientSession | None:
-    """A borrowed ``session``, refused when made in another loop than the running one."""
+def _session_here(
+    session: aiohttp.ClientSession | None, limits: Mapping[str, int]
+) -> aiohttp.ClientSession | None:
+    """
+    A borrowed ``session``, refused when made in another loop than the running one;
+    a connection pool smaller than the calls ``limits`` (`concurrency_per_provider`)
+    let in flight is logged (`_pool_too_small`).
+    """
     home = getattr(session, "_loop", None)  # aiohttp's; a session-like without it passes
     if home is not None and home is not _running_loop():
         # its connector and timeouts are bound to that loop: every request would fail,
@@ -337,7 +343,37 @@ def _session_here(session: aiohttp.ClientSession | None) -> aiohttp.ClientSessio
             "one the executor is opened in, where it cannot send requests: create it in "
             "that loop (for SyncExecutor: leave session= out, and it makes its own)"
         )
+    if session is not None:
+        _pool_too_small(session, limits)
     return session
+
+
+def _pool_too_small(session: aiohttp.ClientSession, limits: Mapping[str, int]) -> None:
+    """
+    Log a warning when ``session``'s connector holds fewer connections (``limit``, or
+    ``limit_per_host`` for one provider) than the calls ``limits`` let in flight: the
+    calls beyond would wait for a connection inside their attempt, the wait counted
+    against their timeout, and a timeout recorded as the model's failure.
+    """
+    connector = getattr(session, "connector", None)
+    pool = getattr(connector, "limit", 0) or 0
+    per_host = getattr(connector, "limit_per_host", 0) or 0
+    calls, most = sum(limits.values()), max(limits.values(), default=0)
+    if (isinstance(pool, int) and 0 < pool < calls) or (
+        isinstance(per_host, int) and 0 < per_host < most
+    ):
+        logger.warning(
+            "session=: its connector allows %d connection(s) in all and %d per host "
+            "(0: no limit), fewer than the %d call(s) concurrency_per_provider lets in "
+            "flight (%d for one provider): the calls beyond wait for a connection within "
+            "their attempt, the wait counted against their timeout (a timeout recorded as "
+            "the model's failure); raise the connector's limit or lower "
+            "concurrency_per_provider",
+            pool,
+            per_host,
+            calls,
+            most,
+        )
 
 
 def _borrow_telemetry(stack: AsyncExitStack, fb: _Feedback) -> None:
@@ -483,7 +519,10 @@ class EmpathyLLMExecutor:
             all, or a mapping by provider name; default 64; 1 to ``2**63 - 1``).
             Further calls wait for a slot.
         session: an ``aiohttp.ClientSession`` to borrow (not closed), made in the loop the
-            executor is opened in; by default one is created on enter, closed on exit.
+            executor is opened in; by default one is created on enter, closed on exit,
+            whose connector holds as many connections as ``concurrency_per_provider``
+            lets calls be in flight.  A borrowed one holding fewer is logged on enter:
+            the calls beyond would wait for a connection within their attempt.
         sleep: the coroutine used to wait between retries and for rate-limit places
             (tests inject a recorder).
         clock: monotonic seconds, for latencies, the deadline and rate-limit waits
@@ -727,7 +766,7 @@ class EmpathyLLMExecutor:
             if self._cache is not None and self._owns_cache:
                 await self._cache.__aenter__()
                 stores.append(self._cache.aclose)
-            session = _session_here(self._session)
+            session = _session_here(self._session, self._limits)
             if session is None:
                 import aiohttp  # loaded here, not by `import empathy_models`
 
@@ -770,9 +809,10 @@ class EmpathyLLMExecutor:
 
         Each run or stream in flight raises `NotOpenError` (at once; a stream nobody is
         reading, at its next read) after its attempt is recorded as cancelled, its breaker
-        lease and budget reservation given back: that bookkeeping, the cache's writes
-        behind and store operations left at a deadline or by a cancelled run are waited
-        for first, `CLOSE_WAIT` seconds (10) in all.  Then the owned breaker, quota and
+        lease and budget reservation given back; a run whose answer came already returns
+        it.  That bookkeeping, the cache's writes behind and store operations left at a
+        deadline or by a cancelled run are waited for first, `CLOSE_WAIT` seconds (10) in
+        all.  Then the owned breaker, quota and
         cache stores close together, each within its own bound (a stalled store adds its
         close timeout once, not once per store), and the telemetry backend last (it
         flushes within its ``close_timeout``).  A cancelled anyio scope around the
@@ -854,7 +894,7 @@ class EmpathyLLMExecutor:
             NotOpenError: outside ``async with``, in another event loop, or ended by `aclose`.
         """
         self._check_open()
-        with self._inflight.track("run"):  # `aclose` ends it with NotOpenError
+        with self._inflight.track("run") as tracked:  # `aclose` ends it with NotOpenError
             ctx = _DEFAULT_CONTEXT if context is None else context
             if not isinstance(ctx, ExecutionContext):
                 raise ConfigurationError(f"context must be an ExecutionContext, got {shown(ctx)}")
@@ -886,7 +926,7 @@ class EmpathyLLMExecutor:
             routes = run.planned(self._planner.plan(run, tier, needs))
             if self._obs is not None:
                 self._obs.planned(run)
-            info, reply = await Attempts(self, run, deadline_at).walk(routes)
+            info, reply = await Attempts(self, run, deadline_at, tracked=tracked).walk(routes)
             answer = self._fb.response(run, info, cast(Completion, reply), start, run.attempts_cost)
             if cache_key is not None:
                 await _cached_module().store(self, cache_key, answer, ctx)

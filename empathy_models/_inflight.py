@@ -6,7 +6,9 @@ them before it closes what they use.
 it, with a cancellation that the run itself turns into `NotOpenError` (as
 ``asyncio.timeout`` turns its own into `TimeoutError`): the attempt in progress is
 recorded as cancelled, its breaker lease and budget reservation are given back, and its
-record is written, all while the stores are still open.  A stream entered but not being
+record is written, all while the stores are still open.  A run whose answer came
+already (`Tracked.answered`) is not cancelled: it finishes its bookkeeping and returns
+the answer its record counts as a success.  A stream entered but not being
 read is closed by `aclose` itself; its next read raises the same error.  `aclose` waits
 for that bookkeeping (and the store operations left in flight) for at most `CLOSE_WAIT`
 seconds in all, then closes the stores anyway.
@@ -76,12 +78,14 @@ class Abort:
 
 class Tracked(Abort):
     """
-    One run, or a stream's opening, while in flight: ``with inflight.track("run"):``
-    around its body.  Leaving the block with the cancellation `InFlight.end` sent raises
-    the closed error instead.
+    One run, or a stream's opening, while in flight: ``with inflight.track("run") as
+    tracked:`` around its body.  Leaving the block with the cancellation `InFlight.end`
+    sent raises the closed error instead.  Once its answer is in (recorded a success),
+    the run sets ``answered``: `InFlight.end` then waits for its bookkeeping without
+    cancelling it, and the run returns its answer.
     """
 
-    __slots__ = ("inflight", "what")
+    __slots__ = ("answered", "inflight", "what")
 
     def __init__(self, inflight: InFlight, task: asyncio.Task[object], what: str) -> None:
         self.task = task  # `Abort.__init__`, inlined: this is every run's path
@@ -89,9 +93,11 @@ class Tracked(Abort):
         self.sent = False
         self.inflight = inflight
         self.what = what
+        self.answered = False
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> Tracked:
         self.inflight.runs.add(self)
+        return self
 
     def __exit__(
         self,
@@ -113,14 +119,22 @@ class _Untracked:
 
     __slots__ = ()
 
-    def __enter__(self) -> None:
-        pass
+    def __enter__(self) -> _Untracked:
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         pass
 
+    @property
+    def answered(self) -> bool:
+        return False
 
-_UNTRACKED: Final = _Untracked()
+    @answered.setter
+    def answered(self, value: bool) -> None:
+        """Nothing ends such a call: an answer changes nothing."""
+
+
+UNTRACKED: Final = _Untracked()
 
 
 class Ending(Protocol):
@@ -155,7 +169,7 @@ class InFlight:
         """A context manager around a run's (or a stream opening's) body."""
         task = asyncio.current_task()
         if task is None:
-            return _UNTRACKED
+            return UNTRACKED
         return Tracked(self, task, what)
 
     def ended(self, stream: Ending) -> None:
@@ -178,7 +192,8 @@ class InFlight:
         for run in [run for run in self.runs if run.task is current]:
             self.runs.discard(run)  # it called aclose: it cannot be waited for
         for run in self.runs:
-            run.send()
+            if not run.answered:  # an answered run only has its bookkeeping left
+                run.send()
         for stream in list(self.streams):
             ending = stream._end_for_close()
             if ending is not None:

@@ -120,6 +120,7 @@ from .records import LLMCallRecord, Outcome, Ticket
 
 if TYPE_CHECKING:
     from ._executor import EmpathyLLMExecutor
+    from ._inflight import Tracked, _Untracked
     from ._run import Prompt
     from ._values import AttemptSummary, LLMResponse
     from .observability import _RunTrace
@@ -439,14 +440,14 @@ class LLMStream:
         # current while the routes are tried: the breaker's events find the attempt's span
         traced = None if trace is None else _current.set(trace)
         try:
-            with ex._inflight.track("stream"):  # `aclose` ends it with NotOpenError
+            with ex._inflight.track("stream") as tracked:  # `aclose` ends it with NotOpenError
                 if self._cache_key is not None and await _from_cache(self, self._cache_key):
                     return  # no routing decision made, as `run` makes none for a hit
                 if not self._routes:  # the cache missed: planned now, as `run` plans
                     _plan(self)
                 if obs is not None and self._trace is not None:
                     obs.planned(self._run, self._trace)
-                await self._open_routes()
+                await self._open_routes(tracked)
         except BaseException as exc:
             if self._state == "new":  # a failed lookup or plan: entered once all the same
                 self._state = "failed"
@@ -457,8 +458,11 @@ class LLMStream:
             if traced is not None:
                 _current.reset(traced)
 
-    async def _open_routes(self) -> None:
-        """Walk the routes with the executor's `Attempts`; adopt the one that opened."""
+    async def _open_routes(self, tracked: Tracked | _Untracked) -> None:
+        """
+        Walk the routes with the executor's `Attempts`; adopt the one that opened (an
+        empty answer, complete already, is ``tracked``'s answer: `aclose` lets it end).
+        """
         self._state = "opening"
         ex = self._ex
         deadline = self._run.context.deadline
@@ -469,8 +473,9 @@ class LLMStream:
             info, opened = await attempts.walk(list(self._routes))
             assert isinstance(opened, Opened)
             self._adopt(info, opened)
-            if opened.first is None:
-                await self._finish()  # an empty answer: complete already
+            if opened.first is None:  # an empty answer: complete already
+                tracked.answered = True
+                await self._finish()
         except BaseException:
             self._state = "failed"
             raise

@@ -417,6 +417,58 @@ async def test_an_aclose_while_another_is_closing_returns_once_the_executor_is_c
         await task
 
 
+async def _closing_begun(executor: EmpathyLLMExecutor, task: asyncio.Future[Any]) -> None:
+    """Until `aclose` has sent its cancellations and waits for the runs (or ``task`` ended)."""
+    for _ in range(100_000):
+        if task.done() or executor._inflight.idle is not None:
+            return
+        await anyio.lowlevel.checkpoint()
+    raise AssertionError("aclose never began waiting for the runs")
+
+
+@pytest.mark.parametrize("kind", ["run", "empty stream"])
+async def test_a_run_answered_when_aclose_comes_keeps_its_answer(
+    server: FakeLLMServer, tmp_path: Path, kind: str
+) -> None:
+    """
+    `aclose` ends the runs in flight with `NotOpenError`, their attempt recorded as
+    cancelled.  A run whose answer came before (recorded a success, charged, the
+    breaker hearing it) is not in flight any more: it returns its answer once its
+    bookkeeping is done, which `aclose` waits for; it does not raise while its record
+    says it succeeded.
+    """
+    if kind == "empty stream":
+        server.set_behavior("m", ModelBehavior(content="", output_tokens=0))
+    breaker = SlowSuccessReports()
+    breaker.armed = True
+    calls = tmp_path / "calls.db"
+    executor = make(
+        server,
+        breaker=breaker,
+        telemetry_store=f"sqlite:///{calls}",
+        budgets=[Budget(limit_usd=10.0)],
+        quota_store=f"sqlite:///{tmp_path}/quota.db",
+    )
+    await executor.__aenter__()
+
+    async def call() -> str | None:
+        if kind == "run":
+            return (await executor.run("hello", CTX)).model
+        async with executor.stream("hello", CTX) as stream:
+            return (await stream.get_final_response()).model
+
+    task = asyncio.ensure_future(call())
+    await _signalled(breaker.reporting)  # the answer is in, the breaker hears it
+    closing = asyncio.ensure_future(executor.aclose())
+    await _closing_begun(executor, task)
+    breaker.release.set()
+    with anyio.fail_after(30):  # a guard, not a wait
+        await closing
+        assert await task == "m"
+    assert await _quota_held(tmp_path / "quota.db") == 0
+    assert await _outcomes(calls) == [Outcome.SUCCESS]
+
+
 async def test_aclose_ends_a_stream_being_read_with_its_bookkeeping_done_first(
     server: FakeLLMServer, tmp_path: Path
 ) -> None:

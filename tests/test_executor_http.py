@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import sys
 import warnings
@@ -905,6 +906,47 @@ async def test_no_telemetry_over_http_warns_exactly_once(
     assert [w.category for w in caught] == [TelemetryDisabledWarning]
     assert executor.telemetry_enabled is False
     assert response.tier is ModelTier.CHEAP
+
+
+@pytest.mark.parametrize(
+    ("limit", "per_host", "warned"),
+    [
+        (4, 0, True),  # 4 connections for the 8 calls two providers have in flight
+        (100, 2, True),  # 2 per host for one provider's 4
+        (8, 4, False),
+        (0, 0, False),  # no limit
+    ],
+)
+async def test_a_borrowed_session_holding_fewer_connections_than_calls_in_flight_is_logged(
+    server: FakeLLMServer,
+    telemetry: MemoryTelemetryBackend,
+    sleep: RecordingSleep,
+    caplog: pytest.LogCaptureFixture,
+    limit: int,
+    per_host: int,
+    warned: bool,
+) -> None:
+    """
+    A borrowed session's pool smaller than the calls `concurrency_per_provider` lets in
+    flight queues the calls beyond inside their attempt: the wait for a connection is
+    counted against their timeout, and a model that answers in time is recorded as
+    timing out (the breaker and the router count it).  The executor says so on enter.
+    """
+    import aiohttp
+
+    def connector(limit: int, per_host: int) -> aiohttp.TCPConnector:
+        return aiohttp.TCPConnector(limit=limit, limit_per_host=per_host)
+
+    caplog.set_level(logging.WARNING, logger="empathy_models.executor")
+    async with (
+        aiohttp.ClientSession(connector=connector(limit, per_host)) as session,
+        make(server, telemetry, sleep, session=session, concurrency_per_provider=4) as executor,
+    ):
+        said = [r.getMessage() for r in caplog.records if "session=" in r.getMessage()]
+        assert bool(said) is warned, said
+        if warned:
+            assert "fewer than the 8 call(s)" in said[0] and "(4 for one provider)" in said[0]
+        assert (await executor.run("hello", CHEAP)).provider == "anthropic"
 
 
 # --------------------------------------------------------------------------- review fixes
