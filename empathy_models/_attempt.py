@@ -14,7 +14,10 @@ of the stream (`empathy_models.streaming`).  Everything else is one code path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import TYPE_CHECKING, Final, NoReturn
 
 import anyio
@@ -124,6 +127,7 @@ class Attempts:
         "obs",
         "partial",
         "run",
+        "slot_out",
         "streamed",
         "trace",
         "tracked",
@@ -145,6 +149,7 @@ class Attempts:
         self.trace = trace
         self.streamed = streamed
         self.tracked = tracked
+        self.slot_out = False  # the route's slot let go while it waits for rate limits
         # a stream's hooks need its trace: without one (tracing failed) there are none
         self.obs = ex._obs if trace is not None or not streamed else None
         # what a stream that opened had when it failed before its first delta (its usage
@@ -315,7 +320,7 @@ class Attempts:
             hold: Hold | None = None
             try:
                 if limiter is not None:
-                    admitted = await self._admit(info, limiter, called)
+                    admitted = await self._admit(info, limiter, called, semaphore)
                     if isinstance(admitted, Failed):
                         return admitted
                     hold = admitted
@@ -364,7 +369,7 @@ class Attempts:
                     return completion
             finally:
                 if holding:
-                    semaphore.release()
+                    self._release_slot(semaphore)
                     if hold is not None:
                         await _settle(self, hold, called)
             delay = self._after_failure(info, record, error, route_attempt, cut, probe)
@@ -440,6 +445,14 @@ class Attempts:
             self.obs.stream_opened(self.trace)
         return opened
 
+    def _release_slot(self, semaphore: asyncio.Semaphore) -> None:
+        """The route's slot given back, unless `_slot_let_go` let it go and did not get it
+        back (the wait for a rate limit failed)."""
+        if self.slot_out:
+            self.slot_out = False
+        else:
+            semaphore.release()
+
     def _slot(self, info: ModelInfo, semaphore: asyncio.Semaphore) -> Awaitable[object]:
         """A provider slot, waited for no longer than the deadline allows."""
         deadline_at = self.deadline_at
@@ -461,11 +474,15 @@ class Attempts:
             pass
         await _ran_out(self, info, f"waiting for a {info.provider} slot")
 
-    async def _admit(self, info: ModelInfo, limiter: Limiter, called: bool) -> Hold | Failed | None:
+    async def _admit(
+        self, info: ModelInfo, limiter: Limiter, called: bool, semaphore: asyncio.Semaphore
+    ) -> Hold | Failed | None:
         """
         The limiter's admission, within the deadline.  A retry it refuses (``called``:
         the route was called already) ends the route, which counts as called: its error
-        joins the run's and the route comes to `Failed`.
+        joins the run's and the route comes to `Failed`.  While it waits for its places
+        in rate-limit schedules, the route's provider ``semaphore`` slot is let go
+        (`_slot_let_go`), so a model waiting for its rate limit holds up no other.
 
         Raises:
             _DeadlineExceeded: the deadline ran out while the quota store answered.
@@ -481,6 +498,7 @@ class Attempts:
                 None if deadline_at is None else deadline_at - self.ex._clock(),
                 streamed=self.streamed,
                 cache_write=run.cache_write,
+                while_waiting=partial(_slot_let_go, self, info, semaphore),
             )
         except DeadlineRanOut:
             pass
@@ -680,6 +698,22 @@ def _admitted(self: Attempts, breaker: _Breaker, key: str, info: ModelInfo) -> A
     if self.deadline_at is None:
         return breaker.admit(key)
     return _admitted_within(self, breaker, key, info, self.deadline_at)
+
+
+@contextlib.asynccontextmanager
+async def _slot_let_go(
+    attempts: Attempts, info: ModelInfo, semaphore: asyncio.Semaphore
+) -> AsyncIterator[None]:
+    """
+    The route's provider slot let go around a wait, taken back after it (within the
+    deadline: `Attempts._slot`).  A wait that fails, or a deadline that runs out before
+    the slot comes back, leaves it let go: ``slot_out`` tells the route not to release it.
+    """
+    semaphore.release()
+    attempts.slot_out = True
+    yield
+    await attempts._slot(info, semaphore)
+    attempts.slot_out = False
 
 
 async def _admitted_within(

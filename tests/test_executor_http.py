@@ -717,6 +717,44 @@ async def test_a_budget_reserves_no_more_than_a_model_writes_whatever_extra_body
     assert response.model == "gpt-fake-mini"
 
 
+async def test_calls_waiting_for_a_models_rate_limit_hold_up_no_other_model(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend
+) -> None:
+    """
+    Two slots for the provider; gpt-fake-mini at 60 calls a minute: its second and
+    third calls wait for their places (the sleep holds them until the gate opens),
+    and meanwhile a call of gpt-fake-4o, on the same provider, goes through.
+    """
+    gate = asyncio.Event()
+    waits: list[float] = []
+
+    async def gated(seconds: float) -> None:
+        waits.append(seconds)
+        await gate.wait()
+
+    executor = make(
+        server,
+        telemetry,
+        gated,
+        concurrency_per_provider=2,
+        rate_limits={"gpt-fake-mini": RateLimit(rpm=60)},
+        fallback=FallbackPolicy.none(),
+    )
+    async with executor:
+        mini = [
+            asyncio.create_task(executor.run("m", ExecutionContext(model="gpt-fake-mini")))
+            for _ in range(3)
+        ]
+        await until(lambda: len(waits) == 2)
+        other = await executor.run("o", ExecutionContext(model="gpt-fake-4o", deadline=5.0))
+        assert other.model == "gpt-fake-4o"
+        assert server.requests("gpt-fake-mini") == 1  # the other two still wait
+        gate.set()
+        answers = await asyncio.gather(*mini)
+    assert [a.model for a in answers] == ["gpt-fake-mini"] * 3
+    assert server.requests("gpt-fake-mini") == 3
+
+
 async def test_all_routes_failed_over_http_has_every_attempt(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
 ) -> None:

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -596,6 +597,7 @@ class Limiter:
         *,
         streamed: bool = False,
         cache_write: CacheWrite = None,
+        while_waiting: Callable[[], AbstractAsyncContextManager[object]] | None = None,
     ) -> Hold | None:
         """
         Reserve the call's estimate in every budget covering it and take its places in the
@@ -619,6 +621,8 @@ class Limiter:
                 operation is waited for longer.
             streamed: the call is a stream (its ``timeout`` is an idle timeout).
             cache_write: the prompt-cache writes the request asks for (`estimate`).
+            while_waiting: entered around a wait for rate-limit places (the executor
+                lets the call's provider slot go there, for the provider's other models).
 
         Returns:
             The `Hold` to settle, or None when no limit applies.
@@ -644,7 +648,7 @@ class Limiter:
                 worst = self.estimate(info, input_tokens, max_tokens, cache_write=cache_write)
                 await self._admit_budgets(hold, covered, info, worst, (lease, skew), until)
             if rates:
-                await self._admit_rates(hold, rates, info, until)
+                await self._admit_rates(hold, rates, info, until, while_waiting)
         except BaseException:
             # carried through a cancellation; in the background past the deadline
             left = None if until is None else until - self._mono()
@@ -718,6 +722,7 @@ class Limiter:
         rates: list[tuple[str, RateLimit]],
         info: ModelInfo,
         until: float | None,
+        while_waiting: Callable[[], AbstractAsyncContextManager[object]] | None,
     ) -> None:
         allowed = self.max_wait
         if until is not None:
@@ -748,7 +753,7 @@ class Limiter:
                         retry_after=grant.wait,
                     )
                 wait = max(wait, grant.wait)
-        await wait_for_places(hold, wait, self._sleep, self._mono)
+        await _waited(hold, wait, self, while_waiting)
 
     async def _acquire_into(
         self,
@@ -913,6 +918,20 @@ def _within(limiter: Limiter, until: float | None) -> tuple[float | None, bool]:
         if within is None or left < within:
             return left, True
     return within, False
+
+
+async def _waited(
+    hold: Hold,
+    wait: float,
+    limiter: Limiter,
+    while_waiting: Callable[[], AbstractAsyncContextManager[object]] | None,
+) -> None:
+    """`wait_for_places`, inside ``while_waiting()`` when there is a wait."""
+    if wait > 0 and while_waiting is not None:
+        async with while_waiting():
+            await wait_for_places(hold, wait, limiter._sleep, limiter._mono)
+    else:
+        await wait_for_places(hold, wait, limiter._sleep, limiter._mono)
 
 
 async def _skew_for(limiter: Limiter, until: float | None) -> float:
