@@ -179,3 +179,51 @@ async def test_version_1_quota_tables_keep_their_rows_and_take_long_keys_once_mi
         await conn.close()
     assert version == QUOTA_SCHEMA_VERSION == 2
     assert keys == []
+
+
+async def _blocked_on_a_row_lock(conn: asyncpg.Connection, application_name: str) -> None:
+    """Wait until a session named ``application_name`` waits for a row lock."""
+    with anyio.fail_after(10):
+        while not await conn.fetchval(  # noqa: ASYNC110  # the server signals no event
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND wait_event_type = 'Lock'",
+            application_name,
+        ):
+            await anyio.sleep(0.01)
+
+
+async def test_a_budget_reset_by_another_process_during_a_reservation_fails_nothing(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    # another process deletes the window's row (a `reset_budget`, or its hourly sweep
+    # of ended windows) after this reservation found the row there and before it
+    # locked it: the reservation starts the window afresh instead of failing
+    name = f"quota-{postgres_schema}"
+    kw: dict[str, Any] = {"window_start": WS, "window_end": WE, "limit": 10}
+    async with PostgresQuotaStore(
+        postgres_url, server_settings={"application_name": name}
+    ) as store:
+        assert (await store.reserve("b", amount=6, **kw)).granted
+        table = store._table
+        other = await asyncpg.connect(postgres_dsn)
+        try:
+            # the other process's delete, held until this reservation waits for its row
+            deleting = other.transaction()
+            await deleting.start()
+            await other.execute(f"SELECT 1 FROM {table} WHERE key LIKE 'b|b@%' FOR UPDATE")
+            async with anyio.create_task_group() as tg:
+                grants = []
+
+                async def reserve() -> None:
+                    grants.append(await store.reserve("b", amount=6, **kw))
+
+                tg.start_soon(reserve)
+                await _blocked_on_a_row_lock(other, name)
+                await other.execute(f"DELETE FROM {table} WHERE key LIKE 'b|b@%'")
+                await deleting.commit()
+        finally:
+            await other.close()
+        (grant,) = grants
+        assert grant.granted and grant.usage.held == 6
+        (usage,) = await store.usages()
+        assert usage.held == 6
