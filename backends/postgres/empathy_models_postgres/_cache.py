@@ -66,10 +66,11 @@ class PostgresResponseCache(ResponseCache):
 
     In ``<table_prefix>response_cache``.  Expiry is checked against the database's
     clock; one write in a hundred also deletes expired rows and, past ``max_entries``,
-    the rows closest to expiry.  Any string is a key, as in `MemoryResponseCache`: one
-    a text column cannot hold as itself (a NUL, a lone surrogate, over 1,000 bytes, or
-    beginning with ``\x01``) is stored in a form of its own, kept apart from every
-    other key's.
+    the rows closest to expiry, skipping those another session is writing meanwhile
+    (so two processes sweeping at once never wait for each other).  Any string is a
+    key, as in `MemoryResponseCache`: one a text column cannot hold as itself (a NUL, a
+    lone surrogate, over 1,000 bytes, or beginning with ``\x01``) is stored in a form
+    of its own, kept apart from every other key's.
 
     Args:
         dsn, schema, table_prefix, create, **pool_options: as for the other PostgreSQL
@@ -155,12 +156,16 @@ class PostgresResponseCache(ResponseCache):
                 float(min(ttl, MAX_TTL)),
             )
             if self._writes % 100 == 1:
+                # the rows another session holds are skipped, not waited for: its own
+                # sweep may be waiting for the row written above (a deadlock)
                 await conn.execute(
-                    f"DELETE FROM {self._table} WHERE expires_at <= clock_timestamp()"
+                    f"DELETE FROM {self._table} WHERE key IN (SELECT key FROM {self._table}"
+                    " WHERE expires_at <= clock_timestamp() FOR UPDATE SKIP LOCKED)"
                 )
                 await conn.execute(
-                    f"DELETE FROM {self._table} WHERE key IN (SELECT key FROM {self._table} "
-                    "ORDER BY expires_at DESC OFFSET $1)",
+                    f"DELETE FROM {self._table} WHERE key IN (SELECT key FROM {self._table}"
+                    f" WHERE key IN (SELECT key FROM {self._table} ORDER BY expires_at DESC"
+                    " OFFSET $1) FOR UPDATE SKIP LOCKED)",
                     self.max_entries,
                 )
 

@@ -77,6 +77,9 @@ OPEN_TIMEOUT: Final = 2.0
 CLOSE_TIMEOUT: Final = 5.0
 """Seconds `Database.close` waits for the pool to close cleanly before terminating it."""
 
+_LOCK_ATTEMPTS: Final = 10
+"""Times `Database.lock_row` inserts a row that other sessions keep deleting."""
+
 KEPT_STATEMENTS: Final = 10_000
 """Statements run on the kept connection before it goes back to the pool once (see
 `Database.statement`), so the pool's own rules (``max_queries``, its inactive-connection
@@ -386,24 +389,29 @@ class Database:
         and the server's clock read after the lock is granted (the outer query).
         ``unique`` is what the table's unique index holds (the key, or an expression of
         it) and ``match`` the condition that finds key ``$1``'s row on that index.
+        Another session may delete the row between the insert (which found it there)
+        and the lock (a quota store's budget reset or sweep of ended windows): the lock
+        then finds no row, and the row is inserted again.
         """
-        await conn.execute(
-            f"INSERT INTO {table} (key, {column}) VALUES ($1, NULL) "
-            f"ON CONFLICT ({unique}) DO NOTHING",
-            key,
-        )
-        row = await conn.fetchrow(
-            f"SELECT locked.{column}::text AS {column}, "
-            "extract(epoch FROM clock_timestamp())::float8 AS now "
-            f"FROM (SELECT {column} FROM {table} WHERE {match} FOR UPDATE) AS locked",
-            key,
-        )
-        if row is None:  # pragma: no cover - the insert above guarantees a row
-            raise self.error_type(
-                f"PostgreSQL {self.component} {self.target}: row for {shown(key)} vanished",
-                target=self.target,
+        for _ in range(_LOCK_ATTEMPTS):
+            await conn.execute(
+                f"INSERT INTO {table} (key, {column}) VALUES ($1, NULL) "
+                f"ON CONFLICT ({unique}) DO NOTHING",
+                key,
             )
-        return row[column], float(row["now"])
+            row = await conn.fetchrow(
+                f"SELECT locked.{column}::text AS {column}, "
+                "extract(epoch FROM clock_timestamp())::float8 AS now "
+                f"FROM (SELECT {column} FROM {table} WHERE {match} FOR UPDATE) AS locked",
+                key,
+            )
+            if row is not None:
+                return row[column], float(row["now"])
+        raise self.error_type(
+            f"PostgreSQL {self.component} {self.target}: the row of {shown(key)} was "
+            f"deleted by another session each of {_LOCK_ATTEMPTS} times it was locked",
+            target=self.target,
+        )
 
     async def run(
         self,

@@ -1,0 +1,112 @@
+"""
+Sessions of other processes holding, deleting or writing the rows a store's
+transaction needs: the store's operation waits its turn and succeeds, and two stores
+never deadlock each other.  Another session's row lock orders the steps (each test
+waits until the store's session waits for that lock, as `pg_stat_activity` shows).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import asyncpg
+from empathy_models_postgres import PostgresQuotaStore, PostgresResponseCache
+
+WS, WE = 1_800_000_000.0, 1_800_086_400.0
+
+
+async def _waits_for_a_row_lock(
+    conn: asyncpg.Connection, application_name: str, done: anyio.Event | None = None
+) -> None:
+    """Wait until a session named ``application_name`` waits for a row lock (or,
+    given ``done``, until it is set)."""
+    with anyio.fail_after(10):
+        while not (done is not None and done.is_set()) and not await conn.fetchval(  # noqa: ASYNC110  # the server signals no event
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND wait_event_type = 'Lock'",
+            application_name,
+        ):
+            await anyio.sleep(0.01)
+
+
+async def test_a_budget_reset_by_another_process_during_a_reservation_fails_nothing(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    # another process deletes the window's row (a `reset_budget`, or its hourly sweep
+    # of ended windows) after this reservation found the row there and before it
+    # locked it: the reservation starts the window afresh instead of failing
+    name = f"quota-{postgres_schema}"
+    kw: dict[str, Any] = {"window_start": WS, "window_end": WE, "limit": 10}
+    async with PostgresQuotaStore(
+        postgres_url, server_settings={"application_name": name}
+    ) as store:
+        assert (await store.reserve("b", amount=6, **kw)).granted
+        table = store._table
+        other = await asyncpg.connect(postgres_dsn)
+        try:
+            # the other process's delete, held until this reservation waits for its row
+            deleting = other.transaction()
+            await deleting.start()
+            await other.execute(f"SELECT 1 FROM {table} WHERE key LIKE 'b|b@%' FOR UPDATE")
+            async with anyio.create_task_group() as tg:
+                grants = []
+
+                async def reserve() -> None:
+                    grants.append(await store.reserve("b", amount=6, **kw))
+
+                tg.start_soon(reserve)
+                await _waits_for_a_row_lock(other, name)
+                await other.execute(f"DELETE FROM {table} WHERE key LIKE 'b|b@%'")
+                await deleting.commit()
+        finally:
+            await other.close()
+        (grant,) = grants
+        assert grant.granted and grant.usage.held == 6
+        (usage,) = await store.usages()
+        assert usage.held == 6
+
+
+async def _set(cache: PostgresResponseCache, key: str, done: anyio.Event) -> None:
+    try:
+        await cache.set(key, b"new " + key.encode(), 60.0)
+    finally:
+        done.set()
+
+
+async def test_two_caches_sweeping_as_they_refresh_expired_answers_never_deadlock(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    # each cache's first write also deletes the expired rows; two processes refreshing
+    # two expired answers at once, each sweeping while it holds its own answer's row,
+    # wanted each other's row (the old, expired version of it)
+    names = [f"cache-{i}-{postgres_schema}" for i in (1, 2)]
+    async with (
+        PostgresResponseCache(postgres_url, server_settings={"application_name": names[0]}) as one,
+        PostgresResponseCache(postgres_url, server_settings={"application_name": names[1]}) as two,
+    ):
+        table = one._table
+        other = await asyncpg.connect(postgres_dsn)
+        try:
+            # "x" first and oldest: each sweep meets it before the other expired rows
+            for i, key in enumerate(["x", "a", "b"]):
+                await other.execute(
+                    f"INSERT INTO {table} (key, value, expires_at) "
+                    "VALUES ($1, 'old', now() - make_interval(secs => $2))",
+                    key,
+                    float(100 - i),
+                )
+            # a third process holds "x" until both caches have started their sweep
+            holding = other.transaction()
+            await holding.start()
+            await other.execute(f"SELECT 1 FROM {table} WHERE key = 'x' FOR UPDATE")
+            async with anyio.create_task_group() as tg:
+                for cache, key, name in ((one, "a", names[0]), (two, "b", names[1])):
+                    done = anyio.Event()
+                    tg.start_soon(_set, cache, key, done)
+                    # its sweep waits for "x", or has passed it by
+                    await _waits_for_a_row_lock(other, name, done)
+                await holding.commit()
+        finally:
+            await other.close()
+        assert (await one.get("a"), await two.get("b")) == (b"new a", b"new b")
