@@ -14,7 +14,7 @@ from typing import TypeAlias
 
 from attrs import frozen
 
-from ._validators import shown as shown_value
+from ._validators import escaped, shown as shown_value
 from .circuit import shown
 from .exceptions import ConfigurationError
 from .records import CircuitBreakerState, CircuitState, _ts_to_datetime
@@ -111,20 +111,11 @@ ts = _ts_to_datetime
 absurd Retry-After or open period, the latest instant a datetime holds)."""
 
 
-def encodable(text: str) -> str:
-    """``text`` with what UTF-8 cannot encode (lone surrogates) escaped, for any store."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
 def describe(exc: BaseException) -> str:
     """``exc`` in one line for events, logs and stores: class and message, <= 300 chars."""
     text = str(exc)
     described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    described = encodable(described)
+    described = escaped(described)  # what some store cannot hold
     return described if len(described) <= 300 else described[:297] + "..."
 
 

@@ -28,7 +28,7 @@ from attrs import field, frozen
 from . import circuit
 from ._change_feed import ChangeFeed
 from ._stats import Spend, check_aware, spend_of
-from ._validators import check, failure, instance_of, integer, one_of, shown, text
+from ._validators import check, escaped, failure, instance_of, integer, one_of, shown, text
 from .content import (
     ContentBlock,
     ImageBlock,
@@ -563,6 +563,24 @@ class CircuitStateStore(AsyncResource):
             )
         return None, float(for_seconds)
 
+    @staticmethod
+    def checked_reason(reason: object) -> str | None:
+        """
+        `force`'s ``reason`` as every store holds it: a lone surrogate or a NUL escaped
+        with backslashes (`empathy_models._validators.escaped`), so each store keeps, and
+        each worker shows, the same text.
+
+        Raises:
+            RecordValidationError: a ``reason`` that is neither a string nor ``None``.
+        """
+        if reason is None:
+            return None
+        if not isinstance(reason, str):
+            raise RecordValidationError(
+                f"reason must be a string or None, got {shown(reason)}", path="reason"
+            )
+        return escaped(reason)
+
     @abc.abstractmethod
     async def force(
         self,
@@ -838,6 +856,7 @@ class TransactionalStateStore(CircuitStateStore):
         self._check_open()
         self.checked_key(key)
         until_ts, span = self.checked_force_end(until, for_seconds)
+        reason = self.checked_reason(reason)
 
         def step(
             current: CircuitBreakerState | None, now: float

@@ -135,13 +135,12 @@ from ._breaker_events import (
     BreakerEventKind,
     BreakerListener,
     Events,
-    encodable,
 )
 from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
 from ._loops import close_at_home, dropped, elsewhere
 from ._settled import Settler
 from ._store_clock import StoreClock
-from ._validators import check, failure, integer, number, shown as shown_value
+from ._validators import check, escaped, failure, integer, number, shown as shown_value
 from .abc import AsyncResource, CircuitStateStore
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
@@ -756,7 +755,7 @@ class CircuitBreaker(AsyncResource):
         ):
             return
         if error is not None:
-            error = encodable(error)
+            error = escaped(error)
         report = OutcomeReport(ticket=ticket, outcome=outcome, retry_after=retry_after, error=error)
         await self._record(key, [*self._local.take(key), report])
 
