@@ -542,12 +542,20 @@ class CircuitStateStore(AsyncResource):
         span to add to the store's own now; both ``None`` for an end at a reset.
 
         Raises:
-            RecordValidationError: a naive ``until``, a ``for_seconds`` that is not a
-                finite number of seconds >= 0, or both given.
+            RecordValidationError: a naive ``until`` or one before 1970 (no state holds
+                it), a ``for_seconds`` that is not a finite number of seconds >= 0, or
+                both given.
         """
         check_aware("until", until)
         if for_seconds is None:
-            return (None if until is None else until.timestamp()), None
+            if until is None:
+                return None, None
+            until_ts = until.timestamp()
+            if until_ts < 0:
+                raise RecordValidationError(
+                    f"until must be 1970-01-01 or later, got {until.isoformat()}", path="until"
+                )
+            return until_ts, None
         if until is not None:
             raise RecordValidationError(
                 "give force() until or for_seconds, not both", path="for_seconds"

@@ -1,12 +1,14 @@
 """
 Odd values given to `CircuitBreaker`'s public API (an error message with a NUL, an
-operator's reason no store can hold as given), on every store at hand: each store
-answers alike, and none of them makes the breaker fall back to its per-process store.
+operator's reason no store can hold as given, an end before 1970), on every store at
+hand: each store answers alike, and none of them makes the breaker fall back to its
+per-process store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +78,19 @@ async def test_a_reason_that_is_not_text_is_refused_alike(
                 await control("k", reason=5)  # type: ignore[arg-type]
         assert (await breaker.get_status("k")).state is CircuitState.CLOSED
         assert not breaker.degraded
+
+
+async def test_an_end_before_1970_is_refused_and_leaves_the_key_readable(
+    breakers: Callable[..., CircuitBreaker],
+) -> None:
+    async with breakers() as breaker:
+        for until in (datetime(1969, 12, 31, tzinfo=UTC), datetime.min.replace(tzinfo=UTC)):
+            with pytest.raises(RecordValidationError, match="until must be 1970-01-01 or later"):
+                await breaker.force_open("k", until=until)
+        assert not breaker.degraded
+        assert (await breaker.get_status("k")).state is CircuitState.CLOSED
+        # the epoch itself is an end long past: the key is forced open and ends at once
+        forced = await breaker.force_open("k", until=datetime(1970, 1, 1, tzinfo=UTC))
+        assert forced.open_until_ts == 0.0
+        async with breaker.guard("k"):  # the probe
+            pass
