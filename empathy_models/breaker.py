@@ -121,6 +121,7 @@ short.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -399,6 +400,27 @@ def _force_for(
     return store.force(key, _FORCED_OPEN, reason=reason, for_seconds=seconds)
 
 
+def _protectable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """
+    ``fn``, refusing at decoration what `CircuitBreaker.protect` cannot await the call of
+    (each call would otherwise fail only once guarded, counted against the key).
+
+    Raises:
+        ConfigurationError: ``fn`` is not callable or is a generator function.
+    """
+    if not callable(fn):
+        raise ConfigurationError(
+            f"CircuitBreaker.protect decorates a coroutine function, got {shown_value(fn)}"
+        )
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        raise ConfigurationError(
+            f"CircuitBreaker.protect cannot guard the generator function {shown_value(fn)}: "
+            "its calls give nothing to await (guard each use with `async with "
+            "breaker.guard(key)` instead)"
+        )
+    return fn
+
+
 def _admits(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> bool:
     """Whether ``state`` would admit a call at ``now`` (the store's clock)."""
     state = unstepped(state, now)
@@ -616,13 +638,11 @@ class CircuitBreaker(AsyncResource):
         (`CircuitOpenError` when rejected, the function's own exceptions unchanged).
         It is the cheapest way to guard a call: the CLOSED path costs one dict lookup,
         one clock read and one increment, without a context-manager object per call.
+        A bad key, and (when decorating) a generator function or what is not callable,
+        are a `ConfigurationError`.
         """
         checked_key(key)
-
-        def decorate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-            return protected(self, key, fn)
-
-        return decorate
+        return lambda fn: protected(self, key, _protectable(fn))
 
     async def admit(self, key: str) -> Ticket:
         """

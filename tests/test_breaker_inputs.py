@@ -1,13 +1,13 @@
 """
 Odd values given to `CircuitBreaker`'s public API (an error message with a NUL, an
-operator's reason no store can hold as given, an end before 1970), on every store at
-hand: each store answers alike, and none of them makes the breaker fall back to its
-per-process store.
+operator's reason no store can hold as given, an end before 1970, a function `protect`
+cannot guard), on every store at hand: each store answers alike, and none of them makes
+the breaker fall back to its per-process store.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ import pytest
 from empathy_models import BreakerPolicy, CircuitBreaker, CircuitOpenError, CircuitState
 from empathy_models.backends import MemoryStateStore
 from empathy_models.breaker import BreakerEvent, BreakerEventKind
-from empathy_models.exceptions import RecordValidationError, ServerError
+from empathy_models.exceptions import ConfigurationError, RecordValidationError, ServerError
 
 from ._namespaces import quota_url_of
 
@@ -94,3 +94,19 @@ async def test_an_end_before_1970_is_refused_and_leaves_the_key_readable(
         assert forced.open_until_ts == 0.0
         async with breaker.guard("k"):  # the probe
             pass
+
+
+async def _agen() -> AsyncIterator[int]:
+    yield 1
+
+
+def _gen() -> Iterator[int]:
+    yield 1
+
+
+@pytest.mark.parametrize("fn", [_agen, _gen, 42], ids=["async generator", "generator", "int"])
+async def test_protect_refuses_what_it_cannot_await_before_any_call_counts(fn: Any) -> None:
+    async with CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1)) as breaker:
+        with pytest.raises(ConfigurationError, match="protect"):
+            breaker.protect("k")(fn)
+        assert (await breaker.get_status("k")).consecutive_failures == 0
