@@ -116,7 +116,10 @@ half-open, closes or is disabled.
 nothing is held across the guarded call (unlike pybreaker's per-call lock).  State that
 must be atomic lives in the store.  Listeners run in the task whose call caused the
 event, after the store operation; async listeners are awaited there, so keep them
-short.
+short.  Every listener hears the events in the order this breaker saw them: an event
+seen while an async listener of another is still running is delivered after it, by the
+task delivering that one, in the context of the task that saw it (the call returns
+without waiting for it).
 """
 
 from __future__ import annotations
