@@ -5,16 +5,19 @@ rejection, the store failing or recovering) and the listener list that delivers 
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import enum
 import inspect
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 from typing import TypeAlias
 
 from attrs import frozen
 
-from ._validators import shown as shown_value
+from ._validators import escaped, shown as shown_value
 from .circuit import shown
 from .exceptions import ConfigurationError
 from .records import CircuitBreakerState, CircuitState, _ts_to_datetime
@@ -70,14 +73,27 @@ class Listeners:
     """
     The listeners of one breaker.  A listener that raises is logged and the others
     still hear the event; an empty list costs one truth test (``if listeners:``).
+
+    Every listener hears the events in the order the breaker saw them, even when an
+    async listener suspends: the task that emits an event while none is being delivered
+    delivers it, then every event emitted meanwhile (by other tasks, which do not wait
+    for it, or by a listener itself), each in the context of the task that emitted it
+    (a listener reading a context variable, such as the executor's current span, sees
+    that task's).  When that task is cancelled in a listener, a task of the breaker's
+    delivers the events left.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_delivering", "_drainer", "_items", "_queue")
 
     def __init__(self, listeners: Iterable[BreakerListener] = ()) -> None:
         self._items: list[BreakerListener] = []
         for listener in listeners:
             self.add(listener)
+        self._queue: deque[tuple[BreakerEvent, contextvars.Context]] = deque()
+        """Events emitted while others were being delivered, with their tasks' contexts."""
+        self._delivering = False
+        self._drainer: asyncio.Task[None] | None = None
+        """The task delivering what a cancelled delivery left, if any."""
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -92,10 +108,38 @@ class Listeners:
             self._items.remove(listener)
 
     async def emit(self, event: BreakerEvent) -> None:
+        if self._delivering:
+            # the task delivering the events before it delivers this one after them
+            self._queue.append((event, contextvars.copy_context()))
+            return
+        self._delivering = True
+        await self._drain(event)
+
+    async def _drain(self, first: BreakerEvent | None = None) -> None:
+        """Deliver ``first``, then the queued events in order (the one task doing so)."""
+        queue = self._queue
+        try:
+            if first is not None:
+                await self._deliver(first, None)
+            while queue:
+                await self._deliver(*queue.popleft())
+        finally:
+            if queue and asyncio.current_task() is not self._drainer:
+                # cut short (cancelled): what is left is delivered by a task of its own
+                self._drainer = asyncio.get_running_loop().create_task(self._drain())
+            else:  # a cancelled drainer leaves what is left to the next event
+                self._delivering = False
+                self._drainer = None
+
+    async def _deliver(self, event: BreakerEvent, context: contextvars.Context | None) -> None:
+        """``event`` to every listener, in ``context`` (None: this task's own)."""
         for listener in tuple(self._items):
             try:
-                result = listener(event)
+                result = listener(event) if context is None else context.run(listener, event)
                 if inspect.isawaitable(result):
+                    if context is not None and inspect.iscoroutine(result):
+                        # an async listener's body runs in the emitting task's context too
+                        result = asyncio.get_running_loop().create_task(result, context=context)
                     await result
             except Exception:
                 logger.exception(
@@ -111,20 +155,11 @@ ts = _ts_to_datetime
 absurd Retry-After or open period, the latest instant a datetime holds)."""
 
 
-def encodable(text: str) -> str:
-    """``text`` with what UTF-8 cannot encode (lone surrogates) escaped, for any store."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
 def describe(exc: BaseException) -> str:
     """``exc`` in one line for events, logs and stores: class and message, <= 300 chars."""
     text = str(exc)
     described = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    described = encodable(described)
+    described = escaped(described)  # what some store cannot hold
     return described if len(described) <= 300 else described[:297] + "..."
 
 

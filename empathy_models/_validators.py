@@ -38,6 +38,7 @@ __all__ = [
     "SHOWN_MAX",
     "Validator",
     "check",
+    "escaped",
     "failure",
     "instance_of",
     "integer",
@@ -114,6 +115,21 @@ def text_flaw(value: str) -> str | None:
         except UnicodeEncodeError:
             return "must be valid text (it holds a lone surrogate)"
     return None
+
+
+def escaped(value: str) -> str:
+    """
+    ``value`` as every store can hold it: a lone surrogate and a NUL written as
+    backslash escapes (``\\udce9``, ``\\x00``); ``value`` itself when it holds neither.
+    """
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if "\x00" in value:
+        value = value.replace("\x00", "\\x00")
+    return value
 
 
 def _type_name(value: object) -> str:

@@ -28,7 +28,7 @@ from attrs import field, frozen
 from . import circuit
 from ._change_feed import ChangeFeed
 from ._stats import Spend, check_aware, spend_of
-from ._validators import check, failure, instance_of, integer, one_of, shown, text
+from ._validators import check, escaped, failure, instance_of, integer, one_of, shown, text
 from .content import (
     ContentBlock,
     ImageBlock,
@@ -542,12 +542,20 @@ class CircuitStateStore(AsyncResource):
         span to add to the store's own now; both ``None`` for an end at a reset.
 
         Raises:
-            RecordValidationError: a naive ``until``, a ``for_seconds`` that is not a
-                finite number of seconds >= 0, or both given.
+            RecordValidationError: a naive ``until`` or one before 1970 (no state holds
+                it), a ``for_seconds`` that is not a finite number of seconds >= 0, or
+                both given.
         """
         check_aware("until", until)
         if for_seconds is None:
-            return (None if until is None else until.timestamp()), None
+            if until is None:
+                return None, None
+            until_ts = until.timestamp()
+            if until_ts < 0:
+                raise RecordValidationError(
+                    f"until must be 1970-01-01 or later, got {until.isoformat()}", path="until"
+                )
+            return until_ts, None
         if until is not None:
             raise RecordValidationError(
                 "give force() until or for_seconds, not both", path="for_seconds"
@@ -562,6 +570,24 @@ class CircuitStateStore(AsyncResource):
                 path="for_seconds",
             )
         return None, float(for_seconds)
+
+    @staticmethod
+    def checked_reason(reason: object) -> str | None:
+        """
+        `force`'s ``reason`` as every store holds it: a lone surrogate or a NUL escaped
+        with backslashes (`empathy_models._validators.escaped`), so each store keeps, and
+        each worker shows, the same text.
+
+        Raises:
+            RecordValidationError: a ``reason`` that is neither a string nor ``None``.
+        """
+        if reason is None:
+            return None
+        if not isinstance(reason, str):
+            raise RecordValidationError(
+                f"reason must be a string or None, got {shown(reason)}", path="reason"
+            )
+        return escaped(reason)
 
     @abc.abstractmethod
     async def force(
@@ -838,6 +864,7 @@ class TransactionalStateStore(CircuitStateStore):
         self._check_open()
         self.checked_key(key)
         until_ts, span = self.checked_force_end(until, for_seconds)
+        reason = self.checked_reason(reason)
 
         def step(
             current: CircuitBreakerState | None, now: float

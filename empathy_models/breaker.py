@@ -116,11 +116,15 @@ half-open, closes or is disabled.
 nothing is held across the guarded call (unlike pybreaker's per-call lock).  State that
 must be atomic lives in the store.  Listeners run in the task whose call caused the
 event, after the store operation; async listeners are awaited there, so keep them
-short.
+short.  Every listener hears the events in the order this breaker saw them: an event
+seen while an async listener of another is still running is delivered after it, by the
+task delivering that one, in the context of the task that saw it (the call returns
+without waiting for it).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -135,13 +139,12 @@ from ._breaker_events import (
     BreakerEventKind,
     BreakerListener,
     Events,
-    encodable,
 )
 from ._local_view import MAX_PENDING, Guard, LocalView, View, protected, view_ticket
 from ._loops import close_at_home, dropped, elsewhere
 from ._settled import Settler
 from ._store_clock import StoreClock
-from ._validators import check, failure, integer, number, shown as shown_value
+from ._validators import check, escaped, failure, integer, number, shown as shown_value
 from .abc import AsyncResource, CircuitStateStore
 from .backends import state_store_from_url
 from .backends._failover import FailoverStateStore
@@ -400,6 +403,27 @@ def _force_for(
     return store.force(key, _FORCED_OPEN, reason=reason, for_seconds=seconds)
 
 
+def _protectable(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """
+    ``fn``, refusing at decoration what `CircuitBreaker.protect` cannot await the call of
+    (each call would otherwise fail only once guarded, counted against the key).
+
+    Raises:
+        ConfigurationError: ``fn`` is not callable or is a generator function.
+    """
+    if not callable(fn):
+        raise ConfigurationError(
+            f"CircuitBreaker.protect decorates a coroutine function, got {shown_value(fn)}"
+        )
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        raise ConfigurationError(
+            f"CircuitBreaker.protect cannot guard the generator function {shown_value(fn)}: "
+            "its calls give nothing to await (guard each use with `async with "
+            "breaker.guard(key)` instead)"
+        )
+    return fn
+
+
 def _admits(state: CircuitBreakerState, policy: BreakerPolicy, now: float) -> bool:
     """Whether ``state`` would admit a call at ``now`` (the store's clock)."""
     state = unstepped(state, now)
@@ -617,13 +641,11 @@ class CircuitBreaker(AsyncResource):
         (`CircuitOpenError` when rejected, the function's own exceptions unchanged).
         It is the cheapest way to guard a call: the CLOSED path costs one dict lookup,
         one clock read and one increment, without a context-manager object per call.
+        A bad key, and (when decorating) a generator function or what is not callable,
+        are a `ConfigurationError`.
         """
         checked_key(key)
-
-        def decorate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-            return protected(self, key, fn)
-
-        return decorate
+        return lambda fn: protected(self, key, _protectable(fn))
 
     async def admit(self, key: str) -> Ticket:
         """
@@ -756,7 +778,7 @@ class CircuitBreaker(AsyncResource):
         ):
             return
         if error is not None:
-            error = encodable(error)
+            error = escaped(error)
         report = OutcomeReport(ticket=ticket, outcome=outcome, retry_after=retry_after, error=error)
         await self._record(key, [*self._local.take(key), report])
 

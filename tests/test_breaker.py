@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 from datetime import UTC, datetime, timedelta
@@ -409,6 +410,91 @@ async def test_sync_async_and_failing_listeners(
     assert trip.at == tripped_at
     assert len([r for r in caplog.records if "listener" in r.getMessage()]) == 3
     assert "listener bug" in caplog.text
+
+
+_WHO: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="")
+
+
+async def test_every_listener_hears_the_changes_in_order_behind_a_slow_one(
+    clock: FakeClock,
+) -> None:
+    # the trip's slow listener still runs when another task's probe closes the key
+    waiting, release = anyio.Event(), anyio.Event()
+    heard: list[tuple[str | None, CircuitState | None, str]] = []
+
+    async def slow(event: BreakerEvent) -> None:
+        if event.new_state is CircuitState.OPEN:
+            waiting.set()
+            await release.wait()
+
+    async def forcing(event: BreakerEvent) -> None:
+        if event.new_state is CircuitState.OPEN:  # a change made by a listener itself
+            await breaker.force_open("other")
+
+    async def hear(event: BreakerEvent) -> None:
+        await anyio.lowlevel.checkpoint()
+        # in the context of the task whose call caused it (the executor's span, say)
+        heard.append((event.key, event.new_state, _WHO.get()))
+
+    breaker, _ = make(clock, listeners=[slow, forcing, hear])
+
+    async def trip() -> None:
+        _WHO.set("trip")
+        for _ in range(3):
+            await fail(breaker)
+
+    async def probe() -> None:
+        _WHO.set("probe")
+        await succeed(breaker)
+
+    with anyio.fail_after(5):
+        async with breaker:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(trip)
+                await waiting.wait()
+                clock.advance(60)
+                tg.start_soon(probe)  # half-open, then closed
+                await anyio.wait_all_tasks_blocked()
+                release.set()
+            assert (await breaker.get_status(KEY)).state is CircuitState.CLOSED
+    # in the order the breaker saw them: the probe's changes before the listener's own
+    assert heard == [
+        (KEY, CircuitState.OPEN, "trip"),
+        (KEY, CircuitState.HALF_OPEN, "probe"),
+        (KEY, CircuitState.CLOSED, "probe"),
+        ("other", CircuitState.FORCED_OPEN, "trip"),
+    ]
+
+
+async def test_events_behind_a_delivery_cancelled_in_a_listener_are_still_delivered(
+    clock: FakeClock,
+) -> None:
+    waiting, closed = anyio.Event(), anyio.Event()
+    heard: list[CircuitState | None] = []
+
+    async def hanging(event: BreakerEvent) -> None:
+        if event.new_state is CircuitState.OPEN:
+            waiting.set()
+            await anyio.sleep_forever()
+
+    def hear(event: BreakerEvent) -> None:
+        heard.append(event.new_state)
+        if event.new_state is CircuitState.CLOSED:
+            closed.set()
+
+    breaker, _ = make(clock, listeners=[hanging, hear])
+    with anyio.fail_after(5):
+        async with breaker:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_trip_and_wait, breaker, clock)
+                await waiting.wait()  # the trip's task hangs in a listener
+                clock.advance(60)
+                await succeed(breaker)  # the probe: its events wait behind the trip's
+                assert heard == []
+                tg.cancel_scope.cancel()
+            await closed.wait()
+    # the trip's own event reached no listener after the one cancelled in it
+    assert heard == [CircuitState.HALF_OPEN, CircuitState.CLOSED]
 
 
 async def test_rejection_events_are_opt_in(clock: FakeClock) -> None:

@@ -219,6 +219,7 @@ class FailoverStateStore(CircuitStateStore):
         reason: str | None = None,
         for_seconds: float | None = None,
     ) -> CircuitBreakerState:
+        reason = self.checked_reason(reason)  # refused here, not taken for an outage
         if for_seconds is None or until is not None:
             self.checked_force_end(until, for_seconds)  # both given: refused here
             return await self._run(

@@ -118,6 +118,7 @@ class NullStateStore(CircuitStateStore):
         self._check_open()
         self.checked_key(key)
         self.checked_force_end(until, for_seconds)
+        self.checked_reason(reason)
         return circuit.initial_state(key)
 
     async def snapshot(self, key: str) -> CircuitBreakerState:

@@ -628,6 +628,7 @@ class RedisCircuitStateStore(CircuitStateStore):
                 f"cannot force a circuit to {target.value!r}; use forced_open, disabled or closed"
             )
         until_ts, span = self.checked_force_end(until, for_seconds)
+        reason = self.checked_reason(reason)
         extra = [
             target.value,
             "" if until_ts is None else _num(until_ts),

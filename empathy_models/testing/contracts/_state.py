@@ -750,6 +750,17 @@ class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks, _OpenTimes, Stat
         state = await state_store.snapshot("k")
         assert (state.state, state.generation) == (CircuitState.CLOSED, 0)
 
+    async def test_an_until_before_1970_is_rejected_and_nothing_stored(
+        self, state_store: CircuitStateStore
+    ) -> None:
+        # no state holds an end before the epoch: a store writing it could not read it back
+        with pytest.raises(RecordValidationError, match="until must be 1970-01-01 or later"):
+            await state_store.force(
+                "k", CircuitState.FORCED_OPEN, until=datetime.min.replace(tzinfo=UTC)
+            )
+        state = await state_store.snapshot("k")
+        assert (state.state, state.generation) == (CircuitState.CLOSED, 0)
+
     async def test_a_store_that_keeps_nothing_admits_everything(
         self, state_store: CircuitStateStore
     ) -> None:

@@ -1,0 +1,112 @@
+"""
+Odd values given to `CircuitBreaker`'s public API (an error message with a NUL, an
+operator's reason no store can hold as given, an end before 1970, a function `protect`
+cannot guard), on every store at hand: each store answers alike, and none of them makes
+the breaker fall back to its per-process store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from empathy_models import BreakerPolicy, CircuitBreaker, CircuitOpenError, CircuitState
+from empathy_models.backends import MemoryStateStore
+from empathy_models.breaker import BreakerEvent, BreakerEventKind
+from empathy_models.exceptions import ConfigurationError, RecordValidationError, ServerError
+
+from ._namespaces import quota_url_of
+
+POLICY = BreakerPolicy(consecutive_failures=2)
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis", "postgresql"])
+def breakers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``breakers(**options)``: a new `CircuitBreaker` on this test's one store."""
+    kind = request.param
+    if kind == "memory":
+        store = MemoryStateStore()
+        yield lambda **options: CircuitBreaker(store, POLICY, **options)
+        return
+    with quota_url_of(kind, tmp_path) as url:  # a file, or a namespace of the test's own
+        yield lambda **options: CircuitBreaker(url, POLICY, **options)
+
+
+async def test_a_failure_whose_message_holds_a_nul_trips_every_worker(
+    breakers: Callable[..., CircuitBreaker],
+) -> None:
+    events: list[BreakerEvent] = []
+    async with breakers(listeners=[events.append]) as worker, breakers() as other:
+        for _ in range(2):
+            with pytest.raises(ServerError):
+                async with worker.guard("k"):
+                    raise ServerError("bad\x00byte", status=500)
+        assert not worker.degraded
+        assert [e.kind for e in events] == [BreakerEventKind.STATE_CHANGED]
+        with pytest.raises(CircuitOpenError) as info:
+            await other.admit("k")
+        assert info.value.last_error == "ServerError: bad\\x00byte"
+
+
+@pytest.mark.parametrize("reason", ["maintenance\x00window", "caf\udce9"])
+async def test_a_reason_no_store_holds_as_given_is_shown_escaped_to_every_worker(
+    breakers: Callable[..., CircuitBreaker], reason: str
+) -> None:
+    escaped = reason.replace("\x00", "\\x00").replace("\udce9", "\\udce9")
+    async with breakers(local_view_ttl=0) as operator, breakers(local_view_ttl=0) as other:
+        forced = await operator.force_open("k", reason=reason)
+        assert forced.reason == escaped
+        disabled = await operator.disable("d", reason=reason)
+        assert disabled.reason == escaped
+        assert not operator.degraded
+        with pytest.raises(CircuitOpenError) as info:
+            await other.admit("k")
+        assert info.value.reason == escaped
+        assert (await other.get_status("d")).reason == escaped
+
+
+async def test_a_reason_that_is_not_text_is_refused_alike(
+    breakers: Callable[..., CircuitBreaker],
+) -> None:
+    async with breakers() as breaker:
+        for control in (breaker.force_open, breaker.disable):
+            with pytest.raises(RecordValidationError, match="reason must be a string or None"):
+                await control("k", reason=5)  # type: ignore[arg-type]
+        assert (await breaker.get_status("k")).state is CircuitState.CLOSED
+        assert not breaker.degraded
+
+
+async def test_an_end_before_1970_is_refused_and_leaves_the_key_readable(
+    breakers: Callable[..., CircuitBreaker],
+) -> None:
+    async with breakers() as breaker:
+        for until in (datetime(1969, 12, 31, tzinfo=UTC), datetime.min.replace(tzinfo=UTC)):
+            with pytest.raises(RecordValidationError, match="until must be 1970-01-01 or later"):
+                await breaker.force_open("k", until=until)
+        assert not breaker.degraded
+        assert (await breaker.get_status("k")).state is CircuitState.CLOSED
+        # the epoch itself is an end long past: the key is forced open and ends at once
+        forced = await breaker.force_open("k", until=datetime(1970, 1, 1, tzinfo=UTC))
+        assert forced.open_until_ts == 0.0
+        async with breaker.guard("k"):  # the probe
+            pass
+
+
+async def _agen() -> AsyncIterator[int]:
+    yield 1
+
+
+def _gen() -> Iterator[int]:
+    yield 1
+
+
+@pytest.mark.parametrize("fn", [_agen, _gen, 42], ids=["async generator", "generator", "int"])
+async def test_protect_refuses_what_it_cannot_await_before_any_call_counts(fn: Any) -> None:
+    async with CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1)) as breaker:
+        with pytest.raises(ConfigurationError, match="protect"):
+            breaker.protect("k")(fn)
+        assert (await breaker.get_status("k")).consecutive_failures == 0
