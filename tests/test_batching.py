@@ -527,6 +527,66 @@ async def test_a_replay_writes_the_rest_of_a_spool_file_past_a_record_the_store_
     assert spool.files() == [] and len(_given_up(caplog, "poison7")) == 1
 
 
+def _outage_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [m for m in (r.getMessage() for r in caplog.records) if "unavailable" in m]
+
+
+@pytest.mark.parametrize("max_batch", [7, 1])
+async def test_spooled_records_the_store_fails_on_hold_up_no_other_spooled_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, max_batch: int
+) -> None:
+    # Two records the store fails on, each in a spool file of its own, and then records
+    # a process that met the store down left in the spool: with the store up and no new
+    # records, those are written, and no outage is announced.
+    inner = ChokingSQLite(tmp_path / "calls.db")
+    spool = Spool(inner.spool_target)
+    poison, spooled = _records(2, "poison"), _records(2, "spooled")
+    for records in ([poison[0]], [poison[1]], spooled):
+        spool.write(records)
+    caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
+    async with BatchingTelemetryBackend(inner, max_batch=max_batch) as batching:
+        with anyio.fail_after(60):
+            for _ in range(5):
+                await batching.flush()
+        stored = {r.call_id for r in await inner.recent(limit=1000)}
+        assert stored == {r.call_id for r in spooled}, "spooled records held up"
+        new: list[LLMCallRecord] = []
+        with anyio.fail_after(60):
+            while batching.failed < 2:  # each fails alone a third time
+                new += _records(1, f"new{len(new)}-")
+                await batching.record(new[-1])
+                await batching.flush()
+        assert (batching.written, batching.failed) == (len(spooled) + len(new), 2)
+    assert spool.files() == []
+    assert len(_given_up(caplog, "poison0")) == len(_given_up(caplog, "poison1")) == 1
+    assert _outage_warnings(caplog) == []
+
+
+async def test_records_the_store_fails_on_announce_no_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # batches that each hold a record the store fails on (held back in the spool) among
+    # records it takes: the store never stops taking records, and is never said down
+    inner = ChokingSQLite(tmp_path / "calls.db")
+    caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
+    accepted: list[LLMCallRecord] = []
+    async with BatchingTelemetryBackend(inner, max_batch=10) as batching:
+        with anyio.fail_after(60):
+            for k in range(3):
+                batch = [*_records(1, f"poison{k}-"), *_records(5, f"old{k}-")]
+                accepted += batch[1:]
+                await batching.record_many(batch)
+                await batching.flush()
+            while batching.failed < 3:
+                accepted += _records(1, f"new{len(accepted)}-")
+                await batching.record(accepted[-1])
+                await batching.flush()
+        stored = {r.call_id for r in await inner.recent(limit=1000)}
+    assert stored == {r.call_id for r in accepted}
+    assert Spool(inner.spool_target).files() == []
+    assert _outage_warnings(caplog) == []
+
+
 @pytest.mark.parametrize("max_batch", [10, 1])  # 1: a batch of the held record and one more
 async def test_without_a_spool_the_queue_goes_on_past_a_record_the_store_keeps_failing_on(
     max_batch: int, caplog: pytest.LogCaptureFixture
@@ -652,6 +712,32 @@ async def test_a_store_back_with_records_it_fails_on_at_the_head_writes_every_ot
     assert sum("unavailable (StoreDriverError: connection lost)" in m for m in messages) == 1
     if spool:
         assert Spool(inner.spool_target).files() == []
+
+
+async def test_a_store_down_with_errors_of_its_own_is_announced_by_the_replay(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a spool holding records held back and others, replayed while the store is down
+    # with the error it fails records with: an outage, nothing given up or lost
+    inner = OwnErrorStore()
+    spool = Spool(inner.spool_target)
+    spooled, held = _records(6, "spooled"), _records(2, "held")
+    spool.write(spooled)
+    for record in held:
+        spool.write([record], held=True)
+    inner.down = True
+    caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
+    async with BatchingTelemetryBackend(inner, max_batch=4) as batching:
+        for _ in range(3):
+            await batching.flush()
+        assert inner.writes == []
+        inner.down = False
+        with anyio.fail_after(60):
+            while spool.files():
+                await batching.flush()
+        assert batching.failed == 0
+    assert sorted(inner.writes) == sorted(r.call_id for r in spooled + held)
+    assert len(_outage_warnings(caplog)) == 1
 
 
 @pytest.mark.parametrize(

@@ -219,3 +219,16 @@ async def test_a_replay_cut_short_by_aclose_leaves_the_spool_to_other_processes(
     )
     assert child.returncode == 0, child.stderr.decode(errors="replace")
     assert child.stdout.decode().split() == ["5"]
+
+
+def test_files_of_held_records_are_replayed_after_the_others() -> None:
+    spool = Spool("held-order")
+    spool.write(_records(1, "held"), held=True)
+    spool.write(_records(2, "later"))
+    files = spool.files()
+    assert [Spool.is_held(path) for path in files] == [False, True]
+    assert [r.call_id for path in files for r in spool.read(path)[0]] == [
+        "later0",
+        "later1",
+        "held0",
+    ]

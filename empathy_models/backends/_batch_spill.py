@@ -10,8 +10,9 @@ spilled as given up.
 
 A replay that leaves records in the spool (the store failed, or held records back:
 see `empathy_models.backends._batch_writer`) is tried again after a backoff of its
-own, so the flusher writes the queue meanwhile; records held back stay in the spool,
-the rest of it is replayed.
+own, so the flusher writes the queue meanwhile.  Records held back go to files of
+their own, replayed after the other files (`_spool.Spool`), one record at a time, so
+that records the store fails on hold up no other.
 """
 
 from __future__ import annotations
@@ -29,16 +30,24 @@ import anyio
 import anyio.to_thread
 
 from ..records import LLMCallRecord
-from ._batch_writer import MAX_BACKOFF, MIN_BACKOFF, _describe, _Ledger, _StoreWriter
+from ._batch_writer import (
+    MAX_BACKOFF,
+    MIN_BACKOFF,
+    _describe,
+    _Ledger,
+    _store_failed,
+    _StoreWriter,
+)
 from ._spool import Spool
 
 logger = logging.getLogger("empathy_models.telemetry")
 
 _QUEUE_FULL = "the queue was full"
 
-_Replayed = Literal["written", "held", "failed"]
-"""How a spool file's replay ended: all written (or given up), records held back, or the
-store failed."""
+_Replayed = Literal["written", "held", "failed", "stopped"]
+"""How a spool file's replay ended: all written (or given up), records held back, the
+store failed, or the replay stopped at a record whose failure proved nothing
+(`_Spiller._replay_file`)."""
 
 
 class _Spiller:
@@ -170,12 +179,15 @@ class _Spiller:
             self.spilling = None
             self.account(len(records), failure, _QUEUE_FULL)
 
-    def write(self, records: list[LLMCallRecord]) -> BaseException | None:
-        """Write ``records`` to the spool file (blocking); the error, if it failed."""
+    def write(self, records: list[LLMCallRecord], held: bool = False) -> BaseException | None:
+        """
+        Write ``records`` to a spool file (blocking), one of held records when ``held``
+        (`_spool.Spool.write`); the error, if it failed.
+        """
         if self._spool is None:
             return RuntimeError("this backend has no spool (it keeps nothing across processes)")
         try:
-            self._spool.write(records)
+            self._spool.write(records, held=held)
         except (OSError, ValueError) as exc:
             return exc
         return None
@@ -215,10 +227,10 @@ class _Spiller:
 
     async def replay(self) -> None:
         """
-        Write the spool's files to the store, oldest first.  When the store fails, the
-        file being replayed is released and the replay stops; records held back stay in
-        their file while the others are replayed.  Either way the next replay is due
-        after the backoff (`replay_wait`).
+        Write the spool's files to the store, oldest first, the files of held records
+        last.  When the store fails, the file being replayed is released and the replay
+        stops; records held back move to a file of held records while the others are
+        replayed.  Either way the next replay is due after the backoff (`replay_wait`).
         """
         self.replay_due = False
         spool = self._spool
@@ -246,7 +258,7 @@ class _Spiller:
                     with contextlib.suppress(OSError):
                         spool.release(claimed)
                     raise
-                if replayed == "failed":
+                if replayed in ("failed", "stopped"):
                     self._set_back()
                     return
                 held = held or replayed == "held"
@@ -271,8 +283,38 @@ class _Spiller:
             )
             await anyio.to_thread.run_sync(spool.release, claimed)
 
+    async def _settle(
+        self, spool: Spool, claimed: Path, held: list[LLMCallRecord], left: list[LLMCallRecord]
+    ) -> None:
+        """
+        Move ``held`` (records that failed alone) to a new file of held records, replayed
+        after those held before, and give ``claimed`` back holding ``left`` (removed when
+        empty).
+        """
+        if held:
+            failure = await anyio.to_thread.run_sync(self.write, held, True)
+            if failure is not None:
+                logger.warning(
+                    "%s: cannot write a spool file of held records (%s); they stay in %s",
+                    self._ledger.owner,
+                    _describe(failure),
+                    claimed.name,
+                )
+                left = held + left
+        await self._give_back(spool, claimed, left)
+
     async def _replay_file(self, spool: Spool, claimed: Path) -> _Replayed:
-        """Replay one claimed spool file (released, or given back, with what is left)."""
+        """
+        Replay one claimed spool file (released, or given back, with what is left): in
+        chunks of ``max_batch`` (at least two while the store fails), a file of held
+        records one record at a time.
+
+        A single record failing right after a failure, with an error that does not say
+        the store failed, proves the store neither down (the record may be one it fails
+        on, as the one before may be) nor up: it is not taken for an outage (no warning,
+        and records behind it are not held up by it); it goes to the files of held
+        records (a held one stays where it is, first of them) and the replay stops.
+        """
         ledger = self._ledger
         writer = self._writer
         try:
@@ -283,21 +325,31 @@ class _Spiller:
             )
             return "written"
         ledger.failed += bad
+        was_held = spool.is_held(claimed)
         held: list[LLMCallRecord] = []
-        for start in range(0, len(records), self.max_batch):
-            chunk = records[start : start + self.max_batch]
+        start = 0
+        while start < len(records):
+            live = writer.live
+            # while the store fails, two records let `deliver` probe it with one of them
+            size = 1 if was_held else max(self.max_batch, 1 if live else 2)
+            chunk = records[start : start + size]
+            start += len(chunk)
             rest = await writer.deliver(chunk)
             ledger.replayed += len(chunk) - len(rest)
             if rest and not writer.held:
-                # given back without what was written (or unreadable): counted once
-                await self._give_back(spool, claimed, held + rest + records[start + len(chunk) :])
-                writer.fault()
-                return "failed"
+                after = records[start:]
+                if live or len(chunk) > 1 or _store_failed(writer.last_fault):
+                    # given back without what was written (or unreadable): counted once
+                    await self._give_back(spool, claimed, held + rest + after)
+                    writer.fault()
+                    return "failed"
+                if was_held:
+                    await self._settle(spool, claimed, held, rest + after)
+                else:
+                    await self._settle(spool, claimed, held + rest, after)
+                return "stopped"
             held += rest
-        if held:
-            await self._give_back(spool, claimed, held)
-        else:
-            await anyio.to_thread.run_sync(spool.remove, claimed)
+        await self._settle(spool, claimed, held, [])
         if writer.recovered(held=bool(held)):
             self.outage_over()
         return "held" if held else "written"

@@ -10,10 +10,12 @@ as it does on the write path), written to a temporary name, flushed to disk and
 renamed, so a file is either complete or absent; files are mode 0600.  Replaying
 claims a file by renaming it (two processes never replay the same file at once),
 writes its records and deletes it; one that fails partway gives the file back
-holding only the records it did not write.  Replay is idempotent: the stores ignore a
-record whose ``call_id`` they already hold, so a file replayed twice after a crash
-stores nothing twice.  Everything here is synchronous; the batching engine runs it on
-a worker thread, or directly at interpreter exit.
+holding only the records it did not write.  Records the store failed on alone (see
+`empathy_models.backends._batch_writer`) go to files of their own, named ``held-...``,
+which are replayed after every other file, so they cannot hold those up.  Replay is
+idempotent: the stores ignore a record whose ``call_id`` they already hold, so a file
+replayed twice after a crash stores nothing twice.  Everything here is synchronous;
+the batching engine runs it on a worker thread, or directly at interpreter exit.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ logger = logging.getLogger("empathy_models.telemetry")
 
 _SUFFIX: Final = ".jsonl"
 _CLAIMED: Final = ".claimed-"
+_HELD: Final = "held-"  # sorts after the other files, named by a time in digits
 
 
 def _alive(pid: int) -> bool:
@@ -92,11 +95,20 @@ class Spool:
             self._directory = empathy_home() / "spool" / self._digest
         return self._directory
 
-    def write(self, records: Iterable[LLMCallRecord]) -> int:
-        """Write ``records`` to a new spool file; return how many were written."""
+    def write(self, records: Iterable[LLMCallRecord], *, held: bool = False) -> int:
+        """
+        Write ``records`` to a new spool file; return how many were written.  ``held``:
+        records the store failed on alone, in a file replayed after the others (and
+        after the files of records held before).
+        """
         directory = self.directory
-        name = f"{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
+        name = f"{_HELD if held else ''}{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(4)}"
         return self._write(records, directory / f"{name}{_SUFFIX}")
+
+    @staticmethod
+    def is_held(path: Path) -> bool:
+        """Whether ``path`` (claimed or not) holds records written with ``held``."""
+        return path.name.startswith(_HELD)
 
     def give_back(self, claimed: Path, rest: list[LLMCallRecord]) -> None:
         """
@@ -131,14 +143,17 @@ class Spool:
         return len(lines)
 
     def files(self) -> list[Path]:
-        """Spool files waiting for replay (oldest first), abandoned claims included."""
+        """
+        Spool files waiting for replay, abandoned claims included: oldest first, the
+        files of held records after the others.
+        """
         directory = self.directory
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
             return []
         out = []
-        for name in sorted(names):
+        for name in sorted(names, key=lambda name: (name.startswith(_HELD), name)):
             if name.endswith(_SUFFIX):
                 out.append(directory / name)
             elif _CLAIMED in name:

@@ -38,11 +38,13 @@ microsecond), whatever state the store is in.
   (`BackendError`, `OSError`), a third-party backend's own exception say, is taken
   for a store fault, unless the store took the write just before: then it is written
   in halves, so the other records are stored.  A record the store fails on alone is
-  held back: spooled (without a spool, kept at the head of the queue) and retried
-  after the backoff; one that fails alone ``STRIKES`` (3) times, the store taking
-  other records between, is treated as refused (retried made storable, or given up,
-  counted in `failed` with a warning).  Two failures in a row outside the halving are
-  a store fault: nothing is held back or given up.  While the store fails so, each
+  held back: spooled, in a file replayed after the rest of the spool (without a
+  spool, kept at the head of the queue), and retried after the backoff; one that
+  fails alone ``STRIKES`` (3) times, the store taking other records between, is
+  treated as refused (retried made storable, or given up, counted in `failed` with a
+  warning).  Two failures in a row outside the halving are a store fault: nothing is
+  held back or given up (but a spooled record alone failing right after a failure
+  proves nothing, and waits with the held ones: see `_batch_spill`).  While the store fails so, each
   retry writes the batch, then one of its records alone (the newest first, then, as
   probes fail, earlier ones): the store taking it is back, and the batch is written in
   halves as above, so a record it fails on at the head of the queue holds up nothing.
@@ -570,11 +572,12 @@ class _Batcher:
     async def _spool_held(self, held: list[LLMCallRecord]) -> None:
         """
         Spool the records the store failed on alone while it took the rest of their
-        batch: the queue goes on, the replay retries them after its backoff.
+        batch, in a file of held records: the queue goes on, the replay retries them
+        after its backoff, after the other spool files.
         """
         spill = self._spill
         self.inflight = held  # the exit hooks spool them if the process ends meanwhile
-        failure = await anyio.to_thread.run_sync(spill.write, held)
+        failure = await anyio.to_thread.run_sync(spill.write, held, True)
         spill.account(
             len(held),
             failure,
