@@ -36,7 +36,7 @@ from empathy_models.testing.contracts import TelemetryBackendContract, assert_sa
 BASE = datetime(2026, 2, 1, tzinfo=UTC)
 
 
-def _records(n: int, prefix: str = "r") -> list[LLMCallRecord]:
+def _records(n: int, prefix: str = "r", **fields: object) -> list[LLMCallRecord]:
     return [
         LLMCallRecord(
             provider="p",
@@ -45,6 +45,7 @@ def _records(n: int, prefix: str = "r") -> list[LLMCallRecord]:
             call_id=f"{prefix}{i}",
             timestamp=BASE + timedelta(seconds=i),
             latency_ms=float(i),
+            **fields,  # type: ignore[arg-type]
         )
         for i in range(n)
     ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -17,24 +16,9 @@ from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import EvidenceBatch
 from empathy_models.exceptions import TelemetryError
 from empathy_models.records import ModelPerformance
+from tests.test_batching import _records
 
-BASE = datetime(2026, 2, 1, tzinfo=UTC)
 ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-def _records(n: int, prefix: str = "r", **fields: object) -> list[LLMCallRecord]:
-    return [
-        LLMCallRecord(
-            provider="p",
-            model="m",
-            outcome="success",
-            call_id=f"{prefix}{i}",
-            timestamp=BASE + timedelta(seconds=i),
-            latency_ms=float(i),
-            **fields,  # type: ignore[arg-type]
-        )
-        for i in range(n)
-    ]
 
 
 class ThirdPartyStore(TelemetryBackend):

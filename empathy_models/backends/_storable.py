@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import attrs
 
+from .._validators import escaped as safe_text  # lone surrogates and NUL escaped
 from ..exceptions import EmpathyModelsError, TelemetryError, TelemetryRejectedError
 from ..records import LLMCallRecord
 
@@ -60,18 +61,6 @@ _INT_FIELDS: Final = (
     "breaker_generation",
 )
 _FLOAT_FIELDS: Final = ("cost_usd", "actual_cost_usd", "latency_ms", "ttft_ms")
-
-
-def safe_text(value: str) -> str:
-    """``value`` with lone surrogates and NUL written as backslash escapes."""
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if "\x00" in value:
-        value = value.replace("\x00", "\\x00")
-    return value
 
 
 def stored_forms(value: str) -> tuple[str, ...]:
