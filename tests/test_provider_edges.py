@@ -10,10 +10,12 @@ streamed or not), which `FakeLLMServer` cannot be made to send.
 from __future__ import annotations
 
 import gc
+import gzip
 import json
 import logging
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -207,6 +209,23 @@ async def test_the_default_limit_is_16_mib_and_normal_answers_pass(raw: RawServe
     raw.reply = Reply(body=b" " * (17 << 20))
     with pytest.raises(InvalidResponseError, match="max_response_bytes=16,777,216"):
         await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_body_is_measured_as_it_expands(raw: RawServer, encoding: str) -> None:
+    # 64 MiB of blanks compress to some 64 KiB: the Content-Length is far under the limit
+    blanks = b" " * (64 << 20)
+    packed = gzip.compress(blanks, 9) if encoding == "gzip" else zlib.compress(blanks, 9)
+    del blanks
+    raw.reply = Reply(body=packed, headers={"Content-Encoding": encoding})
+    provider = AnthropicProvider(api_key=KEY, base_url=raw.url, max_response_bytes=1 << 20)
+    with pytest.raises(
+        InvalidResponseError, match=r"more than 1,048,576 bytes.*max_response_bytes"
+    ):
+        await complete(provider)
+    # a compressed answer of the usual size is read as before
+    raw.reply = Reply(body=gzip.compress(anthropic_ok()), headers={"Content-Encoding": "gzip"})
+    assert (await complete(provider)).content == "fine"
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])

@@ -87,6 +87,7 @@ from ._wire import (
     missing_key,
     parse_ratelimit_reset,
     parse_retry_after,
+    read_bounded,
 )
 
 if TYPE_CHECKING:
@@ -374,7 +375,8 @@ class HTTPProvider(Provider):
     8 characters is not scrubbed (it would mangle messages; no credential is so short).
 
     **Body size.**  A response body larger than ``max_response_bytes`` (default 16 MiB;
-    1 to ``2**63 - 1``) is not read further: `InvalidResponseError` says so.
+    1 to ``2**63 - 1``; a compressed body measured decompressed) is not read further:
+    `InvalidResponseError` says so.
 
     Sessions: `bind` lends one (the executor's); ``async with provider:`` creates and
     closes one of its own.  Either way ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
@@ -673,11 +675,7 @@ class HTTPProvider(Provider):
                 answered = True
                 status = response.status
                 response_headers = response.headers
-                length = response.content_length
-                if length is not None and length <= self._max_body:
-                    body = await response.read()  # aiohttp reads no more than Content-Length
-                else:
-                    body = await self._read_bounded(response, length, model, status)
+                body = await read_bounded(response, self._max_body, self.name, model)
         except aiohttp.InvalidURL as exc:  # a ClientError too, but nothing was sent
             raise self._not_built(exc, model) from _without_request(exc)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -784,37 +782,6 @@ class HTTPProvider(Provider):
         raise error_from_transport(
             exc, provider=self.name, model=model, secret=self._redacted, status=status
         ) from _without_request(exc)
-
-    async def _read_bounded(
-        self, response: aiohttp.ClientResponse, length: int | None, model: str, status: int
-    ) -> bytes:
-        """
-        The body of ``response``, or `InvalidResponseError` as soon as it is known to be
-        larger than ``max_response_bytes`` (from Content-Length, or while reading).
-        """
-        limit = self._max_body
-        if length is None or length <= limit:
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    break
-                chunks.append(chunk)
-            else:
-                return b"".join(chunks)
-            chunks.clear()
-            response.close()  # drop the connection: the rest of the body is never read
-            shown = f"more than {limit:,} bytes"
-        else:
-            shown = f"{length:,} bytes (Content-Length)"
-        raise InvalidResponseError(
-            f"{self.name}: the response body is {shown}, over max_response_bytes="
-            f"{limit:,}; raise max_response_bytes if such answers are expected [model {model}]",
-            provider=self.name,
-            model=model,
-            status=status,
-        )
 
     @abc.abstractmethod
     def _endpoint(self) -> str:

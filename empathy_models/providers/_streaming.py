@@ -50,6 +50,7 @@ from ._wire import (
     error_from_transport,
     estimated_output_tokens,
     parse_ratelimit_reset,
+    read_bounded,
     reported_model,
     utf8_size,
 )
@@ -209,7 +210,7 @@ async def _whole_answer(
     `error_from_response`'s error, a 2xx JSON body is served as its pieces.
     """
     status, model, secret = response.status, request.model, provider._redacted
-    body = await provider._read_bounded(response, response.content_length, model, status)
+    body = await read_bounded(response, provider._max_body, provider.name, model)
     response.release()
     if not 200 <= status < 300:
         raise error_from_response(

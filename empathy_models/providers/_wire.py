@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import quote, quote_plus
 
 from .._text import utf8_size
@@ -39,6 +39,9 @@ from ..exceptions import (
     ServerError,
 )
 
+if TYPE_CHECKING:
+    import aiohttp
+
 __all__ = [
     "MAX_TOKEN_COUNT",
     "OUTPUT_BYTES_PER_TOKEN",
@@ -55,6 +58,7 @@ __all__ = [
     "shown_count",
     "parse_ratelimit_reset",
     "parse_retry_after",
+    "read_bounded",
     "utf8_size",
     "whole_count",
 ]
@@ -478,6 +482,46 @@ def _without_request(exc: BaseException) -> BaseException:
         exc.history = ()
         exc.args = (exc.request_info, exc.history)
     return exc
+
+
+async def read_bounded(
+    response: aiohttp.ClientResponse, limit: int, provider: str, model: str
+) -> bytes:
+    """
+    The body of ``response``, or `InvalidResponseError` as soon as it is known to be
+    larger than ``limit``, ``provider``'s ``max_response_bytes`` (from the
+    Content-Length, or while reading).  A compressed body is counted as aiohttp
+    decompresses it: its Content-Length (the compressed size) says nothing of what a
+    gzip or deflate body expands to.
+    """
+    status = response.status
+    length = response.content_length
+    if "Content-Encoding" in response.headers:
+        length = None  # the compressed size: it does not bound the body
+    elif length is not None and length <= limit:
+        return await response.read()  # aiohttp reads no more than Content-Length
+    if length is None:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+        else:
+            return b"".join(chunks)
+        chunks.clear()
+        response.close()  # drop the connection: the rest of the body is never read
+        shown = f"more than {limit:,} bytes"
+    else:
+        shown = f"{length:,} bytes (Content-Length)"
+    raise InvalidResponseError(
+        f"{provider}: the response body is {shown}, over max_response_bytes="
+        f"{limit:,}; raise max_response_bytes if such answers are expected [model {model}]",
+        provider=provider,
+        model=model,
+        status=status,
+    )
 
 
 # --------------------------------------------------------------------------- response fields
