@@ -55,7 +55,7 @@ import re
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Self
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
@@ -142,6 +142,16 @@ def _env_proxy(url: str) -> _Proxy:
             "the proxy named by HTTPS_PROXY / HTTP_PROXY / ALL_PROXY is not a valid URL "
             f"({masked_url(str(exc))})"
         ) from None
+
+
+def _request_url(base_url: str, endpoint: str) -> str:
+    """
+    The URL requests go to: ``endpoint`` appended to ``base_url``'s path, before its
+    query (a gateway's ``?api-key=``, Azure's ``?api-version=``), which is kept.
+    """
+    parts = urlsplit(base_url)
+    path = parts.path.rstrip("/") + endpoint
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
 def _host(url: str) -> str | None:
@@ -438,7 +448,7 @@ class HTTPProvider(Provider):
         self.base_url = base_url.rstrip("/")
         self._timeout = _to_timeout(timeout)
         self._max_body = check(_body_bound, "max_response_bytes", max_response_bytes)
-        self._url = self.base_url + self._endpoint()
+        self._url = _request_url(self.base_url, self._endpoint())
         self._bound: aiohttp.ClientSession | None = None
         self._own: aiohttp.ClientSession | None = None
         self._headers_cache: dict[str, str] | None = None
