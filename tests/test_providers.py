@@ -650,6 +650,43 @@ async def test_an_unparsable_response_leaves_no_key_in_the_chained_cause(wire: s
     assert secret not in repr(exc.__cause__.request_info)
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"SSH-2.0-OpenSSH_9.6\r\n\r\n",  # no HTTP at all
+        b"HTTP/1.1 200 OK\r\nX-Trace: " + b"a" * 20_000 + b"\r\n\r\n",  # a header too long
+    ],
+    ids=["not-http", "long-header"],
+)
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_an_unparsable_answer_claims_no_status_the_server_never_sent(
+    wire: str, head: bytes, streamed: bool
+) -> None:
+    """aiohttp's parser reports its own 400 for a head it cannot read: no server's status."""
+
+    async def broken_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head)
+        await writer.drain()
+        writer.close()
+
+    gateway = await asyncio.start_server(broken_http, "127.0.0.1", 0)
+    try:
+        port = gateway.sockets[0].getsockname()[1]
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key="k", base_url=f"http://127.0.0.1:{port}/v1") as provider:
+            with pytest.raises(InvalidResponseError) as info:
+                if streamed:
+                    await provider.stream(req())
+                else:
+                    await provider.complete(req())
+    finally:
+        gateway.close()
+        await gateway.wait_closed()
+    assert "unreadable response" in str(info.value)
+    assert info.value.status is None
+
+
 def test_a_key_cut_by_the_body_snippet_is_not_half_shown() -> None:
     """A plain-text error echoing the key across the snippet's cut must not show a part."""
     from empathy_models.providers._wire import _Secret

@@ -408,12 +408,13 @@ def error_from_transport(
             status=status if status is not None and 200 <= status < 300 else None,
         )
     if isinstance(exc, aiohttp.ClientResponseError):
+        # a head aiohttp could not parse: its ``status`` is the parser's own code (400),
+        # which the server never sent
         return InvalidResponseError(
             f"{provider}: unreadable response "
             f"({type(exc).__name__}: {_scrub(str(exc.message), secret)}) {where}",
             provider=provider,
             model=model,
-            status=exc.status or None,
         )
     return ProviderConnectionError(
         f"{provider}: connection failed ({type(exc).__name__}: {detail}) {where}",
