@@ -119,10 +119,11 @@ _Proxy = tuple["URL | None", "aiohttp.BasicAuth | None"]
 
 def _env_proxy(url: str) -> _Proxy:
     """
-    The proxy the environment names for ``url``: ``HTTPS_PROXY`` / ``HTTP_PROXY`` (and
-    ``ALL_PROXY``), unless ``NO_PROXY`` exempts its host; credentials from the proxy URL
-    or ``~/.netrc``.  The same reading as aiohttp's ``trust_env``, done once per session
-    instead of in a worker thread on every request.
+    The proxy the environment names for ``url``: ``HTTPS_PROXY`` / ``HTTP_PROXY``, unless
+    ``NO_PROXY`` exempts its host; credentials from the proxy URL or ``~/.netrc``.  The
+    same reading as aiohttp's ``trust_env``, done once per session instead of in a
+    worker thread on every request: ``ALL_PROXY`` is not read, and a proxy URL of
+    scheme ``https://`` is ignored (aiohttp logs a warning).
 
     Returns:
         ``(proxy, auth)``; ``(None, None)`` when no proxy applies.
@@ -139,7 +140,7 @@ def _env_proxy(url: str) -> _Proxy:
         return (None, None)
     except ValueError as exc:  # yarl refused the variable's value
         raise ConfigurationError(
-            "the proxy named by HTTPS_PROXY / HTTP_PROXY / ALL_PROXY is not a valid URL "
+            "the proxy named by HTTPS_PROXY / HTTP_PROXY is not a valid URL "
             f"({masked_url(str(exc))})"
         ) from None
 
