@@ -194,8 +194,8 @@ async def open_http_stream(
         raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
     except (aiohttp.ClientError, OSError) as exc:
         response.close()
-        raise error_from_transport(
-            exc, provider=name, model=model, secret=provider._redacted
+        raise error_from_transport(  # a 2xx whole body cut short keeps its status
+            exc, provider=name, model=model, secret=provider._redacted, status=response.status
         ) from None
     except BaseException:
         response.close()
