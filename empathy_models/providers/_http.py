@@ -448,6 +448,8 @@ class HTTPProvider(Provider):
         self.name = name
         self.base_url = base_url.rstrip("/")
         self._timeout = _to_timeout(timeout)
+        own = [t for t in (self._timeout.total, self._timeout.sock_read) if t is not None]
+        self._idle_default = min(own, default=None)  # a stream's default idle timeout
         self._max_body = check(_body_bound, "max_response_bytes", max_response_bytes)
         self._url = _request_url(self.base_url, self._endpoint())
         self._bound: aiohttp.ClientSession | None = None
@@ -614,7 +616,9 @@ class HTTPProvider(Provider):
         POST ``request`` with ``"stream": true`` and return the open `CompletionStream`.
 
         ``idle_timeout`` bounds the wait for the first byte and each gap between chunks
-        (default: the provider's own total timeout); ``total_timeout`` the whole stream.
+        (default: the provider's own total timeout, or its read timeout, an
+        `aiohttp.ClientTimeout`'s ``sock_read``, when shorter or the only one);
+        ``total_timeout`` the whole stream.
         Errors before the first byte are raised here, mapped as for `complete`; later
         ones (a stall, an ``error`` event, a cut connection) by the stream's
         ``__anext__``.  See `empathy_models.providers._streaming`.
@@ -630,7 +634,7 @@ class HTTPProvider(Provider):
             self,
             request,
             decoder,
-            idle_timeout=self._timeout.total if idle_timeout is None else idle_timeout,
+            idle_timeout=self._idle_default if idle_timeout is None else idle_timeout,
             total_timeout=total_timeout,
         )
 
