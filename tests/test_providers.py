@@ -58,6 +58,7 @@ from empathy_models.providers._http import (
     parse_retry_after,
 )
 from empathy_models.testing import FakeLLMServer, ModelBehavior
+from tests._serving import serving
 
 KEY = "test-key-0123456789"
 MODEL = "model-a"
@@ -810,6 +811,26 @@ async def test_a_redirect_is_not_followed_so_the_key_never_reaches_another_host(
     assert isinstance(exc, InvalidResponseError)
     assert exc.status == 307
     assert secret not in str(exc)
+    # the message says what happened and where the redirect pointed
+    assert f"a redirect to 'http://localhost:{other_port}/v1/" in str(exc)
+    assert "not followed" in str(exc)
+
+
+async def test_a_redirects_target_is_shown_without_its_secrets(wire: str) -> None:
+    secret = "sk-live-redirect-0123456789"
+    target = f"https://user:pw-0123456@gw.example/v1?api-key=qs-secret-42&echo={secret}"
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently(target)
+
+    path = "/v1/messages" if wire == "anthropic" else "/v1/chat/completions"
+    async with serving(path, moved) as url:
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key=secret, base_url=f"{url}/v1") as provider:
+            exc = await failure(provider, req())
+    assert isinstance(exc, InvalidResponseError) and exc.status == 301
+    assert "a redirect to 'https://user:***@gw.example/v1?api-key=***&echo=***'" in str(exc)
+    assert all(s not in str(exc) for s in (secret, "pw-0123456", "qs-secret-42"))
 
 
 # --------------------------------------------------------------------------- secret headers echoed

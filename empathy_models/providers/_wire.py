@@ -322,7 +322,13 @@ def error_from_response(
 ) -> ProviderError:
     """The error for a non-2xx response (see the module table), scrubbed of ``secret``."""
     kind, code, message = _error_details(body)
-    if message is None:
+    location = headers.get("location") if 300 <= status < 400 else None
+    if location is not None:
+        message = (
+            f"a redirect to {masked_url(location[:400])!r}, not followed since it would carry "
+            "the API key: check base_url"
+        )
+    elif message is None:
         snippet = _snippet(body, 120, secret)
         message = f"non-JSON body: {snippet!r}" if snippet else "empty body"
     label = " ".join(p for p in (kind, f"({code})" if code else None) if p)
