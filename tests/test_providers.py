@@ -833,6 +833,30 @@ async def test_a_redirects_target_is_shown_without_its_secrets(wire: str) -> Non
     assert all(s not in str(exc) for s in (secret, "pw-0123456", "qs-secret-42"))
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (404, {"detail": "Not Found"}, "HTTP 404: Not Found ["),  # FastAPI, a wrong path
+        (422, {"detail": [{"loc": ["body"], "msg": "field required"}]}, "HTTP 422: body: '{"),
+        (502, ["upstream", "failed"], "HTTP 502: body: '["),
+    ],
+    ids=["detail", "fastapi-422", "json-list"],
+)
+async def test_a_json_error_of_another_shape_is_quoted_as_json(
+    wire: str, status: int, body: Any, expected: str
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(body, status=status)
+
+    path = "/v1/messages" if wire == "anthropic" else "/v1/chat/completions"
+    async with serving(path, answer) as url:
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key=KEY, base_url=f"{url}/v1") as provider:
+            exc = await failure(provider, req())
+    assert exc.status == status and expected in str(exc)
+    assert "non-JSON" not in str(exc)
+
+
 # --------------------------------------------------------------------------- secret headers echoed
 
 TOKEN = "gw_9f8e7d6c5b4a39281706f5e4d3c2b1a0"

@@ -287,20 +287,26 @@ def parse_ratelimit_reset(headers: Mapping[str, str], *, now: float | None = Non
     return max(waits) if waits else None
 
 
-def _error_details(body: bytes) -> tuple[str | None, str | None, str | None]:
-    """(type, code, message) from either API's error body; Nones when it is not one."""
+def _error_details(body: bytes) -> tuple[str | None, str | None, str | None, bool]:
+    """
+    (type, code, message, whether ``body`` is JSON) from an error body: either API's
+    shape, a bare ``"error"`` or ``"message"`` string, or FastAPI's ``"detail"`` string
+    (servers built on it answer a wrong path so); Nones when none is found.
+    """
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # Recursion: absurd nesting
-        return None, None, None
+        return None, None, None, False
     if not isinstance(data, Mapping):
-        return None, None, None
+        return None, None, None, True
     error = data.get("error")
     if isinstance(error, str):
-        return None, None, error
+        return None, None, error, True
     if not isinstance(error, Mapping):
-        message = data.get("message") if isinstance(data.get("message"), str) else None
-        return None, None, message
+        for field in ("message", "detail"):
+            if isinstance(message := data.get(field), str):
+                return None, None, message, True
+        return None, None, None, True
     kind = error.get("type")
     code = error.get("code")
     message = error.get("message")
@@ -308,6 +314,7 @@ def _error_details(body: bytes) -> tuple[str | None, str | None, str | None]:
         kind if isinstance(kind, str) else None,
         code if isinstance(code, str) else None,
         message if isinstance(message, str) else None,
+        True,
     )
 
 
@@ -321,7 +328,7 @@ def error_from_response(
     secret: _Secrets | None = None,
 ) -> ProviderError:
     """The error for a non-2xx response (see the module table), scrubbed of ``secret``."""
-    kind, code, message = _error_details(body)
+    kind, code, message, is_json = _error_details(body)
     location = headers.get("location") if 300 <= status < 400 else None
     if location is not None:
         message = (
@@ -330,7 +337,8 @@ def error_from_response(
         )
     elif message is None:
         snippet = _snippet(body, 120, secret)
-        message = f"non-JSON body: {snippet!r}" if snippet else "empty body"
+        shape = "body" if is_json else "non-JSON body"
+        message = f"{shape}: {snippet!r}" if snippet else "empty body"
     label = " ".join(p for p in (kind, f"({code})" if code else None) if p)
     text = _scrub(f"{provider} HTTP {status}{' ' + label if label else ''}: {message}", secret)
     text += f" [model {model}]"
