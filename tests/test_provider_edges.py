@@ -9,11 +9,14 @@ streamed or not), which `FakeLLMServer` cannot be made to send.
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import gzip
 import json
 import logging
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -207,6 +210,59 @@ async def test_the_default_limit_is_16_mib_and_normal_answers_pass(raw: RawServe
     raw.reply = Reply(body=b" " * (17 << 20))
     with pytest.raises(InvalidResponseError, match="max_response_bytes=16,777,216"):
         await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_body_is_measured_as_it_expands(raw: RawServer, encoding: str) -> None:
+    # 64 MiB of blanks compress to some 64 KiB: the Content-Length is far under the limit
+    blanks = b" " * (64 << 20)
+    packed = gzip.compress(blanks, 9) if encoding == "gzip" else zlib.compress(blanks, 9)
+    del blanks
+    raw.reply = Reply(body=packed, headers={"Content-Encoding": encoding})
+    provider = AnthropicProvider(api_key=KEY, base_url=raw.url, max_response_bytes=1 << 20)
+    with pytest.raises(
+        InvalidResponseError, match=r"more than 1,048,576 bytes.*max_response_bytes"
+    ):
+        await complete(provider)
+    # a compressed answer of the usual size is read as before
+    raw.reply = Reply(body=gzip.compress(anthropic_ok()), headers={"Content-Encoding": "gzip"})
+    assert (await complete(provider)).content == "fine"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_whole_answer_cut_short_keeps_its_2xx_status(streamed: bool) -> None:
+    # a server that ignored "stream": true promises a whole JSON body and drops the
+    # connection halfway: accepted (and billed) alike whether the request was streamed
+    body = anthropic_ok()
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body[: len(body) // 2])
+        )
+        await writer.drain()
+        writer.transport.abort()
+
+    gateway = await asyncio.start_server(cut, "127.0.0.1", 0)
+    try:
+        port = gateway.sockets[0].getsockname()[1]
+        async with AnthropicProvider(api_key=KEY, base_url=f"http://127.0.0.1:{port}") as provider:
+            with pytest.raises(InvalidResponseError, match="cut short") as info:
+                if streamed:
+                    await provider.stream(REQUEST)
+                else:
+                    await provider.complete(REQUEST)
+    finally:
+        gateway.close()
+        await gateway.wait_closed()
+    assert info.value.status == 200
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])

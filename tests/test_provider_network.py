@@ -38,6 +38,7 @@ from empathy_models.exceptions import (
     ProviderConnectionError,
 )
 from empathy_models.testing import FakeLLMServer
+from tests._serving import anthropic_answering, serving
 
 KEY = "gateway-key-0123"
 ENV_KEY = "sk-real-openai-key-from-the-environment"
@@ -400,6 +401,41 @@ def test_a_secret_in_the_base_urls_query_stays_out_of_reprs_and_errors() -> None
     with pytest.raises(ConfigurationError) as info:
         OpenAIProvider(api_key="k", base_url="http://gateway.internal:port/v1?sig=qs-very-secret")
     assert "qs-very-secret" not in str(info.value) and "sig=***" in str(info.value)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+async def test_the_base_urls_query_stays_the_query_of_every_request(
+    kind: str, streamed: bool
+) -> None:
+    # a gateway's key or Azure's api-version in the query: the endpoint goes on the path
+    queries: list[dict[str, str]] = []
+    answer = anthropic_answering({"input_tokens": 1, "output_tokens": 1})
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        queries.append(dict(request.query))
+        if kind == "anthropic":
+            return await answer(request)
+        return web.json_response(
+            {
+                "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+            }
+        )
+
+    path = "/gw/v1/chat/completions" if kind == "openai" else "/gw/v1/messages"
+    async with serving(path, handler) as url:
+        base_url = f"{url}/gw/v1/?api-version=2024-10-21&team=a"
+        provider_class = OpenAIProvider if kind == "openai" else AnthropicProvider
+        async with provider_class(name="gw", base_url=base_url, api_key=KEY) as provider:
+            request = CompletionRequest(model="m", messages="hi")
+            if streamed:
+                stream = await provider.stream(request)
+                content = "".join([piece async for piece in stream if isinstance(piece, str)])
+            else:
+                content = (await provider.complete(request)).content
+    assert content == "ok"
+    assert queries == [{"api-version": "2024-10-21", "team": "a"}]
 
 
 @pytest.mark.parametrize("headers", [{"": "x"}, {"a:b": "x"}, {"X": 3}])

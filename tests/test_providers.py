@@ -58,6 +58,7 @@ from empathy_models.providers._http import (
     parse_retry_after,
 )
 from empathy_models.testing import FakeLLMServer, ModelBehavior
+from tests._serving import serving
 
 KEY = "test-key-0123456789"
 MODEL = "model-a"
@@ -650,6 +651,43 @@ async def test_an_unparsable_response_leaves_no_key_in_the_chained_cause(wire: s
     assert secret not in repr(exc.__cause__.request_info)
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"SSH-2.0-OpenSSH_9.6\r\n\r\n",  # no HTTP at all
+        b"HTTP/1.1 200 OK\r\nX-Trace: " + b"a" * 20_000 + b"\r\n\r\n",  # a header too long
+    ],
+    ids=["not-http", "long-header"],
+)
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_an_unparsable_answer_claims_no_status_the_server_never_sent(
+    wire: str, head: bytes, streamed: bool
+) -> None:
+    """aiohttp's parser reports its own 400 for a head it cannot read: no server's status."""
+
+    async def broken_http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head)
+        await writer.drain()
+        writer.close()
+
+    gateway = await asyncio.start_server(broken_http, "127.0.0.1", 0)
+    try:
+        port = gateway.sockets[0].getsockname()[1]
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key="k", base_url=f"http://127.0.0.1:{port}/v1") as provider:
+            with pytest.raises(InvalidResponseError) as info:
+                if streamed:
+                    await provider.stream(req())
+                else:
+                    await provider.complete(req())
+    finally:
+        gateway.close()
+        await gateway.wait_closed()
+    assert "unreadable response" in str(info.value)
+    assert info.value.status is None
+
+
 def test_a_key_cut_by_the_body_snippet_is_not_half_shown() -> None:
     """A plain-text error echoing the key across the snippet's cut must not show a part."""
     from empathy_models.providers._wire import _Secret
@@ -773,6 +811,50 @@ async def test_a_redirect_is_not_followed_so_the_key_never_reaches_another_host(
     assert isinstance(exc, InvalidResponseError)
     assert exc.status == 307
     assert secret not in str(exc)
+    # the message says what happened and where the redirect pointed
+    assert f"a redirect to 'http://localhost:{other_port}/v1/" in str(exc)
+    assert "not followed" in str(exc)
+
+
+async def test_a_redirects_target_is_shown_without_its_secrets(wire: str) -> None:
+    secret = "sk-live-redirect-0123456789"
+    target = f"https://user:pw-0123456@gw.example/v1?api-key=qs-secret-42&echo={secret}"
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently(target)
+
+    path = "/v1/messages" if wire == "anthropic" else "/v1/chat/completions"
+    async with serving(path, moved) as url:
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key=secret, base_url=f"{url}/v1") as provider:
+            exc = await failure(provider, req())
+    assert isinstance(exc, InvalidResponseError) and exc.status == 301
+    assert "a redirect to 'https://user:***@gw.example/v1?api-key=***&echo=***'" in str(exc)
+    assert all(s not in str(exc) for s in (secret, "pw-0123456", "qs-secret-42"))
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (404, {"detail": "Not Found"}, "HTTP 404: Not Found ["),  # FastAPI, a wrong path
+        (422, {"detail": [{"loc": ["body"], "msg": "field required"}]}, "HTTP 422: body: '{"),
+        (502, ["upstream", "failed"], "HTTP 502: body: '["),
+    ],
+    ids=["detail", "fastapi-422", "json-list"],
+)
+async def test_a_json_error_of_another_shape_is_quoted_as_json(
+    wire: str, status: int, body: Any, expected: str
+) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(body, status=status)
+
+    path = "/v1/messages" if wire == "anthropic" else "/v1/chat/completions"
+    async with serving(path, answer) as url:
+        cls = AnthropicProvider if wire == "anthropic" else OpenAIProvider
+        async with cls(api_key=KEY, base_url=f"{url}/v1") as provider:
+            exc = await failure(provider, req())
+    assert exc.status == status and expected in str(exc)
+    assert "non-JSON" not in str(exc)
 
 
 # --------------------------------------------------------------------------- secret headers echoed

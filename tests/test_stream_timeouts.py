@@ -439,3 +439,25 @@ async def test_the_deadline_bounds_the_callers_reading_of_pieces_already_read() 
     assert caught.value.partial_text == "Hello"
     (record,) = await telemetry.recent(limit=5)
     assert record.error_type == "ProviderTimeoutError"
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_the_providers_own_read_timeout_bounds_a_stream_given_no_idle_timeout(
+    server: FakeLLMServer, api: str
+) -> None:
+    # a provider built with a read timeout and no total (a long answer may take minutes,
+    # a silent server may not) times out a stalled stream as it does a whole answer
+    server.set_behavior(MODEL, ModelBehavior(content=TEXT, stream=STALL_AFTER_TWO))
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=0.3)
+    provider = (
+        OpenAIProvider(api_key=KEY, base_url=server.openai_base_url, timeout=timeout)
+        if api == "openai"
+        else AnthropicProvider(api_key=KEY, base_url=server.anthropic_base_url, timeout=timeout)
+    )
+    text = ""
+    async with provider:
+        stream = await provider.stream(CompletionRequest(model=MODEL, messages="hi"))
+        with anyio.fail_after(10), pytest.raises(ProviderTimeoutError, match=IDLE):
+            async for piece in stream:
+                text += str(piece)
+    assert text == "w0 w1"  # what came before the stall

@@ -55,7 +55,7 @@ import re
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Self
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
@@ -87,6 +87,7 @@ from ._wire import (
     missing_key,
     parse_ratelimit_reset,
     parse_retry_after,
+    read_bounded,
 )
 
 if TYPE_CHECKING:
@@ -118,10 +119,11 @@ _Proxy = tuple["URL | None", "aiohttp.BasicAuth | None"]
 
 def _env_proxy(url: str) -> _Proxy:
     """
-    The proxy the environment names for ``url``: ``HTTPS_PROXY`` / ``HTTP_PROXY`` (and
-    ``ALL_PROXY``), unless ``NO_PROXY`` exempts its host; credentials from the proxy URL
-    or ``~/.netrc``.  The same reading as aiohttp's ``trust_env``, done once per session
-    instead of in a worker thread on every request.
+    The proxy the environment names for ``url``: ``HTTPS_PROXY`` / ``HTTP_PROXY``, unless
+    ``NO_PROXY`` exempts its host; credentials from the proxy URL or ``~/.netrc``.  The
+    same reading as aiohttp's ``trust_env``, done once per session instead of in a
+    worker thread on every request: ``ALL_PROXY`` is not read, and a proxy URL of
+    scheme ``https://`` is ignored (aiohttp logs a warning).
 
     Returns:
         ``(proxy, auth)``; ``(None, None)`` when no proxy applies.
@@ -138,9 +140,19 @@ def _env_proxy(url: str) -> _Proxy:
         return (None, None)
     except ValueError as exc:  # yarl refused the variable's value
         raise ConfigurationError(
-            "the proxy named by HTTPS_PROXY / HTTP_PROXY / ALL_PROXY is not a valid URL "
+            "the proxy named by HTTPS_PROXY / HTTP_PROXY is not a valid URL "
             f"({masked_url(str(exc))})"
         ) from None
+
+
+def _request_url(base_url: str, endpoint: str) -> str:
+    """
+    The URL requests go to: ``endpoint`` appended to ``base_url``'s path, before its
+    query (a gateway's ``?api-key=``, Azure's ``?api-version=``), which is kept.
+    """
+    parts = urlsplit(base_url)
+    path = parts.path.rstrip("/") + endpoint
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
 def _host(url: str) -> str | None:
@@ -374,7 +386,8 @@ class HTTPProvider(Provider):
     8 characters is not scrubbed (it would mangle messages; no credential is so short).
 
     **Body size.**  A response body larger than ``max_response_bytes`` (default 16 MiB;
-    1 to ``2**63 - 1``) is not read further: `InvalidResponseError` says so.
+    1 to ``2**63 - 1``; a compressed body measured decompressed) is not read further:
+    `InvalidResponseError` says so.
 
     Sessions: `bind` lends one (the executor's); ``async with provider:`` creates and
     closes one of its own.  Either way ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
@@ -435,8 +448,10 @@ class HTTPProvider(Provider):
         self.name = name
         self.base_url = base_url.rstrip("/")
         self._timeout = _to_timeout(timeout)
+        own = [t for t in (self._timeout.total, self._timeout.sock_read) if t is not None]
+        self._idle_default = min(own, default=None)  # a stream's default idle timeout
         self._max_body = check(_body_bound, "max_response_bytes", max_response_bytes)
-        self._url = self.base_url + self._endpoint()
+        self._url = _request_url(self.base_url, self._endpoint())
         self._bound: aiohttp.ClientSession | None = None
         self._own: aiohttp.ClientSession | None = None
         self._headers_cache: dict[str, str] | None = None
@@ -601,7 +616,9 @@ class HTTPProvider(Provider):
         POST ``request`` with ``"stream": true`` and return the open `CompletionStream`.
 
         ``idle_timeout`` bounds the wait for the first byte and each gap between chunks
-        (default: the provider's own total timeout); ``total_timeout`` the whole stream.
+        (default: the provider's own total timeout, or its read timeout, an
+        `aiohttp.ClientTimeout`'s ``sock_read``, when shorter or the only one);
+        ``total_timeout`` the whole stream.
         Errors before the first byte are raised here, mapped as for `complete`; later
         ones (a stall, an ``error`` event, a cut connection) by the stream's
         ``__anext__``.  See `empathy_models.providers._streaming`.
@@ -617,7 +634,7 @@ class HTTPProvider(Provider):
             self,
             request,
             decoder,
-            idle_timeout=self._timeout.total if idle_timeout is None else idle_timeout,
+            idle_timeout=self._idle_default if idle_timeout is None else idle_timeout,
             total_timeout=total_timeout,
         )
 
@@ -673,11 +690,7 @@ class HTTPProvider(Provider):
                 answered = True
                 status = response.status
                 response_headers = response.headers
-                length = response.content_length
-                if length is not None and length <= self._max_body:
-                    body = await response.read()  # aiohttp reads no more than Content-Length
-                else:
-                    body = await self._read_bounded(response, length, model, status)
+                body = await read_bounded(response, self._max_body, self.name, model)
         except aiohttp.InvalidURL as exc:  # a ClientError too, but nothing was sent
             raise self._not_built(exc, model) from _without_request(exc)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -784,37 +797,6 @@ class HTTPProvider(Provider):
         raise error_from_transport(
             exc, provider=self.name, model=model, secret=self._redacted, status=status
         ) from _without_request(exc)
-
-    async def _read_bounded(
-        self, response: aiohttp.ClientResponse, length: int | None, model: str, status: int
-    ) -> bytes:
-        """
-        The body of ``response``, or `InvalidResponseError` as soon as it is known to be
-        larger than ``max_response_bytes`` (from Content-Length, or while reading).
-        """
-        limit = self._max_body
-        if length is None or length <= limit:
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in response.content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    break
-                chunks.append(chunk)
-            else:
-                return b"".join(chunks)
-            chunks.clear()
-            response.close()  # drop the connection: the rest of the body is never read
-            shown = f"more than {limit:,} bytes"
-        else:
-            shown = f"{length:,} bytes (Content-Length)"
-        raise InvalidResponseError(
-            f"{self.name}: the response body is {shown}, over max_response_bytes="
-            f"{limit:,}; raise max_response_bytes if such answers are expected [model {model}]",
-            provider=self.name,
-            model=model,
-            status=status,
-        )
 
     @abc.abstractmethod
     def _endpoint(self) -> str:

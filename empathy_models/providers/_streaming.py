@@ -50,6 +50,7 @@ from ._wire import (
     error_from_transport,
     estimated_output_tokens,
     parse_ratelimit_reset,
+    read_bounded,
     reported_model,
     utf8_size,
 )
@@ -193,8 +194,8 @@ async def open_http_stream(
         raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
     except (aiohttp.ClientError, OSError) as exc:
         response.close()
-        raise error_from_transport(
-            exc, provider=name, model=model, secret=provider._redacted
+        raise error_from_transport(  # a 2xx whole body cut short keeps its status
+            exc, provider=name, model=model, secret=provider._redacted, status=response.status
         ) from None
     except BaseException:
         response.close()
@@ -209,7 +210,7 @@ async def _whole_answer(
     `error_from_response`'s error, a 2xx JSON body is served as its pieces.
     """
     status, model, secret = response.status, request.model, provider._redacted
-    body = await provider._read_bounded(response, response.content_length, model, status)
+    body = await read_bounded(response, provider._max_body, provider.name, model)
     response.release()
     if not 200 <= status < 300:
         raise error_from_response(

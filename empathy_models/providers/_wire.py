@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import quote, quote_plus
 
 from .._text import utf8_size
@@ -39,6 +39,9 @@ from ..exceptions import (
     ServerError,
 )
 
+if TYPE_CHECKING:
+    import aiohttp
+
 __all__ = [
     "MAX_TOKEN_COUNT",
     "OUTPUT_BYTES_PER_TOKEN",
@@ -55,6 +58,7 @@ __all__ = [
     "shown_count",
     "parse_ratelimit_reset",
     "parse_retry_after",
+    "read_bounded",
     "utf8_size",
     "whole_count",
 ]
@@ -283,20 +287,26 @@ def parse_ratelimit_reset(headers: Mapping[str, str], *, now: float | None = Non
     return max(waits) if waits else None
 
 
-def _error_details(body: bytes) -> tuple[str | None, str | None, str | None]:
-    """(type, code, message) from either API's error body; Nones when it is not one."""
+def _error_details(body: bytes) -> tuple[str | None, str | None, str | None, bool]:
+    """
+    (type, code, message, whether ``body`` is JSON) from an error body: either API's
+    shape, a bare ``"error"`` or ``"message"`` string, or FastAPI's ``"detail"`` string
+    (servers built on it answer a wrong path so); Nones when none is found.
+    """
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # Recursion: absurd nesting
-        return None, None, None
+        return None, None, None, False
     if not isinstance(data, Mapping):
-        return None, None, None
+        return None, None, None, True
     error = data.get("error")
     if isinstance(error, str):
-        return None, None, error
+        return None, None, error, True
     if not isinstance(error, Mapping):
-        message = data.get("message") if isinstance(data.get("message"), str) else None
-        return None, None, message
+        for field in ("message", "detail"):
+            if isinstance(message := data.get(field), str):
+                return None, None, message, True
+        return None, None, None, True
     kind = error.get("type")
     code = error.get("code")
     message = error.get("message")
@@ -304,6 +314,7 @@ def _error_details(body: bytes) -> tuple[str | None, str | None, str | None]:
         kind if isinstance(kind, str) else None,
         code if isinstance(code, str) else None,
         message if isinstance(message, str) else None,
+        True,
     )
 
 
@@ -317,10 +328,17 @@ def error_from_response(
     secret: _Secrets | None = None,
 ) -> ProviderError:
     """The error for a non-2xx response (see the module table), scrubbed of ``secret``."""
-    kind, code, message = _error_details(body)
-    if message is None:
+    kind, code, message, is_json = _error_details(body)
+    location = headers.get("location") if 300 <= status < 400 else None
+    if location is not None:
+        message = (
+            f"a redirect to {masked_url(location[:400])!r}, not followed since it would carry "
+            "the API key: check base_url"
+        )
+    elif message is None:
         snippet = _snippet(body, 120, secret)
-        message = f"non-JSON body: {snippet!r}" if snippet else "empty body"
+        shape = "body" if is_json else "non-JSON body"
+        message = f"{shape}: {snippet!r}" if snippet else "empty body"
     label = " ".join(p for p in (kind, f"({code})" if code else None) if p)
     text = _scrub(f"{provider} HTTP {status}{' ' + label if label else ''}: {message}", secret)
     text += f" [model {model}]"
@@ -404,12 +422,13 @@ def error_from_transport(
             status=status if status is not None and 200 <= status < 300 else None,
         )
     if isinstance(exc, aiohttp.ClientResponseError):
+        # a head aiohttp could not parse: its ``status`` is the parser's own code (400),
+        # which the server never sent
         return InvalidResponseError(
             f"{provider}: unreadable response "
             f"({type(exc).__name__}: {_scrub(str(exc.message), secret)}) {where}",
             provider=provider,
             model=model,
-            status=exc.status or None,
         )
     return ProviderConnectionError(
         f"{provider}: connection failed ({type(exc).__name__}: {detail}) {where}",
@@ -478,6 +497,46 @@ def _without_request(exc: BaseException) -> BaseException:
         exc.history = ()
         exc.args = (exc.request_info, exc.history)
     return exc
+
+
+async def read_bounded(
+    response: aiohttp.ClientResponse, limit: int, provider: str, model: str
+) -> bytes:
+    """
+    The body of ``response``, or `InvalidResponseError` as soon as it is known to be
+    larger than ``limit``, ``provider``'s ``max_response_bytes`` (from the
+    Content-Length, or while reading).  A compressed body is counted as aiohttp
+    decompresses it: its Content-Length (the compressed size) says nothing of what a
+    gzip or deflate body expands to.
+    """
+    status = response.status
+    length = response.content_length
+    if "Content-Encoding" in response.headers:
+        length = None  # the compressed size: it does not bound the body
+    elif length is not None and length <= limit:
+        return await response.read()  # aiohttp reads no more than Content-Length
+    if length is None:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                break
+            chunks.append(chunk)
+        else:
+            return b"".join(chunks)
+        chunks.clear()
+        response.close()  # drop the connection: the rest of the body is never read
+        shown = f"more than {limit:,} bytes"
+    else:
+        shown = f"{length:,} bytes (Content-Length)"
+    raise InvalidResponseError(
+        f"{provider}: the response body is {shown}, over max_response_bytes="
+        f"{limit:,}; raise max_response_bytes if such answers are expected [model {model}]",
+        provider=provider,
+        model=model,
+        status=status,
+    )
 
 
 # --------------------------------------------------------------------------- response fields

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import urlsplit
 
 from ..abc import Completion, CompletionRequest
 from ._convert import answer_usage, anthropic_body, anthropic_tool_calls
@@ -94,7 +95,8 @@ class AnthropicProvider(HTTPProvider):
     _stream_decoder = AnthropicStreamDecoder
 
     def _endpoint(self) -> str:
-        return "/messages" if self.base_url.endswith("/v1") else "/v1/messages"
+        path = urlsplit(self.base_url).path.rstrip("/")  # not its query
+        return "/messages" if path.endswith("/v1") else "/v1/messages"
 
     def _headers(self, api_key: str | None) -> dict[str, str]:
         headers = {
