@@ -288,6 +288,23 @@ def test_env_key_withheld_tells_a_provider_whose_variable_is_not_sent_to_its_url
     assert not OpenAIProvider(name="ollama", base_url=local).env_key_withheld  # not set
 
 
+@pytest.mark.parametrize(
+    ("provider_class", "plain"),
+    [(OpenAIProvider, "http://api.openai.com/v1"), (AnthropicProvider, "http://api.anthropic.com")],
+)
+def test_the_official_host_over_plain_http_is_not_sent_the_environments_key(
+    monkeypatch: pytest.MonkeyPatch,
+    provider_class: type[OpenAIProvider] | type[AnthropicProvider],
+    plain: str,
+) -> None:
+    # the key would cross the network in clear text before any redirect to https
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", ENV_KEY)
+    provider = provider_class(base_url=plain)
+    assert provider.env_key_withheld and not provider.has_api_key
+    assert provider_class(base_url=plain.replace("http:", "https:")).has_api_key
+
+
 @pytest.mark.parametrize("provider_class", [OpenAIProvider, AnthropicProvider])
 async def test_api_key_env_names_the_variable_the_key_is_read_from(
     monkeypatch: pytest.MonkeyPatch,

@@ -360,9 +360,9 @@ class HTTPProvider(Provider):
     ``base_url_env_var`` environment variable (``OPENAI_BASE_URL``,
     ``ANTHROPIC_BASE_URL``) when set, else the official endpoint.  ``api_key`` given is
     always used.  Without it the ``env_var`` key (``OPENAI_API_KEY``, ...) is read only
-    when it cannot leak to someone else: when the base URL is the official host or came
-    from the environment next to the key (``api_key_from_env=None``, the default);
-    ``api_key_from_env=True`` reads it for any base URL, ``False`` never.  So
+    when it cannot leak to someone else: when the base URL is the official host (over
+    ``https``) or came from the environment next to the key (``api_key_from_env=None``,
+    the default); ``api_key_from_env=True`` reads it for any base URL, ``False`` never.  So
     ``OpenAIProvider(name="ollama", base_url="http://localhost:11434/v1")`` never sends
     ``OPENAI_API_KEY`` (`env_key_withheld` says so).  ``api_key_env`` names the variable
     to read instead (then the ``env_var``), for any base URL.  A key is stripped, one of
@@ -420,7 +420,10 @@ class HTTPProvider(Provider):
             from_env = bool(configured) and bool(self.base_url_env_var)
             base_url = configured if from_env else self.default_base_url
         base_url = self._checked_base_url(base_url, from_env)
-        official = _host(base_url) == _host(self.default_base_url)
+        # the official host over https only: over plain http the key crosses in clear
+        official = urlsplit(base_url).scheme == "https" and _host(base_url) == _host(
+            self.default_base_url
+        )
         # the kind's variable only where it cannot leak; one named for the provider anywhere
         allowed = official or from_env or api_key_env is not None
         self._env_off = api_key_from_env is False  # the caller's choice, not the URL's rule
