@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,10 +21,9 @@ from empathy_models import (
     LLMCallRecord,
     Outcome,
     state_store_from_url,
-    telemetry_from_url,
 )
 from empathy_models.limits import quota_store_from_url
-from tests._cli import run_cli
+from tests.test_cli_odd_values import _store, ok
 
 
 def _call(model: str, *, ok: bool = True, cost_usd: float = 0.001) -> LLMCallRecord:
@@ -41,22 +39,6 @@ def _call(model: str, *, ok: bool = True, cost_usd: float = 0.001) -> LLMCallRec
         output_tokens=10,
         timestamp=datetime.now(UTC) - timedelta(minutes=5),
     )
-
-
-def _store(path: Path, records: Sequence[LLMCallRecord]) -> Path:
-    async def body() -> None:
-        async with telemetry_from_url(f"sqlite:///{path}") as telemetry:
-            await telemetry.record_many(list(records))
-
-    anyio.run(body)
-    return path
-
-
-def ok(home: Path, *args: str) -> str:
-    result = run_cli(home, *args)
-    assert result.returncode == 0, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    return result.stdout
 
 
 def _row(out: str, model: str) -> list[str]:

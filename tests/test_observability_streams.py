@@ -178,17 +178,22 @@ class StalledTelemetry(MemoryTelemetryBackend):
         await super().record(record)
 
 
-async def test_a_stream_cancelled_while_its_answer_is_reported_still_ends_its_spans(
-    server: FakeLLMServer, otel: Otel
-) -> None:
-    # the last delta is read, the answer is being reported, and the reader is cancelled
+async def _cancelled_while_reported(
+    server: FakeLLMServer, otel: Otel, *, leave_early: bool
+) -> tuple[ReadableSpan, ReadableSpan]:
+    """
+    A stream read to its end (or left after its first delta), its reader cancelled
+    while the attempt is reported (the telemetry write stalls); the run's span and
+    the attempt's, both ended.
+    """
     telemetry = StalledTelemetry()
     async with make(server, otel, telemetry_store=telemetry) as executor:
 
         async def read() -> None:
             async with executor.stream(PROMPT, CTX) as stream:
                 async for _ in stream:
-                    pass
+                    if leave_early:
+                        break
 
         task = asyncio.create_task(read())
         await telemetry.entered.wait()
@@ -199,6 +204,14 @@ async def test_a_stream_cancelled_while_its_answer_is_reported_still_ends_its_sp
     run = otel.span("run support/answer")
     (attempt,) = attempts_of(otel)
     assert run.end_time is not None and attempt.end_time is not None
+    return run, attempt
+
+
+async def test_a_stream_cancelled_while_its_answer_is_reported_still_ends_its_spans(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # the last delta is read, the answer is being reported, and the reader is cancelled
+    run, attempt = await _cancelled_while_reported(server, otel, leave_early=False)
     # the provider answered in full: the attempt is a success, measured as one
     assert attempt.attributes is not None
     assert attempt.attributes["empathy_models.outcome"] == "success"
@@ -242,23 +255,7 @@ async def test_a_stream_left_early_whose_reader_is_cancelled_during_the_report_e
     # the caller leaves after the first delta; while the left attempt is reported (the
     # telemetry write stalls) its task is cancelled: both spans still end
     server.set_behavior("claude-fake-haiku", ModelBehavior(content="one two three four five"))
-    telemetry = StalledTelemetry()
-    async with make(server, otel, telemetry_store=telemetry) as executor:
-
-        async def read() -> None:
-            async with executor.stream(PROMPT, CTX) as stream:
-                async for _ in stream:
-                    break
-
-        task = asyncio.create_task(read())
-        await telemetry.entered.wait()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        telemetry.release.set()
-    run = otel.span("run support/answer")
-    (attempt,) = attempts_of(otel)
-    assert run.end_time is not None and attempt.end_time is not None
+    run, attempt = await _cancelled_while_reported(server, otel, leave_early=True)
     assert run.attributes is not None and run.attributes["empathy_models.outcome"] == "cancelled"
     assert attempt.attributes is not None
     assert attempt.attributes["empathy_models.outcome"] == "cancelled"
