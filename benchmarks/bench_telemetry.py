@@ -296,8 +296,10 @@ async def _record_under_load(
     what: str,
 ) -> _CallTimes:
     """
-    Fill the queue up to ``max_queue`` (untimed), then time ``timed`` calls while the
-    producer keeps outrunning the writer (one ``sleep(0)`` after each call, untimed).
+    Fill the queue up to ``max_queue`` (untimed, without yielding to the writer, so a
+    writer that keeps up with a yielding producer on a loaded machine cannot keep it
+    from filling), then time ``timed`` calls while the producer keeps outrunning the
+    writer (one ``sleep(0)`` after each call, untimed).
     ``records`` must hold ``timed`` records more than filling the queue can take.
     """
     samples: list[float] = []
@@ -309,9 +311,8 @@ async def _record_under_load(
         while (p := _pending(backend)) is not None and p < max_queue:
             if i == warm_limit:
                 raise RuntimeError(f"{what}: the writer kept up; the queue never filled")
-            await backend.record(records[i])
+            await backend.record(records[i])  # no yield while there is room: it fills
             i += 1
-            await asyncio.sleep(0)
         for r in records[i : i + timed]:
             pending_sum += _pending(backend) or 0
             t0 = clock()
