@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import gc
 import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +88,13 @@ def machine_info() -> dict[str, Any]:
         "packages": {k: v for k, v in versions.items() if v is not None},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new private directory for a benchmark's files, removed when the process exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def summarize(samples: Sequence[float]) -> dict[str, float]:

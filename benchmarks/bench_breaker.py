@@ -32,12 +32,17 @@ import asyncio
 import contextlib
 import itertools
 import os
-import tempfile
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
-from benchmarks._common import BenchResult, async_timeit, peer_version, summarize, write_result
+from benchmarks._common import (
+    BenchResult,
+    async_timeit,
+    peer_version,
+    scratch_dir,
+    summarize,
+    write_result,
+)
 from empathy_models import CircuitBreaker
 
 REDIS_URL = os.environ.get("EMPATHY_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -91,7 +96,7 @@ async def run(quick: bool = False) -> BenchResult:
     )
     cases: dict[str, Callable[[], Awaitable[object]]] = {}
     stack = contextlib.AsyncExitStack()
-    tmp = Path(tempfile.mkdtemp(prefix="empathy-bench-"))
+    tmp = scratch_dir("empathy-bench-")
 
     async def baseline() -> None:
         await noop()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -43,6 +42,7 @@ from benchmarks._common import (
     delete_redis_keys,
     drop_schemas,
     peer_version,
+    scratch_dir,
     script_main,
     summarize,
 )
@@ -249,7 +249,7 @@ async def run(quick: bool = False) -> BenchResult:
             "CPU vs fastest peer",
         ],
     )
-    tmp = Path(tempfile.mkdtemp(prefix="empathy-bench-rates-"))
+    tmp = scratch_dir("empathy-bench-rates-")
     samples: dict[tuple[str, float], list[float]] = {}
     cpu: dict[tuple[str, float], list[float]] = {}
     async with contextlib.AsyncExitStack() as stack:

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from benchmarks._common import (
@@ -28,6 +26,7 @@ from benchmarks._common import (
     delete_redis_keys,
     drop_schemas,
     peer_version,
+    scratch_dir,
     script_main,
     summarize,
 )
@@ -61,7 +60,7 @@ async def run(quick: bool = False) -> BenchResult:
         title="Response-cache hit in the executor (µs per run)",
         columns=["median µs", "p99 µs", "bar µs", "vs a FakeProvider call"],
     )
-    tmp = Path(tempfile.mkdtemp(prefix="empathy-bench-"))
+    tmp = scratch_dir("empathy-bench-")
     tag = uuid.uuid4().hex[:10]
     caches = {"memory": "memory://", "SQLite": f"sqlite:///{tmp / 'cache.db'}"}
     # each probed where it will be used (a probe opens the store, which creates its

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 from benchmarks._common import (
@@ -36,6 +34,7 @@ from benchmarks._common import (
     delete_redis_keys,
     drop_schemas,
     peer_version,
+    scratch_dir,
     script_main,
     summarize,
 )
@@ -83,7 +82,7 @@ async def run(quick: bool = False) -> BenchResult:
         title="Budget and rate-limit cost per call, against the breaker on the same store (µs)",
         columns=["median µs", "p99 µs", "overhead µs", "vs breaker, same store"],
     )
-    tmp = Path(tempfile.mkdtemp(prefix="empathy-bench-"))
+    tmp = scratch_dir("empathy-bench-")
     tag = uuid.uuid4().hex[:10]
     stores: dict[str, str] = {"memory": "memory://", "SQLite": f"sqlite:///{tmp / 'q.db'}"}
     # each probed where it will be used (a probe opens the store, which creates its

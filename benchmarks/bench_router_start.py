@@ -4,7 +4,7 @@ What router start-up and refresh cost against a store that already holds history
 <= 50 ms of CPU).
 
 For each backend (SQLite file, PostgreSQL when reachable) and each history size
-(1k / 100k / 1M calls; ``--quick``: 20k), 7 models over 7 days of timestamps are
+(1k / 100k / 1M calls; ``--quick``: 5k), 7 models over 7 days of timestamps are
 stored for real through the backend's own write path (``record_many`` of an unbatched
 backend, 10,000 records per transaction: the calls and their evidence rollups are
 written together, as in production).  Then:
@@ -308,7 +308,7 @@ async def measure(
 
 
 async def run(quick: bool = False) -> BenchResult:
-    sizes = (20_000,) if quick else (1_000, 100_000, 1_000_000)
+    sizes = (5_000,) if quick else (1_000, 100_000, 1_000_000)
     result = BenchResult(
         name="router_start",
         title=(
