@@ -64,3 +64,13 @@ def interruptible_children() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """
+    Tests marked ``slow`` run first.  pytest-xdist hands tests out in this order, two at
+    a time (``--maxschedchunk`` in pyproject.toml), so the long ones spread over the
+    workers from the start instead of one of them, reached late, keeping a worker busy
+    after the others are done.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -34,6 +34,7 @@ def _markers(file: Path) -> set[str]:
     return found
 
 
+@pytest.mark.slow
 def test_a_save_racing_a_reset_is_never_lost(tmp_path: Path) -> None:
     file = tmp_path / "auth_strategy.json"
     lost = []

@@ -93,6 +93,7 @@ def _stores() -> list[Any]:
 
 
 @pytest.mark.parametrize("url", _stores())
+@pytest.mark.slow
 def test_three_processes_share_one_breaker(url: str, tmp_path: Path) -> None:
     fake = url == "sqlite"
     if fake:
@@ -203,6 +204,7 @@ PLUGIN = BackendPlugin(schemes=("vault",), package="vault-store", state_store=st
 """
 
 
+@pytest.mark.slow
 async def test_the_fleet_check_keeps_the_store_url_off_the_command_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

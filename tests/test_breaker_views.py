@@ -77,6 +77,7 @@ def calls_and_failures(state: CircuitBreakerState) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 async def test_views_stay_bounded_over_many_keys_each_used_once(mode: str) -> None:
     clock = FakeClock()
     days = 4

@@ -129,6 +129,7 @@ def _interrupted_demo(home: Path, db: Path, gaps: tuple[float, ...]) -> tuple[in
 
 
 @pytest.mark.usefixtures("interruptible_children")
+@pytest.mark.slow
 def test_ctrl_c_pressed_again_while_the_demo_closes_ends_it_with_one_line(
     home: Path, tmp_path: Path
 ) -> None:
@@ -174,6 +175,7 @@ print(code, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
 
 
 @pytest.mark.usefixtures("interruptible_children")
+@pytest.mark.slow
 def test_main_called_by_a_program_gives_its_ctrl_c_back(home: Path, tmp_path: Path) -> None:
     # the program that called main(argv) after a Ctrl-C can still be interrupted (and
     # its own child processes too): SIGINT was left ignored for the rest of its life

@@ -68,6 +68,7 @@ def _sqlite_quota(clock: FakeClock, tmp_path: Path) -> QuotaStore:
 
 
 @pytest.mark.parametrize("make_store", [_memory_quota, _sqlite_quota], ids=["memory", "sqlite"])
+@pytest.mark.slow
 async def test_a_rate_limit_admits_calls_after_the_clock_steps_back_an_hour(
     server: FakeLLMServer,
     tmp_path: Path,

@@ -1196,6 +1196,7 @@ async def test_borrowed_session_breaker_and_telemetry_stay_open(
         assert not breaker.closed
 
 
+@pytest.mark.slow
 async def test_a_borrowed_telemetry_backend_whose_flush_hangs_does_not_hold_the_exit(
     alpha: ScriptedProvider, sleep: SleepRecorder, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -60,6 +60,7 @@ async def _run_workers(config: dict[str, Any], server: FakeLLMServer) -> list[di
     return results
 
 
+@pytest.mark.slow
 async def test_four_processes_never_overspend_a_shared_budget(quota_url: str) -> None:
     info = REGISTRY.get("gpt-quota")
     largest_estimate = info.cost(len(PROMPT) // 4, MAX_TOKENS)
@@ -84,6 +85,7 @@ async def test_four_processes_never_overspend_a_shared_budget(quota_url: str) ->
     assert usage.spent_usd <= 1.0
 
 
+@pytest.mark.slow
 async def test_four_processes_stay_within_a_shared_rpm(quota_url: str) -> None:
     rpm = 600
     # the server's bucket holds one second's worth (10 requests), like the limiter's;

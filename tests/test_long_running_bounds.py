@@ -103,6 +103,7 @@ async def test_key_ttl_none_keeps_every_key_and_a_bad_one_is_refused() -> None:
             MemoryStateStore(key_ttl=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 async def test_the_breaker_state_gauge_lets_go_of_keys_that_closed_long_ago() -> None:
     pytest.importorskip("opentelemetry.sdk")
     from opentelemetry.sdk.metrics import MeterProvider

@@ -195,6 +195,7 @@ async def test_evidence_older_than_the_retention_is_dropped_once_the_ring_is_ful
     assert [b.bucket_start for b in window] == [r.timestamp for r in last_day]
 
 
+@pytest.mark.slow
 async def test_the_default_retention_is_a_month() -> None:
     backend = MemoryTelemetryBackend(capacity=1000)
     assert backend.evidence_days == 31

@@ -151,6 +151,7 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
             _ = empathy_models.no_such_name  # type: ignore[attr-defined]
 
 
+@pytest.mark.slow
 def test_nothing_in_the_repository_imports_a_moved_name_from_the_top_level() -> None:
     moved = set(empathy_models._MOVED)
     sources = [

@@ -737,6 +737,7 @@ async def test_a_refresh_reads_only_what_changed() -> None:
 
 
 @pytest.mark.parametrize("meanwhile", [False, True], ids=["awaited", "calls-meanwhile"])
+@pytest.mark.slow
 async def test_a_router_whose_window_slid_agrees_with_a_restart_and_keeps_only_the_window(
     meanwhile: bool,
 ) -> None:
@@ -799,6 +800,7 @@ def _near_gate_traffic(steps: int) -> list[LLMCallRecord]:
 
 
 @pytest.mark.parametrize("backend", [None, NullTelemetryBackend])
+@pytest.mark.slow
 async def test_a_router_without_a_store_moves_its_window_too(backend: Any) -> None:
     # no refresh runs without a store (or with the null backend): the window's start
     # still moves, so a long-running process holds the window's evidence, judged as a

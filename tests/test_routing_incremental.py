@@ -266,6 +266,7 @@ def test_an_untried_model_moves_from_its_first_costing_to_the_stage_mean(
         )
 
 
+@pytest.mark.slow
 def test_candidate_ids_outside_the_registry_are_not_kept(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -345,6 +345,7 @@ def breaker_states(draw: st.DrawFn) -> CircuitBreakerState:
 
 
 @given(call_records())
+@pytest.mark.slow
 def test_property_call_records_round_trip_through_json(record: LLMCallRecord) -> None:
     back = LLMCallRecord.from_dict(through_json(record.to_dict()))
     assert back == record

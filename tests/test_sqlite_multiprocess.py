@@ -142,6 +142,7 @@ def test_half_open_grants_exactly_the_permitted_probes_across_processes(
 # --------------------------------------------------------------------------- telemetry
 
 
+@pytest.mark.slow
 def test_four_processes_write_40000_records_exactly_once(tmp_path: Path) -> None:
     db = tmp_path / "calls.db"
     count = 10_000

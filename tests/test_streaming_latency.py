@@ -176,6 +176,7 @@ async def test_an_answer_read_whole_whose_body_stays_open_ends_at_that_read() ->
     assert record.latency_ms < BOUND_MS and response.latency_ms < BOUND_MS
 
 
+@pytest.mark.slow
 async def test_a_whole_body_answer_ends_when_it_was_read_not_when_its_pieces_were_taken() -> None:
     # a server that ignores "stream": true and answers with one JSON body: its text and
     # its tool call are served as pieces, all arrived at once, taken as the caller reads

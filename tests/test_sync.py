@@ -607,6 +607,7 @@ def test_a_telemetry_backend_already_open_in_a_notebooks_loop_is_refused_up_fron
     assert "sqlite:///" in out, out  # what to pass instead
 
 
+@pytest.mark.slow
 def test_a_telemetry_backend_opened_in_a_notebooks_loop_after_is_left_to_it_at_once(
     tmp_path: Path,
 ) -> None:

@@ -58,6 +58,7 @@ from ._whatif_synth import BY_ID, NOW, REGISTRY, ST, WF, history
     ],
 )
 @pytest.mark.timeout(600)  # 20 seeds of 30 replicates: ~15 s alone, minutes on a loaded machine
+@pytest.mark.slow
 async def test_cost_estimate_is_within_5_percent_and_its_interval_covers_the_truth(
     tmp_path: Path, candidates: list[str] | None, chosen: str, seeds: int, requests: int
 ) -> None:
@@ -357,6 +358,7 @@ async def test_a_window_or_a_simulation_past_the_calendar_is_a_configuration_err
 
 
 @pytest.mark.timeout(600)  # 100,000 calls recorded: seconds alone, more on a loaded machine
+@pytest.mark.slow
 async def test_a_window_edge_minute_with_more_than_100000_calls_is_read_whole() -> None:
     # the window starts mid-minute: that minute's calls are read one by one
     now = NOW + timedelta(seconds=30)
@@ -386,6 +388,7 @@ class _NoRollups(MemoryTelemetryBackend):
         raise NotImplementedError
 
 
+@pytest.mark.slow
 async def test_a_window_read_only_in_part_from_a_backend_without_rollups_says_so() -> None:
     calls = 100_001
     template = history(1, 1)[0]
@@ -597,6 +600,7 @@ def _rate_agrees(interval: Interval, seen: _Observed) -> bool:
     return interval.low <= high and low <= interval.high
 
 
+@pytest.mark.slow
 async def test_demo_whatif_directions_are_confirmed_by_running_the_demo_under_each_policy(
     tmp_path: Path,
 ) -> None:
@@ -699,6 +703,7 @@ def test_cli_table_and_json(tmp_path: Path, synth_db: tuple[Path, Path]) -> None
     )
 
 
+@pytest.mark.slow
 def test_cli_errors_are_clear(tmp_path: Path, synth_db: tuple[Path, Path]) -> None:
     db, registry = synth_db
     home = tmp_path / "home"

@@ -169,6 +169,7 @@ async def test_a_run_cancelled_during_a_stalled_cache_read_ends_at_once_and_the_
         await stores.proxy.restore()
 
 
+@pytest.mark.slow
 async def test_a_run_cancelled_while_the_quota_store_stalls_ends_and_the_limiter_degrades(
     server: FakeLLMServer, stores: Proxied
 ) -> None:

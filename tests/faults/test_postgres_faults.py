@@ -56,6 +56,7 @@ async def _settle(backend: BatchingTelemetryBackend, produced: int, limit: float
             await anyio.sleep(0.05)
 
 
+@pytest.mark.slow
 async def test_refused_for_seconds_loses_nothing_and_warns_once_per_outage(
     postgres_dsn: str,
     postgres_schema: str,
@@ -91,6 +92,7 @@ async def test_refused_for_seconds_loses_nothing_and_warns_once_per_outage(
     assert len(pool) <= 1 and all(r.exc_info is None for r in pool), [r.getMessage() for r in pool]
 
 
+@pytest.mark.slow
 async def test_a_partition_never_stalls_a_call_and_close_is_bounded(
     postgres_dsn: str, postgres_schema: str, proxy: TcpProxy
 ) -> None:

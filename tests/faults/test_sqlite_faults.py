@@ -24,6 +24,7 @@ from ._load import WORKER, record, sqlite_rows
 from ._worker import DISK_FULL_SECONDS
 
 
+@pytest.mark.slow
 def test_a_full_disk_for_seconds_loses_nothing(tmp_path: Path) -> None:
     db = tmp_path / "calls.db"
     child = Child(WORKER, "diskfull", "sqlite", str(db), "3000")

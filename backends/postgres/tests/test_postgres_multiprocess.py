@@ -9,6 +9,7 @@ import pytest
 pytestmark = pytest.mark.multiprocess
 
 
+@pytest.mark.slow
 async def test_three_processes_share_one_breaker_through_postgres(
     postgres_url: str, breaker_fleet_check: Callable[[str], Awaitable[None]]
 ) -> None:

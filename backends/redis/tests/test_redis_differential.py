@@ -184,6 +184,7 @@ async def run_sequence(store: RedisCircuitStateStore, seed: int, steps: int) -> 
     return seen
 
 
+@pytest.mark.slow
 async def test_lua_port_matches_the_python_machine(redis_store_url: str) -> None:
     store = state_store_from_url(redis_store_url)
     assert isinstance(store, RedisCircuitStateStore)

@@ -30,6 +30,7 @@ async def ok() -> int:
     return 1
 
 
+@pytest.mark.slow
 async def test_an_idle_keys_view_is_forgotten_and_its_next_call_reads_redis(
     redis_store_url: str,
 ) -> None:
