@@ -22,6 +22,7 @@ from empathy_models import (
     AllRoutesFailedError,
     Budget,
     BudgetExceededError,
+    ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMResponse,
@@ -488,3 +489,25 @@ async def test_a_rate_limit_counts_the_output_cap_extra_body_sends(verbose: Fake
             await executor.run(PROMPT, context("openai"), extra_body=body)
         assert all(isinstance(e, LocalRateLimitError) for e in refused.value.exceptions)
     assert verbose.requests("gpt-worst") == 0
+
+
+# --------------------------------------------------------------------------- choices
+
+
+async def test_a_request_for_several_choices_is_refused_before_anything_is_reserved(
+    server: FakeLLMServer,
+) -> None:
+    # OpenAI bills every choice's output, while a budget reserves (and a run returns)
+    # one answer: n=4 would spend up to four times what was reserved
+    quota = MemoryQuotaStore()
+    async with with_ample_budget(server, "openai", quota) as executor:
+        with pytest.raises(ConfigurationError, match="extra_body must not set n to 4"):
+            await executor.run(PROMPT, context("openai"), extra_body={"n": 4})
+        with pytest.raises(ConfigurationError, match="extra_body must not set n to 4"):
+            executor.stream(PROMPT, context("openai"), extra_body={"n": 4})
+        assert server.requests() == 0
+        assert await quota.usages() == []
+        # one choice, as sent without n, is what a run asks for
+        answer = await executor.run(PROMPT, context("openai"), extra_body={"n": 1})
+    assert answer.output_tokens == 50
+    assert server.requests("gpt-worst") == 1
