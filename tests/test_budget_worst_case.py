@@ -265,6 +265,27 @@ async def test_a_cached_prompt_costs_no_more_than_it_reserved_then_reads_cheaper
     assert usage.overrun == 0 and usage.held == 0
 
 
+async def test_a_rate_limit_counts_the_prompt_cache_writes_a_call_used(
+    server: FakeLLMServer,
+) -> None:
+    # Anthropic counts the tokens written to its prompt cache (reported apart from
+    # input_tokens) against its input tokens per minute: room in the minute for one
+    # call's estimate, and the first call's writes fill it, so the second waits
+    extra = cached_system()
+    limits = {"claude-worst": RateLimit(tpm=estimate(PROMPT, extra) + MAX_TOKENS + 100)}
+    telemetry = MemoryTelemetryBackend()
+    async with make(
+        server, "anthropic", rate_limits=limits, rate_limit_wait=0.0, telemetry_store=telemetry
+    ) as executor:
+        await executor.run(PROMPT, context("anthropic"), extra_body=extra)
+        (wrote,) = await telemetry.recent(limit=10)
+        assert wrote.metadata["empathy_models.cache_write_tokens"] == len(MANUAL) // 4
+        with pytest.raises(AllRoutesFailedError) as refused:
+            await executor.run(PROMPT, context("anthropic"), extra_body=extra)
+        assert all(isinstance(e, LocalRateLimitError) for e in refused.value.exceptions)
+    assert server.requests("claude-worst") == 1
+
+
 async def test_the_one_hour_cache_is_reserved_at_its_own_price(server: FakeLLMServer) -> None:
     info = MODELS["anthropic"]
     tokens = estimate(PROMPT, cached_system("1h"))
