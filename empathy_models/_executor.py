@@ -881,7 +881,7 @@ class EmpathyLLMExecutor:
                 its calls are in `LLMResponse.tool_calls`.
             response_format: a JSON Schema or `ResponseFormat` (JSON answers: `LLMResponse.parsed`).
             stop, top_p, seed: sent to the provider (Anthropic has no seed: not sent there).
-            extra_body: merged into every route's JSON body as is (options not modelled).
+            extra_body: merged into every route's JSON body (not model, messages, stream; n=1).
 
         Raises:
             ConfigurationError: bad values (a malformed message names its position), before

@@ -225,17 +225,21 @@ def charge(
     write price when the request asked for ``cache_write``s: `worst_cost`), with the
     output recorded (a stream's deltas so far, never ``max_tokens``), so that what they
     charge never falls short of what the provider bills for the prompt; rate limits
-    count the tokens recorded.
+    count the tokens recorded and the prompt-cache writes reported apart from them
+    (Anthropic counts those against its input tokens per minute; its cache reads, and
+    OpenAI's cached tokens, already among the input, are not counted again).
     """
     input_tokens, output_tokens = record.input_tokens, record.output_tokens
+    extras = _extras(completion)
     if estimated:
-        extras = _extras(completion)
         hold.cost_usd = worst_cost(
             info, input_tokens * WORST_PER_ESTIMATE, output_tokens, cache_write
         ) + (info.cost(0, 0, **extras) if extras else 0.0)
     else:
         hold.cost_usd = record.cost_usd
     hold.tokens = input_tokens + output_tokens
+    if extras:
+        hold.tokens += extras.get("cache_write_tokens", 0) + extras.get("cache_write_1h_tokens", 0)
 
 
 class _Feedback:

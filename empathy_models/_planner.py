@@ -357,7 +357,8 @@ class _Planner:
         """
         The routes ``run`` tries, in order (``needs``: what a model must support), and the
         router's decision (None when it was not asked), made with the request's input
-        estimate (`_Run.estimate`, which the budgets and rate limits read after it).
+        estimate (`_Run.estimate`, which the budgets and rate limits read after it) and
+        the output cap it sends (`_Run.routed_cap`: ``extra_body``'s, when larger).
         """
         context = run.context
         pinned = None if context.model is None else self.pinned(context.model, needs)
@@ -399,7 +400,7 @@ class _Planner:
                 context.stage,
                 candidates=[m.id for m in same_tier],
                 input_tokens=run.estimate(),
-                max_tokens=context.max_tokens,
+                max_tokens=run.routed_cap(same_tier),
                 max_cost=context.max_cost,
                 max_latency_ms=context.max_latency_ms,
                 min_success_rate=context.min_success_rate,

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from ._jsonschema import parse_structured
+from ._validators import shown
 from .abc import Completion, Message
 from .content import (
     ImageBlock,
@@ -37,6 +38,26 @@ The body's keys ``extra_body`` may not set: a route's model and messages, and
 ``stream``, which says how the answer is read (a ``run`` given an event stream would
 read it as a malformed answer, held against every model tried).
 """
+
+
+def _check_choices(extra_body: Mapping[str, Any]) -> None:
+    """
+    Refuse an ``extra_body`` whose ``n`` (OpenAI's number of choices) asks for more
+    than one answer: a run returns one (the first choice; a stream reads only it), so
+    the others would be billed (every choice's output tokens) and thrown away, beyond
+    what budgets reserve and rate limits count for one answer.  ``n`` 1 or ``null``
+    passes.
+    """
+    if "n" not in extra_body:
+        return
+    n = extra_body["n"]
+    if n is None or (type(n) is int and n == 1):
+        return
+    raise ConfigurationError(
+        f"extra_body must not set n to {shown(n)}: a run returns one answer (the first "
+        "choice), while every choice asked for is billed, beyond what budgets reserve "
+        "and rate limits count; send n=1 or leave it out"
+    )
 
 
 class _RunOptions(dict[str, Any]):
@@ -94,6 +115,7 @@ def run_options(
                 f"extra_body must not set {', '.join(clash)}: the executor sets model and "
                 "messages per route, and stream by the call (run() or stream())"
             )
+        _check_choices(extra_body)
     fmt = options["response_format"]
     options.schema_checked = fmt is not None and fmt is not response_format
     return options

@@ -414,6 +414,19 @@ class _Run:
         most = info.max_output_tokens
         return most if cap is None or cap > most else cap
 
+    def routed_cap(self, models: Sequence[ModelInfo]) -> int:
+        """
+        The output cap the router judges ``models``' cost of this request by: the one
+        it sends (`_output_cap`: ``max_tokens``, or a larger cap ``extra_body`` sends),
+        or, when ``extra_body`` lifts the cap, the longest output of ``models`` (the
+        router bounds each model's cap by its own ``max_output_tokens``, as
+        `max_output` does).
+        """
+        cap = self.output_cap
+        if cap is None:
+            return max((m.max_output_tokens for m in models), default=self.context.max_tokens)
+        return cap
+
     def estimate(self) -> int:
         """
         The request's input token estimate (`_estimate_tokens`), computed once: the

@@ -142,9 +142,11 @@ class ExecutionContext:
             evaluated by the executor's router (a run with constraints and no router
             raises `ConfigurationError`); ``max_ttft_ms`` bounds the p95 time to first
             token of the model's streamed calls (a router is asked for it only when
-            set, so a custom router without the argument keeps working).  They govern
-            the first pick; fallback routes follow the `FallbackPolicy`
-            (``FallbackPolicy.none()`` for strictness).
+            set, so a custom router without the argument keeps working); ``max_cost``
+            is held against the output cap the request sends (``max_tokens``, or a
+            larger one in ``extra_body``).  They govern the first pick; fallback
+            routes follow the `FallbackPolicy` (``FallbackPolicy.none()`` for
+            strictness).
         on_no_match: passed to the router when set (``"raise"``, ``"relax"`` or a model
             id); ``None`` keeps the router's default.
         max_tokens, temperature, system: passed to the provider (``max_tokens`` capped

@@ -22,6 +22,7 @@ from empathy_models import (
     AllRoutesFailedError,
     Budget,
     BudgetExceededError,
+    ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
     LLMResponse,
@@ -264,6 +265,27 @@ async def test_a_cached_prompt_costs_no_more_than_it_reserved_then_reads_cheaper
     assert usage.overrun == 0 and usage.held == 0
 
 
+async def test_a_rate_limit_counts_the_prompt_cache_writes_a_call_used(
+    server: FakeLLMServer,
+) -> None:
+    # Anthropic counts the tokens written to its prompt cache (reported apart from
+    # input_tokens) against its input tokens per minute: room in the minute for one
+    # call's estimate, and the first call's writes fill it, so the second waits
+    extra = cached_system()
+    limits = {"claude-worst": RateLimit(tpm=estimate(PROMPT, extra) + MAX_TOKENS + 100)}
+    telemetry = MemoryTelemetryBackend()
+    async with make(
+        server, "anthropic", rate_limits=limits, rate_limit_wait=0.0, telemetry_store=telemetry
+    ) as executor:
+        await executor.run(PROMPT, context("anthropic"), extra_body=extra)
+        (wrote,) = await telemetry.recent(limit=10)
+        assert wrote.metadata["empathy_models.cache_write_tokens"] == len(MANUAL) // 4
+        with pytest.raises(AllRoutesFailedError) as refused:
+            await executor.run(PROMPT, context("anthropic"), extra_body=extra)
+        assert all(isinstance(e, LocalRateLimitError) for e in refused.value.exceptions)
+    assert server.requests("claude-worst") == 1
+
+
 async def test_the_one_hour_cache_is_reserved_at_its_own_price(server: FakeLLMServer) -> None:
     info = MODELS["anthropic"]
     tokens = estimate(PROMPT, cached_system("1h"))
@@ -488,3 +510,25 @@ async def test_a_rate_limit_counts_the_output_cap_extra_body_sends(verbose: Fake
             await executor.run(PROMPT, context("openai"), extra_body=body)
         assert all(isinstance(e, LocalRateLimitError) for e in refused.value.exceptions)
     assert verbose.requests("gpt-worst") == 0
+
+
+# --------------------------------------------------------------------------- choices
+
+
+async def test_a_request_for_several_choices_is_refused_before_anything_is_reserved(
+    server: FakeLLMServer,
+) -> None:
+    # OpenAI bills every choice's output, while a budget reserves (and a run returns)
+    # one answer: n=4 would spend up to four times what was reserved
+    quota = MemoryQuotaStore()
+    async with with_ample_budget(server, "openai", quota) as executor:
+        with pytest.raises(ConfigurationError, match="extra_body must not set n to 4"):
+            await executor.run(PROMPT, context("openai"), extra_body={"n": 4})
+        with pytest.raises(ConfigurationError, match="extra_body must not set n to 4"):
+            executor.stream(PROMPT, context("openai"), extra_body={"n": 4})
+        assert server.requests() == 0
+        assert await quota.usages() == []
+        # one choice, as sent without n, is what a run asks for
+        answer = await executor.run(PROMPT, context("openai"), extra_body={"n": 1})
+    assert answer.output_tokens == 50
+    assert server.requests("gpt-worst") == 1

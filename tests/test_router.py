@@ -526,6 +526,32 @@ def test_a_call_whose_max_tokens_caps_its_output_is_costed_at_the_cap(clock: Fak
     assert d.expected_cost_usd == pytest.approx(1000 * 0.1e-6 + 5 * 0.4e-6)
 
 
+def test_a_model_costed_on_the_stage_prior_is_costed_at_most_its_longest_output(
+    clock: FakeClock,
+) -> None:
+    # the stage's answers so far were long (20,000 output tokens, from a model that
+    # writes that many), but nano writes at most 8,192: its expected cost stops there,
+    # so a max_cost that fits it is met (costing it on 20,000 tokens, $0.0081, refused it)
+    router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
+    feed(router, clock, "mini", 100, output_tokens=20_000)
+    worst = 1000 * 0.1e-6 + 8192 * 0.4e-6
+    for _ in range(2):  # a new decision context, then the cached one
+        d = router.get_best_model(
+            WF,
+            ST,
+            candidates=["nano"],
+            input_tokens=1000,
+            max_tokens=50_000,
+            max_cost=0.005,
+            min_success_rate=0.0,
+        )
+        nano = by_model(d)["nano"]
+        assert nano.cost_basis == "prior"  # type: ignore[attr-defined]
+        assert nano.expected_cost_usd == pytest.approx(worst)  # type: ignore[attr-defined]
+        assert nano.constraints["max_cost"] is ConstraintStatus.ELIGIBLE  # type: ignore[attr-defined]
+        assert d.model == "nano" and d.constraints_met
+
+
 def test_strict_cost_judges_the_worst_case(clock: FakeClock) -> None:
     router = make(clock, policy=RoutingPolicy(explore_rate=0.0))
     feed(router, clock, "nano", 100, output_tokens=10)

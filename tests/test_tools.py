@@ -505,6 +505,9 @@ async def test_stop_top_p_seed_and_extra_body(server: FakeLLMServer, model: str,
         # run() would get an event stream it reads as a malformed answer, held against
         # every model tried
         ({"extra_body": {"stream": True}}, "extra_body must not set stream"),
+        # several choices: each billed, the first alone returned
+        ({"extra_body": {"n": 3}}, "extra_body must not set n to 3"),
+        ({"extra_body": {"n": True}}, "extra_body must not set n"),
         ({"extra_body": {"x": float("nan")}}, "not a finite number"),
     ],
 )

@@ -436,11 +436,12 @@ def classify(
         cap = ctx.cons.max_tokens
         if cap is not None and prior > cap:
             prior = cap  # the call's output stops at max_tokens
+        # and at the model's longest output, which the executor asks it for no more than
         costs = [
             None
             if (slope := v.slope) is None
             else input_tokens * slope
-            + (v.const if (price := v.prior_price) is None else prior * price)
+            + (v.const if (price := v.prior_price) is None else _prior_within(prior, v) * price)
             for v in verdicts
         ]
     eligible, explorable, probeable = groups
@@ -489,3 +490,11 @@ def _within(group: list[int], costs: list[float | None], max_cost: float) -> lis
     if top is not None and top <= max_cost:  # False for NaN, which may hide a larger cost
         return group[:]
     return [i for i in group if (c := costs[i]) is not None and not c > max_cost]
+
+
+def _prior_within(prior: float, verdict: Verdict) -> float:
+    # the stage prior's output tokens for a verdict costed on it: at most its model's
+    # longest output (`ModelFacts.max_output_tokens`), as `decide._cost_terms` caps it
+    facts = verdict.facts
+    most = math.inf if facts is None else facts.max_output_tokens
+    return most if prior > most else prior
