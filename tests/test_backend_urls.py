@@ -332,3 +332,53 @@ def test_a_misbehaving_plugin_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match=r"fakebroken:// .* could not be loaded") as info:
         telemetry_from_url("fakebroken://x")
     assert isinstance(info.value.__cause__, ImportError)
+
+
+@pytest.fixture
+def rival_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Two installed distributions publishing a plugin under the same scheme, and one
+    publishing a plugin under the built-in ``sqlite`` scheme."""
+    module = "empathy_rival_fake_plugin"
+    (tmp_path / f"{module}.py").write_text(
+        textwrap.dedent(
+            """
+            from empathy_models.backends import BackendPlugin, MemoryTelemetryBackend
+
+            def telemetry(url, **options):
+                return MemoryTelemetryBackend(**options)
+
+            FIRST = BackendPlugin(schemes=("fakedup",), package="rival-a", telemetry=telemetry)
+            SECOND = BackendPlugin(schemes=("fakedup",), package="rival-b", telemetry=telemetry)
+            """
+        )
+    )
+    for dist, attr in (("rival_a", "FIRST"), ("rival_b", "SECOND")):
+        dist_info = tmp_path / f"{dist}-0.1.dist-info"
+        dist_info.mkdir()
+        (dist_info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {dist.replace('_', '-')}\nVersion: 0.1\n"
+        )
+        (dist_info / "entry_points.txt").write_text(
+            f"[empathy_models.backends]\nfakedup = {module}:{attr}\nsqlite = {module}:{attr}\n"
+        )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop(module, None)
+
+
+@pytest.mark.usefixtures("rival_plugins")
+def test_a_scheme_two_distributions_claim_is_refused_naming_both() -> None:
+    assert "fakedup" in available_schemes()
+    for factory in (telemetry_from_url, state_store_from_url, cache_from_url):
+        with pytest.raises(ConfigurationError) as info:
+            factory("fakedup://x")
+        message = str(info.value)
+        assert "more than one installed distribution" in message
+        assert "rival-a (empathy_rival_fake_plugin:FIRST)" in message
+        assert "rival-b (empathy_rival_fake_plugin:SECOND)" in message
+
+
+@pytest.mark.usefixtures("rival_plugins")
+def test_a_plugin_never_takes_a_builtin_scheme(tmp_path: Path) -> None:
+    backend = telemetry_from_url(f"sqlite:///{tmp_path / 'calls.db'}")
+    assert type(backend).__name__ == "SQLiteTelemetryBackend"

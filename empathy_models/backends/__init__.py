@@ -16,7 +16,9 @@ URL                           backend                                       pack
 Other schemes are looked up among the entry points of the group
 ``empathy_models.backends``.  An unknown scheme, or a known one whose package is not
 installed, raises `ConfigurationError` naming the schemes available or the package to
-install.
+install; so does a scheme that two installed distributions claim, naming both (neither
+is picked).  The built-in schemes are never looked up there: a plugin's entry point
+named ``memory``, ``null`` or ``sqlite`` is not used.
 
 For implementers of a telemetry backend: `refusals` turns a store's refusal of a value
 (an encoding error, a NUL in PostgreSQL text, an integer out of range) into
@@ -33,7 +35,7 @@ enormous integer by its size, a long repr cut).
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -142,8 +144,35 @@ def _check_query(url: str) -> None:
         seen.add(name)
 
 
-def _entry_point_plugins() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+def _entry_point_plugins() -> dict[str, list[EntryPoint]]:
+    """Each scheme the installed distributions publish, with every entry point claiming
+    it (one, unless two distributions claim the same scheme)."""
+    claims: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        same = claims.setdefault(ep.name, [])
+        if all(
+            (_distribution(other), other.value) != (_distribution(ep), ep.value) for other in same
+        ):
+            same.append(ep)
+    return claims
+
+
+def _distribution(ep: EntryPoint) -> str:
+    """The name of the distribution publishing ``ep`` (its value, when unknown)."""
+    return ep.dist.name if ep.dist is not None else ep.value
+
+
+def _claimed(scheme: str, claims: list[EntryPoint]) -> EntryPoint:
+    """The one entry point for ``scheme``; `ConfigurationError` naming every
+    distribution that claims it when there are more (which one the lookup met last
+    depends on the order of sys.path and of the file system, so none is picked)."""
+    if len(claims) == 1:
+        return claims[0]
+    named = ", ".join(sorted(f"{_distribution(ep)} ({ep.value})" for ep in claims))
+    raise ConfigurationError(
+        f"the {scheme}:// backend is claimed by more than one installed distribution: "
+        f"{named}; uninstall all but one of them"
+    )
 
 
 def available_schemes() -> list[str]:
@@ -190,11 +219,12 @@ def _plugin_for(url: str) -> BackendPlugin:
                 f"{', '.join(available_schemes())} (plugins: "
                 f"{', '.join(f'{s} -> {p}' for s, p in sorted(_KNOWN_PLUGINS.items()))})"
             )
+        ep = _claimed(scheme, eps[scheme])
         try:
-            plugin = eps[scheme].load()
+            plugin = ep.load()
         except Exception as exc:
             raise ConfigurationError(
-                f"the plugin for {scheme}:// ({eps[scheme].value}) could not be loaded: "
+                f"the plugin for {scheme}:// ({ep.value}) could not be loaded: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
     if not isinstance(plugin, BackendPlugin):
