@@ -49,6 +49,7 @@ from urllib.parse import unquote_plus, urlsplit
 from attrs import field, frozen
 
 from ._paths import empathy_home, make_private_dirs, quoted_path, unquoted_path
+from ._urls import url_flaw
 from ._validators import check, failure, number, shown
 from .backends import redact_url
 from .exceptions import ConfigurationError
@@ -170,8 +171,8 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
         return "sqlite:///" + quoted_path(path)
     try:
         query = urlsplit(value).query
-    except ValueError as exc:
-        raise ConfigurationError(f"{where}: not a URL: {exc}") from None
+    except ValueError as exc:  # its message may quote the password: said without it
+        raise ConfigurationError(f"{where}: not a valid URL: {url_flaw(exc)}") from None
     file = _sqlite_file(value, where)
     if file is None:
         return value

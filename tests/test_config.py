@@ -165,6 +165,22 @@ def test_config_show_masks_a_password_with_an_unencoded_delimiter(
     assert shown.returncode == 1 and "port" in shown.stderr
 
 
+def test_a_url_the_parser_refuses_is_refused_without_its_password(
+    project: Path, tmp_path: Path
+) -> None:
+    # a fullwidth '#' (U+FF03) in a password: urllib refuses the host part, quoting it
+    # whole (password included) in its own message
+    path = project / "empathy.toml"
+    path.write_text('state = "postgresql://app:Xy7\\uff03Qz9@db.internal:5432/llm"\n')
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyConfig.load(path)
+    assert "Xy7" not in str(refused.value) and "Qz9" not in str(refused.value), refused.value
+    assert "state: not a valid URL: its host does not parse" in str(refused.value)
+    shown = cli(project, tmp_path / "home", "config", "show")
+    assert shown.returncode == 1 and "state: not a valid URL" in shown.stderr
+    assert "Xy7" not in shown.stdout + shown.stderr and "Qz9" not in shown.stdout + shown.stderr
+
+
 async def test_the_directories_made_for_the_database_are_private_under_any_umask(
     project: Path, server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
