@@ -66,12 +66,30 @@ def secret_param(name: str) -> bool:
 
 
 def masked_query(query: str) -> str:
-    """A URL's ``query`` with the value of every option that may hold a secret
-    (`secret_param`) shown ``***``."""
-    return "&".join(
-        f"{name}=***" if "=" in pair and secret_param(name := pair.split("=", 1)[0]) else pair
-        for pair in query.split("&")
-    )
+    """
+    A URL's ``query`` (and the ``#fragment`` after it, if given) with the value of every
+    option that may hold a secret (`secret_param`) shown ``***``.
+
+    A secret's value may hold an unencoded '&' or '#' (generated passwords do): what
+    follows it up to the next option with a ``=`` (an option without one:
+    ``password=Xy7&Qz9``), and a fragment right after it (``password=Xy7#Qz9``), is
+    taken for the rest of that value and masked with it.
+    """
+    query, hash_, fragment = query.partition("#")
+    shown: list[str] = []
+    in_secret = False
+    for pair in query.split("&"):
+        name, equals, _ = pair.partition("=")
+        if equals and secret_param(name):
+            shown.append(f"{name}=***")
+            in_secret = True
+        elif in_secret and not equals:
+            continue  # the secret's value, past an unencoded '&'
+        else:
+            shown.append(pair)
+            in_secret = False
+    tail = "" if in_secret else hash_ + fragment  # a fragment right after a secret: its value's
+    return "&".join(shown) + tail
 
 
 def _delimiter(text: str, start: int = 0) -> int:

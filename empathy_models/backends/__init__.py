@@ -91,7 +91,8 @@ def redact_url(url: str) -> str:
     (``password=``, ``sslpassword=``, ``token=``, ``api-key=``, a misspelt ``pasword=``:
     `_urls.secret_param`) are replaced by ``***``; a password
     holding an unencoded '/', '?', '#' or '@' is masked whole (the userinfo runs to
-    the last '@' a host follows).  A string without ``scheme://`` that holds an ``@``
+    the last '@' a host follows), and so is an option's holding an unencoded '&' or
+    '#' (`_urls.masked_query`).  A string without ``scheme://`` that holds an ``@``
     has everything before the last ``@`` masked, since it may be ``user:password``.
     """
     if "://" not in url:
@@ -108,16 +109,19 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<unparseable url>"
     changed = userinfo.endswith(":***@")
+    tail = parts.query + (f"#{parts.fragment}" if parts.fragment else "")
     if parts.query:
-        query = masked_query(parts.query)
-        changed = changed or query != parts.query
-        parts = parts._replace(query=query)
+        masked = masked_query(tail)  # a fragment right after a secret is part of it
+        changed = changed or masked != tail
+        tail = masked
     if not changed:
         return url
     # not urlunsplit: it drops an empty authority ("sqlite:///x" -> "sqlite:/x")
-    query = f"?{parts.query}" if parts.query else ""
-    fragment = f"#{parts.fragment}" if parts.fragment else ""
-    return f"{parts.scheme}://{userinfo}{parts.netloc}{parts.path}{query}{fragment}"
+    if parts.query:
+        tail = f"?{tail}"
+    elif parts.fragment:
+        tail = f"#{parts.fragment}"
+    return f"{parts.scheme}://{userinfo}{parts.netloc}{parts.path}{tail}"
 
 
 def _build(factory: Any, url: str, kind: str, options: dict[str, Any]) -> Any:
