@@ -56,6 +56,22 @@ async def test_options_reach_the_constructor(fake_clock: FakeClock) -> None:
     assert state.updated_at_ts == fake_clock.now
 
 
+async def test_a_memory_state_store_url_takes_what_the_store_takes(
+    fake_clock: FakeClock, tmp_path: Path
+) -> None:
+    async with state_store_from_url("memory://", clock=fake_clock) as first:
+        forced = await first.force("k", CircuitState.FORCED_OPEN)
+    # the states to start from and key_ttl (as a redis:// store takes it) reach the store
+    async with state_store_from_url("memory://", states=[forced], key_ttl=None) as store:
+        assert await store.snapshot_all() == [forced]
+    with pytest.raises(ConfigurationError, match="key_ttl must be a number of seconds above 0"):
+        state_store_from_url("memory://", key_ttl=0)
+    # a clock that is no clock is refused when the store is built, as sqlite:// does
+    for url in ("memory://", f"sqlite:///{tmp_path / 'state.db'}"):
+        with pytest.raises(ConfigurationError, match="clock must be callable, got 5"):
+            state_store_from_url(url, clock=5)
+
+
 def test_unknown_options_are_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match=r"does not accept the options \['colour'\]"):
         telemetry_from_url("memory://", colour="blue")
