@@ -77,6 +77,17 @@ def test_unknown_options_are_a_configuration_error() -> None:
         telemetry_from_url("memory://", colour="blue")
     with pytest.raises(ConfigurationError, match=r"\['clock'\]"):
         state_store_from_url("null://", clock=FakeClock())
+    # only the option not taken is named, not the ones beside it that are
+    for build, url, taken in (
+        (telemetry_from_url, "sqlite:///calls.db", {"max_queue": 10}),
+        (state_store_from_url, "memory://", {"clock": FakeClock()}),
+        (quota_store_from_url, "sqlite:///calls.db", {"busy_timeout": 1.0}),
+    ):
+        with pytest.raises(ConfigurationError) as info:
+            build(url, **taken, colour="blue")
+        message = str(info.value)
+        assert "does not accept the options ['colour']" in message, message
+        assert repr(next(iter(taken))) not in message, message
     # the quota store's and the cache's too, as their other URLs' options are
     for factory in (quota_store_from_url, cache_from_url):
         with pytest.raises(ConfigurationError, match=r"does not accept the options \['colour'\]"):

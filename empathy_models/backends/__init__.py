@@ -35,6 +35,7 @@ enormous integer by its size, a long repr cut).
 from __future__ import annotations
 
 import importlib
+import re
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -124,15 +125,29 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{userinfo}{parts.netloc}{parts.path}{tail}"
 
 
+# how Python says a call named a keyword argument its function does not take
+_UNEXPECTED = re.compile(r"got an unexpected keyword argument '([^']*)'")
+
+
 def _build(factory: Any, url: str, kind: str, options: dict[str, Any]) -> Any:
+    """
+    ``factory(url, **options)``; a `TypeError` for an option the factory (or the
+    constructor it passes them to) does not take, `ConfigurationError` naming that
+    option, and any other `TypeError` with options given, one naming them all.
+    """
     try:
         return factory(url, **options)
     except TypeError as exc:
         if not options:
             raise
+        unexpected = _UNEXPECTED.search(str(exc))
+        if unexpected is not None and unexpected.group(1) in options:
+            raise ConfigurationError(
+                f"{redact_url(url)!r}: the {kind} factory does not accept the options "
+                f"{[unexpected.group(1)]}: {exc}"
+            ) from exc
         raise ConfigurationError(
-            f"{redact_url(url)!r}: the {kind} factory does not accept the options "
-            f"{sorted(options)}: {exc}"
+            f"{redact_url(url)!r}: the {kind} factory refused the options {sorted(options)}: {exc}"
         ) from exc
 
 
