@@ -14,7 +14,15 @@ from difflib import get_close_matches
 from typing import Final
 from urllib.parse import unquote_plus
 
-__all__ = ["KEY_PATTERN", "masked_keys", "masked_query", "secret_param", "url_flaw", "userinfo_end"]
+__all__ = [
+    "KEY_PATTERN",
+    "masked_keys",
+    "masked_keywords",
+    "masked_query",
+    "secret_param",
+    "url_flaw",
+    "userinfo_end",
+]
 
 KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
 """An API key as OpenAI and Anthropic issue them (``sk-...``, ``sk-ant-...``) in a text."""
@@ -90,6 +98,28 @@ def masked_query(query: str) -> str:
             in_secret = False
     tail = "" if in_secret else hash_ + fragment  # a fragment right after a secret: its value's
     return "&".join(shown) + tail
+
+
+# a ``name=value`` pair in text that is no URL: a PostgreSQL keyword/value connection
+# string (``host=db password=x``, a value maybe quoted: ``password='a b'``) or a query
+# after a scheme-less address; a value runs to the next blank (an unclosed quote to the end)
+_KEYWORD: Final = re.compile(
+    r"""(?P<name>[^\s=?&;'"]+)[ \t]*=[ \t]*(?P<value>'(?:[^'\\]|\\.)*(?:'|$)|\S*)""",
+    re.DOTALL,
+)
+
+
+def masked_keywords(text: str) -> str:
+    """
+    ``text`` (a connection string that is no URL) with the value of every ``name=value``
+    pair whose name may hold a secret (`secret_param`) shown ``***``: a PostgreSQL
+    keyword/value string's ``password='...'``, a query's ``?password=...``; a value
+    holding a '&' masked to its end.
+    """
+    return _KEYWORD.sub(
+        lambda m: f"{m['name']}=***" if secret_param(m["name"]) else m[0],
+        text,
+    )
 
 
 def _delimiter(text: str, start: int = 0) -> int:

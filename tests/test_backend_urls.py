@@ -306,6 +306,34 @@ def test_a_query_password_with_an_unencoded_delimiter_never_appears(password: st
     assert "Qz" not in str(info.value) and "api-key=***" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        (
+            f"host=db.example user=app password={SECRET} dbname=calls",
+            "host=db.example user=app password=*** dbname=calls",
+        ),
+        (
+            f"dbname=calls password='{SECRET} x' sslmode=require",
+            "dbname=calls password=*** sslmode=require",
+        ),
+        (f"password='it\\'s {SECRET}' host=db", "password=*** host=db"),
+        (f"db.example:5432/calls?password={SECRET}", "db.example:5432/calls?password=***"),
+        (f"app:pw@db/calls?sslpassword={SECRET}", "***@db/calls?sslpassword=***"),
+    ],
+)
+def test_a_connection_string_that_is_no_url_is_refused_without_its_password(
+    dsn: str, shown: str
+) -> None:
+    # a PostgreSQL keyword/value string (what psycopg and asyncpg also take) passed
+    # where a URL belongs: the error quotes it, its password masked
+    assert redact_url(dsn) == shown
+    for factory in (telemetry_from_url, state_store_from_url):
+        with pytest.raises(ConfigurationError, match="is not a backend URL") as info:
+            factory(dsn)
+        assert SECRET not in str(info.value) and shown in str(info.value)
+
+
 # --------------------------------------------------------------------------- plugins
 
 PLUGIN_MODULE = "empathy_contract_fake_plugin"

@@ -181,6 +181,24 @@ def test_a_url_the_parser_refuses_is_refused_without_its_password(
     assert "Xy7" not in shown.stdout + shown.stderr and "Qz9" not in shown.stdout + shown.stderr
 
 
+@pytest.mark.parametrize("key", ["telemetry", "state"])
+def test_a_keyword_connection_string_is_no_file_path(
+    project: Path, tmp_path: Path, key: str
+) -> None:
+    # a PostgreSQL keyword/value string where a URL belongs: refused, not taken for the
+    # name of a SQLite file (a file named with the password, telemetry silently local)
+    path = project / "empathy.toml"
+    path.write_text(f'{key} = "host=db.internal user=app password=Xy7Qz9 dbname=llm"\n')
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyConfig.load(path)
+    assert "Xy7Qz9" not in str(refused.value), refused.value
+    assert f"{key}: a PostgreSQL keyword/value connection string" in str(refused.value)
+    assert "postgresql://user:password@host:5432/dbname" in str(refused.value)
+    shown = cli(project, tmp_path / "home", "config", "show")
+    assert shown.returncode == 1 and "Xy7Qz9" not in shown.stdout + shown.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["empathy.toml"]
+
+
 async def test_the_directories_made_for_the_database_are_private_under_any_umask(
     project: Path, server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

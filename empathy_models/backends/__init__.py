@@ -41,7 +41,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .._fast import gc_paused
-from .._urls import masked_query, url_flaw, userinfo_end
+from .._urls import masked_keywords, masked_query, url_flaw, userinfo_end
 from .._validators import shown
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
@@ -94,10 +94,12 @@ def redact_url(url: str) -> str:
     holding an unencoded '/', '?', '#' or '@' is masked whole (the userinfo runs to
     the last '@' a host follows), and so is an option's holding an unencoded '&' or
     '#' (`_urls.masked_query`).  A string without ``scheme://`` that holds an ``@``
-    has everything before the last ``@`` masked, since it may be ``user:password``.
+    has everything before the last ``@`` masked, since it may be ``user:password``,
+    and the value of each secret-looking ``name=value`` pair in it (a PostgreSQL
+    keyword/value string's ``password=...``) masked too.
     """
-    if "://" not in url:
-        return f"***@{url.rsplit('@', 1)[1]}" if "@" in url else url
+    if "://" not in url:  # maybe user:password@host, or host=... password=... (libpq's)
+        return masked_keywords(f"***@{url.rsplit('@', 1)[1]}" if "@" in url else url)
     head, _, rest = url.partition("://")
     at = userinfo_end(rest)
     userinfo = ""
