@@ -435,6 +435,7 @@ def rival_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
         )
         (dist_info / "entry_points.txt").write_text(
             f"[empathy_models.backends]\nfakedup = {module}:{attr}\nsqlite = {module}:{attr}\n"
+            f"fakesame = {module}:FIRST\n"  # both name the same plugin: no rivalry
         )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield
@@ -451,6 +452,7 @@ def test_a_scheme_two_distributions_claim_is_refused_naming_both() -> None:
         assert "more than one installed distribution" in message
         assert "rival-a (empathy_rival_fake_plugin:FIRST)" in message
         assert "rival-b (empathy_rival_fake_plugin:SECOND)" in message
+    assert isinstance(telemetry_from_url("fakesame://x"), MemoryTelemetryBackend)
 
 
 @pytest.mark.usefixtures("rival_plugins")

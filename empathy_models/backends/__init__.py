@@ -167,13 +167,12 @@ def _check_query(url: str) -> None:
 
 def _entry_point_plugins() -> dict[str, list[EntryPoint]]:
     """Each scheme the installed distributions publish, with every entry point claiming
-    it (one, unless two distributions claim the same scheme)."""
+    it: one, unless two distributions name different plugins for the same scheme (two
+    naming the same object, ``module:attribute``, claim it once)."""
     claims: dict[str, list[EntryPoint]] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         same = claims.setdefault(ep.name, [])
-        if all(
-            (_distribution(other), other.value) != (_distribution(ep), ep.value) for other in same
-        ):
+        if all(other.value != ep.value for other in same):
             same.append(ep)
     return claims
 
