@@ -413,6 +413,26 @@ def test_an_api_key_env_that_can_name_no_variable_is_refused(
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("key", ["sk-proj-Xy7Qz9AbCdEf0123", "sk-ant-api03-Xy7Qz9AbCdEf"])
+def test_an_api_key_given_as_api_key_env_is_refused_unshown(
+    project: Path, tmp_path: Path, key: str
+) -> None:
+    # the key itself where the name of its variable belongs: refused, never shown by
+    # config show, a repr or the provider's hints about the variable
+    path = project / "empathy.toml"
+    path.write_text(f'[providers.openai]\napi_key_env = "{key}"\n')
+    with pytest.raises(ConfigurationError, match="not the key itself") as info:
+        EmpathyConfig.load(path)
+    assert "Xy7Qz9" not in str(info.value) and "sk-***" in str(info.value)
+    shown = cli(project, tmp_path / "home", "config", "show")
+    assert shown.returncode == 1 and "Xy7Qz9" not in shown.stdout + shown.stderr
+    with pytest.raises(ConfigurationError, match="not the key itself") as info:
+        ProviderConfig(name="openai", kind="openai", api_key_env=key)
+    with pytest.raises(ConfigurationError, match="not the key itself") as info:
+        OpenAIProvider(api_key_env=key)
+    assert "Xy7Qz9" not in str(info.value)
+
+
 def test_the_router_reads_the_same_configuration(project: Path) -> None:
     (project / "models.toml").write_text(MODELS)
     (project / "empathy.toml").write_text('registry = "models.toml"\n')
