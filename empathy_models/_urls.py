@@ -14,7 +14,15 @@ from difflib import get_close_matches
 from typing import Final
 from urllib.parse import unquote_plus
 
-__all__ = ["KEY_PATTERN", "masked_keys", "masked_query", "secret_param", "url_flaw", "userinfo_end"]
+__all__ = [
+    "KEY_PATTERN",
+    "masked_keys",
+    "masked_keywords",
+    "masked_query",
+    "secret_param",
+    "url_flaw",
+    "userinfo_end",
+]
 
 KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
 """An API key as OpenAI and Anthropic issue them (``sk-...``, ``sk-ant-...``) in a text."""
@@ -66,11 +74,51 @@ def secret_param(name: str) -> bool:
 
 
 def masked_query(query: str) -> str:
-    """A URL's ``query`` with the value of every option that may hold a secret
-    (`secret_param`) shown ``***``."""
-    return "&".join(
-        f"{name}=***" if "=" in pair and secret_param(name := pair.split("=", 1)[0]) else pair
-        for pair in query.split("&")
+    """
+    A URL's ``query`` (and the ``#fragment`` after it, if given) with the value of every
+    option that may hold a secret (`secret_param`) shown ``***``.
+
+    A secret's value may hold an unencoded '&' or '#' (generated passwords do): what
+    follows it up to the next option with a ``=`` (an option without one:
+    ``password=Xy7&Qz9``), and a fragment right after it (``password=Xy7#Qz9``), is
+    taken for the rest of that value and masked with it.
+    """
+    query, hash_, fragment = query.partition("#")
+    shown: list[str] = []
+    in_secret = False
+    for pair in query.split("&"):
+        name, equals, _ = pair.partition("=")
+        if equals and secret_param(name):
+            shown.append(f"{name}=***")
+            in_secret = True
+        elif in_secret and not equals:
+            continue  # the secret's value, past an unencoded '&'
+        else:
+            shown.append(pair)
+            in_secret = False
+    tail = "" if in_secret else hash_ + fragment  # a fragment right after a secret: its value's
+    return "&".join(shown) + tail
+
+
+# a ``name=value`` pair in text that is no URL: a PostgreSQL keyword/value connection
+# string (``host=db password=x``, a value maybe quoted: ``password='a b'``) or a query
+# after a scheme-less address; a value runs to the next blank (an unclosed quote to the end)
+_KEYWORD: Final = re.compile(
+    r"""(?P<name>[^\s=?&;'"]+)[ \t]*=[ \t]*(?P<value>'(?:[^'\\]|\\.)*(?:'|$)|\S*)""",
+    re.DOTALL,
+)
+
+
+def masked_keywords(text: str) -> str:
+    """
+    ``text`` (a connection string that is no URL) with the value of every ``name=value``
+    pair whose name may hold a secret (`secret_param`) shown ``***``: a PostgreSQL
+    keyword/value string's ``password='...'``, a query's ``?password=...``; a value
+    holding a '&' masked to its end.
+    """
+    return _KEYWORD.sub(
+        lambda m: f"{m['name']}=***" if secret_param(m["name"]) else m[0],
+        text,
     )
 
 

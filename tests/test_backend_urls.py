@@ -56,11 +56,38 @@ async def test_options_reach_the_constructor(fake_clock: FakeClock) -> None:
     assert state.updated_at_ts == fake_clock.now
 
 
+async def test_a_memory_state_store_url_takes_what_the_store_takes(
+    fake_clock: FakeClock, tmp_path: Path
+) -> None:
+    async with state_store_from_url("memory://", clock=fake_clock) as first:
+        forced = await first.force("k", CircuitState.FORCED_OPEN)
+    # the states to start from and key_ttl (as a redis:// store takes it) reach the store
+    async with state_store_from_url("memory://", states=[forced], key_ttl=None) as store:
+        assert await store.snapshot_all() == [forced]
+    with pytest.raises(ConfigurationError, match="key_ttl must be a number of seconds above 0"):
+        state_store_from_url("memory://", key_ttl=0)
+    # a clock that is no clock is refused when the store is built, as sqlite:// does
+    for url in ("memory://", f"sqlite:///{tmp_path / 'state.db'}"):
+        with pytest.raises(ConfigurationError, match="clock must be callable, got 5"):
+            state_store_from_url(url, clock=5)
+
+
 def test_unknown_options_are_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match=r"does not accept the options \['colour'\]"):
         telemetry_from_url("memory://", colour="blue")
     with pytest.raises(ConfigurationError, match=r"\['clock'\]"):
         state_store_from_url("null://", clock=FakeClock())
+    # only the option not taken is named, not the ones beside it that are
+    for build, url, taken in (
+        (telemetry_from_url, "sqlite:///calls.db", {"max_queue": 10}),
+        (state_store_from_url, "memory://", {"clock": FakeClock()}),
+        (quota_store_from_url, "sqlite:///calls.db", {"busy_timeout": 1.0}),
+    ):
+        with pytest.raises(ConfigurationError) as info:
+            build(url, **taken, colour="blue")
+        message = str(info.value)
+        assert "does not accept the options ['colour']" in message, message
+        assert repr(next(iter(taken))) not in message, message
     # the quota store's and the cache's too, as their other URLs' options are
     for factory in (quota_store_from_url, cache_from_url):
         with pytest.raises(ConfigurationError, match=r"does not accept the options \['colour'\]"):
@@ -175,8 +202,13 @@ def test_credentials_stay_out_of_option_errors() -> None:
         (f"redis://:{SECRET}@cache:6379/0", "redis://:***@cache:6379/0"),
         (f"redis://user:{SECRET}@[::1]:6379/0", "redis://user:***@[::1]:6379/0"),
         (
+            f"postgresql://app:{SECRET}@db/calls?password={SECRET}&sslmode=require#x",
+            "postgresql://app:***@db/calls?password=***&sslmode=require#x",
+        ),
+        # a fragment right after a secret option may be the rest of its value
+        (
             f"postgresql://app:{SECRET}@db/calls?sslmode=require&password={SECRET}#x",
-            "postgresql://app:***@db/calls?sslmode=require&password=***#x",
+            "postgresql://app:***@db/calls?sslmode=require&password=***",
         ),
         (f"sqlite:///calls.db?token={SECRET}", "sqlite:///calls.db?token=***"),
         ("sqlite:///calls.db", "sqlite:///calls.db"),
@@ -259,6 +291,49 @@ def test_a_password_with_an_unencoded_delimiter_never_appears_in_errors(
         assert ":***@" in message
 
 
+@pytest.mark.parametrize("password", ["Xy7#Qz9", "Xy7&Qz9", "Xy7#Qz=9&x=1", "Xy7&Qz9#x"])
+def test_a_query_password_with_an_unencoded_delimiter_never_appears(password: str) -> None:
+    # a generated password holding '#' or '&' in a query option: the text after the
+    # delimiter looks like a fragment or an option without a value, and is the password
+    # all the same
+    url = f"mongodb://db.example/calls?sslmode=require&password={password}"
+    assert redact_url(url) == "mongodb://db.example/calls?sslmode=require&password=***"
+    with pytest.raises(ConfigurationError) as info:
+        telemetry_from_url(url)  # an unknown scheme: the error quotes the URL
+    assert "Qz" not in str(info.value) and "password=***" in str(info.value)
+    with pytest.raises(ConfigurationError) as info:
+        OpenAIProvider(api_key="k", base_url=f"ftp://gw.example/v1?api-key={password}")
+    assert "Qz" not in str(info.value) and "api-key=***" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        (
+            f"host=db.example user=app password={SECRET} dbname=calls",
+            "host=db.example user=app password=*** dbname=calls",
+        ),
+        (
+            f"dbname=calls password='{SECRET} x' sslmode=require",
+            "dbname=calls password=*** sslmode=require",
+        ),
+        (f"password='it\\'s {SECRET}' host=db", "password=*** host=db"),
+        (f"db.example:5432/calls?password={SECRET}", "db.example:5432/calls?password=***"),
+        (f"app:pw@db/calls?sslpassword={SECRET}", "***@db/calls?sslpassword=***"),
+    ],
+)
+def test_a_connection_string_that_is_no_url_is_refused_without_its_password(
+    dsn: str, shown: str
+) -> None:
+    # a PostgreSQL keyword/value string (what psycopg and asyncpg also take) passed
+    # where a URL belongs: the error quotes it, its password masked
+    assert redact_url(dsn) == shown
+    for factory in (telemetry_from_url, state_store_from_url):
+        with pytest.raises(ConfigurationError, match="is not a backend URL") as info:
+            factory(dsn)
+        assert SECRET not in str(info.value) and shown in str(info.value)
+
+
 # --------------------------------------------------------------------------- plugins
 
 PLUGIN_MODULE = "empathy_contract_fake_plugin"
@@ -332,3 +407,55 @@ def test_a_misbehaving_plugin_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match=r"fakebroken:// .* could not be loaded") as info:
         telemetry_from_url("fakebroken://x")
     assert isinstance(info.value.__cause__, ImportError)
+
+
+@pytest.fixture
+def rival_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Two installed distributions publishing a plugin under the same scheme, and one
+    publishing a plugin under the built-in ``sqlite`` scheme."""
+    module = "empathy_rival_fake_plugin"
+    (tmp_path / f"{module}.py").write_text(
+        textwrap.dedent(
+            """
+            from empathy_models.backends import BackendPlugin, MemoryTelemetryBackend
+
+            def telemetry(url, **options):
+                return MemoryTelemetryBackend(**options)
+
+            FIRST = BackendPlugin(schemes=("fakedup",), package="rival-a", telemetry=telemetry)
+            SECOND = BackendPlugin(schemes=("fakedup",), package="rival-b", telemetry=telemetry)
+            """
+        )
+    )
+    for dist, attr in (("rival_a", "FIRST"), ("rival_b", "SECOND")):
+        dist_info = tmp_path / f"{dist}-0.1.dist-info"
+        dist_info.mkdir()
+        (dist_info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: {dist.replace('_', '-')}\nVersion: 0.1\n"
+        )
+        (dist_info / "entry_points.txt").write_text(
+            f"[empathy_models.backends]\nfakedup = {module}:{attr}\nsqlite = {module}:{attr}\n"
+            f"fakesame = {module}:FIRST\n"  # both name the same plugin: no rivalry
+        )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop(module, None)
+
+
+@pytest.mark.usefixtures("rival_plugins")
+def test_a_scheme_two_distributions_claim_is_refused_naming_both() -> None:
+    assert "fakedup" in available_schemes()
+    for factory in (telemetry_from_url, state_store_from_url, cache_from_url):
+        with pytest.raises(ConfigurationError) as info:
+            factory("fakedup://x")
+        message = str(info.value)
+        assert "more than one installed distribution" in message
+        assert "rival-a (empathy_rival_fake_plugin:FIRST)" in message
+        assert "rival-b (empathy_rival_fake_plugin:SECOND)" in message
+    assert isinstance(telemetry_from_url("fakesame://x"), MemoryTelemetryBackend)
+
+
+@pytest.mark.usefixtures("rival_plugins")
+def test_a_plugin_never_takes_a_builtin_scheme(tmp_path: Path) -> None:
+    backend = telemetry_from_url(f"sqlite:///{tmp_path / 'calls.db'}")
+    assert type(backend).__name__ == "SQLiteTelemetryBackend"

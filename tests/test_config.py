@@ -165,6 +165,40 @@ def test_config_show_masks_a_password_with_an_unencoded_delimiter(
     assert shown.returncode == 1 and "port" in shown.stderr
 
 
+def test_a_url_the_parser_refuses_is_refused_without_its_password(
+    project: Path, tmp_path: Path
+) -> None:
+    # a fullwidth '#' (U+FF03) in a password: urllib refuses the host part, quoting it
+    # whole (password included) in its own message
+    path = project / "empathy.toml"
+    path.write_text('state = "postgresql://app:Xy7\\uff03Qz9@db.internal:5432/llm"\n')
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyConfig.load(path)
+    assert "Xy7" not in str(refused.value) and "Qz9" not in str(refused.value), refused.value
+    assert "state: not a valid URL: its host does not parse" in str(refused.value)
+    shown = cli(project, tmp_path / "home", "config", "show")
+    assert shown.returncode == 1 and "state: not a valid URL" in shown.stderr
+    assert "Xy7" not in shown.stdout + shown.stderr and "Qz9" not in shown.stdout + shown.stderr
+
+
+@pytest.mark.parametrize("key", ["telemetry", "state"])
+def test_a_keyword_connection_string_is_no_file_path(
+    project: Path, tmp_path: Path, key: str
+) -> None:
+    # a PostgreSQL keyword/value string where a URL belongs: refused, not taken for the
+    # name of a SQLite file (a file named with the password, telemetry silently local)
+    path = project / "empathy.toml"
+    path.write_text(f'{key} = "host=db.internal user=app password=Xy7Qz9 dbname=llm"\n')
+    with pytest.raises(ConfigurationError) as refused:
+        EmpathyConfig.load(path)
+    assert "Xy7Qz9" not in str(refused.value), refused.value
+    assert f"{key}: a PostgreSQL keyword/value connection string" in str(refused.value)
+    assert "postgresql://user:password@host:5432/dbname" in str(refused.value)
+    shown = cli(project, tmp_path / "home", "config", "show")
+    assert shown.returncode == 1 and "Xy7Qz9" not in shown.stdout + shown.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["empathy.toml"]
+
+
 async def test_the_directories_made_for_the_database_are_private_under_any_umask(
     project: Path, server: FakeLLMServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -377,6 +411,26 @@ def test_an_api_key_env_that_can_name_no_variable_is_refused(
     with pytest.raises(ConfigurationError, match=r"\[providers\.gateway\] api_key_env ") as info:
         EmpathyConfig.load(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["sk-proj-Xy7Qz9AbCdEf0123", "sk-ant-api03-Xy7Qz9AbCdEf"])
+def test_an_api_key_given_as_api_key_env_is_refused_unshown(
+    project: Path, tmp_path: Path, key: str
+) -> None:
+    # the key itself where the name of its variable belongs: refused, never shown by
+    # config show, a repr or the provider's hints about the variable
+    path = project / "empathy.toml"
+    path.write_text(f'[providers.openai]\napi_key_env = "{key}"\n')
+    with pytest.raises(ConfigurationError, match="not the key itself") as info:
+        EmpathyConfig.load(path)
+    assert "Xy7Qz9" not in str(info.value) and "sk-***" in str(info.value)
+    shown = cli(project, tmp_path / "home", "config", "show")
+    assert shown.returncode == 1 and "Xy7Qz9" not in shown.stdout + shown.stderr
+    with pytest.raises(ConfigurationError, match="not the key itself") as info:
+        ProviderConfig(name="openai", kind="openai", api_key_env=key)
+    with pytest.raises(ConfigurationError, match="not the key itself") as info:
+        OpenAIProvider(api_key_env=key)
+    assert "Xy7Qz9" not in str(info.value)
 
 
 def test_the_router_reads_the_same_configuration(project: Path) -> None:

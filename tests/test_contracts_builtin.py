@@ -6,6 +6,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import pytest
 
 from empathy_models import BreakerPolicy, CircuitState, ConfigurationError
@@ -91,6 +92,37 @@ async def test_fake_clock_sleep_advances_instead_of_waiting(fake_clock: FakeCloc
     start = fake_clock()
     await fake_clock.sleep(3600)
     assert fake_clock() == start + 3600
+
+
+async def test_fake_clock_sleep_takes_what_anyio_sleep_takes(fake_clock: FakeClock) -> None:
+    start = fake_clock()
+    ended: list[str] = []
+
+    async def forever() -> None:
+        try:
+            await fake_clock.sleep(math.inf)  # anyio.sleep(math.inf): until cancelled
+        except anyio.get_cancelled_exc_class():
+            ended.append("cancelled")
+            raise
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(forever)
+        await anyio.wait_all_tasks_blocked()
+        group.cancel_scope.cancel()
+    assert ended == ["cancelled"] and fake_clock() == start
+    for bad in (-1.0, math.nan, -math.inf):  # anyio.sleep refuses these with ValueError
+        with pytest.raises(ValueError, match=r"FakeClock\.sleep: seconds must be a number >= 0"):
+            await fake_clock.sleep(bad)
+    assert fake_clock() == start
+    await fake_clock.sleep(0)
+    assert fake_clock() == start
+
+
+def test_fake_clock_never_advances_to_infinity() -> None:
+    clock = FakeClock(1e308)
+    with pytest.raises(ConfigurationError, match="past the largest time"):
+        clock.advance(1e308)
+    assert clock() == 1e308
 
 
 async def test_fake_clock_drives_the_memory_store_exactly(fake_clock: FakeClock) -> None:

@@ -16,7 +16,9 @@ URL                           backend                                       pack
 Other schemes are looked up among the entry points of the group
 ``empathy_models.backends``.  An unknown scheme, or a known one whose package is not
 installed, raises `ConfigurationError` naming the schemes available or the package to
-install.
+install; so does a scheme that two installed distributions claim, naming both (neither
+is picked).  The built-in schemes are never looked up there: a plugin's entry point
+named ``memory``, ``null`` or ``sqlite`` is not used.
 
 For implementers of a telemetry backend: `refusals` turns a store's refusal of a value
 (an encoding error, a NUL in PostgreSQL text, an integer out of range) into
@@ -33,12 +35,13 @@ enormous integer by its size, a long repr cut).
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
+import re
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from .._fast import gc_paused
-from .._urls import masked_query, url_flaw, userinfo_end
+from .._urls import masked_keywords, masked_query, url_flaw, userinfo_end
 from .._validators import shown
 from ..abc import CircuitStateStore, TelemetryBackend
 from ..exceptions import ConfigurationError
@@ -89,11 +92,14 @@ def redact_url(url: str) -> str:
     (``password=``, ``sslpassword=``, ``token=``, ``api-key=``, a misspelt ``pasword=``:
     `_urls.secret_param`) are replaced by ``***``; a password
     holding an unencoded '/', '?', '#' or '@' is masked whole (the userinfo runs to
-    the last '@' a host follows).  A string without ``scheme://`` that holds an ``@``
-    has everything before the last ``@`` masked, since it may be ``user:password``.
+    the last '@' a host follows), and so is an option's holding an unencoded '&' or
+    '#' (`_urls.masked_query`).  A string without ``scheme://`` that holds an ``@``
+    has everything before the last ``@`` masked, since it may be ``user:password``,
+    and the value of each secret-looking ``name=value`` pair in it (a PostgreSQL
+    keyword/value string's ``password=...``) masked too.
     """
-    if "://" not in url:
-        return f"***@{url.rsplit('@', 1)[1]}" if "@" in url else url
+    if "://" not in url:  # maybe user:password@host, or host=... password=... (libpq's)
+        return masked_keywords(f"***@{url.rsplit('@', 1)[1]}" if "@" in url else url)
     head, _, rest = url.partition("://")
     at = userinfo_end(rest)
     userinfo = ""
@@ -106,27 +112,44 @@ def redact_url(url: str) -> str:
     except ValueError:
         return "<unparseable url>"
     changed = userinfo.endswith(":***@")
+    tail = parts.query + (f"#{parts.fragment}" if parts.fragment else "")
     if parts.query:
-        query = masked_query(parts.query)
-        changed = changed or query != parts.query
-        parts = parts._replace(query=query)
+        masked = masked_query(tail)  # a fragment right after a secret is part of it
+        changed = changed or masked != tail
+        tail = masked
     if not changed:
         return url
     # not urlunsplit: it drops an empty authority ("sqlite:///x" -> "sqlite:/x")
-    query = f"?{parts.query}" if parts.query else ""
-    fragment = f"#{parts.fragment}" if parts.fragment else ""
-    return f"{parts.scheme}://{userinfo}{parts.netloc}{parts.path}{query}{fragment}"
+    if parts.query:
+        tail = f"?{tail}"
+    elif parts.fragment:
+        tail = f"#{parts.fragment}"
+    return f"{parts.scheme}://{userinfo}{parts.netloc}{parts.path}{tail}"
+
+
+# how Python says a call named a keyword argument its function does not take
+_UNEXPECTED = re.compile(r"got an unexpected keyword argument '([^']*)'")
 
 
 def _build(factory: Any, url: str, kind: str, options: dict[str, Any]) -> Any:
+    """
+    ``factory(url, **options)``; a `TypeError` for an option the factory (or the
+    constructor it passes them to) does not take, `ConfigurationError` naming that
+    option, and any other `TypeError` with options given, one naming them all.
+    """
     try:
         return factory(url, **options)
     except TypeError as exc:
         if not options:
             raise
+        unexpected = _UNEXPECTED.search(str(exc))
+        if unexpected is not None and unexpected.group(1) in options:
+            raise ConfigurationError(
+                f"{redact_url(url)!r}: the {kind} factory does not accept the options "
+                f"{[unexpected.group(1)]}: {exc}"
+            ) from exc
         raise ConfigurationError(
-            f"{redact_url(url)!r}: the {kind} factory does not accept the options "
-            f"{sorted(options)}: {exc}"
+            f"{redact_url(url)!r}: the {kind} factory refused the options {sorted(options)}: {exc}"
         ) from exc
 
 
@@ -142,8 +165,34 @@ def _check_query(url: str) -> None:
         seen.add(name)
 
 
-def _entry_point_plugins() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+def _entry_point_plugins() -> dict[str, list[EntryPoint]]:
+    """Each scheme the installed distributions publish, with every entry point claiming
+    it: one, unless two distributions name different plugins for the same scheme (two
+    naming the same object, ``module:attribute``, claim it once)."""
+    claims: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        same = claims.setdefault(ep.name, [])
+        if all(other.value != ep.value for other in same):
+            same.append(ep)
+    return claims
+
+
+def _distribution(ep: EntryPoint) -> str:
+    """The name of the distribution publishing ``ep`` (its value, when unknown)."""
+    return ep.dist.name if ep.dist is not None else ep.value
+
+
+def _claimed(scheme: str, claims: list[EntryPoint]) -> EntryPoint:
+    """The one entry point for ``scheme``; `ConfigurationError` naming every
+    distribution that claims it when there are more (which one the lookup met last
+    depends on the order of sys.path and of the file system, so none is picked)."""
+    if len(claims) == 1:
+        return claims[0]
+    named = ", ".join(sorted(f"{_distribution(ep)} ({ep.value})" for ep in claims))
+    raise ConfigurationError(
+        f"the {scheme}:// backend is claimed by more than one installed distribution: "
+        f"{named}; uninstall all but one of them"
+    )
 
 
 def available_schemes() -> list[str]:
@@ -190,11 +239,12 @@ def _plugin_for(url: str) -> BackendPlugin:
                 f"{', '.join(available_schemes())} (plugins: "
                 f"{', '.join(f'{s} -> {p}' for s, p in sorted(_KNOWN_PLUGINS.items()))})"
             )
+        ep = _claimed(scheme, eps[scheme])
         try:
-            plugin = eps[scheme].load()
+            plugin = ep.load()
         except Exception as exc:
             raise ConfigurationError(
-                f"the plugin for {scheme}:// ({eps[scheme].value}) could not be loaded: "
+                f"the plugin for {scheme}:// ({ep.value}) could not be loaded: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
     if not isinstance(plugin, BackendPlugin):

@@ -19,12 +19,12 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import attrs
 
 from .._stats import Spend, aggregate_records, matches, spend_of
-from .._validators import check, failure, integer, number
+from .._validators import check, failure, integer, number, shown
 from ..abc import TelemetryBackend, TransactionalStateStore
 from ..circuit import (
     CLOCK_STEP,
@@ -400,6 +400,10 @@ class MemoryStateStore(TransactionalStateStore):
         clock: Returns UTC epoch seconds (default `time.time`); tests inject a fake one.
         states: States to start from, one per key (default: none, every key CLOSED).
         key_ttl: seconds, `KEY_TTL` (a week) by default; ``None`` keeps every key.
+
+    Raises:
+        ConfigurationError: ``clock`` not callable, or ``key_ttl`` not a number of
+            seconds above 0 or None.
     """
 
     def __init__(
@@ -409,6 +413,8 @@ class MemoryStateStore(TransactionalStateStore):
         states: Iterable[CircuitBreakerState] = (),
         key_ttl: float | None = KEY_TTL,
     ) -> None:
+        if not callable(clock):
+            raise ConfigurationError(f"clock must be callable, got {shown(clock)}")
         if key_ttl is not None and not (
             isinstance(key_ttl, int | float) and not isinstance(key_ttl, bool) and key_ttl > 0
         ):
@@ -628,8 +634,8 @@ def _telemetry(
     return MemoryTelemetryBackend(capacity=capacity, evidence_days=evidence_days)
 
 
-def _store(url: str, *, clock: Callable[[], float] = time.time) -> MemoryStateStore:
-    return MemoryStateStore(clock=clock)
+def _store(url: str, **options: Any) -> MemoryStateStore:
+    return MemoryStateStore(**options)
 
 
 PLUGIN = BackendPlugin(

@@ -60,7 +60,7 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 
 from .._propagation import outgoing_headers
-from .._urls import url_flaw
+from .._urls import masked_keys, url_flaw
 from .._validators import MAX_SIZE, check, failure, integer, number, shown
 from .._version import __version__
 from ..abc import AttemptTimeout, Completion, CompletionRequest, CompletionStream, Provider
@@ -286,10 +286,17 @@ def env_name_flaw(value: object) -> str | None:
     """
     Why ``value`` cannot name an environment variable (``api_key_env``), or None when
     it can: an empty string, an ``=`` or a NUL character (the environment's
-    separators) or a character the environment cannot encode can name none.
+    separators) or a character the environment cannot encode can name none; and an API
+    key (``sk-...``: `masked_keys`) is the key itself, given in the name's place, which
+    would be shown wherever the variable is named.
     """
     if not isinstance(value, str) or not value:
         return "must be a non-empty string"
+    if masked_keys(value) != value:
+        return (
+            "must be the name of the environment variable holding the key (such as "
+            "OPENAI_API_KEY), not the key itself: put the key in the environment"
+        )
     if "=" in value or "\0" in value:
         return "must name an environment variable: it holds a '=' or a NUL character"
     try:

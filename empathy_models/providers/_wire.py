@@ -475,9 +475,8 @@ def masked_url(url: str) -> str:
         user, colon, _ = rest[:at].partition(":")
         rest = (f"{user}:***" if colon else "***") + rest[at:]
     before, question, query = rest.partition("?")
-    if question:
-        query, hash_, fragment = query.partition("#")
-        rest = f"{before}?{masked_query(query)}{hash_}{fragment}"
+    if question:  # the query and its fragment: a fragment right after a secret is part of it
+        rest = f"{before}?{masked_query(query)}"
     return f"{head}{sep}{rest}"
 
 

@@ -79,14 +79,20 @@ class FakeClock:
         Move the clock forward by ``seconds`` and return the new time.
 
         Raises:
-            ConfigurationError: a negative or non-finite amount; use `set` to move the clock
-                backward on purpose.
+            ConfigurationError: a negative or non-finite amount (use `set` to move the clock
+                backward on purpose), or one that would take the clock past the largest
+                finite float.
         """
         step = _check_time("seconds", seconds)
         if step < 0:
             raise ConfigurationError(
                 f"FakeClock.advance: seconds must be >= 0, got {shown(seconds)}; "
                 "use set() to move the clock backward"
+            )
+        if not math.isfinite(self._now + step):
+            raise ConfigurationError(
+                f"FakeClock.advance: {shown(seconds)} seconds from {self._now!r} is past the "
+                "largest time a float holds"
             )
         self._now += step
         return self._now
@@ -96,6 +102,22 @@ class FakeClock:
         self._now = _check_time("ts", ts)
 
     async def sleep(self, seconds: float) -> None:
-        """Advance the clock by ``seconds`` and yield to the event loop once."""
+        """
+        Advance the clock by ``seconds`` and yield to the event loop once.
+
+        It takes what ``anyio.sleep`` takes: ``math.inf`` waits until cancelled, the
+        clock left where it is (it cannot be put at infinity), as ``anyio.sleep(math.inf)``
+        never returns.
+
+        Raises:
+            ConfigurationError: a negative amount or NaN, which ``anyio.sleep`` refuses
+                too (with `ValueError`, which this error is).
+        """
+        if seconds == math.inf:
+            await anyio.sleep_forever()
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:
+            raise ConfigurationError(
+                f"FakeClock.sleep: seconds must be a number >= 0, got {shown(seconds)}"
+            )
         self.advance(seconds)
         await anyio.lowlevel.checkpoint()
