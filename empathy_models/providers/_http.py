@@ -29,6 +29,10 @@ model the project may not use)
 aiohttp / asyncio timeout                  `ProviderTimeoutError`
 refused, reset, DNS, disconnected, a       `ProviderConnectionError`
 proxy refusing the tunnel
+a 2xx body holding an ``error`` and no      the class its ``type`` or ``code``
+answer (an OpenAI-compatible gateway's     stands for, as that status maps (a
+``{"error": {...}}`` sent with 200)        numeric ``code``, OpenRouter's, is the
+                                           status; else `ServerError`)
 truncated body, malformed JSON, missing    `InvalidResponseError`
 fields, unexpected status (a 3xx: redirects
 are never followed, they would carry the key)
@@ -81,8 +85,10 @@ from ._wire import (
     _Secrets,
     _without_request,
     error_from_local,
+    error_from_object,
     error_from_response,
     error_from_transport,
+    error_in_answer,
     masked_url,
     missing_key,
     parse_ratelimit_reset,
@@ -605,6 +611,10 @@ class HTTPProvider(Provider):
             request, self._exact_timeout(timeout), asyncio.get_running_loop().time() + timeout
         )
 
+    _answer_field: str = ""
+    """The field of a 2xx body that holds the answer (``choices``, ``content``): a body
+    without it and with an ``error`` is that error (`_parse_checked`)."""
+
     _stream_decoder: type[StreamDecoder] | None = None
     """The wire format's SSE decoder (set by each subclass); None: `stream` is not offered."""
 
@@ -724,7 +734,7 @@ class HTTPProvider(Provider):
             raise
         try:
             completion = self._parse_checked(reader, data, request, response_headers)
-        except InvalidResponseError:
+        except ProviderError:
             body, data = b"", {}
             raise
         exhausted = parse_ratelimit_reset(response_headers)
@@ -742,8 +752,20 @@ class HTTPProvider(Provider):
         """
         `_parse`, with a slip the subclass's reading did not foresee (a ``KeyError``, a
         ``TypeError`` of an odd value, nesting too deep) raised as `InvalidResponseError`;
-        that error carries the usage the body reports as its ``billed`` (`_billed`).
+        that error carries the usage the body reports as its ``billed`` (`_billed`).  A
+        body that holds an ``error`` and no answer (``_answer_field``: a gateway's error
+        sent with status 200) raises the error it stands for (`error_from_object`).
         """
+        error = error_in_answer(data, self._answer_field)
+        if error is not None:
+            raise error_from_object(
+                error,
+                provider=self.name,
+                model=request.model,
+                where="an error instead of an answer, with a 2xx status",
+                secret=self._redacted,
+                headers=headers,
+            )
         try:
             return self._parse(reader, data, request, headers)
         except InvalidResponseError as exc:

@@ -17,8 +17,10 @@ the text deltas (`str`) and tool-call pieces (`ToolCallDelta`: OpenAI's
 ``delta.tool_calls[]``, Anthropic's ``tool_use`` block start and ``input_json_delta``;
 a server tool's block, ``server_tool_use`` or ``mcp_tool_use``, is no call: its input
 is read and dropped) of each piece fed to them and keep the usage, stop reason, ids
-and the tool calls seen so far; an ``error`` event raises the `ProviderError` its type maps to (an
-``overloaded_error`` is an `OverloadedError`, as a 529 would be).
+and the tool calls seen so far; an ``error`` event raises the `ProviderError` its
+type or code maps to (an ``overloaded_error`` is an `OverloadedError`, as a 529 would
+be; a numeric code, as OpenRouter sends, is the HTTP status it names:
+`error_from_object`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ._wire import (
     _scrub,
     _Secrets,
     anthropic_usage_extras,
-    error_from_response,
+    error_from_object,
     json_text,
     openai_cached_tokens,
     shown_count,
@@ -62,26 +64,6 @@ _SERVER_TOOL_BLOCKS: Final = frozenset({"server_tool_use", "mcp_tool_use"})
 
 DEFAULT_MAX_EVENT_BYTES: Final = 1024 * 1024
 """The longest SSE line or event a decoder buffers (1 MiB; a chunk is well under 1 KiB)."""
-
-# the HTTP status each API's error type stands for, so a mid-stream error event maps to
-# the same error class as the status would
-_ERROR_STATUS: Final = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "rate_limit_exceeded": 429,
-    "requests": 429,
-    "tokens": 429,
-    "api_error": 500,
-    "server_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 529,
-    "overloaded": 529,
-}
 
 
 class SSEDecoder:
@@ -503,31 +485,13 @@ class StreamDecoder:
         )
 
     def _stream_error(self, error: object) -> ProviderError:
-        """
-        The error for an ``error`` object sent in the stream (its ``type``, ``code`` and
-        ``message`` are read when they are strings or numbers, anything else ignored).
-        """
-        if isinstance(error, dict):
-            fields = ((key, error.get(key)) for key in ("type", "code", "message"))
-            error = {key: value for key, value in fields if _scalar(value)}
-        elif not isinstance(error, str):
-            error = None
-        kind = error.get("type") if isinstance(error, dict) else None
-        code = error.get("code") if isinstance(error, dict) else None
-        status = _ERROR_STATUS.get(str(kind), _ERROR_STATUS.get(str(code), 500))
-        body = json.dumps({"error": error}).encode()
-        mapped = error_from_response(status, body, {}, provider=self._provider, model=self._model)
-        message = error.get("message") if isinstance(error, dict) else None
-        label = " ".join(str(p) for p in (kind, code) if p) or "error"
-        # the HTTP status was 200: the error came inside the stream, so none is set
-        return type(mapped)(
-            _scrub(
-                f"{self._provider}: error event in the stream ({label}): {message or 'no message'}",
-                self._secret,
-            )
-            + f" [model {self._model}]",
+        """The error for an ``error`` object sent in the stream (`error_from_object`)."""
+        return error_from_object(
+            error,
             provider=self._provider,
             model=self._model,
+            where="error event in the stream",
+            secret=self._secret,
         )
 
     def _tokens(self, usage: Mapping[str, Any], key: str) -> int | None:

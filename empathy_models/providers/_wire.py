@@ -49,7 +49,9 @@ __all__ = [
     "anthropic_usage_extras",
     "openai_cached_tokens",
     "error_from_local",
+    "error_from_object",
     "error_from_response",
+    "error_in_answer",
     "error_from_transport",
     "estimated_output_tokens",
     "json_text",
@@ -380,6 +382,94 @@ def error_from_response(
     else:
         cls = InvalidResponseError
     return cls(text, provider=provider, model=model, status=status, retry_after=retry_after)
+
+
+# the HTTP status each API's error type (or code) stands for, so an error object sent
+# with a 2xx status (in a stream's event, or as a gateway's whole body) maps to the same
+# error class as the status would
+_ERROR_STATUS: Final = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "requests": 429,
+    "tokens": 429,
+    "api_error": 500,
+    "server_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+    "overloaded": 529,
+}
+
+
+def _error_status(kind: object, code: object) -> int:
+    """
+    The HTTP status an error object's ``type`` or ``code`` stands for: a known name
+    (`_ERROR_STATUS`), else a code that is itself an HTTP error status (``429``, or
+    ``"429"``: OpenRouter sends the status as the code), else 500.
+    """
+    for value in (kind, code):
+        status = _ERROR_STATUS.get(str(value))
+        if status is not None:
+            return status
+    if isinstance(code, str) and code.isascii() and code.isdigit():
+        code = int(code)
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        return code
+    return 500
+
+
+def error_in_answer(data: Mapping[str, Any], answer_field: str) -> object | None:
+    """
+    The error object a 2xx body holds instead of an answer (an OpenAI-compatible
+    gateway's ``{"error": {...}}`` sent with status 200), or None: a non-empty
+    ``error`` string or object, and no ``answer_field`` (``choices``, ``content``).
+    """
+    error = data.get("error")
+    if not error or not isinstance(error, str | Mapping) or data.get(answer_field):
+        return None
+    return error
+
+
+def error_from_object(
+    error: object,
+    *,
+    provider: str,
+    model: str,
+    where: str,
+    secret: _Secrets | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ProviderError:
+    """
+    The error for an ``error`` object sent with a 2xx status (``where`` says how: "error
+    event in the stream", ...): the class the status its ``type`` or ``code`` stands for
+    maps to (`_error_status`), its ``type``, ``code`` and ``message`` quoted when they are
+    strings or numbers (anything else ignored), scrubbed of ``secret``; ``status`` None
+    (no error status was sent), ``retry_after`` from ``headers``.
+    """
+    if isinstance(error, Mapping):
+        fields = ((key, error.get(key)) for key in ("type", "code", "message"))
+        error = {key: value for key, value in fields if isinstance(value, str | int | float)}
+    elif not isinstance(error, str):
+        error = None
+    kind = error.get("type") if isinstance(error, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    status = _error_status(kind, code)
+    body = json.dumps({"error": error}).encode()
+    mapped = error_from_response(status, body, {}, provider=provider, model=model)
+    message = error.get("message") if isinstance(error, dict) else error
+    label = " ".join(str(p) for p in (kind, code) if p) or "error"
+    text = _scrub(f"{provider}: {where} ({label}): {message or 'no message'}", secret)
+    return type(mapped)(
+        f"{text} [model {model}]",
+        provider=provider,
+        model=model,
+        retry_after=None if headers is None else parse_retry_after(headers),
+    )
 
 
 def error_from_transport(
