@@ -21,7 +21,8 @@ organization has been disabled.")
 ("Invalid model name", as from LiteLLM),
 or a 403 ``model_not_found`` (OpenAI: a
 model the project may not use)
-408                                        `ProviderTimeoutError`
+408, 409 (a lock timeout: retried, as the  `ProviderTimeoutError`
+official SDKs retry it)
 429                                        `RateLimitedError` (``retry_after`` set)
 429 ``insufficient_quota`` (no credit)     `AuthenticationError`
 529, or an ``overloaded_error`` body       `OverloadedError`
@@ -42,9 +43,10 @@ aiohttp refuses to build the request       `ConfigurationError` (nothing was sen
 ``asyncio.CancelledError``                 re-raised untouched
 =========================================  ======================================
 
-Every error carries ``provider``, ``model``, ``status`` (when there was a response) and
+Every error carries ``provider``, ``model``, ``status`` (when there was a response),
 ``retry_after`` in seconds (from ``retry-after-ms``, or ``Retry-After`` as seconds or
-an HTTP date; for a 429 without them, from the providers' rate-limit reset headers).
+an HTTP date; for a 429 without them, from the providers' rate-limit reset headers) and
+``should_retry``, the ``x-should-retry`` header's word (``False`` is never retried).
 Messages quote the provider's own error text with any API key removed; the chained
 cause is an aiohttp or JSON exception that holds no request headers.
 """

@@ -61,6 +61,7 @@ __all__ = [
     "parse_ratelimit_reset",
     "parse_retry_after",
     "read_bounded",
+    "said_should_retry",
     "utf8_size",
     "whole_count",
 ]
@@ -193,6 +194,17 @@ def _snippet(body: bytes, length: int, secret: _Secrets | None) -> str:
 
 
 # --------------------------------------------------------------------------- the mapping
+
+
+def said_should_retry(headers: Mapping[str, str]) -> bool | None:
+    """
+    The provider's ``x-should-retry`` header: True for ``true``, False for ``false``
+    (in any case), None when absent or anything else.
+    """
+    said = headers.get("x-should-retry")
+    if said is None:
+        return None
+    return {"true": True, "false": False}.get(said.strip().lower())
 
 
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
@@ -363,7 +375,7 @@ def error_from_response(
         cls = AuthenticationError  # Anthropic's account errors, sent as a 400
     elif status == 404:
         cls = ModelNotFoundError
-    elif status == 408:
+    elif status in (408, 409):  # 409: a lock timeout, retried as the official SDKs do
         cls = ProviderTimeoutError
     elif status == 400 and (
         any(marker in lowered for marker in _UNKNOWN_MODEL_MARKERS)
@@ -381,7 +393,14 @@ def error_from_response(
         cls = ServerError
     else:
         cls = InvalidResponseError
-    return cls(text, provider=provider, model=model, status=status, retry_after=retry_after)
+    return cls(
+        text,
+        provider=provider,
+        model=model,
+        status=status,
+        retry_after=retry_after,
+        should_retry=said_should_retry(headers),
+    )
 
 
 # the HTTP status each API's error type (or code) stands for, so an error object sent
@@ -464,11 +483,14 @@ def error_from_object(
     message = error.get("message") if isinstance(error, dict) else error
     label = " ".join(str(p) for p in (kind, code) if p) or "error"
     text = _scrub(f"{provider}: {where} ({label}): {message or 'no message'}", secret)
+    if headers is None:
+        return type(mapped)(f"{text} [model {model}]", provider=provider, model=model)
     return type(mapped)(
         f"{text} [model {model}]",
         provider=provider,
         model=model,
-        retry_after=None if headers is None else parse_retry_after(headers),
+        retry_after=parse_retry_after(headers),
+        should_retry=said_should_retry(headers),
     )
 
 
