@@ -70,10 +70,11 @@ class SSEDecoder:
     """
     Incremental ``text/event-stream`` parser: `feed` bytes, get complete events.
 
-    Lines end with ``\\n`` or ``\\r\\n``.  An event without ``data`` is dropped (as the
-    standard says); the event name defaults to ``"message"``.  An event whose data is
-    longer than ``max_event_bytes``, or a line (finished or not) longer than that plus
-    the six bytes of a ``data: `` prefix, raises `InvalidResponseError` (the buffer never
+    Lines end with ``\\n`` or ``\\r\\n``.  An event without ``data``, or whose data is
+    empty (a relay's ``data:`` keep-alive), is dropped (as the standard says); the
+    event name defaults to ``"message"``.  An event whose data is longer than
+    ``max_event_bytes``, or a line (finished or not) longer than that plus the six
+    bytes of a ``data: `` prefix, raises `InvalidResponseError` (the buffer never
     grows past it), as does a line that is not UTF-8: the same whatever pieces the bytes
     arrive in.
     """
@@ -156,7 +157,9 @@ class SSEDecoder:
                 raise self._error(f"a line is longer than {self._limit:,} bytes")
             if not line:
                 data = self._data
-                if data is not None:
+                # an event whose data is empty (a relay's ``data:`` keep-alive) is not
+                # dispatched, as the standard says
+                if data is not None and (len(data) > 1 or data[0]):
                     events.append((self._event or "message", "\n".join(data)))
                 self._event = self._data = None
                 self._size = 0
@@ -222,7 +225,8 @@ class SSEDecoder:
                     return False
                 if b"\n" in value or len(value) > limit:
                     return False
-                found.append((name, value.decode()))
+                if value:  # an empty ``data:`` is no event (see `_feed`)
+                    found.append((name, value.decode()))
         except UnicodeDecodeError:
             return False
         events.extend(found)
@@ -544,6 +548,8 @@ class OpenAIStreamDecoder(StreamDecoder):
         if data == "[DONE]":
             self.finished = True
             return
+        if data.isspace():  # a keep-alive of blanks: no chunk
+            return
         chunk = self._decode(data)
         if "error" in chunk and chunk["error"] is not None:
             raise self._stream_error(chunk["error"])
@@ -644,7 +650,7 @@ class AnthropicStreamDecoder(StreamDecoder):
         self._server_blocks: set[int] = set()  # the wire's indexes of server tool blocks
 
     def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
-        if event == "ping":
+        if event == "ping" or data.isspace():  # keep-alives
             return
         body = self._decode(data)
         kind = body.get("type", event)
