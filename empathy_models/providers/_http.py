@@ -30,10 +30,12 @@ official SDKs retry it)
 aiohttp / asyncio timeout                  `ProviderTimeoutError`
 refused, reset, DNS, disconnected, a       `ProviderConnectionError`
 proxy refusing the tunnel
-a 2xx body holding an ``error`` and no      the class its ``type`` or ``code``
+a 2xx body holding an ``error`` and no     the class its ``type`` or ``code``
 answer (an OpenAI-compatible gateway's     stands for, as that status maps (a
 ``{"error": {...}}`` sent with 200)        numeric ``code``, OpenRouter's, is the
                                            status; else `ServerError`)
+408, 409, 429 or 5xx whose body was cut    that status's error (its headers'
+short                                      ``Retry-After`` kept)
 truncated body, malformed JSON, missing    `InvalidResponseError`
 fields, unexpected status (a 3xx: redirects
 are never followed, they would carry the key)
@@ -613,9 +615,9 @@ class HTTPProvider(Provider):
             request, self._exact_timeout(timeout), asyncio.get_running_loop().time() + timeout
         )
 
+    # the field of a 2xx body that holds the answer (``choices``, ``content``): a body
+    # without it and with an ``error`` is that error (`_parse_checked`)
     _answer_field: str = ""
-    """The field of a 2xx body that holds the answer (``choices``, ``content``): a body
-    without it and with an ``error`` is that error (`_parse_checked`)."""
 
     _stream_decoder: type[StreamDecoder] | None = None
     """The wire format's SSE decoder (set by each subclass); None: `stream` is not offered."""
@@ -709,7 +711,9 @@ class HTTPProvider(Provider):
         except aiohttp.InvalidURL as exc:  # a ClientError too, but nothing was sent
             raise self._not_built(exc, model) from _without_request(exc)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self._transport_failed(exc, model, budget_ends, status if answered else None)
+            if not answered:
+                self._transport_failed(exc, model, budget_ends, None)
+            self._transport_failed(exc, model, budget_ends, status, response_headers)
         except (ValueError, TypeError) as exc:
             if answered or isinstance(exc, EmpathyModelsError):
                 raise
@@ -801,7 +805,12 @@ class HTTPProvider(Provider):
         return error_from_local(exc, provider=self.name, model=model, secret=self._redacted)
 
     def _transport_failed(
-        self, exc: BaseException, model: str, budget_ends: float | None, status: int | None
+        self,
+        exc: BaseException,
+        model: str,
+        budget_ends: float | None,
+        status: int | None,
+        headers: Mapping[str, str] | None = None,
     ) -> NoReturn:
         """Raise the error of a request that got no answer, or no whole body.
 
@@ -810,6 +819,7 @@ class HTTPProvider(Provider):
             model: The requested model.
             budget_ends: The loop time the caller's time budget ends, or None.
             status: The answer's status, read before ``exc`` (None: not read).
+            headers: The answer's headers, read with ``status``.
 
         Raises:
             AttemptTimeout: When ``exc`` is a timeout and the caller's budget is spent.
@@ -821,8 +831,9 @@ class HTTPProvider(Provider):
             and asyncio.get_running_loop().time() >= budget_ends - _TIMER_SLACK
         ):
             raise AttemptTimeout(f"{self.name}: the time budget ran out [model {model}]") from exc
+        name, secret = self.name, self._redacted
         raise error_from_transport(
-            exc, provider=self.name, model=model, secret=self._redacted, status=status
+            exc, provider=name, model=model, secret=secret, status=status, headers=headers
         ) from _without_request(exc)
 
     @abc.abstractmethod

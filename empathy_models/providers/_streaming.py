@@ -194,8 +194,13 @@ async def open_http_stream(
         raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
     except (aiohttp.ClientError, OSError) as exc:
         response.close()
-        raise error_from_transport(  # a 2xx whole body cut short keeps its status
-            exc, provider=name, model=model, secret=provider._redacted, status=response.status
+        raise error_from_transport(  # a whole body cut short keeps its status
+            exc,
+            provider=name,
+            model=model,
+            secret=provider._redacted,
+            status=response.status,
+            headers=response.headers,
         ) from None
     except BaseException:
         response.close()

@@ -340,11 +340,18 @@ def error_from_response(
     provider: str,
     model: str,
     secret: _Secrets | None = None,
+    cut: bool = False,
 ) -> ProviderError:
-    """The error for a non-2xx response (see the module table), scrubbed of ``secret``."""
+    """
+    The error for a non-2xx response (see the module table), scrubbed of ``secret``;
+    ``cut``: its body was cut short, and ``body`` is empty (the status and headers
+    decide alone).
+    """
     kind, code, message, is_json = _error_details(body)
     location = headers.get("location") if 300 <= status < 400 else None
-    if location is not None:
+    if cut:
+        message = "the body was cut short"
+    elif location is not None:
         message = (
             f"a redirect to {masked_url(location[:400])!r}, not followed since it would carry "
             "the API key: check base_url"
@@ -501,14 +508,30 @@ def error_from_transport(
     model: str,
     secret: _Secrets | None = None,
     status: int | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> ProviderError:
     """
     The error for an exception raised while sending or reading (never for
     `asyncio.CancelledError`, which callers must let through), scrubbed of ``secret``.
     ``status``: the answer's, when it was read before the body failed; a 2xx body cut
-    short keeps it (the request was accepted, and is billed: see `InvalidResponseError`).
+    short keeps it (the request was accepted, and is billed: see `InvalidResponseError`);
+    a status that asks for a retry (408, 409, 429, 5xx) whose body was cut short (not by
+    a timeout) is the error that status and ``headers``, the answer's, map to
+    (`error_from_response`: a 503's `ServerError` with its ``Retry-After``), the body
+    said to be cut short.  (Another status's class may depend on the body lost: a 400
+    may be a context window's, so it stays an `InvalidResponseError`.)
     """
     import aiohttp  # loaded by whoever sent the request
+
+    if (
+        status is not None
+        and (status in (408, 409, 429) or 500 <= status < 600)
+        and isinstance(exc, aiohttp.ClientError)
+        and not isinstance(exc, TimeoutError)
+    ):
+        return error_from_response(
+            status, b"", headers or {}, provider=provider, model=model, secret=secret, cut=True
+        )
 
     detail = _scrub(str(exc) or type(exc).__name__, secret)
     where = f"[model {model}]"
