@@ -1,8 +1,10 @@
 """
-Keep-alives that relays and gateways put in a stream, over real HTTP on 127.0.0.1: an
-event whose data is empty (``data:`` or ``data: `` then a blank line) is no event, as
-the Server-Sent Events standard says, and data of blanks is no chunk; neither may end
-a stream that is otherwise whole.
+Streams as relays and OpenAI-compatible servers send them, over real HTTP on 127.0.0.1:
+an event whose data is empty (``data:`` or ``data: `` then a blank line, a relay's
+keep-alive) is no event, as the Server-Sent Events standard says, and data of blanks
+is no chunk; neither may end a stream that is otherwise whole.  A server that sends no
+``data: [DONE]`` (older llama.cpp servers, text-generation-webui) ends its answer with
+the body, after a finish reason.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from empathy_models.exceptions import InvalidResponseError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.providers._sse import SSEDecoder
 
@@ -104,3 +107,43 @@ def test_the_decoder_drops_empty_data_events_whatever_the_chunking() -> None:
     decoder = SSEDecoder()
     events = [e for i in range(len(body)) for e in decoder.feed(body[i : i + 1])]
     assert events == expected
+
+
+# --------------------------------------------------------------------------- no [DONE]
+
+
+def chunks(*pieces: dict[str, Any]) -> bytes:
+    return b"".join(event({"id": "c1", "model": MODEL, **piece}) for piece in pieces)
+
+
+HELLO = {"choices": [{"index": 0, "delta": {"content": "hello"}}]}
+STOP = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+USAGE = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+
+
+@pytest.mark.parametrize(
+    "body", [chunks(HELLO, STOP, USAGE), chunks(HELLO, STOP)], ids=["usage", "no usage"]
+)
+async def test_an_openai_stream_without_done_is_whole_after_its_finish_reason(
+    server: Replies, body: bytes
+) -> None:
+    server.script(body, headers={"content-type": "text/event-stream"})
+    async with OpenAIProvider(api_key=KEY, base_url=server.url) as provider:
+        stream = await provider.stream(REQUEST)
+        # it failed: "the event stream ended before the answer was complete"
+        assert [piece async for piece in stream] == ["hello"]
+        assert stream.finished and stream.ended_at is not None
+        completion = stream.completion()
+    assert (completion.content, completion.stop_reason) == ("hello", "stop")
+    assert completion.output_tokens == 2  # reported, or estimated from "hello"
+
+
+async def test_a_stream_that_ends_before_a_finish_reason_is_still_cut_short(
+    server: Replies,
+) -> None:
+    server.script(chunks(HELLO), headers={"content-type": "text/event-stream"})
+    async with OpenAIProvider(api_key=KEY, base_url=server.url) as provider:
+        stream = await provider.stream(REQUEST)
+        with pytest.raises(InvalidResponseError, match="ended before the answer was complete"):
+            _ = [piece async for piece in stream]
+        assert not stream.finished

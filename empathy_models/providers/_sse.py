@@ -252,6 +252,7 @@ class StreamDecoder:
         "_provider",
         "_queue",
         "_raw",
+        "_reason_seen",
         "_secret",
         "_slots",
         "_sse",
@@ -300,8 +301,19 @@ class StreamDecoder:
         self._raw = b""  # bytes pushed and not yet framed, from ``_pos`` on
         self._started = False  # a delta was decoded: decode eagerly from then on
         self._pos = 0
+        self._reason_seen = False  # a finish reason came (OpenAI: `whole_at_eof`)
         self._calls: list[tuple[str | None, str | None, list[str]]] = []
         self._slots: dict[int, int] = {}  # the wire's index of a call -> its place in _calls
+
+    @property
+    def whole_at_eof(self) -> bool:
+        """
+        Whether the answer is whole if the body ends now, without the format's end
+        marker: for OpenAI-compatible servers that send no ``data: [DONE]`` (older
+        llama.cpp servers, text-generation-webui), once a finish reason came; never for
+        Anthropic's ``message_stop``.
+        """
+        return self._reason_seen
 
     @property
     def has_tool_calls(self) -> bool:
@@ -581,8 +593,10 @@ class OpenAIStreamDecoder(StreamDecoder):
                     if calls:
                         self._openai_calls(calls, out)
                 reason = choice.get("finish_reason")
-                if isinstance(reason, str) and self.stop_reason != "refusal":
-                    self.stop_reason = reason
+                if isinstance(reason, str):
+                    self._reason_seen = True
+                    if self.stop_reason != "refusal":
+                        self.stop_reason = reason
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             # a count a later usage chunk leaves out keeps the one reported before it

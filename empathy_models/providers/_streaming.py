@@ -372,6 +372,9 @@ class HTTPCompletionStream(CompletionStream):
                     self._fail(error)
                     raise error from None
                 if not chunk:
+                    if not decoder.finished and decoder.whole_at_eof:
+                        decoder.finished = True  # a server that sends no end marker
+                        self._marker_at = self._read_at
                     self._end()
                     continue
             try:
