@@ -27,6 +27,7 @@ from empathy_models.abc import CompletionRequest
 from empathy_models.backends import NullTelemetryBackend
 from empathy_models.exceptions import (
     AuthenticationError,
+    ContextWindowExceededError,
     InvalidRequestError,
     ProviderError,
     ServerError,
@@ -264,3 +265,54 @@ async def test_an_error_status_whose_body_was_cut_short_is_that_statuss_error(
     assert (info.value.status, info.value.retry_after) == (status, 2.0)
     assert "cut short" in str(info.value)
     assert RetryPolicy().is_retryable(info.value)
+
+
+# --------------------------------------------------------------------------- Gemini's errors
+
+
+def gemini_error(code: int, message: str, status: str) -> list[dict[str, Any]]:
+    # Gemini's OpenAI-compatible endpoint wraps its error object in a list
+    return [{"error": {"code": code, "message": message, "status": status}}]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected"),
+    [
+        (
+            400,
+            gemini_error(
+                400,
+                "The input token count (1200293) exceeds the maximum number of tokens allowed "
+                "(1048576).",
+                "INVALID_ARGUMENT",
+            ),
+            ContextWindowExceededError,
+        ),
+        (
+            429,
+            gemini_error(
+                429, "Resource has been exhausted (e.g. check quota).", "RESOURCE_EXHAUSTED"
+            ),
+            RateLimitedError,
+        ),
+        (
+            400,
+            gemini_error(
+                400,
+                'Invalid JSON payload received. Unknown name "reasoning": Cannot find field.',
+                "INVALID_ARGUMENT",
+            ),
+            InvalidRequestError,
+        ),
+    ],
+)
+async def test_geminis_errors_in_a_list_are_read(
+    server: Replies, status: int, body: Any, expected: type[ProviderError]
+) -> None:
+    server.script(body, status=status)
+    with pytest.raises(ProviderError) as info:
+        await complete(OpenAIProvider(api_key=KEY, base_url=server.url))
+    assert type(info.value) is expected
+    error = body[0]["error"]
+    # it quoted the list's first 120 characters, JSON-escaped, the message cut
+    assert f"{error['status']}: {error['message']}" in str(info.value)

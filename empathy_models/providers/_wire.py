@@ -86,6 +86,8 @@ _CONTEXT_MARKERS: Final = (
     "prompt is too long",
     "exceed context limit",
     "context window",
+    # Gemini: "The input token count (N) exceeds the maximum number of tokens allowed (M)."
+    "exceeds the maximum number of tokens allowed",
 )
 _POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
 _POLICY_MARKERS: Final = ("content filtering policy", "usage policy", "content policy")
@@ -305,12 +307,16 @@ def _error_details(body: bytes) -> tuple[str | None, str | None, str | None, boo
     """
     (type, code, message, whether ``body`` is JSON) from an error body: either API's
     shape, a bare ``"error"`` or ``"message"`` string, or FastAPI's ``"detail"`` string
-    (servers built on it answer a wrong path so); Nones when none is found.
+    (servers built on it answer a wrong path so); Google's shape too (Gemini's
+    OpenAI-compatible endpoint: ``[{"error": {"code", "message", "status"}}]``, the
+    ``status`` read as the type); Nones when none is found.
     """
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # Recursion: absurd nesting
         return None, None, None, False
+    if isinstance(data, list) and data and isinstance(data[0], Mapping):
+        data = data[0]  # Gemini wraps its error object in a list
     if not isinstance(data, Mapping):
         return None, None, None, True
     error = data.get("error")
@@ -322,6 +328,8 @@ def _error_details(body: bytes) -> tuple[str | None, str | None, str | None, boo
                 return None, None, message, True
         return None, None, None, True
     kind = error.get("type")
+    if kind is None:
+        kind = error.get("status")  # Google's "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"
     code = error.get("code")
     message = error.get("message")
     return (
