@@ -13,7 +13,7 @@ bad input a `ValueError`)::
     ├── NotOpenError (RuntimeError)              used before `async with` or after aclose()
     ├── SourceFileError (OSError)                a file count_lines_of_code cannot count
     ├── ProviderError                            anything a model provider answered or failed to
-    │   ├── ProviderTimeoutError (TimeoutError)  no answer before the deadline
+    │   ├── ProviderTimeoutError (TimeoutError)  no answer before the deadline; 408 / 409
     │   ├── ProviderConnectionError (ConnectionError)
     │   ├── RateLimitedError                     429, with retry_after
     │   ├── AuthenticationError (PermissionError) 401 / 402 / 403, no credit, account disabled
@@ -129,6 +129,9 @@ class ProviderError(EmpathyModelsError):
         model: the model asked for.
         status: the HTTP status, when there was one.
         retry_after: seconds, when the provider said when to come back.
+        should_retry: the provider's own word on whether the same request may succeed
+            if sent again (its ``x-should-retry: true`` or ``false`` header), None when
+            it said nothing; `RetryPolicy` never retries an error it says ``False`` of.
     """
 
     def __init__(
@@ -139,17 +142,27 @@ class ProviderError(EmpathyModelsError):
         model: str | None = None,
         status: int | None = None,
         retry_after: float | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.provider = provider
         self.model = model
         self.status = status
         self.retry_after = retry_after
+        self.should_retry = should_retry
 
     def __reduce__(self) -> tuple[object, ...]:
         return (
             _rebuild_provider_error,
-            (type(self), str(self), self.provider, self.model, self.status, self.retry_after),
+            (
+                type(self),
+                str(self),
+                self.provider,
+                self.model,
+                self.status,
+                self.retry_after,
+                self.should_retry,
+            ),
         )
 
 
@@ -160,12 +173,23 @@ def _rebuild_provider_error(
     model: str | None,
     status: int | None,
     retry_after: float | None,
+    should_retry: bool | None = None,
 ) -> ProviderError:
-    return cls(message, provider=provider, model=model, status=status, retry_after=retry_after)
+    return cls(
+        message,
+        provider=provider,
+        model=model,
+        status=status,
+        retry_after=retry_after,
+        should_retry=should_retry,
+    )
 
 
 class ProviderTimeoutError(ProviderError, TimeoutError):
-    """No complete answer before the deadline."""
+    """
+    No complete answer before the deadline, or the server's own timeout: HTTP 408, or
+    409 (a lock timeout, as the official SDKs read it; ``status`` says which).
+    """
 
 
 class ProviderConnectionError(ProviderError, ConnectionError):

@@ -35,6 +35,7 @@ from ._validators import check, failure, instance_of, integer, number, one_of, s
 from .exceptions import (
     ConfigurationError,
     ProviderConnectionError,
+    ProviderError,
     ProviderTimeoutError,
     RateLimitedError,
     ServerError,
@@ -53,7 +54,9 @@ DEFAULT_RETRY_ON: tuple[RetryOn, ...] = (
     RateLimitedError,
 )
 """
-What is retried by default: timeouts, connection errors, 5xx (overload included) and 429.
+What is retried by default: timeouts (a 408, and a 409: a lock timeout, as the official SDKs
+retry it), connection errors, 5xx (overload included) and 429, unless the provider said
+``x-should-retry: false``.
 
 Never retried by default: 400 / context window / content policy (the same request
 fails the same way), 401 / 403 / 404 (the route is wrong, the executor falls back),
@@ -267,11 +270,18 @@ class RetryPolicy:
         Matches ``retry_on`` by exception class, then by outcome class.  Requests the
         provider rejected as invalid (`Outcome.IGNORED`: 400, context window, content
         policy), cancellations and attempts that failed before sending
-        (`Outcome.NOT_SENT`: no API key, configuration) are never retryable.
+        (`Outcome.NOT_SENT`: no API key, configuration) are never retryable, nor is an
+        error the provider said a retry cannot mend (``x-should-retry: false``,
+        `ProviderError.should_retry`), as the official SDKs obey it: the executor falls
+        back to the next route at once.  A provider's ``x-should-retry: true`` does not
+        widen ``retry_on`` (the defaults cover every status it comes with: 408, 409, 429,
+        5xx).
         """
         outcome = classify_error(exc)
         if outcome in (Outcome.IGNORED, Outcome.CANCELLED, Outcome.NOT_SENT):
             return False
+        if isinstance(exc, ProviderError) and exc.should_retry is False:
+            return False  # the provider's x-should-retry: false
         for item in self.retry_on:
             if isinstance(item, Outcome):
                 if item is outcome:

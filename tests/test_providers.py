@@ -543,7 +543,7 @@ def test_retry_after_forms() -> None:
     [
         (400, InvalidRequestError),
         (408, ProviderTimeoutError),
-        (409, InvalidRequestError),
+        (409, ProviderTimeoutError),
         (413, InvalidRequestError),
         (422, InvalidRequestError),
         (302, InvalidResponseError),

@@ -170,7 +170,8 @@ def test_sse_decoder_reads_random_bytes_alike_whatever_the_pieces() -> None:
         ('{"choices":[', "not JSON"),
         ("[1, 2]", "not an object"),
         ("NaN", "not an object"),
-        ("", "not JSON"),
+        ("", []),  # an empty data: a keep-alive, no event (the SSE standard)
+        ("   ", []),  # blanks: a keep-alive too, never a chunk
     ],
 )
 def test_openai_decoder_reads_each_events_json_as_json_loads_does(

@@ -21,7 +21,8 @@ organization has been disabled.")
 ("Invalid model name", as from LiteLLM),
 or a 403 ``model_not_found`` (OpenAI: a
 model the project may not use)
-408                                        `ProviderTimeoutError`
+408, 409 (a lock timeout: retried, as the  `ProviderTimeoutError`
+official SDKs retry it)
 429                                        `RateLimitedError` (``retry_after`` set)
 429 ``insufficient_quota`` (no credit)     `AuthenticationError`
 529, or an ``overloaded_error`` body       `OverloadedError`
@@ -29,6 +30,12 @@ model the project may not use)
 aiohttp / asyncio timeout                  `ProviderTimeoutError`
 refused, reset, DNS, disconnected, a       `ProviderConnectionError`
 proxy refusing the tunnel
+a 2xx body holding an ``error`` and no     the class its ``type`` or ``code``
+answer (an OpenAI-compatible gateway's     stands for, as that status maps (a
+``{"error": {...}}`` sent with 200)        numeric ``code``, OpenRouter's, is the
+                                           status; else `ServerError`)
+408, 409, 429 or 5xx whose body was cut    that status's error (its headers'
+short                                      ``Retry-After`` kept)
 truncated body, malformed JSON, missing    `InvalidResponseError`
 fields, unexpected status (a 3xx: redirects
 are never followed, they would carry the key)
@@ -38,9 +45,10 @@ aiohttp refuses to build the request       `ConfigurationError` (nothing was sen
 ``asyncio.CancelledError``                 re-raised untouched
 =========================================  ======================================
 
-Every error carries ``provider``, ``model``, ``status`` (when there was a response) and
+Every error carries ``provider``, ``model``, ``status`` (when there was a response),
 ``retry_after`` in seconds (from ``retry-after-ms``, or ``Retry-After`` as seconds or
-an HTTP date; for a 429 without them, from the providers' rate-limit reset headers).
+an HTTP date; for a 429 without them, from the providers' rate-limit reset headers) and
+``should_retry``, the ``x-should-retry`` header's word (``False`` is never retried).
 Messages quote the provider's own error text with any API key removed; the chained
 cause is an aiohttp or JSON exception that holds no request headers.
 """
@@ -81,8 +89,10 @@ from ._wire import (
     _Secrets,
     _without_request,
     error_from_local,
+    error_from_object,
     error_from_response,
     error_from_transport,
+    error_in_answer,
     masked_url,
     missing_key,
     parse_ratelimit_reset,
@@ -612,6 +622,10 @@ class HTTPProvider(Provider):
             request, self._exact_timeout(timeout), asyncio.get_running_loop().time() + timeout
         )
 
+    # the field of a 2xx body that holds the answer (``choices``, ``content``): a body
+    # without it and with an ``error`` is that error (`_parse_checked`)
+    _answer_field: str = ""
+
     _stream_decoder: type[StreamDecoder] | None = None
     """The wire format's SSE decoder (set by each subclass); None: `stream` is not offered."""
 
@@ -704,7 +718,9 @@ class HTTPProvider(Provider):
         except aiohttp.InvalidURL as exc:  # a ClientError too, but nothing was sent
             raise self._not_built(exc, model) from _without_request(exc)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self._transport_failed(exc, model, budget_ends, status if answered else None)
+            if not answered:
+                self._transport_failed(exc, model, budget_ends, None)
+            self._transport_failed(exc, model, budget_ends, status, response_headers)
         except (ValueError, TypeError) as exc:
             if answered or isinstance(exc, EmpathyModelsError):
                 raise
@@ -731,7 +747,7 @@ class HTTPProvider(Provider):
             raise
         try:
             completion = self._parse_checked(reader, data, request, response_headers)
-        except InvalidResponseError:
+        except ProviderError:
             body, data = b"", {}
             raise
         exhausted = parse_ratelimit_reset(response_headers)
@@ -749,8 +765,20 @@ class HTTPProvider(Provider):
         """
         `_parse`, with a slip the subclass's reading did not foresee (a ``KeyError``, a
         ``TypeError`` of an odd value, nesting too deep) raised as `InvalidResponseError`;
-        that error carries the usage the body reports as its ``billed`` (`_billed`).
+        that error carries the usage the body reports as its ``billed`` (`_billed`).  A
+        body that holds an ``error`` and no answer (``_answer_field``: a gateway's error
+        sent with status 200) raises the error it stands for (`error_from_object`).
         """
+        error = error_in_answer(data, self._answer_field)
+        if error is not None:
+            raise error_from_object(
+                error,
+                provider=self.name,
+                model=request.model,
+                where="an error instead of an answer, with a 2xx status",
+                secret=self._redacted,
+                headers=headers,
+            )
         try:
             return self._parse(reader, data, request, headers)
         except InvalidResponseError as exc:
@@ -784,7 +812,12 @@ class HTTPProvider(Provider):
         return error_from_local(exc, provider=self.name, model=model, secret=self._redacted)
 
     def _transport_failed(
-        self, exc: BaseException, model: str, budget_ends: float | None, status: int | None
+        self,
+        exc: BaseException,
+        model: str,
+        budget_ends: float | None,
+        status: int | None,
+        headers: Mapping[str, str] | None = None,
     ) -> NoReturn:
         """Raise the error of a request that got no answer, or no whole body.
 
@@ -793,6 +826,7 @@ class HTTPProvider(Provider):
             model: The requested model.
             budget_ends: The loop time the caller's time budget ends, or None.
             status: The answer's status, read before ``exc`` (None: not read).
+            headers: The answer's headers, read with ``status``.
 
         Raises:
             AttemptTimeout: When ``exc`` is a timeout and the caller's budget is spent.
@@ -804,8 +838,9 @@ class HTTPProvider(Provider):
             and asyncio.get_running_loop().time() >= budget_ends - _TIMER_SLACK
         ):
             raise AttemptTimeout(f"{self.name}: the time budget ran out [model {model}]") from exc
+        name, secret = self.name, self._redacted
         raise error_from_transport(
-            exc, provider=self.name, model=model, secret=self._redacted, status=status
+            exc, provider=name, model=model, secret=secret, status=status, headers=headers
         ) from _without_request(exc)
 
     @abc.abstractmethod

@@ -17,8 +17,10 @@ the text deltas (`str`) and tool-call pieces (`ToolCallDelta`: OpenAI's
 ``delta.tool_calls[]``, Anthropic's ``tool_use`` block start and ``input_json_delta``;
 a server tool's block, ``server_tool_use`` or ``mcp_tool_use``, is no call: its input
 is read and dropped) of each piece fed to them and keep the usage, stop reason, ids
-and the tool calls seen so far; an ``error`` event raises the `ProviderError` its type maps to (an
-``overloaded_error`` is an `OverloadedError`, as a 529 would be).
+and the tool calls seen so far; an ``error`` event raises the `ProviderError` its
+type or code maps to (an ``overloaded_error`` is an `OverloadedError`, as a 529 would
+be; a numeric code, as OpenRouter sends, is the HTTP status it names:
+`error_from_object`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ._wire import (
     _scrub,
     _Secrets,
     anthropic_usage_extras,
-    error_from_response,
+    error_from_object,
     json_text,
     openai_cached_tokens,
     shown_count,
@@ -63,35 +65,16 @@ _SERVER_TOOL_BLOCKS: Final = frozenset({"server_tool_use", "mcp_tool_use"})
 DEFAULT_MAX_EVENT_BYTES: Final = 1024 * 1024
 """The longest SSE line or event a decoder buffers (1 MiB; a chunk is well under 1 KiB)."""
 
-# the HTTP status each API's error type stands for, so a mid-stream error event maps to
-# the same error class as the status would
-_ERROR_STATUS: Final = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "rate_limit_exceeded": 429,
-    "requests": 429,
-    "tokens": 429,
-    "api_error": 500,
-    "server_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 529,
-    "overloaded": 529,
-}
-
 
 class SSEDecoder:
     """
     Incremental ``text/event-stream`` parser: `feed` bytes, get complete events.
 
-    Lines end with ``\\n`` or ``\\r\\n``.  An event without ``data`` is dropped (as the
-    standard says); the event name defaults to ``"message"``.  An event whose data is
-    longer than ``max_event_bytes``, or a line (finished or not) longer than that plus
-    the six bytes of a ``data: `` prefix, raises `InvalidResponseError` (the buffer never
+    Lines end with ``\\n`` or ``\\r\\n``.  An event without ``data``, or whose data is
+    empty (a relay's ``data:`` keep-alive), is dropped (as the standard says); the
+    event name defaults to ``"message"``.  An event whose data is longer than
+    ``max_event_bytes``, or a line (finished or not) longer than that plus the six
+    bytes of a ``data: `` prefix, raises `InvalidResponseError` (the buffer never
     grows past it), as does a line that is not UTF-8: the same whatever pieces the bytes
     arrive in.
     """
@@ -174,7 +157,9 @@ class SSEDecoder:
                 raise self._error(f"a line is longer than {self._limit:,} bytes")
             if not line:
                 data = self._data
-                if data is not None:
+                # an event whose data is empty (a relay's ``data:`` keep-alive) is not
+                # dispatched, as the standard says
+                if data is not None and (len(data) > 1 or data[0]):
                     events.append((self._event or "message", "\n".join(data)))
                 self._event = self._data = None
                 self._size = 0
@@ -240,7 +225,8 @@ class SSEDecoder:
                     return False
                 if b"\n" in value or len(value) > limit:
                     return False
-                found.append((name, value.decode()))
+                if value:  # an empty ``data:`` is no event (see `_feed`)
+                    found.append((name, value.decode()))
         except UnicodeDecodeError:
             return False
         events.extend(found)
@@ -266,6 +252,7 @@ class StreamDecoder:
         "_provider",
         "_queue",
         "_raw",
+        "_reason_seen",
         "_secret",
         "_slots",
         "_sse",
@@ -314,8 +301,19 @@ class StreamDecoder:
         self._raw = b""  # bytes pushed and not yet framed, from ``_pos`` on
         self._started = False  # a delta was decoded: decode eagerly from then on
         self._pos = 0
+        self._reason_seen = False  # a finish reason came (OpenAI: `whole_at_eof`)
         self._calls: list[tuple[str | None, str | None, list[str]]] = []
         self._slots: dict[int, int] = {}  # the wire's index of a call -> its place in _calls
+
+    @property
+    def whole_at_eof(self) -> bool:
+        """
+        Whether the answer is whole if the body ends now, without the format's end
+        marker: for OpenAI-compatible servers that send no ``data: [DONE]`` (older
+        llama.cpp servers, text-generation-webui), once a finish reason came; never for
+        Anthropic's ``message_stop``.
+        """
+        return self._reason_seen
 
     @property
     def has_tool_calls(self) -> bool:
@@ -503,31 +501,13 @@ class StreamDecoder:
         )
 
     def _stream_error(self, error: object) -> ProviderError:
-        """
-        The error for an ``error`` object sent in the stream (its ``type``, ``code`` and
-        ``message`` are read when they are strings or numbers, anything else ignored).
-        """
-        if isinstance(error, dict):
-            fields = ((key, error.get(key)) for key in ("type", "code", "message"))
-            error = {key: value for key, value in fields if _scalar(value)}
-        elif not isinstance(error, str):
-            error = None
-        kind = error.get("type") if isinstance(error, dict) else None
-        code = error.get("code") if isinstance(error, dict) else None
-        status = _ERROR_STATUS.get(str(kind), _ERROR_STATUS.get(str(code), 500))
-        body = json.dumps({"error": error}).encode()
-        mapped = error_from_response(status, body, {}, provider=self._provider, model=self._model)
-        message = error.get("message") if isinstance(error, dict) else None
-        label = " ".join(str(p) for p in (kind, code) if p) or "error"
-        # the HTTP status was 200: the error came inside the stream, so none is set
-        return type(mapped)(
-            _scrub(
-                f"{self._provider}: error event in the stream ({label}): {message or 'no message'}",
-                self._secret,
-            )
-            + f" [model {self._model}]",
+        """The error for an ``error`` object sent in the stream (`error_from_object`)."""
+        return error_from_object(
+            error,
             provider=self._provider,
             model=self._model,
+            where="error event in the stream",
+            secret=self._secret,
         )
 
     def _tokens(self, usage: Mapping[str, Any], key: str) -> int | None:
@@ -580,6 +560,8 @@ class OpenAIStreamDecoder(StreamDecoder):
         if data == "[DONE]":
             self.finished = True
             return
+        if data.isspace():  # a keep-alive of blanks: no chunk
+            return
         chunk = self._decode(data)
         if "error" in chunk and chunk["error"] is not None:
             raise self._stream_error(chunk["error"])
@@ -611,8 +593,10 @@ class OpenAIStreamDecoder(StreamDecoder):
                     if calls:
                         self._openai_calls(calls, out)
                 reason = choice.get("finish_reason")
-                if isinstance(reason, str) and self.stop_reason != "refusal":
-                    self.stop_reason = reason
+                if isinstance(reason, str):
+                    self._reason_seen = True
+                    if self.stop_reason != "refusal":
+                        self.stop_reason = reason
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             # a count a later usage chunk leaves out keeps the one reported before it
@@ -680,7 +664,7 @@ class AnthropicStreamDecoder(StreamDecoder):
         self._server_blocks: set[int] = set()  # the wire's indexes of server tool blocks
 
     def _event(self, event: str, data: str, out: list[str | ToolCallDelta]) -> None:
-        if event == "ping":
+        if event == "ping" or data.isspace():  # keep-alives
             return
         body = self._decode(data)
         kind = body.get("type", event)

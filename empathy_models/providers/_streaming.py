@@ -194,8 +194,13 @@ async def open_http_stream(
         raise _timeout_error(name, model, idle_timeout, total_timeout, exc) from None
     except (aiohttp.ClientError, OSError) as exc:
         response.close()
-        raise error_from_transport(  # a 2xx whole body cut short keeps its status
-            exc, provider=name, model=model, secret=provider._redacted, status=response.status
+        raise error_from_transport(  # a whole body cut short keeps its status
+            exc,
+            provider=name,
+            model=model,
+            secret=provider._redacted,
+            status=response.status,
+            headers=response.headers,
         ) from None
     except BaseException:
         response.close()
@@ -367,6 +372,9 @@ class HTTPCompletionStream(CompletionStream):
                     self._fail(error)
                     raise error from None
                 if not chunk:
+                    if not decoder.finished and decoder.whole_at_eof:
+                        decoder.finished = True  # a server that sends no end marker
+                        self._marker_at = self._read_at
                     self._end()
                     continue
             try:

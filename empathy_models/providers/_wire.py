@@ -49,7 +49,9 @@ __all__ = [
     "anthropic_usage_extras",
     "openai_cached_tokens",
     "error_from_local",
+    "error_from_object",
     "error_from_response",
+    "error_in_answer",
     "error_from_transport",
     "estimated_output_tokens",
     "json_text",
@@ -59,6 +61,7 @@ __all__ = [
     "parse_ratelimit_reset",
     "parse_retry_after",
     "read_bounded",
+    "said_should_retry",
     "utf8_size",
     "whole_count",
 ]
@@ -83,6 +86,8 @@ _CONTEXT_MARKERS: Final = (
     "prompt is too long",
     "exceed context limit",
     "context window",
+    # Gemini: "The input token count (N) exceeds the maximum number of tokens allowed (M)."
+    "exceeds the maximum number of tokens allowed",
 )
 _POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
 _POLICY_MARKERS: Final = ("content filtering policy", "usage policy", "content policy")
@@ -193,6 +198,17 @@ def _snippet(body: bytes, length: int, secret: _Secrets | None) -> str:
 # --------------------------------------------------------------------------- the mapping
 
 
+def said_should_retry(headers: Mapping[str, str]) -> bool | None:
+    """
+    The provider's ``x-should-retry`` header: True for ``true``, False for ``false``
+    (in any case), None when absent or anything else.
+    """
+    said = headers.get("x-should-retry")
+    if said is None:
+        return None
+    return {"true": True, "false": False}.get(said.strip().lower())
+
+
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """
     Seconds to wait according to ``retry-after-ms`` or ``Retry-After`` (delta seconds or
@@ -291,12 +307,16 @@ def _error_details(body: bytes) -> tuple[str | None, str | None, str | None, boo
     """
     (type, code, message, whether ``body`` is JSON) from an error body: either API's
     shape, a bare ``"error"`` or ``"message"`` string, or FastAPI's ``"detail"`` string
-    (servers built on it answer a wrong path so); Nones when none is found.
+    (servers built on it answer a wrong path so); Google's shape too (Gemini's
+    OpenAI-compatible endpoint: ``[{"error": {"code", "message", "status"}}]``, the
+    ``status`` read as the type); Nones when none is found.
     """
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # Recursion: absurd nesting
         return None, None, None, False
+    if isinstance(data, list) and data and isinstance(data[0], Mapping):
+        data = data[0]  # Gemini wraps its error object in a list
     if not isinstance(data, Mapping):
         return None, None, None, True
     error = data.get("error")
@@ -308,6 +328,8 @@ def _error_details(body: bytes) -> tuple[str | None, str | None, str | None, boo
                 return None, None, message, True
         return None, None, None, True
     kind = error.get("type")
+    if kind is None:
+        kind = error.get("status")  # Google's "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"
     code = error.get("code")
     message = error.get("message")
     return (
@@ -326,11 +348,18 @@ def error_from_response(
     provider: str,
     model: str,
     secret: _Secrets | None = None,
+    cut: bool = False,
 ) -> ProviderError:
-    """The error for a non-2xx response (see the module table), scrubbed of ``secret``."""
+    """
+    The error for a non-2xx response (see the module table), scrubbed of ``secret``;
+    ``cut``: its body was cut short, and ``body`` is empty (the status and headers
+    decide alone).
+    """
     kind, code, message, is_json = _error_details(body)
     location = headers.get("location") if 300 <= status < 400 else None
-    if location is not None:
+    if cut:
+        message = "the body was cut short"
+    elif location is not None:
         message = (
             f"a redirect to {masked_url(location[:400])!r}, not followed since it would carry "
             "the API key: check base_url"
@@ -361,7 +390,7 @@ def error_from_response(
         cls = AuthenticationError  # Anthropic's account errors, sent as a 400
     elif status == 404:
         cls = ModelNotFoundError
-    elif status == 408:
+    elif status in (408, 409):  # 409: a lock timeout, retried as the official SDKs do
         cls = ProviderTimeoutError
     elif status == 400 and (
         any(marker in lowered for marker in _UNKNOWN_MODEL_MARKERS)
@@ -379,7 +408,105 @@ def error_from_response(
         cls = ServerError
     else:
         cls = InvalidResponseError
-    return cls(text, provider=provider, model=model, status=status, retry_after=retry_after)
+    return cls(
+        text,
+        provider=provider,
+        model=model,
+        status=status,
+        retry_after=retry_after,
+        should_retry=said_should_retry(headers),
+    )
+
+
+# the HTTP status each API's error type (or code) stands for, so an error object sent
+# with a 2xx status (in a stream's event, or as a gateway's whole body) maps to the same
+# error class as the status would
+_ERROR_STATUS: Final = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "requests": 429,
+    "tokens": 429,
+    "api_error": 500,
+    "server_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+    "overloaded": 529,
+}
+
+
+def _error_status(kind: object, code: object) -> int:
+    """
+    The HTTP status an error object's ``type`` or ``code`` stands for: a known name
+    (`_ERROR_STATUS`), else a code that is itself an HTTP error status (``429``, or
+    ``"429"``: OpenRouter sends the status as the code), else 500.
+    """
+    for value in (kind, code):
+        status = _ERROR_STATUS.get(str(value))
+        if status is not None:
+            return status
+    if isinstance(code, str) and code.isascii() and code.isdigit():
+        code = int(code)
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        return code
+    return 500
+
+
+def error_in_answer(data: Mapping[str, Any], answer_field: str) -> object | None:
+    """
+    The error object a 2xx body holds instead of an answer (an OpenAI-compatible
+    gateway's ``{"error": {...}}`` sent with status 200), or None: a non-empty
+    ``error`` string or object, and no ``answer_field`` (``choices``, ``content``).
+    """
+    error = data.get("error")
+    if not error or not isinstance(error, str | Mapping) or data.get(answer_field):
+        return None
+    return error
+
+
+def error_from_object(
+    error: object,
+    *,
+    provider: str,
+    model: str,
+    where: str,
+    secret: _Secrets | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ProviderError:
+    """
+    The error for an ``error`` object sent with a 2xx status (``where`` says how: "error
+    event in the stream", ...): the class the status its ``type`` or ``code`` stands for
+    maps to (`_error_status`), its ``type``, ``code`` and ``message`` quoted when they are
+    strings or numbers (anything else ignored), scrubbed of ``secret``; ``status`` None
+    (no error status was sent), ``retry_after`` from ``headers``.
+    """
+    if isinstance(error, Mapping):
+        fields = ((key, error.get(key)) for key in ("type", "code", "message"))
+        error = {key: value for key, value in fields if isinstance(value, str | int | float)}
+    elif not isinstance(error, str):
+        error = None
+    kind = error.get("type") if isinstance(error, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    status = _error_status(kind, code)
+    body = json.dumps({"error": error}).encode()
+    mapped = error_from_response(status, body, {}, provider=provider, model=model)
+    message = error.get("message") if isinstance(error, dict) else error
+    label = " ".join(str(p) for p in (kind, code) if p) or "error"
+    text = _scrub(f"{provider}: {where} ({label}): {message or 'no message'}", secret)
+    if headers is None:
+        return type(mapped)(f"{text} [model {model}]", provider=provider, model=model)
+    return type(mapped)(
+        f"{text} [model {model}]",
+        provider=provider,
+        model=model,
+        retry_after=parse_retry_after(headers),
+        should_retry=said_should_retry(headers),
+    )
 
 
 def error_from_transport(
@@ -389,14 +516,30 @@ def error_from_transport(
     model: str,
     secret: _Secrets | None = None,
     status: int | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> ProviderError:
     """
     The error for an exception raised while sending or reading (never for
     `asyncio.CancelledError`, which callers must let through), scrubbed of ``secret``.
     ``status``: the answer's, when it was read before the body failed; a 2xx body cut
-    short keeps it (the request was accepted, and is billed: see `InvalidResponseError`).
+    short keeps it (the request was accepted, and is billed: see `InvalidResponseError`);
+    a status that asks for a retry (408, 409, 429, 5xx) whose body was cut short (not by
+    a timeout) is the error that status and ``headers``, the answer's, map to
+    (`error_from_response`: a 503's `ServerError` with its ``Retry-After``), the body
+    said to be cut short.  (Another status's class may depend on the body lost: a 400
+    may be a context window's, so it stays an `InvalidResponseError`.)
     """
     import aiohttp  # loaded by whoever sent the request
+
+    if (
+        status is not None
+        and (status in (408, 409, 429) or 500 <= status < 600)
+        and isinstance(exc, aiohttp.ClientError)
+        and not isinstance(exc, TimeoutError)
+    ):
+        return error_from_response(
+            status, b"", headers or {}, provider=provider, model=model, secret=secret, cut=True
+        )
 
     detail = _scrub(str(exc) or type(exc).__name__, secret)
     where = f"[model {model}]"

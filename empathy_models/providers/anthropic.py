@@ -94,6 +94,8 @@ class AnthropicProvider(HTTPProvider):
 
     _stream_decoder = AnthropicStreamDecoder
 
+    _answer_field = "content"
+
     def _endpoint(self) -> str:
         path = urlsplit(self.base_url).path.rstrip("/")  # not its query
         return "/messages" if path.endswith("/v1") else "/v1/messages"

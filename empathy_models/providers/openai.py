@@ -114,6 +114,8 @@ class OpenAIProvider(HTTPProvider):
 
     _stream_decoder = OpenAIStreamDecoder
 
+    _answer_field = "choices"
+
     def _endpoint(self) -> str:
         return "/chat/completions"
 
