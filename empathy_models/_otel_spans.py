@@ -17,7 +17,16 @@ from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
-from ._otel_names import _ERROR_TYPE, _KEY, _RESPONSE_MODEL, _TEXT_LIMIT, _TTFC, _Attrs
+from ._otel_names import (
+    _ERROR_TYPE,
+    _INPUT_ESTIMATED,
+    _KEY,
+    _OUTPUT_ESTIMATED,
+    _RESPONSE_MODEL,
+    _TEXT_LIMIT,
+    _TTFC,
+    _Attrs,
+)
 from .content import ImageBlock, TextBlock, ToolCall, ToolResult
 
 if TYPE_CHECKING:
@@ -457,6 +466,24 @@ def _input_tokens(record: LLMCallRecord, completion: Completion) -> int:
     )
 
 
+def _estimated(record: LLMCallRecord) -> tuple[bool, bool]:
+    """
+    Whether ``record``'s input and its output tokens are estimates (the provider did
+    not report them), as its metadata says.
+    """
+    metadata = record.metadata
+    return metadata.get(_INPUT_ESTIMATED) is True, metadata.get(_OUTPUT_ESTIMATED) is True
+
+
+def _flag_estimates(attributes: _Attrs, record: LLMCallRecord) -> None:
+    """Say on a span which of its ``gen_ai.usage`` counts are estimates."""
+    input_estimated, output_estimated = _estimated(record)
+    if input_estimated:
+        attributes[_INPUT_ESTIMATED] = True
+    if output_estimated:
+        attributes[_OUTPUT_ESTIMATED] = True
+
+
 def _answered_attributes(
     record: LLMCallRecord, completion: Completion, capture: bool, input_tokens: int
 ) -> _Attrs:
@@ -471,8 +498,9 @@ def _answered_attributes(
 
     Returns:
         The outcome, response model and id, finish reason, token usage (with the
-        prompt tokens written to the provider's cache and read from it, when any), cost,
-        time to the first chunk (streams) and, when ``capture``, the answer.
+        prompt tokens written to the provider's cache and read from it, when any, and
+        which counts are estimates), cost, time to the first chunk (streams) and, when
+        ``capture``, the answer.
     """
     extra: _Attrs = {
         "empathy_models.outcome": record.outcome.value,
@@ -495,6 +523,7 @@ def _answered_attributes(
         extra[_TTFC] = record.ttft_ms / 1000.0
     if capture:
         extra["gen_ai.output.messages"] = _output_messages(completion)
+    _flag_estimates(extra, record)
     return extra
 
 
@@ -506,7 +535,8 @@ def _left_attributes(record: LLMCallRecord) -> _Attrs:
         record: The attempt's call record.
 
     Returns:
-        The outcome, the tokens counted so far and the time to the first chunk.
+        The outcome, the tokens counted so far (and which are estimates) and the time
+        to the first chunk.
     """
     left: _Attrs = {
         "empathy_models.outcome": record.outcome.value,
@@ -515,6 +545,7 @@ def _left_attributes(record: LLMCallRecord) -> _Attrs:
     }
     if record.ttft_ms is not None:
         left[_TTFC] = record.ttft_ms / 1000.0
+    _flag_estimates(left, record)
     return left
 
 

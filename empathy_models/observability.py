@@ -105,7 +105,13 @@ instrument                                     unit       attributes
 =============================================  =========  ====================================
 
 The duration, tokens and cost are per provider call (an attempt); rejected routes are
-not operations and are not measured.  The tokens are those of answered attempts; the cost
+not operations and are not measured.  The tokens are those of answered attempts, as
+the provider reported them: a count it left out (a server that sends no usage, or
+ignores ``stream_options.include_usage``), which the call record holds as an estimate
+(``metadata["empathy_models.output_tokens_estimated"]`` or ``input_tokens_estimated``),
+is not token usage, as the conventions require; the attempt span keeps the estimate in
+``gen_ai.usage.*`` and says so with the same ``empathy_models.*_tokens_estimated``
+attribute.  The cost
 is that of every attempt, answered or not (a stream cut short or left by its caller is
 charged what its call record says), so it sums to the records' ``cost_usd``.  Breaker
 state and transitions are recorded once per breaker even when several executors share
@@ -150,6 +156,7 @@ from ._otel_spans import (
     _answered_attributes,
     _attempt_attributes,
     _current,
+    _estimated,
     _failed_attributes,
     _input_tokens,
     _is_default_textmap,
@@ -340,8 +347,12 @@ def _measure(
             response_sets, record, completion.model, attributes
         )
         meters.duration.record(seconds, response)
-        meters.tokens.record(_input_tokens(record, completion), input_attrs)
-        meters.tokens.record(record.output_tokens, output_attrs)
+        # the conventions' rule: counts the provider did not report are not usage
+        input_estimated, output_estimated = _estimated(record)
+        if not input_estimated:
+            meters.tokens.record(_input_tokens(record, completion), input_attrs)
+        if not output_estimated:
+            meters.tokens.record(record.output_tokens, output_attrs)
         attributes = response
     else:
         if error_type is not None:

@@ -51,7 +51,7 @@ from empathy_models.content import ImageBlock, TextBlock, Tool, ToolCall, ToolRe
 from empathy_models.exceptions import InvalidRequestError
 from empathy_models.observability import DURATION_BUCKETS, TOKEN_BUCKETS
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
-from empathy_models.testing import FakeLLMServer
+from empathy_models.testing import FakeLLMServer, FakeReply
 
 KEY = "sk-ant-test-key-0123456789"
 
@@ -656,6 +656,39 @@ async def test_anthropic_prompt_cache_tokens_are_input_tokens(
         if p.attributes["gen_ai.token.type"] == "input"
     ]
     assert sum(p.sum for p in inputs) == wrote.input_tokens + read.input_tokens + 2 * written
+
+
+async def test_token_counts_the_provider_did_not_report_are_not_token_usage(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # an OpenAI-compatible server that reports the prompt's tokens and leaves the
+    # output's out: the output count is an estimate, which the conventions keep out of
+    # the usage metric; the span keeps it, flagged
+    telemetry = MemoryTelemetryBackend()
+    pinned = attrs.evolve(CTX, model="gpt-fake-mini")
+    server.script("gpt-fake-mini", [FakeReply(usage={"prompt_tokens": 12})])
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+        partial = await executor.run(PROMPT, pinned)
+        whole = await executor.run(PROMPT, pinned)
+    assert partial.output_tokens > 0  # estimated from the answer's text
+    by_type = {
+        kind: sum(
+            p.sum
+            for p in otel.points("gen_ai.client.token.usage")
+            if p.attributes["gen_ai.token.type"] == kind
+        )
+        for kind in ("input", "output")
+    }
+    assert by_type == {"input": 12 + whole.input_tokens, "output": whole.output_tokens}
+    first, second = sorted(
+        (s for s in otel.spans() if s.name == "chat gpt-fake-mini"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert first.attributes is not None and second.attributes is not None
+    assert first.attributes["gen_ai.usage.output_tokens"] == partial.output_tokens
+    assert first.attributes["empathy_models.output_tokens_estimated"] is True
+    assert "empathy_models.input_tokens_estimated" not in first.attributes
+    assert "empathy_models.output_tokens_estimated" not in second.attributes
 
 
 async def test_telemetry_queue_and_record_counters_are_reported(
