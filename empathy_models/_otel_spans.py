@@ -414,6 +414,10 @@ def _attempt_attributes(
     attributes["gen_ai.request.max_tokens"] = request.max_tokens
     if request.temperature is not None:
         attributes["gen_ai.request.temperature"] = float(request.temperature)
+    if request.top_p is not None:
+        attributes["gen_ai.request.top_p"] = float(request.top_p)
+    if request.stop:
+        attributes["gen_ai.request.stop_sequences"] = list(request.stop)
     if request.response_format is not None:
         attributes["gen_ai.output.type"] = "json"
     if request.seed is not None and seeded:

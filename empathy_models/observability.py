@@ -33,7 +33,8 @@ provider was not called) and breaker state changes seen while admitting.  Each c
 a provider is a CLIENT child span named ``chat {gen_ai.request.model}`` with
 ``gen_ai.operation.name``, ``gen_ai.provider.name``, ``gen_ai.request.model``,
 ``gen_ai.request.max_tokens``,
-``gen_ai.request.temperature`` (when set), ``gen_ai.output.type`` (``json``, when a
+``gen_ai.request.temperature``, ``gen_ai.request.top_p`` and
+``gen_ai.request.stop_sequences`` (when set), ``gen_ai.output.type`` (``json``, when a
 ``response_format`` asks for it), ``gen_ai.request.seed`` (when sent: Anthropic takes
 none), ``server.address`` / ``server.port`` (HTTP
 providers; the host only, never the URL), ``gen_ai.conversation.id`` (the context's

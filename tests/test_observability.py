@@ -327,6 +327,26 @@ async def test_a_requested_output_type_and_seed_are_on_the_attempt_span(
     assert "gen_ai.request.seed" not in plain.attributes
 
 
+async def test_the_sampling_options_sent_are_on_the_attempt_span(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # recommended by the conventions: each request option the provider is sent
+    ctx = attrs.evolve(CTX, model="claude-fake-haiku", temperature=0.3)
+    async with make(server, otel) as executor:
+        await executor.run(PROMPT, ctx, top_p=0.9, stop=["END", "STOP"])
+        await executor.run(PROMPT, attrs.evolve(CTX, model="claude-fake-haiku"))
+    sent, plain = sorted(
+        (s for s in otel.spans() if s.name == "chat claude-fake-haiku"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert sent.attributes is not None and plain.attributes is not None
+    assert sent.attributes["gen_ai.request.temperature"] == pytest.approx(0.3)
+    assert sent.attributes["gen_ai.request.top_p"] == pytest.approx(0.9)
+    assert sent.attributes["gen_ai.request.stop_sequences"] == ("END", "STOP")
+    for name in ("top_p", "stop_sequences"):
+        assert f"gen_ai.request.{name}" not in plain.attributes
+
+
 async def test_all_routes_failed_sets_error_status_and_error_type(
     server: FakeLLMServer, otel: Otel
 ) -> None:
