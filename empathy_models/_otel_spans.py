@@ -172,9 +172,15 @@ _FINISH_REASONS: Final[Mapping[str, str]] = {
 
 
 def _image_part(block: ImageBlock) -> dict[str, object]:
-    """An image as the conventions' ``uri`` part (by URL) or ``blob`` part (inline)."""
+    """
+    An image as the conventions' ``uri`` part (by URL, its credentials masked: a
+    password, a signed URL's token) or ``blob`` part (inline).
+    """
     if block.url is not None:
-        part: dict[str, object] = {"type": "uri", "modality": "image", "uri": block.url}
+        from .providers._wire import masked_url  # not at import: observability stays a leaf
+
+        uri = masked_url(block.url)
+        part: dict[str, object] = {"type": "uri", "modality": "image", "uri": uri}
     else:
         part = {"type": "blob", "modality": "image", "content": block.data}
     if block.media_type is not None:

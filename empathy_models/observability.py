@@ -70,7 +70,8 @@ output's ``finish_reason`` in the conventions' words: ``stop``, ``length``,
 provider's) is recorded only for runs with ``ExecutionContext(record_text=True)``, or
 for every run when ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true``
 (or ``span_only`` / ``span_and_event``) when the executor is built.  API keys are never
-recorded: no attribute, event or status holds a header or a URL with credentials.
+recorded: no attribute, event or status holds a header or a URL with credentials (an
+image's ``uri`` part is its URL with a password and secret query options masked).
 
 **Failures.**  A tracer, span processor or meter that raises never fails a call (see
 `Instrumentation`), and one signal's failure leaves the other whole: a run whose span

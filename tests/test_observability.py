@@ -573,6 +573,25 @@ async def test_recorded_messages_follow_the_conventions_message_schema(
     ]
 
 
+async def test_a_recorded_image_urls_credentials_are_masked(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # the prompt is recorded, but no attribute holds a URL with credentials
+    secret = "hunter2-image-store"
+    url = f"https://reader:{secret}@images.example.com/a.png?X-Amz-Security-Token={secret}&w=64"
+    image = Message(role="user", content=[TextBlock(text="What is it?"), ImageBlock.from_url(url)])
+    ctx = attrs.evolve(CTX, model="gpt-fake-mini", record_text=True)
+    async with make(server, otel) as executor:
+        await executor.run([image], ctx)
+    attempt = otel.span("chat gpt-fake-mini")
+    assert attempt.attributes is not None
+    (message,) = json.loads(str(attempt.attributes["gen_ai.input.messages"]))
+    assert message["parts"][1]["uri"] == (
+        "https://reader:***@images.example.com/a.png?X-Amz-Security-Token=***&w=64"
+    )
+    assert not any(secret in text for text in every_text(otel))
+
+
 async def test_the_capture_content_switch_records_content_for_every_run(
     server: FakeLLMServer, otel: Otel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
