@@ -745,6 +745,25 @@ async def test_telemetry_queue_and_record_counters_are_reported(
         assert {"failed", "spooled", "dropped"} <= results
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "direct"])
+async def test_the_records_written_to_sqlite_are_counted(
+    server: FakeLLMServer, otel: Otel, tmp_path: Path, batch: bool
+) -> None:
+    # the default persistent store: its writes are the records counter's "written"
+    url = f"sqlite:///{tmp_path / 'calls.db'}?batch={str(batch).lower()}"
+    async with make(server, otel, telemetry_store=url) as executor:
+        for _ in range(3):
+            await executor.run(PROMPT, CTX)
+        store = executor.telemetry_store
+        assert store is not None
+        await store.flush()
+        counts = {
+            p.attributes["empathy_models.telemetry.result"]: p.value
+            for p in otel.points("empathy_models.telemetry.records")
+        }
+    assert counts.get("written") == 3
+
+
 # --------------------------------------------------------------------------- switches
 
 
