@@ -119,7 +119,9 @@ charged what its call record says), so it sums to the records' ``cost_usd``.  Br
 state and transitions are recorded once per breaker even when several executors share
 it.  The cost and pick counters are summed in process and reported as observable counters
 when a reader collects (the same cumulative sums a synchronous counter gives, with no SDK
-measurement on the call path and so no exemplars).
+measurement on the call path and so no exemplars).  The telemetry record counter sums the
+counts of every backend an executor on this meter provider used, including those of
+executors since closed, so it never goes down while another executor goes on.
 """
 
 from __future__ import annotations

@@ -764,6 +764,40 @@ async def test_the_records_written_to_sqlite_are_counted(
     assert counts.get("written") == 3
 
 
+async def test_the_records_counter_keeps_the_counts_of_executors_that_closed(
+    server: FakeLLMServer, otel: Otel, tmp_path: Path
+) -> None:
+    # a counter never goes down: the records of an executor closed (and freed) while
+    # another one goes on stay counted
+    def written() -> int:
+        counts = {
+            p.attributes["empathy_models.telemetry.result"]: p.value
+            for p in otel.points("empathy_models.telemetry.records")
+        }
+        return int(counts.get("written", 0))
+
+    seen = []
+    async with make(server, otel, telemetry_store=f"sqlite:///{tmp_path / 'a.db'}") as first:
+        second = make(server, otel, telemetry_store=f"sqlite:///{tmp_path / 'b.db'}")
+        async with second:
+            for executor in (first, first, second):
+                await executor.run(PROMPT, CTX)
+            for executor in (first, second):
+                store = executor.telemetry_store
+                assert store is not None
+                await store.flush()
+            seen.append(written())
+        del second, store
+        gc.collect()
+        seen.append(written())
+        await first.run(PROMPT, CTX)
+        first_store = first.telemetry_store
+        assert first_store is not None
+        await first_store.flush()
+        seen.append(written())
+    assert seen == [3, 3, 4]
+
+
 # --------------------------------------------------------------------------- switches
 
 
