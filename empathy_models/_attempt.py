@@ -150,7 +150,7 @@ class Attempts:
         self.streamed = streamed
         self.tracked = tracked
         self.slot_out = False  # the route's slot let go while it waits for rate limits
-        # a stream's hooks need its trace: without one (tracing failed) there are none
+        # a stream's hooks need its trace (it has one whenever the executor is instrumented)
         self.obs = ex._obs if trace is not None or not streamed else None
         # what a stream that opened had when it failed before its first delta (its usage
         # is recorded): set by `_first_delta`, taken by the attempt's record

@@ -7,6 +7,7 @@ imported when the first set is made, never at import.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary, WeakSet
@@ -78,6 +79,10 @@ class _Meters:
             description="Routing decisions; exploration=true counts exploration picks.",
         )
         self.live: WeakSet[Instrumentation] = WeakSet()
+        # the telemetry backends whose records are counted (by id: each one's weak
+        # reference and last counts), and the last counts of those since freed
+        self.records_counted: dict[int, tuple[weakref.ref[object], dict[str, int]]] = {}
+        self.records_retired: dict[str, int] = {}
         # per breaker: the listener that records its metrics, and its key states
         self.breaker_owner: WeakKeyDictionary[object, _BreakerListener] = WeakKeyDictionary()
         self.breaker_states: WeakKeyDictionary[object, KeyStates] = WeakKeyDictionary()
@@ -152,16 +157,65 @@ class _Meters:
         return out
 
     def _observe_records(self, options: CallbackOptions) -> Iterable[Observation]:
-        totals: dict[str, int] = {}
-        for backend in self._backends():
-            for result in ("written", "failed", "spooled", "dropped"):
-                value = getattr(backend, result, None)
-                if type(value) is int:
+        totals = dict(self.records_retired)
+        for backend in self._backends():  # those in use now join the ones counted
+            counts = _record_counts(backend)
+            if counts and not self._follow(backend, counts):  # not followable: now only
+                for result, value in counts.items():
                     totals[result] = totals.get(result, 0) + value
+        for ref, counts in list(self.records_counted.values()):
+            backend = ref()
+            if backend is not None:  # still counting after its executor closed (a flush)
+                counts.update(_record_counts(backend))
+            for result, value in counts.items():
+                totals[result] = totals.get(result, 0) + value
         return [
             self._observation(value, {"empathy_models.telemetry.result": result})
             for result, value in totals.items()
         ]
+
+    def _follow(self, backend: object, counts: dict[str, int]) -> bool:
+        """
+        Count ``backend``'s records from now on, whether its executor is open or not;
+        once it is freed, its last counts stay in ``records_retired`` (a counter never
+        goes down).  False for a backend that takes no weak reference.
+        """
+        key = id(backend)
+        entry = self.records_counted.get(key)
+        if entry is None or entry[0]() is not backend:
+            try:
+                ref = weakref.ref(backend)
+            except TypeError:
+                return False
+            entry = self.records_counted[key] = (ref, counts)
+            weakref.finalize(backend, _retire, weakref.ref(self), key, counts)
+        return True
+
+
+_RESULTS = ("written", "failed", "spooled", "dropped")
+
+
+def _record_counts(backend: object) -> dict[str, int]:
+    """What became of ``backend``'s records: the counts it keeps (see `_RESULTS`)."""
+    counts = {}
+    for result in _RESULTS:
+        value = getattr(backend, result, None)
+        if type(value) is int:
+            counts[result] = value
+    return counts
+
+
+def _retire(meters: weakref.ref[_Meters], key: int, counts: dict[str, int]) -> None:
+    """A backend counted by ``meters`` was freed: its last ``counts`` stay counted."""
+    owner = meters()
+    if owner is None:
+        return
+    entry = owner.records_counted.get(key)
+    if entry is not None and entry[1] is counts:
+        del owner.records_counted[key]
+        retired = owner.records_retired
+        for result, value in counts.items():
+            retired[result] = retired.get(result, 0) + value
 
 
 _meters: WeakKeyDictionary[object, _Meters] = WeakKeyDictionary()

@@ -49,3 +49,10 @@ _WORKFLOW = "empathy_models.workflow"
 _STAGE = "empathy_models.stage"
 _KEY = "empathy_models.breaker.key"
 _TTFC = "gen_ai.response.time_to_first_chunk"
+_INPUT_ESTIMATED = "empathy_models.input_tokens_estimated"
+"""
+The call record's metadata key (True: its input tokens are the request's estimate, the
+provider reported none), and the span attribute saying so.
+"""
+_OUTPUT_ESTIMATED = "empathy_models.output_tokens_estimated"
+"""The same for the output tokens (an estimate from the answer's size)."""

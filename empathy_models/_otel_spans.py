@@ -17,7 +17,16 @@ from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
-from ._otel_names import _ERROR_TYPE, _KEY, _RESPONSE_MODEL, _TEXT_LIMIT, _TTFC, _Attrs
+from ._otel_names import (
+    _ERROR_TYPE,
+    _INPUT_ESTIMATED,
+    _KEY,
+    _OUTPUT_ESTIMATED,
+    _RESPONSE_MODEL,
+    _TEXT_LIMIT,
+    _TTFC,
+    _Attrs,
+)
 from .content import ImageBlock, TextBlock, ToolCall, ToolResult
 
 if TYPE_CHECKING:
@@ -163,9 +172,15 @@ _FINISH_REASONS: Final[Mapping[str, str]] = {
 
 
 def _image_part(block: ImageBlock) -> dict[str, object]:
-    """An image as the conventions' ``uri`` part (by URL) or ``blob`` part (inline)."""
+    """
+    An image as the conventions' ``uri`` part (by URL, its credentials masked: a
+    password, a signed URL's token) or ``blob`` part (inline).
+    """
     if block.url is not None:
-        part: dict[str, object] = {"type": "uri", "modality": "image", "uri": block.url}
+        from .providers._wire import masked_url  # not at import: observability stays a leaf
+
+        uri = masked_url(block.url)
+        part: dict[str, object] = {"type": "uri", "modality": "image", "uri": uri}
     else:
         part = {"type": "blob", "modality": "image", "content": block.data}
     if block.media_type is not None:
@@ -405,6 +420,10 @@ def _attempt_attributes(
     attributes["gen_ai.request.max_tokens"] = request.max_tokens
     if request.temperature is not None:
         attributes["gen_ai.request.temperature"] = float(request.temperature)
+    if request.top_p is not None:
+        attributes["gen_ai.request.top_p"] = float(request.top_p)
+    if request.stop:
+        attributes["gen_ai.request.stop_sequences"] = list(request.stop)
     if request.response_format is not None:
         attributes["gen_ai.output.type"] = "json"
     if request.seed is not None and seeded:
@@ -457,6 +476,24 @@ def _input_tokens(record: LLMCallRecord, completion: Completion) -> int:
     )
 
 
+def _estimated(record: LLMCallRecord) -> tuple[bool, bool]:
+    """
+    Whether ``record``'s input and its output tokens are estimates (the provider did
+    not report them), as its metadata says.
+    """
+    metadata = record.metadata
+    return metadata.get(_INPUT_ESTIMATED) is True, metadata.get(_OUTPUT_ESTIMATED) is True
+
+
+def _flag_estimates(attributes: _Attrs, record: LLMCallRecord) -> None:
+    """Say on a span which of its ``gen_ai.usage`` counts are estimates."""
+    input_estimated, output_estimated = _estimated(record)
+    if input_estimated:
+        attributes[_INPUT_ESTIMATED] = True
+    if output_estimated:
+        attributes[_OUTPUT_ESTIMATED] = True
+
+
 def _answered_attributes(
     record: LLMCallRecord, completion: Completion, capture: bool, input_tokens: int
 ) -> _Attrs:
@@ -471,8 +508,9 @@ def _answered_attributes(
 
     Returns:
         The outcome, response model and id, finish reason, token usage (with the
-        prompt tokens written to the provider's cache and read from it, when any), cost,
-        time to the first chunk (streams) and, when ``capture``, the answer.
+        prompt tokens written to the provider's cache and read from it, when any, and
+        which counts are estimates), cost, time to the first chunk (streams) and, when
+        ``capture``, the answer.
     """
     extra: _Attrs = {
         "empathy_models.outcome": record.outcome.value,
@@ -495,6 +533,7 @@ def _answered_attributes(
         extra[_TTFC] = record.ttft_ms / 1000.0
     if capture:
         extra["gen_ai.output.messages"] = _output_messages(completion)
+    _flag_estimates(extra, record)
     return extra
 
 
@@ -506,7 +545,8 @@ def _left_attributes(record: LLMCallRecord) -> _Attrs:
         record: The attempt's call record.
 
     Returns:
-        The outcome, the tokens counted so far and the time to the first chunk.
+        The outcome, the tokens counted so far (and which are estimates) and the time
+        to the first chunk.
     """
     left: _Attrs = {
         "empathy_models.outcome": record.outcome.value,
@@ -515,6 +555,7 @@ def _left_attributes(record: LLMCallRecord) -> _Attrs:
     }
     if record.ttft_ms is not None:
         left[_TTFC] = record.ttft_ms / 1000.0
+    _flag_estimates(left, record)
     return left
 
 

@@ -33,7 +33,8 @@ provider was not called) and breaker state changes seen while admitting.  Each c
 a provider is a CLIENT child span named ``chat {gen_ai.request.model}`` with
 ``gen_ai.operation.name``, ``gen_ai.provider.name``, ``gen_ai.request.model``,
 ``gen_ai.request.max_tokens``,
-``gen_ai.request.temperature`` (when set), ``gen_ai.output.type`` (``json``, when a
+``gen_ai.request.temperature``, ``gen_ai.request.top_p`` and
+``gen_ai.request.stop_sequences`` (when set), ``gen_ai.output.type`` (``json``, when a
 ``response_format`` asks for it), ``gen_ai.request.seed`` (when sent: Anthropic takes
 none), ``server.address`` / ``server.port`` (HTTP
 providers; the host only, never the URL), ``gen_ai.conversation.id`` (the context's
@@ -69,7 +70,14 @@ output's ``finish_reason`` in the conventions' words: ``stop``, ``length``,
 provider's) is recorded only for runs with ``ExecutionContext(record_text=True)``, or
 for every run when ``OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT`` is ``true``
 (or ``span_only`` / ``span_and_event``) when the executor is built.  API keys are never
-recorded: no attribute, event or status holds a header or a URL with credentials.
+recorded: no attribute, event or status holds a header or a URL with credentials (an
+image's ``uri`` part is its URL with a password and secret query options masked).
+
+**Failures.**  A tracer, span processor or meter that raises never fails a call (see
+`Instrumentation`), and one signal's failure leaves the other whole: a run whose span
+the tracer cannot start goes on with a non-recording span and is still measured; a span
+whose writes raise is still ended, its attempt still measured; a meter that raises
+leaves the spans complete, and the cost counter (summed in process) still counts.
 
 **Propagation.**  While an attempt span is open, the HTTP providers add the W3C
 ``traceparent`` (and whatever else the configured propagator writes, by default
@@ -99,13 +107,21 @@ instrument                                     unit       attributes
 =============================================  =========  ====================================
 
 The duration, tokens and cost are per provider call (an attempt); rejected routes are
-not operations and are not measured.  The tokens are those of answered attempts; the cost
+not operations and are not measured.  The tokens are those of answered attempts, as
+the provider reported them: a count it left out (a server that sends no usage, or
+ignores ``stream_options.include_usage``), which the call record holds as an estimate
+(``metadata["empathy_models.output_tokens_estimated"]`` or ``input_tokens_estimated``),
+is not token usage, as the conventions require; the attempt span keeps the estimate in
+``gen_ai.usage.*`` and says so with the same ``empathy_models.*_tokens_estimated``
+attribute.  The cost
 is that of every attempt, answered or not (a stream cut short or left by its caller is
 charged what its call record says), so it sums to the records' ``cost_usd``.  Breaker
 state and transitions are recorded once per breaker even when several executors share
 it.  The cost and pick counters are summed in process and reported as observable counters
 when a reader collects (the same cumulative sums a synchronous counter gives, with no SDK
-measurement on the call path and so no exemplars).
+measurement on the call path and so no exemplars).  The telemetry record counter sums the
+counts of every backend an executor on this meter provider used, including those of
+executors since closed, so it never goes down while another executor goes on.
 """
 
 from __future__ import annotations
@@ -144,6 +160,7 @@ from ._otel_spans import (
     _answered_attributes,
     _attempt_attributes,
     _current,
+    _estimated,
     _failed_attributes,
     _input_tokens,
     _is_default_textmap,
@@ -169,6 +186,7 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Span, TracerProvider
 
+    from ._otel_metrics import _Meters
     from ._run import _Run
     from .abc import Completion, CompletionRequest, Provider
     from .exceptions import CircuitOpenError
@@ -308,6 +326,46 @@ def _response_sets(
     return sets
 
 
+def _measure(
+    meters: _Meters,
+    response_sets: dict[tuple[str, str, str], _ResponseSets],
+    state: _RunTrace,
+    record: LLMCallRecord,
+    completion: Completion | None,
+    error_type: str | None,
+) -> None:
+    """
+    The metrics of an attempt that ended: answered (``completion``), failed
+    (``error_type``) or left by its caller (neither).  ``response_sets``: the
+    instrumentation's cache of `_response_sets`.
+    """
+    # an answer's cost, or what was streamed before a stream was cut short or left:
+    # summed first, whatever the SDK's instruments then raise
+    if completion is not None or record.cost_usd > 0:
+        key = (record.provider, record.model, state.workflow, state.stage)
+        meters.cost[key] = meters.cost.get(key, 0.0) + record.cost_usd
+    attributes = state.attempt_attrs
+    seconds = record.latency_ms / 1000.0
+    if completion is not None:
+        response, input_attrs, output_attrs = _response_sets(
+            response_sets, record, completion.model, attributes
+        )
+        meters.duration.record(seconds, response)
+        # the conventions' rule: counts the provider did not report are not usage
+        input_estimated, output_estimated = _estimated(record)
+        if not input_estimated:
+            meters.tokens.record(_input_tokens(record, completion), input_attrs)
+        if not output_estimated:
+            meters.tokens.record(record.output_tokens, output_attrs)
+        attributes = response
+    else:
+        if error_type is not None:
+            attributes = {**attributes, _ERROR_TYPE: error_type}
+        meters.duration.record(seconds, attributes)
+    if record.ttft_ms is not None:  # streamed (a failed one: after its first chunk)
+        meters.first_chunk.record(record.ttft_ms / 1000.0, attributes)
+
+
 def _common_attrs(
     cache: dict[tuple[str, str], _Attrs],
     servers: Mapping[str, tuple[str, int] | None],
@@ -390,6 +448,8 @@ class Instrumentation:
         self._attach = context.attach
         self._detach = context.detach
         self._in_context = trace.set_span_in_context
+        # what stands in for a span the tracer failed to start: it records nothing
+        self._untraced: Span = trace.INVALID_SPAN
         self._inject = propagate.inject
         self._client = SpanKind.CLIENT
         self._internal = SpanKind.INTERNAL
@@ -455,21 +515,14 @@ class Instrumentation:
             if method is None:  # pragma: no cover - the executor is gone
                 raise RuntimeError("the executor this run belonged to was garbage-collected")
             ctx = context if isinstance(context, self._context_type) else self._default_context
+            state = self._open_run(ctx.workflow, ctx.stage, "starting the run span")
+            span = state.span
+            run_token = _current.set(state)
             try:
-                start_ns = time.time_ns()
-                span = self._tracer.start_span(
-                    f"run {ctx.workflow}/{ctx.stage}",
-                    kind=self._internal,
-                    attributes={_WORKFLOW: ctx.workflow, _STAGE: ctx.stage},
-                    start_time=start_ns,
-                )
-                run_context = self._in_context(span)
-                state = _RunTrace(self, span, run_context, ctx.workflow, ctx.stage, start_ns)
-                run_token = _current.set(state)
-                context_token = self._attach(run_context)
+                context_token: Token[Context] | None = self._attach(state.context)
             except Exception:
-                self._failed("starting the run span")
-                return await method(prompt, context, *args, **kwargs)
+                self._failed("making the run span current")
+                context_token = None
             end: int | None = None
             try:
                 response = await method(prompt, context, *args, **kwargs)
@@ -495,13 +548,42 @@ class Instrumentation:
         traced.__dict__.pop("__wrapped__", None)  # a strong reference to the executor
         return traced
 
-    def _restore(self, context_token: Token[Context], run_token: Token[_RunTrace | None]) -> None:
+    def _restore(
+        self, context_token: Token[Context] | None, run_token: Token[_RunTrace | None]
+    ) -> None:
         """Make the context of before a run current again (the run's end)."""
         try:
-            self._detach(context_token)
+            if context_token is not None:
+                self._detach(context_token)
         except Exception:
             self._failed("restoring the caller's context")
         _current.reset(run_token)
+
+    def _open_run(self, workflow: str, stage: str, where: str, stream: bool = False) -> _RunTrace:
+        """
+        A run's trace state, its span started.  When the tracer fails (``start_span``
+        or the new span raises), a non-recording span stands in for it: the run goes
+        on untraced, and its metrics are still recorded.
+        """
+        start_ns = time.time_ns()
+        attributes: _Attrs = {_WORKFLOW: workflow, _STAGE: stage}
+        if stream:
+            attributes["empathy_models.stream"] = True
+        span: Span | None = None
+        try:
+            span = self._tracer.start_span(
+                f"run {workflow}/{stage}",
+                kind=self._internal,
+                attributes=attributes,
+                start_time=start_ns,
+            )
+            return _RunTrace(self, span, self._in_context(span), workflow, stage, start_ns)
+        except Exception:
+            self._failed(where)
+        if span is not None:  # started, then failed: ended at once, not left open
+            self._end(span)
+        untraced = self._untraced
+        return _RunTrace(self, untraced, self._in_context(untraced), workflow, stage, start_ns)
 
     def _end(self, span: Span, end_time: int | None = None) -> None:
         """
@@ -522,23 +604,12 @@ class Instrumentation:
 
     # ------------------------------------------------------------------ streams
 
-    def stream_started(self, workflow: str, stage: str) -> _RunTrace | None:
+    def stream_started(self, workflow: str, stage: str) -> _RunTrace:
         """
         A stream's run span, started (not made current: the stream's life spans the
         caller's own code, so the stream passes its state to each hook instead).
         """
-        try:
-            start_ns = time.time_ns()
-            span = self._tracer.start_span(
-                f"run {workflow}/{stage}",
-                kind=self._internal,
-                attributes={_WORKFLOW: workflow, _STAGE: stage, "empathy_models.stream": True},
-                start_time=start_ns,
-            )
-            return _RunTrace(self, span, self._in_context(span), workflow, stage, start_ns)
-        except Exception:
-            self._failed("starting the stream span")
-            return None
+        return self._open_run(workflow, stage, "starting the stream span", stream=True)
 
     def stream_opened(self, state: _RunTrace) -> None:
         """The streamed attempt has its first chunk: stop sending its trace context."""
@@ -692,12 +763,12 @@ class Instrumentation:
         state = state or self._state()
         if state is None:
             return
+        common = self._common.get((info.provider, info.id))
+        if common is None:
+            common = _common_attrs(self._common, self._servers, info)
+        state.attempt_attrs = common  # the attempt's metrics' attributes, whatever follows
         try:
             self._finish_attempts(state)
-            common = self._common.get((info.provider, info.id))
-            if common is None:
-                common = _common_attrs(self._common, self._servers, info)
-            state.attempt_attrs = common
             if not state.valid:  # a no-op tracer: only the metrics need the attempt
                 state.attempt = state.span
                 return
@@ -718,6 +789,8 @@ class Instrumentation:
             state.headers_token = outgoing_headers.set(self._trace_headers(span, current))
         except Exception:
             self._failed("starting an attempt span")
+            if state.attempt is None:  # no span: the attempt is still measured
+                state.attempt = self._untraced
 
     def _trace_headers(self, span: Span, current: Context) -> Mapping[str, str] | None:
         """The headers carrying ``span``'s context: the configured propagator's."""
@@ -753,62 +826,44 @@ class Instrumentation:
         if span is None:
             return
         state.attempt = None
+        error_type = None
+        if completion is None and error is not None:
+            error_type = record.error_type or type(error).__name__
+        # the metrics and the span apart: a tracer or a meter that raises fails its own
+        # signal only
+        try:
+            _measure(self._meters, self._response_attrs, state, record, completion, error_type)
+        except Exception:
+            self._failed("measuring an attempt")
         try:
             self._release(state)
-            attributes = state.attempt_attrs
-            meters = self._meters
-            seconds = record.latency_ms / 1000.0
-            end = None if sent is None else _wall_ns(self._clock, sent + seconds, state.attempt_ns)
+        except Exception:
+            self._failed("ending an attempt span")
+        end = None
+        try:
+            if sent is not None:
+                end = _wall_ns(self._clock, sent + record.latency_ms / 1e3, state.attempt_ns)
             if completion is not None:
-                response, input_attrs, output_attrs = _response_sets(
-                    self._response_attrs, record, completion.model, attributes
-                )
-                tokens = _input_tokens(record, completion)  # its cached prompt tokens too
                 if state.recording:
+                    tokens = _input_tokens(record, completion)  # its cached prompt tokens too
                     span.set_attributes(
                         _answered_attributes(record, completion, state.capture, tokens)
                     )
-                meters.duration.record(seconds, response)
-                meters.tokens.record(tokens, input_attrs)
-                meters.tokens.record(record.output_tokens, output_attrs)
-                if record.ttft_ms is not None:
-                    meters.first_chunk.record(record.ttft_ms / 1000.0, response)
-                self._cost(state, record)
-                self._end(span, end)
-                return
-            if error is None:  # a stream left early by its caller: not an error
+            elif error_type is None:  # a stream left early by its caller: not an error
                 if state.recording:
                     span.set_attributes(_left_attributes(record))
-                meters.duration.record(seconds, attributes)
-                if record.ttft_ms is not None:
-                    meters.first_chunk.record(record.ttft_ms / 1000.0, attributes)
-                if record.cost_usd > 0:  # what was streamed before the caller left
-                    self._cost(state, record)
-                self._end(span, end)
-                return
-            error_type = record.error_type or type(error).__name__
-            span.set_attributes(_failed_attributes(record, error_type))
-            description = error_type
-            if record.error_message:
-                description = f"{error_type}: {record.error_message}"
-            span.set_status(self._status(self._error, description))
-            meters.duration.record(seconds, {**attributes, _ERROR_TYPE: error_type})
-            if record.ttft_ms is not None:  # a stream that failed after its first chunk
-                meters.first_chunk.record(
-                    record.ttft_ms / 1000.0, {**attributes, _ERROR_TYPE: error_type}
-                )
-            if record.cost_usd > 0:  # e.g. the tokens of a stream cut short
-                self._cost(state, record)
-            # ended when the executor has decided whether to wait and retry (at `end`)
-            state.ended = (span, time.time_ns() if end is None else end)
+            else:
+                span.set_attributes(_failed_attributes(record, error_type))
+                description = error_type
+                if record.error_message:
+                    description = f"{error_type}: {record.error_message}"
+                span.set_status(self._status(self._error, description))
         except Exception:
             self._failed("ending an attempt span")
-
-    def _cost(self, state: _RunTrace, record: LLMCallRecord) -> None:
-        """Add what ``record``'s attempt cost (answered or not) to the cost counter."""
-        cost = self._meters.cost
-        key = (record.provider, record.model, state.workflow, state.stage)
-        cost[key] = cost.get(key, 0.0) + record.cost_usd
+        if error_type is None:
+            self._end(span, end)
+        else:  # ended when the executor has decided whether to wait and retry (at `end`)
+            state.ended = (span, time.time_ns() if end is None else end)
 
     def retry(self, delay: float, state: _RunTrace | None = None) -> None:
         """The executor waits ``delay`` seconds, then calls the same model again."""
@@ -839,6 +894,9 @@ class Instrumentation:
         span, state.attempt = state.attempt, None
         if span is not None:  # left open by an error the executor did not expect
             self._release(state)
-            span.set_attribute(_ERROR_TYPE, "_OTHER")
-            span.set_status(self._status(self._error, "the attempt did not finish"))
+            try:
+                span.set_attribute(_ERROR_TYPE, "_OTHER")
+                span.set_status(self._status(self._error, "the attempt did not finish"))
+            except Exception:
+                self._failed("ending an attempt span")
             self._end(span)

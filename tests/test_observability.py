@@ -51,7 +51,7 @@ from empathy_models.content import ImageBlock, TextBlock, Tool, ToolCall, ToolRe
 from empathy_models.exceptions import InvalidRequestError
 from empathy_models.observability import DURATION_BUCKETS, TOKEN_BUCKETS
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
-from empathy_models.testing import FakeLLMServer
+from empathy_models.testing import FakeLLMServer, FakeReply
 
 KEY = "sk-ant-test-key-0123456789"
 
@@ -327,6 +327,26 @@ async def test_a_requested_output_type_and_seed_are_on_the_attempt_span(
     assert "gen_ai.request.seed" not in plain.attributes
 
 
+async def test_the_sampling_options_sent_are_on_the_attempt_span(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # recommended by the conventions: each request option the provider is sent
+    ctx = attrs.evolve(CTX, model="claude-fake-haiku", temperature=0.3)
+    async with make(server, otel) as executor:
+        await executor.run(PROMPT, ctx, top_p=0.9, stop=["END", "STOP"])
+        await executor.run(PROMPT, attrs.evolve(CTX, model="claude-fake-haiku"))
+    sent, plain = sorted(
+        (s for s in otel.spans() if s.name == "chat claude-fake-haiku"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert sent.attributes is not None and plain.attributes is not None
+    assert sent.attributes["gen_ai.request.temperature"] == pytest.approx(0.3)
+    assert sent.attributes["gen_ai.request.top_p"] == pytest.approx(0.9)
+    assert sent.attributes["gen_ai.request.stop_sequences"] == ("END", "STOP")
+    for name in ("top_p", "stop_sequences"):
+        assert f"gen_ai.request.{name}" not in plain.attributes
+
+
 async def test_all_routes_failed_sets_error_status_and_error_type(
     server: FakeLLMServer, otel: Otel
 ) -> None:
@@ -553,6 +573,25 @@ async def test_recorded_messages_follow_the_conventions_message_schema(
     ]
 
 
+async def test_a_recorded_image_urls_credentials_are_masked(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # the prompt is recorded, but no attribute holds a URL with credentials
+    secret = "hunter2-image-store"
+    url = f"https://reader:{secret}@images.example.com/a.png?X-Amz-Security-Token={secret}&w=64"
+    image = Message(role="user", content=[TextBlock(text="What is it?"), ImageBlock.from_url(url)])
+    ctx = attrs.evolve(CTX, model="gpt-fake-mini", record_text=True)
+    async with make(server, otel) as executor:
+        await executor.run([image], ctx)
+    attempt = otel.span("chat gpt-fake-mini")
+    assert attempt.attributes is not None
+    (message,) = json.loads(str(attempt.attributes["gen_ai.input.messages"]))
+    assert message["parts"][1]["uri"] == (
+        "https://reader:***@images.example.com/a.png?X-Amz-Security-Token=***&w=64"
+    )
+    assert not any(secret in text for text in every_text(otel))
+
+
 async def test_the_capture_content_switch_records_content_for_every_run(
     server: FakeLLMServer, otel: Otel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -658,6 +697,39 @@ async def test_anthropic_prompt_cache_tokens_are_input_tokens(
     assert sum(p.sum for p in inputs) == wrote.input_tokens + read.input_tokens + 2 * written
 
 
+async def test_token_counts_the_provider_did_not_report_are_not_token_usage(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # an OpenAI-compatible server that reports the prompt's tokens and leaves the
+    # output's out: the output count is an estimate, which the conventions keep out of
+    # the usage metric; the span keeps it, flagged
+    telemetry = MemoryTelemetryBackend()
+    pinned = attrs.evolve(CTX, model="gpt-fake-mini")
+    server.script("gpt-fake-mini", [FakeReply(usage={"prompt_tokens": 12})])
+    async with make(server, otel, telemetry_store=telemetry) as executor:
+        partial = await executor.run(PROMPT, pinned)
+        whole = await executor.run(PROMPT, pinned)
+    assert partial.output_tokens > 0  # estimated from the answer's text
+    by_type = {
+        kind: sum(
+            p.sum
+            for p in otel.points("gen_ai.client.token.usage")
+            if p.attributes["gen_ai.token.type"] == kind
+        )
+        for kind in ("input", "output")
+    }
+    assert by_type == {"input": 12 + whole.input_tokens, "output": whole.output_tokens}
+    first, second = sorted(
+        (s for s in otel.spans() if s.name == "chat gpt-fake-mini"),
+        key=lambda s: s.start_time or 0,
+    )
+    assert first.attributes is not None and second.attributes is not None
+    assert first.attributes["gen_ai.usage.output_tokens"] == partial.output_tokens
+    assert first.attributes["empathy_models.output_tokens_estimated"] is True
+    assert "empathy_models.input_tokens_estimated" not in first.attributes
+    assert "empathy_models.output_tokens_estimated" not in second.attributes
+
+
 async def test_telemetry_queue_and_record_counters_are_reported(
     server: FakeLLMServer, otel: Otel, tmp_path: Path
 ) -> None:
@@ -671,6 +743,59 @@ async def test_telemetry_queue_and_record_counters_are_reported(
             for p in otel.points("empathy_models.telemetry.records")
         }
         assert {"failed", "spooled", "dropped"} <= results
+
+
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "direct"])
+async def test_the_records_written_to_sqlite_are_counted(
+    server: FakeLLMServer, otel: Otel, tmp_path: Path, batch: bool
+) -> None:
+    # the default persistent store: its writes are the records counter's "written"
+    url = f"sqlite:///{tmp_path / 'calls.db'}?batch={str(batch).lower()}"
+    async with make(server, otel, telemetry_store=url) as executor:
+        for _ in range(3):
+            await executor.run(PROMPT, CTX)
+        store = executor.telemetry_store
+        assert store is not None
+        await store.flush()
+        counts = {
+            p.attributes["empathy_models.telemetry.result"]: p.value
+            for p in otel.points("empathy_models.telemetry.records")
+        }
+    assert counts.get("written") == 3
+
+
+async def test_the_records_counter_keeps_the_counts_of_executors_that_closed(
+    server: FakeLLMServer, otel: Otel, tmp_path: Path
+) -> None:
+    # a counter never goes down: the records of an executor closed (and freed) while
+    # another one goes on stay counted
+    def written() -> int:
+        counts = {
+            p.attributes["empathy_models.telemetry.result"]: p.value
+            for p in otel.points("empathy_models.telemetry.records")
+        }
+        return int(counts.get("written", 0))
+
+    seen = []
+    async with make(server, otel, telemetry_store=f"sqlite:///{tmp_path / 'a.db'}") as first:
+        second = make(server, otel, telemetry_store=f"sqlite:///{tmp_path / 'b.db'}")
+        async with second:
+            for executor in (first, first, second):
+                await executor.run(PROMPT, CTX)
+            for executor in (first, second):
+                store = executor.telemetry_store
+                assert store is not None
+                await store.flush()
+            seen.append(written())
+        del second, store
+        gc.collect()
+        seen.append(written())
+        await first.run(PROMPT, CTX)
+        first_store = first.telemetry_store
+        assert first_store is not None
+        await first_store.flush()
+        seen.append(written())
+    assert seen == [3, 3, 4]
 
 
 # --------------------------------------------------------------------------- switches

@@ -104,8 +104,9 @@ class SQLiteTelemetryBackend(TelemetryBackend):
             background task writes batches of up to ``max_batch`` records, one
             transaction each, on size, every ``flush_interval`` seconds, on `flush`,
             before every read and on `aclose` (see `empathy_models.backends.batching`;
-            `dropped`, `failed` and `pending` count what happened).  ``False``:
-            ``record_many`` returns once its records are committed.
+            `written`, `spooled`, `dropped`, `failed` and `pending` count what
+            happened).  ``False``: ``record_many`` returns once its records are
+            committed (counted in `written`).
         max_batch, flush_interval, max_queue, on_full: the batching policy (see
             `empathy_models.backends.batching`); past ``max_queue``, ``on_full``
             ``"spill"`` (the default) spools them.
@@ -152,6 +153,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
         )
         self._path = self._db.path
         self._batcher: _Batcher | None = None
+        self._written = 0  # records committed by direct writes (``batch=False``)
         if not isinstance(spool, bool):
             raise ConfigurationError(f"spool must be True or False, got {shown(spool)}")
         if batch:
@@ -196,6 +198,11 @@ class SQLiteTelemetryBackend(TelemetryBackend):
     def spooled(self) -> int:
         """Records written to the local spool so far (replayed into the file later)."""
         return 0 if self._batcher is None else self._batcher.spooled
+
+    @property
+    def written(self) -> int:
+        """Records written to the file so far (replayed ones included)."""
+        return self._written if self._batcher is None else self._batcher.written
 
     @property
     def recreated(self) -> int:
@@ -267,6 +274,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
             await self._batcher.submit(record)
         else:
             await self._write(_check_records((record,)))
+            self._written += 1
 
     async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
         """Store several records (queued when batching; else one transaction)."""
@@ -275,6 +283,7 @@ class SQLiteTelemetryBackend(TelemetryBackend):
             await self._batcher.submit_many(records)
         else:
             await self._write(_check_records(records))
+            self._written += len(records)
 
     async def flush(self) -> None:
         """
