@@ -74,6 +74,7 @@ from typing import Any, Final, cast
 
 from attrs import evolve
 
+from ._stats import AVERAGE_CAP
 from ._validators import check, failure, integer, number, shown, text, text_flaw
 from ._whatif_fit import _FALLBACK_SIGMA, _P95_Z, _Z95, _fit, _interval, _mixture_p95
 from ._whatif_replay import (
@@ -642,7 +643,8 @@ def ipw_estimate(
     Self-normalized inverse-propensity estimate of cost per request and success rate.
 
     Each recorded sample call with a ``routing_propensity`` weighs
-    ``target[model] / routing_propensity``.  The cost is per request, as the simulation
+    ``target[model] / routing_propensity``, its cost counting for at most `AVERAGE_CAP`
+    (1e300), as in the telemetry's averages.  The cost is per request, as the simulation
     counts it: the weighted cost of an answered request times the share the policy
     answers (the sum of ``target``, at most 1), a request it leaves unanswered costing
     nothing; the success rate is of the answered requests.
@@ -668,9 +670,12 @@ def ipw_estimate(
         p = r.routing_propensity
         if p is None or p <= 0.0:
             continue
-        rows.append((target.get(r.model, 0.0) / p, r.cost_usd, 1.0 if r.success else 0.0))
+        # a cost counts for at most AVERAGE_CAP, as in the telemetry's averages
+        cost = min(r.cost_usd, AVERAGE_CAP)
+        rows.append((target.get(r.model, 0.0) / p, cost, 1.0 if r.success else 0.0))
     if not rows:
         return None
+    rows = _scaled_weights(rows)
     sw = sum(w for w, _, _ in rows)
     sw2 = sum(w * w for w, _, _ in rows)
     ess = sw * sw / sw2 if sw > 0 else 0.0
@@ -685,10 +690,9 @@ def ipw_estimate(
 
     def snips(values: Sequence[float], upper: float | None) -> Interval:
         est = sum(w * v for (w, _, _), v in zip(rows, values, strict=True)) / sw
-        var = sum((w * (v - est)) ** 2 for (w, _, _), v in zip(rows, values, strict=True)) / (
-            sw * sw
-        )
-        half = _Z95 * math.sqrt(var)
+        # the root of the sum of squares, never squared (a $1e300 cost's square is no float)
+        spread = math.hypot(*(w * (v - est) for (w, _, _), v in zip(rows, values, strict=True)))
+        half = _Z95 * spread / sw
         high = est + half if upper is None else min(upper, est + half)
         return Interval(estimate=est, low=max(0.0, est - half), high=high)
 
@@ -700,6 +704,21 @@ def ipw_estimate(
         cost_per_request=snips([c for _, c, _ in rows], None).scaled(answered),
         success_rate=snips([s for _, _, s in rows], 1.0),
     )
+
+
+def _scaled_weights(rows: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """
+    ``rows`` (weight, cost, success) with the weights divided by the largest: the
+    estimate, its spread and the effective sample size stay the same, and no weight's
+    square or product with a cost overflows.  Weights past the largest float (the
+    inverse of a propensity too small for it to be one) count alike, the others nothing.
+    """
+    top = max(w for w, _, _ in rows)
+    if top == 0.0:
+        return rows
+    if math.isinf(top):
+        return [(1.0 if math.isinf(w) else 0.0, c, s) for w, c, s in rows]
+    return [(w / top, c, s) for w, c, s in rows]
 
 
 # --------------------------------------------------------------------------- entry points

@@ -486,6 +486,37 @@ def test_the_off_policy_cost_counts_unanswered_requests_as_free_as_the_simulatio
     assert whole.cost_per_request.estimate == pytest.approx((0.001 + 0.004) / 2)
 
 
+def test_the_off_policy_estimate_stays_a_number_at_any_cost_or_propensity() -> None:
+    """
+    One call logged with a propensity of 1e-300 outweighs 40 others a 1e300-fold: the
+    effective sample size is 1 (it was NaN, and the estimate given as if sound); one
+    of the largest cost a float holds counts as 1e300, the estimate finite (it was inf).
+    """
+
+    def call(i: int, *, propensity: float = 0.5, cost: float = 0.001) -> LLMCallRecord:
+        return LLMCallRecord(
+            provider="p",
+            model="a",
+            outcome="success",
+            cost_usd=cost,
+            routing_propensity=propensity,
+            call_id=f"a{i}",
+        )
+
+    usual = [call(i) for i in range(40)]
+    for odd in (call(40, propensity=1e-300), call(40, propensity=5e-324)):
+        lopsided = ipw_estimate([*usual, odd], {"a": 1.0})
+        assert lopsided is not None
+        assert lopsided.effective_sample_size == pytest.approx(1.0)
+        assert lopsided.cost_per_request.estimate is None  # too few effective samples
+    costly = ipw_estimate([*usual, call(40, cost=1.7976931348623157e308)], {"a": 1.0})
+    assert costly is not None and costly.effective_sample_size == pytest.approx(41.0)
+    cost = costly.cost_per_request
+    assert cost.estimate == pytest.approx(1e300 / 41)
+    assert cost.estimate is not None and cost.low is not None and cost.high is not None
+    assert math.isfinite(cost.high) and cost.low <= cost.estimate <= cost.high
+
+
 async def test_a_policy_without_overlap_says_why_it_has_no_off_policy_estimate() -> None:
     records = [attrs.evolve(r, routing_propensity=BY_ID[r.model].share) for r in history(5, 600)]
     unseen = ipw_estimate(records, {"untried": 1.0})
