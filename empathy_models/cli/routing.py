@@ -264,8 +264,9 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
             router = AdaptiveModelRouter(registry, backend, refresh_interval=None)
             if args.workflow is not None:
                 workflows = [args.workflow]
-            else:
-                workflows = sorted({w for w, _, _ in await _stages(backend, args.days, None, None)})
+            else:  # the workflows with calls in the window (of --stage, when given)
+                seen = await _stages(backend, args.days, None, args.stage)
+                workflows = sorted({w for w, _, _ in seen})
             now = datetime.now(UTC)
             return [
                 (
@@ -286,7 +287,8 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
         )
         return 0
     if not results:
-        print(f"No calls recorded in the last {args.days:g} day(s).")
+        of = "" if args.stage is None else f" for stage {shown_name(args.stage)}"
+        print(f"No calls recorded{of} in the last {args.days:g} day(s).")
         return 0
     for i, (stats, ahead) in enumerate(results):
         if i:
