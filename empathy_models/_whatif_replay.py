@@ -210,14 +210,16 @@ def _draw(
     rng: random.Random,
     pooled_ttft: tuple[float, float] | None = None,
     max_tokens: int | None = None,
+    input_tokens: int | None = None,
 ) -> _Draw:
     """
     One replicate's truth for ``fit``'s model, drawn from the fit's uncertainty.
 
     A model unknown or never successful in the window has its success rate drawn from
     the uniform prior (updated by what little it did) and the stage's pooled tokens and
-    latency.  Output tokens stop at ``max_tokens``.  A success costs the list price of
-    the drawn tokens times the fit's ``success_cost_factor``, a failure times its
+    latency.  Every call's prompt is ``input_tokens`` long when given (else the model's
+    mean, drawn); output tokens stop at ``max_tokens``.  A success costs the list price
+    of those tokens times the fit's ``success_cost_factor``, a failure times its
     ``failure_cost_factor`` (`_cost`).
     """
     info = registry.get(fit.model) if fit.model in registry else None
@@ -242,6 +244,8 @@ def _draw(
             sigma = fit.latency_sigma * math.sqrt(rng.gammavariate((n - 1) / 2.0, 2.0) / (n - 1))
         else:
             sigma = fit.latency_sigma if fit.latency_sigma is not None else _FALLBACK_SIGMA
+    if input_tokens is not None:
+        mean_in = float(input_tokens)  # the prompt asked about, as the router costs the call
     if max_tokens is not None and mean_out > max_tokens:
         mean_out = float(max_tokens)  # the call's output stops there, as the router costs it
     per_success, per_failure = _cost(fit, info, mean_in, mean_out)
@@ -414,6 +418,8 @@ class _Simulation:
     question: _Question
     requests: int
     seed: int
+    # the prompt size the caller gave (None: each model's own, as recorded)
+    prompt_tokens: int | None = None
 
     async def replay(self, rep: int) -> _Replicate:
         """
@@ -429,11 +435,7 @@ class _Simulation:
             What its requests did.
         """
         rng = random.Random(self.seed * 1_000_003 + rep)
-        cap = self.question.max_tokens
-        draws = {
-            n: _draw(self.fits[n], self.registry, self.pooled, rng, self.pooled_ttft, cap)
-            for n in self.question.candidates
-        }
+        draws = {n: self._draw(n, rng) for n in self.question.candidates}
         now = [self.evidence.until.timestamp()]
 
         def clock(now: list[float] = now) -> float:
@@ -488,13 +490,18 @@ class _Simulation:
         self.fits.setdefault(
             model, self.evidence.fits.get(model) or ModelFit(model=model, known=False)
         )
+        return self._draw(model, rng)
+
+    def _draw(self, model: str, rng: random.Random) -> _Draw:
+        """One replicate's truth for ``model``, its calls of the question's size."""
         return _draw(
             self.fits[model],
             self.registry,
             self.pooled,
             rng,
             self.pooled_ttft,
-            self.question.max_tokens,
+            max_tokens=self.question.max_tokens,
+            input_tokens=self.prompt_tokens,
         )
 
     def _outcome(self, model: str, d: _Draw, timestamp: float, rng: random.Random) -> LLMCallRecord:

@@ -52,13 +52,13 @@ to what a success costs; a cost below the successes' list price (a prompt cache'
 discount: OpenAI counts cached tokens among the input) lowers the successes' price,
 failures then costing nothing; a cost above what every attempt would cost at list
 price (prompt-cache writes and reads, which Anthropic's input tokens leave out) raises
-both alike.  A simulated success costs the list price of its drawn tokens (output
-capped at ``max_tokens``, as the router costs a call) times the success factor, a
-failure times the failure factor, so the policy in force is costed at what was recorded
-per attempt.  Calls recorded without a cost (never priced) are costed at list price,
-failures free; a model outside the registry at its recorded cost per attempt.  The
-factors carry the prices the calls were recorded at: the registry's (its
-``price_version`` is reported) only scale them.
+both alike.  A simulated success costs the list price of its drawn tokens (its prompt
+``input_tokens`` long when given, its output capped at ``max_tokens``, as the router
+costs a call) times the success factor, a failure times the failure factor, so the
+policy in force is costed at what was recorded per attempt.  Calls recorded without a
+cost (never priced) are costed at list price, failures free; a model outside the
+registry at its recorded cost per attempt.  The factors carry the prices the calls
+were recorded at: the registry's (its ``price_version`` is reported) only scale them.
 
 This module holds the entry points and assembles the report; the values live in
 `_whatif_values` (re-exported here), the fits and intervals in `_whatif_fit`, the
@@ -128,7 +128,7 @@ _days = number(_fail, low=0, low_open=True, high=36_500, why="must be a number >
 _name = text(_fail)
 _positive_int = integer(_fail, low=1, why="must be an integer >= 1")
 _ipw_limit = integer(_fail, low=0, why="must be an integer >= 0")
-_max_tokens = integer(_fail, low=0, optional=True, why="must be an integer >= 0")
+_tokens = integer(_fail, low=0, optional=True, why="must be an integer >= 0")
 _seed = integer(_fail, why="must be an integer")
 
 
@@ -275,7 +275,7 @@ def _check_simulation(
     requests: object,
     replicates: object,
     min_success_rate: object,
-    max_tokens: object,
+    tokens: tuple[object, object],
     seed: object,
 ) -> list[str]:
     """
@@ -300,9 +300,10 @@ def _check_simulation(
         ) from None
     if _check_positive_int("replicates", replicates) < 2:
         raise ConfigurationError("replicates must be at least 2 (the interval needs a spread)")
-    # both are used before the router sees the question (the draws, their seeds)
+    # all three are used before the router sees the question (the draws, their seeds)
     check(_seed, "seed", seed)
-    check(_max_tokens, "max_tokens", max_tokens)
+    check(_tokens, "input_tokens", tokens[0])
+    check(_tokens, "max_tokens", tokens[1])
     if isinstance(candidates, str):
         raise ConfigurationError("candidates must be a sequence of model ids, not a string")
     names = list(evidence.models) if candidates is None else list(dict.fromkeys(candidates))
@@ -358,7 +359,8 @@ async def simulate_policy(
             as for `AdaptiveModelRouter.get_best_model` (``min_success_rate`` ``None``:
             the routing policy's default floor; ``max_ttft_ms`` judged as the router does).
         candidates: default: the models seen in the window.
-        input_tokens: default: the stage's mean.
+        input_tokens: each simulated request's prompt size, as the router costs it and
+            its call is charged (default: as recorded; the stage's mean for the router).
         routing_policy: default: `RoutingPolicy` with the evidence's window.
         requests, replicates, seed: how many requests per replicate (one a second from
             the evidence's end), how many replicates, and the seed of the draws.
@@ -367,14 +369,16 @@ async def simulate_policy(
         ConfigurationError: invalid arguments, or a replay that would run past the year 9999.
     """
     registry = ModelRegistry.default() if registry is None else registry
+    tokens = (input_tokens, max_tokens)
     names = _check_simulation(
-        evidence, registry, candidates, requests, replicates, min_success_rate, max_tokens, seed
+        evidence, registry, candidates, requests, replicates, min_success_rate, tokens, seed
     )
     if routing_policy is None:
         routing_policy = RoutingPolicy(window_days=evidence.days)
     pooled = _pooled(evidence)
-    if input_tokens is None:
-        input_tokens = round(pooled[0]) if pooled[0] > 0 else None
+    asked = input_tokens
+    if asked is None and pooled[0] > 0:
+        asked = round(pooled[0])  # the router is asked about the stage's mean prompt
     simulation = _Simulation(
         evidence=evidence,
         registry=registry,
@@ -387,7 +391,7 @@ async def simulate_policy(
             workflow=evidence.workflow,
             stage=evidence.stage,
             candidates=names,
-            input_tokens=input_tokens,
+            input_tokens=asked,
             max_tokens=max_tokens,
             max_cost=max_cost,
             max_latency_ms=max_latency_ms,
@@ -397,6 +401,7 @@ async def simulate_policy(
         ),
         requests=requests,
         seed=seed,
+        prompt_tokens=input_tokens,
     )
     runs = _Replicates(requests=requests, shares={n: [] for n in names})
     for rep in range(replicates):

@@ -327,6 +327,31 @@ async def test_a_seed_or_max_tokens_of_the_wrong_type_is_a_configuration_error()
     assert (await simulate_policy(evidence, seed=-3, max_tokens=0, **quick)).requests == 5
 
 
+async def test_the_simulated_cost_is_of_the_prompt_size_asked_about() -> None:
+    """
+    The stage's prompts were 500 tokens; asked about prompts of 50,000 (input_tokens),
+    each simulated call is charged for 50,000, as the router costs it: the cost per
+    request is the oracle's true cost at that size (it stayed the recorded 500-token
+    one before, about 30 times less, whatever input_tokens said).
+    """
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(history(1, 1_000))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    oracle = BY_ID["oracle"]
+    mean_out = sum(oracle.output_tokens) / 2
+    quick: dict[str, Any] = {"registry": REGISTRY, "candidates": ["oracle"], "replicates": 5}
+    for prompt in (500, 50_000):
+        report = await simulate_policy(evidence, input_tokens=prompt, requests=50, **quick)
+        truth = oracle.success * (prompt * oracle.input_price + mean_out * oracle.output_price)
+        assert report.cost_per_request.estimate == pytest.approx(truth / 1e6, rel=0.03)
+        assert report.constraints["input_tokens"] == prompt
+    # checked before any draw, as max_tokens is
+    sizes: list[Any] = ["500", 1.5, -1, True]
+    for size in sizes:
+        with pytest.raises(ConfigurationError, match=r"^input_tokens must be an integer >= 0"):
+            await simulate_policy(evidence, input_tokens=size, requests=5, **quick)
+
+
 async def test_a_sweep_given_min_success_rate_too_is_a_configuration_error() -> None:
     async with telemetry_from_url("memory://") as backend:
         await backend.record_many(history(3, 300))

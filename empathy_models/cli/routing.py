@@ -186,7 +186,10 @@ def _register_whatif(sub: SubParsers) -> None:
         "this stage); one without data in the window is reported as unknown",
     )
     whatif.add_argument(
-        "--input-tokens", type=_tokens, help="prompt size (default: the stage's mean)"
+        "--input-tokens",
+        type=_tokens,
+        help="prompt size of each simulated request, for the router and the cost "
+        "(default: as recorded)",
     )
     whatif.add_argument("--max-tokens", type=_tokens, help="output cap, for the expected cost")
     whatif.add_argument(
