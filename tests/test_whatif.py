@@ -755,6 +755,21 @@ def test_cli_table_and_json(tmp_path: Path, synth_db: tuple[Path, Path]) -> None
     )
 
 
+def test_cli_shows_the_policy_as_given(tmp_path: Path, synth_db: tuple[Path, Path]) -> None:
+    """The policy line repeats each bound as typed, never rounded to six digits."""
+    db, registry = synth_db
+    args = ("routing", "whatif", WF, ST, "--db", str(db), "--registry", str(registry))
+    bounds = ("--min-success-rate", "0.9999999", "--max-latency-ms", "1234567.5")
+    quick = ("--max-cost", "0.0123456789", "--requests", "5", "--replicates", "2")
+    result = run_cli(tmp_path / "home", *args, *bounds, *quick)
+    assert result.returncode == 0, result.stderr
+    # it read "min_success_rate=1, max_latency_ms=1.23457e+06, max_cost=0.0123457" before
+    assert (
+        "policy     min_success_rate=0.9999999, max_latency_ms=1234567.5, "
+        "max_cost=0.0123456789, on_no_match=raise\n"
+    ) in result.stdout
+
+
 def test_cli_errors_are_clear(tmp_path: Path, synth_db: tuple[Path, Path]) -> None:
     db, registry = synth_db
     home = tmp_path / "home"

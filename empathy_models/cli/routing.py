@@ -723,10 +723,15 @@ def _with_fit(recorded: float | None, fitted: float | None) -> str:
     return f"{fmt_ms(recorded)} (fit {fmt_ms(fitted)})"
 
 
+def _as_given(value: object) -> str:
+    """A bound of the policy as given: 0.9999999 is not 1 (what ``{:g}``'s six digits show)."""
+    return f"{value:.15g}" if isinstance(value, float) else str(value)
+
+
 def _print_whatif(r: Any) -> None:
     c = r.constraints
     policy = ", ".join(
-        f"{k}={c[k]:g}" if isinstance(c[k], float) else f"{k}={c[k]}"
+        f"{k}={_as_given(c[k])}"
         for k in ("min_success_rate", "max_latency_ms", "max_ttft_ms", "max_cost", "on_no_match")
         if c[k] is not None
     )
