@@ -32,7 +32,10 @@ How:
 3. **Unknown is not good.**  A candidate without data in the window is reported as
    unknown; when the router sends simulated traffic to it, its success rate is drawn
    from the uniform prior (anything from 0 to 1), its tokens and latency from the
-   stage's pooled evidence, so the intervals widen instead of assuming it works.
+   stage's pooled evidence, so the intervals widen instead of assuming it works.  In a
+   stage where no call succeeded there is no such evidence: no p95 latency is
+   simulated, nor a cost per request unless ``input_tokens`` and ``max_tokens`` give
+   the calls' size.
 4. **Off-policy check.**  When the recorded calls carry the router's selection
    probability (``LLMCallRecord.routing_propensity``), an inverse-propensity-weighted
    estimate over the window's newest calls (`ipw_limit` of them, read back as records,
@@ -80,6 +83,7 @@ from ._whatif_fit import _FALLBACK_SIGMA, _P95_Z, _Z95, _fit, _interval, _mixtur
 from ._whatif_replay import (
     _coarsen,
     _FrozenEvidence,
+    _measured,
     _pooled,
     _pooled_ttft,
     _Question,
@@ -472,7 +476,8 @@ def _report(simulation: _Simulation, runs: _Replicates, *, replicates: int) -> W
         fitted_latency_p95_ms=_fitted_p95(_latency_parts(evidence)),
         cost_per_request=_interval(runs.costs),
         success_rate=_interval(runs.success, upper=1.0),
-        latency_p95_ms=_interval(runs.p95s),
+        # no successful call in the stage: no latency measured to simulate one from
+        latency_p95_ms=_interval(runs.p95s) if _measured(evidence) else Interval.none(),
         no_match_share=_interval(runs.no_match, upper=1.0),
         unproven_share=_interval(runs.unproven, upper=1.0),
         traffic=_traffic(runs.shares, fits, total),
@@ -515,12 +520,20 @@ def _notes(simulation: _Simulation, names: Sequence[str]) -> list[str]:
     ``names`` (the candidates and the models pinned outside them).
     """
     fits = simulation.fits
+    # without a successful call in the stage, there are no other models' tokens to take
+    pooled = ", its tokens and latency taken from the stage's other models"
     notes: list[str] = [
         f"{named(m)}: no calls in the window: its success rate is unknown (drawn from 0..1 "
-        "in the simulation), its tokens and latency taken from the stage's other models"
+        f"in the simulation){pooled if _measured(simulation.evidence) else ''}"
         for m in names
         if not fits[m].known
     ]
+    if not _measured(simulation.evidence):
+        notes.append(
+            "no call of this stage succeeded in the window: no latency or tokens measured, "
+            "so no p95 latency is simulated, and the cost per request only when "
+            "input_tokens and max_tokens give the calls' size"
+        )
     if simulation.question.max_ttft_ms is not None and simulation.pooled_ttft is None:
         notes.append(
             "max_ttft_ms: no call of this stage streamed in the window, so no model has a "

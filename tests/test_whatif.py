@@ -217,6 +217,43 @@ async def test_a_model_with_only_billed_failures_shows_what_the_simulation_charg
     assert report.cost_per_request.estimate == pytest.approx(0.002, rel=0.05)
 
 
+async def test_a_stage_without_a_successful_call_has_no_made_up_latency_or_cost() -> None:
+    """
+    Every recorded call of the stage failed ("oracle"), and "pricey" never served it:
+    nothing measured how long a call takes or how many tokens it uses.  The simulated
+    p95 latency and the cost per request are not estimated (they were a 5,180 ms p95,
+    from a made-up one-second median, and $0, zero-width intervals), and a note says
+    why; given input_tokens and max_tokens, the calls are costed at that size.
+    """
+    failed = [
+        attrs.evolve(r, model="oracle", outcome=Outcome.FAILURE, output_tokens=0, cost_usd=0.0)
+        for r in history(1, 200)
+    ]
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(failed)
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    assert evidence.fits["oracle"].successes == 0
+    quick: dict[str, Any] = {
+        "registry": REGISTRY,
+        "candidates": ["oracle", "pricey"],
+        "requests": 50,
+        "replicates": 4,
+    }
+    report = await simulate_policy(evidence, **quick)
+    assert report.success_rate.estimate is not None  # requests were served
+    assert report.latency_p95_ms == Interval.none()
+    assert report.cost_per_request == Interval.none()
+    assert report.to_dict()["cost_per_1k"] == {"estimate": None, "low": None, "high": None}
+    assert any(n.startswith("no call of this stage succeeded in the window") for n in report.notes)
+    # no other model's tokens to take, and the notes do not claim any
+    assert not any("stage's other models" in n for n in report.notes)
+    sized = await simulate_policy(evidence, input_tokens=1_000, max_tokens=500, **quick)
+    most = (1_000 * BY_ID["pricey"].input_price + 500 * BY_ID["pricey"].output_price) / 1e6
+    assert sized.cost_per_request.estimate is not None
+    assert 0.0 < sized.cost_per_request.estimate < most
+    assert sized.latency_p95_ms == Interval.none()
+
+
 async def test_a_note_quotes_a_model_name_that_could_be_misread(tmp_path: Path) -> None:
     async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
         await backend.record_many(history(1, 500))

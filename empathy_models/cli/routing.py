@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -810,6 +811,10 @@ def _print_whatif(r: Any) -> None:
         print(f"note: {printable(note)}")
 
 
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
 def _plot_sweep(swept: list[Any], report: Any, path: Path, fmt: str) -> None:
     import matplotlib
 
@@ -817,9 +822,10 @@ def _plot_sweep(swept: list[Any], report: Any, path: Path, fmt: str) -> None:
     import matplotlib.pyplot as plt
 
     xs = [r.constraints["min_success_rate"] for r in swept]
-    est = [r.cost_per_1k.estimate or 0.0 for r in swept]
-    low = [r.cost_per_1k.low or 0.0 for r in swept]
-    high = [r.cost_per_1k.high or 0.0 for r in swept]
+    # a cost not estimated (no call of the stage succeeded) is a gap in the line, not $0
+    est = [_or_nan(r.cost_per_1k.estimate) for r in swept]
+    low = [_or_nan(r.cost_per_1k.low) for r in swept]
+    high = [_or_nan(r.cost_per_1k.high) for r in swept]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(xs, est, "o-", label="expected cost per 1,000 requests")
     ax.fill_between(xs, low, high, alpha=0.25, label="95% interval")
