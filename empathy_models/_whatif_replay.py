@@ -157,13 +157,24 @@ class _Draw:
     sigma: float
     cost_per_success: float
     cost_per_failure: float = 0.0
+    # False: a registry model whose calls' size nothing gave (no successful call in the
+    # stage, no input_tokens and max_tokens): what its calls cost is unknown
+    priced: bool = True
     # log-normal time to first token; None: no streamed call to learn it from
     ttft_mu: float | None = None
     ttft_sigma: float = _FALLBACK_SIGMA
 
 
+def _measured(evidence: StageEvidence) -> bool:
+    """Whether a call of the stage succeeded in the window (measured tokens and latency)."""
+    return any(f.latency_n for f in evidence.fits.values())
+
+
 def _pooled(evidence: StageEvidence) -> tuple[float, float, float, float]:
-    """Stage-wide mean input / output tokens and latency log-mean / log-sd."""
+    """
+    Stage-wide mean input / output tokens and latency log-mean / log-sd; without a
+    successful call (`_measured` false), no tokens and a latency around a second.
+    """
     n = sum(f.latency_n for f in evidence.fits.values())
     if n == 0:
         return (0.0, 0.0, math.log(1000.0), 1.0)
@@ -210,15 +221,21 @@ def _draw(
     rng: random.Random,
     pooled_ttft: tuple[float, float] | None = None,
     max_tokens: int | None = None,
+    input_tokens: int | None = None,
+    unmeasured: bool = False,
 ) -> _Draw:
     """
     One replicate's truth for ``fit``'s model, drawn from the fit's uncertainty.
 
     A model unknown or never successful in the window has its success rate drawn from
     the uniform prior (updated by what little it did) and the stage's pooled tokens and
-    latency.  Output tokens stop at ``max_tokens``.  A success costs the list price of
-    the drawn tokens times the fit's ``success_cost_factor``, a failure times its
-    ``failure_cost_factor`` (`_cost`).
+    latency.  Every call's prompt is ``input_tokens`` long when given (else the model's
+    mean, drawn); output tokens stop at ``max_tokens``.  A success costs the list price
+    of those tokens times the fit's ``success_cost_factor``, a failure times its
+    ``failure_cost_factor`` (`_cost`).  ``unmeasured``: no call of the stage succeeded,
+    so the pool holds no tokens: a registry model drawn from it is priced only when
+    ``input_tokens`` and ``max_tokens`` give its calls' size (its output taken as
+    ``max_tokens``, as the router costs a call it knows no output of).
     """
     info = registry.get(fit.model) if fit.model in registry else None
     provider = info.provider if info is not None else "unknown"
@@ -228,7 +245,11 @@ def _draw(
         f = fit.samples - s
         success = rng.betavariate(1.0 + s, 1.0 + f)
         mean_in, mean_out, mu, sigma = pooled
+        if unmeasured and max_tokens is not None:
+            mean_out = float(max_tokens)
+        priced = info is None or not unmeasured or None not in (input_tokens, max_tokens)
     else:
+        priced = True
         phi = fit.overdispersion
         s = fit.successes
         f = fit.samples - s
@@ -242,6 +263,8 @@ def _draw(
             sigma = fit.latency_sigma * math.sqrt(rng.gammavariate((n - 1) / 2.0, 2.0) / (n - 1))
         else:
             sigma = fit.latency_sigma if fit.latency_sigma is not None else _FALLBACK_SIGMA
+    if input_tokens is not None:
+        mean_in = float(input_tokens)  # the prompt asked about, as the router costs the call
     if max_tokens is not None and mean_out > max_tokens:
         mean_out = float(max_tokens)  # the call's output stops there, as the router costs it
     per_success, per_failure = _cost(fit, info, mean_in, mean_out)
@@ -255,6 +278,7 @@ def _draw(
         sigma=max(sigma, 1e-6),
         cost_per_success=per_success,
         cost_per_failure=per_failure,
+        priced=priced,
         ttft_mu=ttft_mu,
         ttft_sigma=ttft_sigma,
     )
@@ -392,6 +416,7 @@ class _Replicate:
     unmatched: int  # requests no model qualified for: on_no_match raised, relaxed or pinned
     unproven: int  # requests answered by exploring while no model was proven
     expected_cost: float  # sum over served requests of the expected cost (failures' too)
+    unpriced: int  # served requests of a model whose calls' cost is unknown (`_Draw.priced`)
     expected_successes: float
 
 
@@ -414,6 +439,8 @@ class _Simulation:
     question: _Question
     requests: int
     seed: int
+    # the prompt size the caller gave (None: each model's own, as recorded)
+    prompt_tokens: int | None = None
 
     async def replay(self, rep: int) -> _Replicate:
         """
@@ -429,11 +456,7 @@ class _Simulation:
             What its requests did.
         """
         rng = random.Random(self.seed * 1_000_003 + rep)
-        cap = self.question.max_tokens
-        draws = {
-            n: _draw(self.fits[n], self.registry, self.pooled, rng, self.pooled_ttft, cap)
-            for n in self.question.candidates
-        }
+        draws = {n: self._draw(n, rng) for n in self.question.candidates}
         now = [self.evidence.until.timestamp()]
 
         def clock(now: list[float] = now) -> float:
@@ -450,7 +473,7 @@ class _Simulation:
         picks: dict[str, int] = {}
         served = 0
         unmatched = 0
-        unproven = 0
+        unproven = unpriced = 0
         exp_cost = 0.0
         exp_success = 0.0
         async with router:
@@ -469,6 +492,7 @@ class _Simulation:
                 if d is None:  # a pinned model outside the candidates
                     d = draws[model] = self._draw_pinned(model, rng)
                 served += 1
+                unpriced += not d.priced
                 picks[model] = picks.get(model, 0) + 1
                 exp_cost += d.success * d.cost_per_success + (1.0 - d.success) * d.cost_per_failure
                 exp_success += d.success
@@ -480,6 +504,7 @@ class _Simulation:
             unmatched=unmatched,
             unproven=unproven,
             expected_cost=exp_cost,
+            unpriced=unpriced,
             expected_successes=exp_success,
         )
 
@@ -488,13 +513,19 @@ class _Simulation:
         self.fits.setdefault(
             model, self.evidence.fits.get(model) or ModelFit(model=model, known=False)
         )
+        return self._draw(model, rng)
+
+    def _draw(self, model: str, rng: random.Random) -> _Draw:
+        """One replicate's truth for ``model``, its calls of the question's size."""
         return _draw(
             self.fits[model],
             self.registry,
             self.pooled,
             rng,
             self.pooled_ttft,
-            self.question.max_tokens,
+            max_tokens=self.question.max_tokens,
+            input_tokens=self.prompt_tokens,
+            unmeasured=not _measured(self.evidence),
         )
 
     def _outcome(self, model: str, d: _Draw, timestamp: float, rng: random.Random) -> LLMCallRecord:
@@ -527,7 +558,7 @@ class _Replicates:
 
     requests: int
     shares: dict[str, list[float]]
-    costs: list[float] = field(factory=list)
+    costs: list[float | None] = field(factory=list)
     success: list[float | None] = field(factory=list)
     p95s: list[float | None] = field(factory=list)
     ttft_p95s: list[float | None] = field(factory=list)
@@ -538,7 +569,8 @@ class _Replicates:
         """Add replicate ``r``'s cost, success, p95s, no-match, unproven and traffic shares."""
         for m in r.picks:
             self.shares.setdefault(m, [0.0] * len(self.costs))
-        self.costs.append(r.expected_cost / self.requests)
+        # unknown when a request went to a model whose calls' cost is unknown
+        self.costs.append(None if r.unpriced else r.expected_cost / self.requests)
         self.success.append(r.expected_successes / r.served if r.served else None)
         self.no_match.append(r.unmatched / self.requests)
         self.unproven.append(r.unproven / self.requests)

@@ -32,7 +32,10 @@ How:
 3. **Unknown is not good.**  A candidate without data in the window is reported as
    unknown; when the router sends simulated traffic to it, its success rate is drawn
    from the uniform prior (anything from 0 to 1), its tokens and latency from the
-   stage's pooled evidence, so the intervals widen instead of assuming it works.
+   stage's pooled evidence, so the intervals widen instead of assuming it works.  In a
+   stage where no call succeeded there is no such evidence: no p95 latency is
+   simulated, nor a cost per request unless ``input_tokens`` and ``max_tokens`` give
+   the calls' size.
 4. **Off-policy check.**  When the recorded calls carry the router's selection
    probability (``LLMCallRecord.routing_propensity``), an inverse-propensity-weighted
    estimate over the window's newest calls (`ipw_limit` of them, read back as records,
@@ -52,13 +55,13 @@ to what a success costs; a cost below the successes' list price (a prompt cache'
 discount: OpenAI counts cached tokens among the input) lowers the successes' price,
 failures then costing nothing; a cost above what every attempt would cost at list
 price (prompt-cache writes and reads, which Anthropic's input tokens leave out) raises
-both alike.  A simulated success costs the list price of its drawn tokens (output
-capped at ``max_tokens``, as the router costs a call) times the success factor, a
-failure times the failure factor, so the policy in force is costed at what was recorded
-per attempt.  Calls recorded without a cost (never priced) are costed at list price,
-failures free; a model outside the registry at its recorded cost per attempt.  The
-factors carry the prices the calls were recorded at: the registry's (its
-``price_version`` is reported) only scale them.
+both alike.  A simulated success costs the list price of its drawn tokens (its prompt
+``input_tokens`` long when given, its output capped at ``max_tokens``, as the router
+costs a call) times the success factor, a failure times the failure factor, so the
+policy in force is costed at what was recorded per attempt.  Calls recorded without a
+cost (never priced) are costed at list price, failures free; a model outside the
+registry at its recorded cost per attempt.  The factors carry the prices the calls
+were recorded at: the registry's (its ``price_version`` is reported) only scale them.
 
 This module holds the entry points and assembles the report; the values live in
 `_whatif_values` (re-exported here), the fits and intervals in `_whatif_fit`, the
@@ -74,11 +77,13 @@ from typing import Any, Final, cast
 
 from attrs import evolve
 
+from ._stats import AVERAGE_CAP
 from ._validators import check, failure, integer, number, shown, text, text_flaw
 from ._whatif_fit import _FALLBACK_SIGMA, _P95_Z, _Z95, _fit, _interval, _mixture_p95
 from ._whatif_replay import (
     _coarsen,
     _FrozenEvidence,
+    _measured,
     _pooled,
     _pooled_ttft,
     _Question,
@@ -127,7 +132,7 @@ _days = number(_fail, low=0, low_open=True, high=36_500, why="must be a number >
 _name = text(_fail)
 _positive_int = integer(_fail, low=1, why="must be an integer >= 1")
 _ipw_limit = integer(_fail, low=0, why="must be an integer >= 0")
-_max_tokens = integer(_fail, low=0, optional=True, why="must be an integer >= 0")
+_tokens = integer(_fail, low=0, optional=True, why="must be an integer >= 0")
 _seed = integer(_fail, why="must be an integer")
 
 
@@ -274,7 +279,7 @@ def _check_simulation(
     requests: object,
     replicates: object,
     min_success_rate: object,
-    max_tokens: object,
+    tokens: tuple[object, object],
     seed: object,
 ) -> list[str]:
     """
@@ -299,9 +304,10 @@ def _check_simulation(
         ) from None
     if _check_positive_int("replicates", replicates) < 2:
         raise ConfigurationError("replicates must be at least 2 (the interval needs a spread)")
-    # both are used before the router sees the question (the draws, their seeds)
+    # all three are used before the router sees the question (the draws, their seeds)
     check(_seed, "seed", seed)
-    check(_max_tokens, "max_tokens", max_tokens)
+    check(_tokens, "input_tokens", tokens[0])
+    check(_tokens, "max_tokens", tokens[1])
     if isinstance(candidates, str):
         raise ConfigurationError("candidates must be a sequence of model ids, not a string")
     names = list(evidence.models) if candidates is None else list(dict.fromkeys(candidates))
@@ -357,7 +363,8 @@ async def simulate_policy(
             as for `AdaptiveModelRouter.get_best_model` (``min_success_rate`` ``None``:
             the routing policy's default floor; ``max_ttft_ms`` judged as the router does).
         candidates: default: the models seen in the window.
-        input_tokens: default: the stage's mean.
+        input_tokens: each simulated request's prompt size, as the router costs it and
+            its call is charged (default: as recorded; the stage's mean for the router).
         routing_policy: default: `RoutingPolicy` with the evidence's window.
         requests, replicates, seed: how many requests per replicate (one a second from
             the evidence's end), how many replicates, and the seed of the draws.
@@ -366,14 +373,16 @@ async def simulate_policy(
         ConfigurationError: invalid arguments, or a replay that would run past the year 9999.
     """
     registry = ModelRegistry.default() if registry is None else registry
+    tokens = (input_tokens, max_tokens)
     names = _check_simulation(
-        evidence, registry, candidates, requests, replicates, min_success_rate, max_tokens, seed
+        evidence, registry, candidates, requests, replicates, min_success_rate, tokens, seed
     )
     if routing_policy is None:
         routing_policy = RoutingPolicy(window_days=evidence.days)
     pooled = _pooled(evidence)
-    if input_tokens is None:
-        input_tokens = round(pooled[0]) if pooled[0] > 0 else None
+    asked = input_tokens
+    if asked is None and pooled[0] > 0:
+        asked = round(pooled[0])  # the router is asked about the stage's mean prompt
     simulation = _Simulation(
         evidence=evidence,
         registry=registry,
@@ -386,7 +395,7 @@ async def simulate_policy(
             workflow=evidence.workflow,
             stage=evidence.stage,
             candidates=names,
-            input_tokens=input_tokens,
+            input_tokens=asked,
             max_tokens=max_tokens,
             max_cost=max_cost,
             max_latency_ms=max_latency_ms,
@@ -396,6 +405,7 @@ async def simulate_policy(
         ),
         requests=requests,
         seed=seed,
+        prompt_tokens=input_tokens,
     )
     runs = _Replicates(requests=requests, shares={n: [] for n in names})
     for rep in range(replicates):
@@ -466,7 +476,8 @@ def _report(simulation: _Simulation, runs: _Replicates, *, replicates: int) -> W
         fitted_latency_p95_ms=_fitted_p95(_latency_parts(evidence)),
         cost_per_request=_interval(runs.costs),
         success_rate=_interval(runs.success, upper=1.0),
-        latency_p95_ms=_interval(runs.p95s),
+        # no successful call in the stage: no latency measured to simulate one from
+        latency_p95_ms=_interval(runs.p95s) if _measured(evidence) else Interval.none(),
         no_match_share=_interval(runs.no_match, upper=1.0),
         unproven_share=_interval(runs.unproven, upper=1.0),
         traffic=_traffic(runs.shares, fits, total),
@@ -509,12 +520,20 @@ def _notes(simulation: _Simulation, names: Sequence[str]) -> list[str]:
     ``names`` (the candidates and the models pinned outside them).
     """
     fits = simulation.fits
+    # without a successful call in the stage, there are no other models' tokens to take
+    pooled = ", its tokens and latency taken from the stage's other models"
     notes: list[str] = [
         f"{named(m)}: no calls in the window: its success rate is unknown (drawn from 0..1 "
-        "in the simulation), its tokens and latency taken from the stage's other models"
+        f"in the simulation){pooled if _measured(simulation.evidence) else ''}"
         for m in names
         if not fits[m].known
     ]
+    if not _measured(simulation.evidence):
+        notes.append(
+            "no call of this stage succeeded in the window: no latency or tokens measured, "
+            "so no p95 latency is simulated, and the cost per request only when "
+            "input_tokens and max_tokens give the calls' size"
+        )
     if simulation.question.max_ttft_ms is not None and simulation.pooled_ttft is None:
         notes.append(
             "max_ttft_ms: no call of this stage streamed in the window, so no model has a "
@@ -642,7 +661,8 @@ def ipw_estimate(
     Self-normalized inverse-propensity estimate of cost per request and success rate.
 
     Each recorded sample call with a ``routing_propensity`` weighs
-    ``target[model] / routing_propensity``.  The cost is per request, as the simulation
+    ``target[model] / routing_propensity``, its cost counting for at most `AVERAGE_CAP`
+    (1e300), as in the telemetry's averages.  The cost is per request, as the simulation
     counts it: the weighted cost of an answered request times the share the policy
     answers (the sum of ``target``, at most 1), a request it leaves unanswered costing
     nothing; the success rate is of the answered requests.
@@ -668,9 +688,12 @@ def ipw_estimate(
         p = r.routing_propensity
         if p is None or p <= 0.0:
             continue
-        rows.append((target.get(r.model, 0.0) / p, r.cost_usd, 1.0 if r.success else 0.0))
+        # a cost counts for at most AVERAGE_CAP, as in the telemetry's averages
+        cost = min(r.cost_usd, AVERAGE_CAP)
+        rows.append((target.get(r.model, 0.0) / p, cost, 1.0 if r.success else 0.0))
     if not rows:
         return None
+    rows = _scaled_weights(rows)
     sw = sum(w for w, _, _ in rows)
     sw2 = sum(w * w for w, _, _ in rows)
     ess = sw * sw / sw2 if sw > 0 else 0.0
@@ -685,10 +708,9 @@ def ipw_estimate(
 
     def snips(values: Sequence[float], upper: float | None) -> Interval:
         est = sum(w * v for (w, _, _), v in zip(rows, values, strict=True)) / sw
-        var = sum((w * (v - est)) ** 2 for (w, _, _), v in zip(rows, values, strict=True)) / (
-            sw * sw
-        )
-        half = _Z95 * math.sqrt(var)
+        # the root of the sum of squares, never squared (a $1e300 cost's square is no float)
+        spread = math.hypot(*(w * (v - est) for (w, _, _), v in zip(rows, values, strict=True)))
+        half = _Z95 * spread / sw
         high = est + half if upper is None else min(upper, est + half)
         return Interval(estimate=est, low=max(0.0, est - half), high=high)
 
@@ -700,6 +722,21 @@ def ipw_estimate(
         cost_per_request=snips([c for _, c, _ in rows], None).scaled(answered),
         success_rate=snips([s for _, _, s in rows], 1.0),
     )
+
+
+def _scaled_weights(rows: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
+    """
+    ``rows`` (weight, cost, success) with the weights divided by the largest: the
+    estimate, its spread and the effective sample size stay the same, and no weight's
+    square or product with a cost overflows.  Weights past the largest float (the
+    inverse of a propensity too small for it to be one) count alike, the others nothing.
+    """
+    top = max(w for w, _, _ in rows)
+    if top == 0.0:
+        return rows
+    if math.isinf(top):
+        return [(1.0 if math.isinf(w) else 0.0, c, s) for w, c, s in rows]
+    return [(w / top, c, s) for w, c, s in rows]
 
 
 # --------------------------------------------------------------------------- entry points

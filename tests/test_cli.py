@@ -655,6 +655,22 @@ def test_routing_stats_of_a_stage_without_calls_claims_no_success_rate(
     assert "success -" in out
 
 
+def test_routing_stats_of_a_stage_lists_only_the_workflows_that_have_it(
+    home: Path, db: Path
+) -> None:
+    # "write" is a stage of docs only: support (its stage is triage) is not listed with 0 calls
+    data = json.loads(
+        ok(cli(home, "routing", "stats", "--stage", "write", "--db", str(db), "--json"))
+    )
+    assert [(s["workflow"], s["stage"], s["total_calls"]) for s in data["workflows"]] == [
+        ("docs", "write", 50)
+    ]
+    out = ok(cli(home, "routing", "stats", "--stage", "write", "--db", str(db)))
+    assert "docs / stage write: 50 calls" in out and "support" not in out
+    none = ok(cli(home, "routing", "stats", "--stage", "nosuch", "--db", str(db)))
+    assert none == "No calls recorded for stage nosuch in the last 7 day(s).\n"
+
+
 @pytest.fixture(scope="module")
 def unnamed_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 failed calls without a workflow, 12 fine ones of "wf" without a stage, and 12

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
+import attrs
 import pytest
 
 from empathy_models import (
@@ -149,6 +150,35 @@ def test_whatif_takes_the_largest_latencies_a_float_holds(tmp_path: Path) -> Non
     figures = {" ".join(row[:3]): row for row in _rows(out, "figure")}
     assert figures["p95 latency ms"][-3] == "1.7e+308"  # as recorded
     assert "its recorded p95 latency (1.7e+308 ms) is 2.1x its log-normal fit's" in out
+
+
+def test_whatif_checks_huge_costs_off_policy_and_prints_valid_json(tmp_path: Path) -> None:
+    """
+    Calls of $1e300 and of the largest float, recorded by a router (with their
+    selection probability): the off-policy estimate over them is a number, in the
+    table and in JSON that a strict parser reads (it squared a $1e300 deviation before:
+    OverflowError, a traceback instead of a report).
+    """
+    ts = datetime.now(UTC) - timedelta(minutes=5)
+    calls = [
+        attrs.evolve(
+            _call("wf", "s", ts, cost_usd=1.7e308 if i == 0 else 1e300), routing_propensity=1.0
+        )
+        for i in range(40)
+    ]
+    db = _store(tmp_path / "ipw.db", calls)
+    args = ("routing", "whatif", "wf", "s", "--db", str(db), "--replicates", "3")
+    out = ok(tmp_path, *args, "--requests", "20")
+    assert "off-policy check (inverse propensity weighting over 40 recorded calls" in out
+    assert "cost per request $1e+300 ($" in out
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"not JSON: {constant}")
+
+    report = json.loads(ok(tmp_path, *args, "--requests", "20", "--json"), parse_constant=refuse)
+    ipw = report["ipw"]["cost_per_request"]
+    assert ipw["estimate"] == pytest.approx(1e300)  # each cost counts for at most 1e300
+    assert ipw["low"] <= ipw["estimate"] <= ipw["high"] < 1e301
 
 
 def test_numbers_keep_their_format_up_to_a_billion() -> None:

@@ -218,6 +218,43 @@ async def test_a_model_with_only_billed_failures_shows_what_the_simulation_charg
     assert report.cost_per_request.estimate == pytest.approx(0.002, rel=0.05)
 
 
+async def test_a_stage_without_a_successful_call_has_no_made_up_latency_or_cost() -> None:
+    """
+    Every recorded call of the stage failed ("oracle"), and "pricey" never served it:
+    nothing measured how long a call takes or how many tokens it uses.  The simulated
+    p95 latency and the cost per request are not estimated (they were a 5,180 ms p95,
+    from a made-up one-second median, and $0, zero-width intervals), and a note says
+    why; given input_tokens and max_tokens, the calls are costed at that size.
+    """
+    failed = [
+        attrs.evolve(r, model="oracle", outcome=Outcome.FAILURE, output_tokens=0, cost_usd=0.0)
+        for r in history(1, 200)
+    ]
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(failed)
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    assert evidence.fits["oracle"].successes == 0
+    quick: dict[str, Any] = {
+        "registry": REGISTRY,
+        "candidates": ["oracle", "pricey"],
+        "requests": 50,
+        "replicates": 4,
+    }
+    report = await simulate_policy(evidence, **quick)
+    assert report.success_rate.estimate is not None  # requests were served
+    assert report.latency_p95_ms == Interval.none()
+    assert report.cost_per_request == Interval.none()
+    assert report.to_dict()["cost_per_1k"] == {"estimate": None, "low": None, "high": None}
+    assert any(n.startswith("no call of this stage succeeded in the window") for n in report.notes)
+    # no other model's tokens to take, and the notes do not claim any
+    assert not any("stage's other models" in n for n in report.notes)
+    sized = await simulate_policy(evidence, input_tokens=1_000, max_tokens=500, **quick)
+    most = (1_000 * BY_ID["pricey"].input_price + 500 * BY_ID["pricey"].output_price) / 1e6
+    assert sized.cost_per_request.estimate is not None
+    assert 0.0 < sized.cost_per_request.estimate < most
+    assert sized.latency_p95_ms == Interval.none()
+
+
 async def test_a_note_quotes_a_model_name_that_could_be_misread(tmp_path: Path) -> None:
     async with SQLiteTelemetryBackend(tmp_path / "calls.db") as backend:
         await backend.record_many(history(1, 500))
@@ -326,6 +363,31 @@ async def test_a_seed_or_max_tokens_of_the_wrong_type_is_a_configuration_error()
     with pytest.raises(ConfigurationError, match=r"^seed must be an integer"):
         await sweep_min_success_rate(evidence, [0.9], seed="1", **quick)
     assert (await simulate_policy(evidence, seed=-3, max_tokens=0, **quick)).requests == 5
+
+
+async def test_the_simulated_cost_is_of_the_prompt_size_asked_about() -> None:
+    """
+    The stage's prompts were 500 tokens; asked about prompts of 50,000 (input_tokens),
+    each simulated call is charged for 50,000, as the router costs it: the cost per
+    request is the oracle's true cost at that size (it stayed the recorded 500-token
+    one before, about 30 times less, whatever input_tokens said).
+    """
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many(history(1, 1_000))
+        evidence = await load_stage_evidence(backend, WF, ST, registry=REGISTRY, now=NOW)
+    oracle = BY_ID["oracle"]
+    mean_out = sum(oracle.output_tokens) / 2
+    quick: dict[str, Any] = {"registry": REGISTRY, "candidates": ["oracle"], "replicates": 5}
+    for prompt in (500, 50_000):
+        report = await simulate_policy(evidence, input_tokens=prompt, requests=50, **quick)
+        truth = oracle.success * (prompt * oracle.input_price + mean_out * oracle.output_price)
+        assert report.cost_per_request.estimate == pytest.approx(truth / 1e6, rel=0.03)
+        assert report.constraints["input_tokens"] == prompt
+    # checked before any draw, as max_tokens is
+    sizes: list[Any] = ["500", 1.5, -1, True]
+    for size in sizes:
+        with pytest.raises(ConfigurationError, match=r"^input_tokens must be an integer >= 0"):
+            await simulate_policy(evidence, input_tokens=size, requests=5, **quick)
 
 
 async def test_a_sweep_given_min_success_rate_too_is_a_configuration_error() -> None:
@@ -487,6 +549,37 @@ def test_the_off_policy_cost_counts_unanswered_requests_as_free_as_the_simulatio
     whole = ipw_estimate(records, {"a": 0.5, "b": 0.5})  # every request answered
     assert whole is not None
     assert whole.cost_per_request.estimate == pytest.approx((0.001 + 0.004) / 2)
+
+
+def test_the_off_policy_estimate_stays_a_number_at_any_cost_or_propensity() -> None:
+    """
+    One call logged with a propensity of 1e-300 outweighs 40 others a 1e300-fold: the
+    effective sample size is 1 (it was NaN, and the estimate given as if sound); one
+    of the largest cost a float holds counts as 1e300, the estimate finite (it was inf).
+    """
+
+    def call(i: int, *, propensity: float = 0.5, cost: float = 0.001) -> LLMCallRecord:
+        return LLMCallRecord(
+            provider="p",
+            model="a",
+            outcome="success",
+            cost_usd=cost,
+            routing_propensity=propensity,
+            call_id=f"a{i}",
+        )
+
+    usual = [call(i) for i in range(40)]
+    for odd in (call(40, propensity=1e-300), call(40, propensity=5e-324)):
+        lopsided = ipw_estimate([*usual, odd], {"a": 1.0})
+        assert lopsided is not None
+        assert lopsided.effective_sample_size == pytest.approx(1.0)
+        assert lopsided.cost_per_request.estimate is None  # too few effective samples
+    costly = ipw_estimate([*usual, call(40, cost=1.7976931348623157e308)], {"a": 1.0})
+    assert costly is not None and costly.effective_sample_size == pytest.approx(41.0)
+    cost = costly.cost_per_request
+    assert cost.estimate == pytest.approx(1e300 / 41)
+    assert cost.estimate is not None and cost.low is not None and cost.high is not None
+    assert math.isfinite(cost.high) and cost.low <= cost.estimate <= cost.high
 
 
 async def test_a_policy_without_overlap_says_why_it_has_no_off_policy_estimate() -> None:
@@ -701,6 +794,21 @@ def test_cli_table_and_json(tmp_path: Path, synth_db: tuple[Path, Path]) -> None
     assert data["cost_per_1k"]["estimate"] == pytest.approx(
         1000 * data["cost_per_request"]["estimate"]
     )
+
+
+def test_cli_shows_the_policy_as_given(tmp_path: Path, synth_db: tuple[Path, Path]) -> None:
+    """The policy line repeats each bound as typed, never rounded to six digits."""
+    db, registry = synth_db
+    args = ("routing", "whatif", WF, ST, "--db", str(db), "--registry", str(registry))
+    bounds = ("--min-success-rate", "0.9999999", "--max-latency-ms", "1234567.5")
+    quick = ("--max-cost", "0.0123456789", "--requests", "5", "--replicates", "2")
+    result = run_cli(tmp_path / "home", *args, *bounds, *quick)
+    assert result.returncode == 0, result.stderr
+    # it read "min_success_rate=1, max_latency_ms=1.23457e+06, max_cost=0.0123457" before
+    assert (
+        "policy     min_success_rate=0.9999999, max_latency_ms=1234567.5, "
+        "max_cost=0.0123456789, on_no_match=raise\n"
+    ) in result.stdout
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -186,7 +187,10 @@ def _register_whatif(sub: SubParsers) -> None:
         "this stage); one without data in the window is reported as unknown",
     )
     whatif.add_argument(
-        "--input-tokens", type=_tokens, help="prompt size (default: the stage's mean)"
+        "--input-tokens",
+        type=_tokens,
+        help="prompt size of each simulated request, for the router and the cost "
+        "(default: as recorded)",
     )
     whatif.add_argument("--max-tokens", type=_tokens, help="output cap, for the expected cost")
     whatif.add_argument(
@@ -264,8 +268,9 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
             router = AdaptiveModelRouter(registry, backend, refresh_interval=None)
             if args.workflow is not None:
                 workflows = [args.workflow]
-            else:
-                workflows = sorted({w for w, _, _ in await _stages(backend, args.days, None, None)})
+            else:  # the workflows with calls in the window (of --stage, when given)
+                seen = await _stages(backend, args.days, None, args.stage)
+                workflows = sorted({w for w, _, _ in seen})
             now = datetime.now(UTC)
             return [
                 (
@@ -286,7 +291,8 @@ def cmd_routing_stats(args: argparse.Namespace) -> int:
         )
         return 0
     if not results:
-        print(f"No calls recorded in the last {args.days:g} day(s).")
+        of = "" if args.stage is None else f" for stage {shown_name(args.stage)}"
+        print(f"No calls recorded{of} in the last {args.days:g} day(s).")
         return 0
     for i, (stats, ahead) in enumerate(results):
         if i:
@@ -718,10 +724,15 @@ def _with_fit(recorded: float | None, fitted: float | None) -> str:
     return f"{fmt_ms(recorded)} (fit {fmt_ms(fitted)})"
 
 
+def _as_given(value: object) -> str:
+    """A bound of the policy as given: 0.9999999 is not 1 (what ``{:g}``'s six digits show)."""
+    return f"{value:.15g}" if isinstance(value, float) else str(value)
+
+
 def _print_whatif(r: Any) -> None:
     c = r.constraints
     policy = ", ".join(
-        f"{k}={c[k]:g}" if isinstance(c[k], float) else f"{k}={c[k]}"
+        f"{k}={_as_given(c[k])}"
         for k in ("min_success_rate", "max_latency_ms", "max_ttft_ms", "max_cost", "on_no_match")
         if c[k] is not None
     )
@@ -800,6 +811,10 @@ def _print_whatif(r: Any) -> None:
         print(f"note: {printable(note)}")
 
 
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
 def _plot_sweep(swept: list[Any], report: Any, path: Path, fmt: str) -> None:
     import matplotlib
 
@@ -807,9 +822,10 @@ def _plot_sweep(swept: list[Any], report: Any, path: Path, fmt: str) -> None:
     import matplotlib.pyplot as plt
 
     xs = [r.constraints["min_success_rate"] for r in swept]
-    est = [r.cost_per_1k.estimate or 0.0 for r in swept]
-    low = [r.cost_per_1k.low or 0.0 for r in swept]
-    high = [r.cost_per_1k.high or 0.0 for r in swept]
+    # a cost not estimated (no call of the stage succeeded) is a gap in the line, not $0
+    est = [_or_nan(r.cost_per_1k.estimate) for r in swept]
+    low = [_or_nan(r.cost_per_1k.low) for r in swept]
+    high = [_or_nan(r.cost_per_1k.high) for r in swept]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(xs, est, "o-", label="expected cost per 1,000 requests")
     ax.fill_between(xs, low, high, alpha=0.25, label="95% interval")
