@@ -8,10 +8,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from empathy_models.testing.clock import FakeClock
 
 from ._namespaces import drop_namespace, private_url
+
+# Property tests judge values, not speed: on a machine busy with other workers (CI runs
+# the suite beside other jobs) drawing inputs or running an example can take seconds,
+# which Hypothesis would otherwise report as a failure (too_slow, a deadline exceeded).
+settings.register_profile(
+    "empathy-tests", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("empathy-tests")
 
 
 @pytest.fixture(autouse=True)
