@@ -742,6 +742,33 @@ async def test_openai_sdk_tool_name_the_api_refuses_is_a_bad_request(
     assert server.requests("gpt-4o-mini") == 0
 
 
+async def test_openai_sdk_tool_call_id_over_40_characters_is_a_bad_request(
+    server: FakeLLMServer, oai: openai.AsyncOpenAI
+) -> None:
+    """Chat Completions takes tool call ids of at most 40 characters."""
+
+    def history(call_id: str) -> Any:
+        call = {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}
+        return [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": call_id, "type": "function", "function": call}],
+            },
+            {"role": "tool", "tool_call_id": call_id, "content": "3 C"},
+        ]
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        await oai.chat.completions.create(model="gpt-4o-mini", messages=history("c" * 41))
+    body = raised.value.body
+    assert isinstance(body, dict)
+    assert body["param"] == "messages[1].tool_calls[0].id"
+    assert body["code"] == "string_above_max_length"
+    assert "maximum length 40, but got a string with length 41" in body["message"]
+    assert server.requests("gpt-4o-mini") == 0
+    await oai.chat.completions.create(model="gpt-4o-mini", messages=history("c" * 40))
+
+
 @pytest.mark.parametrize(
     ("messages", "index"),
     [

@@ -256,6 +256,62 @@ async def test_tool_ids_that_differ_stay_distinct_on_anthropic(server: FakeLLMSe
     )
 
 
+def _tool_text(message: Mapping[str, Any]) -> str:
+    """A ``tool`` message's text: its string, or its text parts joined."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p["text"] for p in content)
+
+
+async def test_tool_ids_over_40_characters_are_shortened_for_openai(
+    server: FakeLLMServer,
+) -> None:
+    """
+    Chat Completions refuses a tool call id over 40 characters (Responses-style ``fc_``
+    ids are 53): each such id is sent as 40, the same in its call and its result, and
+    two ids that start alike stay distinct.
+    """
+    long_a = "fc_" + "0f0e50a1476a6c35006912c58dc9f88191" + "92c25864eb16f07f"
+    long_b = "fc_" + "0f0e50a1476a6c35006912c58dc9f88191" + "000000000000000b"
+    image = ImageBlock.from_base64(PNG, "image/png")
+    history = [
+        Message(role="user", content="Weather?"),
+        Message(
+            role="assistant",
+            tool_calls=[
+                ToolCall(id=long_a, name="get_weather", arguments={"city": "Oslo"}),
+                ToolCall(id=long_b, name="get_weather", arguments={"city": "Rome"}),
+                ToolCall(id="call_" + "x" * 35, name="get_weather", arguments={"city": "Bern"}),
+            ],
+        ),
+        Message(role="tool", tool_call_id=long_b, content="20 C"),
+        Message(
+            role="user",
+            content=[
+                ToolResult(tool_call_id=long_a, content=[TextBlock(text="3 C"), image]),
+                ToolResult(tool_call_id="call_" + "x" * 35, content="9 C"),
+            ],
+        ),
+    ]
+    async with make(server) as executor:
+        response = await executor.run(history, pinned(GPT), tools=[WEATHER])
+    assert response.content
+    sent = server.last_request(GPT)
+    assert sent is not None
+    calls = {
+        json.loads(c["function"]["arguments"])["city"]: c["id"]
+        for c in sent.body["messages"][1]["tool_calls"]
+    }
+    results = {_tool_text(m): m["tool_call_id"] for m in sent.body["messages"][2:5]}
+    assert all(len(i) <= 40 for i in calls.values())
+    assert calls["Bern"] == "call_" + "x" * 35  # 40 characters: sent as it is
+    assert len({calls["Oslo"], calls["Rome"]}) == 2
+    assert (calls["Oslo"], calls["Rome"], calls["Bern"]) == (
+        results["3 C"],
+        results["20 C"],
+        results["9 C"],
+    )
+
+
 @pytest.mark.parametrize(("model", "api"), MODELS)
 async def test_tool_results_as_blocks_with_an_error_flag(
     server: FakeLLMServer, model: str, api: str

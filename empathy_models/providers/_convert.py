@@ -31,8 +31,10 @@ in one user message after all the ``tool`` messages answering that turn's calls;
 has OpenAI an error flag for a result (``is_error`` is not sent there).  Anthropic tool
 ids must match ``[A-Za-z0-9_-]+``: an id from another provider with other characters
 has them as ``_`` and a hash of the whole id appended (the same every time, so calls
-and results still pair up, and distinct ids stay distinct).  A ``tool_choice`` without
-tools (only ``"none"`` is allowed so) is not sent to OpenAI, which refuses one.
+and results still pair up, and distinct ids stay distinct); OpenAI takes ids of at most
+40 characters: a longer one is cut to its first 23 and a hash of the whole id.  A
+``tool_choice`` without tools (only ``"none"`` is allowed so) is not sent to OpenAI,
+which refuses one.
 """
 
 from __future__ import annotations
@@ -57,9 +59,26 @@ __all__ = [
 ]
 
 _BAD_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9_-]")
+_OPENAI_ID_LENGTH: Final = 40
+"""The longest ``tool_calls[].id`` Chat Completions takes (``string_above_max_length``)."""
+
+
+def _id_digest(value: str) -> str:
+    """16 hex digits of a hash of a tool id: what keeps two ids apart once rewritten."""
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- OpenAI
+
+
+def _openai_id(value: str) -> str:
+    """
+    ``value`` as a Chat Completions tool call id: as it is up to 40 characters, else its
+    first 23 and a hash of the whole id (40 in all), so two ids never become one.
+    """
+    if len(value) <= _OPENAI_ID_LENGTH:
+        return value
+    return f"{value[: _OPENAI_ID_LENGTH - 17]}_{_id_digest(value)}"
 
 
 def _openai_part(block: TextBlock | ImageBlock) -> dict[str, Any]:
@@ -77,6 +96,7 @@ def _openai_tool_message(
     The ``tool`` message of one result; its images (a ``tool`` message holds text only)
     go to ``images``, for the user message that follows the turn's tool messages.
     """
+    tool_call_id = _openai_id(tool_call_id)
     if isinstance(content, str):
         return {"role": "tool", "tool_call_id": tool_call_id, "content": content}
     texts = [{"type": "text", "text": b.text} for b in content if isinstance(b, TextBlock)]
@@ -99,7 +119,7 @@ def _openai_message(message: Message, images: list[dict[str, Any]]) -> list[dict
         if calls:
             out["tool_calls"] = [
                 {
-                    "id": call.id,
+                    "id": _openai_id(call.id),
                     "type": "function",
                     "function": {"name": call.name, "arguments": call.arguments_json},
                 }
@@ -266,8 +286,7 @@ def _anthropic_id(value: str) -> str:
     """
     if _BAD_ID_CHARS.search(value) is None:
         return value
-    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{_BAD_ID_CHARS.sub('_', value)}_{digest}"
+    return f"{_BAD_ID_CHARS.sub('_', value)}_{_id_digest(value)}"
 
 
 def _anthropic_media(block: TextBlock | ImageBlock) -> dict[str, Any]:

@@ -28,6 +28,8 @@ _SERVER_TOOL_TYPE: Final = re.compile(r"[a-z][a-z0-9_]*_[0-9]{8}")
 """A server tool's ``type``: its name and version date, such as ``web_search_20250305``."""
 _OPENAI_TOOL_NAME: Final = re.compile(r"[a-zA-Z0-9_-]+")
 """A Chat Completions function's name (at most 64 characters, checked apart)."""
+_OPENAI_ID_LENGTH: Final = 40
+"""The longest tool call id (``messages[].tool_calls[].id``) Chat Completions takes."""
 _ANTHROPIC_TOOL_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,128}")
 """A Messages API custom tool's name."""
 _SCHEMA_INVALID: Final = (
@@ -570,6 +572,14 @@ def _openai_assistant(index: int, message: Mapping[str, Any]) -> Problem | list[
                 "function.name / function.arguments (a string).",
                 f"messages.[{index}].tool_calls",
                 None,
+            )
+        if len(call["id"]) > _OPENAI_ID_LENGTH:
+            where = f"messages[{index}].tool_calls[{n}].id"
+            return (
+                f"Invalid '{where}': string too long. Expected a string with maximum length "
+                f"{_OPENAI_ID_LENGTH}, but got a string with length {len(call['id'])} instead.",
+                where,
+                "string_above_max_length",
             )
     if message.get("content") is None and not calls:
         where = f"messages[{index}].content"
