@@ -742,6 +742,72 @@ async def test_openai_sdk_tool_name_the_api_refuses_is_a_bad_request(
     assert server.requests("gpt-4o-mini") == 0
 
 
+STRICT_REFUSED = [
+    (  # the root object may hold other properties
+        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "In context=(), 'additionalProperties' is required to be supplied and to be false.",
+    ),
+    (  # a property left out of required
+        {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+        "In context=(), 'required' is required to be supplied and to be an array including "
+        "every key in properties. Missing 'unit'.",
+    ),
+    (  # a nested object, through $defs
+        {
+            "type": "object",
+            "properties": {"place": {"$ref": "#/$defs/place"}},
+            "required": ["place"],
+            "additionalProperties": False,
+            "$defs": {"place": {"type": "object", "properties": {}}},
+        },
+        "In context=('$defs', 'place'), 'additionalProperties' is required to be supplied "
+        "and to be false.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("schema", "why"), STRICT_REFUSED)
+async def test_openai_sdk_strict_schema_without_closed_objects_is_a_bad_request(
+    server: FakeLLMServer, oai: openai.AsyncOpenAI, schema: dict[str, Any], why: str
+) -> None:
+    """
+    Strict mode (a strict response format or function) needs every object to set
+    ``additionalProperties: false`` and to require all its properties; without strict,
+    the same schema is taken.
+    """
+    messages: Any = [{"role": "user", "content": "Weather?"}]
+    spec = {"name": "weather", "schema": schema, "strict": True}
+    strict_format: Any = {"type": "json_schema", "json_schema": spec}
+    with pytest.raises(openai.BadRequestError) as raised:
+        await oai.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, response_format=strict_format
+        )
+    body = raised.value.body
+    assert isinstance(body, dict) and body["param"] == "response_format"
+    assert body["message"] == f"Invalid schema for response_format 'weather': {why}"
+    function = {"name": "get_weather", "parameters": schema, "strict": True}
+    strict_tools: Any = [{"type": "function", "function": function}]
+    with pytest.raises(openai.BadRequestError) as raised:
+        await oai.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, tools=strict_tools
+        )
+    body = raised.value.body
+    assert isinstance(body, dict) and body["param"] == "tools[0].function.parameters"
+    assert body["code"] == "invalid_function_parameters"
+    assert body["message"] == f"Invalid schema for function 'get_weather': {why}"
+    assert server.requests("gpt-4o-mini") == 0
+    loose_format: Any = {"type": "json_schema", "json_schema": {**spec, "strict": False}}
+    loose_tools: Any = [{"type": "function", "function": {**function, "strict": False}}]
+    await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, response_format=loose_format, tools=loose_tools
+    )
+
+
 async def test_openai_sdk_tool_call_id_over_40_characters_is_a_bad_request(
     server: FakeLLMServer, oai: openai.AsyncOpenAI
 ) -> None:

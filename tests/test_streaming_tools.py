@@ -459,7 +459,12 @@ async def test_a_streamed_answer_the_check_refuses_is_a_parse_error(
     server: FakeLLMServer, model: str, api: str
 ) -> None:
     """NaN and 1e400 under a multipleOf raised a ValueError or OverflowError at the end."""
-    schema = {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "number", "multipleOf": 2}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     telemetry = MemoryTelemetryBackend()
     async with make(server, telemetry_store=telemetry) as executor:
         for text in ('{"n": NaN}', '{"n": 1e400}', '{"n": -Infinity}'):
