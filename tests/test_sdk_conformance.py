@@ -836,6 +836,45 @@ async def test_openai_sdk_tool_call_id_over_40_characters_is_a_bad_request(
 
 
 @pytest.mark.parametrize(
+    ("content", "where"),
+    [
+        ([{"type": "text", "text": ""}, {"type": "text", "text": "hi"}], "messages.0.content.0"),
+        (
+            [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_1",
+                    "content": [{"type": "text", "text": ""}],
+                }
+            ],
+            "messages.2.content.0.tool_result.content.0",
+        ),
+    ],
+)
+async def test_anthropic_sdk_empty_text_block_is_a_bad_request(
+    server: FakeLLMServer, ant: anthropic.AsyncAnthropic, content: Any, where: str
+) -> None:
+    """An empty text block is refused in a user message and in a tool result too."""
+    messages: Any = [
+        {"role": "user", "content": content},
+        {"role": "user", "content": "Weather?"},
+    ]
+    if where.startswith("messages.2"):
+        use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+        messages = [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [use]},
+            {"role": "user", "content": content},
+        ]
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await ant.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=messages)
+    body = raised.value.body
+    assert isinstance(body, dict)
+    assert body["error"]["message"] == f"{where}: text content blocks must be non-empty"
+    assert server.requests("claude-haiku-4-5") == 0
+
+
+@pytest.mark.parametrize(
     ("messages", "index"),
     [
         ([{"role": "user", "content": ""}], 0),

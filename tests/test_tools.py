@@ -312,6 +312,55 @@ async def test_tool_ids_over_40_characters_are_shortened_for_openai(
     )
 
 
+def _texts(value: Any) -> Iterator[str]:
+    """Every text block's text in a wire body, however deep."""
+    if isinstance(value, Mapping):
+        if value.get("type") == "text":
+            yield value["text"]
+        for item in value.values():
+            yield from _texts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item)
+
+
+async def test_empty_text_blocks_are_left_out_for_anthropic(server: FakeLLMServer) -> None:
+    """
+    OpenAI takes an empty text part; the Messages API refuses an empty text block, in a
+    message or a tool result: a conversation holding one continues on Claude.
+    """
+    image = ImageBlock.from_base64(PNG, "image/png")
+    history = [
+        Message(role="user", content=[TextBlock(text=""), TextBlock(text="Weather?")]),
+        Message(
+            role="assistant",
+            tool_calls=[
+                ToolCall(id="call_1", name="get_weather", arguments={"city": "Oslo"}),
+                ToolCall(id="call_2", name="get_weather", arguments={"city": "Rome"}),
+            ],
+        ),
+        Message(
+            role="user",
+            content=[
+                ToolResult(tool_call_id="call_1", content=[TextBlock(text=""), image]),
+                ToolResult(tool_call_id="call_2", content=[TextBlock(text="")]),
+                TextBlock(text=""),
+            ],
+        ),
+    ]
+    async with make(server) as executor:
+        response = await executor.run(history, pinned(CLAUDE), tools=[WEATHER])
+    assert response.content
+    sent = server.last_request(CLAUDE)
+    assert sent is not None
+    assert list(_texts(sent.body["messages"])) == ["Weather?"]
+    first, second = sent.body["messages"][2]["content"]
+    assert first["content"] == [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+    ]
+    assert second == {"type": "tool_result", "tool_use_id": "call_2"}
+
+
 @pytest.mark.parametrize(("model", "api"), MODELS)
 async def test_tool_results_as_blocks_with_an_error_flag(
     server: FakeLLMServer, model: str, api: str

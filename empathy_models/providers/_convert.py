@@ -26,6 +26,7 @@ object too (Anthropic's ``output_config``, which holds ``format`` and ``effort``
 ``tool_choice``, which holds ``disable_parallel_tool_use``) is merged into it key by key,
 its keys winning; any other value takes the field's place.
 
+Empty text blocks, which OpenAI takes, are left out for Anthropic, which refuses them.
 A tool result's images cannot go in an OpenAI ``tool`` message (text only): they follow
 in one user message after all the ``tool`` messages answering that turn's calls; nor
 has OpenAI an error flag for a result (``is_error`` is not sent there).  Anthropic tool
@@ -300,11 +301,26 @@ def _anthropic_media(block: TextBlock | ImageBlock) -> dict[str, Any]:
     }
 
 
+def _anthropic_blocks(content: Sequence[object]) -> list[dict[str, Any]]:
+    """
+    The text and image blocks of ``content`` on the wire, but for empty texts: the
+    Messages API refuses an empty text block ("text content blocks must be non-empty"),
+    which OpenAI takes (a conversation may come from there).
+    """
+    return [
+        _anthropic_media(b)
+        for b in content
+        if isinstance(b, ImageBlock) or (isinstance(b, TextBlock) and b.text)
+    ]
+
+
 def _anthropic_result(
     tool_call_id: str, content: str | Sequence[TextBlock | ImageBlock], is_error: bool
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"type": "tool_result", "tool_use_id": _anthropic_id(tool_call_id)}
-    out["content"] = content if isinstance(content, str) else [_anthropic_media(b) for b in content]
+    blocks = content if isinstance(content, str) else _anthropic_blocks(content)
+    if blocks or isinstance(content, str):  # a result of empty texts only: no content
+        out["content"] = blocks
     if is_error:
         out["is_error"] = True
     return out
@@ -344,8 +360,7 @@ def _anthropic_message(message: Message) -> dict[str, Any]:
         for b in message.content
         if isinstance(b, ToolResult)
     ]
-    rest = [_anthropic_media(b) for b in message.content if isinstance(b, TextBlock | ImageBlock)]
-    return {"role": "user", "content": results + rest}
+    return {"role": "user", "content": results + _anthropic_blocks(message.content)}
 
 
 def _has_results(message: Mapping[str, Any]) -> bool:

@@ -70,7 +70,7 @@ def _is_url(value: object) -> bool:
 def _text_block(block: Mapping[str, Any], where: str, role: str) -> str | None:
     if not isinstance(block.get("text"), str):
         return f"{where}.text: Field required"
-    if not block["text"] and role == "assistant":
+    if not block["text"]:  # in any role, in a tool result too
         return f"{where}: text content blocks must be non-empty"
     return None
 
