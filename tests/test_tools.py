@@ -44,6 +44,7 @@ from empathy_models.exceptions import (
 from empathy_models.testing import FakeLLMServer, FakeReply
 
 from ._fakes import CHEAP_ONLY, KEY, WEATHER, NoSleep
+from ._serving import serving
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP4//8/AAX+Av6n1qSFAAAAAElFTkSuQmCC"
 PERSON: dict[str, Any] = {
@@ -747,6 +748,50 @@ async def test_a_400_naming_an_unknown_model_moves_to_the_next_route(
             await runner.cleanup()
     assert answered.model == GPT and answered.fallback_chain == (CLAUDE, GPT)
     assert answered.attempts[0].error_type == ModelNotFoundError.__name__
+
+
+async def test_calls_without_an_id_are_given_one_and_their_results_pair_up(
+    server: FakeLLMServer,
+) -> None:
+    """
+    Gemini's OpenAI-compatible endpoint answers calls with ``"id": ""``: the answer was
+    an invalid response.  Each call gets an id of its own, which its result echoes.
+    """
+
+    def call(city: str, **id_field: Any) -> dict[str, Any]:
+        function = {"name": "get_weather", "arguments": json.dumps({"city": city})}
+        return {**id_field, "type": "function", "function": function}
+
+    async def gemini(request: web.Request) -> web.Response:
+        message = {
+            "role": "assistant",
+            "tool_calls": [call("Oslo", id=""), call("Rome", id=""), call("Bern")],
+        }
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+        return web.json_response({"choices": [choice], "model": GPT, "usage": usage})
+
+    async with serving("/v1/chat/completions", gemini) as url:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+            registry=CHEAP_ONLY,
+            telemetry_store="null://",
+            retry=RetryPolicy.none(),
+            sleep=NoSleep(),
+        )
+        async with executor:
+            first = await executor.run("Weather?", pinned(GPT), tools=[WEATHER])
+    ids = [c.id for c in first.tool_calls]
+    assert [c.arguments["city"] for c in first.tool_calls] == ["Oslo", "Rome", "Bern"]
+    assert all(re.fullmatch(r"call_[0-9a-f]{24}", i) for i in ids) and len(set(ids)) == 3
+    history = [
+        Message(role="user", content="Weather?"),
+        Message(role="assistant", content=first.content, tool_calls=first.tool_calls),
+        *(Message(role="tool", tool_call_id=i, content="9 C") for i in ids),
+    ]
+    async with make(server) as executor:  # the fake pairs each result with its call
+        second = await executor.run(history, pinned(GPT), tools=[WEATHER])
+    assert second.content
 
 
 async def test_every_route_failing_on_a_tool_request_keeps_the_errors(

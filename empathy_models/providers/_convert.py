@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -231,10 +232,19 @@ def _bad_arguments(
     return error
 
 
+def _new_call_id() -> str:
+    """An id for a call a server sent without one, in OpenAI's shape (``call_`` and 24)."""
+    return f"call_{secrets.token_hex(12)}"
+
+
 def openai_tool_calls(
     reader: ResponseReader, message: Mapping[str, Any], path: str
 ) -> tuple[ToolCall, ...]:
-    """The ``tool_calls`` of a Chat Completions message, arguments parsed."""
+    """
+    The ``tool_calls`` of a Chat Completions message, arguments parsed.  A call without
+    an id, or with an empty one (Gemini's OpenAI-compatible endpoint sends ``""``), is
+    given a new one, so its result can be paired with it.
+    """
     raw_calls = message.get("tool_calls")
     if raw_calls is None:
         return ()
@@ -245,7 +255,11 @@ def openai_tool_calls(
         where = f"{path}.tool_calls[{index}]"
         if not isinstance(item, Mapping):
             reader.fail(f"{where} must be an object")
-        call_id = reader.get(item, "id", str, where)
+        call_id = item.get("id")
+        if call_id is None or call_id == "":
+            call_id = _new_call_id()
+        elif not isinstance(call_id, str):
+            reader.fail(f"{where}.id must be a string")
         function = reader.get(item, "function", dict, where)
         name = reader.get(function, "name", str, f"{where}.function")
         raw = function.get("arguments", "")
