@@ -90,6 +90,8 @@ SCHEMA = {
         f"answer_{j}": {"type": "string", "description": "One part of the answer. " * 6}
         for j in range(80)
     },
+    "required": [f"answer_{j}" for j in range(80)],
+    "additionalProperties": False,
 }
 # a system prompt of about 2,000 tokens, in blocks marked for Anthropic's prompt cache
 MANUAL = "The manual says what each ledger field means and how to read it. " * 125

@@ -170,6 +170,7 @@ async def test_tool_calls_and_structured_answers_are_cached_whole(server: FakeLL
         "type": "object",
         "properties": {"answer": {"type": "string"}},
         "required": ["answer"],
+        "additionalProperties": False,
     }
     async with make(server) as executor:
         called = await executor.run("weather?", CTX, tools=[WEATHER], tool_choice="required")

@@ -291,7 +291,12 @@ async def test_a_budget_too_small_for_the_model_goes_to_a_cheaper_one_that_fits(
 
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP4//8/AAX+Av6n1qSFAAAAAElFTkSuQmCC"
-SCHEMA = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+SCHEMA = {
+    "type": "object",
+    "properties": {"a": {"type": "string"}},
+    "required": ["a"],
+    "additionalProperties": False,
+}
 
 
 def _with_plain(*others: ModelInfo) -> ModelRegistry:

@@ -306,7 +306,12 @@ async def test_a_requested_output_type_and_seed_are_on_the_attempt_span(
 ) -> None:
     # conditionally required by the conventions: gen_ai.output.type when the request
     # asks for a format, gen_ai.request.seed when it sends a seed (Anthropic takes none)
-    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string"}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
     async with make(server, otel) as executor:
         for model in ("gpt-fake-mini", "claude-fake-haiku"):
             pinned = attrs.evolve(CTX, model=model)

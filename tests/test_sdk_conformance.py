@@ -742,6 +742,138 @@ async def test_openai_sdk_tool_name_the_api_refuses_is_a_bad_request(
     assert server.requests("gpt-4o-mini") == 0
 
 
+STRICT_REFUSED = [
+    (  # the root object may hold other properties
+        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        "In context=(), 'additionalProperties' is required to be supplied and to be false.",
+    ),
+    (  # a property left out of required
+        {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+        "In context=(), 'required' is required to be supplied and to be an array including "
+        "every key in properties. Missing 'unit'.",
+    ),
+    (  # a nested object, through $defs
+        {
+            "type": "object",
+            "properties": {"place": {"$ref": "#/$defs/place"}},
+            "required": ["place"],
+            "additionalProperties": False,
+            "$defs": {"place": {"type": "object", "properties": {}}},
+        },
+        "In context=('$defs', 'place'), 'additionalProperties' is required to be supplied "
+        "and to be false.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("schema", "why"), STRICT_REFUSED)
+async def test_openai_sdk_strict_schema_without_closed_objects_is_a_bad_request(
+    server: FakeLLMServer, oai: openai.AsyncOpenAI, schema: dict[str, Any], why: str
+) -> None:
+    """
+    Strict mode (a strict response format or function) needs every object to set
+    ``additionalProperties: false`` and to require all its properties; without strict,
+    the same schema is taken.
+    """
+    messages: Any = [{"role": "user", "content": "Weather?"}]
+    spec = {"name": "weather", "schema": schema, "strict": True}
+    strict_format: Any = {"type": "json_schema", "json_schema": spec}
+    with pytest.raises(openai.BadRequestError) as raised:
+        await oai.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, response_format=strict_format
+        )
+    body = raised.value.body
+    assert isinstance(body, dict) and body["param"] == "response_format"
+    assert body["message"] == f"Invalid schema for response_format 'weather': {why}"
+    function = {"name": "get_weather", "parameters": schema, "strict": True}
+    strict_tools: Any = [{"type": "function", "function": function}]
+    with pytest.raises(openai.BadRequestError) as raised:
+        await oai.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, tools=strict_tools
+        )
+    body = raised.value.body
+    assert isinstance(body, dict) and body["param"] == "tools[0].function.parameters"
+    assert body["code"] == "invalid_function_parameters"
+    assert body["message"] == f"Invalid schema for function 'get_weather': {why}"
+    assert server.requests("gpt-4o-mini") == 0
+    loose_format: Any = {"type": "json_schema", "json_schema": {**spec, "strict": False}}
+    loose_tools: Any = [{"type": "function", "function": {**function, "strict": False}}]
+    await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, response_format=loose_format, tools=loose_tools
+    )
+
+
+async def test_openai_sdk_tool_call_id_over_40_characters_is_a_bad_request(
+    server: FakeLLMServer, oai: openai.AsyncOpenAI
+) -> None:
+    """Chat Completions takes tool call ids of at most 40 characters."""
+
+    def history(call_id: str) -> Any:
+        call = {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "c"}'}
+        return [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": call_id, "type": "function", "function": call}],
+            },
+            {"role": "tool", "tool_call_id": call_id, "content": "3 C"},
+        ]
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        await oai.chat.completions.create(model="gpt-4o-mini", messages=history("c" * 41))
+    body = raised.value.body
+    assert isinstance(body, dict)
+    assert body["param"] == "messages[1].tool_calls[0].id"
+    assert body["code"] == "string_above_max_length"
+    assert "maximum length 40, but got a string with length 41" in body["message"]
+    assert server.requests("gpt-4o-mini") == 0
+    await oai.chat.completions.create(model="gpt-4o-mini", messages=history("c" * 40))
+
+
+@pytest.mark.parametrize(
+    ("content", "where"),
+    [
+        ([{"type": "text", "text": ""}, {"type": "text", "text": "hi"}], "messages.0.content.0"),
+        (
+            [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_1",
+                    "content": [{"type": "text", "text": ""}],
+                }
+            ],
+            "messages.2.content.0.tool_result.content.0",
+        ),
+    ],
+)
+async def test_anthropic_sdk_empty_text_block_is_a_bad_request(
+    server: FakeLLMServer, ant: anthropic.AsyncAnthropic, content: Any, where: str
+) -> None:
+    """An empty text block is refused in a user message and in a tool result too."""
+    messages: Any = [
+        {"role": "user", "content": content},
+        {"role": "user", "content": "Weather?"},
+    ]
+    if where.startswith("messages.2"):
+        use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+        messages = [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": [use]},
+            {"role": "user", "content": content},
+        ]
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        await ant.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=messages)
+    body = raised.value.body
+    assert isinstance(body, dict)
+    assert body["error"]["message"] == f"{where}: text content blocks must be non-empty"
+    assert server.requests("claude-haiku-4-5") == 0
+
+
 @pytest.mark.parametrize(
     ("messages", "index"),
     [

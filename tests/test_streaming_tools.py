@@ -424,6 +424,52 @@ async def test_a_tool_name_sent_in_pieces_is_joined_as_the_openai_sdk_joins_it()
     assert pieces[0].id == "call_1" and all(p.id is None for p in pieces[1:])
 
 
+@pytest.mark.parametrize("index", [0, None])
+async def test_parallel_calls_sharing_an_index_are_told_apart_by_their_ids(
+    index: int | None,
+) -> None:
+    """
+    Gemini's OpenAI-compatible stream gives each parallel call index 0 (or none), with
+    an id of its own: the calls were joined into one whose arguments were not JSON.
+    """
+
+    def piece(**fields: Any) -> dict[str, Any]:
+        call = _call_piece(**fields)
+        if index is None:
+            del call["tool_calls"][0]["index"]
+        return call
+
+    body = b"".join(
+        [
+            _chunk(piece(id="function-call-1", name="get_weather", arguments='{"city": ')),
+            _chunk(piece(arguments='"Oslo"}')),
+            _chunk(piece(id="function-call-2", name="get_weather", arguments='{"city": "Rome"}')),
+            _chunk(piece(id="function-call-2", arguments="")),  # its id again: the same call
+            _chunk({}, "stop"),
+            b"data: [DONE]\n\n",
+        ]
+    )
+    async with _sse_server(body) as url:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=url)],
+            registry=CHEAP_ONLY,
+            telemetry_store="null://",
+            retry=RetryPolicy.none(),
+            sleep=NoSleep(),
+        )
+        async with (
+            executor,
+            executor.stream("Weather?", pinned(GPT), tools=[WEATHER]) as stream,
+        ):
+            pieces = [e async for e in stream.events() if isinstance(e, ToolCallDelta)]
+            response = await stream.get_final_response()
+    assert [(c.id, c.name, dict(c.arguments)) for c in response.tool_calls] == [
+        ("function-call-1", "get_weather", {"city": "Oslo"}),
+        ("function-call-2", "get_weather", {"city": "Rome"}),
+    ]
+    assert [p.index for p in pieces] == [0, 0, 1, 1]
+
+
 @pytest.mark.parametrize("given", [[1], "{}", None, 3])
 async def test_an_anthropic_tool_use_start_whose_input_is_not_an_object_is_invalid(
     given: Any,
@@ -459,7 +505,12 @@ async def test_a_streamed_answer_the_check_refuses_is_a_parse_error(
     server: FakeLLMServer, model: str, api: str
 ) -> None:
     """NaN and 1e400 under a multipleOf raised a ValueError or OverflowError at the end."""
-    schema = {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "number", "multipleOf": 2}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     telemetry = MemoryTelemetryBackend()
     async with make(server, telemetry_store=telemetry) as executor:
         for text in ('{"n": NaN}', '{"n": 1e400}', '{"n": -Infinity}'):

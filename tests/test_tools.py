@@ -44,6 +44,7 @@ from empathy_models.exceptions import (
 from empathy_models.testing import FakeLLMServer, FakeReply
 
 from ._fakes import CHEAP_ONLY, KEY, WEATHER, NoSleep
+from ._serving import serving
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP4//8/AAX+Av6n1qSFAAAAAElFTkSuQmCC"
 PERSON: dict[str, Any] = {
@@ -254,6 +255,111 @@ async def test_tool_ids_that_differ_stay_distinct_on_anthropic(server: FakeLLMSe
         results["20 C"],
         results["9 C"],
     )
+
+
+def _tool_text(message: Mapping[str, Any]) -> str:
+    """A ``tool`` message's text: its string, or its text parts joined."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p["text"] for p in content)
+
+
+async def test_tool_ids_over_40_characters_are_shortened_for_openai(
+    server: FakeLLMServer,
+) -> None:
+    """
+    Chat Completions refuses a tool call id over 40 characters (Responses-style ``fc_``
+    ids are 53): each such id is sent as 40, the same in its call and its result, and
+    two ids that start alike stay distinct.
+    """
+    long_a = "fc_" + "0f0e50a1476a6c35006912c58dc9f88191" + "92c25864eb16f07f"
+    long_b = "fc_" + "0f0e50a1476a6c35006912c58dc9f88191" + "000000000000000b"
+    image = ImageBlock.from_base64(PNG, "image/png")
+    history = [
+        Message(role="user", content="Weather?"),
+        Message(
+            role="assistant",
+            tool_calls=[
+                ToolCall(id=long_a, name="get_weather", arguments={"city": "Oslo"}),
+                ToolCall(id=long_b, name="get_weather", arguments={"city": "Rome"}),
+                ToolCall(id="call_" + "x" * 35, name="get_weather", arguments={"city": "Bern"}),
+            ],
+        ),
+        Message(role="tool", tool_call_id=long_b, content="20 C"),
+        Message(
+            role="user",
+            content=[
+                ToolResult(tool_call_id=long_a, content=[TextBlock(text="3 C"), image]),
+                ToolResult(tool_call_id="call_" + "x" * 35, content="9 C"),
+            ],
+        ),
+    ]
+    async with make(server) as executor:
+        response = await executor.run(history, pinned(GPT), tools=[WEATHER])
+    assert response.content
+    sent = server.last_request(GPT)
+    assert sent is not None
+    calls = {
+        json.loads(c["function"]["arguments"])["city"]: c["id"]
+        for c in sent.body["messages"][1]["tool_calls"]
+    }
+    results = {_tool_text(m): m["tool_call_id"] for m in sent.body["messages"][2:5]}
+    assert all(len(i) <= 40 for i in calls.values())
+    assert calls["Bern"] == "call_" + "x" * 35  # 40 characters: sent as it is
+    assert len({calls["Oslo"], calls["Rome"]}) == 2
+    assert (calls["Oslo"], calls["Rome"], calls["Bern"]) == (
+        results["3 C"],
+        results["20 C"],
+        results["9 C"],
+    )
+
+
+def _texts(value: Any) -> Iterator[str]:
+    """Every text block's text in a wire body, however deep."""
+    if isinstance(value, Mapping):
+        if value.get("type") == "text":
+            yield value["text"]
+        for item in value.values():
+            yield from _texts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _texts(item)
+
+
+async def test_empty_text_blocks_are_left_out_for_anthropic(server: FakeLLMServer) -> None:
+    """
+    OpenAI takes an empty text part; the Messages API refuses an empty text block, in a
+    message or a tool result: a conversation holding one continues on Claude.
+    """
+    image = ImageBlock.from_base64(PNG, "image/png")
+    history = [
+        Message(role="user", content=[TextBlock(text=""), TextBlock(text="Weather?")]),
+        Message(
+            role="assistant",
+            tool_calls=[
+                ToolCall(id="call_1", name="get_weather", arguments={"city": "Oslo"}),
+                ToolCall(id="call_2", name="get_weather", arguments={"city": "Rome"}),
+            ],
+        ),
+        Message(
+            role="user",
+            content=[
+                ToolResult(tool_call_id="call_1", content=[TextBlock(text=""), image]),
+                ToolResult(tool_call_id="call_2", content=[TextBlock(text="")]),
+                TextBlock(text=""),
+            ],
+        ),
+    ]
+    async with make(server) as executor:
+        response = await executor.run(history, pinned(CLAUDE), tools=[WEATHER])
+    assert response.content
+    sent = server.last_request(CLAUDE)
+    assert sent is not None
+    assert list(_texts(sent.body["messages"])) == ["Weather?"]
+    first, second = sent.body["messages"][2]["content"]
+    assert first["content"] == [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+    ]
+    assert second == {"type": "tool_result", "tool_use_id": "call_2"}
 
 
 @pytest.mark.parametrize(("model", "api"), MODELS)
@@ -647,6 +753,50 @@ async def test_a_400_naming_an_unknown_model_moves_to_the_next_route(
     assert answered.attempts[0].error_type == ModelNotFoundError.__name__
 
 
+async def test_calls_without_an_id_are_given_one_and_their_results_pair_up(
+    server: FakeLLMServer,
+) -> None:
+    """
+    Gemini's OpenAI-compatible endpoint answers calls with ``"id": ""``: the answer was
+    an invalid response.  Each call gets an id of its own, which its result echoes.
+    """
+
+    def call(city: str, **id_field: Any) -> dict[str, Any]:
+        function = {"name": "get_weather", "arguments": json.dumps({"city": city})}
+        return {**id_field, "type": "function", "function": function}
+
+    async def gemini(request: web.Request) -> web.Response:
+        message = {
+            "role": "assistant",
+            "tool_calls": [call("Oslo", id=""), call("Rome", id=""), call("Bern")],
+        }
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+        return web.json_response({"choices": [choice], "model": GPT, "usage": usage})
+
+    async with serving("/v1/chat/completions", gemini) as url:
+        executor = EmpathyLLMExecutor(
+            [OpenAIProvider(api_key=KEY, base_url=f"{url}/v1")],
+            registry=CHEAP_ONLY,
+            telemetry_store="null://",
+            retry=RetryPolicy.none(),
+            sleep=NoSleep(),
+        )
+        async with executor:
+            first = await executor.run("Weather?", pinned(GPT), tools=[WEATHER])
+    ids = [c.id for c in first.tool_calls]
+    assert [c.arguments["city"] for c in first.tool_calls] == ["Oslo", "Rome", "Bern"]
+    assert all(re.fullmatch(r"call_[0-9a-f]{24}", i) for i in ids) and len(set(ids)) == 3
+    history = [
+        Message(role="user", content="Weather?"),
+        Message(role="assistant", content=first.content, tool_calls=first.tool_calls),
+        *(Message(role="tool", tool_call_id=i, content="9 C") for i in ids),
+    ]
+    async with make(server) as executor:  # the fake pairs each result with its call
+        second = await executor.run(history, pinned(GPT), tools=[WEATHER])
+    assert second.content
+
+
 async def test_every_route_failing_on_a_tool_request_keeps_the_errors(
     server: FakeLLMServer,
 ) -> None:
@@ -813,7 +963,12 @@ async def test_numbers_json_does_not_have_are_a_parse_error_after_a_recorded_suc
     server: FakeLLMServer, model: str, api: str
 ) -> None:
     """NaN, Infinity and 1e400 are not JSON; a 400-digit integer is, and exact."""
-    schema = {"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "number", "multipleOf": 2}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     telemetry = MemoryTelemetryBackend()
     async with make(server, telemetry_store=telemetry) as executor:
         for text in ('{"n": 1e400}', '{"n": NaN}', '{"n": Infinity}', '{"n": -Infinity}'):
@@ -945,7 +1100,14 @@ async def test_a_schema_spoilt_after_it_was_built_is_a_parse_error(
     server: FakeLLMServer, model: str, api: str
 ) -> None:
     """The check refuses to run on a schema it cannot read, rather than raise."""
-    fmt = ResponseFormat(schema={"type": "object", "properties": {"n": {"minimum": 5}}})
+    fmt = ResponseFormat(
+        schema={
+            "type": "object",
+            "properties": {"n": {"minimum": 5}},
+            "required": ["n"],
+            "additionalProperties": False,
+        }
+    )
     spoilt: Any = fmt.schema
     async with make(server) as executor:
         # spoilt once the request is sent (an API refuses such a schema with a 400), before
@@ -1027,7 +1189,8 @@ async def test_pattern_properties_are_checked_and_not_additional(server: FakeLLM
     ]
     async with make(server) as executor:
         for value, problem in cases:
-            response = await _answer(executor, server, GPT, json.dumps(value), schema)
+            fmt = ResponseFormat(schema=schema, strict=False)  # "id" is not required
+            response = await _answer(executor, server, GPT, json.dumps(value), fmt)
             if problem is None:
                 assert response.parse_error is None and response.parsed == value
             else:
@@ -1156,7 +1319,10 @@ async def test_the_check_agrees_with_jsonschema_on_random_schemas(
         for case in range(250):
             schema = schemas.document()
             jsonschema.Draft202012Validator.check_schema(schema)
-            fmt = ResponseFormat(schema=schema)  # a valid schema is never refused
+            # a valid schema is never refused (not strict: OpenAI's strict mode would
+            # refuse an object that allows properties other than its own, or leaves
+            # some out)
+            fmt = ResponseFormat(schema=schema, strict=False)
             oracle = _ORACLE(schema)
             for _ in range(3):
                 value = schemas.value()

@@ -26,13 +26,16 @@ object too (Anthropic's ``output_config``, which holds ``format`` and ``effort``
 ``tool_choice``, which holds ``disable_parallel_tool_use``) is merged into it key by key,
 its keys winning; any other value takes the field's place.
 
+Empty text blocks, which OpenAI takes, are left out for Anthropic, which refuses them.
 A tool result's images cannot go in an OpenAI ``tool`` message (text only): they follow
 in one user message after all the ``tool`` messages answering that turn's calls; nor
 has OpenAI an error flag for a result (``is_error`` is not sent there).  Anthropic tool
 ids must match ``[A-Za-z0-9_-]+``: an id from another provider with other characters
 has them as ``_`` and a hash of the whole id appended (the same every time, so calls
-and results still pair up, and distinct ids stay distinct).  A ``tool_choice`` without
-tools (only ``"none"`` is allowed so) is not sent to OpenAI, which refuses one.
+and results still pair up, and distinct ids stay distinct); OpenAI takes ids of at most
+40 characters: a longer one is cut to its first 23 and a hash of the whole id.  A
+``tool_choice`` without tools (only ``"none"`` is allowed so) is not sent to OpenAI,
+which refuses one.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -57,9 +61,26 @@ __all__ = [
 ]
 
 _BAD_ID_CHARS: Final = re.compile(r"[^A-Za-z0-9_-]")
+_OPENAI_ID_LENGTH: Final = 40
+"""The longest ``tool_calls[].id`` Chat Completions takes (``string_above_max_length``)."""
+
+
+def _id_digest(value: str) -> str:
+    """16 hex digits of a hash of a tool id: what keeps two ids apart once rewritten."""
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- OpenAI
+
+
+def _openai_id(value: str) -> str:
+    """
+    ``value`` as a Chat Completions tool call id: as it is up to 40 characters, else its
+    first 23 and a hash of the whole id (40 in all), so two ids never become one.
+    """
+    if len(value) <= _OPENAI_ID_LENGTH:
+        return value
+    return f"{value[: _OPENAI_ID_LENGTH - 17]}_{_id_digest(value)}"
 
 
 def _openai_part(block: TextBlock | ImageBlock) -> dict[str, Any]:
@@ -77,6 +98,7 @@ def _openai_tool_message(
     The ``tool`` message of one result; its images (a ``tool`` message holds text only)
     go to ``images``, for the user message that follows the turn's tool messages.
     """
+    tool_call_id = _openai_id(tool_call_id)
     if isinstance(content, str):
         return {"role": "tool", "tool_call_id": tool_call_id, "content": content}
     texts = [{"type": "text", "text": b.text} for b in content if isinstance(b, TextBlock)]
@@ -99,7 +121,7 @@ def _openai_message(message: Message, images: list[dict[str, Any]]) -> list[dict
         if calls:
             out["tool_calls"] = [
                 {
-                    "id": call.id,
+                    "id": _openai_id(call.id),
                     "type": "function",
                     "function": {"name": call.name, "arguments": call.arguments_json},
                 }
@@ -210,10 +232,19 @@ def _bad_arguments(
     return error
 
 
+def _new_call_id() -> str:
+    """An id for a call a server sent without one, in OpenAI's shape (``call_`` and 24)."""
+    return f"call_{secrets.token_hex(12)}"
+
+
 def openai_tool_calls(
     reader: ResponseReader, message: Mapping[str, Any], path: str
 ) -> tuple[ToolCall, ...]:
-    """The ``tool_calls`` of a Chat Completions message, arguments parsed."""
+    """
+    The ``tool_calls`` of a Chat Completions message, arguments parsed.  A call without
+    an id, or with an empty one (Gemini's OpenAI-compatible endpoint sends ``""``), is
+    given a new one, so its result can be paired with it.
+    """
     raw_calls = message.get("tool_calls")
     if raw_calls is None:
         return ()
@@ -224,7 +255,11 @@ def openai_tool_calls(
         where = f"{path}.tool_calls[{index}]"
         if not isinstance(item, Mapping):
             reader.fail(f"{where} must be an object")
-        call_id = reader.get(item, "id", str, where)
+        call_id = item.get("id")
+        if call_id is None or call_id == "":
+            call_id = _new_call_id()
+        elif not isinstance(call_id, str):
+            reader.fail(f"{where}.id must be a string")
         function = reader.get(item, "function", dict, where)
         name = reader.get(function, "name", str, f"{where}.function")
         raw = function.get("arguments", "")
@@ -266,8 +301,7 @@ def _anthropic_id(value: str) -> str:
     """
     if _BAD_ID_CHARS.search(value) is None:
         return value
-    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{_BAD_ID_CHARS.sub('_', value)}_{digest}"
+    return f"{_BAD_ID_CHARS.sub('_', value)}_{_id_digest(value)}"
 
 
 def _anthropic_media(block: TextBlock | ImageBlock) -> dict[str, Any]:
@@ -281,11 +315,26 @@ def _anthropic_media(block: TextBlock | ImageBlock) -> dict[str, Any]:
     }
 
 
+def _anthropic_blocks(content: Sequence[object]) -> list[dict[str, Any]]:
+    """
+    The text and image blocks of ``content`` on the wire, but for empty texts: the
+    Messages API refuses an empty text block ("text content blocks must be non-empty"),
+    which OpenAI takes (a conversation may come from there).
+    """
+    return [
+        _anthropic_media(b)
+        for b in content
+        if isinstance(b, ImageBlock) or (isinstance(b, TextBlock) and b.text)
+    ]
+
+
 def _anthropic_result(
     tool_call_id: str, content: str | Sequence[TextBlock | ImageBlock], is_error: bool
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"type": "tool_result", "tool_use_id": _anthropic_id(tool_call_id)}
-    out["content"] = content if isinstance(content, str) else [_anthropic_media(b) for b in content]
+    blocks = content if isinstance(content, str) else _anthropic_blocks(content)
+    if blocks or isinstance(content, str):  # a result of empty texts only: no content
+        out["content"] = blocks
     if is_error:
         out["is_error"] = True
     return out
@@ -325,8 +374,7 @@ def _anthropic_message(message: Message) -> dict[str, Any]:
         for b in message.content
         if isinstance(b, ToolResult)
     ]
-    rest = [_anthropic_media(b) for b in message.content if isinstance(b, TextBlock | ImageBlock)]
-    return {"role": "user", "content": results + rest}
+    return {"role": "user", "content": results + _anthropic_blocks(message.content)}
 
 
 def _has_results(message: Mapping[str, Any]) -> bool:

@@ -345,9 +345,13 @@ class StreamDecoder:
         Keep one piece of a tool call; the delta that shows it.  With ``name_in_pieces``
         the pieces' names are joined, as their arguments are (OpenAI-compatible servers
         may split a name; the openai SDK's stream accumulator joins them too); else the
-        first name stays.
+        first name stays.  A piece with an id other than its call's starts a new call:
+        Gemini's OpenAI-compatible stream gives parallel calls the same index (0, or
+        none), each with an id of its own.
         """
         index = self._slots.get(wire_index)
+        if index is not None and call_id and self._calls[index][0] not in (None, call_id):
+            index = None  # another call at the same index
         if index is None:
             index = self._slots[wire_index] = len(self._calls)
             self._calls.append((call_id, name, [arguments]))

@@ -1,6 +1,7 @@
 """
 How `FakeLLMServer` checks the content of a request as each real API does: tools and
-their JSON schemas, tool choices, content blocks (Anthropic) and parts (OpenAI), the
+their JSON schemas (and what OpenAI's strict mode adds: closed objects, every property
+required), tool choices, content blocks (Anthropic) and parts (OpenAI), the
 JSON output format, and the pairing of tool calls with their results.  Each check
 returns the API's error for the first thing wrong, or None.
 """
@@ -28,6 +29,8 @@ _SERVER_TOOL_TYPE: Final = re.compile(r"[a-z][a-z0-9_]*_[0-9]{8}")
 """A server tool's ``type``: its name and version date, such as ``web_search_20250305``."""
 _OPENAI_TOOL_NAME: Final = re.compile(r"[a-zA-Z0-9_-]+")
 """A Chat Completions function's name (at most 64 characters, checked apart)."""
+_OPENAI_ID_LENGTH: Final = 40
+"""The longest tool call id (``messages[].tool_calls[].id``) Chat Completions takes."""
 _ANTHROPIC_TOOL_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,128}")
 """A Messages API custom tool's name."""
 _SCHEMA_INVALID: Final = (
@@ -67,7 +70,7 @@ def _is_url(value: object) -> bool:
 def _text_block(block: Mapping[str, Any], where: str, role: str) -> str | None:
     if not isinstance(block.get("text"), str):
         return f"{where}.text: Field required"
-    if not block["text"] and role == "assistant":
+    if not block["text"]:  # in any role, in a tool result too
         return f"{where}: text content blocks must be non-empty"
     return None
 
@@ -439,6 +442,56 @@ def _openai_part(part: object, where: str, role: str) -> str | None:
     return _file_part(part, where)
 
 
+def _is_object_schema(schema: Mapping[str, Any]) -> bool:
+    kind = schema.get("type")
+    return kind == "object" or (isinstance(kind, list) and "object" in kind)
+
+
+def _strict_subschemas(schema: Mapping[str, Any]) -> list[tuple[Any, tuple[str, ...]]]:
+    """The subschemas of ``schema`` strict mode holds to its rules, with their context."""
+    out: list[tuple[Any, tuple[str, ...]]] = []
+    for key in ("properties", "$defs", "definitions"):
+        subs = schema.get(key)
+        if isinstance(subs, Mapping):
+            out.extend((sub, (key, name)) for name, sub in subs.items())
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        subs = schema.get(key)
+        if isinstance(subs, list):
+            out.extend((sub, (key, str(i))) for i, sub in enumerate(subs))
+    out.extend((schema[key], (key,)) for key in ("items", "additionalProperties") if key in schema)
+    return out
+
+
+def _strict_why(schema: Mapping[str, Any]) -> str | None:
+    """
+    Why OpenAI's strict mode (``strict: true``) refuses a schema it would otherwise take:
+    an object that does not set ``additionalProperties`` to false, or does not require
+    every one of its properties.  None when strict mode takes it.
+    """
+    todo: list[tuple[Any, tuple[str, ...]]] = [(schema, ())]
+    seen: set[int] = set()
+    while todo:
+        node, context = todo.pop(0)
+        if not isinstance(node, Mapping) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if _is_object_schema(node) or "properties" in node:
+            if node.get("additionalProperties") is not False:
+                return (
+                    f"In context={context!r}, 'additionalProperties' is required to be "
+                    "supplied and to be false."
+                )
+            required = node.get("required", [])
+            missing = [name for name in node.get("properties", {}) if name not in required]
+            if missing:
+                return (
+                    f"In context={context!r}, 'required' is required to be supplied and to be "
+                    f"an array including every key in properties. Missing {missing[0]!r}."
+                )
+        todo.extend((sub, context + path) for sub, path in _strict_subschemas(node))
+    return None
+
+
 def _openai_tools(tools: object, names: list[str]) -> Problem | None:
     """Check ``tools``, appending each function's name to ``names``."""
     if tools is None:
@@ -462,6 +515,9 @@ def _openai_tools(tools: object, names: list[str]) -> Problem | None:
             return f"Invalid type for '{param}'.", "tools", None
         if why := _schema_why(parameters):
             message = f"Invalid schema for function {shown(name)}: {why}."
+            return message, param, "invalid_function_parameters"
+        if function.get("strict") is True and (why := _strict_why(parameters)):
+            message = f"Invalid schema for function {shown(name)}: {why}"
             return message, param, "invalid_function_parameters"
         names.append(name)
     return None
@@ -538,6 +594,9 @@ def _openai_response_format(fmt: object, messages: list[Any]) -> Problem | None:
         if why := _schema_why(schema):
             message = f"Invalid schema for response_format {shown(spec['name'])}: {why}."
             return message, "response_format", None
+        if spec.get("strict") is True and (why := _strict_why(schema)):
+            message = f"Invalid schema for response_format {shown(spec['name'])}: {why}"
+            return message, "response_format", None
     return None
 
 
@@ -570,6 +629,14 @@ def _openai_assistant(index: int, message: Mapping[str, Any]) -> Problem | list[
                 "function.name / function.arguments (a string).",
                 f"messages.[{index}].tool_calls",
                 None,
+            )
+        if len(call["id"]) > _OPENAI_ID_LENGTH:
+            where = f"messages[{index}].tool_calls[{n}].id"
+            return (
+                f"Invalid '{where}': string too long. Expected a string with maximum length "
+                f"{_OPENAI_ID_LENGTH}, but got a string with length {len(call['id'])} instead.",
+                where,
+                "string_above_max_length",
             )
     if message.get("content") is None and not calls:
         where = f"messages[{index}].content"
