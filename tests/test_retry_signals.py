@@ -7,7 +7,6 @@ executor falls back at once) and a 409 (a lock timeout: retried).
 from __future__ import annotations
 
 import pickle
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,8 +15,6 @@ from empathy_models import (
     AllRoutesFailedError,
     EmpathyLLMExecutor,
     ExecutionContext,
-    ModelInfo,
-    ModelRegistry,
     RetryPolicy,
 )
 from empathy_models.backends import NullTelemetryBackend
@@ -30,28 +27,15 @@ from empathy_models.exceptions import (
 )
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 
-from .test_wire_errors import KEY, MODEL, REQUEST, Replies, openai_ok
-
-REGISTRY = ModelRegistry(
-    models=[
-        ModelInfo(
-            id=MODEL,
-            provider="openai",
-            tier="cheap",
-            input_price_per_mtok=1.0,
-            output_price_per_mtok=1.0,
-            context_window=100_000,
-            max_output_tokens=4096,
-        )
-    ],
-    price_version="retry-1",
+from .test_wire_errors import (  # noqa: F401 - serving_replies: the fixture `server`
+    KEY,
+    MODEL,
+    REGISTRY,
+    REQUEST,
+    Replies,
+    openai_ok,
+    serving_replies,
 )
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[Replies]:
-    async with Replies() as replies:
-        yield replies
 
 
 async def run(server: Replies) -> tuple[Any, list[float]]:

@@ -34,6 +34,8 @@ from empathy_models.exceptions import (
 )
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 
+from ._serving import serving
+
 KEY = "sk-or-v1-WIREtestKEY-0123456789abcdefXYZ"
 MODEL = "gw-model"
 REQUEST = CompletionRequest(model=MODEL, messages="hello")
@@ -46,7 +48,6 @@ class Replies:
         self.replies: list[tuple[int, dict[str, str], bytes]] = []
         self.requests = 0
         self.url = ""
-        self._runner: web.AppRunner | None = None
 
     def script(
         self, *bodies: Any, status: int = 200, headers: dict[str, str] | None = None
@@ -62,24 +63,30 @@ class Replies:
         status, headers, body = self.replies.pop(0)
         return web.Response(status=status, headers=headers, body=body)
 
-    async def __aenter__(self) -> Replies:
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[Replies]:
-    async with Replies() as replies:
+@pytest.fixture(name="server")
+async def serving_replies() -> AsyncIterator[Replies]:
+    """`Replies` being served (test_retry_signals.py imports it too)."""
+    replies = Replies()
+    async with serving("/{tail:.*}", replies._handle) as url:
+        replies.url = url
         yield replies
+
+
+REGISTRY = ModelRegistry(
+    models=[
+        ModelInfo(
+            id=MODEL,
+            provider="openai",
+            tier="cheap",
+            input_price_per_mtok=1.0,
+            output_price_per_mtok=1.0,
+            context_window=100_000,
+            max_output_tokens=4096,
+        )
+    ],
+    price_version="wire-1",
+)
 
 
 def openai_ok(text: str = "fine") -> dict[str, Any]:
@@ -163,20 +170,6 @@ async def test_a_streamed_request_answered_whole_with_an_error_raises_it(server:
 
 async def test_the_executor_retries_a_retryable_error_sent_with_200(server: Replies) -> None:
     server.script({"error": {"code": 502, "message": "Upstream error"}}, openai_ok("hello"))
-    registry = ModelRegistry(
-        models=[
-            ModelInfo(
-                id=MODEL,
-                provider="openai",
-                tier="cheap",
-                input_price_per_mtok=1.0,
-                output_price_per_mtok=1.0,
-                context_window=100_000,
-                max_output_tokens=4096,
-            )
-        ],
-        price_version="wire-1",
-    )
     waits: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -184,7 +177,7 @@ async def test_the_executor_retries_a_retryable_error_sent_with_200(server: Repl
 
     async with EmpathyLLMExecutor(
         [OpenAIProvider(api_key=KEY, base_url=server.url)],
-        registry=registry,
+        registry=REGISTRY,
         telemetry_store=NullTelemetryBackend(),
         retry=RetryPolicy(jitter=False),
         sleep=sleep,
