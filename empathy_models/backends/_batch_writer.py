@@ -16,9 +16,13 @@ other (a third-party backend's own exception, say) is too, unless the store took
 write just before: then the batch is written in halves, down to the records the store
 fails on alone while it takes the others.  Those are *held* (handed back, the store
 known to be up); one that fails alone `STRIKES` times, the store having taken other
-records between, is treated as refused: retried made storable, or given up.  A failure
-right after a failure outside that descent (the store itself failing), or one that
-says the store failed, ends the halving, and what is left is handed back as a fault.
+records between, is treated as refused: retried made storable, or given up.  In that
+descent a half failing right after its sibling failed proves nothing by itself (each
+may hold a record the store fails on): a record alone is held too, and several are
+probed with one of them alone, the store taking it being up.  A failure right after
+a failure outside that descent (the probe failing too: the store itself failing), or
+one that says the store failed, ends the halving, and what is left is handed back as
+a fault.
 While the store fails so, nothing proves it down rather than failing on the records at
 the head of the batch: each retry, after the batch, *probes* it with one of its records
 alone (`_StoreWriter._probe`), and the store taking it is back, the batch then written
@@ -316,8 +320,10 @@ class _StoreWriter:
         """
         Write ``records``, which just failed together, in halves down to the records
         that fail alone; a half is tried right after its failed parent, and its sibling
-        after it.  A sibling failing right after a failure, or an error that says so,
-        means the store itself failed.
+        after it.  A sibling failing right after a failure proves nothing by itself (a
+        record the store fails on may be in each): alone, it is held too; several are
+        probed with one of them alone (`_probe`).  The probe failing as well, or an
+        error that says so, means the store itself failed.
 
         Returns:
             The records left, in order, and whether the store itself failed (else every
@@ -338,8 +344,14 @@ class _StoreWriter:
         more = await self._split(second)
         if not more:
             return left, False
-        if not live or _store_failed(self.last_fault):
+        if _store_failed(self.last_fault):
             return left + more, True
+        if not live and len(more) > 1:
+            # failed right after a failure: the store down, or a record it fails on in
+            # each half; one of them alone tells which
+            more, live = await self._probe(more)
+            if not live:
+                return left + more, True
         more, stalled = await self._isolate(more)
         return left + more, stalled
 

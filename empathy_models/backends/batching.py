@@ -42,9 +42,12 @@ microsecond), whatever state the store is in.
   spool, kept at the head of the queue), and retried after the backoff; one that
   fails alone ``STRIKES`` (3) times, the store taking other records between, is
   treated as refused (retried made storable, or given up, counted in `failed` with a
-  warning).  Two failures in a row outside the halving are a store fault: nothing is
-  held back or given up (but a spooled record alone failing right after a failure
-  proves nothing, and waits with the held ones: see `_batch_spill`).  While the store fails so, each
+  warning).  In the halving, a half failing right after its sibling failed is held
+  back too when it is one record, and probed with one of its records alone when it
+  is several.  Two failures in a row outside the halving (the probe's failure after
+  its half's) are a store fault: nothing is held back or given up (but a spooled
+  record alone failing right after a failure proves nothing, and waits with the held
+  ones: see `_batch_spill`).  While the store fails so, each
   retry writes the batch, then one of its records alone (the newest first, then, as
   probes fail, earlier ones): the store taking it is back, and the batch is written in
   halves as above, so a record it fails on at the head of the queue holds up nothing.
