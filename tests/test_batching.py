@@ -746,6 +746,37 @@ async def test_a_store_back_with_records_it_fails_on_at_the_head_writes_every_ot
         assert Spool(inner.spool_target).files() == []
 
 
+@pytest.mark.parametrize("spool", [False, True])
+@pytest.mark.parametrize("max_batch", [3, 1])
+async def test_a_store_back_with_a_batch_of_records_it_fails_on_at_the_head_moves_on(
+    max_batch: int, spool: bool
+) -> None:
+    # Back after an outage, the store fails with its own error on every record of the
+    # batch at the head of the queue, each probe included: the retries have to reach
+    # the records behind them, or the queue is held up for good.
+    inner = OwnErrorStore()
+    poison = _records(max(max_batch, 2), "poison")
+    accepted = _records(3, "during")
+    async with BatchingTelemetryBackend(inner, max_batch=max_batch, spool=spool) as batching:
+        inner.down = True
+        await batching.record_many([*poison, *accepted])
+        await batching.flush()
+        inner.down = False
+        with anyio.fail_after(60):
+            for k in range(30):  # bounded: a queue held up fails the count below
+                accepted += _records(1, f"after{k}-")
+                await batching.record(accepted[-1])
+                await batching.flush()
+                if batching.failed == len(poison):
+                    break
+            await batching.flush()
+        assert batching.written == len(accepted), "records held up behind the head batch"
+        assert (batching.failed, batching.pending) == (len(poison), 0)
+    assert sorted(inner.writes) == sorted(r.call_id for r in accepted)
+    if spool:
+        assert Spool(inner.spool_target).files() == []
+
+
 async def test_a_store_down_with_errors_of_its_own_is_announced_by_the_replay(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

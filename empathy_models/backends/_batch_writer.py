@@ -138,6 +138,7 @@ class _StoreWriter:
         "_backoff",
         "_kept",
         "_ledger",
+        "_probed",
         "_probes",
         "_suspects",
         "_write",
@@ -175,6 +176,7 @@ class _StoreWriter:
         self.took = 0
         self.held = False
         self._probes = 0  # probes failed since the store last took records
+        self._probed: set[str] = set()  # the records those probes wrote
         # call_id -> [failures alone counted, ``took`` at its latest failure alone]
         self._suspects: dict[str, list[int]] = {}
 
@@ -254,6 +256,12 @@ class _StoreWriter:
         return rest
 
     @property
+    def failed_probes(self) -> int:
+        """Probes failed since the store last took records: a batch written while
+        `probing` holds that many records more, so the next probe has one to try."""
+        return self._probes
+
+    @property
     def probing(self) -> bool:
         """
         Whether the store is failing with errors that do not say it failed: a batch
@@ -266,16 +274,23 @@ class _StoreWriter:
         Write one of ``records`` alone: they just failed together, and so did the write
         before them, with errors that do not say the store failed, so the store may be
         back, failing on some of them.  Taking the record proves it up.  The record is
-        the newest first, then, each time a probe fails, the one before it, so that a
-        record the store fails on cannot be the one probed every time.
+        the newest not probed since the store last took records (the batch grows by one
+        for each failed probe: `failed_probes`), so that records the store fails on
+        cannot be the ones probed every time; when all were, the newest, then, as
+        probes fail, the one before it.
 
         Returns:
             The records left, and whether the store took the probe (else all are left).
         """
         if len(records) < 2:
             return records, False
-        at = len(records) - 1 - self._probes % len(records)
+        probed = self._probed
+        fresh = [i for i, record in enumerate(records) if record.call_id not in probed]
+        at = fresh[-1] if fresh else len(records) - 1 - self._probes % len(records)
         self._probes += 1
+        if len(probed) >= _MAX_SUSPECTS:
+            probed.clear()
+        probed.add(records[at].call_id)
         if await self._split([records[at]]):
             return records, False
         return records[:at] + records[at + 1 :], True
@@ -295,6 +310,7 @@ class _StoreWriter:
         self.live = True
         self.took += 1
         self._probes = 0
+        self._probed.clear()
         self._ledger.written += len(batch)
         if self._suspects:
             for record in batch:

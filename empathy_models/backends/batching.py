@@ -47,12 +47,12 @@ microsecond), whatever state the store is in.
   is several.  Two failures in a row outside the halving (the probe's failure after
   its half's) are a store fault: nothing is held back or given up (but a spooled
   record alone failing right after a failure proves nothing, and waits with the held
-  ones: see `_batch_spill`).  While the store fails so, each
-  retry writes the batch, then one of its records alone (the newest first, then, as
-  probes fail, earlier ones): the store taking it is back, and the batch is written in
-  halves as above, so a record it fails on at the head of the queue holds up nothing.
-  A batch holds at least one record behind those held back at the head of the queue
-  and, while probing, two (either can take it past ``max_batch``).
+  ones: see `_batch_spill`).  While the store fails so, each retry writes the batch,
+  then one of its records alone (the newest not yet probed): the store taking it is
+  back, and the batch is written in halves as above, so records it fails on at the
+  head of the queue hold up nothing.  A batch holds at least one record behind those
+  held back at the head of the queue and, while probing, two, and one more for each
+  failed probe (either can take it past ``max_batch``).
 * `aclose` writes what it can within ``close_timeout`` seconds, then spools the rest
   (a write still in flight is spooled too; the replay skips it if it was committed).
 * Exit paths: unless ``exit_flush=False``, a backend still open at interpreter exit or
@@ -541,8 +541,11 @@ class _Batcher:
         while self.queue:
             # a batch holds a record behind those held back at the head of the queue,
             # and, while the store fails with errors of its own, one to probe it with
-            # beside the head record: records the store took between their failures
-            size = max(self.max_batch, self._held + 1, 2 if writer.probing else 1)
+            # beside the head record, and one more for each probe failed, so that the
+            # probes reach past records the store fails on: records it took between
+            # their failures
+            probes = 2 + writer.failed_probes if writer.probing else 1
+            size = max(self.max_batch, self._held + 1, probes)
             batch = self.queue[:size]
             self.inflight = batch  # before the records leave the queue (exit hooks)
             del self.queue[: len(batch)]
