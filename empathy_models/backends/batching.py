@@ -673,7 +673,14 @@ class _Batcher:
                 )
         remaining = self._take_all()
         if remaining:
-            failure = await anyio.to_thread.run_sync(self._spill.write, remaining)
+            # in ``inflight`` while the worker thread spools them: the exit hooks spool
+            # them too if the process ends meanwhile (SIGTERM), or they would be in no
+            # file and in no queue
+            self.inflight = remaining
+            try:
+                failure = await anyio.to_thread.run_sync(self._spill.write, remaining)
+            finally:
+                self.inflight = None
             self._spill.account(
                 len(remaining),
                 failure,
