@@ -588,6 +588,37 @@ async def test_records_the_store_fails_on_announce_no_outage(
     assert _outage_warnings(caplog) == []
 
 
+@pytest.mark.parametrize("where", ["spool", "queue"])
+@pytest.mark.parametrize("max_batch", [8, 3])
+async def test_two_adjacent_records_the_store_fails_on_announce_no_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str, max_batch: int
+) -> None:
+    # two records the store fails on side by side, among records it takes, in one spool
+    # file or one batch: a failure right after a failure there is not the store down
+    inner = ChokingSQLite(tmp_path / "calls.db")
+    before, poison, after = _records(1, "before"), _records(2, "poison"), _records(3, "after")
+    if where == "spool":
+        Spool(inner.spool_target).write([*before, *poison, *after])
+    caplog.set_level(logging.WARNING, logger="empathy_models.telemetry")
+    accepted = before + after
+    async with BatchingTelemetryBackend(inner, max_batch=max_batch) as batching:
+        with anyio.fail_after(60):
+            if where == "queue":
+                await batching.record_many([*before, *poison, *after])
+            await batching.flush()
+            stored = {r.call_id for r in await inner.recent(limit=1000)}
+            assert stored == {r.call_id for r in accepted}
+            while batching.failed < 2:  # each fails alone a third time
+                accepted += _records(1, f"new{len(accepted)}-")
+                await batching.record(accepted[-1])
+                await batching.flush()
+        stored = {r.call_id for r in await inner.recent(limit=1000)}
+    assert stored == {r.call_id for r in accepted}
+    assert Spool(inner.spool_target).files() == []
+    assert len(_given_up(caplog, "poison0")) == len(_given_up(caplog, "poison1")) == 1
+    assert _outage_warnings(caplog) == []
+
+
 @pytest.mark.parametrize("max_batch", [10, 1])  # 1: a batch of the held record and one more
 async def test_without_a_spool_the_queue_goes_on_past_a_record_the_store_keeps_failing_on(
     max_batch: int, caplog: pytest.LogCaptureFixture
@@ -711,6 +742,37 @@ async def test_a_store_back_with_records_it_fails_on_at_the_head_writes_every_ot
     assert len(_given_up(caplog, "poison0")) == len(_given_up(caplog, "poison1")) == 1
     messages = [r.getMessage() for r in caplog.records]
     assert sum("unavailable (StoreDriverError: connection lost)" in m for m in messages) == 1
+    if spool:
+        assert Spool(inner.spool_target).files() == []
+
+
+@pytest.mark.parametrize("spool", [False, True])
+@pytest.mark.parametrize("max_batch", [3, 1])
+async def test_a_store_back_with_a_batch_of_records_it_fails_on_at_the_head_moves_on(
+    max_batch: int, spool: bool
+) -> None:
+    # Back after an outage, the store fails with its own error on every record of the
+    # batch at the head of the queue, each probe included: the retries have to reach
+    # the records behind them, or the queue is held up for good.
+    inner = OwnErrorStore()
+    poison = _records(max(max_batch, 2), "poison")
+    accepted = _records(3, "during")
+    async with BatchingTelemetryBackend(inner, max_batch=max_batch, spool=spool) as batching:
+        inner.down = True
+        await batching.record_many([*poison, *accepted])
+        await batching.flush()
+        inner.down = False
+        with anyio.fail_after(60):
+            for k in range(30):  # bounded: a queue held up fails the count below
+                accepted += _records(1, f"after{k}-")
+                await batching.record(accepted[-1])
+                await batching.flush()
+                if batching.failed == len(poison):
+                    break
+            await batching.flush()
+        assert batching.written == len(accepted), "records held up behind the head batch"
+        assert (batching.failed, batching.pending) == (len(poison), 0)
+    assert sorted(inner.writes) == sorted(r.call_id for r in accepted)
     if spool:
         assert Spool(inner.spool_target).files() == []
 

@@ -330,8 +330,10 @@ class _Spiller:
         start = 0
         while start < len(records):
             live = writer.live
-            # while the store fails, two records let `deliver` probe it with one of them
-            size = 1 if was_held else max(self.max_batch, 1 if live else 2)
+            # while the store fails, two records let `deliver` probe it with one of them,
+            # and one more for each failed probe, to reach past records it fails on
+            probes = 1 if live else 2 + writer.failed_probes
+            size = 1 if was_held else max(self.max_batch, probes)
             chunk = records[start : start + size]
             start += len(chunk)
             rest = await writer.deliver(chunk)

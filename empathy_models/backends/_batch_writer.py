@@ -16,9 +16,13 @@ other (a third-party backend's own exception, say) is too, unless the store took
 write just before: then the batch is written in halves, down to the records the store
 fails on alone while it takes the others.  Those are *held* (handed back, the store
 known to be up); one that fails alone `STRIKES` times, the store having taken other
-records between, is treated as refused: retried made storable, or given up.  A failure
-right after a failure outside that descent (the store itself failing), or one that
-says the store failed, ends the halving, and what is left is handed back as a fault.
+records between, is treated as refused: retried made storable, or given up.  In that
+descent a half failing right after its sibling failed proves nothing by itself (each
+may hold a record the store fails on): a record alone is held too, and several are
+probed with one of them alone, the store taking it being up.  A failure right after
+a failure outside that descent (the probe failing too: the store itself failing), or
+one that says the store failed, ends the halving, and what is left is handed back as
+a fault.
 While the store fails so, nothing proves it down rather than failing on the records at
 the head of the batch: each retry, after the batch, *probes* it with one of its records
 alone (`_StoreWriter._probe`), and the store taking it is back, the batch then written
@@ -134,6 +138,7 @@ class _StoreWriter:
         "_backoff",
         "_kept",
         "_ledger",
+        "_probed",
         "_probes",
         "_suspects",
         "_write",
@@ -171,6 +176,7 @@ class _StoreWriter:
         self.took = 0
         self.held = False
         self._probes = 0  # probes failed since the store last took records
+        self._probed: set[str] = set()  # the records those probes wrote
         # call_id -> [failures alone counted, ``took`` at its latest failure alone]
         self._suspects: dict[str, list[int]] = {}
 
@@ -250,6 +256,12 @@ class _StoreWriter:
         return rest
 
     @property
+    def failed_probes(self) -> int:
+        """Probes failed since the store last took records: a batch written while
+        `probing` holds that many records more, so the next probe has one to try."""
+        return self._probes
+
+    @property
     def probing(self) -> bool:
         """
         Whether the store is failing with errors that do not say it failed: a batch
@@ -262,16 +274,23 @@ class _StoreWriter:
         Write one of ``records`` alone: they just failed together, and so did the write
         before them, with errors that do not say the store failed, so the store may be
         back, failing on some of them.  Taking the record proves it up.  The record is
-        the newest first, then, each time a probe fails, the one before it, so that a
-        record the store fails on cannot be the one probed every time.
+        the newest not probed since the store last took records (the batch grows by one
+        for each failed probe: `failed_probes`), so that records the store fails on
+        cannot be the ones probed every time; when all were, the newest, then, as
+        probes fail, the one before it.
 
         Returns:
             The records left, and whether the store took the probe (else all are left).
         """
         if len(records) < 2:
             return records, False
-        at = len(records) - 1 - self._probes % len(records)
+        probed = self._probed
+        fresh = [i for i, record in enumerate(records) if record.call_id not in probed]
+        at = fresh[-1] if fresh else len(records) - 1 - self._probes % len(records)
         self._probes += 1
+        if len(probed) >= _MAX_SUSPECTS:
+            probed.clear()
+        probed.add(records[at].call_id)
         if await self._split([records[at]]):
             return records, False
         return records[:at] + records[at + 1 :], True
@@ -291,6 +310,7 @@ class _StoreWriter:
         self.live = True
         self.took += 1
         self._probes = 0
+        self._probed.clear()
         self._ledger.written += len(batch)
         if self._suspects:
             for record in batch:
@@ -316,8 +336,10 @@ class _StoreWriter:
         """
         Write ``records``, which just failed together, in halves down to the records
         that fail alone; a half is tried right after its failed parent, and its sibling
-        after it.  A sibling failing right after a failure, or an error that says so,
-        means the store itself failed.
+        after it.  A sibling failing right after a failure proves nothing by itself (a
+        record the store fails on may be in each): alone, it is held too; several are
+        probed with one of them alone (`_probe`).  The probe failing as well, or an
+        error that says so, means the store itself failed.
 
         Returns:
             The records left, in order, and whether the store itself failed (else every
@@ -338,8 +360,14 @@ class _StoreWriter:
         more = await self._split(second)
         if not more:
             return left, False
-        if not live or _store_failed(self.last_fault):
+        if _store_failed(self.last_fault):
             return left + more, True
+        if not live and len(more) > 1:
+            # failed right after a failure: the store down, or a record it fails on in
+            # each half; one of them alone tells which
+            more, live = await self._probe(more)
+            if not live:
+                return left + more, True
         more, stalled = await self._isolate(more)
         return left + more, stalled
 

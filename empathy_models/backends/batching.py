@@ -42,14 +42,17 @@ microsecond), whatever state the store is in.
   spool, kept at the head of the queue), and retried after the backoff; one that
   fails alone ``STRIKES`` (3) times, the store taking other records between, is
   treated as refused (retried made storable, or given up, counted in `failed` with a
-  warning).  Two failures in a row outside the halving are a store fault: nothing is
-  held back or given up (but a spooled record alone failing right after a failure
-  proves nothing, and waits with the held ones: see `_batch_spill`).  While the store fails so, each
-  retry writes the batch, then one of its records alone (the newest first, then, as
-  probes fail, earlier ones): the store taking it is back, and the batch is written in
-  halves as above, so a record it fails on at the head of the queue holds up nothing.
-  A batch holds at least one record behind those held back at the head of the queue
-  and, while probing, two (either can take it past ``max_batch``).
+  warning).  In the halving, a half failing right after its sibling failed is held
+  back too when it is one record, and probed with one of its records alone when it
+  is several.  Two failures in a row outside the halving (the probe's failure after
+  its half's) are a store fault: nothing is held back or given up (but a spooled
+  record alone failing right after a failure proves nothing, and waits with the held
+  ones: see `_batch_spill`).  While the store fails so, each retry writes the batch,
+  then one of its records alone (the newest not yet probed): the store taking it is
+  back, and the batch is written in halves as above, so records it fails on at the
+  head of the queue hold up nothing.  A batch holds at least one record behind those
+  held back at the head of the queue and, while probing, two, and one more for each
+  failed probe (either can take it past ``max_batch``).
 * `aclose` writes what it can within ``close_timeout`` seconds, then spools the rest
   (a write still in flight is spooled too; the replay skips it if it was committed).
 * Exit paths: unless ``exit_flush=False``, a backend still open at interpreter exit or
@@ -538,8 +541,11 @@ class _Batcher:
         while self.queue:
             # a batch holds a record behind those held back at the head of the queue,
             # and, while the store fails with errors of its own, one to probe it with
-            # beside the head record: records the store took between their failures
-            size = max(self.max_batch, self._held + 1, 2 if writer.probing else 1)
+            # beside the head record, and one more for each probe failed, so that the
+            # probes reach past records the store fails on: records it took between
+            # their failures
+            probes = 2 + writer.failed_probes if writer.probing else 1
+            size = max(self.max_batch, self._held + 1, probes)
             batch = self.queue[:size]
             self.inflight = batch  # before the records leave the queue (exit hooks)
             del self.queue[: len(batch)]
@@ -667,7 +673,14 @@ class _Batcher:
                 )
         remaining = self._take_all()
         if remaining:
-            failure = await anyio.to_thread.run_sync(self._spill.write, remaining)
+            # in ``inflight`` while the worker thread spools them: the exit hooks spool
+            # them too if the process ends meanwhile (SIGTERM), or they would be in no
+            # file and in no queue
+            self.inflight = remaining
+            try:
+                failure = await anyio.to_thread.run_sync(self._spill.write, remaining)
+            finally:
+                self.inflight = None
             self._spill.account(
                 len(remaining),
                 failure,

@@ -15,6 +15,7 @@ import anyio
 import asyncpg
 from empathy_models_postgres import PostgresTelemetryBackend
 
+from empathy_models.backends._spool import Spool
 from empathy_models.backends.batching import BatchingTelemetryBackend
 from empathy_models.backends.sqlite import SQLiteTelemetryBackend
 from empathy_models.evidence import rollup
@@ -146,3 +147,59 @@ async def test_sigkill_loses_at_most_the_documented_bound(tmp_path: Path) -> Non
     bound = 3 * max_queue + max_batch
     print(f"\nSIGKILL, SQLite: {accepted}+ accepted, {stored} stored, bound {bound} lost")
     assert stored >= accepted - bound
+
+
+_SPOOLING_AT_SIGTERM = """
+import asyncio, os, signal, sys, threading
+from datetime import UTC, datetime
+from typing import Any
+from empathy_models import LLMCallRecord
+from empathy_models.abc import TelemetryBackend
+from empathy_models.backends.batching import BatchingTelemetryBackend
+
+fsync = os.fsync
+
+def slow_fsync(fd: int) -> None:
+    # the disk is slow for the spool write aclose makes on a worker thread, and SIGTERM
+    # comes meanwhile; that write never ends (the handler's own spool write, on the main
+    # thread, goes through)
+    if threading.current_thread() is threading.main_thread():
+        return fsync(fd)
+    os.kill(os.getpid(), signal.SIGTERM)
+    threading.Event().wait()
+
+os.fsync = slow_fsync
+
+class Unanswering(TelemetryBackend):
+    persistent = True
+    spool_target = "unanswering"
+    async def record_many(self, records: Any) -> None:
+        await asyncio.Event().wait()
+    async def _aggregate(self, **filters: Any) -> Any: ...
+    async def _recent(self, **filters: Any) -> Any: ...
+    async def _purge(self, *, before: datetime) -> int: return 0
+
+async def main() -> None:
+    async with BatchingTelemetryBackend(Unanswering(), close_timeout=0.2) as telemetry:
+        await telemetry.record_many([
+            LLMCallRecord(provider="p", model="m", outcome="success", call_id=f"c{i}",
+                          timestamp=datetime(2026, 1, 1, tzinfo=UTC), latency_ms=1.0)
+            for i in range(20)
+        ])
+    print("closed without SIGTERM")
+
+asyncio.run(main())
+"""
+
+
+def test_sigterm_while_aclose_spools_what_the_store_did_not_take_loses_nothing() -> None:
+    # aclose gave up on an unanswering store and is spooling the queue when SIGTERM
+    # comes: the handler spools it (the child shares this test's $EMPATHY_HOME)
+    child = subprocess.run(
+        [sys.executable, "-c", _SPOOLING_AT_SIGTERM], capture_output=True, timeout=60, check=False
+    )
+    said = child.stderr.decode(errors="replace")
+    assert child.returncode == 128 + signal.SIGTERM, said
+    spool = Spool("unanswering")
+    spooled = {r.call_id for path in spool.files() for r in spool.read(path)[0]}
+    assert spooled == {f"c{i}" for i in range(20)}, said
