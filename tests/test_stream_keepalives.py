@@ -10,7 +10,6 @@ the body, after a finish reason.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,15 +18,15 @@ from empathy_models.exceptions import InvalidResponseError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 from empathy_models.providers._sse import SSEDecoder
 
-from .test_wire_errors import KEY, MODEL, REQUEST, Replies
+from .test_wire_errors import (  # noqa: F401 - serving_replies: the fixture `server`
+    KEY,
+    MODEL,
+    REQUEST,
+    Replies,
+    serving_replies,
+)
 
 KEEPALIVES = (b"data:\n\n", b"data: \n\n", b": ping\n\n", b"data:  \n\n")
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[Replies]:
-    async with Replies() as replies:
-        yield replies
 
 
 def event(data: dict[str, Any], name: str | None = None) -> bytes:
