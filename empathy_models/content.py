@@ -385,7 +385,8 @@ def block_of(item: object, path: str = "content[0]") -> ContentBlock:
             return ToolResult(
                 tool_call_id=item.get("tool_use_id"),  # type: ignore[arg-type]
                 content=item.get("content", ""),
-                is_error=bool(item.get("is_error", False)),
+                # null or left out: not an error; anything but a boolean is refused
+                is_error=False if (flag := item.get("is_error")) is None else flag,
             )
     except RecordValidationError as exc:
         raise _fail(f"{path}: {exc}", f"{path}.{exc.path or ''}".rstrip(".")) from None

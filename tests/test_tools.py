@@ -641,6 +641,21 @@ async def test_bad_options_raise_configuration_error_before_any_call(
         (lambda: ImageBlock.from_url("file:///etc/passwd"), "https://"),
         (lambda: ImageBlock(), "exactly one of data"),
         (lambda: Message(role="user", content=[{"type": "audio"}]), "type must be one of"),
+        # a string is no boolean: "false" was read as an error result (bool("false"))
+        (
+            lambda: Message(
+                role="user",
+                content=[
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "t1",
+                        "content": "3 C",
+                        "is_error": "false",
+                    }
+                ],
+            ),
+            "is_error must be True or False, got .false.",
+        ),
     ],
 )
 def test_bad_messages_and_blocks_say_what_is_wrong(build: Any, message: str) -> None:
