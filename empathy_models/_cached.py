@@ -499,12 +499,15 @@ async def store(
     Keep ``response`` under ``key`` for ``ctx.cache_ttl`` seconds, with the time it was
     stored (``at``, the executor's wall clock), by which `lookup` tells its age: written
     behind (see the module docstring; an in-process cache at once).  Failures are
-    logged, counted.  An answer a provider's safety system stopped (`UNCACHED_STOPS`)
-    is not kept: the same request asks the model again.
+    logged, counted.  An answer a provider's safety system stopped (`UNCACHED_STOPS`),
+    or one whose text its ``response_format`` could not parse (``parse_error``, with no
+    tool called), is not kept: the same request asks the model again.
     """
     cache = executor._cache
     assert cache is not None and ctx.cache_ttl is not None
-    if response.stop_reason in UNCACHED_STOPS:
+    if response.stop_reason in UNCACHED_STOPS or (
+        response.parse_error is not None and not response.tool_calls
+    ):
         return
     payload = {
         "v": _VERSION,

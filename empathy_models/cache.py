@@ -21,7 +21,9 @@ kept.  A hit returns the stored answer as an `LLMResponse` with
 ``cache_cost_saved_usd``) and is never reported to the router or the breaker, so it
 never counts as a model's success.  `EmpathyLLMExecutor.stream` reads and fills the same
 entries: a hit is replayed as a stream (the text as one delta, then each tool call as
-one `ToolCallDelta`), and only a stream that ended whole is stored.
+one `ToolCallDelta`), and only a stream that ended whole is stored.  An answer cut by a
+content filter or refused, or one whose text the run's ``response_format`` could not
+parse (``parse_error``), is not stored: the same request asks the model again.
 
 Privacy: keys are SHA-256 digests of the request; prompts are never stored.  Setting
 ``cache_ttl`` is the consent to store the *answers* in the cache backend (in a file

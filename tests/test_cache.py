@@ -75,6 +75,33 @@ async def test_an_answer_cut_by_a_content_filter_is_not_cached(
     assert then.cached and server.requests() == 2
 
 
+@pytest.mark.parametrize("how", ["run", "stream"])
+async def test_an_answer_its_response_format_could_not_parse_is_not_cached(
+    server: FakeLLMServer, how: str
+) -> None:
+    # the answer is not the JSON the schema asks for (`parse_error`): a caller that asks
+    # again gets a new answer from the model, not the same unparsable one for cache_ttl
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string"}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    server.script("gpt-a", [FakeReply(content="Sure! Here it is: {answer")])
+    ctx = attrs.evolve(CTX, model="gpt-a")
+    async with make(server) as executor:
+        if how == "run":
+            bad = await executor.run("answer", ctx, response_format=schema)
+        else:
+            async with executor.stream("answer", ctx, response_format=schema) as stream:
+                bad = await stream.get_final_response()
+        again = await executor.run("answer", ctx, response_format=schema)
+        then = await executor.run("answer", ctx, response_format=schema)
+    assert bad.parse_error is not None and bad.parsed is None and not bad.cached
+    assert not again.cached and again.parse_error is None and again.parsed is not None
+    assert then.cached and then.parsed == again.parsed and server.requests() == 2
+
+
 async def test_a_repeated_request_is_answered_from_the_cache(server: FakeLLMServer) -> None:
     telemetry = MemoryTelemetryBackend()
     async with make(server, telemetry_store=telemetry) as executor:
