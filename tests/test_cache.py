@@ -252,6 +252,31 @@ async def test_a_hit_is_never_older_than_the_cache_ttl_of_the_run_reading_it(
     assert server.requests() == 3
 
 
+async def test_an_answer_stored_ahead_of_a_clock_stepped_back_is_a_miss(
+    server: FakeLLMServer,
+) -> None:
+    # the wall clock stepped back an hour (an NTP correction) after the answer was
+    # stored, then two minutes passed: the answer is not served as less than a minute
+    # old (for the hour it would look so); a store time less than a second ahead
+    # (another worker's clock) is
+    now = [1_800_000_000.0]
+    day, minute = attrs.evolve(CTX, cache_ttl=86_400), attrs.evolve(CTX, cache_ttl=60)
+    async with make(server, wall_clock=lambda: now[0]) as executor:
+        await executor.run("hello", day)
+        now[0] += -3_600 + 120
+        assert not (await executor.run("hello", minute)).cached
+        assert (await executor.run("hello", minute)).cached  # the answer just stored
+        async with executor.stream("hello", minute) as stream:
+            assert (await stream.get_final_response()).cached
+        await executor.run("skewed", minute)
+        now[0] -= 0.5
+        assert (await executor.run("skewed", minute)).cached
+        now[0] -= 3_600
+        async with executor.stream("skewed", minute) as stream:
+            assert not (await stream.get_final_response()).cached
+    assert server.requests() == 4
+
+
 async def test_sampled_output_is_not_cached_unless_asked(server: FakeLLMServer) -> None:
     sampled = ExecutionContext(workflow="faq", cache_ttl=600)  # the provider's temperature
     warm = ExecutionContext(workflow="faq", cache_ttl=600, temperature=0.7)
