@@ -100,6 +100,16 @@ async def test_an_answer_its_response_format_could_not_parse_is_not_cached(
     assert bad.parse_error is not None and bad.parsed is None and not bad.cached
     assert not again.cached and again.parse_error is None and again.parsed is not None
     assert then.cached and then.parsed == again.parsed and server.requests() == 2
+    if how == "run":  # a tool called instead of answering is an answer, and cached
+        async with make(server) as executor:
+            options: dict[str, Any] = {
+                "tools": [WEATHER],
+                "tool_choice": "required",
+                "response_format": schema,
+            }
+            called = await executor.run("weather?", ctx, **options)
+            assert called.tool_calls and called.parse_error is not None
+            assert (await executor.run("weather?", ctx, **options)).cached
 
 
 async def test_a_repeated_request_is_answered_from_the_cache(server: FakeLLMServer) -> None:
