@@ -470,7 +470,7 @@ def _well_formed(data: object) -> TypeGuard[dict[str, Any]]:
     """
     if not isinstance(data, dict) or data.get("v") != _VERSION:
         return False
-    texts = (data.get("content"), data.get("model"), data.get("provider"))
+    texts = (data.get("content"), data.get("model"), data.get("provider"), data.get("tier"))
     counts = (data.get("input_tokens"), data.get("output_tokens"))
     cost = data.get("cost_usd")
     optional = (data.get("response_model"), data.get("price_version"), data.get("stop_reason"))

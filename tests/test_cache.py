@@ -391,6 +391,8 @@ _ENTRY = (
         (_ENTRY % ("1", "1" + "0" * 400)).encode(),
         (_ENTRY % ("1", '0,"at":"yesterday"')).encode(),
         (_ENTRY % ("1", '0,"at":1e400')).encode(),
+        (_ENTRY % ("1", "0")).replace('"tier":"cheap",', "").encode(),
+        (_ENTRY % ("1", "0")).replace('"cheap"', '["cheap"]').encode(),
     ],
     ids=[
         "list",
@@ -408,6 +410,8 @@ _ENTRY = (
         "cost past a float",
         "time as text",
         "time inf",
+        "no tier",
+        "tier as a list",
     ],
 )
 async def test_a_garbled_cache_entry_is_a_miss_and_counted(
