@@ -36,13 +36,21 @@ from ._settled import Expired
 from ._values import ExecutionContext, LLMResponse, _new_response
 from .abc import Completion, Message, ResponseCache
 from .cache import MemoryResponseCache, request_key
+from .circuit import CLOCK_STEP
 from .content import ToolCall
 from .records import _INT_LIMIT, LLMCallRecord, ModelTier, Outcome, _trusted_call_record
 
 if TYPE_CHECKING:
     from ._executor import EmpathyLLMExecutor
 
-__all__ = ["RETRY_INTERVAL", "STORE_TIMEOUT", "UNCACHED_STOPS", "cache_key_of", "lookup", "store"]
+__all__ = [
+    "RETRY_INTERVAL",
+    "STORE_TIMEOUT",
+    "UNCACHED_STOPS",
+    "cache_key_of",
+    "lookup",
+    "store",
+]
 
 logger = logging.getLogger("empathy_models.cache")
 
@@ -161,7 +169,9 @@ async def lookup(
     The cached answer for ``key`` as an `LLMResponse` (recorded as a hit), or None (a
     miss, or no answer from the store within its time: see the module docstring).  An
     answer stored ``ctx.cache_ttl`` seconds ago or longer (by the executor's wall
-    clock) is a miss, however long the run that stored it had it kept.
+    clock) is a miss, however long the run that stored it had it kept; so is one
+    stored more than `empathy_models.circuit.CLOCK_STEP` (a second) ahead of that
+    clock (it stepped back since: the answer's age is not known).
     ``start``: when the run started (the executor's clock; its deadline counts from it).
     """
     assert ctx.cache_ttl is not None
@@ -172,8 +182,11 @@ async def lookup(
     content, model, provider, tier, input_tokens, output_tokens, saved, extra = entry
     data = extra
     stored_at = data.get("at")
-    if stored_at is None or not executor._wall_clock() - stored_at < ctx.cache_ttl:
-        return None  # older than this run asks for (or of no known age)
+    age = None if stored_at is None else executor._wall_clock() - stored_at
+    if age is None or not -CLOCK_STEP <= age < ctx.cache_ttl:
+        # older than this run asks for, or of no known age: none recorded, or stored
+        # more than `CLOCK_STEP` ahead of the clock (which stepped back since)
+        return None
     tool_calls = _tool_calls(data.get("tool_calls"))
     if tool_calls is None:
         executor.cache_errors += 1
@@ -457,7 +470,7 @@ def _well_formed(data: object) -> TypeGuard[dict[str, Any]]:
     """
     if not isinstance(data, dict) or data.get("v") != _VERSION:
         return False
-    texts = (data.get("content"), data.get("model"), data.get("provider"))
+    texts = (data.get("content"), data.get("model"), data.get("provider"), data.get("tier"))
     counts = (data.get("input_tokens"), data.get("output_tokens"))
     cost = data.get("cost_usd")
     optional = (data.get("response_model"), data.get("price_version"), data.get("stop_reason"))
@@ -499,12 +512,15 @@ async def store(
     Keep ``response`` under ``key`` for ``ctx.cache_ttl`` seconds, with the time it was
     stored (``at``, the executor's wall clock), by which `lookup` tells its age: written
     behind (see the module docstring; an in-process cache at once).  Failures are
-    logged, counted.  An answer a provider's safety system stopped (`UNCACHED_STOPS`)
-    is not kept: the same request asks the model again.
+    logged, counted.  An answer a provider's safety system stopped (`UNCACHED_STOPS`),
+    or one whose text its ``response_format`` could not parse (``parse_error``, with no
+    tool called), is not kept: the same request asks the model again.
     """
     cache = executor._cache
     assert cache is not None and ctx.cache_ttl is not None
-    if response.stop_reason in UNCACHED_STOPS:
+    if response.stop_reason in UNCACHED_STOPS or (
+        response.parse_error is not None and not response.tool_calls
+    ):
         return
     payload = {
         "v": _VERSION,

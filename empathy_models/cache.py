@@ -15,13 +15,16 @@ tier, constraints), the messages and system prompt, ``max_tokens`` and
 ``temperature=0`` are, unless ``cache_sampled=True`` asks for it (a provider's default
 temperature samples).  A hit is an answer stored less than the run's own ``cache_ttl``
 seconds ago (by the executor's wall clock), however long the run that stored it had it
-kept.  A hit returns the stored answer as an `LLMResponse` with
+kept; one stored more than a second ahead of that clock (which stepped back since) is of
+no known age, and a miss.  A hit returns the stored answer as an `LLMResponse` with
 ``cached=True``, ``cost_usd=0`` and no attempts; it is recorded with outcome
 ``cache_hit`` (cost 0, the cost saved in the record's metadata as
 ``cache_cost_saved_usd``) and is never reported to the router or the breaker, so it
 never counts as a model's success.  `EmpathyLLMExecutor.stream` reads and fills the same
 entries: a hit is replayed as a stream (the text as one delta, then each tool call as
-one `ToolCallDelta`), and only a stream that ended whole is stored.
+one `ToolCallDelta`), and only a stream that ended whole is stored.  An answer cut by a
+content filter or refused, or one whose text the run's ``response_format`` could not
+parse (``parse_error``), is not stored: the same request asks the model again.
 
 Privacy: keys are SHA-256 digests of the request; prompts are never stored.  Setting
 ``cache_ttl`` is the consent to store the *answers* in the cache backend (in a file

@@ -75,6 +75,43 @@ async def test_an_answer_cut_by_a_content_filter_is_not_cached(
     assert then.cached and server.requests() == 2
 
 
+@pytest.mark.parametrize("how", ["run", "stream"])
+async def test_an_answer_its_response_format_could_not_parse_is_not_cached(
+    server: FakeLLMServer, how: str
+) -> None:
+    # the answer is not the JSON the schema asks for (`parse_error`): a caller that asks
+    # again gets a new answer from the model, not the same unparsable one for cache_ttl
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string"}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    server.script("gpt-a", [FakeReply(content="Sure! Here it is: {answer")])
+    ctx = attrs.evolve(CTX, model="gpt-a")
+    async with make(server) as executor:
+        if how == "run":
+            bad = await executor.run("answer", ctx, response_format=schema)
+        else:
+            async with executor.stream("answer", ctx, response_format=schema) as stream:
+                bad = await stream.get_final_response()
+        again = await executor.run("answer", ctx, response_format=schema)
+        then = await executor.run("answer", ctx, response_format=schema)
+    assert bad.parse_error is not None and bad.parsed is None and not bad.cached
+    assert not again.cached and again.parse_error is None and again.parsed is not None
+    assert then.cached and then.parsed == again.parsed and server.requests() == 2
+    if how == "run":  # a tool called instead of answering is an answer, and cached
+        async with make(server) as executor:
+            options: dict[str, Any] = {
+                "tools": [WEATHER],
+                "tool_choice": "required",
+                "response_format": schema,
+            }
+            called = await executor.run("weather?", ctx, **options)
+            assert called.tool_calls and called.parse_error is not None
+            assert (await executor.run("weather?", ctx, **options)).cached
+
+
 async def test_a_repeated_request_is_answered_from_the_cache(server: FakeLLMServer) -> None:
     telemetry = MemoryTelemetryBackend()
     async with make(server, telemetry_store=telemetry) as executor:
@@ -225,6 +262,31 @@ async def test_a_hit_is_never_older_than_the_cache_ttl_of_the_run_reading_it(
     assert server.requests() == 3
 
 
+async def test_an_answer_stored_ahead_of_a_clock_stepped_back_is_a_miss(
+    server: FakeLLMServer,
+) -> None:
+    # the wall clock stepped back an hour (an NTP correction) after the answer was
+    # stored, then two minutes passed: the answer is not served as less than a minute
+    # old (for the hour it would look so); a store time less than a second ahead
+    # (another worker's clock) is
+    now = [1_800_000_000.0]
+    day, minute = attrs.evolve(CTX, cache_ttl=86_400), attrs.evolve(CTX, cache_ttl=60)
+    async with make(server, wall_clock=lambda: now[0]) as executor:
+        await executor.run("hello", day)
+        now[0] += -3_600 + 120
+        assert not (await executor.run("hello", minute)).cached
+        assert (await executor.run("hello", minute)).cached  # the answer just stored
+        async with executor.stream("hello", minute) as stream:
+            assert (await stream.get_final_response()).cached
+        await executor.run("skewed", minute)
+        now[0] -= 0.5
+        assert (await executor.run("skewed", minute)).cached
+        now[0] -= 3_600
+        async with executor.stream("skewed", minute) as stream:
+            assert not (await stream.get_final_response()).cached
+    assert server.requests() == 4
+
+
 async def test_sampled_output_is_not_cached_unless_asked(server: FakeLLMServer) -> None:
     sampled = ExecutionContext(workflow="faq", cache_ttl=600)  # the provider's temperature
     warm = ExecutionContext(workflow="faq", cache_ttl=600, temperature=0.7)
@@ -329,6 +391,8 @@ _ENTRY = (
         (_ENTRY % ("1", "1" + "0" * 400)).encode(),
         (_ENTRY % ("1", '0,"at":"yesterday"')).encode(),
         (_ENTRY % ("1", '0,"at":1e400')).encode(),
+        (_ENTRY % ("1", "0")).replace('"tier":"cheap",', "").encode(),
+        (_ENTRY % ("1", "0")).replace('"cheap"', '["cheap"]').encode(),
     ],
     ids=[
         "list",
@@ -346,6 +410,8 @@ _ENTRY = (
         "cost past a float",
         "time as text",
         "time inf",
+        "no tier",
+        "tier as a list",
     ],
 )
 async def test_a_garbled_cache_entry_is_a_miss_and_counted(
