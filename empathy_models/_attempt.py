@@ -316,7 +316,7 @@ class Attempts:
         deadline_at, per_attempt, called = self.deadline_at, run.context.timeout, False
         for route_attempt in range(1, ex._retry.max_attempts + 1):
             await self._slot(info, semaphore)
-            holding = True  # an opened stream keeps the slot until it ends
+            holding, sent = True, False  # an opened stream keeps the slot until it ends
             hold: Hold | None = None
             try:
                 if limiter is not None:
@@ -342,7 +342,7 @@ class Attempts:
                     obs.attempt_started(run, info, request, attempt, (scope_ticket, ticket), trace)
                 remaining = None if deadline_at is None else deadline_at - clock()
                 budget, by_deadline = _within(per_attempt, remaining, streamed)  # the time limit
-                called = True
+                called = sent = True
                 t0, held = clock(), (ticket, scope_ticket, hold)
                 try:
                     if streamed:
@@ -353,7 +353,7 @@ class Attempts:
                     error, cut = _restated(self, raised, info, budget, by_deadline)
                     record = await self._failed(info, error, attempt, t0, key, held, cut)
                     # nothing sent: not counted against max_routes, the hold freed whole
-                    called = route_attempt > 1 or record.outcome is not Outcome.NOT_SENT
+                    called = (sent := record.outcome is not Outcome.NOT_SENT) or route_attempt > 1
                 except BaseException as raised:  # a cancel: recorded, lease returned, re-raised
                     await _cancelled(self, info, raised, attempt, t0, held)
                     raise
@@ -371,7 +371,7 @@ class Attempts:
                 if holding:
                     self._release_slot(semaphore)
                     if hold is not None:
-                        await _settle(self, hold, called)
+                        await _settle(self, hold, sent)  # this attempt's, not the route's
             delay = self._after_failure(info, record, error, route_attempt, cut, probe)
             if isinstance(delay, Failed):
                 return delay if called else _NOT_CALLED
@@ -818,12 +818,16 @@ async def _unsent(
     raise _DeadlineExceeded(None)  # the error is in run.errors
 
 
-async def _settle(self: Attempts, hold: Hold, called: bool) -> None:
-    """The limiter settles ``hold`` (in the background past the run's deadline)."""
+async def _settle(self: Attempts, hold: Hold, sent: bool) -> None:
+    """
+    The limiter settles ``hold`` (in the background past the run's deadline); a call
+    not ``sent`` (refused by the breaker, or the deadline ran out first) gives back its
+    places whole, even when an earlier attempt of its route was sent.
+    """
     limiter, deadline_at = self.ex._limiter, self.deadline_at
     assert limiter is not None
     left = None if deadline_at is None else deadline_at - self.ex._clock()
-    await limiter.settle(hold, failed=not called, time_left=left)
+    await limiter.settle(hold, failed=not sent, time_left=left)
 
 
 async def _admission(breaker: _Breaker, key: str, fb: _Feedback, late: list[bool]) -> Ticket:

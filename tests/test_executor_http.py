@@ -549,6 +549,40 @@ async def test_a_route_whose_retry_the_rate_limit_refused_counts_as_tried(
     assert "claude-fake-haiku" in str(caught.value)
 
 
+async def test_a_retry_the_open_circuit_refused_gives_its_rate_limit_place_back(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    The route's first call failed and opened its circuit; with no other route its
+    retry waits, is admitted by the rate limit, then refused by the breaker: that call
+    never went out, so its place comes back, as a first attempt's does, and the
+    provider's other model gets the burst's second place.
+    """
+    server.script("claude-fake-haiku", [500])
+    async with (
+        CircuitBreaker(policy=BreakerPolicy(consecutive_failures=1)) as breaker,
+        make(
+            server,
+            telemetry,
+            sleep,
+            breaker=breaker,
+            fallback=FallbackPolicy.none(),
+            rate_limits={"anthropic": RateLimit(rpm=1, burst_requests=2)},
+            rate_limit_wait=0,
+        ) as executor,
+    ):
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await executor.run("hello", CHEAP)
+        assert [type(e).__name__ for e in caught.value.exceptions] == [
+            "ServerError",
+            "CircuitOpenError",
+        ]
+        other = attrs.evolve(CHEAP, model="claude-fake-sonnet", tier=None)
+        response = await executor.run("hello", other)  # the place kept: gpt-fake-4o answered
+    assert response.model == "claude-fake-sonnet"
+    assert server.requests("claude-fake-haiku") == 1
+
+
 async def test_a_route_whose_retry_the_budget_refused_counts_as_tried(
     server: FakeLLMServer, telemetry: MemoryTelemetryBackend
 ) -> None:
