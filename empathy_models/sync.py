@@ -302,6 +302,9 @@ def _wait(future: concurrent.futures.Future[Any], timeout: float | None) -> bool
         if left is not None and left <= 0:
             return future.done()
         step = wake if left is None else left if wake is None else min(left, wake)
+        if step is not None:
+            # a lock's wait takes at most TIMEOUT_MAX s (``sys.maxsize`` overflows it)
+            step = min(step, threading.TIMEOUT_MAX)
         if done.wait(step):
             return True
 
