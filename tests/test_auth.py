@@ -771,6 +771,28 @@ def test_undecodable_text_is_counted_and_flagged_never_zero(tmp_path: Path) -> N
     assert any("UTF-8" in w for w in r.warnings)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_utf16_and_utf32_text_with_a_byte_order_mark_is_counted_not_called_binary(
+    tmp_path: Path, encoding: str
+) -> None:
+    # Windows tools (Visual Studio, Windows PowerShell's Out-File) save UTF-16 with a
+    # BOM: every ASCII character holds a NUL byte, which read as "looks binary"
+    f = tmp_path / "Program.cs"
+    text = "// entry point\nclass Program\n{\n    static void Main() { }\n}\n"
+    bom = "\ufeff" if encoding in ("utf-16-le", "utf-16-be") else ""
+    f.write_bytes((bom + text).encode(encoding))
+    r = count_lines_of_code(f)
+    assert (r.total_lines, r.code_lines, r.comment_lines) == (5, 4, 1)
+    assert r.decode_errors == 0 and r.warnings == ()
+
+
+def test_nul_characters_in_utf16_text_are_binary(tmp_path: Path) -> None:
+    f = tmp_path / "blob.py"
+    f.write_bytes("x = 1\n\x00\x00\x01".encode("utf-16"))
+    with pytest.raises(SourceFileError, match="binary"):
+        count_lines_of_code(f)
+
+
 @pytest.mark.parametrize("separator", ["\x0c", "\u2028", "\u2029", "\x0b", "\x1c", "\x85"])
 def test_only_physical_line_breaks_start_a_line(tmp_path: Path, separator: str) -> None:
     f = tmp_path / "one_line.py"
