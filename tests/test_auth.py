@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import operator
 import os
@@ -485,6 +486,24 @@ def test_a_corrupt_file_is_an_error_naming_the_path(home: Path, content: bytes) 
     with pytest.raises(AuthFileError):
         AuthStrategy().save()
     assert file.read_bytes() == content
+
+
+def test_a_file_saved_with_a_utf8_byte_order_mark_loads_and_updates(home: Path) -> None:
+    # Windows Notepad saves UTF-8 with a BOM: the hand-edited file read as corrupt
+    # ("not valid UTF-8 JSON at line 1 column 1"), and save and update refused it
+    home.mkdir(parents=True)
+    file = home / "auth_strategy.json"
+    edited = {"v": 1, "subscription_tier": "max", "small_module_threshold": 300}
+    file.write_bytes(codecs.BOM_UTF8 + json.dumps(edited, indent=2).encode())
+    loaded = AuthStrategy.load()
+    assert (loaded.subscription_tier, loaded.small_module_threshold) == (
+        SubscriptionTier.MAX,
+        300,
+    )
+    updated = AuthStrategy.update(prefer_subscription=False)
+    assert updated == loaded.replace(prefer_subscription=False)
+    assert AuthStrategy.load() == updated
+    assert not file.read_bytes().startswith(codecs.BOM_UTF8)
 
 
 @pytest.mark.parametrize("name", ["x" * 300 + ".json", "auth\x00strategy.json"])
