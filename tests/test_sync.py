@@ -291,6 +291,24 @@ def test_close_from_inside_a_call_is_refused(server: FakeLLMServer) -> None:
     assert llm.closed
 
 
+def test_a_cancelled_error_a_call_raises_itself_reaches_its_caller_as_that_error(
+    server: FakeLLMServer,
+) -> None:
+    # the task ended cancelled, and its caller got a bare concurrent.futures.CancelledError
+    # (an Exception of another class), not what the coroutine raised
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
+        gave_up = asyncio.CancelledError("gave up")
+
+        async def give_up() -> None:
+            raise gave_up
+
+        assert _call_from_a_thread(llm, give_up) is gave_up
+        with pytest.raises(asyncio.CancelledError, match="gave up"):
+            llm.call(give_up)
+        assert llm.run("still there?", CHEAP).content
+    assert llm.closed and server.requests() == 1
+
+
 def test_system_exit_or_ctrl_c_in_a_call_reaches_its_caller_and_the_loop_serves_on(
     server: FakeLLMServer,
 ) -> None:
