@@ -6,6 +6,7 @@ blank lines, generated files and literal tables left out, long lines counted as 
 from __future__ import annotations
 
 import codecs
+import functools
 import math
 import os
 import re
@@ -184,7 +185,8 @@ class LinesOfCodeReport:
 
     * ``total_lines`` = ``code_lines`` + ``blank_lines`` + ``comment_lines``.  Comments
       are recognised by the file's suffix (``#`` by default, ``//`` and ``/* */`` for
-      C-like languages, ``--`` for SQL/Lua); docstrings and strings count as code.
+      C-like languages, ``--`` for SQL/Lua); docstrings and strings count as code, and
+      so does a line with code beside a comment (``x = 1; /* a``, ``/* a */ x = 1;``).
     * ``effective_lines``: the figure to give `AuthStrategy.get_recommended_mode` and
       `AuthStrategy.estimate_cost`.  It is ``code_lines`` with every line longer than
       `LINE_EQUIVALENT_CHARS` counted as ``ceil(len / LINE_EQUIVALENT_CHARS)`` lines, so a
@@ -325,6 +327,59 @@ def _physical_lines(text: str) -> list[str]:
     return lines
 
 
+# in a line of a language with ``/* */`` comments: the strings (one line of them, as
+# `_STRING_BODY`, template literals too), and what starts a comment
+_SCAN_STRING_BODY: Final = {quote: re.compile(rf"(?:[^{quote}\\]|\\.)*{quote}") for quote in "'\"`"}
+
+
+@functools.cache
+def _comment_or_quote(line_prefixes: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(map(re.escape, ("/*", *line_prefixes))) + "|[\"'`]")
+
+
+def _outside_block_comments(
+    text: str, in_block: bool, line_prefixes: tuple[str, ...]
+) -> tuple[bool, bool]:
+    """
+    Whether the line ``text`` of a language with ``/* */`` comments holds code outside
+    its comments, and whether a block comment is open at its end (``in_block``: one was
+    open at its start): ``x = 1; /* a`` is code opening one, ``/* a */ x = 1;`` code,
+    ``*/`` a comment closing it.  A comment opener inside a string is not one (a quote
+    that does not close on the line, a Rust lifetime say, is taken as a character, and
+    so is every later one of its kind); a line comment ends the line.
+    """
+    has_code = False
+    unclosed: set[str] = set()
+    pos, end = 0, len(text)
+    pattern = _comment_or_quote(line_prefixes)
+    while pos < end:
+        if in_block:
+            close = text.find("*/", pos)
+            if close < 0:
+                return has_code, True
+            pos, in_block = close + 2, False
+            continue
+        found = pattern.search(text, pos)
+        stop = end if found is None else found.start()
+        if text[pos:stop].strip():
+            has_code = True
+        if found is None:
+            break
+        token, pos = found.group(), found.end()
+        if token == "/*":
+            in_block = True
+        elif token in _SCAN_STRING_BODY:
+            has_code = True
+            body = None if token in unclosed else _SCAN_STRING_BODY[token].match(text, pos)
+            if body is None:
+                unclosed.add(token)
+            else:
+                pos = body.end()
+        else:  # a line comment
+            break
+    return has_code, in_block
+
+
 def _analyse(path: str, suffix: str, text: str, decode_errors: int) -> LinesOfCodeReport:
     line_prefixes, block_comments = _COMMENT_STYLES.get(suffix, (_HASH, False))
     lines = _physical_lines(text)
@@ -336,16 +391,12 @@ def _analyse(path: str, suffix: str, text: str, decode_errors: int) -> LinesOfCo
         if not stripped:
             blank += 1
             continue
-        if in_block:
-            comment += 1
-            if "*/" in stripped:
-                in_block = False
-            continue
-        if block_comments and stripped.startswith("/*"):
-            comment += 1
-            in_block = "*/" not in stripped[2:]
-            continue
-        if line_prefixes and stripped.startswith(line_prefixes):
+        if block_comments and (in_block or "/*" in stripped):
+            has_code, in_block = _outside_block_comments(stripped, in_block, line_prefixes)
+            if not has_code:
+                comment += 1
+                continue
+        elif line_prefixes and stripped.startswith(line_prefixes):
             comment += 1
             continue
         code += 1
