@@ -151,6 +151,12 @@ class _LoopThread:
                 # asyncio would let these out of the loop (ending its thread), never to
                 # reach the caller: carried as an ordinary exception, raised there
                 raise _Carried(exc) from None
+            except asyncio.CancelledError as exc:
+                if task.cancelling():  # cancelled by its caller (a timeout, Ctrl-C) or `close`
+                    raise
+                # raised by the call itself: the task would end cancelled, and its caller
+                # hear of a concurrent.futures.CancelledError instead
+                raise _Carried(exc) from None
             finally:
                 self._tasks.discard(task)
 
@@ -302,6 +308,9 @@ def _wait(future: concurrent.futures.Future[Any], timeout: float | None) -> bool
         if left is not None and left <= 0:
             return future.done()
         step = wake if left is None else left if wake is None else min(left, wake)
+        if step is not None:
+            # a lock's wait takes at most TIMEOUT_MAX s (``sys.maxsize`` overflows it)
+            step = min(step, threading.TIMEOUT_MAX)
         if done.wait(step):
             return True
 
@@ -314,9 +323,12 @@ def _not_opened_here(resource: object, exc: NotOpenError) -> NotOpenError:
 
 
 class _Carried(Exception):
-    """A `SystemExit` or `KeyboardInterrupt` of a call, carried from the loop to its caller."""
+    """
+    A `SystemExit` or `KeyboardInterrupt` of a call, or a `asyncio.CancelledError` it
+    raised itself, carried from the loop to its caller.
+    """
 
-    def __init__(self, exc: SystemExit | KeyboardInterrupt) -> None:
+    def __init__(self, exc: SystemExit | KeyboardInterrupt | asyncio.CancelledError) -> None:
         super().__init__(exc)
         self.exc = exc
 
@@ -480,9 +492,10 @@ class SyncExecutor:
         """
         Run ``fn(*args, **kwargs)`` on the private loop and return its result.
 
-        What it raises is raised here, `SystemExit` and `KeyboardInterrupt` included
-        (the loop serves on).  On Ctrl-C while it waits, the coroutine is cancelled on
-        the loop; an error it still ends with is logged on ``empathy_models.sync``.
+        What it raises is raised here, `SystemExit`, `KeyboardInterrupt` and an
+        `asyncio.CancelledError` it raises itself included (the loop serves on).  On
+        Ctrl-C while it waits, the coroutine is cancelled on the loop; an error it still
+        ends with is logged on ``empathy_models.sync``.
 
         Raises:
             NotOpenError: (a `RuntimeError`) after `close`.

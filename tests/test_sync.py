@@ -124,6 +124,29 @@ def test_a_timeout_cancels_the_call_on_the_loop(server: FakeLLMServer, tmp_path:
     assert Outcome.CANCELLED in outcomes
 
 
+def test_a_timeout_past_what_a_lock_can_wait_is_a_long_wait_in_any_thread(
+    server: FakeLLMServer,
+) -> None:
+    # a worker thread waits for the call in one step of the whole timeout: sys.maxsize
+    # (or 1e10 s) is past threading.TIMEOUT_MAX, which raised OverflowError there
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
+        answers: list[object] = []
+
+        def ask(timeout: float) -> None:
+            try:
+                answers.append(llm.run("hello", CHEAP, timeout=timeout).content)
+            except BaseException as exc:
+                answers.append(exc)
+
+        for timeout in (sys.maxsize, 1e10):
+            worker = threading.Thread(target=ask, args=(timeout,))
+            worker.start()
+            worker.join()
+        ask(sys.maxsize)  # the main thread
+    assert [type(a) for a in answers] == [str, str, str], answers
+    assert server.requests() == 3
+
+
 def test_an_invalid_timeout_is_refused_before_anything_is_sent(server: FakeLLMServer) -> None:
     with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
         for bad in (-1, 0, 0.0, math.nan, -math.inf, "5", True):
@@ -266,6 +289,24 @@ def test_close_from_inside_a_call_is_refused(server: FakeLLMServer) -> None:
         assert not llm.closed
         assert llm.run("still there?", CHEAP).content
     assert llm.closed
+
+
+def test_a_cancelled_error_a_call_raises_itself_reaches_its_caller_as_that_error(
+    server: FakeLLMServer,
+) -> None:
+    # the task ended cancelled, and its caller got a bare concurrent.futures.CancelledError
+    # (an Exception of another class), not what the coroutine raised
+    with SyncExecutor(providers(server), registry=REGISTRY, telemetry_store="null://") as llm:
+        gave_up = asyncio.CancelledError("gave up")
+
+        async def give_up() -> None:
+            raise gave_up
+
+        assert _call_from_a_thread(llm, give_up) is gave_up
+        with pytest.raises(asyncio.CancelledError, match="gave up"):
+            llm.call(give_up)
+        assert llm.run("still there?", CHEAP).content
+    assert llm.closed and server.requests() == 1
 
 
 def test_system_exit_or_ctrl_c_in_a_call_reaches_its_caller_and_the_loop_serves_on(

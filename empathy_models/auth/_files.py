@@ -127,8 +127,9 @@ def _read_regular(file: Path) -> bytes:
 
 def _read_json(file: Path) -> Any:
     """
-    Parsed JSON of ``file``; None if it does not exist; `AuthFileError` otherwise,
-    including for a file that holds JSON ``null`` (it is corrupt, not missing).
+    Parsed JSON of ``file`` (UTF-8, with or without a byte order mark); None if it does
+    not exist; `AuthFileError` otherwise, including for a file that holds JSON ``null``
+    (it is corrupt, not missing).
     """
     if not _lexists(file):
         return None
@@ -139,7 +140,8 @@ def _read_json(file: Path) -> Any:
     except OSError as exc:
         raise AuthFileError(f"{file}: cannot read ({exc.strerror})", path=file) from exc
     try:
-        data = json.loads(raw.decode("utf-8"))
+        # a byte order mark (Windows Notepad writes one) is not part of the JSON
+        data = json.loads(raw.decode("utf-8-sig"))
     except RecursionError as exc:
         raise _corrupt(file, "JSON nested too deeply") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
