@@ -611,13 +611,16 @@ class MemoryStateStore(TransactionalStateStore):
             if tail is not None and tail.now - now > CLOCK_STEP:
                 state, tail = self._fold(key), None  # the clock stepped back since
             if tail is None:
-                # times a clock stepped back left ahead move first, as `record` moves them
-                moved = unstepped(state, now, policy)
-                if moved is not state:
-                    state = self._states[key] = moved
-                self._tails[key] = _Tail(state, policy, bucket, count, now, self._clock)
-                return state
-            if tail.policy is policy:
+                # no tail when a key may expire within one of its buckets: the tail's
+                # common case would add to a key forgotten since its last success
+                if ttl is None or ttl >= policy.bucket_seconds:
+                    # times a clock stepped back left ahead move first, as `record` does
+                    moved = unstepped(state, now, policy)
+                    if moved is not state:
+                        state = self._states[key] = moved
+                    self._tails[key] = _Tail(state, policy, bucket, count, now, self._clock)
+                    return state
+            elif tail.policy is policy:
                 if tail.bucket == bucket:
                     tail.count += count
                 elif len(tail.runs) + 1 < _MAX_RUNS:
@@ -629,7 +632,8 @@ class MemoryStateStore(TransactionalStateStore):
                     return self._fold_with(key, tail, bucket, count, now)
                 tail.now = now
                 return state
-            state = self._fold(key)
+            else:
+                state = self._fold(key)  # a tail under another policy
         if state.state is not CircuitState.CLOSED or state.generation != generation:
             return None
         state = unstepped(state, now, policy)
