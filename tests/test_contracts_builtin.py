@@ -11,11 +11,13 @@ import pytest
 
 from empathy_models import BreakerPolicy, CircuitState, ConfigurationError
 from empathy_models.backends import MemoryStateStore
+from empathy_models.backends.memory import KEY_TTL
 from empathy_models.records import OutcomeReport
 from empathy_models.testing.clock import DEFAULT_START, FakeClock
 from empathy_models.testing.contracts import (
     AdvanceClock,
     CircuitStateStoreContract,
+    ExpireStateKeys,
     StepStateClock,
     TelemetryBackendContract,
     stepping,
@@ -54,6 +56,13 @@ class TestMemoryStateStore(CircuitStateStoreContract):
     @pytest.fixture
     def step_state_clock(self, fake_clock: FakeClock) -> StepStateClock:
         return stepping(fake_clock)
+
+    @pytest.fixture
+    def expire_state_keys(self, fake_clock: FakeClock) -> ExpireStateKeys:
+        async def expire() -> None:
+            fake_clock.advance(2 * KEY_TTL)  # past the key_ttl and any open period left
+
+        return expire
 
 
 class TestNullStateStore(CircuitStateStoreContract):

@@ -89,6 +89,26 @@ async def test_a_key_used_within_the_week_is_kept_with_its_counts() -> None:
         assert (await breaker.get_status("flaky")).consecutive_failures == 2
 
 
+async def test_a_key_ttl_shorter_than_a_window_bucket_forgets_successes_too() -> None:
+    # buckets of 10 s, keys forgotten after 5 s idle: a success after 6 s idle, in the
+    # bucket of the last ones, starts a new key instead of adding to them
+    policy = BreakerPolicy(consecutive_failures=100, minimum_calls=4, window_seconds=60.0)
+    clock = FakeClock()
+    store = MemoryStateStore(clock=clock, key_ttl=5)
+    async with CircuitBreaker(store, policy, clock=clock) as breaker:
+        for _ in range(2):
+            await breaker.call("k", ok)
+        clock.advance(6)
+        await breaker.call("k", ok)
+        for _ in range(2):
+            with pytest.raises(ServerError):
+                await breaker.call("k", fail)
+        state = await breaker.get_status("k")
+    # one success and two failures since the key was forgotten: 3 calls, under the
+    # minimum of 4 (counting the forgotten two, 2 failures in 5 calls)
+    assert [(calls, failures) for _, calls, failures in state.window] == [(3, 2)], state
+
+
 async def test_key_ttl_none_keeps_every_key_and_a_bad_one_is_refused() -> None:
     clock = FakeClock()
     store = MemoryStateStore(clock=clock, key_ttl=None)

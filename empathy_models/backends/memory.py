@@ -393,8 +393,10 @@ class MemoryStateStore(TransactionalStateStore):
     open period at its last write) is forgotten, as a Redis key expires: it reads as
     a fresh CLOSED key again, so a breaker keyed per tenant holds the tenants in use,
     not every one it ever saw.  A FORCED_OPEN key without an end and a DISABLED key are
-    kept until a reset.  Forgotten keys go when a new key is written past `SWEEP_KEYS`
-    keys (then past twice the keys kept), so until then `snapshot_all` may list them.
+    kept until a reset.  Such a key reads, counts and lists as never written from the
+    moment its time is up; its memory is freed when it is next read or written, or by
+    a sweep when a new key is written past `SWEEP_KEYS` keys (then past twice the keys
+    kept).
 
     Args:
         clock: Returns UTC epoch seconds (default `time.time`); tests inject a fake one.
@@ -455,13 +457,27 @@ class MemoryStateStore(TransactionalStateStore):
         key: str,
         fn: Callable[[CircuitBreakerState | None, float], tuple[CircuitBreakerState | None, T]],
     ) -> T:
-        current = self._states.get(key) if key not in self._tails else self._fold(key)
-        new, result = fn(current, self._clock())
+        now = self._clock()
+        current = self._live(key, now)
+        new, result = fn(current, now)
         if new is not None and new is not current:
             if current is None and len(self._states) >= self._sweep_at:
                 self._sweep()
             self._states[key] = new
         return result
+
+    def _live(self, key: str, now: float) -> CircuitBreakerState | None:
+        """
+        ``key``'s stored state, its tail folded in, or ``None``: never written, or idle
+        past ``key_ttl`` at ``now`` (forgotten here and now, as a Redis key expires, so
+        no read or write before the next sweep finds what it held).
+        """
+        state = self._states.get(key) if key not in self._tails else self._fold(key)
+        ttl = self._key_ttl
+        if state is not None and ttl is not None and _expired(state, None, ttl, now):
+            del self._states[key]
+            return None
+        return state
 
     def _sweep(self) -> None:
         """
@@ -476,19 +492,23 @@ class MemoryStateStore(TransactionalStateStore):
             for key in [
                 k for k, state in states.items() if _expired(state, tails.get(k), ttl, now)
             ]:
-                del states[key]
-                tail = tails.pop(key, None)
-                if tail is not None:
-                    tail.state = None  # a hint held elsewhere is no longer live
+                self._forget(key)
         self._sweep_at = max(SWEEP_KEYS, 2 * len(states))
 
+    def _forget(self, key: str) -> None:
+        """Drop ``key``'s state and tail: it reads as never written."""
+        del self._states[key]
+        tail = self._tails.pop(key, None)
+        if tail is not None:
+            tail.state = None  # a hint held elsewhere is no longer live
+
     async def _load(self, key: str) -> CircuitBreakerState | None:
-        return self._states.get(key) if key not in self._tails else self._fold(key)
+        return self._live(key, self._clock())
 
     async def _load_all(self) -> list[CircuitBreakerState]:
-        for key in list(self._tails):
-            self._fold(key)
-        return list(self._states.values())
+        now = self._clock()
+        states = (self._live(key, now) for key in list(self._states))
+        return [state for state in states if state is not None]
 
     # The breaker's in-process path (`CircuitBreaker` on this exact class): a view it
     # holds is checked against the stored object instead of re-read, and each success
@@ -571,6 +591,16 @@ class MemoryStateStore(TransactionalStateStore):
             return None
         now = self._clock()
         state = self._states.get(key)
+        ttl = self._key_ttl
+        # idle past key_ttl (its tail counted): forgotten, so these successes start a
+        # fresh state, as they would on a Redis key that expired
+        if (
+            state is not None
+            and ttl is not None
+            and _expired(state, self._tails.get(key), ttl, now)
+        ):
+            self._forget(key)
+            state = None
         if state is None:
             if len(self._states) >= self._sweep_at:
                 self._sweep()
@@ -581,13 +611,16 @@ class MemoryStateStore(TransactionalStateStore):
             if tail is not None and tail.now - now > CLOCK_STEP:
                 state, tail = self._fold(key), None  # the clock stepped back since
             if tail is None:
-                # times a clock stepped back left ahead move first, as `record` moves them
-                moved = unstepped(state, now, policy)
-                if moved is not state:
-                    state = self._states[key] = moved
-                self._tails[key] = _Tail(state, policy, bucket, count, now, self._clock)
-                return state
-            if tail.policy is policy:
+                # no tail when a key may expire within one of its buckets: the tail's
+                # common case would add to a key forgotten since its last success
+                if ttl is None or ttl >= policy.bucket_seconds:
+                    # times a clock stepped back left ahead move first, as `record` does
+                    moved = unstepped(state, now, policy)
+                    if moved is not state:
+                        state = self._states[key] = moved
+                    self._tails[key] = _Tail(state, policy, bucket, count, now, self._clock)
+                    return state
+            elif tail.policy is policy:
                 if tail.bucket == bucket:
                     tail.count += count
                 elif len(tail.runs) + 1 < _MAX_RUNS:
@@ -599,7 +632,8 @@ class MemoryStateStore(TransactionalStateStore):
                     return self._fold_with(key, tail, bucket, count, now)
                 tail.now = now
                 return state
-            state = self._fold(key)
+            else:
+                state = self._fold(key)  # a tail under another policy
         if state.state is not CircuitState.CLOSED or state.generation != generation:
             return None
         state = unstepped(state, now, policy)

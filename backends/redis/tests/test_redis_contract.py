@@ -14,6 +14,7 @@ from empathy_models.testing.contracts import (
     ChangeFeedContract,
     CircuitStateStoreContract,
     CutChangeFeed,
+    ExpireStateKeys,
     StepStateClock,
 )
 
@@ -71,6 +72,21 @@ class TestRedisStateStore(CircuitStateStoreContract):
             return later
 
         return step
+
+    @pytest.fixture
+    def expire_state_keys(self, redis_url: str, redis_prefix: str) -> ExpireStateKeys:
+        """What Redis does when a key's TTL runs out: each key with a TTL goes."""
+
+        async def expire() -> None:
+            client = aioredis.Redis.from_url(redis_url)
+            try:
+                async for key in client.scan_iter(match=redis_prefix + "cb:*"):
+                    if await client.pttl(key) > 0:
+                        await client.delete(key)
+            finally:
+                await client.aclose()
+
+        return expire
 
 
 class TestRedisChangeFeed(ChangeFeedContract):

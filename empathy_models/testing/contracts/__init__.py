@@ -67,6 +67,11 @@ to step its store's clock, in the ``step_state_clock`` / ``step_quota_clock`` fi
 built with an injected clock returns ``stepping(clock)``; a server's clock cannot be
 stepped, so a test of a server store moves every time the store holds instead
 (`written_ahead` gives a breaker state as a clock that far ahead would have written it).
+
+A store that forgets idle keys (``key_ttl``, as the memory and Redis stores have) says
+how to make them idle past their time in the ``expire_state_keys`` fixture
+(`ExpireStateKeys`; ``None`` by default, and those tests skip): such a key must read,
+count and list as a key never written, whether or not anything swept it yet.
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ from ._clock_step import (
     written_ahead as written_ahead,
 )
 from ._evidence import assert_same_buckets as assert_same_buckets
+from ._idle_keys import ExpireStateKeys as ExpireStateKeys
 from ._quota import QuotaStoreContract as QuotaStoreContract
 from ._state import (
     AdvanceClock as AdvanceClock,
@@ -95,6 +101,7 @@ __all__ = [
     "ChangeFeedContract",
     "CircuitStateStoreContract",
     "CutChangeFeed",
+    "ExpireStateKeys",
     "QuotaStoreContract",
     "ResponseCacheContract",
     "StepQuotaClock",

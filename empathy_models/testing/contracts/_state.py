@@ -38,6 +38,7 @@ from ...records import (
 )
 from ._base import _fail_override
 from ._clock_step import StateClockSteps
+from ._idle_keys import StateKeyExpiry
 
 __all__ = ["AdvanceClock", "CircuitStateStoreContract"]
 
@@ -311,7 +312,9 @@ class _OpenTimes:
                 assert (await worker.get_status("k")).state is CircuitState.OPEN, skew
 
 
-class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks, _OpenTimes, StateClockSteps):
+class CircuitStateStoreContract(
+    StateStoreFixtures, _KeyChecks, _OpenTimes, StateClockSteps, StateKeyExpiry
+):
     """
     The contract of `CircuitStateStore`.  Override the ``state_store_url`` fixture.
 
@@ -324,7 +327,8 @@ class CircuitStateStoreContract(StateStoreFixtures, _KeyChecks, _OpenTimes, Stat
     snapshot_all and reset (which outdates every ticket issued before it, by the store
     or by a breaker's view, of a key admitted, read or never written); isolation between
     keys; 100 concurrent outcome reports counted exactly; idempotent close; use after
-    close; naive datetimes.
+    close; naive datetimes; where the subclass says how (``expire_state_keys``), a key
+    idle past its time read, counted and listed as a key never written.
     """
 
     keeps_state: ClassVar[bool] = True
