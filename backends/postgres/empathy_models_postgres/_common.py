@@ -9,6 +9,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -210,6 +211,52 @@ def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
     return f"{parts.scheme}://{parts.netloc}{parts.path}{tail}", ours
 
 
+def _check_pool_sizes(component: str, options: dict[str, Any]) -> None:
+    """
+    Refuse, at construction, the pool options `asyncpg.create_pool` would refuse when
+    the pool is created (at open or at the first operation, as a ``ValueError`` or
+    ``TypeError`` of its own): its sizes, ``max_queries``, the inactive connections'
+    lifetime and ``command_timeout``.
+    """
+
+    def refuse(why: str) -> ConfigurationError:
+        return ConfigurationError(f"PostgreSQL {component}: {why}")
+
+    sizes: dict[str, int] = {}
+    for name, low in (("min_size", 0), ("max_size", 1), ("init_size", 0)):
+        value = options.get(name)
+        if name not in options or (name == "init_size" and value is None):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise refuse(f"{name} must be an integer >= {low}, got {shown(value)}")
+        sizes[name] = value
+    low_size, high_size = sizes.get("min_size", 0), sizes.get("max_size", 10)
+    if low_size > high_size:
+        raise refuse(
+            f"min_size ({low_size}) is greater than max_size ({high_size}); a min_size "
+            "above the default max_size of 10 needs a max_size at least as large"
+        )
+    init = sizes.get("init_size")
+    if init is not None and not low_size <= init <= high_size:
+        raise refuse(f"init_size ({init}) must be from min_size to max_size")
+    for name, least in (
+        ("max_queries", "> 0"),
+        ("max_inactive_connection_lifetime", ">= 0"),
+        ("command_timeout", "> 0"),
+    ):
+        value = options.get(name)
+        if name not in options or (name == "command_timeout" and value is None):
+            continue  # asyncpg's default, or no time limit
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or math.isnan(value)
+            or value < 0
+            or (least == "> 0" and value == 0)
+        ):
+            raise refuse(f"{name} must be a number {least}, got {shown(value)}")
+
+
 class Database:
     """
     One lazily created asyncpg pool, the tables' qualified names, and migrations.
@@ -272,6 +319,7 @@ class Database:
             "timeout": 10.0,
         }
         self.pool_options.update(pool_options)
+        _check_pool_sizes(component, self.pool_options)
         self._pool: asyncpg.Pool | None = None
         self._lock: asyncio.Lock | None = None
         # the connection kept between statements (see `statement`) and its use count

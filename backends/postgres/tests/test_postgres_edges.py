@@ -81,3 +81,48 @@ async def test_an_executor_starts_while_the_database_is_unreachable_and_runs_deg
         ctx = ExecutionContext(model="gpt-4o-mini", temperature=0, cache_ttl=60)
         response = await executor.run("hello", ctx)
     assert response.model == "gpt-4o-mini" and not response.cached
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"min_size": 20}, r"min_size \(20\) is greater than max_size \(10\)"),
+        ({"min_size": 3, "max_size": 2}, r"min_size \(3\) is greater than max_size \(2\)"),
+        ({"max_size": 0}, "max_size must be an integer >= 1, got 0"),
+        ({"min_size": -1}, "min_size must be an integer >= 0, got -1"),
+        ({"max_size": "5"}, "max_size must be an integer >= 1, got '5'"),
+        ({"min_size": 2, "init_size": 1}, r"init_size \(1\) must be from min_size to max_size"),
+        ({"max_queries": 0}, "max_queries must be a number > 0, got 0"),
+        ({"max_inactive_connection_lifetime": -1}, "lifetime must be a number >= 0, got -1"),
+        ({"command_timeout": 0}, "command_timeout must be a number > 0, got 0"),
+        ({"command_timeout": float("nan")}, "command_timeout must be a number > 0, got nan"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["state", "quota", "cache", "telemetry"])
+def test_pool_options_asyncpg_refuses_are_a_configuration_error_at_construction(
+    options: dict[str, Any], message: str, kind: str
+) -> None:
+    # these failed at open (or at the first operation) with asyncpg's own ValueError or
+    # TypeError, min_size=20 (above the default max_size) among them
+    from empathy_models_postgres import (
+        PostgresCircuitStateStore,
+        PostgresQuotaStore,
+        PostgresTelemetryBackend,
+    )
+
+    backend = {
+        "state": PostgresCircuitStateStore,
+        "quota": PostgresQuotaStore,
+        "cache": PostgresResponseCache,
+        "telemetry": PostgresTelemetryBackend,
+    }[kind]
+    with pytest.raises(ConfigurationError, match=message):
+        backend("postgresql://postgres@127.0.0.1:5432/test", **options)
+
+
+async def test_pool_sizes_asyncpg_takes_are_kept(postgres_url: str) -> None:
+    options: dict[str, Any] = {"min_size": 0, "max_size": 1, "command_timeout": None}
+    store = state_store_from_url(postgres_url, **options, max_queries=1.5e9)
+    async with store:
+        now = await store.now()
+        assert now is not None and now > 0
