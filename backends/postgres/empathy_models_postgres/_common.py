@@ -42,7 +42,10 @@ _NOW_SQL: Final = "SELECT extract(epoch FROM clock_timestamp())::float8"
 """The database's clock, which times every store's operations (UTC epoch seconds)."""
 
 _IDENT: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_URL_OPTIONS: Final = frozenset({"schema", "table_prefix"})
+_URL_OPTIONS: Final = frozenset({"schema", "table_prefix", "connect_timeout"})
+"""The DSN query's options taken out before asyncpg reads it: the plugin's own, and
+libpq's ``connect_timeout``, which asyncpg would send to the server as a setting (which
+the server refuses: every connection would fail)."""
 
 _POOL_ONLY: Final = frozenset(
     {
@@ -190,7 +193,8 @@ def pool_option_names() -> frozenset[str]:
 
 
 def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
-    """Take the plugin's own options (``schema``, ``table_prefix``) out of the DSN query."""
+    """Take the plugin's own options (``schema``, ``table_prefix``) and libpq's
+    ``connect_timeout`` out of the DSN query."""
     if not isinstance(dsn, str) or "://" not in dsn:
         shown = redact_url(dsn) if isinstance(dsn, str) else repr(dsn)
         raise ConfigurationError(f"expected a postgresql:// DSN, got {shown}")
@@ -209,6 +213,25 @@ def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
     # not urlunsplit: it turns an empty host ("postgresql:///db") into "postgresql:/db"
     tail = (f"?{rest}" if rest else "") + (f"#{parts.fragment}" if parts.fragment else "")
     return f"{parts.scheme}://{parts.netloc}{parts.path}{tail}", ours
+
+
+def _connect_timeout(text: str | None) -> float | None:
+    """
+    A DSN's ``connect_timeout`` (libpq's: seconds to wait for a connection) as asyncpg's
+    connect ``timeout``; None when the DSN has none.
+    """
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ConfigurationError(
+            "connect_timeout in the DSN must be a number of seconds > 0 (the time asyncpg "
+            f"waits for a connection), got {text!r}"
+        )
+    return seconds
 
 
 def _check_pool_sizes(component: str, options: dict[str, Any]) -> None:
@@ -289,6 +312,7 @@ class Database:
                 "the backend's own go to asyncpg.create_pool, which does not take these"
             )
         url, options = split_dsn(dsn)
+        connect_timeout = _connect_timeout(options.get("connect_timeout"))
         schema = options.get("schema", schema)
         table_prefix = options.get("table_prefix", table_prefix)
         if schema is not None and not _IDENT.match(schema):
@@ -318,6 +342,8 @@ class Database:
             "command_timeout": 30.0,
             "timeout": 10.0,
         }
+        if connect_timeout is not None:
+            self.pool_options["timeout"] = connect_timeout  # a keyword ``timeout`` wins
         self.pool_options.update(pool_options)
         _check_pool_sizes(component, self.pool_options)
         self._pool: asyncpg.Pool | None = None

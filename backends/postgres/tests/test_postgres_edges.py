@@ -10,6 +10,7 @@ import pytest
 from empathy_models_postgres import PostgresResponseCache
 
 from empathy_models import CircuitBreaker, ConfigurationError, Outcome, state_store_from_url
+from empathy_models.exceptions import StateStoreError
 from tests._cancel_trials import cancel_during_admission
 
 
@@ -126,3 +127,57 @@ async def test_pool_sizes_asyncpg_takes_are_kept(postgres_url: str) -> None:
     async with store:
         now = await store.now()
         assert now is not None and now > 0
+
+
+@pytest.mark.parametrize("kind", ["state", "quota", "cache", "telemetry"])
+async def test_a_dsn_with_libpq_connect_timeout_connects(postgres_url: str, kind: str) -> None:
+    # asyncpg sent connect_timeout to the server as a setting, which it refused:
+    # every connection failed with 'unrecognized configuration parameter'
+    from empathy_models import LLMCallRecord, cache_from_url, quota_store_from_url
+    from empathy_models.backends import telemetry_from_url
+
+    url = f"{postgres_url}&connect_timeout=10"
+    if kind == "telemetry":
+        async with telemetry_from_url(url, batch=False) as telemetry:
+            await telemetry.record(LLMCallRecord(provider="p", model="m", outcome="success"))
+            assert len(await telemetry.recent(limit=5)) == 1
+        return
+    if kind == "cache":
+        async with cache_from_url(url) as cache:
+            await cache.set("k", b"v", 60)
+            assert await cache.get("k") == b"v"
+        return
+    store = state_store_from_url(url) if kind == "state" else quota_store_from_url(url)
+    async with store:
+        now = await store.now()
+        assert now is not None and now > 0
+
+
+async def test_a_dsn_connect_timeout_is_the_time_a_connection_may_take() -> None:
+    # a server that accepts the connection and never answers its startup
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        url = f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=0.2"
+        with pytest.raises(StateStoreError, match=r"connect failed: .*timed out after 0\.2 s"):
+            async with state_store_from_url(url) as store:
+                await store.now()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", ""])
+def test_a_dsn_connect_timeout_that_is_no_time_is_refused(value: str) -> None:
+    url = f"postgresql://postgres@127.0.0.1:5432/test?connect_timeout={value}"
+    with pytest.raises(ConfigurationError, match=f"connect_timeout .* got '{value}'"):
+        state_store_from_url(url)
+
+
+async def test_a_keyword_timeout_wins_over_the_dsn_connect_timeout() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        url = f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=30"
+        with pytest.raises(StateStoreError, match=r"timed out after 0\.2 s"):
+            async with state_store_from_url(url, timeout=0.2) as store:
+                await store.now()
