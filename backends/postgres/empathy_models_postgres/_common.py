@@ -447,6 +447,18 @@ class Database:
         finally:
             await self.release(pool, conn)
 
+    @staticmethod
+    def transaction(conn: asyncpg.Connection) -> Any:
+        """
+        A write transaction on ``conn``, READ COMMITTED whatever the server's default
+        (``default_transaction_isolation``, which a database may set to ``serializable``
+        or ``repeatable read``): every write here locks the rows it changes and reads
+        them after the lock is granted (`lock_row`), which only READ COMMITTED allows
+        when another session changed them meanwhile; under a stricter level, concurrent
+        writers of one key fail with a serialization error instead of taking turns.
+        """
+        return conn.transaction(isolation="read_committed")
+
     async def lock_row(
         self,
         conn: asyncpg.Connection,
@@ -593,7 +605,11 @@ class Database:
         if not self.create:
             await self._check_tables(pool, version_table, latest)
             return
-        async with self.errors("migrate"), self.connection(pool) as conn, conn.transaction():
+        async with (
+            self.errors("migrate"),
+            self.connection(pool) as conn,
+            self.transaction(conn),
+        ):
             # one migrator at a time for this schema and prefix, across processes
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1))",
