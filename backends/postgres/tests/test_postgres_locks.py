@@ -207,3 +207,21 @@ async def test_two_telemetry_writers_take_turns_on_a_serializable_database(
                 tg.start_soon(backends[i % 2].record_many, [record])
         (bucket,) = (await backends[0].evidence()).buckets
         assert bucket.samples == 20
+
+
+async def test_processes_starting_together_on_a_serializable_database_all_open(
+    postgres_url: str,
+) -> None:
+    # the migrations of processes starting at once take turns on an advisory lock: under
+    # serializable, those that waited failed with SerializationError when they ran
+    backends = [
+        PostgresTelemetryBackend(postgres_url, server_settings=_SERIALIZABLE) for _ in range(4)
+    ]
+
+    async def start(backend: PostgresTelemetryBackend) -> None:
+        async with backend:
+            assert await backend.recent(limit=1) == []
+
+    async with anyio.create_task_group() as tg:
+        for backend in backends:
+            tg.start_soon(start, backend)
