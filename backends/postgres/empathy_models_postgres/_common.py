@@ -703,8 +703,36 @@ class Database:
             pool.terminate()
 
 
+_NAME_BYTES: Final = 63
+"""The most bytes of a name PostgreSQL keeps (``NAMEDATALEN - 1``): it cuts longer ones."""
+
+
+def _check_names(db: Database, templates: Sequence[Sequence[str]]) -> None:
+    """
+    Refuse a ``table_prefix`` so long that PostgreSQL, cutting names to `_NAME_BYTES`,
+    would make two of the component's tables and indexes one name (the second
+    ``CREATE ... IF NOT EXISTS`` would find the first and create nothing).
+    """
+    tokens = {"schema_version"}
+    for sql in (s for step in templates for s in step):
+        tokens.update(re.findall(r"\{[ti]_([a-z_]+)\}", sql))
+    seen: dict[bytes, str] = {}
+    for token in sorted(tokens, key=lambda t: (len(t), t)):
+        name = db.table_prefix + token
+        cut = name.encode("utf-8")[:_NAME_BYTES]
+        if cut in seen:
+            raise ConfigurationError(
+                f"table_prefix {db.table_prefix!r} is too long: PostgreSQL cuts names to "
+                f"{_NAME_BYTES} bytes, which would make {seen[cut]!r} and {name!r} one "
+                f"name; {_NAME_BYTES - max(map(len, tokens))} characters or fewer keep "
+                f"every {db.component} name whole"
+            )
+        seen[cut] = name
+
+
 def build_migrations(db: Database, templates: Sequence[Sequence[str]]) -> list[list[str]]:
     """Fill ``{table:name}``-style placeholders: ``{t_calls}`` -> the qualified table."""
+    _check_names(db, templates)
     names: dict[str, str] = {}
 
     def fill(sql: str) -> str:

@@ -181,3 +181,46 @@ async def test_a_keyword_timeout_wins_over_the_dsn_connect_timeout() -> None:
         with pytest.raises(StateStoreError, match=r"timed out after 0\.2 s"):
             async with state_store_from_url(url, timeout=0.2) as store:
                 await store.now()
+
+
+@pytest.mark.parametrize(
+    ("kind", "length"), [("telemetry", 55), ("cache", 50), ("quota", 58), ("state", 63)]
+)
+def test_a_table_prefix_whose_names_postgresql_would_cut_into_one_is_refused(
+    kind: str, length: int
+) -> None:
+    # PostgreSQL cuts names to 63 bytes: with a 55-character prefix the telemetry's
+    # "evidence_version" table became its "evidence" table, and every write failed
+    from empathy_models import cache_from_url, quota_store_from_url
+    from empathy_models.backends import telemetry_from_url
+
+    factory = {
+        "telemetry": telemetry_from_url,
+        "cache": cache_from_url,
+        "quota": quota_store_from_url,
+        "state": state_store_from_url,
+    }[kind]
+    prefix = "p" * (length - 1) + "_"
+    with pytest.raises(ConfigurationError, match=r"table_prefix .* is too long: PostgreSQL cuts"):
+        factory(f"postgresql://postgres@127.0.0.1:5432/test?table_prefix={prefix}")
+
+
+async def test_the_longest_table_prefix_said_to_fit_keeps_every_component_working(
+    postgres_url: str,
+) -> None:
+    from empathy_models import LLMCallRecord, cache_from_url, quota_store_from_url
+    from empathy_models.backends import telemetry_from_url
+
+    url = f"{postgres_url}&table_prefix={'p' * 41}_"  # 42 characters
+    async with telemetry_from_url(url, batch=False) as telemetry:
+        await telemetry.record(LLMCallRecord(provider="p", model="m", outcome="success"))
+        (bucket,) = (await telemetry.evidence()).buckets
+        assert bucket.samples == 1
+    async with cache_from_url(url) as cache:
+        await cache.set("k", b"v", 60)
+        assert await cache.get("k") == b"v"
+    async with quota_store_from_url(url) as quota:
+        kw: dict[str, Any] = {"window_start": 0.0, "window_end": 1e10, "limit": 10}
+        assert (await quota.reserve("b", amount=3, **kw)).usage.held == 3
+    async with state_store_from_url(url) as state:
+        assert await state.snapshot_all() == []
