@@ -145,7 +145,11 @@ class PostgresResponseCache(ResponseCache):
             return
         pool = await self._db.pool(self._migrations)
         self._writes += 1
-        async with self._db.errors("set"), self._db.connection(pool) as conn, conn.transaction():
+        async with (
+            self._db.errors("set"),
+            self._db.connection(pool) as conn,
+            self._db.transaction(conn),
+        ):
             await conn.execute(
                 f"INSERT INTO {self._table} (key, value, expires_at) VALUES "
                 "($1, $2, clock_timestamp() + make_interval(secs => $3)) "

@@ -9,6 +9,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -41,7 +42,10 @@ _NOW_SQL: Final = "SELECT extract(epoch FROM clock_timestamp())::float8"
 """The database's clock, which times every store's operations (UTC epoch seconds)."""
 
 _IDENT: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_URL_OPTIONS: Final = frozenset({"schema", "table_prefix"})
+_URL_OPTIONS: Final = frozenset({"schema", "table_prefix", "connect_timeout"})
+"""The DSN query's options taken out before asyncpg reads it: the plugin's own, and
+libpq's ``connect_timeout``, which asyncpg would send to the server as a setting (which
+the server refuses: every connection would fail)."""
 
 _POOL_ONLY: Final = frozenset(
     {
@@ -189,7 +193,8 @@ def pool_option_names() -> frozenset[str]:
 
 
 def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
-    """Take the plugin's own options (``schema``, ``table_prefix``) out of the DSN query."""
+    """Take the plugin's own options (``schema``, ``table_prefix``) and libpq's
+    ``connect_timeout`` out of the DSN query."""
     if not isinstance(dsn, str) or "://" not in dsn:
         shown = redact_url(dsn) if isinstance(dsn, str) else repr(dsn)
         raise ConfigurationError(f"expected a postgresql:// DSN, got {shown}")
@@ -208,6 +213,71 @@ def split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
     # not urlunsplit: it turns an empty host ("postgresql:///db") into "postgresql:/db"
     tail = (f"?{rest}" if rest else "") + (f"#{parts.fragment}" if parts.fragment else "")
     return f"{parts.scheme}://{parts.netloc}{parts.path}{tail}", ours
+
+
+def _connect_timeout(text: str | None) -> float | None:
+    """
+    A DSN's ``connect_timeout`` (libpq's: seconds to wait for a connection) as asyncpg's
+    connect ``timeout``; None when the DSN has none.
+    """
+    if text is None:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ConfigurationError(
+            "connect_timeout in the DSN must be a number of seconds > 0 (the time asyncpg "
+            f"waits for a connection), got {text!r}"
+        )
+    return seconds
+
+
+def _check_pool_sizes(component: str, options: dict[str, Any]) -> None:
+    """
+    Refuse, at construction, the pool options `asyncpg.create_pool` would refuse when
+    the pool is created (at open or at the first operation, as a ``ValueError`` or
+    ``TypeError`` of its own): its sizes, ``max_queries``, the inactive connections'
+    lifetime and ``command_timeout``.
+    """
+
+    def refuse(why: str) -> ConfigurationError:
+        return ConfigurationError(f"PostgreSQL {component}: {why}")
+
+    sizes: dict[str, int] = {}
+    for name, low in (("min_size", 0), ("max_size", 1), ("init_size", 0)):
+        value = options.get(name)
+        if name not in options or (name == "init_size" and value is None):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise refuse(f"{name} must be an integer >= {low}, got {shown(value)}")
+        sizes[name] = value
+    low_size, high_size = sizes.get("min_size", 0), sizes.get("max_size", 10)
+    if low_size > high_size:
+        raise refuse(
+            f"min_size ({low_size}) is greater than max_size ({high_size}); a min_size "
+            "above the default max_size of 10 needs a max_size at least as large"
+        )
+    init = sizes.get("init_size")
+    if init is not None and not low_size <= init <= high_size:
+        raise refuse(f"init_size ({init}) must be from min_size to max_size")
+    for name, least in (
+        ("max_queries", "> 0"),
+        ("max_inactive_connection_lifetime", ">= 0"),
+        ("command_timeout", "> 0"),
+    ):
+        value = options.get(name)
+        if name not in options or (name == "command_timeout" and value is None):
+            continue  # asyncpg's default, or no time limit
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or math.isnan(value)
+            or value < 0
+            or (least == "> 0" and value == 0)
+        ):
+            raise refuse(f"{name} must be a number {least}, got {shown(value)}")
 
 
 class Database:
@@ -242,6 +312,7 @@ class Database:
                 "the backend's own go to asyncpg.create_pool, which does not take these"
             )
         url, options = split_dsn(dsn)
+        connect_timeout = _connect_timeout(options.get("connect_timeout"))
         schema = options.get("schema", schema)
         table_prefix = options.get("table_prefix", table_prefix)
         if schema is not None and not _IDENT.match(schema):
@@ -271,7 +342,10 @@ class Database:
             "command_timeout": 30.0,
             "timeout": 10.0,
         }
+        if connect_timeout is not None:
+            self.pool_options["timeout"] = connect_timeout  # a keyword ``timeout`` wins
         self.pool_options.update(pool_options)
+        _check_pool_sizes(component, self.pool_options)
         self._pool: asyncpg.Pool | None = None
         self._lock: asyncio.Lock | None = None
         # the connection kept between statements (see `statement`) and its use count
@@ -372,6 +446,18 @@ class Database:
             yield conn
         finally:
             await self.release(pool, conn)
+
+    @staticmethod
+    def transaction(conn: asyncpg.Connection) -> Any:
+        """
+        A write transaction on ``conn``, READ COMMITTED whatever the server's default
+        (``default_transaction_isolation``, which a database may set to ``serializable``
+        or ``repeatable read``): every write here locks the rows it changes and reads
+        them after the lock is granted (`lock_row`), which only READ COMMITTED allows
+        when another session changed them meanwhile; under a stricter level, concurrent
+        writers of one key fail with a serialization error instead of taking turns.
+        """
+        return conn.transaction(isolation="read_committed")
 
     async def lock_row(
         self,
@@ -519,7 +605,11 @@ class Database:
         if not self.create:
             await self._check_tables(pool, version_table, latest)
             return
-        async with self.errors("migrate"), self.connection(pool) as conn, conn.transaction():
+        async with (
+            self.errors("migrate"),
+            self.connection(pool) as conn,
+            self.transaction(conn),
+        ):
             # one migrator at a time for this schema and prefix, across processes
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1))",
@@ -613,8 +703,36 @@ class Database:
             pool.terminate()
 
 
+_NAME_BYTES: Final = 63
+"""The most bytes of a name PostgreSQL keeps (``NAMEDATALEN - 1``): it cuts longer ones."""
+
+
+def _check_names(db: Database, templates: Sequence[Sequence[str]]) -> None:
+    """
+    Refuse a ``table_prefix`` so long that PostgreSQL, cutting names to `_NAME_BYTES`,
+    would make two of the component's tables and indexes one name (the second
+    ``CREATE ... IF NOT EXISTS`` would find the first and create nothing).
+    """
+    tokens = {"schema_version"}
+    for sql in (s for step in templates for s in step):
+        tokens.update(re.findall(r"\{[ti]_([a-z_]+)\}", sql))
+    seen: dict[bytes, str] = {}
+    for token in sorted(tokens, key=lambda t: (len(t), t)):
+        name = db.table_prefix + token
+        cut = name.encode("utf-8")[:_NAME_BYTES]
+        if cut in seen:
+            raise ConfigurationError(
+                f"table_prefix {db.table_prefix!r} is too long: PostgreSQL cuts names to "
+                f"{_NAME_BYTES} bytes, which would make {seen[cut]!r} and {name!r} one "
+                f"name; {_NAME_BYTES - max(map(len, tokens))} characters or fewer keep "
+                f"every {db.component} name whole"
+            )
+        seen[cut] = name
+
+
 def build_migrations(db: Database, templates: Sequence[Sequence[str]]) -> list[list[str]]:
     """Fill ``{table:name}``-style placeholders: ``{t_calls}`` -> the qualified table."""
+    _check_names(db, templates)
     names: dict[str, str] = {}
 
     def fill(sql: str) -> str:

@@ -133,7 +133,7 @@ class PostgresQuotaStore(TransactionalQuotaStore):
         async with (
             self._db.errors(f"update {shown(key)}"),
             self._db.connection(pool) as conn,
-            conn.transaction(),
+            self._db.transaction(conn),
         ):
             raw, now = await self._db.lock_row(
                 conn, self._table, "data", key, unique=_KEY, match=_MATCH

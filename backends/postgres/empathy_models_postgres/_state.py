@@ -7,6 +7,8 @@ import json
 from collections.abc import Callable
 from typing import Any, Final, TypeVar, cast
 
+import asyncpg
+
 from empathy_models.abc import ChangeFeed, TransactionalStateStore
 from empathy_models.exceptions import RecordValidationError, StateStoreError
 from empathy_models.records import CircuitBreakerState
@@ -187,7 +189,7 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         async with (
             self._db.errors(f"update {key!r}"),
             self._db.connection(pool) as conn,
-            conn.transaction(),
+            self._db.transaction(conn),
         ):
             raw, now = await self._db.lock_row(conn, self._table, "state", key)
             current = self._decode(raw)
@@ -217,17 +219,23 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         pool = await self._db.pool(self._migrations)
         data = json.dumps(to_dict(new), separators=(",", ":"))
         db = self._db
+        args: tuple[object, ...]
+        if seen is None:
+            sql, args = self._insert_if_notify_sql, (key, data, self._channel)
+        elif self._decoded(key, seen, self._decode_text).generation == new.generation:
+            sql, args = self._update_if_sql, (key, data, seen)
+        else:
+            sql, args = self._update_if_notify_sql, (key, data, seen, self._channel)
+        if sql is not self._update_if_sql:
+            args += (payload(key, new.generation),)
         async with db.errors(f"update {key!r}"):
-            if seen is None:
-                announce = (self._channel, payload(key, new.generation))
-                sql = self._insert_if_notify_sql
-                stored = await db.statement(pool, "fetchval", sql, key, data, *announce)
-            elif self._decoded(key, seen, self._decode_text).generation == new.generation:
-                stored = await db.statement(pool, "fetchval", self._update_if_sql, key, data, seen)
-            else:
-                announce = (self._channel, payload(key, new.generation))
-                sql = self._update_if_notify_sql
-                stored = await db.statement(pool, "fetchval", sql, key, data, seen, *announce)
+            try:
+                stored = await db.statement(pool, "fetchval", sql, *args)
+            except asyncpg.TransactionRollbackError:
+                # under a stricter default_transaction_isolation than READ COMMITTED, a
+                # write racing another session's fails (nothing written) instead of
+                # finding the state changed: the operation takes the locked path
+                return False
         if stored is None:
             return False
         self._remember(key, stored, new)  # the text the next read returns
@@ -256,7 +264,11 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         """Drop this store's table (for tests and decommissioning); irreversible."""
         self._check_open()
         pool = await self._db.pool(self._migrations)
-        async with self._db.errors("drop"), self._db.connection(pool) as conn, conn.transaction():
+        async with (
+            self._db.errors("drop"),
+            self._db.connection(pool) as conn,
+            self._db.transaction(conn),
+        ):
             await conn.execute(f"DROP TABLE IF EXISTS {self._table}")
             await conn.execute(
                 f"DELETE FROM {self._db.table('schema_version')} WHERE component = $1",

@@ -446,7 +446,7 @@ class PostgresTelemetryBackend(TelemetryBackend):
             async with (
                 self._db.errors(f"writing {len(rows)} records"),
                 self._db.connection(pool) as conn,
-                conn.transaction(),
+                self._db.transaction(conn),
             ):
                 inserted = await self._insert_calls(conn, list(records), rows)
                 await self._add_evidence(conn, _evidence_columns(inserted))
@@ -694,7 +694,11 @@ class PostgresTelemetryBackend(TelemetryBackend):
         # in whole seconds: exact, defined within year 1's first minute, and never the
         # infinity asyncpg sends for the last datetime (whose bucket ends after it)
         last_start = (before - _EPOCH) // _SECOND - BUCKET_SECONDS
-        async with self._db.errors("purge"), self._db.connection(pool) as conn, conn.transaction():
+        async with (
+            self._db.errors("purge"),
+            self._db.connection(pool) as conn,
+            self._db.transaction(conn),
+        ):
             status = await conn.execute(f"DELETE FROM {self._calls} WHERE ts < $1", before)
             await conn.execute(
                 f"DELETE FROM {self._evidence_table} WHERE bucket_start <= to_timestamp($1)",
@@ -706,7 +710,11 @@ class PostgresTelemetryBackend(TelemetryBackend):
         """Drop this backend's tables (for tests and decommissioning); irreversible."""
         self._check_open()
         pool = await self._db.pool(self._migrations)
-        async with self._db.errors("drop"), self._db.connection(pool) as conn, conn.transaction():
+        async with (
+            self._db.errors("drop"),
+            self._db.connection(pool) as conn,
+            self._db.transaction(conn),
+        ):
             await conn.execute(f"DROP TABLE IF EXISTS {self._calls}")
             await conn.execute(f"DROP TABLE IF EXISTS {self._evidence_table}")
             await conn.execute(f"DROP TABLE IF EXISTS {self._evidence_version}")

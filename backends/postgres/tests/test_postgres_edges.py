@@ -10,6 +10,7 @@ import pytest
 from empathy_models_postgres import PostgresResponseCache
 
 from empathy_models import CircuitBreaker, ConfigurationError, Outcome, state_store_from_url
+from empathy_models.exceptions import StateStoreError
 from tests._cancel_trials import cancel_during_admission
 
 
@@ -81,3 +82,145 @@ async def test_an_executor_starts_while_the_database_is_unreachable_and_runs_deg
         ctx = ExecutionContext(model="gpt-4o-mini", temperature=0, cache_ttl=60)
         response = await executor.run("hello", ctx)
     assert response.model == "gpt-4o-mini" and not response.cached
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"min_size": 20}, r"min_size \(20\) is greater than max_size \(10\)"),
+        ({"min_size": 3, "max_size": 2}, r"min_size \(3\) is greater than max_size \(2\)"),
+        ({"max_size": 0}, "max_size must be an integer >= 1, got 0"),
+        ({"min_size": -1}, "min_size must be an integer >= 0, got -1"),
+        ({"max_size": "5"}, "max_size must be an integer >= 1, got '5'"),
+        ({"min_size": 2, "init_size": 1}, r"init_size \(1\) must be from min_size to max_size"),
+        ({"max_queries": 0}, "max_queries must be a number > 0, got 0"),
+        ({"max_inactive_connection_lifetime": -1}, "lifetime must be a number >= 0, got -1"),
+        ({"command_timeout": 0}, "command_timeout must be a number > 0, got 0"),
+        ({"command_timeout": float("nan")}, "command_timeout must be a number > 0, got nan"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["state", "quota", "cache", "telemetry"])
+def test_pool_options_asyncpg_refuses_are_a_configuration_error_at_construction(
+    options: dict[str, Any], message: str, kind: str
+) -> None:
+    # these failed at open (or at the first operation) with asyncpg's own ValueError or
+    # TypeError, min_size=20 (above the default max_size) among them
+    from empathy_models_postgres import (
+        PostgresCircuitStateStore,
+        PostgresQuotaStore,
+        PostgresTelemetryBackend,
+    )
+
+    backend = {
+        "state": PostgresCircuitStateStore,
+        "quota": PostgresQuotaStore,
+        "cache": PostgresResponseCache,
+        "telemetry": PostgresTelemetryBackend,
+    }[kind]
+    with pytest.raises(ConfigurationError, match=message):
+        backend("postgresql://postgres@127.0.0.1:5432/test", **options)
+
+
+async def test_pool_sizes_asyncpg_takes_are_kept(postgres_url: str) -> None:
+    options: dict[str, Any] = {"min_size": 0, "max_size": 1, "command_timeout": None}
+    store = state_store_from_url(postgres_url, **options, max_queries=1.5e9)
+    async with store:
+        now = await store.now()
+        assert now is not None and now > 0
+
+
+@pytest.mark.parametrize("kind", ["state", "quota", "cache", "telemetry"])
+async def test_a_dsn_with_libpq_connect_timeout_connects(postgres_url: str, kind: str) -> None:
+    # asyncpg sent connect_timeout to the server as a setting, which it refused:
+    # every connection failed with 'unrecognized configuration parameter'
+    from empathy_models import LLMCallRecord, cache_from_url, quota_store_from_url
+    from empathy_models.backends import telemetry_from_url
+
+    url = f"{postgres_url}&connect_timeout=10"
+    if kind == "telemetry":
+        async with telemetry_from_url(url, batch=False) as telemetry:
+            await telemetry.record(LLMCallRecord(provider="p", model="m", outcome="success"))
+            assert len(await telemetry.recent(limit=5)) == 1
+        return
+    if kind == "cache":
+        async with cache_from_url(url) as cache:
+            await cache.set("k", b"v", 60)
+            assert await cache.get("k") == b"v"
+        return
+    store = state_store_from_url(url) if kind == "state" else quota_store_from_url(url)
+    async with store:
+        now = await store.now()
+        assert now is not None and now > 0
+
+
+async def test_a_dsn_connect_timeout_is_the_time_a_connection_may_take() -> None:
+    # a server that accepts the connection and never answers its startup
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        url = f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=0.2"
+        with pytest.raises(StateStoreError, match=r"connect failed: .*timed out after 0\.2 s"):
+            async with state_store_from_url(url) as store:
+                await store.now()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", ""])
+def test_a_dsn_connect_timeout_that_is_no_time_is_refused(value: str) -> None:
+    url = f"postgresql://postgres@127.0.0.1:5432/test?connect_timeout={value}"
+    with pytest.raises(ConfigurationError, match=f"connect_timeout .* got '{value}'"):
+        state_store_from_url(url)
+
+
+async def test_a_keyword_timeout_wins_over_the_dsn_connect_timeout() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        url = f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=30"
+        with pytest.raises(StateStoreError, match=r"timed out after 0\.2 s"):
+            async with state_store_from_url(url, timeout=0.2) as store:
+                await store.now()
+
+
+@pytest.mark.parametrize(
+    ("kind", "length"), [("telemetry", 55), ("cache", 50), ("quota", 58), ("state", 63)]
+)
+def test_a_table_prefix_whose_names_postgresql_would_cut_into_one_is_refused(
+    kind: str, length: int
+) -> None:
+    # PostgreSQL cuts names to 63 bytes: with a 55-character prefix the telemetry's
+    # "evidence_version" table became its "evidence" table, and every write failed
+    from empathy_models import cache_from_url, quota_store_from_url
+    from empathy_models.backends import telemetry_from_url
+
+    factory = {
+        "telemetry": telemetry_from_url,
+        "cache": cache_from_url,
+        "quota": quota_store_from_url,
+        "state": state_store_from_url,
+    }[kind]
+    prefix = "p" * (length - 1) + "_"
+    with pytest.raises(ConfigurationError, match=r"table_prefix .* is too long: PostgreSQL cuts"):
+        factory(f"postgresql://postgres@127.0.0.1:5432/test?table_prefix={prefix}")
+
+
+async def test_the_longest_table_prefix_said_to_fit_keeps_every_component_working(
+    postgres_url: str,
+) -> None:
+    from empathy_models import LLMCallRecord, cache_from_url, quota_store_from_url
+    from empathy_models.backends import telemetry_from_url
+
+    url = f"{postgres_url}&table_prefix={'p' * 41}_"  # 42 characters
+    async with telemetry_from_url(url, batch=False) as telemetry:
+        await telemetry.record(LLMCallRecord(provider="p", model="m", outcome="success"))
+        (bucket,) = (await telemetry.evidence()).buckets
+        assert bucket.samples == 1
+    async with cache_from_url(url) as cache:
+        await cache.set("k", b"v", 60)
+        assert await cache.get("k") == b"v"
+    async with quota_store_from_url(url) as quota:
+        kw: dict[str, Any] = {"window_start": 0.0, "window_end": 1e10, "limit": 10}
+        assert (await quota.reserve("b", amount=3, **kw)).usage.held == 3
+    async with state_store_from_url(url) as state:
+        assert await state.snapshot_all() == []

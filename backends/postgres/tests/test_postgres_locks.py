@@ -7,11 +7,21 @@ waits until the store's session waits for that lock, as `pg_stat_activity` shows
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Final
 
 import anyio
 import asyncpg
-from empathy_models_postgres import PostgresQuotaStore, PostgresResponseCache
+from empathy_models_postgres import (
+    PostgresCircuitStateStore,
+    PostgresQuotaStore,
+    PostgresResponseCache,
+    PostgresTelemetryBackend,
+)
+
+from empathy_models import LLMCallRecord, Outcome
+from empathy_models.circuit import BreakerPolicy
+from empathy_models.records import CircuitState, OutcomeReport
 
 WS, WE = 1_800_000_000.0, 1_800_086_400.0
 
@@ -110,3 +120,108 @@ async def test_two_caches_sweeping_as_they_refresh_expired_answers_never_deadloc
         finally:
             await other.close()
         assert (await one.get("a"), await two.get("b")) == (b"new a", b"new b")
+
+
+# a database whose default isolation is stricter than READ COMMITTED (ALTER DATABASE
+# ... SET default_transaction_isolation), given here per session
+_SERIALIZABLE: Final = {"default_transaction_isolation": "serializable"}
+
+
+async def test_a_reservation_waits_its_turn_on_a_serializable_database(
+    postgres_url: str, postgres_dsn: str, postgres_schema: str
+) -> None:
+    # another process writes the window's row while this reservation waits for its
+    # lock: under the database's serializable default, the reservation failed with
+    # "could not serialize access due to concurrent update" instead of taking its turn
+    name = f"quota-{postgres_schema}"
+    kw: dict[str, Any] = {"window_start": WS, "window_end": WE, "limit": 10}
+    async with (
+        PostgresQuotaStore(
+            postgres_url, server_settings={**_SERIALIZABLE, "application_name": name}
+        ) as store,
+        PostgresQuotaStore(postgres_url) as elsewhere,
+    ):
+        assert (await store.reserve("b", amount=3, **kw)).granted
+        table = store._table
+        other = await asyncpg.connect(postgres_dsn)
+        try:
+            writing = other.transaction()
+            await writing.start()
+            await other.execute(f"SELECT 1 FROM {table} WHERE key LIKE 'b|b@%' FOR UPDATE")
+            async with anyio.create_task_group() as tg:
+                grants = []
+
+                async def reserve() -> None:
+                    grants.append(await store.reserve("b", amount=3, **kw))
+
+                tg.start_soon(reserve)
+                await _waits_for_a_row_lock(other, name)
+                # the other process's write: its own reservation of 2, as that store
+                # would have stored it
+                await other.execute(
+                    f"UPDATE {table} SET data = jsonb_set(data, '{{held}}', "
+                    "to_jsonb((data->>'held')::bigint + 2)) WHERE key LIKE 'b|b@%'"
+                )
+                await writing.commit()
+        finally:
+            await other.close()
+        (grant,) = grants
+        assert grant.granted
+        assert (await elsewhere.usage("b", window_start=WS, window_end=WE)).held == 8
+
+
+async def test_breakers_and_budgets_of_two_processes_take_turns_on_a_serializable_database(
+    postgres_url: str,
+) -> None:
+    # concurrent writers of one key failed with SerializationError (most of them)
+    stores = [PostgresQuotaStore(postgres_url, server_settings=_SERIALIZABLE) for _ in "ab"]
+    states = [PostgresCircuitStateStore(postgres_url, server_settings=_SERIALIZABLE) for _ in "ab"]
+    policy = BreakerPolicy()
+    kw: dict[str, Any] = {"window_start": WS, "window_end": WE, "limit": 10**6}
+
+    async def call(state: PostgresCircuitStateStore) -> None:
+        admission = await state.admit("openai:gpt", policy)
+        assert admission.ticket is not None
+        report = OutcomeReport(ticket=admission.ticket, outcome=Outcome.SUCCESS)
+        await state.record("openai:gpt", policy, [report])
+
+    async with stores[0], stores[1], states[0], states[1]:
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(functools.partial(stores[i % 2].reserve, "b", amount=1, **kw))
+                tg.start_soon(call, states[i % 2])
+        assert (await stores[0].usage("b", window_start=WS, window_end=WE)).held == 40
+        assert (await states[0].snapshot("openai:gpt")).state is CircuitState.CLOSED
+
+
+async def test_two_telemetry_writers_take_turns_on_a_serializable_database(
+    postgres_url: str,
+) -> None:
+    # each write takes the next evidence version from one counter row: concurrent
+    # writers failed with SerializationError on it
+    backends = [PostgresTelemetryBackend(postgres_url, server_settings=_SERIALIZABLE) for _ in "ab"]
+    async with backends[0], backends[1]:
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                record = LLMCallRecord(provider="p", model="m", outcome=Outcome.SUCCESS)
+                tg.start_soon(backends[i % 2].record_many, [record])
+        (bucket,) = (await backends[0].evidence()).buckets
+        assert bucket.samples == 20
+
+
+async def test_processes_starting_together_on_a_serializable_database_all_open(
+    postgres_url: str,
+) -> None:
+    # the migrations of processes starting at once take turns on an advisory lock: under
+    # serializable, those that waited failed with SerializationError when they ran
+    backends = [
+        PostgresTelemetryBackend(postgres_url, server_settings=_SERIALIZABLE) for _ in range(4)
+    ]
+
+    async def start(backend: PostgresTelemetryBackend) -> None:
+        async with backend:
+            assert await backend.recent(limit=1) == []
+
+    async with anyio.create_task_group() as tg:
+        for backend in backends:
+            tg.start_soon(start, backend)
