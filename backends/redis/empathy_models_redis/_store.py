@@ -253,7 +253,9 @@ class RedisCircuitStateStore(CircuitStateStore):
             until a reset).
         **client_options: ``max_connections``, ``timeout`` and other redis-py options,
             with a URL only; these may also be given in the URL's query, and so may
-            ``prefix`` and ``key_ttl``.
+            ``prefix`` and ``key_ttl``.  A setting given twice (in the query and as an
+            option, a user name or password in the userinfo and in the query or the
+            options) is refused.
 
     Raises:
         StateStoreError: for Redis errors, naming the URL without its password.
@@ -279,6 +281,7 @@ class RedisCircuitStateStore(CircuitStateStore):
                 key_ttl = _url_seconds(str(url_options["key_ttl"]))
             _check_option_names(client_options, "client", connection)
             _check_db(connection, urlsplit(connection), client_options)
+            _check_given_once(connection, client_options)
             self._target = redact_url(url)
             self._client: aioredis.Redis = _owned_client(url, client_options)
             self._owns_client = True
@@ -823,6 +826,32 @@ def _check_db(url: str, parts: SplitResult, options: Iterable[str]) -> None:
             f"{redact_url(url)!r}: the database is given twice, in the path and as db=; "
             "give it once"
         )
+
+
+def _check_given_once(url: str, client_options: Iterable[str]) -> None:
+    """
+    Refuse a setting given twice: a query option given again in the query or as a
+    client option, a user name or password in the userinfo given again as ``username=``
+    or ``password=`` (redis-py would let one of them win: the userinfo over the query,
+    the query over the options, the first of a repeated option).  The message names
+    where each was given, never a value.
+    """
+    parts = urlsplit(url)
+    query = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
+    given: dict[str, str] = {}
+    # redis-py takes the userinfo's parts only when they are not empty
+    for name, value in (("username", parts.username), ("password", parts.password)):
+        if value:
+            given[name] = "in the URL's userinfo"
+    for names, where in ((query, "in the URL's query"), (client_options, "as a client option")):
+        for name in names:
+            if name in given:
+                first = given[name]
+                also = f"again {where}" if first == where else where
+                raise ConfigurationError(
+                    f"{redact_url(url)!r}: {name} is given twice, {first} and {also}; give it once"
+                )
+            given[name] = where
 
 
 def _split_url(url: str) -> tuple[str, dict[str, str]]:

@@ -72,6 +72,71 @@ async def test_a_database_given_once_is_used() -> None:
             assert store.channel == f"empathy:cb:@db{database}"
 
 
+@pytest.mark.parametrize(
+    ("url", "options", "named"),
+    [
+        (
+            "redis://:pw-userinfo@127.0.0.1:6379/15?password=pw-query",
+            {},
+            "password is given twice, in the URL's userinfo and in the URL's query",
+        ),
+        (
+            "redis://:pw-userinfo@127.0.0.1:6379/15",
+            {"password": "pw-option"},
+            "password is given twice, in the URL's userinfo and as a client option",
+        ),
+        (
+            "redis://127.0.0.1:6379/15?password=pw-query",
+            {"password": "pw-option"},
+            "password is given twice, in the URL's query and as a client option",
+        ),
+        (
+            "redis://127.0.0.1:6379/15?password=pw-query&password=pw-again",
+            {},
+            "password is given twice, in the URL's query and again in the URL's query",
+        ),
+        (
+            "redis://alice:pw-userinfo@127.0.0.1:6379/15?username=bob",
+            {},
+            "username is given twice, in the URL's userinfo and in the URL's query",
+        ),
+        (
+            "redis://127.0.0.1:6379/15?socket_timeout=1",
+            {"socket_timeout": 3},
+            "socket_timeout is given twice, in the URL's query and as a client option",
+        ),
+    ],
+)
+def test_a_setting_given_twice_is_refused_without_showing_a_password(
+    url: str, options: dict[str, Any], named: str
+) -> None:
+    # redis-py let one silently win (the userinfo over the query, the query over the
+    # options, the first of a repeated option): a password that was not the one meant
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(ConfigurationError, match=named) as info:
+            build(url, **options)
+        assert "pw-" not in str(info.value)
+    if not options:
+        with pytest.raises(ConfigurationError, match=r"given (twice|more than once)") as info:
+            state_store_from_url(url)
+        assert "pw-" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://alice@127.0.0.1:6379/15?password=pw-query",
+        "redis://:pw-userinfo@127.0.0.1:6379/15?username=alice",
+        "redis://:@127.0.0.1:6379/15?password=pw-query",
+    ],
+)
+async def test_a_user_name_and_a_password_given_once_each_are_accepted(url: str) -> None:
+    # the user name in one place and the password in the other is no conflict, nor is
+    # an empty password in the userinfo (redis-py ignores it)
+    async with RedisCircuitStateStore(url) as store:
+        assert "pw-" not in repr(store)
+
+
 def test_a_port_that_is_not_a_number_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="not a valid Redis URL"):
         state_store_from_url("redis://127.0.0.1:notaport/0")
