@@ -724,6 +724,7 @@ def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"cannot use {redact_url(url)!r} as a Redis URL: {exc}") from exc
     _check_seconds(url, pool)
+    _check_connection_options(url, pool)
     return aioredis.Redis.from_pool(pool)
 
 
@@ -777,19 +778,45 @@ def _prefix_bytes(prefix: object, encoding: str, errors: str) -> bytes:
         ) from exc
 
 
+def _init_names(cls: type) -> set[str]:
+    """The keywords ``cls(...)`` accepts by name (its ``__init__`` and its bases')."""
+    names = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+                names.add(param.name)
+    names.discard("self")
+    return names
+
+
 def _client_option_names() -> frozenset[str]:
     """Every keyword the redis-py pool and connection classes accept (for typo checks)."""
     names = set(URL_QUERY_ARGUMENT_PARSERS)
     for cls in (SSLConnection, UnixDomainSocketConnection, BlockingConnectionPool):
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None:
-                continue
-            for param in inspect.signature(init).parameters.values():
-                if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
-                    names.add(param.name)
-    names.discard("self")
+        names |= _init_names(cls)
     return frozenset(names)
+
+
+def _check_connection_options(url: str, pool: aioredis.BlockingConnectionPool) -> None:
+    """
+    Refuse options the pool's connection class does not take: a TLS option (``ssl_*``)
+    with a redis:// URL, a socket ``path`` with a host.  redis-py passes them on when
+    it makes a connection, so each call would fail with a `TypeError`.
+    """
+    stray = sorted(set(pool.connection_kwargs) - _init_names(pool.connection_class))
+    if not stray:
+        return
+    scheme = urlsplit(url).scheme.lower()
+    hint = ""
+    if all(name.startswith("ssl_") for name in stray):
+        hint = "; TLS options apply to rediss:// URLs only"
+    raise ConfigurationError(
+        f"{redact_url(url)!r}: the options {stray} do not apply to a {scheme}:// "
+        f"connection ({pool.connection_class.__name__}){hint}"
+    )
 
 
 _CLIENT_OPTIONS: Final = _client_option_names()

@@ -137,6 +137,33 @@ async def test_a_user_name_and_a_password_given_once_each_are_accepted(url: str)
         assert "pw-" not in repr(store)
 
 
+@pytest.mark.parametrize(
+    ("query", "options", "named"),
+    [
+        ("ssl_cert_reqs=none", {}, r"\['ssl_cert_reqs'\] do not apply .* rediss:// URLs only"),
+        ("ssl_check_hostname=false", {}, r"\['ssl_check_hostname'\] do not apply"),
+        ("", {"ssl_ca_certs": "/etc/ca.pem"}, r"\['ssl_ca_certs'\] do not apply"),
+        ("path=/tmp/redis.sock", {}, r"\['path'\] do not apply to a redis:// connection"),
+    ],
+)
+def test_an_option_the_connection_does_not_take_is_refused_at_construction(
+    query: str, options: dict[str, Any], named: str
+) -> None:
+    # a TLS option with redis:// passed the name check (rediss:// takes it), then every
+    # call failed with redis-py's TypeError (AbstractConnection.__init__() got an
+    # unexpected keyword argument 'ssl_cert_reqs'), not a StateStoreError
+    url = f"redis://:pw-secret@127.0.0.1:6379/15?{query}"
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(ConfigurationError, match=named) as info:
+            build(url, **options)
+        assert "pw-secret" not in str(info.value)
+
+
+def test_tls_options_are_taken_with_rediss() -> None:
+    RedisCircuitStateStore("rediss://127.0.0.1:6379/15?ssl_cert_reqs=none")
+    RedisCircuitStateStore("rediss://127.0.0.1:6379/15", ssl_ca_certs="/etc/ca.pem")
+
+
 def test_a_port_that_is_not_a_number_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="not a valid Redis URL"):
         state_store_from_url("redis://127.0.0.1:notaport/0")
