@@ -22,6 +22,7 @@ from ._store import (
     RedisCircuitStateStore,
     _num,
     _text,
+    close_owned,
     evalsha_once,
 )
 
@@ -165,7 +166,7 @@ class RedisQuotaStore(QuotaStore):
     async def _aclose(self) -> None:
         if self._owns_client:
             try:
-                await self._client.aclose()
+                await close_owned(self._client)
             except (RedisError, OSError) as exc:
                 raise self._error("close", exc) from exc
 

@@ -484,8 +484,8 @@ class RedisCircuitStateStore(CircuitStateStore):
         finally:
             # read_response and send_packed_command disconnect a connection on any
             # error or cancellation, so a connection is never kept with a reply unread
-            if done and idle is not None and not self._pool_users and conn.is_connected:
-                idle.append(conn)
+            if done and self._idle is not None and not self._pool_users and conn.is_connected:
+                self._idle.append(conn)  # (none once the store closed)
             else:
                 await pool.release(conn)
         return self._check_reply(reply)
@@ -537,7 +537,8 @@ class RedisCircuitStateStore(CircuitStateStore):
             try:
                 async with self._using_pool():
                     pass  # the kept connections go back to the pool, which closes them
-                await self._client.aclose()
+                self._idle = None  # and calls still running keep none
+                await close_owned(self._client)
             except (RedisError, OSError) as exc:
                 raise self._error("close", exc) from exc
 
@@ -706,6 +707,47 @@ class RedisCircuitStateStore(CircuitStateStore):
         return arg
 
 
+class _OwnedPool(aioredis.BlockingConnectionPool):
+    """
+    The pool of a client a store owns, which lets no connection outlive the store.
+
+    Calls still running when the store closes would otherwise give their connections
+    back to a pool already disconnected, or connect new ones for calls that waited for
+    a connection, and each stayed open until the process ended.  Once `shut`, the pool
+    makes no connection (a call waiting for one fails) and disconnects every
+    connection given back.
+    """
+
+    shut = False
+
+    def _refuse_when_shut(self) -> None:
+        if self.shut:
+            raise RedisConnectionError("the store was closed")
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_when_shut()
+        conn = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        try:
+            self._refuse_when_shut()  # it closed while this call waited
+        except RedisConnectionError:
+            await self.release(conn)
+            raise
+        return conn
+
+    async def release(self, connection: Any) -> None:
+        await super().release(connection)
+        if self.shut:
+            await connection.disconnect()
+
+
+async def close_owned(client: aioredis.Redis) -> None:
+    """Close a client `_owned_client` built, and every connection it still has in use."""
+    pool = client.connection_pool
+    if isinstance(pool, _OwnedPool):
+        pool.shut = True
+    await client.aclose()
+
+
 def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis:
     """A client of the store's own over a blocking pool: a burst of concurrent calls
     waits for a connection (up to ``timeout`` seconds) instead of failing with "Too
@@ -720,7 +762,7 @@ def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis
     }
     options.update(client_options)
     try:
-        pool = aioredis.BlockingConnectionPool.from_url(url, **options)
+        pool = _OwnedPool.from_url(url, **options)
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"cannot use {redact_url(url)!r} as a Redis URL: {exc}") from exc
     _check_seconds(url, pool)
