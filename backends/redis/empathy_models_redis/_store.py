@@ -766,8 +766,24 @@ def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"cannot use {redact_url(url)!r} as a Redis URL: {exc}") from exc
     _check_seconds(url, pool)
+    _check_database(url, pool)
     _check_connection_options(url, pool)
     return aioredis.Redis.from_pool(pool)
+
+
+def _check_database(url: str, pool: aioredis.BlockingConnectionPool) -> None:
+    """
+    The database, from ``?db=`` or the ``db`` option (the path's is checked before):
+    redis-py takes any integer, and a negative one failed every call with "DB index is
+    out of range".
+    """
+    db = pool.connection_kwargs.get("db", 0)
+    if not (_is_number(db) and isinstance(db, int) and db >= 0) and not (
+        isinstance(db, str) and db.isascii() and db.isdigit()
+    ):
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: the database must be a number >= 0, got {shown(db)}"
+        )
 
 
 def _check_seconds(url: str, pool: aioredis.BlockingConnectionPool) -> None:

@@ -60,6 +60,27 @@ def test_a_database_given_in_the_path_and_as_an_option_is_refused() -> None:
         RedisCircuitStateStore("redis://127.0.0.1:6379/13", db=3)
 
 
+@pytest.mark.parametrize(
+    ("url", "options", "shown_as"),
+    [
+        ("redis://:pw-secret@127.0.0.1:6379/?db=-1", {}, "-1"),
+        ("redis://:pw-secret@127.0.0.1:6379", {"db": -2}, "-2"),
+        ("redis://:pw-secret@127.0.0.1:6379", {"db": "x"}, "'x'"),
+    ],
+)
+def test_a_database_that_is_no_number_from_0_is_refused_in_the_query_or_options(
+    url: str, options: dict[str, Any], shown_as: str
+) -> None:
+    # /-1 in the path was refused, but ?db=-1 and db=-2 were taken and every call then
+    # failed ("DB index is out of range"), and db="x" raised a bare ValueError
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(
+            ConfigurationError, match=f"the database must be a number >= 0, got {shown_as}$"
+        ) as info:
+            build(url, **options)
+        assert "pw-secret" not in str(info.value)
+
+
 async def test_a_database_given_once_is_used() -> None:
     # in the path, in the query of a URL without one, or as an option
     for store, database in (
