@@ -14,7 +14,7 @@ from empathy_models.backends import shown
 from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 
-from ._store import _GLOB_SPECIAL, URL_PREFIX_KINDS, RedisCircuitStateStore
+from ._store import _GLOB_SPECIAL, URL_PREFIX_KINDS, RedisCircuitStateStore, close_owned
 
 __all__ = ["DEFAULT_CACHE_PREFIX", "RedisResponseCache"]
 
@@ -92,7 +92,7 @@ class RedisResponseCache(ResponseCache):
     async def _aclose(self) -> None:
         if self._owns_client:
             try:
-                await self._client.aclose()
+                await close_owned(self._client)
             except (RedisError, OSError) as exc:
                 raise self._error("close", exc) from exc
 

@@ -22,6 +22,7 @@ from ._store import (
     RedisCircuitStateStore,
     _num,
     _text,
+    close_owned,
     evalsha_once,
 )
 
@@ -139,9 +140,20 @@ class RedisQuotaStore(QuotaStore):
             raise self._error(what, exc) from exc
         return [_text(x) for x in raw]
 
-    @staticmethod
     def _usage(
-        key: str, fields: Mapping[str, str], ws: float, we: float, now: float | None = None
+        self, key: str, fields: Mapping[str, str], ws: float, we: float, now: float | None = None
+    ) -> BudgetUsage:
+        try:
+            return self._read_usage(key, fields, ws, we, now)
+        except (ValueError, ArithmeticError) as exc:  # RecordValidationError included
+            raise StateStoreError(
+                f"Redis quota store {self._target}: unreadable budget window for {key!r}: {exc}",
+                target=self._target,
+            ) from exc
+
+    @staticmethod
+    def _read_usage(
+        key: str, fields: Mapping[str, str], ws: float, we: float, now: float | None
     ) -> BudgetUsage:
         data: dict[str, Any] = {
             "window_start": float(fields.get("window_start", ws)),
@@ -165,7 +177,7 @@ class RedisQuotaStore(QuotaStore):
     async def _aclose(self) -> None:
         if self._owns_client:
             try:
-                await self._client.aclose()
+                await close_owned(self._client)
             except (RedisError, OSError) as exc:
                 raise self._error("close", exc) from exc
 
@@ -284,9 +296,17 @@ class RedisQuotaStore(QuotaStore):
         except (RedisError, OSError) as exc:
             raise self._error("read the limits", exc) from exc
         start = len(self.prefix) + 2
-        return {
-            k[start:]: int(_text(v)) for k, v in zip(found, values, strict=True) if v is not None
-        }
+        try:
+            return {
+                k[start:]: int(_text(v))
+                for k, v in zip(found, values, strict=True)
+                if v is not None
+            }
+        except ValueError as exc:
+            raise StateStoreError(
+                f"Redis quota store {self._target}: unreadable budget limit: {exc}",
+                target=self._target,
+            ) from exc
 
     # ------------------------------------------------------------------ rate limits
 

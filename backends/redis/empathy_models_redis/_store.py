@@ -253,7 +253,9 @@ class RedisCircuitStateStore(CircuitStateStore):
             until a reset).
         **client_options: ``max_connections``, ``timeout`` and other redis-py options,
             with a URL only; these may also be given in the URL's query, and so may
-            ``prefix`` and ``key_ttl``.
+            ``prefix`` and ``key_ttl``.  A setting given twice (in the query and as an
+            option, a user name or password in the userinfo and in the query or the
+            options) is refused.
 
     Raises:
         StateStoreError: for Redis errors, naming the URL without its password.
@@ -279,6 +281,7 @@ class RedisCircuitStateStore(CircuitStateStore):
                 key_ttl = _url_seconds(str(url_options["key_ttl"]))
             _check_option_names(client_options, "client", connection)
             _check_db(connection, urlsplit(connection), client_options)
+            _check_given_once(connection, client_options)
             self._target = redact_url(url)
             self._client: aioredis.Redis = _owned_client(url, client_options)
             self._owns_client = True
@@ -481,8 +484,8 @@ class RedisCircuitStateStore(CircuitStateStore):
         finally:
             # read_response and send_packed_command disconnect a connection on any
             # error or cancellation, so a connection is never kept with a reply unread
-            if done and idle is not None and not self._pool_users and conn.is_connected:
-                idle.append(conn)
+            if done and self._idle is not None and not self._pool_users and conn.is_connected:
+                self._idle.append(conn)  # (none once the store closed)
             else:
                 await pool.release(conn)
         return self._check_reply(reply)
@@ -534,7 +537,8 @@ class RedisCircuitStateStore(CircuitStateStore):
             try:
                 async with self._using_pool():
                     pass  # the kept connections go back to the pool, which closes them
-                await self._client.aclose()
+                self._idle = None  # and calls still running keep none
+                await close_owned(self._client)
             except (RedisError, OSError) as exc:
                 raise self._error("close", exc) from exc
 
@@ -703,6 +707,47 @@ class RedisCircuitStateStore(CircuitStateStore):
         return arg
 
 
+class _OwnedPool(aioredis.BlockingConnectionPool):
+    """
+    The pool of a client a store owns, which lets no connection outlive the store.
+
+    Calls still running when the store closes would otherwise give their connections
+    back to a pool already disconnected, or connect new ones for calls that waited for
+    a connection, and each stayed open until the process ended.  Once `shut`, the pool
+    makes no connection (a call waiting for one fails) and disconnects every
+    connection given back.
+    """
+
+    shut = False
+
+    def _refuse_when_shut(self) -> None:
+        if self.shut:
+            raise RedisConnectionError("the store was closed")
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_when_shut()
+        conn = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        try:
+            self._refuse_when_shut()  # it closed while this call waited
+        except RedisConnectionError:
+            await self.release(conn)
+            raise
+        return conn
+
+    async def release(self, connection: Any) -> None:
+        await super().release(connection)
+        if self.shut:
+            await connection.disconnect()
+
+
+async def close_owned(client: aioredis.Redis) -> None:
+    """Close a client `_owned_client` built, and every connection it still has in use."""
+    pool = client.connection_pool
+    if isinstance(pool, _OwnedPool):
+        pool.shut = True
+    await client.aclose()
+
+
 def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis:
     """A client of the store's own over a blocking pool: a burst of concurrent calls
     waits for a connection (up to ``timeout`` seconds) instead of failing with "Too
@@ -717,11 +762,28 @@ def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis
     }
     options.update(client_options)
     try:
-        pool = aioredis.BlockingConnectionPool.from_url(url, **options)
+        pool = _OwnedPool.from_url(url, **options)
     except (ValueError, TypeError) as exc:
         raise ConfigurationError(f"cannot use {redact_url(url)!r} as a Redis URL: {exc}") from exc
     _check_seconds(url, pool)
+    _check_database(url, pool)
+    _check_connection_options(url, pool)
     return aioredis.Redis.from_pool(pool)
+
+
+def _check_database(url: str, pool: aioredis.BlockingConnectionPool) -> None:
+    """
+    The database, from ``?db=`` or the ``db`` option (the path's is checked before):
+    redis-py takes any integer, and a negative one failed every call with "DB index is
+    out of range".
+    """
+    db = pool.connection_kwargs.get("db", 0)
+    if not (_is_number(db) and isinstance(db, int) and db >= 0) and not (
+        isinstance(db, str) and db.isascii() and db.isdigit()
+    ):
+        raise ConfigurationError(
+            f"{redact_url(url)!r}: the database must be a number >= 0, got {shown(db)}"
+        )
 
 
 def _check_seconds(url: str, pool: aioredis.BlockingConnectionPool) -> None:
@@ -774,19 +836,45 @@ def _prefix_bytes(prefix: object, encoding: str, errors: str) -> bytes:
         ) from exc
 
 
+def _init_names(cls: type) -> set[str]:
+    """The keywords ``cls(...)`` accepts by name (its ``__init__`` and its bases')."""
+    names = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for param in inspect.signature(init).parameters.values():
+            if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+                names.add(param.name)
+    names.discard("self")
+    return names
+
+
 def _client_option_names() -> frozenset[str]:
     """Every keyword the redis-py pool and connection classes accept (for typo checks)."""
     names = set(URL_QUERY_ARGUMENT_PARSERS)
     for cls in (SSLConnection, UnixDomainSocketConnection, BlockingConnectionPool):
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None:
-                continue
-            for param in inspect.signature(init).parameters.values():
-                if param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
-                    names.add(param.name)
-    names.discard("self")
+        names |= _init_names(cls)
     return frozenset(names)
+
+
+def _check_connection_options(url: str, pool: aioredis.BlockingConnectionPool) -> None:
+    """
+    Refuse options the pool's connection class does not take: a TLS option (``ssl_*``)
+    with a redis:// URL, a socket ``path`` with a host.  redis-py passes them on when
+    it makes a connection, so each call would fail with a `TypeError`.
+    """
+    stray = sorted(set(pool.connection_kwargs) - _init_names(pool.connection_class))
+    if not stray:
+        return
+    scheme = urlsplit(url).scheme.lower()
+    hint = ""
+    if all(name.startswith("ssl_") for name in stray):
+        hint = "; TLS options apply to rediss:// URLs only"
+    raise ConfigurationError(
+        f"{redact_url(url)!r}: the options {stray} do not apply to a {scheme}:// "
+        f"connection ({pool.connection_class.__name__}){hint}"
+    )
 
 
 _CLIENT_OPTIONS: Final = _client_option_names()
@@ -823,6 +911,32 @@ def _check_db(url: str, parts: SplitResult, options: Iterable[str]) -> None:
             f"{redact_url(url)!r}: the database is given twice, in the path and as db=; "
             "give it once"
         )
+
+
+def _check_given_once(url: str, client_options: Iterable[str]) -> None:
+    """
+    Refuse a setting given twice: a query option given again in the query or as a
+    client option, a user name or password in the userinfo given again as ``username=``
+    or ``password=`` (redis-py would let one of them win: the userinfo over the query,
+    the query over the options, the first of a repeated option).  The message names
+    where each was given, never a value.
+    """
+    parts = urlsplit(url)
+    query = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True)]
+    given: dict[str, str] = {}
+    # redis-py takes the userinfo's parts only when they are not empty
+    for name, value in (("username", parts.username), ("password", parts.password)):
+        if value:
+            given[name] = "in the URL's userinfo"
+    for names, where in ((query, "in the URL's query"), (client_options, "as a client option")):
+        for name in names:
+            if name in given:
+                first = given[name]
+                also = f"again {where}" if first == where else where
+                raise ConfigurationError(
+                    f"{redact_url(url)!r}: {name} is given twice, {first} and {also}; give it once"
+                )
+            given[name] = where
 
 
 def _split_url(url: str) -> tuple[str, dict[str, str]]:

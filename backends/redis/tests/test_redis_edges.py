@@ -60,6 +60,27 @@ def test_a_database_given_in_the_path_and_as_an_option_is_refused() -> None:
         RedisCircuitStateStore("redis://127.0.0.1:6379/13", db=3)
 
 
+@pytest.mark.parametrize(
+    ("url", "options", "shown_as"),
+    [
+        ("redis://:pw-secret@127.0.0.1:6379/?db=-1", {}, "-1"),
+        ("redis://:pw-secret@127.0.0.1:6379", {"db": -2}, "-2"),
+        ("redis://:pw-secret@127.0.0.1:6379", {"db": "x"}, "'x'"),
+    ],
+)
+def test_a_database_that_is_no_number_from_0_is_refused_in_the_query_or_options(
+    url: str, options: dict[str, Any], shown_as: str
+) -> None:
+    # /-1 in the path was refused, but ?db=-1 and db=-2 were taken and every call then
+    # failed ("DB index is out of range"), and db="x" raised a bare ValueError
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(
+            ConfigurationError, match=f"the database must be a number >= 0, got {shown_as}$"
+        ) as info:
+            build(url, **options)
+        assert "pw-secret" not in str(info.value)
+
+
 async def test_a_database_given_once_is_used() -> None:
     # in the path, in the query of a URL without one, or as an option
     for store, database in (
@@ -70,6 +91,98 @@ async def test_a_database_given_once_is_used() -> None:
     ):
         async with store:
             assert store.channel == f"empathy:cb:@db{database}"
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "named"),
+    [
+        (
+            "redis://:pw-userinfo@127.0.0.1:6379/15?password=pw-query",
+            {},
+            "password is given twice, in the URL's userinfo and in the URL's query",
+        ),
+        (
+            "redis://:pw-userinfo@127.0.0.1:6379/15",
+            {"password": "pw-option"},
+            "password is given twice, in the URL's userinfo and as a client option",
+        ),
+        (
+            "redis://127.0.0.1:6379/15?password=pw-query",
+            {"password": "pw-option"},
+            "password is given twice, in the URL's query and as a client option",
+        ),
+        (
+            "redis://127.0.0.1:6379/15?password=pw-query&password=pw-again",
+            {},
+            "password is given twice, in the URL's query and again in the URL's query",
+        ),
+        (
+            "redis://alice:pw-userinfo@127.0.0.1:6379/15?username=bob",
+            {},
+            "username is given twice, in the URL's userinfo and in the URL's query",
+        ),
+        (
+            "redis://127.0.0.1:6379/15?socket_timeout=1",
+            {"socket_timeout": 3},
+            "socket_timeout is given twice, in the URL's query and as a client option",
+        ),
+    ],
+)
+def test_a_setting_given_twice_is_refused_without_showing_a_password(
+    url: str, options: dict[str, Any], named: str
+) -> None:
+    # redis-py let one silently win (the userinfo over the query, the query over the
+    # options, the first of a repeated option): a password that was not the one meant
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(ConfigurationError, match=named) as info:
+            build(url, **options)
+        assert "pw-" not in str(info.value)
+    if not options:
+        with pytest.raises(ConfigurationError, match=r"given (twice|more than once)") as info:
+            state_store_from_url(url)
+        assert "pw-" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://alice@127.0.0.1:6379/15?password=pw-query",
+        "redis://:pw-userinfo@127.0.0.1:6379/15?username=alice",
+        "redis://:@127.0.0.1:6379/15?password=pw-query",
+    ],
+)
+async def test_a_user_name_and_a_password_given_once_each_are_accepted(url: str) -> None:
+    # the user name in one place and the password in the other is no conflict, nor is
+    # an empty password in the userinfo (redis-py ignores it)
+    async with RedisCircuitStateStore(url) as store:
+        assert "pw-" not in repr(store)
+
+
+@pytest.mark.parametrize(
+    ("query", "options", "named"),
+    [
+        ("ssl_cert_reqs=none", {}, r"\['ssl_cert_reqs'\] do not apply .* rediss:// URLs only"),
+        ("ssl_check_hostname=false", {}, r"\['ssl_check_hostname'\] do not apply"),
+        ("", {"ssl_ca_certs": "/etc/ca.pem"}, r"\['ssl_ca_certs'\] do not apply"),
+        ("path=/tmp/redis.sock", {}, r"\['path'\] do not apply to a redis:// connection"),
+    ],
+)
+def test_an_option_the_connection_does_not_take_is_refused_at_construction(
+    query: str, options: dict[str, Any], named: str
+) -> None:
+    # a TLS option with redis:// passed the name check (rediss:// takes it), then every
+    # call failed with redis-py's TypeError (AbstractConnection.__init__() got an
+    # unexpected keyword argument 'ssl_cert_reqs'), not a StateStoreError
+    url = f"redis://:pw-secret@127.0.0.1:6379/15?{query}"
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(ConfigurationError, match=named) as info:
+            build(url, **options)
+        assert "pw-secret" not in str(info.value)
+
+
+def test_tls_options_are_taken_with_rediss() -> None:
+    RedisCircuitStateStore("rediss://127.0.0.1:6379/15?ssl_cert_reqs=none")
+    RedisCircuitStateStore("rediss://127.0.0.1:6379/15", ssl_ca_certs="/etc/ca.pem")
 
 
 def test_a_port_that_is_not_a_number_is_refused() -> None:

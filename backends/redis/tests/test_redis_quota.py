@@ -10,6 +10,7 @@ from empathy_models_redis import RedisQuotaStore
 from empathy_models_redis._quota import RETENTION
 from redis.typing import EncodableT, FieldT
 
+from empathy_models.exceptions import StateStoreError
 from empathy_models.testing.contracts import (
     QuotaStoreContract,
     ResponseCacheContract,
@@ -99,3 +100,25 @@ async def test_a_window_made_longer_expires_a_week_after_its_own_end(
     finally:
         await client.aclose()
     assert ttl >= month - time.time() + RETENTION - 60, ttl
+
+
+@pytest.mark.parametrize("value", ["abc", "inf", ""])
+async def test_an_unreadable_budget_window_is_a_state_store_error(
+    redis_url: str, redis_prefix: str, value: str
+) -> None:
+    # a window whose counter is no number (another program's hash, a hand edit) raised
+    # a bare ValueError or OverflowError from usage() and usages(): `budget status`
+    # ended in a traceback
+    client = aioredis.Redis.from_url(redis_url)
+    await client.hset(f"{redis_prefix}b|team@0.0", mapping={"spent": value})
+    await client.set(f"{redis_prefix}l|team", "1.5")
+    try:
+        async with RedisQuotaStore(redis_url, prefix=redis_prefix) as store:
+            with pytest.raises(StateStoreError, match="unreadable budget window for 'team'"):
+                await store.usage("team", window_start=0.0, window_end=60.0)
+            with pytest.raises(StateStoreError, match="unreadable budget window for 'team'"):
+                await store.usages()
+            with pytest.raises(StateStoreError, match="unreadable budget limit"):
+                await store.limit_overrides()
+    finally:
+        await client.aclose()

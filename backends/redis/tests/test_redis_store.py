@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from empathy_models_redis import DEFAULT_KEY_TTL, RedisCircuitStateStore
+from empathy_models_redis import (
+    DEFAULT_KEY_TTL,
+    RedisCircuitStateStore,
+    RedisQuotaStore,
+    RedisResponseCache,
+)
 
 from empathy_models.backends import state_store_from_url, telemetry_from_url
 from empathy_models.circuit import BreakerPolicy
@@ -197,3 +206,64 @@ async def test_a_late_429_holds_the_open_circuit_for_its_retry_after(
             [OutcomeReport(ticket=second.ticket, outcome=Outcome.RATE_LIMITED, retry_after=1.0)],
         )
         assert shorter.open_until_ts == held.open_until_ts
+
+
+async def _admit(store: Any, i: int) -> object:
+    return await store.admit(f"k{i % 3}", POLICY)
+
+
+async def _snapshot(store: Any, i: int) -> object:
+    return await store.snapshot(f"k{i % 3}")
+
+
+async def _acquire(store: Any, i: int) -> object:
+    return await store.acquire(f"r{i % 3}", cost=1.0, interval=0.001, burst=1e6, max_wait=0.0)
+
+
+async def _get(store: Any, i: int) -> object:
+    return await store.get(f"c{i}")
+
+
+@pytest.mark.parametrize(
+    ("build", "call"),
+    [
+        (RedisCircuitStateStore, _admit),
+        (RedisCircuitStateStore, _snapshot),
+        (RedisQuotaStore, _acquire),
+        (RedisResponseCache, _get),
+    ],
+)
+async def test_closing_while_calls_run_leaves_no_connection_open(
+    redis_url: str,
+    redis_prefix: str,
+    build: Callable[..., Any],
+    call: Callable[[Any, int], Awaitable[object]],
+) -> None:
+    # calls still running at aclose() gave their connections back to the closed pool,
+    # or connected new ones, and those stayed open (as many as max_connections)
+    name = f"empathy-test-close-{uuid.uuid4().hex[:12]}"
+    store = build(redis_url, prefix=redis_prefix, client_name=name, max_connections=4)
+    admin = aioredis.Redis.from_url(redis_url)
+
+    async def open_connections() -> int:
+        return sum(1 for c in await admin.client_list() if c.get("name") == name)
+
+    try:
+        await call(store, 0)
+        assert await open_connections() >= 1  # the name finds the store's connections
+        calls = [asyncio.ensure_future(call(store, i)) for i in range(40)]
+        await asyncio.sleep(0)  # they start and wait for the pool's four connections
+        await store.aclose()
+        ended = await asyncio.gather(*calls, return_exceptions=True)
+        # each call ended with its answer or a store error, never redis-py's own
+        assert all(
+            not isinstance(end, BaseException) or isinstance(end, StateStoreError) for end in ended
+        ), ended
+        for _ in range(500):  # the server notices a closed socket soon after
+            if not await open_connections():
+                break
+            await asyncio.sleep(0.01)
+        assert await open_connections() == 0
+    finally:
+        await store.aclose()
+        await admin.aclose()
