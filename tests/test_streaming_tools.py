@@ -21,6 +21,7 @@ from empathy_models import (
     AnthropicProvider,
     EmpathyLLMExecutor,
     ExecutionContext,
+    LLMResponse,
     Message,
     OpenAIProvider,
     Outcome,
@@ -347,6 +348,23 @@ async def test_a_streamed_json_schema_answer_is_parsed(server: FakeLLMServer) ->
 # --------------------------------------------------------------------------- servers' own shapes
 
 
+async def _weather_stream(url: str) -> tuple[list[ToolCallDelta], LLMResponse]:
+    """A streamed run offering WEATHER, pinned to GPT at ``url``: its tool call pieces, answer."""
+    executor = EmpathyLLMExecutor(
+        [OpenAIProvider(api_key=KEY, base_url=url)],
+        registry=CHEAP_ONLY,
+        telemetry_store="null://",
+        retry=RetryPolicy.none(),
+        sleep=NoSleep(),
+    )
+    async with (
+        executor,
+        executor.stream("Weather?", pinned(GPT), tools=[WEATHER]) as stream,
+    ):
+        pieces = [e async for e in stream.events() if isinstance(e, ToolCallDelta)]
+        return pieces, await stream.get_final_response()
+
+
 @contextlib.asynccontextmanager
 async def _sse_server(body: bytes) -> AsyncIterator[str]:
     """A server on 127.0.0.1 answering every POST with ``body`` as an event stream."""
@@ -392,19 +410,7 @@ async def test_a_tool_name_sent_in_pieces_is_joined_as_the_openai_sdk_joins_it()
         ]
     )
     async with _sse_server(body) as url:
-        executor = EmpathyLLMExecutor(
-            [OpenAIProvider(api_key=KEY, base_url=url)],
-            registry=CHEAP_ONLY,
-            telemetry_store="null://",
-            retry=RetryPolicy.none(),
-            sleep=NoSleep(),
-        )
-        async with (
-            executor,
-            executor.stream("Weather?", pinned(GPT), tools=[WEATHER]) as stream,
-        ):
-            pieces = [e async for e in stream.events() if isinstance(e, ToolCallDelta)]
-            response = await stream.get_final_response()
+        pieces, response = await _weather_stream(url)
         async with (
             openai.AsyncOpenAI(api_key=KEY, base_url=url, max_retries=0) as client,
             client.chat.completions.stream(
@@ -450,19 +456,7 @@ async def test_parallel_calls_sharing_an_index_are_told_apart_by_their_ids(
         ]
     )
     async with _sse_server(body) as url:
-        executor = EmpathyLLMExecutor(
-            [OpenAIProvider(api_key=KEY, base_url=url)],
-            registry=CHEAP_ONLY,
-            telemetry_store="null://",
-            retry=RetryPolicy.none(),
-            sleep=NoSleep(),
-        )
-        async with (
-            executor,
-            executor.stream("Weather?", pinned(GPT), tools=[WEATHER]) as stream,
-        ):
-            pieces = [e async for e in stream.events() if isinstance(e, ToolCallDelta)]
-            response = await stream.get_final_response()
+        pieces, response = await _weather_stream(url)
     assert [(c.id, c.name, dict(c.arguments)) for c in response.tool_calls] == [
         ("function-call-1", "get_weather", {"city": "Oslo"}),
         ("function-call-2", "get_weather", {"city": "Rome"}),
