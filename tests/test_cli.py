@@ -396,6 +396,53 @@ def test_a_directory_as_database_is_a_clear_error(tmp_path: Path) -> None:
     assert "directory" in result.stderr and "Traceback" not in result.stderr
 
 
+_SECRET = "s3cr3t-Pw"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("telemetry", "summary"),
+        ("routing", "stats"),
+        ("breaker", "status"),
+        ("budget", "status"),
+        ("demo", "--calls", "5", "--yes"),
+    ],
+)
+def test_a_keyword_value_connection_string_is_refused_without_its_password(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    db = f"host=db password={_SECRET} dbname=calls"
+    result = cli(tmp_path / "home", *args, "--db", db, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "keyword/value connection string" in result.stderr
+    assert "postgresql://" in result.stderr and "Traceback" not in result.stderr
+    assert _SECRET not in result.stderr + result.stdout
+    assert not any(p.name.startswith("host=") for p in tmp_path.rglob("*"))  # no such file
+
+
+@pytest.mark.parametrize(
+    "db", [f"app:{_SECRET}@db:5432/calls", f"connect_timeout=5 password={_SECRET}"]
+)
+def test_a_url_without_its_scheme_is_never_echoed_with_its_password(
+    tmp_path: Path, db: str
+) -> None:
+    read = cli(tmp_path / "home", "telemetry", "summary", "--db", db, cwd=tmp_path)
+    assert read.returncode == 1 and "database not found" in read.stderr
+    assert "***" in read.stderr and "scheme" in read.stderr
+    demo = cli(tmp_path / "home", "demo", "--calls", "5", "--db", db, cwd=tmp_path)
+    assert demo.returncode == 2 and "scheme" in demo.stderr
+    for result in (read, demo):
+        assert _SECRET not in result.stderr + result.stdout
+    assert not any(_SECRET in p.name for p in tmp_path.rglob("*"))  # no file made of it
+
+
+def test_a_missing_file_with_an_at_sign_is_named_whole(tmp_path: Path) -> None:
+    missing = tmp_path / "me@work.db"
+    result = cli(tmp_path / "home", "telemetry", "summary", "--db", str(missing))
+    assert result.returncode == 1 and f"database not found: {missing} (" in result.stderr
+
+
 # --------------------------------------------------------------------------- auth
 
 

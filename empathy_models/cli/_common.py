@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -26,6 +27,7 @@ from urllib.parse import quote, unquote, urlsplit
 import anyio
 
 from empathy_models.auth import empathy_home
+from empathy_models.backends import redact_url
 
 __all__ = [
     "CliError",
@@ -40,6 +42,7 @@ __all__ = [
     "configured_url",
     "number_arg",
     "db_url",
+    "db_path",
     "display_width",
     "emit_json",
     "fmt_ms",
@@ -51,6 +54,7 @@ __all__ = [
     "read_only",
     "run_async",
     "shown_name",
+    "secret_in_path",
     "sqlite_url",
     "stdin_is_terminal",
     "typed_key",
@@ -230,6 +234,60 @@ def read_only(url: str, *, writes: bool = False) -> dict[str, Any]:
     return {"read_only": True} if scheme == "sqlite" and not writes else {}
 
 
+# a PostgreSQL keyword/value connection string (``host=db dbname=calls``), no file's path
+_KEYWORD_DSN = re.compile(
+    r"\s*(?:host|hostaddr|port|dbname|user|password|passfile|service|sslmode)\s*=", re.IGNORECASE
+)
+
+
+def db_path(value: str) -> Path:
+    """
+    The SQLite file a ``--db`` value without ``scheme://`` names, absolute (a leading
+    ``~`` expanded).
+
+    Raises:
+        CliError: (exit 2) for a PostgreSQL keyword/value connection string (``host=db
+            password=... dbname=x``), said without quoting it: it may hold the password.
+    """
+    if _KEYWORD_DSN.match(value):
+        raise CliError(
+            "--db: a PostgreSQL keyword/value connection string (host=... dbname=...) is "
+            "not a backend URL, nor a SQLite file's path; write it as a URL: "
+            "postgresql://user:password@host:5432/dbname",
+            2,
+        )
+    return expanded(value).absolute()
+
+
+def secret_in_path(file: Path) -> str | None:
+    """
+    ``file`` masked as `redact_url` masks it, when its name may hold a secret: a
+    ``password=...``, or a ``user:password@host`` typed without its scheme (a ':'
+    before the last '@'); None for any other path (an '@' alone is kept: ``me@work.db``).
+    """
+    text = str(file)
+    if ":" in text.rpartition("@")[0]:
+        masked = redact_url(text)
+    else:  # each '@' kept (a path holds no NUL): only a password=... is masked
+        masked = redact_url(text.replace("@", "\0")).replace("\0", "@")
+    return None if masked == text else masked
+
+
+def _not_found(file: Path) -> CliError:
+    """
+    "database not found" for ``file``; a path that may hold a secret (`secret_in_path`)
+    is shown masked, and without the hint that would quote it whole.
+    """
+    masked = secret_in_path(file)
+    if masked is not None:
+        return CliError(
+            f"database not found: {masked} (a backend URL starts with its scheme: "
+            "postgresql://..., redis://...)"
+        )
+    hint = f"pass --db PATH, or create one with `empathy-models demo --db {shlex.quote(str(file))}`"
+    return CliError(f"database not found: {file} ({hint})")
+
+
 def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry") -> str:
     """
     The backend URL for ``--db``: a URL passes through, a path becomes ``sqlite:///<abs>``;
@@ -256,18 +314,14 @@ def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry
                 "reads a database file (pass --db PATH, or a sqlite:///path URL)"
             )
     else:
-        path = str(expanded(raw).absolute())
+        path = str(db_path(raw))
         url = sqlite_url(Path(path))
     if must_exist and path is not None:
         file = Path(path)
         if file.is_dir():
             raise CliError(f"database {file} is a directory, not a SQLite file")
         if not file.exists():
-            hint = (
-                "pass --db PATH, or create one with "
-                f"`empathy-models demo --db {shlex.quote(str(file))}`"
-            )
-            raise CliError(f"database not found: {file} ({hint})")
+            raise _not_found(file)
     return url
 
 

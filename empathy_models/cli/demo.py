@@ -62,8 +62,8 @@ from ._common import (
     Progress,
     SubParsers,
     add_common,
+    db_path,
     emit_json,
-    expanded,
     fmt_ms,
     fmt_pct,
     fmt_usd,
@@ -71,6 +71,7 @@ from ._common import (
     print_table,
     printable,
     run_async,
+    secret_in_path,
     sqlite_url,
     stdin_is_terminal,
 )
@@ -927,7 +928,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     assume_yes=args.yes,
                 )
         else:
-            path = expanded(args.db).absolute()
+            path = db_path(args.db)
+            masked = None if path.exists() else secret_in_path(path)
+            if masked is not None:  # a URL without its scheme: not a new file, nor echoed
+                raise CliError(
+                    f"--db {masked}: not a backend URL (it starts with its scheme: "
+                    "postgresql://..., redis://...), and no SQLite file of that name exists",
+                    2,
+                )
             if path.is_dir():
                 raise CliError(f"--db {path} is a directory, not a SQLite file")
             if not path.parent.is_dir():
