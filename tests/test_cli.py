@@ -1006,6 +1006,54 @@ def _cli_on_a_terminal(home: Path, answer: str, *args: str) -> tuple[int, str]:
     return proc.returncode, out
 
 
+def _terminal_answers(home: Path, answer: bytes, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with a pseudo-terminal as stdin, type ``answer``; stdout and stderr apart."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "empathy_models", *args],
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "EMPATHY_HOME": str(home)},
+        )
+        os.write(master, answer)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _demo_db(home: Path) -> Path:
+    home.mkdir(exist_ok=True)
+    db = home / "kept.db"
+    ok(cli(home, "demo", "--calls", "5", "--db", str(db)))
+    return db
+
+
+def test_a_question_on_a_terminal_leaves_json_output_valid(home: Path) -> None:
+    db = _demo_db(home)
+    demo = _terminal_answers(home, b"n\n", "demo", "--calls", "5", "--db", str(db), "--json")
+    assert demo.returncode == 1 and "[y/N]" in demo.stderr
+    assert json.loads(demo.stdout)["error"]["message"] == "demo cancelled; nothing was written"
+    setup = _terminal_answers(home, b"\n\n", "auth", "setup", "--json")
+    assert setup.returncode == 0 and "Subscription tier" in setup.stderr
+    assert json.loads(setup.stdout)["subscription_tier"] == "pro"
+
+
+def test_end_of_input_at_the_demos_question_cancels_without_a_traceback(home: Path) -> None:
+    db = _demo_db(home)
+    before = db.read_bytes()
+    result = _terminal_answers(home, b"\x04", "demo", "--calls", "5", "--db", str(db))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "demo cancelled" in result.stderr
+    assert db.read_bytes() == before
+
+
 @pytest.mark.parametrize(("answer", "removed"), [("n", False), ("", False), ("y", True)])
 def test_reset_on_a_terminal_asks_first(home: Path, answer: str, removed: bool) -> None:
     file = AuthStrategy(small_module_threshold=77).save(home / "auth_strategy.json")

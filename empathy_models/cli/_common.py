@@ -38,6 +38,7 @@ __all__ = [
     "NO_NAME",
     "Shown",
     "add_common",
+    "ask",
     "configured_registry_file",
     "configured_url",
     "number_arg",
@@ -808,6 +809,21 @@ def _isatty(stream: IO[str]) -> bool:
 def stdin_is_terminal() -> bool:
     """True when a person can answer a prompt (stdin is a TTY)."""
     return _isatty(sys.stdin)
+
+
+def ask(prompt: str) -> str | None:
+    """
+    Print ``prompt`` on stderr and read the answer's line from stdin; None at the end
+    of the input (Ctrl-D).  Not on stdout: that holds the command's output (a
+    ``--json`` document, a table sent to a file), which a question must not break.
+    """
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        sys.stderr.write("\n")  # the next message on a line of its own
+        return None
+    return line.rstrip("\r\n")
 
 
 # --------------------------------------------------------------------------- async

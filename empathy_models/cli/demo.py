@@ -62,6 +62,7 @@ from ._common import (
     Progress,
     SubParsers,
     add_common,
+    ask,
     db_path,
     emit_json,
     fmt_ms,
@@ -736,8 +737,8 @@ def _confirm_writing(target: str, why: str, *, assume_yes: bool) -> None:
             f"--db {target} {why}: the demo would add fake calls to it; pass --yes to do so, "
             "or choose a new file"
         )
-    answer = input(f"--db {printable(target)} {why}. Write fake demo calls into it? [y/N] ")
-    if answer.strip().lower() not in ("y", "yes"):
+    answer = ask(f"--db {printable(target)} {why}. Write fake demo calls into it? [y/N] ")
+    if (answer or "").strip().lower() not in ("y", "yes"):
         raise CliError("demo cancelled; nothing was written")
 
 
