@@ -680,6 +680,26 @@ def test_telemetry_export_to_dash_writes_to_stdout(home: Path, db: Path, tmp_pat
     assert f"to {str(odd)!r}" in result.stderr
 
 
+@pytest.mark.parametrize("output", ["copy.db", "alias.db", "copy.db-wal"])
+def test_telemetry_export_onto_the_database_itself_is_refused(
+    home: Path, db: Path, tmp_path: Path, output: str
+) -> None:
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(db.read_bytes())
+    (tmp_path / "copy.db-wal").write_bytes(b"")
+    (tmp_path / "alias.db").symlink_to(copy)
+    before = copy.read_bytes()
+    args = ("telemetry", "export", "--format", "csv", "--db", "copy.db", "-o", output)
+    result = cli(home, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "is the database being exported" in result.stderr and result.stdout == ""
+    assert copy.read_bytes() == before  # not truncated
+    assert (
+        len(ok(cli(home, "telemetry", "export", "--format", "csv", "--db", str(copy))).splitlines())
+        == _RECORDS + 1
+    )
+
+
 # --------------------------------------------------------------------------- routing
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "run_async",
     "shown_name",
     "secret_in_path",
+    "sqlite_file",
     "sqlite_url",
     "stdin_is_terminal",
     "typed_key",
@@ -173,6 +174,14 @@ def _sqlite_path(url: str) -> str | None:
     )
     # a leading ~ expanded, as the backend expands it (a ~user it cannot: the backend says so)
     return None if path in ("", ":memory:") else os.path.expanduser(path)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file a ``sqlite://`` URL opens (None for another backend, or in memory)."""
+    if url.partition("://")[0].lower() != "sqlite":
+        return None
+    path = _sqlite_path(url)
+    return None if path is None else Path(path)
 
 
 def _in_memory(url: str) -> bool:
