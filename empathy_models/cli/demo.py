@@ -213,6 +213,7 @@ class DemoResult:
     calls: int
     seed: int
     db: str
+    """The database written, its password and secret-looking options masked (`redact_url`)."""
     wall_seconds: float
     baseline_model: str
     outage: dict[str, Any]
@@ -640,7 +641,7 @@ def _result(
     return DemoResult(
         calls=calls,
         seed=seed,
-        db=db_url,
+        db=redact_url(db_url),
         wall_seconds=round(wall, 3),
         baseline_model=baseline_model,
         outage=outage,
