@@ -193,6 +193,43 @@ def test_main_called_by_a_program_gives_its_ctrl_c_back(home: Path, tmp_path: Pa
     ), (result.stdout[-500:], result.stderr)
 
 
+_INTERRUPTED_WHATIF = """
+import os, signal, sys
+from empathy_models.cli import main
+
+def hook(frame, event, arg):
+    # a real Ctrl-C once the simulated requests are being routed
+    code = frame.f_code
+    if event == "call" and code.co_name == "replay" and "_whatif_" in code.co_filename:
+        sys.setprofile(None)
+        os.kill(os.getpid(), signal.SIGINT)
+
+sys.setprofile(hook)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.usefixtures("interruptible_children")
+def test_ctrl_c_ends_a_long_whatif_simulation(home: Path, db: Path) -> None:
+    # the simulation awaited nothing between its requests: the Ctrl-C was seen only
+    # once every replicate had run (hours for these)
+    args = ["routing", "whatif", "support", "triage", "--db", str(db), "--requests", "1000000"]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED_WHATIF, *args, "--replicates", "10000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "EMPATHY_HOME": str(home)},
+    )
+    try:
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert (child.returncode, out, err) == (130, "", "empathy-models: interrupted\n")
+
+
 def ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
