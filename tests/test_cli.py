@@ -458,6 +458,12 @@ def test_a_keyword_value_connection_string_is_refused_without_its_password(
     assert not any(p.name.startswith("host=") for p in tmp_path.rglob("*"))  # no such file
 
 
+def test_an_existing_file_named_like_a_keyword_string_is_read(db: Path, tmp_path: Path) -> None:
+    (tmp_path / "user=bob.db").write_bytes(db.read_bytes())
+    result = cli(tmp_path / "home", "telemetry", "summary", "--db", "user=bob.db", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.parametrize(
     "db", [f"app:{_SECRET}@db:5432/calls", f"connect_timeout=5 password={_SECRET}"]
 )

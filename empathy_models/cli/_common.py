@@ -257,16 +257,18 @@ def db_path(value: str) -> Path:
 
     Raises:
         CliError: (exit 2) for a PostgreSQL keyword/value connection string (``host=db
-            password=... dbname=x``), said without quoting it: it may hold the password.
+            password=... dbname=x``) that names no existing file, said without quoting
+            it: it may hold the password.
     """
-    if _KEYWORD_DSN.match(value):
+    path = expanded(value).absolute()
+    if _KEYWORD_DSN.match(value) and not path.exists():
         raise CliError(
             "--db: a PostgreSQL keyword/value connection string (host=... dbname=...) is "
             "not a backend URL, nor a SQLite file's path; write it as a URL: "
             "postgresql://user:password@host:5432/dbname",
             2,
         )
-    return expanded(value).absolute()
+    return path
 
 
 def secret_in_path(file: Path) -> str | None:
