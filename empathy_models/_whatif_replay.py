@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Final
 
+from anyio.lowlevel import checkpoint
 from attrs import define, field, frozen
 
 from ._router import AdaptiveModelRouter
@@ -46,6 +47,7 @@ from .routing.policy import RoutingPolicy
 __all__: list[str] = []
 
 _SIM_BUCKETS: Final = 64  # evidence buckets per model the simulated router starts from
+_YIELD_EVERY: Final = 256  # simulated requests between two checkpoints (a cancellation lands)
 
 
 class _FrozenEvidence(TelemetryBackend):
@@ -477,7 +479,11 @@ class _Simulation:
         exp_cost = 0.0
         exp_success = 0.0
         async with router:
-            for _ in range(self.requests):
+            for i in range(self.requests):
+                if i % _YIELD_EVERY == 0:
+                    # the loop awaits nothing: without this, a cancellation (Ctrl-C in
+                    # `routing whatif`) would wait for every replicate to finish
+                    await checkpoint()
                 now[0] += 1.0
                 decision = self.question.ask(router)
                 if decision is None:

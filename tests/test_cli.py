@@ -193,6 +193,43 @@ def test_main_called_by_a_program_gives_its_ctrl_c_back(home: Path, tmp_path: Pa
     ), (result.stdout[-500:], result.stderr)
 
 
+_INTERRUPTED_WHATIF = """
+import os, signal, sys
+from empathy_models.cli import main
+
+def hook(frame, event, arg):
+    # a real Ctrl-C once the simulated requests are being routed
+    code = frame.f_code
+    if event == "call" and code.co_name == "replay" and "_whatif_" in code.co_filename:
+        sys.setprofile(None)
+        os.kill(os.getpid(), signal.SIGINT)
+
+sys.setprofile(hook)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.usefixtures("interruptible_children")
+def test_ctrl_c_ends_a_long_whatif_simulation(home: Path, db: Path) -> None:
+    # the simulation awaited nothing between its requests: the Ctrl-C was seen only
+    # once every replicate had run (hours for these)
+    args = ["routing", "whatif", "support", "triage", "--db", str(db), "--requests", "1000000"]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED_WHATIF, *args, "--replicates", "10000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "EMPATHY_HOME": str(home)},
+    )
+    try:
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert (child.returncode, out, err) == (130, "", "empathy-models: interrupted\n")
+
+
 def ok(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
@@ -394,6 +431,59 @@ def test_a_directory_as_database_is_a_clear_error(tmp_path: Path) -> None:
     result = cli(tmp_path / "home", "telemetry", "summary", "--db", str(tmp_path))
     assert result.returncode == 1
     assert "directory" in result.stderr and "Traceback" not in result.stderr
+
+
+_SECRET = "s3cr3t-Pw"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("telemetry", "summary"),
+        ("routing", "stats"),
+        ("breaker", "status"),
+        ("budget", "status"),
+        ("demo", "--calls", "5", "--yes"),
+    ],
+)
+def test_a_keyword_value_connection_string_is_refused_without_its_password(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    db = f"host=db password={_SECRET} dbname=calls"
+    result = cli(tmp_path / "home", *args, "--db", db, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "keyword/value connection string" in result.stderr
+    assert "postgresql://" in result.stderr and "Traceback" not in result.stderr
+    assert _SECRET not in result.stderr + result.stdout
+    assert not any(p.name.startswith("host=") for p in tmp_path.rglob("*"))  # no such file
+
+
+def test_an_existing_file_named_like_a_keyword_string_is_read(db: Path, tmp_path: Path) -> None:
+    (tmp_path / "user=bob.db").write_bytes(db.read_bytes())
+    result = cli(tmp_path / "home", "telemetry", "summary", "--db", "user=bob.db", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    "db", [f"app:{_SECRET}@db:5432/calls", f"connect_timeout=5 password={_SECRET}"]
+)
+def test_a_url_without_its_scheme_is_never_echoed_with_its_password(
+    tmp_path: Path, db: str
+) -> None:
+    read = cli(tmp_path / "home", "telemetry", "summary", "--db", db, cwd=tmp_path)
+    assert read.returncode == 1 and "database not found" in read.stderr
+    assert "***" in read.stderr and "scheme" in read.stderr
+    demo = cli(tmp_path / "home", "demo", "--calls", "5", "--db", db, cwd=tmp_path)
+    assert demo.returncode == 2 and "scheme" in demo.stderr
+    for result in (read, demo):
+        assert _SECRET not in result.stderr + result.stdout
+    assert not any(_SECRET in p.name for p in tmp_path.rglob("*"))  # no file made of it
+
+
+def test_a_missing_file_with_an_at_sign_is_named_whole(tmp_path: Path) -> None:
+    missing = tmp_path / "me@work.db"
+    result = cli(tmp_path / "home", "telemetry", "summary", "--db", str(missing))
+    assert result.returncode == 1 and f"database not found: {missing} (" in result.stderr
 
 
 # --------------------------------------------------------------------------- auth
@@ -631,6 +721,26 @@ def test_telemetry_export_to_dash_writes_to_stdout(home: Path, db: Path, tmp_pat
     odd = tmp_path / "calls\nexport.csv"  # a path is shown quoted when it needs it
     result = cli(home, "telemetry", "export", "--format", "csv", "--db", str(db), "-o", str(odd))
     assert f"to {str(odd)!r}" in result.stderr
+
+
+@pytest.mark.parametrize("output", ["copy.db", "alias.db", "copy.db-wal"])
+def test_telemetry_export_onto_the_database_itself_is_refused(
+    home: Path, db: Path, tmp_path: Path, output: str
+) -> None:
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(db.read_bytes())
+    (tmp_path / "copy.db-wal").write_bytes(b"")
+    (tmp_path / "alias.db").symlink_to(copy)
+    before = copy.read_bytes()
+    args = ("telemetry", "export", "--format", "csv", "--db", "copy.db", "-o", output)
+    result = cli(home, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "is the database being exported" in result.stderr and result.stdout == ""
+    assert copy.read_bytes() == before  # not truncated
+    assert (
+        len(ok(cli(home, "telemetry", "export", "--format", "csv", "--db", str(copy))).splitlines())
+        == _RECORDS + 1
+    )
 
 
 # --------------------------------------------------------------------------- routing
@@ -957,6 +1067,54 @@ def _cli_on_a_terminal(home: Path, answer: str, *args: str) -> tuple[int, str]:
         os.close(slave)
         os.close(master)
     return proc.returncode, out
+
+
+def _terminal_answers(home: Path, answer: bytes, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with a pseudo-terminal as stdin, type ``answer``; stdout and stderr apart."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "empathy_models", *args],
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "EMPATHY_HOME": str(home)},
+        )
+        os.write(master, answer)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(slave)
+        os.close(master)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _demo_db(home: Path) -> Path:
+    home.mkdir(exist_ok=True)
+    db = home / "kept.db"
+    ok(cli(home, "demo", "--calls", "5", "--db", str(db)))
+    return db
+
+
+def test_a_question_on_a_terminal_leaves_json_output_valid(home: Path) -> None:
+    db = _demo_db(home)
+    demo = _terminal_answers(home, b"n\n", "demo", "--calls", "5", "--db", str(db), "--json")
+    assert demo.returncode == 1 and "[y/N]" in demo.stderr
+    assert json.loads(demo.stdout)["error"]["message"] == "demo cancelled; nothing was written"
+    setup = _terminal_answers(home, b"\n\n", "auth", "setup", "--json")
+    assert setup.returncode == 0 and "Subscription tier" in setup.stderr
+    assert json.loads(setup.stdout)["subscription_tier"] == "pro"
+
+
+def test_end_of_input_at_the_demos_question_cancels_without_a_traceback(home: Path) -> None:
+    db = _demo_db(home)
+    before = db.read_bytes()
+    result = _terminal_answers(home, b"\x04", "demo", "--calls", "5", "--db", str(db))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "demo cancelled" in result.stderr
+    assert db.read_bytes() == before
 
 
 @pytest.mark.parametrize(("answer", "removed"), [("n", False), ("", False), ("y", True)])

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import os
 import tomllib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from packaging.requirements import Requirement
@@ -87,6 +89,23 @@ def pg_schema() -> Iterator[tuple[str, str, str]]:
     schema = f"cli_{uuid.uuid4().hex[:12]}"
     yield dsn, schema, f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
     _schema_exists(dsn, schema, drop=True)
+
+
+@needs_postgres
+def test_demo_json_never_prints_the_databases_password(
+    tmp_path: Path, pg_schema: tuple[str, str, str]
+) -> None:
+    _, _, url = pg_schema
+    parts = urlsplit(url)
+    secret = parts.password
+    if secret is None:  # the server takes any (trust): one to keep out of the output
+        secret = "S3cret-for-the-demo"
+        host = parts.netloc.rpartition("@")[2]
+        url = parts._replace(netloc=f"{parts.username or 'postgres'}:{secret}@{host}").geturl()
+    result = cli(tmp_path, "demo", "--calls", "20", "--yes", "--json", "--db", url)
+    assert result.returncode == 0, result.stderr
+    assert secret not in result.stdout + result.stderr
+    assert json.loads(result.stdout)["db"].startswith("postgresql://")
 
 
 @needs_postgres

@@ -24,6 +24,7 @@ from empathy_models import (
     state_store_from_url,
     telemetry_from_url,
 )
+from empathy_models.abc import force_for
 from empathy_models.cli._common import fmt_ms, fmt_pct, fmt_usd
 from tests._cli import run_cli
 
@@ -194,6 +195,22 @@ def test_numbers_keep_their_format_up_to_a_billion() -> None:
     assert fmt_pct(0.9876) == "98.8%"
     assert fmt_pct(-2e300) == "-2e+302%"
     assert fmt_usd(float("inf")) == "$inf"
+
+
+def test_a_breaker_forced_open_past_year_9999_prints_as_such(tmp_path: Path) -> None:
+    """A key forced open through the SDK for 1e300 seconds (an OverflowError traceback before)."""
+    db = tmp_path / "far.db"
+
+    async def body() -> None:
+        async with state_store_from_url(f"sqlite:///{db}") as store:
+            await force_for(store, "openai", CircuitState.FORCED_OPEN, for_seconds=1e300)
+
+    anyio.run(body)
+    out = ok(tmp_path, "breaker", "status", "--db", str(db))
+    (row,) = _rows(out, "key")
+    assert row[:2] == ["openai", "forced_open"] and "after 9999-12-31" in " ".join(row)
+    data = json.loads(ok(tmp_path, "breaker", "status", "--db", str(db), "--json"))
+    assert data["breakers"][0]["open_until"].startswith("9999-12-31")
 
 
 # --------------------------------------------------------------------------- 2. breaker keys

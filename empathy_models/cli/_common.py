@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -26,6 +27,7 @@ from urllib.parse import quote, unquote, urlsplit
 import anyio
 
 from empathy_models.auth import empathy_home
+from empathy_models.backends import redact_url
 
 __all__ = [
     "CliError",
@@ -36,10 +38,12 @@ __all__ = [
     "NO_NAME",
     "Shown",
     "add_common",
+    "ask",
     "configured_registry_file",
     "configured_url",
     "number_arg",
     "db_url",
+    "db_path",
     "display_width",
     "emit_json",
     "fmt_ms",
@@ -51,6 +55,8 @@ __all__ = [
     "read_only",
     "run_async",
     "shown_name",
+    "secret_in_path",
+    "sqlite_file",
     "sqlite_url",
     "stdin_is_terminal",
     "typed_key",
@@ -170,6 +176,14 @@ def _sqlite_path(url: str) -> str | None:
     return None if path in ("", ":memory:") else os.path.expanduser(path)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file a ``sqlite://`` URL opens (None for another backend, or in memory)."""
+    if url.partition("://")[0].lower() != "sqlite":
+        return None
+    path = _sqlite_path(url)
+    return None if path is None else Path(path)
+
+
 def _in_memory(url: str) -> bool:
     """True for ``sqlite://:memory:`` and ``sqlite:///:memory:`` (with or without options)."""
     rest = url.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
@@ -230,6 +244,62 @@ def read_only(url: str, *, writes: bool = False) -> dict[str, Any]:
     return {"read_only": True} if scheme == "sqlite" and not writes else {}
 
 
+# a PostgreSQL keyword/value connection string (``host=db dbname=calls``), no file's path
+_KEYWORD_DSN = re.compile(
+    r"\s*(?:host|hostaddr|port|dbname|user|password|passfile|service|sslmode)\s*=", re.IGNORECASE
+)
+
+
+def db_path(value: str) -> Path:
+    """
+    The SQLite file a ``--db`` value without ``scheme://`` names, absolute (a leading
+    ``~`` expanded).
+
+    Raises:
+        CliError: (exit 2) for a PostgreSQL keyword/value connection string (``host=db
+            password=... dbname=x``) that names no existing file, said without quoting
+            it: it may hold the password.
+    """
+    path = expanded(value).absolute()
+    if _KEYWORD_DSN.match(value) and not path.exists():
+        raise CliError(
+            "--db: a PostgreSQL keyword/value connection string (host=... dbname=...) is "
+            "not a backend URL, nor a SQLite file's path; write it as a URL: "
+            "postgresql://user:password@host:5432/dbname",
+            2,
+        )
+    return path
+
+
+def secret_in_path(file: Path) -> str | None:
+    """
+    ``file`` masked as `redact_url` masks it, when its name may hold a secret: a
+    ``password=...``, or a ``user:password@host`` typed without its scheme (a ':'
+    before the last '@'); None for any other path (an '@' alone is kept: ``me@work.db``).
+    """
+    text = str(file)
+    if ":" in text.rpartition("@")[0]:
+        masked = redact_url(text)
+    else:  # each '@' kept (a path holds no NUL): only a password=... is masked
+        masked = redact_url(text.replace("@", "\0")).replace("\0", "@")
+    return None if masked == text else masked
+
+
+def _not_found(file: Path) -> CliError:
+    """
+    "database not found" for ``file``; a path that may hold a secret (`secret_in_path`)
+    is shown masked, and without the hint that would quote it whole.
+    """
+    masked = secret_in_path(file)
+    if masked is not None:
+        return CliError(
+            f"database not found: {masked} (a backend URL starts with its scheme: "
+            "postgresql://..., redis://...)"
+        )
+    hint = f"pass --db PATH, or create one with `empathy-models demo --db {shlex.quote(str(file))}`"
+    return CliError(f"database not found: {file} ({hint})")
+
+
 def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry") -> str:
     """
     The backend URL for ``--db``: a URL passes through, a path becomes ``sqlite:///<abs>``;
@@ -256,18 +326,14 @@ def db_url(value: str | None, *, must_exist: bool = True, kind: str = "telemetry
                 "reads a database file (pass --db PATH, or a sqlite:///path URL)"
             )
     else:
-        path = str(expanded(raw).absolute())
+        path = str(db_path(raw))
         url = sqlite_url(Path(path))
     if must_exist and path is not None:
         file = Path(path)
         if file.is_dir():
             raise CliError(f"database {file} is a directory, not a SQLite file")
         if not file.exists():
-            hint = (
-                "pass --db PATH, or create one with "
-                f"`empathy-models demo --db {shlex.quote(str(file))}`"
-            )
-            raise CliError(f"database not found: {file} ({hint})")
+            raise _not_found(file)
     return url
 
 
@@ -754,6 +820,21 @@ def _isatty(stream: IO[str]) -> bool:
 def stdin_is_terminal() -> bool:
     """True when a person can answer a prompt (stdin is a TTY)."""
     return _isatty(sys.stdin)
+
+
+def ask(prompt: str) -> str | None:
+    """
+    Print ``prompt`` on stderr and read the answer's line from stdin; None at the end
+    of the input (Ctrl-D).  Not on stdout: that holds the command's output (a
+    ``--json`` document, a table sent to a file), which a question must not break.
+    """
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        sys.stderr.write("\n")  # the next message on a line of its own
+        return None
+    return line.rstrip("\r\n")
 
 
 # --------------------------------------------------------------------------- async

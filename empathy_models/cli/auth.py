@@ -32,6 +32,7 @@ from ._common import (
     CliError,
     SubParsers,
     add_common,
+    ask,
     configured_registry_file,
     emit_json,
     fmt_usd,
@@ -138,17 +139,17 @@ def _file(args: argparse.Namespace) -> Path:
 def _ask(prompt: str, choices: list[str], current: str) -> str:
     numbered = ", ".join(f"{i}={c}" for i, c in enumerate(choices, start=1))
     while True:
-        try:
-            answer = input(f"{prompt} ({numbered}) [{current}]: ").strip().lower()
-        except EOFError as exc:
-            raise CliError("setup cancelled (end of input)") from exc
+        answer = ask(f"{prompt} ({numbered}) [{current}]: ")
+        if answer is None:
+            raise CliError("setup cancelled (end of input)")
+        answer = answer.strip().lower()
         if not answer:
             return current
         if answer.isdigit() and 1 <= int(answer) <= len(choices):
             return choices[int(answer) - 1]
         if answer in choices:
             return answer
-        print(f"  please answer one of: {', '.join(choices)}")
+        print(f"  please answer one of: {', '.join(choices)}", file=sys.stderr)
 
 
 def cmd_auth_setup(args: argparse.Namespace) -> int:
@@ -331,11 +332,8 @@ def cmd_auth_reset(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        try:
-            answer = input(f"Remove {printable(str(file))}? A backup is kept next to it. [y/N]: ")
-        except EOFError:
-            answer = ""
-        if answer.strip().lower() not in ("y", "yes"):
+        answer = ask(f"Remove {printable(str(file))}? A backup is kept next to it. [y/N]: ")
+        if (answer or "").strip().lower() not in ("y", "yes"):
             print("Reset cancelled; nothing was changed")
             return 1
     backup = reset_auth_strategy(file)

@@ -137,9 +137,16 @@ def _listed(keys: list[str]) -> str:
 
 
 def _when(ts: float | None) -> str | None:
+    """
+    A stored time (never negative) as the tables print it; past what a date holds (a
+    key forced open for ``1e300`` seconds through the SDK), ``after 9999-12-31``.
+    """
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return "after 9999-12-31"
 
 
 def _policy(args: argparse.Namespace) -> BreakerPolicy:

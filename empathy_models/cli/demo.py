@@ -62,8 +62,9 @@ from ._common import (
     Progress,
     SubParsers,
     add_common,
+    ask,
+    db_path,
     emit_json,
-    expanded,
     fmt_ms,
     fmt_pct,
     fmt_usd,
@@ -71,6 +72,7 @@ from ._common import (
     print_table,
     printable,
     run_async,
+    secret_in_path,
     sqlite_url,
     stdin_is_terminal,
 )
@@ -211,6 +213,7 @@ class DemoResult:
     calls: int
     seed: int
     db: str
+    """The database written, its password and secret-looking options masked (`redact_url`)."""
     wall_seconds: float
     baseline_model: str
     outage: dict[str, Any]
@@ -638,7 +641,7 @@ def _result(
     return DemoResult(
         calls=calls,
         seed=seed,
-        db=db_url,
+        db=redact_url(db_url),
         wall_seconds=round(wall, 3),
         baseline_model=baseline_model,
         outage=outage,
@@ -735,8 +738,8 @@ def _confirm_writing(target: str, why: str, *, assume_yes: bool) -> None:
             f"--db {target} {why}: the demo would add fake calls to it; pass --yes to do so, "
             "or choose a new file"
         )
-    answer = input(f"--db {printable(target)} {why}. Write fake demo calls into it? [y/N] ")
-    if answer.strip().lower() not in ("y", "yes"):
+    answer = ask(f"--db {printable(target)} {why}. Write fake demo calls into it? [y/N] ")
+    if (answer or "").strip().lower() not in ("y", "yes"):
         raise CliError("demo cancelled; nothing was written")
 
 
@@ -927,7 +930,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     assume_yes=args.yes,
                 )
         else:
-            path = expanded(args.db).absolute()
+            path = db_path(args.db)
+            masked = None if path.exists() else secret_in_path(path)
+            if masked is not None:  # a URL without its scheme: not a new file, nor echoed
+                raise CliError(
+                    f"--db {masked}: not a backend URL (it starts with its scheme: "
+                    "postgresql://..., redis://...), and no SQLite file of that name exists",
+                    2,
+                )
             if path.is_dir():
                 raise CliError(f"--db {path} is a directory, not a SQLite file")
             if not path.parent.is_dir():

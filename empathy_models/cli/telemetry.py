@@ -31,6 +31,7 @@ from ._common import (
     read_only,
     run_async,
     shown_name,
+    sqlite_file,
     typed_name,
 )
 from ._window import Ahead, stamped_ahead
@@ -270,9 +271,35 @@ def _make_private(fd: int) -> None:
         os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~0o077)
 
 
+def _check_output(output: Path, url: str) -> None:
+    """
+    Refuse an ``--output`` that is the SQLite database being exported (or its
+    ``-wal``, ``-shm`` or ``-journal`` file): writing the export would destroy it.
+    """
+    db = sqlite_file(url)
+    if db is None:
+        return
+    for name in ("", "-wal", "-shm", "-journal"):
+        try:
+            same = os.path.samefile(output, f"{db}{name}")
+        except (OSError, ValueError):  # either does not exist (or cannot be looked at)
+            continue
+        if same:
+            raise CliError(
+                f"--output {shown_name(str(output))} is the database being exported "
+                f"({shown_name(str(db))}): writing it would destroy the records; choose "
+                "another file",
+                2,
+                shown=True,
+            )
+
+
 def cmd_telemetry_export(args: argparse.Namespace) -> int:
     """Write the matching records, oldest first, as CSV (with a header) or JSON lines."""
     url = db_url(args.db)
+    to_file = args.output is not None and str(args.output) != "-"  # ("./-" names a file)
+    if to_file:
+        _check_output(args.output, url)
 
     async def body() -> list[LLMCallRecord]:
         async with telemetry_from_url(url, **read_only(url)) as backend:
@@ -284,7 +311,7 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
             )
 
     records = list(reversed(run_async(body)))
-    if args.output is None or str(args.output) == "-":  # ("./-" names a file)
+    if not to_file:
         _write(records, args.format, sys.stdout)
         return 0
     try:
