@@ -14,6 +14,7 @@ def test_contracts_exports_exactly_its_public_names() -> None:
         "ChangeFeedContract",
         "CircuitStateStoreContract",
         "CutChangeFeed",
+        "ExpireStateKeys",
         "QuotaStoreContract",
         "ResponseCacheContract",
         "StepQuotaClock",
