@@ -703,6 +703,22 @@ def test_telemetry_export_csv_and_jsonl(home: Path, db: Path, tmp_path: Path) ->
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
+def test_telemetry_export_says_when_its_limit_left_older_records_out(
+    home: Path, db: Path, tmp_path: Path
+) -> None:
+    # the limit (1,000,000 unless given) was applied silently: a larger store's export
+    # lost its oldest records without a word, though the command "writes every record"
+    args = ("telemetry", "export", "--format", "jsonl", "--db", str(db))
+    cut = cli(home, *args, "--limit", "5")
+    assert cut.returncode == 0, cut.stderr
+    assert len(cut.stdout.splitlines()) == 5
+    assert "only the newest 5 records: older ones were left out (--limit 5)" in cut.stderr
+    whole = cli(home, *args, "--limit", str(_RECORDS), "-o", str(tmp_path / "all.jsonl"))
+    assert whole.returncode == 0, whole.stderr
+    assert "left out" not in whole.stderr
+    assert len((tmp_path / "all.jsonl").read_text().splitlines()) == _RECORDS
+
+
 def test_telemetry_export_onto_an_existing_file_makes_it_private(
     home: Path, db: Path, tmp_path: Path
 ) -> None:

@@ -87,7 +87,9 @@ def register(subparsers: SubParsers) -> None:
         "export",
         help="write call records as CSV or JSON lines",
         description="Write every call record (every attempt, whatever its outcome), oldest "
-        "first, as CSV with a header or as JSON lines, to stdout or --output.",
+        "first, as CSV with a header or as JSON lines, to stdout or --output; at most the "
+        "newest --limit (1,000,000 unless given), a note on stderr saying when older "
+        "records were left out.",
     )
     add_common(export, json_flag=False)
     export.add_argument("--format", choices=("csv", "jsonl"), required=True, help="output format")
@@ -301,16 +303,26 @@ def cmd_telemetry_export(args: argparse.Namespace) -> int:
     if to_file:
         _check_output(args.output, url)
 
+    limit: int = args.limit
+
     async def body() -> list[LLMCallRecord]:
         async with telemetry_from_url(url, **read_only(url)) as backend:
-            return await backend.recent(
-                limit=args.limit,
+            return await backend.recent(  # one more: whether the limit left records out
+                limit=min(limit + 1, _MAX_LIMIT),
                 workflow=args.workflow,
                 stage=args.stage,
                 since=_since(args.days),
             )
 
-    records = list(reversed(run_async(body)))
+    newest = run_async(body)
+    if len(newest) > limit:
+        del newest[limit:]
+        print(
+            f"telemetry export: only the newest {limit} records: older ones were left out "
+            f"(--limit {limit})",
+            file=sys.stderr,
+        )
+    records = list(reversed(newest))
     if not to_file:
         _write(records, args.format, sys.stdout)
         return 0
