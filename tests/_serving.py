@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -25,6 +26,35 @@ async def serving(path: str, handler: Handler) -> AsyncIterator[str]:
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def cutting_short(head: bytes, body: bytes, sent: int) -> AsyncIterator[str]:
+    """
+    A raw HTTP server on 127.0.0.1 that reads each request whole, answers with ``head``
+    (the status line and headers, each ending in CRLF; the Content-Length of ``body``
+    is added) and the first ``sent`` bytes of ``body``, then drops the connection; its
+    base URL.
+    """
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request_head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in request_head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        await reader.readexactly(length)
+        writer.write(head + b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:sent]))
+        await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(cut, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def anthropic_answering(usage: Mapping[str, Any]) -> Handler:

@@ -9,7 +9,6 @@ streamed or not), which `FakeLLMServer` cannot be made to send.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import gzip
 import json
@@ -45,6 +44,8 @@ from empathy_models.abc import CompletionRequest
 from empathy_models.cli import main as cli_main
 from empathy_models.exceptions import InvalidResponseError, ServerError
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
+
+from ._serving import cutting_short
 
 KEY = "sk-ant-api03-EDGEtestKEY-0123456789abcdefXYZ"
 MODEL = "claude-raw"
@@ -234,34 +235,16 @@ async def test_a_whole_answer_cut_short_keeps_its_2xx_status(streamed: bool) -> 
     # a server that ignored "stream": true promises a whole JSON body and drops the
     # connection halfway: accepted (and billed) alike whether the request was streamed
     body = anthropic_ok()
-
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length")
-        )
-        await reader.readexactly(length)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body[: len(body) // 2])
-        )
-        await writer.drain()
-        writer.transport.abort()
-
-    gateway = await asyncio.start_server(cut, "127.0.0.1", 0)
-    try:
-        port = gateway.sockets[0].getsockname()[1]
-        async with AnthropicProvider(api_key=KEY, base_url=f"http://127.0.0.1:{port}") as provider:
-            with pytest.raises(InvalidResponseError, match="cut short") as info:
-                if streamed:
-                    await provider.stream(REQUEST)
-                else:
-                    await provider.complete(REQUEST)
-    finally:
-        gateway.close()
-        await gateway.wait_closed()
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    async with (
+        cutting_short(head, body, len(body) // 2) as url,
+        AnthropicProvider(api_key=KEY, base_url=url) as provider,
+    ):
+        with pytest.raises(InvalidResponseError, match="cut short") as info:
+            if streamed:
+                await provider.stream(REQUEST)
+            else:
+                await provider.complete(REQUEST)
     assert info.value.status == 200
 
 

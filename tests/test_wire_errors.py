@@ -7,7 +7,6 @@ in a stream whose ``code`` is the HTTP status (OpenRouter's numeric codes).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,7 +33,7 @@ from empathy_models.exceptions import (
 )
 from empathy_models.providers import AnthropicProvider, OpenAIProvider
 
-from ._serving import serving
+from ._serving import cutting_short, serving
 
 KEY = "sk-or-v1-WIREtestKEY-0123456789abcdefXYZ"
 MODEL = "gw-model"
@@ -225,34 +224,16 @@ async def test_an_error_status_whose_body_was_cut_short_is_that_statuss_error(
 ) -> None:
     # a load balancer's 503 (or a 429) that promises a body, sends half and hangs up
     body = b'{"error": {"message": "overloaded, try again", "type": "server_error"}}'
-
-    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length")
-        )
-        await reader.readexactly(length)
-        writer.write(
-            b"HTTP/1.1 %d Error\r\nContent-Type: application/json\r\nRetry-After: 2\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (status, len(body), body[:20])
-        )
-        await writer.drain()
-        writer.transport.abort()
-
-    gateway = await asyncio.start_server(cut, "127.0.0.1", 0)
-    try:
-        port = gateway.sockets[0].getsockname()[1]
-        async with OpenAIProvider(api_key=KEY, base_url=f"http://127.0.0.1:{port}") as provider:
-            with pytest.raises(ProviderError) as info:
-                if streamed:
-                    await provider.stream(REQUEST)
-                else:
-                    await provider.complete(REQUEST)
-    finally:
-        gateway.close()
-        await gateway.wait_closed()
+    head = b"HTTP/1.1 %d Error\r\nContent-Type: application/json\r\nRetry-After: 2\r\n" % status
+    async with (
+        cutting_short(head, body, 20) as url,
+        OpenAIProvider(api_key=KEY, base_url=url) as provider,
+    ):
+        with pytest.raises(ProviderError) as info:
+            if streamed:
+                await provider.stream(REQUEST)
+            else:
+                await provider.complete(REQUEST)
     # it was an InvalidResponseError without status or Retry-After, never retried
     assert type(info.value) is expected
     assert (info.value.status, info.value.retry_after) == (status, 2.0)
