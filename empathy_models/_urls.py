@@ -15,6 +15,8 @@ from typing import Final
 from urllib.parse import unquote_plus
 
 __all__ = [
+    "KEYWORD_DSN",
+    "KEYWORD_DSN_REFUSED",
     "KEY_PATTERN",
     "masked_keys",
     "masked_keywords",
@@ -23,6 +25,19 @@ __all__ = [
     "url_flaw",
     "userinfo_end",
 ]
+
+KEYWORD_DSN: Final = re.compile(
+    r"\s*(?:host|hostaddr|port|dbname|user|password|passfile|service|sslmode)\s*=", re.IGNORECASE
+)
+"""The start of a PostgreSQL keyword/value connection string (``host=db dbname=calls``):
+no URL, nor a file's path (and it may hold the password, so it is never quoted)."""
+
+KEYWORD_DSN_REFUSED: Final = (
+    "a PostgreSQL keyword/value connection string (host=... dbname=...) is not a backend "
+    "URL, nor a SQLite file's path; write it as a URL: "
+    "postgresql://user:password@host:5432/dbname"
+)
+"""Why a `KEYWORD_DSN` is refused where a store's URL or a file's path is expected."""
 
 KEY_PATTERN: Final = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{4,}|sk-ant-[A-Za-z0-9_\-*]{4,})")
 """An API key as OpenAI and Anthropic issue them (``sk-...``, ``sk-ant-...``) in a text."""

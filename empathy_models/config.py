@@ -39,7 +39,6 @@ are never printed or put in a repr.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -50,7 +49,7 @@ from urllib.parse import unquote_plus, urlsplit
 from attrs import field, frozen
 
 from ._paths import empathy_home, make_private_dirs, quoted_path, unquoted_path
-from ._urls import url_flaw
+from ._urls import KEYWORD_DSN, KEYWORD_DSN_REFUSED, url_flaw
 from ._validators import check, failure, number, shown
 from .backends import redact_url
 from .exceptions import ConfigurationError
@@ -160,12 +159,6 @@ def ensure_sqlite_parent(url: str) -> None:
         make_private_dirs(file.absolute().parent)
 
 
-# a PostgreSQL keyword/value connection string (``host=db dbname=calls``), no file path
-_KEYWORD_DSN = re.compile(
-    r"\s*(?:host|hostaddr|port|dbname|user|password|passfile|service|sslmode)\s*=", re.IGNORECASE
-)
-
-
 def _resolve_url(value: str, base: Path, where: str) -> str:
     """
     A URL, a SQLite file's path in it made absolute (a leading ``~`` expanded, a
@@ -173,12 +166,8 @@ def _resolve_url(value: str, base: Path, where: str) -> str:
     connection string is refused (not taken for a file's name), without quoting it.
     """
     if "://" not in value:
-        if _KEYWORD_DSN.match(value):
-            raise ConfigurationError(
-                f"{where}: a PostgreSQL keyword/value connection string (host=... "
-                "dbname=...) is not a backend URL, nor a SQLite file's path; write it as a "
-                "URL: postgresql://user:password@host:5432/dbname"
-            )
+        if KEYWORD_DSN.match(value):
+            raise ConfigurationError(f"{where}: {KEYWORD_DSN_REFUSED}")
         path = _expand_home(value, where)
         if not path.is_absolute():
             path = base / path

@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -26,6 +25,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 
+from empathy_models._urls import KEYWORD_DSN, KEYWORD_DSN_REFUSED
 from empathy_models.auth import empathy_home
 from empathy_models.backends import redact_url
 
@@ -244,12 +244,6 @@ def read_only(url: str, *, writes: bool = False) -> dict[str, Any]:
     return {"read_only": True} if scheme == "sqlite" and not writes else {}
 
 
-# a PostgreSQL keyword/value connection string (``host=db dbname=calls``), no file's path
-_KEYWORD_DSN = re.compile(
-    r"\s*(?:host|hostaddr|port|dbname|user|password|passfile|service|sslmode)\s*=", re.IGNORECASE
-)
-
-
 def db_path(value: str) -> Path:
     """
     The SQLite file a ``--db`` value without ``scheme://`` names, absolute (a leading
@@ -261,13 +255,8 @@ def db_path(value: str) -> Path:
             it: it may hold the password.
     """
     path = expanded(value).absolute()
-    if _KEYWORD_DSN.match(value) and not path.exists():
-        raise CliError(
-            "--db: a PostgreSQL keyword/value connection string (host=... dbname=...) is "
-            "not a backend URL, nor a SQLite file's path; write it as a URL: "
-            "postgresql://user:password@host:5432/dbname",
-            2,
-        )
+    if KEYWORD_DSN.match(value) and not path.exists():
+        raise CliError(f"--db: {KEYWORD_DSN_REFUSED}", 2)
     return path
 
 
