@@ -199,7 +199,8 @@ def _fit(model: str, buckets: Sequence[EvidenceBucket], registry: ModelRegistry)
     failure_cost = 0.0
     if in_registry and mean_in is not None and mean_out is not None:
         info = registry.get(model)
-        listed = (mean_in * info.input_price_per_mtok + mean_out * info.output_price_per_mtok) / 1e6
+        in_price, out_price = info.prices_for(mean_in)  # long-context prices past the threshold
+        listed = (mean_in * in_price + mean_out * out_price) / 1e6
         success_cost, failure_cost = _cost_split(cost, samples, successes, listed)
         per_call = (rate * success_cost + (1.0 - rate) * failure_cost) * listed
     elif not in_registry or successes == 0:

@@ -299,7 +299,8 @@ def _cost(
     recorded = fit.recorded_cost_usd / fit.samples if fit.samples else 0.0
     if info is None:
         return recorded, recorded
-    listed = (mean_in * info.input_price_per_mtok + mean_out * info.output_price_per_mtok) / 1e6
+    in_price, out_price = info.prices_for(mean_in)  # long-context prices past the threshold
+    listed = (mean_in * in_price + mean_out * out_price) / 1e6
     if fit.successes == 0:
         return listed, recorded
     return listed * fit.success_cost_factor, listed * fit.failure_cost_factor

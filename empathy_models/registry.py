@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import os
 import sys
 import tomllib
@@ -67,15 +68,19 @@ _MODEL_FIELDS = (
     "context_window",
     "max_output_tokens",
 )
-_OPTIONAL_MODEL_FIELDS = ("rpm", "tpm")
-"""Fields a registry entry may leave out: the provider's requests and tokens per minute."""
+_OPTIONAL_MODEL_FIELDS = ("rpm", "tpm", "long_context_threshold")
+"""Fields a registry entry may leave out: the provider's requests and tokens per minute,
+and the prompt size above which long-context prices apply."""
 _OPTIONAL_PRICE_FIELDS = (
     "cached_input_price_per_mtok",
     "cache_write_price_per_mtok",
     "cache_write_1h_price_per_mtok",
     "cache_read_price_per_mtok",
+    "long_context_input_price_per_mtok",
+    "long_context_output_price_per_mtok",
 )
-"""Prices a registry entry may leave out (each then follows from the input price)."""
+"""Prices a registry entry may leave out (each then follows from the input price, or for
+the long-context ones from the standard price)."""
 _OPTIONAL_ENTRY_FIELDS = _OPTIONAL_MODEL_FIELDS + _OPTIONAL_PRICE_FIELDS
 
 CACHE_WRITE_MULTIPLIER: Final = 1.25
@@ -193,6 +198,38 @@ _per_minute = integer(
 )
 
 
+_threshold = integer(
+    _fail,
+    low=1,
+    high=_INT_LIMIT - 1,  # a token count, as a record holds it
+    optional=True,
+    why="must be an integer >= 1 (prompt tokens)",
+    high_why="must be < 2**63",
+)
+
+
+def _long_context(instance: ModelInfo, attribute: Any, value: object) -> None:
+    # a threshold and at least one long-context price, or neither
+    _threshold(instance, attribute, value)
+    prices = (
+        instance.long_context_input_price_per_mtok,
+        instance.long_context_output_price_per_mtok,
+    )
+    if value is None and any(price is not None for price in prices):
+        raise _fail(
+            "long_context_threshold",
+            value,
+            "must be given with long-context prices (the prompt tokens above which they apply)",
+        )
+    if value is not None and all(price is None for price in prices):
+        raise _fail(
+            "long_context_threshold",
+            value,
+            "needs long_context_input_price_per_mtok or long_context_output_price_per_mtok "
+            "(the prices a call with a longer prompt is charged)",
+        )
+
+
 def _to_float(value: object) -> object:
     # ints are accepted for prices and stored as floats; anything else (an int no float
     # holds included) is left for the validator to reject with a message naming the field
@@ -261,6 +298,15 @@ class ModelInfo:
             from its prompt cache and counts among the input tokens (OpenAI's
             ``prompt_tokens_details.cached_tokens``); when left out, the input price
             (no discount).
+        long_context_threshold, long_context_input_price_per_mtok,
+            long_context_output_price_per_mtok: a call whose prompt is over
+            ``long_context_threshold`` tokens (the input tokens plus the prompt tokens
+            written to or read from the cache where they are reported apart) is charged
+            the long-context prices for all of its tokens, as some providers price
+            their longest contexts (Anthropic's 1M-token beta, Gemini's Pro models);
+            a long-context price left out is the standard one, and the cache prices
+            scale with the input price.  The threshold and at least one of the prices
+            go together.
 
     Raises:
         RecordValidationError: naming the field and value, when an id or provider is
@@ -269,8 +315,10 @@ class ModelInfo:
             `empathy_models.circuit.MAX_KEY_LENGTH` (500) characters, more than a
             circuit-state store holds (a registry file says so as a
             `ConfigurationError` naming the entry), a price is negative or not
-            finite, a window, ``rpm`` or ``tpm`` is not an integer from 1 to
-            2**63 - 1, or a capability is not one of `CAPABILITIES`.
+            finite, a window, ``rpm``, ``tpm`` or ``long_context_threshold`` is not an
+            integer from 1 to 2**63 - 1, a long-context price comes without the
+            threshold or the threshold without a price, or a capability is not one of
+            `CAPABILITIES`.
     """
 
     id: str = field(validator=_name)
@@ -295,6 +343,13 @@ class ModelInfo:
     cache_read_price_per_mtok: float | None = field(
         default=None, converter=_to_float, validator=_optional_price
     )
+    long_context_input_price_per_mtok: float | None = field(
+        default=None, converter=_to_float, validator=_optional_price
+    )
+    long_context_output_price_per_mtok: float | None = field(
+        default=None, converter=_to_float, validator=_optional_price
+    )
+    long_context_threshold: int | None = field(default=None, validator=_long_context)
 
     def cost(
         self,
@@ -345,6 +400,9 @@ class ModelInfo:
         ):
             _check_tokens("input_tokens", input_tokens)
             _check_tokens("output_tokens", output_tokens)
+        threshold = self.long_context_threshold
+        if threshold is not None and input_tokens > threshold:
+            return self._cost_with_extras(input_tokens, output_tokens, (0, 0, 0), 0, 0)
         cost = (
             input_tokens * self.input_price_per_mtok + output_tokens * self.output_price_per_mtok
         ) / 1_000_000
@@ -370,15 +428,69 @@ class ModelInfo:
         _check_tokens("input_tokens", input_tokens)
         _check_tokens("output_tokens", output_tokens)
         cached = min(cached_input_tokens, input_tokens)
+        prompt = input_tokens + sum(cache)
+        in_price, out_price = self.prices_for(prompt)
         cached_price = self.cached_input_price_per_mtok
+        if cached_price is None:
+            cached_price = in_price
+        elif in_price != self.input_price_per_mtok:
+            cached_price *= self._long_ratio()
         per_mtok = (
-            (input_tokens - cached) * self.input_price_per_mtok
-            + cached * (self.input_price_per_mtok if cached_price is None else cached_price)
-            + output_tokens * self.output_price_per_mtok
-            + sum(count * price for count, price in zip(cache, self.cache_prices, strict=True))
+            (input_tokens - cached) * in_price
+            + cached * cached_price
+            + output_tokens * out_price
+            + sum(map(operator.mul, cache, self._cache_prices(prompt)))
         )
         cost = per_mtok / 1_000_000 + web_search_requests * WEB_SEARCH_REQUEST_USD
         return cost if cost < math.inf else sys.float_info.max
+
+    def prices_for(self, prompt_tokens: int | float) -> tuple[float, float]:
+        """
+        The input and output prices, USD per million tokens, of a call whose prompt has
+        ``prompt_tokens`` tokens: the long-context prices when the prompt is over
+        ``long_context_threshold`` (each price the entry leaves out is the standard
+        one), else the standard prices.  The prompt counts every prompt token: the input
+        tokens and, where the provider reports them apart (Anthropic), the tokens
+        written to and read from its prompt cache.
+        """
+        threshold = self.long_context_threshold
+        if threshold is None or not prompt_tokens > threshold:
+            return self.input_price_per_mtok, self.output_price_per_mtok
+        long_in = self.long_context_input_price_per_mtok
+        long_out = self.long_context_output_price_per_mtok
+        return (
+            self.input_price_per_mtok if long_in is None else long_in,
+            self.output_price_per_mtok if long_out is None else long_out,
+        )
+
+    def _long_ratio(self) -> float:
+        # how much dearer a prompt token is past the threshold: what a cache price given
+        # for the standard input price is scaled by (the provider's cache multipliers
+        # stack on top of long-context prices)
+        long_in = self.long_context_input_price_per_mtok
+        if long_in is None or not self.input_price_per_mtok > 0.0:
+            return 1.0
+        return long_in / self.input_price_per_mtok
+
+    def _cache_prices(self, prompt_tokens: int) -> tuple[float, float, float]:
+        # `cache_prices` for a call with this many prompt tokens
+        in_price = self.prices_for(prompt_tokens)[0]
+        if in_price == self.input_price_per_mtok:
+            return self.cache_prices
+        ratio = self._long_ratio()
+        given = (
+            self.cache_write_price_per_mtok,
+            self.cache_write_1h_price_per_mtok,
+            self.cache_read_price_per_mtok,
+        )
+        multipliers = (CACHE_WRITE_MULTIPLIER, CACHE_WRITE_1H_MULTIPLIER, CACHE_READ_MULTIPLIER)
+        return cast(
+            tuple[float, float, float],
+            tuple(
+                in_price * multiplier if price is None else price * ratio
+                for price, multiplier in zip(given, multipliers, strict=True)
+            ),
+        )
 
     @property
     def cache_prices(self) -> tuple[float, float, float]:

@@ -102,12 +102,17 @@ class VerdictCache:
         info = self.registry.get(model)
         if len(self._facts) >= 2 * len(self.registry) + MAX_CONTEXTS:
             self._facts.clear()
+        threshold = info.long_context_threshold
+        long_in, long_out = info.prices_for(math.inf)  # the standard ones without a threshold
         facts = self._facts[model] = ModelFacts(
             provider=info.provider,
             tier=info.tier,
             input_price=info.input_price_per_mtok / 1e6,
             output_price=info.output_price_per_mtok / 1e6,
             max_output_tokens=info.max_output_tokens,
+            long_from=math.inf if threshold is None else float(threshold),
+            long_input_ratio=_ratio(long_in, info.input_price_per_mtok),
+            long_output_ratio=_ratio(long_out, info.output_price_per_mtok),
         )
         return facts
 
@@ -332,6 +337,12 @@ class VerdictCache:
         )
 
 
+def _ratio(long_price: float, price: float) -> float:
+    # a long-context price as a multiple of the standard one (1 for a free model: the
+    # router's costs are multiples of the list price)
+    return long_price / price if price > 0.0 else 1.0
+
+
 def _context(
     models: tuple[str, ...],
     facts: list[ModelFacts | None],
@@ -349,6 +360,7 @@ def _context(
         arms_epoch=-1,
         exploration=exploration,
         prior_tokens=prior_tokens,
+        long_from=min([f.long_from for f in facts if f is not None], default=math.inf),
     )
 
 
@@ -444,6 +456,10 @@ def classify(
             + (v.const if (price := v.prior_price) is None else _prior_within(prior, v) * price)
             for v in verdicts
         ]
+    if input_tokens is not None and input_tokens > ctx.long_from:
+        # a prompt past some candidate's long-context threshold: its costs at those prices
+        costs = _long_costs(ctx, costs, input_tokens)
+        fast = False
     eligible, explorable, probeable = groups
     if blocked:
         models = ctx.models
@@ -467,6 +483,21 @@ def classify(
         _within(explorable, costs, max_cost) if explorable else [],
         _within(probeable, costs, max_cost) if probeable else [],
     )
+
+
+def _long_costs(ctx: Context, costs: list[float | None], input_tokens: int) -> list[float | None]:
+    # `classify`'s costs, each candidate's input and output terms at its long-context
+    # prices where the prompt is past its threshold (verdicts are costed at the standard
+    # prices: see `decide.cost_factor`)
+    out = costs[:]
+    for i, (v, cost) in enumerate(zip(ctx.verdicts, costs, strict=True)):
+        facts = v.facts
+        slope = v.slope
+        if cost is None or slope is None or facts is None or not input_tokens > facts.long_from:
+            continue
+        input_cost = input_tokens * slope
+        out[i] = input_cost * facts.long_input_ratio + (cost - input_cost) * facts.long_output_ratio
+    return out
 
 
 def _within_top(

@@ -92,6 +92,17 @@ class ModelFacts:
     input_price: float
     output_price: float
     max_output_tokens: int
+    # a call whose prompt is over ``long_from`` tokens costs its input and output
+    # tokens these times more (`ModelInfo.long_context_threshold`; inf: never)
+    long_from: float = math.inf
+    long_input_ratio: float = 1.0
+    long_output_ratio: float = 1.0
+
+    def long_ratios(self, prompt_tokens: float) -> tuple[float, float]:
+        """What the input and output prices are multiplied by for this prompt size."""
+        if prompt_tokens > self.long_from:
+            return self.long_input_ratio, self.long_output_ratio
+        return 1.0, 1.0
 
 
 REPROBE_REASON: Final = "re-probe: measuring a rejected or degraded model that would be cheaper"
@@ -321,7 +332,12 @@ def cost_factor(facts: ModelFacts | None, summary: ArmSummary) -> float:
     mean_out = summary.mean_output_tokens
     if facts is None or cost is None or mean_in is None or mean_out is None or not cost > 0.0:
         return 1.0
-    listed = (mean_in * facts.input_price + mean_out * facts.output_price) * summary.successes
+    # at the prices of the mean call's prompt size: calls past a long-context threshold
+    # cost more by their list price, not by a factor (see `classify`)
+    r_in, r_out = facts.long_ratios(mean_in)
+    listed = (
+        mean_in * facts.input_price * r_in + mean_out * facts.output_price * r_out
+    ) * summary.successes
     if not listed > 0.0:
         return 1.0
     factor = cost * summary.samples / listed
@@ -367,8 +383,9 @@ def _cost_terms(
     const = out * out_price if out is not None else 0.0
     const_ni: float | None = None
     basis_ni: str | None = None
-    if out is not None and summary.mean_input_tokens is not None:
-        const_ni, basis_ni = summary.mean_input_tokens * in_price + const, basis
+    if out is not None and (mean_in := summary.mean_input_tokens) is not None:
+        r_in, r_out = facts.long_ratios(mean_in)
+        const_ni, basis_ni = mean_in * in_price * r_in + const * r_out, basis
     elif summary.mean_cost is not None:
         const_ni, basis_ni = summary.mean_cost, "observed"
     # (a prior-costed verdict's const_ni is the observed mean cost, or None: without a
@@ -448,6 +465,7 @@ class Context:
     groups: tuple[list[int], list[int], list[int]] | None = None
     degraded: bool = False  # some verdict is degraded (set with ``groups``)
     terms: Terms | None = None  # built with ``groups`` (see `_verdicts.classify`)
+    long_from: float = math.inf  # the lowest long-context threshold of the candidates
 
 
 # --------------------------------------------------------------------------- selection

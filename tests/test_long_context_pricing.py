@@ -1,0 +1,239 @@
+"""
+Long-context prices: a model whose provider charges more for a call whose prompt is
+over a threshold (Anthropic's 1M-token beta, Gemini's Pro models) is priced at those
+rates for the whole call, in records, responses and budgets (real HTTP against a bare
+aiohttp server answering with the API's usage), in the router's cost of a call and its
+``max_cost``, and in a registry file.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from empathy_models import (
+    AdaptiveModelRouter,
+    Budget,
+    EmpathyLLMExecutor,
+    ExecutionContext,
+    LLMCallRecord,
+    ModelInfo,
+    ModelRegistry,
+    Outcome,
+    RoutingPolicy,
+)
+from empathy_models.backends import MemoryTelemetryBackend, telemetry_from_url
+from empathy_models.exceptions import ConfigurationError, RecordValidationError
+from empathy_models.limits import MemoryQuotaStore
+from empathy_models.providers import AnthropicProvider
+from empathy_models.records import ConstraintStatus
+from empathy_models.whatif import load_stage_evidence, simulate_policy
+from tests._serving import anthropic_answering, serving
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+KEY = "test-key-0123"
+# Anthropic's published long-context rates for a 1M-token Sonnet: $3 / $15 per million
+# tokens up to 200K prompt tokens, $6 / $22.50 for every token of a longer call
+LONG = ModelInfo(
+    id="sonnet-long",
+    provider="anthropic",
+    tier="capable",
+    input_price_per_mtok=3.0,
+    output_price_per_mtok=15.0,
+    context_window=1_000_000,
+    max_output_tokens=64_000,
+    long_context_threshold=200_000,
+    long_context_input_price_per_mtok=6.0,
+    long_context_output_price_per_mtok=22.5,
+)
+# a flat-priced model that costs more than LONG's standard rate and less than its long one
+FLAT = ModelInfo(
+    id="flat",
+    provider="anthropic",
+    tier="capable",
+    input_price_per_mtok=4.0,
+    output_price_per_mtok=15.0,
+    context_window=1_000_000,
+    max_output_tokens=64_000,
+)
+REGISTRY = ModelRegistry(models=[LONG, FLAT], price_version="long-context-1")
+
+
+def test_a_prompt_over_the_threshold_prices_every_token_at_the_long_rates() -> None:
+    assert LONG.cost(200_000, 1_000) == pytest.approx((200_000 * 3.0 + 1_000 * 15.0) / 1e6)
+    assert LONG.cost(200_001, 1_000) == pytest.approx((200_001 * 6.0 + 1_000 * 22.5) / 1e6)
+    assert LONG.prices_for(200_000) == (3.0, 15.0)
+    assert LONG.prices_for(200_001) == (6.0, 22.5)
+    # Anthropic reports cache writes and reads apart from input_tokens: they are prompt
+    # tokens too, count towards the threshold, and their prices scale with the input's
+    cost = LONG.cost(150_000, 1_000, cache_read_tokens=60_000, cache_write_tokens=1_000)
+    expected = 150_000 * 6.0 + 1_000 * 22.5 + 60_000 * 6.0 * 0.1 + 1_000 * 6.0 * 1.25
+    assert cost == pytest.approx(expected / 1e6)
+    assert LONG.cost(150_000, 1_000, cache_read_tokens=50_000) == pytest.approx(
+        (150_000 * 3.0 + 1_000 * 15.0 + 50_000 * 0.3) / 1e6
+    )
+
+
+def test_cache_prices_an_entry_gives_and_a_long_price_it_leaves_out() -> None:
+    # an OpenAI-style entry: cached input among the input tokens, its own price; only the
+    # input is dearer past the threshold (the output price left out is the standard one)
+    info = ModelInfo(
+        id="gpt-long",
+        provider="openai",
+        tier="capable",
+        input_price_per_mtok=2.0,
+        output_price_per_mtok=8.0,
+        cached_input_price_per_mtok=0.5,
+        cache_read_price_per_mtok=0.2,
+        context_window=1_000_000,
+        max_output_tokens=32_000,
+        long_context_threshold=272_000,
+        long_context_input_price_per_mtok=4.0,
+    )
+    cost = info.cost(300_000, 100, cached_input_tokens=100_000)
+    assert cost == pytest.approx((200_000 * 4.0 + 100_000 * 0.5 * 2 + 100 * 8.0) / 1e6)
+    cost = info.cost(300_000, 100, cache_read_tokens=10)
+    assert cost == pytest.approx((300_000 * 4.0 + 100 * 8.0 + 10 * 0.2 * 2) / 1e6)
+    assert info.prices_for(272_001) == (4.0, 8.0)
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({"long_context_threshold": 200_000}, "needs long_context_input_price_per_mtok"),
+        ({"long_context_input_price_per_mtok": 6.0}, "must be given with long-context prices"),
+        (
+            {"long_context_threshold": 0, "long_context_input_price_per_mtok": 6.0},
+            "must be an integer >= 1",
+        ),
+        (
+            {"long_context_threshold": 200_000, "long_context_output_price_per_mtok": -1},
+            "long_context_output_price_per_mtok must be a finite number >= 0",
+        ),
+    ],
+)
+def test_a_threshold_and_its_prices_go_together(given: dict[str, object], message: str) -> None:
+    entry = {**FLAT.to_dict(), **given}
+    with pytest.raises(RecordValidationError, match=message):
+        ModelInfo(**entry)
+
+
+def test_a_registry_file_gives_long_context_prices_and_names_a_bad_entry(tmp_path: Path) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text(
+        'price_version = "p1"\n[[models]]\n'
+        + "".join(f"{k} = {v!r}\n" for k, v in LONG.to_dict().items()).replace("'", '"')
+    )
+    assert ModelRegistry.from_file(path).get("sonnet-long") == LONG
+    assert LONG.to_dict()["long_context_threshold"] == 200_000
+    path.write_text(path.read_text().replace("long_context_threshold = 200000\n", ""))
+    with pytest.raises(ConfigurationError, match=r"models\[0\]\.long_context_threshold"):
+        ModelRegistry.from_file(path)
+
+
+async def test_a_long_call_is_recorded_and_charged_at_the_long_rates() -> None:
+    usage = {"input_tokens": 240_000, "cache_read_input_tokens": 10_000, "output_tokens": 400}
+    billed = (240_000 * 6.0 + 10_000 * 0.6 + 400 * 22.5) / 1e6
+    telemetry, quota = MemoryTelemetryBackend(), MemoryQuotaStore()
+    async with (
+        serving("/v1/messages", anthropic_answering(usage)) as url,
+        EmpathyLLMExecutor(
+            [AnthropicProvider(api_key=KEY, base_url=url)],
+            registry=REGISTRY,
+            telemetry_store=telemetry,
+            budgets=[Budget(limit_usd=100)],
+            quota_store=quota,
+        ) as executor,
+    ):
+        response = await executor.run(
+            "summarise", ExecutionContext(workflow="w", stage="s", model="sonnet-long")
+        )
+    (record,) = await telemetry.recent(limit=10)
+    (spent,) = await quota.usages()
+    assert math.isclose(response.cost_usd, billed, rel_tol=1e-9)
+    assert math.isclose(record.cost_usd, billed, rel_tol=1e-9)
+    assert math.isclose(spent.spent_usd, billed, rel_tol=1e-6)
+
+
+def _record(info: ModelInfo, input_tokens: int, output_tokens: int) -> LLMCallRecord:
+    return LLMCallRecord(
+        provider=info.provider,
+        model=info.id,
+        outcome=Outcome.SUCCESS,
+        workflow="w",
+        stage="s",
+        latency_ms=100.0,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost_usd=info.cost(input_tokens, output_tokens),
+        timestamp=datetime.now(UTC),
+    )
+
+
+def _router(calls_in: int) -> AdaptiveModelRouter:
+    # both models measured on 30 calls of ``calls_in`` prompt tokens and 1,000 output
+    router = AdaptiveModelRouter(
+        REGISTRY,
+        policy=RoutingPolicy(explore_rate=0.0, warmup_share=0.0),
+        refresh_interval=None,
+    )
+    for info in REGISTRY.models:
+        for _ in range(30):
+            router.record_outcome(_record(info, calls_in, 1_000))
+    return router
+
+
+@pytest.mark.parametrize("calls_in", [10_000, 300_000])
+def test_the_router_costs_a_long_prompt_at_the_long_rates(calls_in: int) -> None:
+    # whether the model was measured on short prompts or on long ones (whose recorded
+    # costs carry the long rates), a call's cost follows its own prompt's size
+    router = _router(calls_in)
+
+    def decide(input_tokens: int, max_cost: float | None = None) -> dict[str, float | None]:
+        decision = router.get_best_model(
+            "w", "s", candidates=["sonnet-long", "flat"], input_tokens=input_tokens,
+            max_cost=max_cost, min_success_rate=0.0,
+        )  # fmt: skip
+        return {row.model: row.expected_cost_usd for row in decision.candidates}
+
+    short = decide(100_000)
+    assert short["sonnet-long"] == pytest.approx((100_000 * 3.0 + 1_000 * 15.0) / 1e6)
+    long = decide(300_000)
+    assert long["sonnet-long"] == pytest.approx((300_000 * 6.0 + 1_000 * 22.5) / 1e6)
+    assert long["flat"] == pytest.approx((300_000 * 4.0 + 1_000 * 15.0) / 1e6)
+    # the cheaper model at 100K prompt tokens is the dearer one at 300K
+    assert router.get_best_model("w", "s", input_tokens=100_000, min_success_rate=0.0).model == (
+        "sonnet-long"
+    )
+    assert router.get_best_model("w", "s", input_tokens=300_000, min_success_rate=0.0).model == (
+        "flat"
+    )
+    # and a max_cost its standard rate would meet is not met
+    decision = router.get_best_model(
+        "w", "s", candidates=["sonnet-long"], input_tokens=300_000, max_cost=1.0,
+        min_success_rate=0.0, on_no_match="relax",
+    )  # fmt: skip
+    (row,) = decision.candidates
+    assert row.constraints["max_cost"] is ConstraintStatus.REJECTED
+    assert decision.constraints_met is False
+
+
+async def test_what_if_prices_the_prompt_size_asked_about_at_its_own_rates() -> None:
+    # a stage whose calls all had 300K-token prompts (recorded at the long rates), asked
+    # about 100K-token prompts: charged the standard rates, not the long ones scaled down
+    async with telemetry_from_url("memory://") as backend:
+        await backend.record_many([_record(LONG, 300_000, 1_000) for _ in range(200)])
+        evidence = await load_stage_evidence(
+            backend, "w", "s", registry=REGISTRY, now=datetime.now(UTC)
+        )
+    for prompt, (in_price, out_price) in ((100_000, (3.0, 15.0)), (300_000, (6.0, 22.5))):
+        report = await simulate_policy(
+            evidence, registry=REGISTRY, candidates=["sonnet-long"], input_tokens=prompt,
+            requests=20, replicates=3, min_success_rate=0.0,
+        )  # fmt: skip
+        expected = (prompt * in_price + 1_000 * out_price) / 1e6
+        assert report.cost_per_request.estimate == pytest.approx(expected, rel=0.01)
