@@ -47,8 +47,11 @@ __all__ = [
     "RETRY_INTERVAL",
     "STORE_TIMEOUT",
     "UNCACHED_STOPS",
+    "Flight",
     "cache_key_of",
+    "follow",
     "lookup",
+    "read_or_lead",
     "store",
 ]
 
@@ -235,6 +238,97 @@ async def lookup(
             executor.telemetry_errors += 1
             logger.exception("telemetry write of a cache hit failed")
     return response
+
+
+class Flight:
+    """
+    A run of one executor asking a model for a request it missed in the cache, which
+    later runs of the same request (its cache key) wait for instead of asking too
+    (`_inflight.InFlight.flights`): they read its answer from the cache once it ends.
+    ``deadline_at`` is the leading run's (the executor's clock; ``None``: none).  The
+    leading run holds it as a context manager around its call: leaving it, however the
+    call ended, wakes the runs that wait.
+    """
+
+    __slots__ = ("deadline_at", "ended", "flights", "key")
+
+    def __init__(self, flights: dict[str, Any], key: str, deadline_at: float | None) -> None:
+        self.flights = flights
+        self.key = key
+        self.deadline_at = deadline_at
+        self.ended = asyncio.Event()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        if self.flights.get(self.key) is self:
+            del self.flights[self.key]
+        self.ended.set()
+
+
+async def follow(
+    executor: EmpathyLLMExecutor, key: str, deadline_at: float | None
+) -> tuple[Flight | None, bool]:
+    """
+    For a run that missed ``key`` in the cache: ``(flight, waited)``.
+
+    When a run of this executor is asking a model for the same request already and will
+    end no later than this run's deadline (its own deadline is not later, or this run
+    has none), wait for it to end (``waited``: the caller reads the cache again, where
+    the answer is when that run kept one; an answer `store` leaves out, a failure or a
+    cancellation leave nothing there, and the caller asks a model itself).  A run whose
+    deadline passes while it waits goes on as a run whose time ran out.  When there is
+    no such run, this one leads: ``flight`` is registered under ``key`` until the
+    caller leaves it (see `Flight`).
+    """
+    flights = executor._inflight.flights
+    flight = flights.get(key)
+    if flight is None:
+        flight = flights[key] = Flight(flights, key, deadline_at)
+        return flight, False
+    leader_at = flight.deadline_at
+    if deadline_at is None:
+        await flight.ended.wait()
+    elif leader_at is None or leader_at > deadline_at:
+        return None, False  # it may outlast this run: ask a model alongside it
+    else:
+        try:
+            async with asyncio.timeout(max(deadline_at - executor._clock(), 0.0)):
+                await flight.ended.wait()
+        except TimeoutError:
+            pass
+    return None, True
+
+
+async def read_or_lead(
+    executor: EmpathyLLMExecutor,
+    ctx: ExecutionContext,
+    task_type: str,
+    messages: Sequence[Message],
+    system: str | None,
+    options: Mapping[str, Any],
+    start: float,
+    deadline_at: float | None,
+) -> tuple[LLMResponse | None, str | None, Flight | None]:
+    """
+    What a run with ``ctx.cache_ttl`` finds in the cache before asking a model:
+    ``(hit, key, flight)``.  ``hit``: the answer (recorded as a hit), read at once or
+    once the run of this executor asking a model for the same request has ended
+    (`follow`); ``key``: the request's cache key, under which the run stores its answer
+    (`store`), ``None`` for a request that is not cached; ``flight``: when this run
+    leads, the `Flight` it holds around its call (see `Flight`).
+    """
+    key = cache_key_of(ctx, task_type, messages, system, options)
+    if key is None:
+        return None, None, None
+    hit = await lookup(executor, key, ctx, task_type, messages, system, options, start)
+    if hit is not None:
+        return hit, key, None
+    flight, waited = await follow(executor, key, deadline_at)
+    if waited:
+        hit = await lookup(executor, key, ctx, task_type, messages, system, options, start)
+    return hit, key, flight
 
 
 async def _get(executor: EmpathyLLMExecutor, key: str, deadline_at: float | None) -> bytes | None:

@@ -96,7 +96,12 @@ import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import (
+    AbstractAsyncContextManager,
+    AbstractContextManager,
+    AsyncExitStack,
+    nullcontext,
+)
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
@@ -128,13 +133,12 @@ from ._setup import (
     keyless_of,
     limiter_for,
 )
-from ._validators import shown
 from ._values import (
-    _DEFAULT_CONTEXT,
     AttemptSummary,
     ExecutionContext,
     FallbackPolicy,
     LLMResponse,
+    context_of,
 )
 from .abc import (
     Completion,
@@ -183,6 +187,7 @@ __all__ = [
 
 logger = logging.getLogger("empathy_models.executor")
 _cache_logger = logging.getLogger("empathy_models.cache")
+_NOT_LEADING: AbstractContextManager[None] = nullcontext()  # see `_cached.Flight`
 _SKIP = "calls skip the cache"
 
 # the running event loop, or None (``asyncio.get_running_loop`` without the exception)
@@ -895,9 +900,7 @@ class EmpathyLLMExecutor:
         """
         self._check_open()
         with self._inflight.track("run") as tracked:  # `aclose` ends it with NotOpenError
-            ctx = _DEFAULT_CONTEXT if context is None else context
-            if not isinstance(ctx, ExecutionContext):
-                raise ConfigurationError(f"context must be an ExecutionContext, got {shown(ctx)}")
+            ctx = context_of(context)
             messages, system = _to_messages(prompt, ctx.system)
             options = run_options(
                 tools=tools,
@@ -912,25 +915,26 @@ class EmpathyLLMExecutor:
             deadline_at = None if ctx.deadline is None else start + ctx.deadline
             task_type, tier = self._planner.task(ctx.task_type)
             needs = required_capabilities(messages, options)
-            cache_key: str | None = None
+            cache_key, lead = None, _NOT_LEADING
             if ctx.cache_ttl is not None and self._cache is not None:
-                cached = _cached_module()
-                cache_key = cached.cache_key_of(ctx, task_type, messages, system, options)
+                hit, cache_key, flight = await _cached_module().read_or_lead(
+                    self, ctx, task_type, messages, system, options, start, deadline_at
+                )
+                if hit is not None:
+                    return cast(LLMResponse, hit)
+                lead = flight or lead
+            with lead:  # a run asking for others too wakes them however it ends
+                run = _Run(ctx, messages, task_type, system, options)
+                routes = run.planned(self._planner.plan(run, tier, needs))
+                if self._obs is not None:
+                    self._obs.planned(run)
+                info, reply = await Attempts(self, run, deadline_at, tracked=tracked).walk(routes)
+                answer = self._fb.response(
+                    run, info, cast(Completion, reply), start, run.attempts_cost
+                )
                 if cache_key is not None:
-                    hit = await cached.lookup(
-                        self, cache_key, ctx, task_type, messages, system, options, start
-                    )
-                    if hit is not None:
-                        return cast(LLMResponse, hit)
-            run = _Run(ctx, messages, task_type, system, options)
-            routes = run.planned(self._planner.plan(run, tier, needs))
-            if self._obs is not None:
-                self._obs.planned(run)
-            info, reply = await Attempts(self, run, deadline_at, tracked=tracked).walk(routes)
-            answer = self._fb.response(run, info, cast(Completion, reply), start, run.attempts_cost)
-            if cache_key is not None:
-                await _cached_module().store(self, cache_key, answer, ctx)
-            return answer
+                    await _cached_module().store(self, cache_key, answer, ctx)
+                return answer
 
     def stream(
         self,

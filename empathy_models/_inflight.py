@@ -23,7 +23,7 @@ import logging
 import weakref
 from collections.abc import Awaitable
 from types import TracebackType
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from .exceptions import NotOpenError
 
@@ -152,9 +152,11 @@ class InFlight:
     The executor's runs (``runs``: `Tracked`) and the streams holding a provider slot
     (``streams``, from their first delta until their attempt is reported; held weakly,
     so a stream dropped without being closed is collected, and its finalizer closes it).
+    ``flights``: per response-cache key, the run asking a model for that request, which
+    the runs of the same request wait for (`empathy_models._cached.follow`).
     """
 
-    __slots__ = ("closing", "idle", "over", "runs", "streams")
+    __slots__ = ("closing", "flights", "idle", "over", "runs", "streams")
 
     def __init__(self) -> None:
         self.runs: set[Tracked] = set()
@@ -164,6 +166,7 @@ class InFlight:
         # the executor's close (`aclose`), done once it has closed everything: a later
         # `aclose` waits for it
         self.over: asyncio.Future[None] | None = None
+        self.flights: dict[str, Any] = {}
 
     def track(self, what: str) -> Tracked | _Untracked:
         """A context manager around a run's (or a stream opening's) body."""

@@ -352,6 +352,16 @@ class LLMResponse:
 
 _DEFAULT_CONTEXT = ExecutionContext()
 
+
+def context_of(context: object) -> ExecutionContext:
+    """A run's or stream's ``context`` argument: the default one for ``None``, else checked."""
+    if context is None:
+        return _DEFAULT_CONTEXT
+    if not isinstance(context, ExecutionContext):
+        raise ConfigurationError(f"context must be an ExecutionContext, got {shown(context)}")
+    return context
+
+
 # LLMResponse and AttemptSummary have no validators or converters: the executor builds
 # them through the slots directly (same objects, about half the construction cost).
 _new_response = trusted_constructor(LLMResponse)

@@ -104,13 +104,11 @@ from ._otel_spans import _current
 from ._request_options import required_capabilities
 from ._run import _describe, _Run, _to_messages
 from ._text import utf8_size
-from ._validators import shown
-from ._values import _DEFAULT_CONTEXT, ExecutionContext
+from ._values import ExecutionContext, context_of
 from .abc import Completion, CompletionStream
 from .breaker import provider_outcome
 from .content import ToolCallDelta
 from .exceptions import (
-    ConfigurationError,
     ProviderError,
     StreamInterruptedError,
 )
@@ -936,9 +934,7 @@ def open_stream(
     is planned here, so that its routing errors raise from ``stream()``.
     """
     executor._check_open()
-    ctx = _DEFAULT_CONTEXT if context is None else context
-    if not isinstance(ctx, ExecutionContext):
-        raise ConfigurationError(f"context must be an ExecutionContext, got {shown(ctx)}")
+    ctx = context_of(context)
     messages, system = _to_messages(prompt, ctx.system)
     task_type, task_tier = executor._planner.task(ctx.task_type)
     key: str | None = None
