@@ -167,7 +167,8 @@ class Attempts:
             The answering model and its answer (`Completion`; `Opened` when streamed).
 
         Raises:
-            AllRoutesFailedError: every route failed, or the deadline passed.
+            AllRoutesFailedError: every route failed (a budget's refusal after them
+                last), or the deadline passed.
             InvalidRequestError: the provider's, at once: the request is bad, or no
                 remaining route holds its context.
             BudgetExceededError: a budget refuses and no cheaper candidate fits.
@@ -204,7 +205,7 @@ class Attempts:
                     # a budget cannot cover this model: a cheaper one that fits, or raise
                     run.chain.pop()
                     if not self.cheaper_route(info, refused, routes):
-                        raise
+                        raise _refused(run, refused) from None
                     continue
                 except LocalRateLimitError as busy:
                     run.errors.append(busy)  # no capacity in time: the next route
@@ -949,6 +950,18 @@ def _all_failed(run: _Run) -> Exception:
         f"last error: {_describe(last)}: {str(last)[:_ERROR_MESSAGE_LIMIT]}",
         run.errors,
     )
+
+
+def _refused(run: _Run, refused: BudgetExceededError) -> Exception:
+    """
+    The error of a run a budget ``refused`` with no cheaper route left: the refusal; or,
+    when routes before failed, every error in the group, the refusal last (their
+    failures, an outage say, are the caller's to know too).
+    """
+    if not run.errors:
+        return refused
+    run.errors.append(refused)
+    return _all_failed(run)
 
 
 def _needs_of(attempts: Attempts, routes: list[ModelInfo]) -> tuple[frozenset[str], int]:

@@ -403,7 +403,10 @@ class BudgetExceededError(EmpathyModelsError):
     ``budget`` names the budget (with the scope value it was charged to, e.g.
     ``"workflow=docs"``), ``limit_usd`` its limit, ``remaining_usd`` what is left in the
     current window, ``needed_usd`` the estimate of the call refused and ``resets_at``
-    (UTC epoch seconds) when the window ends.  No provider was called.
+    (UTC epoch seconds) when the window ends.  No provider was called for the run: when
+    routes before the refused one failed (an outage of the first model, then a budget
+    that cannot cover the fallback), the run raises `AllRoutesFailedError` with their
+    errors and this one last, which ``except* BudgetExceededError`` catches.
     """
 
     def __init__(
