@@ -39,7 +39,8 @@ bad input a `ValueError`)::
 
 Errors are mapped from native exceptions at one boundary per layer and raised with
 ``from exc``, so the original cause is always in the traceback.  No error message or
-attribute holds an API key.
+attribute holds an API key.  Every error pickles whole (a process pool, a queue): its
+attributes and the notes added to it (`BaseException.add_note`) come back with it.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ class ProviderError(EmpathyModelsError):
                 self.retry_after,
                 self.should_retry,
             ),
+            self.__dict__,
         )
 
 
@@ -319,6 +321,7 @@ class StreamInterruptedError(ProviderError):
                 self.ttft_ms,
                 self.request_id,
             ),
+            self.__dict__,
         )
 
 
@@ -380,6 +383,7 @@ class CircuitOpenError(EmpathyModelsError):
         return (
             _rebuild_circuit_open,
             (self.key, self.state, self.retry_after, self.last_error, self.reason),
+            self.__dict__,
         )
 
 
@@ -443,6 +447,7 @@ class BudgetExceededError(EmpathyModelsError):
                 self.resets_at,
                 self.model,
             ),
+            self.__dict__,
         )
 
 
@@ -491,6 +496,7 @@ class NoModelMeetsConstraintsError(EmpathyModelsError, LookupError):
         return (
             _rebuild_no_model,
             (self._summary, self.reasons, self.workflow, self.stage),
+            self.__dict__,
         )
 
 
@@ -579,7 +585,7 @@ class AuthFileError(ConfigurationError):
         self.path = None if path is None else Path(path)
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_auth_file_error, (str(self), self.path))
+        return (_rebuild_auth_file_error, (str(self), self.path), self.__dict__)
 
 
 def _rebuild_auth_file_error(message: str, path: Path | None) -> AuthFileError:
@@ -597,7 +603,7 @@ class SourceFileError(EmpathyModelsError, OSError):
         self.path = None if path is None else Path(path)
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_source_file_error, (str(self), self.path))
+        return (_rebuild_source_file_error, (str(self), self.path), self.__dict__)
 
 
 def _rebuild_source_file_error(message: str, path: Path | None) -> SourceFileError:
