@@ -29,7 +29,7 @@ bad input a `ValueError`)::
     ├── CircuitOpenError                         the breaker said no (key, state, retry_after)
     ├── BudgetExceededError                      a spend budget cannot cover the call
     ├── NoModelMeetsConstraintsError (LookupError) with the reasons per model
-    ├── AllRoutesFailedError (ExceptionGroup)    every candidate failed; one error per attempt
+    ├── AllRoutesFailedError (ExceptionGroup)    no route answered; each failed attempt's error
     └── BackendError                             a telemetry or state-store backend failed
         ├── TelemetryError
         │   └── TelemetryRejectedError (ValueError) records refused for a value they hold
@@ -511,7 +511,13 @@ def _rebuild_no_model(
 
 class AllRoutesFailedError(ExceptionGroup[Exception], EmpathyModelsError):
     """
-    Every candidate route failed; ``exceptions`` holds one error per attempt, in order.
+    No route answered: every route tried failed, or the run's deadline passed first.
+
+    ``exceptions`` holds, in order, the error of each failed attempt (those an open
+    circuit refused, and those the deadline left unsent, included) and of each call
+    the limits refused before it went out (a `LocalRateLimitError`; a
+    `BudgetExceededError` once routes before it failed); the message names the models
+    tried, the number of attempts and the last error (or the deadline).
 
     Being an `ExceptionGroup`, it can be handled with ``except*`` by the class of the
     individual failures (``except* RateLimitedError:``).
