@@ -222,11 +222,7 @@ class Attempts:
         except _DeadlineExceeded as exc:
             if exc.error is not None:
                 run.errors.append(exc.error)
-            raise AllRoutesFailedError(
-                f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
-                f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}",
-                run.errors,
-            ) from None
+            raise _deadline_passed(run) from None
         raise _all_failed(run)
 
     def cheaper_route(
@@ -943,13 +939,31 @@ def _all_failed(run: _Run) -> Exception:
     if not run.errors:  # pragma: no cover - every route adds an error or answers
         return ConfigurationError("no route could be tried")
     ctx = run.context
-    last = run.errors[-1]
     return AllRoutesFailedError(
         f"all routes failed for {ctx.workflow}/{ctx.stage}: tried "
-        f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); "
-        f"last error: {_describe(last)}: {str(last)[:_ERROR_MESSAGE_LIMIT]}",
+        f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); {_last_error(run)}",
         run.errors,
     )
+
+
+def _deadline_passed(run: _Run) -> AllRoutesFailedError:
+    """
+    The error of a run whose deadline passed (every error in the group, the one that
+    says what the run was doing then last: a call, or a wait for a store or a slot).
+    """
+    ctx = run.context
+    return AllRoutesFailedError(
+        f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
+        f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}; "
+        f"{_last_error(run)}",
+        run.errors,
+    )
+
+
+def _last_error(run: _Run) -> str:
+    """The run's last error, as its `AllRoutesFailedError` message ends."""
+    last = run.errors[-1]
+    return f"last error: {_describe(last)}: {str(last)[:_ERROR_MESSAGE_LIMIT]}"
 
 
 def _refused(run: _Run, refused: BudgetExceededError) -> Exception:
