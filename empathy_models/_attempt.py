@@ -167,7 +167,8 @@ class Attempts:
             The answering model and its answer (`Completion`; `Opened` when streamed).
 
         Raises:
-            AllRoutesFailedError: every route failed, or the deadline passed.
+            AllRoutesFailedError: every route failed (a budget's refusal after them
+                last), or the deadline passed.
             InvalidRequestError: the provider's, at once: the request is bad, or no
                 remaining route holds its context.
             BudgetExceededError: a budget refuses and no cheaper candidate fits.
@@ -204,7 +205,7 @@ class Attempts:
                     # a budget cannot cover this model: a cheaper one that fits, or raise
                     run.chain.pop()
                     if not self.cheaper_route(info, refused, routes):
-                        raise
+                        raise _refused(run, refused) from None
                     continue
                 except LocalRateLimitError as busy:
                     run.errors.append(busy)  # no capacity in time: the next route
@@ -221,11 +222,7 @@ class Attempts:
         except _DeadlineExceeded as exc:
             if exc.error is not None:
                 run.errors.append(exc.error)
-            raise AllRoutesFailedError(
-                f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
-                f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}",
-                run.errors,
-            ) from None
+            raise _deadline_passed(run) from None
         raise _all_failed(run)
 
     def cheaper_route(
@@ -942,13 +939,43 @@ def _all_failed(run: _Run) -> Exception:
     if not run.errors:  # pragma: no cover - every route adds an error or answers
         return ConfigurationError("no route could be tried")
     ctx = run.context
-    last = run.errors[-1]
     return AllRoutesFailedError(
         f"all routes failed for {ctx.workflow}/{ctx.stage}: tried "
-        f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); "
-        f"last error: {_describe(last)}: {str(last)[:_ERROR_MESSAGE_LIMIT]}",
+        f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); {_last_error(run)}",
         run.errors,
     )
+
+
+def _deadline_passed(run: _Run) -> AllRoutesFailedError:
+    """
+    The error of a run whose deadline passed (every error in the group, the one that
+    says what the run was doing then last: a call, or a wait for a store or a slot).
+    """
+    ctx = run.context
+    return AllRoutesFailedError(
+        f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
+        f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}; "
+        f"{_last_error(run)}",
+        run.errors,
+    )
+
+
+def _last_error(run: _Run) -> str:
+    """The run's last error, as its `AllRoutesFailedError` message ends."""
+    last = run.errors[-1]
+    return f"last error: {_describe(last)}: {str(last)[:_ERROR_MESSAGE_LIMIT]}"
+
+
+def _refused(run: _Run, refused: BudgetExceededError) -> Exception:
+    """
+    The error of a run a budget ``refused`` with no cheaper route left: the refusal; or,
+    when routes before failed, every error in the group, the refusal last (their
+    failures, an outage say, are the caller's to know too).
+    """
+    if not run.errors:
+        return refused
+    run.errors.append(refused)
+    return _all_failed(run)
 
 
 def _needs_of(attempts: Attempts, routes: list[ModelInfo]) -> tuple[frozenset[str], int]:

@@ -63,6 +63,9 @@ What `EmpathyLLMExecutor.run` does, in order:
    refused it, nothing sent)               recorded as ``not_sent`` like a missing key
    malformed response, unknown error       next route at once (no retry)
    breaker open                            next route, provider not called
+   a budget cannot cover the call          a cheaper model that fits, else
+                                           `BudgetExceededError` (after routes that
+                                           failed: `AllRoutesFailedError`, it last)
    400, content policy                     raised at once: a bad request stays bad
    context window exceeded                 next route with a larger context window,
                                            if ``FallbackPolicy.larger_context_on_overflow``

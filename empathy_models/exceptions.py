@@ -29,7 +29,7 @@ bad input a `ValueError`)::
     ├── CircuitOpenError                         the breaker said no (key, state, retry_after)
     ├── BudgetExceededError                      a spend budget cannot cover the call
     ├── NoModelMeetsConstraintsError (LookupError) with the reasons per model
-    ├── AllRoutesFailedError (ExceptionGroup)    every candidate failed; one error per attempt
+    ├── AllRoutesFailedError (ExceptionGroup)    no route answered; each failed attempt's error
     └── BackendError                             a telemetry or state-store backend failed
         ├── TelemetryError
         │   └── TelemetryRejectedError (ValueError) records refused for a value they hold
@@ -39,7 +39,8 @@ bad input a `ValueError`)::
 
 Errors are mapped from native exceptions at one boundary per layer and raised with
 ``from exc``, so the original cause is always in the traceback.  No error message or
-attribute holds an API key.
+attribute holds an API key.  Every error pickles whole (a process pool, a queue): its
+attributes and the notes added to it (`BaseException.add_note`) come back with it.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ class ProviderError(EmpathyModelsError):
                 self.retry_after,
                 self.should_retry,
             ),
+            self.__dict__,
         )
 
 
@@ -319,6 +321,7 @@ class StreamInterruptedError(ProviderError):
                 self.ttft_ms,
                 self.request_id,
             ),
+            self.__dict__,
         )
 
 
@@ -380,6 +383,7 @@ class CircuitOpenError(EmpathyModelsError):
         return (
             _rebuild_circuit_open,
             (self.key, self.state, self.retry_after, self.last_error, self.reason),
+            self.__dict__,
         )
 
 
@@ -403,7 +407,10 @@ class BudgetExceededError(EmpathyModelsError):
     ``budget`` names the budget (with the scope value it was charged to, e.g.
     ``"workflow=docs"``), ``limit_usd`` its limit, ``remaining_usd`` what is left in the
     current window, ``needed_usd`` the estimate of the call refused and ``resets_at``
-    (UTC epoch seconds) when the window ends.  No provider was called.
+    (UTC epoch seconds) when the window ends.  No provider was called for the run: when
+    routes before the refused one failed (an outage of the first model, then a budget
+    that cannot cover the fallback), the run raises `AllRoutesFailedError` with their
+    errors and this one last, which ``except* BudgetExceededError`` catches.
     """
 
     def __init__(
@@ -440,6 +447,7 @@ class BudgetExceededError(EmpathyModelsError):
                 self.resets_at,
                 self.model,
             ),
+            self.__dict__,
         )
 
 
@@ -488,6 +496,7 @@ class NoModelMeetsConstraintsError(EmpathyModelsError, LookupError):
         return (
             _rebuild_no_model,
             (self._summary, self.reasons, self.workflow, self.stage),
+            self.__dict__,
         )
 
 
@@ -502,7 +511,13 @@ def _rebuild_no_model(
 
 class AllRoutesFailedError(ExceptionGroup[Exception], EmpathyModelsError):
     """
-    Every candidate route failed; ``exceptions`` holds one error per attempt, in order.
+    No route answered: every route tried failed, or the run's deadline passed first.
+
+    ``exceptions`` holds, in order, the error of each failed attempt (those an open
+    circuit refused, and those the deadline left unsent, included) and of each call
+    the limits refused before it went out (a `LocalRateLimitError`; a
+    `BudgetExceededError` once routes before it failed); the message names the models
+    tried, the number of attempts and the last error (or the deadline).
 
     Being an `ExceptionGroup`, it can be handled with ``except*`` by the class of the
     individual failures (``except* RateLimitedError:``).
@@ -576,7 +591,7 @@ class AuthFileError(ConfigurationError):
         self.path = None if path is None else Path(path)
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_auth_file_error, (str(self), self.path))
+        return (_rebuild_auth_file_error, (str(self), self.path), self.__dict__)
 
 
 def _rebuild_auth_file_error(message: str, path: Path | None) -> AuthFileError:
@@ -594,7 +609,7 @@ class SourceFileError(EmpathyModelsError, OSError):
         self.path = None if path is None else Path(path)
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_source_file_error, (str(self), self.path))
+        return (_rebuild_source_file_error, (str(self), self.path), self.__dict__)
 
 
 def _rebuild_source_file_error(message: str, path: Path | None) -> SourceFileError:

@@ -765,7 +765,9 @@ async def _read_failed(stream: LLMStream, exc: BaseException) -> NoReturn:
         await stream._finish()
         raise exc
     if isinstance(exc, Exception):
-        raise await stream._interrupted(exc) from exc
+        # its cause is the error it carries (a timeout restated with the limit that ran
+        # out, itself caused by ``exc``), as `_interrupted` set it
+        raise await stream._interrupted(exc)
     await stream._close("cancelled")
     raise exc
 

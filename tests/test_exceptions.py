@@ -9,11 +9,14 @@ import pytest
 
 import empathy_models
 from empathy_models import exceptions as exc_module
+from empathy_models.abc import Completion
 from empathy_models.exceptions import (
     AllRoutesFailedError,
     AuthenticationError,
+    AuthFileError,
     BackendClosedError,
     BackendError,
+    BudgetExceededError,
     CircuitOpenError,
     ConfigurationError,
     ContentPolicyError,
@@ -31,7 +34,9 @@ from empathy_models.exceptions import (
     RecordValidationError,
     SchemaVersionError,
     ServerError,
+    SourceFileError,
     StateStoreError,
+    StreamInterruptedError,
     TelemetryError,
 )
 from empathy_models.records import CircuitState
@@ -176,6 +181,39 @@ def test_no_model_meets_constraints_lists_reasons_and_pickles() -> None:
     back = pickle.loads(pickle.dumps(err))
     assert str(back) == str(err)
     assert (back.reasons, back.workflow, back.stage) == (err.reasons, "docs", "outline")
+
+
+def test_pickling_keeps_what_an_error_holds_beyond_its_arguments() -> None:
+    """
+    A stream's underlying ``error``, a malformed answer's ``billed`` usage and the notes
+    a caller added (`add_note`) come back from pickling (a process pool, a queue).
+    """
+    cause = ServerError("overloaded", provider="p", model="m", status=500)
+    interrupted = StreamInterruptedError("cut", provider="p", partial_text="Hel", error=cause)
+    malformed = InvalidResponseError("tool call cut off", provider="p", status=200)
+    malformed.billed = Completion(content="", model="m", input_tokens=12, output_tokens=34)
+    errors: list[Exception] = [
+        interrupted,
+        malformed,
+        RateLimitedError("429", provider="p", retry_after=2.0),
+        CircuitOpenError("p:m", state=CircuitState.OPEN, retry_after=1.0),
+        BudgetExceededError(
+            "global/day", limit_usd=1.0, remaining_usd=0.0, needed_usd=0.5, resets_at=0.0
+        ),
+        NoModelMeetsConstraintsError("none", reasons={"m": ["cost"]}),
+        AuthFileError("unreadable", path="/tmp/auth.json"),
+        SourceFileError("binary", path="/tmp/a.bin"),
+    ]
+    for error in errors:
+        error.add_note(f"tenant 42 ({type(error).__name__})")
+    back = pickle.loads(pickle.dumps(errors))
+    for before, after in zip(errors, back, strict=True):
+        assert type(after) is type(before) and str(after) == str(before)
+        assert after.__notes__ == before.__notes__
+    again, billed = back[0], back[1]
+    assert isinstance(again, StreamInterruptedError) and again.partial_text == "Hel"
+    assert isinstance(again.error, ServerError) and again.error.status == 500
+    assert isinstance(billed, InvalidResponseError) and billed.billed == malformed.billed
 
 
 def test_validation_and_backend_errors_keep_path_and_target_when_pickled() -> None:

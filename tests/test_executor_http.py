@@ -621,6 +621,35 @@ async def test_a_route_whose_retry_the_budget_refused_counts_as_tried(
     assert [type(e) for e in caught.value.exceptions] == [ServerError, BudgetExceededError]
 
 
+async def test_a_budget_that_refuses_the_fallback_keeps_the_failures_before_it(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    claude-fake-haiku is down (503); what the budget has left covers it (about $0.004
+    for 1000 tokens), not gpt-fake-mini (about $0.005), and no cheaper model is left:
+    the run raises `AllRoutesFailedError` with the 503s and the refusal, which
+    ``except* BudgetExceededError`` catches, not a bare `BudgetExceededError` that hid
+    the outage and said no provider was called.
+    """
+    server.set_outage("claude-fake-haiku", action=503)
+    refused: list[BaseException] = []
+    async with make(server, telemetry, sleep, budgets=[Budget(limit_usd=0.0045)]) as executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            try:
+                await executor.run("hello", attrs.evolve(CHEAP, max_tokens=1000))
+            except* BudgetExceededError as group:
+                refused.extend(group.exceptions)
+                raise
+    errors = caught.value.exceptions
+    assert [type(e) for e in errors] == [ServerError] * 3 + [BudgetExceededError]
+    assert [getattr(e, "status", None) for e in errors[:3]] == [503] * 3
+    [budget] = refused
+    assert isinstance(budget, BudgetExceededError) and budget.model == "gpt-fake-mini"
+    assert "BudgetExceededError" in str(caught.value)
+    assert server.requests("claude-fake-haiku") == 3 and server.requests("gpt-fake-mini") == 0
+    assert [r.status_code for r in await records_of(telemetry)] == [503] * 3
+
+
 @pytest.mark.parametrize(
     ("action", "falls_back", "sleeps"),
     [

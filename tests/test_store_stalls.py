@@ -297,6 +297,7 @@ async def test_a_deadline_is_kept_while_the_quota_store_stalls(server: FakeLLMSe
             await asyncio.wait_for(executor.run("hello", ExecutionContext(deadline=0.5)), GUARD)
         gate.opened.set()  # the reservation lands now, and is given back
     assert "waiting for the quota store" in str(raised.value.exceptions[0])
+    assert "waiting for the quota store" in str(raised.value)  # what a log line shows
     assert server.requests() == 0
     await _assert_one_not_sent(telemetry, "waiting for the quota store")
     [usage] = await store.usages()
@@ -345,6 +346,7 @@ async def test_a_deadline_that_ran_out_waiting_for_a_provider_slot_is_recorded_n
                 executor.run("hello", ExecutionContext(stage="second", deadline=0.3)), GUARD
             )
         assert "waiting for a openai slot" in str(raised.value.exceptions[0])
+        assert "waiting for a openai slot" in str(raised.value)
         second = [r for r in await telemetry.recent(limit=10) if r.stage == "second"]
         await asyncio.wait_for(first, GUARD)
     assert server.requests() == 1

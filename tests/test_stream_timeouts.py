@@ -146,6 +146,7 @@ async def test_after_the_first_delta_the_error_names_the_limit_that_ended_the_st
         await read_all(server, context, behavior)
     error = caught.value.error
     assert isinstance(error, ProviderTimeoutError)
+    assert caught.value.__cause__ is error  # the one underlying error, as documented
     assert limit in str(error) and limit in str(caught.value)
     if limit == IDLE:
         assert f"no data for {per_attempt:.3f}s (the per-attempt timeout" in str(error)

@@ -27,11 +27,12 @@ record says; one that cost more than it reserved, through images or web searches
 charged in full and its excess counted in `BudgetUsage.overrun`).
 A budget that cannot cover a call sends it to the most capable cheaper candidate that
 fits, else raises `BudgetExceededError` naming the budget, what is left and when it
-resets.  Rate limits (`RateLimit`) are GCRA schedules
-in the same store: each call takes its place atomically and waits for it (within
-``rate_limit_wait`` and the deadline), so workers together stay under the limit
-instead of collecting 429s; the router avoids models whose schedule is booked further
-ahead than that, and a call that cannot wait moves to the next route.
+resets (`AllRoutesFailedError` holding it after the routes before it failed).  Rate
+limits (`RateLimit`) are GCRA schedules in the same store: each call takes its place
+atomically and waits for it (within ``rate_limit_wait`` and the deadline), so workers
+together stay under the limit instead of collecting 429s; the router avoids models
+whose schedule is booked further ahead than that, and a call that cannot wait moves to
+the next route.
 
 Stores: `MemoryQuotaStore` (one process), `SQLiteQuotaStore` (one host), and the
 ``redis://`` and ``postgresql://`` plugins (many hosts); `quota_store_from_url` builds
