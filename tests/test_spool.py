@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+import pytest
 
 from empathy_models import LLMCallRecord
 from empathy_models.abc import TelemetryBackend
@@ -309,3 +311,20 @@ async def test_a_replay_killed_giving_its_file_back_leaves_nothing_behind(
         stored = await telemetry.recent(limit=100)  # the replay: one write
     assert sorted(r.call_id for r in stored) == [f"r{i}" for i in range(5)]
     assert [p.name for p in (empathy_home / "spool").rglob("*") if p.is_file()] == []
+
+
+async def test_a_spool_that_cannot_be_placed_keeps_no_record_from_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the replay at start raised EMPATHY_HOME's ConfigurationError in the flusher, which
+    # died: the store was never written, and aclose gave every record up
+    monkeypatch.setenv("EMPATHY_HOME", "relative/home")
+    db = tmp_path / "calls.db"
+    with caplog.at_level(logging.WARNING, logger="empathy_models.telemetry"):
+        async with SQLiteTelemetryBackend(db) as telemetry:
+            await telemetry.record_many(_records(10))
+    assert (telemetry.written, telemetry.failed) == (10, 0)
+    async with SQLiteTelemetryBackend(db, spool=False) as again:
+        assert len(await again.recent(limit=100)) == 10
+    (said,) = [r.getMessage() for r in caplog.records if "spool" in r.getMessage()]
+    assert "cannot read the spool" in said and "EMPATHY_HOME='relative/home'" in said
