@@ -328,3 +328,20 @@ async def test_a_spool_that_cannot_be_placed_keeps_no_record_from_the_store(
         assert len(await again.recent(limit=100)) == 10
     (said,) = [r.getMessage() for r in caplog.records if "spool" in r.getMessage()]
     assert "cannot read the spool" in said and "EMPATHY_HOME='relative/home'" in said
+
+
+async def test_a_spool_line_nested_too_deep_is_skipped_as_unreadable(tmp_path: Path) -> None:
+    # json.loads raised RecursionError, which no replay caught: the flusher died at
+    # every open, and the file's other records were never stored
+    db = tmp_path / "calls.db"
+    spool = Spool(f"sqlite:{db}")
+    spool.write(_records(3, "old"))
+    (path,) = spool.files()
+    async with await anyio.open_file(path, "a", encoding="utf-8") as f:
+        await f.write("[" * 100_000 + "]" * 100_000 + "\n")
+    async with SQLiteTelemetryBackend(db) as telemetry:
+        await telemetry.record_many(_records(2, "new"))
+        await telemetry.flush()
+        stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
+        assert (stored, telemetry.failed) == (["new0", "new1", "old0", "old1", "old2"], 1)
+    assert spool.files() == []

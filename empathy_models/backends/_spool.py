@@ -274,7 +274,7 @@ class Spool:
                     continue
                 try:
                     records.append(from_dict(json.loads(line), LLMCallRecord))
-                except (ValueError, RecordValidationError):
+                except (ValueError, RecordValidationError, RecursionError):  # nested too deep
                     bad += 1
         if bad:
             logger.warning(
