@@ -214,6 +214,37 @@ def test_sigterm_writes_the_queued_records_when_a_backend_started_off_the_main_t
     assert stored_after_replay(db) == 20
 
 
+SIGTERM_DURING_EXIT_FLUSH = """
+import signal
+
+def on_exit():  # runs first (registered last): SIGTERM lands in the exit flush's write
+    def hook(event, args):
+        if event == "sqlite3.connect" and not fired:
+            fired.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+    fired = []
+    sys.addaudithook(hook)
+
+async def main():
+    telemetry = SQLiteTelemetryBackend(sys.argv[1], flush_interval=60, max_batch=1000)
+    await telemetry.recent()  # open: the file exists when the exit flush writes it
+    for i in range(50):
+        await telemetry.record(record("exit", i))
+    atexit.register(on_exit)
+asyncio.run(main())  # never closed: written at interpreter exit
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_during_the_exit_flush_loses_none_of_its_records(tmp_path: Path) -> None:
+    # the exit flush had taken the records out of the queue: the SIGTERM handler found
+    # it empty and ended the process, the records in no queue, file or spool
+    db = tmp_path / "calls.db"
+    done = run_child(SIGTERM_DURING_EXIT_FLUSH, str(db), flags=("-W", "ignore::ResourceWarning"))
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert stored_after_replay(db) == 50, done.stderr
+
+
 # ---------------------------------------------------------------- fork
 
 FORK = """

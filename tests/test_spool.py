@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
+import pytest
 
 from empathy_models import LLMCallRecord
 from empathy_models.abc import TelemetryBackend
@@ -216,3 +219,129 @@ def test_files_of_held_records_are_replayed_after_the_others() -> None:
         "later1",
         "held0",
     ]
+
+
+# ------------------------------------------- a spill killed before its rename
+
+KILLED_SPILL_CHILD = """
+import asyncio, os, signal, sys
+from datetime import UTC, datetime
+from empathy_models import LLMCallRecord
+from empathy_models.backends.sqlite import SQLiteTelemetryBackend
+
+def hook(event, args):  # killed with its spool file written, before the rename
+    if event == "os.rename" and str(args[0]).endswith(".tmp"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+async def main():
+    telemetry = SQLiteTelemetryBackend(sys.argv[1], max_queue=2, flush_interval=60)
+    await telemetry.recent()  # open
+    sys.addaudithook(hook)
+    await telemetry.record_many([
+        LLMCallRecord(provider="p", model="m", outcome="success", call_id=f"r{i}",
+                      timestamp=datetime(2026, 2, 1, tzinfo=UTC))
+        for i in range(4)
+    ])  # r0 and r1 spill; r2 and r3 are queued (written, or lost with the process)
+    await asyncio.sleep(100)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_spill_killed_before_its_rename_is_replayed_by_the_next_open(
+    tmp_path: Path, empathy_home: Path
+) -> None:
+    # the spill's file was complete on disk under its temporary name, which no replay
+    # read: its records were lost, and the file (calls' prompts and answers) was kept
+    # for ever in the spool directory
+    db = tmp_path / "calls.db"
+    child = await anyio.run_process(
+        [sys.executable, "-c", KILLED_SPILL_CHILD, str(db)], check=False
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode(errors="replace")
+    async with SQLiteTelemetryBackend(db) as telemetry:
+        stored = await telemetry.recent(limit=100)
+    assert {"r0", "r1"} <= {r.call_id for r in stored}
+    assert [p.name for p in (empathy_home / "spool").rglob("*") if p.is_file()] == []
+
+
+class FailingAfterOneWrite(ThirdPartyStore):
+    """`ThirdPartyStore` that goes down once it has taken one write."""
+
+    @property
+    def spool_target(self) -> str:
+        return f"failing-after-one:{self._db.path}"
+
+    async def record_many(self, records: Sequence[LLMCallRecord]) -> None:
+        await super().record_many(records)
+        self.down = True
+
+
+KILLED_REPLAY_CHILD = """
+import asyncio, os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from tests.test_spool import FailingAfterOneWrite
+from empathy_models.backends.batching import BatchingTelemetryBackend
+
+def hook(event, args):  # killed giving the spool file back, before the rename
+    if event == "os.rename" and str(args[0]).endswith(".tmp"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+async def main():
+    sys.addaudithook(hook)
+    async with BatchingTelemetryBackend(FailingAfterOneWrite(sys.argv[1]), max_batch=2):
+        await asyncio.sleep(100)  # the replay writes 2 records, then the store fails
+
+asyncio.run(main())
+"""
+
+
+async def test_a_replay_killed_giving_its_file_back_leaves_nothing_behind(
+    tmp_path: Path, empathy_home: Path
+) -> None:
+    # the rewrite of the claimed file (its records not yet written) was left under its
+    # temporary name for ever, beside the claimed file it copied
+    db = tmp_path / "calls.db"
+    Spool(FailingAfterOneWrite(db).spool_target).write(_records(5))
+    child = await anyio.run_process(
+        [sys.executable, "-c", KILLED_REPLAY_CHILD, str(db), ROOT], check=False
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode(errors="replace")
+    async with BatchingTelemetryBackend(FailingAfterOneWrite(db)) as telemetry:
+        stored = await telemetry.recent(limit=100)  # the replay: one write
+    assert sorted(r.call_id for r in stored) == [f"r{i}" for i in range(5)]
+    assert [p.name for p in (empathy_home / "spool").rglob("*") if p.is_file()] == []
+
+
+async def test_a_spool_that_cannot_be_placed_keeps_no_record_from_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the replay at start raised EMPATHY_HOME's ConfigurationError in the flusher, which
+    # died: the store was never written, and aclose gave every record up
+    monkeypatch.setenv("EMPATHY_HOME", "relative/home")
+    db = tmp_path / "calls.db"
+    with caplog.at_level(logging.WARNING, logger="empathy_models.telemetry"):
+        async with SQLiteTelemetryBackend(db) as telemetry:
+            await telemetry.record_many(_records(10))
+    assert (telemetry.written, telemetry.failed) == (10, 0)
+    async with SQLiteTelemetryBackend(db, spool=False) as again:
+        assert len(await again.recent(limit=100)) == 10
+    (said,) = [r.getMessage() for r in caplog.records if "spool" in r.getMessage()]
+    assert "cannot read the spool" in said and "EMPATHY_HOME='relative/home'" in said
+
+
+async def test_a_spool_line_nested_too_deep_is_skipped_as_unreadable(tmp_path: Path) -> None:
+    # json.loads raised RecursionError, which no replay caught: the flusher died at
+    # every open, and the file's other records were never stored
+    db = tmp_path / "calls.db"
+    spool = Spool(f"sqlite:{db}")
+    spool.write(_records(3, "old"))
+    (path,) = spool.files()
+    async with await anyio.open_file(path, "a", encoding="utf-8") as f:
+        await f.write("[" * 100_000 + "]" * 100_000 + "\n")
+    async with SQLiteTelemetryBackend(db) as telemetry:
+        await telemetry.record_many(_records(2, "new"))
+        await telemetry.flush()
+        stored = sorted(r.call_id for r in await telemetry.recent(limit=100))
+        assert (stored, telemetry.failed) == (["new0", "new1", "old0", "old1", "old2"], 1)
+    assert spool.files() == []

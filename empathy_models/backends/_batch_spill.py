@@ -29,6 +29,7 @@ from typing import Literal
 import anyio
 import anyio.to_thread
 
+from ..exceptions import ConfigurationError
 from ..records import LLMCallRecord
 from ._batch_writer import (
     MAX_BACKOFF,
@@ -241,7 +242,7 @@ class _Spiller:
         try:
             try:
                 paths = await anyio.to_thread.run_sync(spool.files)
-            except OSError as exc:
+            except (OSError, ConfigurationError) as exc:  # ConfigurationError: EMPATHY_HOME
                 logger.warning("%s: cannot read the spool (%s)", self._ledger.owner, _describe(exc))
                 return
             for path in paths:

@@ -7,7 +7,13 @@ into the store they were meant for.
 Every spill is one new file of JSON lines (the versioned dicts of
 `empathy_models.serialization`, records as given: the store decides what it takes,
 as it does on the write path), written to a temporary name, flushed to disk and
-renamed, so a file is either complete or absent; files are mode 0600.  Replaying
+renamed, so a file is either complete or absent; files are mode 0600.  A temporary
+file its writer left (the process killed before the rename) is taken up by the next
+listing (`Spool.files`) once its writer is gone: renamed to the name it was to have
+and replayed (a line cut short counted unreadable), or deleted when it was the rewrite
+of a claimed file, which still holds every record.  The writer holds a ``flock`` on
+the temporary file until it is renamed (where ``fcntl`` exists), so a writer this
+process cannot see (another PID namespace) keeps its file.  Replaying
 claims a file by renaming it (two processes never replay the same file at once),
 writes its records and deletes it; one that fails partway gives the file back
 holding only the records it did not write.  Records the store failed on alone (see
@@ -44,6 +50,17 @@ logger = logging.getLogger("empathy_models.telemetry")
 _SUFFIX: Final = ".jsonl"
 _CLAIMED: Final = ".claimed-"
 _HELD: Final = "held-"  # sorts after the other files, named by a time in digits
+_TMP: Final = ".tmp"
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    _flock = None
+else:
+    _flock = fcntl.flock
+
+_writing: set[str] = set()
+"""The temporary files this process is writing (the spill's thread), by name."""
 
 
 def _alive(pid: int) -> bool:
@@ -122,36 +139,105 @@ class Spool:
             self.remove(claimed)
 
     def _write(self, records: Iterable[LLMCallRecord], target: Path) -> int:
-        """Write ``records`` as the file ``target`` (replaced at once); how many were."""
+        """
+        Write ``records`` as the file ``target`` (replaced at once); how many were.  The
+        temporary file is locked until it is renamed (see `_left_behind`).
+        """
         lines = [_line(record) for record in records]
         if not lines:
             return 0
         directory = self.directory
         make_private_dirs(directory)
-        tmp = directory / f".{target.name}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        tmp = directory / f".{target.name}.{secrets.token_hex(4)}{_TMP}"
+        _writing.add(tmp.name)
+        try:
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600
+            )
+        except BaseException:
+            _writing.discard(tmp.name)
+            raise
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
+                if _flock is not None:
+                    with contextlib.suppress(OSError):  # a file system without locks
+                        _flock(out.fileno(), fcntl.LOCK_EX)
                 out.write("\n".join(lines))
                 out.write("\n")
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, target)
+                os.replace(tmp, target)  # before the lock goes with the file's closing
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        finally:
+            _writing.discard(tmp.name)
         return len(lines)
+
+    def _left_behind(self, name: str) -> str | None:
+        """
+        Take up the temporary file ``name`` if its writer ended before renaming it:
+        rename it to the name it was to have, returned; or delete it, when it was the
+        rewrite of a claimed file (`give_back`), which still holds every record.  Left
+        as it is while its writer may still be writing it: this process writing it, the
+        process the file names (the spill's, or the claim's) alive, or its lock held.
+        """
+        target = name[1:].removesuffix(_TMP).rpartition(".")[0]
+        if _CLAIMED in target:
+            pid = target.rsplit(_CLAIMED, 1)[1]
+        elif target.endswith(_SUFFIX):  # [held-]<time>-<pid>-<hex>.jsonl
+            parts = target.removesuffix(_SUFFIX).split("-")
+            pid = parts[-2] if len(parts) > 2 else ""
+        else:
+            return None  # not the spool's
+        if not pid.isdigit() or name in _writing or _alive(int(pid)):
+            return None
+        tmp = self.directory / name
+        try:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return None  # renamed by its writer, or taken up by another process
+        try:
+            if _flock is not None:
+                try:
+                    _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return None  # still being written, by a process out of sight
+                except OSError:
+                    pass  # a file system without locks: its writer's process is gone
+            if _CLAIMED in target:
+                tmp.unlink(missing_ok=True)
+                return None
+            try:
+                os.rename(tmp, self.directory / target)
+            except FileNotFoundError:
+                return None
+        finally:
+            os.close(fd)
+        logger.warning(
+            "telemetry spool %s: %s was left by a process that ended while writing it; "
+            "its records are replayed",
+            self.target,
+            target,
+        )
+        return target
 
     def files(self) -> list[Path]:
         """
-        Spool files waiting for replay, abandoned claims included: oldest first, the
-        files of held records after the others.
+        Spool files waiting for replay, abandoned claims and the files of writers that
+        ended before renaming them included: oldest first, the files of held records
+        after the others.
         """
         directory = self.directory
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
             return []
+        for name in list(names):
+            if name.startswith(".") and name.endswith(_TMP):
+                found = self._left_behind(name)
+                if found is not None:
+                    names.append(found)
         out = []
         for name in sorted(names, key=lambda name: (name.startswith(_HELD), name)):
             if name.endswith(_SUFFIX):
@@ -188,7 +274,7 @@ class Spool:
                     continue
                 try:
                     records.append(from_dict(json.loads(line), LLMCallRecord))
-                except (ValueError, RecordValidationError):
+                except (ValueError, RecordValidationError, RecursionError):  # nested too deep
                     bad += 1
         if bad:
             logger.warning(

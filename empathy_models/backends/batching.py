@@ -696,22 +696,29 @@ class _Batcher:
         records = self._take_all()
         if not records:
             return
-        if self._sync_write is not None:
-            try:
-                self._sync_write(records)
-            except Exception as exc:
-                logger.warning(
-                    "%s: writing %d telemetry records at %s failed (%s); spooling them",
-                    self.owner,
-                    len(records),
-                    why,
-                    _describe(exc),
-                )
-            else:
-                self._ledger.written += len(records)
-                self._ledger.settled += len(records)
-                return
-        self._spill.spill_or_fail(records, f"flushed at {why}")
+        # in ``inflight`` until written or spooled: a SIGTERM landing meanwhile (in the
+        # atexit flush, say) writes them again from its handler, then ends the process
+        self.inflight = records
+        try:
+            if self._sync_write is not None:
+                try:
+                    self._sync_write(records)
+                except Exception as exc:
+                    logger.warning(
+                        "%s: writing %d telemetry records at %s failed (%s); spooling them",
+                        self.owner,
+                        len(records),
+                        why,
+                        _describe(exc),
+                    )
+                else:
+                    self._ledger.written += len(records)
+                    self._ledger.settled += len(records)
+                    return
+            self._spill.spill_or_fail(records, f"flushed at {why}")
+        finally:
+            if self.inflight is records:
+                self.inflight = None
 
 
 def _spool_target(inner: TelemetryBackend) -> str:
