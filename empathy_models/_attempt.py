@@ -202,7 +202,8 @@ class Attempts:
                 try:
                     tried = await self.route(info, probe=probe)
                 except BudgetExceededError as refused:
-                    # a budget cannot cover this model: a cheaper one that fits, or raise
+                    # a budget cannot cover this model: a cheaper route, a later one it
+                    # does not cover, or raise
                     run.chain.pop()
                     if not self.cheaper_route(info, refused, routes):
                         raise _refused(run, refused) from None
@@ -235,7 +236,7 @@ class Attempts:
         request (`_needs_of`).  The budgets covering it judge it when it is admitted.
 
         Returns:
-            False when no candidate fits.
+            False when no candidate fits and no later route is outside the budget.
         """
         ex, run = self.ex, self.run
         limiter = ex._limiter
@@ -257,8 +258,8 @@ class Attempts:
                 )
                 if fits and (best is None or estimate > best[0]):
                     best = (estimate, m)
-        if best is None:
-            return False
+        if best is None:  # the next route the budget does not cover, if any
+            return _outside(self, refused, error, routes)
         cheaper = best[1]
         here = routes.index(refused)
         later = [m for m in routes[here + 1 :] if m is not cheaper]
@@ -976,6 +977,22 @@ def _refused(run: _Run, refused: BudgetExceededError) -> Exception:
         return refused
     run.errors.append(refused)
     return _all_failed(run)
+
+
+def _outside(
+    attempts: Attempts, refused: ModelInfo, error: BudgetExceededError, routes: list[ModelInfo]
+) -> bool:
+    """
+    Whether a route after ``refused`` is one the budget that refused it does not cover
+    (a budget of one provider or model): the walk goes on to it as after a failure.
+    """
+    limiter = attempts.ex._limiter
+    assert limiter is not None
+    context = attempts.run.context
+    return any(
+        all(key != error.budget for _, key in limiter.covers(context, later))
+        for later in routes[routes.index(refused) + 1 :]
+    )
 
 
 def _needs_of(attempts: Attempts, routes: list[ModelInfo]) -> tuple[frozenset[str], int]:

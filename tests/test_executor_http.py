@@ -650,6 +650,27 @@ async def test_a_budget_that_refuses_the_fallback_keeps_the_failures_before_it(
     assert [r.status_code for r in await records_of(telemetry)] == [503] * 3
 
 
+async def test_a_spent_provider_budget_leaves_the_planned_fallback_of_another_provider(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    """
+    The anthropic budget cannot cover claude-fake-haiku; gpt-fake-mini, the run's next
+    route, costs more but is outside that budget: the run goes on to it, as it would
+    after a failure, instead of raising because no cheaper model was left.
+    """
+    spent = Budget(limit_usd=0.000001, scope="provider", value="anthropic")
+    async with make(server, telemetry, sleep, budgets=[spent]) as executor:
+        response = await executor.run("hello", attrs.evolve(CHEAP, max_tokens=1000))
+    assert response.model == "gpt-fake-mini"
+    assert server.requests("claude-fake-haiku") == 0 and server.requests("gpt-fake-mini") == 1
+    # a budget covering every route still refuses the run
+    everything = Budget(limit_usd=0.000001)
+    async with make(server, telemetry, sleep, budgets=[everything]) as executor:
+        with pytest.raises(BudgetExceededError):
+            await executor.run("hello", attrs.evolve(CHEAP, max_tokens=1000))
+    assert server.requests("gpt-fake-mini") == 1
+
+
 @pytest.mark.parametrize(
     ("action", "falls_back", "sleeps"),
     [
