@@ -451,8 +451,10 @@ async def test_an_http_timeout_raises_attempt_timeout_only_for_its_own_budget() 
     async with FakeLLMServer() as server:
         server.script("gpt-fake-mini", ["hang", "hang"])
         request = CompletionRequest(model="gpt-fake-mini", messages="x", max_tokens=8)
+        # the provider's own timeout well after the attempt's: a loaded machine whose
+        # event loop stalls past both must still fire the attempt's first
         async with OpenAIProvider(
-            api_key="sk-test", base_url=server.openai_base_url, timeout=0.05
+            api_key="sk-test", base_url=server.openai_base_url, timeout=0.5
         ) as provider:
             with pytest.raises(AttemptTimeout) as budget_ran_out:
                 await provider.complete(request, timeout=0.02)
