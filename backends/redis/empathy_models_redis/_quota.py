@@ -20,6 +20,7 @@ from ._store import (
     _GLOB_SPECIAL,
     URL_PREFIX_KINDS,
     RedisCircuitStateStore,
+    _DefaultText,
     _num,
     _text,
     close_owned,
@@ -106,7 +107,7 @@ class RedisQuotaStore(QuotaStore):
         self,
         connection: str | aioredis.Redis,
         *,
-        prefix: str = DEFAULT_QUOTA_PREFIX,
+        prefix: str = _DefaultText(DEFAULT_QUOTA_PREFIX),
         **client_options: Any,
     ) -> None:
         # the circuit-state store parses and checks the URL and builds the client

@@ -71,6 +71,24 @@ DEFAULT_PREFIX: Final = "empathy:cb:"
 DEFAULT_KEY_TTL: Final = 7 * 24 * 3600.0
 """Seconds an untouched breaker key lives (plus any open period still to run)."""
 
+
+class _DefaultText(str):
+    """A keyword's default text, told apart from the same text given (`_given`)."""
+
+    __slots__ = ()
+
+
+class _DefaultSeconds(float):
+    """A keyword's default number, told apart from the same number given (`_given`)."""
+
+    __slots__ = ()
+
+
+def _given(value: object) -> bool:
+    """Whether a keyword was passed rather than left at its default."""
+    return type(value) not in (_DefaultText, _DefaultSeconds)
+
+
 _FORCE_TARGETS: Final = frozenset(
     {CircuitState.FORCED_OPEN, CircuitState.DISABLED, CircuitState.CLOSED}
 )
@@ -254,8 +272,8 @@ class RedisCircuitStateStore(CircuitStateStore):
         **client_options: ``max_connections``, ``timeout`` and other redis-py options,
             with a URL only; these may also be given in the URL's query, and so may
             ``prefix`` and ``key_ttl``.  A setting given twice (in the query and as an
-            option, a user name or password in the userinfo and in the query or the
-            options) is refused.
+            option or keyword, ``?prefix=`` with ``prefix=`` too, a user name or
+            password in the userinfo and in the query or the options) is refused.
 
     Raises:
         StateStoreError: for Redis errors, naming the URL without its password.
@@ -268,20 +286,21 @@ class RedisCircuitStateStore(CircuitStateStore):
         self,
         connection: str | aioredis.Redis,
         *,
-        prefix: str = DEFAULT_PREFIX,
-        key_ttl: float = DEFAULT_KEY_TTL,
+        prefix: str = _DefaultText(DEFAULT_PREFIX),
+        key_ttl: float = _DefaultSeconds(DEFAULT_KEY_TTL),
         _kind: str = URL_PREFIX_KINDS["breaker"],
         **client_options: Any,
     ) -> None:
         if isinstance(connection, str):
             url, url_options = _split_url(connection)
+            keywords = [n for n, v in (("prefix", prefix), ("key_ttl", key_ttl)) if _given(v)]
+            _check_option_names(client_options, "client", connection)
+            _check_db(connection, urlsplit(connection), client_options)
+            _check_given_once(connection, client_options, keywords)
             if "prefix" in url_options:  # the root of every store kind's keys
                 prefix = str(url_options["prefix"]) + _kind
             if "key_ttl" in url_options:  # text: a number as written
                 key_ttl = _url_seconds(str(url_options["key_ttl"]))
-            _check_option_names(client_options, "client", connection)
-            _check_db(connection, urlsplit(connection), client_options)
-            _check_given_once(connection, client_options)
             self._target = redact_url(url)
             self._client: aioredis.Redis = _owned_client(url, client_options)
             self._owns_client = True
@@ -303,7 +322,6 @@ class RedisCircuitStateStore(CircuitStateStore):
             raise ConfigurationError(
                 f"key_ttl must be a number of seconds >= 1, got {shown(key_ttl)}"
             )
-        self.prefix = prefix
         self.key_ttl = float(key_ttl)
         self._source = source = breaker_script()
         self._sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
@@ -311,6 +329,7 @@ class RedisCircuitStateStore(CircuitStateStore):
         self._encoding: str = connection_kwargs.get("encoding", "utf-8")
         self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
         self._prefix_bytes = _prefix_bytes(prefix, self._encoding, self._encoding_errors)
+        self.prefix = prefix = str(prefix)  # a plain str, the default's too
         self.channel = f"{prefix}@db{int(connection_kwargs.get('db') or 0)}"
         """The pub/sub channel of the store's announcements: the prefix and the database
         (Redis's channels are the server's, not a database's)."""
@@ -913,10 +932,11 @@ def _check_db(url: str, parts: SplitResult, options: Iterable[str]) -> None:
         )
 
 
-def _check_given_once(url: str, client_options: Iterable[str]) -> None:
+def _check_given_once(url: str, client_options: Iterable[str], keywords: Iterable[str]) -> None:
     """
-    Refuse a setting given twice: a query option given again in the query or as a
-    client option, a user name or password in the userinfo given again as ``username=``
+    Refuse a setting given twice: a query option given again in the query, as a client
+    option or as the store's own keyword (``prefix``, ``key_ttl``: the query's value
+    would win), a user name or password in the userinfo given again as ``username=``
     or ``password=`` (redis-py would let one of them win: the userinfo over the query,
     the query over the options, the first of a repeated option).  The message names
     where each was given, never a value.
@@ -928,7 +948,11 @@ def _check_given_once(url: str, client_options: Iterable[str]) -> None:
     for name, value in (("username", parts.username), ("password", parts.password)):
         if value:
             given[name] = "in the URL's userinfo"
-    for names, where in ((query, "in the URL's query"), (client_options, "as a client option")):
+    for names, where in (
+        (query, "in the URL's query"),
+        (client_options, "as a client option"),
+        (keywords, "as a keyword"),
+    ):
         for name in names:
             if name in given:
                 first = given[name]

@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from empathy_models_redis import RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache
+from empathy_models_redis import (
+    DEFAULT_KEY_TTL,
+    DEFAULT_PREFIX,
+    RedisCircuitStateStore,
+    RedisQuotaStore,
+    RedisResponseCache,
+)
 
 from empathy_models import CircuitBreaker, ConfigurationError, state_store_from_url
 from empathy_models.limits import BudgetUsage
@@ -141,6 +147,42 @@ def test_a_setting_given_twice_is_refused_without_showing_a_password(
         with pytest.raises(ConfigurationError, match=r"given (twice|more than once)") as info:
             state_store_from_url(url)
         assert "pw-" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("query", "options", "named"),
+    [
+        ("prefix=app-url:", {"prefix": "app-keyword:"}, "prefix"),
+        ("key_ttl=60", {"key_ttl": 120}, "key_ttl"),
+    ],
+)
+def test_a_store_option_in_the_query_and_as_a_keyword_is_refused(
+    query: str, options: dict[str, Any], named: str
+) -> None:
+    # the URL's value silently won: a prefix= keyword was ignored, and the store wrote
+    # its keys where another application's might be
+    url = f"redis://:pw-secret@127.0.0.1:6379/15?{query}"
+    message = f"{named} is given twice, in the URL's query and as a keyword"
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(ConfigurationError, match=message) as info:
+            build(url, **options)
+        assert "pw-secret" not in str(info.value)
+    with pytest.raises(ConfigurationError, match=message):
+        state_store_from_url(url, **options)
+
+
+async def test_a_keyword_equal_to_the_default_is_given_all_the_same(redis_url: str) -> None:
+    # "given" is whether the keyword was passed, not whether its value is the default's
+    url = f"{redis_url}?prefix=app:&key_ttl=60"
+    with pytest.raises(ConfigurationError, match="prefix is given twice"):
+        RedisCircuitStateStore(url, prefix=DEFAULT_PREFIX)
+    with pytest.raises(ConfigurationError, match="key_ttl is given twice"):
+        RedisCircuitStateStore(url, key_ttl=DEFAULT_KEY_TTL)
+    async with RedisCircuitStateStore(url) as store:
+        assert (store.prefix, store.key_ttl) == ("app:cb:", 60.0)
+    async with RedisCircuitStateStore(redis_url, prefix=DEFAULT_PREFIX) as store:
+        assert (store.prefix, store.key_ttl) == (DEFAULT_PREFIX, DEFAULT_KEY_TTL)
+        assert type(store.prefix) is str and type(store.key_ttl) is float
 
 
 @pytest.mark.parametrize(
