@@ -298,7 +298,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             _check_db(connection, urlsplit(connection), client_options)
             _check_given_once(connection, client_options, keywords)
             if "prefix" in url_options:  # the root of every store kind's keys
-                prefix = str(url_options["prefix"]) + _kind
+                prefix = _url_root(url_options["prefix"]) + _kind
             if "key_ttl" in url_options:  # text: a number as written
                 key_ttl = _url_seconds(str(url_options["key_ttl"]))
             self._target = redact_url(url)
@@ -828,6 +828,18 @@ def _check_seconds(url: str, pool: aioredis.BlockingConnectionPool) -> None:
             f"{redact_url(url)!r}: health_check_interval must be a finite number of "
             f"seconds >= 0, got {shown(interval)}"
         )
+
+
+def _url_root(text: str) -> str:
+    """A URL's ``prefix``: the root every store kind appends its part to, never empty
+    (the keys would sit at the top of the database, shared with any program whose root
+    was left empty too, as by a variable that was not set)."""
+    if not text:
+        raise ConfigurationError(
+            "prefix in the Redis URL is empty; give the root of the keys (?prefix=myapp:) "
+            "or leave it out for the default, 'empathy:'"
+        )
+    return text
 
 
 def _url_seconds(text: str) -> float:

@@ -171,6 +171,20 @@ def test_a_store_option_in_the_query_and_as_a_keyword_is_refused(
         state_store_from_url(url, **options)
 
 
+@pytest.mark.parametrize("query", ["prefix=", "prefix", "socket_timeout=1&prefix="])
+def test_an_empty_prefix_in_the_url_is_refused(query: str) -> None:
+    # an empty ?prefix= (a variable that was not set) put every store's keys at the
+    # top of the database, "cb:", "quota:", "cache:", shared with any other program
+    # whose root was left empty too; the prefix= keyword refuses "" already
+    url = f"redis://:pw-secret@127.0.0.1:6379/15?{query}"
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(ConfigurationError, match="prefix in the Redis URL is empty") as info:
+            build(url)
+        assert "pw-secret" not in str(info.value)
+    with pytest.raises(ConfigurationError, match="prefix in the Redis URL is empty"):
+        CircuitBreaker(store=url)
+
+
 async def test_a_keyword_equal_to_the_default_is_given_all_the_same(redis_url: str) -> None:
     # "given" is whether the keyword was passed, not whether its value is the default's
     url = f"{redis_url}?prefix=app:&key_ttl=60"
