@@ -9,7 +9,7 @@ from importlib.resources import files
 from typing import Any, Final
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from empathy_models.abc import QuotaStore
 from empathy_models.exceptions import StateStoreError
@@ -60,6 +60,11 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _wrong_type(error: Exception) -> bool:
+    """Whether a command failed for the type of the key's value (WRONGTYPE)."""
+    return isinstance(error, ResponseError) and str(error).startswith("WRONGTYPE")
 
 
 def _seconds(clock: Any) -> float:
@@ -244,22 +249,31 @@ class RedisQuotaStore(QuotaStore):
             raise self._error("scan", exc) from exc
 
     async def usages(self) -> list[BudgetUsage]:
+        """
+        Every budget window under the prefix.  Keys there that cannot be one (another
+        program's: a name that ends in no ``@<window start>``, a value that is no hash)
+        are passed over, as `reset_budget` passes them over.
+        """
         self._check_open()
         found = await self._keys(_glob(self.prefix + "b|") + "*")
+        found = [k for k in found if _is_number(k.rpartition("@")[2])]
         try:
             # one round trip for every window found and the server's clock
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.time()
                 for redis_key in found:
                     pipe.hgetall(redis_key)
-                clock, *windows = await pipe.execute()
+                clock, *windows = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             raise self._error("read", exc) from exc
+        for reply in (clock, *windows):
+            if isinstance(reply, Exception) and not _wrong_type(reply):
+                raise self._error("read", reply) from reply
         now = _seconds(clock)
         out = []
         start = len(self.prefix) + 2
         for redis_key, raw in zip(found, windows, strict=True):
-            if not raw:
+            if not raw or isinstance(raw, Exception):  # gone since the scan, or no hash
                 continue
             fields = {_text(k): _text(v) for k, v in raw.items()}
             key = redis_key[start:].rsplit("@", 1)[0]
