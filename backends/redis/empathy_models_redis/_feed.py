@@ -36,8 +36,10 @@ _PING = command(b"PING")
 
 
 def client_name(channel: str) -> str:
-    """The subscription's ``CLIENT SETNAME`` (what ``CLIENT LIST`` shows operators)."""
-    shown = "".join(c if c.isprintable() and c != " " else "_" for c in channel)
+    """The subscription's ``CLIENT SETNAME`` (what ``CLIENT LIST`` shows operators): the
+    channel with each character Redis refuses in a name (all but ASCII ``!`` to ``~``:
+    a space, a control character, any letter outside ASCII) shown as ``_``."""
+    shown = "".join(c if "!" <= c <= "~" else "_" for c in channel)
     return "empathy-models-feed:" + shown
 
 
@@ -117,7 +119,7 @@ async def watch(client: aioredis.Redis, channel: str, feed: ChangeFeed) -> None:
         ):
             raise ConnectionError(f"a {type(conn).__name__} has no asyncio streams to subscribe on")
         async with asyncio.timeout(SYNC_TIMEOUT):
-            name = client_name(channel).encode("utf-8", "replace")
+            name = client_name(channel).encode("ascii")
             writer.write(command(b"CLIENT", b"SETNAME", name))
             writer.write(command(b"SUBSCRIBE", channel.encode(*encoding)))
             if _kind(await _reply(reader)) != b"ok":

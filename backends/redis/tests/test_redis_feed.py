@@ -119,3 +119,31 @@ async def test_another_databases_announcements_are_not_heard(
             client = aioredis.Redis.from_url(other_url)
             await client.delete(*[k async for k in client.scan_iter(match=redis_prefix + "*")])
             await client.aclose()
+
+
+@pytest.mark.parametrize("part", ["café:", "ключи:", "a b\n:"])
+async def test_a_prefix_of_any_characters_is_announced_and_heard(
+    redis_url: str, redis_prefix: str, part: str
+) -> None:
+    # the subscription names itself after its channel (CLIENT SETNAME), which Redis
+    # refuses outside ASCII ('!' to '~'): with a prefix such as "café:" every breaker
+    # ran without announcements (views expired by their TTL, the exact mode asked the
+    # store each time), warning that the store "announces no changes"
+    prefix = redis_prefix + part
+    async with (
+        RedisCircuitStateStore(redis_url, prefix=prefix) as store,
+        RedisCircuitStateStore(redis_url, prefix=prefix) as other,
+    ):
+        feed = store.change_feed()
+        heard = _Heard()
+        feed.listen(heard, 0.2)
+        try:
+            mark = time.monotonic()
+            with anyio.fail_after(10):
+                while feed.synced_at <= mark:  # noqa: ASYNC110  # a feed signals no event
+                    await anyio.sleep(0.005)
+            await other.reset("k")
+            assert await feed.sync()
+            assert heard.generations == [("k", (await other.snapshot("k")).generation)]
+        finally:
+            await feed.unlisten(heard)
