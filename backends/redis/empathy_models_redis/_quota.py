@@ -123,6 +123,7 @@ class RedisQuotaStore(QuotaStore):
         self._owns_client = plumbing._owns_client
         self._target = plumbing._target
         self.prefix = plumbing.prefix
+        self._codec = plumbing._codec  # the client's encoding, by which replies decode
         self._source = quota_script()
         self._sha = hashlib.sha1(self._source.encode("utf-8")).hexdigest()
 
@@ -144,7 +145,7 @@ class RedisQuotaStore(QuotaStore):
             raw = await evalsha_once(self._client, self._sha, self._source, [1, redis_key, *args])
         except (RedisError, OSError) as exc:
             raise self._error(what, exc) from exc
-        return [_text(x) for x in raw]
+        return [_text(x, *self._codec) for x in raw]
 
     def _usage(
         self, key: str, fields: Mapping[str, str], ws: float, we: float, now: float | None = None
@@ -239,12 +240,13 @@ class RedisQuotaStore(QuotaStore):
                 clock, raw = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise self._error(f"read {key!r}", exc) from exc
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {_text(k, *self._codec): _text(v, *self._codec) for k, v in raw.items()}
         return self._usage(key, fields, window_start, window_end, _seconds(clock))
 
     async def _keys(self, pattern: str) -> list[str]:
         try:
-            return [_text(k) async for k in self._client.scan_iter(match=pattern, count=500)]
+            scan = self._client.scan_iter(match=pattern, count=500)
+            return [_text(k, *self._codec) async for k in scan]
         except (RedisError, OSError) as exc:
             raise self._error("scan", exc) from exc
 
@@ -275,7 +277,7 @@ class RedisQuotaStore(QuotaStore):
         for redis_key, raw in zip(found, windows, strict=True):
             if not raw or isinstance(raw, Exception):  # gone since the scan, or no hash
                 continue
-            fields = {_text(k): _text(v) for k, v in raw.items()}
+            fields = {_text(k, *self._codec): _text(v, *self._codec) for k, v in raw.items()}
             key = redis_key[start:].rsplit("@", 1)[0]
             out.append(self._usage(key, fields, 0.0, 0.0, now))
         return sorted(out, key=lambda u: (u.key, u.window_start))
@@ -313,7 +315,7 @@ class RedisQuotaStore(QuotaStore):
         start = len(self.prefix) + 2
         try:
             return {
-                k[start:]: int(_text(v))
+                k[start:]: int(_text(v, *self._codec))
                 for k, v in zip(found, values, strict=True)
                 if v is not None
             }

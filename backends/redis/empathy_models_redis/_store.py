@@ -144,9 +144,10 @@ _KEY_CACHE_SIZE: Final = 4096
 _HEADER_SIZE: Final = 7
 
 
-def _text(value: object) -> str:
+def _text(value: object, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """A reply as text: bytes decoded as the client encodes (a decoding client's is str)."""
     if isinstance(value, bytes):
-        return value.decode("utf-8")
+        return value.decode(encoding, errors)
     return str(value)
 
 
@@ -328,6 +329,8 @@ class RedisCircuitStateStore(CircuitStateStore):
         connection_kwargs = self._client.connection_pool.connection_kwargs
         self._encoding: str = connection_kwargs.get("encoding", "utf-8")
         self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
+        self._codec = (self._encoding, self._encoding_errors)
+        """How the client encodes text, by which replies are decoded."""
         self._prefix_bytes = _prefix_bytes(prefix, self._encoding, self._encoding_errors)
         self.prefix = prefix = str(prefix)  # a plain str, the default's too
         self.channel = f"{prefix}@db{int(connection_kwargs.get('db') or 0)}"
@@ -680,7 +683,8 @@ class RedisCircuitStateStore(CircuitStateStore):
             raise self._error(f"snapshot {key!r}", exc) from exc
         if not raw:
             return CircuitBreakerState(key=key)
-        return self._parse(key, {_text(k): _text(v) for k, v in raw.items()})
+        codec = self._codec
+        return self._parse(key, {_text(k, *codec): _text(v, *codec) for k, v in raw.items()})
 
     async def now(self) -> float:
         """The Redis server's clock (``TIME``), which every script times states by."""
@@ -708,8 +712,9 @@ class RedisCircuitStateStore(CircuitStateStore):
                         continue
                     raw = await self._client.hgetall(redis_key)
                     if raw and (b"generation" in raw or "generation" in raw):
-                        name = _text(redis_key)[len(self.prefix) :]
-                        fields = {_text(k): _text(v) for k, v in raw.items()}
+                        codec = self._codec
+                        name = _text(redis_key, *codec)[len(self.prefix) :]
+                        fields = {_text(k, *codec): _text(v, *codec) for k, v in raw.items()}
                         out.append(self._parse(name, fields))
         except (RedisError, OSError) as exc:
             raise self._error("snapshot_all", exc) from exc

@@ -380,6 +380,33 @@ async def test_budget_usage_is_read_through_any_client(
     ]
 
 
+@pytest.mark.parametrize("decode_responses", [False, True], ids=["bytes", "decoding"])
+async def test_keys_are_read_back_in_the_clients_encoding(
+    redis_url: str, redis_prefix: str, decode_responses: bool
+) -> None:
+    # the scripts got keys in the client's encoding (encoding="latin-1"), but snapshot(),
+    # snapshot_all(), usages() and limit_overrides() read replies as UTF-8: a bare
+    # UnicodeDecodeError for a key such as "café", from `breaker status` too
+    options: dict[str, Any] = {"encoding": "latin-1", "decode_responses": decode_responses}
+    start = time.time() - 60.0
+    async with (
+        RedisCircuitStateStore(redis_url, prefix=redis_prefix + "cb:", **options) as store,
+        CircuitBreaker(store) as breaker,
+        RedisQuotaStore(redis_url, prefix=redis_prefix + "quota:", **options) as quota,
+    ):
+        await breaker.force_open("café", reason="à l'arrêt")
+        status = await breaker.get_status("café")
+        listed = [s.key for s in await store.snapshot_all()]
+        grant = await quota.reserve(
+            "équipe", window_start=start, window_end=start + 3_600.0, amount=5, limit=9
+        )
+        await quota.set_limit("équipe", 9)
+        usages = [(u.key, u.held) for u in await quota.usages()]
+        overrides = await quota.limit_overrides()
+    assert (status.state.value, status.reason, listed) == ("forced_open", "à l'arrêt", ["café"])
+    assert grant.granted and usages == [("équipe", 5)] and overrides == {"équipe": 9}
+
+
 @pytest.mark.parametrize(
     "bound", [0, 2**63, 10**400, 10**5000], ids=["0", "2**63", "10**400", "giant"]
 )
