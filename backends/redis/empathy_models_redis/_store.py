@@ -312,8 +312,7 @@ class RedisCircuitStateStore(CircuitStateStore):
                 )
             self._client = connection
             self._owns_client = False
-            kwargs = connection.connection_pool.connection_kwargs
-            self._target = f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+            self._target = _client_target(connection.connection_pool)
         else:
             raise ConfigurationError(
                 f"RedisCircuitStateStore needs a redis:// URL or a redis.asyncio.Redis, "
@@ -793,6 +792,19 @@ def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis
     _check_database(url, pool)
     _check_connection_options(url, pool)
     return aioredis.Redis.from_pool(pool)
+
+
+def _client_target(pool: Any) -> str:
+    """Where a caller's client connects, as a URL without credentials: its socket or
+    host and port, TLS and database (``unix:///path?db=N``, ``rediss://host:port/N``)."""
+    kwargs = pool.connection_kwargs
+    db = kwargs.get("db") or 0
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}?db={db}"
+    scheme = "rediss" if issubclass(pool.connection_class, SSLConnection) else "redis"
+    host = str(kwargs.get("host", "localhost"))
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{kwargs.get('port', 6379)}/{db}"
 
 
 def _check_database(url: str, pool: aioredis.BlockingConnectionPool) -> None:
