@@ -64,6 +64,12 @@ __all__ = [
 
 URL_PREFIX_KINDS: Final = {"breaker": "cb:", "quota": "quota:", "cache": "cache:"}
 """What each store kind appends to a URL's ``prefix`` (the root of all their keys)."""
+_KIND_CLASSES: Final = {
+    "cb:": "RedisCircuitStateStore",
+    "quota:": "RedisQuotaStore",
+    "cache:": "RedisResponseCache",
+}
+"""The store class of each kind, which messages name."""
 
 DEFAULT_PREFIX: Final = "empathy:cb:"
 """Prefix of every Redis key the store writes (one hash per breaker key)."""
@@ -314,10 +320,7 @@ class RedisCircuitStateStore(CircuitStateStore):
             self._owns_client = False
             self._target = _client_target(connection.connection_pool)
         else:
-            raise ConfigurationError(
-                f"RedisCircuitStateStore needs a redis:// URL or a redis.asyncio.Redis, "
-                f"got {type(connection).__name__}"
-            )
+            raise _not_a_connection(_KIND_CLASSES[_kind], connection)
         if not _is_number(key_ttl) or not 1 <= key_ttl <= sys.float_info.max:  # NaN too
             raise ConfigurationError(
                 f"key_ttl must be a number of seconds >= 1, got {shown(key_ttl)}"
@@ -792,6 +795,14 @@ def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis
     _check_database(url, pool)
     _check_connection_options(url, pool)
     return aioredis.Redis.from_pool(pool)
+
+
+def _not_a_connection(name: str, connection: object) -> ConfigurationError:
+    """What is wrong with a store's ``connection`` that is neither a URL nor a client."""
+    got = type(connection).__name__
+    if got == "RedisCluster":  # its commands find each key's node: ours go to one server
+        got = "a RedisCluster: Redis Cluster is not supported (a single server or Sentinel)"
+    return ConfigurationError(f"{name} needs a redis:// URL or a redis.asyncio.Redis, got {got}")
 
 
 def _client_target(pool: Any) -> str:

@@ -15,6 +15,7 @@ from empathy_models_redis import (
     RedisQuotaStore,
     RedisResponseCache,
 )
+from redis.asyncio.cluster import RedisCluster
 
 from empathy_models import CircuitBreaker, ConfigurationError, state_store_from_url
 from empathy_models.limits import BudgetUsage
@@ -234,6 +235,22 @@ def test_an_option_the_connection_does_not_take_is_refused_at_construction(
         with pytest.raises(ConfigurationError, match=named) as info:
             build(url, **options)
         assert "pw-secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("connection", [lambda: RedisCluster(host="127.0.0.1", port=1), dict])
+def test_a_connection_that_is_no_url_nor_a_single_server_client_is_refused_saying_why(
+    connection: Callable[[], Any],
+) -> None:
+    # a RedisCluster client was refused as "RedisCircuitStateStore needs a redis:// URL
+    # or a redis.asyncio.Redis", the quota store and the cache too (naming a class the
+    # caller never used), while the README said every operation worked on Redis Cluster
+    given = connection()
+    cluster = isinstance(given, RedisCluster)
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        message = f"^{build.__name__} needs a redis:// URL or a redis.asyncio.Redis, got "
+        message += "a RedisCluster: Redis Cluster is not supported" if cluster else "dict$"
+        with pytest.raises(ConfigurationError, match=message):
+            build(given)
 
 
 def test_tls_options_are_taken_with_rediss() -> None:
