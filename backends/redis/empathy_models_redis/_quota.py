@@ -313,17 +313,20 @@ class RedisQuotaStore(QuotaStore):
         except (RedisError, OSError) as exc:
             raise self._error("read the limits", exc) from exc
         start = len(self.prefix) + 2
-        try:
-            return {
-                k[start:]: int(_text(v, *self._codec))
-                for k, v in zip(found, values, strict=True)
-                if v is not None
-            }
-        except ValueError as exc:
-            raise StateStoreError(
-                f"Redis quota store {self._target}: unreadable budget limit: {exc}",
-                target=self._target,
-            ) from exc
+        limits = {}
+        for redis_key, value in zip(found, values, strict=True):
+            if value is None:  # gone since the scan, or no string
+                continue
+            text = _text(value, *self._codec)
+            try:
+                limits[redis_key[start:]] = int(text)
+            except ValueError as exc:
+                raise StateStoreError(
+                    f"Redis quota store {self._target}: unreadable budget limit for "
+                    f"{redis_key[start:]!r}: {text[:40]!r} is no whole number of nano-dollars",
+                    target=self._target,
+                ) from exc
+        return limits
 
     # ------------------------------------------------------------------ rate limits
 
