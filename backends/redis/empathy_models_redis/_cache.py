@@ -14,7 +14,13 @@ from empathy_models.backends import shown
 from empathy_models.cache import DEFAULT_MAX_VALUE_BYTES, MAX_TTL
 from empathy_models.exceptions import ConfigurationError, StateStoreError
 
-from ._store import _GLOB_SPECIAL, URL_PREFIX_KINDS, RedisCircuitStateStore, close_owned
+from ._store import (
+    _GLOB_SPECIAL,
+    URL_PREFIX_KINDS,
+    RedisCircuitStateStore,
+    _DefaultText,
+    close_owned,
+)
 
 __all__ = ["DEFAULT_CACHE_PREFIX", "RedisResponseCache"]
 
@@ -57,7 +63,7 @@ class RedisResponseCache(ResponseCache):
         self,
         connection: str | aioredis.Redis,
         *,
-        prefix: str = DEFAULT_CACHE_PREFIX,
+        prefix: str = _DefaultText(DEFAULT_CACHE_PREFIX),
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         **client_options: Any,
     ) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from typing import Any
 
@@ -36,9 +37,15 @@ _PING = command(b"PING")
 
 
 def client_name(channel: str) -> str:
-    """The subscription's ``CLIENT SETNAME`` (what ``CLIENT LIST`` shows operators)."""
-    shown = "".join(c if c.isprintable() and c != " " else "_" for c in channel)
+    """The subscription's ``CLIENT SETNAME`` (what ``CLIENT LIST`` shows operators): the
+    channel with each character Redis refuses in a name (all but ASCII ``!`` to ``~``:
+    a space, a control character, any letter outside ASCII) shown as ``_``."""
+    shown = "".join(c if "!" <= c <= "~" else "_" for c in channel)
     return "empathy-models-feed:" + shown
+
+
+class _Refused(ConnectionError):
+    """Redis answered a command of the subscription with an error."""
 
 
 async def _reply(reader: asyncio.StreamReader) -> Any:
@@ -48,7 +55,7 @@ async def _reply(reader: asyncio.StreamReader) -> Any:
     if kind in (b"+", b"(", b","):
         return body
     if kind in (b"-", b"!"):
-        raise ConnectionError(f"Redis refused the subscription: {body.decode(errors='replace')}")
+        raise _Refused(f"Redis refused the subscription: {body.decode(errors='replace')}")
     if kind == b":":
         return int(body)
     if kind in (b"$", b"="):
@@ -117,11 +124,13 @@ async def watch(client: aioredis.Redis, channel: str, feed: ChangeFeed) -> None:
         ):
             raise ConnectionError(f"a {type(conn).__name__} has no asyncio streams to subscribe on")
         async with asyncio.timeout(SYNC_TIMEOUT):
-            name = client_name(channel).encode("utf-8", "replace")
+            name = client_name(channel).encode("ascii")
             writer.write(command(b"CLIENT", b"SETNAME", name))
             writer.write(command(b"SUBSCRIBE", channel.encode(*encoding)))
-            if _kind(await _reply(reader)) != b"ok":
-                raise ConnectionError("CLIENT SETNAME was refused")
+            with contextlib.suppress(_Refused):
+                # the name only shows operators what the connection is: a user whose
+                # ACL refuses CLIENT (@dangerous on Redis 6) subscribes all the same
+                await _reply(reader)
             if _kind(await _reply(reader)) != b"subscribe":
                 raise ConnectionError("SUBSCRIBE was refused")
         sent: collections.deque[float] = collections.deque()

@@ -9,7 +9,7 @@ from importlib.resources import files
 from typing import Any, Final
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from empathy_models.abc import QuotaStore
 from empathy_models.exceptions import StateStoreError
@@ -20,6 +20,7 @@ from ._store import (
     _GLOB_SPECIAL,
     URL_PREFIX_KINDS,
     RedisCircuitStateStore,
+    _DefaultText,
     _num,
     _text,
     close_owned,
@@ -59,6 +60,11 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _wrong_type(error: Exception) -> bool:
+    """Whether a command failed for the type of the key's value (WRONGTYPE)."""
+    return isinstance(error, ResponseError) and str(error).startswith("WRONGTYPE")
 
 
 def _seconds(clock: Any) -> float:
@@ -106,7 +112,7 @@ class RedisQuotaStore(QuotaStore):
         self,
         connection: str | aioredis.Redis,
         *,
-        prefix: str = DEFAULT_QUOTA_PREFIX,
+        prefix: str = _DefaultText(DEFAULT_QUOTA_PREFIX),
         **client_options: Any,
     ) -> None:
         # the circuit-state store parses and checks the URL and builds the client
@@ -117,6 +123,7 @@ class RedisQuotaStore(QuotaStore):
         self._owns_client = plumbing._owns_client
         self._target = plumbing._target
         self.prefix = plumbing.prefix
+        self._codec = plumbing._codec  # the client's encoding, by which replies decode
         self._source = quota_script()
         self._sha = hashlib.sha1(self._source.encode("utf-8")).hexdigest()
 
@@ -138,7 +145,7 @@ class RedisQuotaStore(QuotaStore):
             raw = await evalsha_once(self._client, self._sha, self._source, [1, redis_key, *args])
         except (RedisError, OSError) as exc:
             raise self._error(what, exc) from exc
-        return [_text(x) for x in raw]
+        return [_text(x, *self._codec) for x in raw]
 
     def _usage(
         self, key: str, fields: Mapping[str, str], ws: float, we: float, now: float | None = None
@@ -233,34 +240,44 @@ class RedisQuotaStore(QuotaStore):
                 clock, raw = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise self._error(f"read {key!r}", exc) from exc
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {_text(k, *self._codec): _text(v, *self._codec) for k, v in raw.items()}
         return self._usage(key, fields, window_start, window_end, _seconds(clock))
 
     async def _keys(self, pattern: str) -> list[str]:
         try:
-            return [_text(k) async for k in self._client.scan_iter(match=pattern, count=500)]
+            scan = self._client.scan_iter(match=pattern, count=500)
+            return [_text(k, *self._codec) async for k in scan]
         except (RedisError, OSError) as exc:
             raise self._error("scan", exc) from exc
 
     async def usages(self) -> list[BudgetUsage]:
+        """
+        Every budget window under the prefix.  Keys there that cannot be one (another
+        program's: a name that ends in no ``@<window start>``, a value that is no hash)
+        are passed over, as `reset_budget` passes them over.
+        """
         self._check_open()
         found = await self._keys(_glob(self.prefix + "b|") + "*")
+        found = [k for k in found if _is_number(k.rpartition("@")[2])]
         try:
             # one round trip for every window found and the server's clock
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.time()
                 for redis_key in found:
                     pipe.hgetall(redis_key)
-                clock, *windows = await pipe.execute()
+                clock, *windows = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             raise self._error("read", exc) from exc
+        for reply in (clock, *windows):
+            if isinstance(reply, Exception) and not _wrong_type(reply):
+                raise self._error("read", reply) from reply
         now = _seconds(clock)
         out = []
         start = len(self.prefix) + 2
         for redis_key, raw in zip(found, windows, strict=True):
-            if not raw:
+            if not raw or isinstance(raw, Exception):  # gone since the scan, or no hash
                 continue
-            fields = {_text(k): _text(v) for k, v in raw.items()}
+            fields = {_text(k, *self._codec): _text(v, *self._codec) for k, v in raw.items()}
             key = redis_key[start:].rsplit("@", 1)[0]
             out.append(self._usage(key, fields, 0.0, 0.0, now))
         return sorted(out, key=lambda u: (u.key, u.window_start))
@@ -296,17 +313,20 @@ class RedisQuotaStore(QuotaStore):
         except (RedisError, OSError) as exc:
             raise self._error("read the limits", exc) from exc
         start = len(self.prefix) + 2
-        try:
-            return {
-                k[start:]: int(_text(v))
-                for k, v in zip(found, values, strict=True)
-                if v is not None
-            }
-        except ValueError as exc:
-            raise StateStoreError(
-                f"Redis quota store {self._target}: unreadable budget limit: {exc}",
-                target=self._target,
-            ) from exc
+        limits = {}
+        for redis_key, value in zip(found, values, strict=True):
+            if value is None:  # gone since the scan, or no string
+                continue
+            text = _text(value, *self._codec)
+            try:
+                limits[redis_key[start:]] = int(text)
+            except ValueError as exc:
+                raise StateStoreError(
+                    f"Redis quota store {self._target}: unreadable budget limit for "
+                    f"{redis_key[start:]!r}: {text[:40]!r} is no whole number of nano-dollars",
+                    target=self._target,
+                ) from exc
+        return limits
 
     # ------------------------------------------------------------------ rate limits
 

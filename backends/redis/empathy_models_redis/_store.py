@@ -64,12 +64,36 @@ __all__ = [
 
 URL_PREFIX_KINDS: Final = {"breaker": "cb:", "quota": "quota:", "cache": "cache:"}
 """What each store kind appends to a URL's ``prefix`` (the root of all their keys)."""
+_KIND_CLASSES: Final = {
+    "cb:": "RedisCircuitStateStore",
+    "quota:": "RedisQuotaStore",
+    "cache:": "RedisResponseCache",
+}
+"""The store class of each kind, which messages name."""
 
 DEFAULT_PREFIX: Final = "empathy:cb:"
 """Prefix of every Redis key the store writes (one hash per breaker key)."""
 
 DEFAULT_KEY_TTL: Final = 7 * 24 * 3600.0
 """Seconds an untouched breaker key lives (plus any open period still to run)."""
+
+
+class _DefaultText(str):
+    """A keyword's default text, told apart from the same text given (`_given`)."""
+
+    __slots__ = ()
+
+
+class _DefaultSeconds(float):
+    """A keyword's default number, told apart from the same number given (`_given`)."""
+
+    __slots__ = ()
+
+
+def _given(value: object) -> bool:
+    """Whether a keyword was passed rather than left at its default."""
+    return type(value) not in (_DefaultText, _DefaultSeconds)
+
 
 _FORCE_TARGETS: Final = frozenset(
     {CircuitState.FORCED_OPEN, CircuitState.DISABLED, CircuitState.CLOSED}
@@ -126,9 +150,10 @@ _KEY_CACHE_SIZE: Final = 4096
 _HEADER_SIZE: Final = 7
 
 
-def _text(value: object) -> str:
+def _text(value: object, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """A reply as text: bytes decoded as the client encodes (a decoding client's is str)."""
     if isinstance(value, bytes):
-        return value.decode("utf-8")
+        return value.decode(encoding, errors)
     return str(value)
 
 
@@ -254,8 +279,8 @@ class RedisCircuitStateStore(CircuitStateStore):
         **client_options: ``max_connections``, ``timeout`` and other redis-py options,
             with a URL only; these may also be given in the URL's query, and so may
             ``prefix`` and ``key_ttl``.  A setting given twice (in the query and as an
-            option, a user name or password in the userinfo and in the query or the
-            options) is refused.
+            option or keyword, ``?prefix=`` with ``prefix=`` too, a user name or
+            password in the userinfo and in the query or the options) is refused.
 
     Raises:
         StateStoreError: for Redis errors, naming the URL without its password.
@@ -268,20 +293,21 @@ class RedisCircuitStateStore(CircuitStateStore):
         self,
         connection: str | aioredis.Redis,
         *,
-        prefix: str = DEFAULT_PREFIX,
-        key_ttl: float = DEFAULT_KEY_TTL,
+        prefix: str = _DefaultText(DEFAULT_PREFIX),
+        key_ttl: float = _DefaultSeconds(DEFAULT_KEY_TTL),
         _kind: str = URL_PREFIX_KINDS["breaker"],
         **client_options: Any,
     ) -> None:
         if isinstance(connection, str):
             url, url_options = _split_url(connection)
-            if "prefix" in url_options:  # the root of every store kind's keys
-                prefix = str(url_options["prefix"]) + _kind
-            if "key_ttl" in url_options:  # text: a number as written
-                key_ttl = _url_seconds(str(url_options["key_ttl"]))
+            keywords = [n for n, v in (("prefix", prefix), ("key_ttl", key_ttl)) if _given(v)]
             _check_option_names(client_options, "client", connection)
             _check_db(connection, urlsplit(connection), client_options)
-            _check_given_once(connection, client_options)
+            _check_given_once(connection, client_options, keywords)
+            if "prefix" in url_options:  # the root of every store kind's keys
+                prefix = _url_root(url_options["prefix"]) + _kind
+            if "key_ttl" in url_options:  # text: a number as written
+                key_ttl = _url_seconds(str(url_options["key_ttl"]))
             self._target = redact_url(url)
             self._client: aioredis.Redis = _owned_client(url, client_options)
             self._owns_client = True
@@ -292,25 +318,23 @@ class RedisCircuitStateStore(CircuitStateStore):
                 )
             self._client = connection
             self._owns_client = False
-            kwargs = connection.connection_pool.connection_kwargs
-            self._target = f"redis://{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+            self._target = _client_target(connection.connection_pool)
         else:
-            raise ConfigurationError(
-                f"RedisCircuitStateStore needs a redis:// URL or a redis.asyncio.Redis, "
-                f"got {type(connection).__name__}"
-            )
+            raise _not_a_connection(_KIND_CLASSES[_kind], connection)
         if not _is_number(key_ttl) or not 1 <= key_ttl <= sys.float_info.max:  # NaN too
             raise ConfigurationError(
                 f"key_ttl must be a number of seconds >= 1, got {shown(key_ttl)}"
             )
-        self.prefix = prefix
         self.key_ttl = float(key_ttl)
         self._source = source = breaker_script()
         self._sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         connection_kwargs = self._client.connection_pool.connection_kwargs
         self._encoding: str = connection_kwargs.get("encoding", "utf-8")
         self._encoding_errors: str = connection_kwargs.get("encoding_errors", "strict")
+        self._codec = (self._encoding, self._encoding_errors)
+        """How the client encodes text, by which replies are decoded."""
         self._prefix_bytes = _prefix_bytes(prefix, self._encoding, self._encoding_errors)
+        self.prefix = prefix = str(prefix)  # a plain str, the default's too
         self.channel = f"{prefix}@db{int(connection_kwargs.get('db') or 0)}"
         """The pub/sub channel of the store's announcements: the prefix and the database
         (Redis's channels are the server's, not a database's)."""
@@ -661,7 +685,8 @@ class RedisCircuitStateStore(CircuitStateStore):
             raise self._error(f"snapshot {key!r}", exc) from exc
         if not raw:
             return CircuitBreakerState(key=key)
-        return self._parse(key, {_text(k): _text(v) for k, v in raw.items()})
+        codec = self._codec
+        return self._parse(key, {_text(k, *codec): _text(v, *codec) for k, v in raw.items()})
 
     async def now(self) -> float:
         """The Redis server's clock (``TIME``), which every script times states by."""
@@ -689,8 +714,9 @@ class RedisCircuitStateStore(CircuitStateStore):
                         continue
                     raw = await self._client.hgetall(redis_key)
                     if raw and (b"generation" in raw or "generation" in raw):
-                        name = _text(redis_key)[len(self.prefix) :]
-                        fields = {_text(k): _text(v) for k, v in raw.items()}
+                        codec = self._codec
+                        name = _text(redis_key, *codec)[len(self.prefix) :]
+                        fields = {_text(k, *codec): _text(v, *codec) for k, v in raw.items()}
                         out.append(self._parse(name, fields))
         except (RedisError, OSError) as exc:
             raise self._error("snapshot_all", exc) from exc
@@ -771,6 +797,27 @@ def _owned_client(url: str, client_options: Mapping[str, Any]) -> aioredis.Redis
     return aioredis.Redis.from_pool(pool)
 
 
+def _not_a_connection(name: str, connection: object) -> ConfigurationError:
+    """What is wrong with a store's ``connection`` that is neither a URL nor a client."""
+    got = type(connection).__name__
+    if got == "RedisCluster":  # its commands find each key's node: ours go to one server
+        got = "a RedisCluster: Redis Cluster is not supported (a single server or Sentinel)"
+    return ConfigurationError(f"{name} needs a redis:// URL or a redis.asyncio.Redis, got {got}")
+
+
+def _client_target(pool: Any) -> str:
+    """Where a caller's client connects, as a URL without credentials: its socket or
+    host and port, TLS and database (``unix:///path?db=N``, ``rediss://host:port/N``)."""
+    kwargs = pool.connection_kwargs
+    db = kwargs.get("db") or 0
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}?db={db}"
+    scheme = "rediss" if issubclass(pool.connection_class, SSLConnection) else "redis"
+    host = str(kwargs.get("host", "localhost"))
+    host = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{host}:{kwargs.get('port', 6379)}/{db}"
+
+
 def _check_database(url: str, pool: aioredis.BlockingConnectionPool) -> None:
     """
     The database, from ``?db=`` or the ``db`` option (the path's is checked before):
@@ -809,6 +856,18 @@ def _check_seconds(url: str, pool: aioredis.BlockingConnectionPool) -> None:
             f"{redact_url(url)!r}: health_check_interval must be a finite number of "
             f"seconds >= 0, got {shown(interval)}"
         )
+
+
+def _url_root(text: str) -> str:
+    """A URL's ``prefix``: the root every store kind appends its part to, never empty
+    (the keys would sit at the top of the database, shared with any program whose root
+    was left empty too, as by a variable that was not set)."""
+    if not text:
+        raise ConfigurationError(
+            "prefix in the Redis URL is empty; give the root of the keys (?prefix=myapp:) "
+            "or leave it out for the default, 'empathy:'"
+        )
+    return text
 
 
 def _url_seconds(text: str) -> float:
@@ -913,10 +972,11 @@ def _check_db(url: str, parts: SplitResult, options: Iterable[str]) -> None:
         )
 
 
-def _check_given_once(url: str, client_options: Iterable[str]) -> None:
+def _check_given_once(url: str, client_options: Iterable[str], keywords: Iterable[str]) -> None:
     """
-    Refuse a setting given twice: a query option given again in the query or as a
-    client option, a user name or password in the userinfo given again as ``username=``
+    Refuse a setting given twice: a query option given again in the query, as a client
+    option or as the store's own keyword (``prefix``, ``key_ttl``: the query's value
+    would win), a user name or password in the userinfo given again as ``username=``
     or ``password=`` (redis-py would let one of them win: the userinfo over the query,
     the query over the options, the first of a repeated option).  The message names
     where each was given, never a value.
@@ -928,7 +988,11 @@ def _check_given_once(url: str, client_options: Iterable[str]) -> None:
     for name, value in (("username", parts.username), ("password", parts.password)):
         if value:
             given[name] = "in the URL's userinfo"
-    for names, where in ((query, "in the URL's query"), (client_options, "as a client option")):
+    for names, where in (
+        (query, "in the URL's query"),
+        (client_options, "as a client option"),
+        (keywords, "as a keyword"),
+    ):
         for name in names:
             if name in given:
                 first = given[name]

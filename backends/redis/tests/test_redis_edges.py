@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from empathy_models_redis import RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache
+from empathy_models_redis import (
+    DEFAULT_KEY_TTL,
+    DEFAULT_PREFIX,
+    RedisCircuitStateStore,
+    RedisQuotaStore,
+    RedisResponseCache,
+)
+from redis.asyncio.cluster import RedisCluster
 
 from empathy_models import CircuitBreaker, ConfigurationError, state_store_from_url
 from empathy_models.limits import BudgetUsage
@@ -144,6 +151,56 @@ def test_a_setting_given_twice_is_refused_without_showing_a_password(
 
 
 @pytest.mark.parametrize(
+    ("query", "options", "named"),
+    [
+        ("prefix=app-url:", {"prefix": "app-keyword:"}, "prefix"),
+        ("key_ttl=60", {"key_ttl": 120}, "key_ttl"),
+    ],
+)
+def test_a_store_option_in_the_query_and_as_a_keyword_is_refused(
+    query: str, options: dict[str, Any], named: str
+) -> None:
+    # the URL's value silently won: a prefix= keyword was ignored, and the store wrote
+    # its keys where another application's might be
+    url = f"redis://:pw-secret@127.0.0.1:6379/15?{query}"
+    message = f"{named} is given twice, in the URL's query and as a keyword"
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(ConfigurationError, match=message) as info:
+            build(url, **options)
+        assert "pw-secret" not in str(info.value)
+    with pytest.raises(ConfigurationError, match=message):
+        state_store_from_url(url, **options)
+
+
+@pytest.mark.parametrize("query", ["prefix=", "prefix", "socket_timeout=1&prefix="])
+def test_an_empty_prefix_in_the_url_is_refused(query: str) -> None:
+    # an empty ?prefix= (a variable that was not set) put every store's keys at the
+    # top of the database, "cb:", "quota:", "cache:", shared with any other program
+    # whose root was left empty too; the prefix= keyword refuses "" already
+    url = f"redis://:pw-secret@127.0.0.1:6379/15?{query}"
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        with pytest.raises(ConfigurationError, match="prefix in the Redis URL is empty") as info:
+            build(url)
+        assert "pw-secret" not in str(info.value)
+    with pytest.raises(ConfigurationError, match="prefix in the Redis URL is empty"):
+        CircuitBreaker(store=url)
+
+
+async def test_a_keyword_equal_to_the_default_is_given_all_the_same(redis_url: str) -> None:
+    # "given" is whether the keyword was passed, not whether its value is the default's
+    url = f"{redis_url}?prefix=app:&key_ttl=60"
+    with pytest.raises(ConfigurationError, match="prefix is given twice"):
+        RedisCircuitStateStore(url, prefix=DEFAULT_PREFIX)
+    with pytest.raises(ConfigurationError, match="key_ttl is given twice"):
+        RedisCircuitStateStore(url, key_ttl=DEFAULT_KEY_TTL)
+    async with RedisCircuitStateStore(url) as store:
+        assert (store.prefix, store.key_ttl) == ("app:cb:", 60.0)
+    async with RedisCircuitStateStore(redis_url, prefix=DEFAULT_PREFIX) as store:
+        assert (store.prefix, store.key_ttl) == (DEFAULT_PREFIX, DEFAULT_KEY_TTL)
+        assert type(store.prefix) is str and type(store.key_ttl) is float
+
+
+@pytest.mark.parametrize(
     "url",
     [
         "redis://alice@127.0.0.1:6379/15?password=pw-query",
@@ -178,6 +235,22 @@ def test_an_option_the_connection_does_not_take_is_refused_at_construction(
         with pytest.raises(ConfigurationError, match=named) as info:
             build(url, **options)
         assert "pw-secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("connection", [lambda: RedisCluster(host="127.0.0.1", port=1), dict])
+def test_a_connection_that_is_no_url_nor_a_single_server_client_is_refused_saying_why(
+    connection: Callable[[], Any],
+) -> None:
+    # a RedisCluster client was refused as "RedisCircuitStateStore needs a redis:// URL
+    # or a redis.asyncio.Redis", the quota store and the cache too (naming a class the
+    # caller never used), while the README said every operation worked on Redis Cluster
+    given = connection()
+    cluster = isinstance(given, RedisCluster)
+    for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+        message = f"^{build.__name__} needs a redis:// URL or a redis.asyncio.Redis, got "
+        message += "a RedisCluster: Redis Cluster is not supported" if cluster else "dict$"
+        with pytest.raises(ConfigurationError, match=message):
+            build(given)
 
 
 def test_tls_options_are_taken_with_rediss() -> None:
@@ -322,6 +395,33 @@ async def test_budget_usage_is_read_through_any_client(
         ("daily", 5, start),
         ("team\nb", 7, start),
     ]
+
+
+@pytest.mark.parametrize("decode_responses", [False, True], ids=["bytes", "decoding"])
+async def test_keys_are_read_back_in_the_clients_encoding(
+    redis_url: str, redis_prefix: str, decode_responses: bool
+) -> None:
+    # the scripts got keys in the client's encoding (encoding="latin-1"), but snapshot(),
+    # snapshot_all(), usages() and limit_overrides() read replies as UTF-8: a bare
+    # UnicodeDecodeError for a key such as "café", from `breaker status` too
+    options: dict[str, Any] = {"encoding": "latin-1", "decode_responses": decode_responses}
+    start = time.time() - 60.0
+    async with (
+        RedisCircuitStateStore(redis_url, prefix=redis_prefix + "cb:", **options) as store,
+        CircuitBreaker(store) as breaker,
+        RedisQuotaStore(redis_url, prefix=redis_prefix + "quota:", **options) as quota,
+    ):
+        await breaker.force_open("café", reason="à l'arrêt")
+        status = await breaker.get_status("café")
+        listed = [s.key for s in await store.snapshot_all()]
+        grant = await quota.reserve(
+            "équipe", window_start=start, window_end=start + 3_600.0, amount=5, limit=9
+        )
+        await quota.set_limit("équipe", 9)
+        usages = [(u.key, u.held) for u in await quota.usages()]
+        overrides = await quota.limit_overrides()
+    assert (status.state.value, status.reason, listed) == ("forced_open", "à l'arrêt", ["café"])
+    assert grant.granted and usages == [("équipe", 5)] and overrides == {"équipe": 9}
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -18,22 +19,29 @@ from empathy_models import CircuitBreaker, CircuitOpenError
 from empathy_models.records import CircuitState
 
 
-@pytest.fixture
-async def no_channels_url(redis_store_url: str, redis_url: str) -> AsyncIterator[str]:
-    """The test store's URL as a user whose ACL grants every key and command but no
-    pub/sub channel (what Redis 7 gives a new user unless told otherwise)."""
+@contextlib.asynccontextmanager
+async def _acl_user(redis_url: str, store_url: str, *rules: str) -> AsyncIterator[str]:
+    """``store_url`` as a new ACL user with ``rules`` (deleted afterwards)."""
     user, password = f"empathy-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     admin = aioredis.Redis.from_url(redis_url)
     await admin.execute_command(  # type: ignore[no-untyped-call]
-        "ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all", "resetchannels"
+        "ACL", "SETUSER", user, "on", f">{password}", *rules
     )
-    parts = urlsplit(redis_store_url)
+    parts = urlsplit(store_url)
     netloc = f"{user}:{password}@{parts.hostname}:{parts.port or 6379}"
     try:
         yield urlunsplit(parts._replace(netloc=netloc))
     finally:
         await admin.execute_command("ACL", "DELUSER", user)  # type: ignore[no-untyped-call]
         await admin.aclose()
+
+
+@pytest.fixture
+async def no_channels_url(redis_store_url: str, redis_url: str) -> AsyncIterator[str]:
+    """The test store's URL as a user whose ACL grants every key and command but no
+    pub/sub channel (what Redis 7 gives a new user unless told otherwise)."""
+    async with _acl_user(redis_url, redis_store_url, "~*", "+@all", "resetchannels") as url:
+        yield url
 
 
 async def test_without_channel_rights_the_store_works_and_views_expire_by_their_ttl(
@@ -119,3 +127,51 @@ async def test_another_databases_announcements_are_not_heard(
             client = aioredis.Redis.from_url(other_url)
             await client.delete(*[k async for k in client.scan_iter(match=redis_prefix + "*")])
             await client.aclose()
+
+
+async def _hears_a_change(store: RedisCircuitStateStore, other: RedisCircuitStateStore) -> None:
+    """``store``'s feed, once subscribed, hears the new generation ``other`` gives "k"."""
+    feed = store.change_feed()
+    heard = _Heard()
+    feed.listen(heard, 0.2)
+    try:
+        mark = time.monotonic()
+        with anyio.fail_after(10):
+            while feed.synced_at <= mark:  # noqa: ASYNC110  # a feed signals no event
+                await anyio.sleep(0.005)
+        await other.reset("k")
+        assert await feed.sync()
+        assert heard.generations == [("k", (await other.snapshot("k")).generation)]
+    finally:
+        await feed.unlisten(heard)
+
+
+@pytest.mark.parametrize("part", ["café:", "ключи:", "a b\n:"])
+async def test_a_prefix_of_any_characters_is_announced_and_heard(
+    redis_url: str, redis_prefix: str, part: str
+) -> None:
+    # the subscription names itself after its channel (CLIENT SETNAME), which Redis
+    # refuses outside ASCII ('!' to '~'): with a prefix such as "café:" every breaker
+    # ran without announcements (views expired by their TTL, the exact mode asked the
+    # store each time), warning that the store "announces no changes"
+    prefix = redis_prefix + part
+    async with (
+        RedisCircuitStateStore(redis_url, prefix=prefix) as store,
+        RedisCircuitStateStore(redis_url, prefix=prefix) as other,
+    ):
+        await _hears_a_change(store, other)
+
+
+async def test_a_user_who_may_not_name_its_connection_still_hears_announcements(
+    redis_url: str, redis_store_url: str
+) -> None:
+    # the subscription's CLIENT SETNAME (a name for operators' CLIENT LIST) refused by
+    # the user's ACL (CLIENT is @dangerous on Redis 6, and hosted servers often deny it)
+    # ended the subscription: no announcement was ever heard, with a warning that the
+    # store "announces no changes"
+    async with (
+        _acl_user(redis_url, redis_store_url, "~*", "&*", "+@all", "-client") as url,
+        RedisCircuitStateStore(url) as store,
+        RedisCircuitStateStore(redis_store_url) as other,
+    ):
+        await _hears_a_change(store, other)

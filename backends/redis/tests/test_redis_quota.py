@@ -118,7 +118,33 @@ async def test_an_unreadable_budget_window_is_a_state_store_error(
                 await store.usage("team", window_start=0.0, window_end=60.0)
             with pytest.raises(StateStoreError, match="unreadable budget window for 'team'"):
                 await store.usages()
-            with pytest.raises(StateStoreError, match="unreadable budget limit"):
+            # named, as the window is: which of many limits to mend was left to guess
+            with pytest.raises(
+                StateStoreError, match=r"unreadable budget limit for 'team': '1\.5' is no whole"
+            ):
                 await store.limit_overrides()
     finally:
         await client.aclose()
+
+
+async def test_keys_under_the_prefix_that_hold_no_budget_window_are_passed_over(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # another program's keys where budget windows are kept: a string or a list failed
+    # the whole listing with WRONGTYPE (`budget status` could show nothing), and a hash
+    # whose name ends in no window start was listed as a budget of 1970
+    client = aioredis.Redis.from_url(redis_url)
+    await client.set(f"{redis_prefix}b|cache@1.0", "x")
+    await client.rpush(f"{redis_prefix}b|queue@2.0", "x")
+    await client.hset(f"{redis_prefix}b|session", mapping={"user": "alice"})
+    await client.hset(f"{redis_prefix}b|session@abc", mapping={"user": "bob"})
+    start = time.time() - 60.0
+    try:
+        async with RedisQuotaStore(redis_url, prefix=redis_prefix) as store:
+            await store.reserve(
+                "team", window_start=start, window_end=start + 60, amount=3, limit=9
+            )
+            listed = await store.usages()
+    finally:
+        await client.aclose()
+    assert [(u.key, u.window_start, u.reserved) for u in listed] == [("team", start, 3)]

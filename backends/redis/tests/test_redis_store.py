@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,8 @@ from empathy_models_redis import (
     RedisQuotaStore,
     RedisResponseCache,
 )
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from empathy_models.backends import state_store_from_url, telemetry_from_url
 from empathy_models.circuit import BreakerPolicy
@@ -117,6 +120,50 @@ async def test_a_client_given_by_the_caller_is_used_and_left_open(
         assert forced.open_until_ts == until.timestamp()
     assert await client.ping()
     await client.aclose()
+
+
+_NO_RETRY = Retry(NoBackoff(), 0)
+
+
+@pytest.mark.parametrize(
+    ("client", "named"),
+    [
+        (
+            lambda: aioredis.Redis(unix_socket_path="/nowhere/redis.sock", db=3, retry=_NO_RETRY),
+            "unix:///nowhere/redis.sock?db=3",
+        ),
+        (
+            lambda: aioredis.Redis.from_url("rediss://:pw-secret@127.0.0.1:1/5", retry=_NO_RETRY),
+            "rediss://127.0.0.1:1/5",
+        ),
+        (
+            lambda: aioredis.Redis(host="127.0.0.1", port=1, retry=_NO_RETRY),
+            "redis://127.0.0.1:1/0",
+        ),
+    ],
+    ids=["unix", "tls", "tcp"],
+)
+async def test_a_callers_client_is_named_by_where_it_connects(
+    client: Callable[[], aioredis.Redis], named: str
+) -> None:
+    # a client of the caller's was named "redis://?:?" for a Unix socket, and without
+    # its database or TLS, in every error and log line (two stores on two databases of
+    # one server could not be told apart)
+    redis = client()
+    try:
+        for build in (RedisCircuitStateStore, RedisQuotaStore, RedisResponseCache):
+            async with build(redis) as store:
+                assert repr(store).startswith(f"{build.__name__}({named!r}, ")
+                with pytest.raises(
+                    StateStoreError, match=f"^Redis [a-z ]+ {re.escape(named)}: "
+                ) as info:
+                    if isinstance(store, RedisResponseCache):
+                        await store.delete("k")
+                    else:
+                        await store.now()
+                assert info.value.target == named and "pw-secret" not in str(info.value)
+    finally:
+        await redis.aclose()
 
 
 async def test_errors_are_state_store_errors_without_the_password() -> None:
