@@ -45,6 +45,7 @@ attributes and the notes added to it (`BaseException.add_note`) come back with i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -399,6 +400,14 @@ def _rebuild_circuit_open(
     )
 
 
+def _usd(amount: float, places: int) -> str:
+    # dollars with ``places`` decimals, or as many as show an amount that small with two
+    # significant digits (a $0.000001 budget is not "$0.0000")
+    if 0.0 < abs(amount) < 10.0**-places:
+        places = min(-math.floor(math.log10(abs(amount))) + 1, 15)
+    return f"{amount:,.{places}f}"
+
+
 class BudgetExceededError(EmpathyModelsError):
     """
     A spend budget (`empathy_models.limits.Budget`) cannot cover the call, and no
@@ -426,8 +435,9 @@ class BudgetExceededError(EmpathyModelsError):
         when = datetime.fromtimestamp(resets_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         target = f" for {model}" if model else ""
         super().__init__(
-            f"budget {budget!r} (${limit_usd:,.4f}) cannot cover the call{target}: it needs "
-            f"up to ${needed_usd:,.6f}, ${remaining_usd:,.6f} is left; it resets at {when}"
+            f"budget {budget!r} (${_usd(limit_usd, 4)}) cannot cover the call{target}: it "
+            f"needs up to ${_usd(needed_usd, 6)}, ${_usd(remaining_usd, 6)} is left; it "
+            f"resets at {when}"
         )
         self.budget = budget
         self.limit_usd = limit_usd

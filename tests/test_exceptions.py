@@ -317,3 +317,15 @@ async def test_every_object_used_while_not_open_raises_not_open_error() -> None:
     sync.close()
     with pytest.raises(NotOpenError, match="closed"):
         sync.run("x")
+
+
+def test_a_budget_error_shows_amounts_too_small_for_its_places() -> None:
+    # a budget of a millionth of a dollar (a test, a per-request cap) reads as what it is
+    error = BudgetExceededError(
+        "user_id=bob/day", limit_usd=0.000001, remaining_usd=2e-9, needed_usd=0.004019,
+        resets_at=0.0,
+    )  # fmt: skip
+    assert "($0.0000010)" in str(error)
+    assert "up to $0.004019, $0.0000000020 is left" in str(error)
+    assert "($12.5000)" in str(BudgetExceededError("b", limit_usd=12.5, remaining_usd=0.0,
+                                                   needed_usd=1.0, resets_at=0.0))  # fmt: skip
