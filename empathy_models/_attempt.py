@@ -940,11 +940,13 @@ def _all_failed(run: _Run) -> Exception:
     if not run.errors:  # pragma: no cover - every route adds an error or answers
         return ConfigurationError("no route could be tried")
     ctx = run.context
-    return AllRoutesFailedError(
+    error = AllRoutesFailedError(
         f"all routes failed for {ctx.workflow}/{ctx.stage}: tried "
         f"{', '.join(run.chain)} in {len(run.attempts)} attempt(s); {_last_error(run)}",
         run.errors,
     )
+    error.request_id = run.request_id
+    return error
 
 
 def _deadline_passed(run: _Run) -> AllRoutesFailedError:
@@ -953,12 +955,14 @@ def _deadline_passed(run: _Run) -> AllRoutesFailedError:
     says what the run was doing then last: a call, or a wait for a store or a slot).
     """
     ctx = run.context
-    return AllRoutesFailedError(
+    error = AllRoutesFailedError(
         f"deadline of {ctx.deadline}s exceeded for {ctx.workflow}/{ctx.stage} after "
         f"{len(run.attempts)} attempt(s) on {', '.join(run.chain) or 'no route'}; "
         f"{_last_error(run)}",
         run.errors,
     )
+    error.request_id = run.request_id
+    return error
 
 
 def _last_error(run: _Run) -> str:

@@ -529,12 +529,21 @@ class AllRoutesFailedError(ExceptionGroup[Exception], EmpathyModelsError):
     `BudgetExceededError` once routes before it failed); the message names the models
     tried, the number of attempts and the last error (or the deadline).
 
+    ``request_id`` is the run's id, which every record of its attempts carries
+    (`LLMCallRecord.request_id`), so a failed run's calls can be found in telemetry
+    (``None`` when the error was not raised by a run).
+
     Being an `ExceptionGroup`, it can be handled with ``except*`` by the class of the
-    individual failures (``except* RateLimitedError:``).
+    individual failures (``except* RateLimitedError:``); the groups it splits into keep
+    its ``request_id``.
     """
 
+    request_id: str | None = None
+
     def derive(self, excs: Sequence[Exception]) -> AllRoutesFailedError:  # type: ignore[override]
-        return AllRoutesFailedError(self.message, excs)
+        derived = AllRoutesFailedError(self.message, excs)
+        derived.request_id = self.request_id
+        return derived
 
 
 class BackendError(EmpathyModelsError):

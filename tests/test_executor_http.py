@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import pickle
 import random
 import sys
 import warnings
@@ -648,6 +649,24 @@ async def test_a_budget_that_refuses_the_fallback_keeps_the_failures_before_it(
     assert "BudgetExceededError" in str(caught.value)
     assert server.requests("claude-fake-haiku") == 3 and server.requests("gpt-fake-mini") == 0
     assert [r.status_code for r in await records_of(telemetry)] == [503] * 3
+
+
+async def test_a_failed_run_names_the_request_id_its_records_carry(
+    server: FakeLLMServer, telemetry: MemoryTelemetryBackend, sleep: RecordingSleep
+) -> None:
+    # every route down: the error says which records are the run's, and keeps saying so
+    # through except* and pickling
+    for model in REGISTRY.models:
+        server.set_outage(model.id, action=503)
+    async with make(server, telemetry, sleep) as executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await executor.run("hello", CHEAP)
+    records = await records_of(telemetry)
+    assert len(records) >= 6 and {r.request_id for r in records} == {caught.value.request_id}
+    assert caught.value.request_id is not None
+    split, _ = caught.value.split(ServerError)
+    assert split is not None and split.request_id == caught.value.request_id
+    assert pickle.loads(pickle.dumps(caught.value)).request_id == caught.value.request_id
 
 
 async def test_a_spent_provider_budget_leaves_the_planned_fallback_of_another_provider(
