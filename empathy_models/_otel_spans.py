@@ -377,14 +377,20 @@ def _run_error_attributes(exc: BaseException) -> _Attrs:
 
     Returns:
         ``error.type`` (the class name) and, for `AllRoutesFailedError`, the number of
-        attempts and each one's error class.
+        attempts (the limits' refusals it holds were no attempt), each error's class and
+        the run's ``request_id``.
     """
-    from .exceptions import AllRoutesFailedError
+    from .exceptions import AllRoutesFailedError, BudgetExceededError
+    from .limits import LocalRateLimitError
 
     attributes: _Attrs = {_ERROR_TYPE: type(exc).__name__}
     if isinstance(exc, AllRoutesFailedError):
-        attributes["empathy_models.attempts"] = len(exc.exceptions)
+        refused = (BudgetExceededError, LocalRateLimitError)
+        attempts = [e for e in exc.exceptions if not isinstance(e, refused)]
+        attributes["empathy_models.attempts"] = len(attempts)
         attributes["empathy_models.errors"] = [type(e).__name__ for e in exc.exceptions]
+        if exc.request_id is not None:
+            attributes["empathy_models.request_id"] = exc.request_id
     return attributes
 
 

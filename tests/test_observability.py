@@ -37,6 +37,7 @@ from empathy_models import (
     AdaptiveModelRouter,
     AllRoutesFailedError,
     BreakerPolicy,
+    Budget,
     ConfigurationError,
     EmpathyLLMExecutor,
     ExecutionContext,
@@ -376,6 +377,23 @@ async def test_all_routes_failed_sets_error_status_and_error_type(
         (p.attributes["gen_ai.request.model"], p.attributes["error.type"], p.count)
         for p in durations
     ) == [("claude-fake-haiku", "ServerError", 1), ("gpt-fake-mini", "ServerError", 1)]
+
+
+async def test_a_failed_runs_span_counts_attempts_not_refusals_and_names_the_request(
+    server: FakeLLMServer, otel: Otel
+) -> None:
+    # claude-fake-haiku answers 503; the budget cannot cover gpt-fake-mini, which is never
+    # called: one attempt, two errors, and the run's request_id to find its records by
+    server.set_outage("anthropic", action=503)
+    budget = Budget(limit_usd=0.0045)
+    async with make(server, otel, retry=RetryPolicy.none(), budgets=[budget]) as executor:
+        with pytest.raises(AllRoutesFailedError) as caught:
+            await executor.run(PROMPT, attrs.evolve(CTX, max_tokens=1000))
+    run = otel.span("run support/answer")
+    assert run.attributes is not None
+    assert run.attributes["empathy_models.errors"] == ("ServerError", "BudgetExceededError")
+    assert run.attributes["empathy_models.attempts"] == 1
+    assert run.attributes["empathy_models.request_id"] == caught.value.request_id
 
 
 async def test_a_breaker_trip_is_an_event_and_moves_the_state_gauge(
