@@ -179,3 +179,32 @@ async def test_version_1_quota_tables_keep_their_rows_and_take_long_keys_once_mi
         await conn.close()
     assert version == QUOTA_SCHEMA_VERSION == 2
     assert keys == []
+
+
+ODD_KEYS = ["n\x00ul", "caf\udce9", "\udce9", "n\x010ul", "\x01", "plain"]
+"""Keys PostgreSQL text cannot hold as they are (a NUL, a lone surrogate), and keys
+spelled like what such a key could be stored as."""
+
+
+async def test_keys_with_a_nul_or_a_lone_surrogate_are_kept_apart_as_given(
+    postgres_url: str,
+) -> None:
+    # as in MemoryQuotaStore: each key its own window, limit and schedule, read back as
+    # given (a budget's name, a user id: PostgreSQL refused every operation on them)
+    kw: dict[str, Any] = {"window_start": WS, "window_end": WE, "limit": 100}
+    rate: dict[str, Any] = {"cost": 1.0, "interval": 3600.0, "burst": 1.0, "max_wait": 0.0}
+    held = {key: n for n, key in enumerate(ODD_KEYS, 1)}
+    async with PostgresQuotaStore(postgres_url) as store:
+        for key, n in held.items():
+            assert (await store.reserve(key, amount=n, **kw)).granted
+            await store.set_limit(key, n)
+            assert (await store.acquire(key, **rate)).granted
+        for key, n in held.items():
+            assert (await store.usage(key, window_start=WS, window_end=WE)).held == n
+            assert not (await store.acquire(key, **rate)).granted
+        assert {u.key: u.held for u in await store.usages()} == held
+        assert await store.limit_overrides() == held
+        assert await store.reset_budget("n\x00ul") == 1
+        await store.set_limit("caf\udce9", None)
+        assert [u.key for u in await store.usages()] == sorted(set(ODD_KEYS) - {"n\x00ul"})
+        assert set(await store.limit_overrides()) == set(ODD_KEYS) - {"caf\udce9"}
