@@ -110,6 +110,9 @@ class PostgresCircuitStateStore(TransactionalStateStore):
                 },
             },
             create=create,
+            # read-only, a schema whose breaker table was never made (telemetry only:
+            # breakers shared elsewhere) reads as empty, as a SQLite file does
+            empty_when_missing=True,
         )
         self._table = table = self._db.table("circuit_state")
         self._migrations = build_migrations(self._db, _MIGRATIONS)
@@ -243,6 +246,8 @@ class PostgresCircuitStateStore(TransactionalStateStore):
 
     async def _load(self, key: str) -> CircuitBreakerState | None:
         pool = await self._db.pool(self._migrations)
+        if self._db.missing:
+            return None
         async with self._db.errors(f"read {key!r}"):
             raw = await self._db.statement(
                 pool, "fetchval", f"SELECT state::text FROM {self._table} WHERE key = $1", key
@@ -251,6 +256,8 @@ class PostgresCircuitStateStore(TransactionalStateStore):
 
     async def _load_all(self) -> list[CircuitBreakerState]:
         pool = await self._db.pool(self._migrations)
+        if self._db.missing:
+            return []
         async with self._db.errors("read all"):
             rows = await self._db.run(
                 pool,

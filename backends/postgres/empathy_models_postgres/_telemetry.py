@@ -371,6 +371,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
             component="telemetry",
             pool_options=pool_options,
             create=create,
+            # read-only, a schema whose telemetry tables were never made (breakers or
+            # budgets only) reads as empty, as a SQLite file does
+            empty_when_missing=True,
         )
         self.batch_size = batch_size
         self._calls = self._db.table("calls")
@@ -571,6 +574,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
             f'ORDER BY coalesce(workflow, \'\') COLLATE "C"{order_stage}, model COLLATE "C"'
         )
         pool = await self._db.pool(self._migrations)
+        if self._db.missing:
+            return []
         async with self._db.errors("aggregate"):
             rows = await self._db.run(pool, "fetch", query, *args)
         return [
@@ -621,6 +626,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
             f"SELECT record FROM {self._calls}{where} ORDER BY ts DESC, seq DESC LIMIT ${len(args)}"
         )
         pool = await self._db.pool(self._migrations)
+        if self._db.missing:
+            return []
         async with self._db.errors("recent"):
             rows = await self._db.run(pool, "fetch", query, *args)
         try:
@@ -646,6 +653,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
             f"sum(least(cost_usd, {_CAP})) AS cost FROM {self._calls}{where} GROUP BY 1, 2, 3"
         )
         pool = await self._db.pool(self._migrations)
+        if self._db.missing:
+            return {}
         async with self._db.errors("spend"):
             rows = await self._db.run(pool, "fetch", query, *args)
         return {
@@ -672,6 +681,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
         # unsorted: EvidenceBatch sorts its buckets only when they are read
         query = f"SELECT {_EVIDENCE_ROW} FROM {self._evidence_table} WHERE {' AND '.join(clauses)}"
         pool = await self._db.pool(self._migrations)
+        if self._db.missing:
+            return EvidenceBatch.from_rows((), 0)
         async with (
             self._db.errors("evidence"),
             self._db.connection(pool) as conn,
@@ -691,6 +702,8 @@ class PostgresTelemetryBackend(TelemetryBackend):
         before it, in one transaction; return how many records were deleted.
         """
         pool = await self._db.pool(self._migrations)
+        if self._db.missing:
+            return 0
         # in whole seconds: exact, defined within year 1's first minute, and never the
         # infinity asyncpg sends for the last datetime (whose bucket ends after it)
         last_start = (before - _EPOCH) // _SECOND - BUCKET_SECONDS

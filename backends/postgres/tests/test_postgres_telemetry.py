@@ -451,3 +451,16 @@ async def test_version_3_tables_take_long_names_once_migrated(
         assert_same_buckets(buckets, rollup([*first, long_names]), "after the migration")
         found = await backend.recent(stage=long_names.stage)
         assert [r.call_id for r in found] == [long_names.call_id]
+
+
+async def test_read_only_a_schema_without_calls_reads_as_empty(postgres_url: str) -> None:
+    # breakers, but never telemetry, in the schema: a read-only backend reads no calls,
+    # as a SQLite file does, rather than saying the schema holds no empathy-models tables
+    async with state_store_from_url(postgres_url) as store:
+        await store.reset("k")
+    async with PostgresTelemetryBackend(postgres_url, create=False) as backend:
+        assert await backend.aggregate() == []
+        assert await backend.recent() == []
+        assert await backend.spend() == {}
+        assert len(await backend.evidence()) == 0
+        assert await backend.purge(before=T0) == 0
