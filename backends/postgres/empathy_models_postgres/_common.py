@@ -42,6 +42,8 @@ _NOW_SQL: Final = "SELECT extract(epoch FROM clock_timestamp())::float8"
 """The database's clock, which times every store's operations (UTC epoch seconds)."""
 
 _IDENT: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME_BYTES: Final = 63
+"""The most bytes of a name PostgreSQL keeps (``NAMEDATALEN - 1``): it cuts longer ones."""
 _URL_OPTIONS: Final = frozenset({"schema", "table_prefix", "connect_timeout"})
 """The DSN query's options taken out before asyncpg reads it: the plugin's own, and
 libpq's ``connect_timeout``, which asyncpg would send to the server as a setting (which
@@ -318,6 +320,14 @@ class Database:
         if schema is not None and not _IDENT.match(schema):
             raise ConfigurationError(
                 f"schema must be a plain SQL identifier (letters, digits, _), got {schema!r}"
+            )
+        if schema is not None and len(schema) > _NAME_BYTES:
+            # (an identifier of ASCII letters, digits and _: a byte per character)
+            raise ConfigurationError(
+                f"schema {schema} is too long: PostgreSQL cuts names to {_NAME_BYTES} "
+                "bytes, so every schema named alike up to there would be one; name it by "
+                f"its first {_NAME_BYTES} characters ({schema[:_NAME_BYTES]}), where its "
+                "tables are"
             )
         if not _IDENT.match(table_prefix):
             raise ConfigurationError(
@@ -701,10 +711,6 @@ class Database:
                 CLOSE_TIMEOUT,
             )
             pool.terminate()
-
-
-_NAME_BYTES: Final = 63
-"""The most bytes of a name PostgreSQL keeps (``NAMEDATALEN - 1``): it cuts longer ones."""
 
 
 def _check_names(db: Database, templates: Sequence[Sequence[str]]) -> None:

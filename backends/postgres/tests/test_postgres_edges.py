@@ -224,3 +224,24 @@ async def test_the_longest_table_prefix_said_to_fit_keeps_every_component_workin
         assert (await quota.reserve("b", amount=3, **kw)).usage.held == 3
     async with state_store_from_url(url) as state:
         assert await state.snapshot_all() == []
+
+
+@pytest.mark.parametrize("kind", ["telemetry", "cache", "quota", "state"])
+def test_a_schema_name_postgresql_would_cut_is_refused(kind: str) -> None:
+    # PostgreSQL cuts names to 63 bytes: two tenants' schemas named alike up to there
+    # were one schema, and each read and spent the other's budgets
+    from empathy_models import cache_from_url, quota_store_from_url
+    from empathy_models.backends import telemetry_from_url
+
+    factory = {
+        "telemetry": telemetry_from_url,
+        "cache": cache_from_url,
+        "quota": quota_store_from_url,
+        "state": state_store_from_url,
+    }[kind]
+    fits = "s" * 63
+    factory(f"postgresql://postgres@127.0.0.1:5432/test?schema={fits}")
+    with pytest.raises(ConfigurationError, match=rf"schema {fits}a is too long: PostgreSQL cuts"):
+        factory(f"postgresql://postgres@127.0.0.1:5432/test?schema={fits}a")
+    with pytest.raises(ConfigurationError, match="is too long"):
+        factory("postgresql://postgres@127.0.0.1:5432/test", schema=fits + "b")
