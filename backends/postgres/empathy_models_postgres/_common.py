@@ -241,7 +241,8 @@ def _check_pool_sizes(component: str, options: dict[str, Any]) -> None:
     Refuse, at construction, the pool options `asyncpg.create_pool` would refuse when
     the pool is created (at open or at the first operation, as a ``ValueError`` or
     ``TypeError`` of its own): its sizes, ``max_queries``, the inactive connections'
-    lifetime and ``command_timeout``.
+    lifetime and ``command_timeout``; and a connect ``timeout`` that is no time (every
+    connection would time out at once) or not a number (a ``TypeError`` of asyncio's).
     """
 
     def refuse(why: str) -> ConfigurationError:
@@ -268,9 +269,10 @@ def _check_pool_sizes(component: str, options: dict[str, Any]) -> None:
         ("max_queries", "> 0"),
         ("max_inactive_connection_lifetime", ">= 0"),
         ("command_timeout", "> 0"),
+        ("timeout", "> 0"),  # the connect timeout
     ):
         value = options.get(name)
-        if name not in options or (name == "command_timeout" and value is None):
+        if name not in options or (name.endswith("timeout") and value is None):
             continue  # asyncpg's default, or no time limit
         if (
             isinstance(value, bool)

@@ -97,6 +97,12 @@ async def test_an_executor_starts_while_the_database_is_unreachable_and_runs_deg
         ({"max_inactive_connection_lifetime": -1}, "lifetime must be a number >= 0, got -1"),
         ({"command_timeout": 0}, "command_timeout must be a number > 0, got 0"),
         ({"command_timeout": float("nan")}, "command_timeout must be a number > 0, got nan"),
+        # the connect timeout: every connection failed ("timed out after 0 s"), or the
+        # open with a TypeError of asyncio's ("unsupported operand type(s) for +")
+        ({"timeout": 0}, r"(?<!_)timeout must be a number > 0, got 0"),
+        ({"timeout": -1}, r"(?<!_)timeout must be a number > 0, got -1"),
+        ({"timeout": "5"}, r"(?<!_)timeout must be a number > 0, got '5'"),
+        ({"timeout": float("nan")}, r"(?<!_)timeout must be a number > 0, got nan"),
     ],
 )
 @pytest.mark.parametrize("kind", ["state", "quota", "cache", "telemetry"])
