@@ -360,6 +360,10 @@ class Database:
         _check_pool_sizes(component, self.pool_options)
         self._pool: asyncpg.Pool | None = None
         self._lock: asyncio.Lock | None = None
+        # the pool being created has connected, and its tables are being migrated; a
+        # migration that outlasted the open goes on in this task (see `open`)
+        self._migrating = False
+        self._opening: asyncio.Task[asyncpg.Pool] | None = None
         # the connection kept between statements (see `statement`) and its use count
         self._kept: asyncpg.Connection | None = None
         self._kept_uses = 0
@@ -390,11 +394,29 @@ class Database:
         if it cannot be reached, warn
         and leave it to the first operation (which raises the backend's error until the
         database is back), so a worker starts during an outage and runs degraded, as
-        with Redis.  A schema newer than this code still fails the open.
+        with Redis.  A schema newer than this code still fails the open.  A migration
+        still running then (an upgrade over a large table, or one waiting for another
+        session's lock) is not cut short, which would roll it back for the first
+        operation to run again from the start: it goes on in the background
+        (`_opening`), and operations wait for it.
         """
+        task = asyncio.get_running_loop().create_task(self.pool(migrations))
         try:
-            await asyncio.wait_for(self.pool(migrations), OPEN_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(task), OPEN_TIMEOUT)
         except TimeoutError:
+            task.add_done_callback(_retrieved)
+            if self._migrating:  # the database answered
+                self._opening = task
+                logger.warning(
+                    "PostgreSQL %s %s: still migrating the tables after %g s at open; "
+                    "the migration goes on, and operations wait for it",
+                    self.component,
+                    self.target,
+                    OPEN_TIMEOUT,
+                )
+                return
+            task.cancel()
+            await asyncio.wait([task])
             logger.warning(
                 "PostgreSQL %s %s: no answer within %g s at open; trying again at the "
                 "first operation",
@@ -402,6 +424,10 @@ class Database:
                 self.target,
                 OPEN_TIMEOUT,
             )
+        except asyncio.CancelledError:
+            task.cancel()
+            task.add_done_callback(_retrieved)
+            raise
         except SchemaVersionError:
             raise
         except self.error_type as exc:
@@ -434,11 +460,14 @@ class Database:
             if self._pool is None:
                 async with self.errors("connect"):
                     pool = await asyncpg.create_pool(self.dsn, **self.pool_options)
+                self._migrating = True
                 try:
                     await self._migrate(pool, migrations)
                 except BaseException:
                     await pool.close()
                     raise
+                finally:
+                    self._migrating = False
                 self._pool = pool
         return self._pool
 
@@ -693,6 +722,11 @@ class Database:
 
     async def close(self) -> None:
         """Close the pool; past `CLOSE_TIMEOUT` seconds (an unreachable server), terminate it."""
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            # a migration the open left running: cut short (rolled back), its pool closed
+            opening.cancel()
+            await asyncio.wait([opening], timeout=CLOSE_TIMEOUT)
         pool, self._pool = self._pool, None
         if pool is None:
             return
