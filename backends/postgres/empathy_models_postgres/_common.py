@@ -471,6 +471,20 @@ class Database:
                 self._pool = pool
         return self._pool
 
+    async def absent(self, migrations: Sequence[Migration]) -> bool:
+        """
+        Without ``create``: whether this component's tables are missing from a schema
+        that holds others' (`empty_when_missing`: its reads find nothing), looked up
+        again while they are, so that a store open for long reads the tables another
+        process has made since.  One round trip per read while missing, none after.
+        """
+        pool = await self.pool(migrations)
+        if self.missing:
+            self.missing = await self._check_tables(
+                pool, self.table("schema_version"), len(migrations)
+            )
+        return self.missing
+
     async def connect(self, application_name: str) -> asyncpg.Connection:
         """One connection of its own, outside the pool, opened with the pool's options
         and ``application_name`` (what ``pg_stat_activity`` shows operators)."""
@@ -644,7 +658,7 @@ class Database:
         version_table = self.table("schema_version")
         latest = len(migrations)
         if not self.create:
-            await self._check_tables(pool, version_table, latest)
+            self.missing = await self._check_tables(pool, version_table, latest)
             return
         async with (
             self.errors("migrate"),
@@ -685,8 +699,12 @@ class Database:
                     latest,
                 )
 
-    async def _check_tables(self, pool: asyncpg.Pool, version_table: str, latest: int) -> None:
-        """Without ``create``: refuse, rather than create, missing or outdated tables."""
+    async def _check_tables(self, pool: asyncpg.Pool, version_table: str, latest: int) -> bool:
+        """
+        Without ``create``: refuse, rather than create, missing or outdated tables; true
+        when this component's are missing from a schema that holds others' and
+        `empty_when_missing` lets it read as empty.
+        """
         where = f"(prefix {self.table_prefix!r}, schema {self.schema or 'search_path'})"
         async with self.errors("check the tables"), self.connection(pool) as conn:
             exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", version_table)
@@ -696,8 +714,7 @@ class Database:
                     f"SELECT version FROM {version_table} WHERE component = $1", self.component
                 )
         if current is None and exists and self.empty_when_missing:
-            self.missing = True  # empathy-models tables, but never this component's
-            return
+            return True  # empathy-models tables, but never this component's
         if current is None:
             raise self.error_type(
                 f"PostgreSQL {self.component} {self.target}: no empathy-models tables {where}: "
@@ -719,6 +736,7 @@ class Database:
                 "writing (e.g. run the application) to migrate them",
                 target=self.target,
             )
+        return False
 
     async def close(self) -> None:
         """Close the pool; past `CLOSE_TIMEOUT` seconds (an unreachable server), terminate it."""

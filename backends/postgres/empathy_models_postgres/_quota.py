@@ -210,9 +210,9 @@ class PostgresQuotaStore(TransactionalQuotaStore):
         return await self._db.clock(self._migrations)
 
     async def _load(self, key: str) -> dict[str, Any] | None:
-        pool = await self._db.pool(self._migrations)
-        if self._db.missing:
+        if await self._db.absent(self._migrations):
             return None
+        pool = await self._db.pool(self._migrations)
         async with self._db.errors(f"read {shown(key)}"):
             raw = await self._db.statement(
                 pool,
@@ -223,9 +223,9 @@ class PostgresQuotaStore(TransactionalQuotaStore):
         return self._decode(raw)
 
     async def _scan(self, prefix: str) -> list[tuple[str, dict[str, Any]]]:
-        pool = await self._db.pool(self._migrations)
-        if self._db.missing:
+        if await self._db.absent(self._migrations):
             return []
+        pool = await self._db.pool(self._migrations)
         async with self._db.errors("scan"):
             rows = await self._db.run(
                 pool,

@@ -245,9 +245,9 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         return True
 
     async def _load(self, key: str) -> CircuitBreakerState | None:
-        pool = await self._db.pool(self._migrations)
-        if self._db.missing:
+        if await self._db.absent(self._migrations):
             return None
+        pool = await self._db.pool(self._migrations)
         async with self._db.errors(f"read {key!r}"):
             raw = await self._db.statement(
                 pool, "fetchval", f"SELECT state::text FROM {self._table} WHERE key = $1", key
@@ -255,9 +255,9 @@ class PostgresCircuitStateStore(TransactionalStateStore):
         return None if raw is None else self._decoded(key, raw, self._decode_text)
 
     async def _load_all(self) -> list[CircuitBreakerState]:
-        pool = await self._db.pool(self._migrations)
-        if self._db.missing:
+        if await self._db.absent(self._migrations):
             return []
+        pool = await self._db.pool(self._migrations)
         async with self._db.errors("read all"):
             rows = await self._db.run(
                 pool,

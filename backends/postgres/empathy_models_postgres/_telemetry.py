@@ -573,9 +573,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
             "GROUP BY 1, 2, 3 "
             f'ORDER BY coalesce(workflow, \'\') COLLATE "C"{order_stage}, model COLLATE "C"'
         )
-        pool = await self._db.pool(self._migrations)
-        if self._db.missing:
+        if await self._db.absent(self._migrations):
             return []
+        pool = await self._db.pool(self._migrations)
         async with self._db.errors("aggregate"):
             rows = await self._db.run(pool, "fetch", query, *args)
         return [
@@ -625,9 +625,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
         query = (
             f"SELECT record FROM {self._calls}{where} ORDER BY ts DESC, seq DESC LIMIT ${len(args)}"
         )
-        pool = await self._db.pool(self._migrations)
-        if self._db.missing:
+        if await self._db.absent(self._migrations):
             return []
+        pool = await self._db.pool(self._migrations)
         async with self._db.errors("recent"):
             rows = await self._db.run(pool, "fetch", query, *args)
         try:
@@ -652,9 +652,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
             "SELECT coalesce(workflow, '') AS wf, coalesce(stage, '') AS st, model, "
             f"sum(least(cost_usd, {_CAP})) AS cost FROM {self._calls}{where} GROUP BY 1, 2, 3"
         )
-        pool = await self._db.pool(self._migrations)
-        if self._db.missing:
+        if await self._db.absent(self._migrations):
             return {}
+        pool = await self._db.pool(self._migrations)
         async with self._db.errors("spend"):
             rows = await self._db.run(pool, "fetch", query, *args)
         return {
@@ -680,9 +680,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
             clauses.append(f"bucket_start < ${len(args)}")
         # unsorted: EvidenceBatch sorts its buckets only when they are read
         query = f"SELECT {_EVIDENCE_ROW} FROM {self._evidence_table} WHERE {' AND '.join(clauses)}"
-        pool = await self._db.pool(self._migrations)
-        if self._db.missing:
+        if await self._db.absent(self._migrations):
             return EvidenceBatch.from_rows((), 0)
+        pool = await self._db.pool(self._migrations)
         async with (
             self._db.errors("evidence"),
             self._db.connection(pool) as conn,
@@ -701,9 +701,9 @@ class PostgresTelemetryBackend(TelemetryBackend):
         Delete the records older than ``before`` and the evidence buckets that end at or
         before it, in one transaction; return how many records were deleted.
         """
-        pool = await self._db.pool(self._migrations)
-        if self._db.missing:
+        if await self._db.absent(self._migrations):
             return 0
+        pool = await self._db.pool(self._migrations)
         # in whole seconds: exact, defined within year 1's first minute, and never the
         # infinity asyncpg sends for the last datetime (whose bucket ends after it)
         last_start = (before - _EPOCH) // _SECOND - BUCKET_SECONDS

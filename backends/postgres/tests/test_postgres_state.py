@@ -402,3 +402,8 @@ async def test_read_only_a_schema_without_breaker_state_reads_as_empty(
         assert await store.snapshot_all() == []
         assert (await store.snapshot("k")).state is CircuitState.CLOSED
         await store.reset(None)  # nothing to reset
+        # and once a breaker has made the table, a store open for long reads it
+        async with PostgresCircuitStateStore(postgres_url) as writer:
+            await writer.force("k", CircuitState.DISABLED)
+        assert [s.key for s in await store.snapshot_all()] == ["k"]
+        assert (await store.snapshot("k")).state is CircuitState.DISABLED

@@ -464,6 +464,11 @@ async def test_read_only_a_schema_without_calls_reads_as_empty(postgres_url: str
         assert await backend.spend() == {}
         assert len(await backend.evidence()) == 0
         assert await backend.purge(before=T0) == 0
+        # and once calls are recorded, a backend open for long reads them
+        async with PostgresTelemetryBackend(postgres_url) as writer:
+            await writer.record_many(random_records(13, 5))
+        assert len(await backend.recent()) == 5
+        assert len(await backend.evidence()) > 0
 
 
 async def test_a_migration_longer_than_the_open_goes_on_instead_of_starting_over(
