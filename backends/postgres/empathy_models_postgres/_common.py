@@ -241,8 +241,9 @@ def _check_pool_sizes(component: str, options: dict[str, Any]) -> None:
     Refuse, at construction, the pool options `asyncpg.create_pool` would refuse when
     the pool is created (at open or at the first operation, as a ``ValueError`` or
     ``TypeError`` of its own): its sizes, ``max_queries``, the inactive connections'
-    lifetime and ``command_timeout``; and a connect ``timeout`` that is no time (every
-    connection would time out at once) or not a number (a ``TypeError`` of asyncio's).
+    lifetime and ``command_timeout``; a connect ``timeout`` that is no time (every
+    connection would time out at once) or not a number (a ``TypeError`` of asyncio's);
+    ``server_settings`` other than a dict of strings.
     """
 
     def refuse(why: str) -> ConfigurationError:
@@ -265,6 +266,12 @@ def _check_pool_sizes(component: str, options: dict[str, Any]) -> None:
     init = sizes.get("init_size")
     if init is not None and not low_size <= init <= high_size:
         raise refuse(f"init_size ({init}) must be from min_size to max_size")
+    settings = options.get("server_settings")
+    if settings is not None and (
+        not isinstance(settings, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in settings.items())
+    ):
+        raise refuse(f"server_settings must be a dict of str to str, got {shown(settings)}")
     for name, least in (
         ("max_queries", "> 0"),
         ("max_inactive_connection_lifetime", ">= 0"),
@@ -307,6 +314,7 @@ class Database:
         pool_options: dict[str, Any],
         create: bool = True,
         empty_when_missing: bool = False,
+        settings: dict[str, str] | None = None,
     ) -> None:
         unknown = sorted(set(pool_options) - pool_option_names())
         if unknown:
@@ -358,6 +366,9 @@ class Database:
             self.pool_options["timeout"] = connect_timeout  # a keyword ``timeout`` wins
         self.pool_options.update(pool_options)
         _check_pool_sizes(component, self.pool_options)
+        if settings:  # the component's server settings, unless given otherwise
+            given = self.pool_options.get("server_settings") or {}
+            self.pool_options["server_settings"] = {**settings, **given}
         self._pool: asyncpg.Pool | None = None
         self._lock: asyncio.Lock | None = None
         # the pool being created has connected, and its tables are being migrated; a

@@ -104,11 +104,9 @@ class PostgresCircuitStateStore(TransactionalStateStore):
             pool_options={
                 "reset": _keep_session,
                 **pool_options,
-                "server_settings": {
-                    "synchronous_commit": "off",
-                    **(pool_options.get("server_settings") or {}),
-                },
             },
+            # the given server_settings win (checked first, as given)
+            settings={"synchronous_commit": "off"},
             create=create,
             # read-only, a schema whose breaker table was never made (telemetry only:
             # breakers shared elsewhere) reads as empty, as a SQLite file does

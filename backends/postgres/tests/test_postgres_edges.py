@@ -103,6 +103,13 @@ async def test_an_executor_starts_while_the_database_is_unreachable_and_runs_deg
         ({"timeout": -1}, r"(?<!_)timeout must be a number > 0, got -1"),
         ({"timeout": "5"}, r"(?<!_)timeout must be a number > 0, got '5'"),
         ({"timeout": float("nan")}, r"(?<!_)timeout must be a number > 0, got nan"),
+        # failed at open (or, for the breaker store, at construction with a TypeError
+        # naming no option: "'str' object is not a mapping")
+        ({"server_settings": "x"}, "server_settings must be a dict of str to str, got 'x'"),
+        (
+            {"server_settings": {"application_name": 5}},
+            r"server_settings must be a dict of str to str, got \{'application_name': 5\}",
+        ),
     ],
 )
 @pytest.mark.parametrize("kind", ["state", "quota", "cache", "telemetry"])
