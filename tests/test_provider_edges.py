@@ -548,6 +548,32 @@ async def test_the_cap_is_configurable(raw: RawServer) -> None:
         assert until is not None and until <= time.time() + 30 and until >= before + 29
 
 
+@pytest.mark.parametrize(
+    "retry_after",
+    [
+        "Mon, 1 Jan 2030 00:00:00 +99999999999999999999",  # an offset no clock holds
+        "Mon, 1 Jan 99999999999999999999 00:00:00 GMT",  # a year
+        "Mon, 99999999999999999999 Jan 2030 00:00:00 GMT",  # a day
+        "Mon, 1 Jan 2030 99999999999999999999:00:00 GMT",  # an hour
+    ],
+)
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_retry_after_date_past_any_clock_is_no_hint(
+    raw: RawServer, retry_after: str, status: int
+) -> None:
+    # an HTTP date whose numbers overflow: read as no hint, as any unreadable value is
+    # (the error used to be the parser's OverflowError: not a provider error, not retried)
+    raw.reply = Reply(
+        status=status,
+        headers={"retry-after": retry_after, "content-type": "application/json"},
+        body=b'{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}',
+    )
+    with pytest.raises((RateLimitedError, ServerError)) as info:
+        await complete(AnthropicProvider(api_key=KEY, base_url=raw.url))
+    assert info.value.status == status and info.value.retry_after is None
+    assert RetryPolicy().is_retryable(info.value)
+
+
 @pytest.mark.parametrize("provider_class", [OpenAIProvider, AnthropicProvider])
 @pytest.mark.parametrize("url", ["http://[::1/v1", "http://127.0.0.1:99999/v1", "http://h:x/"])
 def test_a_base_url_that_does_not_parse_is_a_configuration_error(

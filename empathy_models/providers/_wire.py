@@ -212,7 +212,8 @@ def said_should_retry(headers: Mapping[str, str]) -> bool | None:
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """
     Seconds to wait according to ``retry-after-ms`` or ``Retry-After`` (delta seconds or
-    an HTTP date, relative to ``now``, epoch seconds), or None when absent or unreadable.
+    an HTTP date, relative to ``now``, epoch seconds), or None when absent or unreadable
+    (a date whose numbers no clock holds included).
     """
     ms = headers.get("retry-after-ms")
     if ms is not None:
@@ -231,7 +232,7 @@ def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):  # Overflow: a huge number
             return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
