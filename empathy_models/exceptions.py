@@ -14,7 +14,7 @@ bad input a `ValueError`)::
     ├── SourceFileError (OSError)                a file count_lines_of_code cannot count
     ├── ProviderError                            anything a model provider answered or failed to
     │   ├── ProviderTimeoutError (TimeoutError)  no answer before the deadline; 408 / 409
-    │   ├── ProviderConnectionError (ConnectionError)
+    │   ├── ProviderConnectionError (ConnectionError)  also a 499: cancelled on the way
     │   ├── RateLimitedError                     429, with retry_after
     │   ├── AuthenticationError (PermissionError) 401 / 402 / 403, no credit, account disabled
     │   │   └── MissingAPIKeyError (also a ConfigurationError) no key configured: never sent
@@ -193,7 +193,10 @@ class ProviderTimeoutError(ProviderError, TimeoutError):
 
 
 class ProviderConnectionError(ProviderError, ConnectionError):
-    """The connection could not be made or broke before an answer."""
+    """
+    The connection could not be made or broke before an answer, or the request was
+    cancelled on the way (HTTP 499: a gateway's, or Gemini's ``CANCELLED``).
+    """
 
 
 class RateLimitedError(ProviderError):

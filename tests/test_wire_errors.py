@@ -28,6 +28,7 @@ from empathy_models.exceptions import (
     AuthenticationError,
     ContextWindowExceededError,
     InvalidRequestError,
+    ProviderConnectionError,
     ProviderError,
     ServerError,
 )
@@ -217,7 +218,12 @@ async def test_a_stream_error_events_numeric_code_is_its_status(server: Replies)
 @pytest.mark.parametrize("streamed", [False, True], ids=["complete", "stream"])
 @pytest.mark.parametrize(
     ("status", "expected"),
-    [(503, ServerError), (502, ServerError), (429, RateLimitedError)],
+    [
+        (503, ServerError),
+        (502, ServerError),
+        (429, RateLimitedError),
+        (499, ProviderConnectionError),
+    ],
 )
 async def test_an_error_status_whose_body_was_cut_short_is_that_statuss_error(
     status: int, expected: type[ProviderError], streamed: bool
@@ -278,6 +284,12 @@ def gemini_error(code: int, message: str, status: str) -> list[dict[str, Any]]:
             ),
             InvalidRequestError,
         ),
+        (
+            # gRPC's CANCELLED: the request was cancelled on the way, not a bad request
+            499,
+            gemini_error(499, "The operation was cancelled.", "CANCELLED"),
+            ProviderConnectionError,
+        ),
     ],
 )
 async def test_geminis_errors_in_a_list_are_read(
@@ -290,3 +302,29 @@ async def test_geminis_errors_in_a_list_are_read(
     error = body[0]["error"]
     # it quoted the list's first 120 characters, JSON-escaped, the message cut
     assert f"{error['status']}: {error['message']}" in str(info.value)
+
+
+async def test_a_499_is_retried_rather_than_ending_the_run(server: Replies) -> None:
+    # a request a gateway or Gemini cancelled on the way (HTTP 499, CANCELLED) says
+    # nothing against the request: it used to be an InvalidRequestError, which ends the
+    # run at once, with no retry and no other route tried
+    cancelled = gemini_error(499, "The operation was cancelled.", "CANCELLED")
+    server.script(cancelled, status=499)
+    server.script(openai_ok("after the cancel"))
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    async with EmpathyLLMExecutor(
+        [OpenAIProvider(api_key=KEY, base_url=server.url)],
+        registry=REGISTRY,
+        telemetry_store=NullTelemetryBackend(),
+        retry=RetryPolicy(jitter=False),
+        sleep=sleep,
+    ) as executor:
+        response = await executor.run("hello", ExecutionContext(tier="cheap"))
+    assert response.content == "after the cancel"
+    assert server.requests == 2 and waits == [1.0]
+    [failed, _] = response.attempts
+    assert (failed.error_type, failed.status_code) == ("ProviderConnectionError", 499)

@@ -29,13 +29,15 @@ official SDKs retry it)
 500-599                                    `ServerError`
 aiohttp / asyncio timeout                  `ProviderTimeoutError`
 refused, reset, DNS, disconnected, a       `ProviderConnectionError`
-proxy refusing the tunnel
+proxy refusing the tunnel; a 499 (the
+request cancelled on the way: a gateway's,
+Gemini's ``CANCELLED``)
 a 2xx body holding an ``error`` and no     the class its ``type`` or ``code``
 answer (an OpenAI-compatible gateway's     stands for, as that status maps (a
 ``{"error": {...}}`` sent with 200)        numeric ``code``, OpenRouter's, is the
                                            status; else `ServerError`)
-408, 409, 429 or 5xx whose body was cut    that status's error (its headers'
-short                                      ``Retry-After`` kept)
+408, 409, 429, 499 or 5xx whose body was   that status's error (its headers'
+cut short                                  ``Retry-After`` kept)
 truncated body, malformed JSON, missing    `InvalidResponseError`
 fields, unexpected status (a 3xx: redirects
 are never followed, they would carry the key)

@@ -393,6 +393,8 @@ def error_from_response(
         cls = ModelNotFoundError
     elif status in (408, 409):  # 409: a lock timeout, retried as the official SDKs do
         cls = ProviderTimeoutError
+    elif status == 499:  # cancelled on the way (a gateway; Gemini's CANCELLED): transient
+        cls = ProviderConnectionError
     elif status == 400 and (
         any(marker in lowered for marker in _UNKNOWN_MODEL_MARKERS)
         or ("the model" in lowered and "does not exist" in lowered)
@@ -524,7 +526,7 @@ def error_from_transport(
     `asyncio.CancelledError`, which callers must let through), scrubbed of ``secret``.
     ``status``: the answer's, when it was read before the body failed; a 2xx body cut
     short keeps it (the request was accepted, and is billed: see `InvalidResponseError`);
-    a status that asks for a retry (408, 409, 429, 5xx) whose body was cut short (not by
+    a status that asks for a retry (408, 409, 429, 499, 5xx) whose body was cut short (not by
     a timeout) is the error that status and ``headers``, the answer's, map to
     (`error_from_response`: a 503's `ServerError` with its ``Retry-After``), the body
     said to be cut short.  (Another status's class may depend on the body lost: a 400
@@ -534,7 +536,7 @@ def error_from_transport(
 
     if (
         status is not None
-        and (status in (408, 409, 429) or 500 <= status < 600)
+        and (status in (408, 409, 429, 499) or 500 <= status < 600)
         and isinstance(exc, aiohttp.ClientError)
         and not isinstance(exc, TimeoutError)
     ):
