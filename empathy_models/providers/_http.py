@@ -641,9 +641,10 @@ class HTTPProvider(Provider):
         """
         POST ``request`` with ``"stream": true`` and return the open `CompletionStream`.
 
-        ``idle_timeout`` bounds the wait for the first byte and each gap between chunks
-        (default: the provider's own total timeout, or its read timeout, an
-        `aiohttp.ClientTimeout`'s ``sock_read``, when shorter or the only one);
+        ``idle_timeout`` bounds the wait for the first byte and each gap between chunks,
+        and so does the provider's own total timeout, or its read timeout (an
+        `aiohttp.ClientTimeout`'s ``sock_read``), whichever is shortest: the provider's
+        timeout applies to a stream as to `complete` (its error then names it);
         ``total_timeout`` the whole stream.
         Errors before the first byte are raised here, mapped as for `complete`; later
         ones (a stall, an ``error`` event, a cut connection) by the stream's
@@ -657,11 +658,7 @@ class HTTPProvider(Provider):
         from ._streaming import open_http_stream
 
         return await open_http_stream(
-            self,
-            request,
-            decoder,
-            idle_timeout=self._idle_default if idle_timeout is None else idle_timeout,
-            total_timeout=total_timeout,
+            self, request, decoder, idle_timeout=idle_timeout, total_timeout=total_timeout
         )
 
     def _exact_timeout(self, total: float) -> aiohttp.ClientTimeout:

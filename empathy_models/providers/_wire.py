@@ -54,9 +54,11 @@ __all__ = [
     "error_in_answer",
     "error_from_transport",
     "estimated_output_tokens",
+    "is_own_timeout",
     "json_text",
     "masked_url",
     "missing_key",
+    "own_timeout",
     "shown_count",
     "parse_ratelimit_reset",
     "parse_retry_after",
@@ -581,6 +583,25 @@ def error_from_transport(
         provider=provider,
         model=model,
     )
+
+
+_OWN_TIMEOUT: Final = "_empathy_own_timeout"
+"""The attribute marking a `ProviderTimeoutError` as the provider's own timeout's."""
+
+
+def own_timeout(error: ProviderTimeoutError) -> ProviderTimeoutError:
+    """
+    ``error``, marked as raised by the provider's own timeout (shorter than the one
+    its caller gave): its message names that limit, which the executor keeps rather
+    than naming its per-attempt timeout (`is_own_timeout`).
+    """
+    setattr(error, _OWN_TIMEOUT, True)
+    return error
+
+
+def is_own_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a timeout `own_timeout` marked as the provider's own."""
+    return getattr(error, _OWN_TIMEOUT, False) is True
 
 
 def error_from_local(
