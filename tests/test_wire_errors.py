@@ -328,3 +328,45 @@ async def test_a_499_is_retried_rather_than_ending_the_run(server: Replies) -> N
     assert server.requests == 2 and waits == [1.0]
     [failed, _] = response.attempts
     assert (failed.error_type, failed.status_code) == ("ProviderConnectionError", 499)
+
+
+# --------------------------------------------------------------------------- self-hosted servers
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (  # llama.cpp's server (llama-server)
+            400,
+            {
+                "error": {
+                    "code": 400,
+                    "message": "request (9412 tokens) exceeds the available context size "
+                    "(8192 tokens), try increasing it",
+                    "type": "exceed_context_size_error",
+                    "n_prompt_tokens": 9412,
+                    "n_ctx": 8192,
+                }
+            },
+        ),
+        (  # Hugging Face text-generation-inference, and Together in its shape
+            422,
+            {
+                "error": "Input validation error: `inputs` tokens + `max_new_tokens` must be "
+                "<= 4096. Given: 4000 `inputs` tokens and 1024 `max_new_tokens`",
+                "error_type": "validation",
+            },
+        ),
+    ],
+    ids=["llama.cpp", "text-generation-inference"],
+)
+async def test_a_self_hosted_servers_context_overflow_is_a_context_window_error(
+    server: Replies, status: int, body: dict[str, Any]
+) -> None:
+    # it was an InvalidRequestError: the run ended at once, where a model with a larger
+    # context window would have been tried next
+    server.script(body, status=status)
+    with pytest.raises(ProviderError) as info:
+        await complete(OpenAIProvider(api_key=KEY, base_url=server.url))
+    assert type(info.value) is ContextWindowExceededError
+    assert info.value.status == status

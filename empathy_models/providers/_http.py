@@ -9,7 +9,9 @@ on the wire is turned into a `ProviderError` subclass here, and only here:
 =========================================  ======================================
 what happened                              raised
 =========================================  ======================================
-400 (body says context length)             `ContextWindowExceededError`
+a 4xx whose body says the context is too   `ContextWindowExceededError`
+small (the APIs' wording, vLLM's,
+llama.cpp's, TGI's 422)
 400 (body says content policy)             `ContentPolicyError`
 400, 413, 422 and other 4xx                `InvalidRequestError`
 401, 403, 402 (billing: out of credit)     `AuthenticationError`

@@ -90,6 +90,12 @@ _CONTEXT_MARKERS: Final = (
     "context window",
     # Gemini: "The input token count (N) exceeds the maximum number of tokens allowed (M)."
     "exceeds the maximum number of tokens allowed",
+    # llama.cpp's server: "request (N tokens) exceeds the available context size (M
+    # tokens), try increasing it" (type exceed_context_size_error)
+    "exceeds the available context size",
+    # text-generation-inference (and Together): "`inputs` tokens + `max_new_tokens`
+    # must be <= N. Given: ..." (a 422)
+    "`inputs` tokens + `max_new_tokens` must be <=",
 )
 _POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
 _POLICY_MARKERS: Final = ("content filtering policy", "usage policy", "content policy")
