@@ -46,6 +46,7 @@ from ._sse import StreamDecoder
 from ._wire import (
     _ENCODER,
     ResponseReader,
+    _without_request,
     error_from_response,
     error_from_transport,
     estimated_output_tokens,
@@ -187,8 +188,8 @@ async def open_http_stream(
     except aiohttp.InvalidURL as exc:  # a ClientError too, but nothing was sent
         raise provider._not_built(exc, model) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise error_from_transport(
-            exc, provider=name, model=model, secret=provider._redacted
+        raise error_from_transport(  # its context: aiohttp's error, without the headers
+            _without_request(exc), provider=name, model=model, secret=provider._redacted
         ) from None
     except (ValueError, TypeError) as exc:  # aiohttp refused to build the request
         if isinstance(exc, EmpathyModelsError):
@@ -222,7 +223,7 @@ async def open_http_stream(
     except (aiohttp.ClientError, OSError) as exc:
         response.close()
         raise error_from_transport(  # a whole body cut short keeps its status
-            exc,
+            _without_request(exc),
             provider=name,
             model=model,
             secret=provider._redacted,
@@ -398,7 +399,7 @@ class HTTPCompletionStream(CompletionStream):
                         )
                     else:
                         error = error_from_transport(
-                            exc,
+                            _without_request(exc),
                             provider=self._provider,
                             model=self._model,
                             secret=self._decoder._secret,
