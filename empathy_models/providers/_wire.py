@@ -77,10 +77,13 @@ The UTF-8 bytes of an answer counted as one output token when the provider repor
 count (`estimated_output_tokens`): about what providers count for English, what the
 executor's estimate of a prompt assumes too (``limits.values.WORST_PER_ESTIMATE``).
 """
-_URL_PASSWORD: Final = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:)\S{0,512}@")
+_URL_PASSWORD: Final = re.compile(r"((?<![A-Za-z0-9+.-])[A-Za-z0-9+.-]*://[^/?#@\s:]*:)\S{0,512}@")
 """
 The password of a ``scheme://user:password@`` in a message (a proxy URL quoted back),
 up to the last '@' before a space: a password may hold an unencoded '/', '?', '#', '@'.
+The scheme is the whole run of scheme characters before ``://``, tried from its start
+only: tried from each of its letters, a long run (``a.a.a...``) took time growing with
+the square of its length.
 """
 _CONTEXT_MARKERS: Final = (
     "context_length_exceeded",
