@@ -152,6 +152,8 @@ class ProviderError(EmpathyModelsError):
         self.should_retry = should_retry
 
     def __reduce__(self) -> tuple[object, ...]:
+        # the instance's attributes go too: what a subclass or the providers set on it
+        # (`StreamInterruptedError.error`, a tool call's ``raw_arguments``)
         return (
             _rebuild_provider_error,
             (
@@ -163,6 +165,7 @@ class ProviderError(EmpathyModelsError):
                 self.retry_after,
                 self.should_retry,
             ),
+            dict(self.__dict__),
         )
 
 
@@ -322,6 +325,7 @@ class StreamInterruptedError(ProviderError):
                 self.ttft_ms,
                 self.request_id,
             ),
+            dict(self.__dict__),  # ``error`` among them, as `ProviderError.__reduce__`
         )
 
 
