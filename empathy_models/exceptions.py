@@ -18,7 +18,7 @@ bad input a `ValueError`)::
     │   ├── RateLimitedError                     429, with retry_after
     │   ├── AuthenticationError (PermissionError) 401 / 402 / 403, no credit, account disabled
     │   │   └── MissingAPIKeyError (also a ConfigurationError) no key configured: never sent
-    │   ├── ModelNotFoundError (LookupError)     404 / unknown model / 403 model_not_found
+    │   ├── ModelNotFoundError (LookupError)     404 / 410 / unknown model / 403 model_not_found
     │   ├── InvalidRequestError (ValueError)     400
     │   │   ├── ContextWindowExceededError       the prompt does not fit
     │   │   └── ContentPolicyError               refused by the provider's policy
@@ -226,8 +226,9 @@ class MissingAPIKeyError(AuthenticationError, ConfigurationError):
 
 class ModelNotFoundError(ProviderError, LookupError):
     """
-    HTTP 404, an unknown model id, or a 403 ``model_not_found`` (OpenAI: the project
-    may not use this model): one model is out of reach, not the provider.
+    HTTP 404, a 410 Gone (a model past its end of life), an unknown model id, or a 403
+    ``model_not_found`` (OpenAI: the project may not use this model): one model is out
+    of reach, not the provider.
     """
 
 

@@ -28,6 +28,7 @@ from empathy_models.exceptions import (
     AuthenticationError,
     ContextWindowExceededError,
     InvalidRequestError,
+    ModelNotFoundError,
     ProviderConnectionError,
     ProviderError,
     ServerError,
@@ -370,3 +371,16 @@ async def test_a_self_hosted_servers_context_overflow_is_a_context_window_error(
         await complete(OpenAIProvider(api_key=KEY, base_url=server.url))
     assert type(info.value) is ContextWindowExceededError
     assert info.value.status == status
+
+
+async def test_a_410_gone_is_a_retired_model_not_a_bad_request(server: Replies) -> None:
+    # NVIDIA's API catalog answers a model past its end of life with 410 Gone (RFC 9457
+    # problem details): it was an InvalidRequestError, which ends the run at once, where
+    # a 404 for a retired model moves on to the next route
+    detail = "The model 'vendor/old-model' has reached its end of life and is no longer available."
+    problem = {"type": "about:blank", "title": "Gone", "status": 410, "detail": detail}
+    server.script(problem, status=410, headers={"content-type": "application/problem+json"})
+    with pytest.raises(ProviderError) as info:
+        await complete(OpenAIProvider(api_key=KEY, base_url=server.url))
+    assert type(info.value) is ModelNotFoundError
+    assert info.value.status == 410 and "end of life" in str(info.value)

@@ -19,7 +19,8 @@ llama.cpp's, TGI's 422)
 or disabled (Anthropic: "Your credit
 balance is too low ...", "This
 organization has been disabled.")
-404, or a 400 naming an unknown model      `ModelNotFoundError`
+404, 410 (a retired model), or a 400       `ModelNotFoundError`
+naming an unknown model
 ("Invalid model name", as from LiteLLM),
 or a 403 ``model_not_found`` (OpenAI: a
 model the project may not use)

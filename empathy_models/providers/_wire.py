@@ -400,7 +400,7 @@ def error_from_response(
         cls = AuthenticationError
     elif status == 400 and any(marker in lowered for marker in _ACCOUNT_MARKERS):
         cls = AuthenticationError  # Anthropic's account errors, sent as a 400
-    elif status == 404:
+    elif status in (404, 410):  # 410 Gone: a model past its end of life (NVIDIA's API)
         cls = ModelNotFoundError
     elif status in (408, 409):  # 409: a lock timeout, retried as the official SDKs do
         cls = ProviderTimeoutError
