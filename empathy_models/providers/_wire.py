@@ -61,6 +61,7 @@ __all__ = [
     "own_timeout",
     "shown_count",
     "parse_ratelimit_reset",
+    "text_of_chunks",
     "parse_retry_after",
     "read_bounded",
     "said_should_retry",
@@ -843,6 +844,26 @@ class ResponseReader:
         if value > MAX_TOKEN_COUNT:
             self.fail(f"{path}.{key} must be < 2**63, got {shown_count(value)}")
         return int(value)
+
+
+def text_of_chunks(chunks: list[Any]) -> str | None:
+    """
+    The text of a Chat Completions ``content`` sent as a list of chunks (Mistral's
+    reasoning models: ``[{"type": "thinking", ...}, {"type": "text", "text": "..."}]``,
+    in an answer and in a stream's deltas): its ``text`` chunks' text, joined; the other
+    chunks (the thinking) left out, as other servers' reasoning is.  None when a chunk
+    is no object, or a ``text`` chunk's text no string: a malformed answer.
+    """
+    parts: list[str] = []
+    for chunk in chunks:
+        if not isinstance(chunk, Mapping):
+            return None
+        if chunk.get("type") == "text":
+            text = chunk.get("text")
+            if not isinstance(text, str):
+                return None
+            parts.append(text)
+    return "".join(parts)
 
 
 def whole_count(value: object) -> object:
