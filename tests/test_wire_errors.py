@@ -286,6 +286,19 @@ def gemini_error(code: int, message: str, status: str) -> list[dict[str, Any]]:
             InvalidRequestError,
         ),
         (
+            # a key Gemini refuses is a 400: the provider's key, not the request, is bad
+            400,
+            gemini_error(
+                400, "API key not valid. Please pass a valid API key.", "INVALID_ARGUMENT"
+            ),
+            AuthenticationError,
+        ),
+        (
+            400,
+            gemini_error(400, "API key expired. Please renew the API key.", "INVALID_ARGUMENT"),
+            AuthenticationError,
+        ),
+        (
             # gRPC's CANCELLED: the request was cancelled on the way, not a bad request
             499,
             gemini_error(499, "The operation was cancelled.", "CANCELLED"),

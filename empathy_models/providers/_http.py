@@ -18,7 +18,9 @@ llama.cpp's, TGI's 422)
 400 saying the account is out of credit    `AuthenticationError`
 or disabled (Anthropic: "Your credit
 balance is too low ...", "This
-organization has been disabled.")
+organization has been disabled."), or
+the key refused (Gemini: "API key not
+valid ...", "API key expired ...")
 404, 410 (a retired model), or a 400       `ModelNotFoundError`
 naming an unknown model
 ("Invalid model name", as from LiteLLM),

@@ -104,10 +104,13 @@ _CONTEXT_MARKERS: Final = (
 _POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
 _POLICY_MARKERS: Final = ("content filtering policy", "usage policy", "content policy")
 # a 400 that is the account's, not the request's (Anthropic sends these as
-# invalid_request_error): no credit left, or the organization disabled
+# invalid_request_error): no credit left, or the organization disabled; Gemini's key
+# refused (INVALID_ARGUMENT, reason API_KEY_INVALID)
 _ACCOUNT_MARKERS: Final = (
     "your credit balance is too low to access the anthropic api",
     "this organization has been disabled",
+    "api key not valid. please pass a valid api key",
+    "api key expired. please renew the api key",
 )
 # a 400 that names an unknown model (LiteLLM's proxy: "Invalid model name passed in
 # model=..."; OpenAI-compatible servers: "model ... does not exist" / "model_not_found")
