@@ -210,9 +210,9 @@ class AuthenticationError(ProviderError, PermissionError):
     """
     HTTP 401, 402 or 403, or an account out of credit or disabled (OpenAI's 429
     ``insufficient_quota``; Anthropic's 400 "Your credit balance is too low ..." and
-    "This organization has been disabled."), or a key refused with a 400 (Gemini's
-    "API key not valid ...", "API key expired ..."): the key or the account cannot be
-    used.
+    "This organization has been disabled."), or a key or its region refused with a
+    400 (Gemini's "API key not valid ...", "API key expired ...", "User location is not
+    supported for the API use."): the key or the account cannot be used.
     """
 
 

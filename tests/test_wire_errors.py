@@ -299,6 +299,31 @@ def gemini_error(code: int, message: str, status: str) -> list[dict[str, Any]]:
             AuthenticationError,
         ),
         (
+            400,
+            gemini_error(
+                400, "API Key not found. Please pass a valid API key.", "INVALID_ARGUMENT"
+            ),
+            AuthenticationError,
+        ),
+        (
+            # the account's region, not the request: no Gemini request can succeed
+            400,
+            gemini_error(
+                400, "User location is not supported for the API use.", "FAILED_PRECONDITION"
+            ),
+            AuthenticationError,
+        ),
+        (
+            400,
+            gemini_error(
+                400,
+                "Gemini API free tier is not available in your country. Please enable billing "
+                "on your project in Google AI Studio.",
+                "FAILED_PRECONDITION",
+            ),
+            AuthenticationError,
+        ),
+        (
             # gRPC's CANCELLED: the request was cancelled on the way, not a bad request
             499,
             gemini_error(499, "The operation was cancelled.", "CANCELLED"),

@@ -19,8 +19,9 @@ llama.cpp's, TGI's 422)
 or disabled (Anthropic: "Your credit
 balance is too low ...", "This
 organization has been disabled."), or
-the key refused (Gemini: "API key not
-valid ...", "API key expired ...")
+the key or its region refused (Gemini:
+"API key not valid ...", "User location
+is not supported ...")
 404, 410 (a retired model), or a 400       `ModelNotFoundError`
 naming an unknown model
 ("Invalid model name", as from LiteLLM),

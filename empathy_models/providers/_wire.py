@@ -105,12 +105,16 @@ _POLICY_CODES: Final = frozenset({"content_policy_violation", "content_filter"})
 _POLICY_MARKERS: Final = ("content filtering policy", "usage policy", "content policy")
 # a 400 that is the account's, not the request's (Anthropic sends these as
 # invalid_request_error): no credit left, or the organization disabled; Gemini's key
-# refused (INVALID_ARGUMENT, reason API_KEY_INVALID)
+# refused (INVALID_ARGUMENT, reason API_KEY_INVALID), or the account's region
+# (FAILED_PRECONDITION), which no request from it can change
 _ACCOUNT_MARKERS: Final = (
     "your credit balance is too low to access the anthropic api",
     "this organization has been disabled",
     "api key not valid. please pass a valid api key",
+    "api key not found. please pass a valid api key",
     "api key expired. please renew the api key",
+    "user location is not supported for the api use",
+    "free tier is not available in your country",
 )
 # a 400 that names an unknown model (LiteLLM's proxy: "Invalid model name passed in
 # model=..."; OpenAI-compatible servers: "model ... does not exist" / "model_not_found")
