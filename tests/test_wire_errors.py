@@ -422,3 +422,17 @@ async def test_a_410_gone_is_a_retired_model_not_a_bad_request(server: Replies) 
         await complete(OpenAIProvider(api_key=KEY, base_url=server.url))
     assert type(info.value) is ModelNotFoundError
     assert info.value.status == 410 and "end of life" in str(info.value)
+
+
+async def test_openrouters_400_for_a_model_it_does_not_know_is_a_model_not_found(
+    server: Replies,
+) -> None:
+    # OpenRouter answers an unknown model id with a 400 "... is not a valid model ID": it
+    # was an InvalidRequestError, which ends the run at once, where a 404 (or LiteLLM's
+    # 400 "Invalid model name") moves on to the next route
+    error = {"message": "openrouter/no-such-model is not a valid model ID", "code": 400}
+    server.script({"error": error}, status=400)
+    with pytest.raises(ProviderError) as info:
+        await complete(OpenAIProvider(api_key=KEY, base_url=server.url))
+    assert type(info.value) is ModelNotFoundError
+    assert info.value.status == 400 and "is not a valid model ID" in str(info.value)

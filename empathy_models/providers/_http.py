@@ -24,7 +24,8 @@ the key or its region refused (Gemini:
 is not supported ...")
 404, 410 (a retired model), or a 400       `ModelNotFoundError`
 naming an unknown model
-("Invalid model name", as from LiteLLM),
+("Invalid model name", as from LiteLLM;
+OpenRouter's "is not a valid model ID"),
 or a 403 ``model_not_found`` (OpenAI: a
 model the project may not use)
 408, 409 (a lock timeout: retried, as the  `ProviderTimeoutError`

@@ -117,9 +117,11 @@ _ACCOUNT_MARKERS: Final = (
     "free tier is not available in your country",
 )
 # a 400 that names an unknown model (LiteLLM's proxy: "Invalid model name passed in
-# model=..."; OpenAI-compatible servers: "model ... does not exist" / "model_not_found")
+# model=..."; OpenRouter: "... is not a valid model ID"; OpenAI-compatible servers:
+# "model ... does not exist" / "model_not_found")
 _UNKNOWN_MODEL_MARKERS: Final = (
     "invalid model name",
+    "is not a valid model id",
     "model_not_found",
     "model not found",
     "unknown model",
